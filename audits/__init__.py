@@ -1,0 +1,1 @@
+"""Verification and reporting over what a secure-fedora run wrote."""
