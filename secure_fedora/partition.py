@@ -119,6 +119,16 @@ def _check_sizes(
     )
 
 
+def _check_test_size(test_per_client: object, kind: str) -> int:
+    if test_per_client is None:
+        raise DataError(
+            f"test_per_client must be an integer for the {kind} partition: its test rows follow "
+            "each client's label distribution, so the test split cannot simply be divided "
+            "(None is accepted only by the rotation partition)"
+        )
+    return _check_int("test_per_client", test_per_client, 0)
+
+
 def _source(
     dataset: DatasetName | DatasetSplits,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -350,7 +360,7 @@ def dirichlet_partition(
     num_clients, train_per_client, val_per_client, seed = _check_sizes(
         num_clients, train_per_client, val_per_client, seed
     )
-    test_per_client = _check_int("test_per_client", test_per_client, 0)
+    test_per_client = _check_test_size(test_per_client, "dirichlet")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise DataError(f"alpha must be a positive number, got {alpha!r}")
     alpha = float(alpha)
@@ -437,7 +447,7 @@ def pathological_partition(
     num_clients, train_per_client, val_per_client, seed = _check_sizes(
         num_clients, train_per_client, val_per_client, seed
     )
-    test_per_client = _check_int("test_per_client", test_per_client, 0)
+    test_per_client = _check_test_size(test_per_client, "pathological")
     c = _check_int("classes_per_client", classes_per_client, 1)
     if c > NUM_CLASSES:
         raise DataError(f"classes_per_client must be <= {NUM_CLASSES}, got {c}")

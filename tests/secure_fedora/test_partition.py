@@ -292,6 +292,11 @@ def test_dirichlet_rejects_oversized_requests() -> None:
         dirichlet_partition(SOURCE, 7, 1.0, 10, 10, 30, seed=0)
 
 
+def test_dirichlet_needs_explicit_test_size() -> None:
+    with pytest.raises(DataError, match="test_per_client must be an integer for the dirichlet"):
+        dirichlet_partition(SOURCE, 2, 1.0, 10, 5, None, seed=0)  # type: ignore[arg-type]
+
+
 def test_dirichlet_on_mnist() -> None:
     clients = dirichlet_partition("mnist", 20, 0.1, 128, 64, 64, seed=0)
     assert len(clients) == 20
@@ -339,6 +344,7 @@ def test_pathological_is_deterministic() -> None:
         ({"num_clients": 20, "train_per_client": 60}, "class .* of the train split has 60 rows"),
         ({"num_clients": 20, "test_per_client": 30}, "class .* of the test split has 20 rows"),
         ({"test_per_client": -1}, "test_per_client must be >= 0"),
+        ({"test_per_client": None}, "test_per_client must be an integer for the pathological"),
     ],
 )
 def test_pathological_rejects_bad_arguments(kwargs: dict, message: str) -> None:
