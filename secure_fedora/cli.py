@@ -1,0 +1,103 @@
+"""Command-line interface: ``secure-fedora run CONFIG`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from secure_fedora.config import ConfigError, ExperimentConfig, load_config
+
+__all__ = ["main", "results_table"]
+
+console = Console(stderr=True)
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """A rich table of each method's selected test accuracy across clients."""
+    table = Table(title=f"{results['name']}: personalized test accuracy (best-validation model)")
+    for col in ("method", "mean", "min", "max", "std"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for name, body in results["methods"].items():
+        s = body["selected"]
+        table.add_row(name, *(f"{s[k]:.4f}" for k in ("mean", "min", "max", "std")))
+    return table
+
+
+def _default_run_dir(cfg: ExperimentConfig) -> Path:
+    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from secure_fedora.plots import write_plots
+    from secure_fedora.runtime import CheckpointError, Simulation
+
+    cfg = load_config(args.config)
+    run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
+    if args.resume and not run_dir.exists():
+        raise ConfigError(f"--resume needs an existing run directory; {run_dir} does not exist")
+    if not args.resume and (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.config, run_dir / "config.toml")
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, disable=args.quiet,
+    ) as progress:
+        tasks = {m: progress.add_task(m, total=cfg.training.rounds) for m in cfg.methods}
+
+        def on_round(method: str, rnd: int, total: int) -> None:
+            progress.update(tasks[method], completed=rnd)
+
+        sim = Simulation(cfg, run_dir, progress=on_round)
+        try:
+            results = sim.run(resume=args.resume)
+        except CheckpointError as err:
+            console.print(f"[red]error:[/red] {err}")
+            return 2
+        for m in cfg.methods:
+            progress.update(tasks[m], completed=cfg.training.rounds)
+    fedora = sim.methods.get("fedora")
+    prop = getattr(getattr(fedora, "relatedness", None), "propagation", None)
+    write_plots(run_dir, sim.history, results, prop)
+    Console().print(results_table(results))
+    if "fedora_below_local" in results["comparison"]:
+        Console().print(f"clients where FEDORA is below Local: {results['comparison']['fedora_below_local']}")
+    Console().print(f"run directory: {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secure-fedora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment from a TOML config")
+    run.add_argument("config", help="path to a TOML config (see configs/)")
+    run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``secure-fedora`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Experiment configuration: TOML files validated by pydantic.
+
+Unknown keys and bad values are rejected with the offending key named (``ConfigError``).
+Every section forbids extra keys so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FedoraConfig",
+    "TrainingConfig",
+    "config_hash",
+    "load_config",
+    "parse_config",
+]
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class DataConfig(_Section):
+    """Which data, how it is split among clients (DESIGN.md 2; reference: rotated MNIST)."""
+
+    dataset: Literal["mnist", "fashion_mnist"] = "mnist"
+    partition: Literal["rotation", "dirichlet", "pathological"] = "rotation"
+    num_clients: Annotated[int, Field(ge=2)] = 36
+    train_per_client: PositiveInt = 128
+    val_per_client: PositiveInt = 64
+    test_per_client: PositiveInt | None = None
+    groups: PositiveInt | None = None
+    dirichlet_alpha: Annotated[float, Field(gt=0)] | None = None
+    classes_per_client: PositiveInt | None = None
+    rotation_interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    validation: Literal["public"] = "public"
+
+    @model_validator(mode="after")
+    def _partition_keys(self) -> DataConfig:
+        if self.partition == "dirichlet" and self.dirichlet_alpha is None:
+            raise ValueError("partition 'dirichlet' needs data.dirichlet_alpha")
+        if self.partition == "pathological" and self.classes_per_client is None:
+            raise ValueError("partition 'pathological' needs data.classes_per_client")
+        if self.partition != "rotation" and self.test_per_client is None:
+            raise ValueError(
+                f"partition {self.partition!r} needs data.test_per_client (its test rows follow "
+                "each client's label mix, so the test split cannot simply be divided)"
+            )
+        if self.partition != "rotation" and self.groups is not None:
+            raise ValueError("data.groups applies only to partition 'rotation'")
+        if self.partition != "dirichlet" and self.dirichlet_alpha is not None:
+            raise ValueError("data.dirichlet_alpha applies only to partition 'dirichlet'")
+        if self.partition != "pathological" and self.classes_per_client is not None:
+            raise ValueError("data.classes_per_client applies only to partition 'pathological'")
+        return self
+
+
+class ModelConfig(_Section):
+    name: Literal["mlp", "cnn"] = "mlp"
+
+
+class TrainingConfig(_Section):
+    """Local optimisation (reference: SGD, momentum 0.9, lr 5e-3, wd 5e-5, batch 64, E 5)."""
+
+    rounds: PositiveInt = 200
+    local_epochs: PositiveInt = 5
+    lr: Annotated[float, Field(gt=0)] = 5e-3
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-5
+    batch_size: PositiveInt = 64
+    participation: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class FedoraConfig(_Section):
+    """Relatedness and propagation (reference: q 1, tau 10, k 2, alpha 0.8)."""
+
+    q: PositiveInt = 1
+    tau: Annotated[float, Field(gt=0)] = 10.0
+    k: PositiveInt = 2
+    alpha: Annotated[float, Field(ge=0, lt=1)] = 0.8
+    propagation: Literal["dense", "power"] = "dense"
+    relatedness: Literal["plain"] = "plain"
+
+
+class FedAvgConfig(_Section):
+    finetune_epochs: Annotated[int, Field(ge=0)] = 5
+
+
+class EvaluationConfig(_Section):
+    every: PositiveInt = 1
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: one data split, one model, several methods compared on it."""
+
+    name: str = "experiment"
+    seed: int = 0
+    methods: list[Literal["fedora", "local", "fedavg"]] = Field(
+        default_factory=lambda: ["fedora", "local", "fedavg"], min_length=1
+    )
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    fedora: FedoraConfig = FedoraConfig()
+    fedavg: FedAvgConfig = FedAvgConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods lists a method twice")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid configuration {source}:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "(dict)") -> ExperimentConfig:
+    """Validate a parsed TOML mapping; raises :class:`ConfigError` naming each bad key."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a TOML config file; unreadable or malformed files raise ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config {path} is not valid TOML: {err}") from None
+    return parse_config(data, str(path))
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the canonical JSON form of the validated config (defaults included)."""
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

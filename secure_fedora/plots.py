@@ -1,0 +1,79 @@
+"""PNG plots of a run: accuracy per round per method, per-client accuracy, relatedness heat map."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+__all__ = ["plot_accuracy_per_round", "plot_per_client", "plot_relatedness", "write_plots"]
+
+
+def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Mean test accuracy per round for each method, with the min-max band across clients."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in dict.fromkeys(row["method"] for row in history):
+        rows = [r for r in history if r["method"] == method]
+        x = [r["round"] for r in rows]
+        ax.plot(x, [r["test_mean"] for r in rows], label=method)
+        ax.fill_between(x, [r["test_min"] for r in rows], [r["test_max"] for r in rows], alpha=0.12)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (band: min-max across clients)")
+    ax.set_title("Personalized test accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_client(methods: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Selected (best-validation) test accuracy of every client, one marker series per method."""
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for name, body in methods.items():
+        acc = body["selected"]["per_client"]
+        ax.plot(range(len(acc)), acc, marker="o", markersize=3, linewidth=0.8, label=name)
+    ax.set_xlabel("client")
+    ax.set_ylabel("test accuracy (best-validation model)")
+    ax.set_title("Per-client accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_relatedness(matrix: Tensor, path: Path, title: str = "Propagation matrix P") -> Path:
+    """Heat map of an N x N relatedness matrix (e.g. P or the top-k graph)."""
+    fig, ax = plt.subplots(figsize=(5.6, 5))
+    im = ax.imshow(matrix.detach().cpu().numpy(), cmap="viridis")
+    ax.set_xlabel("client j")
+    ax.set_ylabel("client i")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(run_dir: Path, history: Sequence[dict[str, Any]], results: dict[str, Any],
+                propagation: Tensor | None) -> list[Path]:
+    """Write every plot of a run into ``run_dir/plots``; returns the paths written."""
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if history:
+        paths.append(plot_accuracy_per_round(history, out / "accuracy_per_round.png"))
+    paths.append(plot_per_client(results["methods"], out / "per_client_accuracy.png"))
+    if propagation is not None:
+        paths.append(plot_relatedness(propagation, out / "relatedness.png"))
+    return paths

@@ -1,0 +1,427 @@
+"""The in-process simulation runtime: one machine, many clients, fast (the default runtime).
+
+It builds the clients' data and a common initialization, runs every configured method round
+by round, evaluates each client's personalized model, writes a crash-safe checkpoint after
+every round and resumes from it to the identical result.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secure_fedora import __version__
+from secure_fedora.client import (
+    FlatModel,
+    GradientOracle,
+    PlainGradient,
+    TrainConfig,
+    Workspace,
+    evaluate,
+)
+from secure_fedora.config import ExperimentConfig, config_hash
+from secure_fedora.data import fingerprint_clients
+from secure_fedora.methods import FedAvg, FederatedMethod, Fedora, Local, MethodContext
+from secure_fedora.models import make_model
+from secure_fedora.partition import (
+    ClientData,
+    dirichlet_partition,
+    pathological_partition,
+    rotation_partition,
+)
+
+__all__ = [
+    "CheckpointError",
+    "MethodOutcome",
+    "Simulation",
+    "build_clients",
+    "build_context",
+    "client_generator",
+    "make_method",
+    "summarize",
+]
+
+NUM_CLASSES = 10
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (corrupt, or from another config or data)."""
+
+
+def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
+    """The federation's data, deterministic in ``cfg.seed`` and the data section."""
+    d = cfg.data
+    common = dict(
+        dataset=d.dataset, num_clients=d.num_clients, train_per_client=d.train_per_client,
+        val_per_client=d.val_per_client, test_per_client=d.test_per_client, seed=cfg.seed,
+    )
+    if d.partition == "rotation":
+        return rotation_partition(groups=d.groups, interpolation=d.rotation_interpolation, **common)
+    if d.partition == "dirichlet":
+        return dirichlet_partition(alpha=d.dirichlet_alpha, **common)
+    return pathological_partition(classes_per_client=d.classes_per_client, **common)
+
+
+def client_generator(seed: int, client: int) -> torch.Generator:
+    """Client ``client``'s private RNG stream, independent of participation and of the others."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + client + 1)
+
+
+def train_config(cfg: ExperimentConfig) -> TrainConfig:
+    t = cfg.training
+    return TrainConfig(t.lr, t.momentum, t.weight_decay, t.batch_size, t.local_epochs)
+
+
+def build_context(
+    cfg: ExperimentConfig, clients: Sequence[ClientData], oracle: GradientOracle | None = None
+) -> MethodContext:
+    """A fresh method context: common initialization, one RNG per client, shared buffers."""
+    module = make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)
+    flat = FlatModel(module)
+    return MethodContext(
+        clients=clients,
+        flat=flat,
+        train=train_config(cfg),
+        oracle=oracle or PlainGradient(cfg.training.batch_size),
+        workspace=Workspace.for_size(flat.num_params),
+        generators=[client_generator(cfg.seed, i) for i in range(len(clients))],
+        init=flat.initial_vector(),
+        num_classes=NUM_CLASSES,
+    )
+
+
+def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
+    """Instantiate a configured method by name."""
+    f = cfg.fedora
+    if name == "fedora":
+        return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
+                      relatedness_mode=f.relatedness)
+    if name == "local":
+        return Local(ctx)
+    if name == "fedavg":
+        return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)
+    raise ValueError(f"unknown method {name!r}")
+
+
+@dataclass
+class Tracker:
+    """Model selection as in the reference: the round with the best mean validation accuracy
+    across clients is selected, and every client's test accuracy at that round is reported."""
+
+    best_val_mean: Tensor
+    best_round: Tensor
+    test_at_best: Tensor
+    last_val: Tensor
+    last_test: Tensor
+
+    @classmethod
+    def empty(cls, n: int) -> Tracker:
+        return cls(torch.tensor(-1.0), torch.tensor(0), torch.zeros(n), torch.zeros(n), torch.zeros(n))
+
+    def update(self, rnd: int) -> None:
+        val_mean = self.last_val.mean()
+        if val_mean > self.best_val_mean:
+            self.best_val_mean.copy_(val_mean)
+            self.best_round.fill_(rnd)
+            self.test_at_best.copy_(self.last_test)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.__dict__)
+
+
+def summarize(values: Sequence[float] | Tensor) -> dict[str, Any]:
+    """Mean, min, max, population std and the per-client list of accuracies."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    return {
+        "mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()),
+        "std": float(t.std(unbiased=False)), "per_client": [round(float(v), 6) for v in t],
+    }
+
+
+@dataclass
+class MethodOutcome:
+    """What one method's run produced (the body of its entry in results.json)."""
+
+    name: str
+    selected: dict[str, Any]
+    final: dict[str, Any]
+    rounds: int
+    seconds_training: float
+    seconds_evaluation: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either the old or the new content, never a mix."""
+    _atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically write a checkpoint (write to a temp file, fsync, rename)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint; a truncated or corrupt file raises :class:`CheckpointError`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from None
+    if not isinstance(state, dict) or "round" not in state:
+        raise CheckpointError(f"checkpoint {path} does not hold a secure-fedora round state")
+    return state
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Simulation:
+    """Runs the configured methods in process, writing everything into ``run_dir``.
+
+    Layout of ``run_dir``: ``config.toml`` (a copy), ``checkpoints/<method>.pt``,
+    ``rounds.csv``, ``results.json`` and ``plots/*.png`` (written by the CLI).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | Path,
+        clients: Sequence[ClientData] | None = None,
+        progress: ProgressFn | None = None,
+        method_factory: Callable[[str, MethodContext, ExperimentConfig], FederatedMethod] = make_method,
+        context_factory: Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext] = build_context,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.clients = list(clients) if clients is not None else build_clients(cfg)
+        self.fingerprint = fingerprint_clients(self.clients)
+        self.config_hash = config_hash(cfg)
+        self.progress = progress
+        self.method_factory = method_factory
+        self.context_factory = context_factory
+        self.history: list[dict[str, Any]] = []
+        self.methods: dict[str, FederatedMethod] = {}
+
+    # -- checkpoints --------------------------------------------------------------------
+    def checkpoint_path(self, method: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{method}.pt"
+
+    def _identity(self) -> dict[str, str]:
+        return {"config_hash": self.config_hash, "data_fingerprint": self.fingerprint}
+
+    def _check_identity(self, state: dict[str, Any], path: Path) -> None:
+        for key, expected in self._identity().items():
+            if state.get(key) != expected:
+                raise CheckpointError(
+                    f"checkpoint {path} was written for another {key.replace('_', ' ')} "
+                    f"({state.get(key)!s:.12} != {expected:.12}); refuse to resume"
+                )
+
+    # -- one method ---------------------------------------------------------------------
+    def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
+        """Run (or resume) one method to the configured number of rounds."""
+        cfg = self.cfg
+        ctx = self.context_factory(cfg, self.clients)
+        method = self.method_factory(name, ctx, cfg)
+        self.methods[name] = method
+        n = len(self.clients)
+        tracker = Tracker.empty(n)
+        round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        start_round = 1
+        history: list[dict[str, Any]] = []
+        timing = {"training": 0.0, "evaluation": 0.0}
+        path = self.checkpoint_path(name)
+        if resume and path.exists():
+            state = load_checkpoint(path)
+            self._check_identity(state, path)
+            if state.get("outcome") is not None:
+                method.load_state_dict(state["method"])
+                self.history.extend(state["history"])
+                return MethodOutcome(**state["outcome"])
+            self._restore(state, method, tracker, round_gen, ctx, path)
+            start_round = int(state["round"]) + 1
+            history = list(state["history"])
+            timing = dict(state["timing"])
+        else:
+            method.setup()
+        rounds = cfg.training.rounds
+        for rnd in range(start_round, rounds + 1):
+            participants = self._participants(round_gen, n)
+            t0 = time.perf_counter()
+            stats = method.train_round(rnd, participants)
+            timing["training"] += time.perf_counter() - t0
+            if rnd % cfg.evaluation.every == 0 or rnd == rounds:
+                t0 = time.perf_counter()
+                row = self._evaluate(rnd, method, tracker)
+                timing["evaluation"] += time.perf_counter() - t0
+                history.append({"method": name, "round": rnd, "participants": len(participants),
+                                **stats, **row})
+            state = self._state(rnd, method, tracker, round_gen, ctx, history, timing)
+            save_checkpoint(path, state)
+            if self.progress:
+                self.progress(name, rnd, rounds)
+        outcome = MethodOutcome(
+            name=name,
+            selected={**summarize(tracker.test_at_best), "round": int(tracker.best_round)},
+            final=summarize(tracker.last_test),
+            rounds=rounds,
+            seconds_training=round(timing["training"], 3),
+            seconds_evaluation=round(timing["evaluation"], 3),
+            extra=method.extra_results(),
+        )
+        state = self._state(rounds, method, tracker, round_gen, ctx, history, timing)
+        state["outcome"] = outcome.to_json()
+        save_checkpoint(path, state)
+        self.history.extend(history)
+        return outcome
+
+    def _participants(self, gen: torch.Generator, n: int) -> list[int]:
+        frac = self.cfg.training.participation
+        if frac >= 1.0:
+            return list(range(n))
+        m = max(1, math.ceil(frac * n))
+        return sorted(torch.randperm(n, generator=gen)[:m].tolist())
+
+    def _evaluate(self, rnd: int, method: FederatedMethod, tracker: Tracker) -> dict[str, float]:
+        flat = method.ctx.flat
+        for i, c in enumerate(self.clients):
+            row = method.eval_row(i)
+            val = evaluate(flat, row, c.val_x, c.val_y).accuracy
+            test = evaluate(flat, row, c.test_x, c.test_y).accuracy
+            tracker.last_val[i] = val
+            tracker.last_test[i] = test
+        tracker.update(rnd)
+        return {
+            "test_mean": float(tracker.last_test.mean()),
+            "test_min": float(tracker.last_test.min()),
+            "test_max": float(tracker.last_test.max()),
+            "test_std": float(tracker.last_test.std(unbiased=False)),
+            "val_mean": float(tracker.last_val.mean()),
+            "selected_mean": float(tracker.test_at_best.mean()),
+            "selected_round": int(tracker.best_round),
+        }
+
+    def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,
+               ctx: MethodContext, history: list[dict[str, Any]], timing: dict[str, float]) -> dict[str, Any]:
+        return {
+            "round": rnd,
+            "version": __version__,
+            **self._identity(),
+            "method": method.state_dict(),
+            "tracker": tracker.state_dict(),
+            "round_generator": round_gen.get_state(),
+            "client_generators": [g.get_state() for g in ctx.generators],
+            "history": history,
+            "timing": timing,
+            "outcome": None,
+        }
+
+    def _restore(self, state: dict[str, Any], method: FederatedMethod, tracker: Tracker,
+                 round_gen: torch.Generator, ctx: MethodContext, path: Path) -> None:
+        try:
+            method.load_state_dict(state["method"])
+            for key, value in state["tracker"].items():
+                getattr(tracker, key).copy_(value)
+            round_gen.set_state(state["round_generator"])
+            gens = state["client_generators"]
+            if len(gens) != len(ctx.generators):
+                raise ValueError(f"{len(gens)} client generators for {len(ctx.generators)} clients")
+            for g, s in zip(ctx.generators, gens, strict=True):
+                g.set_state(s)
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path} cannot be restored: {err}") from None
+
+    # -- the whole experiment -----------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run every configured method; write rounds.csv and results.json; return the results."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        outcomes = {}
+        for name in self.cfg.methods:
+            outcomes[name] = self.run_method(name, resume=resume)
+            self.write_rounds_csv()
+        results = self.results(outcomes)
+        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
+        return results
+
+    def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
+        """The results document: run identity, per-method summaries and comparisons."""
+        methods = {name: o.to_json() for name, o in outcomes.items()}
+        comparison: dict[str, Any] = {}
+        if "fedora" in outcomes and "local" in outcomes:
+            f = outcomes["fedora"].selected["per_client"]
+            loc = outcomes["local"].selected["per_client"]
+            comparison["fedora_below_local"] = sum(1 for a, b in zip(f, loc, strict=True) if a < b)
+        if "fedavg" in outcomes and "finetuned_test_accuracy" in outcomes["fedavg"].extra:
+            methods["fedavg_ft"] = {
+                "name": "fedavg_ft",
+                "selected": summarize(outcomes["fedavg"].extra["finetuned_test_accuracy"]),
+            }
+        return {
+            "name": self.cfg.name,
+            "version": __version__,
+            "config_hash": self.config_hash,
+            "data_fingerprint": self.fingerprint,
+            "assumptions": {
+                "validation_data": self.cfg.data.validation,
+                "relatedness": self.cfg.fedora.relatedness,
+                "server": "honest-but-curious",
+                "differential_privacy": False,
+            },
+            "clients": [
+                {"id": c.client_id, "train": int(c.train_x.shape[0]), "val": int(c.val_x.shape[0]),
+                 "test": int(c.test_x.shape[0]),
+                 **{k: v for k, v in c.meta.items() if k in ("rotation_degrees", "group", "classes")}}
+                for c in self.clients
+            ],
+            "methods": methods,
+            "comparison": comparison,
+        }
+
+    def write_rounds_csv(self) -> None:
+        """Per-round metrics of every method run so far (rewritten atomically)."""
+        if not self.history:
+            return
+        keys: list[str] = []
+        for row in self.history:
+            keys.extend(k for k in row if k not in keys)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "rounds.csv", buf.getvalue())

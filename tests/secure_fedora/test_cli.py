@@ -1,0 +1,34 @@
+"""Smoke test of the command line: a real run from a TOML file to results, CSV and plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from secure_fedora.cli import main
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.toml"
+
+
+def test_cli_run_smoke(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(SMOKE), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"fedora", "local", "fedavg"} <= set(results["methods"])
+    assert (out / "config.toml").read_text() == SMOKE.read_text()
+    assert (out / "rounds.csv").exists()
+    for png in ("accuracy_per_round.png", "per_client_accuracy.png", "relatedness.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an existing run is not silently overwritten; --resume continues it
+    assert main(["run", str(SMOKE), "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(SMOKE), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+
+def test_cli_reports_config_errors_with_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[training]\nrounds = -3\n')
+    proc = subprocess.run([sys.executable, "-m", "secure_fedora.cli", "run", str(bad), "--out",
+                           str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "training.rounds" in proc.stderr

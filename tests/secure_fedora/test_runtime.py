@@ -1,0 +1,148 @@
+"""The in-process runtime: rounds, baselines, partial participation, checkpoints, resume."""
+
+import json
+
+import pytest
+import torch
+
+from secure_fedora.config import parse_config
+from secure_fedora.runtime import CheckpointError, Simulation, build_clients
+
+
+def tiny(**overrides):
+    base = {
+        "name": "tiny",
+        "seed": 1,
+        "methods": ["fedora", "local", "fedavg"],
+        "data": {"num_clients": 5, "train_per_client": 32, "val_per_client": 16, "test_per_client": 32},
+        "training": {"rounds": 3, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
+        "fedavg": {"finetune_epochs": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return parse_config(base)
+
+
+@pytest.fixture(scope="module")
+def tiny_clients():
+    return build_clients(tiny())
+
+
+def test_run_writes_results_and_learns(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 4, "local_epochs": 3, "lr": 0.1})
+    sim = Simulation(cfg, tmp_path, clients=tiny_clients)
+    results = sim.run()
+    assert set(results["methods"]) == {"fedora", "local", "fedavg", "fedavg_ft"}
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["methods"]["fedora"]["selected"]["per_client"] == results["methods"]["fedora"]["selected"]["per_client"]
+    for body in results["methods"].values():
+        s = body["selected"]
+        assert s["min"] <= s["mean"] <= s["max"]
+        assert len(s["per_client"]) == 5
+    assert results["methods"]["local"]["selected"]["mean"] > 0.3  # learns well beyond chance (0.1)
+    rows = (tmp_path / "rounds.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 4
+    assert results["assumptions"]["validation_data"] == "public"
+
+
+def test_fedora_neighbours_follow_rotation():
+    cfg = parse_config({"data": {"num_clients": 36, "train_per_client": 128, "val_per_client": 4,
+                                 "test_per_client": 4}, "methods": ["fedora"]})
+    sim = Simulation(cfg, "/nonexistent-unused", clients=build_clients(cfg))
+    ctx = sim.context_factory(cfg, sim.clients)
+    method = sim.method_factory("fedora", ctx, cfg)
+    method.setup()
+    graph = method.relatedness.graph
+    # rotations by 10 degree steps: the top-2 neighbours are (almost always) within 20 degrees
+    near = 0
+    for i in range(36):
+        neighbours = torch.nonzero(graph[i]).flatten().tolist()
+        near += all(min((i - j) % 36, (j - i) % 36) <= 2 for j in neighbours)
+    assert near >= 32
+
+
+def test_resume_continues_to_identical_result(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 4, "participation": 0.6})
+    full = Simulation(cfg, tmp_path / "full", clients=tiny_clients).run()
+
+    interrupted_cfg = tiny(training={"rounds": 4, "participation": 0.6})
+    first = Simulation(interrupted_cfg, tmp_path / "cut", clients=tiny_clients)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(method, rnd, total):
+        if method == "local" and rnd == 2:
+            raise Stop
+
+    first.progress = stop_after_two
+    with pytest.raises(Stop):
+        first.run()
+    resumed = Simulation(interrupted_cfg, tmp_path / "cut", clients=tiny_clients).run(resume=True)
+    for name in full["methods"]:
+        assert resumed["methods"][name]["selected"] == full["methods"][name]["selected"], name
+    full_csv = (tmp_path / "full" / "rounds.csv").read_text()
+    assert (tmp_path / "cut" / "rounds.csv").read_text() == full_csv
+
+
+def test_partial_participation_leaves_others_untouched(tiny_clients):
+    cfg = tiny(training={"rounds": 1, "participation": 0.4}, methods=["local"])
+    sim = Simulation(cfg, "/nonexistent-unused", clients=tiny_clients)
+    ctx = sim.context_factory(cfg, sim.clients)
+    method = sim.method_factory("local", ctx, cfg)
+    before = method.theta.clone()
+    participants = sim._participants(torch.Generator().manual_seed(0), 5)
+    assert len(participants) == 2
+    method.train_round(1, participants)
+    changed = [i for i in range(5) if not torch.equal(before[i], method.theta[i])]
+    assert changed == participants
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 2}, methods=["local"])
+    Simulation(cfg, tmp_path, clients=tiny_clients).run()
+    ckpt = tmp_path / "checkpoints" / "local.pt"
+    data = bytearray(ckpt.read_bytes())
+    ckpt.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+
+
+def test_checkpoint_from_other_config_is_refused(tmp_path, tiny_clients):
+    Simulation(tiny(training={"rounds": 2}, methods=["local"]), tmp_path, clients=tiny_clients).run()
+    other = tiny(training={"rounds": 2, "lr": 0.01}, methods=["local"])
+    with pytest.raises(CheckpointError, match="config hash"):
+        Simulation(other, tmp_path, clients=tiny_clients).run(resume=True)
+
+
+def test_checkpoint_with_nan_parameters_is_refused(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 2}, methods=["local"])
+    sim = Simulation(cfg, tmp_path, clients=tiny_clients)
+
+    class Crash(Exception):
+        pass
+
+    def crash(method, rnd, total):
+        raise Crash
+
+    sim.progress = crash
+    with pytest.raises(Crash):
+        sim.run()
+    ckpt = tmp_path / "checkpoints" / "local.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["method"]["theta"][0, 0] = float("nan")
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+
+
+def test_power_propagation_gives_same_result_as_dense(tmp_path, tiny_clients):
+    dense = Simulation(tiny(methods=["fedora"]), tmp_path / "d", clients=tiny_clients).run()
+    power = Simulation(tiny(methods=["fedora"], fedora={"propagation": "power"}), tmp_path / "p",
+                       clients=tiny_clients).run()
+    a = dense["methods"]["fedora"]["selected"]["per_client"]
+    b = power["methods"]["fedora"]["selected"]["per_client"]
+    assert a == pytest.approx(b, abs=1e-6)
