@@ -1,0 +1,190 @@
+"""Start and stop the Flower processes of a local deployment, leaving nothing behind.
+
+Every process is started in its own session (so it leads its own process group), with its
+output appended to a log file. Stopping a process first records all its descendants (Flower's
+SuperLink and SuperNode spawn ``flower-superexec``, which spawns ``flwr-serverapp`` /
+``flwr-clientapp``; some of them in new sessions of their own), then sends SIGTERM to the
+process group and to every recorded descendant, waits a bounded grace period, and finally
+sends SIGKILL to whatever is still alive. Only processes started here, or descendants of
+them, are ever signalled. Descendants are found through ``/proc`` (Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "ManagedProcess",
+    "ProcessError",
+    "descendants",
+    "stop_all",
+]
+
+
+class ProcessError(RuntimeError):
+    """A managed process failed to start, exited unexpectedly or did not become ready."""
+
+
+def _children_map() -> dict[int, list[int]]:
+    """Map parent pid -> child pids from /proc (processes that vanish mid-scan are skipped)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces: parse after the last ')'.
+        rest = stat[stat.rfind(")") + 2 :].split()
+        if len(rest) < 2:
+            continue
+        children.setdefault(int(rest[1]), []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (children first), found by walking /proc's ppid links."""
+    tree = _children_map()
+    found: list[int] = []
+    stack = list(tree.get(pid, []))
+    while stack:
+        child = stack.pop(0)
+        if child in found:
+            continue
+        found.append(child)
+        stack.extend(tree.get(child, []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            stat = handle.read()
+    except OSError:
+        return False
+    rest = stat[stat.rfind(")") + 2 :].split()
+    return bool(rest) and rest[0] != "Z"
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+@dataclass
+class ManagedProcess:
+    """One started process: its command, log file and ``Popen`` handle."""
+
+    name: str
+    command: list[str]
+    log_path: Path
+    env: Mapping[str, str]
+    cwd: Path | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    known_descendants: set[int] = field(default_factory=set)
+
+    def start(self) -> ManagedProcess:
+        """Start the process in a new session, appending stdout and stderr to ``log_path``."""
+        if self.popen is not None and self.popen.poll() is None:
+            raise ProcessError(f"{self.name} is already running (pid {self.popen.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start {self.name}: {' '.join(self.command)}\n".encode())
+            log.flush()
+            try:
+                self.popen = subprocess.Popen(  # noqa: S603 - fixed argument lists, no shell
+                    self.command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=dict(self.env),
+                    cwd=self.cwd,
+                    start_new_session=True,
+                )
+            except OSError as err:
+                raise ProcessError(f"cannot start {self.name} ({self.command[0]}): {err}") from err
+        self.known_descendants.clear()
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.popen is None:
+            raise ProcessError(f"{self.name} was never started")
+        return self.popen.pid
+
+    def running(self) -> bool:
+        """True while the process has not exited."""
+        return self.popen is not None and self.popen.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the log (empty if there is none)."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def refresh_descendants(self) -> None:
+        """Remember the current descendants so they can be stopped even after re-parenting."""
+        if self.running():
+            self.known_descendants.update(descendants(self.pid))
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process group, the process and every known descendant."""
+        if self.popen is None:
+            return
+        self.refresh_descendants()
+        if self.popen.poll() is None:
+            _signal_group(self.popen.pid, sig)
+            _signal_pid(self.popen.pid, sig)
+        for pid in sorted(self.known_descendants):
+            if _alive(pid):
+                _signal_pid(pid, sig)
+
+    def stop(self, grace: float = 5.0, hard: bool = False) -> None:
+        """Stop the process and its descendants: SIGTERM, wait ``grace`` s, then SIGKILL.
+
+        With ``hard=True`` SIGKILL is sent at once (a simulated crash). Always returns with
+        the process reaped and every known descendant gone or signalled with SIGKILL.
+        """
+        if self.popen is None:
+            return
+        self.signal(signal.SIGKILL if hard else signal.SIGTERM)
+        deadline = time.monotonic() + (0.0 if hard else grace)
+        while time.monotonic() < deadline:
+            if self.popen.poll() is None or any(_alive(p) for p in self.known_descendants):
+                time.sleep(0.05)
+                continue
+            break
+        self.signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=5.0)
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end and any(_alive(p) for p in self.known_descendants):
+            time.sleep(0.05)
+
+
+def stop_all(processes: Sequence[ManagedProcess], grace: float = 5.0) -> None:
+    """Stop ``processes`` in reverse start order; never raises for an already-dead process."""
+    for proc in processes:
+        proc.refresh_descendants()
+    for proc in reversed(list(processes)):
+        proc.stop(grace=grace)

@@ -1,0 +1,186 @@
+"""What the FEDORA ServerApp and ClientApp exchange over Flower, and how it is encoded.
+
+Messages (Flower 1.42 Message API):
+
+``query.summary`` (server -> every client, once before training)
+    content: ``ConfigRecord "fedora"`` with ``config-hash``.
+    reply: ``ArrayRecord "summary"`` holding ``u`` (d x q, float64), ``ConfigRecord
+    "client"`` with ``client-id`` and ``config-hash``, ``MetricRecord "metrics"`` with the
+    initial model's validation and test accuracy.
+``train.fedora`` (server -> each reachable client, every round)
+    content: ``ArrayRecord "phi"`` holding that client's own ``phi`` (float32, P), and
+    ``ConfigRecord "round"`` with ``round``, ``participate``, ``evaluate``, ``config-hash``.
+    reply: ``ArrayRecord "theta"`` (only when the client trained) and ``MetricRecord
+    "metrics"`` (``trained``, ``round``, ``lambda``, ``steps``, ``val-accuracy``,
+    ``test-accuracy``, timings).
+
+The experiment configuration travels in the run config (key ``experiment``, the validated
+config as JSON), so server and clients use one config; every message carries its hash and a
+client refuses a message whose hash differs from the config it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import Tensor
+
+from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, parse_config
+
+__all__ = [
+    "DeployError",
+    "MSG_ROUND",
+    "MSG_SUMMARY",
+    "NodeSettings",
+    "RunSettings",
+    "array_record_to_tensor",
+    "experiment_to_run_config",
+    "process_start_time",
+    "tensor_to_array_record",
+]
+
+MSG_SUMMARY = "query.summary"
+MSG_ROUND = "train.fedora"
+
+#: Keys of ``[tool.flwr.app.config]`` (defaults live in ``flwr_app/pyproject.toml``).
+RUN_CONFIG_KEYS = (
+    "experiment",
+    "result-dir",
+    "connect-timeout",
+    "round-timeout",
+    "poll-interval",
+    "num-threads",
+)
+
+
+class DeployError(RuntimeError):
+    """A deployment-level failure: bad node or run config, missing nodes, failed run."""
+
+
+def experiment_to_run_config(cfg: ExperimentConfig) -> str:
+    """The run-config value that carries ``cfg`` (canonical JSON of the validated model)."""
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config as the apps use it (validated)."""
+
+    experiment: ExperimentConfig
+    config_hash: str
+    result_dir: Path | None
+    connect_timeout: float
+    round_timeout: float
+    poll_interval: float
+    num_threads: int
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Validate a Flower run config; :class:`DeployError` names the bad key."""
+        missing = [k for k in RUN_CONFIG_KEYS if k not in run_config]
+        if missing:
+            raise DeployError(f"run config is missing keys {missing}")
+        raw = run_config["experiment"]
+        if not isinstance(raw, str) or not raw.strip():
+            raise DeployError("run config key 'experiment' must hold the experiment config as JSON")
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DeployError(f"run config key 'experiment' is not JSON: {err}") from None
+        try:
+            cfg = parse_config(data, "(run config 'experiment')")
+        except ConfigError as err:
+            raise DeployError(str(err)) from None
+        result_dir = str(run_config["result-dir"])
+        if result_dir and not os.path.isabs(result_dir):
+            raise DeployError(f"run config key 'result-dir' must be absolute; got {result_dir!r}")
+        values: dict[str, float] = {}
+        for key in ("connect-timeout", "round-timeout", "poll-interval"):
+            value = run_config[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise DeployError(f"run config key {key!r} must be a positive number; got {value!r}")
+            values[key] = float(value)
+        threads = run_config["num-threads"]
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise DeployError(f"run config key 'num-threads' must be a positive integer; got {threads!r}")
+        return cls(
+            experiment=cfg,
+            config_hash=config_hash(cfg),
+            result_dir=Path(result_dir) if result_dir else None,
+            connect_timeout=values["connect-timeout"],
+            round_timeout=values["round-timeout"],
+            poll_interval=values["poll-interval"],
+            num_threads=threads,
+        )
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A SuperNode's node config: which partition it holds and where its state lives."""
+
+    partition_id: int
+    state_dir: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], num_clients: int) -> NodeSettings:
+        """Validate ``partition-id`` (0 <= id < num_clients) and ``state-dir`` (absolute)."""
+        if "partition-id" not in node_config or "state-dir" not in node_config:
+            raise DeployError(
+                "node config must set partition-id and state-dir "
+                "(flower-supernode --node-config 'partition-id=0 state-dir=\"/abs/dir\"'); "
+                f"got keys {sorted(node_config)}"
+            )
+        pid = node_config["partition-id"]
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < num_clients:
+            raise DeployError(
+                f"node config partition-id must be an integer in [0, {num_clients}); got {pid!r}"
+            )
+        state_dir = node_config["state-dir"]
+        if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
+            raise DeployError(f"node config state-dir must be an absolute path; got {state_dir!r}")
+        return cls(partition_id=pid, state_dir=Path(state_dir))
+
+
+def tensor_to_array_record(name: str, tensor: Tensor) -> ArrayRecord:
+    """One tensor as an ArrayRecord (dtype and shape preserved, bytes copied)."""
+    return ArrayRecord({name: Array(tensor.detach().cpu().contiguous().numpy())})
+
+
+def array_record_to_tensor(
+    record: ArrayRecord, name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> Tensor:
+    """The tensor ``name`` of ``record``; :class:`DeployError` on a wrong key, dtype or shape."""
+    if name not in record:
+        raise DeployError(f"array record lacks {name!r}; has {sorted(record.keys())}")
+    array = record[name].numpy()
+    expected = np.dtype(str(dtype).removeprefix("torch."))
+    if array.dtype != expected or tuple(array.shape) != tuple(shape):
+        raise DeployError(
+            f"array {name!r} is {array.dtype} {tuple(array.shape)}, expected {expected} {tuple(shape)}"
+        )
+    tensor = torch.from_numpy(np.array(array, copy=True))
+    if not torch.isfinite(tensor).all():
+        raise DeployError(f"array {name!r} contains non-finite values")
+    return tensor
+
+
+def process_start_time() -> float:
+    """Wall-clock time at which the current process started (Linux /proc; else now)."""
+    try:
+        with open("/proc/self/stat", encoding="utf-8") as handle:
+            stat = handle.read()
+        ticks = int(stat[stat.rfind(")") + 2 :].split()[19])
+        with open("/proc/uptime", encoding="utf-8") as handle:
+            uptime = float(handle.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
