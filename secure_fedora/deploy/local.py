@@ -50,7 +50,7 @@ from secure_fedora.deploy.certs import (
     make_node_keys,
 )
 from secure_fedora.deploy.processes import ManagedProcess, ProcessError, stop_all
-from secure_fedora.deploy.protocol import DeployError, experiment_to_run_config
+from secure_fedora.deploy.protocol import DeployError, make_run_config
 
 __all__ = [
     "APP_DIR",
@@ -404,17 +404,21 @@ class LocalFederation:
         result_dir: Path,
         *,
         num_threads: int = 1,
+        round_timeout: float | None = None,
     ) -> int:
-        """Submit the FEDORA app with ``cfg`` via ``flwr run``; returns the run id."""
+        """Submit the FEDORA app with ``cfg`` via ``flwr run``; returns the run id.
+
+        ``round_timeout`` overrides ``timeouts.round`` for this run only.
+        """
         result_dir.mkdir(parents=True, exist_ok=True)
-        overrides = {
-            "experiment": experiment_to_run_config(cfg),
-            "result-dir": str(result_dir.resolve()),
-            "connect-timeout": float(self.timeouts.connect),
-            "round-timeout": float(self.timeouts.round),
-            "poll-interval": float(self.timeouts.poll),
-            "num-threads": int(num_threads),
-        }
+        overrides = make_run_config(
+            cfg,
+            result_dir,
+            connect_timeout=self.timeouts.connect,
+            round_timeout=self.timeouts.round if round_timeout is None else round_timeout,
+            poll_interval=self.timeouts.poll,
+            num_threads=num_threads,
+        )
         run_toml = self.workdir / "run.toml"
         run_toml.write_text(tomli_w.dumps(overrides), encoding="utf-8")
         proc = self.flwr(

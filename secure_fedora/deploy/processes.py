@@ -24,6 +24,8 @@ __all__ = [
     "ManagedProcess",
     "ProcessError",
     "descendants",
+    "is_alive",
+    "start_time",
     "stop_all",
 ]
 
@@ -65,7 +67,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
@@ -74,6 +76,16 @@ def _alive(pid: int) -> bool:
         return False
     rest = stat[stat.rfind(")") + 2 :].split()
     return bool(rest) and rest[0] != "Z"
+
+
+def start_time(pid: int) -> float:
+    """Wall-clock start time of ``pid`` (from /proc/<pid>/stat and the boot time)."""
+    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+        stat = handle.read()
+    ticks = int(stat[stat.rfind(")") + 2 :].split()[19])
+    with open("/proc/stat", encoding="utf-8") as handle:
+        boot = next(float(line.split()[1]) for line in handle if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _signal_pid(pid: int, sig: int) -> None:
@@ -156,7 +168,7 @@ class ManagedProcess:
             _signal_group(self.popen.pid, sig)
             _signal_pid(self.popen.pid, sig)
         for pid in sorted(self.known_descendants):
-            if _alive(pid):
+            if is_alive(pid):
                 _signal_pid(pid, sig)
 
     def stop(self, grace: float = 5.0, hard: bool = False) -> None:
@@ -170,7 +182,7 @@ class ManagedProcess:
         self.signal(signal.SIGKILL if hard else signal.SIGTERM)
         deadline = time.monotonic() + (0.0 if hard else grace)
         while time.monotonic() < deadline:
-            if self.popen.poll() is None or any(_alive(p) for p in self.known_descendants):
+            if self.popen.poll() is None or any(is_alive(p) for p in self.known_descendants):
                 time.sleep(0.05)
                 continue
             break
@@ -178,7 +190,7 @@ class ManagedProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5.0)
         end = time.monotonic() + 5.0
-        while time.monotonic() < end and any(_alive(p) for p in self.known_descendants):
+        while time.monotonic() < end and any(is_alive(p) for p in self.known_descendants):
             time.sleep(0.05)
 
 

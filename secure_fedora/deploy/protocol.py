@@ -44,6 +44,7 @@ __all__ = [
     "RunSettings",
     "array_record_to_tensor",
     "experiment_to_run_config",
+    "make_run_config",
     "process_start_time",
     "tensor_to_array_record",
 ]
@@ -69,6 +70,26 @@ class DeployError(RuntimeError):
 def experiment_to_run_config(cfg: ExperimentConfig) -> str:
     """The run-config value that carries ``cfg`` (canonical JSON of the validated model)."""
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def make_run_config(
+    cfg: ExperimentConfig,
+    result_dir: Path | None,
+    *,
+    connect_timeout: float = 300.0,
+    round_timeout: float = 600.0,
+    poll_interval: float = 0.2,
+    num_threads: int = 1,
+) -> dict[str, Any]:
+    """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``)."""
+    return {
+        "experiment": experiment_to_run_config(cfg),
+        "result-dir": str(result_dir.resolve()) if result_dir is not None else "",
+        "connect-timeout": float(connect_timeout),
+        "round-timeout": float(round_timeout),
+        "poll-interval": float(poll_interval),
+        "num-threads": int(num_threads),
+    }
 
 
 @dataclass(frozen=True)

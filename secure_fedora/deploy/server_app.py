@@ -188,6 +188,7 @@ class _Server:
     graph: Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    relatedness_timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -257,6 +258,7 @@ def _relatedness(grid: Grid, server: _Server, nodes: list[int]) -> tuple[Tensor,
         server.prop = fedora.propagation_matrix_power(server.graph, cfg.fedora.alpha)
     else:
         server.prop = fedora.propagation_matrix(server.graph, cfg.fedora.alpha)
+    server.relatedness_timing = ex.timing.to_json()
     _say(f"relatedness: graph over {n} clients built in {ex.timing.wall:.2f} s")
     return val0, test0
 
@@ -371,6 +373,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
     tracker.last_val.copy_(val0)
     tracker.last_test.copy_(test0)
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    server.write("progress.json", {"run_id": run_id, "round": 0, "rows": []})
     for rnd in range(1, cfg.training.rounds + 1):
         participants = sample_participants(cfg, round_gen, n)
         row = _round(grid, server, rnd, participants, tracker)
@@ -406,6 +409,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
                 "rounds": cfg.training.rounds,
             }
         },
+        "relatedness_timing": server.relatedness_timing,
         "rounds": server.history,
         "events": server.events,
         "seconds_total": round(time.time() - started, 3),

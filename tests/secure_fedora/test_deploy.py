@@ -1,0 +1,605 @@
+"""Tests of the Flower deployment: certificates, node keys, protocol, node state, processes,
+the FEDORA ServerApp/ClientApp logic over an in-memory grid, the CLI, and (marked
+``deploy``) a real TLS + node-authenticated SuperLink with SuperNodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from secure_fedora.config import ExperimentConfig, config_hash, parse_config
+from secure_fedora.deploy import client_app, server_app
+from secure_fedora.deploy.certs import CertificateError, make_certificates, make_node_keys
+from secure_fedora.deploy.cli import register
+from secure_fedora.deploy.local import LocalFederation, RunTimeouts, with_num_clients
+from secure_fedora.deploy.processes import ManagedProcess, descendants, is_alive, start_time
+from secure_fedora.deploy.protocol import (
+    MSG_SUMMARY,
+    DeployError,
+    NodeSettings,
+    RunSettings,
+    array_record_to_tensor,
+    make_run_config,
+    tensor_to_array_record,
+)
+from secure_fedora.deploy.state import (
+    NodeState,
+    NodeStateError,
+    ReleaseJournal,
+    load_partition,
+    save_partition,
+)
+from secure_fedora.runtime import Simulation, build_clients
+
+# A tiny setting that learns in two rounds (chance is 0.1) and exercises the proximal pull.
+TINY: dict[str, Any] = {
+    "name": "deploy-tiny",
+    "seed": 0,
+    "methods": ["fedora"],
+    "data": {"num_clients": 3, "train_per_client": 64, "val_per_client": 32, "test_per_client": 64},
+    "training": {"rounds": 2, "local_epochs": 3, "lr": 0.1, "batch_size": 16},
+    "fedora": {"k": 2},
+}
+
+
+def tiny_config(**training: Any) -> ExperimentConfig:
+    data = json.loads(json.dumps(TINY))
+    data["training"].update(training)
+    return parse_config(data)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def test_server_certificate_chains_to_ca_with_requested_sans(tmp_path: Path) -> None:
+    paths = make_certificates(tmp_path / "c", ["10.1.2.3", "fedora.example.org", "[::1]"])
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in list(eku)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"fedora.example.org", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    for key in (paths.ca_key, paths.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_tls_handshake_verifies_loopback_names_and_rejects_others(tmp_path: Path) -> None:
+    paths = make_certificates(tmp_path / "c", [])
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(paths.server_cert, paths.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(3):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(paths.ca_cert))
+        for name in ("localhost", "127.0.0.1"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname=name) as tls:
+                    assert tls.version() is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                client_ctx.wrap_socket(raw, server_hostname="other.example.org")
+    finally:
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_certificates_reject_bad_hosts_and_never_overwrite_silently(tmp_path: Path) -> None:
+    with pytest.raises(CertificateError, match="bad host!"):
+        make_certificates(tmp_path / "a", ["bad host!"])
+    with pytest.raises(CertificateError, match="valid_days"):
+        make_certificates(tmp_path / "a", [], valid_days=0)
+    make_certificates(tmp_path / "b", [])
+    with pytest.raises(CertificateError, match="already exists"):
+        make_certificates(tmp_path / "b", [])
+    make_certificates(tmp_path / "b", ["example.org"], overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CertificateError, match="not a directory"):
+        make_certificates(tmp_path / "file", [])
+
+
+def test_node_keys_are_p384_openssh_with_private_key_0600(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+
+    keys = make_node_keys(tmp_path / "k", ["node-0", "node-1"])
+    for key in keys:
+        private = load_ssh_private_key(key.private_key.read_bytes(), None)
+        public = load_ssh_public_key(key.public_key.read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert isinstance(private.curve, ec.SECP384R1)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert stat.S_IMODE(key.private_key.stat().st_mode) == 0o600
+        assert try_load_public_key(key.public_key)  # what `flwr supernode register` accepts
+    assert keys[0].public_key.read_bytes() != keys[1].public_key.read_bytes()
+    with pytest.raises(CertificateError, match="already exists"):
+        make_node_keys(tmp_path / "k", ["node-0"])
+    for bad in (["../x"], ["a b"], ["n", "n"]):
+        with pytest.raises(CertificateError):
+            make_node_keys(tmp_path / "k2", bad)
+
+
+# --------------------------------------------------------------------------- protocol, state
+
+
+def _run_config(cfg: ExperimentConfig, **over: Any) -> dict[str, Any]:
+    rc = make_run_config(cfg, None, round_timeout=30.0, poll_interval=0.01)
+    rc.update(over)
+    return rc
+
+
+def test_run_settings_validate_every_key() -> None:
+    cfg = tiny_config()
+    settings = RunSettings.from_run_config(_run_config(cfg))
+    assert settings.experiment == cfg and settings.config_hash == config_hash(cfg)
+    bad = [
+        ({"experiment": ""}, "experiment"),
+        ({"experiment": "{"}, "not JSON"),
+        ({"experiment": json.dumps({"data": {"num_clients": 1}})}, "num_clients"),
+        ({"round-timeout": 0}, "round-timeout"),
+        ({"poll-interval": True}, "poll-interval"),
+        ({"num-threads": 0}, "num-threads"),
+        ({"result-dir": "relative/dir"}, "absolute"),
+    ]
+    for override, match in bad:
+        with pytest.raises(DeployError, match=match):
+            RunSettings.from_run_config(_run_config(cfg, **override))
+    rc = _run_config(cfg)
+    del rc["round-timeout"]
+    with pytest.raises(DeployError, match="missing keys"):
+        RunSettings.from_run_config(rc)
+
+
+def test_node_settings_validate_partition_and_state_dir() -> None:
+    ok = NodeSettings.from_node_config({"partition-id": 2, "state-dir": "/tmp/x"}, 3)
+    assert ok.partition_id == 2 and ok.state_dir == Path("/tmp/x")
+    for conf, match in (
+        ({"partition-id": 3, "state-dir": "/tmp/x"}, "partition-id"),
+        ({"partition-id": -1, "state-dir": "/tmp/x"}, "partition-id"),
+        ({"partition-id": "0", "state-dir": "/tmp/x"}, "partition-id"),
+        ({"partition-id": 0, "state-dir": "rel"}, "absolute"),
+        ({"partition-id": 0}, "must set"),
+    ):
+        with pytest.raises(DeployError, match=match):
+            NodeSettings.from_node_config(conf, 3)
+
+
+def test_array_records_round_trip_and_reject_mismatches() -> None:
+    t = torch.randn(7, 2, dtype=torch.float64)
+    rec = tensor_to_array_record("u", t)
+    assert torch.equal(array_record_to_tensor(rec, "u", torch.float64, (7, 2)), t)
+    with pytest.raises(DeployError, match="expected float32"):
+        array_record_to_tensor(rec, "u", torch.float32, (7, 2))
+    with pytest.raises(DeployError, match=r"\(7, 3\)"):
+        array_record_to_tensor(rec, "u", torch.float64, (7, 3))
+    with pytest.raises(DeployError, match="lacks 'v'"):
+        array_record_to_tensor(rec, "v", torch.float64, (7, 2))
+    bad = tensor_to_array_record("u", torch.tensor([1.0, float("nan")]))
+    with pytest.raises(DeployError, match="non-finite"):
+        array_record_to_tensor(bad, "u", torch.float32, (2,))
+
+
+def test_release_journal_chains_and_detects_tampering(tmp_path: Path) -> None:
+    journal = ReleaseJournal(tmp_path / "releases.jsonl")
+    assert journal.entries() == []
+    first = journal.append(0, 0, "summary", b"abc")
+    second = journal.append(0, 1, "model", b"def")
+    entries = journal.entries()
+    assert [e["seq"] for e in entries] == [0, 1] and entries[1]["prev"] == first["hash"]
+    assert second["payload_bytes"] == 3
+    lines = journal.path.read_text().splitlines()
+    edited = json.loads(lines[1])
+    edited["round"] = 5
+    journal.path.write_text(lines[0] + "\n" + json.dumps(edited) + "\n")
+    with pytest.raises(NodeStateError, match="hash mismatch"):
+        journal.entries()
+    journal.path.write_text(lines[1] + "\n")
+    with pytest.raises(NodeStateError, match="chain broken"):
+        journal.entries()
+    journal.path.write_text(lines[0] + "\n" + lines[1][:20])
+    with pytest.raises(NodeStateError, match="torn"):
+        journal.entries()
+
+
+def test_node_state_and_partition_refuse_foreign_or_corrupt_files(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    client = build_clients(cfg)[1]
+    path = tmp_path / "partition.pt"
+    save_partition(path, client, "digest-a")
+    loaded = load_partition(path, 1, "digest-a")
+    assert torch.equal(loaded.train_x, client.train_x)
+    with pytest.raises(NodeStateError, match="partition-id 2"):
+        load_partition(path, 2, "digest-a")
+    with pytest.raises(NodeStateError, match="another data specification"):
+        load_partition(path, 1, "digest-b")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(NodeStateError, match="corrupt"):
+        load_partition(path, 1, "digest-a")
+
+    theta = torch.zeros(5)
+    state = NodeState(1, 7, "hash", theta, theta.clone(), torch.Generator().get_state())
+    spath = tmp_path / "state.pt"
+    state.save(spath)
+    assert NodeState.load(spath, 1, 7, "hash").last_trained_round == 0
+    for args, match in (((2, 7, "hash"), "client_id"), ((1, 8, "hash"), "run_id"),
+                        ((1, 7, "other"), "config_hash")):
+        with pytest.raises(NodeStateError, match=match):
+            NodeState.load(spath, *args)
+    bad = NodeState(1, 7, "hash", torch.tensor([float("inf")]), theta.clone(), state.generator_state)
+    with pytest.raises(NodeStateError, match="non-finite"):
+        bad.save(spath)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def test_managed_process_stop_reaches_descendants_in_other_sessions(tmp_path: Path) -> None:
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+        " start_new_session=True)\n"
+        "print('chi' + 'ld started', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = ManagedProcess("parent", [sys.executable, "-c", script], tmp_path / "p.log", dict(os.environ))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "child started" not in proc.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kids = descendants(proc.pid)
+        assert len(kids) == 1
+    finally:
+        proc.stop(grace=2.0)
+    assert not proc.running()
+    assert not is_alive(kids[0])
+
+
+# --------------------------------------------------------------------------- in-memory grid
+
+
+class InMemoryGrid:
+    """Delivers the ServerApp's messages straight to the ClientApp handlers (no Flower
+    processes), so the protocol logic is tested fast and deterministically. ``fail`` maps
+    (client, round) to an exception text; ``drop`` lists (client, round) left unanswered."""
+
+    def __init__(self, state_root: Path, run_config: dict[str, Any], num_clients: int,
+                 run_id: int = 42, fail: dict[tuple[int, int], str] | None = None,
+                 drop: set[tuple[int, int]] | None = None,
+                 offline: dict[int, set[int]] | None = None) -> None:
+        self.run_id = run_id
+        self.run_config = run_config
+        self.node_config = {
+            1000 + c: {"partition-id": c, "state-dir": str(state_root / f"node-{c}")}
+            for c in range(num_clients)
+        }
+        self.fail = fail or {}
+        self.drop = drop or set()
+        self.offline = offline or {}
+        self.replies: dict[str, Message] = {}
+        self.counter = 0
+        self.current_round = 0
+
+    def get_node_ids(self) -> list[int]:
+        off = self.offline.get(self.current_round + 1, set())
+        return [n for n, c in self.node_config.items() if c["partition-id"] not in off]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            self.counter += 1
+            mid = f"msg-{self.counter}"
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            node = msg.metadata.dst_node_id
+            conf = self.node_config[node]
+            client = int(conf["partition-id"])
+            rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
+            self.current_round = max(self.current_round, rnd)
+            if (client, rnd) in self.drop:
+                continue
+            ctx = Context(self.run_id, node, dict(conf), RecordDict(), dict(self.run_config))
+            if (client, rnd) in self.fail:
+                self.replies[mid] = Message(Error(code=0, reason=self.fail[client, rnd]), reply_to=msg)
+                continue
+            handler = client_app.summary if msg.metadata.message_type == MSG_SUMMARY else client_app.train_round
+            self.replies[mid] = handler(msg, ctx)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+@pytest.fixture()
+def task_identity() -> Iterator[None]:
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _in_process(cfg: ExperimentConfig, tmp_path: Path) -> tuple[Simulation, Any]:
+    sim = Simulation(cfg, tmp_path / "inproc")
+    return sim, sim.run_method("fedora")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path: Path) -> None:
+    cfg = tiny_config(rounds=3, participation=0.5)
+    rc = _run_config(cfg, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    sim, outcome = _in_process(cfg, tmp_path)
+    fed = results["methods"]["fedora"]
+    assert fed["selected"]["per_client"] == outcome.selected["per_client"]
+    assert fed["final"]["per_client"] == outcome.final["per_client"]
+    assert fed["selected"]["round"] == outcome.selected["round"]
+    assert [r["participants"] for r in results["rounds"]] == [2, 2, 2]
+    for ours, theirs in zip(results["rounds"], sim.history, strict=True):
+        assert ours["mean_lambda"] == pytest.approx(theirs["mean_lambda"], abs=1e-12)
+        assert ours["test_mean"] == pytest.approx(theirs["test_mean"], abs=1e-7)
+    theta = sim.methods["fedora"].theta
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    chosen = [server_app.sample_participants(cfg, gen, 3) for _ in range(3)]
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert torch.equal(state.theta, theta[c])
+        kinds = [e["kind"] for e in ReleaseJournal(
+            tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "releases.jsonl").entries()]
+        assert kinds == ["summary"] + ["model"] * sum(c in p for p in chosen)
+    on_disk = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert on_disk["methods"]["fedora"]["selected"] == fed["selected"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path) -> None:
+    cfg = tiny_config(rounds=2)
+    rc = _run_config(cfg, **{"round-timeout": 0.3})  # replies are synchronous here
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, fail={(1, 1): "disk full"}, drop={(2, 2)},
+                        offline={2: {0}})
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    events = {(e["round"], e["client"]): e["event"] for e in results["events"]}
+    assert "disk full" in events[1, 1]
+    assert "no reply" in events[2, 2]
+    assert "offline" in events[2, 0]
+    assert [r["replied"] for r in results["rounds"]] == [2, 1]
+    # Client 1 failed in round 1 and trained in round 2 from its untouched initial model.
+    s1 = NodeState.load(tmp_path / "nodes" / "node-1" / "runs" / "42" / "state.pt", 1, 42,
+                        config_hash(cfg))
+    assert s1.last_trained_round == 2
+    # Client 0 was offline in round 2: its state stops at round 1.
+    s0 = NodeState.load(tmp_path / "nodes" / "node-0" / "runs" / "42" / "state.pt", 0, 42,
+                        config_hash(cfg))
+    assert s0.last_trained_round == 1 and s0.last_received_round == 1
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_refuses_missing_clients_and_duplicate_partitions(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    rc = _run_config(cfg, **{"connect-timeout": 0.1, "round-timeout": 0.3})
+    grid = InMemoryGrid(tmp_path / "n1", rc, 3, drop={(2, 0)})
+    with pytest.raises(DeployError, match=r"missing clients \[2\]"):
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    grid = InMemoryGrid(tmp_path / "n2", rc, 3)
+    grid.node_config[1002]["partition-id"] = 1
+    with pytest.raises(DeployError, match="both hold partition-id 1"):
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    grid = InMemoryGrid(tmp_path / "n3", rc, 3)
+    del grid.node_config[1002]
+    with pytest.raises(DeployError, match="only 2 of 3 SuperNodes"):
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_resumes_from_disk_and_never_trains_a_round_twice(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    rc = _run_config(cfg)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    node_dir = tmp_path / "nodes" / "node-0" / "runs" / "42"
+    before = NodeState.load(node_dir / "state.pt", 0, 42, config_hash(cfg))
+    # Round 2 delivered again (e.g. after a restart): answered from disk, no second training.
+    phi = tensor_to_array_record("phi", before.phi)
+    from flwr.app import ConfigRecord
+
+    msg = Message(RecordDict({"phi": phi, "round": ConfigRecord(
+        {"round": 2, "participate": True, "evaluate": True, "config-hash": config_hash(cfg)})}),
+        dst_node_id=1000, message_type="train.fedora", group_id="2")
+    msg.metadata.__dict__["_message_id"] = "again"
+    ctx = Context(42, 1000, dict(grid.node_config[1000]), RecordDict(), rc)
+    reply = client_app.train_round(msg, ctx)
+    assert reply.content["metrics"]["trained-now"] == 0
+    theta = array_record_to_tensor(reply.content["theta"], "theta", torch.float32, tuple(before.theta.shape))
+    assert torch.equal(theta, before.theta)
+    after = NodeState.load(node_dir / "state.pt", 0, 42, config_hash(cfg))
+    assert torch.equal(after.generator_state, before.generator_state)
+    # A message for another config is refused.
+    bad = Message(RecordDict({"phi": phi, "round": ConfigRecord(
+        {"round": 3, "participate": True, "evaluate": True, "config-hash": "0" * 64})}),
+        dst_node_id=1000, message_type="train.fedora", group_id="3")
+    bad.metadata.__dict__["_message_id"] = "bad"
+    with pytest.raises(DeployError, match="config hash"):
+        client_app.train_round(bad, ctx)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parser().parse_args(["deploy", "certs", "--out", str(tmp_path / "c"), "--host",
+                                 "192.168.0.7", "--nodes", "2"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["subject_alt_names"] == ["192.168.0.7", "localhost", "127.0.0.1"]
+    assert len(report["node_keys"]) == 2 and Path(report["node_keys"][1]["private"]).exists()
+    assert args.func(args) == 2  # exists, no --force
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["deploy", "certs", "--out", "x", "--nodes", "-1"])
+
+
+def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data]\nnum_clients = 'many'\n")
+    args = _parser().parse_args(["deploy", "local", "--config", str(bad), "--workdir", str(tmp_path / "w")])
+    assert args.func(args) == 2
+    no_fedora = tmp_path / "nf.toml"
+    no_fedora.write_text('methods = ["local"]\n')
+    args = _parser().parse_args(["deploy", "local", "--config", str(no_fedora), "--clients", "2",
+                                 "--workdir", str(tmp_path / "w")])
+    assert args.func(args) == 2
+    assert not (tmp_path / "w" / "logs").exists()  # nothing was started
+    assert with_num_clients(tiny_config(), 5).data.num_clients == 5
+
+
+# --------------------------------------------------------------------------- real deployment
+
+STARTUP = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """SuperLink (TLS, node auth) + 3 registered SuperNodes + 1 unregistered, on 127.0.0.1."""
+    workdir = tmp_path_factory.mktemp("federation")
+    with LocalFederation(workdir, 4, timeouts=STARTUP, register=[0, 1, 2]) as fed:
+        yield fed
+    for proc in fed.processes:
+        assert not proc.running(), f"{proc.name} still running after stop"
+        assert not any(is_alive(p) for p in proc.known_descendants), f"{proc.name} left children"
+
+
+@pytest.mark.deploy
+def test_unregistered_node_is_refused(federation: LocalFederation) -> None:
+    node = federation.nodes[3]
+    assert node.process is not None and node.node_id is None
+    deadline = time.monotonic() + 60
+    while node.process.running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not node.process.running(), "an unregistered SuperNode kept running"
+    assert node.process.returncode() != 0
+    assert "Failed to activate SuperNode" in node.process.log_path.read_text()
+    superlink_log = (federation.logs / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert all(federation.nodes[i].process.running() for i in range(3))  # type: ignore[union-attr]
+
+
+@pytest.mark.deploy
+def test_flower_run_equals_in_process_runtime(federation: LocalFederation, tmp_path: Path) -> None:
+    cfg = tiny_config()
+    run_id = federation.submit(cfg, tmp_path / "res")
+    status = federation.follow(run_id, timeout=STARTUP.run)
+    assert status == "finished:completed", (federation.logs / "serverapp.log").read_text()[-3000:]
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    sim, outcome = _in_process(cfg, tmp_path)
+    fed = results["methods"]["fedora"]
+    assert np.allclose(fed["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4, rtol=0)
+    assert np.allclose(fed["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
+    assert fed["final"]["mean"] > 0.3  # it learned (chance is 0.1)
+    assert results["events"] == []
+    for c in range(3):
+        run_dir = federation.node_state_dir(c) / "runs" / str(run_id)
+        state = NodeState.load(run_dir / "state.pt", c, run_id, config_hash(cfg))
+        assert torch.allclose(state.theta, sim.methods["fedora"].theta[c], atol=1e-6, rtol=0)
+        assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()] == [
+            "summary", "model", "model"]
+
+
+def _clientapp_started_after(fed: LocalFederation, index: int, after: float) -> bool:
+    """True if SuperNode ``index`` runs a ClientApp process started after ``after``."""
+    proc = fed.nodes[index].process
+    if proc is None or not proc.running():
+        return False
+    for pid in descendants(proc.pid):
+        try:
+            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes() and (
+                start_time(pid) > after
+            ):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.deploy
+def test_supernode_killed_mid_round_run_finishes_and_state_survives(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    cfg = tiny_config()
+    victim = 2
+    done: dict[str, float] = {}
+
+    def on_tick() -> None:
+        if "killed" in done:
+            return
+        progress = tmp_path / "res" / "progress.json"  # written once relatedness is done
+        if progress.exists() and _clientapp_started_after(
+            federation, victim, progress.stat().st_mtime
+        ):
+            federation.stop_node(victim, hard=True)  # a crash while it handles round 1
+            done["killed"] = time.monotonic()
+            federation.start_node(victim, wait=False)  # restarted: same key, same state-dir
+
+    run_id = federation.submit(cfg, tmp_path / "res", round_timeout=25.0)
+    status = federation.follow(run_id, timeout=STARTUP.run, on_tick=on_tick)
+    assert "killed" in done, "the SuperNode was never seen handling a round"
+    assert status == "finished:completed", (federation.logs / "serverapp.log").read_text()[-3000:]
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    missed = [e for e in results["events"] if e["client"] == victim]
+    assert missed and missed[0]["round"] == 1, results["events"]
+    # The restarted node rejoined in round 2 and trained from its on-disk state.
+    assert results["rounds"][1]["replied"] == 3
+    run_dir = federation.node_state_dir(victim) / "runs" / str(run_id)
+    state = NodeState.load(run_dir / "state.pt", victim, run_id, config_hash(cfg))
+    assert state.last_trained_round == 2
+    entries = ReleaseJournal(run_dir / "releases.jsonl").entries()  # verifies the hash chain
+    assert entries[0]["kind"] == "summary"
+    assert (entries[-1]["kind"], entries[-1]["round"]) == ("model", 2)
+    federation.wait_node_active(victim)
+
