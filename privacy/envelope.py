@@ -1,0 +1,630 @@
+"""Signed message envelopes and their verification.
+
+Every message a party sends travels as an :class:`Envelope` (sender, recipient, round,
+random nonce, kind, SHA-256 of the payload, Ed25519 signature over all of these) plus the
+payload bytes. The receiver's :class:`EnvelopeVerifier` accepts a message only if
+
+- the sender is in its allowlist (:class:`UnknownSenderError` otherwise),
+- the signature verifies under the sender's Ed25519 key (:class:`BadSignatureError`),
+- it is addressed to this receiver (:class:`WrongRecipientError`),
+- it has an expected kind, when kinds are restricted (:class:`UnexpectedKindError`),
+- the payload hashes to the signed digest (:class:`PayloadHashMismatchError`),
+- its round is the expected one, or at most ``max_round_lag`` rounds older
+  (:class:`StaleRoundError` / :class:`FutureRoundError`),
+- its nonce was never accepted before from that sender (:class:`ReplayedNonceError`);
+  the nonce memory can be persisted to a file so replays are caught across restarts.
+
+Decoded tensors are checked with :meth:`EnvelopeVerifier.check_tensor` (wrong shape ->
+:class:`TensorShapeError`, NaN/inf -> :class:`NonFiniteTensorError`).
+
+Every rejection raises a distinct subclass of :class:`EnvelopeError` whose message names
+the sender and round, and emits a WARNING record on the ``secure_fedora.security`` logger
+with a structured ``security_event`` dict attribute (event, reason, sender, recipient,
+round, kind, detail). A caller that catches the error can drop that client and continue.
+
+Assumptions: signatures authenticate the *sender's key*, so a party whose private key
+leaks can be impersonated; confidentiality of the payload is not provided here (use TLS
+or :mod:`privacy.sealing`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import struct
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from privacy.identity import Identity, IdentityError, PublicIdentity, validate_party_id
+
+__all__ = [
+    "BadSignatureError",
+    "ENVELOPE_VERSION",
+    "Envelope",
+    "EnvelopeError",
+    "EnvelopeStateError",
+    "EnvelopeVerifier",
+    "FutureRoundError",
+    "MalformedEnvelopeError",
+    "NonFiniteTensorError",
+    "PayloadHashMismatchError",
+    "ReplayedNonceError",
+    "RoundError",
+    "SECURITY_LOGGER",
+    "StaleRoundError",
+    "TensorShapeError",
+    "UnexpectedKindError",
+    "UnknownSenderError",
+    "WrongRecipientError",
+    "check_tensor",
+    "decode_message",
+    "encode_message",
+    "make_envelope",
+]
+
+ENVELOPE_VERSION = 1
+SECURITY_LOGGER = "secure_fedora.security"
+_DOMAIN = b"secure-fedora/envelope/v1\n"
+_NONCE_BYTES = 16
+_MAX_KIND_LEN = 64
+_WIRE_MAGIC = b"SFEN"
+
+logger = logging.getLogger(SECURITY_LOGGER)
+
+
+class EnvelopeError(Exception):
+    """Base class of every envelope rejection; carries who sent it and for which round."""
+
+    reason = "envelope_error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        sender: str | None = None,
+        round: int | None = None,
+        kind: str | None = None,
+        recipient: str | None = None,
+    ) -> None:
+        self.detail = detail
+        self.sender = sender
+        self.round = round
+        self.kind = kind
+        self.recipient = recipient
+        who = sender if sender is not None else "<unknown>"
+        rnd = round if round is not None else "<unknown>"
+        super().__init__(f"rejected message from {who!s} for round {rnd!s}: {detail}")
+
+    def event(self) -> dict[str, Any]:
+        """The structured record logged for this rejection."""
+        return {
+            "event": "message_rejected",
+            "reason": self.reason,
+            "sender": self.sender,
+            "recipient": self.recipient,
+            "round": self.round,
+            "kind": self.kind,
+            "detail": self.detail,
+        }
+
+
+class MalformedEnvelopeError(EnvelopeError):
+    """The envelope's fields or wire encoding are invalid."""
+
+    reason = "malformed_envelope"
+
+
+class UnknownSenderError(EnvelopeError):
+    """The sender is not in the receiver's allowlist."""
+
+    reason = "unknown_sender"
+
+
+class BadSignatureError(EnvelopeError):
+    """The Ed25519 signature does not verify under the sender's allowlisted key."""
+
+    reason = "bad_signature"
+
+
+class WrongRecipientError(EnvelopeError):
+    """The envelope is addressed to another party."""
+
+    reason = "wrong_recipient"
+
+
+class UnexpectedKindError(EnvelopeError):
+    """The message kind is not one this receiver expects here."""
+
+    reason = "unexpected_kind"
+
+
+class PayloadHashMismatchError(EnvelopeError):
+    """The payload's SHA-256 differs from the signed digest (payload tampered or swapped)."""
+
+    reason = "payload_hash_mismatch"
+
+
+class RoundError(EnvelopeError):
+    """The envelope's round is outside the accepted window."""
+
+    reason = "round_mismatch"
+
+
+class StaleRoundError(RoundError):
+    """The envelope is for a round older than the accepted window."""
+
+    reason = "stale_round"
+
+
+class FutureRoundError(RoundError):
+    """The envelope is for a round later than the expected round."""
+
+    reason = "future_round"
+
+
+class ReplayedNonceError(EnvelopeError):
+    """The sender's nonce was already accepted once (a replayed message)."""
+
+    reason = "replayed_nonce"
+
+
+class TensorShapeError(EnvelopeError):
+    """A decoded payload tensor is not a tensor or has the wrong shape."""
+
+    reason = "wrong_shape"
+
+
+class NonFiniteTensorError(EnvelopeError):
+    """A decoded payload tensor holds NaN or infinite values."""
+
+    reason = "non_finite_values"
+
+
+class EnvelopeStateError(Exception):
+    """The persisted nonce state file is unreadable or corrupt (not a message rejection)."""
+
+
+def _reject(error: EnvelopeError) -> EnvelopeError:
+    logger.warning("%s", error, extra={"security_event": error.event()})
+    return error
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Signed header of one message. The payload travels next to it, bound by ``payload_sha256``."""
+
+    sender: str
+    recipient: str
+    round: int
+    nonce: str
+    kind: str
+    payload_sha256: str
+    signature: bytes
+    version: int = ENVELOPE_VERSION
+
+    def signed_bytes(self) -> bytes:
+        """The canonical bytes the signature covers (every field but the signature)."""
+        return signed_bytes(
+            self.sender, self.recipient, self.round, self.nonce, self.kind, self.payload_sha256,
+            self.version,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form (signature as hex)."""
+        return {
+            "version": self.version,
+            "sender": self.sender,
+            "recipient": self.recipient,
+            "round": self.round,
+            "nonce": self.nonce,
+            "kind": self.kind,
+            "payload_sha256": self.payload_sha256,
+            "signature": self.signature.hex(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Envelope:
+        """Parse and validate the fields of :meth:`to_dict`; raise :class:`MalformedEnvelopeError`."""
+        if not isinstance(data, Mapping):
+            raise _reject(MalformedEnvelopeError("envelope header is not an object"))
+        sender = data.get("sender")
+        rnd = data.get("round")
+        kind = data.get("kind")
+        sender_s = sender if isinstance(sender, str) else None
+        round_i = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else None
+        ctx = {"sender": sender_s, "round": round_i, "kind": kind if isinstance(kind, str) else None}
+
+        def bad(detail: str) -> EnvelopeError:
+            return _reject(MalformedEnvelopeError(detail, **ctx))
+
+        expected = {"version", "sender", "recipient", "round", "nonce", "kind", "payload_sha256", "signature"}
+        missing = sorted(expected - set(data))
+        if missing:
+            raise bad(f"missing envelope fields: {', '.join(missing)}")
+        extra = sorted(set(data) - expected)
+        if extra:
+            raise bad(f"unexpected envelope fields: {', '.join(extra)}")
+        if data["version"] != ENVELOPE_VERSION:
+            raise bad(f"unsupported envelope version {data['version']!r}")
+        for name in ("sender", "recipient"):
+            try:
+                validate_party_id(data[name])
+            except IdentityError as exc:
+                raise bad(f"invalid {name}: {exc}") from None
+        if round_i is None or round_i < 0:
+            raise bad(f"round must be a non-negative integer, got {rnd!r}")
+        if not isinstance(kind, str) or not kind or len(kind) > _MAX_KIND_LEN:
+            raise bad(f"kind must be a non-empty string of at most {_MAX_KIND_LEN} characters")
+        if not _is_hex(data["nonce"], 2 * _NONCE_BYTES):
+            raise bad(f"nonce must be {2 * _NONCE_BYTES} hex characters")
+        if not _is_hex(data["payload_sha256"], 64):
+            raise bad("payload_sha256 must be 64 hex characters")
+        if not _is_hex(data["signature"], 128):
+            raise bad("signature must be 128 hex characters (64 bytes)")
+        return cls(
+            sender=data["sender"],
+            recipient=data["recipient"],
+            round=round_i,
+            nonce=data["nonce"].lower(),
+            kind=kind,
+            payload_sha256=data["payload_sha256"].lower(),
+            signature=bytes.fromhex(data["signature"]),
+            version=ENVELOPE_VERSION,
+        )
+
+
+def _is_hex(value: object, length: int) -> bool:
+    if not isinstance(value, str) or len(value) != length:
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+def signed_bytes(
+    sender: str,
+    recipient: str,
+    round: int,
+    nonce: str,
+    kind: str,
+    payload_sha256: str,
+    version: int = ENVELOPE_VERSION,
+) -> bytes:
+    """Domain-separated canonical JSON of the signed envelope fields."""
+    body = {
+        "version": version,
+        "sender": sender,
+        "recipient": recipient,
+        "round": round,
+        "nonce": nonce,
+        "kind": kind,
+        "payload_sha256": payload_sha256,
+    }
+    return _DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def make_envelope(
+    identity: Identity, recipient: str, round: int, kind: str, payload: bytes
+) -> Envelope:
+    """Sign a fresh envelope for ``payload`` from ``identity`` to ``recipient`` for ``round``.
+
+    A 128-bit random nonce makes every envelope unique, so a receiver can detect replays.
+    """
+    validate_party_id(recipient)
+    if not isinstance(round, int) or isinstance(round, bool) or round < 0:
+        raise ValueError(f"round must be a non-negative integer, got {round!r}")
+    if not isinstance(kind, str) or not kind or len(kind) > _MAX_KIND_LEN:
+        raise ValueError(f"kind must be a non-empty string of at most {_MAX_KIND_LEN} characters")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+    nonce = secrets.token_hex(_NONCE_BYTES)
+    digest = hashlib.sha256(payload).hexdigest()
+    msg = signed_bytes(identity.party_id, recipient, round, nonce, kind, digest)
+    return Envelope(
+        sender=identity.party_id,
+        recipient=recipient,
+        round=round,
+        nonce=nonce,
+        kind=kind,
+        payload_sha256=digest,
+        signature=identity.sign(msg),
+    )
+
+
+def encode_message(envelope: Envelope, payload: bytes) -> bytes:
+    """Wire encoding: ``b"SFEN" | u32 header length | JSON header | payload``."""
+    header = json.dumps(envelope.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    return _WIRE_MAGIC + struct.pack(">I", len(header)) + header + bytes(payload)
+
+
+def decode_message(data: bytes) -> tuple[Envelope, bytes]:
+    """Parse :func:`encode_message` output; raise :class:`MalformedEnvelopeError` if malformed.
+
+    This only parses; call :meth:`EnvelopeVerifier.verify` before trusting anything.
+    """
+    data = bytes(data)
+    if len(data) < 8 or not data.startswith(_WIRE_MAGIC):
+        raise _reject(MalformedEnvelopeError("message does not start with the envelope magic"))
+    (hlen,) = struct.unpack(">I", data[4:8])
+    if len(data) < 8 + hlen:
+        raise _reject(MalformedEnvelopeError("message truncated inside the envelope header"))
+    try:
+        header = json.loads(data[8 : 8 + hlen].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _reject(MalformedEnvelopeError(f"envelope header is not JSON: {exc}")) from None
+    return Envelope.from_dict(header), data[8 + hlen :]
+
+
+class _NonceMemory:
+    """Per-sender nonces accepted so far, with an optional append-only JSON-lines file.
+
+    File lines: ``{"s": sender, "r": round, "n": nonce}`` for accepted nonces and
+    ``{"floor": round}`` when the oldest acceptable round moves up. A final line without a
+    newline (torn by a crash during the write) is dropped: its message was never accepted,
+    because a nonce is written and fsync-ed before ``verify`` returns.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.floor = 0
+        self.seen: dict[str, dict[str, int]] = {}
+        if path is not None:
+            self._load(path)
+            self._compact()
+
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EnvelopeStateError(f"cannot read nonce state {path}: {exc}") from exc
+        lines = text.split("\n")
+        complete, torn = lines[:-1], lines[-1]
+        if torn:
+            logger.warning(
+                "dropping torn last line of nonce state %s", path,
+                extra={"security_event": {"event": "nonce_state_torn_line", "path": str(path)}},
+            )
+        for number, line in enumerate(complete, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if "floor" in rec:
+                    self.floor = max(self.floor, int(rec["floor"]))
+                else:
+                    self.seen.setdefault(str(rec["s"]), {})[str(rec["n"])] = int(rec["r"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise EnvelopeStateError(f"corrupt nonce state {path} line {number}: {exc}") from exc
+
+    def _compact(self) -> None:
+        self.prune(self.floor, persist=False)
+        assert self.path is not None
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        lines = [json.dumps({"floor": self.floor})]
+        for sender, nonces in sorted(self.seen.items()):
+            for nonce, rnd in sorted(nonces.items()):
+                lines.append(json.dumps({"s": sender, "r": rnd, "n": nonce}))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def contains(self, sender: str, nonce: str) -> bool:
+        return nonce in self.seen.get(sender, {})
+
+    def add(self, sender: str, nonce: str, rnd: int) -> None:
+        self._append({"s": sender, "r": rnd, "n": nonce})
+        self.seen.setdefault(sender, {})[nonce] = rnd
+
+    def prune(self, floor: int, persist: bool = True) -> None:
+        if floor > self.floor and persist:
+            self._append({"floor": floor})
+        self.floor = max(self.floor, floor)
+        for sender in list(self.seen):
+            kept = {n: r for n, r in self.seen[sender].items() if r >= self.floor}
+            if kept:
+                self.seen[sender] = kept
+            else:
+                del self.seen[sender]
+
+
+class EnvelopeVerifier:
+    """Verifies envelopes addressed to ``recipient`` against an allowlist of public identities.
+
+    ``max_round_lag`` (default 0) lets messages from up to that many rounds before the
+    expected round through (e.g. for asynchronous clients); anything older is stale. The
+    oldest acceptable round never moves backwards, even if a later call passes a smaller
+    ``expected_round``, so pruned nonces cannot be replayed. With ``state_path`` the nonce
+    memory is persisted (append-only, fsync-ed before a message is accepted).
+    """
+
+    def __init__(
+        self,
+        allowlist: Mapping[str, PublicIdentity],
+        recipient: str,
+        *,
+        max_round_lag: int = 0,
+        state_path: str | os.PathLike[str] | None = None,
+        allowed_kinds: Collection[str] | None = None,
+    ) -> None:
+        validate_party_id(recipient)
+        if not isinstance(max_round_lag, int) or max_round_lag < 0:
+            raise ValueError(f"max_round_lag must be a non-negative integer, got {max_round_lag!r}")
+        for party_id, pub in allowlist.items():
+            if not isinstance(pub, PublicIdentity) or pub.party_id != party_id:
+                raise ValueError(f"allowlist entry {party_id!r} is not that party's PublicIdentity")
+        self.allowlist = dict(allowlist)
+        self.recipient = recipient
+        self.max_round_lag = max_round_lag
+        self.allowed_kinds = frozenset(allowed_kinds) if allowed_kinds is not None else None
+        self._nonces = _NonceMemory(Path(state_path) if state_path is not None else None)
+
+    @property
+    def round_floor(self) -> int:
+        """The oldest round still accepted."""
+        return self._nonces.floor
+
+    def verify(
+        self,
+        envelope: Envelope,
+        payload: bytes,
+        expected_round: int,
+        *,
+        expected_kind: str | Collection[str] | None = None,
+    ) -> Envelope:
+        """Accept ``envelope`` + ``payload`` or raise the matching :class:`EnvelopeError`.
+
+        On success the nonce is recorded (and persisted when configured) *before* returning,
+        so the same message is rejected as a replay next time. Returns the envelope.
+        """
+        if not isinstance(envelope, Envelope):
+            raise _reject(MalformedEnvelopeError(f"expected an Envelope, got {type(envelope).__name__}"))
+        if not isinstance(expected_round, int) or expected_round < 0:
+            raise ValueError(f"expected_round must be a non-negative integer, got {expected_round!r}")
+        ctx = {
+            "sender": envelope.sender,
+            "round": envelope.round,
+            "kind": envelope.kind,
+            "recipient": envelope.recipient,
+        }
+        pub = self.allowlist.get(envelope.sender)
+        if pub is None:
+            raise _reject(UnknownSenderError(f"sender {envelope.sender!r} is not in the allowlist", **ctx))
+        if not pub.verify(envelope.signature, envelope.signed_bytes()):
+            raise _reject(BadSignatureError("signature does not verify under the sender's key", **ctx))
+        if envelope.recipient != self.recipient:
+            raise _reject(
+                WrongRecipientError(
+                    f"addressed to {envelope.recipient!r}, this receiver is {self.recipient!r}", **ctx
+                )
+            )
+        kinds = _kinds(expected_kind)
+        if kinds is None:
+            kinds = self.allowed_kinds
+        if kinds is not None and envelope.kind not in kinds:
+            raise _reject(
+                UnexpectedKindError(
+                    f"kind {envelope.kind!r} not among expected kinds {sorted(kinds)}", **ctx
+                )
+            )
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise _reject(MalformedEnvelopeError(f"payload must be bytes, got {type(payload).__name__}", **ctx))
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != envelope.payload_sha256:
+            raise _reject(
+                PayloadHashMismatchError(
+                    f"payload SHA-256 {digest[:16]}... differs from signed {envelope.payload_sha256[:16]}...",
+                    **ctx,
+                )
+            )
+        floor = max(self._nonces.floor, expected_round - self.max_round_lag)
+        if envelope.round > expected_round:
+            raise _reject(FutureRoundError(f"round {envelope.round} is after expected round {expected_round}", **ctx))
+        if envelope.round < floor:
+            raise _reject(
+                StaleRoundError(
+                    f"round {envelope.round} is older than the oldest accepted round {floor} "
+                    f"(expected {expected_round}, lag {self.max_round_lag})",
+                    **ctx,
+                )
+            )
+        if self._nonces.contains(envelope.sender, envelope.nonce):
+            raise _reject(ReplayedNonceError(f"nonce {envelope.nonce} was already accepted", **ctx))
+        self._nonces.prune(floor)
+        self._nonces.add(envelope.sender, envelope.nonce, envelope.round)
+        logger.debug(
+            "accepted %s from %s for round %d", envelope.kind, envelope.sender, envelope.round,
+            extra={"security_event": {"event": "message_accepted", **ctx}},
+        )
+        return envelope
+
+    def verify_message(
+        self,
+        message: bytes,
+        expected_round: int,
+        *,
+        expected_kind: str | Collection[str] | None = None,
+    ) -> tuple[Envelope, bytes]:
+        """Decode a wire message (:func:`encode_message`) and :meth:`verify` it."""
+        envelope, payload = decode_message(message)
+        self.verify(envelope, payload, expected_round, expected_kind=expected_kind)
+        return envelope, payload
+
+    def check_tensor(
+        self,
+        tensor: object,
+        expected_shape: Sequence[int],
+        envelope: Envelope,
+        *,
+        name: str = "payload",
+    ) -> Tensor:
+        """:func:`check_tensor` with the sender and round taken from ``envelope``."""
+        return check_tensor(
+            tensor, expected_shape, sender=envelope.sender, round=envelope.round,
+            name=name, kind=envelope.kind, recipient=self.recipient,
+        )
+
+
+def _kinds(expected: str | Collection[str] | None) -> frozenset[str] | None:
+    if expected is None:
+        return None
+    if isinstance(expected, str):
+        return frozenset({expected})
+    return frozenset(expected)
+
+
+def check_tensor(
+    tensor: object,
+    expected_shape: Sequence[int],
+    *,
+    sender: str,
+    round: int,
+    name: str = "payload",
+    kind: str | None = None,
+    recipient: str | None = None,
+) -> Tensor:
+    """Return ``tensor`` if it is a floating/integer tensor of ``expected_shape`` with finite values.
+
+    Raises :class:`TensorShapeError` (not a tensor, or another shape; ``-1`` in
+    ``expected_shape`` matches any size) or :class:`NonFiniteTensorError` (NaN or inf),
+    naming ``sender``, ``round`` and ``name``, and logs the rejection.
+    """
+    ctx = {"sender": sender, "round": round, "kind": kind, "recipient": recipient}
+    if not isinstance(tensor, Tensor):
+        raise _reject(TensorShapeError(f"{name} is a {type(tensor).__name__}, not a tensor", **ctx))
+    shape = tuple(tensor.shape)
+    want = tuple(int(s) for s in expected_shape)
+    if len(shape) != len(want) or any(w != -1 and w != s for s, w in zip(shape, want, strict=True)):
+        raise _reject(TensorShapeError(f"{name} has shape {shape}, expected {want}", **ctx))
+    if tensor.is_floating_point() or tensor.is_complex():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise _reject(
+                NonFiniteTensorError(f"{name} holds {bad} non-finite value(s) (NaN or inf)", **ctx)
+            )
+    return tensor

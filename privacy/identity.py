@@ -1,0 +1,422 @@
+"""Party identities: an Ed25519 signing key and an X25519 key-agreement key per party.
+
+Every party of a federation (clients such as ``"client-003"`` and the ``"server"``) owns
+
+- an Ed25519 key pair, used to sign message envelopes and privacy-ledger entries;
+- an X25519 key pair, used to receive sealed messages (e.g. the CKKS secret context).
+
+:func:`init_keys` writes, for each party, into one directory::
+
+    <party>.ed25519.key   PEM PKCS8 private key, file mode 0600 (created so, never chmod-ed)
+    <party>.x25519.key    PEM PKCS8 private key, file mode 0600
+    <party>.ed25519.pub   PEM SubjectPublicKeyInfo public key
+    <party>.x25519.pub    PEM SubjectPublicKeyInfo public key
+    allowlist.json        party id -> raw public keys in hex (what the server loads)
+
+Assumption (stated, not enforced by cryptography): private key files are not
+password-encrypted; they are protected only by their file permissions and by the
+operating system's access control. :func:`load_identity` refuses private key files that
+are readable or writable by group or others, or that are symbolic links.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+__all__ = [
+    "ALLOWLIST_FILENAME",
+    "Identity",
+    "IdentityError",
+    "PublicIdentity",
+    "SERVER_ID",
+    "client_ids",
+    "default_party_ids",
+    "init_keys",
+    "load_allowlist",
+    "load_identity",
+    "load_public_identity",
+    "validate_party_id",
+]
+
+SERVER_ID = "server"
+ALLOWLIST_FILENAME = "allowlist.json"
+ALLOWLIST_VERSION = 1
+
+_PARTY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PRIVATE_MODE = 0o600
+_DIR_MODE = 0o700
+
+
+class IdentityError(Exception):
+    """A key file or allowlist is missing, unsafe, of the wrong type, or corrupt."""
+
+
+@dataclass(frozen=True)
+class PublicIdentity:
+    """The public half of a party's identity: what others need to verify and seal to it."""
+
+    party_id: str
+    verify_key: Ed25519PublicKey
+    agreement_key: X25519PublicKey
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """Return True iff ``signature`` is a valid Ed25519 signature of ``message`` by this party."""
+        try:
+            self.verify_key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    def verify_key_hex(self) -> str:
+        """The raw 32-byte Ed25519 public key, hex encoded."""
+        return self.verify_key.public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        ).hex()
+
+    def agreement_key_hex(self) -> str:
+        """The raw 32-byte X25519 public key, hex encoded."""
+        return self.agreement_key.public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        ).hex()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PublicIdentity):
+            return NotImplemented
+        return (
+            self.party_id == other.party_id
+            and self.verify_key_hex() == other.verify_key_hex()
+            and self.agreement_key_hex() == other.agreement_key_hex()
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.party_id, self.verify_key_hex(), self.agreement_key_hex()))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A party's private identity: its Ed25519 signing key and X25519 key-agreement key."""
+
+    party_id: str
+    signing_key: Ed25519PrivateKey
+    agreement_key: X25519PrivateKey
+
+    @property
+    def public(self) -> PublicIdentity:
+        """The matching :class:`PublicIdentity`."""
+        return PublicIdentity(
+            party_id=self.party_id,
+            verify_key=self.signing_key.public_key(),
+            agreement_key=self.agreement_key.public_key(),
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        """Ed25519 signature (64 bytes) of ``message``."""
+        return self.signing_key.sign(message)
+
+    @classmethod
+    def generate(cls, party_id: str) -> Identity:
+        """A fresh in-memory identity (for tests and in-process simulations; nothing is written)."""
+        validate_party_id(party_id)
+        return cls(party_id, Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+
+
+def validate_party_id(party_id: str) -> str:
+    """Return ``party_id`` if it is a safe file-name component, else raise :class:`IdentityError`.
+
+    Allowed: 1-64 characters from ``[A-Za-z0-9._-]``, starting with a letter or digit (so
+    no path separators, no ``..`` traversal, no hidden files).
+    """
+    if not isinstance(party_id, str) or not _PARTY_ID_RE.match(party_id):
+        raise IdentityError(
+            f"invalid party id {party_id!r}: use 1-64 characters from [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return party_id
+
+
+def client_ids(num_clients: int) -> list[str]:
+    """Canonical client ids ``client-000`` ... (zero padded to at least three digits)."""
+    if not isinstance(num_clients, int) or num_clients < 0:
+        raise IdentityError(f"num_clients must be a non-negative integer, got {num_clients!r}")
+    width = max(3, len(str(max(num_clients - 1, 0))))
+    return [f"client-{i:0{width}d}" for i in range(num_clients)]
+
+
+def default_party_ids(num_clients: int) -> list[str]:
+    """``["server", "client-000", ..., "client-<N-1>"]``: the parties of an N-client federation."""
+    return [SERVER_ID, *client_ids(num_clients)]
+
+
+def _paths(directory: Path, party_id: str) -> dict[str, Path]:
+    return {
+        "ed25519_key": directory / f"{party_id}.ed25519.key",
+        "x25519_key": directory / f"{party_id}.x25519.key",
+        "ed25519_pub": directory / f"{party_id}.ed25519.pub",
+        "x25519_pub": directory / f"{party_id}.x25519.pub",
+    }
+
+
+def _write_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
+    """Write ``data`` to ``path``; the file is created with ``mode`` and never widened later.
+
+    With ``overwrite`` the data goes to a fresh temporary file (created ``O_EXCL`` with
+    ``mode``) that atomically replaces ``path``.
+    """
+    if not overwrite:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        target = path
+    else:
+        target = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fd = os.open(
+            target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode
+        )
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    if overwrite:
+        os.replace(target, path)
+
+
+def init_keys(
+    directory: str | os.PathLike[str], party_ids: Iterable[str], overwrite: bool = False
+) -> dict[str, PublicIdentity]:
+    """Create identities for ``party_ids`` in ``directory`` and write ``allowlist.json``.
+
+    Guarantees: every private key file is created with mode 0600 by ``os.open`` (never
+    chmod-ed afterwards; a restrictive umask can only narrow it further); the directory is
+    created with mode 0700 if missing. Without ``overwrite``, any existing key or allowlist
+    file makes the call fail before anything is written (no partial overwrite). Returns the
+    public identities by party id, in the order given.
+    """
+    ids = [validate_party_id(p) for p in party_ids]
+    if not ids:
+        raise IdentityError("init_keys needs at least one party id")
+    duplicates = sorted({p for p in ids if ids.count(p) > 1})
+    if duplicates:
+        raise IdentityError(f"duplicate party ids: {', '.join(duplicates)}")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise IdentityError(f"key directory {directory} exists and is not a directory")
+    directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    allowlist_path = directory / ALLOWLIST_FILENAME
+    if not overwrite:
+        existing = [
+            str(path)
+            for p in ids
+            for path in _paths(directory, p).values()
+            if path.exists() or path.is_symlink()
+        ]
+        if allowlist_path.exists():
+            existing.append(str(allowlist_path))
+        if existing:
+            raise IdentityError(
+                f"refusing to overwrite existing key files (pass overwrite=True): {', '.join(existing)}"
+            )
+
+    identities: dict[str, PublicIdentity] = {}
+    for party_id in ids:
+        ident = Identity.generate(party_id)
+        paths = _paths(directory, party_id)
+        pkcs8 = serialization.PrivateFormat.PKCS8
+        pem = serialization.Encoding.PEM
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        no_enc = serialization.NoEncryption()
+        _write_file(
+            paths["ed25519_key"],
+            ident.signing_key.private_bytes(pem, pkcs8, no_enc),
+            _PRIVATE_MODE,
+            overwrite,
+        )
+        _write_file(
+            paths["x25519_key"],
+            ident.agreement_key.private_bytes(pem, pkcs8, no_enc),
+            _PRIVATE_MODE,
+            overwrite,
+        )
+        _write_file(
+            paths["ed25519_pub"],
+            ident.signing_key.public_key().public_bytes(pem, spki),
+            0o644,
+            overwrite,
+        )
+        _write_file(
+            paths["x25519_pub"],
+            ident.agreement_key.public_key().public_bytes(pem, spki),
+            0o644,
+            overwrite,
+        )
+        identities[party_id] = ident.public
+
+    if overwrite and allowlist_path.exists():
+        # Keep the parties of an existing allowlist that were not regenerated now.
+        previous = load_allowlist(allowlist_path)
+        merged = {p: pub for p, pub in previous.items() if p not in identities}
+        merged.update(identities)
+    else:
+        merged = dict(identities)
+    _write_file(allowlist_path, allowlist_bytes(merged), 0o644, overwrite)
+    return identities
+
+
+def allowlist_bytes(identities: Mapping[str, PublicIdentity]) -> bytes:
+    """Serialize public identities into the allowlist JSON format (sorted, stable)."""
+    parties = {}
+    for party_id in sorted(identities):
+        pub = identities[party_id]
+        if pub.party_id != party_id:
+            raise IdentityError(f"allowlist key {party_id!r} holds identity of {pub.party_id!r}")
+        parties[party_id] = {"ed25519": pub.verify_key_hex(), "x25519": pub.agreement_key_hex()}
+    doc = {"version": ALLOWLIST_VERSION, "parties": parties}
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _read_private_pem(path: Path) -> bytes:
+    """Read a private key file, refusing symlinks and group/other-accessible modes."""
+    if path.is_symlink():
+        raise IdentityError(f"private key {path} is a symbolic link; refusing to follow it")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise IdentityError(f"private key file {path} does not exist") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot open private key file {path}: {exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise IdentityError(f"private key {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise IdentityError(
+                f"private key {path} has permissions {stat.S_IMODE(st.st_mode):04o}; it must not "
+                "be accessible by group or others (expected 0600)"
+            )
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise IdentityError(f"private key {path} is owned by uid {st.st_uid}, not by this user")
+        return fh.read()
+
+
+def _load_private(path: Path, expected: type, label: str) -> object:
+    data = _read_private_pem(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"private key {path} is not a valid unencrypted PEM key: {exc}") from exc
+    except Exception as exc:  # cryptography raises UnsupportedAlgorithm for odd key types
+        raise IdentityError(f"private key {path} could not be parsed: {exc}") from exc
+    if not isinstance(key, expected):
+        raise IdentityError(
+            f"private key {path} is a {type(key).__name__}, expected an {label} private key"
+        )
+    return key
+
+
+def _load_public(path: Path, expected: type, label: str) -> object:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(f"public key file {path} does not exist") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read public key file {path}: {exc}") from exc
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"public key {path} is not a valid PEM key: {exc}") from exc
+    except Exception as exc:
+        raise IdentityError(f"public key {path} could not be parsed: {exc}") from exc
+    if not isinstance(key, expected):
+        raise IdentityError(
+            f"public key {path} is a {type(key).__name__}, expected an {label} public key"
+        )
+    return key
+
+
+def load_identity(directory: str | os.PathLike[str], party_id: str) -> Identity:
+    """Load ``party_id``'s private identity from ``directory``.
+
+    Raises :class:`IdentityError` when a key file is missing, is a symlink, is accessible by
+    group or others, is owned by another user, is corrupt PEM, or holds the wrong key type.
+    """
+    validate_party_id(party_id)
+    paths = _paths(Path(directory), party_id)
+    signing = _load_private(paths["ed25519_key"], Ed25519PrivateKey, "Ed25519")
+    agreement = _load_private(paths["x25519_key"], X25519PrivateKey, "X25519")
+    assert isinstance(signing, Ed25519PrivateKey) and isinstance(agreement, X25519PrivateKey)
+    return Identity(party_id, signing, agreement)
+
+
+def load_public_identity(directory: str | os.PathLike[str], party_id: str) -> PublicIdentity:
+    """Load ``party_id``'s public identity from its ``.pub`` PEM files in ``directory``."""
+    validate_party_id(party_id)
+    paths = _paths(Path(directory), party_id)
+    verify = _load_public(paths["ed25519_pub"], Ed25519PublicKey, "Ed25519")
+    agreement = _load_public(paths["x25519_pub"], X25519PublicKey, "X25519")
+    assert isinstance(verify, Ed25519PublicKey) and isinstance(agreement, X25519PublicKey)
+    return PublicIdentity(party_id, verify, agreement)
+
+
+def _raw_key(hex_value: object, party_id: str, field: str, path: Path) -> bytes:
+    if not isinstance(hex_value, str):
+        raise IdentityError(f"allowlist {path}: party {party_id!r} field {field!r} must be a hex string")
+    try:
+        raw = bytes.fromhex(hex_value)
+    except ValueError:
+        raise IdentityError(
+            f"allowlist {path}: party {party_id!r} field {field!r} is not valid hex"
+        ) from None
+    if len(raw) != 32:
+        raise IdentityError(
+            f"allowlist {path}: party {party_id!r} field {field!r} must be 32 bytes, got {len(raw)}"
+        )
+    return raw
+
+
+def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:
+    """Load the allowlist JSON written by :func:`init_keys`: party id -> :class:`PublicIdentity`.
+
+    Raises :class:`IdentityError` for a missing file, invalid JSON, an unknown version, an
+    invalid party id, or a key that is not 32 bytes of hex.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IdentityError(f"allowlist file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IdentityError(f"allowlist file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("version") != ALLOWLIST_VERSION:
+        raise IdentityError(f"allowlist {path}: expected a JSON object with version {ALLOWLIST_VERSION}")
+    parties = doc.get("parties")
+    if not isinstance(parties, dict):
+        raise IdentityError(f"allowlist {path}: 'parties' must be an object")
+    result: dict[str, PublicIdentity] = {}
+    for party_id, entry in parties.items():
+        try:
+            validate_party_id(party_id)
+        except IdentityError as exc:
+            raise IdentityError(f"allowlist {path}: {exc}") from None
+        if not isinstance(entry, dict):
+            raise IdentityError(f"allowlist {path}: entry for {party_id!r} must be an object")
+        ed = _raw_key(entry.get("ed25519"), party_id, "ed25519", path)
+        x = _raw_key(entry.get("x25519"), party_id, "x25519", path)
+        try:
+            verify = Ed25519PublicKey.from_public_bytes(ed)
+            agreement = X25519PublicKey.from_public_bytes(x)
+        except ValueError as exc:
+            raise IdentityError(f"allowlist {path}: invalid key for {party_id!r}: {exc}") from exc
+        result[party_id] = PublicIdentity(party_id, verify, agreement)
+    return result

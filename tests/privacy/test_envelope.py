@@ -1,0 +1,243 @@
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from privacy.envelope import (
+    BadSignatureError,
+    Envelope,
+    EnvelopeError,
+    EnvelopeStateError,
+    EnvelopeVerifier,
+    FutureRoundError,
+    MalformedEnvelopeError,
+    NonFiniteTensorError,
+    PayloadHashMismatchError,
+    ReplayedNonceError,
+    StaleRoundError,
+    TensorShapeError,
+    UnexpectedKindError,
+    UnknownSenderError,
+    WrongRecipientError,
+    check_tensor,
+    decode_message,
+    encode_message,
+    make_envelope,
+)
+from privacy.identity import Identity
+
+LOGGER = "secure_fedora.security"
+
+
+@pytest.fixture(scope="module")
+def parties():
+    return {p: Identity.generate(p) for p in ("server", "client-000", "client-001")}
+
+
+@pytest.fixture()
+def verifier(parties):
+    allow = {p: i.public for p, i in parties.items()}
+    return EnvelopeVerifier(allow, "server")
+
+
+def _events(caplog):
+    return [r.security_event for r in caplog.records if r.name == LOGGER and hasattr(r, "security_event")]
+
+
+def _assert_rejected(caplog, exc_info, cls, reason, sender="client-000", rnd=3):
+    err = exc_info.value
+    assert type(err) is cls
+    assert isinstance(err, EnvelopeError)
+    assert err.sender == sender and err.round == rnd
+    assert sender in str(err) and f"round {rnd}" in str(err)
+    events = [e for e in _events(caplog) if e.get("event") == "message_rejected"]
+    assert events and events[-1]["reason"] == reason
+    assert events[-1]["sender"] == sender and events[-1]["round"] == rnd
+
+
+def test_valid_message_accepted_and_wire_roundtrip(parties, verifier):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"payload")
+    assert verifier.verify(env, b"payload", 3) is env
+    env2, payload = decode_message(encode_message(make_envelope(parties["client-001"], "server", 3, "model", b"p2"), b"p2"))
+    assert verifier.verify(env2, payload, 3).sender == "client-001"
+    assert Envelope.from_dict(env.to_dict()) == env
+
+
+def test_unknown_sender(parties, caplog):
+    verifier = EnvelopeVerifier({"server": parties["server"].public}, "server")
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(UnknownSenderError) as ei:
+        verifier.verify(env, b"x", 3)
+    _assert_rejected(caplog, ei, UnknownSenderError, "unknown_sender")
+
+
+def test_impostor_key_bad_signature(parties, verifier, caplog):
+    impostor = Identity.generate("client-000")  # right name, wrong key
+    env = make_envelope(impostor, "server", 3, "model", b"x")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(BadSignatureError) as ei:
+        verifier.verify(env, b"x", 3)
+    _assert_rejected(caplog, ei, BadSignatureError, "bad_signature")
+
+
+@pytest.mark.parametrize("field,value", [("round", 4), ("kind", "summary"), ("recipient", "client-001"), ("nonce", "0" * 32)])
+def test_tampered_header_bad_signature(parties, verifier, caplog, field, value):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    forged = dataclasses.replace(env, **{field: value})
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(BadSignatureError) as ei:
+        verifier.verify(forged, b"x", 4 if field == "round" else 3)
+    _assert_rejected(caplog, ei, BadSignatureError, "bad_signature", rnd=forged.round)
+
+
+def test_tampered_payload_hash_mismatch(parties, verifier, caplog):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"original")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(PayloadHashMismatchError) as ei:
+        verifier.verify(env, b"originaL", 3)
+    _assert_rejected(caplog, ei, PayloadHashMismatchError, "payload_hash_mismatch")
+
+
+def test_wrong_recipient(parties, caplog):
+    allow = {p: i.public for p, i in parties.items()}
+    v = EnvelopeVerifier(allow, "client-001")
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(WrongRecipientError) as ei:
+        v.verify(env, b"x", 3)
+    _assert_rejected(caplog, ei, WrongRecipientError, "wrong_recipient")
+
+
+def test_unexpected_kind(parties, verifier, caplog):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(UnexpectedKindError) as ei:
+        verifier.verify(env, b"x", 3, expected_kind="summary")
+    _assert_rejected(caplog, ei, UnexpectedKindError, "unexpected_kind")
+    assert verifier.verify(env, b"x", 3, expected_kind={"summary", "model"}) is env
+
+
+def test_replay_rejected(parties, verifier, caplog):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    verifier.verify(env, b"x", 3)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(ReplayedNonceError) as ei:
+        verifier.verify(env, b"x", 3)
+    _assert_rejected(caplog, ei, ReplayedNonceError, "replayed_nonce")
+
+
+def test_rejected_message_does_not_burn_nonce(parties, verifier):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    with pytest.raises(PayloadHashMismatchError):
+        verifier.verify(env, b"y", 3)
+    assert verifier.verify(env, b"x", 3) is env
+
+
+def test_stale_and_future_rounds(parties, verifier, caplog):
+    old = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(StaleRoundError) as ei:
+        verifier.verify(old, b"x", 4)
+    _assert_rejected(caplog, ei, StaleRoundError, "stale_round")
+    future = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(FutureRoundError) as ei:
+        verifier.verify(future, b"x", 2)
+    _assert_rejected(caplog, ei, FutureRoundError, "future_round")
+
+
+def test_round_lag_window_and_floor_never_moves_back(parties):
+    allow = {p: i.public for p, i in parties.items()}
+    v = EnvelopeVerifier(allow, "server", max_round_lag=1)
+    v.verify(make_envelope(parties["client-000"], "server", 4, "model", b"x"), b"x", 5)
+    v.verify(make_envelope(parties["client-000"], "server", 6, "model", b"x"), b"x", 6)
+    assert v.round_floor == 5
+    # A caller passing an older expected round cannot reopen pruned rounds.
+    with pytest.raises(StaleRoundError):
+        v.verify(make_envelope(parties["client-000"], "server", 4, "model", b"x"), b"x", 4)
+
+
+def test_persisted_nonce_state_catches_replay_after_restart(parties, tmp_path):
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v1 = EnvelopeVerifier(allow, "server", state_path=state)
+    env = make_envelope(parties["client-001"], "server", 2, "model", b"x")
+    v1.verify(env, b"x", 2)
+    v2 = EnvelopeVerifier(allow, "server", state_path=state)
+    with pytest.raises(ReplayedNonceError):
+        v2.verify(env, b"x", 2)
+    # Without persistence a fresh verifier would accept it: the state file is what catches it.
+    assert EnvelopeVerifier(allow, "server").verify(env, b"x", 2) is env
+
+
+def test_persisted_state_torn_line_dropped_corrupt_line_fails(parties, tmp_path):
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "server", state_path=state)
+    v.verify(make_envelope(parties["client-001"], "server", 2, "model", b"x"), b"x", 2)
+    with open(state, "a") as fh:
+        fh.write('{"s": "client-001", "r": 2, "n"')  # crash mid-write
+    EnvelopeVerifier(allow, "server", state_path=state)
+    state.write_text('{"floor": 0}\nnot json\n{"floor": 1}\n')
+    with pytest.raises(EnvelopeStateError, match="line 2"):
+        EnvelopeVerifier(allow, "server", state_path=state)
+
+
+def test_malformed_envelopes(parties, caplog):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    d = env.to_dict()
+    for mutate, match in [
+        (lambda x: x.pop("nonce"), "missing"),
+        (lambda x: x.update(extra=1), "unexpected"),
+        (lambda x: x.update(version=2), "version"),
+        (lambda x: x.update(round=-1), "round"),
+        (lambda x: x.update(sender="../x"), "sender"),
+        (lambda x: x.update(signature="ab"), "signature"),
+        (lambda x: x.update(payload_sha256="g" * 64), "payload_sha256"),
+    ]:
+        bad = dict(d)
+        mutate(bad)
+        with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(MalformedEnvelopeError, match=match):
+            Envelope.from_dict(bad)
+    with pytest.raises(MalformedEnvelopeError, match="magic"):
+        decode_message(b"nope" + b"\0" * 10)
+    with pytest.raises(MalformedEnvelopeError, match="truncated"):
+        decode_message(encode_message(env, b"x")[:20])
+    assert any(e["reason"] == "malformed_envelope" for e in _events(caplog))
+
+
+def test_make_envelope_argument_errors(parties):
+    with pytest.raises(ValueError):
+        make_envelope(parties["client-000"], "server", -1, "model", b"x")
+    with pytest.raises(ValueError):
+        make_envelope(parties["client-000"], "server", 1, "", b"x")
+    with pytest.raises(TypeError):
+        make_envelope(parties["client-000"], "server", 1, "model", "text")  # type: ignore[arg-type]
+
+
+def test_tensor_checks(parties, verifier, caplog):
+    env = make_envelope(parties["client-000"], "server", 3, "model", b"x")
+    good = torch.zeros(4, 5)
+    assert verifier.check_tensor(good, (4, 5), env) is good
+    assert check_tensor(good, (-1, 5), sender="client-000", round=3) is good
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(TensorShapeError) as ei:
+        verifier.check_tensor(torch.zeros(4, 6), (4, 5), env, name="theta")
+    _assert_rejected(caplog, ei, TensorShapeError, "wrong_shape")
+    assert "theta" in str(ei.value) and "(4, 6)" in str(ei.value)
+    with pytest.raises(TensorShapeError, match="not a tensor"):
+        verifier.check_tensor([1.0], (1,), env)
+    bad = good.clone()
+    bad[1, 2] = float("nan")
+    bad[0, 0] = float("inf")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(NonFiniteTensorError) as ei:
+        verifier.check_tensor(bad, (4, 5), env)
+    _assert_rejected(caplog, ei, NonFiniteTensorError, "non_finite_values")
+    assert "2 non-finite" in str(ei.value)
+    assert check_tensor(torch.arange(3), (3,), sender="c", round=0).dtype == torch.int64
+
+
+def test_federation_continues_with_remaining_clients(parties, verifier):
+    """A rejected client is dropped; the others' messages are still accepted."""
+    good = make_envelope(parties["client-001"], "server", 7, "model", b"ok")
+    forged = dataclasses.replace(make_envelope(parties["client-000"], "server", 7, "model", b"a"), kind="x")
+    accepted, rejected = [], []
+    for env, payload in [(forged, b"a"), (good, b"ok")]:
+        try:
+            verifier.verify(env, payload, 7)
+            accepted.append(env.sender)
+        except EnvelopeError as exc:
+            rejected.append(exc.sender)
+    assert accepted == ["client-001"] and rejected == ["client-000"]

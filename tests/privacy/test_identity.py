@@ -1,0 +1,206 @@
+import json
+import os
+import stat
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from privacy.identity import (
+    ALLOWLIST_FILENAME,
+    Identity,
+    IdentityError,
+    PublicIdentity,
+    client_ids,
+    default_party_ids,
+    init_keys,
+    load_allowlist,
+    load_identity,
+    load_public_identity,
+    validate_party_id,
+)
+
+
+@pytest.fixture()
+def keydir(tmp_path):
+    d = tmp_path / "keys"
+    pubs = init_keys(d, default_party_ids(3))
+    return d, pubs
+
+
+def test_default_party_ids_and_client_ids():
+    assert default_party_ids(2) == ["server", "client-000", "client-001"]
+    assert client_ids(1001)[-1] == "client-1000"
+    assert client_ids(0) == []
+    with pytest.raises(IdentityError):
+        client_ids(-1)
+
+
+def test_init_keys_writes_private_keys_0600_and_allowlist(keydir):
+    d, pubs = keydir
+    assert set(pubs) == {"server", "client-000", "client-001", "client-002"}
+    for party in pubs:
+        for suffix in ("ed25519.key", "x25519.key"):
+            mode = stat.S_IMODE(os.stat(d / f"{party}.{suffix}").st_mode)
+            assert mode == 0o600, (party, suffix, oct(mode))
+        assert (d / f"{party}.ed25519.pub").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    allow = load_allowlist(d / ALLOWLIST_FILENAME)
+    assert allow == pubs
+    doc = json.loads((d / ALLOWLIST_FILENAME).read_text())
+    assert len(bytes.fromhex(doc["parties"]["server"]["ed25519"])) == 32
+
+
+def test_private_key_created_0600_even_with_permissive_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        init_keys(tmp_path / "k", ["client-000"])
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "k" / "client-000.ed25519.key").st_mode)
+    assert mode == 0o600
+
+
+def test_load_identity_roundtrip_signs_verifiably(keydir):
+    d, pubs = keydir
+    ident = load_identity(d, "client-001")
+    assert isinstance(ident.signing_key, Ed25519PrivateKey)
+    assert isinstance(ident.agreement_key, X25519PrivateKey)
+    assert ident.public == pubs["client-001"]
+    sig = ident.sign(b"hello")
+    assert pubs["client-001"].verify(sig, b"hello")
+    assert not pubs["client-001"].verify(sig, b"hellO")
+    assert not pubs["client-000"].verify(sig, b"hello")
+    assert isinstance(load_public_identity(d, "client-001").verify_key, Ed25519PublicKey)
+    assert load_public_identity(d, "client-001") == pubs["client-001"]
+
+
+def test_refuses_overwrite_without_flag(keydir):
+    d, pubs = keydir
+    before = (d / "server.ed25519.key").read_bytes()
+    with pytest.raises(IdentityError, match="refusing to overwrite"):
+        init_keys(d, ["server"])
+    assert (d / "server.ed25519.key").read_bytes() == before
+
+
+def test_overwrite_regenerates_and_keeps_other_parties_in_allowlist(keydir):
+    d, pubs = keydir
+    new = init_keys(d, ["client-000"], overwrite=True)
+    assert new["client-000"] != pubs["client-000"]
+    mode = stat.S_IMODE(os.stat(d / "client-000.x25519.key").st_mode)
+    assert mode == 0o600
+    allow = load_allowlist(d / ALLOWLIST_FILENAME)
+    assert allow["client-000"] == new["client-000"]
+    assert allow["server"] == pubs["server"]
+
+
+def test_missing_key_file(keydir):
+    d, _ = keydir
+    os.unlink(d / "client-002.x25519.key")
+    with pytest.raises(IdentityError, match="does not exist"):
+        load_identity(d, "client-002")
+    with pytest.raises(IdentityError, match="does not exist"):
+        load_identity(d, "client-999")
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_refuses_group_or_other_readable_private_key(keydir, mode):
+    d, _ = keydir
+    os.chmod(d / "client-000.ed25519.key", mode)
+    with pytest.raises(IdentityError, match="group or others"):
+        load_identity(d, "client-000")
+
+
+def test_refuses_symlinked_private_key(keydir):
+    d, _ = keydir
+    target = d / "client-001.ed25519.key"
+    link = d / "client-000.ed25519.key"
+    os.unlink(link)
+    os.symlink(target, link)
+    with pytest.raises(IdentityError, match="symbolic link"):
+        load_identity(d, "client-000")
+
+
+def test_wrong_key_type(keydir):
+    d, _ = keydir
+    # An X25519 key where the Ed25519 signing key should be.
+    x = (d / "client-000.x25519.key").read_bytes()
+    p = d / "client-000.ed25519.key"
+    os.unlink(p)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(x)
+    with pytest.raises(IdentityError, match="expected an Ed25519 private key"):
+        load_identity(d, "client-000")
+
+
+def test_corrupt_pem(keydir):
+    d, _ = keydir
+    p = d / "client-000.x25519.key"
+    data = bytearray(p.read_bytes())
+    data[40:60] = b"!" * 20
+    with open(p, "wb") as fh:
+        fh.write(bytes(data))
+    with pytest.raises(IdentityError, match="not a valid unencrypted PEM key|could not be parsed"):
+        load_identity(d, "client-000")
+
+
+def test_encrypted_pem_rejected(tmp_path):
+    d = tmp_path / "k"
+    init_keys(d, ["client-000"])
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"),
+    )
+    p = d / "client-000.ed25519.key"
+    with open(p, "wb") as fh:
+        fh.write(pem)
+    with pytest.raises(IdentityError):
+        load_identity(d, "client-000")
+
+
+@pytest.mark.parametrize("bad", ["", "../server", "a/b", ".hidden", "x" * 65, "sp ace"])
+def test_invalid_party_ids(tmp_path, bad):
+    with pytest.raises(IdentityError, match="invalid party id"):
+        validate_party_id(bad)
+    with pytest.raises(IdentityError):
+        init_keys(tmp_path / "k", [bad])
+
+
+def test_duplicate_and_empty_party_ids(tmp_path):
+    with pytest.raises(IdentityError, match="duplicate"):
+        init_keys(tmp_path / "k", ["a", "a"])
+    with pytest.raises(IdentityError, match="at least one"):
+        init_keys(tmp_path / "k", [])
+
+
+def test_allowlist_errors(tmp_path, keydir):
+    d, _ = keydir
+    with pytest.raises(IdentityError, match="does not exist"):
+        load_allowlist(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(IdentityError, match="not valid JSON"):
+        load_allowlist(bad)
+    doc = json.loads((d / ALLOWLIST_FILENAME).read_text())
+    doc["parties"]["server"]["ed25519"] = "abcd"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(IdentityError, match="32 bytes"):
+        load_allowlist(bad)
+    doc["parties"]["server"]["ed25519"] = "zz" * 32
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(IdentityError, match="not valid hex"):
+        load_allowlist(bad)
+    bad.write_text(json.dumps({"version": 99, "parties": {}}))
+    with pytest.raises(IdentityError, match="version"):
+        load_allowlist(bad)
+
+
+def test_generated_identity_public_half():
+    ident = Identity.generate("client-007")
+    pub = ident.public
+    assert isinstance(pub, PublicIdentity)
+    assert pub.verify(ident.sign(b"m"), b"m")
+    assert len(pub.agreement_key_hex()) == 64
