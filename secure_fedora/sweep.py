@@ -12,8 +12,11 @@ and sample std over seeds of the client-mean accuracy, the mean over seeds of th
 client's accuracy, and the mean over seeds of the number of clients below Local), and
 ``plots/accuracy_vs_epsilon.png`` and ``plots/per_client_eps-<epsilon>.png``.
 
-Epsilon: ``None`` means non-private. The configuration schema of this build has no privacy
-section, so numeric epsilons are refused with :class:`SweepError` (no fake epsilons).
+Epsilon: ``None`` means non-private (``privacy.enabled = false``); a number sets
+``privacy.enabled = true`` and ``privacy.epsilon`` for the cell. No fake epsilons: before any
+training, a numeric epsilon is refused unless the runtime's context for that cell has a
+private (non-plain) gradient oracle, and after each cell its results must report
+differential privacy exactly when the cell's epsilon is a number.
 Local is run at ``None`` only: a client that stays out of the federation releases nothing,
 so it needs no noise, and it is the reference every "worse than Local" count uses.
 """
@@ -35,9 +38,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from pydantic import BaseModel, ValidationError  # noqa: E402
 
-from secure_fedora.baselines import BASELINE_NAMES, make_baseline  # noqa: E402
+from secure_fedora.baselines import (  # noqa: E402
+    BASELINE_NAMES,
+    BaselineConfigError,
+    make_baseline,
+    unwrap_oracle,
+)
+from secure_fedora.client import PlainGradient  # noqa: E402
 from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, load_config  # noqa: E402
 from secure_fedora.methods import FederatedMethod, MethodContext  # noqa: E402
 from secure_fedora.partition import ClientData  # noqa: E402
@@ -46,6 +55,7 @@ from secure_fedora.runtime import (  # noqa: E402
     Simulation,
     atomic_write_text,
     build_clients,
+    build_context,
     make_method,
 )
 
@@ -189,20 +199,76 @@ def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: 
 
 
 def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
-    """``cfg`` with one method, the cell's seed and its epsilon.
+    """``cfg`` with one method, the cell's seed and its epsilon, re-validated.
 
-    ``model_copy`` skips validation, which lets the methods list hold a baseline name that
-    the lead's ``methods`` literal does not (yet) admit; every other field stays validated.
+    Epsilon ``None`` sets ``privacy.enabled = false``; a number sets ``privacy.enabled = true``
+    and ``privacy.epsilon`` (every client's budget; DP-SGD noise is then calibrated to it).
+    Refused with :class:`SweepError`: a numeric epsilon when the config has per-client
+    ``privacy.overrides`` or a fixed ``privacy.noise_multiplier`` (either would make the
+    column's epsilon not the one applied), and a cell whose config fails validation (e.g.
+    epsilon none with noised relatedness). ``model_copy`` lets the methods list hold a
+    baseline name that the config's ``methods`` literal does not admit; every other field is
+    validated by validating a copy with a stand-in method.
     """
     update: dict[str, Any] = {"methods": [cell.method], "seed": cell.seed}
-    if cell.epsilon is not None:
-        raise SweepError(f"cell {cell.key}: numeric epsilon is not supported by this build")
-    return cfg.model_copy(update=update)
+    if _privacy_supported():
+        p = cfg.privacy
+        if cell.epsilon is None:
+            update["privacy"] = p.model_copy(update={"enabled": False})
+        else:
+            if p.overrides:
+                raise SweepError(
+                    f"cell {cell.key}: privacy.overrides sets per-client budgets, so the sweep's "
+                    "epsilon would not be every client's; remove the overrides to sweep epsilon"
+                )
+            if p.noise_multiplier is not None:
+                raise SweepError(
+                    f"cell {cell.key}: privacy.noise_multiplier is fixed, so the noise would not "
+                    "follow epsilon; unset it to sweep epsilon"
+                )
+            update["privacy"] = p.model_copy(update={"enabled": True, "epsilon": float(cell.epsilon)})
+    elif cell.epsilon is not None:
+        raise SweepError(f"cell {cell.key}: this build's configuration has no [privacy] section")
+    new = cfg.model_copy(update=update)
+    stand_in = new.model_dump()
+    stand_in["methods"] = ["fedora"]
+    try:
+        ExperimentConfig.model_validate(stand_in)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise SweepError(f"cell {cell.key}: {problems}") from None
+    return new
 
 
 def _base_hash(cfg: ExperimentConfig) -> str:
-    """Hash of everything a sweep does not override (methods and seed are per cell)."""
-    return config_hash(cfg.model_copy(update={"methods": ["fedora"], "seed": 0}))
+    """Hash of everything a sweep does not override (methods, seed and epsilon are per cell)."""
+    update: dict[str, Any] = {"methods": ["fedora"], "seed": 0}
+    if _privacy_supported():
+        update["privacy"] = cfg.privacy.model_copy(
+            update={"enabled": False, "epsilon": type(cfg.privacy)().epsilon})
+    return config_hash(cfg.model_copy(update=update))
+
+
+def _is_private_oracle(ctx: MethodContext) -> bool:
+    return not isinstance(unwrap_oracle(ctx.oracle), PlainGradient)
+
+
+def _check_privacy(cell: Cell, ctx: MethodContext | None, results: dict[str, Any] | None) -> None:
+    """Refuse a cell whose privacy is not what its epsilon column says (no fake epsilons)."""
+    if ctx is not None and cell.epsilon is not None and not _is_private_oracle(ctx):
+        raise SweepError(
+            f"cell {cell.key}: the runtime's gradient oracle for privacy.enabled = true is the "
+            "plain (non-private) one, so epsilon would not be applied; numeric epsilons need "
+            "the DP runtime"
+        )
+    if results is not None:
+        dp = results.get("assumptions", {}).get("differential_privacy")
+        if cell.epsilon is not None and not dp:
+            raise SweepError(f"cell {cell.key}: the run reports no differential privacy")
+        if cell.epsilon is None and dp:
+            raise SweepError(f"cell {cell.key}: epsilon none, but the run reports differential privacy")
 
 
 # --------------------------------------------------------------------------- running
@@ -213,6 +279,7 @@ CellCallback = Callable[[Cell, int, int, bool], None]
 RoundCallback = Callable[[Cell, int, int], None]
 """``on_round(cell, round, rounds)``: called after every round of a running cell."""
 Factory = Callable[[str, MethodContext, ExperimentConfig], FederatedMethod]
+ContextFactory = Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext]
 
 
 @dataclass
@@ -301,6 +368,32 @@ def _check_manifest(out: Path, cfg: ExperimentConfig) -> None:
     }, indent=2))
 
 
+def _cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.method / f"eps-{cell.epsilon_label}" / f"seed-{cell.seed}"
+
+
+def _preflight(
+    pending: Sequence[Cell],
+    configs: Mapping[Cell, ExperimentConfig],
+    clients_for: Callable[[Cell], list[ClientData]],
+    factory: Factory,
+    context_factory: ContextFactory,
+) -> None:
+    """Before any training: build every pending (method, epsilon) once on the first pending
+    seed's data, and check that a numeric epsilon really gets a private oracle."""
+    seen: set[tuple[str, float | None]] = set()
+    for cell in pending:
+        if (cell.method, cell.epsilon) in seen:
+            continue
+        seen.add((cell.method, cell.epsilon))
+        ctx = context_factory(configs[cell], clients_for(cell))
+        _check_privacy(cell, ctx, None)
+        try:
+            factory(cell.method, ctx, configs[cell])
+        except (BaselineConfigError, ValueError) as err:
+            raise SweepError(f"cell {cell.key}: {err}") from None
+
+
 def run_sweep(
     cfg: ExperimentConfig,
     out: str | Path,
@@ -310,51 +403,65 @@ def run_sweep(
     on_cell: CellCallback | None = None,
     on_round: RoundCallback | None = None,
     factory: Factory = method_factory,
+    context_factory: ContextFactory = build_context,
 ) -> SweepResult:
     """Run (or continue) a sweep into ``out``; write ``sweep.csv``, ``sweep.md`` and plots.
 
     Finished cells are skipped; an interrupted cell resumes from its last checkpoint, giving
-    the same numbers as an uninterrupted run. Raises :class:`SweepError` for a bad plan, or a
-    directory or cell written for another configuration.
+    the same numbers as an uninterrupted run. Before any training, every cell's config is
+    validated and every pending (method, epsilon) is constructed once. Raises
+    :class:`SweepError` for a bad plan or cell config, a method that cannot be built, a
+    numeric epsilon the runtime does not apply, or a directory or cell written for another
+    configuration.
     """
     out = Path(out)
     cells = plan_cells(methods, epsilons, seeds)
+    configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
     _check_manifest(out, cfg)
     data: dict[int, list[ClientData]] = {}
+
+    def clients_for(cell: Cell) -> list[ClientData]:
+        if cell.seed not in data:
+            data[cell.seed] = build_clients(configs[cell])
+        return data[cell.seed]
+
     docs: dict[Cell, dict[str, Any]] = {}
+    pending: list[Cell] = []
+    for cell in cells:
+        marker = _cell_dir(out, cell) / CELL_FILE
+        if marker.exists():
+            docs[cell] = _read_cell(marker, cell, config_hash(configs[cell]))
+        else:
+            pending.append(cell)
+    _preflight(pending, configs, clients_for, factory, context_factory)
     ran: list[str] = []
     skipped: list[str] = []
     for index, cell in enumerate(cells):
-        ccfg = cell_config(cfg, cell)
-        chash = config_hash(ccfg)
-        cell_dir = out / "cells" / cell.method / f"eps-{cell.epsilon_label}" / f"seed-{cell.seed}"
-        marker = cell_dir / CELL_FILE
-        if marker.exists():
-            docs[cell] = _read_cell(marker, cell, chash)
+        if cell in docs:
             skipped.append(cell.key)
             if on_cell:
                 on_cell(cell, index, len(cells), True)
             continue
         if on_cell:
             on_cell(cell, index, len(cells), False)
-        if cell.seed not in data:
-            data[cell.seed] = build_clients(ccfg)
+        ccfg = configs[cell]
         progress = None
         if on_round is not None:
             def progress(_m: str, rnd: int, total: int, _cell: Cell = cell) -> None:
                 on_round(_cell, rnd, total)
-        sim = Simulation(ccfg, cell_dir, clients=data[cell.seed], progress=progress,
-                         method_factory=factory)
+        sim = Simulation(ccfg, _cell_dir(out, cell), clients=clients_for(cell), progress=progress,
+                         method_factory=factory, context_factory=context_factory)
         try:
             results = sim.run(resume=True)
-        except CheckpointError as err:
+        except (CheckpointError, BaselineConfigError) as err:
             raise SweepError(f"cell {cell.key}: {err}") from None
+        _check_privacy(cell, None, results)
         doc = {
             "method": cell.method, "epsilon": cell.epsilon, "seed": cell.seed,
-            "config_hash": chash, "data_fingerprint": results["data_fingerprint"],
+            "config_hash": config_hash(ccfg), "data_fingerprint": results["data_fingerprint"],
             "entries": _cell_entries(results, cell.method), "results": results,
         }
-        atomic_write_text(marker, json.dumps(doc, indent=2))
+        atomic_write_text(_cell_dir(out, cell) / CELL_FILE, json.dumps(doc, indent=2))
         docs[cell] = doc
         ran.append(cell.key)
     rows = aggregate(docs)
