@@ -1,0 +1,536 @@
+"""Privacy accounting: an accountant over Opacus's RDP/PRV analyses, budgets, noise calibration.
+
+Every accounted release is a (Poisson-subsampled) Gaussian mechanism described by
+``(noise_multiplier, sample_rate, steps)``:
+
+- DP-SGD: ``steps`` optimizer steps, each with Poisson sampling at ``sample_rate`` and
+  Gaussian noise of std ``noise_multiplier * clip_norm``;
+- a one-shot Gaussian release (noised summary, noised lambda): ``sample_rate = 1.0``,
+  ``steps = 1``, noise std ``noise_multiplier * sensitivity``.
+
+All of them go into one history, so they compose under one accountant. The neighbouring
+relation is add/remove-one-record throughout (the relation Opacus's analyses assume for
+Poisson sampling); mechanisms in :mod:`privacy.mechanisms` calibrate their sensitivity to
+the same relation so that composition is sound.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+AccountantKind = Literal["rdp", "prv"]
+ACCOUNTANT_KINDS: tuple[str, ...] = ("rdp", "prv")
+
+#: Largest PRV discretization grid (points) we let Opacus allocate. Opacus's PRV accountant
+#: allocates several float64 arrays of this length; beyond this it can exhaust memory
+#: (measured: a 125,000-step history is killed for memory on a 2-core CI machine).
+PRV_MAX_GRID_POINTS = 20_000_000
+
+_STATE_VERSION = 1
+
+
+class AccountingError(ValueError):
+    """Bad input to the accounting layer; the message names the offending field."""
+
+
+class CalibrationError(AccountingError):
+    """No noise multiplier can meet the requested target for the given plan."""
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ACCOUNTANT_KINDS:
+        raise AccountingError(f"accountant must be one of {ACCOUNTANT_KINDS}, got {kind!r}")
+    return kind
+
+
+def _check_release(noise_multiplier: Any, sample_rate: Any, steps: Any) -> tuple[float, float, int]:
+    """Validate one (noise_multiplier, sample_rate, steps) triple; return it normalized."""
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, int | float):
+        raise AccountingError(f"noise_multiplier must be a number, got {noise_multiplier!r}")
+    if not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
+        raise AccountingError(
+            f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}"
+            " (a zero noise multiplier has no finite epsilon)"
+        )
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
+        raise AccountingError(f"sample_rate must be a number, got {sample_rate!r}")
+    if not (0 < sample_rate <= 1):
+        raise AccountingError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise AccountingError(f"steps must be an int, got {steps!r}")
+    if steps < 1:
+        raise AccountingError(f"steps must be >= 1, got {steps!r}")
+    return float(noise_multiplier), float(sample_rate), int(steps)
+
+
+def validate_release(noise_multiplier: Any, sample_rate: Any, steps: Any) -> tuple[float, float, int]:
+    """Check a (noise_multiplier > 0, sample_rate in (0, 1], steps >= 1) triple; AccountingError if bad."""
+    return _check_release(noise_multiplier, sample_rate, steps)
+
+
+def _check_delta(delta: Any) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not (0 < delta < 1):
+        raise AccountingError(f"delta must be a number in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+def _merge(history: Iterable[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    """Merge consecutive entries with equal (noise_multiplier, sample_rate), as Opacus does."""
+    merged: list[tuple[float, float, int]] = []
+    for nm, q, steps in history:
+        if merged and merged[-1][0] == nm and merged[-1][1] == q:
+            merged[-1] = (nm, q, merged[-1][2] + steps)
+        else:
+            merged.append((nm, q, steps))
+    return tuple(merged)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Opacus's RDP curve of one step over RDPAccountant.DEFAULT_ALPHAS (cached, read-only)."""
+    vec = rdp_analysis.compute_rdp(
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    vec = np.asarray(vec, dtype=np.float64)
+    vec.setflags(write=False)
+    return vec
+
+
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Exactly Opacus's RDPAccountant.get_epsilon (same functions, same summation order).
+
+    ``compute_rdp(q, sigma, steps)`` is ``steps * compute_rdp(q, sigma, 1)`` in Opacus, so
+    caching the one-step curve gives bit-identical sums while avoiding recomputation.
+    """
+    if not history:
+        return 0.0
+    rdp = sum(_rdp_one_step(q, nm) * steps for nm, q, steps in history)
+    eps, _ = rdp_analysis.get_privacy_spent(
+        orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+    )
+    return float(eps)
+
+
+def _prv_grid_points(history: tuple[tuple[float, float, int], ...], eps_error: float,
+                     delta_error: float) -> int:
+    """Size of the discretization grid Opacus's PRVAccountant would allocate for history."""
+    acc = PRVAccountant()
+    prvs = [PoissonSubsampledGaussianPRV(q, nm) for nm, q, _ in history]
+    with warnings.catch_warnings():
+        # Opacus's domain sizing calls its RDP analysis at tiny deltas, which may warn about
+        # the alpha grid edge; that only widens the (safe) domain.
+        warnings.simplefilter("ignore")
+        domain = acc._get_domain(
+            prvs=prvs,
+            num_self_compositions=[steps for _, _, steps in history],
+            eps_error=eps_error,
+            delta_error=delta_error,
+        )
+    return int(domain.size)
+
+
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
+                 eps_error: float) -> float:
+    """Opacus's PRVAccountant.get_epsilon (an upper bound), with a memory guard."""
+    if not history:
+        return 0.0
+    delta_error = delta / 1000
+    # Opacus evaluates log(1 - q) in both branches of an np.where; for q = 1 (a plain
+    # Gaussian release) that is log(0) in a branch that is then discarded: harmless.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        points = _prv_grid_points(history, eps_error, delta_error)
+        if points > PRV_MAX_GRID_POINTS:
+            raise AccountingError(
+                f"PRV accounting of this history needs a grid of {points:,} points"
+                f" (limit {PRV_MAX_GRID_POINTS:,}); use accountant='rdp' or a larger eps_error"
+            )
+        acc = PRVAccountant()
+        acc.history = [tuple(h) for h in history]
+        return float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(kind: str, history: tuple[tuple[float, float, int], ...], delta: float,
+             eps_error: float) -> float:
+    if kind == "rdp":
+        return _rdp_epsilon(history, delta)
+    return _prv_epsilon(history, delta, eps_error)
+
+
+class Accountant:
+    """One client's privacy accountant: a composable history of Gaussian releases.
+
+    History entries are ``(noise_multiplier, sample_rate, steps)``; consecutive entries with
+    the same noise multiplier and sample rate are merged (as Opacus does). Epsilon is computed
+    by Opacus's analysis of the chosen kind: ``"rdp"`` (RDPAccountant, the default; the result
+    equals ``RDPAccountant().get_epsilon(delta)`` for the same history) or ``"prv"``
+    (PRVAccountant; an upper bound within ``prv_eps_error`` of the true epsilon).
+
+    The guarantee is for the add/remove-one-record neighbouring relation. The accountant does
+    not enforce anything itself; :class:`privacy.pipeline.BudgetGate` does.
+    """
+
+    def __init__(self, kind: str = "rdp", *, prv_eps_error: float = 0.01) -> None:
+        self._kind = _check_kind(kind)
+        if not (isinstance(prv_eps_error, int | float) and 0 < prv_eps_error < 1):
+            raise AccountingError(f"prv_eps_error must be in (0, 1), got {prv_eps_error!r}")
+        self._prv_eps_error = float(prv_eps_error)
+        self._history: tuple[tuple[float, float, int], ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """``"rdp"`` or ``"prv"``."""
+        return self._kind
+
+    @property
+    def prv_eps_error(self) -> float:
+        """Epsilon error of the PRV discretization (unused for RDP)."""
+        return self._prv_eps_error
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """A copy of the merged history, oldest first."""
+        return list(self._history)
+
+    @property
+    def total_steps(self) -> int:
+        """Number of mechanism invocations recorded (sum of steps)."""
+        return sum(steps for _, _, steps in self._history)
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Add ``steps`` invocations of a Poisson-subsampled Gaussian mechanism to the history."""
+        entry = _check_release(noise_multiplier, sample_rate, steps)
+        self._history = _merge((*self._history, entry))
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0.0 for an empty history)."""
+        return _epsilon(self._kind, self._history, _check_delta(delta), self._prv_eps_error)
+
+    def epsilon_after(self, delta: float, noise_multiplier: float, sample_rate: float,
+                      steps: int = 1) -> float:
+        """Epsilon after a hypothetical release; the accountant's state is not changed."""
+        return self.epsilon_after_releases(delta, [(noise_multiplier, sample_rate, steps)])
+
+    def epsilon_after_releases(self, delta: float,
+                               releases: Sequence[tuple[float, float, int]]) -> float:
+        """Epsilon after several hypothetical releases (composed in order); state unchanged."""
+        extra = [_check_release(*r) for r in releases]
+        history = _merge((*self._history, *extra))
+        return _epsilon(self._kind, history, _check_delta(delta), self._prv_eps_error)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state: ``{"version", "accountant", "prv_eps_error", "history"}``."""
+        return {
+            "version": _STATE_VERSION,
+            "accountant": self._kind,
+            "prv_eps_error": self._prv_eps_error,
+            "history": [[nm, q, steps] for nm, q, steps in self._history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this accountant's state; the kind in ``state`` must match this accountant's."""
+        if not isinstance(state, dict):
+            raise AccountingError(f"accountant state must be a dict, got {type(state).__name__}")
+        for key in ("version", "accountant", "prv_eps_error", "history"):
+            if key not in state:
+                raise AccountingError(f"accountant state is missing the key {key!r}")
+        if state["version"] != _STATE_VERSION:
+            raise AccountingError(f"accountant state version {state['version']!r} is not supported")
+        if state["accountant"] != self._kind:
+            raise AccountingError(
+                f"accountant state is for {state['accountant']!r}, this accountant is {self._kind!r}"
+            )
+        if state["prv_eps_error"] != self._prv_eps_error:
+            raise AccountingError(
+                f"accountant state has prv_eps_error {state['prv_eps_error']!r}, this accountant"
+                f" uses {self._prv_eps_error!r}"
+            )
+        history = state["history"]
+        if not isinstance(history, list):
+            raise AccountingError("accountant state key 'history' must be a list")
+        entries = []
+        for i, item in enumerate(history):
+            if not isinstance(item, list | tuple) or len(item) != 3:
+                raise AccountingError(
+                    f"accountant state history[{i}] must be [noise_multiplier, sample_rate, steps]"
+                )
+            try:
+                entries.append(_check_release(*item))
+            except AccountingError as exc:
+                raise AccountingError(f"accountant state history[{i}]: {exc}") from None
+        self._history = _merge(entries)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Accountant:
+        """Build an accountant of the kind named in ``state`` and load it."""
+        if not isinstance(state, dict) or "accountant" not in state:
+            raise AccountingError("accountant state is missing the key 'accountant'")
+        acc = cls(state["accountant"], prv_eps_error=state.get("prv_eps_error", 0.01))
+        acc.load_state_dict(state)
+        return acc
+
+    def __repr__(self) -> str:
+        return f"Accountant(kind={self._kind!r}, history={list(self._history)!r})"
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A client's (epsilon, delta) budget; validated on construction.
+
+    ``epsilon`` must be finite and > 0; ``delta`` in (0, 1). Use :meth:`check_dataset_size`
+    to also require the usual ``delta < 1/n`` for a dataset of n records.
+    """
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        eps, delta = self.epsilon, self.delta
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) \
+                or eps <= 0:
+            raise AccountingError(f"budget epsilon must be a finite number > 0, got {eps!r}")
+        if isinstance(delta, bool) or not isinstance(delta, int | float) or not (0 < delta < 1):
+            raise AccountingError(f"budget delta must be a number in (0, 1), got {delta!r}")
+        object.__setattr__(self, "epsilon", float(eps))
+        object.__setattr__(self, "delta", float(delta))
+
+    def check_dataset_size(self, n: int) -> None:
+        """Raise AccountingError unless ``delta < 1/n`` (a delta that large permits leaking a record)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise AccountingError(f"dataset size n must be an int >= 1, got {n!r}")
+        if self.delta >= 1.0 / n:
+            raise AccountingError(
+                f"budget delta {self.delta!r} must be < 1/n = {1.0 / n!r} for n = {n} records"
+            )
+
+
+class BudgetExceededError(RuntimeError):
+    """A release was refused because it would push epsilon past the client's budget."""
+
+    def __init__(self, *, client_id: str, round: int, mechanism: str,
+                 epsilon_would_be: float, budget: PrivacyBudget, reason: str = "") -> None:
+        self.client_id = client_id
+        self.round = round
+        self.mechanism = mechanism
+        self.epsilon_would_be = epsilon_would_be
+        self.budget = budget
+        message = (
+            f"client {client_id!r} round {round}: release {mechanism!r} refused; epsilon would"
+            f" reach {epsilon_would_be:.6g} > budget {budget.epsilon:.6g} (delta={budget.delta:g})"
+        )
+        if reason:
+            message += f"; {reason}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class MechanismRecord:
+    """One accounted mechanism invocation carried by a release.
+
+    ``noise_multiplier``, ``sample_rate`` and ``steps`` are what the accountant composes;
+    ``params`` holds extra, JSON-serializable description (clip norm, sensitivity, n, ...)
+    that goes into the ledger entry unchanged.
+    """
+
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int = 1
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mechanism, str) or not self.mechanism:
+            raise AccountingError(f"mechanism must be a non-empty string, got {self.mechanism!r}")
+        _check_release(self.noise_multiplier, self.sample_rate, self.steps)
+        if not isinstance(self.params, dict):
+            raise AccountingError(f"params of {self.mechanism!r} must be a dict")
+        reserved = {"noise_multiplier", "sample_rate", "steps"} & set(self.params)
+        if reserved:
+            raise AccountingError(
+                f"params of {self.mechanism!r} must not repeat {sorted(reserved)}; they are fields"
+            )
+
+    def as_release(self) -> tuple[float, float, int]:
+        """The ``(noise_multiplier, sample_rate, steps)`` triple the accountant composes."""
+        return (float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
+
+    def ledger_params(self) -> dict[str, Any]:
+        """All parameters as written to a ledger entry (the triple plus ``params``)."""
+        return {
+            "noise_multiplier": float(self.noise_multiplier),
+            "sample_rate": float(self.sample_rate),
+            "steps": int(self.steps),
+            **self.params,
+        }
+
+
+@dataclass(frozen=True)
+class PlannedRelease:
+    """One line of a release plan; ``noise_multiplier=None`` means "to be calibrated"."""
+
+    mechanism: str
+    sample_rate: float
+    steps: int
+    noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mechanism, str) or not self.mechanism:
+            raise AccountingError(f"mechanism must be a non-empty string, got {self.mechanism!r}")
+        nm = 1.0 if self.noise_multiplier is None else self.noise_multiplier
+        try:
+            _check_release(nm, self.sample_rate, self.steps)
+        except AccountingError as exc:
+            raise AccountingError(f"planned release {self.mechanism!r}: {exc}") from None
+
+
+def plan_epsilon(plan: Sequence[PlannedRelease], delta: float, noise_multiplier: float | None = None,
+                 accountant: str = "rdp", *, prv_eps_error: float = 0.01) -> float:
+    """Total epsilon of ``plan`` at ``delta``, with ``noise_multiplier`` filling the None entries."""
+    acc = Accountant(accountant, prv_eps_error=prv_eps_error)
+    releases = []
+    for item in plan:
+        nm = item.noise_multiplier if item.noise_multiplier is not None else noise_multiplier
+        if nm is None:
+            raise AccountingError(
+                f"planned release {item.mechanism!r} has no noise_multiplier and none was given"
+            )
+        releases.append((nm, item.sample_rate, item.steps))
+    return acc.epsilon_after_releases(delta, releases)
+
+
+def calibrate_noise_multiplier(target_epsilon: float, delta: float,
+                               plan: Sequence[PlannedRelease], accountant: str = "rdp", *,
+                               prv_eps_error: float = 0.01, rel_tol: float = 0.01,
+                               max_evaluations: int = 100) -> float:
+    """One noise multiplier for every plan entry whose ``noise_multiplier`` is None.
+
+    Guarantees: the returned sigma gives a total plan epsilon (at ``delta``, under the named
+    accountant) that is ``<= target_epsilon`` and ``>= (1 - rel_tol) * target_epsilon``.
+    Entries with a fixed noise multiplier are composed as given. Raises CalibrationError when
+    the fixed entries alone already exceed the target, or when no sigma in [1e-3, 1e4] works.
+    Searches by bracketing then a safeguarded false-position (Illinois) step on
+    log(epsilon) versus log(sigma), which falls back to bisection when it stalls.
+    """
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, int | float) \
+            or not math.isfinite(target_epsilon) or target_epsilon <= 0:
+        raise AccountingError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    delta = _check_delta(delta)
+    _check_kind(accountant)
+    if not (0 < rel_tol < 1):
+        raise AccountingError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+    plan = list(plan)
+    if not plan:
+        raise AccountingError("plan is empty")
+    for item in plan:
+        if not isinstance(item, PlannedRelease):
+            raise AccountingError(f"plan entries must be PlannedRelease, got {type(item).__name__}")
+    if all(item.noise_multiplier is not None for item in plan):
+        raise AccountingError("plan has no entry with noise_multiplier=None to calibrate")
+
+    fixed = [item for item in plan if item.noise_multiplier is not None]
+    if fixed:
+        eps_fixed = plan_epsilon(fixed, delta, None, accountant, prv_eps_error=prv_eps_error)
+        if eps_fixed >= target_epsilon:
+            raise CalibrationError(
+                f"entries with a fixed noise multiplier already spend epsilon {eps_fixed:.6g}"
+                f" >= target {target_epsilon:.6g}; no noise multiplier can meet the target"
+            )
+
+    low_ok = (1.0 - rel_tol) * target_epsilon
+    evaluations = 0
+
+    def eps_at(sigma: float) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        if evaluations > max_evaluations:
+            raise CalibrationError(
+                f"no noise multiplier found within {max_evaluations} evaluations"
+                f" (target epsilon {target_epsilon:.6g}, delta {delta:g})"
+            )
+        with warnings.catch_warnings():
+            # Opacus warns when the optimal RDP order is at the edge of its alpha grid; the
+            # bound is still valid (only looser), and probing extreme sigmas triggers it.
+            warnings.simplefilter("ignore")
+            return plan_epsilon(plan, delta, sigma, accountant, prv_eps_error=prv_eps_error)
+
+    sigma_min, sigma_max = 1e-3, 1e4
+    factor = 4.0
+    hi = 1.0
+    if accountant == "prv":
+        # PRV is costly where epsilon is large (its grid grows with epsilon), so start from
+        # the RDP calibration: PRV's epsilon is close to and usually below RDP's, so the PRV
+        # sigma lies just below the RDP one and small steps bracket it cheaply.
+        hi = calibrate_noise_multiplier(target_epsilon, delta, plan, "rdp", rel_tol=rel_tol,
+                                        max_evaluations=max_evaluations)
+        factor = 1.25
+    # Bracket: hi has eps <= target, lo has eps > target.
+    eps_hi = eps_at(hi)
+    while eps_hi > target_epsilon:
+        if hi >= sigma_max:
+            raise CalibrationError(
+                f"even noise multiplier {sigma_max:g} gives epsilon {eps_hi:.6g}"
+                f" > target {target_epsilon:.6g}"
+            )
+        hi = min(hi * factor, sigma_max)
+        eps_hi = eps_at(hi)
+    if eps_hi >= low_ok:
+        return hi
+    lo = hi
+    eps_lo = eps_hi
+    while eps_lo <= target_epsilon:
+        if eps_lo >= low_ok:
+            return lo
+        hi, eps_hi = lo, eps_lo
+        if lo <= sigma_min:
+            raise CalibrationError(
+                f"even noise multiplier {sigma_min:g} gives epsilon {eps_lo:.6g}"
+                f" < {low_ok:.6g}; the target is too large to calibrate"
+            )
+        lo = max(lo / factor, sigma_min)
+        eps_lo = eps_at(lo)
+
+    # Invariant: eps(lo) > target >= eps(hi), eps(hi) < low_ok. Solve log eps(s) = log(goal).
+    goal = math.log(target_epsilon * (1.0 - rel_tol / 2.0))
+
+    def f(eps: float) -> float:
+        return (math.log(eps) if eps > 0 else -math.inf) - goal
+
+    x_lo, x_hi = math.log(lo), math.log(hi)
+    f_lo = f(eps_lo) if math.isfinite(eps_lo) else math.inf
+    f_hi = f(eps_hi)
+    side = 0
+    while True:
+        if math.isfinite(f_lo) and math.isfinite(f_hi) and f_lo != f_hi:
+            x = x_hi - f_hi * (x_hi - x_lo) / (f_hi - f_lo)
+            if not (min(x_lo, x_hi) < x < max(x_lo, x_hi)):
+                x = 0.5 * (x_lo + x_hi)
+        else:
+            x = 0.5 * (x_lo + x_hi)
+        sigma = math.exp(x)
+        eps = eps_at(sigma)
+        if low_ok <= eps <= target_epsilon:
+            return sigma
+        fx = f(eps) if math.isfinite(eps) else math.inf
+        if eps > target_epsilon:
+            x_lo, f_lo = x, fx
+            if side == -1 and math.isfinite(f_hi):
+                f_hi /= 2.0
+            side = -1
+        else:
+            x_hi, f_hi = x, fx
+            if side == 1 and math.isfinite(f_lo):
+                f_lo /= 2.0
+            side = 1

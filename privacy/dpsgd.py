@@ -1,0 +1,449 @@
+"""DP-SGD gradients: Poisson sampling, exact per-sample clipping, Gaussian noise.
+
+Two exact ways to clip per-sample gradients, with the same privacy guarantee:
+
+- ``"fused"`` (models whose trainable parameters all live in ``nn.Linear`` layers): one
+  forward pass with the inputs ``A`` of every Linear captured, one backward pass
+  (``torch.autograd.grad`` of the summed loss w.r.t. the Linear *outputs*, giving ``G``),
+  per-sample squared gradient norms from ``||a_i||^2 ||g_i||^2 + ||g_i||^2`` (the weight
+  gradient of sample i is the outer product ``g_i a_i^T``), then one matmul per layer for the
+  clipped sum ``(c * G)^T A``. No per-sample gradient is materialized.
+- ``"opacus"`` (any model Opacus's hook-based ``GradSampleModule`` supports, e.g. Conv2d,
+  LayerNorm, GroupNorm, Embedding): exact per-sample gradients, then the same clipping and
+  noise. Slower; chosen automatically (with a log line) when the fused path does not apply.
+
+Privacy: each call of :meth:`DPSGD.private_gradient` on a Poisson sample (each record
+included independently with probability ``sample_rate``) is one step of the
+Poisson-subsampled Gaussian mechanism with noise multiplier ``noise_multiplier``, accounted
+as ``(noise_multiplier, sample_rate, 1)`` under add/remove-one-record. This holds under the
+standard assumption that the model treats samples of a batch independently (no BatchNorm
+or other cross-sample operation; BatchNorm is rejected, custom cross-sample code is not
+detectable). The noise comes from a ``torch.Generator`` (not a CSPRNG; see
+:mod:`privacy.mechanisms`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from privacy.accounting import MechanismRecord
+
+logger = logging.getLogger(__name__)
+
+#: Added to per-sample norms before dividing, as Opacus does, so a clipped norm is < C.
+_NORM_EPS = 1e-6
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class DPSGDError(ValueError):
+    """Bad configuration or input for DP-SGD; the message names what is wrong."""
+
+
+def poisson_sample(n: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+    """Indices (int64, ascending) of a Poisson sample: each of ``range(n)`` kept w.p. ``sample_rate``.
+
+    The sample can be empty; its size is Binomial(n, sample_rate).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise DPSGDError(f"n must be an int >= 0, got {n!r}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float) \
+            or not (0 < sample_rate <= 1):
+        raise DPSGDError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if not isinstance(generator, torch.Generator):
+        raise DPSGDError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    mask = torch.rand(n, generator=generator) < sample_rate
+    return mask.nonzero().squeeze(1)
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm | nn.SyncBatchNorm)
+
+
+def _scale_rows(g2: Tensor, factors: Tensor) -> Tensor:
+    """Multiply the rows of G (B*T, out) by the clip factor (B, 1) of their sample."""
+    batch = factors.shape[0]
+    if g2.shape[0] == batch:
+        return g2 * factors
+    return (g2.reshape(batch, -1, g2.shape[-1]) * factors[:, :, None]).reshape(g2.shape)
+
+
+class _LinearCapture:
+    """Forward hook state for one nn.Linear: inputs and outputs of every call in a step."""
+
+    __slots__ = ("module", "weight", "bias", "inputs", "outputs")
+
+    def __init__(self, module: nn.Linear) -> None:
+        self.module = module
+        self.weight = module.weight if module.weight.requires_grad else None
+        self.bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.inputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+
+
+class DPSGD:
+    """Writes a DP-SGD gradient into each trainable parameter's ``.grad``.
+
+    ``private_gradient(x, y, loss_fn)`` computes, for the batch ``(x, y)`` (normally a
+    Poisson sample from :meth:`sample_batch`)::
+
+        grad = (sum_i clip_C(grad_i) + N(0, (noise_multiplier * C)^2 I)) / expected_batch_size
+
+    with ``clip_C(g) = g * min(1, C / (||g|| + 1e-6))`` over the concatenation of all
+    trainable parameters (flat clipping) — Opacus's convention. The result is written in place
+    (``p.grad.copy_``-style; a new tensor is assigned only where ``p.grad`` is None), so
+    parameters that are views into a larger flat tensor keep working; Parameter objects are
+    never replaced. An empty batch gives noise only. The caller's optimizer then steps.
+
+    Use as a context manager or call :meth:`close` to remove the hooks from the model.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float, noise_multiplier: float,
+                 expected_batch_size: float, generator: torch.Generator, *,
+                 mode: str = "auto") -> None:
+        if not isinstance(model, nn.Module):
+            raise DPSGDError(f"model must be an nn.Module, got {type(model).__name__}")
+        for name, value in (("max_grad_norm", max_grad_norm),
+                            ("expected_batch_size", expected_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value <= 0:
+                raise DPSGDError(f"{name} must be a finite number > 0, got {value!r}")
+        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, int | float) \
+                or not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
+            raise DPSGDError(
+                f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}"
+                " (without noise DP-SGD is not private; train without DPSGD instead)"
+            )
+        if not isinstance(generator, torch.Generator):
+            raise DPSGDError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if mode not in ("auto", "fused", "opacus"):
+            raise DPSGDError(f"mode must be 'auto', 'fused' or 'opacus', got {mode!r}")
+
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        self.generator = generator
+        self.steps = 0
+        self._closed = False
+
+        for name, module in model.named_modules():
+            if _is_batchnorm(module):
+                raise DPSGDError(
+                    f"module {name!r} ({type(module).__name__}) mixes the samples of a batch, so"
+                    " per-sample clipping gives no guarantee; use GroupNorm or LayerNorm"
+                )
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise DPSGDError("model has no trainable parameters")
+        self._params: list[nn.Parameter] = [p for _, p in named]
+        self._param_names = {id(p): n for n, p in named}
+
+        fused_ok, reason = self._fused_applicable(model)
+        if mode == "fused" and not fused_ok:
+            raise DPSGDError(f"mode='fused' is not applicable: {reason}")
+        self.mode = "fused" if (mode == "fused" or (mode == "auto" and fused_ok)) else "opacus"
+        if self.mode == "fused":
+            self._setup_fused(model)
+        else:
+            if mode == "auto":
+                logger.warning(
+                    "DPSGD: %s; using Opacus GradSampleModule (hooks) for exact per-sample "
+                    "gradients: the same privacy guarantee as the fused path, but slower", reason
+                )
+            self._setup_opacus(model)
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _fused_applicable(model: nn.Module) -> tuple[bool, str]:
+        owners: dict[int, str] = {}
+        for mname, module in model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if type(module) is not nn.Linear:
+                return False, (f"module {mname!r} ({type(module).__name__}) has trainable "
+                               "parameters and is not nn.Linear")
+            for _, p in own:
+                if id(p) in owners:
+                    return False, (f"a parameter is shared by modules {owners[id(p)]!r} and "
+                                   f"{mname!r}")
+                owners[id(p)] = mname
+        return True, ""
+
+    def _setup_fused(self, model: nn.Module) -> None:
+        self._captures: list[_LinearCapture] = []
+        self._handles = []
+        self._capturing = False
+        for module in model.modules():
+            if type(module) is nn.Linear and (
+                    module.weight.requires_grad
+                    or (module.bias is not None and module.bias.requires_grad)):
+                cap = _LinearCapture(module)
+                self._captures.append(cap)
+                self._handles.append(module.register_forward_hook(self._make_hook(cap)))
+
+    def _make_hook(self, cap: _LinearCapture) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self._capturing:
+                cap.inputs.append(inputs[0].detach())
+                cap.outputs.append(output)
+        return hook
+
+    def _setup_opacus(self, model: nn.Module) -> None:
+        from opacus import GradSampleModule
+
+        try:
+            self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum",
+                                         strict=True)
+        except NotImplementedError as exc:
+            raise DPSGDError(f"Opacus cannot compute per-sample gradients for this model: {exc}"
+                             ) from exc
+
+    # ------------------------------------------------------------------ API
+    @staticmethod
+    def sample_batch(n: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+        """Poisson sample of ``range(n)`` at ``sample_rate`` (see :func:`poisson_sample`)."""
+        return poisson_sample(n, sample_rate, generator)
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise per coordinate of the written ``.grad``: sigma * C / B_expected."""
+        return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+
+    def record(self, sample_rate: float, steps: int | None = None,
+               mechanism: str = "dpsgd") -> MechanismRecord:
+        """Accounting record for ``steps`` steps (default: all steps taken so far) at ``sample_rate``.
+
+        The caller must have drawn every batch by Poisson sampling at ``sample_rate``.
+        """
+        steps = self.steps if steps is None else steps
+        return MechanismRecord(mechanism, self.noise_multiplier, sample_rate, steps,
+                               {"clip_norm": self.max_grad_norm,
+                                "expected_batch_size": self.expected_batch_size,
+                                "per_sample_method": self.mode,
+                                "sampling": "poisson"})
+
+    def private_gradient(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> None:
+        """Write the clipped, summed, noised gradient / expected_batch_size into each ``.grad``.
+
+        ``loss_fn(model(x), y)`` must return per-sample losses of shape ``(B,)`` (e.g.
+        ``nn.CrossEntropyLoss(reduction="none")``); a reduced scalar is rejected because a
+        mean would silently rescale each per-sample gradient. ``x`` may have batch size 0.
+        """
+        if self._closed:
+            raise DPSGDError("this DPSGD was closed; create a new one")
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise DPSGDError("x and y must be tensors")
+        if x.shape[0] != y.shape[0]:
+            raise DPSGDError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        batch = int(x.shape[0])
+        scale = 1.0 / self.expected_batch_size
+        if batch == 0:
+            self._write_noise()
+        elif self.mode == "fused":
+            layers, factors = self._fused_pass(x, y, loss_fn)
+            self._write_noise()
+            with torch.no_grad():
+                for cap, a2, g2 in layers:
+                    gc = _scale_rows(g2, factors)
+                    if cap.weight is not None:
+                        cap.weight.grad.addmm_(gc.T, a2, alpha=scale)
+                    if cap.bias is not None:
+                        cap.bias.grad.add_(gc.sum(dim=0), alpha=scale)
+        else:
+            sums = self._opacus_clipped_sum(x, y, loss_fn)
+            self._write_noise()
+            with torch.no_grad():
+                for p, s in zip(self._params, sums, strict=True):
+                    p.grad.add_(s, alpha=scale)
+        self.steps += 1
+
+    def clipped_gradient_sum(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> list[Tensor]:
+        """The clipped per-sample gradient sum (no noise, no division), one tensor per parameter.
+
+        Not private on its own; exposed for tests and diagnostics. Order: ``model.parameters()``
+        restricted to trainable ones.
+        """
+        if x.shape[0] == 0:
+            return [torch.zeros_like(p) for p in self._params]
+        if self.mode == "opacus":
+            return self._opacus_clipped_sum(x, y, loss_fn)
+        layers, factors = self._fused_pass(x, y, loss_fn)
+        by_param: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for cap, a2, g2 in layers:
+                gc = _scale_rows(g2, factors)
+                if cap.weight is not None:
+                    by_param[id(cap.weight)] = gc.T @ a2
+                if cap.bias is not None:
+                    by_param[id(cap.bias)] = gc.sum(dim=0)
+        return [by_param[id(p)] if id(p) in by_param else torch.zeros_like(p)
+                for p in self._params]
+
+    def close(self) -> None:
+        """Remove all hooks this object placed on the model (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.mode == "fused":
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+        else:
+            self._gsm._close()
+
+    def __enter__(self) -> DPSGD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _per_sample_losses(self, out: Tensor, y: Tensor, loss_fn: LossFn, batch: int) -> Tensor:
+        losses = loss_fn(out, y)
+        if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch,):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise DPSGDError(
+                f"loss_fn must return per-sample losses of shape ({batch},), got {shape};"
+                " use reduction='none'"
+            )
+        return losses
+
+    def _fused_pass(self, x: Tensor, y: Tensor, loss_fn: LossFn
+                    ) -> tuple[list[tuple[_LinearCapture, Tensor, Tensor]], Tensor]:
+        """Forward + backward to the Linear outputs; per-layer (A, G) and clip factors (B, 1).
+
+        A and G are returned flattened to (B*T, in) and (B*T, out), where T is the number of
+        positions per sample (1 for plain 2-D inputs; calls of a layer reused in one forward
+        are stacked as extra positions, so their gradients add up per sample exactly).
+        """
+        batch = int(x.shape[0])
+        caps = self._captures
+        for cap in caps:
+            cap.inputs.clear()
+            cap.outputs.clear()
+        self._capturing = True
+        try:
+            with torch.enable_grad():
+                out = self.model(x)
+        finally:
+            self._capturing = False
+        try:
+            losses = self._per_sample_losses(out, y, loss_fn, batch)
+            outputs = [o for cap in caps for o in cap.outputs]
+            if not outputs:
+                raise DPSGDError("no nn.Linear was called in the forward pass")
+            for cap in caps:
+                for a in cap.inputs:
+                    if a.ndim < 2 or a.shape[0] != batch:
+                        raise DPSGDError(
+                            f"an nn.Linear input has shape {tuple(a.shape)}; the fused path needs"
+                            f" batch-first inputs with batch size {batch}"
+                        )
+            out_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            layers: list[tuple[_LinearCapture, Tensor, Tensor]] = []
+            sq_norms: Tensor | None = None
+            k = 0
+            for cap in caps:
+                a_list, g_list = [], []
+                for a in cap.inputs:
+                    g = out_grads[k]
+                    k += 1
+                    if g is None:
+                        continue
+                    a_list.append(a.reshape(batch, -1, a.shape[-1]))
+                    g_list.append(g.reshape(batch, -1, g.shape[-1]))
+                if not a_list:
+                    continue
+                a3 = a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=1)
+                g3 = g_list[0] if len(g_list) == 1 else torch.cat(g_list, dim=1)
+                layer_sq = self._layer_sq_norms(cap, a3, g3)
+                sq_norms = layer_sq if sq_norms is None else sq_norms + layer_sq
+                layers.append((cap, a3.reshape(-1, a3.shape[-1]), g3.reshape(-1, g3.shape[-1])))
+        finally:
+            for cap in caps:
+                cap.inputs.clear()
+                cap.outputs.clear()
+        if sq_norms is None:
+            sq_norms = torch.zeros(batch, dtype=out.dtype, device=out.device)
+        factors = (self.max_grad_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        return layers, factors[:, None]
+
+    @staticmethod
+    def _layer_sq_norms(cap: _LinearCapture, a3: Tensor, g3: Tensor) -> Tensor:
+        """Per-sample squared norm of this layer's (weight, bias) gradient, exactly."""
+        batch, t, d_in = a3.shape
+        d_out = g3.shape[-1]
+        total = torch.zeros(batch, dtype=g3.dtype, device=g3.device)
+        if t == 1:
+            g2 = g3[:, 0, :]
+            g_sq = (g2 * g2).sum(dim=1)
+            if cap.weight is not None:
+                a2 = a3[:, 0, :]
+                total += (a2 * a2).sum(dim=1) * g_sq
+            if cap.bias is not None:
+                total += g_sq
+            return total
+        if cap.weight is not None:
+            if t * t <= d_in * d_out:
+                # ||sum_t g_t a_t^T||_F^2 = <A A^T, G G^T> (Gram matrices over positions)
+                total += (torch.bmm(a3, a3.transpose(1, 2))
+                          * torch.bmm(g3, g3.transpose(1, 2))).sum(dim=(1, 2))
+            else:
+                per_sample = torch.bmm(g3.transpose(1, 2), a3)
+                total += (per_sample * per_sample).sum(dim=(1, 2))
+        if cap.bias is not None:
+            gb = g3.sum(dim=1)
+            total += (gb * gb).sum(dim=1)
+        return total
+
+    def _opacus_clipped_sum(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> list[Tensor]:
+        batch = int(x.shape[0])
+        if not self.model.training:
+            raise DPSGDError("the Opacus per-sample path needs the model in train mode"
+                             " (model.train())")
+        for p in self._params:
+            p.grad_sample = None
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                # Opacus's hooks fire on module outputs when the input needs no gradient
+                # (the first layer); torch warns about that, and it is exactly what we want.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                out = self._gsm(x)
+                losses = self._per_sample_losses(out, y, loss_fn, batch)
+                torch.autograd.grad(losses.sum(), self._params, allow_unused=True)
+            samples = []
+            for p in self._params:
+                gs = p.grad_sample
+                if isinstance(gs, list):
+                    raise DPSGDError("per-sample gradients were accumulated over several passes")
+                if gs is None:
+                    gs = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device)
+                samples.append(gs)
+        finally:
+            for p in self._params:
+                p.grad_sample = None
+        sq = torch.zeros(batch, dtype=samples[0].dtype, device=samples[0].device)
+        for gs in samples:
+            sq += gs.reshape(batch, -1).pow(2).sum(dim=1)
+        factors = (self.max_grad_norm / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        return [torch.tensordot(factors, gs, dims=1) for gs in samples]
+
+    def _write_noise(self) -> None:
+        """Fill every trainable ``.grad`` in place with N(0, (sigma C / B_expected)^2) noise.
+
+        Noise is drawn in ``self._params`` order from ``self.generator``, whichever path ran.
+        """
+        std = self.noise_std
+        with torch.no_grad():
+            for p in self._params:
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.normal_(0.0, std, generator=self.generator)

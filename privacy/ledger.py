@@ -1,0 +1,533 @@
+"""The write-ahead privacy ledger: one append-only, hash-chained, signed JSON-lines file per client.
+
+Line format: each line is the canonical JSON (``json.dumps(entry, sort_keys=True,
+separators=(",", ":"), ensure_ascii=True, allow_nan=False)``) of one entry, followed by
+``"\\n"``. Entry fields (all required, no others):
+
+- ``index``: 0, 1, 2, ... (the line's position);
+- ``client_id``: the client that spent the budget;
+- ``round``: the federation round of the release (int >= 0);
+- ``mechanism``: e.g. ``"dpsgd"``, ``"gaussian_summary"``, ``"gaussian_lambda"``, ``"refusal"``;
+- ``params``: dict; for every non-refusal entry it holds ``noise_multiplier``,
+  ``sample_rate`` and ``steps`` (what an independent accountant composes) plus
+  mechanism-specific fields (``clip_norm``, ``sensitivity``, ...);
+- ``epsilon_after``: the client's cumulative epsilon after this entry (a refusal spends
+  nothing, so its value equals the previous one);
+- ``delta``, ``budget_epsilon``, ``accountant`` (``"rdp"``/``"prv"``), ``timestamp`` (UTC,
+  ISO 8601);
+- ``prev_hash``: SHA-256 hex of the previous line's UTF-8 bytes without its newline
+  (:data:`GENESIS_HASH`, 64 zeros, for the first entry);
+- ``signature``: Ed25519 signature (hex) over the canonical JSON of all the other fields.
+
+Write-ahead rule: :meth:`LedgerWriter.append` writes the line, flushes and ``os.fsync``\\ s the
+file (and the directory when the file is created) before it returns; callers send a release
+only after that. A crash between append and send therefore over-counts spending, never
+under-counts it.
+
+Limits (by construction of a hash chain): removing entries *from the end* of the file leaves
+a valid shorter chain and cannot be detected from the file alone; anchor the head (index and
+hash, see :attr:`LedgerWriter.head`) somewhere the client does not control — e.g. send it
+with each release — to detect that. Everything else (edits, deletions or reorderings before
+the last entry, forged or replaced signatures, foreign entries) is detected by
+:func:`verify_ledger`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, validate_release
+
+GENESIS_HASH = "0" * 64
+REFUSAL = "refusal"
+ENTRY_FIELDS: tuple[str, ...] = (
+    "index", "client_id", "round", "mechanism", "params", "epsilon_after", "delta",
+    "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
+)
+ACCOUNTED_PARAMS: tuple[str, ...] = ("noise_multiplier", "sample_rate", "steps")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX128 = re.compile(r"^[0-9a-f]{128}$")
+
+
+class LedgerError(ValueError):
+    """A ledger cannot be read, verified or appended to; the message says which file/entry."""
+
+
+@dataclass(frozen=True)
+class LedgerProblem:
+    """One verification finding: the entry position (0-based line), a short kind, a message."""
+
+    index: int
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"entry {self.index}: [{self.kind}] {self.message}"
+
+
+def canonical_json(obj: Any) -> str:
+    """The canonical JSON text used for ledger lines and signatures (sorted keys, compact)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def line_hash(line: str) -> str:
+    """SHA-256 hex of a ledger line's UTF-8 bytes (without the trailing newline)."""
+    return hashlib.sha256(line.encode("utf-8")).hexdigest()
+
+
+def signing_payload(entry: dict[str, Any]) -> bytes:
+    """The bytes an entry's signature covers: canonical JSON of every field except ``signature``."""
+    return canonical_json({k: v for k, v in entry.items() if k != "signature"}).encode("utf-8")
+
+
+def _read_raw(path: Path) -> tuple[list[str], bool]:
+    """Lines of the file (no newlines) and whether the last one lacks its newline (torn)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LedgerError(f"ledger file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
+    return _split_lines(data)
+
+
+def _split_lines(data: bytes) -> tuple[list[str], bool]:
+    if not data:
+        return [], False
+    torn = not data.endswith(b"\n")
+    raw = data.split(b"\n")
+    if not torn:
+        raw = raw[:-1]
+    # Undecodable bytes become U+FFFD; such a line then fails the canonical-form, hash or
+    # signature check, so the damage is reported rather than hidden.
+    return [chunk.decode("utf-8", errors="replace") for chunk in raw], torn
+
+
+def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Parse a ledger file into entries (no cryptographic checks; use verify_ledger for that).
+
+    Raises LedgerError naming the line for a line that is not a JSON object or for an
+    incomplete last line (a write interrupted by a crash).
+    """
+    path = Path(path)
+    lines, torn = _read_raw(path)
+    if torn:
+        raise LedgerError(
+            f"ledger {str(path)!r}: line {len(lines) - 1} is incomplete (no newline; a write was"
+            " interrupted)"
+        )
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LedgerError(f"ledger {str(path)!r}: line {i} is not valid JSON ({exc})") from None
+        if not isinstance(entry, dict):
+            raise LedgerError(f"ledger {str(path)!r}: line {i} is not a JSON object")
+        entries.append(entry)
+    return entries
+
+
+def _is_number(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, int | float)
+            and math.isfinite(value))
+
+
+def _field_problems(entry: dict[str, Any]) -> list[str]:
+    """Schema checks of one entry; returns messages (empty when the entry is well-formed)."""
+    out: list[str] = []
+    missing = [f for f in ENTRY_FIELDS if f not in entry]
+    extra = sorted(set(entry) - set(ENTRY_FIELDS))
+    if missing:
+        out.append(f"missing fields {missing}")
+    if extra:
+        out.append(f"unexpected fields {extra}")
+    if missing:
+        return out
+    if isinstance(entry["index"], bool) or not isinstance(entry["index"], int):
+        out.append(f"index must be an int, got {entry['index']!r}")
+    if not isinstance(entry["client_id"], str) or not entry["client_id"]:
+        out.append("client_id must be a non-empty string")
+    if isinstance(entry["round"], bool) or not isinstance(entry["round"], int) \
+            or entry["round"] < 0:
+        out.append(f"round must be an int >= 0, got {entry['round']!r}")
+    if not isinstance(entry["mechanism"], str) or not entry["mechanism"]:
+        out.append("mechanism must be a non-empty string")
+    if not isinstance(entry["params"], dict):
+        out.append("params must be an object")
+    elif entry["mechanism"] != REFUSAL:
+        p = entry["params"]
+        for key in ACCOUNTED_PARAMS:
+            if key not in p:
+                out.append(f"params lacks {key!r}")
+        if all(k in p for k in ACCOUNTED_PARAMS):
+            try:
+                validate_release(p["noise_multiplier"], p["sample_rate"], p["steps"])
+            except AccountingError as exc:
+                out.append(f"params: {exc}")
+    if not _is_number(entry["epsilon_after"]) or entry["epsilon_after"] < 0:
+        out.append(f"epsilon_after must be a finite number >= 0, got {entry['epsilon_after']!r}")
+    if not _is_number(entry["delta"]) or not (0 < entry["delta"] < 1):
+        out.append(f"delta must be in (0, 1), got {entry['delta']!r}")
+    if not _is_number(entry["budget_epsilon"]) or entry["budget_epsilon"] <= 0:
+        out.append(f"budget_epsilon must be a number > 0, got {entry['budget_epsilon']!r}")
+    if entry["accountant"] not in ACCOUNTANT_KINDS:
+        out.append(f"accountant must be one of {ACCOUNTANT_KINDS}, got {entry['accountant']!r}")
+    if not isinstance(entry["timestamp"], str):
+        out.append("timestamp must be a string")
+    if not isinstance(entry["prev_hash"], str) or not _HEX64.match(entry["prev_hash"]):
+        out.append("prev_hash must be 64 lowercase hex digits")
+    if not isinstance(entry["signature"], str) or not _HEX128.match(entry["signature"]):
+        out.append("signature must be 128 lowercase hex digits")
+    return out
+
+
+def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519PublicKey, *,
+                  client_id: str | None = None) -> list[LedgerProblem]:
+    """Check a whole ledger; return every problem found (empty list: the ledger is intact).
+
+    ``entries`` are raw lines (as in the file, without newlines) or parsed dicts; for dicts the
+    line is taken to be their canonical JSON. Checked per entry: JSON object, canonical form,
+    schema, ``index`` equal to the position, ``prev_hash`` equal to the hash of the previous
+    line, Ed25519 signature under ``public_key``, ``client_id`` (equal to ``client_id`` if
+    given, else to the first entry's), ``epsilon_after`` non-decreasing, and refusals spending
+    nothing. Cannot detect entries removed from the end (see the module docstring).
+    """
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise LedgerError(
+            f"public_key must be an Ed25519PublicKey, got {type(public_key).__name__}"
+        )
+    problems: list[LedgerProblem] = []
+    prev_hash = GENESIS_HASH
+    prev_eps: float | None = None
+    expected_client = client_id
+    for pos, item in enumerate(entries):
+        def problem(kind: str, message: str, _pos: int = pos) -> None:
+            problems.append(LedgerProblem(_pos, kind, message))
+
+        if isinstance(item, str):
+            line = item
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problem("bad_json", f"not valid JSON ({exc})")
+                prev_hash = line_hash(line)
+                continue
+            if not isinstance(entry, dict):
+                problem("bad_json", "not a JSON object")
+                prev_hash = line_hash(line)
+                continue
+            try:
+                if canonical_json(entry) != line:
+                    problem("not_canonical", "line is not in canonical JSON form")
+            except ValueError as exc:
+                problem("not_canonical", f"line cannot be re-serialized ({exc})")
+        elif isinstance(item, dict):
+            entry = item
+            try:
+                line = canonical_json(entry)
+            except (TypeError, ValueError) as exc:
+                problem("bad_entry", f"entry is not JSON-serializable ({exc})")
+                prev_hash = "!"  # nothing can chain to it
+                continue
+        else:
+            problem("bad_entry", f"entry must be a str or dict, got {type(item).__name__}")
+            prev_hash = "!"
+            continue
+
+        schema = _field_problems(entry)
+        for message in schema:
+            problem("bad_fields", message)
+        if schema and any(f not in entry for f in ENTRY_FIELDS):
+            prev_hash = line_hash(line)
+            continue
+
+        if entry["index"] != pos:
+            problem("bad_index", f"index is {entry['index']!r}, expected {pos} (entries must be"
+                    " numbered 0, 1, 2, ... with none missing or reordered)")
+        if entry["prev_hash"] != prev_hash:
+            problem("broken_chain", "prev_hash does not match the hash of the previous entry"
+                    " (an entry before it was changed, removed or reordered)")
+        signature_ok = False
+        if isinstance(entry["signature"], str) and _HEX128.match(entry["signature"]):
+            try:
+                public_key.verify(bytes.fromhex(entry["signature"]), signing_payload(entry))
+                signature_ok = True
+            except (InvalidSignature, ValueError, TypeError):
+                signature_ok = False
+        if not signature_ok:
+            problem("bad_signature", "Ed25519 signature does not verify under the client's key")
+        if expected_client is None and isinstance(entry["client_id"], str):
+            expected_client = entry["client_id"]
+        if entry["client_id"] != expected_client:
+            problem("wrong_client", f"client_id is {entry['client_id']!r}, expected"
+                    f" {expected_client!r}")
+        eps = entry["epsilon_after"]
+        if _is_number(eps):
+            if prev_eps is not None and eps < prev_eps:
+                problem("epsilon_decreased", f"epsilon_after {eps!r} is below the previous"
+                        f" entry's {prev_eps!r}")
+            if entry["mechanism"] == REFUSAL and prev_eps is not None and eps != prev_eps:
+                problem("refusal_spent", f"a refusal must spend nothing, but epsilon_after"
+                        f" {eps!r} differs from the previous {prev_eps!r}")
+            if entry["mechanism"] == REFUSAL and prev_eps is None and eps != 0:
+                problem("refusal_spent", f"a first-entry refusal must have epsilon_after 0,"
+                        f" got {eps!r}")
+            prev_eps = eps if prev_eps is None else max(prev_eps, eps)
+        prev_hash = line_hash(line)
+    return problems
+
+
+def verify_ledger_file(path: str | os.PathLike[str], public_key: Ed25519PublicKey, *,
+                       client_id: str | None = None) -> list[LedgerProblem]:
+    """:func:`verify_ledger` on a file's raw lines; an incomplete last line is a problem too."""
+    path = Path(path)
+    lines, torn = _read_raw(path)
+    problems = verify_ledger(lines, public_key, client_id=client_id)
+    if torn:
+        problems.append(LedgerProblem(len(lines) - 1, "torn_line",
+                                      "last line has no newline (a write was interrupted)"))
+    return problems
+
+
+def accounted_releases(entries: Sequence[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    """The (noise_multiplier, sample_rate, steps) triples of all non-refusal entries, in order."""
+    out = []
+    for pos, entry in enumerate(entries):
+        if entry.get("mechanism") == REFUSAL:
+            continue
+        params = entry.get("params")
+        if not isinstance(params, dict) or any(k not in params for k in ACCOUNTED_PARAMS):
+            raise LedgerError(f"entry {pos} has no accountable params {ACCOUNTED_PARAMS}")
+        out.append((params["noise_multiplier"], params["sample_rate"], params["steps"]))
+    return out
+
+
+def replay_accountant(entries: Sequence[dict[str, Any]], kind: str | None = None, *,
+                      prv_eps_error: float = 0.01) -> Accountant:
+    """Rebuild an Accountant from ledger entries (every non-refusal entry, in order).
+
+    ``kind`` defaults to the entries' ``accountant`` field (which must agree). Use after a
+    restart: the ledger is written before each release, so the replayed accountant never
+    under-counts what was released. Verify the ledger first; this function trusts it.
+    """
+    kinds = {e.get("accountant") for e in entries}
+    if kind is None:
+        if len(kinds) > 1:
+            raise LedgerError(f"ledger entries name several accountants {sorted(map(str, kinds))}")
+        kind = kinds.pop() if kinds else "rdp"
+    acc = Accountant(kind, prv_eps_error=prv_eps_error)
+    for pos, (nm, q, steps) in enumerate(accounted_releases(entries)):
+        try:
+            acc.record(nm, q, steps)
+        except AccountingError as exc:
+            raise LedgerError(f"ledger release {pos}: {exc}") from exc
+    return acc
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LedgerWriter:
+    """Appends signed, chained entries to one client's ledger file, durably.
+
+    Opening verifies the existing file (chain, signatures under ``signing_key``'s public key,
+    client id, schema) and raises LedgerError if anything is wrong, including an incomplete
+    last line; it never appends to a corrupt or forged ledger. The file is locked
+    (``fcntl.flock``, exclusive) while the writer is open, so two writers cannot interleave.
+    POSIX only.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], client_id: str,
+                 signing_key: Ed25519PrivateKey) -> None:
+        if not isinstance(client_id, str) or not client_id:
+            raise LedgerError(f"client_id must be a non-empty string, got {client_id!r}")
+        if not isinstance(signing_key, Ed25519PrivateKey):
+            raise LedgerError(
+                f"signing_key must be an Ed25519PrivateKey, got {type(signing_key).__name__}"
+            )
+        self.path = Path(path)
+        self.client_id = client_id
+        self._key = signing_key
+        self.public_key = signing_key.public_key()
+        self._broken = False
+        if not self.path.parent.is_dir():
+            raise LedgerError(f"ledger directory {str(self.path.parent)!r} does not exist")
+        created = False
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            created = True
+        except FileExistsError:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        self._fd: int | None = fd
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LedgerError(
+                    f"ledger {str(self.path)!r} is locked by another writer"
+                ) from None
+            if created:
+                os.fsync(fd)
+                _fsync_dir(self.path.parent)
+            lines, torn = self._read_all()
+            if torn:
+                raise LedgerError(
+                    f"ledger {str(self.path)!r}: line {len(lines) - 1} is incomplete (no newline;"
+                    " a write was interrupted); refusing to append"
+                )
+            problems = verify_ledger(lines, self.public_key, client_id=client_id)
+            if problems:
+                shown = "; ".join(str(p) for p in problems[:5])
+                more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+                raise LedgerError(
+                    f"ledger {str(self.path)!r} failed verification, refusing to append: "
+                    f"{shown}{more}"
+                )
+        except BaseException:
+            os.close(fd)
+            self._fd = None
+            raise
+        self._entries: list[dict[str, Any]] = [json.loads(line) for line in lines]
+        self._head = line_hash(lines[-1]) if lines else GENESIS_HASH
+
+    def _read_all(self) -> tuple[list[str], bool]:
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        chunks = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(self._fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return _split_lines(b"".join(chunks))
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """Copies of all entries in the file, oldest first."""
+        return [json.loads(canonical_json(e)) for e in self._entries]
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(number of entries, hash of the last line) — anchor this outside the client."""
+        return len(self._entries), self._head
+
+    @property
+    def last_epsilon(self) -> float:
+        """epsilon_after of the last entry (0.0 for an empty ledger)."""
+        return float(self._entries[-1]["epsilon_after"]) if self._entries else 0.0
+
+    def append(self, *, round: int, mechanism: str, params: dict[str, Any],
+               epsilon_after: float, delta: float, budget_epsilon: float,
+               accountant: str) -> dict[str, Any]:
+        """Sign and durably append one entry; returns it. Fsynced before this returns.
+
+        Refuses (LedgerError) an ``epsilon_after`` below the last entry's, a refusal whose
+        ``epsilon_after`` differs from the last entry's, a non-refusal without
+        noise_multiplier/sample_rate/steps in ``params``, and any write failure (after which
+        the writer refuses further appends).
+        """
+        if self._fd is None:
+            raise LedgerError(f"ledger writer for {str(self.path)!r} is closed")
+        if self._broken:
+            raise LedgerError(
+                f"ledger {str(self.path)!r}: an earlier write failed; reopen to verify the file"
+            )
+        if isinstance(epsilon_after, bool) or not isinstance(epsilon_after, int | float):
+            raise LedgerError(f"epsilon_after must be a number, got {epsilon_after!r}")
+        entry: dict[str, Any] = {
+            "index": len(self._entries),
+            "client_id": self.client_id,
+            "round": round,
+            "mechanism": mechanism,
+            "params": params,
+            "epsilon_after": float(epsilon_after),
+            "delta": float(delta) if _is_number(delta) else delta,
+            "budget_epsilon": float(budget_epsilon) if _is_number(budget_epsilon)
+            else budget_epsilon,
+            "accountant": accountant,
+            "timestamp": _utc_now(),
+            "prev_hash": self._head,
+            "signature": "0" * 128,
+        }
+        problems = _field_problems(entry)
+        if problems:
+            raise LedgerError(f"ledger entry for round {round!r} {mechanism!r}: "
+                              + "; ".join(problems))
+        last = self.last_epsilon
+        if entry["epsilon_after"] < last:
+            raise LedgerError(
+                f"epsilon_after {epsilon_after!r} is below the ledger's last {last!r}"
+            )
+        if mechanism == REFUSAL and entry["epsilon_after"] != last:
+            raise LedgerError(
+                f"a refusal spends nothing: epsilon_after must be {last!r}, got {epsilon_after!r}"
+            )
+        try:
+            del entry["signature"]
+            payload = canonical_json(entry)
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"params of {mechanism!r} are not JSON-serializable: {exc}") from exc
+        entry["signature"] = self._key.sign(payload.encode("utf-8")).hex()
+        line = canonical_json(entry)
+        data = (line + "\n").encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except BaseException as exc:
+            self._broken = True
+            raise LedgerError(f"writing ledger {str(self.path)!r} failed: {exc}") from exc
+        self._entries.append(entry)
+        self._head = line_hash(line)
+        return json.loads(line)
+
+    def close(self) -> None:
+        """Release the lock and close the file (idempotent)."""
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> LedgerWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,238 @@
+"""Gaussian mechanisms: generic release, noised second-moment matrix, noised mean of a scalar.
+
+Neighbouring relation: add/remove one record, everywhere in this module, with the record
+count used for normalization (``n``, ``m``) treated as a *public constant* of the mechanism
+(the same relation Opacus's accountants assume, so these releases compose with DP-SGD in one
+:class:`privacy.accounting.Accountant`). Each Gaussian release with noise std
+``noise_multiplier * sensitivity`` is accounted as ``(noise_multiplier, sample_rate=1.0,
+steps=1)``.
+
+Randomness caveat (applies to every function here): noise comes from a ``torch.Generator``,
+a statistical PRNG, not a cryptographically secure one, and is sampled in floating point;
+the formal DP guarantee assumes ideal real-valued Gaussian noise (see Mironov, CCS 2012, on
+floating-point attacks). Opacus's ``secure_mode`` (torchcsprng) is not available here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from privacy.accounting import MechanismRecord
+
+
+class MechanismError(ValueError):
+    """Bad input to a mechanism; the message names the offending argument."""
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value <= 0:
+        raise MechanismError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_generator(generator: object) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise MechanismError(
+            f"generator must be a torch.Generator (explicit seeding), got {type(generator).__name__}"
+        )
+    return generator
+
+
+def _check_float_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise MechanismError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise MechanismError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise MechanismError(f"{name} contains NaN or infinite values")
+    return value
+
+
+class GaussianMechanism:
+    """Adds i.i.d. N(0, (noise_multiplier * sensitivity)^2) noise to every coordinate.
+
+    Guarantee: if the caller's ``sensitivity`` bounds the L2 norm of the change of the value
+    between neighbouring datasets, one release is a Gaussian mechanism accounted as
+    ``(noise_multiplier, 1.0, 1)``. The sensitivity is the caller's claim; this class cannot
+    check it.
+    """
+
+    def __init__(self, noise_multiplier: float, sensitivity: float) -> None:
+        self.noise_multiplier = _check_positive("noise_multiplier", noise_multiplier)
+        self.sensitivity = _check_positive("sensitivity", sensitivity)
+
+    @property
+    def std(self) -> float:
+        """Standard deviation of the noise added to each coordinate."""
+        return self.noise_multiplier * self.sensitivity
+
+    def release(self, value: Tensor, generator: torch.Generator) -> Tensor:
+        """Return ``value + noise`` (a new tensor, same shape/dtype/device as ``value``)."""
+        value = _check_float_tensor("value", value)
+        generator = _check_generator(generator)
+        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype,
+                            device=value.device)
+        return value + noise * self.std
+
+    def record(self, mechanism: str, **params: object) -> MechanismRecord:
+        """The accounting record of one release (``sensitivity`` is added to ``params``)."""
+        return MechanismRecord(mechanism, self.noise_multiplier, 1.0, 1,
+                               {"sensitivity": self.sensitivity, **params})
+
+    def __repr__(self) -> str:
+        return (f"GaussianMechanism(noise_multiplier={self.noise_multiplier!r},"
+                f" sensitivity={self.sensitivity!r})")
+
+
+def clip_rows(z: Tensor, max_norm: float) -> Tensor:
+    """Scale each row of ``z`` (n, d) to L2 norm at most ``max_norm``; shorter rows unchanged.
+
+    Returns a new tensor. The bound holds up to floating-point rounding of the norm
+    (relative error about 1e-7 in float32, 1e-16 in float64).
+    """
+    z = _check_float_tensor("z", z)
+    if z.ndim != 2:
+        raise MechanismError(f"z must be 2-D (n, d), got shape {tuple(z.shape)}")
+    max_norm = _check_positive("max_norm", max_norm)
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    factor = (max_norm / norms).clamp(max=1.0)  # zero rows: max_norm/0 = inf -> 1
+    return z * factor
+
+
+def second_moment_sensitivity(clip_norm: float, n: int) -> float:
+    """L2 sensitivity ``R^2 / n`` of the clipped second moment (see noised_second_moment)."""
+    clip_norm = _check_positive("clip_norm", clip_norm)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MechanismError(f"n must be an int >= 1, got {n!r}")
+    return clip_norm**2 / n
+
+
+def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
+                         generator: torch.Generator, *, n: int | None = None) -> Tensor:
+    """Gaussian mechanism on ``M = clip(Z)^T clip(Z) / n``; returns a symmetric (d, d) matrix.
+
+    Rows of ``z`` (n_rows, d) are clipped to L2 norm ``R = clip_norm``. ``n`` is the public
+    normalizer (default ``z.shape[0]``, which is then assumed public: the guarantee protects
+    each row's content and presence, not the dataset size itself).
+
+    Neighbouring relation: add/remove one row, ``n`` fixed. Adding or removing a clipped
+    row ``z`` changes ``M`` by ``z z^T / n``, whose Frobenius norm is ``||z||^2 / n <= R^2 / n``
+    (equality for ``||z|| = R``): the L2 sensitivity of ``M`` as a d*d vector is exactly
+    ``R^2 / n``.
+
+    Noise: ``G`` with i.i.d. N(0, s^2) entries, ``s = noise_multiplier * R^2 / n``, is added
+    to all d*d entries — the Gaussian mechanism with that sensitivity, accounted as
+    ``(noise_multiplier, 1.0, 1)`` — and the result is symmetrized, ``(X + X^T) / 2``, which
+    is post-processing (free). The returned noise ``(G + G^T) / 2`` has variance ``s^2`` on
+    the diagonal and ``s^2 / 2`` off it. (Equivalently: the isometric upper-triangle
+    vectorization, off-diagonal entries times sqrt(2), has the same sensitivity ``R^2 / n``.
+    Adding ``s^2`` noise to each plain upper-triangle entry instead would be equally private
+    but noisier off the diagonal, and ``(G + G^T) / sqrt(2)`` would double the diagonal noise;
+    neither is done.)
+    """
+    z = _check_float_tensor("z", z)
+    if z.ndim != 2:
+        raise MechanismError(f"z must be 2-D (n, d), got shape {tuple(z.shape)}")
+    if z.shape[1] < 1:
+        raise MechanismError("z must have at least one column")
+    nm = _check_positive("noise_multiplier", noise_multiplier)
+    generator = _check_generator(generator)
+    if n is None:
+        n = int(z.shape[0])
+        if n < 1:
+            raise MechanismError("z has no rows; pass the public n explicitly")
+    sensitivity = second_moment_sensitivity(clip_norm, n)
+    zc = clip_rows(z, clip_norm)
+    m = zc.T @ zc / n
+    d = m.shape[0]
+    g = torch.randn((d, d), generator=generator, dtype=m.dtype, device=m.device)
+    noised = m + g * (nm * sensitivity)
+    return (noised + noised.T) / 2
+
+
+def summary_record(clip_norm: float, noise_multiplier: float, n: int, q: int,
+                   mechanism: str = "gaussian_summary") -> MechanismRecord:
+    """Accounting record for one :func:`noised_second_moment` release (+ top-q post-processing)."""
+    sensitivity = second_moment_sensitivity(clip_norm, n)
+    return MechanismRecord(mechanism, _check_positive("noise_multiplier", noise_multiplier), 1.0,
+                           1, {"clip_norm": float(clip_norm), "n": n, "q": q,
+                               "sensitivity": sensitivity,
+                               "neighbouring": "add/remove one row, n public"})
+
+
+def top_eigenvectors(m: Tensor, q: int) -> Tensor:
+    """Eigenvectors of the q algebraically largest eigenvalues of symmetric ``m``, as (d, q).
+
+    Columns are ordered by decreasing eigenvalue, unit norm, and sign-normalized so that the
+    entry of largest absolute value in each column is positive (first such entry on ties).
+    ``m`` is symmetrized as ``(m + m^T) / 2`` first. Post-processing: no privacy cost. For
+    repeated eigenvalues the eigenvectors are not unique and the basis is whatever LAPACK
+    returns (deterministic for a given input on one machine).
+    """
+    m = _check_float_tensor("m", m)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise MechanismError(f"m must be a square (d, d) matrix, got shape {tuple(m.shape)}")
+    d = m.shape[0]
+    if isinstance(q, bool) or not isinstance(q, int) or not (1 <= q <= d):
+        raise MechanismError(f"q must be an int in [1, {d}], got {q!r}")
+    sym = (m + m.T) / 2
+    _, vecs = torch.linalg.eigh(sym)
+    top = vecs[:, -q:].flip(dims=(1,))
+    idx = top.abs().argmax(dim=0)
+    signs = torch.sign(top[idx, torch.arange(q)])
+    signs[signs == 0] = 1
+    return (top * signs).contiguous()
+
+
+def noised_mean_sensitivity(clip: float, m: int) -> float:
+    """L2 sensitivity ``clip / m`` of the clipped mean (see noised_scalar)."""
+    clip = _check_positive("clip", clip)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise MechanismError(f"m must be an int >= 1, got {m!r}")
+    return clip / m
+
+
+def noised_scalar(values: Tensor, clip: float, noise_multiplier: float,
+                  generator: torch.Generator, *, m: int | None = None) -> Tensor:
+    """Gaussian mechanism on the mean of per-record values clamped to ``[-clip, clip]``.
+
+    ``values`` is 1-D: one value per record (e.g. the per-example validation-loss difference
+    ``loss(theta_local; x_k) - loss(theta_received; x_k)``, whose mean is ``L_loc - L_rec``).
+    Returns a 0-dim tensor ``sum_k clamp(v_k) / m + N(0, s^2)`` with
+    ``s = noise_multiplier * clip / m``; ``m`` is the public normalizer (default
+    ``len(values)``, then assumed public).
+
+    Exact sensitivity: under add/remove one record with ``m`` fixed, the sum changes by one
+    clamped value, so the mean changes by at most ``clip / m`` — this is what is accounted,
+    as ``(noise_multiplier, 1.0, 1)``. (Under replace-one it would be ``2 * clip / m``; the
+    whole package uses add/remove, matching Opacus.) Clamping is per record: clamping only
+    the final mean would give sensitivity ``2 * clip`` and is not what this computes.
+    """
+    values = _check_float_tensor("values", values)
+    if values.ndim != 1:
+        raise MechanismError(
+            f"values must be 1-D (one value per record), got shape {tuple(values.shape)}"
+        )
+    nm = _check_positive("noise_multiplier", noise_multiplier)
+    generator = _check_generator(generator)
+    if m is None:
+        m = int(values.shape[0])
+        if m < 1:
+            raise MechanismError("values is empty; pass the public m explicitly")
+    sensitivity = noised_mean_sensitivity(clip, m)
+    total = values.clamp(-float(clip), float(clip)).sum() / m
+    noise = torch.randn((), generator=generator, dtype=values.dtype, device=values.device)
+    return total + noise * (nm * sensitivity)
+
+
+def scalar_record(clip: float, noise_multiplier: float, m: int,
+                  mechanism: str = "gaussian_lambda") -> MechanismRecord:
+    """Accounting record for one :func:`noised_scalar` release."""
+    sensitivity = noised_mean_sensitivity(clip, m)
+    return MechanismRecord(mechanism, _check_positive("noise_multiplier", noise_multiplier), 1.0,
+                           1, {"clip": float(clip), "m": m, "sensitivity": sensitivity,
+                               "neighbouring": "add/remove one record, m public"})

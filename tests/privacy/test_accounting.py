@@ -1,0 +1,188 @@
+"""Accountant equals Opacus; budgets; calibration lands within 1% of the target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from privacy.accounting import (
+    Accountant,
+    AccountingError,
+    BudgetExceededError,
+    CalibrationError,
+    MechanismRecord,
+    PlannedRelease,
+    PrivacyBudget,
+    calibrate_noise_multiplier,
+    plan_epsilon,
+)
+
+DELTA = 1e-5
+
+
+def test_rdp_epsilon_equals_opacus_for_the_same_history():
+    ours = Accountant("rdp")
+    theirs = RDPAccountant()
+    ours.record(3.0, 1.0)  # summary release
+    theirs.step(noise_multiplier=3.0, sample_rate=1.0)
+    for _ in range(40):  # DP-SGD steps recorded one at a time in Opacus
+        theirs.step(noise_multiplier=1.1, sample_rate=0.05)
+    ours.record(1.1, 0.05, steps=25)  # ... and in two chunks here
+    ours.record(1.1, 0.05, steps=15)
+    ours.record(8.0, 1.0)  # lambda release
+    theirs.step(noise_multiplier=8.0, sample_rate=1.0)
+    assert ours.history == theirs.history == [(3.0, 1.0, 1), (1.1, 0.05, 40), (8.0, 1.0, 1)]
+    for delta in (1e-5, 1e-3):
+        assert ours.epsilon(delta) == theirs.get_epsilon(delta)
+    assert ours.total_steps == 42
+
+
+def test_prv_epsilon_equals_opacus_prv():
+    ours = Accountant("prv")
+    theirs = PRVAccountant()
+    for _ in range(20):
+        theirs.step(noise_multiplier=1.0, sample_rate=0.1)
+    ours.record(1.0, 0.1, steps=20)
+    assert ours.epsilon(DELTA) == pytest.approx(theirs.get_epsilon(DELTA), rel=1e-12)
+    # PRV is tighter than RDP for the same history
+    rdp = Accountant("rdp")
+    rdp.record(1.0, 0.1, steps=20)
+    assert ours.epsilon(DELTA) < rdp.epsilon(DELTA)
+
+
+def test_prv_refuses_histories_whose_grid_would_exhaust_memory():
+    acc = Accountant("prv")
+    acc.record(1.0, 0.01, steps=50_000_000)
+    with pytest.raises(AccountingError, match="grid"):
+        acc.epsilon(DELTA)
+
+
+def test_empty_history_and_epsilon_after_does_not_change_state():
+    acc = Accountant()
+    assert acc.epsilon(DELTA) == 0.0
+    after = acc.epsilon_after(DELTA, 1.0, 0.1, 10)
+    assert acc.history == [] and acc.epsilon(DELTA) == 0.0
+    acc.record(1.0, 0.1, 10)
+    assert acc.epsilon(DELTA) == after
+    both = acc.epsilon_after_releases(DELTA, [(2.0, 1.0, 1), (1.0, 0.1, 5)])
+    assert both > acc.epsilon(DELTA) and acc.history == [(1.0, 0.1, 10)]
+
+
+def test_state_dict_round_trips_through_json():
+    acc = Accountant("rdp")
+    acc.record(1.2, 0.03, 100)
+    acc.record(5.0, 1.0)
+    state = json.loads(json.dumps(acc.state_dict()))
+    other = Accountant("rdp")
+    other.load_state_dict(state)
+    assert other.history == acc.history and other.epsilon(DELTA) == acc.epsilon(DELTA)
+    assert Accountant.from_state_dict(state).epsilon(DELTA) == acc.epsilon(DELTA)
+    with pytest.raises(AccountingError, match="'prv'"):
+        Accountant("prv").load_state_dict(state)
+    for key in ("history", "accountant", "version"):
+        broken = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(AccountingError, match=repr(key)):
+            Accountant("rdp").load_state_dict(broken)
+    with pytest.raises(AccountingError, match=r"history\[1\].*sample_rate"):
+        Accountant("rdp").load_state_dict({**state, "history": [[1.0, 0.1, 3], [1.0, 2.0, 1]]})
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [((0.0, 0.1, 1), "noise_multiplier"), ((-1.0, 0.1, 1), "noise_multiplier"),
+     ((float("inf"), 0.1, 1), "noise_multiplier"), ((1.0, 0.0, 1), "sample_rate"),
+     ((1.0, 1.01, 1), "sample_rate"), ((1.0, 0.1, 0), "steps"), ((1.0, 0.1, 2.0), "steps")],
+)
+def test_bad_records_are_rejected_naming_the_field(args, field):
+    with pytest.raises(AccountingError, match=field):
+        Accountant().record(*args)
+
+
+def test_bad_accountant_kind_and_delta():
+    with pytest.raises(AccountingError, match="accountant must be one of"):
+        Accountant("gdp")
+    for delta in (0.0, 1.0, -1e-5):
+        with pytest.raises(AccountingError, match="delta"):
+            Accountant().epsilon(delta)
+
+
+def test_privacy_budget_validation():
+    budget = PrivacyBudget(3, 1e-5)
+    assert budget.epsilon == 3.0 and isinstance(budget.epsilon, float)
+    for eps in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(AccountingError, match="epsilon"):
+            PrivacyBudget(eps, 1e-5)
+    for delta in (0, 1, 1.5, -0.1):
+        with pytest.raises(AccountingError, match="delta"):
+            PrivacyBudget(1.0, delta)
+    budget.check_dataset_size(1000)
+    with pytest.raises(AccountingError, match="1/n"):
+        PrivacyBudget(1.0, 1e-3).check_dataset_size(1000)
+
+
+def test_budget_exceeded_error_names_everything():
+    err = BudgetExceededError(client_id="c7", round=12, mechanism="dpsgd",
+                              epsilon_would_be=8.4321, budget=PrivacyBudget(8.0, 1e-5))
+    text = str(err)
+    assert "'c7'" in text and "round 12" in text and "'dpsgd'" in text
+    assert "8.4321" in text and "budget 8" in text
+    assert isinstance(err, RuntimeError) and err.epsilon_would_be == 8.4321
+
+
+def test_mechanism_record_validation():
+    rec = MechanismRecord("dpsgd", 1.0, 0.1, 5, {"clip_norm": 1.0})
+    assert rec.ledger_params() == {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 5,
+                                   "clip_norm": 1.0}
+    with pytest.raises(AccountingError, match="mechanism"):
+        MechanismRecord("", 1.0, 0.1)
+    with pytest.raises(AccountingError, match="steps"):
+        MechanismRecord("dpsgd", 1.0, 0.1, 1, {"steps": 3})
+
+
+PLAN = [
+    PlannedRelease("gaussian_summary", 1.0, 1),
+    PlannedRelease("dpsgd", 0.064, 400),
+    PlannedRelease("gaussian_lambda", 1.0, 25),
+]
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_calibrated_sigma_gives_epsilon_within_one_percent_below_target(target):
+    sigma = calibrate_noise_multiplier(target, DELTA, PLAN)
+    acc = Accountant("rdp")  # plug sigma back in through an independent accountant
+    for item in PLAN:
+        acc.record(sigma, item.sample_rate, item.steps)
+    eps = acc.epsilon(DELTA)
+    assert 0.99 * target <= eps <= target
+    assert plan_epsilon(PLAN, DELTA, sigma) == eps
+
+
+def test_calibration_with_prv_and_with_a_fixed_entry():
+    plan = [PlannedRelease("dpsgd", 0.1, 50)]
+    sigma = calibrate_noise_multiplier(2.0, DELTA, plan, "prv")
+    prv = PRVAccountant()
+    prv.history = [(sigma, 0.1, 50)]
+    assert 0.99 * 2.0 <= prv.get_epsilon(DELTA) <= 2.0
+    fixed = [PlannedRelease("gaussian_summary", 1.0, 1, noise_multiplier=4.0),
+             PlannedRelease("dpsgd", 0.1, 50)]
+    sigma2 = calibrate_noise_multiplier(2.0, DELTA, fixed)
+    assert 0.99 * 2.0 <= plan_epsilon(fixed, DELTA, sigma2) <= 2.0
+    assert sigma2 > calibrate_noise_multiplier(2.0, DELTA, plan)  # summary uses up budget
+
+
+def test_calibration_errors():
+    with pytest.raises(CalibrationError, match="already spend"):
+        calibrate_noise_multiplier(1.0, DELTA, [PlannedRelease("s", 1.0, 1, 0.5),
+                                                PlannedRelease("dpsgd", 0.1, 10)])
+    with pytest.raises(AccountingError, match="no entry"):
+        calibrate_noise_multiplier(1.0, DELTA, [PlannedRelease("s", 1.0, 1, 5.0)])
+    with pytest.raises(AccountingError, match="empty"):
+        calibrate_noise_multiplier(1.0, DELTA, [])
+    with pytest.raises(AccountingError, match="target_epsilon"):
+        calibrate_noise_multiplier(0.0, DELTA, PLAN)
+    with pytest.raises(AccountingError, match="sample_rate"):
+        PlannedRelease("dpsgd", 0.0, 10)
+    with pytest.raises(AccountingError, match="no noise_multiplier"):
+        plan_epsilon(PLAN, DELTA)

@@ -1,0 +1,233 @@
+"""DP-SGD: fused per-sample clipping equals a brute-force loop; noise; Poisson sampling; views."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from privacy.dpsgd import DPSGD, DPSGDError, poisson_sample
+
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh(),
+                         nn.Linear(12, 5))
+
+
+def _brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, clip: float,
+                 ) -> list[torch.Tensor]:
+    """Clip each per-sample gradient (flat over all trainable params, +1e-6 like Opacus), sum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    norms = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        norms.append(float(norm))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for t, g in zip(total, grads, strict=True):
+            t += g.double() * factor
+    return [t.float() for t in total], norms
+
+
+def _data(n: int, seed: int = 1, shape: tuple[int, ...] = (20,), classes: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *shape), generator=g) * 2.0
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def test_fused_clipped_sum_matches_brute_force_loop():
+    model = _mlp()
+    x, y = _data(24)
+    _, norms = _brute_force(model, x, y, CE, clip=1e9)
+    clip = float(torch.tensor(norms).median())  # about half the samples get clipped
+    expected, _ = _brute_force(model, x, y, CE, clip)
+    with DPSGD(model, clip, 1.0, 24, torch.Generator().manual_seed(0)) as dp:
+        assert dp.mode == "fused"
+        got = dp.clipped_gradient_sum(x, y, CE)
+    assert sum(n > clip for n in norms) >= 5 and sum(n < clip for n in norms) >= 5
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_private_gradient_is_clipped_sum_plus_noise_over_expected_batch():
+    model = _mlp()
+    x, y = _data(10)
+    clip, sigma, batch = 0.5, 1.3, 8.0
+    expected, _ = _brute_force(model, x, y, CE, clip)
+    dp = DPSGD(model, clip, sigma, batch, torch.Generator().manual_seed(42))
+    dp.private_gradient(x, y, CE)
+    # The noise is drawn in parameter order from the generator: reproduce it.
+    g2 = torch.Generator().manual_seed(42)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        noise = torch.empty_like(p).normal_(0.0, sigma * clip / batch, generator=g2)
+        torch.testing.assert_close(p.grad, noise + e / batch, atol=1e-5, rtol=1e-5)
+    assert dp.steps == 1
+    rec = dp.record(sample_rate=0.1)
+    assert (rec.noise_multiplier, rec.sample_rate, rec.steps) == (sigma, 0.1, 1)
+    assert rec.params["clip_norm"] == clip and rec.params["per_sample_method"] == "fused"
+
+
+def test_noise_std_matches_sigma_c_over_b_and_empty_batch_is_noise_only():
+    model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 50))
+    clip, sigma, batch = 2.0, 1.5, 16.0
+    dp = DPSGD(model, clip, sigma, batch, torch.Generator().manual_seed(3))
+    x, y = torch.zeros(0, 100), torch.zeros(0, dtype=torch.long)
+    dp.private_gradient(x, y, CE)
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert flat.numel() > 15_000
+    expected = sigma * clip / batch
+    assert dp.noise_std == pytest.approx(expected)
+    assert float(flat.std()) == pytest.approx(expected, rel=0.03)
+    assert abs(float(flat.mean())) < 4 * expected / math.sqrt(flat.numel())
+
+
+def test_poisson_sampling_rate_and_independence():
+    g = torch.Generator().manual_seed(0)
+    n, q = 200_000, 0.05
+    idx = DPSGD.sample_batch(n, q, g)
+    sd = math.sqrt(n * q * (1 - q))
+    assert abs(idx.numel() - n * q) < 4 * sd
+    assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all())
+    sizes = torch.tensor([float(poisson_sample(50, 0.1, g).numel()) for _ in range(2000)])
+    assert float(sizes.mean()) == pytest.approx(5.0, abs=0.25)
+    assert float(sizes.var()) == pytest.approx(50 * 0.1 * 0.9, rel=0.15)  # binomial, not fixed
+    assert (sizes == 0).any()  # empty batches happen and are legal
+    for bad in (0.0, 1.5, -0.1, True):
+        with pytest.raises(DPSGDError, match="sample_rate"):
+            poisson_sample(10, bad, g)
+    with pytest.raises(DPSGDError, match="n must"):
+        poisson_sample(-1, 0.5, g)
+
+
+def test_parameters_as_views_of_a_flat_matrix_are_kept_and_written_in_place():
+    model = _mlp()
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    flat = torch.zeros(3, sum(sizes))  # the runtime's (N, P) matrix; this model is row 1
+    flat_grad = torch.zeros(3, sum(sizes))
+    offset = 0
+    for p, s in zip(params, sizes, strict=True):
+        flat[1, offset:offset + s] = p.detach().flatten()
+        p.data = flat[1, offset:offset + s].view_as(p)
+        p.grad = flat_grad[1, offset:offset + s].view_as(p)
+        offset += s
+    ids = [id(p) for p in params]
+    grad_ids = [id(p.grad) for p in params]
+    x, y = _data(12)
+    expected, _ = _brute_force(model, x, y, CE, 0.7)
+    dp = DPSGD(model, 0.7, 1.0, 12, torch.Generator().manual_seed(5))
+    dp.private_gradient(x, y, CE)
+    assert [id(p) for p in model.parameters()] == ids
+    assert [id(p.grad) for p in model.parameters()] == grad_ids
+    g2 = torch.Generator().manual_seed(5)
+    offset = 0
+    for p, e, s in zip(params, expected, sizes, strict=True):
+        assert p.data_ptr() == flat[1, offset:offset + s].data_ptr()
+        noise = torch.empty_like(p).normal_(0.0, 1.0 * 0.7 / 12, generator=g2)
+        torch.testing.assert_close(flat_grad[1, offset:offset + s].view_as(p), noise + e / 12,
+                                   atol=1e-5, rtol=1e-5)
+        offset += s
+    assert float(flat_grad[0].abs().sum()) == 0.0 and float(flat_grad[2].abs().sum()) == 0.0
+    # An optimizer step on the views updates the flat matrix row.
+    before = flat[1].clone()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(before, flat[1])
+
+
+class _SeqModel(nn.Module):
+    """Linear on (B, T, d) inputs and one layer called twice: exercises the T > 1 path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x))                 # (B, T, 8)
+        h = torch.tanh(self.shared(h))
+        h = self.shared(h).mean(dim=1)                # shared layer used twice
+        return self.head(h)
+
+
+def test_fused_handles_sequence_inputs_and_reused_layers_exactly():
+    model = _SeqModel()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 5, 6, generator=g)
+    y = torch.randint(0, 3, (9,), generator=g)
+    _, norms = _brute_force(model, x, y, CE, 1e9)
+    clip = float(torch.tensor(norms).median())
+    expected, _ = _brute_force(model, x, y, CE, clip)
+    dp = DPSGD(model, clip, 1.0, 9, torch.Generator().manual_seed(0))
+    assert dp.mode == "fused"
+    for got, e in zip(dp.clipped_gradient_sum(x, y, CE), expected, strict=True):
+        torch.testing.assert_close(got, e, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_model_uses_opacus_exact_per_sample_gradients_with_a_log_line(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 6, 6, generator=g)
+    y = torch.randint(0, 4, (8,), generator=g)
+    _, norms = _brute_force(model, x, y, CE, 1e9)
+    clip = float(torch.tensor(norms).median())
+    expected, _ = _brute_force(model, x, y, CE, clip)
+    with caplog.at_level(logging.WARNING, logger="privacy.dpsgd"):
+        dp = DPSGD(model, clip, 1.0, 8, torch.Generator().manual_seed(0))
+    assert dp.mode == "opacus"
+    assert any("Opacus" in r.getMessage() and "same privacy guarantee" in r.getMessage()
+               for r in caplog.records)
+    for got, e in zip(dp.clipped_gradient_sum(x, y, CE), expected, strict=True):
+        torch.testing.assert_close(got, e, atol=1e-5, rtol=1e-5)
+    dp.private_gradient(x, y, CE)
+    assert all(p.grad is not None and getattr(p, "grad_sample", None) is None
+               for p in model.parameters())
+    dp.close()
+    with pytest.raises(DPSGDError, match="fused"):
+        DPSGD(model, clip, 1.0, 8, torch.Generator(), mode="fused")
+
+
+def test_close_removes_hooks_and_eval_forward_captures_nothing():
+    model = _mlp()
+    dp = DPSGD(model, 1.0, 1.0, 4, torch.Generator())
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert all(len(m._forward_hooks) == 1 for m in linear)
+    model(torch.randn(3, 20))  # outside private_gradient: nothing is kept
+    assert all(not c.inputs and not c.outputs for c in dp._captures)
+    dp.close()
+    assert all(len(m._forward_hooks) == 0 for m in linear)
+    with pytest.raises(DPSGDError, match="closed"):
+        dp.private_gradient(*_data(2), CE)
+
+
+def test_bad_configurations_are_rejected_with_the_field_named():
+    model = _mlp()
+    gen = torch.Generator()
+    with pytest.raises(DPSGDError, match="max_grad_norm"):
+        DPSGD(model, 0.0, 1.0, 4, gen)
+    with pytest.raises(DPSGDError, match="noise_multiplier"):
+        DPSGD(model, 1.0, 0.0, 4, gen)
+    with pytest.raises(DPSGDError, match="expected_batch_size"):
+        DPSGD(model, 1.0, 1.0, 0, gen)
+    with pytest.raises(DPSGDError, match="generator"):
+        DPSGD(model, 1.0, 1.0, 4, None)
+    with pytest.raises(DPSGDError, match="mode"):
+        DPSGD(model, 1.0, 1.0, 4, gen, mode="ghost")
+    with pytest.raises(DPSGDError, match="BatchNorm1d"):
+        DPSGD(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False)), 1.0, 1.0, 4, gen)
+    dp = DPSGD(model, 1.0, 1.0, 4, gen)
+    x, y = _data(4)
+    with pytest.raises(DPSGDError, match="per-sample losses"):
+        dp.private_gradient(x, y, nn.CrossEntropyLoss())  # reduced to a scalar: rejected
+    with pytest.raises(DPSGDError, match="samples"):
+        dp.private_gradient(x, y[:3], CE)

@@ -1,0 +1,283 @@
+"""Privacy ledger: chain + signatures, tamper detection naming the entry, reopen, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from privacy.accounting import Accountant
+from privacy.ledger import (
+    GENESIS_HASH,
+    LedgerError,
+    LedgerWriter,
+    canonical_json,
+    line_hash,
+    read_ledger,
+    replay_accountant,
+    signing_payload,
+    verify_ledger,
+    verify_ledger_file,
+)
+
+KEY = Ed25519PrivateKey.generate()
+DELTA = 1e-5
+
+
+def _append(writer: LedgerWriter, rnd: int, eps: float, mechanism: str = "dpsgd",
+            nm: float = 1.0, q: float = 0.1, steps: int = 10) -> dict:
+    params = {} if mechanism == "refusal" else {"noise_multiplier": nm, "sample_rate": q,
+                                                "steps": steps, "clip_norm": 1.0}
+    return writer.append(round=rnd, mechanism=mechanism, params=params, epsilon_after=eps,
+                         delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+
+
+def _ledger(tmp_path: Path, n: int = 4) -> Path:
+    path = tmp_path / "c1.ledger.jsonl"
+    with LedgerWriter(path, "c1", KEY) as w:
+        for i in range(n):
+            _append(w, i, 0.5 * (i + 1))
+    return path
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_chain_and_signatures_verify(tmp_path):
+    path = _ledger(tmp_path)
+    entries = read_ledger(path)
+    assert [e["index"] for e in entries] == [0, 1, 2, 3]
+    assert entries[0]["prev_hash"] == GENESIS_HASH
+    lines = _lines(path)
+    for prev, entry in zip(lines, entries[1:], strict=False):
+        assert entry["prev_hash"] == line_hash(prev)
+    assert all(canonical_json(e) == line for e, line in zip(entries, lines, strict=True))
+    assert set(entries[0]) == {"index", "client_id", "round", "mechanism", "params",
+                               "epsilon_after", "delta", "budget_epsilon", "accountant",
+                               "timestamp", "prev_hash", "signature"}
+    KEY.public_key().verify(bytes.fromhex(entries[2]["signature"]), signing_payload(entries[2]))
+    assert verify_ledger_file(path, KEY.public_key()) == []
+    assert verify_ledger(entries, KEY.public_key(), client_id="c1") == []
+
+
+def test_flipped_byte_is_detected_at_that_entry(tmp_path):
+    path = _ledger(tmp_path)
+    data = bytearray(path.read_bytes())
+    lines = _lines(path)
+    start = len(lines[0]) + 1  # entry 1
+    pos = start + lines[1].index('"epsilon_after":') + len('"epsilon_after":')
+    data[pos] = ord("9") if data[pos] != ord("9") else ord("8")
+    path.write_bytes(bytes(data))
+    problems = verify_ledger_file(path, KEY.public_key())
+    assert problems and problems[0].index == 1
+    kinds = {(p.index, p.kind) for p in problems}
+    assert (1, "bad_signature") in kinds and (2, "broken_chain") in kinds
+    with pytest.raises(LedgerError, match="entry 1"):
+        LedgerWriter(path, "c1", KEY)
+
+
+def test_deleted_entry_is_detected(tmp_path):
+    path = _ledger(tmp_path)
+    lines = _lines(path)
+    _write_lines(path, [lines[0], lines[2], lines[3]])
+    problems = verify_ledger_file(path, KEY.public_key())
+    assert {(p.index, p.kind) for p in problems} >= {(1, "bad_index"), (1, "broken_chain")}
+    assert min(p.index for p in problems) == 1
+
+
+def test_reordered_entries_are_detected(tmp_path):
+    path = _ledger(tmp_path)
+    lines = _lines(path)
+    _write_lines(path, [lines[0], lines[2], lines[1], lines[3]])
+    problems = verify_ledger_file(path, KEY.public_key())
+    assert min(p.index for p in problems) == 1
+    assert {p.kind for p in problems if p.index == 1} >= {"bad_index", "broken_chain"}
+
+
+def test_forged_signatures_are_detected(tmp_path):
+    path = _ledger(tmp_path)
+    entries = read_ledger(path)
+    forger = Ed25519PrivateKey.generate()
+    # Forge entry 2 (lower its epsilon, re-sign with another key, keep the chain shape).
+    e2 = dict(entries[2])
+    e2["params"] = {**e2["params"], "steps": 1}
+    e2["signature"] = forger.sign(signing_payload(e2)).hex()
+    lines = _lines(path)
+    lines[2] = canonical_json(e2)
+    _write_lines(path, lines)
+    problems = verify_ledger_file(path, KEY.public_key())
+    assert (2, "bad_signature") in {(p.index, p.kind) for p in problems}
+    # A whole ledger re-signed by the forger verifies under the forger's key only.
+    forged_path = tmp_path / "forged.jsonl"
+    with LedgerWriter(forged_path, "c1", forger) as w:
+        _append(w, 0, 0.5)
+        _append(w, 1, 1.0)
+    assert verify_ledger_file(forged_path, forger.public_key()) == []
+    bad = verify_ledger_file(forged_path, KEY.public_key())
+    assert [(p.index, p.kind) for p in bad] == [(0, "bad_signature"), (1, "bad_signature")]
+    with pytest.raises(LedgerError, match="signature"):
+        LedgerWriter(forged_path, "c1", KEY)
+
+
+def _signed_chain(entries: list[dict]) -> list[dict]:
+    """Build a correctly chained and signed list from bodies (to test semantic checks)."""
+    out, prev = [], GENESIS_HASH
+    for i, body in enumerate(entries):
+        e = {"index": i, "client_id": "c1", "round": i, "mechanism": "dpsgd",
+             "params": {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1},
+             "epsilon_after": 1.0, "delta": DELTA, "budget_epsilon": 8.0, "accountant": "rdp",
+             "timestamp": "2026-01-01T00:00:00.000000Z", "prev_hash": prev, **body}
+        e["signature"] = KEY.sign(signing_payload(e)).hex()
+        out.append(e)
+        prev = line_hash(canonical_json(e))
+    return out
+
+
+def test_semantic_problems_signed_by_the_right_key_are_still_reported():
+    entries = _signed_chain([{"epsilon_after": 2.0}, {"epsilon_after": 1.5},
+                             {"client_id": "c2", "epsilon_after": 2.5},
+                             {"mechanism": "refusal", "params": {}, "epsilon_after": 3.0},
+                             {"params": {"noise_multiplier": 1.0}, "epsilon_after": 3.0}])
+    kinds = {(p.index, p.kind) for p in verify_ledger(entries, KEY.public_key())}
+    assert kinds == {(1, "epsilon_decreased"), (2, "wrong_client"), (3, "refusal_spent"),
+                     (4, "bad_fields")}
+    named = verify_ledger(entries[:1], KEY.public_key(), client_id="other")
+    assert [(p.index, p.kind) for p in named] == [(0, "wrong_client")]
+
+
+def test_bad_json_and_torn_lines(tmp_path):
+    path = _ledger(tmp_path, 2)
+    with open(path, "a") as f:
+        f.write('{"index": 2, "broken"\n')
+    problems = verify_ledger_file(path, KEY.public_key())
+    assert [(p.index, p.kind) for p in problems] == [(2, "bad_json")]
+    with pytest.raises(LedgerError, match="line 2 is not valid JSON"):
+        read_ledger(path)
+    (tmp_path / "t").mkdir()
+    torn = _ledger(tmp_path / "t", 2)
+    with open(torn, "a") as f:
+        f.write('{"index":2,"client')
+    assert [(p.index, p.kind) for p in verify_ledger_file(torn, KEY.public_key())][-1] == \
+        (2, "torn_line")
+    with pytest.raises(LedgerError, match="incomplete"):
+        read_ledger(torn)
+    with pytest.raises(LedgerError, match="incomplete"):
+        LedgerWriter(torn, "c1", KEY)
+
+
+def test_reopen_continues_the_chain(tmp_path):
+    path = _ledger(tmp_path, 2)
+    with LedgerWriter(path, "c1", KEY) as w:
+        assert w.head == (2, line_hash(_lines(path)[-1]))
+        assert w.last_epsilon == 1.0
+        entry = _append(w, 2, 1.7)
+        assert entry["index"] == 2 and entry["prev_hash"] == line_hash(_lines(path)[1])
+    assert verify_ledger_file(path, KEY.public_key()) == []
+    with pytest.raises(LedgerError, match="client_id is 'c1', expected 'c9'"):
+        LedgerWriter(path, "c9", KEY)
+
+
+def test_writer_locks_and_validates_appends(tmp_path):
+    path = tmp_path / "l.jsonl"
+    with LedgerWriter(path, "c1", KEY) as w:
+        with pytest.raises(LedgerError, match="locked"):
+            LedgerWriter(path, "c1", KEY)
+        _append(w, 0, 1.0)
+        with pytest.raises(LedgerError, match="below the ledger's last"):
+            _append(w, 1, 0.5)
+        with pytest.raises(LedgerError, match="refusal spends nothing"):
+            _append(w, 1, 2.0, mechanism="refusal")
+        _append(w, 1, 1.0, mechanism="refusal")
+        with pytest.raises(LedgerError, match="lacks 'steps'"):
+            w.append(round=2, mechanism="dpsgd", params={"noise_multiplier": 1.0,
+                                                         "sample_rate": 0.1},
+                     epsilon_after=1.0, delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+        with pytest.raises(LedgerError, match="JSON"):
+            w.append(round=2, mechanism="x", params={"noise_multiplier": 1.0, "sample_rate": 0.1,
+                                                     "steps": 1, "bad": float("nan")},
+                     epsilon_after=1.0, delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+        with pytest.raises(LedgerError, match="accountant"):
+            w.append(round=2, mechanism="x", params={"noise_multiplier": 1.0, "sample_rate": 0.1,
+                                                     "steps": 1},
+                     epsilon_after=1.0, delta=DELTA, budget_epsilon=8.0, accountant="gdp")
+    assert len(read_ledger(path)) == 2
+    with pytest.raises(LedgerError, match="does not exist"):
+        LedgerWriter(tmp_path / "missing" / "l.jsonl", "c1", KEY)
+    with pytest.raises(LedgerError, match="Ed25519PrivateKey"):
+        LedgerWriter(tmp_path / "k.jsonl", "c1", KEY.public_key())
+
+
+def test_append_fsyncs_file_and_directory_before_returning(tmp_path, monkeypatch):
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    path = tmp_path / "f.jsonl"
+    w = LedgerWriter(path, "c1", KEY)
+    assert len(calls) == 2  # new file, then its directory
+    calls.clear()
+    _append(w, 0, 1.0)
+    assert calls == [w._fd]
+    # A failed fsync is an error, not a silent success, and the writer stops appending.
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(LedgerError, match="disk gone"):
+        _append(w, 1, 2.0)
+    monkeypatch.setattr(os, "fsync", real)
+    with pytest.raises(LedgerError, match="earlier write failed"):
+        _append(w, 1, 2.0)
+    w.close()
+
+
+def test_killed_after_ledger_write_over_counts_never_under_counts(tmp_path):
+    """Child writes the ledger entry of a release, then is SIGKILLed before sending it."""
+    path = tmp_path / "crash.jsonl"
+    acc = Accountant()
+    released_eps = acc.epsilon(DELTA)  # nothing was ever released
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the client process
+        try:
+            os.close(read_fd)
+            w = LedgerWriter(path, "c1", KEY)
+            eps = acc.epsilon_after(DELTA, 1.0, 0.1, 10)
+            _append(w, 0, eps)
+            os.write(write_fd, b"written")  # ... release would be sent now
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(write_fd)
+    assert os.read(read_fd, 16) == b"written"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read_fd)
+    assert verify_ledger_file(path, KEY.public_key()) == []
+    entries = read_ledger(path)
+    recovered = replay_accountant(entries)
+    assert recovered.history == [(1.0, 0.1, 10)]
+    assert recovered.epsilon(DELTA) == entries[-1]["epsilon_after"] > released_eps
+    with LedgerWriter(path, "c1", KEY) as w:  # the lock died with the child
+        _append(w, 1, recovered.epsilon_after(DELTA, 1.0, 0.1, 10))
+    assert replay_accountant(read_ledger(path)).epsilon(DELTA) == pytest.approx(
+        read_ledger(path)[-1]["epsilon_after"])
+
+
+def test_replay_skips_refusals_and_rejects_mixed_accountants():
+    entries = _signed_chain([{"epsilon_after": 1.0},
+                             {"mechanism": "refusal", "params": {}, "epsilon_after": 1.0},
+                             {"params": {"noise_multiplier": 2.0, "sample_rate": 1.0,
+                                         "steps": 1}, "epsilon_after": 1.2}])
+    acc = replay_accountant(entries)
+    assert acc.kind == "rdp" and acc.history == [(1.0, 0.1, 1), (2.0, 1.0, 1)]
+    entries[2]["accountant"] = "prv"
+    with pytest.raises(LedgerError, match="several accountants"):
+        replay_accountant(entries)
+    assert json.loads(canonical_json(entries[0])) == entries[0]

@@ -1,0 +1,165 @@
+"""Gaussian mechanism, row clipping, noised second moment, top eigenvectors, noised scalar."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from privacy.mechanisms import (
+    GaussianMechanism,
+    MechanismError,
+    clip_rows,
+    noised_mean_sensitivity,
+    noised_scalar,
+    noised_second_moment,
+    scalar_record,
+    second_moment_sensitivity,
+    summary_record,
+    top_eigenvectors,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_gaussian_mechanism_noise_std_and_record():
+    mech = GaussianMechanism(2.0, 0.25)
+    assert mech.std == 0.5
+    value = torch.full((200_000,), 3.0)
+    out = mech.release(value, _gen())
+    assert out.shape == value.shape and out.dtype == value.dtype
+    noise = out - value
+    assert float(noise.std()) == pytest.approx(0.5, rel=0.01)
+    assert abs(float(noise.mean())) < 0.005
+    assert torch.equal(value, torch.full((200_000,), 3.0))  # input untouched
+    rec = mech.record("gaussian", n=10)
+    assert (rec.noise_multiplier, rec.sample_rate, rec.steps) == (2.0, 1.0, 1)
+    assert rec.params == {"sensitivity": 0.25, "n": 10}
+
+
+def test_gaussian_mechanism_rejects_bad_input():
+    with pytest.raises(MechanismError, match="noise_multiplier"):
+        GaussianMechanism(0.0, 1.0)
+    with pytest.raises(MechanismError, match="sensitivity"):
+        GaussianMechanism(1.0, -1.0)
+    mech = GaussianMechanism(1.0, 1.0)
+    with pytest.raises(MechanismError, match="generator"):
+        mech.release(torch.zeros(3), None)
+    with pytest.raises(MechanismError, match="floating-point"):
+        mech.release(torch.zeros(3, dtype=torch.long), _gen())
+    with pytest.raises(MechanismError, match="NaN"):
+        mech.release(torch.tensor([1.0, float("nan")]), _gen())
+    with pytest.raises(MechanismError, match="Tensor"):
+        mech.release([1.0, 2.0], _gen())
+
+
+def test_clip_rows():
+    z = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0], [-6.0, 8.0]])
+    out = clip_rows(z, 1.0)
+    norms = out.norm(dim=1)
+    assert torch.allclose(norms, torch.tensor([1.0, 0.5, 0.0, 1.0]))
+    assert torch.equal(out[1], z[1]) and torch.equal(out[2], z[2])
+    assert torch.allclose(out[0], torch.tensor([0.6, 0.8]))  # direction kept
+    with pytest.raises(MechanismError, match="2-D"):
+        clip_rows(torch.zeros(3), 1.0)
+    with pytest.raises(MechanismError, match="max_norm"):
+        clip_rows(z, 0.0)
+
+
+def test_second_moment_exact_without_noise_and_its_sensitivity_claim():
+    g = _gen(1)
+    z = torch.randn(50, 6, generator=g, dtype=torch.float64) * 2
+    r = 1.5
+    tiny = noised_second_moment(z, r, 1e-12, _gen(), n=50)
+    zc = clip_rows(z, r)
+    torch.testing.assert_close(tiny, zc.T @ zc / 50)
+    # Neighbour: add one row of norm > R. M changes by clip(z)clip(z)^T/n, Frobenius R^2/n.
+    extra = torch.randn(1, 6, generator=g, dtype=torch.float64) * 10
+    z2 = torch.cat([z, extra])
+    m1 = noised_second_moment(z, r, 1e-12, _gen(), n=50)
+    m2 = noised_second_moment(z2, r, 1e-12, _gen(), n=50)
+    diff = float(torch.linalg.matrix_norm(m2 - m1))
+    assert diff == pytest.approx(second_moment_sensitivity(r, 50), rel=1e-6)
+    assert second_moment_sensitivity(r, 50) == r**2 / 50
+
+
+def test_second_moment_noise_is_symmetric_with_the_documented_variances():
+    d, n, r, sigma = 40, 200, 2.0, 3.0
+    s = sigma * r**2 / n
+    diag, off = [], []
+    for seed in range(15):
+        m = noised_second_moment(torch.zeros(n, d, dtype=torch.float64), r, sigma, _gen(seed))
+        assert torch.equal(m, m.T)
+        diag.append(torch.diagonal(m))
+        iu = torch.triu_indices(d, d, offset=1)
+        off.append(m[iu[0], iu[1]])
+    diag_t, off_t = torch.cat(diag), torch.cat(off)
+    assert float(diag_t.var()) == pytest.approx(s**2, rel=0.15)       # 600 samples
+    assert float(off_t.var()) == pytest.approx(s**2 / 2, rel=0.05)    # 11,700 samples
+    rec = summary_record(r, sigma, n, q=1)
+    assert rec.params["sensitivity"] == r**2 / n and rec.sample_rate == 1.0
+
+
+def test_second_moment_rejects_bad_input():
+    with pytest.raises(MechanismError, match="2-D"):
+        noised_second_moment(torch.zeros(4), 1.0, 1.0, _gen())
+    with pytest.raises(MechanismError, match="no rows"):
+        noised_second_moment(torch.zeros(0, 3), 1.0, 1.0, _gen())
+    assert noised_second_moment(torch.zeros(0, 3), 1.0, 1.0, _gen(), n=10).shape == (3, 3)
+    with pytest.raises(MechanismError, match="n must"):
+        noised_second_moment(torch.zeros(4, 3), 1.0, 1.0, _gen(), n=0)
+    with pytest.raises(MechanismError, match="clip_norm"):
+        noised_second_moment(torch.zeros(4, 3), -1.0, 1.0, _gen())
+
+
+def test_top_eigenvectors_order_sign_and_orthonormality():
+    g = _gen(3)
+    q_mat, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    eigvals = torch.tensor([5.0, -7.0, 3.0, 1.0, 0.5], dtype=torch.float64)
+    m = q_mat @ torch.diag(eigvals) @ q_mat.T
+    u = top_eigenvectors(m, 2)
+    assert u.shape == (5, 2)
+    # algebraically largest first: 5 then 3 (not -7)
+    for col, idx in ((0, 0), (1, 2)):
+        v = q_mat[:, idx]
+        assert abs(float(u[:, col] @ v)) == pytest.approx(1.0, abs=1e-10)
+        assert float(u[u[:, col].abs().argmax(), col]) > 0
+    torch.testing.assert_close(u.T @ u, torch.eye(2, dtype=torch.float64))
+    # Deterministic signs: same subspace from a sign-flipped construction gives the same output
+    flipped = q_mat * torch.tensor([-1.0, 1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(top_eigenvectors(flipped @ torch.diag(eigvals) @ flipped.T, 2), u)
+    with pytest.raises(MechanismError, match="q must"):
+        top_eigenvectors(m, 0)
+    with pytest.raises(MechanismError, match="q must"):
+        top_eigenvectors(m, 6)
+    with pytest.raises(MechanismError, match="square"):
+        top_eigenvectors(torch.zeros(3, 4), 1)
+
+
+def test_noised_scalar_clamps_per_record_and_noise_matches_sensitivity():
+    values = torch.tensor([0.5, -3.0, 10.0, 0.1], dtype=torch.float64)
+    exact = noised_scalar(values, 1.0, 1e-12, _gen())
+    assert exact.ndim == 0
+    assert float(exact) == pytest.approx((0.5 - 1.0 + 1.0 + 0.1) / 4)
+    # Neighbour (remove one record, m public): the clamped mean moves by at most clip/m.
+    removed = noised_scalar(values[:3], 1.0, 1e-12, _gen(), m=4)
+    assert abs(float(exact - removed)) <= noised_mean_sensitivity(1.0, 4) + 1e-12
+    assert noised_mean_sensitivity(2.0, 50) == 2.0 / 50
+    sigma, clip, m = 2.0, 0.5, 20
+    zeros = torch.zeros(m, dtype=torch.float64)
+    draws = torch.stack([noised_scalar(zeros, clip, sigma, _gen(s)) for s in range(3000)])
+    assert float(draws.std()) == pytest.approx(sigma * clip / m, rel=0.05)
+    rec = scalar_record(clip, sigma, m)
+    assert rec.mechanism == "gaussian_lambda" and rec.params["sensitivity"] == clip / m
+
+
+def test_noised_scalar_rejects_bad_input():
+    with pytest.raises(MechanismError, match="1-D"):
+        noised_scalar(torch.tensor(0.3), 1.0, 1.0, _gen())
+    with pytest.raises(MechanismError, match="empty"):
+        noised_scalar(torch.zeros(0), 1.0, 1.0, _gen())
+    with pytest.raises(MechanismError, match="clip"):
+        noised_scalar(torch.zeros(3), 0.0, 1.0, _gen())
+    with pytest.raises(MechanismError, match="m must"):
+        noised_scalar(torch.zeros(3), 1.0, 1.0, _gen(), m=0)
