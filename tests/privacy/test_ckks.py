@@ -301,8 +301,17 @@ def test_weighted_sums_wire_roundtrip_and_public_encryption(secret, plain_server
     out = [EncryptedVector.deserialize(o.serialize()) for o in weighted_sums(plain_server, enc, w)]
     got = torch.stack([decrypt_vector(secret, o) for o in out])
     assert (got - w @ theta).abs().max() < 1e-5
-    assert out[0].level == enc[0].level - 1
+    assert out[0].level == enc[0].level - 1 == 0
     assert out[0].nbytes == len(out[0].serialize())
+    # Fresh top-level inputs work as well (one level left afterwards).
+    top = encrypt_rows(secret, theta, rescales=2)
+    out_top = weighted_sums(plain_server, top, w)
+    assert out_top[0].level == 1
+    got_top = torch.stack([decrypt_vector(secret, o) for o in out_top])
+    assert (got_top - w @ theta).abs().max() < 1e-5
+    # Fewer primes, fewer bytes: level 1 is about 2/3 of the fresh top level.
+    lvl1, lvl2 = encrypt_vector(secret, theta[0]), encrypt_vector(secret, theta[0], rescales=2)
+    assert lvl1.nbytes < 0.8 * lvl2.nbytes
 
 
 def test_weighted_sums_errors(secret, plain_server):
@@ -321,6 +330,8 @@ def test_weighted_sums_errors(secret, plain_server):
         weighted_sums(plain_server, once, torch.eye(2))
     with pytest.raises(CkksError, match="MAX_ABS_VALUE"):
         encrypt_vector(secret, torch.full((3,), 5000.0))
+    with pytest.raises(CkksError, match="rescales"):
+        encrypt_vector(secret, torch.zeros(3), rescales=3)
     with pytest.raises(CkksError, match="empty"):
         encrypt_vector(secret, torch.zeros(0))
     with pytest.raises(CkksError, match="1 dimension"):
@@ -330,3 +341,9 @@ def test_weighted_sums_errors(secret, plain_server):
     data = enc[0].serialize()
     with pytest.raises(CkksError, match="trailing"):
         EncryptedVector.deserialize(data + b"x")
+    # A vector claiming more values than its ciphertexts hold is refused, not half-decrypted.
+    liar = EncryptedVector(length=5000, level=enc[0].level, parts=enc[0].part_bytes())
+    with pytest.raises(CkksError, match="length 5000 holds 1 ciphertexts, expected 2"):
+        decrypt_vector(secret, liar)
+    with pytest.raises(CkksError, match="encrypted row 1 of length 5000"):
+        weighted_sums(plain_server, [enc[0], liar], torch.ones(1, 2))
