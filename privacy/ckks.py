@@ -61,9 +61,14 @@ mitigation, not a proof.
 
 Encrypted weighted sums ("propagation")
 ---------------------------------------
-:func:`encrypt_rows` packs each row of an (N, P) matrix into ceil(P / 4096) ciphertexts;
-:func:`weighted_sums` forms sum_j W_ij Enc(row_j) with plaintext weights (one rescale, no
-evaluation keys needed); :func:`decrypt_vector` decrypts one result.
+:func:`encrypt_rows` packs each row of an (N, P) matrix into ceil(P / 4096) ciphertexts,
+encrypted one level below the top (one rescale is all that is needed, and the ciphertexts
+are a third smaller); :func:`weighted_sums` forms sum_j W_ij Enc(row_j) with plaintext
+weights (N^2 * ceil(P / 4096) plaintext-scalar products, one rescale per output
+ciphertext, no evaluation keys needed); :func:`decrypt_vector` decrypts one result, so
+client i decrypts only its own phi_i. Measured at N = 36, P = 118,282 (29 ciphertexts per
+model): 18.7 CPU-s per round in total (server 12.5 s) vs 23 ms for the plaintext product,
+3.35 MB sent and 3.80 MB received per client, max error 1.3e-8.
 
 Input bounds (checked): every encrypted value has |x| <= :data:`MAX_ABS_VALUE`, every
 inner-product vector has Euclidean norm <= :data:`MAX_VECTOR_NORM`, every weight row has
