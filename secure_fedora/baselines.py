@@ -23,7 +23,6 @@ ifca       ``num_clusters``, ``selection_split``: clustered FL (Ghosh et al., Ne
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -145,16 +144,28 @@ def validate_hyperparameters(name: str, section: Mapping[str, Any] | None) -> di
         raise BaselineConfigError("; ".join(problems)) from None
 
 
-def make_baseline(name: str, ctx: MethodContext, cfg_section: Mapping[str, Any] | None = None) -> FederatedMethod:
+def make_baseline(
+    name: str,
+    ctx: MethodContext,
+    cfg_section: Mapping[str, Any] | None = None,
+    *,
+    validation: str = "public",
+) -> FederatedMethod:
     """Instantiate baseline ``name`` on ``ctx`` with hyper-parameters ``cfg_section``.
 
     ``cfg_section`` is that method's own mapping (e.g. ``{"mu": 0.1}`` for FedProx); missing
-    keys take the defaults in :data:`BASELINE_HYPERPARAMETERS`. Raises
-    :class:`BaselineConfigError` for an unknown name, an unknown key or a bad value.
+    keys take the defaults in :data:`BASELINE_HYPERPARAMETERS`. ``validation`` is the config's
+    ``data.validation`` ("public" or "private"); only IFCA uses it (it refuses to pick
+    clusters on private validation data). Raises :class:`BaselineConfigError` for an unknown
+    name, an unknown key or a bad value.
     """
     params = validate_hyperparameters(name, cfg_section)
+    if validation not in ("public", "private"):
+        raise BaselineConfigError(f"validation must be 'public' or 'private'; got {validation!r}")
+    if name == "ifca":
+        return IFCA(ctx, **params, validation=validation)
     classes: dict[str, type[FederatedMethod]] = {
-        "fedprox": FedProx, "ditto": Ditto, "apfl": APFL, "fedamp": FedAMP, "ifca": IFCA,
+        "fedprox": FedProx, "ditto": Ditto, "apfl": APFL, "fedamp": FedAMP,
     }
     return classes[name](ctx, **params)
 
@@ -269,9 +280,16 @@ class MixtureGradient(_WrappedOracle):
         grad.mul_(a)
 
 
-def _with_oracle(ctx: MethodContext, oracle: GradientOracle) -> MethodContext:
-    """A shallow copy of ``ctx`` (same data, buffers and generators) training with ``oracle``."""
-    return dataclasses.replace(ctx, oracle=oracle)
+def _train_with(ctx: MethodContext, oracle: GradientOracle, i: int, theta: Tensor) -> int:
+    """``ctx.train_client(i, theta)`` with ``oracle`` (a wrapper of ``ctx.oracle``) in place of
+    ``ctx.oracle`` for this one local run; the live context is used, so whatever the runtime
+    attached to it (e.g. the client privacy state that selects the client's noise) applies."""
+    saved = ctx.oracle
+    ctx.oracle = oracle
+    try:
+        return ctx.train_client(i, theta)
+    finally:
+        ctx.oracle = saved
 
 
 def _load_tensor(target: Tensor, value: Any, name: str) -> None:
@@ -313,7 +331,6 @@ class FedProx(FedAvg):
         super().__init__(ctx, finetune_epochs=0)
         self.mu = mu
         self.prox = ProximalGradient(ctx.oracle, mu)
-        self._prox_ctx = _with_oracle(ctx, self.prox)
 
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
         """Local proximal training from the global model, then weighted averaging."""
@@ -321,7 +338,7 @@ class FedProx(FedAvg):
         for i in participants:
             self.theta[i].copy_(self.global_params)
             self.prox.target(self.theta[i], self.global_params)
-            steps += self._prox_ctx.train_client(i, self.theta[i])
+            steps += _train_with(self.ctx, self.prox, i, self.theta[i])
         self.global_params.copy_(_average(self.weights, self.theta, participants))
         return {"steps": float(steps)}
 
@@ -336,9 +353,10 @@ class Ditto(FederatedMethod):
     The global model ``w`` is trained by FedAvg: each participant trains a copy of ``w`` on
     its data and the server averages the copies. Each participant also keeps a personalized
     model ``v_i`` that it trains on ``F_i(v) + lam/2 ||v - w||^2`` with ``w`` the global model
-    it received this round. Only the copy of ``w`` is uploaded; ``v_i`` never leaves the
-    client (under DP its training still goes through the oracle and is accounted, so the
-    budget is over-counted, never under-counted). Evaluated on ``v_i``.
+    it received this round. Only the copy of ``w`` is uploaded, and it does not depend on
+    ``v_i``. Under DP the copy's local run is the round's model release; ``v_i``'s run also
+    goes through the (DP) oracle, but ``v_i`` never leaves the client, so it releases nothing.
+    Evaluated on ``v_i``.
     """
 
     name = "ditto"
@@ -350,7 +368,6 @@ class Ditto(FederatedMethod):
         self.uploads = self.theta.clone()
         self.weights = _train_weights(ctx)
         self.prox = ProximalGradient(ctx.oracle, lam)
-        self._prox_ctx = _with_oracle(ctx, self.prox)
 
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
         """Global copy trained plainly, personal model proximally; server averages the copies."""
@@ -360,7 +377,7 @@ class Ditto(FederatedMethod):
             self.uploads[i].copy_(self.global_params)
             steps += ctx.train_client(i, self.uploads[i])
             self.prox.target(self.theta[i], self.global_params)
-            steps += self._prox_ctx.train_client(i, self.theta[i])
+            steps += _train_with(ctx, self.prox, i, self.theta[i])
         self.global_params.copy_(_average(self.weights, self.uploads, participants))
         return {"steps": float(steps)}
 
@@ -385,8 +402,10 @@ class APFL(FederatedMethod):
     copies, FedAvg), and (2) trains ``v_i`` on the loss of the mixture with the ``w`` it
     received, ``alpha_i`` following its own gradient when ``adaptive`` (projected to [0, 1]).
     The two local runs happen one after the other rather than interleaved step by step as in
-    the paper's Algorithm 1 (so each is one ordinary oracle run, accounted as such under DP).
-    Evaluated on the mixture with the current global model.
+    the paper's Algorithm 1, so the uploaded copy is one ordinary oracle run that does not
+    depend on ``v_i`` (under DP: the round's model release); ``v_i``'s run also goes through
+    the oracle, and ``v_i`` and ``alpha_i`` never leave the client. Evaluated on the mixture
+    with the current global model.
     """
 
     name = "apfl"
@@ -402,7 +421,6 @@ class APFL(FederatedMethod):
         self.weights = _train_weights(ctx)
         lr = ctx.train.lr if alpha_lr is None else alpha_lr
         self.mix = MixtureGradient(ctx.oracle, ctx.flat.num_params, adaptive, lr)
-        self._mix_ctx = _with_oracle(ctx, self.mix)
         self.mixed = torch.empty_like(self.theta)
         self._refresh_mixture()
 
@@ -419,7 +437,7 @@ class APFL(FederatedMethod):
             self.uploads[i].copy_(self.global_params)
             steps += ctx.train_client(i, self.uploads[i])
             self.mix.target(self.theta[i], self.global_params, float(self.alpha[i]))
-            steps += self._mix_ctx.train_client(i, self.theta[i])
+            steps += _train_with(ctx, self.mix, i, self.theta[i])
             self.alpha[i] = self.mix.alpha
         self.global_params.copy_(_average(self.weights, self.uploads, participants))
         self._refresh_mixture()
@@ -493,7 +511,6 @@ class FedAMP(FederatedMethod):
         self.messages = self.theta.clone()
         self.xi = torch.eye(ctx.num_clients, dtype=torch.float64)
         self.prox = ProximalGradient(ctx.oracle, lam)
-        self._prox_ctx = _with_oracle(ctx, self.prox)
 
     def compute_messages(self) -> None:
         """Server step: ``xi`` from the current uploads and ``u = xi @ w`` (one product)."""
@@ -506,7 +523,7 @@ class FedAMP(FederatedMethod):
         steps = 0
         for i in participants:
             self.prox.target(self.theta[i], self.messages[i])
-            steps += self._prox_ctx.train_client(i, self.theta[i])
+            steps += _train_with(self.ctx, self.prox, i, self.theta[i])
         off = self.xi.clone().fill_diagonal_(0.0)
         return {"steps": float(steps), "max_neighbour_weight": float(off.max())}
 
@@ -526,15 +543,17 @@ class IFCA(FederatedMethod):
     of the uploads assigned to it (clusters nobody picked are unchanged). Evaluated on the
     cluster model the client would pick now (choices are refreshed after every round).
 
-    With a non-plain (e.g. DP) oracle, ``selection_split="train"`` is refused: the choice is
-    a function of training data that no accountant covers. ``"val"`` uses the validation
-    split, public under the config's ``data.validation = "public"``.
+    The cluster choice is a release (the server learns it) computed from the selection split,
+    and no accountant covers it. So ``selection_split="train"`` is refused with a non-plain
+    (e.g. DP) oracle, and ``selection_split="val"`` is refused when ``validation`` is
+    "private"; with ``"val"`` and public validation data (the config's assumption, stated in
+    every results file) the choice costs no privacy.
     """
 
     name = "ifca"
 
     def __init__(self, ctx: MethodContext, num_clusters: int = 4,
-                 selection_split: str = "train") -> None:
+                 selection_split: str = "train", validation: str = "public") -> None:
         super().__init__(ctx)
         if num_clusters < 1:
             raise BaselineConfigError(f"baselines.ifca.num_clusters must be >= 1; got {num_clusters}")
@@ -547,6 +566,11 @@ class IFCA(FederatedMethod):
                 "baselines.ifca.selection_split='train' picks clusters by training loss, an "
                 "unaccounted release under a private oracle; use selection_split='val' "
                 "(validation data is declared public)"
+            )
+        if selection_split == "val" and validation != "public":
+            raise BaselineConfigError(
+                "baselines.ifca.selection_split='val' picks clusters by validation loss, but "
+                "data.validation is 'private'; no accounted cluster choice exists"
             )
         self.num_clusters = num_clusters
         self.selection_split = selection_split

@@ -32,7 +32,7 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import matplotlib
 
@@ -105,7 +105,8 @@ def baseline_section(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
 def method_factory(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
     """``runtime.make_method`` for fedora/local/fedavg, :func:`make_baseline` for the rest."""
     if name in BASELINE_NAMES:
-        return make_baseline(name, ctx, baseline_section(cfg, name))
+        return make_baseline(name, ctx, baseline_section(cfg, name),
+                             validation=cfg.data.validation)
     return make_method(name, ctx, cfg)
 
 
@@ -198,23 +199,36 @@ def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: 
     return cells
 
 
+_NOISE_OFF = {"noised": "plain", "noised+encrypted": "encrypted"}
+_NOISE_ON = {"plain": "noised", "encrypted": "noised+encrypted"}
+
+
 def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
     """``cfg`` with one method, the cell's seed and its epsilon, re-validated.
 
-    Epsilon ``None`` sets ``privacy.enabled = false``; a number sets ``privacy.enabled = true``
-    and ``privacy.epsilon`` (every client's budget; DP-SGD noise is then calibrated to it).
+    The epsilon dimension switches every DP mechanism of the config on or off together:
+
+    - ``None``: ``privacy.enabled = false``; relatedness ``noised`` becomes ``plain`` and
+      ``noised+encrypted`` becomes ``encrypted``; ``data.validation = "private"`` becomes
+      ``"public"`` (nothing is noised in a non-private run).
+    - a number: ``privacy.enabled = true`` and ``privacy.epsilon`` (every client's budget;
+      DP-SGD noise is calibrated to it); relatedness ``plain`` becomes ``noised`` and
+      ``encrypted`` becomes ``noised+encrypted``; ``data.validation`` is kept as configured.
+
     Refused with :class:`SweepError`: a numeric epsilon when the config has per-client
     ``privacy.overrides`` or a fixed ``privacy.noise_multiplier`` (either would make the
-    column's epsilon not the one applied), and a cell whose config fails validation (e.g.
-    epsilon none with noised relatedness). ``model_copy`` lets the methods list hold a
-    baseline name that the config's ``methods`` literal does not admit; every other field is
-    validated by validating a copy with a stand-in method.
+    column's epsilon not the one applied), and a cell whose config fails validation.
+    ``model_copy`` lets the methods list hold a baseline name that the config's ``methods``
+    literal does not admit; the rest is validated on a copy whose method is the cell's own
+    when the literal admits it, else ``fedavg`` (the baselines, like FedAvg, use no relatedness).
     """
     update: dict[str, Any] = {"methods": [cell.method], "seed": cell.seed}
     if _privacy_supported():
-        p = cfg.privacy
+        p, rel, val = cfg.privacy, cfg.fedora.relatedness, cfg.data.validation
         if cell.epsilon is None:
             update["privacy"] = p.model_copy(update={"enabled": False})
+            rel = _NOISE_OFF.get(rel, rel)
+            val = "public" if val == "private" else val
         else:
             if p.overrides:
                 raise SweepError(
@@ -227,11 +241,14 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
                     "follow epsilon; unset it to sweep epsilon"
                 )
             update["privacy"] = p.model_copy(update={"enabled": True, "epsilon": float(cell.epsilon)})
+            rel = _NOISE_ON.get(rel, rel)
+        update["fedora"] = cfg.fedora.model_copy(update={"relatedness": rel})
+        update["data"] = cfg.data.model_copy(update={"validation": val})
     elif cell.epsilon is not None:
         raise SweepError(f"cell {cell.key}: this build's configuration has no [privacy] section")
     new = cfg.model_copy(update=update)
     stand_in = new.model_dump()
-    stand_in["methods"] = ["fedora"]
+    stand_in["methods"] = [cell.method if cell.method in _literal_methods() else "fedavg"]
     try:
         ExperimentConfig.model_validate(stand_in)
     except ValidationError as err:
@@ -240,6 +257,22 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
         )
         raise SweepError(f"cell {cell.key}: {problems}") from None
     return new
+
+
+def _literal_methods() -> tuple[str, ...]:
+    """The method names the config schema's ``methods`` literal admits."""
+    annotation = ExperimentConfig.model_fields["methods"].annotation
+    (item,) = get_args(annotation)
+    return tuple(get_args(item))
+
+
+def privacy_settings(cfg: ExperimentConfig) -> str:
+    """One line naming the privacy-relevant settings a cell config runs with."""
+    if not _privacy_supported():
+        return "privacy off (no privacy section in this build)"
+    p = cfg.privacy
+    head = f"privacy on, epsilon {p.epsilon:g}, delta {p.delta:g}" if p.enabled else "privacy off"
+    return (f"{head}; relatedness {cfg.fedora.relatedness}; validation {cfg.data.validation}")
 
 
 def _base_hash(cfg: ExperimentConfig) -> str:
@@ -293,6 +326,7 @@ class SweepRow:
     client_mins: list[float]
     worse_than_local: list[int] | None
     per_client: list[list[float]] = field(default_factory=list)
+    epsilon_spent: list[float | None] = field(default_factory=list)
 
     @property
     def acc_mean(self) -> float:
@@ -310,6 +344,12 @@ class SweepRow:
     @property
     def client_min_mean(self) -> float:
         return statistics.fmean(self.client_mins)
+
+    @property
+    def epsilon_spent_max(self) -> float | None:
+        """The largest epsilon any client spent, over all seeds (``None``: not reported)."""
+        spent = [e for e in self.epsilon_spent if e is not None]
+        return max(spent) if spent and len(spent) == len(self.epsilon_spent) else None
 
     @property
     def worse_than_local_mean(self) -> float | None:
@@ -482,30 +522,41 @@ def aggregate(docs: Mapping[Cell, dict[str, Any]]) -> list[SweepRow]:
     local: dict[int, list[float]] = {
         c.seed: d["entries"]["local"] for c, d in docs.items() if c.method == "local"
     }
-    grouped: dict[tuple[str, float | None], list[tuple[int, list[float]]]] = {}
+    grouped: dict[tuple[str, float | None], list[tuple[int, list[float], float | None]]] = {}
     for cell, doc in docs.items():
+        spent = _epsilon_spent(doc, cell.method)
         for name, per_client in doc["entries"].items():
-            grouped.setdefault((name, cell.epsilon), []).append((cell.seed, per_client))
+            grouped.setdefault((name, cell.epsilon), []).append((cell.seed, per_client, spent))
     rows = []
     for (name, eps), runs in grouped.items():
-        runs.sort()
+        runs.sort(key=lambda run: run[0])
         worse: list[int] | None = []
-        for seed, per_client in runs:
+        for seed, per_client, _ in runs:
             ref = local.get(seed)
             if ref is None or len(ref) != len(per_client) or worse is None:
                 worse = None
                 continue
             worse.append(sum(1 for a, b in zip(per_client, ref, strict=True) if a < b))
         rows.append(SweepRow(
-            method=name, epsilon=eps, seeds=[s for s, _ in runs],
-            client_means=[statistics.fmean(p) for _, p in runs],
-            client_mins=[min(p) for _, p in runs],
-            worse_than_local=worse, per_client=[list(p) for _, p in runs],
+            method=name, epsilon=eps, seeds=[s for s, _, _ in runs],
+            client_means=[statistics.fmean(p) for _, p, _ in runs],
+            client_mins=[min(p) for _, p, _ in runs],
+            worse_than_local=worse, per_client=[list(p) for _, p, _ in runs],
+            epsilon_spent=[e for _, _, e in runs],
         ))
     order = {m: i for i, m in enumerate((*ALL_METHODS, "fedavg_ft"))}
     order["fedavg_ft"] = order["fedavg"] + 0.5
     rows.sort(key=lambda r: (order.get(r.method, len(order)), _eps_sort_key(r.epsilon)))
     return rows
+
+
+def _epsilon_spent(doc: dict[str, Any], method: str) -> float | None:
+    """The largest ``epsilon_spent`` over the cell's clients, as its results report it."""
+    try:
+        clients = doc["results"]["privacy"][method]["clients"]
+        return max(float(c["epsilon_spent"]) for c in clients)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _eps_sort_key(eps: float | None) -> float:
@@ -517,7 +568,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 CSV_COLUMNS = ("method", "epsilon", "seeds", "clients", "acc_mean", "acc_min", "acc_std",
-               "client_min_mean", "worse_than_local")
+               "client_min_mean", "worse_than_local", "epsilon_spent_max")
 
 
 def rows_to_csv(rows: Iterable[SweepRow]) -> str:
@@ -530,8 +581,16 @@ def rows_to_csv(rows: Iterable[SweepRow]) -> str:
             r.method, epsilon_label(r.epsilon), len(r.seeds), len(r.per_client[0]),
             _fmt(r.acc_mean, 6), _fmt(r.acc_min, 6), _fmt(r.acc_std, 6),
             _fmt(r.client_min_mean, 6), _fmt(r.worse_than_local_mean, 2),
+            _fmt(r.epsilon_spent_max, 4),
         ])
     return buf.getvalue()
+
+
+def _spent_label(row: SweepRow) -> str:
+    if row.epsilon is None:
+        return "-"
+    spent = row.epsilon_spent_max
+    return "not reported" if spent is None else f"{spent:.3f}"
 
 
 def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
@@ -547,22 +606,24 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
         f"seeds {seeds}.",
         "",
         "| method | epsilon | seeds | acc mean | acc min | acc std | worst client (mean) "
-        "| clients below Local |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clients below Local | epsilon spent (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         worse = r.worse_than_local_mean
         lines.append(
             f"| {r.method} | {epsilon_label(r.epsilon)} | {len(r.seeds)} | {r.acc_mean:.4f} | "
             f"{r.acc_min:.4f} | {_fmt(r.acc_std) or '-'} | {r.client_min_mean:.4f} | "
-            f"{'n/a' if worse is None else f'{worse:.2f}'} |"
+            f"{'n/a' if worse is None else f'{worse:.2f}'} | "
+            f"{_spent_label(r)} |"
         )
     lines += [""]
     for eps in sorted({r.epsilon for r in rows}, key=_eps_sort_key):
         at = [r for r in rows if r.epsilon == eps]
         best = max(at, key=lambda r: r.acc_mean)
+        settings = privacy_settings(cell_config(cfg, Cell("fedora", eps, seeds[0])))
         lines.append(f"- epsilon {epsilon_label(eps)}: highest mean accuracy {best.method} "
-                     f"({best.acc_mean:.4f}).")
+                     f"({best.acc_mean:.4f}); {settings}.")
     lines += [
         "",
         "Accuracy is each client's test accuracy at the round with the best mean validation "
@@ -571,8 +632,9 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
         "seeds of the client-mean accuracy. *worst client*: mean over seeds of the lowest "
         "client accuracy. *clients below Local*: mean over seeds of the number of clients "
         "whose accuracy is below their own in the Local run of the same seed; Local runs "
-        "non-private only (a client that stays out releases nothing). epsilon none: "
-        "non-private.",
+        "non-private only (a client that stays out releases nothing). *epsilon spent*: the "
+        "largest epsilon any client's accountant reports after the run, over all seeds. "
+        "epsilon none: non-private.",
         "",
     ]
     return "\n".join(lines)

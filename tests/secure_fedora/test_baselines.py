@@ -20,7 +20,7 @@ from secure_fedora.baselines import (
 )
 from secure_fedora.client import PlainGradient
 from secure_fedora.config import parse_config
-from secure_fedora.methods import FedAvg
+from secure_fedora.methods import FedAvg, MethodContext
 from secure_fedora.runtime import Simulation, build_clients, build_context
 from secure_fedora.sweep import method_factory
 
@@ -335,3 +335,50 @@ def test_baseline_runs_in_the_simulation_and_resumes_identically(tmp_path, clien
     assert resumed["methods"][name]["selected"] == body["selected"]
     assert len(body["selected"]["per_client"]) == 5
     assert 0.0 <= body["selected"]["min"] <= body["selected"]["max"] <= 1.0
+
+
+def test_ifca_refuses_validation_selection_on_private_validation(ctx):
+    with pytest.raises(BaselineConfigError, match="data.validation is 'private'"):
+        make_baseline("ifca", ctx, {"selection_split": "val"}, validation="private")
+    with pytest.raises(BaselineConfigError, match="validation must be"):
+        make_baseline("fedprox", ctx, {}, validation="secret")
+
+
+class _Recording:
+    """A stand-in for the runtime's DP oracle: records client selection and every gradient."""
+
+    def __init__(self, batch_size):
+        self.inner = PlainGradient(batch_size)
+        self.selected = []
+        self.gradients = 0
+
+    def select(self, noise_multiplier, generator):
+        self.selected.append(noise_multiplier)
+
+    def batches(self, n, epochs, generator):
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model, x, y, grad):
+        self.gradients += 1
+        self.inner.gradient(model, x, y, grad)
+
+
+class _PrivacyState:
+    def __init__(self, n):
+        self.clients = [type("C", (), {"noise_multiplier": float(10 + i)})() for i in range(n)]
+
+
+@pytest.mark.skipif(not hasattr(MethodContext, "select"),
+                    reason="this build's MethodContext has no client selection for DP oracles")
+@pytest.mark.parametrize("name", ["fedprox", "ditto", "apfl", "fedamp"])
+def test_every_local_step_goes_through_the_contexts_oracle(clients, name):
+    oracle = _Recording(16)
+    ctx = build_context(tiny(), clients, oracle=oracle)
+    ctx.privacy = _PrivacyState(5)  # what the runtime attaches when DP is on
+    method = make_baseline(name, ctx, {})
+    stats = method.train_round(1, [1, 3])
+    runs = 2 if name in ("ditto", "apfl") else 1
+    # each local run selects its client's noise first; every step's gradient is the oracle's
+    assert oracle.selected == [n for n in (11.0, 13.0) for _ in range(runs)]
+    assert oracle.gradients == stats["steps"] > 0
+    assert ctx.oracle is oracle  # the wrapper was only in place during the runs

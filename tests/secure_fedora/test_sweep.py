@@ -3,13 +3,15 @@
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import pytest
+import tomllib
 
 from secure_fedora import sweep as sweep_mod
 from secure_fedora.client import PlainGradient
-from secure_fedora.config import ExperimentConfig, parse_config
-from secure_fedora.runtime import Simulation, build_context
+from secure_fedora.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.runtime import Simulation, build_clients, build_context
 from secure_fedora.sweep import (
     Cell,
     SweepError,
@@ -90,9 +92,18 @@ def test_cell_config_sets_the_privacy_section():
         cell_config(tiny(privacy={"overrides": {"1": {"epsilon": 1.0}}}), Cell("fedora", 2.0, 0))
     with pytest.raises(SweepError, match="noise_multiplier is fixed"):
         cell_config(tiny(privacy={"noise_multiplier": 1.1}), Cell("fedora", 2.0, 0))
-    noised = tiny(privacy={"enabled": True}, fedora={"relatedness": "noised"})
-    with pytest.raises(SweepError, match="fedora/eps-none/seed-0: .*privacy.enabled"):
-        cell_config(noised, Cell("fedora", None, 0))
+    # epsilon switches every DP mechanism together
+    noised = tiny(privacy={"enabled": True}, fedora={"relatedness": "noised+encrypted"},
+                  data={"validation": "private"})
+    off = cell_config(noised, Cell("fedora", None, 0))
+    assert (off.fedora.relatedness, off.data.validation) == ("encrypted", "public")
+    on = cell_config(noised, Cell("fedora", 1.0, 0))
+    assert (on.fedora.relatedness, on.data.validation) == ("noised+encrypted", "private")
+    assert cell_config(cfg, Cell("fedora", 1.0, 0)).fedora.relatedness == "noised"
+    # a cell whose config is invalid is named: delta must be below 1/n once privacy is on
+    loose = tiny(privacy={"delta": 0.1})
+    with pytest.raises(SweepError, match=r"fedora/eps-1/seed-0: .*privacy.delta must be < 1/n"):
+        cell_config(loose, Cell("fedora", 1.0, 0))
 
 
 def plain_context(cfg, clients):
@@ -110,6 +121,9 @@ class PrivateLooking:
 
     def gradient(self, model, x, y, grad):
         self.inner.gradient(model, x, y, grad)
+
+    def select(self, noise_multiplier, generator):
+        pass
 
 
 @needs_privacy
@@ -137,6 +151,26 @@ def test_cell_whose_results_deny_privacy_is_not_recorded(tmp_path, monkeypatch):
     with pytest.raises(SweepError, match="fedavg/eps-4/seed-0: the run reports no differential"):
         run_sweep(tiny(), tmp_path, ["fedavg"], [0], [4.0], context_factory=private_context)
     assert not (tmp_path / "cells/fedavg/eps-4/seed-0/cell.json").exists()
+
+
+def _dp_runtime() -> bool:
+    try:
+        import secure_fedora.private  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
+def test_numeric_epsilon_cell_runs_under_the_dp_runtime(tmp_path):
+    result = run_sweep(tiny(), tmp_path, ["fedprox"], [0], [None, 4.0])
+    assert result.ran == ["fedprox/eps-none/seed-0", "fedprox/eps-4/seed-0"]
+    doc = json.loads((tmp_path / "cells/fedprox/eps-4/seed-0/cell.json").read_text())
+    assert doc["results"]["assumptions"]["differential_privacy"] is True
+    private = next(r for r in result.rows if r.epsilon == 4.0)
+    assert private.epsilon_spent_max is not None and 0 < private.epsilon_spent_max <= 4.0
+    assert next(r for r in result.rows if r.epsilon is None).epsilon_spent_max is None
+    assert "| fedprox | 4 | 1 |" in (tmp_path / "sweep.md").read_text()
 
 
 @needs_privacy
@@ -199,9 +233,9 @@ def test_sweep_resumes_after_interruption_without_redoing_cells(tmp_path):
 
 def test_tables_and_plots(tmp_path):
     cfg = tiny()
-    result = run_sweep(cfg, tmp_path, ["fedora", "local", "fedavg", "fedprox"], [0, 1])
+    result = run_sweep(cfg, tmp_path, ["fedora", "local", "fedavg"], [0, 1])
     rows = {r.method: r for r in result.rows}
-    assert list(rows) == ["fedora", "local", "fedavg", "fedavg_ft", "fedprox"]
+    assert list(rows) == ["fedora", "local", "fedavg", "fedavg_ft"]
     with open(tmp_path / "sweep.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [r["method"] for r in table] == list(rows)
@@ -221,6 +255,7 @@ def test_tables_and_plots(tmp_path):
     assert rows["fedora"].worse_than_local[1] == below
     md = (tmp_path / "sweep.md").read_text()
     assert "| fedora | none | 2 |" in md and "clients below Local" in md
+    assert "; privacy off" in md
     for name in ("accuracy_vs_epsilon.png", "per_client_eps-none.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -274,3 +309,45 @@ def test_command_line(tmp_path, capsys):
                              "--seeds", "1", "1", "--quiet"])
     assert bad.func(bad) == 2
     assert "seed twice" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def shrunk(name):
+    """A shipped config, validated as shipped, then shrunk to 6 small clients."""
+    load_config(CONFIGS / name)
+    raw = tomllib.loads((CONFIGS / name).read_text())
+    raw["data"].update(num_clients=6, train_per_client=32, val_per_client=16)
+    if raw["data"].get("test_per_client") is not None:
+        raw["data"]["test_per_client"] = 32
+    raw["training"].update(rounds=1, local_epochs=1)
+    return parse_config(raw)
+
+
+@pytest.mark.parametrize("name, partition", [
+    ("dirichlet_0.1.toml", "dirichlet"), ("dirichlet_0.5.toml", "dirichlet"),
+    ("pathological_2.toml", "pathological"),
+])
+def test_label_skew_configs_build_their_partitions(name, partition):
+    cfg = shrunk(name)
+    assert cfg.data.partition == partition and cfg.data.dataset == "mnist"
+    clients = build_clients(cfg)
+    assert len(clients) == 6 and all(c.num_test == 32 for c in clients)
+    if partition == "pathological":
+        assert all(len(set(c.train_y.tolist())) == 2 for c in clients)
+    else:
+        assert clients[0].meta["alpha"] == cfg.data.dirichlet_alpha
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(),
+                    reason=f"Fashion-MNIST is not installed ({FASHION_DIR} is absent; Debian "
+                           "package dataset-fashion-mnist)")
+def test_fashion_rotation_config_runs_a_sweep_cell(tmp_path):
+    cfg = shrunk("fashion_rotation.toml")
+    assert cfg.data.dataset == "fashion_mnist" and cfg.data.partition == "rotation"
+    result = run_sweep(cfg, tmp_path, ["fedora"], [0])
+    assert result.ran == ["fedora/eps-none/seed-0"]
