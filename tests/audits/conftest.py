@@ -1,0 +1,129 @@
+"""Real run directories for the audit tests: real keys, real ledgers, real accountants.
+
+``build_run_dir`` writes what a DP run writes: ``config.toml``, ``results.json``,
+``keys/`` (init_keys: allowlist + PEM keys) and ``ledgers/<client>.jsonl`` produced by the
+real release pipeline (Accountant -> BudgetGate -> LedgerWriter), with DP-SGD records taken
+from a real :class:`privacy.dpsgd.DPSGD` that trained a small model on real steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privacy.accounting import Accountant, BudgetExceededError, PrivacyBudget
+from privacy.dpsgd import DPSGD
+from privacy.identity import client_ids, default_party_ids, init_keys, load_identity
+from privacy.ledger import LedgerWriter
+from privacy.mechanisms import scalar_record, summary_record
+from privacy.pipeline import BudgetGate, Release
+from secure_fedora.config import config_hash, parse_config
+
+
+def _dpsgd_record(noise_multiplier: float, sample_rate: float, steps: int):
+    """Train a tiny model for ``steps`` real DP-SGD steps and return DPSGD's own record."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(64, 8, generator=gen)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with DPSGD(model, 1.0, noise_multiplier, 64 * sample_rate, gen) as dp:
+        for _ in range(steps):
+            idx = dp.sample_batch(64, sample_rate, gen)
+            opt.zero_grad()
+            dp.private_gradient(x[idx], y[idx], lambda o, t: F.cross_entropy(o, t, reduction="none"))
+            opt.step()
+        return dp.record(sample_rate)
+
+
+def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
+                  accountant: str = "rdp", epsilon: float = 8.0, delta: float = 1e-5,
+                  overrides: dict[str, float] | None = None, noise_multiplier: float = 1.2,
+                  sample_rate: float = 0.1, steps_per_round: int = 5,
+                  anchor_heads: bool = True) -> Path:
+    """Write a complete DP run directory under ``root`` and return it."""
+    root.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or {}
+    cfg_dict: dict[str, Any] = {
+        "name": "audit-fixture",
+        "seed": 3,
+        "methods": ["fedora", "local"],
+        "data": {"num_clients": num_clients, "train_per_client": 128, "val_per_client": 16,
+                 "test_per_client": 16, "validation": "private"},
+        "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 16},
+        "fedora": {"relatedness": "noised"},
+        "privacy": {"enabled": True, "epsilon": epsilon, "delta": delta,
+                    "accountant": accountant, "noise_multiplier": noise_multiplier,
+                    "sample_rate": sample_rate,
+                    "overrides": {k: {"epsilon": v} for k, v in overrides.items()}},
+    }
+    cfg = parse_config(cfg_dict)
+    (root / "config.toml").write_text(tomli_w.dumps(cfg_dict))
+    keys_dir = root / "keys"
+    init_keys(keys_dir, default_party_ids(num_clients))
+    (root / "ledgers").mkdir()
+    record = _dpsgd_record(noise_multiplier, sample_rate, steps_per_round)
+    ids = client_ids(num_clients)
+    heads = {}
+    per_client = []
+    for index, cid in enumerate(ids):
+        budget = PrivacyBudget(overrides.get(str(index), epsilon), delta)
+        acc = Accountant(accountant)
+        ident = load_identity(keys_dir, cid)
+        with LedgerWriter(root / "ledgers" / f"{cid}.jsonl", cid, ident.signing_key) as ledger:
+            gate = BudgetGate(acc, budget, ledger, cid)
+            summary = summary_record(clip_norm=1.0, noise_multiplier=5.0, n=128, q=1)
+            gate.process(Release("summary", torch.zeros(3), 0, [summary]))
+            for rnd in range(1, rounds + 1):
+                lam = scalar_record(clip=2.0, noise_multiplier=5.0, m=16)
+                try:
+                    gate.process(Release("model", torch.zeros(3), rnd, [record, lam]))
+                except BudgetExceededError:
+                    break
+            heads[cid] = {"entries": ledger.head[0], "head": ledger.head[1]}
+            per_client.append({"client_id": cid, "epsilon": ledger.last_epsilon,
+                               "budget": budget.epsilon, "refused": gate.closed})
+    accuracy = [0.8 + 0.01 * i for i in range(num_clients)]
+    results = {
+        "name": cfg.name,
+        "version": "0.1.0",
+        "config_hash": config_hash(cfg),
+        "data_fingerprint": "ab" * 32,
+        "assumptions": {"validation_data": "private", "relatedness": "noised",
+                        "server": "honest-but-curious", "differential_privacy": True},
+        "clients": [{"id": i, "train": 128, "val": 16, "test": 16} for i in range(num_clients)],
+        "methods": {
+            "fedora": {"name": "fedora", "rounds": rounds, "selected": {
+                "mean": sum(accuracy) / num_clients, "min": min(accuracy), "max": max(accuracy),
+                "std": 0.01, "per_client": accuracy, "round": rounds}},
+            "local": {"name": "local", "rounds": rounds, "selected": {
+                "mean": 0.7, "min": 0.65, "max": 0.75, "std": 0.03,
+                "per_client": [0.7] * num_clients, "round": rounds}},
+        },
+        "privacy": {"enabled": True, "accountant": accountant, "clients": per_client,
+                    **({"ledger_heads": heads} if anchor_heads else {})},
+    }
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def pristine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-client RDP run where client 2 has a small budget and is refused in a late round."""
+    return build_run_dir(tmp_path_factory.mktemp("pristine") / "run", overrides={"2": 3.0})
+
+
+@pytest.fixture()
+def run_copy(pristine_run: Path, tmp_path: Path) -> Path:
+    """A private, modifiable copy of the pristine run."""
+    dest = tmp_path / "run"
+    shutil.copytree(pristine_run, dest)
+    return dest
