@@ -17,7 +17,9 @@ the same relation so that composition is sound.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,18 +57,18 @@ def _check_kind(kind: str) -> str:
 
 def _check_release(noise_multiplier: Any, sample_rate: Any, steps: Any) -> tuple[float, float, int]:
     """Validate one (noise_multiplier, sample_rate, steps) triple; return it normalized."""
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, int | float):
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real):
         raise AccountingError(f"noise_multiplier must be a number, got {noise_multiplier!r}")
     if not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
         raise AccountingError(
             f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}"
             " (a zero noise multiplier has no finite epsilon)"
         )
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
         raise AccountingError(f"sample_rate must be a number, got {sample_rate!r}")
     if not (0 < sample_rate <= 1):
         raise AccountingError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise AccountingError(f"steps must be an int, got {steps!r}")
     if steps < 1:
         raise AccountingError(f"steps must be >= 1, got {steps!r}")
@@ -79,7 +81,7 @@ def validate_release(noise_multiplier: Any, sample_rate: Any, steps: Any) -> tup
 
 
 def _check_delta(delta: Any) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, int | float) or not (0 < delta < 1):
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not (0 < delta < 1):
         raise AccountingError(f"delta must be a number in (0, 1), got {delta!r}")
     return float(delta)
 
@@ -302,7 +304,7 @@ class PrivacyBudget:
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) \
                 or eps <= 0:
             raise AccountingError(f"budget epsilon must be a finite number > 0, got {eps!r}")
-        if isinstance(delta, bool) or not isinstance(delta, int | float) or not (0 < delta < 1):
+        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not (0 < delta < 1):
             raise AccountingError(f"budget delta must be a number in (0, 1), got {delta!r}")
         object.__setattr__(self, "epsilon", float(eps))
         object.__setattr__(self, "delta", float(delta))
@@ -341,8 +343,8 @@ class MechanismRecord:
     """One accounted mechanism invocation carried by a release.
 
     ``noise_multiplier``, ``sample_rate`` and ``steps`` are what the accountant composes;
-    ``params`` holds extra, JSON-serializable description (clip norm, sensitivity, n, ...)
-    that goes into the ledger entry unchanged.
+    ``params`` holds extra description (clip norm, sensitivity, n, ...) that goes into the
+    ledger entry unchanged; it must be JSON-serializable with finite numbers (checked here).
     """
 
     mechanism: str
@@ -357,6 +359,13 @@ class MechanismRecord:
         _check_release(self.noise_multiplier, self.sample_rate, self.steps)
         if not isinstance(self.params, dict):
             raise AccountingError(f"params of {self.mechanism!r} must be a dict")
+        try:
+            json.dumps(self.params, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise AccountingError(
+                f"params of {self.mechanism!r} must be JSON-serializable with finite numbers"
+                f" (they go into the ledger): {exc}"
+            ) from None
         reserved = {"noise_multiplier", "sample_rate", "steps"} & set(self.params)
         if reserved:
             raise AccountingError(

@@ -12,6 +12,11 @@ Two exact ways to clip per-sample gradients, with the same privacy guarantee:
   LayerNorm, GroupNorm, Embedding): exact per-sample gradients, then the same clipping and
   noise. Slower; chosen automatically (with a log line) when the fused path does not apply.
 
+Fused-path caveat: a Linear's parameters must be used only through that module's forward
+(a weight also used directly elsewhere, e.g. ``x @ fc.weight.T``, would contribute gradient
+the hooks do not see: the written gradient is then still clipped and noised — privacy holds
+— but it misses that contribution). Use ``mode="opacus"`` for such models.
+
 Privacy: each call of :meth:`DPSGD.private_gradient` on a Poisson sample (each record
 included independently with probability ``sample_rate``) is one step of the
 Poisson-subsampled Gaussian mechanism with noise multiplier ``noise_multiplier``, accounted
@@ -333,10 +338,10 @@ class DPSGD:
         try:
             with torch.enable_grad():
                 out = self.model(x)
+                total_loss = self._per_sample_losses(out, y, loss_fn, batch).sum()
         finally:
             self._capturing = False
         try:
-            losses = self._per_sample_losses(out, y, loss_fn, batch)
             outputs = [o for cap in caps for o in cap.outputs]
             if not outputs:
                 raise DPSGDError("no nn.Linear was called in the forward pass")
@@ -347,7 +352,7 @@ class DPSGD:
                             f"an nn.Linear input has shape {tuple(a.shape)}; the fused path needs"
                             f" batch-first inputs with batch size {batch}"
                         )
-            out_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            out_grads = torch.autograd.grad(total_loss, outputs, allow_unused=True)
             layers: list[tuple[_LinearCapture, Tensor, Tensor]] = []
             sq_norms: Tensor | None = None
             k = 0

@@ -80,8 +80,13 @@ class GaussianMechanism:
 
     def record(self, mechanism: str, **params: object) -> MechanismRecord:
         """The accounting record of one release (``sensitivity`` is added to ``params``)."""
+        if "sensitivity" in params and params["sensitivity"] != self.sensitivity:
+            raise MechanismError(
+                f"params sensitivity {params['sensitivity']!r} differs from the mechanism's"
+                f" {self.sensitivity!r}"
+            )
         return MechanismRecord(mechanism, self.noise_multiplier, 1.0, 1,
-                               {"sensitivity": self.sensitivity, **params})
+                               {**params, "sensitivity": self.sensitivity})
 
     def __repr__(self) -> str:
         return (f"GaussianMechanism(noise_multiplier={self.noise_multiplier!r},"
@@ -158,6 +163,8 @@ def summary_record(clip_norm: float, noise_multiplier: float, n: int, q: int,
                    mechanism: str = "gaussian_summary") -> MechanismRecord:
     """Accounting record for one :func:`noised_second_moment` release (+ top-q post-processing)."""
     sensitivity = second_moment_sensitivity(clip_norm, n)
+    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+        raise MechanismError(f"q must be an int >= 1, got {q!r}")
     return MechanismRecord(mechanism, _check_positive("noise_multiplier", noise_multiplier), 1.0,
                            1, {"clip_norm": float(clip_norm), "n": n, "q": q,
                                "sensitivity": sensitivity,

@@ -149,6 +149,9 @@ class BudgetGate:
     otherwise leak through later releases unaccounted. Otherwise it appends one entry per
     record (each fsynced), records them in the accountant, and returns the release with
     ``metadata["ledger_index"]``/``["ledger_head"]``. A release without records is rejected.
+    Each record is added to the accountant right after its ledger entry is fsynced, so if a
+    later entry of the same release fails, accountant and ledger still agree (the release is
+    not returned; the unreleased records stay counted).
 
     On construction the accountant's history must equal the ledger's accounted entries
     (rebuild it with :func:`privacy.ledger.replay_accountant` after a crash), so the gate can
@@ -238,19 +241,21 @@ class BudgetGate:
             self._refuse(release, eps_final, "over budget")
         cumulative = [self.accountant.epsilon_after_releases(delta, triples[:k])
                       for k in range(1, len(triples))] + [eps_final]
+        all_params = [{"release_kind": release.kind, **r.ledger_params()} for r in release.records]
         last_entry: dict[str, Any] = {}
-        for record, eps in zip(release.records, cumulative, strict=True):
+        for record, params, eps in zip(release.records, all_params, cumulative, strict=True):
             last_entry = self.ledger.append(
                 round=release.round,
                 mechanism=record.mechanism,
-                params={"release_kind": release.kind, **record.ledger_params()},
+                params=params,
                 epsilon_after=max(eps, self.ledger.last_epsilon),
                 delta=delta,
                 budget_epsilon=self.budget.epsilon,
                 accountant=self.accountant.kind,
             )
-        for nm, q, steps in triples:
-            self.accountant.record(nm, q, steps)
+            # Record right after its entry is durable: if a later append fails, the accountant
+            # still matches the ledger (over-counting the unreleased part, never under-counting).
+            self.accountant.record(*record.as_release())
         count, head = self.ledger.head
         return release.replace(metadata={**release.metadata, "ledger_index": last_entry["index"],
                                          "ledger_head": head, "ledger_entries": count,

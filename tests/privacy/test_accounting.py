@@ -100,6 +100,15 @@ def test_bad_records_are_rejected_naming_the_field(args, field):
         Accountant().record(*args)
 
 
+def test_numpy_scalars_are_accepted():
+    import numpy as np
+
+    acc = Accountant()
+    acc.record(np.float32(1.5), np.float64(0.1), np.int64(3))
+    assert acc.history == [(1.5, 0.1, 3)] and isinstance(acc.history[0][2], int)
+    assert acc.epsilon(np.float64(DELTA)) > 0
+
+
 def test_bad_accountant_kind_and_delta():
     with pytest.raises(AccountingError, match="accountant must be one of"):
         Accountant("gdp")
@@ -139,6 +148,10 @@ def test_mechanism_record_validation():
         MechanismRecord("", 1.0, 0.1)
     with pytest.raises(AccountingError, match="steps"):
         MechanismRecord("dpsgd", 1.0, 0.1, 1, {"steps": 3})
+    with pytest.raises(AccountingError, match="JSON"):
+        MechanismRecord("dpsgd", 1.0, 0.1, 1, {"clip_norm": float("nan")})
+    with pytest.raises(AccountingError, match="JSON"):
+        MechanismRecord("dpsgd", 1.0, 0.1, 1, {"obj": object()})
 
 
 PLAN = [

@@ -70,8 +70,11 @@ def test_private_gradient_is_clipped_sum_plus_noise_over_expected_batch():
         noise = torch.empty_like(p).normal_(0.0, sigma * clip / batch, generator=g2)
         torch.testing.assert_close(p.grad, noise + e / batch, atol=1e-5, rtol=1e-5)
     assert dp.steps == 1
+    with torch.no_grad():  # the caller's grad mode does not matter
+        dp.private_gradient(x, y, CE)
+    assert dp.steps == 2
     rec = dp.record(sample_rate=0.1)
-    assert (rec.noise_multiplier, rec.sample_rate, rec.steps) == (sigma, 0.1, 1)
+    assert (rec.noise_multiplier, rec.sample_rate, rec.steps) == (sigma, 0.1, 2)
     assert rec.params["clip_norm"] == clip and rec.params["per_sample_method"] == "fused"
 
 
@@ -189,9 +192,14 @@ def test_conv_model_uses_opacus_exact_per_sample_gradients_with_a_log_line(caplo
                for r in caplog.records)
     for got, e in zip(dp.clipped_gradient_sum(x, y, CE), expected, strict=True):
         torch.testing.assert_close(got, e, atol=1e-5, rtol=1e-5)
-    dp.private_gradient(x, y, CE)
+    with torch.no_grad():
+        dp.private_gradient(x, y, CE)
     assert all(p.grad is not None and getattr(p, "grad_sample", None) is None
                for p in model.parameters())
+    model.eval()
+    with pytest.raises(DPSGDError, match="train mode"):
+        dp.private_gradient(x, y, CE)
+    model.train()
     dp.close()
     with pytest.raises(DPSGDError, match="fused"):
         DPSGD(model, clip, 1.0, 8, torch.Generator(), mode="fused")

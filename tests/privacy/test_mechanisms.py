@@ -36,6 +36,8 @@ def test_gaussian_mechanism_noise_std_and_record():
     rec = mech.record("gaussian", n=10)
     assert (rec.noise_multiplier, rec.sample_rate, rec.steps) == (2.0, 1.0, 1)
     assert rec.params == {"sensitivity": 0.25, "n": 10}
+    with pytest.raises(MechanismError, match="sensitivity"):
+        mech.record("gaussian", sensitivity=0.1)  # a record cannot understate the sensitivity
 
 
 def test_gaussian_mechanism_rejects_bad_input():

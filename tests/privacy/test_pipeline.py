@@ -134,6 +134,26 @@ def test_ledger_is_durable_before_the_release_is_returned(tmp_path, monkeypatch)
     assert acc.history == history
 
 
+def test_partial_failure_keeps_accountant_equal_to_ledger(tmp_path, monkeypatch):
+    acc = Accountant()
+    gate = _gate(tmp_path, accountant=acc)
+    real_append = LedgerWriter.append
+    calls = []
+
+    def flaky(self, **kw):
+        calls.append(kw["mechanism"])
+        if len(calls) == 2:
+            raise LedgerError("simulated failure on the second entry")
+        return real_append(self, **kw)
+
+    monkeypatch.setattr(LedgerWriter, "append", flaky)
+    lam = MechanismRecord("gaussian_lambda", 5.0, 1.0, 1)
+    with pytest.raises(LedgerError, match="simulated"):
+        ReleasePipeline([gate]).run(Release("model", torch.zeros(2), 0, [_dpsgd(), lam]))
+    assert replay_accountant(read_ledger(tmp_path / "c1.jsonl")).history == acc.history
+    assert acc.history == [(1.0, 0.1, 20)]
+
+
 def test_gate_refuses_an_accountant_that_lags_the_ledger(tmp_path):
     gate = _gate(tmp_path)
     ReleasePipeline([gate]).run(Release("model", torch.zeros(2), 0, [_dpsgd()]))
