@@ -32,6 +32,20 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
+    """The DP plan of one method, per distinct client budget, printed before training."""
+    table = Table(title=f"privacy plan: {rows[0]['method']}" if rows else "privacy plan")
+    for col in ("clients", "epsilon", "delta", "DP-SGD sigma", "q", "steps/round", "rounds", "planned eps"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["clients"]), f"{r['epsilon_budget']:g}", f"{r['delta']:g}",
+                      f"{r['noise_multiplier']:.4f}", f"{r['sample_rate']:.4g}", str(r["steps_per_round"]),
+                      str(r["rounds"]), f"{r['planned_epsilon']:.4f}")
+    releases = {"; ".join(r["releases"]) for r in rows}
+    table.caption = "releases per client: " + " | ".join(sorted(releases))
+    return table
+
+
 def _default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -59,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(tasks[method], completed=rnd)
 
         sim = Simulation(cfg, run_dir, progress=on_round)
+        sim.on_privacy_plan = lambda rows: progress.console.print(privacy_plan_table(rows))
         try:
             results = sim.run(resume=args.resume)
         except CheckpointError as err:
@@ -76,6 +91,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from privacy.identity import IdentityError, default_party_ids, init_keys
+
+    try:
+        identities = init_keys(args.directory, default_party_ids(args.clients), overwrite=args.force)
+    except IdentityError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    Console().print(f"wrote {len(identities)} identities (private keys 0600) and allowlist.json "
+                    f"to {args.directory}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secure-fedora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    keys = sub.add_parser("keys", help="identity keys (Ed25519 signing, X25519 key agreement)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_sub.add_parser("init", help="create keys for the server and N clients + allowlist")
+    init.add_argument("directory", help="key directory (created 0700; private keys 0600)")
+    init.add_argument("--clients", type=int, required=True, help="number of clients")
+    init.add_argument("--force", action="store_true", help="overwrite existing keys")
+    init.set_defaults(func=cmd_keys_init)
+
+    from secure_fedora.deploy.cli import register as register_deploy
+
+    register_deploy(sub)
     return parser
 
 

@@ -49,7 +49,10 @@ class DataConfig(_Section):
     dirichlet_alpha: Annotated[float, Field(gt=0)] | None = None
     classes_per_client: PositiveInt | None = None
     rotation_interpolation: Literal["bilinear", "nearest"] = "bilinear"
-    validation: Literal["public"] = "public"
+    # "public": lambda_i is computed from the validation split in the clear, which is private
+    # only if that split is public data (declared in results and report). "private": lambda_i
+    # comes from a clipped, noised validation-loss difference that is accounted.
+    validation: Literal["public", "private"] = "public"
 
     @model_validator(mode="after")
     def _partition_keys(self) -> DataConfig:
@@ -95,11 +98,52 @@ class FedoraConfig(_Section):
     k: PositiveInt = 2
     alpha: Annotated[float, Field(ge=0, lt=1)] = 0.8
     propagation: Literal["dense", "power"] = "dense"
-    relatedness: Literal["plain"] = "plain"
+    # plain: summaries in the clear; noised: Gaussian mechanism on the clipped second moment
+    # (needs [privacy]); encrypted: CKKS, the server computes on ciphertexts only;
+    # noised+encrypted: both (defense in depth).
+    relatedness: Literal["plain", "noised", "encrypted", "noised+encrypted"] = "plain"
 
 
 class FedAvgConfig(_Section):
     finetune_epochs: Annotated[int, Field(ge=0)] = 5
+
+
+class ClientBudgetConfig(_Section):
+    epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy of everything a client releases (DESIGN.md 3).
+
+    ``epsilon``/``delta`` are every client's budget (``overrides`` per client index). With
+    ``noise_multiplier`` unset, DP-SGD's noise is calibrated up front so that the planned
+    schedule (rounds x local steps, the summary release and the lambda releases) spends at most
+    the client's epsilon. Each client refuses any release that would exceed its budget.
+    """
+
+    enabled: bool = False
+    epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 8.0
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    accountant: Literal["rdp", "prv"] = "rdp"
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    sample_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+    noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    summary_clip: Annotated[float, Field(gt=0)] = 1.0
+    # Noise of the one-off summary release and of the per-round lambda releases: fixed
+    # multipliers, or (unset) calibrated so that each spends the given fraction of the
+    # client's epsilon on its own; DP-SGD's noise is then calibrated for the whole plan.
+    summary_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    summary_budget_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    lambda_clip: Annotated[float, Field(gt=0)] = 2.0
+    lambda_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    lambda_budget_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # "experiment": noise from generators seeded by the experiment seed (reproducible; the
+    # guarantee then holds only against a server that does not know the seed). "os_random":
+    # generators seeded from os.urandom at start (not reproducible). Neither is a CSPRNG:
+    # Opacus secure_mode needs torchcsprng, which is not available; the report says so.
+    noise_seed: Literal["experiment", "os_random"] = "experiment"
+    overrides: dict[str, ClientBudgetConfig] = Field(default_factory=dict)
 
 
 class EvaluationConfig(_Section):
@@ -120,11 +164,36 @@ class ExperimentConfig(_Section):
     fedora: FedoraConfig = FedoraConfig()
     fedavg: FedAvgConfig = FedAvgConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods lists a method twice")
+        p, d = self.privacy, self.data
+        if not p.enabled:
+            if "noised" in self.fedora.relatedness:
+                raise ValueError("fedora.relatedness 'noised' needs privacy.enabled = true")
+            if d.validation == "private":
+                raise ValueError("data.validation 'private' needs privacy.enabled = true")
+            return self
+        if "fedora" in self.methods and "noised" not in self.fedora.relatedness:
+            raise ValueError(
+                f"fedora.relatedness {self.fedora.relatedness!r} releases summary information "
+                "without an accounted mechanism; with privacy.enabled use 'noised' or "
+                "'noised+encrypted'"
+            )
+        for key, budget in p.overrides.items():
+            if not key.isdigit() or int(key) >= d.num_clients:
+                raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")
+            delta = budget.delta if budget.delta is not None else p.delta
+            if delta >= 1.0 / d.train_per_client:
+                raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n = {1 / d.train_per_client:g}")
+        if p.delta >= 1.0 / d.train_per_client:
+            raise ValueError(
+                f"privacy.delta must be < 1/n = {1 / d.train_per_client:g} "
+                f"(n = data.train_per_client = {d.train_per_client})"
+            )
         return self
 
 

@@ -49,14 +49,21 @@ class MethodContext:
     generators: list[torch.Generator]
     init: Tensor
     num_classes: int = 10
+    privacy: Any = None  # secure_fedora.private.FederationPrivacy when DP is on
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
 
+    def select(self, i: int) -> None:
+        """Point a DP oracle at client ``i``'s noise multiplier and generator."""
+        if self.privacy is not None:
+            self.oracle.select(self.privacy.clients[i].noise_multiplier, self.generators[i])
+
     def train_client(self, i: int, theta: Tensor, phi: Tensor | None = None, lam: float = 0.0) -> int:
         """Run client ``i``'s local training on ``theta`` in place; returns the step count."""
         c = self.clients[i]
+        self.select(i)
         return local_train(
             self.flat, theta, c.train_x, c.train_y, self.train, self.oracle,
             self.generators[i], self.workspace, phi=phi, lam=lam,
@@ -179,6 +186,7 @@ class FedAvg(FederatedMethod):
         row = torch.empty_like(self.global_params)
         for i, c in enumerate(ctx.clients):
             row.copy_(self.global_params)
+            ctx.select(i)
             best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).accuracy
             best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).accuracy
             for _ in range(self.finetune_epochs):
@@ -192,18 +200,15 @@ class FedAvg(FederatedMethod):
         return {"finetuned_test_accuracy": per_client}
 
 
-LambdaFn = Callable[[int, float, float], float]
-
-
 class Fedora(FederatedMethod):
     """FEDORA (Wu, Bao, Ainsworth, He, KDD 2023, "Personalized Federated Learning with
     Parameter Propagation"): relatedness from data subspaces, a top-k graph, a personalized
     PageRank propagation matrix P; each client is pulled toward ``phi_i = sum_j P_ij theta_j``
     only when ``phi_i`` has lower validation loss than its own model.
 
-    ``relatedness_fn`` computes the overlap blocks (plain, noised or encrypted);
-    ``lambda_fn(i, L_loc, L_rec)`` turns validation losses into the regularization weight
-    (the exact rule with public validation data, or an accounted noised version).
+    ``relatedness_fn`` computes the overlap blocks (plain, noised or encrypted). With
+    ``private_validation`` the regularization weight comes from the client's accounted,
+    noised loss difference (``ctx.privacy.private_lambda``) instead of the exact rule.
     """
 
     name = "fedora"
@@ -217,8 +222,8 @@ class Fedora(FederatedMethod):
         alpha: float = 0.8,
         propagation: str = "dense",
         relatedness_fn: Callable[[], tuple[Tensor, dict[str, Any]]] | None = None,
-        lambda_fn: LambdaFn | None = None,
         relatedness_mode: str = "plain",
+        private_validation: bool = False,
     ) -> None:
         super().__init__(ctx)
         self.q, self.tau, self.k, self.alpha = q, tau, k, alpha
@@ -229,7 +234,9 @@ class Fedora(FederatedMethod):
             lambda: (plain_overlaps(ctx.clients, ctx.num_classes, q)[1], {})
         )
         self._relatedness_mode = relatedness_mode
-        self._lambda_fn: LambdaFn = lambda_fn or (lambda i, loc, rec: fedora.regularization_weight(loc, rec))
+        if private_validation and ctx.privacy is None:
+            raise ValueError("private validation needs the client privacy state (ctx.privacy)")
+        self.private_validation = private_validation
         self.last_lambdas = torch.zeros(ctx.num_clients)
 
     def setup(self) -> None:
@@ -253,10 +260,7 @@ class Fedora(FederatedMethod):
         steps = 0
         lambdas = []
         for i in participants:
-            c = ctx.clients[i]
-            loss_local = evaluate(ctx.flat, self.theta[i], c.val_x, c.val_y).loss
-            loss_received = evaluate(ctx.flat, self.phi[i], c.val_x, c.val_y).loss
-            lam = self._lambda_fn(i, loss_local, loss_received)
+            lam = self.regularization(i)
             self.last_lambdas[i] = lam
             lambdas.append(lam)
             steps += ctx.train_client(i, self.theta[i], self.phi[i], lam)
@@ -266,6 +270,18 @@ class Fedora(FederatedMethod):
             "mean_lambda": float(sum(lambdas) / max(len(lambdas), 1)),
             "pulled_fraction": float(sum(1 for v in lambdas if v > 0) / max(len(lambdas), 1)),
         }
+
+    def regularization(self, i: int) -> float:
+        """``lambda_i`` from client ``i``'s validation data (exact, or accounted and noised)."""
+        ctx = self.ctx
+        c = ctx.clients[i]
+        if self.private_validation:
+            return ctx.privacy.private_lambda(
+                i, self.theta[i], self.phi[i], c.val_x, c.val_y, ctx.generators[i], ctx.flat.bind
+            )
+        loss_local = evaluate(ctx.flat, self.theta[i], c.val_x, c.val_y).loss
+        loss_received = evaluate(ctx.flat, self.phi[i], c.val_x, c.val_y).loss
+        return fedora.regularization_weight(loss_local, loss_received)
 
     def propagate(self) -> None:
         """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secure_fedora import __version__
+from secure_fedora import __version__, fedora
 from secure_fedora.client import (
     FlatModel,
     GradientOracle,
@@ -79,6 +79,14 @@ def client_generator(seed: int, client: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + client + 1)
 
 
+def _client_generators(cfg: ExperimentConfig, n: int) -> list[torch.Generator]:
+    if cfg.privacy.enabled and cfg.privacy.noise_seed == "os_random":
+        from secure_fedora.private import noise_generator_seed
+
+        return [torch.Generator().manual_seed(noise_generator_seed(cfg, i)) for i in range(n)]
+    return [client_generator(cfg.seed, i) for i in range(n)]
+
+
 def train_config(cfg: ExperimentConfig) -> TrainConfig:
     t = cfg.training
     return TrainConfig(t.lr, t.momentum, t.weight_decay, t.batch_size, t.local_epochs)
@@ -90,13 +98,20 @@ def build_context(
     """A fresh method context: common initialization, one RNG per client, shared buffers."""
     module = make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)
     flat = FlatModel(module)
+    generators = _client_generators(cfg, len(clients))
+    if oracle is None and cfg.privacy.enabled:
+        from secure_fedora.private import DPGradient, sample_rate_for
+
+        q = sample_rate_for(cfg)
+        oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
+                            q * cfg.data.train_per_client, generators[0])
     return MethodContext(
         clients=clients,
         flat=flat,
         train=train_config(cfg),
         oracle=oracle or PlainGradient(cfg.training.batch_size),
         workspace=Workspace.for_size(flat.num_params),
-        generators=[client_generator(cfg.seed, i) for i in range(len(clients))],
+        generators=generators,
         init=flat.initial_vector(),
         num_classes=NUM_CLASSES,
     )
@@ -107,12 +122,48 @@ def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> Federat
     f = cfg.fedora
     if name == "fedora":
         return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
-                      relatedness_mode=f.relatedness)
+                      relatedness_fn=relatedness_function(cfg, ctx),
+                      relatedness_mode=f.relatedness,
+                      private_validation=cfg.data.validation == "private")
     if name == "local":
         return Local(ctx)
     if name == "fedavg":
         return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)
     raise ValueError(f"unknown method {name!r}")
+
+
+def relatedness_function(
+    cfg: ExperimentConfig, ctx: MethodContext
+) -> Callable[[], tuple[Tensor, dict[str, Any]]]:
+    """How FEDORA gets its overlap blocks ``U_i^T U_j`` in the configured mode.
+
+    plain: summaries in the clear. noised: each client releases the top eigenvectors of its
+    noised clipped second moment through its budget gate. encrypted: CKKS; the server computes
+    on ciphertexts and sees only the decrypted q x q blocks. noised+encrypted: both.
+    """
+    mode = cfg.fedora.relatedness
+    q = cfg.fedora.q
+
+    def compute() -> tuple[Tensor, dict[str, Any]]:
+        if "noised" in mode:
+            summaries = ctx.privacy.noised_summaries(ctx.clients, q, ctx.num_classes, ctx.generators)
+        else:
+            summaries = torch.stack(
+                [fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, q) for c in ctx.clients]
+            )
+        if "encrypted" in mode:
+            from secure_fedora.secure_relatedness import encrypted_overlaps
+
+            result = encrypted_overlaps(summaries)
+            return result.overlaps, {
+                "client_bytes_sent": result.client_bytes_sent,
+                "server_bytes_received": result.server_bytes_received,
+                "released_bytes": result.released_bytes,
+                "timings": result.timings,
+            }
+        return fedora.subspace_overlaps(summaries), {}
+
+    return compute
 
 
 @dataclass
@@ -237,6 +288,8 @@ class Simulation:
         self.context_factory = context_factory
         self.history: list[dict[str, Any]] = []
         self.methods: dict[str, FederatedMethod] = {}
+        self.privacy: dict[str, dict[str, Any]] = {}
+        self.on_privacy_plan: Callable[[list[dict[str, Any]]], None] | None = None
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_path(self, method: str) -> Path:
@@ -258,6 +311,28 @@ class Simulation:
         """Run (or resume) one method to the configured number of rounds."""
         cfg = self.cfg
         ctx = self.context_factory(cfg, self.clients)
+        privacy = self._open_privacy(name)
+        ctx.privacy = privacy
+        try:
+            return self._run_method(name, ctx, privacy, resume)
+        finally:
+            if privacy is not None:
+                self.privacy[name] = privacy.summary()
+                privacy.close()
+
+    def _open_privacy(self, name: str) -> Any:
+        if not self.cfg.privacy.enabled:
+            return None
+        from secure_fedora.private import FederationPrivacy
+
+        privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
+                                         self.run_dir / "ledgers" / name, self.run_dir / "keys")
+        if self.on_privacy_plan:
+            self.on_privacy_plan(privacy.plan_rows())
+        return privacy
+
+    def _run_method(self, name: str, ctx: MethodContext, privacy: Any, resume: bool) -> MethodOutcome:
+        cfg = self.cfg
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
         n = len(self.clients)
@@ -283,8 +358,12 @@ class Simulation:
         rounds = cfg.training.rounds
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
+            if privacy is not None:
+                with_lambda = name == "fedora" and cfg.data.validation == "private"
+                participants = [i for i in participants
+                                if privacy.admit(i, rnd, method.theta[i], with_lambda)]
             t0 = time.perf_counter()
-            stats = method.train_round(rnd, participants)
+            stats = method.train_round(rnd, participants) if participants else {"steps": 0.0}
             timing["training"] += time.perf_counter() - t0
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
@@ -401,8 +480,14 @@ class Simulation:
                 "validation_data": self.cfg.data.validation,
                 "relatedness": self.cfg.fedora.relatedness,
                 "server": "honest-but-curious",
-                "differential_privacy": False,
+                "differential_privacy": self.cfg.privacy.enabled,
+                **({"noise_source": f"torch.Generator seeded by {self.cfg.privacy.noise_seed!r} "
+                                    "(statistical PRNG, not a CSPRNG; Opacus secure_mode unavailable)",
+                    "neighbouring_relation": "add/remove one record; dataset sizes public",
+                    "accountant": self.cfg.privacy.accountant}
+                   if self.cfg.privacy.enabled else {}),
             },
+            "privacy": self.privacy,
             "clients": [
                 {"id": c.client_id, "train": int(c.train_x.shape[0]), "val": int(c.val_x.shape[0]),
                  "test": int(c.test_x.shape[0]),

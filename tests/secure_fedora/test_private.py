@@ -1,0 +1,212 @@
+"""DP in the federation: calibrated noise, enforced budgets, the write-ahead ledger, restarts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from privacy.accounting import Accountant, PrivacyBudget
+from privacy.identity import load_allowlist
+from privacy.ledger import read_ledger, verify_ledger_file
+from secure_fedora.config import ConfigError, parse_config
+from secure_fedora.private import privacy_plan
+from secure_fedora.runtime import Simulation, build_clients
+
+BASE = {
+    "seed": 3,
+    "methods": ["fedora", "local", "fedavg"],
+    "data": {"num_clients": 4, "train_per_client": 100, "val_per_client": 20, "test_per_client": 20,
+             "groups": 2},
+    "training": {"rounds": 3, "local_epochs": 1, "batch_size": 25, "lr": 0.05},
+    "fedora": {"relatedness": "noised"},
+    "fedavg": {"finetune_epochs": 0},
+    "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3},
+}
+
+
+def dp_config(**overrides):
+    data = json.loads(json.dumps(BASE))
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def clients():
+    return build_clients(dp_config())
+
+
+def _ledgers(run_dir, method):
+    return sorted((run_dir / "ledgers" / method).glob("*.jsonl"))
+
+
+def _public_keys(run_dir):
+    return {cid: p.verify_key for cid, p in load_allowlist(run_dir / "keys" / "allowlist.json").items()}
+
+
+def test_calibrated_run_spends_its_budget_and_the_ledger_verifies(tmp_path, clients):
+    cfg = dp_config(data={"validation": "private"})
+    results = Simulation(cfg, tmp_path, clients=clients).run()
+    assert results["assumptions"]["differential_privacy"] is True
+    keys = _public_keys(tmp_path)
+    for method in ("fedora", "local", "fedavg"):
+        spent = results["privacy"][method]["clients"]
+        for c in spent:
+            assert c["refused_at_round"] is None
+            # the whole plan ran: epsilon within 1% of the target, never above
+            assert 0.99 * 4.0 <= c["epsilon_spent"] <= 4.0
+        for path in _ledgers(tmp_path, method):
+            assert verify_ledger_file(path, keys[path.stem]) == []
+            entries = read_ledger(path)
+            eps = [e["epsilon_after"] for e in entries]
+            assert eps == sorted(eps)
+            mechanisms = {e["mechanism"] for e in entries}
+            if method == "fedora":
+                assert mechanisms == {"dpsgd", "gaussian_summary", "gaussian_lambda"}
+            else:
+                assert mechanisms == {"dpsgd"}
+
+
+def test_ledger_epsilon_matches_an_accountant_replaying_the_same_history(tmp_path, clients):
+    cfg = dp_config(methods=["local"])
+    Simulation(cfg, tmp_path, clients=clients).run()
+    for path in _ledgers(tmp_path, "local"):
+        entries = read_ledger(path)
+        acc = Accountant("rdp")
+        for e in entries:
+            p = e["params"]
+            acc.record(p["noise_multiplier"], p["sample_rate"], p["steps"])
+            assert e["epsilon_after"] == pytest.approx(acc.epsilon(1e-3), rel=1e-9)
+
+
+def test_client_over_budget_is_refused_keeps_model_and_others_continue(tmp_path, clients):
+    # a fixed noise multiplier: client 1's small budget runs out after its first round
+    cfg = dp_config(methods=["fedora"], privacy={"noise_multiplier": 1.0, "epsilon": 20.0,
+                                                 "summary_noise_multiplier": 20.0,
+                                                 "overrides": {"1": {"epsilon": 2.0}}})
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    results = sim.run()
+    spent = {c["client"]: c for c in results["privacy"]["fedora"]["clients"]}
+    refused = spent["client-001"]
+    assert refused["refused_at_round"] is not None
+    assert refused["epsilon_spent"] <= 2.0
+    assert all(spent[c]["refused_at_round"] is None for c in ("client-000", "client-002"))
+    entries = read_ledger(tmp_path / "ledgers" / "fedora" / "client-001.jsonl")
+    refusals = [e for e in entries if e["mechanism"] == "refusal"]
+    assert refusals and refusals[0]["params"]["epsilon_would_be"] > 2.0
+    assert refusals[0]["epsilon_after"] == entries[-2]["epsilon_after"]  # a refusal spends nothing
+    assert any(e["event"] == "refused" for e in results["privacy"]["fedora"]["events"])
+
+
+def test_refused_client_releases_nothing_more(tmp_path, clients):
+    cfg = dp_config(methods=["local"], training={"rounds": 4},
+                    privacy={"noise_multiplier": 1.0, "epsilon": 20.0,
+                             "overrides": {"2": {"epsilon": 4.0}}})
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    snapshots = []
+    sim.progress = lambda m, r, t: snapshots.append(sim.methods["local"].theta[2].clone())
+    results = sim.run()
+    refused_at = results["privacy"]["local"]["clients"][2]["refused_at_round"]
+    assert refused_at is not None and refused_at <= 3
+    # from the refused round on, the client's model is frozen (nothing trained, nothing sent)
+    for later in snapshots[refused_at - 1:]:
+        assert torch.equal(later, snapshots[refused_at - 2])
+
+
+def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
+    cfg = dp_config(data={"validation": "private"})
+    plan = privacy_plan(cfg, "fedora", PrivacyBudget(4.0, 1e-3))
+    assert {r.mechanism for r in plan.releases} == {"dpsgd", "gaussian_summary", "gaussian_lambda"}
+    assert plan.dpsgd_noise > 0 and plan.summary_noise > 0 and plan.lambda_noise > 0
+    impossible = dp_config(privacy={"summary_noise_multiplier": 0.05, "epsilon": 0.5})
+    with pytest.raises(ConfigError, match="privacy.noise_multiplier"):
+        privacy_plan(impossible, "fedora", PrivacyBudget(0.5, 1e-3))
+
+
+@pytest.mark.parametrize(
+    "privacy, key",
+    [
+        ({"epsilon": 0}, "privacy.epsilon"),
+        ({"epsilon": -1}, "privacy.epsilon"),
+        ({"delta": 0.5}, "privacy.delta"),
+        ({"delta": 0.02}, "privacy.delta"),  # >= 1/n with n = 100
+        ({"overrides": {"1": {"delta": 1e-6}}}, "privacy.overrides.1.epsilon"),  # missing key
+        ({"overrides": {"9": {"epsilon": 1}}}, "privacy.overrides.9"),
+        ({"accountant": "moments"}, "privacy.accountant"),
+        ({"noise_seed": "none"}, "privacy.noise_seed"),
+        ({"epsilon": float("inf")}, "privacy.epsilon"),
+    ],
+)
+def test_bad_privacy_configs_name_the_key(privacy, key):
+    with pytest.raises(ConfigError) as err:
+        dp_config(privacy=privacy)
+    assert key in str(err.value)
+
+
+def test_dp_needs_an_accounted_relatedness_mode():
+    with pytest.raises(ConfigError, match="fedora.relatedness"):
+        dp_config(fedora={"relatedness": "plain"})
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        parse_config({"fedora": {"relatedness": "noised"}})
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        parse_config({"data": {"validation": "private"}})
+
+
+def test_kill_mid_round_over_counts_never_under_counts(tmp_path):
+    """SIGKILL a real run mid-round; the ledger stays valid and covers every released model;
+    resuming never lowers the recorded epsilon."""
+    cfg_path = tmp_path / "dp.toml"
+    import tomli_w
+
+    cfg = json.loads(json.dumps(BASE))
+    cfg["methods"] = ["local"]
+    cfg["training"]["rounds"] = 40
+    cfg_path.write_text(tomli_w.dumps(cfg))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "secure_fedora.cli", "run", str(cfg_path), "--out",
+                             str(run_dir), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ledger = run_dir / "ledgers" / "local" / "client-000.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if ledger.exists() and ledger.read_bytes().count(b"\n") >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail("run ended before it could be killed")
+            time.sleep(0.05)
+        else:
+            pytest.fail("run produced no ledger entries in time")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    keys = _public_keys(run_dir)
+    before = {}
+    for path in _ledgers(run_dir, "local"):
+        assert verify_ledger_file(path, keys[path.stem]) == []  # every line complete, signed, chained
+        entries = read_ledger(path)
+        before[path.stem] = entries[-1]["epsilon_after"] if entries else 0.0
+    state = torch.load(run_dir / "checkpoints" / "local.pt", weights_only=True) \
+        if (run_dir / "checkpoints" / "local.pt").exists() else {"round": 0}
+    # every round that finished (and so was released) has its ledger entry for client 0
+    assert len(read_ledger(ledger)) >= state["round"]
+    from secure_fedora.cli import main
+
+    assert main(["run", str(cfg_path), "--out", str(run_dir), "--quiet", "--resume"]) == 0
+    for path in _ledgers(run_dir, "local"):
+        assert verify_ledger_file(path, keys[path.stem]) == []
+        entries = read_ledger(path)
+        assert entries[-1]["epsilon_after"] >= before[path.stem]
+        eps = [e["epsilon_after"] for e in entries]
+        assert eps == sorted(eps)
