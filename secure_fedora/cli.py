@@ -122,9 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite existing keys")
     init.set_defaults(func=cmd_keys_init)
 
+    from audits.cli import register as register_audit
     from secure_fedora.deploy.cli import register as register_deploy
+    from secure_fedora.sweep import register as register_sweep
 
+    register_sweep(sub)
     register_deploy(sub)
+    register_audit(sub)
     return parser
 
 

@@ -29,6 +29,9 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key and the problem."""
 
 
+MethodName = Literal["fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -155,7 +158,7 @@ class ExperimentConfig(_Section):
 
     name: str = "experiment"
     seed: int = 0
-    methods: list[Literal["fedora", "local", "fedavg"]] = Field(
+    methods: list[MethodName] = Field(
         default_factory=lambda: ["fedora", "local", "fedavg"], min_length=1
     )
     data: DataConfig = DataConfig()
@@ -165,11 +168,21 @@ class ExperimentConfig(_Section):
     fedavg: FedAvgConfig = FedAvgConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    # Per-baseline hyper-parameters, e.g. [baselines.fedprox] mu = 0.01 (defaults and keys:
+    # secure_fedora.baselines.BASELINE_HYPERPARAMETERS).
+    baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods lists a method twice")
+        from secure_fedora.baselines import BaselineConfigError, validate_hyperparameters
+
+        for name, section in self.baselines.items():
+            try:
+                validate_hyperparameters(name, section)
+            except BaselineConfigError as err:
+                raise ValueError(f"baselines.{name}: {err}") from None
         p, d = self.privacy, self.data
         if not p.enabled:
             if "noised" in self.fedora.relatedness:

@@ -129,7 +129,9 @@ def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> Federat
         return Local(ctx)
     if name == "fedavg":
         return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)
-    raise ValueError(f"unknown method {name!r}")
+    from secure_fedora.baselines import make_baseline
+
+    return make_baseline(name, ctx, cfg.baselines.get(name), validation=cfg.data.validation)
 
 
 def relatedness_function(
