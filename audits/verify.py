@@ -33,12 +33,14 @@
    parameters imply (``clip_norm^2 / n`` and ``clip / m``).
 4. **Run identity**: ``config.toml`` hashes to ``results.json``'s ``config_hash``; each
    allowlisted key agrees with ``keys/<client>.ed25519.pub`` when that file exists; every
-   client of a DP run has a ledger; when ``results.json`` holds anchored ledger heads
-   (``privacy.ledger_heads[client] = {"entries": n, "head": sha256}``) the ledger's length
-   and last-line hash match them.
+   client of a DP run has a ledger for every method that ran; the ledger's length (and,
+   when recorded, its last-line hash ``ledger_head``) and final epsilon agree with the
+   runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``).
+5. **Coverage** (a warning): ledgers of several methods spend the same clients' data.
 
 Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain;
-it is detected only against an anchored head (item 4), otherwise a warning says so. The
+it is detected only against the length anchored in ``results.json`` (item 4; a hash anchor
+held outside the run directory is stronger), otherwise a warning says so. The
 allowlist is by default read from the run directory itself; pass ``allowlist=`` (CLI
 ``--allowlist``) to verify against keys registered independently of the run, otherwise a
 warning says the keys are only as trustworthy as the directory.
@@ -49,12 +51,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +85,10 @@ __all__ = [
 ]
 
 DEFAULT_REL_TOL = 0.02
+try:
+    _DP_ACCOUNTING_VERSION = importlib.metadata.version("dp-accounting")
+except importlib.metadata.PackageNotFoundError:  # an unusual install: still the same code
+    _DP_ACCOUNTING_VERSION = "(version unknown)"
 DEFAULT_PLD_CHECKPOINTS = 8
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
@@ -107,7 +114,7 @@ class Finding:
 
     ``severity == "error"`` makes the run fail verification; ``"warning"`` does not.
     ``entry`` is the 0-based line position in the client's ledger (None: the whole ledger
-    or run).
+    or run); ``method`` names the method's ledger directory when the run has one per method.
     """
 
     severity: Severity
@@ -115,11 +122,14 @@ class Finding:
     message: str
     client_id: str | None = None
     entry: int | None = None
+    method: str | None = None
 
     def __str__(self) -> str:
         where = []
         if self.client_id is not None:
             where.append(f"client {self.client_id}")
+        if self.method is not None:
+            where.append(f"method {self.method}")
         if self.entry is not None:
             where.append(f"entry {self.entry}")
         prefix = ", ".join(where) or "run"
@@ -141,9 +151,10 @@ class EntryCheck:
 
 @dataclass
 class ClientVerification:
-    """Per-client outcome: the ledger's numbers and whether every check passed."""
+    """Per-ledger outcome (one client, one method): its numbers and whether every check passed."""
 
     client_id: str
+    method: str | None
     ledger: str
     entries: int
     accountant: str | None
@@ -212,6 +223,8 @@ CHECKS_DONE = [
     "budget, delta and accountant constant per client and equal to config.toml",
     "Gaussian summary/lambda sensitivities match their clip parameters",
     "config.toml matches results.json config_hash",
+    "ledger length and final epsilon equal results.json's per-client privacy summary",
+    "every client of a DP run has a ledger for every method that ran",
 ]
 
 
@@ -480,8 +493,8 @@ class _RunContext:
 def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | None:
     path = run_dir / "results.json"
     if not path.is_file():
-        findings.append(Finding("warning", "results", f"{path} is missing; run identity and"
-                                " accuracy cannot be checked"))
+        findings.append(Finding("warning", "results", f"{path} is missing; run identity,"
+                                " anchors and accuracy cannot be checked"))
         return None
     try:
         doc = json.loads(path.read_text())
@@ -565,17 +578,28 @@ def _configured_budget(cfg: ExperimentConfig, client_id: str) -> tuple[float, fl
     return float(eps), float(delta)
 
 
-def _ledger_heads(results: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not results:
+def _anchor(results: dict[str, Any] | None, method: str | None,
+            client_id: str) -> dict[str, Any] | None:
+    """The runtime's per-client privacy summary in results.json, if it wrote one.
+
+    Layout written by the in-process runtime: ``privacy[<method>]["clients"]`` is a list of
+    ``{"client", "ledger_entries", "epsilon_spent", ...}`` (optionally ``"ledger_head"``, the
+    SHA-256 of the last line); for a ledger directory without method level,
+    ``privacy["clients"]``.
+    """
+    if not results or not isinstance(results.get("privacy"), dict):
         return None
-    privacy = results.get("privacy")
-    if not isinstance(privacy, dict):
+    section = results["privacy"].get(method) if method is not None else results["privacy"]
+    if not isinstance(section, dict) or not isinstance(section.get("clients"), list):
         return None
-    heads = privacy.get("ledger_heads")
-    return heads if isinstance(heads, dict) else None
+    for row in section["clients"]:
+        if isinstance(row, dict) and row.get("client") == client_id:
+            return row
+    return None
 
 
-def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int) -> list[Finding]:
+def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int,
+                       method: str | None) -> list[Finding]:
     p = entry["params"]
     mech = entry["mechanism"]
     expected: float | None = None
@@ -591,23 +615,28 @@ def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int) -> list[
     if not _number(got) or not math.isclose(float(got), expected, rel_tol=1e-9, abs_tol=0.0):
         return [Finding("error", "sensitivity",
                         f"{mech} records sensitivity {got!r}, its clip parameters imply"
-                        f" {expected!r}", client_id, pos)]
+                        f" {expected!r}", client_id, pos, method)]
     return []
 
 
-def _verify_client(path: Path, client_id: str, key: Ed25519PublicKey | None, ctx: _RunContext,
-                   rel_tol: float, pld_checkpoints: int) -> ClientVerification:
+def _verify_client(path: Path, method: str | None, client_id: str,
+                   key: Ed25519PublicKey | None, ctx: _RunContext, rel_tol: float,
+                   pld_checkpoints: int) -> ClientVerification:
     lines, torn = _read_lines(path)
-    entries, findings = check_ledger_lines(lines, key, client_id, torn)
+    entries, integrity = check_ledger_lines(lines, key, client_id, torn)
+    findings = [replace(f, method=method) for f in integrity]
     if not lines:
-        findings.append(Finding("error", "empty", "the ledger has no entries", client_id))
+        findings.append(Finding("error", "empty", "the ledger has no entries", client_id,
+                                None, method))
 
     def err(pos: int | None, check: str, message: str) -> None:
-        findings.append(Finding("error", check, message, client_id, pos))
+        findings.append(Finding("error", check, message, client_id, pos, method))
+
+    def warn(pos: int | None, check: str, message: str) -> None:
+        findings.append(Finding("warning", check, message, client_id, pos, method))
 
     good = [(i, e) for i, e in enumerate(entries) if e is not None
             and all(f in e for f in ENTRY_FIELDS)]
-    # Constant per-ledger fields.
     constants: dict[str, Any] = {}
     for name in ("accountant", "delta", "budget_epsilon"):
         for i, e in good:
@@ -636,7 +665,6 @@ def _verify_client(path: Path, client_id: str, key: Ed25519PublicKey | None, ctx
                 err(None, "config", f"ledger accountant {accountant!r} differs from the"
                     f" configured {ctx.config.privacy.accountant!r}")
 
-    # Monotonicity, refusals, sensitivities, budgets (recorded).
     prev_eps: float | None = None
     releases: list[tuple[float, float, int] | None] = []
     mechanisms: dict[str, dict[str, Any]] = {}
@@ -670,7 +698,7 @@ def _verify_client(path: Path, client_id: str, key: Ed25519PublicKey | None, ctx
             releases.append(None)
             continue
         releases.append((float(p["noise_multiplier"]), float(p["sample_rate"]), int(p["steps"])))
-        findings.extend(_check_sensitivity(e, client_id, i))
+        findings.extend(_check_sensitivity(e, client_id, i, method))
         m = mechanisms.setdefault(mech, {"entries": 0, "steps": 0, "noise_multipliers": [],
                                          "sample_rates": [], "clip_norms": []})
         m["entries"] += 1
@@ -683,7 +711,6 @@ def _verify_client(path: Path, client_id: str, key: Ed25519PublicKey | None, ctx
         if clip is not None and clip not in m["clip_norms"]:
             m["clip_norms"].append(clip)
 
-    # Independent accounting.
     independent: list[float | None] = [None] * len(entries)
     if accountant in ACCOUNTANTS and _number(delta) and 0 < delta < 1:
         independent = independent_epsilons(releases, float(delta), accountant, pld_checkpoints)
@@ -700,10 +727,9 @@ def _verify_client(path: Path, client_id: str, key: Ed25519PublicKey | None, ctx
                     f"recorded epsilon_after {rec:.6g} is below the independent"
                     f" dp_accounting value {ind:.6g} by more than {rel_tol:.0%}")
             elif rec > ind * (1.0 + rel_tol):
-                findings.append(Finding(
-                    "warning", "epsilon_over_reported",
-                    f"recorded epsilon_after {rec:.6g} is above the independent value"
-                    f" {ind:.6g} by more than {rel_tol:.0%} (conservative)", client_id, i))
+                warn(i, "epsilon_over_reported",
+                     f"recorded epsilon_after {rec:.6g} is above the independent value"
+                     f" {ind:.6g} by more than {rel_tol:.0%} (conservative)")
             if _number(e["budget_epsilon"]) and ind > e["budget_epsilon"] * (1.0 + rel_tol):
                 err(i, "budget_exceeded", f"independent epsilon {ind:.6g} exceeds the budget"
                     f" {e['budget_epsilon']!r}")
@@ -712,36 +738,62 @@ def _verify_client(path: Path, client_id: str, key: Ed25519PublicKey | None, ctx
                                  rec, ind, e["budget_epsilon"]
                                  if _number(e["budget_epsilon"]) else None, dict(params)))
 
-    # Anchored head (detects truncation at the end).
-    heads = _ledger_heads(ctx.results)
-    if heads is not None:
-        anchor = heads.get(client_id)
-        if not isinstance(anchor, dict):
-            err(None, "anchor", "results.json anchors ledger heads but none for this client")
-        else:
-            n_anchor, h_anchor = anchor.get("entries"), anchor.get("head")
-            if n_anchor != len(lines) or (lines and h_anchor != _sha256(lines[-1])):
-                err(len(lines) - 1 if lines else None, "anchor",
-                    f"ledger has {len(lines)} entries ending in"
-                    f" {(_sha256(lines[-1]) if lines else GENESIS_HASH)[:16]}..., the anchored"
-                    f" head is {n_anchor!r} entries ending in {str(h_anchor)[:16]}...: entries"
-                    " were removed from (or added to) the end")
-    else:
-        findings.append(Finding("warning", "anchor", "no anchored ledger head in results.json:"
-                                " entries removed from the end cannot be detected", client_id))
-
     final = max((c.recorded_epsilon for c in series if c.recorded_epsilon is not None),
                 default=0.0)
+    anchor = _anchor(ctx.results, method, client_id)
+    last = len(lines) - 1 if lines else None
+    if anchor is None:
+        warn(None, "anchor", "results.json holds no ledger length for this client: entries"
+             " removed from the end of the ledger cannot be detected")
+    else:
+        n_anchor = anchor.get("ledger_entries")
+        if n_anchor != len(lines):
+            err(last, "anchor", f"the ledger has {len(lines)} entries, results.json recorded"
+                f" {n_anchor!r}: entries were removed from (or added to) the end")
+        head = anchor.get("ledger_head")
+        if head is not None and lines and head != _sha256(lines[-1]):
+            err(last, "anchor", f"the last line hashes to {_sha256(lines[-1])[:16]}...,"
+                f" results.json recorded the head {str(head)[:16]}...")
+        spent = anchor.get("epsilon_spent")
+        if spent is not None and (not _number(spent) or abs(spent - final) > 1e-5 * max(1, final)):
+            err(None, "results_epsilon", f"results.json reports epsilon_spent {spent!r}, the"
+                f" ledger's last epsilon_after is {final!r}")
+
     ind_final = next((c.independent_epsilon for c in reversed(series)
                       if c.independent_epsilon is not None), None)
     ctx.findings.extend(findings)
     return ClientVerification(
-        client_id=client_id, ledger=str(path), entries=len(lines), accountant=accountant,
-        delta=delta if _number(delta) else None,
+        client_id=client_id, method=method, ledger=str(path), entries=len(lines),
+        accountant=accountant, delta=delta if _number(delta) else None,
         budget_epsilon=budget if _number(budget) else None, final_epsilon=float(final),
         independent_final_epsilon=ind_final, refused=refused, mechanisms=mechanisms,
         series=series, ok=not any(f.severity == "error" for f in findings),
     )
+
+
+def _discover(ledger_dir: Path) -> list[tuple[str | None, Path]]:
+    """``(method, path)`` for ``ledgers/<client>.jsonl`` and ``ledgers/<method>/<client>.jsonl``."""
+    if not ledger_dir.is_dir():
+        return []
+    found: list[tuple[str | None, Path]] = [(None, p) for p in sorted(ledger_dir.glob("*.jsonl"))]
+    for sub in sorted(p for p in ledger_dir.iterdir() if p.is_dir()):
+        found.extend((sub.name, p) for p in sorted(sub.glob("*.jsonl")))
+    return found
+
+
+def _coverage(ctx: _RunContext, methods: Sequence[str | None]) -> None:
+    """A warning when ledgers of several methods spend the same clients' data.
+
+    (A DP config whose relatedness is not noised is rejected by the config schema itself, so
+    a summary released outside the ledger shows up as an invalid ``config.toml``.)
+    """
+    named = sorted({m for m in methods if m is not None})
+    if len(named) > 1:
+        ctx.findings.append(Finding(
+            "warning", "coverage",
+            f"ledgers of {len(named)} methods ({', '.join(named)}) spend the same clients'"
+            " data: each method's epsilon holds for that method's releases alone (alternative"
+            " deployments compared in one run), not for all of them together"))
 
 
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
@@ -749,11 +801,13 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS) -> VerificationReport:
     """Verify every ledger of ``run_dir`` (see the module docstring for each check).
 
-    Guarantee: ``report.ok`` is True only if every ledger is intact, signed by its client's
-    allowlisted key, never under-reports epsilon by more than ``rel_tol`` against
-    dp_accounting, and stays within its budget. Every error names the client, the entry (line
-    position) where applicable, the check and what is wrong. Raises :class:`AuditError` only
-    when ``run_dir`` itself is missing or an argument is invalid.
+    Ledgers are ``ledgers/<method>/<client>.jsonl`` (the in-process runtime's layout, one
+    directory per compared method) or ``ledgers/<client>.jsonl``. Guarantee: ``report.ok``
+    is True only if every ledger is intact, signed by its client's allowlisted key, never
+    under-reports epsilon by more than ``rel_tol`` against dp_accounting, and stays within
+    its budget. Every error names the client, the method, the entry (line position) where
+    applicable, the check and what is wrong. Raises :class:`AuditError` only when
+    ``run_dir`` itself is missing or an argument is invalid.
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -773,35 +827,44 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     keys, allow_used = _load_keys(run, allow_path, findings)
 
     ledger_dir = run / "ledgers"
-    paths = sorted(ledger_dir.glob("*.jsonl")) if ledger_dir.is_dir() else []
+    found = _discover(ledger_dir)
     dp_claimed = (cfg is not None and cfg.privacy.enabled) or bool(
         results and isinstance(results.get("assumptions"), dict)
         and results["assumptions"].get("differential_privacy"))
-    if not paths:
+    if not found:
         findings.append(Finding(
             "error", "no_ledgers",
             f"no ledgers in {ledger_dir}" + ("" if dp_claimed else
                                              ": the run was not differentially private"),
         ))
+    _coverage(ctx, sorted({m for m, _ in found}, key=str))
     clients: list[ClientVerification] = []
-    for path in paths:
+    for method, path in found:
         client_id = path.stem
         ident = keys.get(client_id)
         if ident is None and keys:
             findings.append(Finding("error", "key", f"client {client_id!r} is not in the"
-                                    f" allowlist {allow_used}", client_id))
-        clients.append(_verify_client(path, client_id,
+                                    f" allowlist {allow_used}", client_id, None, method))
+        clients.append(_verify_client(path, method, client_id,
                                       ident.verify_key if ident is not None else None,
                                       ctx, float(rel_tol), pld_checkpoints))
     if cfg is not None and cfg.privacy.enabled:
-        have = {p.stem for p in paths}
-        for cid in client_ids(cfg.data.num_clients):
-            if cid not in have:
-                findings.append(Finding("error", "missing_ledger", f"DP is enabled but there is"
-                                        f" no ledger {ledger_dir / (cid + '.jsonl')}", cid))
+        dirs = sorted({m for m, _ in found if m is not None})
+        finished = [m for m in cfg.methods
+                    if results is not None and m in results.get("methods", {})]
+        expected_methods: list[str | None] = sorted(set(dirs) | set(finished)) if dirs \
+            or finished else [None]
+        have = {(m, p.stem) for m, p in found}
+        for method in expected_methods:
+            for cid in client_ids(cfg.data.num_clients):
+                if (method, cid) not in have:
+                    where = ledger_dir / method if method is not None else ledger_dir
+                    findings.append(Finding("error", "missing_ledger", f"DP is enabled but"
+                                            f" there is no ledger {where / (cid + '.jsonl')}",
+                                            cid, None, method))
     return VerificationReport(
         run_dir=str(run), clients=clients, findings=findings, rel_tol=float(rel_tol),
-        independent_accountant=(f"dp_accounting {getattr(dp_accounting, '__version__', '0.6')}:"
-                                " RDP (all entries) / PLD (checkpoints) for 'rdp' / 'prv' ledgers"),
+        independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
+                                " ('rdp' ledgers), PLD at checkpoints ('prv' ledgers)"),
         allowlist=allow_used, checks=list(CHECKS_DONE),
     )

@@ -444,6 +444,7 @@ class APFL(FederatedMethod):
         return {"steps": float(steps), "mean_alpha": float(self.alpha.mean())}
 
     def eval_row(self, i: int) -> Tensor:
+        """Client ``i``'s personalized model: ``alpha_i v_i + (1 - alpha_i) w``."""
         return self.mixed[i]
 
     def state_dict(self) -> dict[str, Any]:
@@ -625,6 +626,7 @@ class IFCA(FederatedMethod):
         return {"steps": float(steps), "clusters_used": float((sizes > 0).sum())}
 
     def eval_row(self, i: int) -> Tensor:
+        """The cluster model client ``i`` currently picks."""
         return self.clusters[int(self.assignment[i])]
 
     def state_dict(self) -> dict[str, Any]:

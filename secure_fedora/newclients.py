@@ -90,6 +90,7 @@ class NewClientReport:
         return min(self.accuracy[method][epochs])
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable dict of the whole report (epoch keys become strings)."""
         return {**dataclasses.asdict(self),
                 "accuracy": {m: {str(e): v for e, v in by.items()} for m, by in self.accuracy.items()}}
 

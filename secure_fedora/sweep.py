@@ -123,10 +123,13 @@ class Cell:
 
     @property
     def epsilon_label(self) -> str:
+        """``"none"`` or the epsilon's shortest decimal form (used in paths and tables)."""
         return epsilon_label(self.epsilon)
 
     @property
     def key(self) -> str:
+        """``<method>/eps-<epsilon>/seed-<seed>``: the cell's name and its directory below
+        ``OUT/cells``."""
         return f"{self.method}/eps-{self.epsilon_label}/seed-{self.seed}"
 
 
@@ -330,10 +333,12 @@ class SweepRow:
 
     @property
     def acc_mean(self) -> float:
+        """Mean over seeds of the client-mean accuracy."""
         return statistics.fmean(self.client_means)
 
     @property
     def acc_min(self) -> float:
+        """Lowest client-mean accuracy over seeds."""
         return min(self.client_means)
 
     @property
@@ -343,6 +348,7 @@ class SweepRow:
 
     @property
     def client_min_mean(self) -> float:
+        """Mean over seeds of the worst client's accuracy."""
         return statistics.fmean(self.client_mins)
 
     @property
@@ -353,6 +359,8 @@ class SweepRow:
 
     @property
     def worse_than_local_mean(self) -> float | None:
+        """Mean over seeds of the number of clients below their Local accuracy (``None``: no
+        Local reference for some seed)."""
         return None if self.worse_than_local is None else statistics.fmean(self.worse_than_local)
 
 

@@ -345,8 +345,29 @@ class LocalFederation:
         doc = self._json_output(proc, f"registering {node.key.public_key.name}")
         return int(doc["node-id"])
 
-    def start_node(self, index: int, wait: bool = True) -> ManagedProcess:
-        """Start (or restart) SuperNode ``index`` with its key, port and node config."""
+    def start_node(
+        self, index: int, wait: bool = True, activation_retry: float = 0.0
+    ) -> ManagedProcess:
+        """Start (or restart) SuperNode ``index`` with its key, port and node config.
+
+        After a crash the SuperLink keeps the node "online" until its heartbeat expires
+        (Flower 1.42: up to 2 x 30 s) and refuses to activate it again before that; a
+        SuperNode started in that window exits with "Failed to activate SuperNode". With
+        ``activation_retry > 0`` such a start is retried every 2 s for up to that many seconds
+        (implies ``wait``).
+        """
+        if activation_retry > 0:
+            deadline = time.monotonic() + activation_retry
+            while True:
+                proc = self.start_node(index, wait=False)
+                try:
+                    self.wait_node_active(index)
+                    return proc
+                except DeployError:
+                    refused = "Failed to activate SuperNode" in proc.log_tail(200)
+                    if proc.running() or not refused or time.monotonic() > deadline:
+                        raise
+                time.sleep(2.0)
         assert self.certs is not None
         node = self.nodes[index]
         if node.process is not None and node.process.running():

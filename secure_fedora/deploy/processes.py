@@ -25,7 +25,6 @@ __all__ = [
     "ProcessError",
     "descendants",
     "is_alive",
-    "start_time",
     "stop_all",
 ]
 
@@ -76,16 +75,6 @@ def is_alive(pid: int) -> bool:
         return False
     rest = stat[stat.rfind(")") + 2 :].split()
     return bool(rest) and rest[0] != "Z"
-
-
-def start_time(pid: int) -> float:
-    """Wall-clock start time of ``pid`` (from /proc/<pid>/stat and the boot time)."""
-    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-        stat = handle.read()
-    ticks = int(stat[stat.rfind(")") + 2 :].split()[19])
-    with open("/proc/stat", encoding="utf-8") as handle:
-        boot = next(float(line.split()[1]) for line in handle if line.startswith("btime"))
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _signal_pid(pid: int, sig: int) -> None:

@@ -3,7 +3,9 @@
 The server never holds client data. It
 
 1. waits (bounded by ``connect-timeout``) until one SuperNode per client is online, asks each
-   for its summary ``U_i`` and learns which node holds which client (``client-id``);
+   for its summary ``U_i`` (replies bounded by the larger of ``connect-timeout`` and
+   ``round-timeout``: first contact includes app installation and partition building) and
+   learns which node holds which client (``client-id``);
 2. builds the similarity matrix, the top-k graph and the propagation matrix ``P`` with
    :mod:`secure_fedora.fedora` (the same calls as the in-process ``Fedora`` method);
 3. every round, samples participants exactly as the in-process runtime does (same seed,
@@ -214,11 +216,14 @@ def _relatedness(grid: Grid, server: _Server, nodes: list[int]) -> tuple[Tensor,
             dst_node_id=node,
             message_type=MSG_SUMMARY,
             group_id="relatedness",
-            ttl=server.settings.round_timeout + 60.0,
+            ttl=max(server.settings.connect_timeout, server.settings.round_timeout) + 60.0,
         )
         for node in nodes
     }
-    ex = _exchange(grid, messages, server.settings.round_timeout, server.settings.poll_interval)
+    # The first contact is the slowest (each SuperNode installs the app, its ClientApp builds
+    # the partition): it is bounded by the connect timeout rather than the round timeout.
+    wait = max(server.settings.connect_timeout, server.settings.round_timeout)
+    ex = _exchange(grid, messages, wait, server.settings.poll_interval)
     for node, reason in ex.errors.items():
         server.event(0, None, node, f"summary failed: {reason}")
     if ex.missing:

@@ -48,14 +48,21 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                   accountant: str = "rdp", epsilon: float = 8.0, delta: float = 1e-5,
                   overrides: dict[str, float] | None = None, noise_multiplier: float = 1.2,
                   sample_rate: float = 0.1, steps_per_round: int = 5,
-                  anchor_heads: bool = True) -> Path:
-    """Write a complete DP run directory under ``root`` and return it."""
+                  methods: tuple[str, ...] = ("fedora", "local")) -> Path:
+    """Write a complete DP run directory under ``root`` in the runtime's layout; return it.
+
+    Layout as written by :class:`secure_fedora.runtime.Simulation` with privacy enabled:
+    ``ledgers/<method>/<client>.jsonl``, ``keys/`` (allowlist + keys), ``config.toml`` and
+    ``results.json`` with ``privacy[<method>]["clients"]`` summaries. FEDORA clients release
+    a noised summary (round 0), then per round DP-SGD steps and a noised lambda; Local
+    clients release DP-SGD steps only.
+    """
     root.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
     cfg_dict: dict[str, Any] = {
         "name": "audit-fixture",
         "seed": 3,
-        "methods": ["fedora", "local"],
+        "methods": list(methods),
         "data": {"num_clients": num_clients, "train_per_client": 128, "val_per_client": 16,
                  "test_per_client": 16, "validation": "private"},
         "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 16},
@@ -68,29 +75,41 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
     cfg = parse_config(cfg_dict)
     (root / "config.toml").write_text(tomli_w.dumps(cfg_dict))
     keys_dir = root / "keys"
-    init_keys(keys_dir, default_party_ids(num_clients))
-    (root / "ledgers").mkdir()
-    record = _dpsgd_record(noise_multiplier, sample_rate, steps_per_round)
     ids = client_ids(num_clients)
-    heads = {}
-    per_client = []
-    for index, cid in enumerate(ids):
-        budget = PrivacyBudget(overrides.get(str(index), epsilon), delta)
-        acc = Accountant(accountant)
-        ident = load_identity(keys_dir, cid)
-        with LedgerWriter(root / "ledgers" / f"{cid}.jsonl", cid, ident.signing_key) as ledger:
-            gate = BudgetGate(acc, budget, ledger, cid)
-            summary = summary_record(clip_norm=1.0, noise_multiplier=5.0, n=128, q=1)
-            gate.process(Release("summary", torch.zeros(3), 0, [summary]))
-            for rnd in range(1, rounds + 1):
-                lam = scalar_record(clip=2.0, noise_multiplier=5.0, m=16)
-                try:
-                    gate.process(Release("model", torch.zeros(3), rnd, [record, lam]))
-                except BudgetExceededError:
-                    break
-            heads[cid] = {"entries": ledger.head[0], "head": ledger.head[1]}
-            per_client.append({"client_id": cid, "epsilon": ledger.last_epsilon,
-                               "budget": budget.epsilon, "refused": gate.closed})
+    init_keys(keys_dir, default_party_ids(num_clients))
+    record = _dpsgd_record(noise_multiplier, sample_rate, steps_per_round)
+    privacy: dict[str, Any] = {}
+    for method in methods:
+        (root / "ledgers" / method).mkdir(parents=True)
+        per_client = []
+        for index, cid in enumerate(ids):
+            budget = PrivacyBudget(overrides.get(str(index), epsilon), delta)
+            acc = Accountant(accountant)
+            ident = load_identity(keys_dir, cid)
+            path = root / "ledgers" / method / f"{cid}.jsonl"
+            with LedgerWriter(path, cid, ident.signing_key) as ledger:
+                gate = BudgetGate(acc, budget, ledger, cid)
+                if method == "fedora":
+                    summary = summary_record(clip_norm=1.0, noise_multiplier=5.0, n=128, q=1)
+                    gate.process(Release("summary", torch.zeros(3), 0, [summary]))
+                for rnd in range(1, rounds + 1):
+                    records = [record]
+                    if method == "fedora":
+                        records.append(scalar_record(clip=2.0, noise_multiplier=5.0, m=16))
+                    try:
+                        gate.process(Release("model", torch.zeros(3), rnd, records))
+                    except BudgetExceededError:
+                        break
+                per_client.append({
+                    "client": cid, "epsilon_budget": budget.epsilon, "delta": budget.delta,
+                    "epsilon_spent": round(ledger.last_epsilon, 6),
+                    "noise_multiplier": noise_multiplier,
+                    "refused_at_round": rnd if gate.closed else None,
+                    "ledger_entries": ledger.head[0],
+                })
+        privacy[method] = {"method": method, "sample_rate": sample_rate,
+                           "steps_per_round": steps_per_round, "clients": per_client,
+                           "events": []}
     accuracy = [0.8 + 0.01 * i for i in range(num_clients)]
     results = {
         "name": cfg.name,
@@ -98,18 +117,17 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
         "config_hash": config_hash(cfg),
         "data_fingerprint": "ab" * 32,
         "assumptions": {"validation_data": "private", "relatedness": "noised",
-                        "server": "honest-but-curious", "differential_privacy": True},
+                        "server": "honest-but-curious", "differential_privacy": True,
+                        "accountant": accountant},
+        "privacy": privacy,
         "clients": [{"id": i, "train": 128, "val": 16, "test": 16} for i in range(num_clients)],
         "methods": {
-            "fedora": {"name": "fedora", "rounds": rounds, "selected": {
-                "mean": sum(accuracy) / num_clients, "min": min(accuracy), "max": max(accuracy),
-                "std": 0.01, "per_client": accuracy, "round": rounds}},
-            "local": {"name": "local", "rounds": rounds, "selected": {
-                "mean": 0.7, "min": 0.65, "max": 0.75, "std": 0.03,
-                "per_client": [0.7] * num_clients, "round": rounds}},
+            m: {"name": m, "rounds": rounds, "selected": {
+                "mean": sum(accuracy) / num_clients - 0.05 * k, "min": min(accuracy) - 0.05 * k,
+                "max": max(accuracy) - 0.05 * k, "std": 0.01,
+                "per_client": [a - 0.05 * k for a in accuracy], "round": rounds}}
+            for k, m in enumerate(methods)
         },
-        "privacy": {"enabled": True, "accountant": accountant, "clients": per_client,
-                    **({"ledger_heads": heads} if anchor_heads else {})},
     }
     (root / "results.json").write_text(json.dumps(results, indent=2))
     return root
@@ -117,7 +135,7 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
 
 @pytest.fixture(scope="session")
 def pristine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-client RDP run where client 2 has a small budget and is refused in a late round."""
+    """A 3-client, 2-method RDP run; client 2 has a small budget and is refused in round 3."""
     return build_run_dir(tmp_path_factory.mktemp("pristine") / "run", overrides={"2": 3.0})
 
 

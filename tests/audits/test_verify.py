@@ -24,24 +24,25 @@ from privacy.ledger import LedgerWriter, canonical_json, line_hash, signing_payl
 from .conftest import build_run_dir
 
 CID = "client-001"
+METHOD = "fedora"
 
 
-def ledger_path(run: Path, cid: str = CID) -> Path:
-    return run / "ledgers" / f"{cid}.jsonl"
+def ledger_path(run: Path, cid: str = CID, method: str = METHOD) -> Path:
+    return run / "ledgers" / method / f"{cid}.jsonl"
 
 
-def lines_of(run: Path, cid: str = CID) -> list[str]:
-    return ledger_path(run, cid).read_text().splitlines()
+def lines_of(run: Path, cid: str = CID, method: str = METHOD) -> list[str]:
+    return ledger_path(run, cid, method).read_text().splitlines()
 
 
-def write_lines(run: Path, lines: list[str], cid: str = CID) -> None:
-    ledger_path(run, cid).write_text("".join(line + "\n" for line in lines))
+def write_lines(run: Path, lines: list[str], cid: str = CID, method: str = METHOD) -> None:
+    ledger_path(run, cid, method).write_text("".join(line + "\n" for line in lines))
 
 
-def errors_at(report, cid: str = CID) -> dict[int | None, set[str]]:
+def errors_at(report, cid: str = CID, method: str = METHOD) -> dict[int | None, set[str]]:
     out: dict[int | None, set[str]] = {}
     for f in report.errors:
-        if f.client_id == cid:
+        if f.client_id == cid and f.method == method:
             out.setdefault(f.entry, set()).add(f.check)
     return out
 
@@ -51,36 +52,49 @@ def first_error_entry(report, cid: str = CID) -> int | None:
     return min(entries) if entries else None
 
 
-def drop_anchor(run: Path) -> None:
+def results_row(run: Path, cid: str = CID, method: str = METHOD) -> tuple[dict, dict]:
     doc = json.loads((run / "results.json").read_text())
-    doc["privacy"].pop("ledger_heads", None)
+    row = next(r for r in doc["privacy"][method]["clients"] if r["client"] == cid)
+    return doc, row
+
+
+def drop_anchor(run: Path, cid: str = CID, method: str = METHOD) -> None:
+    """Make results.json agree with a rewritten ledger (as a forger controlling it would)."""
+    doc, row = results_row(run, cid, method)
+    lines = ledger_path(run, cid, method).read_text().splitlines()
+    row["ledger_entries"] = len(lines)
+    row["epsilon_spent"] = round(max(json.loads(line)["epsilon_after"] for line in lines), 6)
     (run / "results.json").write_text(json.dumps(doc))
 
 
 def test_clean_run_verifies(pristine_run):
     report = verify_run(pristine_run)
     assert report.ok, [str(f) for f in report.errors]
-    assert [c.client_id for c in report.clients] == ["client-000", "client-001", "client-002"]
+    ids = ["client-000", "client-001", "client-002"]
+    assert [(c.method, c.client_id) for c in report.clients] == \
+        [("fedora", i) for i in ids] + [("local", i) for i in ids]
     for c in report.clients:
         assert c.ok
-        assert c.entries == len(lines_of(pristine_run, c.client_id))
+        assert c.entries == len(lines_of(pristine_run, c.client_id)) or c.method == "local"
         assert c.independent_final_epsilon == pytest.approx(c.final_epsilon, rel=0.02)
         # every accounted entry was recomputed independently
         assert all(e.independent_epsilon is not None for e in c.series
                    if e.mechanism != "refusal")
-        assert {"dpsgd", "gaussian_summary", "gaussian_lambda"} <= set(c.mechanisms)
-    refused = {c.client_id: c.refused for c in report.clients}
-    assert refused == {"client-000": False, "client-001": False, "client-002": True}
-    # the only warning is that the keys came from the run directory itself
-    assert [w.check for w in report.warnings] == ["allowlist"]
+        expected = {"dpsgd", "gaussian_summary", "gaussian_lambda"} if c.method == "fedora" \
+            else {"dpsgd"}
+        assert set(c.mechanisms) == expected
+    refused = {(c.method, c.client_id): c.refused for c in report.clients}
+    assert refused[("fedora", "client-002")] and not refused[("fedora", "client-001")]
+    # warnings: keys from the run directory itself; two methods spend the same clients' data
+    assert sorted(w.check for w in report.warnings) == ["allowlist", "coverage"]
     json.dumps(report.to_json())
 
 
-def test_independent_allowlist_removes_the_warning(pristine_run, tmp_path):
+def test_independent_allowlist_removes_the_key_warning(pristine_run, tmp_path):
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(pristine_run / "keys" / "allowlist.json", trusted)
     report = verify_run(pristine_run, allowlist=trusted)
-    assert report.ok and not report.warnings
+    assert report.ok and [w.check for w in report.warnings] == ["coverage"]
 
 
 def _flip(data: bytes, pos: int, mask: int) -> tuple[list[str], bool]:
@@ -160,16 +174,37 @@ def test_deleted_entry_is_named(run_copy, removed):
     assert {"index", "chain"} <= errs[removed]
 
 
-def test_deleting_the_last_entry_is_caught_by_the_anchor_only(run_copy):
+def test_deleting_the_last_entry_is_caught_by_the_results_anchor(run_copy):
     lines = lines_of(run_copy)
     write_lines(run_copy, lines[:-1])
     report = verify_run(run_copy)
-    assert [f.check for f in report.errors] == ["anchor"]
-    assert report.errors[0].client_id == CID and report.errors[0].entry == len(lines) - 2
+    assert {(f.check, f.entry) for f in report.errors} == {
+        ("anchor", len(lines) - 2), ("results_epsilon", None)}
+    assert all(f.client_id == CID and f.method == METHOD for f in report.errors)
+    # A forger who also rewrites results.json goes undetected: a hash chain cannot show a cut
+    # at its end without an anchor held elsewhere (stated in the module docstring).
     drop_anchor(run_copy)
+    assert verify_run(run_copy).ok
+    # Without any anchor the gap is reported as a warning.
+    doc, _ = results_row(run_copy)
+    doc["privacy"][METHOD]["clients"] = [
+        r for r in doc["privacy"][METHOD]["clients"] if r["client"] != CID]
+    (run_copy / "results.json").write_text(json.dumps(doc))
     report = verify_run(run_copy)
-    assert report.ok  # by construction of a hash chain: stated in the docstring
+    assert report.ok
     assert any(w.check == "anchor" and w.client_id == CID for w in report.warnings)
+
+
+def test_ledger_head_anchor_catches_a_replaced_last_line(run_copy):
+    lines = lines_of(run_copy)
+    doc, row = results_row(run_copy)
+    row["ledger_head"] = line_hash(lines[-1])
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    assert verify_run(run_copy).ok
+    row["ledger_head"] = line_hash(lines[-2])
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    report = verify_run(run_copy)
+    assert [(f.check, f.entry) for f in report.errors] == [("anchor", len(lines) - 1)]
 
 
 def test_reordered_entries_are_named(run_copy):
@@ -218,10 +253,11 @@ def test_forged_signature_is_named(run_copy):
 def test_reforged_ledger_and_swapped_allowlist_caught_by_trusted_keys(run_copy, tmp_path):
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
-    # The attacker rewrites client-001's whole ledger and replaces its key in the run's
+    # The attacker rewrites client-001's ledgers and replaces its key in the run's
     # allowlist (and removes the .pub files that would contradict it).
     forger = Ed25519PrivateKey.generate()
-    write_lines(run_copy, _resign(lines_of(run_copy), 0, forger))
+    for method in ("fedora", "local"):
+        write_lines(run_copy, _resign(lines_of(run_copy, CID, method), 0, forger), CID, method)
     doc = json.loads((run_copy / "keys" / "allowlist.json").read_text())
     from cryptography.hazmat.primitives import serialization
 
@@ -255,7 +291,7 @@ def _rewrite_ledger(run: Path, cid: str, scale: float, budget: float | None = No
                      epsilon_after=acc.epsilon(e["delta"]) * scale, delta=e["delta"],
                      budget_epsilon=budget if budget is not None else e["budget_epsilon"],
                      accountant="rdp")
-    drop_anchor(run)
+    drop_anchor(run, cid)
 
 
 def test_under_reported_epsilon_is_caught_by_independent_accountant(run_copy):
@@ -298,7 +334,7 @@ def test_changed_config_is_caught(run_copy):
 
 def test_missing_ledger_and_unknown_client(run_copy):
     ledger_path(run_copy, "client-000").unlink()
-    shutil.copyfile(ledger_path(run_copy, CID), run_copy / "ledgers" / "client-999.jsonl")
+    shutil.copyfile(ledger_path(run_copy, CID), run_copy / "ledgers" / METHOD / "client-999.jsonl")
     report = verify_run(run_copy)
     by_check = {(f.check, f.client_id) for f in report.errors}
     assert ("missing_ledger", "client-000") in by_check
@@ -366,7 +402,7 @@ def test_independent_rdp_matches_opacus_within_tolerance():
 
 def test_prv_ledger_verified_with_pld(tmp_path):
     run = build_run_dir(tmp_path / "prv", num_clients=2, rounds=1, accountant="prv",
-                        steps_per_round=3)
+                        steps_per_round=3, methods=("fedora",))
     report = verify_run(run, pld_checkpoints=2)  # PLD at entry 0 and at the last (2)
     assert report.ok, [str(f) for f in report.errors]
     for c in report.clients:
@@ -382,12 +418,20 @@ def test_prv_ledger_verified_with_pld(tmp_path):
         entry["epsilon_after"] = entry["epsilon_after"] * 0.95
 
     write_lines(run, _resign(lines, len(lines) - 1, key, lower), cid)
-    drop_anchor(run)
+    drop_anchor(run, cid)
     report = verify_run(run, pld_checkpoints=2)
     assert [(f.client_id, f.entry, f.check) for f in report.errors] == [
         (cid, len(lines) - 1, "epsilon_under_reported")]
 
 
-def test_finding_text_names_client_entry_and_check():
-    f = Finding("error", "chain", "broken", "client-007", 4)
-    assert str(f) == "ERROR client client-007, entry 4: [chain] broken"
+def test_finding_text_names_client_method_entry_and_check():
+    f = Finding("error", "chain", "broken", "client-007", 4, "fedora")
+    assert str(f) == "ERROR client client-007, method fedora, entry 4: [chain] broken"
+
+
+def test_config_releasing_unaccounted_summaries_is_an_error(run_copy):
+    path = run_copy / "config.toml"
+    path.write_text(path.read_text().replace('relatedness = "noised"', 'relatedness = "plain"'))
+    report = verify_run(run_copy)
+    assert [f.check for f in report.errors] == ["config"]
+    assert "not a valid config" in report.errors[0].message
