@@ -29,6 +29,7 @@ from secure_fedora.deploy.protocol import (
     NodeSettings,
     RunSettings,
     array_record_to_tensor,
+    check_supported,
     process_start_time,
     tensor_to_array_record,
 )
@@ -144,11 +145,7 @@ def summary(message: Message, context: Context) -> Message:
     settings, node, client, flat = _setup(context)
     _check_hash(message, "fedora", settings)
     cfg = settings.experiment
-    if cfg.fedora.relatedness != "plain":
-        raise DeployError(
-            f"relatedness mode {cfg.fedora.relatedness!r} has no Flower client step; "
-            "the Flower runtime supports 'plain'"
-        )
+    check_supported(cfg)
     state_path, journal = run_paths(node, context.run_id)
     state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
     u = fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)

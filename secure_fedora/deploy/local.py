@@ -50,7 +50,7 @@ from secure_fedora.deploy.certs import (
     make_node_keys,
 )
 from secure_fedora.deploy.processes import ManagedProcess, ProcessError, stop_all
-from secure_fedora.deploy.protocol import DeployError, make_run_config
+from secure_fedora.deploy.protocol import DeployError, check_supported, make_run_config
 
 __all__ = [
     "APP_DIR",
@@ -518,8 +518,7 @@ def deploy_local(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     cfg = with_num_clients(cfg, num_clients)
-    if "fedora" not in cfg.methods:
-        raise DeployError(f"the Flower runtime runs FEDORA; config methods are {cfg.methods}")
+    check_supported(cfg)
     say = progress or (lambda _msg: None)
     work = Path(workdir).expanduser().resolve()
     started = time.perf_counter()

@@ -43,6 +43,7 @@ __all__ = [
     "NodeSettings",
     "RunSettings",
     "array_record_to_tensor",
+    "check_supported",
     "experiment_to_run_config",
     "make_run_config",
     "process_start_time",
@@ -65,6 +66,26 @@ RUN_CONFIG_KEYS = (
 
 class DeployError(RuntimeError):
     """A deployment-level failure: bad node or run config, missing nodes, failed run."""
+
+
+def check_supported(cfg: ExperimentConfig) -> None:
+    """Refuse, before anything starts, a config the Flower runtime cannot run as written.
+
+    The Flower runtime runs FEDORA with plain relatedness summaries, public validation data
+    and no differential privacy; anything else would silently weaken what the config asks
+    for, so it is an error naming the setting.
+    """
+    problems = []
+    if "fedora" not in cfg.methods:
+        problems.append(f"methods {cfg.methods} does not include 'fedora'")
+    if cfg.privacy.enabled:
+        problems.append("privacy.enabled = true (DP-SGD, budgets and ledgers run in-process only)")
+    if cfg.fedora.relatedness != "plain":
+        problems.append(f"fedora.relatedness = {cfg.fedora.relatedness!r} (only 'plain')")
+    if cfg.data.validation != "public":
+        problems.append(f"data.validation = {cfg.data.validation!r} (only 'public')")
+    if problems:
+        raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 
 
 def experiment_to_run_config(cfg: ExperimentConfig) -> str:

@@ -49,6 +49,7 @@ from secure_fedora.deploy.protocol import (
     DeployError,
     RunSettings,
     array_record_to_tensor,
+    check_supported,
     tensor_to_array_record,
 )
 from secure_fedora.models import make_model
@@ -362,8 +363,7 @@ def _round(
 def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
     """Run FEDORA over the grid; returns (and writes) the results document."""
     cfg = settings.experiment
-    if "fedora" not in cfg.methods:
-        raise DeployError(f"the Flower runtime runs FEDORA; config methods are {cfg.methods}")
+    check_supported(cfg)
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
     server = _Server(settings=settings, run_id=run_id)

@@ -40,6 +40,7 @@ from secure_fedora.deploy.protocol import (
     NodeSettings,
     RunSettings,
     array_record_to_tensor,
+    check_supported,
     make_run_config,
     tensor_to_array_record,
 )
@@ -189,6 +190,20 @@ def test_run_settings_validate_every_key() -> None:
     del rc["round-timeout"]
     with pytest.raises(DeployError, match="missing keys"):
         RunSettings.from_run_config(rc)
+
+
+def test_unsupported_settings_are_refused_by_name() -> None:
+    check_supported(tiny_config())
+    data = json.loads(json.dumps(TINY))
+    data["fedora"]["relatedness"] = "encrypted"
+    data["data"]["validation"] = "public"
+    with pytest.raises(DeployError, match="fedora.relatedness = 'encrypted'"):
+        check_supported(parse_config(data))
+    data["fedora"]["relatedness"] = "noised"
+    data["privacy"] = {"enabled": True}
+    data["data"]["train_per_client"] = 256
+    with pytest.raises(DeployError, match="privacy.enabled"):
+        check_supported(parse_config(data))
 
 
 def test_node_settings_validate_partition_and_state_dir() -> None:
