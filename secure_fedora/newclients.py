@@ -1,7 +1,9 @@
 """New-client generalization: how well does a client that joins a trained federation do?
 
-The last ``held_out`` clients of the partition are kept out while FEDORA and FedAvg train on
-the others. Each newcomer then joins:
+``held_out`` clients of the partition are kept out while FEDORA and FedAvg train on the
+others: the last ones (``selection="last"``; with the rotation partition, a contiguous range
+of angles no trained client covers) or ones spread evenly over the client order
+(``selection="spread"``; every newcomer's rotation lies between trained ones). Each newcomer then joins:
 
 - FEDORA: it sends its summary; the server extends the relatedness graph by the newcomer's
   row only (:meth:`~secure_fedora.methods.Fedora.attach`) and hands it
@@ -26,7 +28,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -52,6 +54,7 @@ __all__ = [
     "NewClientReport",
     "format_table",
     "run_new_client_experiment",
+    "newcomer_indices",
     "split_newcomers",
 ]
 
@@ -67,8 +70,9 @@ class NewClientReport:
     """Per-newcomer test accuracy after each number of local epochs, for each method.
 
     ``accuracy[method][epochs]`` lists the newcomers' accuracies in ``newcomers`` order;
-    ``neighbours[k]`` are the trained clients FEDORA's graph links newcomer ``k`` to (its
-    top-k by similarity); ``federation`` summarizes the trained clients' own accuracies.
+    ``neighbours[k]`` are the client ids of the trained clients FEDORA's graph links newcomer
+    ``k`` to (its top-k by similarity); ``federation`` summarizes the trained clients' own
+    accuracies.
     """
 
     name: str
@@ -95,20 +99,38 @@ class NewClientReport:
                 "accuracy": {m: {str(e): v for e, v in by.items()} for m, by in self.accuracy.items()}}
 
 
-def split_newcomers(clients: Sequence[ClientData], held_out: int) -> tuple[list[ClientData], list[ClientData]]:
-    """The first ``N - held_out`` clients (trained) and the last ``held_out`` (newcomers).
+Selection = Literal["last", "spread"]
 
-    Raises :class:`NewClientError` unless ``1 <= held_out <= N - 2`` (a relatedness graph
-    needs two trained clients).
+
+def newcomer_indices(n: int, held_out: int, selection: Selection = "last") -> list[int]:
+    """Positions of the ``held_out`` newcomers among ``n`` clients.
+
+    "last": ``n - held_out .. n - 1``. "spread": ``round((k + 1) * n / held_out) - 1`` for
+    ``k = 0 .. held_out - 1`` (for 36 and 6: 5, 11, 17, 23, 29, 35). Raises
+    :class:`NewClientError` unless ``1 <= held_out <= n - 2`` (a relatedness graph needs two
+    trained clients) and ``selection`` is known.
     """
-    n = len(clients)
     if isinstance(held_out, bool) or not isinstance(held_out, int):
         raise NewClientError(f"held_out must be an integer, got {held_out!r}")
     if not 1 <= held_out <= n - 2:
         raise NewClientError(
             f"held_out must lie in [1, {n - 2}] for {n} clients (at least two must train); got {held_out}"
         )
-    return list(clients[: n - held_out]), list(clients[n - held_out:])
+    if selection == "last":
+        return list(range(n - held_out, n))
+    if selection == "spread":
+        return [round((k + 1) * n / held_out) - 1 for k in range(held_out)]
+    raise NewClientError(f"selection must be 'last' or 'spread', got {selection!r}")
+
+
+def split_newcomers(
+    clients: Sequence[ClientData], held_out: int, selection: Selection = "last"
+) -> tuple[list[ClientData], list[ClientData]]:
+    """The trained clients and the newcomers (:func:`newcomer_indices`), each in order."""
+    n = len(clients)
+    chosen = set(newcomer_indices(n, held_out, selection))
+    return ([c for k, c in enumerate(clients) if k not in chosen],
+            [c for k, c in enumerate(clients) if k in chosen])
 
 
 def _check_epochs(epochs: Sequence[int]) -> list[int]:
@@ -122,7 +144,7 @@ def _check_epochs(epochs: Sequence[int]) -> list[int]:
 
 def _accuracies_along(
     ctx: MethodContext, client: ClientData, start: Tensor, epochs: list[int], seed: int,
-    phi: Tensor | None = None,
+    stream: int, phi: Tensor | None = None,
 ) -> dict[int, float]:
     """Train a copy of ``start`` one epoch at a time; test accuracy at each listed epoch.
 
@@ -132,7 +154,7 @@ def _accuracies_along(
     """
     row = start.clone()
     one_epoch = dataclasses.replace(ctx.train, local_epochs=1)
-    gen = client_generator(seed, client.client_id)  # a fresh copy: same batches for every method
+    gen = client_generator(seed, stream)  # a fresh copy: the same batches for every method
     out: dict[int, float] = {}
     for e in range(max(epochs) + 1):
         if e > 0:
@@ -154,11 +176,15 @@ def run_new_client_experiment(
     run_dir: str | Path,
     held_out: int,
     epochs: Sequence[int] = (0, 1, 5),
+    selection: Selection = "last",
     clients: Sequence[ClientData] | None = None,
     progress: ProgressFn | None = None,
     context_factory: Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext] = build_context,
 ) -> NewClientReport:
-    """Train FEDORA and FedAvg without the last ``held_out`` clients, attach them, report.
+    """Train FEDORA and FedAvg without ``held_out`` clients, attach them, report.
+
+    Newcomer ``k`` trains with the private RNG stream of index ``len(trained) + k``, which no
+    trained client uses (the federation's clients use streams ``0 .. len(trained) - 1``).
 
     The federation's runs live in ``run_dir`` (checkpointed every round; rerunning with the
     same arguments resumes or reuses them). The trained clients' parameters are not changed
@@ -172,7 +198,7 @@ def run_new_client_experiment(
         )
     epoch_list = _check_epochs(epochs)
     all_clients = list(clients) if clients is not None else build_clients(cfg)
-    trained, newcomers = split_newcomers(all_clients, held_out)
+    trained, newcomers = split_newcomers(all_clients, held_out, selection)
     fed_cfg = cfg.model_copy(update={"methods": ["fedora", "fedavg"]})
     sim = Simulation(fed_cfg, run_dir, clients=trained, progress=progress,
                      method_factory=make_method, context_factory=context_factory)
@@ -189,17 +215,18 @@ def run_new_client_experiment(
         m: {e: [] for e in epoch_list} for m in NEWCOMER_METHODS
     }
     neighbours = []
-    for c in newcomers:
+    for slot, c in enumerate(newcomers):
+        stream = len(trained) + slot
         u_new = fedora.client_summary(c.train_x, c.train_y, NUM_CLASSES, cfg.fedora.q)
         overlaps = torch.einsum("dq,jdr->jqr", u_new, summaries)
         phi_new = fed.attach(overlaps)
         sims = torch.exp(cfg.fedora.tau * torch.linalg.svdvals(overlaps).clamp(0, 1).sum(-1))
         k = min(cfg.fedora.k, len(trained))
-        neighbours.append(sorted(torch.topk(sims, k).indices.tolist()))
+        neighbours.append(sorted(trained[j].client_id for j in torch.topk(sims, k).indices.tolist()))
         runs = {
-            "fedora": _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, phi=phi_new),
-            "fedavg_ft": _accuracies_along(ctx, c, avg.global_params, epoch_list, cfg.seed),
-            "local": _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed),
+            "fedora": _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new),
+            "fedavg_ft": _accuracies_along(ctx, c, avg.global_params, epoch_list, cfg.seed, stream),
+            "local": _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed, stream),
         }
         for m, by_epoch in runs.items():
             for e, acc in by_epoch.items():
@@ -224,6 +251,7 @@ def run_new_client_experiment(
             "dataset": d.dataset, "partition": d.partition, "clients": len(all_clients),
             "train_per_client": d.train_per_client, "val_per_client": d.val_per_client,
             "local_epochs_per_round": t.local_epochs, "model": cfg.model.name, "seed": cfg.seed,
+            "selection": selection,
             "newcomer_meta": [
                 {k: v for k, v in c.meta.items() if k in ("rotation_degrees", "group", "classes")}
                 for c in newcomers

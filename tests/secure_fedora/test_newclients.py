@@ -12,6 +12,7 @@ from secure_fedora.newclients import (
     NEWCOMER_METHODS,
     NewClientError,
     format_table,
+    newcomer_indices,
     run_new_client_experiment,
     split_newcomers,
 )
@@ -47,9 +48,25 @@ def test_split_newcomers(clients):
     trained, newcomers = split_newcomers(clients, 2)
     assert [c.client_id for c in trained] == [0, 1, 2, 3, 4]
     assert [c.client_id for c in newcomers] == [5, 6]
+    trained, newcomers = split_newcomers(clients, 2, "spread")
+    assert [c.client_id for c in newcomers] == [3, 6]
+    assert [c.client_id for c in trained] == [0, 1, 2, 4, 5]
+    assert newcomer_indices(36, 6, "spread") == [5, 11, 17, 23, 29, 35]
     for bad in (0, 6, 2.0, True):
         with pytest.raises(NewClientError, match="held_out"):
             split_newcomers(clients, bad)
+    with pytest.raises(NewClientError, match="selection"):
+        split_newcomers(clients, 2, "random")
+
+
+def test_spread_newcomers_link_to_trained_client_ids(tmp_path, clients):
+    report = run_new_client_experiment(tiny(training={"rounds": 1}), tmp_path, held_out=2,
+                                       epochs=[0], clients=clients, selection="spread")
+    assert report.newcomers == [3, 6] and report.setup["selection"] == "spread"
+    trained_ids = {0, 1, 2, 4, 5}
+    # groups=2: newcomer 3 (group 1) links to odd ids, newcomer 6 (group 0) to even ids
+    assert set(report.neighbours[0]) <= trained_ids and all(j % 2 == 1 for j in report.neighbours[0])
+    assert set(report.neighbours[1]) <= trained_ids and all(j % 2 == 0 for j in report.neighbours[1])
 
 
 def test_report_shape_and_table(report):
