@@ -524,8 +524,10 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
         if results["config_hash"] != actual:
             findings.append(Finding(
                 "error", "config",
-                f"config.toml hashes to {actual[:16]}..., results.json names"
-                f" {str(results['config_hash'])[:16]}...: the config was changed after the run",
+                f"config.toml hashes to {actual[:16]}... under this code, results.json names"
+                f" {str(results['config_hash'])[:16]}...: config.toml was changed after the run,"
+                f" or the config schema (its defaults) changed since the run's code version"
+                f" {results.get('version', '(unknown)')!s}; audit with that version",
             ))
     return cfg
 

@@ -1,0 +1,489 @@
+"""Empirical privacy audit: canary membership inference turned into a lower bound on epsilon.
+
+Procedure (Jagielski, Ullman, Oprea, NeurIPS 2020, "Auditing Differentially Private Machine
+Learning: How Private is Private SGD?"; Nasr et al., IEEE S&P 2021):
+
+1. Draw ``m`` canaries (records that the model would not fit without memorizing them:
+   random-noise images with random labels, or real images with a wrong label) and include
+   each in one client's training data independently with probability 1/2.
+2. Run the federation; take the audited client's released model.
+3. Score each canary by its negative loss under the released model (higher: more likely a
+   member) and split the canaries at random into a calibration half and an evaluation half.
+   The calibration half picks the decision threshold; the evaluation half, which played no
+   part in that choice, gives the true and false positive counts.
+4. An (epsilon, delta)-DP release satisfies, for every test, ``TPR <= e^eps FPR + delta`` and
+   ``TNR <= e^eps FNR + delta``. With one-sided Clopper-Pearson bounds ``TPR_lo`` and
+   ``FPR_hi``, each at error ``(1 - confidence) / 2`` (a union bound, so both hold together
+   with probability at least ``confidence``)::
+
+       eps_lb = max( log((TPR_lo - delta) / FPR_hi), log((1 - FPR_hi - delta) / (1 - TPR_lo)) )
+
+   clamped at 0. If the release is (eps, delta)-DP, then ``eps_lb <= eps`` with probability at
+   least ``confidence``.
+
+Assumption in the confidence statement (stated, not hidden): the per-canary outcomes are
+treated as independent Bernoulli trials with the test's TPR/FPR. That is exact when each
+canary is audited in its own training run; with all canaries in one run (as here, to keep the
+audit affordable) it is the standard approximation of the auditing literature. Steinke, Nasr
+and Jagielski (NeurIPS 2023, "Privacy Auditing with One (1) Training Run") prove that for
+pure DP the number of correct guesses in one run is dominated by the corresponding binomial,
+which is why the approximation is considered sound in practice. The audit gives a *lower*
+bound: a small value does not prove privacy, it only fails to refute the claim.
+
+What is attacked is the audited client's final model ``theta_i`` (what it last released).
+Training is the runtime's own (:class:`secure_fedora.runtime.Simulation`); with
+``privacy.enabled`` every data-dependent input of that model is an accounted release (the
+config schema refuses DP with un-noised relatedness), and the claim is the last
+``epsilon_after`` in the client's ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import Tensor
+
+from privacy.identity import client_ids
+from secure_fedora.client import FlatModel
+from secure_fedora.config import ExperimentConfig
+from secure_fedora.data import load_dataset, rotate_images, to_float_images
+from secure_fedora.partition import ClientData
+from secure_fedora.runtime import Simulation, build_clients
+
+__all__ = [
+    "CanaryAuditError",
+    "CanaryAuditResult",
+    "CanarySet",
+    "EpsilonLowerBound",
+    "canary_scores",
+    "clopper_pearson_lower",
+    "clopper_pearson_upper",
+    "epsilon_lower_bound",
+    "insert_canaries",
+    "make_canaries",
+    "run_canary_audit",
+    "split_audit",
+]
+
+CanaryKind = Literal["noise", "mislabeled"]
+CANARY_KINDS: tuple[str, ...] = ("noise", "mislabeled")
+NUM_CLASSES = 10
+
+
+class CanaryAuditError(ValueError):
+    """Bad input to the canary audit, or a run that cannot be audited; the message says why."""
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _check_count(k: int, n: int) -> None:
+    if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, int) \
+            or not isinstance(n, int) or n < 0 or not 0 <= k <= n:
+        raise CanaryAuditError(f"need integers 0 <= k <= n, got k={k!r}, n={n!r}")
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise CanaryAuditError(f"error level alpha must be in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided lower Clopper-Pearson bound: P(p >= bound) >= 1 - alpha for k of n successes.
+
+    Returns 0.0 for ``k = 0`` (and for ``n = 0``: no information).
+    """
+    _check_count(k, n)
+    alpha = _check_alpha(alpha)
+    if k == 0:
+        return 0.0
+    return float(stats.beta.ppf(alpha, k, n - k + 1))
+
+
+def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
+    """One-sided upper Clopper-Pearson bound: P(p <= bound) >= 1 - alpha for k of n successes.
+
+    Returns 1.0 for ``k = n`` (and for ``n = 0``).
+    """
+    _check_count(k, n)
+    alpha = _check_alpha(alpha)
+    if k == n:
+        return 1.0
+    return float(stats.beta.ppf(1.0 - alpha, k + 1, n - k))
+
+
+@dataclass(frozen=True)
+class EpsilonLowerBound:
+    """A lower bound on epsilon from one membership test at one threshold.
+
+    ``epsilon_lower_bound`` holds with probability ``>= confidence`` for an (eps, delta)-DP
+    release (see the module docstring for the independence assumption). ``direction`` names
+    which inequality gave it: ``"tpr/fpr"`` or ``"tnr/fnr"`` (``"none"`` when it is 0).
+    """
+
+    epsilon_lower_bound: float
+    confidence: float
+    delta: float
+    threshold: float
+    direction: str
+    true_positives: int
+    members: int
+    false_positives: int
+    non_members: int
+    tpr: float
+    fpr: float
+    tpr_lower: float
+    fpr_upper: float
+
+
+def _log_ratio(num: float, den: float) -> float:
+    if num <= 0.0:
+        return 0.0
+    if den <= 0.0:
+        return math.inf
+    return max(0.0, math.log(num / den))
+
+
+def epsilon_lower_bound(true_positives: int, members: int, false_positives: int,
+                        non_members: int, delta: float, confidence: float = 0.95,
+                        threshold: float = math.nan) -> EpsilonLowerBound:
+    """Epsilon lower bound from TP of ``members`` and FP of ``non_members`` at one threshold.
+
+    Guarantee: for an (eps, delta)-DP mechanism, with probability ``>= confidence`` the
+    returned bound is ``<= eps`` (Clopper-Pearson, union bound over the two one-sided
+    intervals). Never negative; finite whenever both counts are positive.
+    """
+    _check_count(true_positives, members)
+    _check_count(false_positives, non_members)
+    if members == 0 or non_members == 0:
+        raise CanaryAuditError(
+            f"need at least one member and one non-member, got {members} and {non_members}"
+        )
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1:
+        raise CanaryAuditError(f"delta must be in [0, 1), got {delta!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
+            or not 0 < confidence < 1:
+        raise CanaryAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+    alpha = (1.0 - confidence) / 2.0
+    tpr_lo = clopper_pearson_lower(true_positives, members, alpha)
+    fpr_hi = clopper_pearson_upper(false_positives, non_members, alpha)
+    forward = _log_ratio(tpr_lo - delta, fpr_hi)
+    backward = _log_ratio(1.0 - fpr_hi - delta, 1.0 - tpr_lo)
+    eps = max(forward, backward)
+    direction = "none" if eps == 0.0 else ("tpr/fpr" if forward >= backward else "tnr/fnr")
+    return EpsilonLowerBound(
+        epsilon_lower_bound=eps, confidence=float(confidence), delta=float(delta),
+        threshold=float(threshold), direction=direction,
+        true_positives=true_positives, members=members,
+        false_positives=false_positives, non_members=non_members,
+        tpr=true_positives / members, fpr=false_positives / non_members,
+        tpr_lower=tpr_lo, fpr_upper=fpr_hi,
+    )
+
+
+def _bound_at(scores: Tensor, member: Tensor, threshold: float, delta: float,
+              confidence: float) -> EpsilonLowerBound:
+    guess = scores >= threshold
+    tp = int((guess & member).sum())
+    fp = int((guess & ~member).sum())
+    return epsilon_lower_bound(tp, int(member.sum()), fp, int((~member).sum()), delta,
+                               confidence, threshold)
+
+
+def _candidate_thresholds(scores: Tensor) -> list[float]:
+    values = torch.unique(scores).tolist()
+    return [*values, math.inf]
+
+
+@dataclass(frozen=True)
+class SplitAudit:
+    """Result of :func:`split_audit`: the bound on the evaluation half, and the split sizes."""
+
+    bound: EpsilonLowerBound
+    calibration_size: int
+    evaluation_size: int
+    calibration_epsilon: float
+
+
+def split_audit(scores: Tensor, member: Tensor, delta: float, confidence: float = 0.95,
+                seed: int = 0, calibration_fraction: float = 0.5) -> SplitAudit:
+    """Pick the threshold on a random calibration part, bound epsilon on the rest.
+
+    Guarantee: the threshold is a function of the calibration canaries only, so the
+    Clopper-Pearson statement on the evaluation canaries is valid at ``confidence``.
+    ``calibration_epsilon`` is the best bound on the calibration part itself; it is
+    optimistically biased (the threshold was tuned on it) and is reported for diagnosis only.
+    """
+    if not isinstance(scores, Tensor) or not isinstance(member, Tensor) \
+            or scores.dim() != 1 or scores.shape != member.shape:
+        raise CanaryAuditError("scores and member must be 1-D tensors of equal length")
+    if member.dtype != torch.bool:
+        raise CanaryAuditError(f"member must be a bool tensor, got {member.dtype}")
+    if not bool(torch.isfinite(scores).all()):
+        raise CanaryAuditError("scores contain NaN or infinite values")
+    if not 0 < calibration_fraction < 1:
+        raise CanaryAuditError(f"calibration_fraction must be in (0, 1), got {calibration_fraction!r}")
+    m = scores.shape[0]
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
+    n_cal = int(round(calibration_fraction * m))
+    cal, ev = perm[:n_cal], perm[n_cal:]
+    for name, idx in (("calibration", cal), ("evaluation", ev)):
+        if int(member[idx].sum()) == 0 or int((~member[idx]).sum()) == 0:
+            raise CanaryAuditError(
+                f"the {name} part of the {m} canaries has no members or no non-members;"
+                " use more canaries"
+            )
+    cal_scores, cal_member = scores[cal], member[cal]
+    best: EpsilonLowerBound | None = None
+    for t in _candidate_thresholds(cal_scores):
+        b = _bound_at(cal_scores, cal_member, t, delta, confidence)
+        if best is None or b.epsilon_lower_bound > best.epsilon_lower_bound:
+            best = b
+    assert best is not None
+    final = _bound_at(scores[ev], member[ev], best.threshold, delta, confidence)
+    return SplitAudit(final, int(cal.numel()), int(ev.numel()), best.epsilon_lower_bound)
+
+
+# --------------------------------------------------------------------------- canaries
+
+
+@dataclass(frozen=True)
+class CanarySet:
+    """``m`` canary records and which of them were inserted (``member``, each w.p. 1/2)."""
+
+    x: Tensor
+    y: Tensor
+    member: Tensor
+    kind: str
+
+    def __post_init__(self) -> None:
+        m = self.x.shape[0]
+        if self.x.dtype != torch.float32 or self.x.dim() != 4:
+            raise CanaryAuditError(f"canary x must be float32 (m, C, H, W), got {self.x.dtype} "
+                                   f"{tuple(self.x.shape)}")
+        if self.y.shape != (m,) or self.y.dtype != torch.int64:
+            raise CanaryAuditError("canary y must be int64 (m,)")
+        if self.member.shape != (m,) or self.member.dtype != torch.bool:
+            raise CanaryAuditError("canary member must be bool (m,)")
+
+
+def make_canaries(kind: str, count: int, seed: int, *,
+                  pool: tuple[Tensor, Tensor] | None = None) -> CanarySet:
+    """Draw ``count`` canaries and include each independently with probability 1/2.
+
+    ``"noise"``: images of i.i.d. uniform pixels in [0, 1] with uniform random labels (out of
+    distribution). ``"mislabeled"``: the first ``count`` images of ``pool`` (float32
+    (n, 1, 28, 28), int64 labels) each given a uniformly random *wrong* label. Deterministic
+    in ``seed``.
+    """
+    if kind not in CANARY_KINDS:
+        raise CanaryAuditError(f"canary kind must be one of {CANARY_KINDS}, got {kind!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 4:
+        raise CanaryAuditError(f"canary count must be an int >= 4, got {count!r}")
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "noise":
+        x = torch.rand((count, 1, 28, 28), generator=gen)
+        y = torch.randint(0, NUM_CLASSES, (count,), generator=gen)
+    else:
+        if pool is None:
+            raise CanaryAuditError("canary kind 'mislabeled' needs a pool of (images, labels)")
+        px, py = pool
+        if px.shape[0] < count:
+            raise CanaryAuditError(f"the canary pool has {px.shape[0]} images, need {count}")
+        x = px[:count].to(torch.float32).clone()
+        shift = torch.randint(1, NUM_CLASSES, (count,), generator=gen)
+        y = (py[:count].to(torch.int64) + shift) % NUM_CLASSES
+    member = torch.rand(count, generator=gen) < 0.5
+    return CanarySet(x.contiguous(), y, member, kind)
+
+
+def insert_canaries(client: ClientData, canaries: CanarySet) -> ClientData:
+    """A copy of ``client`` whose training split also holds the member canaries.
+
+    The canaries are appended at random positions (training order is drawn by the oracle
+    anyway); ``meta`` gains ``canaries_inserted``. The validation and test splits are unchanged.
+    """
+    if canaries.x.shape[1:] != client.train_x.shape[1:]:
+        raise CanaryAuditError(
+            f"canary images {tuple(canaries.x.shape[1:])} do not match client "
+            f"{client.client_id}'s images {tuple(client.train_x.shape[1:])}"
+        )
+    idx = canaries.member.nonzero().squeeze(1)
+    x = torch.cat([client.train_x, canaries.x[idx]])
+    y = torch.cat([client.train_y, canaries.y[idx]])
+    meta = {**client.meta, "canaries_inserted": int(idx.numel()),
+            "label_histogram": torch.bincount(y, minlength=NUM_CLASSES).tolist()}
+    return replace(client, train_x=x.contiguous(), train_y=y, meta=meta)
+
+
+@torch.no_grad()
+def canary_scores(flat: FlatModel, row: Tensor, canaries: CanarySet) -> Tensor:
+    """Membership score of each canary: minus its cross-entropy loss under ``row`` (float64)."""
+    model = flat.bind(row)
+    was_training = model.training
+    model.eval()
+    losses = F.cross_entropy(model(canaries.x), canaries.y, reduction="none")
+    model.train(was_training)
+    return (-losses).to(torch.float64)
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+@dataclass(frozen=True)
+class CanaryAuditResult:
+    """Outcome of :func:`run_canary_audit`."""
+
+    client_index: int
+    client_id: str
+    method: str
+    canary_kind: str
+    num_canaries: int
+    members: int
+    private: bool
+    claimed_epsilon: float
+    delta: float
+    confidence: float
+    epsilon_lower_bound: float
+    bound: EpsilonLowerBound
+    calibration_size: int
+    evaluation_size: int
+    calibration_epsilon: float
+    member_mean_score: float
+    non_member_mean_score: float
+    dp_source: str
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        """True when the empirical bound does not refute the claim (``bound <= claim``)."""
+        return self.epsilon_lower_bound <= self.claimed_epsilon
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serializable dict (an infinite claim is written as the string ``"inf"``)."""
+        d = asdict(self)
+        d["consistent"] = self.consistent
+        if math.isinf(self.claimed_epsilon):
+            d["claimed_epsilon"] = "inf"
+        return d
+
+
+def _mislabeled_pool(cfg: ExperimentConfig, clients: Sequence[ClientData], client_index: int,
+                     count: int) -> tuple[Tensor, Tensor]:
+    """Images of the test split used by no client, rotated like the audited client."""
+    images, labels = load_dataset(cfg.data.dataset, "test")
+    used: set[int] = set()
+    for c in clients:
+        used.update(int(i) for i in c.meta.get("test_index", []))
+    free = [i for i in range(images.shape[0]) if i not in used]
+    if len(free) < count:
+        raise CanaryAuditError(
+            f"only {len(free)} test images are unused by the clients; {count} mislabeled canaries"
+            " need that many (lower data.test_per_client or use canary kind 'noise')"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed + 104729)
+    pick = torch.tensor(free)[torch.randperm(len(free), generator=gen)[:count]]
+    x = to_float_images(images[pick])
+    degrees = float(clients[client_index].meta.get("rotation_degrees", 0.0))
+    if degrees:
+        x = rotate_images(x, degrees, mode=cfg.data.rotation_interpolation)
+    return x.contiguous(), labels[pick]
+
+
+def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, float, int]:
+    """Last ``epsilon_after``, ``delta`` and entry count of a client's ledger for ``method``."""
+    path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
+    if not path.is_file():
+        raise CanaryAuditError(f"privacy.enabled is set but the run wrote no ledger {path}")
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        raise CanaryAuditError(f"ledger {path} is empty")
+    if any(e.get("mechanism") == "refusal" for e in entries):
+        raise CanaryAuditError(
+            f"client {client_id} was refused a release (ledger {path}); its final model was not"
+            " released, so the audit would attack an unreleased model: raise the budget"
+        )
+    return float(entries[-1]["epsilon_after"]), float(entries[-1]["delta"]), len(entries)
+
+
+def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canaries: int = 300,
+                     kind: str = "noise", method: str = "local", confidence: float = 0.95,
+                     delta: float = 1e-5, seed: int = 0,
+                     work_dir: str | Path | None = None) -> CanaryAuditResult:
+    """Insert canaries into one client, run the federation, bound epsilon from membership inference.
+
+    Training is the runtime's own: :class:`secure_fedora.runtime.Simulation` with ``cfg``
+    (one ``method``). With ``privacy.enabled`` every client trains with the runtime's DP-SGD
+    oracle behind its budget gate, and the claim is the audited client's last
+    ``epsilon_after`` in ``ledgers/<method>/<client>.jsonl`` (at the ledger's delta);
+    otherwise training is non-private, the claim is infinite and ``delta`` is used in the
+    bound. FedAvg's evaluation-only fine-tuning is switched off.
+
+    Guarantee: with probability ``>= confidence`` (under the independence assumption stated
+    in the module docstring) a truly (claim, delta)-DP release yields
+    ``epsilon_lower_bound <= claimed_epsilon``. Raises :class:`CanaryAuditError` for a bad
+    argument, or when the audited client was refused a release (its final model would then
+    not be a release).
+    """
+    if method not in cfg.methods:
+        raise CanaryAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
+    if isinstance(client_index, bool) or not isinstance(client_index, int) \
+            or not 0 <= client_index < cfg.data.num_clients:
+        raise CanaryAuditError(
+            f"client_index must be in [0, {cfg.data.num_clients}), got {client_index!r}"
+        )
+    private = bool(cfg.privacy.enabled)
+    clients = build_clients(cfg)
+    pool = _mislabeled_pool(cfg, clients, client_index, num_canaries) if kind == "mislabeled" \
+        else None
+    canaries = make_canaries(kind, num_canaries, seed, pool=pool)
+    clients[client_index] = insert_canaries(clients[client_index], canaries)
+    if private:
+        n = clients[client_index].num_train
+        if cfg.privacy.delta >= 1.0 / n:
+            raise CanaryAuditError(f"privacy.delta {cfg.privacy.delta} must be < 1/n = {1 / n:g}"
+                                   f" for the audited client's {n} training rows")
+    audit_cfg = cfg.model_copy(update={
+        "methods": [method],
+        "fedavg": cfg.fedavg.model_copy(update={"finetune_epochs": 0}),
+    })
+    cid = client_ids(cfg.data.num_clients)[client_index]
+    with tempfile.TemporaryDirectory(prefix="canary-audit-") as tmp:
+        run_dir = Path(work_dir) if work_dir is not None else Path(tmp)
+        sim = Simulation(audit_cfg, run_dir, clients=clients)
+        sim.run_method(method)
+        fm = sim.methods[method]
+        scores = canary_scores(fm.ctx.flat, fm.theta[client_index].clone(), canaries)
+        if private:
+            claim, audit_delta, entries = _ledger_claim(run_dir, method, cid)
+            source = f"ledger ledgers/{method}/{cid}.jsonl ({entries} entries)"
+        else:
+            claim, audit_delta, source = math.inf, float(delta), "none (non-private run)"
+    sa = split_audit(scores, canaries.member, audit_delta, confidence, seed=seed + 1)
+    member = canaries.member
+    assumptions = [
+        "per-canary outcomes treated as independent trials (one training run)",
+        "threshold chosen on the calibration half only",
+        "attacked release: the audited client's final model theta_i",
+    ]
+    return CanaryAuditResult(
+        client_index=client_index, client_id=cid, method=method, canary_kind=kind,
+        num_canaries=num_canaries, members=int(member.sum()), private=private,
+        claimed_epsilon=float(claim), delta=float(audit_delta), confidence=float(confidence),
+        epsilon_lower_bound=sa.bound.epsilon_lower_bound, bound=sa.bound,
+        calibration_size=sa.calibration_size, evaluation_size=sa.evaluation_size,
+        calibration_epsilon=sa.calibration_epsilon,
+        member_mean_score=float(scores[member].mean()),
+        non_member_mean_score=float(scores[~member].mean()),
+        dp_source=source, assumptions=assumptions,
+    )

@@ -1,0 +1,204 @@
+"""``secure-fedora audit ...``: verify a run's ledgers, write its compliance report, and run
+the empirical privacy audits.
+
+The main CLI calls :func:`register` with its subparsers; each command's handler returns the
+process exit code.
+
+- ``audit verify RUN_DIR``: exit 0 only when every check holds; 1 when verification found
+  errors (each printed with client, entry, check and message); 2 when the run cannot be
+  audited at all (missing directory, bad arguments).
+- ``audit report RUN_DIR``: writes ``report.html`` and ``report.json`` (default
+  ``RUN_DIR/audit``); exit 0 when the report was written *and* verification passed, 1 when it
+  was written but verification failed, 2 when nothing could be written.
+- ``audit canary CONFIG`` and ``audit leakage CONFIG``: the empirical audits on a config's
+  federation; they print their figures and can write them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from audits.verify import (
+    DEFAULT_PLD_CHECKPOINTS,
+    DEFAULT_REL_TOL,
+    AuditError,
+    VerificationReport,
+    verify_run,
+)
+
+__all__ = ["cmd_canary", "cmd_leakage", "cmd_report", "cmd_verify", "register"]
+
+
+def _print_verification(report: VerificationReport, out: TextIO) -> None:
+    for finding in report.findings:
+        print(str(finding), file=out)
+    n_err, n_warn = len(report.errors), len(report.warnings)
+    for c in report.clients:
+        ind = "n/a" if c.independent_final_epsilon is None else f"{c.independent_final_epsilon:.4g}"
+        budget = "n/a" if c.budget_epsilon is None else f"{c.budget_epsilon:g}"
+        label = c.client_id if c.method is None else f"{c.method}/{c.client_id}"
+        print(f"  {label}: {c.entries} entries, epsilon {c.final_epsilon:.4g} (independent"
+              f" {ind}) of budget {budget}{', refused' if c.refused else ''}"
+              f" -> {'ok' if c.ok else 'FAILED'}", file=out)
+    verdict = "PASSED" if report.ok else "FAILED"
+    print(f"verification {verdict}: {len(report.clients)} ledgers, {n_err} errors,"
+          f" {n_warn} warnings", file=out)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``audit verify``: print every finding; 0 iff all checks hold."""
+    try:
+        report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
+                            pld_checkpoints=args.pld_checkpoints)
+    except AuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_verification(report, sys.stdout)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+    return 0 if report.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``audit report``: write report.html/report.json; 0 iff written and verified."""
+    from audits.report import write_report
+
+    try:
+        report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
+                            pld_checkpoints=args.pld_checkpoints)
+        paths = write_report(args.run_dir, args.out, verification=report)
+    except AuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_verification(report, sys.stdout)
+    print(f"report: {paths.html}\n        {paths.json}")
+    return 0 if report.ok else 1
+
+
+def _write_json(path: str | None, doc: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(doc, indent=2, default=str))
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    """``audit canary``: canary membership inference -> epsilon lower bound."""
+    from audits.canary import CanaryAuditError, run_canary_audit
+    from secure_fedora.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+        result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
+                                  kind=args.kind, method=args.method,
+                                  confidence=args.confidence, delta=args.delta, seed=args.seed)
+    except (ConfigError, CanaryAuditError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    claim = "inf (non-private)" if result.claimed_epsilon == float("inf") \
+        else f"{result.claimed_epsilon:.4g}"
+    b = result.bound
+    print(f"client {result.client_id}, method {result.method}: {result.num_canaries}"
+          f" {result.canary_kind} canaries ({result.members} inserted)")
+    print(f"  evaluation half: TPR {b.tpr:.3f} (lower {b.tpr_lower:.3f}), FPR {b.fpr:.3f}"
+          f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}")
+    print(f"  epsilon lower bound {result.epsilon_lower_bound:.4g} at confidence"
+          f" {result.confidence:g} (delta {result.delta:g}); claimed epsilon {claim}"
+          f" -> {'consistent' if result.consistent else 'CLAIM REFUTED'}")
+    _write_json(args.json, result.to_json())
+    return 0 if result.consistent else 1
+
+
+def cmd_leakage(args: argparse.Namespace) -> int:
+    """``audit leakage``: reconstruct clients' data directions from relatedness messages."""
+    from audits.summary_leakage import LeakageError, run_summary_leakage_audit
+    from secure_fedora.config import ConfigError, load_config
+    from secure_fedora.runtime import build_clients
+
+    try:
+        cfg = load_config(args.config)
+        clip = args.clip_norm if args.clip_norm is not None else (
+            cfg.privacy.summary_clip if cfg.privacy.enabled else None)
+        nm = args.noise_multiplier if args.noise_multiplier is not None else (
+            cfg.privacy.summary_noise_multiplier if cfg.privacy.enabled else None)
+        report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
+                                           noise_multiplier=nm, tau=cfg.fedora.tau,
+                                           seed=cfg.seed)
+    except (ConfigError, LeakageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{'mode':<10} {'image cos':>10} {'prior':>7} {'label cos':>10} {'prior':>7}"
+          f" {'identified':>11} {'chance':>7}")
+    for row in report.summary_rows():
+        print(f"{row['mode']:<10} {row['image_cosine']:>10.3f} {row['prior_image_cosine']:>7.3f}"
+              f" {row['label_cosine']:>10.3f} {row['prior_label_cosine']:>7.3f}"
+              f" {row['identification']:>11.3f} {row['chance']:>7.3f}")
+    _write_json(args.json, report.to_json())
+    return 0
+
+
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
+    p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
+                   " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning)")
+    p.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL,
+                   help="relative tolerance between recorded and independent epsilon")
+    p.add_argument("--pld-checkpoints", type=int, default=DEFAULT_PLD_CHECKPOINTS,
+                   help="entries per PRV ledger recomputed with the PLD accountant")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``audit`` command (verify, report, canary, leakage) to ``subparsers``."""
+    audit = subparsers.add_parser("audit", help="verify ledgers, write compliance reports,"
+                                  " run empirical privacy audits")
+    sub = audit.add_subparsers(dest="audit_command", required=True)
+
+    verify = sub.add_parser("verify", help="check ledgers: chain, signatures, independent"
+                            " epsilon, budgets (exit 0 only if all hold)")
+    _verify_options(verify)
+    verify.add_argument("--json", help="also write the verification result to this file")
+    verify.set_defaults(func=cmd_verify)
+
+    report = sub.add_parser("report", help="write a self-contained HTML report and report.json")
+    _verify_options(report)
+    report.add_argument("--out", help="output directory (default: RUN_DIR/audit)")
+    report.set_defaults(func=cmd_report)
+
+    canary = sub.add_parser("canary", help="canary membership inference: a lower bound on"
+                            " epsilon (Clopper-Pearson); DP per the config's [privacy]")
+    canary.add_argument("config", help="experiment TOML config")
+    canary.add_argument("--client", type=int, default=0, help="index of the audited client")
+    canary.add_argument("--canaries", type=int, default=300, help="number of canaries")
+    canary.add_argument("--kind", choices=("noise", "mislabeled"), default="noise")
+    canary.add_argument("--method", default="local", help="method to train (from the config)")
+    canary.add_argument("--confidence", type=float, default=0.95)
+    canary.add_argument("--delta", type=float, default=1e-5,
+                        help="delta of the bound for a non-private run (DP runs use the ledger's)")
+    canary.add_argument("--seed", type=int, default=0)
+    canary.add_argument("--json", help="write the result to this file")
+    canary.set_defaults(func=cmd_canary)
+
+    leakage = sub.add_parser("leakage", help="summary-leakage audit for plain, noised and"
+                             " encrypted relatedness")
+    leakage.add_argument("config", help="experiment TOML config")
+    leakage.add_argument("--clip-norm", type=float, help="noised mode: row clip norm"
+                         " (default: privacy.summary_clip when privacy is enabled)")
+    leakage.add_argument("--noise-multiplier", type=float, help="noised mode: noise multiplier"
+                         " (default: privacy.summary_noise_multiplier when privacy is enabled)")
+    leakage.add_argument("--json", help="write the result to this file")
+    leakage.set_defaults(func=cmd_leakage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m audits.cli audit verify RUN_DIR``)."""
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

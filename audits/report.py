@@ -1,0 +1,534 @@
+"""Compliance report of a run: ``report.json`` plus a self-contained ``report.html``.
+
+The HTML has inline CSS, plots embedded as base64 PNG ``data:`` URIs and no scripts or
+external references, so it renders offline in any browser and can be archived as one file.
+Sections: run identity; threat model and assumptions in force; per-client budget table;
+epsilon over rounds per client against its budget (plot); mechanisms; verification results
+(from :func:`audits.verify.verify_run`); accuracy.
+
+Everything is read from the run directory (``results.json``, ``config.toml``,
+``ledgers/``, ``keys/``); nothing in the run is trusted without the verification section
+saying whether it checked out.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E402
+from privacy.identity import client_ids  # noqa: E402
+from secure_fedora.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+
+__all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
+
+REPORT_VERSION = 1
+
+THREAT_MODEL = [
+    "The server is honest-but-curious: it follows the protocol and tries to learn about client"
+    " data from what it receives. Clients do not trust it to enforce their budgets.",
+    "What leaves client i: its relatedness summary (once) and its model theta_i (every round);"
+    " with DP on, each is the output of an accounted mechanism (DP-SGD for models, the Gaussian"
+    " mechanism for noised summaries and noised lambda).",
+    "Each client enforces its own (epsilon, delta) budget and refuses any release that would"
+    " exceed it; every release is written to its signed, hash-chained ledger before it is sent.",
+    "Neighbouring relation: add/remove one training record (the relation of the accountants).",
+]
+
+
+class ReportError(AuditError):
+    """The report cannot be produced (bad output directory, unreadable run files)."""
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where :func:`write_report` put the report."""
+
+    html: Path
+    json: Path
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _read_config(run_dir: Path) -> ExperimentConfig | None:
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path)
+    except ConfigError:
+        return None
+
+
+def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -> dict[str, Any]:
+    stated = dict(results.get("assumptions", {})) if results else {}
+    out: dict[str, Any] = {
+        "server": stated.get("server", "honest-but-curious"),
+        "validation_data": stated.get("validation_data",
+                                      cfg.data.validation if cfg else "unknown"),
+        "relatedness": stated.get("relatedness", cfg.fedora.relatedness if cfg else "unknown"),
+        "differential_privacy": stated.get("differential_privacy",
+                                           cfg.privacy.enabled if cfg else "unknown"),
+    }
+    for key, value in stated.items():
+        out.setdefault(key, value)
+    notes: list[str] = []
+    if out["validation_data"] == "public":
+        notes.append("lambda_i is computed from the validation split in the clear: private only"
+                     " if that split is public data (declared public in the config).")
+    elif out["validation_data"] == "private":
+        notes.append("lambda_i is released as a clipped, noised validation-loss difference and"
+                     " accounted (mechanism gaussian_lambda).")
+    rel = str(out["relatedness"])
+    if rel == "plain":
+        notes.append("relatedness: summaries are sent in the clear (no privacy for the summary).")
+    if "noised" in rel:
+        notes.append("relatedness: summaries are top eigenvectors of a Gaussian-noised clipped"
+                     " second-moment matrix (accounted as gaussian_summary).")
+    if "encrypted" in rel:
+        notes.append("relatedness: summaries are CKKS-encrypted; the server learns only the"
+                     " q x q similarity blocks (assumes it holds no secret key and cannot enrol"
+                     " clients of its own).")
+    if cfg is not None and cfg.privacy.enabled:
+        if cfg.privacy.noise_seed == "experiment":
+            notes.append("noise generators are seeded from the experiment seed (reproducible):"
+                         " the guarantee holds only against a server that does not know it.")
+        notes.append("noise comes from torch.Generator, not a CSPRNG (Opacus secure_mode needs"
+                     " torchcsprng, unavailable): the formal guarantee assumes ideal Gaussian"
+                     " noise.")
+    if out["differential_privacy"] is False:
+        notes.append("differential privacy is OFF: releases carry no formal guarantee.")
+    out["notes"] = notes
+    return out
+
+
+def _label(method: str | None) -> str:
+    return method if method is not None else "(all)"
+
+
+def _budget_rows(verification: VerificationReport) -> list[dict[str, Any]]:
+    rows = []
+    for c in verification.clients:
+        used = (c.final_epsilon / c.budget_epsilon) if c.budget_epsilon else None
+        rows.append({
+            "method": _label(c.method), "client_id": c.client_id,
+            "budget_epsilon": c.budget_epsilon, "delta": c.delta, "accountant": c.accountant,
+            "recorded_epsilon": c.final_epsilon,
+            "independent_epsilon": c.independent_final_epsilon, "budget_used": used,
+            "entries": c.entries, "refused": c.refused, "verified": c.ok,
+        })
+    return rows
+
+
+def _epsilon_series(verification: VerificationReport) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per method, per client: the cumulative recorded epsilon at the end of each round."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for c in verification.clients:
+        by_round: dict[int, dict[str, Any]] = {}
+        for e in c.series:
+            if e.round is None or e.recorded_epsilon is None:
+                continue
+            point = by_round.setdefault(e.round, {"round": e.round})
+            point["epsilon"] = e.recorded_epsilon
+            if e.independent_epsilon is not None:
+                point["independent_epsilon"] = e.independent_epsilon
+            point["budget"] = e.budget_epsilon
+        out.setdefault(_label(c.method), {})[c.client_id] = [by_round[r] for r in sorted(by_round)]
+    return out
+
+
+def _mechanism_rows(verification: VerificationReport) -> list[dict[str, Any]]:
+    agg: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in verification.clients:
+        for name, m in c.mechanisms.items():
+            key = (_label(c.method), name)
+            row = agg.setdefault(key, {"method": key[0], "mechanism": name, "clients": 0,
+                                       "entries": 0, "steps": 0, "noise_multipliers": set(),
+                                       "sample_rates": set(), "clip_norms": set()})
+            row["clients"] += 1
+            row["entries"] += m["entries"]
+            row["steps"] += m["steps"]
+            row["noise_multipliers"].update(m["noise_multipliers"])
+            row["sample_rates"].update(m["sample_rates"])
+            row["clip_norms"].update(m["clip_norms"])
+    return [{**agg[k], **{f: sorted(agg[k][f]) for f in
+                          ("noise_multipliers", "sample_rates", "clip_norms")}}
+            for k in sorted(agg)]
+
+
+def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
+    if not results or not isinstance(results.get("methods"), dict):
+        return {"methods": [], "per_client": []}
+    methods = []
+    per_client: dict[int, dict[str, Any]] = {}
+    for name, body in results["methods"].items():
+        sel = body.get("selected") if isinstance(body, dict) else None
+        if not isinstance(sel, dict):
+            continue
+        methods.append({"method": name, **{k: sel.get(k) for k in
+                                           ("mean", "min", "max", "std", "round")}})
+        for i, acc in enumerate(sel.get("per_client") or []):
+            per_client.setdefault(i, {"client": i})[name] = acc
+    ids = client_ids(len(per_client))
+    rows = [{**per_client[i], "client_id": ids[i]} for i in sorted(per_client)]
+    return {"methods": methods, "per_client": rows}
+
+
+def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
+    """The runtime's DP plan rows and budget events per method, as recorded in results.json."""
+    plan: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    privacy = (results or {}).get("privacy")
+    if isinstance(privacy, dict):
+        for method, body in privacy.items():
+            if not isinstance(body, dict):
+                continue
+            for row in body.get("plan") or []:
+                if isinstance(row, dict):
+                    plan.append({"method": method, **row})
+            for ev in body.get("events") or []:
+                if isinstance(ev, dict):
+                    events.append({"method": method, **ev})
+    return {"plan": plan, "events": events}
+
+
+def build_report(run_dir: str | Path, *, verification: VerificationReport | None = None,
+                 allowlist: str | Path | None = None) -> dict[str, Any]:
+    """The report document (what ``report.json`` holds) for ``run_dir``.
+
+    Runs :func:`audits.verify.verify_run` unless ``verification`` is given. Guarantee: every
+    client with a ledger appears in the budget table and the epsilon series.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ReportError(f"run directory {run} does not exist or is not a directory")
+    if verification is None:
+        verification = verify_run(run, allowlist=allowlist)
+    results = _read_json(run / "results.json")
+    cfg = _read_config(run)
+    identity = {
+        "name": (results or {}).get("name", cfg.name if cfg else None),
+        "config_hash": (results or {}).get("config_hash"),
+        "code_version": (results or {}).get("version"),
+        "data_fingerprint": (results or {}).get("data_fingerprint"),
+        "run_dir": str(run.resolve()),
+    }
+    privacy_cfg = cfg.privacy.model_dump(mode="json") if cfg is not None else None
+    return {
+        "report_version": REPORT_VERSION,
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "identity": identity,
+        "threat_model": list(THREAT_MODEL),
+        "assumptions": _assumptions(results, cfg),
+        "privacy_config": privacy_cfg,
+        "budgets": _budget_rows(verification),
+        "epsilon_series": _epsilon_series(verification),
+        "mechanisms": _mechanism_rows(verification),
+        "verification": verification.to_json(),
+        "privacy_plan": _privacy_plan(results),
+        "accuracy": _accuracy(results),
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png_base64(fig: plt.Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _epsilon_plot(series: dict[str, dict[str, list[dict[str, Any]]]],
+                  budgets: Sequence[dict[str, Any]]) -> str | None:
+    methods = [m for m in sorted(series) if any(series[m].values())]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(len(methods), 1, figsize=(8, 3.6 * len(methods)), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, method in zip(axes[:, 0], methods, strict=True):
+        for k, (cid, points) in enumerate(sorted(series[method].items())):
+            if points:
+                ax.plot([p["round"] for p in points], [p["epsilon"] for p in points],
+                        marker="o", markersize=3, color=cmap(k % 20), label=cid)
+        seen: set[float] = set()
+        for row in budgets:
+            b = row["budget_epsilon"]
+            if row["method"] != method or b is None or b in seen:
+                continue
+            seen.add(b)
+            ax.axhline(b, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"budget {b:g}", xy=(0.0, b), xycoords=("axes fraction", "data"),
+                        xytext=(3, 3), textcoords="offset points", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel("cumulative epsilon")
+        ax.set_title(f"{method}: privacy spent per client against its budget")
+        ax.grid(alpha=0.3)
+        if len(series[method]) <= 20:
+            ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    return _png_base64(fig)
+
+
+def _accuracy_plot(accuracy: dict[str, Any]) -> str | None:
+    rows = accuracy["per_client"]
+    if not rows:
+        return None
+    methods = [m["method"] for m in accuracy["methods"]]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / max(len(methods), 1)
+    for k, name in enumerate(methods):
+        xs = [r["client"] + k * width for r in rows if r.get(name) is not None]
+        ys = [r[name] for r in rows if r.get(name) is not None]
+        ax.bar(xs, ys, width=width, label=name)
+    ax.set_xlabel("client")
+    ax.set_ylabel("test accuracy (selected)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Personalized test accuracy per client")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _png_base64(fig)
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#1d2330;padding:0 1em;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:2px solid #dde3ea;
+padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #cfd6df;padding:.3em .6em;text-align:right}
+th{background:#eef2f6}td.l,th.l{text-align:left}
+.ok{color:#0a7a2f;font-weight:bold}.bad{color:#b00020;font-weight:bold}.warn{color:#a15c00}
+.verdict{font-size:1.3em;padding:.5em 1em;border-radius:6px;display:inline-block;margin:.5em 0}
+.verdict.ok{background:#e3f5e9}.verdict.bad{background:#fde7ea}
+code{background:#f3f5f8;padding:0 .25em;border-radius:3px;font-size:.92em}
+img{max-width:100%;border:1px solid #e2e6eb}
+.muted{color:#5a6472;font-size:.9em}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "&ndash;"
+        return f"{value:.{digits}g}"
+    if isinstance(value, list):
+        return _e(", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value))
+    return _e(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+           left: Sequence[int] = (0,)) -> str:
+    head = "".join(f"<th class=\"{'l' if i in left else ''}\">{_e(h)}</th>"
+                   for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>" + "".join(f"<td class=\"{'l' if i in left else ''}\">{cell}</td>"
+                         for i, cell in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
+    """The self-contained HTML page for ``report`` (plots: name -> base64 PNG or None).
+
+    Guarantee: the page references no external resource (no ``src``/``href`` other than
+    ``data:`` URIs and in-page anchors) and every value taken from the run is HTML-escaped.
+    """
+    ident = report["identity"]
+    ver = report["verification"]
+    ok = bool(ver["ok"])
+    parts: list[str] = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>Privacy compliance report: {_e(ident.get('name'))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Privacy compliance report: {_e(ident.get('name'))}</h1>",
+        f"<p class=\"muted\">generated {_e(report['generated'])} by secure-fedora audits"
+        f" (report format {report['report_version']})</p>",
+        f"<div class=\"verdict {'ok' if ok else 'bad'}\" id=\"verdict\">Verification: "
+        f"{'PASSED' if ok else 'FAILED'} &mdash; {len(report['budgets'])} client ledgers, "
+        f"{sum(1 for f in ver['findings'] if f['severity'] == 'error')} errors, "
+        f"{sum(1 for f in ver['findings'] if f['severity'] == 'warning')} warnings</div>",
+        "<h2 id=\"identity\">Run identity</h2>",
+        _table(["field", "value"], [
+            ["run directory", f"<code>{_e(ident.get('run_dir'))}</code>"],
+            ["config hash (SHA-256)", f"<code>{_e(ident.get('config_hash'))}</code>"],
+            ["code version", _e(ident.get("code_version"))],
+            ["data fingerprint (SHA-256)", f"<code>{_e(ident.get('data_fingerprint'))}</code>"],
+        ], left=(0, 1)),
+        "<h2 id=\"threat-model\">Threat model and assumptions in force</h2><ul>",
+        *(f"<li>{_e(line)}</li>" for line in report["threat_model"]),
+        "</ul>",
+    ]
+    a = report["assumptions"]
+    parts.append(_table(["assumption", "in force"], [
+        [_e(k), _e(v)] for k, v in a.items() if k != "notes"
+    ], left=(0, 1)))
+    if a.get("notes"):
+        parts.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in a["notes"]) + "</ul>")
+    pc = report.get("privacy_config")
+    if pc:
+        parts.append("<p class=\"muted\">privacy configuration: " + _e(", ".join(
+            f"{k}={v}" for k, v in pc.items() if k != "overrides")) +
+            (f"; per-client overrides: {_e(pc['overrides'])}" if pc.get("overrides") else "")
+            + "</p>")
+
+    parts.append("<h2 id=\"budgets\">Per-client budgets</h2>")
+    parts.append(_table(
+        ["method", "client", "budget \u03b5", "\u03b4", "accountant", "recorded \u03b5",
+         "independent \u03b5", "budget used", "entries", "refused", "verified"],
+        [[_e(r["method"]), _e(r["client_id"]), _fmt(r["budget_epsilon"]), _fmt(r["delta"]),
+          _fmt(r["accountant"]), _fmt(r["recorded_epsilon"]), _fmt(r["independent_epsilon"]),
+          "&ndash;" if r["budget_used"] is None else f"{100 * r['budget_used']:.1f}%",
+          str(r["entries"]), _fmt(r["refused"]),
+          f"<span class=\"{'ok' if r['verified'] else 'bad'}\">"
+          f"{'ok' if r['verified'] else 'FAILED'}</span>"]
+         for r in report["budgets"]],
+        left=(0, 1),
+    ))
+    if plots.get("epsilon"):
+        parts.append("<h2 id=\"epsilon\">Epsilon over rounds</h2>")
+        parts.append(f"<img alt=\"epsilon over rounds per client against its budget\" "
+                     f"src=\"data:image/png;base64,{plots['epsilon']}\">")
+
+    plan = report["privacy_plan"]
+    if plan["plan"]:
+        parts.append("<h2 id=\"plan\">Privacy plan (calibrated before training)</h2>")
+        parts.append(_table(
+            ["method", "clients", "budget \u03b5", "\u03b4", "DP-SGD \u03c3", "sample rate",
+             "steps/round", "rounds", "planned \u03b5", "releases"],
+            [[_e(r.get("method")), _fmt(r.get("clients")), _fmt(r.get("epsilon_budget")),
+              _fmt(r.get("delta")), _fmt(r.get("noise_multiplier")), _fmt(r.get("sample_rate")),
+              _fmt(r.get("steps_per_round")), _fmt(r.get("rounds")),
+              _fmt(r.get("planned_epsilon")), _e("; ".join(map(str, r.get("releases", []))))]
+             for r in plan["plan"]],
+            left=(0, 9),
+        ))
+    if plan["events"]:
+        parts.append("<p>Budget events:</p>" + _table(
+            ["method", "round", "client", "event", "detail"],
+            [[_e(ev.get("method")), _fmt(ev.get("round")), _e(ev.get("client")),
+              _e(ev.get("event")), _e(ev.get("detail"))] for ev in plan["events"]],
+            left=(0, 2, 3, 4),
+        ))
+
+    parts.append("<h2 id=\"mechanisms\">Mechanisms (from the ledgers)</h2>")
+    parts.append(_table(
+        ["method", "mechanism", "clients", "entries", "total steps", "noise multipliers",
+         "sample rates", "clip norms"],
+        [[_e(m["method"]), _e(m["mechanism"]), str(m["clients"]), str(m["entries"]), str(m["steps"]),
+          _fmt(m["noise_multipliers"]), _fmt(m["sample_rates"]), _fmt(m["clip_norms"])]
+         for m in report["mechanisms"]],
+        left=(0, 1),
+    ))
+
+    parts.append("<h2 id=\"verification\">Verification</h2>")
+    parts.append(f"<p>Independent accountant: {_e(ver['independent_accountant'])}; relative"
+                 f" tolerance {ver['rel_tol']:.0%} (under-reporting beyond it is an error)."
+                 f" Public keys: <code>{_e(ver['allowlist'])}</code>.</p>")
+    parts.append("<ul>" + "".join(f"<li>{_e(c)}</li>" for c in ver["checks"]) + "</ul>")
+    if ver["findings"]:
+        parts.append(_table(
+            ["severity", "method", "client", "entry", "check", "message"],
+            [[f"<span class=\"{'bad' if f['severity'] == 'error' else 'warn'}\">"
+              f"{_e(f['severity'])}</span>", _fmt(f["method"]), _fmt(f["client_id"]),
+              _fmt(f["entry"]), _e(f["check"]), _e(f["message"])]
+             for f in sorted(ver["findings"], key=lambda f: f["severity"] != "error")],
+            left=(0, 1, 2, 4, 5),
+        ))
+    else:
+        parts.append("<p class=\"ok\">No findings.</p>")
+
+    parts.append("<h2 id=\"accuracy\">Accuracy</h2>")
+    acc = report["accuracy"]
+    if acc["methods"]:
+        parts.append(_table(
+            ["method", "mean", "min", "max", "std", "selected round"],
+            [[_e(m["method"]), _fmt(m["mean"]), _fmt(m["min"]), _fmt(m["max"]),
+              _fmt(m["std"]), _fmt(m["round"])] for m in acc["methods"]],
+        ))
+        names = [m["method"] for m in acc["methods"]]
+        parts.append(_table(
+            ["client", *names],
+            [[_e(r["client_id"]), *(_fmt(r.get(n)) for n in names)] for r in acc["per_client"]],
+        ))
+        if plots.get("accuracy"):
+            parts.append(f"<img alt=\"per-client accuracy\" "
+                         f"src=\"data:image/png;base64,{plots['accuracy']}\">")
+    else:
+        parts.append("<p class=\"warn\">results.json holds no accuracy figures.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
+                 allowlist: str | Path | None = None,
+                 verification: VerificationReport | None = None) -> ReportPaths:
+    """Verify ``run_dir`` and write ``report.json`` and ``report.html`` (default: ``<run>/audit``).
+
+    Both files are replaced atomically. Returns their paths. Raises :class:`ReportError` when
+    the run directory is missing or the output directory cannot be created.
+    """
+    run = Path(run_dir)
+    report = build_report(run, verification=verification, allowlist=allowlist)
+    out = Path(out_dir) if out_dir is not None else run / "audit"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create report directory {out}: {exc}") from exc
+    plots = {
+        "epsilon": _epsilon_plot(report["epsilon_series"], report["budgets"]),
+        "accuracy": _accuracy_plot(report["accuracy"]),
+    }
+    paths = ReportPaths(html=out / "report.html", json=out / "report.json")
+    _atomic_write(paths.json, json.dumps(report, indent=2, default=str))
+    _atomic_write(paths.html, render_html(report, plots))
+    return paths

@@ -1,0 +1,182 @@
+"""Canary audit: Clopper-Pearson statistics, canaries, and the bound on real DP / non-DP runs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from audits.canary import (
+    CanaryAuditError,
+    _ledger_claim,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    epsilon_lower_bound,
+    insert_canaries,
+    make_canaries,
+    run_canary_audit,
+    split_audit,
+)
+from secure_fedora.config import parse_config
+from secure_fedora.partition import ClientData
+
+
+def test_clopper_pearson_closed_forms():
+    # k = n: lower bound alpha^(1/n); k = 0: upper bound 1 - alpha^(1/n)
+    assert clopper_pearson_lower(20, 20, 0.025) == pytest.approx(0.025 ** (1 / 20))
+    assert clopper_pearson_upper(0, 20, 0.025) == pytest.approx(1 - 0.025 ** (1 / 20))
+    assert clopper_pearson_lower(0, 20, 0.025) == 0.0
+    assert clopper_pearson_upper(20, 20, 0.025) == 1.0
+    lo, hi = clopper_pearson_lower(30, 100, 0.05), clopper_pearson_upper(30, 100, 0.05)
+    assert lo < 0.3 < hi
+    with pytest.raises(CanaryAuditError):
+        clopper_pearson_lower(5, 4, 0.05)
+    with pytest.raises(CanaryAuditError):
+        clopper_pearson_upper(1, 4, 1.5)
+
+
+def test_epsilon_lower_bound_values():
+    perfect = epsilon_lower_bound(50, 50, 0, 50, delta=0.0, confidence=0.95)
+    a = 0.025 ** (1 / 50)
+    assert perfect.epsilon_lower_bound == pytest.approx(math.log(a / (1 - a)))
+    assert perfect.direction in ("tpr/fpr", "tnr/fnr")
+    chance = epsilon_lower_bound(25, 50, 25, 50, delta=1e-5)
+    assert chance.epsilon_lower_bound == 0.0 and chance.direction == "none"
+    # an attack that says "member" for almost nobody, but is right when it does
+    few = epsilon_lower_bound(20, 100, 0, 100, delta=1e-5)
+    assert few.direction == "tpr/fpr" and few.epsilon_lower_bound > 0
+    # the mirror image is caught by the second inequality (TNR <= e^eps FNR + delta)
+    mirror = epsilon_lower_bound(100, 100, 80, 100, delta=1e-5)
+    assert mirror.direction == "tnr/fnr"
+    assert mirror.epsilon_lower_bound == pytest.approx(few.epsilon_lower_bound, rel=1e-9)
+    # more delta can only lower the bound
+    assert epsilon_lower_bound(50, 50, 0, 50, delta=0.1).epsilon_lower_bound < \
+        perfect.epsilon_lower_bound
+    for bad in (dict(members=0), dict(delta=1.0), dict(confidence=1.0)):
+        args = dict(true_positives=0, members=10, false_positives=0, non_members=10,
+                    delta=1e-5, confidence=0.95)
+        args.update(bad)
+        with pytest.raises(CanaryAuditError):
+            epsilon_lower_bound(**args)
+
+
+def test_bound_holds_at_its_confidence_for_a_true_eps_dp_mechanism():
+    """Randomized response is exactly eps-DP per canary: the bound must exceed eps in at most
+    about 5% of audits at confidence 0.95 (we allow 8% for sampling error of 300 trials)."""
+    eps = 1.0
+    p_correct = math.exp(eps) / (1 + math.exp(eps))
+    rng = np.random.default_rng(0)
+    violations = 0
+    trials = 300
+    for _ in range(trials):
+        members = rng.random(400) < 0.5
+        correct = rng.random(400) < p_correct
+        guess = np.where(correct, members, ~members)
+        tp = int((guess & members).sum())
+        fp = int((guess & ~members).sum())
+        b = epsilon_lower_bound(tp, int(members.sum()), fp, int((~members).sum()), 0.0, 0.95)
+        violations += b.epsilon_lower_bound > eps
+    assert violations / trials <= 0.08
+    # and the audit is not vacuous: a leakier (eps = 3) mechanism is detected as such
+    p3 = math.exp(3.0) / (1 + math.exp(3.0))
+    members = rng.random(2000) < 0.5
+    guess = np.where(rng.random(2000) < p3, members, ~members)
+    b = epsilon_lower_bound(int((guess & members).sum()), int(members.sum()),
+                            int((guess & ~members).sum()), int((~members).sum()), 0.0, 0.95)
+    assert 1.5 < b.epsilon_lower_bound <= 3.0
+
+
+def test_split_audit_uses_only_the_evaluation_half():
+    gen = torch.Generator().manual_seed(3)
+    member = torch.rand(200, generator=gen) < 0.5
+    scores = member.double() * 5 + torch.randn(200, generator=gen, dtype=torch.float64)
+    sa = split_audit(scores, member, delta=1e-5, confidence=0.95, seed=1)
+    assert sa.calibration_size == 100 and sa.evaluation_size == 100
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(1))
+    ev = perm[100:]
+    guess = scores[ev] >= sa.bound.threshold
+    assert sa.bound.true_positives == int((guess & member[ev]).sum())
+    assert sa.bound.false_positives == int((guess & ~member[ev]).sum())
+    assert sa.bound.members + sa.bound.non_members == 100
+    assert sa.bound.epsilon_lower_bound > 1.0
+    with pytest.raises(CanaryAuditError, match="no members"):
+        split_audit(scores, torch.zeros(200, dtype=torch.bool), delta=1e-5)
+    with pytest.raises(CanaryAuditError, match="bool"):
+        split_audit(scores, member.long(), delta=1e-5)
+    with pytest.raises(CanaryAuditError, match="NaN"):
+        split_audit(scores * math.nan, member, delta=1e-5)
+
+
+def _client(n: int = 10) -> ClientData:
+    x = torch.rand(n, 1, 28, 28)
+    y = torch.arange(n) % 10
+    return ClientData(0, x, y, x[:4].clone(), y[:4].clone(), x[:3].clone(), y[:3].clone(),
+                      {"label_histogram": torch.bincount(y, minlength=10).tolist()})
+
+
+def test_canaries_are_deterministic_and_inserted_with_probability_half():
+    a = make_canaries("noise", 400, seed=5)
+    b = make_canaries("noise", 400, seed=5)
+    assert torch.equal(a.x, b.x) and torch.equal(a.member, b.member)
+    assert 150 < int(a.member.sum()) < 250
+    pool = (torch.rand(50, 1, 28, 28), torch.arange(50) % 10)
+    mis = make_canaries("mislabeled", 40, seed=1, pool=pool)
+    assert torch.equal(mis.x, pool[0][:40]) and bool((mis.y != pool[1][:40]).all())
+    client = _client()
+    with_c = insert_canaries(client, a)
+    assert with_c.num_train == client.num_train + int(a.member.sum())
+    assert torch.equal(with_c.val_x, client.val_x) and torch.equal(with_c.test_y, client.test_y)
+    assert sum(with_c.meta["label_histogram"]) == with_c.num_train
+    assert with_c.meta["canaries_inserted"] == int(a.member.sum())
+    with pytest.raises(CanaryAuditError, match="kind"):
+        make_canaries("blue", 10, 0)
+    with pytest.raises(CanaryAuditError, match="count"):
+        make_canaries("noise", 2, 0)
+    with pytest.raises(CanaryAuditError, match="pool"):
+        make_canaries("mislabeled", 10, 0)
+    small = make_canaries("noise", 8, 0)
+    bad = type(small)(small.x[:, :, :14, :14].contiguous(), small.y, small.member, "noise")
+    with pytest.raises(CanaryAuditError, match="do not match"):
+        insert_canaries(client, bad)
+
+
+def _cfg(private: bool, rounds: int, lr: float):
+    d = {"methods": ["local"],
+         "data": {"num_clients": 2, "train_per_client": 128, "val_per_client": 16,
+                  "test_per_client": 16},
+         "training": {"rounds": rounds, "local_epochs": 2, "batch_size": 32, "lr": lr}}
+    if private:
+        d["privacy"] = {"enabled": True, "epsilon": 1.0, "delta": 1e-5}
+    return parse_config(d)
+
+
+def test_bound_is_below_the_claim_on_dp_and_clearly_above_it_without_dp():
+    dp = run_canary_audit(_cfg(True, rounds=5, lr=0.01), num_canaries=300)
+    assert dp.private and dp.dp_source.startswith("ledger ledgers/local/client-000.jsonl")
+    assert dp.claimed_epsilon == pytest.approx(1.0, rel=0.02)  # calibrated to the budget
+    assert dp.epsilon_lower_bound < dp.claimed_epsilon and dp.consistent
+    plain = run_canary_audit(_cfg(False, rounds=15, lr=0.05), num_canaries=300)
+    assert not plain.private and math.isinf(plain.claimed_epsilon)
+    # memorized canaries: members have far lower loss than non-members
+    assert plain.member_mean_score > plain.non_member_mean_score + 1.0
+    assert plain.epsilon_lower_bound > 2 * dp.claimed_epsilon
+    assert plain.to_json()["claimed_epsilon"] == "inf"
+
+
+def test_canary_audit_argument_errors():
+    cfg = _cfg(False, rounds=1, lr=0.05)
+    with pytest.raises(CanaryAuditError, match="not in the config's methods"):
+        run_canary_audit(cfg, method="fedora")
+    with pytest.raises(CanaryAuditError, match="client_index"):
+        run_canary_audit(cfg, client_index=2)
+
+
+def test_ledger_claim_refuses_refused_clients_and_missing_ledgers(pristine_run):
+    eps, delta, n = _ledger_claim(pristine_run, "fedora", "client-000")
+    assert eps > 0 and delta == 1e-5 and n == 9
+    with pytest.raises(CanaryAuditError, match="refused"):
+        _ledger_claim(pristine_run, "fedora", "client-002")
+    with pytest.raises(CanaryAuditError, match="no ledger"):
+        _ledger_claim(pristine_run, "fedavg", "client-000")

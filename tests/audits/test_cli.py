@@ -1,0 +1,69 @@
+"""``secure-fedora audit ...`` through audits.cli.register (exit codes and printed failures)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from audits.cli import main, register
+
+
+def test_register_adds_audit_subcommands():
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    for argv in (["audit", "verify", "RUN"], ["audit", "report", "RUN"],
+                 ["audit", "canary", "CFG"], ["audit", "leakage", "CFG"]):
+        args = parser.parse_args(argv)
+        assert callable(args.func)
+
+
+def test_verify_exit_zero_on_clean_run(pristine_run, capsys, tmp_path):
+    out_json = tmp_path / "v.json"
+    assert main(["audit", "verify", str(pristine_run), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "verification PASSED" in out and "fedora/client-002" in out
+    assert json.loads(out_json.read_text())["ok"] is True
+
+
+def test_verify_exit_nonzero_and_prints_failures(run_copy, capsys):
+    path = run_copy / "ledgers" / "local" / "client-000.jsonl"
+    lines = path.read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    path.write_text("".join(line + "\n" for line in lines))
+    assert main(["audit", "verify", str(run_copy)]) == 1
+    out = capsys.readouterr().out
+    assert "verification FAILED" in out
+    assert "ERROR client client-000, method local, entry 0: [index]" in out
+
+
+def test_verify_bad_run_dir_exit_two(tmp_path, capsys):
+    assert main(["audit", "verify", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_writes_files(pristine_run, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["audit", "report", str(pristine_run), "--out", str(out)]) == 0
+    assert (out / "report.html").is_file() and (out / "report.json").is_file()
+    assert "report:" in capsys.readouterr().out
+
+
+def test_canary_and_leakage_report_bad_configs(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                   'val_per_client = 8\ntest_per_client = 8\n')
+    assert main(["audit", "canary", str(cfg), "--method", "fedora"]) == 2
+    assert "not in the config's methods" in capsys.readouterr().err
+    assert main(["audit", "canary", str(tmp_path / "missing.toml")]) == 2
+    assert main(["audit", "leakage", str(tmp_path / "missing.toml")]) == 2
+    assert main(["audit", "leakage", str(cfg), "--clip-norm", "1.0"]) == 2
+    assert "both clip_norm and noise_multiplier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["audit"], ["audit", "verify"]])
+def test_usage_errors(argv):
+    with pytest.raises(SystemExit):
+        main(argv)

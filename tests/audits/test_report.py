@@ -1,0 +1,148 @@
+"""The compliance report: content, self-containment, and rendering in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from audits.report import ReportError, build_report, write_report
+from audits.verify import verify_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+class _Refs(HTMLParser):
+    """Collects every src/href and the text of the page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+        self.text: list[str] = []
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        for name, value in attrs:
+            if name in ("src", "href") and value is not None:
+                self.refs.append(value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def written(pristine_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return write_report(pristine_run, out), pristine_run
+
+
+def test_report_json_has_every_section_and_client(written):
+    paths, run = written
+    doc = json.loads(paths.json.read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert doc["identity"]["config_hash"] == results["config_hash"]
+    assert doc["identity"]["data_fingerprint"] == results["data_fingerprint"]
+    assert doc["identity"]["code_version"] == results["version"]
+    assert doc["assumptions"]["server"] == "honest-but-curious"
+    assert doc["assumptions"]["validation_data"] == "private"
+    assert doc["assumptions"]["relatedness"] == "noised"
+    ids = ["client-000", "client-001", "client-002"]
+    assert [(r["method"], r["client_id"]) for r in doc["budgets"]] == \
+        [("fedora", i) for i in ids] + [("local", i) for i in ids]
+    assert set(doc["epsilon_series"]) == {"fedora", "local"}
+    for method in ("fedora", "local"):
+        assert set(doc["epsilon_series"][method]) == set(ids)
+        for points in doc["epsilon_series"][method].values():
+            eps = [p["epsilon"] for p in points]
+            assert eps == sorted(eps) and all(p["budget"] for p in points)
+    refused = {r["client_id"]: r["refused"] for r in doc["budgets"] if r["method"] == "fedora"}
+    assert refused == {"client-000": False, "client-001": False, "client-002": True}
+    mech = {(m["method"], m["mechanism"]) for m in doc["mechanisms"]}
+    assert mech == {("fedora", "dpsgd"), ("fedora", "gaussian_lambda"),
+                    ("fedora", "gaussian_summary"), ("local", "dpsgd")}
+    assert doc["verification"]["ok"] is True
+    assert [m["method"] for m in doc["accuracy"]["methods"]] == ["fedora", "local"]
+    assert [r["client_id"] for r in doc["accuracy"]["per_client"]] == ids
+
+
+def test_html_is_self_contained_and_names_every_client(written):
+    paths, _ = written
+    page = paths.html.read_text()
+    parser = _Refs()
+    parser.feed(page)
+    assert parser.refs, "expected embedded plots"
+    for ref in parser.refs:
+        assert ref.startswith("data:image/png;base64,") or ref.startswith("#"), ref
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert not re.search(r"url\(|@import|https?://", page)
+    for ref in parser.refs:
+        png = base64.b64decode(ref.split(",", 1)[1])
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    text = " ".join(parser.text)
+    for cid in ("client-000", "client-001", "client-002"):
+        assert cid in text
+    for heading in ("Run identity", "Threat model", "Per-client budgets", "Epsilon over rounds",
+                    "Mechanisms", "Verification", "Accuracy"):
+        assert heading in text
+    assert "Verification: PASSED" in text
+
+
+def test_failed_verification_is_shown_and_values_are_escaped(run_copy, tmp_path):
+    path = run_copy / "ledgers" / "fedora" / "client-001.jsonl"
+    lines = path.read_text().splitlines()
+    del lines[1]
+    path.write_text("".join(line + "\n" for line in lines))
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["name"] = "<script>alert(1)</script>"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    page = paths.html.read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "Verification: FAILED" in page
+    report = json.loads(paths.json.read_text())
+    assert report["verification"]["ok"] is False
+    assert any(f["client_id"] == "client-001" and f["entry"] == 1 and f["check"] == "chain"
+               for f in report["verification"]["findings"])
+
+
+def test_build_report_accepts_a_given_verification(pristine_run):
+    ver = verify_run(pristine_run)
+    doc = build_report(pristine_run, verification=ver)
+    assert doc["verification"] == json.loads(json.dumps(ver.to_json()))
+
+
+def test_report_errors(tmp_path, pristine_run):
+    with pytest.raises(ReportError, match="does not exist"):
+        write_report(tmp_path / "missing")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ReportError, match="cannot create report directory"):
+        write_report(pristine_run, blocker / "sub")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(),
+                    reason="headless Chromium (Debian package 'chromium') is not installed")
+def test_report_renders_in_headless_chromium(written, tmp_path):
+    paths, _ = written
+    base = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", paths.html.as_uri()], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    for needle in ("Privacy compliance report", "Verification: PASSED", "client-000",
+                   "client-001", "client-002", "Per-client budgets"):
+        assert needle in dom
+    assert dom.count("data:image/png;base64,") == 2
+    shot = tmp_path / "report.png"
+    subprocess.run([*base, "--window-size=1200,1600", f"--screenshot={shot}",
+                    paths.html.as_uri()], capture_output=True, timeout=120, check=True)
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 20_000
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
