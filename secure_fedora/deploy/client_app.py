@@ -7,6 +7,14 @@ saves the state atomically, records the release in the node's journal (fsynced) 
 then returns the reply. A SuperNode that crashes and restarts resumes from the last saved
 state; a round message that arrives again for a round already trained is answered with the
 saved ``theta_i`` without training twice.
+
+With ``privacy.enabled`` the client is the one that enforces its budget, exactly as in the
+in-process runtime and with the same building blocks (:mod:`secure_fedora.private`): its
+identity key (node config ``identity-dir``), its signed write-ahead ledger and accountant
+(``runs/<run_id>/<client-id>.jsonl``, reopened and verified by every message, so a restart
+never under-counts), the calibrated plan, the noised summary, the accounted ``lambda_i`` when
+validation is private, and DP-SGD. A refused release is answered with ``refused`` and no
+model; the client keeps training nothing and releasing nothing from then on.
 """
 
 from __future__ import annotations
@@ -15,14 +23,24 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from privacy.accounting import BudgetExceededError
 from secure_fedora import fedora
-from secure_fedora.client import FlatModel, PlainGradient, Workspace, evaluate, local_train
+from secure_fedora.client import (
+    FlatModel,
+    GradientOracle,
+    PlainGradient,
+    Workspace,
+    evaluate,
+    local_train,
+)
 from secure_fedora.config import ExperimentConfig
 from secure_fedora.deploy.protocol import (
     DeployError,
@@ -41,7 +59,8 @@ from secure_fedora.deploy.state import (
 )
 from secure_fedora.models import make_model
 from secure_fedora.partition import ClientData
-from secure_fedora.runtime import NUM_CLASSES, build_clients, client_generator, train_config
+from secure_fedora.private import FederationPrivacy, noise_generator_seed
+from secure_fedora.runtime import NUM_CLASSES, atomic_write_text, build_clients, train_config
 
 __all__ = ["app", "data_digest", "ensure_partition", "run_paths"]
 
@@ -99,10 +118,109 @@ def _load_or_init_state(
         config_hash=settings.config_hash,
         theta=init,
         phi=init.clone(),
-        generator_state=client_generator(settings.experiment.seed, node.partition_id).get_state(),
+        # The client's RNG (batches, DP noise), seeded as the in-process runtime seeds it; its
+        # state is saved after every use, so a restart continues the same stream.
+        generator_state=torch.Generator()
+        .manual_seed(noise_generator_seed(settings.experiment, node.partition_id))
+        .get_state(),
     )
     state.save(path)
     return state
+
+
+def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], Any]) -> Any:
+    """The client's calibrated plan, computed once per run and kept in ``path``.
+
+    Calibration takes seconds and every Flower message runs in a fresh process, so the plan is
+    stored (atomically) with the config hash and budget it was calibrated for, and recomputed
+    if either differs.
+    """
+    from privacy.accounting import PlannedRelease
+    from secure_fedora.private import ClientPlan
+
+    key = {"config_hash": cfg_hash, "epsilon": budget.epsilon, "delta": budget.delta}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("key") == key:
+                return ClientPlan(
+                    doc["dpsgd_noise"], doc["summary_noise"], doc["lambda_noise"],
+                    tuple(PlannedRelease(**r) for r in doc["releases"]),
+                )
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable cache: recalibrate below and overwrite it
+    plan = compute()
+    doc = {
+        "key": key,
+        "dpsgd_noise": plan.dpsgd_noise,
+        "summary_noise": plan.summary_noise,
+        "lambda_noise": plan.lambda_noise,
+        "releases": [dict(r.__dict__) for r in plan.releases],
+    }
+    atomic_write_text(path, json.dumps(doc))
+    return plan
+
+
+def _open_privacy(
+    settings: RunSettings, node: NodeSettings, run_id: int
+) -> FederationPrivacy | None:
+    """This client's budget gate, ledger and plan (None without ``privacy.enabled``).
+
+    A one-client :class:`~secure_fedora.private.FederationPrivacy` (index 0 is this client),
+    opened the way ``FederationPrivacy.open`` opens each client: the plan is calibrated for
+    the client's budget, the ledger is verified and the accountant replayed from it.
+    """
+    cfg = settings.experiment
+    if not cfg.privacy.enabled:
+        return None
+    from privacy.accounting import Accountant
+    from privacy.identity import client_ids, load_identity
+    from privacy.ledger import LedgerWriter, replay_accountant
+    from privacy.pipeline import BudgetGate
+    from secure_fedora.private import (
+        ClientPrivacy,
+        _budget,
+        privacy_plan,
+        sample_rate_for,
+        steps_per_round,
+    )
+
+    if node.identity_dir is None:
+        raise DeployError(
+            "privacy.enabled needs the node config key identity-dir (a directory with this "
+            "client's identity key, as written by `secure-fedora keys init`)"
+        )
+    cid = client_ids(cfg.data.num_clients)[node.partition_id]
+    budget = _budget(cfg, node.partition_id)
+    ledger_dir = node.state_dir / "runs" / str(run_id)
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget,
+                        lambda: privacy_plan(cfg, "fedora", budget))
+    ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid, load_identity(node.identity_dir, cid).signing_key)
+    try:
+        accountant = (
+            replay_accountant(ledger.entries, cfg.privacy.accountant)
+            if ledger.entries else Accountant(cfg.privacy.accountant)
+        )
+        gate = BudgetGate(accountant, budget, ledger, cid)
+    except BaseException:
+        ledger.close()
+        raise
+    client = ClientPrivacy(node.partition_id, cid, budget, plan, gate, ledger)
+    if gate.closed:
+        client.refused_at, client.refusal = -1, "refused before this message"
+    return FederationPrivacy(cfg, "fedora", [client], sample_rate_for(cfg), steps_per_round(cfg))
+
+
+def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
+    if privacy is None:
+        return {}
+    c = privacy.clients[0]
+    return {
+        "epsilon-spent": float(c.epsilon),
+        "epsilon-budget": float(c.budget.epsilon),
+        "ledger-entries": len(c.ledger.entries),
+    }
 
 
 def _setup(context: Context) -> tuple[RunSettings, NodeSettings, ClientData, FlatModel]:
@@ -138,6 +256,51 @@ def _timings(started: float) -> dict[str, float]:
     }
 
 
+def _train(
+    cfg: ExperimentConfig,
+    client: ClientData,
+    flat: FlatModel,
+    state: NodeState,
+    phi: torch.Tensor,
+    privacy: FederationPrivacy | None,
+) -> tuple[float, int]:
+    """``lambda_i`` then local training of ``state.theta`` (in place); returns (lambda, steps).
+
+    The same sequence as ``Fedora.train_round`` for one client: the regularization weight
+    (exact from public validation data, or the accounted noised one), then ``local_train``
+    with plain SGD or DP-SGD, drawing from the client's generator.
+    """
+    generator = torch.Generator()
+    generator.set_state(state.generator_state)
+    if privacy is not None and cfg.data.validation == "private":
+        lam = privacy.private_lambda(
+            0, state.theta, phi, client.val_x, client.val_y, generator, flat.bind
+        )
+    else:
+        loss_local = evaluate(flat, state.theta, client.val_x, client.val_y).loss
+        loss_received = evaluate(flat, phi, client.val_x, client.val_y).loss
+        lam = fedora.regularization_weight(loss_local, loss_received)
+    oracle: GradientOracle
+    if privacy is not None:
+        from secure_fedora.private import DPGradient
+
+        q = privacy.sample_rate
+        dp = DPGradient(flat.module, cfg.privacy.max_grad_norm, q,
+                        q * cfg.data.train_per_client, generator)
+        dp.select(privacy.clients[0].noise_multiplier, generator)
+        oracle = dp
+    else:
+        oracle = PlainGradient(cfg.training.batch_size)
+    theta = state.theta.clone()
+    steps = local_train(
+        flat, theta, client.train_x, client.train_y, train_config(cfg), oracle, generator,
+        Workspace.for_size(flat.num_params), phi=phi, lam=lam,
+    )
+    state.theta = theta
+    state.generator_state = generator.get_state()
+    return lam, steps
+
+
 @app.query("summary")
 def summary(message: Message, context: Context) -> Message:
     """Release the client's relatedness summary ``U_i`` (plain mode) and its initial accuracy."""
@@ -148,9 +311,28 @@ def summary(message: Message, context: Context) -> Message:
     check_supported(cfg)
     state_path, journal = run_paths(node, context.run_id)
     state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
-    u = fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
-    val = evaluate(flat, state.theta, client.val_x, client.val_y).accuracy
-    test = evaluate(flat, state.theta, client.test_x, client.test_y).accuracy
+    privacy = _open_privacy(settings, node, context.run_id)
+    try:
+        if "noised" in cfg.fedora.relatedness:
+            assert privacy is not None  # the config requires privacy.enabled for 'noised'
+            generator = torch.Generator()
+            generator.set_state(state.generator_state)
+            try:
+                # Gaussian mechanism on the clipped second moment, through the budget gate
+                # (ledger entry written before the summary leaves).
+                u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [generator])[0]
+            except BudgetExceededError as err:
+                raise DeployError(f"client {node.partition_id} refused its summary: {err}") from err
+            state.generator_state = generator.get_state()
+            state.save(state_path)
+        else:
+            u = fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
+        val = evaluate(flat, state.theta, client.val_x, client.val_y).accuracy
+        test = evaluate(flat, state.theta, client.test_x, client.test_y).accuracy
+        metrics = {"val-accuracy": val, "test-accuracy": test, **_privacy_metrics(privacy)}
+    finally:
+        if privacy is not None:
+            privacy.close()
     journal.append(node.partition_id, 0, "summary", u.numpy().tobytes())
     return Message(
         RecordDict(
@@ -159,9 +341,7 @@ def summary(message: Message, context: Context) -> Message:
                 "client": ConfigRecord(
                     {"client-id": node.partition_id, "config-hash": settings.config_hash}
                 ),
-                "metrics": MetricRecord(
-                    {"val-accuracy": val, "test-accuracy": test, **_timings(started)}
-                ),
+                "metrics": MetricRecord({**metrics, **_timings(started)}),
             }
         ),
         reply_to=message,
@@ -199,35 +379,46 @@ def train_round(message: Message, context: Context) -> Message:
     lam = 0.0
     steps = 0
     trained_now = False
-    if participate and rnd > state.last_trained_round:
-        loss_local = evaluate(flat, state.theta, client.val_x, client.val_y).loss
-        loss_received = evaluate(flat, phi, client.val_x, client.val_y).loss
-        lam = fedora.regularization_weight(loss_local, loss_received)
-        generator = torch.Generator()
-        generator.set_state(state.generator_state)
-        theta = state.theta.clone()
-        steps = local_train(
-            flat, theta, client.train_x, client.train_y, train_config(cfg),
-            PlainGradient(cfg.training.batch_size), generator,
-            Workspace.for_size(flat.num_params), phi=phi, lam=lam,
-        )
-        state.theta = theta
-        state.generator_state = generator.get_state()
-        state.last_trained_round = rnd
-        trained_now = True
-    if do_eval:
-        state.last_val_accuracy = evaluate(flat, state.theta, client.val_x, client.val_y).accuracy
-        state.last_test_accuracy = evaluate(flat, state.theta, client.test_x, client.test_y).accuracy
-        state.last_eval_round = rnd
-    state.save(state_path)
+    privacy = _open_privacy(settings, node, context.run_id)
+    try:
+        if participate and rnd > state.last_trained_round:
+            admitted = True
+            if privacy is not None:
+                # The round's DP-SGD steps (and the lambda release) are accounted and written
+                # to the signed ledger before training; a refusal ends this client's releases.
+                admitted = privacy.admit(
+                    0, rnd, state.theta, with_lambda=cfg.data.validation == "private"
+                )
+            if admitted:
+                lam, steps = _train(cfg, client, flat, state, phi, privacy)
+                state.last_trained_round = rnd
+                trained_now = True
+            elif state.refused_round == 0:
+                state.refused_round = rnd
+        if do_eval:
+            state.last_val_accuracy = evaluate(flat, state.theta, client.val_x, client.val_y).accuracy
+            state.last_test_accuracy = evaluate(
+                flat, state.theta, client.test_x, client.test_y
+            ).accuracy
+            state.last_eval_round = rnd
+        state.save(state_path)
+        privacy_metrics = _privacy_metrics(privacy)
+        refusal = privacy.clients[0].refusal if privacy is not None else None
+    finally:
+        if privacy is not None:
+            privacy.close()
+    released = participate and state.refused_round == 0
     content = RecordDict()
-    if participate:
+    if released:
         journal.append(node.partition_id, rnd, "model", state.theta.numpy().tobytes())
         content["theta"] = tensor_to_array_record("theta", state.theta)
+    elif participate and refusal:
+        content["refusal"] = ConfigRecord({"reason": refusal})
     content["metrics"] = MetricRecord(
         {
+            **privacy_metrics,
             "round": rnd,
-            "trained": int(participate),
+            "trained": int(released),
             "trained-now": int(trained_now),
             "lambda": float(lam),
             "steps": steps,

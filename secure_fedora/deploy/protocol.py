@@ -71,19 +71,19 @@ class DeployError(RuntimeError):
 def check_supported(cfg: ExperimentConfig) -> None:
     """Refuse, before anything starts, a config the Flower runtime cannot run as written.
 
-    The Flower runtime runs FEDORA with plain relatedness summaries, public validation data
-    and no differential privacy; anything else would silently weaken what the config asks
-    for, so it is an error naming the setting.
+    The Flower runtime runs FEDORA with plain or noised relatedness summaries, with or
+    without differential privacy (DP-SGD, budgets, signed ledgers, private validation), but
+    not the encrypted (CKKS) relatedness modes; running those any other way would silently
+    weaken what the config asks for, so it is an error naming the setting.
     """
     problems = []
     if "fedora" not in cfg.methods:
         problems.append(f"methods {cfg.methods} does not include 'fedora'")
-    if cfg.privacy.enabled:
-        problems.append("privacy.enabled = true (DP-SGD, budgets and ledgers run in-process only)")
-    if cfg.fedora.relatedness != "plain":
-        problems.append(f"fedora.relatedness = {cfg.fedora.relatedness!r} (only 'plain')")
-    if cfg.data.validation != "public":
-        problems.append(f"data.validation = {cfg.data.validation!r} (only 'public')")
+    if "encrypted" in cfg.fedora.relatedness:
+        problems.append(
+            f"fedora.relatedness = {cfg.fedora.relatedness!r} (CKKS relatedness needs a key "
+            "holder role that the Flower runtime does not have; use 'plain' or 'noised')"
+        )
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 
@@ -167,14 +167,16 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """A SuperNode's node config: which partition it holds and where its state lives."""
+    """A SuperNode's node config: which partition it holds, where its state and keys live."""
 
     partition_id: int
     state_dir: Path
+    identity_dir: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], num_clients: int) -> NodeSettings:
-        """Validate ``partition-id`` (0 <= id < num_clients) and ``state-dir`` (absolute)."""
+        """Validate ``partition-id`` (0 <= id < num_clients), ``state-dir`` (absolute) and the
+        optional ``identity-dir`` (absolute; needed with DP for the client's signing key)."""
         if "partition-id" not in node_config or "state-dir" not in node_config:
             raise DeployError(
                 "node config must set partition-id and state-dir "
@@ -189,7 +191,14 @@ class NodeSettings:
         state_dir = node_config["state-dir"]
         if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
             raise DeployError(f"node config state-dir must be an absolute path; got {state_dir!r}")
-        return cls(partition_id=pid, state_dir=Path(state_dir))
+        identity = node_config.get("identity-dir")
+        if identity is not None and (not isinstance(identity, str) or not os.path.isabs(identity)):
+            raise DeployError(f"node config identity-dir must be an absolute path; got {identity!r}")
+        return cls(
+            partition_id=pid,
+            state_dir=Path(state_dir),
+            identity_dir=Path(identity) if identity is not None else None,
+        )
 
 
 def tensor_to_array_record(name: str, tensor: Tensor) -> ArrayRecord:

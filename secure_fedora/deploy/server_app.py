@@ -192,6 +192,8 @@ class _Server:
     history: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     relatedness_timing: dict[str, float] = field(default_factory=dict)
+    privacy: dict[int, dict[str, float]] = field(default_factory=dict)
+    refused: set[int] = field(default_factory=set)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -251,6 +253,12 @@ def _relatedness(grid: Grid, server: _Server, nodes: list[int]) -> tuple[Tensor,
         metrics = reply.content["metrics"]
         val0[cid] = float(metrics["val-accuracy"])
         test0[cid] = float(metrics["test-accuracy"])
+        if "epsilon-spent" in metrics:
+            server.privacy[cid] = {
+                "epsilon_spent": float(metrics["epsilon-spent"]),
+                "epsilon_budget": float(metrics["epsilon-budget"]),
+                "ledger_entries": int(metrics["ledger-entries"]),
+            }
     absent = [c for c in range(n) if c not in summaries]
     if absent:
         raise DeployError(
@@ -326,13 +334,24 @@ def _round(
         if int(metrics["round"]) != rnd:
             server.event(rnd, cid, node, f"reply for round {metrics['round']} ignored")
             continue
-        if cid in chosen:
+        if "epsilon-spent" in metrics:
+            server.privacy[cid] = {
+                "epsilon_spent": float(metrics["epsilon-spent"]),
+                "epsilon_budget": float(metrics["epsilon-budget"]),
+                "ledger_entries": int(metrics["ledger-entries"]),
+            }
+        if cid in chosen and "theta" in reply.content:
             server.theta[cid].copy_(
                 array_record_to_tensor(reply.content["theta"], "theta", torch.float32, (p,))
             )
             trained += 1
             lambdas.append(float(metrics["lambda"]))
             steps += int(metrics["steps"])
+        elif cid in chosen:
+            refusal = reply.content.get("refusal")
+            reason = str(refusal["reason"]) if refusal is not None else "no model released"
+            server.event(rnd, cid, node, f"refused its release ({reason}): keeps its last theta")
+            server.refused.add(cid)
         if do_eval and int(metrics["eval-round"]) == rnd:
             tracker.last_val[cid] = float(metrics["val-accuracy"])
             tracker.last_test[cid] = float(metrics["test-accuracy"])
@@ -399,9 +418,20 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
             "validation_data": cfg.data.validation,
             "relatedness": cfg.fedora.relatedness,
             "server": "honest-but-curious",
-            "differential_privacy": False,
+            "differential_privacy": cfg.privacy.enabled,
             "transport": "TLS; node authentication is a SuperLink setting",
         },
+        "privacy": (
+            {
+                "clients": [
+                    {"client": c, **server.privacy.get(c, {}), "refused": c in server.refused}
+                    for c in range(n)
+                ],
+                "note": "as last reported by each client; its signed ledger is the record",
+            }
+            if cfg.privacy.enabled
+            else None
+        ),
         "node_of_client": {str(c): str(nd) for c, nd in sorted(server.node_of_client.items())},
         "graph_neighbours": [torch.nonzero(r).flatten().tolist() for r in server.graph],
         "methods": {

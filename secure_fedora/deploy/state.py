@@ -119,7 +119,7 @@ class NodeState:
     last_eval_round: int = 0
     last_val_accuracy: float = float("nan")
     last_test_accuracy: float = float("nan")
-    restarts_seen: int = 0
+    refused_round: int = 0  # round of the first refused release (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         return {

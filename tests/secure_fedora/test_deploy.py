@@ -199,11 +199,14 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     data["data"]["validation"] = "public"
     with pytest.raises(DeployError, match="fedora.relatedness = 'encrypted'"):
         check_supported(parse_config(data))
-    data["fedora"]["relatedness"] = "noised"
-    data["privacy"] = {"enabled": True}
-    data["data"]["train_per_client"] = 256
-    with pytest.raises(DeployError, match="privacy.enabled"):
+    data["fedora"]["relatedness"] = "noised+encrypted"
+    data["privacy"] = {"enabled": True, "delta": 1e-3}
+    with pytest.raises(DeployError, match="'noised\\+encrypted'"):
         check_supported(parse_config(data))
+    data["methods"] = ["local"]
+    with pytest.raises(DeployError, match="does not include 'fedora'"):
+        check_supported(parse_config(data))
+    check_supported(dp_config())  # DP-SGD, noised summaries, private validation: supported
 
 
 def test_node_settings_validate_partition_and_state_dir() -> None:
@@ -322,13 +325,17 @@ class InMemoryGrid:
     def __init__(self, state_root: Path, run_config: dict[str, Any], num_clients: int,
                  run_id: int = 42, fail: dict[tuple[int, int], str] | None = None,
                  drop: set[tuple[int, int]] | None = None,
-                 offline: dict[int, set[int]] | None = None) -> None:
+                 offline: dict[int, set[int]] | None = None,
+                 identity_dir: Path | None = None) -> None:
         self.run_id = run_id
         self.run_config = run_config
-        self.node_config = {
+        self.node_config: dict[int, dict[str, Any]] = {
             1000 + c: {"partition-id": c, "state-dir": str(state_root / f"node-{c}")}
             for c in range(num_clients)
         }
+        if identity_dir is not None:
+            for conf in self.node_config.values():
+                conf["identity-dir"] = str(identity_dir)
         self.fail = fail or {}
         self.drop = drop or set()
         self.offline = offline or {}
@@ -406,6 +413,71 @@ def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path:
         assert kinds == ["summary"] + ["model"] * sum(c in p for p in chosen)
     on_disk = json.loads((tmp_path / "res" / "results.json").read_text())
     assert on_disk["methods"]["fedora"]["selected"] == fed["selected"]
+
+
+def dp_config(**privacy: Any) -> ExperimentConfig:
+    data = json.loads(json.dumps(TINY))
+    data["data"]["validation"] = "private"
+    data["fedora"]["relatedness"] = "noised"
+    data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, **privacy}
+    return parse_config(data)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path) -> None:
+    from privacy.identity import client_ids, default_party_ids, init_keys
+    from privacy.ledger import verify_ledger_file
+
+    cfg = dp_config()
+    identities = tmp_path / "ids"
+    init_keys(identities, default_party_ids(3))
+    rc = _run_config(cfg)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, identity_dir=identities)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    sim, outcome = _in_process(cfg, tmp_path)
+    fed = results["methods"]["fedora"]
+    assert fed["selected"]["per_client"] == outcome.selected["per_client"]
+    assert fed["final"]["per_client"] == outcome.final["per_client"]
+    spent = {row["client"]: row["epsilon_spent"] for row in sim.privacy["fedora"]["clients"]}
+    ours = results["privacy"]["clients"]
+    for c, cid in enumerate(client_ids(3)):
+        assert ours[c]["epsilon_spent"] == pytest.approx(spent[cid], abs=1e-6)  # 6 digits there
+        assert 0 < ours[c]["epsilon_spent"] <= 8.0 and not ours[c]["refused"]
+        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
+        from privacy.identity import load_identity
+
+        verify_ledger_file(ledger, load_identity(identities, cid).signing_key.public_key())
+    theta = sim.methods["fedora"].theta
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert torch.equal(state.theta, theta[c])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> None:
+    from privacy.identity import default_party_ids, init_keys
+
+    # Fixed noise: epsilon 0.53 after the summary, 2.74 after round 1, 3.85 after round 2.
+    # Client 1's budget (3.0) pays for the summary and round 1 only.
+    cfg = dp_config(noise_multiplier=1.5, summary_noise_multiplier=5.0,
+                    lambda_noise_multiplier=5.0, epsilon=50.0, overrides={"1": {"epsilon": 3.0}})
+    identities = tmp_path / "ids"
+    init_keys(identities, default_party_ids(3))
+    rc = _run_config(cfg)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, identity_dir=identities)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    refusals = [e for e in results["events"] if "refused" in e["event"]]
+    assert refusals and {e["client"] for e in refusals} == {1}
+    assert results["privacy"]["clients"][1]["refused"]
+    assert [e["round"] for e in refusals] == [2]
+    assert 2.5 < results["privacy"]["clients"][1]["epsilon_spent"] <= 3.0
+    assert results["rounds"][1]["replied"] == 2
+    node = tmp_path / "nodes" / "node-1" / "runs" / "42"
+    journal = [e["kind"] for e in ReleaseJournal(node / "releases.jsonl").entries()]
+    assert journal == ["summary", "model"]  # nothing left after the refusal
+    state = NodeState.load(node / "state.pt", 1, 42, config_hash(cfg))
+    assert state.refused_round == 2 and state.last_trained_round == 1
 
 
 @pytest.mark.usefixtures("task_identity")
