@@ -65,8 +65,17 @@ from privacy.ckks import (
     seal_secret_context,
     weighted_sums,
 )
-from privacy.identity import Identity
+from privacy.envelope import EnvelopeError
+from privacy.identity import SERVER_ID, Identity
 from secure_fedora.secure_relatedness import CkksCeremony
+from secure_fedora.transport import (
+    KIND_ENC_PHI,
+    KIND_ENC_THETA,
+    MalformedPayloadError,
+    Rejection,
+    SecureExchange,
+    log_rejection,
+)
 
 __all__ = [
     "EncryptedPropagationError",
@@ -129,6 +138,37 @@ class _Keys:
             raise EncryptedPropagationError("CKKS context has no level 1 (needs [60, 40, 40, 60])")
 
 
+def _encrypt_row(keys: _Keys, encryptor: Any, symmetric: bool, row: Tensor) -> bytes:
+    """Pack ``row`` two values per complex slot and encrypt it at level 1 (see PropagationClient)."""
+    if not isinstance(row, Tensor) or row.dim() != 1 or row.numel() == 0:
+        shape = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
+        raise EncryptedPropagationError(f"row must be a non-empty 1-D tensor, got {shape}")
+    if row.is_complex() or not row.is_floating_point():
+        raise EncryptedPropagationError(f"row must be real floating point, got {row.dtype}")
+    x = row.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(x).all():
+        raise EncryptedPropagationError("row holds NaN or infinite values")
+    peak = float(np.abs(x).max())
+    if peak > MAX_ABS_VALUE:
+        raise EncryptedPropagationError(
+            f"row reaches |x| = {peak:.4g} > MAX_ABS_VALUE = {MAX_ABS_VALUE:g}")
+    if x.size % 2:
+        x = np.append(x, 0.0)
+    z = x[0::2] + 1j * x[1::2]
+    parms = keys.parms[_UPLOAD_LEVEL]
+    parts = []
+    for start in range(0, z.size, keys.slots):
+        pt = sealapi.Plaintext()
+        keys.encoder.encode(z[start:start + keys.slots].tolist(), parms, keys.scale, pt)
+        if symmetric:
+            parts.append(_saved(encryptor.encrypt_symmetric(pt)))
+        else:
+            ct = sealapi.Ciphertext(keys.seal)
+            encryptor.encrypt(pt, ct)
+            parts.append(_saved(ct))
+    return EncryptedVector(length=int(z.size), level=_UPLOAD_LEVEL, parts=parts).serialize()
+
+
 @dataclass
 class PropagationStats:
     """Traffic and time of encrypted propagation.
@@ -179,34 +219,7 @@ class PropagationClient:
         Raises :class:`EncryptedPropagationError` for a non-1-D, empty, non-finite row or one
         with |x| > MAX_ABS_VALUE (1024).
         """
-        if not isinstance(row, Tensor) or row.dim() != 1 or row.numel() == 0:
-            raise EncryptedPropagationError(
-                f"row must be a non-empty 1-D tensor, got {tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__}")
-        if row.is_complex() or not (row.is_floating_point()):
-            raise EncryptedPropagationError(f"row must be real floating point, got {row.dtype}")
-        x = row.detach().to("cpu", torch.float64).numpy()
-        if not np.isfinite(x).all():
-            raise EncryptedPropagationError("row holds NaN or infinite values")
-        peak = float(np.abs(x).max())
-        if peak > MAX_ABS_VALUE:
-            raise EncryptedPropagationError(
-                f"row reaches |x| = {peak:.4g} > MAX_ABS_VALUE = {MAX_ABS_VALUE:g}")
-        if x.size % 2:
-            x = np.append(x, 0.0)
-        z = x[0::2] + 1j * x[1::2]
-        keys = self.keys
-        parms = keys.parms[_UPLOAD_LEVEL]
-        parts = []
-        for start in range(0, z.size, keys.slots):
-            pt = sealapi.Plaintext()
-            keys.encoder.encode(z[start:start + keys.slots].tolist(), parms, keys.scale, pt)
-            if self.encryption == "symmetric":
-                parts.append(_saved(self._encryptor.encrypt_symmetric(pt)))
-            else:
-                ct = sealapi.Ciphertext(keys.seal)
-                self._encryptor.encrypt(pt, ct)
-                parts.append(_saved(ct))
-        return EncryptedVector(length=int(z.size), level=_UPLOAD_LEVEL, parts=parts).serialize()
+        return _encrypt_row(self.keys, self._encryptor, self.encryption == "symmetric", row)
 
     def decrypt(self, message: bytes, num_params: int) -> Tensor:
         """Decrypt one combined result into a float64 tensor of ``num_params`` parameters."""
@@ -243,12 +256,33 @@ class PropagationServer:
         except CkksError as exc:
             raise EncryptedPropagationError(f"server context rejected: {exc}") from exc
         self.context_bytes = len(public_context)
+        self.keys = _Keys(self.context)
+        self._encryptor = sealapi.Encryptor(self.keys.seal, self.context.data.public_key())
+
+    def check_upload(self, data: bytes, num_params: int, client: int) -> EncryptedVector:
+        """Parse and validate one client's upload (level, length, ciphertext count, scale,
+        ciphertext structure); raises :class:`EncryptedPropagationError` naming ``client``."""
+        length = complex_length(num_params)
+        try:
+            vec = EncryptedVector.deserialize(data, slot_count=self.keys.slots)
+            if vec.level != _UPLOAD_LEVEL or vec.length != length:
+                raise CkksError(f"length {vec.length} at level {vec.level}, expected {length} "
+                                f"at level {_UPLOAD_LEVEL}")
+            vec.ciphertexts(self.context)  # parse and check every ciphertext now
+        except CkksError as exc:
+            raise EncryptedPropagationError(f"upload of client {client} rejected: {exc}") from exc
+        return vec
+
+    def encrypt_public(self, row: Tensor) -> bytes:
+        """Encrypt a row the server knows in the clear (the common initialization of a client
+        none of whose uploads was ever accepted) under the public key, in the upload format."""
+        return _encrypt_row(self.keys, self._encryptor, False, row)
 
     def combine(self, weights: Tensor, uploads: Sequence[bytes], num_params: int) -> list[bytes]:
         """Row i of the result is sum_j weights[i, j] * upload_j, still encrypted and serialized.
 
-        ``weights`` is (K, N) for N uploads of ``num_params``-parameter rows (checked: level,
-        length, ciphertext count and scale; a bad upload is named by its client index).
+        ``weights`` is (K, N) for N uploads of ``num_params``-parameter rows (each checked with
+        :meth:`check_upload`; a bad upload is named by its client index).
         """
         if not isinstance(weights, Tensor) or weights.dim() != 2:
             raise EncryptedPropagationError("weights must be a (K, N) tensor")
@@ -257,18 +291,7 @@ class PropagationServer:
                 f"weights have {weights.shape[1]} columns for {len(uploads)} uploads")
         if not torch.isfinite(weights).all():
             raise EncryptedPropagationError("weights hold NaN or infinite values")
-        length = complex_length(num_params)
-        rows = []
-        for j, data in enumerate(uploads):
-            try:
-                vec = EncryptedVector.deserialize(data)
-                if vec.level != _UPLOAD_LEVEL or vec.length != length:
-                    raise CkksError(f"length {vec.length} at level {vec.level}, expected {length} "
-                                    f"at level {_UPLOAD_LEVEL}")
-                vec.ciphertexts(self.context)  # parse and check every ciphertext now
-            except CkksError as exc:
-                raise EncryptedPropagationError(f"upload of client {j} rejected: {exc}") from exc
-            rows.append(vec)
+        rows = [self.check_upload(data, num_params, j) for j, data in enumerate(uploads)]
         try:
             combined = weighted_sums(self.context, rows, weights.detach().to(torch.float64))
         except CkksError as exc:
@@ -354,48 +377,142 @@ class EncryptedPropagator:
         self.stats.sealed_context_bytes = max(len(b) for b in sealed.values())
         return secret, client_ctx
 
-    def propagate(self, prop: Tensor, theta: Tensor, changed: Sequence[int] | None = None) -> Tensor:
+    def propagate(
+        self,
+        prop: Tensor,
+        theta: Tensor,
+        changed: Sequence[int] | None = None,
+        *,
+        rnd: int | None = None,
+        exchange: SecureExchange | None = None,
+    ) -> Tensor:
         """``prop @ theta`` (N, P) computed on ciphertexts; returned in ``theta``'s dtype.
 
         ``changed`` lists the clients whose rows changed since the previous call (e.g. the
         round's participants): only they re-encrypt and upload; the server reuses the other
-        clients' previous ciphertexts. Default: every client uploads. Equal to the plaintext
-        product within about 1e-7 for parameters of magnitude <= 1.
+        clients' last accepted ciphertexts. Default: every client uploads. Equal to the
+        plaintext product within about 1e-7 for parameters of magnitude <= 1.
+
+        With ``exchange`` (and the round ``rnd``) every ciphertext travels in a signed envelope
+        (kinds ``enc_theta`` up, ``enc_phi`` down) through ``exchange.transport`` and its
+        channel; plaintext rows are never sent (do not also call ``exchange.upload_theta``).
+        A rejected upload -- bad envelope, or an authentic but malformed ciphertext -- makes
+        that client a non-participant: its row of ``theta`` is restored in place to
+        ``exchange.server_theta`` and the server uses its last accepted ciphertext (or, if it
+        never accepted one, a public-key encryption of ``exchange.server_theta``, the common
+        initialization). A client that rejects its result keeps ``exchange.client_phi``'s row.
+        Rejections are appended to ``exchange.rejections``; the exchange's copies stay equal
+        to ``theta`` and the returned phi.
         """
         n = self.num_clients
         if not isinstance(prop, Tensor) or tuple(prop.shape) != (n, n):
-            raise EncryptedPropagationError(
-                f"propagation matrix must be ({n}, {n}), got {tuple(prop.shape) if isinstance(prop, Tensor) else type(prop).__name__}")
+            shape = tuple(prop.shape) if isinstance(prop, Tensor) else type(prop).__name__
+            raise EncryptedPropagationError(f"propagation matrix must be ({n}, {n}), got {shape}")
         if not isinstance(theta, Tensor) or theta.dim() != 2 or theta.shape[0] != n:
-            raise EncryptedPropagationError(
-                f"theta must be ({n}, P), got {tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__}")
+            shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+            raise EncryptedPropagationError(f"theta must be ({n}, P), got {shape}")
         p = int(theta.shape[1])
         if self._num_params is not None and p != self._num_params:
             raise EncryptedPropagationError(f"theta has {p} columns, earlier rounds had {self._num_params}")
+        if exchange is not None:
+            if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+                raise EncryptedPropagationError(f"an enveloped round needs rnd >= 0, got {rnd!r}")
+            if exchange.transport.num_clients != n or exchange.server_theta.shape != theta.shape:
+                raise EncryptedPropagationError(
+                    f"exchange is for {tuple(exchange.server_theta.shape)} rows, theta is {tuple(theta.shape)}")
         redo = range(n) if changed is None or self._num_params is None else sorted(set(changed))
         for j in redo:
             if not isinstance(j, int) or not 0 <= j < n:
                 raise EncryptedPropagationError(f"changed lists {j!r}, not a client index in [0, {n})")
         clock = _Clock()
         sent = [0] * n
+        fresh: dict[int, bytes] = {}
         for j in redo:
             try:
-                self._uploads[j] = self.client.encrypt(theta[j])
+                fresh[j] = self.client.encrypt(theta[j])
             except EncryptedPropagationError as exc:
                 raise EncryptedPropagationError(f"client {j}: {exc}") from exc
-            sent[j] = len(self._uploads[j])
+            sent[j] = len(fresh[j])
+        if exchange is not None:
+            assert rnd is not None
+            fresh, sent = self._enveloped_uploads(rnd, exchange, theta, fresh, p)
+        for j, data in fresh.items():
+            self._uploads[j] = data
         self._num_params = p
         clock.lap("clients_encrypt")
         uploads = [u for u in self._uploads if u is not None]
         results = self.server.combine(prop, uploads, p)
         clock.lap("server_combine")
-        phi = torch.empty(n, p, dtype=theta.dtype)
-        for i in range(n):
-            phi[i] = self.client.decrypt(results[i], p).to(theta.dtype)
+        if exchange is not None:
+            assert rnd is not None
+            phi, received = self._enveloped_downloads(rnd, exchange, results, p, theta.dtype)
+        else:
+            phi = torch.empty(n, p, dtype=theta.dtype)
+            for i in range(n):
+                phi[i] = self.client.decrypt(results[i], p).to(theta.dtype)
+            received = [len(r) for r in results]
         clock.lap("clients_decrypt")
-        received = [len(r) for r in results]
         self._record(sent, received, clock.timings)
         return phi
+
+    def _enveloped_uploads(
+        self, rnd: int, exchange: SecureExchange, theta: Tensor, fresh: dict[int, bytes], p: int
+    ) -> tuple[dict[int, bytes], list[int]]:
+        transport = exchange.transport
+        messages = {j: transport.client_upload_bytes(rnd, j, data, KIND_ENC_THETA)
+                    for j, data in fresh.items()}
+        sent = [len(messages.get(j, b"")) for j in range(self.num_clients)]
+        accepted, rejections = transport.server_receive_bytes(
+            rnd, exchange.deliver(KIND_ENC_THETA, rnd, messages), KIND_ENC_THETA)
+        kept: dict[int, bytes] = {}
+        for j in sorted(accepted):
+            try:
+                self.server.check_upload(accepted[j], p, j)
+            except EncryptedPropagationError as exc:
+                err = log_rejection(MalformedPayloadError(
+                    str(exc), sender=transport.client_id(j), round=rnd, kind=KIND_ENC_THETA,
+                    recipient=SERVER_ID))
+                rejections.append(Rejection.from_error(j, rnd, err, "upload"))
+                continue
+            kept[j] = accepted[j]
+            exchange.server_theta[j].copy_(theta[j])
+        for r in sorted(rejections, key=lambda r: r.client):
+            theta[r.client].copy_(exchange.server_theta[r.client])
+            if self._uploads[r.client] is None:
+                kept[r.client] = self.server.encrypt_public(exchange.server_theta[r.client])
+        exchange.rejections.extend(sorted(rejections, key=lambda r: r.client))
+        # clients that were not asked to upload keep the server's cached ciphertexts; on the
+        # first round every client uploads (or gets its public initialization above)
+        for j in range(self.num_clients):
+            if j not in kept and self._uploads[j] is None:
+                kept[j] = self.server.encrypt_public(exchange.server_theta[j])
+        return kept, sent
+
+    def _enveloped_downloads(
+        self, rnd: int, exchange: SecureExchange, results: list[bytes], p: int, dtype: torch.dtype
+    ) -> tuple[Tensor, list[int]]:
+        transport = exchange.transport
+        messages = {i: transport.server_send_bytes(rnd, i, results[i], KIND_ENC_PHI)
+                    for i in range(self.num_clients)}
+        received = [len(messages[i]) for i in range(self.num_clients)]
+        delivered = exchange.deliver(KIND_ENC_PHI, rnd, messages)
+        phi = torch.empty(self.num_clients, p, dtype=dtype)
+        for i in range(self.num_clients):
+            try:
+                payload = transport.client_receive_bytes(rnd, i, delivered[i], KIND_ENC_PHI)
+                try:
+                    row = self.client.decrypt(payload, p)
+                except EncryptedPropagationError as exc:
+                    raise log_rejection(MalformedPayloadError(
+                        str(exc), sender=SERVER_ID, round=rnd, kind=KIND_ENC_PHI,
+                        recipient=transport.client_id(i))) from exc
+            except EnvelopeError as err:
+                exchange.rejections.append(Rejection.from_error(i, rnd, err, "download"))
+                phi[i] = exchange.client_phi[i]
+                continue
+            phi[i] = row.to(dtype)
+            exchange.client_phi[i].copy_(phi[i])
+        return phi, received
 
     def _record(self, sent: list[int], received: list[int], timings: dict[str, float]) -> None:
         s = self.stats

@@ -73,9 +73,12 @@ from privacy.identity import (
     init_keys,
     load_allowlist,
     load_identity,
+    validate_party_id,
 )
 
 __all__ = [
+    "KIND_ENC_PHI",
+    "KIND_ENC_THETA",
     "KIND_PHI",
     "KIND_THETA",
     "MalformedPayloadError",
@@ -86,10 +89,13 @@ __all__ = [
     "TransportError",
     "decode_tensor",
     "encode_tensor",
+    "log_rejection",
 ]
 
 KIND_THETA = "theta"
 KIND_PHI = "phi"
+KIND_ENC_THETA = "enc_theta"
+KIND_ENC_PHI = "enc_phi"
 
 _TENSOR_MAGIC = b"SFTR"
 _TENSOR_VERSION = 1
@@ -116,9 +122,14 @@ class MalformedPayloadError(EnvelopeError):
     reason = "malformed_payload"
 
 
-def _log(error: EnvelopeError) -> EnvelopeError:
+def log_rejection(error: EnvelopeError) -> EnvelopeError:
+    """Log ``error`` once as a WARNING on ``secure_fedora.security`` (with its structured
+    ``security_event``) and return it, for rejections raised outside :mod:`privacy.envelope`."""
     logger.warning("%s", error, extra={"security_event": error.event()})
     return error
+
+
+_log = log_rejection
 
 
 @dataclass(frozen=True)
@@ -283,16 +294,19 @@ class SecureTransport:
         self.stats = TransportStats()
 
     @classmethod
-    def for_simulation(cls, run_dir: str | os.PathLike[str], num_clients: int,
+    def for_simulation(cls, run_dir: str | os.PathLike[str], num_clients: int, method: str,
                        *, max_round_lag: int = 0) -> SecureTransport:
-        """The in-process transport of a run: keys in ``run_dir/keys`` (created with every
-        party's keys, 0600, if there is no allowlist yet -- the layout the privacy ledgers
-        use) and nonce state in ``run_dir/transport``."""
+        """The in-process transport of one method's run: keys in ``run_dir/keys`` (created with
+        every party's keys, 0600, if there is no allowlist yet -- the layout the privacy ledgers
+        use) and nonce state in ``run_dir/transport/<method>`` (each method numbers its rounds
+        from 1, so each needs its own replay window)."""
+        validate_party_id(method)
         run_dir = Path(run_dir)
         key_dir = run_dir / "keys"
         if not (key_dir / ALLOWLIST_FILENAME).exists():
             init_keys(key_dir, [SERVER_ID, *client_ids(num_clients)])
-        return cls(key_dir, run_dir / "transport", num_clients, max_round_lag=max_round_lag)
+        return cls(key_dir, run_dir / "transport" / method, num_clients,
+                   max_round_lag=max_round_lag)
 
     # -- helpers -------------------------------------------------------------------------
     def client_id(self, client: int) -> str:
@@ -478,7 +492,11 @@ class SecureExchange:
     provided only the participants' rows of ``theta`` changed since the previous call:
     ``server_theta == theta`` and ``client_phi == phi`` for the matrices passed in, so a run
     resumed from a checkpoint simply builds a new exchange from the restored matrices.
-    Memory: two extra (N, P) float32 copies.
+    Memory: two extra (N, P) float32 copies. With encrypted propagation
+    (:meth:`secure_fedora.encrypted_propagation.EncryptedPropagator.propagate` given this
+    exchange) the copies are simulation bookkeeping only -- the plaintext that the server's
+    last accepted ciphertext encrypts -- and are never sent; do not call :meth:`upload_theta`
+    or :meth:`download_phi` in that mode.
     Every rejection of the run is appended to ``rejections``.
     """
 
@@ -502,7 +520,8 @@ class SecureExchange:
         base = theta if phi is None else phi
         return cls(transport, theta.detach().clone(), base.detach().clone(), channel)
 
-    def _deliver(self, kind: str, rnd: int, messages: dict[int, bytes]) -> dict[int, bytes]:
+    def deliver(self, kind: str, rnd: int, messages: dict[int, bytes]) -> dict[int, bytes]:
+        """Pass ``messages`` through the ``channel`` (unchanged when there is none)."""
         if self.channel is None:
             return messages
         return {i: self.channel(kind, rnd, i, m) for i, m in messages.items()}
@@ -517,7 +536,7 @@ class SecureExchange:
         self._check(theta, "theta")
         messages = {i: self.transport.client_upload(rnd, i, theta[i]) for i in participants}
         rows, rejections = self.transport.server_receive(
-            rnd, self._deliver(KIND_THETA, rnd, messages), (theta.shape[1],))
+            rnd, self.deliver(KIND_THETA, rnd, messages), (theta.shape[1],))
         for i, row in rows.items():
             self.server_theta[i].copy_(row)
             theta[i].copy_(row)
@@ -536,7 +555,7 @@ class SecureExchange:
         targets = range(self.transport.num_clients) if recipients is None else recipients
         messages = {i: self.transport.server_send(rnd, i, phi[i]) for i in targets}
         rows, rejections = self.transport.clients_receive(
-            rnd, self._deliver(KIND_PHI, rnd, messages), (phi.shape[1],))
+            rnd, self.deliver(KIND_PHI, rnd, messages), (phi.shape[1],))
         for i, row in rows.items():
             self.client_phi[i].copy_(row)
             phi[i].copy_(row)

@@ -1,10 +1,12 @@
 """Encrypted propagation: equals plaintext P @ theta, the server cannot decrypt, bad input is named."""
 
+import logging
+
 import pytest
 import torch
 
 from privacy.ckks import CkksError, EncryptedVector, context_to_bytes, decrypt_vector
-from privacy.identity import Identity
+from privacy.identity import Identity, default_party_ids, init_keys
 from secure_fedora.encrypted_propagation import (
     EncryptedPropagationError,
     EncryptedPropagator,
@@ -12,6 +14,7 @@ from secure_fedora.encrypted_propagation import (
     PropagationServer,
     complex_length,
 )
+from secure_fedora.transport import SecureExchange, SecureTransport
 
 N = 4
 P = 9001  # odd, and more than one ciphertext (8192 parameters each)
@@ -165,3 +168,76 @@ def test_server_rejects_bad_uploads(propagator):
     with pytest.raises(EncryptedPropagationError, match="level"):
         propagator.client.decrypt(uploads[0], 100)
     assert complex_length(100) == 50 and complex_length(101) == 51
+
+
+# -- ciphertexts in signed envelopes ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    init_keys(d, default_party_ids(N))
+    return d
+
+
+def flip_last_byte(message):
+    data = bytearray(message)
+    data[-1] ^= 0x01
+    return bytes(data)
+
+
+def test_enveloped_rounds_drop_bad_messages_and_keep_going(propagator, key_dir, tmp_path, caplog):
+    transport = SecureTransport(key_dir, tmp_path / "state", N)
+    prop, theta = case(8, p=300)
+    init = theta.clone()
+    attacks = {}
+    kinds_seen = set()
+
+    def channel(kind, rnd, client, message):
+        kinds_seen.add(kind)
+        return flip_last_byte(message) if (kind, rnd, client) in attacks else message
+
+    exchange = SecureExchange.start(transport, theta, channel=channel)
+    ep = EncryptedPropagator(N)
+    # Round 1: client 2's ciphertext is authentic (signed) but not a ciphertext at all.
+    theta += 0.01
+    real_encrypt = ep.client.encrypt
+    ep.client.encrypt = lambda row: b"garbage" if torch.equal(row, theta[2]) else real_encrypt(row)
+    with caplog.at_level(logging.WARNING, logger="secure_fedora.security"):
+        phi = ep.propagate(prop, theta, rnd=1, exchange=exchange)
+    ep.client.encrypt = real_encrypt
+    assert [(r.client, r.reason, r.error_type) for r in exchange.rejections] == [
+        (2, "malformed_payload", "MalformedPayloadError")]
+    assert torch.equal(theta[2], init[2])  # a non-participant: back to the initialization
+    assert (phi - prop.float() @ theta).abs().max().item() < 1e-5
+    assert torch.equal(exchange.server_theta, theta) and torch.equal(exchange.client_phi, phi)
+    assert any(getattr(r, "security_event", {}).get("reason") == "malformed_payload" for r in caplog.records)
+    assert kinds_seen == {"enc_theta", "enc_phi"}  # no plaintext row was ever sent
+    assert transport.stats.messages_sent == 2 * N
+
+    # Round 2: client 1's upload is tampered in transit, client 3's result too.
+    attacks = {("enc_theta", 2, 1): True, ("enc_phi", 2, 3): True}
+    before = theta.clone()
+    phi_before = phi.clone()
+    theta[[0, 1]] += 0.02
+    phi = ep.propagate(prop, theta, changed=[0, 1], rnd=2, exchange=exchange)
+    new = [(r.client, r.round, r.reason, r.direction) for r in exchange.rejections[1:]]
+    assert new == [(1, 2, "payload_hash_mismatch", "upload"), (3, 2, "payload_hash_mismatch", "download")]
+    assert torch.equal(theta[1], before[1])
+    expected = prop.float() @ theta
+    for i in (0, 1, 2):
+        assert (phi[i] - expected[i]).abs().max().item() < 1e-5
+    assert torch.equal(phi[3], phi_before[3])  # client 3 kept its last accepted phi
+    assert torch.equal(exchange.server_theta, theta) and torch.equal(exchange.client_phi, phi)
+    assert ep.stats.last_round["bytes_sent"][2] == 0 and ep.stats.last_round["bytes_sent"][0] > 0
+
+    with pytest.raises(EncryptedPropagationError, match="needs rnd"):
+        ep.propagate(prop, theta, rnd=None, exchange=exchange)
+
+
+def test_enveloped_round_errors(propagator, key_dir, tmp_path):
+    transport = SecureTransport(key_dir, tmp_path / "state", N)
+    prop, theta = case(9)
+    exchange = SecureExchange.start(transport, theta[:, :10].clone())
+    with pytest.raises(EncryptedPropagationError, match="exchange is for"):
+        propagator.propagate(prop, theta, rnd=1, exchange=exchange)

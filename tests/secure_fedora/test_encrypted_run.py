@@ -87,33 +87,53 @@ def test_encrypted_relatedness_matches_plaintext(tmp_path, clients, dp_clients, 
     assert (m_plain.theta - m_secure.theta).abs().max().item() < 1e-3
 
 
-def encrypted_propagation_factory(store):
+def encrypted_propagation_factory(store, run_dir=None):
     """FEDORA whose server step is ``phi = P @ theta`` under CKKS (what
-    ``fedora.propagation = "encrypted"`` is to do once the runtime wires it)."""
+    ``fedora.propagation = "encrypted"`` is to do once the runtime wires it); with ``run_dir``
+    the ciphertexts also travel in signed envelopes (``[security] envelopes = true``)."""
 
     def factory(name, ctx, cfg):
         method = make_method(name, ctx, cfg)
         propagator = EncryptedPropagator(ctx.num_clients)
         store["propagator"] = propagator
+        exchange = None
+        if run_dir is not None:
+            transport = SecureTransport.for_simulation(run_dir, ctx.num_clients, name)
+            exchange = SecureExchange.start(transport, method.theta, method.phi)
+            store["exchange"] = exchange
+        current = {}
+        train_round = method.train_round
+
+        def round_with_participants(rnd, participants):
+            current["round"], current["participants"] = rnd, list(participants)
+            return train_round(rnd, participants)
 
         def propagate():
-            method.phi.copy_(propagator.propagate(method.relatedness.propagation, method.theta))
+            method.phi.copy_(propagator.propagate(
+                method.relatedness.propagation, method.theta, changed=current["participants"],
+                rnd=current["round"], exchange=exchange))
 
+        method.train_round = round_with_participants
         method.propagate = propagate
         return method
 
     return factory
 
 
-def test_encrypted_propagation_run_matches_plaintext(tmp_path, clients, plain_run):
+@pytest.mark.parametrize("envelopes", [False, True])
+def test_encrypted_propagation_run_matches_plaintext(tmp_path, clients, plain_run, envelopes):
     cfg = config()
     plain, m_plain = plain_run
     store = {}
-    secure, m_secure = run(cfg, tmp_path / "secure", clients, encrypted_propagation_factory(store))
+    factory = encrypted_propagation_factory(store, tmp_path / "secure" if envelopes else None)
+    secure, m_secure = run(cfg, tmp_path / "secure", clients, factory)
     assert store["propagator"].stats.rounds == cfg.training.rounds
     assert abs(secure["selected"]["mean"] - plain["selected"]["mean"]) <= 0.002
     assert abs(secure["final"]["mean"] - plain["final"]["mean"]) <= 0.002
     assert (m_secure.phi - m_plain.phi).abs().max().item() < 1e-4
+    if envelopes:
+        stats = store["exchange"].transport.stats
+        assert stats.messages_accepted == 2 * 6 * cfg.training.rounds and stats.messages_rejected == 0
 
 
 def enveloped_factory(run_dir, store, channel=None):
@@ -122,7 +142,7 @@ def enveloped_factory(run_dir, store, channel=None):
 
     def factory(name, ctx, cfg):
         method = make_method(name, ctx, cfg)
-        transport = SecureTransport.for_simulation(run_dir, ctx.num_clients)
+        transport = SecureTransport.for_simulation(run_dir, ctx.num_clients, name)
         exchange = SecureExchange.start(transport, method.theta, method.phi, channel=channel)
         store["exchange"] = exchange
         store["theta_after_upload"] = {}
@@ -156,7 +176,7 @@ def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, pl
     assert torch.equal(m_signed.theta, m_plain.theta) and torch.equal(m_signed.phi, m_plain.phi)
     stats = store["exchange"].transport.stats
     assert stats.messages_accepted == 2 * 6 * cfg.training.rounds and stats.messages_rejected == 0
-    assert (tmp_path / "signed" / "transport" / "server.nonces.jsonl").exists()
+    assert (tmp_path / "signed" / "transport" / "fedora" / "server.nonces.jsonl").exists()
 
     def tamper(kind, rnd, client, message):
         if kind == "theta" and rnd == 2 and client == 4:

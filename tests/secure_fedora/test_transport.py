@@ -22,7 +22,7 @@ from privacy.envelope import (
     encode_message,
     make_envelope,
 )
-from privacy.identity import Identity, init_keys
+from privacy.identity import Identity, IdentityError, init_keys
 from secure_fedora.transport import (
     MalformedPayloadError,
     Rejection,
@@ -316,13 +316,21 @@ def test_exchange_restores_rejected_rows(key_dir, tmp_path):
         SecureExchange.start(tr, torch.zeros(N + 1, P))
 
 
-def test_for_simulation_creates_keys_once(tmp_path):
-    tr = SecureTransport.for_simulation(tmp_path, 3)
+def test_for_simulation_creates_keys_once_and_separates_methods(tmp_path):
+    tr = SecureTransport.for_simulation(tmp_path, 3, "fedora")
     assert (tmp_path / "keys" / "allowlist.json").exists()
     assert oct((tmp_path / "keys" / "client-000.ed25519.key").stat().st_mode & 0o777) == "0o600"
     msg = tr.client_upload(1, 0, torch.ones(2))
-    again = SecureTransport.for_simulation(tmp_path, 3)  # reuses keys and nonce state
+    again = SecureTransport.for_simulation(tmp_path, 3, "fedora")  # reuses keys and nonce state
     _, rejections = again.server_receive(1, {0: msg}, (2,))
     assert not rejections
-    _, rejections = SecureTransport.for_simulation(tmp_path, 3).server_receive(1, {0: msg}, (2,))
+    _, rejections = SecureTransport.for_simulation(tmp_path, 3, "fedora").server_receive(1, {0: msg}, (2,))
     assert [r.reason for r in rejections] == ["replayed_nonce"]
+    # Round 5 of one method does not make round 1 of the next method stale.
+    tr.server_receive(5, {1: tr.client_upload(5, 1, torch.ones(2))}, (2,))
+    other = SecureTransport.for_simulation(tmp_path, 3, "fedavg")
+    assert (tmp_path / "transport" / "fedora" / "server.nonces.jsonl").exists()
+    accepted, rejections = other.server_receive(1, {1: other.client_upload(1, 1, torch.ones(2))}, (2,))
+    assert sorted(accepted) == [1] and not rejections
+    with pytest.raises(IdentityError):
+        SecureTransport.for_simulation(tmp_path, 3, "../escape")
