@@ -70,20 +70,27 @@ app = ClientApp()
 
 
 def data_digest(cfg: ExperimentConfig) -> str:
-    """Digest of everything a client's partition depends on (data section and seed)."""
-    spec = {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}
+    """Digest of everything a client's partition depends on: the data section and the seed.
+
+    ``data.validation`` is left out: it states an assumption about the validation split
+    (public or private), not how the split is drawn.
+    """
+    data = cfg.data.model_dump(mode="json")
+    data.pop("validation", None)
+    spec = {"data": data, "seed": cfg.seed}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def ensure_partition(node: NodeSettings, cfg: ExperimentConfig) -> ClientData:
-    """Load this node's partition from ``state-dir/partition.pt``, building it the first time.
+    """Load this node's partition from ``state-dir/partitions/<digest>.pt``, building it once.
 
     The partition is derived deterministically from the config (the same data the in-process
-    runtime gives client ``partition-id``) and then kept on the node's disk; later loads verify
-    its fingerprint and that it was built for this client and data specification.
+    runtime gives client ``partition-id``) and then kept on the node's disk, one file per data
+    specification; later loads verify its fingerprint and that it was built for this client
+    and this data specification.
     """
-    path = node.state_dir / "partition.pt"
     digest = data_digest(cfg)
+    path = node.state_dir / "partitions" / f"{digest[:16]}.pt"
     if path.exists():
         return load_partition(path, node.partition_id, digest)
     clients = build_clients(cfg)

@@ -11,10 +11,12 @@ Layout of ``workdir``::
 
     certs/               ca.crt, ca.key, server.crt, server.key (keys 0600)
     keys/                node-<i> (OpenSSH private, 0600), node-<i>.pub
+    identities/          Ed25519 identities signing the clients' privacy ledgers + allowlist
     flwr/cli/            FLWR_HOME of the flwr CLI (config.toml with the connection)
     flwr/superlink/      FLWR_HOME of the SuperLink (its installed FABs)
     flwr/node-<i>/       FLWR_HOME of SuperNode i
-    nodes/node-<i>/      state-dir of client i (partition, models, release journal)
+    nodes/node-<i>/      state-dir of client i (partition, models, release journal and,
+                         with DP, the signed ledger runs/<run_id>/client-<i>.jsonl)
     logs/                one log per process; serverapp.log is the run's log stream
     results/             results.json, progress.json written by the ServerApp
     run.toml             the run-config overrides passed to ``flwr run``
@@ -42,6 +44,7 @@ from typing import Any
 
 import tomli_w
 
+from privacy.identity import default_party_ids, init_keys
 from secure_fedora.config import ExperimentConfig, load_config, parse_config
 from secure_fedora.deploy.certs import (
     CertificatePaths,
@@ -181,6 +184,7 @@ class LocalFederation:
         self.port: int = 0
         self.superlink: ManagedProcess | None = None
         self.cli_home = self.workdir / "flwr" / "cli"
+        self.identity_dir = self.workdir / "identities"
         self.logs = self.workdir / "logs"
         self.phases: dict[str, float] = {}
 
@@ -222,6 +226,9 @@ class LocalFederation:
                 )
             )
         self._write_cli_config()
+        if not (self.identity_dir / "allowlist.json").exists():
+            # Ed25519 identities that sign each client's privacy ledger (used with DP).
+            init_keys(self.identity_dir, default_party_ids(self.num_nodes))
         self.phases["credentials"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self._start_superlink()
@@ -373,7 +380,10 @@ class LocalFederation:
         if node.process is not None and node.process.running():
             raise DeployError(f"SuperNode {index} is already running")
         node.state_dir.mkdir(parents=True, exist_ok=True)
-        node_config = f'partition-id={index} state-dir="{node.state_dir}"'
+        node_config = (
+            f'partition-id={index} state-dir="{node.state_dir}" '
+            f'identity-dir="{self.identity_dir}"'
+        )
         command = [
             _flower_bin("flower-supernode"),
             "--root-certificates", str(self.certs.ca_cert),

@@ -4,7 +4,7 @@ Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message, and a S
 crash or be restarted at any time, so everything a client needs between messages lives on
 its local disk, under the ``state-dir`` given in its node config:
 
-``partition.pt``
+``partitions/<digest>.pt``
     The client's data partition (train / validation / test tensors), its client id, the
     digest of the data specification it was built from and a SHA-256 fingerprint of the
     tensors (checked on every load).

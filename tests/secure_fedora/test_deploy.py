@@ -415,8 +415,9 @@ def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path:
     assert on_disk["methods"]["fedora"]["selected"] == fed["selected"]
 
 
-def dp_config(**privacy: Any) -> ExperimentConfig:
+def dp_config(rounds: int = 2, **privacy: Any) -> ExperimentConfig:
     data = json.loads(json.dumps(TINY))
+    data["training"]["rounds"] = rounds
     data["data"]["validation"] = "private"
     data["fedora"]["relatedness"] = "noised"
     data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, **privacy}
@@ -426,7 +427,7 @@ def dp_config(**privacy: Any) -> ExperimentConfig:
 @pytest.mark.usefixtures("task_identity")
 def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path) -> None:
     from privacy.identity import client_ids, default_party_ids, init_keys
-    from privacy.ledger import verify_ledger_file
+    from privacy.ledger import read_ledger, verify_ledger_file
 
     cfg = dp_config()
     identities = tmp_path / "ids"
@@ -446,7 +447,10 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
         ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
         from privacy.identity import load_identity
 
-        verify_ledger_file(ledger, load_identity(identities, cid).signing_key.public_key())
+        assert verify_ledger_file(ledger, load_identity(identities, cid).signing_key.public_key()) == []
+        rounds = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
+        assert rounds == [(0, "gaussian_summary"), (1, "dpsgd"), (1, "gaussian_lambda"),
+                          (2, "dpsgd"), (2, "gaussian_lambda")], rounds
     theta = sim.methods["fedora"].theta
     for c in range(3):
         state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
@@ -658,7 +662,10 @@ def _pulled_round_message(fed: LocalFederation, index: int, offset: int) -> bool
 def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    cfg = tiny_config(rounds=3)
+    from privacy.identity import load_identity
+    from privacy.ledger import read_ledger, verify_ledger_file
+
+    cfg = dp_config(rounds=3)  # with DP: the node's signed privacy ledger must survive too
     victim = 2
     done: dict[str, float] = {}
     restarter: list[threading.Thread] = []
@@ -697,4 +704,10 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     entries = ReleaseJournal(run_dir / "releases.jsonl").entries()  # verifies the hash chain
     assert entries[0]["kind"] == "summary"
     assert (entries[-1]["kind"], entries[-1]["round"]) == ("model", 3)
+    ledger = run_dir / "client-002.jsonl"
+    key = load_identity(federation.identity_dir, "client-002").signing_key.public_key()
+    assert verify_ledger_file(ledger, key) == []  # chain and signatures intact after the kill
+    accounted = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
+    assert accounted[0] == (0, "gaussian_summary") and (3, "dpsgd") in accounted, accounted
+    assert results["privacy"]["clients"][victim]["epsilon_spent"] <= 8.0
 
