@@ -396,7 +396,9 @@ def _read_cell(path: Path, cell: Cell, expected_hash: str) -> dict[str, Any]:
     return doc
 
 
-def _check_manifest(out: Path, cfg: ExperimentConfig) -> None:
+def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
+    """Refuse ``out`` if it holds a sweep of another configuration; with ``write``, record
+    this configuration when ``out`` holds none yet."""
     path = out / MANIFEST_FILE
     base = _base_hash(cfg)
     if path.exists():
@@ -409,6 +411,8 @@ def _check_manifest(out: Path, cfg: ExperimentConfig) -> None:
                 f"{out} holds a sweep of another configuration ({doc.get('name')!r}); "
                 "use a new --out directory"
             )
+        return
+    if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({
@@ -465,7 +469,7 @@ def run_sweep(
     out = Path(out)
     cells = plan_cells(methods, epsilons, seeds)
     configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
-    _check_manifest(out, cfg)
+    _check_manifest(out, cfg, write=False)
     data: dict[int, list[ClientData]] = {}
 
     def clients_for(cell: Cell) -> list[ClientData]:
@@ -482,6 +486,7 @@ def run_sweep(
         else:
             pending.append(cell)
     _preflight(pending, configs, clients_for, factory, context_factory)
+    _check_manifest(out, cfg, write=True)  # only a sweep that can start claims the directory
     ran: list[str] = []
     skipped: list[str] = []
     for index, cell in enumerate(cells):

@@ -184,6 +184,8 @@ def test_ifca_training_loss_selection_under_privacy_fails_before_any_cell(tmp_pa
         run_sweep(tiny(), tmp_path, ["fedora", "ifca"], [0], [None, 2.0],
                   context_factory=private_context)
     assert not (tmp_path / "cells").exists()
+    # the failed attempt did not claim the directory: a corrected sweep may use it
+    assert not (tmp_path / "sweep.json").exists()
 
 
 def test_parse_epsilon():
