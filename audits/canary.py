@@ -370,11 +370,13 @@ class CanaryAuditResult:
         return self.epsilon_lower_bound <= self.claimed_epsilon
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-serializable dict (an infinite claim is written as the string ``"inf"``)."""
+        """Strict-JSON-serializable dict (infinite claim or threshold written as ``"inf"``)."""
         d = asdict(self)
         d["consistent"] = self.consistent
         if math.isinf(self.claimed_epsilon):
             d["claimed_epsilon"] = "inf"
+        if math.isinf(self.bound.threshold):
+            d["bound"]["threshold"] = "inf"
         return d
 
 

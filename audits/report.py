@@ -108,7 +108,10 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
         notes.append("relatedness: summaries are sent in the clear (no privacy for the summary).")
     if "noised" in rel:
         notes.append("relatedness: summaries are top eigenvectors of a Gaussian-noised clipped"
-                     " second-moment matrix (accounted as gaussian_summary).")
+                     " second-moment matrix (accounted as gaussian_summary). DP bounds what a"
+                     " summary reveals about any single record; a client's overall data"
+                     " direction (mean image, label mix) can remain visible at moderate epsilon"
+                     " (measure it with `secure-fedora audit leakage`).")
     if "encrypted" in rel:
         notes.append("relatedness: summaries are CKKS-encrypted; the server learns only the"
                      " q x q similarity blocks (assumes it holds no secret key and cannot enrol"

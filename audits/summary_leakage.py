@@ -132,9 +132,10 @@ def reconstruct_from_summary(summary: Tensor, image_dim: int = IMAGE_DIM,
 
 def truth_of(client: ClientData, num_classes: int = NUM_CLASSES) -> Reconstruction:
     """The client's true data direction: its mean training image and label histogram."""
-    x = client.train_x.reshape(client.train_x.shape[0], -1).to(torch.float64)
-    if x.shape[0] == 0:
+    n = int(client.train_x.shape[0])
+    if n == 0:
         raise LeakageError(f"client {client.client_id} has no training rows")
+    x = client.train_x.reshape(n, -1).to(torch.float64)
     hist = torch.bincount(client.train_y, minlength=num_classes).to(torch.float64)
     if hist.numel() != num_classes:
         raise LeakageError(

@@ -550,6 +550,14 @@ def _load_keys(run_dir: Path, allowlist: Path | None,
         findings.append(Finding("error", "allowlist", str(exc)))
         return {}, str(path)
     keys_dir = run_dir / "keys"
+    private = sorted(p.name for p in keys_dir.glob("*.ed25519.key")) if keys_dir.is_dir() else []
+    if private:
+        findings.append(Finding(
+            "warning", "private_keys",
+            f"{len(private)} private signing keys are stored in {keys_dir} (an in-process"
+            " simulation holds every party's keys): anyone holding this directory can re-sign"
+            " ledgers, so signatures prove integrity only against parties without it",
+        ))
     for party, ident in keys.items():
         pub = keys_dir / f"{party}.ed25519.pub"
         if not pub.is_file():

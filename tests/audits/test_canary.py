@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from audits.canary import (
     CanaryAuditError,
     _ledger_claim,
+    _mislabeled_pool,
     clopper_pearson_lower,
     clopper_pearson_upper,
     epsilon_lower_bound,
@@ -21,6 +23,7 @@ from audits.canary import (
 )
 from secure_fedora.config import parse_config
 from secure_fedora.partition import ClientData
+from secure_fedora.runtime import build_clients
 
 
 def test_clopper_pearson_closed_forms():
@@ -162,7 +165,10 @@ def test_bound_is_below_the_claim_on_dp_and_clearly_above_it_without_dp():
     # memorized canaries: members have far lower loss than non-members
     assert plain.member_mean_score > plain.non_member_mean_score + 1.0
     assert plain.epsilon_lower_bound > 2 * dp.claimed_epsilon
-    assert plain.to_json()["claimed_epsilon"] == "inf"
+    doc = plain.to_json()
+    assert doc["claimed_epsilon"] == "inf"
+    json.dumps(doc, allow_nan=False)
+    json.dumps(dp.to_json(), allow_nan=False)
 
 
 def test_canary_audit_argument_errors():
@@ -180,3 +186,19 @@ def test_ledger_claim_refuses_refused_clients_and_missing_ledgers(pristine_run):
         _ledger_claim(pristine_run, "fedora", "client-002")
     with pytest.raises(CanaryAuditError, match="no ledger"):
         _ledger_claim(pristine_run, "fedavg", "client-000")
+
+
+def test_mislabeled_pool_uses_unused_test_images_rotated_like_the_client():
+    cfg = parse_config({"data": {"num_clients": 4, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 2000}})
+    clients = build_clients(cfg)
+    x, y = _mislabeled_pool(cfg, clients, 1, 100)
+    assert x.shape == (100, 1, 28, 28) and y.shape == (100,)
+    assert clients[1].meta["rotation_degrees"] == 90.0
+    # rotated by 90 degrees: the pooled images' mass sits where client 1's images have theirs
+    own = clients[1].test_x.mean(dim=0).flatten()
+    assert torch.nn.functional.cosine_similarity(x.mean(dim=0).flatten(), own, dim=0) > 0.9
+    canaries = make_canaries("mislabeled", 100, seed=0, pool=(x, y))
+    assert bool((canaries.y != y).all())
+    with pytest.raises(CanaryAuditError, match="unused by the clients"):
+        _mislabeled_pool(cfg, clients, 1, 2001)

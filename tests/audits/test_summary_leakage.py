@@ -98,3 +98,24 @@ def test_bad_inputs_are_rejected(skewed):
     with pytest.raises(LeakageError, match="different lengths"):
         cosine(torch.ones(3), torch.ones(4))
     assert cosine(torch.zeros(3), torch.ones(3)) == 0.0
+    odd = skewed[0]
+    bad_labels = type(odd)(9, odd.train_x[:3], torch.tensor([1, 2, 12]), odd.val_x, odd.val_y,
+                           odd.test_x, odd.test_y)
+    with pytest.raises(LeakageError, match="labels outside"):
+        truth_of(bad_labels)
+    empty = type(odd)(9, odd.train_x[:0], odd.train_y[:0], odd.val_x, odd.val_y, odd.test_x,
+                      odd.test_y)
+    with pytest.raises(LeakageError, match="no training rows"):
+        truth_of(empty)
+    small = type(odd)(9, odd.train_x[:, :, :14, :14].contiguous(), odd.train_y, odd.val_x,
+                      odd.val_y, odd.test_x, odd.test_y)
+    with pytest.raises(LeakageError, match="784"):
+        run_summary_leakage_audit([small, small])
+    with pytest.raises(LeakageError, match="ClientData"):
+        run_summary_leakage_audit([odd, "client"])
+    with pytest.raises(LeakageError, match="at least one client"):
+        population_prior([])
+    with pytest.raises(LeakageError, match="q must be"):
+        run_summary_leakage_audit(skewed, q=0)
+    with pytest.raises(LeakageError, match="clip_norm must be"):
+        run_summary_leakage_audit(skewed, clip_norm=-1.0, noise_multiplier=1.0)

@@ -85,8 +85,9 @@ def test_clean_run_verifies(pristine_run):
         assert set(c.mechanisms) == expected
     refused = {(c.method, c.client_id): c.refused for c in report.clients}
     assert refused[("fedora", "client-002")] and not refused[("fedora", "client-001")]
-    # warnings: keys from the run directory itself; two methods spend the same clients' data
-    assert sorted(w.check for w in report.warnings) == ["allowlist", "coverage"]
+    # warnings: keys from the run directory itself, private keys stored there too (as in an
+    # in-process simulation), two methods spend the same clients' data
+    assert sorted(w.check for w in report.warnings) == ["allowlist", "coverage", "private_keys"]
     json.dumps(report.to_json())
 
 
@@ -94,7 +95,14 @@ def test_independent_allowlist_removes_the_key_warning(pristine_run, tmp_path):
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(pristine_run / "keys" / "allowlist.json", trusted)
     report = verify_run(pristine_run, allowlist=trusted)
-    assert report.ok and [w.check for w in report.warnings] == ["coverage"]
+    assert report.ok and [w.check for w in report.warnings] == ["private_keys", "coverage"]
+
+
+def test_no_private_key_warning_when_the_run_holds_public_keys_only(run_copy):
+    for key in (run_copy / "keys").glob("*.key"):
+        key.unlink()
+    report = verify_run(run_copy)
+    assert report.ok and "private_keys" not in {w.check for w in report.warnings}
 
 
 def _flip(data: bytes, pos: int, mask: int) -> tuple[list[str], bool]:
@@ -435,3 +443,89 @@ def test_config_releasing_unaccounted_summaries_is_an_error(run_copy):
     report = verify_run(run_copy)
     assert [f.check for f in report.errors] == ["config"]
     assert "not a valid config" in report.errors[0].message
+
+
+def _write_custom(run: Path, cid: str, rows: list[dict]) -> None:
+    """A validly signed ledger with the given rows (round, mechanism, params, eps, budget, delta)."""
+    ident = load_identity(run / "keys", cid)
+    ledger_path(run, cid).unlink()
+    with LedgerWriter(ledger_path(run, cid), cid, ident.signing_key) as w:
+        for r in rows:
+            w.append(round=r["round"], mechanism=r["mechanism"], params=r["params"],
+                     epsilon_after=r["eps"], delta=r.get("delta", 1e-5),
+                     budget_epsilon=r.get("budget", 8.0), accountant="rdp")
+    drop_anchor(run, cid)
+
+
+def test_release_after_refusal_and_changed_budget_are_caught(run_copy):
+    dpsgd = {"noise_multiplier": 1.2, "sample_rate": 0.1, "steps": 5, "clip_norm": 1.0}
+    acc = Accountant("rdp")
+    acc.record(1.2, 0.1, 5)
+    e1 = acc.epsilon(1e-5)
+    acc.record(1.2, 0.1, 5)
+    e2 = acc.epsilon(1e-5)
+    _write_custom(run_copy, CID, [
+        {"round": 1, "mechanism": "dpsgd", "params": dpsgd, "eps": e1},
+        {"round": 2, "mechanism": "refusal", "params": {"reason": "over budget"}, "eps": e1},
+        {"round": 3, "mechanism": "dpsgd", "params": dpsgd, "eps": e2, "budget": 9.0},
+    ])
+    errs = errors_at(verify_run(run_copy))
+    assert errs == {2: {"after_refusal", "budget_epsilon_changed"}}
+
+
+def test_decreasing_epsilon_and_spending_refusal_are_caught(run_copy):
+    key = load_identity(run_copy / "keys", CID).signing_key
+    lines = lines_of(run_copy)
+
+    def spend(entry):
+        entry["mechanism"] = "refusal"
+        entry["params"] = {"reason": "over budget"}
+
+    # entry 1 becomes a refusal that claims to have spent (its epsilon_after > entry 0's)
+    write_lines(run_copy, _resign(lines, 1, key, spend))
+    errs = errors_at(verify_run(run_copy))
+    assert "refusal_spent" in errs[1]
+
+    def lower(entry):
+        entry["epsilon_after"] = 0.0
+
+    write_lines(run_copy, _resign(lines, 3, key, lower))
+    errs = errors_at(verify_run(run_copy))
+    assert {"epsilon_decreased", "epsilon_under_reported"} <= errs[3]
+
+
+def test_empty_ledger_and_bad_public_key_file(run_copy):
+    ledger_path(run_copy).write_bytes(b"")
+    (run_copy / "keys" / "client-000.ed25519.pub").write_text("not a key")
+    report = verify_run(run_copy)
+    assert ("empty", CID) in {(f.check, f.client_id) for f in report.errors}
+    assert any(f.check == "key" and f.client_id == "client-000" and "PEM" in f.message
+               for f in report.errors)
+
+
+def test_ledgers_alone_verify_with_warnings(run_copy):
+    (run_copy / "results.json").unlink()
+    (run_copy / "config.toml").unlink()
+    report = verify_run(run_copy)
+    assert report.ok
+    checks = {w.check for w in report.warnings}
+    assert {"results", "config", "anchor"} <= checks
+
+
+def test_unexpected_dp_accounting_layout_is_an_error(monkeypatch):
+    import audits.verify as v
+
+    class NoState:
+        def __init__(self, orders):
+            pass
+
+        def compose(self, event):
+            pass
+
+    v._rdp_curve.cache_clear()
+    monkeypatch.setattr(v.rdp, "RdpAccountant", NoState)
+    try:
+        with pytest.raises(AuditError, match="internal layout"):
+            independent_epsilons([(1.3, 0.2, 1)], 1e-5, "rdp")
+    finally:
+        v._rdp_curve.cache_clear()

@@ -1,0 +1,157 @@
+"""Privacy audits measured in one run: ledger verification cost, canary epsilon lower bounds
+against the claimed epsilon, and summary leakage per relatedness mode.
+
+    python benchmarks/privacy_audit.py            # full (several minutes on one core)
+    python benchmarks/privacy_audit.py --quick    # smaller, about a minute
+
+Part A runs a small DP federation (the cross-silo DP config, scaled down) with the in-process
+runtime, then times ``verify_run`` and ``write_report`` on its run directory and prints the
+largest relative gap between recorded and independently recomputed epsilon.
+
+Part B runs the canary audit (method ``local``, noise canaries) without DP and with DP at
+several budgets, printing the Clopper-Pearson lower bound next to the claimed epsilon.
+
+Part C runs the summary-leakage attack on plain summaries, on noised summaries at the noise
+the DP plan calibrates for each budget, and on the encrypted mode's similarity matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from audits.canary import run_canary_audit  # noqa: E402
+from audits.report import write_report  # noqa: E402
+from audits.summary_leakage import run_summary_leakage_audit  # noqa: E402
+from audits.verify import verify_run  # noqa: E402
+from privacy.accounting import PrivacyBudget  # noqa: E402
+from secure_fedora.config import load_config, parse_config  # noqa: E402
+from secure_fedora.private import privacy_plan  # noqa: E402
+from secure_fedora.runtime import Simulation, build_clients  # noqa: E402
+
+
+def part_a(quick: bool) -> dict:
+    base = load_config(ROOT / "configs" / "dp_rotated_mnist.toml").model_dump(mode="json")
+    base["methods"] = ["fedora"]
+    base["data"].update(num_clients=4 if quick else 8, train_per_client=300 if quick else 1000,
+                        val_per_client=50)
+    base["training"]["rounds"] = 3 if quick else 10
+    cfg = parse_config(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        Simulation(cfg, run).run()
+        t_run = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = verify_run(run)
+        t_verify = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        write_report(run, verification=report)
+        t_report = time.perf_counter() - t0
+        gaps = [abs(e.recorded_epsilon / e.independent_epsilon - 1)
+                for c in report.clients for e in c.series
+                if e.independent_epsilon and e.recorded_epsilon is not None]
+        entries = sum(c.entries for c in report.clients)
+    row = {"clients": cfg.data.num_clients, "rounds": cfg.training.rounds, "ledger_entries": entries,
+           "verified": report.ok, "errors": len(report.errors), "run_s": round(t_run, 2),
+           "verify_s": round(t_verify, 3), "report_s": round(t_report, 3),
+           "max_rel_gap_recorded_vs_independent": max(gaps) if gaps else None}
+    print("\nA. verification of a real DP run (fedora, noised relatedness, private lambda)")
+    for k, v in row.items():
+        print(f"  {k:<38} {v}")
+    return row
+
+
+def _canary_cfg(epsilon: float | None, seed: int):
+    d = {"methods": ["local"], "seed": seed,
+         "data": {"num_clients": 2, "train_per_client": 128, "val_per_client": 16,
+                  "test_per_client": 16},
+         "training": {"rounds": 15, "local_epochs": 2, "batch_size": 32,
+                      "lr": 0.05 if epsilon is None else 0.01}}
+    if epsilon is not None:
+        d["privacy"] = {"enabled": True, "epsilon": epsilon, "delta": 1e-5}
+    return parse_config(d)
+
+
+def part_b(quick: bool) -> list[dict]:
+    rows = []
+    canaries = 300
+    seeds = [0] if quick else [0, 1, 2]
+    print(f"\nB. canary audit: {canaries} noise canaries, each inserted w.p. 1/2, method local,"
+          " 128 real training rows, 15 rounds x 2 epochs, confidence 0.95")
+    print(f"  {'setting':<14} {'seed':>4} {'claimed eps':>11} {'eps lower bound':>16} {'TPR':>6}"
+          f" {'FPR':>6} {'consistent':>10} {'seconds':>8}")
+    for eps in (None, 8.0, 3.0, 1.0):
+        for seed in seeds:
+            t0 = time.perf_counter()
+            r = run_canary_audit(_canary_cfg(eps, seed), num_canaries=canaries, seed=seed)
+            dt = time.perf_counter() - t0
+            name = "non-private" if eps is None else f"DP eps={eps:g}"
+            claim = "inf" if eps is None else f"{r.claimed_epsilon:.3f}"
+            print(f"  {name:<14} {seed:>4} {claim:>11} {r.epsilon_lower_bound:>16.3f}"
+                  f" {r.bound.tpr:>6.3f} {r.bound.fpr:>6.3f} {str(r.consistent):>10} {dt:>8.1f}")
+            rows.append({"setting": name, **r.to_json(), "seconds": round(dt, 1)})
+    return rows
+
+
+def part_c(quick: bool) -> list[dict]:
+    out = []
+    print("\nC. summary leakage (cosine to the truth; prior = uninformed guess;"
+          " identification: own client closest, chance 1/N)")
+    for partition in ("rotation", "dirichlet"):
+        data = {"num_clients": 8, "train_per_client": 300 if quick else 1000,
+                "val_per_client": 50, "test_per_client": 50, "partition": partition}
+        if partition == "dirichlet":
+            data["dirichlet_alpha"] = 0.3
+        else:
+            data["groups"] = 4
+        base = {"data": data, "fedora": {"relatedness": "noised"},
+                "privacy": {"enabled": True, "delta": 1e-5}}
+        clients = build_clients(parse_config(base))
+        print(f"  {partition}: {'mode':<22} {'image':>6} {'prior':>6} {'label':>6} {'prior':>6}"
+              f" {'ident':>6}")
+        settings: list[tuple[str, float | None, float | None]] = [("plain/encrypted", None, None)]
+        for eps in (8.0, 3.0, 1.0):
+            cfg = parse_config({**base, "privacy": {**base["privacy"], "epsilon": eps}})
+            plan = privacy_plan(cfg, "fedora", PrivacyBudget(eps, 1e-5))
+            settings.append((f"noised (eps={eps:g})", cfg.privacy.summary_clip,
+                             plan.summary_noise))
+        for label, clip, sigma in settings:
+            rep = run_summary_leakage_audit(clients, clip_norm=clip, noise_multiplier=sigma)
+            modes = ["plain", "encrypted"] if clip is None else ["noised"]
+            for mode in modes:
+                m = rep.modes[mode]
+                name = mode if clip is None else f"{label} sigma={sigma:.3g}"
+                print(f"  {'':<10} {name:<22} {m.mean_image_cosine:>6.3f}"
+                      f" {m.mean_prior_image_cosine:>6.3f} {m.mean_label_cosine:>6.3f}"
+                      f" {m.mean_prior_label_cosine:>6.3f} {m.identification_accuracy:>6.3f}")
+                out.append({"partition": partition, "mode": name, **{
+                    k: v for k, v in m.to_json().items() if k != "clients"}})
+    return out
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", help="write all numbers to this JSON file")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    result = {"A_verification": part_a(args.quick), "B_canary": part_b(args.quick),
+              "C_leakage": part_c(args.quick)}
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
