@@ -621,13 +621,40 @@ def test_unregistered_node_is_refused(federation: LocalFederation) -> None:
     assert all(federation.nodes[i].process.running() for i in range(3))  # type: ignore[union-attr]
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline and is_alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
 @pytest.mark.deploy
-def test_flower_run_equals_in_process_runtime(federation: LocalFederation, tmp_path: Path) -> None:
+def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, 2 FEDORA rounds;
+    per-client accuracy equals the in-process runtime's for the same config and seed."""
+    import tomli_w
+
     cfg = tiny_config()
-    run_id = federation.submit(cfg, tmp_path / "res")
-    status = federation.follow(run_id, timeout=STARTUP.run)
-    assert status == "finished:completed", (federation.logs / "serverapp.log").read_text()[-3000:]
-    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(TINY))
+    workdir = tmp_path / "deployment"
+    args = _parser().parse_args(["deploy", "local", "--config", str(config), "--clients", "3",
+                                 "--workdir", str(workdir), "--run-timeout", "420"])
+    assert args.func(args) == 0, capsys.readouterr().err[-3000:]
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["status"] == "finished:completed"
+    assert _processes_mentioning(str(workdir)) == []  # everything it started is gone
+    results = json.loads(Path(report["results"]).read_text())
+    run_id = int(report["run_id"])
     sim, outcome = _in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert np.allclose(fed["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4, rtol=0)
@@ -635,11 +662,13 @@ def test_flower_run_equals_in_process_runtime(federation: LocalFederation, tmp_p
     assert fed["final"]["mean"] > 0.3  # it learned (chance is 0.1)
     assert results["events"] == []
     for c in range(3):
-        run_dir = federation.node_state_dir(c) / "runs" / str(run_id)
+        run_dir = workdir / "nodes" / f"node-{c}" / "runs" / str(run_id)
         state = NodeState.load(run_dir / "state.pt", c, run_id, config_hash(cfg))
         assert torch.allclose(state.theta, sim.methods["fedora"].theta[c], atol=1e-6, rtol=0)
         assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()] == [
             "summary", "model", "model"]
+    for key in ("ca.key", "server.key"):
+        assert stat.S_IMODE((workdir / "certs" / key).stat().st_mode) == 0o600
 
 
 def _log_size(fed: LocalFederation, index: int) -> int:
