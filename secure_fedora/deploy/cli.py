@@ -93,6 +93,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             args.workdir,
             timeouts=timeouts,
             num_threads=args.threads,
+            reproducible_dp_noise=args.reproducible_dp_noise,
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {msg}"),
         )
     except (DeployError, ConfigError) as err:
@@ -148,4 +149,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="seconds before the whole run is stopped (default 86400)")
     local.add_argument("--threads", type=_positive_int, default=1,
                        help="torch threads per ServerApp / ClientApp process (default 1)")
+    local.add_argument(
+        "--reproducible-dp-noise", action="store_true",
+        help="allow privacy.noise_seed = 'experiment' (test deployments only: the server knows "
+        "the seed, so there is no DP guarantee against it; the results say so)",
+    )
     local.set_defaults(func=cmd_local)

@@ -13,8 +13,8 @@ in-process runtime and with the same building blocks (:mod:`secure_fedora.privat
 identity key (node config ``identity-dir``), its signed write-ahead ledger and accountant
 (``runs/<run_id>/<client-id>.jsonl``, reopened and verified by every message, so a restart
 never under-counts), the calibrated plan, the noised summary, the accounted ``lambda_i`` when
-validation is private, and DP-SGD. A refused release is answered with ``refused`` and no
-model; the client keeps training nothing and releasing nothing from then on.
+validation is private, and DP-SGD. A refused release is answered with a ``refusal`` record
+and no model; from then on the client trains nothing and releases nothing.
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def summary(message: Message, context: Context) -> Message:
     settings, node, client, flat = _setup(context)
     _check_hash(message, "fedora", settings)
     cfg = settings.experiment
-    check_supported(cfg)
+    check_supported(cfg, settings.reproducible_dp_noise)
     state_path, journal = run_paths(node, context.run_id)
     state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
     privacy = _open_privacy(settings, node, context.run_id)

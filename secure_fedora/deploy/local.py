@@ -436,6 +436,7 @@ class LocalFederation:
         *,
         num_threads: int = 1,
         round_timeout: float | None = None,
+        reproducible_dp_noise: bool = False,
     ) -> int:
         """Submit the FEDORA app with ``cfg`` via ``flwr run``; returns the run id.
 
@@ -449,6 +450,7 @@ class LocalFederation:
             round_timeout=self.timeouts.round if round_timeout is None else round_timeout,
             poll_interval=self.timeouts.poll,
             num_threads=num_threads,
+            reproducible_dp_noise=reproducible_dp_noise,
         )
         run_toml = self.workdir / "run.toml"
         run_toml.write_text(tomli_w.dumps(overrides), encoding="utf-8")
@@ -516,6 +518,7 @@ def deploy_local(
     timeouts: RunTimeouts | None = None,
     num_threads: int = 1,
     progress: Callable[[str], None] | None = None,
+    reproducible_dp_noise: bool = False,
 ) -> DeployResult:
     """Run FEDORA on a local, secured Flower deployment and stop everything afterwards.
 
@@ -528,7 +531,7 @@ def deploy_local(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     cfg = with_num_clients(cfg, num_clients)
-    check_supported(cfg)
+    check_supported(cfg, reproducible_dp_noise)
     say = progress or (lambda _msg: None)
     work = Path(workdir).expanduser().resolve()
     started = time.perf_counter()
@@ -538,7 +541,8 @@ def deploy_local(
         with fed:
             say(f"SuperLink on {fed.address} (TLS, node authentication); submitting the run")
             t0 = time.perf_counter()
-            run_id = fed.submit(cfg, work / "results", num_threads=num_threads)
+            run_id = fed.submit(cfg, work / "results", num_threads=num_threads,
+                                reproducible_dp_noise=reproducible_dp_noise)
             say(f"run {run_id} submitted; following it (log: {fed.logs / 'serverapp.log'})")
             status = fed.follow(run_id)
             fed.phases["run"] = time.perf_counter() - t0

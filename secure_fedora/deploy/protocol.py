@@ -61,6 +61,7 @@ RUN_CONFIG_KEYS = (
     "round-timeout",
     "poll-interval",
     "num-threads",
+    "reproducible-dp-noise",
 )
 
 
@@ -68,15 +69,27 @@ class DeployError(RuntimeError):
     """A deployment-level failure: bad node or run config, missing nodes, failed run."""
 
 
-def check_supported(cfg: ExperimentConfig) -> None:
+def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) -> None:
     """Refuse, before anything starts, a config the Flower runtime cannot run as written.
 
     The Flower runtime runs FEDORA with plain or noised relatedness summaries, with or
     without differential privacy (DP-SGD, budgets, signed ledgers, private validation), but
     not the encrypted (CKKS) relatedness modes; running those any other way would silently
     weaken what the config asks for, so it is an error naming the setting.
+
+    DP noise seeded from the experiment seed (``privacy.noise_seed = "experiment"``) is
+    refused unless ``reproducible_dp_noise``: the server distributes the config, seed
+    included, so it could regenerate every client's noise; the DP guarantee would not hold
+    against the very party it is meant for. With the flag (test deployments, runtime
+    comparisons) the results record that assumption.
     """
     problems = []
+    if cfg.privacy.enabled and cfg.privacy.noise_seed == "experiment" and not reproducible_dp_noise:
+        problems.append(
+            "privacy.noise_seed = 'experiment' (the server knows the seed it distributes and "
+            "could reproduce the DP noise; use 'os_random', or pass reproducible-dp-noise for a "
+            "test deployment without a DP guarantee against the server)"
+        )
     if "fedora" not in cfg.methods:
         problems.append(f"methods {cfg.methods} does not include 'fedora'")
     if "encrypted" in cfg.fedora.relatedness:
@@ -101,6 +114,7 @@ def make_run_config(
     round_timeout: float = 600.0,
     poll_interval: float = 0.2,
     num_threads: int = 1,
+    reproducible_dp_noise: bool = False,
 ) -> dict[str, Any]:
     """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``)."""
     return {
@@ -110,6 +124,7 @@ def make_run_config(
         "round-timeout": float(round_timeout),
         "poll-interval": float(poll_interval),
         "num-threads": int(num_threads),
+        "reproducible-dp-noise": bool(reproducible_dp_noise),
     }
 
 
@@ -124,6 +139,7 @@ class RunSettings:
     round_timeout: float
     poll_interval: float
     num_threads: int
+    reproducible_dp_noise: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -154,6 +170,11 @@ class RunSettings:
         threads = run_config["num-threads"]
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise DeployError(f"run config key 'num-threads' must be a positive integer; got {threads!r}")
+        reproducible = run_config["reproducible-dp-noise"]
+        if not isinstance(reproducible, bool):
+            raise DeployError(
+                f"run config key 'reproducible-dp-noise' must be true or false; got {reproducible!r}"
+            )
         return cls(
             experiment=cfg,
             config_hash=config_hash(cfg),
@@ -162,6 +183,7 @@ class RunSettings:
             round_timeout=values["round-timeout"],
             poll_interval=values["poll-interval"],
             num_threads=threads,
+            reproducible_dp_noise=reproducible,
         )
 
 

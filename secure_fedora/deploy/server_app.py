@@ -382,7 +382,7 @@ def _round(
 def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
     """Run FEDORA over the grid; returns (and writes) the results document."""
     cfg = settings.experiment
-    check_supported(cfg)
+    check_supported(cfg, settings.reproducible_dp_noise)
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
     server = _Server(settings=settings, run_id=run_id)
@@ -419,6 +419,13 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
             "relatedness": cfg.fedora.relatedness,
             "server": "honest-but-curious",
             "differential_privacy": cfg.privacy.enabled,
+            "dp_noise": (
+                None if not cfg.privacy.enabled
+                else "os_random: each client seeds its generator from os.urandom (not a CSPRNG)"
+                if cfg.privacy.noise_seed == "os_random"
+                else "seeded from the experiment seed, which the server knows: no DP guarantee "
+                "against the server (reproducible-dp-noise test deployment)"
+            ),
             "transport": "TLS; node authentication is a SuperLink setting",
         },
         "privacy": (

@@ -181,6 +181,7 @@ def test_run_settings_validate_every_key() -> None:
         ({"round-timeout": 0}, "round-timeout"),
         ({"poll-interval": True}, "poll-interval"),
         ({"num-threads": 0}, "num-threads"),
+        ({"reproducible-dp-noise": "yes"}, "reproducible-dp-noise"),
         ({"result-dir": "relative/dir"}, "absolute"),
     ]
     for override, match in bad:
@@ -206,7 +207,12 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     data["methods"] = ["local"]
     with pytest.raises(DeployError, match="does not include 'fedora'"):
         check_supported(parse_config(data))
-    check_supported(dp_config())  # DP-SGD, noised summaries, private validation: supported
+    # DP-SGD, noised summaries, private validation: supported, with noise the server cannot
+    # regenerate; noise seeded from the (server-known) experiment seed only when asked for.
+    check_supported(dp_config(noise_seed="os_random"))
+    with pytest.raises(DeployError, match="noise_seed = 'experiment'"):
+        check_supported(dp_config())
+    check_supported(dp_config(), reproducible_dp_noise=True)
 
 
 def test_node_settings_validate_partition_and_state_dir() -> None:
@@ -429,10 +435,10 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
     from privacy.identity import client_ids, default_party_ids, init_keys
     from privacy.ledger import read_ledger, verify_ledger_file
 
-    cfg = dp_config()
+    cfg = dp_config()  # noise seeded from the experiment seed, so both runs draw the same noise
     identities = tmp_path / "ids"
     init_keys(identities, default_party_ids(3))
-    rc = _run_config(cfg)
+    rc = _run_config(cfg, **{"reproducible-dp-noise": True})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3, identity_dir=identities)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     sim, outcome = _in_process(cfg, tmp_path)
@@ -468,7 +474,7 @@ def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> Non
                     lambda_noise_multiplier=5.0, epsilon=50.0, overrides={"1": {"epsilon": 3.0}})
     identities = tmp_path / "ids"
     init_keys(identities, default_party_ids(3))
-    rc = _run_config(cfg)
+    rc = _run_config(cfg, **{"reproducible-dp-noise": True})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3, identity_dir=identities)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     refusals = [e for e in results["events"] if "refused" in e["event"]]
@@ -694,7 +700,8 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     from privacy.identity import load_identity
     from privacy.ledger import read_ledger, verify_ledger_file
 
-    cfg = dp_config(rounds=3)  # with DP: the node's signed privacy ledger must survive too
+    # With DP (noise from os.urandom): the node's signed privacy ledger must survive too.
+    cfg = dp_config(rounds=3, noise_seed="os_random")
     victim = 2
     done: dict[str, float] = {}
     restarter: list[threading.Thread] = []
