@@ -1,10 +1,16 @@
 """Secure deployment of FEDORA on Flower 1.42: real processes, TLS, authenticated nodes.
 
-- :mod:`secure_fedora.deploy.certs`: CA, server certificate and SuperNode keys.
+- :mod:`secure_fedora.deploy.certs`: CA, server certificate (SANs) and SuperNode EC keys.
 - :mod:`secure_fedora.deploy.server_app` / :mod:`secure_fedora.deploy.client_app`: the Flower
-  ServerApp and ClientApp running FEDORA with the shared algorithm core.
-- :mod:`secure_fedora.deploy.local`: a complete local deployment on 127.0.0.1.
+  ServerApp and ClientApp running FEDORA with the shared algorithm core (plain or noised
+  summaries; DP-SGD, budgets and signed ledgers enforced by each client).
+- :mod:`secure_fedora.deploy.protocol`: message layout, run and node config validation.
+- :mod:`secure_fedora.deploy.state`: a SuperNode's crash-safe state on its own disk.
+- :mod:`secure_fedora.deploy.local`: a complete deployment on 127.0.0.1 (SuperLink + N
+  SuperNodes), started, run and stopped.
+- :mod:`secure_fedora.deploy.processes`: process groups and descendants, stopped reliably.
 - :mod:`secure_fedora.deploy.cli`: the ``secure-fedora deploy`` commands.
+- ``flwr_app/pyproject.toml``: the Flower app definition (``[tool.flwr.app]``).
 
-Submodules import Flower and torch lazily from here: ``import secure_fedora.deploy`` is cheap.
+Importing this package imports nothing heavy; Flower and torch load with the submodules.
 """
