@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +62,6 @@ from secure_fedora.private import FederationPrivacy, noise_generator_seed
 from secure_fedora.runtime import NUM_CLASSES, atomic_write_text, build_clients, train_config
 
 __all__ = ["app", "data_digest", "ensure_partition", "run_paths"]
-
-log = logging.getLogger("secure_fedora.deploy.client")
 
 app = ClientApp()
 

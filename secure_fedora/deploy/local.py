@@ -256,6 +256,7 @@ class LocalFederation:
     # -- pieces ---------------------------------------------------------------------------
     @property
     def address(self) -> str:
+        """The SuperLink's ``host:port`` (Fleet, Control and Runtime APIs share it)."""
         return f"{LOOPBACK}:{self.port}"
 
     def _write_cli_config(self) -> None:
@@ -507,6 +508,7 @@ class LocalFederation:
         return status
 
     def node_state_dir(self, index: int) -> Path:
+        """SuperNode ``index``'s state-dir (partition, per-run state, journal, ledger)."""
         return self.nodes[index].state_dir
 
 

@@ -124,6 +124,7 @@ class ManagedProcess:
 
     @property
     def pid(self) -> int:
+        """The process id (ProcessError if never started)."""
         if self.popen is None:
             raise ProcessError(f"{self.name} was never started")
         return self.popen.pid
@@ -133,6 +134,7 @@ class ManagedProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def returncode(self) -> int | None:
+        """Exit code, or None while running or if never started."""
         return None if self.popen is None else self.popen.poll()
 
     def log_tail(self, lines: int = 40) -> str:

@@ -29,7 +29,6 @@ SuperLink host when it is set.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -56,8 +55,6 @@ from secure_fedora.models import make_model
 from secure_fedora.runtime import NUM_CLASSES, Simulation, Tracker, atomic_write_text, summarize
 
 __all__ = ["ExchangeTiming", "app", "sample_participants"]
-
-log = logging.getLogger("secure_fedora.deploy.server")
 
 app = ServerApp()
 
@@ -101,6 +98,7 @@ class ExchangeTiming:
     replies: int = 0
 
     def to_json(self) -> dict[str, float]:
+        """Rounded seconds per component (``return_`` written as ``return``)."""
         return {k.rstrip("_"): round(v, 4) for k, v in self.__dict__.items()}
 
 
@@ -197,14 +195,17 @@ class _Server:
 
     @property
     def cfg(self) -> ExperimentConfig:
+        """The run's experiment config."""
         return self.settings.experiment
 
     def event(self, rnd: int, client: int | None, node: int | None, what: str) -> None:
+        """Record and log a partial-participation or failure event."""
         self.events.append({"round": rnd, "client": client, "node": node, "event": what})
         who = f"client {client} (node {node})" if client is not None else f"node {node}"
         _say(f"round {rnd}: {who}: {what}")
 
     def write(self, name: str, doc: dict[str, Any]) -> None:
+        """Atomically write ``doc`` as JSON to ``result-dir/name`` (if a result-dir is set)."""
         if self.settings.result_dir is not None:
             atomic_write_text(self.settings.result_dir / name, json.dumps(doc, indent=2))
 

@@ -122,6 +122,7 @@ class NodeState:
     refused_round: int = 0  # round of the first refused release (0: none)
 
     def to_dict(self) -> dict[str, Any]:
+        """The checkpoint mapping written by :meth:`save`."""
         return {
             "round": self.last_trained_round,
             "format": _STATE_FORMAT,
