@@ -100,7 +100,10 @@ class FedoraConfig(_Section):
     tau: Annotated[float, Field(gt=0)] = 10.0
     k: PositiveInt = 2
     alpha: Annotated[float, Field(ge=0, lt=1)] = 0.8
-    propagation: Literal["dense", "power"] = "dense"
+    # dense: (N x N) @ (N x P); power: sparse power iteration for large N; encrypted: clients
+    # send CKKS-encrypted theta, the server forms sum_j P_ij Enc(theta_j) with the public
+    # context only, and each client decrypts its own phi_i.
+    propagation: Literal["dense", "power", "encrypted"] = "dense"
     # plain: summaries in the clear; noised: Gaussian mechanism on the clipped second moment
     # (needs [privacy]); encrypted: CKKS, the server computes on ciphertexts only;
     # noised+encrypted: both (defense in depth).
@@ -149,6 +152,18 @@ class PrivacyConfig(_Section):
     overrides: dict[str, ClientBudgetConfig] = Field(default_factory=dict)
 
 
+class SecurityConfig(_Section):
+    """Message security of the in-process runtime (FEDORA's messages).
+
+    With ``envelopes``, every theta_i a client sends and every phi_i it receives travels in a
+    signed envelope (sender, round, nonce, payload hash, Ed25519 signature); the receiver
+    rejects unknown senders, bad signatures, replays, stale rounds, wrong shapes and
+    non-finite values, logs the rejection and goes on with the other clients.
+    """
+
+    envelopes: bool = False
+
+
 class EvaluationConfig(_Section):
     every: PositiveInt = 1
 
@@ -168,6 +183,7 @@ class ExperimentConfig(_Section):
     fedavg: FedAvgConfig = FedAvgConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    security: SecurityConfig = SecurityConfig()
     # Per-baseline hyper-parameters, e.g. [baselines.fedprox] mu = 0.01 (defaults and keys:
     # secure_fedora.baselines.BASELINE_HYPERPARAMETERS).
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)

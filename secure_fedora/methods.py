@@ -238,6 +238,10 @@ class Fedora(FederatedMethod):
             raise ValueError("private validation needs the client privacy state (ctx.privacy)")
         self.private_validation = private_validation
         self.last_lambdas = torch.zeros(ctx.num_clients)
+        # Optional secure message paths, set by the runtime: a SecureExchange (signed
+        # envelopes) and an EncryptedPropagator (CKKS propagation).
+        self.exchange: Any = None
+        self.propagator: Any = None
 
     def setup(self) -> None:
         if self.relatedness is not None:
@@ -264,7 +268,13 @@ class Fedora(FederatedMethod):
             self.last_lambdas[i] = lam
             lambdas.append(lam)
             steps += ctx.train_client(i, self.theta[i], self.phi[i], lam)
-        self.propagate()
+        plaintext_messages = self.exchange is not None and self.propagator is None
+        if plaintext_messages:
+            # rejected uploads are restored to the server's last accepted row
+            self.exchange.upload_theta(rnd, self.theta, participants)
+        self.propagate(rnd, participants)
+        if plaintext_messages:
+            self.exchange.download_phi(rnd, self.phi)
         return {
             "steps": float(steps),
             "mean_lambda": float(sum(lambdas) / max(len(lambdas), 1)),
@@ -283,10 +293,14 @@ class Fedora(FederatedMethod):
         loss_received = evaluate(ctx.flat, self.phi[i], c.val_x, c.val_y).loss
         return fedora.regularization_weight(loss_local, loss_received)
 
-    def propagate(self) -> None:
+    def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
         """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client."""
         assert self.relatedness is not None
-        if self.propagation_mode == "power":
+        if self.propagator is not None:
+            self.phi.copy_(self.propagator.propagate(
+                self.relatedness.propagation, self.theta, changed=participants, rnd=rnd,
+                exchange=self.exchange))
+        elif self.propagation_mode == "power":
             self.phi.copy_(fedora.propagate_power(self.relatedness.graph, self.theta, self.alpha))
         else:
             self.phi.copy_(fedora.propagate(self.relatedness.propagation, self.theta))
@@ -321,7 +335,14 @@ class Fedora(FederatedMethod):
 
     def extra_results(self) -> dict[str, Any]:
         assert self.relatedness is not None
+        security: dict[str, Any] = {}
+        if self.exchange is not None:
+            security["rejections"] = [r.to_dict() for r in self.exchange.rejections]
+            security["transport"] = self.exchange.transport.stats.to_dict()
+        if self.propagator is not None:
+            security["encrypted_propagation"] = self.propagator.stats.to_dict()
         return {
+            **security,
             "relatedness_mode": self.relatedness.mode,
             "graph_neighbours": [
                 torch.nonzero(row).flatten().tolist() for row in self.relatedness.graph

@@ -331,7 +331,8 @@ class FederationPrivacy:
             "clients": [
                 {"client": c.client_id, "epsilon_budget": c.budget.epsilon, "delta": c.budget.delta,
                  "epsilon_spent": round(c.epsilon, 6), "noise_multiplier": c.noise_multiplier,
-                 "refused_at_round": c.refused_at, "ledger_entries": len(c.ledger.entries)}
+                 "refused_at_round": c.refused_at, "ledger_entries": len(c.ledger.entries),
+                 "ledger_head": c.ledger.head[1]}
                 for c in self.clients
             ],
             "events": self.events,

@@ -357,6 +357,7 @@ class Simulation:
             timing = dict(state["timing"])
         else:
             method.setup()
+        self._attach_security(name, method)
         rounds = cfg.training.rounds
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
@@ -391,6 +392,21 @@ class Simulation:
         save_checkpoint(path, state)
         self.history.extend(history)
         return outcome
+
+    def _attach_security(self, name: str, method: FederatedMethod) -> None:
+        """Signed envelopes and encrypted propagation for FEDORA's messages, when configured."""
+        if not isinstance(method, Fedora):
+            return
+        n = len(self.clients)
+        if self.cfg.fedora.propagation == "encrypted":
+            from secure_fedora.encrypted_propagation import EncryptedPropagator
+
+            method.propagator = EncryptedPropagator(n)
+        if self.cfg.security.envelopes:
+            from secure_fedora.transport import SecureExchange, SecureTransport
+
+            transport = SecureTransport.for_simulation(self.run_dir, n, name)
+            method.exchange = SecureExchange.start(transport, method.theta, method.phi)
 
     def _participants(self, gen: torch.Generator, n: int) -> list[int]:
         frac = self.cfg.training.participation

@@ -1,9 +1,8 @@
 """Full FEDORA runs in the secure modes reach the plaintext results for the same seed.
 
 - encrypted relatedness (and noised+encrypted) through the runtime's own configuration;
-- encrypted propagation and signed envelopes through a method factory that wraps FEDORA the
-  way the runtime is meant to wire them (``propagate`` computed by the
-  :class:`EncryptedPropagator`; uploads and downloads through a :class:`SecureExchange`).
+- encrypted propagation (``fedora.propagation = "encrypted"``) and signed envelopes
+  (``[security] envelopes = true``), as the runtime wires them.
 """
 
 import logging
@@ -12,9 +11,8 @@ import pytest
 import torch
 
 from secure_fedora.config import parse_config
-from secure_fedora.encrypted_propagation import EncryptedPropagator
 from secure_fedora.runtime import Simulation, build_clients, make_method
-from secure_fedora.transport import Rejection, SecureExchange, SecureTransport
+from secure_fedora.transport import Rejection, SecureExchange
 
 
 def config(relatedness="plain", **overrides):
@@ -87,46 +85,12 @@ def test_encrypted_relatedness_matches_plaintext(tmp_path, clients, dp_clients, 
     assert (m_plain.theta - m_secure.theta).abs().max().item() < 1e-3
 
 
-def encrypted_propagation_factory(store, run_dir=None):
-    """FEDORA whose server step is ``phi = P @ theta`` under CKKS (what
-    ``fedora.propagation = "encrypted"`` is to do once the runtime wires it); with ``run_dir``
-    the ciphertexts also travel in signed envelopes (``[security] envelopes = true``)."""
-
-    def factory(name, ctx, cfg):
-        method = make_method(name, ctx, cfg)
-        propagator = EncryptedPropagator(ctx.num_clients)
-        store["propagator"] = propagator
-        exchange = None
-        if run_dir is not None:
-            transport = SecureTransport.for_simulation(run_dir, ctx.num_clients, name)
-            exchange = SecureExchange.start(transport, method.theta, method.phi)
-            store["exchange"] = exchange
-        current = {}
-        train_round = method.train_round
-
-        def round_with_participants(rnd, participants):
-            current["round"], current["participants"] = rnd, list(participants)
-            return train_round(rnd, participants)
-
-        def propagate():
-            method.phi.copy_(propagator.propagate(
-                method.relatedness.propagation, method.theta, changed=current["participants"],
-                rnd=current["round"], exchange=exchange))
-
-        method.train_round = round_with_participants
-        method.propagate = propagate
-        return method
-
-    return factory
-
-
 @pytest.mark.parametrize("envelopes", [False, True])
 def test_encrypted_propagation_run_matches_plaintext(tmp_path, clients, plain_run, envelopes):
-    cfg = config()
+    cfg = config(fedora={"propagation": "encrypted"}, security={"envelopes": envelopes})
     plain, m_plain = plain_run
-    store = {}
-    factory = encrypted_propagation_factory(store, tmp_path / "secure" if envelopes else None)
-    secure, m_secure = run(cfg, tmp_path / "secure", clients, factory)
+    secure, m_secure = run(cfg, tmp_path / "secure", clients)
+    store = {"propagator": m_secure.propagator, "exchange": m_secure.exchange}
     assert store["propagator"].stats.rounds == cfg.training.rounds
     assert abs(secure["selected"]["mean"] - plain["selected"]["mean"]) <= 0.002
     assert abs(secure["final"]["mean"] - plain["final"]["mean"]) <= 0.002
@@ -136,42 +100,40 @@ def test_encrypted_propagation_run_matches_plaintext(tmp_path, clients, plain_ru
         assert stats.messages_accepted == 2 * 6 * cfg.training.rounds and stats.messages_rejected == 0
 
 
-def enveloped_factory(run_dir, store, channel=None):
-    """FEDORA with every theta upload and phi download signed and verified (the wiring the
-    runtime is to do for ``[security] envelopes = true``)."""
+REAL_EXCHANGE_START = SecureExchange.start.__func__
 
-    def factory(name, ctx, cfg):
-        method = make_method(name, ctx, cfg)
-        transport = SecureTransport.for_simulation(run_dir, ctx.num_clients, name)
-        exchange = SecureExchange.start(transport, method.theta, method.phi, channel=channel)
+
+def enveloped(monkeypatch, store, channel=None):
+    """Run with ``[security] envelopes = true``; record the exchange the runtime builds, inject
+    a fault ``channel`` and snapshot theta after each round's upload."""
+    from secure_fedora import transport as transport_module
+
+    real_start = REAL_EXCHANGE_START
+    store["theta_after_upload"] = {}
+
+    def start(cls, transport, theta, phi=None, channel_arg=None):
+        exchange = real_start(cls, transport, theta, phi, channel)
         store["exchange"] = exchange
-        store["theta_after_upload"] = {}
-        current = {}
-        train_round, plain_propagate = method.train_round, method.propagate
+        upload = exchange.upload_theta
 
-        def round_with_participants(rnd, participants):
-            current["round"], current["participants"] = rnd, list(participants)
-            return train_round(rnd, participants)
+        def upload_and_snapshot(rnd, matrix, participants):
+            accepted = upload(rnd, matrix, participants)
+            store["theta_after_upload"][rnd] = matrix.clone()
+            return accepted
 
-        def propagate():
-            rnd = current["round"]
-            exchange.upload_theta(rnd, method.theta, current["participants"])
-            store["theta_after_upload"][rnd] = method.theta.clone()
-            plain_propagate()
-            exchange.download_phi(rnd, method.phi)
+        exchange.upload_theta = upload_and_snapshot
+        return exchange
 
-        method.train_round = round_with_participants
-        method.propagate = propagate
-        return method
-
-    return factory
+    monkeypatch.setattr(transport_module.SecureExchange, "start", classmethod(start))
+    return config(security={"envelopes": True})
 
 
-def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, plain_run, caplog):
-    cfg = config()
+def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, plain_run, caplog,
+                                                          monkeypatch):
     plain, m_plain = plain_run
     store = {}
-    signed, m_signed = run(cfg, tmp_path / "signed", clients, enveloped_factory(tmp_path / "signed", store))
+    cfg = enveloped(monkeypatch, store)
+    signed, m_signed = run(cfg, tmp_path / "signed", clients)
     assert signed["selected"] == plain["selected"]
     assert torch.equal(m_signed.theta, m_plain.theta) and torch.equal(m_signed.phi, m_plain.phi)
     stats = store["exchange"].transport.stats
@@ -187,8 +149,8 @@ def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, pl
 
     store = {}
     with caplog.at_level(logging.WARNING, logger="secure_fedora.security"):
-        attacked, m_attacked = run(cfg, tmp_path / "attacked", clients,
-                                   enveloped_factory(tmp_path / "attacked", store, tamper))
+        cfg = enveloped(monkeypatch, store, tamper)
+        attacked, m_attacked = run(cfg, tmp_path / "attacked", clients)
     rejections = store["exchange"].rejections
     assert [(r.client, r.round, r.reason) for r in rejections] == [(4, 2, "payload_hash_mismatch")]
     assert isinstance(rejections[0], Rejection)
