@@ -120,7 +120,8 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget) -> C
     return ClientPlan(dpsgd_noise, summary_noise, lambda_noise, tuple(plan))
 
 
-def _budget(cfg: ExperimentConfig, index: int) -> PrivacyBudget:
+def client_budget(cfg: ExperimentConfig, index: int) -> PrivacyBudget:
+    """Client ``index``'s (epsilon, delta): the default, or its ``privacy.overrides`` entry."""
     p = cfg.privacy
     o = p.overrides.get(str(index))
     if o is None:
@@ -200,7 +201,7 @@ class FederationPrivacy:
              key_dir: Path) -> FederationPrivacy:
         ids = client_ids(num_clients)
         plans: dict[tuple[float, float], ClientPlan] = {}
-        budgets = [_budget(cfg, i) for i in range(num_clients)]
+        budgets = [client_budget(cfg, i) for i in range(num_clients)]
         for budget in budgets:  # calibrate everything before any file is written
             key = (budget.epsilon, budget.delta)
             if key not in plans:

@@ -50,6 +50,7 @@ __all__ = [
     "build_context",
     "client_generator",
     "make_method",
+    "sample_participants",
     "summarize",
 ]
 
@@ -166,6 +167,15 @@ def relatedness_function(
         return fedora.subspace_overlaps(summaries), {}
 
     return compute
+
+
+def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[int]:
+    """The round's participants: everyone at fraction 1, else ``ceil(fraction * n)`` clients
+    drawn without replacement from ``gen`` (sorted). Shared by both runtimes."""
+    if fraction >= 1.0:
+        return list(range(n))
+    m = max(1, math.ceil(fraction * n))
+    return sorted(torch.randperm(n, generator=gen)[:m].tolist())
 
 
 @dataclass
@@ -409,11 +419,7 @@ class Simulation:
             method.exchange = SecureExchange.start(transport, method.theta, method.phi)
 
     def _participants(self, gen: torch.Generator, n: int) -> list[int]:
-        frac = self.cfg.training.participation
-        if frac >= 1.0:
-            return list(range(n))
-        m = max(1, math.ceil(frac * n))
-        return sorted(torch.randperm(n, generator=gen)[:m].tolist())
+        return sample_participants(gen, n, self.cfg.training.participation)
 
     def _evaluate(self, rnd: int, method: FederatedMethod, tracker: Tracker) -> dict[str, float]:
         flat = method.ctx.flat

@@ -183,7 +183,7 @@ def _open_privacy(
     from privacy.pipeline import BudgetGate
     from secure_fedora.private import (
         ClientPrivacy,
-        _budget,
+        client_budget,
         privacy_plan,
         sample_rate_for,
         steps_per_round,
@@ -195,7 +195,7 @@ def _open_privacy(
             "client's identity key, as written by `secure-fedora keys init`)"
         )
     cid = client_ids(cfg.data.num_clients)[node.partition_id]
-    budget = _budget(cfg, node.partition_id)
+    budget = client_budget(cfg, node.partition_id)
     ledger_dir = node.state_dir / "runs" / str(run_id)
     ledger_dir.mkdir(parents=True, exist_ok=True)
     plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget,

@@ -52,7 +52,13 @@ from secure_fedora.deploy.protocol import (
     tensor_to_array_record,
 )
 from secure_fedora.models import make_model
-from secure_fedora.runtime import NUM_CLASSES, Simulation, Tracker, atomic_write_text, summarize
+from secure_fedora.runtime import (
+    NUM_CLASSES,
+    Tracker,
+    atomic_write_text,
+    summarize,
+)
+from secure_fedora.runtime import sample_participants as runtime_sample_participants
 
 __all__ = ["ExchangeTiming", "app", "sample_participants"]
 
@@ -64,20 +70,14 @@ def _say(message: str) -> None:
     print(f"[secure-fedora] {message}", flush=True)
 
 
-class _ConfigHolder:
-    """Lets the runtime's participant sampler run on a config without a Simulation."""
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-
-
 def sample_participants(cfg: ExperimentConfig, generator: torch.Generator, n: int) -> list[int]:
     """The round's participants, drawn by the in-process runtime's own sampler.
 
-    Calls ``Simulation._participants`` so that both runtimes draw identical participant sets
-    from identical generator states (the generator is seeded ``seed + 7919`` in both).
+    Calls the runtime's :func:`~secure_fedora.runtime.sample_participants` so that both
+    runtimes draw identical participant sets from identical generator states (the generator is
+    seeded ``seed + 7919`` in both).
     """
-    return Simulation._participants(_ConfigHolder(cfg), generator, n)  # type: ignore[arg-type]
+    return runtime_sample_participants(generator, n, cfg.training.participation)
 
 
 @dataclass
