@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from secure_fedora.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.methods import FedAvg, FederatedMethod, MethodContext
-from secure_fedora.models import _init_default
+from secure_fedora.models import init_parameters
 
 __all__ = [
     "APFL",
@@ -586,7 +586,7 @@ class IFCA(FederatedMethod):
         base = int.from_bytes(digest[:7], "big")
         for c in range(1, k):
             module = ctx.flat.bind(clusters[c])
-            _init_default(module, torch.Generator().manual_seed(base + c))
+            init_parameters(module, torch.Generator().manual_seed(base + c))
         return clusters
 
     def setup(self) -> None:

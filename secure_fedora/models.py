@@ -50,7 +50,7 @@ _BUILDERS = {"mlp": _mlp, "cnn": _cnn}
 
 
 @torch.no_grad()
-def _init_default(model: nn.Module, generator: torch.Generator) -> None:
+def init_parameters(model: nn.Module, generator: torch.Generator) -> None:
     """PyTorch's default Linear / Conv2d initialization, drawn from ``generator``."""
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Conv2d):
@@ -89,7 +89,7 @@ def make_model(name: ModelName, num_classes: int = 10, seed: int | None = None) 
     model = builder(int(num_classes), "meta").to_empty(device="cpu")
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(seed))
-    _init_default(model, generator)
+    init_parameters(model, generator)
     return model
 
 
