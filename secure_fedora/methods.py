@@ -234,8 +234,6 @@ class Fedora(FederatedMethod):
             lambda: (plain_overlaps(ctx.clients, ctx.num_classes, q)[1], {})
         )
         self._relatedness_mode = relatedness_mode
-        if private_validation and ctx.privacy is None:
-            raise ValueError("private validation needs the client privacy state (ctx.privacy)")
         self.private_validation = private_validation
         self.last_lambdas = torch.zeros(ctx.num_clients)
         # Optional secure message paths, set by the runtime: a SecureExchange (signed
@@ -244,6 +242,8 @@ class Fedora(FederatedMethod):
         self.propagator: Any = None
 
     def setup(self) -> None:
+        if self.private_validation and self.ctx.privacy is None:
+            raise ValueError("private validation needs the client privacy state (ctx.privacy)")
         if self.relatedness is not None:
             return
         overlaps, details = self._relatedness_fn()
