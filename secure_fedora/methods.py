@@ -50,6 +50,7 @@ class MethodContext:
     init: Tensor
     num_classes: int = 10
     privacy: Any = None  # secure_fedora.private.FederationPrivacy when DP is on
+    transport: Any = None  # secure_fedora.transport.SecureTransport with [security] envelopes
 
     @property
     def num_clients(self) -> int:

@@ -154,6 +154,8 @@ def relatedness_function(
             summaries = torch.stack(
                 [fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, q) for c in ctx.clients]
             )
+        if ctx.transport is not None and "encrypted" not in mode:
+            summaries = _enveloped_summaries(ctx.transport, summaries)
         if "encrypted" in mode:
             from secure_fedora.secure_relatedness import encrypted_overlaps
 
@@ -176,6 +178,22 @@ def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[i
         return list(range(n))
     m = max(1, math.ceil(fraction * n))
     return sorted(torch.randperm(n, generator=gen)[:m].tolist())
+
+
+def _enveloped_summaries(transport: Any, summaries: Tensor) -> Tensor:
+    """Every client sends its summary in a signed envelope (round 0); the server verifies all.
+
+    The relatedness graph needs every client's summary, so any rejection stops the run with an
+    error naming the clients (after each rejection was logged by the transport).
+    """
+    messages = {i: transport.client_upload(0, i, summaries[i], kind="summary")
+                for i in range(summaries.shape[0])}
+    accepted, rejections = transport.server_receive(0, messages, tuple(summaries.shape[1:]),
+                                                    kind="summary")
+    if rejections:
+        named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
+        raise fedora.RelatednessError(f"summary uploads rejected: {named}; relatedness needs all")
+    return torch.stack([accepted[i] for i in range(summaries.shape[0])]).to(torch.float64)
 
 
 @dataclass
@@ -345,6 +363,11 @@ class Simulation:
 
     def _run_method(self, name: str, ctx: MethodContext, privacy: Any, resume: bool) -> MethodOutcome:
         cfg = self.cfg
+        if cfg.security.envelopes and name == "fedora":
+            from secure_fedora.transport import SecureTransport
+
+            ctx.transport = SecureTransport.for_simulation(self.run_dir, len(self.clients),
+                                                           f"{name}-summary")
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
         n = len(self.clients)

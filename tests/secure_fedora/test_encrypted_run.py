@@ -135,7 +135,9 @@ def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, pl
     cfg = enveloped(monkeypatch, store)
     signed, m_signed = run(cfg, tmp_path / "signed", clients)
     assert signed["selected"] == plain["selected"]
-    assert torch.equal(m_signed.theta, m_plain.theta) and torch.equal(m_signed.phi, m_plain.phi)
+    # summaries travel as float32, so P differs from the float64 plaintext path by ~1e-7
+    assert (m_signed.theta - m_plain.theta).abs().max().item() < 1e-4
+    assert (m_signed.phi - m_plain.phi).abs().max().item() < 1e-4
     stats = store["exchange"].transport.stats
     assert stats.messages_accepted == 2 * 6 * cfg.training.rounds and stats.messages_rejected == 0
     assert (tmp_path / "signed" / "transport" / "fedora" / "server.nonces.jsonl").exists()
@@ -160,3 +162,29 @@ def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, pl
     assert torch.equal(after[2][4], after[1][4])  # client 4 was a non-participant of round 2
     assert not torch.equal(after[2][3], after[1][3])
     assert len(attacked["selected"]["per_client"]) == 6  # the federation finished
+
+
+def test_enveloped_summaries_give_the_same_graph_and_a_forged_one_stops_the_run(
+        tmp_path, clients, plain_run, monkeypatch):
+    plain, m_plain = plain_run
+    signed, m_signed = run(config(security={"envelopes": True}), tmp_path / "signed", clients)
+    assert torch.equal(m_plain.relatedness.graph != 0, m_signed.relatedness.graph != 0)
+    assert torch.allclose(m_plain.relatedness.graph, m_signed.relatedness.graph, atol=1e-5)
+    assert (tmp_path / "signed" / "transport" / "fedora-summary" / "server.nonces.jsonl").exists()
+
+    from secure_fedora import transport as transport_module
+    from secure_fedora.fedora import RelatednessError
+
+    real_upload = transport_module.SecureTransport.client_upload
+
+    def forged(self, rnd, client, row, kind="theta"):
+        message = real_upload(self, rnd, client, row, kind)
+        if kind == "summary" and client == 3:
+            data = bytearray(message)
+            data[-5] ^= 0x01
+            return bytes(data)
+        return message
+
+    monkeypatch.setattr(transport_module.SecureTransport, "client_upload", forged)
+    with pytest.raises(RelatednessError, match="client 3"):
+        run(config(security={"envelopes": True}), tmp_path / "forged", clients)
