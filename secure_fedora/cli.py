@@ -94,6 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from privacy.identity import IdentityError, default_party_ids, init_keys
 
+    if args.clients < 1:
+        console.print(f"[red]error:[/red] --clients must be at least 1, got {args.clients}")
+        return 2
     try:
         identities = init_keys(args.directory, default_party_ids(args.clients), overwrite=args.force)
     except IdentityError as err:

@@ -32,3 +32,15 @@ def test_cli_reports_config_errors_with_the_key(tmp_path):
                            str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "training.rounds" in proc.stderr
+
+
+def test_keys_init_writes_private_keys_0600_and_refuses_bad_input(tmp_path):
+    keys = tmp_path / "keys"
+    assert main(["keys", "init", str(keys), "--clients", "2"]) == 0
+    for name in ("server", "client-000", "client-001"):
+        assert (keys / f"{name}.ed25519.key").stat().st_mode & 0o777 == 0o600
+    assert (keys / "allowlist.json").exists()
+    # existing keys are never overwritten silently; zero clients is refused
+    assert main(["keys", "init", str(keys), "--clients", "2"]) == 2
+    assert main(["keys", "init", str(tmp_path / "none"), "--clients", "0"]) == 2
+    assert not (tmp_path / "none").exists()
