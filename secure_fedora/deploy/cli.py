@@ -4,7 +4,7 @@
 
 - ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
 - ``deploy local --config CONFIG [--clients N] --workdir DIR [--round-timeout S]
-  [--run-timeout S] [--threads T]``
+  [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]``
 
 Every command sets ``func`` (returning the exit code), as the main CLI expects. Failures
 print one clear error line and return exit code 2.
@@ -94,6 +94,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             timeouts=timeouts,
             num_threads=args.threads,
             reproducible_dp_noise=args.reproducible_dp_noise,
+            key_holder=args.key_holder,
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {msg}"),
         )
     except (DeployError, ConfigError) as err:
@@ -153,5 +154,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--reproducible-dp-noise", action="store_true",
         help="allow privacy.noise_seed = 'experiment' (test deployments only: the server knows "
         "the seed, so there is no DP guarantee against it; the results say so)",
+    )
+    local.add_argument(
+        "--key-holder", type=_non_negative_int, default=0,
+        help="client index that runs the CKKS key ceremony and decrypts the overlap blocks "
+        "(fedora.relatedness = encrypted or noised+encrypted; default 0)",
     )
     local.set_defaults(func=cmd_local)

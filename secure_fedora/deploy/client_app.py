@@ -15,6 +15,17 @@ identity key (node config ``identity-dir``), its signed write-ahead ledger and a
 never under-counts), the calibrated plan, the noised summary, the accounted ``lambda_i`` when
 validation is private, and DP-SGD. A refused release is answered with a ``refusal`` record
 and no model; from then on the client trains nothing and releases nothing.
+
+Every message is authenticated (:mod:`secure_fedora.deploy.envelopes`): the handler verifies
+the server's signed envelope against the allowlist in ``identity-dir`` before it reads
+anything else (unknown signer, bad signature, tampered content, replayed nonce, stale round:
+the message is refused and Flower returns an error reply), and signs its reply with the
+client's own identity key. The nonce memory lives in ``runs/<run_id>/<client id>.nonces.jsonl``.
+
+Encrypted relatedness modes: ``query.ceremony`` identifies the client and, on the key holder,
+runs the CKKS key ceremony (:class:`~secure_fedora.deploy.ceremony.KeyHolderStore`, kept in
+``runs/<run_id>/ckks/``); ``query.encrypted_summary`` opens the sealed secret context and
+returns ``Enc(U_i)``; ``query.decrypt_overlaps`` (key holder only) returns the overlap blocks.
 """
 
 from __future__ import annotations
@@ -31,6 +42,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privacy.accounting import BudgetExceededError
+from privacy.envelope import Envelope
+from privacy.identity import (
+    ALLOWLIST_FILENAME,
+    SERVER_ID,
+    Identity,
+    IdentityError,
+    client_ids,
+    load_allowlist,
+)
 from secure_fedora import fedora
 from secure_fedora.client import (
     FlatModel,
@@ -41,11 +61,23 @@ from secure_fedora.client import (
     local_train,
 )
 from secure_fedora.config import ExperimentConfig
+from secure_fedora.deploy.ceremony import (
+    KeyHolderStore,
+    decrypt_overlaps,
+    encrypt_summary,
+    layout_for,
+    open_client_context,
+)
+from secure_fedora.deploy.envelopes import MessageSecurity, checked_array
 from secure_fedora.deploy.protocol import (
+    MSG_CEREMONY,
+    MSG_DECRYPT,
+    MSG_ENCRYPTED_SUMMARY,
+    MSG_ROUND,
+    MSG_SUMMARY,
     DeployError,
     NodeSettings,
     RunSettings,
-    array_record_to_tensor,
     check_supported,
     process_start_time,
     tensor_to_array_record,
@@ -61,7 +93,18 @@ from secure_fedora.partition import ClientData
 from secure_fedora.private import FederationPrivacy, noise_generator_seed
 from secure_fedora.runtime import NUM_CLASSES, atomic_write_text, build_clients, train_config
 
-__all__ = ["app", "data_digest", "ensure_partition", "run_paths"]
+__all__ = [
+    "HANDLERS",
+    "app",
+    "ceremony",
+    "data_digest",
+    "decrypt_overlaps_handler",
+    "encrypted_summary",
+    "ensure_partition",
+    "run_paths",
+    "summary",
+    "train_round",
+]
 
 app = ClientApp()
 
@@ -227,15 +270,40 @@ def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
     }
 
 
-def _setup(context: Context) -> tuple[RunSettings, NodeSettings, ClientData, FlatModel]:
+def _open_request(
+    message: Message, context: Context
+) -> tuple[RunSettings, NodeSettings, MessageSecurity, Envelope]:
+    """Validate the run and node config, then verify the server's signed envelope.
+
+    Nothing else of the message is read before its envelope is verified; a rejection raises
+    the (logged) :class:`~privacy.envelope.EnvelopeError` and Flower returns an error reply.
+    """
     settings = RunSettings.from_run_config(context.run_config)
     torch.set_num_threads(settings.num_threads)
-    node = NodeSettings.from_node_config(
-        context.node_config, settings.experiment.data.num_clients
-    )
+    cfg = settings.experiment
+    node = NodeSettings.from_node_config(context.node_config, cfg.data.num_clients)
     node.state_dir.mkdir(parents=True, exist_ok=True)
-    client = ensure_partition(node, settings.experiment)
-    return settings, node, client, _flat_model(settings.experiment)
+    security = MessageSecurity.for_client(
+        node.identity_dir, node.state_dir / "runs" / str(context.run_id), context.run_id,
+        settings.config_hash, node.partition_id, cfg.data.num_clients,
+    )
+    envelope = security.verify(
+        message.content, message.metadata.message_type, reply=False, expected_round=None,
+        expected_sender=SERVER_ID,
+    )
+    return settings, node, security, envelope
+
+
+def _load_client(settings: RunSettings, node: NodeSettings) -> tuple[ClientData, FlatModel]:
+    return ensure_partition(node, settings.experiment), _flat_model(settings.experiment)
+
+
+def _reply(
+    security: MessageSecurity, message: Message, content: RecordDict, rnd: int
+) -> Message:
+    """The reply to ``message``, signed for the server (round ``rnd``)."""
+    security.sign(content, message.metadata.message_type, [SERVER_ID], rnd, reply=True)
+    return Message(content, reply_to=message)
 
 
 def _check_hash(message: Message, record: str, settings: RunSettings) -> ConfigRecord:
@@ -305,51 +373,204 @@ def _train(
     return lam, steps
 
 
+def _release_summary(
+    settings: RunSettings,
+    node: NodeSettings,
+    client: ClientData,
+    state: NodeState,
+    state_path: Path,
+    privacy: FederationPrivacy | None,
+) -> torch.Tensor:
+    """The client's summary ``U_i`` (d x q, float64) as the configured mode releases it.
+
+    Noised modes: the Gaussian mechanism on the clipped second moment, through the client's
+    budget gate (the ledger entry is written before the summary leaves), drawing from the
+    client's generator exactly as the in-process runtime does; plain and encrypted modes: the
+    exact top-q subspace.
+    """
+    cfg = settings.experiment
+    if "noised" not in cfg.fedora.relatedness:
+        return fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
+    assert privacy is not None  # the config requires privacy.enabled for the noised modes
+    generator = torch.Generator()
+    generator.set_state(state.generator_state)
+    try:
+        u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [generator])[0]
+    except BudgetExceededError as err:
+        raise DeployError(f"client {node.partition_id} refused its summary: {err}") from err
+    state.generator_state = generator.get_state()
+    state.save(state_path)
+    return u
+
+
+def _initial_metrics(
+    flat: FlatModel, state: NodeState, client: ClientData, privacy: FederationPrivacy | None
+) -> dict[str, float]:
+    return {
+        "val-accuracy": evaluate(flat, state.theta, client.val_x, client.val_y).accuracy,
+        "test-accuracy": evaluate(flat, state.theta, client.test_x, client.test_y).accuracy,
+        **_privacy_metrics(privacy),
+    }
+
+
 @app.query("summary")
 def summary(message: Message, context: Context) -> Message:
-    """Release the client's relatedness summary ``U_i`` (plain mode) and its initial accuracy."""
+    """Release the client's relatedness summary ``U_i`` (plain or noised) and its initial accuracy."""
     started = time.time()
-    settings, node, client, flat = _setup(context)
+    settings, node, security, _ = _open_request(message, context)
     _check_hash(message, "fedora", settings)
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise)
+    if "encrypted" in cfg.fedora.relatedness:
+        raise DeployError(
+            f"fedora.relatedness = {cfg.fedora.relatedness!r}: the summary is released only "
+            "encrypted (query.encrypted_summary), never in the clear"
+        )
+    client, flat = _load_client(settings, node)
     state_path, journal = run_paths(node, context.run_id)
     state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
     privacy = _open_privacy(settings, node, context.run_id)
     try:
-        if "noised" in cfg.fedora.relatedness:
-            assert privacy is not None  # the config requires privacy.enabled for 'noised'
-            generator = torch.Generator()
-            generator.set_state(state.generator_state)
-            try:
-                # Gaussian mechanism on the clipped second moment, through the budget gate
-                # (ledger entry written before the summary leaves).
-                u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [generator])[0]
-            except BudgetExceededError as err:
-                raise DeployError(f"client {node.partition_id} refused its summary: {err}") from err
-            state.generator_state = generator.get_state()
-            state.save(state_path)
-        else:
-            u = fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
-        val = evaluate(flat, state.theta, client.val_x, client.val_y).accuracy
-        test = evaluate(flat, state.theta, client.test_x, client.test_y).accuracy
-        metrics = {"val-accuracy": val, "test-accuracy": test, **_privacy_metrics(privacy)}
+        u = _release_summary(settings, node, client, state, state_path, privacy)
+        metrics = _initial_metrics(flat, state, client, privacy)
     finally:
         if privacy is not None:
             privacy.close()
     journal.append(node.partition_id, 0, "summary", u.numpy().tobytes())
-    return Message(
-        RecordDict(
-            {
-                "summary": tensor_to_array_record("u", u),
-                "client": ConfigRecord(
-                    {"client-id": node.partition_id, "config-hash": settings.config_hash}
-                ),
-                "metrics": MetricRecord({**metrics, **_timings(started)}),
-            }
-        ),
-        reply_to=message,
+    content = RecordDict(
+        {
+            "summary": tensor_to_array_record("u", u),
+            "client": ConfigRecord(
+                {"client-id": node.partition_id, "config-hash": settings.config_hash}
+            ),
+            "metrics": MetricRecord({**metrics, **_timings(started)}),
+        }
     )
+    return _reply(security, message, content, 0)
+
+
+def _key_holder_store(node: NodeSettings, run_id: int, identity: Identity) -> KeyHolderStore:
+    return KeyHolderStore(node.state_dir / "runs" / str(run_id) / "ckks", identity)
+
+
+def _encrypted_mode(settings: RunSettings, what: str) -> None:
+    mode = settings.experiment.fedora.relatedness
+    if "encrypted" not in mode:
+        raise DeployError(f"{what} is part of the encrypted relatedness modes, not {mode!r}")
+
+
+@app.query("ceremony")
+def ceremony(message: Message, context: Context) -> Message:
+    """First contact in the encrypted modes: identify this client; the key holder also runs
+    the CKKS key ceremony (or repeats its stored result) and returns the public context and
+    the secret context sealed to every client's X25519 key from the allowlist."""
+    started = time.time()
+    settings, node, security, _ = _open_request(message, context)
+    conf = _check_hash(message, "fedora", settings)
+    check_supported(settings.experiment, settings.reproducible_dp_noise)
+    _encrypted_mode(settings, "the key ceremony")
+    if conf.get("key-holder") != settings.key_holder:
+        raise DeployError(
+            f"the server names client {conf.get('key-holder')!r} as key holder, the run config "
+            f"names client {settings.key_holder}"
+        )
+    content = RecordDict(
+        {"client": ConfigRecord({"client-id": node.partition_id,
+                                 "config-hash": settings.config_hash})}
+    )
+    if node.partition_id == settings.key_holder:
+        parties = client_ids(settings.experiment.data.num_clients)
+        try:
+            allowlist = load_allowlist(node.identity_dir / ALLOWLIST_FILENAME)
+        except IdentityError as err:
+            raise DeployError(str(err)) from None
+        missing = [p for p in parties if p not in allowlist]
+        if missing:
+            raise DeployError(f"the allowlist lacks the X25519 keys of {missing[:5]}")
+        store = _key_holder_store(node, context.run_id, security.identity)
+        public, sealed = store.ceremony({p: allowlist[p].agreement_key for p in parties})
+        content["ceremony"] = ConfigRecord(
+            {"public-context": public, **{f"sealed-{p}": sealed[p] for p in parties}}
+        )
+    content["metrics"] = MetricRecord(_timings(started))
+    return _reply(security, message, content, 0)
+
+
+@app.query("encrypted_summary")
+def encrypted_summary(message: Message, context: Context) -> Message:
+    """Release ``Enc(U_i)``: open the sealed CKKS context, compute the summary (noised through
+    the budget gate in noised+encrypted mode), encrypt its q columns; plus initial accuracy."""
+    started = time.time()
+    settings, node, security, _ = _open_request(message, context)
+    _check_hash(message, "fedora", settings)
+    cfg = settings.experiment
+    check_supported(cfg, settings.reproducible_dp_noise)
+    _encrypted_mode(settings, "an encrypted summary")
+    ckks = message.content["ckks"] if "ckks" in message.content else None
+    if not isinstance(ckks, ConfigRecord) or not isinstance(ckks.get("sealed-context"), bytes):
+        raise DeployError("encrypted summary request lacks ckks/sealed-context")
+    layout = layout_for(cfg)
+    if (ckks.get("num-vectors"), ckks.get("dim")) != (layout.num_vectors, layout.dim):
+        raise DeployError(
+            f"the server's layout ({ckks.get('num-vectors')}, {ckks.get('dim')}) differs from "
+            f"this run's ({layout.num_vectors}, {layout.dim})"
+        )
+    ctx = open_client_context(ckks["sealed-context"], security.identity)
+    client, flat = _load_client(settings, node)
+    state_path, journal = run_paths(node, context.run_id)
+    state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
+    privacy = _open_privacy(settings, node, context.run_id)
+    try:
+        u = _release_summary(settings, node, client, state, state_path, privacy)
+        metrics = _initial_metrics(flat, state, client, privacy)
+    finally:
+        if privacy is not None:
+            privacy.close()
+    columns = encrypt_summary(ctx, layout, node.partition_id, u)
+    journal.append(node.partition_id, 0, "summary", b"".join(columns))
+    content = RecordDict(
+        {
+            "upload": ConfigRecord({"columns": columns}),
+            "client": ConfigRecord(
+                {"client-id": node.partition_id, "config-hash": settings.config_hash}
+            ),
+            "metrics": MetricRecord({**metrics, **_timings(started)}),
+        }
+    )
+    return _reply(security, message, content, 0)
+
+
+@app.query("decrypt_overlaps")
+def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
+    """Key holder only: decrypt the server's encrypted Gram rows with the stored secret
+    context and return the ``(N, N, q, q)`` overlap blocks, nothing else."""
+    started = time.time()
+    settings, node, security, _ = _open_request(message, context)
+    _check_hash(message, "fedora", settings)
+    cfg = settings.experiment
+    _encrypted_mode(settings, "decrypting overlaps")
+    if node.partition_id != settings.key_holder:
+        raise DeployError(
+            f"client {node.partition_id} is not the key holder (client {settings.key_holder})"
+        )
+    record = message.content["rows"] if "rows" in message.content else None
+    rows = record.get("rows") if isinstance(record, ConfigRecord) else None
+    if not isinstance(rows, list) or not all(isinstance(r, bytes) for r in rows):
+        raise DeployError("decrypt request lacks rows/rows (a list of serialized rows)")
+    store = _key_holder_store(node, context.run_id, security.identity)
+    overlaps = decrypt_overlaps(
+        store.secret_context(), layout_for(cfg), cfg.data.num_clients, cfg.fedora.q, rows
+    )
+    _, journal = run_paths(node, context.run_id)
+    # What the key holder releases (the overlaps of every pair) is journaled like a summary.
+    journal.append(node.partition_id, 0, "overlaps", overlaps.numpy().tobytes())
+    content = RecordDict(
+        {
+            "overlaps": tensor_to_array_record("overlaps", overlaps),
+            "metrics": MetricRecord(_timings(started)),
+        }
+    )
+    return _reply(security, message, content, 0)
 
 
 @app.train("fedora")
@@ -361,19 +582,21 @@ def train_round(message: Message, context: Context) -> Message:
     participating: ``phi_i`` is stored, ``theta_i`` is unchanged and not released.
     """
     started = time.time()
-    settings, node, client, flat = _setup(context)
+    settings, node, security, envelope = _open_request(message, context)
     conf = _check_hash(message, "round", settings)
     cfg = settings.experiment
     rnd = conf.get("round")
     if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
         raise DeployError(f"round message carries an invalid round {rnd!r}")
+    if rnd != envelope.round:
+        raise DeployError(f"round message for round {rnd} is signed for round {envelope.round}")
     participate = bool(conf.get("participate"))
     do_eval = bool(conf.get("evaluate"))
-    if "phi" not in message.content:
-        raise DeployError("round message lacks the 'phi' array record")
+    client, flat = _load_client(settings, node)
     state_path, journal = run_paths(node, context.run_id)
     state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
-    phi = array_record_to_tensor(message.content["phi"], "phi", torch.float32, tuple(state.theta.shape))
+    phi = checked_array(message.content, "phi", "phi", torch.float32,
+                        tuple(state.theta.shape), envelope)
     if rnd < state.last_received_round:
         raise DeployError(
             f"stale round message: round {rnd} after round {state.last_received_round}"
@@ -432,4 +655,14 @@ def train_round(message: Message, context: Context) -> Message:
             **_timings(started),
         }
     )
-    return Message(content, reply_to=message)
+    return _reply(security, message, content, rnd)
+
+
+#: Message type -> handler (what the ClientApp routes; tests call handlers directly).
+HANDLERS = {
+    MSG_SUMMARY: summary,
+    MSG_CEREMONY: ceremony,
+    MSG_ENCRYPTED_SUMMARY: encrypted_summary,
+    MSG_DECRYPT: decrypt_overlaps_handler,
+    MSG_ROUND: train_round,
+}

@@ -11,7 +11,10 @@ Layout of ``workdir``::
 
     certs/               ca.crt, ca.key, server.crt, server.key (keys 0600)
     keys/                node-<i> (OpenSSH private, 0600), node-<i>.pub
-    identities/          Ed25519 identities signing the clients' privacy ledgers + allowlist
+    identities/<party>/  one directory per party (server, client-000, ...): that party's Ed25519
+                         and X25519 private keys (0600) and the federation's allowlist.json;
+                         they sign every message envelope and the clients' privacy ledgers
+    server/              the ServerApp's envelope nonce memory (runs/<run_id>/)
     flwr/cli/            FLWR_HOME of the flwr CLI (config.toml with the connection)
     flwr/superlink/      FLWR_HOME of the SuperLink (its installed FABs)
     flwr/node-<i>/       FLWR_HOME of SuperNode i
@@ -44,7 +47,14 @@ from typing import Any
 
 import tomli_w
 
-from privacy.identity import default_party_ids, init_keys
+from privacy.identity import (
+    ALLOWLIST_FILENAME,
+    SERVER_ID,
+    allowlist_bytes,
+    client_ids,
+    default_party_ids,
+    init_keys,
+)
 from secure_fedora.config import ExperimentConfig, load_config, parse_config
 from secure_fedora.deploy.certs import (
     CertificatePaths,
@@ -64,6 +74,7 @@ __all__ = [
     "deploy_local",
     "flower_env",
     "free_ports",
+    "init_party_identities",
     "with_num_clients",
 ]
 
@@ -84,6 +95,37 @@ def flower_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str,
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
+    """One identity directory per party under ``root``: ``root/<party>/`` holds only that
+    party's private keys (0600, directory 0700) plus the federation's full ``allowlist.json``.
+
+    Parties are ``server`` and ``client-000`` ... for ``num_clients`` clients. Existing
+    directories are reused when every party's allowlist is present (a restarted deployment
+    keeps its identities); otherwise :class:`DeployError` names what is inconsistent. Returns
+    the directory of each party.
+    """
+    parties = default_party_ids(num_clients)
+    dirs = {party: root / party for party in parties}
+    if all((d / ALLOWLIST_FILENAME).exists() for d in dirs.values()):
+        return dirs
+    partial = [str(d) for d in dirs.values() if d.exists()]
+    if partial:
+        raise DeployError(
+            f"identity directories exist without a complete allowlist: {partial[:3]}; "
+            "remove them or use a fresh workdir"
+        )
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    public = {}
+    for party, directory in dirs.items():
+        public.update(init_keys(directory, [party]))
+    document = allowlist_bytes(public)
+    for directory in dirs.values():
+        tmp = directory / f".{ALLOWLIST_FILENAME}.tmp"
+        tmp.write_bytes(document)
+        os.replace(tmp, directory / ALLOWLIST_FILENAME)
+    return dirs
 
 
 def free_ports(count: int) -> list[int]:
@@ -185,6 +227,7 @@ class LocalFederation:
         self.superlink: ManagedProcess | None = None
         self.cli_home = self.workdir / "flwr" / "cli"
         self.identity_dir = self.workdir / "identities"
+        self.server_state_dir = self.workdir / "server"
         self.logs = self.workdir / "logs"
         self.phases: dict[str, float] = {}
 
@@ -226,9 +269,9 @@ class LocalFederation:
                 )
             )
         self._write_cli_config()
-        if not (self.identity_dir / "allowlist.json").exists():
-            # Ed25519 identities that sign each client's privacy ledger (used with DP).
-            init_keys(self.identity_dir, default_party_ids(self.num_nodes))
+        # Every party's Ed25519 / X25519 identity, one directory each: they sign every message
+        # envelope (and the clients' privacy ledgers), and receive the sealed CKKS context.
+        init_party_identities(self.identity_dir, self.num_nodes)
         self.phases["credentials"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self._start_superlink()
@@ -383,7 +426,7 @@ class LocalFederation:
         node.state_dir.mkdir(parents=True, exist_ok=True)
         node_config = (
             f'partition-id={index} state-dir="{node.state_dir}" '
-            f'identity-dir="{self.identity_dir}"'
+            f'identity-dir="{self.party_identity_dir(index)}"'
         )
         command = [
             _flower_bin("flower-supernode"),
@@ -398,6 +441,11 @@ class LocalFederation:
         if wait:
             self.wait_node_active(index)
         return node.process
+
+    def party_identity_dir(self, index: int | None) -> Path:
+        """The identity directory of client ``index`` (``None``: the server)."""
+        party = SERVER_ID if index is None else client_ids(self.num_nodes)[index]
+        return self.identity_dir / party
 
     def wait_node_active(self, index: int) -> None:
         """Wait until SuperNode ``index`` logged its activation (bounded)."""
@@ -438,15 +486,20 @@ class LocalFederation:
         num_threads: int = 1,
         round_timeout: float | None = None,
         reproducible_dp_noise: bool = False,
+        key_holder: int = 0,
     ) -> int:
         """Submit the FEDORA app with ``cfg`` via ``flwr run``; returns the run id.
 
-        ``round_timeout`` overrides ``timeouts.round`` for this run only.
+        ``round_timeout`` overrides ``timeouts.round`` for this run only; ``key_holder`` is the
+        client that runs the CKKS key ceremony in the encrypted relatedness modes.
         """
         result_dir.mkdir(parents=True, exist_ok=True)
         overrides = make_run_config(
             cfg,
             result_dir,
+            identity_dir=self.party_identity_dir(None),
+            server_state_dir=self.server_state_dir,
+            key_holder=key_holder,
             connect_timeout=self.timeouts.connect,
             round_timeout=self.timeouts.round if round_timeout is None else round_timeout,
             poll_interval=self.timeouts.poll,
@@ -521,11 +574,13 @@ def deploy_local(
     num_threads: int = 1,
     progress: Callable[[str], None] | None = None,
     reproducible_dp_noise: bool = False,
+    key_holder: int = 0,
 ) -> DeployResult:
     """Run FEDORA on a local, secured Flower deployment and stop everything afterwards.
 
     ``config`` is a TOML path or a validated config; ``num_clients`` (if given) replaces
-    ``data.num_clients``, and one SuperNode is started per client. Returns the ServerApp's
+    ``data.num_clients``, and one SuperNode is started per client; ``key_holder`` is the client
+    that runs the CKKS key ceremony in the encrypted relatedness modes. Returns the ServerApp's
     ``results.json`` and the run status. Raises :class:`DeployError` if any process fails to
     start, the run does not finish in ``timeouts.run`` seconds, or it ends in another state
     than ``finished:completed``. All processes are stopped before returning or raising,
@@ -534,6 +589,10 @@ def deploy_local(
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     cfg = with_num_clients(cfg, num_clients)
     check_supported(cfg, reproducible_dp_noise)
+    if not 0 <= key_holder < cfg.data.num_clients:
+        raise DeployError(
+            f"key holder {key_holder} is not a client index in [0, {cfg.data.num_clients})"
+        )
     say = progress or (lambda _msg: None)
     work = Path(workdir).expanduser().resolve()
     started = time.perf_counter()
@@ -544,7 +603,8 @@ def deploy_local(
             say(f"SuperLink on {fed.address} (TLS, node authentication); submitting the run")
             t0 = time.perf_counter()
             run_id = fed.submit(cfg, work / "results", num_threads=num_threads,
-                                reproducible_dp_noise=reproducible_dp_noise)
+                                reproducible_dp_noise=reproducible_dp_noise,
+                                key_holder=key_holder)
             say(f"run {run_id} submitted; following it (log: {fed.logs / 'serverapp.log'})")
             status = fed.follow(run_id)
             fed.phases["run"] = time.perf_counter() - t0

@@ -1,13 +1,43 @@
 """What the FEDORA ServerApp and ClientApp exchange over Flower, and how it is encoded.
 
-Messages (Flower 1.42 Message API):
+Every message below carries a signed envelope (:mod:`secure_fedora.deploy.envelopes`): kind =
+message type (``.reply`` appended for replies), round 0 in the relatedness phase and ``r`` in
+training round ``r``; first-contact requests carry one envelope per client id.
 
-``query.summary`` (server -> every client, once before training)
+Relatedness, plain and noised modes (one exchange):
+
+``query.summary`` (server -> every node; first contact)
     content: ``ConfigRecord "fedora"`` with ``config-hash``.
-    reply: ``ArrayRecord "summary"`` holding ``u`` (d x q, float64), ``ConfigRecord
-    "client"`` with ``client-id`` and ``config-hash``, ``MetricRecord "metrics"`` with the
-    initial model's validation and test accuracy.
-``train.fedora`` (server -> each reachable client, every round)
+    reply: ``ArrayRecord "summary"`` holding ``u`` (d x q, float64; noised through the
+    client's budget gate in noised mode), ``ConfigRecord "client"`` with ``client-id`` and
+    ``config-hash``, ``MetricRecord "metrics"`` with the initial model's validation and test
+    accuracy (and the client's epsilon with DP).
+
+Relatedness, encrypted and noised+encrypted modes (CKKS; the key holder is client
+``key-holder`` of the run config, default 0):
+
+``query.ceremony`` (server -> every node; first contact)
+    content: ``ConfigRecord "fedora"`` with ``config-hash`` and ``key-holder``.
+    reply: ``ConfigRecord "client"`` (``client-id``, ``config-hash``); the key holder's reply
+    also holds ``ConfigRecord "ceremony"``: ``public-context`` (public key, relinearization
+    and Galois keys, no secret key) and ``sealed-<client id>`` for every client (the secret
+    context sealed to that client's X25519 key). The key holder keeps its secret context on
+    its own disk (sealed to its own X25519 key, 0600), so a restart needs no new ceremony.
+``query.encrypted_summary`` (server -> each client's node)
+    content: ``ConfigRecord "fedora"`` (``config-hash``) and ``ConfigRecord "ckks"`` with
+    ``sealed-context`` (that client's blob), ``num-vectors`` and ``dim`` (the packing layout).
+    reply: ``ConfigRecord "upload"`` with ``columns`` (q serialized
+    :class:`privacy.ckks.InnerProductUpload`, vector ``client * q + r`` for column ``r``),
+    ``ConfigRecord "client"`` and ``MetricRecord "metrics"`` as for ``query.summary``.
+``query.decrypt_overlaps`` (server -> the key holder's node)
+    content: ``ConfigRecord "fedora"`` (``config-hash``) and ``ConfigRecord "rows"`` with
+    ``rows`` (the N q serialized :class:`privacy.ckks.EncryptedRow`, in index order).
+    reply: ``ArrayRecord "overlaps"`` holding ``overlaps`` (N x N x q x q, float64): the
+    decrypted blocks ``U_i^T U_j``, nothing else.
+
+Training, every round:
+
+``train.fedora`` (server -> each reachable client)
     content: ``ArrayRecord "phi"`` holding that client's own ``phi`` (float32, P), and
     ``ConfigRecord "round"`` with ``round``, ``participate``, ``evaluate``, ``config-hash``.
     reply: ``ArrayRecord "theta"`` (only when the client trained) and ``MetricRecord
@@ -38,8 +68,12 @@ from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, par
 
 __all__ = [
     "DeployError",
+    "MSG_CEREMONY",
+    "MSG_DECRYPT",
+    "MSG_ENCRYPTED_SUMMARY",
     "MSG_ROUND",
     "MSG_SUMMARY",
+    "SUMMARY_DIM",
     "NodeSettings",
     "RunSettings",
     "array_record_to_tensor",
@@ -51,7 +85,13 @@ __all__ = [
 ]
 
 MSG_SUMMARY = "query.summary"
+MSG_CEREMONY = "query.ceremony"
+MSG_ENCRYPTED_SUMMARY = "query.encrypted_summary"
+MSG_DECRYPT = "query.decrypt_overlaps"
 MSG_ROUND = "train.fedora"
+
+#: Rows of a client summary ``U_i``: flattened 28 x 28 image plus a one-hot label of 10 classes.
+SUMMARY_DIM = 784 + 10
 
 #: Keys of ``[tool.flwr.app.config]`` (defaults live in ``flwr_app/pyproject.toml``).
 RUN_CONFIG_KEYS = (
@@ -62,6 +102,9 @@ RUN_CONFIG_KEYS = (
     "poll-interval",
     "num-threads",
     "reproducible-dp-noise",
+    "identity-dir",
+    "server-state-dir",
+    "key-holder",
 )
 
 
@@ -72,9 +115,10 @@ class DeployError(RuntimeError):
 def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) -> None:
     """Refuse, before anything starts, a config the Flower runtime cannot run as written.
 
-    The Flower runtime runs FEDORA with plain or noised relatedness summaries, with or
-    without differential privacy (DP-SGD, budgets, signed ledgers, private validation), but
-    not the encrypted (CKKS) relatedness modes; running those any other way would silently
+    The Flower runtime runs FEDORA with every relatedness mode (plain, noised, encrypted,
+    noised+encrypted), with or without differential privacy (DP-SGD, budgets, signed ledgers,
+    private validation), and dense or power propagation. It does not implement encrypted
+    propagation (``fedora.propagation = "encrypted"``); running it any other way would silently
     weaken what the config asks for, so it is an error naming the setting.
 
     DP noise seeded from the experiment seed (``privacy.noise_seed = "experiment"``) is
@@ -92,10 +136,10 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
         )
     if "fedora" not in cfg.methods:
         problems.append(f"methods {cfg.methods} does not include 'fedora'")
-    if "encrypted" in cfg.fedora.relatedness:
+    if cfg.fedora.propagation == "encrypted":
         problems.append(
-            f"fedora.relatedness = {cfg.fedora.relatedness!r} (CKKS relatedness needs a key "
-            "holder role that the Flower runtime does not have; use 'plain' or 'noised')"
+            "fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear over "
+            "TLS; use 'dense' or 'power', or the in-process runtime for encrypted propagation)"
         )
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
@@ -110,13 +154,22 @@ def make_run_config(
     cfg: ExperimentConfig,
     result_dir: Path | None,
     *,
+    identity_dir: Path,
+    server_state_dir: Path,
+    key_holder: int = 0,
     connect_timeout: float = 300.0,
     round_timeout: float = 600.0,
     poll_interval: float = 0.2,
     num_threads: int = 1,
     reproducible_dp_noise: bool = False,
 ) -> dict[str, Any]:
-    """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``)."""
+    """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``).
+
+    ``identity_dir`` is the server's identity directory on the SuperLink host (its ``server``
+    keys and the federation's ``allowlist.json``), ``server_state_dir`` where the ServerApp
+    keeps its envelope nonce memory, ``key_holder`` the client index that runs the CKKS key
+    ceremony in the encrypted relatedness modes.
+    """
     return {
         "experiment": experiment_to_run_config(cfg),
         "result-dir": str(result_dir.resolve()) if result_dir is not None else "",
@@ -125,6 +178,9 @@ def make_run_config(
         "poll-interval": float(poll_interval),
         "num-threads": int(num_threads),
         "reproducible-dp-noise": bool(reproducible_dp_noise),
+        "identity-dir": str(Path(identity_dir).resolve()),
+        "server-state-dir": str(Path(server_state_dir).resolve()),
+        "key-holder": int(key_holder),
     }
 
 
@@ -140,6 +196,9 @@ class RunSettings:
     poll_interval: float
     num_threads: int
     reproducible_dp_noise: bool
+    identity_dir: Path
+    server_state_dir: Path
+    key_holder: int
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -175,6 +234,21 @@ class RunSettings:
             raise DeployError(
                 f"run config key 'reproducible-dp-noise' must be true or false; got {reproducible!r}"
             )
+        dirs: dict[str, Path] = {}
+        for key in ("identity-dir", "server-state-dir"):
+            value = run_config[key]
+            if not isinstance(value, str) or not os.path.isabs(value):
+                raise DeployError(
+                    f"run config key {key!r} must be an absolute path on the SuperLink host "
+                    f"(identity-dir: the server's keys and allowlist.json); got {value!r}"
+                )
+            dirs[key] = Path(value)
+        holder = run_config["key-holder"]
+        n = cfg.data.num_clients
+        if isinstance(holder, bool) or not isinstance(holder, int) or not 0 <= holder < n:
+            raise DeployError(
+                f"run config key 'key-holder' must be a client index in [0, {n}); got {holder!r}"
+            )
         return cls(
             experiment=cfg,
             config_hash=config_hash(cfg),
@@ -184,6 +258,9 @@ class RunSettings:
             poll_interval=values["poll-interval"],
             num_threads=threads,
             reproducible_dp_noise=reproducible,
+            identity_dir=dirs["identity-dir"],
+            server_state_dir=dirs["server-state-dir"],
+            key_holder=holder,
         )
 
 
@@ -193,17 +270,19 @@ class NodeSettings:
 
     partition_id: int
     state_dir: Path
-    identity_dir: Path | None = None
+    identity_dir: Path
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], num_clients: int) -> NodeSettings:
-        """Validate ``partition-id`` (0 <= id < num_clients), ``state-dir`` (absolute) and the
-        optional ``identity-dir`` (absolute; needed with DP for the client's signing key)."""
-        if "partition-id" not in node_config or "state-dir" not in node_config:
+        """Validate ``partition-id`` (0 <= id < num_clients), ``state-dir`` (absolute) and
+        ``identity-dir`` (absolute: this client's identity keys and the federation's
+        ``allowlist.json``; every message is signed and verified with them)."""
+        required = ("partition-id", "state-dir", "identity-dir")
+        if any(key not in node_config for key in required):
             raise DeployError(
-                "node config must set partition-id and state-dir "
-                "(flower-supernode --node-config 'partition-id=0 state-dir=\"/abs/dir\"'); "
-                f"got keys {sorted(node_config)}"
+                "node config must set partition-id, state-dir and identity-dir "
+                "(flower-supernode --node-config 'partition-id=0 state-dir=\"/abs/dir\" "
+                f"identity-dir=\"/abs/keys\"'); got keys {sorted(node_config)}"
             )
         pid = node_config["partition-id"]
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < num_clients:
@@ -213,14 +292,10 @@ class NodeSettings:
         state_dir = node_config["state-dir"]
         if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
             raise DeployError(f"node config state-dir must be an absolute path; got {state_dir!r}")
-        identity = node_config.get("identity-dir")
-        if identity is not None and (not isinstance(identity, str) or not os.path.isabs(identity)):
+        identity = node_config["identity-dir"]
+        if not isinstance(identity, str) or not os.path.isabs(identity):
             raise DeployError(f"node config identity-dir must be an absolute path; got {identity!r}")
-        return cls(
-            partition_id=pid,
-            state_dir=Path(state_dir),
-            identity_dir=Path(identity) if identity is not None else None,
-        )
+        return cls(partition_id=pid, state_dir=Path(state_dir), identity_dir=Path(identity))
 
 
 def tensor_to_array_record(name: str, tensor: Tensor) -> ArrayRecord:

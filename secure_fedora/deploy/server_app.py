@@ -2,10 +2,20 @@
 
 The server never holds client data. It
 
-1. waits (bounded by ``connect-timeout``) until one SuperNode per client is online, asks each
-   for its summary ``U_i`` (replies bounded by the larger of ``connect-timeout`` and
-   ``round-timeout``: first contact includes app installation and partition building) and
-   learns which node holds which client (``client-id``);
+1. waits (bounded by ``connect-timeout``) until one SuperNode per client is online, then runs
+   the relatedness phase in the configured mode (replies bounded by the larger of
+   ``connect-timeout`` and ``round-timeout``: first contact includes app installation and
+   partition building), learning which node holds which client (``client-id``):
+
+   - plain / noised: every client sends its summary ``U_i`` (noised through its own budget
+     gate in noised mode);
+   - encrypted / noised+encrypted (CKKS, :mod:`secure_fedora.deploy.ceremony`): the key
+     holder (run config ``key-holder``, a client) runs the key ceremony and returns the public
+     context and the secret context sealed to every client; the server forwards each client
+     its sealed context and receives ``Enc(U_i)``; it computes the encrypted Gram rows with
+     the public context only (it refuses any context holding a secret key); the key holder
+     decrypts and returns only the ``q x q`` overlap blocks;
+
 2. builds the similarity matrix, the top-k graph and the propagation matrix ``P`` with
    :mod:`secure_fedora.fedora` (the same calls as the in-process ``Fedora`` method);
 3. every round, samples participants exactly as the in-process runtime does (same seed,
@@ -13,14 +23,22 @@ The server never holds client data. It
    return ``theta_i``; the others only store ``phi_i`` and report their accuracy), waits for
    replies (bounded by ``round-timeout``), then sets ``phi = P @ theta``.
 
+Every message is signed and every reply verified (:mod:`secure_fedora.deploy.envelopes`),
+with the server identity and allowlist of ``identity-dir`` and the nonce memory in
+``server-state-dir/runs/<run_id>/``. A rejected reply (unknown sender, bad signature, tampered
+content, replay, stale round, wrong shape, non-finite values, malformed content) is logged,
+recorded in ``results["security"]["rejections"]``, and that client counts as not
+participating in the round, exactly as an offline one. In the relatedness phase every client
+is needed, so a rejected summary stops the run naming the client.
+
 Partial participation, matching the in-process runtime: a client that is offline, replies
-with an error, or does not reply within the round timeout simply keeps its last ``theta_i``
-on the server (its last received model); it still receives its ``phi_i`` whenever it is
-reachable, and propagation always uses every client's last known ``theta``. Each such event
-is logged with the round, client and node. In an evaluated round, a client that did not
-report counts with its last reported accuracy (the initial model's, reported with its
-summary, if it never reported); model selection is the in-process runtime's ``Tracker``
-(the round with the best mean validation accuracy).
+with an error, does not reply within the round timeout or whose reply is rejected simply
+keeps its last ``theta_i`` on the server (its last accepted model); it still receives its
+``phi_i`` whenever it is reachable, and propagation always uses every client's last known
+``theta``. Each such event is logged with the round, client and node. In an evaluated round,
+a client that did not report counts with its last reported accuracy (the initial model's,
+reported with its summary, if it never reported); model selection is the in-process
+runtime's ``Tracker`` (the round with the best mean validation accuracy).
 
 Results (``results.json``, ``progress.json``) are written atomically to ``result-dir`` on the
 SuperLink host when it is set.
@@ -35,19 +53,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
+from privacy.ckks import InnerProductUpload
+from privacy.envelope import Envelope, EnvelopeError
+from privacy.identity import client_ids
 from secure_fedora import __version__, fedora
 from secure_fedora.client import FlatModel
 from secure_fedora.config import ExperimentConfig
+from secure_fedora.deploy.ceremony import (
+    CeremonyError,
+    encrypted_rows,
+    layout_for,
+    parse_upload,
+    receive_public_context,
+)
+from secure_fedora.deploy.envelopes import MessageSecurity, checked_array
 from secure_fedora.deploy.protocol import (
+    MSG_CEREMONY,
+    MSG_DECRYPT,
+    MSG_ENCRYPTED_SUMMARY,
     MSG_ROUND,
     MSG_SUMMARY,
+    SUMMARY_DIM,
     DeployError,
     RunSettings,
-    array_record_to_tensor,
     check_supported,
     tensor_to_array_record,
 )
@@ -59,6 +91,7 @@ from secure_fedora.runtime import (
     summarize,
 )
 from secure_fedora.runtime import sample_participants as runtime_sample_participants
+from secure_fedora.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
 __all__ = ["ExchangeTiming", "app", "sample_participants"]
 
@@ -182,6 +215,7 @@ class _Server:
 
     settings: RunSettings
     run_id: int
+    security: MessageSecurity
     node_of_client: dict[int, int] = field(default_factory=dict)
     theta: Tensor | None = None
     phi: Tensor | None = None
@@ -189,14 +223,22 @@ class _Server:
     graph: Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
-    relatedness_timing: dict[str, float] = field(default_factory=dict)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    relatedness_timing: dict[str, Any] = field(default_factory=dict)
+    relatedness_details: dict[str, Any] = field(default_factory=dict)
     privacy: dict[int, dict[str, float]] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)
+    ckks_context: Any = None  # the public CKKS context (encrypted modes); never a secret key
 
     @property
     def cfg(self) -> ExperimentConfig:
         """The run's experiment config."""
         return self.settings.experiment
+
+    @property
+    def client_ids(self) -> list[str]:
+        """Party ids of the federation's clients, by client index."""
+        return client_ids(self.cfg.data.num_clients)
 
     def event(self, rnd: int, client: int | None, node: int | None, what: str) -> None:
         """Record and log a partial-participation or failure event."""
@@ -204,80 +246,308 @@ class _Server:
         who = f"client {client} (node {node})" if client is not None else f"node {node}"
         _say(f"round {rnd}: {who}: {what}")
 
+    def reject(
+        self, rnd: int, client: int | None, node: int | None, error: EnvelopeError, then: str
+    ) -> None:
+        """Record a rejected message (already logged on the security logger) and log it."""
+        self.rejections.append({
+            "round": rnd, "client": client, "node": node, "reason": error.reason,
+            "sender": error.sender, "detail": error.detail,
+        })
+        self.event(rnd, client, node, f"message rejected ({error.reason}: {error.detail}): {then}")
+
+    def sign(
+        self, content: RecordDict, message_type: str, recipients: list[str], rnd: int
+    ) -> RecordDict:
+        """Sign ``content`` for ``recipients`` (one envelope each)."""
+        return self.security.sign(content, message_type, recipients, rnd, reply=False)
+
+    def accept(
+        self, rnd: int, node: int, reply: Message, message_type: str, client: int | None,
+        then: str,
+    ) -> Envelope | None:
+        """Verify ``reply``'s envelope (from ``client``, or any allowlisted client when None);
+        a rejection is recorded and logged and returns None."""
+        expected = self.client_ids[client] if client is not None else None
+        try:
+            return self.security.verify(reply.content, message_type, reply=True,
+                                        expected_round=rnd, expected_sender=expected)
+        except EnvelopeError as err:
+            self.reject(rnd, client, node, err, then)
+            return None
+
     def write(self, name: str, doc: dict[str, Any]) -> None:
         """Atomically write ``doc`` as JSON to ``result-dir/name`` (if a result-dir is set)."""
         if self.settings.result_dir is not None:
             atomic_write_text(self.settings.result_dir / name, json.dumps(doc, indent=2))
 
 
-def _relatedness(grid: Grid, server: _Server, nodes: list[int]) -> tuple[Tensor, Tensor]:
-    """Collect every client's summary; returns (initial val, initial test) accuracies."""
-    cfg = server.cfg
-    n = cfg.data.num_clients
+def _malformed(envelope: Envelope, detail: str) -> EnvelopeError:
+    """A logged rejection for an authenticated reply whose content is not what was asked for."""
+    return log_rejection(MalformedPayloadError(
+        detail, sender=envelope.sender, round=envelope.round, kind=envelope.kind,
+        recipient=envelope.recipient))
+
+
+def _relatedness_wait(server: _Server) -> float:
+    # The first contact is the slowest (each SuperNode installs the app, its ClientApp builds
+    # the partition): it is bounded by the connect timeout rather than the round timeout.
+    return max(server.settings.connect_timeout, server.settings.round_timeout)
+
+
+def _relatedness_message(
+    server: _Server, node: int, message_type: str, content: RecordDict, recipients: list[str]
+) -> Message:
+    return Message(
+        server.sign(content, message_type, recipients, 0),
+        dst_node_id=node,
+        message_type=message_type,
+        group_id="relatedness",
+        ttl=_relatedness_wait(server) + 60.0,
+    )
+
+
+def _first_contact(
+    grid: Grid, server: _Server, nodes: list[int], message_type: str, extra: dict[str, Any]
+) -> tuple[dict[int, tuple[Message, Envelope]], ExchangeTiming]:
+    """Send ``message_type`` to every node, learn which node holds which client.
+
+    The request carries one envelope per client id (the server does not know yet who is
+    where); each verified reply names its client, which must be the client that signed it.
+    Returns the accepted replies and their envelopes by client index. Two nodes answering for one client stop the
+    run (a misconfigured federation); rejected replies are logged and count as missing.
+    """
+    fedora_conf = ConfigRecord({"config-hash": server.settings.config_hash, **extra})
     messages = {
-        node: Message(
-            RecordDict({"fedora": ConfigRecord({"config-hash": server.settings.config_hash})}),
-            dst_node_id=node,
-            message_type=MSG_SUMMARY,
-            group_id="relatedness",
-            ttl=max(server.settings.connect_timeout, server.settings.round_timeout) + 60.0,
+        node: _relatedness_message(
+            server, node, message_type, RecordDict({"fedora": fedora_conf}), server.client_ids
         )
         for node in nodes
     }
-    # The first contact is the slowest (each SuperNode installs the app, its ClientApp builds
-    # the partition): it is bounded by the connect timeout rather than the round timeout.
-    wait = max(server.settings.connect_timeout, server.settings.round_timeout)
-    ex = _exchange(grid, messages, wait, server.settings.poll_interval)
+    ex = _exchange(grid, messages, _relatedness_wait(server), server.settings.poll_interval)
     for node, reason in ex.errors.items():
-        server.event(0, None, node, f"summary failed: {reason}")
+        server.event(0, None, node, f"{message_type} failed: {reason}")
     if ex.missing:
-        server.event(0, None, None, f"no summary from nodes {ex.missing} in time")
-    summaries: dict[int, Tensor] = {}
-    val0 = torch.zeros(n)
-    test0 = torch.zeros(n)
-    d = 784 + NUM_CLASSES
+        server.event(0, None, None, f"no {message_type} reply from nodes {ex.missing} in time")
+    n = server.cfg.data.num_clients
+    accepted: dict[int, tuple[Message, Envelope]] = {}
     for node, reply in ex.replies.items():
-        info = reply.content["client"]
-        cid = info.get("client-id")
+        envelope = server.accept(0, node, reply, message_type, None, "no relatedness from it")
+        if envelope is None:
+            continue
+        info = reply.content["client"] if "client" in reply.content else None
+        cid = info.get("client-id") if isinstance(info, ConfigRecord) else None
+        if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < n:
+            raise DeployError(f"node {node} reported invalid client-id {cid!r}")
         if info.get("config-hash") != server.settings.config_hash:
             raise DeployError(f"node {node} answered for another config")
-        if not isinstance(cid, int) or not 0 <= cid < n:
-            raise DeployError(f"node {node} reported invalid client-id {cid!r}")
+        if envelope.sender != server.client_ids[cid]:
+            server.reject(0, cid, node, log_rejection(SenderMismatchError(
+                f"reply for client {cid} is signed by {envelope.sender!r}",
+                sender=envelope.sender, round=0, kind=envelope.kind, recipient="server")),
+                "no relatedness from it")
+            continue
         if cid in server.node_of_client:
             raise DeployError(
                 f"nodes {server.node_of_client[cid]} and {node} both hold partition-id {cid}"
             )
         server.node_of_client[cid] = node
-        summaries[cid] = array_record_to_tensor(
-            reply.content["summary"], "u", torch.float64, (d, cfg.fedora.q)
-        )
-        metrics = reply.content["metrics"]
-        val0[cid] = float(metrics["val-accuracy"])
-        test0[cid] = float(metrics["test-accuracy"])
-        if "epsilon-spent" in metrics:
-            server.privacy[cid] = {
-                "epsilon_spent": float(metrics["epsilon-spent"]),
-                "epsilon_budget": float(metrics["epsilon-budget"]),
-                "ledger_entries": int(metrics["ledger-entries"]),
-            }
-    absent = [c for c in range(n) if c not in summaries]
+        accepted[cid] = (reply, envelope)
+    return accepted, ex.timing
+
+
+def _require_all(server: _Server, have: Any, nodes: list[int], what: str) -> None:
+    absent = [c for c in range(server.cfg.data.num_clients) if c not in have]
     if absent:
         raise DeployError(
-            f"relatedness needs every client's summary; missing clients {absent} "
+            f"relatedness needs every client's {what}; missing clients {absent} "
             f"(nodes online: {nodes})"
         )
-    overlaps = fedora.subspace_overlaps(torch.stack([summaries[c] for c in range(n)]))
+
+
+def _take_metrics(
+    server: _Server, cid: int, reply: Message, envelope: Envelope, val0: Tensor, test0: Tensor
+) -> bool:
+    """Initial accuracies (and privacy state) from a summary reply; False if malformed."""
+    metrics = reply.content["metrics"] if "metrics" in reply.content else None
+    try:
+        if not isinstance(metrics, MetricRecord):
+            raise KeyError("metrics")
+        val, test = float(metrics["val-accuracy"]), float(metrics["test-accuracy"])
+        privacy = (
+            {"epsilon_spent": float(metrics["epsilon-spent"]),
+             "epsilon_budget": float(metrics["epsilon-budget"]),
+             "ledger_entries": int(metrics["ledger-entries"])}
+            if "epsilon-spent" in metrics else None
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        server.reject(0, cid, server.node_of_client.get(cid),
+                      _malformed(envelope, f"summary reply lacks metrics ({err})"),
+                      "no relatedness from it")
+        return False
+    val0[cid], test0[cid] = val, test
+    if privacy is not None:
+        server.privacy[cid] = privacy
+    return True
+
+
+def _plain_overlaps(
+    grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
+) -> Tensor:
+    """Plain and noised modes: every client's summary ``U_i`` in the clear (signed)."""
+    cfg = server.cfg
+    replies, timing = _first_contact(grid, server, nodes, MSG_SUMMARY, {})
+    summaries: dict[int, Tensor] = {}
+    for cid, (reply, env) in replies.items():
+        try:
+            u = checked_array(reply.content, "summary", "u", torch.float64,
+                              (SUMMARY_DIM, cfg.fedora.q), env)
+        except EnvelopeError as err:
+            server.reject(0, cid, server.node_of_client[cid], err, "no relatedness from it")
+            continue
+        if _take_metrics(server, cid, reply, env, val0, test0):
+            summaries[cid] = u
+    _require_all(server, summaries, nodes, "summary")
+    server.relatedness_timing = timing.to_json()
+    n = cfg.data.num_clients
+    return fedora.subspace_overlaps(torch.stack([summaries[c] for c in range(n)]))
+
+
+def _addressed(
+    server: _Server, cid: int, message_type: str, content: RecordDict
+) -> tuple[int, Message]:
+    node = server.node_of_client[cid]
+    content["fedora"] = ConfigRecord({"config-hash": server.settings.config_hash})
+    return node, _relatedness_message(
+        server, node, message_type, content, [server.client_ids[cid]]
+    )
+
+
+def _encrypted_overlaps(
+    grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
+) -> Tensor:
+    """Encrypted modes: key ceremony, ``Enc(U_i)`` from every client, encrypted Gram rows on
+    the server (public context only), decryption of the overlap blocks by the key holder."""
+    cfg = server.cfg
+    n, q = cfg.data.num_clients, cfg.fedora.q
+    holder = server.settings.key_holder
+    poll = server.settings.poll_interval
+    details: dict[str, Any] = {"key_holder": holder}
+    timing: dict[str, Any] = {}
+
+    # (a) key ceremony at the key holder (every node identifies itself in the same exchange)
+    replies, ceremony_timing = _first_contact(
+        grid, server, nodes, MSG_CEREMONY, {"key-holder": holder}
+    )
+    timing["ceremony"] = ceremony_timing.to_json()
+    _require_all(server, replies, nodes, "identification")
+    reply, env = replies[holder]
+    record = reply.content["ceremony"] if "ceremony" in reply.content else None
+    public = record.get("public-context") if isinstance(record, ConfigRecord) else None
+    if not isinstance(public, bytes):
+        raise DeployError(f"the key holder (client {holder}) returned no public CKKS context")
+    t0 = time.perf_counter()
+    server.ckks_context = receive_public_context(public)
+    sealed: dict[int, bytes] = {}
+    for cid, party in enumerate(server.client_ids):
+        blob = record.get(f"sealed-{party}")
+        if not isinstance(blob, bytes):
+            raise DeployError(f"the key holder (client {holder}) sealed no CKKS context for {party}")
+        sealed[cid] = blob
+    details["public_context_bytes"] = len(public)
+    details["sealed_context_bytes"] = len(sealed[0])
+    details["server_context_has_secret_key"] = bool(server.ckks_context.has_secret_key())
+
+    # (b) every client's encrypted summary, its sealed context forwarded to it
+    layout = layout_for(cfg)
+    messages = dict(
+        _addressed(server, cid, MSG_ENCRYPTED_SUMMARY, RecordDict({"ckks": ConfigRecord({
+            "sealed-context": sealed[cid], "num-vectors": layout.num_vectors,
+            "dim": layout.dim})}))
+        for cid in range(n)
+    )
+    client_of = {node: cid for cid, node in server.node_of_client.items()}
+    ex = _exchange(grid, messages, _relatedness_wait(server), poll)
+    timing["encrypted_summary"] = ex.timing.to_json()
+    for node, reason in ex.errors.items():
+        server.event(0, client_of[node], node, f"encrypted summary failed: {reason}")
+    for node in ex.missing:
+        server.event(0, client_of[node], node, "no encrypted summary in time")
+    uploads: dict[int, list[InnerProductUpload]] = {}
+    upload_bytes: dict[int, int] = {}
+    for node, reply in ex.replies.items():
+        cid = client_of[node]
+        env = server.accept(0, node, reply, MSG_ENCRYPTED_SUMMARY, cid, "no relatedness from it")
+        if env is None:
+            continue
+        record = reply.content["upload"] if "upload" in reply.content else None
+        columns = record.get("columns") if isinstance(record, ConfigRecord) else None
+        try:
+            if not isinstance(columns, list):
+                raise CeremonyError(f"client {cid} sent no encrypted columns")
+            parsed = parse_upload(layout, cid, q, columns)
+        except CeremonyError as err:
+            server.reject(0, cid, node, _malformed(env, str(err)), "no relatedness from it")
+            continue
+        if _take_metrics(server, cid, reply, env, val0, test0):
+            uploads[cid] = parsed
+            upload_bytes[cid] = sum(len(c) for c in columns)
+    _require_all(server, uploads, nodes, "encrypted summary")
+    details["upload_bytes_per_client"] = [upload_bytes[c] for c in range(n)]
+
+    # (c) the encrypted Gram rows, computed with the public context only
+    t1 = time.perf_counter()
+    rows = encrypted_rows(server.ckks_context, layout, q, uploads)
+    timing["server_compute_s"] = round(time.perf_counter() - t1, 4)
+    details["rows_bytes"] = sum(len(r) for r in rows)
+
+    # (d) the key holder decrypts the q x q blocks, and only those
+    node, message = _addressed(server, holder, MSG_DECRYPT,
+                               RecordDict({"rows": ConfigRecord({"rows": rows})}))
+    ex = _exchange(grid, {node: message}, _relatedness_wait(server), poll)
+    timing["decrypt"] = ex.timing.to_json()
+    problem = (ex.errors.get(node) or ("no reply in time" if ex.missing else None))
+    overlaps: Tensor | None = None
+    if problem is None:
+        env = server.accept(0, node, ex.replies[node], MSG_DECRYPT, holder, "no overlaps")
+        if env is None:
+            problem = "its reply was rejected"
+        else:
+            try:
+                overlaps = checked_array(ex.replies[node].content, "overlaps", "overlaps",
+                                         torch.float64, (n, n, q, q), env)
+            except EnvelopeError as err:
+                server.reject(0, holder, node, err, "no overlaps")
+                problem = f"its overlaps were refused ({err.reason})"
+    if overlaps is None:
+        raise DeployError(f"the key holder (client {holder}) did not return the overlaps: {problem}")
+    timing["wall_s"] = round(time.perf_counter() - t0, 4)
+    server.relatedness_timing = timing
+    server.relatedness_details = details
+    return overlaps
+
+
+def _relatedness(grid: Grid, server: _Server, nodes: list[int]) -> tuple[Tensor, Tensor]:
+    """Overlaps in the configured mode, then the graph and ``P`` exactly as the in-process
+    ``Fedora`` builds them; returns the initial (validation, test) accuracies."""
+    cfg = server.cfg
+    n = cfg.data.num_clients
+    val0 = torch.zeros(n)
+    test0 = torch.zeros(n)
+    t0 = time.perf_counter()
+    if "encrypted" in cfg.fedora.relatedness:
+        overlaps = _encrypted_overlaps(grid, server, nodes, val0, test0)
+    else:
+        overlaps = _plain_overlaps(grid, server, nodes, val0, test0)
     similarity = fedora.similarity_matrix(overlaps, cfg.fedora.tau)
     server.graph = fedora.topk_graph(similarity, cfg.fedora.k)
     if cfg.fedora.propagation == "power":
         server.prop = fedora.propagation_matrix_power(server.graph, cfg.fedora.alpha)
     else:
         server.prop = fedora.propagation_matrix(server.graph, cfg.fedora.alpha)
-    server.relatedness_timing = ex.timing.to_json()
-    _say(f"relatedness: graph over {n} clients built in {ex.timing.wall:.2f} s")
+    _say(f"relatedness ({cfg.fedora.relatedness}): graph over {n} clients built in "
+         f"{time.perf_counter() - t0:.2f} s")
     return val0, test0
-
-
 def _propagate(server: _Server) -> None:
     assert server.theta is not None and server.phi is not None and server.prop is not None
     if server.cfg.fedora.propagation == "power":
@@ -316,7 +586,8 @@ def _round(
             }
         )
         messages[node] = Message(
-            content, dst_node_id=node, message_type=MSG_ROUND, group_id=str(rnd),
+            server.sign(content, MSG_ROUND, [server.client_ids[cid]], rnd),
+            dst_node_id=node, message_type=MSG_ROUND, group_id=str(rnd),
             ttl=server.settings.round_timeout + 60.0,
         )
     t0 = time.perf_counter()
@@ -331,31 +602,60 @@ def _round(
         server.event(rnd, client_of[node], node, "no reply in time: keeps its last theta")
     for node, reply in ex.replies.items():
         cid = client_of[node]
-        metrics = reply.content["metrics"]
-        if int(metrics["round"]) != rnd:
-            server.event(rnd, cid, node, f"reply for round {metrics['round']} ignored")
+        then = "counts as not participating, keeps its last theta"
+        envelope = server.accept(rnd, node, reply, MSG_ROUND, cid, then)
+        if envelope is None:
             continue
-        if "epsilon-spent" in metrics:
-            server.privacy[cid] = {
-                "epsilon_spent": float(metrics["epsilon-spent"]),
-                "epsilon_budget": float(metrics["epsilon-budget"]),
-                "ledger_entries": int(metrics["ledger-entries"]),
-            }
-        if cid in chosen and "theta" in reply.content:
-            server.theta[cid].copy_(
-                array_record_to_tensor(reply.content["theta"], "theta", torch.float32, (p,))
+        try:
+            metrics = reply.content["metrics"]
+            if not isinstance(metrics, MetricRecord):
+                raise TypeError("metrics is not a MetricRecord")
+            reply_round = int(metrics["round"])
+            theta = (
+                checked_array(reply.content, "theta", "theta", torch.float32, (p,), envelope)
+                if cid in chosen and "theta" in reply.content else None
             )
+            lam = float(metrics["lambda"]) if theta is not None else 0.0
+            done = int(metrics["steps"]) if theta is not None else 0
+            evaluated = do_eval and int(metrics["eval-round"]) == rnd
+            accuracies = (
+                (float(metrics["val-accuracy"]), float(metrics["test-accuracy"]))
+                if evaluated else None
+            )
+            privacy = (
+                {"epsilon_spent": float(metrics["epsilon-spent"]),
+                 "epsilon_budget": float(metrics["epsilon-budget"]),
+                 "ledger_entries": int(metrics["ledger-entries"])}
+                if "epsilon-spent" in metrics else None
+            )
+        except EnvelopeError as err:
+            server.reject(rnd, cid, node, err, then)
+            continue
+        except (KeyError, TypeError, ValueError) as err:
+            server.reject(rnd, cid, node, _malformed(envelope, f"round reply malformed ({err})"),
+                          then)
+            continue
+        if reply_round != rnd:
+            server.event(rnd, cid, node, f"reply for round {reply_round} ignored")
+            continue
+        if privacy is not None:
+            server.privacy[cid] = privacy
+        if theta is not None:
+            server.theta[cid].copy_(theta)
             trained += 1
-            lambdas.append(float(metrics["lambda"]))
-            steps += int(metrics["steps"])
+            lambdas.append(lam)
+            steps += done
         elif cid in chosen:
-            refusal = reply.content.get("refusal")
-            reason = str(refusal["reason"]) if refusal is not None else "no model released"
+            refusal = reply.content.get("refusal") if "refusal" in reply.content else None
+            reason = (
+                str(refusal["reason"])
+                if isinstance(refusal, ConfigRecord) and "reason" in refusal
+                else "no model released"
+            )
             server.event(rnd, cid, node, f"refused its release ({reason}): keeps its last theta")
             server.refused.add(cid)
-        if do_eval and int(metrics["eval-round"]) == rnd:
-            tracker.last_val[cid] = float(metrics["val-accuracy"])
-            tracker.last_test[cid] = float(metrics["test-accuracy"])
+        if accuracies is not None:
+            tracker.last_val[cid], tracker.last_test[cid] = accuracies
     if do_eval:
         tracker.update(rnd)
     _propagate(server)
@@ -386,7 +686,11 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
     check_supported(cfg, settings.reproducible_dp_noise)
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
-    server = _Server(settings=settings, run_id=run_id)
+    security = MessageSecurity.for_server(
+        settings.identity_dir, settings.server_state_dir / "runs" / str(run_id), run_id,
+        settings.config_hash, n,
+    )
+    server = _Server(settings=settings, run_id=run_id, security=security)
     started = time.time()
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)
@@ -428,7 +732,17 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
                 "against the server (reproducible-dp-noise test deployment)"
             ),
             "transport": "TLS; node authentication is a SuperLink setting",
+            "envelopes": (
+                "every message signed (Ed25519, privacy.envelope) over a digest of its whole "
+                "content, run id and config hash; verified against the allowlist, nonces "
+                "remembered on disk"
+            ),
+            "key_holder": (
+                f"client {settings.key_holder} holds the CKKS secret key and sees the overlaps"
+                if "encrypted" in cfg.fedora.relatedness else None
+            ),
         },
+        "security": {"rejections": server.rejections},
         "privacy": (
             {
                 "clients": [
@@ -453,6 +767,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
             }
         },
         "relatedness_timing": server.relatedness_timing,
+        "relatedness_details": server.relatedness_details,
         "rounds": server.history,
         "events": server.events,
         "seconds_total": round(time.time() - started, 3),

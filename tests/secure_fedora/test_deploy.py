@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,23 +24,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, RecordDict
 
-from secure_fedora.config import ExperimentConfig, config_hash, parse_config
+from secure_fedora.config import config_hash, parse_config
 from secure_fedora.deploy import client_app, server_app
 from secure_fedora.deploy.certs import CertificateError, make_certificates, make_node_keys
 from secure_fedora.deploy.cli import register
 from secure_fedora.deploy.local import LocalFederation, RunTimeouts, with_num_clients
 from secure_fedora.deploy.processes import ManagedProcess, descendants, is_alive
 from secure_fedora.deploy.protocol import (
-    MSG_SUMMARY,
     DeployError,
     NodeSettings,
     RunSettings,
     array_record_to_tensor,
     check_supported,
-    make_run_config,
     tensor_to_array_record,
 )
 from secure_fedora.deploy.state import (
@@ -51,24 +47,18 @@ from secure_fedora.deploy.state import (
     load_partition,
     save_partition,
 )
-from secure_fedora.runtime import Simulation, build_clients
-
-# A tiny setting that learns in two rounds (chance is 0.1) and exercises the proximal pull.
-TINY: dict[str, Any] = {
-    "name": "deploy-tiny",
-    "seed": 0,
-    "methods": ["fedora"],
-    "data": {"num_clients": 3, "train_per_client": 64, "val_per_client": 32, "test_per_client": 64},
-    "training": {"rounds": 2, "local_epochs": 3, "lr": 0.1, "batch_size": 16},
-    "fedora": {"k": 2},
-}
-
-
-def tiny_config(**training: Any) -> ExperimentConfig:
-    data = json.loads(json.dumps(TINY))
-    data["training"].update(training)
-    return parse_config(data)
-
+from secure_fedora.runtime import build_clients
+from tests.secure_fedora.deploy_support import (
+    TINY,
+    InMemoryGrid,
+    dp_config,
+    in_process,
+    run_config,
+    server_security,
+    signed_request,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+)
 
 # --------------------------------------------------------------------------- certificates
 
@@ -164,15 +154,9 @@ def test_node_keys_are_p384_openssh_with_private_key_0600(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- protocol, state
 
 
-def _run_config(cfg: ExperimentConfig, **over: Any) -> dict[str, Any]:
-    rc = make_run_config(cfg, None, round_timeout=30.0, poll_interval=0.01)
-    rc.update(over)
-    return rc
-
-
-def test_run_settings_validate_every_key() -> None:
+def test_run_settings_validate_every_key(tmp_path: Path) -> None:
     cfg = tiny_config()
-    settings = RunSettings.from_run_config(_run_config(cfg))
+    settings = RunSettings.from_run_config(run_config(cfg, tmp_path))
     assert settings.experiment == cfg and settings.config_hash == config_hash(cfg)
     bad = [
         ({"experiment": ""}, "experiment"),
@@ -183,11 +167,15 @@ def test_run_settings_validate_every_key() -> None:
         ({"num-threads": 0}, "num-threads"),
         ({"reproducible-dp-noise": "yes"}, "reproducible-dp-noise"),
         ({"result-dir": "relative/dir"}, "absolute"),
+        ({"identity-dir": ""}, "identity-dir"),
+        ({"server-state-dir": "rel"}, "server-state-dir"),
+        ({"key-holder": 3}, "key-holder"),
+        ({"key-holder": True}, "key-holder"),
     ]
     for override, match in bad:
         with pytest.raises(DeployError, match=match):
-            RunSettings.from_run_config(_run_config(cfg, **override))
-    rc = _run_config(cfg)
+            RunSettings.from_run_config(run_config(cfg, tmp_path, **override))
+    rc = run_config(cfg, tmp_path)
     del rc["round-timeout"]
     with pytest.raises(DeployError, match="missing keys"):
         RunSettings.from_run_config(rc)
@@ -196,14 +184,13 @@ def test_run_settings_validate_every_key() -> None:
 def test_unsupported_settings_are_refused_by_name() -> None:
     check_supported(tiny_config())
     data = json.loads(json.dumps(TINY))
+    # Every relatedness mode runs on Flower (encrypted ones with a key-holder client).
     data["fedora"]["relatedness"] = "encrypted"
-    data["data"]["validation"] = "public"
-    with pytest.raises(DeployError, match="fedora.relatedness = 'encrypted'"):
+    check_supported(parse_config(data))
+    data["fedora"]["propagation"] = "encrypted"
+    with pytest.raises(DeployError, match="fedora.propagation = 'encrypted'"):
         check_supported(parse_config(data))
-    data["fedora"]["relatedness"] = "noised+encrypted"
-    data["privacy"] = {"enabled": True, "delta": 1e-3}
-    with pytest.raises(DeployError, match="'noised\\+encrypted'"):
-        check_supported(parse_config(data))
+    data["fedora"]["propagation"] = "dense"
     data["methods"] = ["local"]
     with pytest.raises(DeployError, match="does not include 'fedora'"):
         check_supported(parse_config(data))
@@ -215,18 +202,23 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     check_supported(dp_config(), reproducible_dp_noise=True)
 
 
-def test_node_settings_validate_partition_and_state_dir() -> None:
-    ok = NodeSettings.from_node_config({"partition-id": 2, "state-dir": "/tmp/x"}, 3)
+def test_node_settings_validate_partition_state_and_identity_dirs() -> None:
+    base = {"partition-id": 2, "state-dir": "/tmp/x", "identity-dir": "/tmp/ids"}
+    ok = NodeSettings.from_node_config(base, 3)
     assert ok.partition_id == 2 and ok.state_dir == Path("/tmp/x")
-    for conf, match in (
-        ({"partition-id": 3, "state-dir": "/tmp/x"}, "partition-id"),
-        ({"partition-id": -1, "state-dir": "/tmp/x"}, "partition-id"),
-        ({"partition-id": "0", "state-dir": "/tmp/x"}, "partition-id"),
-        ({"partition-id": 0, "state-dir": "rel"}, "absolute"),
-        ({"partition-id": 0}, "must set"),
+    assert ok.identity_dir == Path("/tmp/ids")
+    for change, match in (
+        ({"partition-id": 3}, "partition-id"),
+        ({"partition-id": -1}, "partition-id"),
+        ({"partition-id": "0"}, "partition-id"),
+        ({"state-dir": "rel"}, "state-dir must be an absolute"),
+        ({"identity-dir": "rel"}, "identity-dir must be an absolute"),
     ):
         with pytest.raises(DeployError, match=match):
-            NodeSettings.from_node_config(conf, 3)
+            NodeSettings.from_node_config({**base, **change}, 3)
+    for key in base:
+        with pytest.raises(DeployError, match="must set"):
+            NodeSettings.from_node_config({k: v for k, v in base.items() if k != key}, 3)
 
 
 def test_array_records_round_trip_and_reject_mismatches() -> None:
@@ -323,82 +315,13 @@ def test_managed_process_stop_reaches_descendants_in_other_sessions(tmp_path: Pa
 # --------------------------------------------------------------------------- in-memory grid
 
 
-class InMemoryGrid:
-    """Delivers the ServerApp's messages straight to the ClientApp handlers (no Flower
-    processes), so the protocol logic is tested fast and deterministically. ``fail`` maps
-    (client, round) to an exception text; ``drop`` lists (client, round) left unanswered."""
-
-    def __init__(self, state_root: Path, run_config: dict[str, Any], num_clients: int,
-                 run_id: int = 42, fail: dict[tuple[int, int], str] | None = None,
-                 drop: set[tuple[int, int]] | None = None,
-                 offline: dict[int, set[int]] | None = None,
-                 identity_dir: Path | None = None) -> None:
-        self.run_id = run_id
-        self.run_config = run_config
-        self.node_config: dict[int, dict[str, Any]] = {
-            1000 + c: {"partition-id": c, "state-dir": str(state_root / f"node-{c}")}
-            for c in range(num_clients)
-        }
-        if identity_dir is not None:
-            for conf in self.node_config.values():
-                conf["identity-dir"] = str(identity_dir)
-        self.fail = fail or {}
-        self.drop = drop or set()
-        self.offline = offline or {}
-        self.replies: dict[str, Message] = {}
-        self.counter = 0
-        self.current_round = 0
-
-    def get_node_ids(self) -> list[int]:
-        off = self.offline.get(self.current_round + 1, set())
-        return [n for n, c in self.node_config.items() if c["partition-id"] not in off]
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            self.counter += 1
-            mid = f"msg-{self.counter}"
-            msg.metadata.__dict__["_message_id"] = mid
-            ids.append(mid)
-            node = msg.metadata.dst_node_id
-            conf = self.node_config[node]
-            client = int(conf["partition-id"])
-            rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
-            self.current_round = max(self.current_round, rnd)
-            if (client, rnd) in self.drop:
-                continue
-            ctx = Context(self.run_id, node, dict(conf), RecordDict(), dict(self.run_config))
-            if (client, rnd) in self.fail:
-                self.replies[mid] = Message(Error(code=0, reason=self.fail[client, rnd]), reply_to=msg)
-                continue
-            handler = client_app.summary if msg.metadata.message_type == MSG_SUMMARY else client_app.train_round
-            self.replies[mid] = handler(msg, ctx)
-        return ids
-
-    def pull_messages(self, ids: list[str]) -> list[Message]:
-        return [self.replies.pop(i) for i in ids if i in self.replies]
-
-
-@pytest.fixture()
-def task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-def _in_process(cfg: ExperimentConfig, tmp_path: Path) -> tuple[Simulation, Any]:
-    sim = Simulation(cfg, tmp_path / "inproc")
-    return sim, sim.run_method("fedora")
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path: Path) -> None:
     cfg = tiny_config(rounds=3, participation=0.5)
-    rc = _run_config(cfg, **{"result-dir": str(tmp_path / "res")})
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    sim, outcome = _in_process(cfg, tmp_path)
+    sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
     assert fed["final"]["per_client"] == outcome.final["per_client"]
@@ -421,27 +344,17 @@ def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path:
     assert on_disk["methods"]["fedora"]["selected"] == fed["selected"]
 
 
-def dp_config(rounds: int = 2, **privacy: Any) -> ExperimentConfig:
-    data = json.loads(json.dumps(TINY))
-    data["training"]["rounds"] = rounds
-    data["data"]["validation"] = "private"
-    data["fedora"]["relatedness"] = "noised"
-    data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, **privacy}
-    return parse_config(data)
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path) -> None:
-    from privacy.identity import client_ids, default_party_ids, init_keys
+    from privacy.identity import client_ids
     from privacy.ledger import read_ledger, verify_ledger_file
 
     cfg = dp_config()  # noise seeded from the experiment seed, so both runs draw the same noise
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
     identities = tmp_path / "ids"
-    init_keys(identities, default_party_ids(3))
-    rc = _run_config(cfg, **{"reproducible-dp-noise": True})
-    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, identity_dir=identities)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    sim, outcome = _in_process(cfg, tmp_path)
+    sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
     assert fed["final"]["per_client"] == outcome.final["per_client"]
@@ -453,7 +366,7 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
         ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
         from privacy.identity import load_identity
 
-        assert verify_ledger_file(ledger, load_identity(identities, cid).signing_key.public_key()) == []
+        assert verify_ledger_file(ledger, load_identity(identities / cid, cid).signing_key.public_key()) == []
         rounds = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
         assert rounds == [(0, "gaussian_summary"), (1, "dpsgd"), (1, "gaussian_lambda"),
                           (2, "dpsgd"), (2, "gaussian_lambda")], rounds
@@ -466,16 +379,12 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
 
 @pytest.mark.usefixtures("task_identity")
 def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> None:
-    from privacy.identity import default_party_ids, init_keys
-
     # Fixed noise: epsilon 0.53 after the summary, 2.74 after round 1, 3.85 after round 2.
     # Client 1's budget (3.0) pays for the summary and round 1 only.
     cfg = dp_config(noise_multiplier=1.5, summary_noise_multiplier=5.0,
                     lambda_noise_multiplier=5.0, epsilon=50.0, overrides={"1": {"epsilon": 3.0}})
-    identities = tmp_path / "ids"
-    init_keys(identities, default_party_ids(3))
-    rc = _run_config(cfg, **{"reproducible-dp-noise": True})
-    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, identity_dir=identities)
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     refusals = [e for e in results["events"] if "refused" in e["event"]]
     assert refusals and {e["client"] for e in refusals} == {1}
@@ -493,7 +402,7 @@ def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> Non
 @pytest.mark.usefixtures("task_identity")
 def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path) -> None:
     cfg = tiny_config(rounds=2)
-    rc = _run_config(cfg, **{"round-timeout": 0.3})  # replies are synchronous here
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3})  # replies are synchronous here
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3, fail={(1, 1): "disk full"}, drop={(2, 2)},
                         offline={2: {0}})
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
@@ -515,12 +424,13 @@ def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("task_identity")
 def test_grid_refuses_missing_clients_and_duplicate_partitions(tmp_path: Path) -> None:
     cfg = tiny_config()
-    rc = _run_config(cfg, **{"connect-timeout": 0.1, "round-timeout": 0.3})
+    rc = run_config(cfg, tmp_path, **{"connect-timeout": 0.1, "round-timeout": 0.3})
     grid = InMemoryGrid(tmp_path / "n1", rc, 3, drop={(2, 0)})
     with pytest.raises(DeployError, match=r"missing clients \[2\]"):
         server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     grid = InMemoryGrid(tmp_path / "n2", rc, 3)
-    grid.node_config[1002]["partition-id"] = 1
+    # A node misconfigured with client 1's partition and keys answers (and signs) as client 1.
+    grid.node_config[1002].update(grid.node_config[1001], **{"state-dir": str(tmp_path / "x")})
     with pytest.raises(DeployError, match="both hold partition-id 1"):
         server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     grid = InMemoryGrid(tmp_path / "n3", rc, 3)
@@ -532,7 +442,7 @@ def test_grid_refuses_missing_clients_and_duplicate_partitions(tmp_path: Path) -
 @pytest.mark.usefixtures("task_identity")
 def test_client_resumes_from_disk_and_never_trains_a_round_twice(tmp_path: Path) -> None:
     cfg = tiny_config()
-    rc = _run_config(cfg)
+    rc = run_config(cfg, tmp_path)
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     node_dir = tmp_path / "nodes" / "node-0" / "runs" / "42"
@@ -541,10 +451,10 @@ def test_client_resumes_from_disk_and_never_trains_a_round_twice(tmp_path: Path)
     phi = tensor_to_array_record("phi", before.phi)
     from flwr.app import ConfigRecord
 
-    msg = Message(RecordDict({"phi": phi, "round": ConfigRecord(
+    signer = server_security(rc, tmp_path / "signer")
+    msg = signed_request(signer, RecordDict({"phi": phi, "round": ConfigRecord(
         {"round": 2, "participate": True, "evaluate": True, "config-hash": config_hash(cfg)})}),
-        dst_node_id=1000, message_type="train.fedora", group_id="2")
-    msg.metadata.__dict__["_message_id"] = "again"
+        "train.fedora", "client-000", 2, message_id="again")
     ctx = Context(42, 1000, dict(grid.node_config[1000]), RecordDict(), rc)
     reply = client_app.train_round(msg, ctx)
     assert reply.content["metrics"]["trained-now"] == 0
@@ -553,10 +463,9 @@ def test_client_resumes_from_disk_and_never_trains_a_round_twice(tmp_path: Path)
     after = NodeState.load(node_dir / "state.pt", 0, 42, config_hash(cfg))
     assert torch.equal(after.generator_state, before.generator_state)
     # A message for another config is refused.
-    bad = Message(RecordDict({"phi": phi, "round": ConfigRecord(
+    bad = signed_request(signer, RecordDict({"phi": phi, "round": ConfigRecord(
         {"round": 3, "participate": True, "evaluate": True, "config-hash": "0" * 64})}),
-        dst_node_id=1000, message_type="train.fedora", group_id="3")
-    bad.metadata.__dict__["_message_id"] = "bad"
+        "train.fedora", "client-000", 3, message_id="bad")
     with pytest.raises(DeployError, match="config hash"):
         client_app.train_round(bad, ctx)
 
@@ -661,7 +570,7 @@ def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     assert _processes_mentioning(str(workdir)) == []  # everything it started is gone
     results = json.loads(Path(report["results"]).read_text())
     run_id = int(report["run_id"])
-    sim, outcome = _in_process(cfg, tmp_path)
+    sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert np.allclose(fed["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4, rtol=0)
     assert np.allclose(fed["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
@@ -741,7 +650,7 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     assert entries[0]["kind"] == "summary"
     assert (entries[-1]["kind"], entries[-1]["round"]) == ("model", 3)
     ledger = run_dir / "client-002.jsonl"
-    key = load_identity(federation.identity_dir, "client-002").signing_key.public_key()
+    key = load_identity(federation.party_identity_dir(2), "client-002").signing_key.public_key()
     assert verify_ledger_file(ledger, key) == []  # chain and signatures intact after the kill
     accounted = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
     assert accounted[0] == (0, "gaussian_summary") and (3, "dpsgd") in accounted, accounted
