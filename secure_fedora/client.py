@@ -9,6 +9,7 @@ when the pull is active.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -122,12 +123,20 @@ class GradientOracle(Protocol):
 
 
 class PlainGradient:
-    """Non-private gradients: shuffled mini-batches, mean cross-entropy, one backward pass."""
+    """Non-private gradients: shuffled mini-batches, mean cross-entropy, one backward pass.
 
-    def __init__(self, batch_size: int) -> None:
+    With ``max_grad_norm`` set, the batch gradient is rescaled to L2 norm at most
+    ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_`` semantics over all parameters). This
+    is a stability knob for non-private training, not a privacy mechanism.
+    """
+
+    def __init__(self, batch_size: int, max_grad_norm: float | None = None) -> None:
         if batch_size < 1:
             raise ClientUpdateError(f"batch_size must be positive; got {batch_size}")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ClientUpdateError(f"max_grad_norm must be positive and finite; got {max_grad_norm}")
         self.batch_size = batch_size
+        self.max_grad_norm = max_grad_norm
 
     def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
         """Each epoch, a fresh permutation cut into batches (the last one may be smaller)."""
@@ -136,9 +145,13 @@ class PlainGradient:
             yield from order.split(self.batch_size)
 
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
-        """Write the mean-loss gradient of the batch into ``grad``."""
+        """Write the mean-loss gradient of the batch into ``grad`` (clipped if configured)."""
         grad.zero_()
         F.cross_entropy(model(x), y).backward()
+        if self.max_grad_norm is not None:
+            norm = float(grad.norm())
+            if norm > self.max_grad_norm:
+                grad.mul_(self.max_grad_norm / norm)
 
 
 class MomentumSGD:

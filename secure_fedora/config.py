@@ -91,6 +91,10 @@ class TrainingConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 5e-5
     batch_size: PositiveInt = 64
     participation: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Non-private training only: rescale each mini-batch gradient to at most this L2 norm
+    # (a stability knob, not a privacy mechanism; DP-SGD clips per sample with
+    # privacy.max_grad_norm instead and ignores this).
+    clip_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
 
 class FedoraConfig(_Section):

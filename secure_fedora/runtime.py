@@ -110,7 +110,7 @@ def build_context(
         clients=clients,
         flat=flat,
         train=train_config(cfg),
-        oracle=oracle or PlainGradient(cfg.training.batch_size),
+        oracle=oracle or PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm),
         workspace=Workspace.for_size(flat.num_params),
         generators=generators,
         init=flat.initial_vector(),

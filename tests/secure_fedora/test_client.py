@@ -41,6 +41,28 @@ def test_fused_sgd_matches_torch_optim_sgd():
     assert torch.allclose(theta, expected, atol=1e-6)
 
 
+def test_plain_gradient_clipping_bounds_the_batch_gradient_norm():
+    x, y = _data()
+    flat = FlatModel(make_model("mlp", seed=0))
+    theta = flat.initial_vector()
+    free, clipped = torch.zeros(flat.num_params), torch.zeros(flat.num_params)
+    PlainGradient(8).gradient(flat.bind(theta, free), x * 50, y, free)
+    PlainGradient(8, max_grad_norm=0.1).gradient(flat.bind(theta, clipped), x * 50, y, clipped)
+    assert free.norm() > 0.1
+    assert clipped.norm() == pytest.approx(0.1, rel=1e-5)
+    # a rescaling, never a change of direction
+    assert torch.allclose(clipped / clipped.norm(), free / free.norm(), atol=1e-6)
+    loose = torch.zeros(flat.num_params)
+    PlainGradient(8, max_grad_norm=1e9).gradient(flat.bind(theta, loose), x * 50, y, loose)
+    assert torch.equal(loose, free)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_plain_gradient_refuses_bad_clip(bad):
+    with pytest.raises(ClientUpdateError, match="max_grad_norm"):
+        PlainGradient(8, max_grad_norm=bad)
+
+
 def test_proximal_pull_moves_toward_phi():
     x, y = _data()
     cfg = TrainConfig(lr=0.01, batch_size=8, local_epochs=1)

@@ -30,6 +30,8 @@ def test_reference_config_is_the_reference_setting():
         ({"training": {"rounds": 0}}, "training.rounds"),
         ({"training": {"lr": -1}}, "training.lr"),
         ({"training": {"lr": "fast"}}, "training.lr"),
+        ({"training": {"clip_grad_norm": 0}}, "training.clip_grad_norm"),
+        ({"training": {"clip_grad_norm": "inf"}}, "training.clip_grad_norm"),
         ({"fedora": {"alpha": 1.0}}, "fedora.alpha"),
         ({"fedora": {"relatedness": "magic"}}, "fedora.relatedness"),
         ({"data": {"num_clients": 1}}, "data.num_clients"),
