@@ -263,7 +263,18 @@ def load_config(path: str | Path) -> ExperimentConfig:
     return parse_config(data, str(path))
 
 
+# Keys added after configs were first hashed, with the default that reproduces the behaviour
+# from before they existed. At that default they are left out of the hash, so checkpoints and
+# sweep cells written before the key existed stay valid; any other value changes the hash.
+_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("training", "clip_grad_norm"): None}
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the canonical JSON form of the validated config (defaults included)."""
-    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the canonical JSON form of the validated config (defaults included, except
+    later-added keys at their behaviour-preserving default: see ``_NEUTRAL_DEFAULTS``)."""
+    doc = cfg.model_dump(mode="json")
+    for (section, key), neutral in _NEUTRAL_DEFAULTS.items():
+        if key in doc.get(section, {}) and doc[section][key] == neutral:
+            del doc[section][key]
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -67,3 +67,12 @@ def test_config_hash_is_stable_and_sensitive():
     a = parse_config({})
     assert config_hash(a) == config_hash(parse_config({}))
     assert config_hash(a) != config_hash(parse_config({"seed": 1}))
+    assert config_hash(a) != config_hash(parse_config({"training": {"clip_grad_norm": 1.0}}))
+
+
+def test_config_hash_of_shipped_reference_is_unchanged_by_later_neutral_keys():
+    # Checkpoints and sweep cells are bound to this hash; a key added later at its
+    # behaviour-preserving default must not invalidate them.
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "reference.toml")
+    assert cfg.training.clip_grad_norm is None
+    assert config_hash(cfg) == "db2b9e169b64d0d402217a8ed55a3a714cbf802aa7e7bf2087c073cf94e5f209"
