@@ -14,6 +14,11 @@ payload bytes. The receiver's :class:`EnvelopeVerifier` accepts a message only i
 - its nonce was never accepted before from that sender (:class:`ReplayedNonceError`);
   the nonce memory can be persisted to a file so replays are caught across restarts.
 
+Persistence is write-ahead: :meth:`EnvelopeVerifier.verify` appends and fsyncs the nonce
+before it returns; :meth:`EnvelopeVerifier.batch` / :meth:`EnvelopeVerifier.verify_batch`
+verify several messages and make all their nonces durable with one append and one fsync
+before any of them is returned (a nonce repeated inside one batch is a replay too).
+
 Decoded tensors are checked with :meth:`EnvelopeVerifier.check_tensor` (wrong shape ->
 :class:`TensorShapeError`, NaN/inf -> :class:`NonFiniteTensorError`).
 
@@ -35,7 +40,7 @@ import logging
 import os
 import secrets
 import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +60,7 @@ __all__ = [
     "FutureRoundError",
     "MalformedEnvelopeError",
     "NonFiniteTensorError",
+    "NonceJournal",
     "PayloadHashMismatchError",
     "ReplayedNonceError",
     "RoundError",
@@ -63,8 +69,10 @@ __all__ = [
     "TensorShapeError",
     "UnexpectedKindError",
     "UnknownSenderError",
+    "VerificationBatch",
     "WrongRecipientError",
     "check_tensor",
+    "commit_batches",
     "decode_message",
     "encode_message",
     "make_envelope",
@@ -365,26 +373,24 @@ def decode_message(data: bytes) -> tuple[Envelope, bytes]:
     return Envelope.from_dict(header), data[8 + hlen :]
 
 
-class _NonceMemory:
-    """Per-sender nonces accepted so far, with an optional append-only JSON-lines file.
+class _NonceFile:
+    """An append-only JSON-lines file of nonce records; each append is one write + one fsync.
 
-    File lines: ``{"s": sender, "r": round, "n": nonce}`` for accepted nonces and
-    ``{"floor": round}`` when the oldest acceptable round moves up. A final line without a
-    newline (torn by a crash during the write) is dropped: its message was never accepted,
-    because a nonce is written and fsync-ed before ``verify`` returns.
+    Lines: ``{"s": sender, "r": round, "n": nonce}`` for an accepted nonce and
+    ``{"floor": round}`` when the oldest acceptable round moves up; in a shared
+    :class:`NonceJournal` every line also names its receiving party (``"to"``). A final line
+    without a newline (torn by a crash during the write) is dropped: its messages were never
+    accepted, because nonces are written and fsync-ed before a verifier returns them.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.floor = 0
-        self.seen: dict[str, dict[str, int]] = {}
-        if path is not None:
-            self._load(path)
-            self._compact()
 
-    def _load(self, path: Path) -> None:
+    def read(self) -> list[dict[str, Any]]:
+        """The complete records of the file (none if it does not exist)."""
+        path = self.path
         if not path.exists():
-            return
+            return []
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
@@ -396,53 +402,99 @@ class _NonceMemory:
                 "dropping torn last line of nonce state %s", path,
                 extra={"security_event": {"event": "nonce_state_torn_line", "path": str(path)}},
             )
+        records = []
         for number, line in enumerate(complete, start=1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise TypeError("a record must be a JSON object")
                 if "floor" in rec:
-                    self.floor = max(self.floor, int(rec["floor"]))
+                    rec["floor"] = int(rec["floor"])
                 else:
-                    self.seen.setdefault(str(rec["s"]), {})[str(rec["n"])] = int(rec["r"])
+                    rec["s"], rec["n"], rec["r"] = str(rec["s"]), str(rec["n"]), int(rec["r"])
+                if "to" in rec and not isinstance(rec["to"], str):
+                    raise TypeError("'to' must be a party id")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise EnvelopeStateError(f"corrupt nonce state {path} line {number}: {exc}") from exc
+            records.append(rec)
+        return records
 
-    def _compact(self) -> None:
-        self.prune(self.floor, persist=False)
-        assert self.path is not None
+    def rewrite(self, records: Sequence[dict[str, Any]]) -> None:
+        """Atomically replace the file by ``records`` (temp file, fsync, rename)."""
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        lines = [json.dumps({"floor": self.floor})]
-        for sender, nonces in sorted(self.seen.items()):
-            for nonce, rnd in sorted(nonces.items()):
-                lines.append(json.dumps({"s": sender, "r": rnd, "n": nonce}))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+            fh.write("".join(json.dumps(rec) + "\n" for rec in records))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
-    def _append(self, record: dict[str, Any]) -> None:
-        if self.path is None:
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append ``records`` with one write and one fsync."""
+        if not records:
             return
+        text = "".join(json.dumps(record) + "\n" for record in records)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+class _NonceMemory:
+    """One receiver's accepted nonces per sender and oldest acceptable round, optionally
+    backed by a :class:`_NonceFile` of its own or by a shared journal (``tag`` = receiver)."""
+
+    def __init__(self, file: _NonceFile | None = None, tag: str | None = None) -> None:
+        self.file = file
+        self.tag = tag
+        self.floor = 0
+        self.seen: dict[str, dict[str, int]] = {}
+
+    @classmethod
+    def open(cls, path: Path | None) -> _NonceMemory:
+        """Load a private state file (if any) and compact it."""
+        if path is None:
+            return cls()
+        memory = cls(_NonceFile(path))
+        for rec in memory.file.read():  # type: ignore[union-attr]
+            memory.apply(rec)
+        memory.file.rewrite(memory.snapshot())  # type: ignore[union-attr]
+        return memory
+
+    def apply(self, rec: Mapping[str, Any]) -> None:
+        """Replay one parsed record into memory."""
+        if "floor" in rec:
+            self.floor = max(self.floor, int(rec["floor"]))
+        else:
+            self.seen.setdefault(str(rec["s"]), {})[str(rec["n"])] = int(rec["r"])
+
+    def _tagged(self, rec: dict[str, Any]) -> dict[str, Any]:
+        return {"to": self.tag, **rec} if self.tag is not None else rec
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Compacted records of the current state (pruned below the floor)."""
+        self.update(self.floor, ())
+        records = [self._tagged({"floor": self.floor})]
+        for sender, nonces in sorted(self.seen.items()):
+            for nonce, rnd in sorted(nonces.items()):
+                records.append(self._tagged({"s": sender, "r": rnd, "n": nonce}))
+        return records
 
     def contains(self, sender: str, nonce: str) -> bool:
         return nonce in self.seen.get(sender, {})
 
-    def add(self, sender: str, nonce: str, rnd: int) -> None:
-        self._append({"s": sender, "r": rnd, "n": nonce})
-        self.seen.setdefault(sender, {})[nonce] = rnd
+    def records(self, floor: int, accepted: Sequence[tuple[str, str, int]]) -> list[dict[str, Any]]:
+        """The lines that make ``floor`` and the ``(sender, nonce, round)`` triples durable."""
+        out = [self._tagged({"floor": floor})] if floor > self.floor else []
+        out.extend(self._tagged({"s": s, "r": r, "n": n}) for s, n, r in accepted)
+        return out
 
-    def prune(self, floor: int, persist: bool = True) -> None:
-        if floor > self.floor and persist:
-            self._append({"floor": floor})
+    def update(self, floor: int, accepted: Iterable[tuple[str, str, int]]) -> None:
+        """In memory only: raise the floor, prune, record ``accepted`` (call after they are durable)."""
         self.floor = max(self.floor, floor)
         for sender in list(self.seen):
             kept = {n: r for n, r in self.seen[sender].items() if r >= self.floor}
@@ -450,6 +502,158 @@ class _NonceMemory:
                 self.seen[sender] = kept
             else:
                 del self.seen[sender]
+        for sender, nonce, rnd in accepted:
+            self.seen.setdefault(sender, {})[nonce] = rnd
+
+
+class NonceJournal:
+    """One nonce state file shared by several receiving parties of one process.
+
+    The in-process simulation acts as every client, and each client's verifier must persist
+    the nonce of the message it accepts; with one shared journal, a batch of downloads to
+    many clients is made durable with a single append and fsync instead of one per client.
+    Every line names its receiver (``"to"``), so each party's replay memory stays separate.
+    On opening, the file is compacted; ``legacy`` maps parties to per-party state files of
+    the older layout, whose records are merged in (and the files removed after the compacted
+    journal is durable). One process at a time may hold a journal for a given path.
+    """
+
+    def __init__(self, path: str | os.PathLike[str],
+                 legacy: Mapping[str, str | os.PathLike[str]] | None = None) -> None:
+        self.file = _NonceFile(Path(path))
+        self._memories: dict[str, _NonceMemory] = {}
+        for rec in self.file.read():
+            tag = rec.pop("to", None)
+            if tag is None:
+                raise EnvelopeStateError(f"nonce journal {self.file.path} has a line without 'to'")
+            self._memory(tag).apply(rec)
+        merged = []
+        for tag, legacy_path in (legacy or {}).items():
+            old = _NonceFile(Path(legacy_path))
+            if old.path.exists():
+                for rec in old.read():
+                    self._memory(tag).apply(rec)
+                merged.append(old.path)
+        self.file.rewrite([rec for tag in sorted(self._memories)
+                           for rec in self._memories[tag].snapshot()])
+        for old_path in merged:
+            old_path.unlink()
+
+    @property
+    def path(self) -> Path:
+        """The journal file."""
+        return self.file.path
+
+    def _memory(self, tag: str) -> _NonceMemory:
+        memory = self._memories.get(tag)
+        if memory is None:
+            memory = self._memories[tag] = _NonceMemory(self.file, tag)
+        return memory
+
+
+def commit_batches(batches: Sequence[VerificationBatch]) -> None:
+    """Commit several open batches (e.g. of different receivers) with one append + fsync per
+    state file: batches whose verifiers share a :class:`NonceJournal` cost one fsync in all.
+    Nothing is recorded in memory before every file write has returned; every batch is
+    closed afterwards, committed or (if a write failed) discarded."""
+    try:
+        writes: dict[int, tuple[_NonceFile, list[dict[str, Any]]]] = {}
+        updates = []
+        for batch in batches:
+            memory, floor, accepted = batch._staged()
+            if memory.file is not None:
+                _, records = writes.setdefault(id(memory.file), (memory.file, []))
+                records.extend(memory.records(floor, accepted))
+            updates.append((batch, memory, floor, accepted))
+        for file, records in writes.values():
+            file.append(records)
+        for batch, memory, floor, accepted in updates:
+            memory.update(floor, accepted)
+            batch._accepted(accepted)
+    finally:
+        for batch in batches:
+            batch.discard()
+
+
+class VerificationBatch:
+    """Messages verified together whose nonces become durable with one append + one fsync.
+
+    Obtain one from :meth:`EnvelopeVerifier.batch`. :meth:`verify` runs every check of
+    :meth:`EnvelopeVerifier.verify` (a nonce already accepted earlier, *or earlier in this
+    batch*, is a :class:`ReplayedNonceError`) but only remembers the nonce as pending.
+    :meth:`commit` writes the pending nonces (and the new oldest round) in one append and one
+    fsync, and only then records them in memory. Write-ahead rule for callers: act on no
+    payload of the batch before :meth:`commit` has returned. :meth:`discard` (or leaving a
+    ``with`` block by an exception) drops the pending nonces: those messages count as never
+    accepted. A verifier has at most one open batch at a time.
+    """
+
+    def __init__(self, verifier: EnvelopeVerifier) -> None:
+        self._verifier = verifier
+        self._floor = verifier.round_floor
+        self._pending: dict[tuple[str, str], int] = {}
+        self._open = True
+
+    def __enter__(self) -> VerificationBatch:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._open:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+    @property
+    def pending(self) -> int:
+        """Number of messages verified in this batch and not yet committed."""
+        return len(self._pending)
+
+    def verify(
+        self,
+        envelope: Envelope,
+        payload: bytes,
+        expected_round: int,
+        *,
+        expected_kind: str | Collection[str] | None = None,
+    ) -> Envelope:
+        """Check one message (raising the matching, logged :class:`EnvelopeError`); on
+        success its nonce is pending until :meth:`commit`. Returns the envelope."""
+        if not self._open:
+            raise EnvelopeStateError("this verification batch is already committed or discarded")
+        self._floor = self._verifier._check(envelope, payload, expected_round, expected_kind,
+                                            self._floor, self._pending)
+        self._pending[(envelope.sender, envelope.nonce)] = envelope.round
+        return envelope
+
+    def commit(self) -> None:
+        """Persist every pending nonce with one append + fsync, then record them in memory."""
+        commit_batches([self])
+
+    def _staged(self) -> tuple[_NonceMemory, int, list[tuple[str, str, int]]]:
+        if not self._open:
+            raise EnvelopeStateError("this verification batch is already committed or discarded")
+        return (self._verifier._nonces, self._floor,
+                [(s, n, r) for (s, n), r in self._pending.items()])
+
+    def _accepted(self, accepted: Sequence[tuple[str, str, int]]) -> None:
+        for sender, nonce, rnd in accepted:
+            logger.debug(
+                "accepted message %s from %s for round %d", nonce, sender, rnd,
+                extra={"security_event": {"event": "message_accepted", "sender": sender,
+                                          "round": rnd, "recipient": self._verifier.recipient}},
+            )
+
+    def discard(self) -> None:
+        """Drop the pending nonces (their messages count as not accepted)."""
+        if self._open:
+            self._close()
+
+    def _close(self) -> None:
+        self._open = False
+        self._pending = {}
+        self._verifier._batch_open = False
 
 
 class EnvelopeVerifier:
@@ -458,8 +662,10 @@ class EnvelopeVerifier:
     ``max_round_lag`` (default 0) lets messages from up to that many rounds before the
     expected round through (e.g. for asynchronous clients); anything older is stale. The
     oldest acceptable round never moves backwards, even if a later call passes a smaller
-    ``expected_round``, so pruned nonces cannot be replayed. With ``state_path`` the nonce
-    memory is persisted (append-only, fsync-ed before a message is accepted).
+    ``expected_round``, so pruned nonces cannot be replayed. With ``state_path`` (a file of its
+    own) or ``journal`` (a :class:`NonceJournal` shared with other receivers) the nonce
+    memory is persisted (append-only, fsync-ed before a message is accepted; one fsync per
+    :meth:`verify` call, or per :class:`VerificationBatch`).
     """
 
     def __init__(
@@ -470,6 +676,7 @@ class EnvelopeVerifier:
         max_round_lag: int = 0,
         state_path: str | os.PathLike[str] | None = None,
         allowed_kinds: Collection[str] | None = None,
+        journal: NonceJournal | None = None,
     ) -> None:
         validate_party_id(recipient)
         if not isinstance(max_round_lag, int) or max_round_lag < 0:
@@ -481,12 +688,28 @@ class EnvelopeVerifier:
         self.recipient = recipient
         self.max_round_lag = max_round_lag
         self.allowed_kinds = frozenset(allowed_kinds) if allowed_kinds is not None else None
-        self._nonces = _NonceMemory(Path(state_path) if state_path is not None else None)
+        if journal is not None and state_path is not None:
+            raise ValueError("give either state_path or journal, not both")
+        if journal is not None:
+            if not isinstance(journal, NonceJournal):
+                raise ValueError(f"journal must be a NonceJournal, got {type(journal).__name__}")
+            self._nonces = journal._memory(recipient)
+        else:
+            self._nonces = _NonceMemory.open(Path(state_path) if state_path is not None else None)
+        self._batch_open = False
 
     @property
     def round_floor(self) -> int:
         """The oldest round still accepted."""
         return self._nonces.floor
+
+    def batch(self) -> VerificationBatch:
+        """Start a :class:`VerificationBatch`: verify several messages, persist their nonces
+        with one append + one fsync at :meth:`VerificationBatch.commit`."""
+        if self._batch_open:
+            raise EnvelopeStateError(f"verifier of {self.recipient!r} already has an open batch")
+        self._batch_open = True
+        return VerificationBatch(self)
 
     def verify(
         self,
@@ -498,9 +721,46 @@ class EnvelopeVerifier:
     ) -> Envelope:
         """Accept ``envelope`` + ``payload`` or raise the matching :class:`EnvelopeError`.
 
-        On success the nonce is recorded (and persisted when configured) *before* returning,
-        so the same message is rejected as a replay next time. Returns the envelope.
+        On success the nonce is recorded (and persisted with its own append + fsync when
+        configured) *before* returning, so the same message is rejected as a replay next
+        time. Returns the envelope.
         """
+        with self.batch() as batch:
+            batch.verify(envelope, payload, expected_round, expected_kind=expected_kind)
+        return envelope
+
+    def verify_batch(
+        self,
+        items: Sequence[tuple[Envelope, bytes]],
+        expected_round: int,
+        *,
+        expected_kind: str | Collection[str] | None = None,
+    ) -> list[Envelope | EnvelopeError]:
+        """Verify every ``(envelope, payload)``; persist the accepted nonces with one append +
+        one fsync before returning. Item ``k`` of the result is the envelope (accepted) or
+        the :class:`EnvelopeError` that rejected it (already logged); a nonce seen twice in
+        ``items`` is accepted once and rejected as a replay the second time."""
+        results: list[Envelope | EnvelopeError] = []
+        with self.batch() as batch:
+            for envelope, payload in items:
+                try:
+                    results.append(batch.verify(envelope, payload, expected_round,
+                                                expected_kind=expected_kind))
+                except EnvelopeError as err:
+                    results.append(err)
+        return results
+
+    def _check(
+        self,
+        envelope: Envelope,
+        payload: bytes,
+        expected_round: int,
+        expected_kind: str | Collection[str] | None,
+        pending_floor: int,
+        pending: Mapping[tuple[str, str], int],
+    ) -> int:
+        """Every check of :meth:`verify` (raising the logged error); returns the oldest
+        acceptable round. ``pending``: (sender, nonce) pairs accepted earlier in the batch."""
         if not isinstance(envelope, Envelope):
             raise _reject(MalformedEnvelopeError(f"expected an Envelope, got {type(envelope).__name__}"))
         if not isinstance(expected_round, int) or expected_round < 0:
@@ -541,7 +801,7 @@ class EnvelopeVerifier:
                     **ctx,
                 )
             )
-        floor = max(self._nonces.floor, expected_round - self.max_round_lag)
+        floor = max(self._nonces.floor, pending_floor, expected_round - self.max_round_lag)
         if envelope.round > expected_round:
             raise _reject(FutureRoundError(f"round {envelope.round} is after expected round {expected_round}", **ctx))
         if envelope.round < floor:
@@ -554,13 +814,10 @@ class EnvelopeVerifier:
             )
         if self._nonces.contains(envelope.sender, envelope.nonce):
             raise _reject(ReplayedNonceError(f"nonce {envelope.nonce} was already accepted", **ctx))
-        self._nonces.prune(floor)
-        self._nonces.add(envelope.sender, envelope.nonce, envelope.round)
-        logger.debug(
-            "accepted %s from %s for round %d", envelope.kind, envelope.sender, envelope.round,
-            extra={"security_event": {"event": "message_accepted", **ctx}},
-        )
-        return envelope
+        if (envelope.sender, envelope.nonce) in pending:
+            raise _reject(ReplayedNonceError(
+                f"nonce {envelope.nonce} appears twice in one batch (replayed)", **ctx))
+        return floor
 
     def verify_message(
         self,

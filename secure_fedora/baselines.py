@@ -10,6 +10,13 @@ its (possibly clipped and noised) gradient. Those additions depend only on the c
 parameters and on values the client already holds (a received model, its own local model),
 never on a training batch, so they are post-processing and change no privacy guarantee.
 
+Messages: each method calls :meth:`~secure_fedora.methods.FederatedMethod.download_rows` for
+what the server sends a participant (the global model, FedAMP's message ``u_i``, IFCA's K
+cluster models) and :meth:`~secure_fedora.methods.FederatedMethod.upload_rows` for what it
+sends back (its model row; IFCA also its cluster index), and aggregates over the accepted
+uploads only. Without an exchange these calls move and change nothing, so results are
+identical with and without ``[security] envelopes`` unless a message is rejected.
+
 Methods and their hyper-parameters (defaults in :data:`BASELINE_HYPERPARAMETERS`):
 
 =========  ============================================================================
@@ -32,8 +39,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from secure_fedora.client import GradientOracle, PlainGradient, evaluate
-from secure_fedora.methods import FedAvg, FederatedMethod, MethodContext
+from secure_fedora.methods import FedAvg, FederatedMethod, MessageState, MethodContext
 from secure_fedora.models import init_parameters
+from secure_fedora.transport import (
+    KIND_CLUSTER_CHOICE,
+    KIND_CLUSTERS,
+    KIND_GLOBAL,
+    KIND_MESSAGE,
+    KIND_THETA,
+)
 
 __all__ = [
     "APFL",
@@ -333,13 +347,17 @@ class FedProx(FedAvg):
         self.prox = ProximalGradient(ctx.oracle, mu)
 
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Local proximal training from the global model, then weighted averaging."""
+        """Local proximal training from the (received) global model, then weighted averaging
+        of the accepted uploads."""
         steps = 0
+        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
         for i in participants:
-            self.theta[i].copy_(self.global_params)
-            self.prox.target(self.theta[i], self.global_params)
+            self.theta[i].copy_(held[i])
+            self.prox.target(self.theta[i], held[i])
             steps += _train_with(self.ctx, self.prox, i, self.theta[i])
-        self.global_params.copy_(_average(self.weights, self.theta, participants))
+        accepted = self.upload_rows(rnd, self.theta, participants)
+        if accepted:
+            self.global_params.copy_(_average(self.weights, self.theta, accepted))
         return {"steps": float(steps)}
 
 
@@ -369,16 +387,25 @@ class Ditto(FederatedMethod):
         self.weights = _train_weights(ctx)
         self.prox = ProximalGradient(ctx.oracle, lam)
 
+    def message_state(self) -> MessageState | None:
+        """Uploads: the trained copies of the global model; downloads: the global model."""
+        n = self.ctx.num_clients
+        return {KIND_THETA: self.uploads}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
+
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Global copy trained plainly, personal model proximally; server averages the copies."""
+        """Global copy trained plainly, personal model proximally toward the received global
+        model; the server averages the accepted copies."""
         ctx = self.ctx
         steps = 0
+        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
         for i in participants:
-            self.uploads[i].copy_(self.global_params)
+            self.uploads[i].copy_(held[i])
             steps += ctx.train_client(i, self.uploads[i])
-            self.prox.target(self.theta[i], self.global_params)
+            self.prox.target(self.theta[i], held[i])
             steps += _train_with(ctx, self.prox, i, self.theta[i])
-        self.global_params.copy_(_average(self.weights, self.uploads, participants))
+        accepted = self.upload_rows(rnd, self.uploads, participants)
+        if accepted:
+            self.global_params.copy_(_average(self.weights, self.uploads, accepted))
         return {"steps": float(steps)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -429,17 +456,26 @@ class APFL(FederatedMethod):
         self.mixed.copy_(self.theta).mul_(a.unsqueeze(1))
         self.mixed.addr_(1.0 - a, self.global_params)
 
+    def message_state(self) -> MessageState | None:
+        """Uploads: the trained copies of the global model; downloads: the global model."""
+        n = self.ctx.num_clients
+        return {KIND_THETA: self.uploads}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
+
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Global copy trained plainly, local model through the mixture; server averages."""
+        """Global copy trained plainly, local model through the mixture with the received
+        global model; the server averages the accepted copies."""
         ctx = self.ctx
         steps = 0
+        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
         for i in participants:
-            self.uploads[i].copy_(self.global_params)
+            self.uploads[i].copy_(held[i])
             steps += ctx.train_client(i, self.uploads[i])
-            self.mix.target(self.theta[i], self.global_params, float(self.alpha[i]))
+            self.mix.target(self.theta[i], held[i], float(self.alpha[i]))
             steps += _train_with(ctx, self.mix, i, self.theta[i])
             self.alpha[i] = self.mix.alpha
-        self.global_params.copy_(_average(self.weights, self.uploads, participants))
+        accepted = self.upload_rows(rnd, self.uploads, participants)
+        if accepted:
+            self.global_params.copy_(_average(self.weights, self.uploads, accepted))
         self._refresh_mixture()
         return {"steps": float(steps), "mean_alpha": float(self.alpha.mean())}
 
@@ -459,7 +495,7 @@ class APFL(FederatedMethod):
         self._refresh_mixture()
 
     def extra_results(self) -> dict[str, Any]:
-        return {"alpha": [round(float(a), 6) for a in self.alpha]}
+        return self._with_security({"alpha": [round(float(a), 6) for a in self.alpha]})
 
 
 # --------------------------------------------------------------------------- FedAMP
@@ -518,13 +554,20 @@ class FedAMP(FederatedMethod):
         self.xi = attention_weights(self.theta, self.sigma, self.self_weight)
         torch.matmul(self.xi.to(self.theta.dtype), self.theta, out=self.messages)
 
+    def message_state(self) -> MessageState | None:
+        """Uploads: the models ``w_i``; downloads: the messages ``u_i``."""
+        return {KIND_THETA: self.theta}, {KIND_MESSAGE: self.messages}
+
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Messages from the last uploads, then proximal local training toward them."""
+        """Messages from the last accepted uploads, sent to the participants; proximal local
+        training toward the received message; the participants upload their models."""
         self.compute_messages()
         steps = 0
+        held = self.download_rows(rnd, {i: self.messages[i] for i in participants}, kind=KIND_MESSAGE)
         for i in participants:
-            self.prox.target(self.theta[i], self.messages[i])
+            self.prox.target(self.theta[i], held[i])
             steps += _train_with(self.ctx, self.prox, i, self.theta[i])
+        self.upload_rows(rnd, self.theta, participants)
         off = self.xi.clone().fill_diagonal_(0.0)
         return {"steps": float(steps), "max_neighbour_weight": float(off.max())}
 
@@ -607,20 +650,48 @@ class IFCA(FederatedMethod):
         for i in range(self.ctx.num_clients):
             self.assignment[i] = self.select(i)
 
+    def message_state(self) -> MessageState | None:
+        """Uploads: model rows and cluster choices (as an (N, 1) float matrix); the K cluster
+        models a participant downloads are not tracked (a client that rejects them sits the
+        round out rather than keep K stale models)."""
+        return {KIND_THETA: self.theta, KIND_CLUSTER_CHOICE: self._choices()}, {}
+
+    def _choices(self) -> Tensor:
+        return self.assignment.to(self.theta.dtype).unsqueeze(1)
+
+    def _check_choice(self, value: Tensor) -> str | None:
+        k = float(value.reshape(-1)[0])
+        if k != int(k) or not 0 <= k < self.num_clusters:
+            return f"cluster index {k:g} is not an integer in [0, {self.num_clusters})"
+        return None
+
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Train the chosen cluster model locally; average uploads cluster by cluster."""
+        """Participants receive the K cluster models, train the one they chose and upload it
+        with their cluster index; the server averages the accepted uploads cluster by cluster
+        (using the received indices). A participant that rejects the cluster models, or
+        whose model or index upload is rejected, is left out of the round's averages."""
         if (self.assignment < 0).any():
             raise BaselineConfigError("IFCA.setup() must run before the first round")
         steps = 0
-        for i in participants:
-            self.theta[i].copy_(self.clusters[int(self.assignment[i])])
+        held = self.download_rows(rnd, {i: self.clusters for i in participants}, kind=KIND_CLUSTERS)
+        active = [i for i in participants if i in held]
+        for i in active:
+            # the choice assign_all made against these very cluster models
+            self.theta[i].copy_(held[i][int(self.assignment[i])])
             steps += self.ctx.train_client(i, self.theta[i])
-        idx = torch.as_tensor(list(participants), dtype=torch.long)
-        member = torch.zeros(self.num_clusters, len(idx), dtype=self.theta.dtype)
-        member[self.assignment[idx], torch.arange(len(idx))] = self.weights[idx]
-        totals = member.sum(dim=1)
-        used = totals > 0
-        self.clusters[used] = (member[used] / totals[used].unsqueeze(1)) @ self.theta[idx]
+        del held
+        choices = self._choices()
+        with_model = set(self.upload_rows(rnd, self.theta, active))
+        with_choice = set(self.upload_rows(rnd, choices, active, kind=KIND_CLUSTER_CHOICE,
+                                           check=self._check_choice))
+        accepted = [i for i in active if i in with_model and i in with_choice]
+        if accepted:
+            idx = torch.as_tensor(accepted, dtype=torch.long)
+            member = torch.zeros(self.num_clusters, len(idx), dtype=self.theta.dtype)
+            member[choices[idx, 0].long(), torch.arange(len(idx))] = self.weights[idx]
+            totals = member.sum(dim=1)
+            used = totals > 0
+            self.clusters[used] = (member[used] / totals[used].unsqueeze(1)) @ self.theta[idx]
         self.assign_all()
         sizes = torch.bincount(self.assignment, minlength=self.num_clusters)
         return {"steps": float(steps), "clusters_used": float((sizes > 0).sum())}
@@ -641,4 +712,4 @@ class IFCA(FederatedMethod):
             raise ValueError(f"checkpoint field 'assignment' has clusters outside 0..{self.num_clusters - 1}")
 
     def extra_results(self) -> dict[str, Any]:
-        return {"assignment": self.assignment.tolist()}
+        return self._with_security({"assignment": self.assignment.tolist()})

@@ -9,6 +9,7 @@ propagation matrix is an inverse, so float32 rounding would show in the graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ __all__ = [
     "attach_from_overlaps",
     "attach_new_client",
     "client_summary",
+    "embed_subproblem",
     "propagate",
     "propagate_power",
     "propagation_matrix",
@@ -259,3 +261,29 @@ def attach_from_overlaps(overlaps: Tensor, prop: Tensor, tau: float = 10.0, k: i
     row = torch.zeros(n, dtype=torch.float64).scatter_(0, index, values)
     row = row / row.sum()
     return row @ prop.to(torch.float64)
+
+
+def embed_subproblem(sub: Tensor, members: Sequence[int], n: int, isolated: float = 0.0) -> Tensor:
+    """An (n x n) float64 matrix with ``sub`` (m x m) at the rows and columns ``members``.
+
+    ``members`` are distinct client indices in [0, n), increasing, with ``sub[a, b]``
+    belonging to clients ``members[a]``, ``members[b]``. Every other client ``i`` gets
+    ``out[i, i] = isolated`` and zeros elsewhere in its row and column. FEDORA over a subset
+    of the federation: ``isolated = 1`` for a graph or propagation matrix (the client keeps
+    only its own model -- a unit row, and no member weighs it; with a self-loop of weight 1
+    the graph stays row-stochastic and both ``propagation_matrix`` and
+    ``propagate_power`` leave the client alone), ``isolated = 0`` for a similarity matrix.
+    """
+    idx = [int(i) for i in members]
+    m = len(idx)
+    if sub.shape != (m, m):
+        raise RelatednessError(f"sub-matrix has shape {tuple(sub.shape)} for {m} members")
+    if any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or (idx and not 0 <= idx[0] <= idx[-1] < n):
+        raise RelatednessError(f"members must be increasing client indices in [0, {n}); got {idx[:10]}")
+    out = torch.zeros(n, n, dtype=torch.float64)
+    rest = sorted(set(range(n)) - set(idx))
+    out[rest, rest] = float(isolated)
+    if m:
+        index = torch.as_tensor(idx)
+        out[index.unsqueeze(1), index.unsqueeze(0)] = sub.to(torch.float64)
+    return out

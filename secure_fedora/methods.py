@@ -1,14 +1,23 @@
 """Federated methods over one shared state layout: FEDORA and the baselines.
 
 A method decides what each participant starts from, which regularization it trains with and
-how the server combines what it receives. It never moves messages: the in-process runtime
-(and the Flower runtime) call these methods. All client parameters are rows of one
-(N x P) matrix, so aggregation and propagation are single matrix products.
+how the server combines what it receives. All client parameters are rows of one (N x P)
+matrix, so aggregation and propagation are single matrix products.
+
+Message boundaries: every model row a client uploads goes through
+:meth:`FederatedMethod.upload_rows` and every tensor it receives through
+:meth:`FederatedMethod.download_rows`. Without an ``exchange`` (the default) these hooks
+move nothing and change nothing; with one (the runtime attaches a
+:class:`secure_fedora.transport.SecureExchange` under ``[security] envelopes = true``) each
+message is a signed, verified envelope, a rejected upload leaves the server's last accepted
+row in place and the client out of the round's aggregation, and a rejected download leaves
+the client with its last accepted copy (or, for a kind the exchange does not track, out of
+the round). :meth:`FederatedMethod.message_state` names what the exchange must track.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +34,10 @@ from secure_fedora.client import (
     local_train,
 )
 from secure_fedora.partition import ClientData
+from secure_fedora.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
+
+MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
+"""(upload matrices by message kind, tracked download matrices by kind), each (N, ...)."""
 
 __all__ = [
     "FedAvg",
@@ -99,9 +112,52 @@ class FederatedMethod:
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
         self.theta = ctx.init.unsqueeze(0).repeat(ctx.num_clients, 1)
+        # The signed-message layer (a secure_fedora.transport.SecureExchange), set by the
+        # runtime with [security] envelopes = true; None: messages are not simulated.
+        self.exchange: Any = None
 
     def setup(self) -> None:
         """Work done once before the first round (e.g. relatedness)."""
+
+    def message_state(self) -> MessageState | None:
+        """What a message exchange must track for this method, read when it is attached
+        (after setup or a checkpoint restore): the matrices whose rows clients upload, by
+        kind, and the per-client copies of what they download, by kind (the row a client
+        falls back to after rejecting a download). ``None``: the method sends nothing."""
+        return None
+
+    def upload_rows(self, rnd: int, matrix: Tensor, participants: Sequence[int], *,
+                    kind: str = KIND_THETA, check: ValueCheck | None = None) -> list[int]:
+        """Participants upload their rows of ``matrix``; returns those the server accepted,
+        in the given order. Without an exchange: all of them, nothing changes. With one, a
+        rejected row is put back (in place) to the server's last accepted value."""
+        if self.exchange is None:
+            return list(participants)
+        return self.exchange.upload_rows(rnd, matrix, participants, kind=kind, check=check)
+
+    def download_rows(self, rnd: int, rows: Mapping[int, Tensor], *, kind: str) -> dict[int, Tensor]:
+        """The server sends ``rows[i]`` to client ``i``; returns what each client holds
+        afterwards. Without an exchange: ``rows`` itself (the same tensors, no copy). With
+        one: the verified tensor, or after a rejection the client's last accepted copy
+        (tracked kinds) -- or nothing for that client (untracked kinds)."""
+        if self.exchange is None:
+            return dict(rows)
+        held, _ = self.exchange.download_rows(rnd, rows, kind=kind)
+        return held
+
+    def security_results(self) -> dict[str, Any]:
+        """What the signed-message layer did: every rejection (a :class:`Rejection` dict)
+        and the traffic; ``{}`` when the method ran without envelopes."""
+        if self.exchange is None:
+            return {}
+        return {
+            "rejections": [r.to_dict() for r in self.exchange.rejections],
+            "transport": self.exchange.transport.stats.to_dict(),
+        }
+
+    def _with_security(self, extra: dict[str, Any]) -> dict[str, Any]:
+        security = self.security_results()
+        return {**extra, "security": security} if security else extra
 
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
         raise TypeError(f"{type(self).__name__} does not define train_round")
@@ -117,8 +173,9 @@ class FederatedMethod:
         _load_matrix(self.theta, state["theta"], "theta")
 
     def extra_results(self) -> dict[str, Any]:
-        """Method-specific results added to results.json at the end of a run."""
-        return {}
+        """Method-specific results added to results.json at the end of a run (with a
+        ``"security"`` entry from :meth:`security_results` when envelopes were on)."""
+        return self._with_security({})
 
 
 def _load_matrix(target: Tensor, value: Tensor, name: str) -> None:
@@ -157,14 +214,22 @@ class FedAvg(FederatedMethod):
         self.finetune_epochs = finetune_epochs
         self.weights = torch.tensor([float(c.train_x.shape[0]) for c in ctx.clients])
 
+    def message_state(self) -> MessageState | None:
+        """Uploads: ``theta`` rows; downloads: the global model (each client's copy)."""
+        n = self.ctx.num_clients
+        return {KIND_THETA: self.theta}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
+
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
         steps = 0
+        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
         for i in participants:
-            self.theta[i].copy_(self.global_params)
+            self.theta[i].copy_(held[i])
             steps += self.ctx.train_client(i, self.theta[i])
-        idx = torch.as_tensor(list(participants))
-        w = self.weights[idx] / self.weights[idx].sum()
-        self.global_params.copy_(w @ self.theta[idx])
+        accepted = self.upload_rows(rnd, self.theta, participants)
+        if accepted:
+            idx = torch.as_tensor(accepted)
+            w = self.weights[idx] / self.weights[idx].sum()
+            self.global_params.copy_(w @ self.theta[idx])
         return {"steps": float(steps)}
 
     def eval_row(self, i: int) -> Tensor:
@@ -178,15 +243,23 @@ class FedAvg(FederatedMethod):
         _load_matrix(self.global_params, state["global"], "global")
 
     def extra_results(self) -> dict[str, Any]:
-        """Fine-tune the final global model on each client; pick the epoch on validation."""
+        """Fine-tune the final global model on each client; pick the epoch on validation.
+
+        With an exchange the final global model is downloaded by every client first (for the
+        exchange's last round); a client that rejects it fine-tunes its last accepted copy.
+        """
         if self.finetune_epochs == 0:
-            return {}
+            return self._with_security({})
         ctx = self.ctx
+        n = ctx.num_clients
+        final_round = self.exchange.last_round if self.exchange is not None else 0
+        held = self.download_rows(final_round, {i: self.global_params for i in range(n)},
+                                  kind=KIND_GLOBAL)
         one_epoch = TrainConfig(**{**ctx.train.__dict__, "local_epochs": 1})
         per_client = []
         row = torch.empty_like(self.global_params)
         for i, c in enumerate(ctx.clients):
-            row.copy_(self.global_params)
+            row.copy_(held[i])
             ctx.select(i)
             best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).accuracy
             best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).accuracy
@@ -198,7 +271,7 @@ class FedAvg(FederatedMethod):
                     best_val = val
                     best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).accuracy
             per_client.append(best_test)
-        return {"finetuned_test_accuracy": per_client}
+        return self._with_security({"finetuned_test_accuracy": per_client})
 
 
 class Fedora(FederatedMethod):
@@ -237,9 +310,8 @@ class Fedora(FederatedMethod):
         self._relatedness_mode = relatedness_mode
         self.private_validation = private_validation
         self.last_lambdas = torch.zeros(ctx.num_clients)
-        # Optional secure message paths, set by the runtime: a SecureExchange (signed
-        # envelopes) and an EncryptedPropagator (CKKS propagation).
-        self.exchange: Any = None
+        # Optional CKKS propagation (an EncryptedPropagator), set by the runtime; the signed
+        # envelopes are the base class's ``exchange``.
         self.propagator: Any = None
 
     def setup(self) -> None:
@@ -251,6 +323,13 @@ class Fedora(FederatedMethod):
         self.relatedness = self._build_relatedness(overlaps, details)
 
     def _build_relatedness(self, overlaps: Tensor, details: dict[str, Any]) -> Relatedness:
+        """Graph and P from the overlap blocks. ``details["excluded"]`` (clients whose
+        summary was rejected) builds them over the other clients only; each excluded client
+        gets a self-loop in the graph and its unit vector as P row, and no other client puts
+        weight on it, so it trains as Local would."""
+        excluded = sorted(set(details.get("excluded") or ()))
+        if excluded:
+            return self._build_partial_relatedness(overlaps, details, excluded)
         similarity = fedora.similarity_matrix(overlaps, self.tau)
         graph = fedora.topk_graph(similarity, self.k)
         if self.propagation_mode == "power":
@@ -258,6 +337,37 @@ class Fedora(FederatedMethod):
         else:
             prop = fedora.propagation_matrix(graph, self.alpha)
         return Relatedness(overlaps, similarity, graph, prop, self._relatedness_mode, details)
+
+    def _build_partial_relatedness(self, overlaps: Tensor, details: dict[str, Any],
+                                   excluded: list[int]) -> Relatedness:
+        n = self.ctx.num_clients
+        if any(not isinstance(i, int) or not 0 <= i < n for i in excluded):
+            raise fedora.RelatednessError(f"excluded clients {excluded} are not client indices in [0, {n})")
+        members = [i for i in range(n) if i not in set(excluded)]
+        if len(members) < 2:
+            raise fedora.RelatednessError(
+                f"relatedness needs at least two clients, but only {len(members)} remain after "
+                f"excluding clients {excluded} (their summaries were rejected)")
+        idx = torch.as_tensor(members)
+        sub = overlaps[idx][:, idx]
+        similarity = fedora.similarity_matrix(sub, self.tau)
+        graph = fedora.topk_graph(similarity, self.k)
+        if self.propagation_mode == "power":
+            prop = fedora.propagation_matrix_power(graph, self.alpha)
+        else:
+            prop = fedora.propagation_matrix(graph, self.alpha)
+        return Relatedness(
+            overlaps,
+            fedora.embed_subproblem(similarity, members, n, 0.0),
+            fedora.embed_subproblem(graph, members, n, 1.0),
+            fedora.embed_subproblem(prop, members, n, 1.0),
+            self._relatedness_mode,
+            details,
+        )
+
+    def message_state(self) -> MessageState | None:
+        """Uploads: ``theta`` rows; downloads: ``phi`` rows."""
+        return {KIND_THETA: self.theta}, {KIND_PHI: self.phi}
 
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
         assert self.relatedness is not None, "setup() must run before the first round"
@@ -334,18 +444,27 @@ class Fedora(FederatedMethod):
             r["overlaps"], r["similarity"], r["graph"], r["propagation"], r["mode"], r["details"]
         )
 
-    def extra_results(self) -> dict[str, Any]:
+    def security_results(self) -> dict[str, Any]:
+        """The base record plus the relatedness summaries' rejections (listed first) and
+        excluded clients, and the encrypted propagation's traffic."""
         assert self.relatedness is not None
-        security: dict[str, Any] = {}
-        if self.exchange is not None:
-            security["rejections"] = [r.to_dict() for r in self.exchange.rejections]
-            security["transport"] = self.exchange.transport.stats.to_dict()
+        details = self.relatedness.details
+        security = super().security_results()
+        summary_rejections = list(details.get("rejections") or ())
+        if summary_rejections or details.get("excluded"):
+            security["rejections"] = summary_rejections + security.get("rejections", [])
+            security["excluded_from_relatedness"] = sorted(details.get("excluded") or ())
+        if "transport" in details:
+            security["relatedness_transport"] = details["transport"]
         if self.propagator is not None:
             security["encrypted_propagation"] = self.propagator.stats.to_dict()
-        return {
-            **security,
+        return security
+
+    def extra_results(self) -> dict[str, Any]:
+        assert self.relatedness is not None
+        return self._with_security({
             "relatedness_mode": self.relatedness.mode,
             "graph_neighbours": [
                 torch.nonzero(row).flatten().tolist() for row in self.relatedness.graph
             ],
-        }
+        })

@@ -143,6 +143,12 @@ def relatedness_function(
     plain: summaries in the clear. noised: each client releases the top eigenvectors of its
     noised clipped second moment through its budget gate. encrypted: CKKS; the server computes
     on ciphertexts and sees only the decrypted q x q blocks. noised+encrypted: both.
+
+    With ``ctx.transport`` (``[security] envelopes = true``) every summary (plain or noised)
+    or every message of the encrypted protocol is a signed envelope. A client whose upload is
+    rejected is excluded: the details then list it under ``"excluded"`` with the
+    ``"rejections"`` (FEDORA builds the graph over the other clients and the excluded one
+    trains as Local would), and carry the summary transport's traffic under ``"transport"``.
     """
     mode = cfg.fedora.relatedness
     q = cfg.fedora.q
@@ -154,21 +160,36 @@ def relatedness_function(
             summaries = torch.stack(
                 [fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, q) for c in ctx.clients]
             )
-        if ctx.transport is not None and "encrypted" not in mode:
-            summaries = _enveloped_summaries(ctx.transport, summaries)
+        security: dict[str, Any] = {}
         if "encrypted" in mode:
             from secure_fedora.secure_relatedness import encrypted_overlaps
 
-            result = encrypted_overlaps(summaries)
-            return result.overlaps, {
+            result = encrypted_overlaps(summaries, transport=ctx.transport)
+            details: dict[str, Any] = {
                 "client_bytes_sent": result.client_bytes_sent,
                 "server_bytes_received": result.server_bytes_received,
                 "released_bytes": result.released_bytes,
                 "timings": result.timings,
             }
-        return fedora.subspace_overlaps(summaries), {}
+            if ctx.transport is not None:
+                security = _exclusion_details(result.excluded, result.rejections, ctx.transport)
+            return result.overlaps, {**details, **security}
+        if ctx.transport is not None:
+            summaries, rejections = _enveloped_summaries(ctx.transport, summaries)
+            excluded = sorted(r.client for r in rejections)
+            security = _exclusion_details(excluded, rejections, ctx.transport)
+        return fedora.subspace_overlaps(summaries), security
 
     return compute
+
+
+def _exclusion_details(excluded: Sequence[int], rejections: Sequence[Any], transport: Any) -> dict[str, Any]:
+    """The relatedness details of an enveloped exchange (JSON-compatible, checkpointed)."""
+    return {
+        "excluded": list(excluded),
+        "rejections": [r.to_dict() for r in rejections],
+        "transport": transport.stats.to_dict(),
+    }
 
 
 def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[int]:
@@ -180,20 +201,29 @@ def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[i
     return sorted(torch.randperm(n, generator=gen)[:m].tolist())
 
 
-def _enveloped_summaries(transport: Any, summaries: Tensor) -> Tensor:
-    """Every client sends its summary in a signed envelope (round 0); the server verifies all.
+def _enveloped_summaries(transport: Any, summaries: Tensor) -> tuple[Tensor, list[Any]]:
+    """Every client sends its summary in a signed envelope (round 0, float32 on the wire);
+    the server verifies all (each rejection is logged by the transport).
 
-    The relatedness graph needs every client's summary, so any rejection stops the run with an
-    error naming the clients (after each rejection was logged by the transport).
+    Returns the summaries the server holds (float64; the row of a rejected client is zero and
+    must not be used) and the rejections. Fewer than two accepted summaries raise
+    :class:`~secure_fedora.fedora.RelatednessError` naming the rejected clients.
     """
-    messages = {i: transport.client_upload(0, i, summaries[i], kind="summary")
-                for i in range(summaries.shape[0])}
+    from secure_fedora.transport import KIND_SUMMARY
+
+    n = summaries.shape[0]
+    messages = {i: transport.client_upload(0, i, summaries[i], kind=KIND_SUMMARY) for i in range(n)}
     accepted, rejections = transport.server_receive(0, messages, tuple(summaries.shape[1:]),
-                                                    kind="summary")
-    if rejections:
+                                                    kind=KIND_SUMMARY)
+    if len(accepted) < 2:
         named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
-        raise fedora.RelatednessError(f"summary uploads rejected: {named}; relatedness needs all")
-    return torch.stack([accepted[i] for i in range(summaries.shape[0])]).to(torch.float64)
+        raise fedora.RelatednessError(
+            f"summary uploads rejected: {named}; relatedness needs at least two clients, "
+            f"{len(accepted)} remain")
+    held = torch.zeros(summaries.shape, dtype=torch.float64)
+    for i, row in accepted.items():
+        held[i] = row.to(torch.float64)
+    return held, rejections
 
 
 @dataclass
@@ -390,7 +420,7 @@ class Simulation:
             timing = dict(state["timing"])
         else:
             method.setup()
-        self._attach_security(name, method)
+        self._attach_security(name, method, start_round - 1)
         rounds = cfg.training.rounds
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
@@ -426,20 +456,27 @@ class Simulation:
         self.history.extend(history)
         return outcome
 
-    def _attach_security(self, name: str, method: FederatedMethod) -> None:
-        """Signed envelopes and encrypted propagation for FEDORA's messages, when configured."""
-        if not isinstance(method, Fedora):
-            return
+    def _attach_security(self, name: str, method: FederatedMethod, last_round: int) -> None:
+        """Encrypted propagation for FEDORA and, with ``[security] envelopes``, a signed
+        message exchange for every method that sends messages (all but Local), tracking what
+        :meth:`~secure_fedora.methods.FederatedMethod.message_state` names. ``last_round`` is
+        the last round already done (0 on a fresh start)."""
         n = len(self.clients)
-        if self.cfg.fedora.propagation == "encrypted":
+        if isinstance(method, Fedora) and self.cfg.fedora.propagation == "encrypted":
             from secure_fedora.encrypted_propagation import EncryptedPropagator
 
             method.propagator = EncryptedPropagator(n)
-        if self.cfg.security.envelopes:
-            from secure_fedora.transport import SecureExchange, SecureTransport
+        if not self.cfg.security.envelopes:
+            return
+        state = method.message_state()
+        if state is None:
+            return
+        from secure_fedora.transport import SecureExchange, SecureTransport
 
-            transport = SecureTransport.for_simulation(self.run_dir, n, name)
-            method.exchange = SecureExchange.start(transport, method.theta, method.phi)
+        uploads, downloads = state
+        transport = SecureTransport.for_simulation(self.run_dir, n, name)
+        method.exchange = SecureExchange(transport, uploads=uploads, downloads=downloads,
+                                         last_round=last_round)
 
     def _participants(self, gen: torch.Generator, n: int) -> list[int]:
         return sample_participants(gen, n, self.cfg.training.participation)

@@ -19,6 +19,23 @@ released overlaps; the key holder sees the overlaps (it also holds the secret ke
 must not be given any client's ciphertexts other than the rows); clients see nothing of
 each other. Every byte moved between parties is counted in the result.
 
+Signed envelopes (``transport``, a :class:`~secure_fedora.transport.SecureTransport` acting
+as the server and every client): all three message kinds of the protocol -- each client's
+uploads (``enc_summary``, one envelope per client holding its q uploads), the server's
+encrypted rows to the key holder (``enc_gram_rows``) and the key holder's released blocks
+(``gram_release``, float64) -- travel as signed envelopes for round 0 and are verified by
+their receiver (unknown sender, bad signature, tampered payload, replay: rejected and
+logged on ``secure_fedora.security``). An upload that is rejected, or that is authentic but
+malformed (its container or a ciphertext does not parse, carries the wrong vector indices or
+counts, or fails the server's level/scale checks) excludes that client: the server uses a
+public-key encryption of zero vectors in its place (so the packing is unchanged), computes
+only the accepted clients' rows and reports the excluded clients; the returned overlaps are
+zero in their rows and columns. A rejected message to or from the key holder cannot be
+worked around and raises :class:`SecureRelatednessError` naming the key holder. Byte counts
+then include the envelopes. What this does not check: an authentic ciphertext that encrypts
+a wrong vector (the server cannot see its content) -- clients are trusted to encrypt their
+own summary honestly.
+
 Assumption: clients hold the secret key (the design seals it to each of them), so a
 client must never receive another client's upload; in this in-process run nothing does.
 """
@@ -26,6 +43,7 @@ client must never receive another client's upload; in this in-process run nothin
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +69,18 @@ from privacy.ckks import (
     public_context_bytes,
     seal_secret_context,
 )
-from privacy.identity import Identity
+from privacy.envelope import EnvelopeError
+from privacy.identity import SERVER_ID, Identity
+from secure_fedora.transport import (
+    KIND_RELATEDNESS_RELEASE,
+    KIND_RELATEDNESS_ROWS,
+    KIND_RELATEDNESS_UPLOAD,
+    Channel,
+    MalformedPayloadError,
+    Rejection,
+    SecureTransport,
+    log_rejection,
+)
 
 __all__ = [
     "CkksCeremony",
@@ -150,6 +179,9 @@ class EncryptedOverlaps:
     reported by the :class:`CkksCeremony`. ``timings`` holds wall seconds (``<phase>_s``)
     and process CPU seconds (``<phase>_cpu_s``) for the phases ``clients_encrypt`` (all
     clients, one after another), ``server_compute``, ``key_holder_decrypt`` and ``total``.
+    With envelopes the byte counts are those of the signed messages, ``accepted`` lists the
+    clients whose uploads the server used and ``rejections`` the dropped uploads; the
+    overlaps of an excluded client (a client not in ``accepted``) are zero.
     """
 
     overlaps: Tensor
@@ -159,6 +191,14 @@ class EncryptedOverlaps:
     key_holder_bytes_received: int
     released_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    accepted: list[int] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def excluded(self) -> list[int]:
+        """Clients whose uploads were rejected (excluded from relatedness)."""
+        n = len(self.client_bytes_sent)
+        return [i for i in range(n) if i not in set(self.accepted)]
 
 
 class _PhaseClock:
@@ -218,9 +258,20 @@ def _run(
     ceremony: CkksCeremony | None,
     client_encryption: Encryption,
     rows: Sequence[int] | None,
-) -> tuple[Tensor, EncryptedOverlaps]:
+    transport: SecureTransport | None = None,
+    channel: Channel | None = None,
+) -> tuple[Tensor, EncryptedOverlaps, list[int]]:
+    """Released Gram rows (one per computed vector), the result record, and the vectors
+    whose rows were computed."""
     n, d, q = summaries.shape
     _check_key_holder(key_holder, n)
+    if transport is not None:
+        _check_transport(transport, n)
+        if ceremony is None:
+            ceremony = run_key_ceremony(
+                n, key_holder, identities=[transport.identities[c] for c in transport.client_ids])
+    elif channel is not None:
+        raise SecureRelatednessError("a channel needs a transport (signed envelopes)")
     cer = _ceremony_for(ceremony, n, key_holder)
     try:
         layout = InnerProductLayout.plan(n * q, d)
@@ -250,6 +301,8 @@ def _run(
             msgs.append(up.serialize())
         wire.append(msgs)
     clock.lap("clients_encrypt")
+    if transport is not None:
+        return _run_enveloped(cer, layout, (n, d, q), wire, rows, transport, channel, clock)
 
     # Server: public context only.
     uploads = [InnerProductUpload.deserialize(m) for msgs in wire for m in msgs]
@@ -272,8 +325,214 @@ def _run(
         key_holder_bytes_received=sum(len(b) for b in row_wire),
         released_bytes=gram.numel() * 8,
         timings=timings,
+        accepted=list(range(n)),
     )
-    return gram, result
+    return gram, result, list(range(n * q)) if rows is None else list(rows)
+
+
+def _check_transport(transport: SecureTransport, n: int) -> None:
+    if not isinstance(transport, SecureTransport):
+        raise SecureRelatednessError(
+            f"transport must be a SecureTransport, got {type(transport).__name__}")
+    if transport.num_clients != n:
+        raise SecureRelatednessError(
+            f"transport is for {transport.num_clients} clients, the summaries are for {n}")
+    missing = [p for p in (SERVER_ID, *transport.client_ids) if p not in transport.identities]
+    if missing:
+        raise SecureRelatednessError(
+            "the in-process protocol needs a transport acting as the server and every client; "
+            f"it lacks the keys of {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+
+
+_PARTS_MAGIC = b"SFPK"
+
+
+def _pack_parts(parts: Sequence[bytes]) -> bytes:
+    """Length-prefixed concatenation: magic, u32 count, then (u32 length, bytes) per part."""
+    out = [_PARTS_MAGIC, struct.pack(">I", len(parts))]
+    for part in parts:
+        out.append(struct.pack(">I", len(part)))
+        out.append(bytes(part))
+    return b"".join(out)
+
+
+def _unpack_parts(data: bytes, expected: int) -> list[bytes]:
+    """Inverse of :func:`_pack_parts`; raises ValueError unless it holds ``expected`` parts exactly."""
+    data = bytes(data)
+    if len(data) < 8 or not data.startswith(_PARTS_MAGIC):
+        raise ValueError("not a packed list of ciphertexts (bad magic or too short)")
+    (count,) = struct.unpack(">I", data[4:8])
+    if count != expected:
+        raise ValueError(f"holds {count} parts, expected {expected}")
+    parts, offset = [], 8
+    for k in range(count):
+        if len(data) < offset + 4:
+            raise ValueError(f"truncated before part {k}")
+        (length,) = struct.unpack(">I", data[offset:offset + 4])
+        offset += 4
+        if len(data) < offset + length:
+            raise ValueError(f"truncated inside part {k}")
+        parts.append(data[offset:offset + length])
+        offset += length
+    if offset != len(data):
+        raise ValueError(f"{len(data) - offset} trailing bytes")
+    return parts
+
+
+def _parse_uploads(data: bytes, client: int, q: int, layout: InnerProductLayout) -> list[InnerProductUpload]:
+    """Client ``client``'s q uploads for vectors ``client * q + r``, with the layout's counts;
+    raises (and logs) :class:`MalformedPayloadError` otherwise."""
+    ctx = {"sender": f"client-{client:03d}", "round": 0, "kind": KIND_RELATEDNESS_UPLOAD,
+           "recipient": SERVER_ID}
+    try:
+        uploads = [InnerProductUpload.deserialize(part) for part in _unpack_parts(data, q)]
+    except (ValueError, CkksError) as exc:
+        raise log_rejection(MalformedPayloadError(f"encrypted summary upload: {exc}", **ctx)) from None
+    for r, up in enumerate(uploads):
+        if up.index != client * q + r:
+            raise log_rejection(MalformedPayloadError(
+                f"upload {r} is for vector {up.index}, expected vector {client * q + r}", **ctx))
+        if len(up.packed) != layout.packs or len(up.broadcast) != layout.chunks:
+            raise log_rejection(MalformedPayloadError(
+                f"upload {r} has {len(up.packed)} packed + {len(up.broadcast)} broadcast "
+                f"ciphertexts, the layout needs {layout.packs} + {layout.chunks}", **ctx))
+    return uploads
+
+
+def _invalid_ciphertexts(ctx: ts.Context, uploads: Sequence[InnerProductUpload]) -> str | None:
+    """Why the server cannot use these uploads (a ciphertext does not load for its context,
+    or sits at the wrong level or scale), or None. Mirrors the checks of
+    :func:`privacy.ckks.inner_product_rows` per client, through its engine."""
+    from privacy.ckks import _engine  # per-upload validation is not public in privacy.ckks
+
+    eng = _engine(ctx)
+    try:
+        for up in uploads:
+            for i, blob in enumerate(up.packed):
+                what = f"packed ciphertext {i} of vector {up.index}"
+                eng.check(eng.load(blob, what), eng.top_level, eng.scale, what)
+            for m, blob in enumerate(up.broadcast):
+                what = f"broadcast ciphertext {m} of vector {up.index}"
+                eng.check(eng.load(blob, what), eng.top_level - 1, eng.scale, what)
+    except CkksError as exc:
+        return str(exc)
+    return None
+
+
+def _run_enveloped(
+    cer: CkksCeremony,
+    layout: InnerProductLayout,
+    shape: tuple[int, int, int],
+    wire: list[list[bytes]],
+    rows: Sequence[int] | None,
+    transport: SecureTransport,
+    channel: Channel | None,
+    clock: _PhaseClock,
+) -> tuple[Tensor, EncryptedOverlaps, list[int]]:
+    """The protocol with every message in a signed envelope (see the module docstring).
+    Returns the released rows (all ``n * q`` columns), the result record (``accepted`` =
+    clients used) and the vectors whose rows were computed."""
+    n, d, q = shape
+    kh = cer.key_holder
+
+    def deliver(kind: str, client: int, message: bytes) -> bytes:
+        return channel(kind, 0, client, message) if channel is not None else message
+
+    # Clients -> server: one envelope per client with its q uploads.
+    messages = {i: transport.client_upload_bytes(0, i, _pack_parts(wire[i]), KIND_RELATEDNESS_UPLOAD)
+                for i in range(n)}
+    client_bytes = [len(messages[i]) for i in range(n)]
+    delivered = {i: deliver(KIND_RELATEDNESS_UPLOAD, i, m) for i, m in messages.items()}
+    payloads, rejections = transport.server_receive_bytes(0, delivered, KIND_RELATEDNESS_UPLOAD)
+    uploads: dict[int, list[InnerProductUpload]] = {}
+    for i in sorted(payloads):
+        try:
+            uploads[i] = _parse_uploads(payloads[i], i, q, layout)
+        except MalformedPayloadError as err:
+            rejections.append(Rejection.from_error(i, 0, err, "upload"))
+
+    # Server: public context only; excluded clients' vectors become encryptions of zero.
+    zeros: dict[int, list[InnerProductUpload]] = {}
+    while True:
+        if not uploads:
+            named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
+            raise SecureRelatednessError(f"no encrypted summary upload was accepted: {named}")
+        accepted = sorted(uploads)
+        for i in range(n):
+            if i not in uploads and i not in zeros:
+                zeros[i] = [encrypt_for_inner_products(
+                    cer.server_context, layout, i * q + r, torch.zeros(d, dtype=torch.float64),
+                    encryption="public") for r in range(q)]
+        everyone = [up for i in range(n) for up in (uploads[i] if i in uploads else zeros[i])]
+        if rows is None:
+            wanted = [i * q + r for i in accepted for r in range(q)]
+        else:
+            wanted = [v for v in rows if v // q in uploads]
+        try:
+            enc_rows = inner_product_rows(cer.server_context, layout, everyone, rows=wanted)
+            break
+        except (CkksError, ValueError, RuntimeError) as exc:
+            bad = {i: why for i in accepted
+                   if (why := _invalid_ciphertexts(cer.server_context, uploads[i])) is not None}
+            if not bad:
+                raise SecureRelatednessError(f"server computation failed: {exc}") from exc
+            for i, why in bad.items():
+                err = log_rejection(MalformedPayloadError(
+                    f"encrypted summary upload: {why}", sender=transport.client_id(i), round=0,
+                    kind=KIND_RELATEDNESS_UPLOAD, recipient=SERVER_ID))
+                rejections.append(Rejection.from_error(i, 0, err, "upload"))
+                del uploads[i]
+    clock.lap("server_compute")
+
+    # Server -> key holder: the encrypted rows, one envelope.
+    row_message = deliver(KIND_RELATEDNESS_ROWS, kh, transport.server_send_bytes(
+        0, kh, _pack_parts([row.serialize() for row in enc_rows]), KIND_RELATEDNESS_ROWS))
+    try:
+        row_payload = transport.client_receive_bytes(0, kh, row_message, KIND_RELATEDNESS_ROWS)
+        received = [EncryptedRow.deserialize(b) for b in _unpack_parts(row_payload, len(wanted))]
+    except EnvelopeError as err:
+        raise SecureRelatednessError(
+            f"key holder client {kh} rejected the server's encrypted rows ({err.reason}): {err}; "
+            "relatedness cannot be computed without them") from err
+    except (ValueError, CkksError) as exc:
+        raise SecureRelatednessError(
+            f"key holder client {kh} cannot parse the server's encrypted rows: {exc}") from exc
+    if [row.index for row in received] != wanted:
+        raise SecureRelatednessError(
+            f"key holder client {kh} received rows for vectors {[r.index for r in received][:10]}, "
+            f"not the requested {wanted[:10]}")
+    try:
+        gram = decrypt_inner_product_rows(cer.key_holder_context, layout, received)
+    except CkksError as exc:
+        raise SecureRelatednessError(f"key holder client {kh} cannot decrypt the rows: {exc}") from exc
+    excluded_vectors = [v for v in range(n * q) if v // q not in uploads]
+    gram[:, excluded_vectors] = 0.0  # encryptions of zero: exactly zero, not CKKS noise
+
+    # Key holder -> server: the released blocks (float64, exact), one envelope.
+    release = deliver(KIND_RELATEDNESS_RELEASE, kh, transport.client_upload(
+        0, kh, gram, kind=KIND_RELATEDNESS_RELEASE, dtype=torch.float64))
+    released, release_rejections = transport.server_receive(
+        0, {kh: release}, tuple(gram.shape), kind=KIND_RELATEDNESS_RELEASE, dtype=torch.float64)
+    if release_rejections:
+        r = release_rejections[0]
+        raise SecureRelatednessError(
+            f"the server rejected key holder client {kh}'s release of the q x q blocks "
+            f"({r.reason}: {r.detail}); relatedness cannot be computed without it")
+    gram = released[kh]
+    clock.lap("key_holder_decrypt")
+    timings = clock.finish()
+    result = EncryptedOverlaps(
+        overlaps=torch.empty(0),
+        layout=layout,
+        client_bytes_sent=client_bytes,
+        server_bytes_received=sum(len(m) for m in delivered.values()),
+        key_holder_bytes_received=len(row_message),
+        released_bytes=len(release),
+        timings=timings,
+        accepted=sorted(uploads),
+        rejections=sorted(rejections, key=lambda r: r.client),
+    )
+    return gram, result, wanted
 
 
 def encrypted_overlaps(
@@ -282,6 +541,8 @@ def encrypted_overlaps(
     *,
     ceremony: CkksCeremony | None = None,
     client_encryption: Encryption = "symmetric",
+    transport: SecureTransport | None = None,
+    channel: Channel | None = None,
 ) -> EncryptedOverlaps:
     """All overlap blocks U_i^T U_j (an (N, N, q, q) float64 tensor) computed under CKKS.
 
@@ -290,12 +551,22 @@ def encrypted_overlaps(
     secret context they received (faster, half the bytes); ``"public"`` with the public key
     only. Pass a ``ceremony`` from :func:`run_key_ceremony` to reuse keys across calls.
     Summaries must have column norms <= 256 (orthonormal summaries have norm 1).
+
+    With ``transport`` every protocol message is a signed envelope for round 0 (the ceremony,
+    if not given, seals the keys to the transport's client identities); ``channel(kind,
+    round, client, message)`` sees every message on its way (fault injection). Clients whose
+    upload is rejected are left out (``result.accepted`` / ``result.excluded``; their
+    overlaps are zero); a rejected message to or from the key holder raises
+    :class:`SecureRelatednessError`.
     """
     u = _check_summaries(summaries)
     n, _, q = u.shape
-    gram, result = _run(u, key_holder, ceremony, client_encryption, rows=None)
-    # gram[a, b] with a = i*q + r, b = j*q + s  ->  overlaps[i, j, r, s]
-    result.overlaps = gram.reshape(n, q, n, q).permute(0, 2, 1, 3).contiguous()
+    gram, result, computed = _run(u, key_holder, ceremony, client_encryption, None,
+                                  transport, channel)
+    full = torch.zeros(n * q, n * q, dtype=torch.float64)
+    full[computed] = gram.to(torch.float64)
+    # full[a, b] with a = i*q + r, b = j*q + s  ->  overlaps[i, j, r, s]
+    result.overlaps = full.reshape(n, q, n, q).permute(0, 2, 1, 3).contiguous()
     return result
 
 
@@ -325,7 +596,7 @@ def encrypted_newcomer_overlaps(
     n, _, q = u.shape
     everyone = torch.cat([u, new], dim=0)
     rows = [n * q + r for r in range(q)]
-    gram, result = _run(everyone, key_holder, ceremony, client_encryption, rows=rows)
+    gram, result, _ = _run(everyone, key_holder, ceremony, client_encryption, rows)
     # gram[r, j*q + s] -> overlaps[j, r, s] for the n existing clients
     result.overlaps = gram[:, : n * q].reshape(q, n, q).permute(1, 0, 2).contiguous()
     return result

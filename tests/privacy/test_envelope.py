@@ -241,3 +241,122 @@ def test_federation_continues_with_remaining_clients(parties, verifier):
         except EnvelopeError as exc:
             rejected.append(exc.sender)
     assert accepted == ["client-001"] and rejected == ["client-000"]
+
+
+# --------------------------------------------------------------------------- batched persistence
+
+
+def _count_fsyncs(monkeypatch):
+    import os
+
+    calls = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def test_batch_persists_once_rejects_in_batch_duplicate_and_survives_restart(parties, tmp_path,
+                                                                             monkeypatch, caplog):
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "server", state_path=state)
+    envs = [make_envelope(parties[c], "server", 4, "model", b"x")
+            for c in ("client-000", "client-001", "client-000")]
+    items = [(e, b"x") for e in envs] + [(envs[1], b"x")]  # the last one replays envs[1]
+    fsyncs = _count_fsyncs(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        results = v.verify_batch(items, 4)
+    assert results[:3] == envs
+    assert isinstance(results[3], ReplayedNonceError) and "twice in one batch" in str(results[3])
+    assert [e["reason"] for e in _events(caplog)] == ["replayed_nonce"]
+    assert len(fsyncs) == 1  # one append + one fsync for the whole batch (new floor included)
+    lines = state.read_text().splitlines()
+    assert len(lines) == 1 + 1 + 3  # compaction's floor, the new floor, three nonces
+    # A restarted verifier (same state file) rejects each accepted message as a replay.
+    again = EnvelopeVerifier(allow, "server", state_path=state)
+    for env in envs:
+        with pytest.raises(ReplayedNonceError):
+            again.verify(env, b"x", 4)
+    assert again.round_floor == 4
+
+
+def test_batch_write_ahead_and_discard(parties, tmp_path, monkeypatch):
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "server", state_path=state)
+    env = make_envelope(parties["client-000"], "server", 1, "model", b"x")
+    batch = v.batch()
+    batch.verify(env, b"x", 1)
+    assert batch.pending == 1
+    with pytest.raises(EnvelopeStateError, match="open batch"):
+        v.batch()
+    # Not committed yet: nothing durable, nothing remembered.
+    assert "n" not in state.read_text()
+    batch.discard()
+    assert v.verify(env, b"x", 1) is env  # a discarded batch did not burn the nonce
+    with pytest.raises(EnvelopeStateError, match="already committed"):
+        batch.verify(env, b"x", 1)
+    # A failed write accepts nothing (write-ahead): the nonce is neither in memory nor on disk.
+    other = make_envelope(parties["client-001"], "server", 1, "model", b"y")
+
+    def broken(fd):
+        raise OSError("disk full")
+
+    import os
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="disk full"):
+        v.verify_batch([(other, b"y")], 1)
+    monkeypatch.undo()
+    assert v.verify(other, b"y", 1) is other  # usable again, and the message still acceptable
+
+
+def test_shared_journal_one_fsync_for_many_receivers_and_restart(parties, tmp_path, monkeypatch):
+    from privacy.envelope import NonceJournal, commit_batches
+
+    allow = {"server": parties["server"].public}
+    path = tmp_path / "clients.nonces.jsonl"
+    journal = NonceJournal(path)
+    v0 = EnvelopeVerifier(allow, "client-000", journal=journal)
+    v1 = EnvelopeVerifier(allow, "client-001", journal=journal)
+    e0 = make_envelope(parties["server"], "client-000", 2, "phi", b"a")
+    e1 = make_envelope(parties["server"], "client-001", 2, "phi", b"b")
+    b0, b1 = v0.batch(), v1.batch()
+    b0.verify(e0, b"a", 2)
+    b1.verify(e1, b"b", 2)
+    fsyncs = _count_fsyncs(monkeypatch)
+    commit_batches([b0, b1])
+    assert len(fsyncs) == 1
+    monkeypatch.undo()
+    reopened = NonceJournal(path)
+    w0 = EnvelopeVerifier(allow, "client-000", journal=reopened)
+    w1 = EnvelopeVerifier(allow, "client-001", journal=reopened)
+    with pytest.raises(ReplayedNonceError):
+        w0.verify(e0, b"a", 2)
+    with pytest.raises(ReplayedNonceError):
+        w1.verify(e1, b"b", 2)
+    # Each receiver's memory is its own: client-001 never saw client-000's nonce.
+    assert not w1._nonces.contains("server", e0.nonce) and w0._nonces.contains("server", e0.nonce)
+    with pytest.raises(ValueError, match="either"):
+        EnvelopeVerifier(allow, "client-000", journal=reopened, state_path=tmp_path / "x")
+    path.write_text('{"floor": 1}\n')
+    with pytest.raises(EnvelopeStateError, match="without 'to'"):
+        NonceJournal(path)
+
+
+def test_journal_merges_per_party_files_of_the_older_layout(parties, tmp_path):
+    from privacy.envelope import NonceJournal
+
+    allow = {"server": parties["server"].public}
+    old = tmp_path / "client-000.nonces.jsonl"
+    env = make_envelope(parties["server"], "client-000", 3, "phi", b"a")
+    EnvelopeVerifier(allow, "client-000", state_path=old).verify(env, b"a", 3)
+    journal = NonceJournal(tmp_path / "clients.nonces.jsonl", legacy={"client-000": old})
+    assert not old.exists()
+    with pytest.raises(ReplayedNonceError):
+        EnvelopeVerifier(allow, "client-000", journal=journal).verify(env, b"a", 3)

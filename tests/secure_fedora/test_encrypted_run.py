@@ -100,31 +100,27 @@ def test_encrypted_propagation_run_matches_plaintext(tmp_path, clients, plain_ru
         assert stats.messages_accepted == 2 * 6 * cfg.training.rounds and stats.messages_rejected == 0
 
 
-REAL_EXCHANGE_START = SecureExchange.start.__func__
+REAL_EXCHANGE_INIT = SecureExchange.__init__
 
 
 def enveloped(monkeypatch, store, channel=None):
     """Run with ``[security] envelopes = true``; record the exchange the runtime builds, inject
     a fault ``channel`` and snapshot theta after each round's upload."""
-    from secure_fedora import transport as transport_module
-
-    real_start = REAL_EXCHANGE_START
     store["theta_after_upload"] = {}
 
-    def start(cls, transport, theta, phi=None, channel_arg=None):
-        exchange = real_start(cls, transport, theta, phi, channel)
-        store["exchange"] = exchange
-        upload = exchange.upload_theta
+    def init(self, transport, **kwargs):
+        REAL_EXCHANGE_INIT(self, transport, **{**kwargs, "channel": channel})
+        store["exchange"] = self
+        upload = self.upload_theta
 
         def upload_and_snapshot(rnd, matrix, participants):
             accepted = upload(rnd, matrix, participants)
             store["theta_after_upload"][rnd] = matrix.clone()
             return accepted
 
-        exchange.upload_theta = upload_and_snapshot
-        return exchange
+        self.upload_theta = upload_and_snapshot
 
-    monkeypatch.setattr(transport_module.SecureExchange, "start", classmethod(start))
+    monkeypatch.setattr(SecureExchange, "__init__", init)
     return config(security={"envelopes": True})
 
 
@@ -162,23 +158,26 @@ def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, pl
     assert torch.equal(after[2][4], after[1][4])  # client 4 was a non-participant of round 2
     assert not torch.equal(after[2][3], after[1][3])
     assert len(attacked["selected"]["per_client"]) == 6  # the federation finished
+    recorded = attacked["extra"]["security"]["rejections"]
+    assert [(r["client"], r["round"], r["direction"]) for r in recorded] == [(4, 2, "upload")]
 
 
-def test_enveloped_summaries_give_the_same_graph_and_a_forged_one_stops_the_run(
-        tmp_path, clients, plain_run, monkeypatch):
+def test_enveloped_summaries_give_the_same_graph_and_a_forged_one_excludes_the_client(
+        tmp_path, clients, plain_run, monkeypatch, caplog):
     plain, m_plain = plain_run
     signed, m_signed = run(config(security={"envelopes": True}), tmp_path / "signed", clients)
     assert torch.equal(m_plain.relatedness.graph != 0, m_signed.relatedness.graph != 0)
     assert torch.allclose(m_plain.relatedness.graph, m_signed.relatedness.graph, atol=1e-5)
     assert (tmp_path / "signed" / "transport" / "fedora-summary" / "server.nonces.jsonl").exists()
+    assert m_signed.relatedness.details["excluded"] == []
+    assert signed["extra"]["security"]["rejections"] == []
 
     from secure_fedora import transport as transport_module
-    from secure_fedora.fedora import RelatednessError
 
     real_upload = transport_module.SecureTransport.client_upload
 
-    def forged(self, rnd, client, row, kind="theta"):
-        message = real_upload(self, rnd, client, row, kind)
+    def forged(self, rnd, client, row, kind="theta", **kwargs):
+        message = real_upload(self, rnd, client, row, kind, **kwargs)
         if kind == "summary" and client == 3:
             data = bytearray(message)
             data[-5] ^= 0x01
@@ -186,5 +185,25 @@ def test_enveloped_summaries_give_the_same_graph_and_a_forged_one_stops_the_run(
         return message
 
     monkeypatch.setattr(transport_module.SecureTransport, "client_upload", forged)
-    with pytest.raises(RelatednessError, match="client 3"):
-        run(config(security={"envelopes": True}), tmp_path / "forged", clients)
+    with caplog.at_level(logging.WARNING, logger="secure_fedora.security"):
+        body, m = run(config(security={"envelopes": True}), tmp_path / "forged", clients)
+    assert any(getattr(rec, "security_event", {}).get("kind") == "summary" for rec in caplog.records)
+    r = m.relatedness
+    unit = torch.zeros(6, dtype=torch.float64)
+    unit[3] = 1.0
+    assert torch.equal(r.propagation[3], unit)  # client 3 keeps its own model only ...
+    assert torch.equal(r.propagation[:, 3], unit)  # ... and nobody weighs it
+    assert r.similarity[3].abs().sum() == 0 and r.similarity[:, 3].abs().sum() == 0
+    assert torch.allclose(r.propagation.sum(dim=1), torch.ones(6, dtype=torch.float64))
+    security = body["extra"]["security"]
+    assert security["excluded_from_relatedness"] == [3]
+    assert [(x["client"], x["round"], x["reason"]) for x in security["rejections"]] == [
+        (3, 0, "payload_hash_mismatch")]
+    assert len(body["selected"]["per_client"]) == 6  # the federation finished
+    # The excluded client trained exactly as it would under Local.
+    sim = Simulation(config().model_copy(update={"methods": ["local"]}), tmp_path / "local",
+                     clients=clients)
+    sim.run()
+    m_local = sim.methods["local"]
+    assert torch.equal(m.theta[3], m_local.theta[3])
+    assert torch.equal(m.phi[3], m.theta[3])

@@ -155,3 +155,34 @@ def test_attach_new_client_matches_extended_graph():
     assert p_ext[8, 8].item() == pytest.approx(0.2)
     assert torch.allclose(w, p_ext[8, :8] / p_ext[8, :8].sum(), atol=1e-12)
     assert w.sum().item() == pytest.approx(1.0)
+
+
+def test_embed_subproblem_isolates_the_other_clients():
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(4, 12, 2, generator=g, dtype=torch.float64)).Q
+    members = [0, 2, 3]
+    graph = fedora.topk_graph(fedora.similarity_matrix(fedora.subspace_overlaps(u[members])), 1)
+    prop = fedora.propagation_matrix(graph, 0.8)
+    full_graph = fedora.embed_subproblem(graph, members, 5, isolated=1.0)
+    full_prop = fedora.embed_subproblem(prop, members, 5, isolated=1.0)
+    assert full_graph.shape == (5, 5) and full_prop.dtype == torch.float64
+    for i in (1, 4):  # not members: unit rows, no weight from anyone else
+        unit = torch.zeros(5, dtype=torch.float64)
+        unit[i] = 1.0
+        assert torch.equal(full_prop[i], unit) and torch.equal(full_prop[:, i], unit)
+    assert torch.equal(full_prop[[0, 2, 3]][:, [0, 2, 3]], prop)
+    # The self-loop keeps the graph row-stochastic, and both propagation forms agree with it.
+    assert torch.allclose(full_graph.sum(dim=1), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(fedora.propagation_matrix(full_graph, 0.8), full_prop, atol=1e-12)
+    theta = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    phi = fedora.propagate_power(full_graph, theta, 0.8, tol=1e-12)
+    assert torch.allclose(phi, full_prop @ theta, atol=1e-9)
+    assert torch.allclose(phi[[1, 4]], theta[[1, 4]], atol=1e-9)
+    sim = fedora.embed_subproblem(torch.ones(3, 3), members, 5)
+    assert sim[1].abs().sum() == 0 and sim[4, 4] == 0
+    with pytest.raises(RelatednessError, match="shape"):
+        fedora.embed_subproblem(torch.ones(2, 2), members, 5)
+    with pytest.raises(RelatednessError, match="increasing"):
+        fedora.embed_subproblem(torch.ones(3, 3), [0, 3, 2], 5)
+    with pytest.raises(RelatednessError, match="increasing"):
+        fedora.embed_subproblem(torch.ones(3, 3), [0, 2, 5], 5)

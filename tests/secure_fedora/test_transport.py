@@ -334,3 +334,79 @@ def test_for_simulation_creates_keys_once_and_separates_methods(tmp_path):
     assert sorted(accepted) == [1] and not rejections
     with pytest.raises(IdentityError):
         SecureTransport.for_simulation(tmp_path, 3, "../escape")
+
+
+def test_batch_receivers_persist_with_one_fsync_per_state_file(key_dir, tmp_path, monkeypatch):
+    import os
+
+    tr = SecureTransport(key_dir, tmp_path / "s", N)
+    theta = rows(5)
+    ups = uploads(tr, 1, theta)
+    downs = {i: tr.server_send(1, i, theta[i]) for i in range(N)}
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    accepted, _ = tr.server_receive(1, ups, (P,))
+    assert len(accepted) == N and len(calls) == 1
+    accepted, _ = tr.clients_receive(1, downs, (P,))
+    assert len(accepted) == N and len(calls) == 2  # all clients share one journal
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "clients.nonces.jsonl").exists()
+    # A restarted transport remembers every client's nonce.
+    again = SecureTransport(key_dir, tmp_path / "s", N)
+    accepted, rejections = again.clients_receive(1, downs, (P,))
+    assert not accepted and {r.reason for r in rejections} == {"replayed_nonce"}
+
+
+def test_float64_payloads_and_expected_dtype(transport):
+    t = torch.tensor([[1 / 3, 2**-40], [1e300, -0.0]], dtype=torch.float64)
+    back = decode_tensor(encode_tensor(t, dtype=torch.float64), dtype=torch.float64)
+    assert back.dtype == torch.float64 and torch.equal(back, t)
+    with pytest.raises(TypeError, match="wire dtype"):
+        encode_tensor(t, dtype=torch.float16)
+    msg = transport.client_upload(1, 0, t, kind="gram_release", dtype=torch.float64)
+    accepted, rejections = transport.server_receive(1, {0: msg}, (2, 2), kind="gram_release")
+    assert not accepted and rejections[0].reason == "malformed_payload"  # float32 expected
+    msg = transport.client_upload(2, 0, t, kind="gram_release", dtype=torch.float64)
+    accepted, _ = transport.server_receive(2, {0: msg}, (2, 2), kind="gram_release",
+                                           dtype=torch.float64)
+    assert torch.equal(accepted[0], t)
+
+
+def test_generic_exchange_kinds_checks_and_fallbacks(key_dir, tmp_path, caplog):
+    from secure_fedora.transport import InvalidValueError
+
+    tr = SecureTransport(key_dir, tmp_path / "s", N)
+    models = rows(6)
+    choice = torch.zeros(N, 1)
+    glob = torch.zeros(N, P)
+
+    def channel(kind, rnd, client, message):
+        return tamper_payload(message) if kind in ("global", "clusters") and client == 2 else message
+
+    ex = SecureExchange(tr, uploads={"theta": models, "choice": choice},
+                        downloads={"global": glob}, channel=channel, last_round=3)
+    assert ex.last_round == 3
+    with pytest.raises(TransportError, match="does not track"):
+        ex.upload_rows(4, models, [0], kind="other")
+    with pytest.raises(TransportError, match="rows for"):
+        SecureExchange(tr, uploads={"theta": torch.zeros(N + 1, P)})
+
+    def small(t):
+        return None if float(t[0]) < 2 else f"index {float(t[0]):g} too large"
+
+    choice.copy_(torch.tensor([[0.0], [1.0], [5.0], [1.0]]))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert ex.upload_rows(4, choice, [3, 2, 1], kind="choice", check=small) == [3, 1]
+    assert float(choice[2, 0]) == 0.0  # restored to the server's last accepted value
+    assert ex.rejections[-1].error_type == InvalidValueError.__name__
+    assert any(e["reason"] == "invalid_value" for e in _events(caplog))
+    new_global = torch.full((P,), 3.0)
+    held, accepted = ex.download_rows(4, {i: new_global for i in range(N)}, kind="global")
+    assert accepted == [0, 1, 3]
+    assert torch.equal(held[0], new_global) and torch.equal(held[2], torch.zeros(P))  # fallback
+    held, accepted = ex.download_rows(4, {0: torch.ones(2, P), 2: torch.ones(2, P)}, kind="clusters")
+    assert accepted == [0] and list(held) == [0]  # untracked kind: a rejecting client has nothing
+    assert ex.last_round == 4
+    with pytest.raises(TransportError, match="one shape"):
+        ex.download_rows(5, {0: torch.ones(P), 1: torch.ones(P + 1)}, kind="clusters")
