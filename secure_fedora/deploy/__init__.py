@@ -2,8 +2,13 @@
 
 - :mod:`secure_fedora.deploy.certs`: CA, server certificate (SANs) and SuperNode EC keys.
 - :mod:`secure_fedora.deploy.server_app` / :mod:`secure_fedora.deploy.client_app`: the Flower
-  ServerApp and ClientApp running FEDORA with the shared algorithm core (plain or noised
-  summaries; DP-SGD, budgets and signed ledgers enforced by each client).
+  ServerApp and ClientApp running FEDORA with the shared algorithm core (plain, noised,
+  encrypted or noised+encrypted summaries; DP-SGD, budgets and signed ledgers enforced by
+  each client).
+- :mod:`secure_fedora.deploy.envelopes`: signed envelopes on every Flower message (allowlist,
+  content digest, on-disk nonce memory).
+- :mod:`secure_fedora.deploy.ceremony`: the CKKS roles of encrypted relatedness across
+  processes (key-holder client, clients, server with the public context only).
 - :mod:`secure_fedora.deploy.protocol`: message layout, run and node config validation.
 - :mod:`secure_fedora.deploy.state`: a SuperNode's crash-safe state on its own disk.
 - :mod:`secure_fedora.deploy.local`: a complete deployment on 127.0.0.1 (SuperLink + N

@@ -138,7 +138,9 @@ class KeyHolderStore:
         holder itself.
         """
         if self.identity.party_id not in recipients:
-            raise CeremonyError(f"the key holder {self.identity.party_id} is not among the recipients")
+            raise CeremonyError(
+                f"the key holder {self.identity.party_id} is not among the recipients"
+            )
         if self.exists():
             secret = self.secret_context()
             public = self.public_path.read_bytes()
@@ -287,7 +289,10 @@ def decrypt_overlaps(
         raise CeremonyError(f"encrypted rows refused: {err}") from None
     indexes = [row.index for row in parsed]
     if indexes != list(range(layout.num_vectors)):
-        raise CeremonyError(f"encrypted rows are for vectors {indexes[:8]}..., expected 0..{layout.num_vectors - 1}")
+        raise CeremonyError(
+            f"encrypted rows are for vectors {indexes[:8]}..., expected "
+            f"0..{layout.num_vectors - 1} in order"
+        )
     try:
         gram = decrypt_inner_product_rows(secret_ctx, layout, parsed)
     except CkksError as err:

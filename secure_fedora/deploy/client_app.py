@@ -415,7 +415,7 @@ def _initial_metrics(
 
 @app.query("summary")
 def summary(message: Message, context: Context) -> Message:
-    """Release the client's relatedness summary ``U_i`` (plain or noised) and its initial accuracy."""
+    """Release the client's summary ``U_i`` (plain or noised) and its initial accuracy."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context)
     _check_hash(message, "fedora", settings)

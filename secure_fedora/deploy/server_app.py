@@ -314,8 +314,9 @@ def _first_contact(
 
     The request carries one envelope per client id (the server does not know yet who is
     where); each verified reply names its client, which must be the client that signed it.
-    Returns the accepted replies and their envelopes by client index. Two nodes answering for one client stop the
-    run (a misconfigured federation); rejected replies are logged and count as missing.
+    Returns the accepted replies and their envelopes by client index. Two nodes answering for
+    one client stop the run (a misconfigured federation); rejected replies are logged and
+    count as missing.
     """
     fedora_conf = ConfigRecord({"config-hash": server.settings.config_hash, **extra})
     messages = {
@@ -452,7 +453,9 @@ def _encrypted_overlaps(
     for cid, party in enumerate(server.client_ids):
         blob = record.get(f"sealed-{party}")
         if not isinstance(blob, bytes):
-            raise DeployError(f"the key holder (client {holder}) sealed no CKKS context for {party}")
+            raise DeployError(
+                f"the key holder (client {holder}) sealed no CKKS context for {party}"
+            )
         sealed[cid] = blob
     details["public_context_bytes"] = len(public)
     details["sealed_context_bytes"] = len(sealed[0])
@@ -520,7 +523,9 @@ def _encrypted_overlaps(
                 server.reject(0, holder, node, err, "no overlaps")
                 problem = f"its overlaps were refused ({err.reason})"
     if overlaps is None:
-        raise DeployError(f"the key holder (client {holder}) did not return the overlaps: {problem}")
+        raise DeployError(
+            f"the key holder (client {holder}) did not return the overlaps: {problem}"
+        )
     timing["wall_s"] = round(time.perf_counter() - t0, 4)
     server.relatedness_timing = timing
     server.relatedness_details = details

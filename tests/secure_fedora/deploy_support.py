@@ -120,7 +120,8 @@ class InMemoryGrid:
                 continue
             ctx = Context(self.run_id, node, dict(conf), RecordDict(), dict(self.run_config))
             if (client, rnd) in self.fail:
-                self.replies[mid] = Message(Error(code=0, reason=self.fail[client, rnd]), reply_to=msg)
+                error = Error(code=0, reason=self.fail[client, rnd])
+                self.replies[mid] = Message(error, reply_to=msg)
                 continue
             request = msg
             if (client, rnd, kind) in self.tamper_request:

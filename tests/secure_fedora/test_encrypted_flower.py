@@ -281,7 +281,8 @@ def test_key_holder_stores_keys_0600_reuses_them_and_the_server_context_cannot_d
     uploads = {}
     for c, ident in enumerate(ids):
         client_ctx = open_client_context(resealed[ident.party_id], ident)
-        uploads[c] = parse_upload(layout, c, 1, encrypt_summary(client_ctx, layout, c, summaries[c]))
+        columns = encrypt_summary(client_ctx, layout, c, summaries[c])
+        uploads[c] = parse_upload(layout, c, 1, columns)
     with pytest.raises(CeremonyError, match="client-001"):
         open_client_context(sealed["client-000"], ids[1])  # a blob sealed to someone else
     rows = encrypted_rows(server_ctx, layout, 1, uploads)
@@ -330,7 +331,8 @@ def _grid_run(
 ) -> tuple[dict[str, Any], InMemoryGrid, dict[str, Any]]:
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": cfg.privacy.enabled})
     g = InMemoryGrid(tmp_path / "nodes", rc, 3, **grid)
-    results = server_app.run_fedora(g, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    settings = RunSettings.from_run_config(rc)
+    results = server_app.run_fedora(g, settings, 42)  # type: ignore[arg-type]
     return results, g, rc
 
 
@@ -394,7 +396,8 @@ def test_grid_noised_encrypted_run_equals_in_process_and_the_ledger_records_the_
     ids = Path(rc["identity-dir"]).parent
     for c in range(3):
         cid = f"client-{c:03d}"
-        assert results["privacy"]["clients"][c]["epsilon_spent"] == pytest.approx(spent[cid], abs=1e-6)
+        ours_spent = results["privacy"]["clients"][c]["epsilon_spent"]
+        assert ours_spent == pytest.approx(spent[cid], abs=1e-6)
         ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
         key = load_identity(ids / cid, cid).signing_key.public_key()
         assert verify_ledger_file(ledger, key) == []
