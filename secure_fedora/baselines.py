@@ -54,6 +54,7 @@ __all__ = [
     "BASELINE_HYPERPARAMETERS",
     "BASELINE_NAMES",
     "BaselineConfigError",
+    "ClientHeldGradient",
     "Ditto",
     "FedAMP",
     "FedProx",
@@ -62,6 +63,7 @@ __all__ = [
     "ProximalGradient",
     "attention_weights",
     "make_baseline",
+    "personal_oracle",
 ]
 
 
@@ -207,6 +209,33 @@ def unwrap_oracle(oracle: GradientOracle) -> GradientOracle:
     while isinstance(oracle, _WrappedOracle):
         oracle = oracle.inner
     return oracle
+
+
+class ClientHeldGradient(PlainGradient):
+    """Non-private gradients for a model that never leaves its client (Ditto's and APFL's
+    personal model ``v_i``) in a private run.
+
+    Threat model (the sweep's, stated in README): a value that is never sent to anyone is not
+    a release, so, as for Local, it needs no noise; the client's released models stay DP-SGD.
+    The batch gradient is clipped to the DP clip norm (a stability knob at DP learning rates,
+    not a privacy mechanism). ``select`` is a no-op: there is no noise to select.
+    Assumption: personal models are used inside the client only; publishing them would be a
+    release this implementation does not account.
+    """
+
+    def select(self, noise_multiplier: float, generator: torch.Generator) -> None:
+        """Nothing to select: no noise is added to a client-held model's training."""
+
+
+def personal_oracle(ctx: MethodContext) -> GradientOracle:
+    """The oracle for a model that stays on its client: ``ctx.oracle`` in a non-private run,
+    else a :class:`ClientHeldGradient` at the configured batch size, clipped to the private
+    oracle's ``max_grad_norm`` when it has one."""
+    inner = unwrap_oracle(ctx.oracle)
+    if isinstance(inner, PlainGradient):
+        return ctx.oracle
+    clip = getattr(inner, "max_grad_norm", None)
+    return ClientHeldGradient(ctx.train.batch_size, None if clip is None else float(clip))
 
 
 class ProximalGradient(_WrappedOracle):
@@ -372,8 +401,8 @@ class Ditto(FederatedMethod):
     its data and the server averages the copies. Each participant also keeps a personalized
     model ``v_i`` that it trains on ``F_i(v) + lam/2 ||v - w||^2`` with ``w`` the global model
     it received this round. Only the copy of ``w`` is uploaded, and it does not depend on
-    ``v_i``. Under DP the copy's local run is the round's model release; ``v_i``'s run also
-    goes through the (DP) oracle, but ``v_i`` never leaves the client, so it releases nothing.
+    ``v_i``. Under DP the copy's local run is the round's model release (DP-SGD); ``v_i`` never
+    leaves the client, so, like Local, it trains without noise (:func:`personal_oracle`).
     Evaluated on ``v_i``.
     """
 
@@ -385,7 +414,7 @@ class Ditto(FederatedMethod):
         self.global_params = ctx.init.clone()
         self.uploads = self.theta.clone()
         self.weights = _train_weights(ctx)
-        self.prox = ProximalGradient(ctx.oracle, lam)
+        self.prox = ProximalGradient(personal_oracle(ctx), lam)
 
     def message_state(self) -> MessageState | None:
         """Uploads: the trained copies of the global model; downloads: the global model."""
@@ -430,9 +459,9 @@ class APFL(FederatedMethod):
     received, ``alpha_i`` following its own gradient when ``adaptive`` (projected to [0, 1]).
     The two local runs happen one after the other rather than interleaved step by step as in
     the paper's Algorithm 1, so the uploaded copy is one ordinary oracle run that does not
-    depend on ``v_i`` (under DP: the round's model release); ``v_i``'s run also goes through
-    the oracle, and ``v_i`` and ``alpha_i`` never leave the client. Evaluated on the mixture
-    with the current global model.
+    depend on ``v_i`` (under DP: the round's model release, DP-SGD); ``v_i`` and ``alpha_i``
+    never leave the client, so, like Local, ``v_i`` trains without noise
+    (:func:`personal_oracle`). Evaluated on the mixture with the current global model.
     """
 
     name = "apfl"
@@ -447,7 +476,7 @@ class APFL(FederatedMethod):
         self.alpha = torch.full((ctx.num_clients,), float(alpha), dtype=torch.float64)
         self.weights = _train_weights(ctx)
         lr = ctx.train.lr if alpha_lr is None else alpha_lr
-        self.mix = MixtureGradient(ctx.oracle, ctx.flat.num_params, adaptive, lr)
+        self.mix = MixtureGradient(personal_oracle(ctx), ctx.flat.num_params, adaptive, lr)
         self.mixed = torch.empty_like(self.theta)
         self._refresh_mixture()
 

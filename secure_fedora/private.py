@@ -144,6 +144,11 @@ class DPGradient:
         self.dpsgd = DPSGD(module, max_grad_norm, 1.0, expected_batch_size, generator)
         self._loss = nn.CrossEntropyLoss(reduction="none")
 
+    @property
+    def max_grad_norm(self) -> float:
+        """The per-sample clip norm C."""
+        return self.dpsgd.max_grad_norm
+
     def select(self, noise_multiplier: float, generator: torch.Generator) -> None:
         self.dpsgd.noise_multiplier = float(noise_multiplier)
         self.dpsgd.generator = generator

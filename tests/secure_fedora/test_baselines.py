@@ -377,8 +377,38 @@ def test_every_local_step_goes_through_the_contexts_oracle(clients, name):
     ctx.privacy = _PrivacyState(5)  # what the runtime attaches when DP is on
     method = make_baseline(name, ctx, {})
     stats = method.train_round(1, [1, 3])
-    runs = 2 if name in ("ditto", "apfl") else 1
-    # each local run selects its client's noise first; every step's gradient is the oracle's
-    assert oracle.selected == [n for n in (11.0, 13.0) for _ in range(runs)]
-    assert oracle.gradients == stats["steps"] > 0
+    # each released run selects its client's noise first and every one of its steps is the
+    # oracle's; Ditto's and APFL's personal run (never sent) trains without the DP oracle
+    assert oracle.selected == [11.0, 13.0]
+    released_share = 0.5 if name in ("ditto", "apfl") else 1.0
+    assert oracle.gradients == stats["steps"] * released_share > 0
     assert ctx.oracle is oracle  # the wrapper was only in place during the runs
+
+
+class _Noisy(_Recording):
+    """A private stand-in that adds large Gaussian noise from its own generator."""
+
+    max_grad_norm = 1e9
+
+    def __init__(self, batch_size):
+        super().__init__(batch_size)
+        self.noise = torch.Generator().manual_seed(123)
+
+    def gradient(self, model, x, y, grad):
+        super().gradient(model, x, y, grad)
+        grad.add_(torch.randn(grad.shape, generator=self.noise) * 100.0)
+
+
+@pytest.mark.parametrize("name", ["ditto", "apfl"])
+def test_personal_models_that_never_leave_the_client_train_without_noise(clients, name):
+    params = {"lam": 0.0} if name == "ditto" else {"alpha": 1.0, "adaptive": False}
+    plain = make_baseline(name, build_context(tiny(), clients, oracle=PlainGradient(16)), params)
+    noisy_ctx = build_context(tiny(), clients, oracle=_Noisy(16))
+    noisy_ctx.privacy = _PrivacyState(5)
+    noisy = make_baseline(name, noisy_ctx, params)
+    plain.train_round(1, ALL)
+    noisy.train_round(1, ALL)
+    # the released global copies carry the noise, the personal models do not
+    assert (noisy.global_params - plain.global_params).norm() > 10.0
+    assert torch.allclose(noisy.theta, plain.theta, atol=1e-6)
+    assert torch.allclose(noisy.eval_row(2), plain.eval_row(2), atol=1e-6)
