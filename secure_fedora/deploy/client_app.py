@@ -362,7 +362,7 @@ def _train(
         dp.select(privacy.clients[0].noise_multiplier, generator)
         oracle = dp
     else:
-        oracle = PlainGradient(cfg.training.batch_size)
+        oracle = PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm)
     theta = state.theta.clone()
     steps = local_train(
         flat, theta, client.train_x, client.train_y, train_config(cfg), oracle, generator,
