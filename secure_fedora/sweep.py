@@ -18,7 +18,10 @@ training, a numeric epsilon is refused unless the runtime's context for that cel
 private (non-plain) gradient oracle, and after each cell its results must report
 differential privacy exactly when the cell's epsilon is a number.
 Local is run at ``None`` only: a client that stays out of the federation releases nothing,
-so it needs no noise, and it is the reference every "worse than Local" count uses.
+so it needs no noise, and it is the reference every "worse than Local" count uses. The same
+threat model applies inside the baselines: Ditto's and APFL's personal models never leave the
+client and train without noise; only what is sent is DP. Assumption: personalized models are
+used inside their client, not published (publishing one would be a further release).
 """
 
 from __future__ import annotations
