@@ -570,6 +570,12 @@ class Simulation:
                     "neighbouring_relation": "add/remove one record; dataset sizes public",
                     "accountant": self.cfg.privacy.accountant}
                    if self.cfg.privacy.enabled else {}),
+                **({"client_held_models": "Ditto's and APFL's personal models never leave the "
+                                          "client and train without noise; DP covers what is sent "
+                                          "(the global-model copies). Publishing a personal model "
+                                          "would be an unaccounted release."}
+                   if self.cfg.privacy.enabled and {"ditto", "apfl"} & set(self.cfg.methods)
+                   else {}),
             },
             "privacy": self.privacy,
             "clients": [

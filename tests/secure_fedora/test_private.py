@@ -210,3 +210,14 @@ def test_kill_mid_round_over_counts_never_under_counts(tmp_path):
         assert entries[-1]["epsilon_after"] >= before[path.stem]
         eps = [e["epsilon_after"] for e in entries]
         assert eps == sorted(eps)
+
+
+def test_ditto_under_dp_states_that_personal_models_stay_on_the_client(tmp_path, clients):
+    cfg = dp_config(methods=["ditto"], training={"rounds": 1})
+    results = Simulation(cfg, tmp_path, clients=clients).run()
+    assert "never leave" in results["assumptions"]["client_held_models"]
+    # the released copies are still accounted: every client spent its budget on them
+    assert all(c["epsilon_spent"] > 0 for c in results["privacy"]["ditto"]["clients"])
+    plain = Simulation(dp_config(methods=["fedora"], training={"rounds": 1}), tmp_path / "f",
+                       clients=clients).run()
+    assert "client_held_models" not in plain["assumptions"]
