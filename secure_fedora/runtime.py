@@ -46,6 +46,7 @@ __all__ = [
     "CheckpointError",
     "MethodOutcome",
     "Simulation",
+    "atomic_write_bytes",
     "build_clients",
     "build_context",
     "client_generator",
@@ -277,7 +278,10 @@ class MethodOutcome:
         return dict(self.__dict__)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably: a 0600 temporary file in the same directory
+    (mkstemp), fsynced, renamed over ``path``, then the directory fsynced. A crash leaves the
+    old or the new content, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -298,14 +302,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` so that ``path`` holds either the old or the new content, never a mix."""
-    _atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode())
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically write a checkpoint (write to a temp file, fsync, rename)."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -27,9 +27,7 @@ generate only the steps the layout uses.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +54,7 @@ from privacy.ckks import (
 from privacy.identity import Identity
 from secure_fedora.config import ExperimentConfig
 from secure_fedora.deploy.protocol import SUMMARY_DIM, DeployError
+from secure_fedora.runtime import atomic_write_bytes
 
 __all__ = [
     "CeremonyError",
@@ -83,23 +82,9 @@ def layout_for(cfg: ExperimentConfig) -> InnerProductLayout:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``; the file is created 0600 (mkstemp)."""
+    """Atomically replace ``path`` with ``data``; the file is created 0600, its directory 0700."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_bytes(path, data)
 
 
 @dataclass(frozen=True)
