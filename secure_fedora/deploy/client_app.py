@@ -413,6 +413,24 @@ def _initial_metrics(
     }
 
 
+def _summary_with_metrics(
+    settings: RunSettings, node: NodeSettings, run_id: int
+) -> tuple[torch.Tensor, dict[str, float], ReleaseJournal]:
+    """This client's summary ``U_i`` (through its budget gate when noised), its initial
+    metrics, and the run's release journal; the privacy state is closed before returning."""
+    client, flat = _load_client(settings, node)
+    state_path, journal = run_paths(node, run_id)
+    state = _load_or_init_state(state_path, node, run_id, settings, flat)
+    privacy = _open_privacy(settings, node, run_id)
+    try:
+        u = _release_summary(settings, node, client, state, state_path, privacy)
+        metrics = _initial_metrics(flat, state, client, privacy)
+    finally:
+        if privacy is not None:
+            privacy.close()
+    return u, metrics, journal
+
+
 @app.query("summary")
 def summary(message: Message, context: Context) -> Message:
     """Release the client's summary ``U_i`` (plain or noised) and its initial accuracy."""
@@ -426,16 +444,7 @@ def summary(message: Message, context: Context) -> Message:
             f"fedora.relatedness = {cfg.fedora.relatedness!r}: the summary is released only "
             "encrypted (query.encrypted_summary), never in the clear"
         )
-    client, flat = _load_client(settings, node)
-    state_path, journal = run_paths(node, context.run_id)
-    state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
-    privacy = _open_privacy(settings, node, context.run_id)
-    try:
-        u = _release_summary(settings, node, client, state, state_path, privacy)
-        metrics = _initial_metrics(flat, state, client, privacy)
-    finally:
-        if privacy is not None:
-            privacy.close()
+    u, metrics, journal = _summary_with_metrics(settings, node, context.run_id)
     journal.append(node.partition_id, 0, "summary", u.numpy().tobytes())
     content = RecordDict(
         {
@@ -516,16 +525,7 @@ def encrypted_summary(message: Message, context: Context) -> Message:
             f"this run's ({layout.num_vectors}, {layout.dim})"
         )
     ctx = open_client_context(ckks["sealed-context"], security.identity)
-    client, flat = _load_client(settings, node)
-    state_path, journal = run_paths(node, context.run_id)
-    state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
-    privacy = _open_privacy(settings, node, context.run_id)
-    try:
-        u = _release_summary(settings, node, client, state, state_path, privacy)
-        metrics = _initial_metrics(flat, state, client, privacy)
-    finally:
-        if privacy is not None:
-            privacy.close()
+    u, metrics, journal = _summary_with_metrics(settings, node, context.run_id)
     columns = encrypt_summary(ctx, layout, node.partition_id, u)
     journal.append(node.partition_id, 0, "summary", b"".join(columns))
     content = RecordDict(
