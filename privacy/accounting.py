@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+# Opacus is imported where it is used: importing the package costs about 2 s and 100 MB
+# (it loads its whole PrivacyEngine stack), which every non-private Flower ClientApp process
+# would otherwise pay on each message.
 
 AccountantKind = Literal["rdp", "prv"]
 ACCOUNTANT_KINDS: tuple[str, ...] = ("rdp", "prv")
@@ -100,6 +101,9 @@ def _merge(history: Iterable[tuple[float, float, int]]) -> tuple[tuple[float, fl
 @functools.lru_cache(maxsize=4096)
 def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """Opacus's RDP curve of one step over RDPAccountant.DEFAULT_ALPHAS (cached, read-only)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     vec = rdp_analysis.compute_rdp(
         q=sample_rate,
         noise_multiplier=noise_multiplier,
@@ -119,6 +123,9 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     """
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = sum(_rdp_one_step(q, nm) * steps for nm, q, steps in history)
     eps, _ = rdp_analysis.get_privacy_spent(
         orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
@@ -129,6 +136,9 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
 def _prv_grid_points(history: tuple[tuple[float, float, int], ...], eps_error: float,
                      delta_error: float) -> int:
     """Size of the discretization grid Opacus's PRVAccountant would allocate for history."""
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
     acc = PRVAccountant()
     prvs = [PoissonSubsampledGaussianPRV(q, nm) for nm, q, _ in history]
     with warnings.catch_warnings():
@@ -159,6 +169,8 @@ def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
                 f"PRV accounting of this history needs a grid of {points:,} points"
                 f" (limit {PRV_MAX_GRID_POINTS:,}); use accountant='rdp' or a larger eps_error"
             )
+        from opacus.accountants import PRVAccountant
+
         acc = PRVAccountant()
         acc.history = [tuple(h) for h in history]
         return float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))
