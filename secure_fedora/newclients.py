@@ -189,12 +189,18 @@ def run_new_client_experiment(
     The federation's runs live in ``run_dir`` (checkpointed every round; rerunning with the
     same arguments resumes or reuses them). The trained clients' parameters are not changed
     by attaching newcomers. Raises :class:`NewClientError` for bad arguments or a config whose
-    relatedness is not plain.
+    relatedness is not plain or that asks for envelopes.
     """
     if cfg.fedora.relatedness != "plain":
         raise NewClientError(
             f"fedora.relatedness {cfg.fedora.relatedness!r}: this experiment computes summaries "
             "in the clear and supports only 'plain'"
+        )
+    if cfg.security.envelopes:
+        raise NewClientError(
+            "security.envelopes = true: the newcomers' summaries and phi rows are computed "
+            "in-process without envelopes, so this experiment would silently run weaker than "
+            "configured; set security.envelopes = false for it"
         )
     epoch_list = _check_epochs(epochs)
     all_clients = list(clients) if clients is not None else build_clients(cfg)

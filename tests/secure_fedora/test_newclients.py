@@ -145,3 +145,10 @@ def test_non_plain_relatedness_is_refused(tmp_path, clients):
         pytest.skip("this build's config admits only plain relatedness")
     with pytest.raises(NewClientError, match="supports only 'plain'"):
         run_new_client_experiment(cfg, tmp_path, held_out=2, clients=clients)
+
+
+def test_envelopes_are_refused_rather_than_silently_skipped(tmp_path, clients):
+    cfg = tiny(security={"envelopes": True})
+    with pytest.raises(NewClientError, match="security.envelopes"):
+        run_new_client_experiment(cfg, tmp_path, held_out=2, clients=clients)
+    assert not any(tmp_path.iterdir())  # refused before anything ran
