@@ -8,16 +8,12 @@ Usage: python benchmarks/accuracy_rotated_mnist.py [--rounds 200] [--out runs/be
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
-from pathlib import Path
 
 import torch
+from _reference import fresh_directory, reference_config
 
-from secure_fedora.config import load_config
 from secure_fedora.runtime import Simulation
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -28,13 +24,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(ROOT / "configs" / "reference.toml")
-    cfg = cfg.model_copy(update={
-        "seed": args.seed,
-        "training": cfg.training.model_copy(update={"rounds": args.rounds}),
-    })
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    cfg = reference_config(args.seed, args.rounds)
+    out = fresh_directory(args.out)
     start = time.perf_counter()
     results = Simulation(cfg, out).run()
     wall = time.perf_counter() - start
