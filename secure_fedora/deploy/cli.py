@@ -95,6 +95,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             num_threads=args.threads,
             reproducible_dp_noise=args.reproducible_dp_noise,
             key_holder=args.key_holder,
+            max_in_flight=args.max_in_flight,
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {msg}"),
         )
     except (DeployError, ConfigError) as err:
@@ -159,5 +160,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--key-holder", type=_non_negative_int, default=0,
         help="client index that runs the CKKS key ceremony and decrypts the overlap blocks "
         "(fedora.relatedness = encrypted or noised+encrypted; default 0)",
+    )
+    local.add_argument(
+        "--max-in-flight", type=_non_negative_int, default=None, metavar="N",
+        help="messages the ServerApp keeps outstanding at once; each starts a ClientApp process "
+        "on this host (0: all at once; default: twice the CPU cores)",
     )
     local.set_defaults(func=cmd_local)

@@ -105,6 +105,7 @@ RUN_CONFIG_KEYS = (
     "identity-dir",
     "server-state-dir",
     "key-holder",
+    "max-in-flight",
 )
 
 
@@ -162,13 +163,15 @@ def make_run_config(
     poll_interval: float = 0.2,
     num_threads: int = 1,
     reproducible_dp_noise: bool = False,
+    max_in_flight: int = 0,
 ) -> dict[str, Any]:
     """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``).
 
     ``identity_dir`` is the server's identity directory on the SuperLink host (its ``server``
     keys and the federation's ``allowlist.json``), ``server_state_dir`` where the ServerApp
     keeps its envelope nonce memory, ``key_holder`` the client index that runs the CKKS key
-    ceremony in the encrypted relatedness modes.
+    ceremony in the encrypted relatedness modes, ``max_in_flight`` how many messages of one
+    exchange the ServerApp keeps outstanding at once (0: all).
     """
     return {
         "experiment": experiment_to_run_config(cfg),
@@ -181,6 +184,7 @@ def make_run_config(
         "identity-dir": str(Path(identity_dir).resolve()),
         "server-state-dir": str(Path(server_state_dir).resolve()),
         "key-holder": int(key_holder),
+        "max-in-flight": int(max_in_flight),
     }
 
 
@@ -199,6 +203,7 @@ class RunSettings:
     identity_dir: Path
     server_state_dir: Path
     key_holder: int
+    max_in_flight: int  # outstanding messages per exchange; 0: all at once
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -249,6 +254,12 @@ class RunSettings:
             raise DeployError(
                 f"run config key 'key-holder' must be a client index in [0, {n}); got {holder!r}"
             )
+        window = run_config["max-in-flight"]
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise DeployError(
+                "run config key 'max-in-flight' must be a non-negative integer (0: send every "
+                f"message of an exchange at once); got {window!r}"
+            )
         return cls(
             experiment=cfg,
             config_hash=config_hash(cfg),
@@ -261,6 +272,7 @@ class RunSettings:
             identity_dir=dirs["identity-dir"],
             server_state_dir=dirs["server-state-dir"],
             key_holder=holder,
+            max_in_flight=window,
         )
 
 

@@ -145,22 +145,63 @@ class Exchange:
     timing: ExchangeTiming = field(default_factory=ExchangeTiming)
 
 
-def _exchange(
-    grid: Grid, messages: dict[int, Message], timeout: float, poll: float
-) -> Exchange:
-    """Push ``messages`` (node id -> message) and pull replies until all came or time is up.
+def _restamped(message: Message) -> Message:
+    """``message`` with a fresh creation time, so its TTL counts from the push, not from when
+    it was built (a message held back by the in-flight window would otherwise age)."""
+    meta = message.metadata
+    return Message(
+        message.content,
+        dst_node_id=meta.dst_node_id,
+        message_type=meta.message_type,
+        group_id=meta.group_id,
+        ttl=meta.ttl,
+    )
 
-    Stops waiting for a node as soon as the SuperLink reports it offline (it returns an
-    error reply for it). Never waits longer than ``timeout`` seconds.
+
+def _exchange(
+    grid: Grid,
+    messages: dict[int, Message],
+    timeout: float,
+    poll: float,
+    max_in_flight: int = 0,
+) -> Exchange:
+    """Send ``messages`` (node id -> message), pull replies until all came or time is up.
+
+    At most ``max_in_flight`` messages are outstanding at once (0: all are pushed at once);
+    the next is pushed as soon as a reply (or an error, or a timeout) frees a slot, in node-id
+    order. On a SuperNode every message starts its own ClientApp process, so the window bounds
+    how many of those processes (each with torch loaded) run at the same time on a shared host.
+    Each node gets ``timeout`` seconds from the push of its own message; the SuperLink's error
+    reply for an offline node ends the wait for it at once.
     """
     result = Exchange()
-    t_push = time.time()
-    ids = list(grid.push_messages(list(messages.values())))
-    node_of = dict(zip(ids, messages.keys(), strict=True))
-    pending = set(ids)
+    queue = sorted(messages.items())
+    window = len(queue) if max_in_flight <= 0 else max_in_flight
+    node_of: dict[str, int] = {}
+    pushed_at: dict[int, float] = {}  # node -> wall clock of its push
+    deadline: dict[str, float] = {}  # message id -> monotonic deadline
     arrived: dict[int, float] = {}
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
+    pending: set[str] = set()
+    t_start = time.time()
+
+    def push_more() -> None:
+        batch = queue[: max(window - len(pending), 0)]
+        del queue[: len(batch)]
+        if not batch:
+            return
+        now_wall, now_mono = time.time(), time.monotonic()
+        ids = list(grid.push_messages([_restamped(msg) for _, msg in batch]))
+        for msg_id, (node, _) in zip(ids, batch, strict=True):
+            if not msg_id:  # Flower returns no id for a message the SuperLink did not take
+                result.errors[node] = "the SuperLink did not accept the message"
+                continue
+            node_of[msg_id] = node
+            pushed_at[node] = now_wall
+            deadline[msg_id] = now_mono + timeout
+            pending.add(msg_id)
+
+    push_more()
+    while pending or queue:
         for reply in grid.pull_messages(list(pending)):
             msg_id = reply.metadata.reply_to_message_id
             if msg_id not in pending:
@@ -172,18 +213,23 @@ def _exchange(
                 result.errors[node] = f"{reply.error.code}: {reply.error.reason}"
             else:
                 result.replies[node] = reply
+        now = time.monotonic()
+        for msg_id in [m for m in pending if deadline[m] <= now]:
+            pending.discard(msg_id)
+            result.missing.append(node_of[msg_id])
+        push_more()
         if pending:
             time.sleep(poll)
-    result.missing = sorted(node_of[m] for m in pending)
+    result.missing.sort()
     t = result.timing
-    t.wall = time.time() - t_push
+    t.wall = time.time() - t_start
     parts = []
     for node, reply in result.replies.items():
         metrics = reply.content.get("metrics")
         if metrics is None or "t-process-start" not in metrics:
             continue
         p0, h0, h1 = (float(metrics[k]) for k in ("t-process-start", "t-handler-start", "t-handler-end"))
-        parts.append((max(p0 - t_push, 0.0), h0 - p0, h1 - h0, max(arrived[node] - h1, 0.0)))
+        parts.append((max(p0 - pushed_at[node], 0.0), h0 - p0, h1 - h0, max(arrived[node] - h1, 0.0)))
     if parts:
         t.replies = len(parts)
         t.deliver, t.startup, t.compute, t.return_ = (
@@ -325,7 +371,8 @@ def _first_contact(
         )
         for node in nodes
     }
-    ex = _exchange(grid, messages, _relatedness_wait(server), server.settings.poll_interval)
+    ex = _exchange(grid, messages, _relatedness_wait(server), server.settings.poll_interval,
+                   server.settings.max_in_flight)
     for node, reason in ex.errors.items():
         server.event(0, None, node, f"{message_type} failed: {reason}")
     if ex.missing:
@@ -470,7 +517,8 @@ def _encrypted_overlaps(
         for cid in range(n)
     )
     client_of = {node: cid for cid, node in server.node_of_client.items()}
-    ex = _exchange(grid, messages, _relatedness_wait(server), poll)
+    ex = _exchange(grid, messages, _relatedness_wait(server), poll,
+                   server.settings.max_in_flight)
     timing["encrypted_summary"] = ex.timing.to_json()
     for node, reason in ex.errors.items():
         server.event(0, client_of[node], node, f"encrypted summary failed: {reason}")
@@ -596,7 +644,8 @@ def _round(
             ttl=server.settings.round_timeout + 60.0,
         )
     t0 = time.perf_counter()
-    ex = _exchange(grid, messages, server.settings.round_timeout, server.settings.poll_interval)
+    ex = _exchange(grid, messages, server.settings.round_timeout, server.settings.poll_interval,
+                   server.settings.max_in_flight)
     trained = 0
     lambdas: list[float] = []
     steps = 0
@@ -724,6 +773,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
         "runtime": "flower",
         "run_id": run_id,
         "config_hash": settings.config_hash,
+        "max_in_flight": settings.max_in_flight,
         "assumptions": {
             "validation_data": cfg.data.validation,
             "relatedness": cfg.fedora.relatedness,

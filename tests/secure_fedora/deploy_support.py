@@ -97,6 +97,7 @@ class InMemoryGrid:
         self.errors: list[tuple[int, str, BaseException]] = []
         self.counter = 0
         self.current_round = 0
+        self.pending_sizes: list[int] = []  # how many replies the server awaited at each pull
 
     def get_node_ids(self) -> list[int]:
         off = self.offline.get(self.current_round + 1, set())
@@ -143,6 +144,7 @@ class InMemoryGrid:
         return ids
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
+        self.pending_sizes.append(len(ids))
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 

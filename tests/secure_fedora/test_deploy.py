@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from secure_fedora.config import config_hash, parse_config
 from secure_fedora.deploy import client_app, server_app
@@ -171,6 +171,9 @@ def test_run_settings_validate_every_key(tmp_path: Path) -> None:
         ({"server-state-dir": "rel"}, "server-state-dir"),
         ({"key-holder": 3}, "key-holder"),
         ({"key-holder": True}, "key-holder"),
+        ({"max-in-flight": -1}, "max-in-flight"),
+        ({"max-in-flight": 1.5}, "max-in-flight"),
+        ({"max-in-flight": False}, "max-in-flight"),
     ]
     for override, match in bad:
         with pytest.raises(DeployError, match=match):
@@ -316,11 +319,14 @@ def test_managed_process_stop_reaches_descendants_in_other_sessions(tmp_path: Pa
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("window", [0, 2])
+def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path: Path, window: int) -> None:
     cfg = tiny_config(rounds=3, participation=0.5)
-    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"), "max-in-flight": window})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    # The window bounds the replies awaited at once; it changes nothing in the results.
+    assert max(grid.pending_sizes) == (window or 3)
     sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
@@ -342,6 +348,65 @@ def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path:
         assert kinds == ["summary"] + ["model"] * sum(c in p for p in chosen)
     on_disk = json.loads((tmp_path / "res" / "results.json").read_text())
     assert on_disk["methods"]["fedora"]["selected"] == fed["selected"]
+
+
+class _WindowGrid:
+    """Answers every message one pull after its push; refuses to take ``refused`` nodes'
+    messages (no id, as Flower's push does); never answers ``silent`` nodes."""
+
+    def __init__(self, refused: set[int], silent: set[int]) -> None:
+        self.refused, self.silent = refused, silent
+        self.waiting: dict[str, Message] = {}
+        self.pushed: list[tuple[int, float]] = []  # (node, created_at as pushed)
+        self.most_waiting = 0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.pushed.append((node, msg.metadata.created_at))
+            if node in self.refused:
+                ids.append("")
+                continue
+            ids.append(f"m{node}")
+            if node not in self.silent:
+                self.waiting[f"m{node}"] = msg
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        self.most_waiting = max(self.most_waiting, len(ids))
+        replies = []
+        for mid in ids:
+            if mid in self.waiting:
+                request = self.waiting.pop(mid)
+                request.metadata.__dict__["_message_id"] = mid
+                replies.append(Message(RecordDict(), reply_to=request))
+        return replies
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_exchange_window_pushes_in_node_order_and_survives_refused_and_silent_nodes() -> None:
+    messages = {node: Message(RecordDict(), dst_node_id=node, message_type="train.fedora",
+                              group_id="1", ttl=5.0) for node in (16, 11, 12, 13, 14, 15)}
+    built = max(m.metadata.created_at for m in messages.values())
+    time.sleep(0.05)
+    grid = _WindowGrid(refused={12}, silent={14})
+    ex = server_app._exchange(grid, messages, timeout=0.3, poll=0.01, max_in_flight=2)  # type: ignore[arg-type]
+    assert [node for node, _ in grid.pushed] == [11, 12, 13, 14, 15, 16]
+    assert all(created > built for _, created in grid.pushed)  # TTL counts from the push
+    assert grid.most_waiting <= 2
+    assert sorted(ex.replies) == [11, 13, 15, 16]
+    assert ex.errors == {12: "the SuperLink did not accept the message"}
+    assert ex.missing == [14]
+    # A window larger than the exchange, or none, pushes everything at once.
+    for window in (0, 10):
+        grid = _WindowGrid(refused={12, 13}, silent=set())
+        ex = server_app._exchange(grid, messages, timeout=0.3, poll=0.01, max_in_flight=window)  # type: ignore[arg-type]
+        assert grid.most_waiting == 4 and sorted(ex.replies) == [11, 14, 15, 16]
+    # Every message refused: the exchange ends at once instead of waiting.
+    grid = _WindowGrid(refused=set(messages), silent=set())
+    ex = server_app._exchange(grid, messages, timeout=30.0, poll=0.01, max_in_flight=2)  # type: ignore[arg-type]
+    assert len(ex.errors) == 6 and ex.timing.wall < 5.0
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -400,12 +465,16 @@ def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> Non
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("window", [0, 1])
+def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path, window: int) -> None:
     cfg = tiny_config(rounds=2)
-    rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3})  # replies are synchronous here
+    # replies are synchronous here
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3, "max-in-flight": window})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3, fail={(1, 1): "disk full"}, drop={(2, 2)},
                         offline={2: {0}})
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    if window == 1:  # a client that never answers holds its slot until its own timeout
+        assert set(grid.pending_sizes) == {1}
     events = {(e["round"], e["client"]): e["event"] for e in results["events"]}
     assert "disk full" in events[1, 1]
     assert "no reply" in events[2, 2]
@@ -489,6 +558,9 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
     assert args.func(args) == 2  # exists, no --force
     with pytest.raises(SystemExit):
         _parser().parse_args(["deploy", "certs", "--out", "x", "--nodes", "-1"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["deploy", "local", "--config", "c", "--workdir", "w",
+                              "--max-in-flight", "-1"])
 
 
 def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
@@ -563,7 +635,8 @@ def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     config.write_text(tomli_w.dumps(TINY))
     workdir = tmp_path / "deployment"
     args = _parser().parse_args(["deploy", "local", "--config", str(config), "--clients", "3",
-                                 "--workdir", str(workdir), "--run-timeout", "420"])
+                                 "--workdir", str(workdir), "--run-timeout", "420",
+                                 "--max-in-flight", "2"])
     assert args.func(args) == 0, capsys.readouterr().err[-3000:]
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["status"] == "finished:completed"
@@ -576,6 +649,7 @@ def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     assert np.allclose(fed["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
     assert fed["final"]["mean"] > 0.3  # it learned (chance is 0.1)
     assert results["events"] == []
+    assert results["max_in_flight"] == 2  # two ClientApps at a time: same results
     for c in range(3):
         run_dir = workdir / "nodes" / f"node-{c}" / "runs" / str(run_id)
         state = NodeState.load(run_dir / "state.pt", c, run_id, config_hash(cfg))
