@@ -30,7 +30,13 @@ from secure_fedora.config import config_hash, parse_config
 from secure_fedora.deploy import client_app, server_app
 from secure_fedora.deploy.certs import CertificateError, make_certificates, make_node_keys
 from secure_fedora.deploy.cli import register
-from secure_fedora.deploy.local import LocalFederation, RunTimeouts, with_num_clients
+from secure_fedora.deploy.local import (
+    LocalFederation,
+    RunTimeouts,
+    default_max_in_flight,
+    deploy_local,
+    with_num_clients,
+)
 from secure_fedora.deploy.processes import ManagedProcess, descendants, is_alive
 from secure_fedora.deploy.protocol import (
     DeployError,
@@ -575,6 +581,10 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     assert args.func(args) == 2
     assert not (tmp_path / "w" / "logs").exists()  # nothing was started
     assert with_num_clients(tiny_config(), 5).data.num_clients == 5
+    with pytest.raises(DeployError, match="max_in_flight"):
+        deploy_local(tiny_config(), 3, tmp_path / "w", max_in_flight=-1)
+    assert not (tmp_path / "w" / "logs").exists()
+    assert default_max_in_flight() == 2 * (os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- real deployment
