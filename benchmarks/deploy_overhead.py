@@ -126,10 +126,8 @@ def _flower(cfg, workdir: Path, round_timeout: float, max_in_flight: int) -> dic
         raise SystemExit(f"Flower run ended with {status}; see {workdir / 'flower' / 'logs'}")
     results = json.loads((workdir / "flower-results" / "results.json").read_text())
     rows = results["rounds"]
-    timing = {
-        k: statistics.mean(r["timing"][k] for r in rows)
-        for k in ("wall", "deliver", "startup", "compute", "return")
-    }
+    timing = {k: statistics.mean(r["timing"][k] for r in rows)
+              for k in ("wall", "deliver", "startup", "compute", "return")}
     return {
         "startup_phases_s": phases,
         "run_s": run_s,
@@ -144,33 +142,19 @@ def _flower(cfg, workdir: Path, round_timeout: float, max_in_flight: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "reference.toml"))
-    parser.add_argument(
-        "--clients",
-        type=int,
-        default=6,
-        help="clients = SuperNodes (reference: 36; each SuperNode plus its "
-        "per-message ClientApp process needs ~0.5 GB)",
-    )
+    parser.add_argument("--clients", type=int, default=6,
+                        help="clients = SuperNodes (reference: 36; each SuperNode plus its "
+                             "per-message ClientApp process needs ~0.5 GB)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-timeout", type=float, default=900.0)
-    parser.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=None,
-        help="messages the ServerApp keeps outstanding (0: all at once; default: "
-        "twice the CPU cores, as `deploy local`)",
-    )
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="messages the ServerApp keeps outstanding (0: all at once; default: "
+                             "twice the CPU cores, as `deploy local`)")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument(
-        "--relatedness",
-        choices=["plain", "encrypted"],
-        default=None,
-        help="override fedora.relatedness (default: the config's)",
-    )
+    parser.add_argument("--relatedness", choices=["plain", "encrypted"], default=None,
+                        help="override fedora.relatedness (default: the config's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     window = default_max_in_flight() if args.max_in_flight is None else args.max_in_flight
@@ -186,22 +170,16 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="deploy-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(
-        f"setting: {args.config} with data.num_clients {base.data.num_clients} -> "
-        f"{cfg.data.num_clients}, training.rounds {base.training.rounds} -> {cfg.training.rounds}, "
-        f"methods -> ['fedora'], relatedness {cfg.fedora.relatedness}"
-    )
-    print(
-        f"  model {cfg.model.name}, {cfg.data.train_per_client} train / {cfg.data.val_per_client} val "
-        f"per client, E={cfg.training.local_epochs}, batch {cfg.training.batch_size}; "
-        f"1 torch thread per process; {os.cpu_count()} cores; ServerApp keeps "
-        f"{window or 'all'} messages in flight; workdir {work}"
-    )
+    print(f"setting: {args.config} with data.num_clients {base.data.num_clients} -> "
+          f"{cfg.data.num_clients}, training.rounds {base.training.rounds} -> {cfg.training.rounds}, "
+          f"methods -> ['fedora'], relatedness {cfg.fedora.relatedness}")
+    print(f"  model {cfg.model.name}, {cfg.data.train_per_client} train / {cfg.data.val_per_client} val "
+          f"per client, E={cfg.training.local_epochs}, batch {cfg.training.batch_size}; "
+          f"1 torch thread per process; {os.cpu_count()} cores; ServerApp keeps "
+          f"{window or 'all'} messages in flight; workdir {work}")
     inproc = _in_process(cfg, work)
-    print(
-        f"in-process: {inproc['round_s']:.3f} s/round "
-        f"(train {inproc['train_per_round_s']:.3f}, eval {inproc['eval_per_round_s']:.3f})"
-    )
+    print(f"in-process: {inproc['round_s']:.3f} s/round "
+          f"(train {inproc['train_per_round_s']:.3f}, eval {inproc['eval_per_round_s']:.3f})")
     flower = _flower(cfg, work, args.round_timeout, window)
     t = flower["round_timing_s"]
     assert isinstance(t, dict)
@@ -209,10 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     # only partly, so shares are of this latency rather than of the round's wall time.
     latency = t["deliver"] + t["startup"] + t["compute"] + t["return"]
     polling = t["deliver"] + t["return"]
-    print(
-        f"flower:     {flower['round_s']:.3f} s/round; per client (mean): deliver {t['deliver']:.2f} s, "
-        f"process startup {t['startup']:.2f} s, compute {t['compute']:.2f} s, return {t['return']:.2f} s"
-    )
+    print(f"flower:     {flower['round_s']:.3f} s/round; per client (mean): deliver {t['deliver']:.2f} s, "
+          f"process startup {t['startup']:.2f} s, compute {t['compute']:.2f} s, return {t['return']:.2f} s")
     rel = flower["relatedness"]
     assert isinstance(rel, dict)
     if "wall" in rel:  # plain / noised: one summary exchange
@@ -223,42 +199,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{rel['encrypted_summary']['wall']:.2f} s, server rows {rel['server_compute_s']:.2f} s, "
             f"decrypt {rel['decrypt']['wall']:.2f} s"
         )
-    print(
-        f"  deployment start: {json.dumps({k: round(v, 2) for k, v in flower['startup_phases_s'].items()})}; "
-        + rel_text
-    )
+    print(f"  deployment start: {json.dumps({k: round(v, 2) for k, v in flower['startup_phases_s'].items()})}; "
+          + rel_text)
     print(f"ratio flower / in-process per round: {flower['round_s'] / inproc['round_s']:.1f}x")
-    print(
-        f"share of a message's latency ({latency:.2f} s, push to reply) spent waiting in polling "
-        f"(deliver + return): {polling / latency:.1%}; in ClientApp process startup: "
-        f"{t['startup'] / latency:.1%}; in client compute: {t['compute'] / latency:.1%}"
-    )
+    print(f"share of a message's latency ({latency:.2f} s, push to reply) spent waiting in polling "
+          f"(deliver + return): {polling / latency:.1%}; in ClientApp process startup: "
+          f"{t['startup'] / latency:.1%}; in client compute: {t['compute'] / latency:.1%}")
     cpu = flower["run_cpu_s"]
     assert isinstance(cpu, dict)
-    print(
-        f"CPU seconds during the run ({os.cpu_count()} cores x {flower['run_s']:.0f} s wall): "
-        f"ClientApp processes {cpu['clientapps']:.0f}, SuperNodes + SuperExecs "
-        f"{cpu['supernodes']:.0f}, SuperLink + ServerApp {cpu['superlink_serverapp']:.0f}"
-    )
-    print(
-        f"selected mean test accuracy: in-process {inproc['selected_mean']:.4f}, "
-        f"flower {flower['selected_mean']:.4f}"
-    )
+    print(f"CPU seconds during the run ({os.cpu_count()} cores x {flower['run_s']:.0f} s wall): "
+          f"ClientApp processes {cpu['clientapps']:.0f}, SuperNodes + SuperExecs "
+          f"{cpu['supernodes']:.0f}, SuperLink + ServerApp {cpu['superlink_serverapp']:.0f}")
+    print(f"selected mean test accuracy: in-process {inproc['selected_mean']:.4f}, "
+          f"flower {flower['selected_mean']:.4f}")
     if flower["events"]:
         print(f"partial-participation events: {flower['events']}")
-    print(
-        json.dumps(
-            {
-                "config": cfg.name,
-                "clients": cfg.data.num_clients,
-                "rounds": cfg.training.rounds,
-                "max_in_flight": window,
-                "in_process": inproc,
-                "flower": flower,
-            },
-            default=str,
-        )
-    )
+    print(json.dumps({"config": cfg.name, "clients": cfg.data.num_clients, "rounds": cfg.training.rounds,
+                      "max_in_flight": window, "in_process": inproc, "flower": flower}, default=str))
     return 0
 
 

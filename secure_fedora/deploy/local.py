@@ -573,7 +573,7 @@ def default_max_in_flight() -> int:
     """The in-flight window of a single-host deployment: two ClientApp processes per CPU core.
 
     Client work (process start-up, training) is CPU-bound, so more concurrent processes than
-    about twice the cores only add memory (~0.3 GB each) without finishing a round sooner.
+    about twice the cores only add memory (0.3-0.5 GB each) without finishing a round sooner.
     """
     return 2 * (os.cpu_count() or 1)
 
