@@ -92,6 +92,7 @@ except importlib.metadata.PackageNotFoundError:  # an unusual install: still the
 DEFAULT_PLD_CHECKPOINTS = 8
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
+REPAIR = "repair"  # a torn final line quarantined on resume; spends nothing
 ENTRY_FIELDS: tuple[str, ...] = (
     "index", "client_id", "round", "mechanism", "params", "epsilon_after", "delta",
     "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
@@ -268,7 +269,7 @@ def _schema(entry: dict[str, Any]) -> list[str]:
         out.append("mechanism must be a non-empty string")
     if not isinstance(entry["params"], dict):
         out.append("params must be an object")
-    elif entry["mechanism"] != REFUSAL:
+    elif entry["mechanism"] not in (REFUSAL, REPAIR):
         out.extend(_release_problems(entry["params"]))
     if not _number(entry["epsilon_after"]) or entry["epsilon_after"] < 0:
         out.append(f"epsilon_after must be a finite number >= 0, got {entry['epsilon_after']!r}")
@@ -689,6 +690,9 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             if prev_eps is not None and eps < prev_eps:
                 err(i, "epsilon_decreased", f"epsilon_after {eps!r} is below the previous"
                     f" {prev_eps!r}")
+            if mech == REPAIR and eps != (prev_eps if prev_eps is not None else 0.0):
+                err(i, "repair_spent", f"a repair entry spends nothing, but epsilon_after is"
+                    f" {eps!r} after {prev_eps if prev_eps is not None else 0.0!r}")
             if mech == REFUSAL and eps != (prev_eps if prev_eps is not None else 0.0):
                 err(i, "refusal_spent", f"a refusal spends nothing, but epsilon_after is"
                     f" {eps!r} after {prev_eps if prev_eps is not None else 0.0!r}")
@@ -696,6 +700,9 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                 err(i, "budget_exceeded", f"recorded epsilon_after {eps!r} exceeds the budget"
                     f" {e['budget_epsilon']!r}")
             prev_eps = eps if prev_eps is None else max(prev_eps, eps)
+        if mech == REPAIR:
+            releases.append(None)
+            continue
         if mech == REFUSAL:
             refused = True
             releases.append(None)

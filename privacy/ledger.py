@@ -53,6 +53,9 @@ from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, va
 
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
+REPAIR = "repair"
+"""A signed entry recording that a torn final line was quarantined (spends nothing)."""
+_UNACCOUNTED = (REFUSAL, REPAIR)
 ENTRY_FIELDS: tuple[str, ...] = (
     "index", "client_id", "round", "mechanism", "params", "epsilon_after", "delta",
     "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
@@ -169,7 +172,7 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
         out.append("mechanism must be a non-empty string")
     if not isinstance(entry["params"], dict):
         out.append("params must be an object")
-    elif entry["mechanism"] != REFUSAL:
+    elif entry["mechanism"] not in _UNACCOUNTED:
         p = entry["params"]
         for key in ACCOUNTED_PARAMS:
             if key not in p:
@@ -281,6 +284,9 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
             if prev_eps is not None and eps < prev_eps:
                 problem("epsilon_decreased", f"epsilon_after {eps!r} is below the previous"
                         f" entry's {prev_eps!r}")
+            if entry["mechanism"] == REPAIR and eps != (prev_eps if prev_eps is not None else 0.0):
+                problem("repair_spent", f"a repair entry must spend nothing, but epsilon_after"
+                        f" {eps!r} differs from the previous {prev_eps!r}")
             if entry["mechanism"] == REFUSAL and prev_eps is not None and eps != prev_eps:
                 problem("refusal_spent", f"a refusal must spend nothing, but epsilon_after"
                         f" {eps!r} differs from the previous {prev_eps!r}")
@@ -308,7 +314,7 @@ def accounted_releases(entries: Sequence[dict[str, Any]]) -> list[tuple[float, f
     """The (noise_multiplier, sample_rate, steps) triples of all non-refusal entries, in order."""
     out = []
     for pos, entry in enumerate(entries):
-        if entry.get("mechanism") == REFUSAL:
+        if entry.get("mechanism") in _UNACCOUNTED:
             continue
         params = entry.get("params")
         if not isinstance(params, dict) or any(k not in params for k in ACCOUNTED_PARAMS):
@@ -484,9 +490,9 @@ class LedgerWriter:
             raise LedgerError(
                 f"epsilon_after {epsilon_after!r} is below the ledger's last {last!r}"
             )
-        if mechanism == REFUSAL and entry["epsilon_after"] != last:
+        if mechanism in _UNACCOUNTED and entry["epsilon_after"] != last:
             raise LedgerError(
-                f"a refusal spends nothing: epsilon_after must be {last!r}, got {epsilon_after!r}"
+                f"a {mechanism} spends nothing: epsilon_after must be {last!r}, got {epsilon_after!r}"
             )
         try:
             del entry["signature"]
@@ -531,3 +537,106 @@ class LedgerWriter:
                 os.close(fd)
             except OSError:
                 pass
+
+
+# --------------------------------------------------------------------------- torn-tail repair
+
+QUARANTINE_INFIX = ".torn-"
+
+
+@dataclass(frozen=True)
+class TornTailRepair:
+    """What :func:`repair_torn_tail` did: the quarantine file and the signed repair entry."""
+
+    quarantine: Path
+    torn_bytes: int
+    torn_sha256: str
+    entry: dict[str, Any]
+
+
+def _write_quarantine(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data`` durably; an existing file must hold the same bytes."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.read_bytes() != data:
+            raise LedgerError(f"quarantine file {str(path)!r} exists with other content") from None
+        return
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def _unrecorded_quarantines(path: Path, entries: Sequence[dict[str, Any]]) -> list[Path]:
+    recorded = {e["params"].get("quarantine") for e in entries if e["mechanism"] == REPAIR}
+    return sorted(q for q in path.parent.glob(path.name + QUARANTINE_INFIX + "*")
+                  if q.name not in recorded)
+
+
+def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
+                     signing_key: Ed25519PrivateKey, *, delta: float, budget_epsilon: float,
+                     accountant: str) -> list[TornTailRepair]:
+    """Recover a ledger whose final line is torn (a write that never completed).
+
+    ``LedgerWriter.append`` returns, and a caller releases, only after the whole line and its
+    newline are fsynced, so a final line without a newline records nothing that was released.
+    This moves those bytes to ``<ledger>.torn-<index>-<sha256[:12]>`` beside the ledger
+    (fsynced), truncates the ledger to its last complete line, and appends a signed
+    ``"repair"`` entry (spending nothing) naming the quarantine file, its size and SHA-256.
+    A quarantine file left without its repair entry (a crash during an earlier repair) gets
+    its entry now, so a repair is never silent. Everything before the torn line must verify
+    (a damaged line in the middle stays a :class:`LedgerError`). Returns the repairs made
+    (empty when the ledger was not torn and no repair was pending).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
+    cut = data.rfind(b"\n") + 1
+    torn = data[cut:]
+    pending: list[tuple[Path, bytes]] = []
+    if torn:
+        lines, _ = _split_lines(data[:cut])
+        problems = verify_ledger(lines, signing_key.public_key(), client_id=client_id)
+        if problems:
+            shown = "; ".join(str(p) for p in problems[:3])
+            raise LedgerError(f"ledger {str(path)!r} has a torn last line and fails verification"
+                              f" before it ({shown}); not repairing")
+        digest = hashlib.sha256(torn).hexdigest()
+        quarantine = path.with_name(f"{path.name}{QUARANTINE_INFIX}{len(lines)}-{digest[:12]}")
+        _write_quarantine(quarantine, torn)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, cut)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    repairs = []
+    with LedgerWriter(path, client_id, signing_key) as writer:
+        for quarantine in _unrecorded_quarantines(path, writer.entries):
+            pending.append((quarantine, quarantine.read_bytes()))
+        for quarantine, torn_bytes in pending:
+            entry = writer.append(
+                round=writer.entries[-1]["round"] if writer.entries else 0,
+                mechanism=REPAIR,
+                params={"quarantine": quarantine.name, "torn_bytes": len(torn_bytes),
+                        "torn_sha256": hashlib.sha256(torn_bytes).hexdigest(),
+                        "reason": "final line torn (write never completed, nothing released);"
+                                  " bytes quarantined"},
+                epsilon_after=writer.last_epsilon,
+                delta=writer.entries[-1]["delta"] if writer.entries else delta,
+                budget_epsilon=(writer.entries[-1]["budget_epsilon"] if writer.entries
+                                else budget_epsilon),
+                accountant=writer.entries[-1]["accountant"] if writer.entries else accountant,
+            )
+            repairs.append(TornTailRepair(quarantine, len(torn_bytes),
+                                          entry["params"]["torn_sha256"], entry))
+    return repairs

@@ -25,7 +25,14 @@ from privacy.accounting import (
     MechanismRecord,
     PrivacyBudget,
 )
-from privacy.ledger import REFUSAL, LedgerError, LedgerWriter, replay_accountant
+from privacy.ledger import (
+    REFUSAL,
+    REPAIR,
+    LedgerError,
+    LedgerWriter,
+    canonical_json,
+    replay_accountant,
+)
 from privacy.mechanisms import GaussianMechanism, clip_rows
 
 
@@ -191,6 +198,84 @@ class BudgetGate:
         self.client_id = client_id
         refusals = [e for e in entries if e["mechanism"] == REFUSAL]
         self._closed_at: int | None = refusals[0]["round"] if refusals else None
+        self._replay: list[dict[str, Any]] = []
+
+    def replay_from(self, index: int) -> None:
+        """Resume: the ledger entries from ``index`` on (written by an interrupted run, for
+        rounds the resumed run computes again) are *consumed* by the matching releases instead
+        of being appended again, so each release is accounted once.
+
+        Each later :meth:`process` call must present the release the entry at the cursor
+        records (round, kind, mechanism, params), else LedgerError ("resume diverged"); a
+        recorded refusal is raised again as the same BudgetExceededError. Past the last
+        entry the gate appends as usual. The gate is closed iff a refusal precedes ``index``.
+        Repair entries are skipped (they record no release).
+        """
+        entries = self.ledger.entries
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(entries):
+            raise PipelineError(f"replay index must be an int in [0, {len(entries)}], got {index!r}")
+        self._replay = [e for e in entries[index:] if e["mechanism"] != REPAIR]
+        refusals = [e for e in entries[:index] if e["mechanism"] == REFUSAL]
+        self._closed_at = refusals[0]["round"] if refusals else None
+
+    @property
+    def replaying(self) -> int:
+        """How many recorded entries the resumed run has yet to consume (0: appending)."""
+        return len(self._replay)
+
+    def _diverged(self, release: Release, entry: dict[str, Any], what: str) -> LedgerError:
+        return LedgerError(
+            f"client {self.client_id!r}: resume diverged from the ledger: the re-run presents"
+            f" round {release.round} {what}, but ledger entry {entry['index']} records round"
+            f" {entry['round']} {entry['mechanism']!r} ({canonical_json(entry['params'])});"
+            " refusing to account it again or differently"
+        )
+
+    def _replay_release(self, release: Release) -> Release:
+        entry = self._replay[0]
+        if entry["mechanism"] == REFUSAL:
+            refused = [{"mechanism": r.mechanism, **r.ledger_params()} for r in release.records]
+            p = entry["params"]
+            if (entry["round"] != release.round or p.get("release_kind") != release.kind
+                    or canonical_json(p.get("refused")) != canonical_json(refused)):
+                raise self._diverged(release, entry, f"release {release.kind!r}")
+            self._replay.pop(0)
+            if self._closed_at is None:
+                self._closed_at = release.round
+            raise BudgetExceededError(client_id=self.client_id, round=release.round,
+                                      mechanism="+".join(r.mechanism for r in release.records),
+                                      epsilon_would_be=p["epsilon_would_be"],
+                                      budget=self.budget, reason=p["reason"])
+        consumed = 0
+        last_entry = entry
+        for record in release.records:
+            if not self._replay:
+                break
+            entry = self._replay[0]
+            expected = {"release_kind": release.kind, **record.ledger_params()}
+            if (entry["round"] != release.round or entry["mechanism"] != record.mechanism
+                    or canonical_json(entry["params"]) != canonical_json(expected)):
+                raise self._diverged(release, entry, f"{release.kind!r} {record.mechanism!r}")
+            self._replay.pop(0)
+            consumed += 1
+            last_entry = entry
+        # A release cut between two of its entries: the first entry proves the gate admitted
+        # the whole release, so the rest is appended without a second budget decision.
+        delta = self.budget.delta
+        rest = release.records[consumed:]
+        for record in rest:
+            eps = self.accountant.epsilon_after_releases(delta, [record.as_release()])
+            last_entry = self.ledger.append(
+                round=release.round, mechanism=record.mechanism,
+                params={"release_kind": release.kind, **record.ledger_params()},
+                epsilon_after=max(eps, self.ledger.last_epsilon), delta=delta,
+                budget_epsilon=self.budget.epsilon, accountant=self.accountant.kind)
+            self.accountant.record(*record.as_release())
+        count, head = self.ledger.head
+        return release.replace(metadata={**release.metadata, "ledger_index": last_entry["index"],
+                                         "ledger_head": head, "ledger_entries": count,
+                                         "epsilon_after": last_entry["epsilon_after"],
+                                         "replayed_entries": consumed})
 
     @property
     def closed(self) -> bool:
@@ -230,6 +315,8 @@ class BudgetGate:
                 f"release {release.kind!r} (round {release.round}) carries no mechanism record;"
                 " the gate passes only accounted releases"
             )
+        if self._replay:
+            return self._replay_release(release)
         delta = self.budget.delta
         triples = [r.as_release() for r in release.records]
         eps_final = self.accountant.epsilon_after_releases(delta, triples)

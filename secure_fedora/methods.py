@@ -33,6 +33,7 @@ from secure_fedora.client import (
     evaluate,
     local_train,
 )
+from secure_fedora.crashpoints import crash_point
 from secure_fedora.partition import ClientData
 from secure_fedora.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
 
@@ -78,10 +79,12 @@ class MethodContext:
         """Run client ``i``'s local training on ``theta`` in place; returns the step count."""
         c = self.clients[i]
         self.select(i)
-        return local_train(
+        steps = local_train(
             self.flat, theta, c.train_x, c.train_y, self.train, self.oracle,
             self.generators[i], self.workspace, phi=phi, lam=lam,
         )
+        crash_point("train")
+        return steps
 
 
 @dataclass

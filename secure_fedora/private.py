@@ -41,7 +41,8 @@ from privacy.accounting import (
 )
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.identity import client_ids, init_keys, load_identity
-from privacy.ledger import LedgerWriter, replay_accountant
+from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
+from privacy.ledger import LedgerError, LedgerWriter, repair_torn_tail, replay_accountant
 from privacy.mechanisms import (
     noised_scalar,
     noised_second_moment,
@@ -52,6 +53,7 @@ from privacy.mechanisms import (
 from privacy.pipeline import BudgetGate, Release
 from secure_fedora import fedora
 from secure_fedora.config import ConfigError, ExperimentConfig
+from secure_fedora.crashpoints import crash_point
 from secure_fedora.partition import ClientData
 
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "privacy_plan"]
@@ -192,6 +194,15 @@ class FederationPrivacy:
     Ledgers live in ``ledger_dir/<client-id>.jsonl``; identities in ``key_dir`` (created on
     first use; private keys 0600). Reopening verifies each ledger and rebuilds each accountant
     from it, so a restart never under-counts what was released.
+
+    Exactly-once releases (``journals``, opened by :meth:`open`): every release passed by a
+    gate is journaled in ``ledger_dir/<client-id>.journal`` (sealed to the client) after its
+    ledger entries and before it leaves: the payload's digest and the state of the client's
+    generator before the release's draws. After :meth:`resume_after`, releases the
+    interrupted run already accounted are matched against the ledger (not accounted again)
+    and re-made from the journaled generator state, so they are the very releases that may
+    have left (with reproducible noise that state is checked; otherwise it is restored, and
+    the client continues with fresh randomness after its last journaled release).
     """
 
     cfg: ExperimentConfig
@@ -200,10 +211,21 @@ class FederationPrivacy:
     sample_rate: float
     steps: int
     events: list[dict[str, Any]] = field(default_factory=list)
+    journals: list[ReleaseJournal] | None = None
+    reproducible_noise: bool = True
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    journal_bytes: int = 0
+    _replayed: set[int] = field(default_factory=set)
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
-             key_dir: Path) -> FederationPrivacy:
+             key_dir: Path, *, resume: bool = False) -> FederationPrivacy:
+        """Open every client's ledger, gate and release journal.
+
+        With ``resume``, a torn final ledger line is first quarantined and a signed repair
+        entry appended (:func:`privacy.ledger.repair_torn_tail`), and a torn final journal
+        line quarantined; each recovery is logged and listed under ``recoveries``.
+        """
         ids = client_ids(num_clients)
         plans: dict[tuple[float, float], ClientPlan] = {}
         budgets = [client_budget(cfg, i) for i in range(num_clients)]
@@ -215,9 +237,29 @@ class FederationPrivacy:
             init_keys(key_dir, ["server", *ids])
         ledger_dir.mkdir(parents=True, exist_ok=True)
         states = []
+        journals = []
+        recoveries: list[dict[str, Any]] = []
         for i, (cid, budget) in enumerate(zip(ids, budgets, strict=True)):
-            signing_key = load_identity(key_dir, cid).signing_key
-            ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid, signing_key)
+            identity = load_identity(key_dir, cid)
+            signing_key = identity.signing_key
+            ledger_path = ledger_dir / f"{cid}.jsonl"
+            if resume:
+                for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
+                                               budget_epsilon=budget.epsilon,
+                                               accountant=cfg.privacy.accountant):
+                    log.warning("ledger %s: torn final line (%d bytes) quarantined in %s;"
+                                " repair entry %d appended", ledger_path, repair.torn_bytes,
+                                repair.quarantine.name, repair.entry["index"])
+                    recoveries.append({"client": cid, "ledger_repair": repair.entry["index"],
+                                       "quarantine": repair.quarantine.name})
+            ledger = LedgerWriter(ledger_path, cid, signing_key)
+            journal = _open_journal(ledger_dir / f"{cid}.journal", cid, method,
+                                    identity.agreement_key, ledger)
+            if journal.quarantined is not None:
+                log.warning("journal %s: torn final record quarantined in %s (it was never"
+                            " released)", journal.path, journal.quarantined.name)
+                recoveries.append({"client": cid, "journal_quarantine": journal.quarantined.name})
+            journals.append(journal)
             accountant = replay_accountant(ledger.entries, cfg.privacy.accountant) if ledger.entries \
                 else Accountant(cfg.privacy.accountant)
             gate = BudgetGate(accountant, budget, ledger, cid)
@@ -226,7 +268,61 @@ class FederationPrivacy:
                 state.refused_at = -1
                 state.refusal = "refused before restart"
             states.append(state)
-        return cls(cfg, method, states, sample_rate_for(cfg), steps_per_round(cfg))
+        return cls(cfg, method, states, sample_rate_for(cfg), steps_per_round(cfg),
+                   journals=journals, reproducible_noise=noise_is_reproducible(cfg),
+                   recoveries=recoveries)
+
+    def resume_after(self, last_round: int | None, saved: dict[str, Any] | None) -> None:
+        """Prepare a resumed run that continues after round ``last_round`` (None: from the
+        start, relatedness summaries included) with ``saved`` (:meth:`checkpoint_state` of
+        that round's checkpoint; None without one): ledger entries of later rounds are
+        replayed by the gates (consumed, not appended), refusals and events are those of the
+        checkpoint."""
+        for k, c in enumerate(self.clients):
+            entries = c.ledger.entries
+            start = 0 if last_round is None else next(
+                (e["index"] for e in entries if e["round"] > last_round), len(entries))
+            c.gate.replay_from(start)
+            if saved is not None:
+                c.refused_at = saved["clients"][k]["refused_at"]
+                c.refusal = saved["clients"][k]["refusal"]
+            elif last_round is None:
+                c.refused_at = c.refusal = None
+        self.events = list(saved["events"]) if saved is not None else []
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a round checkpoint must keep of the privacy side (refusals and events), so a
+        resume reports them as an uninterrupted run does."""
+        return {"events": [dict(e) for e in self.events],
+                "clients": [{"refused_at": c.refused_at, "refusal": c.refusal}
+                            for c in self.clients]}
+
+    def _prepare(self, i: int, rnd: int, kind: str, generator: torch.Generator | None) -> bytes:
+        """The noise state to journal for client ``i``'s round-``rnd`` ``kind`` release, read
+        before its draws. A journaled release is re-made from its journaled state: checked
+        against the generator with reproducible noise (a mismatch means the resume diverged),
+        restored into it otherwise."""
+        if generator is None:
+            return b""
+        state = bytes(generator.get_state().numpy().tobytes())
+        record = self.journals[i].get(rnd, kind) if self.journals is not None else None
+        if record is not None:
+            if self.reproducible_noise and record.noise_state != state:
+                raise LedgerError(
+                    f"client {self.clients[i].client_id!r}: resume diverged: the generator"
+                    f" state before the round-{rnd} {kind!r} release differs from the journaled"
+                    " one; refusing to release anything else"
+                )
+            if not self.reproducible_noise:
+                generator.set_state(torch.frombuffer(bytearray(record.noise_state),
+                                                     dtype=torch.uint8))
+                self._replayed.add(i)
+            return record.noise_state
+        if i in self._replayed:  # past the journaled releases: fresh randomness
+            self._replayed.discard(i)
+            generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+            state = bytes(generator.get_state().numpy().tobytes())
+        return state
 
     def close(self) -> None:
         for c in self.clients:
@@ -258,25 +354,50 @@ class FederationPrivacy:
         return list(rows.values())
 
     def _gate(self, i: int, rnd: int, kind: str, payload: Tensor,
-              records: list[MechanismRecord]) -> bool:
+              records: list[MechanismRecord], noise_state: bytes = b"") -> bool:
         c = self.clients[i]
         if c.refused_at is not None:
             return False
         try:
-            c.gate.process(Release(kind, payload, rnd, records))
+            out = c.gate.process(Release(kind, payload, rnd, records))
         except BudgetExceededError as err:
             c.refused_at, c.refusal = rnd, str(err)
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused", "detail": str(err)})
             log.warning("%s", err)
             return False
+        crash_point("gate")
+        if self.journals is not None:
+            self._journal(i, rnd, kind, payload, out.metadata["ledger_index"], noise_state)
+        crash_point("release")
         return True
 
-    def admit(self, i: int, rnd: int, theta: Tensor, with_lambda: bool) -> bool:
+    def _journal(self, i: int, rnd: int, kind: str, payload: Tensor, ledger_index: int,
+                 noise_state: bytes) -> None:
+        """Journal a release durably before it leaves; a re-made release must equal the
+        journaled one (same ledger entry, same payload digest)."""
+        assert self.journals is not None
+        journal = self.journals[i]
+        digest = payload_digest(payload.detach().contiguous().cpu().numpy().tobytes())
+        record = journal.get(rnd, kind)
+        if record is None:
+            self.journal_bytes += journal.append(
+                JournalRecord(rnd, kind, ledger_index, digest, noise_state))
+        elif record.ledger_index != ledger_index or record.payload_sha256 != digest:
+            raise LedgerError(
+                f"client {self.clients[i].client_id!r}: resume diverged: the round-{rnd}"
+                f" {kind!r} release differs from the journaled one (ledger entry"
+                f" {ledger_index} vs {record.ledger_index}, payload digest"
+                f" {'equal' if record.payload_sha256 == digest else 'different'})"
+            )
+
+    def admit(self, i: int, rnd: int, theta: Tensor, with_lambda: bool,
+              generator: torch.Generator | None = None) -> bool:
         """Pass client ``i``'s round-``rnd`` model release through its gate (ledger first).
 
         Called before local training: the round's DP-SGD steps (and the lambda release, when
         validation is private) are accounted and written to the ledger, then training and the
         release follow. Returns False (and records why) when the client is refused.
+        ``generator`` is the client's generator (its state is journaled with the release).
         """
         c = self.clients[i]
         records = [MechanismRecord("dpsgd", c.noise_multiplier, self.sample_rate, self.steps,
@@ -286,7 +407,10 @@ class FederationPrivacy:
             assert c.plan.lambda_noise is not None
             records.append(scalar_record(self.cfg.privacy.lambda_clip, c.plan.lambda_noise,
                                          self.cfg.data.val_per_client))
-        return self._gate(i, rnd, "model", theta, records)
+        if c.refused_at is not None:
+            return False
+        noise_state = self._prepare(i, rnd, "model", generator)
+        return self._gate(i, rnd, "model", theta, records, noise_state)
 
     def noised_summaries(self, data: Sequence[ClientData], q: int, num_classes: int,
                          generators: Sequence[torch.Generator]) -> Tensor:
@@ -302,16 +426,18 @@ class FederationPrivacy:
             assert sigma is not None
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             n = int(z.shape[0])
+            noise_state = self._prepare(i, 0, "summary", generators[i])
             noised = noised_second_moment(z, p.summary_clip, sigma, generators[i], n=n)
             summary = top_eigenvectors(noised, q)
             record = summary_record(p.summary_clip, sigma, n, q)
-            if not self._gate(i, 0, "summary", summary, [record]):
+            if not self._gate(i, 0, "summary", summary, [record], noise_state):
                 raise BudgetExceededError(
                     client_id=self.clients[i].client_id, round=0, mechanism="gaussian_summary",
                     epsilon_would_be=float("nan"), budget=self.clients[i].budget,
                     reason="the summary release was refused; relatedness cannot be estimated",
                 )
             out.append(summary)
+            crash_point("summary")
         return torch.stack(out)
 
     def private_lambda(self, i: int, theta: Tensor, phi: Tensor, val_x: Tensor, val_y: Tensor,
@@ -342,7 +468,34 @@ class FederationPrivacy:
                 for c in self.clients
             ],
             "events": self.events,
+            **({"recoveries": self.recoveries} if self.recoveries else {}),
         }
+
+
+def noise_is_reproducible(cfg: ExperimentConfig) -> bool:
+    """True when a re-run draws the clients' noise again identically: ``[privacy] noise =
+    "reproducible"`` (before that key existed: ``noise_seed = "experiment"``)."""
+    mode = getattr(cfg.privacy, "noise", None)
+    if mode is not None:
+        return mode == "reproducible"
+    return cfg.privacy.noise_seed == "experiment"
+
+
+def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,
+                  ledger: LedgerWriter) -> ReleaseJournal:
+    """A client's journal, checked against its ledger: each record must name an existing
+    ledger entry of the same round and release kind (the journal is written after it)."""
+    journal = ReleaseJournal(path, client_id, method, agreement_key)
+    entries = ledger.entries
+    for record in journal:
+        entry = entries[record.ledger_index] if record.ledger_index < len(entries) else None
+        if (entry is None or entry["round"] != record.round
+                or entry["params"].get("release_kind") != record.kind):
+            raise JournalError(
+                f"journal {str(path)!r}: the round-{record.round} {record.kind!r} record names"
+                f" ledger entry {record.ledger_index}, which does not record that release"
+            )
+    return journal
 
 
 def noise_generator_seed(cfg: ExperimentConfig, client: int) -> int:

@@ -32,6 +32,7 @@ from secure_fedora.client import (
     evaluate,
 )
 from secure_fedora.config import ExperimentConfig, config_hash
+from secure_fedora.crashpoints import crash_point
 from secure_fedora.data import fingerprint_clients
 from secure_fedora.methods import FedAvg, FederatedMethod, Fedora, Local, MethodContext
 from secure_fedora.models import make_model
@@ -375,7 +376,7 @@ class Simulation:
         """Run (or resume) one method to the configured number of rounds."""
         cfg = self.cfg
         ctx = self.context_factory(cfg, self.clients)
-        privacy = self._open_privacy(name)
+        privacy = self._open_privacy(name, resume)
         ctx.privacy = privacy
         try:
             return self._run_method(name, ctx, privacy, resume)
@@ -384,13 +385,14 @@ class Simulation:
                 self.privacy[name] = privacy.summary()
                 privacy.close()
 
-    def _open_privacy(self, name: str) -> Any:
+    def _open_privacy(self, name: str, resume: bool = False) -> Any:
         if not self.cfg.privacy.enabled:
             return None
         from secure_fedora.private import FederationPrivacy
 
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
-                                         self.run_dir / "ledgers" / name, self.run_dir / "keys")
+                                         self.run_dir / "ledgers" / name, self.run_dir / "keys",
+                                         resume=resume)
         if self.on_privacy_plan:
             self.on_privacy_plan(privacy.plan_rows())
         return privacy
@@ -416,13 +418,21 @@ class Simulation:
             self._check_identity(state, path)
             if state.get("outcome") is not None:
                 method.load_state_dict(state["method"])
+                if privacy is not None:
+                    privacy.resume_after(int(state["round"]), state.get("privacy"))
                 self.history.extend(state["history"])
                 return MethodOutcome(**state["outcome"])
             self._restore(state, method, tracker, round_gen, ctx, path)
+            if privacy is not None:
+                # rounds after the checkpoint are computed again; their ledger entries are
+                # consumed, not appended, and journaled releases re-made, not redrawn
+                privacy.resume_after(int(state["round"]), state.get("privacy"))
             start_round = int(state["round"]) + 1
             history = list(state["history"])
             timing = dict(state["timing"])
         else:
+            if resume and privacy is not None:
+                privacy.resume_after(None, None)
             method.setup()
         self._attach_security(name, method, start_round - 1)
         rounds = cfg.training.rounds
@@ -431,7 +441,8 @@ class Simulation:
             if privacy is not None:
                 with_lambda = name == "fedora" and cfg.data.validation == "private"
                 participants = [i for i in participants
-                                if privacy.admit(i, rnd, method.theta[i], with_lambda)]
+                                if privacy.admit(i, rnd, method.theta[i], with_lambda,
+                                                 generator=ctx.generators[i])]
             t0 = time.perf_counter()
             stats = method.train_round(rnd, participants) if participants else {"steps": 0.0}
             timing["training"] += time.perf_counter() - t0
@@ -441,8 +452,10 @@ class Simulation:
                 timing["evaluation"] += time.perf_counter() - t0
                 history.append({"method": name, "round": rnd, "participants": len(participants),
                                 **stats, **row})
+            crash_point("checkpoint")
             state = self._state(rnd, method, tracker, round_gen, ctx, history, timing)
             save_checkpoint(path, state)
+            crash_point("checkpoint_written")
             if self.progress:
                 self.progress(name, rnd, rounds)
         outcome = MethodOutcome(
@@ -493,6 +506,7 @@ class Simulation:
             test = evaluate(flat, row, c.test_x, c.test_y).accuracy
             tracker.last_val[i] = val
             tracker.last_test[i] = test
+            crash_point("evaluate")
         tracker.update(rnd)
         return {
             "test_mean": float(tracker.last_test.mean()),
@@ -514,6 +528,7 @@ class Simulation:
             "tracker": tracker.state_dict(),
             "round_generator": round_gen.get_state(),
             "client_generators": [g.get_state() for g in ctx.generators],
+            "privacy": ctx.privacy.checkpoint_state() if ctx.privacy is not None else None,
             "history": history,
             "timing": timing,
             "outcome": None,
@@ -542,7 +557,9 @@ class Simulation:
         for name in self.cfg.methods:
             outcomes[name] = self.run_method(name, resume=resume)
             self.write_rounds_csv()
+            crash_point("between_methods")
         results = self.results(outcomes)
+        crash_point("results")
         atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
         return results
 

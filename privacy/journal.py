@@ -1,0 +1,196 @@
+"""The release journal: what each accounted release was, sealed to its client, beside the ledger.
+
+The ledger says *that* a release was accounted; the journal says *what* it was, so a resumed
+run can re-send exactly that release instead of drawing new noise (and the budget gate does
+not account it twice). One append-only file per client (``<client-id>.journal`` next to
+``<client-id>.jsonl``); each line is the base64 of a sealed blob (:func:`privacy.sealing.seal`
+to the client's own X25519 key), whose plaintext is the canonical JSON of a
+:class:`JournalRecord`. The blob's associated data binds the scope (e.g. the method), the
+client and the record's position, so records cannot be reordered or moved between clients or
+methods without failing authentication.
+
+Order for one release (write-ahead): ledger entries fsynced, then the journal record fsynced,
+then the release leaves the client. A crash before the journal record is durable leaves an
+accounted release that never left (the resume then makes it, once); a torn last journal line
+is such a record (nothing was released): :class:`ReleaseJournal` quarantines it on open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from privacy.sealing import SealingError, open_sealed, seal
+
+__all__ = ["JournalError", "JournalRecord", "ReleaseJournal", "payload_digest"]
+
+JOURNAL_VERSION = 1
+_AAD_PREFIX = b"secure-fedora/release-journal/v1"
+_KEY = tuple[int, str]
+
+
+class JournalError(ValueError):
+    """A journal cannot be read, opened or appended to; the message names the file and line."""
+
+
+def payload_digest(data: bytes) -> str:
+    """SHA-256 hex of a release payload's bytes (what the record pins)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One journaled release.
+
+    ``ledger_index`` is the index of the release's last ledger entry; ``payload_sha256`` the
+    digest of the payload the gate saw; ``noise_state`` the opaque state of the client's
+    randomness *before* the release's draws (e.g. a ``torch.Generator`` state), from which
+    the release (and everything the client computes with the same draws) is reproduced.
+    """
+
+    round: int
+    kind: str
+    ledger_index: int
+    payload_sha256: str
+    noise_state: bytes
+
+    def to_json(self) -> str:
+        return json.dumps({"version": JOURNAL_VERSION, "round": self.round, "kind": self.kind,
+                           "ledger_index": self.ledger_index,
+                           "payload_sha256": self.payload_sha256,
+                           "noise_state": base64.b64encode(self.noise_state).decode("ascii")},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: bytes) -> JournalRecord:
+        obj: Any = json.loads(text)
+        if not isinstance(obj, dict) or obj.get("version") != JOURNAL_VERSION:
+            raise ValueError(f"not a version-{JOURNAL_VERSION} journal record")
+        rnd, kind, index = obj.get("round"), obj.get("kind"), obj.get("ledger_index")
+        if not (isinstance(rnd, int) and not isinstance(rnd, bool) and rnd >= 0):
+            raise ValueError(f"round must be an int >= 0, got {rnd!r}")
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+        if not (isinstance(index, int) and not isinstance(index, bool) and index >= 0):
+            raise ValueError(f"ledger_index must be an int >= 0, got {index!r}")
+        digest = obj.get("payload_sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError("payload_sha256 must be 64 hex characters")
+        return cls(rnd, kind, index, digest, base64.b64decode(obj["noise_state"], validate=True))
+
+
+class ReleaseJournal:
+    """One client's release journal (sealed records, fsynced appends).
+
+    Opening reads and opens every record with ``agreement_key`` (the client's X25519 private
+    key). A last line without its newline (an append that never completed) is moved to
+    ``<journal>.torn-<position>`` and cut off; :attr:`quarantined` names it. Any other damage
+    (a record that fails authentication, a duplicate (round, kind)) raises JournalError.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], client_id: str, scope: str,
+                 agreement_key: X25519PrivateKey) -> None:
+        if not isinstance(agreement_key, X25519PrivateKey):
+            raise JournalError(f"agreement_key must be an X25519PrivateKey, got"
+                               f" {type(agreement_key).__name__}")
+        self.path = Path(path)
+        self.client_id = client_id
+        self.scope = scope
+        self._key = agreement_key
+        self._public = agreement_key.public_key()
+        self.quarantined: Path | None = None
+        self._records: dict[_KEY, JournalRecord] = {}
+        self._count = 0
+        self._load()
+
+    def _aad(self, position: int) -> bytes:
+        return b"|".join([_AAD_PREFIX, self.scope.encode(), self.client_id.encode(),
+                          str(position).encode()])
+
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise JournalError(f"cannot read journal {str(self.path)!r}: {exc}") from exc
+        cut = data.rfind(b"\n") + 1
+        lines = data[:cut].split(b"\n")[:-1] if cut else []
+        if data[cut:]:
+            self._quarantine_tail(data[cut:], len(lines), cut)
+        for pos, line in enumerate(lines):
+            where = f"journal {str(self.path)!r} line {pos}"
+            try:
+                blob = base64.b64decode(line, validate=True)
+                record = JournalRecord.from_json(open_sealed(blob, self._key, self._aad(pos)))
+            except (binascii.Error, SealingError, ValueError, KeyError) as exc:
+                raise JournalError(f"{where}: unreadable record ({exc})") from None
+            key = (record.round, record.kind)
+            if key in self._records:
+                raise JournalError(f"{where}: a second record for round {record.round}"
+                                   f" {record.kind!r}")
+            self._records[key] = record
+        self._count = len(lines)
+
+    def _quarantine_tail(self, torn: bytes, position: int, cut: int) -> None:
+        target = self.path.with_name(f"{self.path.name}.torn-{position}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, torn)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, cut)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.quarantined = target
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[JournalRecord]:
+        return iter(list(self._records.values()))
+
+    def get(self, rnd: int, kind: str) -> JournalRecord | None:
+        """The record of the round-``rnd`` release of ``kind``, or None if none was journaled."""
+        return self._records.get((rnd, kind))
+
+    def append(self, record: JournalRecord) -> int:
+        """Seal and durably append ``record`` (fsynced, the directory too on creation);
+        returns the bytes written. Refuses a second record for the same (round, kind)."""
+        key = (record.round, record.kind)
+        if key in self._records:
+            raise JournalError(f"journal {str(self.path)!r} already holds round {record.round}"
+                               f" {record.kind!r}")
+        blob = seal(record.to_json().encode(), self._public, self._aad(self._count))
+        line = base64.b64encode(blob) + b"\n"
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        self._records[key] = record
+        self._count += 1
+        return len(line)
