@@ -281,3 +281,61 @@ def test_replay_skips_refusals_and_rejects_mixed_accountants():
     with pytest.raises(LedgerError, match="several accountants"):
         replay_accountant(entries)
     assert json.loads(canonical_json(entries[0])) == entries[0]
+
+
+def test_torn_final_line_is_quarantined_with_a_signed_repair_entry(tmp_path):
+    from privacy.ledger import REPAIR, repair_torn_tail
+
+    path = _ledger(tmp_path, 3)
+    intact = path.read_bytes()
+    torn = b'{"accountant":"rdp","client_id":"c1","del'
+    path.write_bytes(intact + torn)
+    with pytest.raises(LedgerError, match="incomplete"):
+        LedgerWriter(path, "c1", KEY)  # never silently: the writer still refuses it
+    repairs = repair_torn_tail(path, "c1", KEY, delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+    assert len(repairs) == 1
+    repair = repairs[0]
+    assert repair.quarantine.parent == path.parent and repair.quarantine.read_bytes() == torn
+    assert repair.torn_bytes == len(torn)
+    entries = read_ledger(path)
+    assert path.read_bytes().startswith(intact) and len(entries) == 4
+    last = entries[-1]
+    assert last["mechanism"] == REPAIR and last["params"]["quarantine"] == repair.quarantine.name
+    assert last["epsilon_after"] == entries[-2]["epsilon_after"]  # spends nothing
+    assert verify_ledger_file(path, KEY.public_key(), client_id="c1") == []
+    assert replay_accountant(entries).history == replay_accountant(entries[:3]).history
+    # idempotent: nothing more to repair
+    assert repair_torn_tail(path, "c1", KEY, delta=DELTA, budget_epsilon=8.0, accountant="rdp") == []
+
+
+def test_quarantine_without_its_repair_entry_gets_one(tmp_path):
+    """A crash after quarantining and truncating, before the repair entry: the next repair
+    appends the entry, so a recovery never goes unrecorded."""
+    from privacy.ledger import repair_torn_tail
+
+    path = _ledger(tmp_path, 2)
+    leftover = path.with_name(path.name + ".torn-2-abcdef012345")
+    leftover.write_bytes(b'{"index":2')
+    repairs = repair_torn_tail(path, "c1", KEY, delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+    assert [r.quarantine for r in repairs] == [leftover]
+    assert read_ledger(path)[-1]["params"]["quarantine"] == leftover.name
+
+
+def test_torn_line_after_a_damaged_middle_is_not_repaired(tmp_path):
+    from privacy.ledger import repair_torn_tail
+
+    path = _ledger(tmp_path, 3)
+    lines = _lines(path)
+    lines[1] = lines[1].replace('"round":1', '"round":7')
+    path.write_bytes(("".join(line + "\n" for line in lines) + '{"ind').encode())
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="fails verification"):
+        repair_torn_tail(path, "c1", KEY, delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+
+
+def test_repair_entries_must_spend_nothing(tmp_path):
+    path = _ledger(tmp_path, 1)
+    with LedgerWriter(path, "c1", KEY) as w, pytest.raises(LedgerError, match="spends nothing"):
+        w.append(round=0, mechanism="repair", params={}, epsilon_after=9.0, delta=DELTA,
+                 budget_epsilon=8.0, accountant="rdp")

@@ -195,3 +195,60 @@ def test_pipeline_and_release_validation(tmp_path):
     # without a gate the pipeline still runs when explicitly allowed
     free = ReleasePipeline([ClipRows(1.0)], require_gate=False)
     assert free.run(Release("z", torch.full((2, 2), 5.0), 0)).payload.norm(dim=1).max() <= 1.0 + 1e-6
+
+
+def test_replay_consumes_recorded_entries_instead_of_accounting_again(tmp_path):
+    gate = _gate(tmp_path, budget_eps=50.0)
+    for rnd in (1, 2):
+        gate.process(Release("model", torch.zeros(3), rnd, [_dpsgd()]))
+    gate.ledger.close()
+    ledger = LedgerWriter(tmp_path / "c1.jsonl", "c1", KEY)
+    resumed = BudgetGate(replay_accountant(ledger.entries), PrivacyBudget(50.0, DELTA), ledger, "c1")
+    resumed.replay_from(1)  # the checkpoint holds round 1; round 2 is computed again
+    assert resumed.replaying == 1
+    out = resumed.process(Release("model", torch.zeros(3), 2, [_dpsgd()]))
+    assert out.metadata["replayed_entries"] == 1 and out.metadata["ledger_index"] == 1
+    assert len(ledger.entries) == 2 and resumed.replaying == 0
+    resumed.process(Release("model", torch.zeros(3), 3, [_dpsgd()]))  # past the end: appends
+    assert [e["round"] for e in read_ledger(tmp_path / "c1.jsonl")] == [1, 2, 3]
+
+
+def test_replay_refuses_a_release_other_than_the_recorded_one(tmp_path):
+    gate = _gate(tmp_path)
+    gate.process(Release("model", torch.zeros(3), 1, [_dpsgd()]))
+    gate.replay_from(0)
+    with pytest.raises(LedgerError, match="resume diverged"):
+        gate.process(Release("model", torch.zeros(3), 1, [_dpsgd(nm=2.0)]))
+    with pytest.raises(LedgerError, match="resume diverged"):
+        gate.process(Release("summary", torch.zeros(3), 1, [_dpsgd()]))
+    assert len(gate.ledger.entries) == 1
+
+
+def test_replay_raises_a_recorded_refusal_again_without_a_new_entry(tmp_path):
+    gate = _gate(tmp_path, budget_eps=1.0)
+    with pytest.raises(BudgetExceededError) as first:
+        gate.process(Release("model", torch.zeros(3), 1, [_dpsgd(steps=500, nm=0.5)]))
+    gate.replay_from(0)
+    assert not gate.closed
+    with pytest.raises(BudgetExceededError) as again:
+        gate.process(Release("model", torch.zeros(3), 1, [_dpsgd(steps=500, nm=0.5)]))
+    assert str(again.value) == str(first.value) and gate.closed
+    assert len(gate.ledger.entries) == 1
+
+
+def test_replay_finishes_a_release_cut_between_its_entries(tmp_path):
+    gate = _gate(tmp_path)
+    lam = MechanismRecord("gaussian_lambda", 5.0, 1.0, 1, {"clip_norm": 1.0})
+    gate.process(Release("model", torch.zeros(3), 1, [_dpsgd(), lam]))
+    full = [(e["mechanism"], e["epsilon_after"]) for e in gate.ledger.entries]
+    gate.ledger.close()
+    lines = (tmp_path / "c1.jsonl").read_text().splitlines()
+    (tmp_path / "c1.jsonl").write_text(lines[0] + "\n")  # killed after the first entry
+    ledger = LedgerWriter(tmp_path / "c1.jsonl", "c1", KEY)
+    resumed = BudgetGate(replay_accountant(ledger.entries), PrivacyBudget(5.0, DELTA), ledger, "c1")
+    resumed.replay_from(0)
+    out = resumed.process(Release("model", torch.zeros(3), 1, [_dpsgd(), lam]))
+    assert out.metadata["replayed_entries"] == 1
+    got = [(e["mechanism"], e["epsilon_after"]) for e in ledger.entries]
+    assert [m for m, _ in got] == [m for m, _ in full]
+    assert got[1][1] == pytest.approx(full[1][1], rel=1e-12)

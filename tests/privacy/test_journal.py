@@ -1,0 +1,54 @@
+"""The release journal: sealed, ordered, durable records; torn tails quarantined."""
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
+
+KEY = X25519PrivateKey.generate()
+
+
+def _record(rnd: int, kind: str = "model") -> JournalRecord:
+    return JournalRecord(rnd, kind, rnd, payload_digest(b"payload %d" % rnd), b"\x00\x01" * 50)
+
+
+def test_records_round_trip_and_are_sealed(tmp_path):
+    path = tmp_path / "c1.journal"
+    journal = ReleaseJournal(path, "c1", "fedora", KEY)
+    assert journal.get(1, "model") is None
+    written = journal.append(_record(1))
+    journal.append(_record(2))
+    assert path.stat().st_size == written + len(path.read_bytes().splitlines()[1]) + 1
+    assert b"\x00\x01" * 50 not in path.read_bytes() and b"payload" not in path.read_bytes()
+    again = ReleaseJournal(path, "c1", "fedora", KEY)
+    assert len(again) == 2 and again.get(2, "model") == _record(2)
+    with pytest.raises(JournalError, match="already holds"):
+        again.append(_record(2))
+
+
+def test_records_are_bound_to_client_scope_key_and_position(tmp_path):
+    path = tmp_path / "c1.journal"
+    journal = ReleaseJournal(path, "c1", "fedora", KEY)
+    journal.append(_record(1))
+    journal.append(_record(2))
+    for client, scope, key in (("c2", "fedora", KEY), ("c1", "fedavg", KEY),
+                               ("c1", "fedora", X25519PrivateKey.generate())):
+        with pytest.raises(JournalError, match="line 0"):
+            ReleaseJournal(path, client, scope, key)
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(lines[1] + b"\n" + lines[0] + b"\n")  # reordered
+    with pytest.raises(JournalError, match="unreadable"):
+        ReleaseJournal(path, "c1", "fedora", KEY)
+
+
+def test_torn_last_record_is_quarantined(tmp_path):
+    path = tmp_path / "c1.journal"
+    journal = ReleaseJournal(path, "c1", "fedora", KEY)
+    journal.append(_record(1))
+    intact = path.read_bytes()
+    path.write_bytes(intact + b"U0ZTRUFMAQ")
+    reopened = ReleaseJournal(path, "c1", "fedora", KEY)
+    assert reopened.quarantined is not None and reopened.quarantined.read_bytes() == b"U0ZTRUFMAQ"
+    assert path.read_bytes() == intact and len(reopened) == 1
+    reopened.append(_record(2))
+    assert len(ReleaseJournal(path, "c1", "fedora", KEY)) == 2
