@@ -216,6 +216,7 @@ class FederationPrivacy:
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     journal_bytes: int = 0
     _replayed: set[int] = field(default_factory=set)
+    _resumed: bool = False
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
@@ -224,7 +225,9 @@ class FederationPrivacy:
 
         With ``resume``, a torn final ledger line is first quarantined and a signed repair
         entry appended (:func:`privacy.ledger.repair_torn_tail`), and a torn final journal
-        line quarantined; each recovery is logged and listed under ``recoveries``.
+        line quarantined; each recovery is logged and listed under ``recoveries``. Without
+        ``resume``, journals holding releases of an earlier run are refused (JournalError)
+        before anything is written.
         """
         ids = client_ids(num_clients)
         plans: dict[tuple[float, float], ClientPlan] = {}
@@ -235,6 +238,15 @@ class FederationPrivacy:
                 plans[key] = privacy_plan(cfg, method, budget)
         if not (key_dir / "allowlist.json").exists():
             init_keys(key_dir, ["server", *ids])
+        if not resume:
+            earlier = [str(ledger_dir / f"{cid}.journal") for cid in ids
+                       if (ledger_dir / f"{cid}.journal").exists()
+                       and (ledger_dir / f"{cid}.journal").stat().st_size > 0]
+            if earlier:
+                raise JournalError(
+                    f"{earlier[0]} holds releases of an earlier run in this directory"
+                    f" ({len(earlier)} journal(s)); resume that run or use a new directory"
+                )
         ledger_dir.mkdir(parents=True, exist_ok=True)
         states = []
         journals = []
@@ -289,6 +301,7 @@ class FederationPrivacy:
             elif last_round is None:
                 c.refused_at = c.refusal = None
         self.events = list(saved["events"]) if saved is not None else []
+        self._resumed = True
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a round checkpoint must keep of the privacy side (refusals and events), so a
@@ -305,7 +318,8 @@ class FederationPrivacy:
         if generator is None:
             return b""
         state = bytes(generator.get_state().numpy().tobytes())
-        record = self.journals[i].get(rnd, kind) if self.journals is not None else None
+        record = (self.journals[i].get(rnd, kind)
+                  if self.journals is not None and self._resumed else None)
         if record is not None:
             if self.reproducible_noise and record.noise_state != state:
                 raise LedgerError(
@@ -379,6 +393,11 @@ class FederationPrivacy:
         journal = self.journals[i]
         digest = payload_digest(payload.detach().contiguous().cpu().numpy().tobytes())
         record = journal.get(rnd, kind)
+        if record is not None and not self._resumed:
+            raise JournalError(
+                f"journal {str(journal.path)!r} already records the round-{rnd} {kind!r} release"
+                " of an earlier run in this directory; resume that run or use a new directory"
+            )
         if record is None:
             self.journal_bytes += journal.append(
                 JournalRecord(rnd, kind, ledger_index, digest, noise_state))

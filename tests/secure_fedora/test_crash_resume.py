@@ -4,13 +4,13 @@ every method; each release is accounted once and re-made from its journal, never
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from privacy.journal import JournalError
 from privacy.ledger import LedgerError, read_ledger
 from secure_fedora import crashpoints
 from secure_fedora.config import load_config, parse_config
@@ -114,10 +114,11 @@ def test_kill_mid_round_then_resume_is_exact(tmp_path, clients, reference, metho
     assert_same_run(tmp_path, reference([method], dp))
 
 
+# summary: client 0 released; gate/release 2-3: the summaries of clients 1-2; gate 4: round 1,
+# client 0 (gates 7-9 are round 2); then training, evaluation, checkpoint, methods, results.
 FEDORA_POINTS = [
-    "summary@1", "gate@2", "release@3", "gate@4", "release@5", "train@2", "evaluate@2",
-    "checkpoint@1", "checkpoint_written@1", "gate@7", "checkpoint@2", "between_methods@1",
-    "results@1",
+    "summary@1", "gate@2", "release@3", "gate@4", "train@2", "evaluate@2", "checkpoint@1",
+    "checkpoint_written@1", "gate@8", "between_methods@1", "results@1",
 ]
 
 
@@ -185,6 +186,15 @@ def test_resume_that_diverges_from_the_ledger_is_refused(tmp_path, clients):
     with pytest.raises(LedgerError, match="resume diverged"):
         sim.run(resume=True)
     assert comparable_ledgers(tmp_path) == before  # nothing accounted again
+
+
+def test_a_new_run_into_a_directory_with_journaled_releases_is_refused(tmp_path, clients):
+    cfg = config(["local"], True)
+    assert run_until_crash(cfg, tmp_path, clients, "train@2")
+    before = comparable_ledgers(tmp_path)
+    with pytest.raises(JournalError, match="earlier run"):
+        Simulation(cfg, tmp_path, clients=clients).run()  # not a resume
+    assert comparable_ledgers(tmp_path) == before  # refused before anything was written
 
 
 def test_torn_final_ledger_line_is_quarantined_and_the_run_resumes(tmp_path, clients, reference):
