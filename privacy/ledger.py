@@ -7,12 +7,13 @@ separators=(",", ":"), ensure_ascii=True, allow_nan=False)``) of one entry, foll
 - ``index``: 0, 1, 2, ... (the line's position);
 - ``client_id``: the client that spent the budget;
 - ``round``: the federation round of the release (int >= 0);
-- ``mechanism``: e.g. ``"dpsgd"``, ``"gaussian_summary"``, ``"gaussian_lambda"``, ``"refusal"``;
-- ``params``: dict; for every non-refusal entry it holds ``noise_multiplier``,
+- ``mechanism``: e.g. ``"dpsgd"``, ``"gaussian_summary"``, ``"gaussian_lambda"``, ``"refusal"``,
+  ``"repair"`` (a torn final line was quarantined, see :func:`repair_torn_tail`);
+- ``params``: dict; for every entry but refusals and repairs it holds ``noise_multiplier``,
   ``sample_rate`` and ``steps`` (what an independent accountant composes) plus
   mechanism-specific fields (``clip_norm``, ``sensitivity``, ...);
-- ``epsilon_after``: the client's cumulative epsilon after this entry (a refusal spends
-  nothing, so its value equals the previous one);
+- ``epsilon_after``: the client's cumulative epsilon after this entry (a refusal or repair
+  spends nothing, so its value equals the previous one);
 - ``delta``, ``budget_epsilon``, ``accountant`` (``"rdp"``/``"prv"``), ``timestamp`` (UTC,
   ISO 8601);
 - ``prev_hash``: SHA-256 hex of the previous line's UTF-8 bytes without its newline

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from audits.verify import verify_run
 from privacy.journal import JournalError
 from privacy.ledger import LedgerError, read_ledger
 from secure_fedora import crashpoints
@@ -210,6 +211,8 @@ def test_torn_final_ledger_line_is_quarantined_and_the_run_resumes(tmp_path, cli
     repairs = [e for e in read_ledger(ledger) if e["mechanism"] == "repair"]
     assert len(repairs) == 1 and repairs[0]["params"]["quarantine"] == quarantined[0].name
     assert results["privacy"]["fedora"]["recoveries"][0]["client"] == "client-001"
+    report = verify_run(tmp_path)  # the independent audit accepts the signed repair
+    assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
     # apart from the repair entry, the ledger is the uninterrupted run's
     ref = comparable_ledgers(reference(["fedora"], True))
     got = comparable_ledgers(tmp_path)
