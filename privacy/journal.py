@@ -52,21 +52,25 @@ class JournalRecord:
     """One journaled release.
 
     ``ledger_index`` is the index of the release's last ledger entry; ``payload_sha256`` the
-    digest of the payload the gate saw; ``noise_state`` the opaque state of the client's
-    randomness *before* the release's draws (e.g. a ``torch.Generator`` state), from which
-    the release (and everything the client computes with the same draws) is reproduced.
+    digest of the payload the gate saw; ``noise_state_sha256`` the digest of the state of the
+    client's randomness *before* the release's draws (e.g. a ``torch.Generator`` state), and
+    ``noise_state`` that state itself, from which the release (and everything the client
+    computes with the same draws) is reproduced. ``noise_state`` may be empty when the noise
+    is reproducible from the run's checkpoint and seed (the digest then checks the re-run).
     """
 
     round: int
     kind: str
     ledger_index: int
     payload_sha256: str
-    noise_state: bytes
+    noise_state_sha256: str
+    noise_state: bytes = b""
 
     def to_json(self) -> str:
         return json.dumps({"version": JOURNAL_VERSION, "round": self.round, "kind": self.kind,
                            "ledger_index": self.ledger_index,
                            "payload_sha256": self.payload_sha256,
+                           "noise_state_sha256": self.noise_state_sha256,
                            "noise_state": base64.b64encode(self.noise_state).decode("ascii")},
                           sort_keys=True, separators=(",", ":"))
 
@@ -82,10 +86,13 @@ class JournalRecord:
             raise ValueError(f"kind must be a non-empty string, got {kind!r}")
         if not (isinstance(index, int) and not isinstance(index, bool) and index >= 0):
             raise ValueError(f"ledger_index must be an int >= 0, got {index!r}")
-        digest = obj.get("payload_sha256")
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise ValueError("payload_sha256 must be 64 hex characters")
-        return cls(rnd, kind, index, digest, base64.b64decode(obj["noise_state"], validate=True))
+        digests = [obj.get("payload_sha256"), obj.get("noise_state_sha256")]
+        if not all(isinstance(d, str) and len(d) == 64 for d in digests):
+            raise ValueError("payload_sha256 and noise_state_sha256 must be 64 hex characters")
+        state = base64.b64decode(obj["noise_state"], validate=True)
+        if state and payload_digest(state) != digests[1]:
+            raise ValueError("noise_state does not match noise_state_sha256")
+        return cls(rnd, kind, index, digests[0], digests[1], state)
 
 
 class ReleaseJournal:

@@ -198,7 +198,8 @@ class FederationPrivacy:
     Exactly-once releases (``journals``, opened by :meth:`open`): every release passed by a
     gate is journaled in ``ledger_dir/<client-id>.journal`` (sealed to the client) after its
     ledger entries and before it leaves: the payload's digest and the state of the client's
-    generator before the release's draws. After :meth:`resume_after`, releases the
+    generator before the release's draws (with reproducible noise, which the checkpoint and
+    seed re-create, only that state's digest). After :meth:`resume_after`, releases the
     interrupted run already accounted are matched against the ledger (not accounted again)
     and re-made from the journaled generator state, so they are the very releases that may
     have left (with reproducible noise that state is checked; otherwise it is restored, and
@@ -321,7 +322,13 @@ class FederationPrivacy:
         record = (self.journals[i].get(rnd, kind)
                   if self.journals is not None and self._resumed else None)
         if record is not None:
-            if self.reproducible_noise and record.noise_state != state:
+            if not self.reproducible_noise and not record.noise_state:
+                raise JournalError(
+                    f"client {self.clients[i].client_id!r}: the round-{rnd} {kind!r} journal"
+                    " record holds no noise state (it was written with reproducible noise);"
+                    " it cannot be re-made with this noise source"
+                )
+            if self.reproducible_noise and record.noise_state_sha256 != payload_digest(state):
                 raise LedgerError(
                     f"client {self.clients[i].client_id!r}: resume diverged: the generator"
                     f" state before the round-{rnd} {kind!r} release differs from the journaled"
@@ -331,7 +338,7 @@ class FederationPrivacy:
                 generator.set_state(torch.frombuffer(bytearray(record.noise_state),
                                                      dtype=torch.uint8))
                 self._replayed.add(i)
-            return record.noise_state
+            return state if self.reproducible_noise else record.noise_state
         if i in self._replayed:  # past the journaled releases: fresh randomness
             self._replayed.discard(i)
             generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
@@ -399,8 +406,11 @@ class FederationPrivacy:
                 " of an earlier run in this directory; resume that run or use a new directory"
             )
         if record is None:
-            self.journal_bytes += journal.append(
-                JournalRecord(rnd, kind, ledger_index, digest, noise_state))
+            # Reproducible noise is re-drawn from the checkpoint and seed: its digest suffices
+            # to check the re-run; any other source needs the state itself (sealed).
+            kept = b"" if self.reproducible_noise else noise_state
+            self.journal_bytes += journal.append(JournalRecord(
+                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept))
         elif record.ledger_index != ledger_index or record.payload_sha256 != digest:
             raise LedgerError(
                 f"client {self.clients[i].client_id!r}: resume diverged: the round-{rnd}"

@@ -9,7 +9,9 @@ KEY = X25519PrivateKey.generate()
 
 
 def _record(rnd: int, kind: str = "model") -> JournalRecord:
-    return JournalRecord(rnd, kind, rnd, payload_digest(b"payload %d" % rnd), b"\x00\x01" * 50)
+    state = b"\x00\x01" * 50
+    return JournalRecord(rnd, kind, rnd, payload_digest(b"payload %d" % rnd),
+                         payload_digest(state), state)
 
 
 def test_records_round_trip_and_are_sealed(tmp_path):
