@@ -54,3 +54,16 @@ def test_torn_last_record_is_quarantined(tmp_path):
     assert path.read_bytes() == intact and len(reopened) == 1
     reopened.append(_record(2))
     assert len(ReleaseJournal(path, "c1", "fedora", KEY)) == 2
+
+
+def test_digest_only_records_and_state_digest_mismatch(tmp_path):
+    path = tmp_path / "c1.journal"
+    journal = ReleaseJournal(path, "c1", "fedora", KEY)
+    digest_only = JournalRecord(1, "model", 1, payload_digest(b"p"), payload_digest(b"state"))
+    journal.append(digest_only)
+    journal.append(JournalRecord(2, "model", 2, payload_digest(b"p"), payload_digest(b"other"),
+                                 b"state"))  # the state does not match its digest
+    with pytest.raises(JournalError, match="line 1"):
+        ReleaseJournal(path, "c1", "fedora", KEY)
+    path.write_bytes(path.read_bytes().splitlines(keepends=True)[0])
+    assert ReleaseJournal(path, "c1", "fedora", KEY).get(1, "model") == digest_only
