@@ -52,8 +52,8 @@ def _default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from secure_fedora.plots import write_plots
     from secure_fedora.api import Experiment
+    from secure_fedora.plots import write_plots
     from secure_fedora.runtime import CheckpointError
 
     cfg = load_config(args.config)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,21 +383,24 @@ def _first_unsupported_layer(model: nn.Module) -> str:
 
 def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) -> None:
     """Refuse (DPSGDError naming the layer) a model whose per-sample gradients the DP path
-    cannot compute, or computes differently from per-sample autograd. Sub-modules run in
-    eval mode during the check (dropout would make the two computations differ); nothing
+    cannot compute, or computes differently from per-sample autograd. Dropout layers run in
+    eval mode during the check (random masks would make the two computations differ); nothing
     is changed: no noise is drawn, no gradient is written, no step is counted."""
     from privacy.dpsgd import DPSGDError
 
     model = dpsgd.model
     modes = {m: m.training for m in model.modules()}
-    model.train()
+    model.train()  # Opacus captures activations in train mode only
     for m in model.modules():
-        if m is not model:
+        if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
     params = dpsgd._params
     try:
         try:
-            got = dpsgd.clipped_gradient_sum(x, y, loss)
+            with warnings.catch_warnings():
+                # Opacus's hooks fire on module outputs when the input needs no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                got = dpsgd.clipped_gradient_sum(x, y, loss)
         except DPSGDError:
             raise
         except Exception as err:  # what the per-sample machinery raised on this model

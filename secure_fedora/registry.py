@@ -71,11 +71,10 @@ class Registry(Generic[T]):
         self._entries.pop(name, None)
 
     def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        for module in self._modules:
-            importlib.import_module(module)
+        if not self._loaded:
+            self._loaded = True
+            for module in self._modules:
+                importlib.import_module(module)
         load_contrib()
 
     def names(self) -> list[str]:

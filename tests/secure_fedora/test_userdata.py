@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 import tomli_w
+import torch
 
 from privacy.dpsgd import DPSGDError
 from secure_fedora import fedora
