@@ -411,7 +411,8 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
             ) from err
         expected = [torch.zeros_like(p) for p in params]
         for i in range(int(x.shape[0])):
-            with torch.enable_grad():
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 grads = torch.autograd.grad(loss(model(x[i:i + 1]), y[i:i + 1]).sum(), params,
                                             allow_unused=True)
             grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
@@ -429,5 +430,8 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
                     "is not supported"
                 )
     finally:
+        for p in params:  # what Opacus's hooks stored during the autograd reference pass
+            if getattr(p, "grad_sample", None) is not None:
+                p.grad_sample = None
         for m, training in modes.items():
             m.train(training)
