@@ -252,9 +252,28 @@ class ExperimentConfig(_Section):
     def _cross_checks(self) -> ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods lists a method twice")
-        from secure_fedora.baselines import BaselineConfigError, validate_hyperparameters
+        from secure_fedora.baselines import (
+            BASELINE_NAMES,
+            BaselineConfigError,
+            validate_hyperparameters,
+        )
+        from secure_fedora.registry import METHODS
 
         for name, section in self.baselines.items():
+            # A plug-in method declares its hyper-parameters as a pydantic model in its
+            # factory's ``params`` attribute; [baselines.<name>] is validated against it.
+            params = getattr(METHODS.get(name), "params", None) if (
+                name not in BASELINE_NAMES and name in METHODS) else None
+            if params is not None:
+                try:
+                    params.model_validate(section)
+                except ValidationError as err:
+                    problems = "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc']) or '(section)'}: "
+                        f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                        for e in err.errors())
+                    raise ValueError(f"baselines.{name}: {problems}") from None
+                continue
             try:
                 validate_hyperparameters(name, section)
             except BaselineConfigError as err:

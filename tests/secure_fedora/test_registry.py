@@ -47,12 +47,21 @@ def test_registry_refuses_duplicates_and_bad_names() -> None:
 
 
 NEW_METHOD = textwrap.dedent('''
+    from pydantic import BaseModel, ConfigDict, Field
+
     from secure_fedora.methods import FedAvg
     from secure_fedora.registry import METHODS
 
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        finetune_epochs: int = Field(0, ge=0)
+
     @METHODS.register("{name}")
     def build(ctx, cfg):
-        return FedAvg(ctx, finetune_epochs=0)
+        params = Params.model_validate(cfg.baselines.get("{name}", {{}}))
+        return FedAvg(ctx, finetune_epochs=params.finetune_epochs)
+
+    build.params = Params  # validates [baselines.{name}] when the config is read
 ''')
 
 
@@ -79,6 +88,12 @@ def test_a_new_method_is_one_module_in_the_contrib_package(tmp_path: Path,
         method = make_method(name, exp.context_factory(cfg, exp.clients), cfg)
         assert type(method).__name__ == "FedAvg" and method.finetune_epochs == 0
         assert exp.run().selected(name)["round"] == 1
+        tuned = parse_config({**_small_config(name), "baselines": {name: {"finetune_epochs": 2}}})
+        assert make_method(name, exp.context_factory(tuned, exp.clients), tuned).finetune_epochs == 2
+        with pytest.raises(ConfigError, match=f"baselines.{name}: finetune_epochs: .*greater than or equal"):
+            parse_config({**_small_config(name), "baselines": {name: {"finetune_epochs": -1}}})
+        with pytest.raises(ConfigError, match=f"baselines.{name}: lr: unknown key"):
+            parse_config({**_small_config(name), "baselines": {name: {"lr": 1}}})
     finally:
         METHODS.unregister(name)
         for mod in [m for m in sys.modules if m.startswith(package)]:

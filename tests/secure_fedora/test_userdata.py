@@ -349,3 +349,15 @@ def test_cross_entropy_refuses_multilabel_targets(plug: str) -> None:
 def test_config_errors(section: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(section)
+
+
+@pytest.mark.parametrize(("section", "key"), [
+    ({"data": {"source": "m:f", "partition": "iid"}}, "data.source"),
+    ({"model": {"factory": "m:f"}}, "model.factory"),
+    ({"training": {"loss": "bce"}}, "training.loss"),
+])
+def test_flower_runtime_refuses_user_plugins(section: dict, key: str) -> None:
+    from secure_fedora.deploy.protocol import DeployError, check_supported
+
+    with pytest.raises(DeployError, match=f"{key} = .*run in process"):
+        check_supported(parse_config({"methods": ["fedora"], **section}))
