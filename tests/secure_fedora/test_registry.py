@@ -112,3 +112,9 @@ def _tiny_data() -> dict:
     x = torch.randn(80, 3, generator=gen)
     y = (x[:, 0] > 0).long()
     return {"x_train": x[:60], "y_train": y[:60], "x_test": x[60:], "y_test": y[60:]}
+
+
+def test_sweep_validates_cells_with_registered_method_names() -> None:
+    from secure_fedora.sweep import _literal_methods
+
+    assert set(_literal_methods()) == set(METHODS.names())
