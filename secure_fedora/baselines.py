@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from secure_fedora.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.methods import FedAvg, FederatedMethod, MessageState, MethodContext
 from secure_fedora.models import init_parameters
+from secure_fedora.registry import METHODS
 from secure_fedora.transport import (
     KIND_CLUSTER_CHOICE,
     KIND_CLUSTERS,
@@ -235,7 +236,8 @@ def personal_oracle(ctx: MethodContext) -> GradientOracle:
     if isinstance(inner, PlainGradient):
         return ctx.oracle
     clip = getattr(inner, "max_grad_norm", None)
-    return ClientHeldGradient(ctx.train.batch_size, None if clip is None else float(clip))
+    return ClientHeldGradient(ctx.train.batch_size, None if clip is None else float(clip),
+                              task=ctx.flat.task)
 
 
 class ProximalGradient(_WrappedOracle):
@@ -742,3 +744,17 @@ class IFCA(FederatedMethod):
 
     def extra_results(self) -> dict[str, Any]:
         return self._with_security({"assignment": self.assignment.tolist()})
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _register(name: str) -> None:
+    def build(ctx: MethodContext, cfg: Any) -> FederatedMethod:
+        return make_baseline(name, ctx, cfg.baselines.get(name), validation=cfg.data.validation)
+
+    METHODS.register(name, build)
+
+
+for _name in BASELINE_NAMES:
+    _register(_name)

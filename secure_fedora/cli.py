@@ -22,8 +22,9 @@ console = Console(stderr=True)
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    """A rich table of each method's selected test accuracy across clients."""
-    table = Table(title=f"{results['name']}: personalized test accuracy (best-validation model)")
+    """A rich table of each method's selected test metric (accuracy or AUC) across clients."""
+    metric = results.get("metric", "accuracy")
+    table = Table(title=f"{results['name']}: personalized test {metric} (best-validation model)")
     for col in ("method", "mean", "min", "max", "std"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for name, body in results["methods"].items():
@@ -51,8 +52,9 @@ def _default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from secure_fedora.api import Experiment
     from secure_fedora.plots import write_plots
-    from secure_fedora.runtime import CheckpointError, Simulation
+    from secure_fedora.runtime import CheckpointError
 
     cfg = load_config(args.config)
     run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
@@ -72,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_round(method: str, rnd: int, total: int) -> None:
             progress.update(tasks[method], completed=rnd)
 
-        sim = Simulation(cfg, run_dir, progress=on_round)
+        sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round)
         sim.on_privacy_plan = lambda rows: progress.console.print(privacy_plan_table(rows))
         try:
             results = sim.run(resume=args.resume)

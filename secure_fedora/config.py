@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -29,7 +36,37 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key and the problem."""
 
 
-MethodName = Literal["fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca"]
+def _registered(registry_name: str) -> AfterValidator:
+    """A validator accepting the names in one of :mod:`secure_fedora.registry`'s registries
+    (imported on use: the registries import the modules that register the built-ins)."""
+
+    def check(value: str) -> str:
+        from secure_fedora import registry
+
+        return getattr(registry, registry_name).check(value)
+
+    return AfterValidator(check)
+
+
+def _import_spec(key: str) -> AfterValidator:
+    def check(value: str) -> str:
+        from secure_fedora.plugins import check_spec
+
+        return check_spec(value, key)
+
+    return AfterValidator(check)
+
+
+def _loss_name(value: str) -> str:
+    from secure_fedora.plugins import check_spec
+    from secure_fedora.registry import LOSSES
+
+    return check_spec(value, "training.loss") if ":" in value else LOSSES.check(value)
+
+
+MethodName = Annotated[str, _registered("METHODS")]
+"""A registered method (:data:`secure_fedora.registry.METHODS`): fedora, local, fedavg,
+fedprox, ditto, apfl, fedamp, ifca, and any plug-in."""
 
 
 class _Section(BaseModel):
@@ -42,8 +79,12 @@ PositiveInt = Annotated[int, Field(gt=0)]
 class DataConfig(_Section):
     """Which data, how it is split among clients (DESIGN.md 2; reference: rotated MNIST)."""
 
-    dataset: Literal["mnist", "fashion_mnist"] = "mnist"
-    partition: Literal["rotation", "dirichlet", "pathological"] = "rotation"
+    dataset: Annotated[str, _registered("DATASETS")] = "mnist"
+    # User data instead of a registered dataset: "package.module:function", called with the
+    # experiment seed; returns a centralized dataset (split by `partition`) or a list of
+    # per-client dicts (already federated). See secure_fedora.userdata.
+    source: Annotated[str, _import_spec("data.source")] | None = None
+    partition: Annotated[str, _registered("PARTITIONERS")] = "rotation"
     num_clients: Annotated[int, Field(ge=2)] = 36
     train_per_client: PositiveInt = 128
     val_per_client: PositiveInt = 64
@@ -59,11 +100,13 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _partition_keys(self) -> DataConfig:
+        if self.source is not None and "dataset" in self.model_fields_set:
+            raise ValueError("data.dataset and data.source exclude each other")
         if self.partition == "dirichlet" and self.dirichlet_alpha is None:
             raise ValueError("partition 'dirichlet' needs data.dirichlet_alpha")
         if self.partition == "pathological" and self.classes_per_client is None:
             raise ValueError("partition 'pathological' needs data.classes_per_client")
-        if self.partition != "rotation" and self.test_per_client is None:
+        if self.partition not in ("rotation", "iid") and self.test_per_client is None:
             raise ValueError(
                 f"partition {self.partition!r} needs data.test_per_client (its test rows follow "
                 "each client's label mix, so the test split cannot simply be divided)"
@@ -78,7 +121,17 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn"] = "mlp"
+    """A registered model (``name``) or user code (``factory = "package.module:function"``,
+    called as ``function(input_shape, num_classes)`` and returning an ``nn.Module``)."""
+
+    name: Annotated[str, _registered("MODELS")] = "mlp"
+    factory: Annotated[str, _import_spec("model.factory")] | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ModelConfig:
+        if self.factory is not None and "name" in self.model_fields_set:
+            raise ValueError("model.name and model.factory exclude each other")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -95,6 +148,9 @@ class TrainingConfig(_Section):
     # (a stability knob, not a privacy mechanism; DP-SGD clips per sample with
     # privacy.max_grad_norm instead and ignores this).
     clip_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # "cross_entropy" (accuracy), "bce" (binary / multi-label, AUC) or
+    # "package.module:function" returning per-sample losses; see secure_fedora.tasks.
+    loss: Annotated[str, AfterValidator(_loss_name)] = "cross_entropy"
 
 
 class FedoraConfig(_Section):
@@ -196,9 +252,28 @@ class ExperimentConfig(_Section):
     def _cross_checks(self) -> ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods lists a method twice")
-        from secure_fedora.baselines import BaselineConfigError, validate_hyperparameters
+        from secure_fedora.baselines import (
+            BASELINE_NAMES,
+            BaselineConfigError,
+            validate_hyperparameters,
+        )
+        from secure_fedora.registry import METHODS
 
         for name, section in self.baselines.items():
+            # A plug-in method declares its hyper-parameters as a pydantic model in its
+            # factory's ``params`` attribute; [baselines.<name>] is validated against it.
+            params = getattr(METHODS.get(name), "params", None) if (
+                name not in BASELINE_NAMES and name in METHODS) else None
+            if params is not None:
+                try:
+                    params.model_validate(section)
+                except ValidationError as err:
+                    problems = "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc']) or '(section)'}: "
+                        f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                        for e in err.errors())
+                    raise ValueError(f"baselines.{name}: {problems}") from None
+                continue
             try:
                 validate_hyperparameters(name, section)
             except BaselineConfigError as err:
@@ -260,13 +335,22 @@ def load_config(path: str | Path) -> ExperimentConfig:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config {path} is not valid TOML: {err}") from None
-    return parse_config(data, str(path))
+    cfg = parse_config(data, str(path))
+    from secure_fedora.plugins import remember_config_dir
+
+    remember_config_dir(cfg, path.parent)
+    return cfg
 
 
 # Keys added after configs were first hashed, with the default that reproduces the behaviour
 # from before they existed. At that default they are left out of the hash, so checkpoints and
 # sweep cells written before the key existed stay valid; any other value changes the hash.
-_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("training", "clip_grad_norm"): None}
+_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("training", "clip_grad_norm"): None,
+    ("training", "loss"): "cross_entropy",
+    ("data", "source"): None,
+    ("model", "factory"): None,
+}
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

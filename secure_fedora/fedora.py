@@ -40,16 +40,22 @@ class RelatednessError(ValueError):
 def summary_rows(x: Tensor, y: Tensor, num_classes: int) -> Tensor:
     """Stack a client's training rows as ``z = [flatten(x), onehot(y)]`` (n x d, float64).
 
-    This is the data matrix ``Z_i`` whose dominant left singular subspace of ``Z_i^T`` is the
-    client's summary; the noised mode clips and noises ``Z_i^T Z_i / n`` built from the same rows.
+    For multi-label targets ``y`` of shape ``(n, num_classes)`` (multi-hot), ``y`` itself
+    takes the place of ``onehot(y)``. This is the data matrix ``Z_i`` whose dominant left
+    singular subspace of ``Z_i^T`` is the client's summary; the noised mode clips and noises
+    ``Z_i^T Z_i / n`` built from the same rows.
     """
     if x.shape[0] != y.shape[0]:
         raise RelatednessError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
     if x.shape[0] == 0:
         raise RelatednessError("a client summary needs at least one training row")
+    flat = x.reshape(x.shape[0], -1).to(torch.float64)
+    if y.dim() == 2:
+        if y.shape[1] != num_classes:
+            raise RelatednessError(f"multi-label targets have {y.shape[1]} columns, expected {num_classes}")
+        return torch.cat([flat, y.to(torch.float64)], dim=1)
     if y.min() < 0 or y.max() >= num_classes:
         raise RelatednessError(f"labels must lie in [0, {num_classes}); got {int(y.min())}..{int(y.max())}")
-    flat = x.reshape(x.shape[0], -1).to(torch.float64)
     onehot = torch.nn.functional.one_hot(y.long(), num_classes).to(torch.float64)
     return torch.cat([flat, onehot], dim=1)
 

@@ -34,6 +34,7 @@ from secure_fedora.client import (
     local_train,
 )
 from secure_fedora.partition import ClientData
+from secure_fedora.registry import METHODS
 from secure_fedora.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
 
 MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
@@ -261,15 +262,15 @@ class FedAvg(FederatedMethod):
         for i, c in enumerate(ctx.clients):
             row.copy_(held[i])
             ctx.select(i)
-            best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).accuracy
-            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).accuracy
+            best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
+            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
             for _ in range(self.finetune_epochs):
                 local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
                             ctx.generators[i], ctx.workspace)
-                val = evaluate(ctx.flat, row, c.val_x, c.val_y).accuracy
+                val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
                 if val > best_val:
                     best_val = val
-                    best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).accuracy
+                    best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
             per_client.append(best_test)
         return self._with_security({"finetuned_test_accuracy": per_client})
 
@@ -468,3 +469,27 @@ class Fedora(FederatedMethod):
                 torch.nonzero(row).flatten().tolist() for row in self.relatedness.graph
             ],
         })
+
+
+# --------------------------------------------------------------------------- registry
+# Each factory builds its method from the context and the whole config: ``(ctx, cfg)``.
+
+
+@METHODS.register("fedora")
+def _build_fedora(ctx: MethodContext, cfg: Any) -> Fedora:
+    from secure_fedora.runtime import relatedness_function
+
+    f = cfg.fedora
+    return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
+                  relatedness_fn=relatedness_function(cfg, ctx), relatedness_mode=f.relatedness,
+                  private_validation=cfg.data.validation == "private")
+
+
+@METHODS.register("local")
+def _build_local(ctx: MethodContext, cfg: Any) -> Local:
+    return Local(ctx)
+
+
+@METHODS.register("fedavg")
+def _build_fedavg(ctx: MethodContext, cfg: Any) -> FedAvg:
+    return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)

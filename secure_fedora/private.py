@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privacy.accounting import (
@@ -53,6 +53,7 @@ from privacy.pipeline import BudgetGate, Release
 from secure_fedora import fedora
 from secure_fedora.config import ConfigError, ExperimentConfig
 from secure_fedora.partition import ClientData
+from secure_fedora.tasks import CROSS_ENTROPY, Task
 
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "privacy_plan"]
 
@@ -139,10 +140,13 @@ class DPGradient:
     """
 
     def __init__(self, module: nn.Module, max_grad_norm: float, sample_rate: float,
-                 expected_batch_size: float, generator: torch.Generator) -> None:
+                 expected_batch_size: float, generator: torch.Generator,
+                 task: Task | None = None) -> None:
         self.sample_rate = sample_rate
         self.dpsgd = DPSGD(module, max_grad_norm, 1.0, expected_batch_size, generator)
-        self._loss = nn.CrossEntropyLoss(reduction="none")
+        # Per-sample losses (reduction="none"): DP-SGD clips each sample's gradient of
+        # whichever loss the task uses.
+        self._loss = task.checked if task is not None else nn.CrossEntropyLoss(reduction="none")
 
     @property
     def max_grad_norm(self) -> float:
@@ -160,6 +164,13 @@ class DPGradient:
 
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
         self.dpsgd.private_gradient(x, y, self._loss)
+
+    def check_model(self, x: Tensor, y: Tensor) -> None:
+        """Verify, before training, that the DP path computes this model's per-sample
+        gradients exactly: the clipped sum over ``(x, y)`` (a few training rows) must equal
+        the sum of individually computed, clipped gradients. A model neither path supports
+        raises :class:`privacy.dpsgd.DPSGDError` naming its first unsupported layer."""
+        check_per_sample_gradients(self.dpsgd, self._loss, x, y)
 
 
 @dataclass
@@ -200,6 +211,8 @@ class FederationPrivacy:
     sample_rate: float
     steps: int
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Per-sample loss of the private lambda release (the task's loss; set by the runtime).
+    loss: Any = CROSS_ENTROPY.checked
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
@@ -319,8 +332,8 @@ class FederationPrivacy:
         """``lambda_i`` from a clipped, noised mean of per-example loss differences."""
         p = self.cfg.privacy
         with torch.no_grad():
-            loss_local = F.cross_entropy(bind(theta)(val_x), val_y, reduction="none")
-            loss_received = F.cross_entropy(bind(phi)(val_x), val_y, reduction="none")
+            loss_local = self.loss(bind(theta)(val_x), val_y)
+            loss_received = self.loss(bind(phi)(val_x), val_y)
         sigma = self.clients[i].plan.lambda_noise
         assert sigma is not None
         diff = float(noised_scalar((loss_local - loss_received).double(), p.lambda_clip,
@@ -350,3 +363,75 @@ def noise_generator_seed(cfg: ExperimentConfig, client: int) -> int:
     if cfg.privacy.enabled and cfg.privacy.noise_seed == "os_random":
         return int.from_bytes(os.urandom(8), "little")
     return cfg.seed * 1_000_003 + client + 1
+
+
+def _first_unsupported_layer(model: nn.Module) -> str:
+    """The first layer with trainable parameters that is neither nn.Linear (fused path) nor
+    a layer Opacus has a per-sample gradient rule for, as "'name' (Type)"."""
+    from opacus import GradSampleModule
+
+    fallback = None
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if type(module) not in GradSampleModule.GRAD_SAMPLERS:
+            return f"{name or '(root)'!r} ({type(module).__name__})"
+        if fallback is None and type(module) is not nn.Linear:
+            fallback = f"{name or '(root)'!r} ({type(module).__name__})"
+    return fallback or "(no single layer identified)"
+
+
+def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) -> None:
+    """Refuse (DPSGDError naming the layer) a model whose per-sample gradients the DP path
+    cannot compute, or computes differently from per-sample autograd. Dropout layers run in
+    eval mode during the check (random masks would make the two computations differ); nothing
+    is changed: no noise is drawn, no gradient is written, no step is counted."""
+    from privacy.dpsgd import DPSGDError
+
+    model = dpsgd.model
+    modes = {m: m.training for m in model.modules()}
+    model.train()  # Opacus captures activations in train mode only
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    params = dpsgd._params
+    try:
+        try:
+            with warnings.catch_warnings():
+                # Opacus's hooks fire on module outputs when the input needs no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                got = dpsgd.clipped_gradient_sum(x, y, loss)
+        except DPSGDError:
+            raise
+        except Exception as err:  # what the per-sample machinery raised on this model
+            raise DPSGDError(
+                f"DP-SGD cannot compute per-sample gradients for this model (path "
+                f"{dpsgd.mode!r}): layer {_first_unsupported_layer(model)} is supported neither "
+                f"by the fused path (nn.Linear only) nor by Opacus ({type(err).__name__}: {err})"
+            ) from err
+        expected = [torch.zeros_like(p) for p in params]
+        for i in range(int(x.shape[0])):
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                grads = torch.autograd.grad(loss(model(x[i:i + 1]), y[i:i + 1]).sum(), params,
+                                            allow_unused=True)
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            factor = min(1.0, dpsgd.max_grad_norm / (norm + 1e-6))
+            for e, g in zip(expected, grads, strict=True):
+                e.add_(g, alpha=factor)
+        for (pname, _), a, b in zip(((dpsgd._param_names[id(p)], p) for p in params), got, expected,
+                                    strict=True):
+            if not torch.allclose(a, b, rtol=1e-3, atol=1e-5):
+                raise DPSGDError(
+                    f"DP-SGD's per-sample gradients of parameter {pname!r} differ from per-sample "
+                    f"autograd (path {dpsgd.mode!r}; max difference "
+                    f"{float((a - b).abs().max()):.3g}); layer {_first_unsupported_layer(model)} "
+                    "is not supported"
+                )
+    finally:
+        for p in params:  # what Opacus's hooks stored during the autograd reference pass
+            if getattr(p, "grad_sample", None) is not None:
+                p.grad_sample = None
+        for m, training in modes.items():
+            m.train(training)

@@ -33,14 +33,10 @@ from secure_fedora.client import (
 )
 from secure_fedora.config import ExperimentConfig, config_hash
 from secure_fedora.data import fingerprint_clients
-from secure_fedora.methods import FedAvg, FederatedMethod, Fedora, Local, MethodContext
+from secure_fedora.methods import FederatedMethod, Fedora, MethodContext
 from secure_fedora.models import make_model
-from secure_fedora.partition import (
-    ClientData,
-    dirichlet_partition,
-    pathological_partition,
-    rotation_partition,
-)
+from secure_fedora.partition import ClientData
+from secure_fedora.registry import DATASETS, METHODS, PARTITIONERS
 
 __all__ = [
     "CheckpointError",
@@ -62,18 +58,51 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (corrupt, or from another config or data)."""
 
 
-def build_clients(cfg: ExperimentConfig) -> list[ClientData]:
-    """The federation's data, deterministic in ``cfg.seed`` and the data section."""
+def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
+    """The federation's data, deterministic in ``cfg.seed`` and the data section.
+
+    ``data`` (Python API) overrides the config's ``data.dataset`` / ``data.source``: a
+    centralized dataset dict or :class:`~secure_fedora.partition.LabeledDataset` (split by
+    the configured partitioner), a list of per-client dicts (already federated) or a function
+    of the seed returning either. User data is checked first (:mod:`secure_fedora.userdata`);
+    a problem raises :class:`~secure_fedora.data.DataError` before anything trains.
+    """
+    from secure_fedora.plugins import config_dir
+    from secure_fedora.userdata import FederatedData, coerce_user_data, load_source
+
     d = cfg.data
-    common = dict(
-        dataset=d.dataset, num_clients=d.num_clients, train_per_client=d.train_per_client,
-        val_per_client=d.val_per_client, test_per_client=d.test_per_client, seed=cfg.seed,
-    )
-    if d.partition == "rotation":
-        return rotation_partition(groups=d.groups, interpolation=d.rotation_interpolation, **common)
-    if d.partition == "dirichlet":
-        return dirichlet_partition(alpha=d.dirichlet_alpha, **common)
-    return pathological_partition(classes_per_client=d.classes_per_client, **common)
+    if data is not None:
+        source = coerce_user_data(data(cfg.seed) if callable(data) else data, "data")
+    elif d.source is not None:
+        source = load_source(d.source, cfg.seed, config_dir(cfg))
+    else:
+        source = DATASETS.get(d.dataset)(cfg.seed)
+    if isinstance(source, FederatedData):
+        return _federated_clients(cfg, source)
+    return PARTITIONERS.get(d.partition)(source, d, cfg.seed)
+
+
+def _federated_clients(cfg: ExperimentConfig, data: Any) -> list[ClientData]:
+    """Already-federated clients, checked against the config's sizes where privacy uses them."""
+    from secure_fedora.data import DataError
+
+    d, clients = cfg.data, data.clients
+    if len(clients) != d.num_clients:
+        raise DataError(f"the data lists {len(clients)} clients but data.num_clients = "
+                        f"{d.num_clients}; set data.num_clients = {len(clients)}")
+    if cfg.privacy.enabled:
+        for c in clients:
+            if c.num_train < d.train_per_client:
+                raise DataError(
+                    f"client {c.client_id} has {c.num_train} training rows but "
+                    f"data.train_per_client = {d.train_per_client}; with privacy on, set it to "
+                    "the smallest client's size (it bounds delta < 1/n and sets the sample rate)")
+            if d.validation == "private" and c.num_val != d.val_per_client:
+                raise DataError(
+                    f"client {c.client_id} has {c.num_val} validation rows but "
+                    f"data.val_per_client = {d.val_per_client}; the private lambda release is "
+                    "accounted for exactly that many rows")
+    return clients
 
 
 def client_generator(seed: int, client: int) -> torch.Generator:
@@ -95,45 +124,92 @@ def train_config(cfg: ExperimentConfig) -> TrainConfig:
 
 
 def build_context(
-    cfg: ExperimentConfig, clients: Sequence[ClientData], oracle: GradientOracle | None = None
+    cfg: ExperimentConfig, clients: Sequence[ClientData], oracle: GradientOracle | None = None,
+    model_factory: Callable[..., Any] | None = None,
 ) -> MethodContext:
-    """A fresh method context: common initialization, one RNG per client, shared buffers."""
-    module = make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)
-    flat = FlatModel(module)
+    """A fresh method context: common initialization, one RNG per client, shared buffers.
+
+    The model is ``model_factory(input_shape, num_classes)`` (Python API), else
+    ``[model] factory``, else the registered ``[model] name``, built for the clients' input
+    shape and the loss's output width. Before anything trains, it checks the labels, the
+    model's output width, the loss's per-sample shape, AUC's need for both classes and,
+    under DP, that the DP path computes the model's per-sample gradients exactly (errors:
+    DataError, ModelError, PluginError, DPSGDError, each naming the problem).
+    """
+    from secure_fedora.models import build_user_model, check_output_width
+    from secure_fedora.plugins import config_dir, import_object
+    from secure_fedora.tasks import resolve_task
+    from secure_fedora.userdata import label_space
+
+    num_classes, multilabel = label_space(clients)
+    task = resolve_task(cfg.training.loss, multilabel, config_dir(cfg))
+    width = task.output_width(num_classes, multilabel)
+    input_shape = tuple(int(v) for v in clients[0].train_x.shape[1:])
+    source = "the model factory"
+    if model_factory is None and cfg.model.factory is not None:
+        model_factory = import_object(cfg.model.factory, "model.factory", config_dir(cfg))
+        source = f"model.factory {cfg.model.factory!r}"
+    if model_factory is not None:
+        module = build_user_model(model_factory, input_shape, width, cfg.seed, source)
+    else:
+        module = make_model(cfg.model.name, width, seed=cfg.seed, input_shape=input_shape)
+        source = f"model {cfg.model.name!r}"
+    probe_x, probe_y = clients[0].train_x[:2], clients[0].train_y[:2]
+    check_output_width(module, probe_x, width, source)
+    _check_task(task, module, clients, probe_x, probe_y)
+    flat = FlatModel(module, task)
     generators = _client_generators(cfg, len(clients))
     if oracle is None and cfg.privacy.enabled:
         from secure_fedora.private import DPGradient, sample_rate_for
 
         q = sample_rate_for(cfg)
         oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
-                            q * cfg.data.train_per_client, generators[0])
+                            q * cfg.data.train_per_client, generators[0], task=task)
+        oracle.check_model(probe_x, probe_y)
     return MethodContext(
         clients=clients,
         flat=flat,
         train=train_config(cfg),
-        oracle=oracle or PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm),
+        oracle=oracle or PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm,
+                                       task=task),
         workspace=Workspace.for_size(flat.num_params),
         generators=generators,
         init=flat.initial_vector(),
-        num_classes=NUM_CLASSES,
+        num_classes=num_classes,
     )
 
 
-def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
-    """Instantiate a configured method by name."""
-    f = cfg.fedora
-    if name == "fedora":
-        return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
-                      relatedness_fn=relatedness_function(cfg, ctx),
-                      relatedness_mode=f.relatedness,
-                      private_validation=cfg.data.validation == "private")
-    if name == "local":
-        return Local(ctx)
-    if name == "fedavg":
-        return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)
-    from secure_fedora.baselines import make_baseline
+def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData],
+                probe_x: Tensor, probe_y: Tensor) -> None:
+    """The loss returns finite per-sample values on the model's outputs, and the metric is
+    defined on every client's validation and test split (AUC needs both classes)."""
+    from secure_fedora.data import DataError
+    from secure_fedora.plugins import PluginError
+    from secure_fedora.tasks import MetricError
 
-    return make_baseline(name, ctx, cfg.baselines.get(name), validation=cfg.data.validation)
+    with torch.no_grad():
+        try:
+            losses = task.checked(module(probe_x), probe_y)
+        except Exception as err:  # user loss code: report whatever it raised
+            raise PluginError(f"training.loss {task.name!r} fails on the model's outputs: "
+                              f"{type(err).__name__}: {err}") from err
+    if not torch.isfinite(losses).all():
+        raise PluginError(f"training.loss {task.name!r} returns non-finite losses at initialization")
+    if task.metric_name == "auc":
+        for c in clients:
+            for split in ("val", "test"):
+                y = getattr(c, f"{split}_y")
+                try:
+                    task.metric(torch.zeros(y.shape if y.dim() == 2 else (y.shape[0], 1)), y)
+                except MetricError as err:
+                    raise DataError(f"client {c.client_id}: the {split} split cannot be scored "
+                                    f"with AUC: {err}") from None
+
+
+def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
+    """Instantiate a configured method by name (a lookup in
+    :data:`secure_fedora.registry.METHODS`; unknown names raise ``RegistryError``)."""
+    return METHODS.get(name)(ctx, cfg)
 
 
 def relatedness_function(
@@ -377,6 +453,8 @@ class Simulation:
         ctx = self.context_factory(cfg, self.clients)
         privacy = self._open_privacy(name)
         ctx.privacy = privacy
+        if privacy is not None:
+            privacy.loss = ctx.flat.task.checked
         try:
             return self._run_method(name, ctx, privacy, resume)
         finally:
@@ -489,8 +567,8 @@ class Simulation:
         flat = method.ctx.flat
         for i, c in enumerate(self.clients):
             row = method.eval_row(i)
-            val = evaluate(flat, row, c.val_x, c.val_y).accuracy
-            test = evaluate(flat, row, c.test_x, c.test_y).accuracy
+            val = evaluate(flat, row, c.val_x, c.val_y).metric
+            test = evaluate(flat, row, c.test_x, c.test_y).metric
             tracker.last_val[i] = val
             tracker.last_test[i] = test
         tracker.update(rnd)
@@ -548,7 +626,8 @@ class Simulation:
 
     def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
         """The results document: run identity, per-method summaries and comparisons."""
-        methods = {name: o.to_json() for name, o in outcomes.items()}
+        metric = self.metric_name()
+        methods = {name: {**o.to_json(), "metric": metric} for name, o in outcomes.items()}
         comparison: dict[str, Any] = {}
         if "fedora" in outcomes and "local" in outcomes:
             f = outcomes["fedora"].selected["per_client"]
@@ -558,12 +637,16 @@ class Simulation:
             methods["fedavg_ft"] = {
                 "name": "fedavg_ft",
                 "selected": summarize(outcomes["fedavg"].extra["finetuned_test_accuracy"]),
+                "metric": metric,
             }
         return {
             "name": self.cfg.name,
             "version": __version__,
             "config_hash": self.config_hash,
             "data_fingerprint": self.fingerprint,
+            # What methods.<name>.selected/final hold: "accuracy" or "auc" (follows the loss).
+            "metric": metric,
+            "loss": self.cfg.training.loss,
             "assumptions": {
                 "validation_data": self.cfg.data.validation,
                 "relatedness": self.cfg.fedora.relatedness,
@@ -591,6 +674,17 @@ class Simulation:
             "methods": methods,
             "comparison": comparison,
         }
+
+    def metric_name(self) -> str:
+        """The metric model selection and results use: "accuracy" or "auc"."""
+        if self.methods:
+            return next(iter(self.methods.values())).ctx.flat.task.metric_name
+        from secure_fedora.plugins import config_dir
+        from secure_fedora.tasks import resolve_task
+        from secure_fedora.userdata import label_space
+
+        return resolve_task(self.cfg.training.loss, label_space(self.clients)[1],
+                            config_dir(self.cfg)).metric_name
 
     def write_rounds_csv(self) -> None:
         """Per-round metrics of every method run so far (rewritten atomically)."""

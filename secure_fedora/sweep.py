@@ -35,7 +35,7 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import matplotlib
 
@@ -266,10 +266,10 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
 
 
 def _literal_methods() -> tuple[str, ...]:
-    """The method names the config schema's ``methods`` literal admits."""
-    annotation = ExperimentConfig.model_fields["methods"].annotation
-    (item,) = get_args(annotation)
-    return tuple(get_args(item))
+    """The method names the config schema's ``methods`` admits (the method registry)."""
+    from secure_fedora.registry import METHODS
+
+    return tuple(METHODS.names())
 
 
 def privacy_settings(cfg: ExperimentConfig) -> str:

@@ -142,6 +142,14 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             "fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear over "
             "TLS; use 'dense' or 'power', or the in-process runtime for encrypted propagation)"
         )
+    for key, value, default in (("data.source", cfg.data.source, None),
+                                ("model.factory", cfg.model.factory, None),
+                                ("training.loss", cfg.training.loss, "cross_entropy")):
+        if value != default:
+            problems.append(
+                f"{key} = {value!r} (user data, models and losses run in process, "
+                "`secure-fedora run` or the Python API; the Flower apps build the built-in ones)"
+            )
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 
