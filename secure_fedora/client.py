@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from privacy.errors import ToolkitError
 from secure_fedora.fedora import proximal_pull_
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-class ClientUpdateError(ValueError):
+class ClientUpdateError(ToolkitError, ValueError):
     """Raised for a client update that cannot be applied (shape, non-finite values)."""
 
 

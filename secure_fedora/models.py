@@ -13,10 +13,12 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from privacy.errors import ToolkitError
+
 ModelName = Literal["mlp", "cnn"]
 
 
-class ModelError(ValueError):
+class ModelError(ToolkitError, ValueError):
     """An unknown architecture or invalid model argument."""
 
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from secure_fedora.config import parse_config
-from secure_fedora.runtime import CheckpointError, Simulation, build_clients
+from secure_fedora.runtime import (
+    CheckpointError,
+    Simulation,
+    build_clients,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def tiny(**overrides):
@@ -132,9 +138,9 @@ def test_checkpoint_with_nan_parameters_is_refused(tmp_path, tiny_clients):
     with pytest.raises(Crash):
         sim.run()
     ckpt = tmp_path / "checkpoints" / "local.pt"
-    state = torch.load(ckpt, weights_only=True)
+    state = load_checkpoint(ckpt)
     state["method"]["theta"][0, 0] = float("nan")
-    torch.save(state, ckpt)
+    save_checkpoint(ckpt, state)  # re-sealed: the digest holds, the values are refused
     with pytest.raises(CheckpointError, match="non-finite"):
         Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
 
