@@ -11,6 +11,7 @@ import tomllib
 from secure_fedora import sweep as sweep_mod
 from secure_fedora.client import PlainGradient
 from secure_fedora.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.errors import run_command
 from secure_fedora.runtime import Simulation, build_clients, build_context
 from secure_fedora.sweep import (
     Cell,
@@ -303,7 +304,7 @@ def test_command_line(tmp_path, capsys):
         parser.parse_args(["sweep", str(cfg_path), "--out", str(out), "--methods", "fedsgd"])
     bad = parser.parse_args(["sweep", str(cfg_path), "--out", str(tmp_path / "other"),
                              "--seeds", "1", "1", "--quiet"])
-    assert bad.func(bad) == 2
+    assert run_command(bad.func, bad) == 2
     assert "seed twice" in capsys.readouterr().err
 
 
