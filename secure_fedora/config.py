@@ -93,6 +93,12 @@ class DataConfig(_Section):
             raise ValueError("data.dirichlet_alpha applies only to partition 'dirichlet'")
         if self.partition != "pathological" and self.classes_per_client is not None:
             raise ValueError("data.classes_per_client applies only to partition 'pathological'")
+        if self.groups is not None and self.groups > self.num_clients:
+            raise ValueError(f"data.groups = {self.groups} must not exceed data.num_clients = "
+                             f"{self.num_clients}")
+        if self.classes_per_client is not None and self.classes_per_client > 10:
+            raise ValueError("data.classes_per_client must be at most 10 (MNIST and "
+                             "Fashion-MNIST have 10 classes)")
         return self
 
 
@@ -241,7 +247,7 @@ class ExperimentConfig(_Section):
                 "'noised+encrypted'"
             )
         for key, budget in p.overrides.items():
-            if not key.isdigit() or int(key) >= d.num_clients:
+            if not (key.isascii() and key.isdigit()) or int(key) >= d.num_clients:
                 raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")
             delta = budget.delta if budget.delta is not None else p.delta
             if delta >= 1.0 / d.train_per_client:
