@@ -402,8 +402,8 @@ def _read_cell(path: Path, cell: Cell, expected_hash: str) -> dict[str, Any]:
 
 
 def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
-    """Refuse ``out`` if it holds a sweep of another configuration; with ``write``, record
-    this configuration when ``out`` holds none yet."""
+    """Refuse ``out`` if it holds a sweep of another configuration or anything that is not a
+    sweep; with ``write``, record this configuration when ``out`` holds none yet."""
     path = out / MANIFEST_FILE
     base = _base_hash(cfg)
     if path.exists():
@@ -417,6 +417,11 @@ def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
                 "use a new --out directory"
             )
         return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SweepError(
+            f"{out} is not a sweep directory (it holds files but no {MANIFEST_FILE}); "
+            "use a new --out directory"
+        )
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
