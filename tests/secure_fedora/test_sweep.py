@@ -269,8 +269,17 @@ def test_directory_of_another_config_is_refused(tmp_path):
     other = tiny(training={"lr": 0.01})
     with pytest.raises(SweepError, match="another configuration"):
         run_sweep(other, tmp_path, ["local"], [0])
-    # a cell directory whose cell.json belongs to another config is refused too
+    # without its manifest the directory is not taken for a sweep at all
+    manifest = json.loads((tmp_path / "sweep.json").read_text())
     (tmp_path / "sweep.json").unlink()
+    with pytest.raises(SweepError, match="not a sweep directory"):
+        run_sweep(other, tmp_path, ["local"], [0])
+    # a cell directory whose cell.json belongs to another config is refused too (a manifest
+    # edited to claim the other config)
+    from secure_fedora.sweep import _base_hash
+
+    manifest["base_config_hash"] = _base_hash(other)
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
     with pytest.raises(SweepError, match="cell local/eps-none/seed-0"):
         run_sweep(other, tmp_path, ["local"], [0])
 
