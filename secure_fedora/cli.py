@@ -50,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.rundir import default_run_dir, prepare_run_dir
     from secure_fedora.runtime import Simulation
 
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out, the run directory to continue")
     try:
         config_bytes = Path(args.config).read_bytes()
     except OSError as err:

@@ -132,6 +132,8 @@ def test_resume_checks_every_checkpoint_before_writing(plain_run, tmp_path, caps
 
 def test_resume_needs_the_directory_and_its_config(plain_run, tmp_path, capsys):
     config, source = plain_run
+    assert main(["run", str(config), "--resume", "--quiet"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
     assert run(config, tmp_path / "absent", "--resume") == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()
