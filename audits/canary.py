@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from secure_fedora.client import FlatModel
 from secure_fedora.config import ExperimentConfig
@@ -79,7 +80,7 @@ CANARY_KINDS: tuple[str, ...] = ("noise", "mislabeled")
 NUM_CLASSES = 10
 
 
-class CanaryAuditError(ValueError):
+class CanaryAuditError(ToolkitError, ValueError):
     """Bad input to the canary audit, or a run that cannot be audited; the message says why."""
 
 

@@ -6,7 +6,8 @@ process exit code.
 
 - ``audit verify RUN_DIR``: exit 0 only when every check holds; 1 when verification found
   errors (each printed with client, entry, check and message); 2 when the run cannot be
-  audited at all (missing directory, bad arguments).
+  audited at all (missing directory, bad arguments): the error is raised to the entry point,
+  which prints it as one line.
 - ``audit report RUN_DIR``: writes ``report.html`` and ``report.json`` (default
   ``RUN_DIR/audit``); exit 0 when the report was written *and* verification passed, 1 when it
   was written but verification failed, 2 when nothing could be written.
@@ -25,7 +26,6 @@ from typing import Any, TextIO
 from audits.verify import (
     DEFAULT_PLD_CHECKPOINTS,
     DEFAULT_REL_TOL,
-    AuditError,
     VerificationReport,
     verify_run,
 )
@@ -51,12 +51,8 @@ def _print_verification(report: VerificationReport, out: TextIO) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
-    try:
-        report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                            pld_checkpoints=args.pld_checkpoints)
-    except AuditError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
+                        pld_checkpoints=args.pld_checkpoints)
     _print_verification(report, sys.stdout)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
@@ -67,13 +63,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``audit report``: write report.html/report.json; 0 iff written and verified."""
     from audits.report import write_report
 
-    try:
-        report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                            pld_checkpoints=args.pld_checkpoints)
-        paths = write_report(args.run_dir, args.out, verification=report)
-    except AuditError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
+                        pld_checkpoints=args.pld_checkpoints)
+    paths = write_report(args.run_dir, args.out, verification=report)
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
     return 0 if report.ok else 1
@@ -86,17 +78,13 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
 
 def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound."""
-    from audits.canary import CanaryAuditError, run_canary_audit
-    from secure_fedora.config import ConfigError, load_config
+    from audits.canary import run_canary_audit
+    from secure_fedora.config import load_config
 
-    try:
-        cfg = load_config(args.config)
-        result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
-                                  kind=args.kind, method=args.method,
-                                  confidence=args.confidence, delta=args.delta, seed=args.seed)
-    except (ConfigError, CanaryAuditError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
+                              kind=args.kind, method=args.method,
+                              confidence=args.confidence, delta=args.delta, seed=args.seed)
     claim = "inf (non-private)" if result.claimed_epsilon == float("inf") \
         else f"{result.claimed_epsilon:.4g}"
     b = result.bound
@@ -113,22 +101,17 @@ def cmd_canary(args: argparse.Namespace) -> int:
 
 def cmd_leakage(args: argparse.Namespace) -> int:
     """``audit leakage``: reconstruct clients' data directions from relatedness messages."""
-    from audits.summary_leakage import LeakageError, run_summary_leakage_audit
-    from secure_fedora.config import ConfigError, load_config
+    from audits.summary_leakage import run_summary_leakage_audit
+    from secure_fedora.config import load_config
     from secure_fedora.runtime import build_clients
 
-    try:
-        cfg = load_config(args.config)
-        clip = args.clip_norm if args.clip_norm is not None else (
-            cfg.privacy.summary_clip if cfg.privacy.enabled else None)
-        nm = args.noise_multiplier if args.noise_multiplier is not None else (
-            cfg.privacy.summary_noise_multiplier if cfg.privacy.enabled else None)
-        report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
-                                           noise_multiplier=nm, tau=cfg.fedora.tau,
-                                           seed=cfg.seed)
-    except (ConfigError, LeakageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    clip = args.clip_norm if args.clip_norm is not None else (
+        cfg.privacy.summary_clip if cfg.privacy.enabled else None)
+    nm = args.noise_multiplier if args.noise_multiplier is not None else (
+        cfg.privacy.summary_noise_multiplier if cfg.privacy.enabled else None)
+    report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
+                                       noise_multiplier=nm, tau=cfg.fedora.tau, seed=cfg.seed)
     print(f"{'mode':<10} {'image cos':>10} {'prior':>7} {'label cos':>10} {'prior':>7}"
           f" {'identified':>11} {'chance':>7}")
     for row in report.summary_rows():
@@ -192,12 +175,17 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m audits.cli audit verify RUN_DIR``)."""
+    """Stand-alone entry point (``python -m audits.cli audit verify RUN_DIR``); errors are
+    reported as by the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
+    from secure_fedora.errors import add_debug_flag, run_command, split_debug_flag
+
+    argv, debug = split_debug_flag(argv)
     parser = argparse.ArgumentParser(prog="secure-fedora")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_command(args.func, args, debug=debug)
 
 
 if __name__ == "__main__":

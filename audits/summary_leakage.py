@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from privacy.mechanisms import noised_second_moment, top_eigenvectors
 from secure_fedora import fedora
 from secure_fedora.partition import ClientData
@@ -73,7 +74,7 @@ NUM_CLASSES = 10
 MODES = ("plain", "noised", "encrypted")
 
 
-class LeakageError(ValueError):
+class LeakageError(ToolkitError, ValueError):
     """Bad input to the summary-leakage audit; the message names the argument or client."""
 
 

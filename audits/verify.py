@@ -68,6 +68,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
+from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, load_config
 
@@ -104,7 +105,7 @@ _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 Severity = Literal["error", "warning"]
 
 
-class AuditError(ValueError):
+class AuditError(ToolkitError, ValueError):
     """A run directory or argument that cannot be audited at all (missing, unreadable)."""
 
 

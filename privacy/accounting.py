@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from privacy.errors import ToolkitError
+
 # Opacus is imported where it is used: importing the package costs about 2 s and 100 MB
 # (it loads its whole PrivacyEngine stack), which every non-private Flower ClientApp process
 # would otherwise pay on each message.
@@ -42,7 +44,7 @@ PRV_MAX_GRID_POINTS = 20_000_000
 _STATE_VERSION = 1
 
 
-class AccountingError(ValueError):
+class AccountingError(ToolkitError, ValueError):
     """Bad input to the accounting layer; the message names the offending field."""
 
 
@@ -331,7 +333,7 @@ class PrivacyBudget:
             )
 
 
-class BudgetExceededError(RuntimeError):
+class BudgetExceededError(ToolkitError, RuntimeError):
     """A release was refused because it would push epsilon past the client's budget."""
 
     def __init__(self, *, client_id: str, round: int, mechanism: str,

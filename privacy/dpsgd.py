@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from privacy.accounting import MechanismRecord
+from privacy.errors import ToolkitError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _NORM_EPS = 1e-6
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class DPSGDError(ValueError):
+class DPSGDError(ToolkitError, ValueError):
     """Bad configuration or input for DP-SGD; the message names what is wrong."""
 
 

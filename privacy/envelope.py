@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from privacy.identity import Identity, IdentityError, PublicIdentity, validate_party_id
 
 __all__ = [
@@ -88,7 +89,7 @@ _WIRE_MAGIC = b"SFEN"
 logger = logging.getLogger(SECURITY_LOGGER)
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(ToolkitError):
     """Base class of every envelope rejection; carries who sent it and for which round."""
 
     reason = "envelope_error"
@@ -196,7 +197,7 @@ class NonFiniteTensorError(EnvelopeError):
     reason = "non_finite_values"
 
 
-class EnvelopeStateError(Exception):
+class EnvelopeStateError(ToolkitError):
     """The persisted nonce state file is unreadable or corrupt (not a message rejection)."""
 
 

@@ -50,6 +50,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, validate_release
+from privacy.errors import ToolkitError
 
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
@@ -62,7 +63,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 
 
-class LedgerError(ValueError):
+class LedgerError(ToolkitError, ValueError):
     """A ledger cannot be read, verified or appended to; the message says which file/entry."""
 
 

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from privacy.accounting import MechanismRecord
+from privacy.errors import ToolkitError
 
 
-class MechanismError(ValueError):
+class MechanismError(ToolkitError, ValueError):
     """Bad input to a mechanism; the message names the offending argument."""
 
 

@@ -25,11 +25,12 @@ from privacy.accounting import (
     MechanismRecord,
     PrivacyBudget,
 )
+from privacy.errors import ToolkitError
 from privacy.ledger import REFUSAL, LedgerError, LedgerWriter, replay_accountant
 from privacy.mechanisms import GaussianMechanism, clip_rows
 
 
-class PipelineError(ValueError):
+class PipelineError(ToolkitError, ValueError):
     """A release or stage is malformed; the message names the stage/field."""
 
 

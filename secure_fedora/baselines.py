@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
+from privacy.errors import ToolkitError
 from secure_fedora.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.methods import FedAvg, FederatedMethod, MessageState, MethodContext
 from secure_fedora.models import init_parameters
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 
-class BaselineConfigError(ValueError):
+class BaselineConfigError(ToolkitError, ValueError):
     """A baseline name or hyper-parameter that cannot be used; the message names it."""
 
 
@@ -76,7 +77,7 @@ class BaselineConfigError(ValueError):
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class FedProxParams(_Params):

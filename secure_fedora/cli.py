@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_fedora.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.config import ConfigError, config_from_bytes
+from secure_fedora.errors import add_debug_flag, run_command, split_debug_flag
 
 __all__ = ["main", "results_table"]
 
@@ -47,23 +46,20 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _default_run_dir(cfg: ExperimentConfig) -> Path:
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.api import Experiment
     from secure_fedora.plots import write_plots
-    from secure_fedora.runtime import CheckpointError
+    from secure_fedora.rundir import default_run_dir, prepare_run_dir
 
-    cfg = load_config(args.config)
-    run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
-    if args.resume and not run_dir.exists():
-        raise ConfigError(f"--resume needs an existing run directory; {run_dir} does not exist")
-    if not args.resume and (run_dir / "checkpoints").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.config, run_dir / "config.toml")
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out, the run directory to continue")
+    try:
+        config_bytes = Path(args.config).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
+    cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -76,11 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round)
         sim.on_privacy_plan = lambda rows: progress.console.print(privacy_plan_table(rows))
-        try:
-            results = sim.run(resume=args.resume)
-        except CheckpointError as err:
-            console.print(f"[red]error:[/red] {err}")
-            return 2
+        results = sim.run(resume=args.resume)
         for m in cfg.methods:
             progress.update(tasks[m], completed=cfg.training.rounds)
     fedora = sim.methods.get("fedora")
@@ -94,16 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from privacy.identity import IdentityError, default_party_ids, init_keys
+    from privacy.identity import default_party_ids, init_keys
 
     if args.clients < 1:
         console.print(f"[red]error:[/red] --clients must be at least 1, got {args.clients}")
         return 2
-    try:
-        identities = init_keys(args.directory, default_party_ids(args.clients), overwrite=args.force)
-    except IdentityError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    identities = init_keys(args.directory, default_party_ids(args.clients), overwrite=args.force)
     Console().print(f"wrote {len(identities)} identities (private keys 0600) and allowlist.json "
                     f"to {args.directory}")
     return 0
@@ -111,6 +99,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secure-fedora", description=__doc__)
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment from a TOML config")
     run.add_argument("config", help="path to a TOML config (see configs/)")
@@ -138,14 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``secure-fedora`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    """Entry point of the ``secure-fedora`` console script; returns the exit code.
+
+    Every error of the toolkit (and ``OSError``) is printed as one line ``error: ...`` with
+    exit code 2; ``--debug`` (anywhere on the command line) also prints its traceback."""
+    argv, debug = split_debug_flag(argv)
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args, debug=debug)
 
 
 if __name__ == "__main__":

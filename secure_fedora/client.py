@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from privacy.errors import ToolkitError
 from secure_fedora.fedora import proximal_pull_
 from secure_fedora.tasks import CROSS_ENTROPY, Task
 
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-class ClientUpdateError(ValueError):
+class ClientUpdateError(ToolkitError, ValueError):
     """Raised for a client update that cannot be applied (shape, non-finite values)."""
 
 

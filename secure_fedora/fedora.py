@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
+
 __all__ = [
     "RelatednessError",
     "attach_from_overlaps",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class RelatednessError(ValueError):
+class RelatednessError(ToolkitError, ValueError):
     """Raised for summaries, similarity matrices or graphs that violate FEDORA's contracts."""
 
 

@@ -16,13 +16,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from privacy.errors import ToolkitError
 from secure_fedora.registry import MODELS
 
 ModelName = Literal["mlp", "cnn"]
 MNIST_SHAPE = (1, 28, 28)
 
 
-class ModelError(ValueError):
+class ModelError(ToolkitError, ValueError):
     """An unknown architecture or invalid model argument."""
 
 

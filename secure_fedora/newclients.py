@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora import fedora
 from secure_fedora.client import evaluate, local_train
 from secure_fedora.config import ExperimentConfig
@@ -60,7 +61,7 @@ __all__ = [
 NEWCOMER_METHODS: tuple[str, ...] = ("fedora", "fedavg_ft", "local")
 
 
-class NewClientError(ValueError):
+class NewClientError(ToolkitError, ValueError):
     """A new-client experiment that cannot run; the message names the bad argument."""
 
 

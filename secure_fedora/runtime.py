@@ -8,6 +8,7 @@ every round and resumes from it to the identical result.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora import __version__, fedora
 from secure_fedora.client import (
     FlatModel,
@@ -54,7 +56,7 @@ __all__ = [
 NUM_CLASSES = 10
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ToolkitError, RuntimeError):
     """A checkpoint that cannot be resumed from (corrupt, or from another config or data)."""
 
 
@@ -381,21 +383,90 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+# A checkpoint file: CHECKPOINT_MAGIC, one JSON header line, then the torch.save payload.
+# The header holds the payload's SHA-256 and length and the run binding (the state's
+# identity fields); load_checkpoint verifies all three before unpickling anything.
+CHECKPOINT_MAGIC = b"SFCKPT2\n"
+_CHECKPOINT_FORMAT = "secure-fedora/checkpoint/v2"
+_MAX_HEADER_BYTES = 64 * 1024
+# State fields that bind a checkpoint to its run, when the state has them (the in-process
+# runtime writes config_hash and data_fingerprint; a SuperNode's state adds run_id and
+# client_id; a partition file its data digest).
+_BINDING_KEYS = ("config_hash", "data_fingerprint", "run_id", "client_id", "data_digest", "format")
+
+
+def _binding(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: state[k] for k in _BINDING_KEYS
+            if isinstance(state.get(k), (str, int)) and not isinstance(state.get(k), bool)}
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (write to a temp file, fsync, rename)."""
+    """Atomically write a checkpoint (temp file, fsync, rename) that carries the SHA-256 of its
+    payload and its run binding (config hash, data fingerprint, run id where present), so
+    that :func:`load_checkpoint` detects any changed byte and any edited identity field.
+
+    The digest is not keyed: it detects corruption and naive edits, not a writer who
+    recomputes it."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    payload = buf.getvalue()
+    header = {
+        "format": _CHECKPOINT_FORMAT,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload_bytes": len(payload),
+        "binding": _binding(state),
+    }
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    atomic_write_bytes(path, CHECKPOINT_MAGIC + head + payload)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint; a truncated or corrupt file raises :class:`CheckpointError`."""
+    """Read a checkpoint written by :func:`save_checkpoint`; raises :class:`CheckpointError`
+    naming the file if it is unreadable, truncated, corrupt (digest mismatch), bound to
+    other identity fields than the state it holds, or holds anything but tensors and plain
+    values (nothing else is unpickled)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for damaged files
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from None
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        hint = (" (a checkpoint without integrity digest, written by an older version; "
+                "it cannot be verified)" if raw.startswith(b"PK") else "")
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a secure-fedora "
+                              f"checkpoint{hint}")
+    end = raw.find(b"\n", len(CHECKPOINT_MAGIC), len(CHECKPOINT_MAGIC) + _MAX_HEADER_BYTES)
+    try:
+        if end < 0:
+            raise ValueError("no header line")
+        header = json.loads(raw[len(CHECKPOINT_MAGIC):end])
+        digest, size, binding = header["sha256"], header["payload_bytes"], header["binding"]
+        if header.get("format") != _CHECKPOINT_FORMAT or not isinstance(binding, dict):
+            raise ValueError("unknown format")
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its header is unreadable") from None
+    payload = raw[end + 1:]
+    if len(payload) != size:
+        raise CheckpointError(f"checkpoint {path} is corrupt: truncated or extended "
+                              f"({len(payload)} payload bytes, header says {size})")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 digest does not match "
+                              "its contents (changed on disk); refuse to resume from it")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged or foreign pickles
+        # torch's own message advises weights_only=False, which would run arbitrary code from
+        # the file: it is never shown.
+        text = str(err).strip()
+        detail = "" if "weights_only" in text or "Weights only" in text or not text \
+            else f" ({text.splitlines()[0][:200]})"
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or holds objects other than tensors and plain "
+            f"values, which are never loaded{detail}") from None
     if not isinstance(state, dict) or "round" not in state:
         raise CheckpointError(f"checkpoint {path} does not hold a secure-fedora round state")
+    if _binding(state) != binding:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its run binding {binding} does not "
+                              "match the state it holds")
     return state
 
 

@@ -76,6 +76,7 @@ from privacy.envelope import (
     encode_message,
     make_envelope,
 )
+from privacy.errors import ToolkitError
 from privacy.identity import (
     ALLOWLIST_FILENAME,
     SERVER_ID,
@@ -143,7 +144,7 @@ ValueCheck = Callable[[Tensor], "str | None"]
 problem (the message is then rejected with :class:`InvalidValueError`)."""
 
 
-class TransportError(Exception):
+class TransportError(ToolkitError):
     """The transport cannot be set up or used as asked (keys, state directory, arguments)."""
 
 

@@ -64,6 +64,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, parse_config
 
 __all__ = [
@@ -109,7 +110,7 @@ RUN_CONFIG_KEYS = (
 )
 
 
-class DeployError(RuntimeError):
+class DeployError(ToolkitError, RuntimeError):
     """A deployment-level failure: bad node or run config, missing nodes, failed run."""
 
 

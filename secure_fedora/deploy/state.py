@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora.data import fingerprint_clients
 from secure_fedora.partition import ClientData
 from secure_fedora.runtime import CheckpointError, load_checkpoint, save_checkpoint
@@ -53,7 +54,7 @@ _STATE_FORMAT = "secure-fedora/node-state/v1"
 _JOURNAL_GENESIS = "0" * 64
 
 
-class NodeStateError(RuntimeError):
+class NodeStateError(ToolkitError, RuntimeError):
     """A SuperNode's on-disk state is missing, corrupt, or belongs to another setup."""
 
 

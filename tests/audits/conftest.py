@@ -66,7 +66,7 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
         "data": {"num_clients": num_clients, "train_per_client": 128, "val_per_client": 16,
                  "test_per_client": 16, "validation": "private"},
         "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 16},
-        "fedora": {"relatedness": "noised"},
+        "fedora": {"relatedness": "noised", "k": min(2, num_clients - 1)},  # k < N
         "privacy": {"enabled": True, "epsilon": epsilon, "delta": delta,
                     "accountant": accountant, "noise_multiplier": noise_multiplier,
                     "sample_rate": sample_rate,

@@ -53,6 +53,7 @@ from secure_fedora.deploy.state import (
     load_partition,
     save_partition,
 )
+from secure_fedora.errors import run_command
 from secure_fedora.runtime import build_clients
 from tests.secure_fedora.deploy_support import (
     TINY,
@@ -561,7 +562,8 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
     report = json.loads(capsys.readouterr().out)
     assert report["subject_alt_names"] == ["192.168.0.7", "localhost", "127.0.0.1"]
     assert len(report["node_keys"]) == 2 and Path(report["node_keys"][1]["private"]).exists()
-    assert args.func(args) == 2  # exists, no --force
+    assert run_command(args.func, args) == 2  # exists, no --force
+    assert "--force" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parser().parse_args(["deploy", "certs", "--out", "x", "--nodes", "-1"])
     with pytest.raises(SystemExit):
@@ -573,12 +575,12 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[data]\nnum_clients = 'many'\n")
     args = _parser().parse_args(["deploy", "local", "--config", str(bad), "--workdir", str(tmp_path / "w")])
-    assert args.func(args) == 2
+    assert run_command(args.func, args) == 2
     no_fedora = tmp_path / "nf.toml"
     no_fedora.write_text('methods = ["local"]\n')
     args = _parser().parse_args(["deploy", "local", "--config", str(no_fedora), "--clients", "2",
                                  "--workdir", str(tmp_path / "w")])
-    assert args.func(args) == 2
+    assert run_command(args.func, args) == 2
     assert not (tmp_path / "w" / "logs").exists()  # nothing was started
     assert with_num_clients(tiny_config(), 5).data.num_clients == 5
     with pytest.raises(DeployError, match="max_in_flight"):

@@ -15,7 +15,7 @@ from privacy.identity import load_allowlist
 from privacy.ledger import read_ledger, verify_ledger_file
 from secure_fedora.config import ConfigError, parse_config
 from secure_fedora.private import privacy_plan
-from secure_fedora.runtime import Simulation, build_clients
+from secure_fedora.runtime import Simulation, build_clients, load_checkpoint
 
 BASE = {
     "seed": 3,
@@ -197,7 +197,7 @@ def test_kill_mid_round_over_counts_never_under_counts(tmp_path):
         assert verify_ledger_file(path, keys[path.stem]) == []  # every line complete, signed, chained
         entries = read_ledger(path)
         before[path.stem] = entries[-1]["epsilon_after"] if entries else 0.0
-    state = torch.load(run_dir / "checkpoints" / "local.pt", weights_only=True) \
+    state = load_checkpoint(run_dir / "checkpoints" / "local.pt") \
         if (run_dir / "checkpoints" / "local.pt").exists() else {"round": 0}
     # every round that finished (and so was released) has its ledger entry for client 0
     assert len(read_ledger(ledger)) >= state["round"]
