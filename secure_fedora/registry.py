@@ -17,6 +17,8 @@ import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from privacy.errors import ToolkitError
+
 __all__ = [
     "DATASETS",
     "LOSSES",
@@ -33,7 +35,7 @@ T = TypeVar("T")
 CONTRIB_PACKAGE = "secure_fedora.contrib"
 
 
-class RegistryError(ValueError):
+class RegistryError(ToolkitError, ValueError):
     """An unknown or duplicate registry name; the message lists the available names."""
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora.registry import LOSSES
 
 __all__ = ["CROSS_ENTROPY", "MetricError", "Task", "auc", "resolve_task"]
@@ -34,7 +35,7 @@ __all__ = ["CROSS_ENTROPY", "MetricError", "Task", "auc", "resolve_task"]
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 
-class MetricError(ValueError):
+class MetricError(ToolkitError, ValueError):
     """A metric that is undefined on the given split (e.g. AUC with one class only)."""
 
 

@@ -299,7 +299,7 @@ def test_python_api_model_factory_checked() -> None:
     x = torch.randn(60, 4)
     y = torch.arange(60) % 3
     data = {"x_train": x, "y_train": y, "x_test": x, "y_test": y}
-    cfg = {"data": {"partition": "iid", "num_clients": 2, "train_per_client": 10,
+    cfg = {"data": {"partition": "iid", "num_clients": 3, "train_per_client": 10,
                     "val_per_client": 5, "test_per_client": 5}}
     with pytest.raises(ModelError, match=r"expected \(2, 3\)"):
         Experiment(cfg, data=data, model=lambda s, c: torch.nn.Linear(4, 2)).check()
