@@ -27,11 +27,13 @@ differential privacy", ESORICS 2021), every output is the sum of four independen
 normals divided by two — again exactly N(0, 1) in distribution — which fills the gaps of a
 single sampler so that the attack's advantage vanishes in practice. Each standard normal comes
 from the Box-Muller transform on 53-bit uniforms (the low 53 bits of a keystream word times
-2^-53): the radius ``sqrt(-2 log(1 - u1))``, which sets the tails, always in float64 (so no
-tail is cut below 8.5 sigma per term); the cosine/sine of the angle and the 4-term sum in the
-requested dtype when it is float32 (as Opacus samples in the output dtype; DP-SGD gradients
-are float32), else in float64. Cost: 32 keystream bytes per output value; everything is
-vectorized over whole tensors (one keystream call per request).
+2^-53): the radius ``sqrt(-2 log(1 - u1))``, which sets the tails, always from a 53-bit uniform (so
+no term is cut below 8.5 sigma); for float64 output all math is float64 with a 53-bit angle;
+for float32 output (DP-SGD gradients) ``1 - u1`` is rounded to float32 (which keeps its
+magnitude down to 2^-53), the angle is a 24-bit uniform (float32's full resolution) and the
+math and the sum are float32, as Opacus samples in the output dtype.
+Cost: 24 (float32) or 32 (float64) keystream bytes per output value; everything is vectorized
+over whole tensors (one keystream call per request).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ GAUSSIAN_TERMS = 4
 _BYTES_PER_NONCE = 1 << 36
 
 _MASK53 = (1 << 53) - 1
+_MASK24 = (1 << 24) - 1
 
 Shape = int | tuple[int, ...] | torch.Size
 
@@ -188,18 +191,29 @@ class CsprngNoise:
     def _standard_normal(self, count: int, dtype: torch.dtype) -> Tensor:
         """``count`` N(0, 1) values: (sum of 4 independent Box-Muller normals) / 2.
 
-        The radius ``sqrt(-2 log(1 - u1))`` (which sets the tail) is always computed in
-        float64 from a 53-bit uniform; the angle's cosine/sine and the sum are computed in
-        ``dtype`` when it is float32 or narrower (as Opacus's secure mode samples in the
-        output dtype), else in float64.
+        The radius ``sqrt(-2 log(1 - u1))`` (which sets the tail) always comes from a 53-bit
+        uniform, so no term is cut below 8.5 sigma. For float64 output the angle is a 53-bit
+        uniform too and everything is float64; for float32 (or narrower) output ``1 - u1`` is
+        rounded to float32 (relative error 2^-24, magnitude kept down to 2^-53), the angle is a
+        24-bit uniform (float32's full resolution) and the math and the 4-term sum are float32,
+        as Opacus's secure mode samples in the output dtype.
         """
         pairs = (GAUSSIAN_TERMS * count + 1) // 2
-        u = self._uniform53(2 * pairs)
-        radius = u[:pairs].neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u1 in (0, 1]: finite
-        angle = u[pairs:].mul_(2.0 * math.pi)
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        if work != torch.float64:
-            radius, angle = radius.to(work), angle.to(work)
+        if dtype == torch.float64:
+            u = self._uniform53(2 * pairs)
+            radius = u[:pairs].neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u1 in (0, 1]: finite
+            angle = u[pairs:].mul_(2.0 * math.pi)
+            work = torch.float64
+        else:
+            # One keystream call: a 64-bit word per radius, a 32-bit half-word per angle.
+            # 1 - u1 = (b + 1) 2^-53 for a 53-bit b, rounded to float32 keeps its magnitude
+            # down to 2^-53 (relative error 2^-24), so the tail reaches 8.5 sigma per term.
+            words = self._words(pairs + (pairs + 1) // 2)
+            halves = words[pairs:].view(torch.int32)[:pairs]
+            tail = words[:pairs].bitwise_and_(_MASK53).add_(1).to(torch.float32).mul_(2.0 ** -53)
+            radius = tail.log_().mul_(-2.0).sqrt_()
+            angle = halves.bitwise_and(_MASK24).to(torch.float32).mul_(2.0 * math.pi / 2 ** 24)
+            work = torch.float32
         normals = torch.empty(2 * pairs, dtype=work)
         torch.cos(angle, out=normals[:pairs]).mul_(radius)
         torch.sin(angle, out=normals[pairs:]).mul_(radius)
