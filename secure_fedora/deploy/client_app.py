@@ -175,8 +175,9 @@ def _load_or_init_state(
         # The client's training-order RNG (non-private batches), seeded as the in-process
         # runtime seeds it; its state is saved after every use, so a restart continues it.
         generator_state=client_generator(settings.experiment.seed, node.partition_id).get_state(),
-        noise_state=_noise_source(settings.experiment, node.partition_id, None)
-        .checkpoint_state() if settings.experiment.privacy.enabled else None,
+        noise_state=_noise_source(settings.experiment, node.partition_id, None).checkpoint_state()
+        if settings.experiment.privacy.enabled and settings.experiment.privacy.noise == "reproducible"
+        else None,
     )
     state.save(path)
     return state

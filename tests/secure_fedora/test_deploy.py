@@ -463,6 +463,40 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_grid_csprng_run_stores_no_key_and_no_noise_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from privacy import noise as noise_module
+
+    keys: list[bytes] = []
+    original = noise_module.CsprngNoise.__init__
+
+    def recording_init(self: Any) -> None:
+        original(self)
+        keys.append(self._key)
+
+    monkeypatch.setattr(noise_module.CsprngNoise, "__init__", recording_init)
+    cfg = dp_config()  # privacy.noise = "csprng", the default
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["assumptions"]["noise"] == "csprng"
+    assert "noise_warning" not in results["assumptions"]
+    # A fresh key per client and message: summary, then lambda + training in each of 2 rounds.
+    assert len(keys) == 3 * 3 and len(set(keys)) == len(keys)
+    files = [p for p in (tmp_path / "nodes").rglob("*") if p.is_file()]
+    assert any(p.name == "state.pt" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for key in keys:
+            assert key not in data and key.hex().encode() not in data, path
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert state.noise_state is None
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> None:
     # Fixed noise: epsilon 0.53 after the summary, 2.74 after round 1, 3.85 after round 2.
     # Client 1's budget (3.0) pays for the summary and round 1 only.
