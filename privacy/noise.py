@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -76,6 +77,19 @@ _MASK53 = (1 << 53) - 1
 _MASK24 = (1 << 24) - 1
 
 Shape = int | tuple[int, ...] | torch.Size
+
+
+#: Per-thread scratch buffers of CsprngNoise (shared by all sources of a thread, so that a
+#: federation of many clients does not hold one set per client; contents never outlive a call).
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int, dtype: torch.dtype) -> Tensor:
+    buffer = getattr(_SCRATCH, name, None)
+    if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+        buffer = torch.empty(size, dtype=dtype)
+        setattr(_SCRATCH, name, buffer)
+    return buffer[:size]
 
 
 class NoiseError(ValueError):
@@ -147,7 +161,6 @@ class CsprngNoise:
         self._nonce_index = 0
         self._bytes_under_nonce = 0
         self._encryptor = self._new_encryptor()
-        self._buffer = np.empty(0, dtype=np.int64)
 
     def __repr__(self) -> str:
         return "CsprngNoise(ChaCha20, key from os.urandom, not shown)"
@@ -164,11 +177,12 @@ class CsprngNoise:
     def _words(self, count: int) -> Tensor:
         """``count`` uniformly random 64-bit words (int64 view) from the keystream.
 
-        The result is a view of a buffer reused by the next call: consume it first.
+        The result is a view of a per-thread buffer reused by the next call: consume it first.
         """
-        if self._buffer.size < count:
-            self._buffer = np.empty(max(count, 2 * self._buffer.size), dtype=np.int64)
-        out = self._buffer[:count]
+        buffer = getattr(_SCRATCH, "words", None)
+        if buffer is None or buffer.size < count:
+            buffer = _SCRATCH.words = np.empty(max(count, 1 << 16), dtype=np.int64)
+        out = buffer[:count]
         out.fill(0)  # encrypting zeros yields the keystream itself
         view = memoryview(out).cast("B")
         done = 0
@@ -203,18 +217,26 @@ class CsprngNoise:
             u = self._uniform53(2 * pairs)
             radius = u[:pairs].neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u1 in (0, 1]: finite
             angle = u[pairs:].mul_(2.0 * math.pi)
-            work = torch.float64
+            normals = torch.empty(2 * pairs, dtype=torch.float64)
         else:
             # One keystream call: a 64-bit word per radius, a 32-bit half-word per angle.
             # 1 - u1 = (b + 1) 2^-53 for a 53-bit b, rounded to float32 keeps its magnitude
             # down to 2^-53 (relative error 2^-24), so the tail reaches 8.5 sigma per term.
+            # Intermediates live in reused per-thread buffers (this path runs every DP step).
+            # Output j = (X_j + Y_j + X_k + Y_k) / 2 over pairs j and k = j + count, computed
+            # as r_j/2 (cos a_j + sin a_j) + r_k/2 (cos a_k + sin a_k); r/2 = sqrt(-log(v)/2)
+            # exactly (scaling by powers of 4 commutes with a correctly rounded sqrt).
             words = self._words(pairs + (pairs + 1) // 2)
-            halves = words[pairs:].view(torch.int32)[:pairs]
-            tail = words[:pairs].bitwise_and_(_MASK53).add_(1).to(torch.float32).mul_(2.0 ** -53)
-            radius = tail.log_().mul_(-2.0).sqrt_()
-            angle = halves.bitwise_and(_MASK24).to(torch.float32).mul_(2.0 * math.pi / 2 ** 24)
-            work = torch.float32
-        normals = torch.empty(2 * pairs, dtype=work)
+            half_radius = _scratch("radius", pairs, torch.float32)
+            half_radius.copy_(words[:pairs].bitwise_and_(_MASK53).add_(1))
+            half_radius.mul_(2.0 ** -53).log_().mul_(-0.5).sqrt_()
+            angle = _scratch("angle", pairs, torch.float32)
+            angle.copy_(words[pairs:].view(torch.int32)[:pairs].bitwise_and_(_MASK24))
+            angle.mul_(2.0 * math.pi / 2 ** 24)
+            terms = torch.cos(angle, out=_scratch("cos", pairs, torch.float32))
+            terms.add_(torch.sin(angle, out=_scratch("sin", pairs, torch.float32)))
+            terms.mul_(half_radius)
+            return terms[:count] + terms[count:2 * count]  # pairs == 2 * count here
         torch.cos(angle, out=normals[:pairs]).mul_(radius)
         torch.sin(angle, out=normals[pairs:]).mul_(radius)
         return normals[:GAUSSIAN_TERMS * count].view(GAUSSIAN_TERMS, count).sum(0).mul_(0.5)
