@@ -26,14 +26,13 @@ As Opacus's ``secure_mode`` does (after Holohan & Braghin, "Secure random sampli
 differential privacy", ESORICS 2021), every output is the sum of four independent standard
 normals divided by two — again exactly N(0, 1) in distribution — which fills the gaps of a
 single sampler so that the attack's advantage vanishes in practice. Each standard normal comes
-from the Box-Muller transform on 53-bit uniforms (the low 53 bits of a keystream word times
-2^-53): the radius ``sqrt(-2 log(1 - u1))``, which sets the tails, always from a 53-bit uniform (so
-no term is cut below 8.5 sigma); for float64 output all math is float64 with a 53-bit angle;
-for float32 output (DP-SGD gradients) ``1 - u1`` is rounded to float32 (which keeps its
-magnitude down to 2^-53), the angle is a 24-bit uniform (float32's full resolution) and the
-math and the sum are float32, as Opacus samples in the output dtype.
-Cost: 24 (float32) or 32 (float64) keystream bytes per output value; everything is vectorized
-over whole tensors (one keystream call per request).
+from the Box-Muller transform; the radius ``sqrt(-2 log(1 - u1))``, which sets the tails,
+always comes from a 53-bit uniform (the low 53 bits of a keystream word), so no term is cut
+below 8.5 sigma. Float64 output: all math in float64 with a 53-bit angle. Float32 output
+(DP-SGD gradients): ``1 - u1`` rounded to float32 (which keeps its magnitude down to 2^-53),
+a 24-bit angle (float32's full resolution), math and sum in float32, as Opacus samples in the
+output dtype. Cost: 24 (float32) or 32 (float64) keystream bytes per output value; everything
+is vectorized over whole tensors (one keystream call per request, reused scratch buffers).
 """
 
 from __future__ import annotations

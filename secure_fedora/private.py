@@ -42,7 +42,6 @@ from privacy.accounting import (
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.identity import client_ids, init_keys, load_identity
 from privacy.ledger import LedgerWriter, replay_accountant
-from privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, make_noise_source
 from privacy.mechanisms import (
     noised_scalar,
     noised_second_moment,
@@ -50,6 +49,7 @@ from privacy.mechanisms import (
     summary_record,
     top_eigenvectors,
 )
+from privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, make_noise_source
 from privacy.pipeline import BudgetGate, Release
 from secure_fedora import fedora
 from secure_fedora.config import ConfigError, ExperimentConfig

@@ -51,6 +51,7 @@ from privacy.identity import (
     client_ids,
     load_allowlist,
 )
+from privacy.noise import NoiseSource, make_noise_source
 from secure_fedora import fedora
 from secure_fedora.client import (
     FlatModel,
@@ -90,7 +91,6 @@ from secure_fedora.deploy.state import (
 )
 from secure_fedora.models import make_model
 from secure_fedora.partition import ClientData
-from privacy.noise import NoiseSource, make_noise_source
 from secure_fedora.private import FederationPrivacy
 from secure_fedora.runtime import (
     NUM_CLASSES,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from privacy.noise import ReproducibleNoise
 from privacy.mechanisms import (
     GaussianMechanism,
     MechanismError,
@@ -18,6 +17,7 @@ from privacy.mechanisms import (
     summary_record,
     top_eigenvectors,
 )
+from privacy.noise import ReproducibleNoise
 
 
 def _gen(seed: int = 0) -> ReproducibleNoise:

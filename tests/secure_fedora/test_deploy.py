@@ -471,7 +471,7 @@ def test_grid_csprng_run_stores_no_key_and_no_noise_state(
     keys: list[bytes] = []
     original = noise_module.CsprngNoise.__init__
 
-    def recording_init(self: Any) -> None:
+    def recording_init(self: noise_module.CsprngNoise) -> None:
         original(self)
         keys.append(self._key)
 
