@@ -30,9 +30,11 @@ from the Box-Muller transform; the radius ``sqrt(-2 log(1 - u1))``, which sets t
 always comes from a 53-bit uniform (the low 53 bits of a keystream word), so no term is cut
 below 8.5 sigma. Float64 output: all math in float64 with a 53-bit angle. Float32 output
 (DP-SGD gradients): ``1 - u1`` rounded to float32 (which keeps its magnitude down to 2^-53),
-a 24-bit angle (float32's full resolution), math and sum in float32, as Opacus samples in the
-output dtype. Cost: 24 (float32) or 32 (float64) keystream bytes per output value; everything
-is vectorized over whole tensors (one keystream call per request, reused scratch buffers).
+a 32-bit angle rounded to float32 (float32's full resolution), math and sum in float32, as
+Opacus samples in the output dtype. The four normals of an output come from four different
+Box-Muller pairs, so they are independent draws. Cost: 24 (float32) or 32 (float64) keystream
+bytes per output value; everything is vectorized over whole tensors (one keystream call per
+request, reused scratch buffers).
 """
 
 from __future__ import annotations
@@ -73,7 +75,6 @@ GAUSSIAN_TERMS = 4
 _BYTES_PER_NONCE = 1 << 36
 
 _MASK53 = (1 << 53) - 1
-_MASK24 = (1 << 24) - 1
 
 Shape = int | tuple[int, ...] | torch.Size
 
@@ -208,37 +209,43 @@ class CsprngNoise:
         uniform, so no term is cut below 8.5 sigma. For float64 output the angle is a 53-bit
         uniform too and everything is float64; for float32 (or narrower) output ``1 - u1`` is
         rounded to float32 (relative error 2^-24, magnitude kept down to 2^-53), the angle is a
-        24-bit uniform (float32's full resolution) and the math and the 4-term sum are float32,
-        as Opacus's secure mode samples in the output dtype.
+        32-bit uniform rounded to float32 and the math and the 4-term sum are float32, as
+        Opacus's secure mode samples in the output dtype.
         """
-        pairs = (GAUSSIAN_TERMS * count + 1) // 2
+        if count < 2:  # the composition below needs two pairs per cosine/sine column
+            return self._standard_normal(2, dtype)[:count]
+        c = count
+        pairs = 2 * c
         if dtype == torch.float64:
             u = self._uniform53(2 * pairs)
-            radius = u[:pairs].neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u1 in (0, 1]: finite
+            # 1 - u1 in (0, 1]: the log is finite.
+            half_radius = u[:pairs].neg_().log1p_().mul_(-0.5).sqrt_()
             angle = u[pairs:].mul_(2.0 * math.pi)
-            normals = torch.empty(2 * pairs, dtype=torch.float64)
+            xs, ys = torch.empty(pairs, dtype=torch.float64), torch.empty(pairs, dtype=torch.float64)
         else:
-            # One keystream call: a 64-bit word per radius, a 32-bit half-word per angle.
-            # 1 - u1 = (b + 1) 2^-53 for a 53-bit b, rounded to float32 keeps its magnitude
-            # down to 2^-53 (relative error 2^-24), so the tail reaches 8.5 sigma per term.
-            # Intermediates live in reused per-thread buffers (this path runs every DP step).
-            # Output j = (X_j + Y_j + X_k + Y_k) / 2 over pairs j and k = j + count, computed
-            # as r_j/2 (cos a_j + sin a_j) + r_k/2 (cos a_k + sin a_k); r/2 = sqrt(-log(v)/2)
-            # exactly (scaling by powers of 4 commutes with a correctly rounded sqrt).
-            words = self._words(pairs + (pairs + 1) // 2)
+            # 1 - u1 = (b + 1) 2^-53 for a 53-bit b, rounded to float32 keeps its magnitude down
+            # to 2^-53 (relative error 2^-24), so the tail reaches 8.5 sigma per term. The
+            # angle is a signed 32-bit word times 2 pi / 2^32 rounded to float32: the uniform
+            # on [-pi, pi) at float32's resolution. One keystream call (a 64-bit word per
+            # radius, a 32-bit half-word per angle); intermediates in reused scratch buffers.
+            words = self._words(pairs + pairs // 2)
             half_radius = _scratch("radius", pairs, torch.float32)
             half_radius.copy_(words[:pairs].bitwise_and_(_MASK53).add_(1))
             half_radius.mul_(2.0 ** -53).log_().mul_(-0.5).sqrt_()
             angle = _scratch("angle", pairs, torch.float32)
-            angle.copy_(words[pairs:].view(torch.int32)[:pairs].bitwise_and_(_MASK24))
-            angle.mul_(2.0 * math.pi / 2 ** 24)
-            terms = torch.cos(angle, out=_scratch("cos", pairs, torch.float32))
-            terms.add_(torch.sin(angle, out=_scratch("sin", pairs, torch.float32)))
-            terms.mul_(half_radius)
-            return terms[:count] + terms[count:2 * count]  # pairs == 2 * count here
-        torch.cos(angle, out=normals[:pairs]).mul_(radius)
-        torch.sin(angle, out=normals[pairs:]).mul_(radius)
-        return normals[:GAUSSIAN_TERMS * count].view(GAUSSIAN_TERMS, count).sum(0).mul_(0.5)
+            angle.copy_(words[pairs:].view(torch.int32)).mul_(2.0 * math.pi / 2 ** 32)
+            xs, ys = _scratch("cos", pairs, torch.float32), _scratch("sin", pairs, torch.float32)
+        # Pair i gives X_i = r_i cos a_i and Y_i = r_i sin a_i (independent N(0, 1)); the 1/2 of
+        # the sum is folded in exactly (r/2 = sqrt(-log(1 - u1) / 2): powers of 4 commute with
+        # a correctly rounded sqrt). Output j sums X_j, X_{j+c}, Y_{j'}, Y_{j'+c} with
+        # j' = (j + 1) mod c: four normals from four different pairs, i.e. independent draws.
+        torch.cos(angle, out=xs).mul_(half_radius)
+        torch.sin(angle, out=ys).mul_(half_radius)
+        out = xs[:c] + xs[c:]
+        out[:c - 1] += ys[1:c]
+        out[:c - 1] += ys[c + 1:]
+        out[c - 1:] += ys[:1] + ys[c:c + 1]
+        return out
 
     def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32) -> Tensor:
         """I.i.d. N(0, std^2), floating-point hardened (4-term sum), in ``dtype``."""
