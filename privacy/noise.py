@@ -23,16 +23,16 @@ floating-point Gaussian sampler leaves gaps and irregular spacing in the set of 
 output, and an attacker who sees ``value + noise`` can sometimes tell which value could have
 produced the observed float (Mironov, CCS 2012; for Gaussians, Jin et al., IEEE S&P 2022).
 As Opacus's ``secure_mode`` does (after Holohan & Braghin, "Secure random sampling in
-differential privacy", ESORICS 2021), every output is the sum of four independent standard
-normals divided by two — again exactly N(0, 1) in distribution — which fills the gaps of a
+differential privacy", ESORICS 2021), every output is the sum of ``GAUSSIAN_TERMS`` = 4
+independent standard normals divided by two — again exactly N(0, 1) — which fills the gaps of a
 single sampler so that the attack's advantage vanishes in practice. Each standard normal comes
 from the Box-Muller transform; the radius ``sqrt(-2 log(1 - u1))``, which sets the tails,
 always comes from a 53-bit uniform (the low 53 bits of a keystream word), so no term is cut
 below 8.5 sigma. Float64 output: all math in float64 with a 53-bit angle. Float32 output
 (DP-SGD gradients): ``1 - u1`` rounded to float32 (which keeps its magnitude down to 2^-53),
 a 32-bit angle rounded to float32 (float32's full resolution), math and sum in float32, as
-Opacus samples in the output dtype. The four normals of an output come from four different
-Box-Muller pairs, so they are independent draws. Cost: 24 (float32) or 32 (float64) keystream
+Opacus samples in the output dtype. The normals of an output come from different Box-Muller
+pairs, so they are independent draws. Cost: 24 (float32) or 32 (float64) keystream
 bytes per output value; everything is vectorized over whole tensors (one keystream call per
 request, reused scratch buffers).
 """
@@ -67,7 +67,9 @@ NOISE_MODES = ("csprng", "reproducible")
 REPRODUCIBLE_WARNING = ("not private against anyone who knows the config: the noise is seeded "
                         "from the experiment seed and can be replayed")
 
-#: Standard normals summed per output Gaussian (Opacus secure_mode's count); sum / 2 ~ N(0, 1).
+#: Independent standard normals summed per output Gaussian (the sum is scaled by
+#: 1/sqrt(GAUSSIAN_TERMS) exactly, inside the radius' square root). 4 is Opacus secure_mode's
+#: count (2n draws with n = 2, Holohan & Braghin); 2 (n = 1) halves the cost. Must be 2 or 4.
 GAUSSIAN_TERMS = 4
 
 #: Keystream bytes under one (key, nonce): ChaCha20's 32-bit block counter allows 2^32 blocks
@@ -203,23 +205,28 @@ class CsprngNoise:
         return self._words(count).bitwise_and_(_MASK53).to(torch.float64).mul_(2.0 ** -53)
 
     def _standard_normal(self, count: int, dtype: torch.dtype) -> Tensor:
-        """``count`` N(0, 1) values: (sum of 4 independent Box-Muller normals) / 2.
+        """``count`` N(0, 1) values: (sum of ``GAUSSIAN_TERMS`` independent Box-Muller normals)
+        / sqrt(GAUSSIAN_TERMS).
 
         The radius ``sqrt(-2 log(1 - u1))`` (which sets the tail) always comes from a 53-bit
         uniform, so no term is cut below 8.5 sigma. For float64 output the angle is a 53-bit
         uniform too and everything is float64; for float32 (or narrower) output ``1 - u1`` is
         rounded to float32 (relative error 2^-24, magnitude kept down to 2^-53), the angle is a
-        32-bit uniform rounded to float32 and the math and the 4-term sum are float32, as
-        Opacus's secure mode samples in the output dtype.
+        32-bit uniform rounded to float32 and the math and the sum are float32, as Opacus's
+        secure mode samples in the output dtype.
         """
-        if count < 2:  # the composition below needs two pairs per cosine/sine column
+        if count < 2:  # the composition below needs at least two columns
             return self._standard_normal(2, dtype)[:count]
         c = count
-        pairs = 2 * c
+        groups = GAUSSIAN_TERMS // 2  # Box-Muller pairs per output, each giving a cos and a sin
+        pairs = groups * c
+        # radius * sqrt(1 / GAUSSIAN_TERMS) = sqrt(-2 log(1 - u1) / GAUSSIAN_TERMS): the factor
+        # 2 / GAUSSIAN_TERMS (1 or 1/2) is exact, so the scaling of the sum adds no rounding.
+        log_factor = -2.0 / GAUSSIAN_TERMS
         if dtype == torch.float64:
             u = self._uniform53(2 * pairs)
             # 1 - u1 in (0, 1]: the log is finite.
-            half_radius = u[:pairs].neg_().log1p_().mul_(-0.5).sqrt_()
+            radius = u[:pairs].neg_().log1p_().mul_(log_factor).sqrt_()
             angle = u[pairs:].mul_(2.0 * math.pi)
             xs, ys = torch.empty(pairs, dtype=torch.float64), torch.empty(pairs, dtype=torch.float64)
         else:
@@ -228,27 +235,27 @@ class CsprngNoise:
             # angle is a signed 32-bit word times 2 pi / 2^32 rounded to float32: the uniform
             # on [-pi, pi) at float32's resolution. One keystream call (a 64-bit word per
             # radius, a 32-bit half-word per angle); intermediates in reused scratch buffers.
-            words = self._words(pairs + pairs // 2)
-            half_radius = _scratch("radius", pairs, torch.float32)
-            half_radius.copy_(words[:pairs].bitwise_and_(_MASK53).add_(1))
-            half_radius.mul_(2.0 ** -53).log_().mul_(-0.5).sqrt_()
+            words = self._words(pairs + (pairs + 1) // 2)
+            radius = _scratch("radius", pairs, torch.float32)
+            radius.copy_(words[:pairs].bitwise_and_(_MASK53).add_(1))
+            radius.mul_(2.0 ** -53).log_().mul_(log_factor).sqrt_()
             angle = _scratch("angle", pairs, torch.float32)
-            angle.copy_(words[pairs:].view(torch.int32)).mul_(2.0 * math.pi / 2 ** 32)
+            angle.copy_(words[pairs:].view(torch.int32)[:pairs]).mul_(2.0 * math.pi / 2 ** 32)
             xs, ys = _scratch("cos", pairs, torch.float32), _scratch("sin", pairs, torch.float32)
-        # Pair i gives X_i = r_i cos a_i and Y_i = r_i sin a_i (independent N(0, 1)); the 1/2 of
-        # the sum is folded in exactly (r/2 = sqrt(-log(1 - u1) / 2): powers of 4 commute with
-        # a correctly rounded sqrt). Output j sums X_j, X_{j+c}, Y_{j'}, Y_{j'+c} with
-        # j' = (j + 1) mod c: four normals from four different pairs, i.e. independent draws.
-        torch.cos(angle, out=xs).mul_(half_radius)
-        torch.sin(angle, out=ys).mul_(half_radius)
-        out = xs[:c] + xs[c:]
-        out[:c - 1] += ys[1:c]
-        out[:c - 1] += ys[c + 1:]
-        out[c - 1:] += ys[:1] + ys[c:c + 1]
+        # Pair i gives X_i = r_i cos a_i and Y_i = r_i sin a_i (independent normals). Output j
+        # sums X over pairs j, j + c, ... and Y over pairs j', j' + c, ... with
+        # j' = (j + 1) mod c: GAUSSIAN_TERMS normals from as many different pairs, i.e.
+        # independent draws (as Opacus's separate torch.normal calls).
+        torch.cos(angle, out=xs).mul_(radius)
+        torch.sin(angle, out=ys).mul_(radius)
+        out = xs.view(groups, c).sum(0)
+        y_columns = ys.view(groups, c).sum(0)
+        out[:c - 1] += y_columns[1:]
+        out[c - 1:] += y_columns[:1]
         return out
 
     def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32) -> Tensor:
-        """I.i.d. N(0, std^2), floating-point hardened (4-term sum), in ``dtype``."""
+        """I.i.d. N(0, std^2), floating-point hardened (``GAUSSIAN_TERMS``-term sum), in ``dtype``."""
         dims, std = _shape(shape), _std(std)
         if not dtype.is_floating_point:
             raise NoiseError(f"dtype must be a floating-point dtype, got {dtype}")
