@@ -808,6 +808,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
                     for c in range(n)
                 ],
                 "note": "as last reported by each client; its signed ledger is the record",
+                **noise_assumptions(cfg),
             }
             if cfg.privacy.enabled
             else None

@@ -439,6 +439,8 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
     identities = tmp_path / "ids"
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["privacy"]["noise"] == results["assumptions"]["noise"] == "reproducible"
+    assert "not private against anyone who knows the config" in results["privacy"]["noise_warning"]
     sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
@@ -480,8 +482,9 @@ def test_grid_csprng_run_stores_no_key_and_no_noise_state(
     rc = run_config(cfg, tmp_path)
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    assert results["assumptions"]["noise"] == "csprng"
+    assert results["assumptions"]["noise"] == results["privacy"]["noise"] == "csprng"
     assert "noise_warning" not in results["assumptions"]
+    assert "noise_warning" not in results["privacy"]
     # A fresh key per client and message: summary, then lambda + training in each of 2 rounds.
     assert len(keys) == 3 * 3 and len(set(keys)) == len(keys)
     files = [p for p in (tmp_path / "nodes").rglob("*") if p.is_file()]
