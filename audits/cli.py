@@ -13,6 +13,9 @@ process exit code.
   was written but verification failed, 2 when nothing could be written.
 - ``audit canary CONFIG`` and ``audit leakage CONFIG``: the empirical audits on a config's
   federation; they print their figures and can write them as JSON.
+- ``audit replay RUN_DIR``: the config-known audit (replays reproducible noise); writes
+  ``RUN_DIR/audit/replay.json``; exit 0 unless the claim is refuted (1) or the run cannot be
+  audited (2).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from audits.verify import (
     verify_run,
 )
 
-__all__ = ["cmd_canary", "cmd_leakage", "cmd_report", "cmd_verify", "register"]
+__all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify", "register"]
 
 
 def _print_verification(report: VerificationReport, out: TextIO) -> None:
@@ -122,6 +125,28 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``audit replay``: config-known membership inference; 1 iff the claim is refuted."""
+    from audits.replay import ReplayAuditError, run_replay_audit, write_replay_result
+
+    try:
+        result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
+                                  trials=args.trials, records=args.records,
+                                  confidence=args.confidence, seed=args.seed)
+        path = write_replay_result(args.run_dir, result)
+    except ReplayAuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    s = result.setup
+    print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"
+          f" trials, {result.correct} correct guesses")
+    print(f"  epsilon lower bound {result.lower_bound:.4g} (certifiable max"
+          f" {result.certifiable_max:.4g}) at confidence {result.confidence:g}; claimed epsilon"
+          f" {result.claim_epsilon:.4g} -> {result.verdict}")
+    print(f"  written to {path}")
+    return 1 if result.verdict == "refuted" else 0
+
+
 def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
     p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
@@ -172,6 +197,20 @@ def register(subparsers: Any) -> None:
                          " (default: privacy.summary_noise_multiplier when privacy is enabled)")
     leakage.add_argument("--json", help="write the result to this file")
     leakage.set_defaults(func=cmd_leakage)
+
+    replay = sub.add_parser("replay", help="config-known audit: replay the run's noise from its"
+                            " config and infer membership (refutes reproducible-noise runs)")
+    replay.add_argument("run_dir", help="run directory (config.toml and ledgers/ of a DP run)")
+    replay.add_argument("--client", type=int, default=0, help="index of the audited client")
+    replay.add_argument("--method", help="method whose ledger gives the DP-SGD parameters and"
+                        " the claim (default: fedora if run, else the first with ledgers)")
+    replay.add_argument("--trials", type=int, help="membership trials (default: enough for a"
+                        " perfect attacker to exceed the claim, at most 20000)")
+    replay.add_argument("--records", type=int, default=64,
+                        help="client records in the audited step besides the target")
+    replay.add_argument("--confidence", type=float, default=0.95)
+    replay.add_argument("--seed", type=int, default=0, help="seed of the auditor's coin flips")
+    replay.set_defaults(func=cmd_replay)
 
 
 def main(argv: list[str] | None = None) -> int:

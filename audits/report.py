@@ -117,12 +117,13 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
                      " q x q similarity blocks (assumes it holds no secret key and cannot enrol"
                      " clients of its own).")
     if cfg is not None and cfg.privacy.enabled:
-        if cfg.privacy.noise_seed == "experiment":
-            notes.append("noise generators are seeded from the experiment seed (reproducible):"
-                         " the guarantee holds only against a server that does not know it.")
-        notes.append("noise comes from torch.Generator, not a CSPRNG (Opacus secure_mode needs"
-                     " torchcsprng, unavailable): the formal guarantee assumes ideal Gaussian"
-                     " noise.")
+        if cfg.privacy.noise == "reproducible":
+            notes.append("noise = reproducible: NOT private against anyone who knows the config"
+                         " (generators seeded from the experiment seed; `secure-fedora audit"
+                         " replay` demonstrates it).")
+        else:
+            notes.append("noise = csprng: ChaCha20 keystream, key from os.urandom, never stored;"
+                         " Gaussians hardened against floating-point attacks (4-draw sum).")
     if out["differential_privacy"] is False:
         notes.append("differential privacy is OFF: releases carry no formal guarantee.")
     out["notes"] = notes

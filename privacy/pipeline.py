@@ -28,6 +28,7 @@ from privacy.accounting import (
 from privacy.errors import ToolkitError
 from privacy.ledger import REFUSAL, LedgerError, LedgerWriter, replay_accountant
 from privacy.mechanisms import GaussianMechanism, clip_rows
+from privacy.noise import NoiseSource
 
 
 class PipelineError(ToolkitError, ValueError):
@@ -102,13 +103,17 @@ class GaussianNoise:
     """Gaussian mechanism on a tensor payload; appends its MechanismRecord to the release.
 
     ``sensitivity`` is the caller's claim about the payload arriving at this stage (L2, under
-    add/remove-one-record); this stage cannot check it.
+    add/remove-one-record); this stage cannot check it. The noise is drawn from ``noise``
+    (a :class:`privacy.noise.NoiseSource`).
     """
 
-    def __init__(self, noise_multiplier: float, sensitivity: float, generator: torch.Generator,
+    def __init__(self, noise_multiplier: float, sensitivity: float, noise: NoiseSource,
                  mechanism: str = "gaussian", params: dict[str, Any] | None = None) -> None:
         self.mechanism_impl = GaussianMechanism(noise_multiplier, sensitivity)
-        self.generator = generator
+        if not isinstance(noise, NoiseSource):
+            raise PipelineError(f"GaussianNoise needs a privacy.noise.NoiseSource, got"
+                                f" {type(noise).__name__}")
+        self.noise = noise
         self.mechanism = mechanism
         self.params = dict(params or {})
         self.mechanism_impl.record(mechanism, **self.params)  # validates name and params
@@ -116,7 +121,7 @@ class GaussianNoise:
     def process(self, release: Release) -> Release:
         """Noised payload with one more record."""
         noised = self.mechanism_impl.release(_tensor_payload("GaussianNoise", release),
-                                             self.generator)
+                                             self.noise)
         record = self.mechanism_impl.record(self.mechanism, **self.params)
         return release.replace(payload=noised, records=[*release.records, record])
 

@@ -225,7 +225,7 @@ class ClientHeldGradient(PlainGradient):
     release this implementation does not account.
     """
 
-    def select(self, noise_multiplier: float, generator: torch.Generator) -> None:
+    def select(self, noise_multiplier: float, noise: Any) -> None:
         """Nothing to select: no noise is added to a client-held model's training."""
 
 

@@ -43,6 +43,11 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
                       str(r["rounds"]), f"{r['planned_epsilon']:.4f}")
     releases = {"; ".join(r["releases"]) for r in rows}
     table.caption = "releases per client: " + " | ".join(sorted(releases))
+    noise = rows[0].get("noise") if rows else None
+    if noise:
+        table.caption += f"\nnoise: {noise}"
+        if rows[0].get("noise_warning"):
+            table.caption += f" -- WARNING: {rows[0]['noise_warning']}"
     return table
 
 

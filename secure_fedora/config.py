@@ -231,12 +231,24 @@ class PrivacyConfig(_Section):
     lambda_clip: Annotated[float, Field(gt=0)] = 2.0
     lambda_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
     lambda_budget_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    # "experiment": noise from generators seeded by the experiment seed (reproducible; the
-    # guarantee then holds only against a server that does not know the seed). "os_random":
-    # generators seeded from os.urandom at start (not reproducible). Neither is a CSPRNG:
-    # Opacus secure_mode needs torchcsprng, which is not available; the report says so.
-    noise_seed: Literal["experiment", "os_random"] = "experiment"
+    # Where every mechanism's randomness (DP-SGD noise and Poisson sampling, summary and
+    # lambda noise) comes from (privacy.noise): "csprng" (default): a ChaCha20 keystream under
+    # a key from os.urandom per client, never stored; "reproducible": generators seeded from
+    # the experiment seed, so two runs repeat exactly -- NOT private against anyone who knows
+    # the config (flagged in the plan, results.json, the ledger header and the audit report).
+    noise: Literal["csprng", "reproducible"] = "csprng"
     overrides: dict[str, ClientBudgetConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "noise_seed" in data:
+            raise ValueError(
+                "privacy.noise_seed was removed: set privacy.noise = \"csprng\" (the default; "
+                "unpredictable noise) or privacy.noise = \"reproducible\" (seeded from the "
+                "experiment seed; not private against anyone who knows the config)"
+            )
+        return data
 
 
 class SecurityConfig(_Section):
@@ -417,6 +429,11 @@ def config_hash(cfg: ExperimentConfig) -> str:
     """SHA-256 of the canonical JSON form of the validated config (defaults included, except
     later-added keys at their behaviour-preserving default: see ``_NEUTRAL_DEFAULTS``)."""
     doc = cfg.model_dump(mode="json")
+    if not cfg.privacy.enabled:
+        # Without DP the noise source is never used: hash such configs as before the key
+        # replaced privacy.noise_seed, so their checkpoints and sweep cells stay valid.
+        del doc["privacy"]["noise"]
+        doc["privacy"]["noise_seed"] = "experiment"
     for (section, key), neutral in _NEUTRAL_DEFAULTS.items():
         if key in doc.get(section, {}) and doc[section][key] == neutral:
             del doc[section][key]

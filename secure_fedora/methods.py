@@ -65,15 +65,19 @@ class MethodContext:
     num_classes: int = 10
     privacy: Any = None  # secure_fedora.private.FederationPrivacy when DP is on
     transport: Any = None  # secure_fedora.transport.SecureTransport with [security] envelopes
+    # One privacy.noise.NoiseSource per client when DP is on: every mechanism's randomness
+    # (DP-SGD noise and sampling, summary and lambda noise); ``generators`` is only the
+    # non-private training order.
+    noise: list[Any] = field(default_factory=list)
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
 
     def select(self, i: int) -> None:
-        """Point a DP oracle at client ``i``'s noise multiplier and generator."""
+        """Point a DP oracle at client ``i``'s noise multiplier and noise source."""
         if self.privacy is not None:
-            self.oracle.select(self.privacy.clients[i].noise_multiplier, self.generators[i])
+            self.oracle.select(self.privacy.clients[i].noise_multiplier, self.noise[i])
 
     def train_client(self, i: int, theta: Tensor, phi: Tensor | None = None, lam: float = 0.0) -> int:
         """Run client ``i``'s local training on ``theta`` in place; returns the step count."""
@@ -399,7 +403,7 @@ class Fedora(FederatedMethod):
         c = ctx.clients[i]
         if self.private_validation:
             return ctx.privacy.private_lambda(
-                i, self.theta[i], self.phi[i], c.val_x, c.val_y, ctx.generators[i], ctx.flat.bind
+                i, self.theta[i], self.phi[i], c.val_x, c.val_y, ctx.noise[i], ctx.flat.bind
             )
         loss_local = evaluate(ctx.flat, self.theta[i], c.val_x, c.val_y).loss
         loss_received = evaluate(ctx.flat, self.phi[i], c.val_x, c.val_y).loss

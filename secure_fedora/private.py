@@ -17,9 +17,9 @@ personalized model and releases nothing more. The federation goes on with the ot
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,13 +49,15 @@ from privacy.mechanisms import (
     summary_record,
     top_eigenvectors,
 )
+from privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, make_noise_source
 from privacy.pipeline import BudgetGate, Release
 from secure_fedora import fedora
 from secure_fedora.config import ConfigError, ExperimentConfig
 from secure_fedora.partition import ClientData
 from secure_fedora.tasks import CROSS_ENTROPY, Task
 
-__all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "privacy_plan"]
+__all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "client_noise_sources",
+           "noise_assumptions", "privacy_plan"]
 
 log = logging.getLogger("secure_fedora.privacy")
 
@@ -134,16 +136,17 @@ class DPGradient:
     """A :class:`~secure_fedora.client.GradientOracle` running DP-SGD for the selected client.
 
     One :class:`privacy.dpsgd.DPSGD` serves every client (the model's parameters are views of
-    the selected client's row); :meth:`select` sets the client's noise multiplier. Batches are
-    Poisson samples at rate ``q`` (``ceil(epochs / q)`` of them per local run), drawn from the
-    client's generator, which also draws the noise.
+    the selected client's row); :meth:`select` sets the client's noise multiplier and noise
+    source. Batches are Poisson samples at rate ``q`` (``ceil(epochs / q)`` of them per local
+    run), drawn from the selected client's noise source, which also draws the noise: sampling
+    is part of the mechanism, so it never uses the (non-private) training-order generator.
     """
 
     def __init__(self, module: nn.Module, max_grad_norm: float, sample_rate: float,
-                 expected_batch_size: float, generator: torch.Generator,
+                 expected_batch_size: float, noise: NoiseSource,
                  task: Task | None = None) -> None:
         self.sample_rate = sample_rate
-        self.dpsgd = DPSGD(module, max_grad_norm, 1.0, expected_batch_size, generator)
+        self.dpsgd = DPSGD(module, max_grad_norm, 1.0, expected_batch_size, noise)
         # Per-sample losses (reduction="none"): DP-SGD clips each sample's gradient of
         # whichever loss the task uses.
         self._loss = task.checked if task is not None else nn.CrossEntropyLoss(reduction="none")
@@ -153,14 +156,16 @@ class DPGradient:
         """The per-sample clip norm C."""
         return self.dpsgd.max_grad_norm
 
-    def select(self, noise_multiplier: float, generator: torch.Generator) -> None:
+    def select(self, noise_multiplier: float, noise: NoiseSource) -> None:
+        """Use this client's noise multiplier and noise source from now on."""
         self.dpsgd.noise_multiplier = float(noise_multiplier)
-        self.dpsgd.generator = generator
+        self.dpsgd.noise = noise
 
     def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
-        """``ceil(epochs / q)`` Poisson samples (the count the gate accounted in advance)."""
+        """``ceil(epochs / q)`` Poisson samples (the count the gate accounted in advance),
+        drawn from the selected noise source (``generator`` is not used: see the class doc)."""
         for _ in range(math.ceil(epochs / self.sample_rate - 1e-9)):
-            yield poisson_sample(n, self.sample_rate, generator)
+            yield poisson_sample(n, self.sample_rate, self.dpsgd.noise)
 
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
         self.dpsgd.private_gradient(x, y, self._loss)
@@ -262,6 +267,7 @@ class FederationPrivacy:
                     "noise_multiplier": round(c.noise_multiplier, 6), "sample_rate": self.sample_rate,
                     "steps_per_round": self.steps, "rounds": self.cfg.training.rounds,
                     "planned_epsilon": round(self.planned_epsilon(c.index), 6),
+                    **noise_assumptions(self.cfg),
                     "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate:g}"
                                  + (f", sigma={r.noise_multiplier:g})" if r.noise_multiplier else ")")
                                  for r in c.plan.releases],
@@ -275,6 +281,10 @@ class FederationPrivacy:
         c = self.clients[i]
         if c.refused_at is not None:
             return False
+        # Every ledger entry states where its noise came from (and, for reproducible noise,
+        # that it is not private against anyone who knows the config); the entry is signed.
+        noise = noise_assumptions(self.cfg)
+        records = [dataclasses.replace(r, params={**r.params, **noise}) for r in records]
         try:
             c.gate.process(Release(kind, payload, rnd, records))
         except BudgetExceededError as err:
@@ -302,7 +312,7 @@ class FederationPrivacy:
         return self._gate(i, rnd, "model", theta, records)
 
     def noised_summaries(self, data: Sequence[ClientData], q: int, num_classes: int,
-                         generators: Sequence[torch.Generator]) -> Tensor:
+                         noise: Sequence[NoiseSource]) -> Tensor:
         """Each client's summary from its noised clipped second moment (round 0 release).
 
         Raises BudgetExceededError if any client's budget cannot pay for its summary: without
@@ -315,7 +325,7 @@ class FederationPrivacy:
             assert sigma is not None
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             n = int(z.shape[0])
-            noised = noised_second_moment(z, p.summary_clip, sigma, generators[i], n=n)
+            noised = noised_second_moment(z, p.summary_clip, sigma, noise[i], n=n)
             summary = top_eigenvectors(noised, q)
             record = summary_record(p.summary_clip, sigma, n, q)
             if not self._gate(i, 0, "summary", summary, [record]):
@@ -328,8 +338,9 @@ class FederationPrivacy:
         return torch.stack(out)
 
     def private_lambda(self, i: int, theta: Tensor, phi: Tensor, val_x: Tensor, val_y: Tensor,
-                       generator: torch.Generator, bind: Any) -> float:
-        """``lambda_i`` from a clipped, noised mean of per-example loss differences."""
+                       noise: NoiseSource, bind: Any) -> float:
+        """``lambda_i`` from a clipped, noised mean of per-example loss differences (noise
+        drawn from client ``i``'s ``noise`` source)."""
         p = self.cfg.privacy
         with torch.no_grad():
             loss_local = self.loss(bind(theta)(val_x), val_y)
@@ -337,13 +348,14 @@ class FederationPrivacy:
         sigma = self.clients[i].plan.lambda_noise
         assert sigma is not None
         diff = float(noised_scalar((loss_local - loss_received).double(), p.lambda_clip,
-                                   sigma, generator, m=int(val_x.shape[0])))
+                                   sigma, noise, m=int(val_x.shape[0])))
         return math.exp(diff / 2.0) if diff > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
         """Per-client spending for results.json."""
         return {
             "method": self.method,
+            **noise_assumptions(self.cfg),
             "plan": self.plan_rows(),
             "sample_rate": self.sample_rate,
             "steps_per_round": self.steps,
@@ -358,11 +370,22 @@ class FederationPrivacy:
         }
 
 
-def noise_generator_seed(cfg: ExperimentConfig, client: int) -> int:
-    """Seed of client ``client``'s generator (sampling and noise) under ``privacy.noise_seed``."""
-    if cfg.privacy.enabled and cfg.privacy.noise_seed == "os_random":
-        return int.from_bytes(os.urandom(8), "little")
-    return cfg.seed * 1_000_003 + client + 1
+def client_noise_sources(cfg: ExperimentConfig, n: int) -> list[NoiseSource]:
+    """One noise source per client under ``privacy.noise``: a fresh CSPRNG key each (never
+    stored), or generators seeded from the experiment seed and the client index."""
+    return [make_noise_source(cfg.privacy.noise, cfg.seed, i) for i in range(n)]
+
+
+def noise_assumptions(cfg: ExperimentConfig) -> dict[str, str]:
+    """``{"noise": mode}`` plus, for reproducible noise, ``"noise_warning"`` (empty without DP).
+
+    Shown in the printed plan and results.json, and written (signed) into every ledger entry.
+    """
+    if not cfg.privacy.enabled:
+        return {}
+    if cfg.privacy.noise == "reproducible":
+        return {"noise": "reproducible", "noise_warning": REPRODUCIBLE_WARNING}
+    return {"noise": "csprng"}
 
 
 def _first_unsupported_layer(model: nn.Module) -> str:

@@ -112,11 +112,17 @@ def client_generator(seed: int, client: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + client + 1)
 
 
-def _client_generators(cfg: ExperimentConfig, n: int) -> list[torch.Generator]:
-    if cfg.privacy.enabled and cfg.privacy.noise_seed == "os_random":
-        from secure_fedora.private import noise_generator_seed
+#: results.json ``assumptions.noise_source`` per ``[privacy] noise``.
+NOISE_SOURCE_DESCRIPTIONS = {
+    "csprng": "ChaCha20 keystream (cryptography/OpenSSL), a fresh 256-bit key from os.urandom "
+              "per client and process, never stored; Gaussians as the sum of 4 Box-Muller "
+              "draws / 2 (floating-point hardening as in Opacus secure_mode)",
+    "reproducible": "torch.Generator seeded from the experiment seed and client index "
+                    "(statistical PRNG; repeatable)",
+}
 
-        return [torch.Generator().manual_seed(noise_generator_seed(cfg, i)) for i in range(n)]
+
+def _client_generators(cfg: ExperimentConfig, n: int) -> list[torch.Generator]:
     return [client_generator(cfg.seed, i) for i in range(n)]
 
 
@@ -161,13 +167,16 @@ def build_context(
     _check_task(task, module, clients, probe_x, probe_y)
     flat = FlatModel(module, task)
     generators = _client_generators(cfg, len(clients))
-    if oracle is None and cfg.privacy.enabled:
-        from secure_fedora.private import DPGradient, sample_rate_for
+    noise: list[Any] = []
+    if cfg.privacy.enabled:
+        from secure_fedora.private import DPGradient, client_noise_sources, sample_rate_for
 
-        q = sample_rate_for(cfg)
-        oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
-                            q * cfg.data.train_per_client, generators[0], task=task)
-        oracle.check_model(probe_x, probe_y)
+        noise = client_noise_sources(cfg, len(clients))
+        if oracle is None:
+            q = sample_rate_for(cfg)
+            oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
+                                q * cfg.data.train_per_client, noise[0], task=task)
+            oracle.check_model(probe_x, probe_y)
     return MethodContext(
         clients=clients,
         flat=flat,
@@ -178,6 +187,7 @@ def build_context(
         generators=generators,
         init=flat.initial_vector(),
         num_classes=num_classes,
+        noise=noise,
     )
 
 
@@ -234,7 +244,7 @@ def relatedness_function(
 
     def compute() -> tuple[Tensor, dict[str, Any]]:
         if "noised" in mode:
-            summaries = ctx.privacy.noised_summaries(ctx.clients, q, ctx.num_classes, ctx.generators)
+            summaries = ctx.privacy.noised_summaries(ctx.clients, q, ctx.num_classes, ctx.noise)
         else:
             summaries = torch.stack(
                 [fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, q) for c in ctx.clients]
@@ -663,6 +673,10 @@ class Simulation:
             "tracker": tracker.state_dict(),
             "round_generator": round_gen.get_state(),
             "client_generators": [g.get_state() for g in ctx.generators],
+            # Reproducible noise: the generator states (derivable from the config anyway).
+            # CSPRNG noise: None per client -- no key or stream state is ever written; a resume
+            # draws fresh keys, and the ledger already accounts every release on both sides.
+            "noise_states": [s.checkpoint_state() for s in ctx.noise],
             "history": history,
             "timing": timing,
             "outcome": None,
@@ -680,6 +694,11 @@ class Simulation:
                 raise ValueError(f"{len(gens)} client generators for {len(ctx.generators)} clients")
             for g, s in zip(ctx.generators, gens, strict=True):
                 g.set_state(s)
+            noise_states = state.get("noise_states", [])
+            if len(noise_states) != len(ctx.noise):
+                raise ValueError(f"{len(noise_states)} noise states for {len(ctx.noise)} noise sources")
+            for source, s in zip(ctx.noise, noise_states, strict=True):
+                source.restore_state(s)
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
             raise CheckpointError(f"checkpoint {path} cannot be restored: {err}") from None
 
@@ -697,6 +716,8 @@ class Simulation:
 
     def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
         """The results document: run identity, per-method summaries and comparisons."""
+        from secure_fedora.private import noise_assumptions
+
         metric = self.metric_name()
         methods = {name: {**o.to_json(), "metric": metric} for name, o in outcomes.items()}
         comparison: dict[str, Any] = {}
@@ -723,8 +744,8 @@ class Simulation:
                 "relatedness": self.cfg.fedora.relatedness,
                 "server": "honest-but-curious",
                 "differential_privacy": self.cfg.privacy.enabled,
-                **({"noise_source": f"torch.Generator seeded by {self.cfg.privacy.noise_seed!r} "
-                                    "(statistical PRNG, not a CSPRNG; Opacus secure_mode unavailable)",
+                **({"noise_source": NOISE_SOURCE_DESCRIPTIONS[self.cfg.privacy.noise],
+                    **noise_assumptions(self.cfg),
                     "neighbouring_relation": "add/remove one record; dataset sizes public",
                     "accountant": self.cfg.privacy.accountant}
                    if self.cfg.privacy.enabled else {}),

@@ -144,8 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="torch threads per ServerApp / ClientApp process (default 1)")
     local.add_argument(
         "--reproducible-dp-noise", action="store_true",
-        help="allow privacy.noise_seed = 'experiment' (test deployments only: the server knows "
-        "the seed, so there is no DP guarantee against it; the results say so)",
+        help="run with privacy.noise = 'reproducible' (DP noise seeded from the experiment seed; "
+        "test deployments only: the server knows the seed, so there is no DP guarantee against "
+        "it; the results say so)",
     )
     local.add_argument(
         "--key-holder", type=_non_negative_int, default=0,

@@ -51,6 +51,7 @@ from privacy.identity import (
     client_ids,
     load_allowlist,
 )
+from privacy.noise import NoiseSource, make_noise_source
 from secure_fedora import fedora
 from secure_fedora.client import (
     FlatModel,
@@ -90,8 +91,14 @@ from secure_fedora.deploy.state import (
 )
 from secure_fedora.models import make_model
 from secure_fedora.partition import ClientData
-from secure_fedora.private import FederationPrivacy, noise_generator_seed
-from secure_fedora.runtime import NUM_CLASSES, atomic_write_text, build_clients, train_config
+from secure_fedora.private import FederationPrivacy
+from secure_fedora.runtime import (
+    NUM_CLASSES,
+    atomic_write_text,
+    build_clients,
+    client_generator,
+    train_config,
+)
 
 __all__ = [
     "HANDLERS",
@@ -165,11 +172,12 @@ def _load_or_init_state(
         config_hash=settings.config_hash,
         theta=init,
         phi=init.clone(),
-        # The client's RNG (batches, DP noise), seeded as the in-process runtime seeds it; its
-        # state is saved after every use, so a restart continues the same stream.
-        generator_state=torch.Generator()
-        .manual_seed(noise_generator_seed(settings.experiment, node.partition_id))
-        .get_state(),
+        # The client's training-order RNG (non-private batches), seeded as the in-process
+        # runtime seeds it; its state is saved after every use, so a restart continues it.
+        generator_state=client_generator(settings.experiment.seed, node.partition_id).get_state(),
+        noise_state=_noise_source(settings.experiment, node.partition_id, None).checkpoint_state()
+        if settings.experiment.privacy.enabled and settings.experiment.privacy.noise == "reproducible"
+        else None,
     )
     state.save(path)
     return state
@@ -328,6 +336,20 @@ def _timings(started: float) -> dict[str, float]:
     }
 
 
+def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor | None
+                  ) -> NoiseSource:
+    """This client's DP noise source for one message under ``privacy.noise``.
+
+    Reproducible: the generator seeded as the in-process runtime seeds it, continued from the
+    saved state. CSPRNG: a fresh key from ``os.urandom`` for every message -- nothing about it
+    is ever saved (``NodeState.noise_state`` stays None), so a restart, like every message,
+    draws fresh independent noise, which the ledger's accounting already covers.
+    """
+    noise = make_noise_source(cfg.privacy.noise, cfg.seed, partition_id)
+    noise.restore_state(saved)
+    return noise
+
+
 def _train(
     cfg: ExperimentConfig,
     client: ClientData,
@@ -340,13 +362,15 @@ def _train(
 
     The same sequence as ``Fedora.train_round`` for one client: the regularization weight
     (exact from public validation data, or the accounted noised one), then ``local_train``
-    with plain SGD or DP-SGD, drawing from the client's generator.
+    with plain SGD (training order from the client's generator) or DP-SGD (sampling and noise
+    from the client's noise source).
     """
     generator = torch.Generator()
     generator.set_state(state.generator_state)
+    noise = _noise_source(cfg, state.client_id, state.noise_state) if privacy is not None else None
     if privacy is not None and cfg.data.validation == "private":
         lam = privacy.private_lambda(
-            0, state.theta, phi, client.val_x, client.val_y, generator, flat.bind
+            0, state.theta, phi, client.val_x, client.val_y, noise, flat.bind
         )
     else:
         loss_local = evaluate(flat, state.theta, client.val_x, client.val_y).loss
@@ -358,8 +382,8 @@ def _train(
 
         q = privacy.sample_rate
         dp = DPGradient(flat.module, cfg.privacy.max_grad_norm, q,
-                        q * cfg.data.train_per_client, generator)
-        dp.select(privacy.clients[0].noise_multiplier, generator)
+                        q * cfg.data.train_per_client, noise)
+        dp.select(privacy.clients[0].noise_multiplier, noise)
         oracle = dp
     else:
         oracle = PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm)
@@ -370,6 +394,8 @@ def _train(
     )
     state.theta = theta
     state.generator_state = generator.get_state()
+    if noise is not None:
+        state.noise_state = noise.checkpoint_state()
     return lam, steps
 
 
@@ -385,20 +411,19 @@ def _release_summary(
 
     Noised modes: the Gaussian mechanism on the clipped second moment, through the client's
     budget gate (the ledger entry is written before the summary leaves), drawing from the
-    client's generator exactly as the in-process runtime does; plain and encrypted modes: the
+    client's noise source as the in-process runtime does; plain and encrypted modes: the
     exact top-q subspace.
     """
     cfg = settings.experiment
     if "noised" not in cfg.fedora.relatedness:
         return fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
     assert privacy is not None  # the config requires privacy.enabled for the noised modes
-    generator = torch.Generator()
-    generator.set_state(state.generator_state)
+    noise = _noise_source(cfg, node.partition_id, state.noise_state)
     try:
-        u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [generator])[0]
+        u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [noise])[0]
     except BudgetExceededError as err:
         raise DeployError(f"client {node.partition_id} refused its summary: {err}") from err
-    state.generator_state = generator.get_state()
+    state.noise_state = noise.checkpoint_state()
     state.save(state_path)
     return u
 

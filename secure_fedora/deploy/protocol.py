@@ -123,17 +123,18 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
     propagation (``fedora.propagation = "encrypted"``); running it any other way would silently
     weaken what the config asks for, so it is an error naming the setting.
 
-    DP noise seeded from the experiment seed (``privacy.noise_seed = "experiment"``) is
-    refused unless ``reproducible_dp_noise``: the server distributes the config, seed
+    Reproducible DP noise (``privacy.noise = "reproducible"``, seeded from the experiment
+    seed) is refused unless ``reproducible_dp_noise``: the server distributes the config, seed
     included, so it could regenerate every client's noise; the DP guarantee would not hold
     against the very party it is meant for. With the flag (test deployments, runtime
-    comparisons) the results record that assumption.
+    comparisons; :func:`with_reproducible_noise` sets the mode from it) the results record
+    that assumption.
     """
     problems = []
-    if cfg.privacy.enabled and cfg.privacy.noise_seed == "experiment" and not reproducible_dp_noise:
+    if cfg.privacy.enabled and cfg.privacy.noise == "reproducible" and not reproducible_dp_noise:
         problems.append(
-            "privacy.noise_seed = 'experiment' (the server knows the seed it distributes and "
-            "could reproduce the DP noise; use 'os_random', or pass reproducible-dp-noise for a "
+            "privacy.noise = 'reproducible' (the server knows the seed it distributes and "
+            "could reproduce the DP noise; use 'csprng', or pass reproducible-dp-noise for a "
             "test deployment without a DP guarantee against the server)"
         )
     if "fedora" not in cfg.methods:
@@ -153,6 +154,14 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             )
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
+
+
+def with_reproducible_noise(cfg: ExperimentConfig, reproducible_dp_noise: bool) -> ExperimentConfig:
+    """``cfg`` with ``privacy.noise = "reproducible"`` when the reproducible-dp-noise flag is
+    set and DP is on (the flag selects that mode); otherwise ``cfg`` unchanged."""
+    if not (reproducible_dp_noise and cfg.privacy.enabled) or cfg.privacy.noise == "reproducible":
+        return cfg
+    return cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"noise": "reproducible"})})
 
 
 def experiment_to_run_config(cfg: ExperimentConfig) -> str:
@@ -180,10 +189,11 @@ def make_run_config(
     keys and the federation's ``allowlist.json``), ``server_state_dir`` where the ServerApp
     keeps its envelope nonce memory, ``key_holder`` the client index that runs the CKKS key
     ceremony in the encrypted relatedness modes, ``max_in_flight`` how many messages of one
-    exchange the ServerApp keeps outstanding at once (0: all).
+    exchange the ServerApp keeps outstanding at once (0: all). ``reproducible_dp_noise``
+    runs a DP config with ``privacy.noise = "reproducible"`` (:func:`with_reproducible_noise`).
     """
     return {
-        "experiment": experiment_to_run_config(cfg),
+        "experiment": experiment_to_run_config(with_reproducible_noise(cfg, reproducible_dp_noise)),
         "result-dir": str(result_dir.resolve()) if result_dir is not None else "",
         "connect-timeout": float(connect_timeout),
         "round-timeout": float(round_timeout),
@@ -248,6 +258,7 @@ class RunSettings:
             raise DeployError(
                 f"run config key 'reproducible-dp-noise' must be true or false; got {reproducible!r}"
             )
+        cfg = with_reproducible_noise(cfg, reproducible)  # the flag selects the mode
         dirs: dict[str, Path] = {}
         for key in ("identity-dir", "server-state-dir"):
             value = run_config[key]

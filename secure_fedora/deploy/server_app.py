@@ -84,6 +84,7 @@ from secure_fedora.deploy.protocol import (
     tensor_to_array_record,
 )
 from secure_fedora.models import make_model
+from secure_fedora.private import noise_assumptions
 from secure_fedora.runtime import (
     NUM_CLASSES,
     Tracker,
@@ -781,11 +782,13 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
             "differential_privacy": cfg.privacy.enabled,
             "dp_noise": (
                 None if not cfg.privacy.enabled
-                else "os_random: each client seeds its generator from os.urandom (not a CSPRNG)"
-                if cfg.privacy.noise_seed == "os_random"
-                else "seeded from the experiment seed, which the server knows: no DP guarantee "
-                "against the server (reproducible-dp-noise test deployment)"
+                else "csprng: each client draws a fresh ChaCha20 key from os.urandom per message "
+                "(never stored); Gaussians hardened against floating-point attacks"
+                if cfg.privacy.noise == "csprng"
+                else "reproducible: seeded from the experiment seed, which the server knows: no DP "
+                "guarantee against the server (reproducible-dp-noise test deployment)"
             ),
+            **noise_assumptions(cfg),
             "transport": "TLS; node authentication is a SuperLink setting",
             "envelopes": (
                 "every message signed (Ed25519, privacy.envelope) over a digest of its whole "
@@ -805,6 +808,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
                     for c in range(n)
                 ],
                 "note": "as last reported by each client; its signed ledger is the record",
+                **noise_assumptions(cfg),
             }
             if cfg.privacy.enabled
             else None

@@ -114,13 +114,16 @@ class NodeState:
     config_hash: str
     theta: Tensor
     phi: Tensor
-    generator_state: Tensor
+    generator_state: Tensor  # the training-order generator (not DP noise)
     last_trained_round: int = 0
     last_received_round: int = 0
     last_eval_round: int = 0
     last_val_accuracy: float = float("nan")
     last_test_accuracy: float = float("nan")
     refused_round: int = 0  # round of the first refused release (0: none)
+    # DP noise generator state, only with privacy.noise = "reproducible" (derivable from the
+    # config anyway). With "csprng" it is always None: no key or stream state is ever saved.
+    noise_state: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint mapping written by :meth:`save`."""

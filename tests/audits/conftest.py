@@ -24,6 +24,7 @@ from privacy.dpsgd import DPSGD
 from privacy.identity import client_ids, default_party_ids, init_keys, load_identity
 from privacy.ledger import LedgerWriter
 from privacy.mechanisms import scalar_record, summary_record
+from privacy.noise import ReproducibleNoise
 from privacy.pipeline import BudgetGate, Release
 from secure_fedora.config import config_hash, parse_config
 
@@ -35,9 +36,10 @@ def _dpsgd_record(noise_multiplier: float, sample_rate: float, steps: int):
     x = torch.randn(64, 8, generator=gen)
     y = torch.randint(0, 3, (64,), generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with DPSGD(model, 1.0, noise_multiplier, 64 * sample_rate, gen) as dp:
+    noise = ReproducibleNoise(0)
+    with DPSGD(model, 1.0, noise_multiplier, 64 * sample_rate, noise) as dp:
         for _ in range(steps):
-            idx = dp.sample_batch(64, sample_rate, gen)
+            idx = dp.sample_batch(64, sample_rate, noise)
             opt.zero_grad()
             dp.private_gradient(x[idx], y[idx], lambda o, t: F.cross_entropy(o, t, reduction="none"))
             opt.step()

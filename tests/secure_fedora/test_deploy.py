@@ -205,11 +205,25 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     with pytest.raises(DeployError, match="does not include 'fedora'"):
         check_supported(parse_config(data))
     # DP-SGD, noised summaries, private validation: supported, with noise the server cannot
-    # regenerate; noise seeded from the (server-known) experiment seed only when asked for.
-    check_supported(dp_config(noise_seed="os_random"))
-    with pytest.raises(DeployError, match="noise_seed = 'experiment'"):
-        check_supported(dp_config())
-    check_supported(dp_config(), reproducible_dp_noise=True)
+    # regenerate (CSPRNG, the default); noise seeded from the (server-known) experiment seed
+    # only when asked for with the reproducible-dp-noise flag.
+    check_supported(dp_config())
+    with pytest.raises(DeployError, match="noise = 'reproducible'.*reproducible-dp-noise"):
+        check_supported(dp_config(noise="reproducible"))
+    check_supported(dp_config(noise="reproducible"), reproducible_dp_noise=True)
+
+
+def test_reproducible_dp_noise_flag_selects_reproducible_noise(tmp_path: Path) -> None:
+    cfg = dp_config()
+    assert cfg.privacy.noise == "csprng"
+    flagged = RunSettings.from_run_config(run_config(cfg, tmp_path, **{"reproducible-dp-noise": True}))
+    assert flagged.experiment.privacy.noise == "reproducible"
+    assert flagged.config_hash == config_hash(dp_config(noise="reproducible"))
+    plain = RunSettings.from_run_config(run_config(cfg, tmp_path))
+    assert plain.experiment.privacy.noise == "csprng"
+    # Without DP the flag changes nothing.
+    assert RunSettings.from_run_config(run_config(tiny_config(), tmp_path, **{
+        "reproducible-dp-noise": True})).experiment == tiny_config()
 
 
 def test_node_settings_validate_partition_state_and_identity_dirs() -> None:
@@ -421,11 +435,13 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
     from privacy.identity import client_ids
     from privacy.ledger import read_ledger, verify_ledger_file
 
-    cfg = dp_config()  # noise seeded from the experiment seed, so both runs draw the same noise
+    cfg = dp_config(noise="reproducible")  # both runs draw the same noise
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
     identities = tmp_path / "ids"
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["privacy"]["noise"] == results["assumptions"]["noise"] == "reproducible"
+    assert "not private against anyone who knows the config" in results["privacy"]["noise_warning"]
     sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
@@ -450,10 +466,45 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_grid_csprng_run_stores_no_key_and_no_noise_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from privacy import noise as noise_module
+
+    keys: list[bytes] = []
+    original = noise_module.CsprngNoise.__init__
+
+    def recording_init(self: noise_module.CsprngNoise) -> None:
+        original(self)
+        keys.append(self._key)
+
+    monkeypatch.setattr(noise_module.CsprngNoise, "__init__", recording_init)
+    cfg = dp_config()  # privacy.noise = "csprng", the default
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["assumptions"]["noise"] == results["privacy"]["noise"] == "csprng"
+    assert "noise_warning" not in results["assumptions"]
+    assert "noise_warning" not in results["privacy"]
+    # A fresh key per client and message: summary, then lambda + training in each of 2 rounds.
+    assert len(keys) == 3 * 3 and len(set(keys)) == len(keys)
+    files = [p for p in (tmp_path / "nodes").rglob("*") if p.is_file()]
+    assert any(p.name == "state.pt" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for key in keys:
+            assert key not in data and key.hex().encode() not in data, path
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert state.noise_state is None
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> None:
     # Fixed noise: epsilon 0.53 after the summary, 2.74 after round 1, 3.85 after round 2.
     # Client 1's budget (3.0) pays for the summary and round 1 only.
-    cfg = dp_config(noise_multiplier=1.5, summary_noise_multiplier=5.0,
+    cfg = dp_config(noise="reproducible", noise_multiplier=1.5, summary_noise_multiplier=5.0,
                     lambda_noise_multiplier=5.0, epsilon=50.0, overrides={"1": {"epsilon": 3.0}})
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
@@ -695,8 +746,9 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     from privacy.identity import load_identity
     from privacy.ledger import read_ledger, verify_ledger_file
 
-    # With DP (noise from os.urandom): the node's signed privacy ledger must survive too.
-    cfg = dp_config(rounds=3, noise_seed="os_random")
+    # With DP (CSPRNG noise, fresh keys after the restart): the node's signed privacy ledger
+    # must survive too.
+    cfg = dp_config(rounds=3)
     victim = 2
     done: dict[str, float] = {}
     restarter: list[threading.Thread] = []

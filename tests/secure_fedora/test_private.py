@@ -141,7 +141,9 @@ def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
         ({"overrides": {"1": {"delta": 1e-6}}}, "privacy.overrides.1.epsilon"),  # missing key
         ({"overrides": {"9": {"epsilon": 1}}}, "privacy.overrides.9"),
         ({"accountant": "moments"}, "privacy.accountant"),
-        ({"noise_seed": "none"}, "privacy.noise_seed"),
+        ({"noise": "none"}, "privacy.noise"),
+        ({"noise_seed": "experiment"}, "privacy.noise = \"reproducible\""),  # removed key
+        ({"noise_seed": "os_random"}, "privacy.noise = \"csprng\""),
         ({"epsilon": float("inf")}, "privacy.epsilon"),
     ],
 )

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from privacy.dpsgd import DPSGD
+from privacy.noise import ReproducibleNoise
 from secure_fedora.private import check_per_sample_gradients
 from secure_fedora.tasks import CROSS_ENTROPY, MetricError, auc, resolve_task
 
@@ -55,11 +56,11 @@ def test_dp_path_clips_per_sample_gradients_of_bce(multilabel: bool) -> None:
     task = resolve_task("bce", multilabel)
     x = torch.randn(5, 6) * 10
     y = (torch.rand(5, 3) < 0.5).float() if multilabel else torch.tensor([0, 1, 1, 0, 1])
-    dpsgd = DPSGD(model, 0.5, 1.0, 5.0, torch.Generator())
+    dpsgd = DPSGD(model, 0.5, 1.0, 5.0, ReproducibleNoise(0))
     assert dpsgd.mode == "fused"
     check_per_sample_gradients(dpsgd, task.checked, x, y)  # raises if they differ
     conv = nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 2, 3), nn.Flatten(),
                          nn.Linear(8, 3 if multilabel else 1))
-    dpsgd = DPSGD(conv, 0.5, 1.0, 5.0, torch.Generator())
+    dpsgd = DPSGD(conv, 0.5, 1.0, 5.0, ReproducibleNoise(0))
     assert dpsgd.mode == "opacus"
     check_per_sample_gradients(dpsgd, task.checked, x, y)
