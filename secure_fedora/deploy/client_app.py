@@ -193,6 +193,7 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
                 return ClientPlan(
                     doc["dpsgd_noise"], doc["summary_noise"], doc["lambda_noise"],
                     tuple(PlannedRelease(**r) for r in doc["releases"]),
+                    doc.get("accountant", ""),
                 )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable cache: recalibrate below and overwrite it
@@ -203,6 +204,7 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
         "summary_noise": plan.summary_noise,
         "lambda_noise": plan.lambda_noise,
         "releases": [dict(r.__dict__) for r in plan.releases],
+        "accountant": plan.accountant,
     }
     atomic_write_text(path, json.dumps(doc))
     return plan
@@ -226,6 +228,7 @@ def _open_privacy(
     from privacy.pipeline import BudgetGate
     from secure_fedora.private import (
         ClientPrivacy,
+        choose_accountant,
         client_budget,
         privacy_plan,
         sample_rate_for,
@@ -245,10 +248,8 @@ def _open_privacy(
                         lambda: privacy_plan(cfg, "fedora", budget))
     ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid, load_identity(node.identity_dir, cid).signing_key)
     try:
-        accountant = (
-            replay_accountant(ledger.entries, cfg.privacy.accountant)
-            if ledger.entries else Accountant(cfg.privacy.accountant)
-        )
+        kind = plan.accountant or choose_accountant(cfg, "fedora", [budget]).name
+        accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
     except BaseException:
         ledger.close()

@@ -14,7 +14,7 @@ from privacy.accounting import Accountant, PrivacyBudget
 from privacy.identity import load_allowlist
 from privacy.ledger import read_ledger, verify_ledger_file
 from secure_fedora.config import ConfigError, parse_config
-from secure_fedora.private import privacy_plan
+from secure_fedora.private import BudgetPlanError, privacy_plan
 from secure_fedora.runtime import Simulation, build_clients
 
 BASE = {
@@ -80,45 +80,34 @@ def test_ledger_epsilon_matches_an_accountant_replaying_the_same_history(tmp_pat
     Simulation(cfg, tmp_path, clients=clients).run()
     for path in _ledgers(tmp_path, "local"):
         entries = read_ledger(path)
-        acc = Accountant("rdp")
+        acc = Accountant(entries[0]["accountant"])  # "auto" chose it; recorded in every entry
         for e in entries:
             p = e["params"]
             acc.record(p["noise_multiplier"], p["sample_rate"], p["steps"])
             assert e["epsilon_after"] == pytest.approx(acc.epsilon(1e-3), rel=1e-9)
 
 
-def test_client_over_budget_is_refused_keeps_model_and_others_continue(tmp_path, clients):
-    # a fixed noise multiplier: client 1's small budget runs out after its first round
+def test_plan_over_a_client_budget_is_refused_before_training(tmp_path, clients):
+    # A fixed noise multiplier whose plan exceeds client 1's small budget: refused up front
+    # (before, every such client was refused at round 1 and reported an untrained model).
     cfg = dp_config(methods=["fedora"], privacy={"noise_multiplier": 1.0, "epsilon": 20.0,
                                                  "summary_noise_multiplier": 20.0,
                                                  "overrides": {"1": {"epsilon": 2.0}}})
     sim = Simulation(cfg, tmp_path, clients=clients)
-    results = sim.run()
-    spent = {c["client"]: c for c in results["privacy"]["fedora"]["clients"]}
-    refused = spent["client-001"]
-    assert refused["refused_at_round"] is not None
-    assert refused["epsilon_spent"] <= 2.0
-    assert all(spent[c]["refused_at_round"] is None for c in ("client-000", "client-002"))
-    entries = read_ledger(tmp_path / "ledgers" / "fedora" / "client-001.jsonl")
-    refusals = [e for e in entries if e["mechanism"] == "refusal"]
-    assert refusals and refusals[0]["params"]["epsilon_would_be"] > 2.0
-    assert refusals[0]["epsilon_after"] == entries[-2]["epsilon_after"]  # a refusal spends nothing
-    assert any(e["event"] == "refused" for e in results["privacy"]["fedora"]["events"])
+    with pytest.raises(BudgetPlanError, match="client-001") as info:
+        sim.run()
+    assert info.value.clients == ["client-001"]
+    assert "privacy.noise_multiplier" in str(info.value)
+    assert not list((tmp_path / "ledgers").rglob("*.jsonl"))  # nothing was released
 
 
-def test_refused_client_releases_nothing_more(tmp_path, clients):
-    cfg = dp_config(methods=["local"], training={"rounds": 4},
-                    privacy={"noise_multiplier": 1.0, "epsilon": 20.0,
-                             "overrides": {"2": {"epsilon": 4.0}}})
-    sim = Simulation(cfg, tmp_path, clients=clients)
-    snapshots = []
-    sim.progress = lambda m, r, t: snapshots.append(sim.methods["local"].theta[2].clone())
-    results = sim.run()
-    refused_at = results["privacy"]["local"]["clients"][2]["refused_at_round"]
-    assert refused_at is not None and refused_at <= 3
-    # from the refused round on, the client's model is frozen (nothing trained, nothing sent)
-    for later in snapshots[refused_at - 1:]:
-        assert torch.equal(later, snapshots[refused_at - 2])
+def test_fixed_summary_noise_over_budget_is_refused_before_training(tmp_path, clients):
+    cfg = dp_config(methods=["fedora"], privacy={"summary_noise_multiplier": 0.05,
+                                                 "epsilon": 1.0})
+    with pytest.raises(BudgetPlanError, match="4 client") as info:
+        Simulation(cfg, tmp_path, clients=clients).run()
+    assert len(info.value.clients) == 4
+    assert isinstance(info.value, ConfigError)  # the CLI prints it as one line
 
 
 def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
