@@ -139,11 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``secure-fedora`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from privacy.accounting import BudgetExceededError
+    from privacy.pipeline import PipelineError
+
     try:
         return int(args.func(args))
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
+    except (BudgetExceededError, PipelineError) as err:  # a refused release (in the ledger)
+        console.print(f"[red]error:[/red] {err}")
+        return 3
 
 
 if __name__ == "__main__":

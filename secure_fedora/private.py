@@ -50,7 +50,7 @@ from privacy.mechanisms import (
     summary_record,
     top_eigenvectors,
 )
-from privacy.pipeline import BudgetGate, Release
+from privacy.pipeline import BudgetGate, PipelineError, Release
 from secure_fedora import fedora
 from secure_fedora.config import ConfigError, ExperimentConfig
 from secure_fedora.partition import ClientData
@@ -96,7 +96,7 @@ class BudgetPlanError(ConfigError):
         super().__init__(message)
 
 
-class StepCountMismatchError(ValueError):
+class StepCountMismatchError(PipelineError):
     """A client executed a different number of DP-SGD steps than its ledger accounted.
 
     Raised before the trained model is released (the release is refused in the ledger).
