@@ -230,6 +230,38 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     return plan
 
 
+def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int
+                       ) -> tuple[AccountantChoice, dict[tuple[float, float], ClientPlan]]:
+    """Choose the accountant and calibrate every client's plan, before anything runs.
+
+    Returns the choice and the plan per distinct ``(epsilon, delta)``. Raises
+    :class:`BudgetPlanError` listing every client whose planned releases cannot fit its
+    budget (a fixed noise multiplier too small, or no noise that can meet it).
+    """
+    ids = client_ids(num_clients)
+    budgets = [client_budget(cfg, i) for i in range(num_clients)]
+    choice = choose_accountant(cfg, method, budgets)
+    plans: dict[tuple[float, float], ClientPlan] = {}
+    problems: dict[tuple[float, float], str] = {}
+    for budget in budgets:
+        key = (budget.epsilon, budget.delta)
+        if key not in plans and key not in problems:
+            try:
+                plans[key] = privacy_plan(cfg, method, budget, choice.name)
+            except ConfigError as err:  # BudgetPlanError included
+                problems[key] = str(err)
+    if problems:
+        refused = [cid for cid, b in zip(ids, budgets, strict=True)
+                   if (b.epsilon, b.delta) in problems]
+        shown = ", ".join(refused[:8]) + (f" and {len(refused) - 8} more"
+                                          if len(refused) > 8 else "")
+        why = "; ".join(f"budget epsilon {e:g}: {msg}" for (e, _), msg in problems.items())
+        raise BudgetPlanError(
+            f"privacy plan of {method!r} over budget for {len(refused)} client(s)"
+            f" ({shown}); nothing was trained. {why}", refused)
+    return choice, plans
+
+
 def client_budget(cfg: ExperimentConfig, index: int) -> PrivacyBudget:
     """Client ``index``'s (epsilon, delta): the default, or its ``privacy.overrides`` entry."""
     p = cfg.privacy
@@ -334,26 +366,9 @@ class FederationPrivacy:
         """
         ids = client_ids(num_clients)
         budgets = [client_budget(cfg, i) for i in range(num_clients)]
-        choice = choose_accountant(cfg, method, budgets)
+        # calibrate everything before any file is written
+        choice, plans = check_budget_plans(cfg, method, num_clients)
         accountant = choice.name
-        plans: dict[tuple[float, float], ClientPlan] = {}
-        problems: dict[tuple[float, float], str] = {}
-        for budget in budgets:  # calibrate everything before any file is written
-            key = (budget.epsilon, budget.delta)
-            if key not in plans and key not in problems:
-                try:
-                    plans[key] = privacy_plan(cfg, method, budget, accountant)
-                except ConfigError as err:  # BudgetPlanError included
-                    problems[key] = str(err)
-        if problems:
-            refused = [cid for cid, b in zip(ids, budgets, strict=True)
-                       if (b.epsilon, b.delta) in problems]
-            shown = ", ".join(refused[:8]) + (f" and {len(refused) - 8} more"
-                                              if len(refused) > 8 else "")
-            why = "; ".join(f"budget epsilon {e:g}: {msg}" for (e, _), msg in problems.items())
-            raise BudgetPlanError(
-                f"privacy plan of {method!r} over budget for {len(refused)} client(s)"
-                f" ({shown}); nothing was trained. {why}", refused)
         if not (key_dir / "allowlist.json").exists():
             init_keys(key_dir, ["server", *ids])
         ledger_dir.mkdir(parents=True, exist_ok=True)

@@ -738,6 +738,10 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
     """Run FEDORA over the grid; returns (and writes) the results document."""
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise)
+    if cfg.privacy.enabled:  # a plan over any client's budget stops here, before any message
+        from secure_fedora.private import check_budget_plans
+
+        check_budget_plans(cfg, "fedora", cfg.data.num_clients)
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
     security = MessageSecurity.for_server(
