@@ -23,7 +23,9 @@ console = Console(stderr=True)
 
 def results_table(results: dict[str, Any]) -> Table:
     """A rich table of each method's selected test accuracy across clients."""
-    table = Table(title=f"{results['name']}: personalized test accuracy (best-validation model)")
+    selection = results.get("assumptions", {}).get("model_selection", "validation")
+    which = "final-round model" if selection == "final_round" else "best-validation model"
+    table = Table(title=f"{results['name']}: personalized test accuracy ({which})")
     for col in ("method", "mean", "min", "max", "std"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for name, body in results["methods"].items():
@@ -43,6 +45,8 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
                       str(r["rounds"]), f"{r['planned_epsilon']:.4f}")
     releases = {"; ".join(r["releases"]) for r in rows}
     table.caption = "releases per client: " + " | ".join(sorted(releases))
+    if rows and "accountant" in rows[0]:
+        table.caption += f"\naccountant: {rows[0].get('accountant_reason', rows[0]['accountant'])}"
     return table
 
 
