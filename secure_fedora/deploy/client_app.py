@@ -361,6 +361,7 @@ def _train(
         dp = DPGradient(flat.module, cfg.privacy.max_grad_norm, q,
                         q * cfg.data.train_per_client, generator)
         dp.select(privacy.clients[0].noise_multiplier, generator)
+        privacy.select_client(0, dp)  # count the DP-SGD steps this run executes
         oracle = dp
     else:
         oracle = PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm)
@@ -619,6 +620,8 @@ def train_round(message: Message, context: Context) -> Message:
                 )
             if admitted:
                 lam, steps = _train(cfg, client, flat, state, phi, privacy)
+                if privacy is not None:  # executed steps == ledger entry, or no release
+                    privacy.confirm_steps(rnd, [0])
                 state.last_trained_round = rnd
                 trained_now = True
             elif state.refused_round == 0:
