@@ -36,16 +36,72 @@ from audits.verify import (
 __all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify", "register"]
 
 
-def _print_verification(report: VerificationReport, out: TextIO) -> None:
-    for finding in report.findings:
-        print(str(finding), file=out)
-    n_err, n_warn = len(report.errors), len(report.warnings)
+def _range(values: list[float | None], fmt: str = ".4g") -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:{fmt}}" if lo == hi else f"{lo:{fmt}}..{hi:{fmt}}"
+
+
+def verification_summary(report: VerificationReport) -> list[dict[str, Any]]:
+    """One row per method: ledgers, entries, epsilon recorded vs independent (min/max), the
+    other method's difference, refusals, errors and warnings."""
+    rows: dict[str, dict[str, Any]] = {}
     for c in report.clients:
+        key = c.method if c.method is not None else "-"
+        row = rows.setdefault(key, {"method": key, "ledgers": 0, "entries": 0, "accountants": set(),
+                                    "recorded": [], "independent": [], "pld": [], "cross": [],
+                                    "cross_methods": set(), "refusals": 0, "errors": 0,
+                                    "warnings": 0})
+        row["ledgers"] += 1
+        row["entries"] += c.entries
+        row["accountants"].add(str(c.accountant))
+        row["recorded"].append(c.final_epsilon)
+        row["independent"].append(c.independent_final_epsilon)
+        row["pld"].append(c.pld_final_epsilon)
+        row["cross"].append(c.cross_difference)
+        if c.cross_method:
+            row["cross_methods"].add(c.cross_method)
+        row["refusals"] += int(c.refused)
+    for f in report.findings:
+        key = f.method if f.method is not None else "-"
+        if key in rows and f.client_id is not None:
+            rows[key]["errors" if f.severity == "error" else "warnings"] += 1
+    return list(rows.values())
+
+
+def _print_verification(report: VerificationReport, out: TextIO, verbose: bool = False) -> None:
+    ledger_of = {(c.method, c.client_id): c for c in report.clients}
+    shown = {k for k, c in ledger_of.items() if verbose or not c.ok or c.warned}
+    for finding in report.findings:
+        if finding.client_id is None or (finding.method, finding.client_id) in shown \
+                or (finding.method, finding.client_id) not in ledger_of:
+            print(str(finding), file=out)
+    n_err, n_warn = len(report.errors), len(report.warnings)
+    header = (f"{'method':<10} {'ledgers':>7} {'entries':>7} {'acct':<5} {'eps recorded':>15}"
+              f" {'independent':>15} {'PLD (pess.)':>15} {'vs other':>16} {'refused':>7}"
+              f" {'errors':>6} {'warn':>5}")
+    print(header, file=out)
+    for row in verification_summary(report):
+        cross = _range([None if d is None else 100 * d for d in row["cross"]], "+.1f")
+        other = "/".join(sorted(row["cross_methods"])) or "-"
+        print(f"{row['method']:<10} {row['ledgers']:>7} {row['entries']:>7}"
+              f" {'/'.join(sorted(row['accountants'])):<5} {_range(row['recorded']):>15}"
+              f" {_range(row['independent']):>15} {_range(row['pld']):>15}"
+              f" {(cross + '% ' + other) if cross != 'n/a' else 'n/a':>16} {row['refusals']:>7}"
+              f" {row['errors']:>6} {row['warnings']:>5}", file=out)
+    listed = [c for c in report.clients if (c.method, c.client_id) in shown]
+    if listed:
+        print("ledgers" + ("" if verbose else " with errors or warnings") + ":", file=out)
+    for c in listed:
         ind = "n/a" if c.independent_final_epsilon is None else f"{c.independent_final_epsilon:.4g}"
         budget = "n/a" if c.budget_epsilon is None else f"{c.budget_epsilon:g}"
         label = c.client_id if c.method is None else f"{c.method}/{c.client_id}"
+        cross = "" if c.cross_difference is None else \
+            f"; {c.cross_method} {c.cross_final_epsilon:.4g} ({100 * c.cross_difference:+.1f}%)"
         print(f"  {label}: {c.entries} entries, epsilon {c.final_epsilon:.4g} (independent"
-              f" {ind}) of budget {budget}{', refused' if c.refused else ''}"
+              f" {ind}{cross}) of budget {budget}{', refused' if c.refused else ''}"
               f" -> {'ok' if c.ok else 'FAILED'}", file=out)
     verdict = "PASSED" if report.ok else "FAILED"
     print(f"verification {verdict}: {len(report.clients)} ledgers, {n_err} errors,"
@@ -56,7 +112,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints)
-    _print_verification(report, sys.stdout)
+    _print_verification(report, sys.stdout, verbose=args.verbose)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
     return 0 if report.ok else 1
@@ -167,6 +223,8 @@ def register(subparsers: Any) -> None:
                             " epsilon, budgets (exit 0 only if all hold)")
     _verify_options(verify)
     verify.add_argument("--json", help="also write the verification result to this file")
+    verify.add_argument("--verbose", action="store_true",
+                        help="list every ledger (default: only those with errors or warnings)")
     verify.set_defaults(func=cmd_verify)
 
     report = sub.add_parser("report", help="write a self-contained HTML report and report.json")

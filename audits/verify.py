@@ -16,7 +16,7 @@
    self-composition of a Poisson-subsampled Gaussian (a plain Gaussian when
    ``sample_rate == 1``). For ``accountant == "rdp"`` every entry's cumulative epsilon is
    recomputed with ``dp_accounting``'s RDP analysis (its default orders, a superset of
-   Opacus's); for ``"prv"`` with its PLD accountant (pessimistic estimate) at up to
+   the recorder's); for ``"prv"`` and ``"pld"`` with its PLD accountant (pessimistic estimate) at up to
    ``pld_checkpoints`` entries, always including the last (a PLD evaluation costs about a
    second, so intermediate PRV entries are otherwise checked for monotonicity only). Tolerance: the two libraries
    use different RDP order grids and numerics (``dp_accounting`` drops fractional orders
@@ -25,6 +25,11 @@
    on typical DP-SGD histories. An entry is **under-reported** (an error) when
    ``recorded < independent * (1 - rel_tol)``, default ``rel_tol = 0.02``; recorded values
    above ``independent * (1 + rel_tol)`` are conservative and reported as a warning.
+   For every ledger, the whole history is also recomputed with both ``dp_accounting``
+   methods: a recorded final epsilon below the pessimistic PLD value by more than
+   ``rel_tol`` is an error (no valid accountant can be tighter than that), and the recorded
+   value is compared with the method that is not the recorder's (PLD for ``"rdp"``, RDP for
+   ``"pld"``/``"prv"``): ``cross_difference`` says by how much they differ.
 3. **Budgets**: every entry's ``epsilon_after <= budget_epsilon`` and the independent
    epsilon ``<= budget_epsilon * (1 + rel_tol)``; ``epsilon_after`` never decreases; a
    refusal spends nothing; ``budget_epsilon``, ``delta`` and ``accountant`` do not change
@@ -98,7 +103,9 @@ ENTRY_FIELDS: tuple[str, ...] = (
     "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
 )
 ACCOUNTED_PARAMS: tuple[str, ...] = ("noise_multiplier", "sample_rate", "steps")
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "pld")
+#: The independent method each recorder is compared with ("says by how much they differ").
+CROSS_METHOD: dict[str, str] = {"rdp": "pld", "pld": "rdp", "prv": "rdp"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 
@@ -167,6 +174,15 @@ class ClientVerification:
     mechanisms: dict[str, dict[str, Any]]
     series: list[EntryCheck]
     ok: bool = True
+    #: dp_accounting's PLD (pessimistic) and RDP epsilon of the whole ledger.
+    pld_final_epsilon: float | None = None
+    rdp_final_epsilon: float | None = None
+    #: The other method (PLD for an RDP ledger, RDP for PLD/PRV ledgers), its epsilon and the
+    #: relative difference ``recorded / cross - 1`` (negative: the recorder is tighter).
+    cross_method: str | None = None
+    cross_final_epsilon: float | None = None
+    cross_difference: float | None = None
+    warned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable dict of every field."""
@@ -219,6 +235,7 @@ CHECKS_DONE = [
     "index equals line position; prev_hash chains every line (SHA-256)",
     "Ed25519 signature of every entry under the client's allowlisted key",
     "cumulative epsilon recomputed with dp_accounting (independent of Opacus)",
+    "final epsilon not below dp_accounting's pessimistic PLD; compared with the other method",
     "epsilon_after never decreases; refusals spend nothing",
     "no entry above its client's budget (recorded and independent)",
     "budget, delta and accountant constant per client and equal to config.toml",
@@ -434,10 +451,32 @@ PLD_VALUE_DISCRETIZATION = 1e-3
 
 
 def _pld_epsilon(counts: dict[tuple[float, float], int], delta: float) -> float:
+    return _pld_epsilon_cached(tuple(sorted(counts.items())), delta)
+
+
+@functools.lru_cache(maxsize=512)
+def _pld_epsilon_cached(counts: tuple[tuple[tuple[float, float], int], ...],
+                        delta: float) -> float:
     acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
-    for (nm, q), steps in counts.items():
+    for (nm, q), steps in counts:
         acc.compose(_event(nm, q), steps)
     return float(acc.get_epsilon(delta))
+
+
+def _final_epsilons(releases: Sequence[tuple[float, float, int] | None],
+                    delta: float) -> tuple[float | None, float | None]:
+    """(PLD pessimistic, RDP) epsilon of all ``releases`` together, by dp_accounting."""
+    real = [r for r in releases if r is not None]
+    if not real:
+        return None, None
+    counts: dict[tuple[float, float], int] = {}
+    total = np.zeros_like(_RDP_ORDERS)
+    with _quiet_dp_accounting():
+        for nm, q, steps in real:
+            key = (float(nm), float(q))
+            counts[key] = counts.get(key, 0) + int(steps)
+            total = total + int(steps) * _rdp_curve(*key)
+        return _pld_epsilon(counts, delta), _rdp_epsilon(total, delta)
 
 
 def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], delta: float,
@@ -447,8 +486,8 @@ def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], de
 
     ``releases[i]`` is ``(noise_multiplier, sample_rate, steps)`` or None (a refusal or an
     unparseable entry: composes nothing). ``accountant="rdp"``: RDP at every position.
-    ``"prv"``: PLD at up to ``checkpoints`` positions (the last release always among them),
-    None elsewhere. Positions with None releases get None.
+    ``"prv"`` and ``"pld"``: PLD (pessimistic) at up to ``checkpoints`` positions (the last
+    release always among them), None elsewhere. Positions with None releases get None.
     """
     if accountant not in ACCOUNTANTS:
         raise AuditError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -589,6 +628,16 @@ def _configured_budget(cfg: ExperimentConfig, client_id: str) -> tuple[float, fl
     return float(eps), float(delta)
 
 
+def _chosen_accountant(results: dict[str, Any] | None, method: str | None) -> str | None:
+    """The accountant results.json records for ``method`` (``privacy[<method>].accountant``)."""
+    if not results or not isinstance(results.get("privacy"), dict):
+        return None
+    section = results["privacy"].get(method) if method is not None else results["privacy"]
+    if isinstance(section, dict) and isinstance(section.get("accountant"), str):
+        return section["accountant"]
+    return None
+
+
 def _anchor(results: dict[str, Any] | None, method: str | None,
             client_id: str) -> dict[str, Any] | None:
     """The runtime's per-client privacy summary in results.json, if it wrote one.
@@ -672,9 +721,18 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             if _number(delta) and not math.isclose(delta, c_delta, rel_tol=1e-12):
                 err(None, "config", f"ledger delta {delta!r} differs from the configured"
                     f" {c_delta!r}")
-            if accountant is not None and accountant != ctx.config.privacy.accountant:
+            configured_acc = ctx.config.privacy.accountant
+            chosen = _chosen_accountant(ctx.results, method)
+            if configured_acc == "auto":
+                if accountant is not None and accountant not in ("rdp", "pld"):
+                    err(None, "config", f"ledger accountant {accountant!r} is not one that"
+                        " privacy.accountant = 'auto' chooses (rdp, pld)")
+                elif accountant is not None and chosen is not None and accountant != chosen:
+                    err(None, "config", f"ledger accountant {accountant!r} differs from the"
+                        f" one results.json says 'auto' chose ({chosen!r})")
+            elif accountant is not None and accountant != configured_acc:
                 err(None, "config", f"ledger accountant {accountant!r} differs from the"
-                    f" configured {ctx.config.privacy.accountant!r}")
+                    f" configured {configured_acc!r}")
 
     prev_eps: float | None = None
     releases: list[tuple[float, float, int] | None] = []
@@ -772,6 +830,22 @@ def _verify_client(path: Path, method: str | None, client_id: str,
 
     ind_final = next((c.independent_epsilon for c in reversed(series)
                       if c.independent_epsilon is not None), None)
+    pld_final = rdp_final = cross = diff = None
+    cross_method = CROSS_METHOD.get(accountant) if isinstance(accountant, str) else None
+    if _number(delta) and 0 < delta < 1:
+        pld_final, rdp_final = _final_epsilons(releases, float(delta))
+    recorded_final = next((c.recorded_epsilon for c in reversed(series)
+                           if c.recorded_epsilon is not None and c.mechanism != REFUSAL), None)
+    if cross_method is not None:
+        cross = pld_final if cross_method == "pld" else rdp_final
+        if cross is not None and recorded_final is not None and cross > 0:
+            diff = recorded_final / cross - 1.0
+    if pld_final is not None and recorded_final is not None \
+            and recorded_final < pld_final * (1.0 - rel_tol) \
+            and not any(f.check == "epsilon_under_reported" for f in findings):
+        err(last, "epsilon_under_reported",
+            f"recorded final epsilon {recorded_final:.6g} is below the independent pessimistic"
+            f" PLD value {pld_final:.6g} (dp_accounting) by more than {rel_tol:.0%}")
     ctx.findings.extend(findings)
     return ClientVerification(
         client_id=client_id, method=method, ledger=str(path), entries=len(lines),
@@ -779,6 +853,9 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         budget_epsilon=budget if _number(budget) else None, final_epsilon=float(final),
         independent_final_epsilon=ind_final, refused=refused, mechanisms=mechanisms,
         series=series, ok=not any(f.severity == "error" for f in findings),
+        pld_final_epsilon=pld_final, rdp_final_epsilon=rdp_final, cross_method=cross_method,
+        cross_final_epsilon=cross, cross_difference=diff,
+        warned=any(f.severity == "warning" for f in findings),
     )
 
 
@@ -876,6 +953,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     return VerificationReport(
         run_dir=str(run), clients=clients, findings=findings, rel_tol=float(rel_tol),
         independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
-                                " ('rdp' ledgers), PLD at checkpoints ('prv' ledgers)"),
+                                " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
+                                " PLD (pessimistic) and RDP of every whole ledger"),
         allowlist=allow_used, checks=list(CHECKS_DONE),
     )

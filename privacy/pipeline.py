@@ -229,6 +229,12 @@ class BudgetGate:
                                   mechanism=names, epsilon_would_be=epsilon_would_be,
                                   budget=self.budget, reason=reason)
 
+    def refuse(self, release: Release, epsilon_would_be: float, reason: str) -> None:
+        """Refuse ``release`` for a reason other than its budget (e.g. its accounting does not
+        match what was executed): a refusal ledger entry, the gate closes, and
+        BudgetExceededError (carrying ``reason``) is raised. Nothing is spent."""
+        self._refuse(release, epsilon_would_be, reason)
+
     def process(self, release: Release) -> Release:
         """Ledger-then-release, or refusal (ledger entry + BudgetExceededError)."""
         if not release.records:
@@ -247,7 +253,11 @@ class BudgetGate:
             self._refuse(release, eps_final, "over budget")
         cumulative = [self.accountant.epsilon_after_releases(delta, triples[:k])
                       for k in range(1, len(triples))] + [eps_final]
-        all_params = [{"release_kind": release.kind, **r.ledger_params()} for r in release.records]
+        # The accountant and its parameters go with every entry, so that an auditor can redo
+        # the computation from the ledger alone.
+        accountant_params = self.accountant.parameters
+        all_params = [{"release_kind": release.kind, **r.ledger_params(),
+                       "accountant_params": accountant_params} for r in release.records]
         last_entry: dict[str, Any] = {}
         for record, params, eps in zip(release.records, all_params, cumulative, strict=True):
             last_entry = self.ledger.append(

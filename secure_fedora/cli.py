@@ -23,7 +23,9 @@ console = Console(stderr=True)
 def results_table(results: dict[str, Any]) -> Table:
     """A rich table of each method's selected test metric (accuracy or AUC) across clients."""
     metric = results.get("metric", "accuracy")
-    table = Table(title=f"{results['name']}: personalized test {metric} (best-validation model)")
+    selection = results.get("assumptions", {}).get("model_selection", "validation")
+    which = "final-round model" if selection == "final_round" else "best-validation model"
+    table = Table(title=f"{results['name']}: personalized test {metric} ({which})")
     for col in ("method", "mean", "min", "max", "std"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for name, body in results["methods"].items():
@@ -48,6 +50,8 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
         table.caption += f"\nnoise: {noise}"
         if rows[0].get("noise_warning"):
             table.caption += f" -- WARNING: {rows[0]['noise_warning']}"
+    if rows and "accountant" in rows[0]:
+        table.caption += f"\naccountant: {rows[0].get('accountant_reason', rows[0]['accountant'])}"
     return table
 
 

@@ -218,7 +218,9 @@ class PrivacyConfig(_Section):
     enabled: bool = False
     epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 8.0
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    accountant: Literal["rdp", "prv"] = "rdp"
+    # "auto": compute the plan under PLD and RDP and use the tighter (recorded with the reason
+    # in the plan and results.json); or a registered accountant: "rdp", "pld", "prv".
+    accountant: str = "auto"
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     sample_rate: Annotated[float, Field(gt=0, le=1)] | None = None
     noise_multiplier: Annotated[float, Field(gt=0)] | None = None
@@ -238,6 +240,21 @@ class PrivacyConfig(_Section):
     # the config (flagged in the plan, results.json, the ledger header and the audit report).
     noise: Literal["csprng", "reproducible"] = "csprng"
     overrides: dict[str, ClientBudgetConfig] = Field(default_factory=dict)
+    # Which round's models are reported as "selected". "validation": the round with the best
+    # mean validation accuracy; "final_round": the last round (data-independent). Unset: the
+    # final round when data.validation = "private" (choosing a round by private validation
+    # accuracy is itself an unaccounted release, so "validation" is refused there), else
+    # "validation".
+    model_selection: Literal["validation", "final_round"] | None = None
+
+    @model_validator(mode="after")
+    def _known_accountant(self) -> PrivacyConfig:
+        from privacy.accounting import ACCOUNTANT_REGISTRY
+
+        if self.accountant != "auto" and self.accountant not in ACCOUNTANT_REGISTRY:
+            raise ValueError(f"privacy.accountant must be 'auto' or one of"
+                             f" {sorted(ACCOUNTANT_REGISTRY)}, got {self.accountant!r}")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -346,6 +363,12 @@ class ExperimentConfig(_Section):
                 f"privacy.delta must be < 1/n = {1 / d.train_per_client:g} "
                 f"(n = data.train_per_client = {d.train_per_client})"
             )
+        if d.validation == "private" and p.model_selection == "validation":
+            raise ValueError(
+                "privacy.model_selection 'validation' picks the reported round by accuracy on "
+                "private validation data, a release no accountant covers; with data.validation "
+                "'private' use model_selection = 'final_round' (or leave it unset)"
+            )
         self._check_dpsgd_plan()
         return self
 
@@ -370,6 +393,17 @@ class ExperimentConfig(_Section):
                 f"ceil(training.local_epochs = {t.local_epochs} / q = {q:g}, from {source})), "
                 f"above the maximum of {MAX_PLANNED_DPSGD_STEPS:,}"
             )
+
+
+def model_selection(cfg: ExperimentConfig) -> str:
+    """How the reported round is chosen: ``"validation"`` (best mean validation accuracy) or
+    ``"final_round"``; never ``"validation"`` on private validation data under DP."""
+    p = cfg.privacy
+    if p.model_selection is not None:
+        return p.model_selection
+    if p.enabled and cfg.data.validation == "private":
+        return "final_round"
+    return "validation"
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -422,6 +456,9 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("training", "loss"): "cross_entropy",
     ("data", "source"): None,
     ("model", "factory"): None,
+    # Unset keeps every earlier behaviour except validation-selected rounds on private
+    # validation data under DP, an unaccounted release that is no longer made.
+    ("privacy", "model_selection"): None,
 }
 
 
@@ -434,6 +471,10 @@ def config_hash(cfg: ExperimentConfig) -> str:
         # replaced privacy.noise_seed, so their checkpoints and sweep cells stay valid.
         del doc["privacy"]["noise"]
         doc["privacy"]["noise_seed"] = "experiment"
+    if not cfg.privacy.enabled and doc["privacy"].get("accountant") == "auto":
+        # Without DP no accountant runs: hash the default of earlier versions ("rdp"), so that
+        # non-private checkpoints stay valid across the change of default to "auto".
+        doc["privacy"]["accountant"] = "rdp"
     for (section, key), neutral in _NEUTRAL_DEFAULTS.items():
         if key in doc.get(section, {}) and doc[section][key] == neutral:
             del doc[section][key]

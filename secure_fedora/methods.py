@@ -78,6 +78,7 @@ class MethodContext:
         """Point a DP oracle at client ``i``'s noise multiplier and noise source."""
         if self.privacy is not None:
             self.oracle.select(self.privacy.clients[i].noise_multiplier, self.noise[i])
+            self.privacy.select_client(i, self.oracle)
 
     def train_client(self, i: int, theta: Tensor, phi: Tensor | None = None, lam: float = 0.0) -> int:
         """Run client ``i``'s local training on ``theta`` in place; returns the step count."""

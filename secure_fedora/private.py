@@ -18,10 +18,11 @@ personalized model and releases nothing more. The federation goes on with the ot
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from privacy.mechanisms import (
     top_eigenvectors,
 )
 from privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, make_noise_source
-from privacy.pipeline import BudgetGate, Release
+from privacy.pipeline import BudgetGate, PipelineError, Release
 from secure_fedora import fedora
 from secure_fedora.config import ConfigError, ExperimentConfig
 from secure_fedora.partition import ClientData
@@ -83,6 +84,26 @@ class ClientPlan:
     summary_noise: float | None
     lambda_noise: float | None
     releases: tuple[PlannedRelease, ...]
+    accountant: str = ""  # the accountant the noise was calibrated under
+
+
+class BudgetPlanError(ConfigError):
+    """The planned releases of some clients cannot fit their budgets; nothing was trained.
+
+    ``clients`` names every such client; the message says which budget, which plan and which
+    key to change.
+    """
+
+    def __init__(self, message: str, clients: Sequence[str]) -> None:
+        self.clients = list(clients)
+        super().__init__(message)
+
+
+class StepCountMismatchError(PipelineError):
+    """A client executed a different number of DP-SGD steps than its ledger accounted.
+
+    Raised before the trained model is released (the release is refused in the ledger).
+    """
 
 
 def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
@@ -93,14 +114,8 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
         raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}: {err}") from None
 
 
-def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget) -> ClientPlan:
-    """Every release a client of ``method`` may make over the run, with calibrated noise.
-
-    The summary (once) and lambda (every round) use fixed noise multipliers or, when unset,
-    ones calibrated so that each alone spends its configured fraction of the budget; DP-SGD's
-    noise is then calibrated so that the whole plan spends at most ``budget.epsilon``.
-    Raises ConfigError (naming the key) when no noise can meet the budget.
-    """
+def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
+              accountant: str) -> ClientPlan:
     p = cfg.privacy
     rounds = cfg.training.rounds
     eps, delta = budget.epsilon, budget.delta
@@ -109,18 +124,145 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget) -> C
     if method == "fedora" and "noised" in cfg.fedora.relatedness:
         summary_noise = p.summary_noise_multiplier or _calibrate(
             p.summary_budget_fraction * eps, delta, [PlannedRelease("gaussian_summary", 1.0, 1)],
-            p.accountant, "privacy.summary_noise_multiplier")
+            accountant, "privacy.summary_noise_multiplier")
         fixed.append(PlannedRelease("gaussian_summary", 1.0, 1, summary_noise))
     if method == "fedora" and cfg.data.validation == "private":
         lambda_noise = p.lambda_noise_multiplier or _calibrate(
             p.lambda_budget_fraction * eps, delta, [PlannedRelease("gaussian_lambda", 1.0, rounds)],
-            p.accountant, "privacy.lambda_noise_multiplier")
+            accountant, "privacy.lambda_noise_multiplier")
         fixed.append(PlannedRelease("gaussian_lambda", 1.0, rounds, lambda_noise))
     dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), rounds * steps_per_round(cfg))
     plan = [dpsgd, *fixed]
-    dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, p.accountant,
+    dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,
                                                    "privacy.noise_multiplier (DP-SGD)")
-    return ClientPlan(dpsgd_noise, summary_noise, lambda_noise, tuple(plan))
+    return ClientPlan(dpsgd_noise, summary_noise, lambda_noise, tuple(plan), accountant)
+
+
+@dataclass(frozen=True)
+class AccountantChoice:
+    """Which accountant a run uses and why (written to the plan and results.json).
+
+    ``comparison`` holds, per distinct budget, the epsilon of the same plan under each
+    candidate and the DP-SGD noise each would calibrate (None where it cannot).
+    """
+
+    name: str
+    reason: str
+    comparison: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return {"accountant": self.name, "reason": self.reason,
+                "comparison": [dict(c) for c in self.comparison]}
+
+
+#: Candidates of ``privacy.accountant = "auto"``, in order of preference on a tie.
+AUTO_CANDIDATES: tuple[str, ...] = ("pld", "rdp")
+
+
+def choose_accountant(cfg: ExperimentConfig, method: str,
+                      budgets: Sequence[PrivacyBudget]) -> AccountantChoice:
+    """The accountant for ``method``'s run: the configured one, or under ``"auto"`` the
+    tighter of PLD and RDP for this plan.
+
+    "Tighter" is decided per distinct budget on one fixed plan (the RDP-calibrated one, or
+    PLD's where RDP cannot calibrate): the candidate whose epsilon for that plan is lower
+    wins (lower epsilon for the same noise means less noise for the same budget). PLD is
+    chosen only if it is at least as tight for every budget; a candidate that cannot
+    calibrate a budget at all loses. Both are valid upper bounds, so either choice is sound.
+    """
+    configured = cfg.privacy.accountant
+    if configured != "auto":
+        return AccountantChoice(configured, f"configured: privacy.accountant = {configured!r}")
+    rows: list[dict[str, Any]] = []
+    pld_wins = True
+    for budget in sorted({(b.epsilon, b.delta) for b in budgets}):
+        b = PrivacyBudget(*budget)
+        plans: dict[str, ClientPlan | None] = {}
+        for name in AUTO_CANDIDATES:
+            try:
+                plans[name] = _plan_for(cfg, method, b, name)
+            except ConfigError:
+                plans[name] = None
+        row: dict[str, Any] = {"epsilon_budget": b.epsilon, "delta": b.delta}
+        for name in AUTO_CANDIDATES:
+            plan = plans[name]
+            row[f"{name}_noise_multiplier"] = None if plan is None else round(plan.dpsgd_noise, 6)
+        reference = plans["rdp"] or plans["pld"]
+        if reference is not None:
+            for name in AUTO_CANDIDATES:
+                row[f"{name}_epsilon_of_plan"] = round(plan_epsilon(
+                    reference.releases, b.delta, reference.dpsgd_noise, name), 6)
+            row["plan"] = "rdp-calibrated" if plans["rdp"] is not None else "pld-calibrated"
+        if plans["pld"] is None or (plans["rdp"] is not None
+                                    and row["pld_epsilon_of_plan"] > row["rdp_epsilon_of_plan"]):
+            pld_wins = False
+        rows.append(row)
+    name = "pld" if pld_wins else "rdp"
+    first = rows[0] if rows else {}
+    detail = (f"for the plan at epsilon {first.get('epsilon_budget')}: PLD gives"
+              f" {first.get('pld_epsilon_of_plan')} vs RDP {first.get('rdp_epsilon_of_plan')}"
+              f" (DP-SGD noise PLD {first.get('pld_noise_multiplier')},"
+              f" RDP {first.get('rdp_noise_multiplier')})") if rows else ""
+    reason = (f"auto: {name} is tighter for every budget of the plan; " if pld_wins else
+              "auto: PLD is not tighter for every budget (or cannot calibrate); ") + detail
+    return AccountantChoice(name, reason, tuple(rows))
+
+
+def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
+                 accountant: str | None = None) -> ClientPlan:
+    """Every release a client of ``method`` may make over the run, with calibrated noise.
+
+    The summary (once) and lambda (every round) use fixed noise multipliers or, when unset,
+    ones calibrated so that each alone spends its configured fraction of the budget; DP-SGD's
+    noise is then calibrated so that the whole plan spends at most ``budget.epsilon``, under
+    ``accountant`` (default: :func:`choose_accountant` for this budget).
+    Raises ConfigError (naming the key) when no noise can meet the budget, and
+    :class:`BudgetPlanError` when fixed noise multipliers plan more than the budget.
+    """
+    if accountant is None:
+        accountant = choose_accountant(cfg, method, [budget]).name
+    plan = _plan_for(cfg, method, budget, accountant)
+    planned = plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, accountant)
+    if planned > budget.epsilon:
+        raise BudgetPlanError(
+            f"privacy: the plan of {method!r} spends epsilon {planned:.4g} > budget"
+            f" {budget.epsilon:g} (delta {budget.delta:g}, accountant {accountant!r}) with the"
+            f" fixed privacy.noise_multiplier {plan.dpsgd_noise:g}; raise it or unset it to"
+            " calibrate", [])
+    return plan
+
+
+def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int
+                       ) -> tuple[AccountantChoice, dict[tuple[float, float], ClientPlan]]:
+    """Choose the accountant and calibrate every client's plan, before anything runs.
+
+    Returns the choice and the plan per distinct ``(epsilon, delta)``. Raises
+    :class:`BudgetPlanError` listing every client whose planned releases cannot fit its
+    budget (a fixed noise multiplier too small, or no noise that can meet it).
+    """
+    ids = client_ids(num_clients)
+    budgets = [client_budget(cfg, i) for i in range(num_clients)]
+    choice = choose_accountant(cfg, method, budgets)
+    plans: dict[tuple[float, float], ClientPlan] = {}
+    problems: dict[tuple[float, float], str] = {}
+    for budget in budgets:
+        key = (budget.epsilon, budget.delta)
+        if key not in plans and key not in problems:
+            try:
+                plans[key] = privacy_plan(cfg, method, budget, choice.name)
+            except ConfigError as err:  # BudgetPlanError included
+                problems[key] = str(err)
+    if problems:
+        refused = [cid for cid, b in zip(ids, budgets, strict=True)
+                   if (b.epsilon, b.delta) in problems]
+        shown = ", ".join(refused[:8]) + (f" and {len(refused) - 8} more"
+                                          if len(refused) > 8 else "")
+        why = "; ".join(f"budget epsilon {e:g}: {msg}" for (e, _), msg in problems.items())
+        raise BudgetPlanError(
+            f"privacy plan of {method!r} over budget for {len(refused)} client(s)"
+            f" ({shown}); nothing was trained. {why}", refused)
+    return choice, plans
 
 
 def client_budget(cfg: ExperimentConfig, index: int) -> PrivacyBudget:
@@ -150,6 +292,10 @@ class DPGradient:
         # Per-sample losses (reduction="none"): DP-SGD clips each sample's gradient of
         # whichever loss the task uses.
         self._loss = task.checked if task is not None else nn.CrossEntropyLoss(reduction="none")
+        #: Called after every executed DP-SGD step (the step counter's hook); set by
+        #: :meth:`FederationPrivacy.select_client` to count the selected client's steps.
+        self.on_step: Callable[[], None] | None = None
+        self.steps_executed = 0
 
     @property
     def max_grad_norm(self) -> float:
@@ -169,6 +315,9 @@ class DPGradient:
 
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
         self.dpsgd.private_gradient(x, y, self._loss)
+        self.steps_executed += 1
+        if self.on_step is not None:
+            self.on_step()
 
     def check_model(self, x: Tensor, y: Tensor) -> None:
         """Verify, before training, that the DP path computes this model's per-sample
@@ -190,6 +339,9 @@ class ClientPrivacy:
     ledger: LedgerWriter
     refused_at: int | None = None
     refusal: str | None = None
+    refusal_error: BudgetExceededError | None = None
+    #: DP-SGD steps the ledger accounted for each admitted round (read back from the ledger).
+    admitted_steps: dict[int, int] = field(default_factory=dict)
 
     @property
     def noise_multiplier(self) -> float:
@@ -218,17 +370,23 @@ class FederationPrivacy:
     events: list[dict[str, Any]] = field(default_factory=list)
     # Per-sample loss of the private lambda release (the task's loss; set by the runtime).
     loss: Any = CROSS_ENTROPY.checked
+    accountant_choice: AccountantChoice | None = None
+    #: DP-SGD steps executed per client since its last admission (counted by the oracle hook).
+    executed_steps: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
              key_dir: Path) -> FederationPrivacy:
+        """Calibrate every client's plan (refusing over-budget plans), then open the ledgers.
+
+        Raises :class:`BudgetPlanError` naming every client whose planned releases cannot fit
+        its budget, before any file is written.
+        """
         ids = client_ids(num_clients)
-        plans: dict[tuple[float, float], ClientPlan] = {}
         budgets = [client_budget(cfg, i) for i in range(num_clients)]
-        for budget in budgets:  # calibrate everything before any file is written
-            key = (budget.epsilon, budget.delta)
-            if key not in plans:
-                plans[key] = privacy_plan(cfg, method, budget)
+        # calibrate everything before any file is written
+        choice, plans = check_budget_plans(cfg, method, num_clients)
+        accountant = choice.name
         if not (key_dir / "allowlist.json").exists():
             init_keys(key_dir, ["server", *ids])
         ledger_dir.mkdir(parents=True, exist_ok=True)
@@ -236,15 +394,63 @@ class FederationPrivacy:
         for i, (cid, budget) in enumerate(zip(ids, budgets, strict=True)):
             signing_key = load_identity(key_dir, cid).signing_key
             ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid, signing_key)
-            accountant = replay_accountant(ledger.entries, cfg.privacy.accountant) if ledger.entries \
-                else Accountant(cfg.privacy.accountant)
-            gate = BudgetGate(accountant, budget, ledger, cid)
+            acc = replay_accountant(ledger.entries, accountant) if ledger.entries \
+                else Accountant(accountant)
+            gate = BudgetGate(acc, budget, ledger, cid)
             state = ClientPrivacy(i, cid, budget, plans[(budget.epsilon, budget.delta)], gate, ledger)
             if gate.closed:
                 state.refused_at = -1
                 state.refusal = "refused before restart"
             states.append(state)
-        return cls(cfg, method, states, sample_rate_for(cfg), steps_per_round(cfg))
+        return cls(cfg, method, states, sample_rate_for(cfg), steps_per_round(cfg),
+                   accountant_choice=choice)
+
+    @property
+    def accountant(self) -> str:
+        """Name of the accountant every client of this run records with."""
+        return self.clients[0].gate.accountant.kind if self.clients else self.cfg.privacy.accountant
+
+    def select_client(self, i: int, oracle: Any) -> None:
+        """Attribute the DP-SGD steps ``oracle`` executes from now on to client ``i``.
+
+        ``oracle`` may be wrapped (baseline wrappers expose ``inner``); a non-DP oracle
+        (a client-held personal model) executes no DP-SGD step and is left alone.
+        """
+        while not isinstance(oracle, DPGradient) and hasattr(oracle, "inner"):
+            oracle = oracle.inner
+        if isinstance(oracle, DPGradient):
+            oracle.on_step = functools.partial(self._count_step, i)
+
+    def _count_step(self, i: int) -> None:
+        self.executed_steps[i] = self.executed_steps.get(i, 0) + 1
+
+    def confirm_steps(self, rnd: int, participants: Sequence[int]) -> None:
+        """Check, before round ``rnd``'s models are released, that each participant executed
+        exactly the DP-SGD steps its ledger entry for the round records.
+
+        A mismatch appends a refusal to that client's ledger (its gate closes) and raises
+        :class:`StepCountMismatchError` naming the client, both counts and the round.
+        """
+        for i in participants:
+            c = self.clients[i]
+            recorded = c.admitted_steps.get(rnd)
+            executed = self.executed_steps.get(i, 0)
+            if recorded is not None and executed == recorded:
+                continue
+            reason = (f"step count mismatch: client {c.client_id!r} executed {executed} DP-SGD"
+                      f" steps in round {rnd}, its ledger accounted {recorded}")
+            extra = executed - (recorded or 0)
+            eps = c.epsilon
+            if extra > 0:
+                eps = c.gate.accountant.epsilon_after(c.budget.delta, c.noise_multiplier,
+                                                      self.sample_rate, extra)
+            try:
+                c.gate.refuse(Release("model", torch.empty(0), rnd), eps, reason)
+            except BudgetExceededError as err:
+                c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
+            self.events.append({"round": rnd, "client": c.client_id, "event": "refused",
+                                "detail": reason})
+            raise StepCountMismatchError(reason + "; the model release was refused")
 
     def close(self) -> None:
         for c in self.clients:
@@ -253,8 +459,7 @@ class FederationPrivacy:
     def planned_epsilon(self, i: int) -> float:
         """Epsilon client ``i`` reaches if it makes every planned release."""
         c = self.clients[i]
-        return plan_epsilon(c.plan.releases, c.budget.delta, c.noise_multiplier,
-                            self.cfg.privacy.accountant)
+        return plan_epsilon(c.plan.releases, c.budget.delta, c.noise_multiplier, self.accountant)
 
     def plan_rows(self) -> list[dict[str, Any]]:
         """The plan per distinct budget, for printing before training and for results.json."""
@@ -268,13 +473,22 @@ class FederationPrivacy:
                     "steps_per_round": self.steps, "rounds": self.cfg.training.rounds,
                     "planned_epsilon": round(self.planned_epsilon(c.index), 6),
                     **noise_assumptions(self.cfg),
+                    **{f"planned_epsilon_{name}": round(plan_epsilon(
+                        c.plan.releases, c.budget.delta, c.noise_multiplier, name), 6)
+                       for name in AUTO_CANDIDATES},
                     "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate:g}"
                                  + (f", sigma={r.noise_multiplier:g})" if r.noise_multiplier else ")")
                                  for r in c.plan.releases],
                     "clients": 0,
                 }
             rows[key]["clients"] += 1
-        return list(rows.values())
+        out = list(rows.values())
+        choice = self.accountant_choice
+        for row in out:
+            row["accountant"] = self.accountant
+            if choice is not None:
+                row["accountant_reason"] = choice.reason
+        return out
 
     def _gate(self, i: int, rnd: int, kind: str, payload: Tensor,
               records: list[MechanismRecord]) -> bool:
@@ -286,13 +500,23 @@ class FederationPrivacy:
         noise = noise_assumptions(self.cfg)
         records = [dataclasses.replace(r, params={**r.params, **noise}) for r in records]
         try:
-            c.gate.process(Release(kind, payload, rnd, records))
+            released = c.gate.process(Release(kind, payload, rnd, records))
         except BudgetExceededError as err:
-            c.refused_at, c.refusal = rnd, str(err)
+            c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused", "detail": str(err)})
             log.warning("%s", err)
             return False
+        if kind == "model":
+            self._note_admitted(c, rnd, int(released.metadata["ledger_index"]), len(records))
         return True
+
+    def _note_admitted(self, c: ClientPrivacy, rnd: int, last_index: int, count: int) -> None:
+        """Read back the DP-SGD steps this release's ledger entries account; reset the counter."""
+        entries = c.ledger.entries[last_index - count + 1 : last_index + 1]
+        steps = sum(int(e["params"]["steps"]) for e in entries
+                    if e["mechanism"] == "dpsgd" and e["round"] == rnd)
+        c.admitted_steps = {rnd: steps}
+        self.executed_steps[c.index] = 0
 
     def admit(self, i: int, rnd: int, theta: Tensor, with_lambda: bool) -> bool:
         """Pass client ``i``'s round-``rnd`` model release through its gate (ledger first).
@@ -329,10 +553,15 @@ class FederationPrivacy:
             summary = top_eigenvectors(noised, q)
             record = summary_record(p.summary_clip, sigma, n, q)
             if not self._gate(i, 0, "summary", summary, [record]):
+                state = self.clients[i]
+                err = state.refusal_error
+                would_be = err.epsilon_would_be if err is not None and err.round == 0 else \
+                    state.gate.accountant.epsilon_after(state.budget.delta, *record.as_release())
                 raise BudgetExceededError(
-                    client_id=self.clients[i].client_id, round=0, mechanism="gaussian_summary",
-                    epsilon_would_be=float("nan"), budget=self.clients[i].budget,
-                    reason="the summary release was refused; relatedness cannot be estimated",
+                    client_id=state.client_id, round=0, mechanism="gaussian_summary",
+                    epsilon_would_be=would_be, budget=state.budget,
+                    reason="the summary release was refused (see the client's ledger);"
+                    " relatedness cannot be estimated, so the run stops",
                 )
             out.append(summary)
         return torch.stack(out)
@@ -356,6 +585,9 @@ class FederationPrivacy:
         return {
             "method": self.method,
             **noise_assumptions(self.cfg),
+            "accountant": self.accountant,
+            "accountant_choice": None if self.accountant_choice is None
+            else self.accountant_choice.to_json(),
             "plan": self.plan_rows(),
             "sample_rate": self.sample_rate,
             "steps_per_round": self.steps,

@@ -33,7 +33,7 @@ from secure_fedora.client import (
     Workspace,
     evaluate,
 )
-from secure_fedora.config import ExperimentConfig, config_hash
+from secure_fedora.config import ExperimentConfig, config_hash, model_selection
 from secure_fedora.data import fingerprint_clients
 from secure_fedora.methods import FederatedMethod, Fedora, MethodContext
 from secure_fedora.models import make_model
@@ -325,14 +325,18 @@ class Tracker:
     test_at_best: Tensor
     last_val: Tensor
     last_test: Tensor
+    # True: the latest evaluated round is always selected (``model_selection = "final_round"``;
+    # validation accuracy is then not consulted, nor reported).
+    select_final: Tensor = field(default_factory=lambda: torch.tensor(False))
 
     @classmethod
-    def empty(cls, n: int) -> Tracker:
-        return cls(torch.tensor(-1.0), torch.tensor(0), torch.zeros(n), torch.zeros(n), torch.zeros(n))
+    def empty(cls, n: int, select_final: bool = False) -> Tracker:
+        return cls(torch.tensor(-1.0), torch.tensor(0), torch.zeros(n), torch.zeros(n), torch.zeros(n),
+                   torch.tensor(bool(select_final)))
 
     def update(self, rnd: int) -> None:
         val_mean = self.last_val.mean()
-        if val_mean > self.best_val_mean:
+        if bool(self.select_final) or val_mean > self.best_val_mean:
             self.best_val_mean.copy_(val_mean)
             self.best_round.fill_(rnd)
             self.test_at_best.copy_(self.last_test)
@@ -564,7 +568,7 @@ class Simulation:
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
         n = len(self.clients)
-        tracker = Tracker.empty(n)
+        tracker = Tracker.empty(n, select_final=model_selection(cfg) == "final_round")
         round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
         start_round = 1
         history: list[dict[str, Any]] = []
@@ -593,6 +597,8 @@ class Simulation:
                                 if privacy.admit(i, rnd, method.theta[i], with_lambda)]
             t0 = time.perf_counter()
             stats = method.train_round(rnd, participants) if participants else {"steps": 0.0}
+            if privacy is not None:
+                privacy.confirm_steps(rnd, participants)  # before anything leaves the round
             timing["training"] += time.perf_counter() - t0
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
@@ -658,7 +664,8 @@ class Simulation:
             "test_min": float(tracker.last_test.min()),
             "test_max": float(tracker.last_test.max()),
             "test_std": float(tracker.last_test.std(unbiased=False)),
-            "val_mean": float(tracker.last_val.mean()),
+            # Validation accuracy on private data is not reported (it would be a release).
+            "val_mean": None if bool(tracker.select_final) else float(tracker.last_val.mean()),
             "selected_mean": float(tracker.test_at_best.mean()),
             "selected_round": int(tracker.best_round),
         }
@@ -741,6 +748,7 @@ class Simulation:
             "loss": self.cfg.training.loss,
             "assumptions": {
                 "validation_data": self.cfg.data.validation,
+                "model_selection": model_selection(self.cfg),
                 "relatedness": self.cfg.fedora.relatedness,
                 "server": "honest-but-curious",
                 "differential_privacy": self.cfg.privacy.enabled,

@@ -201,6 +201,7 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
                 return ClientPlan(
                     doc["dpsgd_noise"], doc["summary_noise"], doc["lambda_noise"],
                     tuple(PlannedRelease(**r) for r in doc["releases"]),
+                    doc.get("accountant", ""),
                 )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable cache: recalibrate below and overwrite it
@@ -211,6 +212,7 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
         "summary_noise": plan.summary_noise,
         "lambda_noise": plan.lambda_noise,
         "releases": [dict(r.__dict__) for r in plan.releases],
+        "accountant": plan.accountant,
     }
     atomic_write_text(path, json.dumps(doc))
     return plan
@@ -234,6 +236,7 @@ def _open_privacy(
     from privacy.pipeline import BudgetGate
     from secure_fedora.private import (
         ClientPrivacy,
+        choose_accountant,
         client_budget,
         privacy_plan,
         sample_rate_for,
@@ -253,10 +256,8 @@ def _open_privacy(
                         lambda: privacy_plan(cfg, "fedora", budget))
     ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid, load_identity(node.identity_dir, cid).signing_key)
     try:
-        accountant = (
-            replay_accountant(ledger.entries, cfg.privacy.accountant)
-            if ledger.entries else Accountant(cfg.privacy.accountant)
-        )
+        kind = plan.accountant or choose_accountant(cfg, "fedora", [budget]).name
+        accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
     except BaseException:
         ledger.close()
@@ -384,6 +385,7 @@ def _train(
         dp = DPGradient(flat.module, cfg.privacy.max_grad_norm, q,
                         q * cfg.data.train_per_client, noise)
         dp.select(privacy.clients[0].noise_multiplier, noise)
+        privacy.select_client(0, dp)  # count the DP-SGD steps this run executes
         oracle = dp
     else:
         oracle = PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm)
@@ -643,6 +645,8 @@ def train_round(message: Message, context: Context) -> Message:
                 )
             if admitted:
                 lam, steps = _train(cfg, client, flat, state, phi, privacy)
+                if privacy is not None:  # executed steps == ledger entry, or no release
+                    privacy.confirm_steps(rnd, [0])
                 state.last_trained_round = rnd
                 trained_now = True
             elif state.refused_round == 0:

@@ -62,7 +62,7 @@ from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
 from secure_fedora import __version__, fedora
 from secure_fedora.client import FlatModel
-from secure_fedora.config import ExperimentConfig
+from secure_fedora.config import ExperimentConfig, model_selection
 from secure_fedora.deploy.ceremony import (
     CeremonyError,
     encrypted_rows,
@@ -728,7 +728,7 @@ def _round(
         row.update(
             test_mean=float(tracker.last_test.mean()),
             test_min=float(tracker.last_test.min()),
-            val_mean=float(tracker.last_val.mean()),
+            val_mean=None if bool(tracker.select_final) else float(tracker.last_val.mean()),
             selected_mean=float(tracker.test_at_best.mean()),
             selected_round=int(tracker.best_round),
         )
@@ -739,6 +739,10 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
     """Run FEDORA over the grid; returns (and writes) the results document."""
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise)
+    if cfg.privacy.enabled:  # a plan over any client's budget stops here, before any message
+        from secure_fedora.private import check_budget_plans
+
+        check_budget_plans(cfg, "fedora", cfg.data.num_clients)
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
     security = MessageSecurity.for_server(
@@ -753,7 +757,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
     init = FlatModel(make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)).initial_vector()
     server.theta = init.unsqueeze(0).repeat(n, 1)
     server.phi = server.theta.clone()
-    tracker = Tracker.empty(n)
+    tracker = Tracker.empty(n, select_final=model_selection(cfg) == "final_round")
     tracker.last_val.copy_(val0)
     tracker.last_test.copy_(test0)
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -529,3 +530,39 @@ def test_unexpected_dp_accounting_layout_is_an_error(monkeypatch):
             independent_epsilons([(1.3, 0.2, 1)], 1e-5, "rdp")
     finally:
         v._rdp_curve.cache_clear()
+
+
+# --------------------------------------------------------------------------- PLD ledgers
+
+
+def test_pld_ledgers_verify_and_report_the_difference_to_rdp(tmp_path):
+    run = build_run_dir(tmp_path / "run", accountant="pld")
+    report = verify_run(run)
+    assert report.ok, [str(f) for f in report.errors]
+    for c in report.clients:
+        assert c.accountant == "pld" and c.cross_method == "rdp"
+        # PLD is tighter than RDP for the same releases: the recorder is below the other method
+        assert c.cross_difference is not None and c.cross_difference < -0.02
+        assert c.final_epsilon == pytest.approx(c.pld_final_epsilon, rel=0.02)
+    rdp_run = verify_run(build_run_dir(tmp_path / "rdp", accountant="rdp"))
+    assert rdp_run.ok
+    assert all(c.cross_method == "pld" and c.cross_difference > 0 for c in rdp_run.clients)
+
+
+def test_a_recorder_below_the_pessimistic_pld_is_an_error(tmp_path, monkeypatch):
+    from privacy import accounting
+
+    honest = accounting.ACCOUNTANT_REGISTRY["pld"]
+    optimistic = dataclasses.replace(
+        honest, compute=lambda history, delta, options: 0.8 * honest.compute(history, delta,
+                                                                              options))
+    monkeypatch.setitem(accounting.ACCOUNTANT_REGISTRY, "pld", optimistic)
+    accounting._epsilon.cache_clear()
+    try:
+        run = build_run_dir(tmp_path / "run", accountant="pld")
+    finally:
+        accounting._epsilon.cache_clear()
+    report = verify_run(run)
+    assert not report.ok
+    under = [f for f in report.errors if f.check == "epsilon_under_reported"]
+    assert {f.client_id for f in under} == {c.client_id for c in report.clients}

@@ -368,6 +368,9 @@ class _PrivacyState:
     def __init__(self, n):
         self.clients = [type("C", (), {"noise_multiplier": float(10 + i)})() for i in range(n)]
 
+    def select_client(self, i, oracle):  # FederationPrivacy counts DP-SGD steps per client
+        pass
+
 
 @pytest.mark.skipif(not hasattr(MethodContext, "select"),
                     reason="this build's MethodContext has no client selection for DP oracles")

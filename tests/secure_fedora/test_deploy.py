@@ -500,26 +500,18 @@ def test_grid_csprng_run_stores_no_key_and_no_noise_state(
         assert state.noise_state is None
 
 
-@pytest.mark.usefixtures("task_identity")
-def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> None:
-    # Fixed noise: epsilon 0.53 after the summary, 2.74 after round 1, 3.85 after round 2.
-    # Client 1's budget (3.0) pays for the summary and round 1 only.
+def test_grid_dp_plan_over_a_budget_is_refused_before_any_message(tmp_path: Path) -> None:
+    from secure_fedora.private import BudgetPlanError
+
+    # Fixed noise whose plan exceeds client 1's budget (3.0): refused before round 0.
     cfg = dp_config(noise="reproducible", noise_multiplier=1.5, summary_noise_multiplier=5.0,
                     lambda_noise_multiplier=5.0, epsilon=50.0, overrides={"1": {"epsilon": 3.0}})
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    refusals = [e for e in results["events"] if "refused" in e["event"]]
-    assert refusals and {e["client"] for e in refusals} == {1}
-    assert results["privacy"]["clients"][1]["refused"]
-    assert [e["round"] for e in refusals] == [2]
-    assert 2.5 < results["privacy"]["clients"][1]["epsilon_spent"] <= 3.0
-    assert results["rounds"][1]["replied"] == 2
-    node = tmp_path / "nodes" / "node-1" / "runs" / "42"
-    journal = [e["kind"] for e in ReleaseJournal(node / "releases.jsonl").entries()]
-    assert journal == ["summary", "model"]  # nothing left after the refusal
-    state = NodeState.load(node / "state.pt", 1, 42, config_hash(cfg))
-    assert state.refused_round == 2 and state.last_trained_round == 1
+    with pytest.raises(BudgetPlanError, match="client-001") as info:
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert info.value.clients == ["client-001"]
+    assert not list((tmp_path / "nodes").rglob("releases.jsonl"))
 
 
 @pytest.mark.usefixtures("task_identity")
