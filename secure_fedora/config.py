@@ -166,6 +166,9 @@ class SecurityConfig(_Section):
     """
 
     envelopes: bool = False
+    #: Key store of a DP run's private keys (see :mod:`secure_fedora.keystore`); ``None``:
+    #: the default store outside the run directory.
+    keystore: Annotated[str, Field(min_length=1)] | None = None
 
 
 class EvaluationConfig(_Section):
@@ -266,7 +269,8 @@ def load_config(path: str | Path) -> ExperimentConfig:
 # Keys added after configs were first hashed, with the default that reproduces the behaviour
 # from before they existed. At that default they are left out of the hash, so checkpoints and
 # sweep cells written before the key existed stay valid; any other value changes the hash.
-_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("training", "clip_grad_norm"): None}
+_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("training", "clip_grad_norm"): None,
+                                                  ("security", "keystore"): None}
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
