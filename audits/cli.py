@@ -53,7 +53,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
     try:
         report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                            pld_checkpoints=args.pld_checkpoints)
+                            pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
     except AuditError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -69,7 +69,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                            pld_checkpoints=args.pld_checkpoints)
+                            pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
         paths = write_report(args.run_dir, args.out, verification=report)
     except AuditError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -142,7 +142,11 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
     p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
-                   " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning)")
+                   " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning);"
+                   " private signing keys inside RUN_DIR are then an error")
+    p.add_argument("--anchor", help="a copy of the run's anchor.json kept apart: any ledger"
+                   " behind it, missing or unnamed, or a changed results.json/config.toml, fails"
+                   " (default: check RUN_DIR/anchor.json if present)")
     p.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL,
                    help="relative tolerance between recorded and independent epsilon")
     p.add_argument("--pld-checkpoints", type=int, default=DEFAULT_PLD_CHECKPOINTS,
