@@ -923,8 +923,15 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
         out.append(Finding("error" if allowlist_given else "warning", "anchor_signature",
                            f"{label} signer {signer['party_id']!r} is not in the allowlist: its"
                            " signature shows integrity, not who wrote it"))
-    for name in ANCHORED_FILES:
-        expected = doc["files"].get(name)
+    if doc["runtime"] == "in-process":
+        for name in ANCHORED_FILES:
+            if name not in doc["files"]:
+                out.append(Finding("error", "anchor_file", f"{label} records no digest of"
+                                   f" {name}"))
+    for name, expected in sorted(doc["files"].items()):
+        if name not in ANCHORED_FILES:
+            out.append(Finding("error", "anchor_file", f"{label} names an unknown file {name!r}"))
+            continue
         path = run / name
         if not path.is_file():
             out.append(Finding("error", "anchor_file", f"{name} is missing; {label} records"
@@ -970,7 +977,7 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
                   keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
     """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present.
-    With both, the run's copy must equal the given one."""
+    With both, the run's copy must equal the given one (a missing copy is a warning)."""
     own = run / ANCHOR_FILENAME
     out: list[Finding] = []
     if anchor is None:
@@ -983,7 +990,8 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
     else:
         path, label = anchor, f"the anchor {anchor}"
         if not own.is_file():
-            out.append(Finding("error", "anchor", f"{own} is missing from the run directory"))
+            out.append(Finding("warning", "anchor", f"{own} is missing from the run directory;"
+                               " checking against the given anchor alone"))
         elif own.read_bytes() != anchor.read_bytes():
             out.append(Finding("error", "anchor", f"{own} differs from the given anchor"
                                f" {anchor}: it was replaced"))

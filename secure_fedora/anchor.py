@@ -18,8 +18,12 @@ Document (canonical JSON, one line, then a newline)::
 
 The signature covers ``ANCHOR_DOMAIN`` followed by the canonical JSON of every other field.
 ``head`` is the SHA-256 of the ledger's last line (its close entry), as in
-:mod:`privacy.ledger`. For the Flower runtime, ``ledgers`` holds the heads the clients
-reported with their last uploads, as the server recorded them.
+:mod:`privacy.ledger`. For the Flower runtime (``"runtime": "flower"``) the ServerApp signs
+the anchor with the server key and writes it to its ``result-dir``: ``ledgers`` holds the
+heads the clients reported (signed) with their last round replies, as
+``"fedora/<client>"``, and ``files`` only ``results.json``. To audit, collect each node's
+ledger ``<state-dir>/runs/<run id>/<client>.jsonl`` into ``RUN/ledgers/fedora/`` next to the
+result-dir's files and run ``audit verify RUN --anchor <result-dir>/anchor.json``.
 """
 
 from __future__ import annotations
@@ -70,8 +74,10 @@ def anchor_signing_bytes(doc: Mapping[str, Any]) -> bytes:
 
 def build_anchor(run_dir: Path, *, run_name: str, config_hash: str, methods: Sequence[str],
                  ledgers: Mapping[str, Mapping[str, Any]], signer: Identity,
-                 runtime: str = "in-process") -> dict[str, Any]:
-    """The signed anchor document of ``run_dir`` (its config.toml and results.json must exist).
+                 runtime: str = "in-process",
+                 files: Sequence[str] = ANCHORED_FILES) -> dict[str, Any]:
+    """The signed anchor document of ``run_dir`` (the ``files``, by default config.toml and
+    results.json, must exist in it).
 
     ``ledgers`` maps ``"<method>/<client>"`` to ``{"entries", "head", "epsilon_spent"}``;
     ``final_index`` is derived (``entries - 1``). Raises FileNotFoundError for a missing
@@ -91,7 +97,7 @@ def build_anchor(run_dir: Path, *, run_name: str, config_hash: str, methods: Seq
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "runtime": runtime,
         "methods": list(methods),
-        "files": {name: file_sha256(run_dir / name) for name in ANCHORED_FILES},
+        "files": {name: file_sha256(run_dir / name) for name in files},
         "ledgers": rows,
         "signer": {
             "party_id": signer.party_id,
