@@ -23,6 +23,7 @@ touched. Assumption (stated): key files are protected by file permissions only (
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ __all__ = [
 
 OPERATOR_ID = "operator"
 KEYSTORE_HOME_ENV = "SECURE_FEDORA_KEYSTORE_HOME"
+LOCK_FILENAME = ".lock"
 
 log = logging.getLogger("secure_fedora.keystore")
 
@@ -102,19 +104,29 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise IdentityError(f"key store {path} exists and is not a directory")
-    allowlist = path / ALLOWLIST_FILENAME
-    if not allowlist.exists():
-        init_keys(path, parties)
-        return KeyStore(path, True, source)
-    known = load_allowlist(allowlist)
-    missing = [p for p in parties if p not in known]
-    if missing:
-        stray = [str(f) for p in missing for f in path.glob(f"{p}.*") if f.exists()]
-        if stray:
-            raise IdentityError(f"key store {path} holds key files of parties missing from its"
-                                f" allowlist: {', '.join(stray)}; refusing to overwrite them")
-        init_keys(path, missing, overwrite=True)
-    return KeyStore(path, False, source)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise IdentityError(f"cannot create or open the key store {path}: {exc}") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs creating one store wait for each other
+        allowlist = path / ALLOWLIST_FILENAME
+        if not allowlist.exists():
+            init_keys(path, parties)
+            return KeyStore(path, True, source)
+        known = load_allowlist(allowlist)
+        missing = [p for p in parties if p not in known]
+        if missing:
+            stray = [str(f) for p in missing for f in path.glob(f"{p}.*") if f.exists()]
+            if stray:
+                raise IdentityError(f"key store {path} holds key files of parties missing from"
+                                    f" its allowlist: {', '.join(stray)}; refusing to overwrite"
+                                    " them")
+            init_keys(path, missing, overwrite=True)
+        return KeyStore(path, False, source)
+    finally:
+        os.close(lock)
 
 
 def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
