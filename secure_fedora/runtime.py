@@ -427,9 +427,8 @@ class Simulation:
     def _open_privacy(self, name: str) -> Any:
         if not self.cfg.privacy.enabled:
             return None
-        from secure_fedora.private import FederationPrivacy
-
         from secure_fedora.keystore import publish_public_keys, run_party_ids
+        from secure_fedora.private import FederationPrivacy
 
         key_dir = self.key_dir
         publish_public_keys(key_dir, self.run_dir / "keys", run_party_ids(len(self.clients)))
