@@ -215,8 +215,10 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
     line is taken to be their canonical JSON. Checked per entry: JSON object, canonical form,
     schema, ``index`` equal to the position, ``prev_hash`` equal to the hash of the previous
     line, Ed25519 signature under ``public_key``, ``client_id`` (equal to ``client_id`` if
-    given, else to the first entry's), ``epsilon_after`` non-decreasing, and refusals spending
-    nothing. Cannot detect entries removed from the end (see the module docstring).
+    given, else to the first entry's), ``epsilon_after`` non-decreasing, refusals spending
+    nothing, and a close entry that spends nothing, states its own index and the final
+    epsilon, and is followed by nothing. Cannot detect entries removed from the end (see the
+    module docstring).
     """
     if not isinstance(public_key, Ed25519PublicKey):
         raise LedgerError(
