@@ -889,8 +889,9 @@ def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
         problems.append("signer must name party_id and its ed25519 key")
     if not isinstance(doc["files"], dict) or not isinstance(doc["methods"], list) \
             or not isinstance(ledgers, dict) or not all(
-                isinstance(r, dict) and _int(r.get("final_index")) and _int(r.get("entries"))
-                and isinstance(r.get("head"), str) for r in ledgers.values()):
+                isinstance(r, dict) and _int(r.get("final_index")) and r["final_index"] >= 0
+                and _int(r.get("entries")) and isinstance(r.get("head"), str)
+                for r in ledgers.values()):
         problems.append("files, methods or ledgers are malformed")
     if problems:
         return None, [Finding("error", "anchor", f"anchor {path}: {'; '.join(problems)}")]
