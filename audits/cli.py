@@ -111,7 +111,7 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
 def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                        pld_checkpoints=args.pld_checkpoints)
+                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
     _print_verification(report, sys.stdout, verbose=args.verbose)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
@@ -123,7 +123,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from audits.report import write_report
 
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                        pld_checkpoints=args.pld_checkpoints)
+                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
     paths = write_report(args.run_dir, args.out, verification=report)
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
@@ -206,7 +206,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
     p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
-                   " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning)")
+                   " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning);"
+                   " private signing keys inside RUN_DIR are then an error")
+    p.add_argument("--anchor", help="a copy of the run's anchor.json kept apart: any ledger"
+                   " behind it, missing or unnamed, or a changed results.json/config.toml, fails"
+                   " (default: check RUN_DIR/anchor.json if present)")
     p.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL,
                    help="relative tolerance between recorded and independent epsilon")
     p.add_argument("--pld-checkpoints", type=int, default=DEFAULT_PLD_CHECKPOINTS,

@@ -43,12 +43,24 @@
    runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data.
 
-Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain;
-it is detected only against the length anchored in ``results.json`` (item 4; a hash anchor
-held outside the run directory is stronger), otherwise a warning says so. The
-allowlist is by default read from the run directory itself; pass ``allowlist=`` (CLI
-``--allowlist``) to verify against keys registered independently of the run, otherwise a
-warning says the keys are only as trustworthy as the directory.
+6. **Close and anchor**: every ledger ends with exactly one signed ``close`` entry (a ledger
+   without one is an error: its run did not finish, or its end was cut). The run's signed
+   ``anchor.json`` -- or, stronger, a copy kept apart and passed as ``anchor=`` (CLI
+   ``--anchor FILE``) -- is checked: its Ed25519 signature (under the allowlisted
+   ``operator`` key when an allowlist is given); every ledger it names exists, its line
+   ``final_index`` hashes to the anchored head and is its last line; no ledger it does not
+   name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests.
+7. **Key location**: private signing keys inside the audited directory are an error when an
+   allowlist is given (anyone with the directory could re-sign), a warning otherwise.
+
+Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain; it
+shows as a missing close entry, and with an anchor as a ledger behind its anchored head. An
+attacker who can rewrite the run directory *and* holds the signing keys can forge all of it;
+only an anchor kept apart (``--anchor``) and keys kept out of the directory (a key store,
+``--allowlist``) rule that out. The allowlist is by default read from the run directory
+itself; pass ``allowlist=`` (CLI ``--allowlist``) to verify against keys registered
+independently of the run, otherwise a warning says the keys are only as trustworthy as the
+directory.
 """
 
 from __future__ import annotations
@@ -98,6 +110,10 @@ except importlib.metadata.PackageNotFoundError:  # an unusual install: still the
 DEFAULT_PLD_CHECKPOINTS = 8
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
+CLOSE = "close"
+ANCHOR_FILENAME = "anchor.json"
+ANCHOR_DOMAIN = b"secure-fedora/anchor/v1\n"
+ANCHORED_FILES: tuple[str, ...] = ("config.toml", "results.json")
 ENTRY_FIELDS: tuple[str, ...] = (
     "index", "client_id", "round", "mechanism", "params", "epsilon_after", "delta",
     "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
@@ -243,6 +259,10 @@ CHECKS_DONE = [
     "config.toml matches results.json config_hash",
     "ledger length and final epsilon equal results.json's per-client privacy summary",
     "every client of a DP run has a ledger for every method that ran",
+    "every ledger ends with one signed close entry (final index, epsilon spent)",
+    "anchor.json (or --anchor): signed; every ledger's final index and head, results.json"
+    " and config.toml digests, no ledger missing or unnamed",
+    "no private signing key inside the audited directory (an error with --allowlist)",
 ]
 
 
@@ -286,7 +306,7 @@ def _schema(entry: dict[str, Any]) -> list[str]:
         out.append("mechanism must be a non-empty string")
     if not isinstance(entry["params"], dict):
         out.append("params must be an object")
-    elif entry["mechanism"] != REFUSAL:
+    elif entry["mechanism"] not in (REFUSAL, CLOSE):
         out.extend(_release_problems(entry["params"]))
     if not _number(entry["epsilon_after"]) or entry["epsilon_after"] < 0:
         out.append(f"epsilon_after must be a finite number >= 0, got {entry['epsilon_after']!r}")
@@ -590,14 +610,7 @@ def _load_keys(run_dir: Path, allowlist: Path | None,
         findings.append(Finding("error", "allowlist", str(exc)))
         return {}, str(path)
     keys_dir = run_dir / "keys"
-    private = sorted(p.name for p in keys_dir.glob("*.ed25519.key")) if keys_dir.is_dir() else []
-    if private:
-        findings.append(Finding(
-            "warning", "private_keys",
-            f"{len(private)} private signing keys are stored in {keys_dir} (an in-process"
-            " simulation holds every party's keys): anyone holding this directory can re-sign"
-            " ledgers, so signatures prove integrity only against parties without it",
-        ))
+    findings.extend(_private_key_findings(run_dir, allowlist is not None))
     for party, ident in keys.items():
         pub = keys_dir / f"{party}.ed25519.pub"
         if not pub.is_file():
@@ -755,6 +768,9 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                 err(i, "budget_exceeded", f"recorded epsilon_after {eps!r} exceeds the budget"
                     f" {e['budget_epsilon']!r}")
             prev_eps = eps if prev_eps is None else max(prev_eps, eps)
+        if mech == CLOSE:  # spends nothing; checked by _close_findings
+            releases.append(None)
+            continue
         if mech == REFUSAL:
             refused = True
             releases.append(None)
@@ -859,6 +875,212 @@ def _verify_client(path: Path, method: str | None, client_id: str,
     )
 
 
+# --------------------------------------------------------------------------- anchoring
+
+
+def _private_key_findings(run_dir: Path, allowlist_given: bool) -> list[Finding]:
+    """Private signing keys (``*.ed25519.key``) anywhere under the audited directory: whoever
+    holds the directory can re-sign a shortened ledger with them. With an independently
+    registered allowlist that would defeat its purpose, so it is an error; without one, a
+    warning (the keys are only as trustworthy as the directory anyway)."""
+    private = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.ed25519.key"))
+    if not private:
+        return []
+    shown = ", ".join(private[:3]) + (f" (+{len(private) - 3} more)" if len(private) > 3 else "")
+    text = (f"{len(private)} private signing keys sit inside the audited directory ({shown}):"
+            " anyone holding the directory can re-sign its ledgers and anchor")
+    if allowlist_given:
+        return [Finding("error", "private_keys", text + "; the allowlist cannot rule out a"
+                        " re-signed ledger (keep keys in a key store outside the run:"
+                        " `secure-fedora keys init`, `[security] keystore`)")]
+    return [Finding("warning", "private_keys", text + ", so signatures prove integrity only"
+                    " against parties without it")]
+
+
+def _close_findings(path: Path, method: str | None, client_id: str) -> list[Finding]:
+    """The ledger of a finished run ends with exactly one close entry that spends nothing and
+    states its own index and the final epsilon; nothing follows it. A ledger without a close
+    entry is an error: its run did not finish, or entries were cut from its end (a cut that
+    a hash chain alone cannot show)."""
+    lines, _ = _read_lines(path)
+    out: list[Finding] = []
+
+    def err(pos: int | None, message: str, check: str = "close") -> None:
+        out.append(Finding("error", check, message, client_id, pos, method))
+
+    entries: list[dict[str, Any] | None] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        entries.append(entry if isinstance(entry, dict) else None)
+    closes = [i for i, e in enumerate(entries) if e is not None and e.get("mechanism") == CLOSE]
+    if not closes:
+        if lines:
+            err(len(lines) - 1, "the ledger has no close entry: its run did not finish, or"
+                " entries were removed from its end", "not_closed")
+        return out
+    for i in closes:
+        if i != len(lines) - 1:
+            err(i, f"a close entry at {i} is followed by {len(lines) - 1 - i} more entries")
+        e = entries[i]
+        assert e is not None
+        before = [x.get("epsilon_after") for x in entries[:i] if x is not None]
+        prior = max((v for v in before if _number(v)), default=0.0)
+        params = e.get("params")
+        if not isinstance(params, dict) or set(params) != {"final_index", "epsilon_spent"}:
+            err(i, "close params must be exactly final_index and epsilon_spent")
+            continue
+        if params["final_index"] != i:
+            err(i, f"close states final_index {params['final_index']!r} at line {i}")
+        if params["epsilon_spent"] != prior or e.get("epsilon_after") != prior:
+            err(i, f"close states epsilon_spent {params['epsilon_spent']!r} (epsilon_after"
+                f" {e.get('epsilon_after')!r}); the ledger's final epsilon before it is"
+                f" {prior!r}")
+    return out
+
+
+def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """Read and signature-check an anchor file (format in :mod:`secure_fedora.anchor`,
+    re-implemented here): canonical JSON object, expected fields, Ed25519 signature over the
+    domain and the canonical JSON of the other fields under the embedded signer key."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, [Finding("error", "anchor", f"cannot read anchor {path}: {exc}")]
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        return None, [Finding("error", "anchor", f"anchor {path} is not JSON: {exc}")]
+    fields = {"format", "version", "run_name", "config_hash", "created", "runtime", "methods",
+              "files", "ledgers", "signer", "signature"}
+    if not isinstance(doc, dict) or set(doc) != fields or doc.get("format") != \
+            "secure-fedora-anchor" or doc.get("version") != 1:
+        return None, [Finding("error", "anchor", f"anchor {path} is not a version-1"
+                              f" secure-fedora anchor with fields {sorted(fields)}")]
+    problems = []
+    signer = doc["signer"]
+    ledgers = doc["ledgers"]
+    if not isinstance(signer, dict) or not isinstance(signer.get("ed25519"), str) \
+            or not isinstance(signer.get("party_id"), str):
+        problems.append("signer must name party_id and its ed25519 key")
+    if not isinstance(doc["files"], dict) or not isinstance(doc["methods"], list) \
+            or not isinstance(ledgers, dict) or not all(
+                isinstance(r, dict) and _int(r.get("final_index")) and r["final_index"] >= 0
+                and _int(r.get("entries")) and isinstance(r.get("head"), str)
+                for r in ledgers.values()):
+        problems.append("files, methods or ledgers are malformed")
+    if problems:
+        return None, [Finding("error", "anchor", f"anchor {path}: {'; '.join(problems)}")]
+    try:
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(signer["ed25519"]))
+        body = {k: v for k, v in doc.items() if k != "signature"}
+        key.verify(bytes.fromhex(str(doc["signature"])),
+                   ANCHOR_DOMAIN + _canonical(body).encode("utf-8"))
+    except (ValueError, InvalidSignature):
+        return None, [Finding("error", "anchor_signature", f"anchor {path}: the signature does"
+                              " not verify under its signer key (the anchor was edited)")]
+    return doc, []
+
+
+def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
+                     found: Sequence[tuple[str | None, Path]],
+                     keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
+    """Compare the run directory with a verified anchor: every anchored ledger exists and
+    its line ``final_index`` hashes to ``head`` and is its last line (a shorter ledger, a
+    different head or a longer one is an error); no ledger exists that the anchor does not
+    name; config.toml and results.json exist with the anchored digests; the signer is the
+    allowlisted ``operator`` when an allowlist was given."""
+    out: list[Finding] = []
+    signer = doc["signer"]
+    registered = keys.get(signer["party_id"])
+    if registered is not None and registered.verify_key_hex() != signer["ed25519"]:
+        out.append(Finding("error", "anchor_signature", f"{label} is signed by a key that is"
+                           f" not the allowlisted key of {signer['party_id']!r}"))
+    elif registered is None:
+        out.append(Finding("error" if allowlist_given else "warning", "anchor_signature",
+                           f"{label} signer {signer['party_id']!r} is not in the allowlist: its"
+                           " signature shows integrity, not who wrote it"))
+    if doc["runtime"] == "in-process":
+        for name in ANCHORED_FILES:
+            if name not in doc["files"]:
+                out.append(Finding("error", "anchor_file", f"{label} records no digest of"
+                                   f" {name}"))
+    for name, expected in sorted(doc["files"].items()):
+        if name not in ANCHORED_FILES:
+            out.append(Finding("error", "anchor_file", f"{label} names an unknown file {name!r}"))
+            continue
+        path = run / name
+        if not path.is_file():
+            out.append(Finding("error", "anchor_file", f"{name} is missing; {label} records"
+                               " its digest"))
+            continue
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            out.append(Finding("error", "anchor_file", f"{name} hashes to {actual[:16]}...,"
+                               f" {label} records {str(expected)[:16]}...: it was changed"))
+    present = {(f"{m}/{p.stem}" if m is not None else p.stem): (m, p) for m, p in found}
+    for name, row in sorted(doc["ledgers"].items()):
+        method, _, cid = name.rpartition("/")
+        if name not in present:
+            out.append(Finding("error", "anchor_missing_ledger", f"ledger {name}.jsonl is"
+                               f" missing; {label} names it", cid, None, method or None))
+            continue
+        lines, _ = _read_lines(present[name][1])
+        final = row["final_index"]
+        if len(lines) <= final:
+            out.append(Finding("error", "anchor_behind", f"the ledger has {len(lines)} entries,"
+                               f" {label} records {final + 1}: entries were removed from its"
+                               " end", cid, len(lines) - 1 if lines else None, method or None))
+        elif _sha256(lines[final]) != row["head"]:
+            out.append(Finding("error", "anchor_head", f"line {final} hashes to"
+                               f" {_sha256(lines[final])[:16]}..., {label} records the head"
+                               f" {row['head'][:16]}...", cid, final, method or None))
+        elif len(lines) != final + 1:
+            out.append(Finding("error", "anchor_ahead", f"the ledger has {len(lines)} entries,"
+                               f" {label} records {final + 1}: entries were added after the"
+                               " run finished", cid, final + 1, method or None))
+    for name, (method, _) in sorted(present.items(), key=lambda kv: kv[0]):
+        if name not in doc["ledgers"]:
+            out.append(Finding("error", "anchor_unknown_ledger", f"ledger {name}.jsonl is not"
+                               f" named in {label}", name.rpartition("/")[2], None, method))
+    anchored_methods = {n.rpartition("/")[0] for n in doc["ledgers"]}
+    for method in doc["methods"]:
+        if method not in anchored_methods:
+            out.append(Finding("error", "anchor_missing_ledger", f"{label} lists method"
+                               f" {method!r} but names none of its ledgers", None, None, method))
+    return out
+
+
+def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
+                  keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
+    """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present.
+    With both, the run's copy must equal the given one (a missing copy is a warning)."""
+    own = run / ANCHOR_FILENAME
+    out: list[Finding] = []
+    if anchor is None:
+        if not own.is_file():
+            return [Finding("warning", "anchor", f"{own} is missing: without an anchor,"
+                            " entries removed from the end of a ledger (close entry included)"
+                            " are shown only by the missing close entry; copy anchor.json apart"
+                            " after a run and pass it with --anchor")]
+        path, label = own, "the run's anchor.json"
+    else:
+        path, label = anchor, f"the anchor {anchor}"
+        if not own.is_file():
+            out.append(Finding("warning", "anchor", f"{own} is missing from the run directory;"
+                               " checking against the given anchor alone"))
+        elif own.read_bytes() != anchor.read_bytes():
+            out.append(Finding("error", "anchor", f"{own} differs from the given anchor"
+                               f" {anchor}: it was replaced"))
+    doc, problems = _load_anchor(path)
+    out.extend(problems)
+    if doc is not None:
+        out.extend(_anchor_findings(run, doc, label, found, keys, allowlist_given))
+    return out
+
+
 def _discover(ledger_dir: Path) -> list[tuple[str | None, Path]]:
     """``(method, path)`` for ``ledgers/<client>.jsonl`` and ``ledgers/<method>/<client>.jsonl``."""
     if not ledger_dir.is_dir():
@@ -886,7 +1108,8 @@ def _coverage(ctx: _RunContext, methods: Sequence[str | None]) -> None:
 
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                rel_tol: float = DEFAULT_REL_TOL,
-               pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS) -> VerificationReport:
+               pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
+               anchor: str | Path | None = None) -> VerificationReport:
     """Verify every ledger of ``run_dir`` (see the module docstring for each check).
 
     Ledgers are ``ledgers/<method>/<client>.jsonl`` (the in-process runtime's layout, one
@@ -908,6 +1131,9 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     allow_path = Path(allowlist) if allowlist is not None else None
     if allow_path is not None and not allow_path.is_file():
         raise AuditError(f"allowlist {allow_path} does not exist")
+    anchor_path = Path(anchor) if anchor is not None else None
+    if anchor_path is not None and not anchor_path.is_file():
+        raise AuditError(f"anchor {anchor_path} does not exist")
     findings: list[Finding] = []
     results = _load_results(run, findings)
     cfg = _load_config(run, results, findings)
@@ -936,6 +1162,11 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         clients.append(_verify_client(path, method, client_id,
                                       ident.verify_key if ident is not None else None,
                                       ctx, float(rel_tol), pld_checkpoints))
+        closing = _close_findings(path, method, client_id)
+        findings.extend(closing)
+        if any(f.severity == "error" for f in closing):
+            clients[-1].ok = False
+    findings.extend(_anchor_check(run, anchor_path, found, keys, allow_path is not None))
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})
         finished = [m for m in cfg.methods

@@ -137,12 +137,15 @@ class Experiment:
         self.context_factory(self.config, self.clients)
         return self
 
-    def simulation(self, progress: Callable[[str, int, int], None] | None = None) -> Any:
-        """The in-process :class:`~secure_fedora.runtime.Simulation` of this experiment."""
+    def simulation(self, progress: Callable[[str, int, int], None] | None = None,
+                   keystore: str | Path | None = None) -> Any:
+        """The in-process :class:`~secure_fedora.runtime.Simulation` of this experiment
+        (``keystore``: where the run's private keys live; default outside the run directory)."""
         from secure_fedora.runtime import Simulation
 
         return Simulation(self.config, self.run_dir, clients=self.clients, progress=progress,
-                          context_factory=functools.partial(Experiment.context_factory, self))
+                          context_factory=functools.partial(Experiment.context_factory, self),
+                          keystore=keystore)
 
     def run(self, resume: bool = False,
             progress: Callable[[str, int, int], None] | None = None) -> Results:

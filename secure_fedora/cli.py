@@ -79,7 +79,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_round(method: str, rnd: int, total: int) -> None:
             progress.update(tasks[method], completed=rnd)
 
-        sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round)
+        sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round, keystore=args.keystore)
+        if cfg.privacy.enabled:
+            key_dir = sim.key_dir
+            if sim.keystore_created:
+                progress.console.print(
+                    f"note: created the key store {key_dir} (0700; the run's private signing"
+                    " keys, kept outside the run directory so that its ledgers cannot be"
+                    " re-signed by whoever holds it; choose another with --keystore or"
+                    " [security] keystore)")
         sim.on_privacy_plan = lambda rows: progress.console.print(privacy_plan_table(rows))
         results = sim.run(resume=args.resume)
         for m in cfg.methods:
@@ -95,12 +103,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from privacy.identity import default_party_ids, init_keys
+    from privacy.identity import init_keys
+    from secure_fedora.keystore import run_party_ids
 
     if args.clients < 1:
         console.print(f"[red]error:[/red] --clients must be at least 1, got {args.clients}")
         return 2
-    identities = init_keys(args.directory, default_party_ids(args.clients), overwrite=args.force)
+    identities = init_keys(args.directory, run_party_ids(args.clients), overwrite=args.force)
     Console().print(f"wrote {len(identities)} identities (private keys 0600) and allowlist.json "
                     f"to {args.directory}")
     return 0
@@ -115,11 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--keystore", help="key store of a DP run's private keys (default:"
+                     " [security] keystore, else ~/.local/share/secure-fedora/keystore/<name>;"
+                     " see `keys init`)")
     run.set_defaults(func=cmd_run)
 
     keys = sub.add_parser("keys", help="identity keys (Ed25519 signing, X25519 key agreement)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    init = keys_sub.add_parser("init", help="create keys for the server and N clients + allowlist")
+    init = keys_sub.add_parser("init", help="create a key store: keys for the server, the run"
+                               " operator (signs anchor.json) and N clients + allowlist")
     init.add_argument("directory", help="key directory (created 0700; private keys 0600)")
     init.add_argument("--clients", type=int, required=True, help="number of clients")
     init.add_argument("--force", action="store_true", help="overwrite existing keys")

@@ -278,6 +278,9 @@ class SecurityConfig(_Section):
     """
 
     envelopes: bool = False
+    #: Key store of a DP run's private keys (see :mod:`secure_fedora.keystore`); ``None``:
+    #: the default store outside the run directory.
+    keystore: Annotated[str, Field(min_length=1)] | None = None
 
 
 class EvaluationConfig(_Section):
@@ -459,6 +462,7 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     # Unset keeps every earlier behaviour except validation-selected rounds on private
     # validation data under DP, an unaccounted release that is no longer made.
     ("privacy", "model_selection"): None,
+    ("security", "keystore"): None,
 }
 
 

@@ -41,7 +41,7 @@ from privacy.accounting import (
     plan_epsilon,
 )
 from privacy.dpsgd import DPSGD, poisson_sample
-from privacy.identity import client_ids, init_keys, load_identity
+from privacy.identity import client_ids, load_identity
 from privacy.ledger import LedgerWriter, replay_accountant
 from privacy.mechanisms import (
     noised_scalar,
@@ -357,9 +357,11 @@ class ClientPrivacy:
 class FederationPrivacy:
     """The privacy side of one method's run: one :class:`ClientPrivacy` per client.
 
-    Ledgers live in ``ledger_dir/<client-id>.jsonl``; identities in ``key_dir`` (created on
-    first use; private keys 0600). Reopening verifies each ledger and rebuilds each accountant
-    from it, so a restart never under-counts what was released.
+    Ledgers live in ``ledger_dir/<client-id>.jsonl``; identities in the key store ``key_dir``
+    (created, or extended by the parties it lacks, on first use; private keys 0600; see
+    :mod:`secure_fedora.keystore`). Reopening verifies each ledger and rebuilds each accountant
+    from it, so a restart never under-counts what was released. :meth:`close_ledgers` ends
+    every ledger of a finished method with its signed close entry.
     """
 
     cfg: ExperimentConfig
@@ -387,8 +389,9 @@ class FederationPrivacy:
         # calibrate everything before any file is written
         choice, plans = check_budget_plans(cfg, method, num_clients)
         accountant = choice.name
-        if not (key_dir / "allowlist.json").exists():
-            init_keys(key_dir, ["server", *ids])
+        from secure_fedora.keystore import ensure_keystore, run_party_ids
+
+        ensure_keystore(key_dir, run_party_ids(num_clients))
         ledger_dir.mkdir(parents=True, exist_ok=True)
         states = []
         for i, (cid, budget) in enumerate(zip(ids, budgets, strict=True)):
@@ -453,8 +456,17 @@ class FederationPrivacy:
             raise StepCountMismatchError(reason + "; the model release was refused")
 
     def close(self) -> None:
+        """Release every ledger's lock (the ledgers stay open to a later run)."""
         for c in self.clients:
             c.ledger.close()
+
+    def close_ledgers(self, final_round: int) -> None:
+        """The method finished: append each client's signed close entry (final index and
+        epsilon spent; idempotent, so a resumed finished run adds nothing)."""
+        for c in self.clients:
+            c.ledger.close_run(round=final_round, delta=c.budget.delta,
+                               budget_epsilon=c.budget.epsilon,
+                               accountant=self.accountant)
 
     def planned_epsilon(self, i: int) -> float:
         """Epsilon client ``i`` reaches if it makes every planned release."""

@@ -11,8 +11,10 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +56,8 @@ __all__ = [
 ]
 
 NUM_CLASSES = 10
+
+log = logging.getLogger("secure_fedora.runtime")
 
 
 class CheckpointError(ToolkitError, RuntimeError):
@@ -491,7 +495,11 @@ class Simulation:
     """Runs the configured methods in process, writing everything into ``run_dir``.
 
     Layout of ``run_dir``: ``config.toml`` (a copy), ``checkpoints/<method>.pt``,
-    ``rounds.csv``, ``results.json`` and ``plots/*.png`` (written by the CLI).
+    ``rounds.csv``, ``results.json`` and ``plots/*.png`` (written by the CLI). With privacy
+    enabled also ``ledgers/<method>/<client>.jsonl`` (each closed by a signed close entry when
+    its method finished), ``keys/`` (public keys only: the private keys stay in the key store,
+    see :mod:`secure_fedora.keystore`) and, once every method finished, the signed
+    ``anchor.json`` (:mod:`secure_fedora.anchor`).
     """
 
     def __init__(
@@ -502,9 +510,16 @@ class Simulation:
         progress: ProgressFn | None = None,
         method_factory: Callable[[str, MethodContext, ExperimentConfig], FederatedMethod] = make_method,
         context_factory: Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext] = build_context,
+        keystore: str | os.PathLike[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.keystore_override = keystore
+        self._key_dir: Path | None = None
+        self.keystore_created: bool = False
+        # Binds every in-process envelope to this run and its method (messages never outlive
+        # the process, so a fresh random id per Simulation is enough).
+        self.run_nonce = secrets.token_hex(8)
         self.clients = list(clients) if clients is not None else build_clients(cfg)
         self.fingerprint = fingerprint_clients(self.clients)
         self.config_hash = config_hash(cfg)
@@ -532,8 +547,30 @@ class Simulation:
                 )
 
     # -- one method ---------------------------------------------------------------------
+    @property
+    def key_dir(self) -> Path:
+        """Where this run's private keys live: the key store of a DP run (outside the run
+        directory; resolved as :mod:`secure_fedora.keystore` describes and created on first
+        use), ``run_dir/keys`` for a run without privacy."""
+        if self._key_dir is None:
+            if not self.cfg.privacy.enabled:
+                self._key_dir = self.run_dir / "keys"
+            else:
+                from secure_fedora.keystore import ensure_keystore, resolve_keystore, run_party_ids
+
+                path, source = resolve_keystore(self.cfg.name, self.cfg.security.keystore,
+                                                self.keystore_override)
+                store = ensure_keystore(path, run_party_ids(len(self.clients)), source)
+                self.keystore_created = store.created
+                if store.created:
+                    log.warning("created key store %s (private keys 0600, outside the run"
+                                " directory; %s)", path, source)
+                self._key_dir = path
+        return self._key_dir
+
     def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
-        """Run (or resume) one method to the configured number of rounds."""
+        """Run (or resume) one method to the configured number of rounds; with privacy, a
+        finished method's ledgers end with their signed close entry."""
         cfg = self.cfg
         ctx = self.context_factory(cfg, self.clients)
         privacy = self._open_privacy(name)
@@ -541,7 +578,10 @@ class Simulation:
         if privacy is not None:
             privacy.loss = ctx.flat.task.checked
         try:
-            return self._run_method(name, ctx, privacy, resume)
+            outcome = self._run_method(name, ctx, privacy, resume)
+            if privacy is not None:
+                privacy.close_ledgers(cfg.training.rounds)
+            return outcome
         finally:
             if privacy is not None:
                 self.privacy[name] = privacy.summary()
@@ -550,10 +590,13 @@ class Simulation:
     def _open_privacy(self, name: str) -> Any:
         if not self.cfg.privacy.enabled:
             return None
+        from secure_fedora.keystore import publish_public_keys, run_party_ids
         from secure_fedora.private import FederationPrivacy
 
+        key_dir = self.key_dir
+        publish_public_keys(key_dir, self.run_dir / "keys", run_party_ids(len(self.clients)))
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
-                                         self.run_dir / "ledgers" / name, self.run_dir / "keys")
+                                         self.run_dir / "ledgers" / name, key_dir)
         if self.on_privacy_plan:
             self.on_privacy_plan(privacy.plan_rows())
         return privacy
@@ -563,8 +606,9 @@ class Simulation:
         if cfg.security.envelopes and name == "fedora":
             from secure_fedora.transport import SecureTransport
 
-            ctx.transport = SecureTransport.for_simulation(self.run_dir, len(self.clients),
-                                                           f"{name}-summary")
+            ctx.transport = SecureTransport.for_simulation(
+                self.run_dir, len(self.clients), f"{name}-summary", key_dir=self.key_dir,
+                context=f"{self.run_nonce}/{name}-summary")
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
         n = len(self.clients)
@@ -643,7 +687,8 @@ class Simulation:
         from secure_fedora.transport import SecureExchange, SecureTransport
 
         uploads, downloads = state
-        transport = SecureTransport.for_simulation(self.run_dir, n, name)
+        transport = SecureTransport.for_simulation(self.run_dir, n, name, key_dir=self.key_dir,
+                                                   context=f"{self.run_nonce}/{name}")
         method.exchange = SecureExchange(transport, uploads=uploads, downloads=downloads,
                                          last_round=last_round)
 
@@ -719,7 +764,34 @@ class Simulation:
             self.write_rounds_csv()
         results = self.results(outcomes)
         atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
+        if self.cfg.privacy.enabled:
+            self.write_anchor()
         return results
+
+    def write_anchor(self) -> Path:
+        """Sign (operator key, from the key store) and write ``anchor.json``: every ledger's
+        final index and head, the digests of results.json and config.toml, the methods.
+        Call after results.json is written; a config.toml missing from the run directory is
+        written first from the validated config."""
+        from privacy.identity import load_identity
+        from secure_fedora.anchor import build_anchor, write_anchor
+        from secure_fedora.keystore import OPERATOR_ID
+
+        if not (self.run_dir / "config.toml").is_file():
+            import tomli_w
+
+            atomic_write_text(self.run_dir / "config.toml",
+                              tomli_w.dumps(self.cfg.model_dump(mode="json", exclude_none=True)))
+        ledgers = {}
+        for method, summary in self.privacy.items():
+            for row in summary["clients"]:
+                ledgers[f"{method}/{row['client']}"] = {
+                    "entries": row["ledger_entries"], "head": row["ledger_head"],
+                    "epsilon_spent": row["epsilon_spent"]}
+        doc = build_anchor(self.run_dir, run_name=self.cfg.name, config_hash=self.config_hash,
+                           methods=list(self.cfg.methods), ledgers=ledgers,
+                           signer=load_identity(self.key_dir, OPERATOR_ID))
+        return write_anchor(self.run_dir, doc)
 
     def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
         """The results document: run identity, per-method summaries and comparisons."""

@@ -279,6 +279,15 @@ def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
     }
 
 
+def _ledger_record(privacy: FederationPrivacy | None) -> ConfigRecord | None:
+    """This client's ledger head (entry count and SHA-256 of its last line), reported with
+    each round reply (signed with it) so the server can anchor it outside the client."""
+    if privacy is None:
+        return None
+    entries, head = privacy.clients[0].ledger.head
+    return ConfigRecord({"entries": entries, "head": head})
+
+
 def _open_request(
     message: Message, context: Context
 ) -> tuple[RunSettings, NodeSettings, MessageSecurity, Envelope]:
@@ -658,7 +667,12 @@ def train_round(message: Message, context: Context) -> Message:
             ).accuracy
             state.last_eval_round = rnd
         state.save(state_path)
+        if privacy is not None and rnd == cfg.training.rounds:
+            # The run's last round: the ledger is finished (its releases of this round are
+            # already on it), so it ends with its signed close entry (idempotent on retries).
+            privacy.close_ledgers(rnd)
         privacy_metrics = _privacy_metrics(privacy)
+        ledger_head = _ledger_record(privacy)
         refusal = privacy.clients[0].refusal if privacy is not None else None
     finally:
         if privacy is not None:
@@ -670,6 +684,8 @@ def train_round(message: Message, context: Context) -> Message:
         content["theta"] = tensor_to_array_record("theta", state.theta)
     elif participate and refusal:
         content["refusal"] = ConfigRecord({"reason": refusal})
+    if ledger_head is not None:
+        content["ledger"] = ledger_head
     content["metrics"] = MetricRecord(
         {
             **privacy_metrics,

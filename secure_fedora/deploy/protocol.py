@@ -165,8 +165,15 @@ def with_reproducible_noise(cfg: ExperimentConfig, reproducible_dp_noise: bool) 
 
 
 def experiment_to_run_config(cfg: ExperimentConfig) -> str:
-    """The run-config value that carries ``cfg`` (canonical JSON of the validated model)."""
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """The run-config value that carries ``cfg`` (canonical JSON of the validated model).
+
+    ``security.keystore`` is left out when unset: the in-process key store is a local
+    setting that the Flower parties (each with its own identity directory) never use, and an
+    unset value does not enter the config hash either."""
+    doc = cfg.model_dump(mode="json")
+    if doc.get("security", {}).get("keystore") is None:
+        doc.get("security", {}).pop("keystore", None)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
 def make_run_config(

@@ -273,7 +273,7 @@ class _Server:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     relatedness_timing: dict[str, Any] = field(default_factory=dict)
     relatedness_details: dict[str, Any] = field(default_factory=dict)
-    privacy: dict[int, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)
     ckks_context: Any = None  # the public CKKS context (encrypted modes); never a secret key
 
@@ -403,6 +403,21 @@ def _first_contact(
         server.node_of_client[cid] = node
         accepted[cid] = (reply, envelope)
     return accepted, ex.timing
+
+
+def _reported_head(reply: Message) -> dict[str, Any]:
+    """The ledger head a client reported with its round reply (covered by the reply's
+    signed envelope): ``{"ledger_head": hex}``; empty when it reported none. Raises
+    ValueError for a malformed record (the reply is then rejected as malformed)."""
+    if "ledger" not in reply.content:
+        return {}
+    record = reply.content["ledger"]
+    head = record.get("head") if isinstance(record, ConfigRecord) else None
+    entries = record.get("entries") if isinstance(record, ConfigRecord) else None
+    if not isinstance(head, str) or len(head) != 64 or set(head) - set("0123456789abcdef") \
+            or isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
+        raise ValueError("ledger record must hold entries (int) and head (64 hex digits)")
+    return {"ledger_head": head, "ledger_entries": entries}
 
 
 def _require_all(server: _Server, have: Any, nodes: list[int], what: str) -> None:
@@ -680,7 +695,8 @@ def _round(
             privacy = (
                 {"epsilon_spent": float(metrics["epsilon-spent"]),
                  "epsilon_budget": float(metrics["epsilon-budget"]),
-                 "ledger_entries": int(metrics["ledger-entries"])}
+                 "ledger_entries": int(metrics["ledger-entries"]),
+                 **_reported_head(reply)}
                 if "epsilon-spent" in metrics else None
             )
         except EnvelopeError as err:
@@ -836,7 +852,29 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
         "seconds_total": round(time.time() - started, 3),
     }
     server.write("results.json", results)
+    if cfg.privacy.enabled and server.settings.result_dir is not None:
+        _write_server_anchor(server, results)
     return results
+
+
+def _write_server_anchor(server: _Server, results: dict[str, Any]) -> None:
+    """Sign (server key) and write ``result-dir/anchor.json``: the ledger heads the clients
+    reported with their round replies, and the digest of results.json. A client that never
+    reported a head is left out (its ledger then fails an anchored audit)."""
+    from secure_fedora.anchor import build_anchor, write_anchor
+
+    ledgers = {
+        f"fedora/{server.client_ids[c]}": {
+            "entries": row["ledger_entries"], "head": row["ledger_head"],
+            "epsilon_spent": row["epsilon_spent"]}
+        for c, row in sorted(server.privacy.items()) if "ledger_head" in row
+    }
+    assert server.settings.result_dir is not None
+    doc = build_anchor(server.settings.result_dir, run_name=server.cfg.name,
+                       config_hash=server.settings.config_hash, methods=["fedora"],
+                       ledgers=ledgers, signer=server.security.identity, runtime="flower",
+                       files=("results.json",))
+    write_anchor(server.settings.result_dir, doc)
 
 
 @app.main()

@@ -432,11 +432,16 @@ def test_exchange_window_pushes_in_node_order_and_survives_refused_and_silent_no
 
 @pytest.mark.usefixtures("task_identity")
 def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path) -> None:
+    import shutil
+
     from privacy.identity import client_ids
-    from privacy.ledger import read_ledger, verify_ledger_file
+    from privacy.ledger import line_hash, read_ledger, verify_ledger_file
 
     cfg = dp_config(noise="reproducible")  # both runs draw the same noise
-    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    result_dir = tmp_path / "result"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(result_dir)})
     identities = tmp_path / "ids"
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
@@ -457,7 +462,28 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
         assert verify_ledger_file(ledger, load_identity(identities / cid, cid).signing_key.public_key()) == []
         rounds = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
         assert rounds == [(0, "gaussian_summary"), (1, "dpsgd"), (1, "gaussian_lambda"),
-                          (2, "dpsgd"), (2, "gaussian_lambda")], rounds
+                          (2, "dpsgd"), (2, "gaussian_lambda"), (2, "close")], rounds
+        # the server recorded the head the client reported (signed) with its last reply
+        assert ours[c]["ledger_head"] == line_hash(ledger.read_text().splitlines()[-1])
+    # The server's signed anchor: the audit checks the collected ledgers against it.
+    from audits.verify import verify_run
+
+    anchor = json.loads((result_dir / "anchor.json").read_text())
+    assert anchor["runtime"] == "flower" and anchor["signer"]["party_id"] == "server"
+    assert sorted(anchor["ledgers"]) == [f"fedora/{cid}" for cid in client_ids(3)]
+    audit = tmp_path / "audit"
+    (audit / "ledgers" / "fedora").mkdir(parents=True)
+    shutil.copyfile(result_dir / "results.json", audit / "results.json")
+    for c, cid in enumerate(client_ids(3)):
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl",
+                        audit / "ledgers" / "fedora" / f"{cid}.jsonl")
+    allow = identities / "server" / "allowlist.json"
+    report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
+    assert not [f for f in report.errors if f.check.startswith("anchor")], report.errors
+    cut = audit / "ledgers" / "fedora" / "client-001.jsonl"
+    cut.write_text("".join(x + "\n" for x in cut.read_text().splitlines()[:-3]))
+    report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
+    assert ("anchor_behind", "client-001") in {(f.check, f.client_id) for f in report.errors}
     theta = sim.methods["fedora"].theta
     for c in range(3):
         state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",

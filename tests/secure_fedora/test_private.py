@@ -72,9 +72,22 @@ def test_calibrated_run_spends_its_budget_and_the_ledger_verifies(tmp_path, clie
             assert eps == sorted(eps)
             mechanisms = {e["mechanism"] for e in entries}
             if method == "fedora":
-                assert mechanisms == {"dpsgd", "gaussian_summary", "gaussian_lambda"}
+                assert mechanisms == {"dpsgd", "gaussian_summary", "gaussian_lambda", "close"}
             else:
-                assert mechanisms == {"dpsgd"}
+                assert mechanisms == {"dpsgd", "close"}
+            # a finished run closes every ledger: its last entry, spending nothing
+            assert entries[-1]["mechanism"] == "close"
+            assert entries[-1]["params"] == {"final_index": len(entries) - 1,
+                                             "epsilon_spent": entries[-2]["epsilon_after"]}
+    # private keys live in the key store, outside the run directory; the run holds public
+    # keys only, and the signed anchor.json lets the audit refuse a shortened ledger
+    assert not list(tmp_path.rglob("*.key"))
+    from audits.verify import verify_run
+
+    report = verify_run(tmp_path, allowlist=tmp_path / "keys" / "allowlist.json")
+    assert report.ok, [str(f) for f in report.errors]
+    anchor = json.loads((tmp_path / "anchor.json").read_text())
+    assert anchor["methods"] == ["fedora", "local", "fedavg"] and len(anchor["ledgers"]) == 12
 
 
 def test_ledger_epsilon_matches_an_accountant_replaying_the_same_history(tmp_path, clients):
@@ -83,7 +96,7 @@ def test_ledger_epsilon_matches_an_accountant_replaying_the_same_history(tmp_pat
     for path in _ledgers(tmp_path, "local"):
         entries = read_ledger(path)
         acc = Accountant(entries[0]["accountant"])  # "auto" chose it; recorded in every entry
-        for e in entries:
+        for e in entries[:-1]:  # the last is the close entry, which releases nothing
             p = e["params"]
             acc.record(p["noise_multiplier"], p["sample_rate"], p["steps"])
             assert e["epsilon_after"] == pytest.approx(acc.epsilon(1e-3), rel=1e-9)
