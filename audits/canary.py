@@ -30,6 +30,12 @@ pure DP the number of correct guesses in one run is dominated by the correspondi
 which is why the approximation is considered sound in practice. The audit gives a *lower*
 bound: a small value does not prove privacy, it only fails to refute the claim.
 
+Power: a perfect attacker (TPR 1, FPR 0 on the evaluation half) certifies at most
+:func:`certifiable_maximum` (about 3.0 for 300 canaries at confidence 0.95); the audit calls a
+claim "consistent" only when that maximum is above it, and "inconclusive: the audit cannot
+certify epsilon above X" otherwise (:mod:`audits.verdict`). To test larger claims, use more
+canaries or the white-box audit (:mod:`audits.whitebox`).
+
 What is attacked is the audited client's final model ``theta_i`` (what it last released).
 Training is the runtime's own (:class:`secure_fedora.runtime.Simulation`); with
 ``privacy.enabled`` every data-dependent input of that model is an accounted release (the
@@ -52,6 +58,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor
 
+from audits.verdict import audit_document, audit_verdict
 from privacy.identity import client_ids
 from secure_fedora.client import FlatModel
 from secure_fedora.config import ExperimentConfig
@@ -65,6 +72,7 @@ __all__ = [
     "CanarySet",
     "EpsilonLowerBound",
     "canary_scores",
+    "certifiable_maximum",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "epsilon_lower_bound",
@@ -205,6 +213,19 @@ def _candidate_thresholds(scores: Tensor) -> list[float]:
     return [*values, math.inf]
 
 
+def certifiable_maximum(members: int, non_members: int, delta: float,
+                        confidence: float = 0.95) -> float:
+    """The bound a perfect attacker gets on ``members`` + ``non_members`` evaluation canaries.
+
+    Every member guessed in and every non-member out (TPR 1, FPR 0):
+    ``log(((alpha/2)^(1/members) - delta) / (1 - (alpha/2)^(1/non_members)))`` with
+    ``alpha = 1 - confidence``. No outcome of the audit can certify more; a claim at or above
+    it cannot be refuted. (300 canaries, halves of about 75 + 75: about 3.0.)
+    """
+    return epsilon_lower_bound(members, members, 0, non_members, delta,
+                               confidence).epsilon_lower_bound
+
+
 @dataclass(frozen=True)
 class SplitAudit:
     """Result of :func:`split_audit`: the bound on the evaluation half, and the split sizes."""
@@ -213,6 +234,12 @@ class SplitAudit:
     calibration_size: int
     evaluation_size: int
     calibration_epsilon: float
+
+    @property
+    def certifiable_max(self) -> float:
+        """:func:`certifiable_maximum` for this evaluation part's members and non-members."""
+        b = self.bound
+        return certifiable_maximum(b.members, b.non_members, b.delta, b.confidence)
 
 
 def split_audit(scores: Tensor, member: Tensor, delta: float, confidence: float = 0.95,
@@ -362,22 +389,48 @@ class CanaryAuditResult:
     member_mean_score: float
     non_member_mean_score: float
     dp_source: str
+    certifiable_max: float = math.nan
     assumptions: list[str] = field(default_factory=list)
 
     @property
+    def verdict(self) -> str:
+        """``refuted`` / ``consistent`` / ``inconclusive`` (see :mod:`audits.verdict`).
+
+        ``consistent`` needs a design that could have refuted the claim: a certifiable
+        maximum above it. An infinite claim (non-private run) is ``inconclusive``.
+        """
+        return audit_verdict(self.claimed_epsilon, self.certifiable_max,
+                             self.epsilon_lower_bound)
+
+    @property
     def consistent(self) -> bool:
-        """True when the empirical bound does not refute the claim (``bound <= claim``)."""
-        return self.epsilon_lower_bound <= self.claimed_epsilon
+        """True only when the audit could have refuted the claim and did not."""
+        return self.verdict == "consistent"
+
+    @property
+    def refuted(self) -> bool:
+        """True when the empirical bound exceeds the claim."""
+        return self.verdict == "refuted"
 
     def to_json(self) -> dict[str, Any]:
-        """Strict-JSON-serializable dict (infinite claim or threshold written as ``"inf"``)."""
+        """The common audit document (``audit = "canary"``, see :mod:`audits.verdict`) plus
+        every field of this result (an infinite claim or threshold written as ``"inf"``)."""
         d = asdict(self)
         d["consistent"] = self.consistent
         if math.isinf(self.claimed_epsilon):
             d["claimed_epsilon"] = "inf"
         if math.isinf(self.bound.threshold):
             d["bound"]["threshold"] = "inf"
-        return d
+        confidence = d.pop("confidence")
+        setup = {k: d[k] for k in ("client_index", "client_id", "method", "canary_kind",
+                                   "num_canaries", "private", "delta", "dp_source")}
+        setup["calibration_size"] = self.calibration_size
+        setup["evaluation_size"] = self.evaluation_size
+        setup["attacked"] = "final model theta_i (loss of each canary)"
+        d.pop("certifiable_max")
+        return audit_document(
+            "canary", claim_epsilon=self.claimed_epsilon, certifiable_max=self.certifiable_max,
+            lower_bound=self.epsilon_lower_bound, confidence=confidence, setup=setup, **d)
 
 
 def _mislabeled_pool(cfg: ExperimentConfig, clients: Sequence[ClientData], client_index: int,
@@ -487,5 +540,5 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         calibration_epsilon=sa.calibration_epsilon,
         member_mean_score=float(scores[member].mean()),
         non_member_mean_score=float(scores[~member].mean()),
-        dp_source=source, assumptions=assumptions,
+        dp_source=source, certifiable_max=sa.certifiable_max, assumptions=assumptions,
     )

@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from audits.onerun import OneRunOutcome, split_one_run_audit
+from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
 from audits.verdict import audit_document, audit_verdict, write_audit_json
 from privacy.accounting import PlannedRelease, plan_epsilon
 from privacy.dpsgd import poisson_sample
 from privacy.identity import client_ids
-from secure_fedora.client import FlatModel, local_train
+from secure_fedora.client import ClientUpdateError, FlatModel, local_train
 from secure_fedora.config import ConfigError, ExperimentConfig, load_config
 from secure_fedora.private import (
     DPGradient,
@@ -350,13 +350,19 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
         assert setting.noise_multiplier is not None
         oracle.select(setting.noise_multiplier, generator)
     theta = ctx.init.clone()
-    for _ in range(setting.rounds):
-        local_train(ctx.flat, theta, client.train_x, client.train_y, ctx.train, oracle,
-                    generator, ctx.workspace)
+    try:
+        for _ in range(setting.rounds):
+            local_train(ctx.flat, theta, client.train_x, client.train_y, ctx.train, oracle,
+                        generator, ctx.workspace)
+    except ClientUpdateError as err:
+        raise WhiteboxAuditError(f"training with canaries failed: {err}") from None
     scores = (ctx.init - theta)[coords].to(torch.float64).numpy()
     mem = member.numpy()
-    outcome = split_one_run_audit(scores, mem, setting.delta, confidence, calibration_fraction,
-                                  seed=seed + 1)
+    try:
+        outcome = split_one_run_audit(scores, mem, setting.delta, confidence,
+                                      calibration_fraction, seed=seed + 1)
+    except OneRunAuditError as err:
+        raise WhiteboxAuditError(str(err)) from None
     assumptions = [
         "attacked: one client's DP-SGD steps of the plan (Local training, every round), the"
         " adversary sees the model before and after training",
@@ -405,4 +411,7 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
     result = run_whitebox_audit(cfg, results=results, **kwargs)
-    return result, write_audit_json(run, result.to_json())
+    try:
+        return result, write_audit_json(run, result.to_json())
+    except OSError as err:
+        raise WhiteboxAuditError(f"cannot write {run / 'audit' / 'whitebox.json'}: {err}") from None
