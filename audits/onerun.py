@@ -216,9 +216,30 @@ def calibrate_guess_rule(scores: np.ndarray, member: np.ndarray,
         score = np.where(p_lo > 0.5, special.logit(np.clip(p_lo, 0.5, 1 - 1e-300)), 0.0)
     score[~valid] = -1.0
     a, b = np.unravel_index(int(np.argmax(score)), score.shape)
-    if score[a, b] < 0:  # no valid pair at all: guess nothing
-        return GuessRule(math.inf, -math.inf), 0.0
-    return GuessRule(float(cand_in[a]), float(cand_out[b])), float(max(score[a, b], 0.0))
+    best_rule = GuessRule(float(cand_in[a]), float(cand_out[b])) if score[a, b] >= 0 \
+        else GuessRule(math.inf, -math.inf)
+    best = float(max(score[a, b], 0.0))
+    # complete rules (no abstention) split at every gap: "out" up to the midpoint, "in" above
+    order = np.argsort(s, kind="stable")
+    sorted_s, sorted_mem = s[order], mem[order]
+    out_correct = np.concatenate([[0], np.cumsum(~sorted_mem)])
+    in_correct = np.concatenate([np.cumsum(sorted_mem[::-1])[::-1], [0]])
+    v_split = out_correct + in_correct  # split j: the j lowest out, the rest in
+    gaps = np.concatenate([[True], sorted_s[1:] > sorted_s[:-1], [True]])
+    v_split = np.where(gaps, v_split, -1)
+    j = int(np.argmax(v_split))
+    pure = pure_dp_lower_bound(int(s.size), int(v_split[j]), confidence)
+    if pure > best:
+        biggest = float(np.finfo(np.float64).max)
+        if j == 0:  # everything in
+            best_rule = GuessRule(-biggest, -math.inf)
+        elif j == s.size:  # everything out
+            best_rule = GuessRule(math.inf, biggest)
+        else:
+            mid = 0.5 * (float(sorted_s[j - 1]) + float(sorted_s[j]))
+            best_rule = GuessRule(math.nextafter(mid, math.inf), mid)
+        best = pure
+    return best_rule, best
 
 
 def split_one_run_audit(scores: np.ndarray, member: np.ndarray, delta: float,
