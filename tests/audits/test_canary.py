@@ -202,3 +202,45 @@ def test_mislabeled_pool_uses_unused_test_images_rotated_like_the_client():
     assert bool((canaries.y != y).all())
     with pytest.raises(CanaryAuditError, match="unused by the clients"):
         _mislabeled_pool(cfg, clients, 1, 2001)
+
+
+def test_certifiable_maximum_is_the_perfect_attackers_bound_in_closed_form():
+    from audits.canary import certifiable_maximum
+    a = 0.05 / 2  # each one-sided interval at half the error
+    closed = math.log((a ** (1 / 75) - 1e-5) / (1 - a ** (1 / 75)))
+    assert certifiable_maximum(75, 75, 1e-5, 0.95) == pytest.approx(closed, rel=1e-9)
+    assert 2.9 < closed < 3.1  # 300 canaries: the "about 3.0-3.1"
+    values = [certifiable_maximum(n, n, 1e-5) for n in (10, 75, 500, 5000)]
+    assert all(b > a_ for a_, b in zip(values, values[1:]))
+
+
+def _synthetic_result(claim: float, separation: float):
+    from audits.canary import CanaryAuditResult
+    gen = torch.Generator().manual_seed(0)
+    member = torch.rand(300, generator=gen) < 0.5
+    scores = member.double() * separation + torch.randn(300, generator=gen, dtype=torch.float64)
+    sa = split_audit(scores, member, delta=1e-5, seed=1)
+    return CanaryAuditResult(
+        client_index=0, client_id="client-000", method="local", canary_kind="noise",
+        num_canaries=300, members=int(member.sum()), private=math.isfinite(claim),
+        claimed_epsilon=claim, delta=1e-5, confidence=0.95,
+        epsilon_lower_bound=sa.bound.epsilon_lower_bound, bound=sa.bound,
+        calibration_size=sa.calibration_size, evaluation_size=sa.evaluation_size,
+        calibration_epsilon=sa.calibration_epsilon, member_mean_score=0.0,
+        non_member_mean_score=0.0, dp_source="test", certifiable_max=sa.certifiable_max)
+
+
+def test_verdicts_with_300_canaries():
+    weak = _synthetic_result(8.0, 0.5)
+    assert weak.certifiable_max < 3.2 and weak.verdict == "inconclusive" and not weak.consistent
+    doc = weak.to_json()
+    assert doc["audit"] == "canary" and doc["claim_epsilon"] == 8.0
+    assert doc["verdict_text"].startswith("inconclusive: the audit cannot certify epsilon above")
+    assert doc["certifiable_max"] == weak.certifiable_max and doc["setup"]["num_canaries"] == 300
+    assert _synthetic_result(1.0, 0.5).verdict == "consistent"
+    strong = _synthetic_result(0.5, 8.0)  # a release far leakier than claimed
+    assert strong.refuted and strong.to_json()["verdict"] == "refuted"
+    plain = _synthetic_result(math.inf, 8.0).to_json()
+    assert plain["claim_epsilon"] is None and plain["claimed_epsilon"] == "inf"
+    assert plain["verdict"] == "inconclusive"
+    json.dumps(plain, allow_nan=False)
