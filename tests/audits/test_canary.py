@@ -211,7 +211,7 @@ def test_certifiable_maximum_is_the_perfect_attackers_bound_in_closed_form():
     assert certifiable_maximum(75, 75, 1e-5, 0.95) == pytest.approx(closed, rel=1e-9)
     assert 2.9 < closed < 3.1  # 300 canaries: the "about 3.0-3.1"
     values = [certifiable_maximum(n, n, 1e-5) for n in (10, 75, 500, 5000)]
-    assert all(b > a_ for a_, b in zip(values, values[1:]))
+    assert all(b > a_ for a_, b in zip(values, values[1:], strict=False))
 
 
 def _synthetic_result(claim: float, separation: float):
