@@ -80,6 +80,7 @@ __all__ = [
     "make_canaries",
     "run_canary_audit",
     "split_audit",
+    "split_audit_rounds",
 ]
 
 CanaryKind = Literal["noise", "mislabeled"]
@@ -281,6 +282,24 @@ def split_audit(scores: Tensor, member: Tensor, delta: float, confidence: float 
     return SplitAudit(final, int(cal.numel()), int(ev.numel()), best.epsilon_lower_bound)
 
 
+def split_audit_rounds(scores_by_round: Sequence[Tensor], member: Tensor, delta: float,
+                       confidence: float = 0.95, seed: int = 0,
+                       calibration_fraction: float = 0.5) -> tuple[SplitAudit, int]:
+    """:func:`split_audit` on the scores of several released models; returns the audit of the
+    one whose *calibration* bound is best (the latest on ties) and its index.
+
+    Guarantee: every candidate uses the same random split, and the choice depends on the
+    calibration canaries only, so the evaluation bound of the chosen model holds at
+    ``confidence`` without a multiple-testing correction.
+    """
+    if not scores_by_round:
+        raise CanaryAuditError("no scores to audit")
+    audits = [split_audit(s, member, delta, confidence, seed, calibration_fraction)
+              for s in scores_by_round]
+    best = max(range(len(audits)), key=lambda k: (audits[k].calibration_epsilon, k))
+    return audits[best], best
+
+
 # --------------------------------------------------------------------------- canaries
 
 
@@ -391,6 +410,8 @@ class CanaryAuditResult:
     dp_source: str
     certifiable_max: float = math.nan
     assumptions: list[str] = field(default_factory=list)
+    selected_round: int | None = None
+    rounds_scored: int = 1
 
     @property
     def verdict(self) -> str:
@@ -426,7 +447,10 @@ class CanaryAuditResult:
                                    "num_canaries", "private", "delta", "dp_source")}
         setup["calibration_size"] = self.calibration_size
         setup["evaluation_size"] = self.evaluation_size
-        setup["attacked"] = "final model theta_i (loss of each canary)"
+        setup["attacked"] = (
+            f"model theta_i after each of {self.rounds_scored} rounds (loss of each canary);"
+            f" round {self.selected_round} chosen on the calibration half"
+            if self.rounds_scored > 1 else "final model theta_i (loss of each canary)")
         d.pop("certifiable_max")
         return audit_document(
             "canary", claim_epsilon=self.claimed_epsilon, certifiable_max=self.certifiable_max,
@@ -474,7 +498,8 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, fl
 def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canaries: int = 300,
                      kind: str = "noise", method: str = "local", confidence: float = 0.95,
                      delta: float = 1e-5, seed: int = 0,
-                     work_dir: str | Path | None = None) -> CanaryAuditResult:
+                     work_dir: str | Path | None = None,
+                     every_round: bool = True) -> CanaryAuditResult:
     """Insert canaries into one client, run the federation, bound epsilon from membership inference.
 
     Training is the runtime's own: :class:`secure_fedora.runtime.Simulation` with ``cfg``
@@ -483,6 +508,11 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     ``epsilon_after`` in ``ledgers/<method>/<client>.jsonl`` (at the ledger's delta);
     otherwise training is non-private, the claim is infinite and ``delta`` is used in the
     bound. FedAvg's evaluation-only fine-tuning is switched off.
+
+    With ``every_round`` (default) the client's model is scored after every round (each is a
+    release); the calibration half picks the round as well as the threshold
+    (:func:`split_audit_rounds`), so no multiple-testing correction is needed and the
+    certifiable maximum is unchanged. Otherwise only the final model is scored.
 
     Guarantee: with probability ``>= confidence`` (under the independence assumption stated
     in the module docstring) a truly (claim, delta)-DP release yields
@@ -515,20 +545,33 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     cid = client_ids(cfg.data.num_clients)[client_index]
     with tempfile.TemporaryDirectory(prefix="canary-audit-") as tmp:
         run_dir = Path(work_dir) if work_dir is not None else Path(tmp)
-        sim = Simulation(audit_cfg, run_dir, clients=clients)
+        round_scores: list[Tensor] = []
+
+        def score_round(_name: str, _rnd: int, _rounds: int) -> None:
+            fm = sim.methods[method]
+            round_scores.append(canary_scores(fm.ctx.flat, fm.theta[client_index].clone(),
+                                              canaries))
+
+        sim = Simulation(audit_cfg, run_dir, clients=clients,
+                         progress=score_round if every_round else None)
         sim.run_method(method)
-        fm = sim.methods[method]
-        scores = canary_scores(fm.ctx.flat, fm.theta[client_index].clone(), canaries)
+        if not every_round:
+            score_round(method, cfg.training.rounds, cfg.training.rounds)
         if private:
             claim, audit_delta, entries = _ledger_claim(run_dir, method, cid)
             source = f"ledger ledgers/{method}/{cid}.jsonl ({entries} entries)"
         else:
             claim, audit_delta, source = math.inf, float(delta), "none (non-private run)"
-    sa = split_audit(scores, canaries.member, audit_delta, confidence, seed=seed + 1)
+    sa, chosen = split_audit_rounds(round_scores, canaries.member, audit_delta, confidence,
+                                    seed=seed + 1)
+    scores = round_scores[chosen]
+    selected_round = cfg.training.rounds - len(round_scores) + chosen + 1
     member = canaries.member
     assumptions = [
         "per-canary outcomes treated as independent trials (one training run)",
-        "threshold chosen on the calibration half only",
+        "round and threshold chosen on the calibration half only",
+        "attacked release: the audited client's model theta_i after each round (every one"
+        " is released; the ledger's final epsilon covers them all)" if every_round else
         "attacked release: the audited client's final model theta_i",
     ]
     return CanaryAuditResult(
@@ -541,4 +584,5 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         member_mean_score=float(scores[member].mean()),
         non_member_mean_score=float(scores[~member].mean()),
         dp_source=source, certifiable_max=sa.certifiable_max, assumptions=assumptions,
+        selected_round=selected_round, rounds_scored=len(round_scores),
     )

@@ -123,6 +123,9 @@ def cmd_canary(args: argparse.Namespace) -> int:
     doc = result.to_json()
     print(f"client {result.client_id}, method {result.method}: {result.num_canaries}"
           f" {result.canary_kind} canaries ({result.members} inserted)")
+    if result.rounds_scored > 1:
+        print(f"  scored after each of {result.rounds_scored} rounds; round"
+              f" {result.selected_round} chosen on the calibration half")
     print(f"  evaluation half: TPR {b.tpr:.3f} (lower {b.tpr_lower:.3f}), FPR {b.fpr:.3f}"
           f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}, delta {result.delta:g}")
     _print_audit_summary(doc)

@@ -160,6 +160,7 @@ def test_bound_is_below_the_claim_on_dp_and_clearly_above_it_without_dp():
     assert dp.private and dp.dp_source.startswith("ledger ledgers/local/client-000.jsonl")
     assert dp.claimed_epsilon == pytest.approx(1.0, rel=0.02)  # calibrated to the budget
     assert dp.epsilon_lower_bound < dp.claimed_epsilon and dp.consistent
+    assert dp.rounds_scored == 5 and 1 <= dp.selected_round <= 5  # every round's release
     plain = run_canary_audit(_cfg(False, rounds=15, lr=0.05), num_canaries=300)
     assert not plain.private and math.isinf(plain.claimed_epsilon)
     # memorized canaries: members have far lower loss than non-members
@@ -244,3 +245,22 @@ def test_verdicts_with_300_canaries():
     assert plain["claim_epsilon"] is None and plain["claimed_epsilon"] == "inf"
     assert plain["verdict"] == "inconclusive"
     json.dumps(plain, allow_nan=False)
+
+
+def test_round_selection_uses_only_the_calibration_half():
+    from audits.canary import split_audit_rounds
+    gen = torch.Generator().manual_seed(4)
+    member = torch.rand(400, generator=gen) < 0.5
+    perm = torch.randperm(400, generator=torch.Generator().manual_seed(1))
+    cal, ev = perm[:200], perm[200:]
+    # round 0: informative on the evaluation half only; round 1: on the calibration half only
+    leak_ev = torch.randn(400, generator=gen, dtype=torch.float64)
+    leak_ev[ev] += 6.0 * member[ev].double()
+    leak_cal = torch.randn(400, generator=gen, dtype=torch.float64)
+    leak_cal[cal] += 6.0 * member[cal].double()
+    sa, chosen = split_audit_rounds([leak_ev, leak_cal], member, 1e-5, seed=1)
+    assert chosen == 1  # picked on calibration evidence, whatever the evaluation half says
+    assert sa.bound == split_audit(leak_cal, member, 1e-5, seed=1).bound
+    assert sa.bound.epsilon_lower_bound < 1.0
+    with pytest.raises(CanaryAuditError, match="no scores"):
+        split_audit_rounds([], member, 1e-5)
