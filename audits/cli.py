@@ -11,8 +11,14 @@ process exit code.
 - ``audit report RUN_DIR``: writes ``report.html`` and ``report.json`` (default
   ``RUN_DIR/audit``); exit 0 when the report was written *and* verification passed, 1 when it
   was written but verification failed, 2 when nothing could be written.
-- ``audit canary CONFIG`` and ``audit leakage CONFIG``: the empirical audits on a config's
-  federation; they print their figures and can write them as JSON.
+- ``audit canary CONFIG|RUN_DIR``: canary membership inference on the config's federation
+  (given a run directory, its ``config.toml``; the result then goes to
+  ``RUN_DIR/audit/canary.json``). ``audit whitebox RUN_DIR``: the one-run white-box DP-SGD
+  audit of one client with the run's plan, written to ``RUN_DIR/audit/whitebox.json``. Both
+  print the claim, the certifiable maximum, the measured lower bound and the verdict; exit
+  0 when consistent, 1 when the claim is refuted, 3 when inconclusive (the design cannot
+  certify epsilon above the claim, or there is no claim), 2 on bad input.
+- ``audit leakage CONFIG``: the summary-leakage audit; prints its figures, can write JSON.
 - ``audit replay RUN_DIR``: the config-known audit (replays reproducible noise); writes
   ``RUN_DIR/audit/replay.json``; exit 0 unless the claim is refuted (1) or the run cannot be
   audited (2).
@@ -33,7 +39,8 @@ from audits.verify import (
     verify_run,
 )
 
-__all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify", "register"]
+__all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify",
+           "cmd_whitebox", "register"]
 
 
 def _range(values: list[float | None], fmt: str = ".4g") -> str:
@@ -135,27 +142,74 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(doc, indent=2, default=str))
 
 
+#: Exit status of the canary and white-box audits per verdict (2 is bad input).
+VERDICT_EXIT = {"consistent": 0, "refuted": 1, "inconclusive": 3}
+
+
+def _print_audit_summary(doc: dict[str, Any]) -> None:
+    claim = "none (non-private)" if doc["claim_epsilon"] is None else f"{doc['claim_epsilon']:.4g}"
+    print(f"  claimed epsilon {claim}; certifiable maximum {doc['certifiable_max']:.4g}"
+          f" (a perfect attacker, confidence {doc['confidence']:g});"
+          f" measured lower bound {doc['lower_bound']:.4g}")
+    print(f"  verdict: {doc['verdict_text']}")
+
+
 def cmd_canary(args: argparse.Namespace) -> int:
-    """``audit canary``: canary membership inference -> epsilon lower bound."""
+    """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
     from audits.canary import run_canary_audit
+    from audits.verdict import write_audit_json
     from secure_fedora.config import load_config
 
-    cfg = load_config(args.config)
+    target = Path(args.config)
+    run_dir = target if target.is_dir() else None
+    cfg = load_config(target / "config.toml" if run_dir is not None else target)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed)
-    claim = "inf (non-private)" if result.claimed_epsilon == float("inf") \
-        else f"{result.claimed_epsilon:.4g}"
     b = result.bound
+    doc = result.to_json()
     print(f"client {result.client_id}, method {result.method}: {result.num_canaries}"
           f" {result.canary_kind} canaries ({result.members} inserted)")
+    if result.rounds_scored > 1:
+        print(f"  scored after each of {result.rounds_scored} rounds; round"
+              f" {result.selected_round} chosen on the calibration half")
     print(f"  evaluation half: TPR {b.tpr:.3f} (lower {b.tpr_lower:.3f}), FPR {b.fpr:.3f}"
-          f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}")
-    print(f"  epsilon lower bound {result.epsilon_lower_bound:.4g} at confidence"
-          f" {result.confidence:g} (delta {result.delta:g}); claimed epsilon {claim}"
-          f" -> {'consistent' if result.consistent else 'CLAIM REFUTED'}")
-    _write_json(args.json, result.to_json())
-    return 0 if result.consistent else 1
+          f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}, delta {result.delta:g}")
+    _print_audit_summary(doc)
+    if run_dir is not None:
+        try:
+            print(f"  written: {write_audit_json(run_dir, doc)}")
+        except OSError as err:
+            print(f"error: cannot write {run_dir / 'audit' / 'canary.json'}: {err}",
+                  file=sys.stderr)
+            return 2
+    _write_json(args.json, doc)
+    return VERDICT_EXIT[doc["verdict"]]
+
+
+def cmd_whitebox(args: argparse.Namespace) -> int:
+    """``audit whitebox``: one-run white-box DP-SGD audit with Dirac gradient canaries."""
+    from audits.whitebox import WhiteboxAuditError, audit_run_dir
+
+    try:
+        result, path = audit_run_dir(
+            args.run_dir, method=args.method, client_index=args.client,
+            num_canaries=args.canaries, calibration_fraction=args.calibration_fraction,
+            confidence=args.confidence, seed=args.seed)
+    except WhiteboxAuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    doc = result.to_json()
+    s = result.setting
+    sigma = "none (non-private)" if s.noise_multiplier is None else f"{s.noise_multiplier:.4g}"
+    print(f"client {s.client_id}, method {s.method}: DP-SGD sigma {sigma}, q {s.sample_rate:g},"
+          f" {s.steps} steps, clip {s.clip_norm:g}; {result.num_canaries} Dirac canaries"
+          f" ({result.members} inserted), {doc['evaluation_size']} evaluated")
+    print(f"  guesses {doc['guesses']}, correct {doc['correct_guesses']}, delta {s.delta:g}")
+    _print_audit_summary(doc)
+    print(f"  written: {path}")
+    _write_json(args.json, doc)
+    return VERDICT_EXIT[doc["verdict"]]
 
 
 def cmd_leakage(args: argparse.Namespace) -> int:
@@ -218,7 +272,7 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``audit`` command (verify, report, canary, leakage) to ``subparsers``."""
+    """Add the ``audit`` command (verify, report, canary, whitebox, leakage) to ``subparsers``."""
     audit = subparsers.add_parser("audit", help="verify ledgers, write compliance reports,"
                                   " run empirical privacy audits")
     sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -238,7 +292,8 @@ def register(subparsers: Any) -> None:
 
     canary = sub.add_parser("canary", help="canary membership inference: a lower bound on"
                             " epsilon (Clopper-Pearson); DP per the config's [privacy]")
-    canary.add_argument("config", help="experiment TOML config")
+    canary.add_argument("config", help="experiment TOML config, or a run directory (its"
+                        " config.toml; the result is then written to RUN_DIR/audit/canary.json)")
     canary.add_argument("--client", type=int, default=0, help="index of the audited client")
     canary.add_argument("--canaries", type=int, default=300, help="number of canaries")
     canary.add_argument("--kind", choices=("noise", "mislabeled"), default="noise")
@@ -249,6 +304,23 @@ def register(subparsers: Any) -> None:
     canary.add_argument("--seed", type=int, default=0)
     canary.add_argument("--json", help="write the result to this file")
     canary.set_defaults(func=cmd_canary)
+
+    whitebox = sub.add_parser("whitebox", help="one-run white-box DP-SGD audit (Dirac gradient"
+                              " canaries, Steinke-Nasr-Jagielski 2023) of one client with the"
+                              " run's plan; writes RUN_DIR/audit/whitebox.json")
+    whitebox.add_argument("run_dir", help="run directory (its config.toml; results.json is"
+                          " checked against the plan when present)")
+    whitebox.add_argument("--client", type=int, default=0, help="index of the audited client")
+    whitebox.add_argument("--method", default=None, help="whose plan to audit (default: local"
+                          " when the config has it, else its first method)")
+    whitebox.add_argument("--canaries", type=int, default=20_000,
+                          help="number of Dirac canaries (distinct coordinates)")
+    whitebox.add_argument("--calibration-fraction", type=float, default=0.2,
+                          help="share of the canaries used to choose the guess thresholds")
+    whitebox.add_argument("--confidence", type=float, default=0.95)
+    whitebox.add_argument("--seed", type=int, default=0)
+    whitebox.add_argument("--json", help="also write the result to this file")
+    whitebox.set_defaults(func=cmd_whitebox)
 
     leakage = sub.add_parser("leakage", help="summary-leakage audit for plain, noised and"
                              " encrypted relatedness")

@@ -244,12 +244,19 @@ class DPSGD:
                                 "per_sample_method": self.mode,
                                 "sampling": "poisson"})
 
-    def private_gradient(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> None:
+    def private_gradient(self, x: Tensor, y: Tensor, loss_fn: LossFn, *,
+                         extra_gradients: Tensor | None = None) -> None:
         """Write the clipped, summed, noised gradient / expected_batch_size into each ``.grad``.
 
         ``loss_fn(model(x), y)`` must return per-sample losses of shape ``(B,)`` (e.g.
         ``nn.CrossEntropyLoss(reduction="none")``); a reduced scalar is rejected because a
         mean would silently rescale each per-sample gradient. ``x`` may have batch size 0.
+
+        ``extra_gradients`` (audit hook): a sparse COO tensor ``(k, D)``, ``D`` the number of
+        trainable parameters in ``model.parameters()`` order, holding the per-sample gradients
+        of ``k`` more records of this batch (e.g. the gradient canaries of a white-box audit).
+        Each row is clipped like a real sample and added to the same clipped sum before the
+        division; the noise is unchanged.
         """
         if self._closed:
             raise DPSGDError("this DPSGD was closed; create a new one")
@@ -277,7 +284,33 @@ class DPSGD:
             with torch.no_grad():
                 for p, s in zip(self._params, sums, strict=True):
                     p.grad.add_(s, alpha=scale)
+        if extra_gradients is not None:
+            self._add_extra_gradients(extra_gradients, scale)
         self.steps += 1
+
+    def _add_extra_gradients(self, extra: Tensor, scale: float) -> None:
+        """Clip each row of the sparse ``(k, D)`` ``extra`` to C and add ``scale`` * their sum."""
+        total = sum(p.numel() for p in self._params)
+        if not isinstance(extra, Tensor) or extra.layout != torch.sparse_coo or extra.dim() != 2 \
+                or extra.shape[1] != total:
+            raise DPSGDError(f"extra_gradients must be a sparse COO tensor (k, {total})")
+        extra = extra.coalesce()
+        rows, cols = extra.indices()
+        values = extra.values()
+        if not bool(torch.isfinite(values).all()):
+            raise DPSGDError("extra_gradients contain NaN or infinite values")
+        sq_norms = torch.zeros(extra.shape[0], dtype=values.dtype).index_add_(0, rows, values * values)
+        factors = (self.max_grad_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        clipped = values * factors[rows] * scale
+        offset = 0
+        with torch.no_grad():
+            for p in self._params:
+                size = p.numel()
+                here = (cols >= offset) & (cols < offset + size)
+                if bool(here.any()):
+                    p.grad.view(-1).index_add_(0, cols[here] - offset,
+                                               clipped[here].to(p.grad.dtype))
+                offset += size
 
     def clipped_gradient_sum(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> list[Tensor]:
         """The clipped per-sample gradient sum (no noise, no division), one tensor per parameter.

@@ -313,8 +313,11 @@ class DPGradient:
         for _ in range(math.ceil(epochs / self.sample_rate - 1e-9)):
             yield poisson_sample(n, self.sample_rate, self.dpsgd.noise)
 
-    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
-        self.dpsgd.private_gradient(x, y, self._loss)
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor, *,
+                 extra_gradients: Tensor | None = None) -> None:
+        """One DP-SGD step's gradient (counted by the step hook); ``extra_gradients``: see
+        ``DPSGD.private_gradient`` (audits)."""
+        self.dpsgd.private_gradient(x, y, self._loss, extra_gradients=extra_gradients)
         self.steps_executed += 1
         if self.on_step is not None:
             self.on_step()

@@ -87,3 +87,19 @@ def test_canary_and_leakage_report_bad_configs(tmp_path, capsys):
 def test_usage_errors(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_canary_on_a_run_dir_writes_the_common_document(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(
+        'methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 32\n'
+        'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\nbatch_size = 16\n'
+        '[privacy]\nenabled = true\nepsilon = 8.0\n')
+    code = main(["audit", "canary", str(run), "--canaries", "40"])
+    out = capsys.readouterr().out
+    doc = json.loads((run / "audit" / "canary.json").read_text())
+    # 40 canaries certify far less than 8: the audit says so and exits 3
+    assert doc["verdict"] == "inconclusive" and code == 3
+    assert doc["certifiable_max"] < 8.0 and doc["claim_epsilon"] == pytest.approx(8.0, rel=0.02)
+    assert "certifiable maximum" in out and "cannot certify epsilon above" in out
