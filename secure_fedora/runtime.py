@@ -1,8 +1,8 @@
 """The in-process simulation runtime: one machine, many clients, fast (the default runtime).
 
 It builds the clients' data and a common initialization, runs every configured method round
-by round, evaluates each client's personalized model, writes a crash-safe checkpoint after
-every round and resumes from it to the identical result.
+by round, evaluates each client's personalized model, writes a crash-safe checkpoint every
+``[training] checkpoint_every`` rounds and resumes from it to the identical result.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> Federat
     f = cfg.fedora
     if name == "fedora":
         return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
+                      propagation_tolerance=f.propagation_tolerance,
                       relatedness_fn=relatedness_function(cfg, ctx),
                       relatedness_mode=f.relatedness,
                       private_validation=cfg.data.validation == "private")
@@ -305,11 +306,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_with(path: Path, write: Callable[[Any], None]) -> None:
+    """As :func:`atomic_write_bytes`, with ``write(fh)`` streaming the content into the
+    temporary file (no in-memory copy of a multi-GB checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (write to a temp file, fsync, rename)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """Atomically write a checkpoint (stream to a temp file, fsync, rename). Tensors on an
+    accelerator are written as CPU tensors by torch.save's own serialization."""
+    atomic_write_with(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -354,6 +375,10 @@ class Simulation:
         self.methods: dict[str, FederatedMethod] = {}
         self.privacy: dict[str, dict[str, Any]] = {}
         self.on_privacy_plan: Callable[[list[dict[str, Any]]], None] | None = None
+        # Seconds per round of this process (not persisted): training (FEDORA's includes its
+        # propagation), evaluation, checkpoint; and of each method's setup (relatedness).
+        self.round_timings: dict[str, list[dict[str, float]]] = {}
+        self.setup_seconds: dict[str, float] = {}
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_path(self, method: str) -> Path:
@@ -410,6 +435,7 @@ class Simulation:
         start_round = 1
         history: list[dict[str, Any]] = []
         timing = {"training": 0.0, "evaluation": 0.0}
+        self.round_timings[name] = []
         path = self.checkpoint_path(name)
         if resume and path.exists():
             state = load_checkpoint(path)
@@ -423,9 +449,12 @@ class Simulation:
             history = list(state["history"])
             timing = dict(state["timing"])
         else:
+            t0 = time.perf_counter()
             method.setup()
+            self.setup_seconds[name] = time.perf_counter() - t0
         self._attach_security(name, method, start_round - 1)
         rounds = cfg.training.rounds
+        every = cfg.training.checkpoint_every
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
             if privacy is not None:
@@ -434,15 +463,22 @@ class Simulation:
                                 if privacy.admit(i, rnd, method.theta[i], with_lambda)]
             t0 = time.perf_counter()
             stats = method.train_round(rnd, participants) if participants else {"steps": 0.0}
-            timing["training"] += time.perf_counter() - t0
+            seconds = {"round": rnd, "training": time.perf_counter() - t0,
+                       "evaluation": 0.0, "checkpoint": 0.0}
+            timing["training"] += seconds["training"]
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
                 row = self._evaluate(rnd, method, tracker)
-                timing["evaluation"] += time.perf_counter() - t0
+                seconds["evaluation"] = time.perf_counter() - t0
+                timing["evaluation"] += seconds["evaluation"]
                 history.append({"method": name, "round": rnd, "participants": len(participants),
                                 **stats, **row})
-            state = self._state(rnd, method, tracker, round_gen, ctx, history, timing)
-            save_checkpoint(path, state)
+            # The last round's state is written below, with the outcome.
+            if rnd % every == 0 and rnd < rounds:
+                t0 = time.perf_counter()
+                save_checkpoint(path, self._state(rnd, method, tracker, round_gen, ctx, history, timing))
+                seconds["checkpoint"] = time.perf_counter() - t0
+            self.round_timings[name].append(seconds)
             if self.progress:
                 self.progress(name, rnd, rounds)
         outcome = MethodOutcome(
@@ -456,7 +492,10 @@ class Simulation:
         )
         state = self._state(rounds, method, tracker, round_gen, ctx, history, timing)
         state["outcome"] = outcome.to_json()
+        t0 = time.perf_counter()
         save_checkpoint(path, state)
+        if self.round_timings[name]:
+            self.round_timings[name][-1]["checkpoint"] = time.perf_counter() - t0
         self.history.extend(history)
         return outcome
 
