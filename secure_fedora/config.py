@@ -105,9 +105,13 @@ class TrainingConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # torch intra-op threads (torch.set_num_threads); unset: torch's default.
     threads: PositiveInt | None = None
-    # Write the resumable checkpoint every K rounds (and always after the last round). A crash
-    # between checkpoints repeats the rounds since the last one on resume, bit-identically.
-    checkpoint_every: PositiveInt = 1
+    # Write the resumable checkpoint every K rounds, or "auto": after the first round and then
+    # whenever the time since the last checkpoint reaches 10x what that checkpoint took (so
+    # checkpoints cost at most about 10% of the run). Always after the last round. A crash
+    # between checkpoints repeats the rounds since the last one on resume, bit-identically
+    # (under DP the repeated rounds are accounted again: over-counted, never under-counted).
+    # Not part of the config hash: it does not change results, so a resume may change it.
+    checkpoint_every: PositiveInt | Literal["auto"] = "auto"
 
 
 class FedoraConfig(_Section):
@@ -287,7 +291,6 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("training", "clip_grad_norm"): None,
     ("training", "device"): "cpu",
     ("training", "threads"): None,
-    ("training", "checkpoint_every"): 1,
     ("fedora", "propagation_tolerance"): 1e-4,
 }
 
@@ -303,5 +306,6 @@ def config_hash(cfg: ExperimentConfig) -> str:
     for (section, key), neutral in _NEUTRAL_DEFAULTS.items():
         if key in doc.get(section, {}) and doc[section][key] == neutral:
             del doc[section][key]
+    doc["training"].pop("checkpoint_every", None)
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

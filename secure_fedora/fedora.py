@@ -333,4 +333,4 @@ def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, 
         cols.append(index.reshape(-1))
         vals.append((values / values.sum(dim=1, keepdim=True)).reshape(-1))
     indices = torch.stack([torch.cat(rows), torch.cat(cols)])
-    return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n)).coalesce()
+    return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=True).coalesce()

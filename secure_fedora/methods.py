@@ -34,7 +34,12 @@ from secure_fedora.client import (
     local_train,
 )
 from secure_fedora.partition import ClientData
-from secure_fedora.propagation import PropagationOperator, build_operator, resolve_propagation
+from secure_fedora.propagation import (
+    PropagationOperator,
+    build_operator,
+    embed_operator,
+    resolve_propagation,
+)
 from secure_fedora.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
 
 MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
@@ -404,19 +409,11 @@ class Fedora(FederatedMethod):
         sub = overlaps[idx][:, idx]
         similarity = fedora.similarity_matrix(sub, self.tau)
         graph = fedora.topk_graph(similarity, self.k)
-        full_graph = fedora.embed_subproblem(graph, members, n, 1.0)
-        if self.propagation_mode == "sparse":
-            # the excluded clients' self-loops give them unit rows of P~ (no truncation error)
-            operator = self._operator(full_graph)
-        else:
-            sub_operator = self._operator(graph)
-            operator = PropagationOperator(
-                "dense", fedora.embed_subproblem(sub_operator.matrix, members, n, 1.0))
         return Relatedness(
             overlaps,
             fedora.embed_subproblem(similarity, members, n, 0.0),
-            full_graph,
-            operator,
+            fedora.embed_subproblem(graph, members, n, 1.0),
+            embed_operator(self._operator(graph), members, n),
             self._relatedness_mode,
             details,
         )
@@ -517,7 +514,7 @@ class Fedora(FederatedMethod):
                     or (indices.numel() and (indices.min() < 0 or indices.max() >= n)):
                 raise ValueError("checkpoint field 'relatedness.graph' is not a graph over "
                                  f"{n} clients")
-            graph = torch.sparse_coo_tensor(indices, values, (n, n)).coalesce()
+            graph = torch.sparse_coo_tensor(indices, values, (n, n), check_invariants=True).coalesce()
             rebuilt = Relatedness(None, None, graph, self._operator(graph), r["mode"], r["details"])
         rebuilt.mode = r["mode"]
         self.relatedness = rebuilt

@@ -11,6 +11,7 @@ written straight into the ``phi`` matrix (no N x P temporary).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,7 @@ from torch import Tensor
 from secure_fedora.config import AUTO_DENSE_MAX_CLIENTS
 from secure_fedora.fedora import (
     RelatednessError,
+    embed_subproblem,
     propagation_matrix,
     propagation_matrix_power,
 )
@@ -29,6 +31,7 @@ __all__ = [
     "OperatorKind",
     "PropagationOperator",
     "build_operator",
+    "embed_operator",
     "resolve_propagation",
     "sparse_graph",
     "sparse_propagation_matrix",
@@ -58,6 +61,12 @@ def sparse_graph(graph: Tensor) -> Tensor:
     if graph.layout != torch.strided:
         return graph.to_sparse_coo().to(torch.float64).coalesce()
     return graph.to(torch.float64).to_sparse().coalesce()
+
+
+def _csr(t: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": used as documented
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+        return t.to_sparse_csr()
 
 
 def _coo(indices: Tensor, values: Tensor, n: int) -> Tensor:
@@ -108,7 +117,7 @@ def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float) -> 
     # Series tail alpha^T <= tolerance / 4; the rest of the budget goes to dropped entries.
     terms = 1 if alpha == 0.0 else max(1, math.ceil(math.log(tolerance / 4.0) / math.log(alpha)))
     threshold = tolerance / (64.0 * terms)
-    s_csr = s.to_sparse_csr()
+    s_csr = _csr(s)
     for _ in range(8):
         approx = _truncated_series(s_csr, n, alpha, terms, threshold)
         deficit = 1.0 - _row_sums(approx)
@@ -125,7 +134,7 @@ def _truncated_series(s_csr: Tensor, n: int, alpha: float, terms: int, threshold
     term = _coo(torch.stack([eye, eye]), torch.ones(n, dtype=torch.float64, device=s_csr.device), n)
     acc_idx, acc_val = [term.indices()], [term.values() * (1.0 - alpha)]
     for t in range(1, terms):
-        term = (s_csr @ term.to_sparse_csr()).to_sparse_coo().coalesce()
+        term = (s_csr @ _csr(term)).to_sparse_coo().coalesce()
         weight = (1.0 - alpha) * alpha**t
         keep = term.values() * weight >= threshold
         term = _coo(term.indices()[:, keep], term.values()[keep], n)
@@ -187,7 +196,7 @@ class PropagationOperator:
         key = (dtype, device)
         if key not in self._cast:
             m = self.matrix.to(device)
-            self._cast[key] = m.to(dtype) if self.kind == "dense" else m.to(dtype).to_sparse_csr()
+            self._cast[key] = m.to(dtype) if self.kind == "dense" else _csr(m.to(dtype))
         return self._cast[key]
 
     def apply(self, theta: Tensor, out: Tensor | None = None) -> Tensor:
@@ -223,6 +232,22 @@ class PropagationOperator:
     def to_dense(self) -> Tensor:
         """``P`` (or ``P~``) as a dense (N x N) float64 matrix (for plots and small N)."""
         return self.matrix if self.kind == "dense" else self.matrix.to_dense()
+
+
+def embed_operator(sub: PropagationOperator, members: list[int], n: int) -> PropagationOperator:
+    """The operator over ``n`` clients that applies ``sub`` (over ``members``, increasing) to
+    the members and leaves every other client exactly alone (a unit row and column): FEDORA
+    over a subset of the federation, as :func:`~secure_fedora.fedora.embed_subproblem`."""
+    if sub.kind == "dense":
+        return PropagationOperator("dense", embed_subproblem(sub.matrix, members, n, 1.0))
+    index = torch.as_tensor(members, dtype=torch.long)
+    if index.numel() != sub.num_clients:
+        raise RelatednessError(f"{index.numel()} members for an operator over {sub.num_clients} clients")
+    rest = torch.as_tensor(sorted(set(range(n)) - set(members)), dtype=torch.long)
+    m = sub.matrix.coalesce()
+    indices = torch.cat([index[m.indices()], torch.stack([rest, rest])], dim=1)
+    values = torch.cat([m.values(), torch.ones(rest.numel(), dtype=m.values().dtype)])
+    return PropagationOperator("sparse", _coo(indices, values, n), sub.error_bound, sub.tolerance)
 
 
 def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e-4) -> PropagationOperator:

@@ -346,6 +346,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 ProgressFn = Callable[[str, int, int], None]
 
+# Under checkpoint_every = "auto" a checkpoint is written once the time since the last one
+# reaches this multiple of what the last one took (checkpoints then cost <= ~1/10 of the run).
+AUTO_CHECKPOINT_FACTOR = 10.0
+
+
+class _CheckpointSchedule:
+    """Whether round ``rnd`` ends with a checkpoint: every K rounds, or by time ("auto")."""
+
+    def __init__(self, every: int | str) -> None:
+        self.every = every
+        self.last_cost: float | None = None
+        self.last_end = time.perf_counter()
+
+    def __call__(self, rnd: int) -> bool:
+        if self.every != "auto":
+            return rnd % int(self.every) == 0
+        if self.last_cost is None:
+            return True
+        return time.perf_counter() - self.last_end >= AUTO_CHECKPOINT_FACTOR * self.last_cost
+
+    def written(self, seconds: float) -> None:
+        self.last_cost, self.last_end = seconds, time.perf_counter()
+
 
 class Simulation:
     """Runs the configured methods in process, writing everything into ``run_dir``.
@@ -454,7 +477,7 @@ class Simulation:
             self.setup_seconds[name] = time.perf_counter() - t0
         self._attach_security(name, method, start_round - 1)
         rounds = cfg.training.rounds
-        every = cfg.training.checkpoint_every
+        due = _CheckpointSchedule(cfg.training.checkpoint_every)
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
             if privacy is not None:
@@ -474,10 +497,11 @@ class Simulation:
                 history.append({"method": name, "round": rnd, "participants": len(participants),
                                 **stats, **row})
             # The last round's state is written below, with the outcome.
-            if rnd % every == 0 and rnd < rounds:
+            if rnd < rounds and due(rnd):
                 t0 = time.perf_counter()
                 save_checkpoint(path, self._state(rnd, method, tracker, round_gen, ctx, history, timing))
                 seconds["checkpoint"] = time.perf_counter() - t0
+                due.written(seconds["checkpoint"])
             self.round_timings[name].append(seconds)
             if self.progress:
                 self.progress(name, rnd, rounds)
