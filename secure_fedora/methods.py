@@ -387,6 +387,7 @@ class Fedora(FederatedMethod):
         summary was rejected) builds them over the other clients only; each excluded client
         gets a self-loop in the graph and its unit vector as P row, and no other client puts
         weight on it, so it trains as Local would."""
+        overlaps = overlaps.cpu()  # relatedness is computed in float64 on the CPU
         excluded = sorted(set(details.get("excluded") or ()))
         if excluded:
             return self._build_partial_relatedness(overlaps, details, excluded)

@@ -97,8 +97,13 @@ def train_config(cfg: ExperimentConfig) -> TrainConfig:
 def build_context(
     cfg: ExperimentConfig, clients: Sequence[ClientData], oracle: GradientOracle | None = None
 ) -> MethodContext:
-    """A fresh method context: common initialization, one RNG per client, shared buffers."""
-    module = make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)
+    """A fresh method context: common initialization, one RNG per client, shared buffers,
+    all on ``[training] device`` (data, model, buffers; batch order from CPU generators)."""
+    from secure_fedora.devices import clients_on, resolve_device
+
+    device = resolve_device(cfg)
+    clients = clients_on(clients, device)
+    module = make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed).to(device)
     flat = FlatModel(module)
     generators = _client_generators(cfg, len(clients))
     if oracle is None and cfg.privacy.enabled:
@@ -112,7 +117,7 @@ def build_context(
         flat=flat,
         train=train_config(cfg),
         oracle=oracle or PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm),
-        workspace=Workspace.for_size(flat.num_params),
+        workspace=Workspace.for_size(flat.num_params, device),
         generators=generators,
         init=flat.initial_vector(),
         num_classes=NUM_CLASSES,
@@ -328,8 +333,8 @@ def atomic_write_with(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (stream to a temp file, fsync, rename). Tensors on an
-    accelerator are written as CPU tensors by torch.save's own serialization."""
+    """Atomically write a checkpoint (stream to a temp file, fsync, rename); no in-memory
+    copy of the state. :func:`load_checkpoint` maps every tensor to the CPU."""
     atomic_write_with(path, lambda fh: torch.save(state, fh))
 
 
@@ -386,7 +391,11 @@ class Simulation:
         method_factory: Callable[[str, MethodContext, ExperimentConfig], FederatedMethod] = make_method,
         context_factory: Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext] = build_context,
     ) -> None:
+        from secure_fedora.devices import apply_threads, resolve_device
+
         self.cfg = cfg
+        self.device = resolve_device(cfg)  # refuses an unusable device before any work
+        apply_threads(cfg)
         self.run_dir = Path(run_dir)
         self.clients = list(clients) if clients is not None else build_clients(cfg)
         self.fingerprint = fingerprint_clients(self.clients)
@@ -550,7 +559,7 @@ class Simulation:
 
     def _evaluate(self, rnd: int, method: FederatedMethod, tracker: Tracker) -> dict[str, float]:
         flat = method.ctx.flat
-        for i, c in enumerate(self.clients):
+        for i, c in enumerate(method.ctx.clients):  # on the run's device
             row = method.eval_row(i)
             val = evaluate(flat, row, c.val_x, c.val_y).accuracy
             test = evaluate(flat, row, c.test_x, c.test_y).accuracy
@@ -625,6 +634,7 @@ class Simulation:
         return {
             "name": self.cfg.name,
             "version": __version__,
+            "compute": {"device": str(self.device), "threads": torch.get_num_threads()},
             "config_hash": self.config_hash,
             "data_fingerprint": self.fingerprint,
             "assumptions": {

@@ -198,3 +198,42 @@ def test_auto_checkpoints_first_round_then_by_time(tmp_path, clients, monkeypatc
     assert written == [1, 4]  # the first round, and the last (with the outcome)
     with pytest.raises(Exception, match="checkpoint_every"):
         tiny(training={"checkpoint_every": 0})
+
+
+def test_dp_resume_between_checkpoints_is_identical_and_never_records_less_epsilon(tmp_path):
+    """Rounds after the last checkpoint are repeated on resume: their releases are accounted
+    again (over-counted), so the recorded epsilon never drops, and the models are identical."""
+    from privacy.ledger import read_ledger
+
+    dp = parse_config({
+        "seed": 3, "methods": ["local"],
+        "data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 8, "test_per_client": 8},
+        "training": {"rounds": 4, "local_epochs": 1, "batch_size": 10, "lr": 0.05, "checkpoint_every": 2},
+        "privacy": {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "noise_multiplier": 1.0},
+    })
+    clients = build_clients(dp)
+    full = Simulation(dp, tmp_path / "full", clients=clients)
+    full.run()
+    cut = Simulation(dp, tmp_path / "cut", clients=clients)
+
+    class Crash(Exception):
+        pass
+
+    def crash(method, rnd, total):
+        if rnd == 3:
+            raise Crash
+
+    cut.progress = crash
+    with pytest.raises(Crash):
+        cut.run()
+    ledgers = sorted((tmp_path / "cut" / "ledgers" / "local").glob("*.jsonl"))
+    before = {p.name: read_ledger(p)[-1]["epsilon_after"] for p in ledgers}
+    resumed = Simulation(dp, tmp_path / "cut", clients=clients)
+    resumed.run(resume=True)
+    assert torch.equal(resumed.methods["local"].theta, full.methods["local"].theta)
+    full_eps = {p.name: read_ledger(p)[-1]["epsilon_after"]
+                for p in (tmp_path / "full" / "ledgers" / "local").glob("*.jsonl")}
+    for p in ledgers:
+        eps = [e["epsilon_after"] for e in read_ledger(p)]
+        assert eps == sorted(eps) and eps[-1] >= before[p.name]
+        assert eps[-1] >= full_eps[p.name]  # round 3 is accounted twice: over, never under
