@@ -5,7 +5,7 @@ Each (N, method) runs in its own subprocess (a fresh peak RSS) through the in-pr
 checkpoint every round. Printed per round: seconds of training (FEDORA: without its
 propagation), relatedness (setup: summaries, graph, propagation operator; round 1 only),
 propagation, checkpoint and evaluation; the peak RSS; and the ratio FEDORA round / Local
-round (the last round, and round 1 with the relatedness). A watchdog kills a child whose RSS
+round (median of the rounds after the first, and round 1 with the relatedness). A watchdog kills a child whose RSS
 exceeds --max-rss-gb. Writes scale.json, scale.csv and scale.png (log-log round time vs N)
 into --out and reports the fitted slope of round time vs N.
 Usage: python benchmarks/scale.py [--n 36 100 1000] [--rounds 2] [--threads 1]
@@ -38,16 +38,18 @@ def data_for(n: int) -> tuple[int, int, int | None]:
     return max(1, per * 5 // 7), max(1, per // 7), max(1, 10000 // n)
 
 
-def child(n: int, method: str, rounds: int, threads: int, tolerance: float) -> dict:
-    """Run one method at N clients; return its timings (runs in the subprocess)."""
+def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
+          per_client: tuple[int, int, int | None] | None) -> dict:
+    """Run one method at N clients; return its per-round wall and CPU seconds (subprocess)."""
     import torch
 
+    import secure_fedora.runtime as runtime
     from secure_fedora.config import parse_config
     from secure_fedora.methods import Fedora
     from secure_fedora.runtime import Simulation, make_method
 
     torch.set_num_threads(threads)
-    train, val, test = data_for(n)
+    train, val, test = per_client or data_for(n)
     cfg = parse_config({
         "name": f"scale-{n}", "seed": 0, "methods": [method],
         "data": {"num_clients": n, "train_per_client": train, "val_per_client": val,
@@ -56,35 +58,47 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float) -> d
         "fedora": {"propagation_tolerance": tolerance},
         "evaluation": {"every": 1},
     })
-    propagation: list[float] = []
+    rows: list[dict] = []
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            w, c = time.perf_counter(), time.process_time()
+            out = fn(*args, **kwargs)
+            row = rows[-1] if rows else None
+            if key == "relatedness":
+                rows.append(_empty_row(1))
+                row = rows[-1]
+            row[key] += time.perf_counter() - w
+            row[key + "_cpu"] += time.process_time() - c
+            return out
+        return wrapper
 
     def factory(name, ctx, config):
         m = make_method(name, ctx, config)
+        m.setup = timed(m.setup, "relatedness")
+        inner_round = m.train_round
+
+        def train_round(rnd, participants):
+            if not rows or rows[-1]["round"] != rnd:
+                rows.append(_empty_row(rnd))
+            return timed(inner_round, "training")(rnd, participants)
+
+        m.train_round = train_round
         if isinstance(m, Fedora):
-            inner = m.propagate
-
-            def timed(*args, **kwargs):
-                t0 = time.perf_counter()
-                inner(*args, **kwargs)
-                propagation.append(time.perf_counter() - t0)
-
-            m.propagate = timed
+            m.propagate = timed(m.propagate, "propagation")
         return m
 
+    runtime.save_checkpoint = timed(runtime.save_checkpoint, "checkpoint")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=os.environ.get("SCALE_TMP")) as tmp:
         sim = Simulation(cfg, tmp, method_factory=factory)
         data_seconds = time.perf_counter() - t0
+        sim._evaluate = timed(sim._evaluate, "evaluation")
         sim.run()
         ckpt_bytes = (Path(tmp) / "checkpoints" / f"{method}.pt").stat().st_size
-    rows = []
-    for k, r in enumerate(sim.round_timings[method]):
-        prop = propagation[k] if method == "fedora" else 0.0
-        rows.append({
-            "round": r["round"], "training": r["training"] - prop, "propagation": prop,
-            "relatedness": sim.setup_seconds.get(method, 0.0) if k == 0 else 0.0,
-            "checkpoint": r["checkpoint"], "evaluation": r["evaluation"],
-        })
+    for row in rows:  # training excludes FEDORA's propagation (timed inside train_round)
+        row["training"] -= row["propagation"]
+        row["training_cpu"] -= row["propagation_cpu"]
     extra = {}
     fed = sim.methods[method]
     if isinstance(fed, Fedora):
@@ -94,6 +108,13 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float) -> d
             "test_per_client": test, "threads": threads, "data_seconds": data_seconds,
             "checkpoint_bytes": ckpt_bytes, "rounds": rows,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
+
+
+PHASES = ("training", "relatedness", "propagation", "checkpoint", "evaluation")
+
+
+def _empty_row(rnd: int) -> dict:
+    return {"round": rnd, **{k: 0.0 for k in PHASES}, **{k + "_cpu": 0.0 for k in PHASES}}
 
 
 def rss_gb(pid: int) -> float:
@@ -110,6 +131,8 @@ def run_child(n: int, method: str, args: argparse.Namespace) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     cmd = [sys.executable, __file__, "--child", str(n), method, str(out), "--rounds", str(args.rounds),
            "--threads", str(args.threads), "--tolerance", str(args.tolerance)]
+    if args.per_client:
+        cmd += ["--per-client", *map(str, args.per_client)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak = 0.0
     while proc.poll() is None:
@@ -126,16 +149,18 @@ def run_child(n: int, method: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def total(row: dict) -> float:
-    return sum(row[k] for k in ("training", "relatedness", "propagation", "checkpoint", "evaluation"))
+def total(row: dict, suffix: str = "") -> float:
+    return sum(row[k + suffix] for k in PHASES)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[36, 100, 1000])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tolerance", type=float, default=1e-4, help="[fedora] propagation_tolerance")
+    parser.add_argument("--per-client", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                        help="the same rows per client at every N (default: DATA per N)")
     parser.add_argument("--max-rss-gb", type=float, default=17.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale")
     parser.add_argument("--merge", action="store_true", help="add to the N already in --out/scale.json")
@@ -143,7 +168,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         n, method, out = args.child
-        Path(out).write_text(json.dumps(child(int(n), method, args.rounds, args.threads, args.tolerance)))
+        Path(out).write_text(json.dumps(child(int(n), method, args.rounds, args.threads, args.tolerance,
+                                             tuple(args.per_client) if args.per_client else None)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -160,24 +186,27 @@ def main() -> None:
                 print(f"N={n:>6} {method:>6} round {row['round']}: train {row['training']:.3f} s, "
                       f"relatedness {row['relatedness']:.3f} s, propagation {row['propagation']:.3f} s, "
                       f"checkpoint {row['checkpoint']:.3f} s, eval {row['evaluation']:.3f} s, "
-                      f"total {total(row):.3f} s", flush=True)
+                      f"total {total(row):.3f} s (CPU {total(row, '_cpu'):.3f} s)", flush=True)
             print(f"N={n:>6} {method:>6} peak RSS {r['peak_rss_gb']:.2f} GB, checkpoint "
                   f"{r['checkpoint_bytes'] / 2**20:.0f} MiB"
                   + (f", operator {r['operator']} ({r['operator_nnz_per_row']:.1f} nnz/row, "
                      f"error bound {r['error_bound']:.2g})" if "operator" in r else ""), flush=True)
     summary = summarize(results)
-    for s in summary:
-        print(f"N={s['n']:>6}: FEDORA/Local round {s['ratio_last']:.2f}x (round 1 with relatedness "
-              f"{s['ratio_first']:.2f}x)")
+    for e in summary:
+        print(f"N={e['n']:>6}: FEDORA/Local round {e['ratio']:.2f}x wall ({e['ratio_cpu']:.2f}x CPU) with "
+              f"a checkpoint every round; {e['ratio_auto']:.2f}x wall ({e['ratio_auto_cpu']:.2f}x CPU) with "
+              f"checkpoint_every = 'auto'; round 1 (with relatedness {e['relatedness']:.2f} s) "
+              f"{e['ratio_first']:.2f}x; one checkpoint = {e['fedora_checkpoint'] / e['fedora_round']:.0%} "
+              f"of a FEDORA round")
     slopes = {}
     for method in ("local", "fedora"):
-        pts = [(s["n"], s[f"{method}_last"]) for s in summary if s["n"] >= 100]
+        pts = [(e["n"], e[f"{method}_round_auto_cpu"]) for e in summary if e["n"] >= 100]
         if len(pts) >= 2:
             xs = [math.log(p[0]) for p in pts]
             ys = [math.log(p[1]) for p in pts]
             mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
             slopes[method] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-            print(f"slope of log(round time) vs log(N), N >= 100, {method}: {slopes[method]:.2f}")
+            print(f"slope of log(CPU seconds per round) vs log(N), N >= 100, {method}: {slopes[method]:.2f}")
     doc = {"runs": results, "summary": summary, "slopes": slopes,
            "setting": "rotated MNIST, MLP 118,282 params, 1 local epoch, eval + checkpoint every round, "
                       f"{args.threads} thread(s), propagation_tolerance {args.tolerance}"}
@@ -186,18 +215,43 @@ def main() -> None:
     plot(args.out / "scale.png", summary)
 
 
+def steady(rows: list[dict], key: str | None = None, suffix: str = "") -> float:
+    """Median over the rounds after the first (the first also builds the relatedness)."""
+    import statistics
+
+    later = rows[1:] or rows
+    return statistics.median(total(r, suffix) if key is None else r[key + suffix] for r in later)
+
+
 def summarize(results: list[dict]) -> list[dict]:
+    """Per N: steady-round seconds per phase (wall and CPU) and the FEDORA / Local ratios."""
     by = {(r["n"], r["method"]): r for r in results if "rounds" in r}
     out = []
     for n in sorted({n for n, _ in by}):
         if (n, "fedora") not in by or (n, "local") not in by:
             continue
-        f, loc = by[(n, "fedora")]["rounds"], by[(n, "local")]["rounds"]
-        out.append({"n": n, "fedora_last": total(f[-1]), "local_last": total(loc[-1]),
-                    "fedora_first": total(f[0]), "local_first": total(loc[0]),
-                    "ratio_last": total(f[-1]) / total(loc[-1]), "ratio_first": total(f[0]) / total(loc[0]),
-                    "fedora_peak_rss_gb": by[(n, "fedora")]["peak_rss_gb"],
-                    "local_peak_rss_gb": by[(n, "local")]["peak_rss_gb"]})
+        rows = {"fedora": by[(n, "fedora")]["rounds"], "local": by[(n, "local")]["rounds"]}
+        entry = {"n": n, "relatedness": rows["fedora"][0]["relatedness"],
+                 "fedora_operator": by[(n, "fedora")].get("operator"),
+                 "operator_nnz_per_row": by[(n, "fedora")].get("operator_nnz_per_row"),
+                 "fedora_peak_rss_gb": by[(n, "fedora")]["peak_rss_gb"],
+                 "local_peak_rss_gb": by[(n, "local")]["peak_rss_gb"],
+                 "checkpoint_mib": by[(n, "fedora")]["checkpoint_bytes"] / 2**20}
+        for m, r in rows.items():
+            for suffix in ("", "_cpu"):
+                for k in ("training", "propagation", "checkpoint", "evaluation"):
+                    entry[f"{m}_{k}{suffix}"] = steady(r, k, suffix)
+                entry[f"{m}_round{suffix}"] = steady(r, None, suffix)
+                # with checkpoint_every = "auto" a checkpoint costs at most ~1/10 of the time
+                # between two, so the round is at most 1.1x its checkpoint-free part
+                entry[f"{m}_round_auto{suffix}"] = 1.1 * sum(entry[f"{m}_{k}{suffix}"] for k in
+                                                             ("training", "propagation", "evaluation"))
+            entry[f"{m}_first"] = total(r[0])
+        for suffix in ("", "_cpu"):
+            entry[f"ratio{suffix}"] = entry[f"fedora_round{suffix}"] / entry[f"local_round{suffix}"]
+            entry[f"ratio_auto{suffix}"] = entry[f"fedora_round_auto{suffix}"] / entry[f"local_round_auto{suffix}"]
+        entry["ratio_first"] = entry["fedora_first"] / entry["local_first"]
+        out.append(entry)
     return out
 
 
@@ -205,12 +259,11 @@ def write_csv(path: Path, results: list[dict]) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["n", "method", "round", "training_s", "relatedness_s", "propagation_s", "checkpoint_s",
-                    "evaluation_s", "total_s", "peak_rss_gb"])
+                    "evaluation_s", "total_s", "total_cpu_s", "peak_rss_gb"])
         for r in results:
             for row in r.get("rounds", []):
-                w.writerow([r["n"], r["method"], row["round"], *(f"{row[k]:.4f}" for k in (
-                    "training", "relatedness", "propagation", "checkpoint", "evaluation")),
-                    f"{total(row):.4f}", f"{r['peak_rss_gb']:.3f}"])
+                w.writerow([r["n"], r["method"], row["round"], *(f"{row[k]:.4f}" for k in PHASES),
+                            f"{total(row):.4f}", f"{total(row, '_cpu'):.4f}", f"{r['peak_rss_gb']:.3f}"])
 
 
 def plot(path: Path, summary: list[dict]) -> None:
@@ -220,14 +273,18 @@ def plot(path: Path, summary: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    ns = [s["n"] for s in summary]
-    ax.loglog(ns, [s["local_last"] for s in summary], "o-", label="Local")
-    ax.loglog(ns, [s["fedora_last"] for s in summary], "s-", label="FEDORA")
+    ns = [e["n"] for e in summary]
+    ax.loglog(ns, [e["local_round"] for e in summary], "o-", label="Local (checkpoint every round)")
+    ax.loglog(ns, [e["fedora_round"] for e in summary], "s-", label="FEDORA (checkpoint every round)")
+    ax.loglog(ns, [e["local_round_auto"] for e in summary], "o--", color="C0", alpha=0.6,
+              label="Local, checkpoint_every = auto")
+    ax.loglog(ns, [e["fedora_round_auto"] for e in summary], "s--", color="C1", alpha=0.6,
+              label="FEDORA, checkpoint_every = auto")
     ax.set_xlabel("clients N")
     ax.set_ylabel("seconds per round")
     ax.set_title("round time vs N (1 local epoch, 1 thread)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
