@@ -168,8 +168,10 @@ def propagate_power(
 ) -> Tensor:
     """``phi = P theta`` without forming ``P``: iterate ``Phi <- (1 - alpha) Theta + alpha S Phi``.
 
-    For large N: each iteration is one sparse (N x N) @ (N x P) product. ``tol`` bounds the
-    largest absolute change of a parameter between the last two iterations.
+    The reference iteration over the whole N x P parameter matrix (each iteration one sparse
+    product plus difference passes): the in-process runtime instead builds the operator once
+    per graph (:mod:`secure_fedora.propagation`) and applies it once per round. ``tol`` bounds
+    the largest absolute change of a parameter between the last two iterations.
     """
     _check_alpha(alpha)
     return _power_iterate(graph, theta, alpha, tol, max_iter)
