@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--max-rss-gb", type=float, default=17.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale")
     parser.add_argument("--merge", action="store_true", help="add to the N already in --out/scale.json")
+    parser.add_argument("--replot", action="store_true", help="only redraw scale.png from scale.json")
     parser.add_argument("--child", nargs=3, metavar=("N", "METHOD", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -172,6 +173,9 @@ def main() -> None:
                                              tuple(args.per_client) if args.per_client else None)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(args.out / "scale.png", json.loads((args.out / "scale.json").read_text())["summary"])
+        return
     results = []
     if args.merge and (args.out / "scale.json").exists():
         results = [r for r in json.loads((args.out / "scale.json").read_text())["runs"] if r["n"] not in args.n]
@@ -274,15 +278,14 @@ def plot(path: Path, summary: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ns = [e["n"] for e in summary]
-    ax.loglog(ns, [e["local_round"] for e in summary], "o-", label="Local (checkpoint every round)")
-    ax.loglog(ns, [e["fedora_round"] for e in summary], "s-", label="FEDORA (checkpoint every round)")
-    ax.loglog(ns, [e["local_round_auto"] for e in summary], "o--", color="C0", alpha=0.6,
-              label="Local, checkpoint_every = auto")
-    ax.loglog(ns, [e["fedora_round_auto"] for e in summary], "s--", color="C1", alpha=0.6,
-              label="FEDORA, checkpoint_every = auto")
+    for m, label, marker, color in (("local", "Local", "o", "C0"), ("fedora", "FEDORA", "s", "C1")):
+        ax.loglog(ns, [e[f"{m}_round_cpu"] for e in summary], marker + "-", color=color,
+                  label=f"{label} (checkpoint every round)")
+        ax.loglog(ns, [e[f"{m}_round_auto_cpu"] for e in summary], marker + "--", color=color, alpha=0.6,
+                  label=f"{label}, checkpoint_every = auto")
     ax.set_xlabel("clients N")
-    ax.set_ylabel("seconds per round")
-    ax.set_title("round time vs N (1 local epoch, 1 thread)")
+    ax.set_ylabel("CPU seconds per round")
+    ax.set_title("round cost vs N (1 local epoch, 1 thread)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
