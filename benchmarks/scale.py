@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--max-rss-gb", type=float, default=17.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale")
     parser.add_argument("--merge", action="store_true", help="add to the N already in --out/scale.json")
+    parser.add_argument("--add-runs", type=Path, metavar="SCALE_JSON",
+                        help="take the runs for --n from another scale.json instead of running them")
     parser.add_argument("--replot", action="store_true", help="only redraw scale.png from scale.json")
     parser.add_argument("--child", nargs=3, metavar=("N", "METHOD", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,7 +181,9 @@ def main() -> None:
     results = []
     if args.merge and (args.out / "scale.json").exists():
         results = [r for r in json.loads((args.out / "scale.json").read_text())["runs"] if r["n"] not in args.n]
-    for n in args.n:
+    if args.add_runs:
+        results += [r for r in json.loads(args.add_runs.read_text())["runs"] if r["n"] in args.n]
+    for n in ([] if args.add_runs else args.n):
         for method in ("local", "fedora"):
             r = run_child(n, method, args)
             results.append(r)
