@@ -43,7 +43,7 @@ def main() -> None:
         op = build_operator(graph, cfg.fedora.alpha, "sparse", tol)
         build = time.process_time() - t0
         op.apply(theta, out=phi)  # warm-up (the cached float32 CSR matrix)
-        apply = cpu_seconds(lambda: op.apply(theta, out=phi))
+        apply = cpu_seconds(lambda op=op: op.apply(theta, out=phi))
         print(f"tolerance {tol:g}: {op.nnz / args.n:.1f} nnz/row, error bound {op.error_bound:.2g}, "
               f"build {build:.2f} s, apply {apply:.3f} s")
     if args.n <= 2000:

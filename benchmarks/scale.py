@@ -213,7 +213,7 @@ def main() -> None:
             xs = [math.log(p[0]) for p in pts]
             ys = [math.log(p[1]) for p in pts]
             mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            slopes[method] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            slopes[method] = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
             print(f"slope of log(CPU seconds per round) vs log(N), N >= 100, {method}: {slopes[method]:.2f}")
     doc = {"runs": results, "summary": summary, "slopes": slopes,
            "setting": "rotated MNIST, MLP 118,282 params, 1 local epoch, eval + checkpoint every round, "
