@@ -115,7 +115,24 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Sub-commands whose modules are heavy (torch, matplotlib, flwr): imported only when the
+# command line names them, so ``secure-fedora --help`` starts without torch.
+_SUBSYSTEMS: dict[str, tuple[str, str]] = {
+    "sweep": ("secure_fedora.sweep", "run methods x epsilon x seeds and write a table and plots"),
+    "deploy": ("secure_fedora.deploy.cli", "secure deployment on Flower (TLS, node auth)"),
+    "audit": ("audits.cli", "verify ledgers, write compliance reports, run empirical privacy audits"),
+}
+
+
+def _requested_command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named on the command line (its first non-option word), if any."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return next((w for w in words if not w.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = ()) -> argparse.ArgumentParser:
+    """The full parser; with ``argv`` given, only the sub-system it names is imported (the
+    others appear in the help as names only). ``argv=()`` (the default) imports all."""
     parser = argparse.ArgumentParser(prog="secure-fedora", description=__doc__)
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,13 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite existing keys")
     init.set_defaults(func=cmd_keys_init)
 
-    from audits.cli import register as register_audit
-    from secure_fedora.deploy.cli import register as register_deploy
-    from secure_fedora.sweep import register as register_sweep
+    import importlib
 
-    register_sweep(sub)
-    register_deploy(sub)
-    register_audit(sub)
+    wanted = _requested_command(argv) if argv != () else None
+    for name, (module, help_text) in _SUBSYSTEMS.items():
+        if argv == () or name == wanted:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
@@ -152,9 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``secure-fedora`` console script; returns the exit code.
 
     Every error of the toolkit (and ``OSError``) is printed as one line ``error: ...`` with
-    exit code 2; ``--debug`` (anywhere on the command line) also prints its traceback."""
+    exit code 2; ``--debug`` (anywhere on the command line) also prints its traceback. Only
+    the sub-system the command names is imported (``--help`` imports no torch)."""
     argv, debug = split_debug_flag(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     return run_command(args.func, args, debug=debug)
 
 

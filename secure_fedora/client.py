@@ -186,8 +186,8 @@ class MomentumSGD:
     freshly created ``torch.optim.SGD`` would be.
     """
 
-    def __init__(self, num_params: int) -> None:
-        self.buffer = torch.zeros(num_params)
+    def __init__(self, num_params: int, device: torch.device | str = "cpu") -> None:
+        self.buffer = torch.zeros(num_params, device=device)
         self.fresh = True
 
     def reset(self) -> None:
@@ -216,8 +216,9 @@ class Workspace:
     optimizer: MomentumSGD
 
     @classmethod
-    def for_size(cls, num_params: int) -> Workspace:
-        return cls(torch.zeros(num_params), torch.zeros(num_params), MomentumSGD(num_params))
+    def for_size(cls, num_params: int, device: torch.device | str = "cpu") -> Workspace:
+        return cls(torch.zeros(num_params, device=device), torch.zeros(num_params, device=device),
+                   MomentumSGD(num_params, device))
 
 
 def local_train(

@@ -1,8 +1,8 @@
 """The in-process simulation runtime: one machine, many clients, fast (the default runtime).
 
 It builds the clients' data and a common initialization, runs every configured method round
-by round, evaluates each client's personalized model, writes a crash-safe checkpoint after
-every round and resumes from it to the identical result.
+by round, evaluates each client's personalized model, writes a crash-safe checkpoint every
+``[training] checkpoint_every`` rounds and resumes from it to the identical result.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def build_context(
     cfg: ExperimentConfig, clients: Sequence[ClientData], oracle: GradientOracle | None = None,
     model_factory: Callable[..., Any] | None = None,
 ) -> MethodContext:
-    """A fresh method context: common initialization, one RNG per client, shared buffers.
+    """A fresh method context: common initialization, one RNG per client, shared buffers,
+    all on ``[training] device`` (data, model, buffers; batch order from CPU generators).
 
     The model is ``model_factory(input_shape, num_classes)`` (Python API), else
     ``[model] factory``, else the registered ``[model] name``, built for the clients' input
@@ -148,10 +149,14 @@ def build_context(
     under DP, that the DP path computes the model's per-sample gradients exactly (errors:
     DataError, ModelError, PluginError, DPSGDError, each naming the problem).
     """
+    from secure_fedora.devices import clients_on, resolve_device
     from secure_fedora.models import build_user_model, check_output_width
     from secure_fedora.plugins import config_dir, import_object
     from secure_fedora.tasks import resolve_task
     from secure_fedora.userdata import label_space
+
+    device = resolve_device(cfg)
+    clients = clients_on(clients, device)
 
     num_classes, multilabel = label_space(clients)
     task = resolve_task(cfg.training.loss, multilabel, config_dir(cfg))
@@ -166,6 +171,7 @@ def build_context(
     else:
         module = make_model(cfg.model.name, width, seed=cfg.seed, input_shape=input_shape)
         source = f"model {cfg.model.name!r}"
+    module = module.to(device)
     probe_x, probe_y = clients[0].train_x[:2], clients[0].train_y[:2]
     check_output_width(module, probe_x, width, source)
     _check_task(task, module, clients, probe_x, probe_y)
@@ -187,7 +193,7 @@ def build_context(
         train=train_config(cfg),
         oracle=oracle or PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm,
                                        task=task),
-        workspace=Workspace.for_size(flat.num_params),
+        workspace=Workspace.for_size(flat.num_params, device),
         generators=generators,
         init=flat.initial_vector(),
         num_classes=num_classes,
@@ -378,11 +384,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` durably: a 0600 temporary file in the same directory
     (mkstemp), fsynced, renamed over ``path``, then the directory fsynced. A crash leaves the
     old or the new content, never a mix."""
+    atomic_write_with(path, lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either the old or the new content, never a mix."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_with(path: Path, write: Callable[[Any], None]) -> None:
+    """As :func:`atomic_write_bytes`, with ``write(fh)`` streaming the content into the
+    temporary file (no in-memory copy of a multi-GB checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -396,17 +413,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either the old or the new content, never a mix."""
-    atomic_write_bytes(path, text.encode())
-
-
-# A checkpoint file: CHECKPOINT_MAGIC, one JSON header line, then the torch.save payload.
+# A checkpoint file: CHECKPOINT_MAGIC, one JSON header line (padded with spaces to a fixed
+# size so that it can be written after the payload was streamed), then the torch.save payload.
 # The header holds the payload's SHA-256 and length and the run binding (the state's
 # identity fields); load_checkpoint verifies all three before unpickling anything.
 CHECKPOINT_MAGIC = b"SFCKPT2\n"
 _CHECKPOINT_FORMAT = "secure-fedora/checkpoint/v2"
 _MAX_HEADER_BYTES = 64 * 1024
+_RESERVED_HEADER_BYTES = 4096
 # State fields that bind a checkpoint to its run, when the state has them (the in-process
 # runtime writes config_hash and data_fingerprint; a SuperNode's state adds run_id and
 # client_id; a partition file its data digest).
@@ -418,24 +432,46 @@ def _binding(state: dict[str, Any]) -> dict[str, Any]:
             if isinstance(state.get(k), (str, int)) and not isinstance(state.get(k), bool)}
 
 
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (temp file, fsync, rename) that carries the SHA-256 of its
-    payload and its run binding (config hash, data fingerprint, run id where present), so
-    that :func:`load_checkpoint` detects any changed byte and any edited identity field.
+    """Atomically write a checkpoint (stream to a temp file, fsync, rename; no in-memory copy
+    of the state) that carries the SHA-256 of its payload and its run binding (config hash,
+    data fingerprint, run id where present), so that :func:`load_checkpoint` detects any
+    changed byte and any edited identity field.
 
     The digest is not keyed: it detects corruption and naive edits, not a writer who
     recomputes it."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    header = {
-        "format": _CHECKPOINT_FORMAT,
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "payload_bytes": len(payload),
-        "binding": _binding(state),
-    }
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-    atomic_write_bytes(path, CHECKPOINT_MAGIC + head + payload)
+
+    def write(fh: Any) -> None:
+        fh.write(CHECKPOINT_MAGIC + b" " * _RESERVED_HEADER_BYTES)
+        hashing = _HashingWriter(fh)
+        torch.save(state, hashing)
+        header = json.dumps({
+            "format": _CHECKPOINT_FORMAT,
+            "sha256": hashing.sha.hexdigest(),
+            "payload_bytes": hashing.size,
+            "binding": _binding(state),
+        }, sort_keys=True, separators=(",", ":")).encode()
+        if len(header) >= _RESERVED_HEADER_BYTES:
+            raise CheckpointError(f"checkpoint {path}: run binding too large for the header")
+        fh.seek(len(CHECKPOINT_MAGIC))
+        fh.write(header.ljust(_RESERVED_HEADER_BYTES - 1) + b"\n")
+
+    atomic_write_with(path, write)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -490,6 +526,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 ProgressFn = Callable[[str, int, int], None]
 
+# Under checkpoint_every = "auto" a checkpoint is written once the time since the last one
+# reaches this multiple of what the last one took (checkpoints then cost <= ~1/10 of the run).
+AUTO_CHECKPOINT_FACTOR = 10.0
+
+
+class _CheckpointSchedule:
+    """Whether round ``rnd`` ends with a checkpoint: every K rounds, or by time ("auto")."""
+
+    def __init__(self, every: int | str) -> None:
+        self.every = every
+        self.last_cost: float | None = None
+        self.last_end = time.perf_counter()
+
+    def __call__(self, rnd: int) -> bool:
+        if self.every != "auto":
+            return rnd % int(self.every) == 0
+        if self.last_cost is None:
+            return True
+        return time.perf_counter() - self.last_end >= AUTO_CHECKPOINT_FACTOR * self.last_cost
+
+    def written(self, seconds: float) -> None:
+        self.last_cost, self.last_end = seconds, time.perf_counter()
+
 
 class Simulation:
     """Runs the configured methods in process, writing everything into ``run_dir``.
@@ -512,7 +571,11 @@ class Simulation:
         context_factory: Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext] = build_context,
         keystore: str | os.PathLike[str] | None = None,
     ) -> None:
+        from secure_fedora.devices import apply_threads, resolve_device
+
         self.cfg = cfg
+        self.device = resolve_device(cfg)  # refuses an unusable device before any work
+        apply_threads(cfg)
         self.run_dir = Path(run_dir)
         self.keystore_override = keystore
         self._key_dir: Path | None = None
@@ -530,6 +593,10 @@ class Simulation:
         self.methods: dict[str, FederatedMethod] = {}
         self.privacy: dict[str, dict[str, Any]] = {}
         self.on_privacy_plan: Callable[[list[dict[str, Any]]], None] | None = None
+        # Seconds per round of this process (not persisted): training (FEDORA's includes its
+        # propagation), evaluation, checkpoint; and of each method's setup (relatedness).
+        self.round_timings: dict[str, list[dict[str, float]]] = {}
+        self.setup_seconds: dict[str, float] = {}
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_path(self, method: str) -> Path:
@@ -617,6 +684,7 @@ class Simulation:
         start_round = 1
         history: list[dict[str, Any]] = []
         timing = {"training": 0.0, "evaluation": 0.0}
+        self.round_timings[name] = []
         path = self.checkpoint_path(name)
         if resume and path.exists():
             state = load_checkpoint(path)
@@ -630,9 +698,12 @@ class Simulation:
             history = list(state["history"])
             timing = dict(state["timing"])
         else:
+            t0 = time.perf_counter()
             method.setup()
+            self.setup_seconds[name] = time.perf_counter() - t0
         self._attach_security(name, method, start_round - 1)
         rounds = cfg.training.rounds
+        due = _CheckpointSchedule(cfg.training.checkpoint_every)
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
             if privacy is not None:
@@ -643,15 +714,23 @@ class Simulation:
             stats = method.train_round(rnd, participants) if participants else {"steps": 0.0}
             if privacy is not None:
                 privacy.confirm_steps(rnd, participants)  # before anything leaves the round
-            timing["training"] += time.perf_counter() - t0
+            seconds = {"round": rnd, "training": time.perf_counter() - t0,
+                       "evaluation": 0.0, "checkpoint": 0.0}
+            timing["training"] += seconds["training"]
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
                 row = self._evaluate(rnd, method, tracker)
-                timing["evaluation"] += time.perf_counter() - t0
+                seconds["evaluation"] = time.perf_counter() - t0
+                timing["evaluation"] += seconds["evaluation"]
                 history.append({"method": name, "round": rnd, "participants": len(participants),
                                 **stats, **row})
-            state = self._state(rnd, method, tracker, round_gen, ctx, history, timing)
-            save_checkpoint(path, state)
+            # The last round's state is written below, with the outcome.
+            if rnd < rounds and due(rnd):
+                t0 = time.perf_counter()
+                save_checkpoint(path, self._state(rnd, method, tracker, round_gen, ctx, history, timing))
+                seconds["checkpoint"] = time.perf_counter() - t0
+                due.written(seconds["checkpoint"])
+            self.round_timings[name].append(seconds)
             if self.progress:
                 self.progress(name, rnd, rounds)
         outcome = MethodOutcome(
@@ -665,7 +744,10 @@ class Simulation:
         )
         state = self._state(rounds, method, tracker, round_gen, ctx, history, timing)
         state["outcome"] = outcome.to_json()
+        t0 = time.perf_counter()
         save_checkpoint(path, state)
+        if self.round_timings[name]:
+            self.round_timings[name][-1]["checkpoint"] = time.perf_counter() - t0
         self.history.extend(history)
         return outcome
 
@@ -697,7 +779,7 @@ class Simulation:
 
     def _evaluate(self, rnd: int, method: FederatedMethod, tracker: Tracker) -> dict[str, float]:
         flat = method.ctx.flat
-        for i, c in enumerate(self.clients):
+        for i, c in enumerate(method.ctx.clients):  # on the run's device
             row = method.eval_row(i)
             val = evaluate(flat, row, c.val_x, c.val_y).metric
             test = evaluate(flat, row, c.test_x, c.test_y).metric
@@ -813,6 +895,7 @@ class Simulation:
         return {
             "name": self.cfg.name,
             "version": __version__,
+            "compute": {"device": str(self.device), "threads": torch.get_num_threads()},
             "config_hash": self.config_hash,
             "data_fingerprint": self.fingerprint,
             # What methods.<name>.selected/final hold: "accuracy" or "auc" (follows the loss).

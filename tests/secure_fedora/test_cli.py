@@ -124,3 +124,22 @@ def test_dp_run_keeps_keys_outside_and_its_anchor_refuses_a_cut_ledger(tmp_path,
     (out / "anchor.json").unlink()
     (out / "results.json").unlink()
     assert main(["audit", "verify", str(out)]) == 1  # no close entries: not a finished run
+
+
+def test_help_does_not_import_torch_or_the_subsystems():
+    """``secure-fedora --help`` stays fast: torch and the heavy sub-systems load only when a
+    command that needs them runs (checked by module, not by timing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom secure_fedora.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'flwr', 'secure_fedora.sweep', "
+            "'audits.cli', 'secure_fedora.deploy.cli') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "sweep" in out.stdout and "audit" in out.stdout and "deploy" in out.stdout  # listed
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    code_sweep = code.replace("['--help']", "['sweep', '--help']")
+    out = subprocess.run([sys.executable, "-c", code_sweep], capture_output=True, text=True, timeout=60)
+    assert "--seeds" in out.stdout and "secure_fedora.sweep" in out.stdout.splitlines()[-1]
