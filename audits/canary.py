@@ -30,6 +30,12 @@ pure DP the number of correct guesses in one run is dominated by the correspondi
 which is why the approximation is considered sound in practice. The audit gives a *lower*
 bound: a small value does not prove privacy, it only fails to refute the claim.
 
+Power: a perfect attacker (TPR 1, FPR 0 on the evaluation half) certifies at most
+:func:`certifiable_maximum` (about 3.0 for 300 canaries at confidence 0.95); the audit calls a
+claim "consistent" only when that maximum is above it, and "inconclusive: the audit cannot
+certify epsilon above X" otherwise (:mod:`audits.verdict`). To test larger claims, use more
+canaries or the white-box audit (:mod:`audits.whitebox`).
+
 What is attacked is the audited client's final model ``theta_i`` (what it last released).
 Training is the runtime's own (:class:`secure_fedora.runtime.Simulation`); with
 ``privacy.enabled`` every data-dependent input of that model is an accounted release (the
@@ -52,6 +58,8 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor
 
+from audits.verdict import audit_document, audit_verdict
+from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from secure_fedora.client import FlatModel
 from secure_fedora.config import ExperimentConfig
@@ -65,6 +73,7 @@ __all__ = [
     "CanarySet",
     "EpsilonLowerBound",
     "canary_scores",
+    "certifiable_maximum",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "epsilon_lower_bound",
@@ -72,6 +81,7 @@ __all__ = [
     "make_canaries",
     "run_canary_audit",
     "split_audit",
+    "split_audit_rounds",
 ]
 
 CanaryKind = Literal["noise", "mislabeled"]
@@ -79,7 +89,7 @@ CANARY_KINDS: tuple[str, ...] = ("noise", "mislabeled")
 NUM_CLASSES = 10
 
 
-class CanaryAuditError(ValueError):
+class CanaryAuditError(ToolkitError, ValueError):
     """Bad input to the canary audit, or a run that cannot be audited; the message says why."""
 
 
@@ -205,6 +215,19 @@ def _candidate_thresholds(scores: Tensor) -> list[float]:
     return [*values, math.inf]
 
 
+def certifiable_maximum(members: int, non_members: int, delta: float,
+                        confidence: float = 0.95) -> float:
+    """The bound a perfect attacker gets on ``members`` + ``non_members`` evaluation canaries.
+
+    Every member guessed in and every non-member out (TPR 1, FPR 0):
+    ``log(((alpha/2)^(1/members) - delta) / (1 - (alpha/2)^(1/non_members)))`` with
+    ``alpha = 1 - confidence``. No outcome of the audit can certify more; a claim at or above
+    it cannot be refuted. (300 canaries, halves of about 75 + 75: about 3.0.)
+    """
+    return epsilon_lower_bound(members, members, 0, non_members, delta,
+                               confidence).epsilon_lower_bound
+
+
 @dataclass(frozen=True)
 class SplitAudit:
     """Result of :func:`split_audit`: the bound on the evaluation half, and the split sizes."""
@@ -213,6 +236,12 @@ class SplitAudit:
     calibration_size: int
     evaluation_size: int
     calibration_epsilon: float
+
+    @property
+    def certifiable_max(self) -> float:
+        """:func:`certifiable_maximum` for this evaluation part's members and non-members."""
+        b = self.bound
+        return certifiable_maximum(b.members, b.non_members, b.delta, b.confidence)
 
 
 def split_audit(scores: Tensor, member: Tensor, delta: float, confidence: float = 0.95,
@@ -252,6 +281,24 @@ def split_audit(scores: Tensor, member: Tensor, delta: float, confidence: float 
     assert best is not None
     final = _bound_at(scores[ev], member[ev], best.threshold, delta, confidence)
     return SplitAudit(final, int(cal.numel()), int(ev.numel()), best.epsilon_lower_bound)
+
+
+def split_audit_rounds(scores_by_round: Sequence[Tensor], member: Tensor, delta: float,
+                       confidence: float = 0.95, seed: int = 0,
+                       calibration_fraction: float = 0.5) -> tuple[SplitAudit, int]:
+    """:func:`split_audit` on the scores of several released models; returns the audit of the
+    one whose *calibration* bound is best (the latest on ties) and its index.
+
+    Guarantee: every candidate uses the same random split, and the choice depends on the
+    calibration canaries only, so the evaluation bound of the chosen model holds at
+    ``confidence`` without a multiple-testing correction.
+    """
+    if not scores_by_round:
+        raise CanaryAuditError("no scores to audit")
+    audits = [split_audit(s, member, delta, confidence, seed, calibration_fraction)
+              for s in scores_by_round]
+    best = max(range(len(audits)), key=lambda k: (audits[k].calibration_epsilon, k))
+    return audits[best], best
 
 
 # --------------------------------------------------------------------------- canaries
@@ -362,22 +409,53 @@ class CanaryAuditResult:
     member_mean_score: float
     non_member_mean_score: float
     dp_source: str
+    certifiable_max: float = math.nan
     assumptions: list[str] = field(default_factory=list)
+    selected_round: int | None = None
+    rounds_scored: int = 1
+
+    @property
+    def verdict(self) -> str:
+        """``refuted`` / ``consistent`` / ``inconclusive`` (see :mod:`audits.verdict`).
+
+        ``consistent`` needs a design that could have refuted the claim: a certifiable
+        maximum above it. An infinite claim (non-private run) is ``inconclusive``.
+        """
+        return audit_verdict(self.claimed_epsilon, self.certifiable_max,
+                             self.epsilon_lower_bound)
 
     @property
     def consistent(self) -> bool:
-        """True when the empirical bound does not refute the claim (``bound <= claim``)."""
-        return self.epsilon_lower_bound <= self.claimed_epsilon
+        """True only when the audit could have refuted the claim and did not."""
+        return self.verdict == "consistent"
+
+    @property
+    def refuted(self) -> bool:
+        """True when the empirical bound exceeds the claim."""
+        return self.verdict == "refuted"
 
     def to_json(self) -> dict[str, Any]:
-        """Strict-JSON-serializable dict (infinite claim or threshold written as ``"inf"``)."""
+        """The common audit document (``audit = "canary"``, see :mod:`audits.verdict`) plus
+        every field of this result (an infinite claim or threshold written as ``"inf"``)."""
         d = asdict(self)
         d["consistent"] = self.consistent
         if math.isinf(self.claimed_epsilon):
             d["claimed_epsilon"] = "inf"
         if math.isinf(self.bound.threshold):
             d["bound"]["threshold"] = "inf"
-        return d
+        confidence = d.pop("confidence")
+        setup = {k: d[k] for k in ("client_index", "client_id", "method", "canary_kind",
+                                   "num_canaries", "private", "delta", "dp_source")}
+        setup["calibration_size"] = self.calibration_size
+        setup["evaluation_size"] = self.evaluation_size
+        setup["attacked"] = (
+            f"model theta_i after each of {self.rounds_scored} rounds (loss of each canary);"
+            f" round {self.selected_round} chosen on the calibration half"
+            if self.rounds_scored > 1 else "final model theta_i (loss of each canary)")
+        d.pop("certifiable_max")
+        return audit_document(
+            "canary", claim_epsilon=self.claimed_epsilon, certifiable_max=self.certifiable_max,
+            lower_bound=self.epsilon_lower_bound, confidence=confidence, setup=setup, **d)
 
 
 def _mislabeled_pool(cfg: ExperimentConfig, clients: Sequence[ClientData], client_index: int,
@@ -421,7 +499,8 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, fl
 def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canaries: int = 300,
                      kind: str = "noise", method: str = "local", confidence: float = 0.95,
                      delta: float = 1e-5, seed: int = 0,
-                     work_dir: str | Path | None = None) -> CanaryAuditResult:
+                     work_dir: str | Path | None = None,
+                     every_round: bool = True) -> CanaryAuditResult:
     """Insert canaries into one client, run the federation, bound epsilon from membership inference.
 
     Training is the runtime's own: :class:`secure_fedora.runtime.Simulation` with ``cfg``
@@ -430,6 +509,11 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     ``epsilon_after`` in ``ledgers/<method>/<client>.jsonl`` (at the ledger's delta);
     otherwise training is non-private, the claim is infinite and ``delta`` is used in the
     bound. FedAvg's evaluation-only fine-tuning is switched off.
+
+    With ``every_round`` (default) the client's model is scored after every round (each is a
+    release); the calibration half picks the round as well as the threshold
+    (:func:`split_audit_rounds`), so no multiple-testing correction is needed and the
+    certifiable maximum is unchanged. Otherwise only the final model is scored.
 
     Guarantee: with probability ``>= confidence`` (under the independence assumption stated
     in the module docstring) a truly (claim, delta)-DP release yields
@@ -462,20 +546,33 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     cid = client_ids(cfg.data.num_clients)[client_index]
     with tempfile.TemporaryDirectory(prefix="canary-audit-") as tmp:
         run_dir = Path(work_dir) if work_dir is not None else Path(tmp)
-        sim = Simulation(audit_cfg, run_dir, clients=clients)
+        round_scores: list[Tensor] = []
+
+        def score_round(_name: str, _rnd: int, _rounds: int) -> None:
+            fm = sim.methods[method]
+            round_scores.append(canary_scores(fm.ctx.flat, fm.theta[client_index].clone(),
+                                              canaries))
+
+        sim = Simulation(audit_cfg, run_dir, clients=clients,
+                         progress=score_round if every_round else None)
         sim.run_method(method)
-        fm = sim.methods[method]
-        scores = canary_scores(fm.ctx.flat, fm.theta[client_index].clone(), canaries)
+        if not every_round:
+            score_round(method, cfg.training.rounds, cfg.training.rounds)
         if private:
             claim, audit_delta, entries = _ledger_claim(run_dir, method, cid)
             source = f"ledger ledgers/{method}/{cid}.jsonl ({entries} entries)"
         else:
             claim, audit_delta, source = math.inf, float(delta), "none (non-private run)"
-    sa = split_audit(scores, canaries.member, audit_delta, confidence, seed=seed + 1)
+    sa, chosen = split_audit_rounds(round_scores, canaries.member, audit_delta, confidence,
+                                    seed=seed + 1)
+    scores = round_scores[chosen]
+    selected_round = cfg.training.rounds - len(round_scores) + chosen + 1
     member = canaries.member
     assumptions = [
         "per-canary outcomes treated as independent trials (one training run)",
-        "threshold chosen on the calibration half only",
+        "round and threshold chosen on the calibration half only",
+        "attacked release: the audited client's model theta_i after each round (every one"
+        " is released; the ledger's final epsilon covers them all)" if every_round else
         "attacked release: the audited client's final model theta_i",
     ]
     return CanaryAuditResult(
@@ -487,5 +584,6 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         calibration_epsilon=sa.calibration_epsilon,
         member_mean_score=float(scores[member].mean()),
         non_member_mean_score=float(scores[~member].mean()),
-        dp_source=source, assumptions=assumptions,
+        dp_source=source, certifiable_max=sa.certifiable_max, assumptions=assumptions,
+        selected_round=selected_round, rounds_scored=len(round_scores),
     )

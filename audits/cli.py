@@ -6,12 +6,22 @@ process exit code.
 
 - ``audit verify RUN_DIR``: exit 0 only when every check holds; 1 when verification found
   errors (each printed with client, entry, check and message); 2 when the run cannot be
-  audited at all (missing directory, bad arguments).
+  audited at all (missing directory, bad arguments): the error is raised to the entry point,
+  which prints it as one line.
 - ``audit report RUN_DIR``: writes ``report.html`` and ``report.json`` (default
   ``RUN_DIR/audit``); exit 0 when the report was written *and* verification passed, 1 when it
   was written but verification failed, 2 when nothing could be written.
-- ``audit canary CONFIG`` and ``audit leakage CONFIG``: the empirical audits on a config's
-  federation; they print their figures and can write them as JSON.
+- ``audit canary CONFIG|RUN_DIR``: canary membership inference on the config's federation
+  (given a run directory, its ``config.toml``; the result then goes to
+  ``RUN_DIR/audit/canary.json``). ``audit whitebox RUN_DIR``: the one-run white-box DP-SGD
+  audit of one client with the run's plan, written to ``RUN_DIR/audit/whitebox.json``. Both
+  print the claim, the certifiable maximum, the measured lower bound and the verdict; exit
+  0 when consistent, 1 when the claim is refuted, 3 when inconclusive (the design cannot
+  certify epsilon above the claim, or there is no claim), 2 on bad input.
+- ``audit leakage CONFIG``: the summary-leakage audit; prints its figures, can write JSON.
+- ``audit replay RUN_DIR``: the config-known audit (replays reproducible noise); writes
+  ``RUN_DIR/audit/replay.json``; exit 0 unless the claim is refuted (1) or the run cannot be
+  audited (2).
 """
 
 from __future__ import annotations
@@ -25,24 +35,80 @@ from typing import Any, TextIO
 from audits.verify import (
     DEFAULT_PLD_CHECKPOINTS,
     DEFAULT_REL_TOL,
-    AuditError,
     VerificationReport,
     verify_run,
 )
 
-__all__ = ["cmd_canary", "cmd_leakage", "cmd_report", "cmd_verify", "register"]
+__all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify",
+           "cmd_whitebox", "register"]
 
 
-def _print_verification(report: VerificationReport, out: TextIO) -> None:
-    for finding in report.findings:
-        print(str(finding), file=out)
-    n_err, n_warn = len(report.errors), len(report.warnings)
+def _range(values: list[float | None], fmt: str = ".4g") -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:{fmt}}" if lo == hi else f"{lo:{fmt}}..{hi:{fmt}}"
+
+
+def verification_summary(report: VerificationReport) -> list[dict[str, Any]]:
+    """One row per method: ledgers, entries, epsilon recorded vs independent (min/max), the
+    other method's difference, refusals, errors and warnings."""
+    rows: dict[str, dict[str, Any]] = {}
     for c in report.clients:
+        key = c.method if c.method is not None else "-"
+        row = rows.setdefault(key, {"method": key, "ledgers": 0, "entries": 0, "accountants": set(),
+                                    "recorded": [], "independent": [], "pld": [], "cross": [],
+                                    "cross_methods": set(), "refusals": 0, "errors": 0,
+                                    "warnings": 0})
+        row["ledgers"] += 1
+        row["entries"] += c.entries
+        row["accountants"].add(str(c.accountant))
+        row["recorded"].append(c.final_epsilon)
+        row["independent"].append(c.independent_final_epsilon)
+        row["pld"].append(c.pld_final_epsilon)
+        row["cross"].append(c.cross_difference)
+        if c.cross_method:
+            row["cross_methods"].add(c.cross_method)
+        row["refusals"] += int(c.refused)
+    for f in report.findings:
+        key = f.method if f.method is not None else "-"
+        if key in rows and f.client_id is not None:
+            rows[key]["errors" if f.severity == "error" else "warnings"] += 1
+    return list(rows.values())
+
+
+def _print_verification(report: VerificationReport, out: TextIO, verbose: bool = False) -> None:
+    ledger_of = {(c.method, c.client_id): c for c in report.clients}
+    shown = {k for k, c in ledger_of.items() if verbose or not c.ok or c.warned}
+    for finding in report.findings:
+        if finding.client_id is None or (finding.method, finding.client_id) in shown \
+                or (finding.method, finding.client_id) not in ledger_of:
+            print(str(finding), file=out)
+    n_err, n_warn = len(report.errors), len(report.warnings)
+    header = (f"{'method':<10} {'ledgers':>7} {'entries':>7} {'acct':<5} {'eps recorded':>15}"
+              f" {'independent':>15} {'PLD (pess.)':>15} {'vs other':>16} {'refused':>7}"
+              f" {'errors':>6} {'warn':>5}")
+    print(header, file=out)
+    for row in verification_summary(report):
+        cross = _range([None if d is None else 100 * d for d in row["cross"]], "+.1f")
+        other = "/".join(sorted(row["cross_methods"])) or "-"
+        print(f"{row['method']:<10} {row['ledgers']:>7} {row['entries']:>7}"
+              f" {'/'.join(sorted(row['accountants'])):<5} {_range(row['recorded']):>15}"
+              f" {_range(row['independent']):>15} {_range(row['pld']):>15}"
+              f" {(cross + '% ' + other) if cross != 'n/a' else 'n/a':>16} {row['refusals']:>7}"
+              f" {row['errors']:>6} {row['warnings']:>5}", file=out)
+    listed = [c for c in report.clients if (c.method, c.client_id) in shown]
+    if listed:
+        print("ledgers" + ("" if verbose else " with errors or warnings") + ":", file=out)
+    for c in listed:
         ind = "n/a" if c.independent_final_epsilon is None else f"{c.independent_final_epsilon:.4g}"
         budget = "n/a" if c.budget_epsilon is None else f"{c.budget_epsilon:g}"
         label = c.client_id if c.method is None else f"{c.method}/{c.client_id}"
+        cross = "" if c.cross_difference is None else \
+            f"; {c.cross_method} {c.cross_final_epsilon:.4g} ({100 * c.cross_difference:+.1f}%)"
         print(f"  {label}: {c.entries} entries, epsilon {c.final_epsilon:.4g} (independent"
-              f" {ind}) of budget {budget}{', refused' if c.refused else ''}"
+              f" {ind}{cross}) of budget {budget}{', refused' if c.refused else ''}"
               f" -> {'ok' if c.ok else 'FAILED'}", file=out)
     verdict = "PASSED" if report.ok else "FAILED"
     print(f"verification {verdict}: {len(report.clients)} ledgers, {n_err} errors,"
@@ -51,13 +117,9 @@ def _print_verification(report: VerificationReport, out: TextIO) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
-    try:
-        report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                            pld_checkpoints=args.pld_checkpoints)
-    except AuditError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _print_verification(report, sys.stdout)
+    report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
+                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
+    _print_verification(report, sys.stdout, verbose=args.verbose)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
     return 0 if report.ok else 1
@@ -67,13 +129,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``audit report``: write report.html/report.json; 0 iff written and verified."""
     from audits.report import write_report
 
-    try:
-        report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                            pld_checkpoints=args.pld_checkpoints)
-        paths = write_report(args.run_dir, args.out, verification=report)
-    except AuditError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
+                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
+    paths = write_report(args.run_dir, args.out, verification=report)
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
     return 0 if report.ok else 1
@@ -84,51 +142,89 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(doc, indent=2, default=str))
 
 
-def cmd_canary(args: argparse.Namespace) -> int:
-    """``audit canary``: canary membership inference -> epsilon lower bound."""
-    from audits.canary import CanaryAuditError, run_canary_audit
-    from secure_fedora.config import ConfigError, load_config
+#: Exit status of the canary and white-box audits per verdict (2 is bad input).
+VERDICT_EXIT = {"consistent": 0, "refuted": 1, "inconclusive": 3}
 
-    try:
-        cfg = load_config(args.config)
-        result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
-                                  kind=args.kind, method=args.method,
-                                  confidence=args.confidence, delta=args.delta, seed=args.seed)
-    except (ConfigError, CanaryAuditError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    claim = "inf (non-private)" if result.claimed_epsilon == float("inf") \
-        else f"{result.claimed_epsilon:.4g}"
+
+def _print_audit_summary(doc: dict[str, Any]) -> None:
+    claim = "none (non-private)" if doc["claim_epsilon"] is None else f"{doc['claim_epsilon']:.4g}"
+    print(f"  claimed epsilon {claim}; certifiable maximum {doc['certifiable_max']:.4g}"
+          f" (a perfect attacker, confidence {doc['confidence']:g});"
+          f" measured lower bound {doc['lower_bound']:.4g}")
+    print(f"  verdict: {doc['verdict_text']}")
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
+    from audits.canary import run_canary_audit
+    from audits.verdict import write_audit_json
+    from secure_fedora.config import load_config
+
+    target = Path(args.config)
+    run_dir = target if target.is_dir() else None
+    cfg = load_config(target / "config.toml" if run_dir is not None else target)
+    result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
+                              kind=args.kind, method=args.method,
+                              confidence=args.confidence, delta=args.delta, seed=args.seed)
     b = result.bound
+    doc = result.to_json()
     print(f"client {result.client_id}, method {result.method}: {result.num_canaries}"
           f" {result.canary_kind} canaries ({result.members} inserted)")
+    if result.rounds_scored > 1:
+        print(f"  scored after each of {result.rounds_scored} rounds; round"
+              f" {result.selected_round} chosen on the calibration half")
     print(f"  evaluation half: TPR {b.tpr:.3f} (lower {b.tpr_lower:.3f}), FPR {b.fpr:.3f}"
-          f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}")
-    print(f"  epsilon lower bound {result.epsilon_lower_bound:.4g} at confidence"
-          f" {result.confidence:g} (delta {result.delta:g}); claimed epsilon {claim}"
-          f" -> {'consistent' if result.consistent else 'CLAIM REFUTED'}")
-    _write_json(args.json, result.to_json())
-    return 0 if result.consistent else 1
+          f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}, delta {result.delta:g}")
+    _print_audit_summary(doc)
+    if run_dir is not None:
+        try:
+            print(f"  written: {write_audit_json(run_dir, doc)}")
+        except OSError as err:
+            print(f"error: cannot write {run_dir / 'audit' / 'canary.json'}: {err}",
+                  file=sys.stderr)
+            return 2
+    _write_json(args.json, doc)
+    return VERDICT_EXIT[doc["verdict"]]
+
+
+def cmd_whitebox(args: argparse.Namespace) -> int:
+    """``audit whitebox``: one-run white-box DP-SGD audit with Dirac gradient canaries."""
+    from audits.whitebox import WhiteboxAuditError, audit_run_dir
+
+    try:
+        result, path = audit_run_dir(
+            args.run_dir, method=args.method, client_index=args.client,
+            num_canaries=args.canaries, calibration_fraction=args.calibration_fraction,
+            confidence=args.confidence, seed=args.seed)
+    except WhiteboxAuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    doc = result.to_json()
+    s = result.setting
+    sigma = "none (non-private)" if s.noise_multiplier is None else f"{s.noise_multiplier:.4g}"
+    print(f"client {s.client_id}, method {s.method}: DP-SGD sigma {sigma}, q {s.sample_rate:g},"
+          f" {s.steps} steps, clip {s.clip_norm:g}; {result.num_canaries} Dirac canaries"
+          f" ({result.members} inserted), {doc['evaluation_size']} evaluated")
+    print(f"  guesses {doc['guesses']}, correct {doc['correct_guesses']}, delta {s.delta:g}")
+    _print_audit_summary(doc)
+    print(f"  written: {path}")
+    _write_json(args.json, doc)
+    return VERDICT_EXIT[doc["verdict"]]
 
 
 def cmd_leakage(args: argparse.Namespace) -> int:
     """``audit leakage``: reconstruct clients' data directions from relatedness messages."""
-    from audits.summary_leakage import LeakageError, run_summary_leakage_audit
-    from secure_fedora.config import ConfigError, load_config
+    from audits.summary_leakage import run_summary_leakage_audit
+    from secure_fedora.config import load_config
     from secure_fedora.runtime import build_clients
 
-    try:
-        cfg = load_config(args.config)
-        clip = args.clip_norm if args.clip_norm is not None else (
-            cfg.privacy.summary_clip if cfg.privacy.enabled else None)
-        nm = args.noise_multiplier if args.noise_multiplier is not None else (
-            cfg.privacy.summary_noise_multiplier if cfg.privacy.enabled else None)
-        report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
-                                           noise_multiplier=nm, tau=cfg.fedora.tau,
-                                           seed=cfg.seed)
-    except (ConfigError, LeakageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    clip = args.clip_norm if args.clip_norm is not None else (
+        cfg.privacy.summary_clip if cfg.privacy.enabled else None)
+    nm = args.noise_multiplier if args.noise_multiplier is not None else (
+        cfg.privacy.summary_noise_multiplier if cfg.privacy.enabled else None)
+    report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
+                                       noise_multiplier=nm, tau=cfg.fedora.tau, seed=cfg.seed)
     print(f"{'mode':<10} {'image cos':>10} {'prior':>7} {'label cos':>10} {'prior':>7}"
           f" {'identified':>11} {'chance':>7}")
     for row in report.summary_rows():
@@ -139,10 +235,36 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``audit replay``: config-known membership inference; 1 iff the claim is refuted."""
+    from audits.replay import ReplayAuditError, run_replay_audit, write_replay_result
+
+    try:
+        result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
+                                  trials=args.trials, records=args.records,
+                                  confidence=args.confidence, seed=args.seed)
+        path = write_replay_result(args.run_dir, result)
+    except ReplayAuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    s = result.setup
+    print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"
+          f" trials, {result.correct} correct guesses")
+    print(f"  epsilon lower bound {result.lower_bound:.4g} (certifiable max"
+          f" {result.certifiable_max:.4g}) at confidence {result.confidence:g}; claimed epsilon"
+          f" {result.claim_epsilon:.4g} -> {result.verdict}")
+    print(f"  written to {path}")
+    return 1 if result.verdict == "refuted" else 0
+
+
 def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
     p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
-                   " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning)")
+                   " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning);"
+                   " private signing keys inside RUN_DIR are then an error")
+    p.add_argument("--anchor", help="a copy of the run's anchor.json kept apart: any ledger"
+                   " behind it, missing or unnamed, or a changed results.json/config.toml, fails"
+                   " (default: check RUN_DIR/anchor.json if present)")
     p.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL,
                    help="relative tolerance between recorded and independent epsilon")
     p.add_argument("--pld-checkpoints", type=int, default=DEFAULT_PLD_CHECKPOINTS,
@@ -150,7 +272,7 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``audit`` command (verify, report, canary, leakage) to ``subparsers``."""
+    """Add the ``audit`` command (verify, report, canary, whitebox, leakage) to ``subparsers``."""
     audit = subparsers.add_parser("audit", help="verify ledgers, write compliance reports,"
                                   " run empirical privacy audits")
     sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -159,6 +281,8 @@ def register(subparsers: Any) -> None:
                             " epsilon, budgets (exit 0 only if all hold)")
     _verify_options(verify)
     verify.add_argument("--json", help="also write the verification result to this file")
+    verify.add_argument("--verbose", action="store_true",
+                        help="list every ledger (default: only those with errors or warnings)")
     verify.set_defaults(func=cmd_verify)
 
     report = sub.add_parser("report", help="write a self-contained HTML report and report.json")
@@ -168,7 +292,8 @@ def register(subparsers: Any) -> None:
 
     canary = sub.add_parser("canary", help="canary membership inference: a lower bound on"
                             " epsilon (Clopper-Pearson); DP per the config's [privacy]")
-    canary.add_argument("config", help="experiment TOML config")
+    canary.add_argument("config", help="experiment TOML config, or a run directory (its"
+                        " config.toml; the result is then written to RUN_DIR/audit/canary.json)")
     canary.add_argument("--client", type=int, default=0, help="index of the audited client")
     canary.add_argument("--canaries", type=int, default=300, help="number of canaries")
     canary.add_argument("--kind", choices=("noise", "mislabeled"), default="noise")
@@ -180,6 +305,23 @@ def register(subparsers: Any) -> None:
     canary.add_argument("--json", help="write the result to this file")
     canary.set_defaults(func=cmd_canary)
 
+    whitebox = sub.add_parser("whitebox", help="one-run white-box DP-SGD audit (Dirac gradient"
+                              " canaries, Steinke-Nasr-Jagielski 2023) of one client with the"
+                              " run's plan; writes RUN_DIR/audit/whitebox.json")
+    whitebox.add_argument("run_dir", help="run directory (its config.toml; results.json is"
+                          " checked against the plan when present)")
+    whitebox.add_argument("--client", type=int, default=0, help="index of the audited client")
+    whitebox.add_argument("--method", default=None, help="whose plan to audit (default: local"
+                          " when the config has it, else its first method)")
+    whitebox.add_argument("--canaries", type=int, default=20_000,
+                          help="number of Dirac canaries (distinct coordinates)")
+    whitebox.add_argument("--calibration-fraction", type=float, default=0.2,
+                          help="share of the canaries used to choose the guess thresholds")
+    whitebox.add_argument("--confidence", type=float, default=0.95)
+    whitebox.add_argument("--seed", type=int, default=0)
+    whitebox.add_argument("--json", help="also write the result to this file")
+    whitebox.set_defaults(func=cmd_whitebox)
+
     leakage = sub.add_parser("leakage", help="summary-leakage audit for plain, noised and"
                              " encrypted relatedness")
     leakage.add_argument("config", help="experiment TOML config")
@@ -190,14 +332,33 @@ def register(subparsers: Any) -> None:
     leakage.add_argument("--json", help="write the result to this file")
     leakage.set_defaults(func=cmd_leakage)
 
+    replay = sub.add_parser("replay", help="config-known audit: replay the run's noise from its"
+                            " config and infer membership (refutes reproducible-noise runs)")
+    replay.add_argument("run_dir", help="run directory (config.toml and ledgers/ of a DP run)")
+    replay.add_argument("--client", type=int, default=0, help="index of the audited client")
+    replay.add_argument("--method", help="method whose ledger gives the DP-SGD parameters and"
+                        " the claim (default: fedora if run, else the first with ledgers)")
+    replay.add_argument("--trials", type=int, help="membership trials (default: enough for a"
+                        " perfect attacker to exceed the claim, at most 20000)")
+    replay.add_argument("--records", type=int, default=64,
+                        help="client records in the audited step besides the target")
+    replay.add_argument("--confidence", type=float, default=0.95)
+    replay.add_argument("--seed", type=int, default=0, help="seed of the auditor's coin flips")
+    replay.set_defaults(func=cmd_replay)
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m audits.cli audit verify RUN_DIR``)."""
+    """Stand-alone entry point (``python -m audits.cli audit verify RUN_DIR``); errors are
+    reported as by the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
+    from secure_fedora.errors import add_debug_flag, run_command, split_debug_flag
+
+    argv, debug = split_debug_flag(argv)
     parser = argparse.ArgumentParser(prog="secure-fedora")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_command(args.func, args, debug=debug)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The HTML has inline CSS, plots embedded as base64 PNG ``data:`` URIs and no scri
 external references, so it renders offline in any browser and can be archived as one file.
 Sections: run identity; threat model and assumptions in force; per-client budget table;
 epsilon over rounds per client against its budget (plot); mechanisms; verification results
-(from :func:`audits.verify.verify_run`); accuracy.
+(from :func:`audits.verify.verify_run`); the empirical audits (canary, white-box, replay:
+claim, certifiable maximum, measured lower bound and verdict from ``RUN_DIR/audit/*.json``,
+"not run" when absent); accuracy.
 
 Everything is read from the run directory (``results.json``, ``config.toml``,
 ``ledgers/``, ``keys/``); nothing in the run is trusted without the verification section
@@ -117,12 +119,13 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
                      " q x q similarity blocks (assumes it holds no secret key and cannot enrol"
                      " clients of its own).")
     if cfg is not None and cfg.privacy.enabled:
-        if cfg.privacy.noise_seed == "experiment":
-            notes.append("noise generators are seeded from the experiment seed (reproducible):"
-                         " the guarantee holds only against a server that does not know it.")
-        notes.append("noise comes from torch.Generator, not a CSPRNG (Opacus secure_mode needs"
-                     " torchcsprng, unavailable): the formal guarantee assumes ideal Gaussian"
-                     " noise.")
+        if cfg.privacy.noise == "reproducible":
+            notes.append("noise = reproducible: NOT private against anyone who knows the config"
+                         " (generators seeded from the experiment seed; `secure-fedora audit"
+                         " replay` demonstrates it).")
+        else:
+            notes.append("noise = csprng: ChaCha20 keystream, key from os.urandom, never stored;"
+                         " Gaussians hardened against floating-point attacks (4-draw sum).")
     if out["differential_privacy"] is False:
         notes.append("differential privacy is OFF: releases carry no formal guarantee.")
     out["notes"] = notes
@@ -219,6 +222,47 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
     return {"plan": plan, "events": events}
 
 
+#: The empirical audits the report shows, with the command that produces each one's JSON.
+EMPIRICAL_AUDITS: tuple[tuple[str, str, str], ...] = (
+    ("canary", "canary membership inference (black-box, final model)",
+     "secure-fedora audit canary RUN_DIR"),
+    ("whitebox", "white-box DP-SGD, one run (Dirac gradient canaries)",
+     "secure-fedora audit whitebox RUN_DIR"),
+    ("replay", "config-known noise replay", "secure-fedora audit replay RUN_DIR"),
+)
+
+
+def _number_or_none(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _empirical_audits(run: Path) -> list[dict[str, Any]]:
+    """One row per audit from ``RUN_DIR/audit/<name>.json``: ``"not run"`` when the file is
+    absent, ``"unreadable"`` when it is not that audit's document."""
+    rows = []
+    for name, title, command in EMPIRICAL_AUDITS:
+        row: dict[str, Any] = {"audit": name, "title": title, "command": command,
+                               "status": "not run", "claim_epsilon": None,
+                               "certifiable_max": None, "lower_bound": None, "verdict": None,
+                               "verdict_text": None, "confidence": None}
+        path = run / "audit" / f"{name}.json"
+        if path.exists():
+            doc = _read_json(path)
+            if doc is None or doc.get("audit") != name \
+                    or doc.get("verdict") not in ("refuted", "consistent", "inconclusive"):
+                row["status"] = "unreadable"
+                row["verdict_text"] = f"{path.name} is not a valid {name} audit document"
+            else:
+                row.update(status="run", verdict=doc["verdict"],
+                           verdict_text=str(doc.get("verdict_text", doc["verdict"])))
+                for key in ("claim_epsilon", "certifiable_max", "lower_bound", "confidence"):
+                    row[key] = _number_or_none(doc.get(key))
+        rows.append(row)
+    return rows
+
+
 def build_report(run_dir: str | Path, *, verification: VerificationReport | None = None,
                  allowlist: str | Path | None = None) -> dict[str, Any]:
     """The report document (what ``report.json`` holds) for ``run_dir``.
@@ -254,6 +298,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "verification": verification.to_json(),
         "privacy_plan": _privacy_plan(results),
         "accuracy": _accuracy(results),
+        "empirical_audits": _empirical_audits(run),
     }
 
 
@@ -478,6 +523,31 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         ))
     else:
         parts.append("<p class=\"ok\">No findings.</p>")
+
+    parts.append("<h2 id=\"empirical-audits\">Empirical privacy audits</h2>")
+    parts.append("<p>Each audit gives a lower bound on epsilon that a release meeting its claim"
+                 " exceeds with probability at most 1 &minus; confidence. The certifiable"
+                 " maximum is what a perfect attacker would certify with that design; a claim"
+                 " at or above it cannot be refuted, so the audit says"
+                 " &ldquo;inconclusive&rdquo; rather than &ldquo;consistent&rdquo;.</p>")
+    verdict_class = {"refuted": "bad", "consistent": "ok", "inconclusive": "warn"}
+    audit_rows = []
+    for a in report.get("empirical_audits", []):
+        if a["status"] == "run":
+            verdict = (f"<span class=\"{verdict_class[a['verdict']]}\">{_e(a['verdict'])}"
+                       f"</span>: {_e(a['verdict_text'])}")
+            claim = "none (non-private)" if a["claim_epsilon"] is None else _fmt(a["claim_epsilon"])
+        elif a["status"] == "unreadable":
+            verdict, claim = f"<span class=\"bad\">unreadable</span>: {_e(a['verdict_text'])}", \
+                "&ndash;"
+        else:
+            verdict = f"not run (<code>{_e(a['command'])}</code>)"
+            claim = "&ndash;"
+        audit_rows.append([_e(a["audit"]), _e(a["title"]), claim, _fmt(a["certifiable_max"]),
+                           _fmt(a["lower_bound"]), _fmt(a["confidence"]), verdict])
+    parts.append(_table(["audit", "what", "claimed \u03b5", "certifiable max",
+                         "measured lower bound", "confidence", "verdict"], audit_rows,
+                        left=(0, 1, 6)))
 
     parts.append("<h2 id=\"accuracy\">Accuracy</h2>")
     acc = report["accuracy"]

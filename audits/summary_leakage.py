@@ -45,7 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from privacy.mechanisms import noised_second_moment, top_eigenvectors
+from privacy.noise import ReproducibleNoise
 from secure_fedora import fedora
 from secure_fedora.partition import ClientData
 
@@ -73,7 +75,7 @@ NUM_CLASSES = 10
 MODES = ("plain", "noised", "encrypted")
 
 
-class LeakageError(ValueError):
+class LeakageError(ToolkitError, ValueError):
     """Bad input to the summary-leakage audit; the message names the argument or client."""
 
 
@@ -296,8 +298,9 @@ def noised_summaries(clients: Sequence[ClientData], clip_norm: float, noise_mult
     out = []
     for c in clients:
         z = fedora.summary_rows(c.train_x, c.train_y, NUM_CLASSES)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(c.client_id) + 1)
-        m = noised_second_moment(z, clip_norm, noise_multiplier, gen)
+        # A seeded source: the audit itself must be repeatable (it simulates the releases).
+        noise = ReproducibleNoise(seed * 1_000_003 + int(c.client_id) + 1)
+        m = noised_second_moment(z, clip_norm, noise_multiplier, noise)
         out.append(top_eigenvectors(m, q))
     return torch.stack(out)
 

@@ -16,7 +16,7 @@
    self-composition of a Poisson-subsampled Gaussian (a plain Gaussian when
    ``sample_rate == 1``). For ``accountant == "rdp"`` every entry's cumulative epsilon is
    recomputed with ``dp_accounting``'s RDP analysis (its default orders, a superset of
-   Opacus's); for ``"prv"`` with its PLD accountant (pessimistic estimate) at up to
+   the recorder's); for ``"prv"`` and ``"pld"`` with its PLD accountant (pessimistic estimate) at up to
    ``pld_checkpoints`` entries, always including the last (a PLD evaluation costs about a
    second, so intermediate PRV entries are otherwise checked for monotonicity only). Tolerance: the two libraries
    use different RDP order grids and numerics (``dp_accounting`` drops fractional orders
@@ -25,6 +25,11 @@
    on typical DP-SGD histories. An entry is **under-reported** (an error) when
    ``recorded < independent * (1 - rel_tol)``, default ``rel_tol = 0.02``; recorded values
    above ``independent * (1 + rel_tol)`` are conservative and reported as a warning.
+   For every ledger, the whole history is also recomputed with both ``dp_accounting``
+   methods: a recorded final epsilon below the pessimistic PLD value by more than
+   ``rel_tol`` is an error (no valid accountant can be tighter than that), and the recorded
+   value is compared with the method that is not the recorder's (PLD for ``"rdp"``, RDP for
+   ``"pld"``/``"prv"``): ``cross_difference`` says by how much they differ.
 3. **Budgets**: every entry's ``epsilon_after <= budget_epsilon`` and the independent
    epsilon ``<= budget_epsilon * (1 + rel_tol)``; ``epsilon_after`` never decreases; a
    refusal spends nothing; ``budget_epsilon``, ``delta`` and ``accountant`` do not change
@@ -38,12 +43,24 @@
    runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data.
 
-Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain;
-it is detected only against the length anchored in ``results.json`` (item 4; a hash anchor
-held outside the run directory is stronger), otherwise a warning says so. The
-allowlist is by default read from the run directory itself; pass ``allowlist=`` (CLI
-``--allowlist``) to verify against keys registered independently of the run, otherwise a
-warning says the keys are only as trustworthy as the directory.
+6. **Close and anchor**: every ledger ends with exactly one signed ``close`` entry (a ledger
+   without one is an error: its run did not finish, or its end was cut). The run's signed
+   ``anchor.json`` -- or, stronger, a copy kept apart and passed as ``anchor=`` (CLI
+   ``--anchor FILE``) -- is checked: its Ed25519 signature (under the allowlisted
+   ``operator`` key when an allowlist is given); every ledger it names exists, its line
+   ``final_index`` hashes to the anchored head and is its last line; no ledger it does not
+   name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests.
+7. **Key location**: private signing keys inside the audited directory are an error when an
+   allowlist is given (anyone with the directory could re-sign), a warning otherwise.
+
+Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain; it
+shows as a missing close entry, and with an anchor as a ledger behind its anchored head. An
+attacker who can rewrite the run directory *and* holds the signing keys can forge all of it;
+only an anchor kept apart (``--anchor``) and keys kept out of the directory (a key store,
+``--allowlist``) rule that out. The allowlist is by default read from the run directory
+itself; pass ``allowlist=`` (CLI ``--allowlist``) to verify against keys registered
+independently of the run, otherwise a warning says the keys are only as trustworthy as the
+directory.
 """
 
 from __future__ import annotations
@@ -68,6 +85,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
+from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, load_config
 
@@ -93,19 +111,25 @@ DEFAULT_PLD_CHECKPOINTS = 8
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
 REPAIR = "repair"  # a torn final line quarantined on resume; spends nothing
+CLOSE = "close"
+ANCHOR_FILENAME = "anchor.json"
+ANCHOR_DOMAIN = b"secure-fedora/anchor/v1\n"
+ANCHORED_FILES: tuple[str, ...] = ("config.toml", "results.json")
 ENTRY_FIELDS: tuple[str, ...] = (
     "index", "client_id", "round", "mechanism", "params", "epsilon_after", "delta",
     "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
 )
 ACCOUNTED_PARAMS: tuple[str, ...] = ("noise_multiplier", "sample_rate", "steps")
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "pld")
+#: The independent method each recorder is compared with ("says by how much they differ").
+CROSS_METHOD: dict[str, str] = {"rdp": "pld", "pld": "rdp", "prv": "rdp"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 
 Severity = Literal["error", "warning"]
 
 
-class AuditError(ValueError):
+class AuditError(ToolkitError, ValueError):
     """A run directory or argument that cannot be audited at all (missing, unreadable)."""
 
 
@@ -167,6 +191,15 @@ class ClientVerification:
     mechanisms: dict[str, dict[str, Any]]
     series: list[EntryCheck]
     ok: bool = True
+    #: dp_accounting's PLD (pessimistic) and RDP epsilon of the whole ledger.
+    pld_final_epsilon: float | None = None
+    rdp_final_epsilon: float | None = None
+    #: The other method (PLD for an RDP ledger, RDP for PLD/PRV ledgers), its epsilon and the
+    #: relative difference ``recorded / cross - 1`` (negative: the recorder is tighter).
+    cross_method: str | None = None
+    cross_final_epsilon: float | None = None
+    cross_difference: float | None = None
+    warned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable dict of every field."""
@@ -219,6 +252,7 @@ CHECKS_DONE = [
     "index equals line position; prev_hash chains every line (SHA-256)",
     "Ed25519 signature of every entry under the client's allowlisted key",
     "cumulative epsilon recomputed with dp_accounting (independent of Opacus)",
+    "final epsilon not below dp_accounting's pessimistic PLD; compared with the other method",
     "epsilon_after never decreases; refusals spend nothing",
     "no entry above its client's budget (recorded and independent)",
     "budget, delta and accountant constant per client and equal to config.toml",
@@ -226,6 +260,10 @@ CHECKS_DONE = [
     "config.toml matches results.json config_hash",
     "ledger length and final epsilon equal results.json's per-client privacy summary",
     "every client of a DP run has a ledger for every method that ran",
+    "every ledger ends with one signed close entry (final index, epsilon spent)",
+    "anchor.json (or --anchor): signed; every ledger's final index and head, results.json"
+    " and config.toml digests, no ledger missing or unnamed",
+    "no private signing key inside the audited directory (an error with --allowlist)",
 ]
 
 
@@ -269,7 +307,7 @@ def _schema(entry: dict[str, Any]) -> list[str]:
         out.append("mechanism must be a non-empty string")
     if not isinstance(entry["params"], dict):
         out.append("params must be an object")
-    elif entry["mechanism"] not in (REFUSAL, REPAIR):
+    elif entry["mechanism"] not in (REFUSAL, REPAIR, CLOSE):
         out.extend(_release_problems(entry["params"]))
     if not _number(entry["epsilon_after"]) or entry["epsilon_after"] < 0:
         out.append(f"epsilon_after must be a finite number >= 0, got {entry['epsilon_after']!r}")
@@ -434,10 +472,32 @@ PLD_VALUE_DISCRETIZATION = 1e-3
 
 
 def _pld_epsilon(counts: dict[tuple[float, float], int], delta: float) -> float:
+    return _pld_epsilon_cached(tuple(sorted(counts.items())), delta)
+
+
+@functools.lru_cache(maxsize=512)
+def _pld_epsilon_cached(counts: tuple[tuple[tuple[float, float], int], ...],
+                        delta: float) -> float:
     acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
-    for (nm, q), steps in counts.items():
+    for (nm, q), steps in counts:
         acc.compose(_event(nm, q), steps)
     return float(acc.get_epsilon(delta))
+
+
+def _final_epsilons(releases: Sequence[tuple[float, float, int] | None],
+                    delta: float) -> tuple[float | None, float | None]:
+    """(PLD pessimistic, RDP) epsilon of all ``releases`` together, by dp_accounting."""
+    real = [r for r in releases if r is not None]
+    if not real:
+        return None, None
+    counts: dict[tuple[float, float], int] = {}
+    total = np.zeros_like(_RDP_ORDERS)
+    with _quiet_dp_accounting():
+        for nm, q, steps in real:
+            key = (float(nm), float(q))
+            counts[key] = counts.get(key, 0) + int(steps)
+            total = total + int(steps) * _rdp_curve(*key)
+        return _pld_epsilon(counts, delta), _rdp_epsilon(total, delta)
 
 
 def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], delta: float,
@@ -447,8 +507,8 @@ def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], de
 
     ``releases[i]`` is ``(noise_multiplier, sample_rate, steps)`` or None (a refusal or an
     unparseable entry: composes nothing). ``accountant="rdp"``: RDP at every position.
-    ``"prv"``: PLD at up to ``checkpoints`` positions (the last release always among them),
-    None elsewhere. Positions with None releases get None.
+    ``"prv"`` and ``"pld"``: PLD (pessimistic) at up to ``checkpoints`` positions (the last
+    release always among them), None elsewhere. Positions with None releases get None.
     """
     if accountant not in ACCOUNTANTS:
         raise AuditError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -551,14 +611,7 @@ def _load_keys(run_dir: Path, allowlist: Path | None,
         findings.append(Finding("error", "allowlist", str(exc)))
         return {}, str(path)
     keys_dir = run_dir / "keys"
-    private = sorted(p.name for p in keys_dir.glob("*.ed25519.key")) if keys_dir.is_dir() else []
-    if private:
-        findings.append(Finding(
-            "warning", "private_keys",
-            f"{len(private)} private signing keys are stored in {keys_dir} (an in-process"
-            " simulation holds every party's keys): anyone holding this directory can re-sign"
-            " ledgers, so signatures prove integrity only against parties without it",
-        ))
+    findings.extend(_private_key_findings(run_dir, allowlist is not None))
     for party, ident in keys.items():
         pub = keys_dir / f"{party}.ed25519.pub"
         if not pub.is_file():
@@ -587,6 +640,16 @@ def _configured_budget(cfg: ExperimentConfig, client_id: str) -> tuple[float, fl
     eps = override.epsilon if override is not None else p.epsilon
     delta = override.delta if override is not None and override.delta is not None else p.delta
     return float(eps), float(delta)
+
+
+def _chosen_accountant(results: dict[str, Any] | None, method: str | None) -> str | None:
+    """The accountant results.json records for ``method`` (``privacy[<method>].accountant``)."""
+    if not results or not isinstance(results.get("privacy"), dict):
+        return None
+    section = results["privacy"].get(method) if method is not None else results["privacy"]
+    if isinstance(section, dict) and isinstance(section.get("accountant"), str):
+        return section["accountant"]
+    return None
 
 
 def _anchor(results: dict[str, Any] | None, method: str | None,
@@ -672,9 +735,18 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             if _number(delta) and not math.isclose(delta, c_delta, rel_tol=1e-12):
                 err(None, "config", f"ledger delta {delta!r} differs from the configured"
                     f" {c_delta!r}")
-            if accountant is not None and accountant != ctx.config.privacy.accountant:
+            configured_acc = ctx.config.privacy.accountant
+            chosen = _chosen_accountant(ctx.results, method)
+            if configured_acc == "auto":
+                if accountant is not None and accountant not in ("rdp", "pld"):
+                    err(None, "config", f"ledger accountant {accountant!r} is not one that"
+                        " privacy.accountant = 'auto' chooses (rdp, pld)")
+                elif accountant is not None and chosen is not None and accountant != chosen:
+                    err(None, "config", f"ledger accountant {accountant!r} differs from the"
+                        f" one results.json says 'auto' chose ({chosen!r})")
+            elif accountant is not None and accountant != configured_acc:
                 err(None, "config", f"ledger accountant {accountant!r} differs from the"
-                    f" configured {ctx.config.privacy.accountant!r}")
+                    f" configured {configured_acc!r}")
 
     prev_eps: float | None = None
     releases: list[tuple[float, float, int] | None] = []
@@ -700,7 +772,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                 err(i, "budget_exceeded", f"recorded epsilon_after {eps!r} exceeds the budget"
                     f" {e['budget_epsilon']!r}")
             prev_eps = eps if prev_eps is None else max(prev_eps, eps)
-        if mech == REPAIR:
+        if mech in (REPAIR, CLOSE):  # spend nothing; a close is checked by _close_findings
             releases.append(None)
             continue
         if mech == REFUSAL:
@@ -778,6 +850,22 @@ def _verify_client(path: Path, method: str | None, client_id: str,
 
     ind_final = next((c.independent_epsilon for c in reversed(series)
                       if c.independent_epsilon is not None), None)
+    pld_final = rdp_final = cross = diff = None
+    cross_method = CROSS_METHOD.get(accountant) if isinstance(accountant, str) else None
+    if _number(delta) and 0 < delta < 1:
+        pld_final, rdp_final = _final_epsilons(releases, float(delta))
+    recorded_final = next((c.recorded_epsilon for c in reversed(series)
+                           if c.recorded_epsilon is not None and c.mechanism != REFUSAL), None)
+    if cross_method is not None:
+        cross = pld_final if cross_method == "pld" else rdp_final
+        if cross is not None and recorded_final is not None and cross > 0:
+            diff = recorded_final / cross - 1.0
+    if pld_final is not None and recorded_final is not None \
+            and recorded_final < pld_final * (1.0 - rel_tol) \
+            and not any(f.check == "epsilon_under_reported" for f in findings):
+        err(last, "epsilon_under_reported",
+            f"recorded final epsilon {recorded_final:.6g} is below the independent pessimistic"
+            f" PLD value {pld_final:.6g} (dp_accounting) by more than {rel_tol:.0%}")
     ctx.findings.extend(findings)
     return ClientVerification(
         client_id=client_id, method=method, ledger=str(path), entries=len(lines),
@@ -785,7 +873,216 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         budget_epsilon=budget if _number(budget) else None, final_epsilon=float(final),
         independent_final_epsilon=ind_final, refused=refused, mechanisms=mechanisms,
         series=series, ok=not any(f.severity == "error" for f in findings),
+        pld_final_epsilon=pld_final, rdp_final_epsilon=rdp_final, cross_method=cross_method,
+        cross_final_epsilon=cross, cross_difference=diff,
+        warned=any(f.severity == "warning" for f in findings),
     )
+
+
+# --------------------------------------------------------------------------- anchoring
+
+
+def _private_key_findings(run_dir: Path, allowlist_given: bool) -> list[Finding]:
+    """Private signing keys (``*.ed25519.key``) anywhere under the audited directory: whoever
+    holds the directory can re-sign a shortened ledger with them. With an independently
+    registered allowlist that would defeat its purpose, so it is an error; without one, a
+    warning (the keys are only as trustworthy as the directory anyway)."""
+    private = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.ed25519.key"))
+    if not private:
+        return []
+    shown = ", ".join(private[:3]) + (f" (+{len(private) - 3} more)" if len(private) > 3 else "")
+    text = (f"{len(private)} private signing keys sit inside the audited directory ({shown}):"
+            " anyone holding the directory can re-sign its ledgers and anchor")
+    if allowlist_given:
+        return [Finding("error", "private_keys", text + "; the allowlist cannot rule out a"
+                        " re-signed ledger (keep keys in a key store outside the run:"
+                        " `secure-fedora keys init`, `[security] keystore`)")]
+    return [Finding("warning", "private_keys", text + ", so signatures prove integrity only"
+                    " against parties without it")]
+
+
+def _close_findings(path: Path, method: str | None, client_id: str) -> list[Finding]:
+    """The ledger of a finished run ends with exactly one close entry that spends nothing and
+    states its own index and the final epsilon; nothing follows it. A ledger without a close
+    entry is an error: its run did not finish, or entries were cut from its end (a cut that
+    a hash chain alone cannot show)."""
+    lines, _ = _read_lines(path)
+    out: list[Finding] = []
+
+    def err(pos: int | None, message: str, check: str = "close") -> None:
+        out.append(Finding("error", check, message, client_id, pos, method))
+
+    entries: list[dict[str, Any] | None] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        entries.append(entry if isinstance(entry, dict) else None)
+    closes = [i for i, e in enumerate(entries) if e is not None and e.get("mechanism") == CLOSE]
+    if not closes:
+        if lines:
+            err(len(lines) - 1, "the ledger has no close entry: its run did not finish, or"
+                " entries were removed from its end", "not_closed")
+        return out
+    for i in closes:
+        if i != len(lines) - 1:
+            err(i, f"a close entry at {i} is followed by {len(lines) - 1 - i} more entries")
+        e = entries[i]
+        assert e is not None
+        before = [x.get("epsilon_after") for x in entries[:i] if x is not None]
+        prior = max((v for v in before if _number(v)), default=0.0)
+        params = e.get("params")
+        if not isinstance(params, dict) or set(params) != {"final_index", "epsilon_spent"}:
+            err(i, "close params must be exactly final_index and epsilon_spent")
+            continue
+        if params["final_index"] != i:
+            err(i, f"close states final_index {params['final_index']!r} at line {i}")
+        if params["epsilon_spent"] != prior or e.get("epsilon_after") != prior:
+            err(i, f"close states epsilon_spent {params['epsilon_spent']!r} (epsilon_after"
+                f" {e.get('epsilon_after')!r}); the ledger's final epsilon before it is"
+                f" {prior!r}")
+    return out
+
+
+def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """Read and signature-check an anchor file (format in :mod:`secure_fedora.anchor`,
+    re-implemented here): canonical JSON object, expected fields, Ed25519 signature over the
+    domain and the canonical JSON of the other fields under the embedded signer key."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, [Finding("error", "anchor", f"cannot read anchor {path}: {exc}")]
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        return None, [Finding("error", "anchor", f"anchor {path} is not JSON: {exc}")]
+    fields = {"format", "version", "run_name", "config_hash", "created", "runtime", "methods",
+              "files", "ledgers", "signer", "signature"}
+    if not isinstance(doc, dict) or set(doc) != fields or doc.get("format") != \
+            "secure-fedora-anchor" or doc.get("version") != 1:
+        return None, [Finding("error", "anchor", f"anchor {path} is not a version-1"
+                              f" secure-fedora anchor with fields {sorted(fields)}")]
+    problems = []
+    signer = doc["signer"]
+    ledgers = doc["ledgers"]
+    if not isinstance(signer, dict) or not isinstance(signer.get("ed25519"), str) \
+            or not isinstance(signer.get("party_id"), str):
+        problems.append("signer must name party_id and its ed25519 key")
+    if not isinstance(doc["files"], dict) or not isinstance(doc["methods"], list) \
+            or not isinstance(ledgers, dict) or not all(
+                isinstance(r, dict) and _int(r.get("final_index")) and r["final_index"] >= 0
+                and _int(r.get("entries")) and isinstance(r.get("head"), str)
+                for r in ledgers.values()):
+        problems.append("files, methods or ledgers are malformed")
+    if problems:
+        return None, [Finding("error", "anchor", f"anchor {path}: {'; '.join(problems)}")]
+    try:
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(signer["ed25519"]))
+        body = {k: v for k, v in doc.items() if k != "signature"}
+        key.verify(bytes.fromhex(str(doc["signature"])),
+                   ANCHOR_DOMAIN + _canonical(body).encode("utf-8"))
+    except (ValueError, InvalidSignature):
+        return None, [Finding("error", "anchor_signature", f"anchor {path}: the signature does"
+                              " not verify under its signer key (the anchor was edited)")]
+    return doc, []
+
+
+def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
+                     found: Sequence[tuple[str | None, Path]],
+                     keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
+    """Compare the run directory with a verified anchor: every anchored ledger exists and
+    its line ``final_index`` hashes to ``head`` and is its last line (a shorter ledger, a
+    different head or a longer one is an error); no ledger exists that the anchor does not
+    name; config.toml and results.json exist with the anchored digests; the signer is the
+    allowlisted ``operator`` when an allowlist was given."""
+    out: list[Finding] = []
+    signer = doc["signer"]
+    registered = keys.get(signer["party_id"])
+    if registered is not None and registered.verify_key_hex() != signer["ed25519"]:
+        out.append(Finding("error", "anchor_signature", f"{label} is signed by a key that is"
+                           f" not the allowlisted key of {signer['party_id']!r}"))
+    elif registered is None:
+        out.append(Finding("error" if allowlist_given else "warning", "anchor_signature",
+                           f"{label} signer {signer['party_id']!r} is not in the allowlist: its"
+                           " signature shows integrity, not who wrote it"))
+    if doc["runtime"] == "in-process":
+        for name in ANCHORED_FILES:
+            if name not in doc["files"]:
+                out.append(Finding("error", "anchor_file", f"{label} records no digest of"
+                                   f" {name}"))
+    for name, expected in sorted(doc["files"].items()):
+        if name not in ANCHORED_FILES:
+            out.append(Finding("error", "anchor_file", f"{label} names an unknown file {name!r}"))
+            continue
+        path = run / name
+        if not path.is_file():
+            out.append(Finding("error", "anchor_file", f"{name} is missing; {label} records"
+                               " its digest"))
+            continue
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            out.append(Finding("error", "anchor_file", f"{name} hashes to {actual[:16]}...,"
+                               f" {label} records {str(expected)[:16]}...: it was changed"))
+    present = {(f"{m}/{p.stem}" if m is not None else p.stem): (m, p) for m, p in found}
+    for name, row in sorted(doc["ledgers"].items()):
+        method, _, cid = name.rpartition("/")
+        if name not in present:
+            out.append(Finding("error", "anchor_missing_ledger", f"ledger {name}.jsonl is"
+                               f" missing; {label} names it", cid, None, method or None))
+            continue
+        lines, _ = _read_lines(present[name][1])
+        final = row["final_index"]
+        if len(lines) <= final:
+            out.append(Finding("error", "anchor_behind", f"the ledger has {len(lines)} entries,"
+                               f" {label} records {final + 1}: entries were removed from its"
+                               " end", cid, len(lines) - 1 if lines else None, method or None))
+        elif _sha256(lines[final]) != row["head"]:
+            out.append(Finding("error", "anchor_head", f"line {final} hashes to"
+                               f" {_sha256(lines[final])[:16]}..., {label} records the head"
+                               f" {row['head'][:16]}...", cid, final, method or None))
+        elif len(lines) != final + 1:
+            out.append(Finding("error", "anchor_ahead", f"the ledger has {len(lines)} entries,"
+                               f" {label} records {final + 1}: entries were added after the"
+                               " run finished", cid, final + 1, method or None))
+    for name, (method, _) in sorted(present.items(), key=lambda kv: kv[0]):
+        if name not in doc["ledgers"]:
+            out.append(Finding("error", "anchor_unknown_ledger", f"ledger {name}.jsonl is not"
+                               f" named in {label}", name.rpartition("/")[2], None, method))
+    anchored_methods = {n.rpartition("/")[0] for n in doc["ledgers"]}
+    for method in doc["methods"]:
+        if method not in anchored_methods:
+            out.append(Finding("error", "anchor_missing_ledger", f"{label} lists method"
+                               f" {method!r} but names none of its ledgers", None, None, method))
+    return out
+
+
+def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
+                  keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
+    """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present.
+    With both, the run's copy must equal the given one (a missing copy is a warning)."""
+    own = run / ANCHOR_FILENAME
+    out: list[Finding] = []
+    if anchor is None:
+        if not own.is_file():
+            return [Finding("warning", "anchor", f"{own} is missing: without an anchor,"
+                            " entries removed from the end of a ledger (close entry included)"
+                            " are shown only by the missing close entry; copy anchor.json apart"
+                            " after a run and pass it with --anchor")]
+        path, label = own, "the run's anchor.json"
+    else:
+        path, label = anchor, f"the anchor {anchor}"
+        if not own.is_file():
+            out.append(Finding("warning", "anchor", f"{own} is missing from the run directory;"
+                               " checking against the given anchor alone"))
+        elif own.read_bytes() != anchor.read_bytes():
+            out.append(Finding("error", "anchor", f"{own} differs from the given anchor"
+                               f" {anchor}: it was replaced"))
+    doc, problems = _load_anchor(path)
+    out.extend(problems)
+    if doc is not None:
+        out.extend(_anchor_findings(run, doc, label, found, keys, allowlist_given))
+    return out
 
 
 def _discover(ledger_dir: Path) -> list[tuple[str | None, Path]]:
@@ -815,7 +1112,8 @@ def _coverage(ctx: _RunContext, methods: Sequence[str | None]) -> None:
 
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                rel_tol: float = DEFAULT_REL_TOL,
-               pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS) -> VerificationReport:
+               pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
+               anchor: str | Path | None = None) -> VerificationReport:
     """Verify every ledger of ``run_dir`` (see the module docstring for each check).
 
     Ledgers are ``ledgers/<method>/<client>.jsonl`` (the in-process runtime's layout, one
@@ -837,6 +1135,9 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     allow_path = Path(allowlist) if allowlist is not None else None
     if allow_path is not None and not allow_path.is_file():
         raise AuditError(f"allowlist {allow_path} does not exist")
+    anchor_path = Path(anchor) if anchor is not None else None
+    if anchor_path is not None and not anchor_path.is_file():
+        raise AuditError(f"anchor {anchor_path} does not exist")
     findings: list[Finding] = []
     results = _load_results(run, findings)
     cfg = _load_config(run, results, findings)
@@ -865,6 +1166,11 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         clients.append(_verify_client(path, method, client_id,
                                       ident.verify_key if ident is not None else None,
                                       ctx, float(rel_tol), pld_checkpoints))
+        closing = _close_findings(path, method, client_id)
+        findings.extend(closing)
+        if any(f.severity == "error" for f in closing):
+            clients[-1].ok = False
+    findings.extend(_anchor_check(run, anchor_path, found, keys, allow_path is not None))
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})
         finished = [m for m in cfg.methods
@@ -882,6 +1188,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     return VerificationReport(
         run_dir=str(run), clients=clients, findings=findings, rel_tol=float(rel_tol),
         independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
-                                " ('rdp' ledgers), PLD at checkpoints ('prv' ledgers)"),
+                                " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
+                                " PLD (pessimistic) and RDP of every whole ledger"),
         allowlist=allow_used, checks=list(CHECKS_DONE),
     )

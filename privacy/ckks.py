@@ -96,6 +96,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from privacy.sealing import SealingError, open_sealed, seal
 
 __all__ = [
@@ -138,7 +139,7 @@ _FORMAT_VERSION = 1
 _CONTEXT_AD_PREFIX = b"secure-fedora/ckks-secret-context/v1\x00"
 
 
-class CkksError(Exception):
+class CkksError(ToolkitError):
     """Invalid CKKS input, context, ciphertext or layout (the message names the culprit)."""
 
 

@@ -23,8 +23,10 @@ Poisson-subsampled Gaussian mechanism with noise multiplier ``noise_multiplier``
 as ``(noise_multiplier, sample_rate, 1)`` under add/remove-one-record. This holds under the
 standard assumption that the model treats samples of a batch independently (no BatchNorm
 or other cross-sample operation; BatchNorm is rejected, custom cross-sample code is not
-detectable). The noise comes from a ``torch.Generator`` (not a CSPRNG; see
-:mod:`privacy.mechanisms`).
+detectable). Noise and sampling come from a :class:`privacy.noise.NoiseSource`: a CSPRNG
+(:class:`~privacy.noise.CsprngNoise`, floating-point hardened Gaussians) for a real guarantee,
+or :class:`~privacy.noise.ReproducibleNoise`, which is not private against anyone who knows
+its seed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from privacy.accounting import MechanismRecord
+from privacy.errors import ToolkitError
+from privacy.noise import NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +51,30 @@ _NORM_EPS = 1e-6
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class DPSGDError(ValueError):
+class DPSGDError(ToolkitError, ValueError):
     """Bad configuration or input for DP-SGD; the message names what is wrong."""
 
 
-def poisson_sample(n: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+def poisson_sample(n: int, sample_rate: float, noise: NoiseSource) -> Tensor:
     """Indices (int64, ascending) of a Poisson sample: each of ``range(n)`` kept w.p. ``sample_rate``.
 
-    The sample can be empty; its size is Binomial(n, sample_rate).
+    The inclusions are ``noise.bernoulli(n, sample_rate)``; the sample can be empty; its size
+    is Binomial(n, sample_rate).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise DPSGDError(f"n must be an int >= 0, got {n!r}")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float) \
             or not (0 < sample_rate <= 1):
         raise DPSGDError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if not isinstance(generator, torch.Generator):
-        raise DPSGDError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    mask = torch.rand(n, generator=generator) < sample_rate
-    return mask.nonzero().squeeze(1)
+    _check_noise(noise)
+    return noise.bernoulli(n, float(sample_rate)).nonzero().squeeze(1)
+
+
+def _check_noise(noise: object) -> NoiseSource:
+    if not isinstance(noise, NoiseSource):
+        raise DPSGDError(f"noise must be a privacy.noise.NoiseSource (CsprngNoise or"
+                         f" ReproducibleNoise), got {type(noise).__name__}")
+    return noise
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -110,7 +120,7 @@ class DPSGD:
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float, noise_multiplier: float,
-                 expected_batch_size: float, generator: torch.Generator, *,
+                 expected_batch_size: float, noise: NoiseSource, *,
                  mode: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise DPSGDError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -125,8 +135,7 @@ class DPSGD:
                 f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}"
                 " (without noise DP-SGD is not private; train without DPSGD instead)"
             )
-        if not isinstance(generator, torch.Generator):
-            raise DPSGDError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        _check_noise(noise)
         if mode not in ("auto", "fused", "opacus"):
             raise DPSGDError(f"mode must be 'auto', 'fused' or 'opacus', got {mode!r}")
 
@@ -134,7 +143,7 @@ class DPSGD:
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
-        self.generator = generator
+        self.noise = noise
         self.steps = 0
         self._closed = False
 
@@ -213,9 +222,9 @@ class DPSGD:
 
     # ------------------------------------------------------------------ API
     @staticmethod
-    def sample_batch(n: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+    def sample_batch(n: int, sample_rate: float, noise: NoiseSource) -> Tensor:
         """Poisson sample of ``range(n)`` at ``sample_rate`` (see :func:`poisson_sample`)."""
-        return poisson_sample(n, sample_rate, generator)
+        return poisson_sample(n, sample_rate, noise)
 
     @property
     def noise_std(self) -> float:
@@ -235,12 +244,19 @@ class DPSGD:
                                 "per_sample_method": self.mode,
                                 "sampling": "poisson"})
 
-    def private_gradient(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> None:
+    def private_gradient(self, x: Tensor, y: Tensor, loss_fn: LossFn, *,
+                         extra_gradients: Tensor | None = None) -> None:
         """Write the clipped, summed, noised gradient / expected_batch_size into each ``.grad``.
 
         ``loss_fn(model(x), y)`` must return per-sample losses of shape ``(B,)`` (e.g.
         ``nn.CrossEntropyLoss(reduction="none")``); a reduced scalar is rejected because a
         mean would silently rescale each per-sample gradient. ``x`` may have batch size 0.
+
+        ``extra_gradients`` (audit hook): a sparse COO tensor ``(k, D)``, ``D`` the number of
+        trainable parameters in ``model.parameters()`` order, holding the per-sample gradients
+        of ``k`` more records of this batch (e.g. the gradient canaries of a white-box audit).
+        Each row is clipped like a real sample and added to the same clipped sum before the
+        division; the noise is unchanged.
         """
         if self._closed:
             raise DPSGDError("this DPSGD was closed; create a new one")
@@ -268,7 +284,33 @@ class DPSGD:
             with torch.no_grad():
                 for p, s in zip(self._params, sums, strict=True):
                     p.grad.add_(s, alpha=scale)
+        if extra_gradients is not None:
+            self._add_extra_gradients(extra_gradients, scale)
         self.steps += 1
+
+    def _add_extra_gradients(self, extra: Tensor, scale: float) -> None:
+        """Clip each row of the sparse ``(k, D)`` ``extra`` to C and add ``scale`` * their sum."""
+        total = sum(p.numel() for p in self._params)
+        if not isinstance(extra, Tensor) or extra.layout != torch.sparse_coo or extra.dim() != 2 \
+                or extra.shape[1] != total:
+            raise DPSGDError(f"extra_gradients must be a sparse COO tensor (k, {total})")
+        extra = extra.coalesce()
+        rows, cols = extra.indices()
+        values = extra.values()
+        if not bool(torch.isfinite(values).all()):
+            raise DPSGDError("extra_gradients contain NaN or infinite values")
+        sq_norms = torch.zeros(extra.shape[0], dtype=values.dtype).index_add_(0, rows, values * values)
+        factors = (self.max_grad_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        clipped = values * factors[rows] * scale
+        offset = 0
+        with torch.no_grad():
+            for p in self._params:
+                size = p.numel()
+                here = (cols >= offset) & (cols < offset + size)
+                if bool(here.any()):
+                    p.grad.view(-1).index_add_(0, cols[here] - offset,
+                                               clipped[here].to(p.grad.dtype))
+                offset += size
 
     def clipped_gradient_sum(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> list[Tensor]:
         """The clipped per-sample gradient sum (no noise, no division), one tensor per parameter.
@@ -444,11 +486,15 @@ class DPSGD:
     def _write_noise(self) -> None:
         """Fill every trainable ``.grad`` in place with N(0, (sigma C / B_expected)^2) noise.
 
-        Noise is drawn in ``self._params`` order from ``self.generator``, whichever path ran.
+        One draw of all coordinates from ``self.noise`` (in ``self._params`` order), whichever
+        path ran.
         """
-        std = self.noise_std
+        total = sum(p.numel() for p in self._params)
+        flat = self.noise.normal(total, self.noise_std, dtype=self._params[0].dtype)
+        offset = 0
         with torch.no_grad():
             for p in self._params:
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
-                p.grad.normal_(0.0, std, generator=self.generator)
+                p.grad.copy_(flat[offset:offset + p.numel()].view(p.shape))
+                offset += p.numel()

@@ -1,12 +1,15 @@
 """Signed message envelopes and their verification.
 
 Every message a party sends travels as an :class:`Envelope` (sender, recipient, round,
-random nonce, kind, SHA-256 of the payload, Ed25519 signature over all of these) plus the
-payload bytes. The receiver's :class:`EnvelopeVerifier` accepts a message only if
+random nonce, kind, context, SHA-256 of the payload, Ed25519 signature over all of these)
+plus the payload bytes. The *context* binds a message to one exchange -- e.g.
+``"<run id>/<method>"`` -- so a message of one method's exchange cannot be replayed into
+another's of the same round. The receiver's :class:`EnvelopeVerifier` accepts a message only if
 
 - the sender is in its allowlist (:class:`UnknownSenderError` otherwise),
 - the signature verifies under the sender's Ed25519 key (:class:`BadSignatureError`),
 - it is addressed to this receiver (:class:`WrongRecipientError`),
+- its context is the receiver's, when the receiver has one (:class:`WrongContextError`),
 - it has an expected kind, when kinds are restricted (:class:`UnexpectedKindError`),
 - the payload hashes to the signed digest (:class:`PayloadHashMismatchError`),
 - its round is the expected one, or at most ``max_round_lag`` rounds older
@@ -18,6 +21,13 @@ Persistence is write-ahead: :meth:`EnvelopeVerifier.verify` appends and fsyncs t
 before it returns; :meth:`EnvelopeVerifier.batch` / :meth:`EnvelopeVerifier.verify_batch`
 verify several messages and make all their nonces durable with one append and one fsync
 before any of them is returned (a nonce repeated inside one batch is a replay too).
+
+Bounds before any work: :func:`decode_message` rejects a message longer than ``max_bytes``
+(default :data:`DEFAULT_MAX_MESSAGE_BYTES`) or whose header is longer than ``max_header_bytes``
+(default :data:`DEFAULT_MAX_HEADER_BYTES`) before copying, parsing or hashing anything, and
+rejects input that is not bytes; the header must be exactly the canonical encoding of the
+envelope it parses to (so no two byte strings carry the same signed envelope); a verifier
+with ``max_payload_bytes`` rejects a longer payload before hashing it.
 
 Decoded tensors are checked with :meth:`EnvelopeVerifier.check_tensor` (wrong shape ->
 :class:`TensorShapeError`, NaN/inf -> :class:`NonFiniteTensorError`).
@@ -48,10 +58,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from privacy.identity import Identity, IdentityError, PublicIdentity, validate_party_id
 
 __all__ = [
     "BadSignatureError",
+    "DEFAULT_MAX_HEADER_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MessageTooLargeError",
     "ENVELOPE_VERSION",
     "Envelope",
     "EnvelopeError",
@@ -70,6 +84,7 @@ __all__ = [
     "UnexpectedKindError",
     "UnknownSenderError",
     "VerificationBatch",
+    "WrongContextError",
     "WrongRecipientError",
     "check_tensor",
     "commit_batches",
@@ -78,17 +93,22 @@ __all__ = [
     "make_envelope",
 ]
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
 SECURITY_LOGGER = "secure_fedora.security"
-_DOMAIN = b"secure-fedora/envelope/v1\n"
+_DOMAIN = b"secure-fedora/envelope/v2\n"
 _NONCE_BYTES = 16
 _MAX_KIND_LEN = 64
+_MAX_CONTEXT_LEN = 128
+#: Largest wire message :func:`decode_message` accepts by default (256 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Largest envelope header :func:`decode_message` parses by default (a real one is < 1 KiB).
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 _WIRE_MAGIC = b"SFEN"
 
 logger = logging.getLogger(SECURITY_LOGGER)
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(ToolkitError):
     """Base class of every envelope rejection; carries who sent it and for which round."""
 
     reason = "envelope_error"
@@ -148,6 +168,19 @@ class WrongRecipientError(EnvelopeError):
     reason = "wrong_recipient"
 
 
+class WrongContextError(EnvelopeError):
+    """The envelope is bound to another exchange (another run or method) than the receiver's."""
+
+    reason = "wrong_context"
+
+
+class MessageTooLargeError(EnvelopeError):
+    """The message, its header or its payload exceeds the receiver's size cap (rejected
+    before it is parsed or hashed)."""
+
+    reason = "message_too_large"
+
+
 class UnexpectedKindError(EnvelopeError):
     """The message kind is not one this receiver expects here."""
 
@@ -196,7 +229,7 @@ class NonFiniteTensorError(EnvelopeError):
     reason = "non_finite_values"
 
 
-class EnvelopeStateError(Exception):
+class EnvelopeStateError(ToolkitError):
     """The persisted nonce state file is unreadable or corrupt (not a message rejection)."""
 
 
@@ -217,12 +250,13 @@ class Envelope:
     payload_sha256: str
     signature: bytes
     version: int = ENVELOPE_VERSION
+    context: str = ""
 
     def signed_bytes(self) -> bytes:
         """The canonical bytes the signature covers (every field but the signature)."""
         return signed_bytes(
             self.sender, self.recipient, self.round, self.nonce, self.kind, self.payload_sha256,
-            self.version,
+            self.version, self.context,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,6 +268,7 @@ class Envelope:
             "round": self.round,
             "nonce": self.nonce,
             "kind": self.kind,
+            "context": self.context,
             "payload_sha256": self.payload_sha256,
             "signature": self.signature.hex(),
         }
@@ -253,7 +288,8 @@ class Envelope:
         def bad(detail: str) -> EnvelopeError:
             return _reject(MalformedEnvelopeError(detail, **ctx))
 
-        expected = {"version", "sender", "recipient", "round", "nonce", "kind", "payload_sha256", "signature"}
+        expected = {"version", "sender", "recipient", "round", "nonce", "kind", "context",
+                    "payload_sha256", "signature"}
         missing = sorted(expected - set(data))
         if missing:
             raise bad(f"missing envelope fields: {', '.join(missing)}")
@@ -271,6 +307,9 @@ class Envelope:
             raise bad(f"round must be a non-negative integer, got {rnd!r}")
         if not isinstance(kind, str) or not kind or len(kind) > _MAX_KIND_LEN:
             raise bad(f"kind must be a non-empty string of at most {_MAX_KIND_LEN} characters")
+        if not _valid_context(data["context"]):
+            raise bad(f"context must be a printable ASCII string of at most {_MAX_CONTEXT_LEN}"
+                      " characters")
         if not _is_hex(data["nonce"], 2 * _NONCE_BYTES):
             raise bad(f"nonce must be {2 * _NONCE_BYTES} hex characters")
         if not _is_hex(data["payload_sha256"], 64):
@@ -281,22 +320,26 @@ class Envelope:
             sender=data["sender"],
             recipient=data["recipient"],
             round=round_i,
-            nonce=data["nonce"].lower(),
+            nonce=data["nonce"],
             kind=kind,
-            payload_sha256=data["payload_sha256"].lower(),
+            payload_sha256=data["payload_sha256"],
             signature=bytes.fromhex(data["signature"]),
             version=ENVELOPE_VERSION,
+            context=data["context"],
         )
 
 
+_LOWER_HEX = frozenset("0123456789abcdef")
+
+
 def _is_hex(value: object, length: int) -> bool:
-    if not isinstance(value, str) or len(value) != length:
-        return False
-    try:
-        bytes.fromhex(value)
-    except ValueError:
-        return False
-    return True
+    """True for a string of exactly ``length`` lowercase hex digits (one spelling per value)."""
+    return isinstance(value, str) and len(value) == length and set(value) <= _LOWER_HEX
+
+
+def _valid_context(value: object) -> bool:
+    return (isinstance(value, str) and len(value) <= _MAX_CONTEXT_LEN
+            and all(" " <= ch <= "~" for ch in value))
 
 
 def signed_bytes(
@@ -307,6 +350,7 @@ def signed_bytes(
     kind: str,
     payload_sha256: str,
     version: int = ENVELOPE_VERSION,
+    context: str = "",
 ) -> bytes:
     """Domain-separated canonical JSON of the signed envelope fields."""
     body = {
@@ -316,15 +360,18 @@ def signed_bytes(
         "round": round,
         "nonce": nonce,
         "kind": kind,
+        "context": context,
         "payload_sha256": payload_sha256,
     }
     return _DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def make_envelope(
-    identity: Identity, recipient: str, round: int, kind: str, payload: bytes
+    identity: Identity, recipient: str, round: int, kind: str, payload: bytes,
+    *, context: str = "",
 ) -> Envelope:
-    """Sign a fresh envelope for ``payload`` from ``identity`` to ``recipient`` for ``round``.
+    """Sign a fresh envelope for ``payload`` from ``identity`` to ``recipient`` for ``round``,
+    bound to ``context`` (the exchange it belongs to; ``""``: unbound).
 
     A 128-bit random nonce makes every envelope unique, so a receiver can detect replays.
     """
@@ -333,11 +380,15 @@ def make_envelope(
         raise ValueError(f"round must be a non-negative integer, got {round!r}")
     if not isinstance(kind, str) or not kind or len(kind) > _MAX_KIND_LEN:
         raise ValueError(f"kind must be a non-empty string of at most {_MAX_KIND_LEN} characters")
+    if not _valid_context(context):
+        raise ValueError(f"context must be a printable ASCII string of at most {_MAX_CONTEXT_LEN}"
+                         " characters")
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     nonce = secrets.token_hex(_NONCE_BYTES)
     digest = hashlib.sha256(payload).hexdigest()
-    msg = signed_bytes(identity.party_id, recipient, round, nonce, kind, digest)
+    msg = signed_bytes(identity.party_id, recipient, round, nonce, kind, digest,
+                       ENVELOPE_VERSION, context)
     return Envelope(
         sender=identity.party_id,
         recipient=recipient,
@@ -346,31 +397,55 @@ def make_envelope(
         kind=kind,
         payload_sha256=digest,
         signature=identity.sign(msg),
+        context=context,
     )
+
+
+def _header_bytes(envelope: Envelope) -> bytes:
+    return json.dumps(envelope.to_dict(), sort_keys=True, separators=(",", ":")).encode()
 
 
 def encode_message(envelope: Envelope, payload: bytes) -> bytes:
     """Wire encoding: ``b"SFEN" | u32 header length | JSON header | payload``."""
-    header = json.dumps(envelope.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    header = _header_bytes(envelope)
     return _WIRE_MAGIC + struct.pack(">I", len(header)) + header + bytes(payload)
 
 
-def decode_message(data: bytes) -> tuple[Envelope, bytes]:
-    """Parse :func:`encode_message` output; raise :class:`MalformedEnvelopeError` if malformed.
+def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                   max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[Envelope, bytes]:
+    """Parse :func:`encode_message` output; raise (and log) :class:`MalformedEnvelopeError`
+    if malformed or not bytes, :class:`MessageTooLargeError` if the message exceeds
+    ``max_bytes`` or its header ``max_header_bytes``.
 
-    This only parses; call :meth:`EnvelopeVerifier.verify` before trusting anything.
+    Size caps are checked on the lengths alone, before anything is copied, parsed or
+    hashed. The header must be the canonical encoding of the envelope it holds. This only
+    parses; call :meth:`EnvelopeVerifier.verify` before trusting anything.
     """
-    data = bytes(data)
-    if len(data) < 8 or not data.startswith(_WIRE_MAGIC):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _reject(MalformedEnvelopeError(f"message must be bytes, got {type(data).__name__}"))
+    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+    if len(view) > max_bytes:
+        raise _reject(MessageTooLargeError(
+            f"message of {len(view)} bytes exceeds the cap of {max_bytes} bytes"))
+    if len(view) < 8 or bytes(view[:4]) != _WIRE_MAGIC:
         raise _reject(MalformedEnvelopeError("message does not start with the envelope magic"))
-    (hlen,) = struct.unpack(">I", data[4:8])
-    if len(data) < 8 + hlen:
+    (hlen,) = struct.unpack(">I", view[4:8])
+    if hlen > max_header_bytes:
+        raise _reject(MessageTooLargeError(
+            f"envelope header of {hlen} bytes exceeds the cap of {max_header_bytes} bytes"))
+    if len(view) < 8 + hlen:
         raise _reject(MalformedEnvelopeError("message truncated inside the envelope header"))
+    raw_header = bytes(view[8 : 8 + hlen])
     try:
-        header = json.loads(data[8 : 8 + hlen].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw_header.decode())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError too
         raise _reject(MalformedEnvelopeError(f"envelope header is not JSON: {exc}")) from None
-    return Envelope.from_dict(header), data[8 + hlen :]
+    envelope = Envelope.from_dict(header)
+    if _header_bytes(envelope) != raw_header:
+        raise _reject(MalformedEnvelopeError(
+            "envelope header is not in canonical form", sender=envelope.sender,
+            round=envelope.round, kind=envelope.kind, recipient=envelope.recipient))
+    return envelope, bytes(view[8 + hlen :])
 
 
 class _NonceFile:
@@ -662,7 +737,10 @@ class EnvelopeVerifier:
     ``max_round_lag`` (default 0) lets messages from up to that many rounds before the
     expected round through (e.g. for asynchronous clients); anything older is stale. The
     oldest acceptable round never moves backwards, even if a later call passes a smaller
-    ``expected_round``, so pruned nonces cannot be replayed. With ``state_path`` (a file of its
+    ``expected_round``, so pruned nonces cannot be replayed. With ``context`` only envelopes
+    bound to exactly that context are accepted (:class:`WrongContextError`); with
+    ``max_payload_bytes`` a longer payload is rejected before it is hashed
+    (:class:`MessageTooLargeError`). With ``state_path`` (a file of its
     own) or ``journal`` (a :class:`NonceJournal` shared with other receivers) the nonce
     memory is persisted (append-only, fsync-ed before a message is accepted; one fsync per
     :meth:`verify` call, or per :class:`VerificationBatch`).
@@ -677,8 +755,20 @@ class EnvelopeVerifier:
         state_path: str | os.PathLike[str] | None = None,
         allowed_kinds: Collection[str] | None = None,
         journal: NonceJournal | None = None,
+        context: str | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         validate_party_id(recipient)
+        if context is not None and not _valid_context(context):
+            raise ValueError(f"context must be a printable ASCII string of at most"
+                             f" {_MAX_CONTEXT_LEN} characters, got {context!r}")
+        if max_payload_bytes is not None and (not isinstance(max_payload_bytes, int)
+                                              or isinstance(max_payload_bytes, bool)
+                                              or max_payload_bytes < 0):
+            raise ValueError(f"max_payload_bytes must be a non-negative integer, got"
+                             f" {max_payload_bytes!r}")
+        self.context = context
+        self.max_payload_bytes = max_payload_bytes
         if not isinstance(max_round_lag, int) or max_round_lag < 0:
             raise ValueError(f"max_round_lag must be a non-negative integer, got {max_round_lag!r}")
         for party_id, pub in allowlist.items():
@@ -782,6 +872,10 @@ class EnvelopeVerifier:
                     f"addressed to {envelope.recipient!r}, this receiver is {self.recipient!r}", **ctx
                 )
             )
+        if self.context is not None and envelope.context != self.context:
+            raise _reject(WrongContextError(
+                f"bound to exchange {envelope.context!r}, this receiver is {self.context!r}",
+                **ctx))
         kinds = _kinds(expected_kind)
         if kinds is None:
             kinds = self.allowed_kinds
@@ -793,6 +887,10 @@ class EnvelopeVerifier:
             )
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise _reject(MalformedEnvelopeError(f"payload must be bytes, got {type(payload).__name__}", **ctx))
+        size = memoryview(payload).nbytes
+        if self.max_payload_bytes is not None and size > self.max_payload_bytes:
+            raise _reject(MessageTooLargeError(
+                f"payload of {size} bytes exceeds the cap of {self.max_payload_bytes} bytes", **ctx))
         digest = hashlib.sha256(payload).hexdigest()
         if digest != envelope.payload_sha256:
             raise _reject(
@@ -826,8 +924,11 @@ class EnvelopeVerifier:
         *,
         expected_kind: str | Collection[str] | None = None,
     ) -> tuple[Envelope, bytes]:
-        """Decode a wire message (:func:`encode_message`) and :meth:`verify` it."""
-        envelope, payload = decode_message(message)
+        """Decode a wire message (:func:`encode_message`, capped at ``max_payload_bytes`` plus
+        the header caps when set) and :meth:`verify` it."""
+        cap = DEFAULT_MAX_MESSAGE_BYTES if self.max_payload_bytes is None \
+            else 8 + DEFAULT_MAX_HEADER_BYTES + self.max_payload_bytes
+        envelope, payload = decode_message(message, max_bytes=cap)
         self.verify(envelope, payload, expected_round, expected_kind=expected_kind)
         return envelope, payload
 

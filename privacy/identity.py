@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from privacy.errors import ToolkitError
+
 __all__ = [
     "ALLOWLIST_FILENAME",
     "Identity",
@@ -58,7 +60,7 @@ _PRIVATE_MODE = 0o600
 _DIR_MODE = 0o700
 
 
-class IdentityError(Exception):
+class IdentityError(ToolkitError):
     """A key file or allowlist is missing, unsafe, of the wrong type, or corrupt."""
 
 
@@ -226,7 +228,7 @@ def init_keys(
             existing.append(str(allowlist_path))
         if existing:
             raise IdentityError(
-                f"refusing to overwrite existing key files (pass overwrite=True): {', '.join(existing)}"
+                f"refusing to overwrite existing key files (--force on the command line, overwrite=True in Python, replaces them): {', '.join(existing)}"
             )
 
     identities: dict[str, PublicIdentity] = {}

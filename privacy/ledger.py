@@ -8,8 +8,8 @@ separators=(",", ":"), ensure_ascii=True, allow_nan=False)``) of one entry, foll
 - ``client_id``: the client that spent the budget;
 - ``round``: the federation round of the release (int >= 0);
 - ``mechanism``: e.g. ``"dpsgd"``, ``"gaussian_summary"``, ``"gaussian_lambda"``, ``"refusal"``,
-  ``"repair"`` (a torn final line was quarantined, see :func:`repair_torn_tail`);
-- ``params``: dict; for every entry but refusals and repairs it holds ``noise_multiplier``,
+  ``"close"``, ``"repair"`` (a torn final line was quarantined, see :func:`repair_torn_tail`);
+- ``params``: dict; for every entry but a refusal, a close or a repair it holds ``noise_multiplier``,
   ``sample_rate`` and ``steps`` (what an independent accountant composes) plus
   mechanism-specific fields (``clip_norm``, ``sensitivity``, ...);
 - ``epsilon_after``: the client's cumulative epsilon after this entry (a refusal or repair
@@ -25,10 +25,17 @@ file (and the directory when the file is created) before it returns; callers sen
 only after that. A crash between append and send therefore over-counts spending, never
 under-counts it.
 
+Close entry: a finished run ends each ledger with one signed ``"close"`` entry
+(:meth:`LedgerWriter.close_run`; ``params = {"final_index": <its own index>,
+"epsilon_spent": <the final epsilon>}``, spending nothing). Nothing may follow it: the writer
+refuses further appends and :func:`verify_ledger` reports any entry after it.
+
 Limits (by construction of a hash chain): removing entries *from the end* of the file leaves
-a valid shorter chain and cannot be detected from the file alone; anchor the head (index and
-hash, see :attr:`LedgerWriter.head`) somewhere the client does not control — e.g. send it
-with each release — to detect that. Everything else (edits, deletions or reorderings before
+a valid shorter chain and cannot be detected from the file alone (a missing close entry
+shows only that the run did not finish, or that its end was cut); anchor the head (index and
+hash, see :attr:`LedgerWriter.head`) somewhere the client does not control — the run's
+signed ``anchor.json`` copied apart, or the server's record of the heads clients report —
+to detect that. Everything else (edits, deletions or reorderings before
 the last entry, forged or replaced signatures, foreign entries) is detected by
 :func:`verify_ledger`.
 """
@@ -51,12 +58,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, validate_release
+from privacy.errors import ToolkitError
 
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
+CLOSE = "close"
 REPAIR = "repair"
 """A signed entry recording that a torn final line was quarantined (spends nothing)."""
-_UNACCOUNTED = (REFUSAL, REPAIR)
+#: Mechanisms that release nothing and therefore spend nothing.
+NON_RELEASES: tuple[str, ...] = (REFUSAL, CLOSE, REPAIR)
+_UNACCOUNTED = NON_RELEASES
 ENTRY_FIELDS: tuple[str, ...] = (
     "index", "client_id", "round", "mechanism", "params", "epsilon_after", "delta",
     "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
@@ -66,7 +77,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 
 
-class LedgerError(ValueError):
+class LedgerError(ToolkitError, ValueError):
     """A ledger cannot be read, verified or appended to; the message says which file/entry."""
 
 
@@ -173,7 +184,7 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
         out.append("mechanism must be a non-empty string")
     if not isinstance(entry["params"], dict):
         out.append("params must be an object")
-    elif entry["mechanism"] not in _UNACCOUNTED:
+    elif entry["mechanism"] not in NON_RELEASES:
         p = entry["params"]
         for key in ACCOUNTED_PARAMS:
             if key not in p:
@@ -208,8 +219,10 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
     line is taken to be their canonical JSON. Checked per entry: JSON object, canonical form,
     schema, ``index`` equal to the position, ``prev_hash`` equal to the hash of the previous
     line, Ed25519 signature under ``public_key``, ``client_id`` (equal to ``client_id`` if
-    given, else to the first entry's), ``epsilon_after`` non-decreasing, and refusals spending
-    nothing. Cannot detect entries removed from the end (see the module docstring).
+    given, else to the first entry's), ``epsilon_after`` non-decreasing, refusals spending
+    nothing, and a close entry that spends nothing, states its own index and the final
+    epsilon, and is followed by nothing. Cannot detect entries removed from the end (see the
+    module docstring).
     """
     if not isinstance(public_key, Ed25519PublicKey):
         raise LedgerError(
@@ -219,6 +232,7 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
     prev_hash = GENESIS_HASH
     prev_eps: float | None = None
     expected_client = client_id
+    closed_at: int | None = None
     for pos, item in enumerate(entries):
         def problem(kind: str, message: str, _pos: int = pos) -> None:
             problems.append(LedgerProblem(_pos, kind, message))
@@ -281,6 +295,7 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
             problem("wrong_client", f"client_id is {entry['client_id']!r}, expected"
                     f" {expected_client!r}")
         eps = entry["epsilon_after"]
+        eps_before = prev_eps if prev_eps is not None else 0.0
         if _is_number(eps):
             if prev_eps is not None and eps < prev_eps:
                 problem("epsilon_decreased", f"epsilon_after {eps!r} is below the previous"
@@ -295,8 +310,38 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
                 problem("refusal_spent", f"a first-entry refusal must have epsilon_after 0,"
                         f" got {eps!r}")
             prev_eps = eps if prev_eps is None else max(prev_eps, eps)
+        for kind, message in _close_problems(entry, pos, closed_at, eps_before):
+            problem(kind, message)
+        if entry["mechanism"] == CLOSE and closed_at is None:
+            closed_at = pos
         prev_hash = line_hash(line)
     return problems
+
+
+def _close_problems(entry: dict[str, Any], pos: int, closed_at: int | None,
+                    epsilon: float) -> list[tuple[str, str]]:
+    """What is wrong with ``entry`` at ``pos`` regarding the close entry: anything after a
+    close (at ``closed_at``), or a close that spends something or whose params do not state
+    its own index and the ledger's final ``epsilon`` (the largest epsilon_after before it)."""
+    out: list[tuple[str, str]] = []
+    if closed_at is not None:
+        out.append(("after_close", f"entry follows the close entry at {closed_at}; a closed"
+                    " ledger takes no further entries"))
+    if entry["mechanism"] != CLOSE:
+        return out
+    params = entry["params"] if isinstance(entry["params"], dict) else {}
+    if set(params) != {"final_index", "epsilon_spent"}:
+        out.append(("bad_close", f"close params must be exactly final_index and epsilon_spent,"
+                    f" got {sorted(params)}"))
+        return out
+    if params["final_index"] != pos:
+        out.append(("bad_close", f"close states final_index {params['final_index']!r} at"
+                    f" position {pos}"))
+    spent = params["epsilon_spent"]
+    if not _is_number(spent) or spent != epsilon or entry["epsilon_after"] != epsilon:
+        out.append(("bad_close", f"close states epsilon_spent {spent!r}, the ledger's final"
+                    f" epsilon is {epsilon!r}"))
+    return out
 
 
 def verify_ledger_file(path: str | os.PathLike[str], public_key: Ed25519PublicKey, *,
@@ -315,7 +360,7 @@ def accounted_releases(entries: Sequence[dict[str, Any]]) -> list[tuple[float, f
     """The (noise_multiplier, sample_rate, steps) triples of all non-refusal entries, in order."""
     out = []
     for pos, entry in enumerate(entries):
-        if entry.get("mechanism") in _UNACCOUNTED:
+        if entry.get("mechanism") in NON_RELEASES:
             continue
         params = entry.get("params")
         if not isinstance(params, dict) or any(k not in params for k in ACCOUNTED_PARAMS):
@@ -445,6 +490,27 @@ class LedgerWriter:
         return len(self._entries), self._head
 
     @property
+    def is_closed(self) -> bool:
+        """True when the ledger ends with its close entry (a finished run)."""
+        return bool(self._entries) and self._entries[-1]["mechanism"] == CLOSE
+
+    def close_run(self, *, round: int, delta: float, budget_epsilon: float,
+                  accountant: str) -> dict[str, Any]:
+        """Append the signed close entry of a finished run (idempotent) and return it.
+
+        The entry spends nothing; its params state its own index (``final_index``) and the
+        final epsilon (``epsilon_spent``). Once it is written, :meth:`append` refuses every
+        further entry. If the ledger is already closed, its close entry is returned unchanged.
+        """
+        if self.is_closed:
+            return self.entries[-1]
+        last = self.last_epsilon
+        return self._append(round=round, mechanism=CLOSE,
+                            params={"final_index": len(self._entries), "epsilon_spent": last},
+                            epsilon_after=last, delta=delta, budget_epsilon=budget_epsilon,
+                            accountant=accountant)
+
+    @property
     def last_epsilon(self) -> float:
         """epsilon_after of the last entry (0.0 for an empty ledger)."""
         return float(self._entries[-1]["epsilon_after"]) if self._entries else 0.0
@@ -456,15 +522,28 @@ class LedgerWriter:
 
         Refuses (LedgerError) an ``epsilon_after`` below the last entry's, a refusal whose
         ``epsilon_after`` differs from the last entry's, a non-refusal without
-        noise_multiplier/sample_rate/steps in ``params``, and any write failure (after which
-        the writer refuses further appends).
+        noise_multiplier/sample_rate/steps in ``params``, any entry once the ledger is closed
+        (use :meth:`close_run` for the close entry), and any write failure (after which the
+        writer refuses further appends).
         """
+        if mechanism == CLOSE:
+            raise LedgerError("the close entry is written by close_run(), not append()")
+        return self._append(round=round, mechanism=mechanism, params=params,
+                            epsilon_after=epsilon_after, delta=delta,
+                            budget_epsilon=budget_epsilon, accountant=accountant)
+
+    def _append(self, *, round: int, mechanism: str, params: dict[str, Any],
+                epsilon_after: float, delta: float, budget_epsilon: float,
+                accountant: str) -> dict[str, Any]:
         if self._fd is None:
             raise LedgerError(f"ledger writer for {str(self.path)!r} is closed")
         if self._broken:
             raise LedgerError(
                 f"ledger {str(self.path)!r}: an earlier write failed; reopen to verify the file"
             )
+        if self.is_closed:
+            raise LedgerError(f"ledger {str(self.path)!r} is closed (its run finished); refusing"
+                              " to append")
         if isinstance(epsilon_after, bool) or not isinstance(epsilon_after, int | float):
             raise LedgerError(f"epsilon_after must be a number, got {epsilon_after!r}")
         entry: dict[str, Any] = {
@@ -491,7 +570,7 @@ class LedgerWriter:
             raise LedgerError(
                 f"epsilon_after {epsilon_after!r} is below the ledger's last {last!r}"
             )
-        if mechanism in _UNACCOUNTED and entry["epsilon_after"] != last:
+        if mechanism in NON_RELEASES and entry["epsilon_after"] != last:
             raise LedgerError(
                 f"a {mechanism} spends nothing: epsilon_after must be {last!r}, got {epsilon_after!r}"
             )

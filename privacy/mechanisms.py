@@ -7,10 +7,12 @@ count used for normalization (``n``, ``m``) treated as a *public constant* of th
 ``noise_multiplier * sensitivity`` is accounted as ``(noise_multiplier, sample_rate=1.0,
 steps=1)``.
 
-Randomness caveat (applies to every function here): noise comes from a ``torch.Generator``,
-a statistical PRNG, not a cryptographically secure one, and is sampled in floating point;
-the formal DP guarantee assumes ideal real-valued Gaussian noise (see Mironov, CCS 2012, on
-floating-point attacks). Opacus's ``secure_mode`` (torchcsprng) is not available here.
+Randomness (applies to every function here): noise comes from the caller's
+:class:`privacy.noise.NoiseSource`. With :class:`~privacy.noise.CsprngNoise` it is a ChaCha20
+keystream under a key from ``os.urandom``, converted to Gaussians hardened against
+floating-point attacks (sum of four draws, as Opacus's ``secure_mode``); the formal guarantee
+still assumes ideal real-valued Gaussian noise. With :class:`~privacy.noise.ReproducibleNoise`
+the noise is a function of a seed and gives no guarantee against anyone who knows it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 from torch import Tensor
 
 from privacy.accounting import MechanismRecord
+from privacy.errors import ToolkitError
+from privacy.noise import NoiseSource
 
 
-class MechanismError(ValueError):
+class MechanismError(ToolkitError, ValueError):
     """Bad input to a mechanism; the message names the offending argument."""
 
 
@@ -34,12 +38,13 @@ def _check_positive(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_generator(generator: object) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
+def _check_noise(noise: object) -> NoiseSource:
+    if not isinstance(noise, NoiseSource):
         raise MechanismError(
-            f"generator must be a torch.Generator (explicit seeding), got {type(generator).__name__}"
+            f"noise must be a privacy.noise.NoiseSource (CsprngNoise or ReproducibleNoise),"
+            f" got {type(noise).__name__}"
         )
-    return generator
+    return noise
 
 
 def _check_float_tensor(name: str, value: object) -> Tensor:
@@ -70,13 +75,12 @@ class GaussianMechanism:
         """Standard deviation of the noise added to each coordinate."""
         return self.noise_multiplier * self.sensitivity
 
-    def release(self, value: Tensor, generator: torch.Generator) -> Tensor:
-        """Return ``value + noise`` (a new tensor, same shape/dtype/device as ``value``)."""
+    def release(self, value: Tensor, noise: NoiseSource) -> Tensor:
+        """Return ``value + N(0, std^2)`` noise from ``noise`` (a new tensor, same
+        shape/dtype/device as ``value``)."""
         value = _check_float_tensor("value", value)
-        generator = _check_generator(generator)
-        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype,
-                            device=value.device)
-        return value + noise * self.std
+        noise = _check_noise(noise)
+        return value + noise.normal(value.shape, self.std, value.dtype).to(value.device)
 
     def record(self, mechanism: str, **params: object) -> MechanismRecord:
         """The accounting record of one release (``sensitivity`` is added to ``params``)."""
@@ -117,7 +121,7 @@ def second_moment_sensitivity(clip_norm: float, n: int) -> float:
 
 
 def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
-                         generator: torch.Generator, *, n: int | None = None) -> Tensor:
+                         noise: NoiseSource, *, n: int | None = None) -> Tensor:
     """Gaussian mechanism on ``M = clip(Z)^T clip(Z) / n``; returns a symmetric (d, d) matrix.
 
     Rows of ``z`` (n_rows, d) are clipped to L2 norm ``R = clip_norm``. ``n`` is the public
@@ -145,7 +149,7 @@ def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
     if z.shape[1] < 1:
         raise MechanismError("z must have at least one column")
     nm = _check_positive("noise_multiplier", noise_multiplier)
-    generator = _check_generator(generator)
+    noise = _check_noise(noise)
     if n is None:
         n = int(z.shape[0])
         if n < 1:
@@ -154,8 +158,7 @@ def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
     zc = clip_rows(z, clip_norm)
     m = zc.T @ zc / n
     d = m.shape[0]
-    g = torch.randn((d, d), generator=generator, dtype=m.dtype, device=m.device)
-    noised = m + g * (nm * sensitivity)
+    noised = m + noise.normal((d, d), nm * sensitivity, m.dtype).to(m.device)
     return (noised + noised.T) / 2
 
 
@@ -204,7 +207,7 @@ def noised_mean_sensitivity(clip: float, m: int) -> float:
 
 
 def noised_scalar(values: Tensor, clip: float, noise_multiplier: float,
-                  generator: torch.Generator, *, m: int | None = None) -> Tensor:
+                  noise: NoiseSource, *, m: int | None = None) -> Tensor:
     """Gaussian mechanism on the mean of per-record values clamped to ``[-clip, clip]``.
 
     ``values`` is 1-D: one value per record (e.g. the per-example validation-loss difference
@@ -225,15 +228,14 @@ def noised_scalar(values: Tensor, clip: float, noise_multiplier: float,
             f"values must be 1-D (one value per record), got shape {tuple(values.shape)}"
         )
     nm = _check_positive("noise_multiplier", noise_multiplier)
-    generator = _check_generator(generator)
+    noise = _check_noise(noise)
     if m is None:
         m = int(values.shape[0])
         if m < 1:
             raise MechanismError("values is empty; pass the public m explicitly")
     sensitivity = noised_mean_sensitivity(clip, m)
     total = values.clamp(-float(clip), float(clip)).sum() / m
-    noise = torch.randn((), generator=generator, dtype=values.dtype, device=values.device)
-    return total + noise * (nm * sensitivity)
+    return total + noise.normal((), nm * sensitivity, values.dtype).to(values.device)
 
 
 def scalar_record(clip: float, noise_multiplier: float, m: int,

@@ -25,7 +25,9 @@ from privacy.accounting import (
     MechanismRecord,
     PrivacyBudget,
 )
+from privacy.errors import ToolkitError
 from privacy.ledger import (
+    CLOSE,
     REFUSAL,
     REPAIR,
     LedgerError,
@@ -34,9 +36,10 @@ from privacy.ledger import (
     replay_accountant,
 )
 from privacy.mechanisms import GaussianMechanism, clip_rows
+from privacy.noise import NoiseSource
 
 
-class PipelineError(ValueError):
+class PipelineError(ToolkitError, ValueError):
     """A release or stage is malformed; the message names the stage/field."""
 
 
@@ -108,13 +111,17 @@ class GaussianNoise:
     """Gaussian mechanism on a tensor payload; appends its MechanismRecord to the release.
 
     ``sensitivity`` is the caller's claim about the payload arriving at this stage (L2, under
-    add/remove-one-record); this stage cannot check it.
+    add/remove-one-record); this stage cannot check it. The noise is drawn from ``noise``
+    (a :class:`privacy.noise.NoiseSource`).
     """
 
-    def __init__(self, noise_multiplier: float, sensitivity: float, generator: torch.Generator,
+    def __init__(self, noise_multiplier: float, sensitivity: float, noise: NoiseSource,
                  mechanism: str = "gaussian", params: dict[str, Any] | None = None) -> None:
         self.mechanism_impl = GaussianMechanism(noise_multiplier, sensitivity)
-        self.generator = generator
+        if not isinstance(noise, NoiseSource):
+            raise PipelineError(f"GaussianNoise needs a privacy.noise.NoiseSource, got"
+                                f" {type(noise).__name__}")
+        self.noise = noise
         self.mechanism = mechanism
         self.params = dict(params or {})
         self.mechanism_impl.record(mechanism, **self.params)  # validates name and params
@@ -122,7 +129,7 @@ class GaussianNoise:
     def process(self, release: Release) -> Release:
         """Noised payload with one more record."""
         noised = self.mechanism_impl.release(_tensor_payload("GaussianNoise", release),
-                                             self.generator)
+                                             self.noise)
         record = self.mechanism_impl.record(self.mechanism, **self.params)
         return release.replace(payload=noised, records=[*release.records, record])
 
@@ -209,12 +216,13 @@ class BudgetGate:
         records (round, kind, mechanism, params), else LedgerError ("resume diverged"); a
         recorded refusal is raised again as the same BudgetExceededError. Past the last
         entry the gate appends as usual. The gate is closed iff a refusal precedes ``index``.
-        Repair entries are skipped (they record no release).
+        Repair and close entries are skipped (they record no release; a close written by the
+        interrupted run stays the ledger's last entry, and closing again is idempotent).
         """
         entries = self.ledger.entries
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(entries):
             raise PipelineError(f"replay index must be an int in [0, {len(entries)}], got {index!r}")
-        self._replay = [e for e in entries[index:] if e["mechanism"] != REPAIR]
+        self._replay = [e for e in entries[index:] if e["mechanism"] not in (REPAIR, CLOSE)]
         refusals = [e for e in entries[:index] if e["mechanism"] == REFUSAL]
         self._closed_at = refusals[0]["round"] if refusals else None
 
@@ -252,7 +260,8 @@ class BudgetGate:
             if not self._replay:
                 break
             entry = self._replay[0]
-            expected = {"release_kind": release.kind, **record.ledger_params()}
+            expected = {"release_kind": release.kind, **record.ledger_params(),
+                        "accountant_params": self.accountant.parameters}
             if (entry["round"] != release.round or entry["mechanism"] != record.mechanism
                     or canonical_json(entry["params"]) != canonical_json(expected)):
                 raise self._diverged(release, entry, f"{release.kind!r} {record.mechanism!r}")
@@ -267,7 +276,8 @@ class BudgetGate:
             eps = self.accountant.epsilon_after_releases(delta, [record.as_release()])
             last_entry = self.ledger.append(
                 round=release.round, mechanism=record.mechanism,
-                params={"release_kind": release.kind, **record.ledger_params()},
+                params={"release_kind": release.kind, **record.ledger_params(),
+                        "accountant_params": self.accountant.parameters},
                 epsilon_after=max(eps, self.ledger.last_epsilon), delta=delta,
                 budget_epsilon=self.budget.epsilon, accountant=self.accountant.kind)
             self.accountant.record(*record.as_release())
@@ -308,6 +318,12 @@ class BudgetGate:
                                   mechanism=names, epsilon_would_be=epsilon_would_be,
                                   budget=self.budget, reason=reason)
 
+    def refuse(self, release: Release, epsilon_would_be: float, reason: str) -> None:
+        """Refuse ``release`` for a reason other than its budget (e.g. its accounting does not
+        match what was executed): a refusal ledger entry, the gate closes, and
+        BudgetExceededError (carrying ``reason``) is raised. Nothing is spent."""
+        self._refuse(release, epsilon_would_be, reason)
+
     def process(self, release: Release) -> Release:
         """Ledger-then-release, or refusal (ledger entry + BudgetExceededError)."""
         if not release.records:
@@ -328,7 +344,11 @@ class BudgetGate:
             self._refuse(release, eps_final, "over budget")
         cumulative = [self.accountant.epsilon_after_releases(delta, triples[:k])
                       for k in range(1, len(triples))] + [eps_final]
-        all_params = [{"release_kind": release.kind, **r.ledger_params()} for r in release.records]
+        # The accountant and its parameters go with every entry, so that an auditor can redo
+        # the computation from the ledger alone.
+        accountant_params = self.accountant.parameters
+        all_params = [{"release_kind": release.kind, **r.ledger_params(),
+                       "accountant_params": accountant_params} for r in release.records]
         last_entry: dict[str, Any] = {}
         for record, params, eps in zip(release.records, all_params, cumulative, strict=True):
             last_entry = self.ledger.append(

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from privacy.errors import ToolkitError
+
 __all__ = ["SEAL_MAGIC", "SEAL_VERSION", "SealingError", "open_sealed", "seal", "sealed_overhead"]
 
 SEAL_MAGIC = b"SFSEAL"
@@ -41,7 +43,7 @@ _TAG_LEN = 16
 _HEADER_LEN = len(SEAL_MAGIC) + 1 + 32 + _NONCE_LEN
 
 
-class SealingError(Exception):
+class SealingError(ToolkitError):
     """A sealed blob is malformed, of an unsupported version, tampered with, or not for this key."""
 
 

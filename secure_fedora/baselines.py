@@ -38,9 +38,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
+from privacy.errors import ToolkitError
 from secure_fedora.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.methods import FedAvg, FederatedMethod, MessageState, MethodContext
 from secure_fedora.models import init_parameters
+from secure_fedora.registry import METHODS
 from secure_fedora.transport import (
     KIND_CLUSTER_CHOICE,
     KIND_CLUSTERS,
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 
-class BaselineConfigError(ValueError):
+class BaselineConfigError(ToolkitError, ValueError):
     """A baseline name or hyper-parameter that cannot be used; the message names it."""
 
 
@@ -75,7 +77,7 @@ class BaselineConfigError(ValueError):
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class FedProxParams(_Params):
@@ -223,7 +225,7 @@ class ClientHeldGradient(PlainGradient):
     release this implementation does not account.
     """
 
-    def select(self, noise_multiplier: float, generator: torch.Generator) -> None:
+    def select(self, noise_multiplier: float, noise: Any) -> None:
         """Nothing to select: no noise is added to a client-held model's training."""
 
 
@@ -235,7 +237,8 @@ def personal_oracle(ctx: MethodContext) -> GradientOracle:
     if isinstance(inner, PlainGradient):
         return ctx.oracle
     clip = getattr(inner, "max_grad_norm", None)
-    return ClientHeldGradient(ctx.train.batch_size, None if clip is None else float(clip))
+    return ClientHeldGradient(ctx.train.batch_size, None if clip is None else float(clip),
+                              task=ctx.flat.task)
 
 
 class ProximalGradient(_WrappedOracle):
@@ -742,3 +745,17 @@ class IFCA(FederatedMethod):
 
     def extra_results(self) -> dict[str, Any]:
         return self._with_security({"assignment": self.assignment.tolist()})
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _register(name: str) -> None:
+    def build(ctx: MethodContext, cfg: Any) -> FederatedMethod:
+        return make_baseline(name, ctx, cfg.baselines.get(name), validation=cfg.data.validation)
+
+    METHODS.register(name, build)
+
+
+for _name in BASELINE_NAMES:
+    _register(_name)

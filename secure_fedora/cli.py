@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_fedora.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.config import ConfigError, config_from_bytes
+from secure_fedora.errors import add_debug_flag, run_command, split_debug_flag
 
 __all__ = ["main", "results_table"]
 
@@ -22,8 +21,11 @@ console = Console(stderr=True)
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    """A rich table of each method's selected test accuracy across clients."""
-    table = Table(title=f"{results['name']}: personalized test accuracy (best-validation model)")
+    """A rich table of each method's selected test metric (accuracy or AUC) across clients."""
+    metric = results.get("metric", "accuracy")
+    selection = results.get("assumptions", {}).get("model_selection", "validation")
+    which = "final-round model" if selection == "final_round" else "best-validation model"
+    table = Table(title=f"{results['name']}: personalized test {metric} ({which})")
     for col in ("method", "mean", "min", "max", "std"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for name, body in results["methods"].items():
@@ -43,25 +45,30 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
                       str(r["rounds"]), f"{r['planned_epsilon']:.4f}")
     releases = {"; ".join(r["releases"]) for r in rows}
     table.caption = "releases per client: " + " | ".join(sorted(releases))
+    noise = rows[0].get("noise") if rows else None
+    if noise:
+        table.caption += f"\nnoise: {noise}"
+        if rows[0].get("noise_warning"):
+            table.caption += f" -- WARNING: {rows[0]['noise_warning']}"
+    if rows and "accountant" in rows[0]:
+        table.caption += f"\naccountant: {rows[0].get('accountant_reason', rows[0]['accountant'])}"
     return table
 
 
-def _default_run_dir(cfg: ExperimentConfig) -> Path:
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    from secure_fedora.api import Experiment
     from secure_fedora.plots import write_plots
-    from secure_fedora.runtime import CheckpointError, Simulation
+    from secure_fedora.rundir import default_run_dir, prepare_run_dir
 
-    cfg = load_config(args.config)
-    run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
-    if args.resume and not run_dir.exists():
-        raise ConfigError(f"--resume needs an existing run directory; {run_dir} does not exist")
-    if not args.resume and (run_dir / "checkpoints").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.config, run_dir / "config.toml")
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out, the run directory to continue")
+    try:
+        config_bytes = Path(args.config).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
+    cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -72,13 +79,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_round(method: str, rnd: int, total: int) -> None:
             progress.update(tasks[method], completed=rnd)
 
-        sim = Simulation(cfg, run_dir, progress=on_round)
+        sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round, keystore=args.keystore)
+        if cfg.privacy.enabled:
+            key_dir = sim.key_dir
+            if sim.keystore_created:
+                progress.console.print(
+                    f"note: created the key store {key_dir} (0700; the run's private signing"
+                    " keys, kept outside the run directory so that its ledgers cannot be"
+                    " re-signed by whoever holds it; choose another with --keystore or"
+                    " [security] keystore)")
         sim.on_privacy_plan = lambda rows: progress.console.print(privacy_plan_table(rows))
-        try:
-            results = sim.run(resume=args.resume)
-        except CheckpointError as err:
-            console.print(f"[red]error:[/red] {err}")
-            return 2
+        results = sim.run(resume=args.resume)
         for m in cfg.methods:
             progress.update(tasks[m], completed=cfg.training.rounds)
     fedora = sim.methods.get("fedora")
@@ -92,58 +103,78 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from privacy.identity import IdentityError, default_party_ids, init_keys
+    from privacy.identity import init_keys
+    from secure_fedora.keystore import run_party_ids
 
     if args.clients < 1:
         console.print(f"[red]error:[/red] --clients must be at least 1, got {args.clients}")
         return 2
-    try:
-        identities = init_keys(args.directory, default_party_ids(args.clients), overwrite=args.force)
-    except IdentityError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    identities = init_keys(args.directory, run_party_ids(args.clients), overwrite=args.force)
     Console().print(f"wrote {len(identities)} identities (private keys 0600) and allowlist.json "
                     f"to {args.directory}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Sub-commands whose modules are heavy (torch, matplotlib, flwr): imported only when the
+# command line names them, so ``secure-fedora --help`` starts without torch.
+_SUBSYSTEMS: dict[str, tuple[str, str]] = {
+    "sweep": ("secure_fedora.sweep", "run methods x epsilon x seeds and write a table and plots"),
+    "deploy": ("secure_fedora.deploy.cli", "secure deployment on Flower (TLS, node auth)"),
+    "audit": ("audits.cli", "verify ledgers, write compliance reports, run empirical privacy audits"),
+}
+
+
+def _requested_command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named on the command line (its first non-option word), if any."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return next((w for w in words if not w.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = ()) -> argparse.ArgumentParser:
+    """The full parser; with ``argv`` given, only the sub-system it names is imported (the
+    others appear in the help as names only). ``argv=()`` (the default) imports all."""
     parser = argparse.ArgumentParser(prog="secure-fedora", description=__doc__)
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment from a TOML config")
     run.add_argument("config", help="path to a TOML config (see configs/)")
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--keystore", help="key store of a DP run's private keys (default:"
+                     " [security] keystore, else ~/.local/share/secure-fedora/keystore/<name>;"
+                     " see `keys init`)")
     run.set_defaults(func=cmd_run)
 
     keys = sub.add_parser("keys", help="identity keys (Ed25519 signing, X25519 key agreement)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    init = keys_sub.add_parser("init", help="create keys for the server and N clients + allowlist")
+    init = keys_sub.add_parser("init", help="create a key store: keys for the server, the run"
+                               " operator (signs anchor.json) and N clients + allowlist")
     init.add_argument("directory", help="key directory (created 0700; private keys 0600)")
     init.add_argument("--clients", type=int, required=True, help="number of clients")
     init.add_argument("--force", action="store_true", help="overwrite existing keys")
     init.set_defaults(func=cmd_keys_init)
 
-    from audits.cli import register as register_audit
-    from secure_fedora.deploy.cli import register as register_deploy
-    from secure_fedora.sweep import register as register_sweep
+    import importlib
 
-    register_sweep(sub)
-    register_deploy(sub)
-    register_audit(sub)
+    wanted = _requested_command(argv) if argv != () else None
+    for name, (module, help_text) in _SUBSYSTEMS.items():
+        if argv == () or name == wanted:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``secure-fedora`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    """Entry point of the ``secure-fedora`` console script; returns the exit code.
+
+    Every error of the toolkit (and ``OSError``) is printed as one line ``error: ...`` with
+    exit code 2; ``--debug`` (anywhere on the command line) also prints its traceback. Only
+    the sub-system the command names is imported (``--help`` imports no torch)."""
+    argv, debug = split_debug_flag(argv)
+    args = build_parser(argv).parse_args(argv)
+    return run_command(args.func, args, debug=debug)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from privacy.errors import ToolkitError
 from secure_fedora.fedora import proximal_pull_
+from secure_fedora.tasks import CROSS_ENTROPY, Task
 
 __all__ = [
     "ClientUpdateError",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-class ClientUpdateError(ValueError):
+class ClientUpdateError(ToolkitError, ValueError):
     """Raised for a client update that cannot be applied (shape, non-finite values)."""
 
 
@@ -51,8 +52,11 @@ class TrainConfig:
 class FlatModel:
     """One module whose parameters can be bound as views onto any row of a flat matrix."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, task: Task | None = None) -> None:
         self.module = module
+        # The loss and metric clients train and are evaluated with (cross-entropy/accuracy
+        # by default); see secure_fedora.tasks.
+        self.task: Task = task if task is not None else CROSS_ENTROPY
         self.params: list[nn.Parameter] = list(module.parameters())
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
@@ -85,29 +89,46 @@ class FlatModel:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Mean cross-entropy loss and accuracy of one model on one data split."""
+    """Mean loss, accuracy and the task's metric of one model on one data split.
+
+    ``metric`` is what model selection uses: the accuracy for cross-entropy, the ROC AUC for
+    binary/multi-label BCE (see :mod:`secure_fedora.tasks`); ``accuracy`` is always the
+    fraction of correct predictions (label entries for multi-label, threshold 0.5).
+    """
 
     loss: float
     accuracy: float
+    metric: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.metric):
+            object.__setattr__(self, "metric", self.accuracy)
 
 
 @torch.no_grad()
 def evaluate(flat: FlatModel, row: Tensor, x: Tensor, y: Tensor, batch_size: int = 4096) -> Evaluation:
-    """Loss and accuracy of the parameters ``row`` on ``(x, y)``; does not change ``row``."""
+    """Loss, accuracy and metric (``flat.task``) of the parameters ``row`` on ``(x, y)``;
+    does not change ``row``."""
     if x.shape[0] == 0:
         raise ClientUpdateError("cannot evaluate on an empty split")
+    task = flat.task
     model = flat.bind(row)
     was_training = model.training
     model.eval()
     total_loss = 0.0
-    correct = 0
+    correct = 0.0
+    outputs = []
     for start in range(0, x.shape[0], batch_size):
         logits = model(x[start : start + batch_size])
         target = y[start : start + batch_size]
-        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == target).sum())
+        total_loss += task.sum_loss(logits, target).item()
+        correct += task.correct(logits, target)
+        if task.metric_name != "accuracy":
+            outputs.append(logits)
     model.train(was_training)
-    return Evaluation(loss=total_loss / x.shape[0], accuracy=correct / x.shape[0])
+    accuracy = correct / x.shape[0]
+    metric = task.metric(torch.cat(outputs), y) if outputs else accuracy
+    return Evaluation(loss=total_loss / x.shape[0], accuracy=accuracy, metric=metric)
 
 
 class GradientOracle(Protocol):
@@ -123,20 +144,23 @@ class GradientOracle(Protocol):
 
 
 class PlainGradient:
-    """Non-private gradients: shuffled mini-batches, mean cross-entropy, one backward pass.
+    """Non-private gradients: shuffled mini-batches, the task's mean loss (cross-entropy by
+    default), one backward pass.
 
     With ``max_grad_norm`` set, the batch gradient is rescaled to L2 norm at most
     ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_`` semantics over all parameters). This
     is a stability knob for non-private training, not a privacy mechanism.
     """
 
-    def __init__(self, batch_size: int, max_grad_norm: float | None = None) -> None:
+    def __init__(self, batch_size: int, max_grad_norm: float | None = None,
+                 task: Task | None = None) -> None:
         if batch_size < 1:
             raise ClientUpdateError(f"batch_size must be positive; got {batch_size}")
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ClientUpdateError(f"max_grad_norm must be positive and finite; got {max_grad_norm}")
         self.batch_size = batch_size
         self.max_grad_norm = max_grad_norm
+        self.task = task if task is not None else CROSS_ENTROPY
 
     def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
         """Each epoch, a fresh permutation cut into batches (the last one may be smaller)."""
@@ -147,7 +171,7 @@ class PlainGradient:
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
         """Write the mean-loss gradient of the batch into ``grad`` (clipped if configured)."""
         grad.zero_()
-        F.cross_entropy(model(x), y).backward()
+        self.task.mean_loss(model(x), y).backward()
         if self.max_grad_norm is not None:
             norm = float(grad.norm())
             if norm > self.max_grad_norm:
@@ -162,8 +186,8 @@ class MomentumSGD:
     freshly created ``torch.optim.SGD`` would be.
     """
 
-    def __init__(self, num_params: int) -> None:
-        self.buffer = torch.zeros(num_params)
+    def __init__(self, num_params: int, device: torch.device | str = "cpu") -> None:
+        self.buffer = torch.zeros(num_params, device=device)
         self.fresh = True
 
     def reset(self) -> None:
@@ -192,8 +216,9 @@ class Workspace:
     optimizer: MomentumSGD
 
     @classmethod
-    def for_size(cls, num_params: int) -> Workspace:
-        return cls(torch.zeros(num_params), torch.zeros(num_params), MomentumSGD(num_params))
+    def for_size(cls, num_params: int, device: torch.device | str = "cpu") -> Workspace:
+        return cls(torch.zeros(num_params, device=device), torch.zeros(num_params, device=device),
+                   MomentumSGD(num_params, device))
 
 
 def local_train(

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from privacy.errors import ToolkitError
+
 if TYPE_CHECKING:
     from secure_fedora.partition import ClientData
 
@@ -52,7 +54,7 @@ _LABELS_NDIM = 1
 _FILE_PREFIX = {"train": "train", "test": "t10k"}
 
 
-class DataError(ValueError):
+class DataError(ToolkitError, ValueError):
     """A data source is missing, corrupt, or a data request cannot be satisfied."""
 
 

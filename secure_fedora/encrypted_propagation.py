@@ -66,6 +66,7 @@ from privacy.ckks import (
     weighted_sums,
 )
 from privacy.envelope import EnvelopeError
+from privacy.errors import ToolkitError
 from privacy.identity import SERVER_ID, Identity
 from secure_fedora.secure_relatedness import CkksCeremony
 from secure_fedora.transport import (
@@ -90,7 +91,7 @@ _UPLOAD_LEVEL = 1  # one rescale left: exactly what the plaintext-weight sum nee
 _RESULT_LEVEL = 0
 
 
-class EncryptedPropagationError(ValueError):
+class EncryptedPropagationError(ToolkitError, ValueError):
     """Invalid input, context or ciphertext for encrypted propagation (names the culprit)."""
 
 

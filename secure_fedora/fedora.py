@@ -14,10 +14,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
+
 __all__ = [
     "RelatednessError",
     "attach_from_overlaps",
     "attach_new_client",
+    "attach_row",
     "client_summary",
     "embed_subproblem",
     "propagate",
@@ -30,26 +33,33 @@ __all__ = [
     "subspace_overlaps",
     "summary_rows",
     "topk_graph",
+    "topk_graph_from_summaries",
 ]
 
 
-class RelatednessError(ValueError):
+class RelatednessError(ToolkitError, ValueError):
     """Raised for summaries, similarity matrices or graphs that violate FEDORA's contracts."""
 
 
 def summary_rows(x: Tensor, y: Tensor, num_classes: int) -> Tensor:
     """Stack a client's training rows as ``z = [flatten(x), onehot(y)]`` (n x d, float64).
 
-    This is the data matrix ``Z_i`` whose dominant left singular subspace of ``Z_i^T`` is the
-    client's summary; the noised mode clips and noises ``Z_i^T Z_i / n`` built from the same rows.
+    For multi-label targets ``y`` of shape ``(n, num_classes)`` (multi-hot), ``y`` itself
+    takes the place of ``onehot(y)``. This is the data matrix ``Z_i`` whose dominant left
+    singular subspace of ``Z_i^T`` is the client's summary; the noised mode clips and noises
+    ``Z_i^T Z_i / n`` built from the same rows.
     """
     if x.shape[0] != y.shape[0]:
         raise RelatednessError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
     if x.shape[0] == 0:
         raise RelatednessError("a client summary needs at least one training row")
+    flat = x.reshape(x.shape[0], -1).to(torch.float64)
+    if y.dim() == 2:
+        if y.shape[1] != num_classes:
+            raise RelatednessError(f"multi-label targets have {y.shape[1]} columns, expected {num_classes}")
+        return torch.cat([flat, y.to(torch.float64)], dim=1)
     if y.min() < 0 or y.max() >= num_classes:
         raise RelatednessError(f"labels must lie in [0, {num_classes}); got {int(y.min())}..{int(y.max())}")
-    flat = x.reshape(x.shape[0], -1).to(torch.float64)
     onehot = torch.nn.functional.one_hot(y.long(), num_classes).to(torch.float64)
     return torch.cat([flat, onehot], dim=1)
 
@@ -166,8 +176,10 @@ def propagate_power(
 ) -> Tensor:
     """``phi = P theta`` without forming ``P``: iterate ``Phi <- (1 - alpha) Theta + alpha S Phi``.
 
-    For large N: each iteration is one sparse (N x N) @ (N x P) product. ``tol`` bounds the
-    largest absolute change of a parameter between the last two iterations.
+    The reference iteration over the whole N x P parameter matrix (each iteration one sparse
+    product plus difference passes): the in-process runtime instead builds the operator once
+    per graph (:mod:`secure_fedora.propagation`) and applies it once per round. ``tol`` bounds
+    the largest absolute change of a parameter between the last two iterations.
     """
     _check_alpha(alpha)
     return _power_iterate(graph, theta, alpha, tol, max_iter)
@@ -254,13 +266,7 @@ def attach_from_overlaps(overlaps: Tensor, prop: Tensor, tau: float = 10.0, k: i
     n = prop.shape[0]
     if overlaps.shape[0] != n:
         raise RelatednessError(f"{overlaps.shape[0]} overlap blocks for {n} clients")
-    cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
-    s = torch.exp(tau * cosines.sum(dim=-1))
-    k = min(k, n)
-    values, index = torch.topk(s, k)
-    row = torch.zeros(n, dtype=torch.float64).scatter_(0, index, values)
-    row = row / row.sum()
-    return row @ prop.to(torch.float64)
+    return attach_row(overlaps, tau, k) @ prop.to(torch.float64)
 
 
 def embed_subproblem(sub: Tensor, members: Sequence[int], n: int, isolated: float = 0.0) -> Tensor:
@@ -287,3 +293,54 @@ def embed_subproblem(sub: Tensor, members: Sequence[int], n: int, isolated: floa
         index = torch.as_tensor(idx)
         out[index.unsqueeze(1), index.unsqueeze(0)] = sub.to(torch.float64)
     return out
+
+
+def attach_row(overlaps: Tensor, tau: float = 10.0, k: int = 2) -> Tensor:
+    """A late joiner's graph row over the ``N`` existing clients (N,), float64: its top-``k``
+    similarities from the blocks ``U_new^T U_j`` (N x q x q), normalized to sum to one."""
+    n = overlaps.shape[0]
+    if n < 1:
+        raise RelatednessError("a newcomer needs at least one existing client to attach to")
+    cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
+    s = torch.exp(tau * cosines.sum(dim=-1))
+    values, index = torch.topk(s, min(k, n))
+    row = torch.zeros(n, dtype=torch.float64).scatter_(0, index, values)
+    return row / row.sum()
+
+
+def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, block: int = 256) -> Tensor:
+    """The top-``k`` graph of plain summaries (N x d x q) as a sparse COO float64 (N x N)
+    tensor, computed ``block`` rows at a time: memory O(block * N + N * k), never N x N.
+
+    Row ``i`` equals ``topk_graph(similarity_matrix(subspace_overlaps(summaries), tau), k)[i]``
+    up to float rounding of the overlap products (the blocks are products of other shapes).
+    For ``q = 1`` the cosine is ``|u_i . u_j|``, the singular value of the 1 x 1 block.
+    """
+    if summaries.dim() != 3:
+        raise RelatednessError(f"summaries must be (N, d, q); got shape {tuple(summaries.shape)}")
+    if not torch.isfinite(summaries).all():
+        raise RelatednessError("summaries contain NaN or infinite values")
+    n, _, q = summaries.shape
+    if n < 2:
+        raise RelatednessError("a relatedness graph needs at least two clients")
+    if k < 1:
+        raise RelatednessError(f"k must be at least 1; got {k}")
+    k = min(k, n - 1)
+    u = summaries.to(torch.float64)
+    rows, cols, vals = [], [], []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        if q == 1:
+            cosines = (u[start:stop, :, 0] @ u[:, :, 0].T).abs().clamp(0.0, 1.0)
+        else:
+            blocks = torch.einsum("idq,jdr->ijqr", u[start:stop], u)
+            cosines = torch.linalg.svdvals(blocks).clamp(0.0, 1.0).sum(dim=-1)
+        s = torch.exp(tau * cosines)
+        own = torch.arange(start, stop)
+        s[own - start, own] = -math.inf
+        values, index = torch.topk(s, k, dim=1)
+        rows.append(own.repeat_interleave(k))
+        cols.append(index.reshape(-1))
+        vals.append((values / values.sum(dim=1, keepdim=True)).reshape(-1))
+    indices = torch.stack([torch.cat(rows), torch.cat(cols)])
+    return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=True).coalesce()

@@ -35,6 +35,13 @@ from secure_fedora.client import (
 )
 from secure_fedora.crashpoints import crash_point
 from secure_fedora.partition import ClientData
+from secure_fedora.propagation import (
+    PropagationOperator,
+    build_operator,
+    embed_operator,
+    resolve_propagation,
+)
+from secure_fedora.registry import METHODS
 from secure_fedora.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
 
 MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
@@ -65,15 +72,20 @@ class MethodContext:
     num_classes: int = 10
     privacy: Any = None  # secure_fedora.private.FederationPrivacy when DP is on
     transport: Any = None  # secure_fedora.transport.SecureTransport with [security] envelopes
+    # One privacy.noise.NoiseSource per client when DP is on: every mechanism's randomness
+    # (DP-SGD noise and sampling, summary and lambda noise); ``generators`` is only the
+    # non-private training order.
+    noise: list[Any] = field(default_factory=list)
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
 
     def select(self, i: int) -> None:
-        """Point a DP oracle at client ``i``'s noise multiplier and generator."""
+        """Point a DP oracle at client ``i``'s noise multiplier and noise source."""
         if self.privacy is not None:
-            self.oracle.select(self.privacy.clients[i].noise_multiplier, self.generators[i])
+            self.oracle.select(self.privacy.clients[i].noise_multiplier, self.noise[i])
+            self.privacy.select_client(i, self.oracle)
 
     def train_client(self, i: int, theta: Tensor, phi: Tensor | None = None, lam: float = 0.0) -> int:
         """Run client ``i``'s local training on ``theta`` in place; returns the step count."""
@@ -89,14 +101,42 @@ class MethodContext:
 
 @dataclass
 class Relatedness:
-    """The relatedness graph and propagation matrix FEDORA uses (and reports)."""
+    """The relatedness graph and propagation operator FEDORA uses (and reports).
 
-    overlaps: Tensor
-    similarity: Tensor
+    ``overlaps`` (N x N x q x q) and ``similarity`` (N x N) are ``None`` when the graph was
+    built blockwise from plain summaries (sparse propagation at large N never holds N x N
+    matrices); ``graph`` is then a sparse COO tensor.
+    """
+
+    overlaps: Tensor | None
+    similarity: Tensor | None
     graph: Tensor
-    propagation: Tensor
+    operator: PropagationOperator
     mode: str = "plain"
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def propagation(self) -> Tensor | None:
+        """``P`` as a dense (N x N) float64 matrix: exact for a dense operator, ``P~`` for a
+        sparse one up to ``DENSE_VIEW_MAX_CLIENTS`` clients, ``None`` above (too large)."""
+        if self.operator.kind == "dense" or self.operator.num_clients <= DENSE_VIEW_MAX_CLIENTS:
+            return self.operator.to_dense()
+        return None
+
+    def neighbours(self) -> list[list[int]]:
+        """Each client's graph neighbours (column indices of its non-zero graph entries)."""
+        if self.graph.layout == torch.strided:
+            return [torch.nonzero(row).flatten().tolist() for row in self.graph]
+        g = self.graph.coalesce()
+        rows, cols = g.indices()
+        keep = g.values() != 0
+        out: list[list[int]] = [[] for _ in range(g.shape[0])]
+        for r, c in zip(rows[keep].tolist(), cols[keep].tolist(), strict=True):
+            out[r].append(c)
+        return out
+
+
+DENSE_VIEW_MAX_CLIENTS = 4096
 
 
 def plain_overlaps(clients: Sequence[ClientData], num_classes: int, q: int) -> tuple[Tensor, Tensor]:
@@ -264,15 +304,15 @@ class FedAvg(FederatedMethod):
         for i, c in enumerate(ctx.clients):
             row.copy_(held[i])
             ctx.select(i)
-            best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).accuracy
-            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).accuracy
+            best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
+            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
             for _ in range(self.finetune_epochs):
                 local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
                             ctx.generators[i], ctx.workspace)
-                val = evaluate(ctx.flat, row, c.val_x, c.val_y).accuracy
+                val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
                 if val > best_val:
                     best_val = val
-                    best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).accuracy
+                    best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
             per_client.append(best_test)
         return self._with_security({"finetuned_test_accuracy": per_client})
 
@@ -301,11 +341,16 @@ class Fedora(FederatedMethod):
         relatedness_fn: Callable[[], tuple[Tensor, dict[str, Any]]] | None = None,
         relatedness_mode: str = "plain",
         private_validation: bool = False,
+        propagation_tolerance: float = 1e-4,
     ) -> None:
         super().__init__(ctx)
         self.q, self.tau, self.k, self.alpha = q, tau, k, alpha
-        self.propagation_mode = propagation
+        self.propagation_mode = resolve_propagation(propagation, ctx.num_clients)
+        self.propagation_tolerance = propagation_tolerance
         self.phi = self.theta.clone()
+        # True while phi == P @ theta exactly as propagate() computes it: phi is then left out
+        # of checkpoints and recomputed on restore (bit-identical, same operator and inputs).
+        self._phi_is_propagated = False
         self.relatedness: Relatedness | None = None
         self._relatedness_fn = relatedness_fn or (
             lambda: (plain_overlaps(ctx.clients, ctx.num_classes, q)[1], {})
@@ -322,24 +367,43 @@ class Fedora(FederatedMethod):
             raise ValueError("private validation needs the client privacy state (ctx.privacy)")
         if self.relatedness is not None:
             return
+        if self._blockwise_plain():
+            self.relatedness = self._build_blockwise_relatedness()
+            return
         overlaps, details = self._relatedness_fn()
         self.relatedness = self._build_relatedness(overlaps, details)
+
+    def _blockwise_plain(self) -> bool:
+        """Sparse propagation of plain relatedness without envelopes: the graph is built
+        blockwise from the summaries, so no N x N matrix is ever held (the same graph the
+        overlap blocks would give, up to float rounding)."""
+        return (self.propagation_mode == "sparse" and self._relatedness_mode == "plain"
+                and self.ctx.transport is None)
+
+    def _build_blockwise_relatedness(self) -> Relatedness:
+        ctx = self.ctx
+        summaries = torch.stack(
+            [fedora.client_summary(c.train_x.cpu(), c.train_y.cpu(), ctx.num_classes, self.q)
+             for c in ctx.clients])
+        graph = fedora.topk_graph_from_summaries(summaries, self.tau, self.k)
+        return Relatedness(None, None, graph, self._operator(graph), self._relatedness_mode, {})
+
+    def _operator(self, graph: Tensor) -> PropagationOperator:
+        return build_operator(graph, self.alpha, self.propagation_mode, self.propagation_tolerance)
 
     def _build_relatedness(self, overlaps: Tensor, details: dict[str, Any]) -> Relatedness:
         """Graph and P from the overlap blocks. ``details["excluded"]`` (clients whose
         summary was rejected) builds them over the other clients only; each excluded client
         gets a self-loop in the graph and its unit vector as P row, and no other client puts
         weight on it, so it trains as Local would."""
+        overlaps = overlaps.cpu()  # relatedness is computed in float64 on the CPU
         excluded = sorted(set(details.get("excluded") or ()))
         if excluded:
             return self._build_partial_relatedness(overlaps, details, excluded)
         similarity = fedora.similarity_matrix(overlaps, self.tau)
         graph = fedora.topk_graph(similarity, self.k)
-        if self.propagation_mode == "power":
-            prop = fedora.propagation_matrix_power(graph, self.alpha)
-        else:
-            prop = fedora.propagation_matrix(graph, self.alpha)
-        return Relatedness(overlaps, similarity, graph, prop, self._relatedness_mode, details)
+        return Relatedness(overlaps, similarity, graph, self._operator(graph), self._relatedness_mode,
+                           details)
 
     def _build_partial_relatedness(self, overlaps: Tensor, details: dict[str, Any],
                                    excluded: list[int]) -> Relatedness:
@@ -355,15 +419,11 @@ class Fedora(FederatedMethod):
         sub = overlaps[idx][:, idx]
         similarity = fedora.similarity_matrix(sub, self.tau)
         graph = fedora.topk_graph(similarity, self.k)
-        if self.propagation_mode == "power":
-            prop = fedora.propagation_matrix_power(graph, self.alpha)
-        else:
-            prop = fedora.propagation_matrix(graph, self.alpha)
         return Relatedness(
             overlaps,
             fedora.embed_subproblem(similarity, members, n, 0.0),
             fedora.embed_subproblem(graph, members, n, 1.0),
-            fedora.embed_subproblem(prop, members, n, 1.0),
+            embed_operator(self._operator(graph), members, n),
             self._relatedness_mode,
             details,
         )
@@ -389,6 +449,7 @@ class Fedora(FederatedMethod):
         self.propagate(rnd, participants)
         if plaintext_messages:
             self.exchange.download_phi(rnd, self.phi)
+            self._phi_is_propagated = False  # a rejected download keeps an older phi row
         return {
             "steps": float(steps),
             "mean_lambda": float(sum(lambdas) / max(len(lambdas), 1)),
@@ -401,51 +462,78 @@ class Fedora(FederatedMethod):
         c = ctx.clients[i]
         if self.private_validation:
             return ctx.privacy.private_lambda(
-                i, self.theta[i], self.phi[i], c.val_x, c.val_y, ctx.generators[i], ctx.flat.bind
+                i, self.theta[i], self.phi[i], c.val_x, c.val_y, ctx.noise[i], ctx.flat.bind
             )
         loss_local = evaluate(ctx.flat, self.theta[i], c.val_x, c.val_y).loss
         loss_received = evaluate(ctx.flat, self.phi[i], c.val_x, c.val_y).loss
         return fedora.regularization_weight(loss_local, loss_received)
 
     def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
-        """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client."""
+        """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client, with the operator
+        built once in :meth:`setup` (one product over the N x P parameters, into ``phi``)."""
         assert self.relatedness is not None
         if self.propagator is not None:
             self.phi.copy_(self.propagator.propagate(
                 self.relatedness.propagation, self.theta, changed=participants, rnd=rnd,
                 exchange=self.exchange))
-        elif self.propagation_mode == "power":
-            self.phi.copy_(fedora.propagate_power(self.relatedness.graph, self.theta, self.alpha))
+            self._phi_is_propagated = False
         else:
-            self.phi.copy_(fedora.propagate(self.relatedness.propagation, self.theta))
+            self.relatedness.operator.apply(self.theta, out=self.phi)
+            self._phi_is_propagated = True
 
     def attach(self, new_summary_overlaps: Tensor) -> Tensor:
-        """The parameters handed to a late-joining client: ``phi_new = w @ theta``."""
+        """The parameters handed to a late-joining client: ``phi_new = w @ theta`` with
+        ``w = s_new^T P`` (:func:`~secure_fedora.fedora.attach_new_client`), through the
+        cached operator; with a sparse operator ``w`` is within the operator's error bound
+        (``s_new`` is a probability vector, so its deficit is at most the largest row's)."""
         assert self.relatedness is not None
-        w = fedora.attach_from_overlaps(
-            new_summary_overlaps, self.relatedness.propagation, self.tau, self.k
-        )
-        return w.to(self.theta.dtype) @ self.theta
+        if new_summary_overlaps.shape[0] != self.ctx.num_clients:
+            raise fedora.RelatednessError(
+                f"{new_summary_overlaps.shape[0]} overlap blocks for {self.ctx.num_clients} clients")
+        row = fedora.attach_row(new_summary_overlaps, self.tau, self.k)
+        w = self.relatedness.operator.combine(row)
+        return w.to(self.theta.dtype).to(self.theta.device) @ self.theta
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resume cannot recompute: ``theta``, the relatedness inputs (overlap blocks,
+        or the sparse graph when it was built blockwise) and ``phi`` only when it is not
+        ``P @ theta`` (encrypted propagation, envelopes, or before the first propagation).
+        Similarity, graph and operator are rebuilt from the overlaps, deterministically."""
         assert self.relatedness is not None
         r = self.relatedness
-        return {
-            "theta": self.theta,
-            "phi": self.phi,
-            "relatedness": {
-                "overlaps": r.overlaps, "similarity": r.similarity, "graph": r.graph,
-                "propagation": r.propagation, "mode": r.mode, "details": r.details,
-            },
-        }
+        relatedness: dict[str, Any] = {"overlaps": r.overlaps, "mode": r.mode, "details": r.details}
+        if r.overlaps is None:
+            g = r.graph.coalesce()
+            relatedness["graph_indices"] = g.indices()
+            relatedness["graph_values"] = g.values()
+        state: dict[str, Any] = {"theta": self.theta, "relatedness": relatedness}
+        if not self._phi_is_propagated:
+            state["phi"] = self.phi
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also checkpoints that hold phi and the dense matrices)."""
         super().load_state_dict(state)
-        _load_matrix(self.phi, state["phi"], "phi")
         r = state["relatedness"]
-        self.relatedness = Relatedness(
-            r["overlaps"], r["similarity"], r["graph"], r["propagation"], r["mode"], r["details"]
-        )
+        if r.get("overlaps") is not None:
+            rebuilt = self._build_relatedness(r["overlaps"], r["details"])
+        else:
+            n = self.ctx.num_clients
+            indices, values = r["graph_indices"], r["graph_values"]
+            if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != values.shape[0] \
+                    or (indices.numel() and (indices.min() < 0 or indices.max() >= n)):
+                raise ValueError("checkpoint field 'relatedness.graph' is not a graph over "
+                                 f"{n} clients")
+            graph = torch.sparse_coo_tensor(indices, values, (n, n), check_invariants=True).coalesce()
+            rebuilt = Relatedness(None, None, graph, self._operator(graph), r["mode"], r["details"])
+        rebuilt.mode = r["mode"]
+        self.relatedness = rebuilt
+        if "phi" in state:
+            _load_matrix(self.phi, state["phi"], "phi")
+            self._phi_is_propagated = False
+        else:
+            self.relatedness.operator.apply(self.theta, out=self.phi)
+            self._phi_is_propagated = True
 
     def security_results(self) -> dict[str, Any]:
         """The base record plus the relatedness summaries' rejections (listed first) and
@@ -467,7 +555,30 @@ class Fedora(FederatedMethod):
         assert self.relatedness is not None
         return self._with_security({
             "relatedness_mode": self.relatedness.mode,
-            "graph_neighbours": [
-                torch.nonzero(row).flatten().tolist() for row in self.relatedness.graph
-            ],
+            "graph_neighbours": self.relatedness.neighbours(),
         })
+
+
+# --------------------------------------------------------------------------- registry
+# Each factory builds its method from the context and the whole config: ``(ctx, cfg)``.
+
+
+@METHODS.register("fedora")
+def _build_fedora(ctx: MethodContext, cfg: Any) -> Fedora:
+    from secure_fedora.runtime import relatedness_function
+
+    f = cfg.fedora
+    return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
+                  propagation_tolerance=f.propagation_tolerance,
+                  relatedness_fn=relatedness_function(cfg, ctx), relatedness_mode=f.relatedness,
+                  private_validation=cfg.data.validation == "private")
+
+
+@METHODS.register("local")
+def _build_local(ctx: MethodContext, cfg: Any) -> Local:
+    return Local(ctx)
+
+
+@METHODS.register("fedavg")
+def _build_fedavg(ctx: MethodContext, cfg: Any) -> FedAvg:
+    return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)

@@ -33,13 +33,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora import fedora
 from secure_fedora.client import evaluate, local_train
 from secure_fedora.config import ExperimentConfig
 from secure_fedora.methods import FedAvg, Fedora, MethodContext, plain_overlaps
 from secure_fedora.partition import ClientData
 from secure_fedora.runtime import (
-    NUM_CLASSES,
     ProgressFn,
     Simulation,
     build_clients,
@@ -61,7 +61,7 @@ __all__ = [
 NEWCOMER_METHODS: tuple[str, ...] = ("fedora", "fedavg_ft", "local")
 
 
-class NewClientError(ValueError):
+class NewClientError(ToolkitError, ValueError):
     """A new-client experiment that cannot run; the message names the bad argument."""
 
 
@@ -216,14 +216,14 @@ def run_new_client_experiment(
     before = fed.theta.clone()
 
     ctx = context_factory(cfg, all_clients)
-    summaries = plain_overlaps(trained, NUM_CLASSES, cfg.fedora.q)[0]
+    summaries = plain_overlaps(trained, ctx.num_classes, cfg.fedora.q)[0]
     accuracy: dict[str, dict[int, list[float]]] = {
         m: {e: [] for e in epoch_list} for m in NEWCOMER_METHODS
     }
     neighbours = []
     for slot, c in enumerate(newcomers):
         stream = len(trained) + slot
-        u_new = fedora.client_summary(c.train_x, c.train_y, NUM_CLASSES, cfg.fedora.q)
+        u_new = fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, cfg.fedora.q)
         overlaps = torch.einsum("dq,jdr->jqr", u_new, summaries)
         phi_new = fed.attach(overlaps)
         sims = torch.exp(cfg.fedora.tau * torch.linalg.svdvals(overlaps).clamp(0, 1).sum(-1))

@@ -1,8 +1,9 @@
-"""Deterministic federated partitions of an image dataset.
+"""Deterministic federated partitions of a labeled dataset.
 
-Three partitioners, each a pure function of its arguments and ``seed`` (randomness comes from
+Four partitioners (registered in :data:`secure_fedora.registry.PARTITIONERS`), each a pure function of its arguments and ``seed`` (randomness comes from
 a local ``numpy.random.Generator``; no global RNG state is read or changed):
 
+- :func:`iid_partition`: rows drawn uniformly at random (no shift).
 - :func:`rotation_partition`: feature shift; every client's images are rotated by its angle.
 - :func:`dirichlet_partition`: label skew with per-client class proportions from Dir(alpha).
 - :func:`pathological_partition`: every client sees exactly ``classes_per_client`` classes.
@@ -11,8 +12,11 @@ Guarantees shared by all three: no source row is used twice (across clients, and
 client's train and validation rows, which both come from the dataset's train split; test rows
 come from the test split), sizes are exactly as requested, and the source indices of every
 row are recorded in ``meta`` (``train_index``, ``val_index``, ``test_index``) so the
-guarantees can be checked. Pixels follow :mod:`secure_fedora.data`'s convention: float32 in
-``[0, 1]``, shape ``(n, 1, 28, 28)``; labels are int64.
+guarantees can be checked. The built-in image datasets follow :mod:`secure_fedora.data`'s
+convention (float32 in ``[0, 1]``, shape ``(n, 1, 28, 28)``); a :class:`LabeledDataset` from
+user code keeps its inputs (any shape, float32) and its class count. Labels are int64
+``(n,)`` in ``0..C-1``, or float32 ``(n, C)`` multi-hot targets (``iid`` and ``rotation``
+only: the label-skew partitioners need single labels).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from secure_fedora.data import (
     rotate_images,
     to_float_images,
 )
+from secure_fedora.registry import DATASETS, PARTITIONERS
 
 DatasetSplits = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 """A custom source: ``{"train": (images, labels), "test": (images, labels)}`` with images uint8
@@ -42,9 +47,37 @@ DatasetSplits = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 _DIRICHLET_MAX_DRAWS = 100
 
 
+@dataclass(frozen=True)
+class LabeledDataset:
+    """A centralized labeled dataset before partitioning.
+
+    ``*_x``: uint8 images ``(n, H, W)`` (the built-in datasets; converted to ``x / 255`` per
+    client) or float32 inputs of any shape ``(n, ...)`` (used as given). ``*_y``: int64
+    ``(n,)`` in ``0..num_classes-1``, or float32 ``(n, num_classes)`` multi-hot targets.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def multilabel(self) -> bool:
+        """True for multi-hot targets ``(n, C)``."""
+        return self.train_y.dim() == 2
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input as the model sees it (images gain their channel axis)."""
+        shape = tuple(int(d) for d in self.train_x.shape[1:])
+        return (1, *shape) if self.train_x.dtype == torch.uint8 else shape
+
+
 @dataclass
 class ClientData:
-    """One client's data: ``*_x`` float32 ``(n, 1, H, W)`` in ``[0, 1]``, ``*_y`` int64 ``(n,)``.
+    """One client's data: ``*_x`` float32 ``(n, ...)`` (``(n, 1, H, W)`` in ``[0, 1]`` for the
+    built-in images), ``*_y`` int64 ``(n,)`` class labels or float32 ``(n, C)`` multi-hot targets.
 
     ``meta`` holds bookkeeping: ``kind`` (partitioner), ``train_index`` / ``val_index`` (rows of
     the source train split) and ``test_index`` (rows of the source test split) as lists of
@@ -65,15 +98,18 @@ class ClientData:
         for split in ("train", "val", "test"):
             x = getattr(self, f"{split}_x")
             y = getattr(self, f"{split}_y")
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 4:
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 2:
                 raise DataError(
-                    f"client {self.client_id}: {split}_x must be a float32 tensor (n, C, H, W), "
+                    f"client {self.client_id}: {split}_x must be a float32 tensor (n, ...), "
                     f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
                 )
-            if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
+            single = isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.dim() == 1
+            multi = isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.dim() == 2
+            if not (single or multi):
                 raise DataError(
-                    f"client {self.client_id}: {split}_y must be an int64 tensor (n,), "
-                    f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
+                    f"client {self.client_id}: {split}_y must be an int64 tensor (n,) or a "
+                    f"float32 multi-label tensor (n, C), got "
+                    f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
                 )
             if x.shape[0] != y.shape[0]:
                 raise DataError(
@@ -129,19 +165,28 @@ def _check_test_size(test_per_client: object, kind: str) -> int:
     return _check_int("test_per_client", test_per_client, 0)
 
 
-def _source(
-    dataset: DatasetName | DatasetSplits,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Resolve ``dataset`` to verified ``(train_x, train_y, test_x, test_y)`` (uint8 / int64)."""
+def _builtin_dataset(name: DatasetName) -> LabeledDataset:
+    train_x, train_y = _load_cached(name, "train")
+    test_x, test_y = _load_cached(name, "test")
+    return LabeledDataset(train_x, train_y, test_x, test_y, NUM_CLASSES)
+
+
+for _name in get_args(DatasetName):
+    DATASETS.register(_name, lambda seed, _name=_name: _builtin_dataset(_name))
+
+
+def _source(dataset: DatasetName | DatasetSplits | LabeledDataset) -> LabeledDataset:
+    """Resolve ``dataset`` (a registered name, a mapping of uint8 image splits or a
+    :class:`LabeledDataset`) to a :class:`LabeledDataset`."""
+    if isinstance(dataset, LabeledDataset):
+        return dataset
     if isinstance(dataset, str):
-        if dataset not in get_args(DatasetName):
+        if dataset not in DATASETS:
             raise DataError(
-                f"unknown dataset {dataset!r}; expected one of {list(get_args(DatasetName))} "
+                f"unknown dataset {dataset!r}; expected one of {DATASETS.names()} "
                 "or a mapping {'train': (images, labels), 'test': (images, labels)}"
             )
-        train_x, train_y = _load_cached(dataset, "train")
-        test_x, test_y = _load_cached(dataset, "test")
-        return train_x, train_y, test_x, test_y
+        return DATASETS.get(dataset)(0)
     if not isinstance(dataset, Mapping):
         raise DataError(
             f"dataset must be a dataset name or a mapping of splits, got {type(dataset).__name__}"
@@ -174,16 +219,26 @@ def _source(
             f"train images are {tuple(out[0].shape[1:])} but test images are "
             f"{tuple(out[2].shape[1:])}"
         )
-    return out[0], out[1], out[2], out[3]
+    return LabeledDataset(out[0], out[1], out[2], out[3], NUM_CLASSES)
 
 
-def _histogram(labels: torch.Tensor) -> list[int]:
-    return [int(c) for c in torch.bincount(labels, minlength=NUM_CLASSES).tolist()]
+def _histogram(labels: torch.Tensor, num_classes: int) -> list[int]:
+    if labels.dim() == 2:  # multi-label: how often each label is on
+        return [int(c) for c in (labels > 0.5).sum(dim=0).tolist()]
+    return [int(c) for c in torch.bincount(labels, minlength=num_classes).tolist()]
+
+
+def _single_labels(source: LabeledDataset, kind: str) -> None:
+    if source.multilabel:
+        raise DataError(
+            f"partition {kind!r} draws rows by class and needs single labels (n,); multi-label "
+            "targets (n, C) can use partition 'iid' or 'rotation'"
+        )
 
 
 def _make_client(
     client_id: int,
-    source: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    source: LabeledDataset,
     train_index: np.ndarray,
     val_index: np.ndarray,
     test_index: np.ndarray,
@@ -191,7 +246,7 @@ def _make_client(
     degrees: float = 0.0,
     interpolation: Literal["bilinear", "nearest"] = "bilinear",
 ) -> ClientData:
-    train_x, train_y, test_x, test_y = source
+    train_x, train_y, test_x, test_y = source.train_x, source.train_y, source.test_x, source.test_y
     parts: dict[str, torch.Tensor] = {}
     for split, images, labels, index in (
         ("train", train_x, train_y, train_index),
@@ -199,7 +254,7 @@ def _make_client(
         ("test", test_x, test_y, test_index),
     ):
         rows = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
-        x = to_float_images(images[rows])
+        x = to_float_images(images[rows]) if images.dtype == torch.uint8 else images[rows].clone()
         if degrees:
             x = rotate_images(x, degrees, mode=interpolation)
         parts[f"{split}_x"] = x.contiguous()
@@ -209,7 +264,8 @@ def _make_client(
         "train_index": [int(i) for i in train_index],
         "val_index": [int(i) for i in val_index],
         "test_index": [int(i) for i in test_index],
-        "label_histogram": _histogram(parts["train_y"]),
+        "label_histogram": _histogram(parts["train_y"], source.num_classes),
+        "num_classes": int(source.num_classes),
     }
     return ClientData(client_id=client_id, meta=full_meta, **parts)
 
@@ -218,7 +274,7 @@ def _make_client(
 
 
 def rotation_partition(
-    dataset: DatasetName | DatasetSplits,
+    dataset: DatasetName | DatasetSplits | LabeledDataset,
     num_clients: int,
     train_per_client: int,
     val_per_client: int,
@@ -235,8 +291,8 @@ def rotation_partition(
     (``n_test // num_clients`` each, the remainder unused). With ``groups=None`` client ``i`` is
     rotated counter-clockwise by ``i * 360 / num_clients`` degrees; with ``groups=G`` it belongs
     to group ``i % G`` and is rotated by ``group * 360 / G`` degrees. All three of a client's
-    splits are rotated by its angle. Raises :class:`DataError` if the requested sizes exceed a
-    split or an argument is invalid.
+    splits are rotated by its angle. Inputs must be images, ``(n, H, W)`` or ``(n, C, H, W)``.
+    Raises :class:`DataError` if the requested sizes exceed a split or an argument is invalid.
     """
     num_clients, train_per_client, val_per_client, seed = _check_sizes(
         num_clients, train_per_client, val_per_client, seed
@@ -246,7 +302,50 @@ def rotation_partition(
         if groups > num_clients:
             raise DataError(f"groups ({groups}) must not exceed num_clients ({num_clients})")
     source = _source(dataset)
-    n_train, n_test = int(source[1].shape[0]), int(source[3].shape[0])
+    if source.train_x.dtype != torch.uint8 and source.train_x.dim() not in (3, 4):
+        raise DataError(
+            f"partition 'rotation' rotates images (n, H, W) or (n, C, H, W); the inputs have "
+            f"shape {tuple(source.train_x.shape)}: use partition 'iid', 'dirichlet' or 'pathological'"
+        )
+
+    def angle(i: int) -> tuple[float, dict[str, Any]]:
+        group = i if groups is None else i % groups
+        degrees = group * 360.0 / (num_clients if groups is None else groups)
+        return degrees, {"kind": "rotation", "rotation_degrees": degrees, "group": group}
+
+    return _uniform_partition(source, num_clients, train_per_client, val_per_client,
+                              test_per_client, seed, angle, interpolation)
+
+
+def iid_partition(
+    dataset: DatasetName | DatasetSplits | LabeledDataset,
+    num_clients: int,
+    train_per_client: int,
+    val_per_client: int,
+    test_per_client: int | None,
+    seed: int,
+) -> list[ClientData]:
+    """IID partition: rows drawn uniformly at random without replacement, as
+    :func:`rotation_partition` draws them but with no rotation (any input shape).
+    ``test_per_client=None`` divides the test split evenly."""
+    num_clients, train_per_client, val_per_client, seed = _check_sizes(
+        num_clients, train_per_client, val_per_client, seed
+    )
+    return _uniform_partition(_source(dataset), num_clients, train_per_client, val_per_client,
+                              test_per_client, seed, lambda i: (0.0, {"kind": "iid"}), "bilinear")
+
+
+def _uniform_partition(
+    source: LabeledDataset,
+    num_clients: int,
+    train_per_client: int,
+    val_per_client: int,
+    test_per_client: int | None,
+    seed: int,
+    angle: Any,
+    interpolation: Literal["bilinear", "nearest"],
+) -> list[ClientData]:
+    n_train, n_test = int(source.train_y.shape[0]), int(source.test_y.shape[0])
     need = num_clients * (train_per_client + val_per_client)
     if need > n_train:
         raise DataError(
@@ -273,8 +372,7 @@ def rotation_partition(
     val_offset = num_clients * train_per_client
     clients = []
     for i in range(num_clients):
-        group = i if groups is None else i % groups
-        degrees = group * 360.0 / (num_clients if groups is None else groups)
+        degrees, meta = angle(i)
         clients.append(
             _make_client(
                 i,
@@ -282,7 +380,7 @@ def rotation_partition(
                 train_perm[i * train_per_client : (i + 1) * train_per_client],
                 train_perm[val_offset + i * val_per_client : val_offset + (i + 1) * val_per_client],
                 test_perm[i * test_per_client : (i + 1) * test_per_client],
-                {"kind": "rotation", "rotation_degrees": degrees, "group": group},
+                meta,
                 degrees=degrees,
                 interpolation=interpolation,
             )
@@ -311,11 +409,12 @@ def _proportional_counts(weights: np.ndarray, total: int) -> np.ndarray:
 class _ClassPools:
     """Per-class queues of shuffled source rows, consumed without replacement."""
 
-    def __init__(self, labels: torch.Tensor, rng: np.random.Generator, split: str) -> None:
+    def __init__(self, labels: torch.Tensor, rng: np.random.Generator, split: str,
+                 num_classes: int) -> None:
         y = labels.numpy()
         self.split = split
-        self.pools = [rng.permutation(np.flatnonzero(y == c)) for c in range(NUM_CLASSES)]
-        self.used = np.zeros(NUM_CLASSES, dtype=np.int64)
+        self.pools = [rng.permutation(np.flatnonzero(y == c)) for c in range(num_classes)]
+        self.used = np.zeros(num_classes, dtype=np.int64)
 
     def remaining(self) -> np.ndarray:
         return np.array([len(p) for p in self.pools], dtype=np.int64) - self.used
@@ -336,7 +435,7 @@ class _ClassPools:
 
 
 def dirichlet_partition(
-    dataset: DatasetName | DatasetSplits,
+    dataset: DatasetName | DatasetSplits | LabeledDataset,
     num_clients: int,
     alpha: float,
     train_per_client: int,
@@ -367,7 +466,9 @@ def dirichlet_partition(
     if not (math.isfinite(alpha) and alpha > 0):
         raise DataError(f"alpha must be a positive finite number, got {alpha}")
     source = _source(dataset)
-    n_train, n_test = int(source[1].shape[0]), int(source[3].shape[0])
+    _single_labels(source, "dirichlet")
+    num_classes = source.num_classes
+    n_train, n_test = int(source.train_y.shape[0]), int(source.test_y.shape[0])
     if num_clients * (train_per_client + val_per_client) > n_train:
         raise DataError(
             f"{num_clients} clients x ({train_per_client} train + {val_per_client} val) exceed "
@@ -379,15 +480,15 @@ def dirichlet_partition(
             "test split"
         )
     rng = np.random.default_rng(seed)
-    train_pools = _ClassPools(source[1], rng, "train")
-    test_pools = _ClassPools(source[3], rng, "test")
+    train_pools = _ClassPools(source.train_y, rng, "train", num_classes)
+    test_pools = _ClassPools(source.test_y, rng, "test", num_classes)
     clients = []
     for i in range(num_clients):
         redraws = 0
         for attempt in range(_DIRICHLET_MAX_DRAWS):
             # Gamma-normalized draw; a tiny alpha can underflow every component to 0, in which
             # case the draw is degenerate and is redrawn like an infeasible one.
-            gammas = rng.standard_gamma(alpha, NUM_CLASSES)
+            gammas = rng.standard_gamma(alpha, num_classes)
             if not gammas.sum() > 0:
                 continue
             p = gammas / gammas.sum()
@@ -425,7 +526,7 @@ def dirichlet_partition(
 
 
 def pathological_partition(
-    dataset: DatasetName | DatasetSplits,
+    dataset: DatasetName | DatasetSplits | LabeledDataset,
     num_clients: int,
     classes_per_client: int,
     train_per_client: int,
@@ -449,8 +550,11 @@ def pathological_partition(
     )
     test_per_client = _check_test_size(test_per_client, "pathological")
     c = _check_int("classes_per_client", classes_per_client, 1)
-    if c > NUM_CLASSES:
-        raise DataError(f"classes_per_client must be <= {NUM_CLASSES}, got {c}")
+    source = _source(dataset)
+    _single_labels(source, "pathological")
+    num_classes = source.num_classes
+    if c > num_classes:
+        raise DataError(f"classes_per_client must be <= {num_classes}, got {c}")
     if train_per_client < c:
         raise DataError(
             f"train_per_client ({train_per_client}) must be >= classes_per_client ({c}) so "
@@ -460,18 +564,17 @@ def pathological_partition(
         raise DataError(
             f"val_per_client ({val_per_client}) must be 0 or >= classes_per_client ({c})"
         )
-    source = _source(dataset)
     rng = np.random.default_rng(seed)
-    usage = np.zeros(NUM_CLASSES, dtype=np.int64)
+    usage = np.zeros(num_classes, dtype=np.int64)
     assignments = []
     for _ in range(num_clients):
-        order = np.lexsort((rng.random(NUM_CLASSES), usage))
+        order = np.lexsort((rng.random(num_classes), usage))
         chosen = np.sort(order[:c])
         usage[chosen] += 1
         assignments.append(chosen)
 
     def split_counts(classes: np.ndarray, total: int) -> np.ndarray:
-        counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+        counts = np.zeros(num_classes, dtype=np.int64)
         base, extra = divmod(total, c)
         counts[classes] = base
         counts[rng.permutation(classes)[:extra]] += 1
@@ -488,8 +591,8 @@ def pathological_partition(
         )
     train_demand = sum(t + v for t, v, _ in plans)
     test_demand = sum(s for _, _, s in plans)
-    train_pools = _ClassPools(source[1], rng, "train")
-    test_pools = _ClassPools(source[3], rng, "test")
+    train_pools = _ClassPools(source.train_y, rng, "train", num_classes)
+    test_pools = _ClassPools(source.test_y, rng, "test", num_classes)
     for pools, demand in ((train_pools, train_demand), (test_pools, test_demand)):
         short = np.flatnonzero(demand > pools.remaining())
         if short.size:
@@ -514,3 +617,33 @@ def pathological_partition(
             )
         )
     return clients
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _common(d: Any, seed: int) -> dict[str, Any]:
+    return dict(num_clients=d.num_clients, train_per_client=d.train_per_client,
+                val_per_client=d.val_per_client, test_per_client=d.test_per_client, seed=seed)
+
+
+@PARTITIONERS.register("iid")
+def _split_iid(dataset: LabeledDataset, d: Any, seed: int) -> list[ClientData]:
+    return iid_partition(dataset, **_common(d, seed))
+
+
+@PARTITIONERS.register("rotation")
+def _split_rotation(dataset: LabeledDataset, d: Any, seed: int) -> list[ClientData]:
+    return rotation_partition(dataset, groups=d.groups, interpolation=d.rotation_interpolation,
+                              **_common(d, seed))
+
+
+@PARTITIONERS.register("dirichlet")
+def _split_dirichlet(dataset: LabeledDataset, d: Any, seed: int) -> list[ClientData]:
+    return dirichlet_partition(dataset, alpha=d.dirichlet_alpha, **_common(d, seed))
+
+
+@PARTITIONERS.register("pathological")
+def _split_pathological(dataset: LabeledDataset, d: Any, seed: int) -> list[ClientData]:
+    return pathological_partition(dataset, classes_per_client=d.classes_per_client,
+                                  **_common(d, seed))

@@ -70,6 +70,7 @@ from privacy.ckks import (
     seal_secret_context,
 )
 from privacy.envelope import EnvelopeError
+from privacy.errors import ToolkitError
 from privacy.identity import SERVER_ID, Identity
 from secure_fedora.transport import (
     KIND_RELATEDNESS_RELEASE,
@@ -93,7 +94,7 @@ __all__ = [
 ]
 
 
-class SecureRelatednessError(ValueError):
+class SecureRelatednessError(ToolkitError, ValueError):
     """Invalid summaries, key holder or ceremony for encrypted relatedness."""
 
 

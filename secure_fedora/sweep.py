@@ -35,9 +35,11 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import matplotlib
+
+from privacy.errors import ToolkitError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,7 +52,7 @@ from secure_fedora.baselines import (  # noqa: E402
     unwrap_oracle,
 )
 from secure_fedora.client import PlainGradient  # noqa: E402
-from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, load_config  # noqa: E402
+from secure_fedora.config import ExperimentConfig, config_hash, load_config  # noqa: E402
 from secure_fedora.methods import FederatedMethod, MethodContext  # noqa: E402
 from secure_fedora.partition import ClientData  # noqa: E402
 from secure_fedora.runtime import (  # noqa: E402
@@ -86,7 +88,7 @@ CELL_FILE = "cell.json"
 MANIFEST_FILE = "sweep.json"
 
 
-class SweepError(ValueError):
+class SweepError(ToolkitError, ValueError):
     """A sweep that cannot run or continue; the message names the cell, method or value."""
 
 
@@ -266,10 +268,10 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
 
 
 def _literal_methods() -> tuple[str, ...]:
-    """The method names the config schema's ``methods`` literal admits."""
-    annotation = ExperimentConfig.model_fields["methods"].annotation
-    (item,) = get_args(annotation)
-    return tuple(get_args(item))
+    """The method names the config schema's ``methods`` admits (the method registry)."""
+    from secure_fedora.registry import METHODS
+
+    return tuple(METHODS.names())
 
 
 def privacy_settings(cfg: ExperimentConfig) -> str:
@@ -400,8 +402,8 @@ def _read_cell(path: Path, cell: Cell, expected_hash: str) -> dict[str, Any]:
 
 
 def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
-    """Refuse ``out`` if it holds a sweep of another configuration; with ``write``, record
-    this configuration when ``out`` holds none yet."""
+    """Refuse ``out`` if it holds a sweep of another configuration or anything that is not a
+    sweep; with ``write``, record this configuration when ``out`` holds none yet."""
     path = out / MANIFEST_FILE
     base = _base_hash(cfg)
     if path.exists():
@@ -415,6 +417,11 @@ def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
                 "use a new --out directory"
             )
         return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SweepError(
+            f"{out} is not a sweep directory (it holds files but no {MANIFEST_FILE}); "
+            "use a new --out directory"
+        )
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -714,7 +721,8 @@ def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow]) ->
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run ``secure-fedora sweep``; returns the exit code (2 for a sweep that cannot run)."""
+    """Run ``secure-fedora sweep``; returns 0, or raises :class:`SweepError` (or another
+    toolkit error) for a sweep that cannot run (the entry point prints it, exit code 2)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -744,12 +752,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if rnd == total:
                 progress.advance(overall)
 
-        try:
-            result = run_sweep(cfg, args.out, methods, seeds, args.epsilons,
-                               on_cell=on_cell, on_round=on_round)
-        except SweepError as err:
-            err_console.print(f"[red]error:[/red] {err}")
-            return 2
+        result = run_sweep(cfg, args.out, methods, seeds, args.epsilons,
+                           on_cell=on_cell, on_round=on_round)
     console = Console()
     console.print((Path(args.out) / "sweep.md").read_text())
     console.print(f"cells run: {len(result.ran)}, skipped (already finished): {len(result.skipped)}")
@@ -778,18 +782,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m secure_fedora.sweep``) until the CLI wires it."""
+    """Stand-alone entry point (``python -m secure_fedora.sweep``); errors are reported as by
+    the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
+    from secure_fedora.errors import add_debug_flag, run_command, split_debug_flag
+
+    argv, debug = split_debug_flag(argv)
     parser = argparse.ArgumentParser(prog="secure-fedora")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as err:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
-        return 2
+    return run_command(args.func, args, debug=debug)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ tensor payload. The receiver accepts a message only if
   header, or a key that is not the allowlisted one);
 - it is addressed to the receiver, has the expected kind, and the payload hashes to the
   signed digest (:class:`~privacy.envelope.PayloadHashMismatchError`: tampered payload);
+- it is bound to this transport's exchange (``context``, e.g. ``"<run>/<method>"``:
+  :class:`~privacy.envelope.WrongContextError` for a message of another method's exchange);
+- it is not larger than the cap (the exact size of the expected tensor plus the header cap,
+  or ``max_message_bytes`` for opaque payloads: :class:`~privacy.envelope.MessageTooLargeError`,
+  checked before anything is parsed or hashed); input that is not bytes is a rejection too;
 - its round is the current one (stale / future round errors) and its nonce was never
   accepted before (:class:`~privacy.envelope.ReplayedNonceError`); the nonce memory of every
   receiving party is a file under ``state_dir``, so a replay is caught after a restart;
@@ -65,6 +70,8 @@ import torch
 from torch import Tensor
 
 from privacy.envelope import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
     SECURITY_LOGGER,
     EnvelopeError,
     EnvelopeVerifier,
@@ -76,6 +83,7 @@ from privacy.envelope import (
     encode_message,
     make_envelope,
 )
+from privacy.errors import ToolkitError
 from privacy.identity import (
     ALLOWLIST_FILENAME,
     SERVER_ID,
@@ -143,7 +151,7 @@ ValueCheck = Callable[[Tensor], "str | None"]
 problem (the message is then rejected with :class:`InvalidValueError`)."""
 
 
-class TransportError(Exception):
+class TransportError(ToolkitError):
     """The transport cannot be set up or used as asked (keys, state directory, arguments)."""
 
 
@@ -286,6 +294,16 @@ class TransportStats:
         return asdict(self)
 
 
+def _tensor_message_cap(expected_shape: Sequence[int], dtype: torch.dtype | None) -> int | None:
+    """The largest wire message that can hold a tensor of ``expected_shape`` and ``dtype``
+    (header cap + tensor encoding); None when a dimension is open (``-1``) or the dtype is."""
+    shape = [int(d) for d in expected_shape]
+    if dtype not in _DTYPE_CODES or any(d < 0 for d in shape):
+        return None
+    width = _CODE_DTYPES[_DTYPE_CODES[dtype]][1].itemsize
+    return 8 + DEFAULT_MAX_HEADER_BYTES + _HEAD.size + 8 * len(shape) + width * math.prod(shape)
+
+
 def _check_int(value: object, name: str, low: int = 0, high: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (
         high is not None and value >= high
@@ -319,8 +337,12 @@ class SecureTransport:
         *,
         parties: Iterable[str] | None = None,
         max_round_lag: int = 0,
+        context: str = "",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.num_clients = _check_int(num_clients, "num_clients", 1)
+        self.context = context
+        self.max_message_bytes = _check_int(max_message_bytes, "max_message_bytes", 1)
         self.client_ids = client_ids(num_clients)
         key_dir = Path(key_dir)
         allowlist = load_allowlist(key_dir / ALLOWLIST_FILENAME)
@@ -352,27 +374,31 @@ class SecureTransport:
             if party == SERVER_ID:
                 self._verifiers[party] = EnvelopeVerifier(
                     clients_only, party, max_round_lag=max_round_lag,
-                    state_path=self.state_dir / f"{party}.nonces.jsonl",
+                    state_path=self.state_dir / f"{party}.nonces.jsonl", context=context,
                 )
             else:
                 self._verifiers[party] = EnvelopeVerifier(
-                    server_only, party, max_round_lag=max_round_lag, journal=journal)
+                    server_only, party, max_round_lag=max_round_lag, journal=journal,
+                    context=context)
         self.stats = TransportStats()
 
     @classmethod
     def for_simulation(cls, run_dir: str | os.PathLike[str], num_clients: int, method: str,
-                       *, max_round_lag: int = 0) -> SecureTransport:
-        """The in-process transport of one method's run: keys in ``run_dir/keys`` (created with
-        every party's keys, 0600, if there is no allowlist yet -- the layout the privacy ledgers
-        use) and nonce state in ``run_dir/transport/<method>`` (each method numbers its rounds
-        from 1, so each needs its own replay window)."""
+                       *, max_round_lag: int = 0, key_dir: str | os.PathLike[str] | None = None,
+                       context: str | None = None) -> SecureTransport:
+        """The in-process transport of one method's run: keys in ``key_dir`` (default
+        ``run_dir/keys``; created with every party's keys, 0600, if there is no allowlist yet
+        -- a DP run passes its key store, which holds the ledger keys) and nonce state in
+        ``run_dir/transport/<method>`` (each method numbers its rounds from 1, so each needs
+        its own replay window). Envelopes are bound to ``context`` (default: ``method``), so a
+        message of one method's exchange is rejected by another's."""
         validate_party_id(method)
         run_dir = Path(run_dir)
-        key_dir = run_dir / "keys"
-        if not (key_dir / ALLOWLIST_FILENAME).exists():
-            init_keys(key_dir, [SERVER_ID, *client_ids(num_clients)])
-        return cls(key_dir, run_dir / "transport" / method, num_clients,
-                   max_round_lag=max_round_lag)
+        keys = Path(key_dir) if key_dir is not None else run_dir / "keys"
+        if not (keys / ALLOWLIST_FILENAME).exists():
+            init_keys(keys, [SERVER_ID, *client_ids(num_clients)])
+        return cls(keys, run_dir / "transport" / method, num_clients,
+                   max_round_lag=max_round_lag, context=method if context is None else context)
 
     # -- helpers -------------------------------------------------------------------------
     def client_id(self, client: int) -> str:
@@ -393,7 +419,8 @@ class SecureTransport:
     def _send(self, rnd: int, sender: str, recipient: str, kind: str, payload: bytes) -> bytes:
         _check_int(rnd, "round")
         start = time.perf_counter()
-        envelope = make_envelope(self._identity(sender), recipient, rnd, kind, payload)
+        envelope = make_envelope(self._identity(sender), recipient, rnd, kind, payload,
+                                 context=self.context)
         message = encode_message(envelope, payload)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += len(message)
@@ -401,13 +428,14 @@ class SecureTransport:
         return message
 
     def _open(self, rnd: int, receiver: str, message: bytes, kind: str,
-              expected_sender: str | None, batch: VerificationBatch) -> tuple[str, bytes]:
+              expected_sender: str | None, batch: VerificationBatch,
+              max_bytes: int | None = None) -> tuple[str, bytes]:
         """Verify one message for ``receiver`` inside ``batch`` (its nonce stays pending until
-        the batch commits); returns (sender, payload) or raises EnvelopeError."""
-        if not isinstance(message, (bytes, bytearray, memoryview)):
-            raise TypeError(f"messages must be bytes, got {type(message).__name__}")
+        the batch commits); returns (sender, payload) or raises EnvelopeError. A message
+        over ``max_bytes`` (and the transport's cap) or not bytes is rejected unparsed."""
         verifier = self._verifier(receiver)
-        envelope, payload = decode_message(message)
+        cap = self.max_message_bytes if max_bytes is None else min(max_bytes, self.max_message_bytes)
+        envelope, payload = decode_message(message, max_bytes=cap)
         if (expected_sender is not None and envelope.sender != expected_sender
                 and envelope.sender in verifier.allowlist):
             raise _log(SenderMismatchError(
@@ -420,11 +448,12 @@ class SecureTransport:
     def _receive_batch(
         self, rnd: int, receiver_of: Callable[[int], str], messages: Mapping[int, bytes],
         kind: str, sender_of: Callable[[int], str], direction: str,
-        decode: Callable[[int, str, bytes], Any],
+        decode: Callable[[int, str, bytes], Any], max_bytes: int | None = None,
     ) -> tuple[dict[int, Any], list[Rejection], list[EnvelopeError]]:
         """Verify all ``messages``, make the new nonces of every receiving party durable (one
         append + fsync per party), then decode the payloads. Rejections come back sorted by
-        client index."""
+        client index. ``max_bytes`` caps each message (e.g. the exact size of the expected
+        tensor plus the header cap)."""
         _check_int(rnd, "round")
         start = time.perf_counter()
         for client in messages:
@@ -441,10 +470,11 @@ class SecureTransport:
                     batch = batches[receiver] = self._verifier(receiver).batch()
                 try:
                     verified[client] = self._open(rnd, receiver, message, kind,
-                                                  sender_of(client), batch)
+                                                  sender_of(client), batch, max_bytes)
                 except EnvelopeError as err:
                     failed[client] = err
-                self.stats.bytes_received += len(message)
+                if isinstance(message, (bytes, bytearray, memoryview)):
+                    self.stats.bytes_received += memoryview(message).nbytes
             # write-ahead: all nonces durable (one fsync per state file) before any decoding
             commit_batches(list(batches.values()))
         finally:
@@ -517,7 +547,8 @@ class SecureTransport:
         """
         accepted, rejections, _ = self._receive_batch(
             rnd, self._server, messages, kind, self.client_id, "upload",
-            self._tensor_decoder(rnd, self._server, kind, expected_shape, dtype, check))
+            self._tensor_decoder(rnd, self._server, kind, expected_shape, dtype, check),
+            _tensor_message_cap(expected_shape, dtype))
         return accepted, rejections
 
     def server_receive_bytes(
@@ -545,7 +576,8 @@ class SecureTransport:
         :class:`~privacy.envelope.EnvelopeError` (already logged) if it must be dropped."""
         accepted, _, errors = self._receive_batch(
             rnd, self.client_id, {client: message}, kind, self._server_sender, "download",
-            self._tensor_decoder(rnd, self.client_id, kind, expected_shape))
+            self._tensor_decoder(rnd, self.client_id, kind, expected_shape),
+            _tensor_message_cap(expected_shape, torch.float32))
         if errors:
             raise errors[0]
         return accepted[client]
@@ -569,7 +601,8 @@ class SecureTransport:
         any payload is decoded."""
         accepted, rejections, _ = self._receive_batch(
             rnd, self.client_id, messages, kind, self._server_sender, "download",
-            self._tensor_decoder(rnd, self.client_id, kind, expected_shape, dtype))
+            self._tensor_decoder(rnd, self.client_id, kind, expected_shape, dtype),
+            _tensor_message_cap(expected_shape, dtype))
         return accepted, rejections
 
     @staticmethod

@@ -7,3 +7,14 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+# DP runs keep their private keys in a key store outside the run directory, by default under
+# the user's home; tests use a throw-away home for those stores instead.
+if "SECURE_FEDORA_KEYSTORE_HOME" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _KEYSTORE_HOME = tempfile.mkdtemp(prefix="secure-fedora-test-keystores-")
+    os.environ["SECURE_FEDORA_KEYSTORE_HOME"] = _KEYSTORE_HOME
+    atexit.register(shutil.rmtree, _KEYSTORE_HOME, ignore_errors=True)

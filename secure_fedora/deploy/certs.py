@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from privacy.errors import ToolkitError
+
 __all__ = [
     "CertificateError",
     "CertificatePaths",
@@ -51,7 +53,7 @@ _HOSTNAME_RE = re.compile(
 _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class CertificateError(ValueError):
+class CertificateError(ToolkitError, ValueError):
     """Raised for an invalid host name, node name, validity period or output directory."""
 
 
@@ -152,7 +154,7 @@ def make_certificates(
     if not overwrite:
         for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key):
             if path.exists():
-                raise CertificateError(f"{path} already exists (pass overwrite=True to replace it)")
+                raise CertificateError(f"{path} already exists (--force on the command line, overwrite=True in Python, replaces it)")
     out.mkdir(parents=True, exist_ok=True)
 
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -278,7 +280,7 @@ def make_node_keys(
             for path in (paths.private_key, paths.public_key):
                 if path.exists():
                     raise CertificateError(
-                        f"{path} already exists (pass overwrite=True to replace it)"
+                        f"{path} already exists (--force on the command line, overwrite=True in Python, replaces it)"
                     )
     out.mkdir(parents=True, exist_ok=True)
     for paths in result:

@@ -7,7 +7,7 @@
   [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]``
 
 Every command sets ``func`` (returning the exit code), as the main CLI expects. Failures
-print one clear error line and return exit code 2.
+raise the toolkit's errors, which the main CLI prints as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -55,19 +55,15 @@ def _positive_float(value: str) -> float:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """Write a CA, a server certificate for ``--host`` and optionally ``--nodes`` node keys."""
-    from secure_fedora.deploy.certs import CertificateError, make_certificates, make_node_keys
+    from secure_fedora.deploy.certs import make_certificates, make_node_keys
 
     out = Path(args.out)
-    try:
-        paths = make_certificates(out, args.host, valid_days=args.days, overwrite=args.force)
-        keys = (
-            make_node_keys(out / "keys", [f"node-{i}" for i in range(args.nodes)], overwrite=args.force)
-            if args.nodes
-            else []
-        )
-    except (CertificateError, OSError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    paths = make_certificates(out, args.host, valid_days=args.days, overwrite=args.force)
+    keys = (
+        make_node_keys(out / "keys", [f"node-{i}" for i in range(args.nodes)], overwrite=args.force)
+        if args.nodes
+        else []
+    )
     report = {
         "ca_cert": str(paths.ca_cert),
         "server_cert": str(paths.server_cert),
@@ -81,9 +77,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_local(args: argparse.Namespace) -> int:
     """Run FEDORA on a local TLS + node-authenticated Flower deployment, then stop it."""
-    from secure_fedora.config import ConfigError
     from secure_fedora.deploy.local import RunTimeouts, deploy_local
-    from secure_fedora.deploy.protocol import DeployError
 
     timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
     try:
@@ -98,9 +92,6 @@ def cmd_local(args: argparse.Namespace) -> int:
             max_in_flight=args.max_in_flight,
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {msg}"),
         )
-    except (DeployError, ConfigError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted:[/red] every started process was stopped")
         return 130
@@ -153,8 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="torch threads per ServerApp / ClientApp process (default 1)")
     local.add_argument(
         "--reproducible-dp-noise", action="store_true",
-        help="allow privacy.noise_seed = 'experiment' (test deployments only: the server knows "
-        "the seed, so there is no DP guarantee against it; the results say so)",
+        help="run with privacy.noise = 'reproducible' (DP noise seeded from the experiment seed; "
+        "test deployments only: the server knows the seed, so there is no DP guarantee against "
+        "it; the results say so)",
     )
     local.add_argument(
         "--key-holder", type=_non_negative_int, default=0,

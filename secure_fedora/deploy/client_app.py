@@ -51,6 +51,7 @@ from privacy.identity import (
     client_ids,
     load_allowlist,
 )
+from privacy.noise import NoiseSource, make_noise_source
 from secure_fedora import fedora
 from secure_fedora.client import (
     FlatModel,
@@ -90,8 +91,14 @@ from secure_fedora.deploy.state import (
 )
 from secure_fedora.models import make_model
 from secure_fedora.partition import ClientData
-from secure_fedora.private import FederationPrivacy, noise_generator_seed
-from secure_fedora.runtime import NUM_CLASSES, atomic_write_text, build_clients, train_config
+from secure_fedora.private import FederationPrivacy
+from secure_fedora.runtime import (
+    NUM_CLASSES,
+    atomic_write_text,
+    build_clients,
+    client_generator,
+    train_config,
+)
 
 __all__ = [
     "HANDLERS",
@@ -165,11 +172,12 @@ def _load_or_init_state(
         config_hash=settings.config_hash,
         theta=init,
         phi=init.clone(),
-        # The client's RNG (batches, DP noise), seeded as the in-process runtime seeds it; its
-        # state is saved after every use, so a restart continues the same stream.
-        generator_state=torch.Generator()
-        .manual_seed(noise_generator_seed(settings.experiment, node.partition_id))
-        .get_state(),
+        # The client's training-order RNG (non-private batches), seeded as the in-process
+        # runtime seeds it; its state is saved after every use, so a restart continues it.
+        generator_state=client_generator(settings.experiment.seed, node.partition_id).get_state(),
+        noise_state=_noise_source(settings.experiment, node.partition_id, None).checkpoint_state()
+        if settings.experiment.privacy.enabled and settings.experiment.privacy.noise == "reproducible"
+        else None,
     )
     state.save(path)
     return state
@@ -193,6 +201,7 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
                 return ClientPlan(
                     doc["dpsgd_noise"], doc["summary_noise"], doc["lambda_noise"],
                     tuple(PlannedRelease(**r) for r in doc["releases"]),
+                    doc.get("accountant", ""),
                 )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable cache: recalibrate below and overwrite it
@@ -203,6 +212,7 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
         "summary_noise": plan.summary_noise,
         "lambda_noise": plan.lambda_noise,
         "releases": [dict(r.__dict__) for r in plan.releases],
+        "accountant": plan.accountant,
     }
     atomic_write_text(path, json.dumps(doc))
     return plan
@@ -226,6 +236,7 @@ def _open_privacy(
     from privacy.pipeline import BudgetGate
     from secure_fedora.private import (
         ClientPrivacy,
+        choose_accountant,
         client_budget,
         privacy_plan,
         sample_rate_for,
@@ -245,10 +256,8 @@ def _open_privacy(
                         lambda: privacy_plan(cfg, "fedora", budget))
     ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid, load_identity(node.identity_dir, cid).signing_key)
     try:
-        accountant = (
-            replay_accountant(ledger.entries, cfg.privacy.accountant)
-            if ledger.entries else Accountant(cfg.privacy.accountant)
-        )
+        kind = plan.accountant or choose_accountant(cfg, "fedora", [budget]).name
+        accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
     except BaseException:
         ledger.close()
@@ -268,6 +277,15 @@ def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
         "epsilon-budget": float(c.budget.epsilon),
         "ledger-entries": len(c.ledger.entries),
     }
+
+
+def _ledger_record(privacy: FederationPrivacy | None) -> ConfigRecord | None:
+    """This client's ledger head (entry count and SHA-256 of its last line), reported with
+    each round reply (signed with it) so the server can anchor it outside the client."""
+    if privacy is None:
+        return None
+    entries, head = privacy.clients[0].ledger.head
+    return ConfigRecord({"entries": entries, "head": head})
 
 
 def _open_request(
@@ -328,6 +346,20 @@ def _timings(started: float) -> dict[str, float]:
     }
 
 
+def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor | None
+                  ) -> NoiseSource:
+    """This client's DP noise source for one message under ``privacy.noise``.
+
+    Reproducible: the generator seeded as the in-process runtime seeds it, continued from the
+    saved state. CSPRNG: a fresh key from ``os.urandom`` for every message -- nothing about it
+    is ever saved (``NodeState.noise_state`` stays None), so a restart, like every message,
+    draws fresh independent noise, which the ledger's accounting already covers.
+    """
+    noise = make_noise_source(cfg.privacy.noise, cfg.seed, partition_id)
+    noise.restore_state(saved)
+    return noise
+
+
 def _train(
     cfg: ExperimentConfig,
     client: ClientData,
@@ -340,13 +372,15 @@ def _train(
 
     The same sequence as ``Fedora.train_round`` for one client: the regularization weight
     (exact from public validation data, or the accounted noised one), then ``local_train``
-    with plain SGD or DP-SGD, drawing from the client's generator.
+    with plain SGD (training order from the client's generator) or DP-SGD (sampling and noise
+    from the client's noise source).
     """
     generator = torch.Generator()
     generator.set_state(state.generator_state)
+    noise = _noise_source(cfg, state.client_id, state.noise_state) if privacy is not None else None
     if privacy is not None and cfg.data.validation == "private":
         lam = privacy.private_lambda(
-            0, state.theta, phi, client.val_x, client.val_y, generator, flat.bind
+            0, state.theta, phi, client.val_x, client.val_y, noise, flat.bind
         )
     else:
         loss_local = evaluate(flat, state.theta, client.val_x, client.val_y).loss
@@ -358,8 +392,9 @@ def _train(
 
         q = privacy.sample_rate
         dp = DPGradient(flat.module, cfg.privacy.max_grad_norm, q,
-                        q * cfg.data.train_per_client, generator)
-        dp.select(privacy.clients[0].noise_multiplier, generator)
+                        q * cfg.data.train_per_client, noise)
+        dp.select(privacy.clients[0].noise_multiplier, noise)
+        privacy.select_client(0, dp)  # count the DP-SGD steps this run executes
         oracle = dp
     else:
         oracle = PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm)
@@ -370,6 +405,8 @@ def _train(
     )
     state.theta = theta
     state.generator_state = generator.get_state()
+    if noise is not None:
+        state.noise_state = noise.checkpoint_state()
     return lam, steps
 
 
@@ -385,20 +422,19 @@ def _release_summary(
 
     Noised modes: the Gaussian mechanism on the clipped second moment, through the client's
     budget gate (the ledger entry is written before the summary leaves), drawing from the
-    client's generator exactly as the in-process runtime does; plain and encrypted modes: the
+    client's noise source as the in-process runtime does; plain and encrypted modes: the
     exact top-q subspace.
     """
     cfg = settings.experiment
     if "noised" not in cfg.fedora.relatedness:
         return fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
     assert privacy is not None  # the config requires privacy.enabled for the noised modes
-    generator = torch.Generator()
-    generator.set_state(state.generator_state)
+    noise = _noise_source(cfg, node.partition_id, state.noise_state)
     try:
-        u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [generator])[0]
+        u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [noise])[0]
     except BudgetExceededError as err:
         raise DeployError(f"client {node.partition_id} refused its summary: {err}") from err
-    state.generator_state = generator.get_state()
+    state.noise_state = noise.checkpoint_state()
     state.save(state_path)
     return u
 
@@ -618,6 +654,8 @@ def train_round(message: Message, context: Context) -> Message:
                 )
             if admitted:
                 lam, steps = _train(cfg, client, flat, state, phi, privacy)
+                if privacy is not None:  # executed steps == ledger entry, or no release
+                    privacy.confirm_steps(rnd, [0])
                 state.last_trained_round = rnd
                 trained_now = True
             elif state.refused_round == 0:
@@ -629,7 +667,12 @@ def train_round(message: Message, context: Context) -> Message:
             ).accuracy
             state.last_eval_round = rnd
         state.save(state_path)
+        if privacy is not None and rnd == cfg.training.rounds:
+            # The run's last round: the ledger is finished (its releases of this round are
+            # already on it), so it ends with its signed close entry (idempotent on retries).
+            privacy.close_ledgers(rnd)
         privacy_metrics = _privacy_metrics(privacy)
+        ledger_head = _ledger_record(privacy)
         refusal = privacy.clients[0].refusal if privacy is not None else None
     finally:
         if privacy is not None:
@@ -641,6 +684,8 @@ def train_round(message: Message, context: Context) -> Message:
         content["theta"] = tensor_to_array_record("theta", state.theta)
     elif participate and refusal:
         content["refusal"] = ConfigRecord({"reason": refusal})
+    if ledger_head is not None:
+        content["ledger"] = ledger_head
     content["metrics"] = MetricRecord(
         {
             **privacy_metrics,

@@ -63,7 +63,12 @@ from secure_fedora.deploy.certs import (
     make_node_keys,
 )
 from secure_fedora.deploy.processes import ManagedProcess, ProcessError, stop_all
-from secure_fedora.deploy.protocol import DeployError, check_supported, make_run_config
+from secure_fedora.deploy.protocol import (
+    DeployError,
+    check_supported,
+    make_run_config,
+    with_reproducible_noise,
+)
 
 __all__ = [
     "APP_DIR",
@@ -604,7 +609,7 @@ def deploy_local(
     including on KeyboardInterrupt.
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
-    cfg = with_num_clients(cfg, num_clients)
+    cfg = with_reproducible_noise(with_num_clients(cfg, num_clients), reproducible_dp_noise)
     check_supported(cfg, reproducible_dp_noise)
     if not 0 <= key_holder < cfg.data.num_clients:
         raise DeployError(

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from privacy.errors import ToolkitError
+
 __all__ = [
     "ManagedProcess",
     "ProcessError",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class ProcessError(RuntimeError):
+class ProcessError(ToolkitError, RuntimeError):
     """A managed process failed to start, exited unexpectedly or did not become ready."""
 
 

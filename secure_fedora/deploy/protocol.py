@@ -64,6 +64,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, parse_config
 
 __all__ = [
@@ -109,7 +110,7 @@ RUN_CONFIG_KEYS = (
 )
 
 
-class DeployError(RuntimeError):
+class DeployError(ToolkitError, RuntimeError):
     """A deployment-level failure: bad node or run config, missing nodes, failed run."""
 
 
@@ -122,17 +123,18 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
     propagation (``fedora.propagation = "encrypted"``); running it any other way would silently
     weaken what the config asks for, so it is an error naming the setting.
 
-    DP noise seeded from the experiment seed (``privacy.noise_seed = "experiment"``) is
-    refused unless ``reproducible_dp_noise``: the server distributes the config, seed
+    Reproducible DP noise (``privacy.noise = "reproducible"``, seeded from the experiment
+    seed) is refused unless ``reproducible_dp_noise``: the server distributes the config, seed
     included, so it could regenerate every client's noise; the DP guarantee would not hold
     against the very party it is meant for. With the flag (test deployments, runtime
-    comparisons) the results record that assumption.
+    comparisons; :func:`with_reproducible_noise` sets the mode from it) the results record
+    that assumption.
     """
     problems = []
-    if cfg.privacy.enabled and cfg.privacy.noise_seed == "experiment" and not reproducible_dp_noise:
+    if cfg.privacy.enabled and cfg.privacy.noise == "reproducible" and not reproducible_dp_noise:
         problems.append(
-            "privacy.noise_seed = 'experiment' (the server knows the seed it distributes and "
-            "could reproduce the DP noise; use 'os_random', or pass reproducible-dp-noise for a "
+            "privacy.noise = 'reproducible' (the server knows the seed it distributes and "
+            "could reproduce the DP noise; use 'csprng', or pass reproducible-dp-noise for a "
             "test deployment without a DP guarantee against the server)"
         )
     if "fedora" not in cfg.methods:
@@ -142,13 +144,36 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             "fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear over "
             "TLS; use 'dense' or 'power', or the in-process runtime for encrypted propagation)"
         )
+    for key, value, default in (("data.source", cfg.data.source, None),
+                                ("model.factory", cfg.model.factory, None),
+                                ("training.loss", cfg.training.loss, "cross_entropy")):
+        if value != default:
+            problems.append(
+                f"{key} = {value!r} (user data, models and losses run in process, "
+                "`secure-fedora run` or the Python API; the Flower apps build the built-in ones)"
+            )
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 
 
+def with_reproducible_noise(cfg: ExperimentConfig, reproducible_dp_noise: bool) -> ExperimentConfig:
+    """``cfg`` with ``privacy.noise = "reproducible"`` when the reproducible-dp-noise flag is
+    set and DP is on (the flag selects that mode); otherwise ``cfg`` unchanged."""
+    if not (reproducible_dp_noise and cfg.privacy.enabled) or cfg.privacy.noise == "reproducible":
+        return cfg
+    return cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"noise": "reproducible"})})
+
+
 def experiment_to_run_config(cfg: ExperimentConfig) -> str:
-    """The run-config value that carries ``cfg`` (canonical JSON of the validated model)."""
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """The run-config value that carries ``cfg`` (canonical JSON of the validated model).
+
+    ``security.keystore`` is left out when unset: the in-process key store is a local
+    setting that the Flower parties (each with its own identity directory) never use, and an
+    unset value does not enter the config hash either."""
+    doc = cfg.model_dump(mode="json")
+    if doc.get("security", {}).get("keystore") is None:
+        doc.get("security", {}).pop("keystore", None)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
 def make_run_config(
@@ -171,10 +196,11 @@ def make_run_config(
     keys and the federation's ``allowlist.json``), ``server_state_dir`` where the ServerApp
     keeps its envelope nonce memory, ``key_holder`` the client index that runs the CKKS key
     ceremony in the encrypted relatedness modes, ``max_in_flight`` how many messages of one
-    exchange the ServerApp keeps outstanding at once (0: all).
+    exchange the ServerApp keeps outstanding at once (0: all). ``reproducible_dp_noise``
+    runs a DP config with ``privacy.noise = "reproducible"`` (:func:`with_reproducible_noise`).
     """
     return {
-        "experiment": experiment_to_run_config(cfg),
+        "experiment": experiment_to_run_config(with_reproducible_noise(cfg, reproducible_dp_noise)),
         "result-dir": str(result_dir.resolve()) if result_dir is not None else "",
         "connect-timeout": float(connect_timeout),
         "round-timeout": float(round_timeout),
@@ -239,6 +265,7 @@ class RunSettings:
             raise DeployError(
                 f"run config key 'reproducible-dp-noise' must be true or false; got {reproducible!r}"
             )
+        cfg = with_reproducible_noise(cfg, reproducible)  # the flag selects the mode
         dirs: dict[str, Path] = {}
         for key in ("identity-dir", "server-state-dir"):
             value = run_config[key]

@@ -62,7 +62,7 @@ from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
 from secure_fedora import __version__, fedora
 from secure_fedora.client import FlatModel
-from secure_fedora.config import ExperimentConfig
+from secure_fedora.config import ExperimentConfig, model_selection
 from secure_fedora.deploy.ceremony import (
     CeremonyError,
     encrypted_rows,
@@ -84,6 +84,7 @@ from secure_fedora.deploy.protocol import (
     tensor_to_array_record,
 )
 from secure_fedora.models import make_model
+from secure_fedora.private import noise_assumptions
 from secure_fedora.runtime import (
     NUM_CLASSES,
     Tracker,
@@ -272,7 +273,7 @@ class _Server:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     relatedness_timing: dict[str, Any] = field(default_factory=dict)
     relatedness_details: dict[str, Any] = field(default_factory=dict)
-    privacy: dict[int, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)
     ckks_context: Any = None  # the public CKKS context (encrypted modes); never a secret key
 
@@ -402,6 +403,21 @@ def _first_contact(
         server.node_of_client[cid] = node
         accepted[cid] = (reply, envelope)
     return accepted, ex.timing
+
+
+def _reported_head(reply: Message) -> dict[str, Any]:
+    """The ledger head a client reported with its round reply (covered by the reply's
+    signed envelope): ``{"ledger_head": hex}``; empty when it reported none. Raises
+    ValueError for a malformed record (the reply is then rejected as malformed)."""
+    if "ledger" not in reply.content:
+        return {}
+    record = reply.content["ledger"]
+    head = record.get("head") if isinstance(record, ConfigRecord) else None
+    entries = record.get("entries") if isinstance(record, ConfigRecord) else None
+    if not isinstance(head, str) or len(head) != 64 or set(head) - set("0123456789abcdef") \
+            or isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
+        raise ValueError("ledger record must hold entries (int) and head (64 hex digits)")
+    return {"ledger_head": head, "ledger_entries": entries}
 
 
 def _require_all(server: _Server, have: Any, nodes: list[int], what: str) -> None:
@@ -679,7 +695,8 @@ def _round(
             privacy = (
                 {"epsilon_spent": float(metrics["epsilon-spent"]),
                  "epsilon_budget": float(metrics["epsilon-budget"]),
-                 "ledger_entries": int(metrics["ledger-entries"])}
+                 "ledger_entries": int(metrics["ledger-entries"]),
+                 **_reported_head(reply)}
                 if "epsilon-spent" in metrics else None
             )
         except EnvelopeError as err:
@@ -727,7 +744,7 @@ def _round(
         row.update(
             test_mean=float(tracker.last_test.mean()),
             test_min=float(tracker.last_test.min()),
-            val_mean=float(tracker.last_val.mean()),
+            val_mean=None if bool(tracker.select_final) else float(tracker.last_val.mean()),
             selected_mean=float(tracker.test_at_best.mean()),
             selected_round=int(tracker.best_round),
         )
@@ -738,6 +755,10 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
     """Run FEDORA over the grid; returns (and writes) the results document."""
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise)
+    if cfg.privacy.enabled:  # a plan over any client's budget stops here, before any message
+        from secure_fedora.private import check_budget_plans
+
+        check_budget_plans(cfg, "fedora", cfg.data.num_clients)
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
     security = MessageSecurity.for_server(
@@ -752,7 +773,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
     init = FlatModel(make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)).initial_vector()
     server.theta = init.unsqueeze(0).repeat(n, 1)
     server.phi = server.theta.clone()
-    tracker = Tracker.empty(n)
+    tracker = Tracker.empty(n, select_final=model_selection(cfg) == "final_round")
     tracker.last_val.copy_(val0)
     tracker.last_test.copy_(test0)
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
@@ -781,11 +802,13 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
             "differential_privacy": cfg.privacy.enabled,
             "dp_noise": (
                 None if not cfg.privacy.enabled
-                else "os_random: each client seeds its generator from os.urandom (not a CSPRNG)"
-                if cfg.privacy.noise_seed == "os_random"
-                else "seeded from the experiment seed, which the server knows: no DP guarantee "
-                "against the server (reproducible-dp-noise test deployment)"
+                else "csprng: each client draws a fresh ChaCha20 key from os.urandom per message "
+                "(never stored); Gaussians hardened against floating-point attacks"
+                if cfg.privacy.noise == "csprng"
+                else "reproducible: seeded from the experiment seed, which the server knows: no DP "
+                "guarantee against the server (reproducible-dp-noise test deployment)"
             ),
+            **noise_assumptions(cfg),
             "transport": "TLS; node authentication is a SuperLink setting",
             "envelopes": (
                 "every message signed (Ed25519, privacy.envelope) over a digest of its whole "
@@ -805,6 +828,7 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
                     for c in range(n)
                 ],
                 "note": "as last reported by each client; its signed ledger is the record",
+                **noise_assumptions(cfg),
             }
             if cfg.privacy.enabled
             else None
@@ -828,7 +852,29 @@ def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]
         "seconds_total": round(time.time() - started, 3),
     }
     server.write("results.json", results)
+    if cfg.privacy.enabled and server.settings.result_dir is not None:
+        _write_server_anchor(server, results)
     return results
+
+
+def _write_server_anchor(server: _Server, results: dict[str, Any]) -> None:
+    """Sign (server key) and write ``result-dir/anchor.json``: the ledger heads the clients
+    reported with their round replies, and the digest of results.json. A client that never
+    reported a head is left out (its ledger then fails an anchored audit)."""
+    from secure_fedora.anchor import build_anchor, write_anchor
+
+    ledgers = {
+        f"fedora/{server.client_ids[c]}": {
+            "entries": row["ledger_entries"], "head": row["ledger_head"],
+            "epsilon_spent": row["epsilon_spent"]}
+        for c, row in sorted(server.privacy.items()) if "ledger_head" in row
+    }
+    assert server.settings.result_dir is not None
+    doc = build_anchor(server.settings.result_dir, run_name=server.cfg.name,
+                       config_hash=server.settings.config_hash, methods=["fedora"],
+                       ledgers=ledgers, signer=server.security.identity, runtime="flower",
+                       files=("results.json",))
+    write_anchor(server.settings.result_dir, doc)
 
 
 @app.main()

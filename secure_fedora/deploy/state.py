@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora.data import fingerprint_clients
 from secure_fedora.partition import ClientData
 from secure_fedora.runtime import CheckpointError, load_checkpoint, save_checkpoint
@@ -53,7 +54,7 @@ _STATE_FORMAT = "secure-fedora/node-state/v1"
 _JOURNAL_GENESIS = "0" * 64
 
 
-class NodeStateError(RuntimeError):
+class NodeStateError(ToolkitError, RuntimeError):
     """A SuperNode's on-disk state is missing, corrupt, or belongs to another setup."""
 
 
@@ -113,13 +114,16 @@ class NodeState:
     config_hash: str
     theta: Tensor
     phi: Tensor
-    generator_state: Tensor
+    generator_state: Tensor  # the training-order generator (not DP noise)
     last_trained_round: int = 0
     last_received_round: int = 0
     last_eval_round: int = 0
     last_val_accuracy: float = float("nan")
     last_test_accuracy: float = float("nan")
     refused_round: int = 0  # round of the first refused release (0: none)
+    # DP noise generator state, only with privacy.noise = "reproducible" (derivable from the
+    # config anyway). With "csprng" it is always None: no key or stream state is ever saved.
+    noise_state: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint mapping written by :meth:`save`."""

@@ -1,9 +1,11 @@
 """Real run directories for the audit tests: real keys, real ledgers, real accountants.
 
 ``build_run_dir`` writes what a DP run writes: ``config.toml``, ``results.json``,
-``keys/`` (init_keys: allowlist + PEM keys) and ``ledgers/<client>.jsonl`` produced by the
-real release pipeline (Accountant -> BudgetGate -> LedgerWriter), with DP-SGD records taken
-from a real :class:`privacy.dpsgd.DPSGD` that trained a small model on real steps.
+``keys/`` (public keys only, published from a key store *outside* the run directory, at
+``keystore_of(run)``), ``ledgers/<client>.jsonl`` produced by the real release pipeline
+(Accountant -> BudgetGate -> LedgerWriter, each ledger closed by its close entry), with
+DP-SGD records taken from a real :class:`privacy.dpsgd.DPSGD` that trained a small model on
+real steps, and the signed ``anchor.json``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,35 @@ from torch import nn
 
 from privacy.accounting import Accountant, BudgetExceededError, PrivacyBudget
 from privacy.dpsgd import DPSGD
-from privacy.identity import client_ids, default_party_ids, init_keys, load_identity
-from privacy.ledger import LedgerWriter
+from privacy.identity import client_ids, init_keys, load_identity
+from privacy.ledger import LedgerWriter, line_hash
 from privacy.mechanisms import scalar_record, summary_record
+from privacy.noise import ReproducibleNoise
 from privacy.pipeline import BudgetGate, Release
+from secure_fedora.anchor import build_anchor, write_anchor
 from secure_fedora.config import config_hash, parse_config
+from secure_fedora.keystore import OPERATOR_ID, publish_public_keys, run_party_ids
+
+
+def keystore_of(run: Path) -> Path:
+    """The key store (private keys) of a run built by :func:`build_run_dir`: beside it."""
+    return run.parent / f"{run.name}-keystore"
+
+
+def reanchor(run: Path) -> None:
+    """Re-sign ``anchor.json`` for the run directory as it is now (as a forger holding the
+    operator key would): current ledger heads and results/config digests."""
+    doc = json.loads((run / "results.json").read_text())
+    ledgers = {}
+    for path in sorted((run / "ledgers").glob("*/*.jsonl")):
+        lines = path.read_text().splitlines()
+        ledgers[f"{path.parent.name}/{path.stem}"] = {
+            "entries": len(lines), "head": line_hash(lines[-1]) if lines else "0" * 64,
+            "epsilon_spent": max((json.loads(x)["epsilon_after"] for x in lines), default=0.0)}
+    anchor = build_anchor(run, run_name=doc["name"], config_hash=doc["config_hash"],
+                          methods=list(doc["methods"]), ledgers=ledgers,
+                          signer=load_identity(keystore_of(run), OPERATOR_ID))
+    write_anchor(run, anchor)
 
 
 def _dpsgd_record(noise_multiplier: float, sample_rate: float, steps: int):
@@ -35,9 +61,10 @@ def _dpsgd_record(noise_multiplier: float, sample_rate: float, steps: int):
     x = torch.randn(64, 8, generator=gen)
     y = torch.randint(0, 3, (64,), generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with DPSGD(model, 1.0, noise_multiplier, 64 * sample_rate, gen) as dp:
+    noise = ReproducibleNoise(0)
+    with DPSGD(model, 1.0, noise_multiplier, 64 * sample_rate, noise) as dp:
         for _ in range(steps):
-            idx = dp.sample_batch(64, sample_rate, gen)
+            idx = dp.sample_batch(64, sample_rate, noise)
             opt.zero_grad()
             dp.private_gradient(x[idx], y[idx], lambda o, t: F.cross_entropy(o, t, reduction="none"))
             opt.step()
@@ -52,8 +79,9 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
     """Write a complete DP run directory under ``root`` in the runtime's layout; return it.
 
     Layout as written by :class:`secure_fedora.runtime.Simulation` with privacy enabled:
-    ``ledgers/<method>/<client>.jsonl``, ``keys/`` (allowlist + keys), ``config.toml`` and
-    ``results.json`` with ``privacy[<method>]["clients"]`` summaries. FEDORA clients release
+    ``ledgers/<method>/<client>.jsonl`` (closed), ``keys/`` (allowlist + public keys; the
+    private keys are in ``keystore_of(root)``), ``config.toml``, ``results.json`` with
+    ``privacy[<method>]["clients"]`` summaries and ``anchor.json``. FEDORA clients release
     a noised summary (round 0), then per round DP-SGD steps and a noised lambda; Local
     clients release DP-SGD steps only.
     """
@@ -66,7 +94,7 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
         "data": {"num_clients": num_clients, "train_per_client": 128, "val_per_client": 16,
                  "test_per_client": 16, "validation": "private"},
         "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 16},
-        "fedora": {"relatedness": "noised"},
+        "fedora": {"relatedness": "noised", "k": min(2, num_clients - 1)},  # k < N
         "privacy": {"enabled": True, "epsilon": epsilon, "delta": delta,
                     "accountant": accountant, "noise_multiplier": noise_multiplier,
                     "sample_rate": sample_rate,
@@ -74,9 +102,10 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
     }
     cfg = parse_config(cfg_dict)
     (root / "config.toml").write_text(tomli_w.dumps(cfg_dict))
-    keys_dir = root / "keys"
+    keys_dir = keystore_of(root)
     ids = client_ids(num_clients)
-    init_keys(keys_dir, default_party_ids(num_clients))
+    init_keys(keys_dir, run_party_ids(num_clients))
+    publish_public_keys(keys_dir, root / "keys", run_party_ids(num_clients))
     record = _dpsgd_record(noise_multiplier, sample_rate, steps_per_round)
     privacy: dict[str, Any] = {}
     for method in methods:
@@ -100,12 +129,15 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                         gate.process(Release("model", torch.zeros(3), rnd, records))
                     except BudgetExceededError:
                         break
+                ledger.close_run(round=rounds, delta=budget.delta,
+                                 budget_epsilon=budget.epsilon, accountant=accountant)
                 per_client.append({
                     "client": cid, "epsilon_budget": budget.epsilon, "delta": budget.delta,
                     "epsilon_spent": round(ledger.last_epsilon, 6),
                     "noise_multiplier": noise_multiplier,
                     "refused_at_round": rnd if gate.closed else None,
                     "ledger_entries": ledger.head[0],
+                    "ledger_head": ledger.head[1],
                 })
         privacy[method] = {"method": method, "sample_rate": sample_rate,
                            "steps_per_round": steps_per_round, "clients": per_client,
@@ -130,6 +162,7 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
         },
     }
     (root / "results.json").write_text(json.dumps(results, indent=2))
+    reanchor(root)
     return root
 
 
@@ -141,7 +174,8 @@ def pristine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def run_copy(pristine_run: Path, tmp_path: Path) -> Path:
-    """A private, modifiable copy of the pristine run."""
+    """A private, modifiable copy of the pristine run (and of its key store)."""
     dest = tmp_path / "run"
     shutil.copytree(pristine_run, dest)
+    shutil.copytree(keystore_of(pristine_run), keystore_of(dest))
     return dest

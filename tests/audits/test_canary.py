@@ -160,6 +160,7 @@ def test_bound_is_below_the_claim_on_dp_and_clearly_above_it_without_dp():
     assert dp.private and dp.dp_source.startswith("ledger ledgers/local/client-000.jsonl")
     assert dp.claimed_epsilon == pytest.approx(1.0, rel=0.02)  # calibrated to the budget
     assert dp.epsilon_lower_bound < dp.claimed_epsilon and dp.consistent
+    assert dp.rounds_scored == 5 and 1 <= dp.selected_round <= 5  # every round's release
     plain = run_canary_audit(_cfg(False, rounds=15, lr=0.05), num_canaries=300)
     assert not plain.private and math.isinf(plain.claimed_epsilon)
     # memorized canaries: members have far lower loss than non-members
@@ -181,7 +182,7 @@ def test_canary_audit_argument_errors():
 
 def test_ledger_claim_refuses_refused_clients_and_missing_ledgers(pristine_run):
     eps, delta, n = _ledger_claim(pristine_run, "fedora", "client-000")
-    assert eps > 0 and delta == 1e-5 and n == 9
+    assert eps > 0 and delta == 1e-5 and n == 10  # 9 releases and the close entry
     with pytest.raises(CanaryAuditError, match="refused"):
         _ledger_claim(pristine_run, "fedora", "client-002")
     with pytest.raises(CanaryAuditError, match="no ledger"):
@@ -202,3 +203,64 @@ def test_mislabeled_pool_uses_unused_test_images_rotated_like_the_client():
     assert bool((canaries.y != y).all())
     with pytest.raises(CanaryAuditError, match="unused by the clients"):
         _mislabeled_pool(cfg, clients, 1, 2001)
+
+
+def test_certifiable_maximum_is_the_perfect_attackers_bound_in_closed_form():
+    from audits.canary import certifiable_maximum
+    a = 0.05 / 2  # each one-sided interval at half the error
+    closed = math.log((a ** (1 / 75) - 1e-5) / (1 - a ** (1 / 75)))
+    assert certifiable_maximum(75, 75, 1e-5, 0.95) == pytest.approx(closed, rel=1e-9)
+    assert 2.9 < closed < 3.1  # 300 canaries: the "about 3.0-3.1"
+    values = [certifiable_maximum(n, n, 1e-5) for n in (10, 75, 500, 5000)]
+    assert all(b > a_ for a_, b in zip(values, values[1:], strict=False))
+
+
+def _synthetic_result(claim: float, separation: float):
+    from audits.canary import CanaryAuditResult
+    gen = torch.Generator().manual_seed(0)
+    member = torch.rand(300, generator=gen) < 0.5
+    scores = member.double() * separation + torch.randn(300, generator=gen, dtype=torch.float64)
+    sa = split_audit(scores, member, delta=1e-5, seed=1)
+    return CanaryAuditResult(
+        client_index=0, client_id="client-000", method="local", canary_kind="noise",
+        num_canaries=300, members=int(member.sum()), private=math.isfinite(claim),
+        claimed_epsilon=claim, delta=1e-5, confidence=0.95,
+        epsilon_lower_bound=sa.bound.epsilon_lower_bound, bound=sa.bound,
+        calibration_size=sa.calibration_size, evaluation_size=sa.evaluation_size,
+        calibration_epsilon=sa.calibration_epsilon, member_mean_score=0.0,
+        non_member_mean_score=0.0, dp_source="test", certifiable_max=sa.certifiable_max)
+
+
+def test_verdicts_with_300_canaries():
+    weak = _synthetic_result(8.0, 0.5)
+    assert weak.certifiable_max < 3.2 and weak.verdict == "inconclusive" and not weak.consistent
+    doc = weak.to_json()
+    assert doc["audit"] == "canary" and doc["claim_epsilon"] == 8.0
+    assert doc["verdict_text"].startswith("inconclusive: the audit cannot certify epsilon above")
+    assert doc["certifiable_max"] == weak.certifiable_max and doc["setup"]["num_canaries"] == 300
+    assert _synthetic_result(1.0, 0.5).verdict == "consistent"
+    strong = _synthetic_result(0.5, 8.0)  # a release far leakier than claimed
+    assert strong.refuted and strong.to_json()["verdict"] == "refuted"
+    plain = _synthetic_result(math.inf, 8.0).to_json()
+    assert plain["claim_epsilon"] is None and plain["claimed_epsilon"] == "inf"
+    assert plain["verdict"] == "inconclusive"
+    json.dumps(plain, allow_nan=False)
+
+
+def test_round_selection_uses_only_the_calibration_half():
+    from audits.canary import split_audit_rounds
+    gen = torch.Generator().manual_seed(4)
+    member = torch.rand(400, generator=gen) < 0.5
+    perm = torch.randperm(400, generator=torch.Generator().manual_seed(1))
+    cal, ev = perm[:200], perm[200:]
+    # round 0: informative on the evaluation half only; round 1: on the calibration half only
+    leak_ev = torch.randn(400, generator=gen, dtype=torch.float64)
+    leak_ev[ev] += 6.0 * member[ev].double()
+    leak_cal = torch.randn(400, generator=gen, dtype=torch.float64)
+    leak_cal[cal] += 6.0 * member[cal].double()
+    sa, chosen = split_audit_rounds([leak_ev, leak_cal], member, 1e-5, seed=1)
+    assert chosen == 1  # picked on calibration evidence, whatever the evaluation half says
+    assert sa.bound == split_audit(leak_cal, member, 1e-5, seed=1).bound
+    assert sa.bound.epsilon_lower_bound < 1.0
+    with pytest.raises(CanaryAuditError, match="no scores"):
+        split_audit_rounds([], member, 1e-5)

@@ -24,8 +24,28 @@ def test_verify_exit_zero_on_clean_run(pristine_run, capsys, tmp_path):
     out_json = tmp_path / "v.json"
     assert main(["audit", "verify", str(pristine_run), "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "verification PASSED" in out and "fedora/client-002" in out
+    assert "verification PASSED" in out
+    assert "fedora/client-002" not in out  # clean ledgers are summarized, not listed
     assert json.loads(out_json.read_text())["ok"] is True
+    assert main(["audit", "verify", str(pristine_run), "--verbose"]) == 0
+    assert "fedora/client-002" in capsys.readouterr().out
+
+
+def test_verify_prints_a_summary_per_method_and_only_failing_ledgers(run_copy, capsys):
+    path = run_copy / "ledgers" / "local" / "client-000.jsonl"
+    lines = path.read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    path.write_text("".join(line + "\n" for line in lines))
+    assert main(["audit", "verify", str(run_copy)]) == 1
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("method"))
+    for column in ("ledgers", "entries", "eps recorded", "independent", "refused", "errors"):
+        assert column in header
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("fedora", "local")}
+    assert set(rows) == {"fedora", "local"}
+    assert rows["local"][-2] != "0" and rows["fedora"][-2] == "0"  # errors per method
+    assert "local/client-000" in out and "local/client-001" not in out
 
 
 def test_verify_exit_nonzero_and_prints_failures(run_copy, capsys):
@@ -67,3 +87,19 @@ def test_canary_and_leakage_report_bad_configs(tmp_path, capsys):
 def test_usage_errors(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_canary_on_a_run_dir_writes_the_common_document(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(
+        'methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 32\n'
+        'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\nbatch_size = 16\n'
+        '[privacy]\nenabled = true\nepsilon = 8.0\n')
+    code = main(["audit", "canary", str(run), "--canaries", "40"])
+    out = capsys.readouterr().out
+    doc = json.loads((run / "audit" / "canary.json").read_text())
+    # 40 canaries certify far less than 8: the audit says so and exits 3
+    assert doc["verdict"] == "inconclusive" and code == 3
+    assert doc["certifiable_max"] < 8.0 and doc["claim_epsilon"] == pytest.approx(8.0, rel=0.02)
+    assert "certifiable maximum" in out and "cannot certify epsilon above" in out

@@ -146,3 +146,38 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_report_shows_the_three_empirical_audits(run_copy, tmp_path):
+    from audits.verdict import audit_document, write_audit_json
+
+    def text_of(page: str) -> str:
+        parser = _Refs()
+        parser.feed(page)
+        return " ".join("".join(parser.text).split())
+
+    empty = json.loads(write_report(run_copy, tmp_path / "a").json.read_text())
+    assert [a["audit"] for a in empty["empirical_audits"]] == ["canary", "whitebox", "replay"]
+    assert all(a["status"] == "not run" for a in empty["empirical_audits"])
+
+    write_audit_json(run_copy, audit_document(
+        "canary", claim_epsilon=8.0, certifiable_max=3.02, lower_bound=0.4, confidence=0.95,
+        setup={"num_canaries": 300}))
+    write_audit_json(run_copy, audit_document(
+        "whitebox", claim_epsilon=7.96, certifiable_max=8.11, lower_bound=2.96,
+        confidence=0.95, setup={"canaries": 20000}))
+    paths = write_report(run_copy, tmp_path / "b")
+    rows = {a["audit"]: a for a in json.loads(paths.json.read_text())["empirical_audits"]}
+    assert rows["canary"]["verdict"] == "inconclusive" and rows["canary"]["certifiable_max"] == 3.02
+    assert rows["whitebox"]["verdict"] == "consistent"
+    assert rows["whitebox"]["lower_bound"] == 2.96 and rows["whitebox"]["claim_epsilon"] == 7.96
+    assert rows["replay"]["status"] == "not run"
+    text = text_of(paths.html.read_text())
+    assert "Empirical privacy audits" in text
+    assert "inconclusive: the audit cannot certify epsilon above 3.02" in text
+    assert "consistent: lower bound 2.96 <= claim 7.96" in text
+    assert "not run (secure-fedora audit replay RUN_DIR)" in text
+
+    (run_copy / "audit" / "replay.json").write_text('{"audit": "canary"}')
+    rows = {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}
+    assert rows["replay"]["status"] == "unreadable"

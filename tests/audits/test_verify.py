@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -21,7 +22,7 @@ from privacy.accounting import Accountant
 from privacy.identity import load_allowlist, load_identity
 from privacy.ledger import LedgerWriter, canonical_json, line_hash, signing_payload
 
-from .conftest import build_run_dir
+from .conftest import build_run_dir, keystore_of, reanchor
 
 CID = "client-001"
 METHOD = "fedora"
@@ -58,13 +59,17 @@ def results_row(run: Path, cid: str = CID, method: str = METHOD) -> tuple[dict, 
     return doc, row
 
 
-def drop_anchor(run: Path, cid: str = CID, method: str = METHOD) -> None:
-    """Make results.json agree with a rewritten ledger (as a forger controlling it would)."""
+def drop_anchor(run: Path, cid: str = CID, method: str = METHOD, *, resign: bool = True) -> None:
+    """Make results.json agree with a rewritten ledger (as a forger controlling it would) and,
+    with ``resign``, re-sign anchor.json (a forger who also holds the operator key)."""
     doc, row = results_row(run, cid, method)
     lines = ledger_path(run, cid, method).read_text().splitlines()
     row["ledger_entries"] = len(lines)
+    row["ledger_head"] = line_hash(lines[-1])
     row["epsilon_spent"] = round(max(json.loads(line)["epsilon_after"] for line in lines), 6)
     (run / "results.json").write_text(json.dumps(doc))
+    if resign:
+        reanchor(run)
 
 
 def test_clean_run_verifies(pristine_run):
@@ -79,15 +84,19 @@ def test_clean_run_verifies(pristine_run):
         assert c.independent_final_epsilon == pytest.approx(c.final_epsilon, rel=0.02)
         # every accounted entry was recomputed independently
         assert all(e.independent_epsilon is not None for e in c.series
-                   if e.mechanism != "refusal")
+                   if e.mechanism not in ("refusal", "close"))
+        # a finished run: every ledger ends with its close entry (final index, epsilon spent)
+        assert c.series[-1].mechanism == "close"
+        assert c.series[-1].params == {"final_index": c.entries - 1,
+                                       "epsilon_spent": c.final_epsilon}
         expected = {"dpsgd", "gaussian_summary", "gaussian_lambda"} if c.method == "fedora" \
             else {"dpsgd"}
         assert set(c.mechanisms) == expected
     refused = {(c.method, c.client_id): c.refused for c in report.clients}
     assert refused[("fedora", "client-002")] and not refused[("fedora", "client-001")]
-    # warnings: keys from the run directory itself, private keys stored there too (as in an
-    # in-process simulation), two methods spend the same clients' data
-    assert sorted(w.check for w in report.warnings) == ["allowlist", "coverage", "private_keys"]
+    # warnings: keys from the run directory itself, two methods spend the same clients' data
+    # (the private keys are in a key store outside the run directory)
+    assert sorted(w.check for w in report.warnings) == ["allowlist", "coverage"]
     json.dumps(report.to_json())
 
 
@@ -95,7 +104,7 @@ def test_independent_allowlist_removes_the_key_warning(pristine_run, tmp_path):
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(pristine_run / "keys" / "allowlist.json", trusted)
     report = verify_run(pristine_run, allowlist=trusted)
-    assert report.ok and [w.check for w in report.warnings] == ["private_keys", "coverage"]
+    assert report.ok and [w.check for w in report.warnings] == ["coverage"]
 
 
 def test_no_private_key_warning_when_the_run_holds_public_keys_only(run_copy):
@@ -133,7 +142,7 @@ def test_every_byte_flip_of_the_last_entry_is_caught_at_that_entry(pristine_run)
     for field_name in ("signature", "prev_hash"):
         offset = last_start + data[last_start:].index(last[field_name].encode())
         flips += [(offset + i, 0x20) for i, ch in enumerate(last[field_name]) if ch.isalpha()]
-    assert len(flips) > 700
+    assert len(flips) > 500
     for pos, mask in flips:
         entry = max(k for k, s in enumerate(starts) if s <= pos)
         new_lines, torn = _flip(data, pos, mask)
@@ -182,25 +191,19 @@ def test_deleted_entry_is_named(run_copy, removed):
     assert {"index", "chain"} <= errs[removed]
 
 
-def test_deleting_the_last_entry_is_caught_by_the_results_anchor(run_copy):
+def test_deleting_the_last_entry_is_caught_by_close_and_anchors(run_copy):
     lines = lines_of(run_copy)
     write_lines(run_copy, lines[:-1])
     report = verify_run(run_copy)
     assert {(f.check, f.entry) for f in report.errors} == {
-        ("anchor", len(lines) - 2), ("results_epsilon", None)}
+        ("anchor", len(lines) - 2), ("not_closed", len(lines) - 2),
+        ("anchor_behind", len(lines) - 2)}
     assert all(f.client_id == CID and f.method == METHOD for f in report.errors)
-    # A forger who also rewrites results.json goes undetected: a hash chain cannot show a cut
-    # at its end without an anchor held elsewhere (stated in the module docstring).
-    drop_anchor(run_copy)
-    assert verify_run(run_copy).ok
-    # Without any anchor the gap is reported as a warning.
-    doc, _ = results_row(run_copy)
-    doc["privacy"][METHOD]["clients"] = [
-        r for r in doc["privacy"][METHOD]["clients"] if r["client"] != CID]
-    (run_copy / "results.json").write_text(json.dumps(doc))
-    report = verify_run(run_copy)
-    assert report.ok
-    assert any(w.check == "anchor" and w.client_id == CID for w in report.warnings)
+    # A forger who also rewrites results.json is still caught: the close entry is missing
+    # and anchor.json records the ledger's head and the digest of results.json.
+    drop_anchor(run_copy, resign=False)
+    checks = {f.check for f in verify_run(run_copy).errors}
+    assert checks == {"not_closed", "anchor_behind", "anchor_file"}
 
 
 def test_ledger_head_anchor_catches_a_replaced_last_line(run_copy):
@@ -208,9 +211,11 @@ def test_ledger_head_anchor_catches_a_replaced_last_line(run_copy):
     doc, row = results_row(run_copy)
     row["ledger_head"] = line_hash(lines[-1])
     (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
     assert verify_run(run_copy).ok
     row["ledger_head"] = line_hash(lines[-2])
     (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
     report = verify_run(run_copy)
     assert [(f.check, f.entry) for f in report.errors] == [("anchor", len(lines) - 1)]
 
@@ -272,6 +277,7 @@ def test_reforged_ledger_and_swapped_allowlist_caught_by_trusted_keys(run_copy, 
     doc["parties"][CID]["ed25519"] = forger.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
     (run_copy / "keys" / "allowlist.json").write_text(json.dumps(doc))
+    drop_anchor(run_copy, CID, "local")
     drop_anchor(run_copy)
     pub = run_copy / "keys" / f"{CID}.ed25519.pub"
     assert not verify_run(run_copy).ok  # the .pub file still contradicts the allowlist
@@ -286,12 +292,12 @@ def test_reforged_ledger_and_swapped_allowlist_caught_by_trusted_keys(run_copy, 
 def _rewrite_ledger(run: Path, cid: str, scale: float, budget: float | None = None) -> None:
     """Replace a client's ledger by a validly signed one whose epsilons are scaled."""
     entries = [json.loads(line) for line in lines_of(run, cid)]
-    ident = load_identity(run / "keys", cid)
+    ident = load_identity(keystore_of(run), cid)
     ledger_path(run, cid).unlink()
     acc = Accountant("rdp")
     with LedgerWriter(ledger_path(run, cid), cid, ident.signing_key) as w:
         for e in entries:
-            if e["mechanism"] == "refusal":
+            if e["mechanism"] in ("refusal", "close"):
                 continue
             p = e["params"]
             acc.record(p["noise_multiplier"], p["sample_rate"], p["steps"])
@@ -299,6 +305,9 @@ def _rewrite_ledger(run: Path, cid: str, scale: float, budget: float | None = No
                      epsilon_after=acc.epsilon(e["delta"]) * scale, delta=e["delta"],
                      budget_epsilon=budget if budget is not None else e["budget_epsilon"],
                      accountant="rdp")
+        w.close_run(round=entries[-1]["round"], delta=entries[-1]["delta"],
+                    budget_epsilon=budget if budget is not None else entries[-1]["budget_epsilon"],
+                    accountant="rdp")
     drop_anchor(run, cid)
 
 
@@ -309,7 +318,7 @@ def test_under_reported_epsilon_is_caught_by_independent_accountant(run_copy):
     assert not report.ok
     # signatures and chain are valid: only the accounting check fails, on every entry
     assert set().union(*errs.values()) == {"epsilon_under_reported"}
-    assert sorted(errs) == list(range(len(lines_of(run_copy))))
+    assert sorted(errs) == list(range(len(lines_of(run_copy)) - 1))  # all but the close
     msg = next(str(f) for f in report.errors if f.entry == 1)
     assert CID in msg and "entry 1" in msg and "independent" in msg
 
@@ -352,11 +361,11 @@ def test_missing_ledger_and_unknown_client(run_copy):
 
 def test_sensitivity_mismatch_is_caught(run_copy):
     entries = [json.loads(line) for line in lines_of(run_copy)]
-    ident = load_identity(run_copy / "keys", CID)
+    ident = load_identity(keystore_of(run_copy), CID)
     ledger_path(run_copy, CID).unlink()
     acc = Accountant("rdp")
     with LedgerWriter(ledger_path(run_copy, CID), CID, ident.signing_key) as w:
-        for e in entries:
+        for e in entries[:-1]:  # the close entry is written by close_run below
             p = dict(e["params"])
             if e["mechanism"] == "gaussian_summary":
                 p["sensitivity"] = p["sensitivity"] / 10  # claims 10x less noise was needed
@@ -364,6 +373,8 @@ def test_sensitivity_mismatch_is_caught(run_copy):
             w.append(round=e["round"], mechanism=e["mechanism"], params=p,
                      epsilon_after=acc.epsilon(e["delta"]), delta=e["delta"],
                      budget_epsilon=e["budget_epsilon"], accountant="rdp")
+        w.close_run(round=entries[-1]["round"], delta=entries[-1]["delta"],
+                    budget_epsilon=entries[-1]["budget_epsilon"], accountant="rdp")
     drop_anchor(run_copy)
     report = verify_run(run_copy)
     assert [(f.check, f.entry) for f in report.errors] == [("sensitivity", 0)]
@@ -419,17 +430,25 @@ def test_prv_ledger_verified_with_pld(tmp_path):
         assert c.independent_final_epsilon == pytest.approx(c.final_epsilon, rel=0.02)
     # Under-report the last entry, validly signed by the client's own key: PLD catches it.
     cid = "client-000"
-    key = load_identity(run / "keys", cid).signing_key
+    key = load_identity(keystore_of(run), cid).signing_key
     lines = lines_of(run, cid)
 
     def lower(entry):
         entry["epsilon_after"] = entry["epsilon_after"] * 0.95
 
-    write_lines(run, _resign(lines, len(lines) - 1, key, lower), cid)
+    last = len(lines) - 2  # the last release; the close entry follows it
+    lowered = _resign(lines, last, key, lower)
+    spent = json.loads(lowered[last])["epsilon_after"]
+
+    def close_at_lowered(entry):
+        entry["epsilon_after"] = spent
+        entry["params"]["epsilon_spent"] = spent
+
+    write_lines(run, _resign(lowered, last + 1, key, close_at_lowered), cid)
     drop_anchor(run, cid)
     report = verify_run(run, pld_checkpoints=2)
     assert [(f.client_id, f.entry, f.check) for f in report.errors] == [
-        (cid, len(lines) - 1, "epsilon_under_reported")]
+        (cid, last, "epsilon_under_reported")]
 
 
 def test_finding_text_names_client_method_entry_and_check():
@@ -441,19 +460,22 @@ def test_config_releasing_unaccounted_summaries_is_an_error(run_copy):
     path = run_copy / "config.toml"
     path.write_text(path.read_text().replace('relatedness = "noised"', 'relatedness = "plain"'))
     report = verify_run(run_copy)
-    assert [f.check for f in report.errors] == ["config"]
+    assert [f.check for f in report.errors] == ["config", "anchor_file"]
     assert "not a valid config" in report.errors[0].message
+    assert "config.toml" in report.errors[1].message
 
 
 def _write_custom(run: Path, cid: str, rows: list[dict]) -> None:
     """A validly signed ledger with the given rows (round, mechanism, params, eps, budget, delta)."""
-    ident = load_identity(run / "keys", cid)
+    ident = load_identity(keystore_of(run), cid)
     ledger_path(run, cid).unlink()
     with LedgerWriter(ledger_path(run, cid), cid, ident.signing_key) as w:
         for r in rows:
             w.append(round=r["round"], mechanism=r["mechanism"], params=r["params"],
                      epsilon_after=r["eps"], delta=r.get("delta", 1e-5),
                      budget_epsilon=r.get("budget", 8.0), accountant="rdp")
+        w.close_run(round=rows[-1]["round"], delta=rows[0].get("delta", 1e-5),
+                    budget_epsilon=rows[0].get("budget", 8.0), accountant="rdp")
     drop_anchor(run, cid)
 
 
@@ -474,7 +496,7 @@ def test_release_after_refusal_and_changed_budget_are_caught(run_copy):
 
 
 def test_decreasing_epsilon_and_spending_refusal_are_caught(run_copy):
-    key = load_identity(run_copy / "keys", CID).signing_key
+    key = load_identity(keystore_of(run_copy), CID).signing_key
     lines = lines_of(run_copy)
 
     def spend(entry):
@@ -506,6 +528,10 @@ def test_empty_ledger_and_bad_public_key_file(run_copy):
 def test_ledgers_alone_verify_with_warnings(run_copy):
     (run_copy / "results.json").unlink()
     (run_copy / "config.toml").unlink()
+    # anchor.json names both files: their absence is an error while it is there
+    report = verify_run(run_copy)
+    assert sorted(f.check for f in report.errors) == ["anchor_file", "anchor_file"]
+    (run_copy / "anchor.json").unlink()
     report = verify_run(run_copy)
     assert report.ok
     checks = {w.check for w in report.warnings}
@@ -529,3 +555,165 @@ def test_unexpected_dp_accounting_layout_is_an_error(monkeypatch):
             independent_epsilons([(1.3, 0.2, 1)], 1e-5, "rdp")
     finally:
         v._rdp_curve.cache_clear()
+
+
+# --------------------------------------------------------------------------- PLD ledgers
+
+
+def test_pld_ledgers_verify_and_report_the_difference_to_rdp(tmp_path):
+    run = build_run_dir(tmp_path / "run", accountant="pld")
+    report = verify_run(run)
+    assert report.ok, [str(f) for f in report.errors]
+    for c in report.clients:
+        assert c.accountant == "pld" and c.cross_method == "rdp"
+        # PLD is tighter than RDP for the same releases: the recorder is below the other method
+        assert c.cross_difference is not None and c.cross_difference < -0.02
+        assert c.final_epsilon == pytest.approx(c.pld_final_epsilon, rel=0.02)
+    rdp_run = verify_run(build_run_dir(tmp_path / "rdp", accountant="rdp"))
+    assert rdp_run.ok
+    assert all(c.cross_method == "pld" and c.cross_difference > 0 for c in rdp_run.clients)
+
+
+def test_a_recorder_below_the_pessimistic_pld_is_an_error(tmp_path, monkeypatch):
+    from privacy import accounting
+
+    honest = accounting.ACCOUNTANT_REGISTRY["pld"]
+    optimistic = dataclasses.replace(
+        honest, compute=lambda history, delta, options: 0.8 * honest.compute(history, delta,
+                                                                              options))
+    monkeypatch.setitem(accounting.ACCOUNTANT_REGISTRY, "pld", optimistic)
+    accounting._epsilon.cache_clear()
+    try:
+        run = build_run_dir(tmp_path / "run", accountant="pld")
+    finally:
+        accounting._epsilon.cache_clear()
+    report = verify_run(run)
+    assert not report.ok
+    under = [f for f in report.errors if f.check == "epsilon_under_reported"]
+    assert {f.client_id for f in under} == {c.client_id for c in report.clients}
+
+
+# --------------------------------------------------------------------- anchored ledgers (issue 14)
+
+
+def _drop_last_round(run: Path, method: str = METHOD) -> None:
+    """Cut the last round (and the close entry after it) from every ledger of ``method``, as
+    someone without any key can, and make results.json agree (issue 14, "Why" 1)."""
+    for path in sorted((run / "ledgers" / method).glob("*.jsonl")):
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        last_round = max(e["round"] for e in entries if e["mechanism"] != "close")
+        kept = [canonical_json(e) for e in entries
+                if e["mechanism"] != "close" and e["round"] != last_round]
+        path.write_text("".join(line + "\n" for line in kept))
+        drop_anchor(run, path.stem, method, resign=False)
+
+
+def test_dropping_the_last_round_everywhere_fails_verification(run_copy, tmp_path):
+    """Regression for issue 14, "Why" 1: cut the last round from every FEDORA ledger and
+    patch results.json (or delete it): verification fails, with or without the anchor copy."""
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run_copy / "anchor.json", kept)
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    _drop_last_round(run_copy)
+    for kwargs in ({}, {"anchor": kept}, {"allowlist": trusted, "anchor": kept}):
+        report = verify_run(run_copy, **kwargs)
+        assert not report.ok
+        checks = {(f.check, f.client_id) for f in report.errors}
+        for cid in ("client-000", "client-001", "client-002"):
+            assert ("not_closed", cid) in checks and ("anchor_behind", cid) in checks
+        assert ("anchor_file", None) in checks  # results.json no longer has its digest
+    (run_copy / "results.json").unlink()
+    report = verify_run(run_copy, anchor=kept)
+    assert any(f.check == "anchor_file" and "results.json is missing" in f.message
+               for f in report.errors)
+    # Even with the run's own anchor.json deleted as well, the cut ledgers have no close.
+    (run_copy / "anchor.json").unlink()
+    report = verify_run(run_copy)
+    assert {f.check for f in report.errors} == {"not_closed"}
+    assert not verify_run(run_copy, anchor=kept).ok
+
+
+def test_deleted_method_or_config_and_ledger_fail_against_the_anchor(run_copy, tmp_path):
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run_copy / "anchor.json", kept)
+    shutil.rmtree(run_copy / "ledgers" / "local")
+    doc = json.loads((run_copy / "results.json").read_text())
+    del doc["privacy"]["local"], doc["methods"]["local"]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    report = verify_run(run_copy, anchor=kept)
+    missing = {(f.method, f.client_id) for f in report.errors
+               if f.check == "anchor_missing_ledger"}
+    assert missing == {("local", c) for c in ("client-000", "client-001", "client-002")}
+    (run_copy / "config.toml").unlink()
+    ledger_path(run_copy, "client-002").unlink()
+    report = verify_run(run_copy, anchor=kept)
+    checks = {(f.check, f.client_id) for f in report.errors}
+    assert ("anchor_missing_ledger", "client-002") in checks
+    assert any(f.check == "anchor_file" and "config.toml is missing" in f.message
+               for f in report.errors)
+
+
+def test_replaced_or_edited_anchor_is_caught(run_copy, tmp_path):
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run_copy / "anchor.json", kept)
+    doc = json.loads((run_copy / "anchor.json").read_text())
+    doc["ledgers"][f"{METHOD}/{CID}"]["final_index"] -= 1
+    (run_copy / "anchor.json").write_text(canonical_json(doc) + "\n")
+    report = verify_run(run_copy)
+    assert [f.check for f in report.errors] == ["anchor_signature"]
+    report = verify_run(run_copy, anchor=kept)
+    assert [f.check for f in report.errors] == ["anchor"]  # the run's copy was replaced
+    assert "differs from the given anchor" in report.errors[0].message
+    # A forger re-signs a new anchor with a key of their own: the allowlist refuses it.
+    from privacy.identity import Identity
+    from secure_fedora.anchor import build_anchor, write_anchor
+
+    forger = Identity.generate("operator")
+    results = json.loads((run_copy / "results.json").read_text())
+    write_anchor(run_copy, build_anchor(
+        run_copy, run_name=results["name"], config_hash=results["config_hash"],
+        methods=doc["methods"], signer=forger,
+        ledgers={k: {"entries": v["entries"], "head": v["head"],
+                     "epsilon_spent": v["epsilon_spent"]} for k, v in doc["ledgers"].items()}))
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    report = verify_run(run_copy, allowlist=trusted)
+    assert [f.check for f in report.errors] == ["anchor_signature"]
+    assert "not the allowlisted key of 'operator'" in report.errors[0].message
+    with pytest.raises(AuditError, match="anchor"):
+        verify_run(run_copy, anchor=tmp_path / "nope.json")
+
+
+def test_private_keys_inside_the_run_fail_an_allowlisted_audit(run_copy, tmp_path):
+    """Regression for issue 14, "Why" 2: keys in the run directory let anyone re-sign; with an
+    allowlist that is an error, not a warning."""
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    assert verify_run(run_copy, allowlist=trusted).ok
+    shutil.copyfile(keystore_of(run_copy) / f"{CID}.ed25519.key",
+                    run_copy / "keys" / f"{CID}.ed25519.key")
+    report = verify_run(run_copy, allowlist=trusted)
+    assert [f.check for f in report.errors] == ["private_keys"]
+    assert f"keys/{CID}.ed25519.key" in report.errors[0].message
+    assert "private_keys" in {w.check for w in verify_run(run_copy).warnings}
+
+
+def test_entry_after_close_and_bad_close_are_caught(run_copy):
+    key = load_identity(keystore_of(run_copy), CID).signing_key
+    lines = lines_of(run_copy)
+
+    def bad_close(entry):
+        entry["params"]["final_index"] = 0
+
+    write_lines(run_copy, _resign(lines, len(lines) - 1, key, bad_close))
+    assert errors_at(verify_run(run_copy))[len(lines) - 1] >= {"close"}
+    # Move the close before the last release and re-chain: a release after a close.
+    reordered = lines[:-2] + [lines[-1], lines[-2]]
+    entries = [json.loads(x) for x in reordered]
+    entries[-2]["params"]["final_index"] = len(lines) - 2
+    entries[-1]["index"], entries[-2]["index"] = len(lines) - 1, len(lines) - 2
+    relinked = _resign([canonical_json(e) for e in entries], len(lines) - 2, key)
+    write_lines(run_copy, relinked)
+    errs = errors_at(verify_run(run_copy))
+    assert "close" in errs[len(lines) - 2] and "not_closed" not in set().union(*errs.values())

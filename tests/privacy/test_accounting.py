@@ -8,6 +8,10 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privacy.accounting import (
+    ACCOUNTANT_KINDS,
+    ACCOUNTANT_REGISTRY,
+    PLD_VALUE_DISCRETIZATION,
+    RDP_EXTRA_ORDERS,
     Accountant,
     AccountingError,
     BudgetExceededError,
@@ -17,6 +21,7 @@ from privacy.accounting import (
     PrivacyBudget,
     calibrate_noise_multiplier,
     plan_epsilon,
+    register_accountant,
 )
 
 DELTA = 1e-5
@@ -199,3 +204,67 @@ def test_calibration_errors():
         PlannedRelease("dpsgd", 0.0, 10)
     with pytest.raises(AccountingError, match="no noise_multiplier"):
         plan_epsilon(PLAN, DELTA)
+
+
+# --------------------------------------------------------------------------- PLD, registry
+
+
+def test_pld_is_dp_accountings_pessimistic_estimate_and_tighter_than_rdp():
+    import dp_accounting
+    from dp_accounting import pld
+
+    ours = Accountant("pld")
+    ours.record(5.0, 1.0)  # summary
+    for _ in range(3):  # DP-SGD and lambda alternate; composition order does not matter
+        ours.record(1.0, 0.25, 4)
+        ours.record(20.0, 1.0)
+    ref = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+    ref.compose(dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.0)), 12)
+    ref.compose(dp_accounting.GaussianDpEvent(5.0))
+    ref.compose(dp_accounting.GaussianDpEvent(20.0), 3)
+    assert ours.epsilon(DELTA) == pytest.approx(ref.get_epsilon(DELTA), rel=1e-9)
+    rdp = Accountant("rdp")
+    for nm, q, steps in ours.history:
+        rdp.record(nm, q, steps)
+    assert ours.epsilon(DELTA) < rdp.epsilon(DELTA)
+    assert ours.parameters == {"name": "pld", "library": "dp_accounting",
+                               "pessimistic_estimate": True,
+                               "value_discretization_interval": PLD_VALUE_DISCRETIZATION,
+                               "neighboring_relation": "add_or_remove_one"}
+
+
+def test_rdp_orders_beyond_63_lift_the_small_epsilon_floor():
+    # One Gaussian release at a large sigma: with Opacus's orders (<= 63) epsilon cannot go
+    # below ~0.103 at delta 1e-5 however large sigma is; with the extra orders it can.
+    theirs = RDPAccountant()
+    theirs.step(noise_multiplier=200.0, sample_rate=1.0)
+    ours = Accountant("rdp")
+    ours.record(200.0, 1.0)
+    with pytest.warns(UserWarning, match="largest alpha"):
+        assert theirs.get_epsilon(DELTA) > 0.1
+    assert ours.epsilon(DELTA) < 0.05
+    assert ours.parameters["extra_orders"] == list(RDP_EXTRA_ORDERS)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.parametrize("target", [0.1, 0.3])
+def test_small_budgets_calibrate(accountant, target):
+    # The main job's plan shape: 30 rounds x 4 DP-SGD steps at q = 0.25, one summary and 30
+    # lambdas, each of the latter at 20% of the budget on its own.
+    summary = calibrate_noise_multiplier(0.2 * target, DELTA, [PlannedRelease("s", 1.0, 1)],
+                                         accountant)
+    lam = calibrate_noise_multiplier(0.2 * target, DELTA, [PlannedRelease("l", 1.0, 30)],
+                                     accountant)
+    plan = [PlannedRelease("dpsgd", 0.25, 120), PlannedRelease("s", 1.0, 1, summary),
+            PlannedRelease("l", 1.0, 30, lam)]
+    sigma = calibrate_noise_multiplier(target, DELTA, plan, accountant)
+    eps = plan_epsilon(plan, DELTA, sigma, accountant)
+    assert 0.99 * target <= eps <= target
+
+
+def test_accountant_registry_refuses_duplicates_and_names_the_choices():
+    assert set(ACCOUNTANT_KINDS) == {"rdp", "prv", "pld"}
+    with pytest.raises(AccountingError, match="already registered"):
+        register_accountant(ACCOUNTANT_REGISTRY["pld"])
+    with pytest.raises(AccountingError, match="'pld'"):
+        Accountant("nope")

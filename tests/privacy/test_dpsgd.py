@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from privacy.dpsgd import DPSGD, DPSGDError, poisson_sample
+from privacy.noise import CsprngNoise, ReproducibleNoise
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -49,7 +50,7 @@ def test_fused_clipped_sum_matches_brute_force_loop():
     _, norms = _brute_force(model, x, y, CE, clip=1e9)
     clip = float(torch.tensor(norms).median())  # about half the samples get clipped
     expected, _ = _brute_force(model, x, y, CE, clip)
-    with DPSGD(model, clip, 1.0, 24, torch.Generator().manual_seed(0)) as dp:
+    with DPSGD(model, clip, 1.0, 24, ReproducibleNoise(0)) as dp:
         assert dp.mode == "fused"
         got = dp.clipped_gradient_sum(x, y, CE)
     assert sum(n > clip for n in norms) >= 5 and sum(n < clip for n in norms) >= 5
@@ -62,12 +63,15 @@ def test_private_gradient_is_clipped_sum_plus_noise_over_expected_batch():
     x, y = _data(10)
     clip, sigma, batch = 0.5, 1.3, 8.0
     expected, _ = _brute_force(model, x, y, CE, clip)
-    dp = DPSGD(model, clip, sigma, batch, torch.Generator().manual_seed(42))
+    dp = DPSGD(model, clip, sigma, batch, ReproducibleNoise(42))
     dp.private_gradient(x, y, CE)
-    # The noise is drawn in parameter order from the generator: reproduce it.
-    g2 = torch.Generator().manual_seed(42)
+    # The noise is one draw over all parameters, in parameter order: reproduce it.
+    total = sum(p.numel() for p in model.parameters())
+    flat_noise = ReproducibleNoise(42).normal(total, sigma * clip / batch)
+    offset = 0
     for p, e in zip(model.parameters(), expected, strict=True):
-        noise = torch.empty_like(p).normal_(0.0, sigma * clip / batch, generator=g2)
+        noise = flat_noise[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
         torch.testing.assert_close(p.grad, noise + e / batch, atol=1e-5, rtol=1e-5)
     assert dp.steps == 1
     with torch.no_grad():  # the caller's grad mode does not matter
@@ -78,10 +82,11 @@ def test_private_gradient_is_clipped_sum_plus_noise_over_expected_batch():
     assert rec.params["clip_norm"] == clip and rec.params["per_sample_method"] == "fused"
 
 
-def test_noise_std_matches_sigma_c_over_b_and_empty_batch_is_noise_only():
+@pytest.mark.parametrize("source", ["reproducible", "csprng"])
+def test_noise_std_matches_sigma_c_over_b_and_empty_batch_is_noise_only(source):
     model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 50))
     clip, sigma, batch = 2.0, 1.5, 16.0
-    dp = DPSGD(model, clip, sigma, batch, torch.Generator().manual_seed(3))
+    dp = DPSGD(model, clip, sigma, batch, ReproducibleNoise(3) if source == "reproducible" else CsprngNoise())
     x, y = torch.zeros(0, 100), torch.zeros(0, dtype=torch.long)
     dp.private_gradient(x, y, CE)
     flat = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -92,8 +97,9 @@ def test_noise_std_matches_sigma_c_over_b_and_empty_batch_is_noise_only():
     assert abs(float(flat.mean())) < 4 * expected / math.sqrt(flat.numel())
 
 
-def test_poisson_sampling_rate_and_independence():
-    g = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("source", ["reproducible", "csprng"])
+def test_poisson_sampling_rate_and_independence(source):
+    g = ReproducibleNoise(0) if source == "reproducible" else CsprngNoise()
     n, q = 200_000, 0.05
     idx = DPSGD.sample_batch(n, q, g)
     sd = math.sqrt(n * q * (1 - q))
@@ -126,15 +132,15 @@ def test_parameters_as_views_of_a_flat_matrix_are_kept_and_written_in_place():
     grad_ids = [id(p.grad) for p in params]
     x, y = _data(12)
     expected, _ = _brute_force(model, x, y, CE, 0.7)
-    dp = DPSGD(model, 0.7, 1.0, 12, torch.Generator().manual_seed(5))
+    dp = DPSGD(model, 0.7, 1.0, 12, ReproducibleNoise(5))
     dp.private_gradient(x, y, CE)
     assert [id(p) for p in model.parameters()] == ids
     assert [id(p.grad) for p in model.parameters()] == grad_ids
-    g2 = torch.Generator().manual_seed(5)
+    flat_noise = ReproducibleNoise(5).normal(sum(sizes), 1.0 * 0.7 / 12)
     offset = 0
     for p, e, s in zip(params, expected, sizes, strict=True):
         assert p.data_ptr() == flat[1, offset:offset + s].data_ptr()
-        noise = torch.empty_like(p).normal_(0.0, 1.0 * 0.7 / 12, generator=g2)
+        noise = flat_noise[offset:offset + s].view_as(p)
         torch.testing.assert_close(flat_grad[1, offset:offset + s].view_as(p), noise + e / 12,
                                    atol=1e-5, rtol=1e-5)
         offset += s
@@ -170,7 +176,7 @@ def test_fused_handles_sequence_inputs_and_reused_layers_exactly():
     _, norms = _brute_force(model, x, y, CE, 1e9)
     clip = float(torch.tensor(norms).median())
     expected, _ = _brute_force(model, x, y, CE, clip)
-    dp = DPSGD(model, clip, 1.0, 9, torch.Generator().manual_seed(0))
+    dp = DPSGD(model, clip, 1.0, 9, ReproducibleNoise(0))
     assert dp.mode == "fused"
     for got, e in zip(dp.clipped_gradient_sum(x, y, CE), expected, strict=True):
         torch.testing.assert_close(got, e, atol=1e-5, rtol=1e-5)
@@ -186,7 +192,7 @@ def test_conv_model_uses_opacus_exact_per_sample_gradients_with_a_log_line(caplo
     clip = float(torch.tensor(norms).median())
     expected, _ = _brute_force(model, x, y, CE, clip)
     with caplog.at_level(logging.WARNING, logger="privacy.dpsgd"):
-        dp = DPSGD(model, clip, 1.0, 8, torch.Generator().manual_seed(0))
+        dp = DPSGD(model, clip, 1.0, 8, ReproducibleNoise(0))
     assert dp.mode == "opacus"
     assert any("Opacus" in r.getMessage() and "same privacy guarantee" in r.getMessage()
                for r in caplog.records)
@@ -202,12 +208,12 @@ def test_conv_model_uses_opacus_exact_per_sample_gradients_with_a_log_line(caplo
     model.train()
     dp.close()
     with pytest.raises(DPSGDError, match="fused"):
-        DPSGD(model, clip, 1.0, 8, torch.Generator(), mode="fused")
+        DPSGD(model, clip, 1.0, 8, ReproducibleNoise(0), mode="fused")
 
 
 def test_close_removes_hooks_and_eval_forward_captures_nothing():
     model = _mlp()
-    dp = DPSGD(model, 1.0, 1.0, 4, torch.Generator())
+    dp = DPSGD(model, 1.0, 1.0, 4, ReproducibleNoise(0))
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert all(len(m._forward_hooks) == 1 for m in linear)
     model(torch.randn(3, 20))  # outside private_gradient: nothing is kept
@@ -220,15 +226,17 @@ def test_close_removes_hooks_and_eval_forward_captures_nothing():
 
 def test_bad_configurations_are_rejected_with_the_field_named():
     model = _mlp()
-    gen = torch.Generator()
+    gen = ReproducibleNoise(0)
     with pytest.raises(DPSGDError, match="max_grad_norm"):
         DPSGD(model, 0.0, 1.0, 4, gen)
     with pytest.raises(DPSGDError, match="noise_multiplier"):
         DPSGD(model, 1.0, 0.0, 4, gen)
     with pytest.raises(DPSGDError, match="expected_batch_size"):
         DPSGD(model, 1.0, 1.0, 0, gen)
-    with pytest.raises(DPSGDError, match="generator"):
+    with pytest.raises(DPSGDError, match="NoiseSource"):
         DPSGD(model, 1.0, 1.0, 4, None)
+    with pytest.raises(DPSGDError, match="NoiseSource"):
+        DPSGD(model, 1.0, 1.0, 4, torch.Generator())
     with pytest.raises(DPSGDError, match="mode"):
         DPSGD(model, 1.0, 1.0, 4, gen, mode="ghost")
     with pytest.raises(DPSGDError, match="BatchNorm1d"):

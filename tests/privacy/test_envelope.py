@@ -182,7 +182,7 @@ def test_malformed_envelopes(parties, caplog):
     for mutate, match in [
         (lambda x: x.pop("nonce"), "missing"),
         (lambda x: x.update(extra=1), "unexpected"),
-        (lambda x: x.update(version=2), "version"),
+        (lambda x: x.update(version=1), "version"),  # v1 had no context field
         (lambda x: x.update(round=-1), "round"),
         (lambda x: x.update(sender="../x"), "sender"),
         (lambda x: x.update(signature="ab"), "signature"),
@@ -360,3 +360,150 @@ def test_journal_merges_per_party_files_of_the_older_layout(parties, tmp_path):
     assert not old.exists()
     with pytest.raises(ReplayedNonceError):
         EnvelopeVerifier(allow, "client-000", journal=journal).verify(env, b"a", 3)
+
+
+# --------------------------------------------------------------------- bound and bounded (issue 14)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import privacy.envelope as envelope_module  # noqa: E402
+from privacy.envelope import (  # noqa: E402
+    DEFAULT_MAX_HEADER_BYTES,
+    MessageTooLargeError,
+    WrongContextError,
+)
+
+
+def test_context_is_signed_and_checked(parties, caplog):
+    allow = {p: i.public for p, i in parties.items()}
+    fedora = EnvelopeVerifier(allow, "server", context="run-1/fedora")
+    fedavg = EnvelopeVerifier(allow, "server", context="run-1/fedavg")
+    env = make_envelope(parties["client-000"], "server", 3, "theta", b"x", context="run-1/fedora")
+    assert env.context == "run-1/fedora"
+    assert Envelope.from_dict(env.to_dict()) == env
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(WrongContextError) as exc:
+        fedavg.verify(env, b"x", 3)
+    _assert_rejected(caplog, exc, WrongContextError, "wrong_context")
+    # Rewriting the context breaks the signature: it is part of what is signed.
+    relabelled = dataclasses.replace(env, context="run-1/fedavg")
+    with pytest.raises(BadSignatureError):
+        fedavg.verify(relabelled, b"x", 3)
+    assert fedora.verify(env, b"x", 3) is env
+    # An unbound envelope is refused by a bound receiver, too.
+    with pytest.raises(WrongContextError):
+        fedora.verify(make_envelope(parties["client-000"], "server", 3, "theta", b"y"), b"y", 3)
+    with pytest.raises(ValueError, match="context"):
+        make_envelope(parties["client-000"], "server", 3, "theta", b"x", context="a\nb")
+    with pytest.raises(ValueError, match="context"):
+        EnvelopeVerifier(allow, "server", context="x" * 129)
+
+
+def _no_parsing_or_hashing(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an oversize message was parsed or hashed")
+
+    monkeypatch.setattr(envelope_module.hashlib, "sha256", forbidden)
+    monkeypatch.setattr(envelope_module.json, "loads", forbidden)
+
+
+def test_oversize_message_and_header_rejected_before_parsing_or_hashing(parties, monkeypatch,
+                                                                        caplog):
+    payload = b"p" * 2048
+    message = encode_message(make_envelope(parties["client-000"], "server", 3, "m", payload),
+                             payload)
+    # A huge header announced in the length prefix (as for a 200 MB header JSON): rejected on
+    # the length alone, before the bytes behind it are even looked at.
+    huge_header = b"SFEN" + (200 * 1024 * 1024).to_bytes(4, "big") + b"{" * 64
+    _no_parsing_or_hashing(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with pytest.raises(MessageTooLargeError, match="exceeds the cap of 1024 bytes"):
+            decode_message(message, max_bytes=1024)
+        with pytest.raises(MessageTooLargeError, match="header of 209715200 bytes"):
+            decode_message(huge_header)
+        with pytest.raises(MessageTooLargeError, match="header"):
+            decode_message(message, max_header_bytes=16)
+    assert [e["reason"] for e in _events(caplog)][-3:] == ["message_too_large"] * 3
+
+
+def test_payload_cap_is_checked_before_hashing(parties, monkeypatch):
+    allow = {p: i.public for p, i in parties.items()}
+    capped = EnvelopeVerifier(allow, "server", max_payload_bytes=100)
+    payload = b"q" * 101
+    env = make_envelope(parties["client-000"], "server", 3, "m", payload)
+    message = encode_message(env, payload)
+    _no_parsing_or_hashing(monkeypatch)
+    with pytest.raises(MessageTooLargeError, match="payload of 101 bytes"):
+        capped.verify(env, payload, 3)
+    with pytest.raises(MessageTooLargeError):
+        capped.verify_message(message + b"q" * DEFAULT_MAX_HEADER_BYTES, 3)
+    with pytest.raises(ValueError, match="max_payload_bytes"):
+        EnvelopeVerifier(allow, "server", max_payload_bytes=-1)
+
+
+def test_non_bytes_and_non_canonical_headers_are_rejections(parties, verifier):
+    for bad in ("text", None, 12, ["SFEN"]):
+        with pytest.raises(MalformedEnvelopeError, match="must be bytes"):
+            decode_message(bad)  # type: ignore[arg-type]
+        with pytest.raises(MalformedEnvelopeError):
+            verifier.verify_message(bad, 3)  # type: ignore[arg-type]
+    env = make_envelope(parties["client-000"], "server", 3, "m", b"x")
+    # The same fields spelled differently (spaces, upper-case hex) are not the signed bytes.
+    import json as _json
+    import struct as _struct
+
+    for header in (_json.dumps(env.to_dict(), sort_keys=True).encode(),
+                   _json.dumps({**env.to_dict(), "nonce": env.nonce.upper()}, sort_keys=True,
+                               separators=(",", ":")).encode()):
+        message = b"SFEN" + _struct.pack(">I", len(header)) + header + b"x"
+        with pytest.raises(MalformedEnvelopeError):
+            verifier.verify_message(message, 3)
+    assert verifier.verify_message(encode_message(env, b"x"), 3)[1] == b"x"
+
+
+_MUTATION = st.one_of(
+    # 0x20 flips the case of a letter (upper-case hex decodes to the same bytes), 0x01 the
+    # lowest bit: the spellings most likely to slip through a lenient parser.
+    st.tuples(st.just("flip"), st.integers(0, 10_000),
+              st.one_of(st.sampled_from([0x01, 0x20]), st.integers(1, 255))),
+    st.tuples(st.just("insert"), st.integers(0, 10_000), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, 10_000), st.just(0)),
+    st.tuples(st.just("truncate"), st.integers(0, 10_000), st.just(0)),
+)
+
+
+def _mutate(data: bytes, mutations) -> bytes:
+    out = bytearray(data)
+    for op, pos, value in mutations:
+        if op == "flip" and out:
+            out[pos % len(out)] ^= value
+        elif op == "insert":
+            out.insert(pos % (len(out) + 1), value)
+        elif op == "delete" and out:
+            del out[pos % len(out)]
+        elif op == "truncate":
+            del out[pos % (len(out) + 1):]
+    return bytes(out)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(_MUTATION, min_size=1, max_size=4))
+def test_mutated_envelope_bytes_are_always_rejected(parties, mutations):
+    """Property: any mutation of a valid message's bytes is rejected with an EnvelopeError
+    (never another exception, never accepted) by a fresh verifier that accepts the original."""
+    allow = {p: i.public for p, i in parties.items()}
+    payload = b"\x00\x01payload bytes"
+    env = make_envelope(parties["client-000"], "server", 3, "theta", payload, context="r/fedora")
+    original = encode_message(env, payload)
+    mutated = _mutate(original, mutations)
+    if mutated == original:
+        return
+    receiver = EnvelopeVerifier(allow, "server", context="r/fedora", max_payload_bytes=4096)
+    logging.getLogger(LOGGER).disabled = True
+    try:
+        with pytest.raises(EnvelopeError):
+            receiver.verify_message(mutated, 3)
+    finally:
+        logging.getLogger(LOGGER).disabled = False
+    assert EnvelopeVerifier(allow, "server", context="r/fedora").verify_message(original, 3)

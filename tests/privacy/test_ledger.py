@@ -339,3 +339,69 @@ def test_repair_entries_must_spend_nothing(tmp_path):
     with LedgerWriter(path, "c1", KEY) as w, pytest.raises(LedgerError, match="spends nothing"):
         w.append(round=0, mechanism="repair", params={}, epsilon_after=9.0, delta=DELTA,
                  budget_epsilon=8.0, accountant="rdp")
+
+
+# --------------------------------------------------------------------- close entry (issue 14)
+
+
+def _close(writer: LedgerWriter, rnd: int = 4) -> dict:
+    return writer.close_run(round=rnd, delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+
+
+def _resigned(entries: list[dict]) -> list[str]:
+    """Re-chain and re-sign ``entries`` under KEY (as the ledger's own key holder could)."""
+    out, prev = [], GENESIS_HASH
+    for i, e in enumerate(entries):
+        e = {**e, "index": i, "prev_hash": prev}
+        e.pop("signature", None)
+        e["signature"] = KEY.sign(signing_payload(e)).hex()
+        out.append(canonical_json(e))
+        prev = line_hash(out[-1])
+    return out
+
+
+def test_close_entry_ends_the_ledger_and_spends_nothing(tmp_path):
+    path = _ledger(tmp_path)
+    with LedgerWriter(path, "c1", KEY) as w:
+        assert not w.is_closed
+        close = _close(w)
+        assert close["mechanism"] == "close" and close["index"] == 4
+        assert close["params"] == {"final_index": 4, "epsilon_spent": 2.0}
+        assert close["epsilon_after"] == 2.0
+        assert w.is_closed and w.head == (5, line_hash(_lines(path)[-1]))
+        assert _close(w) == close  # idempotent: nothing new is written
+        with pytest.raises(LedgerError, match="closed"):
+            _append(w, 5, 2.5)
+        with pytest.raises(LedgerError, match="close_run"):
+            w.append(round=5, mechanism="close", params={}, epsilon_after=2.0, delta=DELTA,
+                     budget_epsilon=8.0, accountant="rdp")
+    assert len(_lines(path)) == 5
+    assert verify_ledger_file(path, KEY.public_key()) == []
+    # reopening a closed ledger verifies it and keeps it closed; the accountant ignores it
+    with LedgerWriter(path, "c1", KEY) as w:
+        assert w.is_closed
+        assert replay_accountant(w.entries).history == replay_accountant(w.entries[:-1]).history
+    # an empty ledger can be closed too (a client that never released anything)
+    with LedgerWriter(tmp_path / "empty.jsonl", "c1", KEY) as w:
+        assert _close(w, 0)["params"] == {"final_index": 0, "epsilon_spent": 0.0}
+
+
+def test_entries_after_close_and_dishonest_closes_are_named(tmp_path):
+    path = _ledger(tmp_path)
+    with LedgerWriter(path, "c1", KEY) as w:
+        _close(w)
+    entries = read_ledger(path)
+    # a release signed after the close (reordered and re-signed by the key holder)
+    moved = _resigned([*entries[:3], entries[4], entries[3]])
+    problems = verify_ledger(moved, KEY.public_key())
+    kinds = {(p.index, p.kind) for p in problems}
+    assert (4, "after_close") in kinds and (3, "bad_close") in kinds
+    # a close that claims another index, spends, or states another epsilon
+    for edit in (lambda e: e["params"].update(final_index=2),
+                 lambda e: e.update(epsilon_after=3.0),
+                 lambda e: e["params"].update(epsilon_spent=1.0),
+                 lambda e: e.update(params={"final_index": 4})):
+        bad = json.loads(json.dumps(entries))
+        edit(bad[4])
+        problems = verify_ledger(_resigned(bad), KEY.public_key())
+        assert [(p.index, p.kind) for p in problems] == [(4, "bad_close")], problems

@@ -17,10 +17,11 @@ from privacy.mechanisms import (
     summary_record,
     top_eigenvectors,
 )
+from privacy.noise import ReproducibleNoise
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _gen(seed: int = 0) -> ReproducibleNoise:
+    return ReproducibleNoise(seed)
 
 
 def test_gaussian_mechanism_noise_std_and_record():
@@ -46,7 +47,7 @@ def test_gaussian_mechanism_rejects_bad_input():
     with pytest.raises(MechanismError, match="sensitivity"):
         GaussianMechanism(1.0, -1.0)
     mech = GaussianMechanism(1.0, 1.0)
-    with pytest.raises(MechanismError, match="generator"):
+    with pytest.raises(MechanismError, match="NoiseSource"):
         mech.release(torch.zeros(3), None)
     with pytest.raises(MechanismError, match="floating-point"):
         mech.release(torch.zeros(3, dtype=torch.long), _gen())
@@ -70,7 +71,7 @@ def test_clip_rows():
 
 
 def test_second_moment_exact_without_noise_and_its_sensitivity_claim():
-    g = _gen(1)
+    g = torch.Generator().manual_seed(1)
     z = torch.randn(50, 6, generator=g, dtype=torch.float64) * 2
     r = 1.5
     tiny = noised_second_moment(z, r, 1e-12, _gen(), n=50)
@@ -116,7 +117,7 @@ def test_second_moment_rejects_bad_input():
 
 
 def test_top_eigenvectors_order_sign_and_orthonormality():
-    g = _gen(3)
+    g = torch.Generator().manual_seed(3)
     q_mat, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
     eigvals = torch.tensor([5.0, -7.0, 3.0, 1.0, 0.5], dtype=torch.float64)
     m = q_mat @ torch.diag(eigvals) @ q_mat.T

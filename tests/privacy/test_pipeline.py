@@ -17,6 +17,7 @@ from privacy.ledger import (
     verify_ledger_file,
 )
 from privacy.mechanisms import second_moment_sensitivity, top_eigenvectors
+from privacy.noise import ReproducibleNoise
 from privacy.pipeline import (
     BudgetGate,
     ClipRows,
@@ -47,7 +48,7 @@ def test_summary_pipeline_releases_and_ledgers(tmp_path):
     second_moment = Transform(lambda z: z.T @ z / n, "second_moment")
     pipe = ReleasePipeline([
         ClipRows(r), second_moment,
-        GaussianNoise(sigma, second_moment_sensitivity(r, n), torch.Generator().manual_seed(0),
+        GaussianNoise(sigma, second_moment_sensitivity(r, n), ReproducibleNoise(0),
                       mechanism="gaussian_summary", params={"clip_norm": r, "n": n}),
         Transform(lambda m: top_eigenvectors(m, 1), "top_eigenvectors"),
         gate,
@@ -181,7 +182,7 @@ def test_pipeline_and_release_validation(tmp_path):
         ReleasePipeline([gate, ClipRows(1.0)])
     with pytest.raises(PipelineError, match="process"):
         ReleasePipeline([object(), gate])
-    noise = GaussianNoise(1.0, 1.0, torch.Generator())
+    noise = GaussianNoise(1.0, 1.0, ReproducibleNoise(0))
     with pytest.raises(PipelineError, match="Tensor payload"):
         noise.process(Release("enc", b"ciphertext", 0))
     with pytest.raises(PipelineError, match="round"):

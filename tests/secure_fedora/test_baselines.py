@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from privacy.noise import ReproducibleNoise
 from secure_fedora.baselines import (
     APFL,
     BASELINE_HYPERPARAMETERS,
@@ -367,6 +368,9 @@ class _PrivacyState:
     def __init__(self, n):
         self.clients = [type("C", (), {"noise_multiplier": float(10 + i)})() for i in range(n)]
 
+    def select_client(self, i, oracle):  # FederationPrivacy counts DP-SGD steps per client
+        pass
+
 
 @pytest.mark.skipif(not hasattr(MethodContext, "select"),
                     reason="this build's MethodContext has no client selection for DP oracles")
@@ -375,6 +379,7 @@ def test_every_local_step_goes_through_the_contexts_oracle(clients, name):
     oracle = _Recording(16)
     ctx = build_context(tiny(), clients, oracle=oracle)
     ctx.privacy = _PrivacyState(5)  # what the runtime attaches when DP is on
+    ctx.noise = [ReproducibleNoise(i) for i in range(5)]
     method = make_baseline(name, ctx, {})
     stats = method.train_round(1, [1, 3])
     # each released run selects its client's noise first and every one of its steps is the
@@ -405,6 +410,7 @@ def test_personal_models_that_never_leave_the_client_train_without_noise(clients
     plain = make_baseline(name, build_context(tiny(), clients, oracle=PlainGradient(16)), params)
     noisy_ctx = build_context(tiny(), clients, oracle=_Noisy(16))
     noisy_ctx.privacy = _PrivacyState(5)
+    noisy_ctx.noise = [ReproducibleNoise(i) for i in range(5)]
     noisy = make_baseline(name, noisy_ctx, params)
     plain.train_round(1, ALL)
     noisy.train_round(1, ALL)

@@ -44,3 +44,102 @@ def test_keys_init_writes_private_keys_0600_and_refuses_bad_input(tmp_path):
     assert main(["keys", "init", str(keys), "--clients", "2"]) == 2
     assert main(["keys", "init", str(tmp_path / "none"), "--clients", "0"]) == 2
     assert not (tmp_path / "none").exists()
+
+
+DP_TINY = """
+name = "dp-tiny"
+seed = 1
+methods = ["fedora", "local"]
+
+[data]
+num_clients = 3
+train_per_client = 48
+val_per_client = 16
+test_per_client = 16
+groups = 3
+
+[model]
+name = "mlp"
+
+[training]
+rounds = 2
+batch_size = 16
+
+[fedora]
+relatedness = "noised"
+k = 1
+
+[privacy]
+enabled = true
+epsilon = 4.0
+delta = 1e-3
+"""
+
+
+def test_dp_run_keeps_keys_outside_and_its_anchor_refuses_a_cut_ledger(tmp_path, capsys):
+    """Issue 14, "Why" 1 and 2 end to end: the default key store is created outside the
+    run (with a note); the run holds public keys only; `audit verify --anchor --allowlist`
+    passes, and fails once the last round is cut from the ledgers and results.json patched."""
+    import os
+    import shutil
+
+    config = tmp_path / "dp.toml"
+    config.write_text(DP_TINY)
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    store = Path(os.environ["SECURE_FEDORA_KEYSTORE_HOME"]) / "dp-tiny"
+    assert "created the key store" in capsys.readouterr().err
+    assert (store / "operator.ed25519.key").stat().st_mode & 0o777 == 0o600
+    assert store.stat().st_mode & 0o777 == 0o700
+    assert not list(out.rglob("*.key")) and (out / "keys" / "allowlist.json").exists()
+    kept = tmp_path / "anchor.json"
+    shutil.copyfile(out / "anchor.json", kept)
+    allow = store / "allowlist.json"
+    argv = ["audit", "verify", str(out), "--anchor", str(kept), "--allowlist", str(allow)]
+    assert main(argv) == 0
+    # A named key store (keys init) is used as given; a second run does not recreate it.
+    named = tmp_path / "store"
+    assert main(["keys", "init", str(named), "--clients", "3"]) == 0
+    assert (named / "operator.ed25519.pub").exists()
+    out2 = tmp_path / "run2"
+    assert main(["run", str(config), "--out", str(out2), "--quiet", "--keystore", str(named)]) == 0
+    assert "created the key store" not in capsys.readouterr().err
+    assert main(["audit", "verify", str(out2), "--allowlist", str(named / "allowlist.json")]) == 0
+    # Keys copied into the run directory make the allowlisted audit fail (not warn).
+    shutil.copyfile(named / "client-000.ed25519.key", out2 / "client-000.ed25519.key")
+    assert main(["audit", "verify", str(out2), "--allowlist", str(named / "allowlist.json")]) == 1
+    # Cut the last round and the close entry from every FEDORA ledger, patch results.json.
+    for ledger in (out / "ledgers" / "fedora").glob("*.jsonl"):
+        lines = ledger.read_text().splitlines()
+        last = max(json.loads(x)["round"] for x in lines[:-1])
+        ledger.write_text("".join(x + "\n" for x in lines[:-1] if json.loads(x)["round"] != last))
+    results = json.loads((out / "results.json").read_text())
+    for row in results["privacy"]["fedora"]["clients"]:
+        lines = (out / "ledgers" / "fedora" / f"{row['client']}.jsonl").read_text().splitlines()
+        row["ledger_entries"] = len(lines)
+        row.pop("ledger_head")
+        row["epsilon_spent"] = json.loads(lines[-1])["epsilon_after"]
+    (out / "results.json").write_text(json.dumps(results))
+    assert main(argv) == 1
+    (out / "anchor.json").unlink()
+    (out / "results.json").unlink()
+    assert main(["audit", "verify", str(out)]) == 1  # no close entries: not a finished run
+
+
+def test_help_does_not_import_torch_or_the_subsystems():
+    """``secure-fedora --help`` stays fast: torch and the heavy sub-systems load only when a
+    command that needs them runs (checked by module, not by timing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom secure_fedora.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'flwr', 'secure_fedora.sweep', "
+            "'audits.cli', 'secure_fedora.deploy.cli') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "sweep" in out.stdout and "audit" in out.stdout and "deploy" in out.stdout  # listed
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    code_sweep = code.replace("['--help']", "['sweep', '--help']")
+    out = subprocess.run([sys.executable, "-c", code_sweep], capture_output=True, text=True, timeout=60)
+    assert "--seeds" in out.stdout and "secure_fedora.sweep" in out.stdout.splitlines()[-1]

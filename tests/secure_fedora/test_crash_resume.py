@@ -24,6 +24,8 @@ CLOCK_FIELDS = ("timestamp", "prev_hash", "signature")
 
 
 def config_dict(methods, dp, **training):
+    # a checkpoint after every round unless a test asks otherwise (the crash points name them)
+    training = {"checkpoint_every": 1, **training}
     data = {
         "name": "crash", "seed": 2, "methods": list(methods),
         "data": {"num_clients": 3, "train_per_client": 32, "val_per_client": 16,
@@ -35,7 +37,9 @@ def config_dict(methods, dp, **training):
     }
     if dp:
         data["fedora"]["relatedness"] = "noised"
-        data["privacy"] = {"enabled": True, "epsilon": 4.0, "delta": 1e-3}
+        # bit-identical comparisons need noise a re-run draws again: reproducible noise
+        data["privacy"] = {"enabled": True, "epsilon": 4.0, "delta": 1e-3,
+                           "noise": "reproducible"}
     if dp == "lambda":  # private validation: each round also releases a noised lambda
         data["data"]["validation"] = "private"
         data["methods"] = [m for m in data["methods"] if m != "ifca"]
@@ -56,11 +60,12 @@ def reference(tmp_path_factory, clients):
     """Uninterrupted runs, one per (methods, dp, rounds), made on first use."""
     cache = {}
 
-    def get(methods, dp, rounds=2):
-        key = (tuple(methods), dp, rounds)
+    def get(methods, dp, rounds=2, checkpoint_every=1):
+        key = (tuple(methods), dp, rounds, checkpoint_every)
         if key not in cache:
             run_dir = tmp_path_factory.mktemp("reference")
-            Simulation(config(methods, dp, rounds=rounds), run_dir, clients=clients).run()
+            Simulation(config(methods, dp, rounds=rounds, checkpoint_every=checkpoint_every),
+                       run_dir, clients=clients).run()
             cache[key] = run_dir
         return cache[key]
 
@@ -157,11 +162,23 @@ def test_resume_from_an_older_checkpoint_replays_journaled_rounds(tmp_path, clie
     assert_same_run(tmp_path, reference(["fedora"], True, rounds=3))
 
 
-def test_resume_with_fresh_noise_resends_journaled_releases_and_counts_once(tmp_path, clients):
-    """Non-reproducible noise: the journaled releases are re-made from their sealed generator
-    state (the digest check in the journal would fail otherwise); epsilon is counted once."""
+@pytest.mark.parametrize("point", ["train@2", "train@8"], ids=["before-first", "after-round-2"])
+def test_resume_with_checkpoints_every_k_rounds_is_exact(tmp_path, clients, reference, point):
+    """``checkpoint_every = 2``: a kill in round 1 (no checkpoint yet, only ledgers and
+    journals) resumes from the start; a kill in round 3 resumes from round 2's checkpoint.
+    Either way the journaled releases are re-made and accounted once."""
+    cfg = config(["fedora"], True, rounds=3, checkpoint_every=2)
+    assert run_until_crash(cfg, tmp_path, clients, point)
+    assert (tmp_path / "checkpoints" / "fedora.pt").exists() == (point == "train@8")
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert_same_run(tmp_path, reference(["fedora"], True, rounds=3, checkpoint_every=2))
+
+
+def test_resume_with_csprng_noise_resends_journaled_releases_and_counts_once(tmp_path, clients):
+    """CSPRNG noise: the journaled releases are re-made from their sealed keystream state
+    (the payload digest check in the journal would fail otherwise); epsilon is counted once."""
     data = config_dict(["fedora"], True, rounds=3)
-    data["privacy"]["noise_seed"] = "os_random"
+    data["privacy"]["noise"] = "csprng"
     cfg = parse_config(data)
     checkpoint = tmp_path / "checkpoints" / "fedora.pt"
     assert run_until_crash(cfg, tmp_path, clients, "checkpoint_written@1")
@@ -172,7 +189,7 @@ def test_resume_with_fresh_noise_resends_journaled_releases_and_counts_once(tmp_
     for path in tmp_path.glob("ledgers/fedora/*.jsonl"):
         entries = read_ledger(path)
         assert [(e["round"], e["mechanism"]) for e in entries] == [
-            (0, "gaussian_summary"), (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd")]
+            (0, "gaussian_summary"), (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
     assert all(c["refused_at_round"] is None for c in results["privacy"]["fedora"]["clients"])
 
 

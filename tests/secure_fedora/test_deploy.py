@@ -53,6 +53,7 @@ from secure_fedora.deploy.state import (
     load_partition,
     save_partition,
 )
+from secure_fedora.errors import run_command
 from secure_fedora.runtime import build_clients
 from tests.secure_fedora.deploy_support import (
     TINY,
@@ -204,11 +205,25 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     with pytest.raises(DeployError, match="does not include 'fedora'"):
         check_supported(parse_config(data))
     # DP-SGD, noised summaries, private validation: supported, with noise the server cannot
-    # regenerate; noise seeded from the (server-known) experiment seed only when asked for.
-    check_supported(dp_config(noise_seed="os_random"))
-    with pytest.raises(DeployError, match="noise_seed = 'experiment'"):
-        check_supported(dp_config())
-    check_supported(dp_config(), reproducible_dp_noise=True)
+    # regenerate (CSPRNG, the default); noise seeded from the (server-known) experiment seed
+    # only when asked for with the reproducible-dp-noise flag.
+    check_supported(dp_config())
+    with pytest.raises(DeployError, match="noise = 'reproducible'.*reproducible-dp-noise"):
+        check_supported(dp_config(noise="reproducible"))
+    check_supported(dp_config(noise="reproducible"), reproducible_dp_noise=True)
+
+
+def test_reproducible_dp_noise_flag_selects_reproducible_noise(tmp_path: Path) -> None:
+    cfg = dp_config()
+    assert cfg.privacy.noise == "csprng"
+    flagged = RunSettings.from_run_config(run_config(cfg, tmp_path, **{"reproducible-dp-noise": True}))
+    assert flagged.experiment.privacy.noise == "reproducible"
+    assert flagged.config_hash == config_hash(dp_config(noise="reproducible"))
+    plain = RunSettings.from_run_config(run_config(cfg, tmp_path))
+    assert plain.experiment.privacy.noise == "csprng"
+    # Without DP the flag changes nothing.
+    assert RunSettings.from_run_config(run_config(tiny_config(), tmp_path, **{
+        "reproducible-dp-noise": True})).experiment == tiny_config()
 
 
 def test_node_settings_validate_partition_state_and_identity_dirs() -> None:
@@ -417,14 +432,21 @@ def test_exchange_window_pushes_in_node_order_and_survives_refused_and_silent_no
 
 @pytest.mark.usefixtures("task_identity")
 def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path) -> None:
-    from privacy.identity import client_ids
-    from privacy.ledger import read_ledger, verify_ledger_file
+    import shutil
 
-    cfg = dp_config()  # noise seeded from the experiment seed, so both runs draw the same noise
-    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    from privacy.identity import client_ids
+    from privacy.ledger import line_hash, read_ledger, verify_ledger_file
+
+    cfg = dp_config(noise="reproducible")  # both runs draw the same noise
+    result_dir = tmp_path / "result"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(result_dir)})
     identities = tmp_path / "ids"
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["privacy"]["noise"] == results["assumptions"]["noise"] == "reproducible"
+    assert "not private against anyone who knows the config" in results["privacy"]["noise_warning"]
     sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
@@ -440,7 +462,28 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
         assert verify_ledger_file(ledger, load_identity(identities / cid, cid).signing_key.public_key()) == []
         rounds = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
         assert rounds == [(0, "gaussian_summary"), (1, "dpsgd"), (1, "gaussian_lambda"),
-                          (2, "dpsgd"), (2, "gaussian_lambda")], rounds
+                          (2, "dpsgd"), (2, "gaussian_lambda"), (2, "close")], rounds
+        # the server recorded the head the client reported (signed) with its last reply
+        assert ours[c]["ledger_head"] == line_hash(ledger.read_text().splitlines()[-1])
+    # The server's signed anchor: the audit checks the collected ledgers against it.
+    from audits.verify import verify_run
+
+    anchor = json.loads((result_dir / "anchor.json").read_text())
+    assert anchor["runtime"] == "flower" and anchor["signer"]["party_id"] == "server"
+    assert sorted(anchor["ledgers"]) == [f"fedora/{cid}" for cid in client_ids(3)]
+    audit = tmp_path / "audit"
+    (audit / "ledgers" / "fedora").mkdir(parents=True)
+    shutil.copyfile(result_dir / "results.json", audit / "results.json")
+    for c, cid in enumerate(client_ids(3)):
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl",
+                        audit / "ledgers" / "fedora" / f"{cid}.jsonl")
+    allow = identities / "server" / "allowlist.json"
+    report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
+    assert not [f for f in report.errors if f.check.startswith("anchor")], report.errors
+    cut = audit / "ledgers" / "fedora" / "client-001.jsonl"
+    cut.write_text("".join(x + "\n" for x in cut.read_text().splitlines()[:-3]))
+    report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
+    assert ("anchor_behind", "client-001") in {(f.check, f.client_id) for f in report.errors}
     theta = sim.methods["fedora"].theta
     for c in range(3):
         state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
@@ -449,25 +492,52 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_grid_dp_refusal_keeps_model_and_releases_nothing(tmp_path: Path) -> None:
-    # Fixed noise: epsilon 0.53 after the summary, 2.74 after round 1, 3.85 after round 2.
-    # Client 1's budget (3.0) pays for the summary and round 1 only.
-    cfg = dp_config(noise_multiplier=1.5, summary_noise_multiplier=5.0,
+def test_grid_csprng_run_stores_no_key_and_no_noise_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from privacy import noise as noise_module
+
+    keys: list[bytes] = []
+    original = noise_module.CsprngNoise.__init__
+
+    def recording_init(self: noise_module.CsprngNoise) -> None:
+        original(self)
+        keys.append(self._key)
+
+    monkeypatch.setattr(noise_module.CsprngNoise, "__init__", recording_init)
+    cfg = dp_config()  # privacy.noise = "csprng", the default
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["assumptions"]["noise"] == results["privacy"]["noise"] == "csprng"
+    assert "noise_warning" not in results["assumptions"]
+    assert "noise_warning" not in results["privacy"]
+    # A fresh key per client and message: summary, then lambda + training in each of 2 rounds.
+    assert len(keys) == 3 * 3 and len(set(keys)) == len(keys)
+    files = [p for p in (tmp_path / "nodes").rglob("*") if p.is_file()]
+    assert any(p.name == "state.pt" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for key in keys:
+            assert key not in data and key.hex().encode() not in data, path
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert state.noise_state is None
+
+
+def test_grid_dp_plan_over_a_budget_is_refused_before_any_message(tmp_path: Path) -> None:
+    from secure_fedora.private import BudgetPlanError
+
+    # Fixed noise whose plan exceeds client 1's budget (3.0): refused before round 0.
+    cfg = dp_config(noise="reproducible", noise_multiplier=1.5, summary_noise_multiplier=5.0,
                     lambda_noise_multiplier=5.0, epsilon=50.0, overrides={"1": {"epsilon": 3.0}})
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    refusals = [e for e in results["events"] if "refused" in e["event"]]
-    assert refusals and {e["client"] for e in refusals} == {1}
-    assert results["privacy"]["clients"][1]["refused"]
-    assert [e["round"] for e in refusals] == [2]
-    assert 2.5 < results["privacy"]["clients"][1]["epsilon_spent"] <= 3.0
-    assert results["rounds"][1]["replied"] == 2
-    node = tmp_path / "nodes" / "node-1" / "runs" / "42"
-    journal = [e["kind"] for e in ReleaseJournal(node / "releases.jsonl").entries()]
-    assert journal == ["summary", "model"]  # nothing left after the refusal
-    state = NodeState.load(node / "state.pt", 1, 42, config_hash(cfg))
-    assert state.refused_round == 2 and state.last_trained_round == 1
+    with pytest.raises(BudgetPlanError, match="client-001") as info:
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert info.value.clients == ["client-001"]
+    assert not list((tmp_path / "nodes").rglob("releases.jsonl"))
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -561,7 +631,8 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
     report = json.loads(capsys.readouterr().out)
     assert report["subject_alt_names"] == ["192.168.0.7", "localhost", "127.0.0.1"]
     assert len(report["node_keys"]) == 2 and Path(report["node_keys"][1]["private"]).exists()
-    assert args.func(args) == 2  # exists, no --force
+    assert run_command(args.func, args) == 2  # exists, no --force
+    assert "--force" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parser().parse_args(["deploy", "certs", "--out", "x", "--nodes", "-1"])
     with pytest.raises(SystemExit):
@@ -573,12 +644,12 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[data]\nnum_clients = 'many'\n")
     args = _parser().parse_args(["deploy", "local", "--config", str(bad), "--workdir", str(tmp_path / "w")])
-    assert args.func(args) == 2
+    assert run_command(args.func, args) == 2
     no_fedora = tmp_path / "nf.toml"
     no_fedora.write_text('methods = ["local"]\n')
     args = _parser().parse_args(["deploy", "local", "--config", str(no_fedora), "--clients", "2",
                                  "--workdir", str(tmp_path / "w")])
-    assert args.func(args) == 2
+    assert run_command(args.func, args) == 2
     assert not (tmp_path / "w" / "logs").exists()  # nothing was started
     assert with_num_clients(tiny_config(), 5).data.num_clients == 5
     with pytest.raises(DeployError, match="max_in_flight"):
@@ -693,8 +764,9 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     from privacy.identity import load_identity
     from privacy.ledger import read_ledger, verify_ledger_file
 
-    # With DP (noise from os.urandom): the node's signed privacy ledger must survive too.
-    cfg = dp_config(rounds=3, noise_seed="os_random")
+    # With DP (CSPRNG noise, fresh keys after the restart): the node's signed privacy ledger
+    # must survive too.
+    cfg = dp_config(rounds=3)
     victim = 2
     done: dict[str, float] = {}
     restarter: list[threading.Thread] = []

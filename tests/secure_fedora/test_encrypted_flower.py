@@ -83,7 +83,10 @@ def enc_config(relatedness: str = "encrypted", **privacy: Any) -> ExperimentConf
     data["fedora"].update(relatedness=relatedness, k=1)
     if "noised" in relatedness:
         data["data"]["validation"] = "private"
-        data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, **privacy}
+        # Reproducible noise (with the reproducible-dp-noise flag) so that the grid run and
+        # the in-process run draw the same noise and can be compared.
+        data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                           "noise": "reproducible", **privacy}
     return parse_config(data)
 
 

@@ -33,7 +33,9 @@ def dp_config(relatedness):
     # Fixed noise multipliers (checked against the budget, no calibration search): fast.
     return config(relatedness, data={"train_per_client": 100},
                   privacy={"enabled": True, "epsilon": 8, "delta": 1e-3, "noise_multiplier": 1.0,
-                           "summary_noise_multiplier": 2.0})
+                           "summary_noise_multiplier": 2.0,
+                           # the same noise in both runs, so that they can be compared
+                           "noise": "reproducible"})
 
 
 @pytest.fixture(scope="module")

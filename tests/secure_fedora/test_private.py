@@ -1,6 +1,7 @@
 """DP in the federation: calibrated noise, enforced budgets, the write-ahead ledger, restarts."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,12 +11,13 @@ import time
 import pytest
 import torch
 
-from privacy.accounting import Accountant, PrivacyBudget
+from privacy.accounting import Accountant, BudgetExceededError, PlannedRelease, PrivacyBudget
 from privacy.identity import load_allowlist
 from privacy.ledger import read_ledger, verify_ledger_file
+from privacy.noise import ReproducibleNoise
 from secure_fedora.config import ConfigError, parse_config
-from secure_fedora.private import privacy_plan
-from secure_fedora.runtime import Simulation, build_clients
+from secure_fedora.private import BudgetPlanError, privacy_plan
+from secure_fedora.runtime import Simulation, build_clients, load_checkpoint
 
 BASE = {
     "seed": 3,
@@ -70,9 +72,22 @@ def test_calibrated_run_spends_its_budget_and_the_ledger_verifies(tmp_path, clie
             assert eps == sorted(eps)
             mechanisms = {e["mechanism"] for e in entries}
             if method == "fedora":
-                assert mechanisms == {"dpsgd", "gaussian_summary", "gaussian_lambda"}
+                assert mechanisms == {"dpsgd", "gaussian_summary", "gaussian_lambda", "close"}
             else:
-                assert mechanisms == {"dpsgd"}
+                assert mechanisms == {"dpsgd", "close"}
+            # a finished run closes every ledger: its last entry, spending nothing
+            assert entries[-1]["mechanism"] == "close"
+            assert entries[-1]["params"] == {"final_index": len(entries) - 1,
+                                             "epsilon_spent": entries[-2]["epsilon_after"]}
+    # private keys live in the key store, outside the run directory; the run holds public
+    # keys only, and the signed anchor.json lets the audit refuse a shortened ledger
+    assert not list(tmp_path.rglob("*.key"))
+    from audits.verify import verify_run
+
+    report = verify_run(tmp_path, allowlist=tmp_path / "keys" / "allowlist.json")
+    assert report.ok, [str(f) for f in report.errors]
+    anchor = json.loads((tmp_path / "anchor.json").read_text())
+    assert anchor["methods"] == ["fedora", "local", "fedavg"] and len(anchor["ledgers"]) == 12
 
 
 def test_ledger_epsilon_matches_an_accountant_replaying_the_same_history(tmp_path, clients):
@@ -80,45 +95,34 @@ def test_ledger_epsilon_matches_an_accountant_replaying_the_same_history(tmp_pat
     Simulation(cfg, tmp_path, clients=clients).run()
     for path in _ledgers(tmp_path, "local"):
         entries = read_ledger(path)
-        acc = Accountant("rdp")
-        for e in entries:
+        acc = Accountant(entries[0]["accountant"])  # "auto" chose it; recorded in every entry
+        for e in entries[:-1]:  # the last is the close entry, which releases nothing
             p = e["params"]
             acc.record(p["noise_multiplier"], p["sample_rate"], p["steps"])
             assert e["epsilon_after"] == pytest.approx(acc.epsilon(1e-3), rel=1e-9)
 
 
-def test_client_over_budget_is_refused_keeps_model_and_others_continue(tmp_path, clients):
-    # a fixed noise multiplier: client 1's small budget runs out after its first round
+def test_plan_over_a_client_budget_is_refused_before_training(tmp_path, clients):
+    # A fixed noise multiplier whose plan exceeds client 1's small budget: refused up front
+    # (before, every such client was refused at round 1 and reported an untrained model).
     cfg = dp_config(methods=["fedora"], privacy={"noise_multiplier": 1.0, "epsilon": 20.0,
                                                  "summary_noise_multiplier": 20.0,
                                                  "overrides": {"1": {"epsilon": 2.0}}})
     sim = Simulation(cfg, tmp_path, clients=clients)
-    results = sim.run()
-    spent = {c["client"]: c for c in results["privacy"]["fedora"]["clients"]}
-    refused = spent["client-001"]
-    assert refused["refused_at_round"] is not None
-    assert refused["epsilon_spent"] <= 2.0
-    assert all(spent[c]["refused_at_round"] is None for c in ("client-000", "client-002"))
-    entries = read_ledger(tmp_path / "ledgers" / "fedora" / "client-001.jsonl")
-    refusals = [e for e in entries if e["mechanism"] == "refusal"]
-    assert refusals and refusals[0]["params"]["epsilon_would_be"] > 2.0
-    assert refusals[0]["epsilon_after"] == entries[-2]["epsilon_after"]  # a refusal spends nothing
-    assert any(e["event"] == "refused" for e in results["privacy"]["fedora"]["events"])
+    with pytest.raises(BudgetPlanError, match="client-001") as info:
+        sim.run()
+    assert info.value.clients == ["client-001"]
+    assert "privacy.noise_multiplier" in str(info.value)
+    assert not list((tmp_path / "ledgers").rglob("*.jsonl"))  # nothing was released
 
 
-def test_refused_client_releases_nothing_more(tmp_path, clients):
-    cfg = dp_config(methods=["local"], training={"rounds": 4},
-                    privacy={"noise_multiplier": 1.0, "epsilon": 20.0,
-                             "overrides": {"2": {"epsilon": 4.0}}})
-    sim = Simulation(cfg, tmp_path, clients=clients)
-    snapshots = []
-    sim.progress = lambda m, r, t: snapshots.append(sim.methods["local"].theta[2].clone())
-    results = sim.run()
-    refused_at = results["privacy"]["local"]["clients"][2]["refused_at_round"]
-    assert refused_at is not None and refused_at <= 3
-    # from the refused round on, the client's model is frozen (nothing trained, nothing sent)
-    for later in snapshots[refused_at - 1:]:
-        assert torch.equal(later, snapshots[refused_at - 2])
+def test_fixed_summary_noise_over_budget_is_refused_before_training(tmp_path, clients):
+    cfg = dp_config(methods=["fedora"], privacy={"summary_noise_multiplier": 0.05,
+                                                 "epsilon": 1.0})
+    with pytest.raises(BudgetPlanError, match="4 client") as info:
+        Simulation(cfg, tmp_path, clients=clients).run()
+    assert len(info.value.clients) == 4
+    assert isinstance(info.value, ConfigError)  # the CLI prints it as one line
 
 
 def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
@@ -141,7 +145,9 @@ def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
         ({"overrides": {"1": {"delta": 1e-6}}}, "privacy.overrides.1.epsilon"),  # missing key
         ({"overrides": {"9": {"epsilon": 1}}}, "privacy.overrides.9"),
         ({"accountant": "moments"}, "privacy.accountant"),
-        ({"noise_seed": "none"}, "privacy.noise_seed"),
+        ({"noise": "none"}, "privacy.noise"),
+        ({"noise_seed": "experiment"}, "privacy.noise = \"reproducible\""),  # removed key
+        ({"noise_seed": "os_random"}, "privacy.noise = \"csprng\""),
         ({"epsilon": float("inf")}, "privacy.epsilon"),
     ],
 )
@@ -197,7 +203,7 @@ def test_kill_mid_round_over_counts_never_under_counts(tmp_path):
         assert verify_ledger_file(path, keys[path.stem]) == []  # every line complete, signed, chained
         entries = read_ledger(path)
         before[path.stem] = entries[-1]["epsilon_after"] if entries else 0.0
-    state = torch.load(run_dir / "checkpoints" / "local.pt", weights_only=True) \
+    state = load_checkpoint(run_dir / "checkpoints" / "local.pt") \
         if (run_dir / "checkpoints" / "local.pt").exists() else {"round": 0}
     # every round that finished (and so was released) has its ledger entry for client 0
     assert len(read_ledger(ledger)) >= state["round"]
@@ -221,3 +227,91 @@ def test_ditto_under_dp_states_that_personal_models_stay_on_the_client(tmp_path,
     plain = Simulation(dp_config(methods=["fedora"], training={"rounds": 1}), tmp_path / "f",
                        clients=clients).run()
     assert "client_held_models" not in plain["assumptions"]
+
+
+def test_auto_accountant_is_recorded_and_private_validation_selects_the_final_round(tmp_path,
+                                                                                    clients):
+    cfg = dp_config(methods=["local"], data={"validation": "private"},
+                    evaluation={"every": 1})
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    results = sim.run()
+    section = results["privacy"]["local"]
+    choice = section["accountant_choice"]
+    assert section["accountant"] == choice["accountant"] == "pld"
+    row = choice["comparison"][0]
+    assert row["pld_epsilon_of_plan"] < row["rdp_epsilon_of_plan"]
+    assert row["pld_noise_multiplier"] < row["rdp_noise_multiplier"]
+    assert "auto" in choice["reason"] and section["plan"][0]["accountant"] == "pld"
+    assert section["plan"][0]["planned_epsilon_pld"] <= 4.0 < section["plan"][0]["planned_epsilon_rdp"]
+    # no round is chosen by private validation accuracy, and none is reported
+    assert results["assumptions"]["model_selection"] == "final_round"
+    assert results["methods"]["local"]["selected"]["round"] == 3
+    assert len(sim.history) == 3 and all(h["val_mean"] is None for h in sim.history)
+
+
+def test_selecting_by_private_validation_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="model_selection"):
+        dp_config(data={"validation": "private"}, privacy={"model_selection": "validation"})
+    assert dp_config(privacy={"model_selection": "validation"}).privacy.model_selection
+
+
+def test_forced_step_count_mismatch_refuses_the_model_release(tmp_path, clients, monkeypatch):
+    from secure_fedora.private import DPGradient, StepCountMismatchError
+
+    honest = DPGradient.batches
+
+    def one_extra(self, n, epochs, generator):
+        yield from honest(self, n, epochs, generator)
+        yield from list(honest(self, n, epochs, generator))[:1]
+
+    monkeypatch.setattr(DPGradient, "batches", one_extra)
+    cfg = dp_config(methods=["local"])
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    with pytest.raises(StepCountMismatchError, match="executed 5 DP-SGD steps in round 1"):
+        sim.run()
+    entries = read_ledger(tmp_path / "ledgers" / "local" / "client-000.jsonl")
+    assert entries[-1]["mechanism"] == "refusal"
+    assert "step count mismatch" in entries[-1]["params"]["reason"]
+    assert entries[-1]["params"]["epsilon_would_be"] > entries[-2]["epsilon_after"]
+
+
+def test_summary_refused_at_run_time_is_a_ledger_refusal_with_a_real_epsilon(tmp_path, clients):
+    from privacy.accounting import MechanismRecord, calibrate_noise_multiplier
+    from privacy.pipeline import Release
+    from secure_fedora.private import FederationPrivacy
+
+    cfg = dp_config(methods=["fedora"])
+    privacy = FederationPrivacy.open(cfg, "fedora", 4, tmp_path / "ledgers", tmp_path / "keys")
+    c = privacy.clients[1]
+    # Something else already spent 99% of client 1's budget: its summary no longer fits.
+    sigma = calibrate_noise_multiplier(0.99 * 4.0, 1e-3, [PlannedRelease("other", 1.0, 1)],
+                                       privacy.accountant)
+    c.gate.process(Release("other", torch.zeros(1), 0, [MechanismRecord("other", sigma, 1.0)]))
+    gens = [ReproducibleNoise(i) for i in range(4)]
+    with pytest.raises(BudgetExceededError) as info:
+        privacy.noised_summaries(clients, 1, 10, gens)
+    assert math.isfinite(info.value.epsilon_would_be) and info.value.epsilon_would_be > 4.0
+    assert "nan" not in str(info.value) and "client-001" in str(info.value)
+    privacy.close()
+    last = read_ledger(tmp_path / "ledgers" / "client-001.jsonl")[-1]
+    assert last["mechanism"] == "refusal" and last["params"]["release_kind"] == "summary"
+
+
+def test_cli_refuses_an_over_budget_plan_with_one_line_and_nonzero_exit(tmp_path, capsys):
+    from secure_fedora import cli
+
+    doc = json.loads(json.dumps(BASE))
+    lines = []
+    for section, body in doc.items():
+        if not isinstance(body, dict):
+            lines.insert(0, f"{section} = {json.dumps(body)}")
+    for section, body in doc.items():
+        if isinstance(body, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in body.items()]
+    lines.append("noise_multiplier = 0.3")  # under [privacy], the last section
+    path = tmp_path / "c.toml"
+    path.write_text("\n".join(lines) + "\n")
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr().err
+    assert code == 2 and len(out.strip().splitlines()) == 1 and "over budget for 4 client(s)" in out and "Traceback" not in out

@@ -1,12 +1,19 @@
 """The in-process runtime: rounds, baselines, partial participation, checkpoints, resume."""
 
+import io
 import json
 
 import pytest
 import torch
 
-from secure_fedora.config import parse_config
-from secure_fedora.runtime import CheckpointError, Simulation, build_clients
+from secure_fedora.config import config_hash, parse_config
+from secure_fedora.runtime import (
+    CheckpointError,
+    Simulation,
+    build_clients,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def tiny(**overrides):
@@ -132,9 +139,9 @@ def test_checkpoint_with_nan_parameters_is_refused(tmp_path, tiny_clients):
     with pytest.raises(Crash):
         sim.run()
     ckpt = tmp_path / "checkpoints" / "local.pt"
-    state = torch.load(ckpt, weights_only=True)
+    state = load_checkpoint(ckpt)
     state["method"]["theta"][0, 0] = float("nan")
-    torch.save(state, ckpt)
+    save_checkpoint(ckpt, state)  # re-sealed: the digest holds, the values are refused
     with pytest.raises(CheckpointError, match="non-finite"):
         Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
 
@@ -146,3 +153,71 @@ def test_power_propagation_gives_same_result_as_dense(tmp_path, tiny_clients):
     a = dense["methods"]["fedora"]["selected"]["per_client"]
     b = power["methods"]["fedora"]["selected"]["per_client"]
     assert a == pytest.approx(b, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- checkpoint integrity
+# Regression tests for issue 14 "Why" 6: flipped bytes and edited weights changed results silently.
+
+
+def _finished_local_run(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 2}, methods=["local"])
+    results = Simulation(cfg, tmp_path, clients=tiny_clients).run()
+    return cfg, tmp_path / "checkpoints" / "local.pt", results
+
+
+def test_flipped_checkpoint_byte_is_refused_naming_the_file(tmp_path, tiny_clients):
+    cfg, ckpt, _ = _finished_local_run(tmp_path, tiny_clients)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="digest") as err:
+        Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+    assert str(ckpt) in str(err.value)
+
+
+def test_edited_weights_without_a_new_digest_are_refused(tmp_path, tiny_clients):
+    cfg, ckpt, _ = _finished_local_run(tmp_path, tiny_clients)
+    raw = ckpt.read_bytes()
+    header_end = raw.index(b"\n", len(b"SFCKPT2\n")) + 1
+    state = load_checkpoint(ckpt)
+    state["method"]["theta"][0] += 0.5  # a plausible, finite edit
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    ckpt.write_bytes(raw[:header_end] + buf.getvalue())
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(ckpt)
+
+
+def test_checkpoint_run_binding_is_checked(tmp_path, tiny_clients):
+    cfg, ckpt, _ = _finished_local_run(tmp_path, tiny_clients)
+    raw = ckpt.read_bytes()
+    forged = raw.replace(config_hash(cfg).encode(), b"0" * 64, 1)
+    assert forged != raw
+    ckpt.write_bytes(forged)
+    with pytest.raises(CheckpointError, match="run binding"):
+        load_checkpoint(ckpt)
+
+
+def test_checkpoint_without_digest_and_foreign_objects_are_refused_plainly(tmp_path):
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"round": 1}, legacy)
+    with pytest.raises(CheckpointError, match="without integrity digest"):
+        load_checkpoint(legacy)
+    # a sealed checkpoint holding an object weights_only refuses: no "weights_only=False" advice
+    foreign = tmp_path / "foreign.pt"
+    save_checkpoint(foreign, {"round": 1, "payload": _Foreign()})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(foreign)
+    assert str(foreign) in str(err.value) and "weights_only" not in str(err.value)
+    assert "never loaded" in str(err.value)
+
+
+class _Foreign:
+    pass
+
+
+def test_resealed_checkpoint_resumes_to_the_same_result(tmp_path, tiny_clients):
+    cfg, ckpt, results = _finished_local_run(tmp_path, tiny_clients)
+    save_checkpoint(ckpt, load_checkpoint(ckpt))
+    again = Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+    assert again["methods"] == results["methods"]

@@ -11,6 +11,7 @@ import tomllib
 from secure_fedora import sweep as sweep_mod
 from secure_fedora.client import PlainGradient
 from secure_fedora.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.errors import run_command
 from secure_fedora.runtime import Simulation, build_clients, build_context
 from secure_fedora.sweep import (
     Cell,
@@ -138,6 +139,11 @@ def test_cell_whose_results_deny_privacy_is_not_recorded(tmp_path, monkeypatch):
             return doc
 
     monkeypatch.setattr(sweep_mod, "Simulation", NoDP)
+    # PrivateLooking runs no DP-SGD step: the executed-steps check would (rightly) refuse the
+    # first release; this test is about the sweep's check of the results, so skip it here.
+    from secure_fedora.private import FederationPrivacy
+
+    monkeypatch.setattr(FederationPrivacy, "confirm_steps", lambda self, rnd, participants: None)
 
     def private_context(cfg, clients):
         return build_context(cfg, clients, oracle=PrivateLooking(cfg.training.batch_size))
@@ -268,8 +274,17 @@ def test_directory_of_another_config_is_refused(tmp_path):
     other = tiny(training={"lr": 0.01})
     with pytest.raises(SweepError, match="another configuration"):
         run_sweep(other, tmp_path, ["local"], [0])
-    # a cell directory whose cell.json belongs to another config is refused too
+    # without its manifest the directory is not taken for a sweep at all
+    manifest = json.loads((tmp_path / "sweep.json").read_text())
     (tmp_path / "sweep.json").unlink()
+    with pytest.raises(SweepError, match="not a sweep directory"):
+        run_sweep(other, tmp_path, ["local"], [0])
+    # a cell directory whose cell.json belongs to another config is refused too (a manifest
+    # edited to claim the other config)
+    from secure_fedora.sweep import _base_hash
+
+    manifest["base_config_hash"] = _base_hash(other)
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
     with pytest.raises(SweepError, match="cell local/eps-none/seed-0"):
         run_sweep(other, tmp_path, ["local"], [0])
 
@@ -303,7 +318,7 @@ def test_command_line(tmp_path, capsys):
         parser.parse_args(["sweep", str(cfg_path), "--out", str(out), "--methods", "fedsgd"])
     bad = parser.parse_args(["sweep", str(cfg_path), "--out", str(tmp_path / "other"),
                              "--seeds", "1", "1", "--quiet"])
-    assert bad.func(bad) == 2
+    assert run_command(bad.func, bad) == 2
     assert "seed twice" in capsys.readouterr().err
 
 

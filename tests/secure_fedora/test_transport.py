@@ -260,8 +260,11 @@ def test_setup_and_argument_errors(key_dir, tmp_path):
         client_only.client_upload(-1, 1, torch.zeros(P))
     with pytest.raises(TypeError, match="floating"):
         client_only.client_upload(1, 1, torch.zeros(P, dtype=torch.int64))
-    with pytest.raises(TypeError, match="bytes"):
-        server_only.server_receive(1, {1: "text"}, (P,))
+    # Non-bytes input is a rejection record, not an exception (issue 14, "Why" 7).
+    accepted, rejections = server_only.server_receive(1, {1: "text"}, (P,))  # type: ignore[dict-item]
+    assert accepted == {} and [(r.client, r.reason) for r in rejections] == [
+        (1, "malformed_envelope")]
+    assert "must be bytes" in rejections[0].detail
 
 
 def test_tensor_payload_format():
@@ -410,3 +413,58 @@ def test_generic_exchange_kinds_checks_and_fallbacks(key_dir, tmp_path, caplog):
     assert ex.last_round == 4
     with pytest.raises(TransportError, match="one shape"):
         ex.download_rows(5, {0: torch.ones(P), 1: torch.ones(P + 1)}, kind="clusters")
+
+
+# --------------------------------------------------------------------- bound and bounded (issue 14)
+
+
+def test_fedora_message_replayed_into_fedavg_exchange_is_rejected(tmp_path, caplog):
+    """Issue 14, "Why" 7: both methods' exchanges share the keys and the round numbers; the
+    envelope's context binds a message to its method, so the replay is a rejection record."""
+    run = tmp_path / "run"
+    fedora = SecureTransport.for_simulation(run, N, "fedora", context="run-a/fedora")
+    fedavg = SecureTransport.for_simulation(run, N, "fedavg", context="run-a/fedavg")
+    theta = rows(3)
+    message = fedora.client_upload(2, 1, theta[1])
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        accepted, rejections = fedavg.server_receive(2, {1: message}, (P,))
+    assert accepted == {}
+    assert [(r.client, r.round, r.reason) for r in rejections] == [(1, 2, "wrong_context")]
+    assert _events(caplog)[-1]["reason"] == "wrong_context"
+    # The message itself was fine for its own exchange.
+    accepted, rejections = fedora.server_receive(2, {1: message}, (P,))
+    assert rejections == [] and torch.equal(accepted[1], theta[1])
+    # Default contexts differ per method too.
+    a = SecureTransport.for_simulation(tmp_path / "r2", N, "fedora")
+    b = SecureTransport.for_simulation(tmp_path / "r2", N, "fedavg")
+    assert b.server_receive(1, {0: a.client_upload(1, 0, theta[0])}, (P,))[1][0].reason \
+        == "wrong_context"
+
+
+def test_oversize_upload_is_rejected_unparsed_as_a_record(transport, key_dir, tmp_path,
+                                                          monkeypatch):
+    """An upload larger than the expected tensor (as a 400 MB payload would be) is rejected
+    on its length alone: crafted here by a tight shape, without allocating 400 MB."""
+    import privacy.envelope as envelope_module
+
+    big = transport.client_upload(1, 0, torch.zeros(8192))  # 32 KiB > header cap + 10 floats
+    good = transport.client_upload(1, 1, torch.zeros(P))
+    calls = {"sha256": 0}
+    real_sha256 = envelope_module.hashlib.sha256
+
+    def counting(data=b""):
+        calls["sha256"] += 1
+        return real_sha256(data)
+
+    monkeypatch.setattr(envelope_module.hashlib, "sha256", counting)
+    accepted, rejections = transport.server_receive(1, {0: big, 1: good}, (P,))
+    assert list(accepted) == [1]
+    assert [(r.client, r.reason) for r in rejections] == [(0, "message_too_large")]
+    assert calls["sha256"] == 1  # only the well-sized message was hashed
+    # Opaque payloads are capped by max_message_bytes.
+    tight = SecureTransport(key_dir, tmp_path / "t2", N, max_message_bytes=512)
+    message = tight.client_upload_bytes(1, 2, b"z" * 600, "blob")
+    _, rejections = tight.server_receive_bytes(1, {2: message}, "blob")
+    assert [r.reason for r in rejections] == ["message_too_large"]
+    with pytest.raises(TransportError, match="max_message_bytes"):
+        SecureTransport(key_dir, tmp_path / "t3", N, max_message_bytes=0)

@@ -1,0 +1,258 @@
+"""Config-known audit: replay a run's noise from its config and infer membership.
+
+Threat: an attacker who knows the run's config (experiment seed, client index, model, DP
+parameters) and the code. With ``[privacy] noise = "reproducible"`` every noise draw is a
+function of that config, so the attacker can regenerate it; with ``"csprng"`` the key comes
+from ``os.urandom`` and the config says nothing about the noise.
+
+The game (the standard DP distinguishing game, all but one bit known to the attacker):
+
+1. The target client's release is one DP-SGD step, computed by the project's own code path
+   (:func:`privacy.dpsgd.poisson_sample` and :class:`privacy.dpsgd.DPSGD`, the pieces the
+   runtime's DP oracle is built from) with the run's clip norm, sampling rate and DP-SGD noise
+   multiplier (read from the client's ledger), on the initial model of the config (public: it
+   is seeded by the experiment seed), and on ``records`` of the client's own training records
+   with or without one target record (add/remove neighbours).
+2. Each trial flips a secret fair coin (the auditor's generator, never the attacker's): heads,
+   the target is in; then the release is made with the run's noise mode exactly as the run
+   makes it -- ``"reproducible"``: the client's generator seeded from the config; ``"csprng"``:
+   a fresh :class:`privacy.noise.CsprngNoise` (a new key, as in every run or restart).
+3. The attacker replays the config-seeded stream for both hypotheses (the Poisson sample and
+   the noise) and guesses the hypothesis whose replayed release is nearest (L2) to the
+   observed one.
+
+Correct guesses over the trials become an epsilon lower bound with
+:func:`audits.canary.epsilon_lower_bound` (one-sided Clopper-Pearson, union bound): with
+probability >= ``confidence`` it is below the epsilon of any (epsilon, delta)-DP release. One
+step of the run is a marginal of everything the client released, so the client's recorded
+epsilon (its ledger's last ``epsilon_after``) is a valid claim for it. Trials are independent
+(a fresh coin each, and under CSPRNG a fresh key each), so no independence assumption is
+needed beyond that. ``certifiable_max`` is the bound a perfect attacker would get with the
+same counts; when it is not above the claim the audit cannot refute it ("inconclusive").
+
+Verdicts: ``"refuted"`` (lower bound above the claim: the release is not private against a
+config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the power to),
+``"inconclusive"`` (too few trials to refute the claim even with perfect guesses).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from audits.canary import epsilon_lower_bound
+from privacy.dpsgd import DPSGD, poisson_sample
+from privacy.errors import ToolkitError
+from privacy.identity import client_ids
+from privacy.noise import NoiseSource, make_noise_source
+from secure_fedora.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.models import make_model
+
+__all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_replay_audit",
+           "trials_for_claim", "write_replay_result"]
+
+NUM_CLASSES = 10
+#: Largest trial count the automatic choice goes to (about a minute for the MLP).
+MAX_AUTO_TRIALS = 20_000
+
+
+class ReplayAuditError(ToolkitError, ValueError):
+    """A run that cannot be audited this way, or bad arguments; the message says why."""
+
+
+@dataclass
+class ReplayAuditResult:
+    """The audit's outcome, serialized as ``RUN_DIR/audit/replay.json``."""
+
+    claim_epsilon: float | None
+    certifiable_max: float
+    lower_bound: float
+    verdict: str
+    trials: int
+    correct: int
+    confidence: float
+    setup: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The replay.json document (``"audit": "replay"`` first)."""
+        return {"audit": "replay", **asdict(self)}
+
+
+def certifiable_max(trials: int, delta: float, confidence: float = 0.95) -> float:
+    """The lower bound a perfect attacker gets from ``trials`` balanced trials (no errors)."""
+    members = trials // 2
+    non_members = trials - members
+    if members < 1 or non_members < 1:
+        return 0.0
+    return epsilon_lower_bound(members, members, 0, non_members, delta,
+                               confidence).epsilon_lower_bound
+
+
+def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
+                     cap: int = MAX_AUTO_TRIALS) -> int:
+    """Fewest trials (even, >= 40) whose certifiable maximum exceeds ``claim`` by 10%, or ``cap``."""
+    trials = 40
+    while trials < cap and certifiable_max(trials, delta, confidence) <= 1.1 * claim:
+        trials = min(cap, int(trials * 1.25) // 2 * 2 + 2)
+    return trials
+
+
+def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, float, dict[str, Any]]:
+    """(last epsilon_after, delta, params of the first DP-SGD entry) of the client's ledger."""
+    path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
+    if not path.is_file():
+        raise ReplayAuditError(f"no ledger {path}: was {method!r} run with privacy enabled?")
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    dpsgd = [e for e in entries if e.get("mechanism") == "dpsgd"]
+    if not dpsgd:
+        raise ReplayAuditError(f"ledger {path} has no DP-SGD entry to replay")
+    return float(entries[-1]["epsilon_after"]), float(entries[-1]["delta"]), dpsgd[0]["params"]
+
+
+def _choose_method(run_dir: Path, cfg: ExperimentConfig, method: str | None) -> str:
+    if method is not None:
+        if method not in cfg.methods:
+            raise ReplayAuditError(f"method {method!r} is not in the run's methods {cfg.methods}")
+        return method
+    for name in ("fedora", *cfg.methods):
+        if (run_dir / "ledgers" / name).is_dir():
+            return name
+    raise ReplayAuditError(f"{run_dir} holds no ledgers/: run it first")
+
+
+class _Step:
+    """One DP-SGD step of the project's code on a fixed initial model (rebuilt per call)."""
+
+    def __init__(self, cfg: ExperimentConfig, clip: float, sigma: float, rate: float,
+                 expected_batch: float) -> None:
+        self.module = make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)
+        self.init = [p.detach().clone() for p in self.module.parameters()]
+        self.rate = rate
+        self.dp = DPSGD(self.module, clip, sigma, expected_batch, make_noise_source(
+            "reproducible", 0, 0))
+
+    def release(self, x: Tensor, y: Tensor, noise: NoiseSource) -> Tensor:
+        """The flat DP-SGD gradient of one Poisson-sampled step drawn from ``noise``."""
+        with torch.no_grad():
+            for p, p0 in zip(self.module.parameters(), self.init, strict=True):
+                p.copy_(p0)
+        self.dp.noise = noise
+        index = poisson_sample(int(x.shape[0]), self.rate, noise)
+        self.dp.private_gradient(x[index], y[index],
+                                 lambda out, t: F.cross_entropy(out, t, reduction="none"))
+        return torch.cat([p.grad.reshape(-1) for p in self.module.parameters()]).clone()
+
+
+def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None = None,
+                     trials: int | None = None, records: int = 64, confidence: float = 0.95,
+                     seed: int = 0) -> ReplayAuditResult:
+    """Replay the run's noise from its config and bound epsilon from membership guesses.
+
+    ``run_dir`` must hold ``config.toml`` and the ledgers of a DP run. ``trials`` defaults to
+    :func:`trials_for_claim` of the client's recorded epsilon. Raises ReplayAuditError for a
+    run that is not private, a missing ledger or bad arguments. Does not write anything.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")
+    try:
+        cfg = load_config(run_dir / "config.toml")
+    except ConfigError as err:
+        raise ReplayAuditError(str(err)) from None
+    if not cfg.privacy.enabled:
+        raise ReplayAuditError("the run is not differentially private: there is no noise to"
+                               " replay and no claim to test")
+    n_clients = cfg.data.num_clients
+    if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < n_clients:
+        raise ReplayAuditError(f"client must be an index in [0, {n_clients}), got {client!r}")
+    if isinstance(records, bool) or not isinstance(records, int) \
+            or not 1 <= records < cfg.data.train_per_client:
+        raise ReplayAuditError(
+            f"records must be in [1, {cfg.data.train_per_client}), got {records!r}")
+    if not 0 < confidence < 1:
+        raise ReplayAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+    method = _choose_method(run_dir, cfg, method)
+    cid = client_ids(n_clients)[client]
+    claim, delta, params = _ledger_claim(run_dir, method, cid)
+    if trials is None:
+        trials = trials_for_claim(claim, delta, confidence)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 2:
+        raise ReplayAuditError(f"trials must be an int >= 2, got {trials!r}")
+
+    from secure_fedora.runtime import build_clients
+
+    data = build_clients(cfg)[client]
+    x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]  # target: the last one
+    x_out, y_out = x_in[:records], y_in[:records]
+    rate = float(params["sample_rate"])
+    step = _Step(cfg, float(params.get("clip_norm", cfg.privacy.max_grad_norm)),
+                 float(params["noise_multiplier"]), rate, rate * (records + 1))
+
+    def replayed() -> NoiseSource:  # what the attacker derives from the config
+        return make_noise_source("reproducible", cfg.seed, client)
+
+    def victim() -> NoiseSource:  # what the run's noise mode gives the client
+        return make_noise_source(cfg.privacy.noise, cfg.seed, client)
+
+    # Under replay both candidates are deterministic, so the attacker computes them once.
+    candidate_out = step.release(x_out, y_out, replayed())
+    candidate_in = step.release(x_in, y_in, replayed())
+    coins = torch.rand(trials, generator=torch.Generator().manual_seed(seed)) < 0.5
+    guesses = torch.zeros(trials, dtype=torch.bool)
+    for t in range(trials):
+        member = bool(coins[t])
+        observed = step.release(x_in, y_in, victim()) if member \
+            else step.release(x_out, y_out, victim())
+        guesses[t] = float(torch.linalg.vector_norm(observed - candidate_in)) \
+            < float(torch.linalg.vector_norm(observed - candidate_out))
+    step.dp.close()
+    members = int(coins.sum())
+    if members == 0 or members == trials:
+        raise ReplayAuditError(f"all {trials} coins fell one way: use more trials")
+    tp = int((guesses & coins).sum())
+    fp = int((guesses & ~coins).sum())
+    bound = epsilon_lower_bound(tp, members, fp, trials - members, delta, confidence)
+    best = epsilon_lower_bound(members, members, 0, trials - members, delta,
+                               confidence).epsilon_lower_bound
+    lower = bound.epsilon_lower_bound
+    if lower > claim:
+        verdict = "refuted"
+    elif best <= claim:
+        verdict = "inconclusive"
+    else:
+        verdict = "consistent"
+    correct = int((guesses == coins).sum())
+    setup = {
+        "run_dir": str(run_dir), "method": method, "client": cid, "noise": cfg.privacy.noise,
+        "experiment_seed": cfg.seed,
+        "release": "one DP-SGD step (privacy.dpsgd: Poisson sampling, clipping, Gaussian noise)"
+                   " on the config's initial model",
+        "attacker": "knows the config and code; replays the config-seeded noise stream for "
+                    "both hypotheses and picks the nearest",
+        "records": records, "target": f"training record {records} of {cid}",
+        "noise_multiplier": float(params["noise_multiplier"]), "sample_rate": rate,
+        "clip_norm": step.dp.max_grad_norm, "delta": delta,
+        "members": members, "true_positives": tp, "false_positives": fp,
+        "accuracy": correct / trials,
+        "claim_source": f"ledgers/{method}/{cid}.jsonl last epsilon_after",
+        "auditor_seed": seed,
+    }
+    return ReplayAuditResult(claim_epsilon=claim, certifiable_max=best, lower_bound=lower,
+                             verdict=verdict, trials=trials, correct=correct,
+                             confidence=float(confidence), setup=setup)
+
+
+def write_replay_result(run_dir: str | Path, result: ReplayAuditResult) -> Path:
+    """Write ``RUN_DIR/audit/replay.json`` (atomically); returns its path."""
+    from secure_fedora.runtime import atomic_write_text
+
+    path = Path(run_dir) / "audit" / "replay.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result.to_json(), indent=2))
+    return path

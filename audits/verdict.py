@@ -1,0 +1,129 @@
+"""The verdict and JSON document shared by the empirical audits (canary, white-box, replay).
+
+Every audit measures a lower bound on epsilon that holds with probability at least
+``confidence`` for a release that truly satisfies its claim, and knows its *certifiable
+maximum*: the bound a perfect attacker (every guess right) would get with this design (this
+many canaries, this confidence, this delta). That maximum decides what the audit can say:
+
+- ``"refuted"``: the lower bound exceeds the claim (the claim is false, at ``confidence``);
+- ``"inconclusive"``: the certifiable maximum is not above the claim, so no outcome of this
+  audit could have refuted it (the text says "the audit cannot certify epsilon above X"),
+  or there is no finite claim to test (a non-private run);
+- ``"consistent"``: the audit could have refuted the claim and did not.
+
+The document written to ``RUN_DIR/audit/<audit>.json`` is::
+
+    {"audit": "canary" | "whitebox" | "replay", "claim_epsilon": float | null,
+     "certifiable_max": float, "lower_bound": float,
+     "verdict": "refuted" | "consistent" | "inconclusive", "verdict_text": str,
+     "confidence": 0.95, "setup": {...}, ...audit-specific fields}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["AUDIT_NAMES", "VERDICTS", "audit_document", "audit_verdict", "verdict_text",
+           "write_audit_json"]
+
+AUDIT_NAMES: tuple[str, ...] = ("canary", "whitebox", "replay")
+VERDICTS: tuple[str, ...] = ("refuted", "consistent", "inconclusive")
+Verdict = Literal["refuted", "consistent", "inconclusive"]
+
+
+def _finite_or_none(claim: float | None) -> float | None:
+    if claim is None or math.isinf(claim):
+        return None
+    if math.isnan(claim) or claim < 0:
+        raise ValueError(f"a claimed epsilon must be >= 0, got {claim!r}")
+    return float(claim)
+
+
+def audit_verdict(claim_epsilon: float | None, certifiable_max: float,
+                  lower_bound: float) -> Verdict:
+    """The verdict for a claim (None or inf: no claim) given the design's maximum and the bound.
+
+    Guarantee: ``"consistent"`` only when ``certifiable_max > claim_epsilon >= lower_bound``;
+    ``"refuted"`` exactly when ``lower_bound > claim_epsilon``.
+    """
+    for name, value in (("certifiable_max", certifiable_max), ("lower_bound", lower_bound)):
+        if not isinstance(value, int | float) or math.isnan(value) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    claim = _finite_or_none(claim_epsilon)
+    if claim is None:
+        return "inconclusive"
+    if lower_bound > claim:
+        return "refuted"
+    if certifiable_max <= claim:
+        return "inconclusive"
+    return "consistent"
+
+
+def verdict_text(verdict: str, claim_epsilon: float | None, certifiable_max: float,
+                 lower_bound: float) -> str:
+    """One line for people: the verdict and the numbers behind it."""
+    claim = _finite_or_none(claim_epsilon)
+    if verdict == "refuted":
+        return (f"refuted: the lower bound {lower_bound:.3g} exceeds the claimed epsilon"
+                f" {claim:.3g}")
+    if verdict == "consistent":
+        return (f"consistent: lower bound {lower_bound:.3g} <= claim {claim:.3g}, and the audit"
+                f" could certify up to {certifiable_max:.3g}")
+    if claim is None:
+        return (f"inconclusive: no finite privacy claim to test (non-private run); measured"
+                f" lower bound {lower_bound:.3g}, the audit cannot certify epsilon above"
+                f" {certifiable_max:.3g}")
+    return (f"inconclusive: the audit cannot certify epsilon above {certifiable_max:.3g}"
+            f" (claim {claim:.3g}; measured lower bound {lower_bound:.3g})")
+
+
+def audit_document(audit: str, *, claim_epsilon: float | None, certifiable_max: float,
+                   lower_bound: float, confidence: float, setup: dict[str, Any],
+                   **extra: Any) -> dict[str, Any]:
+    """The common JSON document of one audit (strict JSON: no NaN or infinity in the schema keys).
+
+    ``extra`` adds audit-specific fields; they must not reuse a schema key.
+    """
+    if audit not in AUDIT_NAMES:
+        raise ValueError(f"audit must be one of {AUDIT_NAMES}, got {audit!r}")
+    verdict = audit_verdict(claim_epsilon, certifiable_max, lower_bound)
+    claim = _finite_or_none(claim_epsilon)
+    doc: dict[str, Any] = {
+        "audit": audit, "claim_epsilon": claim, "certifiable_max": float(certifiable_max),
+        "lower_bound": float(lower_bound), "verdict": verdict,
+        "verdict_text": verdict_text(verdict, claim, certifiable_max, lower_bound),
+        "confidence": float(confidence), "setup": dict(setup),
+    }
+    clash = set(doc) & set(extra)
+    if clash:
+        raise ValueError(f"audit-specific fields reuse schema keys: {sorted(clash)}")
+    doc.update(extra)
+    return doc
+
+
+def write_audit_json(run_dir: str | Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` atomically to ``RUN_DIR/audit/<doc["audit"]>.json``; returns the path.
+
+    Raises ValueError when the document is not strict JSON or names no known audit, OSError
+    when the directory cannot be written (nothing partial is left behind).
+    """
+    if doc.get("audit") not in AUDIT_NAMES:
+        raise ValueError(f"not an audit document: audit={doc.get('audit')!r}")
+    text = json.dumps(doc, indent=2, allow_nan=False)
+    out = Path(run_dir) / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{doc['audit']}.json"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

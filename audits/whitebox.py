@@ -1,0 +1,422 @@
+"""White-box DP-SGD audit in one training run (Steinke, Nasr, Jagielski, NeurIPS 2023).
+
+What is attacked: one client's DP-SGD training as the run's plan sets it (noise multiplier,
+Poisson sample rate, ``ceil(E / q)`` steps per round, every round), through the project's own
+code path: :func:`secure_fedora.runtime.build_context` builds the model, the client's
+generator and the :class:`secure_fedora.private.DPGradient` oracle; training is
+:func:`secure_fedora.client.local_train` round after round (the Local method); clipping, noise
+and Poisson sampling are :class:`privacy.dpsgd.DPSGD`'s.
+
+Canaries (Dirac gradient canaries): ``m`` distinct parameter coordinates ``j_1..j_m``; canary
+``i`` is a record whose per-sample gradient is ``C e_{j_i}`` (norm C, the clip norm). Each is
+included in the client's dataset independently with probability 1/2. The included ones are
+records of the Poisson-sampled dataset (``DPGradient.batches`` samples ``n + included``
+indices; the ones past ``n`` are canaries) and their gradients enter the clipped sum through
+``DPSGD.private_gradient(extra_gradients=...)``; the noise and the divisor are the run's.
+The coordinates are the ``m`` quietest for the client's data: ranked by the summed absolute
+gradient of its training data at the initial model (for the MLP on MNIST the first-layer
+weights of the always-black pixels have exactly zero data gradient), ties broken at random.
+
+Score of canary ``i``: the accumulated update on its coordinate, ``theta_0[j_i] - theta_T[j_i]``
+(a member's gradient pushes it down). Guesses: "in" above one threshold, "out" below another,
+abstain between, both chosen on a random calibration part of the canaries; the bound is the
+one-run theorem on the evaluation part (:mod:`audits.onerun`), at the run's delta.
+
+The claim is the epsilon of the attacked mechanism alone: the plan's DP-SGD releases
+(``rounds * steps`` Poisson-subsampled Gaussian steps) under the run's accountant. For the
+Local method that is the client's budget; for FEDORA (summary and lambda releases share the
+budget) it is smaller, which makes the test stricter.
+
+Non-private runs: training is the runtime's :class:`secure_fedora.client.PlainGradient`
+(mini-batches, mean loss); each member canary joins every step independently with
+probability ``batch_size / n`` (how often a record is in a batch) with gradient ``C e_j``
+weighted like one record of the batch (``1 / batch length``), added after the batch
+gradient's stability clip. There is no claim; the bound shows what the attack extracts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
+from audits.verdict import audit_document, audit_verdict, write_audit_json
+from privacy.accounting import PlannedRelease, plan_epsilon
+from privacy.errors import ToolkitError
+from privacy.identity import client_ids
+from secure_fedora.client import ClientUpdateError, FlatModel, local_train
+from secure_fedora.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.private import (
+    DPGradient,
+    choose_accountant,
+    client_budget,
+    privacy_plan,
+    sample_rate_for,
+    steps_per_round,
+)
+from secure_fedora.runtime import build_clients, build_context
+
+__all__ = [
+    "DEFAULT_CANARIES",
+    "DiracCanaryOracle",
+    "WhiteboxAuditError",
+    "WhiteboxAuditResult",
+    "WhiteboxSetting",
+    "audit_run_dir",
+    "quiet_coordinates",
+    "run_whitebox_audit",
+    "whitebox_setting",
+]
+
+#: Enough that every evaluation canary guessed right certifies more than epsilon 8 at
+#: delta 1e-5 and confidence 0.95 (16,000 evaluation canaries: 8.11).
+DEFAULT_CANARIES = 20_000
+DEFAULT_CALIBRATION_FRACTION = 0.2
+_ACTIVITY_CHUNK = 100
+
+
+class WhiteboxAuditError(ToolkitError, ValueError):
+    """Bad input to the white-box audit, or a run it cannot audit; the message says why."""
+
+
+@dataclass(frozen=True)
+class WhiteboxSetting:
+    """The audited client's DP-SGD setting as the run's plan fixes it."""
+
+    method: str
+    client_index: int
+    client_id: str
+    private: bool
+    noise_multiplier: float | None
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    clip_norm: float
+    delta: float
+    accountant: str
+    budget_epsilon: float | None
+    claim_epsilon: float | None
+    plan_source: str
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_round * self.rounds
+
+
+def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
+                    delta: float) -> float | None:
+    rows = (((results or {}).get("privacy") or {}).get(method) or {}).get("plan") or []
+    for row in rows:
+        if isinstance(row, dict) and row.get("epsilon_budget") == epsilon \
+                and row.get("delta") == delta and "noise_multiplier" in row:
+            return float(row["noise_multiplier"])
+    return None
+
+
+def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
+                     results: dict[str, Any] | None = None) -> WhiteboxSetting:
+    """The plan's DP-SGD parameters and claim for ``client_index`` under ``method``.
+
+    With ``results`` (a run's ``results.json``), the recorded plan's noise multiplier must
+    match the one the config gives (6 significant digits are recorded); a mismatch raises
+    :class:`WhiteboxAuditError` (the config is not the run's).
+    """
+    if method not in cfg.methods:
+        raise WhiteboxAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
+    if isinstance(client_index, bool) or not isinstance(client_index, int) \
+            or not 0 <= client_index < cfg.data.num_clients:
+        raise WhiteboxAuditError(
+            f"client index must be in [0, {cfg.data.num_clients}), got {client_index!r}")
+    cid = client_ids(cfg.data.num_clients)[client_index]
+    q = sample_rate_for(cfg)
+    spr = steps_per_round(cfg)
+    p = cfg.privacy
+    if not p.enabled:
+        return WhiteboxSetting(method, client_index, cid, False, None,
+                               min(1.0, cfg.training.batch_size / cfg.data.train_per_client),
+                               math.ceil(cfg.data.train_per_client / cfg.training.batch_size)
+                               * cfg.training.local_epochs,
+                               cfg.training.rounds, p.max_grad_norm, p.delta, p.accountant,
+                               None, None, "none (privacy disabled)")
+    budget = client_budget(cfg, client_index)
+    try:
+        # the accountant the run chose (under "auto": over every client's budget, as it does)
+        accountant = choose_accountant(
+            cfg, method, [client_budget(cfg, i) for i in range(cfg.data.num_clients)]).name
+        plan = privacy_plan(cfg, method, budget, accountant)
+    except ConfigError as err:
+        raise WhiteboxAuditError(f"the run's privacy plan cannot be built: {err}") from None
+    sigma = plan.dpsgd_noise
+    source = "plan recomputed from config.toml"
+    recorded = _recorded_noise(results, method, budget.epsilon, budget.delta)
+    if recorded is not None:
+        if not math.isclose(recorded, sigma, rel_tol=1e-5, abs_tol=1e-6):
+            raise WhiteboxAuditError(
+                f"results.json records DP-SGD noise multiplier {recorded:g} for {method} at"
+                f" epsilon {budget.epsilon:g}, but config.toml gives {sigma:g}: the config is"
+                " not this run's")
+        source += " (matches results.json)"
+    claim = plan_epsilon([PlannedRelease("dpsgd", q, spr * cfg.training.rounds)], budget.delta,
+                         sigma, accountant)
+    return WhiteboxSetting(method, client_index, cid, True, float(sigma), q, spr,
+                           cfg.training.rounds, p.max_grad_norm, budget.delta, accountant,
+                           budget.epsilon, float(claim), source)
+
+
+def quiet_coordinates(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, count: int,
+                      generator: torch.Generator) -> tuple[Tensor, int]:
+    """The ``count`` coordinates with the least data-gradient activity at ``theta``.
+
+    Activity: the sum over chunks of the client's training data of the absolute summed-loss
+    gradient. Ties (e.g. the many exact zeros) are broken by a random permutation from
+    ``generator``. Returns the coordinates (int64, distinct) and how many of them have zero
+    activity.
+    """
+    if count > flat.num_params:
+        raise WhiteboxAuditError(f"{count} canaries need {count} distinct coordinates; the model"
+                                 f" has {flat.num_params} parameters")
+    row = theta.clone()
+    grad = torch.zeros_like(row)
+    model = flat.bind(row, grad)
+    was_training = model.training
+    model.train()
+    activity = torch.zeros_like(row, dtype=torch.float64)
+    for chunk in torch.arange(x.shape[0]).split(_ACTIVITY_CHUNK):
+        grad.zero_()
+        F.cross_entropy(model(x[chunk]), y[chunk], reduction="sum").backward()
+        activity += grad.abs().to(torch.float64)
+    model.train(was_training)
+    perm = torch.randperm(flat.num_params, generator=generator)
+    order = perm[torch.argsort(activity[perm], stable=True)]
+    chosen = order[:count].clone()
+    return chosen, int((activity[chosen] == 0).sum())
+
+
+class DiracCanaryOracle:
+    """A :class:`~secure_fedora.client.GradientOracle` that adds Dirac gradient canaries.
+
+    ``inner`` is the runtime's oracle. With a :class:`DPGradient` the member canaries are
+    records ``n .. n + k - 1`` of the Poisson-sampled dataset (sampled by ``inner.batches``
+    with the client's generator) and enter DP-SGD's clipped sum; otherwise (plain training)
+    each joins a step with probability ``plain_rate`` drawn from ``canary_generator``.
+    ``coordinates`` are the member canaries' coordinates (one per canary).
+    """
+
+    def __init__(self, inner: Any, coordinates: Tensor, clip_norm: float, num_params: int, *,
+                 plain_rate: float, canary_generator: torch.Generator) -> None:
+        self.inner = inner
+        self.private = isinstance(inner, DPGradient)
+        self.coordinates = coordinates.to(torch.int64)
+        self.clip_norm = float(clip_norm)
+        self.num_params = int(num_params)
+        self.plain_rate = float(plain_rate)
+        self.canary_generator = canary_generator
+        self.inclusions = torch.zeros(self.coordinates.numel(), dtype=torch.int64)
+        self._pending = torch.zeros(0, dtype=torch.int64)
+
+    def select(self, noise_multiplier: float, generator: Any) -> None:
+        """Forward to the DP oracle (the client's noise multiplier and generator)."""
+        self.inner.select(noise_multiplier, generator)
+
+    def batches(self, n: int, epochs: int, generator: Any) -> Iterator[Tensor]:
+        """The real records' index sets; the canaries of each step are kept for :meth:`gradient`."""
+        k = self.coordinates.numel()
+        if self.private:
+            for index in self.inner.batches(n + k, epochs, generator):
+                self._pending = index[index >= n] - n
+                yield index[index < n]
+        else:
+            for index in self.inner.batches(n, epochs, generator):
+                self._pending = (torch.rand(k, generator=self.canary_generator)
+                                 < self.plain_rate).nonzero().squeeze(1)
+                yield index
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
+        """The step's gradient with the pending canaries' ``C e_j`` added the runtime's way."""
+        pending = self._pending
+        self.inclusions[pending] += 1
+        if self.private:
+            k = int(pending.numel())
+            indices = torch.stack([torch.arange(k), self.coordinates[pending]])
+            extra = torch.sparse_coo_tensor(indices, torch.full((k,), self.clip_norm),
+                                            (k, self.num_params), check_invariants=True)
+            self.inner.gradient(model, x, y, grad, extra_gradients=extra)
+        else:
+            self.inner.gradient(model, x, y, grad)
+            weight = self.clip_norm / max(1, int(x.shape[0]))
+            grad.index_add_(0, self.coordinates[pending],
+                            torch.full((int(pending.numel()),), weight, dtype=grad.dtype))
+
+
+@dataclass(frozen=True)
+class WhiteboxAuditResult:
+    """Outcome of :func:`run_whitebox_audit`."""
+
+    setting: WhiteboxSetting
+    num_canaries: int
+    members: int
+    zero_activity_coordinates: int
+    calibration_fraction: float
+    confidence: float
+    seed: int
+    outcome: OneRunOutcome
+    member_mean_score: float
+    non_member_mean_score: float
+    mean_inclusions: float
+    seconds: float
+    config_name: str
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        """``refuted`` / ``consistent`` / ``inconclusive`` (see :mod:`audits.verdict`)."""
+        return audit_verdict(self.setting.claim_epsilon, self.outcome.certifiable_max,
+                             self.outcome.lower_bound)
+
+    def to_json(self) -> dict[str, Any]:
+        """The common audit document (``audit = "whitebox"``) plus the white-box figures."""
+        s = self.setting
+        o = self.outcome
+        setup = {
+            "config": self.config_name, "method": s.method, "client": s.client_id,
+            "client_index": s.client_index, "private": s.private,
+            "noise_multiplier": s.noise_multiplier, "sample_rate": s.sample_rate,
+            "steps_per_round": s.steps_per_round, "rounds": s.rounds, "steps": s.steps,
+            "clip_norm": s.clip_norm, "delta": s.delta, "accountant": s.accountant,
+            "budget_epsilon": s.budget_epsilon, "plan_source": s.plan_source,
+            "canaries": self.num_canaries, "canary_kind": "dirac gradient (C e_j)",
+            "coordinates": "quietest by data-gradient activity at the initial model",
+            "zero_activity_coordinates": self.zero_activity_coordinates,
+            "calibration_fraction": self.calibration_fraction, "seed": self.seed,
+        }
+        return audit_document(
+            "whitebox", claim_epsilon=s.claim_epsilon, certifiable_max=o.certifiable_max,
+            lower_bound=o.lower_bound, confidence=self.confidence, setup=setup,
+            delta=s.delta, members=self.members, calibration_size=o.calibration_size,
+            evaluation_size=o.evaluation_size, guesses=o.guesses, correct_guesses=o.correct,
+            threshold_in=_json_float(o.rule.threshold_in),
+            threshold_out=_json_float(o.rule.threshold_out),
+            calibration_pure_bound=o.calibration_pure_bound,
+            member_mean_score=self.member_mean_score,
+            non_member_mean_score=self.non_member_mean_score,
+            mean_inclusions_per_member=self.mean_inclusions, seconds=round(self.seconds, 2),
+            assumptions=list(self.assumptions),
+        )
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, client_index: int = 0,
+                       num_canaries: int = DEFAULT_CANARIES,
+                       calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
+                       confidence: float = 0.95, seed: int = 0,
+                       results: dict[str, Any] | None = None) -> WhiteboxAuditResult:
+    """Train one client with Dirac canaries on the run's DP-SGD path; bound epsilon in one run.
+
+    ``method`` defaults to ``"local"`` when the config has it, else its first method.
+    Guarantee: if the audited DP-SGD is (claim, delta)-DP, the lower bound exceeds the claim
+    with probability at most ``1 - confidence``. Raises :class:`WhiteboxAuditError` for bad
+    arguments or a plan that cannot be built.
+    """
+    t0 = time.perf_counter()
+    method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
+    if isinstance(num_canaries, bool) or not isinstance(num_canaries, int) or num_canaries < 10:
+        raise WhiteboxAuditError(f"the number of canaries must be an int >= 10, got {num_canaries!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
+            or not 0 < confidence < 1:
+        raise WhiteboxAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(calibration_fraction, bool) or not isinstance(calibration_fraction, int | float) \
+            or not 0 < calibration_fraction < 1:
+        raise WhiteboxAuditError(f"calibration fraction must be in (0, 1), got"
+                                 f" {calibration_fraction!r}")
+    setting = whitebox_setting(cfg, method, client_index, results)
+    clients = build_clients(cfg)
+    client = clients[client_index]
+    ctx = build_context(cfg, clients)
+    audit_gen = torch.Generator().manual_seed(seed)
+    coords, zero_activity = quiet_coordinates(ctx.flat, ctx.init, client.train_x, client.train_y,
+                                              num_canaries, audit_gen)
+    member = torch.rand(num_canaries, generator=audit_gen) < 0.5
+    oracle = DiracCanaryOracle(ctx.oracle, coords[member], setting.clip_norm, ctx.flat.num_params,
+                               plain_rate=setting.sample_rate, canary_generator=audit_gen)
+    generator = ctx.generators[client_index]
+    if setting.private:
+        assert setting.noise_multiplier is not None
+        oracle.select(setting.noise_multiplier, ctx.noise[client_index])
+    theta = ctx.init.clone()
+    try:
+        for _ in range(setting.rounds):
+            local_train(ctx.flat, theta, client.train_x, client.train_y, ctx.train, oracle,
+                        generator, ctx.workspace)
+    except ClientUpdateError as err:
+        raise WhiteboxAuditError(f"training with canaries failed: {err}") from None
+    scores = (ctx.init - theta)[coords].to(torch.float64).numpy()
+    mem = member.numpy()
+    try:
+        outcome = split_one_run_audit(scores, mem, setting.delta, confidence,
+                                      calibration_fraction, seed=seed + 1)
+    except OneRunAuditError as err:
+        raise WhiteboxAuditError(str(err)) from None
+    assumptions = [
+        "attacked: one client's DP-SGD steps of the plan (Local training, every round), the"
+        " adversary sees the model before and after training",
+        "canaries are Dirac gradient canaries on dedicated coordinates, each a record of the"
+        " Poisson-sampled dataset (white-box: the adversary chooses the per-sample gradient)",
+        "claim: epsilon of the plan's DP-SGD releases alone, under the run's accountant",
+        "one-run theorem (Steinke, Nasr, Jagielski 2023), guess thresholds chosen on the"
+        " calibration canaries only",
+    ]
+    if not setting.private:
+        assumptions.append("non-private run: canaries join each plain mini-batch step with"
+                           " probability batch_size / n")
+    return WhiteboxAuditResult(
+        setting=setting, num_canaries=num_canaries, members=int(mem.sum()),
+        zero_activity_coordinates=zero_activity, calibration_fraction=float(calibration_fraction),
+        confidence=float(confidence), seed=seed, outcome=outcome,
+        member_mean_score=float(scores[mem].mean()) if mem.any() else math.nan,
+        non_member_mean_score=float(scores[~mem].mean()) if (~mem).any() else math.nan,
+        mean_inclusions=float(oracle.inclusions.double().mean()) if oracle.inclusions.numel()
+        else 0.0,
+        seconds=time.perf_counter() - t0, config_name=cfg.name, assumptions=assumptions,
+    )
+
+
+def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResult, Path]:
+    """Audit the run in ``run_dir`` (its ``config.toml``, and ``results.json`` when present).
+
+    Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path. Raises
+    :class:`WhiteboxAuditError` when the directory or its config is missing or invalid.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise WhiteboxAuditError(f"run directory {run} does not exist or is not a directory")
+    cfg_path = run / "config.toml"
+    if not cfg_path.is_file():
+        raise WhiteboxAuditError(f"{cfg_path} is missing: the audit needs the run's config")
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as err:
+        raise WhiteboxAuditError(f"{cfg_path}: {err}") from None
+    results = None
+    results_path = run / "results.json"
+    if results_path.is_file():
+        try:
+            results = json.loads(results_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
+    result = run_whitebox_audit(cfg, results=results, **kwargs)
+    try:
+        return result, write_audit_json(run, result.to_json())
+    except OSError as err:
+        raise WhiteboxAuditError(f"cannot write {run / 'audit' / 'whitebox.json'}: {err}") from None

@@ -1,0 +1,161 @@
+"""Python API: build an experiment from a config, your data and your model; run it.
+
+Example (a notebook)::
+
+    from secure_fedora import Experiment
+
+    exp = Experiment(
+        {"methods": ["fedora", "local"], "data": {"partition": "iid", "num_clients": 4,
+         "train_per_client": 64, "val_per_client": 32, "test_per_client": 32},
+         "training": {"rounds": 5}},
+        data={"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te},
+        model=lambda input_shape, num_classes: torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), num_classes)),
+    )
+    results = exp.run()
+    print(results.summary())
+    results.selected("fedora")["mean"]
+
+``config`` is an :class:`~secure_fedora.config.ExperimentConfig`, a dict with the TOML's
+structure, or the path of a TOML file. ``data`` is what a ``[data] source`` function returns
+(a centralized dataset dict, a list of per-client dicts) or such a function of the seed;
+``model`` is a ``factory(input_shape, num_classes) -> nn.Module``. Both default to the
+config's keys. The CLI's ``run`` is a thin layer over :class:`Experiment`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from secure_fedora.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.partition import ClientData
+
+__all__ = ["Experiment", "Results", "run"]
+
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
+
+
+class Results(dict):
+    """The results document (the same dict as ``results.json``) with a few helpers."""
+
+    def __init__(self, document: Mapping[str, Any], run_dir: str | Path | None = None) -> None:
+        super().__init__(document)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Results:
+        """Read ``run_dir/results.json``."""
+        path = Path(run_dir) / "results.json"
+        return cls(json.loads(path.read_text()), run_dir)
+
+    @property
+    def metric(self) -> str:
+        """What ``selected``/``final`` hold: "accuracy" or "auc"."""
+        return str(self.get("metric", "accuracy"))
+
+    @property
+    def method_names(self) -> list[str]:
+        """The methods with results, in run order (``fedavg_ft`` included when present)."""
+        return list(self["methods"])
+
+    def selected(self, method: str) -> dict[str, Any]:
+        """``methods.<method>.selected``: mean/min/max/std/per_client of the test metric at
+        the round with the best mean validation metric (and that ``round``)."""
+        try:
+            return self["methods"][method]["selected"]
+        except KeyError:
+            raise KeyError(f"no results for method {method!r}; have {self.method_names}") from None
+
+    def mean(self, method: str) -> float:
+        """The selected mean test metric of ``method``."""
+        return float(self.selected(method)["mean"])
+
+    def summary(self) -> str:
+        """A plain-text table of every method's selected test metric."""
+        lines = [f"{self.get('name', 'experiment')}: test {self.metric} at the best-validation round",
+                 f"{'method':<12} {'mean':>8} {'min':>8} {'max':>8} {'std':>8} {'round':>6}"]
+        for name in self.method_names:
+            s = self.selected(name)
+            rnd = s.get("round", "")
+            lines.append(f"{name:<12} {s['mean']:>8.4f} {s['min']:>8.4f} {s['max']:>8.4f} "
+                         f"{s['std']:>8.4f} {rnd!s:>6}")
+        return "\n".join(lines)
+
+
+def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | Path) -> ExperimentConfig:
+    if isinstance(config, ExperimentConfig):
+        return config
+    if isinstance(config, Mapping):
+        return parse_config(dict(config), "(dict)")
+    if isinstance(config, str | Path):
+        return load_config(config)
+    raise TypeError(f"config must be an ExperimentConfig, a dict or a TOML path, got "
+                    f"{type(config).__name__}")
+
+
+class Experiment:
+    """One experiment: a validated config, the federation's data and a model factory.
+
+    Nothing trains until :meth:`run`; :meth:`check` builds the data and the model and runs
+    every plug-in check (bad data, model, loss or DP support raise their named error).
+    """
+
+    def __init__(self, config: ExperimentConfig | Mapping[str, Any] | str | Path, *,
+                 data: Any = None, model: ModelFactory | None = None,
+                 run_dir: str | Path | None = None) -> None:
+        self.config = _as_config(config)
+        self.data = data
+        self.model_factory = model
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(
+            tempfile.mkdtemp(prefix=f"secure-fedora-{self.config.name}-"))
+        self._clients: list[ClientData] | None = None
+
+    @property
+    def clients(self) -> list[ClientData]:
+        """The federation's clients (built and checked once)."""
+        if self._clients is None:
+            from secure_fedora.runtime import build_clients
+
+            self._clients = build_clients(self.config, self.data)
+        return self._clients
+
+    def context_factory(self, cfg: ExperimentConfig, clients: Any) -> Any:
+        """``build_context`` with this experiment's model factory."""
+        from secure_fedora.runtime import build_context
+
+        return build_context(cfg, clients, model_factory=self.model_factory)
+
+    def check(self) -> Experiment:
+        """Build the data and the model and run the plug-in checks; returns ``self``."""
+        self.context_factory(self.config, self.clients)
+        return self
+
+    def simulation(self, progress: Callable[[str, int, int], None] | None = None,
+                   keystore: str | Path | None = None) -> Any:
+        """The in-process :class:`~secure_fedora.runtime.Simulation` of this experiment
+        (``keystore``: where the run's private keys live; default outside the run directory)."""
+        from secure_fedora.runtime import Simulation
+
+        return Simulation(self.config, self.run_dir, clients=self.clients, progress=progress,
+                          context_factory=functools.partial(Experiment.context_factory, self),
+                          keystore=keystore)
+
+    def run(self, resume: bool = False,
+            progress: Callable[[str, int, int], None] | None = None) -> Results:
+        """Run every configured method; writes ``run_dir`` (results.json, rounds.csv,
+        checkpoints) and returns the :class:`Results`."""
+        self.check()
+        return Results(self.simulation(progress).run(resume=resume), self.run_dir)
+
+
+def run(config: ExperimentConfig | Mapping[str, Any] | str | Path, *, data: Any = None,
+        model: ModelFactory | None = None, run_dir: str | Path | None = None) -> Results:
+    """``Experiment(config, data=..., model=..., run_dir=...).run()``."""
+    return Experiment(config, data=data, model=model, run_dir=run_dir).run()

@@ -1,0 +1,87 @@
+"""How the command-line entry points report errors: one line, exit code 2.
+
+Every deliberate error of the toolkit derives from :class:`privacy.errors.ToolkitError`
+(``ConfigError``, ``DataError``, ``LedgerError``, ``CheckpointError``, ...). Those, ``OSError``
+and any other exception class defined in the toolkit's packages reach the user as
+``error: <message>`` on stderr with exit code 2; ``--debug`` adds the traceback. Any other
+exception is a bug and propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from privacy.errors import ToolkitError
+
+__all__ = [
+    "DEBUG_FLAG",
+    "ERROR_EXIT_CODE",
+    "ToolkitError",
+    "is_user_error",
+    "one_line",
+    "run_command",
+    "split_debug_flag",
+]
+
+ERROR_EXIT_CODE = 2
+DEBUG_FLAG = "--debug"
+_TOOLKIT_PACKAGES = ("privacy", "secure_fedora", "audits")
+
+
+def is_user_error(err: BaseException) -> bool:
+    """True for errors caused by input, files or the environment: toolkit errors (by base
+    class, or by being defined in one of the toolkit's packages) and ``OSError``."""
+    if isinstance(err, (ToolkitError, OSError)):
+        return True
+    module = type(err).__module__ or ""
+    return isinstance(err, Exception) and module.split(".")[0] in _TOOLKIT_PACKAGES
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line; an ``OSError`` names its file(s)."""
+    if isinstance(err, OSError) and err.strerror:
+        files = [str(f) for f in (err.filename, err.filename2) if f is not None]
+        text = err.strerror + (f": {' -> '.join(files)}" if files else "")
+    else:
+        text = str(err) or type(err).__name__
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = ""
+    for part in parts:
+        if joined:
+            joined += " " if joined.endswith(":") else "; "
+        joined += part
+    return joined
+
+
+def split_debug_flag(argv: Sequence[str] | None) -> tuple[list[str], bool]:
+    """``argv`` (``sys.argv[1:]`` when None) without ``--debug``, and whether it was there;
+    ``--debug`` is accepted anywhere on the command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
+    return [a for a in args if a != DEBUG_FLAG], debug
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """Document ``--debug`` in ``parser``'s help (it is taken out of argv before parsing)."""
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show the traceback of an error (anywhere on the command line)")
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                debug: bool = False, stream: TextIO | None = None) -> int:
+    """Run a command handler; a user error (:func:`is_user_error`) is printed as
+    ``error: <message>`` (after its traceback with ``debug``) and gives exit code 2."""
+    try:
+        return int(func(args))
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        out = stream if stream is not None else sys.stderr
+        if debug:
+            traceback.print_exc(file=out)
+        print(f"error: {one_line(err)}", file=out)
+        return ERROR_EXIT_CODE

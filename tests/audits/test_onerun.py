@@ -1,0 +1,115 @@
+"""One-run audit statistics (Steinke-Nasr-Jagielski 2023): p-value, bound, certifiable maximum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import special
+
+from audits.onerun import (
+    GuessRule,
+    OneRunAuditError,
+    calibrate_guess_rule,
+    certifiable_maximum,
+    one_run_lower_bound,
+    one_run_p_value,
+    pure_dp_lower_bound,
+    split_one_run_audit,
+)
+
+
+@pytest.mark.parametrize("m", [10, 300, 1000, 20_000])
+def test_certifiable_maximum_matches_the_closed_form_for_all_correct_guesses(m):
+    alpha = 0.05
+    closed = math.log(alpha ** (1 / m) / (1 - alpha ** (1 / m)))  # logit(alpha^(1/m))
+    assert certifiable_maximum(m, 0.0, 0.95) == pytest.approx(closed, rel=1e-9)
+    # with delta > 0 the p-value only grows: the bound can only shrink
+    with_delta = certifiable_maximum(m, 1e-5, 0.95)
+    assert with_delta <= closed + 1e-9
+    assert one_run_p_value(m, m, m, with_delta, 1e-5) <= alpha + 1e-12
+
+
+def test_certifiable_maximum_is_monotone_in_the_number_of_guesses():
+    m = 20_000
+    values = [certifiable_maximum(m, 1e-5, 0.95, guesses=r)
+              for r in (1, 10, 100, 1000, 5000, 10_000, 16_000, 20_000)]
+    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
+    assert values[0] == 0.0 and values[-1] > 8.0  # the default white-box design beats 8
+    pure = [certifiable_maximum(m_, 0.0) for m_ in (100, 300, 3000, 30_000)]
+    assert all(b > a for a, b in zip(pure, pure[1:], strict=False))
+    # 300 canaries (the canary audit's size) cannot certify epsilon 8
+    assert certifiable_maximum(300, 1e-5) < 5.0
+
+
+def test_p_value_is_the_binomial_tail_plus_the_delta_term():
+    m, r, v, eps = 1000, 200, 150, 1.0
+    q = special.expit(eps)
+    from scipy import stats
+    assert one_run_p_value(m, r, v, eps, 0.0) == pytest.approx(stats.binom.sf(v - 1, r, q))
+    assert one_run_p_value(m, r, v, eps, 1e-3) > one_run_p_value(m, r, v, eps, 0.0)
+    assert one_run_p_value(m, r, 0, eps, 1e-3) == 1.0
+
+
+def test_pure_bound_is_the_logit_of_the_clopper_pearson_lower_bound():
+    from audits.canary import clopper_pearson_lower
+    r, v = 500, 450
+    expected = special.logit(clopper_pearson_lower(v, r, 0.05))
+    assert pure_dp_lower_bound(r, v, 0.95) == pytest.approx(expected, rel=1e-9)
+    assert pure_dp_lower_bound(100, 40) == 0.0  # below chance: no evidence
+    assert pure_dp_lower_bound(0, 0) == 0.0
+
+
+def test_bound_holds_for_randomized_response_at_its_confidence():
+    # eps-DP randomized response per canary: the attacker sees the true bit w.p. e^eps/(1+e^eps)
+    eps, m, trials = 1.0, 500, 400
+    rng = np.random.default_rng(0)
+    q = special.expit(eps)
+    exceed = 0
+    for _ in range(trials):
+        correct = int((rng.random(m) < q).sum())  # a perfect attacker on RR output
+        exceed += one_run_lower_bound(m, m, correct, 0.0, 0.95) > eps
+    assert exceed / trials <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials)
+    # and it is not vacuous: the typical bound is well above zero
+    assert one_run_lower_bound(m, m, int(round(q * m)), 0.0) > 0.6
+
+
+def test_synthetic_perfect_and_random_guessers():
+    rng = np.random.default_rng(1)
+    m = 5000
+    member = rng.random(m) < 0.5
+    perfect = np.where(member, 1.0 + rng.random(m), 0.0)
+    out = split_one_run_audit(perfect, member, 1e-5, 0.95, calibration_fraction=0.2, seed=0)
+    assert out.evaluation_size == 4000 and out.guesses == out.correct == 4000
+    assert out.lower_bound == pytest.approx(out.certifiable_max)
+    assert out.certifiable_max == pytest.approx(certifiable_maximum(4000, 1e-5))
+    bounds = []
+    for seed in range(20):
+        scores = rng.normal(size=m)  # carries no information about membership
+        bounds.append(split_one_run_audit(scores, member, 1e-5, seed=seed).lower_bound)
+    assert sum(b > 0 for b in bounds) <= 3 and max(bounds) < 1.0
+
+
+def test_calibrated_rule_prefers_confident_guesses_on_a_noisy_signal():
+    rng = np.random.default_rng(2)
+    member = rng.random(4000) < 0.5
+    scores = rng.normal(size=4000) + 3.0 * member
+    rule, cal = calibrate_guess_rule(scores, member)
+    r, v = rule.counts(scores, member)
+    assert 0 < r < 4000 and v / r > 0.95 and cal > 1.0
+
+
+def test_argument_errors():
+    with pytest.raises(OneRunAuditError, match="0 <= v <= r <= m"):
+        one_run_p_value(10, 11, 3, 1.0, 0.0)
+    with pytest.raises(OneRunAuditError, match="delta"):
+        one_run_lower_bound(10, 10, 10, 1.5)
+    with pytest.raises(OneRunAuditError, match="confidence"):
+        certifiable_maximum(10, 0.0, confidence=1.0)
+    with pytest.raises(OneRunAuditError, match="must exceed"):
+        GuessRule(0.0, 0.0)
+    with pytest.raises(OneRunAuditError, match="NaN"):
+        calibrate_guess_rule(np.array([0.0, np.nan]), np.array([True, False]))
+    with pytest.raises(OneRunAuditError, match="cannot be split"):
+        split_one_run_audit(np.zeros(2), np.array([True, False]), 0.0, calibration_fraction=0.1)

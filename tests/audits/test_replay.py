@@ -1,0 +1,91 @@
+"""The config-known replay audit: reproducible noise is refuted, CSPRNG noise is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from audits.cli import main
+from audits.replay import ReplayAuditError, certifiable_max, run_replay_audit, trials_for_claim
+from secure_fedora.config import parse_config
+from secure_fedora.runtime import Simulation
+
+BASE = {
+    "seed": 5,
+    "methods": ["local"],
+    "data": {"num_clients": 2, "train_per_client": 100, "val_per_client": 20,
+             "test_per_client": 20, "groups": 2},
+    "training": {"rounds": 1, "local_epochs": 1, "batch_size": 25, "lr": 0.05},
+    # Fixed noise (no calibration): one round of 4 steps at sigma 2 records epsilon ~0.99.
+    "privacy": {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "noise_multiplier": 2.0},
+}
+
+
+def _run(root: Path, doc: dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.toml").write_text(tomli_w.dumps(doc))
+    Simulation(parse_config(doc), root).run()
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("replay")
+    return {mode: _run(base / mode, {**BASE, "privacy": {**BASE["privacy"], "noise": mode}})
+            for mode in ("reproducible", "csprng")}
+
+
+def test_reproducible_run_is_refuted_and_csprng_run_is_not(runs, capsys):
+    assert main(["audit", "replay", str(runs["reproducible"]), "--trials", "40"]) == 1
+    doc = json.loads((runs["reproducible"] / "audit" / "replay.json").read_text())
+    assert set(doc) == {"audit", "claim_epsilon", "certifiable_max", "lower_bound", "verdict",
+                        "trials", "correct", "confidence", "setup"}
+    assert doc["audit"] == "replay" and doc["confidence"] == 0.95 and doc["trials"] == 40
+    assert 0.5 < doc["claim_epsilon"] < 1.5 < doc["certifiable_max"]
+    assert doc["correct"] == 40  # every membership bit recovered by replaying the noise
+    assert doc["lower_bound"] == doc["certifiable_max"] > doc["claim_epsilon"]
+    assert doc["verdict"] == "refuted" and doc["setup"]["noise"] == "reproducible"
+    assert "refuted" in capsys.readouterr().out
+
+    assert main(["audit", "replay", str(runs["csprng"]), "--trials", "40"]) == 0
+    doc = json.loads((runs["csprng"] / "audit" / "replay.json").read_text())
+    assert doc["verdict"] == "consistent" and doc["setup"]["noise"] == "csprng"
+    assert doc["lower_bound"] <= doc["claim_epsilon"]
+    assert doc["correct"] < 35  # no better than a DP-bounded guess
+
+
+def test_power_and_trial_choice():
+    # 20 of 20 members found, 0 of 20 false positives: TPR_lo = 0.025^(1/20) = 0.8315,
+    # FPR_hi = 1 - 0.8315, bound log((0.8315 - 0.001) / 0.1685) = 1.596.
+    assert certifiable_max(40, 1e-3) == pytest.approx(1.596, abs=0.002)
+    assert certifiable_max(4000, 1e-5) > certifiable_max(400, 1e-5) > certifiable_max(40, 1e-5)
+    trials = trials_for_claim(3.0, 1e-5)
+    assert certifiable_max(trials, 1e-5) > 3.3 and certifiable_max(trials - 200, 1e-5) < 3.3 * 1.05
+    assert trials_for_claim(50.0, 1e-5, cap=1000) == 1000
+
+
+def test_inconclusive_when_the_trials_cannot_reach_the_claim(runs):
+    # 8 trials: even a perfect attacker certifies ~0, below the claim: never "consistent".
+    result = run_replay_audit(runs["reproducible"], trials=8)
+    assert result.correct == 8 and result.certifiable_max < result.claim_epsilon
+    assert result.verdict == "inconclusive"
+
+
+def test_runs_that_cannot_be_audited_are_refused(runs, tmp_path, capsys):
+    with pytest.raises(ReplayAuditError, match="config.toml"):
+        run_replay_audit(tmp_path)
+    plain = {**BASE, "privacy": {"enabled": False}}
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(plain))
+    with pytest.raises(ReplayAuditError, match="not differentially private"):
+        run_replay_audit(tmp_path)
+    with pytest.raises(ReplayAuditError, match="client"):
+        run_replay_audit(runs["csprng"], client=2)
+    with pytest.raises(ReplayAuditError, match="method"):
+        run_replay_audit(runs["csprng"], method="fedavg")
+    with pytest.raises(ReplayAuditError, match="trials"):
+        run_replay_audit(runs["csprng"], trials=1)
+    assert main(["audit", "replay", str(tmp_path)]) == 2
+    assert "not differentially private" in capsys.readouterr().err

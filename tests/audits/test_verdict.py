@@ -1,0 +1,68 @@
+"""The verdict shared by the audits and their common JSON document."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from audits.verdict import audit_document, audit_verdict, verdict_text, write_audit_json
+
+
+def test_inconclusive_when_the_design_cannot_reach_the_claim():
+    # 300 canaries certify at most about 3.0: a claim of 8 can be neither refuted nor confirmed
+    assert audit_verdict(8.0, 3.05, 0.4) == "inconclusive"
+    assert audit_verdict(3.05, 3.05, 0.4) == "inconclusive"  # cannot exceed the claim either
+    text = verdict_text("inconclusive", 8.0, 3.05, 0.4)
+    assert text.startswith("inconclusive: the audit cannot certify epsilon above 3.05")
+
+
+def test_refuted_when_the_lower_bound_exceeds_the_claim():
+    assert audit_verdict(1.0, 8.1, 2.5) == "refuted"
+    assert audit_verdict(1.0, 8.1, 1.0) == "consistent"  # equal is not a refutation
+    assert "exceeds the claimed epsilon 1" in verdict_text("refuted", 1.0, 8.1, 2.5)
+
+
+def test_consistent_only_with_power_and_no_claim_is_inconclusive():
+    assert audit_verdict(3.0, 8.1, 0.7) == "consistent"
+    assert audit_verdict(None, 8.1, 8.0) == "inconclusive"
+    assert audit_verdict(math.inf, 8.1, 8.0) == "inconclusive"
+    assert "no finite privacy claim" in verdict_text("inconclusive", None, 8.1, 8.0)
+    with pytest.raises(ValueError, match="lower_bound"):
+        audit_verdict(1.0, 2.0, math.nan)
+    with pytest.raises(ValueError, match="claimed epsilon"):
+        audit_verdict(-1.0, 2.0, 0.0)
+
+
+def test_document_schema_and_atomic_write(tmp_path):
+    doc = audit_document("whitebox", claim_epsilon=7.96, certifiable_max=8.11, lower_bound=2.9,
+                         confidence=0.95, setup={"canaries": 20000}, guesses=513)
+    assert {k: doc[k] for k in ("audit", "claim_epsilon", "certifiable_max", "lower_bound",
+                                "verdict", "confidence")} == {
+        "audit": "whitebox", "claim_epsilon": 7.96, "certifiable_max": 8.11,
+        "lower_bound": 2.9, "verdict": "consistent", "confidence": 0.95}
+    assert doc["setup"] == {"canaries": 20000} and doc["guesses"] == 513
+    path = write_audit_json(tmp_path / "run", doc)
+    assert path == tmp_path / "run" / "audit" / "whitebox.json"
+    assert json.loads(path.read_text()) == doc
+    assert [p.name for p in path.parent.iterdir()] == ["whitebox.json"]
+    nonprivate = audit_document("canary", claim_epsilon=math.inf, certifiable_max=3.0,
+                                lower_bound=2.5, confidence=0.95, setup={})
+    assert nonprivate["claim_epsilon"] is None and nonprivate["verdict"] == "inconclusive"
+
+
+def test_document_errors(tmp_path):
+    with pytest.raises(ValueError, match="audit must be one of"):
+        audit_document("other", claim_epsilon=1.0, certifiable_max=2.0, lower_bound=0.0,
+                       confidence=0.95, setup={})
+    with pytest.raises(ValueError, match="reuse schema keys"):
+        audit_document("canary", claim_epsilon=1.0, certifiable_max=2.0, lower_bound=0.0,
+                       confidence=0.95, setup={}, verdict="consistent")
+    bad = audit_document("canary", claim_epsilon=1.0, certifiable_max=2.0, lower_bound=0.0,
+                         confidence=0.95, setup={}, score=math.nan)
+    with pytest.raises(ValueError):
+        write_audit_json(tmp_path, bad)
+    assert not (tmp_path / "audit" / "canary.json").exists()
+    with pytest.raises(ValueError, match="not an audit document"):
+        write_audit_json(tmp_path, {"audit": "x"})

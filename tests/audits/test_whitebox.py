@@ -1,0 +1,159 @@
+"""White-box one-run DP-SGD audit: real training path, power, and bounds below the claims."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tomli_w
+import torch
+
+import audits.whitebox as whitebox
+from audits.cli import main
+from audits.onerun import certifiable_maximum
+from audits.whitebox import (
+    DiracCanaryOracle,
+    WhiteboxAuditError,
+    audit_run_dir,
+    quiet_coordinates,
+    run_whitebox_audit,
+    whitebox_setting,
+)
+from privacy.accounting import PlannedRelease, plan_epsilon
+from secure_fedora.config import parse_config
+from secure_fedora.private import DPGradient
+from secure_fedora.runtime import build_clients, build_context
+
+CANARIES = 2000  # evaluation part 1600: certifiable maximum about 6.6 at delta 1e-5
+
+
+def _cfg_dict(epsilon: float | None, **privacy) -> dict:
+    d = {"name": "whitebox-test", "methods": ["local"], "seed": 0,
+         "data": {"num_clients": 2, "train_per_client": 128, "val_per_client": 16,
+                  "test_per_client": 16},
+         "training": {"rounds": 4, "local_epochs": 1, "batch_size": 32, "lr": 0.1}}
+    if epsilon is not None:
+        d["privacy"] = {"enabled": True, "epsilon": epsilon, "delta": 1e-5, **privacy}
+    return d
+
+
+def test_nonprivate_gives_a_large_bound_and_dp_stays_below_its_claim():
+    plain = run_whitebox_audit(parse_config(_cfg_dict(None)), num_canaries=CANARIES)
+    top = certifiable_maximum(1600, 1e-5)
+    assert plain.outcome.certifiable_max == pytest.approx(top)
+    # memorized: almost every guess right (about 1% of members are never sampled in 16 steps
+    # at rate 1/4 and look like non-members; those are the only mistakes)
+    assert plain.outcome.correct / plain.outcome.guesses > 0.99
+    assert plain.outcome.lower_bound > 0.8 * top
+    assert plain.verdict == "inconclusive"  # no claim to test
+    assert plain.to_json()["claim_epsilon"] is None
+    assert plain.mean_inclusions == pytest.approx(16 * 32 / 128, rel=0.1)
+
+    dp = run_whitebox_audit(parse_config(_cfg_dict(3.0)), num_canaries=CANARIES)
+    s = dp.setting
+    assert s.private and s.steps == 16 and s.sample_rate == 0.25
+    assert s.claim_epsilon == pytest.approx(3.0, rel=0.02)  # Local: DP-SGD spends the budget
+    assert dp.outcome.lower_bound <= s.claim_epsilon
+    assert dp.verdict == "consistent" and dp.outcome.certifiable_max > s.claim_epsilon
+    assert dp.mean_inclusions == pytest.approx(16 * 0.25, rel=0.1)  # Poisson at q per step
+    doc = dp.to_json()
+    json.dumps(doc, allow_nan=False)
+    assert doc["audit"] == "whitebox" and doc["setup"]["noise_multiplier"] == s.noise_multiplier
+
+    # the same small design cannot reach epsilon 8: it says so instead of "consistent"
+    big = run_whitebox_audit(parse_config(_cfg_dict(8.0)), num_canaries=CANARIES)
+    assert big.outcome.lower_bound <= big.setting.claim_epsilon
+    assert big.verdict == "inconclusive"
+    assert "cannot certify epsilon above" in big.to_json()["verdict_text"]
+
+
+def test_refutes_an_accountant_that_under_reports(monkeypatch):
+    # the noise is calibrated for epsilon 8, but a broken accountant claims 0.5
+    monkeypatch.setattr(whitebox, "plan_epsilon", lambda *a, **k: 0.5)
+    result = run_whitebox_audit(parse_config(_cfg_dict(8.0)), num_canaries=CANARIES)
+    assert result.setting.claim_epsilon == 0.5
+    assert result.outcome.lower_bound > 0.5 and result.verdict == "refuted"
+
+
+def test_setting_follows_the_plan_and_checks_results_json():
+    d = _cfg_dict(3.0)
+    d["methods"] = ["fedora", "local"]
+    d["data"]["validation"] = "private"
+    d["fedora"] = {"relatedness": "noised", "k": 1}
+    cfg = parse_config(d)
+    fed = whitebox_setting(cfg, "fedora", 1)
+    local = whitebox_setting(cfg, "local", 1)
+    # FEDORA shares the budget with the summary and lambda: more noise, a smaller DP-SGD claim
+    assert fed.noise_multiplier > local.noise_multiplier
+    assert fed.claim_epsilon < local.claim_epsilon <= 3.0
+    assert fed.claim_epsilon == pytest.approx(plan_epsilon(
+        [PlannedRelease("dpsgd", 0.25, 16)], 1e-5, fed.noise_multiplier, fed.accountant))
+    recorded = {"privacy": {"local": {"plan": [{"epsilon_budget": 3.0, "delta": 1e-5,
+                                                 "noise_multiplier": round(local.noise_multiplier, 6)}]}}}
+    assert "matches results.json" in whitebox_setting(cfg, "local", 0, recorded).plan_source
+    recorded["privacy"]["local"]["plan"][0]["noise_multiplier"] = 0.5
+    with pytest.raises(WhiteboxAuditError, match="not this run's"):
+        whitebox_setting(cfg, "local", 0, recorded)
+    with pytest.raises(WhiteboxAuditError, match="not in the config's methods"):
+        whitebox_setting(cfg, "fedavg", 0)
+    with pytest.raises(WhiteboxAuditError, match="client index"):
+        whitebox_setting(cfg, "local", 2)
+
+
+def test_quiet_coordinates_and_the_oracle_use_the_runtime_path():
+    cfg = parse_config(_cfg_dict(3.0))
+    clients = build_clients(cfg)
+    ctx = build_context(cfg, clients)
+    assert isinstance(ctx.oracle, DPGradient)
+    coords, zero = quiet_coordinates(ctx.flat, ctx.init, clients[0].train_x, clients[0].train_y,
+                                     500, torch.Generator().manual_seed(0))
+    assert coords.unique().numel() == 500 and zero == 500  # always-black pixels: no gradient
+    # every training record's own gradient is exactly zero there (checked one record at a time)
+    row, grad = ctx.init.clone(), torch.zeros_like(ctx.init)
+    model = ctx.flat.bind(row, grad)
+    for i in range(128):
+        grad.zero_()
+        torch.nn.functional.cross_entropy(model(clients[0].train_x[i:i + 1]),
+                                          clients[0].train_y[i:i + 1]).backward()
+        assert float(grad[coords].abs().max()) == 0.0
+    # most are first-layer weights (784 inputs per hidden unit) of pixels black in every image
+    first = coords[coords < 784 * 128]
+    black = clients[0].train_x.reshape(128, -1).abs().sum(dim=0)[first % 784] == 0
+    assert int(black.sum()) > 250
+    with pytest.raises(WhiteboxAuditError, match="distinct coordinates"):
+        quiet_coordinates(ctx.flat, ctx.init, clients[0].train_x, clients[0].train_y,
+                          ctx.flat.num_params + 1, torch.Generator())
+    oracle = DiracCanaryOracle(ctx.oracle, coords[:100], 1.0, ctx.flat.num_params,
+                               plain_rate=0.25, canary_generator=torch.Generator())
+    oracle.select(1.0, ctx.noise[0])
+    batches, pending = [], []
+    for b in oracle.batches(128, 1, torch.Generator().manual_seed(3)):
+        batches.append(b)
+        pending.append(oracle._pending.clone())
+    # the real records are a Poisson sample of the 128 rows; the canaries ride along
+    assert len(batches) == 4 and all(bool((b < 128).all()) for b in batches)
+    assert all(bool((p < 100).all()) for p in pending) and sum(p.numel() for p in pending) > 50
+
+
+def test_run_dir_and_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(tomli_w.dumps(_cfg_dict(3.0, noise="reproducible")))
+    code = main(["audit", "whitebox", str(run), "--canaries", "500", "--json",
+                 str(tmp_path / "copy.json")])
+    out = capsys.readouterr().out
+    doc = json.loads((run / "audit" / "whitebox.json").read_text())
+    assert code == {"consistent": 0, "refuted": 1, "inconclusive": 3}[doc["verdict"]]
+    assert doc["verdict"] == "consistent" and doc["setup"]["canaries"] == 500
+    assert "certifiable maximum" in out and "verdict: consistent" in out
+    assert json.loads((tmp_path / "copy.json").read_text()) == doc
+    result, path = audit_run_dir(run, num_canaries=500)
+    assert path == run / "audit" / "whitebox.json" and result.to_json()["lower_bound"] == \
+        doc["lower_bound"]  # deterministic in the seed with the experiment-seeded noise
+    assert main(["audit", "whitebox", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["audit", "whitebox", str(tmp_path / "empty")]) == 2
+    assert "config.toml is missing" in capsys.readouterr().err
+    assert main(["audit", "whitebox", str(run), "--canaries", "5"]) == 2
+    assert main(["audit", "whitebox", str(run), "--calibration-fraction", "1.5"]) == 2

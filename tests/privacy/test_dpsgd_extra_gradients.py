@@ -1,0 +1,62 @@
+"""DPSGD's audit hook: extra per-sample gradients are clipped like samples and summed exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privacy.dpsgd import DPSGD, DPSGDError
+from privacy.noise import ReproducibleNoise
+
+
+def _sparse(indices, values, size):
+    return torch.sparse_coo_tensor(indices, values, size, check_invariants=True)
+
+
+def _loss(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _grads(extra, x, y, mode="fused"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    with DPSGD(model, 1.5, 0.7, 8.0, ReproducibleNoise(5), mode=mode) as dp:
+        dp.private_gradient(x, y, _loss, extra_gradients=extra)
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["fused", "opacus"])
+def test_extra_rows_are_clipped_and_added_to_the_same_noised_sum(mode):
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    d = 6 * 4 + 4 + 4 * 3 + 3
+    # row 0: a Dirac gradient of norm 1.5 (= C, kept); row 1: norm 5 across two coordinates
+    # (clipped to C); both touch the first and the last parameter
+    indices = torch.tensor([[0, 1, 1], [2, 2, d - 1]])
+    values = torch.tensor([1.5, 3.0, 4.0])
+    extra = _sparse(indices, values, (2, d))
+    base = _grads(None, x, y, mode)
+    with_extra = _grads(extra, x, y, mode)
+    expected = torch.zeros(d)
+    factor = 1.5 / (5.0 + 1e-6)
+    expected[2] = 1.5 * min(1.0, 1.5 / (1.5 + 1e-6)) + 3.0 * factor
+    expected[d - 1] = 4.0 * factor
+    torch.testing.assert_close(with_extra - base, expected / 8.0, atol=1e-6, rtol=1e-5)
+
+
+def test_extra_gradients_on_an_empty_batch_and_bad_input():
+    x, y = torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64)
+    d = 6 * 4 + 4 + 4 * 3 + 3
+    extra = _sparse(torch.tensor([[0], [7]]), torch.tensor([1.0]), (1, d))
+    diff = _grads(extra, x, y) - _grads(None, x, y)
+    assert diff[7] == pytest.approx(1.0 / 8.0, rel=1e-5) and int((diff != 0).sum()) == 1
+    with pytest.raises(DPSGDError, match="sparse COO"):
+        _grads(torch.zeros(1, d), x, y)
+    with pytest.raises(DPSGDError, match="sparse COO"):
+        _grads(_sparse(torch.tensor([[0], [0]]), torch.tensor([1.0]), (1, d + 1)),
+               x, y)
+    with pytest.raises(DPSGDError, match="NaN"):
+        _grads(_sparse(torch.tensor([[0], [0]]), torch.tensor([float("nan")]),
+                                       (1, d)), x, y)

@@ -1,0 +1,185 @@
+"""Every error the toolkit raises reaches the user as one line ``error: ...`` with exit code 2
+(issue 14 "Why" 9); ``--debug`` shows the traceback; a bug keeps its traceback."""
+
+import argparse
+import importlib
+import inspect
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from audits.cli import main as audit_main
+from audits.verify import AuditError
+from privacy.accounting import BudgetExceededError, PrivacyBudget
+from privacy.envelope import BadSignatureError
+from privacy.errors import ToolkitError
+from privacy.identity import IdentityError
+from privacy.ledger import LedgerError
+from secure_fedora.cli import main
+from secure_fedora.config import ConfigError
+from secure_fedora.data import DataError
+from secure_fedora.deploy.protocol import DeployError
+from secure_fedora.errors import is_user_error, one_line, run_command
+from secure_fedora.fedora import RelatednessError
+from secure_fedora.runtime import CheckpointError
+from secure_fedora.sweep import SweepError
+from secure_fedora.transport import TransportError
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "name": "tiny-errors",
+    "methods": ["local"],
+    "data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 10, "test_per_client": 10},
+    "training": {"rounds": 2, "local_epochs": 1, "batch_size": 20, "lr": 0.05},
+}
+
+
+def write_config(path: Path, doc: dict) -> Path:
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def one_error_line(stderr: str) -> str:
+    """The single non-empty stderr line, which must be the error line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
+    return lines[0]
+
+
+def test_every_exception_class_of_the_toolkit_is_a_toolkit_error():
+    """A new error class that forgets the base would still be printed (it is defined in the
+    toolkit), but it should say so explicitly: every one derives from ToolkitError."""
+    missing = []
+    for package in ("privacy", "secure_fedora", "audits"):
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+            module = importlib.import_module(info.name)
+            for name, obj in vars(module).items():
+                if (inspect.isclass(obj) and issubclass(obj, BaseException)
+                        and obj.__module__ == module.__name__ and not issubclass(obj, ToolkitError)):
+                    missing.append(f"{module.__name__}.{name}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("training.rounds: bad"), DataError("/x/train-images.gz: file not found"),
+    IdentityError("key file k.key is 0644"), LedgerError("ledger l.jsonl: line 3 is incomplete"),
+    RelatednessError("summary uploads rejected"), CheckpointError("checkpoint c.pt is corrupt"),
+    BadSignatureError("bad signature"), TransportError("transport"), AuditError("no run"),
+    SweepError("cell x"), DeployError("deploy"), BudgetExceededError(
+        client_id="client-000", round=3, mechanism="dpsgd", epsilon_would_be=3.2,
+        budget=PrivacyBudget(3.0, 1e-5)),
+    FileNotFoundError(2, "No such file or directory", "/nowhere/file.toml"),
+    PermissionError(13, "Permission denied", "/root/x"),
+])
+def test_run_command_prints_each_toolkit_error_as_one_line(error, capsys):
+    def handler(_args):
+        raise error
+
+    assert is_user_error(error)
+    assert run_command(handler, argparse.Namespace()) == 2
+    line = one_error_line(capsys.readouterr().err)
+    if isinstance(error, OSError):
+        assert line == f"error: {error.strerror}: {error.filename}"
+    else:
+        assert line == f"error: {error}"
+
+
+def test_bugs_keep_their_traceback():
+    def handler(_args):
+        raise KeyError("a bug")
+
+    assert not is_user_error(KeyError("a bug"))
+    with pytest.raises(KeyError):
+        run_command(handler, argparse.Namespace())
+
+
+def test_multi_line_config_errors_become_one_line_naming_every_key(tmp_path, capsys):
+    bad = write_config(tmp_path / "bad.toml", {"training": {"rounds": True, "lr": float("inf")}})
+    assert main(["run", str(bad), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "training.rounds" in line and "training.lr" in line and str(bad) in line
+    assert one_line(ConfigError("invalid configuration x:\n  a: 1\n  b: 2")) == \
+        "invalid configuration x: a: 1; b: 2"
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_error_is_one_line(tmp_path, capsys):
+    too_big = write_config(tmp_path / "big.toml", {**TINY, "data": {
+        "num_clients": 100, "train_per_client": 1000, "val_per_client": 10, "test_per_client": 10}})
+    assert main(["run", str(too_big), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "rows exceed" in one_error_line(capsys.readouterr().err)
+
+
+def test_identity_error_names_the_flag_not_the_python_argument(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    assert main(["keys", "init", str(keys), "--clients", "1"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "init", str(keys), "--clients", "1"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--force" in line and "allowlist.json" in line
+
+
+def test_os_error_names_the_path(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = write_config(tmp_path / "c.toml", TINY)
+    assert main(["run", str(config), "--out", str(blocker / "run"), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(blocker) in line
+    assert main(["run", str(tmp_path), "--quiet"]) == 2  # a directory given as the config
+    assert str(tmp_path) in one_error_line(capsys.readouterr().err)
+
+
+def test_corrupt_checkpoint_and_torn_ledger_are_one_line_errors(tmp_path, capsys):
+    config = write_config(tmp_path / "dp.toml", {
+        **TINY, "privacy": {"enabled": True, "epsilon": 3.0, "delta": 1e-3}})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    torn = tmp_path / "torn"
+    shutil.copytree(run_dir, torn)
+    ledger = torn / "ledgers" / "local" / "client-001.jsonl"
+    ledger.write_bytes(ledger.read_bytes()[:-25])
+    assert main(["run", str(config), "--out", str(torn), "--quiet", "--resume"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "client-001.jsonl" in line and "incomplete" in line
+
+    ckpt = run_dir / "checkpoints" / "local.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    ckpt.write_bytes(bytes(data))
+    assert main(["run", str(config), "--out", str(run_dir), "--quiet", "--resume"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(ckpt) in line and "weights_only" not in line
+
+
+def test_debug_shows_the_traceback_anywhere_on_the_command_line(tmp_path, capsys):
+    bad = write_config(tmp_path / "bad.toml", {"training": {"rounds": 0}})
+    for argv in (["--debug", "run", str(bad)], ["run", str(bad), "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "ConfigError" in err
+        assert err.strip().splitlines()[-1].startswith("error: ")
+    assert audit_main(["audit", "verify", str(tmp_path / "none"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "does not exist" in err.strip().splitlines()[-1]
+
+
+def test_audit_entry_point_reports_one_line(tmp_path, capsys):
+    assert audit_main(["audit", "verify", str(tmp_path / "none")]) == 2
+    assert "does not exist" in one_error_line(capsys.readouterr().err)
+
+
+def test_console_script_exit_code_and_single_line(tmp_path):
+    """End to end through a fresh interpreter, as the console script runs."""
+    bad = write_config(tmp_path / "bad.toml", {"fedora": {"k": 5}, "data": {"num_clients": 4}})
+    proc = subprocess.run([sys.executable, "-m", "secure_fedora.cli", "run", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "fedora.k" in one_error_line(proc.stderr)
