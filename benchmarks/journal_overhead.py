@@ -4,9 +4,9 @@ Runs FEDORA with configs/dp_rotated_mnist.toml (noised summary, DP-SGD, private 
 few rounds in process and times the journal's work (reading the generator state before the
 draws, sealing and fsyncing one record per release) next to the ledger's (the gate: accounting,
 signing and fsyncing the entries) and the whole round. Bytes: the journal files' size.
-With reproducible noise a record keeps only the digest of the generator state (the checkpoint
-and seed re-create it); ``--fresh-noise`` (``noise_seed = "os_random"``) measures records that
-keep the sealed state itself.
+With reproducible noise (the default here) a record keeps only the digest of the generator
+state (the checkpoint and seed re-create it); ``--fresh-noise`` (``[privacy] noise =
+"csprng"``) measures records that keep the sealed keystream state (key and position) itself.
 Usage: python benchmarks/journal_overhead.py [--rounds 3] [--clients 40] [--fresh-noise]
 """
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=40)
     parser.add_argument("--fresh-noise", action="store_true",
-                        help="non-reproducible noise: records keep the sealed generator state")
+                        help="CSPRNG noise: records keep the sealed keystream state")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = load_config(ROOT / "configs" / "dp_rotated_mnist.toml")
@@ -53,7 +53,7 @@ def main() -> None:
         "data": base.data.model_copy(update={"num_clients": args.clients}),
         "training": base.training.model_copy(update={"rounds": args.rounds}),
         "privacy": base.privacy.model_copy(
-            update={"noise_seed": "os_random" if args.fresh_noise else "experiment"}),
+            update={"noise": "csprng" if args.fresh_noise else "reproducible"}),
     })
     totals = {"journal": 0.0, "prepare": 0.0, "gate": 0.0}
     FederationPrivacy._journal = _timed(totals, "journal", FederationPrivacy._journal)
@@ -80,7 +80,7 @@ def main() -> None:
     journal_s = totals["journal"] + totals["prepare"]
     gate_s = totals["gate"] - totals["journal"]  # _gate includes _journal
     print(f"FEDORA, {args.clients} clients, {args.rounds} rounds + summary, {records} journal"
-          f" records ({releases} releases), noise_seed={cfg.privacy.noise_seed!r}")
+          f" records ({releases} releases), noise={cfg.privacy.noise!r}")
     print(f"run wall time            {wall:8.2f} s ({wall / args.rounds * 1e3:.0f} ms/round"
           " incl. setup and evaluation)")
     print(f"journal (state + seal + fsync)  {journal_s * 1e3:8.1f} ms total,"

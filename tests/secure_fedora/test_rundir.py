@@ -176,3 +176,32 @@ def test_sweep_refuses_a_directory_that_holds_something_else(plain_run, tmp_path
     assert main(["sweep", str(config), "--out", str(run_dir), "--methods", "local", "--quiet"]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
     assert snapshot(run_dir) == before
+
+
+def test_resume_of_a_dp_run_killed_before_its_first_checkpoint_continues_it(tmp_path, capsys):
+    """No checkpoint yet, but the ledgers and journals record round 1's releases: --resume
+    continues the run from the start (each release accounted once); with the ledgers and
+    journals gone too there is nothing to resume from."""
+    from privacy.ledger import read_ledger
+    from secure_fedora import crashpoints
+
+    config = write_config(tmp_path / "dp.toml", DP)
+    run_dir = tmp_path / "run"
+    crashpoints.arm("train@2")  # round 1, after the first client trained
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            run(config, run_dir)
+    finally:
+        crashpoints.disarm()
+    assert not list(run_dir.glob("checkpoints/*.pt"))
+    assert list(run_dir.glob("ledgers/local/*.journal"))
+    empty = copy_run(run_dir, tmp_path / "bare")
+    shutil.rmtree(empty / "ledgers")
+    before = snapshot(empty)
+    assert run(config, empty, "--resume") == 2
+    assert "nothing to resume from" in capsys.readouterr().err
+    assert snapshot(empty) == before
+    assert run(config, run_dir, "--resume") == 0
+    for path in sorted(run_dir.glob("ledgers/local/*.jsonl")):
+        assert [(e["round"], e["mechanism"]) for e in read_ledger(path)] == [
+            (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
