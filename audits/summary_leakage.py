@@ -1,6 +1,6 @@
 """Summary-leakage audit: what can an honest-but-curious server reconstruct from relatedness?
 
-FEDORA's relatedness step (DESIGN.md 2-3) sends the server, depending on the mode:
+FEDORA's relatedness step (docs/design.md sections 2-3) sends the server, depending on the mode:
 
 - ``plain``: each client's summary ``U_i`` (d x q), the top-q left singular vectors of
   ``Z_i^T`` with ``z = [flatten(x), onehot(y)]``;

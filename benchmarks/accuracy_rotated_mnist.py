@@ -1,4 +1,4 @@
-"""FEDORA vs Local vs FedAvg at the reference rotated-MNIST setting (DESIGN.md 2).
+"""FEDORA vs Local vs FedAvg at the reference rotated-MNIST setting (docs/design.md section 2).
 
 Prints each method's mean / min test accuracy (best-mean-validation round, as the reference
 implementation selects) and the count of clients where FEDORA is below Local.

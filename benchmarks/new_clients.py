@@ -1,4 +1,4 @@
-"""New-client generalization at the reference rotated-MNIST setting (DESIGN.md 2, third claim).
+"""New-client generalization at the reference rotated-MNIST setting (docs/design.md section 2, new clients).
 
 ``--held-out`` of the 36 rotated clients are kept out while FEDORA and FedAvg train on the
 others for ``--rounds`` rounds: with ``--selection last`` the last ones (rotations 300..350

@@ -120,8 +120,20 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 _SUBSYSTEMS: dict[str, tuple[str, str]] = {
     "sweep": ("secure_fedora.sweep", "run methods x epsilon x seeds and write a table and plots"),
     "deploy": ("secure_fedora.deploy.cli", "secure deployment on Flower (TLS, node auth)"),
-    "audit": ("audits.cli", "verify ledgers, write compliance reports, run empirical privacy audits"),
 }
+
+# Packages layered above secure_fedora (the audits package) add their commands through this
+# entry-point group (``name = "module:register"``), so this module never imports them by name.
+COMMAND_ENTRY_POINTS = "secure_fedora.commands"
+
+
+def _plugin_commands() -> dict[str, tuple[str, str]]:
+    """Commands contributed by installed packages: name -> (module, help)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: (ep.module, f"commands of the {ep.module.split('.')[0]!r} package"
+                      f" (see `secure-fedora {ep.name} --help`)")
+            for ep in entry_points(group=COMMAND_ENTRY_POINTS)}
 
 
 def _requested_command(argv: Sequence[str] | None) -> str | None:
@@ -158,7 +170,7 @@ def build_parser(argv: Sequence[str] | None = ()) -> argparse.ArgumentParser:
     import importlib
 
     wanted = _requested_command(argv) if argv != () else None
-    for name, (module, help_text) in _SUBSYSTEMS.items():
+    for name, (module, help_text) in {**_SUBSYSTEMS, **_plugin_commands()}.items():
         if argv == () or name == wanted:
             importlib.import_module(module).register(sub)
         else:

@@ -236,7 +236,7 @@ def local_train(
     """Train ``theta`` in place for ``cfg.local_epochs`` epochs; returns the number of steps.
 
     After every optimizer step, when ``lam > 0``, the proximal pull
-    ``theta <- theta - lr * lam * (theta_before_step - phi)`` is applied (DESIGN.md 2, step 2).
+    ``theta <- theta - lr * lam * (theta_before_step - phi)`` is applied (docs/design.md section 2, a round, step 2).
     Raises :class:`ClientUpdateError` if training produced non-finite parameters; ``theta`` is
     then restored to its value before the run, so nothing is lost.
     """

@@ -103,7 +103,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class DataConfig(_Section):
-    """Which data, how it is split among clients (DESIGN.md 2; reference: rotated MNIST)."""
+    """Which data, how it is split among clients (docs/design.md section 2; reference: rotated MNIST)."""
 
     dataset: Annotated[str, _registered("DATASETS")] = "mnist"
     # User data instead of a registered dataset: "package.module:function", called with the
@@ -228,7 +228,7 @@ class ClientBudgetConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy of everything a client releases (DESIGN.md 3).
+    """Differential privacy of everything a client releases (docs/design.md section 3).
 
     ``epsilon``/``delta`` are every client's budget (``overrides`` per client index). With
     ``noise_multiplier`` unset, DP-SGD's noise is calibrated up front so that the planned

@@ -1,4 +1,4 @@
-"""FEDORA's mathematics as pure functions over tensors (DESIGN.md section 2).
+"""FEDORA's mathematics as pure functions over tensors (docs/design.md section 2).
 
 Every function here is deterministic, has no side effects beyond the documented in-place
 updates, and is shared by the in-process simulation and the Flower runtime. Relatedness

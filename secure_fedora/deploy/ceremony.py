@@ -15,7 +15,7 @@ in the process of the party that performs it (the building blocks are :mod:`priv
   refuses any context that holds a secret key, checks each client's upload, and computes the
   encrypted rows with the public context only.
 
-What each party learns (honest-but-curious, DESIGN.md 3): the server sees ciphertexts, then
+What each party learns (honest-but-curious, docs/design.md section 3): the server sees ciphertexts, then
 the released overlaps; the key holder sees the overlaps. Assumptions: the server forwards
 only the computed rows to the key holder (a server deviating from the protocol could
 mod-switch a client's ciphertext to the row level and have it decrypted); every client holds

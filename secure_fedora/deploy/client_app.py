@@ -611,7 +611,7 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
 
 @app.train("fedora")
 def train_round(message: Message, context: Context) -> Message:
-    """One FEDORA round on this client (DESIGN.md 2, steps 1-3), then evaluation.
+    """One FEDORA round on this client (docs/design.md section 2, a round), then evaluation.
 
     Participating: ``lambda_i`` from the validation losses of ``theta_i`` and the received
     ``phi_i``, local training with the proximal pull, release of ``theta_i``. Not

@@ -1,4 +1,4 @@
-"""FEDORA's math against small hand-computed cases (DESIGN.md section 2)."""
+"""FEDORA's math against small hand-computed cases (docs/design.md section 2)."""
 
 import math
 

@@ -91,7 +91,7 @@ def test_csprng_resume_continues_with_fresh_noise_and_stays_accounted(tmp_path, 
     for c in results["privacy"]["fedora"]["clients"]:
         entries = read_ledger(tmp_path / "ledgers" / "fedora" / f"{c['client']}.jsonl")
         assert [(e["round"], e["mechanism"]) for e in entries] == [
-            (0, "gaussian_summary"), (1, "dpsgd"), (2, "dpsgd")]
+            (0, "gaussian_summary"), (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
 
 
 def test_reproducible_resume_equals_an_uninterrupted_run(tmp_path, clients):
