@@ -29,6 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from privacy.errors import ToolkitError
 from privacy.sealing import SealingError, open_sealed, seal
 
 __all__ = ["JournalError", "JournalRecord", "ReleaseJournal", "payload_digest"]
@@ -38,7 +39,7 @@ _AAD_PREFIX = b"secure-fedora/release-journal/v1"
 _KEY = tuple[int, str]
 
 
-class JournalError(ValueError):
+class JournalError(ToolkitError, ValueError):
     """A journal cannot be read, opened or appended to; the message names the file and line."""
 
 
