@@ -504,7 +504,7 @@ class FederationPrivacy:
         against the noise source with reproducible noise (a mismatch means the resume
         diverged), restored into it with CSPRNG noise (the state is only ever written sealed),
         after which the client continues under a fresh key."""
-        if noise is None:
+        if noise is None or self.journals is None:
             return b""
         state = _journal_noise_state(noise)
         record = (self.journals[i].get(rnd, kind)
