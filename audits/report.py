@@ -21,8 +21,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from secure_fedora.runtime import atomic_write_text  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
 
@@ -571,17 +570,6 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     return "\n".join(parts)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
                  allowlist: str | Path | None = None,
                  verification: VerificationReport | None = None) -> ReportPaths:
@@ -602,6 +590,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
         "accuracy": _accuracy_plot(report["accuracy"]),
     }
     paths = ReportPaths(html=out / "report.html", json=out / "report.json")
-    _atomic_write(paths.json, json.dumps(report, indent=2, default=str))
-    _atomic_write(paths.html, render_html(report, plots))
+    atomic_write_text(paths.json, json.dumps(report, indent=2, default=str))
+    atomic_write_text(paths.html, render_html(report, plots))
     return paths

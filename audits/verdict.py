@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,15 +113,10 @@ def write_audit_json(run_dir: str | Path, doc: dict[str, Any]) -> Path:
     if doc.get("audit") not in AUDIT_NAMES:
         raise ValueError(f"not an audit document: audit={doc.get('audit')!r}")
     text = json.dumps(doc, indent=2, allow_nan=False)
+    from secure_fedora.runtime import atomic_write_text
+
     out = Path(run_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{doc['audit']}.json"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
