@@ -29,6 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from privacy.durable import fsync_dir, write_all_and_fsync
 from privacy.errors import ToolkitError
 from privacy.sealing import SealingError, open_sealed, seal
 
@@ -187,18 +188,11 @@ class ReleaseJournal:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_all_and_fsync(fd, line)
         finally:
             os.close(fd)
         if created:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self.path.parent)
         self._records[key] = record
         self._count += 1
         return len(line)

@@ -58,6 +58,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, validate_release
+from privacy.durable import fsync_dir, write_all_and_fsync
 from privacy.errors import ToolkitError
 
 GENESIS_HASH = "0" * 64
@@ -395,14 +396,6 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LedgerWriter:
     """Appends signed, chained entries to one client's ledger file, durably.
 
@@ -444,7 +437,7 @@ class LedgerWriter:
                 ) from None
             if created:
                 os.fsync(fd)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             lines, torn = self._read_all()
             if torn:
                 raise LedgerError(
@@ -583,11 +576,7 @@ class LedgerWriter:
         line = canonical_json(entry)
         data = (line + "\n").encode("utf-8")
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            os.fsync(self._fd)
+            write_all_and_fsync(self._fd, data)
         except BaseException as exc:
             self._broken = True
             raise LedgerError(f"writing ledger {str(self.path)!r} failed: {exc}") from exc
@@ -643,13 +632,10 @@ def _write_quarantine(path: Path, data: bytes) -> None:
             raise LedgerError(f"quarantine file {str(path)!r} exists with other content") from None
         return
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_all_and_fsync(fd, data)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _unrecorded_quarantines(path: Path, entries: Sequence[dict[str, Any]]) -> list[Path]:
