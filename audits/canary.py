@@ -37,7 +37,7 @@ certify epsilon above X" otherwise (:mod:`audits.verdict`). To test larger claim
 canaries or the white-box audit (:mod:`audits.whitebox`).
 
 What is attacked is the audited client's final model ``theta_i`` (what it last released).
-Training is the runtime's own (:class:`secure_fedora.runtime.Simulation`); with
+Training is the runtime's own (:class:`secure_fedora.runtimes.inprocess.Simulation`); with
 ``privacy.enabled`` every data-dependent input of that model is an accounted release (the
 config schema refuses DP with un-noised relatedness), and the claim is the last
 ``epsilon_after`` in the client's ledger.
@@ -61,11 +61,11 @@ from torch import Tensor
 from audits.verdict import audit_document, audit_verdict
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
-from secure_fedora.client import FlatModel
-from secure_fedora.config import ExperimentConfig
-from secure_fedora.data import load_dataset, rotate_images, to_float_images
-from secure_fedora.partition import ClientData
-from secure_fedora.runtime import Simulation, build_clients
+from secure_fedora.core.config import ExperimentConfig
+from secure_fedora.data.partition import ClientData
+from secure_fedora.data.sources import load_dataset, rotate_images, to_float_images
+from secure_fedora.learning.client import FlatModel
+from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
 __all__ = [
     "CanaryAuditError",
@@ -503,7 +503,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
                      every_round: bool = True) -> CanaryAuditResult:
     """Insert canaries into one client, run the federation, bound epsilon from membership inference.
 
-    Training is the runtime's own: :class:`secure_fedora.runtime.Simulation` with ``cfg``
+    Training is the runtime's own: :class:`secure_fedora.runtimes.inprocess.Simulation` with ``cfg``
     (one ``method``). With ``privacy.enabled`` every client trains with the runtime's DP-SGD
     oracle behind its budget gate, and the claim is the audited client's last
     ``epsilon_after`` in ``ledgers/<method>/<client>.jsonl`` (at the ledger's delta);

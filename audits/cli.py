@@ -158,7 +158,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
     from audits.canary import run_canary_audit
     from audits.verdict import write_audit_json
-    from secure_fedora.config import load_config
+    from secure_fedora.core.config import load_config
 
     target = Path(args.config)
     run_dir = target if target.is_dir() else None
@@ -215,8 +215,8 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
 def cmd_leakage(args: argparse.Namespace) -> int:
     """``audit leakage``: reconstruct clients' data directions from relatedness messages."""
     from audits.summary_leakage import run_summary_leakage_audit
-    from secure_fedora.config import load_config
-    from secure_fedora.runtime import build_clients
+    from secure_fedora.core.config import load_config
+    from secure_fedora.runtimes.inprocess import build_clients
 
     cfg = load_config(args.config)
     clip = args.clip_norm if args.clip_norm is not None else (
@@ -350,7 +350,7 @@ def register(subparsers: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (``python -m audits.cli audit verify RUN_DIR``); errors are
     reported as by the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
-    from secure_fedora.errors import add_debug_flag, run_command, split_debug_flag
+    from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
 
     argv, debug = split_debug_flag(argv)
     parser = argparse.ArgumentParser(prog="secure-fedora")

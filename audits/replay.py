@@ -51,8 +51,8 @@ from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.noise import NoiseSource, make_noise_source
-from secure_fedora.config import ConfigError, ExperimentConfig, load_config
-from secure_fedora.models import make_model
+from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.learning.models import make_model
 
 __all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_replay_audit",
            "trials_for_claim", "write_replay_result"]
@@ -185,7 +185,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 2:
         raise ReplayAuditError(f"trials must be an int >= 2, got {trials!r}")
 
-    from secure_fedora.runtime import build_clients
+    from secure_fedora.runtimes.inprocess import build_clients
 
     data = build_clients(cfg)[client]
     x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]  # target: the last one
@@ -250,7 +250,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
 
 def write_replay_result(run_dir: str | Path, result: ReplayAuditResult) -> Path:
     """Write ``RUN_DIR/audit/replay.json`` (atomically); returns its path."""
-    from secure_fedora.runtime import atomic_write_text
+    from secure_fedora.core.files import atomic_write_text
 
     path = Path(run_dir) / "audit" / "replay.json"
     path.parent.mkdir(parents=True, exist_ok=True)

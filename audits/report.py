@@ -34,8 +34,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
-from secure_fedora.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from secure_fedora.runtime import atomic_write_text  # noqa: E402
+from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from secure_fedora.core.files import atomic_write_text  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
 

@@ -48,8 +48,8 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 from privacy.mechanisms import noised_second_moment, top_eigenvectors
 from privacy.noise import ReproducibleNoise
-from secure_fedora import fedora
-from secure_fedora.partition import ClientData
+from secure_fedora.algorithms import fedora
+from secure_fedora.data.partition import ClientData
 
 __all__ = [
     "IMAGE_DIM",

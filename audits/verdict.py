@@ -113,7 +113,7 @@ def write_audit_json(run_dir: str | Path, doc: dict[str, Any]) -> Path:
     if doc.get("audit") not in AUDIT_NAMES:
         raise ValueError(f"not an audit document: audit={doc.get('audit')!r}")
     text = json.dumps(doc, indent=2, allow_nan=False)
-    from secure_fedora.runtime import atomic_write_text
+    from secure_fedora.core.files import atomic_write_text
 
     out = Path(run_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)

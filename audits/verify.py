@@ -87,7 +87,7 @@ from dp_accounting import pld, rdp
 
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
-from secure_fedora.config import ConfigError, ExperimentConfig, config_hash, load_config
+from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
 __all__ = [
     "DEFAULT_PLD_CHECKPOINTS",
@@ -946,7 +946,7 @@ def _close_findings(path: Path, method: str | None, client_id: str) -> list[Find
 
 
 def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
-    """Read and signature-check an anchor file (format in :mod:`secure_fedora.anchor`,
+    """Read and signature-check an anchor file (format in :mod:`secure_fedora.secure.anchor`,
     re-implemented here): canonical JSON object, expected fields, Ed25519 signature over the
     domain and the canonical JSON of the other fields under the embedded signer key."""
     try:

@@ -2,9 +2,9 @@
 
 What is attacked: one client's DP-SGD training as the run's plan sets it (noise multiplier,
 Poisson sample rate, ``ceil(E / q)`` steps per round, every round), through the project's own
-code path: :func:`secure_fedora.runtime.build_context` builds the model, the client's
-generator and the :class:`secure_fedora.private.DPGradient` oracle; training is
-:func:`secure_fedora.client.local_train` round after round (the Local method); clipping, noise
+code path: :func:`secure_fedora.runtimes.inprocess.build_context` builds the model, the client's
+generator and the :class:`secure_fedora.secure.private.DPGradient` oracle; training is
+:func:`secure_fedora.learning.client.local_train` round after round (the Local method); clipping, noise
 and Poisson sampling are :class:`privacy.dpsgd.DPSGD`'s.
 
 Canaries (Dirac gradient canaries): ``m`` distinct parameter coordinates ``j_1..j_m``; canary
@@ -27,7 +27,7 @@ The claim is the epsilon of the attacked mechanism alone: the plan's DP-SGD rele
 Local method that is the client's budget; for FEDORA (summary and lambda releases share the
 budget) it is smaller, which makes the test stricter.
 
-Non-private runs: training is the runtime's :class:`secure_fedora.client.PlainGradient`
+Non-private runs: training is the runtime's :class:`secure_fedora.learning.client.PlainGradient`
 (mini-batches, mean loss); each member canary joins every step independently with
 probability ``batch_size / n`` (how often a record is in a batch) with gradient ``C e_j``
 weighted like one record of the batch (``1 / batch length``), added after the batch
@@ -53,9 +53,10 @@ from audits.verdict import audit_document, audit_verdict, write_audit_json
 from privacy.accounting import PlannedRelease, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
-from secure_fedora.client import ClientUpdateError, FlatModel, local_train
-from secure_fedora.config import ConfigError, ExperimentConfig, load_config
-from secure_fedora.private import (
+from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.learning.client import ClientUpdateError, FlatModel, local_train
+from secure_fedora.runtimes.inprocess import build_clients, build_context
+from secure_fedora.secure.private import (
     DPGradient,
     choose_accountant,
     client_budget,
@@ -63,7 +64,6 @@ from secure_fedora.private import (
     sample_rate_for,
     steps_per_round,
 )
-from secure_fedora.runtime import build_clients, build_context
 
 __all__ = [
     "DEFAULT_CANARIES",
@@ -202,7 +202,7 @@ def quiet_coordinates(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, coun
 
 
 class DiracCanaryOracle:
-    """A :class:`~secure_fedora.client.GradientOracle` that adds Dirac gradient canaries.
+    """A :class:`~secure_fedora.learning.client.GradientOracle` that adds Dirac gradient canaries.
 
     ``inner`` is the runtime's oracle. With a :class:`DPGradient` the member canaries are
     records ``n .. n + k - 1`` of the Poisson-sampled dataset (sampled by ``inner.batches``

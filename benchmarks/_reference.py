@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from secure_fedora.config import ExperimentConfig, load_config
+from secure_fedora.core.config import ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from privacy.accounting import PrivacyBudget, plan_epsilon  # noqa: E402
-from secure_fedora.config import ConfigError, load_config  # noqa: E402
-from secure_fedora.private import choose_accountant, client_budget, privacy_plan  # noqa: E402
+from secure_fedora.core.config import ConfigError, load_config  # noqa: E402
+from secure_fedora.secure.private import choose_accountant, client_budget, privacy_plan  # noqa: E402
 
 SMALL_BUDGETS = (0.3, 0.1, 0.05, 0.02)
 

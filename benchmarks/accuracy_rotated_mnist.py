@@ -13,7 +13,7 @@ import time
 import torch
 from _reference import fresh_directory, reference_config
 
-from secure_fedora.runtime import Simulation
+from secure_fedora.runtimes.inprocess import Simulation
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from secure_fedora.config import load_config
-from secure_fedora.runtime import Simulation
+from secure_fedora.core.config import load_config
+from secure_fedora.runtimes.inprocess import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from secure_fedora.models import make_model
-from secure_fedora.runtime import atomic_write_bytes, load_checkpoint, save_checkpoint
+from secure_fedora.learning.models import make_model
+from secure_fedora.runtimes.inprocess import atomic_write_bytes, load_checkpoint, save_checkpoint
 
 
 def _seconds(fn: Callable[[], object]) -> float:

@@ -43,15 +43,15 @@ from pathlib import Path
 
 import torch
 
-from secure_fedora.config import load_config, parse_config
-from secure_fedora.deploy.local import (
+from secure_fedora.core.config import load_config, parse_config
+from secure_fedora.runtimes.flower.local import (
     LocalFederation,
     RunTimeouts,
     default_max_in_flight,
     with_num_clients,
 )
-from secure_fedora.deploy.processes import descendants
-from secure_fedora.runtime import Simulation
+from secure_fedora.runtimes.flower.processes import descendants
+from secure_fedora.runtimes.inprocess import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 

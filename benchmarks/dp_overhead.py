@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from secure_fedora.config import load_config
-from secure_fedora.private import FederationPrivacy, steps_per_round
-from secure_fedora.runtime import build_clients, build_context, make_method
+from secure_fedora.core.config import load_config
+from secure_fedora.runtimes.inprocess import build_clients, build_context, make_method
+from secure_fedora.secure.private import FederationPrivacy, steps_per_round
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Signed envelopes: a FEDORA round with every message enveloped vs the same round without.
 
 Two FEDORA methods on the same clients (reference setting by default), one with a
-:class:`~secure_fedora.transport.SecureExchange` attached exactly as the runtime does for
+:class:`~secure_fedora.secure.transport.SecureExchange` attached exactly as the runtime does for
 ``[security] envelopes = true``, one without. Rounds alternate between the two so background
 load hits both alike. Also printed: the envelope work alone per round (36 uploads + 36
 downloads: sign, verify, hash, nonce journal) and the fsyncs it issues.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from secure_fedora.config import load_config
-from secure_fedora.runtime import build_clients, build_context, make_method
-from secure_fedora.transport import SecureExchange, SecureTransport
+from secure_fedora.core.config import load_config
+from secure_fedora.runtimes.inprocess import build_clients, build_context, make_method
+from secure_fedora.secure.transport import SecureExchange, SecureTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,16 +2,16 @@
 
 1. Relatedness: overlaps U_i^T U_j of N random unit summaries (d = 794, q = 1) at
    N = 36 and 100, plaintext (one einsum) vs the encrypted protocol of
-   :mod:`secure_fedora.secure_relatedness` (client encryption + server computation on the
+   :mod:`secure_fedora.secure.relatedness` (client encryption + server computation on the
    public context + key-holder decryption, every message serialized).
 2. Propagation, one round at the reference setting: N = 36 clients, P = 118,282
    parameters, a random row-stochastic propagation matrix; plaintext ``W @ Theta`` vs
    clients encrypting their rows, the server forming every sum_j W_ij Enc(theta_j), and
    every client decrypting its own phi_i -- once with the primitives of
    :mod:`privacy.ckks` (one real value per slot) and once with
-   :class:`secure_fedora.encrypted_propagation.EncryptedPropagator` (two values per complex
+   :class:`secure_fedora.secure.encrypted_propagation.EncryptedPropagator` (two values per complex
    slot; what the runtime uses).
-3. Signed envelopes (:mod:`secure_fedora.transport`), one round at the reference setting:
+3. Signed envelopes (:mod:`secure_fedora.secure.transport`), one round at the reference setting:
    every client signs its theta row, the server verifies all of them, signs every phi row,
    and every client verifies its own (nonce state fsync-ed to a temporary directory).
 
@@ -42,9 +42,9 @@ from privacy.ckks import (
     public_context_bytes,
     weighted_sums,
 )
-from secure_fedora.encrypted_propagation import EncryptedPropagator
-from secure_fedora.secure_relatedness import encrypted_overlaps, run_key_ceremony
-from secure_fedora.transport import SecureExchange, SecureTransport
+from secure_fedora.secure.encrypted_propagation import EncryptedPropagator
+from secure_fedora.secure.relatedness import encrypted_overlaps, run_key_ceremony
+from secure_fedora.secure.transport import SecureExchange, SecureTransport
 
 D = 794
 REPEATS_PLAIN = 20

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from secure_fedora.config import load_config
-from secure_fedora.private import FederationPrivacy
-from secure_fedora.runtime import Simulation, build_clients
+from secure_fedora.core.config import load_config
+from secure_fedora.runtimes.inprocess import Simulation, build_clients
+from secure_fedora.secure.private import FederationPrivacy
 
 ROOT = Path(__file__).resolve().parents[1]
 

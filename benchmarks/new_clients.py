@@ -21,7 +21,11 @@ import time
 import torch
 from _reference import fresh_directory, reference_config
 
-from secure_fedora.newclients import NEWCOMER_METHODS, format_table, run_new_client_experiment
+from secure_fedora.experiments.newclients import (
+    NEWCOMER_METHODS,
+    format_table,
+    run_new_client_experiment,
+)
 
 
 def main() -> None:

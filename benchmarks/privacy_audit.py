@@ -40,9 +40,9 @@ from audits.report import write_report  # noqa: E402
 from audits.summary_leakage import run_summary_leakage_audit  # noqa: E402
 from audits.verify import verify_run  # noqa: E402
 from privacy.accounting import PrivacyBudget  # noqa: E402
-from secure_fedora.config import load_config, parse_config  # noqa: E402
-from secure_fedora.private import privacy_plan  # noqa: E402
-from secure_fedora.runtime import Simulation, build_clients  # noqa: E402
+from secure_fedora.core.config import load_config, parse_config  # noqa: E402
+from secure_fedora.runtimes.inprocess import Simulation, build_clients  # noqa: E402
+from secure_fedora.secure.private import privacy_plan  # noqa: E402
 
 
 def part_a(quick: bool) -> dict:

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from secure_fedora.config import parse_config
-from secure_fedora.propagation import build_operator
-from secure_fedora.runtime import build_clients, build_context, make_method
+from secure_fedora.algorithms.propagation import build_operator
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.inprocess import build_clients, build_context, make_method
 
 
 def cpu_seconds(fn) -> float:

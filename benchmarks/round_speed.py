@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from secure_fedora.config import load_config
-from secure_fedora.models import make_model
-from secure_fedora.runtime import build_clients, build_context, make_method
+from secure_fedora.core.config import load_config
+from secure_fedora.learning.models import make_model
+from secure_fedora.runtimes.inprocess import build_clients, build_context, make_method
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,10 +43,10 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
     """Run one method at N clients; return its per-round wall and CPU seconds (subprocess)."""
     import torch
 
-    import secure_fedora.runtime as runtime
-    from secure_fedora.config import parse_config
-    from secure_fedora.methods import Fedora
-    from secure_fedora.runtime import Simulation, make_method
+    import secure_fedora.runtimes.inprocess as runtime
+    from secure_fedora.algorithms.methods import Fedora
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, make_method
 
     torch.set_num_threads(threads)
     train, val, test = per_client or data_for(n)

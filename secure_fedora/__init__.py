@@ -12,6 +12,5 @@ def __getattr__(name: str) -> Any:
     # stays light for the CLI and the Flower apps.
     if name in _API:
         from secure_fedora import api
-
         return getattr(api, name)
     raise AttributeError(f"module 'secure_fedora' has no attribute {name!r}")

@@ -3,7 +3,6 @@
 Example (a notebook)::
 
     from secure_fedora import Experiment
-
     exp = Experiment(
         {"methods": ["fedora", "local"], "data": {"partition": "iid", "num_clients": 4,
          "train_per_client": 64, "val_per_client": 32, "test_per_client": 32},
@@ -16,7 +15,7 @@ Example (a notebook)::
     print(results.summary())
     results.selected("fedora")["mean"]
 
-``config`` is an :class:`~secure_fedora.config.ExperimentConfig`, a dict with the TOML's
+``config`` is an :class:`~secure_fedora.core.config.ExperimentConfig`, a dict with the TOML's
 structure, or the path of a TOML file. ``data`` is what a ``[data] source`` function returns
 (a centralized dataset dict, a list of per-client dicts) or such a function of the seed;
 ``model`` is a ``factory(input_shape, num_classes) -> nn.Module``. Both default to the
@@ -34,8 +33,8 @@ from typing import Any
 
 from torch import nn
 
-from secure_fedora.config import ExperimentConfig, load_config, parse_config
-from secure_fedora.partition import ClientData
+from secure_fedora.core.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.data.partition import ClientData
 
 __all__ = ["Experiment", "Results", "run"]
 
@@ -121,14 +120,14 @@ class Experiment:
     def clients(self) -> list[ClientData]:
         """The federation's clients (built and checked once)."""
         if self._clients is None:
-            from secure_fedora.runtime import build_clients
+            from secure_fedora.runtimes.inprocess import build_clients
 
             self._clients = build_clients(self.config, self.data)
         return self._clients
 
     def context_factory(self, cfg: ExperimentConfig, clients: Any) -> Any:
         """``build_context`` with this experiment's model factory."""
-        from secure_fedora.runtime import build_context
+        from secure_fedora.runtimes.inprocess import build_context
 
         return build_context(cfg, clients, model_factory=self.model_factory)
 
@@ -139,9 +138,9 @@ class Experiment:
 
     def simulation(self, progress: Callable[[str, int, int], None] | None = None,
                    keystore: str | Path | None = None) -> Any:
-        """The in-process :class:`~secure_fedora.runtime.Simulation` of this experiment
+        """The in-process :class:`~secure_fedora.runtimes.inprocess.Simulation` of this experiment
         (``keystore``: where the run's private keys live; default outside the run directory)."""
-        from secure_fedora.runtime import Simulation
+        from secure_fedora.runtimes.inprocess import Simulation
 
         return Simulation(self.config, self.run_dir, clients=self.clients, progress=progress,
                           context_factory=functools.partial(Experiment.context_factory, self),

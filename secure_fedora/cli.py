@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_fedora.config import ConfigError, config_from_bytes
-from secure_fedora.errors import add_debug_flag, run_command, split_debug_flag
+from secure_fedora.core.config import ConfigError, config_from_bytes
+from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
 
 __all__ = ["main", "results_table"]
 
@@ -57,8 +57,8 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.api import Experiment
-    from secure_fedora.plots import write_plots
-    from secure_fedora.rundir import default_run_dir, prepare_run_dir
+    from secure_fedora.experiments.plots import write_plots
+    from secure_fedora.runtimes.rundir import default_run_dir, prepare_run_dir
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out, the run directory to continue")
@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from privacy.identity import init_keys
-    from secure_fedora.keystore import run_party_ids
+    from secure_fedora.secure.keystore import run_party_ids
 
     if args.clients < 1:
         console.print(f"[red]error:[/red] --clients must be at least 1, got {args.clients}")
@@ -118,8 +118,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 # Sub-commands whose modules are heavy (torch, matplotlib, flwr): imported only when the
 # command line names them, so ``secure-fedora --help`` starts without torch.
 _SUBSYSTEMS: dict[str, tuple[str, str]] = {
-    "sweep": ("secure_fedora.sweep", "run methods x epsilon x seeds and write a table and plots"),
-    "deploy": ("secure_fedora.deploy.cli", "secure deployment on Flower (TLS, node auth)"),
+    "sweep": ("secure_fedora.experiments.sweep", "run methods x epsilon x seeds and write a table and plots"),
+    "deploy": ("secure_fedora.runtimes.flower.cli", "secure deployment on Flower (TLS, node auth)"),
 }
 
 # Packages layered above secure_fedora (the audits package) add their commands through this

@@ -2,8 +2,8 @@
 
 A new federated method is one module here that registers a factory, for example::
 
-    from secure_fedora.methods import FedAvg
-    from secure_fedora.registry import METHODS
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.registry import METHODS
 
     @METHODS.register("fedavg_nofinetune")
     def build(ctx, cfg):

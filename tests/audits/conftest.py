@@ -28,9 +28,9 @@ from privacy.ledger import LedgerWriter, line_hash
 from privacy.mechanisms import scalar_record, summary_record
 from privacy.noise import ReproducibleNoise
 from privacy.pipeline import BudgetGate, Release
-from secure_fedora.anchor import build_anchor, write_anchor
-from secure_fedora.config import config_hash, parse_config
-from secure_fedora.keystore import OPERATOR_ID, publish_public_keys, run_party_ids
+from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.secure.anchor import build_anchor, write_anchor
+from secure_fedora.secure.keystore import OPERATOR_ID, publish_public_keys, run_party_ids
 
 
 def keystore_of(run: Path) -> Path:
@@ -78,7 +78,7 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                   methods: tuple[str, ...] = ("fedora", "local")) -> Path:
     """Write a complete DP run directory under ``root`` in the runtime's layout; return it.
 
-    Layout as written by :class:`secure_fedora.runtime.Simulation` with privacy enabled:
+    Layout as written by :class:`secure_fedora.runtimes.inprocess.Simulation` with privacy enabled:
     ``ledgers/<method>/<client>.jsonl`` (closed), ``keys/`` (allowlist + public keys; the
     private keys are in ``keystore_of(root)``), ``config.toml``, ``results.json`` with
     ``privacy[<method>]["clients"]`` summaries and ``anchor.json``. FEDORA clients release

@@ -21,9 +21,9 @@ from audits.canary import (
     run_canary_audit,
     split_audit,
 )
-from secure_fedora.config import parse_config
-from secure_fedora.partition import ClientData
-from secure_fedora.runtime import build_clients
+from secure_fedora.core.config import parse_config
+from secure_fedora.data.partition import ClientData
+from secure_fedora.runtimes.inprocess import build_clients
 
 
 def test_clopper_pearson_closed_forms():

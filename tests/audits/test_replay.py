@@ -10,8 +10,8 @@ import tomli_w
 
 from audits.cli import main
 from audits.replay import ReplayAuditError, certifiable_max, run_replay_audit, trials_for_claim
-from secure_fedora.config import parse_config
-from secure_fedora.runtime import Simulation
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.inprocess import Simulation
 
 BASE = {
     "seed": 5,

@@ -17,8 +17,8 @@ from audits.summary_leakage import (
     run_summary_leakage_audit,
     truth_of,
 )
-from secure_fedora.config import parse_config
-from secure_fedora.runtime import build_clients
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.inprocess import build_clients
 
 
 @pytest.fixture(scope="module")

@@ -667,7 +667,7 @@ def test_replaced_or_edited_anchor_is_caught(run_copy, tmp_path):
     assert "differs from the given anchor" in report.errors[0].message
     # A forger re-signs a new anchor with a key of their own: the allowlist refuses it.
     from privacy.identity import Identity
-    from secure_fedora.anchor import build_anchor, write_anchor
+    from secure_fedora.secure.anchor import build_anchor, write_anchor
 
     forger = Identity.generate("operator")
     results = json.loads((run_copy / "results.json").read_text())

@@ -20,9 +20,9 @@ from audits.whitebox import (
     whitebox_setting,
 )
 from privacy.accounting import PlannedRelease, plan_epsilon
-from secure_fedora.config import parse_config
-from secure_fedora.private import DPGradient
-from secure_fedora.runtime import build_clients, build_context
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.inprocess import build_clients, build_context
+from secure_fedora.secure.private import DPGradient
 
 CANARIES = 2000  # evaluation part 1600: certifiable maximum about 6.6 at delta 1e-5
 

@@ -134,12 +134,12 @@ def test_help_does_not_import_torch_or_the_subsystems():
 
     code = ("import sys\nfrom secure_fedora.cli import main\ntry:\n    main(['--help'])\n"
             "except SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'matplotlib', 'flwr', 'secure_fedora.sweep', "
-            "'audits.cli', 'secure_fedora.deploy.cli') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'matplotlib', 'flwr', 'secure_fedora.experiments.sweep', "
+            "'audits.cli', 'secure_fedora.runtimes.flower.cli') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "sweep" in out.stdout and "audit" in out.stdout and "deploy" in out.stdout  # listed
     assert out.stdout.strip().splitlines()[-1] == "[]"
     code_sweep = code.replace("['--help']", "['sweep', '--help']")
     out = subprocess.run([sys.executable, "-c", code_sweep], capture_output=True, text=True, timeout=60)
-    assert "--seeds" in out.stdout and "secure_fedora.sweep" in out.stdout.splitlines()[-1]
+    assert "--seeds" in out.stdout and "secure_fedora.experiments.sweep" in out.stdout.splitlines()[-1]

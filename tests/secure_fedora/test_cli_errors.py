@@ -20,15 +20,15 @@ from privacy.envelope import BadSignatureError
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError
 from privacy.ledger import LedgerError
+from secure_fedora.algorithms.fedora import RelatednessError
 from secure_fedora.cli import main
-from secure_fedora.config import ConfigError
-from secure_fedora.data import DataError
-from secure_fedora.deploy.protocol import DeployError
-from secure_fedora.errors import is_user_error, one_line, run_command
-from secure_fedora.fedora import RelatednessError
-from secure_fedora.runtime import CheckpointError
-from secure_fedora.sweep import SweepError
-from secure_fedora.transport import TransportError
+from secure_fedora.core.config import ConfigError
+from secure_fedora.core.errors import is_user_error, one_line, run_command
+from secure_fedora.data.sources import DataError
+from secure_fedora.experiments.sweep import SweepError
+from secure_fedora.runtimes.flower.protocol import DeployError
+from secure_fedora.runtimes.inprocess import CheckpointError
+from secure_fedora.secure.transport import TransportError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -57,7 +57,7 @@ def test_every_exception_class_of_the_toolkit_is_a_toolkit_error():
     toolkit), but it should say so explicitly: every one derives from ToolkitError."""
     # Not an error: the in-process stand-in for ``kill -9`` at a crash point (tests only). It
     # derives from BaseException alone so that no ``except Exception`` handler can catch it.
-    not_errors = {"secure_fedora.crashpoints.InjectedCrash"}
+    not_errors = {"secure_fedora.core.crashpoints.InjectedCrash"}
     missing = []
     for package in ("privacy", "secure_fedora", "audits"):
         for info in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):

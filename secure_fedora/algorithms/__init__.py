@@ -1,0 +1,1 @@
+"""Federated methods and FEDORA's math as plain functions over tensors (imports core, data, learning)."""

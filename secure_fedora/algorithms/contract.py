@@ -1,0 +1,150 @@
+"""The contract a federated method implements once, and both runtimes run unchanged.
+
+A method is split at the message boundary into a *server half* and a *client half*. A
+runtime (in-process simulation or Flower) only moves :data:`Payload` s between them and
+persists their state; it never branches on the method. One round is three calls::
+
+    messages = algorithm.configure(rnd, participants)             # server
+    replies  = algorithm.client_update_many(rnd, messages)        # each client i, alone
+    stats    = algorithm.aggregate(rnd, replies)                  # server
+
+with two optional exchanges around the rounds (``setup`` before round 1, e.g. FEDORA's
+relatedness summaries; ``finalize`` after the last round, e.g. FedAvg's fine-tuning) and an
+evaluation exchange whenever the runtime evaluates.
+
+Rules every implementation keeps (the Flower runtime depends on them, and the in-memory
+Flower tests check them by running each client half in a process that holds only that
+client's data):
+
+* The server half never reads client data (``ctx.clients``); it learns only what replies
+  carry (e.g. a client's number of training examples).
+* The client half of client ``i`` reads only ``ctx.clients[i]``, its own generator and noise
+  source, the message it was sent and its own state (:meth:`client_state_dict`).
+* Replies the server did not accept (rejected envelope, refused release, no reply) are
+  simply absent from ``replies``; ``aggregate`` must treat absence as "did not take part".
+* Every data-dependent value a client sends is covered by a :class:`ReleaseSpec` from
+  :meth:`FederatedAlgorithm.releases`; the runtime accounts and records it (gate + ledger)
+  before the client half runs, and checks the executed DP-SGD steps before the reply leaves.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+Payload = dict[str, Tensor]
+"""A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
+
+__all__ = ["FederatedAlgorithm", "Payload", "ReleaseSpec", "SETUP", "ROUND"]
+
+SETUP = "setup"
+ROUND = "round"
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """One kind of data-dependent release a client makes, and how it is accounted.
+
+    ``kind`` is the ledger's release kind (``"model"``, ``"summary"``, ...); ``mechanisms``
+    names the accounted mechanisms of one such release, in ledger order (registry names in
+    :mod:`privacy.mechanisms`, e.g. ``("dpsgd",)`` or ``("dpsgd", "gaussian_lambda")``);
+    ``when`` is :data:`SETUP` (once, before round 1) or :data:`ROUND` (each round a client
+    takes part in).
+    """
+
+    kind: str
+    mechanisms: tuple[str, ...]
+    when: str = ROUND
+
+    def __post_init__(self) -> None:
+        if self.when not in (SETUP, ROUND):
+            raise ValueError(f"release 'when' must be {SETUP!r} or {ROUND!r}, got {self.when!r}")
+        if not self.kind or not self.mechanisms:
+            raise ValueError("a release spec needs a kind and at least one mechanism")
+
+
+class FederatedAlgorithm(ABC):
+    """Base class of every federated method (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = "algorithm"
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:
+        """The releases a client of this method makes under ``cfg`` (what the privacy plan
+        accounts). Default: one DP-SGD model release per round taken part in."""
+        return (ReleaseSpec("model", ("dpsgd",), ROUND),)
+
+    # ------------------------------------------------------------------ setup exchange
+    def setup_messages(self) -> dict[int, Payload]:
+        """Server: what each client receives before round 1 (``{}``: no setup exchange)."""
+        return {}
+
+    def client_setup(self, i: int, message: Payload) -> Payload:
+        """Client ``i``: its setup reply (called only for clients in ``setup_messages``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no setup exchange")
+
+    def server_setup(self, replies: Mapping[int, Payload]) -> None:
+        """Server: build what the rounds need from the accepted setup replies."""
+
+    # ------------------------------------------------------------------ rounds
+    @abstractmethod
+    def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
+        """Server: the message each participant receives in round ``rnd``."""
+
+    @abstractmethod
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Client ``i``: train on its own data from ``message`` and its state; the reply."""
+
+    def client_update_many(self, rnd: int, messages: Mapping[int, Payload]) -> dict[int, Payload]:
+        """All of a round's client halves in one process (the in-process runtime). Default:
+        :meth:`client_update` per client in the given order; a method may override it with a
+        batched implementation that returns the same replies within float tolerance."""
+        return {i: self.client_update(i, rnd, m) for i, m in messages.items()}
+
+    @abstractmethod
+    def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """Server: combine the accepted replies; returns the round's statistics."""
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """Server: what each evaluated client needs from it to evaluate (``{}``: nothing)."""
+        return {}
+
+    @abstractmethod
+    def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
+        """Client ``i``: the parameter row it is evaluated on (its personalized model)."""
+
+    # ------------------------------------------------------------------ finalize exchange
+    def finalize_messages(self) -> dict[int, Payload]:
+        """Server: what each client receives after the last round (``{}``: no exchange)."""
+        return {}
+
+    def client_finalize(self, i: int, message: Payload) -> Payload:
+        """Client ``i``: its final reply (e.g. metrics after local fine-tuning)."""
+        raise NotImplementedError(f"{type(self).__name__} has no finalize exchange")
+
+    def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
+        """Server: method-specific results for ``results.json`` from the final replies."""
+        return {}
+
+    # ------------------------------------------------------------------ state
+    @abstractmethod
+    def server_state_dict(self) -> dict[str, Any]:
+        """Server state a resume cannot recompute."""
+
+    @abstractmethod
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`server_state_dict` (validated: shapes, finiteness)."""
+
+    @abstractmethod
+    def client_state_dict(self, i: int) -> Payload:
+        """Client ``i``'s own state between messages (what its process persists)."""
+
+    @abstractmethod
+    def load_client_state_dict(self, i: int, state: Payload) -> None:
+        """Restore :meth:`client_state_dict` for client ``i`` (validated)."""

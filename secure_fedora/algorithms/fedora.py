@@ -1,0 +1,346 @@
+"""FEDORA's mathematics as pure functions over tensors (docs/design.md section 2).
+
+Every function here is deterministic, has no side effects beyond the documented in-place
+updates, and is shared by the in-process simulation and the Flower runtime. Relatedness
+computations run in float64: the similarities are exponentials of sums of cosines, and the
+propagation matrix is an inverse, so float32 rounding would show in the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from privacy.errors import ToolkitError
+
+__all__ = [
+    "RelatednessError",
+    "attach_from_overlaps",
+    "attach_new_client",
+    "attach_row",
+    "client_summary",
+    "embed_subproblem",
+    "propagate",
+    "propagate_power",
+    "propagation_matrix",
+    "propagation_matrix_power",
+    "proximal_pull_",
+    "regularization_weight",
+    "similarity_matrix",
+    "subspace_overlaps",
+    "summary_rows",
+    "topk_graph",
+    "topk_graph_from_summaries",
+]
+
+
+class RelatednessError(ToolkitError, ValueError):
+    """Raised for summaries, similarity matrices or graphs that violate FEDORA's contracts."""
+
+
+def summary_rows(x: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """Stack a client's training rows as ``z = [flatten(x), onehot(y)]`` (n x d, float64).
+
+    For multi-label targets ``y`` of shape ``(n, num_classes)`` (multi-hot), ``y`` itself
+    takes the place of ``onehot(y)``. This is the data matrix ``Z_i`` whose dominant left
+    singular subspace of ``Z_i^T`` is the client's summary; the noised mode clips and noises
+    ``Z_i^T Z_i / n`` built from the same rows.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise RelatednessError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise RelatednessError("a client summary needs at least one training row")
+    flat = x.reshape(x.shape[0], -1).to(torch.float64)
+    if y.dim() == 2:
+        if y.shape[1] != num_classes:
+            raise RelatednessError(f"multi-label targets have {y.shape[1]} columns, expected {num_classes}")
+        return torch.cat([flat, y.to(torch.float64)], dim=1)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise RelatednessError(f"labels must lie in [0, {num_classes}); got {int(y.min())}..{int(y.max())}")
+    onehot = torch.nn.functional.one_hot(y.long(), num_classes).to(torch.float64)
+    return torch.cat([flat, onehot], dim=1)
+
+
+def client_summary(x: Tensor, y: Tensor, num_classes: int, q: int = 1) -> Tensor:
+    """Top-``q`` left singular vectors of ``Z^T`` (d x q, orthonormal columns, float64).
+
+    No centering (as in the reference). Column signs are fixed so that each column's entry of
+    largest magnitude is positive; similarities do not depend on signs, but a deterministic sign
+    makes summaries comparable across runs and runtimes.
+    """
+    z = summary_rows(x, y, num_classes)
+    if not 1 <= q <= min(z.shape):
+        raise RelatednessError(f"q must lie in [1, {min(z.shape)}]; got {q}")
+    # Z^T = U S V^T; the left singular vectors of Z^T are the eigenvectors of Z^T Z.
+    u, _, _ = torch.linalg.svd(z.T, full_matrices=False)
+    return _fix_signs(u[:, :q].contiguous())
+
+
+def _fix_signs(u: Tensor) -> Tensor:
+    idx = u.abs().argmax(dim=0)
+    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    signs[signs == 0] = 1.0
+    return u * signs
+
+
+def subspace_overlaps(summaries: Tensor) -> Tensor:
+    """All blocks ``U_i^T U_j`` (N x N x q x q) for summaries stacked as (N x d x q)."""
+    if summaries.dim() != 3:
+        raise RelatednessError(f"summaries must be (N, d, q); got shape {tuple(summaries.shape)}")
+    if not torch.isfinite(summaries).all():
+        raise RelatednessError("summaries contain NaN or infinite values")
+    u = summaries.to(torch.float64)
+    return torch.einsum("idq,jdr->ijqr", u, u)
+
+
+def similarity_matrix(overlaps: Tensor, tau: float = 10.0) -> Tensor:
+    """``s_ij = exp(tau * sum_k cos_k)`` from the principal angles, with ``s_ii = 0`` (N x N).
+
+    The cosines of the principal angles between span(U_i) and span(U_j) are the singular
+    values of ``U_i^T U_j``; they are clamped to [0, 1] against rounding (and against noise
+    in the noised and encrypted modes, whose blocks are only approximately orthonormal).
+    """
+    if overlaps.dim() != 4 or overlaps.shape[0] != overlaps.shape[1]:
+        raise RelatednessError(f"overlaps must be (N, N, q, q); got shape {tuple(overlaps.shape)}")
+    if not torch.isfinite(overlaps).all():
+        raise RelatednessError("overlaps contain NaN or infinite values")
+    cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
+    s = torch.exp(tau * cosines.sum(dim=-1))
+    s.fill_diagonal_(0.0)
+    return s
+
+
+def topk_graph(similarity: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest off-diagonal entries of each row, zero the rest, row-normalize.
+
+    The result is row-stochastic with a zero diagonal. With ``k >= N - 1`` every other
+    client is kept. Ties are broken by ``torch.topk`` (lowest index first on CPU).
+    """
+    n = similarity.shape[0]
+    if similarity.shape != (n, n):
+        raise RelatednessError(f"similarity must be square; got shape {tuple(similarity.shape)}")
+    if n < 2:
+        raise RelatednessError("a relatedness graph needs at least two clients")
+    if k < 1:
+        raise RelatednessError(f"k must be at least 1; got {k}")
+    if (similarity < 0).any() or not torch.isfinite(similarity).all():
+        raise RelatednessError("similarities must be finite and non-negative")
+    k = min(k, n - 1)
+    masked = similarity.to(torch.float64).clone()
+    masked.fill_diagonal_(-math.inf)
+    values, index = torch.topk(masked, k, dim=1)
+    graph = torch.zeros_like(masked).scatter_(1, index, values)
+    row_sums = graph.sum(dim=1, keepdim=True)
+    if (row_sums <= 0).any():
+        rows = torch.nonzero(row_sums.squeeze(1) <= 0).flatten().tolist()
+        raise RelatednessError(f"rows {rows} have no positive similarity to any other client")
+    return graph / row_sums
+
+
+def propagation_matrix(graph: Tensor, alpha: float = 0.8) -> Tensor:
+    """Dense personalized-PageRank matrix ``P = (1 - alpha) (I - alpha S)^-1`` (rows sum to 1)."""
+    _check_alpha(alpha)
+    n = graph.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    return torch.linalg.solve(eye - alpha * graph.to(torch.float64), (1.0 - alpha) * eye)
+
+
+def propagation_matrix_power(
+    graph: Tensor, alpha: float = 0.8, tol: float = 1e-12, max_iter: int = 10_000
+) -> Tensor:
+    """The same ``P`` by power iteration ``W <- (1 - alpha) I + alpha S W`` on a sparse ``S``.
+
+    Converges geometrically with rate ``alpha`` because ``S`` is row-stochastic; stops when the
+    largest entry change is below ``tol``. Raises if ``max_iter`` is reached first.
+    """
+    _check_alpha(alpha)
+    n = graph.shape[0]
+    w0 = torch.eye(n, dtype=torch.float64)
+    return _power_iterate(graph, w0, alpha, tol, max_iter)
+
+
+def propagate(prop: Tensor, theta: Tensor) -> Tensor:
+    """``phi_i = sum_j P_ij theta_j`` for all clients at once: one (N x N) @ (N x P) product."""
+    if prop.shape[0] != prop.shape[1] or prop.shape[1] != theta.shape[0]:
+        raise RelatednessError(
+            f"propagation matrix {tuple(prop.shape)} does not match parameters {tuple(theta.shape)}"
+        )
+    return prop.to(theta.dtype) @ theta
+
+
+def propagate_power(
+    graph: Tensor, theta: Tensor, alpha: float = 0.8, tol: float = 1e-7, max_iter: int = 10_000
+) -> Tensor:
+    """``phi = P theta`` without forming ``P``: iterate ``Phi <- (1 - alpha) Theta + alpha S Phi``.
+
+    The reference iteration over the whole N x P parameter matrix (each iteration one sparse
+    product plus difference passes): the in-process runtime instead builds the operator once
+    per graph (:mod:`secure_fedora.algorithms.propagation`) and applies it once per round. ``tol`` bounds
+    the largest absolute change of a parameter between the last two iterations.
+    """
+    _check_alpha(alpha)
+    return _power_iterate(graph, theta, alpha, tol, max_iter)
+
+
+def _power_iterate(graph: Tensor, w0: Tensor, alpha: float, tol: float, max_iter: int) -> Tensor:
+    dtype = w0.dtype
+    sparse = graph.to(dtype).to_sparse() if not graph.is_sparse else graph.to(dtype).coalesce()
+    base = (1.0 - alpha) * w0
+    w = w0.clone()
+    for _ in range(max_iter):
+        nxt = base + alpha * torch.sparse.mm(sparse, w)
+        delta = (nxt - w).abs().max().item()
+        w = nxt
+        if delta < tol:
+            return w
+    raise RelatednessError(f"power iteration did not converge in {max_iter} iterations")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise RelatednessError(f"alpha must lie in [0, 1); got {alpha}")
+
+
+def regularization_weight(loss_local: float, loss_received: float) -> float:
+    """Selective regularization: ``exp((L_loc - L_rec) / 2)`` if ``L_loc > L_rec``, else 0.
+
+    The client pulls toward the received parameters only when they generalize better on its
+    own validation data.
+    """
+    if not (math.isfinite(loss_local) and math.isfinite(loss_received)):
+        raise ValueError(f"validation losses must be finite; got {loss_local}, {loss_received}")
+    if loss_local > loss_received:
+        return math.exp((loss_local - loss_received) / 2.0)
+    return 0.0
+
+
+def proximal_pull_(theta: Tensor, theta_before: Tensor, phi: Tensor, lr: float, lam: float) -> Tensor:
+    """In place: ``theta <- theta - lr * lam * (theta_before - phi)``; returns ``theta``.
+
+    Applied after every optimizer step with ``theta_before`` the parameters before that step.
+    """
+    if lam != 0.0:
+        theta.add_(theta_before - phi, alpha=-lr * lam)
+    return theta
+
+
+def attach_new_client(
+    new_summary: Tensor,
+    summaries: Tensor,
+    prop: Tensor,
+    tau: float = 10.0,
+    k: int = 2,
+    alpha: float = 0.8,
+) -> Tensor:
+    """Propagation weights over the existing clients for a client that joins late.
+
+    The graph is extended by the newcomer's row only (existing rows are unchanged, so nobody
+    retrains). In the extended matrix ``(1 - alpha)(I - alpha S_ext)^-1`` the newcomer's row is
+    ``[alpha * s_new^T P, 1 - alpha]``; the last weight is on its own, still untrained
+    parameters, so the weights over the existing clients are renormalized to sum to one:
+    ``w = s_new^T P`` (already a probability vector because ``s_new`` and ``P`` are
+    row-stochastic). Returns ``w`` (N,), and ``phi_new = w @ theta``.
+    """
+    if new_summary.dim() == 2:
+        new_summary = new_summary.unsqueeze(0)
+    n = summaries.shape[0]
+    if prop.shape != (n, n):
+        raise RelatednessError(f"propagation matrix {tuple(prop.shape)} does not match {n} clients")
+    if new_summary.shape[1:] != summaries.shape[1:]:
+        raise RelatednessError(
+            f"new summary {tuple(new_summary.shape[1:])} does not match {tuple(summaries.shape[1:])}"
+        )
+    overlaps = torch.einsum("dq,jdr->jqr", new_summary[0].to(torch.float64), summaries.to(torch.float64))
+    return attach_from_overlaps(overlaps, prop, tau=tau, k=k)
+
+
+def attach_from_overlaps(overlaps: Tensor, prop: Tensor, tau: float = 10.0, k: int = 2) -> Tensor:
+    """As :func:`attach_new_client`, from the newcomer's blocks ``U_new^T U_j`` (N x q x q).
+
+    Lets the encrypted and noised relatedness modes attach a newcomer from the overlaps they
+    computed, without the server ever holding a summary.
+    """
+    n = prop.shape[0]
+    if overlaps.shape[0] != n:
+        raise RelatednessError(f"{overlaps.shape[0]} overlap blocks for {n} clients")
+    return attach_row(overlaps, tau, k) @ prop.to(torch.float64)
+
+
+def embed_subproblem(sub: Tensor, members: Sequence[int], n: int, isolated: float = 0.0) -> Tensor:
+    """An (n x n) float64 matrix with ``sub`` (m x m) at the rows and columns ``members``.
+
+    ``members`` are distinct client indices in [0, n), increasing, with ``sub[a, b]``
+    belonging to clients ``members[a]``, ``members[b]``. Every other client ``i`` gets
+    ``out[i, i] = isolated`` and zeros elsewhere in its row and column. FEDORA over a subset
+    of the federation: ``isolated = 1`` for a graph or propagation matrix (the client keeps
+    only its own model -- a unit row, and no member weighs it; with a self-loop of weight 1
+    the graph stays row-stochastic and both ``propagation_matrix`` and
+    ``propagate_power`` leave the client alone), ``isolated = 0`` for a similarity matrix.
+    """
+    idx = [int(i) for i in members]
+    m = len(idx)
+    if sub.shape != (m, m):
+        raise RelatednessError(f"sub-matrix has shape {tuple(sub.shape)} for {m} members")
+    if any(b <= a for a, b in zip(idx, idx[1:], strict=False)) or (idx and not 0 <= idx[0] <= idx[-1] < n):
+        raise RelatednessError(f"members must be increasing client indices in [0, {n}); got {idx[:10]}")
+    out = torch.zeros(n, n, dtype=torch.float64)
+    rest = sorted(set(range(n)) - set(idx))
+    out[rest, rest] = float(isolated)
+    if m:
+        index = torch.as_tensor(idx)
+        out[index.unsqueeze(1), index.unsqueeze(0)] = sub.to(torch.float64)
+    return out
+
+
+def attach_row(overlaps: Tensor, tau: float = 10.0, k: int = 2) -> Tensor:
+    """A late joiner's graph row over the ``N`` existing clients (N,), float64: its top-``k``
+    similarities from the blocks ``U_new^T U_j`` (N x q x q), normalized to sum to one."""
+    n = overlaps.shape[0]
+    if n < 1:
+        raise RelatednessError("a newcomer needs at least one existing client to attach to")
+    cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
+    s = torch.exp(tau * cosines.sum(dim=-1))
+    values, index = torch.topk(s, min(k, n))
+    row = torch.zeros(n, dtype=torch.float64).scatter_(0, index, values)
+    return row / row.sum()
+
+
+def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, block: int = 256) -> Tensor:
+    """The top-``k`` graph of plain summaries (N x d x q) as a sparse COO float64 (N x N)
+    tensor, computed ``block`` rows at a time: memory O(block * N + N * k), never N x N.
+
+    Row ``i`` equals ``topk_graph(similarity_matrix(subspace_overlaps(summaries), tau), k)[i]``
+    up to float rounding of the overlap products (the blocks are products of other shapes).
+    For ``q = 1`` the cosine is ``|u_i . u_j|``, the singular value of the 1 x 1 block.
+    """
+    if summaries.dim() != 3:
+        raise RelatednessError(f"summaries must be (N, d, q); got shape {tuple(summaries.shape)}")
+    if not torch.isfinite(summaries).all():
+        raise RelatednessError("summaries contain NaN or infinite values")
+    n, _, q = summaries.shape
+    if n < 2:
+        raise RelatednessError("a relatedness graph needs at least two clients")
+    if k < 1:
+        raise RelatednessError(f"k must be at least 1; got {k}")
+    k = min(k, n - 1)
+    u = summaries.to(torch.float64)
+    rows, cols, vals = [], [], []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        if q == 1:
+            cosines = (u[start:stop, :, 0] @ u[:, :, 0].T).abs().clamp(0.0, 1.0)
+        else:
+            blocks = torch.einsum("idq,jdr->ijqr", u[start:stop], u)
+            cosines = torch.linalg.svdvals(blocks).clamp(0.0, 1.0).sum(dim=-1)
+        s = torch.exp(tau * cosines)
+        own = torch.arange(start, stop)
+        s[own - start, own] = -math.inf
+        values, index = torch.topk(s, k, dim=1)
+        rows.append(own.repeat_interleave(k))
+        cols.append(index.reshape(-1))
+        vals.append((values / values.sum(dim=1, keepdim=True)).reshape(-1))
+    indices = torch.stack([torch.cat(rows), torch.cat(cols)])
+    return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=True).coalesce()

@@ -1,0 +1,584 @@
+"""Federated methods over one shared state layout: FEDORA and the baselines.
+
+A method decides what each participant starts from, which regularization it trains with and
+how the server combines what it receives. All client parameters are rows of one (N x P)
+matrix, so aggregation and propagation are single matrix products.
+
+Message boundaries: every model row a client uploads goes through
+:meth:`FederatedMethod.upload_rows` and every tensor it receives through
+:meth:`FederatedMethod.download_rows`. Without an ``exchange`` (the default) these hooks
+move nothing and change nothing; with one (the runtime attaches a
+:class:`secure_fedora.secure.transport.SecureExchange` under ``[security] envelopes = true``) each
+message is a signed, verified envelope, a rejected upload leaves the server's last accepted
+row in place and the client out of the round's aggregation, and a rejected download leaves
+the client with its last accepted copy (or, for a kind the exchange does not track, out of
+the round). :meth:`FederatedMethod.message_state` names what the exchange must track.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.propagation import (
+    PropagationOperator,
+    build_operator,
+    embed_operator,
+    resolve_propagation,
+)
+from secure_fedora.core.crashpoints import crash_point
+from secure_fedora.core.registry import METHODS
+from secure_fedora.data.partition import ClientData
+from secure_fedora.learning.client import (
+    FlatModel,
+    GradientOracle,
+    TrainConfig,
+    Workspace,
+    evaluate,
+    local_train,
+)
+from secure_fedora.secure.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
+
+MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
+"""(upload matrices by message kind, tracked download matrices by kind), each (N, ...)."""
+
+__all__ = [
+    "FedAvg",
+    "Fedora",
+    "FederatedMethod",
+    "Local",
+    "MethodContext",
+    "Relatedness",
+    "plain_overlaps",
+]
+
+
+@dataclass
+class MethodContext:
+    """What every method needs: the clients' data, the model layout and the local trainer."""
+
+    clients: Sequence[ClientData]
+    flat: FlatModel
+    train: TrainConfig
+    oracle: GradientOracle
+    workspace: Workspace
+    generators: list[torch.Generator]
+    init: Tensor
+    num_classes: int = 10
+    privacy: Any = None  # secure_fedora.secure.private.FederationPrivacy when DP is on
+    transport: Any = None  # secure_fedora.secure.transport.SecureTransport with [security] envelopes
+    # One privacy.noise.NoiseSource per client when DP is on: every mechanism's randomness
+    # (DP-SGD noise and sampling, summary and lambda noise); ``generators`` is only the
+    # non-private training order.
+    noise: list[Any] = field(default_factory=list)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def select(self, i: int) -> None:
+        """Point a DP oracle at client ``i``'s noise multiplier and noise source."""
+        if self.privacy is not None:
+            self.oracle.select(self.privacy.clients[i].noise_multiplier, self.noise[i])
+            self.privacy.select_client(i, self.oracle)
+
+    def train_client(self, i: int, theta: Tensor, phi: Tensor | None = None, lam: float = 0.0) -> int:
+        """Run client ``i``'s local training on ``theta`` in place; returns the step count."""
+        c = self.clients[i]
+        self.select(i)
+        steps = local_train(
+            self.flat, theta, c.train_x, c.train_y, self.train, self.oracle,
+            self.generators[i], self.workspace, phi=phi, lam=lam,
+        )
+        crash_point("train")
+        return steps
+
+
+@dataclass
+class Relatedness:
+    """The relatedness graph and propagation operator FEDORA uses (and reports).
+
+    ``overlaps`` (N x N x q x q) and ``similarity`` (N x N) are ``None`` when the graph was
+    built blockwise from plain summaries (sparse propagation at large N never holds N x N
+    matrices); ``graph`` is then a sparse COO tensor.
+    """
+
+    overlaps: Tensor | None
+    similarity: Tensor | None
+    graph: Tensor
+    operator: PropagationOperator
+    mode: str = "plain"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def propagation(self) -> Tensor | None:
+        """``P`` as a dense (N x N) float64 matrix: exact for a dense operator, ``P~`` for a
+        sparse one up to ``DENSE_VIEW_MAX_CLIENTS`` clients, ``None`` above (too large)."""
+        if self.operator.kind == "dense" or self.operator.num_clients <= DENSE_VIEW_MAX_CLIENTS:
+            return self.operator.to_dense()
+        return None
+
+    def neighbours(self) -> list[list[int]]:
+        """Each client's graph neighbours (column indices of its non-zero graph entries)."""
+        if self.graph.layout == torch.strided:
+            return [torch.nonzero(row).flatten().tolist() for row in self.graph]
+        g = self.graph.coalesce()
+        rows, cols = g.indices()
+        keep = g.values() != 0
+        out: list[list[int]] = [[] for _ in range(g.shape[0])]
+        for r, c in zip(rows[keep].tolist(), cols[keep].tolist(), strict=True):
+            out[r].append(c)
+        return out
+
+
+DENSE_VIEW_MAX_CLIENTS = 4096
+
+
+def plain_overlaps(clients: Sequence[ClientData], num_classes: int, q: int) -> tuple[Tensor, Tensor]:
+    """Summaries (N x d x q) and their overlap blocks, computed in the clear (no privacy)."""
+    summaries = torch.stack(
+        [fedora.client_summary(c.train_x, c.train_y, num_classes, q) for c in clients]
+    )
+    return summaries, fedora.subspace_overlaps(summaries)
+
+
+class FederatedMethod:
+    """Base class: a method owns its parameter matrices and reports per-client eval rows."""
+
+    name = "method"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+        self.theta = ctx.init.unsqueeze(0).repeat(ctx.num_clients, 1)
+        # The signed-message layer (a secure_fedora.secure.transport.SecureExchange), set by the
+        # runtime with [security] envelopes = true; None: messages are not simulated.
+        self.exchange: Any = None
+
+    def setup(self) -> None:
+        """Work done once before the first round (e.g. relatedness)."""
+
+    def message_state(self) -> MessageState | None:
+        """What a message exchange must track for this method, read when it is attached
+        (after setup or a checkpoint restore): the matrices whose rows clients upload, by
+        kind, and the per-client copies of what they download, by kind (the row a client
+        falls back to after rejecting a download). ``None``: the method sends nothing."""
+        return None
+
+    def upload_rows(self, rnd: int, matrix: Tensor, participants: Sequence[int], *,
+                    kind: str = KIND_THETA, check: ValueCheck | None = None) -> list[int]:
+        """Participants upload their rows of ``matrix``; returns those the server accepted,
+        in the given order. Without an exchange: all of them, nothing changes. With one, a
+        rejected row is put back (in place) to the server's last accepted value."""
+        if self.exchange is None:
+            return list(participants)
+        return self.exchange.upload_rows(rnd, matrix, participants, kind=kind, check=check)
+
+    def download_rows(self, rnd: int, rows: Mapping[int, Tensor], *, kind: str) -> dict[int, Tensor]:
+        """The server sends ``rows[i]`` to client ``i``; returns what each client holds
+        afterwards. Without an exchange: ``rows`` itself (the same tensors, no copy). With
+        one: the verified tensor, or after a rejection the client's last accepted copy
+        (tracked kinds) -- or nothing for that client (untracked kinds)."""
+        if self.exchange is None:
+            return dict(rows)
+        held, _ = self.exchange.download_rows(rnd, rows, kind=kind)
+        return held
+
+    def security_results(self) -> dict[str, Any]:
+        """What the signed-message layer did: every rejection (a :class:`Rejection` dict)
+        and the traffic; ``{}`` when the method ran without envelopes."""
+        if self.exchange is None:
+            return {}
+        return {
+            "rejections": [r.to_dict() for r in self.exchange.rejections],
+            "transport": self.exchange.transport.stats.to_dict(),
+        }
+
+    def _with_security(self, extra: dict[str, Any]) -> dict[str, Any]:
+        security = self.security_results()
+        return {**extra, "security": security} if security else extra
+
+    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
+        raise TypeError(f"{type(self).__name__} does not define train_round")
+
+    def eval_row(self, i: int) -> Tensor:
+        """The parameters on which client ``i`` is evaluated (its personalized model)."""
+        return self.theta[i]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta": self.theta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_matrix(self.theta, state["theta"], "theta")
+
+    def extra_results(self) -> dict[str, Any]:
+        """Method-specific results added to results.json at the end of a run (with a
+        ``"security"`` entry from :meth:`security_results` when envelopes were on)."""
+        return self._with_security({})
+
+
+def _load_matrix(target: Tensor, value: Tensor, name: str) -> None:
+    if not isinstance(value, Tensor) or value.shape != target.shape:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"checkpoint field {name!r} has shape {shape}, expected {tuple(target.shape)}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"checkpoint field {name!r} contains non-finite values")
+    target.copy_(value)
+
+
+class Local(FederatedMethod):
+    """Local-only training: every client trains alone; nothing is communicated."""
+
+    name = "local"
+
+    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
+        steps = sum(self.ctx.train_client(i, self.theta[i]) for i in participants)
+        return {"steps": float(steps)}
+
+
+class FedAvg(FederatedMethod):
+    """FedAvg (McMahan et al., AISTATS 2017, "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data"): participants start from the global model, train
+    locally, and the server averages their models weighted by training-set size.
+
+    Evaluated both as the global model and after local fine-tuning of the final global model
+    (``finetune_epochs`` epochs, best epoch chosen on each client's validation data).
+    """
+
+    name = "fedavg"
+
+    def __init__(self, ctx: MethodContext, finetune_epochs: int = 5) -> None:
+        super().__init__(ctx)
+        self.global_params = ctx.init.clone()
+        self.finetune_epochs = finetune_epochs
+        self.weights = torch.tensor([float(c.train_x.shape[0]) for c in ctx.clients])
+
+    def message_state(self) -> MessageState | None:
+        """Uploads: ``theta`` rows; downloads: the global model (each client's copy)."""
+        n = self.ctx.num_clients
+        return {KIND_THETA: self.theta}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
+
+    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
+        steps = 0
+        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
+        for i in participants:
+            self.theta[i].copy_(held[i])
+            steps += self.ctx.train_client(i, self.theta[i])
+        accepted = self.upload_rows(rnd, self.theta, participants)
+        if accepted:
+            idx = torch.as_tensor(accepted)
+            w = self.weights[idx] / self.weights[idx].sum()
+            self.global_params.copy_(w @ self.theta[idx])
+        return {"steps": float(steps)}
+
+    def eval_row(self, i: int) -> Tensor:
+        return self.global_params
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta": self.theta, "global": self.global_params}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        _load_matrix(self.global_params, state["global"], "global")
+
+    def extra_results(self) -> dict[str, Any]:
+        """Fine-tune the final global model on each client; pick the epoch on validation.
+
+        With an exchange the final global model is downloaded by every client first (for the
+        exchange's last round); a client that rejects it fine-tunes its last accepted copy.
+        """
+        if self.finetune_epochs == 0:
+            return self._with_security({})
+        ctx = self.ctx
+        n = ctx.num_clients
+        final_round = self.exchange.last_round if self.exchange is not None else 0
+        held = self.download_rows(final_round, {i: self.global_params for i in range(n)},
+                                  kind=KIND_GLOBAL)
+        one_epoch = TrainConfig(**{**ctx.train.__dict__, "local_epochs": 1})
+        per_client = []
+        row = torch.empty_like(self.global_params)
+        for i, c in enumerate(ctx.clients):
+            row.copy_(held[i])
+            ctx.select(i)
+            best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
+            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
+            for _ in range(self.finetune_epochs):
+                local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
+                            ctx.generators[i], ctx.workspace)
+                val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
+                if val > best_val:
+                    best_val = val
+                    best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
+            per_client.append(best_test)
+        return self._with_security({"finetuned_test_accuracy": per_client})
+
+
+class Fedora(FederatedMethod):
+    """FEDORA (Wu, Bao, Ainsworth, He, KDD 2023, "Personalized Federated Learning with
+    Parameter Propagation"): relatedness from data subspaces, a top-k graph, a personalized
+    PageRank propagation matrix P; each client is pulled toward ``phi_i = sum_j P_ij theta_j``
+    only when ``phi_i`` has lower validation loss than its own model.
+
+    ``relatedness_fn`` computes the overlap blocks (plain, noised or encrypted). With
+    ``private_validation`` the regularization weight comes from the client's accounted,
+    noised loss difference (``ctx.privacy.private_lambda``) instead of the exact rule.
+    """
+
+    name = "fedora"
+
+    def __init__(
+        self,
+        ctx: MethodContext,
+        q: int = 1,
+        tau: float = 10.0,
+        k: int = 2,
+        alpha: float = 0.8,
+        propagation: str = "dense",
+        relatedness_fn: Callable[[], tuple[Tensor, dict[str, Any]]] | None = None,
+        relatedness_mode: str = "plain",
+        private_validation: bool = False,
+        propagation_tolerance: float = 1e-4,
+    ) -> None:
+        super().__init__(ctx)
+        self.q, self.tau, self.k, self.alpha = q, tau, k, alpha
+        self.propagation_mode = resolve_propagation(propagation, ctx.num_clients)
+        self.propagation_tolerance = propagation_tolerance
+        self.phi = self.theta.clone()
+        # True while phi == P @ theta exactly as propagate() computes it: phi is then left out
+        # of checkpoints and recomputed on restore (bit-identical, same operator and inputs).
+        self._phi_is_propagated = False
+        self.relatedness: Relatedness | None = None
+        self._relatedness_fn = relatedness_fn or (
+            lambda: (plain_overlaps(ctx.clients, ctx.num_classes, q)[1], {})
+        )
+        self._relatedness_mode = relatedness_mode
+        self.private_validation = private_validation
+        self.last_lambdas = torch.zeros(ctx.num_clients)
+        # Optional CKKS propagation (an EncryptedPropagator), set by the runtime; the signed
+        # envelopes are the base class's ``exchange``.
+        self.propagator: Any = None
+
+    def setup(self) -> None:
+        if self.private_validation and self.ctx.privacy is None:
+            raise ValueError("private validation needs the client privacy state (ctx.privacy)")
+        if self.relatedness is not None:
+            return
+        if self._blockwise_plain():
+            self.relatedness = self._build_blockwise_relatedness()
+            return
+        overlaps, details = self._relatedness_fn()
+        self.relatedness = self._build_relatedness(overlaps, details)
+
+    def _blockwise_plain(self) -> bool:
+        """Sparse propagation of plain relatedness without envelopes: the graph is built
+        blockwise from the summaries, so no N x N matrix is ever held (the same graph the
+        overlap blocks would give, up to float rounding)."""
+        return (self.propagation_mode == "sparse" and self._relatedness_mode == "plain"
+                and self.ctx.transport is None)
+
+    def _build_blockwise_relatedness(self) -> Relatedness:
+        ctx = self.ctx
+        summaries = torch.stack(
+            [fedora.client_summary(c.train_x.cpu(), c.train_y.cpu(), ctx.num_classes, self.q)
+             for c in ctx.clients])
+        graph = fedora.topk_graph_from_summaries(summaries, self.tau, self.k)
+        return Relatedness(None, None, graph, self._operator(graph), self._relatedness_mode, {})
+
+    def _operator(self, graph: Tensor) -> PropagationOperator:
+        return build_operator(graph, self.alpha, self.propagation_mode, self.propagation_tolerance)
+
+    def _build_relatedness(self, overlaps: Tensor, details: dict[str, Any]) -> Relatedness:
+        """Graph and P from the overlap blocks. ``details["excluded"]`` (clients whose
+        summary was rejected) builds them over the other clients only; each excluded client
+        gets a self-loop in the graph and its unit vector as P row, and no other client puts
+        weight on it, so it trains as Local would."""
+        overlaps = overlaps.cpu()  # relatedness is computed in float64 on the CPU
+        excluded = sorted(set(details.get("excluded") or ()))
+        if excluded:
+            return self._build_partial_relatedness(overlaps, details, excluded)
+        similarity = fedora.similarity_matrix(overlaps, self.tau)
+        graph = fedora.topk_graph(similarity, self.k)
+        return Relatedness(overlaps, similarity, graph, self._operator(graph), self._relatedness_mode,
+                           details)
+
+    def _build_partial_relatedness(self, overlaps: Tensor, details: dict[str, Any],
+                                   excluded: list[int]) -> Relatedness:
+        n = self.ctx.num_clients
+        if any(not isinstance(i, int) or not 0 <= i < n for i in excluded):
+            raise fedora.RelatednessError(f"excluded clients {excluded} are not client indices in [0, {n})")
+        members = [i for i in range(n) if i not in set(excluded)]
+        if len(members) < 2:
+            raise fedora.RelatednessError(
+                f"relatedness needs at least two clients, but only {len(members)} remain after "
+                f"excluding clients {excluded} (their summaries were rejected)")
+        idx = torch.as_tensor(members)
+        sub = overlaps[idx][:, idx]
+        similarity = fedora.similarity_matrix(sub, self.tau)
+        graph = fedora.topk_graph(similarity, self.k)
+        return Relatedness(
+            overlaps,
+            fedora.embed_subproblem(similarity, members, n, 0.0),
+            fedora.embed_subproblem(graph, members, n, 1.0),
+            embed_operator(self._operator(graph), members, n),
+            self._relatedness_mode,
+            details,
+        )
+
+    def message_state(self) -> MessageState | None:
+        """Uploads: ``theta`` rows; downloads: ``phi`` rows."""
+        return {KIND_THETA: self.theta}, {KIND_PHI: self.phi}
+
+    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
+        assert self.relatedness is not None, "setup() must run before the first round"
+        ctx = self.ctx
+        steps = 0
+        lambdas = []
+        for i in participants:
+            lam = self.regularization(i)
+            self.last_lambdas[i] = lam
+            lambdas.append(lam)
+            steps += ctx.train_client(i, self.theta[i], self.phi[i], lam)
+        plaintext_messages = self.exchange is not None and self.propagator is None
+        if plaintext_messages:
+            # rejected uploads are restored to the server's last accepted row
+            self.exchange.upload_theta(rnd, self.theta, participants)
+        self.propagate(rnd, participants)
+        if plaintext_messages:
+            self.exchange.download_phi(rnd, self.phi)
+            self._phi_is_propagated = False  # a rejected download keeps an older phi row
+        return {
+            "steps": float(steps),
+            "mean_lambda": float(sum(lambdas) / max(len(lambdas), 1)),
+            "pulled_fraction": float(sum(1 for v in lambdas if v > 0) / max(len(lambdas), 1)),
+        }
+
+    def regularization(self, i: int) -> float:
+        """``lambda_i`` from client ``i``'s validation data (exact, or accounted and noised)."""
+        ctx = self.ctx
+        c = ctx.clients[i]
+        if self.private_validation:
+            return ctx.privacy.private_lambda(
+                i, self.theta[i], self.phi[i], c.val_x, c.val_y, ctx.noise[i], ctx.flat.bind
+            )
+        loss_local = evaluate(ctx.flat, self.theta[i], c.val_x, c.val_y).loss
+        loss_received = evaluate(ctx.flat, self.phi[i], c.val_x, c.val_y).loss
+        return fedora.regularization_weight(loss_local, loss_received)
+
+    def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
+        """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client, with the operator
+        built once in :meth:`setup` (one product over the N x P parameters, into ``phi``)."""
+        assert self.relatedness is not None
+        if self.propagator is not None:
+            self.phi.copy_(self.propagator.propagate(
+                self.relatedness.propagation, self.theta, changed=participants, rnd=rnd,
+                exchange=self.exchange))
+            self._phi_is_propagated = False
+        else:
+            self.relatedness.operator.apply(self.theta, out=self.phi)
+            self._phi_is_propagated = True
+
+    def attach(self, new_summary_overlaps: Tensor) -> Tensor:
+        """The parameters handed to a late-joining client: ``phi_new = w @ theta`` with
+        ``w = s_new^T P`` (:func:`~secure_fedora.algorithms.fedora.attach_new_client`), through the
+        cached operator; with a sparse operator ``w`` is within the operator's error bound
+        (``s_new`` is a probability vector, so its deficit is at most the largest row's)."""
+        assert self.relatedness is not None
+        if new_summary_overlaps.shape[0] != self.ctx.num_clients:
+            raise fedora.RelatednessError(
+                f"{new_summary_overlaps.shape[0]} overlap blocks for {self.ctx.num_clients} clients")
+        row = fedora.attach_row(new_summary_overlaps, self.tau, self.k)
+        w = self.relatedness.operator.combine(row)
+        return w.to(self.theta.dtype).to(self.theta.device) @ self.theta
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume cannot recompute: ``theta``, the relatedness inputs (overlap blocks,
+        or the sparse graph when it was built blockwise) and ``phi`` only when it is not
+        ``P @ theta`` (encrypted propagation, envelopes, or before the first propagation).
+        Similarity, graph and operator are rebuilt from the overlaps, deterministically."""
+        assert self.relatedness is not None
+        r = self.relatedness
+        relatedness: dict[str, Any] = {"overlaps": r.overlaps, "mode": r.mode, "details": r.details}
+        if r.overlaps is None:
+            g = r.graph.coalesce()
+            relatedness["graph_indices"] = g.indices()
+            relatedness["graph_values"] = g.values()
+        state: dict[str, Any] = {"theta": self.theta, "relatedness": relatedness}
+        if not self._phi_is_propagated:
+            state["phi"] = self.phi
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also checkpoints that hold phi and the dense matrices)."""
+        super().load_state_dict(state)
+        r = state["relatedness"]
+        if r.get("overlaps") is not None:
+            rebuilt = self._build_relatedness(r["overlaps"], r["details"])
+        else:
+            n = self.ctx.num_clients
+            indices, values = r["graph_indices"], r["graph_values"]
+            if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != values.shape[0] \
+                    or (indices.numel() and (indices.min() < 0 or indices.max() >= n)):
+                raise ValueError("checkpoint field 'relatedness.graph' is not a graph over "
+                                 f"{n} clients")
+            graph = torch.sparse_coo_tensor(indices, values, (n, n), check_invariants=True).coalesce()
+            rebuilt = Relatedness(None, None, graph, self._operator(graph), r["mode"], r["details"])
+        rebuilt.mode = r["mode"]
+        self.relatedness = rebuilt
+        if "phi" in state:
+            _load_matrix(self.phi, state["phi"], "phi")
+            self._phi_is_propagated = False
+        else:
+            self.relatedness.operator.apply(self.theta, out=self.phi)
+            self._phi_is_propagated = True
+
+    def security_results(self) -> dict[str, Any]:
+        """The base record plus the relatedness summaries' rejections (listed first) and
+        excluded clients, and the encrypted propagation's traffic."""
+        assert self.relatedness is not None
+        details = self.relatedness.details
+        security = super().security_results()
+        summary_rejections = list(details.get("rejections") or ())
+        if summary_rejections or details.get("excluded"):
+            security["rejections"] = summary_rejections + security.get("rejections", [])
+            security["excluded_from_relatedness"] = sorted(details.get("excluded") or ())
+        if "transport" in details:
+            security["relatedness_transport"] = details["transport"]
+        if self.propagator is not None:
+            security["encrypted_propagation"] = self.propagator.stats.to_dict()
+        return security
+
+    def extra_results(self) -> dict[str, Any]:
+        assert self.relatedness is not None
+        return self._with_security({
+            "relatedness_mode": self.relatedness.mode,
+            "graph_neighbours": self.relatedness.neighbours(),
+        })
+
+
+# --------------------------------------------------------------------------- registry
+# Each factory builds its method from the context and the whole config: ``(ctx, cfg)``.
+
+
+@METHODS.register("fedora")
+def _build_fedora(ctx: MethodContext, cfg: Any) -> Fedora:
+    from secure_fedora.runtimes.inprocess import relatedness_function
+
+    f = cfg.fedora
+    return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
+                  propagation_tolerance=f.propagation_tolerance,
+                  relatedness_fn=relatedness_function(cfg, ctx), relatedness_mode=f.relatedness,
+                  private_validation=cfg.data.validation == "private")
+
+
+@METHODS.register("local")
+def _build_local(ctx: MethodContext, cfg: Any) -> Local:
+    return Local(ctx)
+
+
+@METHODS.register("fedavg")
+def _build_fedavg(ctx: MethodContext, cfg: Any) -> FedAvg:
+    return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)

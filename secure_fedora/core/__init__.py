@@ -1,0 +1,1 @@
+"""Foundations every layer may import: config schema, registries, plug-in loading, errors, crash points."""

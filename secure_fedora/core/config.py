@@ -1,0 +1,514 @@
+"""Experiment configuration: TOML files validated by pydantic.
+
+Unknown keys and bad values are rejected with the offending key named (``ConfigError``).
+Every section forbids extra keys so that a typo never silently falls back to a default.
+Types are strict (``rounds = true`` or ``lr = "0.1"`` is refused, never coerced) and every
+float must be finite (``inf``/``nan`` are refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomllib
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from privacy.errors import ToolkitError
+
+__all__ = [
+    "MAX_PLANNED_DPSGD_STEPS",
+    "RUN_NAME_PATTERN",
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FedoraConfig",
+    "TrainingConfig",
+    "config_from_bytes",
+    "config_hash",
+    "load_config",
+    "parse_config",
+]
+
+# ``[fedora] propagation = "auto"`` uses the exact dense operator up to this many clients and
+# the sparse operator above (measured: at 1,000 clients the dense product is 8x slower).
+AUTO_DENSE_MAX_CLIENTS = 256
+
+
+class ConfigError(ToolkitError, ValueError):
+    """A configuration file that cannot be used; the message names the key and the problem."""
+
+
+def _registered(registry_name: str) -> AfterValidator:
+    """A validator accepting the names in one of :mod:`secure_fedora.core.registry`'s registries
+    (imported on use: the registries import the modules that register the built-ins)."""
+
+    def check(value: str) -> str:
+        from secure_fedora.core import registry
+        return getattr(registry, registry_name).check(value)
+
+    return AfterValidator(check)
+
+
+def _import_spec(key: str) -> AfterValidator:
+    def check(value: str) -> str:
+        from secure_fedora.core.plugins import check_spec
+
+        return check_spec(value, key)
+
+    return AfterValidator(check)
+
+
+def _loss_name(value: str) -> str:
+    from secure_fedora.core.plugins import check_spec
+    from secure_fedora.core.registry import LOSSES
+
+    return check_spec(value, "training.loss") if ":" in value else LOSSES.check(value)
+
+
+MethodName = Annotated[str, _registered("METHODS")]
+"""A registered method (:data:`secure_fedora.core.registry.METHODS`): fedora, local, fedavg,
+fedprox, ditto, apfl, fedamp, ifca, and any plug-in."""
+
+
+# A DP-SGD plan above this many steps per client (rounds x ceil(local_epochs / sample_rate))
+# is refused. At this maximum, calibrating the noise takes about 6 s with the RDP accountant and
+# about 3 minutes with PRV (measured on the project's 2-core machine); training the steps takes
+# far longer. A plan of billions of steps (sample_rate = 1e-9) would never finish.
+MAX_PLANNED_DPSGD_STEPS = 1_000_000
+
+# Run names become directory names under runs/: letters, digits, ".", "_" and "-", starting
+# with a letter or digit, so that no name can leave the runs folder.
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class _Section(BaseModel):
+    # strict: TOML values are never coerced (a bool is not an int, a string not a float);
+    # allow_inf_nan=False: every float field must be finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class DataConfig(_Section):
+    """Which data, how it is split among clients (docs/design.md section 2; reference: rotated MNIST)."""
+
+    dataset: Annotated[str, _registered("DATASETS")] = "mnist"
+    # User data instead of a registered dataset: "package.module:function", called with the
+    # experiment seed; returns a centralized dataset (split by `partition`) or a list of
+    # per-client dicts (already federated). See secure_fedora.data.userdata.
+    source: Annotated[str, _import_spec("data.source")] | None = None
+    partition: Annotated[str, _registered("PARTITIONERS")] = "rotation"
+    num_clients: Annotated[int, Field(ge=2)] = 36
+    train_per_client: PositiveInt = 128
+    val_per_client: PositiveInt = 64
+    test_per_client: PositiveInt | None = None
+    groups: PositiveInt | None = None
+    dirichlet_alpha: Annotated[float, Field(gt=0)] | None = None
+    classes_per_client: PositiveInt | None = None
+    rotation_interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    # "public": lambda_i is computed from the validation split in the clear, which is private
+    # only if that split is public data (declared in results and report). "private": lambda_i
+    # comes from a clipped, noised validation-loss difference that is accounted.
+    validation: Literal["public", "private"] = "public"
+
+    @model_validator(mode="after")
+    def _partition_keys(self) -> DataConfig:
+        if self.source is not None and "dataset" in self.model_fields_set:
+            raise ValueError("data.dataset and data.source exclude each other")
+        if self.partition == "dirichlet" and self.dirichlet_alpha is None:
+            raise ValueError("partition 'dirichlet' needs data.dirichlet_alpha")
+        if self.partition == "pathological" and self.classes_per_client is None:
+            raise ValueError("partition 'pathological' needs data.classes_per_client")
+        if self.partition not in ("rotation", "iid") and self.test_per_client is None:
+            raise ValueError(
+                f"partition {self.partition!r} needs data.test_per_client (its test rows follow "
+                "each client's label mix, so the test split cannot simply be divided)"
+            )
+        if self.partition != "rotation" and self.groups is not None:
+            raise ValueError("data.groups applies only to partition 'rotation'")
+        if self.partition != "dirichlet" and self.dirichlet_alpha is not None:
+            raise ValueError("data.dirichlet_alpha applies only to partition 'dirichlet'")
+        if self.partition != "pathological" and self.classes_per_client is not None:
+            raise ValueError("data.classes_per_client applies only to partition 'pathological'")
+        if self.groups is not None and self.groups > self.num_clients:
+            raise ValueError(f"data.groups = {self.groups} must not exceed data.num_clients = "
+                             f"{self.num_clients}")
+        if self.classes_per_client is not None and self.classes_per_client > 10:
+            raise ValueError("data.classes_per_client must be at most 10 (MNIST and "
+                             "Fashion-MNIST have 10 classes)")
+        return self
+
+
+class ModelConfig(_Section):
+    """A registered model (``name``) or user code (``factory = "package.module:function"``,
+    called as ``function(input_shape, num_classes)`` and returning an ``nn.Module``)."""
+
+    name: Annotated[str, _registered("MODELS")] = "mlp"
+    factory: Annotated[str, _import_spec("model.factory")] | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ModelConfig:
+        if self.factory is not None and "name" in self.model_fields_set:
+            raise ValueError("model.name and model.factory exclude each other")
+        return self
+
+
+class TrainingConfig(_Section):
+    """Local optimisation (reference: SGD, momentum 0.9, lr 5e-3, wd 5e-5, batch 64, E 5)."""
+
+    rounds: PositiveInt = 200
+    local_epochs: PositiveInt = 5
+    lr: Annotated[float, Field(gt=0)] = 5e-3
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-5
+    batch_size: PositiveInt = 64
+    participation: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Non-private training only: rescale each mini-batch gradient to at most this L2 norm
+    # (a stability knob, not a privacy mechanism; DP-SGD clips per sample with
+    # privacy.max_grad_norm instead and ignores this).
+    clip_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # "cross_entropy" (accuracy), "bce" (binary / multi-label, AUC) or
+    # "package.module:function" returning per-sample losses; see secure_fedora.learning.tasks.
+    loss: Annotated[str, AfterValidator(_loss_name)] = "cross_entropy"
+    # Where all state, data and noise live: "cpu", "cuda" (refused when no GPU is visible) or
+    # "auto" (cuda when available, else cpu).
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # torch intra-op threads (torch.set_num_threads); unset: torch's default.
+    threads: PositiveInt | None = None
+    # Write the resumable checkpoint every K rounds, or "auto": after the first round and then
+    # whenever the time since the last checkpoint reaches 10x what that checkpoint took (so
+    # checkpoints cost at most about 10% of the run). Always after the last round. A crash
+    # between checkpoints repeats the rounds since the last one on resume, bit-identically
+    # (under DP the repeated rounds are accounted again: over-counted, never under-counted).
+    # Not part of the config hash: it does not change results, so a resume may change it.
+    checkpoint_every: PositiveInt | Literal["auto"] = "auto"
+
+
+class FedoraConfig(_Section):
+    """Relatedness and propagation (reference: q 1, tau 10, k 2, alpha 0.8)."""
+
+    q: PositiveInt = 1
+    tau: Annotated[float, Field(gt=0)] = 10.0
+    k: PositiveInt = 2
+    alpha: Annotated[float, Field(ge=0, lt=1)] = 0.8
+    # The operator P = (1 - alpha)(I - alpha S)^-1 is built once per graph; each round is one
+    # product phi = P @ theta. dense: exact solve; sparse: truncated series on the sparse graph
+    # with |phi - phi_exact| <= propagation_tolerance * max_j |theta_j| per coordinate; auto:
+    # dense up to AUTO_DENSE_MAX_CLIENTS clients, sparse above; power: P by power iteration
+    # (the reference); encrypted: clients send CKKS-encrypted theta, the server forms
+    # sum_j P_ij Enc(theta_j) with the public context only, and each client decrypts its phi_i.
+    propagation: Literal["auto", "dense", "sparse", "power", "encrypted"] = "auto"
+    propagation_tolerance: Annotated[float, Field(gt=0, lt=1)] = 1e-4
+    # plain: summaries in the clear; noised: Gaussian mechanism on the clipped second moment
+    # (needs [privacy]); encrypted: CKKS, the server computes on ciphertexts only;
+    # noised+encrypted: both (defense in depth).
+    relatedness: Literal["plain", "noised", "encrypted", "noised+encrypted"] = "plain"
+
+
+class FedAvgConfig(_Section):
+    finetune_epochs: Annotated[int, Field(ge=0)] = 5
+
+
+class ClientBudgetConfig(_Section):
+    epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy of everything a client releases (docs/design.md section 3).
+
+    ``epsilon``/``delta`` are every client's budget (``overrides`` per client index). With
+    ``noise_multiplier`` unset, DP-SGD's noise is calibrated up front so that the planned
+    schedule (rounds x local steps, the summary release and the lambda releases) spends at most
+    the client's epsilon. Each client refuses any release that would exceed its budget.
+    """
+
+    enabled: bool = False
+    epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 8.0
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # "auto": compute the plan under PLD and RDP and use the tighter (recorded with the reason
+    # in the plan and results.json); or a registered accountant: "rdp", "pld", "prv".
+    accountant: str = "auto"
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    sample_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+    noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    summary_clip: Annotated[float, Field(gt=0)] = 1.0
+    # Noise of the one-off summary release and of the per-round lambda releases: fixed
+    # multipliers, or (unset) calibrated so that each spends the given fraction of the
+    # client's epsilon on its own; DP-SGD's noise is then calibrated for the whole plan.
+    summary_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    summary_budget_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    lambda_clip: Annotated[float, Field(gt=0)] = 2.0
+    lambda_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    lambda_budget_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # Where every mechanism's randomness (DP-SGD noise and Poisson sampling, summary and
+    # lambda noise) comes from (privacy.noise): "csprng" (default): a ChaCha20 keystream under
+    # a key from os.urandom per client, never stored; "reproducible": generators seeded from
+    # the experiment seed, so two runs repeat exactly -- NOT private against anyone who knows
+    # the config (flagged in the plan, results.json, the ledger header and the audit report).
+    noise: Literal["csprng", "reproducible"] = "csprng"
+    overrides: dict[str, ClientBudgetConfig] = Field(default_factory=dict)
+    # Which round's models are reported as "selected". "validation": the round with the best
+    # mean validation accuracy; "final_round": the last round (data-independent). Unset: the
+    # final round when data.validation = "private" (choosing a round by private validation
+    # accuracy is itself an unaccounted release, so "validation" is refused there), else
+    # "validation".
+    model_selection: Literal["validation", "final_round"] | None = None
+
+    @model_validator(mode="after")
+    def _known_accountant(self) -> PrivacyConfig:
+        from privacy.accounting import ACCOUNTANT_REGISTRY
+
+        if self.accountant != "auto" and self.accountant not in ACCOUNTANT_REGISTRY:
+            raise ValueError(f"privacy.accountant must be 'auto' or one of"
+                             f" {sorted(ACCOUNTANT_REGISTRY)}, got {self.accountant!r}")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "noise_seed" in data:
+            raise ValueError(
+                "privacy.noise_seed was removed: set privacy.noise = \"csprng\" (the default; "
+                "unpredictable noise) or privacy.noise = \"reproducible\" (seeded from the "
+                "experiment seed; not private against anyone who knows the config)"
+            )
+        return data
+
+
+class SecurityConfig(_Section):
+    """Message security of the in-process runtime (FEDORA's messages).
+
+    With ``envelopes``, every theta_i a client sends and every phi_i it receives travels in a
+    signed envelope (sender, round, nonce, payload hash, Ed25519 signature); the receiver
+    rejects unknown senders, bad signatures, replays, stale rounds, wrong shapes and
+    non-finite values, logs the rejection and goes on with the other clients.
+    """
+
+    envelopes: bool = False
+    #: Key store of a DP run's private keys (see :mod:`secure_fedora.secure.keystore`); ``None``:
+    #: the default store outside the run directory.
+    keystore: Annotated[str, Field(min_length=1)] | None = None
+
+
+class EvaluationConfig(_Section):
+    every: PositiveInt = 1
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: one data split, one model, several methods compared on it."""
+
+    name: Annotated[str, Field(pattern=RUN_NAME_PATTERN)] = "experiment"
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    methods: list[MethodName] = Field(
+        default_factory=lambda: ["fedora", "local", "fedavg"], min_length=1
+    )
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    fedora: FedoraConfig = FedoraConfig()
+    fedavg: FedAvgConfig = FedAvgConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    security: SecurityConfig = SecurityConfig()
+    # Per-baseline hyper-parameters, e.g. [baselines.fedprox] mu = 0.01 (defaults and keys:
+    # secure_fedora.algorithms.baselines.BASELINE_HYPERPARAMETERS).
+    baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods lists a method twice")
+        from secure_fedora.algorithms.baselines import (
+            BASELINE_NAMES,
+            BaselineConfigError,
+            validate_hyperparameters,
+        )
+        from secure_fedora.core.registry import METHODS
+
+        for name, section in self.baselines.items():
+            # A plug-in method declares its hyper-parameters as a pydantic model in its
+            # factory's ``params`` attribute; [baselines.<name>] is validated against it.
+            params = getattr(METHODS.get(name), "params", None) if (
+                name not in BASELINE_NAMES and name in METHODS) else None
+            if params is not None:
+                try:
+                    params.model_validate(section)
+                except ValidationError as err:
+                    problems = "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc']) or '(section)'}: "
+                        f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                        for e in err.errors())
+                    raise ValueError(f"baselines.{name}: {problems}") from None
+                continue
+            try:
+                validate_hyperparameters(name, section)
+            except BaselineConfigError as err:
+                raise ValueError(f"baselines.{name}: {err}") from None
+        p, d = self.privacy, self.data
+        if "fedora" in self.methods and self.fedora.k >= d.num_clients:
+            raise ValueError(
+                f"fedora.k = {self.fedora.k} must be smaller than data.num_clients = "
+                f"{d.num_clients} (each client keeps at most N - 1 neighbours)"
+            )
+        if not p.enabled:
+            if "noised" in self.fedora.relatedness:
+                raise ValueError("fedora.relatedness 'noised' needs privacy.enabled = true")
+            if d.validation == "private":
+                raise ValueError("data.validation 'private' needs privacy.enabled = true")
+            return self
+        if "fedora" in self.methods and "noised" not in self.fedora.relatedness:
+            raise ValueError(
+                f"fedora.relatedness {self.fedora.relatedness!r} releases summary information "
+                "without an accounted mechanism; with privacy.enabled use 'noised' or "
+                "'noised+encrypted'"
+            )
+        for key, budget in p.overrides.items():
+            if not (key.isascii() and key.isdigit()) or int(key) >= d.num_clients:
+                raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")
+            delta = budget.delta if budget.delta is not None else p.delta
+            if delta >= 1.0 / d.train_per_client:
+                raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n = {1 / d.train_per_client:g}")
+        if p.delta >= 1.0 / d.train_per_client:
+            raise ValueError(
+                f"privacy.delta must be < 1/n = {1 / d.train_per_client:g} "
+                f"(n = data.train_per_client = {d.train_per_client})"
+            )
+        if d.validation == "private" and p.model_selection == "validation":
+            raise ValueError(
+                "privacy.model_selection 'validation' picks the reported round by accuracy on "
+                "private validation data, a release no accountant covers; with data.validation "
+                "'private' use model_selection = 'final_round' (or leave it unset)"
+            )
+        self._check_dpsgd_plan()
+        return self
+
+    def _check_dpsgd_plan(self) -> None:
+        """Refuse a sampling rate below one expected record per batch and a DP-SGD plan of
+        more than :data:`MAX_PLANNED_DPSGD_STEPS` steps per client (same arithmetic as
+        ``secure_fedora.secure.private.steps_per_round``)."""
+        p, d, t = self.privacy, self.data, self.training
+        n = d.train_per_client
+        if p.sample_rate is not None and p.sample_rate * n < 1.0:
+            raise ValueError(
+                f"privacy.sample_rate = {p.sample_rate:g} expects {p.sample_rate * n:.3g} records "
+                f"per batch (data.train_per_client = {n}); use at least 1/n = {1 / n:g}"
+            )
+        q = p.sample_rate if p.sample_rate is not None else min(1.0, t.batch_size / n)
+        steps = t.rounds * math.ceil(t.local_epochs / q - 1e-9)
+        if steps > MAX_PLANNED_DPSGD_STEPS:
+            source = "privacy.sample_rate" if p.sample_rate is not None else \
+                "training.batch_size / data.train_per_client"
+            raise ValueError(
+                f"the DP-SGD plan has {steps:,} steps per client (training.rounds = {t.rounds} x "
+                f"ceil(training.local_epochs = {t.local_epochs} / q = {q:g}, from {source})), "
+                f"above the maximum of {MAX_PLANNED_DPSGD_STEPS:,}"
+            )
+
+
+def model_selection(cfg: ExperimentConfig) -> str:
+    """How the reported round is chosen: ``"validation"`` (best mean validation accuracy) or
+    ``"final_round"``; never ``"validation"`` on private validation data under DP."""
+    p = cfg.privacy
+    if p.model_selection is not None:
+        return p.model_selection
+    if p.enabled and cfg.data.validation == "private":
+        return "final_round"
+    return "validation"
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid configuration {source}:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "(dict)") -> ExperimentConfig:
+    """Validate a parsed TOML mapping; raises :class:`ConfigError` naming each bad key."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a TOML config file; unreadable or malformed files raise ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    return config_from_bytes(raw, str(path))
+
+
+def config_from_bytes(raw: bytes, source: str) -> ExperimentConfig:
+    """Validate the bytes of a TOML config file (``source`` names it in errors)."""
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config {source} is not valid TOML: {err}") from None
+    cfg = parse_config(data, source)
+    from secure_fedora.core.plugins import remember_config_dir
+
+    remember_config_dir(cfg, Path(source).parent)
+    return cfg
+
+
+# Keys added after configs were first hashed, with the default that reproduces the behaviour
+# from before they existed. At that default they are left out of the hash, so checkpoints and
+# sweep cells written before the key existed stay valid; any other value changes the hash.
+_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("training", "clip_grad_norm"): None,
+    ("training", "loss"): "cross_entropy",
+    ("data", "source"): None,
+    ("model", "factory"): None,
+    # Unset keeps every earlier behaviour except validation-selected rounds on private
+    # validation data under DP, an unaccounted release that is no longer made.
+    ("privacy", "model_selection"): None,
+    ("security", "keystore"): None,
+    ("training", "device"): "cpu",
+    ("training", "threads"): None,
+    ("fedora", "propagation_tolerance"): 1e-4,
+}
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the canonical JSON form of the validated config (defaults included, except
+    later-added keys at their behaviour-preserving default: see ``_NEUTRAL_DEFAULTS``)."""
+    doc = cfg.model_dump(mode="json")
+    if not cfg.privacy.enabled:
+        # Without DP the noise source is never used: hash such configs as before the key
+        # replaced privacy.noise_seed, so their checkpoints and sweep cells stay valid.
+        del doc["privacy"]["noise"]
+        doc["privacy"]["noise_seed"] = "experiment"
+    if not cfg.privacy.enabled and doc["privacy"].get("accountant") == "auto":
+        # Without DP no accountant runs: hash the default of earlier versions ("rdp"), so that
+        # non-private checkpoints stay valid across the change of default to "auto".
+        doc["privacy"]["accountant"] = "rdp"
+    # "auto" that resolves to the exact dense operator behaves exactly as "dense" (the
+    # default before "auto" existed), so both hash alike.
+    if doc["fedora"]["propagation"] == "auto" and cfg.data.num_clients <= AUTO_DENSE_MAX_CLIENTS:
+        doc["fedora"]["propagation"] = "dense"
+    for (section, key), neutral in _NEUTRAL_DEFAULTS.items():
+        if key in doc.get(section, {}) and doc[section][key] == neutral:
+            del doc[section][key]
+    doc["training"].pop("checkpoint_every", None)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

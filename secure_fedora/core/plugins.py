@@ -1,0 +1,97 @@
+"""Loading user code named in a config: ``"package.module:function"``.
+
+The module is imported from the config file's folder (when the config came from a file) or
+from ``sys.path`` (``PYTHONPATH``). Every failure -- a malformed spec, a module that does not
+import, a missing or non-callable attribute -- raises :class:`PluginError` naming the config
+key, before anything is trained.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from secure_fedora.core.config import ConfigError
+
+__all__ = ["PluginError", "config_dir", "import_object", "is_import_spec", "remember_config_dir"]
+
+
+class PluginError(ConfigError):
+    """User code named in the config cannot be loaded or does not keep its contract."""
+
+
+_CONFIG_DIRS: dict[int, tuple[weakref.ref, Path]] = {}
+
+
+def remember_config_dir(cfg: Any, directory: str | Path) -> None:
+    """Record the folder a config was read from (plug-in modules are imported from it)."""
+    key = id(cfg)
+    _CONFIG_DIRS[key] = (weakref.ref(cfg, lambda _: _CONFIG_DIRS.pop(key, None)),
+                         Path(directory).resolve())
+
+
+def config_dir(cfg: Any) -> Path | None:
+    """The folder ``cfg`` was read from, or None (built from a dict)."""
+    entry = _CONFIG_DIRS.get(id(cfg))
+    if entry is None or entry[0]() is not cfg:
+        return None
+    return entry[1]
+
+
+def is_import_spec(value: str) -> bool:
+    """True for ``"package.module:attribute"`` (the form user plug-ins are named in)."""
+    module, sep, attr = value.partition(":")
+    return bool(sep) and bool(module) and bool(attr)
+
+
+def check_spec(value: str, key: str) -> str:
+    """``value`` if it has the form ``package.module:attribute``; ValueError naming ``key``."""
+    if not is_import_spec(value) or value.count(":") != 1 or not all(
+        part.isidentifier() for part in value.replace(":", ".").split(".")
+    ):
+        raise ValueError(f"{key} must have the form 'package.module:function', got {value!r}")
+    return value
+
+
+def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable[..., Any]:
+    """Import ``package.module:attribute`` and return the attribute, which must be callable.
+
+    ``base_dir`` (the config's folder) is searched before ``sys.path``. Raises
+    :class:`PluginError` naming ``key`` and the cause.
+    """
+    try:
+        check_spec(spec, key)
+    except ValueError as err:
+        raise PluginError(str(err)) from None
+    module_name, _, attr = spec.partition(":")
+    added = base_dir is not None and str(base_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any error raised while importing user code
+        where = f" (searched {base_dir} and sys.path)" if base_dir is not None else ""
+        last = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+        at = f" at {last.filename}:{last.lineno}" if last is not None else ""
+        raise PluginError(
+            f"{key} = {spec!r}: module {module_name!r} does not import{where}: "
+            f"{type(err).__name__}: {err}{at}"
+        ) from err
+    finally:
+        if added:
+            sys.path.remove(str(base_dir))
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise PluginError(
+            f"{key} = {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+            f"has no attribute {attr!r}"
+        ) from None
+    if not callable(obj):
+        raise PluginError(f"{key} = {spec!r}: {attr!r} is a {type(obj).__name__}, not a function")
+    return obj

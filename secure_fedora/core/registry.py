@@ -1,0 +1,139 @@
+"""Name -> implementation registries for datasets, partitioners, models, losses and methods.
+
+A registry replaces a closed ``Literal`` list plus an ``if name == ...`` chain: each
+implementation registers itself where it is defined (``@METHODS.register("fedavg")``), the
+config validates names against the registry (an unknown name gets an error listing what is
+available) and the runtime looks implementations up by name.
+
+Registries fill lazily: the first lookup imports the modules that define the built-in entries
+and every module of the ``secure_fedora.contrib`` package, so a new method (or model, loss,
+...) is one new module there that registers itself; nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from privacy.errors import ToolkitError
+
+__all__ = [
+    "DATASETS",
+    "LOSSES",
+    "METHODS",
+    "MODELS",
+    "PARTITIONERS",
+    "Registry",
+    "RegistryError",
+]
+
+T = TypeVar("T")
+
+#: Package whose modules are imported on the first lookup of any registry (drop-in plug-ins).
+CONTRIB_PACKAGE = "secure_fedora.contrib"
+
+
+class RegistryError(ToolkitError, ValueError):
+    """An unknown or duplicate registry name; the message lists the available names."""
+
+
+class Registry(Generic[T]):
+    """A named collection of implementations of one kind (e.g. "method").
+
+    ``modules`` are imported on the first lookup (they register the built-in entries), then
+    every module of :data:`CONTRIB_PACKAGE`. Registering a name twice raises
+    :class:`RegistryError` (a plug-in cannot silently replace a built-in).
+    """
+
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self._modules = modules
+        self._entries: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str, obj: T | None = None) -> Any:
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator that does."""
+        if not isinstance(name, str) or not name or ":" in name:
+            raise RegistryError(f"{self.kind} names must be non-empty strings without ':'; got {name!r}")
+
+        def add(value: T) -> T:
+            if name in self._entries and self._entries[name] is not value:
+                raise RegistryError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = value
+            return value
+
+        if obj is None:
+            return add
+        return add(obj)
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for tests and notebooks that re-register a plug-in)."""
+        self._entries.pop(name, None)
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._modules:
+                importlib.import_module(module)
+        load_contrib()
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        self._load()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def get(self, name: str) -> T:
+        """The implementation registered as ``name``; :class:`RegistryError` listing the
+        available names otherwise."""
+        self._load()
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
+            ) from None
+
+    def check(self, name: str) -> str:
+        """``name`` if registered, else :class:`RegistryError` (for config validators)."""
+        self.get(name)
+        return name
+
+
+_contrib_loaded = False
+
+
+def load_contrib() -> None:
+    """Import every module of :data:`CONTRIB_PACKAGE` once (each registers its entries)."""
+    global _contrib_loaded
+    if _contrib_loaded:
+        return
+    _contrib_loaded = True
+    package = importlib.import_module(CONTRIB_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__, prefix=f"{CONTRIB_PACKAGE}."):
+        importlib.import_module(info.name)
+
+
+DatasetLoader = Callable[[int], Any]
+Partitioner = Callable[..., Any]
+
+DATASETS: Registry[DatasetLoader] = Registry("dataset", ("secure_fedora.data.partition",))
+"""Built-in datasets: ``loader(seed) -> LabeledDataset``."""
+PARTITIONERS: Registry[Partitioner] = Registry("partition", ("secure_fedora.data.partition",))
+"""Partitioners: ``split(dataset, data_config, seed) -> list[ClientData]``."""
+MODELS: Registry[Callable[..., Any]] = Registry("model", ("secure_fedora.learning.models",))
+"""Built-in models: ``build(input_shape, num_classes, device) -> nn.Module``."""
+LOSSES: Registry[Any] = Registry("loss", ("secure_fedora.learning.tasks",))
+"""Losses with their metric: :class:`secure_fedora.learning.tasks.Task` factories."""
+METHODS: Registry[Callable[..., Any]] = Registry(
+    "method", ("secure_fedora.algorithms.methods", "secure_fedora.algorithms.baselines")
+)
+"""Federated methods: ``factory(ctx, cfg) -> FederatedMethod``."""

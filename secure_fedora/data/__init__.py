@@ -1,0 +1,1 @@
+"""Datasets, user data sources and partitioners (imports only core)."""

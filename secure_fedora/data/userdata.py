@@ -1,0 +1,238 @@
+"""User data from ``[data] source = "package.module:function"`` (or the Python API).
+
+The function is called with the experiment seed and returns either
+
+- a centralized labeled dataset ``{"x_train", "y_train", "x_test", "y_test"}`` (numpy arrays
+  or tensors; inputs of any shape ``(n, ...)``; labels ``(n,)`` in ``0..C-1``, or multi-hot
+  targets ``(n, C)`` for multi-label tasks; optional ``"num_classes"``, else ``max label + 1``),
+  which the configured partitioner splits among the clients; or
+- a list of per-client dicts ``{"train": (x, y), "val": (x, y), "test": (x, y)}`` for data
+  that is already federated (one dict per client, ``data.num_clients`` of them).
+
+Everything is checked before training and a problem raises :class:`DataError` naming the
+source, the key and the client: a non-array, mismatched row counts or input shapes, NaN or
+infinite inputs, non-integer or out-of-range labels, empty splits. Inputs are converted to
+float32 and used as given (scale them in the source function).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from secure_fedora.data.partition import ClientData, LabeledDataset
+from secure_fedora.data.sources import DataError
+
+__all__ = [
+    "CENTRALIZED_KEYS",
+    "FederatedData",
+    "as_federated",
+    "as_labeled_dataset",
+    "coerce_user_data",
+    "label_space",
+    "load_source",
+]
+
+CENTRALIZED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """Already-federated user data: the clients, their class count and label kind."""
+
+    clients: list[ClientData]
+    num_classes: int
+
+
+def _tensor(value: Any, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise DataError(f"{where} is a numpy array of Python objects; expected numbers")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise DataError(f"{where} is a {type(value).__name__}; expected a numpy array or a torch tensor")
+
+
+def _inputs(value: Any, where: str) -> torch.Tensor:
+    x = _tensor(value, where)
+    if x.dim() < 2:
+        raise DataError(f"{where} has shape {tuple(x.shape)}; inputs need a row axis and at least "
+                        "one feature axis, (n, ...)")
+    if x.dtype == torch.bool or torch.is_complex(x):
+        raise DataError(f"{where} has dtype {x.dtype}; expected real numbers")
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
+        raise DataError(f"{where} contains NaN or infinite values (first in row {bad})")
+    return x.contiguous()
+
+
+def _labels(value: Any, where: str) -> torch.Tensor:
+    y = _tensor(value, where)
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() == 1:
+        if torch.is_floating_point(y):
+            if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
+                raise DataError(f"{where} holds non-integer labels; class labels must be integers "
+                                "0..C-1")
+        elif y.dtype == torch.bool or torch.is_complex(y):
+            raise DataError(f"{where} has dtype {y.dtype}; expected integer labels 0..C-1")
+        y = y.to(torch.int64)
+        if y.numel() and int(y.min()) < 0:
+            raise DataError(f"{where} holds the negative label {int(y.min())}; labels must lie in 0..C-1")
+        return y.contiguous()
+    if y.dim() == 2:
+        y = y.to(torch.float32)
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise DataError(f"{where} is a multi-label target (n, C) and must hold only 0 and 1")
+        return y.contiguous()
+    raise DataError(f"{where} has shape {tuple(y.shape)}; expected labels (n,) or multi-label "
+                    "targets (n, C)")
+
+
+def _pair(x: Any, y: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = _inputs(x, f"{where} inputs"), _labels(y, f"{where} labels")
+    if xs.shape[0] != ys.shape[0]:
+        raise DataError(f"{where} has {xs.shape[0]} inputs but {ys.shape[0]} labels")
+    if xs.shape[0] == 0:
+        raise DataError(f"{where} is empty")
+    return xs, ys
+
+
+def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> int:
+    multilabel = labels[0].dim() == 2
+    if any((y.dim() == 2) != multilabel for y in labels):
+        raise DataError(f"{where}: some splits hold class labels (n,) and others multi-label "
+                        "targets (n, C)")
+    if multilabel:
+        widths = {int(y.shape[1]) for y in labels}
+        if len(widths) != 1:
+            raise DataError(f"{where}: multi-label targets have different widths {sorted(widths)}")
+        found = widths.pop()
+    else:
+        found = max(int(y.max()) for y in labels) + 1
+    if declared is None:
+        if found < 2 and not multilabel:
+            raise DataError(f"{where}: every label is 0; a classifier needs at least two classes "
+                            "(declare 'num_classes' if some classes are absent)")
+        return found
+    if isinstance(declared, bool) or not isinstance(declared, int | np.integer) or declared < 1:
+        raise DataError(f"{where}: num_classes must be a positive integer, got {declared!r}")
+    if found > int(declared):
+        kind = "multi-label targets have" if multilabel else "labels reach"
+        raise DataError(f"{where}: {kind} {found - (0 if multilabel else 1)} but num_classes = "
+                        f"{declared}; labels must lie in 0..{int(declared) - 1}")
+    return int(declared)
+
+
+def as_labeled_dataset(obj: Mapping[str, Any], where: str = "data") -> LabeledDataset:
+    """Check and convert a centralized dataset dict (see the module docstring)."""
+    missing = [k for k in CENTRALIZED_KEYS if k not in obj]
+    if missing:
+        raise DataError(f"{where} is missing {missing}; a centralized dataset has keys "
+                        f"{list(CENTRALIZED_KEYS)} (and optionally 'num_classes')")
+    unknown = sorted(set(obj) - {*CENTRALIZED_KEYS, "num_classes"})
+    if unknown:
+        raise DataError(f"{where} has unknown keys {unknown}")
+    train_x, train_y = _pair(obj["x_train"], obj["y_train"], f"{where}['x_train'/'y_train']")
+    test_x, test_y = _pair(obj["x_test"], obj["y_test"], f"{where}['x_test'/'y_test']")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(f"{where}: train inputs are {tuple(train_x.shape[1:])} per row but test "
+                        f"inputs are {tuple(test_x.shape[1:])}")
+    num_classes = _num_classes([train_y, test_y], obj.get("num_classes"), where)
+    return LabeledDataset(train_x, train_y, test_x, test_y, num_classes)
+
+
+def as_federated(items: Sequence[Any], where: str = "data",
+                 num_classes: int | None = None) -> FederatedData:
+    """Check and convert a list of per-client ``{"train", "val", "test"}`` dicts."""
+    if len(items) < 2:
+        raise DataError(f"{where} lists {len(items)} client(s); a federation needs at least two")
+    parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or set(item) != set(SPLITS):
+            got = sorted(item) if isinstance(item, Mapping) else type(item).__name__
+            raise DataError(f"{where}[{i}] must be a dict with keys {list(SPLITS)}, got {got}")
+        client = {}
+        for split in SPLITS:
+            pair = item[split]
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise DataError(f"{where}[{i}]['{split}'] must be an (x, y) pair")
+            client[split] = _pair(pair[0], pair[1], f"{where}[{i}]['{split}']")
+        parts.append(client)
+    shape = parts[0]["train"][0].shape[1:]
+    for i, client in enumerate(parts):
+        for split, (x, _) in client.items():
+            if x.shape[1:] != shape:
+                raise DataError(f"{where}[{i}]['{split}'] inputs are {tuple(x.shape[1:])} per row; "
+                                f"client 0's are {tuple(shape)}")
+    classes = _num_classes([y for c in parts for _, y in c.values()], num_classes, where)
+    clients = [
+        ClientData(client_id=i, train_x=c["train"][0], train_y=c["train"][1], val_x=c["val"][0],
+                   val_y=c["val"][1], test_x=c["test"][0], test_y=c["test"][1],
+                   meta={"kind": "federated", "num_classes": classes})
+        for i, c in enumerate(parts)
+    ]
+    return FederatedData(clients, classes)
+
+
+def coerce_user_data(obj: Any, where: str = "data") -> LabeledDataset | FederatedData:
+    """A centralized dataset or federated data from what user code returned."""
+    if isinstance(obj, LabeledDataset | FederatedData):
+        return obj
+    if isinstance(obj, Mapping):
+        return as_labeled_dataset(obj, where)
+    if isinstance(obj, list | tuple):
+        return as_federated(obj, where)
+    raise DataError(f"{where} returned a {type(obj).__name__}; expected a dict with keys "
+                    f"{list(CENTRALIZED_KEYS)} or a list of per-client dicts "
+                    f"{{'train': (x, y), 'val': (x, y), 'test': (x, y)}}")
+
+
+def load_source(spec: str, seed: int, base_dir: Any = None) -> LabeledDataset | FederatedData:
+    """Import ``[data] source``, call it with ``seed`` and check what it returns."""
+    from secure_fedora.core.plugins import import_object
+
+    fn = import_object(spec, "data.source", base_dir)
+    where = f"data.source {spec!r}"
+    try:
+        obj = fn(seed)
+    except DataError:
+        raise
+    except Exception as err:  # user code: report whatever it raised
+        raise DataError(f"{where} raised {type(err).__name__}: {err}") from err
+    return coerce_user_data(obj, where)
+
+
+def label_space(clients: Sequence[ClientData]) -> tuple[int, bool]:
+    """``(num_classes, multilabel)`` of a federation, checking every label against it.
+
+    The class count comes from the clients' ``meta["num_classes"]`` (set by the partitioners
+    and by :func:`as_federated`), else 10 (clients built by hand for MNIST); multi-label
+    targets give their width.
+    """
+    if not clients:
+        raise DataError("the federation has no clients")
+    multilabel = clients[0].train_y.dim() == 2
+    num_classes = (int(clients[0].train_y.shape[1]) if multilabel
+                   else int(clients[0].meta.get("num_classes", 10)))
+    for c in clients:
+        for split in SPLITS:
+            y = getattr(c, f"{split}_y")
+            if (y.dim() == 2) != multilabel:
+                raise DataError(f"client {c.client_id}: {split} labels mix class labels and "
+                                "multi-label targets")
+            if multilabel and y.shape[1] != num_classes:
+                raise DataError(f"client {c.client_id}: {split} targets have width {y.shape[1]}, "
+                                f"expected {num_classes}")
+            if not multilabel and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise DataError(f"client {c.client_id}: {split} labels must lie in "
+                                f"0..{num_classes - 1}; found {int(y.min())}..{int(y.max())}")
+    return num_classes, multilabel

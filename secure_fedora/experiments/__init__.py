@@ -1,0 +1,1 @@
+"""Experiments built on the runtimes: sweeps, late joiners, plots."""

@@ -1,0 +1,799 @@
+"""``secure-fedora sweep``: methods x epsilon x seeds, resumable, with tables and plots.
+
+Every cell (one method, one epsilon, one seed) is an ordinary in-process
+:class:`~secure_fedora.runtimes.inprocess.Simulation` run in its own directory
+``OUT/cells/<method>/eps-<epsilon>/seed-<seed>/``. A cell is finished when its ``cell.json``
+exists; that file is written atomically after the run, so a rerun of the same sweep skips
+finished cells and resumes an interrupted one from its per-round checkpoint. A cell directory
+written for another configuration is refused, never silently reused.
+
+Outputs in ``OUT``: ``sweep.csv`` and ``sweep.md`` (one row per method and epsilon: mean, min
+and sample std over seeds of the client-mean accuracy, the mean over seeds of the worst
+client's accuracy, and the mean over seeds of the number of clients below Local), and
+``plots/accuracy_vs_epsilon.png`` and ``plots/per_client_eps-<epsilon>.png``.
+
+Epsilon: ``None`` means non-private (``privacy.enabled = false``); a number sets
+``privacy.enabled = true`` and ``privacy.epsilon`` for the cell. No fake epsilons: before any
+training, a numeric epsilon is refused unless the runtime's context for that cell has a
+private (non-plain) gradient oracle, and after each cell its results must report
+differential privacy exactly when the cell's epsilon is a number.
+Local is run at ``None`` only: a client that stays out of the federation releases nothing,
+so it needs no noise, and it is the reference every "worse than Local" count uses. The same
+threat model applies inside the baselines: Ditto's and APFL's personal models never leave the
+client and train without noise; only what is sent is DP. Assumption: personalized models are
+used inside their client, not published (publishing one would be a further release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+from privacy.errors import ToolkitError
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from pydantic import BaseModel, ValidationError  # noqa: E402
+
+from secure_fedora.algorithms.baselines import (  # noqa: E402
+    BASELINE_NAMES,
+    BaselineConfigError,
+    make_baseline,
+    unwrap_oracle,
+)
+from secure_fedora.algorithms.methods import FederatedMethod, MethodContext  # noqa: E402
+from secure_fedora.core.config import ExperimentConfig, config_hash, load_config  # noqa: E402
+from secure_fedora.data.partition import ClientData  # noqa: E402
+from secure_fedora.learning.client import PlainGradient  # noqa: E402
+from secure_fedora.runtimes.inprocess import (  # noqa: E402
+    CheckpointError,
+    Simulation,
+    atomic_write_text,
+    build_clients,
+    build_context,
+    make_method,
+)
+
+__all__ = [
+    "ALL_METHODS",
+    "Cell",
+    "SweepError",
+    "SweepResult",
+    "SweepRow",
+    "aggregate",
+    "baseline_section",
+    "cell_config",
+    "method_factory",
+    "parse_epsilon",
+    "plan_cells",
+    "register",
+    "run_sweep",
+]
+
+RUNTIME_METHODS: tuple[str, ...] = ("fedora", "local", "fedavg")
+ALL_METHODS: tuple[str, ...] = (*RUNTIME_METHODS, *BASELINE_NAMES)
+"""Every method the sweep can run; ``fedavg`` also yields the derived row ``fedavg_ft``."""
+
+CELL_FILE = "cell.json"
+MANIFEST_FILE = "sweep.json"
+
+
+class SweepError(ToolkitError, ValueError):
+    """A sweep that cannot run or continue; the message names the cell, method or value."""
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def baseline_section(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    """The hyper-parameters of baseline ``name`` in ``cfg`` (``cfg.baselines.<name>``), or
+    ``{}`` (all defaults) when the config has no such section."""
+    section = getattr(cfg, "baselines", None)
+    if section is None:
+        return {}
+    sub = section.get(name) if isinstance(section, Mapping) else getattr(section, name, None)
+    if sub is None:
+        return {}
+    return sub.model_dump() if isinstance(sub, BaseModel) else dict(sub)
+
+
+def method_factory(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
+    """``runtime.make_method`` for fedora/local/fedavg, :func:`make_baseline` for the rest."""
+    if name in BASELINE_NAMES:
+        return make_baseline(name, ctx, baseline_section(cfg, name),
+                             validation=cfg.data.validation)
+    return make_method(name, ctx, cfg)
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sweep cell: a method at one epsilon (``None``: non-private) and one seed."""
+
+    method: str
+    epsilon: float | None
+    seed: int
+
+    @property
+    def epsilon_label(self) -> str:
+        """``"none"`` or the epsilon's shortest decimal form (used in paths and tables)."""
+        return epsilon_label(self.epsilon)
+
+    @property
+    def key(self) -> str:
+        """``<method>/eps-<epsilon>/seed-<seed>``: the cell's name and its directory below
+        ``OUT/cells``."""
+        return f"{self.method}/eps-{self.epsilon_label}/seed-{self.seed}"
+
+
+def epsilon_label(epsilon: float | None) -> str:
+    """``"none"`` for non-private, else the shortest exact decimal form (``"0.5"``, ``"8"``)."""
+    return "none" if epsilon is None else format(epsilon, "g")
+
+
+def parse_epsilon(text: str) -> float | None:
+    """Parse a command-line epsilon: ``none`` or a positive finite number."""
+    if text.strip().lower() in ("none", "inf", "nonprivate", "non-private"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"epsilon must be 'none' or a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"epsilon must be positive and finite, got {text!r}")
+    return value
+
+
+def _privacy_supported() -> bool:
+    return "privacy" in ExperimentConfig.model_fields
+
+
+def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: Sequence[int]) -> list[Cell]:
+    """The cells of a sweep, in run order (seed-major, so each seed's data is built once).
+
+    Raises :class:`SweepError` for an unknown or repeated method, a repeated or negative seed,
+    a repeated, non-positive or (in this build) numeric epsilon. Local gets only the
+    ``None`` cell (see the module docstring).
+    """
+    if not methods:
+        raise SweepError("a sweep needs at least one method")
+    for m in methods:
+        if m not in ALL_METHODS:
+            raise SweepError(f"unknown method {m!r}; expected some of {list(ALL_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise SweepError(f"methods lists a method twice: {list(methods)}")
+    if not seeds:
+        raise SweepError("a sweep needs at least one seed")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise SweepError(f"seeds must be non-negative integers, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"seeds lists a seed twice: {list(seeds)}")
+    if not epsilons:
+        raise SweepError("a sweep needs at least one epsilon ('none' for non-private)")
+    if len(set(epsilons)) != len(epsilons):
+        raise SweepError(f"epsilons lists a value twice: {list(epsilons)}")
+    for e in epsilons:
+        if e is None:
+            continue
+        if isinstance(e, bool) or not isinstance(e, int | float) or not (math.isfinite(e) and e > 0):
+            raise SweepError(f"epsilon must be None or a positive finite number, got {e!r}")
+        if not _privacy_supported():
+            raise SweepError(
+                f"epsilon {e:g} requested, but this build's configuration has no [privacy] "
+                "section: only 'none' (non-private) is supported"
+            )
+    cells = []
+    for seed in seeds:
+        for eps in epsilons:
+            for m in methods:
+                if m == "local" and eps is not None:
+                    continue
+                cells.append(Cell(m, eps, seed))
+        if "local" in methods and None not in epsilons:
+            cells.append(Cell("local", None, seed))
+    return cells
+
+
+_NOISE_OFF = {"noised": "plain", "noised+encrypted": "encrypted"}
+_NOISE_ON = {"plain": "noised", "encrypted": "noised+encrypted"}
+
+
+def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
+    """``cfg`` with one method, the cell's seed and its epsilon, re-validated.
+
+    The epsilon dimension switches every DP mechanism of the config on or off together:
+
+    - ``None``: ``privacy.enabled = false``; relatedness ``noised`` becomes ``plain`` and
+      ``noised+encrypted`` becomes ``encrypted``; ``data.validation = "private"`` becomes
+      ``"public"`` (nothing is noised in a non-private run).
+    - a number: ``privacy.enabled = true`` and ``privacy.epsilon`` (every client's budget;
+      DP-SGD noise is calibrated to it); relatedness ``plain`` becomes ``noised`` and
+      ``encrypted`` becomes ``noised+encrypted``; ``data.validation`` is kept as configured.
+
+    Refused with :class:`SweepError`: a numeric epsilon when the config has per-client
+    ``privacy.overrides`` or a fixed ``privacy.noise_multiplier`` (either would make the
+    column's epsilon not the one applied), and a cell whose config fails validation.
+    ``model_copy`` lets the methods list hold a baseline name that the config's ``methods``
+    literal does not admit; the rest is validated on a copy whose method is the cell's own
+    when the literal admits it, else ``fedavg`` (the baselines, like FedAvg, use no relatedness).
+    """
+    update: dict[str, Any] = {"methods": [cell.method], "seed": cell.seed}
+    if _privacy_supported():
+        p, rel, val = cfg.privacy, cfg.fedora.relatedness, cfg.data.validation
+        if cell.epsilon is None:
+            update["privacy"] = p.model_copy(update={"enabled": False})
+            rel = _NOISE_OFF.get(rel, rel)
+            val = "public" if val == "private" else val
+        else:
+            if p.overrides:
+                raise SweepError(
+                    f"cell {cell.key}: privacy.overrides sets per-client budgets, so the sweep's "
+                    "epsilon would not be every client's; remove the overrides to sweep epsilon"
+                )
+            if p.noise_multiplier is not None:
+                raise SweepError(
+                    f"cell {cell.key}: privacy.noise_multiplier is fixed, so the noise would not "
+                    "follow epsilon; unset it to sweep epsilon"
+                )
+            update["privacy"] = p.model_copy(update={"enabled": True, "epsilon": float(cell.epsilon)})
+            rel = _NOISE_ON.get(rel, rel)
+        update["fedora"] = cfg.fedora.model_copy(update={"relatedness": rel})
+        update["data"] = cfg.data.model_copy(update={"validation": val})
+    elif cell.epsilon is not None:
+        raise SweepError(f"cell {cell.key}: this build's configuration has no [privacy] section")
+    new = cfg.model_copy(update=update)
+    stand_in = new.model_dump()
+    stand_in["methods"] = [cell.method if cell.method in _literal_methods() else "fedavg"]
+    try:
+        ExperimentConfig.model_validate(stand_in)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise SweepError(f"cell {cell.key}: {problems}") from None
+    return new
+
+
+def _literal_methods() -> tuple[str, ...]:
+    """The method names the config schema's ``methods`` admits (the method registry)."""
+    from secure_fedora.core.registry import METHODS
+
+    return tuple(METHODS.names())
+
+
+def privacy_settings(cfg: ExperimentConfig) -> str:
+    """One line naming the privacy-relevant settings a cell config runs with."""
+    if not _privacy_supported():
+        return "privacy off (no privacy section in this build)"
+    p = cfg.privacy
+    head = f"privacy on, epsilon {p.epsilon:g}, delta {p.delta:g}" if p.enabled else "privacy off"
+    return (f"{head}; relatedness {cfg.fedora.relatedness}; validation {cfg.data.validation}")
+
+
+def _base_hash(cfg: ExperimentConfig) -> str:
+    """Hash of everything a sweep does not override (methods, seed and epsilon are per cell)."""
+    update: dict[str, Any] = {"methods": ["fedora"], "seed": 0}
+    if _privacy_supported():
+        update["privacy"] = cfg.privacy.model_copy(
+            update={"enabled": False, "epsilon": type(cfg.privacy)().epsilon})
+    return config_hash(cfg.model_copy(update=update))
+
+
+def _is_private_oracle(ctx: MethodContext) -> bool:
+    return not isinstance(unwrap_oracle(ctx.oracle), PlainGradient)
+
+
+def _check_privacy(cell: Cell, ctx: MethodContext | None, results: dict[str, Any] | None) -> None:
+    """Refuse a cell whose privacy is not what its epsilon column says (no fake epsilons)."""
+    if ctx is not None and cell.epsilon is not None and not _is_private_oracle(ctx):
+        raise SweepError(
+            f"cell {cell.key}: the runtime's gradient oracle for privacy.enabled = true is the "
+            "plain (non-private) one, so epsilon would not be applied; numeric epsilons need "
+            "the DP runtime"
+        )
+    if results is not None:
+        dp = results.get("assumptions", {}).get("differential_privacy")
+        if cell.epsilon is not None and not dp:
+            raise SweepError(f"cell {cell.key}: the run reports no differential privacy")
+        if cell.epsilon is None and dp:
+            raise SweepError(f"cell {cell.key}: epsilon none, but the run reports differential privacy")
+
+
+# --------------------------------------------------------------------------- running
+
+
+CellCallback = Callable[[Cell, int, int, bool], None]
+"""``on_cell(cell, index, total, skipped)``: called before each cell runs (or is skipped)."""
+RoundCallback = Callable[[Cell, int, int], None]
+"""``on_round(cell, round, rounds)``: called after every round of a running cell."""
+Factory = Callable[[str, MethodContext, ExperimentConfig], FederatedMethod]
+ContextFactory = Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext]
+
+
+@dataclass
+class SweepRow:
+    """One row of the sweep table: a method (or ``fedavg_ft``) at one epsilon."""
+
+    method: str
+    epsilon: float | None
+    seeds: list[int]
+    client_means: list[float]
+    client_mins: list[float]
+    worse_than_local: list[int] | None
+    per_client: list[list[float]] = field(default_factory=list)
+    epsilon_spent: list[float | None] = field(default_factory=list)
+
+    @property
+    def acc_mean(self) -> float:
+        """Mean over seeds of the client-mean accuracy."""
+        return statistics.fmean(self.client_means)
+
+    @property
+    def acc_min(self) -> float:
+        """Lowest client-mean accuracy over seeds."""
+        return min(self.client_means)
+
+    @property
+    def acc_std(self) -> float | None:
+        """Sample standard deviation over seeds (``None`` with a single seed)."""
+        return statistics.stdev(self.client_means) if len(self.client_means) > 1 else None
+
+    @property
+    def client_min_mean(self) -> float:
+        """Mean over seeds of the worst client's accuracy."""
+        return statistics.fmean(self.client_mins)
+
+    @property
+    def epsilon_spent_max(self) -> float | None:
+        """The largest epsilon any client spent, over all seeds (``None``: not reported)."""
+        spent = [e for e in self.epsilon_spent if e is not None]
+        return max(spent) if spent and len(spent) == len(self.epsilon_spent) else None
+
+    @property
+    def worse_than_local_mean(self) -> float | None:
+        """Mean over seeds of the number of clients below their Local accuracy (``None``: no
+        Local reference for some seed)."""
+        return None if self.worse_than_local is None else statistics.fmean(self.worse_than_local)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: its rows, the cells run and skipped, and the files written."""
+
+    rows: list[SweepRow]
+    ran: list[str]
+    skipped: list[str]
+    files: list[Path]
+
+
+def _cell_entries(results: dict[str, Any], method: str) -> dict[str, list[float]]:
+    out = {method: results["methods"][method]["selected"]["per_client"]}
+    if method == "fedavg" and "fedavg_ft" in results["methods"]:
+        out["fedavg_ft"] = results["methods"]["fedavg_ft"]["selected"]["per_client"]
+    return out
+
+
+def _read_cell(path: Path, cell: Cell, expected_hash: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SweepError(f"cell {cell.key}: {path} is unreadable ({err}); delete it to rerun the cell") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+        raise SweepError(f"cell {cell.key}: {path} does not hold a sweep cell result")
+    if doc.get("config_hash") != expected_hash:
+        raise SweepError(
+            f"cell {cell.key} in {path.parent} was run with another configuration; "
+            "use a new --out directory"
+        )
+    return doc
+
+
+def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
+    """Refuse ``out`` if it holds a sweep of another configuration or anything that is not a
+    sweep; with ``write``, record this configuration when ``out`` holds none yet."""
+    path = out / MANIFEST_FILE
+    base = _base_hash(cfg)
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SweepError(f"{path} is unreadable ({err})") from None
+        if doc.get("base_config_hash") != base:
+            raise SweepError(
+                f"{out} holds a sweep of another configuration ({doc.get('name')!r}); "
+                "use a new --out directory"
+            )
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SweepError(
+            f"{out} is not a sweep directory (it holds files but no {MANIFEST_FILE}); "
+            "use a new --out directory"
+        )
+    if not write:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({
+        "name": cfg.name, "base_config_hash": base, "config": cfg.model_dump(mode="json"),
+    }, indent=2))
+
+
+def _cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.method / f"eps-{cell.epsilon_label}" / f"seed-{cell.seed}"
+
+
+def _preflight(
+    pending: Sequence[Cell],
+    configs: Mapping[Cell, ExperimentConfig],
+    clients_for: Callable[[Cell], list[ClientData]],
+    factory: Factory,
+    context_factory: ContextFactory,
+) -> None:
+    """Before any training: build every pending (method, epsilon) once on the first pending
+    seed's data, and check that a numeric epsilon really gets a private oracle."""
+    seen: set[tuple[str, float | None]] = set()
+    for cell in pending:
+        if (cell.method, cell.epsilon) in seen:
+            continue
+        seen.add((cell.method, cell.epsilon))
+        ctx = context_factory(configs[cell], clients_for(cell))
+        _check_privacy(cell, ctx, None)
+        try:
+            factory(cell.method, ctx, configs[cell])
+        except (BaselineConfigError, ValueError) as err:
+            raise SweepError(f"cell {cell.key}: {err}") from None
+
+
+def run_sweep(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    epsilons: Sequence[float | None] = (None,),
+    on_cell: CellCallback | None = None,
+    on_round: RoundCallback | None = None,
+    factory: Factory = method_factory,
+    context_factory: ContextFactory = build_context,
+) -> SweepResult:
+    """Run (or continue) a sweep into ``out``; write ``sweep.csv``, ``sweep.md`` and plots.
+
+    Finished cells are skipped; an interrupted cell resumes from its last checkpoint, giving
+    the same numbers as an uninterrupted run. Before any training, every cell's config is
+    validated and every pending (method, epsilon) is constructed once. Raises
+    :class:`SweepError` for a bad plan or cell config, a method that cannot be built, a
+    numeric epsilon the runtime does not apply, or a directory or cell written for another
+    configuration.
+    """
+    out = Path(out)
+    cells = plan_cells(methods, epsilons, seeds)
+    configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
+    _check_manifest(out, cfg, write=False)
+    data: dict[int, list[ClientData]] = {}
+
+    def clients_for(cell: Cell) -> list[ClientData]:
+        if cell.seed not in data:
+            data[cell.seed] = build_clients(configs[cell])
+        return data[cell.seed]
+
+    docs: dict[Cell, dict[str, Any]] = {}
+    pending: list[Cell] = []
+    for cell in cells:
+        marker = _cell_dir(out, cell) / CELL_FILE
+        if marker.exists():
+            docs[cell] = _read_cell(marker, cell, config_hash(configs[cell]))
+        else:
+            pending.append(cell)
+    _preflight(pending, configs, clients_for, factory, context_factory)
+    _check_manifest(out, cfg, write=True)  # only a sweep that can start claims the directory
+    ran: list[str] = []
+    skipped: list[str] = []
+    for index, cell in enumerate(cells):
+        if cell in docs:
+            skipped.append(cell.key)
+            if on_cell:
+                on_cell(cell, index, len(cells), True)
+            continue
+        if on_cell:
+            on_cell(cell, index, len(cells), False)
+        ccfg = configs[cell]
+        progress = None
+        if on_round is not None:
+            def progress(_m: str, rnd: int, total: int, _cell: Cell = cell) -> None:
+                on_round(_cell, rnd, total)
+        sim = Simulation(ccfg, _cell_dir(out, cell), clients=clients_for(cell), progress=progress,
+                         method_factory=factory, context_factory=context_factory)
+        try:
+            results = sim.run(resume=True)
+        except (CheckpointError, BaselineConfigError) as err:
+            raise SweepError(f"cell {cell.key}: {err}") from None
+        _check_privacy(cell, None, results)
+        doc = {
+            "method": cell.method, "epsilon": cell.epsilon, "seed": cell.seed,
+            "config_hash": config_hash(ccfg), "data_fingerprint": results["data_fingerprint"],
+            "entries": _cell_entries(results, cell.method), "results": results,
+        }
+        atomic_write_text(_cell_dir(out, cell) / CELL_FILE, json.dumps(doc, indent=2))
+        docs[cell] = doc
+        ran.append(cell.key)
+    rows = aggregate(docs)
+    files = write_outputs(out, cfg, rows)
+    return SweepResult(rows, ran, skipped, files)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def aggregate(docs: Mapping[Cell, dict[str, Any]]) -> list[SweepRow]:
+    """Sweep rows from finished cells, ordered by method (as planned) then epsilon.
+
+    "Worse than Local" compares each client's accuracy with the same client's in the Local
+    cell of the same seed (Local is non-private); it is ``None`` for a row when some seed has
+    no Local cell.
+    """
+    local: dict[int, list[float]] = {
+        c.seed: d["entries"]["local"] for c, d in docs.items() if c.method == "local"
+    }
+    grouped: dict[tuple[str, float | None], list[tuple[int, list[float], float | None]]] = {}
+    for cell, doc in docs.items():
+        spent = _epsilon_spent(doc, cell.method)
+        for name, per_client in doc["entries"].items():
+            grouped.setdefault((name, cell.epsilon), []).append((cell.seed, per_client, spent))
+    rows = []
+    for (name, eps), runs in grouped.items():
+        runs.sort(key=lambda run: run[0])
+        worse: list[int] | None = []
+        for seed, per_client, _ in runs:
+            ref = local.get(seed)
+            if ref is None or len(ref) != len(per_client) or worse is None:
+                worse = None
+                continue
+            worse.append(sum(1 for a, b in zip(per_client, ref, strict=True) if a < b))
+        rows.append(SweepRow(
+            method=name, epsilon=eps, seeds=[s for s, _, _ in runs],
+            client_means=[statistics.fmean(p) for _, p, _ in runs],
+            client_mins=[min(p) for _, p, _ in runs],
+            worse_than_local=worse, per_client=[list(p) for _, p, _ in runs],
+            epsilon_spent=[e for _, _, e in runs],
+        ))
+    order = {m: i for i, m in enumerate((*ALL_METHODS, "fedavg_ft"))}
+    order["fedavg_ft"] = order["fedavg"] + 0.5
+    rows.sort(key=lambda r: (order.get(r.method, len(order)), _eps_sort_key(r.epsilon)))
+    return rows
+
+
+def _epsilon_spent(doc: dict[str, Any], method: str) -> float | None:
+    """The largest ``epsilon_spent`` over the cell's clients, as its results report it."""
+    try:
+        clients = doc["results"]["privacy"][method]["clients"]
+        return max(float(c["epsilon_spent"]) for c in clients)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _eps_sort_key(eps: float | None) -> float:
+    return math.inf if eps is None else eps
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+CSV_COLUMNS = ("method", "epsilon", "seeds", "clients", "acc_mean", "acc_min", "acc_std",
+               "client_min_mean", "worse_than_local", "epsilon_spent_max")
+
+
+def rows_to_csv(rows: Iterable[SweepRow]) -> str:
+    """CSV text with :data:`CSV_COLUMNS`; empty fields where a value is undefined."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([
+            r.method, epsilon_label(r.epsilon), len(r.seeds), len(r.per_client[0]),
+            _fmt(r.acc_mean, 6), _fmt(r.acc_min, 6), _fmt(r.acc_std, 6),
+            _fmt(r.client_min_mean, 6), _fmt(r.worse_than_local_mean, 2),
+            _fmt(r.epsilon_spent_max, 4),
+        ])
+    return buf.getvalue()
+
+
+def _spent_label(row: SweepRow) -> str:
+    if row.epsilon is None:
+        return "-"
+    spent = row.epsilon_spent_max
+    return "not reported" if spent is None else f"{spent:.3f}"
+
+
+def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
+    """The sweep table with its setup and the definitions of its columns."""
+    d, t = cfg.data, cfg.training
+    seeds = sorted({s for r in rows for s in r.seeds})
+    lines = [
+        f"# Sweep: {cfg.name}",
+        "",
+        f"Setup: {d.dataset}, {d.partition} partition, {d.num_clients} clients x "
+        f"{d.train_per_client} train / {d.val_per_client} val, model {cfg.model.name}, "
+        f"{t.rounds} rounds x {t.local_epochs} local epochs, participation {t.participation}, "
+        f"seeds {seeds}.",
+        "",
+        "| method | epsilon | seeds | acc mean | acc min | acc std | worst client (mean) "
+        "| clients below Local | epsilon spent (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        worse = r.worse_than_local_mean
+        lines.append(
+            f"| {r.method} | {epsilon_label(r.epsilon)} | {len(r.seeds)} | {r.acc_mean:.4f} | "
+            f"{r.acc_min:.4f} | {_fmt(r.acc_std) or '-'} | {r.client_min_mean:.4f} | "
+            f"{'n/a' if worse is None else f'{worse:.2f}'} | "
+            f"{_spent_label(r)} |"
+        )
+    lines += [""]
+    for eps in sorted({r.epsilon for r in rows}, key=_eps_sort_key):
+        at = [r for r in rows if r.epsilon == eps]
+        best = max(at, key=lambda r: r.acc_mean)
+        settings = privacy_settings(cell_config(cfg, Cell("fedora", eps, seeds[0])))
+        lines.append(f"- epsilon {epsilon_label(eps)}: highest mean accuracy {best.method} "
+                     f"({best.acc_mean:.4f}); {settings}.")
+    lines += [
+        "",
+        "Accuracy is each client's test accuracy at the round with the best mean validation "
+        "accuracy (fedavg_ft: the final global model fine-tuned per client, epoch chosen on "
+        "validation). *acc mean / min / std*: mean, minimum and sample standard deviation over "
+        "seeds of the client-mean accuracy. *worst client*: mean over seeds of the lowest "
+        "client accuracy. *clients below Local*: mean over seeds of the number of clients "
+        "whose accuracy is below their own in the Local run of the same seed; Local runs "
+        "non-private only (a client that stays out releases nothing). *epsilon spent*: the "
+        "largest epsilon any client's accountant reports after the run, over all seeds. "
+        "epsilon none: non-private.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_epsilon(rows: Sequence[SweepRow], path: Path) -> Path:
+    """Client-mean accuracy (mean over seeds, bars: min-max over seeds) per method vs epsilon;
+    non-private sits at the right end, labelled "none"."""
+    eps_values = sorted({r.epsilon for r in rows}, key=_eps_sort_key)
+    pos = {e: i for i, e in enumerate(eps_values)}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = sorted((r for r in rows if r.method == method), key=lambda r: _eps_sort_key(r.epsilon))
+        x = [pos[r.epsilon] for r in mine]
+        y = [r.acc_mean for r in mine]
+        lo = [r.acc_mean - min(r.client_means) for r in mine]
+        hi = [max(r.client_means) - r.acc_mean for r in mine]
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=method)
+    ax.set_xticks(range(len(eps_values)), [epsilon_label(e) for e in eps_values])
+    ax.set_xlabel("epsilon (none: non-private)")
+    ax.set_ylabel("client-mean test accuracy (bars: min-max over seeds)")
+    ax.set_title("Accuracy vs privacy budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None, path: Path) -> Path:
+    """Box plots of per-client accuracy (all clients of all seeds) per method at ``epsilon``."""
+    at = [r for r in rows if r.epsilon == epsilon]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(at) + 2), 4.2))
+    ax.boxplot([[a for run in r.per_client for a in run] for r in at], showmeans=True)
+    ax.set_xticks(range(1, len(at) + 1), [r.method for r in at], rotation=30)
+    ax.set_ylabel("per-client test accuracy (all seeds)")
+    ax.set_title(f"Per-client accuracy, epsilon {epsilon_label(epsilon)}")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> list[Path]:
+    """Write ``sweep.csv``, ``sweep.md`` and the plots (atomically for the text files)."""
+    atomic_write_text(out / "sweep.csv", rows_to_csv(rows))
+    atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows))
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    files = [out / "sweep.csv", out / "sweep.md",
+             plot_accuracy_vs_epsilon(rows, plots / "accuracy_vs_epsilon.png")]
+    for eps in sorted({r.epsilon for r in rows}, key=_eps_sort_key):
+        files.append(plot_per_client_distribution(
+            rows, eps, plots / f"per_client_eps-{epsilon_label(eps)}.png"))
+    return files
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run ``secure-fedora sweep``; returns 0, or raises :class:`SweepError` (or another
+    toolkit error) for a sweep that cannot run (the entry point prints it, exit code 2)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    cfg = load_config(args.config)
+    methods = args.methods or list(ALL_METHODS)
+    seeds = args.seeds if args.seeds is not None else [cfg.seed]
+    err_console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err_console, disable=args.quiet,
+    ) as progress:
+        overall = progress.add_task("cells", total=None)
+        rounds = progress.add_task("rounds", total=cfg.training.rounds)
+
+        def on_cell(cell: Cell, index: int, total: int, skipped: bool) -> None:
+            progress.update(overall, total=total, completed=index + (1 if skipped else 0))
+            progress.update(rounds, description=cell.key, completed=0)
+
+        def on_round(cell: Cell, rnd: int, total: int) -> None:
+            progress.update(rounds, completed=rnd, total=total)
+            if rnd == total:
+                progress.advance(overall)
+
+        result = run_sweep(cfg, args.out, methods, seeds, args.epsilons,
+                           on_cell=on_cell, on_round=on_round)
+    console = Console()
+    console.print((Path(args.out) / "sweep.md").read_text())
+    console.print(f"cells run: {len(result.ran)}, skipped (already finished): {len(result.skipped)}")
+    console.print(f"sweep directory: {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``sweep`` command to a ``secure-fedora`` sub-command parser; returns it."""
+    p = subparsers.add_parser(
+        "sweep", help="run methods x epsilon x seeds and write a table and plots",
+        description="Run every method at every epsilon and seed of a config; resumable: a "
+                    "rerun with the same --out skips finished cells.",
+    )
+    p.add_argument("config", help="path to a TOML config (see configs/)")
+    p.add_argument("--out", required=True, help="sweep directory (created; reused to resume)")
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None,
+                   help="methods to run (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds (default: the config's seed)")
+    p.add_argument("--epsilons", nargs="+", type=parse_epsilon, default=[None],
+                   help="privacy budgets; 'none' is non-private (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m secure_fedora.experiments.sweep``); errors are reported as by
+    the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
+    from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
+
+    argv, debug = split_debug_flag(argv)
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    add_debug_flag(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return run_command(args.func, args, debug=debug)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

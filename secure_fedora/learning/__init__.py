@@ -1,0 +1,1 @@
+"""Models, tasks (loss and metric), the flat-parameter client trainer and devices (imports core, data)."""

@@ -1,0 +1,261 @@
+"""The client update: local SGD on a personalized model with FEDORA's proximal pull.
+
+All client parameters live as rows of one (N x P) float32 matrix; a :class:`FlatModel` binds a
+single module's parameters (and gradients) as views onto one row, so training a client updates
+its row in place. No state-dict round trips and no deep copies happen inside the training loop:
+the only per-step copy is the 118k-float ``theta_before`` needed by the proximal pull, and only
+when the pull is active.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from privacy.errors import ToolkitError
+from secure_fedora.algorithms.fedora import proximal_pull_
+from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
+
+__all__ = [
+    "ClientUpdateError",
+    "Evaluation",
+    "FlatModel",
+    "GradientOracle",
+    "MomentumSGD",
+    "PlainGradient",
+    "TrainConfig",
+    "evaluate",
+    "local_train",
+]
+
+
+class ClientUpdateError(ToolkitError, ValueError):
+    """Raised for a client update that cannot be applied (shape, non-finite values)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation hyper-parameters (reference: lr 5e-3, momentum 0.9, wd 5e-5, batch 64, E 5)."""
+
+    lr: float = 5e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    batch_size: int = 64
+    local_epochs: int = 5
+
+
+class FlatModel:
+    """One module whose parameters can be bound as views onto any row of a flat matrix."""
+
+    def __init__(self, module: nn.Module, task: Task | None = None) -> None:
+        self.module = module
+        # The loss and metric clients train and are evaluated with (cross-entropy/accuracy
+        # by default); see secure_fedora.learning.tasks.
+        self.task: Task = task if task is not None else CROSS_ENTROPY
+        self.params: list[nn.Parameter] = list(module.parameters())
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.num_params = sum(self.sizes)
+        self._bound: tuple[int, int] | None = None
+
+    def initial_vector(self) -> Tensor:
+        """The module's current parameters flattened into one float32 vector (a copy)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params]).to(torch.float32).clone()
+
+    def bind(self, row: Tensor, grad: Tensor | None = None) -> nn.Module:
+        """Make the module's parameters (and ``.grad``) views of ``row`` (and ``grad``).
+
+        Afterwards, forward passes use ``row`` and backward passes accumulate into ``grad``;
+        writing to ``row`` changes the model. Rebinding the same storage is free.
+        """
+        if row.shape != (self.num_params,):
+            raise ClientUpdateError(f"parameter row has shape {tuple(row.shape)}, expected ({self.num_params},)")
+        key = (row.data_ptr(), grad.data_ptr() if grad is not None else 0)
+        if self._bound == key:
+            return self.module
+        offset = 0
+        for p, shape, size in zip(self.params, self.shapes, self.sizes, strict=True):
+            p.data = row[offset : offset + size].view(shape)
+            p.grad = grad[offset : offset + size].view(shape) if grad is not None else None
+            offset += size
+        self._bound = key
+        return self.module
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean loss, accuracy and the task's metric of one model on one data split.
+
+    ``metric`` is what model selection uses: the accuracy for cross-entropy, the ROC AUC for
+    binary/multi-label BCE (see :mod:`secure_fedora.learning.tasks`); ``accuracy`` is always the
+    fraction of correct predictions (label entries for multi-label, threshold 0.5).
+    """
+
+    loss: float
+    accuracy: float
+    metric: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.metric):
+            object.__setattr__(self, "metric", self.accuracy)
+
+
+@torch.no_grad()
+def evaluate(flat: FlatModel, row: Tensor, x: Tensor, y: Tensor, batch_size: int = 4096) -> Evaluation:
+    """Loss, accuracy and metric (``flat.task``) of the parameters ``row`` on ``(x, y)``;
+    does not change ``row``."""
+    if x.shape[0] == 0:
+        raise ClientUpdateError("cannot evaluate on an empty split")
+    task = flat.task
+    model = flat.bind(row)
+    was_training = model.training
+    model.eval()
+    total_loss = 0.0
+    correct = 0.0
+    outputs = []
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        total_loss += task.sum_loss(logits, target).item()
+        correct += task.correct(logits, target)
+        if task.metric_name != "accuracy":
+            outputs.append(logits)
+    model.train(was_training)
+    accuracy = correct / x.shape[0]
+    metric = task.metric(torch.cat(outputs), y) if outputs else accuracy
+    return Evaluation(loss=total_loss / x.shape[0], accuracy=accuracy, metric=metric)
+
+
+class GradientOracle(Protocol):
+    """How a client turns its data into gradient steps (plain SGD or DP-SGD).
+
+    ``batches`` yields the index sets of one local training run; ``gradient`` writes the
+    step's gradient into the bound model's ``.grad`` views (which alias the flat grad buffer).
+    """
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]: ...
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None: ...
+
+
+class PlainGradient:
+    """Non-private gradients: shuffled mini-batches, the task's mean loss (cross-entropy by
+    default), one backward pass.
+
+    With ``max_grad_norm`` set, the batch gradient is rescaled to L2 norm at most
+    ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_`` semantics over all parameters). This
+    is a stability knob for non-private training, not a privacy mechanism.
+    """
+
+    def __init__(self, batch_size: int, max_grad_norm: float | None = None,
+                 task: Task | None = None) -> None:
+        if batch_size < 1:
+            raise ClientUpdateError(f"batch_size must be positive; got {batch_size}")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ClientUpdateError(f"max_grad_norm must be positive and finite; got {max_grad_norm}")
+        self.batch_size = batch_size
+        self.max_grad_norm = max_grad_norm
+        self.task = task if task is not None else CROSS_ENTROPY
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """Each epoch, a fresh permutation cut into batches (the last one may be smaller)."""
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            yield from order.split(self.batch_size)
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
+        """Write the mean-loss gradient of the batch into ``grad`` (clipped if configured)."""
+        grad.zero_()
+        self.task.mean_loss(model(x), y).backward()
+        if self.max_grad_norm is not None:
+            norm = float(grad.norm())
+            if norm > self.max_grad_norm:
+                grad.mul_(self.max_grad_norm / norm)
+
+
+class MomentumSGD:
+    """SGD with momentum and weight decay on one flat vector, matching ``torch.optim.SGD``.
+
+    ``g = grad + wd * theta``; ``buf = g`` on the first step, else ``buf = m * buf + g``;
+    ``theta -= lr * buf``. The momentum buffer is reset at the start of each local run, as a
+    freshly created ``torch.optim.SGD`` would be.
+    """
+
+    def __init__(self, num_params: int, device: torch.device | str = "cpu") -> None:
+        self.buffer = torch.zeros(num_params, device=device)
+        self.fresh = True
+
+    def reset(self) -> None:
+        self.fresh = True
+
+    def step(self, theta: Tensor, grad: Tensor, cfg: TrainConfig) -> None:
+        if cfg.weight_decay:
+            grad.add_(theta, alpha=cfg.weight_decay)
+        if cfg.momentum:
+            if self.fresh:
+                self.buffer.copy_(grad)
+                self.fresh = False
+            else:
+                self.buffer.mul_(cfg.momentum).add_(grad)
+            theta.add_(self.buffer, alpha=-cfg.lr)
+        else:
+            theta.add_(grad, alpha=-cfg.lr)
+
+
+@dataclass
+class Workspace:
+    """Per-process scratch buffers reused by every client update (never reallocated per step)."""
+
+    grad: Tensor
+    before: Tensor
+    optimizer: MomentumSGD
+
+    @classmethod
+    def for_size(cls, num_params: int, device: torch.device | str = "cpu") -> Workspace:
+        return cls(torch.zeros(num_params, device=device), torch.zeros(num_params, device=device),
+                   MomentumSGD(num_params, device))
+
+
+def local_train(
+    flat: FlatModel,
+    theta: Tensor,
+    x: Tensor,
+    y: Tensor,
+    cfg: TrainConfig,
+    oracle: GradientOracle,
+    generator: torch.Generator,
+    workspace: Workspace,
+    phi: Tensor | None = None,
+    lam: float = 0.0,
+) -> int:
+    """Train ``theta`` in place for ``cfg.local_epochs`` epochs; returns the number of steps.
+
+    After every optimizer step, when ``lam > 0``, the proximal pull
+    ``theta <- theta - lr * lam * (theta_before_step - phi)`` is applied (docs/design.md section 2, a round, step 2).
+    Raises :class:`ClientUpdateError` if training produced non-finite parameters; ``theta`` is
+    then restored to its value before the run, so nothing is lost.
+    """
+    if lam < 0 or (lam > 0 and phi is None):
+        raise ClientUpdateError(f"invalid regularization: lam={lam}, phi given: {phi is not None}")
+    start = theta.clone()
+    model = flat.bind(theta, workspace.grad)
+    model.train()
+    workspace.optimizer.reset()
+    steps = 0
+    for index in oracle.batches(x.shape[0], cfg.local_epochs, generator):
+        oracle.gradient(model, x[index], y[index], workspace.grad)
+        if lam > 0:
+            workspace.before.copy_(theta)
+        workspace.optimizer.step(theta, workspace.grad, cfg)
+        if lam > 0:
+            proximal_pull_(theta, workspace.before, phi, cfg.lr, lam)
+        steps += 1
+    if not torch.isfinite(theta).all():
+        theta.copy_(start)
+        raise ClientUpdateError("local training produced non-finite parameters; update discarded")
+    return steps

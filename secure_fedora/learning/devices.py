@@ -1,0 +1,77 @@
+"""Where the in-process runtime computes: ``[training] device`` and ``[training] threads``.
+
+``cpu`` is the reference. ``cuda`` puts the client data, the model, every parameter matrix
+(theta, phi, the methods' state) and the training buffers on the GPU; batch order comes from
+the same per-client CPU generators as on the CPU, so it is reproducible and identical across
+devices. A configuration the GPU path does not cover is refused with :class:`DeviceError`
+before anything runs (never a silent move back to the CPU): differential privacy (its
+mechanisms draw noise from per-client CPU generators), message envelopes, encrypted
+propagation or relatedness, and methods other than FEDORA and Local.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from privacy.errors import ToolkitError
+from secure_fedora.core.config import ExperimentConfig
+from secure_fedora.data.partition import ClientData
+
+__all__ = ["CUDA_METHODS", "DeviceError", "apply_threads", "clients_on", "resolve_device"]
+
+CUDA_METHODS = frozenset({"fedora", "local"})
+
+
+class DeviceError(ToolkitError, ValueError):
+    """A device setting that cannot be honoured on this machine or for this configuration."""
+
+
+def _cuda_blockers(cfg: ExperimentConfig) -> list[str]:
+    blockers = []
+    if cfg.privacy.enabled:
+        blockers.append("privacy.enabled (DP noise comes from per-client CPU generators)")
+    if cfg.security.envelopes:
+        blockers.append("security.envelopes")
+    if "encrypted" in cfg.fedora.relatedness or cfg.fedora.propagation == "encrypted":
+        blockers.append("encrypted relatedness or propagation (CKKS runs on the CPU)")
+    other = sorted(set(cfg.methods) - CUDA_METHODS)
+    if other:
+        blockers.append(f"methods {other} (the GPU path covers {sorted(CUDA_METHODS)})")
+    return blockers
+
+
+def resolve_device(cfg: ExperimentConfig, cuda_available: bool | None = None) -> torch.device:
+    """The device of a run: ``cpu``; ``cuda`` (raises :class:`DeviceError` when no GPU is
+    visible or the configuration is not covered); ``auto``: cuda when a GPU is visible and
+    the configuration is covered, else cpu."""
+    setting = cfg.training.device
+    if setting == "cpu":
+        return torch.device("cpu")
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    blockers = _cuda_blockers(cfg)
+    if setting == "auto":
+        return torch.device("cuda") if available and not blockers else torch.device("cpu")
+    if not available:
+        raise DeviceError("training.device = 'cuda' but no CUDA device is visible "
+                          "(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
+    if blockers:
+        raise DeviceError("training.device = 'cuda' does not support: " + "; ".join(blockers)
+                          + ". Use device = 'cpu'")
+    return torch.device("cuda")
+
+
+def apply_threads(cfg: ExperimentConfig) -> None:
+    """``torch.set_num_threads(training.threads)`` when set; otherwise leave torch's default."""
+    if cfg.training.threads is not None:
+        torch.set_num_threads(cfg.training.threads)
+
+
+def clients_on(clients: Sequence[ClientData], device: torch.device) -> list[ClientData]:
+    """The clients with their tensors on ``device`` (the same objects on the CPU: no copy)."""
+    if device.type == "cpu":
+        return list(clients)
+    fields = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+    return [dataclasses.replace(c, **{f: getattr(c, f).to(device) for f in fields}) for c in clients]

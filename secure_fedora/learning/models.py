@@ -1,0 +1,178 @@
+"""Model architectures shared by every client: an MLP (any input shape) and a small CNN
+(images ``(C, H, W)`` of at least 16x16; 1x28x28 by default), registered in
+:data:`secure_fedora.core.registry.MODELS`.
+
+Both are plain ``nn.Sequential`` stacks of Linear / Conv2d / ReLU / MaxPool2d / Flatten with
+no normalization layers, so they are valid for Opacus DP-SGD (per-sample gradients) as is.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from privacy.errors import ToolkitError
+from secure_fedora.core.registry import MODELS
+
+ModelName = Literal["mlp", "cnn"]
+MNIST_SHAPE = (1, 28, 28)
+
+
+class ModelError(ToolkitError, ValueError):
+    """An unknown architecture or invalid model argument."""
+
+
+@MODELS.register("mlp")
+def _mlp(input_shape: tuple[int, ...], num_classes: int,
+         device: torch.device | str | None) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 128, device=device),
+        nn.ReLU(),
+        nn.Linear(128, 128, device=device),
+        nn.ReLU(),
+        nn.Linear(128, num_classes, device=device),
+    )
+
+
+@MODELS.register("cnn")
+def _cnn(input_shape: tuple[int, ...], num_classes: int,
+         device: torch.device | str | None) -> nn.Sequential:
+    if len(input_shape) != 3:
+        raise ModelError(f"model 'cnn' needs image inputs (C, H, W), got {input_shape}; use "
+                         "model 'mlp' or a [model] factory")
+    channels, height, width = input_shape
+    h, w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
+    if h < 1 or w < 1:
+        raise ModelError(f"model 'cnn' needs images of at least 16x16, got {height}x{width}; "
+                         "use a [model] factory with a smaller network")
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, kernel_size=5, device=device),  # 16 x 24 x 24
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 16 x 12 x 12
+        nn.Conv2d(16, 32, kernel_size=5, device=device),  # 32 x 8 x 8
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 32 x 4 x 4
+        nn.Flatten(),
+        nn.Linear(32 * h * w, 64, device=device),
+        nn.ReLU(),
+        nn.Linear(64, num_classes, device=device),
+    )
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default Linear / Conv2d initialization, drawn from ``generator``."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+
+
+def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = None,
+               input_shape: Sequence[int] = MNIST_SHAPE) -> nn.Module:
+    """Build a fresh registered model for inputs ``(n, *input_shape)`` (default 1x28x28),
+    returning logits ``(n, C)``.
+
+    ``"mlp"``: Flatten, Linear(784, 128), ReLU, Linear(128, 128), ReLU, Linear(128, C)
+    (118,282 parameters for C = 10). ``"cnn"``: Conv(1, 16, 5), ReLU, MaxPool(2),
+    Conv(16, 32, 5), ReLU, MaxPool(2), Flatten, Linear(512, 64), ReLU, Linear(64, C)
+    (46,730 parameters for C = 10); other input shapes change the first Linear's width.
+
+    With ``seed`` given, parameters follow PyTorch's default initialization drawn from a local
+    ``torch.Generator`` seeded with it: equal seeds give bit-identical parameters and the global
+    RNG state is neither read nor advanced. With ``seed=None`` the layers initialize from the
+    global RNG, as plain PyTorch modules do.
+    """
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; expected one of {MODELS.names()}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise ModelError(f"num_classes must be an integer, got {num_classes!r}")
+    if num_classes < 2:
+        raise ModelError(f"num_classes must be >= 2, got {num_classes}")
+    builder = MODELS.get(name)
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise ModelError(f"input_shape must be positive dimensions, got {tuple(input_shape)}")
+    if seed is None:
+        return builder(shape, int(num_classes), None)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ModelError(f"seed must be a non-negative integer or None, got {seed!r}")
+    # Built on the meta device so construction consumes no random numbers, then materialized.
+    model = builder(shape, int(num_classes), "meta").to_empty(device="cpu")
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed))
+    init_parameters(model, generator)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_user_model(factory: object, input_shape: Sequence[int], num_classes: int,
+                     seed: int, source: str = "model factory") -> nn.Module:
+    """Call a user ``factory(input_shape, num_classes)`` with the global RNG seeded by ``seed``
+    (restored afterwards, so equal seeds give equal initial parameters) and check the result:
+    an ``nn.Module`` with float32 trainable parameters and no floating-point buffers (per-client
+    state must live in parameters, which are the rows the federation moves; BatchNorm's
+    running statistics would be shared silently). Raises :class:`ModelError` naming the problem.
+    """
+    if not callable(factory):
+        raise ModelError(f"{source} is a {type(factory).__name__}, not a callable")
+    shape = tuple(int(d) for d in input_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = factory(shape, int(num_classes))
+        except Exception as err:  # user code: report whatever it raised
+            raise ModelError(f"{source} failed for input_shape={shape}, num_classes={num_classes}: "
+                             f"{type(err).__name__}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{source} returned a {type(model).__name__}, expected a torch.nn.Module")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ModelError(f"{source} returned a model without trainable parameters")
+    for n, p in params:
+        if p.dtype != torch.float32 or p.device.type != "cpu":
+            raise ModelError(f"{source}: parameter {n!r} is {p.dtype} on {p.device}; the federation "
+                             "stores parameters as float32 on the CPU")
+    for n, b in model.named_buffers():
+        if torch.is_floating_point(b):
+            raise ModelError(
+                f"{source}: buffer {n!r} ({tuple(b.shape)}) would be shared by every client "
+                "(only parameters are per client); use layers without running statistics, "
+                "e.g. GroupNorm or LayerNorm instead of BatchNorm"
+            )
+    return model
+
+
+@torch.no_grad()
+def check_output_width(model: nn.Module, sample: torch.Tensor, width: int,
+                       source: str = "model") -> None:
+    """Run ``model`` on a few inputs and check it returns ``(n, width)`` finite outputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(sample)
+    except Exception as err:  # user code: report whatever it raised
+        raise ModelError(f"{source} fails on inputs of shape {tuple(sample.shape)}: "
+                         f"{type(err).__name__}: {err}") from err
+    finally:
+        model.train(was_training)
+    n = int(sample.shape[0])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, width):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"{source} returns outputs of shape {shape} for {n} inputs; expected "
+                         f"({n}, {width}) (output width = num_classes for this loss)")
+    if not torch.isfinite(out).all():
+        raise ModelError(f"{source} returns non-finite outputs at initialization")

@@ -1,0 +1,1 @@
+"""The runtimes that move messages and state: in-process simulation and Flower."""

@@ -1,0 +1,161 @@
+"""``secure-fedora deploy ...``: certificates and a local secured Flower deployment.
+
+``register(subparsers)`` adds the ``deploy`` command group to the main argparse parser:
+
+- ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
+- ``deploy local --config CONFIG [--clients N] --workdir DIR [--round-timeout S]
+  [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]``
+
+Every command sets ``func`` (returning the exit code), as the main CLI expects. Failures
+raise the toolkit's errors, which the main CLI prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+__all__ = ["cmd_certs", "cmd_local", "register"]
+
+console = Console(stderr=True)
+
+
+def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``; the error says ``expected ...``."""
+
+    def parse(value: str) -> int:
+        try:
+            parsed = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if parsed < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+        return parsed
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _positive_float(value: str) -> float:
+    try:
+        parsed = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not parsed > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return parsed
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Write a CA, a server certificate for ``--host`` and optionally ``--nodes`` node keys."""
+    from secure_fedora.runtimes.flower.certs import make_certificates, make_node_keys
+
+    out = Path(args.out)
+    paths = make_certificates(out, args.host, valid_days=args.days, overwrite=args.force)
+    keys = (
+        make_node_keys(out / "keys", [f"node-{i}" for i in range(args.nodes)], overwrite=args.force)
+        if args.nodes
+        else []
+    )
+    report = {
+        "ca_cert": str(paths.ca_cert),
+        "server_cert": str(paths.server_cert),
+        "server_key": str(paths.server_key),
+        "subject_alt_names": list(paths.hosts),
+        "node_keys": [{"private": str(k.private_key), "public": str(k.public_key)} for k in keys],
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    """Run FEDORA on a local TLS + node-authenticated Flower deployment, then stop it."""
+    from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
+
+    timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
+    try:
+        result = deploy_local(
+            args.config,
+            args.clients,
+            args.workdir,
+            timeouts=timeouts,
+            num_threads=args.threads,
+            reproducible_dp_noise=args.reproducible_dp_noise,
+            key_holder=args.key_holder,
+            max_in_flight=args.max_in_flight,
+            progress=lambda msg: console.print(f"[bold]deploy:[/bold] {msg}"),
+        )
+    except KeyboardInterrupt:
+        console.print("[red]interrupted:[/red] every started process was stopped")
+        return 130
+    selected = result.results["methods"]["fedora"]["selected"]
+    console.print(
+        f"run {result.run_id} {result.status} in {result.seconds:.1f} s; selected test accuracy "
+        f"mean {selected['mean']:.4f} (min {selected['min']:.4f}, max {selected['max']:.4f})"
+    )
+    for event in result.results.get("events", []):
+        console.print(f"  round {event['round']}: client {event['client']}: {event['event']}")
+    print(json.dumps({"run_id": str(result.run_id), "status": result.status,
+                      "results": str(result.workdir / "results" / "results.json")}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``deploy`` command group (``certs``, ``local``) to ``subparsers``."""
+    deploy = subparsers.add_parser("deploy", help="secure deployment on Flower (TLS, node auth)")
+    sub = deploy.add_subparsers(dest="deploy_command", required=True)
+
+    certs = sub.add_parser("certs", help="create a CA and a server certificate (and node keys)")
+    certs.add_argument("--out", required=True, help="output directory")
+    certs.add_argument(
+        "--host", action="append", default=[], metavar="H",
+        help="host name or IP the SuperLink is reached at (repeatable; localhost and "
+        "127.0.0.1 are always included)",
+    )
+    certs.add_argument("--nodes", type=_non_negative_int, default=0,
+                       help="also create N SuperNode key pairs (in OUT/keys)")
+    certs.add_argument("--days", type=_positive_int, default=365, help="validity in days")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(func=cmd_certs)
+
+    local = sub.add_parser(
+        "local", help="run FEDORA on a local SuperLink + N SuperNodes (127.0.0.1, TLS, node auth)"
+    )
+    local.add_argument("--config", required=True, help="experiment config (TOML)")
+    local.add_argument(
+        "--clients", type=_positive_int, default=None,
+        help="number of clients = SuperNodes (replaces data.num_clients of the config)",
+    )
+    local.add_argument("--workdir", required=True, help="directory for certificates, state, logs")
+    local.add_argument("--round-timeout", type=_positive_float, default=600.0,
+                       help="seconds to wait for one round's replies (default 600)")
+    local.add_argument("--connect-timeout", type=_positive_float, default=120.0,
+                       help="seconds to wait for all SuperNodes to be online (default 120)")
+    local.add_argument("--run-timeout", type=_positive_float, default=24 * 3600.0,
+                       help="seconds before the whole run is stopped (default 86400)")
+    local.add_argument("--threads", type=_positive_int, default=1,
+                       help="torch threads per ServerApp / ClientApp process (default 1)")
+    local.add_argument(
+        "--reproducible-dp-noise", action="store_true",
+        help="run with privacy.noise = 'reproducible' (DP noise seeded from the experiment seed; "
+        "test deployments only: the server knows the seed, so there is no DP guarantee against "
+        "it; the results say so)",
+    )
+    local.add_argument(
+        "--key-holder", type=_non_negative_int, default=0,
+        help="client index that runs the CKKS key ceremony and decrypts the overlap blocks "
+        "(fedora.relatedness = encrypted or noised+encrypted; default 0)",
+    )
+    local.add_argument(
+        "--max-in-flight", type=_non_negative_int, default=None, metavar="N",
+        help="messages the ServerApp keeps outstanding at once; each starts a ClientApp process "
+        "on this host (0: all at once; default: twice the CPU cores)",
+    )
+    local.set_defaults(func=cmd_local)

@@ -1,0 +1,657 @@
+"""A complete, secured Flower deployment on this machine (127.0.0.1 only).
+
+:func:`deploy_local` creates certificates and node keys, starts ``flower-superlink`` with TLS
+and SuperNode authentication, registers every node's public key with ``flwr supernode
+register``, starts one ``flower-supernode`` per client, submits the FEDORA app with ``flwr
+run``, follows it to the end and stops everything it started, also on errors and Ctrl-C.
+:class:`LocalFederation` is the same machinery as a context manager, for tests and tools that
+need to act during a run (stop or restart a SuperNode).
+
+Layout of ``workdir``::
+
+    certs/               ca.crt, ca.key, server.crt, server.key (keys 0600)
+    keys/                node-<i> (OpenSSH private, 0600), node-<i>.pub
+    identities/<party>/  one directory per party (server, client-000, ...): that party's Ed25519
+                         and X25519 private keys (0600) and the federation's allowlist.json;
+                         they sign every message envelope and the clients' privacy ledgers
+    server/              the ServerApp's envelope nonce memory (runs/<run_id>/)
+    flwr/cli/            FLWR_HOME of the flwr CLI (config.toml with the connection)
+    flwr/superlink/      FLWR_HOME of the SuperLink (its installed FABs)
+    flwr/node-<i>/       FLWR_HOME of SuperNode i
+    nodes/node-<i>/      state-dir of client i (partition, models, release journal and,
+                         with DP, the signed ledger runs/<run_id>/client-<i>.jsonl)
+    logs/                one log per process; serverapp.log is the run's log stream
+    results/             results.json, progress.json written by the ServerApp
+    run.toml             the run-config overrides passed to ``flwr run``
+
+Every process gets ``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_UPDATE_CHECK=1``; the
+SuperLink always runs with ``--disable-runtime-dependency-installation`` (and so do the
+SuperNodes, whose default is off), so Flower never installs packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import tomli_w
+
+from privacy.identity import (
+    ALLOWLIST_FILENAME,
+    SERVER_ID,
+    allowlist_bytes,
+    client_ids,
+    default_party_ids,
+    init_keys,
+)
+from secure_fedora.core.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.runtimes.flower.certs import (
+    CertificatePaths,
+    NodeKeyPaths,
+    make_certificates,
+    make_node_keys,
+)
+from secure_fedora.runtimes.flower.processes import ManagedProcess, ProcessError, stop_all
+from secure_fedora.runtimes.flower.protocol import (
+    DeployError,
+    check_supported,
+    make_run_config,
+    with_reproducible_noise,
+)
+
+__all__ = [
+    "APP_DIR",
+    "CONNECTION_NAME",
+    "DeployResult",
+    "LocalFederation",
+    "RunTimeouts",
+    "default_max_in_flight",
+    "deploy_local",
+    "flower_env",
+    "free_ports",
+    "init_party_identities",
+    "with_num_clients",
+]
+
+#: The Flower app directory (holds the app's pyproject.toml).
+APP_DIR = Path(__file__).resolve().parent / "flwr_app"
+#: Name of the SuperLink connection written to the CLI's config.toml.
+CONNECTION_NAME = "secure-fedora-local"
+LOOPBACK = "127.0.0.1"
+
+
+def flower_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process: no telemetry, no update check, its own FLWR_HOME."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_HOME=str(flwr_home),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
+    """One identity directory per party under ``root``: ``root/<party>/`` holds only that
+    party's private keys (0600, directory 0700) plus the federation's full ``allowlist.json``.
+
+    Parties are ``server`` and ``client-000`` ... for ``num_clients`` clients. Existing
+    directories are reused when every party's allowlist is present (a restarted deployment
+    keeps its identities); otherwise :class:`DeployError` names what is inconsistent. Returns
+    the directory of each party.
+    """
+    parties = default_party_ids(num_clients)
+    dirs = {party: root / party for party in parties}
+    if all((d / ALLOWLIST_FILENAME).exists() for d in dirs.values()):
+        return dirs
+    partial = [str(d) for d in dirs.values() if d.exists()]
+    if partial:
+        raise DeployError(
+            f"identity directories exist without a complete allowlist: {partial[:3]}; "
+            "remove them or use a fresh workdir"
+        )
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    public = {}
+    for party, directory in dirs.items():
+        public.update(init_keys(directory, [party]))
+    document = allowlist_bytes(public)
+    for directory in dirs.values():
+        tmp = directory / f".{ALLOWLIST_FILENAME}.tmp"
+        tmp.write_bytes(document)
+        os.replace(tmp, directory / ALLOWLIST_FILENAME)
+    return dirs
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((LOOPBACK, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def with_num_clients(cfg: ExperimentConfig, num_clients: int | None) -> ExperimentConfig:
+    """``cfg`` with ``data.num_clients`` replaced (re-validated); unchanged for ``None``."""
+    if num_clients is None or num_clients == cfg.data.num_clients:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    data["data"]["num_clients"] = num_clients
+    return parse_config(data, f"(config with data.num_clients = {num_clients})")
+
+
+def _flower_bin(name: str) -> str:
+    """Path of a Flower console script next to this interpreter (else from PATH)."""
+    candidate = Path(sys.executable).with_name(name)
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"the Flower command {name!r} is not installed (pip install flwr==1.42.0)")
+    return found
+
+
+@dataclass(frozen=True)
+class RunTimeouts:
+    """Bounded waits of a local deployment (seconds)."""
+
+    startup: float = 60.0  # SuperLink listening, each SuperNode activated
+    connect: float = 120.0  # ServerApp waiting for all SuperNodes to be online
+    round: float = 600.0  # ServerApp waiting for one round's replies
+    run: float = 3600.0  # the whole run, from submission to finish
+    poll: float = 0.2  # ServerApp pull interval
+    cli: float = 120.0  # one flwr CLI call
+
+
+@dataclass
+class DeployResult:
+    """What a finished local deployment produced."""
+
+    run_id: int
+    status: str
+    results: dict[str, Any]
+    workdir: Path
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Node:
+    index: int
+    key: NodeKeyPaths
+    port: int
+    state_dir: Path
+    flwr_home: Path
+    process: ManagedProcess | None = None
+    node_id: int | None = None
+
+
+class LocalFederation:
+    """SuperLink + N SuperNodes on 127.0.0.1 with TLS and node authentication.
+
+    Use as a context manager: on exit (normal, exception or KeyboardInterrupt) every process
+    it started, and their descendants, are stopped (SIGTERM, then SIGKILL after a grace
+    period). ``register`` controls which node keys are registered: an unregistered node is
+    started like the others but the SuperLink refuses it.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        num_nodes: int,
+        *,
+        timeouts: RunTimeouts | None = None,
+        register: Sequence[int] | None = None,
+    ) -> None:
+        if num_nodes < 1:
+            raise DeployError(f"num_nodes must be at least 1; got {num_nodes}")
+        self.workdir = Path(workdir).expanduser().resolve()
+        self.num_nodes = num_nodes
+        self.timeouts = timeouts or RunTimeouts()
+        self.register_indices = list(range(num_nodes)) if register is None else list(register)
+        self.processes: list[ManagedProcess] = []
+        self.nodes: list[_Node] = []
+        self.certs: CertificatePaths | None = None
+        self.port: int = 0
+        self.superlink: ManagedProcess | None = None
+        self.cli_home = self.workdir / "flwr" / "cli"
+        self.identity_dir = self.workdir / "identities"
+        self.server_state_dir = self.workdir / "server"
+        self.logs = self.workdir / "logs"
+        self.phases: dict[str, float] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Create credentials, start the SuperLink, register keys, start every SuperNode."""
+        t0 = time.perf_counter()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.certs = make_certificates(self.workdir / "certs", [LOOPBACK], overwrite=True)
+        keys = make_node_keys(
+            self.workdir / "keys", [f"node-{i}" for i in range(self.num_nodes)], overwrite=True
+        )
+        ports = free_ports(self.num_nodes + 1)
+        self.port = ports[0]
+        for i, key in enumerate(keys):
+            self.nodes.append(
+                _Node(
+                    index=i,
+                    key=key,
+                    port=ports[i + 1],
+                    state_dir=self.workdir / "nodes" / f"node-{i}",
+                    flwr_home=self.workdir / "flwr" / f"node-{i}",
+                )
+            )
+        self._write_cli_config()
+        # Every party's Ed25519 / X25519 identity, one directory each: they sign every message
+        # envelope (and the clients' privacy ledgers), and receive the sealed CKKS context.
+        init_party_identities(self.identity_dir, self.num_nodes)
+        self.phases["credentials"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._start_superlink()
+        self.phases["superlink"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in self.register_indices:
+            self.nodes[i].node_id = self.register_node(i)
+        self.phases["register"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for node in self.nodes:
+            self.start_node(node.index, wait=False)
+        for i in self.register_indices:
+            self.wait_node_active(i)
+        self.phases["supernodes"] = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        """Stop every process started here (SuperNodes first, then the SuperLink)."""
+        stop_all(self.processes)
+
+    def refresh(self) -> None:
+        """Record the current descendants of every started process (for a complete stop)."""
+        for proc in self.processes:
+            proc.refresh_descendants()
+
+    # -- pieces ---------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        """The SuperLink's ``host:port`` (Fleet, Control and Runtime APIs share it)."""
+        return f"{LOOPBACK}:{self.port}"
+
+    def _write_cli_config(self) -> None:
+        assert self.certs is not None
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "superlink": {
+                "default": CONNECTION_NAME,
+                CONNECTION_NAME: {
+                    "address": self.address,
+                    "root-certificates": str(self.certs.ca_cert),
+                },
+            }
+        }
+        (self.cli_home / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+
+    def _spawn(self, name: str, command: list[str], flwr_home: Path) -> ManagedProcess:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        proc = ManagedProcess(
+            name=name,
+            command=command,
+            log_path=self.logs / f"{name}.log",
+            env=flower_env(flwr_home),
+            cwd=self.workdir,
+        )
+        proc.start()
+        self.processes.append(proc)
+        return proc
+
+    def _start_superlink(self) -> None:
+        assert self.certs is not None
+        command = [
+            _flower_bin("flower-superlink"),
+            "--ssl-ca-certfile", str(self.certs.ca_cert),
+            "--ssl-certfile", str(self.certs.server_cert),
+            "--ssl-keyfile", str(self.certs.server_key),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", LOOPBACK,
+            "--port", str(self.port),
+        ]
+        self.superlink = self._spawn("superlink", command, self.workdir / "flwr" / "superlink")
+        deadline = time.monotonic() + self.timeouts.startup
+        while time.monotonic() < deadline:
+            if not self.superlink.running():
+                raise DeployError(
+                    f"flower-superlink exited with code {self.superlink.returncode()}:\n"
+                    + self.superlink.log_tail()
+                )
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port), 0.5):
+                return
+            time.sleep(0.2)
+        raise DeployError(
+            f"flower-superlink did not listen on {self.address} within "
+            f"{self.timeouts.startup:.0f} s:\n{self.superlink.log_tail()}"
+        )
+
+    def flwr(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run one ``flwr`` CLI command against this federation (bounded by ``timeout``)."""
+        command = [_flower_bin("flwr"), *args]
+        try:
+            return subprocess.run(  # noqa: S603 - fixed argument list
+                command,
+                env=flower_env(self.cli_home),
+                cwd=self.workdir,
+                capture_output=True,
+                text=True,
+                timeout=timeout or self.timeouts.cli,
+                check=False,
+                start_new_session=True,
+            )
+        except subprocess.TimeoutExpired as err:
+            raise DeployError(f"`flwr {' '.join(args)}` did not finish in {err.timeout:.0f} s") from None
+
+    @staticmethod
+    def _json_output(proc: subprocess.CompletedProcess[str], what: str) -> dict[str, Any]:
+        start = proc.stdout.find("{")
+        try:
+            doc = json.loads(proc.stdout[start:]) if start >= 0 else None
+        except json.JSONDecodeError:
+            doc = None
+        if proc.returncode != 0 or not isinstance(doc, dict) or not doc.get("success", False):
+            raise DeployError(
+                f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
+        return doc
+
+    def register_node(self, index: int) -> int:
+        """Register node ``index``'s public key with the SuperLink; returns its node id."""
+        node = self.nodes[index]
+        proc = self.flwr(
+            "supernode", "register", str(node.key.public_key), CONNECTION_NAME, "--format", "json"
+        )
+        doc = self._json_output(proc, f"registering {node.key.public_key.name}")
+        return int(doc["node-id"])
+
+    def start_node(
+        self, index: int, wait: bool = True, activation_retry: float = 0.0
+    ) -> ManagedProcess:
+        """Start (or restart) SuperNode ``index`` with its key, port and node config.
+
+        After a crash the SuperLink keeps the node "online" until its heartbeat expires
+        (Flower 1.42: up to 2 x 30 s) and refuses to activate it again before that; a
+        SuperNode started in that window exits with "Failed to activate SuperNode". With
+        ``activation_retry > 0`` such a start is retried every 2 s for up to that many seconds
+        (implies ``wait``).
+        """
+        if activation_retry > 0:
+            deadline = time.monotonic() + activation_retry
+            while True:
+                proc = self.start_node(index, wait=False)
+                try:
+                    self.wait_node_active(index)
+                    return proc
+                except DeployError:
+                    refused = "Failed to activate SuperNode" in proc.log_tail(200)
+                    if proc.running() or not refused or time.monotonic() > deadline:
+                        raise
+                time.sleep(2.0)
+        assert self.certs is not None
+        node = self.nodes[index]
+        if node.process is not None and node.process.running():
+            raise DeployError(f"SuperNode {index} is already running")
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        node_config = (
+            f'partition-id={index} state-dir="{node.state_dir}" '
+            f'identity-dir="{self.party_identity_dir(index)}"'
+        )
+        command = [
+            _flower_bin("flower-supernode"),
+            "--root-certificates", str(self.certs.ca_cert),
+            "--superlink", self.address,
+            "--auth-supernode-private-key", str(node.key.private_key),
+            "--host", LOOPBACK,
+            "--port", str(node.port),
+            "--node-config", node_config,
+        ]
+        node.process = self._spawn(f"supernode-{index}", command, node.flwr_home)
+        if wait:
+            self.wait_node_active(index)
+        return node.process
+
+    def party_identity_dir(self, index: int | None) -> Path:
+        """The identity directory of client ``index`` (``None``: the server)."""
+        party = SERVER_ID if index is None else client_ids(self.num_nodes)[index]
+        return self.identity_dir / party
+
+    def wait_node_active(self, index: int) -> None:
+        """Wait until SuperNode ``index`` logged its activation (bounded)."""
+        node = self.nodes[index]
+        assert node.process is not None
+        deadline = time.monotonic() + self.timeouts.startup
+        marker = "SuperNode ID:"
+        while time.monotonic() < deadline:
+            log = node.process.log_path.read_text(encoding="utf-8", errors="replace")
+            last_start = log.rfind("=== start")
+            if marker in log[last_start:]:
+                node.process.refresh_descendants()
+                return
+            if not node.process.running():
+                raise DeployError(
+                    f"SuperNode {index} exited with code {node.process.returncode()}:\n"
+                    + node.process.log_tail()
+                )
+            time.sleep(0.2)
+        raise DeployError(
+            f"SuperNode {index} was not activated within {self.timeouts.startup:.0f} s:\n"
+            + node.process.log_tail()
+        )
+
+    def stop_node(self, index: int, hard: bool = True) -> None:
+        """Stop SuperNode ``index`` (SIGKILL by default: a crash) and its descendants."""
+        node = self.nodes[index]
+        if node.process is None:
+            raise DeployError(f"SuperNode {index} was never started")
+        node.process.stop(hard=hard)
+
+    # -- runs -----------------------------------------------------------------------------
+    def submit(
+        self,
+        cfg: ExperimentConfig,
+        result_dir: Path,
+        *,
+        num_threads: int = 1,
+        round_timeout: float | None = None,
+        reproducible_dp_noise: bool = False,
+        key_holder: int = 0,
+        max_in_flight: int = 0,
+    ) -> int:
+        """Submit the FEDORA app with ``cfg`` via ``flwr run``; returns the run id.
+
+        ``round_timeout`` overrides ``timeouts.round`` for this run only; ``key_holder`` is the
+        client that runs the CKKS key ceremony in the encrypted relatedness modes;
+        ``max_in_flight`` caps the messages the ServerApp keeps outstanding (0: all at once).
+        """
+        result_dir.mkdir(parents=True, exist_ok=True)
+        overrides = make_run_config(
+            cfg,
+            result_dir,
+            identity_dir=self.party_identity_dir(None),
+            server_state_dir=self.server_state_dir,
+            key_holder=key_holder,
+            connect_timeout=self.timeouts.connect,
+            round_timeout=self.timeouts.round if round_timeout is None else round_timeout,
+            poll_interval=self.timeouts.poll,
+            num_threads=num_threads,
+            reproducible_dp_noise=reproducible_dp_noise,
+            max_in_flight=max_in_flight,
+        )
+        run_toml = self.workdir / "run.toml"
+        run_toml.write_text(tomli_w.dumps(overrides), encoding="utf-8")
+        proc = self.flwr(
+            "run", str(APP_DIR), CONNECTION_NAME, "--run-config", str(run_toml), "--format", "json"
+        )
+        doc = self._json_output(proc, "flwr run")
+        return int(doc["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        """The run's status string as the SuperLink reports it (e.g. ``finished:completed``)."""
+        proc = self.flwr("ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json")
+        doc = self._json_output(proc, f"flwr ls --run-id {run_id}")
+        runs = doc.get("runs") or []
+        if not runs:
+            raise DeployError(f"the SuperLink does not know run {run_id}")
+        return str(runs[0]["status"])
+
+    def follow(
+        self,
+        run_id: int,
+        timeout: float | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ) -> str:
+        """Stream the run's log to ``logs/serverapp.log`` until it finishes; returns its status.
+
+        Bounded by ``timeout`` (default ``timeouts.run``): on expiry the run is stopped with
+        ``flwr stop`` and :class:`DeployError` is raised. ``on_tick`` is called about every
+        0.2 s while waiting (tests use it to act during a run).
+        """
+        limit = self.timeouts.run if timeout is None else timeout
+        stream = self._spawn(
+            "serverapp", [_flower_bin("flwr"), "log", str(run_id), CONNECTION_NAME, "--stream"],
+            self.cli_home,
+        )
+        deadline = time.monotonic() + limit
+        try:
+            while stream.running():
+                if time.monotonic() > deadline:
+                    self.flwr("stop", str(run_id), CONNECTION_NAME)
+                    raise DeployError(
+                        f"run {run_id} did not finish within {limit:.0f} s; stopped it. "
+                        f"Last log lines:\n{stream.log_tail()}"
+                    )
+                if self.superlink is not None and not self.superlink.running():
+                    raise DeployError(f"the SuperLink died during run {run_id}")
+                if on_tick is not None:
+                    on_tick()
+                self.refresh()
+                time.sleep(0.2)
+        finally:
+            stream.stop(grace=2.0)
+        status = self.run_status(run_id)
+        return status
+
+    def node_state_dir(self, index: int) -> Path:
+        """SuperNode ``index``'s state-dir (partition, per-run state, journal, ledger)."""
+        return self.nodes[index].state_dir
+
+
+def default_max_in_flight() -> int:
+    """The in-flight window of a single-host deployment: two ClientApp processes per CPU core.
+
+    Client work (process start-up, training) is CPU-bound, so more concurrent processes than
+    about twice the cores only add memory (0.3-0.5 GB each) without finishing a round sooner.
+    """
+    return 2 * (os.cpu_count() or 1)
+
+
+def deploy_local(
+    config: str | os.PathLike[str] | ExperimentConfig,
+    num_clients: int | None,
+    workdir: str | os.PathLike[str],
+    *,
+    timeouts: RunTimeouts | None = None,
+    num_threads: int = 1,
+    progress: Callable[[str], None] | None = None,
+    reproducible_dp_noise: bool = False,
+    key_holder: int = 0,
+    max_in_flight: int | None = None,
+) -> DeployResult:
+    """Run FEDORA on a local, secured Flower deployment and stop everything afterwards.
+
+    ``config`` is a TOML path or a validated config; ``num_clients`` (if given) replaces
+    ``data.num_clients``, and one SuperNode is started per client; ``key_holder`` is the client
+    that runs the CKKS key ceremony in the encrypted relatedness modes. ``max_in_flight`` caps
+    the messages the ServerApp keeps outstanding at once (0: all); each starts a ClientApp
+    process with torch loaded, and here every process shares this host, so the default (None)
+    is :func:`default_max_in_flight`. Returns the ServerApp's
+    ``results.json`` and the run status. Raises :class:`DeployError` if any process fails to
+    start, the run does not finish in ``timeouts.run`` seconds, or it ends in another state
+    than ``finished:completed``. All processes are stopped before returning or raising,
+    including on KeyboardInterrupt.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    cfg = with_reproducible_noise(with_num_clients(cfg, num_clients), reproducible_dp_noise)
+    check_supported(cfg, reproducible_dp_noise)
+    if not 0 <= key_holder < cfg.data.num_clients:
+        raise DeployError(
+            f"key holder {key_holder} is not a client index in [0, {cfg.data.num_clients})"
+        )
+    if max_in_flight is None:
+        max_in_flight = default_max_in_flight()
+    if max_in_flight < 0:
+        raise DeployError(f"max_in_flight must be >= 0 (0: all at once); got {max_in_flight}")
+    say = progress or (lambda _msg: None)
+    work = Path(workdir).expanduser().resolve()
+    started = time.perf_counter()
+    fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts)
+    say(f"starting SuperLink and {cfg.data.num_clients} SuperNodes in {work}")
+    try:
+        with fed:
+            say(f"SuperLink on {fed.address} (TLS, node authentication); submitting the run")
+            t0 = time.perf_counter()
+            run_id = fed.submit(cfg, work / "results", num_threads=num_threads,
+                                reproducible_dp_noise=reproducible_dp_noise,
+                                key_holder=key_holder, max_in_flight=max_in_flight)
+            window = f"at most {max_in_flight}" if max_in_flight else "all"
+            say(f"run {run_id} submitted ({window} messages in flight at once); following it "
+                f"(log: {fed.logs / 'serverapp.log'})")
+            status = fed.follow(run_id)
+            fed.phases["run"] = time.perf_counter() - t0
+            phases = dict(fed.phases)
+    except ProcessError as err:
+        raise DeployError(str(err)) from err
+    results_path = work / "results" / "results.json"
+    if status != "finished:completed" or not results_path.exists():
+        failure = work / "results" / "failure.json"
+        detail = failure.read_text(encoding="utf-8") if failure.exists() else ""
+        raise DeployError(
+            f"run {run_id} ended with status {status!r} {detail}; see {work / 'logs'}"
+        )
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    return DeployResult(
+        run_id=run_id,
+        status=status,
+        results=results,
+        workdir=work,
+        seconds=time.perf_counter() - started,
+        phases=phases,
+    )

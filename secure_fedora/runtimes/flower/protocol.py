@@ -1,0 +1,373 @@
+"""What the FEDORA ServerApp and ClientApp exchange over Flower, and how it is encoded.
+
+Every message below carries a signed envelope (:mod:`secure_fedora.runtimes.flower.envelopes`): kind =
+message type (``.reply`` appended for replies), round 0 in the relatedness phase and ``r`` in
+training round ``r``; first-contact requests carry one envelope per client id.
+
+Relatedness, plain and noised modes (one exchange):
+
+``query.summary`` (server -> every node; first contact)
+    content: ``ConfigRecord "fedora"`` with ``config-hash``.
+    reply: ``ArrayRecord "summary"`` holding ``u`` (d x q, float64; noised through the
+    client's budget gate in noised mode), ``ConfigRecord "client"`` with ``client-id`` and
+    ``config-hash``, ``MetricRecord "metrics"`` with the initial model's validation and test
+    accuracy (and the client's epsilon with DP).
+
+Relatedness, encrypted and noised+encrypted modes (CKKS; the key holder is client
+``key-holder`` of the run config, default 0):
+
+``query.ceremony`` (server -> every node; first contact)
+    content: ``ConfigRecord "fedora"`` with ``config-hash`` and ``key-holder``.
+    reply: ``ConfigRecord "client"`` (``client-id``, ``config-hash``); the key holder's reply
+    also holds ``ConfigRecord "ceremony"``: ``public-context`` (public key, relinearization
+    and Galois keys, no secret key) and ``sealed-<client id>`` for every client (the secret
+    context sealed to that client's X25519 key). The key holder keeps its secret context on
+    its own disk (sealed to its own X25519 key, 0600), so a restart needs no new ceremony.
+``query.encrypted_summary`` (server -> each client's node)
+    content: ``ConfigRecord "fedora"`` (``config-hash``) and ``ConfigRecord "ckks"`` with
+    ``sealed-context`` (that client's blob), ``num-vectors`` and ``dim`` (the packing layout).
+    reply: ``ConfigRecord "upload"`` with ``columns`` (q serialized
+    :class:`privacy.ckks.InnerProductUpload`, vector ``client * q + r`` for column ``r``),
+    ``ConfigRecord "client"`` and ``MetricRecord "metrics"`` as for ``query.summary``.
+``query.decrypt_overlaps`` (server -> the key holder's node)
+    content: ``ConfigRecord "fedora"`` (``config-hash``) and ``ConfigRecord "rows"`` with
+    ``rows`` (the N q serialized :class:`privacy.ckks.EncryptedRow`, in index order).
+    reply: ``ArrayRecord "overlaps"`` holding ``overlaps`` (N x N x q x q, float64): the
+    decrypted blocks ``U_i^T U_j``, nothing else.
+
+Training, every round:
+
+``train.fedora`` (server -> each reachable client)
+    content: ``ArrayRecord "phi"`` holding that client's own ``phi`` (float32, P), and
+    ``ConfigRecord "round"`` with ``round``, ``participate``, ``evaluate``, ``config-hash``.
+    reply: ``ArrayRecord "theta"`` (only when the client trained) and ``MetricRecord
+    "metrics"`` (``trained``, ``round``, ``lambda``, ``steps``, ``val-accuracy``,
+    ``test-accuracy``, timings).
+
+The experiment configuration travels in the run config (key ``experiment``, the validated
+config as JSON), so server and clients use one config; every message carries its hash and a
+client refuses a message whose hash differs from the config it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import Tensor
+
+from privacy.errors import ToolkitError
+from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, parse_config
+
+__all__ = [
+    "DeployError",
+    "MSG_CEREMONY",
+    "MSG_DECRYPT",
+    "MSG_ENCRYPTED_SUMMARY",
+    "MSG_ROUND",
+    "MSG_SUMMARY",
+    "SUMMARY_DIM",
+    "NodeSettings",
+    "RunSettings",
+    "array_record_to_tensor",
+    "check_supported",
+    "experiment_to_run_config",
+    "make_run_config",
+    "process_start_time",
+    "tensor_to_array_record",
+]
+
+MSG_SUMMARY = "query.summary"
+MSG_CEREMONY = "query.ceremony"
+MSG_ENCRYPTED_SUMMARY = "query.encrypted_summary"
+MSG_DECRYPT = "query.decrypt_overlaps"
+MSG_ROUND = "train.fedora"
+
+#: Rows of a client summary ``U_i``: flattened 28 x 28 image plus a one-hot label of 10 classes.
+SUMMARY_DIM = 784 + 10
+
+#: Keys of ``[tool.flwr.app.config]`` (defaults live in ``flwr_app/pyproject.toml``).
+RUN_CONFIG_KEYS = (
+    "experiment",
+    "result-dir",
+    "connect-timeout",
+    "round-timeout",
+    "poll-interval",
+    "num-threads",
+    "reproducible-dp-noise",
+    "identity-dir",
+    "server-state-dir",
+    "key-holder",
+    "max-in-flight",
+)
+
+
+class DeployError(ToolkitError, RuntimeError):
+    """A deployment-level failure: bad node or run config, missing nodes, failed run."""
+
+
+def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) -> None:
+    """Refuse, before anything starts, a config the Flower runtime cannot run as written.
+
+    The Flower runtime runs FEDORA with every relatedness mode (plain, noised, encrypted,
+    noised+encrypted), with or without differential privacy (DP-SGD, budgets, signed ledgers,
+    private validation), and dense or power propagation. It does not implement encrypted
+    propagation (``fedora.propagation = "encrypted"``); running it any other way would silently
+    weaken what the config asks for, so it is an error naming the setting.
+
+    Reproducible DP noise (``privacy.noise = "reproducible"``, seeded from the experiment
+    seed) is refused unless ``reproducible_dp_noise``: the server distributes the config, seed
+    included, so it could regenerate every client's noise; the DP guarantee would not hold
+    against the very party it is meant for. With the flag (test deployments, runtime
+    comparisons; :func:`with_reproducible_noise` sets the mode from it) the results record
+    that assumption.
+    """
+    problems = []
+    if cfg.privacy.enabled and cfg.privacy.noise == "reproducible" and not reproducible_dp_noise:
+        problems.append(
+            "privacy.noise = 'reproducible' (the server knows the seed it distributes and "
+            "could reproduce the DP noise; use 'csprng', or pass reproducible-dp-noise for a "
+            "test deployment without a DP guarantee against the server)"
+        )
+    if "fedora" not in cfg.methods:
+        problems.append(f"methods {cfg.methods} does not include 'fedora'")
+    if cfg.fedora.propagation == "encrypted":
+        problems.append(
+            "fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear over "
+            "TLS; use 'dense' or 'power', or the in-process runtime for encrypted propagation)"
+        )
+    for key, value, default in (("data.source", cfg.data.source, None),
+                                ("model.factory", cfg.model.factory, None),
+                                ("training.loss", cfg.training.loss, "cross_entropy")):
+        if value != default:
+            problems.append(
+                f"{key} = {value!r} (user data, models and losses run in process, "
+                "`secure-fedora run` or the Python API; the Flower apps build the built-in ones)"
+            )
+    if problems:
+        raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
+
+
+def with_reproducible_noise(cfg: ExperimentConfig, reproducible_dp_noise: bool) -> ExperimentConfig:
+    """``cfg`` with ``privacy.noise = "reproducible"`` when the reproducible-dp-noise flag is
+    set and DP is on (the flag selects that mode); otherwise ``cfg`` unchanged."""
+    if not (reproducible_dp_noise and cfg.privacy.enabled) or cfg.privacy.noise == "reproducible":
+        return cfg
+    return cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"noise": "reproducible"})})
+
+
+def experiment_to_run_config(cfg: ExperimentConfig) -> str:
+    """The run-config value that carries ``cfg`` (canonical JSON of the validated model).
+
+    ``security.keystore`` is left out when unset: the in-process key store is a local
+    setting that the Flower parties (each with its own identity directory) never use, and an
+    unset value does not enter the config hash either."""
+    doc = cfg.model_dump(mode="json")
+    if doc.get("security", {}).get("keystore") is None:
+        doc.get("security", {}).pop("keystore", None)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def make_run_config(
+    cfg: ExperimentConfig,
+    result_dir: Path | None,
+    *,
+    identity_dir: Path,
+    server_state_dir: Path,
+    key_holder: int = 0,
+    connect_timeout: float = 300.0,
+    round_timeout: float = 600.0,
+    poll_interval: float = 0.2,
+    num_threads: int = 1,
+    reproducible_dp_noise: bool = False,
+    max_in_flight: int = 0,
+) -> dict[str, Any]:
+    """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``).
+
+    ``identity_dir`` is the server's identity directory on the SuperLink host (its ``server``
+    keys and the federation's ``allowlist.json``), ``server_state_dir`` where the ServerApp
+    keeps its envelope nonce memory, ``key_holder`` the client index that runs the CKKS key
+    ceremony in the encrypted relatedness modes, ``max_in_flight`` how many messages of one
+    exchange the ServerApp keeps outstanding at once (0: all). ``reproducible_dp_noise``
+    runs a DP config with ``privacy.noise = "reproducible"`` (:func:`with_reproducible_noise`).
+    """
+    return {
+        "experiment": experiment_to_run_config(with_reproducible_noise(cfg, reproducible_dp_noise)),
+        "result-dir": str(result_dir.resolve()) if result_dir is not None else "",
+        "connect-timeout": float(connect_timeout),
+        "round-timeout": float(round_timeout),
+        "poll-interval": float(poll_interval),
+        "num-threads": int(num_threads),
+        "reproducible-dp-noise": bool(reproducible_dp_noise),
+        "identity-dir": str(Path(identity_dir).resolve()),
+        "server-state-dir": str(Path(server_state_dir).resolve()),
+        "key-holder": int(key_holder),
+        "max-in-flight": int(max_in_flight),
+    }
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config as the apps use it (validated)."""
+
+    experiment: ExperimentConfig
+    config_hash: str
+    result_dir: Path | None
+    connect_timeout: float
+    round_timeout: float
+    poll_interval: float
+    num_threads: int
+    reproducible_dp_noise: bool
+    identity_dir: Path
+    server_state_dir: Path
+    key_holder: int
+    max_in_flight: int  # outstanding messages per exchange; 0: all at once
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Validate a Flower run config; :class:`DeployError` names the bad key."""
+        missing = [k for k in RUN_CONFIG_KEYS if k not in run_config]
+        if missing:
+            raise DeployError(f"run config is missing keys {missing}")
+        raw = run_config["experiment"]
+        if not isinstance(raw, str) or not raw.strip():
+            raise DeployError("run config key 'experiment' must hold the experiment config as JSON")
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DeployError(f"run config key 'experiment' is not JSON: {err}") from None
+        try:
+            cfg = parse_config(data, "(run config 'experiment')")
+        except ConfigError as err:
+            raise DeployError(str(err)) from None
+        result_dir = str(run_config["result-dir"])
+        if result_dir and not os.path.isabs(result_dir):
+            raise DeployError(f"run config key 'result-dir' must be absolute; got {result_dir!r}")
+        values: dict[str, float] = {}
+        for key in ("connect-timeout", "round-timeout", "poll-interval"):
+            value = run_config[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise DeployError(f"run config key {key!r} must be a positive number; got {value!r}")
+            values[key] = float(value)
+        threads = run_config["num-threads"]
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise DeployError(f"run config key 'num-threads' must be a positive integer; got {threads!r}")
+        reproducible = run_config["reproducible-dp-noise"]
+        if not isinstance(reproducible, bool):
+            raise DeployError(
+                f"run config key 'reproducible-dp-noise' must be true or false; got {reproducible!r}"
+            )
+        cfg = with_reproducible_noise(cfg, reproducible)  # the flag selects the mode
+        dirs: dict[str, Path] = {}
+        for key in ("identity-dir", "server-state-dir"):
+            value = run_config[key]
+            if not isinstance(value, str) or not os.path.isabs(value):
+                raise DeployError(
+                    f"run config key {key!r} must be an absolute path on the SuperLink host "
+                    f"(identity-dir: the server's keys and allowlist.json); got {value!r}"
+                )
+            dirs[key] = Path(value)
+        holder = run_config["key-holder"]
+        n = cfg.data.num_clients
+        if isinstance(holder, bool) or not isinstance(holder, int) or not 0 <= holder < n:
+            raise DeployError(
+                f"run config key 'key-holder' must be a client index in [0, {n}); got {holder!r}"
+            )
+        window = run_config["max-in-flight"]
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise DeployError(
+                "run config key 'max-in-flight' must be a non-negative integer (0: send every "
+                f"message of an exchange at once); got {window!r}"
+            )
+        return cls(
+            experiment=cfg,
+            config_hash=config_hash(cfg),
+            result_dir=Path(result_dir) if result_dir else None,
+            connect_timeout=values["connect-timeout"],
+            round_timeout=values["round-timeout"],
+            poll_interval=values["poll-interval"],
+            num_threads=threads,
+            reproducible_dp_noise=reproducible,
+            identity_dir=dirs["identity-dir"],
+            server_state_dir=dirs["server-state-dir"],
+            key_holder=holder,
+            max_in_flight=window,
+        )
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A SuperNode's node config: which partition it holds, where its state and keys live."""
+
+    partition_id: int
+    state_dir: Path
+    identity_dir: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], num_clients: int) -> NodeSettings:
+        """Validate ``partition-id`` (0 <= id < num_clients), ``state-dir`` (absolute) and
+        ``identity-dir`` (absolute: this client's identity keys and the federation's
+        ``allowlist.json``; every message is signed and verified with them)."""
+        required = ("partition-id", "state-dir", "identity-dir")
+        if any(key not in node_config for key in required):
+            raise DeployError(
+                "node config must set partition-id, state-dir and identity-dir "
+                "(flower-supernode --node-config 'partition-id=0 state-dir=\"/abs/dir\" "
+                f"identity-dir=\"/abs/keys\"'); got keys {sorted(node_config)}"
+            )
+        pid = node_config["partition-id"]
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < num_clients:
+            raise DeployError(
+                f"node config partition-id must be an integer in [0, {num_clients}); got {pid!r}"
+            )
+        state_dir = node_config["state-dir"]
+        if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
+            raise DeployError(f"node config state-dir must be an absolute path; got {state_dir!r}")
+        identity = node_config["identity-dir"]
+        if not isinstance(identity, str) or not os.path.isabs(identity):
+            raise DeployError(f"node config identity-dir must be an absolute path; got {identity!r}")
+        return cls(partition_id=pid, state_dir=Path(state_dir), identity_dir=Path(identity))
+
+
+def tensor_to_array_record(name: str, tensor: Tensor) -> ArrayRecord:
+    """One tensor as an ArrayRecord (dtype and shape preserved, bytes copied)."""
+    return ArrayRecord({name: Array(tensor.detach().cpu().contiguous().numpy())})
+
+
+def array_record_to_tensor(
+    record: ArrayRecord, name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> Tensor:
+    """The tensor ``name`` of ``record``; :class:`DeployError` on a wrong key, dtype or shape."""
+    if name not in record:
+        raise DeployError(f"array record lacks {name!r}; has {sorted(record.keys())}")
+    array = record[name].numpy()
+    expected = np.dtype(str(dtype).removeprefix("torch."))
+    if array.dtype != expected or tuple(array.shape) != tuple(shape):
+        raise DeployError(
+            f"array {name!r} is {array.dtype} {tuple(array.shape)}, expected {expected} {tuple(shape)}"
+        )
+    tensor = torch.from_numpy(np.array(array, copy=True))
+    if not torch.isfinite(tensor).all():
+        raise DeployError(f"array {name!r} contains non-finite values")
+    return tensor
+
+
+def process_start_time() -> float:
+    """Wall-clock time at which the current process started (Linux /proc; else now)."""
+    try:
+        with open("/proc/self/stat", encoding="utf-8") as handle:
+            stat = handle.read()
+        ticks = int(stat[stat.rfind(")") + 2 :].split()[19])
+        with open("/proc/uptime", encoding="utf-8") as handle:
+            uptime = float(handle.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()

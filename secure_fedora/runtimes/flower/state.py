@@ -1,0 +1,239 @@
+"""A SuperNode's durable state: its data partition, its models and its release journal.
+
+Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message, and a SuperNode may
+crash or be restarted at any time, so everything a client needs between messages lives on
+its local disk, under the ``state-dir`` given in its node config:
+
+``partitions/<digest>.pt``
+    The client's data partition (train / validation / test tensors), its client id, the
+    digest of the data specification it was built from and a SHA-256 fingerprint of the
+    tensors (checked on every load).
+``runs/<run_id>/state.pt``
+    The personalized model ``theta_i``, the last received ``phi_i``, the client's RNG state,
+    the last round it trained and its last evaluation, tagged with the config hash.
+``runs/<run_id>/releases.jsonl``
+    An append-only, hash-chained journal: one JSON line per release (summary or model) with
+    the SHA-256 of the released bytes, written and fsynced *before* the release is handed to
+    Flower. A crash can leave a journal entry for a release that never left (over-counting),
+    never a release without an entry. The journal is not signed: signatures and epsilon
+    accounting belong to the privacy ledger (``privacy``), which the DP work plugs in here.
+
+Every file is replaced atomically (temporary file, fsync, rename, directory fsync), so a
+crash leaves either the old or the new version. Loads validate contents and raise
+:class:`NodeStateError` naming the file on any inconsistency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from privacy.errors import ToolkitError
+from secure_fedora.data.partition import ClientData
+from secure_fedora.data.sources import fingerprint_clients
+from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "NodeState",
+    "NodeStateError",
+    "ReleaseJournal",
+    "load_partition",
+    "save_partition",
+]
+
+_PARTITION_FORMAT = "secure-fedora/partition/v1"
+_STATE_FORMAT = "secure-fedora/node-state/v1"
+_JOURNAL_GENESIS = "0" * 64
+
+
+class NodeStateError(ToolkitError, RuntimeError):
+    """A SuperNode's on-disk state is missing, corrupt, or belongs to another setup."""
+
+
+def save_partition(path: Path, client: ClientData, data_digest: str) -> None:
+    """Atomically write ``client``'s data with its fingerprint and data-spec digest."""
+    state = {
+        "round": 0,  # required by the checkpoint format; partitions have no rounds
+        "format": _PARTITION_FORMAT,
+        "client_id": int(client.client_id),
+        "data_digest": data_digest,
+        "fingerprint": fingerprint_clients([client]),
+        "tensors": {
+            name: getattr(client, name)
+            for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+        },
+    }
+    save_checkpoint(path, state)
+
+
+def load_partition(path: Path, client_id: int, data_digest: str) -> ClientData:
+    """Load and verify a partition written by :func:`save_partition`.
+
+    Raises :class:`NodeStateError` if the file is unreadable, was built for another client or
+    another data specification, or its tensors no longer match their fingerprint.
+    """
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise NodeStateError(str(err)) from None
+    if state.get("format") != _PARTITION_FORMAT:
+        raise NodeStateError(f"{path} is not a secure-fedora partition file")
+    if state.get("client_id") != client_id:
+        raise NodeStateError(
+            f"{path} holds client {state.get('client_id')}'s partition, but this node is "
+            f"configured as partition-id {client_id}"
+        )
+    if state.get("data_digest") != data_digest:
+        raise NodeStateError(
+            f"{path} was built from another data specification (digest "
+            f"{str(state.get('data_digest'))[:12]} != {data_digest[:12]}); use a fresh state-dir"
+        )
+    try:
+        client = ClientData(client_id=client_id, **state["tensors"])
+    except Exception as err:  # DataError or a wrong field set
+        raise NodeStateError(f"{path} holds malformed tensors: {err}") from None
+    if fingerprint_clients([client]) != state.get("fingerprint"):
+        raise NodeStateError(f"{path}: tensors do not match their recorded fingerprint")
+    return client
+
+
+@dataclass
+class NodeState:
+    """One client's per-run state (``runs/<run_id>/state.pt``)."""
+
+    client_id: int
+    run_id: int
+    config_hash: str
+    theta: Tensor
+    phi: Tensor
+    generator_state: Tensor  # the training-order generator (not DP noise)
+    last_trained_round: int = 0
+    last_received_round: int = 0
+    last_eval_round: int = 0
+    last_val_accuracy: float = float("nan")
+    last_test_accuracy: float = float("nan")
+    refused_round: int = 0  # round of the first refused release (0: none)
+    # DP noise generator state, only with privacy.noise = "reproducible" (derivable from the
+    # config anyway). With "csprng" it is always None: no key or stream state is ever saved.
+    noise_state: Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint mapping written by :meth:`save`."""
+        return {
+            "round": self.last_trained_round,
+            "format": _STATE_FORMAT,
+            **{k: v for k, v in self.__dict__.items()},
+        }
+
+    def save(self, path: Path) -> None:
+        """Atomically replace ``path`` with this state."""
+        if not torch.isfinite(self.theta).all():
+            raise NodeStateError(f"refusing to save non-finite theta for client {self.client_id}")
+        save_checkpoint(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path, client_id: int, run_id: int, config_hash: str) -> NodeState:
+        """Load and verify ``path``; :class:`NodeStateError` if it belongs elsewhere or is bad."""
+        try:
+            raw = load_checkpoint(path)
+        except CheckpointError as err:
+            raise NodeStateError(str(err)) from None
+        if raw.get("format") != _STATE_FORMAT:
+            raise NodeStateError(f"{path} is not a secure-fedora node state file")
+        for key, expected in (("client_id", client_id), ("run_id", run_id),
+                              ("config_hash", config_hash)):
+            if raw.get(key) != expected:
+                raise NodeStateError(
+                    f"{path} belongs to {key}={raw.get(key)!s:.16}, not {expected!s:.16}"
+                )
+        fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        try:
+            state = cls(**fields)
+        except TypeError as err:
+            raise NodeStateError(f"{path} is missing fields: {err}") from None
+        for name in ("theta", "phi"):
+            value = getattr(state, name)
+            if not isinstance(value, Tensor) or value.dim() != 1 or not torch.isfinite(value).all():
+                raise NodeStateError(f"{path}: field {name} is not a finite parameter vector")
+        if state.theta.shape != state.phi.shape:
+            raise NodeStateError(f"{path}: theta and phi have different shapes")
+        return state
+
+
+def _canonical(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ReleaseJournal:
+    """Append-only, hash-chained record of what left this node (one JSON object per line).
+
+    Each entry holds ``seq``, ``client``, ``round``, ``kind``, ``payload_sha256``,
+    ``payload_bytes``, ``time``, ``prev`` (hash of the previous entry, zeros for the first)
+    and ``hash`` (SHA-256 of the entry without ``hash``). Appends are flushed and fsynced
+    before returning, so callers append *before* releasing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def entries(self) -> list[dict[str, Any]]:
+        """All entries after verifying the chain; :class:`NodeStateError` on any break.
+
+        A final line without a newline (a write torn by a crash) is reported as an error too:
+        appends are fsynced before a release, so a torn line means the release did not leave.
+        """
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            raise NodeStateError(f"{self.path}: last entry is incomplete (torn write)")
+        entries: list[dict[str, Any]] = []
+        prev = _JOURNAL_GENESIS
+        for number, line in enumerate(data.splitlines(), start=1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise NodeStateError(f"{self.path}:{number}: not JSON ({err})") from None
+            if not isinstance(entry, dict) or "hash" not in entry:
+                raise NodeStateError(f"{self.path}:{number}: not a journal entry")
+            body = {k: v for k, v in entry.items() if k != "hash"}
+            if entry.get("prev") != prev:
+                raise NodeStateError(f"{self.path}:{number}: chain broken (prev hash mismatch)")
+            if hashlib.sha256(_canonical(body)).hexdigest() != entry["hash"]:
+                raise NodeStateError(f"{self.path}:{number}: entry hash mismatch (edited?)")
+            if entry.get("seq") != number - 1:
+                raise NodeStateError(f"{self.path}:{number}: sequence number {entry.get('seq')}")
+            prev = entry["hash"]
+            entries.append(entry)
+        return entries
+
+    def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
+        """Verify the chain, append one entry for ``payload`` and fsync; returns the entry."""
+        existing = self.entries()
+        body = {
+            "seq": len(existing),
+            "client": client,
+            "round": rnd,
+            "kind": kind,
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+            "payload_bytes": len(payload),
+            "time": round(time.time(), 6),
+            "prev": existing[-1]["hash"] if existing else _JOURNAL_GENESIS,
+        }
+        entry = {**body, "hash": hashlib.sha256(_canonical(body)).hexdigest()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, _canonical(entry) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return entry

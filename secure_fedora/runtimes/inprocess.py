@@ -1,0 +1,946 @@
+"""The in-process simulation runtime: one machine, many clients, fast (the default runtime).
+
+It builds the clients' data and a common initialization, runs every configured method round
+by round, evaluates each client's personalized model, writes a crash-safe checkpoint every
+``[training] checkpoint_every`` rounds and resumes from it to the identical result.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from privacy.errors import ToolkitError
+from secure_fedora import __version__
+from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.methods import FederatedMethod, Fedora, MethodContext
+from secure_fedora.core.config import ExperimentConfig, config_hash, model_selection
+from secure_fedora.core.crashpoints import crash_point
+from secure_fedora.core.files import atomic_write_bytes, atomic_write_text, atomic_write_with
+from secure_fedora.core.registry import DATASETS, METHODS, PARTITIONERS
+from secure_fedora.data.partition import ClientData
+from secure_fedora.data.sources import fingerprint_clients
+from secure_fedora.learning.client import (
+    FlatModel,
+    GradientOracle,
+    PlainGradient,
+    TrainConfig,
+    Workspace,
+    evaluate,
+)
+from secure_fedora.learning.models import make_model
+
+__all__ = [
+    "CheckpointError",
+    "MethodOutcome",
+    "Simulation",
+    "atomic_write_bytes",
+    "build_clients",
+    "build_context",
+    "client_generator",
+    "make_method",
+    "sample_participants",
+    "summarize",
+]
+
+NUM_CLASSES = 10
+
+log = logging.getLogger("secure_fedora.runtimes.inprocess")
+
+
+class CheckpointError(ToolkitError, RuntimeError):
+    """A checkpoint that cannot be resumed from (corrupt, or from another config or data)."""
+
+
+def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
+    """The federation's data, deterministic in ``cfg.seed`` and the data section.
+
+    ``data`` (Python API) overrides the config's ``data.dataset`` / ``data.source``: a
+    centralized dataset dict or :class:`~secure_fedora.data.partition.LabeledDataset` (split by
+    the configured partitioner), a list of per-client dicts (already federated) or a function
+    of the seed returning either. User data is checked first (:mod:`secure_fedora.data.userdata`);
+    a problem raises :class:`~secure_fedora.data.sources.DataError` before anything trains.
+    """
+    from secure_fedora.core.plugins import config_dir
+    from secure_fedora.data.userdata import FederatedData, coerce_user_data, load_source
+
+    d = cfg.data
+    if data is not None:
+        source = coerce_user_data(data(cfg.seed) if callable(data) else data, "data")
+    elif d.source is not None:
+        source = load_source(d.source, cfg.seed, config_dir(cfg))
+    else:
+        source = DATASETS.get(d.dataset)(cfg.seed)
+    if isinstance(source, FederatedData):
+        return _federated_clients(cfg, source)
+    return PARTITIONERS.get(d.partition)(source, d, cfg.seed)
+
+
+def _federated_clients(cfg: ExperimentConfig, data: Any) -> list[ClientData]:
+    """Already-federated clients, checked against the config's sizes where privacy uses them."""
+    from secure_fedora.data.sources import DataError
+
+    d, clients = cfg.data, data.clients
+    if len(clients) != d.num_clients:
+        raise DataError(f"the data lists {len(clients)} clients but data.num_clients = "
+                        f"{d.num_clients}; set data.num_clients = {len(clients)}")
+    if cfg.privacy.enabled:
+        for c in clients:
+            if c.num_train < d.train_per_client:
+                raise DataError(
+                    f"client {c.client_id} has {c.num_train} training rows but "
+                    f"data.train_per_client = {d.train_per_client}; with privacy on, set it to "
+                    "the smallest client's size (it bounds delta < 1/n and sets the sample rate)")
+            if d.validation == "private" and c.num_val != d.val_per_client:
+                raise DataError(
+                    f"client {c.client_id} has {c.num_val} validation rows but "
+                    f"data.val_per_client = {d.val_per_client}; the private lambda release is "
+                    "accounted for exactly that many rows")
+    return clients
+
+
+def client_generator(seed: int, client: int) -> torch.Generator:
+    """Client ``client``'s private RNG stream, independent of participation and of the others."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + client + 1)
+
+
+#: results.json ``assumptions.noise_source`` per ``[privacy] noise``.
+NOISE_SOURCE_DESCRIPTIONS = {
+    "csprng": "ChaCha20 keystream (cryptography/OpenSSL), a fresh 256-bit key from os.urandom "
+              "per client and process, never stored; Gaussians as the sum of 4 Box-Muller "
+              "draws / 2 (floating-point hardening as in Opacus secure_mode)",
+    "reproducible": "torch.Generator seeded from the experiment seed and client index "
+                    "(statistical PRNG; repeatable)",
+}
+
+
+def _client_generators(cfg: ExperimentConfig, n: int) -> list[torch.Generator]:
+    return [client_generator(cfg.seed, i) for i in range(n)]
+
+
+def train_config(cfg: ExperimentConfig) -> TrainConfig:
+    t = cfg.training
+    return TrainConfig(t.lr, t.momentum, t.weight_decay, t.batch_size, t.local_epochs)
+
+
+def build_context(
+    cfg: ExperimentConfig, clients: Sequence[ClientData], oracle: GradientOracle | None = None,
+    model_factory: Callable[..., Any] | None = None,
+) -> MethodContext:
+    """A fresh method context: common initialization, one RNG per client, shared buffers,
+    all on ``[training] device`` (data, model, buffers; batch order from CPU generators).
+
+    The model is ``model_factory(input_shape, num_classes)`` (Python API), else
+    ``[model] factory``, else the registered ``[model] name``, built for the clients' input
+    shape and the loss's output width. Before anything trains, it checks the labels, the
+    model's output width, the loss's per-sample shape, AUC's need for both classes and,
+    under DP, that the DP path computes the model's per-sample gradients exactly (errors:
+    DataError, ModelError, PluginError, DPSGDError, each naming the problem).
+    """
+    from secure_fedora.core.plugins import config_dir, import_object
+    from secure_fedora.data.userdata import label_space
+    from secure_fedora.learning.devices import clients_on, resolve_device
+    from secure_fedora.learning.models import build_user_model, check_output_width
+    from secure_fedora.learning.tasks import resolve_task
+
+    device = resolve_device(cfg)
+    clients = clients_on(clients, device)
+
+    num_classes, multilabel = label_space(clients)
+    task = resolve_task(cfg.training.loss, multilabel, config_dir(cfg))
+    width = task.output_width(num_classes, multilabel)
+    input_shape = tuple(int(v) for v in clients[0].train_x.shape[1:])
+    source = "the model factory"
+    if model_factory is None and cfg.model.factory is not None:
+        model_factory = import_object(cfg.model.factory, "model.factory", config_dir(cfg))
+        source = f"model.factory {cfg.model.factory!r}"
+    if model_factory is not None:
+        module = build_user_model(model_factory, input_shape, width, cfg.seed, source)
+    else:
+        module = make_model(cfg.model.name, width, seed=cfg.seed, input_shape=input_shape)
+        source = f"model {cfg.model.name!r}"
+    module = module.to(device)
+    probe_x, probe_y = clients[0].train_x[:2], clients[0].train_y[:2]
+    check_output_width(module, probe_x, width, source)
+    _check_task(task, module, clients, probe_x, probe_y)
+    flat = FlatModel(module, task)
+    generators = _client_generators(cfg, len(clients))
+    noise: list[Any] = []
+    if cfg.privacy.enabled:
+        from secure_fedora.secure.private import DPGradient, client_noise_sources, sample_rate_for
+
+        noise = client_noise_sources(cfg, len(clients))
+        if oracle is None:
+            q = sample_rate_for(cfg)
+            oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
+                                q * cfg.data.train_per_client, noise[0], task=task)
+            oracle.check_model(probe_x, probe_y)
+    return MethodContext(
+        clients=clients,
+        flat=flat,
+        train=train_config(cfg),
+        oracle=oracle or PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm,
+                                       task=task),
+        workspace=Workspace.for_size(flat.num_params, device),
+        generators=generators,
+        init=flat.initial_vector(),
+        num_classes=num_classes,
+        noise=noise,
+    )
+
+
+def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData],
+                probe_x: Tensor, probe_y: Tensor) -> None:
+    """The loss returns finite per-sample values on the model's outputs, and the metric is
+    defined on every client's validation and test split (AUC needs both classes)."""
+    from secure_fedora.core.plugins import PluginError
+    from secure_fedora.data.sources import DataError
+    from secure_fedora.learning.tasks import MetricError
+
+    with torch.no_grad():
+        try:
+            losses = task.checked(module(probe_x), probe_y)
+        except Exception as err:  # user loss code: report whatever it raised
+            raise PluginError(f"training.loss {task.name!r} fails on the model's outputs: "
+                              f"{type(err).__name__}: {err}") from err
+    if not torch.isfinite(losses).all():
+        raise PluginError(f"training.loss {task.name!r} returns non-finite losses at initialization")
+    if task.metric_name == "auc":
+        for c in clients:
+            for split in ("val", "test"):
+                y = getattr(c, f"{split}_y")
+                try:
+                    task.metric(torch.zeros(y.shape if y.dim() == 2 else (y.shape[0], 1)), y)
+                except MetricError as err:
+                    raise DataError(f"client {c.client_id}: the {split} split cannot be scored "
+                                    f"with AUC: {err}") from None
+
+
+def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
+    """Instantiate a configured method by name (a lookup in
+    :data:`secure_fedora.core.registry.METHODS`; unknown names raise ``RegistryError``)."""
+    return METHODS.get(name)(ctx, cfg)
+
+
+def relatedness_function(
+    cfg: ExperimentConfig, ctx: MethodContext
+) -> Callable[[], tuple[Tensor, dict[str, Any]]]:
+    """How FEDORA gets its overlap blocks ``U_i^T U_j`` in the configured mode.
+
+    plain: summaries in the clear. noised: each client releases the top eigenvectors of its
+    noised clipped second moment through its budget gate. encrypted: CKKS; the server computes
+    on ciphertexts and sees only the decrypted q x q blocks. noised+encrypted: both.
+
+    With ``ctx.transport`` (``[security] envelopes = true``) every summary (plain or noised)
+    or every message of the encrypted protocol is a signed envelope. A client whose upload is
+    rejected is excluded: the details then list it under ``"excluded"`` with the
+    ``"rejections"`` (FEDORA builds the graph over the other clients and the excluded one
+    trains as Local would), and carry the summary transport's traffic under ``"transport"``.
+    """
+    mode = cfg.fedora.relatedness
+    q = cfg.fedora.q
+
+    def compute() -> tuple[Tensor, dict[str, Any]]:
+        if "noised" in mode:
+            summaries = ctx.privacy.noised_summaries(ctx.clients, q, ctx.num_classes, ctx.noise)
+        else:
+            summaries = torch.stack(
+                [fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, q) for c in ctx.clients]
+            )
+        security: dict[str, Any] = {}
+        if "encrypted" in mode:
+            from secure_fedora.secure.relatedness import encrypted_overlaps
+
+            result = encrypted_overlaps(summaries, transport=ctx.transport)
+            details: dict[str, Any] = {
+                "client_bytes_sent": result.client_bytes_sent,
+                "server_bytes_received": result.server_bytes_received,
+                "released_bytes": result.released_bytes,
+                "timings": result.timings,
+            }
+            if ctx.transport is not None:
+                security = _exclusion_details(result.excluded, result.rejections, ctx.transport)
+            return result.overlaps, {**details, **security}
+        if ctx.transport is not None:
+            summaries, rejections = _enveloped_summaries(ctx.transport, summaries)
+            excluded = sorted(r.client for r in rejections)
+            security = _exclusion_details(excluded, rejections, ctx.transport)
+        return fedora.subspace_overlaps(summaries), security
+
+    return compute
+
+
+def _exclusion_details(excluded: Sequence[int], rejections: Sequence[Any], transport: Any) -> dict[str, Any]:
+    """The relatedness details of an enveloped exchange (JSON-compatible, checkpointed)."""
+    return {
+        "excluded": list(excluded),
+        "rejections": [r.to_dict() for r in rejections],
+        "transport": transport.stats.to_dict(),
+    }
+
+
+def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[int]:
+    """The round's participants: everyone at fraction 1, else ``ceil(fraction * n)`` clients
+    drawn without replacement from ``gen`` (sorted). Shared by both runtimes."""
+    if fraction >= 1.0:
+        return list(range(n))
+    m = max(1, math.ceil(fraction * n))
+    return sorted(torch.randperm(n, generator=gen)[:m].tolist())
+
+
+def _enveloped_summaries(transport: Any, summaries: Tensor) -> tuple[Tensor, list[Any]]:
+    """Every client sends its summary in a signed envelope (round 0, float32 on the wire);
+    the server verifies all (each rejection is logged by the transport).
+
+    Returns the summaries the server holds (float64; the row of a rejected client is zero and
+    must not be used) and the rejections. Fewer than two accepted summaries raise
+    :class:`~secure_fedora.algorithms.fedora.RelatednessError` naming the rejected clients.
+    """
+    from secure_fedora.secure.transport import KIND_SUMMARY
+
+    n = summaries.shape[0]
+    messages = {i: transport.client_upload(0, i, summaries[i], kind=KIND_SUMMARY) for i in range(n)}
+    accepted, rejections = transport.server_receive(0, messages, tuple(summaries.shape[1:]),
+                                                    kind=KIND_SUMMARY)
+    if len(accepted) < 2:
+        named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
+        raise fedora.RelatednessError(
+            f"summary uploads rejected: {named}; relatedness needs at least two clients, "
+            f"{len(accepted)} remain")
+    held = torch.zeros(summaries.shape, dtype=torch.float64)
+    for i, row in accepted.items():
+        held[i] = row.to(torch.float64)
+    return held, rejections
+
+
+@dataclass
+class Tracker:
+    """Model selection as in the reference: the round with the best mean validation accuracy
+    across clients is selected, and every client's test accuracy at that round is reported."""
+
+    best_val_mean: Tensor
+    best_round: Tensor
+    test_at_best: Tensor
+    last_val: Tensor
+    last_test: Tensor
+    # True: the latest evaluated round is always selected (``model_selection = "final_round"``;
+    # validation accuracy is then not consulted, nor reported).
+    select_final: Tensor = field(default_factory=lambda: torch.tensor(False))
+
+    @classmethod
+    def empty(cls, n: int, select_final: bool = False) -> Tracker:
+        return cls(torch.tensor(-1.0), torch.tensor(0), torch.zeros(n), torch.zeros(n), torch.zeros(n),
+                   torch.tensor(bool(select_final)))
+
+    def update(self, rnd: int) -> None:
+        val_mean = self.last_val.mean()
+        if bool(self.select_final) or val_mean > self.best_val_mean:
+            self.best_val_mean.copy_(val_mean)
+            self.best_round.fill_(rnd)
+            self.test_at_best.copy_(self.last_test)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.__dict__)
+
+
+def summarize(values: Sequence[float] | Tensor) -> dict[str, Any]:
+    """Mean, min, max, population std and the per-client list of accuracies."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    return {
+        "mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()),
+        "std": float(t.std(unbiased=False)), "per_client": [round(float(v), 6) for v in t],
+    }
+
+
+@dataclass
+class MethodOutcome:
+    """What one method's run produced (the body of its entry in results.json)."""
+
+    name: str
+    selected: dict[str, Any]
+    final: dict[str, Any]
+    rounds: int
+    seconds_training: float
+    seconds_evaluation: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# A checkpoint file: CHECKPOINT_MAGIC, one JSON header line (padded with spaces to a fixed
+# size so that it can be written after the payload was streamed), then the torch.save payload.
+# The header holds the payload's SHA-256 and length and the run binding (the state's
+# identity fields); load_checkpoint verifies all three before unpickling anything.
+CHECKPOINT_MAGIC = b"SFCKPT2\n"
+_CHECKPOINT_FORMAT = "secure-fedora/checkpoint/v2"
+_MAX_HEADER_BYTES = 64 * 1024
+_RESERVED_HEADER_BYTES = 4096
+# State fields that bind a checkpoint to its run, when the state has them (the in-process
+# runtime writes config_hash and data_fingerprint; a SuperNode's state adds run_id and
+# client_id; a partition file its data digest).
+_BINDING_KEYS = ("config_hash", "data_fingerprint", "run_id", "client_id", "data_digest", "format")
+
+
+def _binding(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: state[k] for k in _BINDING_KEYS
+            if isinstance(state.get(k), (str, int)) and not isinstance(state.get(k), bool)}
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically write a checkpoint (stream to a temp file, fsync, rename; no in-memory copy
+    of the state) that carries the SHA-256 of its payload and its run binding (config hash,
+    data fingerprint, run id where present), so that :func:`load_checkpoint` detects any
+    changed byte and any edited identity field.
+
+    The digest is not keyed: it detects corruption and naive edits, not a writer who
+    recomputes it."""
+
+    def write(fh: Any) -> None:
+        fh.write(CHECKPOINT_MAGIC + b" " * _RESERVED_HEADER_BYTES)
+        hashing = _HashingWriter(fh)
+        torch.save(state, hashing)
+        header = json.dumps({
+            "format": _CHECKPOINT_FORMAT,
+            "sha256": hashing.sha.hexdigest(),
+            "payload_bytes": hashing.size,
+            "binding": _binding(state),
+        }, sort_keys=True, separators=(",", ":")).encode()
+        if len(header) >= _RESERVED_HEADER_BYTES:
+            raise CheckpointError(f"checkpoint {path}: run binding too large for the header")
+        fh.seek(len(CHECKPOINT_MAGIC))
+        fh.write(header.ljust(_RESERVED_HEADER_BYTES - 1) + b"\n")
+
+    atomic_write_with(path, write)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; raises :class:`CheckpointError`
+    naming the file if it is unreadable, truncated, corrupt (digest mismatch), bound to
+    other identity fields than the state it holds, or holds anything but tensors and plain
+    values (nothing else is unpickled)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        hint = (" (a checkpoint without integrity digest, written by an older version; "
+                "it cannot be verified)" if raw.startswith(b"PK") else "")
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a secure-fedora "
+                              f"checkpoint{hint}")
+    end = raw.find(b"\n", len(CHECKPOINT_MAGIC), len(CHECKPOINT_MAGIC) + _MAX_HEADER_BYTES)
+    try:
+        if end < 0:
+            raise ValueError("no header line")
+        header = json.loads(raw[len(CHECKPOINT_MAGIC):end])
+        digest, size, binding = header["sha256"], header["payload_bytes"], header["binding"]
+        if header.get("format") != _CHECKPOINT_FORMAT or not isinstance(binding, dict):
+            raise ValueError("unknown format")
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its header is unreadable") from None
+    payload = raw[end + 1:]
+    if len(payload) != size:
+        raise CheckpointError(f"checkpoint {path} is corrupt: truncated or extended "
+                              f"({len(payload)} payload bytes, header says {size})")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 digest does not match "
+                              "its contents (changed on disk); refuse to resume from it")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged or foreign pickles
+        # torch's own message advises weights_only=False, which would run arbitrary code from
+        # the file: it is never shown.
+        text = str(err).strip()
+        detail = "" if "weights_only" in text or "Weights only" in text or not text \
+            else f" ({text.splitlines()[0][:200]})"
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or holds objects other than tensors and plain "
+            f"values, which are never loaded{detail}") from None
+    if not isinstance(state, dict) or "round" not in state:
+        raise CheckpointError(f"checkpoint {path} does not hold a secure-fedora round state")
+    if _binding(state) != binding:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its run binding {binding} does not "
+                              "match the state it holds")
+    return state
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+# Under checkpoint_every = "auto" a checkpoint is written once the time since the last one
+# reaches this multiple of what the last one took (checkpoints then cost <= ~1/10 of the run).
+AUTO_CHECKPOINT_FACTOR = 10.0
+
+
+class _CheckpointSchedule:
+    """Whether round ``rnd`` ends with a checkpoint: every K rounds, or by time ("auto")."""
+
+    def __init__(self, every: int | str) -> None:
+        self.every = every
+        self.last_cost: float | None = None
+        self.last_end = time.perf_counter()
+
+    def __call__(self, rnd: int) -> bool:
+        if self.every != "auto":
+            return rnd % int(self.every) == 0
+        if self.last_cost is None:
+            return True
+        return time.perf_counter() - self.last_end >= AUTO_CHECKPOINT_FACTOR * self.last_cost
+
+    def written(self, seconds: float) -> None:
+        self.last_cost, self.last_end = seconds, time.perf_counter()
+
+
+class Simulation:
+    """Runs the configured methods in process, writing everything into ``run_dir``.
+
+    Layout of ``run_dir``: ``config.toml`` (a copy), ``checkpoints/<method>.pt``,
+    ``rounds.csv``, ``results.json`` and ``plots/*.png`` (written by the CLI). With privacy
+    enabled also ``ledgers/<method>/<client>.jsonl`` (each closed by a signed close entry when
+    its method finished), ``keys/`` (public keys only: the private keys stay in the key store,
+    see :mod:`secure_fedora.secure.keystore`) and, once every method finished, the signed
+    ``anchor.json`` (:mod:`secure_fedora.secure.anchor`).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | Path,
+        clients: Sequence[ClientData] | None = None,
+        progress: ProgressFn | None = None,
+        method_factory: Callable[[str, MethodContext, ExperimentConfig], FederatedMethod] = make_method,
+        context_factory: Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext] = build_context,
+        keystore: str | os.PathLike[str] | None = None,
+    ) -> None:
+        from secure_fedora.learning.devices import apply_threads, resolve_device
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg)  # refuses an unusable device before any work
+        apply_threads(cfg)
+        self.run_dir = Path(run_dir)
+        self.keystore_override = keystore
+        self._key_dir: Path | None = None
+        self.keystore_created: bool = False
+        # Binds every in-process envelope to this run and its method (messages never outlive
+        # the process, so a fresh random id per Simulation is enough).
+        self.run_nonce = secrets.token_hex(8)
+        self.clients = list(clients) if clients is not None else build_clients(cfg)
+        self.fingerprint = fingerprint_clients(self.clients)
+        self.config_hash = config_hash(cfg)
+        self.progress = progress
+        self.method_factory = method_factory
+        self.context_factory = context_factory
+        self.history: list[dict[str, Any]] = []
+        self.methods: dict[str, FederatedMethod] = {}
+        self.privacy: dict[str, dict[str, Any]] = {}
+        self.on_privacy_plan: Callable[[list[dict[str, Any]]], None] | None = None
+        # Seconds per round of this process (not persisted): training (FEDORA's includes its
+        # propagation), evaluation, checkpoint; and of each method's setup (relatedness).
+        self.round_timings: dict[str, list[dict[str, float]]] = {}
+        self.setup_seconds: dict[str, float] = {}
+
+    # -- checkpoints --------------------------------------------------------------------
+    def checkpoint_path(self, method: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{method}.pt"
+
+    def _identity(self) -> dict[str, str]:
+        return {"config_hash": self.config_hash, "data_fingerprint": self.fingerprint}
+
+    def _check_identity(self, state: dict[str, Any], path: Path) -> None:
+        for key, expected in self._identity().items():
+            if state.get(key) != expected:
+                raise CheckpointError(
+                    f"checkpoint {path} was written for another {key.replace('_', ' ')} "
+                    f"({state.get(key)!s:.12} != {expected:.12}); refuse to resume"
+                )
+
+    # -- one method ---------------------------------------------------------------------
+    @property
+    def key_dir(self) -> Path:
+        """Where this run's private keys live: the key store of a DP run (outside the run
+        directory; resolved as :mod:`secure_fedora.secure.keystore` describes and created on first
+        use), ``run_dir/keys`` for a run without privacy."""
+        if self._key_dir is None:
+            if not self.cfg.privacy.enabled:
+                self._key_dir = self.run_dir / "keys"
+            else:
+                from secure_fedora.secure.keystore import (
+                    ensure_keystore,
+                    resolve_keystore,
+                    run_party_ids,
+                )
+
+                path, source = resolve_keystore(self.cfg.name, self.cfg.security.keystore,
+                                                self.keystore_override)
+                store = ensure_keystore(path, run_party_ids(len(self.clients)), source)
+                self.keystore_created = store.created
+                if store.created:
+                    log.warning("created key store %s (private keys 0600, outside the run"
+                                " directory; %s)", path, source)
+                self._key_dir = path
+        return self._key_dir
+
+    def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
+        """Run (or resume) one method to the configured number of rounds; with privacy, a
+        finished method's ledgers end with their signed close entry."""
+        cfg = self.cfg
+        ctx = self.context_factory(cfg, self.clients)
+        privacy = self._open_privacy(name, resume)
+        ctx.privacy = privacy
+        if privacy is not None:
+            privacy.loss = ctx.flat.task.checked
+        try:
+            outcome = self._run_method(name, ctx, privacy, resume)
+            if privacy is not None:
+                privacy.close_ledgers(cfg.training.rounds)
+            return outcome
+        finally:
+            if privacy is not None:
+                self.privacy[name] = privacy.summary()
+                privacy.close()
+
+    def _open_privacy(self, name: str, resume: bool = False) -> Any:
+        if not self.cfg.privacy.enabled:
+            return None
+        from secure_fedora.secure.keystore import publish_public_keys, run_party_ids
+        from secure_fedora.secure.private import FederationPrivacy
+
+        key_dir = self.key_dir
+        publish_public_keys(key_dir, self.run_dir / "keys", run_party_ids(len(self.clients)))
+        privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
+                                         self.run_dir / "ledgers" / name, key_dir,
+                                         resume=resume)
+        if self.on_privacy_plan:
+            self.on_privacy_plan(privacy.plan_rows())
+        return privacy
+
+    def _run_method(self, name: str, ctx: MethodContext, privacy: Any, resume: bool) -> MethodOutcome:
+        cfg = self.cfg
+        if cfg.security.envelopes and name == "fedora":
+            from secure_fedora.secure.transport import SecureTransport
+
+            ctx.transport = SecureTransport.for_simulation(
+                self.run_dir, len(self.clients), f"{name}-summary", key_dir=self.key_dir,
+                context=f"{self.run_nonce}/{name}-summary")
+        method = self.method_factory(name, ctx, cfg)
+        self.methods[name] = method
+        n = len(self.clients)
+        tracker = Tracker.empty(n, select_final=model_selection(cfg) == "final_round")
+        round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        start_round = 1
+        history: list[dict[str, Any]] = []
+        timing = {"training": 0.0, "evaluation": 0.0}
+        self.round_timings[name] = []
+        path = self.checkpoint_path(name)
+        if resume and path.exists():
+            state = load_checkpoint(path)
+            self._check_identity(state, path)
+            if state.get("outcome") is not None:
+                method.load_state_dict(state["method"])
+                if privacy is not None:
+                    privacy.resume_after(int(state["round"]), state.get("privacy"))
+                self.history.extend(state["history"])
+                return MethodOutcome(**state["outcome"])
+            self._restore(state, method, tracker, round_gen, ctx, path)
+            if privacy is not None:
+                # rounds after the checkpoint are computed again; their ledger entries are
+                # consumed, not appended, and journaled releases re-made, not redrawn
+                privacy.resume_after(int(state["round"]), state.get("privacy"))
+            start_round = int(state["round"]) + 1
+            history = list(state["history"])
+            timing = dict(state["timing"])
+        else:
+            if resume and privacy is not None:
+                privacy.resume_after(None, None)
+            t0 = time.perf_counter()
+            method.setup()
+            self.setup_seconds[name] = time.perf_counter() - t0
+        self._attach_security(name, method, start_round - 1)
+        rounds = cfg.training.rounds
+        due = _CheckpointSchedule(cfg.training.checkpoint_every)
+        for rnd in range(start_round, rounds + 1):
+            participants = self._participants(round_gen, n)
+            if privacy is not None:
+                with_lambda = name == "fedora" and cfg.data.validation == "private"
+                participants = [i for i in participants
+                                if privacy.admit(i, rnd, method.theta[i], with_lambda,
+                                                 noise=ctx.noise[i])]
+            t0 = time.perf_counter()
+            stats = method.train_round(rnd, participants) if participants else {"steps": 0.0}
+            if privacy is not None:
+                privacy.confirm_steps(rnd, participants)  # before anything leaves the round
+            seconds = {"round": rnd, "training": time.perf_counter() - t0,
+                       "evaluation": 0.0, "checkpoint": 0.0}
+            timing["training"] += seconds["training"]
+            if rnd % cfg.evaluation.every == 0 or rnd == rounds:
+                t0 = time.perf_counter()
+                row = self._evaluate(rnd, method, tracker)
+                seconds["evaluation"] = time.perf_counter() - t0
+                timing["evaluation"] += seconds["evaluation"]
+                history.append({"method": name, "round": rnd, "participants": len(participants),
+                                **stats, **row})
+            # The last round's state is written below, with the outcome.
+            if rnd < rounds and due(rnd):
+                crash_point("checkpoint")
+                t0 = time.perf_counter()
+                save_checkpoint(path, self._state(rnd, method, tracker, round_gen, ctx, history, timing))
+                seconds["checkpoint"] = time.perf_counter() - t0
+                due.written(seconds["checkpoint"])
+                crash_point("checkpoint_written")
+            self.round_timings[name].append(seconds)
+            if self.progress:
+                self.progress(name, rnd, rounds)
+        outcome = MethodOutcome(
+            name=name,
+            selected={**summarize(tracker.test_at_best), "round": int(tracker.best_round)},
+            final=summarize(tracker.last_test),
+            rounds=rounds,
+            seconds_training=round(timing["training"], 3),
+            seconds_evaluation=round(timing["evaluation"], 3),
+            extra=method.extra_results(),
+        )
+        state = self._state(rounds, method, tracker, round_gen, ctx, history, timing)
+        state["outcome"] = outcome.to_json()
+        crash_point("checkpoint")
+        t0 = time.perf_counter()
+        save_checkpoint(path, state)
+        crash_point("checkpoint_written")
+        if self.round_timings[name]:
+            self.round_timings[name][-1]["checkpoint"] = time.perf_counter() - t0
+        self.history.extend(history)
+        return outcome
+
+    def _attach_security(self, name: str, method: FederatedMethod, last_round: int) -> None:
+        """Encrypted propagation for FEDORA and, with ``[security] envelopes``, a signed
+        message exchange for every method that sends messages (all but Local), tracking what
+        :meth:`~secure_fedora.algorithms.methods.FederatedMethod.message_state` names. ``last_round`` is
+        the last round already done (0 on a fresh start)."""
+        n = len(self.clients)
+        if isinstance(method, Fedora) and self.cfg.fedora.propagation == "encrypted":
+            from secure_fedora.secure.encrypted_propagation import EncryptedPropagator
+
+            method.propagator = EncryptedPropagator(n)
+        if not self.cfg.security.envelopes:
+            return
+        state = method.message_state()
+        if state is None:
+            return
+        from secure_fedora.secure.transport import SecureExchange, SecureTransport
+
+        uploads, downloads = state
+        transport = SecureTransport.for_simulation(self.run_dir, n, name, key_dir=self.key_dir,
+                                                   context=f"{self.run_nonce}/{name}")
+        method.exchange = SecureExchange(transport, uploads=uploads, downloads=downloads,
+                                         last_round=last_round)
+
+    def _participants(self, gen: torch.Generator, n: int) -> list[int]:
+        return sample_participants(gen, n, self.cfg.training.participation)
+
+    def _evaluate(self, rnd: int, method: FederatedMethod, tracker: Tracker) -> dict[str, float]:
+        flat = method.ctx.flat
+        for i, c in enumerate(method.ctx.clients):  # on the run's device
+            row = method.eval_row(i)
+            val = evaluate(flat, row, c.val_x, c.val_y).metric
+            test = evaluate(flat, row, c.test_x, c.test_y).metric
+            tracker.last_val[i] = val
+            tracker.last_test[i] = test
+            crash_point("evaluate")
+        tracker.update(rnd)
+        return {
+            "test_mean": float(tracker.last_test.mean()),
+            "test_min": float(tracker.last_test.min()),
+            "test_max": float(tracker.last_test.max()),
+            "test_std": float(tracker.last_test.std(unbiased=False)),
+            # Validation accuracy on private data is not reported (it would be a release).
+            "val_mean": None if bool(tracker.select_final) else float(tracker.last_val.mean()),
+            "selected_mean": float(tracker.test_at_best.mean()),
+            "selected_round": int(tracker.best_round),
+        }
+
+    def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,
+               ctx: MethodContext, history: list[dict[str, Any]], timing: dict[str, float]) -> dict[str, Any]:
+        return {
+            "round": rnd,
+            "version": __version__,
+            **self._identity(),
+            "method": method.state_dict(),
+            "tracker": tracker.state_dict(),
+            "round_generator": round_gen.get_state(),
+            "client_generators": [g.get_state() for g in ctx.generators],
+            "privacy": ctx.privacy.checkpoint_state() if ctx.privacy is not None else None,
+            # Reproducible noise: the generator states (derivable from the config anyway).
+            # CSPRNG noise: None per client -- no key or stream state is ever written; a resume
+            # draws fresh keys, and the ledger already accounts every release on both sides.
+            "noise_states": [s.checkpoint_state() for s in ctx.noise],
+            "history": history,
+            "timing": timing,
+            "outcome": None,
+        }
+
+    def _restore(self, state: dict[str, Any], method: FederatedMethod, tracker: Tracker,
+                 round_gen: torch.Generator, ctx: MethodContext, path: Path) -> None:
+        try:
+            method.load_state_dict(state["method"])
+            for key, value in state["tracker"].items():
+                getattr(tracker, key).copy_(value)
+            round_gen.set_state(state["round_generator"])
+            gens = state["client_generators"]
+            if len(gens) != len(ctx.generators):
+                raise ValueError(f"{len(gens)} client generators for {len(ctx.generators)} clients")
+            for g, s in zip(ctx.generators, gens, strict=True):
+                g.set_state(s)
+            noise_states = state.get("noise_states", [])
+            if len(noise_states) != len(ctx.noise):
+                raise ValueError(f"{len(noise_states)} noise states for {len(ctx.noise)} noise sources")
+            for source, s in zip(ctx.noise, noise_states, strict=True):
+                source.restore_state(s)
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path} cannot be restored: {err}") from None
+
+    # -- the whole experiment -----------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run every configured method; write rounds.csv and results.json; return the results."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        outcomes = {}
+        for name in self.cfg.methods:
+            outcomes[name] = self.run_method(name, resume=resume)
+            self.write_rounds_csv()
+            crash_point("between_methods")
+        results = self.results(outcomes)
+        crash_point("results")
+        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
+        if self.cfg.privacy.enabled:
+            self.write_anchor()
+        return results
+
+    def write_anchor(self) -> Path:
+        """Sign (operator key, from the key store) and write ``anchor.json``: every ledger's
+        final index and head, the digests of results.json and config.toml, the methods.
+        Call after results.json is written; a config.toml missing from the run directory is
+        written first from the validated config."""
+        from privacy.identity import load_identity
+        from secure_fedora.secure.anchor import build_anchor, write_anchor
+        from secure_fedora.secure.keystore import OPERATOR_ID
+
+        if not (self.run_dir / "config.toml").is_file():
+            import tomli_w
+
+            atomic_write_text(self.run_dir / "config.toml",
+                              tomli_w.dumps(self.cfg.model_dump(mode="json", exclude_none=True)))
+        ledgers = {}
+        for method, summary in self.privacy.items():
+            for row in summary["clients"]:
+                ledgers[f"{method}/{row['client']}"] = {
+                    "entries": row["ledger_entries"], "head": row["ledger_head"],
+                    "epsilon_spent": row["epsilon_spent"]}
+        doc = build_anchor(self.run_dir, run_name=self.cfg.name, config_hash=self.config_hash,
+                           methods=list(self.cfg.methods), ledgers=ledgers,
+                           signer=load_identity(self.key_dir, OPERATOR_ID))
+        return write_anchor(self.run_dir, doc)
+
+    def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
+        """The results document: run identity, per-method summaries and comparisons."""
+        from secure_fedora.secure.private import noise_assumptions
+
+        metric = self.metric_name()
+        methods = {name: {**o.to_json(), "metric": metric} for name, o in outcomes.items()}
+        comparison: dict[str, Any] = {}
+        if "fedora" in outcomes and "local" in outcomes:
+            f = outcomes["fedora"].selected["per_client"]
+            loc = outcomes["local"].selected["per_client"]
+            comparison["fedora_below_local"] = sum(1 for a, b in zip(f, loc, strict=True) if a < b)
+        if "fedavg" in outcomes and "finetuned_test_accuracy" in outcomes["fedavg"].extra:
+            methods["fedavg_ft"] = {
+                "name": "fedavg_ft",
+                "selected": summarize(outcomes["fedavg"].extra["finetuned_test_accuracy"]),
+                "metric": metric,
+            }
+        return {
+            "name": self.cfg.name,
+            "version": __version__,
+            "compute": {"device": str(self.device), "threads": torch.get_num_threads()},
+            "config_hash": self.config_hash,
+            "data_fingerprint": self.fingerprint,
+            # What methods.<name>.selected/final hold: "accuracy" or "auc" (follows the loss).
+            "metric": metric,
+            "loss": self.cfg.training.loss,
+            "assumptions": {
+                "validation_data": self.cfg.data.validation,
+                "model_selection": model_selection(self.cfg),
+                "relatedness": self.cfg.fedora.relatedness,
+                "server": "honest-but-curious",
+                "differential_privacy": self.cfg.privacy.enabled,
+                **({"noise_source": NOISE_SOURCE_DESCRIPTIONS[self.cfg.privacy.noise],
+                    **noise_assumptions(self.cfg),
+                    "neighbouring_relation": "add/remove one record; dataset sizes public",
+                    "accountant": self.cfg.privacy.accountant}
+                   if self.cfg.privacy.enabled else {}),
+                **({"client_held_models": "Ditto's and APFL's personal models never leave the "
+                                          "client and train without noise; DP covers what is sent "
+                                          "(the global-model copies). Publishing a personal model "
+                                          "would be an unaccounted release."}
+                   if self.cfg.privacy.enabled and {"ditto", "apfl"} & set(self.cfg.methods)
+                   else {}),
+            },
+            "privacy": self.privacy,
+            "clients": [
+                {"id": c.client_id, "train": int(c.train_x.shape[0]), "val": int(c.val_x.shape[0]),
+                 "test": int(c.test_x.shape[0]),
+                 **{k: v for k, v in c.meta.items() if k in ("rotation_degrees", "group", "classes")}}
+                for c in self.clients
+            ],
+            "methods": methods,
+            "comparison": comparison,
+        }
+
+    def metric_name(self) -> str:
+        """The metric model selection and results use: "accuracy" or "auc"."""
+        if self.methods:
+            return next(iter(self.methods.values())).ctx.flat.task.metric_name
+        from secure_fedora.core.plugins import config_dir
+        from secure_fedora.data.userdata import label_space
+        from secure_fedora.learning.tasks import resolve_task
+
+        return resolve_task(self.cfg.training.loss, label_space(self.clients)[1],
+                            config_dir(self.cfg)).metric_name
+
+    def write_rounds_csv(self) -> None:
+        """Per-round metrics of every method run so far (rewritten atomically)."""
+        if not self.history:
+            return
+        keys: list[str] = []
+        for row in self.history:
+            keys.extend(k for k in row if k not in keys)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "rounds.csv", buf.getvalue())

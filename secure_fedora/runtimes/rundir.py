@@ -1,0 +1,123 @@
+"""Run directories that never mix two runs or lose one: checked before anything is written.
+
+``secure-fedora run`` calls :func:`prepare_run_dir` before it writes a byte:
+
+- a fresh run needs a directory that does not exist or is empty; one that holds anything
+  (another run's ledgers, results, checkpoints, or any other file) is refused;
+- ``--resume`` needs the directory's ``config.toml`` to be the same configuration (same
+  config hash) and a checkpoint to continue from: the configured methods' checkpoints must
+  exist in order (a later method's checkpoint without an earlier method's is a gap), each
+  readable, intact and written for this configuration; otherwise nothing is written. A run
+  killed before its first checkpoint has none, but its first method's ledgers or release
+  journals already record releases: it is resumed from the start (the journaled releases are
+  re-made, not accounted again); with neither, there is nothing to resume;
+- the default directory ``runs/<name>-<timestamp>`` stays inside ``runs/`` (the config's
+  ``name`` is restricted to safe characters, and the resolved path is checked again).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from privacy.errors import ToolkitError
+from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
+
+__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "default_run_dir", "prepare_run_dir"]
+
+RUNS_FOLDER = Path("runs")
+CONFIG_COPY = "config.toml"
+
+
+class RunDirError(ToolkitError, ValueError):
+    """A run directory that cannot be used for this run; the message names the directory."""
+
+
+def default_run_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
+    """``runs/<name>-<timestamp>``; refuses a name that would resolve outside ``runs``."""
+    run_dir = runs / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = runs.resolve()
+    if run_dir.resolve().parent != root:
+        raise RunDirError(f"name {cfg.name!r} would place the run outside {runs}/")
+    return run_dir
+
+
+def _contents(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir())
+
+
+def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
+                    resume: bool) -> None:
+    """Check ``run_dir`` for this run, then (fresh runs only) create it and write
+    ``config.toml`` from ``config_bytes``. Raises :class:`RunDirError` (or ``ConfigError`` for
+    an unreadable stored config) before writing anything when the directory holds another
+    run, is not empty on a fresh start, or cannot be resumed."""
+    from secure_fedora.core.files import atomic_write_bytes
+
+    if resume:
+        check_resumable(run_dir, cfg)
+        return
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise RunDirError(f"run directory {run_dir} exists and is not a directory")
+        held = _contents(run_dir)
+        if held:
+            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+            raise RunDirError(
+                f"run directory {run_dir} is not empty (holds {shown}); a new run needs a new "
+                "or empty --out, and --resume continues the run it holds"
+            )
+    atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
+
+
+def _records_releases(run_dir: Path, method: str) -> bool:
+    """True when ``method``'s ledgers or release journals in ``run_dir`` hold any bytes."""
+    folder = run_dir / "ledgers" / method
+    if not folder.is_dir():
+        return False
+    return any(p.is_file() and p.stat().st_size > 0
+               for pattern in ("*.jsonl", "*.journal") for p in folder.glob(pattern))
+
+
+def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
+    checkpoint to continue from (see the module docstring); reads only."""
+    from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint
+
+    if not run_dir.is_dir():
+        raise RunDirError(f"--resume needs an existing run directory; {run_dir} does not exist")
+    stored = run_dir / CONFIG_COPY
+    if not stored.is_file():
+        raise RunDirError(f"--resume: {stored} is missing, so {run_dir} cannot be matched to "
+                          "this configuration")
+    try:
+        stored_cfg = load_config(stored)
+    except ConfigError as err:
+        raise RunDirError(f"--resume: the run's stored configuration is unusable: {err}") from None
+    if config_hash(stored_cfg) != config_hash(cfg):
+        raise RunDirError(
+            f"--resume: {run_dir} holds a run of another configuration ({stored} differs from "
+            "the given config); resume with the config it was started with, or use a new --out"
+        )
+    expected = config_hash(cfg)
+    present = [m for m in cfg.methods if (run_dir / "checkpoints" / f"{m}.pt").exists()]
+    if not present and _records_releases(run_dir, cfg.methods[0]):
+        return  # killed before its first checkpoint: resumed from the start
+    if not present:
+        raise RunDirError(
+            f"--resume: {run_dir / 'checkpoints'} holds no checkpoint of {cfg.methods[0]!r}; "
+            "there is nothing to resume from (start a new run in a new directory)"
+        )
+    expected_order = list(cfg.methods[: len(present)])
+    if present != expected_order:
+        missing = [m for m in expected_order if m not in present]
+        raise RunDirError(
+            f"--resume: checkpoint(s) of {missing} missing from {run_dir / 'checkpoints'} while "
+            "a later method's checkpoint exists; refusing to restart them silently"
+        )
+    for method in present:
+        path = run_dir / "checkpoints" / f"{method}.pt"
+        state = load_checkpoint(path)
+        if state.get("config_hash") != expected:
+            raise CheckpointError(f"checkpoint {path} was written for another configuration; "
+                                  "refuse to resume")

@@ -1,0 +1,1 @@
+"""Differential privacy plumbing, signed messages, CKKS relatedness and propagation, keys and anchors."""

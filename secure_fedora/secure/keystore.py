@@ -1,0 +1,150 @@
+"""Where a DP run's private keys live: a key store outside the run directory.
+
+A DP run signs every ledger entry with its clients' Ed25519 keys and its ``anchor.json`` with
+the ``operator`` key. If those private keys sat in the run directory, anyone holding the
+directory could re-sign a shortened ledger; so they live in a *key store* elsewhere and the
+run directory receives only the public half (``keys/allowlist.json`` and ``*.pub``).
+
+Which key store a run uses, first match wins:
+
+1. the ``--keystore`` flag of ``secure-fedora run`` (``Simulation(keystore=...)``);
+2. ``[security] keystore = "PATH"`` in the config (a relative path is taken from the current
+   working directory);
+3. the default ``<home>/<config name>``, where ``<home>`` is ``$SECURE_FEDORA_KEYSTORE_HOME``,
+   else ``$XDG_DATA_HOME/secure-fedora/keystore``, else
+   ``~/.local/share/secure-fedora/keystore``.
+
+``secure-fedora keys init DIR --clients N`` creates a key store (server, operator and N
+clients). A missing store is created on first use (directory 0700, private keys 0600); a
+store lacking some parties of the run gets keys for exactly those parties, nothing else is
+touched. Assumption (stated): key files are protected by file permissions only (see
+:mod:`privacy.identity`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from privacy.identity import (
+    ALLOWLIST_FILENAME,
+    SERVER_ID,
+    IdentityError,
+    PublicIdentity,
+    allowlist_bytes,
+    client_ids,
+    init_keys,
+    load_allowlist,
+)
+
+__all__ = [
+    "KEYSTORE_HOME_ENV",
+    "OPERATOR_ID",
+    "KeyStore",
+    "default_keystore_home",
+    "ensure_keystore",
+    "publish_public_keys",
+    "resolve_keystore",
+    "run_party_ids",
+]
+
+OPERATOR_ID = "operator"
+KEYSTORE_HOME_ENV = "SECURE_FEDORA_KEYSTORE_HOME"
+LOCK_FILENAME = ".lock"
+
+log = logging.getLogger("secure_fedora.secure.keystore")
+
+
+def default_keystore_home() -> Path:
+    """The folder that holds the default key stores (see the module docstring)."""
+    env = os.environ.get(KEYSTORE_HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "secure-fedora" / "keystore"
+
+
+def run_party_ids(num_clients: int) -> list[str]:
+    """The parties of an in-process DP run: ``server``, ``operator`` and every client."""
+    return [SERVER_ID, OPERATOR_ID, *client_ids(num_clients)]
+
+
+@dataclass(frozen=True)
+class KeyStore:
+    """A resolved key store: its directory and whether this call created it."""
+
+    path: Path
+    created: bool
+    source: str
+
+
+def resolve_keystore(name: str, configured: str | None = None,
+                     override: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
+    """The key store directory a run uses and where that choice came from
+    (``"--keystore"``, ``"config"`` or ``"default"``). Nothing is created."""
+    if override is not None:
+        return Path(override).expanduser().absolute(), "--keystore"
+    if configured is not None:
+        return Path(configured).expanduser().absolute(), "config"
+    return (default_keystore_home() / name).absolute(), "default"
+
+
+def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default") -> KeyStore:
+    """Make ``path`` a key store holding every party of ``parties`` and return it.
+
+    Creates the store (0700) when missing; adds keys only for parties the allowlist lacks,
+    refusing (IdentityError) when key files of such a party already exist without an
+    allowlist entry (a half-written store is never overwritten).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise IdentityError(f"key store {path} exists and is not a directory")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise IdentityError(f"cannot create or open the key store {path}: {exc}") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs creating one store wait for each other
+        allowlist = path / ALLOWLIST_FILENAME
+        if not allowlist.exists():
+            init_keys(path, parties)
+            return KeyStore(path, True, source)
+        known = load_allowlist(allowlist)
+        missing = [p for p in parties if p not in known]
+        if missing:
+            stray = [str(f) for p in missing for f in path.glob(f"{p}.*") if f.exists()]
+            if stray:
+                raise IdentityError(f"key store {path} holds key files of parties missing from"
+                                    f" its allowlist: {', '.join(stray)}; refusing to overwrite"
+                                    " them")
+            init_keys(path, missing, overwrite=True)
+        return KeyStore(path, False, source)
+    finally:
+        os.close(lock)
+
+
+def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
+    """Write the public keys of ``parties`` from ``keystore`` into ``dest``: ``allowlist.json``
+    (those parties only) and each party's ``.ed25519.pub``/``.x25519.pub``. No private key is
+    copied. Returns the published identities."""
+    known = load_allowlist(keystore / ALLOWLIST_FILENAME)
+    missing = [p for p in parties if p not in known]
+    if missing:
+        raise IdentityError(f"key store {keystore} lacks parties {missing}")
+    from secure_fedora.core.files import atomic_write_bytes
+
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    chosen = {p: known[p] for p in parties}
+    for party in parties:
+        for suffix in ("ed25519.pub", "x25519.pub"):
+            src = keystore / f"{party}.{suffix}"
+            if src.is_file():
+                atomic_write_bytes(dest / src.name, src.read_bytes())
+    atomic_write_bytes(dest / ALLOWLIST_FILENAME, allowlist_bytes(chosen))
+    return chosen

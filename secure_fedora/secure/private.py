@@ -1,0 +1,904 @@
+"""Client-side privacy for the federation: DP-SGD, budgets, noised releases, the ledger.
+
+Every data-dependent release of a client goes through its own :class:`privacy.pipeline.BudgetGate`
+(accountant + budget + write-ahead ledger) before it leaves the client:
+
+- the model ``theta_i`` every round it participates: DP-SGD (Poisson sampling at rate q,
+  per-sample clipping, Gaussian noise) for the round's ``ceil(E / q)`` steps; the gate is passed
+  *before* local training starts (the step count is fixed in advance), so the ledger entry is
+  on disk before the trained model can be sent;
+- the relatedness summary, once (noised mode): Gaussian mechanism on the clipped second moment;
+- with ``data.validation = "private"``, each round's ``lambda_i``: a clipped, noised mean of the
+  per-example validation-loss differences (it shapes ``theta_i``, which is released).
+
+A client whose release would exceed its budget is refused (ledger entry + error); it keeps its
+personalized model and releases nothing more. The federation goes on with the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from privacy.accounting import (
+    Accountant,
+    BudgetExceededError,
+    CalibrationError,
+    MechanismRecord,
+    PlannedRelease,
+    PrivacyBudget,
+    calibrate_noise_multiplier,
+    plan_epsilon,
+)
+from privacy.dpsgd import DPSGD, poisson_sample
+from privacy.identity import client_ids, load_identity
+from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
+from privacy.ledger import LedgerError, LedgerWriter, repair_torn_tail, replay_accountant
+from privacy.mechanisms import (
+    noised_scalar,
+    noised_second_moment,
+    scalar_record,
+    summary_record,
+    top_eigenvectors,
+)
+from privacy.noise import (
+    REPRODUCIBLE_WARNING,
+    CsprngNoise,
+    NoiseSource,
+    ReproducibleNoise,
+    make_noise_source,
+)
+from privacy.pipeline import BudgetGate, PipelineError, Release
+from secure_fedora.algorithms import fedora
+from secure_fedora.core.config import ConfigError, ExperimentConfig
+from secure_fedora.core.crashpoints import crash_point
+from secure_fedora.data.partition import ClientData
+from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
+
+__all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "client_noise_sources",
+           "noise_assumptions", "privacy_plan"]
+
+log = logging.getLogger("secure_fedora.privacy")
+
+
+def sample_rate_for(cfg: ExperimentConfig) -> float:
+    """Poisson sampling rate: ``privacy.sample_rate``, else ``batch_size / train_per_client``."""
+    p = cfg.privacy
+    if p.sample_rate is not None:
+        return p.sample_rate
+    return min(1.0, cfg.training.batch_size / cfg.data.train_per_client)
+
+
+def steps_per_round(cfg: ExperimentConfig) -> int:
+    """DP-SGD steps of one local run: ``ceil(E / q)`` Poisson-sampled batches."""
+    return math.ceil(cfg.training.local_epochs / sample_rate_for(cfg) - 1e-9)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """A client's noise for every mechanism and the releases it plans over the whole run."""
+
+    dpsgd_noise: float
+    summary_noise: float | None
+    lambda_noise: float | None
+    releases: tuple[PlannedRelease, ...]
+    accountant: str = ""  # the accountant the noise was calibrated under
+
+
+class BudgetPlanError(ConfigError):
+    """The planned releases of some clients cannot fit their budgets; nothing was trained.
+
+    ``clients`` names every such client; the message says which budget, which plan and which
+    key to change.
+    """
+
+    def __init__(self, message: str, clients: Sequence[str]) -> None:
+        self.clients = list(clients)
+        super().__init__(message)
+
+
+class StepCountMismatchError(PipelineError):
+    """A client executed a different number of DP-SGD steps than its ledger accounted.
+
+    Raised before the trained model is released (the release is refused in the ledger).
+    """
+
+
+def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
+               what: str) -> float:
+    try:
+        return calibrate_noise_multiplier(target, delta, plan, accountant)
+    except CalibrationError as err:
+        raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}: {err}") from None
+
+
+def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
+              accountant: str) -> ClientPlan:
+    p = cfg.privacy
+    rounds = cfg.training.rounds
+    eps, delta = budget.epsilon, budget.delta
+    fixed: list[PlannedRelease] = []
+    summary_noise = lambda_noise = None
+    if method == "fedora" and "noised" in cfg.fedora.relatedness:
+        summary_noise = p.summary_noise_multiplier or _calibrate(
+            p.summary_budget_fraction * eps, delta, [PlannedRelease("gaussian_summary", 1.0, 1)],
+            accountant, "privacy.summary_noise_multiplier")
+        fixed.append(PlannedRelease("gaussian_summary", 1.0, 1, summary_noise))
+    if method == "fedora" and cfg.data.validation == "private":
+        lambda_noise = p.lambda_noise_multiplier or _calibrate(
+            p.lambda_budget_fraction * eps, delta, [PlannedRelease("gaussian_lambda", 1.0, rounds)],
+            accountant, "privacy.lambda_noise_multiplier")
+        fixed.append(PlannedRelease("gaussian_lambda", 1.0, rounds, lambda_noise))
+    dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), rounds * steps_per_round(cfg))
+    plan = [dpsgd, *fixed]
+    dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,
+                                                   "privacy.noise_multiplier (DP-SGD)")
+    return ClientPlan(dpsgd_noise, summary_noise, lambda_noise, tuple(plan), accountant)
+
+
+@dataclass(frozen=True)
+class AccountantChoice:
+    """Which accountant a run uses and why (written to the plan and results.json).
+
+    ``comparison`` holds, per distinct budget, the epsilon of the same plan under each
+    candidate and the DP-SGD noise each would calibrate (None where it cannot).
+    """
+
+    name: str
+    reason: str
+    comparison: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return {"accountant": self.name, "reason": self.reason,
+                "comparison": [dict(c) for c in self.comparison]}
+
+
+#: Candidates of ``privacy.accountant = "auto"``, in order of preference on a tie.
+AUTO_CANDIDATES: tuple[str, ...] = ("pld", "rdp")
+
+
+def choose_accountant(cfg: ExperimentConfig, method: str,
+                      budgets: Sequence[PrivacyBudget]) -> AccountantChoice:
+    """The accountant for ``method``'s run: the configured one, or under ``"auto"`` the
+    tighter of PLD and RDP for this plan.
+
+    "Tighter" is decided per distinct budget on one fixed plan (the RDP-calibrated one, or
+    PLD's where RDP cannot calibrate): the candidate whose epsilon for that plan is lower
+    wins (lower epsilon for the same noise means less noise for the same budget). PLD is
+    chosen only if it is at least as tight for every budget; a candidate that cannot
+    calibrate a budget at all loses. Both are valid upper bounds, so either choice is sound.
+    """
+    configured = cfg.privacy.accountant
+    if configured != "auto":
+        return AccountantChoice(configured, f"configured: privacy.accountant = {configured!r}")
+    rows: list[dict[str, Any]] = []
+    pld_wins = True
+    for budget in sorted({(b.epsilon, b.delta) for b in budgets}):
+        b = PrivacyBudget(*budget)
+        plans: dict[str, ClientPlan | None] = {}
+        for name in AUTO_CANDIDATES:
+            try:
+                plans[name] = _plan_for(cfg, method, b, name)
+            except ConfigError:
+                plans[name] = None
+        row: dict[str, Any] = {"epsilon_budget": b.epsilon, "delta": b.delta}
+        for name in AUTO_CANDIDATES:
+            plan = plans[name]
+            row[f"{name}_noise_multiplier"] = None if plan is None else round(plan.dpsgd_noise, 6)
+        reference = plans["rdp"] or plans["pld"]
+        if reference is not None:
+            for name in AUTO_CANDIDATES:
+                row[f"{name}_epsilon_of_plan"] = round(plan_epsilon(
+                    reference.releases, b.delta, reference.dpsgd_noise, name), 6)
+            row["plan"] = "rdp-calibrated" if plans["rdp"] is not None else "pld-calibrated"
+        if plans["pld"] is None or (plans["rdp"] is not None
+                                    and row["pld_epsilon_of_plan"] > row["rdp_epsilon_of_plan"]):
+            pld_wins = False
+        rows.append(row)
+    name = "pld" if pld_wins else "rdp"
+    first = rows[0] if rows else {}
+    detail = (f"for the plan at epsilon {first.get('epsilon_budget')}: PLD gives"
+              f" {first.get('pld_epsilon_of_plan')} vs RDP {first.get('rdp_epsilon_of_plan')}"
+              f" (DP-SGD noise PLD {first.get('pld_noise_multiplier')},"
+              f" RDP {first.get('rdp_noise_multiplier')})") if rows else ""
+    reason = (f"auto: {name} is tighter for every budget of the plan; " if pld_wins else
+              "auto: PLD is not tighter for every budget (or cannot calibrate); ") + detail
+    return AccountantChoice(name, reason, tuple(rows))
+
+
+def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
+                 accountant: str | None = None) -> ClientPlan:
+    """Every release a client of ``method`` may make over the run, with calibrated noise.
+
+    The summary (once) and lambda (every round) use fixed noise multipliers or, when unset,
+    ones calibrated so that each alone spends its configured fraction of the budget; DP-SGD's
+    noise is then calibrated so that the whole plan spends at most ``budget.epsilon``, under
+    ``accountant`` (default: :func:`choose_accountant` for this budget).
+    Raises ConfigError (naming the key) when no noise can meet the budget, and
+    :class:`BudgetPlanError` when fixed noise multipliers plan more than the budget.
+    """
+    if accountant is None:
+        accountant = choose_accountant(cfg, method, [budget]).name
+    plan = _plan_for(cfg, method, budget, accountant)
+    planned = plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, accountant)
+    if planned > budget.epsilon:
+        raise BudgetPlanError(
+            f"privacy: the plan of {method!r} spends epsilon {planned:.4g} > budget"
+            f" {budget.epsilon:g} (delta {budget.delta:g}, accountant {accountant!r}) with the"
+            f" fixed privacy.noise_multiplier {plan.dpsgd_noise:g}; raise it or unset it to"
+            " calibrate", [])
+    return plan
+
+
+def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int
+                       ) -> tuple[AccountantChoice, dict[tuple[float, float], ClientPlan]]:
+    """Choose the accountant and calibrate every client's plan, before anything runs.
+
+    Returns the choice and the plan per distinct ``(epsilon, delta)``. Raises
+    :class:`BudgetPlanError` listing every client whose planned releases cannot fit its
+    budget (a fixed noise multiplier too small, or no noise that can meet it).
+    """
+    ids = client_ids(num_clients)
+    budgets = [client_budget(cfg, i) for i in range(num_clients)]
+    choice = choose_accountant(cfg, method, budgets)
+    plans: dict[tuple[float, float], ClientPlan] = {}
+    problems: dict[tuple[float, float], str] = {}
+    for budget in budgets:
+        key = (budget.epsilon, budget.delta)
+        if key not in plans and key not in problems:
+            try:
+                plans[key] = privacy_plan(cfg, method, budget, choice.name)
+            except ConfigError as err:  # BudgetPlanError included
+                problems[key] = str(err)
+    if problems:
+        refused = [cid for cid, b in zip(ids, budgets, strict=True)
+                   if (b.epsilon, b.delta) in problems]
+        shown = ", ".join(refused[:8]) + (f" and {len(refused) - 8} more"
+                                          if len(refused) > 8 else "")
+        why = "; ".join(f"budget epsilon {e:g}: {msg}" for (e, _), msg in problems.items())
+        raise BudgetPlanError(
+            f"privacy plan of {method!r} over budget for {len(refused)} client(s)"
+            f" ({shown}); nothing was trained. {why}", refused)
+    return choice, plans
+
+
+def client_budget(cfg: ExperimentConfig, index: int) -> PrivacyBudget:
+    """Client ``index``'s (epsilon, delta): the default, or its ``privacy.overrides`` entry."""
+    p = cfg.privacy
+    o = p.overrides.get(str(index))
+    if o is None:
+        return PrivacyBudget(p.epsilon, p.delta)
+    return PrivacyBudget(o.epsilon, o.delta if o.delta is not None else p.delta)
+
+
+class DPGradient:
+    """A :class:`~secure_fedora.learning.client.GradientOracle` running DP-SGD for the selected client.
+
+    One :class:`privacy.dpsgd.DPSGD` serves every client (the model's parameters are views of
+    the selected client's row); :meth:`select` sets the client's noise multiplier and noise
+    source. Batches are Poisson samples at rate ``q`` (``ceil(epochs / q)`` of them per local
+    run), drawn from the selected client's noise source, which also draws the noise: sampling
+    is part of the mechanism, so it never uses the (non-private) training-order generator.
+    """
+
+    def __init__(self, module: nn.Module, max_grad_norm: float, sample_rate: float,
+                 expected_batch_size: float, noise: NoiseSource,
+                 task: Task | None = None) -> None:
+        self.sample_rate = sample_rate
+        self.dpsgd = DPSGD(module, max_grad_norm, 1.0, expected_batch_size, noise)
+        # Per-sample losses (reduction="none"): DP-SGD clips each sample's gradient of
+        # whichever loss the task uses.
+        self._loss = task.checked if task is not None else nn.CrossEntropyLoss(reduction="none")
+        #: Called after every executed DP-SGD step (the step counter's hook); set by
+        #: :meth:`FederationPrivacy.select_client` to count the selected client's steps.
+        self.on_step: Callable[[], None] | None = None
+        self.steps_executed = 0
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The per-sample clip norm C."""
+        return self.dpsgd.max_grad_norm
+
+    def select(self, noise_multiplier: float, noise: NoiseSource) -> None:
+        """Use this client's noise multiplier and noise source from now on."""
+        self.dpsgd.noise_multiplier = float(noise_multiplier)
+        self.dpsgd.noise = noise
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """``ceil(epochs / q)`` Poisson samples (the count the gate accounted in advance),
+        drawn from the selected noise source (``generator`` is not used: see the class doc)."""
+        for _ in range(math.ceil(epochs / self.sample_rate - 1e-9)):
+            yield poisson_sample(n, self.sample_rate, self.dpsgd.noise)
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor, *,
+                 extra_gradients: Tensor | None = None) -> None:
+        """One DP-SGD step's gradient (counted by the step hook); ``extra_gradients``: see
+        ``DPSGD.private_gradient`` (audits)."""
+        self.dpsgd.private_gradient(x, y, self._loss, extra_gradients=extra_gradients)
+        self.steps_executed += 1
+        if self.on_step is not None:
+            self.on_step()
+
+    def check_model(self, x: Tensor, y: Tensor) -> None:
+        """Verify, before training, that the DP path computes this model's per-sample
+        gradients exactly: the clipped sum over ``(x, y)`` (a few training rows) must equal
+        the sum of individually computed, clipped gradients. A model neither path supports
+        raises :class:`privacy.dpsgd.DPSGDError` naming its first unsupported layer."""
+        check_per_sample_gradients(self.dpsgd, self._loss, x, y)
+
+
+@dataclass
+class ClientPrivacy:
+    """One client's privacy state: budget, accountant, ledger, gate and calibrated noise."""
+
+    index: int
+    client_id: str
+    budget: PrivacyBudget
+    plan: ClientPlan
+    gate: BudgetGate
+    ledger: LedgerWriter
+    refused_at: int | None = None
+    refusal: str | None = None
+    refusal_error: BudgetExceededError | None = None
+    #: DP-SGD steps the ledger accounted for each admitted round (read back from the ledger).
+    admitted_steps: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """DP-SGD noise multiplier."""
+        return self.plan.dpsgd_noise
+
+    @property
+    def epsilon(self) -> float:
+        return self.gate.accountant.epsilon(self.budget.delta) if self.gate.accountant.history else 0.0
+
+
+@dataclass
+class FederationPrivacy:
+    """The privacy side of one method's run: one :class:`ClientPrivacy` per client.
+
+    Ledgers live in ``ledger_dir/<client-id>.jsonl``; identities in the key store ``key_dir``
+    (created, or extended by the parties it lacks, on first use; private keys 0600; see
+    :mod:`secure_fedora.secure.keystore`). Reopening verifies each ledger and rebuilds each accountant
+    from it, so a restart never under-counts what was released. :meth:`close_ledgers` ends
+    every ledger of a finished method with its signed close entry.
+
+    Exactly-once releases (``journals``, opened by :meth:`open`): every release passed by a
+    gate is journaled in ``ledger_dir/<client-id>.journal`` (sealed to the client) after its
+    ledger entries and before it leaves: the payload's digest and the state of the client's
+    noise source before the release's draws (with reproducible noise, which the checkpoint and
+    seed re-create, only that state's digest; with CSPRNG noise the key and stream position,
+    only ever written sealed). After :meth:`resume_after`, releases the interrupted run
+    already accounted are matched against the ledger (not accounted again) and re-made from
+    the journaled noise state, so they are the very releases that may have left (with
+    reproducible noise that state is checked; with CSPRNG noise it is restored, and the
+    client continues under a fresh key after its last journaled release).
+    """
+
+    cfg: ExperimentConfig
+    method: str
+    clients: list[ClientPrivacy]
+    sample_rate: float
+    steps: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+    journals: list[ReleaseJournal] | None = None
+    reproducible_noise: bool = True
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    journal_bytes: int = 0
+    _replayed: set[int] = field(default_factory=set)
+    _resumed: bool = False
+    # Per-sample loss of the private lambda release (the task's loss; set by the runtime).
+    loss: Any = CROSS_ENTROPY.checked
+    accountant_choice: AccountantChoice | None = None
+    #: DP-SGD steps executed per client since its last admission (counted by the oracle hook).
+    executed_steps: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
+             key_dir: Path, *, resume: bool = False) -> FederationPrivacy:
+        """Calibrate every client's plan (refusing over-budget plans), then open every
+        client's ledger, gate and release journal.
+
+        Raises :class:`BudgetPlanError` naming every client whose planned releases cannot fit
+        its budget, before any file is written. With ``resume``, a torn final ledger line is
+        first quarantined and a signed repair entry appended
+        (:func:`privacy.ledger.repair_torn_tail`), and a torn final journal line quarantined;
+        each recovery is logged and listed under ``recoveries``. Without ``resume``, journals
+        holding releases of an earlier run are refused (JournalError) before anything is
+        written.
+        """
+        ids = client_ids(num_clients)
+        budgets = [client_budget(cfg, i) for i in range(num_clients)]
+        # calibrate everything before any file is written
+        choice, plans = check_budget_plans(cfg, method, num_clients)
+        accountant = choice.name
+        if not resume:
+            earlier = [str(ledger_dir / f"{cid}.journal") for cid in ids
+                       if (ledger_dir / f"{cid}.journal").exists()
+                       and (ledger_dir / f"{cid}.journal").stat().st_size > 0]
+            if earlier:
+                raise JournalError(
+                    f"{earlier[0]} holds releases of an earlier run in this directory"
+                    f" ({len(earlier)} journal(s)); resume that run or use a new directory"
+                )
+        from secure_fedora.secure.keystore import ensure_keystore, run_party_ids
+
+        ensure_keystore(key_dir, run_party_ids(num_clients))
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+        states = []
+        journals = []
+        recoveries: list[dict[str, Any]] = []
+        for i, (cid, budget) in enumerate(zip(ids, budgets, strict=True)):
+            identity = load_identity(key_dir, cid)
+            signing_key = identity.signing_key
+            ledger_path = ledger_dir / f"{cid}.jsonl"
+            if resume:
+                for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
+                                               budget_epsilon=budget.epsilon,
+                                               accountant=accountant):
+                    log.warning("ledger %s: torn final line (%d bytes) quarantined in %s;"
+                                " repair entry %d appended", ledger_path, repair.torn_bytes,
+                                repair.quarantine.name, repair.entry["index"])
+                    recoveries.append({"client": cid, "ledger_repair": repair.entry["index"],
+                                       "quarantine": repair.quarantine.name})
+            ledger = LedgerWriter(ledger_path, cid, signing_key)
+            journal = _open_journal(ledger_dir / f"{cid}.journal", cid, method,
+                                    identity.agreement_key, ledger)
+            if journal.quarantined is not None:
+                log.warning("journal %s: torn final record quarantined in %s (it was never"
+                            " released)", journal.path, journal.quarantined.name)
+                recoveries.append({"client": cid, "journal_quarantine": journal.quarantined.name})
+            journals.append(journal)
+            acc = replay_accountant(ledger.entries, accountant) if ledger.entries \
+                else Accountant(accountant)
+            gate = BudgetGate(acc, budget, ledger, cid)
+            state = ClientPrivacy(i, cid, budget, plans[(budget.epsilon, budget.delta)], gate, ledger)
+            if gate.closed:
+                state.refused_at = -1
+                state.refusal = "refused before restart"
+            states.append(state)
+        return cls(cfg, method, states, sample_rate_for(cfg), steps_per_round(cfg),
+                   journals=journals, reproducible_noise=noise_is_reproducible(cfg),
+                   recoveries=recoveries, accountant_choice=choice)
+
+    def resume_after(self, last_round: int | None, saved: dict[str, Any] | None) -> None:
+        """Prepare a resumed run that continues after round ``last_round`` (None: from the
+        start, relatedness summaries included) with ``saved`` (:meth:`checkpoint_state` of
+        that round's checkpoint; None without one): ledger entries of later rounds are
+        replayed by the gates (consumed, not appended), refusals and events are those of the
+        checkpoint."""
+        for k, c in enumerate(self.clients):
+            entries = c.ledger.entries
+            start = 0 if last_round is None else next(
+                (e["index"] for e in entries if e["round"] > last_round), len(entries))
+            c.gate.replay_from(start)
+            if saved is not None:
+                c.refused_at = saved["clients"][k]["refused_at"]
+                c.refusal = saved["clients"][k]["refusal"]
+            elif last_round is None:
+                c.refused_at = c.refusal = None
+        self.events = list(saved["events"]) if saved is not None else []
+        self._resumed = True
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a round checkpoint must keep of the privacy side (refusals and events), so a
+        resume reports them as an uninterrupted run does."""
+        return {"events": [dict(e) for e in self.events],
+                "clients": [{"refused_at": c.refused_at, "refusal": c.refusal}
+                            for c in self.clients]}
+
+    def _prepare(self, i: int, rnd: int, kind: str, noise: NoiseSource | None) -> bytes:
+        """The noise state to journal for client ``i``'s round-``rnd`` ``kind`` release, read
+        before its draws. A journaled release is re-made from its journaled state: checked
+        against the noise source with reproducible noise (a mismatch means the resume
+        diverged), restored into it with CSPRNG noise (the state is only ever written sealed),
+        after which the client continues under a fresh key."""
+        if noise is None or self.journals is None:
+            return b""
+        state = _journal_noise_state(noise)
+        record = (self.journals[i].get(rnd, kind)
+                  if self.journals is not None and self._resumed else None)
+        if record is not None:
+            if not self.reproducible_noise and not record.noise_state:
+                raise JournalError(
+                    f"client {self.clients[i].client_id!r}: the round-{rnd} {kind!r} journal"
+                    " record holds no noise state (it was written with reproducible noise);"
+                    " it cannot be re-made with this noise source"
+                )
+            if self.reproducible_noise and record.noise_state_sha256 != payload_digest(state):
+                raise LedgerError(
+                    f"client {self.clients[i].client_id!r}: resume diverged: the noise state"
+                    f" before the round-{rnd} {kind!r} release differs from the journaled"
+                    " one; refusing to release anything else"
+                )
+            if not self.reproducible_noise:
+                if not isinstance(noise, CsprngNoise):
+                    raise JournalError(f"cannot re-make a journaled release with {noise!r}")
+                noise.restore_journal_state(record.noise_state)
+                self._replayed.add(i)
+            return state if self.reproducible_noise else record.noise_state
+        if i in self._replayed:  # past the journaled releases: fresh randomness
+            self._replayed.discard(i)
+            assert isinstance(noise, CsprngNoise)
+            noise.rekey()
+            state = _journal_noise_state(noise)
+        return state
+
+    @property
+    def accountant(self) -> str:
+        """Name of the accountant every client of this run records with."""
+        return self.clients[0].gate.accountant.kind if self.clients else self.cfg.privacy.accountant
+
+    def select_client(self, i: int, oracle: Any) -> None:
+        """Attribute the DP-SGD steps ``oracle`` executes from now on to client ``i``.
+
+        ``oracle`` may be wrapped (baseline wrappers expose ``inner``); a non-DP oracle
+        (a client-held personal model) executes no DP-SGD step and is left alone.
+        """
+        while not isinstance(oracle, DPGradient) and hasattr(oracle, "inner"):
+            oracle = oracle.inner
+        if isinstance(oracle, DPGradient):
+            oracle.on_step = functools.partial(self._count_step, i)
+
+    def _count_step(self, i: int) -> None:
+        self.executed_steps[i] = self.executed_steps.get(i, 0) + 1
+
+    def confirm_steps(self, rnd: int, participants: Sequence[int]) -> None:
+        """Check, before round ``rnd``'s models are released, that each participant executed
+        exactly the DP-SGD steps its ledger entry for the round records.
+
+        A mismatch appends a refusal to that client's ledger (its gate closes) and raises
+        :class:`StepCountMismatchError` naming the client, both counts and the round.
+        """
+        for i in participants:
+            c = self.clients[i]
+            recorded = c.admitted_steps.get(rnd)
+            executed = self.executed_steps.get(i, 0)
+            if recorded is not None and executed == recorded:
+                continue
+            reason = (f"step count mismatch: client {c.client_id!r} executed {executed} DP-SGD"
+                      f" steps in round {rnd}, its ledger accounted {recorded}")
+            extra = executed - (recorded or 0)
+            eps = c.epsilon
+            if extra > 0:
+                eps = c.gate.accountant.epsilon_after(c.budget.delta, c.noise_multiplier,
+                                                      self.sample_rate, extra)
+            try:
+                c.gate.refuse(Release("model", torch.empty(0), rnd), eps, reason)
+            except BudgetExceededError as err:
+                c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
+            self.events.append({"round": rnd, "client": c.client_id, "event": "refused",
+                                "detail": reason})
+            raise StepCountMismatchError(reason + "; the model release was refused")
+
+    def close(self) -> None:
+        """Release every ledger's lock (the ledgers stay open to a later run)."""
+        for c in self.clients:
+            c.ledger.close()
+
+    def close_ledgers(self, final_round: int) -> None:
+        """The method finished: append each client's signed close entry (final index and
+        epsilon spent; idempotent, so a resumed finished run adds nothing)."""
+        for c in self.clients:
+            c.ledger.close_run(round=final_round, delta=c.budget.delta,
+                               budget_epsilon=c.budget.epsilon,
+                               accountant=self.accountant)
+
+    def planned_epsilon(self, i: int) -> float:
+        """Epsilon client ``i`` reaches if it makes every planned release."""
+        c = self.clients[i]
+        return plan_epsilon(c.plan.releases, c.budget.delta, c.noise_multiplier, self.accountant)
+
+    def plan_rows(self) -> list[dict[str, Any]]:
+        """The plan per distinct budget, for printing before training and for results.json."""
+        rows = {}
+        for c in self.clients:
+            key = (c.budget.epsilon, c.budget.delta)
+            if key not in rows:
+                rows[key] = {
+                    "method": self.method, "epsilon_budget": c.budget.epsilon, "delta": c.budget.delta,
+                    "noise_multiplier": round(c.noise_multiplier, 6), "sample_rate": self.sample_rate,
+                    "steps_per_round": self.steps, "rounds": self.cfg.training.rounds,
+                    "planned_epsilon": round(self.planned_epsilon(c.index), 6),
+                    **noise_assumptions(self.cfg),
+                    **{f"planned_epsilon_{name}": round(plan_epsilon(
+                        c.plan.releases, c.budget.delta, c.noise_multiplier, name), 6)
+                       for name in AUTO_CANDIDATES},
+                    "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate:g}"
+                                 + (f", sigma={r.noise_multiplier:g})" if r.noise_multiplier else ")")
+                                 for r in c.plan.releases],
+                    "clients": 0,
+                }
+            rows[key]["clients"] += 1
+        out = list(rows.values())
+        choice = self.accountant_choice
+        for row in out:
+            row["accountant"] = self.accountant
+            if choice is not None:
+                row["accountant_reason"] = choice.reason
+        return out
+
+    def _gate(self, i: int, rnd: int, kind: str, payload: Tensor,
+              records: list[MechanismRecord], noise_state: bytes = b"") -> bool:
+        c = self.clients[i]
+        if c.refused_at is not None:
+            return False
+        # Every ledger entry states where its noise came from (and, for reproducible noise,
+        # that it is not private against anyone who knows the config); the entry is signed.
+        noise = noise_assumptions(self.cfg)
+        records = [dataclasses.replace(r, params={**r.params, **noise}) for r in records]
+        try:
+            released = c.gate.process(Release(kind, payload, rnd, records))
+        except BudgetExceededError as err:
+            c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
+            self.events.append({"round": rnd, "client": c.client_id, "event": "refused", "detail": str(err)})
+            log.warning("%s", err)
+            return False
+        if kind == "model":
+            self._note_admitted(c, rnd, int(released.metadata["ledger_index"]), len(records))
+        crash_point("gate")
+        if self.journals is not None:
+            self._journal(i, rnd, kind, payload, released.metadata["ledger_index"], noise_state)
+        crash_point("release")
+        return True
+
+    def _note_admitted(self, c: ClientPrivacy, rnd: int, last_index: int, count: int) -> None:
+        """Read back the DP-SGD steps this release's ledger entries account; reset the counter."""
+        entries = c.ledger.entries[last_index - count + 1 : last_index + 1]
+        steps = sum(int(e["params"]["steps"]) for e in entries
+                    if e["mechanism"] == "dpsgd" and e["round"] == rnd)
+        c.admitted_steps = {rnd: steps}
+        self.executed_steps[c.index] = 0
+
+    def _journal(self, i: int, rnd: int, kind: str, payload: Tensor, ledger_index: int,
+                 noise_state: bytes) -> None:
+        """Journal a release durably before it leaves; a re-made release must equal the
+        journaled one (same ledger entry, same payload digest)."""
+        assert self.journals is not None
+        journal = self.journals[i]
+        digest = payload_digest(payload.detach().contiguous().cpu().numpy().tobytes())
+        record = journal.get(rnd, kind)
+        if record is not None and not self._resumed:
+            raise JournalError(
+                f"journal {str(journal.path)!r} already records the round-{rnd} {kind!r} release"
+                " of an earlier run in this directory; resume that run or use a new directory"
+            )
+        if record is None:
+            # Reproducible noise is re-drawn from the checkpoint and seed: its digest suffices
+            # to check the re-run; any other source needs the state itself (sealed).
+            kept = b"" if self.reproducible_noise else noise_state
+            self.journal_bytes += journal.append(JournalRecord(
+                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept))
+        elif record.ledger_index != ledger_index or record.payload_sha256 != digest:
+            raise LedgerError(
+                f"client {self.clients[i].client_id!r}: resume diverged: the round-{rnd}"
+                f" {kind!r} release differs from the journaled one (ledger entry"
+                f" {ledger_index} vs {record.ledger_index}, payload digest"
+                f" {'equal' if record.payload_sha256 == digest else 'different'})"
+            )
+
+    def admit(self, i: int, rnd: int, theta: Tensor, with_lambda: bool,
+              noise: NoiseSource | None = None) -> bool:
+        """Pass client ``i``'s round-``rnd`` model release through its gate (ledger first).
+
+        Called before local training: the round's DP-SGD steps (and the lambda release, when
+        validation is private) are accounted and written to the ledger, then training and the
+        release follow. Returns False (and records why) when the client is refused.
+        ``noise`` is the client's noise source (its state before the release's draws is
+        journaled with the release).
+        """
+        c = self.clients[i]
+        records = [MechanismRecord("dpsgd", c.noise_multiplier, self.sample_rate, self.steps,
+                                   {"clip_norm": self.cfg.privacy.max_grad_norm,
+                                    "sampling": "poisson", "method": self.method})]
+        if with_lambda:
+            assert c.plan.lambda_noise is not None
+            records.append(scalar_record(self.cfg.privacy.lambda_clip, c.plan.lambda_noise,
+                                         self.cfg.data.val_per_client))
+        if c.refused_at is not None:
+            return False
+        noise_state = self._prepare(i, rnd, "model", noise)
+        return self._gate(i, rnd, "model", theta, records, noise_state)
+
+    def noised_summaries(self, data: Sequence[ClientData], q: int, num_classes: int,
+                         noise: Sequence[NoiseSource]) -> Tensor:
+        """Each client's summary from its noised clipped second moment (round 0 release).
+
+        Raises BudgetExceededError if any client's budget cannot pay for its summary: without
+        a summary the relatedness graph cannot be built, and no silent fallback exists.
+        """
+        p = self.cfg.privacy
+        out = []
+        for i, c in enumerate(data):
+            sigma = self.clients[i].plan.summary_noise
+            assert sigma is not None
+            z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
+            n = int(z.shape[0])
+            noise_state = self._prepare(i, 0, "summary", noise[i])
+            noised = noised_second_moment(z, p.summary_clip, sigma, noise[i], n=n)
+            summary = top_eigenvectors(noised, q)
+            record = summary_record(p.summary_clip, sigma, n, q)
+            if not self._gate(i, 0, "summary", summary, [record], noise_state):
+                state = self.clients[i]
+                err = state.refusal_error
+                would_be = err.epsilon_would_be if err is not None and err.round == 0 else \
+                    state.gate.accountant.epsilon_after(state.budget.delta, *record.as_release())
+                raise BudgetExceededError(
+                    client_id=state.client_id, round=0, mechanism="gaussian_summary",
+                    epsilon_would_be=would_be, budget=state.budget,
+                    reason="the summary release was refused (see the client's ledger);"
+                    " relatedness cannot be estimated, so the run stops",
+                )
+            out.append(summary)
+            crash_point("summary")
+        return torch.stack(out)
+
+    def private_lambda(self, i: int, theta: Tensor, phi: Tensor, val_x: Tensor, val_y: Tensor,
+                       noise: NoiseSource, bind: Any) -> float:
+        """``lambda_i`` from a clipped, noised mean of per-example loss differences (noise
+        drawn from client ``i``'s ``noise`` source)."""
+        p = self.cfg.privacy
+        with torch.no_grad():
+            loss_local = self.loss(bind(theta)(val_x), val_y)
+            loss_received = self.loss(bind(phi)(val_x), val_y)
+        sigma = self.clients[i].plan.lambda_noise
+        assert sigma is not None
+        diff = float(noised_scalar((loss_local - loss_received).double(), p.lambda_clip,
+                                   sigma, noise, m=int(val_x.shape[0])))
+        return math.exp(diff / 2.0) if diff > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Per-client spending for results.json."""
+        return {
+            "method": self.method,
+            **noise_assumptions(self.cfg),
+            "accountant": self.accountant,
+            "accountant_choice": None if self.accountant_choice is None
+            else self.accountant_choice.to_json(),
+            "plan": self.plan_rows(),
+            "sample_rate": self.sample_rate,
+            "steps_per_round": self.steps,
+            "clients": [
+                {"client": c.client_id, "epsilon_budget": c.budget.epsilon, "delta": c.budget.delta,
+                 "epsilon_spent": round(c.epsilon, 6), "noise_multiplier": c.noise_multiplier,
+                 "refused_at_round": c.refused_at, "ledger_entries": len(c.ledger.entries),
+                 "ledger_head": c.ledger.head[1]}
+                for c in self.clients
+            ],
+            "events": self.events,
+            **({"recoveries": self.recoveries} if self.recoveries else {}),
+        }
+
+
+def _journal_noise_state(noise: NoiseSource) -> bytes:
+    """The bytes that let a journaled release be re-made: a reproducible generator's state
+    (only its digest is journaled), or a CSPRNG's key and stream position (journaled sealed)."""
+    if isinstance(noise, ReproducibleNoise):
+        return bytes(noise.checkpoint_state().numpy().tobytes())
+    if isinstance(noise, CsprngNoise):
+        return noise.journal_state()
+    raise JournalError(f"noise source {type(noise).__name__} cannot be journaled")
+
+
+def noise_is_reproducible(cfg: ExperimentConfig) -> bool:
+    """True when a re-run draws the clients' noise again identically (``[privacy] noise =
+    "reproducible"``)."""
+    return cfg.privacy.noise == "reproducible"
+
+
+def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,
+                  ledger: LedgerWriter) -> ReleaseJournal:
+    """A client's journal, checked against its ledger: each record must name an existing
+    ledger entry of the same round and release kind (the journal is written after it)."""
+    journal = ReleaseJournal(path, client_id, method, agreement_key)
+    entries = ledger.entries
+    for record in journal:
+        entry = entries[record.ledger_index] if record.ledger_index < len(entries) else None
+        if (entry is None or entry["round"] != record.round
+                or entry["params"].get("release_kind") != record.kind):
+            raise JournalError(
+                f"journal {str(path)!r}: the round-{record.round} {record.kind!r} record names"
+                f" ledger entry {record.ledger_index}, which does not record that release"
+            )
+    return journal
+
+
+def client_noise_sources(cfg: ExperimentConfig, n: int) -> list[NoiseSource]:
+    """One noise source per client under ``privacy.noise``: a fresh CSPRNG key each (never
+    stored), or generators seeded from the experiment seed and the client index."""
+    return [make_noise_source(cfg.privacy.noise, cfg.seed, i) for i in range(n)]
+
+
+def noise_assumptions(cfg: ExperimentConfig) -> dict[str, str]:
+    """``{"noise": mode}`` plus, for reproducible noise, ``"noise_warning"`` (empty without DP).
+
+    Shown in the printed plan and results.json, and written (signed) into every ledger entry.
+    """
+    if not cfg.privacy.enabled:
+        return {}
+    if cfg.privacy.noise == "reproducible":
+        return {"noise": "reproducible", "noise_warning": REPRODUCIBLE_WARNING}
+    return {"noise": "csprng"}
+
+
+def _first_unsupported_layer(model: nn.Module) -> str:
+    """The first layer with trainable parameters that is neither nn.Linear (fused path) nor
+    a layer Opacus has a per-sample gradient rule for, as "'name' (Type)"."""
+    from opacus import GradSampleModule
+
+    fallback = None
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if type(module) not in GradSampleModule.GRAD_SAMPLERS:
+            return f"{name or '(root)'!r} ({type(module).__name__})"
+        if fallback is None and type(module) is not nn.Linear:
+            fallback = f"{name or '(root)'!r} ({type(module).__name__})"
+    return fallback or "(no single layer identified)"
+
+
+def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) -> None:
+    """Refuse (DPSGDError naming the layer) a model whose per-sample gradients the DP path
+    cannot compute, or computes differently from per-sample autograd. Dropout layers run in
+    eval mode during the check (random masks would make the two computations differ); nothing
+    is changed: no noise is drawn, no gradient is written, no step is counted."""
+    from privacy.dpsgd import DPSGDError
+
+    model = dpsgd.model
+    modes = {m: m.training for m in model.modules()}
+    model.train()  # Opacus captures activations in train mode only
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    params = dpsgd._params
+    try:
+        try:
+            with warnings.catch_warnings():
+                # Opacus's hooks fire on module outputs when the input needs no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                got = dpsgd.clipped_gradient_sum(x, y, loss)
+        except DPSGDError:
+            raise
+        except Exception as err:  # what the per-sample machinery raised on this model
+            raise DPSGDError(
+                f"DP-SGD cannot compute per-sample gradients for this model (path "
+                f"{dpsgd.mode!r}): layer {_first_unsupported_layer(model)} is supported neither "
+                f"by the fused path (nn.Linear only) nor by Opacus ({type(err).__name__}: {err})"
+            ) from err
+        expected = [torch.zeros_like(p) for p in params]
+        for i in range(int(x.shape[0])):
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                grads = torch.autograd.grad(loss(model(x[i:i + 1]), y[i:i + 1]).sum(), params,
+                                            allow_unused=True)
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            factor = min(1.0, dpsgd.max_grad_norm / (norm + 1e-6))
+            for e, g in zip(expected, grads, strict=True):
+                e.add_(g, alpha=factor)
+        for (pname, _), a, b in zip(((dpsgd._param_names[id(p)], p) for p in params), got, expected,
+                                    strict=True):
+            if not torch.allclose(a, b, rtol=1e-3, atol=1e-5):
+                raise DPSGDError(
+                    f"DP-SGD's per-sample gradients of parameter {pname!r} differ from per-sample "
+                    f"autograd (path {dpsgd.mode!r}; max difference "
+                    f"{float((a - b).abs().max()):.3g}); layer {_first_unsupported_layer(model)} "
+                    "is not supported"
+                )
+    finally:
+        for p in params:  # what Opacus's hooks stored during the autograd reference pass
+            if getattr(p, "grad_sample", None) is not None:
+                p.grad_sample = None
+        for m, training in modes.items():
+            m.train(training)

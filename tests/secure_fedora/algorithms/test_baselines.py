@@ -1,0 +1,420 @@
+"""Baselines: each one's defining behaviour on a tiny rotated-MNIST federation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from privacy.noise import ReproducibleNoise
+from secure_fedora.algorithms.baselines import (
+    APFL,
+    BASELINE_HYPERPARAMETERS,
+    BASELINE_NAMES,
+    IFCA,
+    BaselineConfigError,
+    Ditto,
+    FedAMP,
+    FedProx,
+    MixtureGradient,
+    ProximalGradient,
+    attention_weights,
+    make_baseline,
+)
+from secure_fedora.algorithms.methods import FedAvg, MethodContext
+from secure_fedora.core.config import parse_config
+from secure_fedora.experiments.sweep import method_factory
+from secure_fedora.learning.client import PlainGradient
+from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
+
+
+def tiny(**overrides):
+    base = {
+        "name": "tiny",
+        "seed": 1,
+        "methods": ["local"],
+        "data": {"num_clients": 5, "train_per_client": 32, "val_per_client": 16,
+                 "test_per_client": 32, "groups": 2},
+        "training": {"rounds": 2, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
+        "fedavg": {"finetune_epochs": 1},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(base)
+
+
+@pytest.fixture(scope="module")
+def clients():
+    return build_clients(tiny())
+
+
+@pytest.fixture
+def ctx(clients):
+    return build_context(tiny(), clients)
+
+
+ALL = list(range(5))
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def test_defaults_cover_every_baseline(ctx):
+    assert set(BASELINE_HYPERPARAMETERS) == set(BASELINE_NAMES) == {
+        "fedprox", "ditto", "apfl", "fedamp", "ifca"}
+    assert BASELINE_HYPERPARAMETERS["fedprox"] == {"mu": 0.01}
+    for name in BASELINE_NAMES:
+        method = make_baseline(name, ctx, {})
+        assert method.name == name
+
+
+def test_factory_rejects_bad_names_keys_and_values(ctx):
+    with pytest.raises(BaselineConfigError, match="unknown baseline 'fedsgd'"):
+        make_baseline("fedsgd", ctx, {})
+    with pytest.raises(BaselineConfigError, match=r"baselines\.fedprox\.mue: unknown key"):
+        make_baseline("fedprox", ctx, {"mue": 0.1})
+    with pytest.raises(BaselineConfigError, match=r"baselines\.ditto\.lam"):
+        make_baseline("ditto", ctx, {"lam": -1.0})
+    with pytest.raises(BaselineConfigError, match=r"baselines\.apfl\.alpha"):
+        make_baseline("apfl", ctx, {"alpha": 1.5})
+    with pytest.raises(BaselineConfigError, match=r"baselines\.ifca\.num_clusters"):
+        make_baseline("ifca", ctx, {"num_clusters": 0})
+    with pytest.raises(BaselineConfigError, match=r"baselines\.ifca\.selection_split"):
+        make_baseline("ifca", ctx, {"selection_split": "test"})
+    with pytest.raises(BaselineConfigError, match="must be a mapping"):
+        make_baseline("fedamp", ctx, [("sigma", 1.0)])
+
+
+# --------------------------------------------------------------------------- oracle wrappers
+
+
+def test_proximal_gradient_adds_mu_times_distance(ctx, clients):
+    theta = ctx.init.clone() + 0.01
+    anchor = ctx.init.clone()
+    grad = torch.zeros_like(theta)
+    model = ctx.flat.bind(theta, grad)
+    x, y = clients[0].train_x[:8], clients[0].train_y[:8]
+    PlainGradient(8).gradient(model, x, y, grad)
+    plain = grad.clone()
+    prox = ProximalGradient(PlainGradient(8), mu=3.0)
+    prox.target(theta, anchor)
+    prox.gradient(model, x, y, grad)
+    assert torch.allclose(grad, plain + 3.0 * (theta - anchor), atol=1e-6)
+    assert prox.batch_size == 8  # other attributes reach the wrapped oracle
+    with pytest.raises(BaselineConfigError, match="target"):
+        ProximalGradient(PlainGradient(8), 1.0).gradient(model, x, y, grad)
+
+
+def test_mixture_gradient_is_alpha_times_gradient_at_the_mixture(ctx, clients):
+    v = ctx.init.clone()
+    w = ctx.init.clone() + 0.05 * torch.randn(ctx.init.shape, generator=torch.Generator().manual_seed(0))
+    x, y = clients[0].train_x[:8], clients[0].train_y[:8]
+    mix_point = 0.3 * v + 0.7 * w
+    ref_grad = torch.zeros_like(v)
+    PlainGradient(8).gradient(ctx.flat.bind(mix_point, ref_grad), x, y, ref_grad)
+    grad = torch.zeros_like(v)
+    v_before = v.clone()
+    oracle = MixtureGradient(PlainGradient(8), v.numel(), adaptive=True, alpha_lr=0.1)
+    oracle.target(v, w, 0.3)
+    oracle.gradient(ctx.flat.bind(v, grad), x, y, grad)
+    assert torch.equal(v, v_before)  # the trained row is restored
+    assert torch.allclose(grad, 0.3 * ref_grad, atol=1e-6)
+    expected = 0.3 - 0.1 * float(torch.dot(v - w, ref_grad))
+    assert oracle.alpha == pytest.approx(min(1.0, max(0.0, expected)), abs=1e-5)
+    with pytest.raises(BaselineConfigError, match=r"\[0, 1\]"):
+        oracle.target(v, w, 1.2)
+
+
+# --------------------------------------------------------------------------- FedProx
+
+
+def test_fedprox_with_mu_zero_is_fedavg(clients):
+    cfg = tiny()
+    prox = FedProx(build_context(cfg, clients), mu=0.0)
+    avg = FedAvg(build_context(cfg, clients), finetune_epochs=0)
+    for rnd in (1, 2):
+        prox.train_round(rnd, ALL)
+        avg.train_round(rnd, ALL)
+    assert torch.allclose(prox.global_params, avg.global_params, atol=1e-6)
+
+
+def test_fedprox_proximal_term_keeps_local_models_near_global(clients):
+    cfg = tiny(training={"local_epochs": 3})
+    drift = {}
+    for mu in (0.0, 4.0):
+        method = FedProx(build_context(cfg, clients), mu=mu)
+        start = method.global_params.clone()
+        method.train_round(1, ALL)
+        drift[mu] = float((method.theta - start).norm(dim=1).mean())
+    assert drift[4.0] < 0.8 * drift[0.0]
+
+
+# --------------------------------------------------------------------------- Ditto
+
+
+def test_ditto_global_is_fedavg_and_personal_models_are_pulled(clients):
+    cfg = tiny()
+    ditto = Ditto(build_context(cfg, clients), lam=0.0)
+    avg = FedAvg(build_context(cfg, clients), finetune_epochs=0)
+    ditto.train_round(1, ALL)
+    avg.train_round(1, ALL)
+    # round 1: the global copies see exactly FedAvg's batches, so the averages agree
+    assert torch.allclose(ditto.global_params, avg.global_params, atol=1e-6)
+    dist = {}
+    for lam in (0.0, 5.0):
+        method = Ditto(build_context(tiny(training={"local_epochs": 3}), clients), lam=lam)
+        method.train_round(1, ALL)
+        method.train_round(2, ALL)
+        # personal models differ from the global one and are evaluated
+        assert not torch.equal(method.eval_row(0), method.global_params)
+        assert torch.equal(method.eval_row(2), method.theta[2])
+        dist[lam] = float((method.theta - method.global_params).norm(dim=1).mean())
+    assert dist[5.0] < 0.8 * dist[0.0]
+
+
+# --------------------------------------------------------------------------- APFL
+
+
+def test_apfl_fixed_alpha_evaluates_the_mixture(ctx):
+    method = APFL(ctx, alpha=0.3, adaptive=False)
+    method.train_round(1, [0, 1, 2])
+    assert torch.allclose(method.alpha, torch.full((5,), 0.3, dtype=torch.float64))
+    expected = 0.3 * method.theta[1] + 0.7 * method.global_params
+    assert torch.allclose(method.eval_row(1), expected, atol=1e-6)
+    # a non-participant's local model stays at the initialization
+    assert torch.equal(method.theta[4], ctx.init)
+
+
+def test_apfl_alpha_zero_is_the_global_model(ctx):
+    method = APFL(ctx, alpha=0.0, adaptive=False)
+    method.train_round(1, ALL)
+    assert torch.equal(method.eval_row(3), method.global_params)
+
+
+def test_apfl_adaptive_alpha_moves_toward_the_better_model(clients):
+    cfg = tiny(training={"local_epochs": 4})
+    ctx = build_context(cfg, clients)
+    good = ctx.init.clone()
+    for i in ALL:  # a global model fitted to everyone's data
+        ctx.train_client(i, good)
+    method = APFL(ctx, alpha=0.5, adaptive=True, alpha_lr=0.05)
+    method.global_params.copy_(good)
+    method.theta.zero_()  # useless local models
+    method.train_round(1, ALL)
+    assert (method.alpha < 0.5).all()
+    assert ((method.alpha >= 0) & (method.alpha <= 1)).all()
+
+
+# --------------------------------------------------------------------------- FedAMP
+
+
+def test_attention_weights_favour_similar_models():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 50, generator=g)
+    theta = torch.stack([base[0], base[0] + 0.01 * torch.randn(50, generator=g),
+                         base[1], base[1] + 0.01 * torch.randn(50, generator=g)])
+    xi = attention_weights(theta, sigma=5.0, self_weight=0.4)
+    assert torch.allclose(xi.sum(dim=1), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(xi.diagonal(), torch.full((4,), 0.4, dtype=torch.float64))
+    assert xi[0, 1] > xi[0, 2] and xi[0, 1] > xi[0, 3]
+    assert xi[2, 3] > xi[2, 0]
+    with pytest.raises(BaselineConfigError, match="self_weight"):
+        attention_weights(theta, sigma=5.0, self_weight=1.0)
+    with pytest.raises(BaselineConfigError, match="N >= 2"):
+        attention_weights(theta[:1], sigma=5.0, self_weight=0.5)
+
+
+def test_fedamp_messages_and_proximal_pull(clients):
+    cfg = tiny(training={"local_epochs": 3})
+    dist = {}
+    for lam in (0.0, 8.0):
+        method = FedAMP(build_context(cfg, clients), sigma=10.0, self_weight=0.5, lam=lam)
+        method.train_round(1, ALL)
+        method.train_round(2, ALL)
+        method.compute_messages()
+        assert torch.allclose(method.messages, method.xi.float() @ method.theta, atol=1e-5)
+        dist[lam] = float((method.theta - method.messages).norm(dim=1).mean())
+    assert dist[8.0] < 0.8 * dist[0.0]
+
+
+# --------------------------------------------------------------------------- IFCA
+
+
+def test_ifca_clients_pick_lowest_loss_cluster_and_average_within_it(clients, ctx):
+    method = IFCA(ctx, num_clusters=3)
+    assert not torch.equal(method.clusters[0], method.clusters[1])
+    assert torch.equal(method.clusters[0], ctx.init)
+    # cluster 2: a model that always predicts class 0 (bias only), hence a high loss for all
+    method.clusters[2].zero_()
+    n = ctx.flat.num_params
+    method.clusters[2][n - 10] = 50.0
+    method.setup()
+    for i in ALL:
+        losses = []
+        for k in range(3):
+            model = ctx.flat.bind(method.clusters[k])
+            with torch.no_grad():
+                losses.append(float(F.cross_entropy(model(clients[i].train_x), clients[i].train_y)))
+        assert int(method.assignment[i]) == min(range(3), key=losses.__getitem__)
+        assert int(method.assignment[i]) != 2
+    before = method.clusters.clone()
+    chosen = method.assignment.clone()
+    method.train_round(1, ALL)
+    assert torch.equal(method.clusters[2], before[2])  # nobody picked it: unchanged
+    for k in (0, 1):
+        members = [i for i in ALL if int(chosen[i]) == k]
+        if members:
+            assert torch.allclose(method.clusters[k], method.theta[members].mean(dim=0), atol=1e-6)
+        else:
+            assert torch.equal(method.clusters[k], before[k])
+    assert torch.equal(method.eval_row(0), method.clusters[int(method.assignment[0])])
+
+
+def test_ifca_refuses_training_loss_selection_under_a_private_oracle(clients):
+    private = build_context(tiny(), clients)
+    private.oracle = _Private(private.oracle)
+    with pytest.raises(BaselineConfigError, match="selection_split='val'"):
+        IFCA(private, num_clusters=2, selection_split="train")
+    method = IFCA(private, num_clusters=2, selection_split="val")
+    method.setup()
+    assert all(0 <= k < 2 for k in method.assignment.tolist())
+    # a baseline wrapper around the plain oracle is still plain
+    wrapped = build_context(tiny(), clients, oracle=ProximalGradient(PlainGradient(16), 0.0))
+    IFCA(wrapped, num_clusters=2, selection_split="train")
+
+
+class _Private:
+    """Stands for a DP oracle: any oracle that is not the plain one."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def batches(self, n, epochs, generator):
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model, x, y, grad):
+        self.inner.gradient(model, x, y, grad)
+
+
+def test_checkpoint_fields_are_validated(ctx):
+    method = IFCA(ctx, num_clusters=2)
+    method.setup()
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    state["assignment"][0] = 7
+    with pytest.raises(ValueError, match="assignment"):
+        IFCA(build_context(tiny(), ctx.clients), num_clusters=2).load_state_dict(state)
+    apfl = APFL(ctx)
+    bad = {k: v.clone() for k, v in apfl.state_dict().items()}
+    bad["alpha"][1] = 2.0
+    with pytest.raises(ValueError, match="alpha"):
+        APFL(build_context(tiny(), ctx.clients)).load_state_dict(bad)
+    ditto = Ditto(ctx)
+    with pytest.raises(ValueError, match="global"):
+        Ditto(build_context(tiny(), ctx.clients)).load_state_dict({"theta": ditto.theta})
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_baseline_runs_in_the_simulation_and_resumes_identically(tmp_path, clients, name):
+    cfg = tiny(training={"rounds": 3, "participation": 0.6}).model_copy(update={"methods": [name]})
+    full = Simulation(cfg, tmp_path / "full", clients=clients, method_factory=method_factory).run()
+
+    class Stop(Exception):
+        pass
+
+    def stop(method, rnd, total):
+        if rnd == 2:
+            raise Stop
+
+    cut = Simulation(cfg, tmp_path / "cut", clients=clients, method_factory=method_factory,
+                     progress=stop)
+    with pytest.raises(Stop):
+        cut.run()
+    resumed = Simulation(cfg, tmp_path / "cut", clients=clients,
+                         method_factory=method_factory).run(resume=True)
+    body = full["methods"][name]
+    assert resumed["methods"][name]["selected"] == body["selected"]
+    assert len(body["selected"]["per_client"]) == 5
+    assert 0.0 <= body["selected"]["min"] <= body["selected"]["max"] <= 1.0
+
+
+def test_ifca_refuses_validation_selection_on_private_validation(ctx):
+    with pytest.raises(BaselineConfigError, match="data.validation is 'private'"):
+        make_baseline("ifca", ctx, {"selection_split": "val"}, validation="private")
+    with pytest.raises(BaselineConfigError, match="validation must be"):
+        make_baseline("fedprox", ctx, {}, validation="secret")
+
+
+class _Recording:
+    """A stand-in for the runtime's DP oracle: records client selection and every gradient."""
+
+    def __init__(self, batch_size):
+        self.inner = PlainGradient(batch_size)
+        self.selected = []
+        self.gradients = 0
+
+    def select(self, noise_multiplier, generator):
+        self.selected.append(noise_multiplier)
+
+    def batches(self, n, epochs, generator):
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model, x, y, grad):
+        self.gradients += 1
+        self.inner.gradient(model, x, y, grad)
+
+
+class _PrivacyState:
+    def __init__(self, n):
+        self.clients = [type("C", (), {"noise_multiplier": float(10 + i)})() for i in range(n)]
+
+    def select_client(self, i, oracle):  # FederationPrivacy counts DP-SGD steps per client
+        pass
+
+
+@pytest.mark.skipif(not hasattr(MethodContext, "select"),
+                    reason="this build's MethodContext has no client selection for DP oracles")
+@pytest.mark.parametrize("name", ["fedprox", "ditto", "apfl", "fedamp"])
+def test_every_local_step_goes_through_the_contexts_oracle(clients, name):
+    oracle = _Recording(16)
+    ctx = build_context(tiny(), clients, oracle=oracle)
+    ctx.privacy = _PrivacyState(5)  # what the runtime attaches when DP is on
+    ctx.noise = [ReproducibleNoise(i) for i in range(5)]
+    method = make_baseline(name, ctx, {})
+    stats = method.train_round(1, [1, 3])
+    # each released run selects its client's noise first and every one of its steps is the
+    # oracle's; Ditto's and APFL's personal run (never sent) trains without the DP oracle
+    assert oracle.selected == [11.0, 13.0]
+    released_share = 0.5 if name in ("ditto", "apfl") else 1.0
+    assert oracle.gradients == stats["steps"] * released_share > 0
+    assert ctx.oracle is oracle  # the wrapper was only in place during the runs
+
+
+class _Noisy(_Recording):
+    """A private stand-in that adds large Gaussian noise from its own generator."""
+
+    max_grad_norm = 1e9
+
+    def __init__(self, batch_size):
+        super().__init__(batch_size)
+        self.noise = torch.Generator().manual_seed(123)
+
+    def gradient(self, model, x, y, grad):
+        super().gradient(model, x, y, grad)
+        grad.add_(torch.randn(grad.shape, generator=self.noise) * 100.0)
+
+
+@pytest.mark.parametrize("name", ["ditto", "apfl"])
+def test_personal_models_that_never_leave_the_client_train_without_noise(clients, name):
+    params = {"lam": 0.0} if name == "ditto" else {"alpha": 1.0, "adaptive": False}
+    plain = make_baseline(name, build_context(tiny(), clients, oracle=PlainGradient(16)), params)
+    noisy_ctx = build_context(tiny(), clients, oracle=_Noisy(16))
+    noisy_ctx.privacy = _PrivacyState(5)
+    noisy_ctx.noise = [ReproducibleNoise(i) for i in range(5)]
+    noisy = make_baseline(name, noisy_ctx, params)
+    plain.train_round(1, ALL)
+    noisy.train_round(1, ALL)
+    # the released global copies carry the noise, the personal models do not
+    assert (noisy.global_params - plain.global_params).norm() > 10.0
+    assert torch.allclose(noisy.theta, plain.theta, atol=1e-6)
+    assert torch.allclose(noisy.eval_row(2), plain.eval_row(2), atol=1e-6)

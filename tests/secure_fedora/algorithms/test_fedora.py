@@ -1,0 +1,188 @@
+"""FEDORA's math against small hand-computed cases (docs/design.md section 2)."""
+
+import math
+
+import pytest
+import torch
+
+from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.fedora import RelatednessError
+
+
+def test_summary_is_top_left_singular_vector_of_stacked_rows():
+    x = torch.tensor([[[3.0, 0.0]], [[3.0, 0.0]]])  # two rows, 2 "pixels"
+    y = torch.tensor([0, 0])
+    u = fedora.client_summary(x, y, num_classes=2, q=1)
+    # Z = [[3,0,1,0],[3,0,1,0]]: rank one, direction (3,0,1,0)/sqrt(10)
+    expected = torch.tensor([3.0, 0.0, 1.0, 0.0], dtype=torch.float64) / math.sqrt(10)
+    assert u.shape == (4, 1)
+    assert torch.allclose(u[:, 0], expected, atol=1e-12)
+
+
+def test_summary_columns_orthonormal_and_sign_fixed():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 1, 3, 3, generator=gen)
+    y = torch.randint(0, 3, (20,), generator=gen)
+    u = fedora.client_summary(x, y, 3, q=3)
+    assert torch.allclose(u.T @ u, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    idx = u.abs().argmax(dim=0)
+    assert (u[idx, torch.arange(3)] > 0).all()
+    # flipping the data's sign convention cannot change the summary
+    assert torch.allclose(fedora.client_summary(x, y, 3, q=3), u)
+
+
+def test_summary_rejects_bad_input():
+    with pytest.raises(RelatednessError, match="rows"):
+        fedora.client_summary(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), 2)
+    with pytest.raises(RelatednessError, match="labels"):
+        fedora.client_summary(torch.zeros(2, 4), torch.tensor([0, 5]), 2)
+    with pytest.raises(RelatednessError, match="q must"):
+        fedora.client_summary(torch.zeros(2, 4), torch.tensor([0, 1]), 2, q=9)
+
+
+def test_similarity_from_principal_angles_by_hand():
+    # three 1-d subspaces of R^2 at 0, 60 and 90 degrees
+    def unit(deg):
+        r = math.radians(deg)
+        return torch.tensor([[math.cos(r)], [math.sin(r)]], dtype=torch.float64)
+
+    u = torch.stack([unit(0), unit(60), unit(90)])
+    s = fedora.similarity_matrix(fedora.subspace_overlaps(u), tau=10.0)
+    assert s[0, 0] == 0 and s[1, 1] == 0 and s[2, 2] == 0
+    assert s[0, 1].item() == pytest.approx(math.exp(10 * 0.5))
+    assert s[1, 2].item() == pytest.approx(math.exp(10 * math.cos(math.radians(30))))
+    assert s[0, 2].item() == pytest.approx(1.0, abs=1e-9)  # cos 90 = 0 -> exp(0)
+    assert torch.allclose(s, s.T)
+
+
+def test_similarity_is_sign_invariant_and_sums_cosines_for_q2():
+    u = torch.eye(4, dtype=torch.float64)[:, :2].unsqueeze(0)
+    v = torch.eye(4, dtype=torch.float64)[:, [0, 2]].unsqueeze(0) * -1
+    s = fedora.similarity_matrix(fedora.subspace_overlaps(torch.cat([u, v])), tau=1.0)
+    # principal cosines between span(e1,e2) and span(e1,e3): 1 and 0
+    assert s[0, 1].item() == pytest.approx(math.e)
+
+
+def test_topk_graph_keeps_k_largest_and_is_row_stochastic():
+    s = torch.tensor(
+        [[0.0, 4.0, 1.0, 3.0], [4.0, 0.0, 2.0, 1.0], [1.0, 2.0, 0.0, 8.0], [3.0, 1.0, 8.0, 0.0]]
+    )
+    g = fedora.topk_graph(s, k=2)
+    expected = torch.tensor(
+        [[0, 4 / 7, 0, 3 / 7], [4 / 6, 0, 2 / 6, 0], [0, 2 / 10, 0, 8 / 10], [3 / 11, 0, 8 / 11, 0]],
+        dtype=torch.float64,
+    )
+    assert torch.allclose(g, expected)
+    assert torch.allclose(g.sum(1), torch.ones(4, dtype=torch.float64))
+    assert (torch.diagonal(g) == 0).all()
+
+
+def test_topk_graph_never_selects_self_and_validates():
+    s = torch.zeros(3, 3)
+    s[0, 1] = s[1, 0] = 1.0
+    with pytest.raises(RelatednessError, match="no positive similarity"):
+        fedora.topk_graph(s, 1)
+    with pytest.raises(RelatednessError, match="k must"):
+        fedora.topk_graph(torch.ones(3, 3), 0)
+    with pytest.raises(RelatednessError, match="finite"):
+        fedora.topk_graph(torch.full((3, 3), float("nan")), 1)
+    g = fedora.topk_graph(torch.ones(3, 3), k=5)  # k >= N-1 keeps all others
+    assert torch.allclose(g, torch.tensor([[0, .5, .5], [.5, 0, .5], [.5, .5, 0]], dtype=torch.float64))
+
+
+def test_propagation_matrix_by_hand_two_clients():
+    g = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    p = fedora.propagation_matrix(g, alpha=0.5)
+    # (1-a) (I - aS)^-1 with S the swap: 0.5 * [[1,-.5],[-.5,1]]^-1 = [[2/3,1/3],[1/3,2/3]]
+    assert torch.allclose(p, torch.tensor([[2 / 3, 1 / 3], [1 / 3, 2 / 3]], dtype=torch.float64))
+
+
+def test_power_iteration_equals_dense_inverse():
+    gen = torch.Generator().manual_seed(1)
+    s = torch.rand(30, 30, generator=gen, dtype=torch.float64)
+    g = fedora.topk_graph(s, k=3)
+    dense = fedora.propagation_matrix(g, 0.8)
+    assert torch.allclose(dense.sum(1), torch.ones(30, dtype=torch.float64))
+    assert torch.allclose(fedora.propagation_matrix_power(g, 0.8), dense, atol=1e-10)
+    theta = torch.randn(30, 50, generator=gen, dtype=torch.float64)
+    assert torch.allclose(fedora.propagate_power(g, theta, 0.8, tol=1e-12), dense @ theta, atol=1e-9)
+    assert torch.allclose(fedora.propagate(dense, theta), dense @ theta)
+
+
+def test_propagation_rejects_bad_alpha_and_shapes():
+    g = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(RelatednessError, match="alpha"):
+        fedora.propagation_matrix(g, 1.0)
+    with pytest.raises(RelatednessError, match="does not match"):
+        fedora.propagate(torch.eye(2), torch.zeros(3, 5))
+
+
+def test_regularization_weight_is_selective():
+    assert fedora.regularization_weight(1.0, 2.0) == 0.0
+    assert fedora.regularization_weight(1.0, 1.0) == 0.0
+    assert fedora.regularization_weight(3.0, 1.0) == pytest.approx(math.e)
+    with pytest.raises(ValueError, match="finite"):
+        fedora.regularization_weight(float("nan"), 1.0)
+
+
+def test_proximal_pull_by_hand():
+    theta = torch.tensor([1.0, 2.0])
+    before = torch.tensor([2.0, 2.0])
+    phi = torch.tensor([0.0, 4.0])
+    fedora.proximal_pull_(theta, before, phi, lr=0.1, lam=2.0)
+    # theta - 0.1*2*(before - phi) = [1 - .2*2, 2 - .2*(-2)]
+    assert torch.allclose(theta, torch.tensor([0.6, 2.4]))
+    unchanged = torch.tensor([1.0, 2.0])
+    fedora.proximal_pull_(unchanged, before, phi, lr=0.1, lam=0.0)
+    assert torch.equal(unchanged, torch.tensor([1.0, 2.0]))
+
+
+def test_attach_new_client_matches_extended_graph():
+    gen = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(8, 6, 1, generator=gen, dtype=torch.float64))[0]
+    new = torch.linalg.qr(torch.randn(6, 1, generator=gen, dtype=torch.float64))[0]
+    sim = fedora.similarity_matrix(fedora.subspace_overlaps(u), 10.0)
+    g = fedora.topk_graph(sim, 2)
+    p = fedora.propagation_matrix(g, 0.8)
+    w = fedora.attach_new_client(new, u, p, tau=10.0, k=2, alpha=0.8)
+    # the extended (N+1) system whose old rows do not point at the newcomer
+    all_u = torch.cat([u, new.unsqueeze(0)])
+    sim_ext = fedora.similarity_matrix(fedora.subspace_overlaps(all_u), 10.0)
+    g_ext = torch.zeros(9, 9, dtype=torch.float64)
+    g_ext[:8, :8] = g
+    g_ext[8] = fedora.topk_graph(sim_ext, 2)[8]
+    p_ext = fedora.propagation_matrix(g_ext, 0.8)
+    assert p_ext[8, 8].item() == pytest.approx(0.2)
+    assert torch.allclose(w, p_ext[8, :8] / p_ext[8, :8].sum(), atol=1e-12)
+    assert w.sum().item() == pytest.approx(1.0)
+
+
+def test_embed_subproblem_isolates_the_other_clients():
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(4, 12, 2, generator=g, dtype=torch.float64)).Q
+    members = [0, 2, 3]
+    graph = fedora.topk_graph(fedora.similarity_matrix(fedora.subspace_overlaps(u[members])), 1)
+    prop = fedora.propagation_matrix(graph, 0.8)
+    full_graph = fedora.embed_subproblem(graph, members, 5, isolated=1.0)
+    full_prop = fedora.embed_subproblem(prop, members, 5, isolated=1.0)
+    assert full_graph.shape == (5, 5) and full_prop.dtype == torch.float64
+    for i in (1, 4):  # not members: unit rows, no weight from anyone else
+        unit = torch.zeros(5, dtype=torch.float64)
+        unit[i] = 1.0
+        assert torch.equal(full_prop[i], unit) and torch.equal(full_prop[:, i], unit)
+    assert torch.equal(full_prop[[0, 2, 3]][:, [0, 2, 3]], prop)
+    # The self-loop keeps the graph row-stochastic, and both propagation forms agree with it.
+    assert torch.allclose(full_graph.sum(dim=1), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(fedora.propagation_matrix(full_graph, 0.8), full_prop, atol=1e-12)
+    theta = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    phi = fedora.propagate_power(full_graph, theta, 0.8, tol=1e-12)
+    assert torch.allclose(phi, full_prop @ theta, atol=1e-9)
+    assert torch.allclose(phi[[1, 4]], theta[[1, 4]], atol=1e-9)
+    sim = fedora.embed_subproblem(torch.ones(3, 3), members, 5)
+    assert sim[1].abs().sum() == 0 and sim[4, 4] == 0
+    with pytest.raises(RelatednessError, match="shape"):
+        fedora.embed_subproblem(torch.ones(2, 2), members, 5)
+    with pytest.raises(RelatednessError, match="increasing"):
+        fedora.embed_subproblem(torch.ones(3, 3), [0, 3, 2], 5)
+    with pytest.raises(RelatednessError, match="increasing"):
+        fedora.embed_subproblem(torch.ones(3, 3), [0, 2, 5], 5)

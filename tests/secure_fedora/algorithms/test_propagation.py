@@ -1,0 +1,251 @@
+"""The propagation operator: dense exact, sparse with a proven error bound, chosen by N."""
+
+import pytest
+import torch
+
+from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.propagation import (
+    PropagationOperator,
+    build_operator,
+    embed_operator,
+    resolve_propagation,
+    sparse_propagation_matrix,
+)
+from secure_fedora.core.config import AUTO_DENSE_MAX_CLIENTS, parse_config
+from secure_fedora.runtimes.inprocess import (
+    Simulation,
+    build_clients,
+    build_context,
+    load_checkpoint,
+    make_method,
+)
+
+
+def random_graph(n: int, k: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    similarity = torch.exp(10 * torch.rand(n, n, generator=g, dtype=torch.float64))
+    similarity.fill_diagonal_(0.0)
+    return fedora.topk_graph(similarity, k)
+
+
+@pytest.mark.parametrize("tolerance", [1e-2, 1e-4, 1e-7])
+def test_sparse_operator_error_is_within_its_proven_bound(tolerance):
+    n = 80
+    graph = random_graph(n, k=3)
+    exact = fedora.propagation_matrix(graph, 0.8)
+    approx, deficit = sparse_propagation_matrix(graph, 0.8, tolerance)
+    dense_approx = approx.to_dense()
+    # 0 <= P~ <= P entrywise, deficits are the exact row-sum shortfall and within tolerance
+    assert (dense_approx >= 0).all() and (dense_approx <= exact + 1e-15).all()
+    assert torch.allclose(deficit, 1 - dense_approx.sum(1), atol=1e-14)
+    assert float(deficit.max()) <= tolerance
+    assert torch.allclose((exact - dense_approx).abs().sum(1), deficit, atol=1e-13)
+    # |phi - phi~| <= d_i * max_j |theta_j| per coordinate (float64 parameters: no float32 noise)
+    theta = torch.randn(n, 500, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    op = PropagationOperator("sparse", approx, float(deficit.max()), tolerance)
+    err = (op.apply(theta) - exact @ theta).abs()
+    bound = deficit.unsqueeze(1) * theta.abs().max(0).values.unsqueeze(0)
+    assert (err <= bound + 1e-12).all()
+    if tolerance >= 1e-4:  # the pruning uses its budget: the bound is not vacuous
+        assert float(deficit.max()) > tolerance / 20 and float(err.max()) > 0
+    assert op.nnz < n * n
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_embedded_operator_leaves_excluded_clients_exactly_alone(mode):
+    sub = random_graph(5)
+    members = [0, 2, 3, 5, 6]  # clients 1, 4, 7 excluded
+    op = embed_operator(build_operator(sub, 0.8, mode, 1e-3), members, 8)
+    assert op.kind == mode
+    dense = op.to_dense()
+    for i in (1, 4, 7):
+        unit = torch.zeros(8, dtype=torch.float64)
+        unit[i] = 1.0
+        assert torch.equal(dense[i], unit) and torch.equal(dense[:, i], unit)
+    inner = build_operator(sub, 0.8, mode, 1e-3).to_dense()
+    assert torch.equal(dense[members][:, members], inner)
+
+
+def test_sparse_operator_rejects_bad_input():
+    graph = random_graph(10)
+    for tol in (0.0, 1.0, -1e-3):
+        with pytest.raises(fedora.RelatednessError, match="tolerance"):
+            sparse_propagation_matrix(graph, 0.8, tol)
+    with pytest.raises(fedora.RelatednessError, match="alpha"):
+        sparse_propagation_matrix(graph, 1.0, 1e-3)
+    with pytest.raises(fedora.RelatednessError, match="row-stochastic"):
+        sparse_propagation_matrix(graph * 2, 0.8, 1e-3)
+    with pytest.raises(fedora.RelatednessError, match="non-negative"):
+        sparse_propagation_matrix(-graph, 0.8, 1e-3)
+
+
+def test_dense_operator_is_bit_identical_to_the_matrix_product_and_checks_shapes():
+    graph = random_graph(30)
+    op = build_operator(graph, 0.8, "dense")
+    theta = torch.randn(30, 1000)
+    phi = torch.empty_like(theta)
+    op.apply(theta, out=phi)
+    assert torch.equal(phi, fedora.propagation_matrix(graph, 0.8).to(torch.float32) @ theta)
+    with pytest.raises(fedora.RelatednessError, match="alias"):
+        op.apply(theta, out=theta)
+    with pytest.raises(fedora.RelatednessError, match="does not match"):
+        op.apply(torch.randn(29, 1000))
+    power = build_operator(graph, 0.8, "power")
+    assert torch.allclose(power.matrix, op.matrix, atol=1e-10)
+
+
+def test_auto_is_dense_up_to_the_threshold_then_sparse():
+    assert resolve_propagation("auto", AUTO_DENSE_MAX_CLIENTS) == "dense"
+    assert resolve_propagation("auto", AUTO_DENSE_MAX_CLIENTS + 1) == "sparse"
+    assert resolve_propagation("power", 10_000) == "power"
+    with pytest.raises(fedora.RelatednessError, match="unknown propagation"):
+        resolve_propagation("magic", 10)
+    base = {"data": {"num_clients": 36}}
+    auto, dense = parse_config(base), parse_config({**base, "fedora": {"propagation": "dense"}})
+    from secure_fedora.core.config import config_hash
+
+    assert config_hash(auto) == config_hash(dense)  # same behaviour, same hash
+    sparse = parse_config({**base, "fedora": {"propagation": "sparse"}})
+    assert config_hash(sparse) != config_hash(dense)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_blockwise_graph_equals_the_full_graph(q):
+    g = torch.Generator().manual_seed(q)
+    summaries = torch.linalg.qr(torch.randn(40, 30, q, generator=g, dtype=torch.float64)).Q
+    full = fedora.topk_graph(fedora.similarity_matrix(fedora.subspace_overlaps(summaries), 3.0), 2)
+    blockwise = fedora.topk_graph_from_summaries(summaries, 3.0, 2, block=7)
+    assert blockwise.is_sparse and blockwise._nnz() == 40 * 2
+    assert torch.allclose(blockwise.to_dense(), full, atol=1e-12)
+
+
+def tiny(**overrides):
+    base = {"seed": 2, "methods": ["fedora"],
+            "data": {"num_clients": 8, "train_per_client": 24, "val_per_client": 8, "test_per_client": 8,
+                     "groups": 2},
+            "training": {"rounds": 3, "local_epochs": 1, "batch_size": 8, "lr": 0.05}}
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(base)
+
+
+@pytest.fixture(scope="module")
+def clients():
+    return build_clients(tiny())
+
+
+def test_fedora_with_sparse_propagation_stays_within_the_bound_of_dense(clients):
+    dense_cfg = tiny(fedora={"propagation": "dense"})
+    sparse_cfg = tiny(fedora={"propagation": "sparse", "propagation_tolerance": 1e-3})
+    methods = []
+    for cfg in (dense_cfg, sparse_cfg):
+        m = make_method("fedora", build_context(cfg, clients), cfg)
+        m.setup()
+        methods.append(m)
+    dense, sparse = methods
+    assert sparse.relatedness.operator.kind == "sparse" and sparse.relatedness.overlaps is None
+    assert torch.allclose(sparse.relatedness.graph.to_dense(), dense.relatedness.graph, atol=1e-12)
+    theta = torch.randn_like(dense.theta)
+    dense.theta.copy_(theta)
+    sparse.theta.copy_(theta)
+    dense.propagate()
+    sparse.propagate()
+    bound = sparse.relatedness.operator.error_bound * theta.abs().max(0).values
+    assert sparse.relatedness.operator.error_bound <= 1e-3
+    assert ((sparse.phi - dense.phi).abs() <= bound + 1e-5).all()
+    # a late joiner: the same weights through either operator (within the bound)
+    u = fedora.client_summary(clients[0].train_x, clients[0].train_y, 10, 1)
+    others = torch.stack([fedora.client_summary(c.train_x, c.train_y, 10, 1) for c in clients])
+    overlaps = torch.einsum("dq,jdr->jqr", u, others)
+    assert ((sparse.attach(overlaps) - dense.attach(overlaps)).abs() <= bound.max() + 1e-5).all()
+    assert dense.relatedness.neighbours() == sparse.relatedness.neighbours()
+
+
+@pytest.mark.parametrize("propagation", ["dense", "sparse"])
+def test_checkpoint_holds_neither_phi_nor_operator_and_resume_is_bit_identical(tmp_path, clients,
+                                                                                propagation):
+    cfg = tiny(training={"rounds": 5, "checkpoint_every": 2}, fedora={"propagation": propagation})
+    full = Simulation(cfg, tmp_path / "full", clients=clients)
+    full.run()
+    cut = Simulation(cfg, tmp_path / "cut", clients=clients)
+
+    class Crash(Exception):
+        pass
+
+    def crash(method, rnd, total):
+        if rnd == 3:  # the last checkpoint is round 2's
+            raise Crash
+
+    cut.progress = crash
+    with pytest.raises(Crash):
+        cut.run()
+    state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "fedora.pt")
+    assert state["round"] == 2
+    assert "phi" not in state["method"]
+    assert not {"propagation", "similarity"} & set(state["method"]["relatedness"])
+    resumed = Simulation(cfg, tmp_path / "cut", clients=clients)
+    resumed.run(resume=True)
+    a, b = full.methods["fedora"], resumed.methods["fedora"]
+    assert torch.equal(a.theta, b.theta) and torch.equal(a.phi, b.phi)
+    assert (tmp_path / "cut" / "rounds.csv").read_text() == (tmp_path / "full" / "rounds.csv").read_text()
+    # checkpoint_every is not part of the config hash: a resume may change it
+    other_k = tiny(training={"rounds": 5, "checkpoint_every": 1}, fedora={"propagation": propagation})
+    Simulation(other_k, tmp_path / "cut", clients=clients).run(resume=True)
+
+
+def test_auto_checkpoints_first_round_then_by_time(tmp_path, clients, monkeypatch):
+    import secure_fedora.runtimes.inprocess as runtime
+
+    cfg = tiny(training={"rounds": 4, "checkpoint_every": "auto"})
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    monkeypatch.setattr(runtime, "AUTO_CHECKPOINT_FACTOR", 1e9)  # nothing after the first
+    sim.run()
+    written = [r["round"] for r in sim.round_timings["fedora"] if r["checkpoint"] > 0]
+    assert written == [1, 4]  # the first round, and the last (with the outcome)
+    with pytest.raises(Exception, match="checkpoint_every"):
+        tiny(training={"checkpoint_every": 0})
+
+
+def test_dp_resume_between_checkpoints_is_identical_and_never_records_less_epsilon(tmp_path):
+    """Rounds after the last checkpoint are repeated on resume: their journaled releases are
+    re-made, not accounted again, so the ledgers end exactly as the uninterrupted run's (the
+    recorded epsilon never drops and nothing is counted twice), and the models are identical."""
+    from privacy.ledger import read_ledger
+
+    dp = parse_config({
+        "seed": 3, "methods": ["local"],
+        "data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 8, "test_per_client": 8},
+        "training": {"rounds": 4, "local_epochs": 1, "batch_size": 10, "lr": 0.05, "checkpoint_every": 2},
+        "privacy": {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "noise_multiplier": 1.0,
+                    "noise": "reproducible"},
+    })
+    clients = build_clients(dp)
+    full = Simulation(dp, tmp_path / "full", clients=clients)
+    full.run()
+    cut = Simulation(dp, tmp_path / "cut", clients=clients)
+
+    class Crash(Exception):
+        pass
+
+    def crash(method, rnd, total):
+        if rnd == 3:
+            raise Crash
+
+    cut.progress = crash
+    with pytest.raises(Crash):
+        cut.run()
+    ledgers = sorted((tmp_path / "cut" / "ledgers" / "local").glob("*.jsonl"))
+    before = {p.name: read_ledger(p)[-1]["epsilon_after"] for p in ledgers}
+    resumed = Simulation(dp, tmp_path / "cut", clients=clients)
+    resumed.run(resume=True)
+    assert torch.equal(resumed.methods["local"].theta, full.methods["local"].theta)
+    full_eps = {p.name: read_ledger(p)[-1]["epsilon_after"]
+                for p in (tmp_path / "full" / "ledgers" / "local").glob("*.jsonl")}
+    for p in ledgers:
+        entries = read_ledger(p)
+        eps = [e["epsilon_after"] for e in entries]
+        assert eps == sorted(eps) and eps[-1] >= before[p.name]
+        assert eps[-1] == full_eps[p.name]  # round 3 is accounted once, as in the full run
+        full_entries = read_ledger(tmp_path / "full" / "ledgers" / "local" / p.name)
+        assert [(e["round"], e["mechanism"]) for e in entries] == \
+            [(e["round"], e["mechanism"]) for e in full_entries]

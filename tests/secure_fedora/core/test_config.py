@@ -1,0 +1,314 @@
+"""Config validation: unknown keys and bad values are rejected with the key named."""
+
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import pytest
+import tomli_w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from secure_fedora.core.config import (
+    RUN_NAME_PATTERN,
+    ConfigError,
+    ExperimentConfig,
+    config_from_bytes,
+    config_hash,
+    load_config,
+    parse_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.data.num_clients >= 2
+
+
+def test_reference_config_is_the_reference_setting():
+    cfg = load_config(CONFIGS / "reference.toml")
+    assert (cfg.data.num_clients, cfg.data.train_per_client, cfg.data.val_per_client) == (36, 128, 64)
+    assert (cfg.fedora.q, cfg.fedora.tau, cfg.fedora.k, cfg.fedora.alpha) == (1, 10.0, 2, 0.8)
+    t = cfg.training
+    assert (t.lr, t.momentum, t.weight_decay, t.batch_size, t.local_epochs) == (5e-3, 0.9, 5e-5, 64, 5)
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"trainig": {}}, "trainig"),
+        ({"training": {"rounds": 0}}, "training.rounds"),
+        ({"training": {"lr": -1}}, "training.lr"),
+        ({"training": {"lr": "fast"}}, "training.lr"),
+        ({"training": {"clip_grad_norm": 0}}, "training.clip_grad_norm"),
+        ({"training": {"clip_grad_norm": "inf"}}, "training.clip_grad_norm"),
+        ({"fedora": {"alpha": 1.0}}, "fedora.alpha"),
+        ({"fedora": {"relatedness": "magic"}}, "fedora.relatedness"),
+        ({"data": {"num_clients": 1}}, "data.num_clients"),
+        ({"data": {"partition": "dirichlet", "test_per_client": 8}}, "dirichlet_alpha"),
+        ({"data": {"partition": "dirichlet", "dirichlet_alpha": 0.1}}, "test_per_client"),
+        ({"data": {"partition": "rotation", "classes_per_client": 2}}, "classes_per_client"),
+        ({"data": {"rotation_interpolation": "cubic"}}, "data.rotation_interpolation"),
+        ({"methods": ["fedora", "magic"]}, "methods.1"),
+        ({"methods": ["fedora", "fedora"]}, "twice"),
+        ({"data": {"colour": 1}}, "data.colour"),
+    ],
+)
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert key in str(err.value)
+
+
+def test_malformed_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training\nrounds = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[training]\nroundz = 3\n")
+    with pytest.raises(ConfigError, match="training.roundz: unknown key"):
+        load_config(unknown)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = parse_config({})
+    assert config_hash(a) == config_hash(parse_config({}))
+    assert config_hash(a) != config_hash(parse_config({"seed": 1}))
+    assert config_hash(a) != config_hash(parse_config({"training": {"clip_grad_norm": 1.0}}))
+
+
+def test_config_hash_of_shipped_reference_is_unchanged_by_later_neutral_keys():
+    # Checkpoints and sweep cells are bound to this hash; a key added later at its
+    # behaviour-preserving default must not invalidate them.
+    cfg = load_config(Path(__file__).parents[3] / "configs" / "reference.toml")
+    assert cfg.training.clip_grad_norm is None
+    assert config_hash(cfg) == "db2b9e169b64d0d402217a8ed55a3a714cbf802aa7e7bf2087c073cf94e5f209"
+
+
+# --------------------------------------------------------------------------- strictness
+# Regression tests for issue 14 "Why" 8: values that passed validation and crashed or hung later.
+
+DP = {"privacy": {"enabled": True}, "fedora": {"relatedness": "noised"}}
+
+
+def _with(base, **sections):
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, body in sections.items():
+        doc[section] = {**doc.get(section, {}), **body} if isinstance(body, dict) else body
+    return doc
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"training": {"rounds": True}}, "training.rounds"),
+        ({"training": {"local_epochs": False}}, "training.local_epochs"),
+        ({"data": {"num_clients": 8.0}}, "data.num_clients"),
+        ({"training": {"lr": "0.1"}}, "training.lr"),
+        ({"training": {"lr": True}}, "training.lr"),
+        ({"security": {"envelopes": 1}}, "security.envelopes"),
+        ({"training": {"lr": float("inf")}}, "training.lr"),
+        ({"training": {"lr": float("nan")}}, "training.lr"),
+        ({"training": {"weight_decay": float("inf")}}, "training.weight_decay"),
+        ({"training": {"clip_grad_norm": float("inf")}}, "training.clip_grad_norm"),
+        ({"fedora": {"tau": float("inf")}}, "fedora.tau"),
+        ({"privacy": {"max_grad_norm": float("inf")}}, "privacy.max_grad_norm"),
+        ({"privacy": {"summary_clip": float("nan")}}, "privacy.summary_clip"),
+        ({"privacy": {"lambda_clip": float("inf")}}, "privacy.lambda_clip"),
+        ({"privacy": {"noise_multiplier": float("inf")}}, "privacy.noise_multiplier"),
+        ({"privacy": {"summary_noise_multiplier": float("inf")}}, "privacy.summary_noise_multiplier"),
+        ({"privacy": {"lambda_noise_multiplier": float("nan")}}, "privacy.lambda_noise_multiplier"),
+        ({"baselines": {"fedprox": {"mu": float("inf")}}}, "baselines.fedprox.mu"),
+        ({"baselines": {"ifca": {"num_clusters": True}}}, "baselines.ifca.num_clusters"),
+        ({"fedora": {"k": 8}, "data": {"num_clients": 8}}, "fedora.k"),
+        ({"fedora": {"k": 40}}, "fedora.k"),
+        ({"data": {"groups": 9, "num_clients": 8}}, "data.groups"),
+        ({"data": {"partition": "pathological", "classes_per_client": 11,
+                   "test_per_client": 8}}, "data.classes_per_client"),
+        ({"name": "../../.."}, "name"),
+        ({"name": "a/b"}, "name"),
+        ({"name": ""}, "name"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**40}, "seed"),
+        (_with(DP, privacy={"sample_rate": 1e-9}), "privacy.sample_rate"),
+        (_with(DP, privacy={"overrides": {"³": {"epsilon": 1.0}}}), "privacy.overrides"),
+        (_with(DP, training={"rounds": 2_000_000}), "training.rounds"),
+        (_with(DP, privacy={"sample_rate": 0.01}, training={"rounds": 20_000, "local_epochs": 5}),
+         "privacy.sample_rate"),
+    ],
+)
+def test_strict_values_are_refused_with_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert key in str(err.value)
+
+
+def test_k_below_n_is_needed_only_when_fedora_runs():
+    assert parse_config({"data": {"num_clients": 2}, "fedora": {"k": 1}}).fedora.k == 1
+    assert parse_config({"data": {"num_clients": 2}, "methods": ["local", "fedavg"]}).fedora.k == 2
+
+
+def test_dp_step_plan_limit_names_the_keys_and_the_maximum():
+    from secure_fedora.core.config import MAX_PLANNED_DPSGD_STEPS
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(DP, privacy={"sample_rate": 0.001}, data={"train_per_client": 1000},
+                           training={"rounds": 300, "local_epochs": 5}))
+    text = str(err.value)
+    assert "1,500,000 steps" in text and f"{MAX_PLANNED_DPSGD_STEPS:,}" in text
+    assert "training.rounds" in text and "training.local_epochs" in text
+    # the same plan, one order of magnitude shorter, is accepted
+    cfg = parse_config(_with(DP, privacy={"sample_rate": 0.001}, data={"train_per_client": 1000},
+                             training={"rounds": 30, "local_epochs": 5}))
+    assert cfg.privacy.sample_rate == 0.001
+
+
+def test_toml_inf_and_bool_are_refused_from_files(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[training]\nrounds = true\nlr = inf\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "training.rounds" in str(err.value) and "training.lr" in str(err.value)
+
+
+def test_integral_floats_are_still_accepted_for_float_keys():
+    cfg = parse_config({"training": {"lr": 1, "weight_decay": 0}, "fedora": {"tau": 10}})
+    assert (cfg.training.lr, cfg.training.weight_decay, cfg.fedora.tau) == (1.0, 0.0, 10.0)
+    assert isinstance(cfg.training.lr, float)
+
+
+# --------------------------------------------------------------------------- property-based
+
+
+
+def _literals(annotation, out):
+    if get_origin(annotation) is Literal:
+        out.update(a for a in get_args(annotation) if isinstance(a, str))
+    for arg in get_args(annotation):
+        _literals(arg, out)
+    return out
+
+
+def _keys():
+    """Every (section, key) of the config model, and every literal string it accepts."""
+    keys, literals = [], set()
+    for name, field in ExperimentConfig.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            for sub, sub_field in ann.model_fields.items():
+                keys.append((name, sub))
+                _literals(sub_field.annotation, literals)
+        else:
+            keys.append((None, name))
+            _literals(ann, literals)
+    return keys, sorted(literals)
+
+
+KEYS, LITERALS = _keys()
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=10)
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=0, max_value=400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=1e-12, max_value=1.0),
+    _text,
+    st.sampled_from(LITERALS),
+)
+VALUES = st.one_of(
+    SCALARS,
+    st.lists(SCALARS, max_size=3),
+    st.dictionaries(st.sampled_from(["0", "1", "fedprox", "mu", "epsilon", "x"]), SCALARS, max_size=2),
+)
+
+
+@st.composite
+def toml_configs(draw):
+    doc = {}
+    if draw(st.booleans()):  # half the examples start from a DP config, so its checks run
+        doc = {"privacy": {"enabled": True}, "fedora": {"relatedness": "noised"}}
+    for section, key in draw(st.lists(st.sampled_from(KEYS), max_size=6, unique=True)):
+        value = draw(VALUES)
+        if section is None:
+            doc[key] = value
+        else:
+            doc.setdefault(section, {})[key] = value
+    return doc
+
+
+def _plausible(annotation):
+    """Values of the field's own type in a range that often validates."""
+    literals = sorted(_literals(annotation, set()))
+    if literals:
+        return st.sampled_from(literals)
+    args = set(get_args(annotation)) | {annotation}
+    if bool in args:
+        return st.booleans()
+    if any(a is int or "[int" in repr(a) for a in args):
+        return st.integers(min_value=0, max_value=40)
+    if any(a is float or "[float" in repr(a) for a in args):
+        return st.floats(min_value=1e-6, max_value=0.99)
+    if str in args or "[str" in repr(annotation):
+        return st.from_regex(RUN_NAME_PATTERN, fullmatch=True)
+    return st.nothing()
+
+
+_PLAUSIBLE = {
+    (section, key): _plausible(
+        (ExperimentConfig.model_fields[section].annotation.model_fields[key] if section
+         else ExperimentConfig.model_fields[key]).annotation)
+    for section, key in KEYS
+}
+
+
+@st.composite
+def plausible_configs(draw):
+    doc = {"data": {"num_clients": 6, "train_per_client": 32, "val_per_client": 8}}
+    if draw(st.booleans()):
+        doc.update({"privacy": {"enabled": True}, "fedora": {"relatedness": "noised"}})
+    for section, key in draw(st.lists(st.sampled_from(KEYS), max_size=5, unique=True)):
+        strategy = _PLAUSIBLE[(section, key)]
+        if strategy.is_empty:
+            continue
+        value = draw(strategy)
+        if section is None:
+            doc[key] = value
+        else:
+            doc.setdefault(section, {})[key] = value
+    return doc
+
+
+def _finite_and_typed(value):
+    if isinstance(value, float):
+        assert value == value and abs(value) != float("inf")
+    elif isinstance(value, dict):
+        for v in value.values():
+            _finite_and_typed(v)
+    elif isinstance(value, list):
+        for v in value:
+            _finite_and_typed(v)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(toml_configs(), plausible_configs()))
+def test_any_toml_config_validates_or_raises_config_error(doc):
+    """Random TOML-able values for every key: a config either validates or raises
+    ConfigError (never another exception), and a valid one round-trips through TOML."""
+    text = tomli_w.dumps(doc)
+    try:
+        cfg = config_from_bytes(text.encode(), "(hypothesis)")
+    except ConfigError as err:
+        assert str(err)
+        return
+    dumped = cfg.model_dump(mode="json", exclude_none=True)
+    _finite_and_typed(dumped)
+    assert type(cfg.training.rounds) is int and type(cfg.data.num_clients) is int
+    again = config_from_bytes(tomli_w.dumps(dumped).encode(), "(round trip)")
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)

@@ -1,0 +1,127 @@
+"""Registries: names validate against them, lookups list what is available, and a new
+method is one module that registers itself."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from secure_fedora.api import Experiment
+from secure_fedora.core import registry
+from secure_fedora.core.config import ConfigError, parse_config
+from secure_fedora.core.registry import (
+    DATASETS,
+    METHODS,
+    MODELS,
+    PARTITIONERS,
+    Registry,
+    RegistryError,
+)
+from secure_fedora.runtimes.inprocess import make_method
+
+
+def test_builtin_names_are_registered() -> None:
+    assert {"fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca"} <= set(METHODS)
+    assert {"mnist", "fashion_mnist"} <= set(DATASETS.names())
+    assert {"iid", "rotation", "dirichlet", "pathological"} <= set(PARTITIONERS.names())
+    assert {"mlp", "cnn"} <= set(MODELS.names())
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"methods": ["fedora", "fedsgd"]}, "methods.1: .*unknown method 'fedsgd'; available: apfl, ditto"),
+    ({"data": {"dataset": "cifar"}}, "data.dataset: .*unknown dataset 'cifar'; available: fashion_mnist, mnist"),
+    ({"data": {"partition": "shards"}}, "unknown partition 'shards'; available: dirichlet, iid, pathological, rotation"),
+    ({"model": {"name": "resnet"}}, "unknown model 'resnet'; available: cnn, mlp"),
+])
+def test_unknown_names_list_what_is_available(section: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(section)
+
+
+def test_registry_refuses_duplicates_and_bad_names() -> None:
+    reg: Registry[int] = Registry("thing")
+    reg.register("a", 1)
+    with pytest.raises(RegistryError, match="thing 'a' is already registered"):
+        reg.register("a", 2)
+    with pytest.raises(RegistryError, match="without ':'"):
+        reg.register("pkg.mod:f", 3)
+    with pytest.raises(RegistryError, match="unknown thing 'b'; available: a"):
+        reg.get("b")
+
+
+NEW_METHOD = textwrap.dedent('''
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.registry import METHODS
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        finetune_epochs: int = Field(0, ge=0)
+
+    @METHODS.register("{name}")
+    def build(ctx, cfg):
+        params = Params.model_validate(cfg.baselines.get("{name}", {{}}))
+        return FedAvg(ctx, finetune_epochs=params.finetune_epochs)
+
+    build.params = Params  # validates [baselines.{name}] when the config is read
+''')
+
+
+def _small_config(method: str) -> dict:
+    return {"methods": [method], "data": {"partition": "iid", "num_clients": 2,
+            "train_per_client": 20, "val_per_client": 10, "test_per_client": 10},
+            "training": {"rounds": 1, "local_epochs": 1, "batch_size": 10}}
+
+
+def test_a_new_method_is_one_module_in_the_contrib_package(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    package = f"contrib_{uuid.uuid4().hex[:8]}"
+    name = f"avg_{uuid.uuid4().hex[:6]}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "my_method.py").write_text(NEW_METHOD.format(name=name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "CONTRIB_PACKAGE", package)
+    monkeypatch.setattr(registry, "_contrib_loaded", False)
+    try:
+        assert name in METHODS  # discovered on lookup, no other file edited
+        cfg = parse_config(_small_config(name))
+        exp = Experiment(cfg, data=_tiny_data())
+        method = make_method(name, exp.context_factory(cfg, exp.clients), cfg)
+        assert type(method).__name__ == "FedAvg" and method.finetune_epochs == 0
+        assert exp.run().selected(name)["round"] == 1
+        tuned = parse_config({**_small_config(name), "baselines": {name: {"finetune_epochs": 2}}})
+        assert make_method(name, exp.context_factory(tuned, exp.clients), tuned).finetune_epochs == 2
+        with pytest.raises(ConfigError, match=f"baselines.{name}: finetune_epochs: .*greater than or equal"):
+            parse_config({**_small_config(name), "baselines": {name: {"finetune_epochs": -1}}})
+        with pytest.raises(ConfigError, match=f"baselines.{name}: lr: unknown key"):
+            parse_config({**_small_config(name), "baselines": {name: {"lr": 1}}})
+    finally:
+        METHODS.unregister(name)
+        for mod in [m for m in sys.modules if m.startswith(package)]:
+            sys.modules.pop(mod)
+
+
+def test_unregistered_method_name_fails_at_lookup() -> None:
+    with pytest.raises(RegistryError, match="unknown method 'nope'"):
+        make_method("nope", None, None)  # type: ignore[arg-type]
+
+
+def _tiny_data() -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 3, generator=gen)
+    y = (x[:, 0] > 0).long()
+    return {"x_train": x[:60], "y_train": y[:60], "x_test": x[60:], "y_test": y[60:]}
+
+
+def test_sweep_validates_cells_with_registered_method_names() -> None:
+    from secure_fedora.experiments.sweep import _literal_methods
+
+    assert set(_literal_methods()) == set(METHODS.names())

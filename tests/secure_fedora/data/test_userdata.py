@@ -1,0 +1,363 @@
+"""User data, models and losses named in the config (or given to the Python API): what runs,
+and the clear error each bad plug-in gets before anything trains."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+
+from privacy.dpsgd import DPSGDError
+from secure_fedora.algorithms import fedora
+from secure_fedora.api import Experiment
+from secure_fedora.core.config import ConfigError, load_config, parse_config
+from secure_fedora.core.plugins import PluginError
+from secure_fedora.data.sources import DataError
+from secure_fedora.learning.models import ModelError
+
+PLUGIN = textwrap.dedent('''
+    import math
+    import numpy as np
+    import torch
+    from torch import nn
+
+    def _table(seed, n=240, d=6):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(n, d)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0).astype(np.int64)
+        return x, y
+
+    def good(seed):
+        x, y = _table(seed)
+        return {"x_train": x[:180], "y_train": y[:180], "x_test": x[180:], "y_test": y[180:]}
+
+    def multilabel(seed):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(240, 8)).astype(np.float32)
+        y = (x[:, :5] + 0.3 * rng.normal(size=(240, 5)) > 0).astype(np.float32)
+        return {"x_train": x[:180], "y_train": y[:180], "x_test": x[180:], "y_test": y[180:]}
+
+    def federated(seed):
+        x, y = _table(seed, n=300)
+        sizes = [(30, 10, 10), (50, 10, 10), (40, 20, 20)]
+        out, at = [], 0
+        for tr, va, te in sizes:
+            part = {}
+            for split, k in (("train", tr), ("val", va), ("test", te)):
+                part[split] = (torch.from_numpy(x[at:at + k]), torch.from_numpy(y[at:at + k]))
+                at += k
+            out.append(part)
+        return out
+
+    def mlp(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 16), nn.ReLU(),
+                             nn.Linear(16, num_classes))
+
+    def per_sample_ce(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+    per_sample_ce.metric = "accuracy"
+
+    def mean_ce(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets)
+
+    def wrong_type(seed):
+        return "not data"
+
+    def row_mismatch(seed):
+        d = good(seed)
+        d["y_train"] = d["y_train"][:-1]
+        return d
+
+    def out_of_range(seed):
+        d = good(seed)
+        d["num_classes"] = 3
+        return d
+
+    def with_nan(seed):
+        d = good(seed)
+        d["x_train"][5, 2] = float("nan")
+        return d
+
+    def narrow(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes + 1))
+
+    def not_a_module(input_shape, num_classes):
+        return "model"
+
+    def batchnorm(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 8),
+                             nn.BatchNorm1d(8), nn.Linear(8, num_classes))
+
+    def sequences(seed):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(200, 5, 3)).astype(np.float32)
+        y = (x[:, 0, 0] > 0).astype(np.int64)
+        return {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+
+    class _Recurrent(nn.Module):
+        def __init__(self, features, num_classes):
+            super().__init__()
+            self.gru = nn.GRU(features, 4, batch_first=True)
+            self.head = nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1])
+
+    def recurrent(input_shape, num_classes):
+        return _Recurrent(input_shape[-1], num_classes)
+
+    def one_class_test(seed):
+        d = good(seed)
+        d["y_train"] = (d["y_train"] > 1).astype("int64")
+        d["y_test"] = d["y_test"] * 0
+        return d
+''')
+
+
+@pytest.fixture
+def plug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh plug-in module on sys.path; returns its name."""
+    name = f"plug_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def config(plug: str, methods: tuple[str, ...] = ("local",), **sections: dict) -> dict:
+    cfg = {
+        "methods": list(methods),
+        "data": {"source": f"{plug}:good", "partition": "iid", "num_clients": 3,
+                 "train_per_client": 30, "val_per_client": 15, "test_per_client": 15},
+        "model": {"factory": f"{plug}:mlp"},
+        "training": {"rounds": 2, "local_epochs": 1, "batch_size": 10, "lr": 0.05},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+# ----------------------------------------------------------------------------- what runs
+
+
+def test_config_file_imports_from_its_folder_and_runs(tmp_path: Path) -> None:
+    name = f"plug_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(PLUGIN)
+    path = tmp_path / "exp.toml"
+    path.write_text(tomli_w.dumps(config(name)))
+    try:
+        assert str(tmp_path) not in sys.path
+        results = Experiment(load_config(path), run_dir=tmp_path / "run").run()
+    finally:
+        sys.modules.pop(name, None)
+    assert results.metric == "accuracy" and results["loss"] == "cross_entropy"
+    selected = results.selected("local")
+    assert set(selected) >= {"mean", "min", "max", "std", "per_client", "round"}
+    assert len(selected["per_client"]) == 3
+    assert results["methods"]["local"]["metric"] == "accuracy"
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_centralized_data_any_shape_and_class_count(plug: str) -> None:
+    exp = Experiment(config(plug, data={"partition": "dirichlet", "dirichlet_alpha": 1.0}))
+    clients = exp.clients
+    assert [c.train_x.shape for c in clients] == [torch.Size([30, 6])] * 3
+    assert all(c.meta["num_classes"] == 4 for c in clients)
+    assert all(len(c.meta["label_histogram"]) == 4 for c in clients)
+    ctx = exp.check().context_factory(exp.config, clients)
+    assert ctx.num_classes == 4
+    assert ctx.flat.module[-1].out_features == 4
+
+
+def test_iid_partition_is_disjoint_and_sized(plug: str) -> None:
+    clients = Experiment(config(plug)).clients
+    train = [i for c in clients for i in c.meta["train_index"] + c.meta["val_index"]]
+    test = [i for c in clients for i in c.meta["test_index"]]
+    assert len(train) == len(set(train)) == 3 * 45 and len(test) == len(set(test)) == 45
+    assert {c.meta["kind"] for c in clients} == {"iid"}
+
+
+def test_user_model_is_seeded_and_leaves_global_rng(plug: str) -> None:
+    exp = Experiment(config(plug))
+    state = torch.random.get_rng_state()
+    a = exp.context_factory(exp.config, exp.clients).init
+    b = exp.context_factory(exp.config, exp.clients).init
+    assert torch.equal(a, b)
+    assert torch.equal(state, torch.random.get_rng_state())
+    other = parse_config({**config(plug), "seed": 1})
+    assert not torch.equal(a, Experiment(other).context_factory(other, exp.clients).init)
+
+
+def test_federated_list_runs_with_unequal_clients(plug: str) -> None:
+    cfg = config(plug, data={"source": f"{plug}:federated", "partition": "iid"})
+    results = Experiment(cfg).run()
+    assert [c["train"] for c in results["clients"]] == [30, 50, 40]
+
+
+def test_federated_list_with_wrong_client_count(plug: str) -> None:
+    with pytest.raises(DataError, match="lists 3 clients but data.num_clients = 4"):
+        Experiment(config(plug, data={"source": f"{plug}:federated", "num_clients": 4})).check()
+
+
+def test_federated_list_under_dp_needs_train_per_client_at_most_smallest(plug: str) -> None:
+    cfg = config(plug, data={"source": f"{plug}:federated", "train_per_client": 40},
+                 privacy={"enabled": True, "delta": 1e-3})
+    with pytest.raises(DataError, match="client 0 has 30 training rows"):
+        Experiment(cfg).check()
+
+
+def test_multilabel_bce_under_dp_with_noised_fedora(plug: str) -> None:
+    cfg = config(plug, ("fedora", "local"), data={"source": f"{plug}:multilabel"},
+                 training={"loss": "bce"}, fedora={"relatedness": "noised"},
+                 privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3})
+    exp = Experiment(cfg)
+    ctx = exp.check().context_factory(exp.config, exp.clients)
+    assert ctx.flat.module[-1].out_features == 5 and ctx.num_classes == 5
+    c = exp.clients[0]
+    assert fedora.summary_rows(c.train_x, c.train_y, 5).shape == (30, 8 + 5)
+    results = exp.run()
+    assert results.metric == "auc"
+    for name in ("fedora", "local"):
+        s = results.selected(name)
+        assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0
+    spent = [c["epsilon_spent"] for c in results["privacy"]["fedora"]["clients"]]
+    assert all(0 < e <= 8.0 for e in spent)
+
+
+def test_binary_bce_has_one_output_and_auc(plug: str) -> None:
+    cfg = config(plug, data={"source": f"{plug}:sequences"}, training={"loss": "bce"})
+    exp = Experiment(cfg)
+    ctx = exp.context_factory(exp.config, exp.clients)
+    assert ctx.flat.module[-1].out_features == 1
+    assert exp.run().metric == "auc"
+
+
+def test_custom_loss_under_dp(plug: str) -> None:
+    cfg = config(plug, training={"loss": f"{plug}:per_sample_ce"},
+                 privacy={"enabled": True, "delta": 1e-3})
+    results = Experiment(cfg).run()
+    assert results.metric == "accuracy" and results["loss"] == f"{plug}:per_sample_ce"
+
+
+# ----------------------------------------------------------------------------- bad plug-ins
+
+
+def test_module_that_does_not_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "broken_plugin_mod.py").write_text("import numpy\nraise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {"data": {"source": "broken_plugin_mod:load", "partition": "iid"}}
+    with pytest.raises(PluginError, match="data.source.*does not import.*RuntimeError: boom"):
+        Experiment(cfg).check()
+    with pytest.raises(PluginError, match="module 'no_such_module_xyz' does not import"):
+        Experiment({"data": {"source": "no_such_module_xyz:load"}}).check()
+
+
+def test_missing_function(plug: str) -> None:
+    with pytest.raises(PluginError, match="has no attribute 'nope'"):
+        Experiment(config(plug, data={"source": f"{plug}:nope"})).check()
+    with pytest.raises(PluginError, match="model.factory.*has no attribute 'nope'"):
+        Experiment(config(plug, model={"factory": f"{plug}:nope"})).check()
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("wrong_type", "returned a str; expected a dict"),
+    ("row_mismatch", "has 180 inputs but 179 labels"),
+    ("out_of_range", r"labels reach 3 but num_classes = 3; labels must lie in 0\.\.2"),
+    ("with_nan", r"NaN or infinite values \(first in row 5\)"),
+])
+def test_bad_data(plug: str, source: str, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        Experiment(config(plug, data={"source": f"{plug}:{source}"})).check()
+
+
+def test_bad_data_from_the_python_api() -> None:
+    x = torch.randn(50, 4)
+    with pytest.raises(DataError, match="negative label -1"):
+        Experiment({"data": {"partition": "iid"}},
+                   data={"x_train": x, "y_train": -torch.ones(50, dtype=torch.long),
+                         "x_test": x, "y_test": torch.zeros(50, dtype=torch.long)}).check()
+    with pytest.raises(DataError, match="missing"):
+        Experiment({"data": {"partition": "iid"}}, data={"x_train": x}).check()
+
+
+@pytest.mark.parametrize(("factory", "error", "message"), [
+    ("narrow", ModelError, r"outputs of shape \(2, 5\) for 2 inputs; expected \(2, 4\)"),
+    ("not_a_module", ModelError, "returned a str, expected a torch.nn.Module"),
+    ("batchnorm", ModelError, "buffer '2.running_mean'"),
+])
+def test_bad_model(plug: str, factory: str, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        Experiment(config(plug, model={"factory": f"{plug}:{factory}"})).check()
+
+
+def test_python_api_model_factory_checked() -> None:
+    x = torch.randn(60, 4)
+    y = torch.arange(60) % 3
+    data = {"x_train": x, "y_train": y, "x_test": x, "y_test": y}
+    cfg = {"data": {"partition": "iid", "num_clients": 3, "train_per_client": 10,
+                    "val_per_client": 5, "test_per_client": 5}}
+    with pytest.raises(ModelError, match=r"expected \(2, 3\)"):
+        Experiment(cfg, data=data, model=lambda s, c: torch.nn.Linear(4, 2)).check()
+
+
+def test_model_neither_dp_path_supports_is_refused_naming_the_layer(plug: str) -> None:
+    cfg = config(plug, data={"source": f"{plug}:sequences"}, model={"factory": f"{plug}:recurrent"},
+                 privacy={"enabled": True, "delta": 1e-3})
+    with pytest.raises(DPSGDError, match=r"layer 'gru' \(GRU\)"):
+        Experiment(cfg).check()
+    # The same model trains without DP (the refusal is about per-sample gradients only).
+    Experiment(config(plug, data={"source": f"{plug}:sequences"},
+                      model={"factory": f"{plug}:recurrent"})).check()
+
+
+def test_reduced_loss_is_refused(plug: str) -> None:
+    with pytest.raises(PluginError, match=r"per-sample losses of shape \(2,\)"):
+        Experiment(config(plug, training={"loss": f"{plug}:mean_ce"})).check()
+
+
+def test_auc_needs_both_classes_in_every_split(plug: str) -> None:
+    cfg = config(plug, data={"source": f"{plug}:one_class_test"}, training={"loss": "bce"})
+    with pytest.raises(DataError, match="client 0: the test split cannot be scored with AUC"):
+        Experiment(cfg).check()
+
+
+def test_rotation_needs_images_and_label_skew_needs_single_labels(plug: str) -> None:
+    with pytest.raises(DataError, match="partition 'rotation' rotates images"):
+        Experiment(config(plug, data={"partition": "rotation"})).check()
+    cfg = config(plug, data={"source": f"{plug}:multilabel", "partition": "pathological",
+                             "classes_per_client": 2}, training={"loss": "bce"})
+    with pytest.raises(DataError, match="needs single labels"):
+        Experiment(cfg).check()
+
+
+def test_cross_entropy_refuses_multilabel_targets(plug: str) -> None:
+    with pytest.raises(PluginError, match="multi-label targets"):
+        Experiment(config(plug, data={"source": f"{plug}:multilabel"})).check()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"data": {"source": "no_colon"}}, "data.source must have the form 'package.module:function'"),
+    ({"data": {"source": "m:f", "dataset": "mnist"}}, "data.dataset and data.source exclude"),
+    ({"model": {"factory": "m:f", "name": "cnn"}}, "model.name and model.factory exclude"),
+    ({"training": {"loss": "hinge"}}, "unknown loss 'hinge'; available: bce, cross_entropy"),
+])
+def test_config_errors(section: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(section)
+
+
+@pytest.mark.parametrize(("section", "key"), [
+    ({"data": {"source": "m:f", "partition": "iid"}}, "data.source"),
+    ({"model": {"factory": "m:f"}}, "model.factory"),
+    ({"training": {"loss": "bce"}}, "training.loss"),
+])
+def test_flower_runtime_refuses_user_plugins(section: dict, key: str) -> None:
+    from secure_fedora.runtimes.flower.protocol import DeployError, check_supported
+
+    with pytest.raises(DeployError, match=f"{key} = .*run in process"):
+        check_supported(parse_config({"methods": ["fedora"], **section}))

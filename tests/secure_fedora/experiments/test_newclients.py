@@ -1,0 +1,154 @@
+"""New-client generalization: newcomers attach to a trained federation without retraining it."""
+
+import json
+
+import pytest
+import torch
+
+from secure_fedora.algorithms import fedora
+from secure_fedora.core.config import parse_config
+from secure_fedora.experiments.newclients import (
+    NEWCOMER_METHODS,
+    NewClientError,
+    format_table,
+    newcomer_indices,
+    run_new_client_experiment,
+    split_newcomers,
+)
+from secure_fedora.learning.client import evaluate
+from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
+
+
+def tiny(**overrides):
+    base = {
+        "name": "tiny-new",
+        "seed": 2,
+        "data": {"num_clients": 7, "train_per_client": 32, "val_per_client": 16,
+                 "test_per_client": 32, "groups": 2},
+        "training": {"rounds": 3, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
+        "fedavg": {"finetune_epochs": 1},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(base)
+
+
+@pytest.fixture(scope="module")
+def clients():
+    return build_clients(tiny())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, clients):
+    return run_new_client_experiment(tiny(), tmp_path_factory.mktemp("fed"), held_out=2,
+                                     epochs=[0, 2], clients=clients)
+
+
+def test_split_newcomers(clients):
+    trained, newcomers = split_newcomers(clients, 2)
+    assert [c.client_id for c in trained] == [0, 1, 2, 3, 4]
+    assert [c.client_id for c in newcomers] == [5, 6]
+    trained, newcomers = split_newcomers(clients, 2, "spread")
+    assert [c.client_id for c in newcomers] == [3, 6]
+    assert [c.client_id for c in trained] == [0, 1, 2, 4, 5]
+    assert newcomer_indices(36, 6, "spread") == [5, 11, 17, 23, 29, 35]
+    for bad in (0, 6, 2.0, True):
+        with pytest.raises(NewClientError, match="held_out"):
+            split_newcomers(clients, bad)
+    with pytest.raises(NewClientError, match="selection"):
+        split_newcomers(clients, 2, "random")
+
+
+def test_spread_newcomers_link_to_trained_client_ids(tmp_path, clients):
+    report = run_new_client_experiment(tiny(training={"rounds": 1}), tmp_path, held_out=2,
+                                       epochs=[0], clients=clients, selection="spread")
+    assert report.newcomers == [3, 6] and report.setup["selection"] == "spread"
+    trained_ids = {0, 1, 2, 4, 5}
+    # groups=2: newcomer 3 (group 1) links to odd ids, newcomer 6 (group 0) to even ids
+    assert set(report.neighbours[0]) <= trained_ids and all(j % 2 == 1 for j in report.neighbours[0])
+    assert set(report.neighbours[1]) <= trained_ids and all(j % 2 == 0 for j in report.neighbours[1])
+
+
+def test_report_shape_and_table(report):
+    assert report.newcomers == [5, 6] and report.trained == 5 and report.epochs == [0, 2]
+    assert set(report.accuracy) == set(NEWCOMER_METHODS)
+    for by_epoch in report.accuracy.values():
+        assert set(by_epoch) == {0, 2}
+        assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in by_epoch.values())
+    # groups=2: newcomers 5 (odd, group 1) and 6 (even, group 0) link to their own group
+    assert all(j % 2 == 1 for j in report.neighbours[0])
+    assert all(j % 2 == 0 for j in report.neighbours[1])
+    table = format_table(report)
+    assert table.splitlines()[0] == "| method | 0 ep mean | 0 ep min | 2 ep mean | 2 ep min |"
+    assert f"| fedora | {report.mean('fedora', 0):.4f} | {report.minimum('fedora', 0):.4f}" in table
+    json.dumps(report.to_json())
+    assert set(report.federation) >= {"fedora", "fedavg", "fedavg_ft"}
+
+
+def test_zero_epoch_accuracies_are_what_each_newcomer_receives(tmp_path, clients, report):
+    # Rebuild the federation from its checkpoints (the run directory is reused, not retrained)
+    cfg = tiny().model_copy(update={"methods": ["fedora", "fedavg"]})
+    trained, newcomers = split_newcomers(clients, 2)
+    ctx = build_context(tiny(), clients)
+    # Local at 0 epochs: the common initialization
+    for k, c in enumerate(newcomers):
+        assert report.accuracy["local"][0][k] == evaluate(ctx.flat, ctx.init, c.test_x, c.test_y).accuracy
+    sim = Simulation(cfg, tmp_path, clients=trained)
+    sim.run()
+    fed, avg = sim.methods["fedora"], sim.methods["fedavg"]
+    summaries = torch.stack([fedora.client_summary(c.train_x, c.train_y, 10, 1) for c in trained])
+    for k, c in enumerate(newcomers):
+        w = fedora.attach_new_client(
+            fedora.client_summary(c.train_x, c.train_y, 10, 1), summaries,
+            fed.relatedness.propagation, tau=10.0, k=2)
+        phi = w.float() @ fed.theta
+        assert report.accuracy["fedora"][0][k] == pytest.approx(
+            evaluate(ctx.flat, phi, c.test_x, c.test_y).accuracy, abs=1e-9)
+        assert report.accuracy["fedavg_ft"][0][k] == pytest.approx(
+            evaluate(ctx.flat, avg.global_params, c.test_x, c.test_y).accuracy, abs=1e-9)
+
+
+def test_local_epochs_change_the_newcomers_models(report):
+    changed = sum(report.accuracy[m][0] != report.accuracy[m][2] for m in NEWCOMER_METHODS)
+    assert changed >= 2
+
+
+def test_rerun_reuses_the_trained_federation(tmp_path, clients):
+    calls = []
+
+    def count(method, rnd, total):
+        calls.append((method, rnd))
+
+    first = run_new_client_experiment(tiny(), tmp_path, held_out=2, epochs=[0, 1], clients=clients,
+                                      progress=count)
+    assert len(calls) == 2 * 3
+    calls.clear()
+    second = run_new_client_experiment(tiny(), tmp_path, held_out=2, epochs=[0, 1], clients=clients,
+                                       progress=count)
+    assert calls == []
+    assert second.accuracy == first.accuracy
+
+
+def test_bad_arguments(tmp_path, clients):
+    with pytest.raises(NewClientError, match="epochs"):
+        run_new_client_experiment(tiny(), tmp_path, held_out=2, epochs=[], clients=clients)
+    with pytest.raises(NewClientError, match="non-negative"):
+        run_new_client_experiment(tiny(), tmp_path, held_out=2, epochs=[0, -1], clients=clients)
+    with pytest.raises(NewClientError, match="held_out"):
+        run_new_client_experiment(tiny(), tmp_path, held_out=9, clients=clients)
+
+
+def test_non_plain_relatedness_is_refused(tmp_path, clients):
+    try:
+        cfg = tiny(fedora={"relatedness": "encrypted"})
+    except ValueError:
+        pytest.skip("this build's config admits only plain relatedness")
+    with pytest.raises(NewClientError, match="supports only 'plain'"):
+        run_new_client_experiment(cfg, tmp_path, held_out=2, clients=clients)
+
+
+def test_envelopes_are_refused_rather_than_silently_skipped(tmp_path, clients):
+    cfg = tiny(security={"envelopes": True})
+    with pytest.raises(NewClientError, match="security.envelopes"):
+        run_new_client_experiment(cfg, tmp_path, held_out=2, clients=clients)
+    assert not any(tmp_path.iterdir())  # refused before anything ran

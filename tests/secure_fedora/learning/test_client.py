@@ -1,0 +1,116 @@
+"""The client update: flat-parameter binding, fused SGD, proximal pull, bad updates."""
+
+import pytest
+import torch
+from torch import nn
+
+from secure_fedora.learning.client import (
+    ClientUpdateError,
+    FlatModel,
+    PlainGradient,
+    TrainConfig,
+    Workspace,
+    evaluate,
+    local_train,
+)
+from secure_fedora.learning.models import make_model
+
+
+def _data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_fused_sgd_matches_torch_optim_sgd():
+    x, y = _data()
+    cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=8, local_epochs=2)
+    reference = make_model("mlp", seed=3)
+    flat = FlatModel(make_model("mlp", seed=3))
+    theta = flat.initial_vector()
+    steps = local_train(flat, theta, x, y, cfg, PlainGradient(8), torch.Generator().manual_seed(5),
+                        Workspace.for_size(flat.num_params))
+    assert steps == 10
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        for idx in torch.randperm(40, generator=gen).split(8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(reference(x[idx]), y[idx]).backward()
+            opt.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+    assert torch.allclose(theta, expected, atol=1e-6)
+
+
+def test_plain_gradient_clipping_bounds_the_batch_gradient_norm():
+    x, y = _data()
+    flat = FlatModel(make_model("mlp", seed=0))
+    theta = flat.initial_vector()
+    free, clipped = torch.zeros(flat.num_params), torch.zeros(flat.num_params)
+    PlainGradient(8).gradient(flat.bind(theta, free), x * 50, y, free)
+    PlainGradient(8, max_grad_norm=0.1).gradient(flat.bind(theta, clipped), x * 50, y, clipped)
+    assert free.norm() > 0.1
+    assert clipped.norm() == pytest.approx(0.1, rel=1e-5)
+    # a rescaling, never a change of direction
+    assert torch.allclose(clipped / clipped.norm(), free / free.norm(), atol=1e-6)
+    loose = torch.zeros(flat.num_params)
+    PlainGradient(8, max_grad_norm=1e9).gradient(flat.bind(theta, loose), x * 50, y, loose)
+    assert torch.equal(loose, free)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_plain_gradient_refuses_bad_clip(bad):
+    with pytest.raises(ClientUpdateError, match="max_grad_norm"):
+        PlainGradient(8, max_grad_norm=bad)
+
+
+def test_proximal_pull_moves_toward_phi():
+    x, y = _data()
+    cfg = TrainConfig(lr=0.01, batch_size=8, local_epochs=1)
+    flat = FlatModel(make_model("mlp", seed=0))
+    start = flat.initial_vector()
+    phi = start.clone()  # pulling toward the start: a proximal term must keep theta closer to it
+    free = start.clone()
+    pulled = start.clone()
+    ws = Workspace.for_size(flat.num_params)
+    local_train(flat, free, x, y, cfg, PlainGradient(8), torch.Generator().manual_seed(1), ws)
+    local_train(flat, pulled, x, y, cfg, PlainGradient(8), torch.Generator().manual_seed(1), ws,
+                phi=phi, lam=5.0)
+    assert (pulled - phi).norm() < (free - phi).norm()
+
+
+def test_rows_are_trained_in_place_and_evaluate_does_not_modify():
+    x, y = _data()
+    flat = FlatModel(make_model("mlp", seed=0))
+    matrix = flat.initial_vector().repeat(3, 1)
+    before = matrix.clone()
+    local_train(flat, matrix[1], x, y, TrainConfig(batch_size=8, local_epochs=1), PlainGradient(8),
+                torch.Generator().manual_seed(0), Workspace.for_size(flat.num_params))
+    assert torch.equal(matrix[0], before[0]) and torch.equal(matrix[2], before[2])
+    assert not torch.equal(matrix[1], before[1])
+    snapshot = matrix.clone()
+    ev = evaluate(flat, matrix[1], x, y)
+    assert 0.0 <= ev.accuracy <= 1.0 and ev.loss > 0
+    assert torch.equal(matrix, snapshot)
+
+
+def test_non_finite_training_is_rejected_and_rolled_back():
+    x, y = _data()
+    flat = FlatModel(make_model("mlp", seed=0))
+    theta = flat.initial_vector()
+    start = theta.clone()
+    with pytest.raises(ClientUpdateError, match="non-finite"):
+        local_train(flat, theta, x, y, TrainConfig(lr=1e30, batch_size=8, local_epochs=3),
+                    PlainGradient(8), torch.Generator().manual_seed(0), Workspace.for_size(flat.num_params))
+    assert torch.equal(theta, start)
+
+
+def test_bad_rows_and_regularization_are_rejected():
+    flat = FlatModel(make_model("mlp", seed=0))
+    with pytest.raises(ClientUpdateError, match="shape"):
+        flat.bind(torch.zeros(10))
+    x, y = _data()
+    with pytest.raises(ClientUpdateError, match="regularization"):
+        local_train(flat, flat.initial_vector(), x, y, TrainConfig(), PlainGradient(8),
+                    torch.Generator(), Workspace.for_size(flat.num_params), phi=None, lam=1.0)
+    with pytest.raises(ClientUpdateError, match="empty"):
+        evaluate(flat, flat.initial_vector(), x[:0], y[:0])

@@ -1,0 +1,59 @@
+"""[training] device and threads: resolution, clear refusals, threads applied."""
+
+import pytest
+import torch
+
+from secure_fedora.core.config import parse_config
+from secure_fedora.learning.devices import DeviceError, clients_on, resolve_device
+from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+
+def cfg(**training):
+    return parse_config({"methods": ["fedora", "local"], "training": {"rounds": 1, **training},
+                         "data": {"num_clients": 3, "train_per_client": 8, "val_per_client": 4,
+                                  "test_per_client": 4}})
+
+
+def test_cpu_and_auto_resolution():
+    assert resolve_device(cfg()) == torch.device("cpu")  # the default
+    assert resolve_device(cfg(device="auto"), cuda_available=False) == torch.device("cpu")
+    assert resolve_device(cfg(device="auto"), cuda_available=True) == torch.device("cuda")
+    assert resolve_device(cfg(device="cuda"), cuda_available=True) == torch.device("cuda")
+    # a configuration the GPU path does not cover stays on the CPU under auto ...
+    with_fedavg = parse_config({"methods": ["fedavg"], "training": {"device": "auto"}})
+    assert resolve_device(with_fedavg, cuda_available=True) == torch.device("cpu")
+
+
+def test_cuda_is_refused_clearly():
+    with pytest.raises(DeviceError, match="no CUDA device is visible"):
+        resolve_device(cfg(device="cuda"), cuda_available=False)
+    # ... and is refused, naming why, when asked for explicitly
+    dp = parse_config({"methods": ["local"], "training": {"device": "cuda"},
+                       "privacy": {"enabled": True, "delta": 1e-3}})
+    with pytest.raises(DeviceError, match="privacy.enabled"):
+        resolve_device(dp, cuda_available=True)
+    with pytest.raises(DeviceError, match="fedavg"):
+        resolve_device(parse_config({"methods": ["fedavg"], "training": {"device": "cuda"}}),
+                       cuda_available=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_simulation_refuses_cuda_before_writing_anything(tmp_path):
+    with pytest.raises(DeviceError, match="cuda"):
+        Simulation(cfg(device="cuda"), tmp_path / "run").run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_threads_are_applied_and_recorded(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        c = cfg(threads=2)
+        clients = build_clients(c)
+        assert clients_on(clients, torch.device("cpu"))[0] is clients[0]  # no copy on the CPU
+        results = Simulation(c, tmp_path, clients=clients).run()
+        assert torch.get_num_threads() == 2
+        assert results["compute"] == {"device": "cpu", "threads": 2}
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="training.threads"):
+        cfg(threads=0)

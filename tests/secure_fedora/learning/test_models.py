@@ -1,0 +1,96 @@
+"""Tests for secure_fedora.learning.models: architectures, deterministic init, Opacus compatibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from secure_fedora.learning.models import ModelError, count_parameters, make_model
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_mlp_architecture_and_parameter_count() -> None:
+    model = make_model("mlp", seed=0)
+    assert count_parameters(model) == 118_282
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 128), (128, 128), (128, 10)]
+    assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_cnn_architecture_and_parameter_count() -> None:
+    model = make_model("cnn", seed=0)
+    assert count_parameters(model) == 46_730
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_num_classes_sets_output_width(name: str) -> None:
+    assert make_model(name, num_classes=5, seed=1)(torch.rand(2, 1, 28, 28)).shape == (2, 5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_seeded_init_is_deterministic_and_leaves_global_rng_alone(name: str) -> None:
+    torch_state = torch.random.get_rng_state().clone()
+    np_state = np.random.get_state()[1].copy()
+    a = params(make_model(name, seed=11))  # type: ignore[arg-type]
+    b = params(make_model(name, seed=11))  # type: ignore[arg-type]
+    c = params(make_model(name, seed=12))  # type: ignore[arg-type]
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not any(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_seeded_init_matches_pytorch_default_init(name: str) -> None:
+    seeded = params(make_model(name, seed=5))  # type: ignore[arg-type]
+    torch_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(5)
+        default = params(make_model(name))  # type: ignore[arg-type]
+    finally:
+        torch.random.set_rng_state(torch_state)
+    assert all(torch.equal(x, y) for x, y in zip(seeded, default, strict=True))
+    # The default bound for a layer with fan-in f is 1/sqrt(f): weights and biases stay inside.
+    first_weight, first_bias = seeded[0], seeded[1]
+    fan_in = first_weight[0].numel()
+    assert float(first_weight.abs().max()) <= 1 / fan_in**0.5
+    assert float(first_bias.abs().max()) <= 1 / fan_in**0.5
+    assert float(first_weight.std()) > 0.5 / (3 * fan_in) ** 0.5
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_models_are_valid_for_opacus(name: str) -> None:
+    model = make_model(name, seed=0)  # type: ignore[arg-type]
+    assert ModuleValidator.validate(model, strict=True) == []
+    wrapped = GradSampleModule(model)
+    x = torch.rand(4, 1, 28, 28)
+    y = torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(wrapped(x), y).backward()
+    for p in model.parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape == (4, *p.shape)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "resnet"}, "unknown model 'resnet'"),
+        ({"name": "mlp", "num_classes": 1}, "num_classes must be >= 2"),
+        ({"name": "mlp", "num_classes": 2.0}, "num_classes must be an integer"),
+        ({"name": "cnn", "seed": -3}, "seed must be a non-negative integer"),
+        ({"name": "cnn", "seed": "7"}, "seed must be a non-negative integer"),
+        ({"name": "cnn", "seed": True}, "seed must be a non-negative integer"),
+    ],
+)
+def test_make_model_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        make_model(**kwargs)

@@ -1,0 +1,179 @@
+"""Shared helpers of the Flower deployment tests: tiny configs, run configs with identities,
+and an in-memory grid that hands the ServerApp's messages straight to the ClientApp handlers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from secure_fedora.core.config import ExperimentConfig, parse_config
+from secure_fedora.runtimes.flower import client_app
+from secure_fedora.runtimes.flower.envelopes import MessageSecurity
+from secure_fedora.runtimes.flower.local import init_party_identities
+from secure_fedora.runtimes.flower.protocol import RunSettings, make_run_config
+from secure_fedora.runtimes.inprocess import Simulation
+
+# A tiny setting that learns in two rounds (chance is 0.1) and exercises the proximal pull.
+TINY: dict[str, Any] = {
+    "name": "deploy-tiny",
+    "seed": 0,
+    "methods": ["fedora"],
+    "data": {"num_clients": 3, "train_per_client": 64, "val_per_client": 32, "test_per_client": 64},
+    "training": {"rounds": 2, "local_epochs": 3, "lr": 0.1, "batch_size": 16},
+    "fedora": {"k": 2},
+}
+
+
+def tiny_config(**training: Any) -> ExperimentConfig:
+    """TINY with training overrides."""
+    data = json.loads(json.dumps(TINY))
+    data["training"].update(training)
+    return parse_config(data)
+
+
+def dp_config(rounds: int = 2, **privacy: Any) -> ExperimentConfig:
+    """TINY with DP, private validation and noised summaries."""
+    data = json.loads(json.dumps(TINY))
+    data["training"]["rounds"] = rounds
+    data["data"]["validation"] = "private"
+    data["fedora"]["relatedness"] = "noised"
+    data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, **privacy}
+    return parse_config(data)
+
+
+def run_config(cfg: ExperimentConfig, root: Path, **over: Any) -> dict[str, Any]:
+    """A run config with per-party identities in ``root/ids`` and server state in
+    ``root/server`` (created once per root)."""
+    ids = init_party_identities(root / "ids", cfg.data.num_clients)
+    rc = make_run_config(cfg, None, identity_dir=ids["server"], server_state_dir=root / "server",
+                         round_timeout=30.0, poll_interval=0.01)
+    rc.update(over)
+    return rc
+
+
+Tamper = Callable[[Message], Message | None]
+TamperReply = Callable[[Message, Message], Message | None]
+
+
+class InMemoryGrid:
+    """Delivers the ServerApp's messages straight to the ClientApp handlers (no Flower
+    processes), so the protocol logic is tested fast and deterministically.
+
+    ``fail`` maps (client, round) to an error text; ``drop`` lists (client, round) left
+    unanswered; ``offline`` maps a round to clients offline in it. A handler that raises is
+    answered with an error reply, as Flower does. ``tamper_reply`` maps (client, round, message
+    type) to a function of (request, reply) whose result the server pulls instead of the reply
+    (None drops it); ``tamper_request`` maps to a function of the request whose result the
+    client handles instead.
+    Every node's identity directory is ``identities/<client id>`` next to the server's."""
+
+    def __init__(self, state_root: Path, run_config: dict[str, Any], num_clients: int,
+                 run_id: int = 42, fail: dict[tuple[int, int], str] | None = None,
+                 drop: set[tuple[int, int]] | None = None,
+                 offline: dict[int, set[int]] | None = None,
+                 tamper_reply: dict[tuple[int, int, str], TamperReply] | None = None,
+                 tamper_request: dict[tuple[int, int, str], Tamper] | None = None) -> None:
+        self.run_id = run_id
+        self.run_config = run_config
+        ids = Path(run_config["identity-dir"]).parent
+        self.node_config: dict[int, dict[str, Any]] = {
+            1000 + c: {"partition-id": c, "state-dir": str(state_root / f"node-{c}"),
+                       "identity-dir": str(ids / f"client-{c:03d}")}
+            for c in range(num_clients)
+        }
+        self.fail = fail or {}
+        self.drop = drop or set()
+        self.offline = offline or {}
+        self.tamper_reply = tamper_reply or {}
+        self.tamper_request = tamper_request or {}
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.errors: list[tuple[int, str, BaseException]] = []
+        self.counter = 0
+        self.current_round = 0
+        self.pending_sizes: list[int] = []  # how many replies the server awaited at each pull
+
+    def get_node_ids(self) -> list[int]:
+        off = self.offline.get(self.current_round + 1, set())
+        return [n for n, c in self.node_config.items() if c["partition-id"] not in off]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            self.counter += 1
+            mid = f"msg-{self.counter}"
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            conf = self.node_config[node]
+            client = int(conf["partition-id"])
+            kind = msg.metadata.message_type
+            rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
+            self.current_round = max(self.current_round, rnd)
+            if (client, rnd) in self.drop:
+                continue
+            ctx = Context(self.run_id, node, dict(conf), RecordDict(), dict(self.run_config))
+            if (client, rnd) in self.fail:
+                error = Error(code=0, reason=self.fail[client, rnd])
+                self.replies[mid] = Message(error, reply_to=msg)
+                continue
+            request = msg
+            if (client, rnd, kind) in self.tamper_request:
+                request = self.tamper_request[client, rnd, kind](msg)
+                if request is None:
+                    continue
+            try:
+                reply = client_app.HANDLERS[kind](request, ctx)
+            except Exception as err:  # what Flower turns into an error reply
+                self.errors.append((client, kind, err))
+                self.replies[mid] = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"),
+                                            reply_to=msg)
+                continue
+            if (client, rnd, kind) in self.tamper_reply:
+                reply = self.tamper_reply[client, rnd, kind](msg, reply)
+                if reply is None:
+                    continue
+            self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        self.pending_sizes.append(len(ids))
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+@pytest.fixture()
+def task_identity() -> Iterator[None]:
+    """Flower's task identity, which Message construction outside a Flower process needs."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def server_security(rc: dict[str, Any], state_dir: Path, run_id: int = 42) -> MessageSecurity:
+    """The server's signing identity from a run config (nonces in ``state_dir``)."""
+    settings = RunSettings.from_run_config(rc)
+    return MessageSecurity.for_server(settings.identity_dir, state_dir, run_id,
+                                      settings.config_hash, settings.experiment.data.num_clients)
+
+
+def signed_request(security: MessageSecurity, content: RecordDict, message_type: str,
+                   recipient: str, rnd: int, node: int = 1000, message_id: str = "m") -> Message:
+    """A request from the server to ``recipient``, signed as the ServerApp signs it."""
+    security.sign(content, message_type, [recipient], rnd, reply=False)
+    msg = Message(content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
+    msg.metadata.__dict__["_message_id"] = message_id
+    return msg
+
+
+def in_process(cfg: ExperimentConfig, tmp_path: Path) -> tuple[Simulation, Any]:
+    """The in-process runtime's FEDORA run of ``cfg``."""
+    sim = Simulation(cfg, tmp_path / "inproc")
+    return sim, sim.run_method("fedora")

@@ -1,0 +1,814 @@
+"""Tests of the Flower deployment: certificates, node keys, protocol, node state, processes,
+the FEDORA ServerApp/ClientApp logic over an in-memory grid, the CLI, and (marked
+``deploy``) a real TLS + node-authenticated SuperLink with SuperNodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from flwr.app import Context, Message, RecordDict
+
+from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.core.errors import run_command
+from secure_fedora.runtimes.flower import client_app, server_app
+from secure_fedora.runtimes.flower.certs import CertificateError, make_certificates, make_node_keys
+from secure_fedora.runtimes.flower.cli import register
+from secure_fedora.runtimes.flower.local import (
+    LocalFederation,
+    RunTimeouts,
+    default_max_in_flight,
+    deploy_local,
+    with_num_clients,
+)
+from secure_fedora.runtimes.flower.processes import ManagedProcess, descendants, is_alive
+from secure_fedora.runtimes.flower.protocol import (
+    DeployError,
+    NodeSettings,
+    RunSettings,
+    array_record_to_tensor,
+    check_supported,
+    tensor_to_array_record,
+)
+from secure_fedora.runtimes.flower.state import (
+    NodeState,
+    NodeStateError,
+    ReleaseJournal,
+    load_partition,
+    save_partition,
+)
+from secure_fedora.runtimes.inprocess import build_clients
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    TINY,
+    InMemoryGrid,
+    dp_config,
+    in_process,
+    run_config,
+    server_security,
+    signed_request,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+)
+
+# --------------------------------------------------------------------------- certificates
+
+
+def test_server_certificate_chains_to_ca_with_requested_sans(tmp_path: Path) -> None:
+    paths = make_certificates(tmp_path / "c", ["10.1.2.3", "fedora.example.org", "[::1]"])
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in list(eku)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"fedora.example.org", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    for key in (paths.ca_key, paths.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_tls_handshake_verifies_loopback_names_and_rejects_others(tmp_path: Path) -> None:
+    paths = make_certificates(tmp_path / "c", [])
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(paths.server_cert, paths.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(3):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(paths.ca_cert))
+        for name in ("localhost", "127.0.0.1"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname=name) as tls:
+                    assert tls.version() is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                client_ctx.wrap_socket(raw, server_hostname="other.example.org")
+    finally:
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_certificates_reject_bad_hosts_and_never_overwrite_silently(tmp_path: Path) -> None:
+    with pytest.raises(CertificateError, match="bad host!"):
+        make_certificates(tmp_path / "a", ["bad host!"])
+    with pytest.raises(CertificateError, match="valid_days"):
+        make_certificates(tmp_path / "a", [], valid_days=0)
+    make_certificates(tmp_path / "b", [])
+    with pytest.raises(CertificateError, match="already exists"):
+        make_certificates(tmp_path / "b", [])
+    make_certificates(tmp_path / "b", ["example.org"], overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CertificateError, match="not a directory"):
+        make_certificates(tmp_path / "file", [])
+
+
+def test_node_keys_are_p384_openssh_with_private_key_0600(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+
+    keys = make_node_keys(tmp_path / "k", ["node-0", "node-1"])
+    for key in keys:
+        private = load_ssh_private_key(key.private_key.read_bytes(), None)
+        public = load_ssh_public_key(key.public_key.read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert isinstance(private.curve, ec.SECP384R1)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert stat.S_IMODE(key.private_key.stat().st_mode) == 0o600
+        assert try_load_public_key(key.public_key)  # what `flwr supernode register` accepts
+    assert keys[0].public_key.read_bytes() != keys[1].public_key.read_bytes()
+    with pytest.raises(CertificateError, match="already exists"):
+        make_node_keys(tmp_path / "k", ["node-0"])
+    for bad in (["../x"], ["a b"], ["n", "n"]):
+        with pytest.raises(CertificateError):
+            make_node_keys(tmp_path / "k2", bad)
+
+
+# --------------------------------------------------------------------------- protocol, state
+
+
+def test_run_settings_validate_every_key(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    settings = RunSettings.from_run_config(run_config(cfg, tmp_path))
+    assert settings.experiment == cfg and settings.config_hash == config_hash(cfg)
+    bad = [
+        ({"experiment": ""}, "experiment"),
+        ({"experiment": "{"}, "not JSON"),
+        ({"experiment": json.dumps({"data": {"num_clients": 1}})}, "num_clients"),
+        ({"round-timeout": 0}, "round-timeout"),
+        ({"poll-interval": True}, "poll-interval"),
+        ({"num-threads": 0}, "num-threads"),
+        ({"reproducible-dp-noise": "yes"}, "reproducible-dp-noise"),
+        ({"result-dir": "relative/dir"}, "absolute"),
+        ({"identity-dir": ""}, "identity-dir"),
+        ({"server-state-dir": "rel"}, "server-state-dir"),
+        ({"key-holder": 3}, "key-holder"),
+        ({"key-holder": True}, "key-holder"),
+        ({"max-in-flight": -1}, "max-in-flight"),
+        ({"max-in-flight": 1.5}, "max-in-flight"),
+        ({"max-in-flight": False}, "max-in-flight"),
+    ]
+    for override, match in bad:
+        with pytest.raises(DeployError, match=match):
+            RunSettings.from_run_config(run_config(cfg, tmp_path, **override))
+    rc = run_config(cfg, tmp_path)
+    del rc["round-timeout"]
+    with pytest.raises(DeployError, match="missing keys"):
+        RunSettings.from_run_config(rc)
+
+
+def test_unsupported_settings_are_refused_by_name() -> None:
+    check_supported(tiny_config())
+    data = json.loads(json.dumps(TINY))
+    # Every relatedness mode runs on Flower (encrypted ones with a key-holder client).
+    data["fedora"]["relatedness"] = "encrypted"
+    check_supported(parse_config(data))
+    data["fedora"]["propagation"] = "encrypted"
+    with pytest.raises(DeployError, match="fedora.propagation = 'encrypted'"):
+        check_supported(parse_config(data))
+    data["fedora"]["propagation"] = "dense"
+    data["methods"] = ["local"]
+    with pytest.raises(DeployError, match="does not include 'fedora'"):
+        check_supported(parse_config(data))
+    # DP-SGD, noised summaries, private validation: supported, with noise the server cannot
+    # regenerate (CSPRNG, the default); noise seeded from the (server-known) experiment seed
+    # only when asked for with the reproducible-dp-noise flag.
+    check_supported(dp_config())
+    with pytest.raises(DeployError, match="noise = 'reproducible'.*reproducible-dp-noise"):
+        check_supported(dp_config(noise="reproducible"))
+    check_supported(dp_config(noise="reproducible"), reproducible_dp_noise=True)
+
+
+def test_reproducible_dp_noise_flag_selects_reproducible_noise(tmp_path: Path) -> None:
+    cfg = dp_config()
+    assert cfg.privacy.noise == "csprng"
+    flagged = RunSettings.from_run_config(run_config(cfg, tmp_path, **{"reproducible-dp-noise": True}))
+    assert flagged.experiment.privacy.noise == "reproducible"
+    assert flagged.config_hash == config_hash(dp_config(noise="reproducible"))
+    plain = RunSettings.from_run_config(run_config(cfg, tmp_path))
+    assert plain.experiment.privacy.noise == "csprng"
+    # Without DP the flag changes nothing.
+    assert RunSettings.from_run_config(run_config(tiny_config(), tmp_path, **{
+        "reproducible-dp-noise": True})).experiment == tiny_config()
+
+
+def test_node_settings_validate_partition_state_and_identity_dirs() -> None:
+    base = {"partition-id": 2, "state-dir": "/tmp/x", "identity-dir": "/tmp/ids"}
+    ok = NodeSettings.from_node_config(base, 3)
+    assert ok.partition_id == 2 and ok.state_dir == Path("/tmp/x")
+    assert ok.identity_dir == Path("/tmp/ids")
+    for change, match in (
+        ({"partition-id": 3}, "partition-id"),
+        ({"partition-id": -1}, "partition-id"),
+        ({"partition-id": "0"}, "partition-id"),
+        ({"state-dir": "rel"}, "state-dir must be an absolute"),
+        ({"identity-dir": "rel"}, "identity-dir must be an absolute"),
+    ):
+        with pytest.raises(DeployError, match=match):
+            NodeSettings.from_node_config({**base, **change}, 3)
+    for key in base:
+        with pytest.raises(DeployError, match="must set"):
+            NodeSettings.from_node_config({k: v for k, v in base.items() if k != key}, 3)
+
+
+def test_array_records_round_trip_and_reject_mismatches() -> None:
+    t = torch.randn(7, 2, dtype=torch.float64)
+    rec = tensor_to_array_record("u", t)
+    assert torch.equal(array_record_to_tensor(rec, "u", torch.float64, (7, 2)), t)
+    with pytest.raises(DeployError, match="expected float32"):
+        array_record_to_tensor(rec, "u", torch.float32, (7, 2))
+    with pytest.raises(DeployError, match=r"\(7, 3\)"):
+        array_record_to_tensor(rec, "u", torch.float64, (7, 3))
+    with pytest.raises(DeployError, match="lacks 'v'"):
+        array_record_to_tensor(rec, "v", torch.float64, (7, 2))
+    bad = tensor_to_array_record("u", torch.tensor([1.0, float("nan")]))
+    with pytest.raises(DeployError, match="non-finite"):
+        array_record_to_tensor(bad, "u", torch.float32, (2,))
+
+
+def test_release_journal_chains_and_detects_tampering(tmp_path: Path) -> None:
+    journal = ReleaseJournal(tmp_path / "releases.jsonl")
+    assert journal.entries() == []
+    first = journal.append(0, 0, "summary", b"abc")
+    second = journal.append(0, 1, "model", b"def")
+    entries = journal.entries()
+    assert [e["seq"] for e in entries] == [0, 1] and entries[1]["prev"] == first["hash"]
+    assert second["payload_bytes"] == 3
+    lines = journal.path.read_text().splitlines()
+    edited = json.loads(lines[1])
+    edited["round"] = 5
+    journal.path.write_text(lines[0] + "\n" + json.dumps(edited) + "\n")
+    with pytest.raises(NodeStateError, match="hash mismatch"):
+        journal.entries()
+    journal.path.write_text(lines[1] + "\n")
+    with pytest.raises(NodeStateError, match="chain broken"):
+        journal.entries()
+    journal.path.write_text(lines[0] + "\n" + lines[1][:20])
+    with pytest.raises(NodeStateError, match="torn"):
+        journal.entries()
+
+
+def test_node_state_and_partition_refuse_foreign_or_corrupt_files(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    client = build_clients(cfg)[1]
+    path = tmp_path / "partition.pt"
+    save_partition(path, client, "digest-a")
+    loaded = load_partition(path, 1, "digest-a")
+    assert torch.equal(loaded.train_x, client.train_x)
+    with pytest.raises(NodeStateError, match="partition-id 2"):
+        load_partition(path, 2, "digest-a")
+    with pytest.raises(NodeStateError, match="another data specification"):
+        load_partition(path, 1, "digest-b")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(NodeStateError, match="corrupt"):
+        load_partition(path, 1, "digest-a")
+
+    theta = torch.zeros(5)
+    state = NodeState(1, 7, "hash", theta, theta.clone(), torch.Generator().get_state())
+    spath = tmp_path / "state.pt"
+    state.save(spath)
+    assert NodeState.load(spath, 1, 7, "hash").last_trained_round == 0
+    for args, match in (((2, 7, "hash"), "client_id"), ((1, 8, "hash"), "run_id"),
+                        ((1, 7, "other"), "config_hash")):
+        with pytest.raises(NodeStateError, match=match):
+            NodeState.load(spath, *args)
+    bad = NodeState(1, 7, "hash", torch.tensor([float("inf")]), theta.clone(), state.generator_state)
+    with pytest.raises(NodeStateError, match="non-finite"):
+        bad.save(spath)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def test_managed_process_stop_reaches_descendants_in_other_sessions(tmp_path: Path) -> None:
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+        " start_new_session=True)\n"
+        "print('chi' + 'ld started', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = ManagedProcess("parent", [sys.executable, "-c", script], tmp_path / "p.log", dict(os.environ))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "child started" not in proc.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kids = descendants(proc.pid)
+        assert len(kids) == 1
+    finally:
+        proc.stop(grace=2.0)
+    assert not proc.running()
+    assert not is_alive(kids[0])
+
+
+# --------------------------------------------------------------------------- in-memory grid
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("window", [0, 2])
+def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path: Path, window: int) -> None:
+    cfg = tiny_config(rounds=3, participation=0.5)
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"), "max-in-flight": window})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    # The window bounds the replies awaited at once; it changes nothing in the results.
+    assert max(grid.pending_sizes) == (window or 3)
+    sim, outcome = in_process(cfg, tmp_path)
+    fed = results["methods"]["fedora"]
+    assert fed["selected"]["per_client"] == outcome.selected["per_client"]
+    assert fed["final"]["per_client"] == outcome.final["per_client"]
+    assert fed["selected"]["round"] == outcome.selected["round"]
+    assert [r["participants"] for r in results["rounds"]] == [2, 2, 2]
+    for ours, theirs in zip(results["rounds"], sim.history, strict=True):
+        assert ours["mean_lambda"] == pytest.approx(theirs["mean_lambda"], abs=1e-12)
+        assert ours["test_mean"] == pytest.approx(theirs["test_mean"], abs=1e-7)
+    theta = sim.methods["fedora"].theta
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    chosen = [server_app.sample_participants(cfg, gen, 3) for _ in range(3)]
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert torch.equal(state.theta, theta[c])
+        kinds = [e["kind"] for e in ReleaseJournal(
+            tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "releases.jsonl").entries()]
+        assert kinds == ["summary"] + ["model"] * sum(c in p for p in chosen)
+    on_disk = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert on_disk["methods"]["fedora"]["selected"] == fed["selected"]
+
+
+class _WindowGrid:
+    """Answers every message one pull after its push; refuses to take ``refused`` nodes'
+    messages (no id, as Flower's push does); never answers ``silent`` nodes."""
+
+    def __init__(self, refused: set[int], silent: set[int]) -> None:
+        self.refused, self.silent = refused, silent
+        self.waiting: dict[str, Message] = {}
+        self.pushed: list[tuple[int, float]] = []  # (node, created_at as pushed)
+        self.most_waiting = 0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.pushed.append((node, msg.metadata.created_at))
+            if node in self.refused:
+                ids.append("")
+                continue
+            ids.append(f"m{node}")
+            if node not in self.silent:
+                self.waiting[f"m{node}"] = msg
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        self.most_waiting = max(self.most_waiting, len(ids))
+        replies = []
+        for mid in ids:
+            if mid in self.waiting:
+                request = self.waiting.pop(mid)
+                request.metadata.__dict__["_message_id"] = mid
+                replies.append(Message(RecordDict(), reply_to=request))
+        return replies
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_exchange_window_pushes_in_node_order_and_survives_refused_and_silent_nodes() -> None:
+    messages = {node: Message(RecordDict(), dst_node_id=node, message_type="train.fedora",
+                              group_id="1", ttl=5.0) for node in (16, 11, 12, 13, 14, 15)}
+    built = max(m.metadata.created_at for m in messages.values())
+    time.sleep(0.05)
+    grid = _WindowGrid(refused={12}, silent={14})
+    ex = server_app._exchange(grid, messages, timeout=0.3, poll=0.01, max_in_flight=2)  # type: ignore[arg-type]
+    assert [node for node, _ in grid.pushed] == [11, 12, 13, 14, 15, 16]
+    assert all(created > built for _, created in grid.pushed)  # TTL counts from the push
+    assert grid.most_waiting <= 2
+    assert sorted(ex.replies) == [11, 13, 15, 16]
+    assert ex.errors == {12: "the SuperLink did not accept the message"}
+    assert ex.missing == [14]
+    # A window larger than the exchange, or none, pushes everything at once.
+    for window in (0, 10):
+        grid = _WindowGrid(refused={12, 13}, silent=set())
+        ex = server_app._exchange(grid, messages, timeout=0.3, poll=0.01, max_in_flight=window)  # type: ignore[arg-type]
+        assert grid.most_waiting == 4 and sorted(ex.replies) == [11, 14, 15, 16]
+    # Every message refused: the exchange ends at once instead of waiting.
+    grid = _WindowGrid(refused=set(messages), silent=set())
+    ex = server_app._exchange(grid, messages, timeout=30.0, poll=0.01, max_in_flight=2)  # type: ignore[arg-type]
+    assert len(ex.errors) == 6 and ex.timing.wall < 5.0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path) -> None:
+    import shutil
+
+    from privacy.identity import client_ids
+    from privacy.ledger import line_hash, read_ledger, verify_ledger_file
+
+    cfg = dp_config(noise="reproducible")  # both runs draw the same noise
+    result_dir = tmp_path / "result"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(result_dir)})
+    identities = tmp_path / "ids"
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["privacy"]["noise"] == results["assumptions"]["noise"] == "reproducible"
+    assert "not private against anyone who knows the config" in results["privacy"]["noise_warning"]
+    sim, outcome = in_process(cfg, tmp_path)
+    fed = results["methods"]["fedora"]
+    assert fed["selected"]["per_client"] == outcome.selected["per_client"]
+    assert fed["final"]["per_client"] == outcome.final["per_client"]
+    spent = {row["client"]: row["epsilon_spent"] for row in sim.privacy["fedora"]["clients"]}
+    ours = results["privacy"]["clients"]
+    for c, cid in enumerate(client_ids(3)):
+        assert ours[c]["epsilon_spent"] == pytest.approx(spent[cid], abs=1e-6)  # 6 digits there
+        assert 0 < ours[c]["epsilon_spent"] <= 8.0 and not ours[c]["refused"]
+        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
+        from privacy.identity import load_identity
+
+        assert verify_ledger_file(ledger, load_identity(identities / cid, cid).signing_key.public_key()) == []
+        rounds = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
+        assert rounds == [(0, "gaussian_summary"), (1, "dpsgd"), (1, "gaussian_lambda"),
+                          (2, "dpsgd"), (2, "gaussian_lambda"), (2, "close")], rounds
+        # the server recorded the head the client reported (signed) with its last reply
+        assert ours[c]["ledger_head"] == line_hash(ledger.read_text().splitlines()[-1])
+    # The server's signed anchor: the audit checks the collected ledgers against it.
+    from audits.verify import verify_run
+
+    anchor = json.loads((result_dir / "anchor.json").read_text())
+    assert anchor["runtime"] == "flower" and anchor["signer"]["party_id"] == "server"
+    assert sorted(anchor["ledgers"]) == [f"fedora/{cid}" for cid in client_ids(3)]
+    audit = tmp_path / "audit"
+    (audit / "ledgers" / "fedora").mkdir(parents=True)
+    shutil.copyfile(result_dir / "results.json", audit / "results.json")
+    for c, cid in enumerate(client_ids(3)):
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl",
+                        audit / "ledgers" / "fedora" / f"{cid}.jsonl")
+    allow = identities / "server" / "allowlist.json"
+    report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
+    assert not [f for f in report.errors if f.check.startswith("anchor")], report.errors
+    cut = audit / "ledgers" / "fedora" / "client-001.jsonl"
+    cut.write_text("".join(x + "\n" for x in cut.read_text().splitlines()[:-3]))
+    report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
+    assert ("anchor_behind", "client-001") in {(f.check, f.client_id) for f in report.errors}
+    theta = sim.methods["fedora"].theta
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert torch.equal(state.theta, theta[c])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_csprng_run_stores_no_key_and_no_noise_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from privacy import noise as noise_module
+
+    keys: list[bytes] = []
+    original = noise_module.CsprngNoise.__init__
+
+    def recording_init(self: noise_module.CsprngNoise) -> None:
+        original(self)
+        keys.append(self._key)
+
+    monkeypatch.setattr(noise_module.CsprngNoise, "__init__", recording_init)
+    cfg = dp_config()  # privacy.noise = "csprng", the default
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["assumptions"]["noise"] == results["privacy"]["noise"] == "csprng"
+    assert "noise_warning" not in results["assumptions"]
+    assert "noise_warning" not in results["privacy"]
+    # A fresh key per client and message: summary, then lambda + training in each of 2 rounds.
+    assert len(keys) == 3 * 3 and len(set(keys)) == len(keys)
+    files = [p for p in (tmp_path / "nodes").rglob("*") if p.is_file()]
+    assert any(p.name == "state.pt" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for key in keys:
+            assert key not in data and key.hex().encode() not in data, path
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert state.noise_state is None
+
+
+def test_grid_dp_plan_over_a_budget_is_refused_before_any_message(tmp_path: Path) -> None:
+    from secure_fedora.secure.private import BudgetPlanError
+
+    # Fixed noise whose plan exceeds client 1's budget (3.0): refused before round 0.
+    cfg = dp_config(noise="reproducible", noise_multiplier=1.5, summary_noise_multiplier=5.0,
+                    lambda_noise_multiplier=5.0, epsilon=50.0, overrides={"1": {"epsilon": 3.0}})
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(BudgetPlanError, match="client-001") as info:
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert info.value.clients == ["client-001"]
+    assert not list((tmp_path / "nodes").rglob("releases.jsonl"))
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("window", [0, 1])
+def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path, window: int) -> None:
+    cfg = tiny_config(rounds=2)
+    # replies are synchronous here
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3, "max-in-flight": window})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, fail={(1, 1): "disk full"}, drop={(2, 2)},
+                        offline={2: {0}})
+    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    if window == 1:  # a client that never answers holds its slot until its own timeout
+        assert set(grid.pending_sizes) == {1}
+    events = {(e["round"], e["client"]): e["event"] for e in results["events"]}
+    assert "disk full" in events[1, 1]
+    assert "no reply" in events[2, 2]
+    assert "offline" in events[2, 0]
+    assert [r["replied"] for r in results["rounds"]] == [2, 1]
+    # Client 1 failed in round 1 and trained in round 2 from its untouched initial model.
+    s1 = NodeState.load(tmp_path / "nodes" / "node-1" / "runs" / "42" / "state.pt", 1, 42,
+                        config_hash(cfg))
+    assert s1.last_trained_round == 2
+    # Client 0 was offline in round 2: its state stops at round 1.
+    s0 = NodeState.load(tmp_path / "nodes" / "node-0" / "runs" / "42" / "state.pt", 0, 42,
+                        config_hash(cfg))
+    assert s0.last_trained_round == 1 and s0.last_received_round == 1
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_refuses_missing_clients_and_duplicate_partitions(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    rc = run_config(cfg, tmp_path, **{"connect-timeout": 0.1, "round-timeout": 0.3})
+    grid = InMemoryGrid(tmp_path / "n1", rc, 3, drop={(2, 0)})
+    with pytest.raises(DeployError, match=r"missing clients \[2\]"):
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    grid = InMemoryGrid(tmp_path / "n2", rc, 3)
+    # A node misconfigured with client 1's partition and keys answers (and signs) as client 1.
+    grid.node_config[1002].update(grid.node_config[1001], **{"state-dir": str(tmp_path / "x")})
+    with pytest.raises(DeployError, match="both hold partition-id 1"):
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    grid = InMemoryGrid(tmp_path / "n3", rc, 3)
+    del grid.node_config[1002]
+    with pytest.raises(DeployError, match="only 2 of 3 SuperNodes"):
+        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_resumes_from_disk_and_never_trains_a_round_twice(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    node_dir = tmp_path / "nodes" / "node-0" / "runs" / "42"
+    before = NodeState.load(node_dir / "state.pt", 0, 42, config_hash(cfg))
+    # Round 2 delivered again (e.g. after a restart): answered from disk, no second training.
+    phi = tensor_to_array_record("phi", before.phi)
+    from flwr.app import ConfigRecord
+
+    signer = server_security(rc, tmp_path / "signer")
+    msg = signed_request(signer, RecordDict({"phi": phi, "round": ConfigRecord(
+        {"round": 2, "participate": True, "evaluate": True, "config-hash": config_hash(cfg)})}),
+        "train.fedora", "client-000", 2, message_id="again")
+    ctx = Context(42, 1000, dict(grid.node_config[1000]), RecordDict(), rc)
+    reply = client_app.train_round(msg, ctx)
+    assert reply.content["metrics"]["trained-now"] == 0
+    theta = array_record_to_tensor(reply.content["theta"], "theta", torch.float32, tuple(before.theta.shape))
+    assert torch.equal(theta, before.theta)
+    after = NodeState.load(node_dir / "state.pt", 0, 42, config_hash(cfg))
+    assert torch.equal(after.generator_state, before.generator_state)
+    # A message for another config is refused.
+    bad = signed_request(signer, RecordDict({"phi": phi, "round": ConfigRecord(
+        {"round": 3, "participate": True, "evaluate": True, "config-hash": "0" * 64})}),
+        "train.fedora", "client-000", 3, message_id="bad")
+    with pytest.raises(DeployError, match="config hash"):
+        client_app.train_round(bad, ctx)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parser().parse_args(["deploy", "certs", "--out", str(tmp_path / "c"), "--host",
+                                 "192.168.0.7", "--nodes", "2"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["subject_alt_names"] == ["192.168.0.7", "localhost", "127.0.0.1"]
+    assert len(report["node_keys"]) == 2 and Path(report["node_keys"][1]["private"]).exists()
+    assert run_command(args.func, args) == 2  # exists, no --force
+    assert "--force" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["deploy", "certs", "--out", "x", "--nodes", "-1"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["deploy", "local", "--config", "c", "--workdir", "w",
+                              "--max-in-flight", "-1"])
+
+
+def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data]\nnum_clients = 'many'\n")
+    args = _parser().parse_args(["deploy", "local", "--config", str(bad), "--workdir", str(tmp_path / "w")])
+    assert run_command(args.func, args) == 2
+    no_fedora = tmp_path / "nf.toml"
+    no_fedora.write_text('methods = ["local"]\n')
+    args = _parser().parse_args(["deploy", "local", "--config", str(no_fedora), "--clients", "2",
+                                 "--workdir", str(tmp_path / "w")])
+    assert run_command(args.func, args) == 2
+    assert not (tmp_path / "w" / "logs").exists()  # nothing was started
+    assert with_num_clients(tiny_config(), 5).data.num_clients == 5
+    with pytest.raises(DeployError, match="max_in_flight"):
+        deploy_local(tiny_config(), 3, tmp_path / "w", max_in_flight=-1)
+    assert not (tmp_path / "w" / "logs").exists()
+    assert default_max_in_flight() == 2 * (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- real deployment
+
+STARTUP = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """SuperLink (TLS, node auth) + 3 registered SuperNodes + 1 unregistered, on 127.0.0.1."""
+    workdir = tmp_path_factory.mktemp("federation")
+    with LocalFederation(workdir, 4, timeouts=STARTUP, register=[0, 1, 2]) as fed:
+        yield fed
+    for proc in fed.processes:
+        assert not proc.running(), f"{proc.name} still running after stop"
+        assert not any(is_alive(p) for p in proc.known_descendants), f"{proc.name} left children"
+
+
+@pytest.mark.deploy
+def test_unregistered_node_is_refused(federation: LocalFederation) -> None:
+    node = federation.nodes[3]
+    assert node.process is not None and node.node_id is None
+    deadline = time.monotonic() + 60
+    while node.process.running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not node.process.running(), "an unregistered SuperNode kept running"
+    assert node.process.returncode() != 0
+    assert "Failed to activate SuperNode" in node.process.log_path.read_text()
+    superlink_log = (federation.logs / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert all(federation.nodes[i].process.running() for i in range(3))  # type: ignore[union-attr]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline and is_alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.deploy
+def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, 2 FEDORA rounds;
+    per-client accuracy equals the in-process runtime's for the same config and seed."""
+    import tomli_w
+
+    cfg = tiny_config()
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(TINY))
+    workdir = tmp_path / "deployment"
+    args = _parser().parse_args(["deploy", "local", "--config", str(config), "--clients", "3",
+                                 "--workdir", str(workdir), "--run-timeout", "420",
+                                 "--max-in-flight", "2"])
+    assert args.func(args) == 0, capsys.readouterr().err[-3000:]
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["status"] == "finished:completed"
+    assert _processes_mentioning(str(workdir)) == []  # everything it started is gone
+    results = json.loads(Path(report["results"]).read_text())
+    run_id = int(report["run_id"])
+    sim, outcome = in_process(cfg, tmp_path)
+    fed = results["methods"]["fedora"]
+    assert np.allclose(fed["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4, rtol=0)
+    assert np.allclose(fed["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
+    assert fed["final"]["mean"] > 0.3  # it learned (chance is 0.1)
+    assert results["events"] == []
+    assert results["max_in_flight"] == 2  # two ClientApps at a time: same results
+    for c in range(3):
+        run_dir = workdir / "nodes" / f"node-{c}" / "runs" / str(run_id)
+        state = NodeState.load(run_dir / "state.pt", c, run_id, config_hash(cfg))
+        assert torch.allclose(state.theta, sim.methods["fedora"].theta[c], atol=1e-6, rtol=0)
+        assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()] == [
+            "summary", "model", "model"]
+    for key in ("ca.key", "server.key"):
+        assert stat.S_IMODE((workdir / "certs" / key).stat().st_mode) == 0o600
+
+
+def _log_size(fed: LocalFederation, index: int) -> int:
+    proc = fed.nodes[index].process
+    assert proc is not None
+    return proc.log_path.stat().st_size
+
+
+def _pulled_round_message(fed: LocalFederation, index: int, offset: int) -> bool:
+    """True once SuperNode ``index`` logged, after byte ``offset``, taking a round message."""
+    proc = fed.nodes[index].process
+    if proc is None or not proc.running():
+        return False
+    with open(proc.log_path, "rb") as handle:
+        handle.seek(offset)
+        return b"Receiving: train.fedora message" in handle.read()
+
+
+@pytest.mark.deploy
+def test_supernode_killed_mid_round_run_finishes_and_state_survives(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    from privacy.identity import load_identity
+    from privacy.ledger import read_ledger, verify_ledger_file
+
+    # With DP (CSPRNG noise, fresh keys after the restart): the node's signed privacy ledger
+    # must survive too.
+    cfg = dp_config(rounds=3)
+    victim = 2
+    done: dict[str, float] = {}
+    restarter: list[threading.Thread] = []
+
+    def on_tick() -> None:
+        if "killed" in done:
+            return
+        if _pulled_round_message(federation, victim, offset):
+            # A crash after it took the round-1 message, while its ClientApp starts or trains.
+            federation.stop_node(victim, hard=True)
+            done["killed"] = time.monotonic()
+            # Restart with the same key and state-dir; the SuperLink accepts it again once
+            # the crashed session's heartbeat expired (<= 60 s), so activation is retried.
+            restarter.append(threading.Thread(
+                target=federation.start_node, args=(victim,), kwargs={"activation_retry": 120.0},
+                daemon=True,
+            ))
+            restarter[0].start()
+
+    offset = _log_size(federation, victim)  # ignore what earlier runs logged
+    run_id = federation.submit(cfg, tmp_path / "res", round_timeout=60.0)
+    status = federation.follow(run_id, timeout=STARTUP.run, on_tick=on_tick)
+    assert "killed" in done, "the SuperNode was never seen handling a round"
+    assert status == "finished:completed", (federation.logs / "serverapp.log").read_text()[-3000:]
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    restarter[0].join(timeout=150)
+    missed = [e for e in results["events"] if e["client"] == victim]
+    assert missed and missed[0]["round"] == 1, results["events"]
+    assert all(e["client"] == victim for e in results["events"]), results["events"]
+    # The other clients trained every round; the restarted node rejoined by round 3 and
+    # trained from its on-disk state.
+    assert [r["replied"] for r in results["rounds"]][2] == 3
+    run_dir = federation.node_state_dir(victim) / "runs" / str(run_id)
+    state = NodeState.load(run_dir / "state.pt", victim, run_id, config_hash(cfg))
+    assert state.last_trained_round == 3
+    entries = ReleaseJournal(run_dir / "releases.jsonl").entries()  # verifies the hash chain
+    assert entries[0]["kind"] == "summary"
+    assert (entries[-1]["kind"], entries[-1]["round"]) == ("model", 3)
+    ledger = run_dir / "client-002.jsonl"
+    key = load_identity(federation.party_identity_dir(2), "client-002").signing_key.public_key()
+    assert verify_ledger_file(ledger, key) == []  # chain and signatures intact after the kill
+    accounted = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
+    assert accounted[0] == (0, "gaussian_summary") and (3, "dpsgd") in accounted, accounted
+    assert results["privacy"]["clients"][victim]["epsilon_spent"] <= 8.0
+

@@ -1,0 +1,550 @@
+"""Encrypted relatedness (CKKS, key-holder client) and signed envelopes in the Flower runtime.
+
+Fast tests drive the ServerApp and ClientApp handlers over an in-memory grid or call the
+envelope and ceremony pieces directly; the one test marked ``deploy`` runs a TLS SuperLink
+with node authentication and three SuperNodes on 127.0.0.1.
+
+Test setting for the encrypted runs: TINY with ``k = 1``, so the top-k graph is not the full
+graph and depends on the overlaps. CKKS noise moves the overlaps by about 1e-5 (plus the
+2^-16 release rounding); in this setting that changes neither the graph nor any test
+prediction, so per-client accuracies agree within 1e-4 (checked below, graph included).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from privacy.ckks import (
+    CkksError,
+    EncryptedRow,
+    InnerProductUpload,
+    context_to_bytes,
+    decrypt_inner_product_rows,
+)
+from privacy.envelope import (
+    BadSignatureError,
+    MalformedEnvelopeError,
+    NonFiniteTensorError,
+    PayloadHashMismatchError,
+    ReplayedNonceError,
+    StaleRoundError,
+    TensorShapeError,
+    UnexpectedKindError,
+    UnknownSenderError,
+    WrongRecipientError,
+)
+from privacy.identity import Identity, load_identity
+from secure_fedora.algorithms import fedora
+from secure_fedora.core.config import ExperimentConfig, config_hash, parse_config
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.ceremony import (
+    CeremonyError,
+    KeyHolderStore,
+    decrypt_overlaps,
+    encrypt_summary,
+    encrypted_rows,
+    layout_for,
+    open_client_context,
+    parse_upload,
+    receive_public_context,
+)
+from secure_fedora.runtimes.flower.envelopes import (
+    ENVELOPE_RECORD,
+    MessageSecurity,
+    checked_array,
+    content_digest,
+)
+from secure_fedora.runtimes.flower.local import LocalFederation, RunTimeouts
+from secure_fedora.runtimes.flower.protocol import (
+    MSG_ENCRYPTED_SUMMARY,
+    MSG_ROUND,
+    DeployError,
+    RunSettings,
+)
+from secure_fedora.runtimes.flower.state import NodeState, ReleaseJournal
+from secure_fedora.runtimes.inprocess import build_clients
+from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    TINY,
+    InMemoryGrid,
+    in_process,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+)
+
+
+def enc_config(relatedness: str = "encrypted", **privacy: Any) -> ExperimentConfig:
+    """TINY with CKKS relatedness and k = 1 (see the module docstring)."""
+    data = json.loads(json.dumps(TINY))
+    data["fedora"].update(relatedness=relatedness, k=1)
+    if "noised" in relatedness:
+        data["data"]["validation"] = "private"
+        # Reproducible noise (with the reproducible-dp-noise flag) so that the grid run and
+        # the in-process run draw the same noise and can be compared.
+        data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                           "noise": "reproducible", **privacy}
+    return parse_config(data)
+
+
+def _client_security(rc: dict[str, Any], root: Path, client: int) -> MessageSecurity:
+    settings = RunSettings.from_run_config(rc)
+    ids = settings.identity_dir.parent
+    return MessageSecurity.for_client(ids / f"client-{client:03d}", root / f"c{client}", 42,
+                                      settings.config_hash, client, 3)
+
+
+def _server_security(rc: dict[str, Any], root: Path) -> MessageSecurity:
+    settings = RunSettings.from_run_config(rc)
+    return MessageSecurity.for_server(settings.identity_dir, root / "srv", 42,
+                                      settings.config_hash, 3)
+
+
+def _theta_reply(security: MessageSecurity, rnd: int, theta: torch.Tensor) -> RecordDict:
+    content = RecordDict({
+        "theta": ArrayRecord({"theta": Array(theta.numpy())}),
+        "metrics": MetricRecord({"round": rnd}),
+    })
+    return security.sign(content, MSG_ROUND, ["server"], rnd, reply=True)
+
+
+def _verify(server: MessageSecurity, content: RecordDict, rnd: int, client: int = 1) -> Any:
+    return server.verify(content, MSG_ROUND, reply=True, expected_round=rnd,
+                         expected_sender=f"client-{client:03d}")
+
+
+# --------------------------------------------------------------------------- envelopes
+
+
+def test_server_accepts_a_signed_reply_once_and_rejects_its_replay_also_after_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rc = run_config(enc_config(), tmp_path)
+    client, server = _client_security(rc, tmp_path, 1), _server_security(rc, tmp_path)
+    content = _theta_reply(client, 1, torch.ones(4))
+    envelope = _verify(server, content, 1)
+    assert (envelope.sender, envelope.recipient, envelope.round) == ("client-001", "server", 1)
+    with caplog.at_level(logging.WARNING, logger="secure_fedora.security"):
+        with pytest.raises(ReplayedNonceError, match="client-001"):
+            _verify(server, content, 1)
+    assert any(getattr(r, "security_event", {}).get("reason") == "replayed_nonce"
+               for r in caplog.records)
+    restarted = _server_security(rc, tmp_path)  # nonce memory read back from the server's disk
+    with pytest.raises(ReplayedNonceError):
+        _verify(restarted, content, 1)
+    assert stat.S_IMODE((tmp_path / "srv" / "server.nonces.jsonl").stat().st_mode) == 0o600
+
+
+def test_server_rejects_tampered_envelopes_and_tampered_content(tmp_path: Path) -> None:
+    rc = run_config(enc_config(), tmp_path)
+    client, server = _client_security(rc, tmp_path, 1), _server_security(rc, tmp_path)
+
+    def with_header(content: RecordDict, **change: Any) -> RecordDict:
+        header = json.loads(content[ENVELOPE_RECORD]["server"])
+        header.update(change)
+        content[ENVELOPE_RECORD] = ConfigRecord({"server": json.dumps(header)})
+        return content
+
+    # A header field changed after signing (here the round) breaks the signature.
+    with pytest.raises(BadSignatureError):
+        _verify(server, with_header(_theta_reply(client, 1, torch.ones(4)), round=2), 2)
+    forged = _theta_reply(client, 1, torch.ones(4))
+    signature = json.loads(forged[ENVELOPE_RECORD]["server"])["signature"]
+    with pytest.raises(BadSignatureError):
+        _verify(server, with_header(forged, signature=("0" if signature[0] != "0" else "1")
+                                    + signature[1:]), 1)
+    with pytest.raises(MalformedEnvelopeError):
+        _verify(server, with_header(_theta_reply(client, 1, torch.ones(4)), nonce="xyz"), 1)
+    unsigned = _theta_reply(client, 1, torch.ones(4))
+    del unsigned[ENVELOPE_RECORD]
+    with pytest.raises(MalformedEnvelopeError, match="no envelope"):
+        _verify(server, unsigned, 1)
+    # The content changed after signing (one value of theta) no longer matches the digest.
+    content = _theta_reply(client, 1, torch.ones(4))
+    content["theta"] = ArrayRecord({"theta": Array(np.array([1, 1, 1, 2], dtype=np.float32))})
+    with pytest.raises(PayloadHashMismatchError):
+        _verify(server, content, 1)
+    content = _theta_reply(client, 1, torch.ones(4))
+    content["metrics"] = MetricRecord({"round": 1, "lambda": 0.5})  # an added field
+    with pytest.raises(PayloadHashMismatchError):
+        _verify(server, content, 1)
+    # Untouched, the same kind of reply is accepted.
+    _verify(server, _theta_reply(client, 1, torch.ones(4)), 1)
+
+
+def test_server_rejects_unknown_senders_spliced_slots_stale_rounds_and_wrong_kinds(
+    tmp_path: Path,
+) -> None:
+    rc = run_config(enc_config(), tmp_path)
+    server = _server_security(rc, tmp_path)
+    settings = RunSettings.from_run_config(rc)
+    stranger = MessageSecurity(Identity.generate("client-009"), {}, tmp_path / "s.nonces", 42,
+                               settings.config_hash)
+    with pytest.raises(UnknownSenderError, match="client-009"):
+        _verify(server, _theta_reply(stranger, 1, torch.ones(4)), 1)
+    impostor = MessageSecurity(Identity.generate("client-001"), {}, tmp_path / "i.nonces", 42,
+                               settings.config_hash)  # the right name, another key
+    with pytest.raises(BadSignatureError):
+        _verify(server, _theta_reply(impostor, 1, torch.ones(4)), 1)
+    client2 = _client_security(rc, tmp_path, 2)
+    with pytest.raises(SenderMismatchError, match="slot of 'client-001'"):
+        _verify(server, _theta_reply(client2, 1, torch.ones(4)), 1, client=1)
+    client1 = _client_security(rc, tmp_path, 1)
+    _verify(server, _theta_reply(client1, 2, torch.ones(4)), 2)
+    with pytest.raises(StaleRoundError):
+        _verify(server, _theta_reply(client1, 1, torch.ones(4)), 2)
+    request_kind = client1.sign(RecordDict({"m": MetricRecord({"round": 2})}), MSG_ROUND,
+                                ["server"], 2, reply=False)
+    with pytest.raises(UnexpectedKindError):
+        _verify(server, request_kind, 2)
+    to_client0 = client1.sign(RecordDict({"m": MetricRecord({"round": 2})}), MSG_ROUND,
+                              ["client-000"], 2, reply=True)
+    with pytest.raises(MalformedEnvelopeError, match="addressed to 'server'"):
+        _verify(server, to_client0, 2)
+    # Another run or config: the digest differs, so the reply does not verify here.
+    other_run = MessageSecurity(client1.identity, {}, tmp_path / "o.nonces", 43,
+                                settings.config_hash)
+    with pytest.raises(PayloadHashMismatchError):
+        _verify(server, _theta_reply(other_run, 2, torch.ones(4)), 2)
+    # A client verifies the server's messages the same way (recipient checked too).
+    wrong = server.sign(RecordDict({"m": MetricRecord({"round": 3})}), MSG_ROUND,
+                        ["client-002"], 3, reply=False)
+    wrong[ENVELOPE_RECORD] = ConfigRecord({"client-001": wrong[ENVELOPE_RECORD]["client-002"]})
+    with pytest.raises(WrongRecipientError):
+        client1.verify(wrong, MSG_ROUND, reply=False, expected_round=None,
+                       expected_sender="server")
+
+
+def test_checked_array_rejects_wrong_dtype_shape_and_non_finite_values(tmp_path: Path) -> None:
+    rc = run_config(enc_config(), tmp_path)
+    client, server = _client_security(rc, tmp_path, 1), _server_security(rc, tmp_path)
+    for theta, error in (
+        (torch.ones(5), TensorShapeError),
+        (torch.tensor([1.0, float("nan"), 0.0, 0.0]), NonFiniteTensorError),
+        (torch.ones(4, dtype=torch.float64), MalformedPayloadError),
+    ):
+        content = _theta_reply(client, 1, theta)
+        envelope = _verify(server, content, 1)  # authentic: the sender did send this
+        with pytest.raises(error, match="client-001"):
+            checked_array(content, "theta", "theta", torch.float32, (4,), envelope)
+    content = _theta_reply(client, 1, torch.ones(4))
+    envelope = _verify(server, content, 1)
+    with pytest.raises(MalformedPayloadError, match="lacks"):
+        checked_array(content, "phi", "phi", torch.float32, (4,), envelope)
+    assert torch.equal(checked_array(content, "theta", "theta", torch.float32, (4,), envelope),
+                       torch.ones(4))
+
+
+def test_content_digest_covers_every_record_and_the_run() -> None:
+    base = RecordDict({"a": ArrayRecord({"x": Array(np.zeros(3, np.float32))}),
+                       "c": ConfigRecord({"k": 1, "b": b"\x00", "l": [1.5, 2.5]})})
+    digest = content_digest(base, run_id=1, config_hash="h", message_type=MSG_ROUND)
+    assert digest == content_digest(base, run_id=1, config_hash="h", message_type=MSG_ROUND)
+    for args in ({"run_id": 2, "config_hash": "h", "message_type": MSG_ROUND},
+                 {"run_id": 1, "config_hash": "g", "message_type": MSG_ROUND},
+                 {"run_id": 1, "config_hash": "h", "message_type": "train.other"}):
+        assert content_digest(base, **args) != digest
+    changed = RecordDict({"a": ArrayRecord({"x": Array(np.zeros(3, np.float64))}),
+                          "c": ConfigRecord({"k": 1, "b": b"\x00", "l": [1.5, 2.5]})})
+    assert content_digest(changed, run_id=1, config_hash="h", message_type=MSG_ROUND) != digest
+    changed = RecordDict({"a": ArrayRecord({"x": Array(np.zeros(3, np.float32))}),
+                          "c": ConfigRecord({"k": True, "b": b"\x00", "l": [1.5, 2.5]})})
+    assert content_digest(changed, run_id=1, config_hash="h", message_type=MSG_ROUND) != digest
+
+
+# --------------------------------------------------------------------------- CKKS roles
+
+
+def test_key_holder_stores_keys_0600_reuses_them_and_the_server_context_cannot_decrypt(
+    tmp_path: Path,
+) -> None:
+    cfg = enc_config()
+    ids = [Identity.generate(f"client-{i:03d}") for i in range(3)]
+    recipients = {i.party_id: i.agreement_key.public_key() for i in ids}
+    store = KeyHolderStore(tmp_path / "ckks", ids[0])
+    public, sealed = store.ceremony(recipients)
+    for path in (store.secret_path, store.public_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # A restarted key holder (a new store on the same disk) reuses the stored keys.
+    again, resealed = KeyHolderStore(tmp_path / "ckks", ids[0]).ceremony(recipients)
+    assert again == public and set(resealed) == set(sealed)
+
+    server_ctx = receive_public_context(public)
+    assert not server_ctx.has_secret_key()
+    with pytest.raises(CeremonyError, match="secret key"):
+        receive_public_context(context_to_bytes(store.secret_context(), include_secret_key=True))
+    with pytest.raises(CeremonyError, match="refused"):
+        receive_public_context(public[: len(public) // 2])
+
+    layout = layout_for(cfg)
+    summaries = torch.linalg.qr(torch.randn(3, 794, 1, dtype=torch.float64)).Q
+    uploads = {}
+    for c, ident in enumerate(ids):
+        client_ctx = open_client_context(resealed[ident.party_id], ident)
+        columns = encrypt_summary(client_ctx, layout, c, summaries[c])
+        uploads[c] = parse_upload(layout, c, 1, columns)
+    with pytest.raises(CeremonyError, match="client-001"):
+        open_client_context(sealed["client-000"], ids[1])  # a blob sealed to someone else
+    rows = encrypted_rows(server_ctx, layout, 1, uploads)
+    parsed = [EncryptedRow.deserialize(r) for r in rows]
+    with pytest.raises(CkksError, match="cannot decrypt"):
+        decrypt_inner_product_rows(server_ctx, layout, parsed)
+    with pytest.raises(CeremonyError, match="cannot decrypt"):
+        decrypt_overlaps(server_ctx, layout, 3, 1, rows)
+    overlaps = decrypt_overlaps(KeyHolderStore(tmp_path / "ckks", ids[0]).secret_context(),
+                                layout, 3, 1, rows)
+    expected = torch.einsum("idq,jdr->ijqr", summaries, summaries)
+    assert overlaps.shape == (3, 3, 1, 1)
+    assert torch.allclose(overlaps, expected, atol=1e-4, rtol=0)
+    # The key holder decrypts rows only: a client's upload, or rows out of order, is refused.
+    with pytest.raises(CeremonyError):
+        decrypt_overlaps(store.secret_context(), layout, 3, 1, list(reversed(rows)))
+    upload_as_row = EncryptedRow(0, uploads[0][0].broadcast[0]).serialize()
+    with pytest.raises(CeremonyError, match="level"):
+        decrypt_overlaps(store.secret_context(), layout, 3, 1, [upload_as_row, *rows[1:]])
+
+
+def test_server_refuses_uploads_for_another_vector_or_with_bad_ciphertexts(tmp_path: Path) -> None:
+    cfg = enc_config()
+    ids = [Identity.generate(f"client-{i:03d}") for i in range(3)]
+    store = KeyHolderStore(tmp_path / "ckks", ids[0])
+    public, sealed = store.ceremony({i.party_id: i.agreement_key.public_key() for i in ids})
+    layout = layout_for(cfg)
+    u = torch.linalg.qr(torch.randn(794, 1, dtype=torch.float64)).Q
+    ctx = open_client_context(sealed["client-001"], ids[1])
+    with pytest.raises(CeremonyError, match="for vector 0, expected 1"):
+        parse_upload(layout, 1, 1, encrypt_summary(ctx, layout, 0, u))
+    with pytest.raises(CeremonyError, match="2 encrypted columns"):
+        parse_upload(layout, 1, 1, encrypt_summary(ctx, layout, 1, u) * 2)
+    uploads = {c: parse_upload(layout, c, 1, encrypt_summary(ctx, layout, c, u)) for c in range(3)}
+    good = uploads[2][0]
+    uploads[2] = [InnerProductUpload(good.index, (b"\x00" * 64,), good.broadcast)]
+    with pytest.raises(CeremonyError, match="client 2"):
+        encrypted_rows(receive_public_context(public), layout, 1, uploads)
+
+
+# --------------------------------------------------------------------------- grid runs
+
+
+def _grid_run(
+    cfg: ExperimentConfig, tmp_path: Path, **grid: Any
+) -> tuple[dict[str, Any], InMemoryGrid, dict[str, Any]]:
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": cfg.privacy.enabled})
+    g = InMemoryGrid(tmp_path / "nodes", rc, 3, **grid)
+    settings = RunSettings.from_run_config(rc)
+    results = server_app.run_fedora(g, settings, 42)  # type: ignore[arg-type]
+    return results, g, rc
+
+
+def _journal(tmp_path: Path, client: int) -> list[str]:
+    path = tmp_path / "nodes" / f"node-{client}" / "runs" / "42" / "releases.jsonl"
+    return [e["kind"] for e in ReleaseJournal(path).entries()]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_encrypted_run_equals_in_process_encrypted_run(tmp_path: Path) -> None:
+    cfg = enc_config()
+    results, grid, _ = _grid_run(cfg, tmp_path)
+    sim, outcome = in_process(cfg, tmp_path)
+    ours = results["methods"]["fedora"]
+    assert grid.errors == [] and results["events"] == [] and results["security"]["rejections"] == []
+    assert np.allclose(ours["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
+    assert np.allclose(ours["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4,
+                       rtol=0)
+    graph = sim.methods["fedora"].relatedness.graph
+    assert results["graph_neighbours"] == [torch.nonzero(r).flatten().tolist() for r in graph]
+    # The graph is the plaintext one too: CKKS noise does not move the top-k choice here.
+    summaries = torch.stack([fedora.client_summary(c.train_x, c.train_y, 10, 1)
+                             for c in build_clients(cfg)])
+    plain = fedora.topk_graph(
+        fedora.similarity_matrix(fedora.subspace_overlaps(summaries), cfg.fedora.tau), cfg.fedora.k)
+    assert torch.equal(plain != 0, graph != 0)
+    assert torch.allclose(sim.methods["fedora"].relatedness.overlaps,
+                          fedora.subspace_overlaps(summaries), atol=1e-4, rtol=0)
+    details = results["relatedness_details"]
+    assert details["server_context_has_secret_key"] is False and details["key_holder"] == 0
+    assert results["assumptions"]["key_holder"].startswith("client 0")
+    # What left each node: the encrypted summary; the key holder also released the overlaps.
+    assert _journal(tmp_path, 0) == ["summary", "overlaps", "model", "model"]
+    assert _journal(tmp_path, 1) == ["summary", "model", "model"]
+    for c in range(3):
+        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
+                               c, 42, config_hash(cfg))
+        assert torch.allclose(state.theta, sim.methods["fedora"].theta[c], atol=1e-4, rtol=0)
+    keys = tmp_path / "nodes" / "node-0" / "runs" / "42" / "ckks"
+    assert stat.S_IMODE((keys / "secret-context.sealed").stat().st_mode) == 0o600
+    assert not (tmp_path / "nodes" / "node-1" / "runs" / "42" / "ckks").exists()
+    # No message to the server's side ever carried a secret context in the clear: the only
+    # context the server saw is the public one it parsed (checked in receive_public_context).
+    summaries = [m for m in grid.sent if m.metadata.message_type == MSG_ENCRYPTED_SUMMARY]
+    assert len(summaries) == 3 and all("summary" not in m.content for m in summaries)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_noised_encrypted_run_equals_in_process_and_the_ledger_records_the_summary(
+    tmp_path: Path,
+) -> None:
+    from privacy.ledger import read_ledger, verify_ledger_file
+
+    cfg = enc_config("noised+encrypted")
+    results, grid, rc = _grid_run(cfg, tmp_path)
+    sim, outcome = in_process(cfg, tmp_path)
+    ours = results["methods"]["fedora"]
+    assert grid.errors == [] and results["events"] == []
+    assert np.allclose(ours["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
+    spent = {row["client"]: row["epsilon_spent"] for row in sim.privacy["fedora"]["clients"]}
+    ids = Path(rc["identity-dir"]).parent
+    for c in range(3):
+        cid = f"client-{c:03d}"
+        ours_spent = results["privacy"]["clients"][c]["epsilon_spent"]
+        assert ours_spent == pytest.approx(spent[cid], abs=1e-6)
+        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
+        key = load_identity(ids / cid, cid).signing_key.public_key()
+        assert verify_ledger_file(ledger, key) == []
+        assert [e["mechanism"] for e in read_ledger(ledger)][0] == "gaussian_summary"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_rejected_replies_count_as_not_participating(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from secure_fedora.runtimes.flower.protocol import MSG_ROUND as ROUND
+
+    cfg = enc_config()
+    saved: dict[str, Message] = {}
+
+    def tamper_theta(_request: Message, reply: Message) -> Message:
+        theta = reply.content["theta"]["theta"].numpy().copy()
+        theta[0] += 1.0
+        reply.content["theta"] = ArrayRecord({"theta": Array(theta)})  # envelope left as signed
+        return reply
+
+    def keep(_request: Message, reply: Message) -> Message:
+        saved["round1"] = reply
+        return reply
+
+    def replay_old(request: Message, _reply: Message) -> Message:
+        return Message(saved["round1"].content, reply_to=request)  # round 1's signed reply
+
+    def stranger(request: Message, reply: Message) -> Message:
+        content = reply.content
+        fake = MessageSecurity(Identity.generate("client-077"), {}, tmp_path / "x.nonces", 42,
+                               config_hash(cfg))
+        fake.sign(content, ROUND, ["server"], 2, reply=True)
+        return Message(content, reply_to=request)
+
+    with caplog.at_level(logging.WARNING, logger="secure_fedora.security"):
+        results, grid, _ = _grid_run(cfg, tmp_path, tamper_reply={
+            (1, 1, ROUND): tamper_theta, (2, 1, ROUND): keep, (2, 2, ROUND): replay_old,
+            (0, 2, ROUND): stranger,
+        })
+    reasons = {(r["round"], r["client"]): r["reason"] for r in results["security"]["rejections"]}
+    assert reasons == {(1, 1): "payload_hash_mismatch", (2, 2): "stale_round",
+                       (2, 0): "unknown_sender"}
+    assert [r["replied"] for r in results["rounds"]] == [2, 1]
+    assert all("counts as not participating" in e["event"] for e in results["events"])
+    logged = {getattr(r, "security_event", {}).get("reason") for r in caplog.records}
+    assert {"payload_hash_mismatch", "stale_round", "unknown_sender"} <= logged
+    assert grid.errors == []
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_client_refuses_a_tampered_or_replayed_server_message(tmp_path: Path) -> None:
+    from secure_fedora.runtimes.flower.protocol import MSG_ROUND as ROUND
+
+    cfg = enc_config()
+    saved: dict[str, Message] = {}
+
+    def tamper_phi(request: Message) -> Message:
+        phi = request.content["phi"]["phi"].numpy().copy()
+        phi[:10] = 0.0
+        request.content["phi"] = ArrayRecord({"phi": Array(phi)})
+        return request
+
+    def keep(request: Message) -> Message:
+        saved["r1"] = request
+        return request
+
+    def replay(_request: Message) -> Message:
+        return saved["r1"]
+
+    results, grid, _ = _grid_run(cfg, tmp_path, tamper_request={
+        (1, 1, ROUND): tamper_phi, (2, 1, ROUND): keep, (2, 2, ROUND): replay})
+    refused = {(c, type(e).__name__) for c, _, e in grid.errors}
+    assert refused == {(1, "PayloadHashMismatchError"), (2, "ReplayedNonceError")}
+    assert [r["replied"] for r in results["rounds"]] == [2, 2]
+    events = {(e["round"], e["client"]) for e in results["events"]}
+    assert events == {(1, 1), (2, 2)}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_tampered_ciphertexts_stop_relatedness_naming_the_client(tmp_path: Path) -> None:
+    cfg = enc_config()
+
+    def columns(reply: Message) -> list[bytes]:
+        return list(reply.content["upload"]["columns"])
+
+    def in_transit(_request: Message, reply: Message) -> Message:
+        blob = bytearray(columns(reply)[0])
+        blob[len(blob) // 2] ^= 0xFF
+        reply.content["upload"] = ConfigRecord({"columns": [bytes(blob)]})
+        return reply
+
+    with pytest.raises(DeployError, match=r"missing clients \[1\]"):
+        _grid_run(cfg, tmp_path / "a", tamper_reply={(1, 0, MSG_ENCRYPTED_SUMMARY): in_transit})
+
+    def garbage_signed_by_client(request: Message, reply: Message) -> Message:
+        upload = InnerProductUpload.deserialize(columns(reply)[0])
+        bad = InnerProductUpload(upload.index, (b"\x01" * 128,), upload.broadcast)
+        content = reply.content
+        content["upload"] = ConfigRecord({"columns": [bad.serialize()]})
+        _client_security(rc_b, tmp_path / "b", 2).sign(
+            content, MSG_ENCRYPTED_SUMMARY, ["server"], 0, reply=True)
+        return Message(content, reply_to=request)
+
+    rc_b = run_config(cfg, tmp_path / "b")
+    with pytest.raises(CeremonyError, match="client 2"):
+        _grid_run(cfg, tmp_path / "b",
+                  tamper_reply={(2, 0, MSG_ENCRYPTED_SUMMARY): garbage_signed_by_client})
+
+
+# --------------------------------------------------------------------------- real deployment
+
+ENC_TIMEOUTS = RunTimeouts(startup=120.0, connect=240.0, round=300.0, run=600.0, poll=0.2)
+
+
+@pytest.mark.deploy
+def test_flower_encrypted_relatedness_equals_in_process_runtime(tmp_path: Path) -> None:
+    """TLS SuperLink with node authentication, 3 SuperNodes on 127.0.0.1, encrypted
+    relatedness with client 0 as key holder, 2 rounds: per-client accuracy equals the
+    in-process runtime's encrypted run within 1e-4 (graph equal; see the module docstring)."""
+    cfg = enc_config()
+    with LocalFederation(tmp_path / "fed", 3, timeouts=ENC_TIMEOUTS) as fed:
+        run_id = fed.submit(cfg, tmp_path / "res")
+        status = fed.follow(run_id, timeout=ENC_TIMEOUTS.run)
+        logs = (fed.logs / "serverapp.log").read_text()
+    assert status == "finished:completed", logs[-3000:]
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    sim, outcome = in_process(cfg, tmp_path)
+    ours = results["methods"]["fedora"]
+    assert np.allclose(ours["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
+    assert np.allclose(ours["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4,
+                       rtol=0)
+    graph = sim.methods["fedora"].relatedness.graph
+    assert results["graph_neighbours"] == [torch.nonzero(r).flatten().tolist() for r in graph]
+    assert results["events"] == [] and results["security"]["rejections"] == []
+    assert results["relatedness_details"]["server_context_has_secret_key"] is False
+    state_dir = tmp_path / "fed" / "nodes"
+    journal = ReleaseJournal(state_dir / "node-0" / "runs" / str(run_id) / "releases.jsonl")
+    assert [e["kind"] for e in journal.entries()] == ["summary", "overlaps", "model", "model"]
+    secret = state_dir / "node-0" / "runs" / str(run_id) / "ckks" / "secret-context.sealed"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert "relatedness (encrypted)" in logs

@@ -1,0 +1,223 @@
+"""The in-process runtime: rounds, baselines, partial participation, checkpoints, resume."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.runtimes.inprocess import (
+    CheckpointError,
+    Simulation,
+    build_clients,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def tiny(**overrides):
+    base = {
+        "name": "tiny",
+        "seed": 1,
+        "methods": ["fedora", "local", "fedavg"],
+        "data": {"num_clients": 5, "train_per_client": 32, "val_per_client": 16, "test_per_client": 32},
+        "training": {"rounds": 3, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
+        "fedavg": {"finetune_epochs": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return parse_config(base)
+
+
+@pytest.fixture(scope="module")
+def tiny_clients():
+    return build_clients(tiny())
+
+
+def test_run_writes_results_and_learns(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 4, "local_epochs": 3, "lr": 0.1})
+    sim = Simulation(cfg, tmp_path, clients=tiny_clients)
+    results = sim.run()
+    assert set(results["methods"]) == {"fedora", "local", "fedavg", "fedavg_ft"}
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["methods"]["fedora"]["selected"]["per_client"] == results["methods"]["fedora"]["selected"]["per_client"]
+    for body in results["methods"].values():
+        s = body["selected"]
+        assert s["min"] <= s["mean"] <= s["max"]
+        assert len(s["per_client"]) == 5
+    assert results["methods"]["local"]["selected"]["mean"] > 0.3  # learns well beyond chance (0.1)
+    rows = (tmp_path / "rounds.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 4
+    assert results["assumptions"]["validation_data"] == "public"
+
+
+def test_fedora_neighbours_follow_rotation():
+    cfg = parse_config({"data": {"num_clients": 36, "train_per_client": 128, "val_per_client": 4,
+                                 "test_per_client": 4}, "methods": ["fedora"]})
+    sim = Simulation(cfg, "/nonexistent-unused", clients=build_clients(cfg))
+    ctx = sim.context_factory(cfg, sim.clients)
+    method = sim.method_factory("fedora", ctx, cfg)
+    method.setup()
+    graph = method.relatedness.graph
+    # rotations by 10 degree steps: the top-2 neighbours are (almost always) within 20 degrees
+    near = 0
+    for i in range(36):
+        neighbours = torch.nonzero(graph[i]).flatten().tolist()
+        near += all(min((i - j) % 36, (j - i) % 36) <= 2 for j in neighbours)
+    assert near >= 32
+
+
+def test_resume_continues_to_identical_result(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 4, "participation": 0.6})
+    full = Simulation(cfg, tmp_path / "full", clients=tiny_clients).run()
+
+    interrupted_cfg = tiny(training={"rounds": 4, "participation": 0.6})
+    first = Simulation(interrupted_cfg, tmp_path / "cut", clients=tiny_clients)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(method, rnd, total):
+        if method == "local" and rnd == 2:
+            raise Stop
+
+    first.progress = stop_after_two
+    with pytest.raises(Stop):
+        first.run()
+    resumed = Simulation(interrupted_cfg, tmp_path / "cut", clients=tiny_clients).run(resume=True)
+    for name in full["methods"]:
+        assert resumed["methods"][name]["selected"] == full["methods"][name]["selected"], name
+    full_csv = (tmp_path / "full" / "rounds.csv").read_text()
+    assert (tmp_path / "cut" / "rounds.csv").read_text() == full_csv
+
+
+def test_partial_participation_leaves_others_untouched(tiny_clients):
+    cfg = tiny(training={"rounds": 1, "participation": 0.4}, methods=["local"])
+    sim = Simulation(cfg, "/nonexistent-unused", clients=tiny_clients)
+    ctx = sim.context_factory(cfg, sim.clients)
+    method = sim.method_factory("local", ctx, cfg)
+    before = method.theta.clone()
+    participants = sim._participants(torch.Generator().manual_seed(0), 5)
+    assert len(participants) == 2
+    method.train_round(1, participants)
+    changed = [i for i in range(5) if not torch.equal(before[i], method.theta[i])]
+    assert changed == participants
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 2}, methods=["local"])
+    Simulation(cfg, tmp_path, clients=tiny_clients).run()
+    ckpt = tmp_path / "checkpoints" / "local.pt"
+    data = bytearray(ckpt.read_bytes())
+    ckpt.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+
+
+def test_checkpoint_from_other_config_is_refused(tmp_path, tiny_clients):
+    Simulation(tiny(training={"rounds": 2}, methods=["local"]), tmp_path, clients=tiny_clients).run()
+    other = tiny(training={"rounds": 2, "lr": 0.01}, methods=["local"])
+    with pytest.raises(CheckpointError, match="config hash"):
+        Simulation(other, tmp_path, clients=tiny_clients).run(resume=True)
+
+
+def test_checkpoint_with_nan_parameters_is_refused(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 2}, methods=["local"])
+    sim = Simulation(cfg, tmp_path, clients=tiny_clients)
+
+    class Crash(Exception):
+        pass
+
+    def crash(method, rnd, total):
+        raise Crash
+
+    sim.progress = crash
+    with pytest.raises(Crash):
+        sim.run()
+    ckpt = tmp_path / "checkpoints" / "local.pt"
+    state = load_checkpoint(ckpt)
+    state["method"]["theta"][0, 0] = float("nan")
+    save_checkpoint(ckpt, state)  # re-sealed: the digest holds, the values are refused
+    with pytest.raises(CheckpointError, match="non-finite"):
+        Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+
+
+def test_power_propagation_gives_same_result_as_dense(tmp_path, tiny_clients):
+    dense = Simulation(tiny(methods=["fedora"]), tmp_path / "d", clients=tiny_clients).run()
+    power = Simulation(tiny(methods=["fedora"], fedora={"propagation": "power"}), tmp_path / "p",
+                       clients=tiny_clients).run()
+    a = dense["methods"]["fedora"]["selected"]["per_client"]
+    b = power["methods"]["fedora"]["selected"]["per_client"]
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- checkpoint integrity
+# Regression tests for issue 14 "Why" 6: flipped bytes and edited weights changed results silently.
+
+
+def _finished_local_run(tmp_path, tiny_clients):
+    cfg = tiny(training={"rounds": 2}, methods=["local"])
+    results = Simulation(cfg, tmp_path, clients=tiny_clients).run()
+    return cfg, tmp_path / "checkpoints" / "local.pt", results
+
+
+def test_flipped_checkpoint_byte_is_refused_naming_the_file(tmp_path, tiny_clients):
+    cfg, ckpt, _ = _finished_local_run(tmp_path, tiny_clients)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="digest") as err:
+        Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+    assert str(ckpt) in str(err.value)
+
+
+def test_edited_weights_without_a_new_digest_are_refused(tmp_path, tiny_clients):
+    cfg, ckpt, _ = _finished_local_run(tmp_path, tiny_clients)
+    raw = ckpt.read_bytes()
+    header_end = raw.index(b"\n", len(b"SFCKPT2\n")) + 1
+    state = load_checkpoint(ckpt)
+    state["method"]["theta"][0] += 0.5  # a plausible, finite edit
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    ckpt.write_bytes(raw[:header_end] + buf.getvalue())
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(ckpt)
+
+
+def test_checkpoint_run_binding_is_checked(tmp_path, tiny_clients):
+    cfg, ckpt, _ = _finished_local_run(tmp_path, tiny_clients)
+    raw = ckpt.read_bytes()
+    forged = raw.replace(config_hash(cfg).encode(), b"0" * 64, 1)
+    assert forged != raw
+    ckpt.write_bytes(forged)
+    with pytest.raises(CheckpointError, match="run binding"):
+        load_checkpoint(ckpt)
+
+
+def test_checkpoint_without_digest_and_foreign_objects_are_refused_plainly(tmp_path):
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"round": 1}, legacy)
+    with pytest.raises(CheckpointError, match="without integrity digest"):
+        load_checkpoint(legacy)
+    # a sealed checkpoint holding an object weights_only refuses: no "weights_only=False" advice
+    foreign = tmp_path / "foreign.pt"
+    save_checkpoint(foreign, {"round": 1, "payload": _Foreign()})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(foreign)
+    assert str(foreign) in str(err.value) and "weights_only" not in str(err.value)
+    assert "never loaded" in str(err.value)
+
+
+class _Foreign:
+    pass
+
+
+def test_resealed_checkpoint_resumes_to_the_same_result(tmp_path, tiny_clients):
+    cfg, ckpt, results = _finished_local_run(tmp_path, tiny_clients)
+    save_checkpoint(ckpt, load_checkpoint(ckpt))
+    again = Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+    assert again["methods"] == results["methods"]

@@ -1,0 +1,206 @@
+"""Runs never mix or lose data (issue 14 "Why" 3, 4 and 5): every refusal happens before a
+byte is written, and the refused directory is left exactly as it was."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from audits.cli import main as audit_main
+from secure_fedora.cli import main
+
+TINY = {
+    "name": "tiny-run",
+    "seed": 0,
+    "methods": ["local", "fedavg"],
+    "data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 10, "test_per_client": 10},
+    "training": {"rounds": 2, "local_epochs": 1, "batch_size": 20, "lr": 0.05},
+    "fedavg": {"finetune_epochs": 0},
+}
+DP = {**TINY, "methods": ["local"], "privacy": {"enabled": True, "epsilon": 3.0, "delta": 1e-3}}
+
+
+def write_config(path: Path, doc: dict) -> Path:
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (directories by name)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(root.rglob("*"))}
+
+
+def run(config: Path, out: Path, *extra: str) -> int:
+    return main(["run", str(config), "--out", str(out), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """A finished DP run (3 clients, 2 rounds), copied by each test that changes it."""
+    root = tmp_path_factory.mktemp("dp")
+    config = write_config(root / "dp.toml", DP)
+    assert run(config, root / "run") == 0
+    return config, root / "run"
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plain")
+    config = write_config(root / "plain.toml", TINY)
+    assert run(config, root / "run") == 0
+    return config, root / "run"
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(source, target)
+    return target
+
+
+def test_resume_with_another_config_writes_nothing_and_the_run_still_verifies(dp_run, tmp_path, capsys):
+    config, source = dp_run
+    run_dir = copy_run(source, tmp_path)
+    before = snapshot(run_dir)
+    other = write_config(tmp_path / "eps8.toml", {**DP, "privacy": {**DP["privacy"], "epsilon": 8.0}})
+    assert run(other, run_dir, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and str(run_dir) in err
+    assert snapshot(run_dir) == before  # config.toml included: nothing was overwritten
+    assert audit_main(["audit", "verify", str(run_dir)]) == 0
+    assert run(config, run_dir, "--resume") == 0  # the original config still resumes
+
+
+def test_a_new_run_into_another_runs_directory_is_refused(dp_run, tmp_path, capsys):
+    _, source = dp_run
+    run_dir = copy_run(source, tmp_path)
+    before = snapshot(run_dir)
+    other = write_config(tmp_path / "eps8.toml", {**DP, "privacy": {**DP["privacy"], "epsilon": 8.0}})
+    assert run(other, run_dir) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert snapshot(run_dir) == before  # no ledger appended to, no results overwritten
+
+
+@pytest.mark.parametrize("leftover", ["ledgers/local/client-000.jsonl", "results.json", "config.toml",
+                                      "checkpoints/local.pt", "notes.txt"])
+def test_any_leftover_of_another_run_refuses_a_fresh_run(tmp_path, leftover, capsys):
+    config = write_config(tmp_path / "c.toml", TINY)
+    run_dir = tmp_path / "run"
+    (run_dir / leftover).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / leftover).write_bytes(b"something of another run\n")
+    before = snapshot(run_dir)
+    assert run(config, run_dir) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_restart(plain_run, tmp_path, capsys):
+    config, source = plain_run
+    run_dir = copy_run(source, tmp_path)
+    (run_dir / "checkpoints" / "local.pt").unlink()
+    (run_dir / "checkpoints" / "fedavg.pt").unlink()
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    assert "nothing to resume from" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_a_gap_in_the_method_checkpoints_is_an_error(plain_run, tmp_path, capsys):
+    config, source = plain_run
+    run_dir = copy_run(source, tmp_path)
+    (run_dir / "checkpoints" / "local.pt").unlink()  # fedavg's (later) checkpoint remains
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    assert "['local'] missing" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_resume_checks_every_checkpoint_before_writing(plain_run, tmp_path, capsys):
+    config, source = plain_run
+    run_dir = copy_run(source, tmp_path)
+    ckpt = run_dir / "checkpoints" / "fedavg.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[-10] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "digest" in err
+    assert snapshot(run_dir) == before
+
+
+def test_resume_needs_the_directory_and_its_config(plain_run, tmp_path, capsys):
+    config, source = plain_run
+    assert main(["run", str(config), "--resume", "--quiet"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert run(config, tmp_path / "absent", "--resume") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()
+    run_dir = copy_run(source, tmp_path)
+    (run_dir / "config.toml").unlink()
+    assert run(config, run_dir, "--resume") == 2
+    assert "config.toml is missing" in capsys.readouterr().err
+
+
+def test_resume_of_the_same_config_leaves_its_config_copy_alone(plain_run, tmp_path):
+    config, source = plain_run
+    run_dir = copy_run(source, tmp_path)
+    reformatted = tmp_path / "same.toml"
+    reformatted.write_text("# same settings, other layout\n" + config.read_text())
+    stored = (run_dir / "config.toml").read_bytes()
+    assert run(reformatted, run_dir, "--resume") == 0
+    assert (run_dir / "config.toml").read_bytes() == stored
+
+
+def test_names_cannot_escape_the_runs_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for name in ("../../..", "..", "a/../../b", "/etc"):
+        config = write_config(tmp_path / "escape.toml", {**TINY, "name": name})
+        assert main(["run", str(config), "--quiet"]) == 2
+        assert "name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escape.toml", "work"]
+    assert list((tmp_path / "work").iterdir()) == []
+    config = write_config(tmp_path / "ok.toml", {**TINY, "name": "ok.run-1", "methods": ["local"]})
+    assert main(["run", str(config), "--quiet"]) == 0
+    [made] = (tmp_path / "work" / "runs").iterdir()
+    assert made.name.startswith("ok.run-1-") and (made / "results.json").exists()
+
+
+def test_sweep_refuses_a_directory_that_holds_something_else(plain_run, tmp_path, capsys):
+    config, source = plain_run
+    run_dir = copy_run(source, tmp_path)
+    before = snapshot(run_dir)
+    assert main(["sweep", str(config), "--out", str(run_dir), "--methods", "local", "--quiet"]) == 2
+    assert "not a sweep directory" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_resume_of_a_dp_run_killed_before_its_first_checkpoint_continues_it(tmp_path, capsys):
+    """No checkpoint yet, but the ledgers and journals record round 1's releases: --resume
+    continues the run from the start (each release accounted once); with the ledgers and
+    journals gone too there is nothing to resume from."""
+    from privacy.ledger import read_ledger
+    from secure_fedora.core import crashpoints
+    config = write_config(tmp_path / "dp.toml", DP)
+    run_dir = tmp_path / "run"
+    crashpoints.arm("train@2")  # round 1, after the first client trained
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            run(config, run_dir)
+    finally:
+        crashpoints.disarm()
+    assert not list(run_dir.glob("checkpoints/*.pt"))
+    assert list(run_dir.glob("ledgers/local/*.journal"))
+    empty = copy_run(run_dir, tmp_path / "bare")
+    shutil.rmtree(empty / "ledgers")
+    before = snapshot(empty)
+    assert run(config, empty, "--resume") == 2
+    assert "nothing to resume from" in capsys.readouterr().err
+    assert snapshot(empty) == before
+    assert run(config, run_dir, "--resume") == 0
+    for path in sorted(run_dir.glob("ledgers/local/*.jsonl")):
+        assert [(e["round"], e["mechanism"]) for e in read_ledger(path)] == [
+            (1, "dpsgd"), (2, "dpsgd"), (2, "close")]

@@ -1,0 +1,58 @@
+"""Key stores: a DP run's private keys live outside its run directory."""
+
+from pathlib import Path
+
+import pytest
+
+from privacy.identity import IdentityError, load_allowlist, load_identity
+from secure_fedora.secure.keystore import (
+    KEYSTORE_HOME_ENV,
+    ensure_keystore,
+    publish_public_keys,
+    resolve_keystore,
+    run_party_ids,
+)
+
+
+def test_store_is_created_private_and_extended_without_touching_existing_keys(tmp_path):
+    store = tmp_path / "home" / "exp"
+    first = ensure_keystore(store, run_party_ids(2))
+    assert first.created and store.stat().st_mode & 0o777 == 0o700
+    assert (store / "operator.ed25519.key").stat().st_mode & 0o777 == 0o600
+    before = (store / "client-001.ed25519.key").read_bytes()
+    again = ensure_keystore(store, run_party_ids(4))
+    assert not again.created
+    assert (store / "client-001.ed25519.key").read_bytes() == before  # kept, not regenerated
+    assert set(load_allowlist(store / "allowlist.json")) == set(run_party_ids(4))
+    load_identity(store, "client-003")
+    # key files of a party the allowlist does not know are never overwritten
+    (store / "client-005.ed25519.key").write_text("stray")
+    with pytest.raises(IdentityError, match="refusing to overwrite"):
+        ensure_keystore(store, run_party_ids(6))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(IdentityError, match="not a directory"):
+        ensure_keystore(tmp_path / "file", run_party_ids(1))
+
+
+def test_resolution_order_and_default_outside_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEYSTORE_HOME_ENV, str(tmp_path / "stores"))
+    assert resolve_keystore("exp") == ((tmp_path / "stores" / "exp").absolute(), "default")
+    assert resolve_keystore("exp", "cfg/ks") == (Path("cfg/ks").absolute(), "config")
+    assert resolve_keystore("exp", "cfg/ks", tmp_path / "flag") == (tmp_path / "flag", "--keystore")
+    monkeypatch.delenv(KEYSTORE_HOME_ENV)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert resolve_keystore("exp")[0] == tmp_path / "xdg" / "secure-fedora" / "keystore" / "exp"
+
+
+def test_publish_copies_public_keys_only(tmp_path):
+    store = tmp_path / "store"
+    ensure_keystore(store, run_party_ids(3))
+    run_keys = tmp_path / "run" / "keys"
+    published = publish_public_keys(store, run_keys, run_party_ids(2))
+    assert set(published) == set(run_party_ids(2))
+    assert not list(run_keys.glob("*.key"))
+    assert set(load_allowlist(run_keys / "allowlist.json")) == set(run_party_ids(2))
+    assert (run_keys / "operator.ed25519.pub").read_bytes() == \
+        (store / "operator.ed25519.pub").read_bytes()
+    with pytest.raises(IdentityError, match="lacks parties"):
+        publish_public_keys(store, run_keys, run_party_ids(5))

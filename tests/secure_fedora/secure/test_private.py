@@ -1,0 +1,316 @@
+"""DP in the federation: calibrated noise, enforced budgets, the write-ahead ledger, restarts."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from privacy.accounting import Accountant, BudgetExceededError, PlannedRelease, PrivacyBudget
+from privacy.identity import load_allowlist
+from privacy.ledger import read_ledger, verify_ledger_file
+from privacy.noise import ReproducibleNoise
+from secure_fedora.core.config import ConfigError, parse_config
+from secure_fedora.runtimes.inprocess import Simulation, build_clients, load_checkpoint
+from secure_fedora.secure.private import BudgetPlanError, privacy_plan
+
+BASE = {
+    "seed": 3,
+    "methods": ["fedora", "local", "fedavg"],
+    "data": {"num_clients": 4, "train_per_client": 100, "val_per_client": 20, "test_per_client": 20,
+             "groups": 2},
+    "training": {"rounds": 3, "local_epochs": 1, "batch_size": 25, "lr": 0.05},
+    "fedora": {"relatedness": "noised"},
+    "fedavg": {"finetune_epochs": 0},
+    "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3},
+}
+
+
+def dp_config(**overrides):
+    data = json.loads(json.dumps(BASE))
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def clients():
+    return build_clients(dp_config())
+
+
+def _ledgers(run_dir, method):
+    return sorted((run_dir / "ledgers" / method).glob("*.jsonl"))
+
+
+def _public_keys(run_dir):
+    return {cid: p.verify_key for cid, p in load_allowlist(run_dir / "keys" / "allowlist.json").items()}
+
+
+def test_calibrated_run_spends_its_budget_and_the_ledger_verifies(tmp_path, clients):
+    cfg = dp_config(data={"validation": "private"})
+    results = Simulation(cfg, tmp_path, clients=clients).run()
+    assert results["assumptions"]["differential_privacy"] is True
+    keys = _public_keys(tmp_path)
+    for method in ("fedora", "local", "fedavg"):
+        spent = results["privacy"][method]["clients"]
+        for c in spent:
+            assert c["refused_at_round"] is None
+            # the whole plan ran: epsilon within 1% of the target, never above
+            assert 0.99 * 4.0 <= c["epsilon_spent"] <= 4.0
+        for path in _ledgers(tmp_path, method):
+            assert verify_ledger_file(path, keys[path.stem]) == []
+            entries = read_ledger(path)
+            eps = [e["epsilon_after"] for e in entries]
+            assert eps == sorted(eps)
+            mechanisms = {e["mechanism"] for e in entries}
+            if method == "fedora":
+                assert mechanisms == {"dpsgd", "gaussian_summary", "gaussian_lambda", "close"}
+            else:
+                assert mechanisms == {"dpsgd", "close"}
+            # a finished run closes every ledger: its last entry, spending nothing
+            assert entries[-1]["mechanism"] == "close"
+            assert entries[-1]["params"] == {"final_index": len(entries) - 1,
+                                             "epsilon_spent": entries[-2]["epsilon_after"]}
+    # private keys live in the key store, outside the run directory; the run holds public
+    # keys only, and the signed anchor.json lets the audit refuse a shortened ledger
+    assert not list(tmp_path.rglob("*.key"))
+    from audits.verify import verify_run
+
+    report = verify_run(tmp_path, allowlist=tmp_path / "keys" / "allowlist.json")
+    assert report.ok, [str(f) for f in report.errors]
+    anchor = json.loads((tmp_path / "anchor.json").read_text())
+    assert anchor["methods"] == ["fedora", "local", "fedavg"] and len(anchor["ledgers"]) == 12
+
+
+def test_ledger_epsilon_matches_an_accountant_replaying_the_same_history(tmp_path, clients):
+    cfg = dp_config(methods=["local"])
+    Simulation(cfg, tmp_path, clients=clients).run()
+    for path in _ledgers(tmp_path, "local"):
+        entries = read_ledger(path)
+        acc = Accountant(entries[0]["accountant"])  # "auto" chose it; recorded in every entry
+        for e in entries[:-1]:  # the last is the close entry, which releases nothing
+            p = e["params"]
+            acc.record(p["noise_multiplier"], p["sample_rate"], p["steps"])
+            assert e["epsilon_after"] == pytest.approx(acc.epsilon(1e-3), rel=1e-9)
+
+
+def test_plan_over_a_client_budget_is_refused_before_training(tmp_path, clients):
+    # A fixed noise multiplier whose plan exceeds client 1's small budget: refused up front
+    # (before, every such client was refused at round 1 and reported an untrained model).
+    cfg = dp_config(methods=["fedora"], privacy={"noise_multiplier": 1.0, "epsilon": 20.0,
+                                                 "summary_noise_multiplier": 20.0,
+                                                 "overrides": {"1": {"epsilon": 2.0}}})
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    with pytest.raises(BudgetPlanError, match="client-001") as info:
+        sim.run()
+    assert info.value.clients == ["client-001"]
+    assert "privacy.noise_multiplier" in str(info.value)
+    assert not list((tmp_path / "ledgers").rglob("*.jsonl"))  # nothing was released
+
+
+def test_fixed_summary_noise_over_budget_is_refused_before_training(tmp_path, clients):
+    cfg = dp_config(methods=["fedora"], privacy={"summary_noise_multiplier": 0.05,
+                                                 "epsilon": 1.0})
+    with pytest.raises(BudgetPlanError, match="4 client") as info:
+        Simulation(cfg, tmp_path, clients=clients).run()
+    assert len(info.value.clients) == 4
+    assert isinstance(info.value, ConfigError)  # the CLI prints it as one line
+
+
+def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
+    cfg = dp_config(data={"validation": "private"})
+    plan = privacy_plan(cfg, "fedora", PrivacyBudget(4.0, 1e-3))
+    assert {r.mechanism for r in plan.releases} == {"dpsgd", "gaussian_summary", "gaussian_lambda"}
+    assert plan.dpsgd_noise > 0 and plan.summary_noise > 0 and plan.lambda_noise > 0
+    impossible = dp_config(privacy={"summary_noise_multiplier": 0.05, "epsilon": 0.5})
+    with pytest.raises(ConfigError, match="privacy.noise_multiplier"):
+        privacy_plan(impossible, "fedora", PrivacyBudget(0.5, 1e-3))
+
+
+@pytest.mark.parametrize(
+    "privacy, key",
+    [
+        ({"epsilon": 0}, "privacy.epsilon"),
+        ({"epsilon": -1}, "privacy.epsilon"),
+        ({"delta": 0.5}, "privacy.delta"),
+        ({"delta": 0.02}, "privacy.delta"),  # >= 1/n with n = 100
+        ({"overrides": {"1": {"delta": 1e-6}}}, "privacy.overrides.1.epsilon"),  # missing key
+        ({"overrides": {"9": {"epsilon": 1}}}, "privacy.overrides.9"),
+        ({"accountant": "moments"}, "privacy.accountant"),
+        ({"noise": "none"}, "privacy.noise"),
+        ({"noise_seed": "experiment"}, "privacy.noise = \"reproducible\""),  # removed key
+        ({"noise_seed": "os_random"}, "privacy.noise = \"csprng\""),
+        ({"epsilon": float("inf")}, "privacy.epsilon"),
+    ],
+)
+def test_bad_privacy_configs_name_the_key(privacy, key):
+    with pytest.raises(ConfigError) as err:
+        dp_config(privacy=privacy)
+    assert key in str(err.value)
+
+
+def test_dp_needs_an_accounted_relatedness_mode():
+    with pytest.raises(ConfigError, match="fedora.relatedness"):
+        dp_config(fedora={"relatedness": "plain"})
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        parse_config({"fedora": {"relatedness": "noised"}})
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        parse_config({"data": {"validation": "private"}})
+
+
+def test_kill_mid_round_over_counts_never_under_counts(tmp_path):
+    """SIGKILL a real run mid-round; the ledger stays valid and covers every released model;
+    resuming never lowers the recorded epsilon."""
+    cfg_path = tmp_path / "dp.toml"
+    import tomli_w
+
+    cfg = json.loads(json.dumps(BASE))
+    cfg["methods"] = ["local"]
+    cfg["training"]["rounds"] = 40
+    cfg_path.write_text(tomli_w.dumps(cfg))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "secure_fedora.cli", "run", str(cfg_path), "--out",
+                             str(run_dir), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ledger = run_dir / "ledgers" / "local" / "client-000.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if ledger.exists() and ledger.read_bytes().count(b"\n") >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail("run ended before it could be killed")
+            time.sleep(0.05)
+        else:
+            pytest.fail("run produced no ledger entries in time")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    keys = _public_keys(run_dir)
+    before = {}
+    for path in _ledgers(run_dir, "local"):
+        assert verify_ledger_file(path, keys[path.stem]) == []  # every line complete, signed, chained
+        entries = read_ledger(path)
+        before[path.stem] = entries[-1]["epsilon_after"] if entries else 0.0
+    state = load_checkpoint(run_dir / "checkpoints" / "local.pt") \
+        if (run_dir / "checkpoints" / "local.pt").exists() else {"round": 0}
+    # every round that finished (and so was released) has its ledger entry for client 0
+    assert len(read_ledger(ledger)) >= state["round"]
+    from secure_fedora.cli import main
+
+    assert main(["run", str(cfg_path), "--out", str(run_dir), "--quiet", "--resume"]) == 0
+    for path in _ledgers(run_dir, "local"):
+        assert verify_ledger_file(path, keys[path.stem]) == []
+        entries = read_ledger(path)
+        assert entries[-1]["epsilon_after"] >= before[path.stem]
+        eps = [e["epsilon_after"] for e in entries]
+        assert eps == sorted(eps)
+
+
+def test_ditto_under_dp_states_that_personal_models_stay_on_the_client(tmp_path, clients):
+    cfg = dp_config(methods=["ditto"], training={"rounds": 1})
+    results = Simulation(cfg, tmp_path, clients=clients).run()
+    assert "never leave" in results["assumptions"]["client_held_models"]
+    # the released copies are still accounted: every client spent its budget on them
+    assert all(c["epsilon_spent"] > 0 for c in results["privacy"]["ditto"]["clients"])
+    plain = Simulation(dp_config(methods=["fedora"], training={"rounds": 1}), tmp_path / "f",
+                       clients=clients).run()
+    assert "client_held_models" not in plain["assumptions"]
+
+
+def test_auto_accountant_is_recorded_and_private_validation_selects_the_final_round(tmp_path,
+                                                                                    clients):
+    cfg = dp_config(methods=["local"], data={"validation": "private"},
+                    evaluation={"every": 1})
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    results = sim.run()
+    section = results["privacy"]["local"]
+    choice = section["accountant_choice"]
+    assert section["accountant"] == choice["accountant"] == "pld"
+    row = choice["comparison"][0]
+    assert row["pld_epsilon_of_plan"] < row["rdp_epsilon_of_plan"]
+    assert row["pld_noise_multiplier"] < row["rdp_noise_multiplier"]
+    assert "auto" in choice["reason"] and section["plan"][0]["accountant"] == "pld"
+    assert section["plan"][0]["planned_epsilon_pld"] <= 4.0 < section["plan"][0]["planned_epsilon_rdp"]
+    # no round is chosen by private validation accuracy, and none is reported
+    assert results["assumptions"]["model_selection"] == "final_round"
+    assert results["methods"]["local"]["selected"]["round"] == 3
+    assert len(sim.history) == 3 and all(h["val_mean"] is None for h in sim.history)
+
+
+def test_selecting_by_private_validation_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="model_selection"):
+        dp_config(data={"validation": "private"}, privacy={"model_selection": "validation"})
+    assert dp_config(privacy={"model_selection": "validation"}).privacy.model_selection
+
+
+def test_forced_step_count_mismatch_refuses_the_model_release(tmp_path, clients, monkeypatch):
+    from secure_fedora.secure.private import DPGradient, StepCountMismatchError
+
+    honest = DPGradient.batches
+
+    def one_extra(self, n, epochs, generator):
+        yield from honest(self, n, epochs, generator)
+        yield from list(honest(self, n, epochs, generator))[:1]
+
+    monkeypatch.setattr(DPGradient, "batches", one_extra)
+    cfg = dp_config(methods=["local"])
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    with pytest.raises(StepCountMismatchError, match="executed 5 DP-SGD steps in round 1"):
+        sim.run()
+    entries = read_ledger(tmp_path / "ledgers" / "local" / "client-000.jsonl")
+    assert entries[-1]["mechanism"] == "refusal"
+    assert "step count mismatch" in entries[-1]["params"]["reason"]
+    assert entries[-1]["params"]["epsilon_would_be"] > entries[-2]["epsilon_after"]
+
+
+def test_summary_refused_at_run_time_is_a_ledger_refusal_with_a_real_epsilon(tmp_path, clients):
+    from privacy.accounting import MechanismRecord, calibrate_noise_multiplier
+    from privacy.pipeline import Release
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = dp_config(methods=["fedora"])
+    privacy = FederationPrivacy.open(cfg, "fedora", 4, tmp_path / "ledgers", tmp_path / "keys")
+    c = privacy.clients[1]
+    # Something else already spent 99% of client 1's budget: its summary no longer fits.
+    sigma = calibrate_noise_multiplier(0.99 * 4.0, 1e-3, [PlannedRelease("other", 1.0, 1)],
+                                       privacy.accountant)
+    c.gate.process(Release("other", torch.zeros(1), 0, [MechanismRecord("other", sigma, 1.0)]))
+    gens = [ReproducibleNoise(i) for i in range(4)]
+    with pytest.raises(BudgetExceededError) as info:
+        privacy.noised_summaries(clients, 1, 10, gens)
+    assert math.isfinite(info.value.epsilon_would_be) and info.value.epsilon_would_be > 4.0
+    assert "nan" not in str(info.value) and "client-001" in str(info.value)
+    privacy.close()
+    last = read_ledger(tmp_path / "ledgers" / "client-001.jsonl")[-1]
+    assert last["mechanism"] == "refusal" and last["params"]["release_kind"] == "summary"
+
+
+def test_cli_refuses_an_over_budget_plan_with_one_line_and_nonzero_exit(tmp_path, capsys):
+    from secure_fedora import cli
+    doc = json.loads(json.dumps(BASE))
+    lines = []
+    for section, body in doc.items():
+        if not isinstance(body, dict):
+            lines.insert(0, f"{section} = {json.dumps(body)}")
+    for section, body in doc.items():
+        if isinstance(body, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in body.items()]
+    lines.append("noise_multiplier = 0.3")  # under [privacy], the last section
+    path = tmp_path / "c.toml"
+    path.write_text("\n".join(lines) + "\n")
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr().err
+    assert code == 2 and len(out.strip().splitlines()) == 1 and "over budget for 4 client(s)" in out and "Traceback" not in out
