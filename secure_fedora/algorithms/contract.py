@@ -90,6 +90,7 @@ class FederatedAlgorithm(ABC):
 
     def server_setup(self, replies: Mapping[int, Payload]) -> None:
         """Server: build what the rounds need from the accepted setup replies."""
+        return None
 
     # ------------------------------------------------------------------ rounds
     @abstractmethod

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from privacy.errors import ToolkitError
+from secure_fedora.learning.client import proximal_pull_
 
 __all__ = [
     "RelatednessError",
@@ -215,16 +216,6 @@ def regularization_weight(loss_local: float, loss_received: float) -> float:
     if loss_local > loss_received:
         return math.exp((loss_local - loss_received) / 2.0)
     return 0.0
-
-
-def proximal_pull_(theta: Tensor, theta_before: Tensor, phi: Tensor, lr: float, lam: float) -> Tensor:
-    """In place: ``theta <- theta - lr * lam * (theta_before - phi)``; returns ``theta``.
-
-    Applied after every optimizer step with ``theta_before`` the parameters before that step.
-    """
-    if lam != 0.0:
-        theta.add_(theta_before - phi, alpha=-lr * lam)
-    return theta
 
 
 def attach_new_client(

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from privacy.errors import ToolkitError
-from secure_fedora.algorithms.fedora import proximal_pull_
 from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
 
 __all__ = [
@@ -32,6 +31,16 @@ __all__ = [
     "evaluate",
     "local_train",
 ]
+
+
+def proximal_pull_(theta: Tensor, theta_before: Tensor, phi: Tensor, lr: float, lam: float) -> Tensor:
+    """In place: ``theta <- theta - lr * lam * (theta_before - phi)``; returns ``theta``.
+
+    Applied after every optimizer step with ``theta_before`` the parameters before that step.
+    """
+    if lam != 0.0:
+        theta.add_(theta_before - phi, alpha=-lr * lam)
+    return theta
 
 
 class ClientUpdateError(ToolkitError, ValueError):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from secure_fedora.data import sources as data
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import (
     DataError,
@@ -22,7 +23,6 @@ from secure_fedora.data.sources import (
     rotate_images,
     to_float_images,
 )
-from secure_fedora.data import sources as data
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
