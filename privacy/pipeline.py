@@ -479,7 +479,7 @@ class AccountedWith:
             raise PipelineError(f"release {release.kind!r} carries no mechanism record")
         last = int(admitted.metadata["ledger_index"])
         first = last - len(admitted.records) + 1
-        entries = self.ledger.entries[first: last + 1]
+        entries = self.ledger.entries_between(first, last)
         for record in release.records:
             params = record.ledger_params()
             match = next((e["index"] for e in entries
@@ -646,7 +646,7 @@ class CheckExecutedSteps(AfterGate):
         if "ledger_index" not in release.metadata:
             return None
         last = int(release.metadata["ledger_index"])
-        entries = self.gate.ledger.entries[last - len(release.records) + 1: last + 1]
+        entries = self.gate.ledger.entries_between(last - len(release.records) + 1, last)
         return sum(int(e["params"]["steps"]) for e in entries
                    if e["mechanism"] == self.mechanism and e["round"] == release.round)
 

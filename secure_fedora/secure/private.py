@@ -64,6 +64,7 @@ from privacy.pipeline import (
     BudgetGate,
     CheckExecutedSteps,
     JournalRelease,
+    PipelineError,
     RecordParams,
     Release,
     ReleasePipeline,
@@ -343,6 +344,10 @@ class DPGradient:
         the sum of individually computed, clipped gradients. A model neither path supports
         raises :class:`privacy.dpsgd.DPSGDError` naming its first unsupported layer."""
         check_per_sample_gradients(self.dpsgd, self._loss, x, y)
+
+
+def _listing_only(release: Release) -> bytes:
+    raise PipelineError("this pipeline was built to list its stages; it signs nothing")
 
 
 class _CrashPoint(AfterGate):
@@ -691,9 +696,10 @@ class FederationPrivacy:
         return ReleasePipeline([*self._admission_stages(i), check,
                                 *([SignEnvelope(sign)] if sign is not None else [])])
 
-    def release_stages(self, i: int) -> dict[str, list[str]]:
+    def release_stages(self, i: int, *, signed: bool = False) -> dict[str, list[str]]:
         """The stages of each kind of client ``i``'s releases, in order, as built for it
-        (``Transform`` stages by their name, crash-test hooks omitted)."""
+        (``Transform`` stages by their name, crash-test hooks omitted); ``signed``: the model
+        pipeline of :meth:`release_model` with an envelope signer."""
         c = self.clients[i]
         placeholder = ReproducibleNoise(0)  # the noise stages need a source; nothing is drawn
         summary = second_moment_stages(1.0, 1, 1, c.noise_multiplier, placeholder)
@@ -704,8 +710,7 @@ class FederationPrivacy:
                     if not isinstance(s, _CrashPoint)]
 
         return {
-            # the envelope signature is the last stage where envelopes are on
-            "model": [*names(self.model_pipeline(i).stages), "SignEnvelope"],
+            "model": names(self.model_pipeline(i, _listing_only if signed else None).stages),
             "summary": names([*summary, *self._admission_stages(i)]),
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
         }

@@ -371,10 +371,12 @@ def test_each_release_kind_runs_through_its_stages_in_order(tmp_path):
     privacy = _private_fedora(tmp_path)
     try:
         stages = privacy.release_stages(0)
+        signed = privacy.release_stages(0, signed=True)["model"]
     finally:
         privacy.close()
     assert stages["model"] == ["RecordParams", "BudgetGate", "JournalRelease",
-                               "CheckExecutedSteps", "SignEnvelope"]
+                               "CheckExecutedSteps"]
+    assert signed == [*stages["model"], "SignEnvelope"]
     assert stages["summary"] == ["ClipRows", "second_moment", "GaussianNoise", "symmetrize",
                                  "top_eigenvectors", "RecordParams", "BudgetGate",
                                  "JournalRelease"]
