@@ -87,6 +87,7 @@ from dp_accounting import pld, rdp
 
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
+from privacy.mechanisms import MECHANISMS
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
 __all__ = [
@@ -676,13 +677,8 @@ def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int,
                        method: str | None) -> list[Finding]:
     p = entry["params"]
     mech = entry["mechanism"]
-    expected: float | None = None
-    if mech == "gaussian_summary" and all(k in p for k in ("clip_norm", "n", "sensitivity")):
-        if _number(p["clip_norm"]) and _int(p["n"]) and p["n"] > 0:
-            expected = float(p["clip_norm"]) ** 2 / p["n"]
-    elif mech == "gaussian_lambda" and all(k in p for k in ("clip", "m", "sensitivity")):
-        if _number(p["clip"]) and _int(p["m"]) and p["m"] > 0:
-            expected = float(p["clip"]) / p["m"]
+    # The mechanism registry knows which params each mechanism's sensitivity follows from.
+    expected = MECHANISMS.expected_sensitivity(mech, p) if "sensitivity" in p else None
     if expected is None:
         return []
     got = p["sensitivity"]

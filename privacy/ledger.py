@@ -477,6 +477,11 @@ class LedgerWriter:
         """Copies of all entries in the file, oldest first."""
         return [json.loads(canonical_json(e)) for e in self._entries]
 
+    def entries_between(self, first: int, last: int) -> list[dict[str, Any]]:
+        """Copies of the entries with index ``first`` to ``last`` (inclusive; clipped to the
+        ledger), without copying the whole ledger."""
+        return [json.loads(canonical_json(e)) for e in self._entries[max(first, 0): last + 1]]
+
     @property
     def head(self) -> tuple[int, str]:
         """(number of entries, hash of the last line) — anchor this outside the client."""

@@ -18,6 +18,9 @@ the noise is a function of a seed and gives no guarantee against anyone who know
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -245,3 +248,90 @@ def scalar_record(clip: float, noise_multiplier: float, m: int,
     return MechanismRecord(mechanism, _check_positive("noise_multiplier", noise_multiplier), 1.0,
                            1, {"clip": float(clip), "m": m, "sensitivity": sensitivity,
                                "neighbouring": "add/remove one record, m public"})
+
+
+SensitivityInputs = dict[str, str]
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """What the toolkit knows about one accounted mechanism, by its ledger name.
+
+    ``sensitivity_inputs`` names the ledger params the L2 sensitivity is computed from, each
+    as ``"number"`` (finite) or ``"count"`` (int > 0); ``sensitivity`` computes it from them
+    (None: the mechanism records no sensitivity of its own, e.g. DP-SGD, whose per-step
+    sensitivity is its clip norm). An auditor recomputes the recorded sensitivity with it.
+    """
+
+    name: str
+    description: str
+    sensitivity_inputs: SensitivityInputs = field(default_factory=dict)
+    sensitivity: Callable[[Mapping[str, Any]], float] | None = None
+
+
+class MechanismRegistry:
+    """Name -> :class:`MechanismSpec`. Registering a name twice raises MechanismError (a
+    plug-in cannot silently replace a built-in); an unknown name lists the known ones."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MechanismSpec] = {}
+
+    def register(self, spec: MechanismSpec) -> MechanismSpec:
+        """Add ``spec`` under ``spec.name``; returns it."""
+        if not isinstance(spec, MechanismSpec):
+            raise MechanismError(f"register needs a MechanismSpec, got {type(spec).__name__}")
+        if not spec.name or spec.name in self._specs:
+            raise MechanismError(f"mechanism {spec.name!r} is empty or already registered")
+        for key, kind in spec.sensitivity_inputs.items():
+            if kind not in ("number", "count"):
+                raise MechanismError(f"mechanism {spec.name!r}: input {key!r} must be"
+                                     f" 'number' or 'count', got {kind!r}")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> MechanismSpec:
+        """The spec of ``name``; MechanismError listing the registered names if unknown."""
+        if name not in self._specs:
+            raise MechanismError(f"unknown mechanism {name!r}; registered: {sorted(self._specs)}")
+        return self._specs[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def names(self) -> tuple[str, ...]:
+        """Registered names, in registration order."""
+        return tuple(self._specs)
+
+    def expected_sensitivity(self, name: str, params: Mapping[str, Any]) -> float | None:
+        """The sensitivity ``name``'s recorded ``params`` imply, or None when it cannot be
+        recomputed: an unregistered mechanism, one without a sensitivity formula, or params
+        missing an input (or holding one of the wrong type: a non-finite number, a count
+        that is not an int > 0)."""
+        spec = self._specs.get(name)
+        if spec is None or spec.sensitivity is None:
+            return None
+        for key, kind in spec.sensitivity_inputs.items():
+            value = params.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value):
+                return None
+            if kind == "count" and not (isinstance(value, int) and value > 0):
+                return None
+        return spec.sensitivity(params)
+
+
+#: The accounted mechanisms, by the name their ledger entries carry.
+MECHANISMS = MechanismRegistry()
+MECHANISMS.register(MechanismSpec(
+    "dpsgd", "DP-SGD: Poisson-sampled steps, per-sample gradients clipped to clip_norm,"
+    " Gaussian noise of std noise_multiplier * clip_norm (privacy.dpsgd)"))
+MECHANISMS.register(MechanismSpec(
+    "gaussian_summary", "Gaussian mechanism on the clipped second moment Z^T Z / n"
+    " (noised_second_moment), top-q eigenvectors as post-processing",
+    {"clip_norm": "number", "n": "count"},
+    lambda p: float(p["clip_norm"]) ** 2 / p["n"]))
+MECHANISMS.register(MechanismSpec(
+    "gaussian_lambda", "Gaussian mechanism on the mean of per-record values clamped to"
+    " [-clip, clip] (noised_scalar)",
+    {"clip": "number", "m": "count"},
+    lambda p: float(p["clip"]) / p["m"]))

@@ -1,17 +1,29 @@
-"""Release pipeline: an ordered list of postprocessors ending in a budget gate.
+"""Release pipeline: small stages, in order, that every data-dependent release passes.
 
 A :class:`Release` is what a client is about to send: a payload (tensor, or bytes once an
 encryption stage has run), the round, and the :class:`~privacy.accounting.MechanismRecord`\\ s
-of every accounted mechanism the payload is the output of. Stages transform a release and
-may add records (:class:`GaussianNoise`); the last stage, :class:`BudgetGate`, decides
-whether it may leave the client, and writes the ledger before letting it through.
+of every accounted mechanism the payload is the output of. Any object with
+``process(release) -> Release`` is a stage. The order is
 
-Any object with ``process(release) -> Release`` is a stage (e.g. a CKKS encryption stage).
+    clip -> noise -> (encrypt) -> gate + ledger -> journal -> (step check) -> sign
+
+Stages before the gate transform the payload and may add records (:class:`ClipRows`,
+:class:`ClampValues`, :class:`GaussianNoise`, :class:`Transform`, :class:`EncryptPayload`,
+:class:`RecordParams`); :class:`BudgetGate` decides whether the release may leave the client
+and writes the ledger before letting it through; the stages after it (:class:`AfterGate`:
+:class:`JournalRelease`, :class:`CheckExecutedSteps`, :class:`SignEnvelope`) act on the
+accounted release and never change what it accounts (the pipeline checks this).
+
+A release whose mechanism runs *after* its accounting (DP-SGD: the gate admits the round's
+step count before training, the steps run, then the model leaves) passes the same pipeline in
+two calls: ``run(release, stop=k)`` up to the journal before the mechanism runs, and
+``run(admitted, start=k)`` (the step check, the signature) before the payload leaves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -26,6 +38,7 @@ from privacy.accounting import (
     PrivacyBudget,
 )
 from privacy.errors import ToolkitError
+from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
 from privacy.ledger import (
     CLOSE,
     REFUSAL,
@@ -35,12 +48,31 @@ from privacy.ledger import (
     canonical_json,
     replay_accountant,
 )
-from privacy.mechanisms import GaussianMechanism, clip_rows
+from privacy.mechanisms import (
+    GaussianMechanism,
+    clip_rows,
+    scalar_record,
+    summary_record,
+    top_eigenvectors,
+)
 from privacy.noise import NoiseSource
 
 
 class PipelineError(ToolkitError, ValueError):
     """A release or stage is malformed; the message names the stage/field."""
+
+
+class StepCountMismatchError(PipelineError):
+    """A client executed a different number of DP-SGD steps than its ledger accounted.
+
+    Raised by :class:`CheckExecutedSteps` before the trained model is released; the release
+    is refused in the ledger first (``refusal`` is the gate's BudgetExceededError).
+    """
+
+    def __init__(self, reason: str, refusal: BudgetExceededError | None = None) -> None:
+        self.reason = reason
+        self.refusal = refusal
+        super().__init__(reason + "; the model release was refused")
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,60 @@ class Transform:
     def process(self, release: Release) -> Release:
         """Payload replaced by ``fn(payload)``."""
         return release.replace(payload=self.fn(release.payload))
+
+
+class ClampValues:
+    """Clamp each value of a 1-D tensor payload (one value per record) to ``[-clip, clip]``
+    (no privacy cost by itself; bounds each record's contribution to a later sum)."""
+
+    def __init__(self, clip: float) -> None:
+        clip_rows(torch.zeros(1, 1), clip)  # validates clip (> 0, finite)
+        self.clip = float(clip)
+
+    def process(self, release: Release) -> Release:
+        """Clamped payload (a new tensor)."""
+        values = _tensor_payload("ClampValues", release)
+        if values.ndim != 1:
+            raise PipelineError(f"ClampValues needs a 1-D payload (one value per record), got"
+                                f" shape {tuple(values.shape)}")
+        return release.replace(payload=values.clamp(-self.clip, self.clip))
+
+
+class RecordParams:
+    """Add ``params`` to every record of the release (e.g. where its noise came from), so
+    the ledger entries the gate writes state them (signed). Adds no record."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        if not isinstance(params, dict):
+            raise PipelineError(f"RecordParams needs a dict, got {type(params).__name__}")
+        self.params = dict(params)
+
+    def process(self, release: Release) -> Release:
+        """The release with each record's params extended (records are replaced, not mutated)."""
+        records = [dataclasses.replace(r, params={**r.params, **self.params})
+                   for r in release.records]
+        return release.replace(records=records)
+
+
+class EncryptPayload:
+    """Encryption stage: ``encrypt(tensor) -> bytes`` (e.g. CKKS under the key holder's
+    public key). Post-processing of whatever precedes it, so it adds no record; stages after
+    it see bytes (the gate, journal and signature accept bytes; noise stages do not)."""
+
+    def __init__(self, encrypt: Callable[[Tensor], bytes], scheme: str) -> None:
+        if not callable(encrypt):
+            raise PipelineError(f"EncryptPayload {scheme!r}: encrypt must be callable")
+        self.encrypt = encrypt
+        self.scheme = scheme
+
+    def process(self, release: Release) -> Release:
+        """The ciphertext as the payload; ``metadata["encryption"]`` names the scheme."""
+        ciphertext = self.encrypt(_tensor_payload("EncryptPayload", release))
+        if not isinstance(ciphertext, bytes):
+            raise PipelineError(f"EncryptPayload {self.scheme!r} returned"
+                                f" {type(ciphertext).__name__}, not bytes")
+        return release.replace(payload=ciphertext,
+                               metadata={**release.metadata, "encryption": self.scheme})
 
 
 class BudgetGate:
@@ -369,9 +455,246 @@ class BudgetGate:
                                          "epsilon_after": eps_final})
 
 
+class AccountedWith:
+    """Last stage of a release accounted in advance, as part of ``admitted`` (a release the
+    gate passed, e.g. a round's model release whose records include the noised lambda that
+    shapes it): each record of this release must be one of ``admitted``'s records and match
+    one of its ledger entries not yet used by another such release (``used`` holds the ledger
+    indices consumed so far; this stage adds to it). Otherwise PipelineError: the release
+    would be computed from data without its accounting on the ledger.
+    """
+
+    def __init__(self, admitted: Release | None, ledger: LedgerWriter, used: set[int]) -> None:
+        self.admitted = admitted
+        self.ledger = ledger
+        self.used = used
+
+    def process(self, release: Release) -> Release:
+        """The release unchanged, each of its records matched to an unused ledger entry."""
+        admitted = self.admitted
+        if admitted is None or "ledger_index" not in admitted.metadata:
+            raise PipelineError(f"release {release.kind!r}: no admitted release accounts it"
+                                " (it must be admitted through the gate first)")
+        if not release.records:
+            raise PipelineError(f"release {release.kind!r} carries no mechanism record")
+        last = int(admitted.metadata["ledger_index"])
+        first = last - len(admitted.records) + 1
+        entries = self.ledger.entries_between(first, last)
+        for record in release.records:
+            params = record.ledger_params()
+            match = next((e["index"] for e in entries
+                          if e["index"] not in self.used and e["round"] == admitted.round
+                          and e["mechanism"] == record.mechanism
+                          and all(e["params"].get(k) == v for k, v in params.items())), None)
+            if record not in admitted.records or match is None:
+                raise PipelineError(
+                    f"release {release.kind!r} ({record.mechanism!r}, round {admitted.round}):"
+                    f" the admitted {admitted.kind!r} release (ledger entries {first}..{last})"
+                    " does not account it, or its entry was already used; refusing to"
+                    " release it unaccounted")
+            self.used.add(match)
+        return release.replace(metadata={**release.metadata, "ledger_index": last,
+                                         "accounted_with": admitted.kind})
+
+
+def second_moment_stages(clip_norm: float, n: int, q: int, noise_multiplier: float,
+                         noise: NoiseSource, mechanism: str = "gaussian_summary") -> list[Any]:
+    """The stages of a noised second-moment summary of a 2-D payload ``Z``: clip each row to
+    ``clip_norm``, ``M = Z^T Z / n`` (``n`` public), the Gaussian mechanism with sensitivity
+    ``clip_norm^2 / n`` (record ``mechanism``), symmetrize, keep the top-``q`` eigenvectors.
+    The same computation, bit for bit, as :func:`privacy.mechanisms.noised_second_moment`
+    followed by :func:`~privacy.mechanisms.top_eigenvectors` (and the same record as
+    :func:`~privacy.mechanisms.summary_record`)."""
+    record = summary_record(clip_norm, noise_multiplier, n, q, mechanism)  # validates all
+    params = {k: v for k, v in record.params.items() if k != "sensitivity"}
+    return [
+        ClipRows(clip_norm),
+        Transform(lambda z: z.T @ z / n, "second_moment"),
+        GaussianNoise(noise_multiplier, record.params["sensitivity"], noise, mechanism, params),
+        Transform(lambda m: (m + m.T) / 2, "symmetrize"),
+        Transform(lambda m: top_eigenvectors(m, q), "top_eigenvectors"),
+    ]
+
+
+def noised_mean_stages(clip: float, m: int, noise_multiplier: float, noise: NoiseSource,
+                       mechanism: str = "gaussian_lambda") -> list[Any]:
+    """The stages of a noised mean of a 1-D payload (one value per record): clamp each value
+    to ``[-clip, clip]``, sum / ``m`` (``m`` public), the Gaussian mechanism with sensitivity
+    ``clip / m`` (record ``mechanism``). Bit for bit :func:`privacy.mechanisms.noised_scalar`
+    (and the record of :func:`~privacy.mechanisms.scalar_record`)."""
+    record = scalar_record(clip, noise_multiplier, m, mechanism)  # validates all
+    params = {k: v for k, v in record.params.items() if k != "sensitivity"}
+    return [
+        ClampValues(clip),
+        Transform(lambda v: v.sum() / m, "mean"),
+        GaussianNoise(noise_multiplier, record.params["sensitivity"], noise, mechanism, params),
+    ]
+
+
+class AfterGate(ABC):
+    """A stage that may follow the :class:`BudgetGate`: it acts on an accounted release
+    (journals, checks or signs it) and never changes its records (the pipeline checks this).
+    Such a stage only runs on a release the gate passed (it has ``ledger_index``)."""
+
+    @abstractmethod
+    def process(self, release: Release) -> Release:
+        """Return the (possibly re-wrapped) release; raise to stop it leaving."""
+
+
+def payload_bytes(payload: Tensor | bytes) -> bytes:
+    """The bytes a release's payload digest is taken over (a tensor's raw values, C order)."""
+    if isinstance(payload, bytes):
+        return payload
+    return payload.detach().contiguous().cpu().numpy().tobytes()
+
+
+#: Metadata key of the noise state a :class:`JournalRelease` journals; the stage removes it,
+#: so the state (secret with CSPRNG noise) never travels further with the release.
+NOISE_STATE = "journal_noise_state"
+
+
+class JournalRelease(AfterGate):
+    """Exactly-once record: journal the accounted release durably before it leaves.
+
+    The record holds the release's last ledger entry, its payload digest and the state of the
+    client's noise source before the release's draws (``metadata[NOISE_STATE]``, removed
+    here; with ``keep_noise_state`` False, as for reproducible noise that checkpoint and seed
+    re-create, only its digest). A resumed run (``resumed`` set) presenting a journaled
+    release must present the very same one (same ledger entry, same payload digest), else
+    LedgerError ("resume diverged"); a run that is not resumed finding a record refuses to
+    release (JournalError: the journal belongs to an earlier run).
+    ``metadata["journal_bytes"]`` is what the append wrote (0 when matched).
+    """
+
+    def __init__(self, journal: ReleaseJournal, client_id: str, *,
+                 keep_noise_state: bool, resumed: bool = False) -> None:
+        if not isinstance(journal, ReleaseJournal):
+            raise PipelineError(f"JournalRelease needs a ReleaseJournal, got {type(journal).__name__}")
+        self.journal = journal
+        self.client_id = client_id
+        self.keep_noise_state = keep_noise_state
+        self.resumed = resumed
+
+    def process(self, release: Release) -> Release:
+        """The release with the journal record on disk (or matched), noise state removed."""
+        metadata = dict(release.metadata)
+        noise_state = metadata.pop(NOISE_STATE, b"")
+        rnd, kind, ledger_index = release.round, release.kind, int(metadata["ledger_index"])
+        digest = payload_digest(payload_bytes(release.payload))
+        record = self.journal.get(rnd, kind)
+        if record is not None and not self.resumed:
+            raise JournalError(
+                f"journal {str(self.journal.path)!r} already records the round-{rnd} {kind!r}"
+                " release of an earlier run in this directory; resume that run or use a new"
+                " directory"
+            )
+        written = 0
+        if record is None:
+            kept = noise_state if self.keep_noise_state else b""
+            written = self.journal.append(JournalRecord(
+                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept))
+        elif record.ledger_index != ledger_index or record.payload_sha256 != digest:
+            raise LedgerError(
+                f"client {self.client_id!r}: resume diverged: the round-{rnd}"
+                f" {kind!r} release differs from the journaled one (ledger entry"
+                f" {ledger_index} vs {record.ledger_index}, payload digest"
+                f" {'equal' if record.payload_sha256 == digest else 'different'})"
+            )
+        return release.replace(metadata={**metadata, "journal_bytes": written})
+
+
+class StepCounter:
+    """Counts the DP-SGD steps a client executes; :meth:`count` is the optimizer's step hook
+    (called once per executed noised step, as Opacus's optimizer step hook)."""
+
+    def __init__(self) -> None:
+        self.executed = 0
+
+    def count(self) -> None:
+        """One more DP-SGD step executed."""
+        self.executed += 1
+
+    def reset(self) -> None:
+        """Start counting a new admitted release."""
+        self.executed = 0
+
+
+class CheckExecutedSteps(AfterGate):
+    """Before a DP-SGD model leaves: the steps the client executed (``counter``) must equal
+    the steps the gate's ledger entries for this release account (read back from the ledger,
+    ``mechanism`` entries of the release's round).
+
+    On a mismatch (or a release the gate never admitted) the release is refused in the ledger
+    (a refusal entry with the epsilon the executed steps would reach; the gate closes) and
+    :class:`StepCountMismatchError` is raised, naming the client, both counts and the round.
+    ``noise_multiplier``/``sample_rate`` are the client's DP-SGD parameters (to state the
+    epsilon of steps executed beyond the accounted ones).
+    """
+
+    def __init__(self, gate: BudgetGate, counter: StepCounter, noise_multiplier: float,
+                 sample_rate: float, mechanism: str = "dpsgd") -> None:
+        if not isinstance(gate, BudgetGate):
+            raise PipelineError(f"CheckExecutedSteps needs a BudgetGate, got {type(gate).__name__}")
+        self.gate = gate
+        self.counter = counter
+        self.noise_multiplier = float(noise_multiplier)
+        self.sample_rate = float(sample_rate)
+        self.mechanism = mechanism
+
+    def accounted_steps(self, release: Release) -> int | None:
+        """The steps the ledger entries of ``release`` account (None: the gate did not admit it)."""
+        if "ledger_index" not in release.metadata:
+            return None
+        last = int(release.metadata["ledger_index"])
+        entries = self.gate.ledger.entries_between(last - len(release.records) + 1, last)
+        return sum(int(e["params"]["steps"]) for e in entries
+                   if e["mechanism"] == self.mechanism and e["round"] == release.round)
+
+    def process(self, release: Release) -> Release:
+        """The release unchanged when the counts agree; otherwise refusal + error."""
+        recorded = self.accounted_steps(release)
+        executed = self.counter.executed
+        if recorded is not None and executed == recorded:
+            return release
+        client_id, rnd = self.gate.client_id, release.round
+        reason = (f"step count mismatch: client {client_id!r} executed {executed} DP-SGD"
+                  f" steps in round {rnd}, its ledger accounted {recorded}")
+        accountant, delta = self.gate.accountant, self.gate.budget.delta
+        eps = accountant.epsilon(delta) if accountant.history else 0.0
+        extra = executed - (recorded or 0)
+        if extra > 0:
+            eps = accountant.epsilon_after(delta, self.noise_multiplier, self.sample_rate, extra)
+        try:
+            self.gate.refuse(Release(release.kind, torch.empty(0), rnd), eps, reason)
+        except BudgetExceededError as refusal:
+            raise StepCountMismatchError(reason, refusal) from refusal
+        raise StepCountMismatchError(reason)  # refuse() always raises; kept for type checkers
+
+
+class SignEnvelope(AfterGate):
+    """The last stage where envelopes are on: ``sign(release) -> bytes`` wraps the payload in
+    the client's signed envelope (e.g. ``SecureTransport.client_upload``), which becomes the
+    payload; ``metadata["signed"]`` is True. The records are unchanged."""
+
+    def __init__(self, sign: Callable[[Release], bytes]) -> None:
+        if not callable(sign):
+            raise PipelineError("SignEnvelope: sign must be callable")
+        self.sign = sign
+
+    def process(self, release: Release) -> Release:
+        """The release with its signed message as the payload."""
+        message = self.sign(release)
+        if not isinstance(message, bytes):
+            raise PipelineError(f"SignEnvelope: sign returned {type(message).__name__}, not bytes")
+        return release.replace(payload=message, metadata={**release.metadata, "signed": True})
+
+
 class ReleasePipeline:
-    """Runs stages in order. With ``require_gate`` (default) the last stage must be a BudgetGate
-    and no other stage may be one, so nothing can leave through this pipeline unaccounted.
+    """Runs stages in order. With ``require_gate`` (default) exactly one stage is a
+    BudgetGate and every stage after it is an :class:`AfterGate` stage (journal, step check,
+    signature), so nothing can leave through this pipeline unaccounted: the gate is the last
+    stage that may change what a release accounts. Without ``require_gate`` (a release
+    accounted elsewhere, or no release at all) the same order holds for any gate present.
     """
 
     def __init__(self, stages: Sequence[Postprocessor], *, require_gate: bool = True) -> None:
@@ -380,24 +703,47 @@ class ReleasePipeline:
             if not callable(getattr(stage, "process", None)):
                 raise PipelineError(f"stage {i} ({type(stage).__name__}) has no process() method")
         gates = [i for i, s in enumerate(stages) if isinstance(s, BudgetGate)]
-        if require_gate and (not stages or gates != [len(stages) - 1]):
+        gate = gates[0] if len(gates) == 1 else None
+        misplaced = [f"{i} ({type(s).__name__})" for i, s in enumerate(stages)
+                     if gate is not None and i > gate and not isinstance(s, AfterGate)]
+        early = [f"{i} ({type(s).__name__})" for i, s in enumerate(stages)
+                 if isinstance(s, AfterGate) and (gate is None or i < gate)]
+        if (require_gate and gate is None) or len(gates) > 1 or misplaced or early:
             raise PipelineError(
-                "the last stage, and only the last, must be a BudgetGate"
-                f" (gates at positions {gates} of {len(stages)})"
+                "the BudgetGate must be the last stage that changes a release: one gate, and"
+                " only after-gate stages (journal, step check, signature) after it"
+                f" (gates at positions {gates} of {len(stages)}; other stages after the gate:"
+                f" {misplaced}; after-gate stages without a gate before them: {early})"
             )
-        if not require_gate and gates and gates != [len(stages) - 1]:
-            raise PipelineError(f"a BudgetGate must be the last stage (found at {gates})")
         self.stages = stages
+        self.gate_position = gate
 
-    def run(self, release: Release) -> Release:
-        """The release after every stage; exceptions from a stage propagate (nothing returned)."""
+    def index(self, stage_type: type) -> int:
+        """Position of the first stage of ``stage_type`` (PipelineError if there is none)."""
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, stage_type):
+                return i
+        raise PipelineError(f"the pipeline has no {stage_type.__name__} stage")
+
+    def run(self, release: Release, *, start: int = 0, stop: int | None = None) -> Release:
+        """The release after stages ``start`` to ``stop`` (default: all); exceptions from a
+        stage propagate (nothing returned). Starting after the gate needs a release the gate
+        passed; an after-gate stage that changes the records is an error."""
         if not isinstance(release, Release):
             raise PipelineError(f"run() needs a Release, got {type(release).__name__}")
-        for stage in self.stages:
+        if (self.gate_position is not None and start > self.gate_position
+                and "ledger_index" not in release.metadata):
+            raise PipelineError(
+                f"release {release.kind!r} (round {release.round}) did not pass this"
+                f" pipeline's gate; stages after it cannot run on it")
+        for stage in self.stages[start:stop]:
             out = stage.process(release)
             if not isinstance(out, Release):
                 raise PipelineError(f"stage {type(stage).__name__} returned"
                                     f" {type(out).__name__}, not a Release")
+            if isinstance(stage, AfterGate) and out.records != release.records:
+                raise PipelineError(f"after-gate stage {type(stage).__name__} changed the"
+                                    " release's records (only the gate's ledger accounts them)")
             release = out
         return release
 

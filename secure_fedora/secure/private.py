@@ -1,15 +1,22 @@
 """Client-side privacy for the federation: DP-SGD, budgets, noised releases, the ledger.
 
-Every data-dependent release of a client goes through its own :class:`privacy.pipeline.BudgetGate`
-(accountant + budget + write-ahead ledger) before it leaves the client:
+Every data-dependent release of a client goes through a :class:`privacy.pipeline.ReleasePipeline`
+of that client, built from small stages in the order clip -> noise -> (encrypt) -> gate + ledger
+(accountant + budget + write-ahead ledger) -> journal (exactly-once record) -> step check ->
+sign; :meth:`FederationPrivacy.release_stages` lists them per release kind:
 
-- the model ``theta_i`` every round it participates: DP-SGD (Poisson sampling at rate q,
-  per-sample clipping, Gaussian noise) for the round's ``ceil(E / q)`` steps; the gate is passed
-  *before* local training starts (the step count is fixed in advance), so the ledger entry is
-  on disk before the trained model can be sent;
+- the model ``theta_i`` every round it participates (every method's upload): DP-SGD (Poisson
+  sampling at rate q, per-sample clipping, Gaussian noise) for the round's ``ceil(E / q)``
+  steps. The optimizer clips and noises each step; the gate is passed *before* local training
+  starts (the step count is fixed in advance), so the ledger entry and the journal record are
+  on disk before the trained model can be sent; every executed step is counted by the
+  oracle's step hook, and the pipeline's step check compares the count with the ledger
+  before the model leaves (:meth:`FederationPrivacy.confirm_steps`);
 - the relatedness summary, once (noised mode): Gaussian mechanism on the clipped second moment;
 - with ``data.validation = "private"``, each round's ``lambda_i``: a clipped, noised mean of the
-  per-example validation-loss differences (it shapes ``theta_i``, which is released).
+  per-example validation-loss differences (it shapes ``theta_i``, which is released); it is
+  accounted with the round's model release, and its pipeline ends by matching its record to
+  that release's ledger entry.
 
 A client whose release would exceed its budget is refused (ledger entry + error); it keeps its
 personalized model and releases nothing more. The federation goes on with the others.
@@ -17,8 +24,6 @@ personalized model and releases nothing more. The federation goes on with the ot
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import math
 import warnings
@@ -42,15 +47,9 @@ from privacy.accounting import (
 )
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.identity import client_ids, load_identity
-from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
+from privacy.journal import JournalError, ReleaseJournal, payload_digest
 from privacy.ledger import LedgerError, LedgerWriter, repair_torn_tail, replay_accountant
-from privacy.mechanisms import (
-    noised_scalar,
-    noised_second_moment,
-    scalar_record,
-    summary_record,
-    top_eigenvectors,
-)
+from privacy.mechanisms import scalar_record
 from privacy.noise import (
     REPRODUCIBLE_WARNING,
     CsprngNoise,
@@ -58,15 +57,31 @@ from privacy.noise import (
     ReproducibleNoise,
     make_noise_source,
 )
-from privacy.pipeline import BudgetGate, PipelineError, Release
+from privacy.pipeline import (
+    NOISE_STATE,
+    AccountedWith,
+    AfterGate,
+    BudgetGate,
+    CheckExecutedSteps,
+    JournalRelease,
+    PipelineError,
+    RecordParams,
+    Release,
+    ReleasePipeline,
+    SignEnvelope,
+    StepCounter,
+    StepCountMismatchError,
+    noised_mean_stages,
+    second_moment_stages,
+)
 from secure_fedora.algorithms import fedora
 from secure_fedora.core.config import ConfigError, ExperimentConfig
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
 
-__all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "client_noise_sources",
-           "noise_assumptions", "privacy_plan"]
+__all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
+           "client_noise_sources", "noise_assumptions", "privacy_plan"]
 
 log = logging.getLogger("secure_fedora.privacy")
 
@@ -105,13 +120,6 @@ class BudgetPlanError(ConfigError):
     def __init__(self, message: str, clients: Sequence[str]) -> None:
         self.clients = list(clients)
         super().__init__(message)
-
-
-class StepCountMismatchError(PipelineError):
-    """A client executed a different number of DP-SGD steps than its ledger accounted.
-
-    Raised before the trained model is released (the release is refused in the ledger).
-    """
 
 
 def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
@@ -338,6 +346,22 @@ class DPGradient:
         check_per_sample_gradients(self.dpsgd, self._loss, x, y)
 
 
+def _listing_only(release: Release) -> bytes:
+    raise PipelineError("this pipeline was built to list its stages; it signs nothing")
+
+
+class _CrashPoint(AfterGate):
+    """Test hook between the after-gate stages (:func:`secure_fedora.core.crashpoints.crash_point`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def process(self, release: Release) -> Release:
+        """The release unchanged (the process may be killed here in crash tests)."""
+        crash_point(self.name)
+        return release
+
+
 @dataclass
 class ClientPrivacy:
     """One client's privacy state: budget, accountant, ledger, gate and calibrated noise."""
@@ -351,8 +375,14 @@ class ClientPrivacy:
     refused_at: int | None = None
     refusal: str | None = None
     refusal_error: BudgetExceededError | None = None
-    #: DP-SGD steps the ledger accounted for each admitted round (read back from the ledger).
-    admitted_steps: dict[int, int] = field(default_factory=dict)
+    #: DP-SGD steps executed since the last admitted model release (the oracle's step hook).
+    step_counter: StepCounter = field(default_factory=StepCounter)
+    #: The journal stage of this client's pipelines (None without a release journal).
+    journal: JournalRelease | None = None
+    #: The last model release the gate admitted (its later stages run before it leaves).
+    admitted: Release | None = None
+    #: Ledger indices already used by releases accounted with an admitted one (the lambda).
+    used_entries: set[int] = field(default_factory=set)
 
     @property
     def noise_multiplier(self) -> float:
@@ -401,8 +431,17 @@ class FederationPrivacy:
     # Per-sample loss of the private lambda release (the task's loss; set by the runtime).
     loss: Any = CROSS_ENTROPY.checked
     accountant_choice: AccountantChoice | None = None
-    #: DP-SGD steps executed per client since its last admission (counted by the oracle hook).
-    executed_steps: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.journals is not None:
+            for c, journal in zip(self.clients, self.journals, strict=True):
+                c.journal = JournalRelease(journal, c.client_id,
+                                           keep_noise_state=not self.reproducible_noise)
+
+    @property
+    def executed_steps(self) -> dict[int, int]:
+        """DP-SGD steps executed per client since its last admission (the step hook's count)."""
+        return {i: c.step_counter.executed for i, c in enumerate(self.clients)}
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
@@ -490,6 +529,9 @@ class FederationPrivacy:
                 c.refused_at = c.refusal = None
         self.events = list(saved["events"]) if saved is not None else []
         self._resumed = True
+        for c in self.clients:
+            if c.journal is not None:
+                c.journal.resumed = True
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a round checkpoint must keep of the privacy side (refusals and events), so a
@@ -549,38 +591,43 @@ class FederationPrivacy:
         while not isinstance(oracle, DPGradient) and hasattr(oracle, "inner"):
             oracle = oracle.inner
         if isinstance(oracle, DPGradient):
-            oracle.on_step = functools.partial(self._count_step, i)
-
-    def _count_step(self, i: int) -> None:
-        self.executed_steps[i] = self.executed_steps.get(i, 0) + 1
+            oracle.on_step = self.clients[i].step_counter.count
 
     def confirm_steps(self, rnd: int, participants: Sequence[int]) -> None:
         """Check, before round ``rnd``'s models are released, that each participant executed
-        exactly the DP-SGD steps its ledger entry for the round records.
+        exactly the DP-SGD steps its ledger entry for the round records (the step-check stage
+        of each participant's model pipeline).
 
         A mismatch appends a refusal to that client's ledger (its gate closes) and raises
         :class:`StepCountMismatchError` naming the client, both counts and the round.
         """
         for i in participants:
-            c = self.clients[i]
-            recorded = c.admitted_steps.get(rnd)
-            executed = self.executed_steps.get(i, 0)
-            if recorded is not None and executed == recorded:
-                continue
-            reason = (f"step count mismatch: client {c.client_id!r} executed {executed} DP-SGD"
-                      f" steps in round {rnd}, its ledger accounted {recorded}")
-            extra = executed - (recorded or 0)
-            eps = c.epsilon
-            if extra > 0:
-                eps = c.gate.accountant.epsilon_after(c.budget.delta, c.noise_multiplier,
-                                                      self.sample_rate, extra)
-            try:
-                c.gate.refuse(Release("model", torch.empty(0), rnd), eps, reason)
-            except BudgetExceededError as err:
-                c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
+            self.release_model(i, rnd, None)
+
+    def release_model(self, i: int, rnd: int, theta: Tensor | None,
+                      sign: Callable[[Release], bytes] | None = None) -> Release:
+        """The last stages of client ``i``'s round-``rnd`` model release, run when the trained
+        ``theta`` is about to leave: the step check, then (with ``sign``, where envelopes are
+        on) the envelope signature, whose message becomes the payload. ``theta`` None runs the
+        step check alone (:meth:`confirm_steps`). Raises StepCountMismatchError (after a
+        refusal ledger entry) when the executed steps differ from the accounted ones, or the
+        round's model release was never admitted."""
+        c = self.clients[i]
+        pipeline = self.model_pipeline(i, sign)
+        check = pipeline.index(CheckExecutedSteps)
+        admitted = c.admitted if c.admitted is not None and c.admitted.round == rnd else None
+        try:
+            if admitted is None:  # nothing admitted: any step it executed is unaccounted
+                return pipeline.stages[check].process(Release("model", torch.empty(0), rnd))
+            if theta is not None:
+                admitted = admitted.replace(payload=theta)
+            return pipeline.run(admitted, start=check)
+        except StepCountMismatchError as err:
+            if err.refusal is not None:
+                c.refused_at, c.refusal, c.refusal_error = rnd, str(err.refusal), err.refusal
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused",
-                                "detail": reason})
-            raise StepCountMismatchError(reason + "; the model release was refused")
+                                "detail": err.reason})
+            raise
 
     def close(self) -> None:
         """Release every ledger's lock (the ledgers stay open to a later run)."""
@@ -629,72 +676,75 @@ class FederationPrivacy:
                 row["accountant_reason"] = choice.reason
         return out
 
-    def _gate(self, i: int, rnd: int, kind: str, payload: Tensor,
-              records: list[MechanismRecord], noise_state: bytes = b"") -> bool:
+    def _admission_stages(self, i: int) -> list[Any]:
+        """The stages from the gate to the journal, shared by all of client ``i``'s releases:
+        every ledger entry states where its noise came from (and, for reproducible noise,
+        that it is not private against anyone who knows the config; the entry is signed),
+        then gate + ledger, then the exactly-once journal record."""
+        c = self.clients[i]
+        journal = [c.journal] if c.journal is not None else []
+        return [RecordParams(noise_assumptions(self.cfg)), c.gate, _CrashPoint("gate"),
+                *journal, _CrashPoint("release")]
+
+    def model_pipeline(self, i: int, sign: Callable[[Release], bytes] | None = None
+                       ) -> ReleasePipeline:
+        """Client ``i``'s model release: (DP-SGD clips and noises each step in the optimizer)
+        -> gate + ledger -> journal, before training; step check -> (sign), before the model
+        leaves."""
+        c = self.clients[i]
+        check = CheckExecutedSteps(c.gate, c.step_counter, c.noise_multiplier, self.sample_rate)
+        return ReleasePipeline([*self._admission_stages(i), check,
+                                *([SignEnvelope(sign)] if sign is not None else [])])
+
+    def release_stages(self, i: int, *, signed: bool = False) -> dict[str, list[str]]:
+        """The stages of each kind of client ``i``'s releases, in order, as built for it
+        (``Transform`` stages by their name, crash-test hooks omitted); ``signed``: the model
+        pipeline of :meth:`release_model` with an envelope signer."""
+        c = self.clients[i]
+        placeholder = ReproducibleNoise(0)  # the noise stages need a source; nothing is drawn
+        summary = second_moment_stages(1.0, 1, 1, c.noise_multiplier, placeholder)
+        lam = noised_mean_stages(1.0, 1, c.noise_multiplier, placeholder)
+
+        def names(stages: list[Any]) -> list[str]:
+            return [getattr(s, "name", type(s).__name__) for s in stages
+                    if not isinstance(s, _CrashPoint)]
+
+        return {
+            "model": names(self.model_pipeline(i, _listing_only if signed else None).stages),
+            "summary": names([*summary, *self._admission_stages(i)]),
+            "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
+        }
+
+    def _release(self, i: int, release: Release, pipeline: ReleasePipeline,
+                 stop: int | None = None) -> Release | None:
+        """Run ``release`` through ``pipeline`` (up to ``stop``); None when the client is or
+        becomes refused (the refusal is recorded; the federation goes on without it)."""
         c = self.clients[i]
         if c.refused_at is not None:
-            return False
-        # Every ledger entry states where its noise came from (and, for reproducible noise,
-        # that it is not private against anyone who knows the config); the entry is signed.
-        noise = noise_assumptions(self.cfg)
-        records = [dataclasses.replace(r, params={**r.params, **noise}) for r in records]
+            return None
         try:
-            released = c.gate.process(Release(kind, payload, rnd, records))
+            released = pipeline.run(release, stop=stop)
         except BudgetExceededError as err:
+            rnd = release.round
             c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused", "detail": str(err)})
             log.warning("%s", err)
-            return False
-        if kind == "model":
-            self._note_admitted(c, rnd, int(released.metadata["ledger_index"]), len(records))
-        crash_point("gate")
-        if self.journals is not None:
-            self._journal(i, rnd, kind, payload, released.metadata["ledger_index"], noise_state)
-        crash_point("release")
-        return True
+            return None
+        self.journal_bytes += int(released.metadata.get("journal_bytes", 0))
+        return released
 
-    def _note_admitted(self, c: ClientPrivacy, rnd: int, last_index: int, count: int) -> None:
-        """Read back the DP-SGD steps this release's ledger entries account; reset the counter."""
-        entries = c.ledger.entries[last_index - count + 1 : last_index + 1]
-        steps = sum(int(e["params"]["steps"]) for e in entries
-                    if e["mechanism"] == "dpsgd" and e["round"] == rnd)
-        c.admitted_steps = {rnd: steps}
-        self.executed_steps[c.index] = 0
-
-    def _journal(self, i: int, rnd: int, kind: str, payload: Tensor, ledger_index: int,
-                 noise_state: bytes) -> None:
-        """Journal a release durably before it leaves; a re-made release must equal the
-        journaled one (same ledger entry, same payload digest)."""
-        assert self.journals is not None
-        journal = self.journals[i]
-        digest = payload_digest(payload.detach().contiguous().cpu().numpy().tobytes())
-        record = journal.get(rnd, kind)
-        if record is not None and not self._resumed:
-            raise JournalError(
-                f"journal {str(journal.path)!r} already records the round-{rnd} {kind!r} release"
-                " of an earlier run in this directory; resume that run or use a new directory"
-            )
-        if record is None:
-            # Reproducible noise is re-drawn from the checkpoint and seed: its digest suffices
-            # to check the re-run; any other source needs the state itself (sealed).
-            kept = b"" if self.reproducible_noise else noise_state
-            self.journal_bytes += journal.append(JournalRecord(
-                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept))
-        elif record.ledger_index != ledger_index or record.payload_sha256 != digest:
-            raise LedgerError(
-                f"client {self.clients[i].client_id!r}: resume diverged: the round-{rnd}"
-                f" {kind!r} release differs from the journaled one (ledger entry"
-                f" {ledger_index} vs {record.ledger_index}, payload digest"
-                f" {'equal' if record.payload_sha256 == digest else 'different'})"
-            )
+    def _noise_metadata(self, i: int, noise_state: bytes) -> dict[str, Any]:
+        return {NOISE_STATE: noise_state} if self.clients[i].journal is not None else {}
 
     def admit(self, i: int, rnd: int, theta: Tensor, with_lambda: bool,
               noise: NoiseSource | None = None) -> bool:
-        """Pass client ``i``'s round-``rnd`` model release through its gate (ledger first).
+        """Pass client ``i``'s round-``rnd`` model release through its pipeline up to the
+        journal (gate + ledger first).
 
         Called before local training: the round's DP-SGD steps (and the lambda release, when
         validation is private) are accounted and written to the ledger, then training and the
-        release follow. Returns False (and records why) when the client is refused.
+        release follow (:meth:`confirm_steps` / :meth:`release_model` run the remaining
+        stages). Returns False (and records why) when the client is refused.
         ``noise`` is the client's noise source (its state before the release's draws is
         journaled with the release).
         """
@@ -709,11 +759,20 @@ class FederationPrivacy:
         if c.refused_at is not None:
             return False
         noise_state = self._prepare(i, rnd, "model", noise)
-        return self._gate(i, rnd, "model", theta, records, noise_state)
+        pipeline = self.model_pipeline(i)
+        release = Release("model", theta, rnd, records, self._noise_metadata(i, noise_state))
+        admitted = self._release(i, release, pipeline, stop=pipeline.index(CheckExecutedSteps))
+        c.admitted = admitted
+        if admitted is None:
+            return False
+        c.step_counter.reset()  # count this round's steps from here on
+        return True
 
     def noised_summaries(self, data: Sequence[ClientData], q: int, num_classes: int,
                          noise: Sequence[NoiseSource]) -> Tensor:
-        """Each client's summary from its noised clipped second moment (round 0 release).
+        """Each client's summary from its noised clipped second moment (round 0 release):
+        clip rows -> second moment -> Gaussian noise -> top-q eigenvectors -> gate + ledger ->
+        journal.
 
         Raises BudgetExceededError if any client's budget cannot pay for its summary: without
         a summary the relatedness graph cannot be built, and no silent fallback exists.
@@ -726,36 +785,47 @@ class FederationPrivacy:
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             n = int(z.shape[0])
             noise_state = self._prepare(i, 0, "summary", noise[i])
-            noised = noised_second_moment(z, p.summary_clip, sigma, noise[i], n=n)
-            summary = top_eigenvectors(noised, q)
-            record = summary_record(p.summary_clip, sigma, n, q)
-            if not self._gate(i, 0, "summary", summary, [record], noise_state):
+            pipeline = ReleasePipeline([*second_moment_stages(p.summary_clip, n, q, sigma, noise[i]),
+                                        *self._admission_stages(i)])
+            released = self._release(i, Release("summary", z, 0, [],
+                                                self._noise_metadata(i, noise_state)), pipeline)
+            if released is None:
                 state = self.clients[i]
                 err = state.refusal_error
                 would_be = err.epsilon_would_be if err is not None and err.round == 0 else \
-                    state.gate.accountant.epsilon_after(state.budget.delta, *record.as_release())
+                    state.gate.accountant.epsilon_after(state.budget.delta, float(sigma), 1.0, 1)
                 raise BudgetExceededError(
                     client_id=state.client_id, round=0, mechanism="gaussian_summary",
                     epsilon_would_be=would_be, budget=state.budget,
                     reason="the summary release was refused (see the client's ledger);"
                     " relatedness cannot be estimated, so the run stops",
                 )
-            out.append(summary)
+            assert isinstance(released.payload, Tensor)
+            out.append(released.payload)
             crash_point("summary")
         return torch.stack(out)
 
     def private_lambda(self, i: int, theta: Tensor, phi: Tensor, val_x: Tensor, val_y: Tensor,
                        noise: NoiseSource, bind: Any) -> float:
         """``lambda_i`` from a clipped, noised mean of per-example loss differences (noise
-        drawn from client ``i``'s ``noise`` source)."""
+        drawn from client ``i``'s ``noise`` source): clamp -> mean -> Gaussian noise -> matched
+        to the record of the round's admitted model release on the ledger (PipelineError if
+        no admitted release accounts it, or its entry was used already)."""
         p = self.cfg.privacy
+        c = self.clients[i]
         with torch.no_grad():
             loss_local = self.loss(bind(theta)(val_x), val_y)
             loss_received = self.loss(bind(phi)(val_x), val_y)
-        sigma = self.clients[i].plan.lambda_noise
+        sigma = c.plan.lambda_noise
         assert sigma is not None
-        diff = float(noised_scalar((loss_local - loss_received).double(), p.lambda_clip,
-                                   sigma, noise, m=int(val_x.shape[0])))
+        rnd = c.admitted.round if c.admitted is not None else 0
+        pipeline = ReleasePipeline([
+            *noised_mean_stages(p.lambda_clip, int(val_x.shape[0]), sigma, noise),
+            RecordParams(noise_assumptions(self.cfg)),
+            AccountedWith(c.admitted, c.ledger, c.used_entries),
+        ], require_gate=False)
+        released = pipeline.run(Release("lambda", (loss_local - loss_received).double(), rnd))
+        diff = float(released.payload)  # type: ignore[arg-type]
         return math.exp(diff / 2.0) if diff > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:

@@ -166,3 +166,31 @@ def test_noised_scalar_rejects_bad_input():
         noised_scalar(torch.zeros(3), 0.0, 1.0, _gen())
     with pytest.raises(MechanismError, match="m must"):
         noised_scalar(torch.zeros(3), 1.0, 1.0, _gen(), m=0)
+
+
+def test_mechanism_registry_recomputes_recorded_sensitivities_and_lists_names():
+    from privacy.mechanisms import MECHANISMS, MechanismRegistry, MechanismSpec
+
+    assert MECHANISMS.names()[:3] == ("dpsgd", "gaussian_summary", "gaussian_lambda")
+    summary = summary_record(2.5, 3.0, 70, 2)
+    assert MECHANISMS.expected_sensitivity("gaussian_summary", summary.params) == \
+        second_moment_sensitivity(2.5, 70) == summary.params["sensitivity"]
+    lam = scalar_record(0.3, 2.0, 17)
+    assert MECHANISMS.expected_sensitivity("gaussian_lambda", lam.params) == \
+        noised_mean_sensitivity(0.3, 17) == lam.params["sensitivity"]
+    # not recomputable: DP-SGD has no formula; unknown names; missing or ill-typed inputs
+    assert MECHANISMS.expected_sensitivity("dpsgd", {"clip_norm": 1.0}) is None
+    assert MECHANISMS.expected_sensitivity("laplace", {"clip": 1.0, "m": 3}) is None
+    assert MECHANISMS.expected_sensitivity("gaussian_lambda", {"clip": 1.0}) is None
+    assert MECHANISMS.expected_sensitivity("gaussian_lambda", {"clip": 1.0, "m": 0}) is None
+    assert MECHANISMS.expected_sensitivity("gaussian_lambda", {"clip": True, "m": 3}) is None
+    assert MECHANISMS.expected_sensitivity("gaussian_summary", {"clip_norm": 1.0, "n": 2.0}) is None
+    with pytest.raises(MechanismError, match="registered: .*gaussian_lambda"):
+        MECHANISMS.get("laplace")
+    registry = MechanismRegistry()
+    registry.register(MechanismSpec("laplace", "test", {"scale": "number"}, lambda p: p["scale"]))
+    assert "laplace" in registry and registry.expected_sensitivity("laplace", {"scale": 2}) == 2
+    with pytest.raises(MechanismError, match="already registered"):
+        registry.register(MechanismSpec("laplace", "again"))
+    with pytest.raises(MechanismError, match="'number' or 'count'"):
+        registry.register(MechanismSpec("bad", "x", {"k": "float"}, lambda p: 1.0))

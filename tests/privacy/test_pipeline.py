@@ -16,17 +16,38 @@ from privacy.ledger import (
     replay_accountant,
     verify_ledger_file,
 )
-from privacy.mechanisms import second_moment_sensitivity, top_eigenvectors
+from privacy.mechanisms import (
+    MechanismError,
+    noised_scalar,
+    noised_second_moment,
+    scalar_record,
+    second_moment_sensitivity,
+    summary_record,
+    top_eigenvectors,
+)
 from privacy.noise import ReproducibleNoise
 from privacy.pipeline import (
+    NOISE_STATE,
+    AccountedWith,
+    AfterGate,
     BudgetGate,
+    CheckExecutedSteps,
+    ClampValues,
     ClipRows,
+    EncryptPayload,
     GaussianNoise,
+    JournalRelease,
     PipelineError,
     Postprocessor,
+    RecordParams,
     Release,
     ReleasePipeline,
+    SignEnvelope,
+    StepCounter,
+    StepCountMismatchError,
     Transform,
+    noised_mean_stages,
+    second_moment_stages,
 )
 
 KEY = Ed25519PrivateKey.generate()
@@ -253,3 +274,136 @@ def test_replay_finishes_a_release_cut_between_its_entries(tmp_path):
     got = [(e["mechanism"], e["epsilon_after"]) for e in ledger.entries]
     assert [m for m, _ in got] == [m for m, _ in full]
     assert got[1][1] == pytest.approx(full[1][1], rel=1e-12)
+
+
+# -- the stages of the release path -------------------------------------------------------
+
+
+def test_second_moment_and_noised_mean_stages_equal_the_mechanisms_bit_for_bit():
+    z = torch.randn(40, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
+    stages = second_moment_stages(2.0, 40, 2, 3.0, ReproducibleNoise(7))
+    out = ReleasePipeline(stages, require_gate=False).run(Release("summary", z, 0))
+    expected = top_eigenvectors(noised_second_moment(z, 2.0, 3.0, ReproducibleNoise(7), n=40), 2)
+    assert torch.equal(out.payload, expected)
+    assert out.records == [summary_record(2.0, 3.0, 40, 2)]
+    v = torch.randn(25, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = ReleasePipeline(noised_mean_stages(0.5, 30, 2.0, ReproducibleNoise(4)),
+                          require_gate=False).run(Release("lambda", v, 1))
+    assert torch.equal(out.payload, noised_scalar(v, 0.5, 2.0, ReproducibleNoise(4), m=30))
+    assert out.records == [scalar_record(0.5, 2.0, 30)]
+    with pytest.raises(MechanismError, match="q"):
+        second_moment_stages(2.0, 40, 0, 3.0, ReproducibleNoise(7))
+    with pytest.raises(PipelineError, match="1-D"):
+        ClampValues(1.0).process(Release("lambda", torch.zeros(2, 2), 0))
+
+
+def test_after_gate_stages_only_follow_the_gate_and_never_change_the_records(tmp_path):
+    gate = _gate(tmp_path)
+    counter = StepCounter()
+    check = CheckExecutedSteps(gate, counter, 1.0, 0.1)
+    with pytest.raises(PipelineError, match="last stage"):
+        ReleasePipeline([check, gate])
+    with pytest.raises(PipelineError, match="last stage"):
+        ReleasePipeline([gate, check, ClipRows(1.0)])
+    with pytest.raises(PipelineError, match="last stage"):
+        ReleasePipeline([gate, gate])
+    with pytest.raises(PipelineError, match="last stage"):
+        ReleasePipeline([check], require_gate=False)
+
+    class Sneaky(AfterGate):
+        def process(self, release):
+            return release.replace(records=[])
+
+    pipe = ReleasePipeline([gate, Sneaky()])
+    with pytest.raises(PipelineError, match="changed the release's records"):
+        pipe.run(Release("model", torch.zeros(2), 0, [_dpsgd()]))
+    # a release that did not pass the gate cannot enter the stages after it
+    pipe = ReleasePipeline([gate, check])
+    with pytest.raises(PipelineError, match="did not pass"):
+        pipe.run(Release("model", torch.zeros(2), 1, [_dpsgd()]), start=pipe.index(CheckExecutedSteps))
+    with pytest.raises(PipelineError, match="no SignEnvelope"):
+        pipe.index(SignEnvelope)
+
+
+def test_a_model_release_runs_in_two_calls_and_the_step_check_refuses_a_skipped_step(tmp_path):
+    gate = _gate(tmp_path)
+    counter = StepCounter()
+    signed = []
+    pipe = ReleasePipeline([gate, CheckExecutedSteps(gate, counter, 1.0, 0.1),
+                            SignEnvelope(lambda r: signed.append(r.round) or b"envelope")])
+    check = pipe.index(CheckExecutedSteps)
+    admitted = pipe.run(Release("model", torch.zeros(2), 1, [_dpsgd(steps=3)]), stop=check)
+    assert read_ledger(tmp_path / "c1.jsonl")[-1]["params"]["steps"] == 3 and signed == []
+    for _ in range(3):
+        counter.count()  # the optimizer's step hook
+    out = pipe.run(admitted.replace(payload=torch.ones(2)), start=check)
+    assert out.payload == b"envelope" and out.metadata["signed"] and signed == [1]
+    assert out.records == admitted.records
+    # round 2: one step skipped (e.g. a wrapped oracle that drops a step)
+    admitted = pipe.run(Release("model", torch.zeros(2), 2, [_dpsgd(steps=3)]), stop=check)
+    counter.reset()
+    counter.count()
+    counter.count()
+    spent = gate.accountant.epsilon(DELTA)
+    with pytest.raises(StepCountMismatchError, match="executed 2 DP-SGD steps in round 2,"
+                                                     " its ledger accounted 3") as info:
+        pipe.run(admitted, start=check)
+    assert isinstance(info.value.refusal, BudgetExceededError) and signed == [1]
+    last = read_ledger(tmp_path / "c1.jsonl")[-1]
+    assert last["mechanism"] == "refusal" and "step count mismatch" in last["params"]["reason"]
+    assert last["params"]["epsilon_would_be"] == spent and gate.closed
+    # a release the gate never admitted is unaccounted whatever was executed
+    with pytest.raises(StepCountMismatchError, match="accounted None"):
+        CheckExecutedSteps(gate, counter, 1.0, 0.1).process(Release("model", torch.zeros(1), 3))
+
+
+def test_journal_stage_records_once_strips_the_noise_state_and_catches_divergence(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from privacy.journal import JournalError, ReleaseJournal, payload_digest
+
+    gate = _gate(tmp_path, budget_eps=10.0)
+    journal = ReleaseJournal(tmp_path / "c1.journal", "c1", "m", X25519PrivateKey.generate())
+    stage = JournalRelease(journal, "c1", keep_noise_state=True)
+    pipe = ReleasePipeline([gate, stage])
+    payload = torch.arange(4.0)
+    out = pipe.run(Release("model", payload, 1, [_dpsgd()], {NOISE_STATE: b"state"}))
+    assert NOISE_STATE not in out.metadata and out.metadata["journal_bytes"] > 0
+    record = journal.get(1, "model")
+    assert record.noise_state == b"state" and record.ledger_index == 0
+    assert record.payload_sha256 == payload_digest(payload.numpy().tobytes())
+    # the same (round, kind) again without a resume: an earlier run's journal
+    with pytest.raises(JournalError, match="earlier run"):
+        stage.process(out)
+    stage.resumed = True
+    assert stage.process(out).metadata["journal_bytes"] == 0  # the re-made release matches
+    with pytest.raises(LedgerError, match="resume diverged"):
+        stage.process(out.replace(payload=torch.zeros(4)))
+    # an encrypted (bytes) payload passes the gate and is journaled by its bytes
+    encrypted = ReleasePipeline([EncryptPayload(lambda t: b"ct" + t.numpy().tobytes(), "test"),
+                                 gate, stage]).run(Release("upload", payload, 2, [_dpsgd()]))
+    assert encrypted.metadata["encryption"] == "test" and isinstance(encrypted.payload, bytes)
+    assert journal.get(2, "upload").payload_sha256 == payload_digest(encrypted.payload)
+    with pytest.raises(PipelineError, match="not bytes"):
+        EncryptPayload(lambda t: t, "bad").process(Release("upload", payload, 2))
+
+
+def test_a_release_accounted_with_an_admitted_one_is_matched_to_its_entry_once(tmp_path):
+    gate = _gate(tmp_path)
+    lam = scalar_record(0.5, 4.0, 20)
+    admitted = ReleasePipeline([RecordParams({"noise": "test"}), gate]).run(
+        Release("model", torch.zeros(2), 1, [_dpsgd(), lam]))
+    used: set[int] = set()
+    stages = [*noised_mean_stages(0.5, 20, 4.0, ReproducibleNoise(0)), RecordParams({"noise": "test"})]
+    pipe = ReleasePipeline([*stages, AccountedWith(admitted, gate.ledger, used)], require_gate=False)
+    out = pipe.run(Release("lambda", torch.zeros(20, dtype=torch.float64), 1))
+    assert used == {1} and out.metadata["ledger_index"] == 1
+    with pytest.raises(PipelineError, match="already used"):
+        pipe.run(Release("lambda", torch.zeros(20, dtype=torch.float64), 1))
+    other_m = ReleasePipeline([*noised_mean_stages(0.5, 19, 4.0, ReproducibleNoise(0)),
+                               RecordParams({"noise": "test"}),
+                               AccountedWith(admitted, gate.ledger, set())], require_gate=False)
+    with pytest.raises(PipelineError, match="does not account it"):
+        other_m.run(Release("lambda", torch.zeros(19, dtype=torch.float64), 1))
+    with pytest.raises(PipelineError, match="no admitted release"):
+        AccountedWith(None, gate.ledger, set()).process(Release("lambda", torch.zeros(1), 1, [lam]))

@@ -314,3 +314,117 @@ def test_cli_refuses_an_over_budget_plan_with_one_line_and_nonzero_exit(tmp_path
     code = cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
     out = capsys.readouterr().err
     assert code == 2 and len(out.strip().splitlines()) == 1 and "over budget for 4 client(s)" in out and "Traceback" not in out
+
+
+class _SkipsOneStep:
+    """Wraps the DP oracle and drops its first step (the round runs one step short)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.skipped = False
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def batches(self, n, epochs, generator):
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model, x, y, grad, **kwargs):
+        if not self.skipped:
+            self.skipped = True
+            return
+        self.inner.gradient(model, x, y, grad, **kwargs)
+
+
+def test_a_wrapped_oracle_that_skips_a_step_is_refused_before_the_model_leaves(tmp_path, clients):
+    import dataclasses
+
+    from secure_fedora.runtimes.inprocess import build_context
+    from secure_fedora.secure.private import StepCountMismatchError
+
+    def skipping_context(cfg, data):
+        ctx = build_context(cfg, data)
+        return dataclasses.replace(ctx, oracle=_SkipsOneStep(ctx.oracle))
+
+    cfg = dp_config(methods=["local"])
+    sim = Simulation(cfg, tmp_path, clients=clients, context_factory=skipping_context)
+    with pytest.raises(StepCountMismatchError,
+                       match="client 'client-000' executed 3 DP-SGD steps in round 1, its"
+                             " ledger accounted 4"):
+        sim.run()
+    entries = read_ledger(tmp_path / "ledgers" / "local" / "client-000.jsonl")
+    assert [e["mechanism"] for e in entries] == ["dpsgd", "refusal"]
+    assert entries[-1]["params"]["epsilon_would_be"] == entries[0]["epsilon_after"]
+    assert "step count mismatch" in entries[-1]["params"]["reason"]
+
+
+def _private_fedora(tmp_path):
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = dp_config(methods=["fedora"], data={"validation": "private"})
+    return FederationPrivacy.open(cfg, "fedora", 4, tmp_path / "ledgers", tmp_path / "keys")
+
+
+def test_each_release_kind_runs_through_its_stages_in_order(tmp_path):
+    privacy = _private_fedora(tmp_path)
+    try:
+        stages = privacy.release_stages(0)
+        signed = privacy.release_stages(0, signed=True)["model"]
+    finally:
+        privacy.close()
+    assert stages["model"] == ["RecordParams", "BudgetGate", "JournalRelease",
+                               "CheckExecutedSteps"]
+    assert signed == [*stages["model"], "SignEnvelope"]
+    assert stages["summary"] == ["ClipRows", "second_moment", "GaussianNoise", "symmetrize",
+                                 "top_eigenvectors", "RecordParams", "BudgetGate",
+                                 "JournalRelease"]
+    assert stages["lambda"] == ["ClampValues", "mean", "GaussianNoise", "RecordParams",
+                                "AccountedWith"]
+
+
+def test_private_lambda_is_released_only_as_accounted_by_the_admitted_model(tmp_path, clients):
+    from privacy.pipeline import PipelineError
+
+    privacy = _private_fedora(tmp_path)
+    c = clients[0]
+    theta = torch.zeros(10)
+    phi = torch.ones(10)
+
+    def bind(t):
+        return lambda x: t.expand(x.shape[0], 10)
+
+    try:
+        with pytest.raises(PipelineError, match="no admitted release"):
+            privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, ReproducibleNoise(0), bind)
+        assert privacy.admit(0, 1, theta, with_lambda=True)
+        lam = privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, ReproducibleNoise(0), bind)
+        assert lam >= 0.0
+        with pytest.raises(PipelineError, match="already used"):  # one lambda per admission
+            privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, ReproducibleNoise(0), bind)
+        assert privacy.admit(0, 2, theta, with_lambda=False)
+        with pytest.raises(PipelineError, match="does not account it"):
+            privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, ReproducibleNoise(0), bind)
+    finally:
+        privacy.close()
+
+
+def test_release_model_checks_the_steps_then_signs_the_envelope(tmp_path):
+    from secure_fedora.secure.transport import SecureTransport
+
+    privacy = _private_fedora(tmp_path)
+    transport = SecureTransport.for_simulation(tmp_path, 4, "fedora", key_dir=tmp_path / "keys")
+    try:
+        assert privacy.admit(1, 1, torch.zeros(10), with_lambda=False)
+        c = privacy.clients[1]
+        for _ in range(privacy.steps):
+            c.step_counter.count()
+        trained = torch.arange(10.0)
+        out = privacy.release_model(
+            1, 1, trained, sign=lambda r: transport.client_upload(r.round, 1, r.payload))
+        accepted, rejections = transport.server_receive(1, {1: out.payload}, (10,))
+        assert rejections == [] and torch.equal(accepted[1], trained)
+        assert out.metadata["signed"] and out.records == c.admitted.records
+    finally:
+        privacy.close()
