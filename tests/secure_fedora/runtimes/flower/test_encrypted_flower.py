@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from privacy.ckks import InnerProductUpload
 from privacy.envelope import (
@@ -39,7 +39,7 @@ from privacy.envelope import (
 from privacy.identity import Identity, load_identity
 from secure_fedora.algorithms import fedora
 from secure_fedora.core.config import ExperimentConfig, config_hash, parse_config
-from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower import client_app, server_app
 from secure_fedora.runtimes.flower.ceremony import CeremonyError, KeyHolderStore, layout_for
 from secure_fedora.runtimes.flower.envelopes import (
     ENVELOPE_RECORD,
@@ -49,6 +49,8 @@ from secure_fedora.runtimes.flower.envelopes import (
 )
 from secure_fedora.runtimes.flower.local import LocalFederation, RunTimeouts
 from secure_fedora.runtimes.flower.protocol import (
+    MSG_CEREMONY,
+    MSG_DECRYPT,
     MSG_ENCRYPTED_SUMMARY,
     MSG_ROUND,
     DeployError,
@@ -72,6 +74,8 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     in_process,
     run_config,
+    server_security,
+    signed_request,
     task_identity,  # noqa: F401 - a fixture
 )
 
@@ -291,6 +295,44 @@ def test_key_holder_stores_keys_0600_reuses_them_and_the_protocol_steps_run_on_t
     overlaps = overlaps_from_rows(decrypt_rows(restarted, layout, rows, vectors), vectors, 3, 1)
     expected = torch.einsum("idq,jdr->ijqr", summaries, summaries)
     assert torch.allclose(overlaps, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_ceremony_handlers_check_the_key_holder_and_the_layout(tmp_path: Path) -> None:
+    """What the Flower handlers check before they call a protocol step: the key holder the
+    server names, which node may decrypt, and the server's layout."""
+    cfg = enc_config()
+    rc = run_config(cfg, tmp_path)
+    nodes = InMemoryGrid(tmp_path / "nodes", rc, 3).node_config
+    signer = server_security(rc, tmp_path / "signer")
+    sent = iter(range(100))
+
+    def handle(handler: Any, kind: str, client: int, **records: Any) -> Message:
+        extra = records.pop("fedora", {})
+        content = RecordDict({"fedora": ConfigRecord({"config-hash": config_hash(cfg), **extra}),
+                              **records})
+        msg = signed_request(signer, content, kind, f"client-{client:03d}", 0, node=1000 + client,
+                             message_id=f"m{next(sent)}")
+        return handler(msg, Context(42, 1000 + client, dict(nodes[1000 + client]), RecordDict(), rc))
+
+    rows = ConfigRecord({"rows": [b"row"]})
+    with pytest.raises(DeployError, match="names client 1 as key holder"):
+        handle(client_app.ceremony, MSG_CEREMONY, 0, fedora={"key-holder": 1})
+    with pytest.raises(DeployError, match="client 1 is not the key holder"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 1, rows=rows)
+    with pytest.raises(CeremonyError, match="no key ceremony ran"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0, rows=rows)
+    reply = handle(client_app.ceremony, MSG_CEREMONY, 0, fedora={"key-holder": 0})
+    assert reply.content["ceremony"]["public-context"]
+    with pytest.raises(SecureRelatednessError, match="1 encrypted rows, expected 3"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0, rows=rows)
+    with pytest.raises(SecureRelatednessError, match="not a list of bytes"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0,
+               rows=ConfigRecord({"rows": "row"}))
+    sealed = reply.content["ceremony"]["sealed-client-001"]
+    with pytest.raises(DeployError, match=r"layout \(4, 794\) differs from this run's \(3, 794\)"):
+        handle(client_app.encrypted_summary, MSG_ENCRYPTED_SUMMARY, 1, ckks=ConfigRecord(
+            {"sealed-context": sealed, "num-vectors": 4, "dim": 794}))
 
 
 # --------------------------------------------------------------------------- grid runs
