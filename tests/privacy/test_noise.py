@@ -113,3 +113,55 @@ def test_bad_arguments_are_refused_by_name(source):
         source.bernoulli(3, 1.5)
     assert source.normal((), 1.0).shape == ()
     assert source.normal(0, 1.0).numel() == 0
+
+
+# A fixed key and stream position (key bytes 0..31, nonce 3, 1000 bytes in), set through the
+# journal-state hook; the digests below were produced by the implementation before it was
+# optimized (commit 0fe2956), so any change to the values drawn from a given keystream fails.
+_PINNED_STATE = bytes(range(32)) + (3).to_bytes(12, "little") + (1000).to_bytes(8, "little") \
+    + b"CSv1"
+
+
+def _pinned_draws(noise: CsprngNoise) -> list[torch.Tensor]:
+    draws = [noise.normal(c, 1.0) for c in (1, 2, 3, 31, 32, 33, 1000, 118_282)]
+    draws += [noise.normal((), 2.0, torch.float64), noise.normal((7, 9), 0.5, torch.float64),
+              noise.normal(4097, 3.0, torch.float64), noise.uniform(1000),
+              noise.bernoulli(999, 0.25), noise.normal((10, 12), 1.5, torch.float32)]
+    return draws
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in tensors)).hexdigest()
+
+
+@pytest.mark.parametrize(("terms", "digest", "third_of_three", "stream_end"), [
+    (4, "b69e5abe0a8dd2713a7555a66d9b7e4d6945392ea92066ec07633c0baeaaa789",
+     -1.4814479351043701, "030000000000000000000000380e2e0000000000"),
+    (2, "b04b75c80b94676fb5958ec626f47830b6fbfc64e301406a65fd27e5c82b45d5",
+     0.40932536125183105, "0300000000000000000000005828170000000000"),
+])
+def test_csprng_values_for_a_fixed_key_are_pinned(terms, digest, third_of_three, stream_end,
+                                                  monkeypatch):
+    import privacy.noise as noise_module
+
+    monkeypatch.setattr(noise_module, "GAUSSIAN_TERMS", terms)
+    noise = CsprngNoise()
+    noise.restore_journal_state(_PINNED_STATE)
+    draws = _pinned_draws(noise)
+    assert float(draws[2][2]) == third_of_three
+    assert _digest(draws) == digest
+    # The stream position after the draws (bytes consumed) is pinned too.
+    assert noise.journal_state()[32:52].hex() == stream_end
+
+
+def test_csprng_values_across_nonce_changes_are_pinned(monkeypatch):
+    import privacy.noise as noise_module
+
+    monkeypatch.setattr(noise_module, "_BYTES_PER_NONCE", 4096)
+    noise = CsprngNoise()
+    noise.restore_journal_state(_PINNED_STATE)
+    draws = [noise.normal(3000, 1.0), noise.uniform(333), noise.normal(100, 1.0, torch.float64)]
+    assert _digest(draws) == "b74a33748bbc948cc31157d402a4db21e00962570670de666505518199a43da0"
+    assert noise.journal_state()[32:52].hex() == "1600000000000000000000001004000000000000"
