@@ -186,10 +186,14 @@ class CsprngNoise:
         """
         buffer = getattr(_SCRATCH, "words", None)
         if buffer is None or buffer.size < count:
-            buffer = _SCRATCH.words = np.empty(max(count, 1 << 16), dtype=np.int64)
+            size = max(count, 1 << 16)
+            buffer = _SCRATCH.words = np.empty(size, dtype=np.int64)
+            # Encrypting zeros yields the keystream itself; a zero source kept beside the output
+            # buffer saves zeroing the output before every request.
+            _SCRATCH.zeros = bytes(8 * size)
         out = buffer[:count]
-        out.fill(0)  # encrypting zeros yields the keystream itself
         view = memoryview(out).cast("B")
+        zeros = memoryview(_SCRATCH.zeros)
         done = 0
         while done < len(view):
             if self._bytes_under_nonce >= _BYTES_PER_NONCE:
@@ -197,8 +201,7 @@ class CsprngNoise:
                 self._bytes_under_nonce = 0
                 self._encryptor = self._new_encryptor()
             take = min(len(view) - done, _BYTES_PER_NONCE - self._bytes_under_nonce)
-            chunk = view[done:done + take]
-            self._encryptor.update_into(chunk, chunk)
+            self._encryptor.update_into(zeros[:take], view[done:done + take])
             done += take
             self._bytes_under_nonce += take
         return torch.from_numpy(out)
@@ -240,19 +243,27 @@ class CsprngNoise:
             # radius, a 32-bit half-word per angle); intermediates in reused scratch buffers.
             words = self._words(pairs + (pairs + 1) // 2)
             radius = _scratch("radius", pairs, torch.float32)
-            radius.copy_(words[:pairs].bitwise_and_(_MASK53).add_(1))
-            radius.mul_(2.0 ** -53).log_().mul_(log_factor).sqrt_()
+            # int64 -> float32 conversion and the exact power-of-two scaling in one pass.
+            torch.mul(words[:pairs].bitwise_and_(_MASK53).add_(1), 2.0 ** -53, out=radius)
+            radius.log_().mul_(log_factor).sqrt_()
             angle = _scratch("angle", pairs, torch.float32)
-            angle.copy_(words[pairs:].view(torch.int32)[:pairs]).mul_(2.0 * math.pi / 2 ** 32)
+            torch.mul(words[pairs:].view(torch.int32)[:pairs], 2.0 * math.pi / 2 ** 32, out=angle)
             xs, ys = _scratch("cos", pairs, torch.float32), _scratch("sin", pairs, torch.float32)
         # Pair i gives X_i = r_i cos a_i and Y_i = r_i sin a_i (independent normals). Output j
         # sums X over pairs j, j + c, ... and Y over pairs j', j' + c, ... with
         # j' = (j + 1) mod c: GAUSSIAN_TERMS normals from as many different pairs, i.e.
-        # independent draws (as Opacus's separate torch.normal calls).
+        # independent draws (as Opacus's separate torch.normal calls). Summation order: the X
+        # terms, then the Y terms, then the two partial sums.
         torch.cos(angle, out=xs).mul_(radius)
         torch.sin(angle, out=ys).mul_(radius)
-        out = xs.view(groups, c).sum(0)
-        y_columns = ys.view(groups, c).sum(0)
+        out = torch.empty(c, dtype=xs.dtype)
+        if groups == 1:
+            torch.add(xs[:c - 1], ys[1:], out=out[:c - 1])
+            torch.add(xs[c - 1:], ys[:1], out=out[c - 1:])
+            return out
+        y_columns = _scratch(f"y_columns_{xs.dtype}", c, xs.dtype)
+        torch.add(xs[:c], xs[c:], out=out)
+        torch.add(ys[:c], ys[c:], out=y_columns)
         out[:c - 1] += y_columns[1:]
         out[c - 1:] += y_columns[:1]
         return out
