@@ -419,13 +419,8 @@ class CsprngNoise:
         offset = int.from_bytes(state[44:52], "little")
         if offset > _BYTES_PER_NONCE:
             raise NoiseError(f"CSPRNG journal state has an impossible stream position {offset}")
-        self._key, self._nonce_index, self._bytes_under_nonce = key, nonce_index, 0
-        self._encryptor = self._new_encryptor()
-        skip = bytearray(min(offset, 1 << 20))
-        while self._bytes_under_nonce < offset:
-            take = min(len(skip), offset - self._bytes_under_nonce)
-            self._encryptor.update_into(memoryview(skip)[:take], memoryview(skip)[:take])
-            self._bytes_under_nonce += take
+        self._key, self._nonce_index, self._bytes_under_nonce = key, nonce_index, offset
+        self._encryptor = self._new_encryptor(offset)  # ChaCha20 seeks to the position
 
     def rekey(self) -> None:
         """Continue with a fresh key from ``os.urandom`` (fresh randomness after re-made releases)."""
