@@ -92,14 +92,6 @@ _SCRATCH = threading.local()
 _JOURNAL_STATE_TAG = b"CSv1"
 
 
-def _scratch(name: str, size: int, dtype: torch.dtype) -> Tensor:
-    buffer = getattr(_SCRATCH, name, None)
-    if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
-        buffer = torch.empty(size, dtype=dtype)
-        setattr(_SCRATCH, name, buffer)
-    return buffer[:size]
-
-
 def _np_scratch(name: str, size: int, dtype: type) -> np.ndarray:
     buffer = getattr(_SCRATCH, name, None)
     if buffer is None or buffer.size < size or buffer.dtype != dtype:
@@ -108,12 +100,15 @@ def _np_scratch(name: str, size: int, dtype: type) -> np.ndarray:
     return buffer[:size]
 
 
-def _zeros(size: int) -> memoryview:
-    """``size`` zero bytes (per-thread, read-only): encrypting zeros yields the keystream."""
-    zeros = getattr(_SCRATCH, "zeros", None)
-    if zeros is None or len(zeros) < size:
-        zeros = _SCRATCH.zeros = bytes(max(size, 1 << 19))
-    return memoryview(zeros)[:size]
+#: Zero bytes to encrypt (encrypting zeros yields the keystream itself); immutable, shared.
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _keystream_into(encryptor, out: memoryview) -> None:  # type: ignore[no-untyped-def]
+    """Fill ``out`` (bytes) with the encryptor's next ``len(out)`` keystream bytes."""
+    for done in range(0, len(out), len(_ZEROS)):
+        chunk = out[done:done + len(_ZEROS)]
+        encryptor.update_into(_ZEROS[:len(chunk)], chunk)
 
 
 #: Outputs per block of the float32 sampler: a block's keystream, radii, angles and terms
@@ -228,12 +223,11 @@ class CsprngNoise:
             buffer = _SCRATCH.words = np.empty(max(count, 1 << 16), dtype=np.int64)
         out = buffer[:count]
         view = memoryview(out).cast("B")
-        zeros = _zeros(len(view))
         done = 0
         while done < len(view):
             self._next_nonce_if_spent()
             take = min(len(view) - done, _BYTES_PER_NONCE - self._bytes_under_nonce)
-            self._encryptor.update_into(zeros[done:done + take], view[done:done + take])
+            _keystream_into(self._encryptor, view[done:done + take])
             done += take
             self._bytes_under_nonce += take
         return torch.from_numpy(out)
@@ -321,7 +315,6 @@ class CsprngNoise:
                                                   for g in range(1, groups)]
             angle_streams = [self._new_encryptor(start + radius_bytes + 4 * g * c)
                              for g in range(groups)]
-            zeros = _zeros(8 * block)
         else:
             words = self._words(pairs + (pairs + 1) // 2).numpy()
             all_halves = words[pairs:].view(np.int32)
@@ -339,10 +332,8 @@ class CsprngNoise:
             b, h, r, a, x, y = bits[:m], halves[:m], radius[:m], angle[:m], xs[:m], ys[:m]
             for g in range(groups):
                 if streamed:
-                    radius_streams[g].update_into(zeros[:8 * n],
-                                                  memoryview(b[g * n:(g + 1) * n]).cast("B"))
-                    angle_streams[g].update_into(zeros[:4 * n],
-                                                 memoryview(h[g * n:(g + 1) * n]).cast("B"))
+                    _keystream_into(radius_streams[g], memoryview(b[g * n:(g + 1) * n]).cast("B"))
+                    _keystream_into(angle_streams[g], memoryview(h[g * n:(g + 1) * n]).cast("B"))
                 else:
                     b[g * n:(g + 1) * n] = words[g * c + j0:g * c + j1]
                     h[g * n:(g + 1) * n] = all_halves[g * c + j0:g * c + j1]

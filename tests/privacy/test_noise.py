@@ -249,3 +249,12 @@ def test_csprng_float32_gaussians_pass_a_kolmogorov_smirnov_test():
     values = np.concatenate([noise.normal(250_000, 1.0).double().numpy() for _ in range(4)])
     result = stats.kstest(values, "norm")
     assert result.statistic < 1.95 / np.sqrt(values.size), result
+
+
+def test_csprng_words_equal_the_chacha20_keystream_across_zero_chunks():
+    """A request larger than the 1 MiB zero source is the plain keystream, in order."""
+    noise = CsprngNoise()
+    noise.restore_journal_state(_PINNED_STATE)
+    words = noise._words(300_000).clone()  # 2.4 MB
+    stream, _, _ = _keystream(bytes(range(32)), 3, 1000, 8 * 300_000, 1 << 36)
+    assert words.numpy().tobytes() == stream
