@@ -233,6 +233,36 @@ def test_pld_is_dp_accountings_pessimistic_estimate_and_tighter_than_rdp():
                                "neighboring_relation": "add_or_remove_one"}
 
 
+def test_pld_with_the_cached_subsampled_gaussian_equals_dp_accountings_accountant_exactly():
+    """The cached subsampled-Gaussian PLD changes no bit of the epsilon, also when reused for
+    histories that differ only in their counts (as at every release of a run)."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    from privacy.accounting import _pld_epsilon, _subsampled_gaussian_pld
+
+    def reference(history):
+        counts = {}
+        for nm, q, steps in history:
+            counts[(nm, q)] = counts.get((nm, q), 0) + steps
+        acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+        for (nm, q), steps in sorted(counts.items()):
+            gaussian = dp_accounting.GaussianDpEvent(nm)
+            acc.compose(gaussian if q >= 1.0
+                        else dp_accounting.PoissonSampledDpEvent(q, gaussian), steps)
+        return float(acc.get_epsilon(DELTA))
+
+    _subsampled_gaussian_pld.cache_clear()
+    histories = [((5.98, 1.0, 1), (2.13, 0.25, 4)),
+                 ((5.98, 1.0, 1), (2.13, 0.25, 4), (14.6, 1.0, 1), (2.13, 0.25, 4)),
+                 ((5.98, 1.0, 1), (2.13, 0.25, 12), (14.6, 1.0, 3)),
+                 ((1.3, 0.5, 2), (2.13, 0.25, 7), (0.9, 1.0, 2))]
+    for history in histories:
+        assert _pld_epsilon(history, DELTA, {}) == reference(history)
+    info = _subsampled_gaussian_pld.cache_info()
+    assert info.hits >= 3 and info.misses == 2  # (2.13, 0.25) built once, (1.3, 0.5) once
+
+
 def test_rdp_orders_beyond_63_lift_the_small_epsilon_floor():
     # One Gaussian release at a large sigma: with Opacus's orders (<= 63) epsilon cannot go
     # below ~0.103 at delta 1e-5 however large sigma is; with the extra orders it can.
