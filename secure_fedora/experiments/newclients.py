@@ -35,7 +35,7 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.methods import FedAvg, Fedora, MethodContext, plain_overlaps
+from secure_fedora.algorithms.methods import FedAvg, Fedora, Local, MethodContext, plain_overlaps
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import evaluate, local_train
@@ -58,7 +58,8 @@ __all__ = [
     "split_newcomers",
 ]
 
-NEWCOMER_METHODS: tuple[str, ...] = ("fedora", "fedavg_ft", "local")
+# The experiment compares these three by definition (their classes name them).
+NEWCOMER_METHODS: tuple[str, ...] = (Fedora.name, f"{FedAvg.name}_ft", Local.name)
 
 
 class NewClientError(ToolkitError, ValueError):
@@ -205,12 +206,12 @@ def run_new_client_experiment(
     epoch_list = _check_epochs(epochs)
     all_clients = list(clients) if clients is not None else build_clients(cfg)
     trained, newcomers = split_newcomers(all_clients, held_out, selection)
-    fed_cfg = cfg.model_copy(update={"methods": ["fedora", "fedavg"]})
+    fed_cfg = cfg.model_copy(update={"methods": [Fedora.name, FedAvg.name]})
     sim = Simulation(fed_cfg, run_dir, clients=trained, progress=progress,
                      method_factory=make_method, context_factory=context_factory)
     results = sim.run(resume=True)
-    fed = sim.methods["fedora"]
-    avg = sim.methods["fedavg"]
+    fed = sim.methods[Fedora.name]
+    avg = sim.methods[FedAvg.name]
     if not isinstance(fed, Fedora) or not isinstance(avg, FedAvg):
         raise NewClientError("the federation did not produce FEDORA and FedAvg models")
     before = fed.theta.clone()
@@ -230,9 +231,10 @@ def run_new_client_experiment(
         k = min(cfg.fedora.k, len(trained))
         neighbours.append(sorted(trained[j].client_id for j in torch.topk(sims, k).indices.tolist()))
         runs = {
-            "fedora": _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new),
-            "fedavg_ft": _accuracies_along(ctx, c, avg.global_params, epoch_list, cfg.seed, stream),
-            "local": _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed, stream),
+            Fedora.name: _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new),
+            f"{FedAvg.name}_ft": _accuracies_along(ctx, c, avg.global_params, epoch_list, cfg.seed,
+                                                   stream),
+            Local.name: _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed, stream),
         }
         for m, by_epoch in runs.items():
             for e, acc in by_epoch.items():
