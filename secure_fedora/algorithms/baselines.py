@@ -10,12 +10,31 @@ its (possibly clipped and noised) gradient. Those additions depend only on the c
 parameters and on values the client already holds (a received model, its own local model),
 never on a training batch, so they are post-processing and change no privacy guarantee.
 
-Messages: each method calls :meth:`~secure_fedora.algorithms.methods.FederatedMethod.download_rows` for
-what the server sends a participant (the global model, FedAMP's message ``u_i``, IFCA's K
-cluster models) and :meth:`~secure_fedora.algorithms.methods.FederatedMethod.upload_rows` for what it
-sends back (its model row; IFCA also its cluster index), and aggregates over the accepted
-uploads only. Without an exchange these calls move and change nothing, so results are
-identical with and without ``[security] envelopes`` unless a message is rejected.
+Messages: every method implements the contract of :mod:`secure_fedora.algorithms.contract`
+(server half: ``configure``, ``aggregate``, ``evaluation_messages``, ``finalize_messages``/
+``server_finalize``, ``server_state_dict``; client half: ``client_update``,
+``client_eval_row``, ``client_finalize``, ``client_state_dict``). The server half never
+reads client data: it learns a client's training-set size from its reply's
+``num_examples``. Client ``i``'s half reads only ``ctx.clients[i]``, its generator, noise
+source, message and its own state, which is exactly ``client_state_dict(i)``:
+
+=======  ====================  ==========================================  ==============================
+method   server sends          client replies                              client state
+=======  ====================  ==========================================  ==============================
+fedprox  ``global``            ``theta``, ``num_examples``, ``steps``      ``theta`` (not used later)
+ditto    ``global``            copy of w as ``theta``, size, steps         ``theta`` = ``v_i``
+apfl     ``global``            copy of w as ``theta``, size, steps         ``theta`` = ``v_i``, ``alpha``
+fedamp   ``message`` (u_i)     ``theta`` = ``w_i``, ``steps``              ``theta`` = ``w_i``
+ifca     ``clusters`` (K x P)  ``theta``, ``cluster_choice``, size, steps  none
+=======  ====================  ==========================================  ==============================
+
+Evaluation messages carry the global model (FedProx; APFL's mixture) or the K cluster
+models (IFCA); Ditto and FedAMP clients are evaluated on their own state. Finalize
+exchanges report APFL's ``alpha_i`` and IFCA's final choices. With ``[security] envelopes``
+the in-process runtime signs every entry whose key is a message kind
+(:meth:`~secure_fedora.algorithms.methods.FederatedMethod.message_state`), so results are
+identical with and without envelopes unless a message is rejected; a rejected upload is an
+absent reply (the server keeps its last accepted row).
 
 Methods and their hyper-parameters (defaults in :data:`BASELINE_HYPERPARAMETERS`):
 
@@ -509,6 +528,10 @@ class Ditto(_GlobalModelMethod):
         self.prox.target(self.theta[i], w)
         steps += _train_with(self.ctx, self.prox, i, self.theta[i])
         return self._reply(i, steps)
+
+    def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """Nothing: a client is evaluated on its personal model ``v_i``."""
+        return {}
 
 
 class APFL(_GlobalModelMethod):
