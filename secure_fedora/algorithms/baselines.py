@@ -892,9 +892,19 @@ class IFCA(_Baseline, FederatedMethod):
         round out rather than keep K stale models)."""
         return {KIND_THETA: self.theta, KIND_CLUSTER_CHOICE: self.choices}, {}
 
-    def _exchanged_untracked(self, kind: str) -> bool:
-        """The cluster models travel as signed envelopes although no client keeps a copy."""
-        return kind == KIND_CLUSTERS
+    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
+        """The base exchange, plus the K cluster models as signed envelopes. No client keeps
+        a copy of them (K x P per client), so a client that rejects them has nothing to
+        train or report on and is left out (of the round, or of the finalize exchange)."""
+        out = super()._exchange_downloads(rnd, messages)
+        if self.exchange is None or not self._round_envelopes():
+            return out
+        rows = {i: m[KIND_CLUSTERS] for i, m in out.items() if KIND_CLUSTERS in m}
+        if not rows:
+            return out
+        held = self.download_rows(rnd, rows, kind=KIND_CLUSTERS)
+        return {i: ({**m, KIND_CLUSTERS: held[i]} if i in rows else m)
+                for i, m in out.items() if i not in rows or i in held}
 
     def upload_rows(self, rnd: int, matrix: Tensor, participants: Sequence[int], *,
                     kind: str = KIND_THETA, check: ValueCheck | None = None) -> list[int]:
@@ -931,5 +941,7 @@ _IFCA_VAL_PRIVATE = (
 # --------------------------------------------------------------------------- registry
 
 
+# registered as classes: the registry builds them with from_config(ctx, cfg), and the privacy
+# plan and config checks read releases(cfg) / check_config(cfg) from them
 for _cls in (FedProx, Ditto, APFL, FedAMP, IFCA):
     METHODS.register(_cls.name, _cls)
