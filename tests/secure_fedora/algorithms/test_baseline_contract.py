@@ -206,3 +206,13 @@ def test_ifca_server_leaves_out_a_reply_with_an_invalid_cluster_choice(clients, 
     assert "client 1" in caplog.text and "not an integer" in caplog.text
     assert torch.equal(method.clusters, reference.clusters)
     assert method.assignment[1] == -1
+
+
+def test_config_validation_runs_the_baseline_checks():
+    """The config refuses an unaccounted IFCA choice when it is parsed, before anything runs."""
+    body = {"name": "contract", "methods": ["ifca"],
+            "data": {"num_clients": N, "train_per_client": 32},
+            "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}}
+    with pytest.raises(ValueError, match="selection_split='val'"):
+        parse_config(body)
+    parse_config({**body, "baselines": {"ifca": {"selection_split": "val"}}})
