@@ -759,8 +759,14 @@ class IFCA(_Baseline, FederatedMethod):
         self.clusters = self._initial_clusters(num_clusters)
         # server: the cluster each client chose in its latest accepted reply (-1: none yet)
         self.assignment = torch.full((ctx.num_clients,), -1, dtype=torch.long)
-        # client side: the buffers of the choice uploads, (N, 1) floats as on the wire
+        # server: how many times the cluster models changed (sent with them, so a client can
+        # reuse the choice it made against the same models)
+        self.version = 0
+        # client side: the buffers of the choice uploads, (N, 1) floats as on the wire, and a
+        # cache {client: (version, choice)} -- an optimisation only, not state: a miss
+        # recomputes the same choice
         self.choices = torch.zeros(ctx.num_clients, 1, dtype=self.theta.dtype)
+        self._choice_cache: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -797,11 +803,25 @@ class IFCA(_Baseline, FederatedMethod):
         )
         return int(torch.argmin(losses))
 
+    def _choice_for(self, i: int, message: Payload) -> int:
+        """Client ``i``'s choice among the message's cluster models: :meth:`choose`, or the
+        choice it made against the same models version (no new loss evaluations)."""
+        clusters = message[KIND_CLUSTERS]
+        version = message.get(KEY_CLUSTERS_VERSION)
+        if version is not None:
+            cached = self._choice_cache.get(i)
+            if cached is not None and cached[0] == int(version):
+                return cached[1]
+        k = self.choose(i, clusters)
+        if version is not None:
+            self._choice_cache[i] = (int(version), k)
+        return k
+
     def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
         """Pick a cluster model from the received ones, train a copy; reply it with the
         cluster index, the training-set size and the steps."""
         clusters = message[KIND_CLUSTERS]
-        k = self.choose(i, clusters)
+        k = self._choice_for(i, message)
         self.theta[i].copy_(clusters[k])
         steps = self.ctx.train_client(i, self.theta[i])
         self.choices[i, 0] = k
@@ -813,16 +833,16 @@ class IFCA(_Baseline, FederatedMethod):
         if message is None or KIND_CLUSTERS not in message:
             raise BaselineConfigError("IFCA evaluates a client on the cluster model it picks; "
                                       "the evaluation message must carry the cluster models")
-        clusters = message[KIND_CLUSTERS]
-        return clusters[self.choose(i, clusters)]
+        return message[KIND_CLUSTERS][self._choice_for(i, message)]
 
     def client_finalize(self, i: int, message: Payload) -> Payload:
         """Client ``i``'s choice among the final cluster models."""
-        return {KIND_CLUSTER_CHOICE: torch.tensor([float(self.choose(i, message[KIND_CLUSTERS]))],
+        return {KIND_CLUSTER_CHOICE: torch.tensor([float(self._choice_for(i, message))],
                                                   dtype=self.theta.dtype)}
 
     def client_state_dict(self, i: int) -> Payload:
-        """Nothing: a client's choice and trained copy are recomputed from each message."""
+        """Nothing: a client's choice and trained copy are recomputed from each message (the
+        choice cache only saves work)."""
         return {}
 
     def load_client_state_dict(self, i: int, state: Payload) -> None:
@@ -831,17 +851,20 @@ class IFCA(_Baseline, FederatedMethod):
             raise ValueError(f"IFCA client state must be empty, got fields {sorted(state)}")
 
     # -- server half
+    def _clusters_message(self) -> Payload:
+        return {KIND_CLUSTERS: self.clusters, KEY_CLUSTERS_VERSION: _scalar(self.version)}
+
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
-        """Every participant receives the K cluster models."""
-        return {i: {KIND_CLUSTERS: self.clusters} for i in participants}
+        """Every participant receives the K cluster models (and their version)."""
+        return {i: self._clusters_message() for i in participants}
 
     def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
-        """Each evaluated client receives the K cluster models."""
-        return {i: {KIND_CLUSTERS: self.clusters} for i in clients}
+        """Each evaluated client receives the K cluster models (and their version)."""
+        return {i: self._clusters_message() for i in clients}
 
     def finalize_messages(self) -> dict[int, Payload]:
         """Every client receives the final cluster models, to report its choice."""
-        return {i: {KIND_CLUSTERS: self.clusters} for i in range(self.ctx.num_clients)}
+        return {i: self._clusters_message() for i in range(self.ctx.num_clients)}
 
     def _check_choice(self, value: Tensor) -> str | None:
         if not isinstance(value, Tensor) or value.numel() != 1:
@@ -876,6 +899,7 @@ class IFCA(_Baseline, FederatedMethod):
             totals = member.sum(dim=1)
             used = totals > 0
             self.clusters[used] = (member[used] / totals[used].unsqueeze(1)).to(rows.device) @ rows
+            self.version += 1
             self.assignment[torch.as_tensor(ids, dtype=torch.long)] = chosen
         return {"clusters_used": float(len(set(choices.values())))}
 
@@ -915,8 +939,9 @@ class IFCA(_Baseline, FederatedMethod):
         return super().upload_rows(rnd, matrix, participants, kind=kind, check=check)
 
     def server_state_dict(self) -> dict[str, Any]:
-        """The cluster models and the clients' latest reported choices."""
-        return {"clusters": self.clusters, "assignment": self.assignment}
+        """The cluster models, their version and the clients' latest reported choices."""
+        return {"clusters": self.clusters, "clusters_version": torch.tensor(self.version),
+                "assignment": self.assignment}
 
     def load_server_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`server_state_dict` (choices outside -1..K-1 are refused)."""
@@ -927,7 +952,16 @@ class IFCA(_Baseline, FederatedMethod):
             raise ValueError(
                 f"checkpoint field 'assignment' has clusters outside -1..{self.num_clusters - 1}")
         _load_tensor(self.assignment, assignment, "assignment")
+        version = state.get("clusters_version")
+        if not isinstance(version, Tensor) or version.numel() != 1 or version.is_floating_point() \
+                or int(version) < 0:
+            raise ValueError("checkpoint field 'clusters_version' must be a non-negative integer")
+        self.version = int(version)
+        self._choice_cache.clear()
 
+
+KEY_CLUSTERS_VERSION = "clusters_version"
+"""IFCA message entry: the version of the cluster models it carries (0-d integer tensor)."""
 
 _IFCA_TRAIN_UNDER_DP = (
     "baselines.ifca.selection_split='train' picks clusters by training loss, an unaccounted "

@@ -216,3 +216,23 @@ def test_config_validation_runs_the_baseline_checks():
     with pytest.raises(ValueError, match="selection_split='val'"):
         parse_config(body)
     parse_config({**body, "baselines": {"ifca": {"selection_split": "val"}}})
+
+
+def test_ifca_reuses_a_choice_only_for_the_same_cluster_models(clients, monkeypatch):
+    method = make_baseline("ifca", build_context(tiny(), clients), {"num_clusters": 3})
+    calls = []
+    choose = method.choose
+    monkeypatch.setattr(method, "choose", lambda i, c: calls.append(i) or choose(i, c))
+    method.train_round(1, [0, 1])
+    assert calls == [0, 1] and method.version == 1
+    for i in range(N):  # the clusters changed: every evaluated client chooses again
+        method.eval_row(i)
+    assert calls == [0, 1, 0, 1, 2, 3, 4]
+    method.train_round(2, [0, 1])  # the same cluster models as evaluated: no new choice
+    assert calls == [0, 1, 0, 1, 2, 3, 4] and method.version == 2
+    method.eval_row(0)
+    assert calls[-1] == 0 and len(calls) == 8
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    state["clusters_version"] = torch.tensor(-1)
+    with pytest.raises(ValueError, match="clusters_version"):
+        method.load_state_dict(state)
