@@ -18,15 +18,15 @@ reads client data: it learns a client's training-set size from its reply's
 ``num_examples``. Client ``i``'s half reads only ``ctx.clients[i]``, its generator, noise
 source, message and its own state, which is exactly ``client_state_dict(i)``:
 
-=======  ====================  ==========================================  ==============================
-method   server sends          client replies                              client state
-=======  ====================  ==========================================  ==============================
-fedprox  ``global``            ``theta``, ``num_examples``, ``steps``      ``theta`` (not used later)
-ditto    ``global``            copy of w as ``theta``, size, steps         ``theta`` = ``v_i``
-apfl     ``global``            copy of w as ``theta``, size, steps         ``theta`` = ``v_i``, ``alpha``
-fedamp   ``message`` (u_i)     ``theta`` = ``w_i``, ``steps``              ``theta`` = ``w_i``
-ifca     ``clusters`` (K x P)  ``theta``, ``cluster_choice``, size, steps  none
-=======  ====================  ==========================================  ==============================
+=======  =====================  ==========================================  ==============================
+method   server sends           client replies                              client state
+=======  =====================  ==========================================  ==============================
+fedprox  ``global``             ``theta``, ``num_examples``, ``steps``      ``theta`` (not used later)
+ditto    ``global``             copy of w as ``theta``, size, steps         ``theta`` = ``v_i``
+apfl     ``global``             copy of w as ``theta``, size, steps         ``theta`` = ``v_i``, ``alpha``
+fedamp   ``message`` (u_i)      ``theta`` = ``w_i``, ``steps``              ``theta`` = ``w_i``
+ifca     ``clusters``, version  ``theta``, ``cluster_choice``, size, steps  none
+=======  =====================  ==========================================  ==============================
 
 Evaluation messages carry the global model (FedProx; APFL's mixture) or the K cluster
 models (IFCA); Ditto and FedAMP clients are evaluated on their own state. Finalize
