@@ -39,7 +39,8 @@ from torch import Tensor
 Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
-__all__ = ["FederatedAlgorithm", "Payload", "ReleaseSpec", "SETUP", "ROUND"]
+__all__ = ["FederatedAlgorithm", "Payload", "ReleaseSpec", "SETUP", "ROUND", "build_method",
+           "method_class", "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
 ROUND = "round"
@@ -88,7 +89,7 @@ class FederatedAlgorithm(ABC):
         """Client ``i``: its setup reply (called only for clients in ``setup_messages``)."""
         raise NotImplementedError(f"{type(self).__name__} has no setup exchange")
 
-    def server_setup(self, replies: Mapping[int, Payload]) -> None:
+    def server_setup(self, replies: Mapping[int, Payload]) -> None:  # noqa: B027 (optional hook)
         """Server: build what the rounds need from the accepted setup replies."""
 
     # ------------------------------------------------------------------ rounds
@@ -148,3 +149,61 @@ class FederatedAlgorithm(ABC):
     @abstractmethod
     def load_client_state_dict(self, i: int, state: Payload) -> None:
         """Restore :meth:`client_state_dict` for client ``i`` (validated)."""
+
+
+# ---------------------------------------------------------------------- registry helpers
+# A method is registered in secure_fedora.core.registry.METHODS either as its class (a
+# FederatedAlgorithm subclass with a ``from_config(ctx, cfg)`` classmethod) or as a factory
+# ``(ctx, cfg) -> method``; a factory exposes its class as the attribute ``algorithm``.
+
+
+def method_class(name: str) -> type[FederatedAlgorithm] | None:
+    """The class of registered method ``name`` (what its releases and config checks come
+    from), or ``None`` when it is a factory that does not name its class (``algorithm``
+    attribute). Unknown names raise :class:`~secure_fedora.core.registry.RegistryError`."""
+    from secure_fedora.core.registry import METHODS
+
+    entry = METHODS.get(name)
+    if isinstance(entry, type) and issubclass(entry, FederatedAlgorithm):
+        return entry
+    cls = getattr(entry, "algorithm", None)
+    if isinstance(cls, type) and issubclass(cls, FederatedAlgorithm):
+        return cls
+    return None
+
+
+def build_method(name: str, ctx: Any, cfg: Any) -> Any:
+    """Instantiate registered method ``name``: ``cls.from_config(ctx, cfg)`` for a registered
+    class, ``factory(ctx, cfg)`` for a registered factory."""
+    from secure_fedora.core.registry import METHODS
+
+    entry = METHODS.get(name)
+    if isinstance(entry, type):
+        from_config = getattr(entry, "from_config", None)
+        if from_config is None:
+            raise TypeError(f"method {name!r} is registered as class {entry.__name__}, which "
+                            "has no from_config(ctx, cfg) classmethod")
+        return from_config(ctx, cfg)
+    return entry(ctx, cfg)
+
+
+def method_releases(name: str, cfg: Any) -> tuple[ReleaseSpec, ...]:
+    """The releases registered method ``name`` declares under ``cfg``; a factory that does
+    not name its class (``factory.algorithm``) is refused with a ``ValueError`` rather than
+    planned with a guess."""
+    cls = method_class(name)
+    if cls is None:
+        raise ValueError(
+            f"method {name!r} is registered as a factory that does not name its algorithm "
+            "class, so its releases are unknown; register the class (with a from_config "
+            "classmethod) or set the factory's 'algorithm' attribute to it")
+    return tuple(cls.releases(cfg))
+
+
+def round_mechanisms(name: str, cfg: Any) -> tuple[str, ...]:
+    """The mechanisms of method ``name``'s per-round release (kind ``"model"``), in ledger
+    order: what the runtime's admission records before a client trains."""
+    for spec in method_releases(name, cfg):
+        if spec.when == ROUND and spec.kind == "model":
+            return spec.mechanisms
+    return ()

@@ -1,18 +1,22 @@
-"""Federated methods over one shared state layout: FEDORA and the baselines.
+"""Federated methods over one shared state layout: FEDORA, Local and FedAvg.
 
-A method decides what each participant starts from, which regularization it trains with and
-how the server combines what it receives. All client parameters are rows of one (N x P)
-matrix, so aggregation and propagation are single matrix products.
+Every method implements the contract of :mod:`secure_fedora.algorithms.contract` (a server
+half and a client half that exchange :data:`~secure_fedora.algorithms.contract.Payload` s).
+:class:`FederatedMethod` is the in-process base: all client parameters are rows of one
+(N x P) matrix, so aggregation and propagation are single matrix products, and its
+:meth:`FederatedMethod.train_round` runs one round generically::
 
-Message boundaries: every model row a client uploads goes through
-:meth:`FederatedMethod.upload_rows` and every tensor it receives through
-:meth:`FederatedMethod.download_rows`. Without an ``exchange`` (the default) these hooks
-move nothing and change nothing; with one (the runtime attaches a
-:class:`secure_fedora.secure.transport.SecureExchange` under ``[security] envelopes = true``) each
-message is a signed, verified envelope, a rejected upload leaves the server's last accepted
-row in place and the client out of the round's aggregation, and a rejected download leaves
-the client with its last accepted copy (or, for a kind the exchange does not track, out of
-the round). :meth:`FederatedMethod.message_state` names what the exchange must track.
+    configure -> (downloads) -> client_update_many -> (uploads) -> aggregate
+
+Message boundaries: without an ``exchange`` (the default) nothing is copied or changed. With
+one (the runtime attaches a :class:`secure_fedora.secure.transport.SecureExchange` under
+``[security] envelopes = true``) every message entry whose key is a kind the exchange knows
+(:meth:`FederatedMethod.message_state`) is a signed, verified envelope: a rejected upload
+puts the server's last accepted row back, and the reply is absent from ``aggregate``'s
+``replies`` (the client did not take part); a rejected download of a tracked kind gives the
+client its last accepted copy (an untracked kind leaves the client out of the round).
+Methods written before the contract may still override ``train_round`` and use
+:meth:`FederatedMethod.upload_rows` / :meth:`FederatedMethod.download_rows` directly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.contract import FederatedAlgorithm, Payload
 from secure_fedora.algorithms.propagation import (
     PropagationOperator,
     build_operator,
@@ -43,6 +48,11 @@ from secure_fedora.learning.client import (
     local_train,
 )
 from secure_fedora.secure.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
+
+KEY_STEPS = "steps"
+"""Reply entry: the DP-SGD/SGD steps a client ran this round (a 0-d integer tensor)."""
+KEY_NUM_EXAMPLES = "num_examples"
+"""Reply entry: the client's number of training examples (FedAvg's aggregation weight)."""
 
 MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
 """(upload matrices by message kind, tracked download matrices by kind), each (N, ...)."""
@@ -147,8 +157,17 @@ def plain_overlaps(clients: Sequence[ClientData], num_classes: int, q: int) -> t
     return summaries, fedora.subspace_overlaps(summaries)
 
 
-class FederatedMethod:
-    """Base class: a method owns its parameter matrices and reports per-client eval rows."""
+class FederatedMethod(FederatedAlgorithm):
+    """In-process base of every method: the contract plus the state layout (one (N x P)
+    ``theta`` matrix of client parameters) and a generic round.
+
+    A subclass implements the contract's halves (``configure``, ``client_update``,
+    ``aggregate``, optionally the setup/finalize/evaluation exchanges); the runtime calls only
+    :meth:`setup`, :meth:`train_round`, :meth:`eval_row`, :meth:`extra_results` and the
+    checkpoint pair :meth:`state_dict` / :meth:`load_state_dict`, which this class implements
+    on top of the contract. Registered in :data:`~secure_fedora.core.registry.METHODS` as a
+    class, a method is built by :meth:`from_config`.
+    """
 
     name = "method"
 
@@ -158,10 +177,140 @@ class FederatedMethod:
         # The signed-message layer (a secure_fedora.secure.transport.SecureExchange), set by the
         # runtime with [security] envelopes = true; None: messages are not simulated.
         self.exchange: Any = None
+        # The latest round trained (evaluation messages are for it).
+        self.last_round = 0
+
+    @classmethod
+    def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
+        """Build the method from the run's context and the whole config (how the registry
+        builds a method registered as a class). Default: ``cls(ctx)``."""
+        return cls(ctx)
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise ``ValueError`` (naming the key) when ``cfg`` cannot run this method; called
+        by the config validation for every listed method. Default: every config is fine."""
+
+    # ------------------------------------------------------------------ contract defaults
+    def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
+        """Server: the round's messages. Default: an empty message to each participant."""
+        return {i: {} for i in participants}
+
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither client_update nor train_round")
+
+    def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """Server: combine the accepted replies. Default: nothing to combine."""
+        return {}
+
+    def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
+        """Client ``i`` is evaluated on its own row of ``theta`` (default)."""
+        return self.theta[i]
+
+    def server_state_dict(self) -> dict[str, Any]:
+        """Server state a resume cannot recompute (default: none)."""
+        return {}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`server_state_dict` (default: nothing to restore)."""
+
+    def client_state_dict(self, i: int) -> Payload:
+        """Client ``i``'s parameters (its row of ``theta``)."""
+        return {KIND_THETA: self.theta[i]}
+
+    def load_client_state_dict(self, i: int, state: Payload) -> None:
+        """Restore client ``i``'s row of ``theta`` (shape and finiteness checked)."""
+        _load_matrix(self.theta[i], state[KIND_THETA], f"theta[{i}]")
+
+    # ------------------------------------------------------------------ in-process driver
+    def client_setup_many(self, messages: Mapping[int, Payload]) -> dict[int, Payload]:
+        """All setup client halves in one process. Default: :meth:`client_setup` per client."""
+        return {i: self.client_setup(i, m) for i, m in messages.items()}
 
     def setup(self) -> None:
-        """Work done once before the first round (e.g. relatedness)."""
+        """Run the setup exchange once before the first round (no-op without one)."""
+        messages = self.setup_messages()
+        if messages:
+            self.server_setup(self.client_setup_many(messages))
 
+    def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """What the round's clients did, from every reply before the upload exchange (a
+        rejected upload still trained): ``steps`` summed. Methods add their own entries."""
+        return {"steps": float(sum(int(r[KEY_STEPS]) for r in replies.values() if KEY_STEPS in r))}
+
+    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
+        """One generic round: :meth:`configure`, the downloads through the exchange,
+        :meth:`client_update_many`, the uploads through the exchange, :meth:`aggregate`.
+        Returns :meth:`round_statistics` merged with ``aggregate``'s statistics."""
+        messages = self._exchange_downloads(rnd, self.configure(rnd, participants))
+        replies = self.client_update_many(rnd, messages)
+        stats = self.round_statistics(rnd, replies)
+        accepted = self._exchange_uploads(rnd, replies)
+        stats.update(self.aggregate(rnd, accepted))
+        self.last_round = rnd
+        return stats
+
+    def eval_row(self, i: int) -> Tensor:
+        """The parameters on which client ``i`` is evaluated (its personalized model)."""
+        message = self.evaluation_messages(self.last_round, [i]).get(i)
+        return self.client_eval_row(i, message)
+
+    def finalize(self) -> dict[str, Any]:
+        """Run the finalize exchange (downloads through the exchange, for its last round)
+        and return :meth:`server_finalize`'s results."""
+        messages = self.finalize_messages()
+        if messages:
+            final_round = self.exchange.last_round if self.exchange is not None else 0
+            messages = self._exchange_downloads(final_round, messages)
+        replies = {i: self.client_finalize(i, m) for i, m in messages.items()}
+        return self.server_finalize(replies)
+
+    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
+        """Every message entry of a kind the exchange knows travels as a signed envelope; a
+        client that rejects an untracked kind is left out (tracked: its last accepted copy)."""
+        if self.exchange is None or not messages:
+            return messages
+        out = {i: dict(m) for i, m in messages.items()}
+        kinds = dict.fromkeys(k for m in messages.values() for k in m)
+        for kind in kinds:
+            if kind not in self.exchange.client_rows and not self._exchanged_untracked(kind):
+                continue
+            rows = {i: m[kind] for i, m in out.items() if kind in m}
+            held = self.download_rows(rnd, rows, kind=kind)
+            for i in rows:
+                if i in held:
+                    out[i][kind] = held[i]
+                else:
+                    del out[i]
+        return out
+
+    def _exchanged_untracked(self, kind: str) -> bool:
+        """Whether message entries of an untracked ``kind`` are enveloped (default: no, only
+        the kinds :meth:`message_state` names travel through the exchange)."""
+        return False
+
+    def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
+        """Reply entries of the upload kinds :meth:`message_state` names travel as signed
+        envelopes; a client with any rejected upload is absent from the result."""
+        if self.exchange is None or not replies:
+            return dict(replies)
+        state = self.message_state()
+        uploads = state[0] if state is not None else {}
+        accepted = dict(replies)
+        for kind, matrix in uploads.items():
+            senders = [i for i, r in accepted.items() if kind in r]
+            if not senders:
+                continue
+            for i in senders:
+                row = accepted[i][kind]
+                if row.data_ptr() != matrix[i].data_ptr():
+                    matrix[i].copy_(row)
+            ok = set(self.upload_rows(rnd, matrix, senders, kind=kind))
+            accepted = {i: r for i, r in accepted.items() if kind not in r or i in ok}
+        return accepted
+
+    # ------------------------------------------------------------------ messages
     def message_state(self) -> MessageState | None:
         """What a message exchange must track for this method, read when it is attached
         (after setup or a checkpoint restore): the matrices whose rows clients upload, by
@@ -202,23 +351,21 @@ class FederatedMethod:
         security = self.security_results()
         return {**extra, "security": security} if security else extra
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        raise TypeError(f"{type(self).__name__} does not define train_round")
-
-    def eval_row(self, i: int) -> Tensor:
-        """The parameters on which client ``i`` is evaluated (its personalized model)."""
-        return self.theta[i]
-
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta}
+        """The in-process checkpoint: every client's ``theta`` row and the server state."""
+        return {"theta": self.theta, **self.server_state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (shapes and finiteness checked)."""
         _load_matrix(self.theta, state["theta"], "theta")
+        self.load_server_state_dict(state)
 
     def extra_results(self) -> dict[str, Any]:
-        """Method-specific results added to results.json at the end of a run (with a
-        ``"security"`` entry from :meth:`security_results` when envelopes were on)."""
-        return self._with_security({})
+        """Method-specific results added to results.json at the end of a run: the finalize
+        exchange's results (:meth:`finalize`), with a ``"security"`` entry from
+        :meth:`security_results` when envelopes were on."""
+        return self._with_security(self.finalize())
 
 
 def _load_matrix(target: Tensor, value: Tensor, name: str) -> None:
@@ -230,23 +377,34 @@ def _load_matrix(target: Tensor, value: Tensor, name: str) -> None:
     target.copy_(value)
 
 
+def _scalar(value: float | int) -> Tensor:
+    """A reply scalar as a 0-d tensor (float64 for floats: a Python float round-trips)."""
+    return torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+
+
+@METHODS.register("local")
 class Local(FederatedMethod):
-    """Local-only training: every client trains alone; nothing is communicated."""
+    """Local-only training: every client trains alone; nothing is communicated (empty
+    messages, and replies that carry only the step count)."""
 
     name = "local"
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        steps = sum(self.ctx.train_client(i, self.theta[i]) for i in participants)
-        return {"steps": float(steps)}
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Train client ``i``'s own row in place."""
+        return {KEY_STEPS: _scalar(self.ctx.train_client(i, self.theta[i]))}
 
 
+@METHODS.register("fedavg")
 class FedAvg(FederatedMethod):
     """FedAvg (McMahan et al., AISTATS 2017, "Communication-Efficient Learning of Deep
     Networks from Decentralized Data"): participants start from the global model, train
-    locally, and the server averages their models weighted by training-set size.
+    locally, and the server averages their models weighted by training-set size (which each
+    reply carries as ``num_examples``).
 
     Evaluated both as the global model and after local fine-tuning of the final global model
-    (``finetune_epochs`` epochs, best epoch chosen on each client's validation data).
+    (``finetune_epochs`` epochs, best epoch chosen on each client's validation data): the
+    finalize exchange sends the final global model to every client, which replies with the
+    test metric of its fine-tuned copy.
     """
 
     name = "fedavg"
@@ -255,66 +413,97 @@ class FedAvg(FederatedMethod):
         super().__init__(ctx)
         self.global_params = ctx.init.clone()
         self.finetune_epochs = finetune_epochs
-        self.weights = torch.tensor([float(c.train_x.shape[0]) for c in ctx.clients])
+
+    @classmethod
+    def from_config(cls, ctx: MethodContext, cfg: Any) -> FedAvg:
+        """``[fedavg] finetune_epochs`` sets the fine-tuning epochs."""
+        return cls(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)
+
+    @property
+    def weights(self) -> Tensor:
+        """Every client's training-set size (float32). Client data: only for subclasses that
+        still aggregate inside ``train_round``; FedAvg's server half uses the replies'
+        ``num_examples`` instead."""
+        return torch.tensor([float(c.train_x.shape[0]) for c in self.ctx.clients])
 
     def message_state(self) -> MessageState | None:
         """Uploads: ``theta`` rows; downloads: the global model (each client's copy)."""
         n = self.ctx.num_clients
         return {KIND_THETA: self.theta}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        steps = 0
-        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
-        for i in participants:
-            self.theta[i].copy_(held[i])
-            steps += self.ctx.train_client(i, self.theta[i])
-        accepted = self.upload_rows(rnd, self.theta, participants)
-        if accepted:
-            idx = torch.as_tensor(accepted)
-            w = self.weights[idx] / self.weights[idx].sum()
-            self.global_params.copy_(w @ self.theta[idx])
-        return {"steps": float(steps)}
+    def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
+        """Every participant receives the global model."""
+        return {i: {KIND_GLOBAL: self.global_params} for i in participants}
 
-    def eval_row(self, i: int) -> Tensor:
-        return self.global_params
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Start from the received global model, train; reply the model, the number of
+        training examples and the steps."""
+        self.theta[i].copy_(message[KIND_GLOBAL])
+        steps = self.ctx.train_client(i, self.theta[i])
+        return {KIND_THETA: self.theta[i],
+                KEY_NUM_EXAMPLES: _scalar(int(self.ctx.clients[i].train_x.shape[0])),
+                KEY_STEPS: _scalar(steps)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta, "global": self.global_params}
+    def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """The global model becomes the average of the accepted models, weighted by their
+        ``num_examples`` (unchanged when no reply was accepted)."""
+        if replies:
+            ids = list(replies)
+            w = torch.tensor([float(replies[i][KEY_NUM_EXAMPLES]) for i in ids])
+            w = w / w.sum()
+            rows = torch.stack([replies[i][KIND_THETA] for i in ids])
+            self.global_params.copy_(w.to(rows.device) @ rows)
+        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """Clients are evaluated on the global model."""
+        return {i: {KIND_GLOBAL: self.global_params} for i in clients}
+
+    def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
+        """The received global model."""
+        assert message is not None, "FedAvg evaluates the global model it sends"
+        return message[KIND_GLOBAL]
+
+    def server_state_dict(self) -> dict[str, Any]:
+        """The global model."""
+        return {"global": self.global_params}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the global model (shape and finiteness checked)."""
         _load_matrix(self.global_params, state["global"], "global")
 
-    def extra_results(self) -> dict[str, Any]:
-        """Fine-tune the final global model on each client; pick the epoch on validation.
-
-        With an exchange the final global model is downloaded by every client first (for the
-        exchange's last round); a client that rejects it fine-tunes its last accepted copy.
-        """
+    def finalize_messages(self) -> dict[int, Payload]:
+        """With fine-tuning: the final global model to every client (a client that rejects
+        it fine-tunes its last accepted copy)."""
         if self.finetune_epochs == 0:
-            return self._with_security({})
+            return {}
+        return {i: {KIND_GLOBAL: self.global_params} for i in range(self.ctx.num_clients)}
+
+    def client_finalize(self, i: int, message: Payload) -> Payload:
+        """Fine-tune the received model for ``finetune_epochs`` epochs, one at a time; reply
+        the test metric at the epoch with the best validation metric (epoch 0 included)."""
         ctx = self.ctx
-        n = ctx.num_clients
-        final_round = self.exchange.last_round if self.exchange is not None else 0
-        held = self.download_rows(final_round, {i: self.global_params for i in range(n)},
-                                  kind=KIND_GLOBAL)
+        c = ctx.clients[i]
         one_epoch = TrainConfig(**{**ctx.train.__dict__, "local_epochs": 1})
-        per_client = []
-        row = torch.empty_like(self.global_params)
-        for i, c in enumerate(ctx.clients):
-            row.copy_(held[i])
-            ctx.select(i)
-            best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
-            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
-            for _ in range(self.finetune_epochs):
-                local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
-                            ctx.generators[i], ctx.workspace)
-                val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
-                if val > best_val:
-                    best_val = val
-                    best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
-            per_client.append(best_test)
-        return self._with_security({"finetuned_test_accuracy": per_client})
+        row = message[KIND_GLOBAL].clone()
+        ctx.select(i)
+        best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
+        best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
+        for _ in range(self.finetune_epochs):
+            local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
+                        ctx.generators[i], ctx.workspace)
+            val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
+            if val > best_val:
+                best_val = val
+                best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
+        return {"finetuned_test_metric": _scalar(float(best_test))}
+
+    def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
+        """``finetuned_test_accuracy``: every client's fine-tuned test metric, in client order."""
+        if not replies:
+            return {}
+        return {"finetuned_test_accuracy": [float(replies[i]["finetuned_test_metric"])
+                                            for i in sorted(replies)]}
 
 
 class Fedora(FederatedMethod):
@@ -574,11 +763,4 @@ def _build_fedora(ctx: MethodContext, cfg: Any) -> Fedora:
                   private_validation=cfg.data.validation == "private")
 
 
-@METHODS.register("local")
-def _build_local(ctx: MethodContext, cfg: Any) -> Local:
-    return Local(ctx)
-
-
-@METHODS.register("fedavg")
-def _build_fedavg(ctx: MethodContext, cfg: Any) -> FedAvg:
-    return FedAvg(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)
+_build_fedora.algorithm = Fedora  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from secure_fedora.algorithms.methods import FederatedMethod, Fedora, MethodCont
 from secure_fedora.core.config import ExperimentConfig, config_hash, model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import atomic_write_bytes, atomic_write_text, atomic_write_with
-from secure_fedora.core.registry import DATASETS, METHODS, PARTITIONERS
+from secure_fedora.core.registry import DATASETS, PARTITIONERS
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import fingerprint_clients
 from secure_fedora.learning.client import (
@@ -233,7 +233,9 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
 def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
     """Instantiate a configured method by name (a lookup in
     :data:`secure_fedora.core.registry.METHODS`; unknown names raise ``RegistryError``)."""
-    return METHODS.get(name)(ctx, cfg)
+    from secure_fedora.algorithms.contract import build_method
+
+    return build_method(name, ctx, cfg)
 
 
 def relatedness_function(
