@@ -63,7 +63,7 @@ from privacy.identity import (
 )
 from privacy.noise import NoiseSource, make_noise_source
 from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.contract import ROUND, Payload
+from secure_fedora.algorithms.contract import Payload, round_mechanisms
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import FlatModel, evaluate
@@ -625,15 +625,12 @@ def _claimed_method(message: Message, settings: RunSettings) -> str:
     return method
 
 
-def _round_releases(algorithm: Any, cfg: ExperimentConfig) -> tuple[Any, ...]:
-    return tuple(r for r in type(algorithm).releases(cfg) if r.when == ROUND)
-
-
-def _admit(privacy: ClientSidePrivacy, algorithm: Any, cfg: ExperimentConfig, i: int, rnd: int,
+def _admit(privacy: ClientSidePrivacy, method: str, cfg: ExperimentConfig, i: int, rnd: int,
            noise: NoiseSource | None) -> bool:
-    """Account client ``i``'s round-``rnd`` release (what the method declares) in its ledger
-    before the client half runs; False when its budget refuses it."""
-    with_lambda = any("gaussian_lambda" in r.mechanisms for r in _round_releases(algorithm, cfg))
+    """Account client ``i``'s round-``rnd`` model release (the mechanisms the method declares,
+    :func:`~secure_fedora.algorithms.contract.round_mechanisms`) in its ledger before the
+    client half runs; False when its budget refuses it."""
+    with_lambda = "gaussian_lambda" in round_mechanisms(method, cfg)
     return privacy.admit(i, rnd, torch.empty(0), with_lambda, noise=noise)
 
 
@@ -685,7 +682,7 @@ def method_message(message: Message, context: Context) -> Message:
             payload, metrics, refusal = _saved_reply(state, stage)
         else:
             payload, metrics, refusal = _run_client_half(
-                algorithm, ctx, cfg, state, privacy, stage, rnd, incoming, client)
+                method, algorithm, ctx, cfg, state, privacy, stage, rnd, incoming, client)
             state.algorithm = algorithm.client_state_dict(i)
             state.generator_state = ctx.generators[i].get_state()
             if ctx.noise and cfg.privacy.noise == "reproducible":
@@ -723,6 +720,7 @@ def method_message(message: Message, context: Context) -> Message:
 
 
 def _run_client_half(
+    method: str,
     algorithm: Any, ctx: Any, cfg: ExperimentConfig, state: ClientRunState,
     privacy: ClientSidePrivacy | None, stage: str, rnd: int, incoming: Payload | None,
     client: ClientData,
@@ -745,7 +743,7 @@ def _run_client_half(
         except BudgetExceededError as err:
             return {}, {}, str(err)
     if stage == "round":
-        if privacy is not None and not _admit(privacy, algorithm, cfg, i, rnd,
+        if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
                                               ctx.noise[i] if ctx.noise else None):
             return {}, {}, privacy.sole.refusal or "the release was refused"
         reply = algorithm.client_update(i, rnd, message)

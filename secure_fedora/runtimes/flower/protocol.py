@@ -169,12 +169,11 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             "could reproduce the DP noise; use 'csprng', or pass reproducible-dp-noise for a "
             "test deployment without a DP guarantee against the server)"
         )
-    from secure_fedora.algorithms.contract import FederatedAlgorithm
-    from secure_fedora.core.registry import METHODS
+    from secure_fedora.algorithms.contract import method_class
 
     for name in cfg.methods:
-        impl = METHODS.get(name)
-        if not (isinstance(impl, type) and issubclass(impl, FederatedAlgorithm)):
+        cls = method_class(name)
+        if cls is None or not _implements_halves(cls):
             problems.append(
                 f"method {name!r} does not implement the method contract "
                 "(secure_fedora/algorithms/contract.py), which the Flower runtime drives")
@@ -193,6 +192,18 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             )
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
+
+
+def _implements_halves(cls: type) -> bool:
+    """Whether ``cls`` runs as separate server and client halves: it implements the
+    contract's ``client_update`` (a method that still overrides only an in-process
+    ``train_round``, with the in-process base's raising ``client_update``, cannot be split
+    across processes)."""
+    from secure_fedora.algorithms.methods import FederatedMethod
+
+    owner = next((k for k in cls.__mro__ if "client_update" in vars(k)), None)
+    return (owner is not None and owner is not FederatedMethod
+            and not getattr(vars(owner)["client_update"], "__isabstractmethod__", False))
 
 
 def with_reproducible_noise(cfg: ExperimentConfig, reproducible_dp_noise: bool) -> ExperimentConfig:

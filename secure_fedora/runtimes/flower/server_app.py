@@ -763,6 +763,13 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
     }
 
 
+def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) -> dict[str, Any]:
+    """What the round's clients did, as the in-process round reports it (the algorithm's
+    ``round_statistics`` over the accepted replies, where it defines one)."""
+    statistics = getattr(algorithm, "round_statistics", None)
+    return dict(statistics(rnd, replies)) if statistics is not None else {}
+
+
 def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     """Drive method ``name``'s server half through the contract; its ``methods.<name>``."""
     from secure_fedora.runtimes.results import method_entry
@@ -791,7 +798,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         messages = algorithm.configure(rnd, participants)
         replies = _exchange_payloads(grid, server, run, "round", rnd, messages,
                                      server.settings.round_timeout)
-        stats = algorithm.aggregate(rnd, replies.payloads)
+        stats = _round_statistics(algorithm, rnd, replies.payloads)
+        stats.update(algorithm.aggregate(rnd, replies.payloads))
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),
