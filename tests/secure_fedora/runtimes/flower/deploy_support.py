@@ -173,7 +173,14 @@ def signed_request(security: MessageSecurity, content: RecordDict, message_type:
     return msg
 
 
-def in_process(cfg: ExperimentConfig, tmp_path: Path) -> tuple[Simulation, Any]:
-    """The in-process runtime's FEDORA run of ``cfg``."""
-    sim = Simulation(cfg, tmp_path / "inproc")
-    return sim, sim.run_method("fedora")
+def in_process(cfg: ExperimentConfig, tmp_path: Path, method: str = "fedora",
+               keystore: Path | None = None) -> tuple[Simulation, Any]:
+    """The in-process runtime's run of ``method`` under ``cfg`` (a DP run keeps its keys in
+    ``keystore``, default ``tmp_path/keystore``)."""
+    sim = Simulation(cfg, tmp_path / "inproc", keystore=keystore or tmp_path / "keystore")
+    return sim, sim.run_method(method)
+
+
+def with_methods(cfg: ExperimentConfig, *methods: str) -> ExperimentConfig:
+    """``cfg`` running ``methods`` (validated again)."""
+    return parse_config({**cfg.model_dump(mode="json", exclude_none=True), "methods": list(methods)})
