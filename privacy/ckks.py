@@ -110,6 +110,7 @@ __all__ = [
     "MAX_ABS_VALUE",
     "MAX_VECTOR_NORM",
     "MAX_WEIGHT_L1",
+    "check_inner_product_upload",
     "context_from_bytes",
     "context_to_bytes",
     "create_secret_context",
@@ -915,6 +916,33 @@ def encrypt_for_inner_products(
         for m in range(layout.chunks)
     ]
     return InnerProductUpload(index, tuple(packed), tuple(broadcast))
+
+
+def check_inner_product_upload(
+    public_ctx: ts.Context, layout: InnerProductLayout, upload: InnerProductUpload
+) -> None:
+    """Server: raise :class:`CkksError` (naming the ciphertext) unless ``upload`` is usable by
+    :func:`inner_product_rows` under ``public_ctx``: its vector index lies in the layout, it
+    carries the layout's ciphertext counts, and every ciphertext loads for the context and
+    sits at the level and scale :func:`encrypt_for_inner_products` produces. The same checks
+    :func:`inner_product_rows` applies, for one upload (to find which upload it refused)."""
+    eng = _engine(public_ctx)
+    _check_layout(eng, layout)
+    if not isinstance(upload, InnerProductUpload):
+        raise CkksError(f"expected InnerProductUpload, got {type(upload).__name__}")
+    v = upload.index
+    if not 0 <= v < layout.num_vectors:
+        raise CkksError(f"upload for vector {v} outside [0, {layout.num_vectors})")
+    if len(upload.packed) != layout.packs or len(upload.broadcast) != layout.chunks:
+        raise CkksError(
+            f"upload for vector {v} has {len(upload.packed)} packed + {len(upload.broadcast)} "
+            f"broadcast ciphertexts, layout expects {layout.packs} + {layout.chunks}"
+        )
+    for level, kind, blobs in ((eng.top_level, "packed", upload.packed),
+                               (eng.top_level - 1, "broadcast", upload.broadcast)):
+        for i, blob in enumerate(blobs):
+            what = f"{kind} ciphertext {i} of vector {v}"
+            eng.check(eng.load(blob, what), level, eng.scale, what)
 
 
 def _lane_mask(eng: _Engine, layout: InnerProductLayout, lane: int) -> Any:

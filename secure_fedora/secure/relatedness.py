@@ -1,43 +1,53 @@
 """Encrypted relatedness for FEDORA: subspace overlaps U_i^T U_j computed under CKKS.
 
 The plaintext relatedness code computes ``overlaps = einsum("idq,jdr->ijqr", U, U)`` and
-derives similarities from the singular values of each q x q block. This adapter returns
-the same (N, N, q, q) tensor, computed by the protocol of :mod:`privacy.ckks`, run
-in-process with every role separated:
+derives similarities from the singular values of each q x q block. This module holds the one
+implementation of the protocol (on :mod:`privacy.ckks`) that both runtimes run: small step
+functions over tensors and bytes, one per party and step, which know nothing of how their
+bytes travel. The in-process runtime runs them through :func:`encrypted_overlaps` (below);
+the Flower runtime calls the same steps in the processes of the parties
+(``runtimes/flower/ceremony.py`` keeps the key holder's keys on its disk; ``server_app`` and
+``client_app`` only move the steps' bytes in signed Flower messages).
 
-1. key ceremony (:func:`run_key_ceremony`): the key holder (a designated client) creates
-   the CKKS keys, seals the secret context to every client's X25519 key and hands the
-   server a public context with rotation and relinearization keys only;
-2. each client encrypts the q columns of its summary U_i (d x q) -- column r of client i is
-   vector i * q + r of the layout -- and sends the serialized upload;
-3. the server, holding only the public context, computes the encrypted Gram rows;
-4. the key holder decrypts the rows and releases the q x q blocks (rounded, see
-   :func:`privacy.ckks.decrypt_inner_product_rows`).
+Steps (``N`` clients, summaries ``U_i`` of ``d x q``; column ``r`` of client ``i`` is vector
+``i * q + r`` of the packing layout, :func:`plan_layout`):
+
+1. key ceremony. Key holder (a designated client): :func:`create_keys`, then
+   :func:`public_keys` (public, relinearization and Galois keys, no secret key) for the
+   server and :func:`seal_keys` (the secret context sealed to every client's X25519 key, the
+   key holder's own included). Client: :func:`open_keys`. Server: :func:`open_server_context`
+   refuses a context that holds a secret key or lacks the evaluation keys;
+2. client: :func:`encrypt_summary`, its q columns as q serialized uploads;
+3. server: :func:`parse_upload` checks each client's q uploads (vector indices, ciphertext
+   counts); :func:`gram_rows` computes the encrypted Gram rows with the public context only,
+   an encryption of zero standing in for every absent client (so the packing is unchanged),
+   and names the clients whose ciphertexts it cannot use (:class:`InvalidUploadsError`);
+4. key holder: :func:`decrypt_rows` checks that it received exactly the requested rows and
+   decrypts them into inner products rounded to the 2^-16 grid
+   (:func:`privacy.ckks.decrypt_inner_product_rows`); :func:`overlaps_from_rows` arranges
+   rows into the (N, N, q, q) blocks (zero for excluded clients). The key holder releases
+   these inner products and nothing else.
 
 What each party learns (honest-but-curious): the server sees ciphertexts only, then the
-released overlaps; the key holder sees the overlaps (it also holds the secret key, so it
-must not be given any client's ciphertexts other than the rows); clients see nothing of
-each other. Every byte moved between parties is counted in the result.
+released overlaps; the key holder sees the overlaps (it holds the secret key, so it must be
+given the computed rows only, never a client's upload); clients see nothing of each other.
+Assumptions: every client holds the secret key (it is sealed to each of them), so no client
+may ever receive another client's upload; an authentic ciphertext that encrypts a wrong
+vector cannot be detected (the server cannot see its content) -- clients are trusted to
+encrypt their own summary honestly.
 
-Signed envelopes (``transport``, a :class:`~secure_fedora.secure.transport.SecureTransport` acting
-as the server and every client): all three message kinds of the protocol -- each client's
-uploads (``enc_summary``, one envelope per client holding its q uploads), the server's
-encrypted rows to the key holder (``enc_gram_rows``) and the key holder's released blocks
+In process (:func:`encrypted_overlaps`), every role is separated and every byte moved is
+counted. With signed envelopes (``transport``, a
+:class:`~secure_fedora.secure.transport.SecureTransport` acting as the server and every
+client) the three message kinds -- each client's uploads (``enc_summary``), the server's
+encrypted rows to the key holder (``enc_gram_rows``) and the key holder's released rows
 (``gram_release``, float64) -- travel as signed envelopes for round 0 and are verified by
-their receiver (unknown sender, bad signature, tampered payload, replay: rejected and
-logged on ``secure_fedora.security``). An upload that is rejected, or that is authentic but
-malformed (its container or a ciphertext does not parse, carries the wrong vector indices or
-counts, or fails the server's level/scale checks) excludes that client: the server uses a
-public-key encryption of zero vectors in its place (so the packing is unchanged), computes
-only the accepted clients' rows and reports the excluded clients; the returned overlaps are
-zero in their rows and columns. A rejected message to or from the key holder cannot be
-worked around and raises :class:`SecureRelatednessError` naming the key holder. Byte counts
-then include the envelopes. What this does not check: an authentic ciphertext that encrypts
-a wrong vector (the server cannot see its content) -- clients are trusted to encrypt their
-own summary honestly.
-
-Assumption: clients hold the secret key (the design seals it to each of them), so a
-client must never receive another client's upload; in this in-process run nothing does.
+their receiver (unknown sender, bad signature, tampered payload, replay: rejected and logged
+on ``secure_fedora.security``). A client whose upload is rejected, or authentic but
+malformed (steps 3), is excluded: its overlaps are zero and ``result.excluded`` names it. A
+rejected message to or from the key holder cannot be worked around and raises
+:class:`SecureRelatednessError` naming the key holder. (The Flower runtime needs every
+client and stops the run instead, naming the client.)
 """
 
 from __future__ import annotations
@@ -45,11 +55,12 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import tenseal as ts
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from torch import Tensor
 
 from privacy.ckks import (
@@ -58,6 +69,7 @@ from privacy.ckks import (
     Encryption,
     InnerProductLayout,
     InnerProductUpload,
+    check_inner_product_upload,
     context_from_bytes,
     context_to_bytes,
     create_secret_context,
@@ -86,16 +98,264 @@ from secure_fedora.secure.transport import (
 __all__ = [
     "CkksCeremony",
     "EncryptedOverlaps",
+    "InvalidUploadsError",
     "SecureRelatednessError",
     "ceremony_summary",
+    "create_keys",
+    "decrypt_rows",
+    "encrypt_summary",
     "encrypted_newcomer_overlaps",
     "encrypted_overlaps",
+    "gram_rows",
+    "open_keys",
+    "open_server_context",
+    "overlaps_from_rows",
+    "parse_upload",
+    "plan_layout",
+    "public_keys",
     "run_key_ceremony",
+    "seal_keys",
 ]
 
 
 class SecureRelatednessError(ToolkitError, ValueError):
-    """Invalid summaries, key holder or ceremony for encrypted relatedness."""
+    """Invalid summaries, key holder, ceremony, upload or rows for encrypted relatedness."""
+
+
+class InvalidUploadsError(SecureRelatednessError):
+    """The server cannot compute with some clients' ciphertexts; ``invalid`` maps each such
+    client to the reason (a ciphertext that does not load, or sits at the wrong level or
+    scale)."""
+
+    def __init__(self, invalid: Mapping[int, str]) -> None:
+        self.invalid = dict(sorted(invalid.items()))
+        named = "; ".join(f"client {c}: {why}" for c, why in self.invalid.items())
+        super().__init__(f"encrypted summary refused: {named}")
+
+
+# --------------------------------------------------------------------------------------
+# The protocol's steps (shared by both runtimes)
+# --------------------------------------------------------------------------------------
+
+
+def plan_layout(num_clients: int, q: int, dim: int) -> InnerProductLayout:
+    """The packing layout: ``num_clients * q`` vectors of dimension ``dim`` (client ``i``'s
+    column ``r`` is vector ``i * q + r``)."""
+    for name, value in (("num_clients", num_clients), ("q", q), ("dim", dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SecureRelatednessError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        return InnerProductLayout.plan(num_clients * q, dim)
+    except CkksError as exc:
+        raise SecureRelatednessError(f"no CKKS layout for {num_clients} x {q} vectors: {exc}") from None
+
+
+def create_keys() -> ts.Context:
+    """Key holder: a fresh secret CKKS context with relinearization and Galois keys."""
+    return create_secret_context(galois_keys=True)
+
+
+def public_keys(secret: ts.Context) -> bytes:
+    """Key holder: the server's context (public, relinearization and Galois keys, no secret key)."""
+    try:
+        return public_context_bytes(secret, galois_keys=True, relin_keys=True)
+    except CkksError as exc:
+        raise SecureRelatednessError(f"the key holder cannot publish its public context: {exc}") from None
+
+
+def seal_keys(
+    secret: ts.Context, recipients: Mapping[str, X25519PublicKey], key_holder: str
+) -> dict[str, bytes]:
+    """Key holder: the secret context (secret and public key) sealed to every recipient's
+    X25519 key, bound to its party id. ``key_holder`` (the key holder's own party id) must be
+    a recipient: it needs its own sealed copy too."""
+    if key_holder not in recipients:
+        raise SecureRelatednessError(f"the key holder {key_holder} is not among the recipients")
+    try:
+        return seal_secret_context(secret, recipients)
+    except CkksError as exc:
+        raise SecureRelatednessError(f"the key holder cannot seal its secret context: {exc}") from None
+
+
+def open_keys(blob: bytes, identity: Identity) -> ts.Context:
+    """Client: open the secret context sealed to ``identity``; raises naming the party
+    unless the blob is intact and sealed to it."""
+    try:
+        return open_secret_context(bytes(blob), identity.agreement_key, identity.party_id)
+    except (CkksError, TypeError) as exc:
+        raise SecureRelatednessError(f"{identity.party_id}: {exc}") from None
+
+
+def open_server_context(blob: bytes) -> ts.Context:
+    """Server: parse the key holder's public context; refuse one that is not a CKKS context
+    with the run's parameters, that holds a secret key (the server must never be able to
+    decrypt) or that lacks the relinearization or Galois keys the inner products need."""
+    try:
+        ctx = context_from_bytes(bytes(blob), expect_secret_key=False)
+    except (CkksError, TypeError) as exc:
+        raise SecureRelatednessError(f"the key holder's public context is refused: {exc}") from None
+    if not (ctx.has_galois_keys() and ctx.has_relin_keys()):
+        raise SecureRelatednessError(
+            "the key holder's public context lacks Galois or relinearization keys")
+    return ctx
+
+
+def encrypt_summary(
+    ctx: ts.Context, layout: InnerProductLayout, client: int, summary: Tensor,
+    encryption: Encryption = "symmetric",
+) -> list[bytes]:
+    """Client ``client``: its ``d x q`` summary as ``q`` serialized uploads, column ``r`` as
+    vector ``client * q + r`` of ``layout`` (symmetric encryption with the secret context by
+    default; ``"public"`` needs only the public key). Columns must have norm <= 256."""
+    if not isinstance(summary, Tensor) or summary.dim() != 2 or summary.shape[0] != layout.dim \
+            or summary.shape[1] < 1:
+        shape = tuple(summary.shape) if isinstance(summary, Tensor) else type(summary).__name__
+        raise SecureRelatednessError(
+            f"client {client}: summary has shape {shape}, expected ({layout.dim}, q)")
+    q = summary.shape[1]
+    if not isinstance(client, int) or client < 0 or (client + 1) * q > layout.num_vectors:
+        raise SecureRelatednessError(
+            f"client {client!r} with q = {q} has no place in a layout of {layout.num_vectors} vectors")
+    u = summary.detach().to("cpu", torch.float64)
+    try:
+        return [encrypt_for_inner_products(ctx, layout, client * q + r, u[:, r],
+                                           encryption=encryption).serialize()
+                for r in range(q)]
+    except CkksError as exc:
+        raise SecureRelatednessError(f"client {client}: {exc}") from None
+
+
+def parse_upload(
+    layout: InnerProductLayout, client: int, q: int, columns: object
+) -> list[InnerProductUpload]:
+    """Server: client ``client``'s ``q`` uploads (a list of bytes), each for its own vector
+    ``client * q + r`` and with the layout's ciphertext counts; raises naming the client
+    otherwise. Whether the ciphertexts themselves load is checked by :func:`gram_rows`."""
+    if not isinstance(columns, (list, tuple)):
+        raise SecureRelatednessError(f"client {client} sent no list of encrypted columns")
+    if len(columns) != q:
+        raise SecureRelatednessError(
+            f"client {client} sent {len(columns)} encrypted columns, expected {q}")
+    uploads = []
+    for r, blob in enumerate(columns):
+        if not isinstance(blob, bytes):
+            raise SecureRelatednessError(f"client {client}: encrypted column {r} is not bytes")
+        try:
+            upload = InnerProductUpload.deserialize(blob)
+        except CkksError as exc:
+            raise SecureRelatednessError(f"client {client}: encrypted column {r}: {exc}") from None
+        if upload.index != client * q + r:
+            raise SecureRelatednessError(
+                f"client {client}: encrypted column {r} is for vector {upload.index}, "
+                f"expected {client * q + r}")
+        if len(upload.packed) != layout.packs or len(upload.broadcast) != layout.chunks:
+            raise SecureRelatednessError(
+                f"client {client}: encrypted column {r} has {len(upload.packed)} + "
+                f"{len(upload.broadcast)} ciphertexts, the layout needs {layout.packs} + "
+                f"{layout.chunks}")
+        uploads.append(upload)
+    return uploads
+
+
+def gram_rows(
+    server_ctx: ts.Context,
+    layout: InnerProductLayout,
+    num_clients: int,
+    q: int,
+    uploads: Mapping[int, Sequence[InnerProductUpload]],
+    rows: Sequence[int] | None = None,
+) -> tuple[list[bytes], list[int]]:
+    """Server: the serialized encrypted Gram rows and the vectors they are for, computed with
+    the public context only.
+
+    ``uploads`` holds the parsed uploads of the present clients; an encryption of zero stands
+    in for every other client (its overlaps come out zero). Rows are computed for the present
+    clients' vectors (those of ``rows`` only, when given). Raises
+    :class:`InvalidUploadsError` naming the clients whose ciphertexts are unusable, and
+    :class:`SecureRelatednessError` for a context that holds a secret key or a failure no
+    client's upload explains.
+    """
+    if server_ctx.has_secret_key():
+        raise SecureRelatednessError("the server's context holds a secret key; refusing to compute")
+    if not uploads:
+        raise SecureRelatednessError("no client's encrypted summary to compute with")
+    d = layout.dim
+    everyone = [
+        up
+        for i in range(num_clients)
+        for up in (uploads[i] if i in uploads else [
+            encrypt_for_inner_products(server_ctx, layout, i * q + r,
+                                       torch.zeros(d, dtype=torch.float64), encryption="public")
+            for r in range(q)])
+    ]
+    if rows is None:
+        wanted = [i * q + r for i in sorted(uploads) for r in range(q)]
+    else:
+        wanted = [v for v in rows if v // q in uploads]
+    try:
+        computed = inner_product_rows(server_ctx, layout, everyone, rows=wanted)
+    except (CkksError, ValueError, RuntimeError) as exc:
+        invalid = {}
+        for i in sorted(uploads):
+            try:
+                for up in uploads[i]:
+                    check_inner_product_upload(server_ctx, layout, up)
+            except CkksError as why:
+                invalid[i] = str(why)
+        if invalid:
+            raise InvalidUploadsError(invalid) from None
+        raise SecureRelatednessError(f"server computation failed: {exc}") from exc
+    return [row.serialize() for row in computed], wanted
+
+
+def decrypt_rows(
+    secret_ctx: ts.Context, layout: InnerProductLayout, rows: object, vectors: Sequence[int]
+) -> Tensor:
+    """Key holder: the ``(len(vectors), num_vectors)`` float64 inner products of the encrypted
+    rows, rounded to the 2^-16 release grid. ``rows`` must be a list of serialized rows for
+    exactly ``vectors``, in that order, each a final-level row ciphertext (a client's upload,
+    or anything else, is refused)."""
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(r, bytes) for r in rows):
+        raise SecureRelatednessError("the encrypted rows are not a list of bytes")
+    if len(rows) != len(vectors):
+        raise SecureRelatednessError(f"{len(rows)} encrypted rows, expected {len(vectors)}")
+    try:
+        parsed = [EncryptedRow.deserialize(blob) for blob in rows]
+    except CkksError as exc:
+        raise SecureRelatednessError(f"encrypted rows refused: {exc}") from None
+    indexes = [row.index for row in parsed]
+    if indexes != list(vectors):
+        raise SecureRelatednessError(
+            f"encrypted rows are for vectors {indexes[:8]}, not the requested {list(vectors)[:8]}")
+    try:
+        return decrypt_inner_product_rows(secret_ctx, layout, parsed)
+    except CkksError as exc:
+        raise SecureRelatednessError(f"encrypted rows refused: {exc}") from None
+
+
+def overlaps_from_rows(
+    gram: Tensor, vectors: Sequence[int], num_clients: int, q: int, excluded: Sequence[int] = ()
+) -> Tensor:
+    """The (N, N, q, q) float64 overlap blocks from decrypted rows ``gram`` (row ``k`` is
+    vector ``vectors[k]``); rows not computed and the rows and columns of ``excluded``
+    clients are zero."""
+    nq = num_clients * q
+    if tuple(gram.shape) != (len(vectors), nq):
+        raise SecureRelatednessError(
+            f"decrypted rows have shape {tuple(gram.shape)}, expected ({len(vectors)}, {nq}) "
+            f"for {num_clients} clients with q = {q}")
+    full = torch.zeros(nq, nq, dtype=torch.float64)
+    full[list(vectors)] = gram.to(torch.float64)
+    gone = [i * q + r for i in excluded for r in range(q)]
+    full[gone] = 0.0
+    full[:, gone] = 0.0  # an encryption of zero decrypts to CKKS noise: release exact zeros
+    # full[a, b] with a = i*q + r, b = j*q + s  ->  overlaps[i, j, r, s]
+    return full.reshape(num_clients, q, num_clients, q).permute(0, 2, 1, 3).contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# In-process runtime: the steps with every role separated
+# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -138,30 +398,24 @@ def run_key_ceremony(
     if len(identities) != num_clients:
         raise SecureRelatednessError(f"{len(identities)} identities for {num_clients} clients")
     start = time.perf_counter()
-    secret = create_secret_context(galois_keys=True)
     recipients = {ident.party_id: ident.agreement_key.public_key() for ident in identities}
     if len(recipients) != num_clients:
         raise SecureRelatednessError("client identities must have distinct party ids")
-    sealed = seal_secret_context(secret, recipients)
+    secret = create_keys()
+    sealed = seal_keys(secret, recipients, identities[key_holder].party_id)
     bundle_digest = hashlib.sha256(context_to_bytes(secret, include_secret_key=True)).digest()
-    client_context: ts.Context | None = None
-    for ident in identities:
-        ctx = open_secret_context(sealed[ident.party_id], ident.agreement_key, ident.party_id)
-        digest = hashlib.sha256(context_to_bytes(ctx, include_secret_key=True)).digest()
-        if digest != bundle_digest:
+    opened = [open_keys(sealed[ident.party_id], ident) for ident in identities]
+    for ident, ctx in zip(identities, opened, strict=True):
+        if hashlib.sha256(context_to_bytes(ctx, include_secret_key=True)).digest() != bundle_digest:
             raise SecureRelatednessError(f"client {ident.party_id} opened a different CKKS context")
-        if client_context is None:
-            client_context = ctx
-    assert client_context is not None
-    server_bytes = public_context_bytes(secret, galois_keys=True)
-    server = context_from_bytes(server_bytes, expect_secret_key=False)
+    server_bytes = public_keys(secret)
     return CkksCeremony(
         num_clients=num_clients,
         key_holder=key_holder,
         key_holder_context=secret,
-        client_context=client_context,
-        client_public_context=public_context(client_context, galois_keys=False, relin_keys=False),
-        server_context=server,
+        client_context=opened[0],
+        client_public_context=public_context(opened[0], galois_keys=False, relin_keys=False),
+        server_context=open_server_context(server_bytes),
         server_context_bytes=len(server_bytes),
         sealed_context_bytes=[len(sealed[ident.party_id]) for ident in identities],
         seconds=time.perf_counter() - start,
@@ -176,7 +430,7 @@ class EncryptedOverlaps:
     :func:`encrypted_newcomer_overlaps`. ``client_bytes_sent[i]`` counts client i's
     serialized uploads; ``server_bytes_received`` all uploads; ``key_holder_bytes_received``
     the encrypted rows the server sends to the key holder; ``released_bytes`` the float64
-    overlaps the key holder returns to the server. Context distribution is one-off and is
+    rows the key holder returns to the server. Context distribution is one-off and is
     reported by the :class:`CkksCeremony`. ``timings`` holds wall seconds (``<phase>_s``)
     and process CPU seconds (``<phase>_cpu_s``) for the phases ``clients_encrypt`` (all
     clients, one after another), ``server_compute``, ``key_holder_decrypt`` and ``total``.
@@ -253,84 +507,6 @@ def _ceremony_for(ceremony: CkksCeremony | None, num_clients: int, key_holder: i
     return ceremony
 
 
-def _run(
-    summaries: Tensor,
-    key_holder: int,
-    ceremony: CkksCeremony | None,
-    client_encryption: Encryption,
-    rows: Sequence[int] | None,
-    transport: SecureTransport | None = None,
-    channel: Channel | None = None,
-) -> tuple[Tensor, EncryptedOverlaps, list[int]]:
-    """Released Gram rows (one per computed vector), the result record, and the vectors
-    whose rows were computed."""
-    n, d, q = summaries.shape
-    _check_key_holder(key_holder, n)
-    if transport is not None:
-        _check_transport(transport, n)
-        if ceremony is None:
-            ceremony = run_key_ceremony(
-                n, key_holder, identities=[transport.identities[c] for c in transport.client_ids])
-    elif channel is not None:
-        raise SecureRelatednessError("a channel needs a transport (signed envelopes)")
-    cer = _ceremony_for(ceremony, n, key_holder)
-    try:
-        layout = InnerProductLayout.plan(n * q, d)
-    except CkksError as exc:
-        raise SecureRelatednessError(str(exc)) from exc
-    if client_encryption == "public":
-        client_ctx = cer.client_public_context
-    elif client_encryption == "symmetric":
-        client_ctx = cer.client_context
-    else:
-        raise SecureRelatednessError(
-            f"client_encryption must be 'symmetric' or 'public', got {client_encryption!r}"
-        )
-    clock = _PhaseClock()
-
-    # Clients: encrypt and serialize their columns.
-    wire: list[list[bytes]] = []
-    for i in range(n):
-        msgs = []
-        for r in range(q):
-            try:
-                up = encrypt_for_inner_products(
-                    client_ctx, layout, i * q + r, summaries[i, :, r], encryption=client_encryption
-                )
-            except CkksError as exc:
-                raise SecureRelatednessError(f"client {i}: {exc}") from exc
-            msgs.append(up.serialize())
-        wire.append(msgs)
-    clock.lap("clients_encrypt")
-    if transport is not None:
-        return _run_enveloped(cer, layout, (n, d, q), wire, rows, transport, channel, clock)
-
-    # Server: public context only.
-    uploads = [InnerProductUpload.deserialize(m) for msgs in wire for m in msgs]
-    enc_rows = inner_product_rows(cer.server_context, layout, uploads, rows=rows)
-    row_wire = [row.serialize() for row in enc_rows]
-    clock.lap("server_compute")
-
-    # Key holder: decrypt the rows, release the inner products.
-    received = [EncryptedRow.deserialize(b) for b in row_wire]
-    gram = decrypt_inner_product_rows(cer.key_holder_context, layout, received)
-    clock.lap("key_holder_decrypt")
-    timings = clock.finish()
-
-    client_bytes = [sum(len(m) for m in msgs) for msgs in wire]
-    result = EncryptedOverlaps(
-        overlaps=torch.empty(0),
-        layout=layout,
-        client_bytes_sent=client_bytes,
-        server_bytes_received=sum(client_bytes),
-        key_holder_bytes_received=sum(len(b) for b in row_wire),
-        released_bytes=gram.numel() * 8,
-        timings=timings,
-        accepted=list(range(n)),
-    )
-    return gram, result, list(range(n * q)) if rows is None else list(rows)
-
-
 def _check_transport(transport: SecureTransport, n: int) -> None:
     if not isinstance(transport, SecureTransport):
         raise SecureRelatednessError(
@@ -357,14 +533,13 @@ def _pack_parts(parts: Sequence[bytes]) -> bytes:
     return b"".join(out)
 
 
-def _unpack_parts(data: bytes, expected: int) -> list[bytes]:
-    """Inverse of :func:`_pack_parts`; raises ValueError unless it holds ``expected`` parts exactly."""
+def _unpack_parts(data: bytes) -> list[bytes]:
+    """Inverse of :func:`_pack_parts`; raises ValueError for anything else (the count of
+    parts is checked by the step that reads them)."""
     data = bytes(data)
     if len(data) < 8 or not data.startswith(_PARTS_MAGIC):
         raise ValueError("not a packed list of ciphertexts (bad magic or too short)")
     (count,) = struct.unpack(">I", data[4:8])
-    if count != expected:
-        raise ValueError(f"holds {count} parts, expected {expected}")
     parts, offset = [], 8
     for k in range(count):
         if len(data) < offset + 4:
@@ -380,158 +555,172 @@ def _unpack_parts(data: bytes, expected: int) -> list[bytes]:
     return parts
 
 
-def _parse_uploads(data: bytes, client: int, q: int, layout: InnerProductLayout) -> list[InnerProductUpload]:
-    """Client ``client``'s q uploads for vectors ``client * q + r``, with the layout's counts;
-    raises (and logs) :class:`MalformedPayloadError` otherwise."""
-    ctx = {"sender": f"client-{client:03d}", "round": 0, "kind": KIND_RELATEDNESS_UPLOAD,
-           "recipient": SERVER_ID}
-    try:
-        uploads = [InnerProductUpload.deserialize(part) for part in _unpack_parts(data, q)]
-    except (ValueError, CkksError) as exc:
-        raise log_rejection(MalformedPayloadError(f"encrypted summary upload: {exc}", **ctx)) from None
-    for r, up in enumerate(uploads):
-        if up.index != client * q + r:
-            raise log_rejection(MalformedPayloadError(
-                f"upload {r} is for vector {up.index}, expected vector {client * q + r}", **ctx))
-        if len(up.packed) != layout.packs or len(up.broadcast) != layout.chunks:
-            raise log_rejection(MalformedPayloadError(
-                f"upload {r} has {len(up.packed)} packed + {len(up.broadcast)} broadcast "
-                f"ciphertexts, the layout needs {layout.packs} + {layout.chunks}", **ctx))
-    return uploads
+class _DirectLink:
+    """The parties' bytes handed over as they are (no envelopes): nothing can be rejected, so
+    an unusable upload is a bug and raises."""
 
+    def __init__(self, key_holder: int) -> None:
+        self.key_holder = key_holder
+        self.rejections: list[Rejection] = []
+        self.client_bytes_sent: list[int] = []
+        self.server_bytes_received = self.key_holder_bytes_received = self.released_bytes = 0
 
-def _invalid_ciphertexts(ctx: ts.Context, uploads: Sequence[InnerProductUpload]) -> str | None:
-    """Why the server cannot use these uploads (a ciphertext does not load for its context,
-    or sits at the wrong level or scale), or None. Mirrors the checks of
-    :func:`privacy.ckks.inner_product_rows` per client, through its engine."""
-    from privacy.ckks import _engine  # per-upload validation is not public in privacy.ckks
+    def uploads(self, columns: list[list[bytes]]) -> dict[int, object]:
+        self.client_bytes_sent = [sum(len(c) for c in cols) for cols in columns]
+        self.server_bytes_received = sum(self.client_bytes_sent)
+        return dict(enumerate(columns))
 
-    eng = _engine(ctx)
-    try:
-        for up in uploads:
-            for i, blob in enumerate(up.packed):
-                what = f"packed ciphertext {i} of vector {up.index}"
-                eng.check(eng.load(blob, what), eng.top_level, eng.scale, what)
-            for m, blob in enumerate(up.broadcast):
-                what = f"broadcast ciphertext {m} of vector {up.index}"
-                eng.check(eng.load(blob, what), eng.top_level - 1, eng.scale, what)
-    except CkksError as exc:
-        return str(exc)
-    return None
+    def reject_upload(self, client: int, why: str) -> None:
+        raise SecureRelatednessError(f"client {client}'s encrypted summary is unusable: {why}")
 
+    def to_key_holder(self, rows: list[bytes], decrypt: Callable[[object], Tensor]) -> Tensor:
+        self.key_holder_bytes_received = sum(len(r) for r in rows)
+        return self._at_key_holder(decrypt, rows)
 
-def _run_enveloped(
-    cer: CkksCeremony,
-    layout: InnerProductLayout,
-    shape: tuple[int, int, int],
-    wire: list[list[bytes]],
-    rows: Sequence[int] | None,
-    transport: SecureTransport,
-    channel: Channel | None,
-    clock: _PhaseClock,
-) -> tuple[Tensor, EncryptedOverlaps, list[int]]:
-    """The protocol with every message in a signed envelope (see the module docstring).
-    Returns the released rows (all ``n * q`` columns), the result record (``accepted`` =
-    clients used) and the vectors whose rows were computed."""
-    n, d, q = shape
-    kh = cer.key_holder
-
-    def deliver(kind: str, client: int, message: bytes) -> bytes:
-        return channel(kind, 0, client, message) if channel is not None else message
-
-    # Clients -> server: one envelope per client with its q uploads.
-    messages = {i: transport.client_upload_bytes(0, i, _pack_parts(wire[i]), KIND_RELATEDNESS_UPLOAD)
-                for i in range(n)}
-    client_bytes = [len(messages[i]) for i in range(n)]
-    delivered = {i: deliver(KIND_RELATEDNESS_UPLOAD, i, m) for i, m in messages.items()}
-    payloads, rejections = transport.server_receive_bytes(0, delivered, KIND_RELATEDNESS_UPLOAD)
-    uploads: dict[int, list[InnerProductUpload]] = {}
-    for i in sorted(payloads):
+    def _at_key_holder(self, decrypt: Callable[[object], Tensor], rows: object) -> Tensor:
         try:
-            uploads[i] = _parse_uploads(payloads[i], i, q, layout)
-        except MalformedPayloadError as err:
-            rejections.append(Rejection.from_error(i, 0, err, "upload"))
+            return decrypt(rows)
+        except SecureRelatednessError as err:
+            raise SecureRelatednessError(f"key holder client {self.key_holder}: {err}") from err
 
-    # Server: public context only; excluded clients' vectors become encryptions of zero.
-    zeros: dict[int, list[InnerProductUpload]] = {}
+    def release(self, gram: Tensor) -> Tensor:
+        self.released_bytes = gram.numel() * 8
+        return gram
+
+
+class _EnvelopedLink(_DirectLink):
+    """Every message a signed envelope for round 0, seen by ``channel`` on its way; a
+    rejected or malformed upload excludes its client, anything rejected to or from the key
+    holder raises."""
+
+    def __init__(self, key_holder: int, transport: SecureTransport, channel: Channel | None) -> None:
+        super().__init__(key_holder)
+        self.transport = transport
+        self.channel = channel
+
+    def _deliver(self, kind: str, client: int, message: bytes) -> bytes:
+        return self.channel(kind, 0, client, message) if self.channel is not None else message
+
+    def uploads(self, columns: list[list[bytes]]) -> dict[int, object]:
+        tr = self.transport
+        sent = {i: tr.client_upload_bytes(0, i, _pack_parts(cols), KIND_RELATEDNESS_UPLOAD)
+                for i, cols in enumerate(columns)}
+        delivered = {i: self._deliver(KIND_RELATEDNESS_UPLOAD, i, m) for i, m in sent.items()}
+        self.client_bytes_sent = [len(sent[i]) for i in range(len(columns))]
+        self.server_bytes_received = sum(len(m) for m in delivered.values())
+        payloads, self.rejections = tr.server_receive_bytes(0, delivered, KIND_RELATEDNESS_UPLOAD)
+        received: dict[int, object] = {}
+        for i in sorted(payloads):
+            try:
+                received[i] = _unpack_parts(payloads[i])
+            except ValueError as exc:
+                self.reject_upload(i, str(exc))
+        return received
+
+    def reject_upload(self, client: int, why: str) -> None:
+        err = log_rejection(MalformedPayloadError(
+            f"encrypted summary upload: {why}", sender=self.transport.client_id(client), round=0,
+            kind=KIND_RELATEDNESS_UPLOAD, recipient=SERVER_ID))
+        self.rejections.append(Rejection.from_error(client, 0, err, "upload"))
+
+    def to_key_holder(self, rows: list[bytes], decrypt: Callable[[object], Tensor]) -> Tensor:
+        kh, tr = self.key_holder, self.transport
+        message = self._deliver(KIND_RELATEDNESS_ROWS, kh, tr.server_send_bytes(
+            0, kh, _pack_parts(rows), KIND_RELATEDNESS_ROWS))
+        self.key_holder_bytes_received = len(message)
+        try:
+            payload = tr.client_receive_bytes(0, kh, message, KIND_RELATEDNESS_ROWS)
+        except EnvelopeError as err:
+            raise SecureRelatednessError(
+                f"key holder client {kh} rejected the server's encrypted rows ({err.reason}): "
+                f"{err}; relatedness cannot be computed without them") from err
+        try:
+            parts: object = _unpack_parts(payload)
+        except ValueError as exc:
+            raise SecureRelatednessError(
+                f"key holder client {kh} cannot parse the server's encrypted rows: {exc}") from exc
+        return self._at_key_holder(decrypt, parts)
+
+    def release(self, gram: Tensor) -> Tensor:
+        kh, tr = self.key_holder, self.transport
+        message = self._deliver(KIND_RELATEDNESS_RELEASE, kh, tr.client_upload(
+            0, kh, gram, kind=KIND_RELATEDNESS_RELEASE, dtype=torch.float64))
+        self.released_bytes = len(message)
+        released, rejections = tr.server_receive(
+            0, {kh: message}, tuple(gram.shape), kind=KIND_RELATEDNESS_RELEASE, dtype=torch.float64)
+        if rejections:
+            r = rejections[0]
+            raise SecureRelatednessError(
+                f"the server rejected key holder client {kh}'s release of the q x q blocks "
+                f"({r.reason}: {r.detail}); relatedness cannot be computed without it")
+        return released[kh]
+
+
+def _run(
+    summaries: Tensor,
+    key_holder: int,
+    ceremony: CkksCeremony | None,
+    client_encryption: Encryption,
+    rows: Sequence[int] | None,
+    transport: SecureTransport | None = None,
+    channel: Channel | None = None,
+) -> tuple[Tensor, EncryptedOverlaps, list[int]]:
+    """The protocol's steps in process. Returns the released rows, the result record
+    (``overlaps`` left empty) and the vectors whose rows were computed."""
+    n, d, q = summaries.shape
+    _check_key_holder(key_holder, n)
+    if transport is not None:
+        _check_transport(transport, n)
+        if ceremony is None:
+            ceremony = run_key_ceremony(
+                n, key_holder, identities=[transport.identities[c] for c in transport.client_ids])
+    elif channel is not None:
+        raise SecureRelatednessError("a channel needs a transport (signed envelopes)")
+    cer = _ceremony_for(ceremony, n, key_holder)
+    layout = plan_layout(n, q, d)
+    if client_encryption not in ("symmetric", "public"):
+        raise SecureRelatednessError(
+            f"client_encryption must be 'symmetric' or 'public', got {client_encryption!r}")
+    client_ctx = cer.client_context if client_encryption == "symmetric" else cer.client_public_context
+    link = _DirectLink(key_holder) if transport is None else _EnvelopedLink(key_holder, transport, channel)
+    clock = _PhaseClock()
+
+    columns = [encrypt_summary(client_ctx, layout, i, summaries[i], client_encryption) for i in range(n)]
+    clock.lap("clients_encrypt")
+
+    uploads: dict[int, list[InnerProductUpload]] = {}
+    for i, parts in link.uploads(columns).items():
+        try:
+            uploads[i] = parse_upload(layout, i, q, parts)
+        except SecureRelatednessError as err:
+            link.reject_upload(i, str(err))
     while True:
         if not uploads:
-            named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
+            named = ", ".join(f"client {r.client} ({r.reason})" for r in link.rejections)
             raise SecureRelatednessError(f"no encrypted summary upload was accepted: {named}")
-        accepted = sorted(uploads)
-        for i in range(n):
-            if i not in uploads and i not in zeros:
-                zeros[i] = [encrypt_for_inner_products(
-                    cer.server_context, layout, i * q + r, torch.zeros(d, dtype=torch.float64),
-                    encryption="public") for r in range(q)]
-        everyone = [up for i in range(n) for up in (uploads[i] if i in uploads else zeros[i])]
-        if rows is None:
-            wanted = [i * q + r for i in accepted for r in range(q)]
-        else:
-            wanted = [v for v in rows if v // q in uploads]
         try:
-            enc_rows = inner_product_rows(cer.server_context, layout, everyone, rows=wanted)
+            enc_rows, wanted = gram_rows(cer.server_context, layout, n, q, uploads, rows)
             break
-        except (CkksError, ValueError, RuntimeError) as exc:
-            bad = {i: why for i in accepted
-                   if (why := _invalid_ciphertexts(cer.server_context, uploads[i])) is not None}
-            if not bad:
-                raise SecureRelatednessError(f"server computation failed: {exc}") from exc
-            for i, why in bad.items():
-                err = log_rejection(MalformedPayloadError(
-                    f"encrypted summary upload: {why}", sender=transport.client_id(i), round=0,
-                    kind=KIND_RELATEDNESS_UPLOAD, recipient=SERVER_ID))
-                rejections.append(Rejection.from_error(i, 0, err, "upload"))
+        except InvalidUploadsError as err:
+            for i, why in err.invalid.items():
+                link.reject_upload(i, why)
                 del uploads[i]
     clock.lap("server_compute")
 
-    # Server -> key holder: the encrypted rows, one envelope.
-    row_message = deliver(KIND_RELATEDNESS_ROWS, kh, transport.server_send_bytes(
-        0, kh, _pack_parts([row.serialize() for row in enc_rows]), KIND_RELATEDNESS_ROWS))
-    try:
-        row_payload = transport.client_receive_bytes(0, kh, row_message, KIND_RELATEDNESS_ROWS)
-        received = [EncryptedRow.deserialize(b) for b in _unpack_parts(row_payload, len(wanted))]
-    except EnvelopeError as err:
-        raise SecureRelatednessError(
-            f"key holder client {kh} rejected the server's encrypted rows ({err.reason}): {err}; "
-            "relatedness cannot be computed without them") from err
-    except (ValueError, CkksError) as exc:
-        raise SecureRelatednessError(
-            f"key holder client {kh} cannot parse the server's encrypted rows: {exc}") from exc
-    if [row.index for row in received] != wanted:
-        raise SecureRelatednessError(
-            f"key holder client {kh} received rows for vectors {[r.index for r in received][:10]}, "
-            f"not the requested {wanted[:10]}")
-    try:
-        gram = decrypt_inner_product_rows(cer.key_holder_context, layout, received)
-    except CkksError as exc:
-        raise SecureRelatednessError(f"key holder client {kh} cannot decrypt the rows: {exc}") from exc
-    excluded_vectors = [v for v in range(n * q) if v // q not in uploads]
-    gram[:, excluded_vectors] = 0.0  # encryptions of zero: exactly zero, not CKKS noise
-
-    # Key holder -> server: the released blocks (float64, exact), one envelope.
-    release = deliver(KIND_RELATEDNESS_RELEASE, kh, transport.client_upload(
-        0, kh, gram, kind=KIND_RELATEDNESS_RELEASE, dtype=torch.float64))
-    released, release_rejections = transport.server_receive(
-        0, {kh: release}, tuple(gram.shape), kind=KIND_RELATEDNESS_RELEASE, dtype=torch.float64)
-    if release_rejections:
-        r = release_rejections[0]
-        raise SecureRelatednessError(
-            f"the server rejected key holder client {kh}'s release of the q x q blocks "
-            f"({r.reason}: {r.detail}); relatedness cannot be computed without it")
-    gram = released[kh]
+    gram = link.to_key_holder(
+        enc_rows, lambda received: decrypt_rows(cer.key_holder_context, layout, received, wanted))
+    gram = link.release(gram)
     clock.lap("key_holder_decrypt")
-    timings = clock.finish()
     result = EncryptedOverlaps(
         overlaps=torch.empty(0),
         layout=layout,
-        client_bytes_sent=client_bytes,
-        server_bytes_received=sum(len(m) for m in delivered.values()),
-        key_holder_bytes_received=len(row_message),
-        released_bytes=len(release),
-        timings=timings,
+        client_bytes_sent=link.client_bytes_sent,
+        server_bytes_received=link.server_bytes_received,
+        key_holder_bytes_received=link.key_holder_bytes_received,
+        released_bytes=link.released_bytes,
+        timings=clock.finish(),
         accepted=sorted(uploads),
-        rejections=sorted(rejections, key=lambda r: r.client),
+        rejections=sorted(link.rejections, key=lambda r: r.client),
     )
     return gram, result, wanted
 
@@ -564,10 +753,7 @@ def encrypted_overlaps(
     n, _, q = u.shape
     gram, result, computed = _run(u, key_holder, ceremony, client_encryption, None,
                                   transport, channel)
-    full = torch.zeros(n * q, n * q, dtype=torch.float64)
-    full[computed] = gram.to(torch.float64)
-    # full[a, b] with a = i*q + r, b = j*q + s  ->  overlaps[i, j, r, s]
-    result.overlaps = full.reshape(n, q, n, q).permute(0, 2, 1, 3).contiguous()
+    result.overlaps = overlaps_from_rows(gram, computed, n, q, excluded=result.excluded)
     return result
 
 

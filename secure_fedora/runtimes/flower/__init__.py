@@ -7,8 +7,9 @@
   each client).
 - :mod:`secure_fedora.runtimes.flower.envelopes`: signed envelopes on every Flower message (allowlist,
   content digest, on-disk nonce memory).
-- :mod:`secure_fedora.runtimes.flower.ceremony`: the CKKS roles of encrypted relatedness across
-  processes (key-holder client, clients, server with the public context only).
+- :mod:`secure_fedora.runtimes.flower.ceremony`: the key holder's CKKS keys on its own disk; the
+  encrypted-relatedness protocol itself is :mod:`secure_fedora.secure.relatedness`, whose steps
+  the apps run in each party's process.
 - :mod:`secure_fedora.runtimes.flower.protocol`: message layout, run and node config validation.
 - :mod:`secure_fedora.runtimes.flower.state`: a SuperNode's crash-safe state on its own disk.
 - :mod:`secure_fedora.runtimes.flower.local`: a complete deployment on 127.0.0.1 (SuperLink + N

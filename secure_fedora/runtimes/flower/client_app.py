@@ -68,13 +68,7 @@ from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import FlatModel, evaluate
 from secure_fedora.learning.models import make_model
-from secure_fedora.runtimes.flower.ceremony import (
-    KeyHolderStore,
-    decrypt_overlaps,
-    encrypt_summary,
-    layout_for,
-    open_client_context,
-)
+from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, client_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity
 from secure_fedora.runtimes.flower.payloads import (
@@ -115,6 +109,12 @@ from secure_fedora.runtimes.inprocess import (
     client_generator,
 )
 from secure_fedora.secure.private import ClientPrivacy, FederationPrivacy
+from secure_fedora.secure.relatedness import (
+    decrypt_rows,
+    encrypt_summary,
+    open_keys,
+    overlaps_from_rows,
+)
 
 __all__ = [
     "HANDLERS",
@@ -536,7 +536,7 @@ def encrypted_summary(message: Message, context: Context) -> Message:
             f"the server's layout ({ckks.get('num-vectors')}, {ckks.get('dim')}) differs from "
             f"this run's ({layout.num_vectors}, {layout.dim})"
         )
-    ctx = open_client_context(ckks["sealed-context"], security.identity)
+    ctx = open_keys(ckks["sealed-context"], security.identity)
     u, metrics, journal = _summary_with_metrics(settings, node, context.run_id)
     columns = encrypt_summary(ctx, layout, node.partition_id, u)
     journal.append(node.partition_id, 0, "summary", b"".join(columns))
@@ -567,12 +567,11 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
         )
     record = message.content["rows"] if "rows" in message.content else None
     rows = record.get("rows") if isinstance(record, ConfigRecord) else None
-    if not isinstance(rows, list) or not all(isinstance(r, bytes) for r in rows):
-        raise DeployError("decrypt request lacks rows/rows (a list of serialized rows)")
     store = _key_holder_store(node, context.run_id, security.identity)
-    overlaps = decrypt_overlaps(
-        store.secret_context(), layout_for(cfg), cfg.data.num_clients, cfg.fedora.q, rows
-    )
+    n, q = cfg.data.num_clients, cfg.fedora.q
+    vectors = range(n * q)  # every row: the Flower runtime needs every client
+    gram = decrypt_rows(store.secret_context(), layout_for(cfg), rows, vectors)
+    overlaps = overlaps_from_rows(gram, vectors, n, q)
     _, journal = run_paths(node, context.run_id)
     # What the key holder releases (the overlaps of every pair) is journaled like a summary.
     journal.append(node.partition_id, 0, "overlaps", overlaps.numpy().tobytes())

@@ -64,13 +64,7 @@ from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import Payload
 from secure_fedora.core.config import ExperimentConfig, model_selection
-from secure_fedora.runtimes.flower.ceremony import (
-    CeremonyError,
-    encrypted_rows,
-    layout_for,
-    parse_upload,
-    receive_public_context,
-)
+from secure_fedora.runtimes.flower.ceremony import layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
 from secure_fedora.runtimes.flower.payloads import (
@@ -96,6 +90,13 @@ from secure_fedora.runtimes.flower.protocol import (
 )
 from secure_fedora.runtimes.inprocess import Tracker, atomic_write_text, summarize
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
+from secure_fedora.secure.relatedness import (
+    InvalidUploadsError,
+    SecureRelatednessError,
+    gram_rows,
+    open_server_context,
+    parse_upload,
+)
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
 __all__ = ["ExchangeTiming", "app", "run_federation", "sample_participants"]
@@ -503,7 +504,7 @@ def _encrypted_overlaps(
     if not isinstance(public, bytes):
         raise DeployError(f"the key holder (client {holder}) returned no public CKKS context")
     t0 = time.perf_counter()
-    server.ckks_context = receive_public_context(public)
+    server.ckks_context = open_server_context(public)
     sealed: dict[int, bytes] = {}
     for cid, party in enumerate(server.client_ids):
         blob = record.get(f"sealed-{party}")
@@ -533,6 +534,7 @@ def _encrypted_overlaps(
     for node in ex.missing:
         server.event(0, client_of[node], node, "no encrypted summary in time")
     uploads: dict[int, list[InnerProductUpload]] = {}
+    envelopes: dict[int, Envelope] = {}
     upload_bytes: dict[int, int] = {}
     for node, reply in ex.replies.items():
         cid = client_of[node]
@@ -542,21 +544,27 @@ def _encrypted_overlaps(
         record = reply.content["upload"] if "upload" in reply.content else None
         columns = record.get("columns") if isinstance(record, ConfigRecord) else None
         try:
-            if not isinstance(columns, list):
-                raise CeremonyError(f"client {cid} sent no encrypted columns")
             parsed = parse_upload(layout, cid, q, columns)
-        except CeremonyError as err:
+        except SecureRelatednessError as err:
             server.reject(0, cid, node, _malformed(env, str(err)), "no relatedness from it")
             continue
         if _take_metrics(server, cid, reply, env, val0, test0):
-            uploads[cid] = parsed
+            uploads[cid], envelopes[cid] = parsed, env
             upload_bytes[cid] = sum(len(c) for c in columns)
     _require_all(server, uploads, nodes, "encrypted summary")
     details["upload_bytes_per_client"] = [upload_bytes[c] for c in range(n)]
 
     # (c) the encrypted Gram rows, computed with the public context only
     t1 = time.perf_counter()
-    rows = encrypted_rows(server.ckks_context, layout, q, uploads)
+    try:
+        rows, _ = gram_rows(server.ckks_context, layout, n, q, uploads)
+    except InvalidUploadsError as err:  # authentic but unusable ciphertexts: a malformed reply
+        for cid, why in err.invalid.items():
+            server.reject(0, cid, server.node_of_client[cid], _malformed(envelopes[cid], why),
+                          "no relatedness from it")
+            del uploads[cid]
+        _require_all(server, uploads, nodes, "encrypted summary")  # raises, naming them
+        raise
     timing["server_compute_s"] = round(time.perf_counter() - t1, 4)
     details["rows_bytes"] = sum(len(r) for r in rows)
 

@@ -1,13 +1,25 @@
 import pytest
 import torch
 
+from privacy.ckks import EncryptedRow, InnerProductUpload, context_to_bytes, public_context_bytes
 from privacy.identity import Identity
 from secure_fedora.secure.relatedness import (
+    InvalidUploadsError,
     SecureRelatednessError,
     ceremony_summary,
+    decrypt_rows,
+    encrypt_summary,
     encrypted_newcomer_overlaps,
     encrypted_overlaps,
+    gram_rows,
+    open_keys,
+    open_server_context,
+    overlaps_from_rows,
+    parse_upload,
+    plan_layout,
+    public_keys,
     run_key_ceremony,
+    seal_keys,
 )
 
 N, D = 7, 794
@@ -111,3 +123,128 @@ def test_input_errors(ceremony):
         encrypted_newcomer_overlaps(u, torch.zeros(D, 2, dtype=torch.float64), key_holder=2)
     with pytest.raises(SecureRelatednessError, match="identities"):
         run_key_ceremony(3, identities=[Identity.generate("client-000")])
+
+
+# ----------------------------------------------------------------- the protocol's steps
+# Both runtimes run these functions (the in-process driver above, the Flower apps in each
+# party's process), so every check of the protocol is tested here once.
+
+SMALL_D = 60
+
+
+@pytest.fixture(scope="module")
+def steps(ceremony):
+    """A layout of N clients x q = 1 over d = 60, the summaries and every client's uploads."""
+    layout = plan_layout(N, 1, SMALL_D)
+    g = torch.Generator().manual_seed(11)
+    u = torch.linalg.qr(torch.randn(N, SMALL_D, 1, generator=g, dtype=torch.float64)).Q
+    columns = [encrypt_summary(ceremony.client_context, layout, i, u[i]) for i in range(N)]
+    uploads = {i: parse_upload(layout, i, 1, columns[i]) for i in range(N)}
+    return layout, u, columns, uploads
+
+
+def test_step_keys_refuse_a_missing_key_holder_a_foreign_blob_and_a_server_context_that_decrypts(ceremony):
+    secret = ceremony.key_holder_context
+    a, b = Identity.generate("client-000"), Identity.generate("client-001")
+    recipients = {i.party_id: i.agreement_key.public_key() for i in (a, b)}
+    with pytest.raises(SecureRelatednessError, match="key holder client-002 is not among the recipients"):
+        seal_keys(secret, recipients, "client-002")
+    sealed = seal_keys(secret, recipients, "client-000")
+    assert open_keys(sealed["client-001"], b).has_secret_key()
+    with pytest.raises(SecureRelatednessError, match="client-001"):
+        open_keys(sealed["client-000"], b)  # sealed to someone else
+    public = public_keys(secret)
+    server = open_server_context(public)
+    assert not server.has_secret_key() and server.has_galois_keys() and server.has_relin_keys()
+    with pytest.raises(SecureRelatednessError, match="secret key"):
+        open_server_context(context_to_bytes(secret, include_secret_key=True))
+    with pytest.raises(SecureRelatednessError, match="refused"):
+        open_server_context(public[: len(public) // 2])
+    with pytest.raises(SecureRelatednessError, match="lacks Galois"):
+        open_server_context(public_context_bytes(secret, galois_keys=False))
+    with pytest.raises(SecureRelatednessError, match="cannot publish"):
+        public_keys(ceremony.client_context)  # a client's copy carries no evaluation keys
+
+
+def test_step_layout_and_client_encryption_errors(ceremony, steps):
+    layout, u, _, _ = steps
+    assert (layout.num_vectors, layout.dim) == (N, SMALL_D)
+    with pytest.raises(SecureRelatednessError, match="q must be a positive integer"):
+        plan_layout(N, 0, SMALL_D)
+    with pytest.raises(SecureRelatednessError, match="no CKKS layout"):
+        plan_layout(5000, 1, SMALL_D)
+    with pytest.raises(SecureRelatednessError, match=r"client 1: summary has shape \(61, 1\)"):
+        encrypt_summary(ceremony.client_context, layout, 1, torch.zeros(SMALL_D + 1, 1))
+    with pytest.raises(SecureRelatednessError, match="client 7 .* no place"):
+        encrypt_summary(ceremony.client_context, layout, N, u[0])
+    with pytest.raises(SecureRelatednessError, match="client 0: vector 0 holds NaN"):
+        encrypt_summary(ceremony.client_context, layout, 0, torch.full((SMALL_D, 1), float("nan")))
+
+
+def test_step_parse_upload_refuses_malformed_columns(ceremony, steps):
+    layout, _, columns, uploads = steps
+    cases = [
+        (None, "client 1 sent no list"),
+        (columns[1] * 2, "2 encrypted columns, expected 1"),
+        (["text"], "column 0 is not bytes"),
+        ([b"not a ciphertext"], "column 0: not a serialized InnerProductUpload"),
+        (columns[0], "for vector 0, expected 1"),
+    ]
+    good = uploads[1][0]
+    extra = InnerProductUpload(1, good.packed * 2, good.broadcast).serialize()
+    cases.append(([extra], r"has 2 \+ 1 ciphertexts, the layout needs 1 \+ 1"))
+    for sent, message in cases:
+        with pytest.raises(SecureRelatednessError, match=message):
+            parse_upload(layout, 1, 1, sent)
+
+
+def test_step_gram_rows_with_absent_and_unusable_clients(ceremony, steps):
+    layout, u, _, uploads = steps
+    server, secret = ceremony.server_context, ceremony.key_holder_context
+    expected = torch.einsum("idq,jdr->ijqr", u, u)
+    rows, vectors = gram_rows(server, layout, N, 1, uploads)
+    assert vectors == list(range(N))
+    got = overlaps_from_rows(decrypt_rows(secret, layout, rows, vectors), vectors, N, 1)
+    assert (got - expected).abs().max().item() < 1e-4
+    # An absent client: an encryption of zero stands in for it, its overlaps are exactly zero.
+    present = {i: ups for i, ups in uploads.items() if i != 3}
+    rows, vectors = gram_rows(server, layout, N, 1, present, rows=[0, 3, 5])
+    assert vectors == [0, 5]
+    got = overlaps_from_rows(decrypt_rows(secret, layout, rows, vectors), vectors, N, 1, excluded=[3])
+    assert got[3].abs().sum() == 0 and got[:, 3].abs().sum() == 0
+    assert (got[[0, 5]][:, [0, 1, 2, 4, 5, 6]] - expected[[0, 5]][:, [0, 1, 2, 4, 5, 6]]).abs().max() < 1e-4
+    # Authentic but unusable ciphertexts: every culprit is named, with its reason.
+    bad = dict(uploads)
+    up2, up4 = uploads[2][0], uploads[4][0]
+    bad[2] = [InnerProductUpload(2, (up2.packed[0][:500],), up2.broadcast)]
+    bad[4] = [InnerProductUpload(4, (up4.broadcast[0],), up4.broadcast)]  # one level too low
+    with pytest.raises(InvalidUploadsError, match="client 2: .*client 4: .*level") as caught:
+        gram_rows(server, layout, N, 1, bad)
+    assert sorted(caught.value.invalid) == [2, 4]
+    with pytest.raises(SecureRelatednessError, match="holds a secret key"):
+        gram_rows(secret, layout, N, 1, uploads)
+    with pytest.raises(SecureRelatednessError, match="no client's encrypted summary"):
+        gram_rows(server, layout, N, 1, {})
+
+
+def test_step_decrypt_rows_takes_exactly_the_requested_rows(ceremony, steps):
+    layout, _, _, uploads = steps
+    secret = ceremony.key_holder_context
+    rows, vectors = gram_rows(ceremony.server_context, layout, N, 1, uploads)
+    upload_as_row = EncryptedRow(0, uploads[0][0].broadcast[0]).serialize()
+    cases = [
+        (ceremony.server_context, rows, "cannot decrypt"),
+        (secret, "rows", "not a list of bytes"),
+        (secret, rows[:-1], f"{N - 1} encrypted rows, expected {N}"),
+        (secret, list(reversed(rows)), "not the requested"),
+        (secret, [b"garbage", *rows[1:]], "not a serialized EncryptedRow"),
+        (secret, [upload_as_row, *rows[1:]], "level"),  # a client's upload is never decrypted
+    ]
+    for ctx, sent, message in cases:
+        with pytest.raises(SecureRelatednessError, match=message):
+            decrypt_rows(ctx, layout, sent, vectors)
+    gram = decrypt_rows(secret, layout, rows, vectors)
+    assert gram.shape == (N, N) and gram.dtype == torch.float64
+    assert torch.equal(gram, torch.round(gram * 2**16) / 2**16)  # released on the 2^-16 grid
+    with pytest.raises(SecureRelatednessError, match="for 6 clients with q = 1"):
+        overlaps_from_rows(gram, vectors, N - 1, 1)  # a wrong client count

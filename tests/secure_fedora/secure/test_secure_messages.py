@@ -121,7 +121,7 @@ def _attack(name, transport, captured):
         if name == "impostor_key":
             impostor = Identity.generate("client-002")
             return encode_message(make_envelope(impostor, "server", 0, kind, payload), payload)
-        parts = _unpack_parts(payload, 1)
+        parts = _unpack_parts(payload)
         up = InnerProductUpload.deserialize(parts[0])
         if name == "authentic_garbage":  # signed by the client, not a ciphertext container
             return _forge(transport, 2, b"not ciphertexts")

@@ -21,15 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from privacy.ckks import (
-    CkksError,
-    EncryptedRow,
-    InnerProductUpload,
-    context_to_bytes,
-    decrypt_inner_product_rows,
-)
+from privacy.ckks import InnerProductUpload
 from privacy.envelope import (
     BadSignatureError,
     MalformedEnvelopeError,
@@ -45,18 +39,8 @@ from privacy.envelope import (
 from privacy.identity import Identity, load_identity
 from secure_fedora.algorithms import fedora
 from secure_fedora.core.config import ExperimentConfig, config_hash, parse_config
-from secure_fedora.runtimes.flower import server_app
-from secure_fedora.runtimes.flower.ceremony import (
-    CeremonyError,
-    KeyHolderStore,
-    decrypt_overlaps,
-    encrypt_summary,
-    encrypted_rows,
-    layout_for,
-    open_client_context,
-    parse_upload,
-    receive_public_context,
-)
+from secure_fedora.runtimes.flower import client_app, server_app
+from secure_fedora.runtimes.flower.ceremony import CeremonyError, KeyHolderStore, layout_for
 from secure_fedora.runtimes.flower.envelopes import (
     ENVELOPE_RECORD,
     MessageSecurity,
@@ -65,6 +49,8 @@ from secure_fedora.runtimes.flower.envelopes import (
 )
 from secure_fedora.runtimes.flower.local import LocalFederation, RunTimeouts
 from secure_fedora.runtimes.flower.protocol import (
+    MSG_CEREMONY,
+    MSG_DECRYPT,
     MSG_ENCRYPTED_SUMMARY,
     MSG_ROUND,
     DeployError,
@@ -72,12 +58,24 @@ from secure_fedora.runtimes.flower.protocol import (
 )
 from secure_fedora.runtimes.flower.state import NodeState, ReleaseJournal
 from secure_fedora.runtimes.inprocess import build_clients
+from secure_fedora.secure.relatedness import (
+    SecureRelatednessError,
+    decrypt_rows,
+    encrypt_summary,
+    gram_rows,
+    open_keys,
+    open_server_context,
+    overlaps_from_rows,
+    parse_upload,
+)
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     TINY,
     InMemoryGrid,
     in_process,
     run_config,
+    server_security,
+    signed_request,
     task_identity,  # noqa: F401 - a fixture
 )
 
@@ -263,72 +261,78 @@ def test_content_digest_covers_every_record_and_the_run() -> None:
 # --------------------------------------------------------------------------- CKKS roles
 
 
-def test_key_holder_stores_keys_0600_reuses_them_and_the_server_context_cannot_decrypt(
+def test_key_holder_stores_keys_0600_reuses_them_and_the_protocol_steps_run_on_them(
     tmp_path: Path,
 ) -> None:
+    """The key holder's disk store; the protocol's steps themselves are tested once, in
+    tests/secure_fedora/secure/test_relatedness.py."""
     cfg = enc_config()
     ids = [Identity.generate(f"client-{i:03d}") for i in range(3)]
     recipients = {i.party_id: i.agreement_key.public_key() for i in ids}
     store = KeyHolderStore(tmp_path / "ckks", ids[0])
+    with pytest.raises(CeremonyError, match="no key ceremony ran"):
+        store.secret_context()
+    with pytest.raises(SecureRelatednessError, match="not among the recipients"):
+        KeyHolderStore(tmp_path / "other", Identity.generate("client-009")).ceremony(recipients)
     public, sealed = store.ceremony(recipients)
     for path in (store.secret_path, store.public_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # A restarted key holder (a new store on the same disk) reuses the stored keys.
     again, resealed = KeyHolderStore(tmp_path / "ckks", ids[0]).ceremony(recipients)
     assert again == public and set(resealed) == set(sealed)
-
-    server_ctx = receive_public_context(public)
-    assert not server_ctx.has_secret_key()
-    with pytest.raises(CeremonyError, match="secret key"):
-        receive_public_context(context_to_bytes(store.secret_context(), include_secret_key=True))
-    with pytest.raises(CeremonyError, match="refused"):
-        receive_public_context(public[: len(public) // 2])
+    with pytest.raises(CeremonyError, match="unusable"):
+        KeyHolderStore(tmp_path / "ckks", ids[1]).secret_context()  # sealed to client 0 only
 
     layout = layout_for(cfg)
+    assert (layout.num_vectors, layout.dim) == (3, 794)
+    server_ctx = open_server_context(public)
     summaries = torch.linalg.qr(torch.randn(3, 794, 1, dtype=torch.float64)).Q
-    uploads = {}
-    for c, ident in enumerate(ids):
-        client_ctx = open_client_context(resealed[ident.party_id], ident)
-        columns = encrypt_summary(client_ctx, layout, c, summaries[c])
-        uploads[c] = parse_upload(layout, c, 1, columns)
-    with pytest.raises(CeremonyError, match="client-001"):
-        open_client_context(sealed["client-000"], ids[1])  # a blob sealed to someone else
-    rows = encrypted_rows(server_ctx, layout, 1, uploads)
-    parsed = [EncryptedRow.deserialize(r) for r in rows]
-    with pytest.raises(CkksError, match="cannot decrypt"):
-        decrypt_inner_product_rows(server_ctx, layout, parsed)
-    with pytest.raises(CeremonyError, match="cannot decrypt"):
-        decrypt_overlaps(server_ctx, layout, 3, 1, rows)
-    overlaps = decrypt_overlaps(KeyHolderStore(tmp_path / "ckks", ids[0]).secret_context(),
-                                layout, 3, 1, rows)
+    uploads = {c: parse_upload(layout, c, 1, encrypt_summary(
+        open_keys(resealed[ident.party_id], ident), layout, c, summaries[c]))
+        for c, ident in enumerate(ids)}
+    rows, vectors = gram_rows(server_ctx, layout, 3, 1, uploads)
+    restarted = KeyHolderStore(tmp_path / "ckks", ids[0]).secret_context()
+    overlaps = overlaps_from_rows(decrypt_rows(restarted, layout, rows, vectors), vectors, 3, 1)
     expected = torch.einsum("idq,jdr->ijqr", summaries, summaries)
-    assert overlaps.shape == (3, 3, 1, 1)
     assert torch.allclose(overlaps, expected, atol=1e-4, rtol=0)
-    # The key holder decrypts rows only: a client's upload, or rows out of order, is refused.
-    with pytest.raises(CeremonyError):
-        decrypt_overlaps(store.secret_context(), layout, 3, 1, list(reversed(rows)))
-    upload_as_row = EncryptedRow(0, uploads[0][0].broadcast[0]).serialize()
-    with pytest.raises(CeremonyError, match="level"):
-        decrypt_overlaps(store.secret_context(), layout, 3, 1, [upload_as_row, *rows[1:]])
 
 
-def test_server_refuses_uploads_for_another_vector_or_with_bad_ciphertexts(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("task_identity")
+def test_client_ceremony_handlers_check_the_key_holder_and_the_layout(tmp_path: Path) -> None:
+    """What the Flower handlers check before they call a protocol step: the key holder the
+    server names, which node may decrypt, and the server's layout."""
     cfg = enc_config()
-    ids = [Identity.generate(f"client-{i:03d}") for i in range(3)]
-    store = KeyHolderStore(tmp_path / "ckks", ids[0])
-    public, sealed = store.ceremony({i.party_id: i.agreement_key.public_key() for i in ids})
-    layout = layout_for(cfg)
-    u = torch.linalg.qr(torch.randn(794, 1, dtype=torch.float64)).Q
-    ctx = open_client_context(sealed["client-001"], ids[1])
-    with pytest.raises(CeremonyError, match="for vector 0, expected 1"):
-        parse_upload(layout, 1, 1, encrypt_summary(ctx, layout, 0, u))
-    with pytest.raises(CeremonyError, match="2 encrypted columns"):
-        parse_upload(layout, 1, 1, encrypt_summary(ctx, layout, 1, u) * 2)
-    uploads = {c: parse_upload(layout, c, 1, encrypt_summary(ctx, layout, c, u)) for c in range(3)}
-    good = uploads[2][0]
-    uploads[2] = [InnerProductUpload(good.index, (b"\x00" * 64,), good.broadcast)]
-    with pytest.raises(CeremonyError, match="client 2"):
-        encrypted_rows(receive_public_context(public), layout, 1, uploads)
+    rc = run_config(cfg, tmp_path)
+    nodes = InMemoryGrid(tmp_path / "nodes", rc, 3).node_config
+    signer = server_security(rc, tmp_path / "signer")
+    sent = iter(range(100))
+
+    def handle(handler: Any, kind: str, client: int, **records: Any) -> Message:
+        extra = records.pop("fedora", {})
+        content = RecordDict({"fedora": ConfigRecord({"config-hash": config_hash(cfg), **extra}),
+                              **records})
+        msg = signed_request(signer, content, kind, f"client-{client:03d}", 0, node=1000 + client,
+                             message_id=f"m{next(sent)}")
+        return handler(msg, Context(42, 1000 + client, dict(nodes[1000 + client]), RecordDict(), rc))
+
+    rows = ConfigRecord({"rows": [b"row"]})
+    with pytest.raises(DeployError, match="names client 1 as key holder"):
+        handle(client_app.ceremony, MSG_CEREMONY, 0, fedora={"key-holder": 1})
+    with pytest.raises(DeployError, match="client 1 is not the key holder"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 1, rows=rows)
+    with pytest.raises(CeremonyError, match="no key ceremony ran"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0, rows=rows)
+    reply = handle(client_app.ceremony, MSG_CEREMONY, 0, fedora={"key-holder": 0})
+    assert reply.content["ceremony"]["public-context"]
+    with pytest.raises(SecureRelatednessError, match="1 encrypted rows, expected 3"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0, rows=rows)
+    with pytest.raises(SecureRelatednessError, match="not a list of bytes"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0,
+               rows=ConfigRecord({"rows": "row"}))
+    sealed = reply.content["ceremony"]["sealed-client-001"]
+    with pytest.raises(DeployError, match=r"layout \(4, 794\) differs from this run's \(3, 794\)"):
+        handle(client_app.encrypted_summary, MSG_ENCRYPTED_SUMMARY, 1, ckks=ConfigRecord(
+            {"sealed-context": sealed, "num-vectors": 4, "dim": 794}))
 
 
 # --------------------------------------------------------------------------- grid runs
@@ -383,7 +387,7 @@ def test_grid_encrypted_run_equals_in_process_encrypted_run(tmp_path: Path) -> N
     assert stat.S_IMODE((keys / "secret-context.sealed").stat().st_mode) == 0o600
     assert not (tmp_path / "nodes" / "node-1" / "runs" / "42" / "ckks").exists()
     # No message to the server's side ever carried a secret context in the clear: the only
-    # context the server saw is the public one it parsed (checked in receive_public_context).
+    # context the server saw is the public one it parsed (checked in open_server_context).
     summaries = [m for m in grid.sent if m.metadata.message_type == MSG_ENCRYPTED_SUMMARY]
     assert len(summaries) == 3 and all("summary" not in m.content for m in summaries)
 
@@ -486,7 +490,9 @@ def test_grid_client_refuses_a_tampered_or_replayed_server_message(tmp_path: Pat
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_grid_tampered_ciphertexts_stop_relatedness_naming_the_client(tmp_path: Path) -> None:
+def test_grid_tampered_ciphertexts_stop_relatedness_naming_the_client(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = enc_config()
 
     def columns(reply: Message) -> list[bytes]:
@@ -511,9 +517,16 @@ def test_grid_tampered_ciphertexts_stop_relatedness_naming_the_client(tmp_path: 
         return Message(content, reply_to=request)
 
     rc_b = run_config(cfg, tmp_path / "b")
-    with pytest.raises(CeremonyError, match="client 2"):
-        _grid_run(cfg, tmp_path / "b",
-                  tamper_reply={(2, 0, MSG_ENCRYPTED_SUMMARY): garbage_signed_by_client})
+    # Authentic but unusable ciphertexts: the server's gram_rows names the client, the reply is
+    # rejected as malformed, and the run stops because relatedness needs every client.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="secure_fedora.security"):
+        with pytest.raises(DeployError, match=r"missing clients \[2\]"):
+            _grid_run(cfg, tmp_path / "b",
+                      tamper_reply={(2, 0, MSG_ENCRYPTED_SUMMARY): garbage_signed_by_client})
+    events = [getattr(r, "security_event", {}) for r in caplog.records]
+    assert [(e.get("reason"), e.get("sender")) for e in events if e] == [
+        ("malformed_payload", "client-002")]
 
 
 # --------------------------------------------------------------------------- real deployment
