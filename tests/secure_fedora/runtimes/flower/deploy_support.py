@@ -67,7 +67,8 @@ class InMemoryGrid:
 
     ``fail`` maps (client, round) to an error text; ``drop`` lists (client, round) left
     unanswered; ``offline`` maps a round to clients offline in it. A handler that raises is
-    answered with an error reply, as Flower does. ``tamper_reply`` maps (client, round, message
+    answered with an error reply, as Flower does. A message's round is the last part of its
+    group id (``<scope>:<exchange>:<round>``; 0 for the first contact and setup exchanges). ``tamper_reply`` maps (client, round, message
     type) to a function of (request, reply) whose result the server pulls instead of the reply
     (None drops it); ``tamper_request`` maps to a function of the request whose result the
     client handles instead.
@@ -115,7 +116,8 @@ class InMemoryGrid:
             conf = self.node_config[node]
             client = int(conf["partition-id"])
             kind = msg.metadata.message_type
-            rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
+            last = msg.metadata.group_id.rsplit(":", 1)[-1]  # "<scope>:<exchange>:<round>"
+            rnd = int(last) if last.isdigit() else 0
             self.current_round = max(self.current_round, rnd)
             if (client, rnd) in self.drop:
                 continue
