@@ -754,6 +754,9 @@ def _register(name: str) -> None:
     def build(ctx: MethodContext, cfg: Any) -> FederatedMethod:
         return make_baseline(name, ctx, cfg.baselines.get(name), validation=cfg.data.validation)
 
+    # the class whose releases(cfg) the privacy plan reads (see algorithms/contract.py)
+    build.algorithm = {"fedprox": FedProx, "ditto": Ditto, "apfl": APFL,  # type: ignore[attr-defined]
+                       "fedamp": FedAMP, "ifca": IFCA}[name]
     METHODS.register(name, build)
 
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.contract import FederatedAlgorithm, Payload
+from secure_fedora.algorithms.contract import ROUND, SETUP, FederatedAlgorithm, Payload, ReleaseSpec
 from secure_fedora.algorithms.propagation import (
     PropagationOperator,
     build_operator,
@@ -47,12 +47,20 @@ from secure_fedora.learning.client import (
     evaluate,
     local_train,
 )
-from secure_fedora.secure.transport import KIND_GLOBAL, KIND_PHI, KIND_THETA, ValueCheck
+from secure_fedora.secure.transport import (
+    KIND_GLOBAL,
+    KIND_PHI,
+    KIND_SUMMARY,
+    KIND_THETA,
+    ValueCheck,
+)
 
 KEY_STEPS = "steps"
 """Reply entry: the DP-SGD/SGD steps a client ran this round (a 0-d integer tensor)."""
 KEY_NUM_EXAMPLES = "num_examples"
 """Reply entry: the client's number of training examples (FedAvg's aggregation weight)."""
+KEY_LAMBDA = "lambda"
+"""Reply entry: FEDORA's regularization weight ``lambda_i`` of the round (0-d float64)."""
 
 MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
 """(upload matrices by message kind, tracked download matrices by kind), each (N, ...)."""
@@ -81,7 +89,9 @@ class MethodContext:
     init: Tensor
     num_classes: int = 10
     privacy: Any = None  # secure_fedora.secure.private.FederationPrivacy when DP is on
-    transport: Any = None  # secure_fedora.secure.transport.SecureTransport with [security] envelopes
+    # With [security] envelopes: ``label -> SecureTransport`` for a method's own signed
+    # exchanges beside the round exchange (e.g. FEDORA's summaries); None: no envelopes.
+    transport_factory: Callable[[str], Any] | None = None
     # One privacy.noise.NoiseSource per client when DP is on: every mechanism's randomness
     # (DP-SGD noise and sampling, summary and lambda noise); ``generators`` is only the
     # non-private training order.
@@ -90,6 +100,15 @@ class MethodContext:
     @property
     def num_clients(self) -> int:
         return len(self.clients)
+
+    @property
+    def envelopes(self) -> bool:
+        """Whether the run signs its messages (``[security] envelopes``)."""
+        return self.transport_factory is not None
+
+    def open_transport(self, label: str) -> Any:
+        """A signed transport for the method's exchange ``label``, or None without envelopes."""
+        return None if self.transport_factory is None else self.transport_factory(label)
 
     def select(self, i: int) -> None:
         """Point a DP oracle at client ``i``'s noise multiplier and noise source."""
@@ -170,6 +189,9 @@ class FederatedMethod(FederatedAlgorithm):
     """
 
     name = "method"
+    #: False for a method whose clients never send anything (Local): experiments run it
+    #: non-private only and use it as the reference of "worse than Local" counts.
+    sends_messages: ClassVar[bool] = True
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -266,34 +288,30 @@ class FederatedMethod(FederatedAlgorithm):
         replies = {i: self.client_finalize(i, m) for i, m in messages.items()}
         return self.server_finalize(replies)
 
+    def _round_envelopes(self) -> bool:
+        """Whether the generic exchange envelopes this method's messages and replies (a
+        method that sends them its own way, e.g. as ciphertexts, returns False)."""
+        return True
+
     def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
-        """Every message entry of a kind the exchange knows travels as a signed envelope; a
-        client that rejects an untracked kind is left out (tracked: its last accepted copy)."""
-        if self.exchange is None or not messages:
+        """Every message entry of a kind the exchange tracks travels as a signed envelope; a
+        client that rejects one holds its last accepted copy instead."""
+        if self.exchange is None or not messages or not self._round_envelopes():
             return messages
         out = {i: dict(m) for i, m in messages.items()}
-        kinds = dict.fromkeys(k for m in messages.values() for k in m)
-        for kind in kinds:
-            if kind not in self.exchange.client_rows and not self._exchanged_untracked(kind):
+        for kind in dict.fromkeys(k for m in messages.values() for k in m):
+            if kind not in self.exchange.client_rows:
                 continue
             rows = {i: m[kind] for i, m in out.items() if kind in m}
             held = self.download_rows(rnd, rows, kind=kind)
             for i in rows:
-                if i in held:
-                    out[i][kind] = held[i]
-                else:
-                    del out[i]
+                out[i][kind] = held[i]
         return out
-
-    def _exchanged_untracked(self, kind: str) -> bool:
-        """Whether message entries of an untracked ``kind`` are enveloped (default: no, only
-        the kinds :meth:`message_state` names travel through the exchange)."""
-        return False
 
     def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
         """Reply entries of the upload kinds :meth:`message_state` names travel as signed
         envelopes; a client with any rejected upload is absent from the result."""
-        if self.exchange is None or not replies:
+        if self.exchange is None or not replies or not self._round_envelopes():
             return dict(replies)
         state = self.message_state()
         uploads = state[0] if state is not None else {}
@@ -388,6 +406,7 @@ class Local(FederatedMethod):
     messages, and replies that carry only the step count)."""
 
     name = "local"
+    sends_messages = False
 
     def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
         """Train client ``i``'s own row in place."""
@@ -506,15 +525,23 @@ class FedAvg(FederatedMethod):
                                             for i in sorted(replies)]}
 
 
+@METHODS.register("fedora")
 class Fedora(FederatedMethod):
     """FEDORA (Wu, Bao, Ainsworth, He, KDD 2023, "Personalized Federated Learning with
     Parameter Propagation"): relatedness from data subspaces, a top-k graph, a personalized
     PageRank propagation matrix P; each client is pulled toward ``phi_i = sum_j P_ij theta_j``
     only when ``phi_i`` has lower validation loss than its own model.
 
-    ``relatedness_fn`` computes the overlap blocks (plain, noised or encrypted). With
-    ``private_validation`` the regularization weight comes from the client's accounted,
-    noised loss difference (``ctx.privacy.private_lambda``) instead of the exact rule.
+    The contract: the setup exchange carries each client's relatedness summary (plain, DP-noised
+    through ``ctx.privacy`` or, with envelopes, signed; with ``relatedness_mode`` containing
+    "encrypted" the server combines them under CKKS); ``server_setup`` builds graph and
+    operator. Each round's message is ``phi_i`` alone; the client computes ``lambda_i`` (exact,
+    or with ``private_validation`` the accounted, noised one from ``ctx.privacy``) and trains;
+    its reply is its ``theta`` row, ``lambda`` and ``steps``; ``aggregate`` propagates (in the
+    clear, or through the CKKS propagator under ``propagation = "encrypted"``).
+
+    ``relatedness_fn`` replaces the setup exchange by a function returning the overlap
+    blocks and their details (tests, experiments).
     """
 
     name = "fedora"
@@ -541,25 +568,116 @@ class Fedora(FederatedMethod):
         # of checkpoints and recomputed on restore (bit-identical, same operator and inputs).
         self._phi_is_propagated = False
         self.relatedness: Relatedness | None = None
-        self._relatedness_fn = relatedness_fn or (
-            lambda: (plain_overlaps(ctx.clients, ctx.num_classes, q)[1], {})
-        )
+        self._relatedness_fn = relatedness_fn
         self._relatedness_mode = relatedness_mode
         self.private_validation = private_validation
         self.last_lambdas = torch.zeros(ctx.num_clients)
-        # Optional CKKS propagation (an EncryptedPropagator), set by the runtime; the signed
+        # The summaries' signed transport (opened in setup when the runtime offers envelopes).
+        self.summary_transport: Any = None
+        # CKKS propagation (an EncryptedPropagator) under propagation = "encrypted"; the signed
         # envelopes are the base class's ``exchange``.
         self.propagator: Any = None
+        if self.propagation_mode == "encrypted":
+            from secure_fedora.secure.encrypted_propagation import EncryptedPropagator
 
+            self.propagator = EncryptedPropagator(ctx.num_clients)
+
+    @classmethod
+    def from_config(cls, ctx: MethodContext, cfg: Any) -> Fedora:
+        """The ``[fedora]`` section; private validation from ``data.validation``."""
+        f = cfg.fedora
+        return cls(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
+                   propagation_tolerance=f.propagation_tolerance, relatedness_mode=f.relatedness,
+                   private_validation=cfg.data.validation == "private")
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """``fedora.k`` below the number of clients; under DP an accounted relatedness mode."""
+        if cfg.fedora.k >= cfg.data.num_clients:
+            raise ValueError(
+                f"fedora.k = {cfg.fedora.k} must be smaller than data.num_clients = "
+                f"{cfg.data.num_clients} (each client keeps at most N - 1 neighbours)")
+        if cfg.privacy.enabled and "noised" not in cfg.fedora.relatedness:
+            raise ValueError(
+                f"fedora.relatedness {cfg.fedora.relatedness!r} releases summary information "
+                "without an accounted mechanism; with privacy.enabled use 'noised' or "
+                "'noised+encrypted'")
+
+    @classmethod
+    def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:
+        """A noised summary once (``relatedness`` "noised..."), then per round the DP-SGD
+        model and, with private validation, the noised lambda."""
+        specs = []
+        if "noised" in cfg.fedora.relatedness:
+            specs.append(ReleaseSpec("summary", ("gaussian_summary",), SETUP))
+        round_mechanisms = ("dpsgd", "gaussian_lambda") if cfg.data.validation == "private" \
+            else ("dpsgd",)
+        specs.append(ReleaseSpec("model", round_mechanisms, ROUND))
+        return tuple(specs)
+
+    # ------------------------------------------------------------------ setup exchange
     def setup(self) -> None:
+        """Build the relatedness once (kept when restored from a checkpoint)."""
         if self.private_validation and self.ctx.privacy is None:
             raise ValueError("private validation needs the client privacy state (ctx.privacy)")
         if self.relatedness is not None:
             return
-        if self._blockwise_plain():
-            self.relatedness = self._build_blockwise_relatedness()
+        if self._relatedness_fn is not None:
+            overlaps, details = self._relatedness_fn()
+            self.relatedness = self._build_relatedness(overlaps, details)
             return
-        overlaps, details = self._relatedness_fn()
+        if self.summary_transport is None:
+            self.summary_transport = self.ctx.open_transport("summary")
+        super().setup()
+
+    def setup_messages(self) -> dict[int, Payload]:
+        """Every client is asked for its summary (an empty message)."""
+        return {i: {} for i in range(self.ctx.num_clients)}
+
+    def client_setup(self, i: int, message: Payload) -> Payload:
+        """Client ``i``'s summary ``U_i`` (d x q) of its training data, in the clear."""
+        if "noised" in self._relatedness_mode:
+            return self.client_setup_many({i: message})[i]
+        c = self.ctx.clients[i]
+        x, y = (c.train_x.cpu(), c.train_y.cpu()) if self._blockwise_plain() else (c.train_x, c.train_y)
+        return {KIND_SUMMARY: fedora.client_summary(x, y, self.ctx.num_classes, self.q)}
+
+    def client_setup_many(self, messages: Mapping[int, Payload]) -> dict[int, Payload]:
+        """Every client's summary; noised: each client's accounted release through its gate
+        (``ctx.privacy.noised_summaries``, all clients at once, in client order)."""
+        if "noised" not in self._relatedness_mode:
+            return super().client_setup_many(messages)
+        ctx = self.ctx
+        if list(messages) != list(range(ctx.num_clients)):
+            raise ValueError("noised summaries are released by every client at once, in order")
+        summaries = ctx.privacy.noised_summaries(ctx.clients, self.q, ctx.num_classes, ctx.noise)
+        return {i: {KIND_SUMMARY: summaries[i]} for i in messages}
+
+    def server_setup(self, replies: Mapping[int, Payload]) -> None:
+        """Graph and operator from the summaries: blockwise (sparse, plain, no envelopes),
+        through CKKS (``encrypted`` modes: the server sees only the q x q overlap blocks), or
+        from the overlap blocks of the (signed) summaries. A client whose signed summary is
+        rejected is excluded (it trains as Local would)."""
+        n = self.ctx.num_clients
+        if sorted(replies) != list(range(n)):
+            raise fedora.RelatednessError(
+                f"relatedness needs every client's summary; got {sorted(replies)} of {n}")
+        summaries = torch.stack([replies[i][KIND_SUMMARY] for i in range(n)])
+        if self._blockwise_plain():
+            graph = fedora.topk_graph_from_summaries(summaries, self.tau, self.k)
+            self.relatedness = Relatedness(None, None, graph, self._operator(graph),
+                                           self._relatedness_mode, {})
+            return
+        transport = self.summary_transport
+        if "encrypted" in self._relatedness_mode:
+            overlaps, details = encrypted_relatedness(summaries, transport)
+        else:
+            details = {}
+            if transport is not None:
+                summaries, rejections = _enveloped_summaries(transport, summaries)
+                excluded = sorted(r.client for r in rejections)
+                details = _exclusion_details(excluded, rejections, transport)
+            overlaps = fedora.subspace_overlaps(summaries)
         self.relatedness = self._build_relatedness(overlaps, details)
 
     def _blockwise_plain(self) -> bool:
@@ -567,15 +685,7 @@ class Fedora(FederatedMethod):
         blockwise from the summaries, so no N x N matrix is ever held (the same graph the
         overlap blocks would give, up to float rounding)."""
         return (self.propagation_mode == "sparse" and self._relatedness_mode == "plain"
-                and self.ctx.transport is None)
-
-    def _build_blockwise_relatedness(self) -> Relatedness:
-        ctx = self.ctx
-        summaries = torch.stack(
-            [fedora.client_summary(c.train_x.cpu(), c.train_y.cpu(), ctx.num_classes, self.q)
-             for c in ctx.clients])
-        graph = fedora.topk_graph_from_summaries(summaries, self.tau, self.k)
-        return Relatedness(None, None, graph, self._operator(graph), self._relatedness_mode, {})
+                and not self.ctx.envelopes)
 
     def _operator(self, graph: Tensor) -> PropagationOperator:
         return build_operator(graph, self.alpha, self.propagation_mode, self.propagation_tolerance)
@@ -618,48 +728,62 @@ class Fedora(FederatedMethod):
         )
 
     def message_state(self) -> MessageState | None:
-        """Uploads: ``theta`` rows; downloads: ``phi`` rows."""
+        """Uploads: ``theta`` rows; downloads: ``phi`` rows (also the encrypted propagator's
+        bookkeeping of the last accepted rows)."""
         return {KIND_THETA: self.theta}, {KIND_PHI: self.phi}
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
+    def _round_envelopes(self) -> bool:
+        """Plaintext rows travel in envelopes unless the CKKS propagator sends ciphertexts."""
+        return self.propagator is None
+
+    # ------------------------------------------------------------------ rounds
+    def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
+        """Each participant receives its ``phi_i`` (and nothing else)."""
         assert self.relatedness is not None, "setup() must run before the first round"
-        ctx = self.ctx
-        steps = 0
-        lambdas = []
-        for i in participants:
-            lam = self.regularization(i)
-            self.last_lambdas[i] = lam
-            lambdas.append(lam)
-            steps += ctx.train_client(i, self.theta[i], self.phi[i], lam)
-        plaintext_messages = self.exchange is not None and self.propagator is None
-        if plaintext_messages:
-            # rejected uploads are restored to the server's last accepted row
-            self.exchange.upload_theta(rnd, self.theta, participants)
-        self.propagate(rnd, participants)
-        if plaintext_messages:
-            self.exchange.download_phi(rnd, self.phi)
-            self._phi_is_propagated = False  # a rejected download keeps an older phi row
+        return {i: {KIND_PHI: self.phi[i]} for i in participants}
+
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """``lambda_i`` from the client's validation data, then local training pulled toward
+        the received ``phi_i``; the reply: the ``theta`` row, ``lambda`` and ``steps``."""
+        phi = message[KIND_PHI]
+        lam = self.regularization(i, phi)
+        self.last_lambdas[i] = lam
+        steps = self.ctx.train_client(i, self.theta[i], phi, lam)
+        return {KIND_THETA: self.theta[i], KEY_LAMBDA: _scalar(float(lam)), KEY_STEPS: _scalar(steps)}
+
+    def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """Steps, the mean ``lambda`` and the fraction of clients pulled toward ``phi``."""
+        lambdas = [float(r[KEY_LAMBDA]) for r in replies.values()]
         return {
-            "steps": float(steps),
+            **super().round_statistics(rnd, replies),
             "mean_lambda": float(sum(lambdas) / max(len(lambdas), 1)),
             "pulled_fraction": float(sum(1 for v in lambdas if v > 0) / max(len(lambdas), 1)),
         }
 
-    def regularization(self, i: int) -> float:
-        """``lambda_i`` from client ``i``'s validation data (exact, or accounted and noised)."""
+    def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """The accepted rows become the server's; then ``phi <- P theta`` (:meth:`propagate`)."""
+        _absorb(self.theta, replies, KIND_THETA)
+        self.propagate(rnd, list(replies))
+        return {}
+
+    def regularization(self, i: int, phi: Tensor | None = None) -> float:
+        """``lambda_i`` from client ``i``'s validation data (exact, or accounted and noised)
+        for the received ``phi`` (default: the server's ``phi_i``)."""
         ctx = self.ctx
         c = ctx.clients[i]
+        phi = self.phi[i] if phi is None else phi
         if self.private_validation:
             return ctx.privacy.private_lambda(
-                i, self.theta[i], self.phi[i], c.val_x, c.val_y, ctx.noise[i], ctx.flat.bind
+                i, self.theta[i], phi, c.val_x, c.val_y, ctx.noise[i], ctx.flat.bind
             )
         loss_local = evaluate(ctx.flat, self.theta[i], c.val_x, c.val_y).loss
-        loss_received = evaluate(ctx.flat, self.phi[i], c.val_x, c.val_y).loss
+        loss_received = evaluate(ctx.flat, phi, c.val_x, c.val_y).loss
         return fedora.regularization_weight(loss_local, loss_received)
 
     def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
         """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client, with the operator
-        built once in :meth:`setup` (one product over the N x P parameters, into ``phi``)."""
+        built in setup (one product over the N x P parameters, into ``phi``); through CKKS
+        ciphertexts with the encrypted propagator (``participants`` re-encrypt and upload)."""
         assert self.relatedness is not None
         if self.propagator is not None:
             self.phi.copy_(self.propagator.propagate(
@@ -683,11 +807,12 @@ class Fedora(FederatedMethod):
         w = self.relatedness.operator.combine(row)
         return w.to(self.theta.dtype).to(self.theta.device) @ self.theta
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a resume cannot recompute: ``theta``, the relatedness inputs (overlap blocks,
-        or the sparse graph when it was built blockwise) and ``phi`` only when it is not
-        ``P @ theta`` (encrypted propagation, envelopes, or before the first propagation).
-        Similarity, graph and operator are rebuilt from the overlaps, deterministically."""
+    # ------------------------------------------------------------------ state
+    def server_state_dict(self) -> dict[str, Any]:
+        """What a resume cannot recompute: the relatedness inputs (overlap blocks, or the
+        sparse graph when it was built blockwise) and ``phi`` only when it is not ``P @ theta``
+        (encrypted propagation, or before the first propagation). Similarity, graph and
+        operator are rebuilt from the overlaps, deterministically."""
         assert self.relatedness is not None
         r = self.relatedness
         relatedness: dict[str, Any] = {"overlaps": r.overlaps, "mode": r.mode, "details": r.details}
@@ -695,14 +820,14 @@ class Fedora(FederatedMethod):
             g = r.graph.coalesce()
             relatedness["graph_indices"] = g.indices()
             relatedness["graph_values"] = g.values()
-        state: dict[str, Any] = {"theta": self.theta, "relatedness": relatedness}
+        state: dict[str, Any] = {"relatedness": relatedness}
         if not self._phi_is_propagated:
             state["phi"] = self.phi
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (also checkpoints that hold phi and the dense matrices)."""
-        super().load_state_dict(state)
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`server_state_dict` (also checkpoints that hold phi and the dense
+        matrices); ``theta`` must be restored first (``phi`` may be recomputed from it)."""
         r = state["relatedness"]
         if r.get("overlaps") is not None:
             rebuilt = self._build_relatedness(r["overlaps"], r["details"])
@@ -724,6 +849,7 @@ class Fedora(FederatedMethod):
             self.relatedness.operator.apply(self.theta, out=self.phi)
             self._phi_is_propagated = True
 
+    # ------------------------------------------------------------------ results
     def security_results(self) -> dict[str, Any]:
         """The base record plus the relatedness summaries' rejections (listed first) and
         excluded clients, and the encrypted propagation's traffic."""
@@ -740,27 +866,68 @@ class Fedora(FederatedMethod):
             security["encrypted_propagation"] = self.propagator.stats.to_dict()
         return security
 
-    def extra_results(self) -> dict[str, Any]:
+    def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
+        """The relatedness mode and every client's graph neighbours."""
         assert self.relatedness is not None
-        return self._with_security({
+        return {
             "relatedness_mode": self.relatedness.mode,
             "graph_neighbours": self.relatedness.neighbours(),
-        })
+        }
 
 
-# --------------------------------------------------------------------------- registry
-# Each factory builds its method from the context and the whole config: ``(ctx, cfg)``.
+def _absorb(matrix: Tensor, replies: Mapping[int, Payload], key: str) -> None:
+    """Copy each reply's ``key`` row into ``matrix`` (skipped where the reply is that row)."""
+    for i, reply in replies.items():
+        row = reply[key]
+        if row.data_ptr() != matrix[i].data_ptr():
+            matrix[i].copy_(row)
 
 
-@METHODS.register("fedora")
-def _build_fedora(ctx: MethodContext, cfg: Any) -> Fedora:
-    from secure_fedora.runtimes.inprocess import relatedness_function
+def encrypted_relatedness(summaries: Tensor, transport: Any = None) -> tuple[Tensor, dict[str, Any]]:
+    """The overlap blocks through CKKS (:func:`secure_fedora.secure.relatedness.encrypted_overlaps`:
+    the server computes on ciphertexts and sees only the decrypted q x q blocks) and their
+    details (traffic, timings; with a signed ``transport`` the excluded clients)."""
+    from secure_fedora.secure.relatedness import encrypted_overlaps
 
-    f = cfg.fedora
-    return Fedora(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
-                  propagation_tolerance=f.propagation_tolerance,
-                  relatedness_fn=relatedness_function(cfg, ctx), relatedness_mode=f.relatedness,
-                  private_validation=cfg.data.validation == "private")
+    result = encrypted_overlaps(summaries, transport=transport)
+    details: dict[str, Any] = {
+        "client_bytes_sent": result.client_bytes_sent,
+        "server_bytes_received": result.server_bytes_received,
+        "released_bytes": result.released_bytes,
+        "timings": result.timings,
+    }
+    if transport is not None:
+        details.update(_exclusion_details(result.excluded, result.rejections, transport))
+    return result.overlaps, details
 
 
-_build_fedora.algorithm = Fedora  # type: ignore[attr-defined]
+def _exclusion_details(excluded: Sequence[int], rejections: Sequence[Any], transport: Any) -> dict[str, Any]:
+    """The relatedness details of an enveloped exchange (JSON-compatible, checkpointed)."""
+    return {
+        "excluded": list(excluded),
+        "rejections": [r.to_dict() for r in rejections],
+        "transport": transport.stats.to_dict(),
+    }
+
+
+def _enveloped_summaries(transport: Any, summaries: Tensor) -> tuple[Tensor, list[Any]]:
+    """Every client sends its summary in a signed envelope (round 0, float32 on the wire);
+    the server verifies all (each rejection is logged by the transport).
+
+    Returns the summaries the server holds (float64; the row of a rejected client is zero and
+    must not be used) and the rejections. Fewer than two accepted summaries raise
+    :class:`~secure_fedora.algorithms.fedora.RelatednessError` naming the rejected clients.
+    """
+    n = summaries.shape[0]
+    messages = {i: transport.client_upload(0, i, summaries[i], kind=KIND_SUMMARY) for i in range(n)}
+    accepted, rejections = transport.server_receive(0, messages, tuple(summaries.shape[1:]),
+                                                    kind=KIND_SUMMARY)
+    if len(accepted) < 2:
+        named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
+        raise fedora.RelatednessError(
+            f"summary uploads rejected: {named}; relatedness needs at least two clients, "
+            f"{len(accepted)} remain")
+    held = torch.zeros(summaries.shape, dtype=torch.float64)
+    for i, row in accepted.items():
+        held[i] = row.to(torch.float64)
+    return held, rejections

@@ -358,23 +358,19 @@ class ExperimentConfig(_Section):
             except BaselineConfigError as err:
                 raise ValueError(f"baselines.{name}: {err}") from None
         p, d = self.privacy, self.data
-        if "fedora" in self.methods and self.fedora.k >= d.num_clients:
-            raise ValueError(
-                f"fedora.k = {self.fedora.k} must be smaller than data.num_clients = "
-                f"{d.num_clients} (each client keeps at most N - 1 neighbours)"
-            )
+        from secure_fedora.algorithms.contract import method_class
+
+        for name in self.methods:
+            # each method checks the config it runs on (e.g. FEDORA: fedora.k < num_clients)
+            check = getattr(method_class(name), "check_config", None)
+            if check is not None:
+                check(self)
         if not p.enabled:
             if "noised" in self.fedora.relatedness:
                 raise ValueError("fedora.relatedness 'noised' needs privacy.enabled = true")
             if d.validation == "private":
                 raise ValueError("data.validation 'private' needs privacy.enabled = true")
             return self
-        if "fedora" in self.methods and "noised" not in self.fedora.relatedness:
-            raise ValueError(
-                f"fedora.relatedness {self.fedora.relatedness!r} releases summary information "
-                "without an accounted mechanism; with privacy.enabled use 'noised' or "
-                "'noised+encrypted'"
-            )
         for key, budget in p.overrides.items():
             if not (key.isascii() and key.isdigit()) or int(key) >= d.num_clients:
                 raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")

@@ -45,12 +45,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from pydantic import BaseModel, ValidationError  # noqa: E402
 
-from secure_fedora.algorithms.baselines import (  # noqa: E402
-    BASELINE_NAMES,
-    BaselineConfigError,
-    make_baseline,
-    unwrap_oracle,
-)
+from secure_fedora.algorithms.baselines import BaselineConfigError, unwrap_oracle  # noqa: E402
+from secure_fedora.algorithms.contract import method_class  # noqa: E402
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext  # noqa: E402
 from secure_fedora.core.config import ExperimentConfig, config_hash, load_config  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
@@ -65,7 +61,6 @@ from secure_fedora.runtimes.inprocess import (  # noqa: E402
 )
 
 __all__ = [
-    "ALL_METHODS",
     "Cell",
     "SweepError",
     "SweepResult",
@@ -80,9 +75,6 @@ __all__ = [
     "run_sweep",
 ]
 
-RUNTIME_METHODS: tuple[str, ...] = ("fedora", "local", "fedavg")
-ALL_METHODS: tuple[str, ...] = (*RUNTIME_METHODS, *BASELINE_NAMES)
-"""Every method the sweep can run; ``fedavg`` also yields the derived row ``fedavg_ft``."""
 
 CELL_FILE = "cell.json"
 MANIFEST_FILE = "sweep.json"
@@ -108,11 +100,15 @@ def baseline_section(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
 
 
 def method_factory(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
-    """``runtime.make_method`` for fedora/local/fedavg, :func:`make_baseline` for the rest."""
-    if name in BASELINE_NAMES:
-        return make_baseline(name, ctx, baseline_section(cfg, name),
-                             validation=cfg.data.validation)
+    """A cell's method, built from the registry (the runtime's ``make_method``)."""
     return make_method(name, ctx, cfg)
+
+
+def sends_nothing(name: str) -> bool:
+    """Whether registered method ``name`` keeps everything on its clients (its class says
+    ``sends_messages = False``, as Local does): such a method is run non-private only and is
+    the reference of the "worse than" counts."""
+    return getattr(method_class(name), "sends_messages", True) is False
 
 
 # --------------------------------------------------------------------------- cells
@@ -156,22 +152,19 @@ def parse_epsilon(text: str) -> float | None:
     return value
 
 
-def _privacy_supported() -> bool:
-    return "privacy" in ExperimentConfig.model_fields
-
-
 def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: Sequence[int]) -> list[Cell]:
     """The cells of a sweep, in run order (seed-major, so each seed's data is built once).
 
     Raises :class:`SweepError` for an unknown or repeated method, a repeated or negative seed,
-    a repeated, non-positive or (in this build) numeric epsilon. Local gets only the
+    a repeated or non-positive epsilon. A method that sends nothing (Local) gets only the
     ``None`` cell (see the module docstring).
     """
     if not methods:
         raise SweepError("a sweep needs at least one method")
+    known = _literal_methods()
     for m in methods:
-        if m not in ALL_METHODS:
-            raise SweepError(f"unknown method {m!r}; expected some of {list(ALL_METHODS)}")
+        if m not in known:
+            raise SweepError(f"unknown method {m!r}; expected some of {list(known)}")
     if len(set(methods)) != len(methods):
         raise SweepError(f"methods lists a method twice: {list(methods)}")
     if not seeds:
@@ -190,20 +183,16 @@ def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: 
             continue
         if isinstance(e, bool) or not isinstance(e, int | float) or not (math.isfinite(e) and e > 0):
             raise SweepError(f"epsilon must be None or a positive finite number, got {e!r}")
-        if not _privacy_supported():
-            raise SweepError(
-                f"epsilon {e:g} requested, but this build's configuration has no [privacy] "
-                "section: only 'none' (non-private) is supported"
-            )
+    standalone = [m for m in methods if sends_nothing(m)]
     cells = []
     for seed in seeds:
         for eps in epsilons:
             for m in methods:
-                if m == "local" and eps is not None:
+                if m in standalone and eps is not None:
                     continue
                 cells.append(Cell(m, eps, seed))
-        if "local" in methods and None not in epsilons:
-            cells.append(Cell("local", None, seed))
+        if None not in epsilons:
+            cells.extend(Cell(m, None, seed) for m in standalone)
     return cells
 
 
@@ -226,39 +215,31 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
     Refused with :class:`SweepError`: a numeric epsilon when the config has per-client
     ``privacy.overrides`` or a fixed ``privacy.noise_multiplier`` (either would make the
     column's epsilon not the one applied), and a cell whose config fails validation.
-    ``model_copy`` lets the methods list hold a baseline name that the config's ``methods``
-    literal does not admit; the rest is validated on a copy whose method is the cell's own
-    when the literal admits it, else ``fedavg`` (the baselines, like FedAvg, use no relatedness).
     """
     update: dict[str, Any] = {"methods": [cell.method], "seed": cell.seed}
-    if _privacy_supported():
-        p, rel, val = cfg.privacy, cfg.fedora.relatedness, cfg.data.validation
-        if cell.epsilon is None:
-            update["privacy"] = p.model_copy(update={"enabled": False})
-            rel = _NOISE_OFF.get(rel, rel)
-            val = "public" if val == "private" else val
-        else:
-            if p.overrides:
-                raise SweepError(
-                    f"cell {cell.key}: privacy.overrides sets per-client budgets, so the sweep's "
-                    "epsilon would not be every client's; remove the overrides to sweep epsilon"
-                )
-            if p.noise_multiplier is not None:
-                raise SweepError(
-                    f"cell {cell.key}: privacy.noise_multiplier is fixed, so the noise would not "
-                    "follow epsilon; unset it to sweep epsilon"
-                )
-            update["privacy"] = p.model_copy(update={"enabled": True, "epsilon": float(cell.epsilon)})
-            rel = _NOISE_ON.get(rel, rel)
-        update["fedora"] = cfg.fedora.model_copy(update={"relatedness": rel})
-        update["data"] = cfg.data.model_copy(update={"validation": val})
-    elif cell.epsilon is not None:
-        raise SweepError(f"cell {cell.key}: this build's configuration has no [privacy] section")
+    p, rel, val = cfg.privacy, cfg.fedora.relatedness, cfg.data.validation
+    if cell.epsilon is None:
+        update["privacy"] = p.model_copy(update={"enabled": False})
+        rel = _NOISE_OFF.get(rel, rel)
+        val = "public" if val == "private" else val
+    else:
+        if p.overrides:
+            raise SweepError(
+                f"cell {cell.key}: privacy.overrides sets per-client budgets, so the sweep's "
+                "epsilon would not be every client's; remove the overrides to sweep epsilon"
+            )
+        if p.noise_multiplier is not None:
+            raise SweepError(
+                f"cell {cell.key}: privacy.noise_multiplier is fixed, so the noise would not "
+                "follow epsilon; unset it to sweep epsilon"
+            )
+        update["privacy"] = p.model_copy(update={"enabled": True, "epsilon": float(cell.epsilon)})
+        rel = _NOISE_ON.get(rel, rel)
+    update["fedora"] = cfg.fedora.model_copy(update={"relatedness": rel})
+    update["data"] = cfg.data.model_copy(update={"validation": val})
     new = cfg.model_copy(update=update)
-    stand_in = new.model_dump()
-    stand_in["methods"] = [cell.method if cell.method in _literal_methods() else "fedavg"]
     try:
-        ExperimentConfig.model_validate(stand_in)
+        ExperimentConfig.model_validate(new.model_dump())
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
@@ -276,8 +257,6 @@ def _literal_methods() -> tuple[str, ...]:
 
 def privacy_settings(cfg: ExperimentConfig) -> str:
     """One line naming the privacy-relevant settings a cell config runs with."""
-    if not _privacy_supported():
-        return "privacy off (no privacy section in this build)"
     p = cfg.privacy
     head = f"privacy on, epsilon {p.epsilon:g}, delta {p.delta:g}" if p.enabled else "privacy off"
     return (f"{head}; relatedness {cfg.fedora.relatedness}; validation {cfg.data.validation}")
@@ -285,10 +264,10 @@ def privacy_settings(cfg: ExperimentConfig) -> str:
 
 def _base_hash(cfg: ExperimentConfig) -> str:
     """Hash of everything a sweep does not override (methods, seed and epsilon are per cell)."""
+    # "fedora" is only the fixed stand-in of the per-cell methods list (earlier sweeps' hashes)
     update: dict[str, Any] = {"methods": ["fedora"], "seed": 0}
-    if _privacy_supported():
-        update["privacy"] = cfg.privacy.model_copy(
-            update={"enabled": False, "epsilon": type(cfg.privacy)().epsilon})
+    update["privacy"] = cfg.privacy.model_copy(
+        update={"enabled": False, "epsilon": type(cfg.privacy)().epsilon})
     return config_hash(cfg.model_copy(update=update))
 
 
@@ -380,9 +359,12 @@ class SweepResult:
 
 
 def _cell_entries(results: dict[str, Any], method: str) -> dict[str, list[float]]:
+    """The cell method's per-client accuracies, then those of every row its results derive
+    from it (e.g. ``fedavg_ft``): a cell runs one method, so every entry is its own."""
     out = {method: results["methods"][method]["selected"]["per_client"]}
-    if method == "fedavg" and "fedavg_ft" in results["methods"]:
-        out["fedavg_ft"] = results["methods"]["fedavg_ft"]["selected"]["per_client"]
+    for name, body in results["methods"].items():
+        if name != method:
+            out[name] = body["selected"]["per_client"]
     return out
 
 
@@ -527,7 +509,7 @@ def run_sweep(
         atomic_write_text(_cell_dir(out, cell) / CELL_FILE, json.dumps(doc, indent=2))
         docs[cell] = doc
         ran.append(cell.key)
-    rows = aggregate(docs)
+    rows = aggregate(docs, methods)
     files = write_outputs(out, cfg, rows)
     return SweepResult(rows, ran, skipped, files)
 
@@ -535,18 +517,31 @@ def run_sweep(
 # --------------------------------------------------------------------------- aggregation
 
 
-def aggregate(docs: Mapping[Cell, dict[str, Any]]) -> list[SweepRow]:
-    """Sweep rows from finished cells, ordered by method (as planned) then epsilon.
+def _first_seen(docs: Mapping[Cell, dict[str, Any]], method: str) -> int:
+    return next(i for i, c in enumerate(docs) if c.method == method)
+
+
+def aggregate(docs: Mapping[Cell, dict[str, Any]],
+              methods: Sequence[str] | None = None) -> list[SweepRow]:
+    """Sweep rows from finished cells, ordered by method (``methods``' order, else the
+    order the cells are given in; derived rows such as ``fedavg_ft`` after their method)
+    then epsilon.
 
     "Worse than Local" compares each client's accuracy with the same client's in the Local
     cell of the same seed (Local is non-private); it is ``None`` for a row when some seed has
     no Local cell.
     """
     local: dict[int, list[float]] = {
-        c.seed: d["entries"]["local"] for c, d in docs.items() if c.method == "local"
+        c.seed: d["entries"][c.method] for c, d in docs.items() if sends_nothing(c.method)
     }
+    # rows in the order of methods (as given, else as first seen), derived rows after theirs
+    method_rank = {m: i for i, m in enumerate(dict.fromkeys(
+        [*(methods or ()), *sorted({c.method for c in docs}, key=lambda m: _first_seen(docs, m))]))}
+    order: dict[str, tuple[int, int]] = {}
     grouped: dict[tuple[str, float | None], list[tuple[int, list[float], float | None]]] = {}
     for cell, doc in docs.items():
+        for j, name in enumerate(doc["entries"]):
+            order.setdefault(name, (method_rank[cell.method], j))
         spent = _epsilon_spent(doc, cell.method)
         for name, per_client in doc["entries"].items():
             grouped.setdefault((name, cell.epsilon), []).append((cell.seed, per_client, spent))
@@ -567,9 +562,7 @@ def aggregate(docs: Mapping[Cell, dict[str, Any]]) -> list[SweepRow]:
             worse_than_local=worse, per_client=[list(p) for _, p, _ in runs],
             epsilon_spent=[e for _, _, e in runs],
         ))
-    order = {m: i for i, m in enumerate((*ALL_METHODS, "fedavg_ft"))}
-    order["fedavg_ft"] = order["fedavg"] + 0.5
-    rows.sort(key=lambda r: (order.get(r.method, len(order)), _eps_sort_key(r.epsilon)))
+    rows.sort(key=lambda r: (order.get(r.method, (len(order), 0)), _eps_sort_key(r.epsilon)))
     return rows
 
 
@@ -644,7 +637,7 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
     for eps in sorted({r.epsilon for r in rows}, key=_eps_sort_key):
         at = [r for r in rows if r.epsilon == eps]
         best = max(at, key=lambda r: r.acc_mean)
-        settings = privacy_settings(cell_config(cfg, Cell("fedora", eps, seeds[0])))
+        settings = privacy_settings(cell_config(cfg, Cell(cfg.methods[0], eps, seeds[0])))
         lines.append(f"- epsilon {epsilon_label(eps)}: highest mean accuracy {best.method} "
                      f"({best.acc_mean:.4f}); {settings}.")
     lines += [
@@ -733,7 +726,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
 
     cfg = load_config(args.config)
-    methods = args.methods or list(ALL_METHODS)
+    methods = args.methods or list(_literal_methods())
     seeds = args.seeds if args.seeds is not None else [cfg.seed]
     err_console = Console(stderr=True)
     with Progress(
@@ -770,8 +763,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="path to a TOML config (see configs/)")
     p.add_argument("--out", required=True, help="sweep directory (created; reused to resume)")
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None,
-                   help="methods to run (default: all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="registered methods to run (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds (default: the config's seed)")
     p.add_argument("--epsilons", nargs="+", type=parse_epsilon, default=[None],

@@ -26,9 +26,8 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora import __version__
-from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.methods import FederatedMethod, Fedora, MethodContext
-from secure_fedora.core.config import ExperimentConfig, config_hash, model_selection
+from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
+from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import atomic_write_bytes, atomic_write_text, atomic_write_with
 from secure_fedora.core.registry import DATASETS, PARTITIONERS
@@ -238,61 +237,20 @@ def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> Federat
     return build_method(name, ctx, cfg)
 
 
-def relatedness_function(
-    cfg: ExperimentConfig, ctx: MethodContext
-) -> Callable[[], tuple[Tensor, dict[str, Any]]]:
-    """How FEDORA gets its overlap blocks ``U_i^T U_j`` in the configured mode.
+def _round_release_has_lambda(method: FederatedMethod, cfg: ExperimentConfig) -> bool:
+    """Whether the method's per-round release (``releases(cfg)``, kind "model") carries the
+    noised lambda besides DP-SGD; any other round mechanism cannot be admitted here."""
+    from secure_fedora.algorithms.contract import ROUND
 
-    plain: summaries in the clear. noised: each client releases the top eigenvectors of its
-    noised clipped second moment through its budget gate. encrypted: CKKS; the server computes
-    on ciphertexts and sees only the decrypted q x q blocks. noised+encrypted: both.
-
-    With ``ctx.transport`` (``[security] envelopes = true``) every summary (plain or noised)
-    or every message of the encrypted protocol is a signed envelope. A client whose upload is
-    rejected is excluded: the details then list it under ``"excluded"`` with the
-    ``"rejections"`` (FEDORA builds the graph over the other clients and the excluded one
-    trains as Local would), and carry the summary transport's traffic under ``"transport"``.
-    """
-    mode = cfg.fedora.relatedness
-    q = cfg.fedora.q
-
-    def compute() -> tuple[Tensor, dict[str, Any]]:
-        if "noised" in mode:
-            summaries = ctx.privacy.noised_summaries(ctx.clients, q, ctx.num_classes, ctx.noise)
-        else:
-            summaries = torch.stack(
-                [fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, q) for c in ctx.clients]
-            )
-        security: dict[str, Any] = {}
-        if "encrypted" in mode:
-            from secure_fedora.secure.relatedness import encrypted_overlaps
-
-            result = encrypted_overlaps(summaries, transport=ctx.transport)
-            details: dict[str, Any] = {
-                "client_bytes_sent": result.client_bytes_sent,
-                "server_bytes_received": result.server_bytes_received,
-                "released_bytes": result.released_bytes,
-                "timings": result.timings,
-            }
-            if ctx.transport is not None:
-                security = _exclusion_details(result.excluded, result.rejections, ctx.transport)
-            return result.overlaps, {**details, **security}
-        if ctx.transport is not None:
-            summaries, rejections = _enveloped_summaries(ctx.transport, summaries)
-            excluded = sorted(r.client for r in rejections)
-            security = _exclusion_details(excluded, rejections, ctx.transport)
-        return fedora.subspace_overlaps(summaries), security
-
-    return compute
-
-
-def _exclusion_details(excluded: Sequence[int], rejections: Sequence[Any], transport: Any) -> dict[str, Any]:
-    """The relatedness details of an enveloped exchange (JSON-compatible, checkpointed)."""
-    return {
-        "excluded": list(excluded),
-        "rejections": [r.to_dict() for r in rejections],
-        "transport": transport.stats.to_dict(),
-    }
+    mechanisms: tuple[str, ...] = ()
+    for spec in type(method).releases(cfg):
+        if spec.when == ROUND and spec.kind == "model":
+            mechanisms = spec.mechanisms
+    unknown = [m for m in mechanisms if m not in ("dpsgd", "gaussian_lambda")]
+    if unknown:
+        raise ConfigError(f"method {type(method).__name__} declares round mechanisms {unknown} "
+                          "that the in-process admission cannot account")
+    return "gaussian_lambda" in mechanisms
 
 
 def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[int]:
@@ -302,31 +260,6 @@ def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[i
         return list(range(n))
     m = max(1, math.ceil(fraction * n))
     return sorted(torch.randperm(n, generator=gen)[:m].tolist())
-
-
-def _enveloped_summaries(transport: Any, summaries: Tensor) -> tuple[Tensor, list[Any]]:
-    """Every client sends its summary in a signed envelope (round 0, float32 on the wire);
-    the server verifies all (each rejection is logged by the transport).
-
-    Returns the summaries the server holds (float64; the row of a rejected client is zero and
-    must not be used) and the rejections. Fewer than two accepted summaries raise
-    :class:`~secure_fedora.algorithms.fedora.RelatednessError` naming the rejected clients.
-    """
-    from secure_fedora.secure.transport import KIND_SUMMARY
-
-    n = summaries.shape[0]
-    messages = {i: transport.client_upload(0, i, summaries[i], kind=KIND_SUMMARY) for i in range(n)}
-    accepted, rejections = transport.server_receive(0, messages, tuple(summaries.shape[1:]),
-                                                    kind=KIND_SUMMARY)
-    if len(accepted) < 2:
-        named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
-        raise fedora.RelatednessError(
-            f"summary uploads rejected: {named}; relatedness needs at least two clients, "
-            f"{len(accepted)} remain")
-    held = torch.zeros(summaries.shape, dtype=torch.float64)
-    for i, row in accepted.items():
-        held[i] = row.to(torch.float64)
-    return held, rejections
 
 
 @dataclass
@@ -646,12 +579,8 @@ class Simulation:
 
     def _run_method(self, name: str, ctx: MethodContext, privacy: Any, resume: bool) -> MethodOutcome:
         cfg = self.cfg
-        if cfg.security.envelopes and name == "fedora":
-            from secure_fedora.secure.transport import SecureTransport
-
-            ctx.transport = SecureTransport.for_simulation(
-                self.run_dir, len(self.clients), f"{name}-summary", key_dir=self.key_dir,
-                context=f"{self.run_nonce}/{name}-summary")
+        if cfg.security.envelopes:
+            ctx.transport_factory = self._transport_factory(name)
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
         n = len(self.clients)
@@ -677,6 +606,7 @@ class Simulation:
                 # consumed, not appended, and journaled releases re-made, not redrawn
                 privacy.resume_after(int(state["round"]), state.get("privacy"))
             start_round = int(state["round"]) + 1
+            method.last_round = start_round - 1
             history = list(state["history"])
             timing = dict(state["timing"])
         else:
@@ -688,10 +618,10 @@ class Simulation:
         self._attach_security(name, method, start_round - 1)
         rounds = cfg.training.rounds
         due = _CheckpointSchedule(cfg.training.checkpoint_every)
+        with_lambda = privacy is not None and _round_release_has_lambda(method, cfg)
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
             if privacy is not None:
-                with_lambda = name == "fedora" and cfg.data.validation == "private"
                 participants = [i for i in participants
                                 if privacy.admit(i, rnd, method.theta[i], with_lambda,
                                                  noise=ctx.noise[i])]
@@ -740,16 +670,24 @@ class Simulation:
         self.history.extend(history)
         return outcome
 
+    def _transport_factory(self, name: str) -> Callable[[str], Any]:
+        """``label -> SecureTransport`` for method ``name``'s own signed exchanges (nonce state
+        in ``transport/<name>-<label>``, envelopes bound to this run and that exchange)."""
+        from secure_fedora.secure.transport import SecureTransport
+
+        def open_transport(label: str) -> Any:
+            return SecureTransport.for_simulation(
+                self.run_dir, len(self.clients), f"{name}-{label}", key_dir=self.key_dir,
+                context=f"{self.run_nonce}/{name}-{label}")
+
+        return open_transport
+
     def _attach_security(self, name: str, method: FederatedMethod, last_round: int) -> None:
-        """Encrypted propagation for FEDORA and, with ``[security] envelopes``, a signed
-        message exchange for every method that sends messages (all but Local), tracking what
+        """With ``[security] envelopes``, a signed message exchange for every method that
+        sends messages (all but Local), tracking what
         :meth:`~secure_fedora.algorithms.methods.FederatedMethod.message_state` names. ``last_round`` is
         the last round already done (0 on a fresh start)."""
         n = len(self.clients)
-        if isinstance(method, Fedora) and self.cfg.fedora.propagation == "encrypted":
-            from secure_fedora.secure.encrypted_propagation import EncryptedPropagator
-
-            method.propagator = EncryptedPropagator(n)
         if not self.cfg.security.envelopes:
             return
         state = method.message_state()

@@ -122,28 +122,55 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
         raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}: {err}") from None
 
 
+#: Mechanisms with a fixed noise multiplier (calibrated to a fraction of the budget when
+#: unset) that a method's releases may declare besides DP-SGD: the config keys of their noise
+#: multiplier and budget fraction, and the ClientPlan field that carries the noise.
+FIXED_NOISE_MECHANISMS: dict[str, tuple[str, str, str]] = {
+    "gaussian_summary": ("summary_noise_multiplier", "summary_budget_fraction", "summary_noise"),
+    "gaussian_lambda": ("lambda_noise_multiplier", "lambda_budget_fraction", "lambda_noise"),
+}
+
+
 def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
               accountant: str) -> ClientPlan:
+    """The plan of registered method ``method``, built from its declared releases
+    (``releases(cfg)`` of its class): DP-SGD steps per release (setup: one local run; round:
+    every round), each fixed-noise mechanism once (setup) or every round, in declaration order."""
+    from secure_fedora.algorithms.contract import SETUP, method_releases
+
     p = cfg.privacy
     rounds = cfg.training.rounds
     eps, delta = budget.epsilon, budget.delta
+    try:
+        specs = method_releases(method, cfg)
+    except ValueError as err:
+        raise ConfigError(f"privacy: {err}") from None
     fixed: list[PlannedRelease] = []
-    summary_noise = lambda_noise = None
-    if method == "fedora" and "noised" in cfg.fedora.relatedness:
-        summary_noise = p.summary_noise_multiplier or _calibrate(
-            p.summary_budget_fraction * eps, delta, [PlannedRelease("gaussian_summary", 1.0, 1)],
-            accountant, "privacy.summary_noise_multiplier")
-        fixed.append(PlannedRelease("gaussian_summary", 1.0, 1, summary_noise))
-    if method == "fedora" and cfg.data.validation == "private":
-        lambda_noise = p.lambda_noise_multiplier or _calibrate(
-            p.lambda_budget_fraction * eps, delta, [PlannedRelease("gaussian_lambda", 1.0, rounds)],
-            accountant, "privacy.lambda_noise_multiplier")
-        fixed.append(PlannedRelease("gaussian_lambda", 1.0, rounds, lambda_noise))
-    dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), rounds * steps_per_round(cfg))
+    noise: dict[str, float] = {}
+    dpsgd_steps = 0
+    for spec in specs:
+        times = 1 if spec.when == SETUP else rounds
+        for mechanism in spec.mechanisms:
+            if mechanism == "dpsgd":
+                dpsgd_steps += times * steps_per_round(cfg)
+                continue
+            if mechanism not in FIXED_NOISE_MECHANISMS:
+                raise ConfigError(
+                    f"privacy: method {method!r} declares mechanism {mechanism!r} in its "
+                    f"{spec.kind!r} release, which the privacy plan cannot calibrate (known: "
+                    f"dpsgd, {', '.join(FIXED_NOISE_MECHANISMS)})")
+            noise_key, fraction_key, field_name = FIXED_NOISE_MECHANISMS[mechanism]
+            sigma = getattr(p, noise_key) or _calibrate(
+                getattr(p, fraction_key) * eps, delta, [PlannedRelease(mechanism, 1.0, times)],
+                accountant, f"privacy.{noise_key}")
+            noise[field_name] = sigma
+            fixed.append(PlannedRelease(mechanism, 1.0, times, sigma))
+    dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), dpsgd_steps)
     plan = [dpsgd, *fixed]
     dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,
                                                    "privacy.noise_multiplier (DP-SGD)")
-    return ClientPlan(dpsgd_noise, summary_noise, lambda_noise, tuple(plan), accountant)
+    return ClientPlan(dpsgd_noise, noise.get("summary_noise"), noise.get("lambda_noise"),
+                      tuple(plan), accountant)
 
 
 @dataclass(frozen=True)

@@ -113,14 +113,14 @@ def enveloped(monkeypatch, store, channel=None):
     def init(self, transport, **kwargs):
         REAL_EXCHANGE_INIT(self, transport, **{**kwargs, "channel": channel})
         store["exchange"] = self
-        upload = self.upload_theta
+        upload = self.upload_rows
 
-        def upload_and_snapshot(rnd, matrix, participants):
-            accepted = upload(rnd, matrix, participants)
+        def upload_and_snapshot(rnd, matrix, participants, **kwargs):
+            accepted = upload(rnd, matrix, participants, **kwargs)
             store["theta_after_upload"][rnd] = matrix.clone()
             return accepted
 
-        self.upload_theta = upload_and_snapshot
+        self.upload_rows = upload_and_snapshot
 
     monkeypatch.setattr(SecureExchange, "__init__", init)
     return config(security={"envelopes": True})

@@ -16,11 +16,10 @@ from privacy.ckks import InnerProductUpload
 from privacy.envelope import decode_message, encode_message, make_envelope
 from privacy.identity import Identity, init_keys
 from secure_fedora.algorithms.fedora import RelatednessError
-from secure_fedora.algorithms.methods import FedAvg
+from secure_fedora.algorithms.methods import FedAvg, _enveloped_summaries
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.inprocess import (
     Simulation,
-    _enveloped_summaries,
     build_clients,
     build_context,
     make_method,

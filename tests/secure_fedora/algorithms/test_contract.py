@@ -1,0 +1,269 @@
+"""The method contract in use: a new method is one plug-in file, run unchanged in process with
+and without DP and envelopes; the ported methods' server halves never read client data; the
+privacy plan and the admission follow each method's declared releases."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from privacy.accounting import PrivacyBudget
+from privacy.ledger import read_ledger
+from secure_fedora.algorithms.contract import (
+    ROUND,
+    SETUP,
+    ReleaseSpec,
+    build_method,
+    method_class,
+    method_releases,
+)
+from secure_fedora.algorithms.methods import FedAvg, Fedora, Local
+from secure_fedora.core import registry
+from secure_fedora.core.config import ConfigError, parse_config
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
+from secure_fedora.secure.private import privacy_plan
+
+# A whole new method, in the one file a user writes: FedAvg with an unweighted mean and a
+# server-side step size, declared releases (the default: one DP-SGD model per round).
+TOY_METHOD = textwrap.dedent('''
+    import torch
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from secure_fedora.algorithms.methods import FederatedMethod
+    from secure_fedora.core.registry import METHODS
+
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        step: float = Field(0.5, gt=0, le=1)
+
+
+    @METHODS.register("{name}")
+    class ToyMean(FederatedMethod):
+        """Participants train from the global model; the server moves it halfway to the
+        unweighted mean of the accepted models."""
+
+        name = "{name}"
+        params = Params  # validates [baselines.{name}] when the config is read
+
+        def __init__(self, ctx, step=0.5):
+            super().__init__(ctx)
+            self.global_params = ctx.init.clone()
+            self.step = step
+
+        @classmethod
+        def from_config(cls, ctx, cfg):
+            return cls(ctx, **Params.model_validate(cfg.baselines.get("{name}", {{}})).model_dump())
+
+        def message_state(self):
+            n = self.ctx.num_clients
+            return {{"theta": self.theta}}, {{"global": self.global_params.expand(n, -1)}}
+
+        def configure(self, rnd, participants):
+            return {{i: {{"global": self.global_params}} for i in participants}}
+
+        def client_update(self, i, rnd, message):
+            self.theta[i].copy_(message["global"])
+            steps = self.ctx.train_client(i, self.theta[i])
+            return {{"theta": self.theta[i], "steps": torch.tensor(steps)}}
+
+        def aggregate(self, rnd, replies):
+            if replies:
+                mean = torch.stack([r["theta"] for r in replies.values()]).mean(0)
+                self.global_params.add_(self.step * (mean - self.global_params))
+            return {{"accepted": float(len(replies))}}
+
+        def evaluation_messages(self, rnd, clients):
+            return {{i: {{"global": self.global_params}} for i in clients}}
+
+        def client_eval_row(self, i, message=None):
+            return message["global"]
+
+        def server_state_dict(self):
+            return {{"global": self.global_params}}
+
+        def load_server_state_dict(self, state):
+            self.global_params.copy_(state["global"])
+''')
+
+SMALL = {"data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 10,
+                  "test_per_client": 10, "groups": 3},
+         "training": {"rounds": 2, "local_epochs": 1, "batch_size": 20, "lr": 0.05}}
+DP = {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "noise_multiplier": 1.0,
+      "noise": "reproducible"}
+
+
+@pytest.fixture
+def toy_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A plug-in package in ``tmp_path`` holding only the toy method's file, found through
+    the registry's drop-in package (as ``secure_fedora.contrib`` is)."""
+    package = f"contrib_{uuid.uuid4().hex[:8]}"
+    name = f"toy_{uuid.uuid4().hex[:6]}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "toy.py").write_text(TOY_METHOD.format(name=name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "CONTRIB_PACKAGE", package)
+    monkeypatch.setattr(registry, "_contrib_loaded", False)
+    try:
+        yield name
+    finally:
+        METHODS.unregister(name)
+        for mod in [m for m in sys.modules if m.startswith(package)]:
+            sys.modules.pop(mod)
+
+
+def _config(method: str, **sections: dict) -> object:
+    doc = {"methods": [method], **SMALL}
+    for key, value in sections.items():
+        doc[key] = {**doc.get(key, {}), **value}
+    return parse_config(doc)
+
+
+def test_a_new_method_is_one_file_and_runs_with_and_without_dp(tmp_path, toy_method):
+    assert method_class(toy_method).__name__ == "ToyMean"
+    with pytest.raises(ConfigError, match=f"baselines.{toy_method}: step"):
+        _config(toy_method, baselines={toy_method: {"step": 2.0}})
+    plain_cfg = _config(toy_method, baselines={toy_method: {"step": 1.0}})
+    clients = build_clients(plain_cfg)
+    sim = Simulation(plain_cfg, tmp_path / "plain", clients=clients)
+    plain = sim.run()["methods"][toy_method]
+    assert len(plain["selected"]["per_client"]) == 3
+    toy = sim.methods[toy_method]
+    # step 1.0: the global model is exactly the mean of the last round's models
+    assert torch.allclose(toy.global_params, toy.theta.mean(0))
+    assert sim.history[-1]["accepted"] == 3.0
+
+    # the same file under DP: planned from its declared releases, admitted and ledgered
+    dp_cfg = _config(toy_method, privacy=DP)
+    dp = Simulation(dp_cfg, tmp_path / "dp", clients=clients, keystore=tmp_path / "ks")
+    body = dp.run()
+    assert body["assumptions"]["differential_privacy"] is True
+    rows = body["privacy"][toy_method]["clients"]
+    assert all(0 < r["epsilon_spent"] <= 50.0 for r in rows)
+    ledger = read_ledger(tmp_path / "dp" / "ledgers" / toy_method / f"{rows[0]['client']}.jsonl")
+    releases = [e["mechanism"] for e in ledger if e["mechanism"] != "close"]
+    assert releases == ["dpsgd", "dpsgd"]  # one model release per round, nothing else
+
+    # and with signed envelopes: every download and upload is an accepted envelope
+    env = Simulation(_config(toy_method, security={"envelopes": True}), tmp_path / "env",
+                     clients=clients)
+    signed = env.run()["methods"][toy_method]
+    assert signed["selected"]["per_client"] == pytest.approx(
+        Simulation(_config(toy_method), tmp_path / "ref", clients=clients)
+        .run()["methods"][toy_method]["selected"]["per_client"], abs=1e-4)
+    stats = signed["extra"]["security"]["transport"]
+    assert stats["messages_accepted"] == 2 * 3 * 2 and stats["messages_rejected"] == 0
+
+
+class ForbiddenClients(Sequence):
+    """Client data the server half must not touch: only the number of clients is public."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):  # type: ignore[override]
+        raise AssertionError("the server half read client data")
+
+    def __iter__(self):
+        raise AssertionError("the server half read client data")
+
+
+@pytest.mark.parametrize("name", ["local", "fedavg", "fedora"])
+def test_server_half_never_reads_client_data(name):
+    cfg = _config(name, fedavg={"finetune_epochs": 1}, fedora={"k": 1})
+    clients = build_clients(cfg)
+    ctx = build_context(cfg, clients)
+    method = build_method(name, ctx, cfg)
+    setup_replies = method.client_setup_many(method.setup_messages())
+    real = ctx.clients
+    ctx.clients = ForbiddenClients(len(real))
+    method.server_setup(setup_replies)  # the server builds from the replies alone
+    if name == "fedora":
+        assert method.relatedness is not None
+    for rnd in (1, 2):
+        messages = method.configure(rnd, [0, 2])
+        ctx.clients = real
+        replies = method.client_update_many(rnd, messages)
+        ctx.clients = ForbiddenClients(len(real))
+        method.aggregate(rnd, replies)
+    method.evaluation_messages(2, range(3))
+    method.server_state_dict()
+    final = method.finalize_messages()
+    ctx.clients = real
+    final_replies = {i: method.client_finalize(i, m) for i, m in final.items()}
+    ctx.clients = ForbiddenClients(len(real))
+    results = method.server_finalize(final_replies)
+    if name == "fedavg":
+        assert len(results["finetuned_test_accuracy"]) == 3
+
+
+def test_fedavg_weights_come_from_the_replies():
+    cfg = _config("fedavg")
+    ctx = build_context(cfg, build_clients(cfg))
+    method = FedAvg(ctx)
+    rows = torch.stack([torch.full_like(ctx.init, 1.0), torch.full_like(ctx.init, 4.0)])
+    method.aggregate(1, {0: {"theta": rows[0], "num_examples": torch.tensor(30)},
+                         2: {"theta": rows[1], "num_examples": torch.tensor(10)}})
+    assert torch.allclose(method.global_params, torch.full_like(ctx.init, 1.75))
+    before = method.global_params.clone()
+    method.aggregate(2, {})  # nobody's reply accepted: the global model stays
+    assert torch.equal(method.global_params, before)
+
+
+def test_releases_drive_the_privacy_plan_and_admission(tmp_path):
+    cfg = _config("fedora", privacy=DP, fedora={"relatedness": "noised", "k": 1},
+                  data={"validation": "private"})
+    assert method_releases("fedora", cfg) == (
+        ReleaseSpec("summary", ("gaussian_summary",), SETUP),
+        ReleaseSpec("model", ("dpsgd", "gaussian_lambda"), ROUND))
+    plan = privacy_plan(cfg, "fedora", PrivacyBudget(50.0, 1e-3))
+    assert [r.mechanism for r in plan.releases] == ["dpsgd", "gaussian_summary", "gaussian_lambda"]
+    assert plan.summary_noise is not None and plan.lambda_noise is not None
+    assert method_releases("local", cfg) == (ReleaseSpec("model", ("dpsgd",), ROUND),)
+    assert [r.mechanism for r in privacy_plan(cfg, "local", PrivacyBudget(50.0, 1e-3)).releases] \
+        == ["dpsgd"]
+
+
+def test_undeclared_or_unknown_releases_are_refused(monkeypatch):
+    cfg = _config("fedavg", privacy=DP)
+
+    def anonymous(ctx, cfg):  # a factory that does not name its class
+        return FedAvg(ctx)
+
+    class Exotic(Local):
+        @classmethod
+        def releases(cls, cfg):
+            return (ReleaseSpec("model", ("dpsgd", "laplace_histogram"), ROUND),)
+
+    try:
+        METHODS.register("anon_factory", anonymous)
+        METHODS.register("exotic_release", Exotic)
+        with pytest.raises(ConfigError, match="does not name its algorithm class"):
+            privacy_plan(cfg, "anon_factory", PrivacyBudget(50.0, 1e-3))
+        with pytest.raises(ConfigError, match="'laplace_histogram'.*cannot calibrate"):
+            privacy_plan(cfg, "exotic_release", PrivacyBudget(50.0, 1e-3))
+        anonymous.algorithm = FedAvg  # naming the class is enough
+        assert privacy_plan(cfg, "anon_factory", PrivacyBudget(50.0, 1e-3)).releases
+    finally:
+        METHODS.unregister("anon_factory")
+        METHODS.unregister("exotic_release")
+
+
+def test_method_config_checks_come_from_the_method_class():
+    with pytest.raises(ConfigError, match="fedora.k = 3 must be smaller"):
+        _config("fedora", fedora={"k": 3})
+    _config("local", fedora={"k": 3})  # not FEDORA's concern when it does not run
+    with pytest.raises(ConfigError, match="releases summary information"):
+        _config("fedora", privacy=DP, fedora={"k": 1})
+    assert issubclass(method_class("fedora"), Fedora)
