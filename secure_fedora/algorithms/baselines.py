@@ -31,6 +31,7 @@ ifca       ``num_clusters``, ``selection_split``: clustered FL (Ghosh et al., Ne
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -39,7 +40,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from privacy.errors import ToolkitError
-from secure_fedora.algorithms.methods import FedAvg, FederatedMethod, MessageState, MethodContext
+from secure_fedora.algorithms.contract import Payload
+from secure_fedora.algorithms.methods import (
+    KEY_NUM_EXAMPLES,
+    KEY_STEPS,
+    FedAvg,
+    FederatedMethod,
+    MessageState,
+    MethodContext,
+    _scalar,
+)
 from secure_fedora.core.registry import METHODS
 from secure_fedora.learning.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.learning.models import init_parameters
@@ -49,7 +59,10 @@ from secure_fedora.secure.transport import (
     KIND_GLOBAL,
     KIND_MESSAGE,
     KIND_THETA,
+    ValueCheck,
 )
+
+log = logging.getLogger("secure_fedora.algorithms.baselines")
 
 __all__ = [
     "APFL",
@@ -347,28 +360,52 @@ def _load_tensor(target: Tensor, value: Any, name: str) -> None:
     target.copy_(value)
 
 
-def _train_weights(ctx: MethodContext) -> Tensor:
-    return torch.tensor([float(c.train_x.shape[0]) for c in ctx.clients])
+def _num_examples(ctx: MethodContext, i: int) -> Tensor:
+    """Client ``i``'s reply entry ``num_examples``: its training-set size (its FedAvg weight)."""
+    return _scalar(int(ctx.clients[i].train_x.shape[0]))
 
 
-def _average(weights: Tensor, rows: Tensor, participants: Sequence[int]) -> Tensor:
-    """Training-size weighted average of ``rows[participants]`` (one matrix product)."""
-    idx = torch.as_tensor(list(participants), dtype=torch.long)
-    w = weights[idx] / weights[idx].sum()
-    return w.to(rows.dtype) @ rows[idx]
+def weighted_average(replies: Mapping[int, Payload], key: str = KIND_THETA) -> Tensor:
+    """The ``num_examples``-weighted average of the replies' ``key`` rows, in reply order
+    (one matrix product; the weights are float32 as the training-set sizes always were)."""
+    ids = list(replies)
+    w = torch.tensor([float(replies[i][KEY_NUM_EXAMPLES]) for i in ids])
+    w = w / w.sum()
+    rows = torch.stack([replies[i][key] for i in ids])
+    return w.to(device=rows.device, dtype=rows.dtype) @ rows
+
+
+class _Baseline:
+    """What every baseline shares: built from ``[baselines.<name>]`` and checked against it."""
+
+    name: str
+
+    @classmethod
+    def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
+        """The baseline with the config's ``[baselines.<name>]`` hyper-parameters (defaults
+        for missing keys) and ``data.validation``."""
+        return make_baseline(cls.name, ctx, cfg.baselines.get(cls.name),
+                             validation=cfg.data.validation)
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise :class:`BaselineConfigError` naming the key when ``[baselines.<name>]`` has an
+        unknown key or a bad value."""
+        validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
 
 
 # --------------------------------------------------------------------------- FedProx
 
 
-class FedProx(FedAvg):
+class FedProx(_Baseline, FedAvg):
     """FedProx (Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, MLSys 2020, "Federated
     Optimization in Heterogeneous Networks").
 
     As FedAvg, but each participant minimizes ``F_i(w) + mu/2 ||w - w_global||^2`` starting
     from the global model: the gradient term ``mu (w - w_global)`` is added to every local
     step (it then passes through momentum and weight decay like the data gradient). The server
-    averages by training-set size. Evaluated as the global model (no fine-tuning).
+    averages by training-set size (each reply's ``num_examples``). Evaluated as the global
+    model (no fine-tuning). Server half: FedAvg's; client state: its row of ``theta``.
     """
 
     name = "fedprox"
@@ -378,25 +415,73 @@ class FedProx(FedAvg):
         self.mu = mu
         self.prox = ProximalGradient(ctx.oracle, mu)
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Local proximal training from the (received) global model, then weighted averaging
-        of the accepted uploads."""
-        steps = 0
-        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
-        for i in participants:
-            self.theta[i].copy_(held[i])
-            self.prox.target(self.theta[i], held[i])
-            steps += _train_with(self.ctx, self.prox, i, self.theta[i])
-        accepted = self.upload_rows(rnd, self.theta, participants)
-        if accepted:
-            self.global_params.copy_(_average(self.weights, self.theta, accepted))
-        return {"steps": float(steps)}
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Proximal local training from the received global model; reply the model, the
+        training-set size and the steps."""
+        w = message[KIND_GLOBAL]
+        self.theta[i].copy_(w)
+        self.prox.target(self.theta[i], w)
+        steps = _train_with(self.ctx, self.prox, i, self.theta[i])
+        return {KIND_THETA: self.theta[i], KEY_NUM_EXAMPLES: _num_examples(self.ctx, i),
+                KEY_STEPS: _scalar(steps)}
 
 
-# --------------------------------------------------------------------------- Ditto
+# --------------------------------------------------------------------------- Ditto and APFL
 
 
-class Ditto(FederatedMethod):
+class _GlobalModelMethod(_Baseline, FederatedMethod):
+    """The server half Ditto and APFL share with FedAvg: the server holds the global model
+    ``w``, sends it to each participant, and replaces it by the ``num_examples``-weighted
+    average of the accepted uploaded copies (unchanged when none was accepted).
+
+    Client side (in process): ``theta[i]`` is client ``i``'s personal model and ``uploads[i]``
+    its buffer for the trained copy of ``w`` it sends (not state: rewritten every round).
+    """
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.global_params = ctx.init.clone()
+        self.uploads = self.theta.clone()
+
+    def message_state(self) -> MessageState | None:
+        """Uploads: the trained copies of the global model; downloads: the global model."""
+        n = self.ctx.num_clients
+        return {KIND_THETA: self.uploads}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
+
+    def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
+        """Every participant receives the global model."""
+        return {i: {KIND_GLOBAL: self.global_params} for i in participants}
+
+    def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """The global model becomes the weighted average of the accepted copies."""
+        if replies:
+            self.global_params.copy_(weighted_average(replies))
+        return {}
+
+    def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """Each evaluated client receives the current global model."""
+        return {i: {KIND_GLOBAL: self.global_params} for i in clients}
+
+    def server_state_dict(self) -> dict[str, Any]:
+        """The global model."""
+        return {"global": self.global_params}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the global model (shape and finiteness checked)."""
+        _load_tensor(self.global_params, state.get("global"), "global")
+
+    def _train_global_copy(self, i: int, w: Tensor) -> int:
+        """Client ``i`` trains a copy of the received ``w`` into ``uploads[i]`` with the
+        context's oracle (under DP: the round's DP-SGD model release)."""
+        self.uploads[i].copy_(w)
+        return self.ctx.train_client(i, self.uploads[i])
+
+    def _reply(self, i: int, steps: int) -> Payload:
+        return {KIND_THETA: self.uploads[i], KEY_NUM_EXAMPLES: _num_examples(self.ctx, i),
+                KEY_STEPS: _scalar(steps)}
+
+
+class Ditto(_GlobalModelMethod):
     """Ditto (Li, Hu, Beirami, Smith, ICML 2021, "Ditto: Fair and Robust Federated Learning
     Through Personalization").
 
@@ -406,7 +491,7 @@ class Ditto(FederatedMethod):
     it received this round. Only the copy of ``w`` is uploaded, and it does not depend on
     ``v_i``. Under DP the copy's local run is the round's model release (DP-SGD); ``v_i`` never
     leaves the client, so, like Local, it trains without noise (:func:`personal_oracle`).
-    Evaluated on ``v_i``.
+    Evaluated on ``v_i``. Client state: ``v_i`` (its row of ``theta``); server state: ``w``.
     """
 
     name = "ditto"
@@ -414,44 +499,19 @@ class Ditto(FederatedMethod):
     def __init__(self, ctx: MethodContext, lam: float = 0.1) -> None:
         super().__init__(ctx)
         self.lam = lam
-        self.global_params = ctx.init.clone()
-        self.uploads = self.theta.clone()
-        self.weights = _train_weights(ctx)
         self.prox = ProximalGradient(personal_oracle(ctx), lam)
 
-    def message_state(self) -> MessageState | None:
-        """Uploads: the trained copies of the global model; downloads: the global model."""
-        n = self.ctx.num_clients
-        return {KIND_THETA: self.uploads}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
-
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Global copy trained plainly, personal model proximally toward the received global
-        model; the server averages the accepted copies."""
-        ctx = self.ctx
-        steps = 0
-        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
-        for i in participants:
-            self.uploads[i].copy_(held[i])
-            steps += ctx.train_client(i, self.uploads[i])
-            self.prox.target(self.theta[i], held[i])
-            steps += _train_with(ctx, self.prox, i, self.theta[i])
-        accepted = self.upload_rows(rnd, self.uploads, participants)
-        if accepted:
-            self.global_params.copy_(_average(self.weights, self.uploads, accepted))
-        return {"steps": float(steps)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta, "global": self.global_params}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        _load_tensor(self.global_params, state.get("global"), "global")
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Train a copy of the received global model (the upload), then the personal model
+        proximally toward the received global model."""
+        w = message[KIND_GLOBAL]
+        steps = self._train_global_copy(i, w)
+        self.prox.target(self.theta[i], w)
+        steps += _train_with(self.ctx, self.prox, i, self.theta[i])
+        return self._reply(i, steps)
 
 
-# --------------------------------------------------------------------------- APFL
-
-
-class APFL(FederatedMethod):
+class APFL(_GlobalModelMethod):
     """APFL (Deng, Kamani, Mahdavi, 2020, "Adaptive Personalized Federated Learning",
     arXiv:2003.13461).
 
@@ -463,8 +523,10 @@ class APFL(FederatedMethod):
     The two local runs happen one after the other rather than interleaved step by step as in
     the paper's Algorithm 1, so the uploaded copy is one ordinary oracle run that does not
     depend on ``v_i`` (under DP: the round's model release, DP-SGD); ``v_i`` and ``alpha_i``
-    never leave the client, so, like Local, ``v_i`` trains without noise
-    (:func:`personal_oracle`). Evaluated on the mixture with the current global model.
+    never leave the client during training, so, like Local, ``v_i`` trains without noise
+    (:func:`personal_oracle`). Evaluated on the mixture with the current global model (the
+    evaluation message). Client state: ``v_i`` and ``alpha_i``; server state: ``w``. The
+    finalize exchange reports every ``alpha_i`` (results ``alpha``, as before the contract).
     """
 
     name = "apfl"
@@ -474,60 +536,68 @@ class APFL(FederatedMethod):
         super().__init__(ctx)
         if not 0.0 <= alpha <= 1.0:
             raise BaselineConfigError(f"baselines.apfl.alpha must lie in [0, 1]; got {alpha}")
-        self.global_params = ctx.init.clone()
-        self.uploads = self.theta.clone()
+        # client side: alpha_i of every client (in process), float64 as always
         self.alpha = torch.full((ctx.num_clients,), float(alpha), dtype=torch.float64)
-        self.weights = _train_weights(ctx)
         lr = ctx.train.lr if alpha_lr is None else alpha_lr
         self.mix = MixtureGradient(personal_oracle(ctx), ctx.flat.num_params, adaptive, lr)
-        self.mixed = torch.empty_like(self.theta)
-        self._refresh_mixture()
 
-    def _refresh_mixture(self) -> None:
-        a = self.alpha.to(self.theta.dtype)
-        self.mixed.copy_(self.theta).mul_(a.unsqueeze(1))
-        self.mixed.addr_(1.0 - a, self.global_params)
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Train a copy of the received global model (the upload), then ``v_i`` through the
+        mixture with it, updating ``alpha_i``."""
+        w = message[KIND_GLOBAL]
+        steps = self._train_global_copy(i, w)
+        self.mix.target(self.theta[i], w, float(self.alpha[i]))
+        steps += _train_with(self.ctx, self.mix, i, self.theta[i])
+        self.alpha[i] = self.mix.alpha
+        return self._reply(i, steps)
 
-    def message_state(self) -> MessageState | None:
-        """Uploads: the trained copies of the global model; downloads: the global model."""
-        n = self.ctx.num_clients
-        return {KIND_THETA: self.uploads}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
+    def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
+        """Client ``i``'s personalized model ``alpha_i v_i + (1 - alpha_i) w`` with the
+        received global model ``w`` (a new tensor)."""
+        if message is None or KIND_GLOBAL not in message:
+            raise BaselineConfigError("APFL evaluates the mixture with the global model; the "
+                                      "evaluation message must carry it")
+        a = self.alpha[i:i + 1].to(self.theta.dtype)
+        row = self.theta[i:i + 1].clone().mul_(a.unsqueeze(1))
+        row.addr_(1.0 - a, message[KIND_GLOBAL])
+        return row[0]
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Global copy trained plainly, local model through the mixture with the received
-        global model; the server averages the accepted copies."""
-        ctx = self.ctx
-        steps = 0
-        held = self.download_rows(rnd, {i: self.global_params for i in participants}, kind=KIND_GLOBAL)
-        for i in participants:
-            self.uploads[i].copy_(held[i])
-            steps += ctx.train_client(i, self.uploads[i])
-            self.mix.target(self.theta[i], held[i], float(self.alpha[i]))
-            steps += _train_with(ctx, self.mix, i, self.theta[i])
-            self.alpha[i] = self.mix.alpha
-        accepted = self.upload_rows(rnd, self.uploads, participants)
-        if accepted:
-            self.global_params.copy_(_average(self.weights, self.uploads, accepted))
-        self._refresh_mixture()
-        return {"steps": float(steps), "mean_alpha": float(self.alpha.mean())}
+    def client_state_dict(self, i: int) -> Payload:
+        """``v_i`` (``theta``) and ``alpha_i`` (a float64 scalar)."""
+        return {KIND_THETA: self.theta[i], "alpha": self.alpha[i]}
 
-    def eval_row(self, i: int) -> Tensor:
-        """Client ``i``'s personalized model: ``alpha_i v_i + (1 - alpha_i) w``."""
-        return self.mixed[i]
+    def load_client_state_dict(self, i: int, state: Payload) -> None:
+        """Restore ``v_i`` and ``alpha_i`` (shape, finiteness and ``alpha`` in [0, 1] checked)."""
+        alpha = state.get("alpha")
+        if not isinstance(alpha, Tensor) or alpha.numel() != 1 or not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"client state field 'alpha' of client {i} must be a scalar in [0, 1]")
+        super().load_client_state_dict(i, state)
+        self.alpha[i] = float(alpha)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta, "global": self.global_params, "alpha": self.alpha}
+        """The in-process checkpoint: ``theta``, ``global`` and every ``alpha_i``."""
+        return {**super().state_dict(), "alpha": self.alpha}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (``alpha`` outside [0, 1] is refused)."""
         super().load_state_dict(state)
-        _load_tensor(self.global_params, state.get("global"), "global")
-        _load_tensor(self.alpha, state.get("alpha"), "alpha")
-        if ((self.alpha < 0) | (self.alpha > 1)).any():
+        alpha = self.alpha.clone()
+        _load_tensor(alpha, state.get("alpha"), "alpha")
+        if ((alpha < 0) | (alpha > 1)).any():
             raise ValueError("checkpoint field 'alpha' has values outside [0, 1]")
-        self._refresh_mixture()
+        self.alpha.copy_(alpha)
 
-    def extra_results(self) -> dict[str, Any]:
-        return self._with_security({"alpha": [round(float(a), 6) for a in self.alpha]})
+    def finalize_messages(self) -> dict[int, Payload]:
+        """Every client is asked for its mixing weight (an empty message)."""
+        return {i: {} for i in range(self.ctx.num_clients)}
+
+    def client_finalize(self, i: int, message: Payload) -> Payload:
+        """Client ``i``'s ``alpha_i``."""
+        return {"alpha": self.alpha[i].clone()}
+
+    def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
+        """``alpha``: the clients' mixing weights in client order (6 decimals)."""
+        return {"alpha": [round(float(replies[i]["alpha"]), 6) for i in sorted(replies)]}
 
 
 # --------------------------------------------------------------------------- FedAMP
@@ -557,16 +627,18 @@ def attention_weights(theta: Tensor, sigma: float, self_weight: float) -> Tensor
     return xi
 
 
-class FedAMP(FederatedMethod):
+class FedAMP(_Baseline, FederatedMethod):
     """FedAMP (Huang, Chu, Zhou, Wang, Liu, Pei, Zhang, AAAI 2021, "Personalized Cross-Silo
     Federated Learning on Non-IID Data"), in its heuristic form (HeurFedAMP) with cosine
     similarity.
 
-    The server holds every client's last uploaded model ``w_j`` and sends client ``i`` its
-    message ``u_i = sum_j xi_ij w_j`` (:func:`attention_weights`: clients with more similar
-    parameters weigh more). Each participant trains its own ``w_i`` on
-    ``F_i(w) + lam/2 ||w - u_i||^2`` (``lam`` is the paper's ``lambda / alpha_k``) and uploads
-    it. Evaluated on ``w_i``.
+    The server holds every client's last accepted uploaded model ``w_j`` (``models``; the
+    initialization before a client's first upload) and sends client ``i`` its message
+    ``u_i = sum_j xi_ij w_j`` (:func:`attention_weights`: clients with more similar parameters
+    weigh more). Each participant trains its own ``w_i`` on ``F_i(w) + lam/2 ||w - u_i||^2``
+    (``lam`` is the paper's ``lambda / alpha_k``) and uploads it. Evaluated on ``w_i``.
+    Client state: ``w_i`` (its row of ``theta``); server state: ``models``. A rejected upload
+    leaves the server's row unchanged; the client keeps the model it trained.
     """
 
     name = "fedamp"
@@ -577,47 +649,65 @@ class FedAMP(FederatedMethod):
         if ctx.num_clients < 2:
             raise BaselineConfigError("FedAMP needs at least two clients")
         self.sigma, self.self_weight, self.lam = sigma, self_weight, lam
-        self.messages = self.theta.clone()
+        self.models = self.theta.clone()  # server: each client's last accepted upload
+        self.messages = self.theta.clone()  # server: u = xi @ models
         self.xi = torch.eye(ctx.num_clients, dtype=torch.float64)
         self.prox = ProximalGradient(ctx.oracle, lam)
 
     def compute_messages(self) -> None:
-        """Server step: ``xi`` from the current uploads and ``u = xi @ w`` (one product)."""
-        self.xi = attention_weights(self.theta, self.sigma, self.self_weight)
-        torch.matmul(self.xi.to(self.theta.dtype), self.theta, out=self.messages)
+        """Server step: ``xi`` from the held uploads and ``u = xi @ w`` (one product)."""
+        self.xi = attention_weights(self.models, self.sigma, self.self_weight)
+        torch.matmul(self.xi.to(self.models.dtype), self.models, out=self.messages)
 
     def message_state(self) -> MessageState | None:
-        """Uploads: the models ``w_i``; downloads: the messages ``u_i``."""
-        return {KIND_THETA: self.theta}, {KIND_MESSAGE: self.messages}
+        """Uploads: the server's copies ``w_i``; downloads: the messages ``u_i``."""
+        return {KIND_THETA: self.models}, {KIND_MESSAGE: self.messages}
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Messages from the last accepted uploads, sent to the participants; proximal local
-        training toward the received message; the participants upload their models."""
+    def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
+        """Messages from the last accepted uploads; participant ``i`` receives ``u_i``."""
         self.compute_messages()
-        steps = 0
-        held = self.download_rows(rnd, {i: self.messages[i] for i in participants}, kind=KIND_MESSAGE)
-        for i in participants:
-            self.prox.target(self.theta[i], held[i])
-            steps += _train_with(self.ctx, self.prox, i, self.theta[i])
-        self.upload_rows(rnd, self.theta, participants)
+        return {i: {KIND_MESSAGE: self.messages[i]} for i in participants}
+
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Proximal local training of ``w_i`` toward the received message; reply ``w_i``."""
+        self.prox.target(self.theta[i], message[KIND_MESSAGE])
+        steps = _train_with(self.ctx, self.prox, i, self.theta[i])
+        return {KIND_THETA: self.theta[i], KEY_STEPS: _scalar(steps)}
+
+    def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """The accepted uploads replace the server's copies; reports the largest weight a
+        client's message put on another client."""
+        for i, reply in replies.items():
+            self.models[i].copy_(reply[KIND_THETA])
         off = self.xi.clone().fill_diagonal_(0.0)
-        return {"steps": float(steps), "max_neighbour_weight": float(off.max())}
+        return {"max_neighbour_weight": float(off.max())}
+
+    def server_state_dict(self) -> dict[str, Any]:
+        """The server's copies of the uploaded models."""
+        return {"models": self.models}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the server's copies (shape and finiteness checked)."""
+        _load_tensor(self.models, state.get("models"), "models")
 
 
 # --------------------------------------------------------------------------- IFCA
 
 
-class IFCA(FederatedMethod):
+class IFCA(_Baseline, FederatedMethod):
     """IFCA (Ghosh, Chung, Yin, Ramchandran, NeurIPS 2020, "An Efficient Framework for
     Clustered Federated Learning").
 
     The server keeps ``K`` cluster models (rows of a K x P matrix; model 0 is the common
     initialization, models 1..K-1 fresh default initializations drawn from a seed derived
-    from it, so they change with the experiment seed). Each client picks the cluster model
-    with the lowest loss on its ``selection_split`` (ties: lowest index), trains it locally and
-    uploads it; the server replaces each cluster model by the training-size weighted average
-    of the uploads assigned to it (clusters nobody picked are unchanged). Evaluated on the
-    cluster model the client would pick now (choices are refreshed after every round).
+    from it, so they change with the experiment seed) and sends all of them to each
+    participant. The client picks the cluster model with the lowest loss on its
+    ``selection_split`` (ties: lowest index), trains it locally and replies the model with its
+    cluster index; the server replaces each cluster model by the ``num_examples``-weighted
+    average of the accepted uploads assigned to it (clusters nobody picked are unchanged).
+    Evaluated on the cluster model the client picks from the current ones (the evaluation
+    message carries them); the finalize exchange reports every client's final choice
+    (results ``assignment``). A client holds no state between messages.
 
     The cluster choice is a release (the server learns it) computed from the selection split,
     and no accountant covers it. So ``selection_split="train"`` is refused with a non-plain
@@ -638,127 +728,185 @@ class IFCA(FederatedMethod):
                 f"baselines.ifca.selection_split must be 'train' or 'val'; got {selection_split!r}"
             )
         if selection_split == "train" and not isinstance(unwrap_oracle(ctx.oracle), PlainGradient):
-            raise BaselineConfigError(
-                "baselines.ifca.selection_split='train' picks clusters by training loss, an "
-                "unaccounted release under a private oracle; use selection_split='val' "
-                "(validation data is declared public)"
-            )
+            raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
         if selection_split == "val" and validation != "public":
-            raise BaselineConfigError(
-                "baselines.ifca.selection_split='val' picks clusters by validation loss, but "
-                "data.validation is 'private'; no accounted cluster choice exists"
-            )
+            raise BaselineConfigError(_IFCA_VAL_PRIVATE)
         self.num_clusters = num_clusters
         self.selection_split = selection_split
         self.clusters = self._initial_clusters(num_clusters)
+        # server: the cluster each client chose in its latest accepted reply (-1: none yet)
         self.assignment = torch.full((ctx.num_clients,), -1, dtype=torch.long)
-        self.weights = _train_weights(ctx)
+        # client side: the buffers of the choice uploads, (N, 1) floats as on the wire
+        self.choices = torch.zeros(ctx.num_clients, 1, dtype=self.theta.dtype)
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Also refuse the cluster choices no accountant covers: by training loss under DP,
+        by validation loss when validation data is private."""
+        super().check_config(cfg)
+        params = validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
+        if params["selection_split"] == "train" and cfg.privacy.enabled:
+            raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
+        if params["selection_split"] == "val" and cfg.data.validation != "public":
+            raise BaselineConfigError(_IFCA_VAL_PRIVATE)
 
     def _initial_clusters(self, k: int) -> Tensor:
         ctx = self.ctx
         clusters = ctx.init.unsqueeze(0).repeat(k, 1)
-        digest = hashlib.sha256(ctx.init.numpy().tobytes()).digest()
+        digest = hashlib.sha256(ctx.init.cpu().numpy().tobytes()).digest()
         base = int.from_bytes(digest[:7], "big")
         for c in range(1, k):
             module = ctx.flat.bind(clusters[c])
             init_parameters(module, torch.Generator().manual_seed(base + c))
         return clusters
 
-    def setup(self) -> None:
-        if (self.assignment < 0).any():
-            self.assign_all()
-
-    def select(self, i: int) -> int:
-        """The cluster with the lowest loss on client ``i``'s selection split."""
+    # -- client half
+    def choose(self, i: int, clusters: Tensor) -> int:
+        """Client ``i``: the index of the cluster model in ``clusters`` (K x P) with the lowest
+        loss on its selection split (ties: the lowest index)."""
+        if clusters.dim() != 2 or clusters.shape[0] != self.num_clusters:
+            raise BaselineConfigError(
+                f"IFCA expects {self.num_clusters} cluster models, got shape {tuple(clusters.shape)}")
         c = self.ctx.clients[i]
         x, y = (c.train_x, c.train_y) if self.selection_split == "train" else (c.val_x, c.val_y)
         losses = torch.tensor(
-            [evaluate(self.ctx.flat, self.clusters[k], x, y).loss for k in range(self.num_clusters)]
+            [evaluate(self.ctx.flat, clusters[k], x, y).loss for k in range(self.num_clusters)]
         )
         return int(torch.argmin(losses))
 
-    def assign_all(self) -> None:
-        """Refresh every client's cluster choice against the current cluster models."""
-        for i in range(self.ctx.num_clients):
-            self.assignment[i] = self.select(i)
+    def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Pick a cluster model from the received ones, train a copy; reply it with the
+        cluster index, the training-set size and the steps."""
+        clusters = message[KIND_CLUSTERS]
+        k = self.choose(i, clusters)
+        self.theta[i].copy_(clusters[k])
+        steps = self.ctx.train_client(i, self.theta[i])
+        self.choices[i, 0] = k
+        return {KIND_THETA: self.theta[i], KIND_CLUSTER_CHOICE: self.choices[i],
+                KEY_NUM_EXAMPLES: _num_examples(self.ctx, i), KEY_STEPS: _scalar(steps)}
 
-    def message_state(self) -> MessageState | None:
-        """Uploads: model rows and cluster choices (as an (N, 1) float matrix); the K cluster
-        models a participant downloads are not tracked (a client that rejects them sits the
-        round out rather than keep K stale models)."""
-        return {KIND_THETA: self.theta, KIND_CLUSTER_CHOICE: self._choices()}, {}
+    def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
+        """The received cluster model client ``i`` picks."""
+        if message is None or KIND_CLUSTERS not in message:
+            raise BaselineConfigError("IFCA evaluates a client on the cluster model it picks; "
+                                      "the evaluation message must carry the cluster models")
+        clusters = message[KIND_CLUSTERS]
+        return clusters[self.choose(i, clusters)]
 
-    def _choices(self) -> Tensor:
-        return self.assignment.to(self.theta.dtype).unsqueeze(1)
+    def client_finalize(self, i: int, message: Payload) -> Payload:
+        """Client ``i``'s choice among the final cluster models."""
+        return {KIND_CLUSTER_CHOICE: torch.tensor([float(self.choose(i, message[KIND_CLUSTERS]))],
+                                                  dtype=self.theta.dtype)}
+
+    def client_state_dict(self, i: int) -> Payload:
+        """Nothing: a client's choice and trained copy are recomputed from each message."""
+        return {}
+
+    def load_client_state_dict(self, i: int, state: Payload) -> None:
+        """An IFCA client has no state; anything else is refused."""
+        if state:
+            raise ValueError(f"IFCA client state must be empty, got fields {sorted(state)}")
+
+    # -- server half
+    def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
+        """Every participant receives the K cluster models."""
+        return {i: {KIND_CLUSTERS: self.clusters} for i in participants}
+
+    def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """Each evaluated client receives the K cluster models."""
+        return {i: {KIND_CLUSTERS: self.clusters} for i in clients}
+
+    def finalize_messages(self) -> dict[int, Payload]:
+        """Every client receives the final cluster models, to report its choice."""
+        return {i: {KIND_CLUSTERS: self.clusters} for i in range(self.ctx.num_clients)}
 
     def _check_choice(self, value: Tensor) -> str | None:
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            return "a cluster choice must be one number"
         k = float(value.reshape(-1)[0])
         if k != int(k) or not 0 <= k < self.num_clusters:
             return f"cluster index {k:g} is not an integer in [0, {self.num_clusters})"
         return None
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
-        """Participants receive the K cluster models, train the one they chose and upload it
-        with their cluster index; the server averages the accepted uploads cluster by cluster
-        (using the received indices). A participant that rejects the cluster models, or
-        whose model or index upload is rejected, is left out of the round's averages."""
-        if (self.assignment < 0).any():
-            raise BaselineConfigError("IFCA.setup() must run before the first round")
-        steps = 0
-        held = self.download_rows(rnd, {i: self.clusters for i in participants}, kind=KIND_CLUSTERS)
-        active = [i for i in participants if i in held]
-        for i in active:
-            # the choice assign_all made against these very cluster models
-            self.theta[i].copy_(held[i][int(self.assignment[i])])
-            steps += self.ctx.train_client(i, self.theta[i])
-        del held
-        choices = self._choices()
-        with_model = set(self.upload_rows(rnd, self.theta, active))
-        with_choice = set(self.upload_rows(rnd, choices, active, kind=KIND_CLUSTER_CHOICE,
-                                           check=self._check_choice))
-        accepted = [i for i in active if i in with_model and i in with_choice]
-        if accepted:
-            idx = torch.as_tensor(accepted, dtype=torch.long)
-            member = torch.zeros(self.num_clusters, len(idx), dtype=self.theta.dtype)
-            member[choices[idx, 0].long(), torch.arange(len(idx))] = self.weights[idx]
+    def _valid_choices(self, replies: Mapping[int, Payload]) -> dict[int, int]:
+        """The replies' cluster indices; a reply without a valid one is left out (logged)."""
+        out = {}
+        for i, reply in replies.items():
+            problem = self._check_choice(reply.get(KIND_CLUSTER_CHOICE))
+            if problem is None:
+                out[i] = int(float(reply[KIND_CLUSTER_CHOICE].reshape(-1)[0]))
+            else:
+                log.warning("ifca: reply of client %d left out: %s", i, problem)
+        return out
+
+    def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
+        """Each cluster model becomes the weighted average of the accepted uploads that chose
+        it (clusters nobody chose are unchanged); reports how many clusters were chosen."""
+        choices = self._valid_choices(replies)
+        if choices:
+            ids = list(choices)
+            chosen = torch.as_tensor([choices[i] for i in ids], dtype=torch.long)
+            weights = torch.tensor([float(replies[i][KEY_NUM_EXAMPLES]) for i in ids])
+            rows = torch.stack([replies[i][KIND_THETA] for i in ids])
+            member = torch.zeros(self.num_clusters, len(ids), dtype=rows.dtype)
+            member[chosen, torch.arange(len(ids))] = weights.to(rows.dtype)
             totals = member.sum(dim=1)
             used = totals > 0
-            self.clusters[used] = (member[used] / totals[used].unsqueeze(1)) @ self.theta[idx]
-        self.assign_all()
-        sizes = torch.bincount(self.assignment, minlength=self.num_clusters)
-        return {"steps": float(steps), "clusters_used": float((sizes > 0).sum())}
+            self.clusters[used] = (member[used] / totals[used].unsqueeze(1)).to(rows.device) @ rows
+            self.assignment[torch.as_tensor(ids, dtype=torch.long)] = chosen
+        return {"clusters_used": float(len(set(choices.values())))}
 
-    def eval_row(self, i: int) -> Tensor:
-        """The cluster model client ``i`` currently picks."""
-        return self.clusters[int(self.assignment[i])]
+    def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
+        """``assignment``: every client's final choice, in client order (a client whose reply
+        is missing keeps the choice of its latest accepted round reply, -1 if none)."""
+        for i, k in self._valid_choices(replies).items():
+            self.assignment[i] = k
+        return {"assignment": self.assignment.tolist()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta, "clusters": self.clusters, "assignment": self.assignment}
+    def message_state(self) -> MessageState | None:
+        """Uploads: model rows and cluster choices (an (N, 1) float matrix); the K cluster
+        models a participant downloads are not tracked (a client that rejects them sits the
+        round out rather than keep K stale models)."""
+        return {KIND_THETA: self.theta, KIND_CLUSTER_CHOICE: self.choices}, {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def _exchanged_untracked(self, kind: str) -> bool:
+        """The cluster models travel as signed envelopes although no client keeps a copy."""
+        return kind == KIND_CLUSTERS
+
+    def upload_rows(self, rnd: int, matrix: Tensor, participants: Sequence[int], *,
+                    kind: str = KIND_THETA, check: ValueCheck | None = None) -> list[int]:
+        """The base exchange, with every cluster-choice upload checked to be an index in
+        ``[0, K)`` (an invalid one is a rejected upload)."""
+        if kind == KIND_CLUSTER_CHOICE and check is None:
+            check = self._check_choice
+        return super().upload_rows(rnd, matrix, participants, kind=kind, check=check)
+
+    def server_state_dict(self) -> dict[str, Any]:
+        """The cluster models and the clients' latest reported choices."""
+        return {"clusters": self.clusters, "assignment": self.assignment}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`server_state_dict` (choices outside -1..K-1 are refused)."""
         _load_tensor(self.clusters, state.get("clusters"), "clusters")
         assignment = state.get("assignment")
+        if isinstance(assignment, Tensor) and (
+                (assignment < -1) | (assignment >= self.num_clusters)).any():
+            raise ValueError(
+                f"checkpoint field 'assignment' has clusters outside -1..{self.num_clusters - 1}")
         _load_tensor(self.assignment, assignment, "assignment")
-        if ((self.assignment < 0) | (self.assignment >= self.num_clusters)).any():
-            raise ValueError(f"checkpoint field 'assignment' has clusters outside 0..{self.num_clusters - 1}")
 
-    def extra_results(self) -> dict[str, Any]:
-        return self._with_security({"assignment": self.assignment.tolist()})
+
+_IFCA_TRAIN_UNDER_DP = (
+    "baselines.ifca.selection_split='train' picks clusters by training loss, an unaccounted "
+    "release under a private oracle; use selection_split='val' (validation data is declared "
+    "public)")
+_IFCA_VAL_PRIVATE = (
+    "baselines.ifca.selection_split='val' picks clusters by validation loss, but "
+    "data.validation is 'private'; no accounted cluster choice exists")
 
 
 # --------------------------------------------------------------------------- registry
 
 
-def _register(name: str) -> None:
-    def build(ctx: MethodContext, cfg: Any) -> FederatedMethod:
-        return make_baseline(name, ctx, cfg.baselines.get(name), validation=cfg.data.validation)
-
-    # the class whose releases(cfg) the privacy plan reads (see algorithms/contract.py)
-    build.algorithm = {"fedprox": FedProx, "ditto": Ditto, "apfl": APFL,  # type: ignore[attr-defined]
-                       "fedamp": FedAMP, "ifca": IFCA}[name]
-    METHODS.register(name, build)
-
-
-for _name in BASELINE_NAMES:
-    _register(_name)
+for _cls in (FedProx, Ditto, APFL, FedAMP, IFCA):
+    METHODS.register(_cls.name, _cls)

@@ -246,26 +246,31 @@ def test_ifca_clients_pick_lowest_loss_cluster_and_average_within_it(clients, ct
     method.clusters[2].zero_()
     n = ctx.flat.num_params
     method.clusters[2][n - 10] = 50.0
-    method.setup()
-    for i in ALL:
+    chosen = []
+    for i in ALL:  # each client's half picks against the cluster models it receives
         losses = []
         for k in range(3):
             model = ctx.flat.bind(method.clusters[k])
             with torch.no_grad():
                 losses.append(float(F.cross_entropy(model(clients[i].train_x), clients[i].train_y)))
-        assert int(method.assignment[i]) == min(range(3), key=losses.__getitem__)
-        assert int(method.assignment[i]) != 2
+        chosen.append(method.choose(i, method.clusters))
+        assert chosen[i] == min(range(3), key=losses.__getitem__)
+        assert chosen[i] != 2
+    assert (method.assignment == -1).all()  # the server knows no choice before any reply
     before = method.clusters.clone()
-    chosen = method.assignment.clone()
-    method.train_round(1, ALL)
+    stats = method.train_round(1, ALL)
+    assert method.assignment.tolist() == chosen  # learnt from the replies
+    assert stats["clusters_used"] == len(set(chosen))
     assert torch.equal(method.clusters[2], before[2])  # nobody picked it: unchanged
     for k in (0, 1):
-        members = [i for i in ALL if int(chosen[i]) == k]
+        members = [i for i in ALL if chosen[i] == k]
         if members:
             assert torch.allclose(method.clusters[k], method.theta[members].mean(dim=0), atol=1e-6)
         else:
             assert torch.equal(method.clusters[k], before[k])
-    assert torch.equal(method.eval_row(0), method.clusters[int(method.assignment[0])])
+    now = method.choose(0, method.clusters)
+    assert torch.equal(method.eval_row(0), method.clusters[now])
+    assert method.extra_results() == {"assignment": [method.choose(i, method.clusters) for i in ALL]}
 
 
 def test_ifca_refuses_training_loss_selection_under_a_private_oracle(clients):
@@ -274,7 +279,7 @@ def test_ifca_refuses_training_loss_selection_under_a_private_oracle(clients):
     with pytest.raises(BaselineConfigError, match="selection_split='val'"):
         IFCA(private, num_clusters=2, selection_split="train")
     method = IFCA(private, num_clusters=2, selection_split="val")
-    method.setup()
+    method.train_round(1, ALL)
     assert all(0 <= k < 2 for k in method.assignment.tolist())
     # a baseline wrapper around the plain oracle is still plain
     wrapped = build_context(tiny(), clients, oracle=ProximalGradient(PlainGradient(16), 0.0))
@@ -296,7 +301,7 @@ class _Private:
 
 def test_checkpoint_fields_are_validated(ctx):
     method = IFCA(ctx, num_clusters=2)
-    method.setup()
+    method.train_round(1, ALL)
     state = {k: v.clone() for k, v in method.state_dict().items()}
     state["assignment"][0] = 7
     with pytest.raises(ValueError, match="assignment"):

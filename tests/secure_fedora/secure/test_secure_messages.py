@@ -365,9 +365,13 @@ def test_rejected_fedamp_upload_keeps_the_servers_row(tmp_path, tiny_clients):
     method = _exchange_for(make_method("fedamp", build_context(cfg, tiny_clients), cfg),
                            tmp_path, _tamper("theta", 3))
     method.train_round(1, [0, 3])
-    assert torch.equal(method.theta[3], method.ctx.init)
-    assert not torch.equal(method.theta[0], method.ctx.init)
-    assert torch.equal(method.exchange.server_theta, method.theta)
+    # the server keeps its last accepted row; client 3 keeps the model it trained (a client
+    # does not learn that its upload was rejected, as in a deployment)
+    assert torch.equal(method.models[3], method.ctx.init)
+    assert not torch.equal(method.theta[3], method.ctx.init)
+    assert torch.equal(method.models[0], method.theta[0])
+    assert not torch.equal(method.models[0], method.ctx.init)
+    assert torch.equal(method.exchange.server_theta, method.models)
 
 
 def test_ifca_rejections_leave_the_client_out_of_the_cluster_averages(tmp_path, tiny_clients, caplog):
