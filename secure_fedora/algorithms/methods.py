@@ -636,8 +636,10 @@ class Fedora(FederatedMethod):
 
     def client_setup(self, i: int, message: Payload) -> Payload:
         """Client ``i``'s summary ``U_i`` (d x q) of its training data, in the clear."""
-        if "noised" in self._relatedness_mode:
-            return self.client_setup_many({i: message})[i]
+        if "noised" in self._relatedness_mode:  # accounted through client i's own gate
+            ctx = self.ctx
+            return {KIND_SUMMARY: ctx.privacy.noised_summary(i, ctx.clients[i], self.q,
+                                                             ctx.num_classes, ctx.noise[i])}
         c = self.ctx.clients[i]
         x, y = (c.train_x.cpu(), c.train_y.cpu()) if self._blockwise_plain() else (c.train_x, c.train_y)
         return {KIND_SUMMARY: fedora.client_summary(x, y, self.ctx.num_classes, self.q)}

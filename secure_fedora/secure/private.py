@@ -738,6 +738,15 @@ class FederationPrivacy:
         noise_state = self._prepare(i, rnd, "model", noise)
         return self._gate(i, rnd, "model", theta, records, noise_state)
 
+    def noised_summary(self, i: int, data: ClientData, q: int, num_classes: int,
+                       noise: NoiseSource) -> Tensor:
+        """Client ``i``'s summary alone (:meth:`noised_summaries` for one client), for a
+        process that holds only client ``i``'s data and privacy state (a Flower client)."""
+        view = dataclasses.replace(
+            self, clients=[self.clients[i]],
+            journals=None if self.journals is None else [self.journals[i]])
+        return view.noised_summaries([data], q, num_classes, [noise])[0]
+
     def noised_summaries(self, data: Sequence[ClientData], q: int, num_classes: int,
                          noise: Sequence[NoiseSource]) -> Tensor:
         """Each client's summary from its noised clipped second moment (round 0 release).
