@@ -682,6 +682,23 @@ class Fedora(FederatedMethod):
             overlaps = fedora.subspace_overlaps(summaries)
         self.relatedness = self._build_relatedness(overlaps, details)
 
+    #: Name of the deployment protocol that yields the overlap blocks under CKKS
+    #: (``{"overlaps": (N, N, q, q) float64, "details": {...}}``; see setup_ceremony).
+    CKKS_CEREMONY = "ckks_overlaps"
+
+    def setup_ceremony(self) -> str | None:
+        """Encrypted modes: the CKKS ceremony (a deployment never sends a summary in the
+        clear; the server receives only the decrypted overlap blocks)."""
+        return self.CKKS_CEREMONY if "encrypted" in self._relatedness_mode else None
+
+    def server_setup_from_ceremony(self, name: str, result: Mapping[str, Any]) -> None:
+        """Graph and operator from the ceremony's overlap blocks (as :meth:`server_setup`
+        builds them from the in-process encrypted overlaps)."""
+        if name != self.CKKS_CEREMONY:
+            raise NotImplementedError(f"FEDORA runs no setup ceremony {name!r}")
+        self.relatedness = self._build_relatedness(result["overlaps"],
+                                                   dict(result.get("details", {})))
+
     def _blockwise_plain(self) -> bool:
         """Sparse propagation of plain relatedness without envelopes: the graph is built
         blockwise from the summaries, so no N x N matrix is ever held (the same graph the

@@ -62,12 +62,10 @@ from privacy.identity import (
     load_allowlist,
 )
 from privacy.noise import NoiseSource, make_noise_source
-from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.contract import Payload, round_mechanisms
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
-from secure_fedora.learning.client import FlatModel, evaluate
-from secure_fedora.learning.models import make_model
+from secure_fedora.learning.client import evaluate
 from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, client_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity
@@ -97,13 +95,11 @@ from secure_fedora.runtimes.flower.protocol import (
 )
 from secure_fedora.runtimes.flower.state import (
     ClientRunState,
-    NodeState,
     ReleaseJournal,
     load_partition,
     save_partition,
 )
 from secure_fedora.runtimes.inprocess import (
-    NUM_CLASSES,
     atomic_write_text,
     build_clients,
     client_generator,
@@ -170,33 +166,6 @@ def run_paths(node: NodeSettings, run_id: int) -> tuple[Path, ReleaseJournal]:
     """``(state file, release journal)`` of this node for Flower run ``run_id``."""
     run_dir = node.state_dir / "runs" / str(run_id)
     return run_dir / "state.pt", ReleaseJournal(run_dir / "releases.jsonl")
-
-
-def _flat_model(cfg: ExperimentConfig) -> FlatModel:
-    return FlatModel(make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed))
-
-
-def _load_or_init_state(
-    path: Path, node: NodeSettings, run_id: int, settings: RunSettings, flat: FlatModel
-) -> NodeState:
-    if path.exists():
-        return NodeState.load(path, node.partition_id, run_id, settings.config_hash)
-    init = flat.initial_vector()
-    state = NodeState(
-        client_id=node.partition_id,
-        run_id=run_id,
-        config_hash=settings.config_hash,
-        theta=init,
-        phi=init.clone(),
-        # The client's training-order RNG (non-private batches), seeded as the in-process
-        # runtime seeds it; its state is saved after every use, so a restart continues it.
-        generator_state=client_generator(settings.experiment.seed, node.partition_id).get_state(),
-        noise_state=_noise_source(settings.experiment, node.partition_id, None).checkpoint_state()
-        if settings.experiment.privacy.enabled and settings.experiment.privacy.noise == "reproducible"
-        else None,
-    )
-    state.save(path)
-    return state
 
 
 def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], Any]) -> Any:
@@ -365,10 +334,6 @@ def _open_request(
     return settings, node, security, envelope
 
 
-def _load_client(settings: RunSettings, node: NodeSettings) -> tuple[ClientData, FlatModel]:
-    return ensure_partition(node, settings.experiment), _flat_model(settings.experiment)
-
-
 def _reply(
     security: MessageSecurity, message: Message, content: RecordDict, rnd: int
 ) -> Message:
@@ -405,7 +370,7 @@ def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor 
 
     Reproducible: the generator seeded as the in-process runtime seeds it, continued from the
     saved state. CSPRNG: a fresh key from ``os.urandom`` for every message -- nothing about it
-    is ever saved (``NodeState.noise_state`` stays None), so a restart, like every message,
+    is ever saved (``ClientRunState.noise_state`` stays None), so a restart, like every message,
     draws fresh independent noise, which the ledger's accounting already covers.
     """
     noise = make_noise_source(cfg.privacy.noise, cfg.seed, partition_id)
@@ -413,61 +378,19 @@ def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor 
     return noise
 
 
-def _release_summary(
-    settings: RunSettings,
-    node: NodeSettings,
-    client: ClientData,
-    state: NodeState,
-    state_path: Path,
-    privacy: FederationPrivacy | None,
-) -> torch.Tensor:
-    """The client's summary ``U_i`` (d x q, float64) as the configured mode releases it.
-
-    Noised modes: the Gaussian mechanism on the clipped second moment, through the client's
-    budget gate (the ledger entry is written before the summary leaves), drawing from the
-    client's noise source as the in-process runtime does; plain and encrypted modes: the
-    exact top-q subspace.
-    """
-    cfg = settings.experiment
-    if "noised" not in cfg.fedora.relatedness:
-        return fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
-    assert privacy is not None  # the config requires privacy.enabled for the noised modes
-    noise = _noise_source(cfg, node.partition_id, state.noise_state)
-    try:
-        u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [noise])[0]
-    except BudgetExceededError as err:
-        raise DeployError(f"client {node.partition_id} refused its summary: {err}") from err
-    state.noise_state = noise.checkpoint_state()
-    state.save(state_path)
-    return u
-
-
-def _initial_metrics(
-    flat: FlatModel, state: NodeState, client: ClientData, privacy: FederationPrivacy | None
-) -> dict[str, float]:
-    return {
-        "val-accuracy": evaluate(flat, state.theta, client.val_x, client.val_y).accuracy,
-        "test-accuracy": evaluate(flat, state.theta, client.test_x, client.test_y).accuracy,
-        **_privacy_metrics(privacy),
-    }
-
-
 def _summary_with_metrics(
     settings: RunSettings, node: NodeSettings, run_id: int
 ) -> tuple[torch.Tensor, dict[str, float], ReleaseJournal]:
-    """This client's summary ``U_i`` (through its budget gate when noised), its initial
-    metrics, and the run's release journal; the privacy state is closed before returning."""
-    client, flat = _load_client(settings, node)
-    state_path, journal = run_paths(node, run_id)
-    state = _load_or_init_state(state_path, node, run_id, settings, flat)
-    privacy = _open_privacy(settings, node, run_id, "fedora")
-    try:
-        u = _release_summary(settings, node, client, state, state_path, privacy)
-        metrics = _initial_metrics(flat, state, client, privacy)
-    finally:
-        if privacy is not None:
-            privacy.close()
-    return u, metrics, journal
+    """This client's summary ``U_i`` for the ``ckks_overlaps`` ceremony: FEDORA's client half
+    of the setup exchange (:func:`run_stage`, so noised modes release through the client's
+    budget gate and ledger, and the noise source continues into the rounds exactly as in
+    process), its privacy metrics, and the run's release journal. Refused: DeployError."""
+    result = run_stage(settings, node, run_id, "fedora", "setup", 0, lambda _limits: {},
+                       journal_release=False)
+    if result.refusal is not None:
+        raise DeployError(f"client {node.partition_id} refused its summary: {result.refusal}")
+    _, journal = run_paths(node, run_id)
+    return result.payload["summary"], result.metrics, journal
 
 
 def _key_holder_store(node: NodeSettings, run_id: int, identity: Identity) -> KeyHolderStore:
@@ -657,31 +580,80 @@ def method_message(message: Message, context: Context) -> Message:
     wire = wire_round(stage, rnd, cfg.training.rounds)
     if wire != envelope.round:
         raise DeployError(f"{stage} message for round {rnd} is signed for round {envelope.round}")
+
+    def incoming(limits: PayloadLimits) -> Payload | None:
+        if not conf.get("has-payload"):
+            return None
+        record = message.content["payload"] if "payload" in message.content else None
+        return record_to_payload(record, envelope, f"{stage} message", limits)
+
+    result = run_stage(settings, node, context.run_id, method, stage, rnd, incoming)
+    content = RecordDict()
+    if result.refusal is not None:
+        content["refusal"] = ConfigRecord({"reason": result.refusal})
+    else:
+        content["payload"] = payload_to_record(result.payload, result.limits)
+    if result.ledger_head is not None:
+        content["ledger"] = result.ledger_head
+    content["run"] = ConfigRecord({"method": method, "stage": stage, "round": rnd})
+    content["metrics"] = MetricRecord({**result.metrics, **_timings(started)})
+    return _reply(security, message, content, wire)
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What one exchange of a method's client half produced (see :func:`run_stage`)."""
+
+    payload: Payload
+    metrics: dict[str, float]  # the stage's metrics and, with DP, the client's spending
+    refusal: str | None
+    ledger_head: ConfigRecord | None
+    limits: PayloadLimits
+
+
+def run_stage(
+    settings: RunSettings, node: NodeSettings, run_id: int, method: str, stage: str, rnd: int,
+    incoming: Callable[[PayloadLimits], Payload | None], *, journal_release: bool = True,
+) -> StageResult:
+    """Run this client's half of ``method`` for ``stage`` of round ``rnd`` (the verified
+    message's payload from ``incoming``): rebuild the algorithm with only this client's data,
+    restore its state, admit (DP) and compute, journal a released payload, save the state.
+
+    A stage this client already answered for ``rnd`` is answered again from its saved state,
+    with nothing computed, accounted or released twice; an older round is refused.
+    ``journal_release`` False: the caller releases (and journals) something else instead of
+    the payload (the CKKS ceremony sends the encrypted summary, never the summary itself).
+    """
+    cfg = settings.experiment
     i = node.partition_id
     client = ensure_partition(node, cfg)
     ctx = client_context(cfg, i, client)
     algorithm = build_algorithm(method, ctx, cfg)
     limits = PayloadLimits.for_model(ctx.flat.num_params)
-    incoming = (record_to_payload(message.content["payload"] if "payload" in message.content
-                                  else None, envelope, f"{stage} message", limits)
-                if conf.get("has-payload") else None)
-    run_dir = _method_dir(node, context.run_id, method)
-    state_path = run_dir / "client.pt"
-    state = (ClientRunState.load(state_path, i, context.run_id, settings.config_hash, method)
+    message = incoming(limits)
+    state_path = _method_dir(node, run_id, method) / "client.pt"
+    state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
              if state_path.exists() else
-             ClientRunState(i, context.run_id, settings.config_hash, method,
+             ClientRunState(i, run_id, settings.config_hash, method,
                             client_generator(cfg.seed, i).get_state()))
-    _, journal = run_paths(node, context.run_id)
+    _, journal = run_paths(node, run_id)
     done = state.answered.get(stage)
     if done is not None and done > rnd:
         raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
-    privacy = _open_privacy(settings, node, context.run_id, method)
+    privacy = _open_privacy(settings, node, run_id, method)
     try:
         if done == rnd:  # delivered again: the same answer, nothing computed or released twice
             payload, metrics, refusal = _saved_reply(state, stage)
         else:
             payload, metrics, refusal = _run_client_half(
-                method, algorithm, ctx, cfg, state, privacy, stage, rnd, incoming, client)
+                method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
+            if refusal is None and payload and journal_release:
+                # Journaled (fsynced) before the state that marks it answered, and before it
+                # leaves: a crash in between journals it twice, never releases it unjournaled.
+                blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes()
+                                for t in payload.values())
+                journal.append(i, wire_round(stage, rnd, cfg.training.rounds),
+                               f"{method}/{stage}", blob)
             state.algorithm = algorithm.client_state_dict(i)
             state.generator_state = ctx.generators[i].get_state()
             if ctx.noise and cfg.privacy.noise == "reproducible":
@@ -698,24 +670,11 @@ def method_message(message: Message, context: Context) -> Message:
             # The method's last round is evaluated: its ledger is finished, so it ends with
             # its signed close entry (idempotent on a message delivered again).
             privacy.close_ledgers(rnd)
-        privacy_metrics = _privacy_metrics(privacy)
-        ledger_head = _ledger_record(privacy)
+        return StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
+                           _ledger_record(privacy), limits)
     finally:
         if privacy is not None:
             privacy.close()
-    content = RecordDict()
-    if refusal is not None:
-        content["refusal"] = ConfigRecord({"reason": refusal})
-    else:
-        if payload and done != rnd:
-            blob = b"".join(t.detach().contiguous().numpy().tobytes() for t in payload.values())
-            journal.append(i, wire, f"{method}/{stage}", blob)
-        content["payload"] = payload_to_record(payload, limits)
-    if ledger_head is not None:
-        content["ledger"] = ledger_head
-    content["run"] = ConfigRecord({"method": method, "stage": stage, "round": rnd})
-    content["metrics"] = MetricRecord({**metrics, **privacy_metrics, **_timings(started)})
-    return _reply(security, message, content, wire)
 
 
 def _run_client_half(

@@ -271,6 +271,7 @@ class _Server:
     securities: dict[str, MessageSecurity] = field(default_factory=dict)
     scope: str = HELLO_SCOPE
     node_of_client: dict[int, int] = field(default_factory=dict)
+    nodes: list[int] = field(default_factory=list)  # the nodes online at the start
     sizes: dict[int, dict[str, Any]] = field(default_factory=dict)
     schema: DataSchema | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -598,6 +599,20 @@ def _encrypted_overlaps(
 
 
 
+def _ckks_overlaps(grid: Grid, server: _Server) -> dict[str, Any]:
+    """The ``ckks_overlaps`` ceremony (FEDORA's encrypted relatedness): key ceremony at the
+    key holder, ``Enc(U_i)`` from every client, Gram rows on ciphertexts, decryption of the
+    overlap blocks by the key holder. Result: ``{"overlaps": (N, N, q, q), "details": ...}``."""
+    n = server.cfg.data.num_clients
+    overlaps = _encrypted_overlaps(grid, server, server.nodes, torch.zeros(n), torch.zeros(n))
+    return {"overlaps": overlaps, "details": {}}
+
+
+#: Setup ceremonies the Flower runtime implements, by the name a method's
+#: ``setup_ceremony()`` returns (see secure_fedora.algorithms.contract).
+CEREMONIES: dict[str, Any] = {"ckks_overlaps": _ckks_overlaps}
+
+
 # --------------------------------------------------------------------------- generic driver
 
 
@@ -789,9 +804,16 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     algorithm = build_algorithm(name, server_context(cfg, server.schema), cfg)
     run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
                      Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
-    setup = algorithm.setup_messages()
+    ceremony = algorithm.setup_ceremony()
+    setup = algorithm.setup_messages() if ceremony is None else {}
     t0 = time.perf_counter()
-    if setup:
+    if ceremony is not None:
+        protocol = CEREMONIES.get(ceremony)
+        if protocol is None:
+            raise DeployError(f"method {name!r} needs the setup ceremony {ceremony!r}, which the "
+                              f"Flower runtime does not implement (it knows {sorted(CEREMONIES)})")
+        algorithm.server_setup_from_ceremony(ceremony, protocol(grid, server))
+    elif setup:
         replies = _exchange_payloads(grid, server, run, "setup", 0, setup, _relatedness_wait(server))
         algorithm.server_setup(replies.payloads)
         server.timings.setdefault(name, {})["setup"] = replies.timing.to_json()
@@ -872,6 +894,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     started = time.time()
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)
+    server.nodes = nodes
     _hello(grid, server, nodes)
     outcomes = {name: _run_method(grid, server, name) for name in cfg.methods}
     server.scope = HELLO_SCOPE

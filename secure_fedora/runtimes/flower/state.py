@@ -16,8 +16,6 @@ its local disk, under the ``state-dir`` given in its node config:
     tagged with the run id, config hash and method (:class:`ClientRunState`).
 ``runs/<run_id>/<method>/<client id>.jsonl``
     With DP, the client's signed privacy ledger for that method.
-``runs/<run_id>/state.pt``
-    FEDORA's encrypted relatedness ceremony state (:class:`NodeState`).
 ``runs/<run_id>/releases.jsonl``
     An append-only, hash-chained journal: one JSON line per release (summary or model) with
     the SHA-256 of the released bytes, written and fsynced *before* the release is handed to
@@ -50,7 +48,6 @@ from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint, s
 
 __all__ = [
     "ClientRunState",
-    "NodeState",
     "NodeStateError",
     "ReleaseJournal",
     "load_partition",
@@ -58,7 +55,6 @@ __all__ = [
 ]
 
 _PARTITION_FORMAT = "secure-fedora/partition/v1"
-_STATE_FORMAT = "secure-fedora/node-state/v1"
 _JOURNAL_GENESIS = "0" * 64
 
 
@@ -113,69 +109,6 @@ def load_partition(path: Path, client_id: int, data_digest: str) -> ClientData:
     if fingerprint_clients([client]) != state.get("fingerprint"):
         raise NodeStateError(f"{path}: tensors do not match their recorded fingerprint")
     return client
-
-
-@dataclass
-class NodeState:
-    """One client's per-run state (``runs/<run_id>/state.pt``)."""
-
-    client_id: int
-    run_id: int
-    config_hash: str
-    theta: Tensor
-    phi: Tensor
-    generator_state: Tensor  # the training-order generator (not DP noise)
-    last_trained_round: int = 0
-    last_received_round: int = 0
-    last_eval_round: int = 0
-    last_val_accuracy: float = float("nan")
-    last_test_accuracy: float = float("nan")
-    refused_round: int = 0  # round of the first refused release (0: none)
-    # DP noise generator state, only with privacy.noise = "reproducible" (derivable from the
-    # config anyway). With "csprng" it is always None: no key or stream state is ever saved.
-    noise_state: Tensor | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The checkpoint mapping written by :meth:`save`."""
-        return {
-            "round": self.last_trained_round,
-            "format": _STATE_FORMAT,
-            **{k: v for k, v in self.__dict__.items()},
-        }
-
-    def save(self, path: Path) -> None:
-        """Atomically replace ``path`` with this state."""
-        if not torch.isfinite(self.theta).all():
-            raise NodeStateError(f"refusing to save non-finite theta for client {self.client_id}")
-        save_checkpoint(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: Path, client_id: int, run_id: int, config_hash: str) -> NodeState:
-        """Load and verify ``path``; :class:`NodeStateError` if it belongs elsewhere or is bad."""
-        try:
-            raw = load_checkpoint(path)
-        except CheckpointError as err:
-            raise NodeStateError(str(err)) from None
-        if raw.get("format") != _STATE_FORMAT:
-            raise NodeStateError(f"{path} is not a secure-fedora node state file")
-        for key, expected in (("client_id", client_id), ("run_id", run_id),
-                              ("config_hash", config_hash)):
-            if raw.get(key) != expected:
-                raise NodeStateError(
-                    f"{path} belongs to {key}={raw.get(key)!s:.16}, not {expected!s:.16}"
-                )
-        fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-        try:
-            state = cls(**fields)
-        except TypeError as err:
-            raise NodeStateError(f"{path} is missing fields: {err}") from None
-        for name in ("theta", "phi"):
-            value = getattr(state, name)
-            if not isinstance(value, Tensor) or value.dim() != 1 or not torch.isfinite(value).all():
-                raise NodeStateError(f"{path}: field {name} is not a finite parameter vector")
-        if state.theta.shape != state.phi.shape:
-            raise NodeStateError(f"{path}: theta and phi have different shapes")
-        return state
 
 
 _RUN_STATE_FORMAT = "secure-fedora/client-run-state/v1"

@@ -49,7 +49,6 @@ from secure_fedora.runtimes.flower.protocol import (
 )
 from secure_fedora.runtimes.flower.state import (
     ClientRunState,
-    NodeState,
     NodeStateError,
     ReleaseJournal,
     load_partition,
@@ -289,7 +288,7 @@ def test_release_journal_chains_and_detects_tampering(tmp_path: Path) -> None:
         journal.entries()
 
 
-def test_node_state_and_partition_refuse_foreign_or_corrupt_files(tmp_path: Path) -> None:
+def test_partition_refuses_foreign_or_corrupt_files(tmp_path: Path) -> None:
     cfg = tiny_config()
     client = build_clients(cfg)[1]
     path = tmp_path / "partition.pt"
@@ -304,18 +303,6 @@ def test_node_state_and_partition_refuse_foreign_or_corrupt_files(tmp_path: Path
     with pytest.raises(NodeStateError, match="corrupt"):
         load_partition(path, 1, "digest-a")
 
-    theta = torch.zeros(5)
-    state = NodeState(1, 7, "hash", theta, theta.clone(), torch.Generator().get_state())
-    spath = tmp_path / "state.pt"
-    state.save(spath)
-    assert NodeState.load(spath, 1, 7, "hash").last_trained_round == 0
-    for args, match in (((2, 7, "hash"), "client_id"), ((1, 8, "hash"), "run_id"),
-                        ((1, 7, "other"), "config_hash")):
-        with pytest.raises(NodeStateError, match=match):
-            NodeState.load(spath, *args)
-    bad = NodeState(1, 7, "hash", torch.tensor([float("inf")]), theta.clone(), state.generator_state)
-    with pytest.raises(NodeStateError, match="non-finite"):
-        bad.save(spath)
 
 
 # --------------------------------------------------------------------------- processes
@@ -729,36 +716,45 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, 2 FEDORA rounds;
-    per-client accuracy equals the in-process runtime's for the same config and seed."""
+    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, FEDORA, Ditto
+    and FedAvg for 2 rounds each through the one generic runtime; per-client metrics and every
+    client's final state equal the in-process runtime's for the same config and seed."""
     import tomli_w
 
-    cfg = tiny_config()
+    methods = ("fedora", "ditto", "fedavg")
+    data = json.loads(json.dumps(TINY))
+    data["methods"] = list(methods)
+    data["fedavg"] = {"finetune_epochs": 1}
+    cfg = parse_config(data)
     config = tmp_path / "tiny.toml"
-    config.write_text(tomli_w.dumps(TINY))
+    config.write_text(tomli_w.dumps(data))
     workdir = tmp_path / "deployment"
     args = _parser().parse_args(["deploy", "local", "--config", str(config), "--clients", "3",
-                                 "--workdir", str(workdir), "--run-timeout", "420",
-                                 "--max-in-flight", "2"])
+                                 "--workdir", str(workdir), "--run-timeout", "600",
+                                 "--max-in-flight", "3"])
     assert args.func(args) == 0, capsys.readouterr().err[-3000:]
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["status"] == "finished:completed"
     assert _processes_mentioning(str(workdir)) == []  # everything it started is gone
     results = json.loads(Path(report["results"]).read_text())
     run_id = int(report["run_id"])
-    sim, outcome = in_process(cfg, tmp_path)
-    fed = results["methods"]["fedora"]
-    assert np.allclose(fed["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4, rtol=0)
-    assert np.allclose(fed["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
-    assert fed["final"]["mean"] > 0.3  # it learned (chance is 0.1)
-    assert results["events"] == []
-    assert results["max_in_flight"] == 2  # two ClientApps at a time: same results
-    for c in range(3):
-        run_dir = workdir / "nodes" / f"node-{c}" / "runs" / str(run_id)
-        state = NodeState.load(run_dir / "state.pt", c, run_id, config_hash(cfg))
-        assert torch.allclose(state.theta, sim.methods["fedora"].theta[c], atol=1e-6, rtol=0)
-        assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()] == [
-            "summary", "model", "model"]
+    assert results["runtime"] == "flower" and results["events"] == []
+    assert results["max_in_flight"] == 3
+    for method in methods:
+        sim, outcome = in_process(cfg, tmp_path / method, method)
+        ours = results["methods"][method]
+        for part in ("selected", "final"):
+            assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
+                               atol=1e-4, rtol=0), (method, part)
+        for c in range(3):
+            state = ClientRunState.load(workdir / "nodes" / f"node-{c}" / "runs" / str(run_id)
+                                        / method / "client.pt", c, run_id, config_hash(cfg), method)
+            for key, value in sim.methods[method].client_state_dict(c).items():
+                assert torch.allclose(state.algorithm[key], value, atol=1e-4, rtol=0), (method, key)
+    assert results["methods"]["fedora"]["final"]["mean"] > 0.3  # it learned (chance is 0.1)
+    run_dir = workdir / "nodes" / "node-0" / "runs" / str(run_id)
+    assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()][:3] == [
+        "fedora/setup", "fedora/round", "fedora/round"]
     for key in ("ca.key", "server.key"):
         assert stat.S_IMODE((workdir / "certs" / key).stat().st_mode) == 0o600
 
@@ -776,7 +772,7 @@ def _pulled_round_message(fed: LocalFederation, index: int, offset: int) -> bool
         return False
     with open(proc.log_path, "rb") as handle:
         handle.seek(offset)
-        return b"Receiving: train.fedora message" in handle.read()
+        return b"Receiving: train.round message" in handle.read()
 
 
 @pytest.mark.deploy
@@ -822,15 +818,16 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     # trained from its on-disk state.
     assert [r["replied"] for r in results["rounds"]][2] == 3
     run_dir = federation.node_state_dir(victim) / "runs" / str(run_id)
-    state = NodeState.load(run_dir / "state.pt", victim, run_id, config_hash(cfg))
-    assert state.last_trained_round == 3
+    state = ClientRunState.load(run_dir / "fedora" / "client.pt", victim, run_id,
+                                config_hash(cfg), "fedora")
+    assert state.answered["round"] == 3
     entries = ReleaseJournal(run_dir / "releases.jsonl").entries()  # verifies the hash chain
-    assert entries[0]["kind"] == "summary"
-    assert (entries[-1]["kind"], entries[-1]["round"]) == ("model", 3)
-    ledger = run_dir / "client-002.jsonl"
+    assert entries[0]["kind"] == "fedora/setup"
+    assert (entries[-1]["kind"], entries[-1]["round"]) == ("fedora/round", 3)
+    ledger = run_dir / "fedora" / "client-002.jsonl"
     key = load_identity(federation.party_identity_dir(2), "client-002").signing_key.public_key()
     assert verify_ledger_file(ledger, key) == []  # chain and signatures intact after the kill
     accounted = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
     assert accounted[0] == (0, "gaussian_summary") and (3, "dpsgd") in accounted, accounted
-    assert results["privacy"]["clients"][victim]["epsilon_spent"] <= 8.0
+    assert results["privacy"]["fedora"]["clients"][victim]["epsilon_spent"] <= 8.0
 
