@@ -221,7 +221,7 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(tmp_path: Path
     from privacy.identity import client_ids, load_identity
     from privacy.ledger import line_hash, read_ledger, verify_ledger_file
 
-    cfg = with_methods(dp_config(noise="reproducible"), "local", "fedavg")
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg", "ditto")
     result_dir = tmp_path / "result"
     result_dir.mkdir()
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "result-dir": str(result_dir)})
@@ -229,7 +229,7 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(tmp_path: Path
                                         RunSettings.from_run_config(rc), 42)
     audit = tmp_path / "audit"
     shutil.copyfile(result_dir / "results.json", audit.mkdir() or audit / "results.json")
-    for method in ("local", "fedavg"):
+    for method in ("fedavg", "ditto"):
         sim, outcome = in_process(cfg, tmp_path / method, method)
         ours = results["methods"][method]
         assert np.allclose(ours["selected"]["per_client"], outcome.selected["per_client"],
@@ -247,7 +247,7 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(tmp_path: Path
             assert row["ledger_head"] == line_hash(ledger.read_text().splitlines()[-1])
             shutil.copyfile(ledger, audit / "ledgers" / method / f"{cid}.jsonl")
     anchor = json.loads((result_dir / "anchor.json").read_text())
-    assert sorted(anchor["ledgers"]) == [f"{m}/{cid}" for m in ("fedavg", "local")
+    assert sorted(anchor["ledgers"]) == [f"{m}/{cid}" for m in ("ditto", "fedavg")
                                          for cid in client_ids(3)]
     report = verify_run(audit, allowlist=tmp_path / "ids" / "server" / "allowlist.json",
                         anchor=result_dir / "anchor.json")
