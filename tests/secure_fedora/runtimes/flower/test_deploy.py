@@ -725,6 +725,7 @@ def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     data = json.loads(json.dumps(TINY))
     data["methods"] = list(methods)
     data["fedavg"] = {"finetune_epochs": 1}
+    data["evaluation"] = {"every": 2}  # one evaluation exchange per method (CI time)
     cfg = parse_config(data)
     config = tmp_path / "tiny.toml"
     config.write_text(tomli_w.dumps(data))
