@@ -23,8 +23,11 @@ The server never holds client data. For a run it
 
 The runtime moves only payloads (``dict[str, Tensor]``, one ArrayRecord per message,
 :mod:`secure_fedora.runtimes.flower.payloads`) and never branches on the method. A method
-that needs a multi-step setup ceremony before its setup exchange declares it
-(``flower_ceremony``, below); FEDORA's encrypted relatedness (CKKS) is one.
+that needs a multi-step protocol instead of its setup exchange names it
+(:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.setup_ceremony`); the runtime
+runs it from :data:`CEREMONIES` and hands the result to ``server_setup_from_ceremony``.
+FEDORA's encrypted relatedness (``ckks_overlaps``: key ceremony at the key-holder client,
+encrypted summaries, Gram rows on ciphertexts, decryption of the overlap blocks only) is one.
 
 Every message is signed and every reply verified (:mod:`secure_fedora.runtimes.flower.envelopes`),
 with the server identity and allowlist of ``identity-dir`` and the nonce memory in
