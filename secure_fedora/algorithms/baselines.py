@@ -10,12 +10,31 @@ its (possibly clipped and noised) gradient. Those additions depend only on the c
 parameters and on values the client already holds (a received model, its own local model),
 never on a training batch, so they are post-processing and change no privacy guarantee.
 
-Messages: each method calls :meth:`~secure_fedora.algorithms.methods.FederatedMethod.download_rows` for
-what the server sends a participant (the global model, FedAMP's message ``u_i``, IFCA's K
-cluster models) and :meth:`~secure_fedora.algorithms.methods.FederatedMethod.upload_rows` for what it
-sends back (its model row; IFCA also its cluster index), and aggregates over the accepted
-uploads only. Without an exchange these calls move and change nothing, so results are
-identical with and without ``[security] envelopes`` unless a message is rejected.
+Messages: every method implements the contract of :mod:`secure_fedora.algorithms.contract`
+(server half: ``configure``, ``aggregate``, ``evaluation_messages``, ``finalize_messages``/
+``server_finalize``, ``server_state_dict``; client half: ``client_update``,
+``client_eval_row``, ``client_finalize``, ``client_state_dict``). The server half never
+reads client data: it learns a client's training-set size from its reply's
+``num_examples``. Client ``i``'s half reads only ``ctx.clients[i]``, its generator, noise
+source, message and its own state, which is exactly ``client_state_dict(i)``:
+
+=======  =====================  ==========================================  ==============================
+method   server sends           client replies                              client state
+=======  =====================  ==========================================  ==============================
+fedprox  ``global``             ``theta``, ``num_examples``, ``steps``      ``theta`` (not used later)
+ditto    ``global``             copy of w as ``theta``, size, steps         ``theta`` = ``v_i``
+apfl     ``global``             copy of w as ``theta``, size, steps         ``theta`` = ``v_i``, ``alpha``
+fedamp   ``message`` (u_i)      ``theta`` = ``w_i``, ``steps``              ``theta`` = ``w_i``
+ifca     ``clusters``, version  ``theta``, ``cluster_choice``, size, steps  none
+=======  =====================  ==========================================  ==============================
+
+Evaluation messages carry the global model (FedProx; APFL's mixture) or the K cluster
+models (IFCA); Ditto and FedAMP clients are evaluated on their own state. Finalize
+exchanges report APFL's ``alpha_i`` and IFCA's final choices. With ``[security] envelopes``
+the in-process runtime signs every entry whose key is a message kind
+(:meth:`~secure_fedora.algorithms.methods.FederatedMethod.message_state`), so results are
+identical with and without envelopes unless a message is rejected; a rejected upload is an
+absent reply (the server keeps its last accepted row).
 
 Methods and their hyper-parameters (defaults in :data:`BASELINE_HYPERPARAMETERS`):
 
@@ -510,6 +529,10 @@ class Ditto(_GlobalModelMethod):
         steps += _train_with(self.ctx, self.prox, i, self.theta[i])
         return self._reply(i, steps)
 
+    def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """Nothing: a client is evaluated on its personal model ``v_i``."""
+        return {}
+
 
 class APFL(_GlobalModelMethod):
     """APFL (Deng, Kamani, Mahdavi, 2020, "Adaptive Personalized Federated Learning",
@@ -736,8 +759,14 @@ class IFCA(_Baseline, FederatedMethod):
         self.clusters = self._initial_clusters(num_clusters)
         # server: the cluster each client chose in its latest accepted reply (-1: none yet)
         self.assignment = torch.full((ctx.num_clients,), -1, dtype=torch.long)
-        # client side: the buffers of the choice uploads, (N, 1) floats as on the wire
+        # server: how many times the cluster models changed (sent with them, so a client can
+        # reuse the choice it made against the same models)
+        self.version = 0
+        # client side: the buffers of the choice uploads, (N, 1) floats as on the wire, and a
+        # cache {client: (version, choice)} -- an optimisation only, not state: a miss
+        # recomputes the same choice
         self.choices = torch.zeros(ctx.num_clients, 1, dtype=self.theta.dtype)
+        self._choice_cache: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -774,11 +803,25 @@ class IFCA(_Baseline, FederatedMethod):
         )
         return int(torch.argmin(losses))
 
+    def _choice_for(self, i: int, message: Payload) -> int:
+        """Client ``i``'s choice among the message's cluster models: :meth:`choose`, or the
+        choice it made against the same models version (no new loss evaluations)."""
+        clusters = message[KIND_CLUSTERS]
+        version = message.get(KEY_CLUSTERS_VERSION)
+        if version is not None:
+            cached = self._choice_cache.get(i)
+            if cached is not None and cached[0] == int(version):
+                return cached[1]
+        k = self.choose(i, clusters)
+        if version is not None:
+            self._choice_cache[i] = (int(version), k)
+        return k
+
     def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
         """Pick a cluster model from the received ones, train a copy; reply it with the
         cluster index, the training-set size and the steps."""
         clusters = message[KIND_CLUSTERS]
-        k = self.choose(i, clusters)
+        k = self._choice_for(i, message)
         self.theta[i].copy_(clusters[k])
         steps = self.ctx.train_client(i, self.theta[i])
         self.choices[i, 0] = k
@@ -790,16 +833,16 @@ class IFCA(_Baseline, FederatedMethod):
         if message is None or KIND_CLUSTERS not in message:
             raise BaselineConfigError("IFCA evaluates a client on the cluster model it picks; "
                                       "the evaluation message must carry the cluster models")
-        clusters = message[KIND_CLUSTERS]
-        return clusters[self.choose(i, clusters)]
+        return message[KIND_CLUSTERS][self._choice_for(i, message)]
 
     def client_finalize(self, i: int, message: Payload) -> Payload:
         """Client ``i``'s choice among the final cluster models."""
-        return {KIND_CLUSTER_CHOICE: torch.tensor([float(self.choose(i, message[KIND_CLUSTERS]))],
+        return {KIND_CLUSTER_CHOICE: torch.tensor([float(self._choice_for(i, message))],
                                                   dtype=self.theta.dtype)}
 
     def client_state_dict(self, i: int) -> Payload:
-        """Nothing: a client's choice and trained copy are recomputed from each message."""
+        """Nothing: a client's choice and trained copy are recomputed from each message (the
+        choice cache only saves work)."""
         return {}
 
     def load_client_state_dict(self, i: int, state: Payload) -> None:
@@ -808,17 +851,20 @@ class IFCA(_Baseline, FederatedMethod):
             raise ValueError(f"IFCA client state must be empty, got fields {sorted(state)}")
 
     # -- server half
+    def _clusters_message(self) -> Payload:
+        return {KIND_CLUSTERS: self.clusters, KEY_CLUSTERS_VERSION: _scalar(self.version)}
+
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
-        """Every participant receives the K cluster models."""
-        return {i: {KIND_CLUSTERS: self.clusters} for i in participants}
+        """Every participant receives the K cluster models (and their version)."""
+        return {i: self._clusters_message() for i in participants}
 
     def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
-        """Each evaluated client receives the K cluster models."""
-        return {i: {KIND_CLUSTERS: self.clusters} for i in clients}
+        """Each evaluated client receives the K cluster models (and their version)."""
+        return {i: self._clusters_message() for i in clients}
 
     def finalize_messages(self) -> dict[int, Payload]:
         """Every client receives the final cluster models, to report its choice."""
-        return {i: {KIND_CLUSTERS: self.clusters} for i in range(self.ctx.num_clients)}
+        return {i: self._clusters_message() for i in range(self.ctx.num_clients)}
 
     def _check_choice(self, value: Tensor) -> str | None:
         if not isinstance(value, Tensor) or value.numel() != 1:
@@ -853,6 +899,7 @@ class IFCA(_Baseline, FederatedMethod):
             totals = member.sum(dim=1)
             used = totals > 0
             self.clusters[used] = (member[used] / totals[used].unsqueeze(1)).to(rows.device) @ rows
+            self.version += 1
             self.assignment[torch.as_tensor(ids, dtype=torch.long)] = chosen
         return {"clusters_used": float(len(set(choices.values())))}
 
@@ -869,9 +916,19 @@ class IFCA(_Baseline, FederatedMethod):
         round out rather than keep K stale models)."""
         return {KIND_THETA: self.theta, KIND_CLUSTER_CHOICE: self.choices}, {}
 
-    def _exchanged_untracked(self, kind: str) -> bool:
-        """The cluster models travel as signed envelopes although no client keeps a copy."""
-        return kind == KIND_CLUSTERS
+    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
+        """The base exchange, plus the K cluster models as signed envelopes. No client keeps
+        a copy of them (K x P per client), so a client that rejects them has nothing to
+        train or report on and is left out (of the round, or of the finalize exchange)."""
+        out = super()._exchange_downloads(rnd, messages)
+        if self.exchange is None or not self._round_envelopes():
+            return out
+        rows = {i: m[KIND_CLUSTERS] for i, m in out.items() if KIND_CLUSTERS in m}
+        if not rows:
+            return out
+        held = self.download_rows(rnd, rows, kind=KIND_CLUSTERS)
+        return {i: ({**m, KIND_CLUSTERS: held[i]} if i in rows else m)
+                for i, m in out.items() if i not in rows or i in held}
 
     def upload_rows(self, rnd: int, matrix: Tensor, participants: Sequence[int], *,
                     kind: str = KIND_THETA, check: ValueCheck | None = None) -> list[int]:
@@ -882,8 +939,9 @@ class IFCA(_Baseline, FederatedMethod):
         return super().upload_rows(rnd, matrix, participants, kind=kind, check=check)
 
     def server_state_dict(self) -> dict[str, Any]:
-        """The cluster models and the clients' latest reported choices."""
-        return {"clusters": self.clusters, "assignment": self.assignment}
+        """The cluster models, their version and the clients' latest reported choices."""
+        return {"clusters": self.clusters, "clusters_version": torch.tensor(self.version),
+                "assignment": self.assignment}
 
     def load_server_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`server_state_dict` (choices outside -1..K-1 are refused)."""
@@ -894,7 +952,16 @@ class IFCA(_Baseline, FederatedMethod):
             raise ValueError(
                 f"checkpoint field 'assignment' has clusters outside -1..{self.num_clusters - 1}")
         _load_tensor(self.assignment, assignment, "assignment")
+        version = state.get("clusters_version")
+        if not isinstance(version, Tensor) or version.numel() != 1 or version.is_floating_point() \
+                or int(version) < 0:
+            raise ValueError("checkpoint field 'clusters_version' must be a non-negative integer")
+        self.version = int(version)
+        self._choice_cache.clear()
 
+
+KEY_CLUSTERS_VERSION = "clusters_version"
+"""IFCA message entry: the version of the cluster models it carries (0-d integer tensor)."""
 
 _IFCA_TRAIN_UNDER_DP = (
     "baselines.ifca.selection_split='train' picks clusters by training loss, an unaccounted "
@@ -908,5 +975,7 @@ _IFCA_VAL_PRIVATE = (
 # --------------------------------------------------------------------------- registry
 
 
+# registered as classes: the registry builds them with from_config(ctx, cfg), and the privacy
+# plan and config checks read releases(cfg) / check_config(cfg) from them
 for _cls in (FedProx, Ditto, APFL, FedAMP, IFCA):
     METHODS.register(_cls.name, _cls)

@@ -201,6 +201,8 @@ class FederatedMethod(FederatedAlgorithm):
         self.exchange: Any = None
         # The latest round trained (evaluation messages are for it).
         self.last_round = 0
+        # Clients' held downloads from a checkpoint, until an exchange is attached.
+        self._held_downloads: dict[str, Tensor] | None = None
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
@@ -371,13 +373,33 @@ class FederatedMethod(FederatedAlgorithm):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The in-process checkpoint: every client's ``theta`` row and the server state."""
-        return {"theta": self.theta, **self.server_state_dict()}
+        """The in-process checkpoint: every client's ``theta`` row, the server state and,
+        with an exchange, every client's last accepted download of each tracked kind."""
+        state = {"theta": self.theta, **self.server_state_dict()}
+        if self.exchange is not None and self.exchange.client_rows:
+            state["held_downloads"] = dict(self.exchange.client_rows)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (shapes and finiteness checked)."""
+        """Restore :meth:`state_dict` (shapes and finiteness checked); the clients' held
+        downloads are restored by :meth:`attach_exchange`."""
         _load_matrix(self.theta, state["theta"], "theta")
         self.load_server_state_dict(state)
+        self._held_downloads = state.get("held_downloads")
+
+    def attach_exchange(self, exchange: Any) -> None:
+        """Use ``exchange`` (a :class:`~secure_fedora.secure.transport.SecureExchange` built
+        from :meth:`message_state`) for the rounds; after a checkpoint restore each client
+        again holds the downloads it had accepted (not the server's current values)."""
+        held = getattr(self, "_held_downloads", None)
+        if held is not None:
+            if set(held) != set(exchange.client_rows):
+                raise ValueError(f"checkpoint holds downloads of kinds {sorted(held)}, the "
+                                 f"exchange tracks {sorted(exchange.client_rows)}")
+            for kind, rows in held.items():
+                _load_matrix(exchange.client_rows[kind], rows, f"held_downloads.{kind}")
+            self._held_downloads = None
+        self.exchange = exchange
 
     def extra_results(self) -> dict[str, Any]:
         """Method-specific results added to results.json at the end of a run: the finalize

@@ -1,13 +1,22 @@
 """Drop-in plug-ins: every module in this package is imported on the first registry lookup.
 
-A new federated method is one module here that registers a factory, for example::
+A new federated method is one module here that registers its class: a
+:class:`~secure_fedora.algorithms.methods.FederatedMethod` implementing the contract of
+:mod:`secure_fedora.algorithms.contract` (server half ``configure``/``aggregate``, client half
+``client_update``; optional setup, evaluation and finalize exchanges; ``releases(cfg)`` for
+what its clients release under DP), for example::
 
     from secure_fedora.algorithms.methods import FedAvg
     from secure_fedora.core.registry import METHODS
 
     @METHODS.register("fedavg_nofinetune")
-    def build(ctx, cfg):
-        return FedAvg(ctx, finetune_epochs=0)
+    class FedAvgNoFinetune(FedAvg):
+        @classmethod
+        def from_config(cls, ctx, cfg):
+            return cls(ctx, finetune_epochs=0)
 
-after which ``methods = ["fedavg_nofinetune"]`` is a valid config.
+after which ``methods = ["fedavg_nofinetune"]`` is a valid config and runs in process with
+or without DP and envelopes. A factory ``(ctx, cfg) -> method`` may be registered instead;
+under DP it must name its class as ``factory.algorithm`` (its releases are read from it).
+A class attribute ``params`` (a pydantic model) validates ``[baselines.<name>]``.
 """

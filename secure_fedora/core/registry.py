@@ -136,4 +136,5 @@ LOSSES: Registry[Any] = Registry("loss", ("secure_fedora.learning.tasks",))
 METHODS: Registry[Callable[..., Any]] = Registry(
     "method", ("secure_fedora.algorithms.methods", "secure_fedora.algorithms.baselines")
 )
-"""Federated methods: ``factory(ctx, cfg) -> FederatedMethod``."""
+"""Federated methods: a ``FederatedAlgorithm`` class with ``from_config(ctx, cfg)``, or a
+``factory(ctx, cfg) -> FederatedMethod`` (see :mod:`secure_fedora.algorithms.contract`)."""

@@ -763,7 +763,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="path to a TOML config (see configs/)")
     p.add_argument("--out", required=True, help="sweep directory (created; reused to resume)")
-    p.add_argument("--methods", nargs="+", default=None,
+    p.add_argument("--methods", nargs="+", choices=_literal_methods(), default=None,
                    help="registered methods to run (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds (default: the config's seed)")

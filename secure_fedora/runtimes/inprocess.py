@@ -698,8 +698,8 @@ class Simulation:
         uploads, downloads = state
         transport = SecureTransport.for_simulation(self.run_dir, n, name, key_dir=self.key_dir,
                                                    context=f"{self.run_nonce}/{name}")
-        method.exchange = SecureExchange(transport, uploads=uploads, downloads=downloads,
-                                         last_round=last_round)
+        method.attach_exchange(SecureExchange(transport, uploads=uploads, downloads=downloads,
+                                              last_round=last_round))
 
     def _participants(self, gen: torch.Generator, n: int) -> list[int]:
         return sample_participants(gen, n, self.cfg.training.participation)

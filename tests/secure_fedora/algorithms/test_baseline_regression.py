@@ -20,14 +20,14 @@ import json
 
 import pytest
 
+from secure_fedora.runtimes.inprocess import build_clients
 from tests.secure_fedora.algorithms.baseline_regression import (
     FIXTURES,
     METHODS,
     VARIANTS,
+    config,
     fingerprint,
 )
-from secure_fedora.runtimes.inprocess import build_clients
-from tests.secure_fedora.algorithms.baseline_regression import config
 
 # round statistics the port changed on purpose (see the module docstring)
 CHANGED_STATS = {"apfl": {"mean_alpha"}, "ifca": {"clusters_used"}}

@@ -267,3 +267,43 @@ def test_method_config_checks_come_from_the_method_class():
     with pytest.raises(ConfigError, match="releases summary information"):
         _config("fedora", privacy=DP, fedora={"k": 1})
     assert issubclass(method_class("fedora"), Fedora)
+
+
+def test_enveloped_fedora_resumes_with_the_clients_held_downloads(tmp_path, monkeypatch):
+    """A client that rejected phi keeps its last accepted copy across a checkpoint resume."""
+    from secure_fedora.secure import transport as transport_module
+
+    real_init = transport_module.SecureExchange.__init__
+
+    def tamper(kind, rnd, client, message):
+        if kind == "phi" and client == 1 and rnd in (2, 3):
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):
+        real_init(self, transport, **{**kwargs, "channel": tamper})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    cfg = _config("fedora", fedora={"k": 1}, security={"envelopes": True},
+                  training={"rounds": 3, "checkpoint_every": 1})
+    clients = build_clients(cfg)
+    full = Simulation(cfg, tmp_path / "full", clients=clients)
+    full.run()
+    rejected = [(r.client, r.round, r.direction) for r in full.methods["fedora"].exchange.rejections]
+    assert rejected == [(1, 2, "download"), (1, 3, "download")]
+
+    class Stop(Exception):
+        pass
+
+    def stop(method, rnd, total):
+        if rnd == 2:
+            raise Stop
+
+    cut = Simulation(cfg, tmp_path / "cut", clients=clients, progress=stop)
+    with pytest.raises(Stop):
+        cut.run()
+    resumed = Simulation(cfg, tmp_path / "cut", clients=clients)
+    resumed.run(resume=True)
+    held, reference = (sim.methods["fedora"].exchange.client_rows["phi"] for sim in (resumed, full))
+    assert torch.equal(held, reference)  # client 1 still holds its round-1 phi
+    assert torch.equal(resumed.methods["fedora"].theta, full.methods["fedora"].theta)
