@@ -252,3 +252,35 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(tmp_path: Path
     report = verify_run(audit, allowlist=tmp_path / "ids" / "server" / "allowlist.json",
                         anchor=result_dir / "anchor.json")
     assert not [f for f in report.errors if f.check.startswith("anchor")], report.errors
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_refused_release_is_a_refusal_reply_and_the_client_takes_no_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose gate refuses its round-2 release answers with a refusal record (no
+    payload); the server records the event, aggregates without it and reports it refused;
+    the client releases nothing afterwards."""
+    from secure_fedora.runtimes.flower import client_app
+
+    original = client_app.ClientSidePrivacy.admit
+
+    def admit(self, i, rnd, theta, with_lambda, noise=None):  # type: ignore[no-untyped-def]
+        if i == 1 and rnd == 2:  # what the gate does on a refusal
+            self.sole.refused_at, self.sole.refusal = rnd, "budget exhausted (test)"
+            return False
+        return original(self, i, rnd, theta, with_lambda, noise=noise)
+
+    monkeypatch.setattr(client_app.ClientSidePrivacy, "admit", admit)
+    cfg = with_methods(dp_config(rounds=2, noise="reproducible"), "fedavg")
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 42)
+    events = {(e["round"], e["client"]): e["event"] for e in results["events"]}
+    assert list(events) == [(2, 1)] and "budget exhausted (test)" in events[2, 1]
+    assert [r["replied"] for r in results["rounds"]] == [3, 2]
+    rows = results["privacy"]["fedavg"]["clients"]
+    assert [r["refused"] for r in rows] == [False, True, False]
+    state = ClientRunState.load(tmp_path / "nodes" / "node-1" / "runs" / "42" / "fedavg"
+                                / "client.pt", 1, 42, config_hash(cfg), "fedavg")
+    assert state.refusals == {"round": "budget exhausted (test)"} and state.replies["round"] == {}
