@@ -821,6 +821,9 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         algorithm.server_setup(replies.payloads)
         server.timings.setdefault(name, {})["setup"] = replies.timing.to_json()
     server.timings.setdefault(name, {})["setup_s"] = round(time.perf_counter() - t0, 4)
+    if ceremony is not None or setup:
+        how = f"ceremony {ceremony}" if ceremony is not None else "exchange"
+        _say(f"{name}: setup {how} done in {time.perf_counter() - t0:.2f} s")
     rounds = cfg.training.rounds
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
     server.write("progress.json", {"run_id": server.run_id, "method": name, "round": 0,

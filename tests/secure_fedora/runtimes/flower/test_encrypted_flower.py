@@ -564,4 +564,4 @@ def test_flower_encrypted_relatedness_equals_in_process_runtime(tmp_path: Path) 
         "summary", "overlaps", "fedora/round", "fedora/round"]
     secret = state_dir / "node-0" / "runs" / str(run_id) / "ckks" / "secret-context.sealed"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    assert "relatedness (encrypted)" in logs
+    assert "fedora: setup ceremony ckks_overlaps done" in logs
