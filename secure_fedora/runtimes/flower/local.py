@@ -14,12 +14,13 @@ Layout of ``workdir``::
     identities/<party>/  one directory per party (server, client-000, ...): that party's Ed25519
                          and X25519 private keys (0600) and the federation's allowlist.json;
                          they sign every message envelope and the clients' privacy ledgers
-    server/              the ServerApp's envelope nonce memory (runs/<run_id>/)
+    server/              the ServerApp's envelope nonce memory (runs/<run_id>/<scope>/)
     flwr/cli/            FLWR_HOME of the flwr CLI (config.toml with the connection)
     flwr/superlink/      FLWR_HOME of the SuperLink (its installed FABs)
     flwr/node-<i>/       FLWR_HOME of SuperNode i
-    nodes/node-<i>/      state-dir of client i (partition, models, release journal and,
-                         with DP, the signed ledger runs/<run_id>/client-<i>.jsonl)
+    nodes/node-<i>/      state-dir of client i (partition, per-method client state
+                         runs/<run_id>/<method>/client.pt, release journal and, with DP, the
+                         signed ledger runs/<run_id>/<method>/client-<i>.jsonl)
     logs/                one log per process; serverapp.log is the run's log stream
     results/             results.json, progress.json written by the ServerApp
     run.toml             the run-config overrides passed to ``flwr run``
