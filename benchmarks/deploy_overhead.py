@@ -132,7 +132,8 @@ def _flower(cfg, workdir: Path, round_timeout: float, max_in_flight: int) -> dic
         "startup_phases_s": phases,
         "run_s": run_s,
         "run_cpu_s": {k: round(cpu1[k] - cpu0[k], 1) for k in cpu0},
-        "relatedness": results["relatedness_timing"],
+        # plain/noised: FEDORA's setup exchange; encrypted: the CKKS ceremony's steps
+        "relatedness": results["relatedness_timing"] or results["timings"]["fedora"].get("setup"),
         "relatedness_details": results.get("relatedness_details", {}),
         "round_s": statistics.mean(r["seconds"] for r in rows),
         "round_timing_s": timing,

@@ -93,6 +93,21 @@ class FederatedAlgorithm(ABC):
         """Server: build what the rounds need from the accepted setup replies."""
         return None
 
+    # ------------------------------------------------------------------ setup ceremony
+    def setup_ceremony(self) -> str | None:
+        """The name of a multi-step protocol a *deployment* runs instead of the setup exchange
+        when one request and one reply per client cannot keep what the method promises (e.g.
+        FEDORA's encrypted relatedness: a CKKS key ceremony, encrypted uploads and a key
+        holder's decryption, so that no summary is ever seen in the clear). ``None`` (default):
+        the setup exchange. A runtime that does not know the named protocol refuses to run;
+        the in-process runtime simulates it inside :meth:`server_setup`."""
+        return None
+
+    def server_setup_from_ceremony(self, name: str, result: Mapping[str, Any]) -> None:
+        """Server: build what the rounds need from the result of the :meth:`setup_ceremony`
+        protocol ``name`` (what that protocol's runtime implementation documents)."""
+        raise NotImplementedError(f"{type(self).__name__} runs no setup ceremony {name!r}")
+
     # ------------------------------------------------------------------ rounds
     @abstractmethod
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:

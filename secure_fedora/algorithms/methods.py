@@ -658,8 +658,10 @@ class Fedora(FederatedMethod):
 
     def client_setup(self, i: int, message: Payload) -> Payload:
         """Client ``i``'s summary ``U_i`` (d x q) of its training data, in the clear."""
-        if "noised" in self._relatedness_mode:
-            return self.client_setup_many({i: message})[i]
+        if "noised" in self._relatedness_mode:  # accounted through client i's own gate
+            ctx = self.ctx
+            return {KIND_SUMMARY: ctx.privacy.noised_summary(i, ctx.clients[i], self.q,
+                                                             ctx.num_classes, ctx.noise[i])}
         c = self.ctx.clients[i]
         x, y = (c.train_x.cpu(), c.train_y.cpu()) if self._blockwise_plain() else (c.train_x, c.train_y)
         return {KIND_SUMMARY: fedora.client_summary(x, y, self.ctx.num_classes, self.q)}
@@ -701,6 +703,23 @@ class Fedora(FederatedMethod):
                 details = _exclusion_details(excluded, rejections, transport)
             overlaps = fedora.subspace_overlaps(summaries)
         self.relatedness = self._build_relatedness(overlaps, details)
+
+    #: Name of the deployment protocol that yields the overlap blocks under CKKS
+    #: (``{"overlaps": (N, N, q, q) float64, "details": {...}}``; see setup_ceremony).
+    CKKS_CEREMONY = "ckks_overlaps"
+
+    def setup_ceremony(self) -> str | None:
+        """Encrypted modes: the CKKS ceremony (a deployment never sends a summary in the
+        clear; the server receives only the decrypted overlap blocks)."""
+        return self.CKKS_CEREMONY if "encrypted" in self._relatedness_mode else None
+
+    def server_setup_from_ceremony(self, name: str, result: Mapping[str, Any]) -> None:
+        """Graph and operator from the ceremony's overlap blocks (as :meth:`server_setup`
+        builds them from the in-process encrypted overlaps)."""
+        if name != self.CKKS_CEREMONY:
+            raise NotImplementedError(f"FEDORA runs no setup ceremony {name!r}")
+        self.relatedness = self._build_relatedness(result["overlaps"],
+                                                   dict(result.get("details", {})))
 
     def _blockwise_plain(self) -> bool:
         """Sparse propagation of plain relatedness without envelopes: the graph is built

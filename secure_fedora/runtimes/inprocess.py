@@ -807,59 +807,18 @@ class Simulation:
         return write_anchor(self.run_dir, doc)
 
     def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
-        """The results document: run identity, per-method summaries and comparisons."""
-        from secure_fedora.secure.private import noise_assumptions
+        """The results document (:func:`secure_fedora.runtimes.results.build_results`, the
+        schema both runtimes share): run identity, per-method summaries and comparisons."""
+        from secure_fedora.runtimes.results import build_results, client_rows
 
-        metric = self.metric_name()
-        methods = {name: {**o.to_json(), "metric": metric} for name, o in outcomes.items()}
-        comparison: dict[str, Any] = {}
-        if "fedora" in outcomes and "local" in outcomes:
-            f = outcomes["fedora"].selected["per_client"]
-            loc = outcomes["local"].selected["per_client"]
-            comparison["fedora_below_local"] = sum(1 for a, b in zip(f, loc, strict=True) if a < b)
-        if "fedavg" in outcomes and "finetuned_test_accuracy" in outcomes["fedavg"].extra:
-            methods["fedavg_ft"] = {
-                "name": "fedavg_ft",
-                "selected": summarize(outcomes["fedavg"].extra["finetuned_test_accuracy"]),
-                "metric": metric,
-            }
-        return {
-            "name": self.cfg.name,
-            "version": __version__,
-            "compute": {"device": str(self.device), "threads": torch.get_num_threads()},
-            "config_hash": self.config_hash,
-            "data_fingerprint": self.fingerprint,
-            # What methods.<name>.selected/final hold: "accuracy" or "auc" (follows the loss).
-            "metric": metric,
-            "loss": self.cfg.training.loss,
-            "assumptions": {
-                "validation_data": self.cfg.data.validation,
-                "model_selection": model_selection(self.cfg),
-                "relatedness": self.cfg.fedora.relatedness,
-                "server": "honest-but-curious",
-                "differential_privacy": self.cfg.privacy.enabled,
-                **({"noise_source": NOISE_SOURCE_DESCRIPTIONS[self.cfg.privacy.noise],
-                    **noise_assumptions(self.cfg),
-                    "neighbouring_relation": "add/remove one record; dataset sizes public",
-                    "accountant": self.cfg.privacy.accountant}
-                   if self.cfg.privacy.enabled else {}),
-                **({"client_held_models": "Ditto's and APFL's personal models never leave the "
-                                          "client and train without noise; DP covers what is sent "
-                                          "(the global-model copies). Publishing a personal model "
-                                          "would be an unaccounted release."}
-                   if self.cfg.privacy.enabled and {"ditto", "apfl"} & set(self.cfg.methods)
-                   else {}),
-            },
-            "privacy": self.privacy,
-            "clients": [
-                {"id": c.client_id, "train": int(c.train_x.shape[0]), "val": int(c.val_x.shape[0]),
-                 "test": int(c.test_x.shape[0]),
-                 **{k: v for k, v in c.meta.items() if k in ("rotation_degrees", "group", "classes")}}
-                for c in self.clients
-            ],
-            "methods": methods,
-            "comparison": comparison,
-        }
+        return build_results(
+            self.cfg, runtime="in-process", config_hash=self.config_hash,
+            metric=self.metric_name(), outcomes={n: o.to_json() for n, o in outcomes.items()},
+            privacy=self.privacy, data_fingerprint=self.fingerprint,
+            compute={"device": str(self.device), "threads": torch.get_num_threads()},
+            clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],
+                                  "val": c.val_x.shape[0], "test": c.test_x.shape[0], **c.meta}
+                                 for c in self.clients]))
 
     def metric_name(self) -> str:
         """The metric model selection and results use: "accuracy" or "auc"."""

@@ -795,6 +795,15 @@ class FederationPrivacy:
         c.step_counter.reset()  # count this round's steps from here on
         return True
 
+    def noised_summary(self, i: int, data: ClientData, q: int, num_classes: int,
+                       noise: NoiseSource) -> Tensor:
+        """Client ``i``'s summary alone (:meth:`noised_summaries` for one client), for a
+        process that holds only client ``i``'s data and privacy state (a Flower client)."""
+        view = dataclasses.replace(
+            self, clients=[self.clients[i]],
+            journals=None if self.journals is None else [self.journals[i]])
+        return view.noised_summaries([data], q, num_classes, [noise])[0]
+
     def noised_summaries(self, data: Sequence[ClientData], q: int, num_classes: int,
                          noise: Sequence[NoiseSource]) -> Tensor:
         """Each client's summary from its noised clipped second moment (round 0 release):

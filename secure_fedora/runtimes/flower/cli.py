@@ -76,7 +76,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    """Run FEDORA on a local TLS + node-authenticated Flower deployment, then stop it."""
+    """Run every method of the config on a local TLS + node-authenticated Flower deployment,
+    then stop it."""
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
 
     timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
@@ -95,13 +96,18 @@ def cmd_local(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("[red]interrupted:[/red] every started process was stopped")
         return 130
-    selected = result.results["methods"]["fedora"]["selected"]
-    console.print(
-        f"run {result.run_id} {result.status} in {result.seconds:.1f} s; selected test accuracy "
-        f"mean {selected['mean']:.4f} (min {selected['min']:.4f}, max {selected['max']:.4f})"
-    )
+    metric = result.results.get("metric", "accuracy")
+    console.print(f"run {result.run_id} {result.status} in {result.seconds:.1f} s")
+    for name, entry in result.results["methods"].items():
+        selected = entry["selected"]
+        console.print(
+            f"  {name}: selected test {metric} mean {selected['mean']:.4f} "
+            f"(min {selected['min']:.4f}, max {selected['max']:.4f})"
+        )
     for event in result.results.get("events", []):
-        console.print(f"  round {event['round']}: client {event['client']}: {event['event']}")
+        where = f"{event['method']} " if event.get("method") else ""
+        console.print(f"  {where}round {event['round']}: client {event['client']}: "
+                      f"{event['event']}")
     print(json.dumps({"run_id": str(result.run_id), "status": result.status,
                       "results": str(result.workdir / "results" / "results.json")}))
     return 0
@@ -126,7 +132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     certs.set_defaults(func=cmd_certs)
 
     local = sub.add_parser(
-        "local", help="run FEDORA on a local SuperLink + N SuperNodes (127.0.0.1, TLS, node auth)"
+        "local", help="run the config's methods on a local SuperLink + N SuperNodes (127.0.0.1, "
+        "TLS, node auth)"
     )
     local.add_argument("--config", required=True, help="experiment config (TOML)")
     local.add_argument(

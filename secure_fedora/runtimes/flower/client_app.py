@@ -1,35 +1,45 @@
-"""The FEDORA ClientApp: one SuperNode = one client, its state kept on the node's disk.
+"""The generic ClientApp: one SuperNode = one client, running its half of any method.
 
-Each handler loads the client's partition and per-run state from ``state-dir``, does its
-step with the shared algorithm core (``secure_fedora.algorithms.fedora`` for the summary and the
-selective-regularization weight, ``secure_fedora.learning.client`` for evaluation and local training),
-saves the state atomically, records the release in the node's journal (fsynced) and only
-then returns the reply. A SuperNode that crashes and restarts resumes from the last saved
-state; a round message that arrives again for a round already trained is answered with the
-saved ``theta_i`` without training twice.
+Each message starts a fresh ClientApp process (Flower 1.42), so everything a client needs
+between messages lives on the node's disk (:mod:`secure_fedora.runtimes.flower.state`). A
+method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.finalize``; see
+:mod:`secure_fedora.runtimes.flower.protocol`) is handled in this order:
 
-With ``privacy.enabled`` the client is the one that enforces its budget, exactly as in the
-in-process runtime and with the same building blocks (:mod:`secure_fedora.secure.private`): its
-identity key (node config ``identity-dir``), its signed write-ahead ledger and accountant
-(``runs/<run_id>/<client-id>.jsonl``, reopened and verified by every message, so a restart
-never under-counts), the calibrated plan, the noised summary, the accounted ``lambda_i`` when
-validation is private, and DP-SGD. A refused release is answered with a ``refusal`` record
-and no model; from then on the client trains nothing and releases nothing.
+1. the server's signed envelope is verified against the allowlist in ``identity-dir`` before
+   anything else is read (unknown signer, bad signature, tampered content, replayed nonce,
+   stale round: the message is refused and Flower returns an error reply); the signed content
+   must name this run's config hash, a configured method and the exchange and round the
+   envelope was signed for; the payload is decoded with the checks of
+   :mod:`secure_fedora.runtimes.flower.payloads`;
+2. the method's algorithm object is rebuilt through the method registry with a context that
+   holds only this client's data (:func:`~secure_fedora.runtimes.flower.contexts.client_context`),
+   and its client state, training-order generator and (reproducible) noise state are restored
+   from ``runs/<run_id>/<method>/client.pt``; a message this client already answered is
+   answered again from that file, without training or releasing twice;
+3. with ``privacy.enabled`` the client enforces its own budget with the in-process building
+   blocks (:mod:`secure_fedora.secure.private`): its identity key, its signed write-ahead
+   ledger (``runs/<run_id>/<method>/<client id>.jsonl``, reopened and verified by every
+   message, so a restart never under-counts) and the calibrated plan. A round's release is
+   admitted (accounted and written to the ledger, with what the method's
+   :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.releases` declares) *before*
+   the client half runs, and the executed DP-SGD steps are checked against the ledger before
+   the reply leaves; a refused release is answered with a ``refusal`` record and no payload,
+   and from then on the client releases nothing;
+4. the client half runs (``client_setup`` / ``client_update`` / ``client_eval_row`` and the
+   evaluation on its validation and test data / ``client_finalize``), its state is saved
+   atomically, a released payload is recorded in the node's hash-chained release journal
+   (fsynced) and only then the reply is signed with the client's identity key and returned,
+   with its ledger head when DP is on.
 
-Every message is authenticated (:mod:`secure_fedora.runtimes.flower.envelopes`): the handler verifies
-the server's signed envelope against the allowlist in ``identity-dir`` before it reads
-anything else (unknown signer, bad signature, tampered content, replayed nonce, stale round:
-the message is refused and Flower returns an error reply), and signs its reply with the
-client's own identity key. The nonce memory lives in ``runs/<run_id>/<client id>.nonces.jsonl``.
-
-Encrypted relatedness modes: ``query.ceremony`` identifies the client and, on the key holder,
-runs the CKKS key ceremony (:class:`~secure_fedora.runtimes.flower.ceremony.KeyHolderStore`, kept in
-``runs/<run_id>/ckks/``); ``query.encrypted_summary`` opens the sealed secret context and
-returns ``Enc(U_i)``; ``query.decrypt_overlaps`` (key holder only) returns the overlap blocks.
+``query.hello`` is the first contact: the client identifies itself and reports its split
+sizes and data schema. FEDORA's encrypted relatedness adds its CKKS ceremony handlers
+(``query.ceremony``, ``query.encrypted_summary``, ``query.decrypt_overlaps``; key material in
+``runs/<run_id>/ckks/``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -52,47 +62,49 @@ from privacy.identity import (
     load_allowlist,
 )
 from privacy.noise import NoiseSource, make_noise_source
-from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.contract import Payload, round_mechanisms
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
-from secure_fedora.learning.client import (
-    FlatModel,
-    GradientOracle,
-    PlainGradient,
-    Workspace,
-    evaluate,
-    local_train,
-)
-from secure_fedora.learning.models import make_model
+from secure_fedora.learning.client import evaluate
 from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
-from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
+from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, client_context
+from secure_fedora.runtimes.flower.envelopes import MessageSecurity
+from secure_fedora.runtimes.flower.payloads import (
+    PayloadLimits,
+    payload_to_record,
+    record_to_payload,
+)
 from secure_fedora.runtimes.flower.protocol import (
+    HELLO_SCOPE,
     MSG_CEREMONY,
     MSG_DECRYPT,
     MSG_ENCRYPTED_SUMMARY,
+    MSG_EVALUATE,
+    MSG_FINALIZE,
+    MSG_HELLO,
     MSG_ROUND,
-    MSG_SUMMARY,
+    MSG_SETUP,
+    STAGE_OF,
     DeployError,
     NodeSettings,
     RunSettings,
     check_supported,
     process_start_time,
     tensor_to_array_record,
+    wire_round,
 )
 from secure_fedora.runtimes.flower.state import (
-    NodeState,
+    ClientRunState,
     ReleaseJournal,
     load_partition,
     save_partition,
 )
 from secure_fedora.runtimes.inprocess import (
-    NUM_CLASSES,
     atomic_write_text,
     build_clients,
     client_generator,
-    train_config,
 )
-from secure_fedora.secure.private import FederationPrivacy
+from secure_fedora.secure.private import ClientPrivacy, FederationPrivacy
 from secure_fedora.secure.relatedness import (
     decrypt_rows,
     encrypt_summary,
@@ -108,9 +120,9 @@ __all__ = [
     "decrypt_overlaps_handler",
     "encrypted_summary",
     "ensure_partition",
+    "hello",
+    "method_message",
     "run_paths",
-    "summary",
-    "train_round",
 ]
 
 app = ClientApp()
@@ -156,33 +168,6 @@ def run_paths(node: NodeSettings, run_id: int) -> tuple[Path, ReleaseJournal]:
     return run_dir / "state.pt", ReleaseJournal(run_dir / "releases.jsonl")
 
 
-def _flat_model(cfg: ExperimentConfig) -> FlatModel:
-    return FlatModel(make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed))
-
-
-def _load_or_init_state(
-    path: Path, node: NodeSettings, run_id: int, settings: RunSettings, flat: FlatModel
-) -> NodeState:
-    if path.exists():
-        return NodeState.load(path, node.partition_id, run_id, settings.config_hash)
-    init = flat.initial_vector()
-    state = NodeState(
-        client_id=node.partition_id,
-        run_id=run_id,
-        config_hash=settings.config_hash,
-        theta=init,
-        phi=init.clone(),
-        # The client's training-order RNG (non-private batches), seeded as the in-process
-        # runtime seeds it; its state is saved after every use, so a restart continues it.
-        generator_state=client_generator(settings.experiment.seed, node.partition_id).get_state(),
-        noise_state=_noise_source(settings.experiment, node.partition_id, None).checkpoint_state()
-        if settings.experiment.privacy.enabled and settings.experiment.privacy.noise == "reproducible"
-        else None,
-    )
-    state.save(path)
-    return state
-
-
 def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], Any]) -> Any:
     """The client's calibrated plan, computed once per run and kept in ``path``.
 
@@ -218,24 +203,52 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
     return plan
 
 
-def _open_privacy(
-    settings: RunSettings, node: NodeSettings, run_id: int
-) -> FederationPrivacy | None:
-    """This client's budget gate, ledger and plan (None without ``privacy.enabled``).
+@dataclasses.dataclass
+class ClientSidePrivacy(FederationPrivacy):
+    """A :class:`~secure_fedora.secure.private.FederationPrivacy` that holds one client: its
+    :class:`ClientPrivacy` sits in the client's own slot (``clients[i]``, as the method's
+    client half indexes it); any other slot raises."""
 
-    A one-client :class:`~secure_fedora.secure.private.FederationPrivacy` (index 0 is this client),
-    opened the way ``FederationPrivacy.open`` opens each client: the plan is calibrated for
-    the client's budget, the ledger is verified and the accountant replayed from it.
+    sole: Any = None
+
+    @property
+    def accountant(self) -> str:
+        """Name of the accountant this client records with."""
+        return self.sole.gate.accountant.kind
+
+
+class _OneSlot(list):  # type: ignore[type-arg]
+    """``clients`` of a :class:`ClientSidePrivacy`: slot ``index`` of ``n``; iteration yields
+    the one client."""
+
+    def __init__(self, n: int, index: int, client: ClientPrivacy) -> None:
+        super().__init__([client])
+        self.n, self.index = n, index
+
+    def __getitem__(self, j: Any) -> Any:
+        if j == self.index:
+            return super().__getitem__(0)
+        raise IndexError(f"client {self.index}'s process holds no privacy state of client {j}")
+
+
+def _open_privacy(
+    settings: RunSettings, node: NodeSettings, run_id: int, method: str
+) -> ClientSidePrivacy | None:
+    """This client's budget gate, ledger and plan for ``method`` (None without DP).
+
+    Opened the way ``FederationPrivacy.open`` opens each client: the plan is calibrated for
+    the client's budget (and cached per run), the ledger
+    (``runs/<run_id>/<method>/<client id>.jsonl``) is verified and the accountant replayed
+    from it; a closed gate (an earlier refusal) stays closed.
     """
     cfg = settings.experiment
     if not cfg.privacy.enabled:
         return None
     from privacy.accounting import Accountant
-    from privacy.identity import client_ids, load_identity
+    from privacy.identity import load_identity
     from privacy.ledger import LedgerWriter, replay_accountant
     from privacy.pipeline import BudgetGate
     from secure_fedora.secure.private import (
-        ClientPrivacy,
         choose_accountant,
         client_budget,
         privacy_plan,
@@ -248,30 +261,33 @@ def _open_privacy(
             "privacy.enabled needs the node config key identity-dir (a directory with this "
             "client's identity key, as written by `secure-fedora keys init`)"
         )
-    cid = client_ids(cfg.data.num_clients)[node.partition_id]
-    budget = client_budget(cfg, node.partition_id)
-    ledger_dir = node.state_dir / "runs" / str(run_id)
+    i = node.partition_id
+    cid = client_ids(cfg.data.num_clients)[i]
+    budget = client_budget(cfg, i)
+    ledger_dir = _method_dir(node, run_id, method)
     ledger_dir.mkdir(parents=True, exist_ok=True)
     plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget,
-                        lambda: privacy_plan(cfg, "fedora", budget))
-    ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid, load_identity(node.identity_dir, cid).signing_key)
+                        lambda: privacy_plan(cfg, method, budget))
+    ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid,
+                          load_identity(node.identity_dir, cid).signing_key)
     try:
-        kind = plan.accountant or choose_accountant(cfg, "fedora", [budget]).name
+        kind = plan.accountant or choose_accountant(cfg, method, [budget]).name
         accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
     except BaseException:
         ledger.close()
         raise
-    client = ClientPrivacy(node.partition_id, cid, budget, plan, gate, ledger)
+    client = ClientPrivacy(i, cid, budget, plan, gate, ledger)
     if gate.closed:
         client.refused_at, client.refusal = -1, "refused before this message"
-    return FederationPrivacy(cfg, "fedora", [client], sample_rate_for(cfg), steps_per_round(cfg))
+    return ClientSidePrivacy(cfg, method, _OneSlot(cfg.data.num_clients, i, client),
+                             sample_rate_for(cfg), steps_per_round(cfg), sole=client)
 
 
 def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
     if privacy is None:
         return {}
-    c = privacy.clients[0]
+    c = privacy.sole
     return {
         "epsilon-spent": float(c.epsilon),
         "epsilon-budget": float(c.budget.epsilon),
@@ -284,14 +300,19 @@ def _ledger_record(privacy: FederationPrivacy | None) -> ConfigRecord | None:
     each round reply (signed with it) so the server can anchor it outside the client."""
     if privacy is None:
         return None
-    entries, head = privacy.clients[0].ledger.head
+    entries, head = privacy.sole.ledger.head
     return ConfigRecord({"entries": entries, "head": head})
 
 
+def _method_dir(node: NodeSettings, run_id: int, method: str) -> Path:
+    return node.state_dir / "runs" / str(run_id) / method
+
+
 def _open_request(
-    message: Message, context: Context
+    message: Message, context: Context, scope: str | None = None
 ) -> tuple[RunSettings, NodeSettings, MessageSecurity, Envelope]:
-    """Validate the run and node config, then verify the server's signed envelope.
+    """Validate the run and node config, then verify the server's signed envelope in
+    ``scope`` (its nonce memory and round floor; None: the run's ceremony scope).
 
     Nothing else of the message is read before its envelope is verified; a rejection raises
     the (logged) :class:`~privacy.envelope.EnvelopeError` and Flower returns an error reply.
@@ -301,8 +322,9 @@ def _open_request(
     cfg = settings.experiment
     node = NodeSettings.from_node_config(context.node_config, cfg.data.num_clients)
     node.state_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = node.state_dir / "runs" / str(context.run_id)
     security = MessageSecurity.for_client(
-        node.identity_dir, node.state_dir / "runs" / str(context.run_id), context.run_id,
+        node.identity_dir, run_dir / scope if scope else run_dir, context.run_id,
         settings.config_hash, node.partition_id, cfg.data.num_clients,
     )
     envelope = security.verify(
@@ -310,10 +332,6 @@ def _open_request(
         expected_sender=SERVER_ID,
     )
     return settings, node, security, envelope
-
-
-def _load_client(settings: RunSettings, node: NodeSettings) -> tuple[ClientData, FlatModel]:
-    return ensure_partition(node, settings.experiment), _flat_model(settings.experiment)
 
 
 def _reply(
@@ -352,7 +370,7 @@ def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor 
 
     Reproducible: the generator seeded as the in-process runtime seeds it, continued from the
     saved state. CSPRNG: a fresh key from ``os.urandom`` for every message -- nothing about it
-    is ever saved (``NodeState.noise_state`` stays None), so a restart, like every message,
+    is ever saved (``ClientRunState.noise_state`` stays None), so a restart, like every message,
     draws fresh independent noise, which the ledger's accounting already covers.
     """
     noise = make_noise_source(cfg.privacy.noise, cfg.seed, partition_id)
@@ -360,138 +378,19 @@ def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor 
     return noise
 
 
-def _train(
-    cfg: ExperimentConfig,
-    client: ClientData,
-    flat: FlatModel,
-    state: NodeState,
-    phi: torch.Tensor,
-    privacy: FederationPrivacy | None,
-) -> tuple[float, int]:
-    """``lambda_i`` then local training of ``state.theta`` (in place); returns (lambda, steps).
-
-    The same sequence as ``Fedora.train_round`` for one client: the regularization weight
-    (exact from public validation data, or the accounted noised one), then ``local_train``
-    with plain SGD (training order from the client's generator) or DP-SGD (sampling and noise
-    from the client's noise source).
-    """
-    generator = torch.Generator()
-    generator.set_state(state.generator_state)
-    noise = _noise_source(cfg, state.client_id, state.noise_state) if privacy is not None else None
-    if privacy is not None and cfg.data.validation == "private":
-        lam = privacy.private_lambda(
-            0, state.theta, phi, client.val_x, client.val_y, noise, flat.bind
-        )
-    else:
-        loss_local = evaluate(flat, state.theta, client.val_x, client.val_y).loss
-        loss_received = evaluate(flat, phi, client.val_x, client.val_y).loss
-        lam = fedora.regularization_weight(loss_local, loss_received)
-    oracle: GradientOracle
-    if privacy is not None:
-        from secure_fedora.secure.private import DPGradient
-
-        q = privacy.sample_rate
-        dp = DPGradient(flat.module, cfg.privacy.max_grad_norm, q,
-                        q * cfg.data.train_per_client, noise)
-        dp.select(privacy.clients[0].noise_multiplier, noise)
-        privacy.select_client(0, dp)  # count the DP-SGD steps this run executes
-        oracle = dp
-    else:
-        oracle = PlainGradient(cfg.training.batch_size, cfg.training.clip_grad_norm)
-    theta = state.theta.clone()
-    steps = local_train(
-        flat, theta, client.train_x, client.train_y, train_config(cfg), oracle, generator,
-        Workspace.for_size(flat.num_params), phi=phi, lam=lam,
-    )
-    state.theta = theta
-    state.generator_state = generator.get_state()
-    if noise is not None:
-        state.noise_state = noise.checkpoint_state()
-    return lam, steps
-
-
-def _release_summary(
-    settings: RunSettings,
-    node: NodeSettings,
-    client: ClientData,
-    state: NodeState,
-    state_path: Path,
-    privacy: FederationPrivacy | None,
-) -> torch.Tensor:
-    """The client's summary ``U_i`` (d x q, float64) as the configured mode releases it.
-
-    Noised modes: the Gaussian mechanism on the clipped second moment, through the client's
-    budget gate (the ledger entry is written before the summary leaves), drawing from the
-    client's noise source as the in-process runtime does; plain and encrypted modes: the
-    exact top-q subspace.
-    """
-    cfg = settings.experiment
-    if "noised" not in cfg.fedora.relatedness:
-        return fedora.client_summary(client.train_x, client.train_y, NUM_CLASSES, cfg.fedora.q)
-    assert privacy is not None  # the config requires privacy.enabled for the noised modes
-    noise = _noise_source(cfg, node.partition_id, state.noise_state)
-    try:
-        u = privacy.noised_summaries([client], cfg.fedora.q, NUM_CLASSES, [noise])[0]
-    except BudgetExceededError as err:
-        raise DeployError(f"client {node.partition_id} refused its summary: {err}") from err
-    state.noise_state = noise.checkpoint_state()
-    state.save(state_path)
-    return u
-
-
-def _initial_metrics(
-    flat: FlatModel, state: NodeState, client: ClientData, privacy: FederationPrivacy | None
-) -> dict[str, float]:
-    return {
-        "val-accuracy": evaluate(flat, state.theta, client.val_x, client.val_y).accuracy,
-        "test-accuracy": evaluate(flat, state.theta, client.test_x, client.test_y).accuracy,
-        **_privacy_metrics(privacy),
-    }
-
-
 def _summary_with_metrics(
     settings: RunSettings, node: NodeSettings, run_id: int
 ) -> tuple[torch.Tensor, dict[str, float], ReleaseJournal]:
-    """This client's summary ``U_i`` (through its budget gate when noised), its initial
-    metrics, and the run's release journal; the privacy state is closed before returning."""
-    client, flat = _load_client(settings, node)
-    state_path, journal = run_paths(node, run_id)
-    state = _load_or_init_state(state_path, node, run_id, settings, flat)
-    privacy = _open_privacy(settings, node, run_id)
-    try:
-        u = _release_summary(settings, node, client, state, state_path, privacy)
-        metrics = _initial_metrics(flat, state, client, privacy)
-    finally:
-        if privacy is not None:
-            privacy.close()
-    return u, metrics, journal
-
-
-@app.query("summary")
-def summary(message: Message, context: Context) -> Message:
-    """Release the client's summary ``U_i`` (plain or noised) and its initial accuracy."""
-    started = time.time()
-    settings, node, security, _ = _open_request(message, context)
-    _check_hash(message, "fedora", settings)
-    cfg = settings.experiment
-    check_supported(cfg, settings.reproducible_dp_noise)
-    if "encrypted" in cfg.fedora.relatedness:
-        raise DeployError(
-            f"fedora.relatedness = {cfg.fedora.relatedness!r}: the summary is released only "
-            "encrypted (query.encrypted_summary), never in the clear"
-        )
-    u, metrics, journal = _summary_with_metrics(settings, node, context.run_id)
-    journal.append(node.partition_id, 0, "summary", u.numpy().tobytes())
-    content = RecordDict(
-        {
-            "summary": tensor_to_array_record("u", u),
-            "client": ConfigRecord(
-                {"client-id": node.partition_id, "config-hash": settings.config_hash}
-            ),
-            "metrics": MetricRecord({**metrics, **_timings(started)}),
-        }
-    )
-    return _reply(security, message, content, 0)
+    """This client's summary ``U_i`` for the ``ckks_overlaps`` ceremony: FEDORA's client half
+    of the setup exchange (:func:`run_stage`, so noised modes release through the client's
+    budget gate and ledger, and the noise source continues into the rounds exactly as in
+    process), its privacy metrics, and the run's release journal. Refused: DeployError."""
+    result = run_stage(settings, node, run_id, "fedora", "setup", 0, lambda _limits: {},
+                       journal_release=False)
+    if result.refusal is not None:
+        raise DeployError(f"client {node.partition_id} refused its summary: {result.refusal}")
+    _, journal = run_paths(node, run_id)
+    return result.payload["summary"], result.metrics, journal
 
 
 def _key_holder_store(node: NodeSettings, run_id: int, identity: Identity) -> KeyHolderStore:
@@ -608,105 +507,251 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     return _reply(security, message, content, 0)
 
 
-@app.train("fedora")
-def train_round(message: Message, context: Context) -> Message:
-    """One FEDORA round on this client (docs/design.md section 2, a round), then evaluation.
 
-    Participating: ``lambda_i`` from the validation losses of ``theta_i`` and the received
-    ``phi_i``, local training with the proximal pull, release of ``theta_i``. Not
-    participating: ``phi_i`` is stored, ``theta_i`` is unchanged and not released.
-    """
+
+@app.query("hello")
+def hello(message: Message, context: Context) -> Message:
+    """First contact: identify this client; report its split sizes and data schema (input
+    shape, classes) and the partition facts a client may publish. No data leaves."""
     started = time.time()
-    settings, node, security, envelope = _open_request(message, context)
-    conf = _check_hash(message, "round", settings)
-    cfg = settings.experiment
-    rnd = conf.get("round")
-    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
-        raise DeployError(f"round message carries an invalid round {rnd!r}")
-    if rnd != envelope.round:
-        raise DeployError(f"round message for round {rnd} is signed for round {envelope.round}")
-    participate = bool(conf.get("participate"))
-    do_eval = bool(conf.get("evaluate"))
-    client, flat = _load_client(settings, node)
-    state_path, journal = run_paths(node, context.run_id)
-    state = _load_or_init_state(state_path, node, context.run_id, settings, flat)
-    phi = checked_array(message.content, "phi", "phi", torch.float32,
-                        tuple(state.theta.shape), envelope)
-    if rnd < state.last_received_round:
+    settings, node, security, _ = _open_request(message, context, HELLO_SCOPE)
+    _check_hash(message, "run", settings)
+    check_supported(settings.experiment, settings.reproducible_dp_noise)
+    client = ensure_partition(node, settings.experiment)
+    schema = DataSchema.of(client)
+    info: dict[str, Any] = {
+        "client-id": node.partition_id, "config-hash": settings.config_hash,
+        "input-shape": list(schema.input_shape), "num-classes": schema.num_classes,
+        "multilabel": schema.multilabel, "train": int(client.train_x.shape[0]),
+        "val": int(client.val_x.shape[0]), "test": int(client.test_x.shape[0]),
+    }
+    for key in ("rotation_degrees", "group", "classes"):
+        value = client.meta.get(key)
+        if isinstance(value, bool | int | float | str) or (
+                isinstance(value, list) and all(isinstance(v, int) for v in value)):
+            info[f"meta-{key}"] = value
+    content = RecordDict({"client": ConfigRecord(info),
+                          "metrics": MetricRecord(_timings(started))})
+    return _reply(security, message, content, 0)
+
+
+def _claimed_method(message: Message, settings: RunSettings) -> str:
+    """The method a method message names (read before verification only to pick the
+    envelope scope; the signature then covers it). Must be one of the configured methods."""
+    conf = message.content["run"] if "run" in message.content else None
+    method = conf.get("method") if isinstance(conf, ConfigRecord) else None
+    if not isinstance(method, str) or method not in settings.experiment.methods:
         raise DeployError(
-            f"stale round message: round {rnd} after round {state.last_received_round}"
-        )
-    state.phi = phi
-    state.last_received_round = rnd
-    lam = 0.0
-    steps = 0
-    trained_now = False
-    privacy = _open_privacy(settings, node, context.run_id)
+            f"message {message.metadata.message_type} names method {method!r}, not one of the "
+            f"configured methods {list(settings.experiment.methods)}")
+    return method
+
+
+def _admit(privacy: ClientSidePrivacy, method: str, cfg: ExperimentConfig, i: int, rnd: int,
+           noise: NoiseSource | None) -> bool:
+    """Account client ``i``'s round-``rnd`` model release (the mechanisms the method declares,
+    :func:`~secure_fedora.algorithms.contract.round_mechanisms`) in its ledger before the
+    client half runs; False when its budget refuses it."""
+    with_lambda = "gaussian_lambda" in round_mechanisms(method, cfg)
+    return privacy.admit(i, rnd, torch.empty(0), with_lambda, noise=noise)
+
+
+def _saved_reply(state: ClientRunState, stage: str) -> tuple[Payload, dict[str, float], str | None]:
+    return (dict(state.replies.get(stage, {})), dict(state.metrics.get(stage, {})),
+            state.refusals.get(stage))
+
+
+def method_message(message: Message, context: Context) -> Message:
+    """Client half of one method exchange (setup, round, evaluate or finalize): see the
+    module docstring for the order of checks, admission, computation and persistence."""
+    started = time.time()
+    message_type = message.metadata.message_type
+    stage = STAGE_OF[message_type]
+    method = _claimed_method(message, RunSettings.from_run_config(context.run_config))
+    settings, node, security, envelope = _open_request(message, context, method)
+    conf = _check_hash(message, "run", settings)
+    cfg = settings.experiment
+    check_supported(cfg, settings.reproducible_dp_noise)
+    rnd = conf.get("round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+        raise DeployError(f"{message_type} message carries an invalid round {rnd!r}")
+    if conf.get("stage") != stage or conf.get("method") != method:
+        raise DeployError(f"{message_type} message names exchange {conf.get('stage')!r}")
+    wire = wire_round(stage, rnd, cfg.training.rounds)
+    if wire != envelope.round:
+        raise DeployError(f"{stage} message for round {rnd} is signed for round {envelope.round}")
+
+    def incoming(limits: PayloadLimits) -> Payload | None:
+        if not conf.get("has-payload"):
+            return None
+        record = message.content["payload"] if "payload" in message.content else None
+        return record_to_payload(record, envelope, f"{stage} message", limits)
+
+    result = run_stage(settings, node, context.run_id, method, stage, rnd, incoming)
+    content = RecordDict()
+    if result.refusal is not None:
+        content["refusal"] = ConfigRecord({"reason": result.refusal})
+    else:
+        content["payload"] = payload_to_record(result.payload, result.limits)
+    if result.ledger_head is not None:
+        content["ledger"] = result.ledger_head
+    content["run"] = ConfigRecord({"method": method, "stage": stage, "round": rnd})
+    content["metrics"] = MetricRecord({**result.metrics, **_timings(started)})
+    return _reply(security, message, content, wire)
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What one exchange of a method's client half produced (see :func:`run_stage`)."""
+
+    payload: Payload
+    metrics: dict[str, float]  # the stage's metrics and, with DP, the client's spending
+    refusal: str | None
+    ledger_head: ConfigRecord | None
+    limits: PayloadLimits
+
+
+def run_stage(
+    settings: RunSettings, node: NodeSettings, run_id: int, method: str, stage: str, rnd: int,
+    incoming: Callable[[PayloadLimits], Payload | None], *, journal_release: bool = True,
+) -> StageResult:
+    """Run this client's half of ``method`` for ``stage`` of round ``rnd`` (the verified
+    message's payload from ``incoming``): rebuild the algorithm with only this client's data,
+    restore its state, admit (DP) and compute, journal a released payload, save the state.
+
+    A stage this client already answered for ``rnd`` is answered again from its saved state,
+    with nothing computed, accounted or released twice; an older round is refused.
+    ``journal_release`` False: the caller releases (and journals) something else instead of
+    the payload (the CKKS ceremony sends the encrypted summary, never the summary itself).
+    """
+    cfg = settings.experiment
+    i = node.partition_id
+    client = ensure_partition(node, cfg)
+    ctx = client_context(cfg, i, client)
+    algorithm = build_algorithm(method, ctx, cfg)
+    limits = PayloadLimits.for_model(ctx.flat.num_params)
+    message = incoming(limits)
+    state_path = _method_dir(node, run_id, method) / "client.pt"
+    state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
+             if state_path.exists() else
+             ClientRunState(i, run_id, settings.config_hash, method,
+                            client_generator(cfg.seed, i).get_state()))
+    _, journal = run_paths(node, run_id)
+    done = state.answered.get(stage)
+    if done is not None and done > rnd:
+        raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
+    privacy = _open_privacy(settings, node, run_id, method)
     try:
-        if participate and rnd > state.last_trained_round:
-            admitted = True
-            if privacy is not None:
-                # The round's DP-SGD steps (and the lambda release) are accounted and written
-                # to the signed ledger before training; a refusal ends this client's releases.
-                admitted = privacy.admit(
-                    0, rnd, state.theta, with_lambda=cfg.data.validation == "private"
-                )
-            if admitted:
-                lam, steps = _train(cfg, client, flat, state, phi, privacy)
-                if privacy is not None:  # executed steps == ledger entry, or no release
-                    privacy.confirm_steps(rnd, [0])
-                state.last_trained_round = rnd
-                trained_now = True
-            elif state.refused_round == 0:
-                state.refused_round = rnd
-        if do_eval:
-            state.last_val_accuracy = evaluate(flat, state.theta, client.val_x, client.val_y).accuracy
-            state.last_test_accuracy = evaluate(
-                flat, state.theta, client.test_x, client.test_y
-            ).accuracy
-            state.last_eval_round = rnd
-        state.save(state_path)
-        if privacy is not None and rnd == cfg.training.rounds:
-            # The run's last round: the ledger is finished (its releases of this round are
-            # already on it), so it ends with its signed close entry (idempotent on retries).
+        if done == rnd:  # delivered again: the same answer, nothing computed or released twice
+            payload, metrics, refusal = _saved_reply(state, stage)
+        else:
+            payload, metrics, refusal = _run_client_half(
+                method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
+            if refusal is None and payload and journal_release:
+                # Journaled (fsynced) before the state that marks it answered, and before it
+                # leaves: a crash in between journals it twice, never releases it unjournaled.
+                blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes()
+                                for t in payload.values())
+                journal.append(i, wire_round(stage, rnd, cfg.training.rounds),
+                               f"{method}/{stage}", blob)
+            state.algorithm = algorithm.client_state_dict(i)
+            state.generator_state = ctx.generators[i].get_state()
+            if ctx.noise and cfg.privacy.noise == "reproducible":
+                state.noise_state = ctx.noise[i].checkpoint_state()
+            state.answered[stage] = rnd
+            state.replies[stage] = payload
+            state.metrics[stage] = metrics
+            if refusal is not None:
+                state.refusals[stage] = refusal
+            else:
+                state.refusals.pop(stage, None)
+            state.save(state_path)
+        if privacy is not None and stage == "evaluate" and rnd == cfg.training.rounds:
+            # The method's last round is evaluated: its ledger is finished, so it ends with
+            # its signed close entry (idempotent on a message delivered again).
             privacy.close_ledgers(rnd)
-        privacy_metrics = _privacy_metrics(privacy)
-        ledger_head = _ledger_record(privacy)
-        refusal = privacy.clients[0].refusal if privacy is not None else None
+        return StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
+                           _ledger_record(privacy), limits)
     finally:
         if privacy is not None:
             privacy.close()
-    released = participate and state.refused_round == 0
-    content = RecordDict()
-    if released:
-        journal.append(node.partition_id, rnd, "model", state.theta.numpy().tobytes())
-        content["theta"] = tensor_to_array_record("theta", state.theta)
-    elif participate and refusal:
-        content["refusal"] = ConfigRecord({"reason": refusal})
-    if ledger_head is not None:
-        content["ledger"] = ledger_head
-    content["metrics"] = MetricRecord(
-        {
-            **privacy_metrics,
-            "round": rnd,
-            "trained": int(released),
-            "trained-now": int(trained_now),
-            "lambda": float(lam),
-            "steps": steps,
-            "val-accuracy": float(state.last_val_accuracy),
-            "test-accuracy": float(state.last_test_accuracy),
-            "eval-round": state.last_eval_round,
-            **_timings(started),
-        }
-    )
-    return _reply(security, message, content, rnd)
+
+
+def _run_client_half(
+    method: str,
+    algorithm: Any, ctx: Any, cfg: ExperimentConfig, state: ClientRunState,
+    privacy: ClientSidePrivacy | None, stage: str, rnd: int, incoming: Payload | None,
+    client: ClientData,
+) -> tuple[Payload, dict[str, float], str | None]:
+    """Restore the method's client state, then run its client half for ``stage``; returns
+    (reply payload, metrics, refusal reason or None)."""
+    i = client.client_id
+    if state.algorithm:
+        algorithm.load_client_state_dict(i, state.algorithm)
+    ctx.generators[i].set_state(state.generator_state)
+    if ctx.noise:
+        ctx.noise[i] = _noise_source(cfg, i, state.noise_state)
+    if privacy is not None:
+        privacy.loss = ctx.flat.task.checked
+        ctx.privacy = privacy
+    message = incoming if incoming is not None else {}
+    if stage == "setup":
+        try:
+            return algorithm.client_setup(i, message), {}, None
+        except BudgetExceededError as err:
+            return {}, {}, str(err)
+    if stage == "round":
+        if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
+                                              ctx.noise[i] if ctx.noise else None):
+            return {}, {}, privacy.sole.refusal or "the release was refused"
+        reply = algorithm.client_update(i, rnd, message)
+        if privacy is not None:  # executed DP-SGD steps == the ledger's, or no release
+            privacy.confirm_steps(rnd, [i])
+        return reply, {}, None
+    if stage == "evaluate":
+        row = algorithm.client_eval_row(i, incoming)
+        c = ctx.clients[i]
+        return {}, {"val-metric": float(evaluate(ctx.flat, row, c.val_x, c.val_y).metric),
+                    "test-metric": float(evaluate(ctx.flat, row, c.test_x, c.test_y).metric)}, None
+    if stage == "finalize":
+        return algorithm.client_finalize(i, message), {}, None
+    raise DeployError(f"unknown exchange {stage!r}")
+
+
 
 
 #: Message type -> handler (what the ClientApp routes; tests call handlers directly).
-HANDLERS = {
-    MSG_SUMMARY: summary,
+HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
+    MSG_HELLO: hello,
+    MSG_SETUP: method_message,
+    MSG_ROUND: method_message,
+    MSG_EVALUATE: method_message,
+    MSG_FINALIZE: method_message,
     MSG_CEREMONY: ceremony,
     MSG_ENCRYPTED_SUMMARY: encrypted_summary,
     MSG_DECRYPT: decrypt_overlaps_handler,
-    MSG_ROUND: train_round,
 }
+
+
+@app.query("setup")
+def _setup(message: Message, context: Context) -> Message:
+    """``query.setup``: the method's setup exchange."""
+    return method_message(message, context)
+
+
+@app.train("round")
+def _round(message: Message, context: Context) -> Message:
+    """``train.round``: one round of the method's client half."""
+    return method_message(message, context)
+
+
+@app.evaluate("round")
+def _evaluate(message: Message, context: Context) -> Message:
+    """``evaluate.round``: the client evaluates its personalized model."""
+    return method_message(message, context)
+
+
+@app.query("finalize")
+def _finalize(message: Message, context: Context) -> Message:
+    """``query.finalize``: the method's finalize exchange."""
+    return method_message(message, context)

@@ -2,7 +2,7 @@
 
 :func:`deploy_local` creates certificates and node keys, starts ``flower-superlink`` with TLS
 and SuperNode authentication, registers every node's public key with ``flwr supernode
-register``, starts one ``flower-supernode`` per client, submits the FEDORA app with ``flwr
+register``, starts one ``flower-supernode`` per client, submits the secure-fedora app with ``flwr
 run``, follows it to the end and stops everything it started, also on errors and Ctrl-C.
 :class:`LocalFederation` is the same machinery as a context manager, for tests and tools that
 need to act during a run (stop or restart a SuperNode).
@@ -14,12 +14,13 @@ Layout of ``workdir``::
     identities/<party>/  one directory per party (server, client-000, ...): that party's Ed25519
                          and X25519 private keys (0600) and the federation's allowlist.json;
                          they sign every message envelope and the clients' privacy ledgers
-    server/              the ServerApp's envelope nonce memory (runs/<run_id>/)
+    server/              the ServerApp's envelope nonce memory (runs/<run_id>/<scope>/)
     flwr/cli/            FLWR_HOME of the flwr CLI (config.toml with the connection)
     flwr/superlink/      FLWR_HOME of the SuperLink (its installed FABs)
     flwr/node-<i>/       FLWR_HOME of SuperNode i
-    nodes/node-<i>/      state-dir of client i (partition, models, release journal and,
-                         with DP, the signed ledger runs/<run_id>/client-<i>.jsonl)
+    nodes/node-<i>/      state-dir of client i (partition, per-method client state
+                         runs/<run_id>/<method>/client.pt, release journal and, with DP, the
+                         signed ledger runs/<run_id>/<method>/client-<i>.jsonl)
     logs/                one log per process; serverapp.log is the run's log stream
     results/             results.json, progress.json written by the ServerApp
     run.toml             the run-config overrides passed to ``flwr run``
@@ -495,7 +496,7 @@ class LocalFederation:
         key_holder: int = 0,
         max_in_flight: int = 0,
     ) -> int:
-        """Submit the FEDORA app with ``cfg`` via ``flwr run``; returns the run id.
+        """Submit the secure-fedora app with ``cfg`` via ``flwr run``; returns the run id.
 
         ``round_timeout`` overrides ``timeouts.round`` for this run only; ``key_holder`` is the
         client that runs the CKKS key ceremony in the encrypted relatedness modes;
@@ -595,7 +596,7 @@ def deploy_local(
     key_holder: int = 0,
     max_in_flight: int | None = None,
 ) -> DeployResult:
-    """Run FEDORA on a local, secured Flower deployment and stop everything afterwards.
+    """Run every method of the config on a local, secured Flower deployment and stop everything afterwards.
 
     ``config`` is a TOML path or a validated config; ``num_clients`` (if given) replaces
     ``data.num_clients``, and one SuperNode is started per client; ``key_holder`` is the client

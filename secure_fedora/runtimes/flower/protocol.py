@@ -1,48 +1,47 @@
-"""What the FEDORA ServerApp and ClientApp exchange over Flower, and how it is encoded.
+"""What the generic ServerApp and ClientApp exchange over Flower, and how it is encoded.
 
-Every message below carries a signed envelope (:mod:`secure_fedora.runtimes.flower.envelopes`): kind =
-message type (``.reply`` appended for replies), round 0 in the relatedness phase and ``r`` in
-training round ``r``; first-contact requests carry one envelope per client id.
+Every message below carries a signed envelope (:mod:`secure_fedora.runtimes.flower.envelopes`):
+kind = message type (``.reply`` appended for replies); first-contact requests carry one envelope
+per client id. Envelopes are verified in a *scope* (its own nonce memory and round floor):
+``hello`` for the first contact, one scope per method. A method's envelope round is
+:func:`wire_round`: 0 for its setup, ``r`` for round ``r`` and its evaluation,
+``rounds + 1`` for its finalize exchange.
 
-Relatedness, plain and noised modes (one exchange):
+``query.hello`` (server -> every node; first contact)
+    content: ``ConfigRecord "run"`` with ``config-hash``.
+    reply: ``ConfigRecord "client"`` with ``client-id``, ``config-hash``, ``input-shape``,
+    ``num-classes``, ``multilabel``, the split sizes ``train``, ``val``, ``test`` and the
+    partition facts ``meta-<key>`` a client may publish (rotation, group, classes).
 
-``query.summary`` (server -> every node; first contact)
-    content: ``ConfigRecord "fedora"`` with ``config-hash``.
-    reply: ``ArrayRecord "summary"`` holding ``u`` (d x q, float64; noised through the
-    client's budget gate in noised mode), ``ConfigRecord "client"`` with ``client-id`` and
-    ``config-hash``, ``MetricRecord "metrics"`` with the initial model's validation and test
-    accuracy (and the client's epsilon with DP).
+Method exchanges (any method; the payloads are the method's :data:`Payload` s):
 
-Relatedness, encrypted and noised+encrypted modes (CKKS; the key holder is client
-``key-holder`` of the run config, default 0):
+``query.setup`` / ``train.round`` / ``evaluate.round`` / ``query.finalize``
+    content: ``ArrayRecord "payload"`` (the method's message to this client, every tensor in
+    its own dtype) and ``ConfigRecord "run"`` with ``method``, ``stage`` (setup, round,
+    evaluate, finalize), ``round``, ``has-payload`` and ``config-hash``.
+    reply: ``ConfigRecord "run"`` (method, stage, round echoed), ``ArrayRecord "payload"``
+    (the client half's reply; for ``evaluate.round`` empty), ``MetricRecord "metrics"``
+    (timings; ``val-metric`` and ``test-metric`` for an evaluation; the client's
+    ``epsilon-spent``, ``epsilon-budget`` and ``ledger-entries`` with DP), with DP
+    ``ConfigRecord "ledger"`` (``entries``, ``head``: the SHA-256 of its last ledger line), and
+    instead of a payload ``ConfigRecord "refusal"`` (``reason``) when the client refused the
+    release under its budget.
 
-``query.ceremony`` (server -> every node; first contact)
+FEDORA's encrypted relatedness (CKKS; the key holder is client ``key-holder`` of the run
+config, default 0) adds its ceremony messages (:mod:`secure_fedora.runtimes.flower.ceremony`):
+
+``query.ceremony`` (server -> every node)
     content: ``ConfigRecord "fedora"`` with ``config-hash`` and ``key-holder``.
     reply: ``ConfigRecord "client"`` (``client-id``, ``config-hash``); the key holder's reply
-    also holds ``ConfigRecord "ceremony"``: ``public-context`` (public key, relinearization
-    and Galois keys, no secret key) and ``sealed-<client id>`` for every client (the secret
-    context sealed to that client's X25519 key). The key holder keeps its secret context on
-    its own disk (sealed to its own X25519 key, 0600), so a restart needs no new ceremony.
+    also holds ``ConfigRecord "ceremony"``: ``public-context`` (no secret key) and
+    ``sealed-<client id>`` for every client.
 ``query.encrypted_summary`` (server -> each client's node)
     content: ``ConfigRecord "fedora"`` (``config-hash``) and ``ConfigRecord "ckks"`` with
-    ``sealed-context`` (that client's blob), ``num-vectors`` and ``dim`` (the packing layout).
-    reply: ``ConfigRecord "upload"`` with ``columns`` (q serialized
-    :class:`privacy.ckks.InnerProductUpload`, vector ``client * q + r`` for column ``r``),
-    ``ConfigRecord "client"`` and ``MetricRecord "metrics"`` as for ``query.summary``.
+    ``sealed-context``, ``num-vectors`` and ``dim``. reply: ``ConfigRecord "upload"`` with
+    ``columns`` (q serialized :class:`privacy.ckks.InnerProductUpload`).
 ``query.decrypt_overlaps`` (server -> the key holder's node)
-    content: ``ConfigRecord "fedora"`` (``config-hash``) and ``ConfigRecord "rows"`` with
-    ``rows`` (the N q serialized :class:`privacy.ckks.EncryptedRow`, in index order).
-    reply: ``ArrayRecord "overlaps"`` holding ``overlaps`` (N x N x q x q, float64): the
-    decrypted blocks ``U_i^T U_j``, nothing else.
-
-Training, every round:
-
-``train.fedora`` (server -> each reachable client)
-    content: ``ArrayRecord "phi"`` holding that client's own ``phi`` (float32, P), and
-    ``ConfigRecord "round"`` with ``round``, ``participate``, ``evaluate``, ``config-hash``.
-    reply: ``ArrayRecord "theta"`` (only when the client trained) and ``MetricRecord
-    "metrics"`` (``trained``, ``round``, ``lambda``, ``steps``, ``val-accuracy``,
-    ``test-accuracy``, timings).
+    content: ``ConfigRecord "rows"`` with ``rows``. reply: ``ArrayRecord "overlaps"``
+    (N x N x q x q, float64), nothing else.
 
 The experiment configuration travels in the run config (key ``experiment``, the validated
 config as JSON), so server and clients use one config; every message carries its hash and a
@@ -72,8 +71,15 @@ __all__ = [
     "MSG_CEREMONY",
     "MSG_DECRYPT",
     "MSG_ENCRYPTED_SUMMARY",
+    "MSG_EVALUATE",
+    "MSG_FINALIZE",
+    "MSG_HELLO",
     "MSG_ROUND",
+    "MSG_SETUP",
     "MSG_SUMMARY",
+    "HELLO_SCOPE",
+    "STAGE_OF",
+    "wire_round",
     "SUMMARY_DIM",
     "NodeSettings",
     "RunSettings",
@@ -89,7 +95,30 @@ MSG_SUMMARY = "query.summary"
 MSG_CEREMONY = "query.ceremony"
 MSG_ENCRYPTED_SUMMARY = "query.encrypted_summary"
 MSG_DECRYPT = "query.decrypt_overlaps"
-MSG_ROUND = "train.fedora"
+MSG_HELLO = "query.hello"
+MSG_SETUP = "query.setup"
+MSG_ROUND = "train.round"
+MSG_EVALUATE = "evaluate.round"
+MSG_FINALIZE = "query.finalize"
+
+#: Envelope scope of the first contact (each method has its own scope, named after it).
+HELLO_SCOPE = "hello"
+#: Message type -> the method exchange (stage) it carries.
+STAGE_OF = {MSG_SETUP: "setup", MSG_ROUND: "round", MSG_EVALUATE: "evaluate",
+            MSG_FINALIZE: "finalize"}
+
+
+def wire_round(stage: str, rnd: int, rounds: int) -> int:
+    """The envelope round of a method's ``stage`` message of round ``rnd``: 0 for its setup,
+    ``rnd`` for a round and its evaluation, ``rounds + 1`` for its finalize exchange (so the
+    rounds a receiver accepts never go back within one method's scope)."""
+    if stage == "setup":
+        return 0
+    if stage == "finalize":
+        return rounds + 1
+    if stage in ("round", "evaluate"):
+        return rnd
+    raise ValueError(f"unknown exchange {stage!r}")
 
 #: Rows of a client summary ``U_i``: flattened 28 x 28 image plus a one-hot label of 10 classes.
 SUMMARY_DIM = 784 + 10
@@ -117,11 +146,14 @@ class DeployError(ToolkitError, RuntimeError):
 def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) -> None:
     """Refuse, before anything starts, a config the Flower runtime cannot run as written.
 
-    The Flower runtime runs FEDORA with every relatedness mode (plain, noised, encrypted,
-    noised+encrypted), with or without differential privacy (DP-SGD, budgets, signed ledgers,
-    private validation), and dense or power propagation. It does not implement encrypted
-    propagation (``fedora.propagation = "encrypted"``); running it any other way would silently
-    weaken what the config asks for, so it is an error naming the setting.
+    The Flower runtime runs every registered method that implements the method contract
+    (:class:`~secure_fedora.algorithms.contract.FederatedAlgorithm`), with or without
+    differential privacy (DP-SGD, budgets, signed ledgers, private validation); FEDORA with
+    every relatedness mode (plain, noised, encrypted, noised+encrypted) and dense or power
+    propagation. It does not implement encrypted propagation (``fedora.propagation =
+    "encrypted"``), nor user data, models or losses (the SuperNodes build the built-in ones);
+    running such a config any other way would silently weaken or change what it asks for, so
+    it is an error naming the setting.
 
     Reproducible DP noise (``privacy.noise = "reproducible"``, seeded from the experiment
     seed) is refused unless ``reproducible_dp_noise``: the server distributes the config, seed
@@ -137,9 +169,15 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             "could reproduce the DP noise; use 'csprng', or pass reproducible-dp-noise for a "
             "test deployment without a DP guarantee against the server)"
         )
-    if "fedora" not in cfg.methods:
-        problems.append(f"methods {cfg.methods} does not include 'fedora'")
-    if cfg.fedora.propagation == "encrypted":
+    from secure_fedora.algorithms.contract import method_class
+
+    for name in cfg.methods:
+        cls = method_class(name)
+        if cls is None or not _implements_halves(cls):
+            problems.append(
+                f"method {name!r} does not implement the method contract "
+                "(secure_fedora/algorithms/contract.py), which the Flower runtime drives")
+    if "fedora" in cfg.methods and cfg.fedora.propagation == "encrypted":
         problems.append(
             "fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear over "
             "TLS; use 'dense' or 'power', or the in-process runtime for encrypted propagation)"
@@ -154,6 +192,18 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             )
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
+
+
+def _implements_halves(cls: type) -> bool:
+    """Whether ``cls`` runs as separate server and client halves: it implements the
+    contract's ``client_update`` (a method that still overrides only an in-process
+    ``train_round``, with the in-process base's raising ``client_update``, cannot be split
+    across processes)."""
+    from secure_fedora.algorithms.methods import FederatedMethod
+
+    owner = next((k for k in cls.__mro__ if "client_update" in vars(k)), None)
+    return (owner is not None and owner is not FederatedMethod
+            and not getattr(vars(owner)["client_update"], "__isabstractmethod__", False))
 
 
 def with_reproducible_noise(cfg: ExperimentConfig, reproducible_dp_noise: bool) -> ExperimentConfig:

@@ -1,44 +1,49 @@
-"""The FEDORA ServerApp: relatedness once, then rounds of personalized propagation.
+"""The generic ServerApp: the server half of any configured method, over Flower.
 
-The server never holds client data. It
+The server never holds client data. For a run it
 
-1. waits (bounded by ``connect-timeout``) until one SuperNode per client is online, then runs
-   the relatedness phase in the configured mode (replies bounded by the larger of
-   ``connect-timeout`` and ``round-timeout``: first contact includes app installation and
-   partition building), learning which node holds which client (``client-id``):
+1. waits (bounded by ``connect-timeout``) until one SuperNode per client is online and sends
+   every node a first-contact ``query.hello``: each verified reply names the client the node
+   holds (``client-id``), its split sizes and the data schema (input shape, classes), which
+   every client must share; the server learns nothing else about the data;
+2. for each method of ``cfg.methods`` builds the method's algorithm object through the
+   method registry with a context that holds no client data
+   (:func:`~secure_fedora.runtimes.flower.contexts.server_context`) and drives the method
+   contract (:mod:`secure_fedora.algorithms.contract`): the setup exchange
+   (``setup_messages`` -> ``query.setup`` -> ``server_setup``), then every round samples the
+   participants exactly as the in-process runtime does (same seed, same generator), sends
+   ``configure``'s messages (``train.round``), hands the accepted replies to ``aggregate`` and,
+   in evaluated rounds, sends every reachable client ``evaluation_messages``' payload
+   (``evaluate.round``; the client evaluates its ``client_eval_row`` on its own validation and
+   test data and reports the two metrics); after the last round the finalize exchange
+   (``finalize_messages`` -> ``query.finalize`` -> ``server_finalize``);
+3. writes one ``results.json`` (:func:`secure_fedora.runtimes.results.build_results`, the
+   schema the in-process runtime writes, plus Flower's own keys) and, with DP, the signed
+   ``anchor.json`` of the ledger heads the clients reported.
 
-   - plain / noised: every client sends its summary ``U_i`` (noised through its own budget
-     gate in noised mode);
-   - encrypted / noised+encrypted (CKKS, :mod:`secure_fedora.runtimes.flower.ceremony`): the key
-     holder (run config ``key-holder``, a client) runs the key ceremony and returns the public
-     context and the secret context sealed to every client; the server forwards each client
-     its sealed context and receives ``Enc(U_i)``; it computes the encrypted Gram rows with
-     the public context only (it refuses any context holding a secret key); the key holder
-     decrypts and returns only the ``q x q`` overlap blocks;
-
-2. builds the similarity matrix, the top-k graph and the propagation matrix ``P`` with
-   :mod:`secure_fedora.algorithms.fedora` (the same calls as the in-process ``Fedora`` method);
-3. every round, samples participants exactly as the in-process runtime does (same seed,
-   same generator), sends every reachable client *its own* ``phi_i`` (participants train and
-   return ``theta_i``; the others only store ``phi_i`` and report their accuracy), waits for
-   replies (bounded by ``round-timeout``), then sets ``phi = P @ theta``.
+The runtime moves only payloads (``dict[str, Tensor]``, one ArrayRecord per message,
+:mod:`secure_fedora.runtimes.flower.payloads`) and never branches on the method. A method
+that needs a multi-step protocol instead of its setup exchange names it
+(:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.setup_ceremony`); the runtime
+runs it from :data:`CEREMONIES` and hands the result to ``server_setup_from_ceremony``.
+FEDORA's encrypted relatedness (``ckks_overlaps``: key ceremony at the key-holder client,
+encrypted summaries, Gram rows on ciphertexts, decryption of the overlap blocks only) is one.
 
 Every message is signed and every reply verified (:mod:`secure_fedora.runtimes.flower.envelopes`),
 with the server identity and allowlist of ``identity-dir`` and the nonce memory in
-``server-state-dir/runs/<run_id>/``. A rejected reply (unknown sender, bad signature, tampered
-content, replay, stale round, wrong shape, non-finite values, malformed content) is logged,
-recorded in ``results["security"]["rejections"]``, and that client counts as not
-participating in the round, exactly as an offline one. In the relatedness phase every client
-is needed, so a rejected summary stops the run naming the client.
-
-Partial participation, matching the in-process runtime: a client that is offline, replies
-with an error, does not reply within the round timeout or whose reply is rejected simply
-keeps its last ``theta_i`` on the server (its last accepted model); it still receives its
-``phi_i`` whenever it is reachable, and propagation always uses every client's last known
-``theta``. Each such event is logged with the round, client and node. In an evaluated round,
-a client that did not report counts with its last reported accuracy (the initial model's,
-reported with its summary, if it never reported); model selection is the in-process
-runtime's ``Tracker`` (the round with the best mean validation accuracy).
+``server-state-dir/runs/<run_id>/<scope>/`` (one scope for the first contact, one per
+method: a method's envelope rounds are 0 for its setup, ``r`` for round ``r`` and its
+evaluation, ``rounds + 1`` for its finalize exchange). The signed content names the method,
+the exchange and the round, so no message is accepted in another method's or exchange's
+place. A rejected reply (unknown sender, bad signature, tampered content, replay, stale
+round, malformed or wrongly shaped payload, non-finite values) is logged, recorded in
+``results["security"]["rejections"]``, and that client counts as not taking part, exactly as
+an offline one, a client that replied with an error or not in time (``round-timeout``), or one
+that refused a release under its privacy budget; each such event is logged with the method,
+round, client and node and listed under ``results["events"]``. The method decides what an
+absent reply means (its contract: "did not take part"); in an evaluated round a client that
+did not report keeps its last reported metric (zero before its first), as the in-process
+tracker does for model selection.
 
 Results (``results.json``, ``progress.json``) are written atomically to ``result-dir`` on the
 SuperLink host when it is set.
@@ -48,7 +53,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,33 +65,34 @@ from torch import Tensor
 from privacy.ckks import InnerProductUpload
 from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
-from secure_fedora import __version__
-from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.contract import Payload
 from secure_fedora.core.config import ExperimentConfig, model_selection
-from secure_fedora.learning.client import FlatModel
-from secure_fedora.learning.models import make_model
 from secure_fedora.runtimes.flower.ceremony import layout_for
+from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
+from secure_fedora.runtimes.flower.payloads import (
+    PayloadLimits,
+    ShapePins,
+    payload_to_record,
+    record_to_payload,
+)
 from secure_fedora.runtimes.flower.protocol import (
+    HELLO_SCOPE,
     MSG_CEREMONY,
     MSG_DECRYPT,
     MSG_ENCRYPTED_SUMMARY,
+    MSG_EVALUATE,
+    MSG_FINALIZE,
+    MSG_HELLO,
     MSG_ROUND,
-    MSG_SUMMARY,
-    SUMMARY_DIM,
+    MSG_SETUP,
     DeployError,
     RunSettings,
     check_supported,
-    tensor_to_array_record,
+    wire_round,
 )
-from secure_fedora.runtimes.inprocess import (
-    NUM_CLASSES,
-    Tracker,
-    atomic_write_text,
-    summarize,
-)
+from secure_fedora.runtimes.inprocess import Tracker, atomic_write_text, summarize
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
-from secure_fedora.secure.private import noise_assumptions
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
     SecureRelatednessError,
@@ -96,7 +102,7 @@ from secure_fedora.secure.relatedness import (
 )
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
-__all__ = ["ExchangeTiming", "app", "sample_participants"]
+__all__ = ["ExchangeTiming", "app", "run_federation", "sample_participants"]
 
 app = ServerApp()
 
@@ -260,23 +266,25 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float) -> list
 
 @dataclass
 class _Server:
-    """Server-side FEDORA state for one run."""
+    """Server-side state of one Flower run (every method)."""
 
     settings: RunSettings
     run_id: int
-    security: MessageSecurity
-    node_of_client: dict[int, int] = field(default_factory=dict)
-    theta: Tensor | None = None
-    phi: Tensor | None = None
-    prop: Tensor | None = None
-    graph: Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    securities: dict[str, MessageSecurity] = field(default_factory=dict)
+    scope: str = HELLO_SCOPE
+    node_of_client: dict[int, int] = field(default_factory=dict)
+    nodes: list[int] = field(default_factory=list)  # the nodes online at the start
+    sizes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    schema: DataSchema | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    refused: dict[str, set[int]] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    # Kept for the encrypted relatedness ceremony (secure_fedora.runtimes.flower.ceremony).
     relatedness_timing: dict[str, Any] = field(default_factory=dict)
     relatedness_details: dict[str, Any] = field(default_factory=dict)
-    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)
-    refused: set[int] = field(default_factory=set)
     ckks_context: Any = None  # the public CKKS context (encrypted modes); never a secret key
 
     @property
@@ -289,17 +297,31 @@ class _Server:
         """Party ids of the federation's clients, by client index."""
         return client_ids(self.cfg.data.num_clients)
 
+    @property
+    def security(self) -> MessageSecurity:
+        """The signing identity and nonce memory of the current scope (first contact or a
+        method), opened on first use."""
+        if self.scope not in self.securities:
+            s = self.settings
+            self.securities[self.scope] = MessageSecurity.for_server(
+                s.identity_dir, s.server_state_dir / "runs" / str(self.run_id) / self.scope,
+                self.run_id, s.config_hash, self.cfg.data.num_clients)
+        return self.securities[self.scope]
+
     def event(self, rnd: int, client: int | None, node: int | None, what: str) -> None:
         """Record and log a partial-participation or failure event."""
-        self.events.append({"round": rnd, "client": client, "node": node, "event": what})
+        self.events.append({"method": None if self.scope == HELLO_SCOPE else self.scope,
+                            "round": rnd, "client": client, "node": node, "event": what})
         who = f"client {client} (node {node})" if client is not None else f"node {node}"
-        _say(f"round {rnd}: {who}: {what}")
+        where = "" if self.scope == HELLO_SCOPE else f"{self.scope} "
+        _say(f"{where}round {rnd}: {who}: {what}")
 
     def reject(
         self, rnd: int, client: int | None, node: int | None, error: EnvelopeError, then: str
     ) -> None:
         """Record a rejected message (already logged on the security logger) and log it."""
         self.rejections.append({
+            "method": None if self.scope == HELLO_SCOPE else self.scope,
             "round": rnd, "client": client, "node": node, "reason": error.reason,
             "sender": error.sender, "detail": error.detail,
         })
@@ -351,7 +373,7 @@ def _relatedness_message(
         server.sign(content, message_type, recipients, 0),
         dst_node_id=node,
         message_type=message_type,
-        group_id="relatedness",
+        group_id=f"{server.scope}:setup:0",
         ttl=_relatedness_wait(server) + 60.0,
     )
 
@@ -359,18 +381,19 @@ def _relatedness_message(
 def _first_contact(
     grid: Grid, server: _Server, nodes: list[int], message_type: str, extra: dict[str, Any]
 ) -> tuple[dict[int, tuple[Message, Envelope]], ExchangeTiming]:
-    """Send ``message_type`` to every node, learn which node holds which client.
+    """Send ``message_type`` to every node, learn (or confirm) which node holds which client.
 
-    The request carries one envelope per client id (the server does not know yet who is
+    The request carries one envelope per client id (the server may not know yet who is
     where); each verified reply names its client, which must be the client that signed it.
     Returns the accepted replies and their envelopes by client index. Two nodes answering for
     one client stop the run (a misconfigured federation); rejected replies are logged and
     count as missing.
     """
-    fedora_conf = ConfigRecord({"config-hash": server.settings.config_hash, **extra})
+    conf = ConfigRecord({"config-hash": server.settings.config_hash, **extra})
+    record = "run" if message_type == MSG_HELLO else "fedora"
     messages = {
         node: _relatedness_message(
-            server, node, message_type, RecordDict({"fedora": fedora_conf}), server.client_ids
+            server, node, message_type, RecordDict({record: conf}), server.client_ids
         )
         for node in nodes
     }
@@ -382,8 +405,9 @@ def _first_contact(
         server.event(0, None, None, f"no {message_type} reply from nodes {ex.missing} in time")
     n = server.cfg.data.num_clients
     accepted: dict[int, tuple[Message, Envelope]] = {}
-    for node, reply in ex.replies.items():
-        envelope = server.accept(0, node, reply, message_type, None, "no relatedness from it")
+    seen: dict[int, int] = {}
+    for node, reply in sorted(ex.replies.items()):
+        envelope = server.accept(0, node, reply, message_type, None, "not identified")
         if envelope is None:
             continue
         info = reply.content["client"] if "client" in reply.content else None
@@ -396,21 +420,22 @@ def _first_contact(
             server.reject(0, cid, node, log_rejection(SenderMismatchError(
                 f"reply for client {cid} is signed by {envelope.sender!r}",
                 sender=envelope.sender, round=0, kind=envelope.kind, recipient="server")),
-                "no relatedness from it")
+                "not identified")
             continue
-        if cid in server.node_of_client:
-            raise DeployError(
-                f"nodes {server.node_of_client[cid]} and {node} both hold partition-id {cid}"
-            )
+        known = server.node_of_client.get(cid)
+        if cid in seen or (known is not None and known != node):
+            other = seen.get(cid, known)
+            raise DeployError(f"nodes {other} and {node} both hold partition-id {cid}")
+        seen[cid] = node
         server.node_of_client[cid] = node
         accepted[cid] = (reply, envelope)
     return accepted, ex.timing
 
 
 def _reported_head(reply: Message) -> dict[str, Any]:
-    """The ledger head a client reported with its round reply (covered by the reply's
-    signed envelope): ``{"ledger_head": hex}``; empty when it reported none. Raises
-    ValueError for a malformed record (the reply is then rejected as malformed)."""
+    """The ledger head a client reported with its reply (covered by the reply's signed
+    envelope): ``{"ledger_head": hex, "ledger_entries": n}``; empty when it reported none.
+    Raises ValueError for a malformed record (the reply is then rejected as malformed)."""
     if "ledger" not in reply.content:
         return {}
     record = reply.content["ledger"]
@@ -426,7 +451,7 @@ def _require_all(server: _Server, have: Any, nodes: list[int], what: str) -> Non
     absent = [c for c in range(server.cfg.data.num_clients) if c not in have]
     if absent:
         raise DeployError(
-            f"relatedness needs every client's {what}; missing clients {absent} "
+            f"the run needs every client's {what}; missing clients {absent} "
             f"(nodes online: {nodes})"
         )
 
@@ -434,49 +459,19 @@ def _require_all(server: _Server, have: Any, nodes: list[int], what: str) -> Non
 def _take_metrics(
     server: _Server, cid: int, reply: Message, envelope: Envelope, val0: Tensor, test0: Tensor
 ) -> bool:
-    """Initial accuracies (and privacy state) from a summary reply; False if malformed."""
+    """Initial metrics of a ceremony reply, when it carries them; False if malformed."""
     metrics = reply.content["metrics"] if "metrics" in reply.content else None
     try:
         if not isinstance(metrics, MetricRecord):
             raise KeyError("metrics")
-        val, test = float(metrics["val-accuracy"]), float(metrics["test-accuracy"])
-        privacy = (
-            {"epsilon_spent": float(metrics["epsilon-spent"]),
-             "epsilon_budget": float(metrics["epsilon-budget"]),
-             "ledger_entries": int(metrics["ledger-entries"])}
-            if "epsilon-spent" in metrics else None
-        )
+        if "val-accuracy" in metrics:
+            val0[cid], test0[cid] = float(metrics["val-accuracy"]), float(metrics["test-accuracy"])
     except (KeyError, TypeError, ValueError) as err:
         server.reject(0, cid, server.node_of_client.get(cid),
-                      _malformed(envelope, f"summary reply lacks metrics ({err})"),
+                      _malformed(envelope, f"reply lacks metrics ({err})"),
                       "no relatedness from it")
         return False
-    val0[cid], test0[cid] = val, test
-    if privacy is not None:
-        server.privacy[cid] = privacy
     return True
-
-
-def _plain_overlaps(
-    grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
-) -> Tensor:
-    """Plain and noised modes: every client's summary ``U_i`` in the clear (signed)."""
-    cfg = server.cfg
-    replies, timing = _first_contact(grid, server, nodes, MSG_SUMMARY, {})
-    summaries: dict[int, Tensor] = {}
-    for cid, (reply, env) in replies.items():
-        try:
-            u = checked_array(reply.content, "summary", "u", torch.float64,
-                              (SUMMARY_DIM, cfg.fedora.q), env)
-        except EnvelopeError as err:
-            server.reject(0, cid, server.node_of_client[cid], err, "no relatedness from it")
-            continue
-        if _take_metrics(server, cid, reply, env, val0, test0):
-            summaries[cid] = u
-    _require_all(server, summaries, nodes, "summary")
-    server.relatedness_timing = timing.to_json()
-    n = cfg.data.num_clients
-    return fedora.subspace_overlaps(torch.stack([summaries[c] for c in range(n)]))
 
 
 def _addressed(
@@ -605,293 +600,389 @@ def _encrypted_overlaps(
     return overlaps
 
 
-def _relatedness(grid: Grid, server: _Server, nodes: list[int]) -> tuple[Tensor, Tensor]:
-    """Overlaps in the configured mode, then the graph and ``P`` exactly as the in-process
-    ``Fedora`` builds them; returns the initial (validation, test) accuracies."""
-    cfg = server.cfg
-    n = cfg.data.num_clients
-    val0 = torch.zeros(n)
-    test0 = torch.zeros(n)
-    t0 = time.perf_counter()
-    if "encrypted" in cfg.fedora.relatedness:
-        overlaps = _encrypted_overlaps(grid, server, nodes, val0, test0)
-    else:
-        overlaps = _plain_overlaps(grid, server, nodes, val0, test0)
-    similarity = fedora.similarity_matrix(overlaps, cfg.fedora.tau)
-    server.graph = fedora.topk_graph(similarity, cfg.fedora.k)
-    if cfg.fedora.propagation == "power":
-        server.prop = fedora.propagation_matrix_power(server.graph, cfg.fedora.alpha)
-    else:
-        server.prop = fedora.propagation_matrix(server.graph, cfg.fedora.alpha)
-    _say(f"relatedness ({cfg.fedora.relatedness}): graph over {n} clients built in "
-         f"{time.perf_counter() - t0:.2f} s")
-    return val0, test0
-def _propagate(server: _Server) -> None:
-    assert server.theta is not None and server.phi is not None and server.prop is not None
-    if server.cfg.fedora.propagation == "power":
-        server.phi.copy_(fedora.propagate_power(server.graph, server.theta, server.cfg.fedora.alpha))
-    else:
-        server.phi.copy_(fedora.propagate(server.prop, server.theta))
 
 
-def _round(
-    grid: Grid, server: _Server, rnd: int, participants: Iterable[int], tracker: Tracker
-) -> dict[str, Any]:
-    cfg = server.cfg
-    assert server.theta is not None and server.phi is not None
-    rounds = cfg.training.rounds
-    do_eval = rnd % cfg.evaluation.every == 0 or rnd == rounds
-    chosen = set(participants)
+def _ckks_overlaps(grid: Grid, server: _Server) -> dict[str, Any]:
+    """The ``ckks_overlaps`` ceremony (FEDORA's encrypted relatedness): key ceremony at the
+    key holder, ``Enc(U_i)`` from every client, Gram rows on ciphertexts, decryption of the
+    overlap blocks by the key holder. Result: ``{"overlaps": (N, N, q, q), "details": ...}``."""
+    n = server.cfg.data.num_clients
+    overlaps = _encrypted_overlaps(grid, server, server.nodes, torch.zeros(n), torch.zeros(n))
+    return {"overlaps": overlaps, "details": {}}
+
+
+#: Setup ceremonies the Flower runtime implements, by the name a method's
+#: ``setup_ceremony()`` returns (see secure_fedora.algorithms.contract).
+CEREMONIES: dict[str, Any] = {"ckks_overlaps": _ckks_overlaps}
+
+
+# --------------------------------------------------------------------------- generic driver
+
+
+@dataclass
+class _MethodRun:
+    """One method's server half and what the runtime tracks around it."""
+
+    name: str
+    algorithm: Any
+    limits: PayloadLimits
+    tracker: Tracker
+    pins: ShapePins = field(default_factory=ShapePins)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0})
+
+
+@dataclass
+class _Replies:
+    """The accepted replies of one exchange: payload and metrics by client index."""
+
+    payloads: dict[int, Payload] = field(default_factory=dict)
+    metrics: dict[int, MetricRecord] = field(default_factory=dict)
+    timing: ExchangeTiming = field(default_factory=ExchangeTiming)
+
+
+def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
+    """First contact: which node holds which client, its split sizes and the data schema."""
+    server.scope = HELLO_SCOPE
+    replies, timing = _first_contact(grid, server, nodes, MSG_HELLO, {})
+    schemas: dict[int, DataSchema] = {}
+    for cid, (reply, env) in sorted(replies.items()):
+        info = reply.content["client"]
+        try:
+            shape = info["input-shape"]
+            if not isinstance(shape, list) or not all(isinstance(v, int) and v > 0 for v in shape):
+                raise ValueError(f"input-shape {shape!r}")
+            schema = DataSchema(tuple(int(v) for v in shape), int(info["num-classes"]),
+                                bool(info["multilabel"]))
+            sizes = {"id": cid, **{k: int(info[k]) for k in ("train", "val", "test")}}
+            sizes.update({k.removeprefix("meta-"): info[k] for k in info.keys()
+                          if k.startswith("meta-")})
+        except (KeyError, TypeError, ValueError) as err:
+            server.reject(0, cid, server.node_of_client.get(cid),
+                          _malformed(env, f"hello reply malformed ({err})"), "not identified")
+            continue
+        schemas[cid] = schema
+        server.sizes[cid] = sizes
+    _require_all(server, schemas, nodes, "identification")
+    distinct = set(schemas.values())
+    if len(distinct) > 1:
+        raise DeployError(f"the clients report different data schemas: {sorted(map(str, distinct))}")
+    server.schema = distinct.pop()
+    server.timings["hello"] = timing.to_json()
+
+
+def _exchange_payloads(
+    grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
+    payloads: Mapping[int, Payload | None], timeout: float,
+) -> _Replies:
+    """Send each client its payload (``None``: the message carries none) for ``stage`` of round
+    ``rnd``; return the accepted replies. Offline clients, error replies, missing replies,
+    rejected replies and refusals are events; such clients are absent from the result."""
+    message_type = {"setup": MSG_SETUP, "round": MSG_ROUND, "evaluate": MSG_EVALUATE,
+                    "finalize": MSG_FINALIZE}[stage]
+    wrnd = wire_round(stage, rnd, server.cfg.training.rounds)
     online = _online(grid)
     messages: dict[int, Message] = {}
     client_of: dict[int, int] = {}
-    for cid, node in sorted(server.node_of_client.items()):
+    for cid, payload in sorted(payloads.items()):
+        node = server.node_of_client[cid]
         if node not in online:
-            server.event(rnd, cid, node, "offline: keeps its last theta, phi not delivered")
+            server.event(rnd, cid, node, f"offline: no {stage} message delivered")
             continue
+        content = RecordDict({
+            "payload": payload_to_record(payload or {}, run.limits),
+            "run": ConfigRecord({"method": run.name, "stage": stage, "round": rnd,
+                                 "has-payload": payload is not None,
+                                 "config-hash": server.settings.config_hash}),
+        })
         client_of[node] = cid
-        content = RecordDict(
-            {
-                "phi": tensor_to_array_record("phi", server.phi[cid]),
-                "round": ConfigRecord(
-                    {
-                        "round": rnd,
-                        "participate": cid in chosen,
-                        "evaluate": do_eval,
-                        "config-hash": server.settings.config_hash,
-                    }
-                ),
-            }
-        )
         messages[node] = Message(
-            server.sign(content, MSG_ROUND, [server.client_ids[cid]], rnd),
-            dst_node_id=node, message_type=MSG_ROUND, group_id=str(rnd),
-            ttl=server.settings.round_timeout + 60.0,
+            server.sign(content, message_type, [server.client_ids[cid]], wrnd),
+            dst_node_id=node, message_type=message_type, group_id=f"{run.name}:{stage}:{rnd}",
+            ttl=timeout + 60.0,
         )
-    t0 = time.perf_counter()
-    ex = _exchange(grid, messages, server.settings.round_timeout, server.settings.poll_interval,
+    ex = _exchange(grid, messages, timeout, server.settings.poll_interval,
                    server.settings.max_in_flight)
-    trained = 0
-    lambdas: list[float] = []
-    steps = 0
-    p = server.theta.shape[1]
-    for node, reason in ex.errors.items():
-        server.event(rnd, client_of[node], node, f"error reply ({reason}): keeps its last theta")
+    out = _Replies(timing=ex.timing)
+    then = f"counts as not taking part in the {stage} exchange"
+    for node, reason in sorted(ex.errors.items()):
+        server.event(rnd, client_of[node], node, f"error reply ({reason}): {then}")
     for node in ex.missing:
-        server.event(rnd, client_of[node], node, "no reply in time: keeps its last theta")
-    for node, reply in ex.replies.items():
+        server.event(rnd, client_of[node], node, f"no reply in time: {then}")
+    for node, reply in sorted(ex.replies.items()):
         cid = client_of[node]
-        then = "counts as not participating, keeps its last theta"
-        envelope = server.accept(rnd, node, reply, MSG_ROUND, cid, then)
+        envelope = server.accept(wrnd, node, reply, message_type, cid, then)
         if envelope is None:
             continue
         try:
+            conf = reply.content["run"]
+            if not isinstance(conf, ConfigRecord):
+                raise TypeError("run is not a ConfigRecord")
+            said = (conf.get("method"), conf.get("stage"), conf.get("round"))
+            if said != (run.name, stage, rnd):
+                raise ValueError(f"reply is for {said}, not {(run.name, stage, rnd)}")
             metrics = reply.content["metrics"]
             if not isinstance(metrics, MetricRecord):
                 raise TypeError("metrics is not a MetricRecord")
-            reply_round = int(metrics["round"])
-            theta = (
-                checked_array(reply.content, "theta", "theta", torch.float32, (p,), envelope)
-                if cid in chosen and "theta" in reply.content else None
-            )
-            lam = float(metrics["lambda"]) if theta is not None else 0.0
-            done = int(metrics["steps"]) if theta is not None else 0
-            evaluated = do_eval and int(metrics["eval-round"]) == rnd
-            accuracies = (
-                (float(metrics["val-accuracy"]), float(metrics["test-accuracy"]))
-                if evaluated else None
-            )
             privacy = (
                 {"epsilon_spent": float(metrics["epsilon-spent"]),
                  "epsilon_budget": float(metrics["epsilon-budget"]),
-                 "ledger_entries": int(metrics["ledger-entries"]),
-                 **_reported_head(reply)}
+                 "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply)}
                 if "epsilon-spent" in metrics else None
             )
+            refusal = reply.content["refusal"] if "refusal" in reply.content else None
+            payload = None
+            if refusal is None:
+                payload = record_to_payload(reply.content["payload"], envelope,
+                                            f"{stage} reply of client {cid}", run.limits)
+                run.pins.check(stage, payload, envelope)
         except EnvelopeError as err:
             server.reject(rnd, cid, node, err, then)
             continue
         except (KeyError, TypeError, ValueError) as err:
-            server.reject(rnd, cid, node, _malformed(envelope, f"round reply malformed ({err})"),
+            server.reject(rnd, cid, node, _malformed(envelope, f"{stage} reply malformed ({err})"),
                           then)
             continue
-        if reply_round != rnd:
-            server.event(rnd, cid, node, f"reply for round {reply_round} ignored")
-            continue
         if privacy is not None:
-            server.privacy[cid] = privacy
-        if theta is not None:
-            server.theta[cid].copy_(theta)
-            trained += 1
-            lambdas.append(lam)
-            steps += done
-        elif cid in chosen:
-            refusal = reply.content.get("refusal") if "refusal" in reply.content else None
-            reason = (
-                str(refusal["reason"])
-                if isinstance(refusal, ConfigRecord) and "reason" in refusal
-                else "no model released"
-            )
-            server.event(rnd, cid, node, f"refused its release ({reason}): keeps its last theta")
-            server.refused.add(cid)
-        if accuracies is not None:
-            tracker.last_val[cid], tracker.last_test[cid] = accuracies
-    if do_eval:
-        tracker.update(rnd)
-    _propagate(server)
-    row: dict[str, Any] = {
-        "method": "fedora",
-        "round": rnd,
-        "participants": len(chosen),
-        "replied": trained,
-        "steps": float(steps),
-        "mean_lambda": float(sum(lambdas) / max(len(lambdas), 1)),
-        "seconds": round(time.perf_counter() - t0, 4),
-        "timing": ex.timing.to_json(),
+            server.privacy.setdefault(run.name, {})[cid] = privacy
+        if refusal is not None:
+            reason = (str(refusal["reason"]) if isinstance(refusal, ConfigRecord)
+                      and "reason" in refusal else "no release")
+            server.event(rnd, cid, node, f"refused its release ({reason}): {then}")
+            server.refused.setdefault(run.name, set()).add(cid)
+            continue
+        assert payload is not None
+        out.payloads[cid] = payload
+        out.metrics[cid] = metrics
+    return out
+
+
+def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[str, Any]:
+    """The evaluation exchange of round ``rnd``; updates the tracker as in process."""
+    n = server.cfg.data.num_clients
+    clients = list(range(n))
+    messages = run.algorithm.evaluation_messages(rnd, clients)
+    replies = _exchange_payloads(grid, server, run, "evaluate", rnd,
+                                 {c: messages.get(c) for c in clients},
+                                 server.settings.round_timeout)
+    tracker = run.tracker
+    for cid, metrics in replies.metrics.items():
+        try:
+            val, test = float(metrics["val-metric"]), float(metrics["test-metric"])
+        except (KeyError, TypeError, ValueError):
+            server.event(rnd, cid, server.node_of_client[cid],
+                         "evaluation reply without metrics: keeps its last metrics")
+            continue
+        tracker.last_val[cid], tracker.last_test[cid] = val, test
+    tracker.update(rnd)
+    return {
+        "test_mean": float(tracker.last_test.mean()),
+        "test_min": float(tracker.last_test.min()),
+        "test_max": float(tracker.last_test.max()),
+        "test_std": float(tracker.last_test.std(unbiased=False)),
+        # Validation metrics on private data are not reported (it would be a release).
+        "val_mean": None if bool(tracker.select_final) else float(tracker.last_val.mean()),
+        "selected_mean": float(tracker.test_at_best.mean()),
+        "selected_round": int(tracker.best_round),
+        "evaluated": len(replies.metrics),
+        "evaluation_timing": replies.timing.to_json(),
     }
-    if do_eval:
-        row.update(
-            test_mean=float(tracker.last_test.mean()),
-            test_min=float(tracker.last_test.min()),
-            val_mean=None if bool(tracker.select_final) else float(tracker.last_val.mean()),
-            selected_mean=float(tracker.test_at_best.mean()),
-            selected_round=int(tracker.best_round),
-        )
-    return row
 
 
-def run_fedora(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
-    """Run FEDORA over the grid; returns (and writes) the results document."""
+def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) -> dict[str, Any]:
+    """What the round's clients did, as the in-process round reports it (the algorithm's
+    ``round_statistics`` over the accepted replies, where it defines one)."""
+    statistics = getattr(algorithm, "round_statistics", None)
+    return dict(statistics(rnd, replies)) if statistics is not None else {}
+
+
+def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
+    """Drive method ``name``'s server half through the contract; its ``methods.<name>``."""
+    from secure_fedora.runtimes.results import method_entry
+
+    cfg = server.cfg
+    n = cfg.data.num_clients
+    server.scope = name
+    assert server.schema is not None
+    algorithm = build_algorithm(name, server_context(cfg, server.schema), cfg)
+    run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
+                     Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
+    ceremony = algorithm.setup_ceremony()
+    setup = algorithm.setup_messages() if ceremony is None else {}
+    t0 = time.perf_counter()
+    if ceremony is not None:
+        protocol = CEREMONIES.get(ceremony)
+        if protocol is None:
+            raise DeployError(f"method {name!r} needs the setup ceremony {ceremony!r}, which the "
+                              f"Flower runtime does not implement (it knows {sorted(CEREMONIES)})")
+        algorithm.server_setup_from_ceremony(ceremony, protocol(grid, server))
+    elif setup:
+        replies = _exchange_payloads(grid, server, run, "setup", 0, setup, _relatedness_wait(server))
+        algorithm.server_setup(replies.payloads)
+        server.timings.setdefault(name, {})["setup"] = replies.timing.to_json()
+    server.timings.setdefault(name, {})["setup_s"] = round(time.perf_counter() - t0, 4)
+    if ceremony is not None or setup:
+        how = f"ceremony {ceremony}" if ceremony is not None else "exchange"
+        _say(f"{name}: setup {how} done in {time.perf_counter() - t0:.2f} s")
+    rounds = cfg.training.rounds
+    round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    server.write("progress.json", {"run_id": server.run_id, "method": name, "round": 0,
+                                   "rows": run.history})
+    for rnd in range(1, rounds + 1):
+        participants = sample_participants(cfg, round_gen, n)
+        t0 = time.perf_counter()
+        messages = algorithm.configure(rnd, participants)
+        replies = _exchange_payloads(grid, server, run, "round", rnd, messages,
+                                     server.settings.round_timeout)
+        stats = _round_statistics(algorithm, rnd, replies.payloads)
+        stats.update(algorithm.aggregate(rnd, replies.payloads))
+        seconds = time.perf_counter() - t0
+        run.seconds["training"] += seconds
+        row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),
+                               **stats, "replied": len(replies.payloads),
+                               "seconds": round(seconds, 4), "timing": replies.timing.to_json()}
+        if rnd % cfg.evaluation.every == 0 or rnd == rounds:
+            t0 = time.perf_counter()
+            row.update(_evaluate(grid, server, run, rnd))
+            run.seconds["evaluation"] += time.perf_counter() - t0
+        run.history.append(row)
+        _say(f"{name} round {rnd}/{rounds}: {row['replied']}/{row['participants']} replied, "
+             f"{row['seconds']:.2f} s"
+             + (f", mean test metric {row['test_mean']:.4f}" if "test_mean" in row else ""))
+        server.write("progress.json", {"run_id": server.run_id, "method": name, "round": rnd,
+                                       "rows": run.history})
+    final = algorithm.finalize_messages()
+    final_payloads: dict[int, Payload] = {}
+    if final:
+        replies = _exchange_payloads(grid, server, run, "finalize", rounds + 1, final,
+                                     server.settings.round_timeout)
+        final_payloads = replies.payloads
+        server.timings.setdefault(name, {})["finalize"] = replies.timing.to_json()
+    extra = algorithm.server_finalize(final_payloads)
+    server.history.extend(run.history)
+    t = run.tracker
+    return method_entry(name, {**summarize(t.test_at_best), "round": int(t.best_round)},
+                        summarize(t.last_test), rounds, round(run.seconds["training"], 3),
+                        round(run.seconds["evaluation"], 3), extra)
+
+
+def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
+    """``privacy.<name>``: each client's spending as it last reported it (signed)."""
+    from secure_fedora.secure.private import noise_assumptions
+
+    reported = server.privacy.get(name, {})
+    refused = server.refused.get(name, set())
+    return {
+        "method": name,
+        **noise_assumptions(server.cfg),
+        "note": "as last reported by each client in a signed reply; its signed ledger is the "
+                "record",
+        "clients": [{"client": server.client_ids[c], "index": c, **reported.get(c, {}),
+                     "refused": c in refused} for c in range(server.cfg.data.num_clients)],
+    }
+
+
+def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
+    """Run every configured method over the grid; returns (and writes) the results document."""
+    from secure_fedora.runtimes.results import build_results, client_rows
+    from secure_fedora.secure.private import noise_assumptions
+
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise)
     if cfg.privacy.enabled:  # a plan over any client's budget stops here, before any message
         from secure_fedora.secure.private import check_budget_plans
 
-        check_budget_plans(cfg, "fedora", cfg.data.num_clients)
+        for name in cfg.methods:
+            check_budget_plans(cfg, name, cfg.data.num_clients)
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
-    security = MessageSecurity.for_server(
-        settings.identity_dir, settings.server_state_dir / "runs" / str(run_id), run_id,
-        settings.config_hash, n,
-    )
-    server = _Server(settings=settings, run_id=run_id, security=security)
+    server = _Server(settings=settings, run_id=run_id)
     started = time.time()
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)
-    val0, test0 = _relatedness(grid, server, nodes)
-    init = FlatModel(make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)).initial_vector()
-    server.theta = init.unsqueeze(0).repeat(n, 1)
-    server.phi = server.theta.clone()
-    tracker = Tracker.empty(n, select_final=model_selection(cfg) == "final_round")
-    tracker.last_val.copy_(val0)
-    tracker.last_test.copy_(test0)
-    round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
-    server.write("progress.json", {"run_id": run_id, "round": 0, "rows": []})
-    for rnd in range(1, cfg.training.rounds + 1):
-        participants = sample_participants(cfg, round_gen, n)
-        row = _round(grid, server, rnd, participants, tracker)
-        server.history.append(row)
-        _say(
-            f"round {rnd}/{cfg.training.rounds}: {row['replied']}/{row['participants']} "
-            f"trained, {row['seconds']:.2f} s"
-            + (f", mean test accuracy {row['test_mean']:.4f}" if "test_mean" in row else "")
-        )
-        server.write("progress.json", {"run_id": run_id, "round": rnd, "rows": server.history})
-    results = {
-        "name": cfg.name,
-        "version": __version__,
-        "runtime": "flower",
-        "run_id": run_id,
-        "config_hash": settings.config_hash,
-        "max_in_flight": settings.max_in_flight,
-        "assumptions": {
-            "validation_data": cfg.data.validation,
-            "relatedness": cfg.fedora.relatedness,
-            "server": "honest-but-curious",
-            "differential_privacy": cfg.privacy.enabled,
-            "dp_noise": (
-                None if not cfg.privacy.enabled
-                else "csprng: each client draws a fresh ChaCha20 key from os.urandom per message "
-                "(never stored); Gaussians hardened against floating-point attacks"
-                if cfg.privacy.noise == "csprng"
-                else "reproducible: seeded from the experiment seed, which the server knows: no DP "
-                "guarantee against the server (reproducible-dp-noise test deployment)"
-            ),
-            **noise_assumptions(cfg),
-            "transport": "TLS; node authentication is a SuperLink setting",
-            "envelopes": (
-                "every message signed (Ed25519, privacy.envelope) over a digest of its whole "
-                "content, run id and config hash; verified against the allowlist, nonces "
-                "remembered on disk"
-            ),
-            "key_holder": (
-                f"client {settings.key_holder} holds the CKKS secret key and sees the overlaps"
-                if "encrypted" in cfg.fedora.relatedness else None
-            ),
-        },
-        "security": {"rejections": server.rejections},
-        "privacy": (
-            {
-                "clients": [
-                    {"client": c, **server.privacy.get(c, {}), "refused": c in server.refused}
-                    for c in range(n)
-                ],
-                "note": "as last reported by each client; its signed ledger is the record",
-                **noise_assumptions(cfg),
-            }
-            if cfg.privacy.enabled
-            else None
+    server.nodes = nodes
+    _hello(grid, server, nodes)
+    outcomes = {name: _run_method(grid, server, name) for name in cfg.methods}
+    server.scope = HELLO_SCOPE
+    assert server.schema is not None
+    metric = server_context(cfg, server.schema).flat.task.metric_name
+    assumptions = {
+        "dp_noise": (
+            None if not cfg.privacy.enabled
+            else "csprng: each client draws a fresh ChaCha20 key from os.urandom per message "
+            "(never stored); Gaussians hardened against floating-point attacks"
+            if cfg.privacy.noise == "csprng"
+            else "reproducible: seeded from the experiment seed, which the server knows: no DP "
+            "guarantee against the server (reproducible-dp-noise test deployment)"
         ),
-        "node_of_client": {str(c): str(nd) for c, nd in sorted(server.node_of_client.items())},
-        "graph_neighbours": [torch.nonzero(r).flatten().tolist() for r in server.graph],
-        "methods": {
-            "fedora": {
-                "name": "fedora",
-                "selected": {
-                    **summarize(tracker.test_at_best), "round": int(tracker.best_round)
-                },
-                "final": summarize(tracker.last_test),
-                "rounds": cfg.training.rounds,
-            }
-        },
-        "relatedness_timing": server.relatedness_timing,
-        "relatedness_details": server.relatedness_details,
-        "rounds": server.history,
-        "events": server.events,
-        "seconds_total": round(time.time() - started, 3),
+        **noise_assumptions(cfg),
+        "transport": "TLS; node authentication is a SuperLink setting",
+        "envelopes": (
+            "every message signed (Ed25519, privacy.envelope) over a digest of its whole "
+            "content, run id and config hash; verified against the allowlist, nonces "
+            "remembered on disk"
+        ),
+        "data": "the server holds no client data; clients report split sizes and the data "
+                "schema at first contact",
     }
+    if server.relatedness_details:
+        holder = server.relatedness_details.get("key_holder", settings.key_holder)
+        assumptions["key_holder"] = (f"client {holder} holds the CKKS secret key and sees the "
+                                     "overlaps")
+    results = build_results(
+        cfg, runtime="flower", config_hash=settings.config_hash, metric=metric,
+        outcomes=outcomes,
+        privacy={name: _privacy_section(server, name) for name in cfg.methods}
+        if cfg.privacy.enabled else None,
+        clients=client_rows([server.sizes[c] for c in range(n)]),
+        compute={"threads": settings.num_threads, "device": "cpu"},
+        assumptions=assumptions,
+        runtime_keys={
+            "run_id": run_id,
+            "max_in_flight": settings.max_in_flight,
+            "security": {"rejections": server.rejections},
+            "node_of_client": {str(c): str(nd) for c, nd in sorted(server.node_of_client.items())},
+            "relatedness_timing": server.relatedness_timing,
+            "relatedness_details": server.relatedness_details,
+            "timings": server.timings,
+            "rounds": server.history,
+            "events": server.events,
+            "seconds_total": round(time.time() - started, 3),
+        },
+    )
     server.write("results.json", results)
-    if cfg.privacy.enabled and server.settings.result_dir is not None:
-        _write_server_anchor(server, results)
+    if cfg.privacy.enabled and settings.result_dir is not None:
+        _write_server_anchor(server)
     return results
 
 
-def _write_server_anchor(server: _Server, results: dict[str, Any]) -> None:
+def _write_server_anchor(server: _Server) -> None:
     """Sign (server key) and write ``result-dir/anchor.json``: the ledger heads the clients
-    reported with their round replies, and the digest of results.json. A client that never
-    reported a head is left out (its ledger then fails an anchored audit)."""
+    reported with their replies, per method, and the digest of results.json. A client that
+    never reported a head is left out (its ledger then fails an anchored audit)."""
     from secure_fedora.secure.anchor import build_anchor, write_anchor
 
     ledgers = {
-        f"fedora/{server.client_ids[c]}": {
+        f"{name}/{server.client_ids[c]}": {
             "entries": row["ledger_entries"], "head": row["ledger_head"],
             "epsilon_spent": row["epsilon_spent"]}
-        for c, row in sorted(server.privacy.items()) if "ledger_head" in row
+        for name in server.cfg.methods
+        for c, row in sorted(server.privacy.get(name, {}).items()) if "ledger_head" in row
     }
     assert server.settings.result_dir is not None
     doc = build_anchor(server.settings.result_dir, run_name=server.cfg.name,
-                       config_hash=server.settings.config_hash, methods=["fedora"],
-                       ledgers=ledgers, signer=server.security.identity, runtime="flower",
-                       files=("results.json",))
+                       config_hash=server.settings.config_hash, methods=list(server.cfg.methods),
+                       ledgers=ledgers, signer=server.securities[HELLO_SCOPE].identity,
+                       runtime="flower", files=("results.json",))
     write_anchor(server.settings.result_dir, doc)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower entry point: validate the run config and run FEDORA."""
+    """Flower entry point: validate the run config and run every configured method."""
     settings = RunSettings.from_run_config(context.run_config)
     try:
-        results = run_fedora(grid, settings, context.run_id)
+        results = run_federation(grid, settings, context.run_id)
     except Exception as err:
         if settings.result_dir is not None:
             atomic_write_text(
@@ -900,5 +991,6 @@ def main(grid: Grid, context: Context) -> None:
             )
         _say(f"run failed: {type(err).__name__}: {err}")
         raise
-    mean = results["methods"]["fedora"]["selected"]["mean"]
-    _say(f"run {context.run_id} finished: selected mean test accuracy {mean:.4f}")
+    for name, entry in results["methods"].items():
+        _say(f"run {context.run_id} {name}: selected mean test {results['metric']} "
+             f"{entry['selected']['mean']:.4f}")

@@ -8,9 +8,14 @@ its local disk, under the ``state-dir`` given in its node config:
     The client's data partition (train / validation / test tensors), its client id, the
     digest of the data specification it was built from and a SHA-256 fingerprint of the
     tensors (checked on every load).
-``runs/<run_id>/state.pt``
-    The personalized model ``theta_i``, the last received ``phi_i``, the client's RNG state,
-    the last round it trained and its last evaluation, tagged with the config hash.
+``runs/<run_id>/<method>/client.pt``
+    The method's client state (:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.
+    client_state_dict`), the client's training-order RNG state (and, with reproducible DP
+    noise only, its noise generator state), the last round answered per exchange and that
+    answer (so a message delivered again is answered identically, without a second release),
+    tagged with the run id, config hash and method (:class:`ClientRunState`).
+``runs/<run_id>/<method>/<client id>.jsonl``
+    With DP, the client's signed privacy ledger for that method.
 ``runs/<run_id>/releases.jsonl``
     An append-only, hash-chained journal: one JSON line per release (summary or model) with
     the SHA-256 of the released bytes, written and fsynced *before* the release is handed to
@@ -29,7 +34,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from secure_fedora.data.sources import fingerprint_clients
 from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = [
-    "NodeState",
+    "ClientRunState",
     "NodeStateError",
     "ReleaseJournal",
     "load_partition",
@@ -50,7 +55,6 @@ __all__ = [
 ]
 
 _PARTITION_FORMAT = "secure-fedora/partition/v1"
-_STATE_FORMAT = "secure-fedora/node-state/v1"
 _JOURNAL_GENESIS = "0" * 64
 
 
@@ -66,6 +70,7 @@ def save_partition(path: Path, client: ClientData, data_digest: str) -> None:
         "client_id": int(client.client_id),
         "data_digest": data_digest,
         "fingerprint": fingerprint_clients([client]),
+        "meta": json.dumps(client.meta, sort_keys=True, default=str),
         "tensors": {
             name: getattr(client, name)
             for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
@@ -97,7 +102,8 @@ def load_partition(path: Path, client_id: int, data_digest: str) -> ClientData:
             f"{str(state.get('data_digest'))[:12]} != {data_digest[:12]}); use a fresh state-dir"
         )
     try:
-        client = ClientData(client_id=client_id, **state["tensors"])
+        meta = json.loads(state.get("meta", "{}"))
+        client = ClientData(client_id=client_id, meta=meta, **state["tensors"])
     except Exception as err:  # DataError or a wrong field set
         raise NodeStateError(f"{path} holds malformed tensors: {err}") from None
     if fingerprint_clients([client]) != state.get("fingerprint"):
@@ -105,66 +111,76 @@ def load_partition(path: Path, client_id: int, data_digest: str) -> ClientData:
     return client
 
 
+_RUN_STATE_FORMAT = "secure-fedora/client-run-state/v1"
+
+
+def _check_payload(path: Path, name: str, value: Any) -> dict[str, Tensor]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()):
+        raise NodeStateError(f"{path}: field {name} is not a mapping of names to tensors")
+    for key, tensor in value.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NodeStateError(f"{path}: {name}[{key!r}] holds non-finite values")
+    return value
+
+
 @dataclass
-class NodeState:
-    """One client's per-run state (``runs/<run_id>/state.pt``)."""
+class ClientRunState:
+    """One client's state for one method of one Flower run (``runs/<run_id>/<method>/client.pt``).
+
+    ``algorithm`` is the method's :meth:`client_state_dict` (empty before the first message),
+    ``answered`` maps an exchange (setup, round, evaluate, finalize) to the last round this
+    client answered in it, ``replies`` to that answer (payload tensors; ``metrics`` and
+    ``refusals`` alongside), so a message delivered again (a restart, a retry) gets the same
+    answer and nothing is trained or released twice.
+    """
 
     client_id: int
     run_id: int
     config_hash: str
-    theta: Tensor
-    phi: Tensor
-    generator_state: Tensor  # the training-order generator (not DP noise)
-    last_trained_round: int = 0
-    last_received_round: int = 0
-    last_eval_round: int = 0
-    last_val_accuracy: float = float("nan")
-    last_test_accuracy: float = float("nan")
-    refused_round: int = 0  # round of the first refused release (0: none)
-    # DP noise generator state, only with privacy.noise = "reproducible" (derivable from the
-    # config anyway). With "csprng" it is always None: no key or stream state is ever saved.
-    noise_state: Tensor | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The checkpoint mapping written by :meth:`save`."""
-        return {
-            "round": self.last_trained_round,
-            "format": _STATE_FORMAT,
-            **{k: v for k, v in self.__dict__.items()},
-        }
+    method: str
+    generator_state: Tensor
+    algorithm: dict[str, Tensor] = field(default_factory=dict)
+    noise_state: Tensor | None = None  # only with privacy.noise = "reproducible"
+    answered: dict[str, int] = field(default_factory=dict)
+    replies: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        """Atomically replace ``path`` with this state."""
-        if not torch.isfinite(self.theta).all():
-            raise NodeStateError(f"refusing to save non-finite theta for client {self.client_id}")
-        save_checkpoint(path, self.to_dict())
+        """Atomically replace ``path`` with this state (refusing non-finite tensors)."""
+        _check_payload(path, "algorithm", self.algorithm)
+        for stage, reply in self.replies.items():
+            _check_payload(path, f"replies[{stage!r}]", reply)
+        save_checkpoint(path, {"round": max(self.answered.values(), default=0),
+                               "format": _RUN_STATE_FORMAT, **self.__dict__})
 
     @classmethod
-    def load(cls, path: Path, client_id: int, run_id: int, config_hash: str) -> NodeState:
-        """Load and verify ``path``; :class:`NodeStateError` if it belongs elsewhere or is bad."""
+    def load(cls, path: Path, client_id: int, run_id: int, config_hash: str,
+             method: str) -> ClientRunState:
+        """Load and verify ``path``; :class:`NodeStateError` if it belongs to another client,
+        run, config or method, or is corrupt."""
         try:
             raw = load_checkpoint(path)
         except CheckpointError as err:
             raise NodeStateError(str(err)) from None
-        if raw.get("format") != _STATE_FORMAT:
-            raise NodeStateError(f"{path} is not a secure-fedora node state file")
+        if raw.get("format") != _RUN_STATE_FORMAT:
+            raise NodeStateError(f"{path} is not a secure-fedora client run state file")
         for key, expected in (("client_id", client_id), ("run_id", run_id),
-                              ("config_hash", config_hash)):
+                              ("config_hash", config_hash), ("method", method)):
             if raw.get(key) != expected:
                 raise NodeStateError(
-                    f"{path} belongs to {key}={raw.get(key)!s:.16}, not {expected!s:.16}"
-                )
+                    f"{path} belongs to {key}={raw.get(key)!s:.16}, not {expected!s:.16}")
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         try:
             state = cls(**fields)
         except TypeError as err:
             raise NodeStateError(f"{path} is missing fields: {err}") from None
-        for name in ("theta", "phi"):
-            value = getattr(state, name)
-            if not isinstance(value, Tensor) or value.dim() != 1 or not torch.isfinite(value).all():
-                raise NodeStateError(f"{path}: field {name} is not a finite parameter vector")
-        if state.theta.shape != state.phi.shape:
-            raise NodeStateError(f"{path}: theta and phi have different shapes")
+        if not isinstance(state.generator_state, Tensor):
+            raise NodeStateError(f"{path}: generator_state is not a tensor")
+        _check_payload(path, "algorithm", state.algorithm)
+        for stage, reply in state.replies.items():
+            _check_payload(path, f"replies[{stage!r}]", reply)
         return state
 
 

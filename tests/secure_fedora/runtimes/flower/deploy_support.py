@@ -67,7 +67,8 @@ class InMemoryGrid:
 
     ``fail`` maps (client, round) to an error text; ``drop`` lists (client, round) left
     unanswered; ``offline`` maps a round to clients offline in it. A handler that raises is
-    answered with an error reply, as Flower does. ``tamper_reply`` maps (client, round, message
+    answered with an error reply, as Flower does. A message's round is the last part of its
+    group id (``<scope>:<exchange>:<round>``; 0 for the first contact and setup exchanges). ``tamper_reply`` maps (client, round, message
     type) to a function of (request, reply) whose result the server pulls instead of the reply
     (None drops it); ``tamper_request`` maps to a function of the request whose result the
     client handles instead.
@@ -115,7 +116,8 @@ class InMemoryGrid:
             conf = self.node_config[node]
             client = int(conf["partition-id"])
             kind = msg.metadata.message_type
-            rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0
+            last = msg.metadata.group_id.rsplit(":", 1)[-1]  # "<scope>:<exchange>:<round>"
+            rnd = int(last) if last.isdigit() else 0
             self.current_round = max(self.current_round, rnd)
             if (client, rnd) in self.drop:
                 continue
@@ -173,7 +175,14 @@ def signed_request(security: MessageSecurity, content: RecordDict, message_type:
     return msg
 
 
-def in_process(cfg: ExperimentConfig, tmp_path: Path) -> tuple[Simulation, Any]:
-    """The in-process runtime's FEDORA run of ``cfg``."""
-    sim = Simulation(cfg, tmp_path / "inproc")
-    return sim, sim.run_method("fedora")
+def in_process(cfg: ExperimentConfig, tmp_path: Path, method: str = "fedora",
+               keystore: Path | None = None) -> tuple[Simulation, Any]:
+    """The in-process runtime's run of ``method`` under ``cfg`` (a DP run keeps its keys in
+    ``keystore``, default ``tmp_path/keystore``)."""
+    sim = Simulation(cfg, tmp_path / "inproc", keystore=keystore or tmp_path / "keystore")
+    return sim, sim.run_method(method)
+
+
+def with_methods(cfg: ExperimentConfig, *methods: str) -> ExperimentConfig:
+    """``cfg`` running ``methods`` (validated again)."""
+    return parse_config({**cfg.model_dump(mode="json", exclude_none=True), "methods": list(methods)})

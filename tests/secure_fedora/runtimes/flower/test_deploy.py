@@ -48,7 +48,7 @@ from secure_fedora.runtimes.flower.protocol import (
     tensor_to_array_record,
 )
 from secure_fedora.runtimes.flower.state import (
-    NodeState,
+    ClientRunState,
     NodeStateError,
     ReleaseJournal,
     load_partition,
@@ -65,6 +65,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     signed_request,
     task_identity,  # noqa: F401 - a fixture
     tiny_config,
+    with_methods,
 )
 
 # --------------------------------------------------------------------------- certificates
@@ -201,8 +202,13 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     with pytest.raises(DeployError, match="fedora.propagation = 'encrypted'"):
         check_supported(parse_config(data))
     data["fedora"]["propagation"] = "dense"
-    data["methods"] = ["local"]
-    with pytest.raises(DeployError, match="does not include 'fedora'"):
+    # Any contract method runs; encrypted propagation only matters where FEDORA runs.
+    data["methods"] = ["local", "fedavg"]
+    check_supported(parse_config(data))
+    data["fedora"]["propagation"] = "encrypted"
+    check_supported(parse_config(data))
+    data["training"]["loss"] = "bce"
+    with pytest.raises(DeployError, match="training.loss = 'bce'"):
         check_supported(parse_config(data))
     # DP-SGD, noised summaries, private validation: supported, with noise the server cannot
     # regenerate (CSPRNG, the default); noise seeded from the (server-known) experiment seed
@@ -282,7 +288,7 @@ def test_release_journal_chains_and_detects_tampering(tmp_path: Path) -> None:
         journal.entries()
 
 
-def test_node_state_and_partition_refuse_foreign_or_corrupt_files(tmp_path: Path) -> None:
+def test_partition_refuses_foreign_or_corrupt_files(tmp_path: Path) -> None:
     cfg = tiny_config()
     client = build_clients(cfg)[1]
     path = tmp_path / "partition.pt"
@@ -297,18 +303,6 @@ def test_node_state_and_partition_refuse_foreign_or_corrupt_files(tmp_path: Path
     with pytest.raises(NodeStateError, match="corrupt"):
         load_partition(path, 1, "digest-a")
 
-    theta = torch.zeros(5)
-    state = NodeState(1, 7, "hash", theta, theta.clone(), torch.Generator().get_state())
-    spath = tmp_path / "state.pt"
-    state.save(spath)
-    assert NodeState.load(spath, 1, 7, "hash").last_trained_round == 0
-    for args, match in (((2, 7, "hash"), "client_id"), ((1, 8, "hash"), "run_id"),
-                        ((1, 7, "other"), "config_hash")):
-        with pytest.raises(NodeStateError, match=match):
-            NodeState.load(spath, *args)
-    bad = NodeState(1, 7, "hash", torch.tensor([float("inf")]), theta.clone(), state.generator_state)
-    with pytest.raises(NodeStateError, match="non-finite"):
-        bad.save(spath)
 
 
 # --------------------------------------------------------------------------- processes
@@ -342,33 +336,33 @@ def test_managed_process_stop_reaches_descendants_in_other_sessions(tmp_path: Pa
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("window", [0, 2])
 def test_grid_run_equals_in_process_runtime_with_partial_participation(tmp_path: Path, window: int) -> None:
-    cfg = tiny_config(rounds=3, participation=0.5)
+    cfg = with_methods(tiny_config(rounds=3, participation=0.5), "fedavg")
     rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"), "max-in-flight": window})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     # The window bounds the replies awaited at once; it changes nothing in the results.
     assert max(grid.pending_sizes) == (window or 3)
-    sim, outcome = in_process(cfg, tmp_path)
-    fed = results["methods"]["fedora"]
+    sim, outcome = in_process(cfg, tmp_path, "fedavg")
+    fed = results["methods"]["fedavg"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
     assert fed["final"]["per_client"] == outcome.final["per_client"]
     assert fed["selected"]["round"] == outcome.selected["round"]
     assert [r["participants"] for r in results["rounds"]] == [2, 2, 2]
-    for ours, theirs in zip(results["rounds"], sim.history, strict=True):
-        assert ours["mean_lambda"] == pytest.approx(theirs["mean_lambda"], abs=1e-12)
+    inproc_rows = [r for r in sim.history if r["method"] == "fedavg"]
+    for ours, theirs in zip(results["rounds"], inproc_rows, strict=True):
+        assert ours["steps"] == theirs["steps"]
         assert ours["test_mean"] == pytest.approx(theirs["test_mean"], abs=1e-7)
-    theta = sim.methods["fedora"].theta
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     chosen = [server_app.sample_participants(cfg, gen, 3) for _ in range(3)]
     for c in range(3):
-        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
-                               c, 42, config_hash(cfg))
-        assert torch.equal(state.theta, theta[c])
-        kinds = [e["kind"] for e in ReleaseJournal(
-            tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "releases.jsonl").entries()]
-        assert kinds == ["summary"] + ["model"] * sum(c in p for p in chosen)
+        run_dir = tmp_path / "nodes" / f"node-{c}" / "runs" / "42"
+        state = ClientRunState.load(run_dir / "fedavg" / "client.pt", c, 42, config_hash(cfg),
+                                    "fedavg")
+        assert torch.equal(state.algorithm["theta"], sim.methods["fedavg"].theta[c])
+        kinds = [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()]
+        assert kinds == ["fedavg/round"] * sum(c in p for p in chosen) + ["fedavg/finalize"]
     on_disk = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert on_disk["methods"]["fedora"]["selected"] == fed["selected"]
+    assert on_disk["methods"]["fedavg"]["selected"] == fed["selected"]
 
 
 class _WindowGrid:
@@ -444,19 +438,20 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
                                       "result-dir": str(result_dir)})
     identities = tmp_path / "ids"
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    assert results["privacy"]["noise"] == results["assumptions"]["noise"] == "reproducible"
-    assert "not private against anyone who knows the config" in results["privacy"]["noise_warning"]
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    privacy = results["privacy"]["fedora"]
+    assert privacy["noise"] == results["assumptions"]["noise"] == "reproducible"
+    assert "not private against anyone who knows the config" in privacy["noise_warning"]
     sim, outcome = in_process(cfg, tmp_path)
     fed = results["methods"]["fedora"]
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
     assert fed["final"]["per_client"] == outcome.final["per_client"]
     spent = {row["client"]: row["epsilon_spent"] for row in sim.privacy["fedora"]["clients"]}
-    ours = results["privacy"]["clients"]
+    ours = privacy["clients"]
     for c, cid in enumerate(client_ids(3)):
         assert ours[c]["epsilon_spent"] == pytest.approx(spent[cid], abs=1e-6)  # 6 digits there
         assert 0 < ours[c]["epsilon_spent"] <= 8.0 and not ours[c]["refused"]
-        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
+        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl"
         from privacy.identity import load_identity
 
         assert verify_ledger_file(ledger, load_identity(identities / cid, cid).signing_key.public_key()) == []
@@ -475,7 +470,7 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
     (audit / "ledgers" / "fedora").mkdir(parents=True)
     shutil.copyfile(result_dir / "results.json", audit / "results.json")
     for c, cid in enumerate(client_ids(3)):
-        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl",
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl",
                         audit / "ledgers" / "fedora" / f"{cid}.jsonl")
     allow = identities / "server" / "allowlist.json"
     report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
@@ -484,11 +479,11 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
     cut.write_text("".join(x + "\n" for x in cut.read_text().splitlines()[:-3]))
     report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
     assert ("anchor_behind", "client-001") in {(f.check, f.client_id) for f in report.errors}
-    theta = sim.methods["fedora"].theta
     for c in range(3):
-        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
-                               c, 42, config_hash(cfg))
-        assert torch.equal(state.theta, theta[c])
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora"
+                                    / "client.pt", c, 42, config_hash(cfg), "fedora")
+        for key, value in sim.methods["fedora"].client_state_dict(c).items():
+            assert torch.allclose(state.algorithm[key], value, atol=1e-6, rtol=0), key
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -505,24 +500,24 @@ def test_grid_csprng_run_stores_no_key_and_no_noise_state(
         keys.append(self._key)
 
     monkeypatch.setattr(noise_module.CsprngNoise, "__init__", recording_init)
-    cfg = dp_config()  # privacy.noise = "csprng", the default
+    cfg = with_methods(dp_config(), "fedavg")  # privacy.noise = "csprng", the default
     rc = run_config(cfg, tmp_path)
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    assert results["assumptions"]["noise"] == results["privacy"]["noise"] == "csprng"
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["assumptions"]["noise"] == results["privacy"]["fedavg"]["noise"] == "csprng"
     assert "noise_warning" not in results["assumptions"]
-    assert "noise_warning" not in results["privacy"]
-    # A fresh key per client and message: summary, then lambda + training in each of 2 rounds.
-    assert len(keys) == 3 * 3 and len(set(keys)) == len(keys)
+    assert "noise_warning" not in results["privacy"]["fedavg"]
+    # Fresh keys in every message process (2 rounds, evaluations and fine-tuning), never reused.
+    assert len(keys) >= 3 * 2 and len(set(keys)) == len(keys)
     files = [p for p in (tmp_path / "nodes").rglob("*") if p.is_file()]
-    assert any(p.name == "state.pt" for p in files)
+    assert any(p.name == "client.pt" for p in files)
     for path in files:
         data = path.read_bytes()
         for key in keys:
             assert key not in data and key.hex().encode() not in data, path
     for c in range(3):
-        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
-                               c, 42, config_hash(cfg))
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedavg"
+                                    / "client.pt", c, 42, config_hash(cfg), "fedavg")
         assert state.noise_state is None
 
 
@@ -535,20 +530,20 @@ def test_grid_dp_plan_over_a_budget_is_refused_before_any_message(tmp_path: Path
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     with pytest.raises(BudgetPlanError, match="client-001") as info:
-        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     assert info.value.clients == ["client-001"]
     assert not list((tmp_path / "nodes").rglob("releases.jsonl"))
 
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("window", [0, 1])
-def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path, window: int) -> None:
-    cfg = tiny_config(rounds=2)
+def test_grid_failures_count_as_not_taking_part_and_are_logged(tmp_path: Path, window: int) -> None:
+    cfg = with_methods(tiny_config(rounds=2), "fedavg")
     # replies are synchronous here
     rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3, "max-in-flight": window})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3, fail={(1, 1): "disk full"}, drop={(2, 2)},
                         offline={2: {0}})
-    results = server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     if window == 1:  # a client that never answers holds its slot until its own timeout
         assert set(grid.pending_sizes) == {1}
     events = {(e["round"], e["client"]): e["event"] for e in results["events"]}
@@ -556,14 +551,15 @@ def test_grid_failures_keep_last_theta_and_are_logged(tmp_path: Path, window: in
     assert "no reply" in events[2, 2]
     assert "offline" in events[2, 0]
     assert [r["replied"] for r in results["rounds"]] == [2, 1]
-    # Client 1 failed in round 1 and trained in round 2 from its untouched initial model.
-    s1 = NodeState.load(tmp_path / "nodes" / "node-1" / "runs" / "42" / "state.pt", 1, 42,
-                        config_hash(cfg))
-    assert s1.last_trained_round == 2
-    # Client 0 was offline in round 2: its state stops at round 1.
-    s0 = NodeState.load(tmp_path / "nodes" / "node-0" / "runs" / "42" / "state.pt", 0, 42,
-                        config_hash(cfg))
-    assert s0.last_trained_round == 1 and s0.last_received_round == 1
+    assert all(e["method"] == "fedavg" for e in results["events"])
+    # Client 1 failed in round 1 and trained in round 2.
+    def answered(c: int) -> dict[str, int]:
+        return ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedavg"
+                                   / "client.pt", c, 42, config_hash(cfg), "fedavg").answered
+
+    assert answered(1)["round"] == 2
+    # Client 0 was offline from round 2 on: its rounds stop at round 1.
+    assert answered(0)["round"] == 1
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -572,47 +568,60 @@ def test_grid_refuses_missing_clients_and_duplicate_partitions(tmp_path: Path) -
     rc = run_config(cfg, tmp_path, **{"connect-timeout": 0.1, "round-timeout": 0.3})
     grid = InMemoryGrid(tmp_path / "n1", rc, 3, drop={(2, 0)})
     with pytest.raises(DeployError, match=r"missing clients \[2\]"):
-        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     grid = InMemoryGrid(tmp_path / "n2", rc, 3)
     # A node misconfigured with client 1's partition and keys answers (and signs) as client 1.
     grid.node_config[1002].update(grid.node_config[1001], **{"state-dir": str(tmp_path / "x")})
     with pytest.raises(DeployError, match="both hold partition-id 1"):
-        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     grid = InMemoryGrid(tmp_path / "n3", rc, 3)
     del grid.node_config[1002]
     with pytest.raises(DeployError, match="only 2 of 3 SuperNodes"):
-        server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
 
 
 @pytest.mark.usefixtures("task_identity")
 def test_client_resumes_from_disk_and_never_trains_a_round_twice(tmp_path: Path) -> None:
-    cfg = tiny_config()
-    rc = run_config(cfg, tmp_path)
-    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-    server_app.run_fedora(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    node_dir = tmp_path / "nodes" / "node-0" / "runs" / "42"
-    before = NodeState.load(node_dir / "state.pt", 0, 42, config_hash(cfg))
-    # Round 2 delivered again (e.g. after a restart): answered from disk, no second training.
-    phi = tensor_to_array_record("phi", before.phi)
     from flwr.app import ConfigRecord
 
+    from privacy.envelope import EnvelopeError
+    from secure_fedora.runtimes.flower.payloads import payload_to_record, record_to_payload
+
+    cfg = with_methods(tiny_config(), "local")
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    path = tmp_path / "nodes" / "node-0" / "runs" / "42" / "local" / "client.pt"
+    before = ClientRunState.load(path, 0, 42, config_hash(cfg), "local")
     signer = server_security(rc, tmp_path / "signer")
-    msg = signed_request(signer, RecordDict({"phi": phi, "round": ConfigRecord(
-        {"round": 2, "participate": True, "evaluate": True, "config-hash": config_hash(cfg)})}),
-        "train.fedora", "client-000", 2, message_id="again")
     ctx = Context(42, 1000, dict(grid.node_config[1000]), RecordDict(), rc)
-    reply = client_app.train_round(msg, ctx)
-    assert reply.content["metrics"]["trained-now"] == 0
-    theta = array_record_to_tensor(reply.content["theta"], "theta", torch.float32, tuple(before.theta.shape))
-    assert torch.equal(theta, before.theta)
-    after = NodeState.load(node_dir / "state.pt", 0, 42, config_hash(cfg))
+
+    def request(rnd: int, message_id: str, method: str = "local", digest: str = "") -> Message:
+        run = ConfigRecord({"method": method, "stage": "round", "round": rnd, "has-payload": True,
+                            "config-hash": digest or config_hash(cfg)})
+        return signed_request(signer, RecordDict({"payload": payload_to_record({}), "run": run}),
+                              "train.round", "client-000", rnd, message_id=message_id)
+
+    # Round 2 delivered again (e.g. after a restart): answered from disk, no second training.
+    reply = client_app.HANDLERS["train.round"](request(2, "again"), ctx)
+    assert "refusal" not in reply.content
+    from privacy.envelope import Envelope
+
+    envelope = Envelope.from_dict(json.loads(reply.content["envelope"]["server"]))
+    payload = record_to_payload(reply.content["payload"], envelope, "reply")
+    assert payload.keys() == before.replies["round"].keys()
+    assert all(torch.equal(payload[k], before.replies["round"][k]) for k in payload)
+    after = ClientRunState.load(path, 0, 42, config_hash(cfg), "local")
     assert torch.equal(after.generator_state, before.generator_state)
-    # A message for another config is refused.
-    bad = signed_request(signer, RecordDict({"phi": phi, "round": ConfigRecord(
-        {"round": 3, "participate": True, "evaluate": True, "config-hash": "0" * 64})}),
-        "train.fedora", "client-000", 3, message_id="bad")
+    assert torch.equal(after.algorithm["theta"], before.algorithm["theta"])
+    # An older round is refused by the envelope's round floor; another config by its hash;
+    # a method the config does not run by name.
+    with pytest.raises(EnvelopeError):
+        client_app.HANDLERS["train.round"](request(1, "old"), ctx)
     with pytest.raises(DeployError, match="config hash"):
-        client_app.train_round(bad, ctx)
+        client_app.HANDLERS["train.round"](request(3, "bad", digest="0" * 64), ctx)
+    with pytest.raises(DeployError, match="not one of the configured methods"):
+        client_app.HANDLERS["train.round"](request(3, "other", method="fedavg"), ctx)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -645,9 +654,9 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     bad.write_text("[data]\nnum_clients = 'many'\n")
     args = _parser().parse_args(["deploy", "local", "--config", str(bad), "--workdir", str(tmp_path / "w")])
     assert run_command(args.func, args) == 2
-    no_fedora = tmp_path / "nf.toml"
-    no_fedora.write_text('methods = ["local"]\n')
-    args = _parser().parse_args(["deploy", "local", "--config", str(no_fedora), "--clients", "2",
+    unsupported = tmp_path / "bce.toml"
+    unsupported.write_text('methods = ["local"]\n[training]\nloss = "bce"\n')
+    args = _parser().parse_args(["deploy", "local", "--config", str(unsupported), "--clients", "2",
                                  "--workdir", str(tmp_path / "w")])
     assert run_command(args.func, args) == 2
     assert not (tmp_path / "w" / "logs").exists()  # nothing was started
@@ -707,36 +716,46 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, 2 FEDORA rounds;
-    per-client accuracy equals the in-process runtime's for the same config and seed."""
+    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, FEDORA, Ditto
+    and FedAvg for 2 rounds each through the one generic runtime; per-client metrics and every
+    client's final state equal the in-process runtime's for the same config and seed."""
     import tomli_w
 
-    cfg = tiny_config()
+    methods = ("fedora", "ditto", "fedavg")
+    data = json.loads(json.dumps(TINY))
+    data["methods"] = list(methods)
+    data["fedavg"] = {"finetune_epochs": 1}
+    data["evaluation"] = {"every": 2}  # one evaluation exchange per method (CI time)
+    cfg = parse_config(data)
     config = tmp_path / "tiny.toml"
-    config.write_text(tomli_w.dumps(TINY))
+    config.write_text(tomli_w.dumps(data))
     workdir = tmp_path / "deployment"
     args = _parser().parse_args(["deploy", "local", "--config", str(config), "--clients", "3",
-                                 "--workdir", str(workdir), "--run-timeout", "420",
-                                 "--max-in-flight", "2"])
+                                 "--workdir", str(workdir), "--run-timeout", "600",
+                                 "--max-in-flight", "3"])
     assert args.func(args) == 0, capsys.readouterr().err[-3000:]
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["status"] == "finished:completed"
     assert _processes_mentioning(str(workdir)) == []  # everything it started is gone
     results = json.loads(Path(report["results"]).read_text())
     run_id = int(report["run_id"])
-    sim, outcome = in_process(cfg, tmp_path)
-    fed = results["methods"]["fedora"]
-    assert np.allclose(fed["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4, rtol=0)
-    assert np.allclose(fed["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
-    assert fed["final"]["mean"] > 0.3  # it learned (chance is 0.1)
-    assert results["events"] == []
-    assert results["max_in_flight"] == 2  # two ClientApps at a time: same results
-    for c in range(3):
-        run_dir = workdir / "nodes" / f"node-{c}" / "runs" / str(run_id)
-        state = NodeState.load(run_dir / "state.pt", c, run_id, config_hash(cfg))
-        assert torch.allclose(state.theta, sim.methods["fedora"].theta[c], atol=1e-6, rtol=0)
-        assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()] == [
-            "summary", "model", "model"]
+    assert results["runtime"] == "flower" and results["events"] == []
+    assert results["max_in_flight"] == 3
+    for method in methods:
+        sim, outcome = in_process(cfg, tmp_path / method, method)
+        ours = results["methods"][method]
+        for part in ("selected", "final"):
+            assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
+                               atol=1e-4, rtol=0), (method, part)
+        for c in range(3):
+            state = ClientRunState.load(workdir / "nodes" / f"node-{c}" / "runs" / str(run_id)
+                                        / method / "client.pt", c, run_id, config_hash(cfg), method)
+            for key, value in sim.methods[method].client_state_dict(c).items():
+                assert torch.allclose(state.algorithm[key], value, atol=1e-4, rtol=0), (method, key)
+    assert results["methods"]["fedora"]["final"]["mean"] > 0.3  # it learned (chance is 0.1)
+    run_dir = workdir / "nodes" / "node-0" / "runs" / str(run_id)
+    assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()][:3] == [
+        "fedora/setup", "fedora/round", "fedora/round"]
     for key in ("ca.key", "server.key"):
         assert stat.S_IMODE((workdir / "certs" / key).stat().st_mode) == 0o600
 
@@ -754,7 +773,7 @@ def _pulled_round_message(fed: LocalFederation, index: int, offset: int) -> bool
         return False
     with open(proc.log_path, "rb") as handle:
         handle.seek(offset)
-        return b"Receiving: train.fedora message" in handle.read()
+        return b"Receiving: train.round message" in handle.read()
 
 
 @pytest.mark.deploy
@@ -800,15 +819,16 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     # trained from its on-disk state.
     assert [r["replied"] for r in results["rounds"]][2] == 3
     run_dir = federation.node_state_dir(victim) / "runs" / str(run_id)
-    state = NodeState.load(run_dir / "state.pt", victim, run_id, config_hash(cfg))
-    assert state.last_trained_round == 3
+    state = ClientRunState.load(run_dir / "fedora" / "client.pt", victim, run_id,
+                                config_hash(cfg), "fedora")
+    assert state.answered["round"] == 3
     entries = ReleaseJournal(run_dir / "releases.jsonl").entries()  # verifies the hash chain
-    assert entries[0]["kind"] == "summary"
-    assert (entries[-1]["kind"], entries[-1]["round"]) == ("model", 3)
-    ledger = run_dir / "client-002.jsonl"
+    assert entries[0]["kind"] == "fedora/setup"
+    assert (entries[-1]["kind"], entries[-1]["round"]) == ("fedora/round", 3)
+    ledger = run_dir / "fedora" / "client-002.jsonl"
     key = load_identity(federation.party_identity_dir(2), "client-002").signing_key.public_key()
     assert verify_ledger_file(ledger, key) == []  # chain and signatures intact after the kill
     accounted = [(e["round"], e["mechanism"]) for e in read_ledger(ledger)]
     assert accounted[0] == (0, "gaussian_summary") and (3, "dpsgd") in accounted, accounted
-    assert results["privacy"]["clients"][victim]["epsilon_spent"] <= 8.0
+    assert results["privacy"]["fedora"]["clients"][victim]["epsilon_spent"] <= 8.0
 

@@ -56,7 +56,7 @@ from secure_fedora.runtimes.flower.protocol import (
     DeployError,
     RunSettings,
 )
-from secure_fedora.runtimes.flower.state import NodeState, ReleaseJournal
+from secure_fedora.runtimes.flower.state import ClientRunState, ReleaseJournal
 from secure_fedora.runtimes.inprocess import build_clients
 from secure_fedora.secure.relatedness import (
     SecureRelatednessError,
@@ -344,7 +344,7 @@ def _grid_run(
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": cfg.privacy.enabled})
     g = InMemoryGrid(tmp_path / "nodes", rc, 3, **grid)
     settings = RunSettings.from_run_config(rc)
-    results = server_app.run_fedora(g, settings, 42)  # type: ignore[arg-type]
+    results = server_app.run_federation(g, settings, 42)  # type: ignore[arg-type]
     return results, g, rc
 
 
@@ -364,7 +364,7 @@ def test_grid_encrypted_run_equals_in_process_encrypted_run(tmp_path: Path) -> N
     assert np.allclose(ours["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4,
                        rtol=0)
     graph = sim.methods["fedora"].relatedness.graph
-    assert results["graph_neighbours"] == [torch.nonzero(r).flatten().tolist() for r in graph]
+    assert ours["extra"]["graph_neighbours"] == [torch.nonzero(r).flatten().tolist() for r in graph]
     # The graph is the plaintext one too: CKKS noise does not move the top-k choice here.
     summaries = torch.stack([fedora.client_summary(c.train_x, c.train_y, 10, 1)
                              for c in build_clients(cfg)])
@@ -377,12 +377,13 @@ def test_grid_encrypted_run_equals_in_process_encrypted_run(tmp_path: Path) -> N
     assert details["server_context_has_secret_key"] is False and details["key_holder"] == 0
     assert results["assumptions"]["key_holder"].startswith("client 0")
     # What left each node: the encrypted summary; the key holder also released the overlaps.
-    assert _journal(tmp_path, 0) == ["summary", "overlaps", "model", "model"]
-    assert _journal(tmp_path, 1) == ["summary", "model", "model"]
+    assert _journal(tmp_path, 0) == ["summary", "overlaps", "fedora/round", "fedora/round"]
+    assert _journal(tmp_path, 1) == ["summary", "fedora/round", "fedora/round"]
     for c in range(3):
-        state = NodeState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "state.pt",
-                               c, 42, config_hash(cfg))
-        assert torch.allclose(state.theta, sim.methods["fedora"].theta[c], atol=1e-4, rtol=0)
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora"
+                                    / "client.pt", c, 42, config_hash(cfg), "fedora")
+        assert torch.allclose(state.algorithm["theta"], sim.methods["fedora"].theta[c], atol=1e-4,
+                              rtol=0)
     keys = tmp_path / "nodes" / "node-0" / "runs" / "42" / "ckks"
     assert stat.S_IMODE((keys / "secret-context.sealed").stat().st_mode) == 0o600
     assert not (tmp_path / "nodes" / "node-1" / "runs" / "42" / "ckks").exists()
@@ -408,9 +409,9 @@ def test_grid_noised_encrypted_run_equals_in_process_and_the_ledger_records_the_
     ids = Path(rc["identity-dir"]).parent
     for c in range(3):
         cid = f"client-{c:03d}"
-        ours_spent = results["privacy"]["clients"][c]["epsilon_spent"]
+        ours_spent = results["privacy"]["fedora"]["clients"][c]["epsilon_spent"]
         assert ours_spent == pytest.approx(spent[cid], abs=1e-6)
-        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / f"{cid}.jsonl"
+        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl"
         key = load_identity(ids / cid, cid).signing_key.public_key()
         assert verify_ledger_file(ledger, key) == []
         assert [e["mechanism"] for e in read_ledger(ledger)][0] == "gaussian_summary"
@@ -426,9 +427,10 @@ def test_grid_rejected_replies_count_as_not_participating(
     saved: dict[str, Message] = {}
 
     def tamper_theta(_request: Message, reply: Message) -> Message:
-        theta = reply.content["theta"]["theta"].numpy().copy()
-        theta[0] += 1.0
-        reply.content["theta"] = ArrayRecord({"theta": Array(theta)})  # envelope left as signed
+        arrays = {k: reply.content["payload"][k].numpy().copy() for k in reply.content["payload"]}
+        arrays["theta"][0] += 1.0
+        reply.content["payload"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        # the envelope is left as signed
         return reply
 
     def keep(_request: Message, reply: Message) -> Message:
@@ -454,7 +456,7 @@ def test_grid_rejected_replies_count_as_not_participating(
     assert reasons == {(1, 1): "payload_hash_mismatch", (2, 2): "stale_round",
                        (2, 0): "unknown_sender"}
     assert [r["replied"] for r in results["rounds"]] == [2, 1]
-    assert all("counts as not participating" in e["event"] for e in results["events"])
+    assert all("counts as not taking part" in e["event"] for e in results["events"])
     logged = {getattr(r, "security_event", {}).get("reason") for r in caplog.records}
     assert {"payload_hash_mismatch", "stale_round", "unknown_sender"} <= logged
     assert grid.errors == []
@@ -468,9 +470,10 @@ def test_grid_client_refuses_a_tampered_or_replayed_server_message(tmp_path: Pat
     saved: dict[str, Message] = {}
 
     def tamper_phi(request: Message) -> Message:
-        phi = request.content["phi"]["phi"].numpy().copy()
-        phi[:10] = 0.0
-        request.content["phi"] = ArrayRecord({"phi": Array(phi)})
+        arrays = {k: request.content["payload"][k].numpy().copy()
+                  for k in request.content["payload"]}
+        arrays["phi"][:10] = 0.0
+        request.content["payload"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return request
 
     def keep(request: Message) -> Message:
@@ -552,12 +555,13 @@ def test_flower_encrypted_relatedness_equals_in_process_runtime(tmp_path: Path) 
     assert np.allclose(ours["selected"]["per_client"], outcome.selected["per_client"], atol=1e-4,
                        rtol=0)
     graph = sim.methods["fedora"].relatedness.graph
-    assert results["graph_neighbours"] == [torch.nonzero(r).flatten().tolist() for r in graph]
+    assert ours["extra"]["graph_neighbours"] == [torch.nonzero(r).flatten().tolist() for r in graph]
     assert results["events"] == [] and results["security"]["rejections"] == []
     assert results["relatedness_details"]["server_context_has_secret_key"] is False
     state_dir = tmp_path / "fed" / "nodes"
     journal = ReleaseJournal(state_dir / "node-0" / "runs" / str(run_id) / "releases.jsonl")
-    assert [e["kind"] for e in journal.entries()] == ["summary", "overlaps", "model", "model"]
+    assert [e["kind"] for e in journal.entries()] == [
+        "summary", "overlaps", "fedora/round", "fedora/round"]
     secret = state_dir / "node-0" / "runs" / str(run_id) / "ckks" / "secret-context.sealed"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    assert "relatedness (encrypted)" in logs
+    assert "fedora: setup ceremony ckks_overlaps done" in logs

@@ -1,0 +1,143 @@
+"""The one ``results.json`` document both runtimes write.
+
+:func:`build_results` is the only place that lays the document out; the in-process runtime
+(:class:`~secure_fedora.runtimes.inprocess.Simulation`) and the Flower ServerApp both call it,
+so a user's script and ``audits`` read one schema. Stable paths (users' scripts read them):
+
+* ``methods.<name>.selected.{mean,min,max,std,per_client,round}`` -- each client's test metric
+  at the round with the best mean validation metric (or the final round under
+  ``model_selection = "final_round"``), and that round;
+* ``methods.<name>.final.{mean,min,max,std,per_client}`` -- at the last evaluated round;
+* ``methods.<name>.{name,rounds,seconds_training,seconds_evaluation,metric}`` and the method's
+  own results (:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.server_finalize`);
+* top level ``name, version, runtime, config_hash, metric, loss, assumptions, privacy,
+  clients, methods, comparison`` (and ``compute``, ``data_fingerprint`` where the runtime
+  knows them: a Flower server never sees the data, so its fingerprint is ``None``).
+
+A runtime adds its own keys through ``runtime_keys`` (Flower: run id, node map, events,
+security rejections, per-round timings); they never replace a key above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from secure_fedora import __version__
+from secure_fedora.core.config import ExperimentConfig, model_selection
+
+__all__ = ["RESERVED_KEYS", "build_results", "client_rows", "method_entry"]
+
+#: Top-level keys :func:`build_results` owns (runtime keys may not use them).
+RESERVED_KEYS = frozenset({
+    "name", "version", "runtime", "compute", "config_hash", "data_fingerprint", "metric", "loss",
+    "assumptions", "privacy", "clients", "methods", "comparison",
+})
+
+
+def method_entry(name: str, selected: Mapping[str, Any], final: Mapping[str, Any], rounds: int,
+                 seconds_training: float, seconds_evaluation: float,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One method's outcome as ``methods.<name>`` holds it (without the metric name, which
+    :func:`build_results` adds)."""
+    return {"name": name, "selected": dict(selected), "final": dict(final), "rounds": int(rounds),
+            "seconds_training": float(seconds_training),
+            "seconds_evaluation": float(seconds_evaluation), "extra": dict(extra or {})}
+
+
+def client_rows(sizes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``clients`` list: id, split sizes and the partition facts a client may publish
+    (rotation, group, classes), from one mapping per client."""
+    keep = ("rotation_degrees", "group", "classes")
+    return [{"id": int(s["id"]), "train": int(s["train"]), "val": int(s["val"]),
+             "test": int(s["test"]), **{k: s[k] for k in keep if k in s}} for s in sizes]
+
+
+def _assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
+    from secure_fedora.runtimes.inprocess import NOISE_SOURCE_DESCRIPTIONS
+    from secure_fedora.secure.private import noise_assumptions
+
+    dp = cfg.privacy.enabled
+    return {
+        "validation_data": cfg.data.validation,
+        "model_selection": model_selection(cfg),
+        "relatedness": cfg.fedora.relatedness,
+        "server": "honest-but-curious",
+        "differential_privacy": dp,
+        **({"noise_source": NOISE_SOURCE_DESCRIPTIONS[cfg.privacy.noise],
+            **noise_assumptions(cfg),
+            "neighbouring_relation": "add/remove one record; dataset sizes public",
+            "accountant": cfg.privacy.accountant}
+           if dp else {}),
+        **({"client_held_models": "Ditto's and APFL's personal models never leave the "
+                                  "client and train without noise; DP covers what is sent "
+                                  "(the global-model copies). Publishing a personal model "
+                                  "would be an unaccounted release."}
+           if dp and {"ditto", "apfl"} & set(cfg.methods) else {}),
+    }
+
+
+def build_results(
+    cfg: ExperimentConfig,
+    *,
+    runtime: str,
+    config_hash: str,
+    metric: str,
+    outcomes: Mapping[str, Mapping[str, Any]],
+    privacy: Mapping[str, Any] | None,
+    clients: Sequence[Mapping[str, Any]],
+    compute: Mapping[str, Any] | None = None,
+    data_fingerprint: str | None = None,
+    assumptions: Mapping[str, Any] | None = None,
+    runtime_keys: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The results document.
+
+    ``outcomes`` maps each method run to its :func:`method_entry`-shaped dict (the
+    in-process ``MethodOutcome.to_json()``); ``privacy`` maps a method to its privacy summary
+    (or is empty/None without DP); ``clients`` is :func:`client_rows`' list; ``assumptions``
+    adds runtime-specific assumptions (transport, key holder); ``runtime_keys`` adds
+    runtime-specific top-level keys, none of which may be one of :data:`RESERVED_KEYS`.
+    Derived entries: ``methods.fedavg_ft`` (FedAvg's fine-tuned test metric, when FedAvg
+    reports it) and ``comparison.fedora_below_local`` (clients where FEDORA's selected metric
+    is below Local's, when both ran).
+    """
+    from secure_fedora.runtimes.inprocess import summarize
+
+    clash = RESERVED_KEYS & set(runtime_keys or {})
+    if clash:
+        raise ValueError(f"runtime keys {sorted(clash)} would replace shared results keys")
+    methods = {name: {**o, "metric": metric} for name, o in outcomes.items()}
+    comparison: dict[str, Any] = {}
+    if "fedora" in outcomes and "local" in outcomes:
+        f = outcomes["fedora"]["selected"]["per_client"]
+        loc = outcomes["local"]["selected"]["per_client"]
+        comparison["fedora_below_local"] = sum(1 for a, b in zip(f, loc, strict=True) if a < b)
+    fedavg_extra = outcomes.get("fedavg", {}).get("extra", {})
+    if "finetuned_test_accuracy" in fedavg_extra:
+        methods["fedavg_ft"] = {
+            "name": "fedavg_ft",
+            "selected": summarize(fedavg_extra["finetuned_test_accuracy"]),
+            "metric": metric,
+        }
+    doc: dict[str, Any] = {
+        "name": cfg.name,
+        "version": __version__,
+        "runtime": runtime,
+    }
+    if compute is not None:
+        doc["compute"] = dict(compute)
+    doc.update({
+        "config_hash": config_hash,
+        "data_fingerprint": data_fingerprint,
+        # What methods.<name>.selected/final hold: "accuracy" or "auc" (follows the loss).
+        "metric": metric,
+        "loss": cfg.training.loss,
+        "assumptions": {**_assumptions(cfg), **(assumptions or {})},
+        "privacy": dict(privacy or {}),
+        "clients": list(clients),
+        "methods": methods,
+        "comparison": comparison,
+    })
+    doc.update(runtime_keys or {})
+    return doc

@@ -1,0 +1,286 @@
+"""The generic Flower runtime: payload encoding, the shared results schema, data isolation
+of the method halves, and every method on the in-memory grid against the in-process runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from privacy.envelope import Envelope, EnvelopeError
+from secure_fedora.algorithms.contract import method_class
+from secure_fedora.core.config import config_hash
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.contexts import ClientDataSlots, DataAccessError
+from secure_fedora.runtimes.flower.payloads import (
+    PayloadLimits,
+    ShapePins,
+    payload_to_record,
+    record_to_payload,
+)
+from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings, check_supported
+from secure_fedora.runtimes.flower.state import ClientRunState, NodeStateError
+from secure_fedora.runtimes.inprocess import build_clients
+from secure_fedora.runtimes.results import RESERVED_KEYS, build_results
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    in_process,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+    with_methods,
+)
+
+ALL_METHODS = ("fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca")
+ENVELOPE = Envelope(sender="client-001", recipient="server", round=3, nonce="00" * 16,
+                    kind="train.round.reply", payload_sha256="00" * 32, signature="00" * 64)
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def test_payload_round_trip_keeps_dtype_shape_and_values() -> None:
+    payload = {"theta": torch.randn(5), "u": torch.randn(4, 2, dtype=torch.float64),
+               "steps": torch.tensor(7), "flag": torch.tensor([True, False]),
+               "blob": torch.arange(6, dtype=torch.uint8)}
+    back = record_to_payload(payload_to_record(payload), ENVELOPE, "reply")
+    assert list(back) == list(payload)
+    for name, tensor in payload.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+    assert record_to_payload(payload_to_record({}), ENVELOPE, "reply") == {}
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    ({"bad name!": torch.zeros(1)}, "plain identifier"),
+    ({"x": torch.tensor([1.0, float("nan")])}, "non-finite"),
+    ({"x": torch.zeros(1, 1, 1, 1, 1)}, "5 dimensions"),
+    ({"x": torch.zeros(2, dtype=torch.complex64)}, "dtype"),
+    ({"x": [1.0]}, "not a tensor"),
+])
+def test_payload_encoding_refuses_what_it_would_not_accept(payload: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        payload_to_record(payload)
+
+
+def test_payload_decoding_refuses_malformed_records_naming_the_sender() -> None:
+    limits = PayloadLimits(max_tensors=2, max_bytes=400)
+    cases = [
+        (ConfigRecord({"x": 1}), "not an ArrayRecord"),
+        (ArrayRecord({"a": Array(np.zeros(1)), "b": Array(np.zeros(1)),
+                      "c": Array(np.zeros(1))}), "3 tensors"),
+        (ArrayRecord({"a": Array(np.zeros(100))}), "more than 400 bytes"),
+        (ArrayRecord({"a": Array(np.array([np.inf]))}), "non-finite"),
+        (ArrayRecord({"a": Array(np.zeros(2, dtype=np.complex64))}), "dtype complex64"),
+        (ArrayRecord({"a": Array(np.array(["x"]))}), "dtype"),
+    ]
+    for record, match in cases:
+        with pytest.raises(EnvelopeError, match=match) as info:
+            record_to_payload(record, ENVELOPE, "round reply", limits)
+        assert info.value.sender == "client-001" and info.value.round == 3
+
+
+def test_shape_pins_refuse_a_differently_shaped_tensor_of_the_same_exchange() -> None:
+    pins = ShapePins()
+    pins.check("round", {"theta": torch.zeros(5), "steps": torch.tensor(1)}, ENVELOPE)
+    pins.check("round", {"theta": torch.ones(5)}, ENVELOPE)
+    pins.check("setup", {"theta": torch.zeros(3)}, ENVELOPE)  # another exchange: its own pins
+    with pytest.raises(EnvelopeError, match=r"'theta' is torch.float32 \(6,\)"):
+        pins.check("round", {"theta": torch.zeros(6)}, ENVELOPE)
+    with pytest.raises(EnvelopeError, match="float64"):
+        pins.check("round", {"steps": torch.tensor(1.0, dtype=torch.float64)}, ENVELOPE)
+
+
+# --------------------------------------------------------------------------- data isolation, state
+
+
+def test_client_data_slots_refuse_every_read_but_the_held_client() -> None:
+    client = build_clients(tiny_config())[1]
+    server = ClientDataSlots(3)
+    assert len(server) == 3
+    with pytest.raises(DataAccessError, match="the server read client 0"):
+        server[0]
+    with pytest.raises(DataAccessError):
+        list(server)
+    mine = ClientDataSlots(3, 1, client, party="client 1")
+    assert mine[1] is client and mine[-2] is client
+    with pytest.raises(DataAccessError, match="client 1 read client 2"):
+        mine[2]
+    with pytest.raises(IndexError):
+        mine[3]
+
+
+def test_client_run_state_round_trips_and_refuses_foreign_or_bad_files(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(1).get_state()
+    state = ClientRunState(1, 7, "hash", "fedavg", gen, algorithm={"theta": torch.ones(4)},
+                           answered={"round": 2}, replies={"round": {"theta": torch.ones(4)}},
+                           metrics={"round": {}}, refusals={})
+    path = tmp_path / "client.pt"
+    state.save(path)
+    back = ClientRunState.load(path, 1, 7, "hash", "fedavg")
+    assert torch.equal(back.algorithm["theta"], torch.ones(4)) and back.answered == {"round": 2}
+    for args, match in (((2, 7, "hash", "fedavg"), "client_id"), ((1, 8, "hash", "fedavg"), "run_id"),
+                        ((1, 7, "other", "fedavg"), "config_hash"),
+                        ((1, 7, "hash", "local"), "method")):
+        with pytest.raises(NodeStateError, match=match):
+            ClientRunState.load(path, *args)
+    state.algorithm = {"theta": torch.tensor([float("nan")])}
+    with pytest.raises(NodeStateError, match="non-finite"):
+        state.save(path)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(NodeStateError, match="corrupt"):
+        ClientRunState.load(path, 1, 7, "hash", "fedavg")
+
+
+def test_check_supported_refuses_a_method_without_a_client_half() -> None:
+    def legacy(ctx, cfg):  # a factory that names no contract class
+        raise AssertionError("never built")
+
+    METHODS.register("legacy_x", legacy)
+    try:
+        from secure_fedora.core.config import parse_config
+
+        data = tiny_config().model_dump(mode="json", exclude_none=True)
+        cfg = parse_config({**data, "methods": ["legacy_x", "local"]})
+        with pytest.raises(DeployError, match="'legacy_x' does not implement the method contract"):
+            check_supported(cfg)
+    finally:
+        METHODS.unregister("legacy_x")
+
+
+def test_results_builder_refuses_runtime_keys_that_replace_shared_ones() -> None:
+    cfg = tiny_config()
+    entry = {"name": "local", "selected": {"mean": 0.5, "per_client": [0.5], "round": 1},
+             "final": {"mean": 0.5}, "rounds": 1, "seconds_training": 0.0,
+             "seconds_evaluation": 0.0, "extra": {}}
+    doc = build_results(cfg, runtime="flower", config_hash="h", metric="accuracy",
+                        outcomes={"local": entry}, privacy=None, clients=[],
+                        runtime_keys={"run_id": 3})
+    assert doc["methods"]["local"]["metric"] == "accuracy" and doc["run_id"] == 3
+    assert RESERVED_KEYS - {"compute"} <= set(doc)  # compute: where the runtime knows it
+    with pytest.raises(ValueError, match="methods"):
+        build_results(cfg, runtime="flower", config_hash="h", metric="accuracy", outcomes={},
+                      privacy=None, clients=[], runtime_keys={"methods": {}})
+
+
+# --------------------------------------------------------------------------- every method
+
+
+def _ported(name: str) -> bool:
+    from secure_fedora.runtimes.flower.protocol import _implements_halves
+
+    cls = method_class(name)
+    return cls is not None and _implements_halves(cls)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_on_the_grid_equals_the_in_process_runtime(tmp_path: Path, method: str) -> None:
+    """Each client half runs with only its own data (any other read raises); per-client
+    metrics and every client's final state equal the in-process run within 1e-4."""
+    if not _ported(method):
+        pytest.skip(f"{method} is not ported to the method contract on this branch yet")
+    cfg = with_methods(tiny_config(rounds=3, participation=0.5), method)
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors == [] and results["events"] == []
+    sim, outcome = in_process(cfg, tmp_path, method)
+    ours = results["methods"][method]
+    for part in ("selected", "final"):
+        assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
+                           atol=1e-4, rtol=0), part
+    assert ours["selected"]["round"] == outcome.selected["round"]
+    assert [r["participants"] for r in results["rounds"]] == [2, 2, 2]
+    reference = sim.methods[method]
+    for c in range(3):
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method
+                                    / "client.pt", c, 42, config_hash(cfg), method)
+        expected = reference.client_state_dict(c)
+        assert sorted(state.algorithm) == sorted(expected)
+        for key, value in expected.items():
+            assert torch.allclose(state.algorithm[key], value.cpu(), atol=1e-4, rtol=0), (c, key)
+    on_disk = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert on_disk["runtime"] == "flower" and on_disk["methods"][method] == json.loads(
+        json.dumps(ours))
+    for extra_key, value in outcome.extra.items():
+        if extra_key != "security" and isinstance(value, list):
+            assert np.allclose(ours["extra"][extra_key], value, atol=1e-4, rtol=0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(tmp_path: Path) -> None:
+    import shutil
+
+    from audits.verify import verify_run
+    from privacy.identity import client_ids, load_identity
+    from privacy.ledger import line_hash, read_ledger, verify_ledger_file
+
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg", "ditto")
+    result_dir = tmp_path / "result"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "result-dir": str(result_dir)})
+    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 42)
+    audit = tmp_path / "audit"
+    shutil.copyfile(result_dir / "results.json", audit.mkdir() or audit / "results.json")
+    for method in ("fedavg", "ditto"):
+        sim, outcome = in_process(cfg, tmp_path / method, method)
+        ours = results["methods"][method]
+        assert np.allclose(ours["selected"]["per_client"], outcome.selected["per_client"],
+                           atol=1e-4, rtol=0)
+        spent = {r["client"]: r["epsilon_spent"] for r in sim.privacy[method]["clients"]}
+        (audit / "ledgers" / method).mkdir(parents=True)
+        for c, cid in enumerate(client_ids(3)):
+            row = results["privacy"][method]["clients"][c]
+            assert row["client"] == cid and not row["refused"]
+            assert row["epsilon_spent"] == pytest.approx(spent[cid], abs=1e-6)
+            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method / f"{cid}.jsonl"
+            key = load_identity(tmp_path / "ids" / cid, cid).signing_key.public_key()
+            assert verify_ledger_file(ledger, key) == []
+            assert [e["mechanism"] for e in read_ledger(ledger)] == ["dpsgd", "dpsgd", "close"]
+            assert row["ledger_head"] == line_hash(ledger.read_text().splitlines()[-1])
+            shutil.copyfile(ledger, audit / "ledgers" / method / f"{cid}.jsonl")
+    anchor = json.loads((result_dir / "anchor.json").read_text())
+    assert sorted(anchor["ledgers"]) == [f"{m}/{cid}" for m in ("ditto", "fedavg")
+                                         for cid in client_ids(3)]
+    report = verify_run(audit, allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                        anchor=result_dir / "anchor.json")
+    assert not [f for f in report.errors if f.check.startswith("anchor")], report.errors
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_refused_release_is_a_refusal_reply_and_the_client_takes_no_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose gate refuses its round-2 release answers with a refusal record (no
+    payload); the server records the event, aggregates without it and reports it refused;
+    the client releases nothing afterwards."""
+    from secure_fedora.runtimes.flower import client_app
+
+    original = client_app.ClientSidePrivacy.admit
+
+    def admit(self, i, rnd, theta, with_lambda, noise=None):  # type: ignore[no-untyped-def]
+        if i == 1 and rnd == 2:  # what the gate does on a refusal
+            self.sole.refused_at, self.sole.refusal = rnd, "budget exhausted (test)"
+            return False
+        return original(self, i, rnd, theta, with_lambda, noise=noise)
+
+    monkeypatch.setattr(client_app.ClientSidePrivacy, "admit", admit)
+    cfg = with_methods(dp_config(rounds=2, noise="reproducible"), "fedavg")
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 42)
+    events = {(e["round"], e["client"]): e["event"] for e in results["events"]}
+    assert list(events) == [(2, 1)] and "budget exhausted (test)" in events[2, 1]
+    assert [r["replied"] for r in results["rounds"]] == [3, 2]
+    rows = results["privacy"]["fedavg"]["clients"]
+    assert [r["refused"] for r in rows] == [False, True, False]
+    state = ClientRunState.load(tmp_path / "nodes" / "node-1" / "runs" / "42" / "fedavg"
+                                / "client.pt", 1, 42, config_hash(cfg), "fedavg")
+    assert state.refusals == {"round": "budget exhausted (test)"} and state.replies["round"] == {}
