@@ -1,0 +1,687 @@
+"""Batched client training: many clients' rows of the (N x P) parameter matrix trained together.
+
+:func:`train_clients` runs the local training of a set of clients at once, in place on their
+rows, with the per-client loop's semantics (:func:`secure_fedora.learning.client.local_train`
+with :class:`~secure_fedora.learning.client.PlainGradient` or the DP-SGD oracle
+``secure_fedora.secure.private.DPGradient``): the same batches in the same order (each
+client's own ``torch.Generator`` draws its permutations, each client's own
+:class:`privacy.noise.NoiseSource` its Poisson samples and noise, interleaved as in the loop),
+the same SGD/momentum/weight-decay update, FEDORA's pull toward ``phi_i`` with weight
+``lam_i``, FedProx's ``mu`` term, and the same number of steps. Results equal the loop's within
+float rounding (batched matrix products sum in a different order).
+
+Engines (chosen per model, once, by :func:`batched_plan`):
+
+- ``"linear"``: an ``nn.Sequential`` of ``nn.Linear`` and per-sample activation layers
+  (ReLU, Tanh, Sigmoid, Identity, Flatten): every layer of all clients is one ``torch.bmm``
+  with a hand-written backward that writes the gradients straight into the stacked gradient
+  rows (no per-step allocation of gradients). Supports plain SGD and DP-SGD (per-sample
+  gradient norms from ``||a||^2 ||g||^2 + ||g||^2``, the fused path of :mod:`privacy.dpsgd`,
+  for all clients' samples at once).
+- ``"vmap"``: any other model ``torch.func.functional_call`` + ``torch.vmap`` can run (e.g. the
+  CNN), forward vmapped over the clients' stacked parameters, backward by autograd. Plain SGD
+  only: DP-SGD with such a model uses the per-client loop.
+
+Unequal data sizes are handled by padding every step's batches to the largest one with
+weight-0 rows; clients whose local run is shorter (fewer batches) are ordered last and drop out
+of the batch once their steps are done. Anything the batched path does not support (another
+oracle, a model neither engine runs exactly, audit hooks) is detected up front and trained by
+the per-client loop, the reference path; the returned :class:`BatchedOutcome` says which
+engine ran and why.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from privacy.dpsgd import poisson_sample
+from privacy.noise import NoiseSource
+from secure_fedora.learning.client import (
+    ClientUpdateError,
+    FlatModel,
+    GradientOracle,
+    PlainGradient,
+    TrainConfig,
+    Workspace,
+    local_train,
+)
+
+__all__ = [
+    "BatchedOutcome",
+    "BatchedPlan",
+    "BatchedTrainingError",
+    "ClientJob",
+    "batched_plan",
+    "jobs_for_context",
+    "train_clients",
+    "train_participants",
+]
+
+#: Added to per-sample norms before dividing (Opacus's and privacy.dpsgd's convention).
+_NORM_EPS = 1e-6
+
+_ACTIVATIONS: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity",
+}
+
+
+class BatchedTrainingError(ClientUpdateError):
+    """Some clients' training produced non-finite parameters; their rows were restored.
+
+    ``failed`` lists the client indices whose update was discarded; ``steps`` the steps every
+    client executed (the other clients' rows keep their trained values).
+    """
+
+    def __init__(self, message: str, failed: list[int], steps: dict[int, int]) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.steps = steps
+
+
+@dataclass
+class ClientJob:
+    """One client's local run: its row (trained in place), data, randomness and regularizers.
+
+    ``theta`` is the client's parameter row (a view into the (N x P) matrix, updated in place).
+    ``phi``/``lam``: FEDORA's pull ``theta <- theta - lr * lam * (theta_before_step - phi)``
+    after every step (``lam > 0`` needs ``phi``). ``anchor``/``mu``: FedProx's gradient term
+    ``mu * (theta - anchor)`` added after the data gradient. DP-SGD only: ``noise`` (the
+    client's own source, used for its Poisson samples and noise, never shared with another
+    job), ``noise_multiplier``, ``max_grad_norm`` (per-client clip bound; default the
+    oracle's) and ``on_step`` (called once per executed DP-SGD step, the ledger's step hook).
+    """
+
+    index: int
+    theta: Tensor
+    x: Tensor
+    y: Tensor
+    generator: torch.Generator
+    phi: Tensor | None = None
+    lam: float = 0.0
+    anchor: Tensor | None = None
+    mu: float = 0.0
+    noise: NoiseSource | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    on_step: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class BatchedPlan:
+    """Whether (and how) a model trains batched: ``engine`` is ``"linear"``, ``"vmap"`` or
+    ``"loop"`` (the per-client reference path, with ``reason`` saying why)."""
+
+    engine: str
+    reason: str = ""
+    layers: tuple[tuple[Any, ...], ...] = ()
+    names: tuple[str, ...] = ()
+
+
+@dataclass
+class BatchedOutcome:
+    """What :func:`train_clients` did: steps per client index, the engine that ran and, for
+    ``"loop"``, why the batched path was not used."""
+
+    steps: dict[int, int]
+    engine: str
+    reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- model analysis
+
+def _param_offsets(flat: FlatModel) -> dict[int, tuple[int, torch.Size]]:
+    offsets: dict[int, tuple[int, torch.Size]] = {}
+    offset = 0
+    for p, shape, size in zip(flat.params, flat.shapes, flat.sizes, strict=True):
+        offsets[id(p)] = (offset, shape)
+        offset += size
+    return offsets
+
+
+def _sequential_children(module: nn.Module) -> list[nn.Module] | None:
+    if type(module) is not nn.Sequential:
+        return None
+    out: list[nn.Module] = []
+    for child in module:
+        if type(child) is nn.Sequential:
+            inner = _sequential_children(child)
+            if inner is None:
+                return None
+            out.extend(inner)
+        else:
+            out.append(child)
+    return out
+
+
+def _linear_layers(flat: FlatModel) -> tuple[tuple[tuple[Any, ...], ...] | None, str]:
+    """The ``"linear"`` engine's layer program, or None and why the model does not fit it."""
+    children = _sequential_children(flat.module)
+    if children is None:
+        return None, "the model is not an nn.Sequential"
+    offsets = _param_offsets(flat)
+    used: set[int] = set()
+    layers: list[tuple[Any, ...]] = []
+    for child in children:
+        if type(child) is nn.Linear:
+            w = child.weight
+            b = child.bias
+            if id(w) not in offsets or id(w) in used or not w.requires_grad or (
+                    b is not None and (id(b) not in offsets or id(b) in used or not b.requires_grad)):
+                return None, "a Linear parameter is shared, frozen or outside the flat layout"
+            used.add(id(w))
+            w_off, w_shape = offsets[id(w)]
+            b_off = None
+            if b is not None:
+                used.add(id(b))
+                b_off = offsets[id(b)][0]
+            layers.append(("linear", w_off, tuple(w_shape), b_off))
+        elif type(child) in _ACTIVATIONS:
+            layers.append(("act", _ACTIVATIONS[type(child)]))
+        elif type(child) is nn.Flatten and child.start_dim == 1 and child.end_dim == -1:
+            layers.append(("flatten",))
+        else:
+            return None, f"layer {type(child).__name__} is not Linear or a supported activation"
+    if len(used) != len(offsets):
+        return None, "some parameters are not in a Linear layer"
+    return tuple(layers), ""
+
+
+_PLANS: weakref.WeakKeyDictionary[FlatModel, dict[str, BatchedPlan]] = weakref.WeakKeyDictionary()
+
+
+def _oracle_kind(oracle: GradientOracle) -> tuple[str | None, str]:
+    """``("plain" | "dp", "")`` for the oracles the batched path reproduces, else (None, why)."""
+    from secure_fedora.secure.private import DPGradient  # higher layer: imported where used
+
+    if type(oracle) is DPGradient:
+        if oracle.dpsgd.mode != "fused" and oracle.dpsgd.mode != "opacus":
+            return None, f"unknown DP-SGD mode {oracle.dpsgd.mode!r}"
+        return "dp", ""
+    if isinstance(oracle, PlainGradient) and type(oracle).gradient is PlainGradient.gradient \
+            and type(oracle).batches is PlainGradient.batches:
+        return "plain", ""
+    return None, f"oracle {type(oracle).__name__} is not PlainGradient or DPGradient"
+
+
+def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
+                 probe_y: Tensor | None = None) -> BatchedPlan:
+    """Decide, once per model and oracle kind, which engine trains ``flat`` batched.
+
+    The ``"linear"`` engine is used for Sequential Linear/activation stacks; other models are
+    tried with ``"vmap"`` (plain SGD only) and accepted only if, on ``probe_x``/``probe_y``
+    (a few training samples), the vmapped per-client gradients equal the per-client ones to
+    1e-5 relative. Anything else gives ``engine="loop"`` with the reason.
+    """
+    kind, why = _oracle_kind(oracle)
+    if kind is None:
+        return BatchedPlan("loop", why)
+    cached = _PLANS.get(flat, {}).get(kind)
+    if cached is not None:
+        return cached
+    layers, why = _linear_layers(flat)
+    if layers is not None:
+        plan = BatchedPlan("linear", layers=layers)
+    elif kind == "dp":
+        plan = BatchedPlan("loop", f"DP-SGD batches only Linear models ({why})")
+    elif probe_x is None or probe_y is None or probe_x.shape[0] == 0:
+        return BatchedPlan("loop", "no probe data to check the vmap engine")
+    else:
+        plan = _check_vmap(flat, oracle, probe_x, probe_y, why)
+    _PLANS.setdefault(flat, {})[kind] = plan
+    return plan
+
+
+def _check_vmap(flat: FlatModel, oracle: Any, x: Tensor, y: Tensor, why_not_linear: str
+                ) -> BatchedPlan:
+    names = tuple(n for n, _ in flat.module.named_parameters())
+    if len(names) != len(flat.params):
+        return BatchedPlan("loop", "the model's named parameters do not match its flat layout")
+    plan = BatchedPlan("vmap", why_not_linear, names=names)
+    x, y = x[:3], y[:3]
+    device = x.device
+    generator = torch.Generator().manual_seed(0)
+    base = torch.cat([p.detach().reshape(-1) for p in flat.params]).to(device)
+    rows = torch.stack([base, base + 0.01 * torch.randn(base.shape, generator=generator).to(device)])
+    loss = oracle.task.checked
+    try:
+        got = torch.zeros_like(rows)
+        weights = torch.full((2, x.shape[0]), 1.0 / x.shape[0], device=device)
+        _vmap_gradient(flat, plan, rows, torch.stack([x, x]), torch.stack([y, y]), weights, loss, got)
+        for r in range(2):
+            params = {n: v.detach().clone().requires_grad_()
+                      for n, v in zip(names, _row_views(flat, rows[r]), strict=True)}
+            out = torch.func.functional_call(flat.module, params, (x,))
+            grads = torch.autograd.grad(loss(out, y).mean(), list(params.values()))
+            want = torch.cat([g.reshape(-1) for g in grads])
+            if not torch.allclose(got[r], want, rtol=1e-5, atol=1e-6):
+                return BatchedPlan("loop", f"vmap engine does not reproduce the model's gradients"
+                                           f" ({why_not_linear})")
+    except Exception as err:  # any model code: the batched path just does not apply
+        return BatchedPlan("loop", f"vmap engine cannot run the model ({type(err).__name__}:"
+                                   f" {err}; {why_not_linear})")
+    return plan
+
+
+def _row_views(flat: FlatModel, rows: Tensor) -> list[Tensor]:
+    """Views of ``rows`` (..., P) shaped like each parameter, with the leading dims kept."""
+    lead = rows.shape[:-1]
+    views, offset = [], 0
+    for shape, size in zip(flat.shapes, flat.sizes, strict=True):
+        views.append(rows[..., offset:offset + size].view(*lead, *shape))
+        offset += size
+    return views
+
+
+# ---------------------------------------------------------------------------- engines
+
+def _activation(kind: str, h: Tensor) -> Tensor:
+    if kind == "relu":
+        return torch.relu(h)
+    if kind == "tanh":
+        return torch.tanh(h)
+    if kind == "sigmoid":
+        return torch.sigmoid(h)
+    return h
+
+
+def _activation_backward(kind: str, out: Tensor, g: Tensor) -> Tensor:
+    if kind == "relu":
+        return g * (out > 0)
+    if kind == "tanh":
+        return g * (1 - out * out)
+    if kind == "sigmoid":
+        return g * out * (1 - out)
+    return g
+
+
+def _output_grad(logits: Tensor, y: Tensor, weights: Tensor,
+                 loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """d(sum_b weights_b * loss_b)/d logits for (k, B, C) logits, by autograd on the small
+    logits tensor only (any per-sample loss)."""
+    k, batch = weights.shape
+    with torch.enable_grad():
+        z = logits.detach().reshape(k * batch, *logits.shape[2:]).requires_grad_()
+        losses = loss(z, y.reshape(k * batch, *y.shape[2:]))
+        (g,) = torch.autograd.grad((losses * weights.reshape(-1)).sum(), z)
+    return g.reshape(logits.shape)
+
+
+def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor, list[Any]]:
+    k = rows.shape[0]
+    h = x
+    saved: list[Any] = []
+    for layer in plan.layers:
+        if layer[0] == "linear":
+            _, w_off, (d_out, d_in), b_off = layer
+            if h.dim() != 3 or h.shape[-1] != d_in:
+                raise ClientUpdateError(f"Linear({d_in}, {d_out}) got input of shape {tuple(h.shape)}")
+            w = rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
+            saved.append(h)
+            if b_off is None:
+                h = torch.bmm(h, w.transpose(1, 2))
+            else:
+                h = torch.baddbmm(rows[:, b_off:b_off + d_out].unsqueeze(1), h, w.transpose(1, 2))
+        elif layer[0] == "act":
+            h = _activation(layer[1], h)
+            saved.append(h)
+        else:
+            saved.append(h.shape)
+            h = h.reshape(k, h.shape[1], -1)
+    return h, saved
+
+
+def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tensor,
+                     out: Tensor | None, scale: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+    """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G) from
+    the last layer to the first. With ``out`` given, writes the (optionally per-sample
+    ``scale``-weighted) parameter gradients into ``out`` (k, P)."""
+    k = rows.shape[0]
+    pairs: list[tuple[Tensor, Tensor]] = []
+    first_linear = next(i for i, layer in enumerate(plan.layers) if layer[0] == "linear")
+    for i in range(len(plan.layers) - 1, -1, -1):
+        layer = plan.layers[i]
+        kept = saved[i]
+        if layer[0] == "linear":
+            _, w_off, (d_out, d_in), b_off = layer
+            pairs.append((kept, g))
+            if out is not None:
+                gs = g if scale is None else g * scale
+                torch.bmm(gs.transpose(1, 2), kept,
+                          out=out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
+                if b_off is not None:
+                    torch.sum(gs, dim=1, out=out[:, b_off:b_off + d_out])
+            if i == first_linear:
+                break
+            g = torch.bmm(g, rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
+        elif layer[0] == "act":
+            g = _activation_backward(layer[1], kept, g)
+        else:
+            g = g.reshape(kept)
+    return pairs
+
+
+def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weights: Tensor,
+                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """Write sum_b weights[:, b] * grad loss_b of each client into ``out`` (k, P)."""
+    logits, saved = _linear_forward(plan, rows, x)
+    g = _output_grad(logits, y, weights, loss)
+    _linear_backward(plan, rows, saved, g, out)
+
+
+def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
+                        clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """Write each client's sum of per-sample gradients clipped to its bound ``clip`` (k, 1)
+    into ``out`` (k, P); padding samples (``valid`` False) contribute nothing."""
+    logits, saved = _linear_forward(plan, rows, x)
+    g = _output_grad(logits, y, valid.to(logits.dtype), loss)
+    pairs = _linear_backward(plan, rows, saved, g, None)
+    sq = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
+    linears = [layer for layer in plan.layers if layer[0] == "linear"][::-1]
+    for layer, (a, gl) in zip(linears, pairs, strict=True):
+        g_sq = (gl * gl).sum(dim=2)
+        sq += (a * a).sum(dim=2) * g_sq
+        if layer[3] is not None:
+            sq += g_sq
+    factors = (clip / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+    k = rows.shape[0]
+    for layer, (a, gl) in zip(linears, pairs, strict=True):
+        _, w_off, (d_out, d_in), b_off = layer
+        gs = gl * factors.unsqueeze(2)
+        torch.bmm(gs.transpose(1, 2), a, out=out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
+        if b_off is not None:
+            torch.sum(gs, dim=1, out=out[:, b_off:b_off + d_out])
+
+
+def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
+                   weights: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """As :func:`_linear_gradient`, for any model: vmapped ``functional_call`` + autograd."""
+    module = flat.module
+    names = plan.names
+    with torch.enable_grad():
+        stacked = [v.detach().requires_grad_() for v in _row_views(flat, rows)]
+
+        def forward(params: tuple[Tensor, ...], inputs: Tensor) -> Tensor:
+            return torch.func.functional_call(module, dict(zip(names, params, strict=True)), (inputs,))
+
+        logits = torch.vmap(forward)(tuple(stacked), x)
+        k, batch = weights.shape
+        losses = loss(logits.reshape(k * batch, *logits.shape[2:]), y.reshape(k * batch, *y.shape[2:]))
+        grads = torch.autograd.grad((losses * weights.reshape(-1)).sum(), stacked)
+    offset = 0
+    for g, size in zip(grads, flat.sizes, strict=True):
+        out[:, offset:offset + size].copy_(g.reshape(g.shape[0], -1))
+        offset += size
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
+                jobs: Sequence[ClientJob], workspace: Workspace) -> dict[int, int]:
+    """The reference path: :func:`local_train` per job, in the given order."""
+    steps: dict[int, int] = {}
+    default_clip = oracle.dpsgd.max_grad_norm if kind == "dp" else None
+    try:
+        for job in jobs:
+            inner = oracle
+            if kind == "dp":
+                oracle.select(job.noise_multiplier, job.noise)
+                oracle.on_step = job.on_step
+                oracle.dpsgd.max_grad_norm = float(
+                    job.max_grad_norm if job.max_grad_norm is not None else default_clip)
+            if job.mu:
+                inner = _ProximalStep(oracle, job.theta, job.anchor, job.mu)
+            steps[job.index] = local_train(flat, job.theta, job.x, job.y, cfg, inner,
+                                           job.generator, workspace, phi=job.phi, lam=job.lam)
+    finally:
+        if kind == "dp":
+            oracle.dpsgd.max_grad_norm = default_clip
+    return steps
+
+
+class _ProximalStep:
+    """FedProx's ``mu * (theta - anchor)`` added after the wrapped oracle's gradient (the
+    loop form of :class:`ClientJob`'s ``mu``; the same arithmetic as baselines.ProximalGradient)."""
+
+    def __init__(self, inner: Any, theta: Tensor, anchor: Tensor, mu: float) -> None:
+        self.inner, self.theta, self.anchor, self.mu = inner, theta, anchor, mu
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Any:
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
+        self.inner.gradient(model, x, y, grad)
+        grad.add_(self.theta, alpha=self.mu).sub_(self.anchor, alpha=self.mu)
+
+
+def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> None:
+    seen_rows: set[int] = set()
+    seen_noise: set[int] = set()
+    for job in jobs:
+        if job.theta.shape != (flat.num_params,):
+            raise ClientUpdateError(f"client {job.index}: row has shape {tuple(job.theta.shape)},"
+                                    f" expected ({flat.num_params},)")
+        if job.lam < 0 or (job.lam > 0 and job.phi is None):
+            raise ClientUpdateError(f"client {job.index}: invalid regularization lam={job.lam},"
+                                    f" phi given: {job.phi is not None}")
+        if job.mu < 0 or (job.mu > 0 and job.anchor is None):
+            raise ClientUpdateError(f"client {job.index}: invalid proximal term mu={job.mu},"
+                                    f" anchor given: {job.anchor is not None}")
+        if job.x.shape[0] != job.y.shape[0]:
+            raise ClientUpdateError(f"client {job.index}: {job.x.shape[0]} inputs but"
+                                    f" {job.y.shape[0]} targets")
+        if job.theta.data_ptr() in seen_rows:
+            raise ClientUpdateError(f"client {job.index}: two jobs train the same row")
+        seen_rows.add(job.theta.data_ptr())
+        if kind == "dp":
+            if not isinstance(job.noise, NoiseSource) or job.noise_multiplier is None:
+                raise ClientUpdateError(f"client {job.index}: DP-SGD needs the client's noise"
+                                        " source and noise multiplier")
+            if id(job.noise) in seen_noise:
+                raise ClientUpdateError(f"client {job.index}: its noise source is shared with"
+                                        " another job (each client draws from its own)")
+            seen_noise.add(id(job.noise))
+
+
+def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
+                  jobs: Sequence[ClientJob], workspace: Workspace | None = None, *,
+                  engine: str = "auto") -> BatchedOutcome:
+    """Train every job's row in place for ``cfg.local_epochs`` epochs, all clients together.
+
+    Guarantees: each row ends where :func:`local_train` (run per job, in order, with the same
+    oracle) would leave it, up to float rounding; each client's generator / noise source is
+    advanced exactly as by the loop; under DP each executed step calls the job's ``on_step``
+    once and counts in ``oracle.steps_executed``. ``engine="loop"`` forces the per-client
+    reference path (``workspace`` is then used; one is made if None); ``"auto"`` batches when
+    :func:`batched_plan` allows it. Non-finite results: the affected rows are restored to their
+    values before the call and :class:`BatchedTrainingError` names them.
+    """
+    if engine not in ("auto", "loop"):
+        raise ClientUpdateError(f"engine must be 'auto' or 'loop'; got {engine!r}")
+    kind, why = _oracle_kind(oracle)
+    _validate(flat, jobs, kind)
+    if not jobs:
+        return BatchedOutcome({}, "none")
+    probe = next((j for j in jobs if j.x.shape[0] > 0), None)
+    plan = (BatchedPlan("loop", "engine='loop' requested") if engine == "loop"
+            else batched_plan(flat, oracle, probe.x[:3] if probe else None,
+                              probe.y[:3] if probe else None))
+    if plan.engine == "loop":
+        ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
+        return BatchedOutcome(_loop_train(flat, cfg, oracle, kind, jobs, ws), "loop", plan.reason or why)
+    return _train_batched(flat, cfg, oracle, kind, plan, jobs)
+
+
+def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
+                   plan: BatchedPlan, jobs: Sequence[ClientJob]) -> BatchedOutcome:
+    device = jobs[0].theta.device
+    dtype = jobs[0].theta.dtype
+    sizes = [int(j.x.shape[0]) for j in jobs]
+    if kind == "dp":
+        total = math.ceil(cfg.local_epochs / oracle.sample_rate - 1e-9)
+        counts = [total] * len(jobs)
+        schedules: list[list[Tensor]] = []
+    else:
+        # each client's whole batch order, drawn up front from its own generator (as the loop)
+        schedules = [list(oracle.batches(n, cfg.local_epochs, j.generator)) for n, j in zip(sizes, jobs, strict=True)]
+        counts = [len(s) for s in schedules]
+    # longest runs first, so the clients still training at step t are a prefix
+    order = sorted(range(len(jobs)), key=lambda r: -counts[r])
+    jobs = [jobs[r] for r in order]
+    counts = [counts[r] for r in order]
+    sizes = [sizes[r] for r in order]
+    if schedules:
+        schedules = [schedules[r] for r in order]
+    k_all = len(jobs)
+    rows = torch.stack([j.theta.detach() for j in jobs])
+    start = rows.clone()
+    grad = torch.zeros_like(rows)
+    buffer = torch.zeros_like(rows) if cfg.momentum else None
+    pulled = any(j.lam > 0 for j in jobs)
+    phi = before = pull = None
+    if pulled:
+        phi = torch.stack([j.phi if j.phi is not None else j.theta for j in jobs]).to(device, dtype)
+        pull = torch.tensor([-cfg.lr * j.lam for j in jobs], dtype=dtype, device=device)[:, None]
+        before = torch.empty_like(rows)
+    proximal = any(j.mu > 0 for j in jobs)
+    anchor = mu = None
+    if proximal:
+        anchor = torch.stack([j.anchor if j.anchor is not None else j.theta for j in jobs]).to(device, dtype)
+        mu = torch.tensor([j.mu for j in jobs], dtype=dtype, device=device)[:, None]
+    # every client's data, padded to the largest client: one gather per step
+    n_max = max(max(sizes), 1)
+    xs = torch.zeros((k_all, n_max, *jobs[0].x.shape[1:]), dtype=jobs[0].x.dtype, device=device)
+    ys = torch.zeros((k_all, n_max, *jobs[0].y.shape[1:]), dtype=jobs[0].y.dtype, device=device)
+    for r, j in enumerate(jobs):
+        xs[r, :sizes[r]] = j.x
+        ys[r, :sizes[r]] = j.y
+    if kind == "dp":
+        loss = oracle._loss  # the per-sample loss DPGradient clips (task.checked or CE)
+        clip_default = float(oracle.dpsgd.max_grad_norm)
+        clip = torch.tensor([float(j.max_grad_norm) if j.max_grad_norm is not None else clip_default
+                             for j in jobs], dtype=dtype, device=device)[:, None]
+        scale = 1.0 / oracle.dpsgd.expected_batch_size
+        noise_std = [float(j.noise_multiplier) * float(clip[r]) * scale for r, j in enumerate(jobs)]
+        clipped = torch.zeros_like(rows)
+    else:
+        loss = oracle.task.checked
+        max_norm = oracle.max_grad_norm
+    arange = torch.arange(k_all, device=device)[:, None]
+    executed = [0] * k_all
+    for t in range(counts[0] if counts else 0):
+        k = sum(1 for c in counts if c > t)
+        if kind == "dp":
+            batches = [poisson_sample(sizes[r], oracle.sample_rate, jobs[r].noise) for r in range(k)]
+        else:
+            batches = [schedules[r][t] for r in range(k)]
+        width = max(max(int(b.shape[0]) for b in batches), 1)
+        index = torch.zeros((k, width), dtype=torch.long)
+        valid = torch.zeros((k, width), dtype=torch.bool)
+        for r, b in enumerate(batches):
+            index[r, :b.shape[0]] = b
+            valid[r, :b.shape[0]] = True
+        index, valid = index.to(device), valid.to(device)
+        x, y = xs[arange[:k], index], ys[arange[:k], index]
+        w_rows, g_rows = rows[:k], grad[:k]
+        if kind == "dp":
+            _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, clipped[:k])
+            for r in range(k):
+                g_rows[r].copy_(jobs[r].noise.normal(flat.num_params, noise_std[r], dtype=dtype))
+            g_rows.add_(clipped[:k], alpha=scale)
+        else:
+            counts_t = valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+            weights = valid.to(dtype) / counts_t
+            if plan.engine == "linear":
+                _linear_gradient(plan, w_rows, x, y, weights, loss, g_rows)
+            else:
+                _vmap_gradient(flat, plan, w_rows, x, y, weights, loss, g_rows)
+            if max_norm is not None:
+                norms = g_rows.norm(dim=1, keepdim=True)
+                g_rows.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+        if proximal:
+            g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
+        if pulled:
+            before[:k].copy_(w_rows)
+        if cfg.weight_decay:
+            g_rows.add_(w_rows, alpha=cfg.weight_decay)
+        if buffer is not None:
+            if t == 0:
+                buffer[:k].copy_(g_rows)
+            else:
+                buffer[:k].mul_(cfg.momentum).add_(g_rows)
+            w_rows.add_(buffer[:k], alpha=-cfg.lr)
+        else:
+            w_rows.add_(g_rows, alpha=-cfg.lr)
+        if pulled:
+            w_rows.add_((before[:k] - phi[:k]) * pull[:k])
+        for r in range(k):
+            executed[r] += 1
+            if kind == "dp":
+                oracle.steps_executed += 1
+                oracle.dpsgd.steps += 1
+                if jobs[r].on_step is not None:
+                    jobs[r].on_step()
+    finite = torch.isfinite(rows).all(dim=1).tolist()
+    failed = []
+    for r, j in enumerate(jobs):
+        if finite[r]:
+            j.theta.copy_(rows[r])
+        else:
+            j.theta.copy_(start[r])
+            failed.append(j.index)
+    steps = {j.index: executed[r] for r, j in enumerate(jobs)}
+    if failed:
+        raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
+                                   f" {sorted(failed)}; their updates were discarded", sorted(failed), steps)
+    return BatchedOutcome(steps, plan.engine)
+
+
+# ---------------------------------------------------------------------------- method wiring
+
+def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
+                     phi: Tensor | None = None, lams: Sequence[float] | None = None,
+                     anchor: Tensor | None = None, mu: float = 0.0) -> list[ClientJob]:
+    """One :class:`ClientJob` per participant from a ``MethodContext``-like ``ctx`` (clients,
+    generators, noise, privacy, oracle): rows ``theta[i]``, pulls toward ``phi[i]`` with
+    ``lams[k]`` (k-th participant), FedProx anchors ``anchor[i]`` (or one shared row) with
+    ``mu``. Under DP, each job gets the client's noise source, noise multiplier and the step
+    hook ``ctx.privacy.select_client`` installs for it (so the ledger counts its steps)."""
+    if lams is not None and len(lams) != len(participants):
+        raise ClientUpdateError(f"{len(lams)} lambdas for {len(participants)} participants")
+    jobs = []
+    for k, i in enumerate(participants):
+        c = ctx.clients[i]
+        job = ClientJob(index=i, theta=theta[i], x=c.train_x, y=c.train_y,
+                        generator=ctx.generators[i],
+                        phi=phi[i] if phi is not None else None,
+                        lam=float(lams[k]) if lams is not None else 0.0)
+        if mu:
+            job.mu = float(mu)
+            job.anchor = anchor if anchor is not None and anchor.dim() == 1 else (
+                anchor[i] if anchor is not None else None)
+        if ctx.privacy is not None:
+            ctx.select(i)  # sets the oracle's noise source and the ledger's step hook for i
+            job.noise = ctx.noise[i]
+            job.noise_multiplier = ctx.privacy.clients[i].noise_multiplier
+            job.on_step = getattr(ctx.oracle, "on_step", None)
+        jobs.append(job)
+    return jobs
+
+
+def train_participants(ctx: Any, participants: Sequence[int], theta: Tensor,
+                       phi: Tensor | None = None, lams: Sequence[float] | None = None, *,
+                       anchor: Tensor | None = None, mu: float = 0.0,
+                       engine: str = "auto") -> BatchedOutcome:
+    """Batched equivalent of ``for k, i in enumerate(participants): ctx.train_client(i,
+    theta[i], phi[i], lams[k])`` (plus FedProx's ``mu`` toward ``anchor``): trains the rows of
+    the (N x P) matrix ``theta`` in place and returns the steps per client. ``ctx`` is a
+    ``secure_fedora.algorithms.methods.MethodContext``."""
+    jobs = jobs_for_context(ctx, participants, theta, phi, lams, anchor, mu)
+    return train_clients(ctx.flat, ctx.train, ctx.oracle, jobs, ctx.workspace, engine=engine)
