@@ -339,10 +339,10 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
 
 
 def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tensor,
-                     out: Tensor | None, scale: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
-    """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G) from
-    the last layer to the first. With ``out`` given, writes the (optionally per-sample
-    ``scale``-weighted) parameter gradients into ``out`` (k, P)."""
+                     out: Tensor | None) -> list[tuple[Tensor, Tensor]]:
+    """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G), last
+    layer first. With ``out`` (k, P) given, writes every parameter's gradient into it (one
+    batched GEMM per weight, straight into the rows)."""
     k = rows.shape[0]
     pairs: list[tuple[Tensor, Tensor]] = []
     first_linear = next(i for i, layer in enumerate(plan.layers) if layer[0] == "linear")
@@ -353,11 +353,7 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
             _, w_off, (d_out, d_in), b_off = layer
             pairs.append((kept, g))
             if out is not None:
-                gs = g if scale is None else g * scale
-                torch.bmm(gs.transpose(1, 2), kept,
-                          out=out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
-                if b_off is not None:
-                    torch.sum(gs, dim=1, out=out[:, b_off:b_off + d_out])
+                _write_linear(layer, out, kept, g)
             if i == first_linear:
                 break
             g = torch.bmm(g, rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
@@ -368,9 +364,18 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
     return pairs
 
 
+def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor) -> None:
+    """``out[weight] <- g^T a`` (one batched GEMM written into the rows) and the bias ``sum_b g``."""
+    _, w_off, (d_out, d_in), b_off = layer
+    k = out.shape[0]
+    torch.bmm(g.transpose(1, 2), a, out=out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
+    if b_off is not None:
+        torch.sum(g, dim=1, out=out[:, b_off:b_off + d_out])
+
+
 def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weights: Tensor,
                      loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
-    """Write sum_b weights[:, b] * grad loss_b of each client into ``out`` (k, P)."""
+    """Write ``sum_b weights[:, b] * grad loss_b`` of each client into ``out`` (k, P)."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, weights, loss)
     _linear_backward(plan, rows, saved, g, out)
@@ -379,7 +384,8 @@ def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weig
 def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
                         clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
     """Write each client's sum of per-sample gradients clipped to its bound ``clip`` (k, 1)
-    into ``out`` (k, P); padding samples (``valid`` False) contribute nothing."""
+    into ``out`` (k, P); padding samples (``valid`` False) contribute nothing. Per-sample norms
+    come from ``||a||^2 ||g||^2 + ||g||^2`` per Linear (no per-sample gradient is formed)."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, valid.to(logits.dtype), loss)
     pairs = _linear_backward(plan, rows, saved, g, None)
@@ -391,13 +397,8 @@ def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, v
         if layer[3] is not None:
             sq += g_sq
     factors = (clip / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
-    k = rows.shape[0]
     for layer, (a, gl) in zip(linears, pairs, strict=True):
-        _, w_off, (d_out, d_in), b_off = layer
-        gs = gl * factors.unsqueeze(2)
-        torch.bmm(gs.transpose(1, 2), a, out=out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
-        if b_off is not None:
-            torch.sum(gs, dim=1, out=out[:, b_off:b_off + d_out])
+        _write_linear(layer, out, a, gl * factors.unsqueeze(2))
 
 
 def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
@@ -492,7 +493,7 @@ def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> N
 
 def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
                   jobs: Sequence[ClientJob], workspace: Workspace | None = None, *,
-                  engine: str = "auto") -> BatchedOutcome:
+                  engine: str = "auto", chunk: int = 256) -> BatchedOutcome:
     """Train every job's row in place for ``cfg.local_epochs`` epochs, all clients together.
 
     Guarantees: each row ends where :func:`local_train` (run per job, in order, with the same
@@ -501,10 +502,13 @@ def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
     once and counts in ``oracle.steps_executed``. ``engine="loop"`` forces the per-client
     reference path (``workspace`` is then used; one is made if None); ``"auto"`` batches when
     :func:`batched_plan` allows it. Non-finite results: the affected rows are restored to their
-    values before the call and :class:`BatchedTrainingError` names them.
+    values before the call and :class:`BatchedTrainingError` names them. ``chunk`` bounds how
+    many clients train together (memory: about four (chunk x P) float matrices).
     """
     if engine not in ("auto", "loop"):
         raise ClientUpdateError(f"engine must be 'auto' or 'loop'; got {engine!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ClientUpdateError(f"chunk must be a positive int; got {chunk!r}")
     kind, why = _oracle_kind(oracle)
     _validate(flat, jobs, kind)
     if not jobs:
@@ -516,64 +520,125 @@ def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
     if plan.engine == "loop":
         ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
         return BatchedOutcome(_loop_train(flat, cfg, oracle, kind, jobs, ws), "loop", plan.reason or why)
-    return _train_batched(flat, cfg, oracle, kind, plan, jobs)
+    return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
+
+
+class _Scratch:
+    """Work buffers and gathered client data kept between calls for one model: large fresh
+    allocations page-fault on every touch, which costs as much as a round's elementwise work."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+        self.data: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized tensor of ``shape`` (a view of a reused one when it is big enough)."""
+        held = self.buffers.get(name)
+        need = math.prod(shape)
+        if held is None or held.dtype != dtype or held.device != device or held.numel() < need:
+            held = torch.empty(need, dtype=dtype, device=device)
+            self.buffers[name] = held
+        return held[:need].view(shape)
+
+    def gathered(self, jobs: Sequence[ClientJob], device: torch.device) -> tuple[Tensor, Tensor]:
+        """All jobs' inputs and targets concatenated, plus one all-zero padding sample last.
+        Reused while every job's tensors are unchanged (same storage, shape and version)."""
+        key = tuple((j.x.data_ptr(), j.x._version, tuple(j.x.shape), j.y.data_ptr(), j.y._version,
+                     tuple(j.y.shape), j.x.dtype, j.y.dtype) for j in jobs)
+        hit = self.data.get(key)
+        if hit is not None:
+            return hit
+        x_pad = torch.zeros((1, *jobs[0].x.shape[1:]), dtype=jobs[0].x.dtype, device=device)
+        y_pad = torch.zeros((1, *jobs[0].y.shape[1:]), dtype=jobs[0].y.dtype, device=device)
+        value = (torch.cat([j.x.to(device) for j in jobs] + [x_pad]),
+                 torch.cat([j.y.to(device) for j in jobs] + [y_pad]))
+        if len(self.data) >= 256:
+            self.data.clear()
+        self.data[key] = value
+        return value
+
+
+_SCRATCH: weakref.WeakKeyDictionary[FlatModel, _Scratch] = weakref.WeakKeyDictionary()
 
 
 def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
-                   plan: BatchedPlan, jobs: Sequence[ClientJob]) -> BatchedOutcome:
-    device = jobs[0].theta.device
-    dtype = jobs[0].theta.dtype
+                   plan: BatchedPlan, jobs: Sequence[ClientJob], chunk: int) -> BatchedOutcome:
     sizes = [int(j.x.shape[0]) for j in jobs]
     if kind == "dp":
-        total = math.ceil(cfg.local_epochs / oracle.sample_rate - 1e-9)
-        counts = [total] * len(jobs)
-        schedules: list[list[Tensor]] = []
+        counts = [math.ceil(cfg.local_epochs / oracle.sample_rate - 1e-9)] * len(jobs)
+        schedules: list[list[Tensor] | None] = [None] * len(jobs)
     else:
         # each client's whole batch order, drawn up front from its own generator (as the loop)
-        schedules = [list(oracle.batches(n, cfg.local_epochs, j.generator)) for n, j in zip(sizes, jobs, strict=True)]
+        schedules = [list(oracle.batches(n, cfg.local_epochs, j.generator))
+                     for n, j in zip(sizes, jobs, strict=True)]
         counts = [len(s) for s in schedules]
-    # longest runs first, so the clients still training at step t are a prefix
+    # longest runs first: in a chunk, the clients still training at step t are a prefix
     order = sorted(range(len(jobs)), key=lambda r: -counts[r])
-    jobs = [jobs[r] for r in order]
-    counts = [counts[r] for r in order]
-    sizes = [sizes[r] for r in order]
-    if schedules:
-        schedules = [schedules[r] for r in order]
-    k_all = len(jobs)
-    rows = torch.stack([j.theta.detach() for j in jobs])
-    start = rows.clone()
-    grad = torch.zeros_like(rows)
-    buffer = torch.zeros_like(rows) if cfg.momentum else None
-    pulled = any(j.lam > 0 for j in jobs)
-    phi = before = pull = None
-    if pulled:
-        phi = torch.stack([j.phi if j.phi is not None else j.theta for j in jobs]).to(device, dtype)
-        pull = torch.tensor([-cfg.lr * j.lam for j in jobs], dtype=dtype, device=device)[:, None]
-        before = torch.empty_like(rows)
+    scratch = _SCRATCH.setdefault(flat, _Scratch())
+    steps: dict[int, int] = {}
+    failed: list[int] = []
+    for first in range(0, len(order), chunk):
+        part = order[first:first + chunk]
+        done, bad = _train_chunk(flat, cfg, oracle, kind, plan, scratch, [jobs[r] for r in part],
+                                 [counts[r] for r in part], [sizes[r] for r in part],
+                                 [schedules[r] for r in part])
+        steps.update(done)
+        failed.extend(bad)
+    if failed:
+        raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
+                                   f" {sorted(failed)}; their updates were discarded", sorted(failed), steps)
+    return BatchedOutcome(steps, plan.engine)
+
+
+def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
+                 plan: BatchedPlan, scratch: _Scratch, jobs: list[ClientJob], counts: list[int],
+                 sizes: list[int], schedules: list[list[Tensor] | None]
+                 ) -> tuple[dict[int, int], list[int]]:
+    """Train one chunk of jobs (sorted by decreasing step count) together; returns the steps
+    per client and the clients whose rows were left unchanged because training diverged."""
+    device = jobs[0].theta.device
+    dtype = jobs[0].theta.dtype
+    k_all, num_params = len(jobs), flat.num_params
+    lr, momentum, wd = cfg.lr, cfg.momentum, cfg.weight_decay
+    rows = torch.stack([j.theta.detach() for j in jobs],
+                       out=scratch.buffer("rows", (k_all, num_params), dtype, device))
+    grad = scratch.buffer("grad", (k_all, num_params), dtype, device)
+    buffer = scratch.buffer("momentum", (k_all, num_params), dtype, device) if momentum else None
+
     proximal = any(j.mu > 0 for j in jobs)
     anchor = mu = None
     if proximal:
-        anchor = torch.stack([j.anchor if j.anchor is not None else j.theta for j in jobs]).to(device, dtype)
+        anchor = torch.stack([j.anchor if j.anchor is not None else j.theta for j in jobs],
+                             out=scratch.buffer("anchor", (k_all, num_params), dtype, device))
         mu = torch.tensor([j.mu for j in jobs], dtype=dtype, device=device)[:, None]
-    # every client's data, padded to the largest client: one gather per step
-    n_max = max(max(sizes), 1)
-    xs = torch.zeros((k_all, n_max, *jobs[0].x.shape[1:]), dtype=jobs[0].x.dtype, device=device)
-    ys = torch.zeros((k_all, n_max, *jobs[0].y.shape[1:]), dtype=jobs[0].y.dtype, device=device)
-    for r, j in enumerate(jobs):
-        xs[r, :sizes[r]] = j.x
-        ys[r, :sizes[r]] = j.y
+    # FEDORA's pull, applied with the step: theta <- keep * theta + lr*lam*phi - lr * step,
+    # keep = 1 - lr*lam (the loop's theta - lr*step - lr*lam*(theta - phi), regrouped).
+    pulled = any(j.lam > 0 for j in jobs)
+    keep = pulled_phi = None
+    if pulled:
+        lams = torch.tensor([j.lam for j in jobs], dtype=dtype, device=device)[:, None]
+        keep = 1 - lr * lams
+        pulled_phi = torch.stack([j.phi if j.phi is not None else j.theta for j in jobs],
+                                 out=scratch.buffer("phi", (k_all, num_params), dtype, device))
+        pulled_phi.mul_(lr * lams)
+
+    # every client's data in one tensor (plus one padding sample): one gather per step
+    x_all, y_all = scratch.gathered(jobs, device)
+    pad_row = x_all.shape[0] - 1
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+
     if kind == "dp":
         loss = oracle._loss  # the per-sample loss DPGradient clips (task.checked or CE)
         clip_default = float(oracle.dpsgd.max_grad_norm)
-        clip = torch.tensor([float(j.max_grad_norm) if j.max_grad_norm is not None else clip_default
-                             for j in jobs], dtype=dtype, device=device)[:, None]
+        clips = [float(j.max_grad_norm) if j.max_grad_norm is not None else clip_default for j in jobs]
+        clip = torch.tensor(clips, dtype=dtype, device=device)[:, None]
         scale = 1.0 / oracle.dpsgd.expected_batch_size
-        noise_std = [float(j.noise_multiplier) * float(clip[r]) * scale for r, j in enumerate(jobs)]
-        clipped = torch.zeros_like(rows)
+        noise_std = [float(j.noise_multiplier) * c * scale for j, c in zip(jobs, clips, strict=True)]
     else:
         loss = oracle.task.checked
         max_norm = oracle.max_grad_norm
-    arange = torch.arange(k_all, device=device)[:, None]
     executed = [0] * k_all
     for t in range(counts[0] if counts else 0):
         k = sum(1 for c in counts if c > t)
@@ -582,22 +647,23 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
         else:
             batches = [schedules[r][t] for r in range(k)]
         width = max(max(int(b.shape[0]) for b in batches), 1)
-        index = torch.zeros((k, width), dtype=torch.long)
+        index = torch.full((k, width), pad_row, dtype=torch.long)
         valid = torch.zeros((k, width), dtype=torch.bool)
         for r, b in enumerate(batches):
-            index[r, :b.shape[0]] = b
+            index[r, :b.shape[0]] = b + offsets[r]
             valid[r, :b.shape[0]] = True
-        index, valid = index.to(device), valid.to(device)
-        x, y = xs[arange[:k], index], ys[arange[:k], index]
+        index, valid = index.to(device).view(-1), valid.to(device)
+        x = x_all.index_select(0, index).view(k, width, *x_all.shape[1:])
+        y = y_all.index_select(0, index).view(k, width, *y_all.shape[1:])
         w_rows, g_rows = rows[:k], grad[:k]
         if kind == "dp":
-            _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, clipped[:k])
+            # (sum_i clip(g_i) + noise) / B_expected, the noise drawn after the sample (loop order)
+            _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
+            g_rows.mul_(scale)
             for r in range(k):
-                g_rows[r].copy_(jobs[r].noise.normal(flat.num_params, noise_std[r], dtype=dtype))
-            g_rows.add_(clipped[:k], alpha=scale)
+                g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype).to(device))
         else:
-            counts_t = valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
-            weights = valid.to(dtype) / counts_t
+            weights = valid.to(dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
             if plan.engine == "linear":
                 _linear_gradient(plan, w_rows, x, y, weights, loss, g_rows)
             else:
@@ -607,20 +673,18 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
                 g_rows.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
         if proximal:
             g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
-        if pulled:
-            before[:k].copy_(w_rows)
-        if cfg.weight_decay:
-            g_rows.add_(w_rows, alpha=cfg.weight_decay)
-        if buffer is not None:
+        if wd:
+            g_rows.add_(w_rows, alpha=wd)
+        step = g_rows
+        if momentum:
+            step = buffer[:k]
             if t == 0:
-                buffer[:k].copy_(g_rows)
+                step.copy_(g_rows)
             else:
-                buffer[:k].mul_(cfg.momentum).add_(g_rows)
-            w_rows.add_(buffer[:k], alpha=-cfg.lr)
-        else:
-            w_rows.add_(g_rows, alpha=-cfg.lr)
+                step.mul_(momentum).add_(g_rows)
         if pulled:
-            w_rows.add_((before[:k] - phi[:k]) * pull[:k])
+            torch.addcmul(pulled_phi[:k], w_rows, keep[:k], out=w_rows)
+        w_rows.add_(step, alpha=-lr)
         for r in range(k):
             executed[r] += 1
             if kind == "dp":
@@ -628,19 +692,17 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
                 oracle.dpsgd.steps += 1
                 if jobs[r].on_step is not None:
                     jobs[r].on_step()
-    finite = torch.isfinite(rows).all(dim=1).tolist()
+    # a non-finite entry makes the row sum non-finite (a fast screen; rows it flags are checked
+    # entry by entry, since huge finite values can overflow the sum); diverged rows are not
+    # written back, so they keep their value before the call
+    finite = torch.isfinite(rows.sum(dim=1)).tolist()
     failed = []
     for r, j in enumerate(jobs):
-        if finite[r]:
+        if finite[r] or bool(torch.isfinite(rows[r]).all()):
             j.theta.copy_(rows[r])
         else:
-            j.theta.copy_(start[r])
             failed.append(j.index)
-    steps = {j.index: executed[r] for r, j in enumerate(jobs)}
-    if failed:
-        raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
-                                   f" {sorted(failed)}; their updates were discarded", sorted(failed), steps)
-    return BatchedOutcome(steps, plan.engine)
+    return {j.index: executed[r] for r, j in enumerate(jobs)}, failed
 
 
 # ---------------------------------------------------------------------------- method wiring
