@@ -276,3 +276,64 @@ def test_wrong_row_shape_and_unknown_engine_are_refused():
         train_clients(flat, CFG_FULL, PlainGradient(8), [ClientJob(0, torch.zeros(5), x, y, torch.Generator())])
     with pytest.raises(ClientUpdateError, match="engine"):
         train_clients(flat, CFG_FULL, PlainGradient(8), [], engine="fast")
+
+
+def test_chunks_of_clients_match_the_loop():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([30, 12, 30, 5, 20])
+    theta = _matrix(flat, 5)
+    reference = theta.clone()
+    _loop(flat, CFG_FULL, PlainGradient(16), reference, data)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(16), _jobs(theta, data), chunk=2)
+    assert outcome.engine == "linear"
+    _assert_rows_close(theta, reference)
+    with pytest.raises(ClientUpdateError, match="chunk"):
+        train_clients(flat, CFG_FULL, PlainGradient(16), _jobs(theta, data), chunk=0)
+
+
+def _private_context(tmp_path: Path, name: str):
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import build_clients, build_context
+    from secure_fedora.secure.keystore import ensure_keystore, run_party_ids
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = parse_config({
+        "seed": 3, "methods": ["fedora"], "fedora": {"relatedness": "noised"},
+        "data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 10,
+                 "test_per_client": 10, "groups": 3},
+        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 10, "lr": 0.05},
+        "privacy": {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "noise_multiplier": 1.0,
+                    "summary_noise_multiplier": 2.0, "noise": "reproducible"},
+    })
+    clients = build_clients(cfg)
+    ctx = build_context(cfg, clients)
+    keys = tmp_path / f"keys-{name}"
+    ensure_keystore(keys, run_party_ids(3), "test")
+    ctx.privacy = FederationPrivacy.open(cfg, "fedora", 3, tmp_path / f"ledgers-{name}", keys)
+    return ctx
+
+
+def test_train_participants_under_dp_matches_train_client_and_the_ledger_step_count(tmp_path):
+    from secure_fedora.learning.batched import train_participants
+
+    loop_ctx, batch_ctx = _private_context(tmp_path, "loop"), _private_context(tmp_path, "batch")
+    everyone = [0, 1, 2]
+    theta = _matrix(loop_ctx.flat, 3)
+    phi = _matrix(loop_ctx.flat, 3, seed=4)
+    lams = [0.5, 0.0, 1.5]
+    rows = {}
+    for ctx, key in ((loop_ctx, "loop"), (batch_ctx, "batch")):
+        rows[key] = theta.clone()
+        for i in everyone:
+            assert ctx.privacy.admit(i, 1, rows[key][i], with_lambda=False, noise=ctx.noise[i])
+    for k, i in enumerate(everyone):
+        loop_ctx.train_client(i, rows["loop"][i], phi[i], lams[k])
+    outcome = train_participants(batch_ctx, everyone, rows["batch"], phi, lams)
+    assert outcome.engine == "linear"
+    _assert_rows_close(rows["batch"], rows["loop"])
+    assert batch_ctx.privacy.executed_steps == loop_ctx.privacy.executed_steps
+    assert sum(batch_ctx.privacy.executed_steps.values()) > 0
+    # the ledger accounted exactly the executed steps: the release check passes
+    batch_ctx.privacy.confirm_steps(1, everyone)
+    for ctx in (loop_ctx, batch_ctx):
+        ctx.privacy.close()
