@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from secure_fedora.algorithms.fedora import regularization_weight
 from secure_fedora.core.config import load_config
-from secure_fedora.learning.batched import train_participants
+from secure_fedora.learning.batched import evaluate_losses, train_participants
 from secure_fedora.learning.models import make_model
 from secure_fedora.runtimes.inprocess import build_clients, build_context, make_method
 
@@ -44,8 +45,14 @@ def plain_round(models, clients, cfg, gens) -> None:
 
 
 def batched_fedora_round(fedora, rnd: int, participants: list[int]) -> None:
-    """Fedora.train_round (no exchange, plain validation) with the batched trainer."""
-    lams = [fedora.regularization(i) for i in participants]
+    """Fedora.train_round (no exchange, plain validation) with the batched trainer and the
+    batched validation losses for lambda."""
+    ctx = fedora.ctx
+    val_x = [ctx.clients[i].val_x for i in participants]
+    val_y = [ctx.clients[i].val_y for i in participants]
+    local = evaluate_losses(ctx.flat, fedora.theta, participants, val_x, val_y)
+    received = evaluate_losses(ctx.flat, fedora.phi, participants, val_x, val_y)
+    lams = [regularization_weight(a, b) for a, b in zip(local, received, strict=True)]
     for i, lam in zip(participants, lams, strict=True):
         fedora.last_lambdas[i] = lam
     train_participants(fedora.ctx, participants, fedora.theta, fedora.phi, lams)

@@ -59,6 +59,7 @@ __all__ = [
     "BatchedTrainingError",
     "ClientJob",
     "batched_plan",
+    "evaluate_losses",
     "jobs_for_context",
     "train_clients",
     "train_participants",
@@ -572,6 +573,7 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
         schedules = [list(oracle.batches(n, cfg.local_epochs, j.generator))
                      for n, j in zip(sizes, jobs, strict=True)]
         counts = [len(s) for s in schedules]
+    flat.module.train()  # as local_train does (matters for the vmap engine's modules)
     # longest runs first: in a chunk, the clients still training at step t are a prefix
     order = sorted(range(len(jobs)), key=lambda r: -counts[r])
     scratch = _SCRATCH.setdefault(flat, _Scratch())
@@ -703,6 +705,55 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         else:
             failed.append(j.index)
     return {j.index: executed[r] for r, j in enumerate(jobs)}, failed
+
+
+@torch.no_grad()
+def evaluate_losses(flat: FlatModel, matrix: Tensor, participants: Sequence[int],
+                    xs: Sequence[Tensor], ys: Sequence[Tensor], chunk: int = 256) -> list[float]:
+    """Mean loss (``flat.task``) of row ``matrix[i]`` on ``(xs[k], ys[k])`` for the k-th
+    participant ``i``: :func:`secure_fedora.learning.client.evaluate`'s ``loss``, within float
+    rounding, for all rows in one batched forward per chunk (Linear models; other models are
+    evaluated row by row with ``evaluate``). Does not change ``matrix``. An empty split raises
+    :class:`ClientUpdateError` as ``evaluate`` does."""
+    from secure_fedora.learning.client import evaluate
+
+    if len(xs) != len(participants) or len(ys) != len(participants):
+        raise ClientUpdateError(f"{len(xs)} inputs and {len(ys)} targets for {len(participants)} rows")
+    for i, x in zip(participants, xs, strict=True):
+        if x.shape[0] == 0:
+            raise ClientUpdateError(f"cannot evaluate client {i} on an empty split")
+    layers, _ = _linear_layers(flat)
+    if layers is None:
+        return [evaluate(flat, matrix[i], x, y).loss for i, x, y in zip(participants, xs, ys, strict=True)]
+    plan = BatchedPlan("linear", layers=layers)
+    scratch = _SCRATCH.setdefault(flat, _Scratch())
+    device, dtype = matrix.device, matrix.dtype
+    losses: list[float] = []
+    for first in range(0, len(participants), chunk):
+        part = list(range(first, min(first + chunk, len(participants))))
+        index = torch.tensor([participants[k] for k in part], device=device)
+        rows = torch.index_select(matrix, 0, index,
+                                  out=scratch.buffer("eval_rows", (len(part), flat.num_params), dtype, device))
+        sizes = [int(xs[k].shape[0]) for k in part]
+        width = max(sizes)
+        x_pad = torch.zeros((1, *xs[part[0]].shape[1:]), dtype=xs[part[0]].dtype, device=device)
+        y_pad = torch.zeros((1, *ys[part[0]].shape[1:]), dtype=ys[part[0]].dtype, device=device)
+        x_all = torch.cat([xs[k].to(device) for k in part] + [x_pad])
+        y_all = torch.cat([ys[k].to(device) for k in part] + [y_pad])
+        gather = torch.full((len(part), width), x_all.shape[0] - 1, dtype=torch.long)
+        offset = 0
+        for r, n in enumerate(sizes):
+            gather[r, :n] = torch.arange(offset, offset + n)
+            offset += n
+        gather = gather.to(device).view(-1)
+        valid = (gather != x_all.shape[0] - 1).view(len(part), width)
+        x = x_all.index_select(0, gather).view(len(part), width, *x_all.shape[1:])
+        y = y_all.index_select(0, gather)
+        logits, _ = _linear_forward(plan, rows, x)
+        per_sample = flat.task.checked(logits.reshape(len(part) * width, *logits.shape[2:]), y)
+        sums = (per_sample.view(len(part), width) * valid).sum(dim=1, dtype=torch.float64)
+        losses.extend((sums / torch.tensor(sizes, dtype=torch.float64, device=device)).tolist())
+    return losses
 
 
 # ---------------------------------------------------------------------------- method wiring

@@ -337,3 +337,23 @@ def test_train_participants_under_dp_matches_train_client_and_the_ledger_step_co
     batch_ctx.privacy.confirm_steps(1, everyone)
     for ctx in (loop_ctx, batch_ctx):
         ctx.privacy.close()
+
+
+def test_evaluate_losses_equal_evaluate_per_row():
+    from secure_fedora.learning.batched import evaluate_losses
+    from secure_fedora.learning.client import evaluate
+
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([12, 30, 7])
+    theta = _matrix(flat, 4)
+    participants = [3, 0, 2]
+    got = evaluate_losses(flat, theta, participants, [x for x, _ in data], [y for _, y in data], chunk=2)
+    want = [evaluate(flat, theta[i], x, y).loss for i, (x, y) in zip(participants, data, strict=True)]
+    assert got == pytest.approx(want, rel=1e-6)
+    cnn = FlatModel(_examples_cnn())  # not a Linear stack: evaluated row by row
+    rows = _matrix(cnn, 2)
+    small = _clients([5, 9], shape=(1, 8, 8))
+    assert evaluate_losses(cnn, rows, [1, 0], [x for x, _ in small], [y for _, y in small]) == [
+        evaluate(cnn, rows[i], x, y).loss for i, (x, y) in zip([1, 0], small, strict=True)]
+    with pytest.raises(ClientUpdateError, match="empty split"):
+        evaluate_losses(flat, theta, [0], [torch.zeros(0, 1, 28, 28)], [torch.zeros(0, dtype=torch.long)])
