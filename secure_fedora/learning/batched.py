@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -683,7 +683,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
             if t == 0:
                 step.copy_(g_rows)
             else:
-                step.mul_(momentum).add_(g_rows)
+                torch.add(g_rows, step, alpha=momentum, out=step)  # one pass: g + m * buffer
         if pulled:
             torch.addcmul(pulled_phi[:k], w_rows, keep[:k], out=w_rows)
         w_rows.add_(step, alpha=-lr)
@@ -759,13 +759,16 @@ def evaluate_losses(flat: FlatModel, matrix: Tensor, participants: Sequence[int]
 # ---------------------------------------------------------------------------- method wiring
 
 def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
-                     phi: Tensor | None = None, lams: Sequence[float] | None = None,
-                     anchor: Tensor | None = None, mu: float = 0.0) -> list[ClientJob]:
+                     phi: Tensor | Mapping[int, Tensor] | None = None,
+                     lams: Sequence[float] | None = None,
+                     anchor: Tensor | Mapping[int, Tensor] | None = None,
+                     mu: float = 0.0) -> list[ClientJob]:
     """One :class:`ClientJob` per participant from a ``MethodContext``-like ``ctx`` (clients,
-    generators, noise, privacy, oracle): rows ``theta[i]``, pulls toward ``phi[i]`` with
-    ``lams[k]`` (k-th participant), FedProx anchors ``anchor[i]`` (or one shared row) with
-    ``mu``. Under DP, each job gets the client's noise source, noise multiplier and the step
-    hook ``ctx.privacy.select_client`` installs for it (so the ledger counts its steps)."""
+    generators, noise, privacy, select): rows ``theta[i]`` of the (N x P) matrix, pulls toward
+    ``phi[i]`` (an (N x P) matrix or a mapping client -> row, e.g. the received messages) with
+    ``lams[k]`` for the k-th participant, FedProx anchors ``anchor[i]`` (or one shared 1-D
+    row) with ``mu``. Under DP, each job gets the client's noise source, noise multiplier and
+    the step hook ``ctx.privacy.select_client`` installs for it (the ledger's step count)."""
     if lams is not None and len(lams) != len(participants):
         raise ClientUpdateError(f"{len(lams)} lambdas for {len(participants)} participants")
     jobs = []
@@ -777,8 +780,10 @@ def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
                         lam=float(lams[k]) if lams is not None else 0.0)
         if mu:
             job.mu = float(mu)
-            job.anchor = anchor if anchor is not None and anchor.dim() == 1 else (
-                anchor[i] if anchor is not None else None)
+            if isinstance(anchor, Tensor) and anchor.dim() == 1:
+                job.anchor = anchor
+            elif anchor is not None:
+                job.anchor = anchor[i]
         if ctx.privacy is not None:
             ctx.select(i)  # sets the oracle's noise source and the ledger's step hook for i
             job.noise = ctx.noise[i]
@@ -789,12 +794,17 @@ def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
 
 
 def train_participants(ctx: Any, participants: Sequence[int], theta: Tensor,
-                       phi: Tensor | None = None, lams: Sequence[float] | None = None, *,
-                       anchor: Tensor | None = None, mu: float = 0.0,
-                       engine: str = "auto") -> BatchedOutcome:
+                       phi: Tensor | Mapping[int, Tensor] | None = None,
+                       lams: Sequence[float] | None = None, *,
+                       anchor: Tensor | Mapping[int, Tensor] | None = None, mu: float = 0.0,
+                       oracle: GradientOracle | None = None, engine: str = "auto",
+                       chunk: int = 256) -> BatchedOutcome:
     """Batched equivalent of ``for k, i in enumerate(participants): ctx.train_client(i,
-    theta[i], phi[i], lams[k])`` (plus FedProx's ``mu`` toward ``anchor``): trains the rows of
-    the (N x P) matrix ``theta`` in place and returns the steps per client. ``ctx`` is a
-    ``secure_fedora.algorithms.methods.MethodContext``."""
+    theta[i], phi[i], lams[k])`` (plus FedProx's ``mu * (theta - anchor)`` gradient term):
+    trains the rows of the (N x P) matrix ``theta`` in place; the outcome gives the steps per
+    client. ``ctx`` is a ``secure_fedora.algorithms.methods.MethodContext``; ``oracle``
+    defaults to ``ctx.oracle`` and must be the plain or DP oracle itself (not a wrapper that
+    needs per-client setup, such as ``ProximalGradient``: give ``mu``/``anchor`` instead)."""
     jobs = jobs_for_context(ctx, participants, theta, phi, lams, anchor, mu)
-    return train_clients(ctx.flat, ctx.train, ctx.oracle, jobs, ctx.workspace, engine=engine)
+    return train_clients(ctx.flat, ctx.train, oracle if oracle is not None else ctx.oracle, jobs,
+                         ctx.workspace, engine=engine, chunk=chunk)

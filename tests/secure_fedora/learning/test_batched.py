@@ -328,7 +328,8 @@ def test_train_participants_under_dp_matches_train_client_and_the_ledger_step_co
             assert ctx.privacy.admit(i, 1, rows[key][i], with_lambda=False, noise=ctx.noise[i])
     for k, i in enumerate(everyone):
         loop_ctx.train_client(i, rows["loop"][i], phi[i], lams[k])
-    outcome = train_participants(batch_ctx, everyone, rows["batch"], phi, lams)
+    received = {i: phi[i].clone() for i in everyone}  # phi as the round's messages carry it
+    outcome = train_participants(batch_ctx, everyone, rows["batch"], received, lams)
     assert outcome.engine == "linear"
     _assert_rows_close(rows["batch"], rows["loop"])
     assert batch_ctx.privacy.executed_steps == loop_ctx.privacy.executed_steps
@@ -357,3 +358,23 @@ def test_evaluate_losses_equal_evaluate_per_row():
         evaluate(cnn, rows[i], x, y).loss for i, (x, y) in zip([1, 0], small, strict=True)]
     with pytest.raises(ClientUpdateError, match="empty split"):
         evaluate_losses(flat, theta, [0], [torch.zeros(0, 1, 28, 28)], [torch.zeros(0, dtype=torch.long)])
+
+
+def test_an_oracle_the_batched_path_does_not_know_uses_the_loop_and_says_so():
+    from secure_fedora.algorithms.baselines import ProximalGradient
+
+    flat = FlatModel(make_model("mlp", seed=0))
+    (x, y), = _clients([16])
+    theta = _matrix(flat, 1)
+    anchor = flat.initial_vector()
+    reference = theta.clone()
+    loop_oracle = ProximalGradient(PlainGradient(8), mu=0.2)
+    loop_oracle.target(reference[0], anchor)
+    local_train(flat, reference[0], x, y, CFG_FULL, loop_oracle, torch.Generator().manual_seed(1),
+                Workspace.for_size(flat.num_params))
+    oracle = ProximalGradient(PlainGradient(8), mu=0.2)
+    oracle.target(theta[0], anchor)
+    outcome = train_clients(flat, CFG_FULL, oracle, [ClientJob(0, theta[0], x, y, torch.Generator().manual_seed(1))])
+    assert outcome.engine == "loop"
+    assert "ProximalGradient" in outcome.reason
+    assert torch.equal(theta, reference)  # the reference path itself: bit-identical
