@@ -19,23 +19,28 @@ Engines (chosen per model, once, by :func:`batched_plan`):
   gradient norms from ``||a||^2 ||g||^2 + ||g||^2``, the fused path of :mod:`privacy.dpsgd`,
   for all clients' samples at once).
 - ``"vmap"``: any other model ``torch.func.functional_call`` + ``torch.vmap`` can run (e.g. the
-  CNN), forward vmapped over the clients' stacked parameters, backward by autograd. Plain SGD
-  only: DP-SGD with such a model uses the per-client loop.
+  CNN), forward vmapped over the clients' stacked parameters, backward by autograd; under
+  DP-SGD, exact per-sample gradients by ``torch.func.grad`` vmapped over samples and clients
+  (in groups bounded in memory), clipped and summed per client. Accepted per model only after
+  it reproduced per-client autograd on a probe.
 
 Unequal data sizes are handled by padding every step's batches to the largest one with
 weight-0 rows; clients whose local run is shorter (fewer batches) are ordered last and drop out
 of the batch once their steps are done. Anything the batched path does not support (another
-oracle, a model neither engine runs exactly, audit hooks) is detected up front and trained by
-the per-client loop, the reference path; the returned :class:`BatchedOutcome` says which
+oracle, a model neither engine runs exactly) is detected up front and trained by the
+per-client loop, the reference path (white-box audits, which pass extra per-sample gradients,
+keep calling ``local_train`` directly); the returned :class:`BatchedOutcome` says which
 engine ran and why.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -133,7 +138,6 @@ class BatchedOutcome:
     steps: dict[int, int]
     engine: str
     reason: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- model analysis
@@ -212,14 +216,53 @@ def _oracle_kind(oracle: GradientOracle) -> tuple[str | None, str]:
     return None, f"oracle {type(oracle).__name__} is not PlainGradient or DPGradient"
 
 
+@contextmanager
+def _oracle_hooks_off(oracle: Any, kind: str | None) -> Iterator[None]:
+    """Opacus's per-sample hooks (the DP oracle's ``"opacus"`` mode) must not see the batched
+    path's own forward and backward passes through the module; they are off meanwhile."""
+    gsm = getattr(oracle.dpsgd, "_gsm", None) if kind == "dp" else None
+    if gsm is None or not gsm.hooks_enabled:
+        yield
+        return
+    gsm.disable_hooks()
+    try:
+        yield
+    finally:
+        gsm.enable_hooks()
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs")
+
+
+@contextmanager
+def _hooks_stripped(module: nn.Module) -> Iterator[None]:
+    """The module's hooks (e.g. Opacus's per-sample capture, whose backward hooks functorch
+    cannot transform) are removed during the vmap engine's passes and put back afterwards. A
+    model whose output depends on its hooks fails the engine's probe check and uses the loop."""
+    saved = []
+    for sub in module.modules():
+        held = {name: getattr(sub, name) for name in _HOOK_DICTS if getattr(sub, name, None)}
+        for name, hooks in held.items():
+            setattr(sub, name, type(hooks)())
+        saved.append((sub, held))
+    try:
+        yield
+    finally:
+        for sub, held in saved:
+            for name, hooks in held.items():
+                setattr(sub, name, hooks)
+
+
 def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
                  probe_y: Tensor | None = None) -> BatchedPlan:
     """Decide, once per model and oracle kind, which engine trains ``flat`` batched.
 
     The ``"linear"`` engine is used for Sequential Linear/activation stacks; other models are
-    tried with ``"vmap"`` (plain SGD only) and accepted only if, on ``probe_x``/``probe_y``
-    (a few training samples), the vmapped per-client gradients equal the per-client ones to
-    1e-5 relative. Anything else gives ``engine="loop"`` with the reason.
+    tried with ``"vmap"`` and accepted only if, on ``probe_x``/``probe_y`` (a few training
+    samples), the vmapped per-client gradients (DP: clipped per-sample sums) equal per-client
+    autograd to 1e-5 relative. Anything else gives ``engine="loop"`` with the reason.
     """
     kind, why = _oracle_kind(oracle)
     if kind is None:
@@ -230,18 +273,23 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     layers, why = _linear_layers(flat)
     if layers is not None:
         plan = BatchedPlan("linear", layers=layers)
-    elif kind == "dp":
-        plan = BatchedPlan("loop", f"DP-SGD batches only Linear models ({why})")
     elif probe_x is None or probe_y is None or probe_x.shape[0] == 0:
         return BatchedPlan("loop", "no probe data to check the vmap engine")
     else:
-        plan = _check_vmap(flat, oracle, probe_x, probe_y, why)
+        plan = _check_vmap(flat, oracle, kind, probe_x, probe_y, why)
     _PLANS.setdefault(flat, {})[kind] = plan
     return plan
 
 
-def _check_vmap(flat: FlatModel, oracle: Any, x: Tensor, y: Tensor, why_not_linear: str
-                ) -> BatchedPlan:
+def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sample loss the loop's oracle differentiates (DPGradient clips ``_loss``)."""
+    return oracle._loss if kind == "dp" else oracle.task.checked
+
+
+def _check_vmap(flat: FlatModel, oracle: Any, kind: str, x: Tensor, y: Tensor,
+                why_not_linear: str) -> BatchedPlan:
+    """Accept the vmap engine only if it reproduces per-client autograd on a probe: batch
+    gradients (plain) or clipped per-sample gradient sums (DP), for two different rows."""
     names = tuple(n for n, _ in flat.module.named_parameters())
     if len(names) != len(flat.params):
         return BatchedPlan("loop", "the model's named parameters do not match its flat layout")
@@ -251,17 +299,43 @@ def _check_vmap(flat: FlatModel, oracle: Any, x: Tensor, y: Tensor, why_not_line
     generator = torch.Generator().manual_seed(0)
     base = torch.cat([p.detach().reshape(-1) for p in flat.params]).to(device)
     rows = torch.stack([base, base + 0.01 * torch.randn(base.shape, generator=generator).to(device)])
-    loss = oracle.task.checked
+    loss = _oracle_loss(oracle, kind)
+    xs, ys = torch.stack([x, x]), torch.stack([y, y])
+    with warnings.catch_warnings():
+        return _compare_vmap(flat, plan, kind, oracle, loss, rows, base, x, y, xs, ys, why_not_linear)
+
+
+def _compare_vmap(flat: FlatModel, plan: BatchedPlan, kind: str, oracle: Any,
+                  loss: Callable[[Tensor, Tensor], Tensor], rows: Tensor, base: Tensor, x: Tensor,
+                  y: Tensor, xs: Tensor, ys: Tensor, why_not_linear: str) -> BatchedPlan:
+    names, device = plan.names, x.device
     try:
         got = torch.zeros_like(rows)
-        weights = torch.full((2, x.shape[0]), 1.0 / x.shape[0], device=device)
-        _vmap_gradient(flat, plan, rows, torch.stack([x, x]), torch.stack([y, y]), weights, loss, got)
+        if kind == "dp":
+            clip = float(oracle.dpsgd.max_grad_norm)
+            valid = torch.ones((2, x.shape[0]), dtype=torch.bool, device=device)
+            _vmap_clipped_sum(flat, plan, rows, xs, ys, valid,
+                              torch.full((2, 1), clip, device=device), loss, got)
+        else:
+            weights = torch.full((2, x.shape[0]), 1.0 / x.shape[0], device=device)
+            _vmap_gradient(flat, plan, rows, xs, ys, weights, loss, got)
+        # the reference: per-client autograd through the module as the loop runs it (a
+        # disabled Opacus hook still wraps the outputs, and torch warns about that)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for r in range(2):
             params = {n: v.detach().clone().requires_grad_()
                       for n, v in zip(names, _row_views(flat, rows[r]), strict=True)}
-            out = torch.func.functional_call(flat.module, params, (x,))
-            grads = torch.autograd.grad(loss(out, y).mean(), list(params.values()))
-            want = torch.cat([g.reshape(-1) for g in grads])
+            if kind == "dp":
+                want = torch.zeros_like(base)
+                for b in range(x.shape[0]):
+                    out = torch.func.functional_call(flat.module, params, (x[b:b + 1],))
+                    grads = torch.autograd.grad(loss(out, y[b:b + 1]).sum(), list(params.values()))
+                    g = torch.cat([v.reshape(-1) for v in grads])
+                    want += g * min(1.0, clip / (float(g.norm()) + _NORM_EPS))
+            else:
+                out = torch.func.functional_call(flat.module, params, (x,))
+                grads = torch.autograd.grad(loss(out, y).mean(), list(params.values()))
+                want = torch.cat([g.reshape(-1) for g in grads])
             if not torch.allclose(got[r], want, rtol=1e-5, atol=1e-6):
                 return BatchedPlan("loop", f"vmap engine does not reproduce the model's gradients"
                                            f" ({why_not_linear})")
@@ -413,7 +487,8 @@ def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, 
         def forward(params: tuple[Tensor, ...], inputs: Tensor) -> Tensor:
             return torch.func.functional_call(module, dict(zip(names, params, strict=True)), (inputs,))
 
-        logits = torch.vmap(forward)(tuple(stacked), x)
+        with _hooks_stripped(module):
+            logits = torch.vmap(forward)(tuple(stacked), x)
         k, batch = weights.shape
         losses = loss(logits.reshape(k * batch, *logits.shape[2:]), y.reshape(k * batch, *y.shape[2:]))
         grads = torch.autograd.grad((losses * weights.reshape(-1)).sum(), stacked)
@@ -421,6 +496,41 @@ def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, 
     for g, size in zip(grads, flat.sizes, strict=True):
         out[:, offset:offset + size].copy_(g.reshape(g.shape[0], -1))
         offset += size
+
+
+#: Bound on the per-sample gradients the vmap engine holds at once under DP (bytes).
+_PER_SAMPLE_BYTES = 256 * 2**20
+
+
+def _vmap_clipped_sum(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
+                      valid: Tensor, clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor],
+                      out: Tensor) -> None:
+    """As :func:`_linear_clipped_sum`, for any model: exact per-sample gradients from
+    ``torch.func.grad`` vmapped over samples and clients (Opacus's result, without hooks), in
+    groups of clients small enough to hold about ``_PER_SAMPLE_BYTES`` of them at once."""
+    module, names = flat.module, plan.names
+
+    def sample_loss(params: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
+        logits = torch.func.functional_call(module, dict(zip(names, params, strict=True)),
+                                            (xi.unsqueeze(0),))
+        return loss(logits, yi.unsqueeze(0)).sum()
+
+    per_sample = torch.vmap(torch.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0)))
+    k, width = valid.shape
+    group = max(1, _PER_SAMPLE_BYTES // max(1, width * flat.num_params * rows.element_size()))
+    for first in range(0, k, group):
+        part = slice(first, min(first + group, k))
+        with torch.no_grad(), _hooks_stripped(module):
+            grads = per_sample(tuple(v.detach() for v in _row_views(flat, rows[part])),
+                               x[part], y[part])
+        kk = grads[0].shape[0]
+        flat_grads = [g.reshape(kk, width, -1) for g in grads]
+        sq = sum((g * g).sum(dim=2) for g in flat_grads)
+        factors = (clip[part] / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0) * valid[part]
+        offset = 0
+        for g, size in zip(flat_grads, flat.sizes, strict=True):
+            torch.bmm(factors.unsqueeze(1), g, out=out[part, offset:offset + size].unsqueeze(1))
+            offset += size
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -515,13 +625,17 @@ def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
     if not jobs:
         return BatchedOutcome({}, "none")
     probe = next((j for j in jobs if j.x.shape[0] > 0), None)
-    plan = (BatchedPlan("loop", "engine='loop' requested") if engine == "loop"
-            else batched_plan(flat, oracle, probe.x[:3] if probe else None,
-                              probe.y[:3] if probe else None))
+    if engine == "loop":
+        plan = BatchedPlan("loop", "engine='loop' requested")
+    else:
+        with _oracle_hooks_off(oracle, kind):
+            plan = batched_plan(flat, oracle, probe.x[:3] if probe else None,
+                                probe.y[:3] if probe else None)
     if plan.engine == "loop":
         ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
         return BatchedOutcome(_loop_train(flat, cfg, oracle, kind, jobs, ws), "loop", plan.reason or why)
-    return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
+    with _oracle_hooks_off(oracle, kind):
+        return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
 
 
 class _Scratch:
@@ -631,15 +745,14 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
     for n in sizes[:-1]:
         offsets.append(offsets[-1] + n)
 
+    loss = _oracle_loss(oracle, kind)
     if kind == "dp":
-        loss = oracle._loss  # the per-sample loss DPGradient clips (task.checked or CE)
         clip_default = float(oracle.dpsgd.max_grad_norm)
         clips = [float(j.max_grad_norm) if j.max_grad_norm is not None else clip_default for j in jobs]
         clip = torch.tensor(clips, dtype=dtype, device=device)[:, None]
         scale = 1.0 / oracle.dpsgd.expected_batch_size
         noise_std = [float(j.noise_multiplier) * c * scale for j, c in zip(jobs, clips, strict=True)]
     else:
-        loss = oracle.task.checked
         max_norm = oracle.max_grad_norm
     executed = [0] * k_all
     for t in range(counts[0] if counts else 0):
@@ -660,7 +773,10 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         w_rows, g_rows = rows[:k], grad[:k]
         if kind == "dp":
             # (sum_i clip(g_i) + noise) / B_expected, the noise drawn after the sample (loop order)
-            _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
+            if plan.engine == "linear":
+                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
+            else:
+                _vmap_clipped_sum(flat, plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
             g_rows.mul_(scale)
             for r in range(k):
                 g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype).to(device))

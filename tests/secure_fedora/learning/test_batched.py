@@ -209,12 +209,13 @@ def test_examples_cnn_trains_batched_with_vmap_and_matches_the_loop():
     _assert_rows_close(theta, reference)
 
 
-def test_dp_with_the_cnn_falls_back_to_the_loop_and_says_so():
+def test_dp_with_the_cnn_batches_per_sample_gradients_and_matches_the_loop():
     flat = FlatModel(_examples_cnn())
-    data = _clients([16, 16], shape=(1, 8, 8))
+    data = _clients([16, 11], shape=(1, 8, 8))
     theta = _matrix(flat, 2)
     reference = theta.clone()
     oracle = DPGradient(flat.module, 1.0, 0.5, 8.0, ReproducibleNoise(0))
+    assert oracle.dpsgd.mode == "opacus"  # the loop's reference: Opacus per-sample gradients
     for i, (x, y) in enumerate(data):
         oracle.select(1.0, ReproducibleNoise(50 + i))
         local_train(flat, reference[i], x, y, CFG_FULL, oracle, torch.Generator(),
@@ -222,8 +223,8 @@ def test_dp_with_the_cnn_falls_back_to_the_loop_and_says_so():
     jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=ReproducibleNoise(50 + i),
                       noise_multiplier=1.0) for i, (x, y) in enumerate(data)]
     outcome = train_clients(flat, CFG_FULL, oracle, jobs)
-    assert outcome.engine == "loop"
-    assert "DP-SGD batches only Linear models" in outcome.reason
+    assert outcome.engine == "vmap", outcome.reason
+    assert outcome.steps == {0: 4, 1: 4}
     _assert_rows_close(theta, reference)
 
 
@@ -235,10 +236,11 @@ class _RandomLayer(nn.Module):
 def test_a_model_the_vmap_engine_cannot_reproduce_uses_the_loop():
     module = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), _RandomLayer(), nn.Linear(8, 3))
     flat = FlatModel(module)
-    x = torch.rand(6, 16)
-    plan = batched_plan(flat, PlainGradient(4), x, torch.randint(0, 3, (6,)))
-    assert plan.engine == "loop"
-    assert "_RandomLayer" in plan.reason
+    x, y = torch.rand(6, 16), torch.randint(0, 3, (6,))
+    for oracle in (PlainGradient(4), DPGradient(module, 1.0, 0.5, 4.0, ReproducibleNoise(0))):
+        plan = batched_plan(flat, oracle, x, y)
+        assert plan.engine == "loop"
+        assert "_RandomLayer" in plan.reason
 
 
 def test_non_finite_rows_are_restored_and_named():
