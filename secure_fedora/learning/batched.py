@@ -414,10 +414,11 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
 
 
 def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tensor,
-                     out: Tensor | None) -> list[tuple[Tensor, Tensor]]:
+                     out: Tensor | None, decay: float = 0.0) -> list[tuple[Tensor, Tensor]]:
     """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G), last
-    layer first. With ``out`` (k, P) given, writes every parameter's gradient into it (one
-    batched GEMM per weight, straight into the rows)."""
+    layer first. With ``out`` (k, P) given, writes every parameter's gradient plus
+    ``decay * rows`` into it (one batched GEMM per weight, straight into the rows, with the
+    weight decay folded into the GEMM)."""
     k = rows.shape[0]
     pairs: list[tuple[Tensor, Tensor]] = []
     first_linear = next(i for i, layer in enumerate(plan.layers) if layer[0] == "linear")
@@ -428,7 +429,7 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
             _, w_off, (d_out, d_in), b_off = layer
             pairs.append((kept, g))
             if out is not None:
-                _write_linear(layer, out, kept, g)
+                _write_linear(layer, out, kept, g, rows, decay)
             if i == first_linear:
                 break
             g = torch.bmm(g, rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
@@ -439,21 +440,31 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
     return pairs
 
 
-def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor) -> None:
-    """``out[weight] <- g^T a`` (one batched GEMM written into the rows) and the bias ``sum_b g``."""
+def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
+                  rows: Tensor | None = None, decay: float = 0.0) -> None:
+    """``out[weight] <- g^T a (+ decay * rows[weight])`` as one batched GEMM written into the
+    rows, and the bias ``sum_b g (+ decay * rows[bias])``."""
     _, w_off, (d_out, d_in), b_off = layer
     k = out.shape[0]
-    torch.bmm(g.transpose(1, 2), a, out=out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
+    w_out = out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
+    if decay and rows is not None:
+        torch.baddbmm(rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in), g.transpose(1, 2), a,
+                      beta=decay, out=w_out)
+    else:
+        torch.bmm(g.transpose(1, 2), a, out=w_out)
     if b_off is not None:
-        torch.sum(g, dim=1, out=out[:, b_off:b_off + d_out])
+        b_out = out[:, b_off:b_off + d_out]
+        torch.sum(g, dim=1, out=b_out)
+        if decay and rows is not None:
+            b_out.add_(rows[:, b_off:b_off + d_out], alpha=decay)
 
 
 def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weights: Tensor,
-                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
-    """Write ``sum_b weights[:, b] * grad loss_b`` of each client into ``out`` (k, P)."""
+                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, decay: float = 0.0) -> None:
+    """Write ``sum_b weights[:, b] * grad loss_b + decay * rows`` of each client into ``out``."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, weights, loss)
-    _linear_backward(plan, rows, saved, g, out)
+    _linear_backward(plan, rows, saved, g, out, decay)
 
 
 def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
@@ -744,6 +755,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
     offsets = [0]
     for n in sizes[:-1]:
         offsets.append(offsets[-1] + n)
+    offset_column = torch.tensor(offsets, dtype=torch.long)[:, None]
 
     loss = _oracle_loss(oracle, kind)
     if kind == "dp":
@@ -754,6 +766,9 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         noise_std = [float(j.noise_multiplier) * c * scale for j, c in zip(jobs, clips, strict=True)]
     else:
         max_norm = oracle.max_grad_norm
+    # weight decay folded into the gradient GEMMs (not before a clip, which must see the
+    # data gradient alone; the loop adds decay after the oracle's gradient, so do we)
+    decay_in_gemm = wd if (kind == "plain" and max_norm is None and plan.engine == "linear") else 0.0
     executed = [0] * k_all
     for t in range(counts[0] if counts else 0):
         k = sum(1 for c in counts if c > t)
@@ -761,12 +776,15 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
             batches = [poisson_sample(sizes[r], oracle.sample_rate, jobs[r].noise) for r in range(k)]
         else:
             batches = [schedules[r][t] for r in range(k)]
-        width = max(max(int(b.shape[0]) for b in batches), 1)
-        index = torch.full((k, width), pad_row, dtype=torch.long)
-        valid = torch.zeros((k, width), dtype=torch.bool)
-        for r, b in enumerate(batches):
-            index[r, :b.shape[0]] = b + offsets[r]
-            valid[r, :b.shape[0]] = True
+        # (k, width) sample rows into x_all: each client's batch shifted by its offset, padded
+        # with the all-zero padding sample (weight 0)
+        lengths = torch.tensor([int(b.shape[0]) for b in batches])
+        width = max(int(lengths.max()), 1)
+        valid = torch.arange(width)[None, :] < lengths[:, None]
+        index = torch.nn.utils.rnn.pad_sequence(list(batches), batch_first=True)
+        if index.shape[1] < width:  # every batch empty
+            index = torch.nn.functional.pad(index, (0, width - index.shape[1]))
+        index = torch.where(valid, index + offset_column[:k], pad_row)
         index, valid = index.to(device).view(-1), valid.to(device)
         x = x_all.index_select(0, index).view(k, width, *x_all.shape[1:])
         y = y_all.index_select(0, index).view(k, width, *y_all.shape[1:])
@@ -783,7 +801,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         else:
             weights = valid.to(dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
             if plan.engine == "linear":
-                _linear_gradient(plan, w_rows, x, y, weights, loss, g_rows)
+                _linear_gradient(plan, w_rows, x, y, weights, loss, g_rows, decay_in_gemm)
             else:
                 _vmap_gradient(flat, plan, w_rows, x, y, weights, loss, g_rows)
             if max_norm is not None:
@@ -791,7 +809,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 g_rows.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
         if proximal:
             g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
-        if wd:
+        if wd and not decay_in_gemm:
             g_rows.add_(w_rows, alpha=wd)
         step = g_rows
         if momentum:
