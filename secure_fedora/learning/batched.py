@@ -666,18 +666,18 @@ class _Scratch:
             self.buffers[name] = held
         return held[:need].view(shape)
 
-    def gathered(self, jobs: Sequence[ClientJob], device: torch.device) -> tuple[Tensor, Tensor]:
-        """All jobs' inputs and targets concatenated, plus one all-zero padding sample last.
-        Reused while every job's tensors are unchanged (same storage, shape and version)."""
-        key = tuple((j.x.data_ptr(), j.x._version, tuple(j.x.shape), j.y.data_ptr(), j.y._version,
-                     tuple(j.y.shape), j.x.dtype, j.y.dtype) for j in jobs)
+    def gathered(self, xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device
+                 ) -> tuple[Tensor, Tensor]:
+        """The inputs ``xs`` and targets ``ys`` concatenated, plus one all-zero padding sample
+        last. Reused while every tensor is unchanged (same storage, shape and version)."""
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in (*xs, *ys))
         hit = self.data.get(key)
         if hit is not None:
             return hit
-        x_pad = torch.zeros((1, *jobs[0].x.shape[1:]), dtype=jobs[0].x.dtype, device=device)
-        y_pad = torch.zeros((1, *jobs[0].y.shape[1:]), dtype=jobs[0].y.dtype, device=device)
-        value = (torch.cat([j.x.to(device) for j in jobs] + [x_pad]),
-                 torch.cat([j.y.to(device) for j in jobs] + [y_pad]))
+        x_pad = torch.zeros((1, *xs[0].shape[1:]), dtype=xs[0].dtype, device=device)
+        y_pad = torch.zeros((1, *ys[0].shape[1:]), dtype=ys[0].dtype, device=device)
+        value = (torch.cat([x.to(device) for x in xs] + [x_pad]),
+                 torch.cat([y.to(device) for y in ys] + [y_pad]))
         if len(self.data) >= 256:
             self.data.clear()
         self.data[key] = value
@@ -750,7 +750,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         pulled_phi.mul_(lr * lams)
 
     # every client's data in one tensor (plus one padding sample): one gather per step
-    x_all, y_all = scratch.gathered(jobs, device)
+    x_all, y_all = scratch.gathered([j.x for j in jobs], [j.y for j in jobs], device)
     pad_row = x_all.shape[0] - 1
     offsets = [0]
     for n in sizes[:-1]:
@@ -870,10 +870,7 @@ def evaluate_losses(flat: FlatModel, matrix: Tensor, participants: Sequence[int]
                                   out=scratch.buffer("eval_rows", (len(part), flat.num_params), dtype, device))
         sizes = [int(xs[k].shape[0]) for k in part]
         width = max(sizes)
-        x_pad = torch.zeros((1, *xs[part[0]].shape[1:]), dtype=xs[part[0]].dtype, device=device)
-        y_pad = torch.zeros((1, *ys[part[0]].shape[1:]), dtype=ys[part[0]].dtype, device=device)
-        x_all = torch.cat([xs[k].to(device) for k in part] + [x_pad])
-        y_all = torch.cat([ys[k].to(device) for k in part] + [y_pad])
+        x_all, y_all = scratch.gathered([xs[k] for k in part], [ys[k] for k in part], device)
         gather = torch.full((len(part), width), x_all.shape[0] - 1, dtype=torch.long)
         offset = 0
         for r, n in enumerate(sizes):

@@ -380,3 +380,20 @@ def test_an_oracle_the_batched_path_does_not_know_uses_the_loop_and_says_so():
     assert outcome.engine == "loop"
     assert "ProximalGradient" in outcome.reason
     assert torch.equal(theta, reference)  # the reference path itself: bit-identical
+
+
+def test_dp_with_an_empty_client_and_mostly_empty_poisson_batches_matches_the_loop():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = [(torch.rand(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)), *_clients([2])]
+    theta = _matrix(flat, 2)
+    reference = theta.clone()
+    oracle = DPGradient(flat.module, 1.0, 0.1, 1.0, ReproducibleNoise(0))
+    for i, (x, y) in enumerate(data):
+        oracle.select(1.0, ReproducibleNoise(9 + i))
+        local_train(flat, reference[i], x, y, CFG_FULL, oracle, torch.Generator(),
+                    Workspace.for_size(flat.num_params))
+    jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=ReproducibleNoise(9 + i),
+                      noise_multiplier=1.0) for i, (x, y) in enumerate(data)]
+    outcome = train_clients(flat, CFG_FULL, oracle, jobs)
+    assert outcome.steps == {0: 20, 1: 20}  # ceil(epochs / q) steps, noise only when empty
+    _assert_rows_close(theta, reference)
