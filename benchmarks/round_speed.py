@@ -5,7 +5,13 @@ an ``nn.Module`` with its own parameters, a fresh ``torch.optim.SGD`` (momentum 
 decay), shuffled mini-batches, ``E`` local epochs. FEDORA's round adds the two validation
 losses for lambda, the proximal pull after every step and the propagation ``phi = P @ theta``.
 Rounds alternate between the two so background load hits both alike.
-Usage: python benchmarks/round_speed.py [--rounds 10] [--threads 1]
+
+``--batched`` adds the batched trainer (secure_fedora.learning.batched): a FEDORA round whose
+client training is one batched run over all clients (lambda evals + batched training with the
+pull + propagation), the batched training alone (no pull, as Local), the largest row difference
+from the per-client loop on the same inputs, and the hardware floor: the round's FLOPs over the
+sustained GFLOP/s of a large matmul measured in the same run. Min and median are printed.
+Usage: python benchmarks/round_speed.py [--rounds 10] [--threads 1] [--batched]
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from secure_fedora.algorithms.fedora import regularization_weight
 from secure_fedora.core.config import load_config
+from secure_fedora.learning.batched import evaluate_losses, train_participants
 from secure_fedora.learning.models import make_model
 from secure_fedora.runtimes.inprocess import build_clients, build_context, make_method
 
@@ -36,10 +44,74 @@ def plain_round(models, clients, cfg, gens) -> None:
                 opt.step()
 
 
+def batched_fedora_round(fedora, rnd: int, participants: list[int]) -> None:
+    """Fedora.train_round (no exchange, plain validation) with the batched trainer and the
+    batched validation losses for lambda."""
+    ctx = fedora.ctx
+    val_x = [ctx.clients[i].val_x for i in participants]
+    val_y = [ctx.clients[i].val_y for i in participants]
+    local = evaluate_losses(ctx.flat, fedora.theta, participants, val_x, val_y)
+    received = evaluate_losses(ctx.flat, fedora.phi, participants, val_x, val_y)
+    lams = [regularization_weight(a, b) for a, b in zip(local, received, strict=True)]
+    for i, lam in zip(participants, lams, strict=True):
+        fedora.last_lambdas[i] = lam
+    train_participants(fedora.ctx, participants, fedora.theta, fedora.phi, lams)
+    fedora.propagate(rnd, participants)
+
+
+def round_flops(ctx, cfg, clients, with_lambda_evals: bool) -> float:
+    """Multiply-adds x 2 of one round's training (forward, weight gradients, input gradients
+    of every Linear but the first) plus, for FEDORA, the two validation forwards per client."""
+    linears = [m for m in ctx.flat.module.modules() if isinstance(m, nn.Linear)]
+    fwd = sum(2 * m.in_features * m.out_features for m in linears)
+    bwd = fwd + sum(2 * m.in_features * m.out_features for m in linears[1:])
+    samples = sum(c.train_x.shape[0] for c in clients) * cfg.training.local_epochs
+    total = samples * (fwd + bwd)
+    if with_lambda_evals:
+        total += 2 * sum(c.val_x.shape[0] for c in clients) * fwd
+    return float(total)
+
+
+def sustained_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of a (size x size) @ (size x size) float32 matmul."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def batched_difference(fedora, participants: list[int]) -> float:
+    """Largest |row difference| between the per-client loop and the batched trainer on the
+    same rows, pulls and generator states (state restored afterwards)."""
+    ctx = fedora.ctx
+    states = [g.get_state() for g in ctx.generators]
+    lams = [fedora.regularization(i) for i in participants]
+    loop = fedora.theta.clone()
+    for i, lam in zip(participants, lams, strict=True):
+        ctx.train_client(i, loop[i], fedora.phi[i], lam)
+    for g, s in zip(ctx.generators, states, strict=True):
+        g.set_state(s)
+    batched = fedora.theta.clone()
+    train_participants(ctx, participants, batched, fedora.phi, lams)
+    for g, s in zip(ctx.generators, states, strict=True):
+        g.set_state(s)
+    return float((loop - batched).abs().max())
+
+
+def summary(name: str, times: list[float]) -> str:
+    return f"{name} min {min(times):.3f} s, median {statistics.median(times):.3f} s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batched", action="store_true",
+                        help="also time the batched trainer and print the hardware floor")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "reference.toml")
@@ -69,6 +141,45 @@ def main() -> None:
     print(f"plain loop round:  {p:.3f} s")
     print(f"FEDORA round:      {f:.3f} s   (lambda evals + training + pull + propagation)")
     print(f"ratio FEDORA / plain: {f / p:.2f}x  (target <= 1.3x)")
+    if args.batched:
+        run_batched(fedora, ctx, cfg, clients, models, gens, everyone, args.rounds)
+
+
+def run_batched(fedora, ctx, cfg, clients, models, gens, everyone, rounds: int) -> None:
+    """Alternate plain loop / FEDORA (loop) / FEDORA (batched) / batched training alone."""
+    theta_local = fedora.theta.clone()
+    print(f"batched vs per-client loop, largest row difference after one local run: "
+          f"{batched_difference(fedora, everyone):.2e}")
+    batched_fedora_round(fedora, 0, everyone)  # warm-up
+    train_participants(ctx, everyone, theta_local)
+    times: dict[str, list[float]] = {"plain": [], "fedora": [], "fedora_batched": [], "batched": []}
+    for rnd in range(1, rounds + 1):
+        for name, fn in (("plain", lambda: plain_round(models, clients, cfg, gens)),
+                         ("fedora", lambda rnd=rnd: fedora.train_round(rnd, everyone)),
+                         ("fedora_batched", lambda rnd=rnd: batched_fedora_round(fedora, rnd, everyone)),
+                         ("batched", lambda: train_participants(ctx, everyone, theta_local))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    gflops = sustained_gflops()
+    train_flops = round_flops(ctx, cfg, clients, with_lambda_evals=False)
+    fedora_flops = round_flops(ctx, cfg, clients, with_lambda_evals=True)
+    p_min, p_med = min(times["plain"]), statistics.median(times["plain"])
+    print(f"--- batched trainer, {rounds} rounds alternating (min / median)")
+    print(summary("plain loop round:           ", times["plain"]))
+    print(summary("FEDORA round, per-client:   ", times["fedora"]))
+    print(summary("FEDORA round, batched:      ", times["fedora_batched"]))
+    print(summary("batched training (no pull): ", times["batched"]))
+    for name in ("fedora", "fedora_batched", "batched"):
+        t = times[name]
+        print(f"ratio {name} / plain: min {min(t) / p_min:.2f}x, median "
+              f"{statistics.median(t) / p_med:.2f}x" + ("  (target <= 0.5x)" if name == "fedora_batched" else ""))
+    floor_train, floor_fedora = train_flops / gflops / 1e9, fedora_flops / gflops / 1e9
+    print(f"hardware floor: large matmul sustains {gflops:.1f} GFLOP/s; training {train_flops / 1e9:.2f}"
+          f" GFLOP -> {floor_train:.3f} s, FEDORA round {fedora_flops / 1e9:.2f} GFLOP -> {floor_fedora:.3f} s")
+    print(f"FEDORA batched / floor: min {min(times['fedora_batched']) / floor_fedora:.2f}x, median "
+          f"{statistics.median(times['fedora_batched']) / floor_fedora:.2f}x; batched training / floor:"
+          f" min {min(times['batched']) / floor_train:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,941 @@
+"""Batched client training: many clients' rows of the (N x P) parameter matrix trained together.
+
+:func:`train_clients` runs the local training of a set of clients at once, in place on their
+rows, with the per-client loop's semantics (:func:`secure_fedora.learning.client.local_train`
+with :class:`~secure_fedora.learning.client.PlainGradient` or the DP-SGD oracle
+``secure_fedora.secure.private.DPGradient``): the same batches in the same order (each
+client's own ``torch.Generator`` draws its permutations, each client's own
+:class:`privacy.noise.NoiseSource` its Poisson samples and noise, interleaved as in the loop),
+the same SGD/momentum/weight-decay update, FEDORA's pull toward ``phi_i`` with weight
+``lam_i``, FedProx's ``mu`` term, and the same number of steps. Results equal the loop's within
+float rounding (batched matrix products sum in a different order).
+
+Engines (chosen per model, once, by :func:`batched_plan`):
+
+- ``"linear"``: an ``nn.Sequential`` of ``nn.Linear`` and per-sample activation layers
+  (ReLU, Tanh, Sigmoid, Identity, Flatten): every layer of all clients is one ``torch.bmm``
+  with a hand-written backward that writes the gradients straight into the stacked gradient
+  rows (no per-step allocation of gradients). Supports plain SGD and DP-SGD (per-sample
+  gradient norms from ``||a||^2 ||g||^2 + ||g||^2``, the fused path of :mod:`privacy.dpsgd`,
+  for all clients' samples at once).
+- ``"vmap"``: any other model ``torch.func.functional_call`` + ``torch.vmap`` can run (e.g. the
+  CNN), forward vmapped over the clients' stacked parameters, backward by autograd; under
+  DP-SGD, exact per-sample gradients by ``torch.func.grad`` vmapped over samples and clients
+  (in groups bounded in memory), clipped and summed per client. Accepted per model only after
+  it reproduced per-client autograd on a probe.
+
+Unequal data sizes are handled by padding every step's batches to the largest one with
+weight-0 rows; clients whose local run is shorter (fewer batches) are ordered last and drop out
+of the batch once their steps are done. Anything the batched path does not support (another
+oracle, a model neither engine runs exactly) is detected up front and trained by the
+per-client loop, the reference path (white-box audits, which pass extra per-sample gradients,
+keep calling ``local_train`` directly); the returned :class:`BatchedOutcome` says which
+engine ran and why.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from privacy.dpsgd import poisson_sample
+from privacy.noise import NoiseSource
+from secure_fedora.learning.client import (
+    ClientUpdateError,
+    FlatModel,
+    GradientOracle,
+    PlainGradient,
+    TrainConfig,
+    Workspace,
+    local_train,
+)
+
+__all__ = [
+    "BatchedOutcome",
+    "BatchedPlan",
+    "BatchedTrainingError",
+    "ClientJob",
+    "batched_plan",
+    "evaluate_losses",
+    "jobs_for_context",
+    "train_clients",
+    "train_participants",
+]
+
+#: Added to per-sample norms before dividing (Opacus's and privacy.dpsgd's convention).
+_NORM_EPS = 1e-6
+
+_ACTIVATIONS: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity",
+}
+
+
+class BatchedTrainingError(ClientUpdateError):
+    """Some clients' training produced non-finite parameters; their rows were restored.
+
+    ``failed`` lists the client indices whose update was discarded; ``steps`` the steps every
+    client executed (the other clients' rows keep their trained values).
+    """
+
+    def __init__(self, message: str, failed: list[int], steps: dict[int, int]) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.steps = steps
+
+
+@dataclass
+class ClientJob:
+    """One client's local run: its row (trained in place), data, randomness and regularizers.
+
+    ``theta`` is the client's parameter row (a view into the (N x P) matrix, updated in place).
+    ``phi``/``lam``: FEDORA's pull ``theta <- theta - lr * lam * (theta_before_step - phi)``
+    after every step (``lam > 0`` needs ``phi``). ``anchor``/``mu``: FedProx's gradient term
+    ``mu * (theta - anchor)`` added after the data gradient. DP-SGD only: ``noise`` (the
+    client's own source, used for its Poisson samples and noise, never shared with another
+    job), ``noise_multiplier``, ``max_grad_norm`` (per-client clip bound; default the
+    oracle's) and ``on_step`` (called once per executed DP-SGD step, the ledger's step hook).
+    """
+
+    index: int
+    theta: Tensor
+    x: Tensor
+    y: Tensor
+    generator: torch.Generator
+    phi: Tensor | None = None
+    lam: float = 0.0
+    anchor: Tensor | None = None
+    mu: float = 0.0
+    noise: NoiseSource | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    on_step: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class BatchedPlan:
+    """Whether (and how) a model trains batched: ``engine`` is ``"linear"``, ``"vmap"`` or
+    ``"loop"`` (the per-client reference path, with ``reason`` saying why)."""
+
+    engine: str
+    reason: str = ""
+    layers: tuple[tuple[Any, ...], ...] = ()
+    names: tuple[str, ...] = ()
+
+
+@dataclass
+class BatchedOutcome:
+    """What :func:`train_clients` did: steps per client index, the engine that ran and, for
+    ``"loop"``, why the batched path was not used."""
+
+    steps: dict[int, int]
+    engine: str
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------- model analysis
+
+def _param_offsets(flat: FlatModel) -> dict[int, tuple[int, torch.Size]]:
+    offsets: dict[int, tuple[int, torch.Size]] = {}
+    offset = 0
+    for p, shape, size in zip(flat.params, flat.shapes, flat.sizes, strict=True):
+        offsets[id(p)] = (offset, shape)
+        offset += size
+    return offsets
+
+
+def _sequential_children(module: nn.Module) -> list[nn.Module] | None:
+    if type(module) is not nn.Sequential:
+        return None
+    out: list[nn.Module] = []
+    for child in module:
+        if type(child) is nn.Sequential:
+            inner = _sequential_children(child)
+            if inner is None:
+                return None
+            out.extend(inner)
+        else:
+            out.append(child)
+    return out
+
+
+def _linear_layers(flat: FlatModel) -> tuple[tuple[tuple[Any, ...], ...] | None, str]:
+    """The ``"linear"`` engine's layer program, or None and why the model does not fit it."""
+    children = _sequential_children(flat.module)
+    if children is None:
+        return None, "the model is not an nn.Sequential"
+    offsets = _param_offsets(flat)
+    used: set[int] = set()
+    layers: list[tuple[Any, ...]] = []
+    for child in children:
+        if type(child) is nn.Linear:
+            w = child.weight
+            b = child.bias
+            if id(w) not in offsets or id(w) in used or not w.requires_grad or (
+                    b is not None and (id(b) not in offsets or id(b) in used or not b.requires_grad)):
+                return None, "a Linear parameter is shared, frozen or outside the flat layout"
+            used.add(id(w))
+            w_off, w_shape = offsets[id(w)]
+            b_off = None
+            if b is not None:
+                used.add(id(b))
+                b_off = offsets[id(b)][0]
+            layers.append(("linear", w_off, tuple(w_shape), b_off))
+        elif type(child) in _ACTIVATIONS:
+            layers.append(("act", _ACTIVATIONS[type(child)]))
+        elif type(child) is nn.Flatten and child.start_dim == 1 and child.end_dim == -1:
+            layers.append(("flatten",))
+        else:
+            return None, f"layer {type(child).__name__} is not Linear or a supported activation"
+    if len(used) != len(offsets):
+        return None, "some parameters are not in a Linear layer"
+    return tuple(layers), ""
+
+
+_PLANS: weakref.WeakKeyDictionary[FlatModel, dict[str, BatchedPlan]] = weakref.WeakKeyDictionary()
+
+
+def _oracle_kind(oracle: GradientOracle) -> tuple[str | None, str]:
+    """``("plain" | "dp", "")`` for the oracles the batched path reproduces, else (None, why)."""
+    from secure_fedora.secure.private import DPGradient  # higher layer: imported where used
+
+    if type(oracle) is DPGradient:
+        if oracle.dpsgd.mode != "fused" and oracle.dpsgd.mode != "opacus":
+            return None, f"unknown DP-SGD mode {oracle.dpsgd.mode!r}"
+        return "dp", ""
+    if isinstance(oracle, PlainGradient) and type(oracle).gradient is PlainGradient.gradient \
+            and type(oracle).batches is PlainGradient.batches:
+        return "plain", ""
+    return None, f"oracle {type(oracle).__name__} is not PlainGradient or DPGradient"
+
+
+@contextmanager
+def _oracle_hooks_off(oracle: Any, kind: str | None) -> Iterator[None]:
+    """Opacus's per-sample hooks (the DP oracle's ``"opacus"`` mode) must not see the batched
+    path's own forward and backward passes through the module; they are off meanwhile."""
+    gsm = getattr(oracle.dpsgd, "_gsm", None) if kind == "dp" else None
+    if gsm is None or not gsm.hooks_enabled:
+        yield
+        return
+    gsm.disable_hooks()
+    try:
+        yield
+    finally:
+        gsm.enable_hooks()
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs")
+
+
+@contextmanager
+def _hooks_stripped(module: nn.Module) -> Iterator[None]:
+    """The module's hooks (e.g. Opacus's per-sample capture, whose backward hooks functorch
+    cannot transform) are removed during the vmap engine's passes and put back afterwards. A
+    model whose output depends on its hooks fails the engine's probe check and uses the loop."""
+    saved = []
+    for sub in module.modules():
+        held = {name: getattr(sub, name) for name in _HOOK_DICTS if getattr(sub, name, None)}
+        for name, hooks in held.items():
+            setattr(sub, name, type(hooks)())
+        saved.append((sub, held))
+    try:
+        yield
+    finally:
+        for sub, held in saved:
+            for name, hooks in held.items():
+                setattr(sub, name, hooks)
+
+
+def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
+                 probe_y: Tensor | None = None) -> BatchedPlan:
+    """Decide, once per model and oracle kind, which engine trains ``flat`` batched.
+
+    The ``"linear"`` engine is used for Sequential Linear/activation stacks; other models are
+    tried with ``"vmap"`` and accepted only if, on ``probe_x``/``probe_y`` (a few training
+    samples), the vmapped per-client gradients (DP: clipped per-sample sums) equal per-client
+    autograd to 1e-5 relative. Anything else gives ``engine="loop"`` with the reason.
+    """
+    kind, why = _oracle_kind(oracle)
+    if kind is None:
+        return BatchedPlan("loop", why)
+    cached = _PLANS.get(flat, {}).get(kind)
+    if cached is not None:
+        return cached
+    layers, why = _linear_layers(flat)
+    if layers is not None:
+        plan = BatchedPlan("linear", layers=layers)
+    elif probe_x is None or probe_y is None or probe_x.shape[0] == 0:
+        return BatchedPlan("loop", "no probe data to check the vmap engine")
+    else:
+        plan = _check_vmap(flat, oracle, kind, probe_x, probe_y, why)
+    _PLANS.setdefault(flat, {})[kind] = plan
+    return plan
+
+
+def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sample loss the loop's oracle differentiates (DPGradient clips ``_loss``)."""
+    return oracle._loss if kind == "dp" else oracle.task.checked
+
+
+def _check_vmap(flat: FlatModel, oracle: Any, kind: str, x: Tensor, y: Tensor,
+                why_not_linear: str) -> BatchedPlan:
+    """Accept the vmap engine only if it reproduces per-client autograd on a probe: batch
+    gradients (plain) or clipped per-sample gradient sums (DP), for two different rows."""
+    names = tuple(n for n, _ in flat.module.named_parameters())
+    if len(names) != len(flat.params):
+        return BatchedPlan("loop", "the model's named parameters do not match its flat layout")
+    plan = BatchedPlan("vmap", why_not_linear, names=names)
+    x, y = x[:3], y[:3]
+    device = x.device
+    generator = torch.Generator().manual_seed(0)
+    base = torch.cat([p.detach().reshape(-1) for p in flat.params]).to(device)
+    rows = torch.stack([base, base + 0.01 * torch.randn(base.shape, generator=generator).to(device)])
+    loss = _oracle_loss(oracle, kind)
+    xs, ys = torch.stack([x, x]), torch.stack([y, y])
+    with warnings.catch_warnings():
+        return _compare_vmap(flat, plan, kind, oracle, loss, rows, base, x, y, xs, ys, why_not_linear)
+
+
+def _compare_vmap(flat: FlatModel, plan: BatchedPlan, kind: str, oracle: Any,
+                  loss: Callable[[Tensor, Tensor], Tensor], rows: Tensor, base: Tensor, x: Tensor,
+                  y: Tensor, xs: Tensor, ys: Tensor, why_not_linear: str) -> BatchedPlan:
+    names, device = plan.names, x.device
+    try:
+        got = torch.zeros_like(rows)
+        if kind == "dp":
+            clip = float(oracle.dpsgd.max_grad_norm)
+            valid = torch.ones((2, x.shape[0]), dtype=torch.bool, device=device)
+            _vmap_clipped_sum(flat, plan, rows, xs, ys, valid,
+                              torch.full((2, 1), clip, device=device), loss, got)
+        else:
+            weights = torch.full((2, x.shape[0]), 1.0 / x.shape[0], device=device)
+            _vmap_gradient(flat, plan, rows, xs, ys, weights, loss, got)
+        # the reference: per-client autograd through the module as the loop runs it (a
+        # disabled Opacus hook still wraps the outputs, and torch warns about that)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for r in range(2):
+            params = {n: v.detach().clone().requires_grad_()
+                      for n, v in zip(names, _row_views(flat, rows[r]), strict=True)}
+            if kind == "dp":
+                want = torch.zeros_like(base)
+                for b in range(x.shape[0]):
+                    out = torch.func.functional_call(flat.module, params, (x[b:b + 1],))
+                    grads = torch.autograd.grad(loss(out, y[b:b + 1]).sum(), list(params.values()))
+                    g = torch.cat([v.reshape(-1) for v in grads])
+                    want += g * min(1.0, clip / (float(g.norm()) + _NORM_EPS))
+            else:
+                out = torch.func.functional_call(flat.module, params, (x,))
+                grads = torch.autograd.grad(loss(out, y).mean(), list(params.values()))
+                want = torch.cat([g.reshape(-1) for g in grads])
+            if not torch.allclose(got[r], want, rtol=1e-5, atol=1e-6):
+                return BatchedPlan("loop", f"vmap engine does not reproduce the model's gradients"
+                                           f" ({why_not_linear})")
+    except Exception as err:  # any model code: the batched path just does not apply
+        return BatchedPlan("loop", f"vmap engine cannot run the model ({type(err).__name__}:"
+                                   f" {err}; {why_not_linear})")
+    return plan
+
+
+def _row_views(flat: FlatModel, rows: Tensor) -> list[Tensor]:
+    """Views of ``rows`` (..., P) shaped like each parameter, with the leading dims kept."""
+    lead = rows.shape[:-1]
+    views, offset = [], 0
+    for shape, size in zip(flat.shapes, flat.sizes, strict=True):
+        views.append(rows[..., offset:offset + size].view(*lead, *shape))
+        offset += size
+    return views
+
+
+# ---------------------------------------------------------------------------- engines
+
+def _activation(kind: str, h: Tensor) -> Tensor:
+    if kind == "relu":
+        return torch.relu(h)
+    if kind == "tanh":
+        return torch.tanh(h)
+    if kind == "sigmoid":
+        return torch.sigmoid(h)
+    return h
+
+
+def _activation_backward(kind: str, out: Tensor, g: Tensor) -> Tensor:
+    if kind == "relu":
+        return g * (out > 0)
+    if kind == "tanh":
+        return g * (1 - out * out)
+    if kind == "sigmoid":
+        return g * out * (1 - out)
+    return g
+
+
+def _output_grad(logits: Tensor, y: Tensor, weights: Tensor,
+                 loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """d(sum_b weights_b * loss_b)/d logits for (k, B, C) logits, by autograd on the small
+    logits tensor only (any per-sample loss)."""
+    k, batch = weights.shape
+    with torch.enable_grad():
+        z = logits.detach().reshape(k * batch, *logits.shape[2:]).requires_grad_()
+        losses = loss(z, y.reshape(k * batch, *y.shape[2:]))
+        (g,) = torch.autograd.grad((losses * weights.reshape(-1)).sum(), z)
+    return g.reshape(logits.shape)
+
+
+def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor, list[Any]]:
+    k = rows.shape[0]
+    h = x
+    saved: list[Any] = []
+    for layer in plan.layers:
+        if layer[0] == "linear":
+            _, w_off, (d_out, d_in), b_off = layer
+            if h.dim() != 3 or h.shape[-1] != d_in:
+                raise ClientUpdateError(f"Linear({d_in}, {d_out}) got input of shape {tuple(h.shape)}")
+            w = rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
+            saved.append(h)
+            if b_off is None:
+                h = torch.bmm(h, w.transpose(1, 2))
+            else:
+                h = torch.baddbmm(rows[:, b_off:b_off + d_out].unsqueeze(1), h, w.transpose(1, 2))
+        elif layer[0] == "act":
+            h = _activation(layer[1], h)
+            saved.append(h)
+        else:
+            saved.append(h.shape)
+            h = h.reshape(k, h.shape[1], -1)
+    return h, saved
+
+
+def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tensor,
+                     out: Tensor | None, decay: float = 0.0) -> list[tuple[Tensor, Tensor]]:
+    """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G), last
+    layer first. With ``out`` (k, P) given, writes every parameter's gradient plus
+    ``decay * rows`` into it (one batched GEMM per weight, straight into the rows, with the
+    weight decay folded into the GEMM)."""
+    k = rows.shape[0]
+    pairs: list[tuple[Tensor, Tensor]] = []
+    first_linear = next(i for i, layer in enumerate(plan.layers) if layer[0] == "linear")
+    for i in range(len(plan.layers) - 1, -1, -1):
+        layer = plan.layers[i]
+        kept = saved[i]
+        if layer[0] == "linear":
+            _, w_off, (d_out, d_in), b_off = layer
+            pairs.append((kept, g))
+            if out is not None:
+                _write_linear(layer, out, kept, g, rows, decay)
+            if i == first_linear:
+                break
+            g = torch.bmm(g, rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
+        elif layer[0] == "act":
+            g = _activation_backward(layer[1], kept, g)
+        else:
+            g = g.reshape(kept)
+    return pairs
+
+
+def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
+                  rows: Tensor | None = None, decay: float = 0.0) -> None:
+    """``out[weight] <- g^T a (+ decay * rows[weight])`` as one batched GEMM written into the
+    rows, and the bias ``sum_b g (+ decay * rows[bias])``."""
+    _, w_off, (d_out, d_in), b_off = layer
+    k = out.shape[0]
+    w_out = out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
+    if decay and rows is not None:
+        torch.baddbmm(rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in), g.transpose(1, 2), a,
+                      beta=decay, out=w_out)
+    else:
+        torch.bmm(g.transpose(1, 2), a, out=w_out)
+    if b_off is not None:
+        b_out = out[:, b_off:b_off + d_out]
+        torch.sum(g, dim=1, out=b_out)
+        if decay and rows is not None:
+            b_out.add_(rows[:, b_off:b_off + d_out], alpha=decay)
+
+
+def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weights: Tensor,
+                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, decay: float = 0.0) -> None:
+    """Write ``sum_b weights[:, b] * grad loss_b + decay * rows`` of each client into ``out``."""
+    logits, saved = _linear_forward(plan, rows, x)
+    g = _output_grad(logits, y, weights, loss)
+    _linear_backward(plan, rows, saved, g, out, decay)
+
+
+def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
+                        clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """Write each client's sum of per-sample gradients clipped to its bound ``clip`` (k, 1)
+    into ``out`` (k, P); padding samples (``valid`` False) contribute nothing. Per-sample norms
+    come from ``||a||^2 ||g||^2 + ||g||^2`` per Linear (no per-sample gradient is formed)."""
+    logits, saved = _linear_forward(plan, rows, x)
+    g = _output_grad(logits, y, valid.to(logits.dtype), loss)
+    pairs = _linear_backward(plan, rows, saved, g, None)
+    sq = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
+    linears = [layer for layer in plan.layers if layer[0] == "linear"][::-1]
+    for layer, (a, gl) in zip(linears, pairs, strict=True):
+        g_sq = (gl * gl).sum(dim=2)
+        sq += (a * a).sum(dim=2) * g_sq
+        if layer[3] is not None:
+            sq += g_sq
+    factors = (clip / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+    for layer, (a, gl) in zip(linears, pairs, strict=True):
+        _write_linear(layer, out, a, gl * factors.unsqueeze(2))
+
+
+def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
+                   weights: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """As :func:`_linear_gradient`, for any model: vmapped ``functional_call`` + autograd."""
+    module = flat.module
+    names = plan.names
+    with torch.enable_grad():
+        stacked = [v.detach().requires_grad_() for v in _row_views(flat, rows)]
+
+        def forward(params: tuple[Tensor, ...], inputs: Tensor) -> Tensor:
+            return torch.func.functional_call(module, dict(zip(names, params, strict=True)), (inputs,))
+
+        with _hooks_stripped(module):
+            logits = torch.vmap(forward)(tuple(stacked), x)
+        k, batch = weights.shape
+        losses = loss(logits.reshape(k * batch, *logits.shape[2:]), y.reshape(k * batch, *y.shape[2:]))
+        grads = torch.autograd.grad((losses * weights.reshape(-1)).sum(), stacked)
+    offset = 0
+    for g, size in zip(grads, flat.sizes, strict=True):
+        out[:, offset:offset + size].copy_(g.reshape(g.shape[0], -1))
+        offset += size
+
+
+#: Bound on the per-sample gradients the vmap engine holds at once under DP (bytes).
+_PER_SAMPLE_BYTES = 256 * 2**20
+
+
+def _vmap_clipped_sum(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
+                      valid: Tensor, clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor],
+                      out: Tensor) -> None:
+    """As :func:`_linear_clipped_sum`, for any model: exact per-sample gradients from
+    ``torch.func.grad`` vmapped over samples and clients (Opacus's result, without hooks), in
+    groups of clients small enough to hold about ``_PER_SAMPLE_BYTES`` of them at once."""
+    module, names = flat.module, plan.names
+
+    def sample_loss(params: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
+        logits = torch.func.functional_call(module, dict(zip(names, params, strict=True)),
+                                            (xi.unsqueeze(0),))
+        return loss(logits, yi.unsqueeze(0)).sum()
+
+    per_sample = torch.vmap(torch.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0)))
+    k, width = valid.shape
+    group = max(1, _PER_SAMPLE_BYTES // max(1, width * flat.num_params * rows.element_size()))
+    for first in range(0, k, group):
+        part = slice(first, min(first + group, k))
+        with torch.no_grad(), _hooks_stripped(module):
+            grads = per_sample(tuple(v.detach() for v in _row_views(flat, rows[part])),
+                               x[part], y[part])
+        kk = grads[0].shape[0]
+        flat_grads = [g.reshape(kk, width, -1) for g in grads]
+        sq = sum((g * g).sum(dim=2) for g in flat_grads)
+        factors = (clip[part] / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0) * valid[part]
+        offset = 0
+        for g, size in zip(flat_grads, flat.sizes, strict=True):
+            torch.bmm(factors.unsqueeze(1), g, out=out[part, offset:offset + size].unsqueeze(1))
+            offset += size
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
+                jobs: Sequence[ClientJob], workspace: Workspace) -> dict[int, int]:
+    """The reference path: :func:`local_train` per job, in the given order."""
+    steps: dict[int, int] = {}
+    default_clip = oracle.dpsgd.max_grad_norm if kind == "dp" else None
+    try:
+        for job in jobs:
+            inner = oracle
+            if kind == "dp":
+                oracle.select(job.noise_multiplier, job.noise)
+                oracle.on_step = job.on_step
+                oracle.dpsgd.max_grad_norm = float(
+                    job.max_grad_norm if job.max_grad_norm is not None else default_clip)
+            if job.mu:
+                inner = _ProximalStep(oracle, job.theta, job.anchor, job.mu)
+            steps[job.index] = local_train(flat, job.theta, job.x, job.y, cfg, inner,
+                                           job.generator, workspace, phi=job.phi, lam=job.lam)
+    finally:
+        if kind == "dp":
+            oracle.dpsgd.max_grad_norm = default_clip
+    return steps
+
+
+class _ProximalStep:
+    """FedProx's ``mu * (theta - anchor)`` added after the wrapped oracle's gradient (the
+    loop form of :class:`ClientJob`'s ``mu``; the same arithmetic as baselines.ProximalGradient)."""
+
+    def __init__(self, inner: Any, theta: Tensor, anchor: Tensor, mu: float) -> None:
+        self.inner, self.theta, self.anchor, self.mu = inner, theta, anchor, mu
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Any:
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
+        self.inner.gradient(model, x, y, grad)
+        grad.add_(self.theta, alpha=self.mu).sub_(self.anchor, alpha=self.mu)
+
+
+def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> None:
+    seen_rows: set[int] = set()
+    seen_noise: set[int] = set()
+    for job in jobs:
+        if job.theta.shape != (flat.num_params,):
+            raise ClientUpdateError(f"client {job.index}: row has shape {tuple(job.theta.shape)},"
+                                    f" expected ({flat.num_params},)")
+        if job.lam < 0 or (job.lam > 0 and job.phi is None):
+            raise ClientUpdateError(f"client {job.index}: invalid regularization lam={job.lam},"
+                                    f" phi given: {job.phi is not None}")
+        if job.mu < 0 or (job.mu > 0 and job.anchor is None):
+            raise ClientUpdateError(f"client {job.index}: invalid proximal term mu={job.mu},"
+                                    f" anchor given: {job.anchor is not None}")
+        if job.x.shape[0] != job.y.shape[0]:
+            raise ClientUpdateError(f"client {job.index}: {job.x.shape[0]} inputs but"
+                                    f" {job.y.shape[0]} targets")
+        if job.theta.data_ptr() in seen_rows:
+            raise ClientUpdateError(f"client {job.index}: two jobs train the same row")
+        seen_rows.add(job.theta.data_ptr())
+        if kind == "dp":
+            if not isinstance(job.noise, NoiseSource) or job.noise_multiplier is None:
+                raise ClientUpdateError(f"client {job.index}: DP-SGD needs the client's noise"
+                                        " source and noise multiplier")
+            if id(job.noise) in seen_noise:
+                raise ClientUpdateError(f"client {job.index}: its noise source is shared with"
+                                        " another job (each client draws from its own)")
+            seen_noise.add(id(job.noise))
+
+
+def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
+                  jobs: Sequence[ClientJob], workspace: Workspace | None = None, *,
+                  engine: str = "auto", chunk: int = 256) -> BatchedOutcome:
+    """Train every job's row in place for ``cfg.local_epochs`` epochs, all clients together.
+
+    Guarantees: each row ends where :func:`local_train` (run per job, in order, with the same
+    oracle) would leave it, up to float rounding; each client's generator / noise source is
+    advanced exactly as by the loop; under DP each executed step calls the job's ``on_step``
+    once and counts in ``oracle.steps_executed``. ``engine="loop"`` forces the per-client
+    reference path (``workspace`` is then used; one is made if None); ``"auto"`` batches when
+    :func:`batched_plan` allows it. Non-finite results: the affected rows are restored to their
+    values before the call and :class:`BatchedTrainingError` names them. ``chunk`` bounds how
+    many clients train together (memory: about four (chunk x P) float matrices).
+    """
+    if engine not in ("auto", "loop"):
+        raise ClientUpdateError(f"engine must be 'auto' or 'loop'; got {engine!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ClientUpdateError(f"chunk must be a positive int; got {chunk!r}")
+    kind, why = _oracle_kind(oracle)
+    _validate(flat, jobs, kind)
+    if not jobs:
+        return BatchedOutcome({}, "none")
+    probe = next((j for j in jobs if j.x.shape[0] > 0), None)
+    if engine == "loop":
+        plan = BatchedPlan("loop", "engine='loop' requested")
+    else:
+        with _oracle_hooks_off(oracle, kind):
+            plan = batched_plan(flat, oracle, probe.x[:3] if probe else None,
+                                probe.y[:3] if probe else None)
+    if plan.engine == "loop":
+        ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
+        return BatchedOutcome(_loop_train(flat, cfg, oracle, kind, jobs, ws), "loop", plan.reason or why)
+    with _oracle_hooks_off(oracle, kind):
+        return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
+
+
+class _Scratch:
+    """Work buffers and gathered client data kept between calls for one model: large fresh
+    allocations page-fault on every touch, which costs as much as a round's elementwise work."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+        self.data: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized tensor of ``shape`` (a view of a reused one when it is big enough)."""
+        held = self.buffers.get(name)
+        need = math.prod(shape)
+        if held is None or held.dtype != dtype or held.device != device or held.numel() < need:
+            held = torch.empty(need, dtype=dtype, device=device)
+            self.buffers[name] = held
+        return held[:need].view(shape)
+
+    def gathered(self, xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device
+                 ) -> tuple[Tensor, Tensor]:
+        """The inputs ``xs`` and targets ``ys`` concatenated, plus one all-zero padding sample
+        last. Reused while every tensor is unchanged (same storage, shape and version)."""
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in (*xs, *ys))
+        hit = self.data.get(key)
+        if hit is not None:
+            return hit
+        x_pad = torch.zeros((1, *xs[0].shape[1:]), dtype=xs[0].dtype, device=device)
+        y_pad = torch.zeros((1, *ys[0].shape[1:]), dtype=ys[0].dtype, device=device)
+        value = (torch.cat([x.to(device) for x in xs] + [x_pad]),
+                 torch.cat([y.to(device) for y in ys] + [y_pad]))
+        if len(self.data) >= 256:
+            self.data.clear()
+        self.data[key] = value
+        return value
+
+
+_SCRATCH: weakref.WeakKeyDictionary[FlatModel, _Scratch] = weakref.WeakKeyDictionary()
+
+
+def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
+                   plan: BatchedPlan, jobs: Sequence[ClientJob], chunk: int) -> BatchedOutcome:
+    sizes = [int(j.x.shape[0]) for j in jobs]
+    if kind == "dp":
+        counts = [math.ceil(cfg.local_epochs / oracle.sample_rate - 1e-9)] * len(jobs)
+        schedules: list[list[Tensor] | None] = [None] * len(jobs)
+    else:
+        # each client's whole batch order, drawn up front from its own generator (as the loop)
+        schedules = [list(oracle.batches(n, cfg.local_epochs, j.generator))
+                     for n, j in zip(sizes, jobs, strict=True)]
+        counts = [len(s) for s in schedules]
+    flat.module.train()  # as local_train does (matters for the vmap engine's modules)
+    # longest runs first: in a chunk, the clients still training at step t are a prefix
+    order = sorted(range(len(jobs)), key=lambda r: -counts[r])
+    scratch = _SCRATCH.setdefault(flat, _Scratch())
+    steps: dict[int, int] = {}
+    failed: list[int] = []
+    for first in range(0, len(order), chunk):
+        part = order[first:first + chunk]
+        done, bad = _train_chunk(flat, cfg, oracle, kind, plan, scratch, [jobs[r] for r in part],
+                                 [counts[r] for r in part], [sizes[r] for r in part],
+                                 [schedules[r] for r in part])
+        steps.update(done)
+        failed.extend(bad)
+    if failed:
+        raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
+                                   f" {sorted(failed)}; their updates were discarded", sorted(failed), steps)
+    return BatchedOutcome(steps, plan.engine)
+
+
+def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
+                 plan: BatchedPlan, scratch: _Scratch, jobs: list[ClientJob], counts: list[int],
+                 sizes: list[int], schedules: list[list[Tensor] | None]
+                 ) -> tuple[dict[int, int], list[int]]:
+    """Train one chunk of jobs (sorted by decreasing step count) together; returns the steps
+    per client and the clients whose rows were left unchanged because training diverged."""
+    device = jobs[0].theta.device
+    dtype = jobs[0].theta.dtype
+    k_all, num_params = len(jobs), flat.num_params
+    lr, momentum, wd = cfg.lr, cfg.momentum, cfg.weight_decay
+    rows = torch.stack([j.theta.detach() for j in jobs],
+                       out=scratch.buffer("rows", (k_all, num_params), dtype, device))
+    grad = scratch.buffer("grad", (k_all, num_params), dtype, device)
+    buffer = scratch.buffer("momentum", (k_all, num_params), dtype, device) if momentum else None
+
+    proximal = any(j.mu > 0 for j in jobs)
+    anchor = mu = None
+    if proximal:
+        anchor = torch.stack([j.anchor if j.anchor is not None else j.theta for j in jobs],
+                             out=scratch.buffer("anchor", (k_all, num_params), dtype, device))
+        mu = torch.tensor([j.mu for j in jobs], dtype=dtype, device=device)[:, None]
+    # FEDORA's pull, applied with the step: theta <- keep * theta + lr*lam*phi - lr * step,
+    # keep = 1 - lr*lam (the loop's theta - lr*step - lr*lam*(theta - phi), regrouped).
+    pulled = any(j.lam > 0 for j in jobs)
+    keep = pulled_phi = None
+    if pulled:
+        lams = torch.tensor([j.lam for j in jobs], dtype=dtype, device=device)[:, None]
+        keep = 1 - lr * lams
+        pulled_phi = torch.stack([j.phi if j.phi is not None else j.theta for j in jobs],
+                                 out=scratch.buffer("phi", (k_all, num_params), dtype, device))
+        pulled_phi.mul_(lr * lams)
+
+    # every client's data in one tensor (plus one padding sample): one gather per step
+    x_all, y_all = scratch.gathered([j.x for j in jobs], [j.y for j in jobs], device)
+    pad_row = x_all.shape[0] - 1
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    offset_column = torch.tensor(offsets, dtype=torch.long)[:, None]
+
+    loss = _oracle_loss(oracle, kind)
+    if kind == "dp":
+        clip_default = float(oracle.dpsgd.max_grad_norm)
+        clips = [float(j.max_grad_norm) if j.max_grad_norm is not None else clip_default for j in jobs]
+        clip = torch.tensor(clips, dtype=dtype, device=device)[:, None]
+        scale = 1.0 / oracle.dpsgd.expected_batch_size
+        noise_std = [float(j.noise_multiplier) * c * scale for j, c in zip(jobs, clips, strict=True)]
+    else:
+        max_norm = oracle.max_grad_norm
+    # weight decay folded into the gradient GEMMs (not before a clip, which must see the
+    # data gradient alone; the loop adds decay after the oracle's gradient, so do we)
+    decay_in_gemm = wd if (kind == "plain" and max_norm is None and plan.engine == "linear") else 0.0
+    executed = [0] * k_all
+    for t in range(counts[0] if counts else 0):
+        k = sum(1 for c in counts if c > t)
+        if kind == "dp":
+            batches = [poisson_sample(sizes[r], oracle.sample_rate, jobs[r].noise) for r in range(k)]
+        else:
+            batches = [schedules[r][t] for r in range(k)]
+        # (k, width) sample rows into x_all: each client's batch shifted by its offset, padded
+        # with the all-zero padding sample (weight 0)
+        lengths = torch.tensor([int(b.shape[0]) for b in batches])
+        width = max(int(lengths.max()), 1)
+        valid = torch.arange(width)[None, :] < lengths[:, None]
+        index = torch.nn.utils.rnn.pad_sequence(list(batches), batch_first=True)
+        if index.shape[1] < width:  # every batch empty
+            index = torch.nn.functional.pad(index, (0, width - index.shape[1]))
+        index = torch.where(valid, index + offset_column[:k], pad_row)
+        index, valid = index.to(device).view(-1), valid.to(device)
+        x = x_all.index_select(0, index).view(k, width, *x_all.shape[1:])
+        y = y_all.index_select(0, index).view(k, width, *y_all.shape[1:])
+        w_rows, g_rows = rows[:k], grad[:k]
+        if kind == "dp":
+            # (sum_i clip(g_i) + noise) / B_expected, the noise drawn after the sample (loop order)
+            if plan.engine == "linear":
+                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
+            else:
+                _vmap_clipped_sum(flat, plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
+            g_rows.mul_(scale)
+            for r in range(k):
+                g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype).to(device))
+        else:
+            weights = valid.to(dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+            if plan.engine == "linear":
+                _linear_gradient(plan, w_rows, x, y, weights, loss, g_rows, decay_in_gemm)
+            else:
+                _vmap_gradient(flat, plan, w_rows, x, y, weights, loss, g_rows)
+            if max_norm is not None:
+                norms = g_rows.norm(dim=1, keepdim=True)
+                g_rows.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+        if proximal:
+            g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
+        if wd and not decay_in_gemm:
+            g_rows.add_(w_rows, alpha=wd)
+        step = g_rows
+        if momentum:
+            step = buffer[:k]
+            if t == 0:
+                step.copy_(g_rows)
+            else:
+                torch.add(g_rows, step, alpha=momentum, out=step)  # one pass: g + m * buffer
+        if pulled:
+            torch.addcmul(pulled_phi[:k], w_rows, keep[:k], out=w_rows)
+        w_rows.add_(step, alpha=-lr)
+        for r in range(k):
+            executed[r] += 1
+            if kind == "dp":
+                oracle.steps_executed += 1
+                oracle.dpsgd.steps += 1
+                if jobs[r].on_step is not None:
+                    jobs[r].on_step()
+    # a non-finite entry makes the row sum non-finite (a fast screen; rows it flags are checked
+    # entry by entry, since huge finite values can overflow the sum); diverged rows are not
+    # written back, so they keep their value before the call
+    finite = torch.isfinite(rows.sum(dim=1)).tolist()
+    failed = []
+    for r, j in enumerate(jobs):
+        if finite[r] or bool(torch.isfinite(rows[r]).all()):
+            j.theta.copy_(rows[r])
+        else:
+            failed.append(j.index)
+    return {j.index: executed[r] for r, j in enumerate(jobs)}, failed
+
+
+@torch.no_grad()
+def evaluate_losses(flat: FlatModel, matrix: Tensor, participants: Sequence[int],
+                    xs: Sequence[Tensor], ys: Sequence[Tensor], chunk: int = 256) -> list[float]:
+    """Mean loss (``flat.task``) of row ``matrix[i]`` on ``(xs[k], ys[k])`` for the k-th
+    participant ``i``: :func:`secure_fedora.learning.client.evaluate`'s ``loss``, within float
+    rounding, for all rows in one batched forward per chunk (Linear models; other models are
+    evaluated row by row with ``evaluate``). Does not change ``matrix``. An empty split raises
+    :class:`ClientUpdateError` as ``evaluate`` does."""
+    from secure_fedora.learning.client import evaluate
+
+    if len(xs) != len(participants) or len(ys) != len(participants):
+        raise ClientUpdateError(f"{len(xs)} inputs and {len(ys)} targets for {len(participants)} rows")
+    for i, x in zip(participants, xs, strict=True):
+        if x.shape[0] == 0:
+            raise ClientUpdateError(f"cannot evaluate client {i} on an empty split")
+    layers, _ = _linear_layers(flat)
+    if layers is None:
+        return [evaluate(flat, matrix[i], x, y).loss for i, x, y in zip(participants, xs, ys, strict=True)]
+    plan = BatchedPlan("linear", layers=layers)
+    scratch = _SCRATCH.setdefault(flat, _Scratch())
+    device, dtype = matrix.device, matrix.dtype
+    losses: list[float] = []
+    for first in range(0, len(participants), chunk):
+        part = list(range(first, min(first + chunk, len(participants))))
+        index = torch.tensor([participants[k] for k in part], device=device)
+        rows = torch.index_select(matrix, 0, index,
+                                  out=scratch.buffer("eval_rows", (len(part), flat.num_params), dtype, device))
+        sizes = [int(xs[k].shape[0]) for k in part]
+        width = max(sizes)
+        x_all, y_all = scratch.gathered([xs[k] for k in part], [ys[k] for k in part], device)
+        gather = torch.full((len(part), width), x_all.shape[0] - 1, dtype=torch.long)
+        offset = 0
+        for r, n in enumerate(sizes):
+            gather[r, :n] = torch.arange(offset, offset + n)
+            offset += n
+        gather = gather.to(device).view(-1)
+        valid = (gather != x_all.shape[0] - 1).view(len(part), width)
+        x = x_all.index_select(0, gather).view(len(part), width, *x_all.shape[1:])
+        y = y_all.index_select(0, gather)
+        logits, _ = _linear_forward(plan, rows, x)
+        per_sample = flat.task.checked(logits.reshape(len(part) * width, *logits.shape[2:]), y)
+        sums = (per_sample.view(len(part), width) * valid).sum(dim=1, dtype=torch.float64)
+        losses.extend((sums / torch.tensor(sizes, dtype=torch.float64, device=device)).tolist())
+    return losses
+
+
+# ---------------------------------------------------------------------------- method wiring
+
+def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
+                     phi: Tensor | Mapping[int, Tensor] | None = None,
+                     lams: Sequence[float] | None = None,
+                     anchor: Tensor | Mapping[int, Tensor] | None = None,
+                     mu: float = 0.0) -> list[ClientJob]:
+    """One :class:`ClientJob` per participant from a ``MethodContext``-like ``ctx`` (clients,
+    generators, noise, privacy, select): rows ``theta[i]`` of the (N x P) matrix, pulls toward
+    ``phi[i]`` (an (N x P) matrix or a mapping client -> row, e.g. the received messages) with
+    ``lams[k]`` for the k-th participant, FedProx anchors ``anchor[i]`` (or one shared 1-D
+    row) with ``mu``. Under DP, each job gets the client's noise source, noise multiplier and
+    the step hook ``ctx.privacy.select_client`` installs for it (the ledger's step count)."""
+    if lams is not None and len(lams) != len(participants):
+        raise ClientUpdateError(f"{len(lams)} lambdas for {len(participants)} participants")
+    jobs = []
+    for k, i in enumerate(participants):
+        c = ctx.clients[i]
+        job = ClientJob(index=i, theta=theta[i], x=c.train_x, y=c.train_y,
+                        generator=ctx.generators[i],
+                        phi=phi[i] if phi is not None else None,
+                        lam=float(lams[k]) if lams is not None else 0.0)
+        if mu:
+            job.mu = float(mu)
+            if isinstance(anchor, Tensor) and anchor.dim() == 1:
+                job.anchor = anchor
+            elif anchor is not None:
+                job.anchor = anchor[i]
+        if ctx.privacy is not None:
+            ctx.select(i)  # sets the oracle's noise source and the ledger's step hook for i
+            job.noise = ctx.noise[i]
+            job.noise_multiplier = ctx.privacy.clients[i].noise_multiplier
+            job.on_step = getattr(ctx.oracle, "on_step", None)
+        jobs.append(job)
+    return jobs
+
+
+def train_participants(ctx: Any, participants: Sequence[int], theta: Tensor,
+                       phi: Tensor | Mapping[int, Tensor] | None = None,
+                       lams: Sequence[float] | None = None, *,
+                       anchor: Tensor | Mapping[int, Tensor] | None = None, mu: float = 0.0,
+                       oracle: GradientOracle | None = None, engine: str = "auto",
+                       chunk: int = 256) -> BatchedOutcome:
+    """Batched equivalent of ``for k, i in enumerate(participants): ctx.train_client(i,
+    theta[i], phi[i], lams[k])`` (plus FedProx's ``mu * (theta - anchor)`` gradient term):
+    trains the rows of the (N x P) matrix ``theta`` in place; the outcome gives the steps per
+    client. ``ctx`` is a ``secure_fedora.algorithms.methods.MethodContext``; ``oracle``
+    defaults to ``ctx.oracle`` and must be the plain or DP oracle itself (not a wrapper that
+    needs per-client setup, such as ``ProximalGradient``: give ``mu``/``anchor`` instead)."""
+    jobs = jobs_for_context(ctx, participants, theta, phi, lams, anchor, mu)
+    return train_clients(ctx.flat, ctx.train, oracle if oracle is not None else ctx.oracle, jobs,
+                         ctx.workspace, engine=engine, chunk=chunk)

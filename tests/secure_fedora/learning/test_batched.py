@@ -1,0 +1,399 @@
+"""Batched client training equals the per-client loop (local_train) within float tolerance.
+
+Tolerance: rows after one local run agree to atol 1e-5 (rtol 1e-4); the differences are float
+rounding from summing the same products in another order (batched matmuls).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from privacy.noise import ReproducibleNoise
+from secure_fedora.learning.batched import (
+    BatchedTrainingError,
+    ClientJob,
+    batched_plan,
+    train_clients,
+)
+from secure_fedora.learning.client import (
+    ClientUpdateError,
+    FlatModel,
+    PlainGradient,
+    TrainConfig,
+    Workspace,
+    local_train,
+)
+from secure_fedora.learning.models import make_model
+from secure_fedora.secure.private import DPGradient
+
+ATOL, RTOL = 1e-5, 1e-4
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _clients(sizes, seed=0, shape=(1, 28, 28)):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+
+
+def _matrix(flat, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    base = flat.initial_vector()
+    return torch.stack([base + 0.02 * torch.randn(base.shape, generator=g) for _ in range(n)])
+
+
+def _jobs(theta, data, *, phi=None, lams=None, anchor=None, mu=0.0, seed=10):
+    jobs = []
+    for i, (x, y) in enumerate(data):
+        jobs.append(ClientJob(i, theta[i], x, y, torch.Generator().manual_seed(seed + i),
+                              phi=None if phi is None else phi[i],
+                              lam=0.0 if lams is None else lams[i],
+                              anchor=anchor, mu=mu))
+    return jobs
+
+
+def _loop(flat, cfg, oracle, theta, data, *, phi=None, lams=None, seed=10):
+    ws = Workspace.for_size(flat.num_params)
+    steps = []
+    for i, (x, y) in enumerate(data):
+        steps.append(local_train(flat, theta[i], x, y, cfg, oracle,
+                                 torch.Generator().manual_seed(seed + i), ws,
+                                 phi=None if phi is None else phi[i],
+                                 lam=0.0 if lams is None else lams[i]))
+    return steps
+
+
+def _assert_rows_close(a, b):
+    assert torch.allclose(a, b, atol=ATOL, rtol=RTOL), float((a - b).abs().max())
+
+
+CFG_PLAIN = TrainConfig(lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=16, local_epochs=2)
+CFG_FULL = TrainConfig(lr=0.05, momentum=0.9, weight_decay=5e-3, batch_size=16, local_epochs=2)
+
+
+@pytest.mark.parametrize("cfg", [CFG_PLAIN, CFG_FULL], ids=["plain", "momentum+wd"])
+def test_equal_sizes_match_the_loop(cfg):
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([48] * 4)
+    theta = _matrix(flat, 4)
+    reference = theta.clone()
+    want = _loop(flat, cfg, PlainGradient(16), reference, data)
+    outcome = train_clients(flat, cfg, PlainGradient(16), _jobs(theta, data))
+    assert outcome.engine == "linear"
+    assert [outcome.steps[i] for i in range(4)] == want == [6] * 4
+    _assert_rows_close(theta, reference)
+    assert not torch.allclose(theta, _matrix(flat, 4))  # it trained
+
+
+def test_anchor_pull_and_unequal_sizes_match_the_loop():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([50, 7, 33, 0, 16])  # last batches of 2, 7, 1; an empty client steps on weight decay only, as in the loop
+    theta = _matrix(flat, 5)
+    phi = _matrix(flat, 5, seed=7)
+    lams = [0.5, 0.0, 2.0, 1.0, 0.3]
+    reference = theta.clone()
+    want = _loop(flat, CFG_FULL, PlainGradient(16), reference, data, phi=phi, lams=lams)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(16),
+                            _jobs(theta, data, phi=phi, lams=lams))
+    assert outcome.engine == "linear"
+    assert [outcome.steps[i] for i in range(5)] == want == [8, 2, 6, 2, 2]
+    _assert_rows_close(theta, reference)
+
+
+def test_generators_advance_as_in_the_loop_and_a_second_run_still_matches():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([20, 40])
+    theta = _matrix(flat, 2)
+    reference = theta.clone()
+    gens_loop = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    gens_batch = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    ws = Workspace.for_size(flat.num_params)
+    for _ in range(2):
+        for i, (x, y) in enumerate(data):
+            local_train(flat, reference[i], x, y, CFG_FULL, PlainGradient(16), gens_loop[i], ws)
+        jobs = [ClientJob(i, theta[i], x, y, gens_batch[i]) for i, (x, y) in enumerate(data)]
+        train_clients(flat, CFG_FULL, PlainGradient(16), jobs)
+    _assert_rows_close(theta, reference)
+    for a, b in zip(gens_loop, gens_batch, strict=True):
+        assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_fedprox_mu_and_gradient_clipping_match_the_loop():
+    from secure_fedora.algorithms.baselines import ProximalGradient
+
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([32, 24])
+    theta = _matrix(flat, 2)
+    anchor = flat.initial_vector()
+    reference = theta.clone()
+    ws = Workspace.for_size(flat.num_params)
+    for i, (x, y) in enumerate(data):
+        oracle = ProximalGradient(PlainGradient(16, max_grad_norm=0.5), mu=0.3)
+        oracle.target(reference[i], anchor)
+        local_train(flat, reference[i], x, y, CFG_FULL, oracle, torch.Generator().manual_seed(10 + i), ws)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(16, max_grad_norm=0.5),
+                            _jobs(theta, data, anchor=anchor, mu=0.3))
+    assert outcome.engine == "linear"
+    _assert_rows_close(theta, reference)
+
+
+def _dp_oracle(flat, sample_rate=0.25, expected=8.0):
+    return DPGradient(flat.module, 1.0, sample_rate, expected, ReproducibleNoise(0))
+
+
+def test_dp_matches_the_loop_with_per_client_noise_and_counts_steps():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([40, 32, 25])
+    sigmas = [0.8, 1.2, 2.0]
+    clips = [1.0, 0.5, 2.0]
+    theta = _matrix(flat, 3)
+    reference = theta.clone()
+    loop_oracle = _dp_oracle(flat)
+    loop_counts: dict[int, int] = {}
+    loop_sources = [ReproducibleNoise(100 + i) for i in range(3)]
+    ws = Workspace.for_size(flat.num_params)
+    for i, (x, y) in enumerate(data):
+        loop_oracle.select(sigmas[i], loop_sources[i])
+        loop_oracle.dpsgd.max_grad_norm = clips[i]
+        loop_oracle.on_step = lambda i=i: loop_counts.__setitem__(i, loop_counts.get(i, 0) + 1)
+        local_train(flat, reference[i], x, y, CFG_FULL, loop_oracle, torch.Generator(), ws)
+    batch_oracle = _dp_oracle(flat)
+    counts: dict[int, int] = {}
+    sources = [ReproducibleNoise(100 + i) for i in range(3)]
+    jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=sources[i],
+                      noise_multiplier=sigmas[i], max_grad_norm=clips[i],
+                      on_step=lambda i=i: counts.__setitem__(i, counts.get(i, 0) + 1))
+            for i, (x, y) in enumerate(data)]
+    outcome = train_clients(flat, CFG_FULL, batch_oracle, jobs)
+    assert outcome.engine == "linear"
+    assert counts == loop_counts == {0: 8, 1: 8, 2: 8}
+    assert outcome.steps == {0: 8, 1: 8, 2: 8}
+    assert batch_oracle.steps_executed == loop_oracle.steps_executed == 24
+    _assert_rows_close(theta, reference)
+    for a, b in zip(loop_sources, sources, strict=True):  # same draws, same order
+        assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert batch_oracle.dpsgd.max_grad_norm == 1.0  # the oracle's own bound is untouched
+
+
+def test_dp_refuses_a_noise_source_shared_by_two_clients():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([8, 8])
+    theta = _matrix(flat, 2)
+    shared = ReproducibleNoise(1)
+    jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=shared, noise_multiplier=1.0)
+            for i, (x, y) in enumerate(data)]
+    before = theta.clone()
+    with pytest.raises(ClientUpdateError, match="shared"):
+        train_clients(flat, CFG_FULL, _dp_oracle(flat), jobs)
+    assert torch.equal(theta, before)
+
+
+def _examples_cnn():
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.cnn((1, 8, 8), 10)
+
+
+def test_examples_cnn_trains_batched_with_vmap_and_matches_the_loop():
+    flat = FlatModel(_examples_cnn())
+    data = _clients([24, 13, 30], shape=(1, 8, 8))
+    theta = _matrix(flat, 3)
+    reference = theta.clone()
+    _loop(flat, CFG_FULL, PlainGradient(8), reference, data)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(8), _jobs(theta, data))
+    assert outcome.engine == "vmap", outcome.reason
+    _assert_rows_close(theta, reference)
+
+
+def test_dp_with_the_cnn_batches_per_sample_gradients_and_matches_the_loop():
+    flat = FlatModel(_examples_cnn())
+    data = _clients([16, 11], shape=(1, 8, 8))
+    theta = _matrix(flat, 2)
+    reference = theta.clone()
+    oracle = DPGradient(flat.module, 1.0, 0.5, 8.0, ReproducibleNoise(0))
+    assert oracle.dpsgd.mode == "opacus"  # the loop's reference: Opacus per-sample gradients
+    for i, (x, y) in enumerate(data):
+        oracle.select(1.0, ReproducibleNoise(50 + i))
+        local_train(flat, reference[i], x, y, CFG_FULL, oracle, torch.Generator(),
+                    Workspace.for_size(flat.num_params))
+    jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=ReproducibleNoise(50 + i),
+                      noise_multiplier=1.0) for i, (x, y) in enumerate(data)]
+    outcome = train_clients(flat, CFG_FULL, oracle, jobs)
+    assert outcome.engine == "vmap", outcome.reason
+    assert outcome.steps == {0: 4, 1: 4}
+    _assert_rows_close(theta, reference)
+
+
+class _RandomLayer(nn.Module):
+    def forward(self, x):
+        return x * (1 + torch.rand_like(x))
+
+
+def test_a_model_the_vmap_engine_cannot_reproduce_uses_the_loop():
+    module = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), _RandomLayer(), nn.Linear(8, 3))
+    flat = FlatModel(module)
+    x, y = torch.rand(6, 16), torch.randint(0, 3, (6,))
+    for oracle in (PlainGradient(4), DPGradient(module, 1.0, 0.5, 4.0, ReproducibleNoise(0))):
+        plan = batched_plan(flat, oracle, x, y)
+        assert plan.engine == "loop"
+        assert "_RandomLayer" in plan.reason
+
+
+def test_non_finite_rows_are_restored_and_named():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([16, 16])
+    theta = _matrix(flat, 2)
+    theta[1, 0] = float("inf")
+    before = theta.clone()
+    with pytest.raises(BatchedTrainingError) as err:
+        train_clients(flat, CFG_FULL, PlainGradient(8), _jobs(theta, data))
+    assert err.value.failed == [1]
+    assert torch.equal(theta[1], before[1])
+    assert not torch.equal(theta[0], before[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lam=1.0), "invalid regularization"),
+    (dict(mu=0.5), "invalid proximal term"),
+])
+def test_bad_jobs_are_refused_before_anything_changes(change, message):
+    flat = FlatModel(make_model("mlp", seed=0))
+    (x, y), = _clients([8])
+    theta = _matrix(flat, 1)
+    before = theta.clone()
+    job = ClientJob(0, theta[0], x, y, torch.Generator(), **change)
+    with pytest.raises(ClientUpdateError, match=message):
+        train_clients(flat, CFG_FULL, PlainGradient(8), [job])
+    assert torch.equal(theta, before)
+
+
+def test_wrong_row_shape_and_unknown_engine_are_refused():
+    flat = FlatModel(make_model("mlp", seed=0))
+    (x, y), = _clients([8])
+    with pytest.raises(ClientUpdateError, match="row has shape"):
+        train_clients(flat, CFG_FULL, PlainGradient(8), [ClientJob(0, torch.zeros(5), x, y, torch.Generator())])
+    with pytest.raises(ClientUpdateError, match="engine"):
+        train_clients(flat, CFG_FULL, PlainGradient(8), [], engine="fast")
+
+
+def test_chunks_of_clients_match_the_loop():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([30, 12, 30, 5, 20])
+    theta = _matrix(flat, 5)
+    reference = theta.clone()
+    _loop(flat, CFG_FULL, PlainGradient(16), reference, data)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(16), _jobs(theta, data), chunk=2)
+    assert outcome.engine == "linear"
+    _assert_rows_close(theta, reference)
+    with pytest.raises(ClientUpdateError, match="chunk"):
+        train_clients(flat, CFG_FULL, PlainGradient(16), _jobs(theta, data), chunk=0)
+
+
+def _private_context(tmp_path: Path, name: str):
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import build_clients, build_context
+    from secure_fedora.secure.keystore import ensure_keystore, run_party_ids
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = parse_config({
+        "seed": 3, "methods": ["fedora"], "fedora": {"relatedness": "noised"},
+        "data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 10,
+                 "test_per_client": 10, "groups": 3},
+        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 10, "lr": 0.05},
+        "privacy": {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "noise_multiplier": 1.0,
+                    "summary_noise_multiplier": 2.0, "noise": "reproducible"},
+    })
+    clients = build_clients(cfg)
+    ctx = build_context(cfg, clients)
+    keys = tmp_path / f"keys-{name}"
+    ensure_keystore(keys, run_party_ids(3), "test")
+    ctx.privacy = FederationPrivacy.open(cfg, "fedora", 3, tmp_path / f"ledgers-{name}", keys)
+    return ctx
+
+
+def test_train_participants_under_dp_matches_train_client_and_the_ledger_step_count(tmp_path):
+    from secure_fedora.learning.batched import train_participants
+
+    loop_ctx, batch_ctx = _private_context(tmp_path, "loop"), _private_context(tmp_path, "batch")
+    everyone = [0, 1, 2]
+    theta = _matrix(loop_ctx.flat, 3)
+    phi = _matrix(loop_ctx.flat, 3, seed=4)
+    lams = [0.5, 0.0, 1.5]
+    rows = {}
+    for ctx, key in ((loop_ctx, "loop"), (batch_ctx, "batch")):
+        rows[key] = theta.clone()
+        for i in everyone:
+            assert ctx.privacy.admit(i, 1, rows[key][i], with_lambda=False, noise=ctx.noise[i])
+    for k, i in enumerate(everyone):
+        loop_ctx.train_client(i, rows["loop"][i], phi[i], lams[k])
+    received = {i: phi[i].clone() for i in everyone}  # phi as the round's messages carry it
+    outcome = train_participants(batch_ctx, everyone, rows["batch"], received, lams)
+    assert outcome.engine == "linear"
+    _assert_rows_close(rows["batch"], rows["loop"])
+    assert batch_ctx.privacy.executed_steps == loop_ctx.privacy.executed_steps
+    assert sum(batch_ctx.privacy.executed_steps.values()) > 0
+    # the ledger accounted exactly the executed steps: the release check passes
+    batch_ctx.privacy.confirm_steps(1, everyone)
+    for ctx in (loop_ctx, batch_ctx):
+        ctx.privacy.close()
+
+
+def test_evaluate_losses_equal_evaluate_per_row():
+    from secure_fedora.learning.batched import evaluate_losses
+    from secure_fedora.learning.client import evaluate
+
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([12, 30, 7])
+    theta = _matrix(flat, 4)
+    participants = [3, 0, 2]
+    got = evaluate_losses(flat, theta, participants, [x for x, _ in data], [y for _, y in data], chunk=2)
+    want = [evaluate(flat, theta[i], x, y).loss for i, (x, y) in zip(participants, data, strict=True)]
+    assert got == pytest.approx(want, rel=1e-6)
+    cnn = FlatModel(_examples_cnn())  # not a Linear stack: evaluated row by row
+    rows = _matrix(cnn, 2)
+    small = _clients([5, 9], shape=(1, 8, 8))
+    assert evaluate_losses(cnn, rows, [1, 0], [x for x, _ in small], [y for _, y in small]) == [
+        evaluate(cnn, rows[i], x, y).loss for i, (x, y) in zip([1, 0], small, strict=True)]
+    with pytest.raises(ClientUpdateError, match="empty split"):
+        evaluate_losses(flat, theta, [0], [torch.zeros(0, 1, 28, 28)], [torch.zeros(0, dtype=torch.long)])
+
+
+def test_an_oracle_the_batched_path_does_not_know_uses_the_loop_and_says_so():
+    from secure_fedora.algorithms.baselines import ProximalGradient
+
+    flat = FlatModel(make_model("mlp", seed=0))
+    (x, y), = _clients([16])
+    theta = _matrix(flat, 1)
+    anchor = flat.initial_vector()
+    reference = theta.clone()
+    loop_oracle = ProximalGradient(PlainGradient(8), mu=0.2)
+    loop_oracle.target(reference[0], anchor)
+    local_train(flat, reference[0], x, y, CFG_FULL, loop_oracle, torch.Generator().manual_seed(1),
+                Workspace.for_size(flat.num_params))
+    oracle = ProximalGradient(PlainGradient(8), mu=0.2)
+    oracle.target(theta[0], anchor)
+    outcome = train_clients(flat, CFG_FULL, oracle, [ClientJob(0, theta[0], x, y, torch.Generator().manual_seed(1))])
+    assert outcome.engine == "loop"
+    assert "ProximalGradient" in outcome.reason
+    assert torch.equal(theta, reference)  # the reference path itself: bit-identical
+
+
+def test_dp_with_an_empty_client_and_mostly_empty_poisson_batches_matches_the_loop():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = [(torch.rand(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)), *_clients([2])]
+    theta = _matrix(flat, 2)
+    reference = theta.clone()
+    oracle = DPGradient(flat.module, 1.0, 0.1, 1.0, ReproducibleNoise(0))
+    for i, (x, y) in enumerate(data):
+        oracle.select(1.0, ReproducibleNoise(9 + i))
+        local_train(flat, reference[i], x, y, CFG_FULL, oracle, torch.Generator(),
+                    Workspace.for_size(flat.num_params))
+    jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=ReproducibleNoise(9 + i),
+                      noise_multiplier=1.0) for i, (x, y) in enumerate(data)]
+    outcome = train_clients(flat, CFG_FULL, oracle, jobs)
+    assert outcome.steps == {0: 20, 1: 20}  # ceil(epochs / q) steps, noise only when empty
+    _assert_rows_close(theta, reference)
