@@ -33,7 +33,9 @@ Clients are packed (sorted by split size, padded, moved to the rows' device) by
 :func:`pack_splits`; pack a run's fixed validation/test splits once and reuse the
 :class:`PackedSplits` every round. Chunks are sized to about ``chunk_bytes`` of memory, so
 evaluating 10,000 clients never materializes all of them at once beyond the rows the caller
-holds.
+holds. :func:`pack_split_sets` + :func:`evaluate_many_sets` evaluate each row on several sets
+(validation and test) in one pass, reading the row once (at 10,000 clients the rows, not the
+arithmetic, bound the time).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ __all__ = [
     "PackedSplits",
     "ValidationLosses",
     "evaluate_many",
+    "evaluate_many_sets",
+    "pack_split_sets",
     "pack_splits",
     "plan_evaluation",
     "validation_losses_many",
@@ -103,30 +107,36 @@ class _Chunk:
     clients: list[int]  # positions in the caller's order
     index: Tensor  # the same, as a long tensor on the device
     start: int | None  # clients == range(start, start + K): rows are a view, not a copy
-    counts: list[int]
+    counts: list[int]  # rows per segment: segment j * num_sets + s is client j's split of set s
     sample_shape: tuple[int, ...]
-    x: Tensor  # (K, max_rows, *sample_shape), zero padded
-    y: Tensor  # (S, ...) targets of the chunk's samples, client by client
+    x: Tensor  # (K, max_rows, *sample_shape): each client's sets one after the other, zero padded
+    y: Tensor  # (S, ...) targets of the chunk's samples, segment by segment
     valid: Tensor  # (S,) positions of the real samples in the flattened (K * max_rows)
-    owner: Tensor  # (S,) chunk position 0..K-1 of each real sample
+    owner: Tensor  # (S,) segment of each real sample
 
 
 @dataclass(frozen=True)
 class PackedSplits:
-    """Splits ``(x_k, y_k)`` of many clients, sorted by size into padded chunks on ``device``.
+    """One or more sets of splits ``(x_k, y_k)`` of many clients (e.g. validation and test),
+    sorted by size into padded chunks on ``device``; client ``k``'s splits of all sets share
+    one padded slot, so its row is read once for all of them.
 
-    Built by :func:`pack_splits`; reusable for every evaluation of the same splits (the data
-    is copied once into the padded chunks; ``splits`` keeps the originals on ``device`` for
-    the per-client path).
+    Built by :func:`pack_splits` / :func:`pack_split_sets`; reusable for every evaluation of
+    the same splits (the data is copied once into the padded chunks; ``sets`` keeps the
+    originals on ``device`` for the per-client path).
     """
 
-    splits: list[Split]
+    sets: list[list[Split]]
     chunks: list[_Chunk]
     device: torch.device
     num_params: int
 
     def __len__(self) -> int:
-        return len(self.splits)
+        return len(self.sets[0]) if self.sets else 0
+
+    @property
+    def num_sets(self) -> int:
+        return len(self.sets)
 
 
 def pack_splits(flat: FlatModel, splits: Sequence[Split], device: torch.device | str | None = None,
@@ -139,50 +149,82 @@ def pack_splits(flat: FlatModel, splits: Sequence[Split], device: torch.device |
     (the rows' device; default: the first split's). Raises :class:`ClientUpdateError` for an
     empty split (as :func:`evaluate` does) or inputs and targets of different lengths.
     """
+    return pack_split_sets(flat, [splits], device, chunk_bytes)
+
+
+def pack_split_sets(flat: FlatModel, sets: Sequence[Sequence[Split]],
+                    device: torch.device | str | None = None,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PackedSplits:
+    """Pack several sets of splits of the same clients (``sets[s][k]``: client ``k``'s split
+    of set ``s``, e.g. ``[val_splits, test_splits]``) for :func:`evaluate_many_sets`, which
+    evaluates each row on all its sets in one pass. Same rules as :func:`pack_splits`
+    (which is the one-set case); every set must hold the same number of clients.
+    """
     if chunk_bytes < 1:
         raise ClientUpdateError(f"chunk_bytes must be positive; got {chunk_bytes}")
-    splits = list(splits)
-    if not splits:
-        return PackedSplits([], [], torch.device(device or "cpu"), flat.num_params)
-    target = torch.device(device) if device is not None else splits[0][0].device
-    moved: list[Split] = []
-    for k, split in enumerate(splits):
-        if not (isinstance(split, tuple | list) and len(split) == 2):
-            raise ClientUpdateError(f"split {k} must be a pair (x, y); got {type(split).__name__}")
-        x, y = split
-        if x.shape[0] == 0:
-            raise ClientUpdateError(f"split {k}: cannot evaluate on an empty split")
-        if y.shape[0] != x.shape[0]:
-            raise ClientUpdateError(f"split {k} has {x.shape[0]} inputs but {y.shape[0]} targets")
-        moved.append((x.to(target), y.to(target)))
-    order = sorted(range(len(moved)), key=lambda k: (tuple(moved[k][0].shape[1:]), moved[k][0].shape[0]))
+    sets = [list(splits) for splits in sets]
+    if not sets:
+        raise ClientUpdateError("no split sets to pack")
+    count = len(sets[0])
+    if any(len(splits) != count for splits in sets):
+        raise ClientUpdateError(f"split sets hold different numbers of clients: {[len(x) for x in sets]}")
+    if count == 0:
+        return PackedSplits([[] for _ in sets], [], torch.device(device or "cpu"), flat.num_params)
+    target = torch.device(device) if device is not None else sets[0][0][0].device
+    moved_sets: list[list[Split]] = []
+    for number, splits in enumerate(sets):
+        moved: list[Split] = []
+        for k, split in enumerate(splits):
+            where = f"split {k}" if len(sets) == 1 else f"set {number} split {k}"
+            if not (isinstance(split, tuple | list) and len(split) == 2):
+                raise ClientUpdateError(f"{where} must be a pair (x, y); got {type(split).__name__}")
+            x, y = split
+            if x.shape[0] == 0:
+                raise ClientUpdateError(f"{where}: cannot evaluate on an empty split")
+            if y.shape[0] != x.shape[0]:
+                raise ClientUpdateError(f"{where} has {x.shape[0]} inputs but {y.shape[0]} targets")
+            if number and tuple(x.shape[1:]) != tuple(moved_sets[0][k][0].shape[1:]):
+                raise ClientUpdateError(f"{where} has inputs {tuple(x.shape[1:])}, set 0 has "
+                                        f"{tuple(moved_sets[0][k][0].shape[1:])}")
+            moved.append((x.to(target), y.to(target)))
+        moved_sets.append(moved)
+
+    def rows_of(k: int) -> int:
+        return sum(int(splits[k][0].shape[0]) for splits in moved_sets)
+
+    def shape_of(k: int) -> tuple[int, ...]:
+        return tuple(moved_sets[0][k][0].shape[1:])
+
+    order = sorted(range(count), key=lambda k: (shape_of(k), rows_of(k)))
     chunks: list[_Chunk] = []
     group: list[int] = []
     for k in order:
-        shape = tuple(moved[k][0].shape[1:])
-        rows = int(moved[k][0].shape[0])  # the largest so far in this group (sorted)
-        per_client = 4 * (flat.num_params + _ACTIVATION_FACTOR * rows * max(1, math.prod(shape)))
-        same_shape = not group or tuple(moved[group[0]][0].shape[1:]) == shape
-        if group and (not same_shape or (len(group) + 1) * per_client > chunk_bytes):
-            chunks.append(_make_chunk(moved, group, target))
+        # rows_of(k) is the largest so far in this group (sorted)
+        per_client = 4 * (flat.num_params + _ACTIVATION_FACTOR * rows_of(k) * max(1, math.prod(shape_of(k))))
+        if group and (shape_of(group[0]) != shape_of(k) or (len(group) + 1) * per_client > chunk_bytes):
+            chunks.append(_make_chunk(moved_sets, group, target))
             group = []
         group.append(k)
-    chunks.append(_make_chunk(moved, group, target))
-    return PackedSplits(moved, chunks, target, flat.num_params)
+    chunks.append(_make_chunk(moved_sets, group, target))
+    return PackedSplits(moved_sets, chunks, target, flat.num_params)
 
 
-def _make_chunk(splits: list[Split], clients: list[int], device: torch.device) -> _Chunk:
-    counts = [int(splits[k][0].shape[0]) for k in clients]
-    sample_shape = tuple(splits[clients[0]][0].shape[1:])
-    size, longest = len(clients), max(counts)
-    xs = torch.cat([splits[k][0] for k in clients])
-    ys = torch.cat([splits[k][1] for k in clients])
-    owner = torch.repeat_interleave(torch.arange(size, device=device),
+def _make_chunk(sets: list[list[Split]], clients: list[int], device: torch.device) -> _Chunk:
+    parts = [splits[k] for k in clients for splits in sets]  # segment order
+    counts = [int(x.shape[0]) for x, _ in parts]
+    num_sets = len(sets)
+    slot_rows = [sum(counts[j * num_sets: (j + 1) * num_sets]) for j in range(len(clients))]
+    sample_shape = tuple(parts[0][0].shape[1:])
+    size, longest = len(clients), max(slot_rows)
+    xs = torch.cat([x for x, _ in parts])
+    ys = torch.cat([y for _, y in parts])
+    owner = torch.repeat_interleave(torch.arange(len(parts), device=device),
                                     torch.tensor(counts, device=device))
-    starts = torch.arange(size, device=device) * longest
-    first = torch.cumsum(torch.tensor([0, *counts[:-1]], device=device), 0)
-    valid = starts[owner] + (torch.arange(xs.shape[0], device=device) - first[owner])
-    if all(c == longest for c in counts):
+    slot = torch.repeat_interleave(torch.arange(size, device=device),
+                                   torch.tensor(slot_rows, device=device))
+    first = torch.cumsum(torch.tensor([0, *slot_rows[:-1]], device=device), 0)
+    valid = slot * longest + (torch.arange(xs.shape[0], device=device) - first[slot])
+    if all(c == longest for c in slot_rows):
         x = xs.reshape(size, longest, *sample_shape)
     else:
         x = xs.new_zeros((size * longest, *sample_shape))
@@ -446,8 +488,8 @@ def _outputs(flat: FlatModel, plan: tuple[EvaluationPlan, object], rows: Tensor,
     return out.reshape(-1, *out.shape[2:]).index_select(0, chunk.valid)
 
 
-def _per_client_sum(values: Tensor, chunk: _Chunk) -> list[float]:
-    sums = torch.zeros(len(chunk.clients), dtype=torch.float64, device=values.device)
+def _per_segment_sum(values: Tensor, chunk: _Chunk) -> list[float]:
+    sums = torch.zeros(len(chunk.counts), dtype=torch.float64, device=values.device)
     return sums.index_add_(0, chunk.owner, values.to(torch.float64)).tolist()
 
 
@@ -460,6 +502,10 @@ def _packed(flat: FlatModel, rows: Rows, splits: Sequence[Split] | PackedSplits)
     return pack_splits(flat, splits, device=_device_of(rows))
 
 
+def _chunk_plan(flat: FlatModel, chunk: _Chunk, strategy: Strategy) -> tuple[EvaluationPlan, object]:
+    return _plan(flat, chunk.x[0, : chunk.counts[0]], strategy)
+
+
 @torch.no_grad()
 def evaluate_many(flat: FlatModel, rows: Rows, splits: Sequence[Split] | PackedSplits,
                   strategy: Strategy = "auto") -> list[Evaluation]:
@@ -467,40 +513,57 @@ def evaluate_many(flat: FlatModel, rows: Rows, splits: Sequence[Split] | PackedS
 
     ``rows``: a ``(K, P)`` float32 matrix (e.g. the run's ``theta``; contiguous chunks are read
     as views) or a sequence of ``K`` rows; ``splits``: ``K`` pairs ``(x_k, y_k)`` or a
-    :class:`PackedSplits` of them. Runs on the rows' device. Returns the same
+    one-set :class:`PackedSplits` of them. Runs on the rows' device. Returns the same
     :class:`Evaluation` fields as :func:`evaluate` (loss within 1e-5 relative, accuracy and
     AUC exact up to logit ties within float rounding; see the module docstring). Raises
     :class:`ClientUpdateError` for an empty split, mismatched counts, shapes or devices, and
     :class:`MetricError` (naming the split) where :func:`evaluate` raises it.
     """
     packed = _packed(flat, rows, splits)
+    if packed.num_sets != 1:
+        raise ClientUpdateError(f"splits packed as {packed.num_sets} sets; use evaluate_many_sets")
+    return evaluate_many_sets(flat, rows, packed, strategy)[0]
+
+
+@torch.no_grad()
+def evaluate_many_sets(flat: FlatModel, rows: Rows, packed: PackedSplits,
+                       strategy: Strategy = "auto") -> list[list[Evaluation]]:
+    """:func:`evaluate_many` of the same rows on every set of a :func:`pack_split_sets`
+    packing (e.g. validation and test), reading each row once: ``result[s][k]`` equals
+    ``evaluate(flat, rows[k], *sets[s][k])`` within the tolerance of :func:`evaluate_many`.
+    """
+    if not isinstance(packed, PackedSplits):
+        raise ClientUpdateError("evaluate_many_sets takes splits packed by pack_split_sets")
+    packed = _packed(flat, rows, packed)
     _check_rows(flat, rows, len(packed), packed.device, "rows")
-    results: list[Evaluation | None] = [None] * len(packed)
+    num_sets = packed.num_sets
+    results: list[list[Evaluation | None]] = [[None] * len(packed) for _ in range(num_sets)]
     task = flat.task
     for chunk in packed.chunks:
-        plan = _plan(flat, chunk.x[0, : chunk.counts[0]], strategy)
+        plan = _chunk_plan(flat, chunk, strategy)
         if plan[0].strategy == "loop":
             for k in chunk.clients:
-                row = rows[k]
-                results[k] = evaluate(flat, row, *packed.splits[k])
+                for number in range(num_sets):
+                    results[number][k] = evaluate(flat, rows[k], *packed.sets[number][k])
             continue
         out = _outputs(flat, plan, _take(rows, chunk, flat.num_params, "rows"), chunk)
-        losses = _per_client_sum(task.checked(out, chunk.y), chunk)
-        correct = _per_client_sum(task.correct_per_sample(out, chunk.y), chunk)
+        losses = _per_segment_sum(task.checked(out, chunk.y), chunk)
+        correct = _per_segment_sum(task.correct_per_sample(out, chunk.y), chunk)
         if task.metric_name != "accuracy":
-            per_client = zip(out.split(chunk.counts), chunk.y.split(chunk.counts), strict=True)
-        for j, k in enumerate(chunk.clients):
-            n = chunk.counts[j]
-            accuracy = correct[j] / n
+            segments = zip(out.split(chunk.counts), chunk.y.split(chunk.counts), strict=True)
+        for segment, n in enumerate(chunk.counts):
+            k, number = chunk.clients[segment // num_sets], segment % num_sets
+            accuracy = correct[segment] / n
             metric = accuracy
             if task.metric_name != "accuracy":
-                scores, targets = next(per_client)
+                scores, targets = next(segments)
                 try:
                     metric = task.metric(scores, targets)
                 except MetricError as err:
-                    raise MetricError(f"split {k}: {err}") from err
-            results[k] = Evaluation(loss=losses[j] / n, accuracy=accuracy, metric=metric)
-    return [r for r in results if r is not None]
+                    where = f"split {k}" if num_sets == 1 else f"set {number} split {k}"
+                    raise MetricError(f"{where}: {err}") from err
+            results[number][k] = Evaluation(loss=losses[segment] / n, accuracy=accuracy, metric=metric)
+    return [[r for r in one if r is not None] for one in results]
 
 
 @torch.no_grad()
@@ -527,21 +590,23 @@ def validation_losses_many(flat: FlatModel, theta_rows: Rows, phi_rows: Rows,
     not raise the AUC's :class:`MetricError` (the lambda rule needs no metric).
     """
     packed = _packed(flat, theta_rows, val_splits)
+    if packed.num_sets != 1:
+        raise ClientUpdateError(f"validation splits packed as {packed.num_sets} sets; pack one set")
     _check_rows(flat, theta_rows, len(packed), packed.device, "theta rows")
     _check_rows(flat, phi_rows, len(packed), packed.device, "phi rows")
     local: list[float] = [math.nan] * len(packed)
     received: list[float] = [math.nan] * len(packed)
     task = flat.task
     for chunk in packed.chunks:
-        plan = _plan(flat, chunk.x[0, : chunk.counts[0]], strategy)
+        plan = _chunk_plan(flat, chunk, strategy)
         if plan[0].strategy == "loop":
             for k in chunk.clients:
-                local[k] = _loss(flat, theta_rows[k], *packed.splits[k])
-                received[k] = _loss(flat, phi_rows[k], *packed.splits[k])
+                local[k] = _loss(flat, theta_rows[k], *packed.sets[0][k])
+                received[k] = _loss(flat, phi_rows[k], *packed.sets[0][k])
             continue
         for rows, into, name in ((theta_rows, local, "theta rows"), (phi_rows, received, "phi rows")):
             out = _outputs(flat, plan, _take(rows, chunk, flat.num_params, name), chunk)
-            sums = _per_client_sum(task.checked(out, chunk.y), chunk)
+            sums = _per_segment_sum(task.checked(out, chunk.y), chunk)
             for j, k in enumerate(chunk.clients):
                 into[k] = sums[j] / chunk.counts[j]
     return ValidationLosses(local, received)

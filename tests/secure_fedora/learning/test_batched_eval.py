@@ -13,6 +13,8 @@ from torch import nn
 from secure_fedora.learning.batched_eval import (
     PackedSplits,
     evaluate_many,
+    evaluate_many_sets,
+    pack_split_sets,
     pack_splits,
     plan_evaluation,
     validation_losses_many,
@@ -221,3 +223,23 @@ def test_bad_inputs_are_refused_with_clear_errors():
         evaluate_many(other, _rows(other, 2, seed=0), pack_splits(flat, splits))
     assert evaluate_many(flat, rows[:0], []) == []
     assert isinstance(pack_splits(flat, []), PackedSplits)
+
+
+def test_validation_and_test_sets_in_one_pass_match_evaluate():
+    flat = FlatModel(make_model("mlp", seed=0))
+    val = _splits([4, 1, 9, 4, 2], (1, 28, 28), seed=18)
+    test = _splits([7, 3, 1, 7, 12], (1, 28, 28), seed=19)
+    rows = _rows(flat, 5, seed=20)
+    packed = pack_split_sets(flat, [val, test], chunk_bytes=3 * 4 * flat.num_params)  # several chunks
+    assert packed.num_sets == 2 and len(packed) == 5 and len(packed.chunks) > 1
+    got_val, got_test = evaluate_many_sets(flat, rows, packed)
+    _assert_equal(got_val, flat, rows, val)
+    _assert_equal(got_test, flat, rows, test)
+    with pytest.raises(ClientUpdateError, match="different numbers of clients"):
+        pack_split_sets(flat, [val, test[:4]])
+    with pytest.raises(ClientUpdateError, match="set 1 split 2: cannot evaluate on an empty split"):
+        pack_split_sets(flat, [val, [*test[:2], (test[2][0][:0], test[2][1][:0]), *test[3:]]])
+    with pytest.raises(ClientUpdateError, match="evaluate_many_sets"):
+        evaluate_many(flat, rows, packed)
+    with pytest.raises(ClientUpdateError, match="pack one set"):
+        validation_losses_many(flat, rows, rows, packed)
