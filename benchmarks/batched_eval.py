@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from secure_fedora.learning.batched_eval import (  # noqa: E402
     evaluate_many,
+    evaluate_many_sets,
+    pack_split_sets,
     pack_splits,
     plan_evaluation,
     validation_losses_many,
@@ -78,30 +80,35 @@ def measure(n: int, repeats: int, chunk_clients: int) -> dict:
     for _ in range(0, n, block):
         val, test = _splits(block, val_rows, gen), _splits(block, test_rows, gen)
         start = time.perf_counter()
-        packed = (pack_splits(flat, val), pack_splits(flat, test))
+        packed = (pack_splits(flat, val), pack_splits(flat, test), pack_split_sets(flat, [val, test]))
         pack_seconds += time.perf_counter() - start
         blocks.append((val, test, *packed))
     plan = plan_evaluation(flat, blocks[0][0][0][0])
 
     def loop_eval() -> None:
-        for val, test, _, _ in blocks:
+        for val, test, *_ in blocks:
             for k in range(block):
-                evaluate(flat, theta[k], *val[k]).metric
-                evaluate(flat, theta[k], *test[k]).metric
+                evaluate(flat, theta[k], *val[k])
+                evaluate(flat, theta[k], *test[k])
 
     def loop_lambda() -> None:
-        for val, _, _, _ in blocks:
+        fedora_losses: list[float] = []
+        for val, *_ in blocks:
             for k in range(block):
-                evaluate(flat, theta[k], *val[k]).loss
-                evaluate(flat, phi[k], *val[k]).loss
+                fedora_losses.append(evaluate(flat, theta[k], *val[k]).loss)
+                fedora_losses.append(evaluate(flat, phi[k], *val[k]).loss)
 
     def batched_eval() -> None:
-        for _, _, packed_val, packed_test in blocks:
+        for _, _, packed_val, packed_test, _ in blocks:
             evaluate_many(flat, theta, packed_val)
             evaluate_many(flat, theta, packed_test)
 
+    def fused_eval() -> None:
+        for *_, packed_both in blocks:
+            evaluate_many_sets(flat, theta, packed_both)
+
     def batched_lambda() -> None:
-        for _, _, packed_val, _ in blocks:
+        for _, _, packed_val, _, _ in blocks:
             validation_losses_many(flat, theta, phi, packed_val)
 
     # equality check on the first block before timing
@@ -114,6 +121,7 @@ def measure(n: int, repeats: int, chunk_clients: int) -> dict:
         "rows_held": block, "pack_seconds": pack_seconds,
         "max_loss_rel_diff": worst, "accuracy_equal": same_acc,
         "loop_eval": _timed(loop_eval, repeats), "batched_eval": _timed(batched_eval, repeats),
+        "batched_eval_fused": _timed(fused_eval, repeats),
         "loop_lambda": _timed(loop_lambda, repeats), "batched_lambda": _timed(batched_lambda, repeats),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
@@ -136,14 +144,17 @@ def main() -> None:
     for n in args.n:
         r = measure(n, args.repeats, args.chunk_clients)
         results.append(r)
-        for phase in ("eval", "lambda"):
-            loop, batched = r[f"loop_{phase}"], r[f"batched_{phase}"]
+        for phase, key in (("eval", "eval"), ("eval1p", "eval_fused"), ("lambda", "lambda")):
+            loop, batched = r[f"loop_{phase if phase != 'eval1p' else 'eval'}"], r[f"batched_{key}"]
             print(f"{n:>6} {phase:<7} {min(loop):>9.4f} {statistics.median(loop):>9.4f} "
                   f"{min(batched):>9.4f} {statistics.median(batched):>9.4f} "
                   f"{statistics.median(loop) / statistics.median(batched):>11.1f}x")
         print(f"{'':>6} plan={r['plan']} rows held={r['rows_held']} clients, packing once "
               f"{r['pack_seconds']:.3f} s, max loss rel diff {r['max_loss_rel_diff']:.1e}, "
               f"accuracy equal: {r['accuracy_equal']}, peak RSS {r['peak_rss_gb']:.2f} GB")
+    print("eval: val + test metric of every client (batched: two evaluate_many calls); eval1p: the "
+          "same in one pass (pack_split_sets + evaluate_many_sets); lambda: theta and phi "
+          "validation losses of every client (validation_losses_many)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
