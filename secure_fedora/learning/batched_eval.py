@@ -460,6 +460,22 @@ def _check_rows(flat: FlatModel, rows: Rows, count: int, device: torch.device, n
         raise ClientUpdateError(f"{name} are on {_device_of(rows)} but the splits were packed for {device}")
 
 
+def _strided_view(picked: list[Tensor], num_params: int) -> Tensor | None:
+    """The rows as one ``(K, P)`` view when they lie at evenly spaced offsets of one storage
+    (e.g. ``[theta[i] for i in ...]`` or the same row K times), else None (they are copied)."""
+    first = picked[0]
+    storage = first.untyped_storage().data_ptr()
+    offsets = [row.storage_offset() for row in picked]
+    step = offsets[1] - offsets[0] if len(picked) > 1 else num_params
+    if step < 0:
+        return None
+    for j, row in enumerate(picked):
+        if (row.stride(0) != 1 or row.dtype != first.dtype or row.device != first.device
+                or row.untyped_storage().data_ptr() != storage or offsets[j] != offsets[0] + j * step):
+            return None
+    return first.as_strided((len(picked), num_params), (step, 1))
+
+
 def _take(rows: Rows, chunk: _Chunk, num_params: int, name: str) -> Tensor:
     if isinstance(rows, Tensor):
         if chunk.start is not None:
@@ -471,7 +487,8 @@ def _take(rows: Rows, chunk: _Chunk, num_params: int, name: str) -> Tensor:
         for k, row in zip(chunk.clients, picked, strict=True):
             if row.shape != (num_params,):
                 raise ClientUpdateError(f"{name} {k} has shape {tuple(row.shape)}, expected ({num_params},)")
-        taken = torch.stack(picked)
+        view = _strided_view(picked, num_params)
+        taken = view if view is not None else torch.stack(picked)
     if taken.dtype != torch.float32:
         raise ClientUpdateError(f"{name} are {taken.dtype}; the batched evaluation takes float32 rows")
     return taken

@@ -243,3 +243,17 @@ def test_validation_and_test_sets_in_one_pass_match_evaluate():
         evaluate_many(flat, rows, packed)
     with pytest.raises(ClientUpdateError, match="pack one set"):
         validation_losses_many(flat, rows, rows, packed)
+
+
+def test_row_sequences_views_shared_row_and_copies_give_the_same_results():
+    flat = FlatModel(make_model("mlp", seed=0))
+    splits = _splits([3, 3, 3, 3], (1, 28, 28), seed=21)
+    rows = _rows(flat, 4, seed=22)
+    expected = evaluate_many(flat, rows, splits)
+    assert evaluate_many(flat, [rows[k] for k in range(4)], splits) == expected  # views: no copy
+    assert evaluate_many(flat, [rows[k].clone() for k in range(4)], splits) == expected  # stacked
+    reversed_views = [rows[3 - k] for k in range(4)]  # negative spacing: stacked, still right
+    assert evaluate_many(flat, reversed_views, splits[::-1]) == expected[::-1]
+    shared = rows[1]  # e.g. FedAvg: every client is evaluated on the global row
+    _assert_equal(evaluate_many(flat, [shared] * 4, splits), flat, [shared] * 4, splits)
+    _assert_equal(evaluate_many(flat, shared.expand(4, -1), splits), flat, [shared] * 4, splits)
