@@ -83,6 +83,9 @@ _EVAL_IDENTITY: tuple[type[nn.Module], ...] = (nn.Dropout, nn.AlphaDropout)
 # hold several times its input).
 _ACTIVATION_FACTOR = 8
 _PROBE_SEED = 20231201
+# Up to this many rows per client a layer is computed as W @ h^T (measured faster on CPU for
+# 1-4 rows, slower from 6).
+_FEW_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -309,14 +312,18 @@ def _forward_linear(program: list[_Step], rows: Tensor, x: Tensor) -> Tensor:
     for step in program:
         if isinstance(step, _Linear):
             w = rows[:, step.weight: step.weight + step.out_features * step.in_features]
-            w = w.view(k, step.out_features, step.in_features).transpose(1, 2)
+            w = w.view(k, step.out_features, step.in_features)
             inner = h.shape[2:-1]
             flat_h = h.reshape(k, -1, step.in_features)
-            if step.bias is None:
-                out = torch.bmm(flat_h, w)
+            bias = None if step.bias is None else rows[:, step.bias: step.bias + step.out_features].unsqueeze(1)
+            if flat_h.shape[1] <= _FEW_ROWS:
+                # a few rows per client: W @ h^T streams each weight matrix once, ~1.7x faster
+                out = torch.bmm(w, flat_h.transpose(1, 2)).transpose(1, 2)
+                out = out if bias is None else out + bias
+            elif bias is None:
+                out = torch.bmm(flat_h, w.transpose(1, 2))
             else:
-                bias = rows[:, step.bias: step.bias + step.out_features].unsqueeze(1)
-                out = torch.baddbmm(bias, flat_h, w)
+                out = torch.baddbmm(bias, flat_h, w.transpose(1, 2))
             h, owned = out.reshape(k, n, *inner, step.out_features), True
         elif isinstance(step, _Flatten):
             h = h.reshape(k, n, -1)

@@ -253,7 +253,7 @@ def test_row_sequences_views_shared_row_and_copies_give_the_same_results():
     assert evaluate_many(flat, [rows[k] for k in range(4)], splits) == expected  # views: no copy
     assert evaluate_many(flat, [rows[k].clone() for k in range(4)], splits) == expected  # stacked
     reversed_views = [rows[3 - k] for k in range(4)]  # negative spacing: stacked, still right
-    assert evaluate_many(flat, reversed_views, splits[::-1]) == expected[::-1]
+    _assert_equal(evaluate_many(flat, reversed_views, splits[::-1]), flat, reversed_views, splits[::-1])
     shared = rows[1]  # e.g. FedAvg: every client is evaluated on the global row
     _assert_equal(evaluate_many(flat, [shared] * 4, splits), flat, [shared] * 4, splits)
     _assert_equal(evaluate_many(flat, shared.expand(4, -1), splits), flat, [shared] * 4, splits)
