@@ -92,11 +92,16 @@ class Task:
 
     def correct(self, outputs: Tensor, targets: Tensor) -> float:
         """Number of correct predictions (label entries for multi-label) in the batch."""
+        return float(self.correct_per_sample(outputs, targets).sum())
+
+    def correct_per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per sample (float64, shape ``(B,)``): 1/0 for a correct/wrong prediction, or the
+        fraction of correct label entries for multi-label; :meth:`correct` is its sum."""
         if targets.dim() == 2:
-            return float(((outputs > 0) == (targets > 0.5)).to(torch.float64).mean(dim=1).sum())
+            return ((outputs > 0) == (targets > 0.5)).to(torch.float64).mean(dim=1)
         if outputs.dim() == 2 and outputs.shape[1] == 1:
-            return float(((outputs[:, 0] > 0).long() == targets).sum())
-        return float((outputs.argmax(dim=1) == targets).sum())
+            return ((outputs[:, 0] > 0).long() == targets).to(torch.float64)
+        return (outputs.argmax(dim=1) == targets).to(torch.float64)
 
     def scores(self, outputs: Tensor) -> Tensor:
         """What AUC ranks: the logit for a binary output, all logits for multi-label."""
