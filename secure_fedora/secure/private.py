@@ -24,6 +24,7 @@ personalized model and releases nothing more. The federation goes on with the ot
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
