@@ -610,8 +610,22 @@ class APFL(_GlobalModelMethod):
             raise ValueError("checkpoint field 'alpha' has values outside [0, 1]")
         self.alpha.copy_(alpha)
 
+    #: Whether clients report ``alpha_i`` at the end. ``alpha_i`` is learned from gradients
+    #: that carry no DP noise, so under DP it is not released (no unaccounted release).
+    report_alpha: bool = True
+
+    @classmethod
+    def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
+        """As every baseline; under DP the mixing weights stay on the clients."""
+        method = super().from_config(ctx, cfg)
+        assert isinstance(method, APFL)
+        method.report_alpha = not cfg.privacy.enabled
+        return method
+
     def finalize_messages(self) -> dict[int, Payload]:
-        """Every client is asked for its mixing weight (an empty message)."""
+        """Every client is asked for its mixing weight (an empty message); nobody under DP."""
+        if not self.report_alpha:
+            return {}
         return {i: {} for i in range(self.ctx.num_clients)}
 
     def client_finalize(self, i: int, message: Payload) -> Payload:
@@ -620,6 +634,8 @@ class APFL(_GlobalModelMethod):
 
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
         """``alpha``: the clients' mixing weights in client order (6 decimals)."""
+        if not self.report_alpha:
+            return {"alpha": "not released: learned without DP noise, it stays on the clients"}
         return {"alpha": [round(float(replies[i]["alpha"]), 6) for i in sorted(replies)]}
 
 
