@@ -287,6 +287,19 @@ class Tracker:
             self.best_round.fill_(rnd)
             self.test_at_best.copy_(self.last_test)
 
+    def round_row(self) -> dict[str, Any]:
+        """The evaluated round's history fields (both runtimes report exactly these)."""
+        return {
+            "test_mean": float(self.last_test.mean()),
+            "test_min": float(self.last_test.min()),
+            "test_max": float(self.last_test.max()),
+            "test_std": float(self.last_test.std(unbiased=False)),
+            # Validation metrics on private data are not reported (it would be a release).
+            "val_mean": None if bool(self.select_final) else float(self.last_val.mean()),
+            "selected_mean": float(self.test_at_best.mean()),
+            "selected_round": int(self.best_round),
+        }
+
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.__dict__)
 
@@ -723,16 +736,7 @@ class Simulation:
             tracker.last_test[i] = test[i].metric
             crash_point("evaluate")
         tracker.update(rnd)
-        return {
-            "test_mean": float(tracker.last_test.mean()),
-            "test_min": float(tracker.last_test.min()),
-            "test_max": float(tracker.last_test.max()),
-            "test_std": float(tracker.last_test.std(unbiased=False)),
-            # Validation accuracy on private data is not reported (it would be a release).
-            "val_mean": None if bool(tracker.select_final) else float(tracker.last_val.mean()),
-            "selected_mean": float(tracker.test_at_best.mean()),
-            "selected_round": int(tracker.best_round),
-        }
+        return tracker.round_row()
 
     def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,
                ctx: MethodContext, history: list[dict[str, Any]], timing: dict[str, float]) -> dict[str, Any]:

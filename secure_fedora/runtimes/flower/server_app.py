@@ -776,14 +776,7 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
         tracker.last_val[cid], tracker.last_test[cid] = val, test
     tracker.update(rnd)
     return {
-        "test_mean": float(tracker.last_test.mean()),
-        "test_min": float(tracker.last_test.min()),
-        "test_max": float(tracker.last_test.max()),
-        "test_std": float(tracker.last_test.std(unbiased=False)),
-        # Validation metrics on private data are not reported (it would be a release).
-        "val_mean": None if bool(tracker.select_final) else float(tracker.last_val.mean()),
-        "selected_mean": float(tracker.test_at_best.mean()),
-        "selected_round": int(tracker.best_round),
+        **tracker.round_row(),
         "evaluated": len(replies.metrics),
         "evaluation_timing": replies.timing.to_json(),
     }
