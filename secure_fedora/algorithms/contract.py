@@ -80,6 +80,12 @@ class FederatedAlgorithm(ABC):
         accounts). Default: one DP-SGD model release per round taken part in."""
         return (ReleaseSpec("model", ("dpsgd",), ROUND),)
 
+    @classmethod
+    def distributed_unsupported(cls, cfg: Any) -> str | None:
+        """Why this method cannot run under ``cfg`` as separate processes (a runtime that
+        moves only messages, e.g. Flower), naming the config key; ``None``: it can."""
+        return None
+
     # ------------------------------------------------------------------ setup exchange
     def setup_messages(self) -> dict[int, Payload]:
         """Server: what each client receives before round 1 (``{}``: no setup exchange)."""

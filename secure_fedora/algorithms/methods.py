@@ -613,6 +613,16 @@ class Fedora(FederatedMethod):
                    private_validation=cfg.data.validation == "private")
 
     @classmethod
+    def distributed_unsupported(cls, cfg: Any) -> str | None:
+        """Encrypted propagation is simulated in process only; across processes the
+        propagation runs in the clear over TLS."""
+        if cfg.fedora.propagation == "encrypted":
+            return ("fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear"
+                    " over TLS; use 'dense' or 'power', or the in-process runtime for encrypted"
+                    " propagation)")
+        return None
+
+    @classmethod
     def check_config(cls, cfg: Any) -> None:
         """``fedora.k`` below the number of clients; under DP an accounted relatedness mode."""
         if cfg.fedora.k >= cfg.data.num_clients:

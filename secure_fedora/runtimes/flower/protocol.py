@@ -177,11 +177,8 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
             problems.append(
                 f"method {name!r} does not implement the method contract "
                 "(secure_fedora/algorithms/contract.py), which the Flower runtime drives")
-    if "fedora" in cfg.methods and cfg.fedora.propagation == "encrypted":
-        problems.append(
-            "fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear over "
-            "TLS; use 'dense' or 'power', or the in-process runtime for encrypted propagation)"
-        )
+        elif (reason := cls.distributed_unsupported(cfg)) is not None:
+            problems.append(reason)
     for key, value, default in (("data.source", cfg.data.source, None),
                                 ("model.factory", cfg.model.factory, None),
                                 ("training.loss", cfg.training.loss, "cross_entropy")):
