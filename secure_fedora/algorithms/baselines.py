@@ -60,6 +60,14 @@ from torch import Tensor, nn
 
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.contract import Payload
+from secure_fedora.algorithms.messages import (
+    KIND_CLUSTER_CHOICE,
+    KIND_CLUSTERS,
+    KIND_GLOBAL,
+    KIND_MESSAGE,
+    KIND_THETA,
+    ValueCheck,
+)
 from secure_fedora.algorithms.methods import (
     KEY_NUM_EXAMPLES,
     KEY_STEPS,
@@ -72,14 +80,6 @@ from secure_fedora.algorithms.methods import (
 from secure_fedora.core.registry import METHODS
 from secure_fedora.learning.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.learning.models import init_parameters
-from secure_fedora.secure.transport import (
-    KIND_CLUSTER_CHOICE,
-    KIND_CLUSTERS,
-    KIND_GLOBAL,
-    KIND_MESSAGE,
-    KIND_THETA,
-    ValueCheck,
-)
 
 log = logging.getLogger("secure_fedora.algorithms.baselines")
 

@@ -30,6 +30,13 @@ from torch import Tensor
 
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.contract import ROUND, SETUP, FederatedAlgorithm, Payload, ReleaseSpec
+from secure_fedora.algorithms.messages import (
+    KIND_GLOBAL,
+    KIND_PHI,
+    KIND_SUMMARY,
+    KIND_THETA,
+    ValueCheck,
+)
 from secure_fedora.algorithms.propagation import (
     PropagationOperator,
     build_operator,
@@ -46,13 +53,6 @@ from secure_fedora.learning.client import (
     Workspace,
     evaluate,
     local_train,
-)
-from secure_fedora.secure.transport import (
-    KIND_GLOBAL,
-    KIND_PHI,
-    KIND_SUMMARY,
-    KIND_THETA,
-    ValueCheck,
 )
 
 KEY_STEPS = "steps"

@@ -3,7 +3,7 @@
 :func:`train_clients` runs the local training of a set of clients at once, in place on their
 rows, with the per-client loop's semantics (:func:`secure_fedora.learning.client.local_train`
 with :class:`~secure_fedora.learning.client.PlainGradient` or the DP-SGD oracle
-``secure_fedora.secure.private.DPGradient``): the same batches in the same order (each
+``secure_fedora.learning.dp.DPGradient``): the same batches in the same order (each
 client's own ``torch.Generator`` draws its permutations, each client's own
 :class:`privacy.noise.NoiseSource` its Poisson samples and noise, interleaved as in the loop),
 the same SGD/momentum/weight-decay update, FEDORA's pull toward ``phi_i`` with weight
@@ -57,6 +57,7 @@ from secure_fedora.learning.client import (
     Workspace,
     local_train,
 )
+from secure_fedora.learning.dp import DPGradient
 
 __all__ = [
     "BatchedOutcome",
@@ -204,8 +205,6 @@ _PLANS: weakref.WeakKeyDictionary[FlatModel, dict[str, BatchedPlan]] = weakref.W
 
 def _oracle_kind(oracle: GradientOracle) -> tuple[str | None, str]:
     """``("plain" | "dp", "")`` for the oracles the batched path reproduces, else (None, why)."""
-    from secure_fedora.secure.private import DPGradient  # higher layer: imported where used
-
     if type(oracle) is DPGradient:
         if oracle.dpsgd.mode != "fused" and oracle.dpsgd.mode != "opacus":
             return None, f"unknown DP-SGD mode {oracle.dpsgd.mode!r}"

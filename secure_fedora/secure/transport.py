@@ -95,6 +95,24 @@ from privacy.identity import (
     validate_party_id,
 )
 
+# The message kinds and value checks belong to the method contract (defined one layer down);
+# re-exported here, where they were defined before, for existing code.
+from secure_fedora.algorithms.messages import (  # noqa: F401 (re-exported)
+    KIND_CLUSTER_CHOICE,
+    KIND_CLUSTERS,
+    KIND_ENC_PHI,
+    KIND_ENC_THETA,
+    KIND_GLOBAL,
+    KIND_MESSAGE,
+    KIND_PHI,
+    KIND_RELATEDNESS_RELEASE,
+    KIND_RELATEDNESS_ROWS,
+    KIND_RELATEDNESS_UPLOAD,
+    KIND_SUMMARY,
+    KIND_THETA,
+    ValueCheck,
+)
+
 __all__ = [
     "KIND_CLUSTERS",
     "KIND_CLUSTER_CHOICE",
@@ -115,23 +133,11 @@ __all__ = [
     "SecureTransport",
     "SenderMismatchError",
     "TransportError",
+    "ValueCheck",
     "decode_tensor",
     "encode_tensor",
     "log_rejection",
 ]
-
-KIND_THETA = "theta"
-KIND_PHI = "phi"
-KIND_ENC_THETA = "enc_theta"
-KIND_ENC_PHI = "enc_phi"
-KIND_SUMMARY = "summary"
-KIND_RELATEDNESS_UPLOAD = "enc_summary"
-KIND_RELATEDNESS_ROWS = "enc_gram_rows"
-KIND_RELATEDNESS_RELEASE = "gram_release"
-KIND_GLOBAL = "global"
-KIND_MESSAGE = "message"
-KIND_CLUSTERS = "clusters"
-KIND_CLUSTER_CHOICE = "cluster_choice"
 
 CLIENT_JOURNAL = "clients.nonces.jsonl"
 _TENSOR_MAGIC = b"SFTR"
@@ -145,10 +151,6 @@ _MAX_NDIM = 8
 _HEAD = struct.Struct(">4sBBBB")
 
 logger = logging.getLogger(SECURITY_LOGGER)
-
-ValueCheck = Callable[[Tensor], "str | None"]
-"""``check(tensor) -> None`` if a decoded payload is acceptable, else a description of the
-problem (the message is then rejected with :class:`InvalidValueError`)."""
 
 
 class TransportError(ToolkitError):

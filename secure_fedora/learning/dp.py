@@ -1,0 +1,154 @@
+"""DP-SGD's gradient oracle: per-sample clipping and Gaussian noise inside local training.
+
+:class:`DPGradient` is a :class:`~secure_fedora.learning.client.GradientOracle` (what local
+training asks for each step's gradient); it belongs to learning, not to the secure layer:
+it computes a DP-SGD step, while budgets, gates, ledgers and journals (what makes the step
+count an accounted release) are :mod:`secure_fedora.secure.private`'s, which re-exports these
+names for existing code. :func:`check_per_sample_gradients` refuses, before training, a model
+whose per-sample gradients the DP path cannot compute exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from privacy.dpsgd import DPSGD, poisson_sample
+from privacy.noise import NoiseSource
+from secure_fedora.learning.tasks import Task
+
+__all__ = ["DPGradient", "check_per_sample_gradients"]
+
+
+class DPGradient:
+    """A :class:`~secure_fedora.learning.client.GradientOracle` running DP-SGD for the selected client.
+
+    One :class:`privacy.dpsgd.DPSGD` serves every client (the model's parameters are views of
+    the selected client's row); :meth:`select` sets the client's noise multiplier and noise
+    source. Batches are Poisson samples at rate ``q`` (``ceil(epochs / q)`` of them per local
+    run), drawn from the selected client's noise source, which also draws the noise: sampling
+    is part of the mechanism, so it never uses the (non-private) training-order generator.
+    """
+
+    def __init__(self, module: nn.Module, max_grad_norm: float, sample_rate: float,
+                 expected_batch_size: float, noise: NoiseSource,
+                 task: Task | None = None) -> None:
+        self.sample_rate = sample_rate
+        self.dpsgd = DPSGD(module, max_grad_norm, 1.0, expected_batch_size, noise)
+        # Per-sample losses (reduction="none"): DP-SGD clips each sample's gradient of
+        # whichever loss the task uses.
+        self._loss = task.checked if task is not None else nn.CrossEntropyLoss(reduction="none")
+        #: Called after every executed DP-SGD step (the step counter's hook); set by
+        #: ``secure_fedora.secure.private.FederationPrivacy.select_client`` to count the selected client's steps.
+        self.on_step: Callable[[], None] | None = None
+        self.steps_executed = 0
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The per-sample clip norm C."""
+        return self.dpsgd.max_grad_norm
+
+    def select(self, noise_multiplier: float, noise: NoiseSource) -> None:
+        """Use this client's noise multiplier and noise source from now on."""
+        self.dpsgd.noise_multiplier = float(noise_multiplier)
+        self.dpsgd.noise = noise
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """``ceil(epochs / q)`` Poisson samples (the count the gate accounted in advance),
+        drawn from the selected noise source (``generator`` is not used: see the class doc)."""
+        for _ in range(math.ceil(epochs / self.sample_rate - 1e-9)):
+            yield poisson_sample(n, self.sample_rate, self.dpsgd.noise)
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor, *,
+                 extra_gradients: Tensor | None = None) -> None:
+        """One DP-SGD step's gradient (counted by the step hook); ``extra_gradients``: see
+        ``DPSGD.private_gradient`` (audits)."""
+        self.dpsgd.private_gradient(x, y, self._loss, extra_gradients=extra_gradients)
+        self.steps_executed += 1
+        if self.on_step is not None:
+            self.on_step()
+
+    def check_model(self, x: Tensor, y: Tensor) -> None:
+        """Verify, before training, that the DP path computes this model's per-sample
+        gradients exactly: the clipped sum over ``(x, y)`` (a few training rows) must equal
+        the sum of individually computed, clipped gradients. A model neither path supports
+        raises :class:`privacy.dpsgd.DPSGDError` naming its first unsupported layer."""
+        check_per_sample_gradients(self.dpsgd, self._loss, x, y)
+
+
+
+def _first_unsupported_layer(model: nn.Module) -> str:
+    """The first layer with trainable parameters that is neither nn.Linear (fused path) nor
+    a layer Opacus has a per-sample gradient rule for, as "'name' (Type)"."""
+    from opacus import GradSampleModule
+
+    fallback = None
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if type(module) not in GradSampleModule.GRAD_SAMPLERS:
+            return f"{name or '(root)'!r} ({type(module).__name__})"
+        if fallback is None and type(module) is not nn.Linear:
+            fallback = f"{name or '(root)'!r} ({type(module).__name__})"
+    return fallback or "(no single layer identified)"
+
+
+def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) -> None:
+    """Refuse (DPSGDError naming the layer) a model whose per-sample gradients the DP path
+    cannot compute, or computes differently from per-sample autograd. Dropout layers run in
+    eval mode during the check (random masks would make the two computations differ); nothing
+    is changed: no noise is drawn, no gradient is written, no step is counted."""
+    from privacy.dpsgd import DPSGDError
+
+    model = dpsgd.model
+    modes = {m: m.training for m in model.modules()}
+    model.train()  # Opacus captures activations in train mode only
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    params = dpsgd._params
+    try:
+        try:
+            with warnings.catch_warnings():
+                # Opacus's hooks fire on module outputs when the input needs no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                got = dpsgd.clipped_gradient_sum(x, y, loss)
+        except DPSGDError:
+            raise
+        except Exception as err:  # what the per-sample machinery raised on this model
+            raise DPSGDError(
+                f"DP-SGD cannot compute per-sample gradients for this model (path "
+                f"{dpsgd.mode!r}): layer {_first_unsupported_layer(model)} is supported neither "
+                f"by the fused path (nn.Linear only) nor by Opacus ({type(err).__name__}: {err})"
+            ) from err
+        expected = [torch.zeros_like(p) for p in params]
+        for i in range(int(x.shape[0])):
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                grads = torch.autograd.grad(loss(model(x[i:i + 1]), y[i:i + 1]).sum(), params,
+                                            allow_unused=True)
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            factor = min(1.0, dpsgd.max_grad_norm / (norm + 1e-6))
+            for e, g in zip(expected, grads, strict=True):
+                e.add_(g, alpha=factor)
+        for (pname, _), a, b in zip(((dpsgd._param_names[id(p)], p) for p in params), got, expected,
+                                    strict=True):
+            if not torch.allclose(a, b, rtol=1e-3, atol=1e-5):
+                raise DPSGDError(
+                    f"DP-SGD's per-sample gradients of parameter {pname!r} differ from per-sample "
+                    f"autograd (path {dpsgd.mode!r}; max difference "
+                    f"{float((a - b).abs().max()):.3g}); layer {_first_unsupported_layer(model)} "
+                    "is not supported"
+                )
+    finally:
+        for p in params:  # what Opacus's hooks stored during the autograd reference pass
+            if getattr(p, "grad_sample", None) is not None:
+                p.grad_sample = None
+        for m, training in modes.items():
+            m.train(training)
