@@ -412,6 +412,13 @@ class _Baseline:
         unknown key or a bad value."""
         validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
 
+    @classmethod
+    def check_hyperparameters(cls, section: Mapping[str, Any] | None) -> None:
+        """Raise :class:`BaselineConfigError` naming the key when ``section`` (the config's
+        ``[baselines.<name>]``) has an unknown key or a bad value (what the config asks the
+        registered method when it reads the file)."""
+        validate_hyperparameters(cls.name, section)
+
 
 # --------------------------------------------------------------------------- FedProx
 

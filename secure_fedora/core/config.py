@@ -307,6 +307,37 @@ class EvaluationConfig(_Section):
     every: PositiveInt = 1
 
 
+def _check_method_section(name: str, section: Any) -> None:
+    """Validate ``[baselines.<name>]`` against what method ``name`` declares in the method
+    registry (the config never imports the methods): a pydantic model ``params`` (plug-ins),
+    or a ``check_hyperparameters(section)`` classmethod (the built-in baselines). A name that
+    declares neither is refused, listing the methods that take hyper-parameters."""
+    from secure_fedora.core.registry import METHODS, declared
+
+    entry = METHODS.get(name) if name in METHODS else None
+    params = declared(entry, "params")
+    if params is not None:
+        try:
+            params.model_validate(section)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(section)'}: "
+                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in err.errors())
+            raise ValueError(f"baselines.{name}: {problems}") from None
+        return
+    check = declared(entry, "check_hyperparameters")
+    if check is not None:
+        try:
+            check(section)
+        except ValueError as err:
+            raise ValueError(f"baselines.{name}: {err}") from None
+        return
+    known = [n for n in METHODS.in_registration_order()
+             if declared(METHODS.get(n), "check_hyperparameters") is not None]
+    raise ValueError(f"baselines.{name}: unknown baseline {name!r}; expected one of {known}")
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: one data split, one model, several methods compared on it."""
 
@@ -331,38 +362,14 @@ class ExperimentConfig(_Section):
     def _cross_checks(self) -> ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods lists a method twice")
-        from secure_fedora.algorithms.baselines import (
-            BASELINE_NAMES,
-            BaselineConfigError,
-            validate_hyperparameters,
-        )
-        from secure_fedora.core.registry import METHODS
+        from secure_fedora.core.registry import METHODS, declared
 
         for name, section in self.baselines.items():
-            # A plug-in method declares its hyper-parameters as a pydantic model in its
-            # factory's ``params`` attribute; [baselines.<name>] is validated against it.
-            params = getattr(METHODS.get(name), "params", None) if (
-                name not in BASELINE_NAMES and name in METHODS) else None
-            if params is not None:
-                try:
-                    params.model_validate(section)
-                except ValidationError as err:
-                    problems = "; ".join(
-                        f"{'.'.join(str(p) for p in e['loc']) or '(section)'}: "
-                        f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
-                        for e in err.errors())
-                    raise ValueError(f"baselines.{name}: {problems}") from None
-                continue
-            try:
-                validate_hyperparameters(name, section)
-            except BaselineConfigError as err:
-                raise ValueError(f"baselines.{name}: {err}") from None
+            _check_method_section(name, section)
         p, d = self.privacy, self.data
-        from secure_fedora.algorithms.contract import method_class
-
         for name in self.methods:
             # each method checks the config it runs on (e.g. FEDORA: fedora.k < num_clients)
-            check = getattr(method_class(name), "check_config", None)
+            check = declared(METHODS.get(name), "check_config")
             if check is not None:
                 check(self)
         if not p.enabled:

@@ -27,6 +27,7 @@ __all__ = [
     "PARTITIONERS",
     "Registry",
     "RegistryError",
+    "declared",
 ]
 
 T = TypeVar("T")
@@ -91,6 +92,11 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
+    def in_registration_order(self) -> list[str]:
+        """Every registered name in the order it was registered (the built-ins first)."""
+        self._load()
+        return list(self._entries)
+
     def get(self, name: str) -> T:
         """The implementation registered as ``name``; :class:`RegistryError` listing the
         available names otherwise."""
@@ -106,6 +112,17 @@ class Registry(Generic[T]):
         """``name`` if registered, else :class:`RegistryError` (for config validators)."""
         self.get(name)
         return name
+
+
+def declared(entry: Any, attribute: str) -> Any:
+    """What a registered implementation declares as ``attribute``: the attribute of the entry
+    (a class or a factory), else of the class a factory names as ``factory.algorithm``;
+    ``None`` when neither has it. Lets lower layers (the config) ask a method what it declares
+    (its hyper-parameters, its config checks) without importing the package that defines it."""
+    value = getattr(entry, attribute, None)
+    if value is None:
+        value = getattr(getattr(entry, "algorithm", None), attribute, None)
+    return value
 
 
 _contrib_loaded = False
