@@ -30,6 +30,7 @@ from torch import Tensor
 
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.contract import ROUND, SETUP, FederatedAlgorithm, Payload, ReleaseSpec
+from secure_fedora.algorithms.encryption import EncryptionBackend, require_encryption
 from secure_fedora.algorithms.messages import (
     KIND_GLOBAL,
     KIND_PHI,
@@ -96,6 +97,9 @@ class MethodContext:
     # (DP-SGD noise and sampling, summary and lambda noise); ``generators`` is only the
     # non-private training order.
     noise: list[Any] = field(default_factory=list)
+    # Encrypted computation the runtime offers (secure_fedora.secure.backends.CkksBackend in
+    # both runtimes); None: a method configured for an encrypted mode refuses to be built.
+    encryption: EncryptionBackend | None = None
 
     @property
     def num_clients(self) -> int:
@@ -599,10 +603,17 @@ class Fedora(FederatedMethod):
         # CKKS propagation (an EncryptedPropagator) under propagation = "encrypted"; the signed
         # envelopes are the base class's ``exchange``.
         self.propagator: Any = None
+        # The encryption backend (ctx.encryption) when a mode asks for it; refused without one.
+        self.encryption: EncryptionBackend | None = None
+        wanted = {}
+        if "encrypted" in relatedness_mode and relatedness_fn is None:
+            wanted["fedora.relatedness"] = relatedness_mode
         if self.propagation_mode == "encrypted":
-            from secure_fedora.secure.encrypted_propagation import EncryptedPropagator
-
-            self.propagator = EncryptedPropagator(ctx.num_clients)
+            wanted["fedora.propagation"] = "encrypted"
+        if wanted:
+            self.encryption = require_encryption(ctx.encryption, wanted)
+        if self.propagation_mode == "encrypted":
+            self.propagator = self.encryption.propagator(ctx.num_clients)
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> Fedora:
@@ -704,7 +715,8 @@ class Fedora(FederatedMethod):
             return
         transport = self.summary_transport
         if "encrypted" in self._relatedness_mode:
-            overlaps, details = encrypted_relatedness(summaries, transport)
+            assert self.encryption is not None  # required in __init__ for encrypted modes
+            overlaps, details = encrypted_relatedness(self.encryption, summaries, transport)
         else:
             details = {}
             if transport is not None:
@@ -934,13 +946,13 @@ def _absorb(matrix: Tensor, replies: Mapping[int, Payload], key: str) -> None:
             matrix[i].copy_(row)
 
 
-def encrypted_relatedness(summaries: Tensor, transport: Any = None) -> tuple[Tensor, dict[str, Any]]:
-    """The overlap blocks through CKKS (:func:`secure_fedora.secure.relatedness.encrypted_overlaps`:
-    the server computes on ciphertexts and sees only the decrypted q x q blocks) and their
-    details (traffic, timings; with a signed ``transport`` the excluded clients)."""
-    from secure_fedora.secure.relatedness import encrypted_overlaps
-
-    result = encrypted_overlaps(summaries, transport=transport)
+def encrypted_relatedness(backend: EncryptionBackend, summaries: Tensor,
+                          transport: Any = None) -> tuple[Tensor, dict[str, Any]]:
+    """The overlap blocks through ``backend`` (in both runtimes CKKS,
+    :func:`secure_fedora.secure.relatedness.encrypted_overlaps`: the server computes on
+    ciphertexts and sees only the decrypted q x q blocks) and their details (traffic,
+    timings; with a signed ``transport`` the excluded clients)."""
+    result = backend.encrypted_overlaps(summaries, transport)
     details: dict[str, Any] = {
         "client_bytes_sent": result.client_bytes_sent,
         "server_bytes_received": result.server_bytes_received,

@@ -41,6 +41,7 @@ from secure_fedora.learning.client import (
     Workspace,
 )
 from secure_fedora.learning.models import make_model
+from secure_fedora.secure.backends import CkksBackend
 
 __all__ = [
     "CheckpointError",
@@ -198,6 +199,7 @@ def build_context(
         init=flat.initial_vector(),
         num_classes=num_classes,
         noise=noise,
+        encryption=CkksBackend(),
     )
 
 

@@ -96,6 +96,7 @@ def server_context(cfg: ExperimentConfig, schema: DataSchema) -> Any:
     from secure_fedora.learning.models import make_model
     from secure_fedora.learning.tasks import resolve_task
     from secure_fedora.runtimes.inprocess import train_config
+    from secure_fedora.secure.backends import CkksBackend
 
     task = resolve_task(cfg.training.loss, schema.multilabel, config_dir(cfg))
     width = task.output_width(schema.num_classes, schema.multilabel)
@@ -111,6 +112,7 @@ def server_context(cfg: ExperimentConfig, schema: DataSchema) -> Any:
         generators=[],
         init=flat.initial_vector(),
         num_classes=schema.num_classes,
+        encryption=CkksBackend(),
     )
 
 
