@@ -507,6 +507,17 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
                 KEY_STEPS: _scalar(steps)}
 
 
+CLIENT_HELD_MODELS = (
+    "Ditto's and APFL's personal models never leave the client and train without noise; DP "
+    "covers what is sent (the global-model copies). Publishing a personal model would be an "
+    "unaccounted release.")
+"""results.json ``assumptions.client_held_models`` of a DP run with Ditto or APFL."""
+
+
+def _client_held_models(cfg: Any) -> dict[str, Any]:
+    return {"client_held_models": CLIENT_HELD_MODELS} if cfg.privacy.enabled else {}
+
+
 class Ditto(_GlobalModelMethod):
     """Ditto (Li, Hu, Beirami, Smith, ICML 2021, "Ditto: Fair and Robust Federated Learning
     Through Personalization").
@@ -521,6 +532,11 @@ class Ditto(_GlobalModelMethod):
     """
 
     name = "ditto"
+
+    @classmethod
+    def assumptions(cls, cfg: Any) -> dict[str, Any]:
+        """Under DP: the personal model never leaves the client and is not noised."""
+        return _client_held_models(cfg)
 
     def __init__(self, ctx: MethodContext, lam: float = 0.1) -> None:
         super().__init__(ctx)
@@ -560,6 +576,11 @@ class APFL(_GlobalModelMethod):
     """
 
     name = "apfl"
+
+    @classmethod
+    def assumptions(cls, cfg: Any) -> dict[str, Any]:
+        """Under DP: the personal model never leaves the client and is not noised."""
+        return _client_held_models(cfg)
 
     def __init__(self, ctx: MethodContext, alpha: float = 0.25, adaptive: bool = True,
                  alpha_lr: float | None = None) -> None:

@@ -81,6 +81,26 @@ class FederatedAlgorithm(ABC):
         return (ReleaseSpec("model", ("dpsgd",), ROUND),)
 
     @classmethod
+    def assumptions(cls, cfg: Any) -> dict[str, Any]:
+        """Entries this method adds to results.json's ``assumptions`` under ``cfg`` (what a
+        reader must know to interpret its results, e.g. what DP does not cover). Default:
+        none. Two methods may state the same key only with the same value."""
+        return {}
+
+    @classmethod
+    def derived_rows(cls, name: str, outcome: Mapping[str, Any]) -> dict[str, list[float]]:
+        """Extra ``methods.<row>`` entries derived from this method's own outcome (its
+        ``methods.<name>`` entry, registered as ``name``): row name -> every client's metric,
+        which the runtime summarizes into ``methods.<row>.selected``. Default: none."""
+        return {}
+
+    @classmethod
+    def comparisons(cls, name: str, outcomes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Entries of results.json's ``comparison`` this method (registered as ``name``)
+        derives from all methods' outcomes of the run (keyed by method name). Default: none."""
+        return {}
+
+    @classmethod
     def distributed_unsupported(cls, cfg: Any) -> str | None:
         """Why this method cannot run under ``cfg`` as separate processes (a runtime that
         moves only messages, e.g. Flower), naming the config key; ``None``: it can."""

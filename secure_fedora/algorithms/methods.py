@@ -543,6 +543,13 @@ class FedAvg(FederatedMethod):
                 best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
         return {"finetuned_test_metric": _scalar(float(best_test))}
 
+    @classmethod
+    def derived_rows(cls, name: str, outcome: Mapping[str, Any]) -> dict[str, list[float]]:
+        """``methods.<name>_ft``: the fine-tuned test metric of every client, when the run
+        fine-tuned (``finetuned_test_accuracy`` in the method's results)."""
+        tuned = outcome.get("extra", {}).get("finetuned_test_accuracy")
+        return {} if tuned is None else {f"{name}_ft": list(tuned)}
+
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
         """``finetuned_test_accuracy``: every client's fine-tuned test metric, in client order."""
         if not replies:
@@ -913,6 +920,16 @@ class Fedora(FederatedMethod):
             self._phi_is_propagated = True
 
     # ------------------------------------------------------------------ results
+    @classmethod
+    def comparisons(cls, name: str, outcomes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """``fedora_below_local``: the number of clients whose selected metric is below
+        Local's, when Local ran too (FEDORA's promise: personalization never hurts a client)."""
+        if Local.name not in outcomes:
+            return {}
+        mine = outcomes[name]["selected"]["per_client"]
+        local = outcomes[Local.name]["selected"]["per_client"]
+        return {f"{name}_below_{Local.name}": sum(1 for a, b in zip(mine, local, strict=True) if a < b)}
+
     def security_results(self) -> dict[str, Any]:
         """The base record plus the relatedness summaries' rejections (listed first) and
         excluded clients, and the encrypted propagation's traffic."""

@@ -20,10 +20,11 @@ security rejections, per-round timings); they never replace a key above.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from secure_fedora import __version__
+from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
 from secure_fedora.core.config import ExperimentConfig, model_selection
 
 __all__ = ["RESERVED_KEYS", "build_results", "client_rows", "method_entry"]
@@ -69,12 +70,39 @@ def _assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
             "neighbouring_relation": "add/remove one record; dataset sizes public",
             "accountant": cfg.privacy.accountant}
            if dp else {}),
-        **({"client_held_models": "Ditto's and APFL's personal models never leave the "
-                                  "client and train without noise; DP covers what is sent "
-                                  "(the global-model copies). Publishing a personal model "
-                                  "would be an unaccounted release."}
-           if dp and {"ditto", "apfl"} & set(cfg.methods) else {}),
+        **_method_assumptions(cfg),
     }
+
+
+def _declaring_classes(names: Iterable[str]) -> list[tuple[str, type[FederatedAlgorithm]]]:
+    """``(name, class)`` of each method in ``names`` whose registry entry names its class
+    (a factory without ``algorithm`` declares nothing)."""
+    out = []
+    for name in names:
+        cls = method_class(name)
+        if cls is not None:
+            out.append((name, cls))
+    return out
+
+
+def _method_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the configured methods declare (:meth:`FederatedAlgorithm.assumptions`), in
+    method order; two methods stating one key differently is a bug in one of them."""
+    merged: dict[str, Any] = {}
+    for name, cls in _declaring_classes(cfg.methods):
+        for key, value in cls.assumptions(cfg).items():
+            if key in merged and merged[key] != value:
+                raise ValueError(f"method {name!r} states assumption {key!r} differently from "
+                                 "another method of the run")
+            merged[key] = value
+    return merged
+
+
+def _add_once(target: dict[str, Any], key: str, value: Any, path: str) -> None:
+    if key in target:
+        raise ValueError(f"results.json path {path} is produced twice (a derived entry may not "
+                         "replace a method's own or another derived one)")
+    target[key] = value
 
 
 def build_results(
@@ -98,9 +126,12 @@ def build_results(
     (or is empty/None without DP); ``clients`` is :func:`client_rows`' list; ``assumptions``
     adds runtime-specific assumptions (transport, key holder); ``runtime_keys`` adds
     runtime-specific top-level keys, none of which may be one of :data:`RESERVED_KEYS`.
-    Derived entries: ``methods.fedavg_ft`` (FedAvg's fine-tuned test metric, when FedAvg
-    reports it) and ``comparison.fedora_below_local`` (clients where FEDORA's selected metric
-    is below Local's, when both ran).
+    Derived entries are declared by the methods (no method name here):
+    :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.derived_rows` adds rows after
+    the methods' own (FedAvg: ``methods.fedavg_ft``, the fine-tuned test metric) and
+    :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.comparisons` fills
+    ``comparison`` (FEDORA: ``comparison.fedora_below_local``, the clients where its selected
+    metric is below Local's, when both ran).
     """
     from secure_fedora.runtimes.inprocess import summarize
 
@@ -109,17 +140,15 @@ def build_results(
         raise ValueError(f"runtime keys {sorted(clash)} would replace shared results keys")
     methods = {name: {**o, "metric": metric} for name, o in outcomes.items()}
     comparison: dict[str, Any] = {}
-    if "fedora" in outcomes and "local" in outcomes:
-        f = outcomes["fedora"]["selected"]["per_client"]
-        loc = outcomes["local"]["selected"]["per_client"]
-        comparison["fedora_below_local"] = sum(1 for a, b in zip(f, loc, strict=True) if a < b)
-    fedavg_extra = outcomes.get("fedavg", {}).get("extra", {})
-    if "finetuned_test_accuracy" in fedavg_extra:
-        methods["fedavg_ft"] = {
-            "name": "fedavg_ft",
-            "selected": summarize(fedavg_extra["finetuned_test_accuracy"]),
-            "metric": metric,
-        }
+    derived: dict[str, Any] = {}
+    for name, cls in _declaring_classes(outcomes):
+        for key, value in cls.comparisons(name, outcomes).items():
+            _add_once(comparison, key, value, f"comparison.{key}")
+        for row, per_client in cls.derived_rows(name, outcomes[name]).items():
+            _add_once(derived, row, {"name": row, "selected": summarize(per_client),
+                                     "metric": metric}, f"methods.{row}")
+    for row, entry in derived.items():
+        _add_once(methods, row, entry, f"methods.{row}")
     doc: dict[str, Any] = {
         "name": cfg.name,
         "version": __version__,
