@@ -82,3 +82,15 @@ def test_every_module_lives_in_a_layer_or_is_a_front_door() -> None:
     assert loose == ["__init__.py", "api.py", "cli.py"]
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("_"))
     assert folders == sorted([*LAYERS, "contrib"])
+
+
+def test_names_moved_down_a_layer_stay_importable_from_their_old_homes() -> None:
+    from secure_fedora.algorithms import messages
+    from secure_fedora.learning import dp
+    from secure_fedora.secure import private, transport
+
+    assert private.DPGradient is dp.DPGradient
+    assert private.check_per_sample_gradients is dp.check_per_sample_gradients
+    assert transport.ValueCheck is messages.ValueCheck
+    for name in messages.__all__:
+        assert getattr(transport, name) is getattr(messages, name)

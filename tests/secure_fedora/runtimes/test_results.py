@@ -1,0 +1,87 @@
+"""results.json's derived entries come from the methods' declarations (no method name in the
+runtime), at the same paths and with the same values as before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from secure_fedora.algorithms.methods import Local
+from secure_fedora.core.config import parse_config
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.inprocess import summarize
+from secure_fedora.runtimes.results import build_results, method_entry
+
+
+def _entry(name: str, per_client: list[float], extra: dict | None = None) -> dict[str, Any]:
+    selected = {**summarize(per_client), "round": 2}
+    return method_entry(name, selected, summarize(per_client), 2, 0.0, 0.0, extra)
+
+
+def _config(methods: list[str], dp: bool = False) -> Any:
+    doc: dict[str, Any] = {"methods": methods, "data": {"num_clients": 3, "train_per_client": 40}}
+    if dp:
+        doc["privacy"] = {"enabled": True, "epsilon": 5.0, "delta": 1e-3}
+        doc["fedora"] = {"relatedness": "noised"}
+    return parse_config(doc)
+
+
+def _build(cfg: Any, outcomes: dict) -> dict[str, Any]:
+    return build_results(cfg, runtime="inprocess", config_hash="h", metric="accuracy",
+                         outcomes=outcomes, privacy=None, clients=[])
+
+
+def test_fedavg_ft_row_and_fedora_below_local_keep_their_paths_and_values() -> None:
+    tuned = [0.7, 0.8, 0.9]
+    outcomes = {
+        "fedora": _entry("fedora", [0.6, 0.9, 0.5]),
+        "local": _entry("local", [0.7, 0.8, 0.5]),
+        "fedavg": _entry("fedavg", [0.4, 0.4, 0.4], {"finetuned_test_accuracy": tuned}),
+    }
+    doc = _build(_config(["fedora", "local", "fedavg"]), outcomes)
+    assert list(doc["methods"]) == ["fedora", "local", "fedavg", "fedavg_ft"]
+    assert doc["methods"]["fedavg_ft"] == {"name": "fedavg_ft", "selected": summarize(tuned),
+                                           "metric": "accuracy"}
+    assert doc["comparison"] == {"fedora_below_local": 1}  # client 0 only (0.5 == 0.5 is not below)
+
+
+def test_no_derived_entries_without_their_inputs() -> None:
+    outcomes = {"fedora": _entry("fedora", [0.6, 0.9, 0.5]), "fedavg": _entry("fedavg", [0.4] * 3)}
+    doc = _build(_config(["fedora", "fedavg"]), outcomes)
+    assert list(doc["methods"]) == ["fedora", "fedavg"] and doc["comparison"] == {}
+
+
+def test_client_held_models_assumption_is_declared_by_ditto_and_apfl_under_dp() -> None:
+    expected = ("Ditto's and APFL's personal models never leave the client and train without "
+                "noise; DP covers what is sent (the global-model copies). Publishing a personal "
+                "model would be an unaccounted release.")
+    for methods in (["ditto"], ["apfl", "ditto"]):
+        assert _build(_config(methods, dp=True), {})["assumptions"]["client_held_models"] == expected
+    assert "client_held_models" not in _build(_config(["ditto"]), {})["assumptions"]
+    assert "client_held_models" not in _build(_config(["fedora"], dp=True), {})["assumptions"]
+
+
+def test_a_plug_in_declares_its_own_rows_and_may_not_replace_a_path() -> None:
+    class Shadow(Local):
+        name = "shadow_x"
+
+        @classmethod
+        def derived_rows(cls, name: str, outcome: dict) -> dict[str, list[float]]:
+            return {f"{name}_twice": [2 * v for v in outcome["selected"]["per_client"]]}
+
+        @classmethod
+        def comparisons(cls, name: str, outcomes: dict) -> dict[str, Any]:
+            return {"fedora_below_local": -1}  # collides with FEDORA's when both run
+
+    METHODS.register("shadow_x", Shadow)
+    try:
+        doc = _build(_config(["shadow_x"]), {"shadow_x": _entry("shadow_x", [0.25, 0.5, 0.5])})
+        assert doc["methods"]["shadow_x_twice"]["selected"]["per_client"] == [0.5, 1.0, 1.0]
+        assert doc["comparison"] == {"fedora_below_local": -1}
+        outcomes = {"fedora": _entry("fedora", [0.6] * 3), "local": _entry("local", [0.7] * 3),
+                    "shadow_x": _entry("shadow_x", [0.1] * 3)}
+        with pytest.raises(ValueError, match="comparison.fedora_below_local is produced twice"):
+            _build(_config(["fedora", "local", "shadow_x"]), outcomes)
+    finally:
+        METHODS.unregister("shadow_x")
