@@ -64,6 +64,7 @@ from privacy.pipeline import (
     AfterGate,
     BudgetGate,
     CheckExecutedSteps,
+    EncryptPayload,
     JournalRelease,
     PipelineError,
     RecordParams,
@@ -80,6 +81,7 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
+from secure_fedora.secure.transport import KIND_RELATEDNESS_UPLOAD, KIND_SUMMARY
 
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
            "client_noise_sources", "noise_assumptions", "privacy_plan"]
@@ -374,8 +376,20 @@ class DPGradient:
         check_per_sample_gradients(self.dpsgd, self._loss, x, y)
 
 
+#: Upload kinds that carry a client's relatedness summary (in the clear, or CKKS-encrypted):
+#: under noised relatedness they continue the admitted summary release's pipeline.
+SUMMARY_UPLOAD_KINDS: frozenset[str] = frozenset({KIND_SUMMARY, KIND_RELATEDNESS_UPLOAD})
+
+
 def _listing_only(release: Release) -> bytes:
     raise PipelineError("this pipeline was built to list its stages; it signs nothing")
+
+
+def _upload_stages(encrypt: EncryptPayload | None,
+                   sign: Callable[[Release], bytes] | None) -> list[Any]:
+    """The stages that let an (accounted) release leave: encryption, then the signature."""
+    return [*([encrypt] if encrypt is not None else []),
+            *([SignEnvelope(sign)] if sign is not None else [])]
 
 
 class _CrashPoint(AfterGate):
@@ -411,6 +425,10 @@ class ClientPrivacy:
     admitted: Release | None = None
     #: Ledger indices already used by releases accounted with an admitted one (the lambda).
     used_entries: set[int] = field(default_factory=set)
+    #: The admitted (gated, journaled) summary release and the stages it passed, so that its
+    #: upload runs the rest of the same pipeline (encrypt, sign) on exactly that payload.
+    summary_release: Release | None = None
+    summary_stages: list[Any] = field(default_factory=list)
 
     @property
     def noise_multiplier(self) -> float:
@@ -632,16 +650,18 @@ class FederationPrivacy:
         for i in participants:
             self.release_model(i, rnd, None)
 
-    def release_model(self, i: int, rnd: int, theta: Tensor | None,
-                      sign: Callable[[Release], bytes] | None = None) -> Release:
+    def release_model(self, i: int, rnd: int, theta: Tensor | bytes | None,
+                      sign: Callable[[Release], bytes] | None = None,
+                      encrypt: EncryptPayload | None = None) -> Release:
         """The last stages of client ``i``'s round-``rnd`` model release, run when the trained
-        ``theta`` is about to leave: the step check, then (with ``sign``, where envelopes are
-        on) the envelope signature, whose message becomes the payload. ``theta`` None runs the
-        step check alone (:meth:`confirm_steps`). Raises StepCountMismatchError (after a
-        refusal ledger entry) when the executed steps differ from the accounted ones, or the
-        round's model release was never admitted."""
+        ``theta`` (or any upload of that round, which is computed from it) is about to leave:
+        the step check, then (with ``encrypt``) the encryption and (with ``sign``, where
+        envelopes are on) the envelope signature, whose message becomes the payload. ``theta``
+        None runs the step check alone (:meth:`confirm_steps`). Raises StepCountMismatchError
+        (after a refusal ledger entry) when the executed steps differ from the accounted ones,
+        or the round's model release was never admitted: nothing is then encrypted or signed."""
         c = self.clients[i]
-        pipeline = self.model_pipeline(i, sign)
+        pipeline = self.model_pipeline(i, sign, encrypt)
         check = pipeline.index(CheckExecutedSteps)
         admitted = c.admitted if c.admitted is not None and c.admitted.round == rnd else None
         try:
@@ -714,32 +734,95 @@ class FederationPrivacy:
         return [RecordParams(noise_assumptions(self.cfg)), c.gate, _CrashPoint("gate"),
                 *journal, _CrashPoint("release")]
 
-    def model_pipeline(self, i: int, sign: Callable[[Release], bytes] | None = None
-                       ) -> ReleasePipeline:
+    def model_pipeline(self, i: int, sign: Callable[[Release], bytes] | None = None,
+                       encrypt: EncryptPayload | None = None) -> ReleasePipeline:
         """Client ``i``'s model release: (DP-SGD clips and noises each step in the optimizer)
-        -> gate + ledger -> journal, before training; step check -> (sign), before the model
-        leaves."""
+        -> gate + ledger -> journal, before training; step check -> (encrypt) -> (sign),
+        before the model leaves."""
         c = self.clients[i]
         check = CheckExecutedSteps(c.gate, c.step_counter, c.noise_multiplier, self.sample_rate)
         return ReleasePipeline([*self._admission_stages(i), check,
-                                *([SignEnvelope(sign)] if sign is not None else [])])
+                                *_upload_stages(encrypt, sign)])
 
-    def release_stages(self, i: int, *, signed: bool = False) -> dict[str, list[str]]:
-        """The stages of each kind of client ``i``'s releases, in order, as built for it
-        (``Transform`` stages by their name, crash-test hooks omitted); ``signed``: the model
-        pipeline of :meth:`release_model` with an envelope signer."""
+    def release_upload(self, i: int, rnd: int, kind: str, payload: Tensor | bytes, *,
+                       encrypt: EncryptPayload | None = None,
+                       sign: Callable[[Release], bytes] | None = None) -> Release:
+        """Client ``i``'s upload of ``kind`` for round ``rnd`` through the rest of the
+        pipeline of the release that accounts it (the one production path of an upload under
+        DP; :class:`secure_fedora.secure.transport.SecureTransport` calls it for every client
+        upload): encrypt (optional) -> sign (where envelopes are on).
+
+        - Round ``r >= 1``, client admitted this round: every upload of the round is computed
+          from the round's model release, so it passes that release's remaining stages
+          (:meth:`release_model`: the step check first; a mismatch refuses it, nothing is
+          encrypted or signed). Not admitted this round: the client did not train, so what it
+          sends again is a row released (and accounted) earlier or the public
+          initialization: encrypt -> sign (``metadata["resent"]``).
+        - Round 0, a summary upload (:data:`SUMMARY_UPLOAD_KINDS`) of a client with an
+          admitted summary (noised relatedness): the summary pipeline's remaining stages, on
+          that very payload (PipelineError for any other payload).
+        - Round 0 without an accounted setup release (the method declares none, e.g. plain or
+          encrypted-only relatedness, or the key holder's release of the overlaps computed
+          from the others' releases): the unaccounted path, encrypt -> sign.
+
+        A client whose budget refused a release uploads nothing more (PipelineError).
+        """
         c = self.clients[i]
+        if c.refused_at is not None:
+            raise PipelineError(
+                f"client {c.client_id!r} was refused (round {c.refused_at}); its round-{rnd}"
+                f" {kind!r} upload is not released")
+        if rnd >= 1:
+            if c.admitted is not None and c.admitted.round == rnd:
+                return self.release_model(i, rnd, payload, sign, encrypt)
+            # Not admitted this round, so not trained this round: the row it sends is the one
+            # it released last (accounted then) or the public initialization, sent again
+            # (e.g. encrypted propagation's first call, where every client uploads).
+            return ReleasePipeline(_upload_stages(encrypt, sign), require_gate=False).run(
+                Release(kind, payload, rnd, metadata={"resent": True}))
+        admitted = c.summary_release
+        if admitted is None or kind not in SUMMARY_UPLOAD_KINDS:
+            return ReleasePipeline(_upload_stages(encrypt, sign), require_gate=False).run(
+                Release(kind, payload, rnd))
+        if not (isinstance(payload, Tensor) and isinstance(admitted.payload, Tensor)
+                and payload.shape == admitted.payload.shape
+                and torch.equal(payload.to(admitted.payload.dtype), admitted.payload)):
+            raise PipelineError(
+                f"client {c.client_id!r}: the round-0 {kind!r} upload is not the summary its"
+                " gate admitted and its journal recorded; refusing to release it")
+        stages = c.summary_stages
+        pipeline = ReleasePipeline([*stages, *_upload_stages(encrypt, sign)])
+        return pipeline.run(admitted, start=len(stages))
+
+    def release_stages(self, i: int, *, signed: bool | None = None,
+                       encrypted: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """The stages of each kind of client ``i``'s releases, in order, as production builds
+        them (``Transform`` stages by their name, crash-test hooks omitted), up to the
+        upload: ``signed`` (default: ``security.envelopes``) ends the model and summary
+        pipelines with the envelope signature; ``encrypted`` names the release kinds whose
+        upload is encrypted (default from the config: ``summary`` under an encrypted
+        ``fedora.relatedness``, ``model`` under ``fedora.propagation = "encrypted"``)."""
+        c = self.clients[i]
+        if signed is None:
+            signed = self.cfg.security.envelopes
+        if encrypted is None:
+            encrypted = encrypted_release_kinds(self.cfg)
         placeholder = ReproducibleNoise(0)  # the noise stages need a source; nothing is drawn
         summary = second_moment_stages(1.0, 1, 1, c.noise_multiplier, placeholder)
         lam = noised_mean_stages(1.0, 1, c.noise_multiplier, placeholder)
+        sign = _listing_only if signed else None
 
         def names(stages: list[Any]) -> list[str]:
             return [getattr(s, "name", type(s).__name__) for s in stages
                     if not isinstance(s, _CrashPoint)]
 
+        def encrypt(kind: str) -> EncryptPayload | None:
+            return EncryptPayload(_listing_only, "ckks") if kind in encrypted else None
+
         return {
-            "model": names(self.model_pipeline(i, _listing_only if signed else None).stages),
-            "summary": names([*summary, *self._admission_stages(i)]),
+            "model": names(self.model_pipeline(i, sign, encrypt("model")).stages),
+            "summary": names([*summary, *self._admission_stages(i),
+                              *_upload_stages(encrypt("summary"), sign)]),
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
         }
 
@@ -822,10 +905,11 @@ class FederationPrivacy:
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             n = int(z.shape[0])
             noise_state = self._prepare(i, 0, "summary", noise[i])
-            pipeline = ReleasePipeline([*second_moment_stages(p.summary_clip, n, q, sigma, noise[i]),
-                                        *self._admission_stages(i)])
+            stages = [*second_moment_stages(p.summary_clip, n, q, sigma, noise[i]),
+                      *self._admission_stages(i)]
             released = self._release(i, Release("summary", z, 0, [],
-                                                self._noise_metadata(i, noise_state)), pipeline)
+                                                self._noise_metadata(i, noise_state)),
+                                     ReleasePipeline(stages))
             if released is None:
                 state = self.clients[i]
                 err = state.refusal_error
@@ -838,6 +922,7 @@ class FederationPrivacy:
                     " relatedness cannot be estimated, so the run stops",
                 )
             assert isinstance(released.payload, Tensor)
+            self.clients[i].summary_release, self.clients[i].summary_stages = released, stages
             out.append(released.payload)
             crash_point("summary")
         return torch.stack(out)
@@ -896,6 +981,26 @@ def _journal_noise_state(noise: NoiseSource) -> bytes:
     if isinstance(noise, CsprngNoise):
         return noise.journal_state()
     raise JournalError(f"noise source {type(noise).__name__} cannot be journaled")
+
+
+def encrypted_release_kinds(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The release kinds whose upload leaves CKKS-encrypted under ``cfg`` (an
+    :class:`~privacy.pipeline.EncryptPayload` stage in that release's pipeline)."""
+    kinds = []
+    if "encrypted" in cfg.fedora.relatedness:
+        kinds.append("summary")
+    if cfg.fedora.propagation == "encrypted":
+        kinds.append("model")
+    return tuple(kinds)
+
+
+def upload_stages(cfg: ExperimentConfig, *, signed: bool) -> dict[str, list[str]]:
+    """The stages an upload passes where no accountant covers it (a run without DP): the
+    encryption for the kinds of :func:`encrypted_release_kinds`, then the signature where
+    envelopes are on (``signed``)."""
+    encrypted = encrypted_release_kinds(cfg)
+    return {kind: [*(["EncryptPayload"] if kind in encrypted else []),
+                   *(["SignEnvelope"] if signed else [])] for kind in ("model", "summary")}
 
 
 def noise_is_reproducible(cfg: ExperimentConfig) -> bool:
