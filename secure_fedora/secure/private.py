@@ -718,7 +718,9 @@ class FederationPrivacy:
             rows[key]["clients"] += 1
         out = list(rows.values())
         choice = self.accountant_choice
+        stages = self.declared_release_stages()
         for row in out:
+            row["release_stages"] = stages
             row["accountant"] = self.accountant
             if choice is not None:
                 row["accountant_reason"] = choice.reason
@@ -825,6 +827,16 @@ class FederationPrivacy:
                               *_upload_stages(encrypt("summary"), sign)]),
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
         }
+
+    def declared_release_stages(self) -> dict[str, list[str]]:
+        """:meth:`release_stages` of the kinds this method declares (``releases(cfg)``), as
+        built for the first client (every client's pipelines have the same stages); shown in
+        results.json as ``privacy.<method>.release_stages``."""
+        if not self.clients:
+            return {}
+        index = next(iter(self.clients)).index
+        built = self.release_stages(index)
+        return {kind: built[kind] for kind in _declared_kinds(self.method, self.cfg)}
 
     def _release(self, i: int, release: Release, pipeline: ReleasePipeline,
                  stop: int | None = None) -> Release | None:
@@ -959,6 +971,7 @@ class FederationPrivacy:
             "accountant_choice": None if self.accountant_choice is None
             else self.accountant_choice.to_json(),
             "plan": self.plan_rows(),
+            "release_stages": self.declared_release_stages(),
             "sample_rate": self.sample_rate,
             "steps_per_round": self.steps,
             "clients": [
@@ -992,6 +1005,43 @@ def encrypted_release_kinds(cfg: ExperimentConfig) -> tuple[str, ...]:
     if cfg.fedora.propagation == "encrypted":
         kinds.append("model")
     return tuple(kinds)
+
+
+def release_stage_names(cfg: ExperimentConfig, method: str, *, signed: bool,
+                        journaled: bool = True) -> dict[str, list[str]]:
+    """The stages each release a client of ``method`` declares (``releases(cfg)``) passes in
+    production under DP, in order, up to the upload, for a process that holds no client
+    state (the Flower server's results): ``signed`` where envelopes are on (always on
+    Flower), ``journaled`` where the pipeline has the journal stage (the in-process runtime;
+    a Flower node journals its reply in its own release journal before the signature).
+    Equal to :meth:`FederationPrivacy.release_stages` for the kinds declared (tested)."""
+    encrypted = encrypted_release_kinds(cfg)
+    admission = ["RecordParams", "BudgetGate", *(["JournalRelease"] if journaled else [])]
+
+    def leave(kind: str) -> list[str]:
+        return [*(["EncryptPayload"] if kind in encrypted else []),
+                *(["SignEnvelope"] if signed else [])]
+
+    built = {
+        "model": [*admission, "CheckExecutedSteps", *leave("model")],
+        "summary": ["ClipRows", "second_moment", "GaussianNoise", "symmetrize",
+                    "top_eigenvectors", *admission, *leave("summary")],
+        "lambda": ["ClampValues", "mean", "GaussianNoise", "RecordParams", "AccountedWith"],
+    }
+    return {kind: built[kind] for kind in _declared_kinds(method, cfg)}
+
+
+def _declared_kinds(method: str, cfg: ExperimentConfig) -> list[str]:
+    """The release kinds ``method`` declares under ``cfg`` (``lambda`` for a round release
+    that includes ``gaussian_lambda``), in the order model, summary, lambda."""
+    from secure_fedora.algorithms.contract import method_releases
+
+    kinds = set()
+    for spec in method_releases(method, cfg):
+        kinds.add(spec.kind)
+        if "gaussian_lambda" in spec.mechanisms:
+            kinds.add("lambda")
+    return [k for k in ("model", "summary", "lambda") if k in kinds]
 
 
 def upload_stages(cfg: ExperimentConfig, *, signed: bool) -> dict[str, list[str]]:

@@ -213,3 +213,33 @@ def test_release_stages_list_sign_and_encrypt_where_production_runs_them(tmp_pat
     plain = config(False, fedora={"relatedness": "encrypted"})
     assert upload_stages(plain, signed=True) == {"model": ["SignEnvelope"],
                                                  "summary": ["EncryptPayload", "SignEnvelope"]}
+
+
+@pytest.mark.parametrize(("relatedness", "validation", "envelopes"), [
+    ("noised", "private", True), ("noised+encrypted", "public", False)])
+def test_results_and_plan_show_the_stages_both_runtimes_build(tmp_path, relatedness, validation,
+                                                              envelopes):
+    from secure_fedora.cli import privacy_plan_table
+    from secure_fedora.secure.private import FederationPrivacy, release_stage_names
+
+    cfg = config(True, methods=["fedora"], fedora={"relatedness": relatedness},
+                 data={"validation": validation}, security={"envelopes": envelopes})
+    privacy = FederationPrivacy.open(cfg, "fedora", 4, tmp_path / "ledgers", tmp_path / "keys")
+    try:
+        shown = privacy.summary()["release_stages"]
+        rows = privacy.plan_rows()
+        # the Flower node's pipeline: no journal stage (its node journal), always signed
+        privacy.journals = None
+        for c in privacy.clients:
+            c.journal = None
+        flower = {k: v for k, v in privacy.release_stages(0, signed=True).items() if k in shown}
+    finally:
+        privacy.close()
+    assert shown == release_stage_names(cfg, "fedora", signed=envelopes)
+    assert flower == release_stage_names(cfg, "fedora", signed=True, journaled=False)
+    assert ("lambda" in shown) == (validation == "private") and "summary" in shown
+    assert shown["model"][-1] == ("SignEnvelope" if envelopes else "CheckExecutedSteps")
+    assert ("EncryptPayload" in shown["summary"]) == ("encrypted" in relatedness)
+    assert rows[0]["release_stages"] == shown
+    caption = str(privacy_plan_table(rows).caption)
+    assert "model release: RecordParams -> BudgetGate -> JournalRelease" in caption
