@@ -3,7 +3,11 @@
 Every data-dependent release of a client goes through a :class:`privacy.pipeline.ReleasePipeline`
 of that client, built from small stages in the order clip -> noise -> (encrypt) -> gate + ledger
 (accountant + budget + write-ahead ledger) -> journal (exactly-once record) -> step check ->
-sign; :meth:`FederationPrivacy.release_stages` lists them per release kind:
+(encrypt) -> sign; :meth:`FederationPrivacy.release_stages` lists them per release kind. Every
+upload of a client leaves through :meth:`FederationPrivacy.release_upload`, the rest of the
+pipeline of the release that accounts it (the transport of either runtime calls it, and its
+SignEnvelope stage produces the upload's signature), so nothing is signed before it is
+accounted and journaled:
 
 - the model ``theta_i`` every round it participates (every method's upload): DP-SGD (Poisson
   sampling at rate q, per-sample clipping, Gaussian noise) for the round's ``ceil(E / q)``
