@@ -806,13 +806,13 @@ class FederationPrivacy:
         them (``Transform`` stages by their name, crash-test hooks omitted), up to the
         upload: ``signed`` (default: ``security.envelopes``) ends the model and summary
         pipelines with the envelope signature; ``encrypted`` names the release kinds whose
-        upload is encrypted (default from the config: ``summary`` under an encrypted
-        ``fedora.relatedness``, ``model`` under ``fedora.propagation = "encrypted"``)."""
+        upload is encrypted (default: those the method declares encrypted under the config,
+        :func:`encrypted_release_kinds`)."""
         c = self.clients[i]
         if signed is None:
             signed = self.cfg.security.envelopes
         if encrypted is None:
-            encrypted = encrypted_release_kinds(self.cfg)
+            encrypted = encrypted_release_kinds(self.cfg, self.method)
         placeholder = ReproducibleNoise(0)  # the noise stages need a source; nothing is drawn
         summary = second_moment_stages(1.0, 1, 1, c.noise_multiplier, placeholder)
         lam = noised_mean_stages(1.0, 1, c.noise_multiplier, placeholder)
@@ -1000,15 +1000,12 @@ def _journal_noise_state(noise: NoiseSource) -> bytes:
     raise JournalError(f"noise source {type(noise).__name__} cannot be journaled")
 
 
-def encrypted_release_kinds(cfg: ExperimentConfig) -> tuple[str, ...]:
-    """The release kinds whose upload leaves CKKS-encrypted under ``cfg`` (an
-    :class:`~privacy.pipeline.EncryptPayload` stage in that release's pipeline)."""
-    kinds = []
-    if "encrypted" in cfg.fedora.relatedness:
-        kinds.append("summary")
-    if cfg.fedora.propagation == "encrypted":
-        kinds.append("model")
-    return tuple(kinds)
+def encrypted_release_kinds(cfg: ExperimentConfig, method: str) -> tuple[str, ...]:
+    """The release kinds ``method`` declares encrypted under ``cfg`` (``ReleaseSpec.encrypted``:
+    an :class:`~privacy.pipeline.EncryptPayload` stage in that release's pipeline)."""
+    from secure_fedora.algorithms.contract import method_releases
+
+    return tuple(spec.kind for spec in method_releases(method, cfg) if spec.encrypted)
 
 
 def release_stage_names(cfg: ExperimentConfig, method: str, *, signed: bool,
@@ -1019,7 +1016,7 @@ def release_stage_names(cfg: ExperimentConfig, method: str, *, signed: bool,
     Flower), ``journaled`` where the pipeline has the journal stage (the in-process runtime;
     a Flower node journals its reply in its own release journal before the signature).
     Equal to :meth:`FederationPrivacy.release_stages` for the kinds declared (tested)."""
-    encrypted = encrypted_release_kinds(cfg)
+    encrypted = encrypted_release_kinds(cfg, method)
     admission = ["RecordParams", "BudgetGate", *(["JournalRelease"] if journaled else [])]
 
     def leave(kind: str) -> list[str]:
@@ -1046,15 +1043,6 @@ def _declared_kinds(method: str, cfg: ExperimentConfig) -> list[str]:
         if "gaussian_lambda" in spec.mechanisms:
             kinds.add("lambda")
     return [k for k in ("model", "summary", "lambda") if k in kinds]
-
-
-def upload_stages(cfg: ExperimentConfig, *, signed: bool) -> dict[str, list[str]]:
-    """The stages an upload passes where no accountant covers it (a run without DP): the
-    encryption for the kinds of :func:`encrypted_release_kinds`, then the signature where
-    envelopes are on (``signed``)."""
-    encrypted = encrypted_release_kinds(cfg)
-    return {kind: [*(["EncryptPayload"] if kind in encrypted else []),
-                   *(["SignEnvelope"] if signed else [])] for kind in ("model", "summary")}
 
 
 def noise_is_reproducible(cfg: ExperimentConfig) -> bool:

@@ -198,7 +198,11 @@ def test_encrypted_summary_uploads_pass_encrypt_payload_then_sign(dp_privacy, cl
 
 
 def test_release_stages_list_sign_and_encrypt_where_production_runs_them(tmp_path):
-    from secure_fedora.secure.private import FederationPrivacy, upload_stages
+    from secure_fedora.secure.private import (
+        FederationPrivacy,
+        encrypted_release_kinds,
+        release_stage_names,
+    )
 
     cfg = config(True, methods=["fedora"], fedora={"relatedness": "noised+encrypted"})
     privacy = FederationPrivacy.open(cfg, "fedora", 4, tmp_path / "ledgers", tmp_path / "keys")
@@ -210,9 +214,12 @@ def test_release_stages_list_sign_and_encrypt_where_production_runs_them(tmp_pat
                                "CheckExecutedSteps", "SignEnvelope"]
     assert stages["summary"][-5:] == ["RecordParams", "BudgetGate", "JournalRelease",
                                       "EncryptPayload", "SignEnvelope"]
-    plain = config(False, fedora={"relatedness": "encrypted"})
-    assert upload_stages(plain, signed=True) == {"model": ["SignEnvelope"],
-                                                 "summary": ["EncryptPayload", "SignEnvelope"]}
+    # encryption is what the method declares: FedAvg's model is never encrypted
+    propagated = config(True, fedora={"propagation": "encrypted"})
+    assert encrypted_release_kinds(propagated, "fedora") == ("model",)
+    assert encrypted_release_kinds(propagated, "fedavg") == ()
+    names = release_stage_names(propagated, "fedora", signed=True)
+    assert names["model"][-3:] == ["CheckExecutedSteps", "EncryptPayload", "SignEnvelope"]
 
 
 @pytest.mark.parametrize(("relatedness", "validation", "envelopes"), [
@@ -243,3 +250,22 @@ def test_results_and_plan_show_the_stages_both_runtimes_build(tmp_path, relatedn
     assert rows[0]["release_stages"] == shown
     caption = str(privacy_plan_table(rows).caption)
     assert "model release: RecordParams -> BudgetGate -> JournalRelease" in caption
+
+
+@pytest.mark.parametrize("envelopes", [False, True])
+def test_in_process_encrypted_summaries_continue_the_admitted_summary_pipeline(
+        tmp_path, clients, monkeypatch, envelopes):
+    """Noised + encrypted relatedness in a run: each client's EncryptPayload stage runs on its
+    admitted (gated, ledgered, journaled) summary release, with or without envelopes."""
+    seen = []
+    real = EncryptPayload.process
+
+    def encrypt(self, release):
+        seen.append((release.kind, "ledger_index" in release.metadata))
+        return real(self, release)
+
+    monkeypatch.setattr(EncryptPayload, "process", encrypt)
+    cfg = config(True, methods=["fedora"], fedora={"relatedness": "noised+encrypted"},
+                 security={"envelopes": envelopes}, training={"rounds": 1})
+    Simulation(cfg, tmp_path / "run", clients=clients).run()
+    assert seen == [("summary", True)] * 4
