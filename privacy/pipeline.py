@@ -5,7 +5,7 @@ encryption stage has run), the round, and the :class:`~privacy.accounting.Mechan
 of every accounted mechanism the payload is the output of. Any object with
 ``process(release) -> Release`` is a stage. The order is
 
-    clip -> noise -> (encrypt) -> gate + ledger -> journal -> (step check) -> sign
+    clip -> noise -> (encrypt) -> gate + ledger -> journal -> (step check) -> (encrypt) -> sign
 
 Stages before the gate transform the payload and may add records (:class:`ClipRows`,
 :class:`ClampValues`, :class:`GaussianNoise`, :class:`Transform`, :class:`EncryptPayload`,
@@ -18,6 +18,13 @@ A release whose mechanism runs *after* its accounting (DP-SGD: the gate admits t
 step count before training, the steps run, then the model leaves) passes the same pipeline in
 two calls: ``run(release, stop=k)`` up to the journal before the mechanism runs, and
 ``run(admitted, start=k)`` (the step check, the signature) before the payload leaves.
+Write-ahead: the ledger entry and the journal record are on disk before any stage that
+lets the payload leave (the signature) runs, so nothing is sent that the ledger does not
+account. An encryption stage may also stand after the journal (the accounted plaintext is
+journaled, its ciphertext is signed and sent); it changes no record there.
+
+A release that no accountant covers (a run without DP) passes a pipeline without a gate
+(``require_gate=False``), e.g. the signature alone: there is one path for every upload.
 """
 
 from __future__ import annotations
@@ -220,7 +227,13 @@ class RecordParams:
 class EncryptPayload:
     """Encryption stage: ``encrypt(tensor) -> bytes`` (e.g. CKKS under the key holder's
     public key). Post-processing of whatever precedes it, so it adds no record; stages after
-    it see bytes (the gate, journal and signature accept bytes; noise stages do not)."""
+    it see bytes (the gate, journal and signature accept bytes; noise stages do not).
+
+    It may stand before the gate (the ciphertext is what the gate admits and the journal
+    records) or after it (``may_follow_gate``: the accounted plaintext is journaled, the
+    ciphertext leaves); after the gate the pipeline checks that it changes no record."""
+
+    may_follow_gate = True
 
     def __init__(self, encrypt: Callable[[Tensor], bytes], scheme: str) -> None:
         if not callable(encrypt):
@@ -534,7 +547,13 @@ def noised_mean_stages(clip: float, m: int, noise_multiplier: float, noise: Nois
 class AfterGate(ABC):
     """A stage that may follow the :class:`BudgetGate`: it acts on an accounted release
     (journals, checks or signs it) and never changes its records (the pipeline checks this).
-    Such a stage only runs on a release the gate passed (it has ``ledger_index``)."""
+    Such a stage only runs on a release the gate passed (it has ``ledger_index``).
+
+    ``needs_gate`` False (the signature): the stage may also end a pipeline that has no gate
+    at all (``require_gate=False``), for a release no accountant covers (a run without DP);
+    where a gate is present it must still follow it."""
+
+    needs_gate: bool = True
 
     @abstractmethod
     def process(self, release: Release) -> Release:
@@ -673,8 +692,12 @@ class CheckExecutedSteps(AfterGate):
 
 class SignEnvelope(AfterGate):
     """The last stage where envelopes are on: ``sign(release) -> bytes`` wraps the payload in
-    the client's signed envelope (e.g. ``SecureTransport.client_upload``), which becomes the
-    payload; ``metadata["signed"]`` is True. The records are unchanged."""
+    the client's signed envelope (e.g. the signer of a
+    :class:`secure_fedora.secure.transport.SecureTransport` upload), which becomes the
+    payload; ``metadata["signed"]`` is True. The records are unchanged. In a pipeline
+    without a gate (a release no accountant covers) it may be the only stage."""
+
+    needs_gate = False
 
     def __init__(self, sign: Callable[[Release], bytes]) -> None:
         if not callable(sign):
@@ -687,6 +710,12 @@ class SignEnvelope(AfterGate):
         if not isinstance(message, bytes):
             raise PipelineError(f"SignEnvelope: sign returned {type(message).__name__}, not bytes")
         return release.replace(payload=message, metadata={**release.metadata, "signed": True})
+
+
+def _may_follow_gate(stage: object) -> bool:
+    """Whether ``stage`` may stand after the gate: an :class:`AfterGate` stage, or a
+    post-processing stage that declares ``may_follow_gate`` (:class:`EncryptPayload`)."""
+    return isinstance(stage, AfterGate) or bool(getattr(stage, "may_follow_gate", False))
 
 
 class ReleasePipeline:
@@ -705,9 +734,11 @@ class ReleasePipeline:
         gates = [i for i, s in enumerate(stages) if isinstance(s, BudgetGate)]
         gate = gates[0] if len(gates) == 1 else None
         misplaced = [f"{i} ({type(s).__name__})" for i, s in enumerate(stages)
-                     if gate is not None and i > gate and not isinstance(s, AfterGate)]
+                     if gate is not None and i > gate and not _may_follow_gate(s)]
+        ungated = not gates and not require_gate
         early = [f"{i} ({type(s).__name__})" for i, s in enumerate(stages)
-                 if isinstance(s, AfterGate) and (gate is None or i < gate)]
+                 if isinstance(s, AfterGate) and (gate is None or i < gate)
+                 and not (ungated and not s.needs_gate)]
         if (require_gate and gate is None) or len(gates) > 1 or misplaced or early:
             raise PipelineError(
                 "the BudgetGate must be the last stage that changes a release: one gate, and"
@@ -736,12 +767,15 @@ class ReleasePipeline:
             raise PipelineError(
                 f"release {release.kind!r} (round {release.round}) did not pass this"
                 f" pipeline's gate; stages after it cannot run on it")
-        for stage in self.stages[start:stop]:
+        end = len(self.stages) if stop is None else stop
+        for position in range(start, end):
+            stage = self.stages[position]
             out = stage.process(release)
             if not isinstance(out, Release):
                 raise PipelineError(f"stage {type(stage).__name__} returned"
                                     f" {type(out).__name__}, not a Release")
-            if isinstance(stage, AfterGate) and out.records != release.records:
+            after_gate = self.gate_position is not None and position > self.gate_position
+            if (isinstance(stage, AfterGate) or after_gate) and out.records != release.records:
                 raise PipelineError(f"after-gate stage {type(stage).__name__} changed the"
                                     " release's records (only the gate's ledger accounts them)")
             release = out

@@ -52,6 +52,8 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
             table.caption += f" -- WARNING: {rows[0]['noise_warning']}"
     if rows and "accountant" in rows[0]:
         table.caption += f"\naccountant: {rows[0].get('accountant_reason', rows[0]['accountant'])}"
+    for kind, stages in (rows[0].get("release_stages") or {}).items() if rows else ():
+        table.caption += f"\n{kind} release: {' -> '.join(stages)}"
     return table
 
 

@@ -54,12 +54,14 @@ class ReleaseSpec:
     names the accounted mechanisms of one such release, in ledger order (registry names in
     :mod:`privacy.mechanisms`, e.g. ``("dpsgd",)`` or ``("dpsgd", "gaussian_lambda")``);
     ``when`` is :data:`SETUP` (once, before round 1) or :data:`ROUND` (each round a client
-    takes part in).
+    takes part in); ``encrypted``: the upload leaves encrypted (an ``EncryptPayload`` stage
+    after the gate in the client's release pipeline; the ledger accounts the plaintext).
     """
 
     kind: str
     mechanisms: tuple[str, ...]
     when: str = ROUND
+    encrypted: bool = False
 
     def __post_init__(self) -> None:
         if self.when not in (SETUP, ROUND):

@@ -68,11 +68,13 @@ class EncryptionBackend(Protocol):
     #: The scheme, for results and error messages (e.g. ``"ckks"``).
     name: str
 
-    def encrypted_overlaps(self, summaries: Tensor, transport: Any = None) -> EncryptedOverlapsResult:
+    def encrypted_overlaps(self, summaries: Tensor, transport: Any = None,
+                           releases: Any = None) -> EncryptedOverlapsResult:
         """All clients' overlap blocks ``U_i^T U_j`` from their ``(N, d, q)`` summaries, with
         the server computing on ciphertexts and seeing only the decrypted ``q x q`` blocks;
         with a signed ``transport`` every message is an envelope and a client whose upload
-        is rejected is excluded."""
+        is rejected is excluded; ``releases`` (the clients' release pipelines, or None) encrypt
+        each client's upload in its pipeline's encrypt stage."""
         ...
 
     def propagator(self, num_clients: int) -> EncryptedPropagation:

@@ -656,13 +656,17 @@ class Fedora(FederatedMethod):
     @classmethod
     def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:
         """A noised summary once (``relatedness`` "noised..."), then per round the DP-SGD
-        model and, with private validation, the noised lambda."""
+        model and, with private validation, the noised lambda. The summary upload is
+        CKKS-encrypted under "noised+encrypted", the model under ``propagation =
+        "encrypted"``."""
         specs = []
         if "noised" in cfg.fedora.relatedness:
-            specs.append(ReleaseSpec("summary", ("gaussian_summary",), SETUP))
+            specs.append(ReleaseSpec("summary", ("gaussian_summary",), SETUP,
+                                     encrypted="encrypted" in cfg.fedora.relatedness))
         round_mechanisms = ("dpsgd", "gaussian_lambda") if cfg.data.validation == "private" \
             else ("dpsgd",)
-        specs.append(ReleaseSpec("model", round_mechanisms, ROUND))
+        specs.append(ReleaseSpec("model", round_mechanisms, ROUND,
+                                 encrypted=cfg.fedora.propagation == "encrypted"))
         return tuple(specs)
 
     # ------------------------------------------------------------------ setup exchange
@@ -723,7 +727,8 @@ class Fedora(FederatedMethod):
         transport = self.summary_transport
         if "encrypted" in self._relatedness_mode:
             assert self.encryption is not None  # required in __init__ for encrypted modes
-            overlaps, details = encrypted_relatedness(self.encryption, summaries, transport)
+            overlaps, details = encrypted_relatedness(self.encryption, summaries, transport,
+                                                       self.ctx.privacy)
         else:
             details = {}
             if transport is not None:
@@ -963,13 +968,15 @@ def _absorb(matrix: Tensor, replies: Mapping[int, Payload], key: str) -> None:
             matrix[i].copy_(row)
 
 
-def encrypted_relatedness(backend: EncryptionBackend, summaries: Tensor,
-                          transport: Any = None) -> tuple[Tensor, dict[str, Any]]:
+def encrypted_relatedness(backend: EncryptionBackend, summaries: Tensor, transport: Any = None,
+                          releases: Any = None) -> tuple[Tensor, dict[str, Any]]:
     """The overlap blocks through ``backend`` (in both runtimes CKKS,
     :func:`secure_fedora.secure.relatedness.encrypted_overlaps`: the server computes on
     ciphertexts and sees only the decrypted q x q blocks) and their details (traffic,
-    timings; with a signed ``transport`` the excluded clients)."""
-    result = backend.encrypted_overlaps(summaries, transport)
+    timings; with a signed ``transport`` the excluded clients). Without a transport each
+    client's encryption stage runs in ``releases``' pipeline (the clients' privacy state
+    under DP)."""
+    result = backend.encrypted_overlaps(summaries, transport, releases)
     details: dict[str, Any] = {
         "client_bytes_sent": result.client_bytes_sent,
         "server_bytes_received": result.server_bytes_received,

@@ -595,7 +595,7 @@ class Simulation:
     def _run_method(self, name: str, ctx: MethodContext, privacy: Any, resume: bool) -> MethodOutcome:
         cfg = self.cfg
         if cfg.security.envelopes:
-            ctx.transport_factory = self._transport_factory(name)
+            ctx.transport_factory = self._transport_factory(name, privacy)
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
         n = len(self.clients)
@@ -630,7 +630,7 @@ class Simulation:
             t0 = time.perf_counter()
             method.setup()
             self.setup_seconds[name] = time.perf_counter() - t0
-        self._attach_security(name, method, start_round - 1)
+        self._attach_security(name, method, start_round - 1, privacy)
         rounds = cfg.training.rounds
         due = _CheckpointSchedule(cfg.training.checkpoint_every)
         with_lambda = privacy is not None and _round_release_has_lambda(method, cfg)
@@ -685,23 +685,30 @@ class Simulation:
         self.history.extend(history)
         return outcome
 
-    def _transport_factory(self, name: str) -> Callable[[str], Any]:
+    def _transport_factory(self, name: str, privacy: Any = None) -> Callable[[str], Any]:
         """``label -> SecureTransport`` for method ``name``'s own signed exchanges (nonce state
-        in ``transport/<name>-<label>``, envelopes bound to this run and that exchange)."""
+        in ``transport/<name>-<label>``, envelopes bound to this run and that exchange); with
+        DP its client uploads are released through ``privacy``'s pipelines."""
         from secure_fedora.secure.transport import SecureTransport
 
         def open_transport(label: str) -> Any:
-            return SecureTransport.for_simulation(
+            transport = SecureTransport.for_simulation(
                 self.run_dir, len(self.clients), f"{name}-{label}", key_dir=self.key_dir,
                 context=f"{self.run_nonce}/{name}-{label}")
+            if privacy is not None:
+                transport.attach_releases(privacy)
+            return transport
 
         return open_transport
 
-    def _attach_security(self, name: str, method: FederatedMethod, last_round: int) -> None:
+    def _attach_security(self, name: str, method: FederatedMethod, last_round: int,
+                         privacy: Any = None) -> None:
         """With ``[security] envelopes``, a signed message exchange for every method that
         sends messages (all but Local), tracking what
         :meth:`~secure_fedora.algorithms.methods.FederatedMethod.message_state` names. ``last_round`` is
-        the last round already done (0 on a fresh start)."""
+        the last round already done (0 on a fresh start). Every client upload is signed by
+        the client's release pipeline: ``privacy``'s under DP (step check before the
+        signature), the unaccounted one (the signature alone) otherwise."""
         n = len(self.clients)
         if not self.cfg.security.envelopes:
             return
@@ -713,6 +720,8 @@ class Simulation:
         uploads, downloads = state
         transport = SecureTransport.for_simulation(self.run_dir, n, name, key_dir=self.key_dir,
                                                    context=f"{self.run_nonce}/{name}")
+        if privacy is not None:
+            transport.attach_releases(privacy)
         method.attach_exchange(SecureExchange(transport, uploads=uploads, downloads=downloads,
                                               last_round=last_round))
 

@@ -24,12 +24,14 @@ class CkksBackend:
 
     name = "ckks"
 
-    def encrypted_overlaps(self, summaries: Tensor, transport: Any = None) -> EncryptedOverlapsResult:
+    def encrypted_overlaps(self, summaries: Tensor, transport: Any = None,
+                           releases: Any = None) -> EncryptedOverlapsResult:
         """The overlap blocks through :func:`~secure_fedora.secure.relatedness.encrypted_overlaps`
-        (a fresh key ceremony, key holder client 0, symmetric client encryption)."""
+        (a fresh key ceremony, key holder client 0, symmetric client encryption); ``releases``:
+        the clients' release pipelines, whose encrypt stage produces each upload."""
         from secure_fedora.secure.relatedness import encrypted_overlaps
 
-        return encrypted_overlaps(summaries, transport=transport)
+        return encrypted_overlaps(summaries, transport=transport, releases=releases)
 
     def propagator(self, num_clients: int) -> EncryptedPropagation:
         """A new :class:`~secure_fedora.secure.encrypted_propagation.EncryptedPropagator`."""

@@ -68,6 +68,7 @@ from privacy.ckks import (
 from privacy.envelope import EnvelopeError
 from privacy.errors import ToolkitError
 from privacy.identity import SERVER_ID, Identity
+from privacy.pipeline import EncryptPayload
 from secure_fedora.secure.relatedness import CkksCeremony
 from secure_fedora.secure.transport import (
     KIND_ENC_PHI,
@@ -428,15 +429,16 @@ class EncryptedPropagator:
         clock = _Clock()
         sent = [0] * n
         fresh: dict[int, bytes] = {}
-        for j in redo:
-            try:
-                fresh[j] = self.client.encrypt(theta[j])
-            except EncryptedPropagationError as exc:
-                raise EncryptedPropagationError(f"client {j}: {exc}") from exc
-            sent[j] = len(fresh[j])
-        if exchange is not None:
+        if exchange is None:
+            for j in redo:
+                try:
+                    fresh[j] = self.client.encrypt(theta[j])
+                except EncryptedPropagationError as exc:
+                    raise EncryptedPropagationError(f"client {j}: {exc}") from exc
+                sent[j] = len(fresh[j])
+        else:
             assert rnd is not None
-            fresh, sent = self._enveloped_uploads(rnd, exchange, theta, fresh, p)
+            fresh, sent = self._enveloped_uploads(rnd, exchange, theta, list(redo), p)
         for j, data in fresh.items():
             self._uploads[j] = data
         self._num_params = p
@@ -457,11 +459,20 @@ class EncryptedPropagator:
         return phi
 
     def _enveloped_uploads(
-        self, rnd: int, exchange: SecureExchange, theta: Tensor, fresh: dict[int, bytes], p: int
+        self, rnd: int, exchange: SecureExchange, theta: Tensor, redo: Sequence[int], p: int
     ) -> tuple[dict[int, bytes], list[int]]:
+        """Each client in ``redo`` releases its row through its pipeline: after the round's
+        accounted stages (under DP), an :class:`~privacy.pipeline.EncryptPayload` stage (this
+        client's CKKS encryption), then the signature; the server verifies them."""
         transport = exchange.transport
-        messages = {j: transport.client_upload_bytes(rnd, j, data, KIND_ENC_THETA)
-                    for j, data in fresh.items()}
+        encrypt = EncryptPayload(self.client.encrypt, f"ckks-{self.client.encryption}")
+        messages = {}
+        for j in redo:
+            try:
+                messages[j] = transport.client_release(rnd, j, KIND_ENC_THETA, theta[j],
+                                                       encrypt=encrypt)
+            except EncryptedPropagationError as exc:
+                raise EncryptedPropagationError(f"client {j}: {exc}") from exc
         sent = [len(messages.get(j, b"")) for j in range(self.num_clients)]
         accepted, rejections = transport.server_receive_bytes(
             rnd, exchange.deliver(KIND_ENC_THETA, rnd, messages), KIND_ENC_THETA)

@@ -3,7 +3,11 @@
 Every data-dependent release of a client goes through a :class:`privacy.pipeline.ReleasePipeline`
 of that client, built from small stages in the order clip -> noise -> (encrypt) -> gate + ledger
 (accountant + budget + write-ahead ledger) -> journal (exactly-once record) -> step check ->
-sign; :meth:`FederationPrivacy.release_stages` lists them per release kind:
+(encrypt) -> sign; :meth:`FederationPrivacy.release_stages` lists them per release kind. Every
+upload of a client leaves through :meth:`FederationPrivacy.release_upload`, the rest of the
+pipeline of the release that accounts it (the transport of either runtime calls it, and its
+SignEnvelope stage produces the upload's signature), so nothing is signed before it is
+accounted and journaled:
 
 - the model ``theta_i`` every round it participates (every method's upload): DP-SGD (Poisson
   sampling at rate q, per-sample clipping, Gaussian noise) for the round's ``ceil(E / q)``
@@ -62,6 +66,7 @@ from privacy.pipeline import (
     AfterGate,
     BudgetGate,
     CheckExecutedSteps,
+    EncryptPayload,
     JournalRelease,
     PipelineError,
     RecordParams,
@@ -74,6 +79,7 @@ from privacy.pipeline import (
     second_moment_stages,
 )
 from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMMARY
 from secure_fedora.core.config import ConfigError, ExperimentConfig
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.data.partition import ClientData
@@ -317,8 +323,20 @@ def client_budget(cfg: ExperimentConfig, index: int) -> PrivacyBudget:
     return PrivacyBudget(o.epsilon, o.delta if o.delta is not None else p.delta)
 
 
+#: Upload kinds that carry a client's relatedness summary (in the clear, or CKKS-encrypted):
+#: under noised relatedness they continue the admitted summary release's pipeline.
+SUMMARY_UPLOAD_KINDS: frozenset[str] = frozenset({KIND_SUMMARY, KIND_RELATEDNESS_UPLOAD})
+
+
 def _listing_only(release: Release) -> bytes:
     raise PipelineError("this pipeline was built to list its stages; it signs nothing")
+
+
+def _upload_stages(encrypt: EncryptPayload | None,
+                   sign: Callable[[Release], bytes] | None) -> list[Any]:
+    """The stages that let an (accounted) release leave: encryption, then the signature."""
+    return [*([encrypt] if encrypt is not None else []),
+            *([SignEnvelope(sign)] if sign is not None else [])]
 
 
 class _CrashPoint(AfterGate):
@@ -354,6 +372,10 @@ class ClientPrivacy:
     admitted: Release | None = None
     #: Ledger indices already used by releases accounted with an admitted one (the lambda).
     used_entries: set[int] = field(default_factory=set)
+    #: The admitted (gated, journaled) summary release and the stages it passed, so that its
+    #: upload runs the rest of the same pipeline (encrypt, sign) on exactly that payload.
+    summary_release: Release | None = None
+    summary_stages: list[Any] = field(default_factory=list)
 
     @property
     def noise_multiplier(self) -> float:
@@ -575,16 +597,18 @@ class FederationPrivacy:
         for i in participants:
             self.release_model(i, rnd, None)
 
-    def release_model(self, i: int, rnd: int, theta: Tensor | None,
-                      sign: Callable[[Release], bytes] | None = None) -> Release:
+    def release_model(self, i: int, rnd: int, theta: Tensor | bytes | None,
+                      sign: Callable[[Release], bytes] | None = None,
+                      encrypt: EncryptPayload | None = None) -> Release:
         """The last stages of client ``i``'s round-``rnd`` model release, run when the trained
-        ``theta`` is about to leave: the step check, then (with ``sign``, where envelopes are
-        on) the envelope signature, whose message becomes the payload. ``theta`` None runs the
-        step check alone (:meth:`confirm_steps`). Raises StepCountMismatchError (after a
-        refusal ledger entry) when the executed steps differ from the accounted ones, or the
-        round's model release was never admitted."""
+        ``theta`` (or any upload of that round, which is computed from it) is about to leave:
+        the step check, then (with ``encrypt``) the encryption and (with ``sign``, where
+        envelopes are on) the envelope signature, whose message becomes the payload. ``theta``
+        None runs the step check alone (:meth:`confirm_steps`). Raises StepCountMismatchError
+        (after a refusal ledger entry) when the executed steps differ from the accounted ones,
+        or the round's model release was never admitted: nothing is then encrypted or signed."""
         c = self.clients[i]
-        pipeline = self.model_pipeline(i, sign)
+        pipeline = self.model_pipeline(i, sign, encrypt)
         check = pipeline.index(CheckExecutedSteps)
         admitted = c.admitted if c.admitted is not None and c.admitted.round == rnd else None
         try:
@@ -641,7 +665,9 @@ class FederationPrivacy:
             rows[key]["clients"] += 1
         out = list(rows.values())
         choice = self.accountant_choice
+        stages = self.declared_release_stages()
         for row in out:
+            row["release_stages"] = stages
             row["accountant"] = self.accountant
             if choice is not None:
                 row["accountant_reason"] = choice.reason
@@ -657,34 +683,107 @@ class FederationPrivacy:
         return [RecordParams(noise_assumptions(self.cfg)), c.gate, _CrashPoint("gate"),
                 *journal, _CrashPoint("release")]
 
-    def model_pipeline(self, i: int, sign: Callable[[Release], bytes] | None = None
-                       ) -> ReleasePipeline:
+    def model_pipeline(self, i: int, sign: Callable[[Release], bytes] | None = None,
+                       encrypt: EncryptPayload | None = None) -> ReleasePipeline:
         """Client ``i``'s model release: (DP-SGD clips and noises each step in the optimizer)
-        -> gate + ledger -> journal, before training; step check -> (sign), before the model
-        leaves."""
+        -> gate + ledger -> journal, before training; step check -> (encrypt) -> (sign),
+        before the model leaves."""
         c = self.clients[i]
         check = CheckExecutedSteps(c.gate, c.step_counter, c.noise_multiplier, self.sample_rate)
         return ReleasePipeline([*self._admission_stages(i), check,
-                                *([SignEnvelope(sign)] if sign is not None else [])])
+                                *_upload_stages(encrypt, sign)])
 
-    def release_stages(self, i: int, *, signed: bool = False) -> dict[str, list[str]]:
-        """The stages of each kind of client ``i``'s releases, in order, as built for it
-        (``Transform`` stages by their name, crash-test hooks omitted); ``signed``: the model
-        pipeline of :meth:`release_model` with an envelope signer."""
+    def release_upload(self, i: int, rnd: int, kind: str, payload: Tensor | bytes, *,
+                       encrypt: EncryptPayload | None = None,
+                       sign: Callable[[Release], bytes] | None = None) -> Release:
+        """Client ``i``'s upload of ``kind`` for round ``rnd`` through the rest of the
+        pipeline of the release that accounts it (the one production path of an upload under
+        DP; :class:`secure_fedora.secure.transport.SecureTransport` calls it for every client
+        upload): encrypt (optional) -> sign (where envelopes are on).
+
+        - Round ``r >= 1``, client admitted this round: every upload of the round is computed
+          from the round's model release, so it passes that release's remaining stages
+          (:meth:`release_model`: the step check first; a mismatch refuses it, nothing is
+          encrypted or signed). Not admitted this round: the client did not train, so what it
+          sends again is a row released (and accounted) earlier or the public
+          initialization: encrypt -> sign (``metadata["resent"]``).
+        - Round 0, a summary upload (:data:`SUMMARY_UPLOAD_KINDS`) of a client with an
+          admitted summary (noised relatedness): the summary pipeline's remaining stages, on
+          that very payload (PipelineError for any other payload).
+        - Round 0 without an accounted setup release (the method declares none, e.g. plain or
+          encrypted-only relatedness, or the key holder's release of the overlaps computed
+          from the others' releases): the unaccounted path, encrypt -> sign.
+
+        A client whose budget refused a release uploads nothing more (PipelineError).
+        """
         c = self.clients[i]
+        if c.refused_at is not None:
+            raise PipelineError(
+                f"client {c.client_id!r} was refused (round {c.refused_at}); its round-{rnd}"
+                f" {kind!r} upload is not released")
+        if rnd >= 1:
+            if c.admitted is not None and c.admitted.round == rnd:
+                return self.release_model(i, rnd, payload, sign, encrypt)
+            # Not admitted this round, so not trained this round: the row it sends is the one
+            # it released last (accounted then) or the public initialization, sent again
+            # (e.g. encrypted propagation's first call, where every client uploads).
+            return ReleasePipeline(_upload_stages(encrypt, sign), require_gate=False).run(
+                Release(kind, payload, rnd, metadata={"resent": True}))
+        admitted = c.summary_release
+        if admitted is None or kind not in SUMMARY_UPLOAD_KINDS:
+            return ReleasePipeline(_upload_stages(encrypt, sign), require_gate=False).run(
+                Release(kind, payload, rnd))
+        if not (isinstance(payload, Tensor) and isinstance(admitted.payload, Tensor)
+                and payload.shape == admitted.payload.shape
+                and torch.equal(payload.to(admitted.payload.dtype), admitted.payload)):
+            raise PipelineError(
+                f"client {c.client_id!r}: the round-0 {kind!r} upload is not the summary its"
+                " gate admitted and its journal recorded; refusing to release it")
+        stages = c.summary_stages
+        pipeline = ReleasePipeline([*stages, *_upload_stages(encrypt, sign)])
+        return pipeline.run(admitted, start=len(stages))
+
+    def release_stages(self, i: int, *, signed: bool | None = None,
+                       encrypted: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """The stages of each kind of client ``i``'s releases, in order, as production builds
+        them (``Transform`` stages by their name, crash-test hooks omitted), up to the
+        upload: ``signed`` (default: ``security.envelopes``) ends the model and summary
+        pipelines with the envelope signature; ``encrypted`` names the release kinds whose
+        upload is encrypted (default: those the method declares encrypted under the config,
+        :func:`encrypted_release_kinds`)."""
+        c = self.clients[i]
+        if signed is None:
+            signed = self.cfg.security.envelopes
+        if encrypted is None:
+            encrypted = encrypted_release_kinds(self.cfg, self.method)
         placeholder = ReproducibleNoise(0)  # the noise stages need a source; nothing is drawn
         summary = second_moment_stages(1.0, 1, 1, c.noise_multiplier, placeholder)
         lam = noised_mean_stages(1.0, 1, c.noise_multiplier, placeholder)
+        sign = _listing_only if signed else None
 
         def names(stages: list[Any]) -> list[str]:
             return [getattr(s, "name", type(s).__name__) for s in stages
                     if not isinstance(s, _CrashPoint)]
 
+        def encrypt(kind: str) -> EncryptPayload | None:
+            return EncryptPayload(_listing_only, "ckks") if kind in encrypted else None
+
         return {
-            "model": names(self.model_pipeline(i, _listing_only if signed else None).stages),
-            "summary": names([*summary, *self._admission_stages(i)]),
+            "model": names(self.model_pipeline(i, sign, encrypt("model")).stages),
+            "summary": names([*summary, *self._admission_stages(i),
+                              *_upload_stages(encrypt("summary"), sign)]),
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
         }
+
+    def declared_release_stages(self) -> dict[str, list[str]]:
+        """:meth:`release_stages` of the kinds this method declares (``releases(cfg)``), as
+        built for the first client (every client's pipelines have the same stages); shown in
+        results.json as ``privacy.<method>.release_stages``."""
+        if not self.clients:
+            return {}
+        index = next(iter(self.clients)).index
+        built = self.release_stages(index)
+        return {kind: built[kind] for kind in _declared_kinds(self.method, self.cfg)}
 
     def _release(self, i: int, release: Release, pipeline: ReleasePipeline,
                  stop: int | None = None) -> Release | None:
@@ -765,10 +864,11 @@ class FederationPrivacy:
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             n = int(z.shape[0])
             noise_state = self._prepare(i, 0, "summary", noise[i])
-            pipeline = ReleasePipeline([*second_moment_stages(p.summary_clip, n, q, sigma, noise[i]),
-                                        *self._admission_stages(i)])
+            stages = [*second_moment_stages(p.summary_clip, n, q, sigma, noise[i]),
+                      *self._admission_stages(i)]
             released = self._release(i, Release("summary", z, 0, [],
-                                                self._noise_metadata(i, noise_state)), pipeline)
+                                                self._noise_metadata(i, noise_state)),
+                                     ReleasePipeline(stages))
             if released is None:
                 state = self.clients[i]
                 err = state.refusal_error
@@ -781,6 +881,7 @@ class FederationPrivacy:
                     " relatedness cannot be estimated, so the run stops",
                 )
             assert isinstance(released.payload, Tensor)
+            self.clients[i].summary_release, self.clients[i].summary_stages = released, stages
             out.append(released.payload)
             crash_point("summary")
         return torch.stack(out)
@@ -817,6 +918,7 @@ class FederationPrivacy:
             "accountant_choice": None if self.accountant_choice is None
             else self.accountant_choice.to_json(),
             "plan": self.plan_rows(),
+            "release_stages": self.declared_release_stages(),
             "sample_rate": self.sample_rate,
             "steps_per_round": self.steps,
             "clients": [
@@ -839,6 +941,51 @@ def _journal_noise_state(noise: NoiseSource) -> bytes:
     if isinstance(noise, CsprngNoise):
         return noise.journal_state()
     raise JournalError(f"noise source {type(noise).__name__} cannot be journaled")
+
+
+def encrypted_release_kinds(cfg: ExperimentConfig, method: str) -> tuple[str, ...]:
+    """The release kinds ``method`` declares encrypted under ``cfg`` (``ReleaseSpec.encrypted``:
+    an :class:`~privacy.pipeline.EncryptPayload` stage in that release's pipeline)."""
+    from secure_fedora.algorithms.contract import method_releases
+
+    return tuple(spec.kind for spec in method_releases(method, cfg) if spec.encrypted)
+
+
+def release_stage_names(cfg: ExperimentConfig, method: str, *, signed: bool,
+                        journaled: bool = True) -> dict[str, list[str]]:
+    """The stages each release a client of ``method`` declares (``releases(cfg)``) passes in
+    production under DP, in order, up to the upload, for a process that holds no client
+    state (the Flower server's results): ``signed`` where envelopes are on (always on
+    Flower), ``journaled`` where the pipeline has the journal stage (the in-process runtime;
+    a Flower node journals its reply in its own release journal before the signature).
+    Equal to :meth:`FederationPrivacy.release_stages` for the kinds declared (tested)."""
+    encrypted = encrypted_release_kinds(cfg, method)
+    admission = ["RecordParams", "BudgetGate", *(["JournalRelease"] if journaled else [])]
+
+    def leave(kind: str) -> list[str]:
+        return [*(["EncryptPayload"] if kind in encrypted else []),
+                *(["SignEnvelope"] if signed else [])]
+
+    built = {
+        "model": [*admission, "CheckExecutedSteps", *leave("model")],
+        "summary": ["ClipRows", "second_moment", "GaussianNoise", "symmetrize",
+                    "top_eigenvectors", *admission, *leave("summary")],
+        "lambda": ["ClampValues", "mean", "GaussianNoise", "RecordParams", "AccountedWith"],
+    }
+    return {kind: built[kind] for kind in _declared_kinds(method, cfg)}
+
+
+def _declared_kinds(method: str, cfg: ExperimentConfig) -> list[str]:
+    """The release kinds ``method`` declares under ``cfg`` (``lambda`` for a round release
+    that includes ``gaussian_lambda``), in the order model, summary, lambda."""
+    from secure_fedora.algorithms.contract import method_releases
+
+    kinds = set()
+    for spec in method_releases(method, cfg):
+        kinds.add(spec.kind)
+        if "gaussian_lambda" in spec.mechanisms:
+            kinds.add("lambda")
+    return [k for k in ("model", "summary", "lambda") if k in kinds]
 
 
 def noise_is_reproducible(cfg: ExperimentConfig) -> bool:

@@ -84,14 +84,17 @@ from privacy.ckks import (
 from privacy.envelope import EnvelopeError
 from privacy.errors import ToolkitError
 from privacy.identity import SERVER_ID, Identity
+from privacy.pipeline import EncryptPayload
 from secure_fedora.secure.transport import (
     KIND_RELATEDNESS_RELEASE,
     KIND_RELATEDNESS_ROWS,
     KIND_RELATEDNESS_UPLOAD,
     Channel,
+    ClientReleases,
     MalformedPayloadError,
     Rejection,
     SecureTransport,
+    UnaccountedReleases,
     log_rejection,
 )
 
@@ -115,6 +118,8 @@ __all__ = [
     "public_keys",
     "run_key_ceremony",
     "seal_keys",
+    "summary_encryption",
+    "unpack_summary_upload",
 ]
 
 
@@ -555,20 +560,45 @@ def _unpack_parts(data: bytes) -> list[bytes]:
     return parts
 
 
+def summary_encryption(ctx: ts.Context, layout: InnerProductLayout, client: int,
+                       encryption: Encryption = "symmetric") -> EncryptPayload:
+    """Client ``client``'s encryption stage (:class:`privacy.pipeline.EncryptPayload`): its
+    summary -> :func:`encrypt_summary`'s ``q`` ciphertexts, packed as one upload (the bytes
+    the client's pipeline then signs and sends; :func:`unpack_summary_upload` reads them)."""
+
+    def encrypt(summary: Tensor) -> bytes:
+        return _pack_parts(encrypt_summary(ctx, layout, client, summary, encryption))
+
+    return EncryptPayload(encrypt, f"ckks-{encryption}")
+
+
+def unpack_summary_upload(data: bytes) -> list[bytes]:
+    """The ``q`` ciphertexts of a packed summary upload (ValueError if it is not one)."""
+    return _unpack_parts(data)
+
+
 class _DirectLink:
     """The parties' bytes handed over as they are (no envelopes): nothing can be rejected, so
-    an unusable upload is a bug and raises."""
+    an unusable upload is a bug and raises. Each client's upload is still released through
+    its pipeline (``releases``): the encryption stage, with no signature."""
 
-    def __init__(self, key_holder: int) -> None:
+    def __init__(self, key_holder: int, releases: ClientReleases | None = None) -> None:
         self.key_holder = key_holder
+        self.releases = releases if releases is not None else UnaccountedReleases()
         self.rejections: list[Rejection] = []
         self.client_bytes_sent: list[int] = []
         self.server_bytes_received = self.key_holder_bytes_received = self.released_bytes = 0
 
-    def uploads(self, columns: list[list[bytes]]) -> dict[int, object]:
-        self.client_bytes_sent = [sum(len(c) for c in cols) for cols in columns]
+    def uploads(self, summaries: Tensor, encrypters: Sequence[EncryptPayload]) -> dict[int, object]:
+        columns = {}
+        for i, encrypt in enumerate(encrypters):
+            released = self.releases.release_upload(i, 0, KIND_RELATEDNESS_UPLOAD, summaries[i],
+                                                    encrypt=encrypt)
+            assert isinstance(released.payload, bytes)
+            columns[i] = _unpack_parts(released.payload)
+        self.client_bytes_sent = [sum(len(c) for c in columns[i]) for i in sorted(columns)]
         self.server_bytes_received = sum(self.client_bytes_sent)
-        return dict(enumerate(columns))
+        return dict(columns)
 
     def reject_upload(self, client: int, why: str) -> None:
         raise SecureRelatednessError(f"client {client}'s encrypted summary is unusable: {why}")
@@ -601,12 +631,13 @@ class _EnvelopedLink(_DirectLink):
     def _deliver(self, kind: str, client: int, message: bytes) -> bytes:
         return self.channel(kind, 0, client, message) if self.channel is not None else message
 
-    def uploads(self, columns: list[list[bytes]]) -> dict[int, object]:
+    def uploads(self, summaries: Tensor, encrypters: Sequence[EncryptPayload]) -> dict[int, object]:
         tr = self.transport
-        sent = {i: tr.client_upload_bytes(0, i, _pack_parts(cols), KIND_RELATEDNESS_UPLOAD)
-                for i, cols in enumerate(columns)}
+        # each client's pipeline encrypts (EncryptPayload) then signs (SignEnvelope) its summary
+        sent = {i: tr.client_release(0, i, KIND_RELATEDNESS_UPLOAD, summaries[i], encrypt=encrypt)
+                for i, encrypt in enumerate(encrypters)}
         delivered = {i: self._deliver(KIND_RELATEDNESS_UPLOAD, i, m) for i, m in sent.items()}
-        self.client_bytes_sent = [len(sent[i]) for i in range(len(columns))]
+        self.client_bytes_sent = [len(sent[i]) for i in range(len(encrypters))]
         self.server_bytes_received = sum(len(m) for m in delivered.values())
         payloads, self.rejections = tr.server_receive_bytes(0, delivered, KIND_RELATEDNESS_UPLOAD)
         received: dict[int, object] = {}
@@ -664,6 +695,7 @@ def _run(
     rows: Sequence[int] | None,
     transport: SecureTransport | None = None,
     channel: Channel | None = None,
+    releases: ClientReleases | None = None,
 ) -> tuple[Tensor, EncryptedOverlaps, list[int]]:
     """The protocol's steps in process. Returns the released rows, the result record
     (``overlaps`` left empty) and the vectors whose rows were computed."""
@@ -682,14 +714,16 @@ def _run(
         raise SecureRelatednessError(
             f"client_encryption must be 'symmetric' or 'public', got {client_encryption!r}")
     client_ctx = cer.client_context if client_encryption == "symmetric" else cer.client_public_context
-    link = _DirectLink(key_holder) if transport is None else _EnvelopedLink(key_holder, transport, channel)
+    link = _DirectLink(key_holder, releases) if transport is None else \
+        _EnvelopedLink(key_holder, transport, channel)
     clock = _PhaseClock()
 
-    columns = [encrypt_summary(client_ctx, layout, i, summaries[i], client_encryption) for i in range(n)]
+    encrypters = [summary_encryption(client_ctx, layout, i, client_encryption) for i in range(n)]
+    received = link.uploads(summaries, encrypters)  # through each client's release pipeline
     clock.lap("clients_encrypt")
 
     uploads: dict[int, list[InnerProductUpload]] = {}
-    for i, parts in link.uploads(columns).items():
+    for i, parts in received.items():
         try:
             uploads[i] = parse_upload(layout, i, q, parts)
         except SecureRelatednessError as err:
@@ -733,6 +767,7 @@ def encrypted_overlaps(
     client_encryption: Encryption = "symmetric",
     transport: SecureTransport | None = None,
     channel: Channel | None = None,
+    releases: ClientReleases | None = None,
 ) -> EncryptedOverlaps:
     """All overlap blocks U_i^T U_j (an (N, N, q, q) float64 tensor) computed under CKKS.
 
@@ -748,11 +783,17 @@ def encrypted_overlaps(
     upload is rejected are left out (``result.accepted`` / ``result.excluded``; their
     overlaps are zero); a rejected message to or from the key holder raises
     :class:`SecureRelatednessError`.
+
+    Each client's upload is released through its pipeline: an
+    :class:`~privacy.pipeline.EncryptPayload` stage (:func:`summary_encryption`), then, with
+    ``transport``, the signature (``transport.releases``, e.g. the run's privacy state, whose
+    summary pipeline the encrypted upload continues); without one, through ``releases``
+    (default: the unaccounted path, encryption only).
     """
     u = _check_summaries(summaries)
     n, _, q = u.shape
     gram, result, computed = _run(u, key_holder, ceremony, client_encryption, None,
-                                  transport, channel)
+                                  transport, channel, releases)
     result.overlaps = overlaps_from_rows(gram, computed, n, q, excluded=result.excluded)
     return result
 

@@ -39,6 +39,14 @@ new nonces of each receiving party durable with one append and one fsync, and on
 decodes and returns any payload (write-ahead: nothing is acted on before its nonce is on
 disk). A nonce repeated inside one batch is rejected as a replay.
 
+Client uploads are signed by the client's release pipeline (:mod:`privacy.pipeline`): every
+client-side send (:meth:`SecureTransport.client_release`, and the ``client_upload*``
+wrappers) hands the payload to the pipeline attached with
+:meth:`SecureTransport.attach_releases` (under DP the run's privacy state: the accounted
+release's remaining stages, step check included, then encrypt and sign; otherwise encrypt ->
+sign), and the message is what its :class:`~privacy.pipeline.SignEnvelope` stage produced.
+The transport itself only verifies, records nonces and delivers.
+
 :class:`SecureTransport` holds the identities of the parties a process acts as: all of them
 in the in-process simulation, or just ``"server"`` / one client in a distributed runtime.
 :class:`SecureExchange` adds the in-process round logic for any method: for each upload kind
@@ -63,7 +71,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -94,6 +102,7 @@ from privacy.identity import (
     load_identity,
     validate_party_id,
 )
+from privacy.pipeline import EncryptPayload, Release, ReleasePipeline, SignEnvelope
 
 # The message kinds and value checks belong to the method contract (defined one layer down);
 # re-exported here, where they were defined before, for existing code.
@@ -126,6 +135,7 @@ __all__ = [
     "KIND_RELATEDNESS_UPLOAD",
     "KIND_SUMMARY",
     "KIND_THETA",
+    "ClientReleases",
     "InvalidValueError",
     "MalformedPayloadError",
     "Rejection",
@@ -134,6 +144,7 @@ __all__ = [
     "SenderMismatchError",
     "TransportError",
     "ValueCheck",
+    "UnaccountedReleases",
     "decode_tensor",
     "encode_tensor",
     "log_rejection",
@@ -151,6 +162,31 @@ _MAX_NDIM = 8
 _HEAD = struct.Struct(">4sBBBB")
 
 logger = logging.getLogger(SECURITY_LOGGER)
+
+
+class ClientReleases(Protocol):
+    """Where a client's upload is released: its release pipeline (see
+    :meth:`SecureTransport.client_release`)."""
+
+    def release_upload(self, i: int, rnd: int, kind: str, payload: Tensor | bytes, *,
+                       encrypt: EncryptPayload | None = None,
+                       sign: Callable[[Release], bytes] | None = None) -> Release:
+        """Client ``i``'s round-``rnd`` ``kind`` upload after its pipeline's last stages
+        (``encrypt``, then ``sign``); raises when the release is refused."""
+        ...
+
+
+class UnaccountedReleases:
+    """The release path of uploads no accountant covers (a run without DP): a pipeline
+    without a gate, encrypt (optional) -> sign."""
+
+    def release_upload(self, i: int, rnd: int, kind: str, payload: Tensor | bytes, *,
+                       encrypt: EncryptPayload | None = None,
+                       sign: Callable[[Release], bytes] | None = None) -> Release:
+        """``payload`` through ``[encrypt] -> [SignEnvelope(sign)]``."""
+        stages: list[Any] = [*([encrypt] if encrypt is not None else []),
+                             *([SignEnvelope(sign)] if sign is not None else [])]
+        return ReleasePipeline(stages, require_gate=False).run(Release(kind, payload, rnd))
 
 
 class TransportError(ToolkitError):
@@ -383,6 +419,8 @@ class SecureTransport:
                     server_only, party, max_round_lag=max_round_lag, journal=journal,
                     context=context)
         self.stats = TransportStats()
+        #: The release path of every client upload (:meth:`attach_releases`).
+        self.releases: ClientReleases = UnaccountedReleases()
 
     @classmethod
     def for_simulation(cls, run_dir: str | os.PathLike[str], num_clients: int, method: str,
@@ -523,16 +561,52 @@ class SecureTransport:
         return SERVER_ID
 
     # -- client -> server ----------------------------------------------------------------
+    def attach_releases(self, releases: ClientReleases) -> None:
+        """Route every client upload of this transport through ``releases`` (e.g. the run's
+        :class:`~secure_fedora.secure.private.FederationPrivacy`, whose pipelines account,
+        journal and step-check before the sign stage runs)."""
+        if not callable(getattr(releases, "release_upload", None)):
+            raise TransportError(f"releases must have release_upload(), got {type(releases).__name__}")
+        self.releases = releases
+
+    def client_release(self, rnd: int, client: int, kind: str, payload: Tensor | bytes, *,
+                       dtype: torch.dtype = torch.float32,
+                       encrypt: EncryptPayload | None = None) -> bytes:
+        """Client side, the one path of an upload: ``payload`` passes client ``client``'s
+        release pipeline (:attr:`releases`: the accounted release's remaining stages under
+        DP, or encrypt -> sign where nothing is accounted), whose :class:`SignEnvelope`
+        stage signs it (a tensor as ``dtype`` on the wire, bytes as they are) for the server.
+        Returns the signed message; a release the pipeline refuses raises, nothing signed."""
+        cid = self.client_id(client)
+        _check_int(rnd, "round")
+
+        def sign(release: Release) -> bytes:
+            if release.round != rnd:
+                raise TransportError(f"{cid}: the pipeline presents a round-{release.round}"
+                                     f" {release.kind!r} release for a round-{rnd} {kind!r} upload")
+            body = (release.payload if isinstance(release.payload, bytes)
+                    else encode_tensor(release.payload, dtype=dtype))
+            return self._send(rnd, cid, SERVER_ID, kind, body)
+
+        released = self.releases.release_upload(client, rnd, kind, payload,
+                                                encrypt=encrypt, sign=sign)
+        if not released.metadata.get("signed") or not isinstance(released.payload, bytes):
+            raise TransportError(f"{cid}: the round-{rnd} {kind!r} upload left its release"
+                                 " pipeline unsigned")
+        return released.payload
+
     def client_upload(self, rnd: int, client: int, row: Tensor, kind: str = KIND_THETA,
                       *, dtype: torch.dtype = torch.float32) -> bytes:
         """Client side: ``row`` as ``dtype`` (default float32) in an envelope signed by the
-        client, to the server."""
-        return self._send(rnd, self.client_id(client), SERVER_ID, kind,
-                          encode_tensor(row, dtype=dtype))
+        client's release pipeline (:meth:`client_release`), to the server."""
+        if not isinstance(row, Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(row).__name__}")
+        return self.client_release(rnd, client, kind, row, dtype=dtype)
 
     def client_upload_bytes(self, rnd: int, client: int, payload: bytes, kind: str) -> bytes:
-        """Client side: an opaque payload (e.g. a ciphertext) in a signed envelope to the server."""
-        return self._send(rnd, self.client_id(client), SERVER_ID, kind, bytes(payload))
+        """Client side: an opaque payload (e.g. a ciphertext) in a signed envelope to the
+        server, through the client's release pipeline (:meth:`client_release`)."""
+        return self.client_release(rnd, client, kind, bytes(payload))
 
     def server_receive(
         self, rnd: int, messages: Mapping[int, bytes], expected_shape: Sequence[int],

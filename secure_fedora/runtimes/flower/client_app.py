@@ -28,8 +28,10 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
 4. the client half runs (``client_setup`` / ``client_update`` / ``client_eval_row`` and the
    evaluation on its validation and test data / ``client_finalize``), its state is saved
    atomically, a released payload is recorded in the node's hash-chained release journal
-   (fsynced) and only then the reply is signed with the client's identity key and returned,
-   with its ledger head when DP is on.
+   (fsynced) and only then the reply is signed with the client's identity key -- by the
+   SignEnvelope stage of the client's release pipeline (under DP after the round release's
+   step check; an encrypted summary after its EncryptPayload stage) -- and returned, with
+   its ledger head when DP is on.
 
 ``query.hello`` is the first contact: the client identifies itself and reports its split
 sizes and data schema. FEDORA's encrypted relatedness adds its CKKS ceremony handlers
@@ -62,13 +64,14 @@ from privacy.identity import (
     load_allowlist,
 )
 from privacy.noise import NoiseSource, make_noise_source
+from privacy.pipeline import EncryptPayload, Release
 from secure_fedora.algorithms.contract import Payload, round_mechanisms
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import evaluate
 from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, client_context
-from secure_fedora.runtimes.flower.envelopes import MessageSecurity
+from secure_fedora.runtimes.flower.envelopes import MessageSecurity, reply_kind
 from secure_fedora.runtimes.flower.payloads import (
     PayloadLimits,
     payload_to_record,
@@ -107,9 +110,16 @@ from secure_fedora.runtimes.inprocess import (
 from secure_fedora.secure.private import ClientPrivacy, FederationPrivacy
 from secure_fedora.secure.relatedness import (
     decrypt_rows,
-    encrypt_summary,
     open_keys,
     overlaps_from_rows,
+    summary_encryption,
+    unpack_summary_upload,
+)
+from secure_fedora.secure.transport import (
+    KIND_RELATEDNESS_UPLOAD,
+    KIND_SUMMARY,
+    ClientReleases,
+    UnaccountedReleases,
 )
 
 __all__ = [
@@ -334,11 +344,43 @@ def _open_request(
     return settings, node, security, envelope
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplyRelease:
+    """Which release pipeline signs a reply, and what it releases: ``releases`` (the
+    client's privacy state under DP, whose pipeline continues the accounted release -- the
+    round's model after its step check, the admitted summary on its very payload -- or the
+    unaccounted path), client index, release round and kind, the payload the pipeline sees
+    (None: the reply's content digest), an optional encryption stage, and ``prepare``, which
+    puts what the pipeline produced (e.g. a ciphertext) into the reply before it is signed."""
+
+    releases: ClientReleases
+    client: int
+    round: int
+    kind: str
+    payload: torch.Tensor | bytes | None = None
+    encrypt: EncryptPayload | None = None
+    prepare: Callable[[Release], None] | None = None
+
+
 def _reply(
-    security: MessageSecurity, message: Message, content: RecordDict, rnd: int
+    security: MessageSecurity, message: Message, content: RecordDict, rnd: int,
+    release: ReplyRelease | None = None,
 ) -> Message:
-    """The reply to ``message``, signed for the server (round ``rnd``)."""
-    security.sign(content, message.metadata.message_type, [SERVER_ID], rnd, reply=True)
+    """The reply to ``message``, signed for the server (round ``rnd``) by the SignEnvelope
+    stage of the client's release pipeline (``release``; default: the unaccounted path, a
+    reply that releases nothing accounted). A release the pipeline refuses raises: nothing
+    is signed or sent."""
+    message_type = message.metadata.message_type
+    if release is None:
+        release = ReplyRelease(UnaccountedReleases(), -1, rnd, reply_kind(message_type))
+    payload = (release.payload if release.payload is not None
+               else security.digest(content, message_type))
+    sign = security.release_signer(content, message_type, [SERVER_ID], rnd, reply=True,
+                                   prepare=release.prepare)
+    released = release.releases.release_upload(release.client, release.round, release.kind,
+                                               payload, encrypt=release.encrypt, sign=sign)
+    if not released.metadata.get("signed"):
+        raise DeployError(f"the {message_type} reply left its release pipeline unsigned")
     return Message(content, reply_to=message)
 
 
@@ -378,19 +420,24 @@ def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor 
     return noise
 
 
-def _summary_with_metrics(
-    settings: RunSettings, node: NodeSettings, run_id: int
-) -> tuple[torch.Tensor, dict[str, float], ReleaseJournal]:
+def _release_encrypted_summary(
+    settings: RunSettings, node: NodeSettings, run_id: int,
+    respond: Callable[[torch.Tensor, dict[str, float], ReleaseJournal, ReplyRelease], Message],
+) -> Message:
     """This client's summary ``U_i`` for the ``ckks_overlaps`` ceremony: FEDORA's client half
     of the setup exchange (:func:`run_stage`, so noised modes release through the client's
     budget gate and ledger, and the noise source continues into the rounds exactly as in
-    process), its privacy metrics, and the run's release journal. Refused: DeployError."""
-    result = run_stage(settings, node, run_id, "fedora", "setup", 0, lambda _limits: {},
-                       journal_release=False)
-    if result.refusal is not None:
-        raise DeployError(f"client {node.partition_id} refused its summary: {result.refusal}")
-    _, journal = run_paths(node, run_id)
-    return result.payload["summary"], result.metrics, journal
+    process); ``respond(summary, metrics, journal, release)`` encrypts and signs it through
+    ``release`` (the summary pipeline) while the privacy state is open. Refused: DeployError."""
+
+    def reply(result: StageResult, release: ReplyRelease) -> Message:
+        if result.refusal is not None:
+            raise DeployError(f"client {node.partition_id} refused its summary: {result.refusal}")
+        _, journal = run_paths(node, run_id)
+        return respond(result.payload[KIND_SUMMARY], result.metrics, journal, release)
+
+    return run_stage(settings, node, run_id, "fedora", "setup", 0, lambda _limits: {},
+                     journal_release=False, respond=reply).response
 
 
 def _key_holder_store(node: NodeSettings, run_id: int, identity: Identity) -> KeyHolderStore:
@@ -460,19 +507,30 @@ def encrypted_summary(message: Message, context: Context) -> Message:
             f"this run's ({layout.num_vectors}, {layout.dim})"
         )
     ctx = open_keys(ckks["sealed-context"], security.identity)
-    u, metrics, journal = _summary_with_metrics(settings, node, context.run_id)
-    columns = encrypt_summary(ctx, layout, node.partition_id, u)
-    journal.append(node.partition_id, 0, "summary", b"".join(columns))
-    content = RecordDict(
-        {
-            "upload": ConfigRecord({"columns": columns}),
-            "client": ConfigRecord(
-                {"client-id": node.partition_id, "config-hash": settings.config_hash}
-            ),
-            "metrics": MetricRecord({**metrics, **_timings(started)}),
-        }
-    )
-    return _reply(security, message, content, 0)
+    i = node.partition_id
+
+    def respond(u: torch.Tensor, metrics: dict[str, float], journal: ReleaseJournal,
+                release: ReplyRelease) -> Message:
+        content = RecordDict(
+            {
+                "client": ConfigRecord({"client-id": i, "config-hash": settings.config_hash}),
+                "metrics": MetricRecord({**metrics, **_timings(started)}),
+            }
+        )
+
+        def prepare(encrypted: Release) -> None:
+            # the EncryptPayload stage's ciphertexts, journaled before they are signed
+            assert isinstance(encrypted.payload, bytes)
+            columns = unpack_summary_upload(encrypted.payload)
+            journal.append(i, 0, "summary", b"".join(columns))
+            content["upload"] = ConfigRecord({"columns": columns})
+
+        # summary pipeline (gate + ledger under DP already passed) -> encrypt -> sign
+        return _reply(security, message, content, 0, dataclasses.replace(
+            release, kind=KIND_RELATEDNESS_UPLOAD, payload=u,
+            encrypt=summary_encryption(ctx, layout, i), prepare=prepare))
+
+    return _release_encrypted_summary(settings, node, context.run_id, respond)
 
 
 @app.query("decrypt_overlaps")
@@ -587,17 +645,20 @@ def method_message(message: Message, context: Context) -> Message:
         record = message.content["payload"] if "payload" in message.content else None
         return record_to_payload(record, envelope, f"{stage} message", limits)
 
-    result = run_stage(settings, node, context.run_id, method, stage, rnd, incoming)
-    content = RecordDict()
-    if result.refusal is not None:
-        content["refusal"] = ConfigRecord({"reason": result.refusal})
-    else:
-        content["payload"] = payload_to_record(result.payload, result.limits)
-    if result.ledger_head is not None:
-        content["ledger"] = result.ledger_head
-    content["run"] = ConfigRecord({"method": method, "stage": stage, "round": rnd})
-    content["metrics"] = MetricRecord({**result.metrics, **_timings(started)})
-    return _reply(security, message, content, wire)
+    def respond(result: StageResult, release: ReplyRelease) -> Message:
+        content = RecordDict()
+        if result.refusal is not None:
+            content["refusal"] = ConfigRecord({"reason": result.refusal})
+        else:
+            content["payload"] = payload_to_record(result.payload, result.limits)
+        if result.ledger_head is not None:
+            content["ledger"] = result.ledger_head
+        content["run"] = ConfigRecord({"method": method, "stage": stage, "round": rnd})
+        content["metrics"] = MetricRecord({**result.metrics, **_timings(started)})
+        return _reply(security, message, content, wire, release)
+
+    return run_stage(settings, node, context.run_id, method, stage, rnd, incoming,
+                     respond=respond).response
 
 
 @dataclasses.dataclass
@@ -609,11 +670,29 @@ class StageResult:
     refusal: str | None
     ledger_head: ConfigRecord | None
     limits: PayloadLimits
+    response: Any = None  # what run_stage's ``respond`` returned (the signed reply)
+
+
+def _reply_release(privacy: ClientSidePrivacy | None, i: int, stage: str, rnd: int,
+                   result: StageResult, *, fresh: bool) -> ReplyRelease:
+    """The pipeline that signs client ``i``'s reply to ``stage`` of round ``rnd``: under DP a
+    freshly computed round release continues the round's model pipeline (step check, then
+    the signature) and a freshly released summary the summary pipeline (on that payload);
+    anything else (no DP, a refusal, evaluation and finalize replies, a reply sent again
+    from the saved state) the unaccounted path."""
+    if privacy is not None and fresh and result.refusal is None and result.payload:
+        if stage == "round":
+            return ReplyRelease(privacy, i, rnd, "model")
+        summary = result.payload.get(KIND_SUMMARY)
+        if stage == "setup" and privacy.sole.summary_release is not None and summary is not None:
+            return ReplyRelease(privacy, i, 0, KIND_SUMMARY, payload=summary)
+    return ReplyRelease(UnaccountedReleases(), i, rnd, f"{stage}.reply")
 
 
 def run_stage(
     settings: RunSettings, node: NodeSettings, run_id: int, method: str, stage: str, rnd: int,
     incoming: Callable[[PayloadLimits], Payload | None], *, journal_release: bool = True,
+    respond: Callable[[StageResult, ReplyRelease], Any] | None = None,
 ) -> StageResult:
     """Run this client's half of ``method`` for ``stage`` of round ``rnd`` (the verified
     message's payload from ``incoming``): rebuild the algorithm with only this client's data,
@@ -623,6 +702,9 @@ def run_stage(
     with nothing computed, accounted or released twice; an older round is refused.
     ``journal_release`` False: the caller releases (and journals) something else instead of
     the payload (the CKKS ceremony sends the encrypted summary, never the summary itself).
+    ``respond(result, release)`` builds and signs the reply while the client's privacy state
+    is open (``release``: the pipeline that must sign it, :class:`ReplyRelease`); its value
+    is ``result.response``.
     """
     cfg = settings.experiment
     i = node.partition_id
@@ -670,8 +752,12 @@ def run_stage(
             # The method's last round is evaluated: its ledger is finished, so it ends with
             # its signed close entry (idempotent on a message delivered again).
             privacy.close_ledgers(rnd)
-        return StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
-                           _ledger_record(privacy), limits)
+        result = StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
+                             _ledger_record(privacy), limits)
+        if respond is not None:
+            result.response = respond(result, _reply_release(privacy, i, stage, rnd, result,
+                                                             fresh=done != rnd))
+        return result
     finally:
         if privacy is not None:
             privacy.close()

@@ -30,6 +30,11 @@ message is accepted, so replays are caught across restarts), and a sender other 
 client whose slot the reply arrived in. Decoded arrays are checked by
 :func:`checked_array` (dtype, shape, finite values).
 
+A client's reply is signed by its release pipeline: :meth:`MessageSecurity.release_signer`
+is the ``sign`` callable of the pipeline's :class:`~privacy.pipeline.SignEnvelope` stage
+(``runtimes/flower/client_app.py`` runs the pipeline; under DP after the accounted release's
+step check, for encrypted summaries after its :class:`~privacy.pipeline.EncryptPayload`).
+
 Assumptions: signatures authenticate keys, so a party whose private key leaks can be
 impersonated; payloads are authenticated here, confidentiality comes from TLS (and CKKS for
 encrypted summaries).
@@ -40,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +70,7 @@ from privacy.identity import (
     load_allowlist,
     load_identity,
 )
+from privacy.pipeline import Release
 from secure_fedora.runtimes.flower.protocol import DeployError
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
@@ -295,6 +301,33 @@ class MessageSecurity:
         }
         content[ENVELOPE_RECORD] = ConfigRecord(headers)
         return content
+
+    def release_signer(
+        self,
+        content: RecordDict,
+        message_type: str,
+        recipients: Sequence[str],
+        rnd: int,
+        *,
+        reply: bool,
+        prepare: Callable[[Release], None] | None = None,
+    ) -> Callable[[Release], bytes]:
+        """The ``sign`` callable of a :class:`privacy.pipeline.SignEnvelope` stage that signs
+        ``content`` (:meth:`sign`) when the release pipeline reaches it, so the signature on
+        a client's reply is produced by that client's pipeline. ``prepare(release)`` first
+        puts what the pipeline produced into ``content`` (e.g. the ciphertext of an
+        :class:`~privacy.pipeline.EncryptPayload` stage). Returns the signed envelope
+        headers (canonical JSON bytes)."""
+
+        def sign(release: Release) -> bytes:
+            if prepare is not None:
+                prepare(release)
+            self.sign(content, message_type, recipients, rnd, reply=reply)
+            headers = content[ENVELOPE_RECORD]
+            return json.dumps({r: headers[r] for r in recipients}, sort_keys=True,
+                              separators=(",", ":")).encode()
+
+        return sign
 
     def verify(
         self,

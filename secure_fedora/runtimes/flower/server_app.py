@@ -860,14 +860,16 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
 
 
 def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
-    """``privacy.<name>``: each client's spending as it last reported it (signed)."""
-    from secure_fedora.secure.private import noise_assumptions
+    """``privacy.<name>``: each client's spending as it last reported it (signed), and the
+    stages each of its releases passes on its node (every reply signed by its pipeline)."""
+    from secure_fedora.secure.private import noise_assumptions, release_stage_names
 
     reported = server.privacy.get(name, {})
     refused = server.refused.get(name, set())
     return {
         "method": name,
         **noise_assumptions(server.cfg),
+        "release_stages": release_stage_names(server.cfg, name, signed=True, journaled=False),
         "note": "as last reported by each client in a signed reply; its signed ledger is the "
                 "record",
         "clients": [{"client": server.client_ids[c], "index": c, **reported.get(c, {}),

@@ -81,7 +81,8 @@ class _RecordingBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[int, ...]] = []
 
-    def encrypted_overlaps(self, summaries: Tensor, transport: Any = None) -> _Overlaps:
+    def encrypted_overlaps(self, summaries: Tensor, transport: Any = None,
+                           releases: Any = None) -> _Overlaps:
         self.calls.append(tuple(summaries.shape))
         return _Overlaps(fedora.subspace_overlaps(summaries), [7] * summaries.shape[0],
                          released_bytes=11)

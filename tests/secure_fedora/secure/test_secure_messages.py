@@ -232,15 +232,22 @@ def run_clients():
 
 def test_encrypted_run_continues_without_a_client_whose_upload_is_rejected(
         tmp_path, run_clients, monkeypatch, caplog):
+    from privacy.pipeline import EncryptPayload
     from secure_fedora.secure import transport as transport_module
-    real = transport_module.SecureTransport.client_upload_bytes
+    real = transport_module.SecureTransport.client_release
 
-    def faulty(self, rnd, client, payload, kind):
+    def faulty(self, rnd, client, kind, payload, *, dtype=torch.float32, encrypt=None):
         if kind == "enc_summary" and client == 4:  # the client signs a broken upload
-            payload = payload[: len(payload) // 2]
-        return real(self, rnd, client, payload, kind)
+            good = encrypt.encrypt
 
-    monkeypatch.setattr(transport_module.SecureTransport, "client_upload_bytes", faulty)
+            def broken(u):
+                data = good(u)
+                return data[: len(data) // 2]
+
+            encrypt = EncryptPayload(broken, encrypt.scheme)
+        return real(self, rnd, client, kind, payload, dtype=dtype, encrypt=encrypt)
+
+    monkeypatch.setattr(transport_module.SecureTransport, "client_release", faulty)
     sim = Simulation(run_config("encrypted"), tmp_path / "run", clients=run_clients)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         results = sim.run()
