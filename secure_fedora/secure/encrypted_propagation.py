@@ -76,6 +76,7 @@ from secure_fedora.secure.transport import (
     MalformedPayloadError,
     Rejection,
     SecureExchange,
+    UnaccountedReleases,
     log_rejection,
 )
 
@@ -430,11 +431,18 @@ class EncryptedPropagator:
         sent = [0] * n
         fresh: dict[int, bytes] = {}
         if exchange is None:
+            # No envelope to sign, so the upload's pipeline is its encryption stage alone (the
+            # model release behind it was accounted and step-checked by the runtime).
+            encrypt = EncryptPayload(self.client.encrypt, f"ckks-{self.client.encryption}")
+            unaccounted = UnaccountedReleases()
             for j in redo:
                 try:
-                    fresh[j] = self.client.encrypt(theta[j])
+                    released = unaccounted.release_upload(j, rnd or 0, KIND_ENC_THETA, theta[j],
+                                                          encrypt=encrypt)
                 except EncryptedPropagationError as exc:
                     raise EncryptedPropagationError(f"client {j}: {exc}") from exc
+                assert isinstance(released.payload, bytes)
+                fresh[j] = released.payload
                 sent[j] = len(fresh[j])
         else:
             assert rnd is not None

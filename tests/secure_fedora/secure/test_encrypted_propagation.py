@@ -241,3 +241,28 @@ def test_enveloped_round_errors(propagator, key_dir, tmp_path):
     exchange = SecureExchange.start(transport, theta[:, :10].clone())
     with pytest.raises(EncryptedPropagationError, match="exchange is for"):
         propagator.propagate(prop, theta, rnd=1, exchange=exchange)
+
+
+def test_uploads_without_envelopes_are_made_by_the_encrypt_stage(propagator, monkeypatch):
+    """Without an exchange there is no envelope to sign, but each changed client's ciphertext
+    is still produced by an EncryptPayload stage of its upload pipeline, and only by it."""
+    from privacy.pipeline import EncryptPayload
+
+    made = []
+    real = EncryptPayload.process
+
+    def encrypt(self, release):
+        out = real(self, release)
+        made.append((release.kind, len(out.payload)))
+        return out
+
+    monkeypatch.setattr(EncryptPayload, "process", encrypt)
+    prop, theta = case(5)
+    propagator.propagate(prop, theta)
+    theta2 = theta.clone()
+    theta2[1] -= 0.25
+    phi = propagator.propagate(prop, theta2, changed=[1])
+    assert (phi - prop.float() @ theta2).abs().max().item() < 1e-5
+    sent = propagator.stats.last_round["bytes_sent"]
+    assert [kind for kind, _ in made] == ["enc_theta"] * (N + 1)
+    assert made[-1][1] == sent[1] and [b > 0 for b in sent] == [False, True, False, False]
