@@ -40,7 +40,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,6 +64,7 @@ __all__ = [
     "BatchedTrainingError",
     "ClientJob",
     "batched_plan",
+    "engine_plan",
     "evaluate_losses",
     "jobs_for_context",
     "train_clients",
@@ -102,6 +103,10 @@ class ClientJob:
     client's own source, used for its Poisson samples and noise, never shared with another
     job), ``noise_multiplier``, ``max_grad_norm`` (per-client clip bound; default the
     oracle's) and ``on_step`` (called once per executed DP-SGD step, the ledger's step hook).
+    ``mix_with``/``mix_alpha``: APFL's mixture (non-private oracles only): the gradient is
+    ``alpha * grad f(alpha * theta + (1 - alpha) * mix_with)``, and with ``mix_adaptive``
+    ``alpha`` takes a projected step ``alpha - mix_lr * <theta - mix_with, grad f(mixture)>``
+    per batch (baselines.MixtureGradient's arithmetic); the final alpha is in the outcome.
     """
 
     index: int
@@ -117,6 +122,10 @@ class ClientJob:
     noise_multiplier: float | None = None
     max_grad_norm: float | None = None
     on_step: Callable[[], None] | None = None
+    mix_with: Tensor | None = None
+    mix_alpha: float = 1.0
+    mix_adaptive: bool = False
+    mix_lr: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,8 @@ class BatchedOutcome:
     steps: dict[int, int]
     engine: str
     reason: str = ""
+    #: The final mixing weight of every job with a mixture (``ClientJob.mix_with``).
+    alphas: dict[int, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- model analysis
@@ -279,6 +290,16 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
         plan = _check_vmap(flat, oracle, kind, probe_x, probe_y, why)
     _PLANS.setdefault(flat, {})[kind] = plan
     return plan
+
+
+def engine_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
+                probe_y: Tensor | None = None) -> BatchedPlan:
+    """:func:`batched_plan` with the oracle's own per-sample hooks off while it probes: what
+    :func:`train_clients` will run for ``flat`` and ``oracle`` (a caller deciding up front
+    whether to use the batched path at all, e.g. a method's client half)."""
+    kind, _ = _oracle_kind(oracle)
+    with _oracle_hooks_off(oracle, kind):
+        return batched_plan(flat, oracle, probe_x, probe_y)
 
 
 def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -547,8 +568,10 @@ def _vmap_clipped_sum(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tenso
 # ---------------------------------------------------------------------------- the trainer
 
 def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
-                jobs: Sequence[ClientJob], workspace: Workspace) -> dict[int, int]:
-    """The reference path: :func:`local_train` per job, in the given order."""
+                jobs: Sequence[ClientJob], workspace: Workspace,
+                alphas: dict[int, float]) -> dict[int, int]:
+    """The reference path: :func:`local_train` per job, in the given order (final mixing
+    weights into ``alphas``)."""
     steps: dict[int, int] = {}
     default_clip = oracle.dpsgd.max_grad_norm if kind == "dp" else None
     try:
@@ -561,8 +584,12 @@ def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None
                     job.max_grad_norm if job.max_grad_norm is not None else default_clip)
             if job.mu:
                 inner = _ProximalStep(oracle, job.theta, job.anchor, job.mu)
+            if job.mix_with is not None:
+                inner = _MixtureStep(inner, job)
             steps[job.index] = local_train(flat, job.theta, job.x, job.y, cfg, inner,
                                            job.generator, workspace, phi=job.phi, lam=job.lam)
+            if job.mix_with is not None:
+                alphas[job.index] = inner.alpha
     finally:
         if kind == "dp":
             oracle.dpsgd.max_grad_norm = default_clip
@@ -584,6 +611,33 @@ class _ProximalStep:
         grad.add_(self.theta, alpha=self.mu).sub_(self.anchor, alpha=self.mu)
 
 
+class _MixtureStep:
+    """APFL's mixture gradient around the wrapped oracle (the loop form of
+    :class:`ClientJob`'s ``mix_with``; the same arithmetic as baselines.MixtureGradient)."""
+
+    def __init__(self, inner: Any, job: ClientJob) -> None:
+        assert job.mix_with is not None
+        self.inner, self.v, self.w = inner, job.theta, job.mix_with
+        self.alpha, self.adaptive, self.lr = float(job.mix_alpha), job.mix_adaptive, job.mix_lr
+        self.saved = torch.empty_like(job.theta)
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Any:
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
+        a = self.alpha
+        self.saved.copy_(self.v)
+        self.v.mul_(a).add_(self.w, alpha=1.0 - a)
+        try:
+            self.inner.gradient(model, x, y, grad)
+        finally:
+            self.v.copy_(self.saved)
+        if self.adaptive:
+            step = float(torch.dot(self.v, grad) - torch.dot(self.w, grad))
+            self.alpha = min(1.0, max(0.0, a - self.lr * step))
+        grad.mul_(a)
+
+
 def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> None:
     seen_rows: set[int] = set()
     seen_noise: set[int] = set()
@@ -600,6 +654,11 @@ def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> N
         if job.x.shape[0] != job.y.shape[0]:
             raise ClientUpdateError(f"client {job.index}: {job.x.shape[0]} inputs but"
                                     f" {job.y.shape[0]} targets")
+        if job.mix_with is not None and (kind != "plain" or not 0.0 <= job.mix_alpha <= 1.0
+                                         or job.mix_with.shape != job.theta.shape):
+            raise ClientUpdateError(f"client {job.index}: a mixture needs a non-private oracle,"
+                                    f" alpha in [0, 1] (got {job.mix_alpha}) and a row of the"
+                                    " trained row's shape")
         if job.theta.data_ptr() in seen_rows:
             raise ClientUpdateError(f"client {job.index}: two jobs train the same row")
         seen_rows.add(job.theta.data_ptr())
@@ -644,7 +703,9 @@ def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
                                 probe.y[:3] if probe else None)
     if plan.engine == "loop":
         ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
-        return BatchedOutcome(_loop_train(flat, cfg, oracle, kind, jobs, ws), "loop", plan.reason or why)
+        alphas: dict[int, float] = {}
+        steps = _loop_train(flat, cfg, oracle, kind, jobs, ws, alphas)
+        return BatchedOutcome(steps, "loop", plan.reason or why, alphas)
     with _oracle_hooks_off(oracle, kind):
         return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
 
@@ -704,25 +765,27 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
     scratch = _SCRATCH.setdefault(flat, _Scratch())
     steps: dict[int, int] = {}
     failed: list[int] = []
+    alphas: dict[int, float] = {}
     for first in range(0, len(order), chunk):
         part = order[first:first + chunk]
         done, bad = _train_chunk(flat, cfg, oracle, kind, plan, scratch, [jobs[r] for r in part],
                                  [counts[r] for r in part], [sizes[r] for r in part],
-                                 [schedules[r] for r in part])
+                                 [schedules[r] for r in part], alphas)
         steps.update(done)
         failed.extend(bad)
     if failed:
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
                                    f" {sorted(failed)}; their updates were discarded", sorted(failed), steps)
-    return BatchedOutcome(steps, plan.engine)
+    return BatchedOutcome(steps, plan.engine, alphas=alphas)
 
 
 def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
                  plan: BatchedPlan, scratch: _Scratch, jobs: list[ClientJob], counts: list[int],
-                 sizes: list[int], schedules: list[list[Tensor] | None]
-                 ) -> tuple[dict[int, int], list[int]]:
+                 sizes: list[int], schedules: list[list[Tensor] | None],
+                 alphas_out: dict[int, float]) -> tuple[dict[int, int], list[int]]:
     """Train one chunk of jobs (sorted by decreasing step count) together; returns the steps
-    per client and the clients whose rows were left unchanged because training diverged."""
+    per client and the clients whose rows were left unchanged because training diverged
+    (final mixing weights of mixture jobs into ``alphas_out``)."""
     device = jobs[0].theta.device
     dtype = jobs[0].theta.dtype
     k_all, num_params = len(jobs), flat.num_params
@@ -749,6 +812,19 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                                  out=scratch.buffer("phi", (k_all, num_params), dtype, device))
         pulled_phi.mul_(lr * lams)
 
+    # APFL's mixture: gradients at alpha * theta + (1 - alpha) * w (a job without one: alpha 1)
+    mixing = any(j.mix_with is not None for j in jobs)
+    mix_w = mixed = alphas = one_minus = adaptive = mix_lr = None
+    if mixing:
+        mix_w = torch.stack([j.mix_with if j.mix_with is not None else j.theta for j in jobs],
+                            out=scratch.buffer("mix_w", (k_all, num_params), dtype, device))
+        mixed = scratch.buffer("mixed", (k_all, num_params), dtype, device)
+        # float64 on the CPU, as the loop's Python floats
+        alphas = torch.tensor([float(j.mix_alpha) if j.mix_with is not None else 1.0 for j in jobs],
+                              dtype=torch.float64)
+        adaptive = torch.tensor([j.mix_with is not None and j.mix_adaptive for j in jobs])
+        mix_lr = torch.tensor([float(j.mix_lr) for j in jobs], dtype=torch.float64)
+
     # every client's data in one tensor (plus one padding sample): one gather per step
     x_all, y_all = scratch.gathered([j.x for j in jobs], [j.y for j in jobs], device)
     pad_row = x_all.shape[0] - 1
@@ -768,7 +844,8 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         max_norm = oracle.max_grad_norm
     # weight decay folded into the gradient GEMMs (not before a clip, which must see the
     # data gradient alone; the loop adds decay after the oracle's gradient, so do we)
-    decay_in_gemm = wd if (kind == "plain" and max_norm is None and plan.engine == "linear") else 0.0
+    decay_in_gemm = wd if (kind == "plain" and max_norm is None and plan.engine == "linear"
+                           and not mixing) else 0.0
     executed = [0] * k_all
     for t in range(counts[0] if counts else 0):
         k = sum(1 for c in counts if c > t)
@@ -800,13 +877,26 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype).to(device))
         else:
             weights = valid.to(dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+            at_rows = w_rows
+            if mixing:
+                a_now = alphas[:k].to(dtype=dtype, device=device)[:, None]
+                one_minus = (1.0 - alphas[:k]).to(dtype=dtype, device=device)[:, None]
+                at_rows = torch.mul(w_rows, a_now, out=mixed[:k]).addcmul_(mix_w[:k], one_minus)
             if plan.engine == "linear":
-                _linear_gradient(plan, w_rows, x, y, weights, loss, g_rows, decay_in_gemm)
+                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows, decay_in_gemm)
             else:
-                _vmap_gradient(flat, plan, w_rows, x, y, weights, loss, g_rows)
+                _vmap_gradient(flat, plan, at_rows, x, y, weights, loss, g_rows)
             if max_norm is not None:
                 norms = g_rows.norm(dim=1, keepdim=True)
                 g_rows.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+            if mixing:
+                if bool(adaptive[:k].any()):
+                    dots = (torch.bmm(w_rows.unsqueeze(1), g_rows.unsqueeze(2))
+                            - torch.bmm(mix_w[:k].unsqueeze(1), g_rows.unsqueeze(2))).view(k)
+                    moved = (alphas[:k] - mix_lr[:k] * dots.to(device="cpu", dtype=torch.float64)
+                             ).clamp(0.0, 1.0)
+                    alphas[:k] = torch.where(adaptive[:k], moved, alphas[:k])
+                g_rows.mul_(a_now)
         if proximal:
             g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
         if wd and not decay_in_gemm:
@@ -838,6 +928,9 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
             j.theta.copy_(rows[r])
         else:
             failed.append(j.index)
+        if j.mix_with is not None:
+            assert alphas is not None
+            alphas_out[j.index] = float(alphas[r])
     return {j.index: executed[r] for r, j in enumerate(jobs)}, failed
 
 
@@ -893,12 +986,15 @@ def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
                      phi: Tensor | Mapping[int, Tensor] | None = None,
                      lams: Sequence[float] | None = None,
                      anchor: Tensor | Mapping[int, Tensor] | None = None,
-                     mu: float = 0.0) -> list[ClientJob]:
+                     mu: float = 0.0, mix_with: Tensor | Mapping[int, Tensor] | None = None,
+                     mix_alphas: Sequence[float] | None = None, mix_adaptive: bool = False,
+                     mix_lr: float = 0.0) -> list[ClientJob]:
     """One :class:`ClientJob` per participant from a ``MethodContext``-like ``ctx`` (clients,
     generators, noise, privacy, select): rows ``theta[i]`` of the (N x P) matrix, pulls toward
     ``phi[i]`` (an (N x P) matrix or a mapping client -> row, e.g. the received messages) with
     ``lams[k]`` for the k-th participant, FedProx anchors ``anchor[i]`` (or one shared 1-D
-    row) with ``mu``. Under DP, each job gets the client's noise source, noise multiplier and
+    row) with ``mu``, APFL mixtures with ``mix_with[i]`` (or one shared 1-D row) at
+    ``mix_alphas[k]``. Under DP, each job gets the client's noise source, noise multiplier and
     the step hook ``ctx.privacy.select_client`` installs for it (the ledger's step count)."""
     if lams is not None and len(lams) != len(participants):
         raise ClientUpdateError(f"{len(lams)} lambdas for {len(participants)} participants")
@@ -915,6 +1011,12 @@ def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
                 job.anchor = anchor
             elif anchor is not None:
                 job.anchor = anchor[i]
+        if mix_with is not None:
+            if mix_alphas is None or len(mix_alphas) != len(participants):
+                raise ClientUpdateError("a mixture needs one alpha per participant")
+            job.mix_with = mix_with if isinstance(mix_with, Tensor) and mix_with.dim() == 1 \
+                else mix_with[i]
+            job.mix_alpha, job.mix_adaptive, job.mix_lr = float(mix_alphas[k]), mix_adaptive, float(mix_lr)
         if ctx.privacy is not None:
             ctx.select(i)  # sets the oracle's noise source and the ledger's step hook for i
             job.noise = ctx.noise[i]
@@ -929,13 +1031,16 @@ def train_participants(ctx: Any, participants: Sequence[int], theta: Tensor,
                        lams: Sequence[float] | None = None, *,
                        anchor: Tensor | Mapping[int, Tensor] | None = None, mu: float = 0.0,
                        oracle: GradientOracle | None = None, engine: str = "auto",
-                       chunk: int = 256) -> BatchedOutcome:
+                       chunk: int = 256, mix_with: Tensor | Mapping[int, Tensor] | None = None,
+                       mix_alphas: Sequence[float] | None = None, mix_adaptive: bool = False,
+                       mix_lr: float = 0.0) -> BatchedOutcome:
     """Batched equivalent of ``for k, i in enumerate(participants): ctx.train_client(i,
     theta[i], phi[i], lams[k])`` (plus FedProx's ``mu * (theta - anchor)`` gradient term):
     trains the rows of the (N x P) matrix ``theta`` in place; the outcome gives the steps per
     client. ``ctx`` is a ``secure_fedora.algorithms.methods.MethodContext``; ``oracle``
     defaults to ``ctx.oracle`` and must be the plain or DP oracle itself (not a wrapper that
     needs per-client setup, such as ``ProximalGradient``: give ``mu``/``anchor`` instead)."""
-    jobs = jobs_for_context(ctx, participants, theta, phi, lams, anchor, mu)
+    jobs = jobs_for_context(ctx, participants, theta, phi, lams, anchor, mu, mix_with, mix_alphas,
+                            mix_adaptive, mix_lr)
     return train_clients(ctx.flat, ctx.train, oracle if oracle is not None else ctx.oracle, jobs,
                          ctx.workspace, engine=engine, chunk=chunk)

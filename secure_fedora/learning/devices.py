@@ -20,7 +20,8 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
-__all__ = ["CUDA_METHODS", "DeviceError", "apply_threads", "clients_on", "resolve_device"]
+__all__ = ["CUDA_METHODS", "DeviceError", "apply_threads", "clients_on", "resolve_device",
+           "resolve_engine"]
 
 CUDA_METHODS = frozenset({"fedora", "local"})
 
@@ -75,3 +76,25 @@ def clients_on(clients: Sequence[ClientData], device: torch.device) -> list[Clie
         return list(clients)
     fields = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
     return [dataclasses.replace(c, **{f: getattr(c, f).to(device) for f in fields}) for c in clients]
+
+
+def resolve_engine(cfg: ExperimentConfig, device: torch.device) -> tuple[str, str]:
+    """``[training] engine`` resolved for ``device``: ``("loop" | "batched", why)``.
+
+    ``"loop"`` and ``"batched"`` are taken as set (why: ``""`` for the default loop). ``"auto"``
+    picks what was measured faster (docs/notes/NOTES-j4-batched.md): on a GPU the batched
+    engine; on the CPU AUTO_CPU_ENGINE.
+    """
+    setting = cfg.training.engine
+    if setting == "loop":
+        return "loop", ""
+    if setting == "batched":
+        return "batched", "training.engine = 'batched'"
+    if device.type != "cpu":
+        return "batched", f"training.engine = 'auto' on {device.type}: batched"
+    return AUTO_CPU_ENGINE, f"training.engine = 'auto' on cpu: {AUTO_CPU_ENGINE} ({AUTO_CPU_REASON})"
+
+
+#: What ``engine = "auto"`` picks on the CPU, and the measurement behind it.
+AUTO_CPU_ENGINE = "loop"
+AUTO_CPU_REASON = "TBD"
