@@ -84,3 +84,86 @@ def test_batched_engine_equals_the_loop(name: str, dp: bool, clients: Any, tmp_p
 def _accounting(results: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """Each client's privacy record without its ledger head (signatures differ per run)."""
     return [{k: v for k, v in c.items() if k != "ledger_head"} for c in results["privacy"][name]["clients"]]
+
+
+class _Branching(torch.nn.Module):
+    """A model the batched engines cannot reproduce (a data-dependent Python branch, which
+    vmap cannot trace; not a Sequential of Linear layers), so methods fall back to the loop."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        width = int(torch.tensor(input_shape).prod())
+        self.first = torch.nn.Linear(width, 16)
+        self.last = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x.flatten(1))
+        if float(h.detach().mean()) > 0:
+            h = torch.relu(h)
+        return self.last(h)
+
+
+def test_a_model_the_engine_cannot_reproduce_runs_the_loop_and_says_why(
+        clients: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from secure_fedora.runtimes.inprocess import build_context
+
+    def context(cfg: Any, data: Any) -> Any:
+        return build_context(cfg, data, model_factory=_Branching)
+
+    rows = {}
+    for engine in ("loop", "batched"):
+        sim = Simulation(_config("fedavg", engine, False), tmp_path / engine, clients=clients,
+                         context_factory=context)
+        with caplog.at_level(logging.WARNING, logger="secure_fedora.algorithms.methods"):
+            results = sim.run()
+        rows[engine] = eval_rows(sim.methods["fedavg"])
+    for a, b in zip(rows["loop"], rows["batched"], strict=True):
+        assert torch.equal(a, b)  # the same per-client loop ran
+    record = results["methods"]["fedavg"]["extra"]["training_engine"]
+    assert record["runs"] == {"loop": 2}
+    assert len(record["fallbacks"]) == 1 and "vmap engine" in record["fallbacks"][0]["reason"]
+    assert record["fallbacks"][0]["count"] == 2
+    on_disk = json.loads((tmp_path / "batched" / "results.json").read_text())
+    assert on_disk["methods"]["fedavg"]["extra"]["training_engine"] == record
+    logged = [r for r in caplog.records if "falls back to the per-client loop" in r.getMessage()]
+    assert len(logged) == 1  # once per reason, not once per round
+
+
+def test_a_method_without_a_batched_client_half_runs_its_loop_and_says_so(
+        clients: Any, tmp_path: Path) -> None:
+    from secure_fedora.algorithms.methods import Local
+
+    class OwnLoop(Local):
+        name = "own_loop"
+
+        def client_update_batched(self, rnd: int, messages: Any) -> Any:
+            return super(Local, self).client_update_batched(rnd, messages)
+
+    sim = Simulation(_config("local", "batched", False), tmp_path, clients=clients,
+                     method_factory=lambda name, ctx, cfg: OwnLoop(ctx))
+    results = sim.run()
+    record = results["methods"]["local"]["extra"]["training_engine"]
+    assert record["runs"] == {"loop": 2}
+    assert record["fallbacks"] == [{"reason": "method 'own_loop' has no batched client half",
+                                    "count": 2}]
+
+
+@pytest.mark.parametrize("value", ["fast", "", 1])
+def test_the_engine_key_is_validated(value: Any) -> None:
+    with pytest.raises(ConfigError, match="training.engine"):
+        _config("local", value, False)
+
+
+def test_auto_resolves_per_device_and_the_default_loop_is_not_hashed() -> None:
+    from secure_fedora.core.config import config_hash
+    from secure_fedora.learning.devices import AUTO_CPU_ENGINE, resolve_engine
+
+    assert resolve_engine(_config("local", "loop", False), torch.device("cpu")) == ("loop", "")
+    assert resolve_engine(_config("local", "batched", False), torch.device("cpu"))[0] == "batched"
+    engine, why = resolve_engine(_config("local", "auto", False), torch.device("cpu"))
+    assert engine == AUTO_CPU_ENGINE and "auto" in why and "cpu" in why
+    assert resolve_engine(_config("local", "auto", False), torch.device("cuda"))[0] == "batched"
+    # the default is left out of the hash (older checkpoints stay valid); any other value is in it
+    plain = parse_config({k: v for k, v in _config("local", "loop", False).model_dump(mode="json").items()})
+    assert config_hash(plain) == config_hash(_config("local", "loop", False))
+    assert config_hash(_config("local", "batched", False)) != config_hash(_config("local", "loop", False))
