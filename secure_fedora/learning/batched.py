@@ -421,10 +421,10 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
                 raise ClientUpdateError(f"Linear({d_in}, {d_out}) got input of shape {tuple(h.shape)}")
             w = rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
             saved.append(h)
-            if b_off is None:
-                h = torch.bmm(h, w.transpose(1, 2))
-            else:
-                h = torch.baddbmm(rows[:, b_off:b_off + d_out].unsqueeze(1), h, w.transpose(1, 2))
+            # bmm, then the bias: baddbmm with a broadcast bias runs per client (slower)
+            h = torch.bmm(h, w.transpose(1, 2))
+            if b_off is not None:
+                h.add_(rows[:, b_off:b_off + d_out].unsqueeze(1))
         elif layer[0] == "act":
             h = _activation(layer[1], h)
             saved.append(h)
@@ -435,11 +435,12 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
 
 
 def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tensor,
-                     out: Tensor | None, decay: float = 0.0) -> list[tuple[Tensor, Tensor]]:
+                     out: Tensor | None, decay: float = 0.0, beta: float = 0.0
+                     ) -> list[tuple[Tensor, Tensor]]:
     """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G), last
     layer first. With ``out`` (k, P) given, writes every parameter's gradient plus
-    ``decay * rows`` into it (one batched GEMM per weight, straight into the rows, with the
-    weight decay folded into the GEMM)."""
+    ``decay * rows`` (plus ``beta * out``: a momentum buffer accumulated in the GEMM) into it
+    (one batched GEMM per weight, straight into the rows)."""
     k = rows.shape[0]
     pairs: list[tuple[Tensor, Tensor]] = []
     first_linear = next(i for i, layer in enumerate(plan.layers) if layer[0] == "linear")
@@ -450,7 +451,7 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
             _, w_off, (d_out, d_in), b_off = layer
             pairs.append((kept, g))
             if out is not None:
-                _write_linear(layer, out, kept, g, rows, decay)
+                _write_linear(layer, out, kept, g, rows, decay, beta)
             if i == first_linear:
                 break
             g = torch.bmm(g, rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
@@ -462,12 +463,18 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
 
 
 def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
-                  rows: Tensor | None = None, decay: float = 0.0) -> None:
+                  rows: Tensor | None = None, decay: float = 0.0, beta: float = 0.0) -> None:
     """``out[weight] <- g^T a (+ decay * rows[weight])`` as one batched GEMM written into the
-    rows, and the bias ``sum_b g (+ decay * rows[bias])``."""
+    rows, and the bias ``sum_b g (+ decay * rows[bias])``; with ``beta`` (no decay), the GEMM
+    accumulates: ``out <- beta * out + g^T a`` (SGD momentum folded into the GEMM)."""
     _, w_off, (d_out, d_in), b_off = layer
     k = out.shape[0]
     w_out = out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
+    if beta:
+        w_out.baddbmm_(g.transpose(1, 2), a, beta=beta)
+        if b_off is not None:
+            out[:, b_off:b_off + d_out].mul_(beta).add_(g.sum(dim=1))
+        return
     if decay and rows is not None:
         torch.baddbmm(rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in), g.transpose(1, 2), a,
                       beta=decay, out=w_out)
@@ -481,11 +488,13 @@ def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
 
 
 def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weights: Tensor,
-                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, decay: float = 0.0) -> None:
-    """Write ``sum_b weights[:, b] * grad loss_b + decay * rows`` of each client into ``out``."""
+                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, decay: float = 0.0,
+                     beta: float = 0.0) -> None:
+    """Write ``sum_b weights[:, b] * grad loss_b + decay * rows`` of each client into ``out``
+    (with ``beta``: ``beta * out +`` that, the momentum buffer accumulated in the GEMMs)."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, weights, loss)
-    _linear_backward(plan, rows, saved, g, out, decay)
+    _linear_backward(plan, rows, saved, g, out, decay, beta)
 
 
 def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
@@ -779,6 +788,27 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
     return BatchedOutcome(steps, plan.engine, alphas=alphas)
 
 
+def _schedule_index(schedules: Sequence[Sequence[Tensor] | None], offsets: Sequence[int],
+                    pad_row: int, steps: int) -> tuple[Tensor, Tensor]:
+    """The rows into the gathered data of every client's batch at every step, as one
+    (steps, clients, width) index (each client's batches shifted by its offset; padding:
+    ``pad_row``) and its validity mask, built with a few tensor operations."""
+    k = len(schedules)
+    lengths = torch.zeros((k, steps), dtype=torch.long)
+    flat_parts = []
+    for r, batches in enumerate(schedules):
+        assert batches is not None
+        if batches:
+            lengths[r, :len(batches)] = torch.tensor([int(b.shape[0]) for b in batches])
+            flat_parts.append(torch.cat(list(batches)) + offsets[r])
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    valid = torch.arange(width)[None, None, :] < lengths[:, :, None]
+    index = torch.full((k, steps, width), pad_row, dtype=torch.long)
+    if flat_parts:
+        index[valid] = torch.cat(flat_parts)  # client by client, step by step: row-major order
+    return index.transpose(0, 1).contiguous(), valid.transpose(0, 1).contiguous()
+
+
 def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
                  plan: BatchedPlan, scratch: _Scratch, jobs: list[ClientJob], counts: list[int],
                  sizes: list[int], schedules: list[list[Tensor] | None],
@@ -842,29 +872,40 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         noise_std = [float(j.noise_multiplier) * c * scale for j, c in zip(jobs, clips, strict=True)]
     else:
         max_norm = oracle.max_grad_norm
-    # weight decay folded into the gradient GEMMs (not before a clip, which must see the
-    # data gradient alone; the loop adds decay after the oracle's gradient, so do we)
-    decay_in_gemm = wd if (kind == "plain" and max_norm is None and plan.engine == "linear"
-                           and not mixing) else 0.0
+    # SGD momentum accumulated inside the gradient GEMMs (buffer <- m * buffer + grad), where
+    # nothing (clip, mixture, noise) must see the data gradient alone; weight decay and
+    # FedProx's term are then added to the buffer, as the loop adds them to the gradient
+    # before its momentum step (the same sum, in another order)
+    fold_momentum = (kind == "plain" and max_norm is None and plan.engine == "linear"
+                     and not mixing and bool(momentum))
     executed = [0] * k_all
-    for t in range(counts[0] if counts else 0):
+    steps_total = counts[0] if counts else 0
+    if kind != "dp" and steps_total:
+        # the whole run's (step, client, width) sample rows at once, padded with the padding row
+        all_index, all_valid = _schedule_index(schedules, offsets, pad_row, steps_total)
+        all_index, all_valid = all_index.to(device), all_valid.to(device)
+    x_shape, y_shape = x_all.shape[1:], y_all.shape[1:]
+    for t in range(steps_total):
         k = sum(1 for c in counts if c > t)
         if kind == "dp":
             batches = [poisson_sample(sizes[r], oracle.sample_rate, jobs[r].noise) for r in range(k)]
+            # (k, width) sample rows into x_all: each client's batch shifted by its offset,
+            # padded with the all-zero padding sample (weight 0)
+            lengths = torch.tensor([int(b.shape[0]) for b in batches])
+            width = max(int(lengths.max()), 1)
+            valid = torch.arange(width)[None, :] < lengths[:, None]
+            index = torch.nn.utils.rnn.pad_sequence(list(batches), batch_first=True)
+            if index.shape[1] < width:  # every batch empty
+                index = torch.nn.functional.pad(index, (0, width - index.shape[1]))
+            index = torch.where(valid, index + offset_column[:k], pad_row)
+            index, valid = index.to(device).view(-1), valid.to(device)
         else:
-            batches = [schedules[r][t] for r in range(k)]
-        # (k, width) sample rows into x_all: each client's batch shifted by its offset, padded
-        # with the all-zero padding sample (weight 0)
-        lengths = torch.tensor([int(b.shape[0]) for b in batches])
-        width = max(int(lengths.max()), 1)
-        valid = torch.arange(width)[None, :] < lengths[:, None]
-        index = torch.nn.utils.rnn.pad_sequence(list(batches), batch_first=True)
-        if index.shape[1] < width:  # every batch empty
-            index = torch.nn.functional.pad(index, (0, width - index.shape[1]))
-        index = torch.where(valid, index + offset_column[:k], pad_row)
-        index, valid = index.to(device).view(-1), valid.to(device)
-        x = x_all.index_select(0, index).view(k, width, *x_all.shape[1:])
-        y = y_all.index_select(0, index).view(k, width, *y_all.shape[1:])
+            index, valid = all_index[t, :k].reshape(-1), all_valid[t, :k]
+            width = valid.shape[1]
+        x = torch.index_select(x_all, 0, index, out=scratch.buffer(
+            "x", (index.shape[0], *x_shape), x_all.dtype, device)).view(k, width, *x_shape)
+        y = torch.index_select(y_all, 0, index, out=scratch.buffer(
+            "y", (index.shape[0], *y_shape), y_all.dtype, device)).view(k, width, *y_shape)
         w_rows, g_rows = rows[:k], grad[:k]
         if kind == "dp":
             # (sum_i clip(g_i) + noise) / B_expected, the noise drawn after the sample (loop order)
@@ -882,8 +923,13 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 a_now = alphas[:k].to(dtype=dtype, device=device)[:, None]
                 one_minus = (1.0 - alphas[:k]).to(dtype=dtype, device=device)[:, None]
                 at_rows = torch.mul(w_rows, a_now, out=mixed[:k]).addcmul_(mix_w[:k], one_minus)
-            if plan.engine == "linear":
-                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows, decay_in_gemm)
+            if fold_momentum:
+                assert buffer is not None
+                g_rows = buffer[:k]  # from here on: the momentum step itself
+                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows, 0.0,
+                                 momentum if t > 0 else 0.0)
+            elif plan.engine == "linear":
+                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows)
             else:
                 _vmap_gradient(flat, plan, at_rows, x, y, weights, loss, g_rows)
             if max_norm is not None:
@@ -899,10 +945,10 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 g_rows.mul_(a_now)
         if proximal:
             g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
-        if wd and not decay_in_gemm:
+        if wd:
             g_rows.add_(w_rows, alpha=wd)
         step = g_rows
-        if momentum:
+        if momentum and not fold_momentum:
             step = buffer[:k]
             if t == 0:
                 step.copy_(g_rows)
