@@ -498,23 +498,37 @@ def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weig
 
 
 def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
-                        clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+                        clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor,
+                        input_sq: Tensor | None = None) -> None:
     """Write each client's sum of per-sample gradients clipped to its bound ``clip`` (k, 1)
     into ``out`` (k, P); padding samples (``valid`` False) contribute nothing. Per-sample norms
-    come from ``||a||^2 ||g||^2 + ||g||^2`` per Linear (no per-sample gradient is formed)."""
+    come from ``||a||^2 ||g||^2 + ||g||^2`` per Linear (no per-sample gradient is formed).
+    ``input_sq`` (k, B): the samples' squared norms ``||x||^2``, when the first Linear reads
+    the (flattened) input itself (:func:`_reads_raw_input`), so they need not be recomputed."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, valid.to(logits.dtype), loss)
     pairs = _linear_backward(plan, rows, saved, g, None)
     sq = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
     linears = [layer for layer in plan.layers if layer[0] == "linear"][::-1]
-    for layer, (a, gl) in zip(linears, pairs, strict=True):
+    for n, (layer, (a, gl)) in enumerate(zip(linears, pairs, strict=True)):
         g_sq = (gl * gl).sum(dim=2)
-        sq += (a * a).sum(dim=2) * g_sq
+        a_sq = input_sq if (input_sq is not None and n == len(linears) - 1) else (a * a).sum(dim=2)
+        sq += a_sq * g_sq
         if layer[3] is not None:
             sq += g_sq
     factors = (clip / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
     for layer, (a, gl) in zip(linears, pairs, strict=True):
         _write_linear(layer, out, a, gl * factors.unsqueeze(2))
+
+
+def _reads_raw_input(plan: BatchedPlan) -> bool:
+    """Whether the first Linear of a ``"linear"`` plan reads the input itself (flattened)."""
+    for layer in plan.layers:
+        if layer[0] == "linear":
+            return True
+        if layer[0] != "flatten":
+            return False
+    return False
 
 
 def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
@@ -726,6 +740,7 @@ class _Scratch:
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
         self.data: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        self.norms: dict[tuple[Any, ...], Tensor] = {}
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialized tensor of ``shape`` (a view of a reused one when it is big enough)."""
@@ -750,8 +765,19 @@ class _Scratch:
                  torch.cat([y.to(device) for y in ys] + [y_pad]))
         if len(self.data) >= 256:
             self.data.clear()
+            self.norms.clear()
         self.data[key] = value
         return value
+
+    def squared_norms(self, x_all: Tensor) -> Tensor:
+        """``||x_b||^2`` of every (flattened) row of a gathered input, kept with it."""
+        key = (x_all.data_ptr(), x_all._version, tuple(x_all.shape))
+        held = self.norms.get(key)
+        if held is None:
+            flat = x_all.reshape(x_all.shape[0], -1)
+            held = torch.linalg.vecdot(flat, flat)
+            self.norms = {key: held}
+        return held
 
 
 _SCRATCH: weakref.WeakKeyDictionary[FlatModel, _Scratch] = weakref.WeakKeyDictionary()
@@ -885,6 +911,11 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         all_index, all_valid = _schedule_index(schedules, offsets, pad_row, steps_total)
         all_index, all_valid = all_index.to(device), all_valid.to(device)
     x_shape, y_shape = x_all.shape[1:], y_all.shape[1:]
+    # DP-SGD's per-sample norms need ||x||^2 of every sample the first Linear reads: once per
+    # sample (reused while the data is unchanged), not once per step
+    x_sq_all = scratch.squared_norms(x_all) if (
+        kind == "dp" and plan.engine == "linear" and _reads_raw_input(plan)
+        and x_all.is_floating_point()) else None
     for t in range(steps_total):
         k = sum(1 for c in counts if c > t)
         if kind == "dp":
@@ -904,13 +935,14 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
             width = valid.shape[1]
         x = torch.index_select(x_all, 0, index, out=scratch.buffer(
             "x", (index.shape[0], *x_shape), x_all.dtype, device)).view(k, width, *x_shape)
+        x_sq = x_sq_all.index_select(0, index).view(k, width) if x_sq_all is not None else None
         y = torch.index_select(y_all, 0, index, out=scratch.buffer(
             "y", (index.shape[0], *y_shape), y_all.dtype, device)).view(k, width, *y_shape)
         w_rows, g_rows = rows[:k], grad[:k]
         if kind == "dp":
             # (sum_i clip(g_i) + noise) / B_expected, the noise drawn after the sample (loop order)
             if plan.engine == "linear":
-                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
+                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows, x_sq)
             else:
                 _vmap_clipped_sum(flat, plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
             g_rows.mul_(scale)
