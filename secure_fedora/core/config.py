@@ -190,8 +190,9 @@ class TrainingConfig(_Section):
     # How the in-process runtime trains a round's participants: "loop" (each client in turn,
     # the reference path), "batched" (all participants together, secure_fedora.learning.batched;
     # equal to the loop within float rounding; a method, model or oracle it cannot reproduce
-    # falls back to the loop, logged and recorded in results.json) or "auto" (batched on a GPU;
-    # on the CPU the loop, measured faster there: see docs/notes/NOTES-j4-batched.md).
+    # falls back to the loop, logged and recorded in results.json) or "auto" (batched on a GPU
+    # and on the CPU with 2+ threads, where it was measured faster; the loop on one CPU thread:
+    # see docs/notes/NOTES-j4-batched.md).
     engine: Literal["loop", "batched", "auto"] = "loop"
     # Write the resumable checkpoint every K rounds, or "auto": after the first round and then
     # whenever the time since the last checkpoint reaches 10x what that checkpoint took (so

@@ -435,8 +435,8 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
 
 
 def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tensor,
-                     out: Tensor | None, decay: float = 0.0, beta: float = 0.0
-                     ) -> list[tuple[Tensor, Tensor]]:
+                     out: Tensor | None, decay: float = 0.0, beta: float = 0.0,
+                     work: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
     """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G), last
     layer first. With ``out`` (k, P) given, writes every parameter's gradient plus
     ``decay * rows`` (plus ``beta * out``: a momentum buffer accumulated in the GEMM) into it
@@ -451,7 +451,7 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
             _, w_off, (d_out, d_in), b_off = layer
             pairs.append((kept, g))
             if out is not None:
-                _write_linear(layer, out, kept, g, rows, decay, beta)
+                _write_linear(layer, out, kept, g, rows, decay, beta, work)
             if i == first_linear:
                 break
             g = torch.bmm(g, rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
@@ -463,13 +463,30 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
 
 
 def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
-                  rows: Tensor | None = None, decay: float = 0.0, beta: float = 0.0) -> None:
+                  rows: Tensor | None = None, decay: float = 0.0, beta: float = 0.0,
+                  work: Tensor | None = None) -> None:
     """``out[weight] <- g^T a (+ decay * rows[weight])`` as one batched GEMM written into the
     rows, and the bias ``sum_b g (+ decay * rows[bias])``; with ``beta`` (no decay), the GEMM
-    accumulates: ``out <- beta * out + g^T a`` (SGD momentum folded into the GEMM)."""
+    accumulates: ``out <- beta * out + g^T a`` (SGD momentum). With ``work`` (a contiguous
+    buffer of at least k * d_out * d_in floats, no decay), the GEMM writes there and one pass
+    moves it into ``out``: a batched GEMM whose output is a strided view of the rows runs
+    matrix by matrix, which parallelizes poorly over threads."""
     _, w_off, (d_out, d_in), b_off = layer
     k = out.shape[0]
     w_out = out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
+    if work is not None and not decay:
+        product = torch.bmm(g.transpose(1, 2), a, out=work[:k * d_out * d_in].view(k, d_out, d_in))
+        if beta:
+            torch.add(product, w_out, alpha=beta, out=w_out)
+        else:
+            w_out.copy_(product)
+        if b_off is not None:
+            if beta:
+                torch.add(g.sum(dim=1), out[:, b_off:b_off + d_out], alpha=beta,
+                          out=out[:, b_off:b_off + d_out])
+            else:
+                torch.sum(g, dim=1, out=out[:, b_off:b_off + d_out])
+        return
     if beta:
         w_out.baddbmm_(g.transpose(1, 2), a, beta=beta)
         if b_off is not None:
@@ -489,17 +506,18 @@ def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
 
 def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weights: Tensor,
                      loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, decay: float = 0.0,
-                     beta: float = 0.0) -> None:
+                     beta: float = 0.0, work: Tensor | None = None) -> None:
     """Write ``sum_b weights[:, b] * grad loss_b + decay * rows`` of each client into ``out``
-    (with ``beta``: ``beta * out +`` that, the momentum buffer accumulated in the GEMMs)."""
+    (with ``beta``: ``beta * out +`` that, the momentum buffer accumulated in the GEMMs;
+    ``work``: see :func:`_write_linear`)."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, weights, loss)
-    _linear_backward(plan, rows, saved, g, out, decay, beta)
+    _linear_backward(plan, rows, saved, g, out, decay, beta, work)
 
 
 def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
                         clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor,
-                        input_sq: Tensor | None = None) -> None:
+                        input_sq: Tensor | None = None, work: Tensor | None = None) -> None:
     """Write each client's sum of per-sample gradients clipped to its bound ``clip`` (k, 1)
     into ``out`` (k, P); padding samples (``valid`` False) contribute nothing. Per-sample norms
     come from ``||a||^2 ||g||^2 + ||g||^2`` per Linear (no per-sample gradient is formed).
@@ -518,7 +536,7 @@ def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, v
             sq += g_sq
     factors = (clip / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
     for layer, (a, gl) in zip(linears, pairs, strict=True):
-        _write_linear(layer, out, a, gl * factors.unsqueeze(2))
+        _write_linear(layer, out, a, gl * factors.unsqueeze(2), work=work)
 
 
 def _reads_raw_input(plan: BatchedPlan) -> bool:
@@ -904,6 +922,11 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
     # before its momentum step (the same sum, in another order)
     fold_momentum = (kind == "plain" and max_norm is None and plan.engine == "linear"
                      and not mixing and bool(momentum))
+    # contiguous output of the largest weight-gradient GEMM (see _write_linear)
+    work = None
+    if plan.engine == "linear":
+        largest = max(math.prod(layer[2]) for layer in plan.layers if layer[0] == "linear")
+        work = scratch.buffer("work", (k_all * largest,), dtype, device)
     executed = [0] * k_all
     steps_total = counts[0] if counts else 0
     if kind != "dp" and steps_total:
@@ -942,7 +965,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         if kind == "dp":
             # (sum_i clip(g_i) + noise) / B_expected, the noise drawn after the sample (loop order)
             if plan.engine == "linear":
-                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows, x_sq)
+                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows, x_sq, work)
             else:
                 _vmap_clipped_sum(flat, plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
             g_rows.mul_(scale)
@@ -959,9 +982,9 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 assert buffer is not None
                 g_rows = buffer[:k]  # from here on: the momentum step itself
                 _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows, 0.0,
-                                 momentum if t > 0 else 0.0)
+                                 momentum if t > 0 else 0.0, work)
             elif plan.engine == "linear":
-                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows)
+                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows, work=work)
             else:
                 _vmap_gradient(flat, plan, at_rows, x, y, weights, loss, g_rows)
             if max_norm is not None:

@@ -78,12 +78,16 @@ def clients_on(clients: Sequence[ClientData], device: torch.device) -> list[Clie
     return [dataclasses.replace(c, **{f: getattr(c, f).to(device) for f in fields}) for c in clients]
 
 
-def resolve_engine(cfg: ExperimentConfig, device: torch.device) -> tuple[str, str]:
+def resolve_engine(cfg: ExperimentConfig, device: torch.device,
+                   threads: int | None = None) -> tuple[str, str]:
     """``[training] engine`` resolved for ``device``: ``("loop" | "batched", why)``.
 
     ``"loop"`` and ``"batched"`` are taken as set (why: ``""`` for the default loop). ``"auto"``
-    picks what was measured faster (docs/notes/NOTES-j4-batched.md): on a GPU the batched
-    engine; on the CPU AUTO_CPU_ENGINE.
+    picks what was measured faster (docs/notes/NOTES-j4-batched.md, reference setting): on a
+    GPU the batched engine; on the CPU the batched engine from
+    :data:`AUTO_BATCHED_MIN_THREADS` torch threads on (2 threads: FEDORA round 0.68x of the
+    loop's), else the loop (1 thread: the batched round is within a few percent of the loop's,
+    so the reference path is kept). ``threads``: default ``training.threads``, else torch's.
     """
     setting = cfg.training.engine
     if setting == "loop":
@@ -92,9 +96,15 @@ def resolve_engine(cfg: ExperimentConfig, device: torch.device) -> tuple[str, st
         return "batched", "training.engine = 'batched'"
     if device.type != "cpu":
         return "batched", f"training.engine = 'auto' on {device.type}: batched"
-    return AUTO_CPU_ENGINE, f"training.engine = 'auto' on cpu: {AUTO_CPU_ENGINE} ({AUTO_CPU_REASON})"
+    if threads is None:
+        threads = cfg.training.threads or torch.get_num_threads()
+    if threads >= AUTO_BATCHED_MIN_THREADS:
+        return "batched", (f"training.engine = 'auto' on cpu with {threads} threads: batched "
+                           "(measured faster than the per-client loop from "
+                           f"{AUTO_BATCHED_MIN_THREADS} threads)")
+    return "loop", (f"training.engine = 'auto' on cpu with {threads} thread: the per-client loop "
+                    "(the batched engine is not measurably faster on one thread)")
 
 
-#: What ``engine = "auto"`` picks on the CPU, and the measurement behind it.
-AUTO_CPU_ENGINE = "loop"
-AUTO_CPU_REASON = "TBD"
+#: From this many torch threads on, ``engine = "auto"`` trains batched on the CPU.
+AUTO_BATCHED_MIN_THREADS = 2

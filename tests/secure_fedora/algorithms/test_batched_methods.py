@@ -156,13 +156,16 @@ def test_the_engine_key_is_validated(value: Any) -> None:
 
 def test_auto_resolves_per_device_and_the_default_loop_is_not_hashed() -> None:
     from secure_fedora.core.config import config_hash
-    from secure_fedora.learning.devices import AUTO_CPU_ENGINE, resolve_engine
+    from secure_fedora.learning.devices import resolve_engine
 
     assert resolve_engine(_config("local", "loop", False), torch.device("cpu")) == ("loop", "")
     assert resolve_engine(_config("local", "batched", False), torch.device("cpu"))[0] == "batched"
-    engine, why = resolve_engine(_config("local", "auto", False), torch.device("cpu"))
-    assert engine == AUTO_CPU_ENGINE and "auto" in why and "cpu" in why
-    assert resolve_engine(_config("local", "auto", False), torch.device("cuda"))[0] == "batched"
+    auto = _config("local", "auto", False)
+    engine, why = resolve_engine(auto, torch.device("cpu"), threads=1)
+    assert engine == "loop" and "auto" in why and "1 thread" in why
+    assert resolve_engine(auto, torch.device("cpu"), threads=2)[0] == "batched"
+    assert resolve_engine(_config("local", "auto", False, threads=2), torch.device("cpu"))[0] == "batched"
+    assert resolve_engine(auto, torch.device("cuda"))[0] == "batched"
     # the default is left out of the hash (older checkpoints stay valid); any other value is in it
     plain = parse_config({k: v for k, v in _config("local", "loop", False).model_dump(mode="json").items()})
     assert config_hash(plain) == config_hash(_config("local", "loop", False))
