@@ -216,6 +216,7 @@ class FederatedMethod(FederatedAlgorithm):
         # results.json's "training_engine" when the batched engine was asked for.
         self._engine_runs: dict[str, int] = {}
         self._engine_fallbacks: dict[str, int] = {}
+        self._engine_logged: set[str] = set()  # reasons logged by this process
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
@@ -265,7 +266,8 @@ class FederatedMethod(FederatedAlgorithm):
 
     def batched_fallback(self, reason: str) -> None:
         """Record (and log, once per reason) that a round falls back to the per-client loop."""
-        if reason not in self._engine_fallbacks:
+        if reason not in self._engine_logged:
+            self._engine_logged.add(reason)
             log.warning("%s: training.engine = 'batched' falls back to the per-client loop: %s",
                         self.name, reason)
         self._engine_fallbacks[reason] = self._engine_fallbacks.get(reason, 0) + 1
@@ -303,7 +305,8 @@ class FederatedMethod(FederatedAlgorithm):
     def training_engine_results(self) -> dict[str, Any]:
         """What trained the clients: the resolved setting, how many local-training passes each
         engine ran ("linear"/"vmap": batched, "loop": per client) and every fallback reason
-        with its count. ``{}`` for the default loop (nothing asked for, nothing to report)."""
+        with its count (over the whole run: the counts are checkpointed). ``{}`` for the
+        default loop (nothing asked for, nothing to report)."""
         if self.ctx.engine == "loop" and not self.ctx.engine_choice:
             return {}
         return {"setting": self.ctx.engine, "choice": self.ctx.engine_choice,
@@ -460,6 +463,9 @@ class FederatedMethod(FederatedAlgorithm):
         state = {"theta": self.theta, **self.server_state_dict()}
         if self.exchange is not None and self.exchange.client_rows:
             state["held_downloads"] = dict(self.exchange.client_rows)
+        if self.training_engine_results():  # so a resumed run reports the whole run's counts
+            state["training_engine"] = {"runs": dict(self._engine_runs),
+                                        "fallbacks": dict(self._engine_fallbacks)}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -468,6 +474,14 @@ class FederatedMethod(FederatedAlgorithm):
         _load_matrix(self.theta, state["theta"], "theta")
         self.load_server_state_dict(state)
         self._held_downloads = state.get("held_downloads")
+        engine = state.get("training_engine")
+        if engine is not None:
+            runs, fallbacks = engine.get("runs"), engine.get("fallbacks")
+            if not all(isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, int)
+                                                   and v >= 0 for k, v in d.items())
+                       for d in (runs, fallbacks)):
+                raise ValueError("checkpoint field 'training_engine' must hold counts by name")
+            self._engine_runs, self._engine_fallbacks = dict(runs), dict(fallbacks)
 
     def attach_exchange(self, exchange: Any) -> None:
         """Use ``exchange`` (a :class:`~secure_fedora.secure.transport.SecureExchange` built

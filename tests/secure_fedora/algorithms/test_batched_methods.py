@@ -170,3 +170,25 @@ def test_auto_resolves_per_device_and_the_default_loop_is_not_hashed() -> None:
     plain = parse_config({k: v for k, v in _config("local", "loop", False).model_dump(mode="json").items()})
     assert config_hash(plain) == config_hash(_config("local", "loop", False))
     assert config_hash(_config("local", "batched", False)) != config_hash(_config("local", "loop", False))
+
+
+@pytest.mark.parametrize(("name", "dp"), [("fedora", True), ("apfl", False), ("ditto", True)])
+def test_a_batched_run_killed_mid_round_resumes_exactly(name: str, dp: bool, tmp_path: Path) -> None:
+    """Killed after round 2's batched training (the runtime's 4th "train" crash point),
+    resumed from the round-1 checkpoint: the same results, rounds and ledgers as a run that
+    was never interrupted (the batched engine is deterministic, and DP releases are re-made
+    from their journal)."""
+    from tests.secure_fedora.runtimes.test_crash_resume import (
+        assert_same_run,
+        config_dict,
+        run_until_crash,
+    )
+
+    data = config_dict([name], dp)
+    data["training"]["engine"] = "batched"
+    cfg = parse_config(data)
+    made = build_clients(cfg)
+    Simulation(cfg, tmp_path / "reference", clients=made).run()
+    assert run_until_crash(cfg, tmp_path / "run", made, "train@4")
+    Simulation(cfg, tmp_path / "run", clients=made).run(resume=True)
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
