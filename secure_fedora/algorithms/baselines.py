@@ -522,7 +522,9 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
         return self.train_batched(participants, self.uploads).steps
 
     def _personal_oracle(self) -> GradientOracle:
-        raise NotImplementedError
+        """The oracle the personal model's local run uses, below the method's wrapper (each
+        subclass names its own: Ditto's proximal, APFL's mixture wrapper's inner oracle)."""
+        raise NotImplementedError(f"{type(self).__name__} must name its personal model's oracle")
 
     def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
                               ) -> dict[int, Payload] | None:
@@ -539,7 +541,9 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
 
     def _train_personal(self, participants: Sequence[int],
                         received: Mapping[int, Tensor]) -> dict[int, int]:
-        raise NotImplementedError
+        """Batched second local run (the personal models, each toward its received ``w``);
+        the steps per client. Each subclass implements its own objective."""
+        raise NotImplementedError(f"{type(self).__name__} must train its personal models")
 
 
 class Ditto(_GlobalModelMethod):
