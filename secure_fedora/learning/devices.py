@@ -85,7 +85,7 @@ def resolve_engine(cfg: ExperimentConfig, device: torch.device,
     ``"loop"`` and ``"batched"`` are taken as set (why: ``""`` for the default loop). ``"auto"``
     picks what was measured faster (docs/notes/NOTES-j4-batched.md, reference setting): on a
     GPU the batched engine; on the CPU the batched engine from
-    :data:`AUTO_BATCHED_MIN_THREADS` torch threads on (2 threads: FEDORA round 0.68x of the
+    :data:`AUTO_BATCHED_MIN_THREADS` torch threads on (2 threads: FEDORA round 0.82x of the
     loop's), else the loop (1 thread: the batched round is within a few percent of the loop's,
     so the reference path is kept). ``threads``: default ``training.threads``, else torch's.
     """
