@@ -192,3 +192,18 @@ def test_a_batched_run_killed_mid_round_resumes_exactly(name: str, dp: bool, tmp
     assert run_until_crash(cfg, tmp_path / "run", made, "train@4")
     Simulation(cfg, tmp_path / "run", clients=made).run(resume=True)
     assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+@pytest.mark.parametrize(("name", "dp"), [("fedora", True), ("apfl", False)])
+def test_a_cnn_trains_through_the_vmap_engine_and_equals_the_loop(
+        name: str, dp: bool, clients: Any, tmp_path: Path) -> None:
+    rows = {}
+    for engine in ("loop", "batched"):
+        data = _config(name, engine, dp).model_dump(mode="json", exclude_none=True)
+        data["model"] = {"name": "cnn"}
+        sim = Simulation(parse_config(data), tmp_path / engine, clients=clients)
+        results = sim.run()
+        rows[engine] = eval_rows(sim.methods[name])
+    assert set(results["methods"][name]["extra"]["training_engine"]["runs"]) == {"vmap"}
+    for a, b in zip(rows["loop"], rows["batched"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
