@@ -833,10 +833,11 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
 
 
 def _schedule_index(schedules: Sequence[Sequence[Tensor] | None], offsets: Sequence[int],
-                    pad_row: int, steps: int) -> tuple[Tensor, Tensor]:
+                    pad_row: int, steps: int) -> tuple[Tensor, Tensor, list[int]]:
     """The rows into the gathered data of every client's batch at every step, as one
-    (steps, clients, width) index (each client's batches shifted by its offset; padding:
-    ``pad_row``) and its validity mask, built with a few tensor operations."""
+    (steps, clients, width) index (each client's batches shifted by its offset, left-aligned;
+    padding: ``pad_row``), its validity mask and each step's own width (its largest batch, at
+    least 1), built with a few tensor operations."""
     k = len(schedules)
     lengths = torch.zeros((k, steps), dtype=torch.long)
     flat_parts = []
@@ -850,7 +851,8 @@ def _schedule_index(schedules: Sequence[Sequence[Tensor] | None], offsets: Seque
     index = torch.full((k, steps, width), pad_row, dtype=torch.long)
     if flat_parts:
         index[valid] = torch.cat(flat_parts)  # client by client, step by step: row-major order
-    return index.transpose(0, 1).contiguous(), valid.transpose(0, 1).contiguous()
+    step_widths = lengths.max(dim=0).values.clamp(min=1).tolist() if k else [1] * steps
+    return index.transpose(0, 1).contiguous(), valid.transpose(0, 1).contiguous(), step_widths
 
 
 def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
@@ -931,7 +933,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
     steps_total = counts[0] if counts else 0
     if kind != "dp" and steps_total:
         # the whole run's (step, client, width) sample rows at once, padded with the padding row
-        all_index, all_valid = _schedule_index(schedules, offsets, pad_row, steps_total)
+        all_index, all_valid, step_widths = _schedule_index(schedules, offsets, pad_row, steps_total)
         all_index, all_valid = all_index.to(device), all_valid.to(device)
     x_shape, y_shape = x_all.shape[1:], y_all.shape[1:]
     # DP-SGD's per-sample norms need ||x||^2 of every sample the first Linear reads: once per
@@ -954,8 +956,8 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
             index = torch.where(valid, index + offset_column[:k], pad_row)
             index, valid = index.to(device).view(-1), valid.to(device)
         else:
-            index, valid = all_index[t, :k].reshape(-1), all_valid[t, :k]
-            width = valid.shape[1]
+            width = step_widths[t]  # the step's largest batch: no column is padding for all
+            index, valid = all_index[t, :k, :width].reshape(-1), all_valid[t, :k, :width]
         x = torch.index_select(x_all, 0, index, out=scratch.buffer(
             "x", (index.shape[0], *x_shape), x_all.dtype, device)).view(k, width, *x_shape)
         x_sq = x_sq_all.index_select(0, index).view(k, width) if x_sq_all is not None else None
