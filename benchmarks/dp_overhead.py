@@ -4,7 +4,8 @@ Both use the DP setting's data and model (configs/dp_rotated_mnist.toml); the pr
 runs DP-SGD (Poisson sampling, fused per-sample clipping, Gaussian noise) and the private
 lambda, the plain round the same number of local steps with plain mini-batch SGD (batch =
 the expected Poisson batch). Rounds alternate so background load hits both alike.
-Usage: python benchmarks/dp_overhead.py [--rounds 5] [--clients 40]
+``--engine batched`` trains both with ``[training] engine = "batched"`` (all clients together).
+Usage: python benchmarks/dp_overhead.py [--rounds 5] [--clients 40] [--engine loop|batched]
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", choices=("loop", "batched"), default="loop",
+                        help="[training] engine of both runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = load_config(ROOT / "configs" / "dp_rotated_mnist.toml")
     private = base.model_copy(update={
         "data": base.data.model_copy(update={"num_clients": args.clients}),
-        "training": base.training.model_copy(update={"rounds": args.rounds + 1}),
+        "training": base.training.model_copy(update={"rounds": args.rounds + 1, "engine": args.engine}),
     })
     plain = private.model_copy(update={
         "privacy": private.privacy.model_copy(update={"enabled": False}),
@@ -72,7 +75,8 @@ def main() -> None:
     print(f"setup: DP setting, {len(clients)} clients x {private.data.train_per_client} train, MLP, "
           f"{steps_per_round(private)} local steps per round (Poisson q="
           f"{private.data and ctx_dp.privacy.sample_rate:.3f}), {args.threads} thread(s), "
-          f"{args.rounds} timed rounds (median); DP round includes the gate (ledger fsync) and private lambda")
+          f"{args.rounds} timed rounds (median), engine {ctx_dp.engine!r}; DP round includes the gate "
+          "(ledger fsync) and private lambda")
     print(f"non-private FEDORA round: {p:.3f} s")
     print(f"DP-FEDORA round:          {d:.3f} s")
     print(f"ratio DP / non-private: {d / p:.2f}x  (target <= 2x)")

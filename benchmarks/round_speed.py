@@ -6,12 +6,15 @@ decay), shuffled mini-batches, ``E`` local epochs. FEDORA's round adds the two v
 losses for lambda, the proximal pull after every step and the propagation ``phi = P @ theta``.
 Rounds alternate between the two so background load hits both alike.
 
-``--batched`` adds the batched trainer (secure_fedora.learning.batched): a FEDORA round whose
-client training is one batched run over all clients (lambda evals + batched training with the
-pull + propagation), the batched training alone (no pull, as Local), the largest row difference
-from the per-client loop on the same inputs, and the hardware floor: the round's FLOPs over the
-sustained GFLOP/s of a large matmul measured in the same run. Min and median are printed.
-Usage: python benchmarks/round_speed.py [--rounds 10] [--threads 1] [--batched]
+``--batched`` adds the batched trainer (secure_fedora.learning.batched), for every thread count
+given (``--threads 1 2``: each measured in the same run): FEDORA rounds with
+``[training] engine = "batched"`` (the method's own batched client half: per-client lambda,
+then all clients trained together, then propagation), the same with the lambda losses batched
+too (``evaluate_losses``), the batched training alone (no pull, as Local), the largest row
+difference from the per-client loop on the same inputs, and the hardware floor: the round's
+FLOPs over the sustained GFLOP/s of a large matmul measured in the same run at that thread
+count. Min and median are printed; the plain loop is the same at every thread count.
+Usage: python benchmarks/round_speed.py [--rounds 10] [--threads 1 [2]] [--batched]
 """
 
 from __future__ import annotations
@@ -109,11 +112,12 @@ def summary(name: str, times: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="torch thread counts to measure, each in this run (e.g. 1 2)")
     parser.add_argument("--batched", action="store_true",
                         help="also time the batched trainer and print the hardware floor")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     cfg = load_config(ROOT / "configs" / "reference.toml")
     clients = build_clients(cfg)
     ctx = build_context(cfg, clients)
@@ -137,26 +141,42 @@ def main() -> None:
     f, p = statistics.median(t_fedora), statistics.median(t_plain)
     print(f"setup: reference setting, {len(clients)} clients, {steps} local SGD steps per round, "
           f"MLP {ctx.flat.num_params} params, batch {cfg.training.batch_size}, "
-          f"{args.threads} thread(s), {args.rounds} timed rounds (median)")
+          f"{args.threads[0]} thread(s), {args.rounds} timed rounds (median)")
     print(f"plain loop round:  {p:.3f} s")
     print(f"FEDORA round:      {f:.3f} s   (lambda evals + training + pull + propagation)")
     print(f"ratio FEDORA / plain: {f / p:.2f}x  (target <= 1.3x)")
     if args.batched:
-        run_batched(fedora, ctx, cfg, clients, models, gens, everyone, args.rounds)
+        print(f"batched vs per-client loop, largest row difference after one local run: "
+              f"{batched_difference(fedora, everyone):.2e}")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            run_batched(fedora, ctx, cfg, clients, models, gens, everyone, args.rounds, threads)
 
 
-def run_batched(fedora, ctx, cfg, clients, models, gens, everyone, rounds: int) -> None:
-    """Alternate plain loop / FEDORA (loop) / FEDORA (batched) / batched training alone."""
+def engine_round(fedora, rnd: int, everyone: list[int], engine: str) -> None:
+    """``Fedora.train_round`` with ``[training] engine`` = ``engine`` (the wired path)."""
+    fedora.ctx.engine = engine
+    try:
+        fedora.train_round(rnd, everyone)
+    finally:
+        fedora.ctx.engine = "loop"
+
+
+def run_batched(fedora, ctx, cfg, clients, models, gens, everyone, rounds: int, threads: int) -> None:
+    """Alternate plain loop / FEDORA (loop) / FEDORA (engine batched) / FEDORA (engine batched,
+    batched lambda losses) / batched training alone, at ``threads`` torch threads."""
     theta_local = fedora.theta.clone()
-    print(f"batched vs per-client loop, largest row difference after one local run: "
-          f"{batched_difference(fedora, everyone):.2e}")
-    batched_fedora_round(fedora, 0, everyone)  # warm-up
+    engine_round(fedora, 0, everyone, "batched")  # warm-up
+    batched_fedora_round(fedora, 0, everyone)
     train_participants(ctx, everyone, theta_local)
-    times: dict[str, list[float]] = {"plain": [], "fedora": [], "fedora_batched": [], "batched": []}
+    plain_round(models, clients, cfg, gens)
+    names = ("plain", "fedora", "fedora_batched", "fedora_batched_lambda", "batched")
+    times: dict[str, list[float]] = {name: [] for name in names}
     for rnd in range(1, rounds + 1):
         for name, fn in (("plain", lambda: plain_round(models, clients, cfg, gens)),
-                         ("fedora", lambda rnd=rnd: fedora.train_round(rnd, everyone)),
-                         ("fedora_batched", lambda rnd=rnd: batched_fedora_round(fedora, rnd, everyone)),
+                         ("fedora", lambda rnd=rnd: engine_round(fedora, rnd, everyone, "loop")),
+                         ("fedora_batched", lambda rnd=rnd: engine_round(fedora, rnd, everyone, "batched")),
+                         ("fedora_batched_lambda", lambda rnd=rnd: batched_fedora_round(fedora, rnd, everyone)),
                          ("batched", lambda: train_participants(ctx, everyone, theta_local))):
             t0 = time.perf_counter()
             fn()
@@ -165,21 +185,25 @@ def run_batched(fedora, ctx, cfg, clients, models, gens, everyone, rounds: int) 
     train_flops = round_flops(ctx, cfg, clients, with_lambda_evals=False)
     fedora_flops = round_flops(ctx, cfg, clients, with_lambda_evals=True)
     p_min, p_med = min(times["plain"]), statistics.median(times["plain"])
-    print(f"--- batched trainer, {rounds} rounds alternating (min / median)")
-    print(summary("plain loop round:           ", times["plain"]))
-    print(summary("FEDORA round, per-client:   ", times["fedora"]))
-    print(summary("FEDORA round, batched:      ", times["fedora_batched"]))
-    print(summary("batched training (no pull): ", times["batched"]))
-    for name in ("fedora", "fedora_batched", "batched"):
+    print(f"--- {threads} thread(s): batched trainer, {rounds} rounds alternating (min / median)")
+    print(summary("plain loop round:                           ", times["plain"]))
+    print(summary("FEDORA round, engine loop:                  ", times["fedora"]))
+    print(summary("FEDORA round, engine batched:               ", times["fedora_batched"]))
+    print(summary("FEDORA round, engine batched + batched lambda:", times["fedora_batched_lambda"]))
+    print(summary("batched training alone (no pull):          ", times["batched"]))
+    for name in names[1:]:
         t = times[name]
         print(f"ratio {name} / plain: min {min(t) / p_min:.2f}x, median "
               f"{statistics.median(t) / p_med:.2f}x" + ("  (target <= 0.5x)" if name == "fedora_batched" else ""))
     floor_train, floor_fedora = train_flops / gflops / 1e9, fedora_flops / gflops / 1e9
-    print(f"hardware floor: large matmul sustains {gflops:.1f} GFLOP/s; training {train_flops / 1e9:.2f}"
-          f" GFLOP -> {floor_train:.3f} s, FEDORA round {fedora_flops / 1e9:.2f} GFLOP -> {floor_fedora:.3f} s")
-    print(f"FEDORA batched / floor: min {min(times['fedora_batched']) / floor_fedora:.2f}x, median "
-          f"{statistics.median(times['fedora_batched']) / floor_fedora:.2f}x; batched training / floor:"
-          f" min {min(times['batched']) / floor_train:.2f}x")
+    print(f"hardware floor ({threads} thread(s)): large matmul sustains {gflops:.1f} GFLOP/s; training"
+          f" {train_flops / 1e9:.2f} GFLOP -> {floor_train:.3f} s, FEDORA round {fedora_flops / 1e9:.2f}"
+          f" GFLOP -> {floor_fedora:.3f} s")
+    for name, floor in (("fedora_batched", floor_fedora), ("fedora_batched_lambda", floor_fedora),
+                        ("batched", floor_train), ("plain", floor_train)):
+        t = times[name]
+        print(f"{name} / floor: min {min(t) / floor:.2f}x, median {statistics.median(t) / floor:.2f}x"
+              + ("  (aim <= 2x)" if name == "fedora_batched" else ""))
 
 
 if __name__ == "__main__":

@@ -451,6 +451,21 @@ class FedProx(_Baseline, FedAvg):
         return {KIND_THETA: self.theta[i], KEY_NUM_EXAMPLES: _num_examples(self.ctx, i),
                 KEY_STEPS: _scalar(steps)}
 
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """Every participant trains proximally from its received global model, together."""
+        participants = list(messages)
+        reason = self.batched_unsupported(participants, [self.prox.inner])
+        if reason is not None:
+            return self.batched_fallback(reason)
+        anchors = {i: messages[i][KIND_GLOBAL] for i in participants}
+        for i in participants:
+            self.theta[i].copy_(anchors[i])
+        out = self.train_batched(participants, self.theta, anchor=anchors, mu=self.mu,
+                                 oracle=self.prox.inner)
+        return {i: {KIND_THETA: self.theta[i], KEY_NUM_EXAMPLES: _num_examples(self.ctx, i),
+                    KEY_STEPS: _scalar(out.steps[i])} for i in participants}
+
 
 # --------------------------------------------------------------------------- Ditto and APFL
 
@@ -506,6 +521,37 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
         return {KIND_THETA: self.uploads[i], KEY_NUM_EXAMPLES: _num_examples(self.ctx, i),
                 KEY_STEPS: _scalar(steps)}
 
+    def _train_global_copies(self, participants: Sequence[int],
+                             received: Mapping[int, Tensor]) -> dict[int, int]:
+        """Batched :meth:`_train_global_copy` of every participant; the steps per client."""
+        for i in participants:
+            self.uploads[i].copy_(received[i])
+        return self.train_batched(participants, self.uploads).steps
+
+    def _personal_oracle(self) -> GradientOracle:
+        """The oracle the personal model's local run uses, below the method's wrapper (each
+        subclass names its own: Ditto's proximal, APFL's mixture wrapper's inner oracle)."""
+        raise NotImplementedError(f"{type(self).__name__} must name its personal model's oracle")
+
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """Both local runs of every participant, each run batched over the participants (a
+        client's two runs keep their order, so its generator and noise draw as in the loop)."""
+        participants = list(messages)
+        reason = self.batched_unsupported(participants, [self.ctx.oracle, self._personal_oracle()])
+        if reason is not None:
+            return self.batched_fallback(reason)
+        received = {i: messages[i][KIND_GLOBAL] for i in participants}
+        steps = self._train_global_copies(participants, received)
+        personal = self._train_personal(participants, received)
+        return {i: self._reply(i, steps[i] + personal[i]) for i in participants}
+
+    def _train_personal(self, participants: Sequence[int],
+                        received: Mapping[int, Tensor]) -> dict[int, int]:
+        """Batched second local run (the personal models, each toward its received ``w``);
+        the steps per client. Each subclass implements its own objective."""
+        raise NotImplementedError(f"{type(self).__name__} must train its personal models")
+
 
 CLIENT_HELD_MODELS = (
     "Ditto's and APFL's personal models never leave the client and train without noise; DP "
@@ -551,6 +597,15 @@ class Ditto(_GlobalModelMethod):
         self.prox.target(self.theta[i], w)
         steps += _train_with(self.ctx, self.prox, i, self.theta[i])
         return self._reply(i, steps)
+
+    def _personal_oracle(self) -> GradientOracle:
+        return self.prox.inner
+
+    def _train_personal(self, participants: Sequence[int],
+                        received: Mapping[int, Tensor]) -> dict[int, int]:
+        """The personal models, proximally toward the received global model, together."""
+        return self.train_batched(participants, self.theta, anchor=received, mu=self.lam,
+                                  oracle=self.prox.inner).steps
 
     def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
         """Nothing: a client is evaluated on its personal model ``v_i``."""
@@ -601,6 +656,21 @@ class APFL(_GlobalModelMethod):
         steps += _train_with(self.ctx, self.mix, i, self.theta[i])
         self.alpha[i] = self.mix.alpha
         return self._reply(i, steps)
+
+    def _personal_oracle(self) -> GradientOracle:
+        return self.mix.inner
+
+    def _train_personal(self, participants: Sequence[int],
+                        received: Mapping[int, Tensor]) -> dict[int, int]:
+        """Every ``v_i`` through its mixture with the received global model, together, each
+        ``alpha_i`` updated as :class:`MixtureGradient` does."""
+        out = self.train_batched(participants, self.theta, oracle=self.mix.inner,
+                                 mix_with=received,
+                                 mix_alphas=[float(self.alpha[i]) for i in participants],
+                                 mix_adaptive=self.mix.adaptive, mix_lr=self.mix.alpha_lr)
+        for i in participants:
+            self.alpha[i] = out.alphas[i]
+        return out.steps
 
     def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
         """Client ``i``'s personalized model ``alpha_i v_i + (1 - alpha_i) w`` with the
@@ -741,6 +811,19 @@ class FedAMP(_Baseline, FederatedMethod):
         steps = _train_with(self.ctx, self.prox, i, self.theta[i])
         return {KIND_THETA: self.theta[i], KEY_STEPS: _scalar(steps)}
 
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """Every participant's ``w_i``, proximally toward its received message, together."""
+        participants = list(messages)
+        reason = self.batched_unsupported(participants, [self.prox.inner])
+        if reason is not None:
+            return self.batched_fallback(reason)
+        anchors = {i: messages[i][KIND_MESSAGE] for i in participants}
+        out = self.train_batched(participants, self.theta, anchor=anchors, mu=self.lam,
+                                 oracle=self.prox.inner)
+        return {i: {KIND_THETA: self.theta[i], KEY_STEPS: _scalar(out.steps[i])}
+                for i in participants}
+
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """The accepted uploads replace the server's copies; reports the largest weight a
         client's message put on another client."""
@@ -871,6 +954,23 @@ class IFCA(_Baseline, FederatedMethod):
         self.choices[i, 0] = k
         return {KIND_THETA: self.theta[i], KIND_CLUSTER_CHOICE: self.choices[i],
                 KEY_NUM_EXAMPLES: _num_examples(self.ctx, i), KEY_STEPS: _scalar(steps)}
+
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """Every participant's cluster choice (per client, in order), then copies of the
+        chosen models trained together."""
+        participants = list(messages)
+        reason = self.batched_unsupported(participants, [self.ctx.oracle])
+        if reason is not None:
+            return self.batched_fallback(reason)
+        for i in participants:
+            k = self._choice_for(i, messages[i])
+            self.theta[i].copy_(messages[i][KIND_CLUSTERS][k])
+            self.choices[i, 0] = k
+        out = self.train_batched(participants, self.theta)
+        return {i: {KIND_THETA: self.theta[i], KIND_CLUSTER_CHOICE: self.choices[i],
+                    KEY_NUM_EXAMPLES: _num_examples(self.ctx, i), KEY_STEPS: _scalar(out.steps[i])}
+                for i in participants}
 
     def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
         """The received cluster model client ``i`` picks."""

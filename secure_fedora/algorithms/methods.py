@@ -21,6 +21,7 @@ Methods written before the contract may still override ``train_round`` and use
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -47,6 +48,7 @@ from secure_fedora.algorithms.propagation import (
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.registry import METHODS
 from secure_fedora.data.partition import ClientData
+from secure_fedora.learning.batched import BatchedOutcome, engine_plan, train_participants
 from secure_fedora.learning.client import (
     FlatModel,
     GradientOracle,
@@ -62,6 +64,8 @@ KEY_NUM_EXAMPLES = "num_examples"
 """Reply entry: the client's number of training examples (FedAvg's aggregation weight)."""
 KEY_LAMBDA = "lambda"
 """Reply entry: FEDORA's regularization weight ``lambda_i`` of the round (0-d float64)."""
+
+log = logging.getLogger("secure_fedora.algorithms.methods")
 
 MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
 """(upload matrices by message kind, tracked download matrices by kind), each (N, ...)."""
@@ -100,6 +104,11 @@ class MethodContext:
     # Encrypted computation the runtime offers (secure_fedora.secure.backends.CkksBackend in
     # both runtimes); None: a method configured for an encrypted mode refuses to be built.
     encryption: EncryptionBackend | None = None
+    # How a round's participants train in process ([training] engine, resolved): "loop" (each
+    # client in turn, the reference) or "batched" (all together, learning/batched.py), and
+    # why ("" for the default loop); see FederatedMethod.client_update_many.
+    engine: str = "loop"
+    engine_choice: str = ""
 
     @property
     def num_clients(self) -> int:
@@ -207,6 +216,11 @@ class FederatedMethod(FederatedAlgorithm):
         self.last_round = 0
         # Clients' held downloads from a checkpoint, until an exchange is attached.
         self._held_downloads: dict[str, Tensor] | None = None
+        # What trained the clients (batched engine or loop, with the reasons of fallbacks):
+        # results.json's "training_engine" when the batched engine was asked for.
+        self._engine_runs: dict[str, int] = {}
+        self._engine_fallbacks: dict[str, int] = {}
+        self._engine_logged: set[str] = set()  # reasons logged by this process
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
@@ -231,6 +245,77 @@ class FederatedMethod(FederatedAlgorithm):
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """Server: combine the accepted replies. Default: nothing to combine."""
         return {}
+
+    # ------------------------------------------------------------------ batched client halves
+    def client_update_many(self, rnd: int, messages: Mapping[int, Payload]) -> dict[int, Payload]:
+        """All of a round's client halves in one process. With ``ctx.engine == "batched"``,
+        :meth:`client_update_batched` trains all participants together (replies equal to
+        :meth:`client_update` per client within float rounding: each client's generator and
+        noise source draw in the loop's order, and the DP step hooks count the same steps);
+        where it cannot reproduce the method it returns ``None`` and the per-client loop runs,
+        with the reason logged and recorded (:meth:`training_engine_results`)."""
+        if self.ctx.engine == "batched" and messages:
+            replies = self.client_update_batched(rnd, messages)
+            if replies is not None:
+                return replies
+        elif messages:
+            self._engine_runs["loop"] = self._engine_runs.get("loop", 0) + 1
+        return super().client_update_many(rnd, messages)
+
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """The batched client halves of the round, or ``None`` (after :meth:`batched_fallback`)
+        when this method or its model/oracle cannot be trained batched. Default: ``None``."""
+        return self.batched_fallback(f"method {self.name!r} has no batched client half")
+
+    def batched_fallback(self, reason: str) -> None:
+        """Record (and log, once per reason) that a round falls back to the per-client loop."""
+        if reason not in self._engine_logged:
+            self._engine_logged.add(reason)
+            log.warning("%s: training.engine = 'batched' falls back to the per-client loop: %s",
+                        self.name, reason)
+        self._engine_fallbacks[reason] = self._engine_fallbacks.get(reason, 0) + 1
+        self._engine_runs["loop"] = self._engine_runs.get("loop", 0) + 1
+        return None
+
+    def batched_unsupported(self, participants: Sequence[int],
+                            oracles: Sequence[GradientOracle]) -> str | None:
+        """Why the batched engine cannot train ``participants`` with each of ``oracles``
+        exactly (``None``: it can). Probed on the first participant with training data."""
+        ctx = self.ctx
+        probe = next((ctx.clients[i] for i in participants if ctx.clients[i].train_x.shape[0]), None)
+        if probe is None:
+            return "no participant has training data to probe the model"
+        for oracle in oracles:
+            plan = engine_plan(ctx.flat, oracle, probe.train_x[:3], probe.train_y[:3])
+            if plan.engine == "loop":
+                return plan.reason
+        return None
+
+    def train_batched(self, participants: Sequence[int], rows: Tensor, phi: Any = None,
+                      lams: Sequence[float] | None = None, **kwargs: Any) -> BatchedOutcome:
+        """Train ``rows[i]`` of every participant together (:func:`train_participants` with
+        ``ctx``; ``kwargs``: ``anchor``, ``mu``, ``oracle``, the mixture), record what ran
+        and pass the runtime's per-client crash point as the loop does."""
+        outcome = train_participants(self.ctx, participants, rows, phi, lams, **kwargs)
+        if outcome.engine == "loop":  # train_clients' own reference loop (reason recorded)
+            self.batched_fallback(outcome.reason)
+        else:
+            self._engine_runs[outcome.engine] = self._engine_runs.get(outcome.engine, 0) + 1
+        for _ in participants:
+            crash_point("train")
+        return outcome
+
+    def training_engine_results(self) -> dict[str, Any]:
+        """What trained the clients: the resolved setting, how many local-training passes each
+        engine ran ("linear"/"vmap": batched, "loop": per client) and every fallback reason
+        with its count (over the whole run: the counts are checkpointed). ``{}`` for the
+        default loop (nothing asked for, nothing to report)."""
+        if self.ctx.engine == "loop" and not self.ctx.engine_choice:
+            return {}
+        return {"setting": self.ctx.engine, "choice": self.ctx.engine_choice,
+                "runs": dict(sorted(self._engine_runs.items())),
+                "fallbacks": [{"reason": r, "count": n} for r, n in self._engine_fallbacks.items()]}
 
     def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
         """Client ``i`` is evaluated on its own row of ``theta`` (default)."""
@@ -382,6 +467,9 @@ class FederatedMethod(FederatedAlgorithm):
         state = {"theta": self.theta, **self.server_state_dict()}
         if self.exchange is not None and self.exchange.client_rows:
             state["held_downloads"] = dict(self.exchange.client_rows)
+        if self.training_engine_results():  # so a resumed run reports the whole run's counts
+            state["training_engine"] = {"runs": dict(self._engine_runs),
+                                        "fallbacks": dict(self._engine_fallbacks)}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -390,6 +478,14 @@ class FederatedMethod(FederatedAlgorithm):
         _load_matrix(self.theta, state["theta"], "theta")
         self.load_server_state_dict(state)
         self._held_downloads = state.get("held_downloads")
+        engine = state.get("training_engine")
+        if engine is not None:
+            runs, fallbacks = engine.get("runs"), engine.get("fallbacks")
+            if not all(isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, int)
+                                                   and v >= 0 for k, v in d.items())
+                       for d in (runs, fallbacks)):
+                raise ValueError("checkpoint field 'training_engine' must hold counts by name")
+            self._engine_runs, self._engine_fallbacks = dict(runs), dict(fallbacks)
 
     def attach_exchange(self, exchange: Any) -> None:
         """Use ``exchange`` (a :class:`~secure_fedora.secure.transport.SecureExchange` built
@@ -409,7 +505,9 @@ class FederatedMethod(FederatedAlgorithm):
         """Method-specific results added to results.json at the end of a run: the finalize
         exchange's results (:meth:`finalize`), with a ``"security"`` entry from
         :meth:`security_results` when envelopes were on."""
-        return self._with_security(self.finalize())
+        extra = self._with_security(self.finalize())
+        engine = self.training_engine_results()
+        return {**extra, "training_engine": engine} if engine else extra
 
 
 def _load_matrix(target: Tensor, value: Tensor, name: str) -> None:
@@ -437,6 +535,16 @@ class Local(FederatedMethod):
     def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
         """Train client ``i``'s own row in place."""
         return {KEY_STEPS: _scalar(self.ctx.train_client(i, self.theta[i]))}
+
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """Every participant's own row, trained together."""
+        participants = list(messages)
+        reason = self.batched_unsupported(participants, [self.ctx.oracle])
+        if reason is not None:
+            return self.batched_fallback(reason)
+        out = self.train_batched(participants, self.theta)
+        return {i: {KEY_STEPS: _scalar(out.steps[i])} for i in participants}
 
 
 @METHODS.register("fedavg")
@@ -488,6 +596,20 @@ class FedAvg(FederatedMethod):
         return {KIND_THETA: self.theta[i],
                 KEY_NUM_EXAMPLES: _scalar(int(self.ctx.clients[i].train_x.shape[0])),
                 KEY_STEPS: _scalar(steps)}
+
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """Every participant starts from its received global model; trained together."""
+        participants = list(messages)
+        reason = self.batched_unsupported(participants, [self.ctx.oracle])
+        if reason is not None:
+            return self.batched_fallback(reason)
+        for i in participants:
+            self.theta[i].copy_(messages[i][KIND_GLOBAL])
+        out = self.train_batched(participants, self.theta)
+        return {i: {KIND_THETA: self.theta[i],
+                    KEY_NUM_EXAMPLES: _scalar(int(self.ctx.clients[i].train_x.shape[0])),
+                    KEY_STEPS: _scalar(out.steps[i])} for i in participants}
 
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """The global model becomes the average of the accepted models, weighted by their
@@ -825,6 +947,25 @@ class Fedora(FederatedMethod):
         self.last_lambdas[i] = lam
         steps = self.ctx.train_client(i, self.theta[i], phi, lam)
         return {KIND_THETA: self.theta[i], KEY_LAMBDA: _scalar(float(lam)), KEY_STEPS: _scalar(steps)}
+
+    def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
+                              ) -> dict[int, Payload] | None:
+        """Every participant's ``lambda_i`` (:meth:`regularization`, per client in order, so a
+        client's lambda draws precede its training draws as in :meth:`client_update`), then all
+        of them trained together, each pulled toward its received ``phi_i``."""
+        participants = list(messages)
+        reason = self.batched_unsupported(participants, [self.ctx.oracle])
+        if reason is not None:
+            return self.batched_fallback(reason)
+        phi = {i: messages[i][KIND_PHI] for i in participants}
+        lams = []
+        for i in participants:
+            lam = self.regularization(i, phi[i])
+            self.last_lambdas[i] = lam
+            lams.append(float(lam))
+        out = self.train_batched(participants, self.theta, phi, lams)
+        return {i: {KIND_THETA: self.theta[i], KEY_LAMBDA: _scalar(lams[k]),
+                    KEY_STEPS: _scalar(out.steps[i])} for k, i in enumerate(participants)}
 
     def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """Steps, the mean ``lambda`` and the fraction of clients pulled toward ``phi``."""

@@ -187,6 +187,13 @@ class TrainingConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # torch intra-op threads (torch.set_num_threads); unset: torch's default.
     threads: PositiveInt | None = None
+    # How the in-process runtime trains a round's participants: "loop" (each client in turn,
+    # the reference path), "batched" (all participants together, secure_fedora.learning.batched;
+    # equal to the loop within float rounding; a method, model or oracle it cannot reproduce
+    # falls back to the loop, logged and recorded in results.json) or "auto" (batched on a GPU
+    # and on the CPU with 2+ threads, where it was measured faster; the loop on one CPU thread:
+    # see docs/notes/NOTES-j4-batched.md).
+    engine: Literal["loop", "batched", "auto"] = "loop"
     # Write the resumable checkpoint every K rounds, or "auto": after the first round and then
     # whenever the time since the last checkpoint reaches 10x what that checkpoint took (so
     # checkpoints cost at most about 10% of the run). Always after the last round. A crash
@@ -488,6 +495,7 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("security", "keystore"): None,
     ("training", "device"): "cpu",
     ("training", "threads"): None,
+    ("training", "engine"): "loop",
     ("fedora", "propagation_tolerance"): 1e-4,
 }
 

@@ -40,7 +40,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +65,7 @@ __all__ = [
     "BatchedTrainingError",
     "ClientJob",
     "batched_plan",
+    "engine_plan",
     "evaluate_losses",
     "jobs_for_context",
     "train_clients",
@@ -103,6 +104,10 @@ class ClientJob:
     client's own source, used for its Poisson samples and noise, never shared with another
     job), ``noise_multiplier``, ``max_grad_norm`` (per-client clip bound; default the
     oracle's) and ``on_step`` (called once per executed DP-SGD step, the ledger's step hook).
+    ``mix_with``/``mix_alpha``: APFL's mixture (non-private oracles only): the gradient is
+    ``alpha * grad f(alpha * theta + (1 - alpha) * mix_with)``, and with ``mix_adaptive``
+    ``alpha`` takes a projected step ``alpha - mix_lr * <theta - mix_with, grad f(mixture)>``
+    per batch (baselines.MixtureGradient's arithmetic); the final alpha is in the outcome.
     """
 
     index: int
@@ -118,6 +123,10 @@ class ClientJob:
     noise_multiplier: float | None = None
     max_grad_norm: float | None = None
     on_step: Callable[[], None] | None = None
+    mix_with: Tensor | None = None
+    mix_alpha: float = 1.0
+    mix_adaptive: bool = False
+    mix_lr: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,8 @@ class BatchedOutcome:
     steps: dict[int, int]
     engine: str
     reason: str = ""
+    #: The final mixing weight of every job with a mixture (``ClientJob.mix_with``).
+    alphas: dict[int, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- model analysis
@@ -280,6 +291,16 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     return plan
 
 
+def engine_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
+                probe_y: Tensor | None = None) -> BatchedPlan:
+    """:func:`batched_plan` with the oracle's own per-sample hooks off while it probes: what
+    :func:`train_clients` will run for ``flat`` and ``oracle`` (a caller deciding up front
+    whether to use the batched path at all, e.g. a method's client half)."""
+    kind, _ = _oracle_kind(oracle)
+    with _oracle_hooks_off(oracle, kind):
+        return batched_plan(flat, oracle, probe_x, probe_y)
+
+
 def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The per-sample loss the loop's oracle differentiates (DPGradient clips ``_loss``)."""
     return oracle._loss if kind == "dp" else oracle.task.checked
@@ -399,10 +420,10 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
                 raise ClientUpdateError(f"Linear({d_in}, {d_out}) got input of shape {tuple(h.shape)}")
             w = rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
             saved.append(h)
-            if b_off is None:
-                h = torch.bmm(h, w.transpose(1, 2))
-            else:
-                h = torch.baddbmm(rows[:, b_off:b_off + d_out].unsqueeze(1), h, w.transpose(1, 2))
+            # bmm, then the bias: baddbmm with a broadcast bias runs per client (slower)
+            h = torch.bmm(h, w.transpose(1, 2))
+            if b_off is not None:
+                h.add_(rows[:, b_off:b_off + d_out].unsqueeze(1))
         elif layer[0] == "act":
             h = _activation(layer[1], h)
             saved.append(h)
@@ -413,11 +434,12 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
 
 
 def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tensor,
-                     out: Tensor | None, decay: float = 0.0) -> list[tuple[Tensor, Tensor]]:
+                     out: Tensor | None, decay: float = 0.0, beta: float = 0.0,
+                     work: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
     """Backpropagate the output gradient ``g`` (k, B, C); returns each Linear's (A, G), last
     layer first. With ``out`` (k, P) given, writes every parameter's gradient plus
-    ``decay * rows`` into it (one batched GEMM per weight, straight into the rows, with the
-    weight decay folded into the GEMM)."""
+    ``decay * rows`` (plus ``beta * out``: a momentum buffer accumulated in the GEMM) into it
+    (one batched GEMM per weight, straight into the rows)."""
     k = rows.shape[0]
     pairs: list[tuple[Tensor, Tensor]] = []
     first_linear = next(i for i, layer in enumerate(plan.layers) if layer[0] == "linear")
@@ -428,7 +450,7 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
             _, w_off, (d_out, d_in), b_off = layer
             pairs.append((kept, g))
             if out is not None:
-                _write_linear(layer, out, kept, g, rows, decay)
+                _write_linear(layer, out, kept, g, rows, decay, beta, work)
             if i == first_linear:
                 break
             g = torch.bmm(g, rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in))
@@ -440,12 +462,35 @@ def _linear_backward(plan: BatchedPlan, rows: Tensor, saved: list[Any], g: Tenso
 
 
 def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
-                  rows: Tensor | None = None, decay: float = 0.0) -> None:
+                  rows: Tensor | None = None, decay: float = 0.0, beta: float = 0.0,
+                  work: Tensor | None = None) -> None:
     """``out[weight] <- g^T a (+ decay * rows[weight])`` as one batched GEMM written into the
-    rows, and the bias ``sum_b g (+ decay * rows[bias])``."""
+    rows, and the bias ``sum_b g (+ decay * rows[bias])``; with ``beta`` (no decay), the GEMM
+    accumulates: ``out <- beta * out + g^T a`` (SGD momentum). With ``work`` (a contiguous
+    buffer of at least k * d_out * d_in floats, no decay), the GEMM writes there and one pass
+    moves it into ``out``: a batched GEMM whose output is a strided view of the rows runs
+    matrix by matrix, which parallelizes poorly over threads."""
     _, w_off, (d_out, d_in), b_off = layer
     k = out.shape[0]
     w_out = out[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in)
+    if work is not None and not decay:
+        product = torch.bmm(g.transpose(1, 2), a, out=work[:k * d_out * d_in].view(k, d_out, d_in))
+        if beta:
+            torch.add(product, w_out, alpha=beta, out=w_out)
+        else:
+            w_out.copy_(product)
+        if b_off is not None:
+            if beta:
+                torch.add(g.sum(dim=1), out[:, b_off:b_off + d_out], alpha=beta,
+                          out=out[:, b_off:b_off + d_out])
+            else:
+                torch.sum(g, dim=1, out=out[:, b_off:b_off + d_out])
+        return
+    if beta:
+        w_out.baddbmm_(g.transpose(1, 2), a, beta=beta)
+        if b_off is not None:
+            out[:, b_off:b_off + d_out].mul_(beta).add_(g.sum(dim=1))
+        return
     if decay and rows is not None:
         torch.baddbmm(rows[:, w_off:w_off + d_out * d_in].view(k, d_out, d_in), g.transpose(1, 2), a,
                       beta=decay, out=w_out)
@@ -459,31 +504,48 @@ def _write_linear(layer: tuple[Any, ...], out: Tensor, a: Tensor, g: Tensor,
 
 
 def _linear_gradient(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, weights: Tensor,
-                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, decay: float = 0.0) -> None:
-    """Write ``sum_b weights[:, b] * grad loss_b + decay * rows`` of each client into ``out``."""
+                     loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, decay: float = 0.0,
+                     beta: float = 0.0, work: Tensor | None = None) -> None:
+    """Write ``sum_b weights[:, b] * grad loss_b + decay * rows`` of each client into ``out``
+    (with ``beta``: ``beta * out +`` that, the momentum buffer accumulated in the GEMMs;
+    ``work``: see :func:`_write_linear`)."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, weights, loss)
-    _linear_backward(plan, rows, saved, g, out, decay)
+    _linear_backward(plan, rows, saved, g, out, decay, beta, work)
 
 
 def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, valid: Tensor,
-                        clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+                        clip: Tensor, loss: Callable[[Tensor, Tensor], Tensor], out: Tensor,
+                        input_sq: Tensor | None = None, work: Tensor | None = None) -> None:
     """Write each client's sum of per-sample gradients clipped to its bound ``clip`` (k, 1)
     into ``out`` (k, P); padding samples (``valid`` False) contribute nothing. Per-sample norms
-    come from ``||a||^2 ||g||^2 + ||g||^2`` per Linear (no per-sample gradient is formed)."""
+    come from ``||a||^2 ||g||^2 + ||g||^2`` per Linear (no per-sample gradient is formed).
+    ``input_sq`` (k, B): the samples' squared norms ``||x||^2``, when the first Linear reads
+    the (flattened) input itself (:func:`_reads_raw_input`), so they need not be recomputed."""
     logits, saved = _linear_forward(plan, rows, x)
     g = _output_grad(logits, y, valid.to(logits.dtype), loss)
     pairs = _linear_backward(plan, rows, saved, g, None)
     sq = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
     linears = [layer for layer in plan.layers if layer[0] == "linear"][::-1]
-    for layer, (a, gl) in zip(linears, pairs, strict=True):
+    for n, (layer, (a, gl)) in enumerate(zip(linears, pairs, strict=True)):
         g_sq = (gl * gl).sum(dim=2)
-        sq += (a * a).sum(dim=2) * g_sq
+        a_sq = input_sq if (input_sq is not None and n == len(linears) - 1) else (a * a).sum(dim=2)
+        sq += a_sq * g_sq
         if layer[3] is not None:
             sq += g_sq
     factors = (clip / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
     for layer, (a, gl) in zip(linears, pairs, strict=True):
-        _write_linear(layer, out, a, gl * factors.unsqueeze(2))
+        _write_linear(layer, out, a, gl * factors.unsqueeze(2), work=work)
+
+
+def _reads_raw_input(plan: BatchedPlan) -> bool:
+    """Whether the first Linear of a ``"linear"`` plan reads the input itself (flattened)."""
+    for layer in plan.layers:
+        if layer[0] == "linear":
+            return True
+        if layer[0] != "flatten":
+            return False
+    return False
 
 
 def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
@@ -546,8 +608,10 @@ def _vmap_clipped_sum(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tenso
 # ---------------------------------------------------------------------------- the trainer
 
 def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
-                jobs: Sequence[ClientJob], workspace: Workspace) -> dict[int, int]:
-    """The reference path: :func:`local_train` per job, in the given order."""
+                jobs: Sequence[ClientJob], workspace: Workspace,
+                alphas: dict[int, float]) -> dict[int, int]:
+    """The reference path: :func:`local_train` per job, in the given order (final mixing
+    weights into ``alphas``)."""
     steps: dict[int, int] = {}
     default_clip = oracle.dpsgd.max_grad_norm if kind == "dp" else None
     try:
@@ -560,8 +624,12 @@ def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None
                     job.max_grad_norm if job.max_grad_norm is not None else default_clip)
             if job.mu:
                 inner = _ProximalStep(oracle, job.theta, job.anchor, job.mu)
+            if job.mix_with is not None:
+                inner = _MixtureStep(inner, job)
             steps[job.index] = local_train(flat, job.theta, job.x, job.y, cfg, inner,
                                            job.generator, workspace, phi=job.phi, lam=job.lam)
+            if job.mix_with is not None:
+                alphas[job.index] = inner.alpha
     finally:
         if kind == "dp":
             oracle.dpsgd.max_grad_norm = default_clip
@@ -583,6 +651,33 @@ class _ProximalStep:
         grad.add_(self.theta, alpha=self.mu).sub_(self.anchor, alpha=self.mu)
 
 
+class _MixtureStep:
+    """APFL's mixture gradient around the wrapped oracle (the loop form of
+    :class:`ClientJob`'s ``mix_with``; the same arithmetic as baselines.MixtureGradient)."""
+
+    def __init__(self, inner: Any, job: ClientJob) -> None:
+        assert job.mix_with is not None
+        self.inner, self.v, self.w = inner, job.theta, job.mix_with
+        self.alpha, self.adaptive, self.lr = float(job.mix_alpha), job.mix_adaptive, job.mix_lr
+        self.saved = torch.empty_like(job.theta)
+
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Any:
+        return self.inner.batches(n, epochs, generator)
+
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
+        a = self.alpha
+        self.saved.copy_(self.v)
+        self.v.mul_(a).add_(self.w, alpha=1.0 - a)
+        try:
+            self.inner.gradient(model, x, y, grad)
+        finally:
+            self.v.copy_(self.saved)
+        if self.adaptive:
+            step = float(torch.dot(self.v, grad) - torch.dot(self.w, grad))
+            self.alpha = min(1.0, max(0.0, a - self.lr * step))
+        grad.mul_(a)
+
+
 def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> None:
     seen_rows: set[int] = set()
     seen_noise: set[int] = set()
@@ -599,6 +694,11 @@ def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> N
         if job.x.shape[0] != job.y.shape[0]:
             raise ClientUpdateError(f"client {job.index}: {job.x.shape[0]} inputs but"
                                     f" {job.y.shape[0]} targets")
+        if job.mix_with is not None and (kind != "plain" or not 0.0 <= job.mix_alpha <= 1.0
+                                         or job.mix_with.shape != job.theta.shape):
+            raise ClientUpdateError(f"client {job.index}: a mixture needs a non-private oracle,"
+                                    f" alpha in [0, 1] (got {job.mix_alpha}) and a row of the"
+                                    " trained row's shape")
         if job.theta.data_ptr() in seen_rows:
             raise ClientUpdateError(f"client {job.index}: two jobs train the same row")
         seen_rows.add(job.theta.data_ptr())
@@ -643,7 +743,9 @@ def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
                                 probe.y[:3] if probe else None)
     if plan.engine == "loop":
         ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
-        return BatchedOutcome(_loop_train(flat, cfg, oracle, kind, jobs, ws), "loop", plan.reason or why)
+        alphas: dict[int, float] = {}
+        steps = _loop_train(flat, cfg, oracle, kind, jobs, ws, alphas)
+        return BatchedOutcome(steps, "loop", plan.reason or why, alphas)
     with _oracle_hooks_off(oracle, kind):
         return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
 
@@ -655,6 +757,7 @@ class _Scratch:
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
         self.data: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        self.norms: dict[tuple[Any, ...], Tensor] = {}
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialized tensor of ``shape`` (a view of a reused one when it is big enough)."""
@@ -679,8 +782,19 @@ class _Scratch:
                  torch.cat([y.to(device) for y in ys] + [y_pad]))
         if len(self.data) >= 256:
             self.data.clear()
+            self.norms.clear()
         self.data[key] = value
         return value
+
+    def squared_norms(self, x_all: Tensor) -> Tensor:
+        """``||x_b||^2`` of every (flattened) row of a gathered input, kept with it."""
+        key = (x_all.data_ptr(), x_all._version, tuple(x_all.shape))
+        held = self.norms.get(key)
+        if held is None:
+            flat = x_all.reshape(x_all.shape[0], -1)
+            held = torch.linalg.vecdot(flat, flat)
+            self.norms = {key: held}
+        return held
 
 
 _SCRATCH: weakref.WeakKeyDictionary[FlatModel, _Scratch] = weakref.WeakKeyDictionary()
@@ -703,25 +817,50 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
     scratch = _SCRATCH.setdefault(flat, _Scratch())
     steps: dict[int, int] = {}
     failed: list[int] = []
+    alphas: dict[int, float] = {}
     for first in range(0, len(order), chunk):
         part = order[first:first + chunk]
         done, bad = _train_chunk(flat, cfg, oracle, kind, plan, scratch, [jobs[r] for r in part],
                                  [counts[r] for r in part], [sizes[r] for r in part],
-                                 [schedules[r] for r in part])
+                                 [schedules[r] for r in part], alphas)
         steps.update(done)
         failed.extend(bad)
     if failed:
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
                                    f" {sorted(failed)}; their updates were discarded", sorted(failed), steps)
-    return BatchedOutcome(steps, plan.engine)
+    return BatchedOutcome(steps, plan.engine, alphas=alphas)
+
+
+def _schedule_index(schedules: Sequence[Sequence[Tensor] | None], offsets: Sequence[int],
+                    pad_row: int, steps: int) -> tuple[Tensor, Tensor, list[int]]:
+    """The rows into the gathered data of every client's batch at every step, as one
+    (steps, clients, width) index (each client's batches shifted by its offset, left-aligned;
+    padding: ``pad_row``), its validity mask and each step's own width (its largest batch, at
+    least 1), built with a few tensor operations."""
+    k = len(schedules)
+    lengths = torch.zeros((k, steps), dtype=torch.long)
+    flat_parts = []
+    for r, batches in enumerate(schedules):
+        assert batches is not None
+        if batches:
+            lengths[r, :len(batches)] = torch.tensor([int(b.shape[0]) for b in batches])
+            flat_parts.append(torch.cat(list(batches)) + offsets[r])
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    valid = torch.arange(width)[None, None, :] < lengths[:, :, None]
+    index = torch.full((k, steps, width), pad_row, dtype=torch.long)
+    if flat_parts:
+        index[valid] = torch.cat(flat_parts)  # client by client, step by step: row-major order
+    step_widths = lengths.max(dim=0).values.clamp(min=1).tolist() if k else [1] * steps
+    return index.transpose(0, 1).contiguous(), valid.transpose(0, 1).contiguous(), step_widths
 
 
 def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None,
                  plan: BatchedPlan, scratch: _Scratch, jobs: list[ClientJob], counts: list[int],
-                 sizes: list[int], schedules: list[list[Tensor] | None]
-                 ) -> tuple[dict[int, int], list[int]]:
+                 sizes: list[int], schedules: list[list[Tensor] | None],
+                 alphas_out: dict[int, float]) -> tuple[dict[int, int], list[int]]:
     """Train one chunk of jobs (sorted by decreasing step count) together; returns the steps
-    per client and the clients whose rows were left unchanged because training diverged."""
+    per client and the clients whose rows were left unchanged because training diverged
+    (final mixing weights of mixture jobs into ``alphas_out``)."""
     device = jobs[0].theta.device
     dtype = jobs[0].theta.dtype
     k_all, num_params = len(jobs), flat.num_params
@@ -748,6 +887,19 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                                  out=scratch.buffer("phi", (k_all, num_params), dtype, device))
         pulled_phi.mul_(lr * lams)
 
+    # APFL's mixture: gradients at alpha * theta + (1 - alpha) * w (a job without one: alpha 1)
+    mixing = any(j.mix_with is not None for j in jobs)
+    mix_w = mixed = alphas = one_minus = adaptive = mix_lr = None
+    if mixing:
+        mix_w = torch.stack([j.mix_with if j.mix_with is not None else j.theta for j in jobs],
+                            out=scratch.buffer("mix_w", (k_all, num_params), dtype, device))
+        mixed = scratch.buffer("mixed", (k_all, num_params), dtype, device)
+        # float64 on the CPU, as the loop's Python floats
+        alphas = torch.tensor([float(j.mix_alpha) if j.mix_with is not None else 1.0 for j in jobs],
+                              dtype=torch.float64)
+        adaptive = torch.tensor([j.mix_with is not None and j.mix_adaptive for j in jobs])
+        mix_lr = torch.tensor([float(j.mix_lr) for j in jobs], dtype=torch.float64)
+
     # every client's data in one tensor (plus one padding sample): one gather per step
     x_all, y_all = scratch.gathered([j.x for j in jobs], [j.y for j in jobs], device)
     pad_row = x_all.shape[0] - 1
@@ -765,33 +917,56 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         noise_std = [float(j.noise_multiplier) * c * scale for j, c in zip(jobs, clips, strict=True)]
     else:
         max_norm = oracle.max_grad_norm
-    # weight decay folded into the gradient GEMMs (not before a clip, which must see the
-    # data gradient alone; the loop adds decay after the oracle's gradient, so do we)
-    decay_in_gemm = wd if (kind == "plain" and max_norm is None and plan.engine == "linear") else 0.0
+    # SGD momentum accumulated inside the gradient GEMMs (buffer <- m * buffer + grad), where
+    # nothing (clip, mixture, noise) must see the data gradient alone; weight decay and
+    # FedProx's term are then added to the buffer, as the loop adds them to the gradient
+    # before its momentum step (the same sum, in another order)
+    fold_momentum = (kind == "plain" and max_norm is None and plan.engine == "linear"
+                     and not mixing and bool(momentum))
+    # contiguous output of the largest weight-gradient GEMM (see _write_linear)
+    work = None
+    if plan.engine == "linear":
+        largest = max(math.prod(layer[2]) for layer in plan.layers if layer[0] == "linear")
+        work = scratch.buffer("work", (k_all * largest,), dtype, device)
     executed = [0] * k_all
-    for t in range(counts[0] if counts else 0):
+    steps_total = counts[0] if counts else 0
+    if kind != "dp" and steps_total:
+        # the whole run's (step, client, width) sample rows at once, padded with the padding row
+        all_index, all_valid, step_widths = _schedule_index(schedules, offsets, pad_row, steps_total)
+        all_index, all_valid = all_index.to(device), all_valid.to(device)
+    x_shape, y_shape = x_all.shape[1:], y_all.shape[1:]
+    # DP-SGD's per-sample norms need ||x||^2 of every sample the first Linear reads: once per
+    # sample (reused while the data is unchanged), not once per step
+    x_sq_all = scratch.squared_norms(x_all) if (
+        kind == "dp" and plan.engine == "linear" and _reads_raw_input(plan)
+        and x_all.is_floating_point()) else None
+    for t in range(steps_total):
         k = sum(1 for c in counts if c > t)
         if kind == "dp":
             batches = [poisson_sample(sizes[r], oracle.sample_rate, jobs[r].noise) for r in range(k)]
+            # (k, width) sample rows into x_all: each client's batch shifted by its offset,
+            # padded with the all-zero padding sample (weight 0)
+            lengths = torch.tensor([int(b.shape[0]) for b in batches])
+            width = max(int(lengths.max()), 1)
+            valid = torch.arange(width)[None, :] < lengths[:, None]
+            index = torch.nn.utils.rnn.pad_sequence(list(batches), batch_first=True)
+            if index.shape[1] < width:  # every batch empty
+                index = torch.nn.functional.pad(index, (0, width - index.shape[1]))
+            index = torch.where(valid, index + offset_column[:k], pad_row)
+            index, valid = index.to(device).view(-1), valid.to(device)
         else:
-            batches = [schedules[r][t] for r in range(k)]
-        # (k, width) sample rows into x_all: each client's batch shifted by its offset, padded
-        # with the all-zero padding sample (weight 0)
-        lengths = torch.tensor([int(b.shape[0]) for b in batches])
-        width = max(int(lengths.max()), 1)
-        valid = torch.arange(width)[None, :] < lengths[:, None]
-        index = torch.nn.utils.rnn.pad_sequence(list(batches), batch_first=True)
-        if index.shape[1] < width:  # every batch empty
-            index = torch.nn.functional.pad(index, (0, width - index.shape[1]))
-        index = torch.where(valid, index + offset_column[:k], pad_row)
-        index, valid = index.to(device).view(-1), valid.to(device)
-        x = x_all.index_select(0, index).view(k, width, *x_all.shape[1:])
-        y = y_all.index_select(0, index).view(k, width, *y_all.shape[1:])
+            width = step_widths[t]  # the step's largest batch: no column is padding for all
+            index, valid = all_index[t, :k, :width].reshape(-1), all_valid[t, :k, :width]
+        x = torch.index_select(x_all, 0, index, out=scratch.buffer(
+            "x", (index.shape[0], *x_shape), x_all.dtype, device)).view(k, width, *x_shape)
+        x_sq = x_sq_all.index_select(0, index).view(k, width) if x_sq_all is not None else None
+        y = torch.index_select(y_all, 0, index, out=scratch.buffer(
+            "y", (index.shape[0], *y_shape), y_all.dtype, device)).view(k, width, *y_shape)
         w_rows, g_rows = rows[:k], grad[:k]
         if kind == "dp":
             # (sum_i clip(g_i) + noise) / B_expected, the noise drawn after the sample (loop order)
             if plan.engine == "linear":
-                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
+                _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows, x_sq, work)
             else:
                 _vmap_clipped_sum(flat, plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
             g_rows.mul_(scale)
@@ -799,19 +974,37 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype).to(device))
         else:
             weights = valid.to(dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
-            if plan.engine == "linear":
-                _linear_gradient(plan, w_rows, x, y, weights, loss, g_rows, decay_in_gemm)
+            at_rows = w_rows
+            if mixing:
+                a_now = alphas[:k].to(dtype=dtype, device=device)[:, None]
+                one_minus = (1.0 - alphas[:k]).to(dtype=dtype, device=device)[:, None]
+                at_rows = torch.mul(w_rows, a_now, out=mixed[:k]).addcmul_(mix_w[:k], one_minus)
+            if fold_momentum:
+                assert buffer is not None
+                g_rows = buffer[:k]  # from here on: the momentum step itself
+                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows, 0.0,
+                                 momentum if t > 0 else 0.0, work)
+            elif plan.engine == "linear":
+                _linear_gradient(plan, at_rows, x, y, weights, loss, g_rows, work=work)
             else:
-                _vmap_gradient(flat, plan, w_rows, x, y, weights, loss, g_rows)
+                _vmap_gradient(flat, plan, at_rows, x, y, weights, loss, g_rows)
             if max_norm is not None:
                 norms = g_rows.norm(dim=1, keepdim=True)
                 g_rows.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+            if mixing:
+                if bool(adaptive[:k].any()):
+                    dots = (torch.bmm(w_rows.unsqueeze(1), g_rows.unsqueeze(2))
+                            - torch.bmm(mix_w[:k].unsqueeze(1), g_rows.unsqueeze(2))).view(k)
+                    moved = (alphas[:k] - mix_lr[:k] * dots.to(device="cpu", dtype=torch.float64)
+                             ).clamp(0.0, 1.0)
+                    alphas[:k] = torch.where(adaptive[:k], moved, alphas[:k])
+                g_rows.mul_(a_now)
         if proximal:
             g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
-        if wd and not decay_in_gemm:
+        if wd:
             g_rows.add_(w_rows, alpha=wd)
         step = g_rows
-        if momentum:
+        if momentum and not fold_momentum:
             step = buffer[:k]
             if t == 0:
                 step.copy_(g_rows)
@@ -837,6 +1030,9 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
             j.theta.copy_(rows[r])
         else:
             failed.append(j.index)
+        if j.mix_with is not None:
+            assert alphas is not None
+            alphas_out[j.index] = float(alphas[r])
     return {j.index: executed[r] for r, j in enumerate(jobs)}, failed
 
 
@@ -892,12 +1088,15 @@ def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
                      phi: Tensor | Mapping[int, Tensor] | None = None,
                      lams: Sequence[float] | None = None,
                      anchor: Tensor | Mapping[int, Tensor] | None = None,
-                     mu: float = 0.0) -> list[ClientJob]:
+                     mu: float = 0.0, mix_with: Tensor | Mapping[int, Tensor] | None = None,
+                     mix_alphas: Sequence[float] | None = None, mix_adaptive: bool = False,
+                     mix_lr: float = 0.0) -> list[ClientJob]:
     """One :class:`ClientJob` per participant from a ``MethodContext``-like ``ctx`` (clients,
     generators, noise, privacy, select): rows ``theta[i]`` of the (N x P) matrix, pulls toward
     ``phi[i]`` (an (N x P) matrix or a mapping client -> row, e.g. the received messages) with
     ``lams[k]`` for the k-th participant, FedProx anchors ``anchor[i]`` (or one shared 1-D
-    row) with ``mu``. Under DP, each job gets the client's noise source, noise multiplier and
+    row) with ``mu``, APFL mixtures with ``mix_with[i]`` (or one shared 1-D row) at
+    ``mix_alphas[k]``. Under DP, each job gets the client's noise source, noise multiplier and
     the step hook ``ctx.privacy.select_client`` installs for it (the ledger's step count)."""
     if lams is not None and len(lams) != len(participants):
         raise ClientUpdateError(f"{len(lams)} lambdas for {len(participants)} participants")
@@ -914,6 +1113,12 @@ def jobs_for_context(ctx: Any, participants: Sequence[int], theta: Tensor,
                 job.anchor = anchor
             elif anchor is not None:
                 job.anchor = anchor[i]
+        if mix_with is not None:
+            if mix_alphas is None or len(mix_alphas) != len(participants):
+                raise ClientUpdateError("a mixture needs one alpha per participant")
+            job.mix_with = mix_with if isinstance(mix_with, Tensor) and mix_with.dim() == 1 \
+                else mix_with[i]
+            job.mix_alpha, job.mix_adaptive, job.mix_lr = float(mix_alphas[k]), mix_adaptive, float(mix_lr)
         if ctx.privacy is not None:
             ctx.select(i)  # sets the oracle's noise source and the ledger's step hook for i
             job.noise = ctx.noise[i]
@@ -928,13 +1133,16 @@ def train_participants(ctx: Any, participants: Sequence[int], theta: Tensor,
                        lams: Sequence[float] | None = None, *,
                        anchor: Tensor | Mapping[int, Tensor] | None = None, mu: float = 0.0,
                        oracle: GradientOracle | None = None, engine: str = "auto",
-                       chunk: int = 256) -> BatchedOutcome:
+                       chunk: int = 256, mix_with: Tensor | Mapping[int, Tensor] | None = None,
+                       mix_alphas: Sequence[float] | None = None, mix_adaptive: bool = False,
+                       mix_lr: float = 0.0) -> BatchedOutcome:
     """Batched equivalent of ``for k, i in enumerate(participants): ctx.train_client(i,
     theta[i], phi[i], lams[k])`` (plus FedProx's ``mu * (theta - anchor)`` gradient term):
     trains the rows of the (N x P) matrix ``theta`` in place; the outcome gives the steps per
     client. ``ctx`` is a ``secure_fedora.algorithms.methods.MethodContext``; ``oracle``
     defaults to ``ctx.oracle`` and must be the plain or DP oracle itself (not a wrapper that
     needs per-client setup, such as ``ProximalGradient``: give ``mu``/``anchor`` instead)."""
-    jobs = jobs_for_context(ctx, participants, theta, phi, lams, anchor, mu)
+    jobs = jobs_for_context(ctx, participants, theta, phi, lams, anchor, mu, mix_with, mix_alphas,
+                            mix_adaptive, mix_lr)
     return train_clients(ctx.flat, ctx.train, oracle if oracle is not None else ctx.oracle, jobs,
                          ctx.workspace, engine=engine, chunk=chunk)

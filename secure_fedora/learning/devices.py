@@ -20,7 +20,8 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
-__all__ = ["CUDA_METHODS", "DeviceError", "apply_threads", "clients_on", "resolve_device"]
+__all__ = ["CUDA_METHODS", "DeviceError", "apply_threads", "clients_on", "resolve_device",
+           "resolve_engine"]
 
 CUDA_METHODS = frozenset({"fedora", "local"})
 
@@ -75,3 +76,35 @@ def clients_on(clients: Sequence[ClientData], device: torch.device) -> list[Clie
         return list(clients)
     fields = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
     return [dataclasses.replace(c, **{f: getattr(c, f).to(device) for f in fields}) for c in clients]
+
+
+def resolve_engine(cfg: ExperimentConfig, device: torch.device,
+                   threads: int | None = None) -> tuple[str, str]:
+    """``[training] engine`` resolved for ``device``: ``("loop" | "batched", why)``.
+
+    ``"loop"`` and ``"batched"`` are taken as set (why: ``""`` for the default loop). ``"auto"``
+    picks what was measured faster (docs/notes/NOTES-j4-batched.md, reference setting): on a
+    GPU the batched engine; on the CPU the batched engine from
+    :data:`AUTO_BATCHED_MIN_THREADS` torch threads on (2 threads: FEDORA round 0.82x of the
+    loop's), else the loop (1 thread: the batched round is within a few percent of the loop's,
+    so the reference path is kept). ``threads``: default ``training.threads``, else torch's.
+    """
+    setting = cfg.training.engine
+    if setting == "loop":
+        return "loop", ""
+    if setting == "batched":
+        return "batched", "training.engine = 'batched'"
+    if device.type != "cpu":
+        return "batched", f"training.engine = 'auto' on {device.type}: batched"
+    if threads is None:
+        threads = cfg.training.threads or torch.get_num_threads()
+    if threads >= AUTO_BATCHED_MIN_THREADS:
+        return "batched", (f"training.engine = 'auto' on cpu with {threads} threads: batched "
+                           "(measured faster than the per-client loop from "
+                           f"{AUTO_BATCHED_MIN_THREADS} threads)")
+    return "loop", (f"training.engine = 'auto' on cpu with {threads} thread: the per-client loop "
+                    "(the batched engine is not measurably faster on one thread)")
+
+
+#: From this many torch threads on, ``engine = "auto"`` trains batched on the CPU.
+AUTO_BATCHED_MIN_THREADS = 2

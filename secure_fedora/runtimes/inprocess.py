@@ -152,11 +152,12 @@ def build_context(
     """
     from secure_fedora.core.plugins import config_dir, import_object
     from secure_fedora.data.userdata import label_space
-    from secure_fedora.learning.devices import clients_on, resolve_device
+    from secure_fedora.learning.devices import clients_on, resolve_device, resolve_engine
     from secure_fedora.learning.models import build_user_model, check_output_width
     from secure_fedora.learning.tasks import resolve_task
 
     device = resolve_device(cfg)
+    engine, engine_choice = resolve_engine(cfg, device)
     clients = clients_on(clients, device)
 
     num_classes, multilabel = label_space(clients)
@@ -200,6 +201,8 @@ def build_context(
         num_classes=num_classes,
         noise=noise,
         encryption=CkksBackend(),
+        engine=engine,
+        engine_choice=engine_choice,
     )
 
 

@@ -397,3 +397,69 @@ def test_dp_with_an_empty_client_and_mostly_empty_poisson_batches_matches_the_lo
     outcome = train_clients(flat, CFG_FULL, oracle, jobs)
     assert outcome.steps == {0: 20, 1: 20}  # ceil(epochs / q) steps, noise only when empty
     _assert_rows_close(theta, reference)
+
+
+def _dp_jobs(theta, data, sources, sigmas, order):
+    return [ClientJob(i, theta[i], data[i][0], data[i][1], torch.Generator(), noise=sources[i],
+                      noise_multiplier=sigmas[i]) for i in order]
+
+
+def test_dp_rows_and_noise_streams_do_not_depend_on_the_other_clients_or_their_order():
+    """Each client's DP noise comes from its own stream only: training the clients in another
+    order, or one at a time (chunk 1), gives the same rows and leaves every stream alike."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([30, 24, 17])
+    sigmas = [0.8, 1.2, 2.0]
+    results = []
+    for order, chunk in (([0, 1, 2], 256), ([2, 0, 1], 1), ([1, 2, 0], 2)):
+        theta = _matrix(flat, 3)
+        sources = [ReproducibleNoise(200 + i) for i in range(3)]
+        train_clients(flat, CFG_FULL, _dp_oracle(flat), _dp_jobs(theta, data, sources, sigmas, order),
+                      chunk=chunk)
+        results.append((theta, [s.generator.get_state() for s in sources]))
+    (first, first_states), *others = results
+    for theta, states in others:
+        torch.testing.assert_close(theta, first, rtol=1e-6, atol=1e-7)
+        assert all(torch.equal(a, b) for a, b in zip(states, first_states, strict=True))
+
+
+def test_a_mixture_matches_the_loop_and_updates_alpha_as_the_loop():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([30, 21])
+    theta = _matrix(flat, 2)
+    w = _matrix(flat, 2, seed=7)
+    outcomes = {}
+    rows = {}
+    for engine in ("loop", "auto"):
+        rows[engine] = theta.clone()
+        jobs = _jobs(rows[engine], data)
+        for k, job in enumerate(jobs):
+            job.mix_with, job.mix_alpha, job.mix_adaptive, job.mix_lr = w[k], (0.3, 0.8)[k], True, 0.05
+        outcomes[engine] = train_clients(flat, CFG_FULL, PlainGradient(8, 2.0), jobs, engine=engine)
+    assert outcomes["auto"].engine == "linear" and outcomes["loop"].engine == "loop"
+    _assert_rows_close(rows["auto"], rows["loop"])
+    assert outcomes["auto"].alphas == pytest.approx(outcomes["loop"].alphas, abs=1e-6)
+    assert outcomes["auto"].alphas != {0: 0.3, 1: 0.8}  # alpha moved
+    with pytest.raises(ClientUpdateError, match="mixture"):
+        bad = _jobs(theta.clone(), data)
+        bad[0].mix_with, bad[0].mix_alpha = w[0], 1.5
+        train_clients(flat, CFG_FULL, PlainGradient(8), bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_rows_data_and_noise_stay_on_the_device_and_match_the_cpu():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([30, 24])
+    sigmas = [1.0, 1.5]
+    rows = {}
+    start = _matrix(flat, 2)
+    for device in ("cpu", "cuda"):
+        flat.module.to(device)
+        theta = start.to(device)
+        on_device = [(x.to(device), y.to(device)) for x, y in data]
+        sources = [ReproducibleNoise(300 + i) for i in range(2)]
+        train_clients(flat, CFG_FULL, _dp_oracle(flat), _dp_jobs(theta, on_device, sources, sigmas, [0, 1]))
+        assert theta.device.type == device
+        rows[device] = theta.cpu()
+    flat.module.to("cpu")
+    torch.testing.assert_close(rows["cuda"], rows["cpu"], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,209 @@
+"""``[training] engine = "batched"``: every method's batched client half equals its per-client
+loop (the reference) within float rounding, with and without DP, and says what ran."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from secure_fedora.core.config import ConfigError, parse_config
+from secure_fedora.runtimes.inprocess import Simulation, build_clients
+from tests.secure_fedora.algorithms.baseline_regression import eval_rows
+
+METHODS = ("fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca")
+
+
+def _config(name: str, engine: str, dp: bool, **training: Any) -> Any:
+    data: dict[str, Any] = {
+        "name": "batched", "seed": 5, "methods": [name],
+        # unequal client sizes: padded batches and clients finishing at different steps
+        "data": {"num_clients": 4, "train_per_client": 24, "val_per_client": 12,
+                 "test_per_client": 12, "groups": 2},
+        "training": {"rounds": 2, "local_epochs": 2, "batch_size": 8, "lr": 0.1,
+                     "participation": 0.75, "engine": engine, **training},
+        "baselines": {"ifca": {"num_clusters": 2, "selection_split": "val" if dp else "train"},
+                      "apfl": {"alpha": 0.4, "adaptive": True}},
+        "evaluation": {"every": 1},
+    }
+    if name == "fedora" and dp:
+        data["fedora"] = {"relatedness": "noised", "k": 1}
+    elif name == "fedora":
+        data["fedora"] = {"k": 1}
+    if dp:
+        data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": "reproducible"}
+    return parse_config(data)
+
+
+def _run(name: str, engine: str, dp: bool, run_dir: Path, clients: Any) -> tuple[Any, dict[str, Any]]:
+    cfg = _config(name, engine, dp)
+    sim = Simulation(cfg, run_dir, clients=clients)
+    results = sim.run()
+    return sim, results
+
+
+@pytest.fixture(scope="module")
+def clients() -> Any:
+    torch.manual_seed(0)
+    made = build_clients(_config("local", "loop", False))
+    # one client with fewer training samples than the others
+    first = made[0]
+    made[0] = type(first)(**{**first.__dict__, "train_x": first.train_x[:13], "train_y": first.train_y[:13]})
+    return made
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+@pytest.mark.parametrize("name", METHODS)
+def test_batched_engine_equals_the_loop(name: str, dp: bool, clients: Any, tmp_path: Path) -> None:
+    if dp and name == "local":
+        pytest.skip("Local runs non-private only (it releases nothing)")
+    loop_sim, loop_results = _run(name, "loop", dp, tmp_path / "loop", clients)
+    batch_sim, batch_results = _run(name, "batched", dp, tmp_path / "batched", clients)
+    for a, b in zip(eval_rows(loop_sim.methods[name]), eval_rows(batch_sim.methods[name]), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    loop_hist = [r for r in loop_sim.history]
+    batch_hist = [r for r in batch_sim.history]
+    assert [r["steps"] for r in batch_hist] == [r["steps"] for r in loop_hist]
+    if name == "fedora":
+        assert [r["mean_lambda"] for r in batch_hist] == pytest.approx([r["mean_lambda"] for r in loop_hist])
+    if name == "apfl" and not dp:
+        assert batch_results["methods"][name]["extra"]["alpha"] == pytest.approx(
+            loop_results["methods"][name]["extra"]["alpha"], abs=1e-5)
+    engine = batch_results["methods"][name]["extra"]["training_engine"]
+    assert engine["setting"] == "batched" and engine["fallbacks"] == []
+    assert set(engine["runs"]) == {"linear"}
+    assert "training_engine" not in loop_results["methods"][name]["extra"]
+    if dp:  # the same DP-SGD steps executed and accounted (the step check passed every round)
+        assert _accounting(batch_results, name) == _accounting(loop_results, name)
+
+
+def _accounting(results: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Each client's privacy record without its ledger head (signatures differ per run)."""
+    return [{k: v for k, v in c.items() if k != "ledger_head"} for c in results["privacy"][name]["clients"]]
+
+
+class _Branching(torch.nn.Module):
+    """A model the batched engines cannot reproduce (a data-dependent Python branch, which
+    vmap cannot trace; not a Sequential of Linear layers), so methods fall back to the loop."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        width = int(torch.tensor(input_shape).prod())
+        self.first = torch.nn.Linear(width, 16)
+        self.last = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x.flatten(1))
+        if float(h.detach().mean()) > 0:
+            h = torch.relu(h)
+        return self.last(h)
+
+
+def test_a_model_the_engine_cannot_reproduce_runs_the_loop_and_says_why(
+        clients: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from secure_fedora.runtimes.inprocess import build_context
+
+    def context(cfg: Any, data: Any) -> Any:
+        return build_context(cfg, data, model_factory=_Branching)
+
+    rows = {}
+    for engine in ("loop", "batched"):
+        sim = Simulation(_config("fedavg", engine, False), tmp_path / engine, clients=clients,
+                         context_factory=context)
+        with caplog.at_level(logging.WARNING, logger="secure_fedora.algorithms.methods"):
+            results = sim.run()
+        rows[engine] = eval_rows(sim.methods["fedavg"])
+    for a, b in zip(rows["loop"], rows["batched"], strict=True):
+        assert torch.equal(a, b)  # the same per-client loop ran
+    record = results["methods"]["fedavg"]["extra"]["training_engine"]
+    assert record["runs"] == {"loop": 2}
+    assert len(record["fallbacks"]) == 1 and "vmap engine" in record["fallbacks"][0]["reason"]
+    assert record["fallbacks"][0]["count"] == 2
+    on_disk = json.loads((tmp_path / "batched" / "results.json").read_text())
+    assert on_disk["methods"]["fedavg"]["extra"]["training_engine"] == record
+    logged = [r for r in caplog.records if "falls back to the per-client loop" in r.getMessage()]
+    assert len(logged) == 1  # once per reason, not once per round
+
+
+def test_a_method_without_a_batched_client_half_runs_its_loop_and_says_so(
+        clients: Any, tmp_path: Path) -> None:
+    from secure_fedora.algorithms.methods import Local
+
+    class OwnLoop(Local):
+        name = "own_loop"
+
+        def client_update_batched(self, rnd: int, messages: Any) -> Any:
+            return super(Local, self).client_update_batched(rnd, messages)
+
+    sim = Simulation(_config("local", "batched", False), tmp_path, clients=clients,
+                     method_factory=lambda name, ctx, cfg: OwnLoop(ctx))
+    results = sim.run()
+    record = results["methods"]["local"]["extra"]["training_engine"]
+    assert record["runs"] == {"loop": 2}
+    assert record["fallbacks"] == [{"reason": "method 'own_loop' has no batched client half",
+                                    "count": 2}]
+
+
+@pytest.mark.parametrize("value", ["fast", "", 1])
+def test_the_engine_key_is_validated(value: Any) -> None:
+    with pytest.raises(ConfigError, match="training.engine"):
+        _config("local", value, False)
+
+
+def test_auto_resolves_per_device_and_the_default_loop_is_not_hashed() -> None:
+    from secure_fedora.core.config import config_hash
+    from secure_fedora.learning.devices import resolve_engine
+
+    assert resolve_engine(_config("local", "loop", False), torch.device("cpu")) == ("loop", "")
+    assert resolve_engine(_config("local", "batched", False), torch.device("cpu"))[0] == "batched"
+    auto = _config("local", "auto", False)
+    engine, why = resolve_engine(auto, torch.device("cpu"), threads=1)
+    assert engine == "loop" and "auto" in why and "1 thread" in why
+    assert resolve_engine(auto, torch.device("cpu"), threads=2)[0] == "batched"
+    assert resolve_engine(_config("local", "auto", False, threads=2), torch.device("cpu"))[0] == "batched"
+    assert resolve_engine(auto, torch.device("cuda"))[0] == "batched"
+    # the default is left out of the hash (older checkpoints stay valid); any other value is in it
+    plain = parse_config({k: v for k, v in _config("local", "loop", False).model_dump(mode="json").items()})
+    assert config_hash(plain) == config_hash(_config("local", "loop", False))
+    assert config_hash(_config("local", "batched", False)) != config_hash(_config("local", "loop", False))
+
+
+@pytest.mark.parametrize(("name", "dp"), [("fedora", True), ("apfl", False), ("ditto", True)])
+def test_a_batched_run_killed_mid_round_resumes_exactly(name: str, dp: bool, tmp_path: Path) -> None:
+    """Killed after round 2's batched training (the runtime's 4th "train" crash point),
+    resumed from the round-1 checkpoint: the same results, rounds and ledgers as a run that
+    was never interrupted (the batched engine is deterministic, and DP releases are re-made
+    from their journal)."""
+    from tests.secure_fedora.runtimes.test_crash_resume import (
+        assert_same_run,
+        config_dict,
+        run_until_crash,
+    )
+
+    data = config_dict([name], dp)
+    data["training"]["engine"] = "batched"
+    cfg = parse_config(data)
+    made = build_clients(cfg)
+    Simulation(cfg, tmp_path / "reference", clients=made).run()
+    assert run_until_crash(cfg, tmp_path / "run", made, "train@4")
+    Simulation(cfg, tmp_path / "run", clients=made).run(resume=True)
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+@pytest.mark.parametrize(("name", "dp"), [("fedora", True), ("apfl", False)])
+def test_a_cnn_trains_through_the_vmap_engine_and_equals_the_loop(
+        name: str, dp: bool, clients: Any, tmp_path: Path) -> None:
+    rows = {}
+    for engine in ("loop", "batched"):
+        data = _config(name, engine, dp).model_dump(mode="json", exclude_none=True)
+        data["model"] = {"name": "cnn"}
+        sim = Simulation(parse_config(data), tmp_path / engine, clients=clients)
+        results = sim.run()
+        rows[engine] = eval_rows(sim.methods[name])
+    assert set(results["methods"][name]["extra"]["training_engine"]["runs"]) == {"vmap"}
+    for a, b in zip(rows["loop"], rows["batched"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
