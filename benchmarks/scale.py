@@ -51,7 +51,7 @@ def data_for(n: int) -> tuple[int, int, int | None]:
 
 
 def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
-          per_client: tuple[int, int, int | None] | None) -> dict:
+          per_client: tuple[int, int, int | None] | None, checkpoint_every: int | str = 1) -> dict:
     """Run one method at N clients; return its per-round wall and CPU seconds (subprocess)."""
     import torch
 
@@ -66,7 +66,8 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         "name": f"scale-{n}", "seed": 0, "methods": [method],
         "data": {"num_clients": n, "train_per_client": train, "val_per_client": val,
                  "test_per_client": test},
-        "training": {"rounds": rounds, "local_epochs": 1, "threads": threads, "checkpoint_every": 1},
+        "training": {"rounds": rounds, "local_epochs": 1, "threads": threads,
+                     "checkpoint_every": checkpoint_every},
         "fedora": {"propagation_tolerance": tolerance},
         "evaluation": {"every": 1},
     })
@@ -149,6 +150,7 @@ def run_child(n: int, method: str, args: argparse.Namespace) -> dict:
            "--threads", str(args.threads), "--tolerance", str(args.tolerance)]
     if args.per_client:
         cmd += ["--per-client", *map(str, args.per_client)]
+    cmd += ["--checkpoint-every", str(args.checkpoint_every)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak = 0.0
     while proc.poll() is None:
@@ -178,6 +180,11 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                         help="the same rows per client at every N (default: DATA per N)")
     parser.add_argument("--max-rss-gb", type=float, default=17.0)
+    parser.add_argument("--methods", nargs="+", default=["local", "fedora"], choices=["local", "fedora"],
+                        help="methods to run (ratios need both; with --merge the other one is kept)")
+    parser.add_argument("--checkpoint-every", default="1",
+                        help="[training] checkpoint_every of the runs: K (default 1: every checkpoint "
+                             "measured) or 'auto' (the real schedule; see the share it reports)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale")
     parser.add_argument("--merge", action="store_true", help="add to the N already in --out/scale.json")
     parser.add_argument("--add-runs", type=Path, metavar="SCALE_JSON",
@@ -187,8 +194,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         n, method, out = args.child
+        every = args.checkpoint_every if args.checkpoint_every == "auto" else int(args.checkpoint_every)
         Path(out).write_text(json.dumps(child(int(n), method, args.rounds, args.threads, args.tolerance,
-                                             tuple(args.per_client) if args.per_client else None)))
+                                             tuple(args.per_client) if args.per_client else None, every)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replot:
@@ -196,11 +204,12 @@ def main() -> None:
         return
     results = []
     if args.merge and (args.out / "scale.json").exists():
-        results = [r for r in json.loads((args.out / "scale.json").read_text())["runs"] if r["n"] not in args.n]
+        results = [r for r in json.loads((args.out / "scale.json").read_text())["runs"]
+                   if r["n"] not in args.n or r["method"] not in args.methods]
     if args.add_runs:
         results += [r for r in json.loads(args.add_runs.read_text())["runs"] if r["n"] in args.n]
     for n in ([] if args.add_runs else args.n):
-        for method in ("local", "fedora"):
+        for method in [m for m in ("local", "fedora") if m in args.methods]:
             r = run_child(n, method, args)
             results.append(r)
             if "rounds" not in r:
@@ -223,6 +232,14 @@ def main() -> None:
                 print(f"N={n:>6} round {fed['round']}: FEDORA/Local {total(fed) / total(loc):.2f}x wall "
                       f"({total(fed, '_cpu') / total(loc, '_cpu'):.2f}x CPU), checkpoint every round",
                       flush=True)
+    for r in results:
+        if "rounds" in r and r["rounds"]:
+            spent = sum(total(row) for row in r["rounds"])
+            ckpt = sum(row["checkpoint"] for row in r["rounds"])
+            written = sum(1 for row in r["rounds"] if row["checkpoint"] > 0)
+            print(f"N={r['n']:>6} {r['method']:>6}: checkpoints {ckpt:.2f} s of {spent:.2f} s "
+                  f"({ckpt / spent:.0%}), {written} written in {len(r['rounds'])} rounds "
+                  f"(checkpoint_every = {args.checkpoint_every}; the last round's is always written)")
     summary = summarize(results)
     for e in summary:
         print(f"N={e['n']:>6}: FEDORA/Local round {e['ratio']:.2f}x wall ({e['ratio_cpu']:.2f}x CPU) with "
