@@ -120,22 +120,27 @@ def _losses(flat: FlatModel, forward, rows: Sequence[Tensor], splits: Sequence[t
             name: str) -> list[float]:
     """``evaluate``'s loss of ``rows[k]`` on ``splits[k]``: float32 ``sum_loss`` per batch of
     :data:`EVALUATE_BATCH` rows, summed as Python floats from 0.0, divided by the split size."""
-    sums: list[Tensor] = []
+    sum_loss = flat.task.sum_loss
+    shape = (flat.num_params,)
+    single: list[Tensor] = []  # float32 sums of one-batch splits, read together below
+    totals: list[float | None] = []
     for k, ((x, y), row) in enumerate(zip(splits, rows, strict=True)):
-        if row.shape != (flat.num_params,):
+        if row.shape != shape:
             raise ClientUpdateError(f"{name} row {k} has shape {tuple(row.shape)}, "
                                     f"expected ({flat.num_params},)")
         if x.shape[0] <= EVALUATE_BATCH:
-            sums.append(flat.task.sum_loss(forward(row, x), y))
+            single.append(sum_loss(forward(row, x), y))
+            totals.append(None)
         else:  # several batches: accumulated exactly as evaluate() does
             total = 0.0
             for start in range(0, x.shape[0], EVALUATE_BATCH):
                 stop = start + EVALUATE_BATCH
-                total += flat.task.sum_loss(forward(row, x[start:stop]), y[start:stop]).item()
-            sums.append(torch.tensor(total, dtype=torch.float64))
-    # one read of all sums: float32 values become the same Python floats as .item()
-    values = torch.stack([t.to(torch.float64) for t in sums]).tolist() if sums else []
-    return [(0.0 + v) / x.shape[0] for v, (x, _) in zip(values, splits, strict=True)]
+                total += sum_loss(forward(row, x[start:stop]), y[start:stop]).item()
+            totals.append(total)
+    # one read of all one-batch sums: float32 values become the same Python floats as .item()
+    read = iter(torch.stack(single).tolist() if single else [])
+    return [(0.0 + (next(read) if t is None else t)) / x.shape[0]
+            for t, (x, _) in zip(totals, splits, strict=True)]
 
 
 @torch.no_grad()
