@@ -1,14 +1,24 @@
-"""Round cost vs number of clients: FEDORA and Local at N = 36, 100, 1,000 (and 10,000).
+"""Round cost vs number of clients: FEDORA and Local at N = 36, 100, 1,000 and 10,000.
 
 Each (N, method) runs in its own subprocess (a fresh peak RSS) through the in-process runtime
 (``Simulation``), rotated MNIST, MLP (118,282 parameters), 1 local epoch, evaluation and a
-checkpoint every round. Printed per round: seconds of training (FEDORA: without its
-propagation), relatedness (setup: summaries, graph, propagation operator; round 1 only),
-propagation, checkpoint and evaluation; the peak RSS; and the ratio FEDORA round / Local
-round (median of the rounds after the first, and round 1 with the relatedness). A watchdog kills a child whose RSS
-exceeds --max-rss-gb. Writes scale.json, scale.csv and scale.png (log-log round time vs N)
-into --out and reports the fitted slope of round time vs N.
-Usage: python benchmarks/scale.py [--n 36 100 1000] [--rounds 2] [--threads 1]
+checkpoint every round (K = 1, so that every checkpoint is measured). Printed per round: seconds
+of training (FEDORA: without its propagation; its lambda losses, a part of training, are also
+shown alone), relatedness (setup: summaries, graph, propagation operator; round 1 only),
+propagation, checkpoint and evaluation; the peak RSS; and the ratio FEDORA round / Local round.
+
+Ratios are given two ways: with a checkpoint every round (as run), and with the default
+``checkpoint_every = "auto"`` schedule, modelled from the measured checkpoint cost ``c`` and
+checkpoint-free round ``r``: a checkpoint is written once the time since the last one reaches
+10 c (``AUTO_CHECKPOINT_FACTOR``), i.e. every ``max(1, ceil(10 c / r))`` rounds, so a round
+costs ``r + c / max(1, ceil(10 c / r))``. The "auto" ratio is the higher one whenever both
+methods' checkpoints cost about the same: a large common term leaves numerator and denominator
+alike, so removing most of it makes FEDORA's own extra time count against a smaller Local
+round. A watchdog kills a child whose RSS exceeds --max-rss-gb. Writes scale.json, scale.csv
+and scale.png (log-log round time vs N) into --out and reports the fitted slope of round time
+vs N (meaningful for runs with the same rows per client: ``--per-client``).
+Usage: python benchmarks/scale.py [--n 36 100 1000] [--rounds 4] [--threads 1]
+       python benchmarks/scale.py --n 10000 --rounds 3 --merge   (needs about 15 GB free)
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # this checkout's package, not an installed one
+    sys.path.insert(0, str(ROOT))
 
 # train / val / test rows per client (test None: the MNIST test split divided evenly)
 DATA = {36: (128, 64, None), 100: (128, 64, None), 1000: (48, 10, 10), 10000: (5, 1, 1)}
@@ -39,7 +51,7 @@ def data_for(n: int) -> tuple[int, int, int | None]:
 
 
 def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
-          per_client: tuple[int, int, int | None] | None) -> dict:
+          per_client: tuple[int, int, int | None] | None, checkpoint_every: int | str = 1) -> dict:
     """Run one method at N clients; return its per-round wall and CPU seconds (subprocess)."""
     import torch
 
@@ -54,7 +66,8 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         "name": f"scale-{n}", "seed": 0, "methods": [method],
         "data": {"num_clients": n, "train_per_client": train, "val_per_client": val,
                  "test_per_client": test},
-        "training": {"rounds": rounds, "local_epochs": 1, "threads": threads, "checkpoint_every": 1},
+        "training": {"rounds": rounds, "local_epochs": 1, "threads": threads,
+                     "checkpoint_every": checkpoint_every},
         "fedora": {"propagation_tolerance": tolerance},
         "evaluation": {"every": 1},
     })
@@ -86,6 +99,7 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         m.train_round = train_round
         if isinstance(m, Fedora):
             m.propagate = timed(m.propagate, "propagation")
+            m.regularizations = timed(m.regularizations, "lambda")
         return m
 
     runtime.save_checkpoint = timed(runtime.save_checkpoint, "checkpoint")
@@ -111,10 +125,13 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
 
 
 PHASES = ("training", "relatedness", "propagation", "checkpoint", "evaluation")
+# Timed inside a phase (FEDORA's lambda losses are part of its training), not added to the round.
+PARTS = ("lambda",)
 
 
 def _empty_row(rnd: int) -> dict:
-    return {"round": rnd, **{k: 0.0 for k in PHASES}, **{k + "_cpu": 0.0 for k in PHASES}}
+    keys = PHASES + PARTS
+    return {"round": rnd, **{k: 0.0 for k in keys}, **{k + "_cpu": 0.0 for k in keys}}
 
 
 def rss_gb(pid: int) -> float:
@@ -133,6 +150,7 @@ def run_child(n: int, method: str, args: argparse.Namespace) -> dict:
            "--threads", str(args.threads), "--tolerance", str(args.tolerance)]
     if args.per_client:
         cmd += ["--per-client", *map(str, args.per_client)]
+    cmd += ["--checkpoint-every", str(args.checkpoint_every)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak = 0.0
     while proc.poll() is None:
@@ -162,6 +180,11 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                         help="the same rows per client at every N (default: DATA per N)")
     parser.add_argument("--max-rss-gb", type=float, default=17.0)
+    parser.add_argument("--methods", nargs="+", default=["local", "fedora"], choices=["local", "fedora"],
+                        help="methods to run (ratios need both; with --merge the other one is kept)")
+    parser.add_argument("--checkpoint-every", default="1",
+                        help="[training] checkpoint_every of the runs: K (default 1: every checkpoint "
+                             "measured) or 'auto' (the real schedule; see the share it reports)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale")
     parser.add_argument("--merge", action="store_true", help="add to the N already in --out/scale.json")
     parser.add_argument("--add-runs", type=Path, metavar="SCALE_JSON",
@@ -171,8 +194,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         n, method, out = args.child
+        every = args.checkpoint_every if args.checkpoint_every == "auto" else int(args.checkpoint_every)
         Path(out).write_text(json.dumps(child(int(n), method, args.rounds, args.threads, args.tolerance,
-                                             tuple(args.per_client) if args.per_client else None)))
+                                             tuple(args.per_client) if args.per_client else None, every)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replot:
@@ -180,11 +204,12 @@ def main() -> None:
         return
     results = []
     if args.merge and (args.out / "scale.json").exists():
-        results = [r for r in json.loads((args.out / "scale.json").read_text())["runs"] if r["n"] not in args.n]
+        results = [r for r in json.loads((args.out / "scale.json").read_text())["runs"]
+                   if r["n"] not in args.n or r["method"] not in args.methods]
     if args.add_runs:
         results += [r for r in json.loads(args.add_runs.read_text())["runs"] if r["n"] in args.n]
     for n in ([] if args.add_runs else args.n):
-        for method in ("local", "fedora"):
+        for method in [m for m in ("local", "fedora") if m in args.methods]:
             r = run_child(n, method, args)
             results.append(r)
             if "rounds" not in r:
@@ -194,18 +219,35 @@ def main() -> None:
                 print(f"N={n:>6} {method:>6} round {row['round']}: train {row['training']:.3f} s, "
                       f"relatedness {row['relatedness']:.3f} s, propagation {row['propagation']:.3f} s, "
                       f"checkpoint {row['checkpoint']:.3f} s, eval {row['evaluation']:.3f} s, "
-                      f"total {total(row):.3f} s (CPU {total(row, '_cpu'):.3f} s)", flush=True)
+                      f"total {total(row):.3f} s (CPU {total(row, '_cpu'):.3f} s)"
+                      + (f"; lambda {row['lambda']:.3f} s of training" if method == "fedora" else ""),
+                      flush=True)
             print(f"N={n:>6} {method:>6} peak RSS {r['peak_rss_gb']:.2f} GB, checkpoint "
                   f"{r['checkpoint_bytes'] / 2**20:.0f} MiB"
                   + (f", operator {r['operator']} ({r['operator_nnz_per_row']:.1f} nnz/row, "
                      f"error bound {r['error_bound']:.2g})" if "operator" in r else ""), flush=True)
+        pair = {r["method"]: r for r in results if r["n"] == n and "rounds" in r}
+        if len(pair) == 2:
+            for fed, loc in zip(pair["fedora"]["rounds"], pair["local"]["rounds"], strict=False):
+                print(f"N={n:>6} round {fed['round']}: FEDORA/Local {total(fed) / total(loc):.2f}x wall "
+                      f"({total(fed, '_cpu') / total(loc, '_cpu'):.2f}x CPU), checkpoint every round",
+                      flush=True)
+    for r in results:
+        if "rounds" in r and r["rounds"]:
+            spent = sum(total(row) for row in r["rounds"])
+            ckpt = sum(row["checkpoint"] for row in r["rounds"])
+            written = sum(1 for row in r["rounds"] if row["checkpoint"] > 0)
+            print(f"N={r['n']:>6} {r['method']:>6}: checkpoints {ckpt:.2f} s of {spent:.2f} s "
+                  f"({ckpt / spent:.0%}), {written} written in {len(r['rounds'])} rounds "
+                  f"(checkpoint_every = {args.checkpoint_every}; the last round's is always written)")
     summary = summarize(results)
     for e in summary:
         print(f"N={e['n']:>6}: FEDORA/Local round {e['ratio']:.2f}x wall ({e['ratio_cpu']:.2f}x CPU) with "
               f"a checkpoint every round; {e['ratio_auto']:.2f}x wall ({e['ratio_auto_cpu']:.2f}x CPU) with "
               f"checkpoint_every = 'auto'; round 1 (with relatedness {e['relatedness']:.2f} s) "
               f"{e['ratio_first']:.2f}x; one checkpoint = {e['fedora_checkpoint'] / e['fedora_round']:.0%} "
-              f"of a FEDORA round")
+              f"of a FEDORA round, {auto_share(e, 'fedora'):.0%} (FEDORA) / {auto_share(e, 'local'):.0%} "
+              f"(Local) of a round under 'auto'; FEDORA lambda {e['fedora_lambda']:.3f} s")
     slopes = {}
     for method in ("local", "fedora"):
         pts = [(e["n"], e[f"{method}_round_auto_cpu"]) for e in summary if e["n"] >= 100]
@@ -228,7 +270,19 @@ def steady(rows: list[dict], key: str | None = None, suffix: str = "") -> float:
     import statistics
 
     later = rows[1:] or rows
-    return statistics.median(total(r, suffix) if key is None else r[key + suffix] for r in later)
+    return statistics.median(total(r, suffix) if key is None else r.get(key + suffix, 0.0) for r in later)
+
+
+def auto_round(round_seconds: float, checkpoint_seconds: float) -> float:
+    """A round's cost under ``checkpoint_every = "auto"``: a checkpoint of ``c`` seconds is
+    written once ``AUTO_CHECKPOINT_FACTOR * c`` seconds passed since the last one, i.e. every
+    ``max(1, ceil(10 c / r))`` rounds of ``r`` seconds; its cost is shared by those rounds."""
+    from secure_fedora.runtimes.inprocess import AUTO_CHECKPOINT_FACTOR
+
+    if checkpoint_seconds <= 0:
+        return round_seconds
+    every = max(1, math.ceil(AUTO_CHECKPOINT_FACTOR * checkpoint_seconds / round_seconds))
+    return round_seconds + checkpoint_seconds / every
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -250,10 +304,10 @@ def summarize(results: list[dict]) -> list[dict]:
                 for k in ("training", "propagation", "checkpoint", "evaluation"):
                     entry[f"{m}_{k}{suffix}"] = steady(r, k, suffix)
                 entry[f"{m}_round{suffix}"] = steady(r, None, suffix)
-                # with checkpoint_every = "auto" a checkpoint costs at most ~1/10 of the time
-                # between two, so the round is at most 1.1x its checkpoint-free part
-                entry[f"{m}_round_auto{suffix}"] = 1.1 * sum(entry[f"{m}_{k}{suffix}"] for k in
-                                                             ("training", "propagation", "evaluation"))
+                entry[f"{m}_round_auto{suffix}"] = auto_round(
+                    sum(entry[f"{m}_{k}{suffix}"] for k in ("training", "propagation", "evaluation")),
+                    entry[f"{m}_checkpoint{suffix}"])
+            entry[f"{m}_lambda"] = steady(r, "lambda")
             entry[f"{m}_first"] = total(r[0])
         for suffix in ("", "_cpu"):
             entry[f"ratio{suffix}"] = entry[f"fedora_round{suffix}"] / entry[f"local_round{suffix}"]
@@ -263,15 +317,22 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
+def auto_share(entry: dict, method: str) -> float:
+    """The checkpoint's share of a round under "auto" (wall seconds)."""
+    rest = sum(entry[f"{method}_{k}"] for k in ("training", "propagation", "evaluation"))
+    return 1.0 - rest / entry[f"{method}_round_auto"]
+
+
 def write_csv(path: Path, results: list[dict]) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["n", "method", "round", "training_s", "relatedness_s", "propagation_s", "checkpoint_s",
-                    "evaluation_s", "total_s", "total_cpu_s", "peak_rss_gb"])
+                    "evaluation_s", "total_s", "total_cpu_s", "peak_rss_gb", "lambda_s"])
         for r in results:
             for row in r.get("rounds", []):
                 w.writerow([r["n"], r["method"], row["round"], *(f"{row[k]:.4f}" for k in PHASES),
-                            f"{total(row):.4f}", f"{total(row, '_cpu'):.4f}", f"{r['peak_rss_gb']:.3f}"])
+                            f"{total(row):.4f}", f"{total(row, '_cpu'):.4f}", f"{r['peak_rss_gb']:.3f}",
+                            f"{row.get('lambda', 0.0):.4f}"])
 
 
 def plot(path: Path, summary: list[dict]) -> None:
@@ -284,9 +345,9 @@ def plot(path: Path, summary: list[dict]) -> None:
     ns = [e["n"] for e in summary]
     for m, label, marker, color in (("local", "Local", "o", "C0"), ("fedora", "FEDORA", "s", "C1")):
         ax.loglog(ns, [e[f"{m}_round_cpu"] for e in summary], marker + "-", color=color,
-                  label=f"{label} (checkpoint every round)")
+                  label=f"{label}, checkpoint every round")
         ax.loglog(ns, [e[f"{m}_round_auto_cpu"] for e in summary], marker + "--", color=color, alpha=0.6,
-                  label=f"{label}, checkpoint_every = auto")
+                  label=f"{label}, checkpoint_every = auto (default)")
     ax.set_xlabel("clients N")
     ax.set_ylabel("CPU seconds per round")
     ax.set_title("round cost vs N (1 local epoch, 1 thread)")

@@ -57,6 +57,7 @@ from secure_fedora.learning.client import (
     evaluate,
     local_train,
 )
+from secure_fedora.learning.validation_losses import validation_losses
 
 KEY_STEPS = "steps"
 """Reply entry: the DP-SGD/SGD steps a client ran this round (a 0-d integer tensor)."""
@@ -260,6 +261,11 @@ class FederatedMethod(FederatedAlgorithm):
                 return replies
         elif messages:
             self._engine_runs["loop"] = self._engine_runs.get("loop", 0) + 1
+        return self.client_update_loop(rnd, messages)
+
+    def client_update_loop(self, rnd: int, messages: Mapping[int, Payload]) -> dict[int, Payload]:
+        """The per-client reference path of :meth:`client_update_many`: the same replies as
+        :meth:`client_update` per client, in the given order. Default: exactly that loop."""
         return super().client_update_many(rnd, messages)
 
     def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
@@ -943,26 +949,41 @@ class Fedora(FederatedMethod):
         """``lambda_i`` from the client's validation data, then local training pulled toward
         the received ``phi_i``; the reply: the ``theta`` row, ``lambda`` and ``steps``."""
         phi = message[KIND_PHI]
-        lam = self.regularization(i, phi)
+        return self._train_pulled(i, phi, self.regularizations([i], {i: phi})[i])
+
+    def client_update_loop(self, rnd: int, messages: Mapping[int, Payload]) -> dict[int, Payload]:
+        """Every participant's ``lambda`` in one :meth:`regularizations` call, then each one's
+        training; the same replies as :meth:`client_update` per client, bit for bit (a
+        client's ``lambda`` depends only on its own rows and data). With private validation
+        each client's accounted ``lambda`` release stays right before its own training."""
+        if self.private_validation:
+            return super().client_update_loop(rnd, messages)
+        phis = {i: m[KIND_PHI] for i, m in messages.items()}
+        lambdas = self.regularizations(list(phis), phis)
+        return {i: self._train_pulled(i, phis[i], lambdas[i]) for i in messages}
+
+    def _train_pulled(self, i: int, phi: Tensor, lam: float) -> Payload:
+        """Client ``i``'s local training pulled toward ``phi`` with weight ``lam``; its reply."""
         self.last_lambdas[i] = lam
         steps = self.ctx.train_client(i, self.theta[i], phi, lam)
         return {KIND_THETA: self.theta[i], KEY_LAMBDA: _scalar(float(lam)), KEY_STEPS: _scalar(steps)}
 
     def client_update_batched(self, rnd: int, messages: Mapping[int, Payload]
                               ) -> dict[int, Payload] | None:
-        """Every participant's ``lambda_i`` (:meth:`regularization`, per client in order, so a
-        client's lambda draws precede its training draws as in :meth:`client_update`), then all
-        of them trained together, each pulled toward its received ``phi_i``."""
+        """Every participant's ``lambda_i`` (:meth:`regularizations`, one call; each client's
+        lambda draws precede its training draws on its own noise source, as in
+        :meth:`client_update`), then all of them trained together, each pulled toward its
+        received ``phi_i``."""
         participants = list(messages)
         reason = self.batched_unsupported(participants, [self.ctx.oracle])
         if reason is not None:
             return self.batched_fallback(reason)
         phi = {i: messages[i][KIND_PHI] for i in participants}
+        lambdas = self.regularizations(participants, phi)
         lams = []
         for i in participants:
-            lam = self.regularization(i, phi[i])
-            self.last_lambdas[i] = lam
-            lams.append(float(lam))
+            self.last_lambdas[i] = lambdas[i]
+            lams.append(float(lambdas[i]))
         out = self.train_batched(participants, self.theta, phi, lams)
         return {i: {KIND_THETA: self.theta[i], KEY_LAMBDA: _scalar(lams[k]),
                     KEY_STEPS: _scalar(out.steps[i])} for k, i in enumerate(participants)}
@@ -985,16 +1006,31 @@ class Fedora(FederatedMethod):
     def regularization(self, i: int, phi: Tensor | None = None) -> float:
         """``lambda_i`` from client ``i``'s validation data (exact, or accounted and noised)
         for the received ``phi`` (default: the server's ``phi_i``)."""
+        return self.regularizations([i], {i: self.phi[i] if phi is None else phi})[i]
+
+    def regularizations(self, participants: Sequence[int],
+                        phis: Mapping[int, Tensor] | None = None) -> dict[int, float]:
+        """``lambda_i`` of every client in ``participants`` for its received ``phis[i]``
+        (default: the server's ``phi_i``), from its own ``theta_i`` and validation data only.
+
+        Exact: the two validation losses of every participant in one
+        :func:`~secure_fedora.learning.validation_losses.validation_losses` call, each equal
+        to ``evaluate(...).loss`` bit for bit whichever clients the call holds (so one client
+        in a Flower ClientApp and all participants in process get the same ``lambda``).
+        Private validation: each client's accounted, noised release
+        (``ctx.privacy.private_lambda``), one client after the other, in the given order."""
         ctx = self.ctx
-        c = ctx.clients[i]
-        phi = self.phi[i] if phi is None else phi
+        ids = list(participants)
+        received = [self.phi[i] if phis is None else phis[i] for i in ids]
         if self.private_validation:
-            return ctx.privacy.private_lambda(
-                i, self.theta[i], phi, c.val_x, c.val_y, ctx.noise[i], ctx.flat.bind
-            )
-        loss_local = evaluate(ctx.flat, self.theta[i], c.val_x, c.val_y).loss
-        loss_received = evaluate(ctx.flat, phi, c.val_x, c.val_y).loss
-        return fedora.regularization_weight(loss_local, loss_received)
+            return {i: ctx.privacy.private_lambda(
+                i, self.theta[i], phi, ctx.clients[i].val_x, ctx.clients[i].val_y, ctx.noise[i],
+                ctx.flat.bind) for i, phi in zip(ids, received, strict=True)}
+        clients = [ctx.clients[i] for i in ids]
+        losses = validation_losses(ctx.flat, [self.theta[i] for i in ids], received,
+                                   [(c.val_x, c.val_y) for c in clients])
+        return {i: fedora.regularization_weight(local, rec)
+                for i, local, rec in zip(ids, losses.local, losses.received, strict=True)}
 
     def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
         """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client, with the operator

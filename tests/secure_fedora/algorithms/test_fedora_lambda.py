@@ -1,0 +1,125 @@
+"""FEDORA's lambda for all participants at once equals one client at a time, bit for bit;
+the private lambda keeps its per-client release right before each client's training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from secure_fedora.algorithms.methods import KEY_LAMBDA, Fedora
+from secure_fedora.core.config import parse_config
+from secure_fedora.learning.client import evaluate
+from secure_fedora.runtimes.inprocess import build_clients, build_context
+from secure_fedora.secure.transport import KIND_PHI, KIND_THETA
+
+
+def _config(**data: Any) -> Any:
+    return parse_config({
+        "name": "lambda", "seed": 4, "methods": ["fedora"],
+        "data": {"num_clients": 6, "train_per_client": 24, "val_per_client": 8,
+                 "test_per_client": 16, "groups": 2, **data},
+        "training": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.1},
+        "fedora": {"k": 2},
+    })
+
+
+def _fedora(cfg: Any, clients: list) -> Fedora:
+    method = Fedora.from_config(build_context(cfg, clients), cfg)
+    method.setup()
+    return method
+
+
+def _near_ties(method: Fedora) -> None:
+    """phi within float rounding of theta for even clients (the early-round near-tie), far
+    for odd ones, and client 4 exactly equal."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(method.theta.shape, generator=gen)
+    scale = torch.where(torch.arange(method.ctx.num_clients).unsqueeze(1) % 2 == 0, 1e-7, 1e-2)
+    method.phi.copy_(method.theta + scale * noise)
+    method.phi[4].copy_(method.theta[4])
+
+
+def test_all_participants_at_once_equal_one_client_at_a_time_bit_for_bit() -> None:
+    cfg = _config()
+    clients = build_clients(cfg)
+    many, single = _fedora(cfg, clients), _fedora(cfg, clients)
+    for method in (many, single):
+        method.train_round(1, list(range(6)))
+        _near_ties(method)
+    participants = [0, 2, 3, 4, 5]
+    messages = many.configure(2, participants)
+    replies_many = many.client_update_many(2, messages)
+    replies_one = {i: single.client_update(i, 2, single.configure(2, [i])[i]) for i in participants}
+    assert list(replies_many) == participants
+    for i in participants:
+        assert float(replies_many[i][KEY_LAMBDA]) == float(replies_one[i][KEY_LAMBDA]), i
+        assert torch.equal(replies_many[i][KIND_THETA], replies_one[i][KIND_THETA]), i
+    assert torch.equal(many.last_lambdas, single.last_lambdas)
+    assert float(replies_many[4][KEY_LAMBDA]) == 0.0  # phi == theta: no pull
+    assert torch.equal(many.theta[1], single.theta[1])  # not a participant: untouched
+
+
+def test_regularizations_equal_the_per_client_evaluate_rule() -> None:
+    from secure_fedora.algorithms.fedora import regularization_weight
+
+    cfg = _config(val_per_client=5)
+    clients = build_clients(cfg)
+    method = _fedora(cfg, clients)
+    _near_ties(method)
+    lambdas = method.regularizations(list(range(6)))
+    for i, c in enumerate(method.ctx.clients):
+        expected = regularization_weight(evaluate(method.ctx.flat, method.theta[i], c.val_x, c.val_y).loss,
+                                         evaluate(method.ctx.flat, method.phi[i], c.val_x, c.val_y).loss)
+        assert lambdas[i] == expected
+        assert method.regularization(i) == expected
+    other = {3: method.theta[3] + 0.01}
+    assert method.regularizations([3], other)[3] == regularization_weight(
+        evaluate(method.ctx.flat, method.theta[3], clients[3].val_x, clients[3].val_y).loss,
+        evaluate(method.ctx.flat, other[3], clients[3].val_x, clients[3].val_y).loss)
+
+
+class _RecordingPrivacy:
+    """A stand-in for FederationPrivacy that records the order of lambda releases and
+    training selections."""
+
+    def __init__(self, n: int) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.clients = [type("C", (), {"noise_multiplier": 0.0})() for _ in range(n)]
+
+    def private_lambda(self, i, theta, phi, x, y, noise, bind):  # type: ignore[no-untyped-def]
+        self.events.append(("lambda", i))
+        return 0.5
+
+    def select_client(self, i, oracle):  # type: ignore[no-untyped-def]
+        self.events.append(("train", i))
+
+
+class _Oracle:
+    """The plain oracle with the DP oracle's ``select`` hook."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def select(self, sigma: float, noise: Any) -> None:
+        pass
+
+    def batches(self, *args: Any) -> Any:
+        return self.inner.batches(*args)
+
+    def gradient(self, *args: Any) -> None:
+        self.inner.gradient(*args)
+
+
+def test_private_lambda_is_released_per_client_right_before_its_training() -> None:
+    cfg = _config()
+    ctx = build_context(cfg, build_clients(cfg))
+    privacy = _RecordingPrivacy(6)
+    ctx.privacy, ctx.noise, ctx.oracle = privacy, [None] * 6, _Oracle(ctx.oracle)
+    method = Fedora.from_config(ctx, cfg)
+    method.private_validation = True
+    method.setup()
+    replies = method.client_update_many(1, {i: {KIND_PHI: method.phi[i]} for i in (5, 1, 3)})
+    assert privacy.events == [("lambda", 5), ("train", 5), ("lambda", 1), ("train", 1),
+                              ("lambda", 3), ("train", 3)]
+    assert [float(r[KEY_LAMBDA]) for r in replies.values()] == [0.5, 0.5, 0.5]
