@@ -48,7 +48,12 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from secure_fedora.algorithms.baselines import BaselineConfigError, unwrap_oracle  # noqa: E402
 from secure_fedora.algorithms.contract import method_class  # noqa: E402
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext  # noqa: E402
-from secure_fedora.core.config import ExperimentConfig, config_hash, load_config  # noqa: E402
+from secure_fedora.core.config import (  # noqa: E402
+    ExperimentConfig,
+    config_hash,
+    load_config,
+    model_selection,
+)
 from secure_fedora.data.partition import ClientData  # noqa: E402
 from secure_fedora.learning.client import PlainGradient  # noqa: E402
 from secure_fedora.runtimes.inprocess import (  # noqa: E402
@@ -259,7 +264,10 @@ def privacy_settings(cfg: ExperimentConfig) -> str:
     """One line naming the privacy-relevant settings a cell config runs with."""
     p = cfg.privacy
     head = f"privacy on, epsilon {p.epsilon:g}, delta {p.delta:g}" if p.enabled else "privacy off"
-    return (f"{head}; relatedness {cfg.fedora.relatedness}; validation {cfg.data.validation}")
+    selection = ("best mean validation round" if model_selection(cfg) == "validation"
+                 else "final round")
+    return (f"{head}; relatedness {cfg.fedora.relatedness}; validation {cfg.data.validation}; "
+            f"reported round: {selection}")
 
 
 def _base_hash(cfg: ExperimentConfig) -> str:
@@ -642,9 +650,11 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
                      f"({best.acc_mean:.4f}); {settings}.")
     lines += [
         "",
-        "Accuracy is each client's test accuracy at the round with the best mean validation "
-        "accuracy (fedavg_ft: the final global model fine-tuned per client, epoch chosen on "
-        "validation). *acc mean / min / std*: mean, minimum and sample standard deviation over "
+        "Accuracy is each client's test accuracy at the reported round named on each "
+        "epsilon's line: the round with the best mean validation accuracy, or the final round "
+        "where choosing on private validation data would be an unaccounted release "
+        "(fedavg_ft: the final global model fine-tuned per client, epoch chosen on the "
+        "client's validation data). *acc mean / min / std*: mean, minimum and sample standard deviation over "
         "seeds of the client-mean accuracy. *worst client*: mean over seeds of the lowest "
         "client accuracy. *clients below Local*: mean over seeds of the number of clients "
         "whose accuracy is below their own in the Local run of the same seed; Local runs "

@@ -362,3 +362,14 @@ def test_fashion_rotation_config_runs_a_sweep_cell(tmp_path):
     assert cfg.data.dataset == "fashion_mnist" and cfg.data.partition == "rotation"
     result = run_sweep(cfg, tmp_path, ["fedora"], [0])
     assert result.ran == ["fedora/eps-none/seed-0"]
+
+
+def test_each_epsilon_line_names_the_round_it_reports():
+    """Under DP with private validation the report says the final round is shown (choosing a
+    round on private validation data would be an unaccounted release); otherwise the best
+    mean validation round."""
+    private = tiny(privacy={"enabled": True, "epsilon": 3.0}, data={"validation": "private"},
+                   fedora={"relatedness": "noised"})
+    public = tiny()
+    assert sweep_mod.privacy_settings(private).endswith("reported round: final round")
+    assert sweep_mod.privacy_settings(public).endswith("reported round: best mean validation round")
