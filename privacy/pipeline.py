@@ -712,6 +712,14 @@ class SignEnvelope(AfterGate):
         return release.replace(payload=message, metadata={**release.metadata, "signed": True})
 
 
+def upload_stages(encrypt: EncryptPayload | None,
+                  sign: Callable[[Release], bytes] | None) -> list[Postprocessor]:
+    """The stages that let a release leave its client, in order: the encryption (if any),
+    then the envelope signature (if envelopes are on)."""
+    return [*([encrypt] if encrypt is not None else []),
+            *([SignEnvelope(sign)] if sign is not None else [])]
+
+
 def _may_follow_gate(stage: object) -> bool:
     """Whether ``stage`` may stand after the gate: an :class:`AfterGate` stage, or a
     post-processing stage that declares ``may_follow_gate`` (:class:`EncryptPayload`)."""

@@ -69,7 +69,7 @@ from privacy.envelope import EnvelopeError
 from privacy.errors import ToolkitError
 from privacy.identity import SERVER_ID, Identity
 from privacy.pipeline import EncryptPayload
-from secure_fedora.secure.relatedness import CkksCeremony
+from secure_fedora.secure.relatedness import CkksCeremony, PhaseClock
 from secure_fedora.secure.transport import (
     KIND_ENC_PHI,
     KIND_ENC_THETA,
@@ -302,18 +302,6 @@ class PropagationServer:
         return [vec.serialize() for vec in combined]
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        self.timings: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.timings[f"{name}_s"] = wall - self.wall
-        self.timings[f"{name}_cpu_s"] = cpu - self.cpu
-        self.wall, self.cpu = wall, cpu
-
-
 class EncryptedPropagator:
     """FEDORA's propagation step ``phi = P @ theta`` computed under CKKS (see the module doc).
 
@@ -427,13 +415,13 @@ class EncryptedPropagator:
         for j in redo:
             if not isinstance(j, int) or not 0 <= j < n:
                 raise EncryptedPropagationError(f"changed lists {j!r}, not a client index in [0, {n})")
-        clock = _Clock()
+        clock = PhaseClock()
         sent = [0] * n
         fresh: dict[int, bytes] = {}
         if exchange is None:
             # No envelope to sign, so the upload's pipeline is its encryption stage alone (the
             # model release behind it was accounted and step-checked by the runtime).
-            encrypt = EncryptPayload(self.client.encrypt, f"ckks-{self.client.encryption}")
+            encrypt = self._encrypt_stage()
             unaccounted = UnaccountedReleases()
             for j in redo:
                 try:
@@ -466,6 +454,10 @@ class EncryptedPropagator:
         self._record(sent, received, clock.timings)
         return phi
 
+    def _encrypt_stage(self) -> EncryptPayload:
+        """The clients' upload-pipeline stage that turns a row into its CKKS ciphertext."""
+        return EncryptPayload(self.client.encrypt, f"ckks-{self.client.encryption}")
+
     def _enveloped_uploads(
         self, rnd: int, exchange: SecureExchange, theta: Tensor, redo: Sequence[int], p: int
     ) -> tuple[dict[int, bytes], list[int]]:
@@ -473,7 +465,7 @@ class EncryptedPropagator:
         accounted stages (under DP), an :class:`~privacy.pipeline.EncryptPayload` stage (this
         client's CKKS encryption), then the signature; the server verifies them."""
         transport = exchange.transport
-        encrypt = EncryptPayload(self.client.encrypt, f"ckks-{self.client.encryption}")
+        encrypt = self._encrypt_stage()
         messages = {}
         for j in redo:
             try:

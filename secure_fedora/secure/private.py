@@ -72,11 +72,11 @@ from privacy.pipeline import (
     RecordParams,
     Release,
     ReleasePipeline,
-    SignEnvelope,
     StepCounter,
     StepCountMismatchError,
     noised_mean_stages,
     second_moment_stages,
+    upload_stages,
 )
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMMARY
@@ -330,13 +330,6 @@ SUMMARY_UPLOAD_KINDS: frozenset[str] = frozenset({KIND_SUMMARY, KIND_RELATEDNESS
 
 def _listing_only(release: Release) -> bytes:
     raise PipelineError("this pipeline was built to list its stages; it signs nothing")
-
-
-def _upload_stages(encrypt: EncryptPayload | None,
-                   sign: Callable[[Release], bytes] | None) -> list[Any]:
-    """The stages that let an (accounted) release leave: encryption, then the signature."""
-    return [*([encrypt] if encrypt is not None else []),
-            *([SignEnvelope(sign)] if sign is not None else [])]
 
 
 class _CrashPoint(AfterGate):
@@ -691,7 +684,7 @@ class FederationPrivacy:
         c = self.clients[i]
         check = CheckExecutedSteps(c.gate, c.step_counter, c.noise_multiplier, self.sample_rate)
         return ReleasePipeline([*self._admission_stages(i), check,
-                                *_upload_stages(encrypt, sign)])
+                                *upload_stages(encrypt, sign)])
 
     def release_upload(self, i: int, rnd: int, kind: str, payload: Tensor | bytes, *,
                        encrypt: EncryptPayload | None = None,
@@ -727,11 +720,11 @@ class FederationPrivacy:
             # Not admitted this round, so not trained this round: the row it sends is the one
             # it released last (accounted then) or the public initialization, sent again
             # (e.g. encrypted propagation's first call, where every client uploads).
-            return ReleasePipeline(_upload_stages(encrypt, sign), require_gate=False).run(
+            return ReleasePipeline(upload_stages(encrypt, sign), require_gate=False).run(
                 Release(kind, payload, rnd, metadata={"resent": True}))
         admitted = c.summary_release
         if admitted is None or kind not in SUMMARY_UPLOAD_KINDS:
-            return ReleasePipeline(_upload_stages(encrypt, sign), require_gate=False).run(
+            return ReleasePipeline(upload_stages(encrypt, sign), require_gate=False).run(
                 Release(kind, payload, rnd))
         if not (isinstance(payload, Tensor) and isinstance(admitted.payload, Tensor)
                 and payload.shape == admitted.payload.shape
@@ -740,7 +733,7 @@ class FederationPrivacy:
                 f"client {c.client_id!r}: the round-0 {kind!r} upload is not the summary its"
                 " gate admitted and its journal recorded; refusing to release it")
         stages = c.summary_stages
-        pipeline = ReleasePipeline([*stages, *_upload_stages(encrypt, sign)])
+        pipeline = ReleasePipeline([*stages, *upload_stages(encrypt, sign)])
         return pipeline.run(admitted, start=len(stages))
 
     def release_stages(self, i: int, *, signed: bool | None = None,
@@ -771,7 +764,7 @@ class FederationPrivacy:
         return {
             "model": names(self.model_pipeline(i, sign, encrypt("model")).stages),
             "summary": names([*summary, *self._admission_stages(i),
-                              *_upload_stages(encrypt("summary"), sign)]),
+                              *upload_stages(encrypt("summary"), sign)]),
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
         }
 

@@ -461,7 +461,7 @@ class EncryptedOverlaps:
         return [i for i in range(n) if i not in set(self.accepted)]
 
 
-class _PhaseClock:
+class PhaseClock:
     """Wall-clock and process CPU seconds per protocol phase (CPU time is robust to machine load)."""
 
     def __init__(self) -> None:
@@ -716,7 +716,7 @@ def _run(
     client_ctx = cer.client_context if client_encryption == "symmetric" else cer.client_public_context
     link = _DirectLink(key_holder, releases) if transport is None else \
         _EnvelopedLink(key_holder, transport, channel)
-    clock = _PhaseClock()
+    clock = PhaseClock()
 
     encrypters = [summary_encryption(client_ctx, layout, i, client_encryption) for i in range(n)]
     received = link.uploads(summaries, encrypters)  # through each client's release pipeline

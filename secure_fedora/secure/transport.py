@@ -102,7 +102,7 @@ from privacy.identity import (
     load_identity,
     validate_party_id,
 )
-from privacy.pipeline import EncryptPayload, Release, ReleasePipeline, SignEnvelope
+from privacy.pipeline import EncryptPayload, Release, ReleasePipeline, upload_stages
 
 # The message kinds and value checks belong to the method contract (defined one layer down);
 # re-exported here, where they were defined before, for existing code.
@@ -184,9 +184,8 @@ class UnaccountedReleases:
                        encrypt: EncryptPayload | None = None,
                        sign: Callable[[Release], bytes] | None = None) -> Release:
         """``payload`` through ``[encrypt] -> [SignEnvelope(sign)]``."""
-        stages: list[Any] = [*([encrypt] if encrypt is not None else []),
-                             *([SignEnvelope(sign)] if sign is not None else [])]
-        return ReleasePipeline(stages, require_gate=False).run(Release(kind, payload, rnd))
+        return ReleasePipeline(upload_stages(encrypt, sign), require_gate=False).run(
+            Release(kind, payload, rnd))
 
 
 class TransportError(ToolkitError):
