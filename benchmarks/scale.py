@@ -51,7 +51,8 @@ def data_for(n: int) -> tuple[int, int, int | None]:
 
 
 def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
-          per_client: tuple[int, int, int | None] | None, checkpoint_every: int | str = 1) -> dict:
+          per_client: tuple[int, int, int | None] | None, checkpoint_every: int | str = 1,
+          participation: float = 1.0) -> dict:
     """Run one method at N clients; return its per-round wall and CPU seconds (subprocess)."""
     import torch
 
@@ -67,7 +68,7 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         "data": {"num_clients": n, "train_per_client": train, "val_per_client": val,
                  "test_per_client": test},
         "training": {"rounds": rounds, "local_epochs": 1, "threads": threads,
-                     "checkpoint_every": checkpoint_every},
+                     "checkpoint_every": checkpoint_every, "participation": participation},
         "fedora": {"propagation_tolerance": tolerance},
         "evaluation": {"every": 1},
     })
@@ -98,7 +99,9 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
 
         m.train_round = train_round
         if isinstance(m, Fedora):
+            # a sparse operator's rows are computed when a round sends them (configure)
             m.propagate = timed(m.propagate, "propagation")
+            m._current_phi = timed(m._current_phi, "propagation")
             m.regularizations = timed(m.regularizations, "lambda")
         return m
 
@@ -119,7 +122,8 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         op = fed.relatedness.operator
         extra = {"operator": op.kind, "operator_nnz_per_row": op.nnz / n, "error_bound": op.error_bound}
     return {"n": n, "method": method, "train_per_client": train, "val_per_client": val,
-            "test_per_client": test, "threads": threads, "data_seconds": data_seconds,
+            "test_per_client": test, "threads": threads, "participation": participation,
+            "data_seconds": data_seconds,
             "checkpoint_bytes": ckpt_bytes, "rounds": rows,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
 
@@ -150,7 +154,7 @@ def run_child(n: int, method: str, args: argparse.Namespace) -> dict:
            "--threads", str(args.threads), "--tolerance", str(args.tolerance)]
     if args.per_client:
         cmd += ["--per-client", *map(str, args.per_client)]
-    cmd += ["--checkpoint-every", str(args.checkpoint_every)]
+    cmd += ["--checkpoint-every", str(args.checkpoint_every), "--participation", str(args.participation)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak = 0.0
     while proc.poll() is None:
@@ -185,6 +189,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", default="1",
                         help="[training] checkpoint_every of the runs: K (default 1: every checkpoint "
                              "measured) or 'auto' (the real schedule; see the share it reports)")
+    parser.add_argument("--participation", type=float, default=1.0,
+                        help="[training] participation: the fraction of clients in a round (FEDORA "
+                             "computes only their phi rows; evaluation still covers every client)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale")
     parser.add_argument("--merge", action="store_true", help="add to the N already in --out/scale.json")
     parser.add_argument("--add-runs", type=Path, metavar="SCALE_JSON",
@@ -196,7 +203,8 @@ def main() -> None:
         n, method, out = args.child
         every = args.checkpoint_every if args.checkpoint_every == "auto" else int(args.checkpoint_every)
         Path(out).write_text(json.dumps(child(int(n), method, args.rounds, args.threads, args.tolerance,
-                                             tuple(args.per_client) if args.per_client else None, every)))
+                                             tuple(args.per_client) if args.per_client else None, every,
+                                             args.participation)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replot:
@@ -259,7 +267,8 @@ def main() -> None:
             print(f"slope of log(CPU seconds per round) vs log(N), N >= 100, {method}: {slopes[method]:.2f}")
     doc = {"runs": results, "summary": summary, "slopes": slopes,
            "setting": "rotated MNIST, MLP 118,282 params, 1 local epoch, eval + checkpoint every round, "
-                      f"{args.threads} thread(s), propagation_tolerance {args.tolerance}"}
+                      f"{args.threads} thread(s), propagation_tolerance {args.tolerance}, "
+                      f"participation {args.participation}"}
     (args.out / "scale.json").write_text(json.dumps(doc, indent=2))
     write_csv(args.out / "scale.csv", results)
     plot(args.out / "scale.png", summary)

@@ -724,10 +724,15 @@ class Fedora(FederatedMethod):
         self.q, self.tau, self.k, self.alpha = q, tau, k, alpha
         self.propagation_mode = resolve_propagation(propagation, ctx.num_clients)
         self.propagation_tolerance = propagation_tolerance
-        self.phi = self.theta.clone()
+        self._phi = self.theta.clone()
         # True while phi == P @ theta exactly as propagate() computes it: phi is then left out
         # of checkpoints and recomputed on restore (bit-identical, same operator and inputs).
         self._phi_is_propagated = False
+        # With a sparse operator, propagate() only marks every row pending (as of theta's
+        # version then); a row is computed when a round sends it (configure) or phi is read,
+        # so a round costs the product over its participants' rows, not over all N.
+        self._phi_pending: Tensor | None = None
+        self._phi_theta_version = -1
         self.relatedness: Relatedness | None = None
         self._relatedness_fn = relatedness_fn
         self._relatedness_mode = relatedness_mode
@@ -935,6 +940,33 @@ class Fedora(FederatedMethod):
         bookkeeping of the last accepted rows)."""
         return {KIND_THETA: self.theta}, {KIND_PHI: self.phi}
 
+    @property
+    def phi(self) -> Tensor:
+        """``phi = P @ theta`` of the last propagation (N x P), every row current."""
+        if self._phi_pending is not None:
+            self._current_phi(self._phi_pending.nonzero().flatten())
+        return self._phi
+
+    def _current_phi(self, rows: Sequence[int] | Tensor) -> None:
+        """Compute the pending rows among ``rows`` (sparse operator), from ``theta`` as it was
+        at the last propagation: refused if theta has changed since (a pending row would
+        then not be that round's ``P @ theta``)."""
+        pending = self._phi_pending
+        if pending is None:
+            return
+        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        need = index[pending[index]].unique()
+        if need.numel() == 0:
+            return
+        if self.theta._version != self._phi_theta_version:
+            raise RuntimeError("phi rows pending since the last propagation were requested after "
+                               "theta changed; propagate() must run again first")
+        assert self.relatedness is not None
+        self.relatedness.operator.apply_rows(self.theta, need, out=self._phi)
+        pending[need] = False
+        if not bool(pending.any()):
+            self._phi_pending = None
+
     def _round_envelopes(self) -> bool:
         """Plaintext rows travel in envelopes unless the CKKS propagator sends ciphertexts."""
         return self.propagator is None
@@ -943,7 +975,8 @@ class Fedora(FederatedMethod):
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Each participant receives its ``phi_i`` (and nothing else)."""
         assert self.relatedness is not None, "setup() must run before the first round"
-        return {i: {KIND_PHI: self.phi[i]} for i in participants}
+        self._current_phi(list(participants))
+        return {i: {KIND_PHI: self._phi[i]} for i in participants}
 
     def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
         """``lambda_i`` from the client's validation data, then local training pulled toward
@@ -1006,7 +1039,10 @@ class Fedora(FederatedMethod):
     def regularization(self, i: int, phi: Tensor | None = None) -> float:
         """``lambda_i`` from client ``i``'s validation data (exact, or accounted and noised)
         for the received ``phi`` (default: the server's ``phi_i``)."""
-        return self.regularizations([i], {i: self.phi[i] if phi is None else phi})[i]
+        if phi is None:
+            self._current_phi([i])
+            phi = self._phi[i]
+        return self.regularizations([i], {i: phi})[i]
 
     def regularizations(self, participants: Sequence[int],
                         phis: Mapping[int, Tensor] | None = None) -> dict[int, float]:
@@ -1021,7 +1057,9 @@ class Fedora(FederatedMethod):
         (``ctx.privacy.private_lambda``), one client after the other, in the given order."""
         ctx = self.ctx
         ids = list(participants)
-        received = [self.phi[i] if phis is None else phis[i] for i in ids]
+        if phis is None:
+            self._current_phi(ids)
+        received = [self._phi[i] if phis is None else phis[i] for i in ids]
         if self.private_validation:
             return {i: ctx.privacy.private_lambda(
                 i, self.theta[i], phi, ctx.clients[i].val_x, ctx.clients[i].val_y, ctx.noise[i],
@@ -1034,16 +1072,23 @@ class Fedora(FederatedMethod):
 
     def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
         """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client, with the operator
-        built in setup (one product over the N x P parameters, into ``phi``); through CKKS
-        ciphertexts with the encrypted propagator (``participants`` re-encrypt and upload)."""
+        built in setup: dense, one product over the N x P parameters, into ``phi``; sparse,
+        every row marked pending and computed when it is sent or read (the same values, bit
+        for bit, as one product now); through CKKS ciphertexts with the encrypted propagator
+        (``participants`` re-encrypt and upload)."""
         assert self.relatedness is not None
+        self._phi_pending = None
         if self.propagator is not None:
-            self.phi.copy_(self.propagator.propagate(
+            self._phi.copy_(self.propagator.propagate(
                 self.relatedness.propagation, self.theta, changed=participants, rnd=rnd,
                 exchange=self.exchange))
             self._phi_is_propagated = False
+        elif self.relatedness.operator.kind == "sparse":
+            self._phi_pending = torch.ones(self.ctx.num_clients, dtype=torch.bool)
+            self._phi_theta_version = self.theta._version
+            self._phi_is_propagated = True
         else:
-            self.relatedness.operator.apply(self.theta, out=self.phi)
+            self.relatedness.operator.apply(self.theta, out=self._phi)
             self._phi_is_propagated = True
 
     def attach(self, new_summary_overlaps: Tensor) -> Tensor:
@@ -1074,7 +1119,7 @@ class Fedora(FederatedMethod):
             relatedness["graph_values"] = g.values()
         state: dict[str, Any] = {"relatedness": relatedness}
         if not self._phi_is_propagated:
-            state["phi"] = self.phi
+            state["phi"] = self._phi
         return state
 
     def load_server_state_dict(self, state: dict[str, Any]) -> None:
@@ -1094,11 +1139,12 @@ class Fedora(FederatedMethod):
             rebuilt = Relatedness(None, None, graph, self._operator(graph), r["mode"], r["details"])
         rebuilt.mode = r["mode"]
         self.relatedness = rebuilt
+        self._phi_pending = None
         if "phi" in state:
-            _load_matrix(self.phi, state["phi"], "phi")
+            _load_matrix(self._phi, state["phi"], "phi")
             self._phi_is_propagated = False
         else:
-            self.relatedness.operator.apply(self.theta, out=self.phi)
+            self.relatedness.operator.apply(self.theta, out=self._phi)
             self._phi_is_propagated = True
 
     # ------------------------------------------------------------------ results

@@ -5,17 +5,21 @@ operator ``P = (1 - alpha)(I - alpha S)^-1`` is fixed too; only ``phi = P @ thet
 :class:`PropagationOperator` holds ``P`` either dense (an exact solve, for small N) or as a
 sparse matrix with a proven error bound (a truncated power series on the sparse top-k graph,
 for large N). Each round is then one (sparse or dense) product over the (N x P) parameters,
-written straight into the ``phi`` matrix (no N x P temporary).
+written straight into the ``phi`` matrix (no N x P temporary); a sparse operator can also
+compute only some rows (:meth:`PropagationOperator.apply_rows`), at a cost proportional to
+their non-zeros.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from secure_fedora.algorithms.fedora import (
@@ -40,10 +44,15 @@ __all__ = [
 OperatorKind = Literal["dense", "sparse"]
 
 # Columns of theta processed per sparse product: a (N x block) slice of theta stays in cache
-# while every non-zero of P reads it. Measured (CPU s, one thread, 118,282 columns): N = 1,000:
-# 32 -> 0.41, 256 -> 0.42, 512 -> 0.51, unblocked 1.3; N = 3,000: 16 -> 2.03, 32 -> 1.59,
-# 128 -> 2.04, 512 -> 2.25.
+# while every non-zero of P reads it. CSR product (CUDA), measured (CPU s, one thread, 118,282
+# columns): N = 1,000: 32 -> 0.41, 256 -> 0.42, 512 -> 0.51, unblocked 1.3; N = 3,000: 16 ->
+# 2.03, 32 -> 1.59, 128 -> 2.04, 512 -> 2.25.
 _SPARSE_COLUMN_BLOCK = 32
+# The CPU kernel (a weighted embedding-bag sum per row, reading the strided theta block in
+# place), measured on one thread, 22 nnz/row at N = 1,000: 64 -> 0.17 s, 128 -> 0.165 s,
+# 256 -> 0.172 s, 1024 -> 0.21 s (the CSR product above: 0.29 s); 215 nnz/row at N = 10,000:
+# 64 -> 18.6 s, 128 -> 13.8 s, 256 -> 13.3 s (CSR: 40.9 s).
+_BAG_COLUMN_BLOCK = 128
 
 # First drop threshold of the series terms, tolerance / (THRESHOLD_DIVISOR * terms); lowered
 # 100-fold and rebuilt while the deficits exceed tolerance / 2 (the bound is always checked).
@@ -209,22 +218,80 @@ class PropagationOperator:
     def apply(self, theta: Tensor, out: Tensor | None = None) -> Tensor:
         """``phi = P @ theta`` (N x P), written into ``out`` when given (``out`` must not alias
         ``theta``). Dense: one BLAS product, bit-identical to ``P.to(theta.dtype) @ theta``.
-        Sparse: one CSR product per block of columns; deterministic."""
+        Sparse: on the CPU each row is a weighted sum of theta rows in the stored order of its
+        non-zeros (deterministic, independent of the thread count, and equal bit for bit to
+        :meth:`apply_rows` of any subset of rows); on CUDA one CSR product per column block."""
+        out = self._checked_out(theta, out)
+        m = self._matrix_as(theta.dtype, theta.device)
+        if self.kind == "dense":
+            return torch.matmul(m, theta, out=out)
+        if theta.device.type != "cpu":
+            for start in range(0, theta.shape[1], _SPARSE_COLUMN_BLOCK):
+                stop = min(start + _SPARSE_COLUMN_BLOCK, theta.shape[1])
+                out[:, start:stop] = m @ theta[:, start:stop].contiguous()
+            return out
+        self._weighted_row_sums(theta, m.crow_indices(), m.col_indices(), m.values(), out, None)
+        return out
+
+    def apply_rows(self, theta: Tensor, rows: Sequence[int] | Tensor, out: Tensor) -> Tensor:
+        """``out[i] = (P @ theta)[i]`` for the clients in ``rows`` only; every other row of
+        ``out`` is left untouched. The cost is proportional to the non-zeros of those rows
+        (sparse, CPU); each written row equals :meth:`apply`'s bit for bit. A dense operator,
+        or sparse on CUDA, computes the full product and copies the rows (so the rows are
+        :meth:`apply`'s there too)."""
+        out = self._checked_out(theta, out)
+        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        n = self.num_clients
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise RelatednessError(f"rows outside 0..{n - 1} requested from the propagation operator")
+        if index.numel() == 0:
+            return out
+        if index.numel() >= n and torch.unique(index).numel() == n:
+            return self.apply(theta, out)  # every row: the blocked product
+        if self.kind == "dense" or theta.device.type != "cpu":
+            on_device = index.to(theta.device)
+            out[on_device] = self.apply(theta)[on_device]
+            return out
+        m = self._matrix_as(theta.dtype, theta.device)
+        crow, col, val = m.crow_indices(), m.col_indices(), m.values()
+        starts, lengths = crow[index], crow[index + 1] - crow[index]
+        offsets = torch.zeros(index.numel() + 1, dtype=crow.dtype)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        total = int(offsets[-1])
+        positions = (torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
+                     + torch.arange(total, dtype=crow.dtype))
+        # Few non-zeros: read the theta rows in place (whole rows, no copy); more than one per
+        # client on average: by cache-sized column blocks, as apply (equal results either way).
+        width = theta.shape[1] if total <= n else _BAG_COLUMN_BLOCK
+        self._weighted_row_sums(theta, offsets, col[positions], val[positions], out, index, width)
+        return out
+
+    def _checked_out(self, theta: Tensor, out: Tensor | None) -> Tensor:
         n = self.num_clients
         if theta.dim() != 2 or theta.shape[0] != n:
             raise RelatednessError(f"propagation operator for {n} clients does not match parameters "
                                    f"{tuple(theta.shape)}")
         if out is None:
-            out = torch.empty_like(theta)
-        elif out.shape != theta.shape or out.data_ptr() == theta.data_ptr():
+            return torch.empty_like(theta)
+        if out.shape != theta.shape or out.data_ptr() == theta.data_ptr():
             raise RelatednessError("out must have theta's shape and must not alias theta")
-        m = self._matrix_as(theta.dtype, theta.device)
-        if self.kind == "dense":
-            return torch.matmul(m, theta, out=out)
-        for start in range(0, theta.shape[1], _SPARSE_COLUMN_BLOCK):
-            stop = min(start + _SPARSE_COLUMN_BLOCK, theta.shape[1])
-            out[:, start:stop] = m @ theta[:, start:stop].contiguous()
         return out
+
+    @staticmethod
+    def _weighted_row_sums(theta: Tensor, offsets: Tensor, columns: Tensor, weights: Tensor,
+                           out: Tensor, rows: Tensor | None, width: int = _BAG_COLUMN_BLOCK) -> None:
+        """``out[rows[r]] = sum_k weights[k] * theta[columns[k]]`` over ``k`` in
+        ``offsets[r]:offsets[r + 1]`` (``rows`` None: every row in order), ``width`` columns at
+        a time. Each output row is one bag of a weighted embedding-bag sum: accumulated in the
+        stored order by one thread, whatever the other bags and the width are (tested)."""
+        for start in range(0, theta.shape[1], width):
+            stop = min(start + width, theta.shape[1])
+            block = F.embedding_bag(columns, theta[:, start:stop], offsets, mode="sum",
+                                    per_sample_weights=weights, include_last_offset=True)
+            if rows is None:
+                out[:, start:stop] = block
+            else:
+                out[rows, start:stop] = block
 
     def combine(self, weights: Tensor) -> Tensor:
         """``weights @ P`` (N,) float64 for a weight vector over the clients (a late joiner's

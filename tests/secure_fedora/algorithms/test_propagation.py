@@ -249,3 +249,115 @@ def test_dp_resume_between_checkpoints_is_identical_and_never_records_less_epsil
         full_entries = read_ledger(tmp_path / "full" / "ledgers" / "local" / p.name)
         assert [(e["round"], e["mechanism"]) for e in entries] == \
             [(e["round"], e["mechanism"]) for e in full_entries]
+
+
+@pytest.fixture(scope="module")
+def sparse_operator():
+    graph = random_graph(60, k=3, seed=4)
+    return build_operator(graph, 0.8, "sparse", 1e-4)
+
+
+def test_sparse_product_is_deterministic_and_independent_of_threads(sparse_operator):
+    theta = torch.randn(60, 700, generator=torch.Generator().manual_seed(5))
+    reference = sparse_operator.to_dense() @ theta.double()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sparse_operator.apply(theta)
+        torch.set_num_threads(2)
+        two = sparse_operator.apply(theta)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.allclose(one.double(), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 30, 59])
+def test_apply_rows_writes_those_rows_bit_identical_to_the_full_product(sparse_operator, count):
+    # few rows read whole theta rows, more read cache-sized column blocks: equal either way
+    theta = torch.randn(60, 1000, generator=torch.Generator().manual_seed(count))
+    full = sparse_operator.apply(theta)
+    rows = torch.randperm(60, generator=torch.Generator().manual_seed(9))[:count]
+    out = torch.full_like(theta, 7.0)
+    sparse_operator.apply_rows(theta, rows.tolist(), out)
+    others = torch.ones(60, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(out[rows], full[rows])
+    assert bool((out[others] == 7.0).all())
+
+
+def test_apply_rows_of_a_dense_operator_and_bad_rows():
+    op = build_operator(random_graph(12), 0.8, "dense")
+    theta = torch.randn(12, 30)
+    out = torch.zeros_like(theta)
+    op.apply_rows(theta, [3, 5], out)
+    assert torch.equal(out[[3, 5]], op.apply(theta)[[3, 5]]) and bool((out[0] == 0).all())
+    with pytest.raises(fedora.RelatednessError, match="rows outside"):
+        op.apply_rows(theta, [12], out)
+    with pytest.raises(fedora.RelatednessError, match="alias"):
+        op.apply_rows(theta, [1], theta)
+
+
+def _sparse_fedora(participation):
+    return tiny(training={"rounds": 4, "participation": participation},
+                fedora={"propagation": "sparse", "propagation_tolerance": 1e-3})
+
+
+@pytest.mark.parametrize("participation", [0.5, 1.0])
+def test_sparse_fedora_computes_only_the_participants_phi_rows_and_equals_eager(tmp_path, clients,
+                                                                                 participation,
+                                                                                 monkeypatch):
+    from secure_fedora.algorithms.methods import Fedora
+
+    cfg = _sparse_fedora(participation)
+    sent: list[list[int]] = []
+    computed: list[list[int]] = []
+    configure, apply_rows = Fedora.configure, PropagationOperator.apply_rows
+
+    def recording_configure(self, rnd, participants):
+        sent.append(list(participants))
+        return configure(self, rnd, participants)
+
+    def recording_rows(self, theta, rows, out):
+        computed.append(sorted(torch.as_tensor(rows).tolist()))
+        return apply_rows(self, theta, rows, out)
+
+    monkeypatch.setattr(Fedora, "configure", recording_configure)
+    monkeypatch.setattr(PropagationOperator, "apply_rows", recording_rows)
+    lazy = Simulation(cfg, tmp_path / "lazy", clients=clients)
+    lazy.run()
+    # round 1 sends the initial rows; every later round computes exactly its participants'
+    assert len(sent) == 4 and computed == sent[1:]
+    assert all(len(p) == (4 if participation == 0.5 else 8) for p in sent)
+    monkeypatch.undo()
+
+    # eager: every row right after every aggregation
+    propagate = Fedora.propagate
+
+    def eager(self, rnd=0, participants=None):
+        propagate(self, rnd, participants)
+        self.phi  # noqa: B018 - reading phi computes every pending row
+
+    monkeypatch.setattr(Fedora, "propagate", eager)
+    full = Simulation(cfg, tmp_path / "eager", clients=clients)
+    full.run()
+    a, b = lazy.methods["fedora"], full.methods["fedora"]
+    assert torch.equal(a.theta, b.theta)
+    assert torch.equal(a.phi, b.phi) and torch.equal(a.phi, a.relatedness.operator.apply(a.theta))
+    assert (tmp_path / "lazy" / "rounds.csv").read_text() == (tmp_path / "eager" / "rounds.csv").read_text()
+
+
+def test_pending_phi_rows_are_refused_once_theta_has_changed(clients):
+    method = make_method("fedora", build_context(_sparse_fedora(1.0), clients), _sparse_fedora(1.0))
+    method.setup()
+    method.propagate()
+    sent = method.configure(1, [0, 1])  # rows 0 and 1 computed, the rest still pending
+    expected = method.relatedness.operator.apply(method.theta)
+    assert torch.equal(sent[0]["phi"], expected[0]) and torch.equal(sent[1]["phi"], expected[1])
+    method.theta[2].add_(1.0)  # as in-process training does, before the next propagation
+    with pytest.raises(RuntimeError, match="after theta changed"):
+        method.configure(1, [2])
+    with pytest.raises(RuntimeError, match="after theta changed"):
+        method.phi  # noqa: B018
+    method.propagate()  # a new propagation: every row current again
+    assert torch.equal(method.phi, method.relatedness.operator.apply(method.theta))
