@@ -17,7 +17,9 @@ alike, so removing most of it makes FEDORA's own extra time count against a smal
 round. A watchdog kills a child whose RSS exceeds --max-rss-gb. Writes scale.json, scale.csv
 and scale.png (log-log round time vs N) into --out and reports the fitted slope of round time
 vs N (meaningful for runs with the same rows per client: ``--per-client``).
-Usage: python benchmarks/scale.py [--n 36 100 1000] [--rounds 4] [--threads 1]
+``--participation F`` samples that fraction of clients per round (FEDORA then computes only
+their phi rows, timed as propagation; evaluation still covers every client).
+Usage: python benchmarks/scale.py [--n 36 100 1000] [--rounds 4] [--threads 1] [--participation 1]
        python benchmarks/scale.py --n 10000 --rounds 3 --merge   (needs about 15 GB free)
 """
 

@@ -48,8 +48,8 @@ OperatorKind = Literal["dense", "sparse"]
 # columns): N = 1,000: 32 -> 0.41, 256 -> 0.42, 512 -> 0.51, unblocked 1.3; N = 3,000: 16 ->
 # 2.03, 32 -> 1.59, 128 -> 2.04, 512 -> 2.25.
 _SPARSE_COLUMN_BLOCK = 32
-# The CPU kernel (a weighted embedding-bag sum per row, reading the strided theta block in
-# place), measured on one thread, 22 nnz/row at N = 1,000: 64 -> 0.17 s, 128 -> 0.165 s,
+# The CPU kernel (a weighted embedding-bag sum per row; embedding_bag first copies the strided
+# theta block to a contiguous one, about 0.03 s of a full product at N = 1,000), measured on one thread, 22 nnz/row at N = 1,000: 64 -> 0.17 s, 128 -> 0.165 s,
 # 256 -> 0.172 s, 1024 -> 0.21 s (the CSR product above: 0.29 s); 215 nnz/row at N = 10,000:
 # 64 -> 18.6 s, 128 -> 13.8 s, 256 -> 13.3 s (CSR: 40.9 s).
 _BAG_COLUMN_BLOCK = 128
