@@ -49,7 +49,9 @@ def plain_round(models, clients, cfg, gens) -> None:
 
 def batched_fedora_round(fedora, rnd: int, participants: list[int]) -> None:
     """Fedora.train_round (no exchange, plain validation) with the batched trainer and the
-    batched validation losses for lambda."""
+    batched validation losses for lambda. Not a path of either runtime (a client's batched
+    loss changes with the batch's other clients, so its lambda could differ from the one it
+    computes alone in a Flower ClientApp); timed to show what the exact lambda costs."""
     ctx = fedora.ctx
     val_x = [ctx.clients[i].val_x for i in participants]
     val_y = [ctx.clients[i].val_y for i in participants]
@@ -189,7 +191,8 @@ def run_batched(fedora, ctx, cfg, clients, models, gens, everyone, rounds: int, 
     print(summary("plain loop round:                           ", times["plain"]))
     print(summary("FEDORA round, engine loop:                  ", times["fedora"]))
     print(summary("FEDORA round, engine batched:               ", times["fedora_batched"]))
-    print(summary("FEDORA round, engine batched + batched lambda:", times["fedora_batched_lambda"]))
+    print(summary("FEDORA round, engine batched + batched lambda:", times["fedora_batched_lambda"])
+          + "  (not a runtime path: bmm lambdas depend on the batch; the price of exact lambda)")
     print(summary("batched training alone (no pull):          ", times["batched"]))
     for name in names[1:]:
         t = times[name]

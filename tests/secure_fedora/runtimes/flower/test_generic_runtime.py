@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from privacy.envelope import Envelope, EnvelopeError
 from secure_fedora.algorithms.contract import method_class
-from secure_fedora.core.config import config_hash
+from secure_fedora.core.config import config_hash, parse_config
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.contexts import ClientDataSlots, DataAccessError
@@ -211,6 +211,31 @@ def test_every_method_on_the_grid_equals_the_in_process_runtime(tmp_path: Path, 
     for extra_key, value in outcome.extra.items():
         if extra_key != "security" and isinstance(value, list):
             assert np.allclose(ours["extra"][extra_key], value, atol=1e-4, rtol=0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_fedora_with_a_sparse_operator_equals_the_in_process_runtime(tmp_path: Path) -> None:
+    """The sparse operator's per-round phi rows (computed for each round's participants when
+    the server sends them) reach the Flower clients with the in-process run's values."""
+    base = with_methods(tiny_config(rounds=3, participation=0.5), "fedora")
+    cfg = parse_config({**base.model_dump(mode="json", exclude_none=True),
+                        "fedora": {**base.fedora.model_dump(mode="json"), "propagation": "sparse"}})
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors == [] and results["events"] == []
+    sim, outcome = in_process(cfg, tmp_path, "fedora")
+    assert sim.methods["fedora"].relatedness.operator.kind == "sparse"
+    ours = results["methods"]["fedora"]
+    for part in ("selected", "final"):
+        assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
+                           atol=1e-4, rtol=0), part
+    assert [r["participants"] for r in results["rounds"]] == [2, 2, 2]
+    for c in range(3):
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora"
+                                    / "client.pt", c, 42, config_hash(cfg), "fedora")
+        assert torch.allclose(state.algorithm["theta"], sim.methods["fedora"].theta[c],
+                              atol=1e-4, rtol=0), c
 
 
 @pytest.mark.usefixtures("task_identity")
