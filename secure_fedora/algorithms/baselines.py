@@ -78,6 +78,7 @@ from secure_fedora.algorithms.methods import (
     _scalar,
 )
 from secure_fedora.core.registry import METHODS
+from secure_fedora.core.tensors import all_finite
 from secure_fedora.learning.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.learning.models import init_parameters
 
@@ -374,7 +375,7 @@ def _load_tensor(target: Tensor, value: Any, name: str) -> None:
     if not isinstance(value, Tensor) or value.shape != target.shape:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"checkpoint field {name!r} has shape {shape}, expected {tuple(target.shape)}")
-    if value.is_floating_point() and not torch.isfinite(value).all():
+    if not all_finite(value):
         raise ValueError(f"checkpoint field {name!r} contains non-finite values")
     target.copy_(value)
 

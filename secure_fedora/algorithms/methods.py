@@ -47,6 +47,7 @@ from secure_fedora.algorithms.propagation import (
 )
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.registry import METHODS
+from secure_fedora.core.tensors import all_finite
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.batched import BatchedOutcome, engine_plan, train_participants
 from secure_fedora.learning.client import (
@@ -520,7 +521,7 @@ def _load_matrix(target: Tensor, value: Tensor, name: str) -> None:
     if not isinstance(value, Tensor) or value.shape != target.shape:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"checkpoint field {name!r} has shape {shape}, expected {tuple(target.shape)}")
-    if not torch.isfinite(value).all():
+    if not all_finite(value):
         raise ValueError(f"checkpoint field {name!r} contains non-finite values")
     target.copy_(value)
 

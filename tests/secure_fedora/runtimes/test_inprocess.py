@@ -2,6 +2,9 @@
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +224,49 @@ def test_resealed_checkpoint_resumes_to_the_same_result(tmp_path, tiny_clients):
     save_checkpoint(ckpt, load_checkpoint(ckpt))
     again = Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
     assert again["methods"] == results["methods"]
+
+
+# VmHWM is this process's own peak (getrusage's maxrss also counts the parent's memory that a
+# vfork + exec child inherits the high-water mark of).
+_LOAD_PEAK = """
+import sys
+from pathlib import Path
+from secure_fedora.runtimes.inprocess import load_checkpoint
+def status(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+before = status("VmRSS")
+state = load_checkpoint(Path(sys.argv[1]))
+print(status("VmHWM") - before, state["theta"].numel() * 4)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_loading_a_checkpoint_holds_its_state_once_not_also_the_file(tmp_path):
+    """A resume at 10,000 clients loads a 4.5 GiB checkpoint: the digest is verified by
+    streaming, and the state is read from the same open file, so the load costs about the
+    state's size (reading the file whole first cost 2-3x)."""
+    ckpt = tmp_path / "big.pt"
+    save_checkpoint(ckpt, {"round": 1, "theta": torch.randn(256, 2**17)})  # 128 MiB
+    out = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(ckpt)], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[3])
+    grown, state_bytes = map(int, out.stdout.split())
+    assert grown < 1.4 * state_bytes, out.stdout
+
+
+def test_a_changed_byte_deep_in_a_streamed_checkpoint_is_found(tmp_path, monkeypatch):
+    import secure_fedora.runtimes.inprocess as runtime
+
+    monkeypatch.setattr(runtime, "_DIGEST_CHUNK", 4096)  # the digest read in many chunks
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(ckpt, {"round": 3, "theta": torch.randn(64, 300)})
+    assert load_checkpoint(ckpt)["round"] == 3
+    raw = bytearray(ckpt.read_bytes())
+    raw[-5000] ^= 1
+    ckpt.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="digest"):
+        load_checkpoint(ckpt)
+    raw[-5000] ^= 1
+    ckpt.write_bytes(bytes(raw) + b"\0")
+    with pytest.raises(CheckpointError, match="truncated or extended"):
+        load_checkpoint(ckpt)
