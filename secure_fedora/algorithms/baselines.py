@@ -75,10 +75,10 @@ from secure_fedora.algorithms.methods import (
     FederatedMethod,
     MessageState,
     MethodContext,
+    _load_matrix,
     _scalar,
 )
 from secure_fedora.core.registry import METHODS
-from secure_fedora.core.tensors import all_finite
 from secure_fedora.learning.client import GradientOracle, PlainGradient, evaluate
 from secure_fedora.learning.models import init_parameters
 
@@ -371,15 +371,6 @@ def _train_with(ctx: MethodContext, oracle: GradientOracle, i: int, theta: Tenso
         ctx.oracle = saved
 
 
-def _load_tensor(target: Tensor, value: Any, name: str) -> None:
-    if not isinstance(value, Tensor) or value.shape != target.shape:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"checkpoint field {name!r} has shape {shape}, expected {tuple(target.shape)}")
-    if not all_finite(value):
-        raise ValueError(f"checkpoint field {name!r} contains non-finite values")
-    target.copy_(value)
-
-
 def _num_examples(ctx: MethodContext, i: int) -> Tensor:
     """Client ``i``'s reply entry ``num_examples``: its training-set size (its FedAvg weight)."""
     return _scalar(int(ctx.clients[i].train_x.shape[0]))
@@ -510,7 +501,7 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
 
     def load_server_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the global model (shape and finiteness checked)."""
-        _load_tensor(self.global_params, state.get("global"), "global")
+        _load_matrix(self.global_params, state.get("global"), "global")
 
     def _train_global_copy(self, i: int, w: Tensor) -> int:
         """Client ``i`` trains a copy of the received ``w`` into ``uploads[i]`` with the
@@ -704,7 +695,7 @@ class APFL(_GlobalModelMethod):
         """Restore :meth:`state_dict` (``alpha`` outside [0, 1] is refused)."""
         super().load_state_dict(state)
         alpha = self.alpha.clone()
-        _load_tensor(alpha, state.get("alpha"), "alpha")
+        _load_matrix(alpha, state.get("alpha"), "alpha")
         if ((alpha < 0) | (alpha > 1)).any():
             raise ValueError("checkpoint field 'alpha' has values outside [0, 1]")
         self.alpha.copy_(alpha)
@@ -839,7 +830,7 @@ class FedAMP(_Baseline, FederatedMethod):
 
     def load_server_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the server's copies (shape and finiteness checked)."""
-        _load_tensor(self.models, state.get("models"), "models")
+        _load_matrix(self.models, state.get("models"), "models")
 
 
 # --------------------------------------------------------------------------- IFCA
@@ -1090,13 +1081,13 @@ class IFCA(_Baseline, FederatedMethod):
 
     def load_server_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`server_state_dict` (choices outside -1..K-1 are refused)."""
-        _load_tensor(self.clusters, state.get("clusters"), "clusters")
+        _load_matrix(self.clusters, state.get("clusters"), "clusters")
         assignment = state.get("assignment")
         if isinstance(assignment, Tensor) and (
                 (assignment < -1) | (assignment >= self.num_clusters)).any():
             raise ValueError(
                 f"checkpoint field 'assignment' has clusters outside -1..{self.num_clusters - 1}")
-        _load_tensor(self.assignment, assignment, "assignment")
+        _load_matrix(self.assignment, assignment, "assignment")
         version = state.get("clusters_version")
         if not isinstance(version, Tensor) or version.numel() != 1 or version.is_floating_point() \
                 or int(version) < 0:

@@ -517,7 +517,9 @@ class FederatedMethod(FederatedAlgorithm):
         return {**extra, "training_engine": engine} if engine else extra
 
 
-def _load_matrix(target: Tensor, value: Tensor, name: str) -> None:
+def _load_matrix(target: Tensor, value: Any, name: str) -> None:
+    """Copy a checkpoint field into ``target``; a clear error (nothing copied) when it is not a
+    tensor of ``target``'s shape or holds a non-finite value."""
     if not isinstance(value, Tensor) or value.shape != target.shape:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"checkpoint field {name!r} has shape {shape}, expected {tuple(target.shape)}")
