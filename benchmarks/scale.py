@@ -14,7 +14,12 @@ checkpoint-free round ``r``: a checkpoint is written once the time since the las
 costs ``r + c / max(1, ceil(10 c / r))``. The "auto" ratio is the higher one whenever both
 methods' checkpoints cost about the same: a large common term leaves numerator and denominator
 alike, so removing most of it makes FEDORA's own extra time count against a smaller Local
-round. A watchdog kills a child whose RSS exceeds --max-rss-gb. Writes scale.json, scale.csv
+round. The summary also splits what FEDORA adds to a Local round (under "auto") into lambda,
+propagation, the rest of training, evaluation and checkpoint, each as a share of the Local
+round; "propagation + checkpoint" is the server's steady-state part (relatedness is built once
+per run and printed in seconds). With ``--checkpoint-every auto`` or K > 1 a checkpoint's cost
+is the median of those written, and the ratio of the rounds as run is printed too. A watchdog
+kills a child whose RSS exceeds --max-rss-gb. Writes scale.json, scale.csv
 and scale.png (log-log round time vs N) into --out and reports the fitted slope of round time
 vs N (meaningful for runs with the same rows per client: ``--per-client``).
 ``--participation F`` samples that fraction of clients per round (FEDORA then computes only
@@ -125,6 +130,7 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         extra = {"operator": op.kind, "operator_nnz_per_row": op.nnz / n, "error_bound": op.error_bound}
     return {"n": n, "method": method, "train_per_client": train, "val_per_client": val,
             "test_per_client": test, "threads": threads, "participation": participation,
+            "checkpoint_every": checkpoint_every,
             "data_seconds": data_seconds,
             "checkpoint_bytes": ckpt_bytes, "rounds": rows,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
@@ -240,8 +246,8 @@ def main() -> None:
         if len(pair) == 2:
             for fed, loc in zip(pair["fedora"]["rounds"], pair["local"]["rounds"], strict=False):
                 print(f"N={n:>6} round {fed['round']}: FEDORA/Local {total(fed) / total(loc):.2f}x wall "
-                      f"({total(fed, '_cpu') / total(loc, '_cpu'):.2f}x CPU), checkpoint every round",
-                      flush=True)
+                      f"({total(fed, '_cpu') / total(loc, '_cpu'):.2f}x CPU), "
+                      f"checkpoint_every = {args.checkpoint_every}", flush=True)
     for r in results:
         if "rounds" in r and r["rounds"]:
             spent = sum(total(row) for row in r["rounds"])
@@ -258,6 +264,13 @@ def main() -> None:
               f"{e['ratio_first']:.2f}x; one checkpoint = {e['fedora_checkpoint'] / e['fedora_round']:.0%} "
               f"of a FEDORA round, {auto_share(e, 'fedora'):.0%} (FEDORA) / {auto_share(e, 'local'):.0%} "
               f"(Local) of a round under 'auto'; FEDORA lambda {e['fedora_lambda']:.3f} s")
+        if e.get("ratio_measured") is not None:
+            print(f"N={e['n']:>6}: rounds 2-{e['rounds']} as run (checkpoint_every = "
+                  f"{e['checkpoint_every']}): FEDORA/Local {e['ratio_measured']:.2f}x wall")
+        parts = ", ".join(f"{name} {share:+.0%}" for name, share in e["extra_shares"].items())
+        print(f"N={e['n']:>6}: what FEDORA adds, as shares of a Local round under 'auto': {parts}; "
+              f"propagation + checkpoint (relatedness is once per run: {e['relatedness']:.2f} s) "
+              f"{e['server_share']:.0%}")
     slopes = {}
     for method in ("local", "fedora"):
         pts = [(e["n"], e[f"{method}_round_auto_cpu"]) for e in summary if e["n"] >= 100]
@@ -282,6 +295,15 @@ def steady(rows: list[dict], key: str | None = None, suffix: str = "") -> float:
 
     later = rows[1:] or rows
     return statistics.median(total(r, suffix) if key is None else r.get(key + suffix, 0.0) for r in later)
+
+
+def one_checkpoint(rows: list[dict], suffix: str = "") -> float:
+    """The median cost of the checkpoints written (rounds without one are skipped, so a run
+    under "auto" or K > 1 measures the same per-checkpoint cost as one with K = 1)."""
+    import statistics
+
+    written = [r["checkpoint" + suffix] for r in rows if r["checkpoint"] > 0]
+    return statistics.median(written) if written else 0.0
 
 
 def auto_round(round_seconds: float, checkpoint_seconds: float) -> float:
@@ -310,22 +332,47 @@ def summarize(results: list[dict]) -> list[dict]:
                  "fedora_peak_rss_gb": by[(n, "fedora")]["peak_rss_gb"],
                  "local_peak_rss_gb": by[(n, "local")]["peak_rss_gb"],
                  "checkpoint_mib": by[(n, "fedora")]["checkpoint_bytes"] / 2**20}
+        every = {by[(n, m)].get("checkpoint_every", 1) for m in rows}
+        entry["checkpoint_every"] = every.pop() if len(every) == 1 else "mixed"
+        entry["rounds"] = min(len(r) for r in rows.values())
         for m, r in rows.items():
             for suffix in ("", "_cpu"):
-                for k in ("training", "propagation", "checkpoint", "evaluation"):
+                for k in ("training", "propagation", "evaluation"):
                     entry[f"{m}_{k}{suffix}"] = steady(r, k, suffix)
-                entry[f"{m}_round{suffix}"] = steady(r, None, suffix)
-                entry[f"{m}_round_auto{suffix}"] = auto_round(
-                    sum(entry[f"{m}_{k}{suffix}"] for k in ("training", "propagation", "evaluation")),
-                    entry[f"{m}_checkpoint{suffix}"])
+                entry[f"{m}_checkpoint{suffix}"] = one_checkpoint(r, suffix)
+                free = sum(entry[f"{m}_{k}{suffix}"] for k in ("training", "propagation", "evaluation"))
+                # as run when every round wrote one; else modelled from the checkpoints written
+                entry[f"{m}_round{suffix}"] = (steady(r, None, suffix) if entry["checkpoint_every"] == 1
+                                               else free + entry[f"{m}_checkpoint{suffix}"])
+                entry[f"{m}_round_auto{suffix}"] = auto_round(free, entry[f"{m}_checkpoint{suffix}"])
             entry[f"{m}_lambda"] = steady(r, "lambda")
             entry[f"{m}_first"] = total(r[0])
         for suffix in ("", "_cpu"):
             entry[f"ratio{suffix}"] = entry[f"fedora_round{suffix}"] / entry[f"local_round{suffix}"]
             entry[f"ratio_auto{suffix}"] = entry[f"fedora_round_auto{suffix}"] / entry[f"local_round_auto{suffix}"]
         entry["ratio_first"] = entry["fedora_first"] / entry["local_first"]
+        # the real schedule's cost when the runs did not checkpoint every round
+        entry["ratio_measured"] = (None if entry["checkpoint_every"] == 1 or entry["rounds"] < 2 else
+                                   sum(total(x) for x in rows["fedora"][1:entry["rounds"]])
+                                   / sum(total(x) for x in rows["local"][1:entry["rounds"]]))
+        local_round = entry["local_round_auto"]
+        entry["extra_shares"] = {
+            "lambda": entry["fedora_lambda"] / local_round,
+            "propagation": entry["fedora_propagation"] / local_round,
+            "training without lambda": (entry["fedora_training"] - entry["fedora_lambda"]
+                                        - entry["local_training"]) / local_round,
+            "evaluation": (entry["fedora_evaluation"] - entry["local_evaluation"]) / local_round,
+            "checkpoint": (auto_checkpoint(entry, "fedora") - auto_checkpoint(entry, "local")) / local_round,
+        }
+        entry["server_share"] = entry["extra_shares"]["propagation"] + entry["extra_shares"]["checkpoint"]
         out.append(entry)
     return out
+
+
+def auto_checkpoint(entry: dict, method: str) -> float:
+    """The checkpoint's seconds per round under "auto" (wall)."""
+    free = sum(entry[f"{method}_{k}"] for k in ("training", "propagation", "evaluation"))
+    return entry[f"{method}_round_auto"] - free
 
 
 def auto_share(entry: dict, method: str) -> float:

@@ -259,10 +259,12 @@ def local_train(
     for index in oracle.batches(x.shape[0], cfg.local_epochs, generator):
         oracle.gradient(model, x[index], y[index], workspace.grad)
         if lam > 0:
-            workspace.before.copy_(theta)
+            # proximal_pull_'s (theta_before - phi), taken before the step: the same values bit
+            # for bit, without a copy of theta and a temporary per step.
+            torch.sub(theta, phi, out=workspace.before)
         workspace.optimizer.step(theta, workspace.grad, cfg)
         if lam > 0:
-            proximal_pull_(theta, workspace.before, phi, cfg.lr, lam)
+            theta.add_(workspace.before, alpha=-cfg.lr * lam)
         steps += 1
     if not torch.isfinite(theta).all():
         theta.copy_(start)

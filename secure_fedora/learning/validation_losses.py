@@ -128,6 +128,12 @@ def _losses(flat: FlatModel, forward, rows: Sequence[Tensor], splits: Sequence[t
         if row.shape != shape:
             raise ClientUpdateError(f"{name} row {k} has shape {tuple(row.shape)}, "
                                     f"expected ({flat.num_params},)")
+        if row.device.type == "cpu":
+            # One streaming read first: the forward's transposed-weight GEMM (addmm(b, x, W^T)
+            # with a few rows) reads a cold row far below memory bandwidth, a plain sum at full
+            # bandwidth; the row then sits in L2. 1,000 clients x 10 rows, one thread: 0.255 s
+            # -> 0.21 s. The values computed are unchanged.
+            row.sum()
         if x.shape[0] <= EVALUATE_BATCH:
             single.append(sum_loss(forward(row, x), y))
             totals.append(None)

@@ -12,6 +12,7 @@ from secure_fedora.learning.client import (
     Workspace,
     evaluate,
     local_train,
+    proximal_pull_,
 )
 from secure_fedora.learning.models import make_model
 
@@ -76,6 +77,28 @@ def test_proximal_pull_moves_toward_phi():
     local_train(flat, pulled, x, y, cfg, PlainGradient(8), torch.Generator().manual_seed(1), ws,
                 phi=phi, lam=5.0)
     assert (pulled - phi).norm() < (free - phi).norm()
+
+
+def test_pulled_training_equals_steps_followed_by_proximal_pull_bit_for_bit():
+    x, y = _data()
+    cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=8, local_epochs=2)
+    flat = FlatModel(make_model("mlp", seed=3))
+    start = flat.initial_vector()
+    phi = start + 0.01 * torch.randn(start.shape, generator=torch.Generator().manual_seed(2))
+    theta = start.clone()
+    local_train(flat, theta, x, y, cfg, PlainGradient(8), torch.Generator().manual_seed(5),
+                Workspace.for_size(flat.num_params), phi=phi, lam=0.7)
+    expected = start.clone()
+    ws = Workspace.for_size(flat.num_params)
+    model = flat.bind(expected, ws.grad)
+    oracle = PlainGradient(8)
+    for index in oracle.batches(40, 2, torch.Generator().manual_seed(5)):
+        oracle.gradient(model, x[index], y[index], ws.grad)
+        before = expected.clone()
+        ws.optimizer.step(expected, ws.grad, cfg)
+        proximal_pull_(expected, before, phi, cfg.lr, 0.7)
+    assert torch.equal(theta, expected)
+    assert not torch.equal(theta, start)
 
 
 def test_rows_are_trained_in_place_and_evaluate_does_not_modify():
