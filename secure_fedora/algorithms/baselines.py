@@ -1101,11 +1101,14 @@ KEY_CLUSTERS_VERSION = "clusters_version"
 
 _IFCA_TRAIN_UNDER_DP = (
     "baselines.ifca.selection_split='train' picks clusters by training loss, an unaccounted "
-    "release under a private oracle; use selection_split='val' (validation data is declared "
-    "public)")
+    "release under a private oracle; under DP use selection_split='val' with "
+    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
+    "methods")
 _IFCA_VAL_PRIVATE = (
     "baselines.ifca.selection_split='val' picks clusters by validation loss, but "
-    "data.validation is 'private'; no accounted cluster choice exists")
+    "data.validation is 'private'; no accounted cluster choice exists: set "
+    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
+    "methods")
 
 
 # --------------------------------------------------------------------------- registry

@@ -187,8 +187,12 @@ def test_ifca_config_check_refuses_unaccounted_cluster_choices():
     private_val = tiny().model_copy(update={
         "data": tiny().data.model_copy(update={"validation": "private"}),
         "baselines": {"ifca": {"selection_split": "val"}}})
-    with pytest.raises(BaselineConfigError, match="data.validation is 'private'"):
+    with pytest.raises(BaselineConfigError, match="data.validation is 'private'.*set "
+                                                  "data.validation='public'.*leave 'ifca' out"):
         IFCA.check_config(private_val)
+    both = dp.model_copy(update={"data": private_val.data})
+    with pytest.raises(BaselineConfigError, match="selection_split='val' with data.validation='public'"):
+        IFCA.check_config(both)
     with pytest.raises(BaselineConfigError, match=r"baselines\.ifca\.num_clusters"):
         IFCA.check_config(tiny().model_copy(update={"baselines": {"ifca": {"num_clusters": 0}}}))
 
