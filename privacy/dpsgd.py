@@ -219,6 +219,25 @@ class DPSGD:
         except NotImplementedError as exc:
             raise DPSGDError(f"Opacus cannot compute per-sample gradients for this model: {exc}"
                              ) from exc
+        # On only inside _opacus_clipped_sum (as the fused hooks capture only there): other
+        # passes through the same module (a client-held model's training, evaluation, the
+        # batched engine's probes) must neither pay for the capture nor leave captured
+        # activations behind, which would corrupt the next private step's batch size.
+        self._gsm.disable_hooks()
+
+    def _reset_opacus_state(self) -> None:
+        """Drop whatever an earlier, interrupted pass left in Opacus's capture state."""
+        for module in self._gsm._module.modules():
+            if getattr(module, "activations", None):
+                module.activations = []
+            if hasattr(module, "max_batch_len"):
+                del module.max_batch_len
+        for p in self._params:
+            p.grad_sample = None
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0
 
     # ------------------------------------------------------------------ API
     @staticmethod
@@ -456,8 +475,8 @@ class DPSGD:
         if not self.model.training:
             raise DPSGDError("the Opacus per-sample path needs the model in train mode"
                              " (model.train())")
-        for p in self._params:
-            p.grad_sample = None
+        self._reset_opacus_state()
+        self._gsm.enable_hooks()
         try:
             with torch.enable_grad(), warnings.catch_warnings():
                 # Opacus's hooks fire on module outputs when the input needs no gradient
@@ -475,8 +494,8 @@ class DPSGD:
                     gs = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device)
                 samples.append(gs)
         finally:
-            for p in self._params:
-                p.grad_sample = None
+            self._gsm.disable_hooks()
+            self._reset_opacus_state()
         sq = torch.zeros(batch, dtype=samples[0].dtype, device=samples[0].device)
         for gs in samples:
             sq += gs.reshape(batch, -1).pow(2).sum(dim=1)

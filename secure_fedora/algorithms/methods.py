@@ -49,7 +49,7 @@ from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.registry import METHODS
 from secure_fedora.core.tensors import all_finite
 from secure_fedora.data.partition import ClientData
-from secure_fedora.learning.batched import BatchedOutcome, engine_plan, train_participants
+from secure_fedora.learning.batched import BatchedOutcome, batched_plan, train_participants
 from secure_fedora.learning.client import (
     FlatModel,
     GradientOracle,
@@ -294,7 +294,7 @@ class FederatedMethod(FederatedAlgorithm):
         if probe is None:
             return "no participant has training data to probe the model"
         for oracle in oracles:
-            plan = engine_plan(ctx.flat, oracle, probe.train_x[:3], probe.train_y[:3])
+            plan = batched_plan(ctx.flat, oracle, probe.train_x[:3], probe.train_y[:3])
             if plan.engine == "loop":
                 return plan.reason
         return None

@@ -65,7 +65,6 @@ __all__ = [
     "BatchedTrainingError",
     "ClientJob",
     "batched_plan",
-    "engine_plan",
     "evaluate_losses",
     "jobs_for_context",
     "train_clients",
@@ -226,21 +225,6 @@ def _oracle_kind(oracle: GradientOracle) -> tuple[str | None, str]:
     return None, f"oracle {type(oracle).__name__} is not PlainGradient or DPGradient"
 
 
-@contextmanager
-def _oracle_hooks_off(oracle: Any, kind: str | None) -> Iterator[None]:
-    """Opacus's per-sample hooks (the DP oracle's ``"opacus"`` mode) must not see the batched
-    path's own forward and backward passes through the module; they are off meanwhile."""
-    gsm = getattr(oracle.dpsgd, "_gsm", None) if kind == "dp" else None
-    if gsm is None or not gsm.hooks_enabled:
-        yield
-        return
-    gsm.disable_hooks()
-    try:
-        yield
-    finally:
-        gsm.enable_hooks()
-
-
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks_with_kwargs")
@@ -289,16 +273,6 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
         plan = _check_vmap(flat, oracle, kind, probe_x, probe_y, why)
     _PLANS.setdefault(flat, {})[kind] = plan
     return plan
-
-
-def engine_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
-                probe_y: Tensor | None = None) -> BatchedPlan:
-    """:func:`batched_plan` with the oracle's own per-sample hooks off while it probes: what
-    :func:`train_clients` will run for ``flat`` and ``oracle`` (a caller deciding up front
-    whether to use the batched path at all, e.g. a method's client half)."""
-    kind, _ = _oracle_kind(oracle)
-    with _oracle_hooks_off(oracle, kind):
-        return batched_plan(flat, oracle, probe_x, probe_y)
 
 
 def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -738,16 +712,14 @@ def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
     if engine == "loop":
         plan = BatchedPlan("loop", "engine='loop' requested")
     else:
-        with _oracle_hooks_off(oracle, kind):
-            plan = batched_plan(flat, oracle, probe.x[:3] if probe else None,
-                                probe.y[:3] if probe else None)
+        plan = batched_plan(flat, oracle, probe.x[:3] if probe else None,
+                            probe.y[:3] if probe else None)
     if plan.engine == "loop":
         ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
         alphas: dict[int, float] = {}
         steps = _loop_train(flat, cfg, oracle, kind, jobs, ws, alphas)
         return BatchedOutcome(steps, "loop", plan.reason or why, alphas)
-    with _oracle_hooks_off(oracle, kind):
-        return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
+    return _train_batched(flat, cfg, oracle, kind, plan, jobs, chunk)
 
 
 class _Scratch:

@@ -211,6 +211,40 @@ def test_conv_model_uses_opacus_exact_per_sample_gradients_with_a_log_line(caplo
         DPSGD(model, clip, 1.0, 8, ReproducibleNoise(0), mode="fused")
 
 
+def test_opacus_path_captures_only_inside_private_steps_and_survives_an_interrupted_pass():
+    """Passes through the module between private steps (a client-held model trained without
+    noise, an interrupted forward) leave no captured state, so the next private step's
+    clipped sum is the brute-force one for its own batch, whatever came before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(13, 1, 6, 6, generator=g)
+    y = torch.randint(0, 4, (13,), generator=g)
+    dp = DPSGD(model, 0.5, 1.0, 8, ReproducibleNoise(0))
+    assert dp.mode == "opacus"
+    conv = model[0]
+    CE(model(x), y).sum().backward()  # a plain (non-private) step through the same module
+    assert not getattr(conv, "activations", None)
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+    def failing(module, inputs, output):
+        raise RuntimeError("interrupted")
+
+    handle = model[3].register_forward_hook(failing)
+    dp._gsm.enable_hooks()  # as if a private step had died between forward and backward
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model(x[:3])
+    dp._gsm.disable_hooks()
+    handle.remove()
+    assert conv.activations  # the stale capture the next step must not see
+    for batch in (12, 5):
+        expected, _ = _brute_force(model, x[:batch], y[:batch], CE, 0.5)
+        for got, e in zip(dp.clipped_gradient_sum(x[:batch], y[:batch], CE), expected, strict=True):
+            torch.testing.assert_close(got, e, atol=1e-5, rtol=1e-5)
+    assert not conv.activations and not dp._gsm.hooks_enabled
+    dp.close()
+
+
 def test_close_removes_hooks_and_eval_forward_captures_nothing():
     model = _mlp()
     dp = DPSGD(model, 1.0, 1.0, 4, ReproducibleNoise(0))
