@@ -3,14 +3,16 @@
 All client parameters live as rows of one (N x P) float32 matrix; a :class:`FlatModel` binds a
 single module's parameters (and gradients) as views onto one row, so training a client updates
 its row in place. No state-dict round trips and no deep copies happen inside the training loop:
-the only per-step copy is the 118k-float ``theta_before`` needed by the proximal pull, and only
+the only per-step pass the proximal pull adds is ``theta - phi`` into a reused buffer, and only
 when the pull is active.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +30,7 @@ __all__ = [
     "MomentumSGD",
     "PlainGradient",
     "TrainConfig",
+    "client_randomness",
     "evaluate",
     "local_train",
 ]
@@ -230,6 +233,34 @@ class Workspace:
                    MomentumSGD(num_params, device))
 
 
+def _run_seed(generator: torch.Generator) -> int:
+    """A 63-bit seed fixed by ``generator``'s state (without drawing from it)."""
+    digest = hashlib.sha256(generator.get_state().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@contextmanager
+def client_randomness(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Inside: torch's global generator on ``device`` (where random layers such as dropout
+    draw) is seeded from the client's batch generator as it stands at the start of the local
+    run; afterwards it is restored. So a stochastic model's masks depend only on the client's
+    own stream (checkpointed, and the same in both runtimes), not on which clients or methods
+    ran before, and a resumed run repeats them; models that draw nothing are unaffected."""
+    if device.type == "cpu":
+        default = torch.default_generator
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        default = torch.cuda.default_generators[index]
+    else:
+        raise ClientUpdateError(f"no per-client random stream for device type {device.type!r}")
+    saved = default.get_state()
+    default.manual_seed(_run_seed(generator))
+    try:
+        yield
+    finally:
+        default.set_state(saved)
+
+
 def local_train(
     flat: FlatModel,
     theta: Tensor,
@@ -256,16 +287,17 @@ def local_train(
     model.train()
     workspace.optimizer.reset()
     steps = 0
-    for index in oracle.batches(x.shape[0], cfg.local_epochs, generator):
-        oracle.gradient(model, x[index], y[index], workspace.grad)
-        if lam > 0:
-            # proximal_pull_'s (theta_before - phi), taken before the step: the same values bit
-            # for bit, without a copy of theta and a temporary per step.
-            torch.sub(theta, phi, out=workspace.before)
-        workspace.optimizer.step(theta, workspace.grad, cfg)
-        if lam > 0:
-            theta.add_(workspace.before, alpha=-cfg.lr * lam)
-        steps += 1
+    with client_randomness(generator, theta.device):
+        for index in oracle.batches(x.shape[0], cfg.local_epochs, generator):
+            oracle.gradient(model, x[index], y[index], workspace.grad)
+            if lam > 0:
+                # proximal_pull_'s (theta_before - phi), taken before the step: the same values
+                # bit for bit, without a copy of theta and a temporary per step.
+                torch.sub(theta, phi, out=workspace.before)
+            workspace.optimizer.step(theta, workspace.grad, cfg)
+            if lam > 0:
+                theta.add_(workspace.before, alpha=-cfg.lr * lam)
+            steps += 1
     if not torch.isfinite(theta).all():
         theta.copy_(start)
         raise ClientUpdateError("local training produced non-finite parameters; update discarded")

@@ -10,6 +10,7 @@ from secure_fedora.learning.client import (
     PlainGradient,
     TrainConfig,
     Workspace,
+    client_randomness,
     evaluate,
     local_train,
     proximal_pull_,
@@ -99,6 +100,26 @@ def test_pulled_training_equals_steps_followed_by_proximal_pull_bit_for_bit():
         proximal_pull_(expected, before, phi, cfg.lr, 0.7)
     assert torch.equal(theta, expected)
     assert not torch.equal(theta, start)
+
+
+def test_client_randomness_depends_on_the_client_stream_only_and_restores_the_global_one():
+    dropout = nn.Dropout(0.5)
+    x = torch.ones(64)
+    client = torch.Generator().manual_seed(7)
+    state = client.get_state()
+    masks = []
+    for earlier_draws in (0, 5):
+        torch.manual_seed(123)
+        torch.rand(earlier_draws)  # what other clients or methods drew before
+        before = torch.get_rng_state()
+        with client_randomness(client, torch.device("cpu")):
+            masks.append(dropout(x))
+        assert torch.equal(torch.get_rng_state(), before)  # the global stream is untouched
+        assert torch.equal(client.get_state(), state)  # the client's stream is not drawn
+    assert torch.equal(masks[0], masks[1])
+    client.manual_seed(8)
+    with client_randomness(client, torch.device("cpu")):
+        assert not torch.equal(dropout(x), masks[0])  # another stream state, other masks
 
 
 def test_rows_are_trained_in_place_and_evaluate_does_not_modify():

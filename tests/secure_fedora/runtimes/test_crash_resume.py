@@ -147,6 +147,19 @@ def test_kill_twice_then_resume_is_exact(tmp_path, clients, reference, dp):
     assert_same_run(tmp_path, reference(["fedora", "fedavg"], dp))
 
 
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+def test_a_model_with_dropout_resumes_exactly(tmp_path, clients, dp):
+    """Dropout draws from torch's global generator; each local run seeds it from the client's
+    own stream, so a resumed run repeats every mask, in the interrupted method and after it."""
+    data = config_dict(["fedora", "local"], dp)
+    data["model"] = {"factory": "tests.secure_fedora.runtimes.stochastic_model:dropout_mlp"}
+    cfg = parse_config(data)
+    Simulation(cfg, tmp_path / "reference", clients=clients).run()
+    assert run_until_crash(cfg, tmp_path / "run", clients, "train@4")
+    Simulation(cfg, tmp_path / "run", clients=clients).run(resume=True)
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
 def test_resume_from_an_older_checkpoint_replays_journaled_rounds(tmp_path, clients, reference):
     """Checkpoints not written every round: the resume starts rounds back and re-makes the
     journaled releases of the rounds after the checkpoint (consumed from the ledger)."""
