@@ -62,6 +62,7 @@ from audits.verdict import audit_document, audit_verdict
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from secure_fedora.core.config import ExperimentConfig
+from secure_fedora.core.plugins import derived_config
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import load_dataset, rotate_images, to_float_images
 from secure_fedora.learning.client import FlatModel
@@ -539,10 +540,10 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         if cfg.privacy.delta >= 1.0 / n:
             raise CanaryAuditError(f"privacy.delta {cfg.privacy.delta} must be < 1/n = {1 / n:g}"
                                    f" for the audited client's {n} training rows")
-    audit_cfg = cfg.model_copy(update={
+    audit_cfg = derived_config(cfg, cfg.model_copy(update={
         "methods": [method],
         "fedavg": cfg.fedavg.model_copy(update={"finetune_epochs": 0}),
-    })
+    }))
     cid = client_ids(cfg.data.num_clients)[client_index]
     with tempfile.TemporaryDirectory(prefix="canary-audit-") as tmp:
         run_dir = Path(work_dir) if work_dir is not None else Path(tmp)

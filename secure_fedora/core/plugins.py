@@ -18,7 +18,8 @@ from typing import Any
 
 from secure_fedora.core.config import ConfigError
 
-__all__ = ["PluginError", "config_dir", "import_object", "is_import_spec", "remember_config_dir"]
+__all__ = ["PluginError", "config_dir", "derived_config", "import_object", "is_import_spec",
+           "remember_config_dir"]
 
 
 class PluginError(ConfigError):
@@ -41,6 +42,15 @@ def config_dir(cfg: Any) -> Path | None:
     if entry is None or entry[0]() is not cfg:
         return None
     return entry[1]
+
+
+def derived_config(source: Any, derived: Any) -> Any:
+    """``derived`` (e.g. ``source.model_copy(update=...)``) with ``source``'s folder
+    remembered too, so its plug-ins are found as they were for ``source``; returns it."""
+    directory = config_dir(source)
+    if directory is not None:
+        remember_config_dir(derived, directory)
+    return derived
 
 
 def is_import_spec(value: str) -> bool:
@@ -78,9 +88,13 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
         where = f" (searched {base_dir} and sys.path)" if base_dir is not None else ""
         last = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
         at = f" at {last.filename}:{last.lineno}" if last is not None else ""
+        missing = isinstance(err, ModuleNotFoundError) and err.name is not None and \
+            (module_name == err.name or module_name.startswith(err.name + "."))
+        hint = ("; if it lives elsewhere (a run directory's config.toml is read from the run "
+                "directory), add its folder to PYTHONPATH") if missing else ""
         raise PluginError(
             f"{key} = {spec!r}: module {module_name!r} does not import{where}: "
-            f"{type(err).__name__}: {err}{at}"
+            f"{type(err).__name__}: {err}{at}{hint}"
         ) from err
     finally:
         if added:

@@ -37,6 +37,7 @@ from privacy.errors import ToolkitError
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.methods import FedAvg, Fedora, Local, MethodContext, plain_overlaps
 from secure_fedora.core.config import ExperimentConfig
+from secure_fedora.core.plugins import derived_config
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import evaluate, local_train
 from secure_fedora.runtimes.inprocess import (
@@ -206,7 +207,7 @@ def run_new_client_experiment(
     epoch_list = _check_epochs(epochs)
     all_clients = list(clients) if clients is not None else build_clients(cfg)
     trained, newcomers = split_newcomers(all_clients, held_out, selection)
-    fed_cfg = cfg.model_copy(update={"methods": [Fedora.name, FedAvg.name]})
+    fed_cfg = derived_config(cfg, cfg.model_copy(update={"methods": [Fedora.name, FedAvg.name]}))
     sim = Simulation(fed_cfg, run_dir, clients=trained, progress=progress,
                      method_factory=make_method, context_factory=context_factory)
     results = sim.run(resume=True)

@@ -54,6 +54,7 @@ from secure_fedora.core.config import (  # noqa: E402
     load_config,
     model_selection,
 )
+from secure_fedora.core.plugins import derived_config  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
 from secure_fedora.learning.client import PlainGradient  # noqa: E402
 from secure_fedora.runtimes.inprocess import (  # noqa: E402
@@ -242,15 +243,27 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
         rel = _NOISE_ON.get(rel, rel)
     update["fedora"] = cfg.fedora.model_copy(update={"relatedness": rel})
     update["data"] = cfg.data.model_copy(update={"validation": val})
-    new = cfg.model_copy(update=update)
+    new = derived_config(cfg, cfg.model_copy(update=update))
     try:
-        ExperimentConfig.model_validate(new.model_dump())
+        # what was set, not the defaults: a default next to its alternative (data.dataset
+        # beside data.source, model.name beside model.factory) would read as both being set
+        ExperimentConfig.model_validate(new.model_dump(exclude_unset=True))
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
         )
         raise SweepError(f"cell {cell.key}: {problems}") from None
     return new
+
+
+def _data_setup(cfg: ExperimentConfig) -> str:
+    """The data part of sweep.md's setup line, naming a user's ``data.source`` as such."""
+    d = cfg.data
+    sizes = f"{d.num_clients} clients x {d.train_per_client} train / {d.val_per_client} val"
+    if d.source is None:
+        return f"{d.dataset}, {d.partition} partition, {sizes}"
+    return (f"data.source {d.source} (centralized data: {d.partition} partition; per-client "
+            f"data: its own split), {sizes} (config)")
 
 
 def _literal_methods() -> tuple[str, ...]:
@@ -619,13 +632,13 @@ def _spent_label(row: SweepRow) -> str:
 
 def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
     """The sweep table with its setup and the definitions of its columns."""
-    d, t = cfg.data, cfg.training
+    t = cfg.training
     seeds = sorted({s for r in rows for s in r.seeds})
     lines = [
         f"# Sweep: {cfg.name}",
         "",
-        f"Setup: {d.dataset}, {d.partition} partition, {d.num_clients} clients x "
-        f"{d.train_per_client} train / {d.val_per_client} val, model {cfg.model.name}, "
+        f"Setup: {_data_setup(cfg)}, model "
+        f"{cfg.model.name if cfg.model.factory is None else 'factory ' + cfg.model.factory}, "
         f"{t.rounds} rounds x {t.local_epochs} local epochs, participation {t.participation}, "
         f"seeds {seeds}.",
         "",

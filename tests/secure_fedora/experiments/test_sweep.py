@@ -373,3 +373,41 @@ def test_each_epsilon_line_names_the_round_it_reports():
     public = tiny()
     assert sweep_mod.privacy_settings(private).endswith("reported round: final round")
     assert sweep_mod.privacy_settings(public).endswith("reported round: best mean validation round")
+
+
+PLUGIN = '''
+import torch
+from torch import nn
+
+
+def load(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(120, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    return {"x_train": x[:96], "y_train": y[:96], "x_test": x[96:], "y_test": y[96:]}
+
+
+def mlp(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, num_classes))
+'''
+
+
+def test_a_config_with_plugins_sweeps_from_its_folder(tmp_path, monkeypatch):
+    """data.source and model.factory, imported from the config file's folder, reach every
+    cell (a cell's config is a copy); the defaults they replace are not taken as set."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "sweep_plugin_data.py").write_text(PLUGIN)
+    (folder / "exp.toml").write_text(
+        'name = "plugins"\nseed = 0\nmethods = ["local"]\n'
+        '[data]\nsource = "sweep_plugin_data:load"\npartition = "iid"\nnum_clients = 3\n'
+        'train_per_client = 24\nval_per_client = 8\ntest_per_client = 8\n'
+        '[model]\nfactory = "sweep_plugin_data:mlp"\n'
+        '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 8\n'
+        '[privacy]\ndelta = 1e-3\n')
+    monkeypatch.chdir(tmp_path)  # the plug-in is found through the config's folder only
+    cfg = load_config(folder / "exp.toml")
+    result = run_sweep(cfg, tmp_path / "sweep", ["fedora", "local"], [0, 1], [None, 4.0])
+    assert len(result.ran) == 6  # fedora x {none, 4} x 2 seeds, local (non-private) x 2 seeds
+    setup = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()[2]
+    assert "data.source sweep_plugin_data:load" in setup and "factory sweep_plugin_data:mlp" in setup
