@@ -57,20 +57,10 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Build the simulation for ``run_dir`` and run it with a progress bar per method; returns
+    the simulation and its results."""
     from secure_fedora.api import Experiment
-    from secure_fedora.experiments.plots import write_plots
-    from secure_fedora.runtimes.rundir import default_run_dir, prepare_run_dir
-
-    if args.resume and not args.out:
-        raise ConfigError("--resume needs --out, the run directory to continue")
-    try:
-        config_bytes = Path(args.config).read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
-    cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
-    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -94,6 +84,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = sim.run(resume=args.resume)
         for m in cfg.methods:
             progress.update(tasks[m], completed=cfg.training.rounds)
+    return sim, results
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from secure_fedora.experiments.plots import write_plots
+    from secure_fedora.runtimes.rundir import (
+        default_run_dir,
+        prepare_run_dir,
+        withdraw_unstarted_run,
+    )
+
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out, the run directory to continue")
+    try:
+        config_bytes = Path(args.config).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
+    cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    created = not run_dir.exists()
+    prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
+    try:
+        sim, results = _run_with_progress(args, cfg, run_dir)
+    except BaseException:
+        if not args.resume:
+            withdraw_unstarted_run(run_dir, created)
+        raise
     fedora = sim.methods.get("fedora")
     prop = getattr(getattr(fedora, "relatedness", None), "propagation", None)
     write_plots(run_dir, sim.history, results, prop)

@@ -3,7 +3,9 @@
 ``secure-fedora run`` calls :func:`prepare_run_dir` before it writes a byte:
 
 - a fresh run needs a directory that does not exist or is empty; one that holds anything
-  (another run's ledgers, results, checkpoints, or any other file) is refused;
+  (another run's ledgers, results, checkpoints, or any other file) is refused; a fresh run
+  that fails before writing anything but its config copy withdraws it
+  (:func:`withdraw_unstarted_run`);
 - ``--resume`` needs the directory's ``config.toml`` to be the same configuration (same
   config hash) and a checkpoint to continue from: the configured methods' checkpoints must
   exist in order (a later method's checkpoint without an earlier method's is a gap), each
@@ -23,7 +25,8 @@ from pathlib import Path
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
-__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "default_run_dir", "prepare_run_dir"]
+__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "default_run_dir", "prepare_run_dir",
+           "withdraw_unstarted_run"]
 
 RUNS_FOLDER = Path("runs")
 CONFIG_COPY = "config.toml"
@@ -68,6 +71,25 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
                 "or empty --out, and --resume continues the run it holds"
             )
     atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
+
+
+def withdraw_unstarted_run(run_dir: Path, created: bool) -> bool:
+    """Undo :func:`prepare_run_dir` for a fresh run that failed before it wrote anything but
+    its ``config.toml`` (a refused device, data or model): remove the copy, the empty folders
+    and, when ``created``, the directory itself, so that the corrected config can start in the
+    same ``--out``. Anything else in the directory keeps all of it. Returns True if withdrawn."""
+    if not run_dir.is_dir():
+        return False
+    entries = list(run_dir.rglob("*"))
+    files = [e for e in entries if not e.is_dir()]
+    if [f.relative_to(run_dir) for f in files] != [Path(CONFIG_COPY)]:
+        return False
+    files[0].unlink()
+    for folder in sorted((e for e in entries if e.is_dir()), key=lambda e: len(e.parts), reverse=True):
+        folder.rmdir()
+    if created:
+        run_dir.rmdir()
+    return True
 
 
 def _records_releases(run_dir: Path, method: str) -> bool:

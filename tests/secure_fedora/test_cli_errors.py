@@ -150,6 +150,27 @@ def test_data_error_is_one_line(tmp_path, capsys):
     assert "rows exceed" in one_error_line(capsys.readouterr().err)
 
 
+def test_a_run_refused_before_it_starts_leaves_its_out_reusable(tmp_path, capsys):
+    """A refusal while the run is set up (here: the data) withdraws the config copy, so the
+    corrected config starts in the same --out; a directory that existed is kept."""
+    too_big = write_config(tmp_path / "big.toml", {**TINY, "data": {
+        "num_clients": 100, "train_per_client": 1000, "val_per_client": 10, "test_per_client": 10}})
+    good = write_config(tmp_path / "good.toml", TINY)
+    assert main(["run", str(too_big), "--out", str(tmp_path / "new"), "--quiet"]) == 2
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert main(["run", str(too_big), "--out", str(tmp_path / "kept"), "--quiet"]) == 2
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    capsys.readouterr()
+    assert main(["run", str(good), "--out", str(tmp_path / "kept"), "--quiet"]) == 0
+    assert (tmp_path / "kept" / "results.json").is_file()
+    # a run that wrote more than its config copy is never withdrawn
+    from secure_fedora.runtimes.rundir import withdraw_unstarted_run
+
+    assert not withdraw_unstarted_run(tmp_path / "kept", created=True)
+    assert (tmp_path / "kept" / "config.toml").is_file()
+
+
 def test_identity_error_names_the_flag_not_the_python_argument(tmp_path, capsys):
     keys = tmp_path / "keys"
     assert main(["keys", "init", str(keys), "--clients", "1"]) == 0
