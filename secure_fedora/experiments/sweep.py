@@ -483,12 +483,15 @@ def run_sweep(
     cells = plan_cells(methods, epsilons, seeds)
     configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
     _check_manifest(out, cfg, write=False)
-    data: dict[int, list[ClientData]] = {}
+    data: dict[tuple[int, bool], list[ClientData]] = {}
 
     def clients_for(cell: Cell) -> list[ClientData]:
-        if cell.seed not in data:
-            data[cell.seed] = build_clients(configs[cell])
-        return data[cell.seed]
+        # built once per seed and privacy setting: the same rows, but the checks a private
+        # run makes on a data.source's own clients (their sizes) run for the private cells
+        key = (cell.seed, configs[cell].privacy.enabled)
+        if key not in data:
+            data[key] = build_clients(configs[cell])
+        return data[key]
 
     docs: dict[Cell, dict[str, Any]] = {}
     pending: list[Cell] = []

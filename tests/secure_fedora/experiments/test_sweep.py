@@ -411,3 +411,35 @@ def test_a_config_with_plugins_sweeps_from_its_folder(tmp_path, monkeypatch):
     assert len(result.ran) == 6  # fedora x {none, 4} x 2 seeds, local (non-private) x 2 seeds
     setup = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()[2]
     assert "data.source sweep_plugin_data:load" in setup and "factory sweep_plugin_data:mlp" in setup
+
+
+def test_private_cells_check_a_sources_own_clients_as_a_private_run_does(tmp_path):
+    """Per-client data smaller than data.train_per_client runs non-private, and is refused
+    for the private cells before anything trains (as ``secure-fedora run`` refuses it)."""
+    from secure_fedora.data.sources import DataError
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "sweep_plugin_clients.py").write_text(
+        "import torch\n\n\n"
+        "def load(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    def split(n):\n"
+        "        x = torch.randn(n, 6, generator=g)\n"
+        "        return x, (x[:, 0] > 0).long()\n"
+        "    return [{'train': split(n), 'val': split(8), 'test': split(8)} for n in (20, 24, 24)]\n"
+        "\n\n"
+        "def mlp(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, num_classes))\n")
+    (folder / "exp.toml").write_text(
+        'name = "sizes"\nseed = 0\nmethods = ["local"]\n'
+        '[data]\nsource = "sweep_plugin_clients:load"\nnum_clients = 3\n'
+        'train_per_client = 24\nval_per_client = 8\ntest_per_client = 8\n'
+        '[model]\nfactory = "sweep_plugin_clients:mlp"\n'
+        '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 8\n'
+        '[privacy]\ndelta = 1e-3\n')
+    cfg = load_config(folder / "exp.toml")
+    assert len(run_sweep(cfg, tmp_path / "plain", ["fedavg"], [0], [None]).ran) == 1
+    with pytest.raises(DataError, match="20 training rows but data.train_per_client = 24"):
+        run_sweep(cfg, tmp_path / "private", ["fedavg"], [0], [None, 4.0])
+    assert not (tmp_path / "private" / "cells").exists()
