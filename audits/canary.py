@@ -4,8 +4,9 @@ Procedure (Jagielski, Ullman, Oprea, NeurIPS 2020, "Auditing Differentially Priv
 Learning: How Private is Private SGD?"; Nasr et al., IEEE S&P 2021):
 
 1. Draw ``m`` canaries (records that the model would not fit without memorizing them:
-   random-noise images with random labels, or real images with a wrong label) and include
-   each in one client's training data independently with probability 1/2.
+   random-noise inputs shaped like the client's with random labels, or real images with a
+   wrong label) and include each in one client's training data independently with
+   probability 1/2.
 2. Run the federation; take the audited client's released model.
 3. Score each canary by its negative loss under the released model (higher: more likely a
    member) and split the canaries at random into a calibration half and an evaluation half.
@@ -54,7 +55,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor
 
@@ -65,6 +65,7 @@ from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.core.plugins import derived_config
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import load_dataset, rotate_images, to_float_images
+from secure_fedora.data.userdata import label_space
 from secure_fedora.learning.client import FlatModel
 from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
@@ -316,32 +317,50 @@ class CanarySet:
 
     def __post_init__(self) -> None:
         m = self.x.shape[0]
-        if self.x.dtype != torch.float32 or self.x.dim() != 4:
-            raise CanaryAuditError(f"canary x must be float32 (m, C, H, W), got {self.x.dtype} "
+        if self.x.dtype != torch.float32 or self.x.dim() < 2:
+            raise CanaryAuditError(f"canary x must be float32 (m, ...), got {self.x.dtype} "
                                    f"{tuple(self.x.shape)}")
-        if self.y.shape != (m,) or self.y.dtype != torch.int64:
-            raise CanaryAuditError("canary y must be int64 (m,)")
+        labels = self.y.shape == (m,) and self.y.dtype == torch.int64
+        targets = self.y.dim() == 2 and self.y.shape[0] == m and self.y.is_floating_point()
+        if not (labels or targets):
+            raise CanaryAuditError("canary y must be int64 labels (m,) or float multi-label "
+                                   "targets (m, C)")
         if self.member.shape != (m,) or self.member.dtype != torch.bool:
             raise CanaryAuditError("canary member must be bool (m,)")
 
 
 def make_canaries(kind: str, count: int, seed: int, *,
-                  pool: tuple[Tensor, Tensor] | None = None) -> CanarySet:
+                  pool: tuple[Tensor, Tensor] | None = None,
+                  like: tuple[Tensor, Tensor] | None = None,
+                  num_classes: int = NUM_CLASSES) -> CanarySet:
     """Draw ``count`` canaries and include each independently with probability 1/2.
 
-    ``"noise"``: images of i.i.d. uniform pixels in [0, 1] with uniform random labels (out of
-    distribution). ``"mislabeled"``: the first ``count`` images of ``pool`` (float32
-    (n, 1, 28, 28), int64 labels) each given a uniformly random *wrong* label. Deterministic
-    in ``seed``.
+    ``"noise"``: inputs of i.i.d. uniform values with uniform random labels (out of
+    distribution), shaped like ``like``'s inputs (the audited client's training split;
+    default: MNIST's 1 x 28 x 28), in [0, 1] when those inputs lie in [0, 1] (images), else
+    in their [min, max]; labels uniform over ``num_classes``, or uniform 0/1 vectors when
+    ``like``'s targets are multi-label (n, C). ``"mislabeled"``: the first ``count`` images of
+    ``pool`` (float32 (n, 1, 28, 28), int64 labels) each given a uniformly random *wrong*
+    label. Deterministic in ``seed``.
     """
     if kind not in CANARY_KINDS:
         raise CanaryAuditError(f"canary kind must be one of {CANARY_KINDS}, got {kind!r}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 4:
         raise CanaryAuditError(f"canary count must be an int >= 4, got {count!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise CanaryAuditError(f"num_classes must be an int >= 2, got {num_classes!r}")
     gen = torch.Generator().manual_seed(seed)
     if kind == "noise":
-        x = torch.rand((count, 1, 28, 28), generator=gen)
-        y = torch.randint(0, NUM_CLASSES, (count,), generator=gen)
+        shape = (1, 28, 28) if like is None else tuple(like[0].shape[1:])
+        x = torch.rand((count, *shape), generator=gen)
+        if like is not None and like[0].numel():
+            low, high = float(like[0].min()), float(like[0].max())
+            if low < 0.0 or high > 1.0:
+                x = low + (high - low) * x
+        if like is not None and like[1].dim() == 2:
+            y = torch.randint(0, 2, (count, int(like[1].shape[1])), generator=gen).to(like[1].dtype)
+        else:
+            y = torch.randint(0, num_classes, (count,), generator=gen)
     else:
         if pool is None:
             raise CanaryAuditError("canary kind 'mislabeled' needs a pool of (images, labels)")
@@ -363,24 +382,32 @@ def insert_canaries(client: ClientData, canaries: CanarySet) -> ClientData:
     """
     if canaries.x.shape[1:] != client.train_x.shape[1:]:
         raise CanaryAuditError(
-            f"canary images {tuple(canaries.x.shape[1:])} do not match client "
-            f"{client.client_id}'s images {tuple(client.train_x.shape[1:])}"
+            f"canary inputs {tuple(canaries.x.shape[1:])} do not match client "
+            f"{client.client_id}'s inputs {tuple(client.train_x.shape[1:])}"
+        )
+    if canaries.y.shape[1:] != client.train_y.shape[1:]:
+        raise CanaryAuditError(
+            f"canary labels {tuple(canaries.y.shape[1:])} do not match client "
+            f"{client.client_id}'s labels {tuple(client.train_y.shape[1:])}"
         )
     idx = canaries.member.nonzero().squeeze(1)
     x = torch.cat([client.train_x, canaries.x[idx]])
     y = torch.cat([client.train_y, canaries.y[idx]])
-    meta = {**client.meta, "canaries_inserted": int(idx.numel()),
-            "label_histogram": torch.bincount(y, minlength=NUM_CLASSES).tolist()}
+    meta = {**client.meta, "canaries_inserted": int(idx.numel())}
+    if y.dim() == 1:
+        meta["label_histogram"] = torch.bincount(
+            y, minlength=int(client.meta.get("num_classes", NUM_CLASSES))).tolist()
     return replace(client, train_x=x.contiguous(), train_y=y, meta=meta)
 
 
 @torch.no_grad()
 def canary_scores(flat: FlatModel, row: Tensor, canaries: CanarySet) -> Tensor:
-    """Membership score of each canary: minus its cross-entropy loss under ``row`` (float64)."""
+    """Membership score of each canary: minus its loss (the task's per-sample loss, e.g.
+    cross-entropy) under ``row`` (float64)."""
     model = flat.bind(row)
     was_training = model.training
     model.eval()
-    losses = F.cross_entropy(model(canaries.x), canaries.y, reduction="none")
+    losses = flat.task.checked(model(canaries.x), canaries.y)
     model.train(was_training)
     return (-losses).to(torch.float64)
 
@@ -530,10 +557,16 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
             f"client_index must be in [0, {cfg.data.num_clients}), got {client_index!r}"
         )
     private = bool(cfg.privacy.enabled)
+    if kind == "mislabeled" and cfg.data.source is not None:
+        raise CanaryAuditError("canary kind 'mislabeled' takes images of the built-in dataset's "
+                               "test split; with data.source use kind 'noise'")
     clients = build_clients(cfg)
     pool = _mislabeled_pool(cfg, clients, client_index, num_canaries) if kind == "mislabeled" \
         else None
-    canaries = make_canaries(kind, num_canaries, seed, pool=pool)
+    audited = clients[client_index]
+    num_classes, _ = label_space(clients)
+    canaries = make_canaries(kind, num_canaries, seed, pool=pool,
+                             like=(audited.train_x, audited.train_y), num_classes=num_classes)
     clients[client_index] = insert_canaries(clients[client_index], canaries)
     if private:
         n = clients[client_index].num_train

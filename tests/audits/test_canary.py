@@ -264,3 +264,57 @@ def test_round_selection_uses_only_the_calibration_half():
     assert sa.bound.epsilon_lower_bound < 1.0
     with pytest.raises(CanaryAuditError, match="no scores"):
         split_audit_rounds([], member, 1e-5)
+
+
+def test_noise_canaries_take_the_shape_range_and_label_space_of_the_client():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 12, generator=g) * 2.0
+    labels = torch.randint(0, 3, (50,), generator=g)
+    c = make_canaries("noise", 64, seed=1, like=(table, labels), num_classes=3)
+    assert c.x.shape == (64, 12) and c.y.dtype == torch.int64
+    assert float(c.x.min()) >= float(table.min()) and float(c.x.max()) <= float(table.max())
+    assert float(c.x.min()) < 0.0  # spread over the data's range, not [0, 1]
+    assert set(c.y.tolist()) == {0, 1, 2}
+    images = torch.rand(10, 1, 28, 28, generator=g)  # inputs in [0, 1]: the default canaries
+    same = make_canaries("noise", 64, seed=1, like=(images, torch.zeros(10, dtype=torch.long)))
+    assert torch.equal(same.x, make_canaries("noise", 64, seed=1).x)
+    targets = (torch.rand(50, 4, generator=g) > 0.5).float()  # multi-label
+    multi = make_canaries("noise", 64, seed=2, like=(table, targets), num_classes=4)
+    assert multi.y.shape == (64, 4) and multi.y.dtype == torch.float32
+    assert set(multi.y.unique().tolist()) == {0.0, 1.0}
+    client = ClientData("client-000", table[:40], labels[:40], table[40:45], labels[40:45],
+                        table[45:], labels[45:])
+    with pytest.raises(CanaryAuditError, match="canary labels"):
+        insert_canaries(client, multi)
+    with pytest.raises(CanaryAuditError, match="num_classes"):
+        make_canaries("noise", 8, seed=0, num_classes=1)
+
+
+def test_canary_audit_on_tabular_data_from_a_source(tmp_path):
+    """A data.source table and a binary BCE model: noise canaries shaped like its rows; the
+    mislabeled kind (built-in images) is refused by name."""
+    from secure_fedora.core.config import load_config
+
+    (tmp_path / "canary_table.py").write_text(
+        "import torch\n\n\n"
+        "def load(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    x = torch.randn(200, 6, generator=g)\n"
+        "    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()\n"
+        "    return {'x_train': x[:160], 'y_train': y[:160], 'x_test': x[160:], 'y_test': y[160:],\n"
+        "            'num_classes': 2}\n"
+        "\n\n"
+        "def mlp(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))\n")
+    (tmp_path / "table.toml").write_text(
+        'name = "table"\nmethods = ["local"]\n'
+        '[data]\nsource = "canary_table:load"\npartition = "iid"\nnum_clients = 2\n'
+        'train_per_client = 48\nval_per_client = 16\ntest_per_client = 16\n'
+        '[model]\nfactory = "canary_table:mlp"\n'
+        '[training]\nloss = "bce"\nrounds = 2\nlocal_epochs = 2\nbatch_size = 16\nlr = 0.1\n')
+    cfg = load_config(tmp_path / "table.toml")
+    result = run_canary_audit(cfg, num_canaries=40)
+    assert result.num_canaries == 40 and not result.private and result.rounds_scored == 2
+    assert math.isfinite(result.member_mean_score) and math.isfinite(result.non_member_mean_score)
+    with pytest.raises(CanaryAuditError, match="with data.source use kind 'noise'"):
+        run_canary_audit(cfg, num_canaries=40, kind="mislabeled")
