@@ -38,12 +38,12 @@ config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the p
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from audits.canary import epsilon_lower_bound
@@ -52,12 +52,11 @@ from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.noise import NoiseSource, make_noise_source
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config
-from secure_fedora.learning.models import make_model
+from secure_fedora.data.partition import ClientData
 
 __all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_replay_audit",
            "trials_for_claim", "write_replay_result"]
 
-NUM_CLASSES = 10
 #: Largest trial count the automatic choice goes to (about a minute for the MLP).
 MAX_AUTO_TRIALS = 20_000
 
@@ -129,9 +128,16 @@ def _choose_method(run_dir: Path, cfg: ExperimentConfig, method: str | None) -> 
 class _Step:
     """One DP-SGD step of the project's code on a fixed initial model (rebuilt per call)."""
 
-    def __init__(self, cfg: ExperimentConfig, clip: float, sigma: float, rate: float,
-                 expected_batch: float) -> None:
-        self.module = make_model(cfg.model.name, NUM_CLASSES, seed=cfg.seed)
+    def __init__(self, cfg: ExperimentConfig, clients: Sequence[ClientData], clip: float,
+                 sigma: float, rate: float, expected_batch: float) -> None:
+        from secure_fedora.learning.client import PlainGradient
+        from secure_fedora.runtimes.inprocess import build_context
+
+        # the run's own initial model and loss (registered model or model.factory); a plain
+        # oracle, so that the context hooks no DP-SGD of its own onto the module
+        ctx = build_context(cfg, clients, oracle=PlainGradient(cfg.training.batch_size))
+        self.module = ctx.flat.module
+        self.loss = ctx.flat.task.checked
         self.init = [p.detach().clone() for p in self.module.parameters()]
         self.rate = rate
         self.dp = DPSGD(self.module, clip, sigma, expected_batch, make_noise_source(
@@ -144,8 +150,7 @@ class _Step:
                 p.copy_(p0)
         self.dp.noise = noise
         index = poisson_sample(int(x.shape[0]), self.rate, noise)
-        self.dp.private_gradient(x[index], y[index],
-                                 lambda out, t: F.cross_entropy(out, t, reduction="none"))
+        self.dp.private_gradient(x[index], y[index], self.loss)
         return torch.cat([p.grad.reshape(-1) for p in self.module.parameters()]).clone()
 
 
@@ -187,11 +192,15 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
 
     from secure_fedora.runtimes.inprocess import build_clients
 
-    data = build_clients(cfg)[client]
+    clients = build_clients(cfg)
+    data = clients[client]
+    if records >= data.num_train:
+        raise ReplayAuditError(f"records must be below client {cid}'s {data.num_train} training "
+                               f"rows, got {records}")
     x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]  # target: the last one
     x_out, y_out = x_in[:records], y_in[:records]
     rate = float(params["sample_rate"])
-    step = _Step(cfg, float(params.get("clip_norm", cfg.privacy.max_grad_norm)),
+    step = _Step(cfg, clients, float(params.get("clip_norm", cfg.privacy.max_grad_norm)),
                  float(params["noise_multiplier"]), rate, rate * (records + 1))
 
     def replayed() -> NoiseSource:  # what the attacker derives from the config

@@ -89,3 +89,32 @@ def test_runs_that_cannot_be_audited_are_refused(runs, tmp_path, capsys):
         run_replay_audit(runs["csprng"], trials=1)
     assert main(["audit", "replay", str(tmp_path)]) == 2
     assert "not differentially private" in capsys.readouterr().err
+
+
+def test_a_run_with_a_model_factory_replays_its_own_model(tmp_path, monkeypatch):
+    """The replayed step runs the run's model and loss (here a model.factory, binary BCE on a
+    table), not the registered MLP."""
+    folder = tmp_path / "plug"
+    folder.mkdir()
+    (folder / "replay_table.py").write_text(
+        "import torch\n\n\n"
+        "def load(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    x = torch.randn(300, 5, generator=g)\n"
+        "    y = (x[:, 0] > 0).long()\n"
+        "    return {'x_train': x[:240], 'y_train': y[:240], 'x_test': x[240:], 'y_test': y[240:],\n"
+        "            'num_classes': 2}\n"
+        "\n\n"
+        "def linear(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))\n")
+    monkeypatch.syspath_prepend(str(folder))  # a run directory's plug-ins come from PYTHONPATH
+    doc = {**BASE, "data": {"source": "replay_table:load", "partition": "iid", "num_clients": 2,
+                            "train_per_client": 100, "val_per_client": 10, "test_per_client": 10},
+           "model": {"factory": "replay_table:linear"},
+           "training": {**BASE["training"], "loss": "bce"},
+           "privacy": {**BASE["privacy"], "noise": "reproducible"}}
+    run = _run(tmp_path / "run", doc)
+    result = run_replay_audit(run, trials=40, records=16)
+    assert result.correct == 40 and result.verdict == "refuted"
+    with pytest.raises(ReplayAuditError, match="records must be in"):
+        run_replay_audit(run, trials=40, records=100)
