@@ -22,6 +22,7 @@ Methods written before the contract may still override ``train_round`` and use
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -51,6 +52,8 @@ from secure_fedora.core.tensors import all_finite
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.batched import BatchedOutcome, batched_plan, train_participants
 from secure_fedora.learning.client import (
+    DIVERGED_HINT,
+    ClientUpdateError,
     FlatModel,
     GradientOracle,
     TrainConfig,
@@ -135,10 +138,13 @@ class MethodContext:
         """Run client ``i``'s local training on ``theta`` in place; returns the step count."""
         c = self.clients[i]
         self.select(i)
-        steps = local_train(
-            self.flat, theta, c.train_x, c.train_y, self.train, self.oracle,
-            self.generators[i], self.workspace, phi=phi, lam=lam,
-        )
+        try:
+            steps = local_train(
+                self.flat, theta, c.train_x, c.train_y, self.train, self.oracle,
+                self.generators[i], self.workspace, phi=phi, lam=lam,
+            )
+        except ClientUpdateError as err:
+            raise ClientUpdateError(f"client {i}: {err}") from err
         crash_point("train")
         return steps
 
@@ -1070,6 +1076,11 @@ class Fedora(FederatedMethod):
         clients = [ctx.clients[i] for i in ids]
         losses = validation_losses(ctx.flat, [self.theta[i] for i in ids], received,
                                    [(c.val_x, c.val_y) for c in clients])
+        for i, local, rec in zip(ids, losses.local, losses.received, strict=True):
+            if not (math.isfinite(local) and math.isfinite(rec)):
+                raise ClientUpdateError(
+                    f"client {i}: validation loss of its own model {local}, of the received "
+                    f"parameters {rec} ({DIVERGED_HINT})")
         return {i: fedora.regularization_weight(local, rec)
                 for i, local, rec in zip(ids, losses.local, losses.received, strict=True)}
 

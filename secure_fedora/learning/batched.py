@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from privacy.dpsgd import poisson_sample
 from privacy.noise import NoiseSource
 from secure_fedora.learning.client import (
+    DIVERGED_HINT,
     ClientUpdateError,
     FlatModel,
     GradientOracle,
@@ -799,7 +800,8 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
         failed.extend(bad)
     if failed:
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
-                                   f" {sorted(failed)}; their updates were discarded", sorted(failed), steps)
+                                   f" {sorted(failed)}; their updates were discarded"
+                                   f" ({DIVERGED_HINT})", sorted(failed), steps)
     return BatchedOutcome(steps, plan.engine, alphas=alphas)
 
 

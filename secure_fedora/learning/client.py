@@ -50,6 +50,11 @@ class ClientUpdateError(ToolkitError, ValueError):
     """Raised for a client update that cannot be applied (shape, non-finite values)."""
 
 
+DIVERGED_HINT = ("training diverged: lower training.lr (a non-private run can also set "
+                 "training.clip_grad_norm)")
+"""What a non-finite training result tells the user to change."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local optimisation hyper-parameters (reference: lr 5e-3, momentum 0.9, wd 5e-5, batch 64, E 5)."""
@@ -300,5 +305,6 @@ def local_train(
             steps += 1
     if not torch.isfinite(theta).all():
         theta.copy_(start)
-        raise ClientUpdateError("local training produced non-finite parameters; update discarded")
+        raise ClientUpdateError("local training produced non-finite parameters; update discarded"
+                                f" ({DIVERGED_HINT})")
     return steps

@@ -83,6 +83,7 @@ from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMM
 from secure_fedora.core.config import ConfigError, ExperimentConfig
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.data.partition import ClientData
+from secure_fedora.learning.client import DIVERGED_HINT, ClientUpdateError
 from secure_fedora.learning.dp import DPGradient, check_per_sample_gradients  # noqa: F401 (re-exported)
 from secure_fedora.learning.tasks import CROSS_ENTROPY
 
@@ -890,6 +891,9 @@ class FederationPrivacy:
         with torch.no_grad():
             loss_local = self.loss(bind(theta)(val_x), val_y)
             loss_received = self.loss(bind(phi)(val_x), val_y)
+        if not (bool(torch.isfinite(loss_local).all()) and bool(torch.isfinite(loss_received).all())):
+            raise ClientUpdateError(f"client {i}: non-finite validation losses, nothing released "
+                                    f"({DIVERGED_HINT})")
         sigma = c.plan.lambda_noise
         assert sigma is not None
         rnd = c.admitted.round if c.admitted is not None else 0

@@ -123,3 +123,21 @@ def test_private_lambda_is_released_per_client_right_before_its_training() -> No
     assert privacy.events == [("lambda", 5), ("train", 5), ("lambda", 1), ("train", 1),
                               ("lambda", 3), ("train", 3)]
     assert [float(r[KEY_LAMBDA]) for r in replies.values()] == [0.5, 0.5, 0.5]
+
+
+def test_non_finite_validation_losses_are_a_clear_client_error_not_a_crash() -> None:
+    """A diverged model (finite parameters whose logits overflow) gives NaN validation losses:
+    the exact lambda refuses them naming the client and the remedy; local training that
+    produces non-finite parameters names the client too."""
+    import pytest
+
+    from secure_fedora.learning.client import ClientUpdateError
+
+    cfg = _config()
+    method = _fedora(cfg, build_clients(cfg))
+    method.theta[2].fill_(3e37)  # finite, but the forward overflows
+    with pytest.raises(ClientUpdateError, match=r"client 2: validation loss .*nan.*lower training\.lr"):
+        method.regularizations([0, 1, 2])
+    assert set(method.regularizations([0, 1])) == {0, 1}  # the others are unaffected
+    with pytest.raises(ClientUpdateError, match=r"client 2: local training produced non-finite"):
+        method.ctx.train_client(2, method.theta[2])

@@ -410,6 +410,28 @@ def test_private_lambda_is_released_only_as_accounted_by_the_admitted_model(tmp_
         privacy.close()
 
 
+def test_private_lambda_refuses_non_finite_losses_before_any_release(tmp_path, clients):
+    from secure_fedora.learning.client import ClientUpdateError
+
+    privacy = _private_fedora(tmp_path)
+    c = clients[0]
+    theta = torch.full((10,), float("nan"))
+    phi = torch.ones(10)
+
+    def bind(t):
+        return lambda x: t.expand(x.shape[0], 10)
+
+    try:
+        assert privacy.admit(0, 1, phi, with_lambda=True)
+        with pytest.raises(ClientUpdateError, match="client 0: non-finite validation losses, "
+                                                    "nothing released.*lower training.lr"):
+            privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, ReproducibleNoise(0), bind)
+        # the admitted release's lambda was not used: a finite retry is still accounted by it
+        assert privacy.private_lambda(0, phi, phi, c.val_x, c.val_y, ReproducibleNoise(0), bind) >= 0.0
+    finally:
+        privacy.close()
+
+
 def test_release_model_checks_the_steps_then_signs_the_envelope(tmp_path):
     from secure_fedora.secure.transport import SecureTransport
 
