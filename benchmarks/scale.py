@@ -377,8 +377,7 @@ def auto_checkpoint(entry: dict, method: str) -> float:
 
 def auto_share(entry: dict, method: str) -> float:
     """The checkpoint's share of a round under "auto" (wall seconds)."""
-    rest = sum(entry[f"{method}_{k}"] for k in ("training", "propagation", "evaluation"))
-    return 1.0 - rest / entry[f"{method}_round_auto"]
+    return auto_checkpoint(entry, method) / entry[f"{method}_round_auto"]
 
 
 def write_csv(path: Path, results: list[dict]) -> None:

@@ -138,13 +138,10 @@ class MethodContext:
         """Run client ``i``'s local training on ``theta`` in place; returns the step count."""
         c = self.clients[i]
         self.select(i)
-        try:
-            steps = local_train(
-                self.flat, theta, c.train_x, c.train_y, self.train, self.oracle,
-                self.generators[i], self.workspace, phi=phi, lam=lam,
-            )
-        except ClientUpdateError as err:
-            raise ClientUpdateError(f"client {i}: {err}") from err
+        steps = local_train(
+            self.flat, theta, c.train_x, c.train_y, self.train, self.oracle,
+            self.generators[i], self.workspace, phi=phi, lam=lam, client=i,
+        )
         crash_point("train")
         return steps
 

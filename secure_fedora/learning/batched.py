@@ -602,7 +602,8 @@ def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None
             if job.mix_with is not None:
                 inner = _MixtureStep(inner, job)
             steps[job.index] = local_train(flat, job.theta, job.x, job.y, cfg, inner,
-                                           job.generator, workspace, phi=job.phi, lam=job.lam)
+                                           job.generator, workspace, phi=job.phi, lam=job.lam,
+                                           client=job.index)
             if job.mix_with is not None:
                 alphas[job.index] = inner.alpha
     finally:

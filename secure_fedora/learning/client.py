@@ -50,8 +50,8 @@ class ClientUpdateError(ToolkitError, ValueError):
     """Raised for a client update that cannot be applied (shape, non-finite values)."""
 
 
-DIVERGED_HINT = ("training diverged: lower training.lr (a non-private run can also set "
-                 "training.clip_grad_norm)")
+DIVERGED_HINT = ("training diverged: lower training.lr; a non-private run can also set "
+                 "training.clip_grad_norm")
 """What a non-finite training result tells the user to change."""
 
 
@@ -277,8 +277,10 @@ def local_train(
     workspace: Workspace,
     phi: Tensor | None = None,
     lam: float = 0.0,
+    client: int | None = None,
 ) -> int:
     """Train ``theta`` in place for ``cfg.local_epochs`` epochs; returns the number of steps.
+    ``client`` (its index, when known) only names it in errors.
 
     After every optimizer step, when ``lam > 0``, the proximal pull
     ``theta <- theta - lr * lam * (theta_before_step - phi)`` is applied (docs/design.md section 2, a round, step 2).
@@ -305,6 +307,7 @@ def local_train(
             steps += 1
     if not torch.isfinite(theta).all():
         theta.copy_(start)
-        raise ClientUpdateError("local training produced non-finite parameters; update discarded"
+        who = "" if client is None else f"client {client}: "
+        raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
                                 f" ({DIVERGED_HINT})")
     return steps
