@@ -231,7 +231,7 @@ class DiracCanaryOracle:
         """The real records' index sets; the canaries of each step are kept for :meth:`gradient`."""
         k = self.coordinates.numel()
         if self.private:
-            for index in self.inner.batches(n + k, epochs, generator):
+            for index in self.inner.batches(n + k, epochs, generator, divisor_records=n):
                 self._pending = index[index >= n] - n
                 yield index[index < n]
         else:
@@ -318,20 +318,23 @@ def _json_float(value: float) -> float | str:
 
 
 def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, client_index: int = 0,
-                       num_canaries: int = DEFAULT_CANARIES,
+                       num_canaries: int | None = None,
                        calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
                        confidence: float = 0.95, seed: int = 0,
                        results: dict[str, Any] | None = None) -> WhiteboxAuditResult:
     """Train one client with Dirac canaries on the run's DP-SGD path; bound epsilon in one run.
 
-    ``method`` defaults to ``"local"`` when the config has it, else its first method.
+    ``method`` defaults to ``"local"`` when the config has it, else its first method;
+    ``num_canaries`` to ``DEFAULT_CANARIES``, or every parameter of a smaller model (each
+    canary needs a coordinate of its own).
     Guarantee: if the audited DP-SGD is (claim, delta)-DP, the lower bound exceeds the claim
     with probability at most ``1 - confidence``. Raises :class:`WhiteboxAuditError` for bad
     arguments or a plan that cannot be built.
     """
     t0 = time.perf_counter()
     method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
-    if isinstance(num_canaries, bool) or not isinstance(num_canaries, int) or num_canaries < 10:
+    if num_canaries is not None and (isinstance(num_canaries, bool)
+                                     or not isinstance(num_canaries, int) or num_canaries < 10):
         raise WhiteboxAuditError(f"the number of canaries must be an int >= 10, got {num_canaries!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:
@@ -344,6 +347,11 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     clients = build_clients(cfg)
     client = clients[client_index]
     ctx = build_context(cfg, clients)
+    if num_canaries is None:
+        num_canaries = min(DEFAULT_CANARIES, ctx.flat.num_params)
+        if num_canaries < 10:
+            raise WhiteboxAuditError(f"the model has {num_canaries} parameters; the audit needs"
+                                     " at least 10 (one canary coordinate each)")
     audit_gen = torch.Generator().manual_seed(seed)
     coords, zero_activity = quiet_coordinates(ctx.flat, ctx.init, client.train_x, client.train_y,
                                               num_canaries, audit_gen)

@@ -58,7 +58,7 @@ from secure_fedora.learning.client import (
     Workspace,
     local_train,
 )
-from secure_fedora.learning.dp import DPGradient
+from secure_fedora.learning.dp import DPGradient, expected_batch_size
 
 __all__ = [
     "BatchedOutcome",
@@ -888,8 +888,12 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
         clip_default = float(oracle.dpsgd.max_grad_norm)
         clips = [float(j.max_grad_norm) if j.max_grad_norm is not None else clip_default for j in jobs]
         clip = torch.tensor(clips, dtype=dtype, device=device)[:, None]
-        scale = 1.0 / oracle.dpsgd.expected_batch_size
-        noise_std = [float(j.noise_multiplier) * c * scale for j, c in zip(jobs, clips, strict=True)]
+        # each client's own expected batch q * n_i, as the loop's DPGradient.batches sets it
+        scales = [1.0 / expected_batch_size(oracle.sample_rate, n, oracle.empty_batch_size)
+                  for n in sizes]
+        scale = torch.tensor(scales, dtype=dtype, device=device)[:, None]
+        noise_std = [float(j.noise_multiplier) * c * s
+                     for j, c, s in zip(jobs, clips, scales, strict=True)]
     else:
         max_norm = oracle.max_grad_norm
     # SGD momentum accumulated inside the gradient GEMMs (buffer <- m * buffer + grad), where
@@ -944,7 +948,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 _linear_clipped_sum(plan, w_rows, x, y, valid, clip[:k], loss, g_rows, x_sq, work)
             else:
                 _vmap_clipped_sum(flat, plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
-            g_rows.mul_(scale)
+            g_rows.mul_(scale[:k])
             for r in range(k):
                 g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype).to(device))
         else:

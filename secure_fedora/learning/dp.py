@@ -22,7 +22,7 @@ from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.noise import NoiseSource
 from secure_fedora.learning.tasks import Task
 
-__all__ = ["DPGradient", "check_per_sample_gradients"]
+__all__ = ["DPGradient", "check_per_sample_gradients", "expected_batch_size"]
 
 
 class DPGradient:
@@ -39,6 +39,8 @@ class DPGradient:
                  expected_batch_size: float, noise: NoiseSource,
                  task: Task | None = None) -> None:
         self.sample_rate = sample_rate
+        #: the divisor until a local run sets its client's ``q * n`` (and for a client without records)
+        self.empty_batch_size = float(expected_batch_size)
         self.dpsgd = DPSGD(module, max_grad_norm, 1.0, expected_batch_size, noise)
         # Per-sample losses (reduction="none"): DP-SGD clips each sample's gradient of
         # whichever loss the task uses.
@@ -58,9 +60,18 @@ class DPGradient:
         self.dpsgd.noise_multiplier = float(noise_multiplier)
         self.dpsgd.noise = noise
 
-    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
-        """``ceil(epochs / q)`` Poisson samples (the count the gate accounted in advance),
-        drawn from the selected noise source (``generator`` is not used: see the class doc)."""
+    def batches(self, n: int, epochs: int, generator: torch.Generator, *,
+                divisor_records: int | None = None) -> Iterator[Tensor]:
+        """``ceil(epochs / q)`` Poisson samples of ``range(n)`` (the count the gate accounted in
+        advance), drawn from the selected noise source (``generator`` is not used: see the class
+        doc). The steps of this local run divide their clipped, noised sums by ``q * n``, this
+        client's expected batch size, so every client's step is a mean gradient whatever its
+        size (``n`` is public, as for the summary; the division is post-processing).
+        ``divisor_records`` replaces ``n`` in the divisor only (an audit that samples canaries
+        beside the client's ``n`` records keeps the client's own divisor)."""
+        records = n if divisor_records is None else divisor_records
+        self.dpsgd.expected_batch_size = expected_batch_size(self.sample_rate, records,
+                                                             self.empty_batch_size)
         for _ in range(math.ceil(epochs / self.sample_rate - 1e-9)):
             yield poisson_sample(n, self.sample_rate, self.dpsgd.noise)
 
@@ -80,6 +91,14 @@ class DPGradient:
         raises :class:`privacy.dpsgd.DPSGDError` naming its first unsupported layer."""
         check_per_sample_gradients(self.dpsgd, self._loss, x, y)
 
+
+
+def expected_batch_size(sample_rate: float, num_samples: int, empty: float) -> float:
+    """``q * n``: the expected size of a Poisson sample of ``n`` records at rate ``q``, the
+    divisor of a DP-SGD step on those records (both engines use this). A client without
+    records (runs refuse one under DP; the engines accept it) has only noise to divide:
+    by ``empty``, the oracle's configured expected batch."""
+    return sample_rate * num_samples if num_samples > 0 else empty
 
 
 def _first_unsupported_layer(model: nn.Module) -> str:

@@ -103,7 +103,8 @@ def _federated_clients(cfg: ExperimentConfig, data: Any) -> list[ClientData]:
                 raise DataError(
                     f"client {c.client_id} has {c.num_train} training rows but "
                     f"data.train_per_client = {d.train_per_client}; with privacy on, set it to "
-                    "the smallest client's size (it bounds delta < 1/n and sets the sample rate)")
+                    "the smallest client's size (it bounds delta < 1/n and sets the sample rate q; "
+                    "each client's DP-SGD step then averages over its own expected batch q * n_i)")
             if d.validation == "private" and c.num_val != d.val_per_client:
                 raise DataError(
                     f"client {c.client_id} has {c.num_val} validation rows but "

@@ -133,6 +133,8 @@ def test_quiet_coordinates_and_the_oracle_use_the_runtime_path():
     # the real records are a Poisson sample of the 128 rows; the canaries ride along
     assert len(batches) == 4 and all(bool((b < 128).all()) for b in batches)
     assert all(bool((p < 100).all()) for p in pending) and sum(p.numel() for p in pending) > 50
+    # the steps divide by the client's own expected batch q * n, canaries not counted
+    assert ctx.oracle.dpsgd.noise_std == pytest.approx(1.0 * 1.0 / (0.25 * 128))
 
 
 def test_run_dir_and_cli(tmp_path, capsys):
@@ -157,3 +159,25 @@ def test_run_dir_and_cli(tmp_path, capsys):
     assert "config.toml is missing" in capsys.readouterr().err
     assert main(["audit", "whitebox", str(run), "--canaries", "5"]) == 2
     assert main(["audit", "whitebox", str(run), "--calibration-fraction", "1.5"]) == 2
+
+
+def test_a_model_smaller_than_the_default_canary_count_is_audited_on_all_its_coordinates(
+        tmp_path, monkeypatch):
+    """The default (20,000 canaries) used to be refused for any model with fewer parameters."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "whitebox_table.py").write_text(
+        "import torch\n\n\n"
+        "def load(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    x = torch.randn(400, 5, generator=g)\n"
+        "    y = (x[:, 0] > 0).long()\n"
+        "    return {'x_train': x[:300], 'y_train': y[:300], 'x_test': x[300:], 'y_test': y[300:],\n"
+        "            'num_classes': 2}\n")
+    monkeypatch.syspath_prepend(str(folder))
+    doc = _cfg_dict(3.0, noise="reproducible")
+    doc["data"] = {"source": "whitebox_table:load", "partition": "iid", "num_clients": 2,
+                   "train_per_client": 128, "val_per_client": 16, "test_per_client": 16}
+    result = run_whitebox_audit(parse_config(doc))
+    assert result.num_canaries == 17_538  # every parameter of the built-in MLP 5-128-128-2
+    assert result.outcome.lower_bound <= result.setting.claim_epsilon

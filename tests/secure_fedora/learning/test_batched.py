@@ -463,3 +463,30 @@ def test_on_cuda_rows_data_and_noise_stay_on_the_device_and_match_the_cpu():
         rows[device] = theta.cpu()
     flat.module.to("cpu")
     torch.testing.assert_close(rows["cuda"], rows["cpu"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_a_dp_step_is_a_mean_gradient_whatever_the_client_size(engine):
+    """Every record repeated 4 times is the same data distribution: at q = 1 with a large clip
+    and negligible noise, the step equals the original client's (it was 4x as long when every
+    client divided by one expected batch q * train_per_client)."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    (x, y), = _clients([12])
+    data = [(x, y), (x.repeat(4, 1, 1, 1), y.repeat(4))]
+    cfg = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=12, local_epochs=1)
+    start = _matrix(flat, 1).expand(2, -1).clone()
+    theta = start.clone()
+    oracle = DPGradient(flat.module, 1e3, 1.0, 12.0, ReproducibleNoise(0))
+    sources = [ReproducibleNoise(7 + i) for i in range(2)]
+    if engine == "loop":
+        ws = Workspace.for_size(flat.num_params)
+        for i, (xi, yi) in enumerate(data):
+            oracle.select(1e-9, sources[i])
+            local_train(flat, theta[i], xi, yi, cfg, oracle, torch.Generator(), ws)
+    else:
+        jobs = [ClientJob(i, theta[i], xi, yi, torch.Generator(), noise=sources[i],
+                          noise_multiplier=1e-9) for i, (xi, yi) in enumerate(data)]
+        assert train_clients(flat, cfg, oracle, jobs).steps == {0: 1, 1: 1}
+    moved = theta - start
+    assert float(moved[0].norm()) > 1e-3
+    torch.testing.assert_close(moved[1], moved[0], atol=1e-6, rtol=1e-4)
