@@ -313,8 +313,9 @@ def register(subparsers: Any) -> None:
     whitebox.add_argument("--client", type=int, default=0, help="index of the audited client")
     whitebox.add_argument("--method", default=None, help="whose plan to audit (default: local"
                           " when the config has it, else its first method)")
-    whitebox.add_argument("--canaries", type=int, default=20_000,
-                          help="number of Dirac canaries (distinct coordinates)")
+    whitebox.add_argument("--canaries", type=int,
+                          help="number of Dirac canaries (distinct coordinates; default 20000,"
+                          " or the model's parameter count when smaller)")
     whitebox.add_argument("--calibration-fraction", type=float, default=0.2,
                           help="share of the canaries used to choose the guess thresholds")
     whitebox.add_argument("--confidence", type=float, default=0.95)
@@ -340,8 +341,9 @@ def register(subparsers: Any) -> None:
                         " the claim (default: fedora if run, else the first with ledgers)")
     replay.add_argument("--trials", type=int, help="membership trials (default: enough for a"
                         " perfect attacker to exceed the claim, at most 20000)")
-    replay.add_argument("--records", type=int, default=64,
-                        help="client records in the audited step besides the target")
+    replay.add_argument("--records", type=int,
+                        help="client records in the audited step besides the target (default:"
+                        " 64, or data.train_per_client - 1 when that is fewer)")
     replay.add_argument("--confidence", type=float, default=0.95)
     replay.add_argument("--seed", type=int, default=0, help="seed of the auditor's coin flips")
     replay.set_defaults(func=cmd_replay)

@@ -59,6 +59,8 @@ __all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_repl
 
 #: Largest trial count the automatic choice goes to (about a minute for the MLP).
 MAX_AUTO_TRIALS = 20_000
+DEFAULT_RECORDS = 64
+"""Records of the audited step besides the target (fewer when the client has fewer)."""
 
 
 class ReplayAuditError(ToolkitError, ValueError):
@@ -155,12 +157,13 @@ class _Step:
 
 
 def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None = None,
-                     trials: int | None = None, records: int = 64, confidence: float = 0.95,
+                     trials: int | None = None, records: int | None = None, confidence: float = 0.95,
                      seed: int = 0) -> ReplayAuditResult:
     """Replay the run's noise from its config and bound epsilon from membership guesses.
 
     ``run_dir`` must hold ``config.toml`` and the ledgers of a DP run. ``trials`` defaults to
-    :func:`trials_for_claim` of the client's recorded epsilon. Raises ReplayAuditError for a
+    :func:`trials_for_claim` of the client's recorded epsilon; ``records`` to
+    ``DEFAULT_RECORDS``, or ``data.train_per_client - 1`` when that is fewer. Raises ReplayAuditError for a
     run that is not private, a missing ledger or bad arguments. Does not write anything.
     """
     run_dir = Path(run_dir)
@@ -176,10 +179,13 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     n_clients = cfg.data.num_clients
     if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < n_clients:
         raise ReplayAuditError(f"client must be an index in [0, {n_clients}), got {client!r}")
+    if records is None:
+        records = min(DEFAULT_RECORDS, cfg.data.train_per_client - 1)
     if isinstance(records, bool) or not isinstance(records, int) \
             or not 1 <= records < cfg.data.train_per_client:
         raise ReplayAuditError(
-            f"records must be in [1, {cfg.data.train_per_client}), got {records!r}")
+            f"records must be in [1, {cfg.data.train_per_client}) (--records; this run's "
+            f"data.train_per_client = {cfg.data.train_per_client}), got {records!r}")
     if not 0 < confidence < 1:
         raise ReplayAuditError(f"confidence must be in (0, 1), got {confidence!r}")
     method = _choose_method(run_dir, cfg, method)
@@ -196,7 +202,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     data = clients[client]
     if records >= data.num_train:
         raise ReplayAuditError(f"records must be below client {cid}'s {data.num_train} training "
-                               f"rows, got {records}")
+                               f"rows (--records), got {records}")
     x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]  # target: the last one
     x_out, y_out = x_in[:records], y_in[:records]
     rate = float(params["sample_rate"])

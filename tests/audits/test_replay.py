@@ -118,3 +118,17 @@ def test_a_run_with_a_model_factory_replays_its_own_model(tmp_path, monkeypatch)
     assert result.correct == 40 and result.verdict == "refuted"
     with pytest.raises(ReplayAuditError, match="records must be in"):
         run_replay_audit(run, trials=40, records=100)
+
+
+def test_the_default_record_count_fits_a_client_smaller_than_it(tmp_path, capsys):
+    """64 records besides the target by default, fewer for a client with fewer rows (the
+    default used to be refused for any run with train_per_client <= 64)."""
+    doc = {**BASE, "data": {**BASE["data"], "train_per_client": 30, "val_per_client": 10},
+           "training": {**BASE["training"], "batch_size": 10},
+           "privacy": {**BASE["privacy"], "noise": "reproducible"}}
+    run = _run(tmp_path / "small", doc)
+    assert main(["audit", "replay", str(run)]) == 1
+    assert json.loads((run / "audit" / "replay.json").read_text())["verdict"] == "refuted"
+    assert run_replay_audit(run, trials=20).correct == 20  # every membership bit recovered
+    with pytest.raises(ReplayAuditError, match=r"records must be in \[1, 30\) \(--records"):
+        run_replay_audit(run, trials=20, records=30)
