@@ -22,6 +22,7 @@ __all__ = [
     "attach_from_overlaps",
     "attach_new_client",
     "attach_row",
+    "bounded_regularization_weight",
     "client_summary",
     "embed_subproblem",
     "propagate",
@@ -209,13 +210,35 @@ def regularization_weight(loss_local: float, loss_received: float) -> float:
     """Selective regularization: ``exp((L_loc - L_rec) / 2)`` if ``L_loc > L_rec``, else 0.
 
     The client pulls toward the received parameters only when they generalize better on its
-    own validation data.
+    own validation data. A difference beyond float range (over about 1,419 nats) gives
+    ``math.inf``, the value the formula tends to, not an OverflowError.
     """
     if not (math.isfinite(loss_local) and math.isfinite(loss_received)):
         raise ValueError(f"validation losses must be finite; got {loss_local}, {loss_received}")
     if loss_local > loss_received:
-        return math.exp((loss_local - loss_received) / 2.0)
+        try:
+            return math.exp((loss_local - loss_received) / 2.0)
+        except OverflowError:
+            return math.inf
     return 0.0
+
+
+def bounded_regularization_weight(lam: float, lr: float, max_pull: float | None) -> float:
+    """``lambda_i`` with the pull's per-step fraction ``lr * lambda_i`` bounded by ``max_pull``:
+    ``min(lam, max_pull / lr)``; ``max_pull`` None returns ``lam`` unchanged (the paper).
+
+    The pull multiplies ``theta - phi_i`` by ``1 - lr * lambda_i`` per step, so from
+    ``lr * lambda_i >= 2`` on it diverges; at 1 a step lands on ``phi_i`` plus the SGD step.
+    """
+    if math.isnan(lam) or lam < 0:
+        raise ValueError(f"lambda must be >= 0 (math.inf allowed), got {lam}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be finite and > 0, got {lr}")
+    if max_pull is None:
+        return lam
+    if not (math.isfinite(max_pull) and max_pull > 0):
+        raise ValueError(f"max_pull must be finite and > 0, got {max_pull}")
+    return min(lam, max_pull / lr)
 
 
 def attach_new_client(

@@ -725,9 +725,11 @@ class Fedora(FederatedMethod):
         relatedness_mode: str = "plain",
         private_validation: bool = False,
         propagation_tolerance: float = 1e-4,
+        max_pull: float | None = None,
     ) -> None:
         super().__init__(ctx)
         self.q, self.tau, self.k, self.alpha = q, tau, k, alpha
+        self.max_pull = max_pull
         self.propagation_mode = resolve_propagation(propagation, ctx.num_clients)
         self.propagation_tolerance = propagation_tolerance
         self._phi = self.theta.clone()
@@ -767,7 +769,7 @@ class Fedora(FederatedMethod):
         f = cfg.fedora
         return cls(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
                    propagation_tolerance=f.propagation_tolerance, relatedness_mode=f.relatedness,
-                   private_validation=cfg.data.validation == "private")
+                   private_validation=cfg.data.validation == "private", max_pull=f.max_pull)
 
     @classmethod
     def distributed_unsupported(cls, cfg: Any) -> str | None:
@@ -1028,12 +1030,22 @@ class Fedora(FederatedMethod):
                     KEY_STEPS: _scalar(out.steps[i])} for k, i in enumerate(participants)}
 
     def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
-        """Steps, the mean ``lambda`` and the fraction of clients pulled toward ``phi``."""
-        lambdas = [float(r[KEY_LAMBDA]) for r in replies.values()]
+        """Steps, the mean ``lambda``, the fraction of clients pulled toward ``phi`` and the
+        number whose pull was unstable (``lr * lambda >= 2``: each step moved ``theta``
+        farther from ``phi``; logged as a warning naming them and ``fedora.max_pull``)."""
+        lambdas = {i: float(r[KEY_LAMBDA]) for i, r in replies.items()}
+        values = list(lambdas.values())
+        lr = self.ctx.train.lr
+        unstable = sorted(i for i, v in lambdas.items() if lr * v >= 2.0)
+        if unstable:
+            log.warning("round %d: FEDORA's pull was unstable (lr * lambda >= 2, so it pushed theta "
+                        "away from phi) for clients %s; set fedora.max_pull = 1 or lower "
+                        "training.lr", rnd, unstable)
         return {
             **super().round_statistics(rnd, replies),
-            "mean_lambda": float(sum(lambdas) / max(len(lambdas), 1)),
-            "pulled_fraction": float(sum(1 for v in lambdas if v > 0) / max(len(lambdas), 1)),
+            "mean_lambda": float(sum(values) / max(len(values), 1)),
+            "pulled_fraction": float(sum(1 for v in values if v > 0) / max(len(values), 1)),
+            "unstable_pulls": float(len(unstable)),
         }
 
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
@@ -1060,16 +1072,17 @@ class Fedora(FederatedMethod):
         to ``evaluate(...).loss`` bit for bit whichever clients the call holds (so one client
         in a Flower ClientApp and all participants in process get the same ``lambda``).
         Private validation: each client's accounted, noised release
-        (``ctx.privacy.private_lambda``), one client after the other, in the given order."""
+        (``ctx.privacy.private_lambda``), one client after the other, in the given order.
+        With ``max_pull`` each value is then bounded by ``max_pull / lr`` (post-processing)."""
         ctx = self.ctx
         ids = list(participants)
         if phis is None:
             self._current_phi(ids)
         received = [self._phi[i] if phis is None else phis[i] for i in ids]
         if self.private_validation:
-            return {i: ctx.privacy.private_lambda(
+            return {i: self._bounded(ctx.privacy.private_lambda(
                 i, self.theta[i], phi, ctx.clients[i].val_x, ctx.clients[i].val_y, ctx.noise[i],
-                ctx.flat.bind) for i, phi in zip(ids, received, strict=True)}
+                ctx.flat.bind)) for i, phi in zip(ids, received, strict=True)}
         clients = [ctx.clients[i] for i in ids]
         losses = validation_losses(ctx.flat, [self.theta[i] for i in ids], received,
                                    [(c.val_x, c.val_y) for c in clients])
@@ -1078,8 +1091,11 @@ class Fedora(FederatedMethod):
                 raise ClientUpdateError(
                     f"client {i}: validation loss of its own model {local}, of the received "
                     f"parameters {rec} ({DIVERGED_HINT})")
-        return {i: fedora.regularization_weight(local, rec)
+        return {i: self._bounded(fedora.regularization_weight(local, rec))
                 for i, local, rec in zip(ids, losses.local, losses.received, strict=True)}
+
+    def _bounded(self, lam: float) -> float:
+        return fedora.bounded_regularization_weight(lam, self.ctx.train.lr, self.max_pull)
 
     def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
         """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client, with the operator
@@ -1186,12 +1202,16 @@ class Fedora(FederatedMethod):
         return security
 
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
-        """The relatedness mode and every client's graph neighbours."""
+        """The relatedness mode and every client's graph neighbours (and ``max_pull`` when
+        the pull was bounded, a departure from the paper's rule)."""
         assert self.relatedness is not None
-        return {
+        out: dict[str, Any] = {
             "relatedness_mode": self.relatedness.mode,
             "graph_neighbours": self.relatedness.neighbours(),
         }
+        if self.max_pull is not None:
+            out["max_pull"] = self.max_pull
+        return out
 
 
 def _absorb(matrix: Tensor, replies: Mapping[int, Payload], key: str) -> None:

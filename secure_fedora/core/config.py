@@ -222,6 +222,10 @@ class FedoraConfig(_Section):
     # (needs [privacy]); encrypted: CKKS, the server computes on ciphertexts only;
     # noised+encrypted: both (defense in depth).
     relatedness: Literal["plain", "noised", "encrypted", "noised+encrypted"] = "plain"
+    # Bound on lr * lambda_i, the fraction of theta - phi_i the pull removes per step. None
+    # (the paper): unbounded, and from lr * lambda_i >= 2 on the pull diverges (each step
+    # multiplies theta - phi_i by 1 - lr * lambda_i); 1: a step lands on phi_i plus the SGD step.
+    max_pull: Annotated[float, Field(gt=0, lt=2)] | None = None
 
 
 class FedAvgConfig(_Section):
@@ -497,6 +501,7 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("training", "threads"): None,
     ("training", "engine"): "loop",
     ("fedora", "propagation_tolerance"): 1e-4,
+    ("fedora", "max_pull"): None,
 }
 
 

@@ -146,7 +146,7 @@ def _check_epochs(epochs: Sequence[int]) -> list[int]:
 
 def _accuracies_along(
     ctx: MethodContext, client: ClientData, start: Tensor, epochs: list[int], seed: int,
-    stream: int, phi: Tensor | None = None,
+    stream: int, phi: Tensor | None = None, max_pull: float | None = None,
 ) -> dict[int, float]:
     """Train a copy of ``start`` one epoch at a time; test accuracy at each listed epoch.
 
@@ -162,10 +162,10 @@ def _accuracies_along(
         if e > 0:
             lam = 0.0
             if phi is not None:
-                lam = fedora.regularization_weight(
+                lam = fedora.bounded_regularization_weight(fedora.regularization_weight(
                     evaluate(ctx.flat, row, client.val_x, client.val_y).loss,
                     evaluate(ctx.flat, phi, client.val_x, client.val_y).loss,
-                )
+                ), one_epoch.lr, max_pull)
             local_train(ctx.flat, row, client.train_x, client.train_y, one_epoch, ctx.oracle,
                         gen, ctx.workspace, phi=phi, lam=lam)
         if e in epochs:
@@ -232,7 +232,8 @@ def run_new_client_experiment(
         k = min(cfg.fedora.k, len(trained))
         neighbours.append(sorted(trained[j].client_id for j in torch.topk(sims, k).indices.tolist()))
         runs = {
-            Fedora.name: _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new),
+            Fedora.name: _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new,
+                                           max_pull=cfg.fedora.max_pull),
             f"{FedAvg.name}_ft": _accuracies_along(ctx, c, avg.global_params, epoch_list, cfg.seed,
                                                    stream),
             Local.name: _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed, stream),

@@ -49,13 +49,13 @@ from torch import Tensor, nn
 from privacy.dpsgd import poisson_sample
 from privacy.noise import NoiseSource
 from secure_fedora.learning.client import (
-    DIVERGED_HINT,
     ClientUpdateError,
     FlatModel,
     GradientOracle,
     PlainGradient,
     TrainConfig,
     Workspace,
+    diverged_hint,
     local_train,
 )
 from secure_fedora.learning.dp import DPGradient, expected_batch_size
@@ -800,9 +800,10 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
         steps.update(done)
         failed.extend(bad)
     if failed:
+        lam = max(float(jobs[r].lam) for r in range(len(jobs)) if jobs[r].index in failed)
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
                                    f" {sorted(failed)}; their updates were discarded"
-                                   f" ({DIVERGED_HINT})", sorted(failed), steps)
+                                   f" ({diverged_hint(cfg.lr, lam)})", sorted(failed), steps)
     return BatchedOutcome(steps, plan.engine, alphas=alphas)
 
 

@@ -55,6 +55,16 @@ DIVERGED_HINT = ("training diverged: lower training.lr; a non-private run can al
 """What a non-finite training result tells the user to change."""
 
 
+def diverged_hint(lr: float, lam: float) -> str:
+    """:data:`DIVERGED_HINT`, or, when FEDORA's pull itself is unstable (``lr * lam >= 2``:
+    each step multiplies ``theta - phi`` by ``1 - lr * lam``), that cause and its remedy."""
+    if lr * lam >= 2.0:
+        return (f"FEDORA's pull diverged: lr * lambda = {lr * lam:.3g} >= 2, so each step moves "
+                f"theta farther from phi (lambda = {lam:.3g} from the validation losses); set "
+                "fedora.max_pull = 1 (a pull then stops at phi) or lower training.lr")
+    return DIVERGED_HINT
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local optimisation hyper-parameters (reference: lr 5e-3, momentum 0.9, wd 5e-5, batch 64, E 5)."""
@@ -309,5 +319,5 @@ def local_train(
         theta.copy_(start)
         who = "" if client is None else f"client {client}: "
         raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
-                                f" ({DIVERGED_HINT})")
+                                f" ({diverged_hint(cfg.lr, lam)})")
     return steps

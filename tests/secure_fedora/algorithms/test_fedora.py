@@ -123,6 +123,19 @@ def test_regularization_weight_is_selective():
     assert fedora.regularization_weight(3.0, 1.0) == pytest.approx(math.e)
     with pytest.raises(ValueError, match="finite"):
         fedora.regularization_weight(float("nan"), 1.0)
+    assert fedora.regularization_weight(2000.0, 1.0) == math.inf  # beyond float range
+
+
+def test_bounded_regularization_weight_caps_lr_times_lambda():
+    assert fedora.bounded_regularization_weight(50.0, 0.1, None) == 50.0  # the paper's rule
+    assert fedora.bounded_regularization_weight(50.0, 0.1, 1.0) == 10.0
+    assert fedora.bounded_regularization_weight(math.inf, 0.1, 1.5) == 15.0
+    assert fedora.bounded_regularization_weight(3.0, 0.1, 1.0) == 3.0  # below the bound
+    assert fedora.bounded_regularization_weight(0.0, 0.1, 1.0) == 0.0
+    for lam, lr, bound in ((-1.0, 0.1, 1.0), (math.nan, 0.1, 1.0), (1.0, 0.0, 1.0),
+                           (1.0, 0.1, 0.0), (1.0, 0.1, math.inf)):
+        with pytest.raises(ValueError):
+            fedora.bounded_regularization_weight(lam, lr, bound)
 
 
 def test_proximal_pull_by_hand():

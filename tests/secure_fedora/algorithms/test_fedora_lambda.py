@@ -3,8 +3,10 @@ the private lambda keeps its per-client release right before each client's train
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import pytest
 import torch
 
 from secure_fedora.algorithms.methods import KEY_LAMBDA, Fedora
@@ -141,3 +143,52 @@ def test_non_finite_validation_losses_are_a_clear_client_error_not_a_crash() -> 
     assert set(method.regularizations([0, 1])) == {0, 1}  # the others are unaffected
     with pytest.raises(ClientUpdateError, match=r"client 2: local training produced non-finite"):
         method.ctx.train_client(2, method.theta[2])
+
+
+def _far_phi(method: Fedora) -> None:
+    """phi generalizes far better than theta on client 0: theta_0 is its received parameters
+    with 3,000 added to the last layer's bias of class 0, so its validation loss is thousands
+    of nats above phi's (lambda beyond float range: math.inf) while its gradients stay modest."""
+    method.phi.copy_(method.theta)
+    method.theta[0][-10] += 3000.0
+
+
+def test_max_pull_bounds_lambda_and_keeps_a_huge_pull_stable(caplog: Any) -> None:
+    """lambda = exp((L_loc - L_rec) / 2) is unbounded; from lr * lambda >= 2 on FEDORA's pull
+    diverges (an error naming that cause); fedora.max_pull = 1 bounds lr * lambda by 1 and the
+    client trains to a finite row near phi."""
+    from secure_fedora.learning.client import ClientUpdateError
+
+    plain_cfg = _config()
+    clients = build_clients(plain_cfg)
+    plain = _fedora(plain_cfg, clients)
+    plain.train_round(1, list(range(6)))
+    _far_phi(plain)
+    assert plain.regularizations([0])[0] == math.inf  # was an OverflowError
+    before = plain.theta[0].clone()
+    with pytest.raises(ClientUpdateError, match=r"FEDORA's pull diverged: lr \* lambda = inf >= 2"
+                       r".*fedora.max_pull = 1"):
+        plain.client_update(0, 2, plain.configure(2, [0])[0])
+    assert torch.equal(plain.theta[0], before)  # nothing lost
+    bounded_cfg = _config().model_copy(update={"fedora": _config().fedora.model_copy(
+        update={"max_pull": 1.0})})
+    bounded = _fedora(bounded_cfg, clients)
+    bounded.train_round(1, list(range(6)))
+    _far_phi(bounded)
+    assert bounded.regularizations([0])[0] == 1.0 / 0.1  # max_pull / lr
+    assert bounded.regularizations([4]) == plain.regularizations([4])  # unbounded values pass
+    reply = bounded.client_update(0, 2, bounded.configure(2, [0])[0])
+    assert float(reply[KEY_LAMBDA]) == 10.0
+    row = bounded.theta[0]
+    assert bool(torch.isfinite(row).all())
+    assert float((row - bounded.phi[0]).norm()) < 0.01 * float((before - bounded.phi[0]).norm()), \
+        float((row - bounded.phi[0]).norm())
+    assert bounded.server_finalize({})["max_pull"] == 1.0
+    assert "max_pull" not in plain.server_finalize({})
+    # a pull that stayed finite but moved away from phi is counted and logged, not hidden
+    replies = {0: {KEY_LAMBDA: torch.tensor(30.0)}, 2: {KEY_LAMBDA: torch.tensor(19.0)},
+               3: {KEY_LAMBDA: torch.tensor(0.0)}}
+    with caplog.at_level("WARNING"):
+        stats = plain.round_statistics(2, replies)
+    assert stats["unstable_pulls"] == 1.0 and stats["pulled_fraction"] == 2 / 3
+    assert "unstable" in caplog.text and "clients [0]" in caplog.text

@@ -47,6 +47,8 @@ def test_reference_config_is_the_reference_setting():
         ({"training": {"clip_grad_norm": "inf"}}, "training.clip_grad_norm"),
         ({"fedora": {"alpha": 1.0}}, "fedora.alpha"),
         ({"fedora": {"relatedness": "magic"}}, "fedora.relatedness"),
+        ({"fedora": {"max_pull": 0}}, "fedora.max_pull"),
+        ({"fedora": {"max_pull": 2}}, "fedora.max_pull"),
         ({"data": {"num_clients": 1}}, "data.num_clients"),
         ({"data": {"partition": "dirichlet", "test_per_client": 8}}, "dirichlet_alpha"),
         ({"data": {"partition": "dirichlet", "dirichlet_alpha": 0.1}}, "test_per_client"),

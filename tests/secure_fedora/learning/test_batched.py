@@ -490,3 +490,19 @@ def test_a_dp_step_is_a_mean_gradient_whatever_the_client_size(engine):
     moved = theta - start
     assert float(moved[0].norm()) > 1e-3
     torch.testing.assert_close(moved[1], moved[0], atol=1e-6, rtol=1e-4)
+
+
+def test_a_diverging_pull_is_named_by_both_engines():
+    """lr * lambda >= 2 makes FEDORA's pull diverge: both engines say so and keep the rows."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([16])
+    theta = _matrix(flat, 1)
+    phi = theta + 1.0
+    before = theta.clone()
+    with pytest.raises(ClientUpdateError, match=r"pull diverged: lr \* lambda = 5e\+28 >= 2"):
+        local_train(flat, theta[0], *data[0], CFG_PLAIN, PlainGradient(16), torch.Generator(),
+                    Workspace.for_size(flat.num_params), phi=phi[0], lam=1e30, client=0)
+    assert torch.equal(theta, before)
+    with pytest.raises(BatchedTrainingError, match=r"pull diverged: lr \* lambda = 5e\+28 >= 2"):
+        train_clients(flat, CFG_PLAIN, PlainGradient(16), _jobs(theta, data, phi=phi, lams=[1e30]))
+    assert torch.equal(theta, before)
