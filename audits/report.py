@@ -36,6 +36,7 @@ from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E4
 from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from secure_fedora.core.files import atomic_write_text  # noqa: E402
+from secure_fedora.runtimes.results import metric_label  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
 
@@ -186,8 +187,10 @@ def _mechanism_rows(verification: VerificationReport) -> list[dict[str, Any]]:
 
 
 def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
+    """The selected test metric per method and client ("metric": accuracy or auc)."""
+    metric = str(results.get("metric", "accuracy")) if isinstance(results, dict) else "accuracy"
     if not results or not isinstance(results.get("methods"), dict):
-        return {"methods": [], "per_client": []}
+        return {"metric": metric, "methods": [], "per_client": []}
     methods = []
     per_client: dict[int, dict[str, Any]] = {}
     for name, body in results["methods"].items():
@@ -200,7 +203,7 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
             per_client.setdefault(i, {"client": i})[name] = acc
     ids = client_ids(len(per_client))
     rows = [{**per_client[i], "client_id": ids[i]} for i in sorted(per_client)]
-    return {"methods": methods, "per_client": rows}
+    return {"metric": metric, "methods": methods, "per_client": rows}
 
 
 def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
@@ -355,9 +358,10 @@ def _accuracy_plot(accuracy: dict[str, Any]) -> str | None:
         ys = [r[name] for r in rows if r.get(name) is not None]
         ax.bar(xs, ys, width=width, label=name)
     ax.set_xlabel("client")
-    ax.set_ylabel("test accuracy (selected)")
+    name = metric_label(accuracy.get("metric"))
+    ax.set_ylabel(f"test {name} (selected)")
     ax.set_ylim(0, 1)
-    ax.set_title("Personalized test accuracy per client")
+    ax.set_title(f"Personalized test {name} per client")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return _png_base64(fig)
@@ -548,8 +552,9 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
                          "measured lower bound", "confidence", "verdict"], audit_rows,
                         left=(0, 1, 6)))
 
-    parts.append("<h2 id=\"accuracy\">Accuracy</h2>")
     acc = report["accuracy"]
+    metric_name = metric_label(acc.get("metric"))
+    parts.append(f"<h2 id=\"accuracy\">{_e(metric_name[0].upper() + metric_name[1:])}</h2>")
     if acc["methods"]:
         parts.append(_table(
             ["method", "mean", "min", "max", "std", "selected round"],
@@ -562,10 +567,10 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             [[_e(r["client_id"]), *(_fmt(r.get(n)) for n in names)] for r in acc["per_client"]],
         ))
         if plots.get("accuracy"):
-            parts.append(f"<img alt=\"per-client accuracy\" "
+            parts.append(f"<img alt=\"per-client {_e(metric_name)}\" "
                          f"src=\"data:image/png;base64,{plots['accuracy']}\">")
     else:
-        parts.append("<p class=\"warn\">results.json holds no accuracy figures.</p>")
+        parts.append(f"<p class=\"warn\">results.json holds no {_e(metric_name)} figures.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -1,4 +1,5 @@
-"""PNG plots of a run: accuracy per round per method, per-client accuracy, relatedness heat map."""
+"""PNG plots of a run: the test metric (accuracy or ROC AUC) per round per method and per client,
+relatedness heat map."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from secure_fedora.runtimes.results import metric_label  # noqa: E402
+
 __all__ = ["plot_accuracy_per_round", "plot_per_client", "plot_relatedness", "write_plots"]
 
 
-def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Mean test accuracy per round for each method, with the min-max band across clients."""
+def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path,
+                            metric: str = "accuracy") -> Path:
+    """Mean test ``metric`` per round for each method, with the min-max band across clients."""
+    name = metric_label(metric)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in dict.fromkeys(row["method"] for row in history):
         rows = [r for r in history if r["method"] == method]
@@ -24,8 +29,8 @@ def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path) -> Pa
         ax.plot(x, [r["test_mean"] for r in rows], label=method)
         ax.fill_between(x, [r["test_min"] for r in rows], [r["test_max"] for r in rows], alpha=0.12)
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (band: min-max across clients)")
-    ax.set_title("Personalized test accuracy per round")
+    ax.set_ylabel(f"test {name} (band: min-max across clients)")
+    ax.set_title(f"Personalized test {name} per round")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -34,15 +39,16 @@ def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path) -> Pa
     return path
 
 
-def plot_per_client(methods: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Selected (best-validation) test accuracy of every client, one marker series per method."""
+def plot_per_client(methods: dict[str, dict[str, Any]], path: Path, metric: str = "accuracy") -> Path:
+    """Selected (best-validation) test ``metric`` of every client, one marker series per method."""
+    name = metric_label(metric)
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for name, body in methods.items():
         acc = body["selected"]["per_client"]
         ax.plot(range(len(acc)), acc, marker="o", markersize=3, linewidth=0.8, label=name)
     ax.set_xlabel("client")
-    ax.set_ylabel("test accuracy (best-validation model)")
-    ax.set_title("Per-client accuracy")
+    ax.set_ylabel(f"test {name} (best-validation model)")
+    ax.set_title(f"Per-client {name}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -67,13 +73,15 @@ def plot_relatedness(matrix: Tensor, path: Path, title: str = "Propagation matri
 
 def write_plots(run_dir: Path, history: Sequence[dict[str, Any]], results: dict[str, Any],
                 propagation: Tensor | None) -> list[Path]:
-    """Write every plot of a run into ``run_dir/plots``; returns the paths written."""
+    """Write every plot of a run into ``run_dir/plots``, labelled with results.json's
+    ``metric`` (the file names stay ``*accuracy*`` for any metric); returns the paths written."""
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
+    metric = results.get("metric", "accuracy")
     paths = []
     if history:
-        paths.append(plot_accuracy_per_round(history, out / "accuracy_per_round.png"))
-    paths.append(plot_per_client(results["methods"], out / "per_client_accuracy.png"))
+        paths.append(plot_accuracy_per_round(history, out / "accuracy_per_round.png", metric))
+    paths.append(plot_per_client(results["methods"], out / "per_client_accuracy.png", metric))
     if propagation is not None:
         paths.append(plot_relatedness(propagation, out / "relatedness.png"))
     return paths

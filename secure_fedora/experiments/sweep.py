@@ -65,6 +65,7 @@ from secure_fedora.runtimes.inprocess import (  # noqa: E402
     build_context,
     make_method,
 )
+from secure_fedora.runtimes.results import metric_label  # noqa: E402
 
 __all__ = [
     "Cell",
@@ -534,7 +535,7 @@ def run_sweep(
         docs[cell] = doc
         ran.append(cell.key)
     rows = aggregate(docs, methods)
-    files = write_outputs(out, cfg, rows)
+    files = write_outputs(out, cfg, rows, sweep_metric(docs))
     return SweepResult(rows, ran, skipped, files)
 
 
@@ -590,6 +591,15 @@ def aggregate(docs: Mapping[Cell, dict[str, Any]],
     return rows
 
 
+def sweep_metric(docs: Mapping[Cell, dict[str, Any]]) -> str:
+    """The test metric every cell reports (results.json ``metric``: "accuracy" or "auc");
+    SweepError if cells disagree (they share one config, so they never should)."""
+    metrics = {str(d["results"].get("metric", "accuracy")) for d in docs.values()}
+    if len(metrics) > 1:
+        raise SweepError(f"the cells report different metrics {sorted(metrics)}")
+    return metrics.pop() if metrics else "accuracy"
+
+
 def _epsilon_spent(doc: dict[str, Any], method: str) -> float | None:
     """The largest ``epsilon_spent`` over the cell's clients, as its results report it."""
     try:
@@ -633,8 +643,10 @@ def _spent_label(row: SweepRow) -> str:
     return "not reported" if spent is None else f"{spent:.3f}"
 
 
-def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
-    """The sweep table with its setup and the definitions of its columns."""
+def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy") -> str:
+    """The sweep table with its setup and the definitions of its columns, named after the
+    task's test ``metric`` ("accuracy" or "auc")."""
+    name, short = metric_label(metric), metric_label(metric, short=True)
     t = cfg.training
     seeds = sorted({s for r in rows for s in r.seeds})
     lines = [
@@ -645,7 +657,7 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
         f"{t.rounds} rounds x {t.local_epochs} local epochs, participation {t.participation}, "
         f"seeds {seeds}.",
         "",
-        "| method | epsilon | seeds | acc mean | acc min | acc std | worst client (mean) "
+        f"| method | epsilon | seeds | {short} mean | {short} min | {short} std | worst client (mean) "
         "| clients below Local | epsilon spent (max) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -662,18 +674,18 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
         at = [r for r in rows if r.epsilon == eps]
         best = max(at, key=lambda r: r.acc_mean)
         settings = privacy_settings(cell_config(cfg, Cell(cfg.methods[0], eps, seeds[0])))
-        lines.append(f"- epsilon {epsilon_label(eps)}: highest mean accuracy {best.method} "
+        lines.append(f"- epsilon {epsilon_label(eps)}: highest mean {name} {best.method} "
                      f"({best.acc_mean:.4f}); {settings}.")
     lines += [
         "",
-        "Accuracy is each client's test accuracy at the reported round named on each "
-        "epsilon's line: the round with the best mean validation accuracy, or the final round "
-        "where choosing on private validation data would be an unaccounted release "
+        f"{name[0].upper() + name[1:]} is each client's test {name} at the reported round named "
+        f"on each epsilon's line: the round with the best mean validation {name}, or the final "
+        "round where choosing on private validation data would be an unaccounted release "
         "(fedavg_ft: the final global model fine-tuned per client, epoch chosen on the "
-        "client's validation data). *acc mean / min / std*: mean, minimum and sample standard deviation over "
-        "seeds of the client-mean accuracy. *worst client*: mean over seeds of the lowest "
-        "client accuracy. *clients below Local*: mean over seeds of the number of clients "
-        "whose accuracy is below their own in the Local run of the same seed; Local runs "
+        f"client's validation data). *{short} mean / min / std*: mean, minimum and sample "
+        f"standard deviation over seeds of the client-mean {name}. *worst client*: mean over "
+        f"seeds of the lowest client {name}. *clients below Local*: mean over seeds of the "
+        f"number of clients whose {name} is below their own in the Local run of the same seed; Local runs "
         "non-private only (a client that stays out releases nothing). *epsilon spent*: the "
         "largest epsilon any client's accountant reports after the run, over all seeds. "
         "epsilon none: non-private.",
@@ -682,9 +694,10 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_epsilon(rows: Sequence[SweepRow], path: Path) -> Path:
-    """Client-mean accuracy (mean over seeds, bars: min-max over seeds) per method vs epsilon;
-    non-private sits at the right end, labelled "none"."""
+def plot_accuracy_vs_epsilon(rows: Sequence[SweepRow], path: Path, metric: str = "accuracy") -> Path:
+    """Client-mean test ``metric`` (mean over seeds, bars: min-max over seeds) per method vs
+    epsilon; non-private sits at the right end, labelled "none"."""
+    name = metric_label(metric)
     eps_values = sorted({r.epsilon for r in rows}, key=_eps_sort_key)
     pos = {e: i for i, e in enumerate(eps_values)}
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -697,8 +710,8 @@ def plot_accuracy_vs_epsilon(rows: Sequence[SweepRow], path: Path) -> Path:
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=method)
     ax.set_xticks(range(len(eps_values)), [epsilon_label(e) for e in eps_values])
     ax.set_xlabel("epsilon (none: non-private)")
-    ax.set_ylabel("client-mean test accuracy (bars: min-max over seeds)")
-    ax.set_title("Accuracy vs privacy budget")
+    ax.set_ylabel(f"client-mean test {name} (bars: min-max over seeds)")
+    ax.set_title(f"{name[0].upper() + name[1:]} vs privacy budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -707,14 +720,17 @@ def plot_accuracy_vs_epsilon(rows: Sequence[SweepRow], path: Path) -> Path:
     return path
 
 
-def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None, path: Path) -> Path:
-    """Box plots of per-client accuracy (all clients of all seeds) per method at ``epsilon``."""
+def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None, path: Path,
+                                 metric: str = "accuracy") -> Path:
+    """Box plots of per-client test ``metric`` (all clients of all seeds) per method at
+    ``epsilon``."""
+    name = metric_label(metric)
     at = [r for r in rows if r.epsilon == epsilon]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(at) + 2), 4.2))
     ax.boxplot([[a for run in r.per_client for a in run] for r in at], showmeans=True)
     ax.set_xticks(range(1, len(at) + 1), [r.method for r in at], rotation=30)
-    ax.set_ylabel("per-client test accuracy (all seeds)")
-    ax.set_title(f"Per-client accuracy, epsilon {epsilon_label(epsilon)}")
+    ax.set_ylabel(f"per-client test {name} (all seeds)")
+    ax.set_title(f"Per-client {name}, epsilon {epsilon_label(epsilon)}")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -722,17 +738,19 @@ def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None
     return path
 
 
-def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow]) -> list[Path]:
-    """Write ``sweep.csv``, ``sweep.md`` and the plots (atomically for the text files)."""
+def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow],
+                  metric: str = "accuracy") -> list[Path]:
+    """Write ``sweep.csv``, ``sweep.md`` and the plots (atomically for the text files), named
+    after the task's test ``metric`` (the CSV keeps its ``acc_*`` columns for any metric)."""
     atomic_write_text(out / "sweep.csv", rows_to_csv(rows))
-    atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows))
+    atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows, metric))
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     files = [out / "sweep.csv", out / "sweep.md",
-             plot_accuracy_vs_epsilon(rows, plots / "accuracy_vs_epsilon.png")]
+             plot_accuracy_vs_epsilon(rows, plots / "accuracy_vs_epsilon.png", metric)]
     for eps in sorted({r.epsilon for r in rows}, key=_eps_sort_key):
         files.append(plot_per_client_distribution(
-            rows, eps, plots / f"per_client_eps-{epsilon_label(eps)}.png"))
+            rows, eps, plots / f"per_client_eps-{epsilon_label(eps)}.png", metric))
     return files
 
 

@@ -27,13 +27,24 @@ from secure_fedora import __version__
 from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
 from secure_fedora.core.config import ExperimentConfig, model_selection
 
-__all__ = ["RESERVED_KEYS", "build_results", "client_rows", "method_entry"]
+__all__ = ["METRIC_LABELS", "RESERVED_KEYS", "build_results", "client_rows", "metric_label", "method_entry"]
 
 #: Top-level keys :func:`build_results` owns (runtime keys may not use them).
 RESERVED_KEYS = frozenset({
     "name", "version", "runtime", "compute", "config_hash", "data_fingerprint", "metric", "loss",
     "assumptions", "privacy", "clients", "methods", "comparison",
 })
+
+
+#: results.json ``metric`` -> (its name in prose and axis labels, its short column prefix).
+METRIC_LABELS: dict[str, tuple[str, str]] = {"accuracy": ("accuracy", "acc"), "auc": ("ROC AUC", "AUC")}
+
+
+def metric_label(metric: str | None, short: bool = False) -> str:
+    """How tables and plots name a results.json ``metric`` ("accuracy" when absent, as in
+    results written before the key existed; an unknown name is shown as it is)."""
+    name, prefix = METRIC_LABELS.get(metric or "accuracy", (str(metric), str(metric)))
+    return prefix if short else name
 
 
 def method_entry(name: str, selected: Mapping[str, Any], final: Mapping[str, Any], rounds: int,

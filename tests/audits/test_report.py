@@ -181,3 +181,14 @@ def test_report_shows_the_three_empirical_audits(run_copy, tmp_path):
     (run_copy / "audit" / "replay.json").write_text('{"audit": "canary"}')
     rows = {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}
     assert rows["replay"]["status"] == "unreadable"
+
+
+def test_the_metric_section_is_named_after_results_metric(run_copy, tmp_path):
+    """A binary (BCE) task's results hold ROC AUC: the section, plot and JSON say so."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["metric"] = "auc"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    page = paths.html.read_text()
+    assert '<h2 id="accuracy">ROC AUC</h2>' in page and 'alt="per-client ROC AUC"' in page
+    assert json.loads(paths.json.read_text())["accuracy"]["metric"] == "auc"

@@ -258,6 +258,7 @@ def test_tables_and_plots(tmp_path):
     md = (tmp_path / "sweep.md").read_text()
     assert "| fedora | none | 2 |" in md and "clients below Local" in md
     assert "; privacy off" in md
+    assert "| acc mean | acc min |" in md and "highest mean accuracy" in md
     for name in ("accuracy_vs_epsilon.png", "per_client_eps-none.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -443,3 +444,23 @@ def test_private_cells_check_a_sources_own_clients_as_a_private_run_does(tmp_pat
     with pytest.raises(DataError, match="20 training rows but data.train_per_client = 24"):
         run_sweep(cfg, tmp_path / "private", ["fedavg"], [0], [None, 4.0])
     assert not (tmp_path / "private" / "cells").exists()
+
+
+def test_a_binary_task_sweep_names_its_metric_roc_auc(tmp_path, monkeypatch):
+    """training.loss = "bce" is scored by ROC AUC; the table, its prose and the run plots
+    said "accuracy" for any metric."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "sweep_plugin_auc.py").write_text(PLUGIN)
+    (folder / "exp.toml").write_text(
+        'name = "auc"\nseed = 0\nmethods = ["local"]\n'
+        '[data]\nsource = "sweep_plugin_auc:load"\npartition = "iid"\nnum_clients = 3\n'
+        'train_per_client = 24\nval_per_client = 8\ntest_per_client = 8\n'
+        '[model]\nfactory = "sweep_plugin_auc:mlp"\n'
+        '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 8\nloss = "bce"\n')
+    cfg = load_config(folder / "exp.toml")
+    result = run_sweep(cfg, tmp_path / "sweep", ["local"], [0])
+    assert result.ran == ["local/eps-none/seed-0"]
+    md = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| AUC mean | AUC min | AUC std |" in md and "highest mean ROC AUC local" in md
+    assert "ROC AUC is each client's test ROC AUC" in md and "accuracy" not in md
