@@ -162,7 +162,9 @@ def cmd_canary(args: argparse.Namespace) -> int:
 
     target = Path(args.config)
     run_dir = target if target.is_dir() else None
-    cfg = load_config(target / "config.toml" if run_dir is not None else target)
+    # a run directory's config: plug-ins from PYTHONPATH only (never the directory's own files)
+    cfg = load_config(target / "config.toml" if run_dir is not None else target,
+                      plugins_from_folder=run_dir is None)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed)

@@ -170,7 +170,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     if not (run_dir / "config.toml").is_file():
         raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")
     try:
-        cfg = load_config(run_dir / "config.toml")
+        cfg = load_config(run_dir / "config.toml", plugins_from_folder=False)
     except ConfigError as err:
         raise ReplayAuditError(str(err)) from None
     if not cfg.privacy.enabled:

@@ -81,7 +81,7 @@ def _read_config(run_dir: Path) -> ExperimentConfig | None:
     if not path.is_file():
         return None
     try:
-        return load_config(path)
+        return load_config(path, plugins_from_folder=False)
     except ConfigError:
         return None
 

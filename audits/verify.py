@@ -577,7 +577,7 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
                                 " checked against the configuration"))
         return None
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, plugins_from_folder=False)
     except ConfigError as exc:
         findings.append(Finding("error", "config", f"{path} is not a valid config: {exc}"))
         return None

@@ -413,7 +413,7 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
     if not cfg_path.is_file():
         raise WhiteboxAuditError(f"{cfg_path} is missing: the audit needs the run's config")
     try:
-        cfg = load_config(cfg_path)
+        cfg = load_config(cfg_path, plugins_from_folder=False)
     except ConfigError as err:
         raise WhiteboxAuditError(f"{cfg_path}: {err}") from None
     results = None

@@ -462,26 +462,32 @@ def parse_config(data: dict[str, Any], source: str = "(dict)") -> ExperimentConf
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a TOML config file; unreadable or malformed files raise ConfigError."""
+def load_config(path: str | Path, *, plugins_from_folder: bool = True) -> ExperimentConfig:
+    """Read and validate a TOML config file; unreadable or malformed files raise ConfigError.
+
+    Its plug-ins (``data.source``, ``model.factory``, ``training.loss``) are imported from the
+    file's folder, then from ``PYTHONPATH``; ``plugins_from_folder=False`` (audits of a run
+    directory) skips the folder, so a directory under review cannot supply code to run."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    return config_from_bytes(raw, str(path))
+    return config_from_bytes(raw, str(path), plugins_from_folder=plugins_from_folder)
 
 
-def config_from_bytes(raw: bytes, source: str) -> ExperimentConfig:
-    """Validate the bytes of a TOML config file (``source`` names it in errors)."""
+def config_from_bytes(raw: bytes, source: str, *, plugins_from_folder: bool = True) -> ExperimentConfig:
+    """Validate the bytes of a TOML config file (``source`` names it in errors; its folder is
+    where plug-ins are imported from first, unless ``plugins_from_folder`` is False)."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config {source} is not valid TOML: {err}") from None
     cfg = parse_config(data, source)
-    from secure_fedora.core.plugins import remember_config_dir
+    if plugins_from_folder:
+        from secure_fedora.core.plugins import remember_config_dir
 
-    remember_config_dir(cfg, Path(source).parent)
+        remember_config_dir(cfg, Path(source).parent)
     return cfg
 
 

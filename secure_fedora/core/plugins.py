@@ -85,13 +85,13 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # any error raised while importing user code
-        where = f" (searched {base_dir} and sys.path)" if base_dir is not None else ""
+        where = f" (searched {base_dir} and sys.path)" if base_dir is not None else " (searched sys.path)"
         last = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
         at = f" at {last.filename}:{last.lineno}" if last is not None else ""
         missing = isinstance(err, ModuleNotFoundError) and err.name is not None and \
             (module_name == err.name or module_name.startswith(err.name + "."))
-        hint = ("; if it lives elsewhere (a run directory's config.toml is read from the run "
-                "directory), add its folder to PYTHONPATH") if missing else ""
+        hint = ("; add its folder to PYTHONPATH (audits of a run directory import plug-ins from "
+                "PYTHONPATH only, never from the directory under review)") if missing else ""
         raise PluginError(
             f"{key} = {spec!r}: module {module_name!r} does not import{where}: "
             f"{type(err).__name__}: {err}{at}{hint}"

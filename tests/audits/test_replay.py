@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,33 @@ def test_the_default_record_count_fits_a_client_smaller_than_it(tmp_path, capsys
     assert run_replay_audit(run, trials=20).correct == 20  # every membership bit recovered
     with pytest.raises(ReplayAuditError, match=r"records must be in \[1, 30\) \(--records"):
         run_replay_audit(run, trials=20, records=30)
+
+
+def test_a_run_directory_cannot_supply_code_to_its_auditor(tmp_path, monkeypatch, capsys):
+    """A module planted in the run directory under review is never imported by the audits
+    that retrain (they take plug-ins from PYTHONPATH only); the error says where to look."""
+    folder = tmp_path / "plug"
+    folder.mkdir()
+    source = ("import pathlib, torch\n"
+              "pathlib.Path(__file__).with_name('IMPORTED').touch()\n\n\n"
+              "def load(seed):\n"
+              "    g = torch.Generator().manual_seed(seed)\n"
+              "    x = torch.randn(300, 5, generator=g)\n"
+              "    return {'x_train': x[:240], 'y_train': (x[:240, 0] > 0).long(),\n"
+              "            'x_test': x[240:], 'y_test': (x[240:, 0] > 0).long(), 'num_classes': 2}\n")
+    (folder / "planted_table.py").write_text(source)
+    doc = {**BASE, "data": {"source": "planted_table:load", "partition": "iid", "num_clients": 2,
+                            "train_per_client": 100, "val_per_client": 10, "test_per_client": 10},
+           "privacy": {**BASE["privacy"], "noise": "reproducible"}}
+    with monkeypatch.context() as m:
+        m.syspath_prepend(str(folder))
+        run = _run(tmp_path / "run", doc)
+    del sys.modules["planted_table"]
+    (folder / "IMPORTED").unlink()
+    (run / "planted_table.py").write_text(source)  # the directory offers the module itself
+    assert main(["audit", "replay", str(run), "--trials", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "does not import (searched sys.path)" in err and "PYTHONPATH" in err
+    assert not (run / "IMPORTED").exists()
+    monkeypatch.syspath_prepend(str(folder))  # the auditor's own choice of code
+    assert run_replay_audit(run, trials=20).correct == 20
