@@ -45,9 +45,12 @@ REPORT_VERSION = 1
 THREAT_MODEL = [
     "The server is honest-but-curious: it follows the protocol and tries to learn about client"
     " data from what it receives. Clients do not trust it to enforce their budgets.",
-    "What leaves client i: its relatedness summary (once) and its model theta_i (every round);"
-    " with DP on, each is the output of an accounted mechanism (DP-SGD for models, the Gaussian"
-    " mechanism for noised summaries and noised lambda).",
+    "What leaves client i: its relatedness summary (FEDORA, once), its model (every round it"
+    " takes part in), FEDORA's lambda (with private validation data) and its public training-set"
+    " size and step count; with DP on, each data-dependent one is the output of an accounted"
+    " mechanism (DP-SGD for models, the Gaussian mechanism for noised summaries and noised"
+    " lambda). Published evaluation metrics, and on Flower the evaluation reports, are listed"
+    " with the assumptions below.",
     "Each client enforces its own (epsilon, delta) budget and refuses any release that would"
     " exceed it; every release is written to its signed, hash-chained ledger before it is sent.",
     "Neighbouring relation: add/remove one training record (the relation of the accountants).",

@@ -548,7 +548,8 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
 CLIENT_HELD_MODELS = (
     "Ditto's and APFL's personal models never leave the client and train without noise; DP "
     "covers what is sent (the global-model copies). Publishing a personal model would be an "
-    "unaccounted release.")
+    "unaccounted release, and their reported test metrics (evaluations of these models) are "
+    "not covered by the DP guarantee.")
 """results.json ``assumptions.client_held_models`` of a DP run with Ditto or APFL."""
 
 

@@ -46,6 +46,7 @@ from secure_fedora.algorithms.propagation import (
     embed_operator,
     resolve_propagation,
 )
+from secure_fedora.core.config import model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.registry import METHODS
 from secure_fedora.core.tensors import all_finite
@@ -559,6 +560,14 @@ class Local(FederatedMethod):
         return {i: {KEY_STEPS: _scalar(out.steps[i])} for i in participants}
 
 
+FINETUNING_UNDER_DP = (
+    "FedAvg's fine-tuned copies stay on the client: their fine-tuning steps are outside the "
+    "privacy plan and the ledgers, so the reported fedavg_ft test metric is not covered by the "
+    "DP guarantee (with private validation data the last fine-tuning epoch is reported, none "
+    "is chosen on validation data).")
+"""results.json ``assumptions.fedavg_finetuning`` of a DP run that fine-tunes FedAvg."""
+
+
 @METHODS.register("fedavg")
 class FedAvg(FederatedMethod):
     """FedAvg (McMahan et al., AISTATS 2017, "Communication-Efficient Learning of Deep
@@ -567,22 +576,34 @@ class FedAvg(FederatedMethod):
     reply carries as ``num_examples``).
 
     Evaluated both as the global model and after local fine-tuning of the final global model
-    (``finetune_epochs`` epochs, best epoch chosen on each client's validation data): the
-    finalize exchange sends the final global model to every client, which replies with the
-    test metric of its fine-tuned copy.
+    (``finetune_epochs`` epochs, best epoch chosen on each client's validation data, or the
+    last epoch when ``select_on_validation`` is False, as under private validation with DP):
+    the finalize exchange sends the final global model to every client, which replies with
+    the test metric of its fine-tuned copy.
     """
 
     name = "fedavg"
 
-    def __init__(self, ctx: MethodContext, finetune_epochs: int = 5) -> None:
+    def __init__(self, ctx: MethodContext, finetune_epochs: int = 5,
+                 select_on_validation: bool = True) -> None:
         super().__init__(ctx)
         self.global_params = ctx.init.clone()
         self.finetune_epochs = finetune_epochs
+        self.select_on_validation = select_on_validation
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FedAvg:
-        """``[fedavg] finetune_epochs`` sets the fine-tuning epochs."""
-        return cls(ctx, finetune_epochs=cfg.fedavg.finetune_epochs)
+        """``[fedavg] finetune_epochs`` sets the fine-tuning epochs; the epoch is chosen on
+        validation data exactly when rounds are (``model_selection``)."""
+        return cls(ctx, finetune_epochs=cfg.fedavg.finetune_epochs,
+                   select_on_validation=model_selection(cfg) == "validation")
+
+    @classmethod
+    def assumptions(cls, cfg: Any) -> dict[str, Any]:
+        """Under DP with fine-tuning: what the reported ``fedavg_ft`` metric is not covered by."""
+        if cfg.privacy.enabled and cfg.fedavg.finetune_epochs > 0:
+            return {"fedavg_finetuning": FINETUNING_UNDER_DP}
+        return {}
 
     @property
     def weights(self) -> Tensor:
@@ -660,21 +681,27 @@ class FedAvg(FederatedMethod):
 
     def client_finalize(self, i: int, message: Payload) -> Payload:
         """Fine-tune the received model for ``finetune_epochs`` epochs, one at a time; reply
-        the test metric at the epoch with the best validation metric (epoch 0 included)."""
+        the test metric at the epoch with the best validation metric (epoch 0 included), or
+        at the last epoch without consulting validation data (``select_on_validation`` False)."""
         ctx = self.ctx
         c = ctx.clients[i]
         one_epoch = TrainConfig(**{**ctx.train.__dict__, "local_epochs": 1})
         row = message[KIND_GLOBAL].clone()
         ctx.select(i)
-        best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
-        best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
+        select = self.select_on_validation
+        best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric if select else 0.0
+        best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric if select else 0.0
         for _ in range(self.finetune_epochs):
             local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
                         ctx.generators[i], ctx.workspace)
+            if not select:
+                continue
             val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
             if val > best_val:
                 best_val = val
                 best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
+        if not select:
+            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
         return {"finetuned_test_metric": _scalar(float(best_test))}
 
     @classmethod

@@ -191,12 +191,18 @@ def run_new_client_experiment(
     The federation's runs live in ``run_dir`` (checkpointed every round; rerunning with the
     same arguments resumes or reuses them). The trained clients' parameters are not changed
     by attaching newcomers. Raises :class:`NewClientError` for bad arguments or a config whose
-    relatedness is not plain or that asks for envelopes.
+    relatedness is not plain, that enables DP or that asks for envelopes.
     """
     if cfg.fedora.relatedness != "plain":
         raise NewClientError(
             f"fedora.relatedness {cfg.fedora.relatedness!r}: this experiment computes summaries "
             "in the clear and supports only 'plain'"
+        )
+    if cfg.privacy.enabled:
+        raise NewClientError(
+            "privacy.enabled = true: this experiment computes every summary and the newcomers' "
+            "lambda in the clear and trains the newcomers outside any privacy plan, so it would "
+            "run weaker than configured; run it with privacy.enabled = false"
         )
     if cfg.security.envelopes:
         raise NewClientError(

@@ -40,14 +40,15 @@ def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path,
 
 
 def plot_per_client(methods: dict[str, dict[str, Any]], path: Path, metric: str = "accuracy") -> Path:
-    """Selected (best-validation) test ``metric`` of every client, one marker series per method."""
+    """Test ``metric`` of every client at the reported round (best mean validation, or the
+    final round), one marker series per method."""
     name = metric_label(metric)
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for name, body in methods.items():
         acc = body["selected"]["per_client"]
         ax.plot(range(len(acc)), acc, marker="o", markersize=3, linewidth=0.8, label=name)
     ax.set_xlabel("client")
-    ax.set_ylabel(f"test {name} (best-validation model)")
+    ax.set_ylabel(f"test {name} (reported round's model)")
     ax.set_title(f"Per-client {name}")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -798,17 +798,20 @@ class Simulation:
 
         flat = method.ctx.flat
         clients = method.ctx.clients  # on the run's device
+        # With the final round selected (private validation data under DP) the validation
+        # splits are not evaluated at all: nothing computed from them is kept or checkpointed.
+        select_final = bool(tracker.select_final)
         packed = self._eval_packed.get(id(method))
         if packed is None:  # once per method run: every client's validation and test splits
-            packed = pack_split_sets(flat, [[(c.val_x, c.val_y) for c in clients],
-                                            [(c.test_x, c.test_y) for c in clients]])
+            sets = [] if select_final else [[(c.val_x, c.val_y) for c in clients]]
+            packed = pack_split_sets(flat, [*sets, [(c.test_x, c.test_y) for c in clients]])
             self._eval_packed = {id(method): packed}
         # All clients' rows at once (views, no copy), equal to ``evaluate`` per client within
         # float rounding of the loss; accuracy and AUC come from the same logits.
         rows = [method.eval_row(i) for i in range(len(clients))]
-        val, test = evaluate_many_sets(flat, rows, packed)
+        *val, test = evaluate_many_sets(flat, rows, packed)
         for i in range(len(clients)):
-            tracker.last_val[i] = val[i].metric
+            tracker.last_val[i] = 0.0 if select_final else val[0][i].metric
             tracker.last_test[i] = test[i].metric
             crash_point("evaluate")
         tracker.update(rnd)

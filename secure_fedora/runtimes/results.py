@@ -79,10 +79,32 @@ def _assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
         **({"noise_source": NOISE_SOURCE_DESCRIPTIONS[cfg.privacy.noise],
             **noise_assumptions(cfg),
             "neighbouring_relation": "add/remove one record; dataset sizes public",
-            "accountant": cfg.privacy.accountant}
+            "accountant": cfg.privacy.accountant,
+            "evaluation": EVALUATION_UNDER_DP,
+            "data_fingerprint": FINGERPRINT_UNDER_DP}
            if dp else {}),
+        **({"methods_compared": METHODS_COMPARED} if dp and len(cfg.methods) > 1 else {}),
         **_method_assumptions(cfg),
     }
+
+
+EVALUATION_UNDER_DP = (
+    "each client's test split is treated as public: the per-client test metric of every "
+    "reported model is published (results.json, rounds.csv, plots) outside the ledgers; "
+    "validation metrics are computed only when they choose the reported round "
+    "(model_selection = 'validation', i.e. public or non-DP validation data)")
+"""results.json ``assumptions.evaluation`` of a DP run."""
+
+FINGERPRINT_UNDER_DP = (
+    "data_fingerprint is a SHA-256 of every client's data (it binds checkpoints and results "
+    "to it): it identifies the exact datasets and is not differentially private; share "
+    "results.json only with those who may know which data was used")
+"""results.json ``assumptions.data_fingerprint`` of a DP run."""
+
+METHODS_COMPARED = (
+    "each method is a separate experiment on the same clients' data: its epsilon holds for its "
+    "own releases alone; deploying several of them against one server composes their budgets")
+"""results.json ``assumptions.methods_compared`` of a DP run of more than one method."""
 
 
 def _declaring_classes(names: Iterable[str]) -> list[tuple[str, type[FederatedAlgorithm]]]:

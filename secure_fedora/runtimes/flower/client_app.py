@@ -66,7 +66,7 @@ from privacy.identity import (
 from privacy.noise import NoiseSource, make_noise_source
 from privacy.pipeline import EncryptPayload, Release
 from secure_fedora.algorithms.contract import Payload, round_mechanisms
-from secure_fedora.core.config import ExperimentConfig
+from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import evaluate
 from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
@@ -797,8 +797,10 @@ def _run_client_half(
     if stage == "evaluate":
         row = algorithm.client_eval_row(i, incoming)
         c = ctx.clients[i]
-        return {}, {"val-metric": float(evaluate(ctx.flat, row, c.val_x, c.val_y).metric),
-                    "test-metric": float(evaluate(ctx.flat, row, c.test_x, c.test_y).metric)}, None
+        metrics = {"test-metric": float(evaluate(ctx.flat, row, c.test_x, c.test_y).metric)}
+        if model_selection(cfg) == "validation":  # private validation under DP never leaves
+            metrics["val-metric"] = float(evaluate(ctx.flat, row, c.val_x, c.val_y).metric)
+        return {}, metrics, None
     if stage == "finalize":
         return algorithm.client_finalize(i, message), {}, None
     raise DeployError(f"unknown exchange {stage!r}")

@@ -766,9 +766,11 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
                                  {c: messages.get(c) for c in clients},
                                  server.settings.round_timeout)
     tracker = run.tracker
+    select_final = bool(tracker.select_final)  # clients then send no validation metric
     for cid, metrics in replies.metrics.items():
         try:
-            val, test = float(metrics["val-metric"]), float(metrics["test-metric"])
+            test = float(metrics["test-metric"])
+            val = 0.0 if select_final else float(metrics["val-metric"])
         except (KeyError, TypeError, ValueError):
             server.event(rnd, cid, server.node_of_client[cid],
                          "evaluation reply without metrics: keeps its last metrics")
@@ -919,6 +921,10 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         ),
         "data": "the server holds no client data; clients report split sizes and the data "
                 "schema at first contact",
+        "evaluation_reports": "after each evaluated round every client sends the server its "
+                              "test metric (and its validation metric only when that chooses "
+                              "the reported round), and FedAvg's fine-tuned test metric at the "
+                              "end; these reports are outside the ledgers",
     }
     if server.relatedness_details:
         holder = server.relatedness_details.get("key_holder", settings.key_holder)

@@ -23,6 +23,7 @@ from secure_fedora.algorithms.contract import (
     method_class,
     method_releases,
 )
+from secure_fedora.algorithms.messages import KIND_GLOBAL
 from secure_fedora.algorithms.methods import FedAvg, Fedora, Local
 from secure_fedora.core import registry
 from secure_fedora.core.config import ConfigError, parse_config
@@ -307,3 +308,47 @@ def test_enveloped_fedora_resumes_with_the_clients_held_downloads(tmp_path, monk
     held, reference = (sim.methods["fedora"].exchange.client_rows["phi"] for sim in (resumed, full))
     assert torch.equal(held, reference)  # client 1 still holds its round-1 phi
     assert torch.equal(resumed.methods["fedora"].theta, full.methods["fedora"].theta)
+
+
+class _Sealed(torch.Tensor):
+    """A tensor whose values no torch operation may read (its shape is public): reading them
+    fails the test."""
+
+    PUBLIC = (torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.__len__)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in cls.PUBLIC:
+            return super().__torch_function__(func, types, args, kwargs or {})
+        raise AssertionError(f"private validation data was read ({func})")
+
+
+def test_fedavg_finetuning_under_private_validation_never_reads_validation_data():
+    """With private validation data under DP the reported fine-tuned metric is the last
+    epoch's; no epoch is chosen on (or computed from) validation rows."""
+    private = _config("fedavg", fedavg={"finetune_epochs": 2}, privacy=DP,
+                      data={"validation": "private"})
+    ctx = build_context(private, build_clients(private))
+    method = FedAvg.from_config(ctx, private)
+    assert not method.select_on_validation
+    for c in ctx.clients:
+        c.val_x = c.val_x.as_subclass(_Sealed)
+    reply = method.client_finalize(0, {KIND_GLOBAL: ctx.init})
+    assert 0.0 <= float(reply["finetuned_test_metric"]) <= 1.0
+    public = _config("fedavg", fedavg={"finetune_epochs": 2}, privacy=DP)
+    assert FedAvg.from_config(build_context(public, build_clients(public)), public).select_on_validation
+
+
+def test_a_dp_run_on_private_validation_data_never_reads_it_outside_accounted_releases(tmp_path):
+    """Local and FedAvg (with fine-tuning) under DP with private validation data: the round
+    reported is the final one, so neither training, evaluation, fine-tuning nor the results
+    read a validation value (the data fingerprint, computed before, binds the run to it)."""
+    cfg = _config("local", fedavg={"finetune_epochs": 1}, privacy=DP,
+                  data={"validation": "private"}).model_copy(update={"methods": ["local", "fedavg"]})
+    clients = build_clients(cfg)
+    sim = Simulation(cfg, tmp_path / "run", clients=clients)
+    for c in clients:
+        c.val_x = c.val_x.as_subclass(_Sealed)
+    results = sim.run()
+    assert results["assumptions"]["model_selection"] == "final_round"
+    assert len(results["methods"]["fedavg_ft"]["selected"]["per_client"]) == 3

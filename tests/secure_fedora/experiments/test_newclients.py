@@ -152,3 +152,13 @@ def test_envelopes_are_refused_rather_than_silently_skipped(tmp_path, clients):
     with pytest.raises(NewClientError, match="security.envelopes"):
         run_new_client_experiment(cfg, tmp_path, held_out=2, clients=clients)
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_dp_is_refused_rather_than_run_outside_the_privacy_plan(tmp_path, clients):
+    """A private config of Local only passes validation; the experiment used to train FEDORA
+    and FedAvg under it with plain summaries, lambda in the clear and newcomers outside any plan."""
+    cfg = tiny(methods=["local"], privacy={"enabled": True, "epsilon": 4.0, "delta": 1e-3},
+               data={"train_per_client": 32})
+    with pytest.raises(NewClientError, match="privacy.enabled = true"):
+        run_new_client_experiment(cfg, tmp_path, held_out=2, epochs=[0, 1], clients=clients)
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

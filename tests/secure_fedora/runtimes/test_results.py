@@ -55,11 +55,27 @@ def test_no_derived_entries_without_their_inputs() -> None:
 def test_client_held_models_assumption_is_declared_by_ditto_and_apfl_under_dp() -> None:
     expected = ("Ditto's and APFL's personal models never leave the client and train without "
                 "noise; DP covers what is sent (the global-model copies). Publishing a personal "
-                "model would be an unaccounted release.")
+                "model would be an unaccounted release, and their reported test metrics "
+                "(evaluations of these models) are not covered by the DP guarantee.")
     for methods in (["ditto"], ["apfl", "ditto"]):
         assert _build(_config(methods, dp=True), {})["assumptions"]["client_held_models"] == expected
     assert "client_held_models" not in _build(_config(["ditto"]), {})["assumptions"]
     assert "client_held_models" not in _build(_config(["fedora"], dp=True), {})["assumptions"]
+
+
+def test_a_dp_run_states_what_its_epsilon_does_not_cover() -> None:
+    """Published test metrics, several methods on the same data, FedAvg's fine-tuned copies:
+    each is stated in the assumptions of a DP run (and absent without DP)."""
+    a = _build(_config(["fedora", "fedavg"], dp=True), {})["assumptions"]
+    assert "test split is treated as public" in a["evaluation"]
+    assert "validation metrics are computed only when they choose" in a["evaluation"]
+    assert "composes their budgets" in a["methods_compared"]
+    assert "not covered by the DP guarantee" in a["fedavg_finetuning"]
+    assert "not differentially private" in a["data_fingerprint"]
+    one = _build(_config(["fedora"], dp=True), {})["assumptions"]
+    assert "evaluation" in one and "methods_compared" not in one and "fedavg_finetuning" not in one
+    plain = _build(_config(["fedora", "fedavg"]), {})["assumptions"]
+    assert not {"evaluation", "methods_compared", "fedavg_finetuning", "data_fingerprint"} & set(plain)
 
 
 def test_a_plug_in_declares_its_own_rows_and_may_not_replace_a_path() -> None:

@@ -239,19 +239,34 @@ def test_grid_fedora_with_a_sparse_operator_equals_the_in_process_runtime(tmp_pa
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(tmp_path: Path) -> None:
+def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """... and, the validation data being private, no client evaluates (or reports to the
+    server) a validation metric: not in evaluation rounds, not in FedAvg's fine-tuning."""
     import shutil
 
+    import secure_fedora.algorithms.methods as methods_module
     from audits.verify import verify_run
     from privacy.identity import client_ids, load_identity
     from privacy.ledger import line_hash, read_ledger, verify_ledger_file
+    from secure_fedora.runtimes.flower import client_app
 
+    evaluated: list[int] = []
+    for module in (client_app, methods_module):
+        def spy(flat, row, x, y, *args, _real=module.evaluate, **kwargs):  # type: ignore[no-untyped-def]
+            evaluated.append(int(x.shape[0]))
+            return _real(flat, row, x, y, *args, **kwargs)
+        monkeypatch.setattr(module, "evaluate", spy)
     cfg = with_methods(dp_config(noise="reproducible"), "fedavg", "ditto")
+    assert (cfg.data.val_per_client, cfg.data.test_per_client) == (32, 64)
     result_dir = tmp_path / "result"
     result_dir.mkdir()
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "result-dir": str(result_dir)})
     results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
                                         RunSettings.from_run_config(rc), 42)
+    assert evaluated and set(evaluated) == {64}  # test splits only
+    assert "val-metric" not in json.dumps(results) and "evaluation_reports" in results["assumptions"]
     audit = tmp_path / "audit"
     shutil.copyfile(result_dir / "results.json", audit.mkdir() or audit / "results.json")
     for method in ("fedavg", "ditto"):
