@@ -392,6 +392,8 @@ class ExperimentConfig(_Section):
         for key, budget in p.overrides.items():
             if not (key.isascii() and key.isdigit()) or int(key) >= d.num_clients:
                 raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")
+            if key != str(int(key)):  # "00" would name client 0 a second time
+                raise ValueError(f"privacy.overrides.{key}: write the client index as {int(key)}")
             delta = budget.delta if budget.delta is not None else p.delta
             if delta >= 1.0 / d.train_per_client:
                 raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n = {1 / d.train_per_client:g}")

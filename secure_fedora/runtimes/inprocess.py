@@ -105,6 +105,14 @@ def _federated_clients(cfg: ExperimentConfig, data: Any) -> list[ClientData]:
                     f"data.train_per_client = {d.train_per_client}; with privacy on, set it to "
                     "the smallest client's size (it bounds delta < 1/n and sets the sample rate q; "
                     "each client's DP-SGD step then averages over its own expected batch q * n_i)")
+            override = cfg.privacy.overrides.get(str(c.client_id))
+            delta = override.delta if override is not None and override.delta is not None \
+                else cfg.privacy.delta
+            if delta >= 1.0 / c.num_train:
+                raise DataError(
+                    f"client {c.client_id} has {c.num_train} training rows, so its delta = "
+                    f"{delta:g} is not below 1/n = {1 / c.num_train:g} (a delta that large may "
+                    "release a record outright); lower privacy.delta (or its override)")
             if d.validation == "private" and c.num_val != d.val_per_client:
                 raise DataError(
                     f"client {c.client_id} has {c.num_val} validation rows but "
@@ -164,6 +172,12 @@ def build_context(
     num_classes, multilabel = label_space(clients)
     task = resolve_task(cfg.training.loss, multilabel, config_dir(cfg))
     width = task.output_width(num_classes, multilabel)
+    if task.name == "bce" and not multilabel and num_classes > 2:
+        from secure_fedora.data.sources import DataError
+
+        raise DataError(f"training.loss = 'bce' with single labels is binary (labels 0 and 1, one "
+                        f"output), but the data has {num_classes} classes; use 'cross_entropy', "
+                        "or give multi-hot (n, C) targets for multi-label")
     input_shape = tuple(int(v) for v in clients[0].train_x.shape[1:])
     source = "the model factory"
     if model_factory is None and cfg.model.factory is not None:
@@ -673,6 +687,10 @@ class Simulation:
         if resume and path.exists():
             state = load_checkpoint(path)
             self._check_identity(state, path)
+            if state.get("method_name", name) != name:
+                raise CheckpointError(
+                    f"checkpoint {path} was written by method {state['method_name']!r}, not "
+                    f"{name!r}; refuse to resume (restore {path.name} or start a new run)")
             if state.get("outcome") is not None:
                 method.load_state_dict(state["method"])
                 if privacy is not None:
@@ -823,6 +841,9 @@ class Simulation:
             "round": rnd,
             "version": __version__,
             **self._identity(),
+            # the registered name it runs under: a checkpoint copied to another method's file
+            # is refused on resume
+            "method_name": next(n for n, m in self.methods.items() if m is method),
             "method": method.state_dict(),
             "tracker": tracker.state_dict(),
             "round_generator": round_gen.get_state(),

@@ -132,15 +132,30 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default")
 def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
     """Write the public keys of ``parties`` from ``keystore`` into ``dest``: ``allowlist.json``
     (those parties only) and each party's ``.ed25519.pub``/``.x25519.pub``. No private key is
-    copied. Returns the published identities."""
+    copied. Returns the published identities. Refuses (IdentityError, nothing written) when
+    ``dest`` already lists other keys for one of ``parties`` (a resume with another store)."""
     known = load_allowlist(keystore / ALLOWLIST_FILENAME)
     missing = [p for p in parties if p not in known]
     if missing:
         raise IdentityError(f"key store {keystore} lacks parties {missing}")
     from secure_fedora.core.files import atomic_write_bytes
 
-    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     chosen = {p: known[p] for p in parties}
+    published = dest / ALLOWLIST_FILENAME
+    if published.exists():  # a resumed run: its ledgers are signed by the published keys
+        try:
+            before = load_allowlist(published)
+        except IdentityError as err:
+            raise IdentityError(f"{published} is unreadable ({err}); refusing to replace the "
+                                "run's public keys") from None
+        differ = sorted(p for p in chosen if p in before and before[p] != chosen[p])
+        if differ:
+            raise IdentityError(
+                f"key store {keystore} does not hold this run's keys: {published} lists other "
+                f"public keys for {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}; "
+                "pass the run's key store (--keystore, or [security] keystore); nothing was "
+                "written")
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     for party in parties:
         for suffix in ("ed25519.pub", "x25519.pub"):
             src = keystore / f"{party}.{suffix}"

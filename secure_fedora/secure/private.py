@@ -503,7 +503,11 @@ class FederationPrivacy:
         start, relatedness summaries included) with ``saved`` (:meth:`checkpoint_state` of
         that round's checkpoint; None without one): ledger entries of later rounds are
         replayed by the gates (consumed, not appended), refusals and events are those of the
-        checkpoint."""
+        checkpoint. A ledger that no longer holds what the checkpoint recorded of it (lost,
+        truncated or replaced since) refuses the resume with :class:`LedgerError`: continuing
+        would account fewer releases than were made."""
+        if saved is not None:
+            self._check_ledgers_hold(saved, last_round)
         for k, c in enumerate(self.clients):
             entries = c.ledger.entries
             start = 0 if last_round is None else next(
@@ -522,10 +526,31 @@ class FederationPrivacy:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a round checkpoint must keep of the privacy side (refusals and events), so a
-        resume reports them as an uninterrupted run does."""
+        resume reports them as an uninterrupted run does, and each ledger's head (entries,
+        hash of the last line), so a resume notices a ledger lost or cut since."""
         return {"events": [dict(e) for e in self.events],
-                "clients": [{"refused_at": c.refused_at, "refusal": c.refusal}
-                            for c in self.clients]}
+                "clients": [{"refused_at": c.refused_at, "refusal": c.refusal,
+                             "ledger_head": list(c.ledger.head)} for c in self.clients]}
+
+    def _check_ledgers_hold(self, saved: dict[str, Any], last_round: int | None) -> None:
+        """Every ledger still holds the entries the checkpoint recorded (same count or more,
+        the recorded last line still in the chain); checkpoints written before heads were
+        recorded are not checked."""
+        for k, c in enumerate(self.clients):
+            recorded = saved["clients"][k].get("ledger_head")
+            if recorded is None:
+                continue
+            count, head = int(recorded[0]), str(recorded[1])
+            now, now_head = c.ledger.head
+            if now == count and now_head == head:
+                continue
+            if now > count and c.ledger.entries_between(count, count)[0]["prev_hash"] == head:
+                continue
+            raise LedgerError(
+                f"client {c.client_id!r}: its ledger holds {now} entries but the round-"
+                f"{last_round} checkpoint recorded {count} (ending in {head[:12]}...): the ledger "
+                "was lost, cut or replaced since; resuming would account fewer releases than "
+                "were made. Restore the ledger and its journal from a copy, or start a new run")
 
     def _prepare(self, i: int, rnd: int, kind: str, noise: NoiseSource | None) -> bytes:
         """The noise state to journal for client ``i``'s round-``rnd`` ``kind`` release, read

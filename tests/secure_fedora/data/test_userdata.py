@@ -363,3 +363,28 @@ def test_flower_runtime_refuses_user_plugins(section: dict, key: str) -> None:
 
     with pytest.raises(DeployError, match=f"{key} = .*run in process"):
         check_supported(parse_config({"methods": ["fedora"], **section}))
+
+
+def test_federated_list_under_dp_checks_delta_against_every_clients_size(plug: str) -> None:
+    """delta < 1/n was checked against train_per_client (the smallest client) only: a larger
+    client got a delta above its own 1/n (sizes 30, 50, 40)."""
+    data = {"source": f"{plug}:federated", "train_per_client": 30}
+    ok = config(plug, data=data, privacy={"enabled": True, "delta": 0.019})
+    Experiment(ok).check()
+    loose = config(plug, data=data, privacy={"enabled": True, "delta": 0.025})
+    with pytest.raises(DataError, match=r"client 1 has 50 training rows, so its delta = 0.025 is "
+                                        r"not below 1/n = 0.02"):
+        Experiment(loose).check()
+    override = config(plug, data=data, privacy={"enabled": True, "delta": 0.001,
+                                               "overrides": {"2": {"epsilon": 1.0, "delta": 0.03}}})
+    with pytest.raises(DataError, match="client 2 has 40 training rows"):
+        Experiment(override).check()
+
+
+def test_binary_bce_refuses_more_than_two_classes(plug: str) -> None:
+    """BCE on single labels 0..3 used to train one logit against targets 2 and 3 and report
+    an AUC (rc 0)."""
+    cfg = config(plug, data={"source": f"{plug}:good"}, training={"loss": "bce"})
+    with pytest.raises(DataError, match="'bce' with single labels is binary .* 4 classes; use "
+                                        "'cross_entropy'"):
+        Experiment(cfg).check()

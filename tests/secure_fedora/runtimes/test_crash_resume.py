@@ -4,6 +4,7 @@ every method; each release is accounted once and re-made from its journal, never
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +282,29 @@ def test_sigkill_between_ledger_and_journal_then_resume_is_exact(tmp_path):
     resumed = _subprocess_run(cfg_path, tmp_path / "cut", True)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path / "cut", tmp_path / "ref")
+
+
+@pytest.mark.parametrize("damage", ["lost", "cut"])
+@pytest.mark.parametrize("finished", [False, True], ids=["crashed", "finished"])
+def test_a_ledger_lost_or_cut_since_the_checkpoint_refuses_the_resume(tmp_path, clients, damage,
+                                                                      finished):
+    """A resume used to re-create a lost ledger folder (epsilon 0 from the checkpoint's round
+    on) or continue a cut one (ledger and journal shortened together): either under-counts
+    what was released. The checkpoint now records every ledger's head."""
+    cfg = config(["fedora"], True)
+    if finished:
+        Simulation(cfg, tmp_path, clients=clients).run()
+    else:
+        assert run_until_crash(cfg, tmp_path, clients, "train@4")  # round 2, after round 1's checkpoint
+    folder = tmp_path / "ledgers" / "fedora"
+    if damage == "lost":
+        shutil.rmtree(folder)
+    else:
+        ledger = folder / "client-001.jsonl"
+        lines = ledger.read_text().splitlines(keepends=True)
+        ledger.write_text("".join(lines[:-2]))
+        (folder / "client-001.journal").unlink()
+    left = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(LedgerError, match="the ledger was lost, cut or replaced since"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == left or damage == "lost"

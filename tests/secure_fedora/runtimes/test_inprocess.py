@@ -128,6 +128,19 @@ def test_checkpoint_from_other_config_is_refused(tmp_path, tiny_clients):
         Simulation(other, tmp_path, clients=tiny_clients).run(resume=True)
 
 
+def test_a_checkpoint_copied_to_another_methods_file_is_refused(tmp_path, tiny_clients):
+    """Local resumed from FedAvg's checkpoint used to report FedAvg's accuracy as Local's."""
+    cfg = tiny(training={"rounds": 2}, methods=["local", "fedavg"])
+    Simulation(cfg, tmp_path, clients=tiny_clients).run()
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "local.pt").write_bytes((ckpt / "fedavg.pt").read_bytes())
+    (tmp_path / "results.json").unlink()
+    rounds = (tmp_path / "rounds.csv").read_text()
+    with pytest.raises(CheckpointError, match="written by method 'fedavg', not 'local'"):
+        Simulation(cfg, tmp_path, clients=tiny_clients).run(resume=True)
+    assert (tmp_path / "rounds.csv").read_text() == rounds  # nothing rewritten
+
+
 def test_checkpoint_with_nan_parameters_is_refused(tmp_path, tiny_clients):
     cfg = tiny(training={"rounds": 2}, methods=["local"])
     sim = Simulation(cfg, tmp_path, clients=tiny_clients)

@@ -56,3 +56,17 @@ def test_publish_copies_public_keys_only(tmp_path):
         (store / "operator.ed25519.pub").read_bytes()
     with pytest.raises(IdentityError, match="lacks parties"):
         publish_public_keys(store, run_keys, run_party_ids(5))
+
+
+def test_publishing_another_stores_keys_over_a_runs_keys_is_refused(tmp_path):
+    """A resume given another key store used to overwrite the run's public keys (and then
+    fail on its own ledgers' signatures, leaving a run that no longer verifies)."""
+    run_keys = tmp_path / "run" / "keys"
+    ensure_keystore(tmp_path / "store", run_party_ids(2))
+    publish_public_keys(tmp_path / "store", run_keys, run_party_ids(2))
+    before = {p.name: p.read_bytes() for p in run_keys.iterdir()}
+    publish_public_keys(tmp_path / "store", run_keys, run_party_ids(2))  # the same store: fine
+    ensure_keystore(tmp_path / "other", run_party_ids(2))
+    with pytest.raises(IdentityError, match="does not hold this run's keys.*nothing was written"):
+        publish_public_keys(tmp_path / "other", run_keys, run_party_ids(2))
+    assert {p.name: p.read_bytes() for p in run_keys.iterdir()} == before
