@@ -1106,6 +1106,10 @@ def _coverage(ctx: _RunContext, methods: Sequence[str | None]) -> None:
             " deployments compared in one run), not for all of them together"))
 
 
+RUN_MARKERS = ("config.toml", "results.json", "ledgers", "anchor.json", "keys")
+"""What a run directory holds; a directory with none of them is refused as bad input."""
+
+
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                rel_tol: float = DEFAULT_REL_TOL,
                pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
@@ -1118,11 +1122,14 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     under-reports epsilon by more than ``rel_tol`` against dp_accounting, and stays within
     its budget. Every error names the client, the method, the entry (line position) where
     applicable, the check and what is wrong. Raises :class:`AuditError` only when
-    ``run_dir`` itself is missing or an argument is invalid.
+    ``run_dir`` itself is missing, holds none of :data:`RUN_MARKERS`, or an argument is invalid.
     """
     run = Path(run_dir)
     if not run.is_dir():
         raise AuditError(f"run directory {run} does not exist or is not a directory")
+    if not any((run / name).exists() for name in RUN_MARKERS):
+        raise AuditError(f"{run} is not a run directory: it holds none of "
+                         f"{', '.join(RUN_MARKERS)}")
     if isinstance(rel_tol, bool) or not isinstance(rel_tol, int | float) or not 0 <= rel_tol < 1:
         raise AuditError(f"rel_tol must be in [0, 1), got {rel_tol!r}")
     if isinstance(pld_checkpoints, bool) or not isinstance(pld_checkpoints, int) \

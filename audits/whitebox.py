@@ -114,7 +114,14 @@ class WhiteboxSetting:
 
 def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
                     delta: float) -> float | None:
-    rows = (((results or {}).get("privacy") or {}).get(method) or {}).get("plan") or []
+    rows: Any = results or {}
+    for key in ("privacy", method, "plan"):  # results.json's privacy.<method>.plan, if well formed
+        if not isinstance(rows, dict):
+            raise WhiteboxAuditError(f"results.json is malformed: privacy.{method}.plan is not "
+                                     "where the schema puts it (restore the run's results.json)")
+        rows = rows.get(key) or ({} if key != "plan" else [])
+    if not isinstance(rows, list):
+        raise WhiteboxAuditError(f"results.json is malformed: privacy.{method}.plan is not a list")
     for row in rows:
         if isinstance(row, dict) and row.get("epsilon_budget") == epsilon \
                 and row.get("delta") == delta and "noise_multiplier" in row:

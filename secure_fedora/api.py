@@ -149,7 +149,14 @@ class Experiment:
     def run(self, resume: bool = False,
             progress: Callable[[str, int, int], None] | None = None) -> Results:
         """Run every configured method; writes ``run_dir`` (results.json, rounds.csv,
-        checkpoints) and returns the :class:`Results`."""
+        checkpoints) and returns the :class:`Results`. A fresh run (``resume`` False) needs an
+        empty or new ``run_dir`` (RunDirError otherwise: it would overwrite another run's
+        results); ``resume=True`` continues the run it holds."""
+        if not resume and self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            from secure_fedora.runtimes.rundir import RunDirError
+
+            raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a new or "
+                              "empty run_dir, and run(resume=True) continues the run it holds")
         self.check()
         return Results(self.simulation(progress).run(resume=resume), self.run_dir)
 

@@ -75,7 +75,8 @@ def client_summary(x: Tensor, y: Tensor, num_classes: int, q: int = 1) -> Tensor
     """
     z = summary_rows(x, y, num_classes)
     if not 1 <= q <= min(z.shape):
-        raise RelatednessError(f"q must lie in [1, {min(z.shape)}]; got {q}")
+        raise RelatednessError(f"fedora.q = {q}: q must lie in [1, {min(z.shape)}] (at most a "
+                               "client's number of rows and of summary features); lower fedora.q")
     # Z^T = U S V^T; the left singular vectors of Z^T are the eigenvectors of Z^T Z.
     u, _, _ = torch.linalg.svd(z.T, full_matrices=False)
     return _fix_signs(u[:, :q].contiguous())
@@ -111,6 +112,9 @@ def similarity_matrix(overlaps: Tensor, tau: float = 10.0) -> Tensor:
         raise RelatednessError("overlaps contain NaN or infinite values")
     cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
     s = torch.exp(tau * cosines.sum(dim=-1))
+    if not torch.isfinite(s).all():
+        raise RelatednessError(f"fedora.tau = {tau:g}: exp(tau * sum of the cosines) overflows "
+                               "float64 (tau * q must stay below about 709); lower fedora.tau")
     s.fill_diagonal_(0.0)
     return s
 

@@ -185,8 +185,9 @@ class TrainingConfig(_Section):
     # Where all state, data and noise live: "cpu", "cuda" (refused when no GPU is visible) or
     # "auto" (cuda when available, else cpu).
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    # torch intra-op threads (torch.set_num_threads); unset: torch's default.
-    threads: PositiveInt | None = None
+    # torch intra-op threads (torch.set_num_threads); unset: torch's default. At most 1024
+    # (OpenMP allocates per thread up front: 10**9 exhausted memory before anything ran).
+    threads: Annotated[int, Field(ge=1, le=1024, strict=True)] | None = None
     # How the in-process runtime trains a round's participants: "loop" (each client in turn,
     # the reference path), "batched" (all participants together, secure_fedora.learning.batched;
     # equal to the loop within float rounding; a method, model or oracle it cannot reproduce

@@ -106,6 +106,10 @@ def _pair(x: Any, y: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     return xs, ys
 
 
+MAX_CLASSES = 1_000_000
+"""The most classes a source may declare (per-class tables are allocated from the count)."""
+
+
 def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> int:
     multilabel = labels[0].dim() == 2
     if any((y.dim() == 2) != multilabel for y in labels):
@@ -125,6 +129,9 @@ def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> i
         return found
     if isinstance(declared, bool) or not isinstance(declared, int | np.integer) or declared < 1:
         raise DataError(f"{where}: num_classes must be a positive integer, got {declared!r}")
+    if int(declared) > MAX_CLASSES:
+        raise DataError(f"{where}: num_classes = {declared} is more than {MAX_CLASSES:,} (the "
+                        f"labels reach {found - 1}); declare the classes the task has")
     if found > int(declared):
         kind = "multi-label targets have" if multilabel else "labels reach"
         raise DataError(f"{where}: {kind} {found - (0 if multilabel else 1)} but num_classes = "

@@ -628,6 +628,14 @@ class Simulation:
 
                 path, source = resolve_keystore(self.cfg.name, self.cfg.security.keystore,
                                                 self.keystore_override)
+                run = self.run_dir.expanduser().absolute()
+                if path == run or run in path.parents:
+                    from privacy.identity import IdentityError
+
+                    raise IdentityError(
+                        f"key store {path} ({source}) lies inside the run directory {run}: a DP "
+                        "run's private keys must live outside it (the run directory is what "
+                        "auditors receive); choose a key store elsewhere")
                 store = ensure_keystore(path, run_party_ids(len(self.clients)), source)
                 self.keystore_created = store.created
                 if store.created:

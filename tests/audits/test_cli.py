@@ -103,3 +103,15 @@ def test_canary_on_a_run_dir_writes_the_common_document(tmp_path, capsys):
     assert doc["verdict"] == "inconclusive" and code == 3
     assert doc["certifiable_max"] < 8.0 and doc["claim_epsilon"] == pytest.approx(8.0, rel=0.02)
     assert "certifiable maximum" in out and "cannot certify epsilon above" in out
+
+
+def test_verify_and_report_refuse_a_directory_that_is_not_a_run(tmp_path, capsys):
+    """An empty directory was verified as "not differentially private" (rc 1), and the report
+    wrote audit/ into it."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["audit", "verify", str(empty)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert main(["audit", "report", str(empty)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert not any(empty.iterdir())

@@ -181,3 +181,14 @@ def test_a_model_smaller_than_the_default_canary_count_is_audited_on_all_its_coo
     result = run_whitebox_audit(parse_config(doc))
     assert result.num_canaries == 17_538  # every parameter of the built-in MLP 5-128-128-2
     assert result.outcome.lower_bound <= result.setting.claim_epsilon
+
+
+def test_a_malformed_results_json_is_a_clear_error(tmp_path, capsys):
+    """``{"privacy": 5}`` in results.json was an AttributeError traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(tomli_w.dumps(_cfg_dict(3.0, noise="reproducible")))
+    for doc in ({"privacy": 5}, {"privacy": {"local": {"plan": 7}}}):
+        (run / "results.json").write_text(json.dumps(doc))
+        assert main(["audit", "whitebox", str(run), "--canaries", "100"]) == 2
+        assert "results.json is malformed: privacy.local.plan" in capsys.readouterr().err

@@ -199,3 +199,15 @@ def test_embed_subproblem_isolates_the_other_clients():
         fedora.embed_subproblem(torch.ones(3, 3), [0, 3, 2], 5)
     with pytest.raises(RelatednessError, match="increasing"):
         fedora.embed_subproblem(torch.ones(3, 3), [0, 2, 5], 5)
+
+
+def test_relatedness_errors_name_their_config_key():
+    """``q must lie in [1, 13]`` and ``similarities must be finite`` named neither key nor fix."""
+    x = torch.rand(5, 1, 2, 2)
+    y = torch.tensor([0, 1, 0, 1, 0])
+    with pytest.raises(fedora.RelatednessError, match=r"fedora.q = 20: .*lower fedora.q"):
+        fedora.client_summary(x, y, 2, q=20)
+    overlaps = torch.eye(1, dtype=torch.float64).expand(3, 3, 1, 1).clone()
+    with pytest.raises(fedora.RelatednessError, match=r"fedora.tau = 1e\+06: .*lower fedora.tau"):
+        fedora.similarity_matrix(overlaps, tau=1e6)
+    assert torch.isfinite(fedora.similarity_matrix(overlaps, tau=10.0)).all()

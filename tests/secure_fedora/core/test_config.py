@@ -48,6 +48,7 @@ def test_reference_config_is_the_reference_setting():
         ({"fedora": {"alpha": 1.0}}, "fedora.alpha"),
         ({"fedora": {"relatedness": "magic"}}, "fedora.relatedness"),
         ({"fedora": {"max_pull": 0}}, "fedora.max_pull"),
+        ({"training": {"threads": 10**9}}, "training.threads"),
         ({"privacy": {"enabled": True, "overrides": {"00": {"epsilon": 1.0}}},
           "methods": ["local"]},
          "privacy.overrides.00: write the client index as 0"),

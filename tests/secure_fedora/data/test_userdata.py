@@ -78,6 +78,11 @@ PLUGIN = textwrap.dedent('''
         d["num_classes"] = 3
         return d
 
+    def too_many_classes(seed):
+        d = good(seed)
+        d["num_classes"] = 10**9
+        return d
+
     def with_nan(seed):
         d = good(seed)
         d["x_train"][5, 2] = float("nan")
@@ -271,6 +276,8 @@ def test_missing_function(plug: str) -> None:
     ("row_mismatch", "has 180 inputs but 179 labels"),
     ("out_of_range", r"labels reach 3 but num_classes = 3; labels must lie in 0\.\.2"),
     ("with_nan", r"NaN or infinite values \(first in row 5\)"),
+    # it used to allocate per-class tables of 10**9 entries (15 GB, then a hang)
+    ("too_many_classes", r"num_classes = 1000000000 is more than 1,000,000 \(the labels reach 3\)"),
 ])
 def test_bad_data(plug: str, source: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
@@ -388,3 +395,19 @@ def test_binary_bce_refuses_more_than_two_classes(plug: str) -> None:
     with pytest.raises(DataError, match="'bce' with single labels is binary .* 4 classes; use "
                                         "'cross_entropy'"):
         Experiment(cfg).check()
+
+
+def test_python_api_refuses_to_overwrite_a_finished_run(plug: str, tmp_path: Path) -> None:
+    """The CLI refused a second run into the same directory; the API silently overwrote its
+    checkpoints and results.json."""
+    from secure_fedora.runtimes.rundir import RunDirError
+
+    cfg = config(plug, data={"source": f"{plug}:good"})
+    first = Experiment(cfg, run_dir=tmp_path / "run").run()
+    results = (tmp_path / "run" / "results.json").read_bytes()
+    other = config(plug, data={"source": f"{plug}:good"}, training={"lr": 0.5})
+    with pytest.raises(RunDirError, match="is not empty"):
+        Experiment(other, run_dir=tmp_path / "run").run()
+    assert (tmp_path / "run" / "results.json").read_bytes() == results
+    again = Experiment(cfg, run_dir=tmp_path / "run").run(resume=True)
+    assert again.mean("local") == first.mean("local")

@@ -70,3 +70,19 @@ def test_publishing_another_stores_keys_over_a_runs_keys_is_refused(tmp_path):
     with pytest.raises(IdentityError, match="does not hold this run's keys.*nothing was written"):
         publish_public_keys(tmp_path / "other", run_keys, run_party_ids(2))
     assert {p.name: p.read_bytes() for p in run_keys.iterdir()} == before
+
+
+@pytest.mark.parametrize("inside", [".", "keys", "deep/store"])
+def test_a_key_store_inside_the_run_directory_is_refused(tmp_path, inside):
+    """It was accepted, with a note claiming the keys were outside the run directory."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    cfg = parse_config({"methods": ["local"], "data": {"num_clients": 2, "train_per_client": 20,
+                        "val_per_client": 8, "test_per_client": 8, "groups": 2},
+                        "training": {"rounds": 1},
+                        "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}})
+    run = tmp_path / "run"
+    with pytest.raises(IdentityError, match="lies inside the run directory"):
+        Simulation(cfg, run, keystore=run / inside).run()
+    assert not (run / inside / "allowlist.json").exists()
