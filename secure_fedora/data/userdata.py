@@ -51,11 +51,20 @@ class FederatedData:
 
 def _tensor(value: Any, where: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise DataError(f"{where} is a tensor on the meta device (it holds no values)")
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise DataError(f"{where} is a numpy array of Python objects; expected numbers")
-        return torch.from_numpy(np.ascontiguousarray(value))
+        if value.dtype.kind in "USV":
+            raise DataError(f"{where} holds {value.dtype} values (text or bytes); expected numbers "
+                            "(map class names to labels 0..C-1)")
+        try:
+            return torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError as err:  # a numpy dtype torch has no tensor for
+            raise DataError(f"{where} has numpy dtype {value.dtype}, which torch cannot hold: "
+                            f"{err}") from None
     raise DataError(f"{where} is a {type(value).__name__}; expected a numpy array or a torch tensor")
 
 

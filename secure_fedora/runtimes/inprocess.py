@@ -235,8 +235,23 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
         except Exception as err:  # user loss code: report whatever it raised
             raise PluginError(f"training.loss {task.name!r} fails on the model's outputs: "
                               f"{type(err).__name__}: {err}") from err
+    if not losses.is_floating_point():
+        raise PluginError(f"training.loss {task.name!r} returns {losses.dtype} losses; per-sample "
+                          "losses must be floating point (differentiable)")
     if not torch.isfinite(losses).all():
         raise PluginError(f"training.loss {task.name!r} returns non-finite losses at initialization")
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # no dropout draw: the probe leaves every random stream as it was
+    try:
+        with torch.enable_grad():
+            if not task.checked(module(probe_x), probe_y).requires_grad:
+                raise PluginError(
+                    f"the loss of the model's outputs carries no gradient (training.loss "
+                    f"{task.name!r}): is the model's output or the loss detached from the "
+                    "parameters (.detach(), torch.no_grad, .item())?")
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
     if task.metric_name == "auc":
         for c in clients:
             for split in ("val", "test"):

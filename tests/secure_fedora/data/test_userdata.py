@@ -8,6 +8,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomli_w
 import torch
@@ -64,6 +65,20 @@ PLUGIN = textwrap.dedent('''
 
     def mean_ce(outputs, targets):
         return nn.functional.cross_entropy(outputs, targets)
+
+    def int_loss(outputs, targets):
+        return (outputs.argmax(dim=1) != targets).long()
+
+    class _Detached(nn.Module):
+        def __init__(self, width, num_classes):
+            super().__init__()
+            self.linear = nn.Linear(width, num_classes)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1)).detach()
+
+    def detached(input_shape, num_classes):
+        return _Detached(math.prod(input_shape), num_classes)
 
     def wrong_type(seed):
         return "not data"
@@ -284,6 +299,22 @@ def test_bad_data(plug: str, source: str, message: str) -> None:
         Experiment(config(plug, data={"source": f"{plug}:{source}"})).check()
 
 
+def test_text_labels_and_meta_tensors_are_clear_errors() -> None:
+    """String labels and meta-device inputs were TypeError / NotImplementedError tracebacks."""
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    y = np.array(["cat", "dog"] * 30)
+    data = {"x_train": x[:40], "y_train": y[:40], "x_test": x[40:], "y_test": y[40:]}
+    cfg = {"methods": ["local"], "data": {"partition": "iid", "num_clients": 2,
+                                          "train_per_client": 10, "val_per_client": 5,
+                                          "test_per_client": 5}}
+    with pytest.raises(DataError, match=r"y_train.* holds <U3 values \(text or bytes\)"):
+        Experiment(cfg, data=data).check()
+    meta = {**data, "y_train": np.zeros(40, dtype=np.int64), "y_test": np.zeros(20, dtype=np.int64),
+            "x_train": torch.empty(40, 4, device="meta")}
+    with pytest.raises(DataError, match="meta device"):
+        Experiment(cfg, data=meta).check()
+
+
 def test_bad_data_from_the_python_api() -> None:
     x = torch.randn(50, 4)
     with pytest.raises(DataError, match="negative label -1"):
@@ -327,6 +358,15 @@ def test_model_neither_dp_path_supports_is_refused_naming_the_layer(plug: str) -
 def test_reduced_loss_is_refused(plug: str) -> None:
     with pytest.raises(PluginError, match=r"per-sample losses of shape \(2,\)"):
         Experiment(config(plug, training={"loss": f"{plug}:mean_ce"})).check()
+
+
+def test_integer_losses_and_detached_outputs_are_refused_before_training(plug: str) -> None:
+    """Both trained into a torch RuntimeError traceback (mean() of Long; element 0 does not
+    require grad)."""
+    with pytest.raises(PluginError, match="returns torch.int64 losses"):
+        Experiment(config(plug, training={"loss": f"{plug}:int_loss"})).check()
+    with pytest.raises(PluginError, match="carries no gradient .*detached"):
+        Experiment(config(plug, model={"factory": f"{plug}:detached"})).check()
 
 
 def test_auc_needs_both_classes_in_every_split(plug: str) -> None:
