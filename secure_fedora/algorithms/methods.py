@@ -688,20 +688,21 @@ class FedAvg(FederatedMethod):
         one_epoch = TrainConfig(**{**ctx.train.__dict__, "local_epochs": 1})
         row = message[KIND_GLOBAL].clone()
         ctx.select(i)
-        select = self.select_on_validation
-        best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric if select else 0.0
-        best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric if select else 0.0
+        if not self.select_on_validation:
+            for _ in range(self.finetune_epochs):
+                local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
+                            ctx.generators[i], ctx.workspace)
+            last = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
+            return {"finetuned_test_metric": _scalar(float(last))}
+        best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
+        best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
         for _ in range(self.finetune_epochs):
             local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
                         ctx.generators[i], ctx.workspace)
-            if not select:
-                continue
             val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
             if val > best_val:
                 best_val = val
                 best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
-        if not select:
-            best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
         return {"finetuned_test_metric": _scalar(float(best_test))}
 
     @classmethod

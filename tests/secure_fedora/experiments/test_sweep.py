@@ -393,21 +393,27 @@ def mlp(input_shape, num_classes):
 '''
 
 
+def _plugin_project(tmp_path, module: str, name: str, tail: str = "") -> Path:
+    """A folder with PLUGIN as ``module`` and an ``exp.toml`` naming its source and model
+    (3 clients, 1 round); ``tail`` ends the file (after ``[training]``). Returns the toml."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(PLUGIN)
+    (folder / "exp.toml").write_text(
+        f'name = "{name}"\nseed = 0\nmethods = ["local"]\n'
+        f'[data]\nsource = "{module}:load"\npartition = "iid"\nnum_clients = 3\n'
+        'train_per_client = 24\nval_per_client = 8\ntest_per_client = 8\n'
+        f'[model]\nfactory = "{module}:mlp"\n'
+        '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 8\n' + tail)
+    return folder / "exp.toml"
+
+
 def test_a_config_with_plugins_sweeps_from_its_folder(tmp_path, monkeypatch):
     """data.source and model.factory, imported from the config file's folder, reach every
     cell (a cell's config is a copy); the defaults they replace are not taken as set."""
-    folder = tmp_path / "project"
-    folder.mkdir()
-    (folder / "sweep_plugin_data.py").write_text(PLUGIN)
-    (folder / "exp.toml").write_text(
-        'name = "plugins"\nseed = 0\nmethods = ["local"]\n'
-        '[data]\nsource = "sweep_plugin_data:load"\npartition = "iid"\nnum_clients = 3\n'
-        'train_per_client = 24\nval_per_client = 8\ntest_per_client = 8\n'
-        '[model]\nfactory = "sweep_plugin_data:mlp"\n'
-        '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 8\n'
-        '[privacy]\ndelta = 1e-3\n')
+    path = _plugin_project(tmp_path, "sweep_plugin_data", "plugins", "[privacy]\ndelta = 1e-3\n")
     monkeypatch.chdir(tmp_path)  # the plug-in is found through the config's folder only
-    cfg = load_config(folder / "exp.toml")
+    cfg = load_config(path)
     result = run_sweep(cfg, tmp_path / "sweep", ["fedora", "local"], [0, 1], [None, 4.0])
     assert len(result.ran) == 6  # fedora x {none, 4} x 2 seeds, local (non-private) x 2 seeds
     setup = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()[2]
@@ -449,16 +455,7 @@ def test_private_cells_check_a_sources_own_clients_as_a_private_run_does(tmp_pat
 def test_a_binary_task_sweep_names_its_metric_roc_auc(tmp_path, monkeypatch):
     """training.loss = "bce" is scored by ROC AUC; the table, its prose and the run plots
     said "accuracy" for any metric."""
-    folder = tmp_path / "project"
-    folder.mkdir()
-    (folder / "sweep_plugin_auc.py").write_text(PLUGIN)
-    (folder / "exp.toml").write_text(
-        'name = "auc"\nseed = 0\nmethods = ["local"]\n'
-        '[data]\nsource = "sweep_plugin_auc:load"\npartition = "iid"\nnum_clients = 3\n'
-        'train_per_client = 24\nval_per_client = 8\ntest_per_client = 8\n'
-        '[model]\nfactory = "sweep_plugin_auc:mlp"\n'
-        '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 8\nloss = "bce"\n')
-    cfg = load_config(folder / "exp.toml")
+    cfg = load_config(_plugin_project(tmp_path, "sweep_plugin_auc", "auc", 'loss = "bce"\n'))
     result = run_sweep(cfg, tmp_path / "sweep", ["local"], [0])
     assert result.ran == ["local/eps-none/seed-0"]
     md = (tmp_path / "sweep" / "sweep.md").read_text()
