@@ -85,6 +85,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
+from privacy.accounting import AccountingSizeError, check_pld_size
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS
@@ -472,13 +473,19 @@ def _rdp_epsilon(total: np.ndarray, delta: float) -> float:
 PLD_VALUE_DISCRETIZATION = 1e-3
 
 
-def _pld_epsilon(counts: dict[tuple[float, float], int], delta: float) -> float:
+def _pld_epsilon(counts: dict[tuple[float, float], int], delta: float) -> float | None:
     return _pld_epsilon_cached(tuple(sorted(counts.items())), delta)
 
 
 @functools.lru_cache(maxsize=512)
 def _pld_epsilon_cached(counts: tuple[tuple[tuple[float, float], int], ...],
-                        delta: float) -> float:
+                        delta: float) -> float | None:
+    """None when the PLD would exceed the accounting layer's memory guard (only the size is
+    taken from it; the epsilon is dp_accounting's own)."""
+    try:
+        check_pld_size([(nm, q, steps) for (nm, q), steps in counts], PLD_VALUE_DISCRETIZATION)
+    except AccountingSizeError:
+        return None
     acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
     for (nm, q), steps in counts:
         acc.compose(_event(nm, q), steps)
@@ -796,6 +803,16 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         if clip is not None and clip not in m["clip_norms"]:
             m["clip_norms"].append(clip)
 
+    real_releases = [r for r in releases if r is not None]
+    if real_releases and _number(delta) and 0 < delta < 1:
+        try:
+            check_pld_size(real_releases, PLD_VALUE_DISCRETIZATION)
+        except AccountingSizeError as exc:
+            if accountant == "rdp":
+                warn(None, "pld_too_large", f"the PLD cross-check was not computed: {exc}; the"
+                     " independent RDP check of every entry ran")
+            else:
+                err(None, "pld_too_large", f"epsilon cannot be verified independently: {exc}")
     independent: list[float | None] = [None] * len(entries)
     if accountant in ACCOUNTANTS and _number(delta) and 0 < delta < 1:
         independent = independent_epsilons(releases, float(delta), accountant, pld_checkpoints)

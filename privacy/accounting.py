@@ -49,6 +49,12 @@ RDP_EXTRA_ORDERS: tuple[float, ...] = (128.0, 256.0, 512.0, 1024.0)
 #: library's 1e-4 is ~10x faster and measured 1e-6 relative looser on DP-SGD plans.
 PLD_VALUE_DISCRETIZATION = 1e-3
 
+#: Largest privacy-loss distribution (points of its discretized PMF) we let dp_accounting
+#: build or compose. Building one peaks at about 180 bytes per point (measured: 12 million
+#: points, 2.2 GB), so this bounds one PLD epsilon near 1 GB; only huge epsilons need more
+#: (a single Gaussian release at noise multiplier 0.04 is already epsilon ~400).
+PLD_MAX_GRID_POINTS = 5_000_000
+
 _STATE_VERSION = 1
 
 class AccountingError(ToolkitError, ValueError):
@@ -57,6 +63,11 @@ class AccountingError(ToolkitError, ValueError):
 
 class CalibrationError(AccountingError):
     """No noise multiplier can meet the requested target for the given plan."""
+
+
+class AccountingSizeError(AccountingError):
+    """The analysis would allocate more than its memory guard allows (an epsilon far too large
+    for the discretized accountants); nothing was allocated."""
 
 
 def _check_kind(kind: str) -> str:
@@ -183,7 +194,7 @@ def _prv_epsilon(history: History, delta: float, options: dict[str, float]) -> f
     with np.errstate(divide="ignore", invalid="ignore"):
         points = _prv_grid_points(history, eps_error, delta_error)
         if points > PRV_MAX_GRID_POINTS:
-            raise AccountingError(
+            raise AccountingSizeError(
                 f"PRV accounting of this history needs a grid of {points:,} points"
                 f" (limit {PRV_MAX_GRID_POINTS:,}); use accountant='rdp' or a larger eps_error"
             )
@@ -215,6 +226,76 @@ def _subsampled_gaussian_pld(noise_multiplier: float, sample_rate: float,
     )
 
 
+def _gaussian_pld_points(noise_multiplier: float, sample_rate: float, discretization: float) -> int:
+    """Points of the PMF of one (subsampled) Gaussian release's PLD, from the loss range that
+    dp_accounting's connect-the-dots construction discretizes (no array is built)."""
+    from dp_accounting.pld import privacy_loss_mechanism as mechanism
+
+    points = 0
+    for adjacency in (mechanism.AdjacencyType.REMOVE, mechanism.AdjacencyType.ADD):
+        bounds = mechanism.GaussianPrivacyLoss(
+            noise_multiplier, sampling_prob=sample_rate, adjacency_type=adjacency,
+        ).connect_dots_bounds()
+        span = (bounds.epsilon_upper - bounds.epsilon_lower) / discretization
+        points = max(points, int(min(span, 1e18)) + 2)
+    return points
+
+
+def _self_composition_points(pmf: Any, steps: int) -> int:
+    """Length of the array dp_accounting allocates to self-compose ``pmf`` ``steps`` times (its
+    own Chernoff truncation bounds, computed on the already built PMF)."""
+    from dp_accounting.pld import common, pld_pmf
+
+    if steps == 1:
+        return int(pmf.size)
+    if not isinstance(pmf, pld_pmf.DensePLDPmf):
+        if pmf.size ** steps <= 1000:  # dp_accounting composes such PMFs sparsely
+            return int(pmf.size ** steps)
+        pmf = pmf.to_dense_pmf()
+    probs = pmf._probs
+    lower, upper = common.compute_self_convolve_bounds(probs, steps, 1e-15)
+    return max(upper - lower + 1, len(probs))
+
+
+def pld_grid_points(history: Iterable[tuple[float, float, int]],
+                    discretization: float = PLD_VALUE_DISCRETIZATION) -> int:
+    """An upper bound on the largest PMF (in points) that dp_accounting's PLD accountant builds
+    to compose ``history`` of ``(noise_multiplier, sample_rate, steps)``, found without ever
+    allocating more than :data:`PLD_MAX_GRID_POINTS` points: each group of equal
+    (sigma, q) is sized from its loss range and, when that fits, from the self-composition
+    bounds of its built single-release PMF; the running composition is bounded by the sum."""
+    counts: dict[tuple[float, float], int] = {}
+    for nm, q, steps in history:
+        nm, q, steps = _check_release(nm, q, steps)
+        counts[(nm, q)] = counts.get((nm, q), 0) + steps
+    total = 0
+    for (nm, q), steps in sorted(counts.items()):
+        if q >= 1.0:
+            part = _gaussian_pld_points(nm / math.sqrt(steps), 1.0, discretization)
+        else:
+            part = _gaussian_pld_points(nm, q, discretization)
+            if part <= PLD_MAX_GRID_POINTS:
+                single = _subsampled_gaussian_pld(nm, q, discretization)
+                pmfs = [single._pmf_remove] + ([] if single._symmetric else [single._pmf_add])
+                part = max(_self_composition_points(pmf, steps) for pmf in pmfs)
+        total += part
+    return total
+
+
+def check_pld_size(history: Iterable[tuple[float, float, int]],
+                   discretization: float = PLD_VALUE_DISCRETIZATION) -> None:
+    """AccountingSizeError when composing ``history`` under PLD would exceed
+    :data:`PLD_MAX_GRID_POINTS` points; nothing large is allocated either way."""
+    history = list(history)
+    points = pld_grid_points(history, discretization)
+    if points > PLD_MAX_GRID_POINTS:
+        smallest = min((nm for nm, _, _ in history), default=float("nan"))
+        raise AccountingSizeError(
+            f"PLD accounting of this history needs a grid of about {points:,} points (limit"
+            f" {PLD_MAX_GRID_POINTS:,}): its noise multipliers (smallest {smallest:.4g}) give an"
+            " epsilon far beyond any meaningful budget; use accountant='rdp' or more noise")
+
+
 def _pld_epsilon(history: History, delta: float, options: dict[str, float]) -> float:
     """dp_accounting's PLD accountant, pessimistic estimate (an upper bound on epsilon).
 
@@ -236,6 +317,7 @@ def _pld_epsilon(history: History, delta: float, options: dict[str, float]) -> f
     for nm, q, steps in history:
         counts[(nm, q)] = counts.get((nm, q), 0) + steps
     discretization = options.get("value_discretization_interval", PLD_VALUE_DISCRETIZATION)
+    check_pld_size(history, discretization)
     distributions = pld.privacy_loss_distribution
     composed = distributions.identity(value_discretization_interval=discretization)
     for (nm, q), steps in sorted(counts.items()):
@@ -622,7 +704,22 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
             # Opacus warns when the optimal RDP order is at the edge of its alpha grid; the
             # bound is still valid (only looser), and probing extreme sigmas triggers it.
             warnings.simplefilter("ignore")
-            return plan_epsilon(plan, delta, sigma, accountant, prv_eps_error=prv_eps_error)
+            try:
+                eps = plan_epsilon(plan, delta, sigma, accountant, prv_eps_error=prv_eps_error)
+            except AccountingSizeError as exc:
+                raise CalibrationError(
+                    f"calibrating to epsilon {target_epsilon:.6g} reached noise multiplier"
+                    f" {sigma:.4g}, which {accountant.upper()} accounting cannot evaluate: {exc}"
+                ) from exc
+        if math.isinf(eps) and accountant != "rdp":
+            # The discretized accountants compute exp(-epsilon) terms that underflow float64
+            # beyond epsilon ~700 and then report inf (a safe bound, but no longer monotone in
+            # sigma, so it would mislead the search).
+            raise CalibrationError(
+                f"calibrating to epsilon {target_epsilon:.6g}: {accountant.upper()} accounting"
+                f" reports an infinite epsilon at noise multiplier {sigma:.4g} (its float range"
+                " ends near epsilon 700); use accountant='rdp' or a smaller target")
+        return eps
 
     sigma_min, sigma_max = 1e-3, 1e4
     factor = 4.0

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from privacy.accounting import (
     Accountant,
+    AccountingSizeError,
     BudgetExceededError,
     CalibrationError,
     MechanismRecord,
@@ -206,6 +207,16 @@ class AccountantChoice:
                 "comparison": [dict(c) for c in self.comparison]}
 
 
+def _plan_epsilon_or_none(releases: Sequence[PlannedRelease], delta: float, noise: float,
+                          accountant: str) -> float | None:
+    """The plan's epsilon under ``accountant`` (rounded), None where that accountant cannot
+    evaluate it within its memory guard (it is then not the run's accountant)."""
+    try:
+        return round(plan_epsilon(releases, delta, noise, accountant), 6)
+    except AccountingSizeError:
+        return None
+
+
 #: Candidates of ``privacy.accountant = "auto"``, in order of preference on a tie.
 AUTO_CANDIDATES: tuple[str, ...] = ("pld", "rdp")
 
@@ -241,11 +252,15 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
         reference = plans["rdp"] or plans["pld"]
         if reference is not None:
             for name in AUTO_CANDIDATES:
-                row[f"{name}_epsilon_of_plan"] = round(plan_epsilon(
-                    reference.releases, b.delta, reference.dpsgd_noise, name), 6)
+                try:
+                    row[f"{name}_epsilon_of_plan"] = round(plan_epsilon(
+                        reference.releases, b.delta, reference.dpsgd_noise, name), 6)
+                except AccountingSizeError:  # a candidate that cannot evaluate the plan loses
+                    row[f"{name}_epsilon_of_plan"] = None
             row["plan"] = "rdp-calibrated" if plans["rdp"] is not None else "pld-calibrated"
-        if plans["pld"] is None or (plans["rdp"] is not None
-                                    and row["pld_epsilon_of_plan"] > row["rdp_epsilon_of_plan"]):
+        if plans["pld"] is None or row.get("pld_epsilon_of_plan") is None or (
+                plans["rdp"] is not None
+                and row["pld_epsilon_of_plan"] > row["rdp_epsilon_of_plan"]):
             pld_wins = False
         rows.append(row)
     name = "pld" if pld_wins else "rdp"
@@ -673,8 +688,8 @@ class FederationPrivacy:
                     "steps_per_round": self.steps, "rounds": self.cfg.training.rounds,
                     "planned_epsilon": round(self.planned_epsilon(c.index), 6),
                     **noise_assumptions(self.cfg),
-                    **{f"planned_epsilon_{name}": round(plan_epsilon(
-                        c.plan.releases, c.budget.delta, c.noise_multiplier, name), 6)
+                    **{f"planned_epsilon_{name}": _plan_epsilon_or_none(
+                        c.plan.releases, c.budget.delta, c.noise_multiplier, name)
                        for name in AUTO_CANDIDATES},
                     "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate:g}"
                                  + (f", sigma={r.noise_multiplier:g})" if r.noise_multiplier else ")")

@@ -465,7 +465,7 @@ def test_config_releasing_unaccounted_summaries_is_an_error(run_copy):
     assert "config.toml" in report.errors[1].message
 
 
-def _write_custom(run: Path, cid: str, rows: list[dict]) -> None:
+def _write_custom(run: Path, cid: str, rows: list[dict], accountant: str = "rdp") -> None:
     """A validly signed ledger with the given rows (round, mechanism, params, eps, budget, delta)."""
     ident = load_identity(keystore_of(run), cid)
     ledger_path(run, cid).unlink()
@@ -473,10 +473,38 @@ def _write_custom(run: Path, cid: str, rows: list[dict]) -> None:
         for r in rows:
             w.append(round=r["round"], mechanism=r["mechanism"], params=r["params"],
                      epsilon_after=r["eps"], delta=r.get("delta", 1e-5),
-                     budget_epsilon=r.get("budget", 8.0), accountant="rdp")
+                     budget_epsilon=r.get("budget", 8.0), accountant=accountant)
         w.close_run(round=rows[-1]["round"], delta=rows[0].get("delta", 1e-5),
-                    budget_epsilon=rows[0].get("budget", 8.0), accountant="rdp")
+                    budget_epsilon=rows[0].get("budget", 8.0), accountant=accountant)
     drop_anchor(run, cid)
+
+
+@pytest.mark.parametrize("accountant, severity", [("rdp", "warning"), ("pld", "error")])
+def test_a_history_too_large_for_pld_is_named_not_computed(run_copy, accountant, severity):
+    """A ledger whose PLD would need gigabytes (a tiny noise multiplier) is named, and the
+    auditor allocates nothing large: the PLD cross-check of an RDP ledger is skipped with a
+    warning (the RDP check still runs), a PLD ledger cannot be verified (an error)."""
+    import tracemalloc
+
+    dpsgd = {"noise_multiplier": 0.005, "sample_rate": 0.5, "steps": 3, "clip_norm": 1.0}
+    acc = Accountant("rdp")
+    acc.record(0.005, 0.5, 3)
+    _write_custom(run_copy, CID, [{"round": 1, "mechanism": "dpsgd", "params": dpsgd,
+                                   "eps": acc.epsilon(1e-5), "budget": 1e9}], accountant)
+    tracemalloc.start()
+    try:
+        report = verify_run(run_copy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 * 2**20
+    named = [f for f in report.findings if f.check == "pld_too_large"]
+    assert [(f.severity, f.client_id) for f in named] == [(severity, CID)]
+    assert "points" in named[0].message and "limit" in named[0].message
+    client = next(c for c in report.clients if c.client_id == CID and c.method == METHOD)
+    assert client.pld_final_epsilon is None
+    if accountant == "rdp":
+        assert client.independent_final_epsilon == pytest.approx(acc.epsilon(1e-5), rel=0.01)
 
 
 def test_release_after_refusal_and_changed_budget_are_caught(run_copy):

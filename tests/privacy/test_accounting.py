@@ -298,3 +298,66 @@ def test_accountant_registry_refuses_duplicates_and_names_the_choices():
         register_accountant(ACCOUNTANT_REGISTRY["pld"])
     with pytest.raises(AccountingError, match="'pld'"):
         Accountant("nope")
+
+
+@pytest.mark.parametrize("history", [
+    ((0.001, 1.0, 1),),          # one Gaussian release at a tiny noise multiplier
+    ((0.1, 1.0, 1_000_000),),    # many plain releases: sigma / sqrt(steps) is tiny
+    ((0.2, 0.9, 200_000),),      # a subsampled Gaussian whose self-composition is huge
+    ((1.0, 0.01, 100), (0.004, 1.0, 1)),
+])
+def test_pld_refuses_histories_beyond_its_memory_guard_before_allocating(history):
+    """Each of these needed 2 GB to 747 GB (out of memory or killed); now a named error,
+    with no large allocation on the way."""
+    import tracemalloc
+
+    from privacy.accounting import PLD_MAX_GRID_POINTS, AccountingSizeError, pld_grid_points
+
+    acc = Accountant("pld")
+    for release in history:
+        acc.record(*release)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AccountingSizeError, match="rdp"):
+            acc.epsilon(DELTA)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1500 * 2**20
+    assert pld_grid_points(history) > PLD_MAX_GRID_POINTS
+
+
+def test_pld_grid_points_bound_the_arrays_dp_accounting_builds():
+    """The size estimate is an upper bound of the composed PLD's PMFs (so the guard never
+    lets a larger one through), and not far above them."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    from privacy.accounting import pld_grid_points
+
+    for history in [((1.1, 0.05, 400),), ((5.98, 1.0, 1), (2.13, 0.25, 40)),
+                    ((0.7, 0.3, 50), (3.0, 1.0, 2)), ((1.0, 0.01, 1),)]:
+        acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+        for nm, q, steps in history:
+            gaussian = dp_accounting.GaussianDpEvent(nm)
+            acc.compose(gaussian if q >= 1.0
+                        else dp_accounting.PoissonSampledDpEvent(q, gaussian), steps)
+        built = acc._pld
+        sizes = [built._pmf_remove.size] + ([] if built._symmetric else [built._pmf_add.size])
+        estimate = pld_grid_points(history)
+        assert max(sizes) <= estimate <= 4 * max(sizes) + 10_000, (history, sizes, estimate)
+
+
+def test_calibration_names_targets_the_discretized_accountants_cannot_reach():
+    """Epsilon 1e6 needs a PLD of ~10^8 points, epsilon ~1000 overflows dp_accounting's float
+    range (it then reports inf, which misled the search into 100 evaluations): both are named
+    errors that point to RDP, and RDP itself still calibrates both."""
+    plan = [PlannedRelease("dpsgd", 0.05, 50), PlannedRelease("summary", 1.0, 1)]
+    with pytest.raises(CalibrationError, match="rdp"):
+        calibrate_noise_multiplier(1e6, DELTA, plan, "pld")
+    overflowing = [PlannedRelease("dpsgd", 0.05, 500), PlannedRelease("summary", 1.0, 1)]
+    with pytest.raises(CalibrationError, match="infinite epsilon at noise multiplier"):
+        calibrate_noise_multiplier(1000.0, DELTA, overflowing, "pld")
+    for target in (1e6, 1000.0):
+        sigma = calibrate_noise_multiplier(target, DELTA, plan, "rdp")
+        assert 0.99 * target * 0.99 <= plan_epsilon(plan, DELTA, sigma, "rdp") <= target

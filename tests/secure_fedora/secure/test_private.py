@@ -249,6 +249,23 @@ def test_auto_accountant_is_recorded_and_private_validation_selects_the_final_ro
     assert len(sim.history) == 3 and all(h["val_mean"] is None for h in sim.history)
 
 
+def test_auto_accountant_chooses_rdp_where_pld_cannot_evaluate_the_plan(tmp_path, clients):
+    """At epsilon 1e6 the plan's PLD would need hundreds of millions of points: "auto" ran
+    out of memory building it (and then raised); now PLD loses the comparison, the run uses
+    RDP, and results.json says so."""
+    from secure_fedora.secure.private import choose_accountant
+
+    cfg = dp_config(methods=["local"], privacy={"epsilon": 1e6})
+    choice = choose_accountant(cfg, "local", [PrivacyBudget(1e6, 1e-3)])
+    assert choice.name == "rdp"
+    assert choice.comparison[0]["pld_epsilon_of_plan"] is None
+    results = Simulation(cfg, tmp_path, clients=clients).run()
+    section = results["privacy"]["local"]
+    assert section["accountant"] == "rdp"
+    assert section["plan"][0]["planned_epsilon_pld"] is None
+    assert 0 < section["plan"][0]["planned_epsilon_rdp"] <= 1e6
+
+
 def test_selecting_by_private_validation_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="model_selection"):
         dp_config(data={"validation": "private"}, privacy={"model_selection": "validation"})
