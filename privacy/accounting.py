@@ -226,6 +226,7 @@ def _subsampled_gaussian_pld(noise_multiplier: float, sample_rate: float,
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _gaussian_pld_points(noise_multiplier: float, sample_rate: float, discretization: float) -> int:
     """Points of the PMF of one (subsampled) Gaussian release's PLD, from the loss range that
     dp_accounting's connect-the-dots construction discretizes (no array is built)."""
@@ -248,6 +249,9 @@ def _self_composition_points(pmf: Any, steps: int) -> int:
 
     if steps == 1:
         return int(pmf.size)
+    trivial = (int(pmf.size) - 1) * steps + 1  # no truncation at all
+    if trivial <= PLD_MAX_GRID_POINTS:
+        return trivial
     if not isinstance(pmf, pld_pmf.DensePLDPmf):
         if pmf.size ** steps <= 1000:  # dp_accounting composes such PMFs sparsely
             return int(pmf.size ** steps)
