@@ -157,11 +157,15 @@ def _print_audit_summary(doc: dict[str, Any]) -> None:
 def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
     from audits.canary import run_canary_audit
-    from audits.verdict import write_audit_json
+    from audits.verdict import config_rebuild_problem, write_audit_json
     from secure_fedora.core.config import load_config
 
     target = Path(args.config)
     run_dir = target if target.is_dir() else None
+    problem = None if run_dir is None else config_rebuild_problem(run_dir, "canary")
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     # a run directory's config: plug-ins from PYTHONPATH only (never the directory's own files)
     cfg = load_config(target / "config.toml" if run_dir is not None else target,
                       plugins_from_folder=run_dir is None)

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from audits.canary import epsilon_lower_bound
+from audits.verdict import config_rebuild_problem
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -173,6 +174,9 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         cfg = load_config(run_dir / "config.toml", plugins_from_folder=False)
     except ConfigError as err:
         raise ReplayAuditError(str(err)) from None
+    problem = config_rebuild_problem(run_dir, "replay")
+    if problem is not None:
+        raise ReplayAuditError(problem)
     if not cfg.privacy.enabled:
         raise ReplayAuditError("the run is not differentially private: there is no noise to"
                                " replay and no claim to test")

@@ -26,8 +26,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["AUDIT_NAMES", "VERDICTS", "audit_document", "audit_verdict", "verdict_text",
-           "write_audit_json"]
+__all__ = ["AUDIT_NAMES", "VERDICTS", "audit_document", "audit_verdict", "config_rebuild_problem",
+           "verdict_text", "write_audit_json"]
 
 AUDIT_NAMES: tuple[str, ...] = ("canary", "whitebox", "replay")
 VERDICTS: tuple[str, ...] = ("refuted", "consistent", "inconclusive")
@@ -120,3 +120,25 @@ def write_audit_json(run_dir: str | Path, doc: dict[str, Any]) -> Path:
     path = out / f"{doc['audit']}.json"
     atomic_write_text(path, text)
     return path
+
+
+def config_rebuild_problem(run_dir: str | Path, audit: str) -> str | None:
+    """Why ``audit`` cannot rebuild the run in ``run_dir`` from its config.toml: its data or
+    model was given through the Python API (results.json ``assumptions.inputs_outside_config``),
+    so the config would rebuild other data or another model; None when the config describes
+    the run (or results.json is absent or unreadable: the audit's own checks handle that)."""
+    from secure_fedora.runtimes.results import inputs_outside_config
+
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    given = inputs_outside_config(results)
+    if not given:
+        return None
+    return (f"this run's {' and '.join(given)} came from the Python API, not from its"
+            f" config.toml (results.json assumptions.inputs_outside_config); `audit {audit}`"
+            " rebuilds the run from config.toml and would audit other data or another model:"
+            " audit such a run through the Python API or describe its data and model in the"
+            " config ([data] source, [model] factory)")

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
-from audits.verdict import audit_document, audit_verdict, write_audit_json
+from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
 from privacy.accounting import PlannedRelease, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -423,6 +423,9 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
         cfg = load_config(cfg_path, plugins_from_folder=False)
     except ConfigError as err:
         raise WhiteboxAuditError(f"{cfg_path}: {err}") from None
+    problem = config_rebuild_problem(run, "whitebox")
+    if problem is not None:
+        raise WhiteboxAuditError(problem)
     results = None
     results_path = run / "results.json"
     if results_path.is_file():

@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from secure_fedora.core.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config, parse_config
 from secure_fedora.data.partition import ClientData
 
 __all__ = ["Experiment", "Results", "run"]
@@ -88,6 +88,24 @@ class Results(dict):
         return "\n".join(lines)
 
 
+def _refuse_two_sources(cfg: ExperimentConfig, data: Any, model: Any) -> None:
+    """ConfigError when ``data=`` or ``model=`` is given and the config names its own (one of
+    the two would be ignored, and config.toml would describe data or a model the run never
+    used)."""
+    if data is not None:
+        named = [f"data.{key} = {getattr(cfg.data, key)!r}" for key in ("source", "dataset")
+                 if key in cfg.data.model_fields_set and getattr(cfg.data, key) is not None]
+        if named:
+            raise ConfigError(f"data= was given and the config names {', '.join(named)}; give "
+                              "the data one way (remove the key, or do not pass data=)")
+    if model is not None:
+        named = [f"model.{key} = {getattr(cfg.model, key)!r}" for key in ("factory", "name")
+                 if key in cfg.model.model_fields_set and getattr(cfg.model, key) is not None]
+        if named:
+            raise ConfigError(f"model= was given and the config names {', '.join(named)}; give "
+                              "the model one way (remove the key, or do not pass model=)")
+
+
 def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | Path) -> ExperimentConfig:
     if isinstance(config, ExperimentConfig):
         return config
@@ -110,6 +128,7 @@ class Experiment:
                  data: Any = None, model: ModelFactory | None = None,
                  run_dir: str | Path | None = None) -> None:
         self.config = _as_config(config)
+        _refuse_two_sources(self.config, data, model)
         self.data = data
         self.model_factory = model
         self.run_dir = Path(run_dir) if run_dir is not None else Path(
@@ -144,7 +163,14 @@ class Experiment:
 
         return Simulation(self.config, self.run_dir, clients=self.clients, progress=progress,
                           context_factory=functools.partial(Experiment.context_factory, self),
-                          keystore=keystore)
+                          keystore=keystore, inputs_outside_config=self.inputs_outside_config)
+
+    @property
+    def inputs_outside_config(self) -> tuple[str, ...]:
+        """Which of ``("data", "model")`` this experiment was given in Python rather than by
+        its config (recorded in results.json: the run's config.toml cannot rebuild them)."""
+        return tuple(name for name, given in (("data", self.data), ("model", self.model_factory))
+                     if given is not None)
 
     def run(self, resume: bool = False,
             progress: Callable[[str, int, int], None] | None = None) -> Results:

@@ -148,6 +148,20 @@ def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> i
     return int(declared)
 
 
+def _ready_labels(y: Any, where: str) -> torch.Tensor:
+    """Labels of an already built dataset: int64 ``(n,)`` or float32 ``(n, C)``, non-negative."""
+    single = isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.dim() == 1
+    multi = isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.dim() == 2
+    if not (single or multi):
+        raise DataError(f"{where} must be an int64 tensor (n,) or a float32 tensor (n, C), got "
+                        f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    if y.numel() == 0:
+        raise DataError(f"{where} is empty")
+    if single and int(y.min()) < 0:
+        raise DataError(f"{where} holds the negative label {int(y.min())}; labels must lie in 0..C-1")
+    return y
+
+
 def as_labeled_dataset(obj: Mapping[str, Any], where: str = "data") -> LabeledDataset:
     """Check and convert a centralized dataset dict (see the module docstring)."""
     missing = [k for k in CENTRALIZED_KEYS if k not in obj]
@@ -200,8 +214,20 @@ def as_federated(items: Sequence[Any], where: str = "data",
 
 
 def coerce_user_data(obj: Any, where: str = "data") -> LabeledDataset | FederatedData:
-    """A centralized dataset or federated data from what user code returned."""
-    if isinstance(obj, LabeledDataset | FederatedData):
+    """A centralized dataset or federated data from what user code returned; a ready
+    :class:`LabeledDataset` or :class:`FederatedData` gets the same label and class-count
+    checks as a dict (its inputs keep their convention, e.g. uint8 images)."""
+    if isinstance(obj, LabeledDataset):
+        labels = [_ready_labels(obj.train_y, f"{where} train_y"),
+                  _ready_labels(obj.test_y, f"{where} test_y")]
+        _num_classes(labels, obj.num_classes, where)
+        return obj
+    if isinstance(obj, FederatedData):
+        if not obj.clients:
+            raise DataError(f"{where} holds no clients")
+        labels = [_ready_labels(getattr(c, f"{split}_y"), f"{where} client {c.client_id} {split}_y")
+                  for c in obj.clients for split in SPLITS]
+        _num_classes(labels, obj.num_classes, where)
         return obj
     if isinstance(obj, Mapping):
         return as_labeled_dataset(obj, where)

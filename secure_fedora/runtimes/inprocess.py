@@ -581,6 +581,7 @@ class Simulation:
         method_factory: Callable[[str, MethodContext, ExperimentConfig], FederatedMethod] = make_method,
         context_factory: Callable[[ExperimentConfig, Sequence[ClientData]], MethodContext] = build_context,
         keystore: str | os.PathLike[str] | None = None,
+        inputs_outside_config: Sequence[str] = (),
     ) -> None:
         from secure_fedora.learning.devices import apply_threads, resolve_device
 
@@ -589,6 +590,10 @@ class Simulation:
         apply_threads(cfg)
         self.run_dir = Path(run_dir)
         self.keystore_override = keystore
+        unknown = sorted(set(inputs_outside_config) - {"data", "model"})
+        if unknown:
+            raise ValueError(f"inputs_outside_config may name 'data' and 'model', got {unknown}")
+        self.inputs_outside_config = tuple(inputs_outside_config)
         self._key_dir: Path | None = None
         self.keystore_created: bool = False
         # Binds every in-process envelope to this run and its method (messages never outlive
@@ -945,13 +950,18 @@ class Simulation:
     def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
         """The results document (:func:`secure_fedora.runtimes.results.build_results`, the
         schema both runtimes share): run identity, per-method summaries and comparisons."""
-        from secure_fedora.runtimes.results import build_results, client_rows
+        from secure_fedora.runtimes.results import (
+            build_results,
+            client_rows,
+            inputs_outside_config_assumption,
+        )
 
         return build_results(
             self.cfg, runtime="in-process", config_hash=self.config_hash,
             metric=self.metric_name(), outcomes={n: o.to_json() for n, o in outcomes.items()},
             privacy=self.privacy, data_fingerprint=self.fingerprint,
             compute={"device": str(self.device), "threads": torch.get_num_threads()},
+            assumptions=inputs_outside_config_assumption(self.inputs_outside_config),
             clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],
                                   "val": c.val_x.shape[0], "test": c.test_x.shape[0], **c.meta}
                                  for c in self.clients]))

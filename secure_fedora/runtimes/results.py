@@ -27,7 +27,8 @@ from secure_fedora import __version__
 from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
 from secure_fedora.core.config import ExperimentConfig, model_selection
 
-__all__ = ["METRIC_LABELS", "RESERVED_KEYS", "build_results", "client_rows", "metric_label", "method_entry"]
+__all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "build_results", "client_rows",
+           "inputs_outside_config", "inputs_outside_config_assumption", "metric_label", "method_entry"]
 
 #: Top-level keys :func:`build_results` owns (runtime keys may not use them).
 RESERVED_KEYS = frozenset({
@@ -105,6 +106,37 @@ METHODS_COMPARED = (
     "each method is a separate experiment on the same clients' data: its epsilon holds for its "
     "own releases alone; deploying several of them against one server composes their budgets")
 """results.json ``assumptions.methods_compared`` of a DP run of more than one method."""
+
+
+INPUTS_OUTSIDE_CONFIG = {
+    "data": "given through the Python API (Experiment(data=...)), not by config.toml",
+    "model": "given through the Python API (Experiment(model=...)), not by config.toml",
+}
+"""results.json ``assumptions.inputs_outside_config``: what the run's config cannot rebuild
+(audits that rebuild the run from config.toml refuse such a run)."""
+
+
+def inputs_outside_config_assumption(inputs: Sequence[str]) -> dict[str, Any]:
+    """``{"inputs_outside_config": {name: why}}`` for the inputs given outside the config
+    (``"data"``, ``"model"``); empty when the config describes the whole run."""
+    if not inputs:
+        return {}
+    return {"inputs_outside_config": {name: INPUTS_OUTSIDE_CONFIG[name] for name in inputs}}
+
+
+def inputs_outside_config(results: Mapping[str, Any] | None) -> list[str]:
+    """The names under ``assumptions.inputs_outside_config`` of a results document (any
+    malformed value counts as every input: nothing is rebuilt from a config it may not
+    describe)."""
+    if not isinstance(results, Mapping):
+        return []
+    assumptions = results.get("assumptions")
+    if not isinstance(assumptions, Mapping) or "inputs_outside_config" not in assumptions:
+        return []
+    given = assumptions["inputs_outside_config"]
+    if isinstance(given, Mapping) and all(k in INPUTS_OUTSIDE_CONFIG for k in given):
+        return sorted(given)
+    return sorted(INPUTS_OUTSIDE_CONFIG)
 
 
 def _declaring_classes(names: Iterable[str]) -> list[tuple[str, type[FederatedAlgorithm]]]:

@@ -98,6 +98,23 @@ PLUGIN = textwrap.dedent('''
         d["num_classes"] = 10**9
         return d
 
+    def labeled_too_many_classes(seed):
+        from secure_fedora.data.partition import LabeledDataset
+        d = good(seed)
+        return LabeledDataset(torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"]),
+                              torch.from_numpy(d["x_test"]), torch.from_numpy(d["y_test"]),
+                              10**9)
+
+    def federated_too_many_classes(seed):
+        from secure_fedora.data.userdata import FederatedData, as_federated
+        return FederatedData(as_federated(federated(seed)).clients, 10**9)
+
+    def labeled_out_of_range(seed):
+        from secure_fedora.data.partition import LabeledDataset
+        d = good(seed)
+        return LabeledDataset(torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"]),
+                              torch.from_numpy(d["x_test"]), torch.from_numpy(d["y_test"]), 2)
+
     def with_nan(seed):
         d = good(seed)
         d["x_train"][5, 2] = float("nan")
@@ -293,6 +310,10 @@ def test_missing_function(plug: str) -> None:
     ("with_nan", r"NaN or infinite values \(first in row 5\)"),
     # it used to allocate per-class tables of 10**9 entries (15 GB, then a hang)
     ("too_many_classes", r"num_classes = 1000000000 is more than 1,000,000 \(the labels reach 3\)"),
+    # a ready LabeledDataset / FederatedData skipped every check (10**9 classes: 8 GB tables)
+    ("labeled_too_many_classes", r"num_classes = 1000000000 is more than 1,000,000"),
+    ("federated_too_many_classes", r"num_classes = 1000000000 is more than 1,000,000"),
+    ("labeled_out_of_range", r"labels reach 3 but num_classes = 2"),
 ])
 def test_bad_data(plug: str, source: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
@@ -451,3 +472,47 @@ def test_python_api_refuses_to_overwrite_a_finished_run(plug: str, tmp_path: Pat
     assert (tmp_path / "run" / "results.json").read_bytes() == results
     again = Experiment(cfg, run_dir=tmp_path / "run").run(resume=True)
     assert again.mean("local") == first.mean("local")
+
+
+def test_python_api_refuses_data_or_model_the_config_also_names(plug: str) -> None:
+    """data= silently replaced the config's data.source (and model= its model.factory), and
+    the run's config.toml then named data and a model the run never used."""
+    x = torch.randn(60, 4)
+    y = torch.arange(60) % 3
+    data = {"x_train": x, "y_train": y, "x_test": x, "y_test": y}
+    with pytest.raises(ConfigError, match=r"data= was given and the config names data\.source"):
+        Experiment(config(plug), data=data)
+    with pytest.raises(ConfigError, match=r"data= was given and the config names data\.dataset"):
+        Experiment({"data": {"dataset": "mnist"}}, data=data)
+    with pytest.raises(ConfigError, match=r"model= was given and the config names model\.factory"):
+        Experiment(config(plug), model=lambda shape, classes: torch.nn.Linear(4, classes))
+    with pytest.raises(ConfigError, match=r"model\.name = 'mlp'"):
+        Experiment({"model": {"name": "mlp"}}, model=lambda shape, classes: torch.nn.Linear(4, 3))
+
+
+def test_a_run_from_python_api_inputs_says_so_and_audits_that_rebuild_it_refuse(
+        plug: str, tmp_path: Path) -> None:
+    """A DP run given data= and model= wrote a config.toml that rebuilds MNIST and the default
+    MLP: `audit replay`, `whitebox` and `canary` then audited other data and another model
+    without a word. results.json now names the inputs and the three audits refuse."""
+    from audits.cli import main as audit_main
+    from audits.replay import ReplayAuditError, run_replay_audit
+    from audits.whitebox import WhiteboxAuditError, audit_run_dir
+
+    module = sys.modules[plug] if plug in sys.modules else __import__(plug)
+    cfg = config(plug, privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3})
+    del cfg["data"]["source"], cfg["model"]
+    run = tmp_path / "run"
+    results = Experiment(cfg, data=module.good, model=module.mlp, run_dir=run).run()
+    given = results["assumptions"]["inputs_outside_config"]
+    assert sorted(given) == ["data", "model"] and "Python API" in given["data"]
+    assert (run / "config.toml").is_file()  # written for the anchor, without the API inputs
+    with pytest.raises(ReplayAuditError, match="came from the Python API"):
+        run_replay_audit(run)
+    with pytest.raises(WhiteboxAuditError, match="came from the Python API"):
+        audit_run_dir(run)
+    assert audit_main(["audit", "canary", str(run)]) == 2
+    assert not (run / "audit").exists()
+    # a run the config describes records nothing of the kind
+    plain = Experiment(config(plug), run_dir=tmp_path / "plain").run()
+    assert "inputs_outside_config" not in plain["assumptions"]
