@@ -773,7 +773,8 @@ class Fedora(FederatedMethod):
         self._relatedness_fn = relatedness_fn
         self._relatedness_mode = relatedness_mode
         self.private_validation = private_validation
-        self.last_lambdas = torch.zeros(ctx.num_clients)
+        # float64: lambda may exceed float32's range (it is exp of a loss difference)
+        self.last_lambdas = torch.zeros(ctx.num_clients, dtype=torch.float64)
         # The summaries' signed transport (opened in setup when the runtime offers envelopes).
         self.summary_transport: Any = None
         # CKKS propagation (an EncryptedPropagator) under propagation = "encrypted"; the signed

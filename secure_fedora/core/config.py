@@ -34,6 +34,7 @@ __all__ = [
     "ExperimentConfig",
     "FedoraConfig",
     "TrainingConfig",
+    "config_document",
     "config_from_bytes",
     "config_hash",
     "load_config",
@@ -512,6 +513,22 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("fedora", "propagation_tolerance"): 1e-4,
     ("fedora", "max_pull"): None,
 }
+
+
+def config_document(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every value of ``cfg`` as a TOML-ready mapping that validates to the same config (same
+    :func:`config_hash`): defaults included, except a default beside the key that excludes it
+    (``data.dataset`` beside ``data.source``, ``model.name`` beside ``model.factory``), which
+    would make the document invalid. ValueError if the round trip changed the config."""
+    doc = cfg.model_dump(mode="json", exclude_none=True)
+    if cfg.data.source is not None:
+        doc["data"].pop("dataset", None)
+    if cfg.model.factory is not None:
+        doc["model"].pop("name", None)
+    again = ExperimentConfig.model_validate(doc)
+    if config_hash(again) != config_hash(cfg):
+        raise ValueError("the config's document does not validate to the same config")
+    return doc
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

@@ -934,8 +934,9 @@ class Simulation:
         if not (self.run_dir / "config.toml").is_file():
             import tomli_w
 
-            atomic_write_text(self.run_dir / "config.toml",
-                              tomli_w.dumps(self.cfg.model_dump(mode="json", exclude_none=True)))
+            from secure_fedora.core.config import config_document
+
+            atomic_write_text(self.run_dir / "config.toml", tomli_w.dumps(config_document(self.cfg)))
         ledgers = {}
         for method, summary in self.privacy.items():
             for row in summary["clients"]:

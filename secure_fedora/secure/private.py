@@ -944,7 +944,8 @@ class FederationPrivacy:
         ], require_gate=False)
         released = pipeline.run(Release("lambda", (loss_local - loss_received).double(), rnd))
         diff = float(released.payload)  # type: ignore[arg-type]
-        return math.exp(diff / 2.0) if diff > 0 else 0.0
+        # the paper's rule on the released difference (inf beyond float range, not OverflowError)
+        return fedora.regularization_weight(diff, 0.0)
 
     def summary(self) -> dict[str, Any]:
         """Per-client spending for results.json."""

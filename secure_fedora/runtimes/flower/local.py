@@ -56,7 +56,7 @@ from privacy.identity import (
     default_party_ids,
     init_keys,
 )
-from secure_fedora.core.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.core.config import ExperimentConfig, config_document, load_config, parse_config
 from secure_fedora.runtimes.flower.certs import (
     CertificatePaths,
     NodeKeyPaths,
@@ -153,7 +153,7 @@ def with_num_clients(cfg: ExperimentConfig, num_clients: int | None) -> Experime
     """``cfg`` with ``data.num_clients`` replaced (re-validated); unchanged for ``None``."""
     if num_clients is None or num_clients == cfg.data.num_clients:
         return cfg
-    data = cfg.model_dump(mode="json")
+    data = config_document(cfg)
     data["data"]["num_clients"] = num_clients
     return parse_config(data, f"(config with data.num_clients = {num_clients})")
 

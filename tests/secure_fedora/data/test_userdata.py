@@ -516,3 +516,19 @@ def test_a_run_from_python_api_inputs_says_so_and_audits_that_rebuild_it_refuse(
     # a run the config describes records nothing of the kind
     plain = Experiment(config(plug), run_dir=tmp_path / "plain").run()
     assert "inputs_outside_config" not in plain["assumptions"]
+
+
+def test_a_dp_run_of_a_data_source_and_model_factory_verifies(plug: str, tmp_path: Path) -> None:
+    """The config.toml a run writes for its anchor (API runs, sweep cells) held the defaults
+    data.dataset = "mnist" and model.name = "mlp" beside data.source and model.factory, so
+    `audit verify` failed every such DP run ("not a valid config")."""
+    from audits.verify import verify_run
+    from secure_fedora.core.config import config_hash
+
+    cfg = config(plug, privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3})
+    run = tmp_path / "run"
+    Experiment(cfg, run_dir=run).run()
+    written = load_config(run / "config.toml")
+    assert config_hash(written) == config_hash(parse_config(cfg))
+    report = verify_run(run)
+    assert report.ok, [str(f) for f in report.errors]

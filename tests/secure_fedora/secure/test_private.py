@@ -266,6 +266,24 @@ def test_auto_accountant_chooses_rdp_where_pld_cannot_evaluate_the_plan(tmp_path
     assert 0 < section["plan"][0]["planned_epsilon_rdp"] <= 1e6
 
 
+def test_a_noised_lambda_beyond_float_range_is_the_pull_error_not_a_traceback(tmp_path, clients):
+    """A private lambda's noised loss difference above ~1,419 nats raised OverflowError from
+    exp (and one above ~177 a RuntimeError when written to a float32 tensor). It is inf now,
+    as in the public path: the diverging pull is the named ClientUpdateError, and
+    fedora.max_pull bounds it so the run completes."""
+    from secure_fedora.learning.client import ClientUpdateError
+
+    private = {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "lambda_noise_multiplier": 1e4,
+               "noise": "reproducible"}
+    cfg = dp_config(methods=["fedora"], data={"validation": "private"}, privacy=private)
+    with pytest.raises(ClientUpdateError, match="lambda = inf .* fedora.max_pull"):
+        Simulation(cfg, tmp_path / "a", clients=clients).run()
+    bounded = dp_config(methods=["fedora"], data={"validation": "private"}, privacy=private,
+                        fedora={"relatedness": "noised", "max_pull": 1.0})
+    results = Simulation(bounded, tmp_path / "b", clients=clients).run()
+    assert math.isfinite(results["methods"]["fedora"]["selected"]["mean"])
+
+
 def test_selecting_by_private_validation_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="model_selection"):
         dp_config(data={"validation": "private"}, privacy={"model_selection": "validation"})
