@@ -85,7 +85,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
-from privacy.accounting import AccountingSizeError, check_pld_size
+from privacy.accounting import MAX_NOISE_MULTIPLIER, AccountingSizeError, check_pld_size
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS
@@ -333,8 +333,9 @@ def _release_problems(params: dict[str, Any]) -> list[str]:
     if out:
         return out
     nm, q, steps = params["noise_multiplier"], params["sample_rate"], params["steps"]
-    if not _number(nm) or nm <= 0:
-        out.append(f"params.noise_multiplier must be a finite number > 0, got {nm!r}")
+    if not _number(nm) or not 0 < nm <= MAX_NOISE_MULTIPLIER:
+        out.append(f"params.noise_multiplier must be a finite number in (0,"
+                   f" {MAX_NOISE_MULTIPLIER:g}], got {nm!r}")
     if not _number(q) or not 0 < q <= 1:
         out.append(f"params.sample_rate must be in (0, 1], got {q!r}")
     if not _int(steps) or steps < 1:

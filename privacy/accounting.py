@@ -33,6 +33,10 @@ from privacy.errors import ToolkitError
 # (it loads its whole PrivacyEngine stack), which every non-private Flower ClientApp process
 # would otherwise pay on each message.
 
+#: Largest noise multiplier accepted: far beyond it epsilon is 0 to every digit shown, and the
+#: analyses overflow float64 (at 1e300 every accountant raised OverflowError).
+MAX_NOISE_MULTIPLIER = 1e6
+
 #: Largest PRV discretization grid (points) we let Opacus allocate. Opacus's PRV accountant
 #: allocates several float64 arrays of this length; beyond this it can exhaust memory
 #: (measured: a 125,000-step history is killed for memory on a 2-core CI machine).
@@ -86,6 +90,10 @@ def _check_release(noise_multiplier: Any, sample_rate: Any, steps: Any) -> tuple
             f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}"
             " (a zero noise multiplier has no finite epsilon)"
         )
+    if noise_multiplier > MAX_NOISE_MULTIPLIER:
+        raise AccountingError(f"noise_multiplier must be at most {MAX_NOISE_MULTIPLIER:g}, got"
+                              f" {noise_multiplier!r} (beyond it epsilon is 0 and the analyses"
+                              " overflow)")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
         raise AccountingError(f"sample_rate must be a number, got {sample_rate!r}")
     if not (0 < sample_rate <= 1):

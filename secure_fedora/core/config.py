@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from privacy.accounting import MAX_NOISE_MULTIPLIER
 from privacy.errors import ToolkitError
 
 __all__ = [
@@ -40,6 +41,11 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
+
+#: Largest learning rate, weight decay and clip norm: torch takes them as float32 scalars (a
+#: finite float beyond float32's range raised a RuntimeError mid-training) and a summary's
+#: sensitivity squares its clip (1e300 overflowed).
+MAX_SCALE = 1e6
 
 # ``[fedora] propagation = "auto"`` uses the exact dense operator up to this many clients and
 # the sparse operator above (measured: at 1,000 clients the dense product is 8x slower).
@@ -171,9 +177,9 @@ class TrainingConfig(_Section):
 
     rounds: PositiveInt = 200
     local_epochs: PositiveInt = 5
-    lr: Annotated[float, Field(gt=0)] = 5e-3
+    lr: Annotated[float, Field(gt=0, le=MAX_SCALE)] = 5e-3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, Field(ge=0)] = 5e-5
+    weight_decay: Annotated[float, Field(ge=0, le=MAX_SCALE)] = 5e-5
     batch_size: PositiveInt = 64
     participation: Annotated[float, Field(gt=0, le=1)] = 1.0
     # Non-private training only: rescale each mini-batch gradient to at most this L2 norm
@@ -254,17 +260,17 @@ class PrivacyConfig(_Section):
     # "auto": compute the plan under PLD and RDP and use the tighter (recorded with the reason
     # in the plan and results.json); or a registered accountant: "rdp", "pld", "prv".
     accountant: str = "auto"
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    max_grad_norm: Annotated[float, Field(gt=0, le=MAX_SCALE)] = 1.0
     sample_rate: Annotated[float, Field(gt=0, le=1)] | None = None
-    noise_multiplier: Annotated[float, Field(gt=0)] | None = None
-    summary_clip: Annotated[float, Field(gt=0)] = 1.0
+    noise_multiplier: Annotated[float, Field(gt=0, le=MAX_NOISE_MULTIPLIER)] | None = None
+    summary_clip: Annotated[float, Field(gt=0, le=MAX_SCALE)] = 1.0
     # Noise of the one-off summary release and of the per-round lambda releases: fixed
     # multipliers, or (unset) calibrated so that each spends the given fraction of the
     # client's epsilon on its own; DP-SGD's noise is then calibrated for the whole plan.
-    summary_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    summary_noise_multiplier: Annotated[float, Field(gt=0, le=MAX_NOISE_MULTIPLIER)] | None = None
     summary_budget_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    lambda_clip: Annotated[float, Field(gt=0)] = 2.0
-    lambda_noise_multiplier: Annotated[float, Field(gt=0)] | None = None
+    lambda_clip: Annotated[float, Field(gt=0, le=MAX_SCALE)] = 2.0
+    lambda_noise_multiplier: Annotated[float, Field(gt=0, le=MAX_NOISE_MULTIPLIER)] | None = None
     lambda_budget_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     # Where every mechanism's randomness (DP-SGD noise and Poisson sampling, summary and
     # lambda noise) comes from (privacy.noise): "csprng" (default): a ChaCha20 keystream under

@@ -181,6 +181,12 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
                 accountant, f"privacy.{noise_key}")
             noise[field_name] = sigma
             fixed.append(PlannedRelease(mechanism, 1.0, times, sigma))
+    shares = {FIXED_NOISE_MECHANISMS[r.mechanism][1] for r in fixed
+              if getattr(p, FIXED_NOISE_MECHANISMS[r.mechanism][0]) is None}
+    if p.noise_multiplier is None and shares and sum(getattr(p, k) for k in shares) >= 1.0:
+        named = " + ".join(f"privacy.{k} ({getattr(p, k):g})" for k in sorted(shares))
+        raise ConfigError(f"privacy: {named} leave DP-SGD no share of the budget; their sum "
+                          "must be below 1")
     dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), dpsgd_steps)
     plan = [dpsgd, *fixed]
     dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,

@@ -745,3 +745,18 @@ def test_entry_after_close_and_bad_close_are_caught(run_copy):
     write_lines(run_copy, relinked)
     errs = errors_at(verify_run(run_copy))
     assert "close" in errs[len(lines) - 2] and "not_closed" not in set().union(*errs.values())
+
+
+def test_a_noise_multiplier_beyond_the_analyses_range_is_a_finding_not_an_overflow(run_copy):
+    """A ledger claiming noise 1e300 made the auditor's accountants raise OverflowError."""
+    key = load_identity(keystore_of(run_copy), CID).signing_key
+
+    def huge(entry):
+        entry["params"]["noise_multiplier"] = 1e300
+
+    write_lines(run_copy, _resign(lines_of(run_copy), 0, key, huge))
+    drop_anchor(run_copy, CID)
+    report = verify_run(run_copy)
+    assert not report.ok
+    messages = [f.message for f in report.errors if f.client_id == CID]
+    assert any("noise_multiplier must be a finite number in (0, 1e+06]" in m for m in messages)

@@ -363,3 +363,15 @@ def test_calibration_names_targets_the_discretized_accountants_cannot_reach():
     for target in (1e6, 1000.0):
         sigma = calibrate_noise_multiplier(target, DELTA, plan, "rdp")
         assert 0.99 * target * 0.99 <= plan_epsilon(plan, DELTA, sigma, "rdp") <= target
+
+
+def test_a_noise_multiplier_beyond_the_analyses_range_is_refused_when_recorded():
+    """At 1e300 every accountant raised OverflowError; the limit is a named error."""
+    from privacy.accounting import MAX_NOISE_MULTIPLIER
+
+    for kind in ("rdp", "pld"):
+        acc = Accountant(kind)
+        acc.record(MAX_NOISE_MULTIPLIER, 0.1, 10)
+        assert 0 <= acc.epsilon(DELTA) < 0.01
+        with pytest.raises(AccountingError, match="at most"):
+            acc.record(1e300, 1.0, 1)

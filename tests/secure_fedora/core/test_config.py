@@ -61,6 +61,15 @@ def test_reference_config_is_the_reference_setting():
         ({"methods": ["fedora", "magic"]}, "methods.1"),
         ({"methods": ["fedora", "fedora"]}, "twice"),
         ({"data": {"colour": 1}}, "data.colour"),
+        # finite but beyond float32 (or squared beyond float64): tracebacks mid-run before
+        ({"training": {"lr": 1e300}}, "training.lr"),
+        ({"training": {"weight_decay": 1e300}}, "training.weight_decay"),
+        ({"privacy": {"max_grad_norm": 1e300}}, "privacy.max_grad_norm"),
+        ({"privacy": {"summary_clip": 1e300}}, "privacy.summary_clip"),
+        ({"privacy": {"lambda_clip": 1e300}}, "privacy.lambda_clip"),
+        ({"privacy": {"noise_multiplier": 1e300}}, "privacy.noise_multiplier"),
+        ({"privacy": {"summary_noise_multiplier": 1e7}}, "privacy.summary_noise_multiplier"),
+        ({"privacy": {"lambda_noise_multiplier": 1e300}}, "privacy.lambda_noise_multiplier"),
     ],
 )
 def test_bad_values_name_the_key(data, key):

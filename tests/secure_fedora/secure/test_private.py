@@ -284,6 +284,20 @@ def test_a_noised_lambda_beyond_float_range_is_the_pull_error_not_a_traceback(tm
     assert math.isfinite(results["methods"]["fedora"]["selected"]["mean"])
 
 
+def test_budget_fractions_that_leave_dpsgd_nothing_are_named():
+    """summary + lambda fractions of 1.1 were refused as "entries with a fixed noise
+    multiplier already spend ...", though no multiplier was fixed."""
+    cfg = dp_config(methods=["fedora"], data={"validation": "private"},
+                    privacy={"summary_budget_fraction": 0.6, "lambda_budget_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"privacy.lambda_budget_fraction \(0.5\) \+ "
+                                          r"privacy.summary_budget_fraction \(0.6\) leave DP-SGD"):
+        privacy_plan(cfg, "fedora", PrivacyBudget(4.0, 1e-3))
+    # a fraction the method does not use does not count (public validation: no lambda release)
+    used = dp_config(methods=["fedora"], privacy={"summary_budget_fraction": 0.6,
+                                                  "lambda_budget_fraction": 0.5})
+    assert privacy_plan(used, "fedora", PrivacyBudget(4.0, 1e-3)).summary_noise is not None
+
+
 def test_selecting_by_private_validation_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="model_selection"):
         dp_config(data={"validation": "private"}, privacy={"model_selection": "validation"})
