@@ -687,13 +687,15 @@ class Simulation:
         if not self.cfg.privacy.enabled:
             return None
         from secure_fedora.secure.keystore import publish_public_keys, run_party_ids
-        from secure_fedora.secure.private import FederationPrivacy
+        from secure_fedora.secure.private import FederationPrivacy, check_budget_plans
 
+        # calibrate first: a plan over budget refuses the run before its keys are published
+        calibrated = check_budget_plans(self.cfg, name, len(self.clients))
         key_dir = self.key_dir
         publish_public_keys(key_dir, self.run_dir / "keys", run_party_ids(len(self.clients)))
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
                                          self.run_dir / "ledgers" / name, key_dir,
-                                         resume=resume)
+                                         resume=resume, calibrated=calibrated)
         if self.on_privacy_plan:
             self.on_privacy_plan(privacy.plan_rows())
         return privacy

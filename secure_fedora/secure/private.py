@@ -453,7 +453,9 @@ class FederationPrivacy:
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
-             key_dir: Path, *, resume: bool = False) -> FederationPrivacy:
+             key_dir: Path, *, resume: bool = False,
+             calibrated: tuple[AccountantChoice, dict[tuple[float, float], ClientPlan]] | None
+             = None) -> FederationPrivacy:
         """Calibrate every client's plan (refusing over-budget plans), then open every
         client's ledger, gate and release journal.
 
@@ -463,12 +465,14 @@ class FederationPrivacy:
         (:func:`privacy.ledger.repair_torn_tail`), and a torn final journal line quarantined;
         each recovery is logged and listed under ``recoveries``. Without ``resume``, journals
         holding releases of an earlier run are refused (JournalError) before anything is
-        written.
+        written. ``calibrated`` is :func:`check_budget_plans`' result for this config and
+        method when the caller already has it (it calibrates before writing anything else).
         """
         ids = client_ids(num_clients)
         budgets = [client_budget(cfg, i) for i in range(num_clients)]
         # calibrate everything before any file is written
-        choice, plans = check_budget_plans(cfg, method, num_clients)
+        choice, plans = calibrated if calibrated is not None else \
+            check_budget_plans(cfg, method, num_clients)
         accountant = choice.name
         if not resume:
             earlier = [str(ledger_dir / f"{cid}.journal") for cid in ids

@@ -171,6 +171,25 @@ def test_a_run_refused_before_it_starts_leaves_its_out_reusable(tmp_path, capsys
     assert (tmp_path / "kept" / "config.toml").is_file()
 
 
+def test_a_dp_plan_over_budget_leaves_its_out_reusable(tmp_path, capsys):
+    """A DP run refused by its privacy plan published its public keys first, so its --out held
+    config.toml and keys/ and the corrected config was refused there ("not empty")."""
+    private = {**TINY, "privacy": {"enabled": True, "epsilon": 1.0, "delta": 1e-3,
+                                   "noise_multiplier": 0.3}}
+    refused = write_config(tmp_path / "tiny.toml", private)
+    good = write_config(tmp_path / "good.toml", {**private, "privacy": {
+        "enabled": True, "epsilon": 8.0, "delta": 1e-3}})
+    out = tmp_path / "out"
+    keystore = tmp_path / "keystore"
+    assert main(["run", str(refused), "--out", str(out), "--quiet",
+                 "--keystore", str(keystore)]) == 2
+    err = capsys.readouterr().err  # (also the note that the key store was created)
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: ")
+    assert "over budget" in err and not out.exists()
+    assert main(["run", str(good), "--out", str(out), "--quiet", "--keystore", str(keystore)]) == 0
+    assert (out / "results.json").is_file()
+
+
 def test_identity_error_names_the_flag_not_the_python_argument(tmp_path, capsys):
     keys = tmp_path / "keys"
     assert main(["keys", "init", str(keys), "--clients", "1"]) == 0
