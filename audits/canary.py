@@ -88,6 +88,11 @@ __all__ = [
 
 CanaryKind = Literal["noise", "mislabeled"]
 CANARY_KINDS: tuple[str, ...] = ("noise", "mislabeled")
+#: Most canaries one audit inserts (each is a training row of the audited client; the
+#: certifiable bound grows only logarithmically beyond a few thousand).
+MAX_CANARIES = 100_000
+#: Most canary input values held at once (float32: 1 GiB).
+MAX_CANARY_VALUES = 2**28
 NUM_CLASSES = 10
 
 
@@ -345,13 +350,18 @@ def make_canaries(kind: str, count: int, seed: int, *,
     """
     if kind not in CANARY_KINDS:
         raise CanaryAuditError(f"canary kind must be one of {CANARY_KINDS}, got {kind!r}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 4:
-        raise CanaryAuditError(f"canary count must be an int >= 4, got {count!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 4 <= count <= MAX_CANARIES:
+        raise CanaryAuditError(f"canary count must be an int in [4, {MAX_CANARIES:,}]"
+                               f" (--canaries), got {count!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise CanaryAuditError(f"num_classes must be an int >= 2, got {num_classes!r}")
     gen = torch.Generator().manual_seed(seed)
     if kind == "noise":
         shape = (1, 28, 28) if like is None else tuple(like[0].shape[1:])
+        if count * math.prod(shape) > MAX_CANARY_VALUES:
+            raise CanaryAuditError(
+                f"{count:,} canaries of shape {shape} are {count * math.prod(shape):,} values"
+                f" (limit {MAX_CANARY_VALUES:,}, 1 GiB); use fewer canaries (--canaries)")
         x = torch.rand((count, *shape), generator=gen)
         if like is not None and like[0].numel():
             low, high = float(like[0].min()), float(like[0].max())

@@ -79,7 +79,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
                     f"note: created the key store {key_dir} (0700; the run's private signing"
                     " keys, kept outside the run directory so that its ledgers cannot be"
                     " re-signed by whoever holds it; choose another with --keystore or"
-                    " [security] keystore)")
+                    " [security] keystore)", markup=False)
         sim.on_privacy_plan = lambda rows: progress.console.print(privacy_plan_table(rows))
         results = sim.run(resume=args.resume)
         for m in cfg.methods:
@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     Console().print(results_table(results))
     if "fedora_below_local" in results["comparison"]:
         Console().print(f"clients where FEDORA is below Local: {results['comparison']['fedora_below_local']}")
-    Console().print(f"run directory: {run_dir}")
+    Console().print(f"run directory: {run_dir}", markup=False)
     return 0
 
 
@@ -130,7 +130,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
         return 2
     identities = init_keys(args.directory, run_party_ids(args.clients), overwrite=args.force)
     Console().print(f"wrote {len(identities)} identities (private keys 0600) and allowlist.json "
-                    f"to {args.directory}")
+                    f"to {args.directory}", markup=False)
     return 0
 
 

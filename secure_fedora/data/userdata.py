@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 CENTRALIZED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+MAX_CLASSES = 1_000_000
+"""The most classes a source may declare (per-class tables are allocated from the count)."""
 SPLITS = ("train", "val", "test")
 
 
@@ -53,6 +56,8 @@ def _tensor(value: Any, where: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.is_meta:
             raise DataError(f"{where} is a tensor on the meta device (it holds no values)")
+        if value.layout != torch.strided:
+            raise DataError(f"{where} is a {value.layout} tensor; give a dense one (.to_dense())")
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         if value.dtype == object:
@@ -93,6 +98,11 @@ def _labels(value: Any, where: str) -> torch.Tensor:
                                 "0..C-1")
         elif y.dtype == torch.bool or torch.is_complex(y):
             raise DataError(f"{where} has dtype {y.dtype}; expected integer labels 0..C-1")
+        # compared in float64, which holds every integer dtype's range (uint64 has no max())
+        largest = float(y.to(torch.float64).max()) if y.numel() else 0.0
+        if largest > MAX_CLASSES - 1:
+            raise DataError(f"{where} holds the label {largest:g}; labels must lie in 0..C-1 "
+                            f"with at most {MAX_CLASSES:,} classes")
         y = y.to(torch.int64)
         if y.numel() and int(y.min()) < 0:
             raise DataError(f"{where} holds the negative label {int(y.min())}; labels must lie in 0..C-1")
@@ -113,10 +123,6 @@ def _pair(x: Any, y: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     if xs.shape[0] == 0:
         raise DataError(f"{where} is empty")
     return xs, ys
-
-
-MAX_CLASSES = 1_000_000
-"""The most classes a source may declare (per-class tables are allocated from the count)."""
 
 
 def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> int:

@@ -142,8 +142,13 @@ class Cell:
 
 
 def epsilon_label(epsilon: float | None) -> str:
-    """``"none"`` for non-private, else the shortest exact decimal form (``"0.5"``, ``"8"``)."""
-    return "none" if epsilon is None else format(epsilon, "g")
+    """``"none"`` for non-private, else a decimal form that reads back as exactly ``epsilon``:
+    the short ``g`` form where it does (``"0.5"``, ``"8"``), else Python's shortest round-trip
+    form (``"1.0000001"``), so two epsilons never share a label (or a cell directory)."""
+    if epsilon is None:
+        return "none"
+    short = format(epsilon, "g")
+    return short if float(short) == epsilon else repr(float(epsilon))
 
 
 def parse_epsilon(text: str) -> float | None:
@@ -792,9 +797,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = run_sweep(cfg, args.out, methods, seeds, args.epsilons,
                            on_cell=on_cell, on_round=on_round)
     console = Console()
-    console.print((Path(args.out) / "sweep.md").read_text())
+    console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
     console.print(f"cells run: {len(result.ran)}, skipped (already finished): {len(result.skipped)}")
-    console.print(f"sweep directory: {args.out}")
+    console.print(f"sweep directory: {args.out}", markup=False)
     return 0
 
 

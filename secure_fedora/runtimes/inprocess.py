@@ -78,8 +78,17 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     from secure_fedora.data.userdata import FederatedData, coerce_user_data, load_source
 
     d = cfg.data
+    if data is not None and callable(data):
+        from secure_fedora.data.sources import DataError
+
+        try:
+            data = data(cfg.seed)
+        except DataError:
+            raise
+        except Exception as err:  # user code: report whatever it raised, as for data.source
+            raise DataError(f"data= function raised {type(err).__name__}: {err}") from err
     if data is not None:
-        source = coerce_user_data(data(cfg.seed) if callable(data) else data, "data")
+        source = coerce_user_data(data, "data")
     elif d.source is not None:
         source = load_source(d.source, cfg.seed, config_dir(cfg))
     else:

@@ -137,6 +137,12 @@ def test_canaries_are_deterministic_and_inserted_with_probability_half():
         make_canaries("blue", 10, 0)
     with pytest.raises(CanaryAuditError, match="count"):
         make_canaries("noise", 2, 0)
+    # unbounded before: 10**9 canaries grew past 4 GB and died in the allocator
+    with pytest.raises(CanaryAuditError, match=r"\[4, 100,000\] \(--canaries\)"):
+        make_canaries("noise", 10**9, 0)
+    wide = (torch.zeros(2, 3, 512, 512), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(CanaryAuditError, match="limit 268,435,456"):
+        make_canaries("noise", 1000, 0, like=wide)
     with pytest.raises(CanaryAuditError, match="pool"):
         make_canaries("mislabeled", 10, 0)
     small = make_canaries("noise", 8, 0)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 __all__ = ["cmd_certs", "cmd_local", "register"]
 
@@ -91,7 +92,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             reproducible_dp_noise=args.reproducible_dp_noise,
             key_holder=args.key_holder,
             max_in_flight=args.max_in_flight,
-            progress=lambda msg: console.print(f"[bold]deploy:[/bold] {msg}"),
+            progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
         )
     except KeyboardInterrupt:
         console.print("[red]interrupted:[/red] every started process was stopped")
@@ -107,7 +108,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     for event in result.results.get("events", []):
         where = f"{event['method']} " if event.get("method") else ""
         console.print(f"  {where}round {event['round']}: client {event['client']}: "
-                      f"{event['event']}")
+                      f"{event['event']}", markup=False)
     print(json.dumps({"run_id": str(result.run_id), "status": result.status,
                       "results": str(result.workdir / "results" / "results.json")}))
     return 0

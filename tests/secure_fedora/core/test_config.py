@@ -144,7 +144,7 @@ def _with(base, **sections):
         ({"fedora": {"k": 8}, "data": {"num_clients": 8}}, "fedora.k"),
         ({"fedora": {"k": 40}}, "fedora.k"),
         ({"data": {"groups": 9, "num_clients": 8}}, "data.groups"),
-        ({"data": {"partition": "pathological", "classes_per_client": 11,
+        ({"data": {"dataset": "mnist", "partition": "pathological", "classes_per_client": 11,
                    "test_per_client": 8}}, "data.classes_per_client"),
         ({"name": "../../.."}, "name"),
         ({"name": "a/b"}, "name"),

@@ -532,3 +532,47 @@ def test_a_dp_run_of_a_data_source_and_model_factory_verifies(plug: str, tmp_pat
     assert config_hash(written) == config_hash(parse_config(cfg))
     report = verify_run(run)
     assert report.ok, [str(f) for f in report.errors]
+
+
+def test_sparse_tensors_huge_labels_and_a_raising_data_function_are_clear_errors() -> None:
+    """Sparse tensors were NotImplementedError tracebacks, labels 1e20 or 2**63 (uint64)
+    read as "the negative label -9223372036854775808", and an exception of a data= function
+    escaped raw (a config's data.source wrapped it)."""
+    x = torch.randn(60, 4)
+    y = torch.arange(60) % 3
+    cfg = {"data": {"partition": "iid", "num_clients": 3, "train_per_client": 10,
+                    "val_per_client": 5, "test_per_client": 5}}
+    cases = [
+        ({"x_train": x.to_sparse(), "y_train": y, "x_test": x, "y_test": y}, "sparse_coo tensor"),
+        ({"x_train": x, "y_train": y.to_sparse(), "x_test": x, "y_test": y}, "sparse_coo tensor"),
+        ({"x_train": x, "y_train": np.full(60, 1e20), "x_test": x, "y_test": y},
+         "holds the label 1e\\+20"),
+        ({"x_train": x, "y_train": np.full(60, 2**63, dtype=np.uint64), "x_test": x, "y_test": y},
+         "holds the label 9.22337e\\+18"),
+    ]
+    for data, message in cases:
+        with pytest.raises(DataError, match=message):
+            Experiment(cfg, data=data).check()
+
+    def broken(seed):
+        return 1 / 0
+
+    with pytest.raises(DataError, match="data= function raised ZeroDivisionError"):
+        Experiment(cfg, data=broken).check()
+
+
+def test_pathological_partition_of_user_data_with_more_than_ten_classes() -> None:
+    """classes_per_client was capped at 10 for any data ("MNIST and Fashion-MNIST have 10
+    classes"), also for 20-class user data; the partitioner checks the real count."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 5)).astype(np.float32)
+    y = rng.integers(0, 20, 800)
+    data = {"x_train": x[:600], "y_train": y[:600], "x_test": x[600:], "y_test": y[600:]}
+    cfg = {"methods": ["local"],
+           "data": {"partition": "pathological", "classes_per_client": 12, "num_clients": 3,
+                    "train_per_client": 24, "val_per_client": 12, "test_per_client": 12}}
+    clients = Experiment(cfg, data=data).clients
+    assert all(len(set(c.train_y.tolist())) == 12 for c in clients)
+    too_many = {**cfg, "data": {**cfg["data"], "classes_per_client": 21}}
+    with pytest.raises(DataError, match="classes_per_client must be <= 20"):
+        Experiment(too_many, data=data).check()

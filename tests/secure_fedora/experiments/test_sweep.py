@@ -196,6 +196,17 @@ def test_parse_epsilon():
             parse_epsilon(bad)
 
 
+def test_epsilons_that_print_alike_get_distinct_cells():
+    """1 and 1.0000001 shared the label "1" (6 significant digits): the second cell's training
+    collided with the first's checkpoint in eps-1/. Labels now read back exactly; the usual
+    short forms are unchanged."""
+    cells = plan_cells(["fedavg"], [1.0, 1.0000001, 0.5, 8.0], [0])
+    keys = [c.key for c in cells]
+    assert keys == ["fedavg/eps-1/seed-0", "fedavg/eps-1.0000001/seed-0",
+                    "fedavg/eps-0.5/seed-0", "fedavg/eps-8/seed-0"]
+    assert [float(c.epsilon_label) for c in cells] == [1.0, 1.0000001, 0.5, 8.0]
+
+
 def test_sweep_resumes_after_interruption_without_redoing_cells(tmp_path):
     cfg = tiny()
     methods, seeds = ["local", "fedavg", "ifca"], [0, 1]
