@@ -1074,10 +1074,18 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
                   keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
     """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present.
-    With both, the run's copy must equal the given one (a missing copy is a warning)."""
+    With both, the run's copy must equal the given one (a missing copy is a warning). A run
+    with results.json but no anchor at all is an error: both runtimes write the anchor right
+    after results.json, and without it results.json and the ledgers' tails are unprotected."""
     own = run / ANCHOR_FILENAME
     out: list[Finding] = []
     if anchor is None:
+        if not own.is_file() and (run / "results.json").is_file():
+            return [Finding("error", "anchor", f"{own} is missing although results.json is"
+                            " there: a finished DP run writes its anchor right after results.json,"
+                            " which is otherwise unprotected (it may have been edited); restore"
+                            " anchor.json or pass the copy kept apart with --anchor (a run that"
+                            " stopped between the two files is finished by `run --resume`)")]
         if not own.is_file():
             return [Finding("warning", "anchor", f"{own} is missing: without an anchor,"
                             " entries removed from the end of a ledger (close entry included)"

@@ -760,3 +760,16 @@ def test_a_noise_multiplier_beyond_the_analyses_range_is_a_finding_not_an_overfl
     assert not report.ok
     messages = [f.message for f in report.errors if f.client_id == CID]
     assert any("noise_multiplier must be a finite number in (0, 1e+06]" in m for m in messages)
+
+
+def test_results_without_an_anchor_fail(run_copy):
+    """Deleting anchor.json and editing results.json (accuracy 0.99) passed with a warning."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    for entry in doc["methods"].values():
+        entry["selected"]["mean"] = 0.99
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    (run_copy / "anchor.json").unlink()
+    report = verify_run(run_copy)
+    assert not report.ok
+    assert [f.check for f in report.errors] == ["anchor"]
+    assert "missing although results.json is there" in report.errors[0].message
