@@ -80,6 +80,8 @@ def _inputs(value: Any, where: str) -> torch.Tensor:
                         "one feature axis, (n, ...)")
     if x.dtype == torch.bool or torch.is_complex(x):
         raise DataError(f"{where} has dtype {x.dtype}; expected real numbers")
+    if x.shape[0] and x[0].numel() == 0:
+        raise DataError(f"{where} has shape {tuple(x.shape)}: each row holds no feature")
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])

@@ -545,6 +545,8 @@ def test_sparse_tensors_huge_labels_and_a_raising_data_function_are_clear_errors
     cases = [
         ({"x_train": x.to_sparse(), "y_train": y, "x_test": x, "y_test": y}, "sparse_coo tensor"),
         ({"x_train": x, "y_train": y.to_sparse(), "x_test": x, "y_test": y}, "sparse_coo tensor"),
+        ({"x_train": torch.zeros(60, 0), "y_train": y, "x_test": torch.zeros(60, 0),
+          "y_test": y}, r"has shape \(60, 0\): each row holds no feature"),
         ({"x_train": x, "y_train": np.full(60, 1e20), "x_test": x, "y_test": y},
          "holds the label 1e\\+20"),
         ({"x_train": x, "y_train": np.full(60, 2**63, dtype=np.uint64), "x_test": x, "y_test": y},
