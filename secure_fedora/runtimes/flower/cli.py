@@ -4,7 +4,8 @@
 
 - ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
 - ``deploy local --config CONFIG [--clients N] --workdir DIR [--round-timeout S]
-  [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]``
+  [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]
+  [--compare-methods]``
 
 Every command sets ``func`` (returning the exit code), as the main CLI expects. Failures
 raise the toolkit's errors, which the main CLI prints as one line with exit code 2.
@@ -92,6 +93,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             reproducible_dp_noise=args.reproducible_dp_noise,
             key_holder=args.key_holder,
             max_in_flight=args.max_in_flight,
+            compare_methods=args.compare_methods,
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
         )
     except KeyboardInterrupt:
@@ -155,6 +157,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="run with privacy.noise = 'reproducible' (DP noise seeded from the experiment seed; "
         "test deployments only: the server knows the seed, so there is no DP guarantee against "
         "it; the results say so)",
+    )
+    local.add_argument(
+        "--compare-methods", action="store_true",
+        help="let a DP config of several methods run in one deployment (a comparison: the server "
+        "then receives every method's releases of the same clients' data, and each epsilon covers "
+        "one method's; the results say so)",
     )
     local.add_argument(
         "--key-holder", type=_non_negative_int, default=0,

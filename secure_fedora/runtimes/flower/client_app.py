@@ -458,7 +458,8 @@ def ceremony(message: Message, context: Context) -> Message:
     started = time.time()
     settings, node, security, _ = _open_request(message, context)
     conf = _check_hash(message, "fedora", settings)
-    check_supported(settings.experiment, settings.reproducible_dp_noise)
+    check_supported(settings.experiment, settings.reproducible_dp_noise,
+                    settings.compare_methods)
     _encrypted_mode(settings, "the key ceremony")
     if conf.get("key-holder") != settings.key_holder:
         raise DeployError(
@@ -495,7 +496,7 @@ def encrypted_summary(message: Message, context: Context) -> Message:
     settings, node, security, _ = _open_request(message, context)
     _check_hash(message, "fedora", settings)
     cfg = settings.experiment
-    check_supported(cfg, settings.reproducible_dp_noise)
+    check_supported(cfg, settings.reproducible_dp_noise, settings.compare_methods)
     _encrypted_mode(settings, "an encrypted summary")
     ckks = message.content["ckks"] if "ckks" in message.content else None
     if not isinstance(ckks, ConfigRecord) or not isinstance(ckks.get("sealed-context"), bytes):
@@ -574,7 +575,8 @@ def hello(message: Message, context: Context) -> Message:
     started = time.time()
     settings, node, security, _ = _open_request(message, context, HELLO_SCOPE)
     _check_hash(message, "run", settings)
-    check_supported(settings.experiment, settings.reproducible_dp_noise)
+    check_supported(settings.experiment, settings.reproducible_dp_noise,
+                    settings.compare_methods)
     client = ensure_partition(node, settings.experiment)
     schema = DataSchema.of(client)
     info: dict[str, Any] = {
@@ -629,7 +631,7 @@ def method_message(message: Message, context: Context) -> Message:
     settings, node, security, envelope = _open_request(message, context, method)
     conf = _check_hash(message, "run", settings)
     cfg = settings.experiment
-    check_supported(cfg, settings.reproducible_dp_noise)
+    check_supported(cfg, settings.reproducible_dp_noise, settings.compare_methods)
     rnd = conf.get("round")
     if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
         raise DeployError(f"{message_type} message carries an invalid round {rnd!r}")

@@ -495,12 +495,14 @@ class LocalFederation:
         reproducible_dp_noise: bool = False,
         key_holder: int = 0,
         max_in_flight: int = 0,
+        compare_methods: bool = False,
     ) -> int:
         """Submit the secure-fedora app with ``cfg`` via ``flwr run``; returns the run id.
 
         ``round_timeout`` overrides ``timeouts.round`` for this run only; ``key_holder`` is the
         client that runs the CKKS key ceremony in the encrypted relatedness modes;
-        ``max_in_flight`` caps the messages the ServerApp keeps outstanding (0: all at once).
+        ``max_in_flight`` caps the messages the ServerApp keeps outstanding (0: all at once);
+        ``compare_methods`` lets a DP config of several methods run (a comparison).
         """
         result_dir.mkdir(parents=True, exist_ok=True)
         overrides = make_run_config(
@@ -515,6 +517,7 @@ class LocalFederation:
             num_threads=num_threads,
             reproducible_dp_noise=reproducible_dp_noise,
             max_in_flight=max_in_flight,
+            compare_methods=compare_methods,
         )
         run_toml = self.workdir / "run.toml"
         run_toml.write_text(tomli_w.dumps(overrides), encoding="utf-8")
@@ -595,6 +598,7 @@ def deploy_local(
     reproducible_dp_noise: bool = False,
     key_holder: int = 0,
     max_in_flight: int | None = None,
+    compare_methods: bool = False,
 ) -> DeployResult:
     """Run every method of the config on a local, secured Flower deployment and stop everything afterwards.
 
@@ -603,7 +607,9 @@ def deploy_local(
     that runs the CKKS key ceremony in the encrypted relatedness modes. ``max_in_flight`` caps
     the messages the ServerApp keeps outstanding at once (0: all); each starts a ClientApp
     process with torch loaded, and here every process shares this host, so the default (None)
-    is :func:`default_max_in_flight`. Returns the ServerApp's
+    is :func:`default_max_in_flight`. ``compare_methods`` lets a DP config of several methods
+    run in one deployment (:func:`~secure_fedora.runtimes.flower.protocol.check_supported`).
+    Returns the ServerApp's
     ``results.json`` and the run status. Raises :class:`DeployError` if any process fails to
     start, the run does not finish in ``timeouts.run`` seconds, or it ends in another state
     than ``finished:completed``. All processes are stopped before returning or raising,
@@ -611,7 +617,7 @@ def deploy_local(
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     cfg = with_reproducible_noise(with_num_clients(cfg, num_clients), reproducible_dp_noise)
-    check_supported(cfg, reproducible_dp_noise)
+    check_supported(cfg, reproducible_dp_noise, compare_methods)
     if not 0 <= key_holder < cfg.data.num_clients:
         raise DeployError(
             f"key holder {key_holder} is not a client index in [0, {cfg.data.num_clients})"
@@ -631,7 +637,8 @@ def deploy_local(
             t0 = time.perf_counter()
             run_id = fed.submit(cfg, work / "results", num_threads=num_threads,
                                 reproducible_dp_noise=reproducible_dp_noise,
-                                key_holder=key_holder, max_in_flight=max_in_flight)
+                                key_holder=key_holder, max_in_flight=max_in_flight,
+                                compare_methods=compare_methods)
             window = f"at most {max_in_flight}" if max_in_flight else "all"
             say(f"run {run_id} submitted ({window} messages in flight at once); following it "
                 f"(log: {fed.logs / 'serverapp.log'})")

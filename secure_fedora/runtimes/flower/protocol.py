@@ -132,6 +132,7 @@ RUN_CONFIG_KEYS = (
     "poll-interval",
     "num-threads",
     "reproducible-dp-noise",
+    "compare-methods",
     "identity-dir",
     "server-state-dir",
     "key-holder",
@@ -143,7 +144,8 @@ class DeployError(ToolkitError, RuntimeError):
     """A deployment-level failure: bad node or run config, missing nodes, failed run."""
 
 
-def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) -> None:
+def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,
+                    compare_methods: bool = False) -> None:
     """Refuse, before anything starts, a config the Flower runtime cannot run as written.
 
     The Flower runtime runs every registered method that implements the method contract
@@ -161,8 +163,20 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False) 
     against the very party it is meant for. With the flag (test deployments, runtime
     comparisons; :func:`with_reproducible_noise` sets the mode from it) the results record
     that assumption.
+
+    A DP config of several methods is refused unless ``compare_methods``: one deployment
+    sends the server every method's releases of the same clients' data, so a client's privacy
+    loss is the composition of all of them, which no single method's epsilon bounds. With the
+    flag (a comparison of methods, not a deployment to keep) the results record that.
     """
     problems = []
+    if cfg.privacy.enabled and len(cfg.methods) > 1 and not compare_methods:
+        problems.append(
+            f"privacy.enabled with {len(cfg.methods)} methods ({', '.join(cfg.methods)}): the "
+            "server would receive every method's releases of the same clients' data, and each "
+            "client's epsilon covers one method's; deploy one method per run, or pass "
+            "compare-methods for a comparison deployment whose results record it"
+        )
     if cfg.privacy.enabled and cfg.privacy.noise == "reproducible" and not reproducible_dp_noise:
         problems.append(
             "privacy.noise = 'reproducible' (the server knows the seed it distributes and "
@@ -236,6 +250,7 @@ def make_run_config(
     num_threads: int = 1,
     reproducible_dp_noise: bool = False,
     max_in_flight: int = 0,
+    compare_methods: bool = False,
 ) -> dict[str, Any]:
     """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``).
 
@@ -244,7 +259,8 @@ def make_run_config(
     keeps its envelope nonce memory, ``key_holder`` the client index that runs the CKKS key
     ceremony in the encrypted relatedness modes, ``max_in_flight`` how many messages of one
     exchange the ServerApp keeps outstanding at once (0: all). ``reproducible_dp_noise``
-    runs a DP config with ``privacy.noise = "reproducible"`` (:func:`with_reproducible_noise`).
+    runs a DP config with ``privacy.noise = "reproducible"`` (:func:`with_reproducible_noise`);
+    ``compare_methods`` lets a DP config of several methods run (:func:`check_supported`).
     """
     return {
         "experiment": experiment_to_run_config(with_reproducible_noise(cfg, reproducible_dp_noise)),
@@ -254,6 +270,7 @@ def make_run_config(
         "poll-interval": float(poll_interval),
         "num-threads": int(num_threads),
         "reproducible-dp-noise": bool(reproducible_dp_noise),
+        "compare-methods": bool(compare_methods),
         "identity-dir": str(Path(identity_dir).resolve()),
         "server-state-dir": str(Path(server_state_dir).resolve()),
         "key-holder": int(key_holder),
@@ -273,6 +290,7 @@ class RunSettings:
     poll_interval: float
     num_threads: int
     reproducible_dp_noise: bool
+    compare_methods: bool
     identity_dir: Path
     server_state_dir: Path
     key_holder: int
@@ -313,6 +331,10 @@ class RunSettings:
                 f"run config key 'reproducible-dp-noise' must be true or false; got {reproducible!r}"
             )
         cfg = with_reproducible_noise(cfg, reproducible)  # the flag selects the mode
+        compare = run_config["compare-methods"]
+        if not isinstance(compare, bool):
+            raise DeployError(
+                f"run config key 'compare-methods' must be true or false; got {compare!r}")
         dirs: dict[str, Path] = {}
         for key in ("identity-dir", "server-state-dir"):
             value = run_config[key]
@@ -343,6 +365,7 @@ class RunSettings:
             poll_interval=values["poll-interval"],
             num_threads=threads,
             reproducible_dp_noise=reproducible,
+            compare_methods=compare,
             identity_dir=dirs["identity-dir"],
             server_state_dir=dirs["server-state-dir"],
             key_holder=holder,

@@ -885,7 +885,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     from secure_fedora.secure.private import noise_assumptions
 
     cfg = settings.experiment
-    check_supported(cfg, settings.reproducible_dp_noise)
+    check_supported(cfg, settings.reproducible_dp_noise, settings.compare_methods)
     if cfg.privacy.enabled:  # a plan over any client's budget stops here, before any message
         from secure_fedora.secure.private import check_budget_plans
 
@@ -926,6 +926,11 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
                               "the reported round), and FedAvg's fine-tuned test metric at the "
                               "end; these reports are outside the ledgers",
     }
+    if cfg.privacy.enabled and len(cfg.methods) > 1:  # allowed only with compare-methods
+        assumptions["methods_on_one_server"] = (
+            "a comparison deployment (compare-methods): the server received every method's "
+            "releases of the same clients' data; each method's epsilon covers its own releases, "
+            "and a client's privacy loss to this server is their composition")
     if server.relatedness_details:
         holder = server.relatedness_details.get("key_holder", settings.key_holder)
         assumptions["key_holder"] = (f"client {holder} holds the CKKS secret key and sees the "

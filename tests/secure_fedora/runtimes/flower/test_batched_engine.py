@@ -63,7 +63,7 @@ def test_batched_in_process_equals_the_flower_grid(tmp_path: Path, method: str) 
 def test_batched_dp_in_process_equals_the_flower_grid(tmp_path: Path) -> None:
     methods = ("fedora", "ditto")
     cfg = _batched(dp_config(noise="reproducible"), *methods)
-    results = _grid(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    results = _grid(cfg, tmp_path, **{"reproducible-dp-noise": True, "compare-methods": True})
     for method in methods:
         sim, outcome = in_process(cfg, tmp_path / method, method)
         assert set(outcome.extra["training_engine"]["runs"]) == {"linear"}

@@ -219,6 +219,26 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     check_supported(dp_config(noise="reproducible"), reproducible_dp_noise=True)
 
 
+def test_a_dp_deployment_of_several_methods_needs_the_compare_methods_flag(tmp_path: Path) -> None:
+    """One deployment of several DP methods gives the server every method's releases of the
+    same data; it ran with only a results note. Refused unless compare-methods, which the
+    run config carries to every party (and the apps check again)."""
+    several = with_methods(dp_config(), "fedora", "fedavg")
+    with pytest.raises(DeployError, match="2 methods .*compare-methods"):
+        check_supported(several)
+    check_supported(several, compare_methods=True)
+    check_supported(with_methods(tiny_config(), "fedora", "fedavg"))  # no DP: no composition
+    plain = RunSettings.from_run_config(run_config(several, tmp_path))
+    assert plain.compare_methods is False
+    flagged = RunSettings.from_run_config(run_config(several, tmp_path, **{"compare-methods": True}))
+    assert flagged.compare_methods is True
+    with pytest.raises(DeployError, match="'compare-methods' must be true or false"):
+        RunSettings.from_run_config(run_config(several, tmp_path, **{"compare-methods": "yes"}))
+    args = _parser().parse_args(["deploy", "local", "--config", "c.toml", "--workdir", "w",
+                                 "--compare-methods"])
+    assert args.compare_methods is True
+
+
 def test_reproducible_dp_noise_flag_selects_reproducible_noise(tmp_path: Path) -> None:
     cfg = dp_config()
     assert cfg.privacy.noise == "csprng"

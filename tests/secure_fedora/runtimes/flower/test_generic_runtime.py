@@ -262,11 +262,13 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(
     assert (cfg.data.val_per_client, cfg.data.test_per_client) == (32, 64)
     result_dir = tmp_path / "result"
     result_dir.mkdir()
-    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "result-dir": str(result_dir)})
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "compare-methods": True,
+                                      "result-dir": str(result_dir)})
     results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
                                         RunSettings.from_run_config(rc), 42)
     assert evaluated and set(evaluated) == {64}  # test splits only
     assert "val-metric" not in json.dumps(results) and "evaluation_reports" in results["assumptions"]
+    assert "composition" in results["assumptions"]["methods_on_one_server"]
     audit = tmp_path / "audit"
     shutil.copyfile(result_dir / "results.json", audit.mkdir() or audit / "results.json")
     for method in ("fedavg", "ditto"):

@@ -92,7 +92,7 @@ def test_dp_grid_replies_are_signed_by_the_pipeline_and_a_refusal_carries_no_pay
     monkeypatch.setattr(client_app.ClientSidePrivacy, "admit", admit)
     spy = Signatures(monkeypatch, tmp_path / "nodes")
     cfg = with_methods(dp_config(noise="reproducible"), "fedora", "fedavg")
-    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "compare-methods": True})
     results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
                                         RunSettings.from_run_config(rc), 42)
     replies = spy.replies()
