@@ -231,6 +231,8 @@ def init_keys(
                 f"refusing to overwrite existing key files (--force on the command line, overwrite=True in Python, replaces them): {', '.join(existing)}"
             )
 
+    # an allowlist to merge into is read (and so validated) before any key is replaced
+    previous = load_allowlist(allowlist_path) if overwrite and allowlist_path.exists() else {}
     identities: dict[str, PublicIdentity] = {}
     for party_id in ids:
         ident = Identity.generate(party_id)
@@ -265,13 +267,9 @@ def init_keys(
         )
         identities[party_id] = ident.public
 
-    if overwrite and allowlist_path.exists():
-        # Keep the parties of an existing allowlist that were not regenerated now.
-        previous = load_allowlist(allowlist_path)
-        merged = {p: pub for p, pub in previous.items() if p not in identities}
-        merged.update(identities)
-    else:
-        merged = dict(identities)
+    # Keep the parties of an existing allowlist that were not regenerated now.
+    merged = {p: pub for p, pub in previous.items() if p not in identities}
+    merged.update(identities)
     _write_file(allowlist_path, allowlist_bytes(merged), 0o644, overwrite)
     return identities
 

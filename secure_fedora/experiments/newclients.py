@@ -191,7 +191,8 @@ def run_new_client_experiment(
     The federation's runs live in ``run_dir`` (checkpointed every round; rerunning with the
     same arguments resumes or reuses them). The trained clients' parameters are not changed
     by attaching newcomers. Raises :class:`NewClientError` for bad arguments or a config whose
-    relatedness is not plain, that enables DP or that asks for envelopes.
+    relatedness is not plain, whose propagation is encrypted, that enables DP or that asks for
+    envelopes.
     """
     if cfg.fedora.relatedness != "plain":
         raise NewClientError(
@@ -204,6 +205,11 @@ def run_new_client_experiment(
             "lambda in the clear and trains the newcomers outside any privacy plan, so it would "
             "run weaker than configured; run it with privacy.enabled = false"
         )
+    if cfg.fedora.propagation == "encrypted":
+        raise NewClientError(
+            "fedora.propagation = 'encrypted': the newcomers' phi rows are computed from every "
+            "trained client's parameters in the clear, so this experiment would silently run "
+            "weaker than configured; use another propagation for it")
     if cfg.security.envelopes:
         raise NewClientError(
             "security.envelopes = true: the newcomers' summaries and phi rows are computed "

@@ -39,6 +39,7 @@ from privacy.identity import (
     client_ids,
     init_keys,
     load_allowlist,
+    load_identity,
 )
 
 __all__ = [
@@ -138,6 +139,14 @@ def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> d
     missing = [p for p in parties if p not in known]
     if missing:
         raise IdentityError(f"key store {keystore} lacks parties {missing}")
+    # every private key must load and match the public key published for it, before anything
+    # is written: a mismatch would sign ledgers that no audit can verify
+    for party in parties:
+        if load_identity(keystore, party).public != known[party]:
+            raise IdentityError(
+                f"key store {keystore}: the private keys of {party!r} do not match its entry in "
+                f"{ALLOWLIST_FILENAME} (a key file replaced or copied from another store); "
+                "nothing was written")
     from secure_fedora.core.files import atomic_write_bytes
 
     chosen = {p: known[p] for p in parties}

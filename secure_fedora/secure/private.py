@@ -533,10 +533,15 @@ class FederationPrivacy:
         would account fewer releases than were made."""
         if saved is not None:
             self._check_ledgers_hold(saved, last_round)
-        for k, c in enumerate(self.clients):
+        starts = []
+        for c in self.clients:
             entries = c.ledger.entries
-            start = 0 if last_round is None else next(
-                (e["index"] for e in entries if e["round"] > last_round), len(entries))
+            starts.append(0 if last_round is None else next(
+                (e["index"] for e in entries if e["round"] > last_round), len(entries)))
+        if self.journals is not None:
+            for c, journal, start in zip(self.clients, self.journals, starts, strict=True):
+                _check_journal_covers(c.ledger.entries, start, journal, c.client_id)
+        for k, (c, start) in enumerate(zip(self.clients, starts, strict=True)):
             c.gate.replay_from(start)
             if saved is not None:
                 c.refused_at = saved["clients"][k]["refused_at"]
@@ -1040,6 +1045,30 @@ def noise_is_reproducible(cfg: ExperimentConfig) -> bool:
     """True when a re-run draws the clients' noise again identically (``[privacy] noise =
     "reproducible"``)."""
     return cfg.privacy.noise == "reproducible"
+
+
+def _check_journal_covers(entries: list[dict[str, Any]], start: int, journal: ReleaseJournal,
+                          client_id: str) -> None:
+    """JournalError unless every release the resume will replay (ledger entries from
+    ``start``) has its journal record: a release without one would be re-made with fresh
+    noise while its ledger entry is consumed, i.e. a second release accounted once. Only the
+    release whose entries end the ledger may lack it (the run stopped after the ledger was
+    written and before its journal record, so it never left)."""
+    last = entries[-1] if entries else None
+    exempt = None
+    if last is not None and isinstance(last.get("params"), dict) and last["params"].get("release_kind"):
+        exempt = (last["round"], last["params"]["release_kind"])
+    for entry in entries[start:]:
+        params = entry.get("params")
+        kind = params.get("release_kind") if isinstance(params, dict) else None
+        if kind is None or (entry["round"], kind) == exempt:
+            continue
+        if journal.get(entry["round"], kind) is None:
+            raise JournalError(
+                f"client {client_id!r}: ledger entry {entry['index']} records its round-"
+                f"{entry['round']} {kind!r} release, but the journal {str(journal.path)!r} has no"
+                " record of it (lost or cut): resuming would make that release again with new"
+                " noise, accounted once. Restore the journal from a copy, or start a new run")
 
 
 def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,

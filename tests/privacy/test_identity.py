@@ -204,3 +204,14 @@ def test_generated_identity_public_half():
     assert isinstance(pub, PublicIdentity)
     assert pub.verify(ident.sign(b"m"), b"m")
     assert len(pub.agreement_key_hex()) == 64
+
+
+def test_overwrite_refuses_a_corrupt_allowlist_before_replacing_any_key(keydir):
+    """With --force, every key was replaced and then the corrupt allowlist.json raised: the
+    old keys were lost and the store unusable."""
+    d, _ = keydir
+    (d / ALLOWLIST_FILENAME).write_text("{not json")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(IdentityError, match="allowlist"):
+        init_keys(d, ["client-000", "server"], overwrite=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before

@@ -190,6 +190,27 @@ def test_a_dp_plan_over_budget_leaves_its_out_reusable(tmp_path, capsys):
     assert (out / "results.json").is_file()
 
 
+def test_a_key_store_refused_at_set_up_leaves_its_out_reusable(tmp_path, capsys):
+    """A private key readable by others was refused only after the run had published its
+    public keys and created its ledgers: neither a corrected run (not empty) nor --resume (no
+    checkpoint) could use that --out again."""
+    import os
+
+    private = write_config(tmp_path / "dp.toml", {**TINY, "privacy": {
+        "enabled": True, "epsilon": 8.0, "delta": 1e-3}})
+    keystore = tmp_path / "store"
+    assert main(["keys", "init", str(keystore), "--clients", "3"]) == 0
+    key = keystore / "client-001.ed25519.key"
+    os.chmod(key, 0o644)
+    out = tmp_path / "out"
+    argv = ["run", str(private), "--out", str(out), "--quiet", "--keystore", str(keystore)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "client-001" in capsys.readouterr().err and not out.exists()
+    os.chmod(key, 0o600)
+    assert main(argv) == 0 and (out / "results.json").is_file()
+
+
 def test_identity_error_names_the_flag_not_the_python_argument(tmp_path, capsys):
     keys = tmp_path / "keys"
     assert main(["keys", "init", str(keys), "--clients", "1"]) == 0

@@ -140,6 +140,11 @@ def make_certificates(
     """
     if valid_days < 1:
         raise CertificateError(f"valid_days must be at least 1; got {valid_days}")
+    last = (_dt.datetime(9999, 12, 31, tzinfo=_dt.timezone.utc)
+            - _dt.datetime.now(_dt.timezone.utc)).days
+    if valid_days > last:
+        raise CertificateError(f"valid_days must be at most {last:,} (X.509 dates end in the"
+                               f" year 9999); got {valid_days:,}")
     sans, host_names = _san_entries(list(hosts))
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():

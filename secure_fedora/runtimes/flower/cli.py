@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -77,12 +79,29 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_termination() -> Callable[[], None]:
+    """Make SIGTERM and SIGHUP interrupt like Ctrl-C (KeyboardInterrupt), so that the
+    deployment stops every process it started (they run in sessions of their own and would
+    outlive this one); returns the function that restores the previous handlers."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
 
     timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
+    restore = _interrupt_on_termination()
     try:
         result = deploy_local(
             args.config,
@@ -99,6 +118,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("[red]interrupted:[/red] every started process was stopped")
         return 130
+    finally:
+        restore()
     metric = result.results.get("metric", "accuracy")
     console.print(f"run {result.run_id} {result.status} in {result.seconds:.1f} s")
     for name, entry in result.results["methods"].items():

@@ -628,6 +628,11 @@ def deploy_local(
         raise DeployError(f"max_in_flight must be >= 0 (0: all at once); got {max_in_flight}")
     say = progress or (lambda _msg: None)
     work = Path(workdir).expanduser().resolve()
+    if any(ch in str(work) for ch in '"\\\n'):
+        # the SuperNodes' node config quotes its paths; a quote or backslash in them would
+        # end the value early and point a node at another directory
+        raise DeployError(f"the workdir {str(work)!r} contains a quote, a backslash or a line"
+                          " break, which Flower's node config cannot carry; choose another path")
     started = time.perf_counter()
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts)
     say(f"starting SuperLink and {cfg.data.num_clients} SuperNodes in {work}")

@@ -630,6 +630,7 @@ class _MethodRun:
     pins: ShapePins = field(default_factory=ShapePins)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0})
+    evaluated: set[int] = field(default_factory=set)  # clients that ever reported metrics
 
 
 @dataclass
@@ -776,6 +777,7 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
                          "evaluation reply without metrics: keeps its last metrics")
             continue
         tracker.last_val[cid], tracker.last_test[cid] = val, test
+        run.evaluated.add(cid)
     tracker.update(rnd)
     return {
         **tracker.round_row(),
@@ -846,6 +848,14 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
              + (f", mean test metric {row['test_mean']:.4f}" if "test_mean" in row else ""))
         server.write("progress.json", {"run_id": server.run_id, "method": name, "round": rnd,
                                        "rows": run.history})
+    silent = sorted(set(range(n)) - run.evaluated)
+    if silent:
+        # their metrics would be the tracker's zero placeholders: made-up results
+        raise DeployError(
+            f"{name}: clients {silent} never reported an evaluation (no reply within the round"
+            f" timeout of {server.settings.round_timeout:g} s in any evaluated round), so their"
+            " metrics are unknown and no results are written; raise the round timeout (a"
+            " ClientApp process takes seconds to start) or check those SuperNodes' logs")
     final = algorithm.finalize_messages()
     final_payloads: dict[int, Payload] = {}
     if final:

@@ -154,6 +154,15 @@ def test_envelopes_are_refused_rather_than_silently_skipped(tmp_path, clients):
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
+def test_encrypted_propagation_is_refused_rather_than_run_in_the_clear(tmp_path, clients):
+    """The federation ran CKKS propagation, but the newcomers' phi rows were computed from
+    every trained client's plain parameters, and the report did not say so."""
+    cfg = tiny(fedora={"propagation": "encrypted"})
+    with pytest.raises(NewClientError, match="fedora.propagation = 'encrypted'"):
+        run_new_client_experiment(cfg, tmp_path, held_out=2, clients=clients)
+    assert not any(tmp_path.iterdir())
+
+
 def test_dp_is_refused_rather_than_run_outside_the_privacy_plan(tmp_path, clients):
     """A private config of Local only passes validation; the experiment used to train FEDORA
     and FedAvg under it with plain summaries, lambda in the clear and newcomers outside any plan."""

@@ -86,3 +86,20 @@ def test_a_key_store_inside_the_run_directory_is_refused(tmp_path, inside):
     with pytest.raises(IdentityError, match="lies inside the run directory"):
         Simulation(cfg, run, keystore=run / inside).run()
     assert not (run / inside / "allowlist.json").exists()
+
+
+def test_a_private_key_that_does_not_match_the_allowlist_is_refused_before_publishing(tmp_path):
+    """A key file copied from another store signed the run's ledgers with a key the
+    published allowlist does not list: the run finished and only `audit verify` failed."""
+    import shutil
+
+    parties = run_party_ids(2)
+    ensure_keystore(tmp_path / "store", parties)
+    ensure_keystore(tmp_path / "other", parties)
+    for suffix in ("ed25519.key", "x25519.key"):
+        shutil.copyfile(tmp_path / "other" / f"client-001.{suffix}",
+                        tmp_path / "store" / f"client-001.{suffix}")
+    run_keys = tmp_path / "run" / "keys"
+    with pytest.raises(IdentityError, match="'client-001' do not match its entry in allowlist.json"):
+        publish_public_keys(tmp_path / "store", run_keys, parties)
+    assert not run_keys.exists()

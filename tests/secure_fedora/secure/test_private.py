@@ -298,6 +298,24 @@ def test_budget_fractions_that_leave_dpsgd_nothing_are_named():
     assert privacy_plan(used, "fedora", PrivacyBudget(4.0, 1e-3)).summary_noise is not None
 
 
+def test_a_resume_that_would_remake_releases_without_their_journal_is_refused(tmp_path, clients):
+    """With a method's checkpoint and release journals gone, a resume re-made every release of
+    its ledger with fresh noise while consuming the ledger's entries: new noisy releases of
+    the same data, accounted once, and `audit verify` still passed."""
+    from privacy.journal import JournalError
+
+    cfg = dp_config(methods=["local"])
+    Simulation(cfg, tmp_path, clients=clients).run()
+    ledgers = {p: p.read_bytes() for p in (tmp_path / "ledgers" / "local").glob("*.jsonl")}
+    (tmp_path / "checkpoints" / "local.pt").unlink()
+    for journal in (tmp_path / "ledgers" / "local").glob("*.journal"):
+        journal.unlink()
+    with pytest.raises(JournalError, match="ledger entry 0 records its round-1 'model' release, "
+                                           "but the journal .* has no record of it"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert {p: p.read_bytes() for p in ledgers} == ledgers
+
+
 def test_selecting_by_private_validation_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="model_selection"):
         dp_config(data={"validation": "private"}, privacy={"model_selection": "validation"})

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -130,6 +131,9 @@ def test_certificates_reject_bad_hosts_and_never_overwrite_silently(tmp_path: Pa
         make_certificates(tmp_path / "a", ["bad host!"])
     with pytest.raises(CertificateError, match="valid_days"):
         make_certificates(tmp_path / "a", [], valid_days=0)
+    # an OverflowError traceback (datetime) before; X.509 dates end in the year 9999
+    with pytest.raises(CertificateError, match="at most .* year 9999"):
+        make_certificates(tmp_path / "a", [], valid_days=3_000_000)
     make_certificates(tmp_path / "b", [])
     with pytest.raises(CertificateError, match="already exists"):
         make_certificates(tmp_path / "b", [])
@@ -583,6 +587,19 @@ def test_grid_failures_count_as_not_taking_part_and_are_logged(tmp_path: Path, w
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_client_that_never_reports_an_evaluation_fails_the_run(tmp_path: Path) -> None:
+    """A client that replied to no evaluation (here: dropped in every round; on a real
+    deployment a round timeout shorter than a ClientApp's start-up) was reported with the
+    tracker's 0.0 placeholders, as a completed run with made-up metrics."""
+    cfg = with_methods(tiny_config(rounds=2), "fedavg")
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3, "result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, drop={(2, 1), (2, 2)})
+    with pytest.raises(DeployError, match=r"fedavg: clients \[2\] never reported an evaluation"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_refuses_missing_clients_and_duplicate_partitions(tmp_path: Path) -> None:
     cfg = tiny_config()
     rc = run_config(cfg, tmp_path, **{"connect-timeout": 0.1, "round-timeout": 0.3})
@@ -669,6 +686,32 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
                               "--max-in-flight", "-1"])
 
 
+def test_sigterm_stops_a_local_deployment_like_ctrl_c(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM (or SIGHUP) ended `deploy local` without stopping the Flower processes it had
+    started (they run in sessions of their own); it now interrupts like Ctrl-C, whose
+    handling stops them, and the previous handlers come back afterwards."""
+    import signal
+
+    from secure_fedora.runtimes.flower import local as local_module
+
+    stopped = []
+
+    def deploying(*args: Any, **kwargs: Any) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            stopped.append(True)  # deploy_local stops every process here
+
+    monkeypatch.setattr(local_module, "deploy_local", deploying)
+    before = signal.getsignal(signal.SIGTERM)
+    args = _parser().parse_args(["deploy", "local", "--config", "c.toml", "--workdir", "w"])
+    assert args.func(args) == 130
+    assert stopped == [True] and "every started process was stopped" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[data]\nnum_clients = 'many'\n")
@@ -684,6 +727,11 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="max_in_flight"):
         deploy_local(tiny_config(), 3, tmp_path / "w", max_in_flight=-1)
     assert not (tmp_path / "w" / "logs").exists()
+    # a quote ended the SuperNodes' quoted node-config path early: they used another folder
+    # and the run failed a minute later as "missing clients"
+    with pytest.raises(DeployError, match="contains a quote"):
+        deploy_local(tiny_config(), 3, tmp_path / 'w"q', max_in_flight=0)
+    assert not (tmp_path / 'w"q').exists()
     assert default_max_in_flight() == 2 * (os.cpu_count() or 1)
 
 
