@@ -246,7 +246,8 @@ def _gaussian_pld_points(noise_multiplier: float, sample_rate: float, discretiza
             noise_multiplier, sampling_prob=sample_rate, adjacency_type=adjacency,
         ).connect_dots_bounds()
         span = (bounds.epsilon_upper - bounds.epsilon_lower) / discretization
-        points = max(points, int(min(span, 1e18)) + 2)
+        # + 3: both ends of the span, and the point dp_accounting's rounding may add
+        points = max(points, int(min(span, 1e18)) + 3)
     return points
 
 

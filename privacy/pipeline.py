@@ -355,6 +355,7 @@ class BudgetGate:
                                       budget=self.budget, reason=p["reason"])
         consumed = 0
         last_entry = entry
+        indices: list[int] = []
         for record in release.records:
             if not self._replay:
                 break
@@ -367,6 +368,7 @@ class BudgetGate:
             self._replay.pop(0)
             consumed += 1
             last_entry = entry
+            indices.append(int(entry["index"]))
         # A release cut between two of its entries: the first entry proves the gate admitted
         # the whole release, so the rest is appended without a second budget decision.
         delta = self.budget.delta
@@ -380,8 +382,11 @@ class BudgetGate:
                 epsilon_after=max(eps, self.ledger.last_epsilon), delta=delta,
                 budget_epsilon=self.budget.epsilon, accountant=self.accountant.kind)
             self.accountant.record(*record.as_release())
+            indices.append(int(last_entry["index"]))
         count, head = self.ledger.head
+        # the entries need not be adjacent: a torn tail's repair entry may sit between them
         return release.replace(metadata={**release.metadata, "ledger_index": last_entry["index"],
+                                         "ledger_indices": indices,
                                          "ledger_head": head, "ledger_entries": count,
                                          "epsilon_after": last_entry["epsilon_after"],
                                          "replayed_entries": consumed})
@@ -449,6 +454,7 @@ class BudgetGate:
         all_params = [{"release_kind": release.kind, **r.ledger_params(),
                        "accountant_params": accountant_params} for r in release.records]
         last_entry: dict[str, Any] = {}
+        indices = []
         for record, params, eps in zip(release.records, all_params, cumulative, strict=True):
             last_entry = self.ledger.append(
                 round=release.round,
@@ -462,10 +468,23 @@ class BudgetGate:
             # Record right after its entry is durable: if a later append fails, the accountant
             # still matches the ledger (over-counting the unreleased part, never under-counting).
             self.accountant.record(*record.as_release())
+            indices.append(int(last_entry["index"]))
         count, head = self.ledger.head
         return release.replace(metadata={**release.metadata, "ledger_index": last_entry["index"],
+                                         "ledger_indices": indices,
                                          "ledger_head": head, "ledger_entries": count,
                                          "epsilon_after": eps_final})
+
+
+def _release_entries(ledger: LedgerWriter, release: Release) -> list[dict[str, Any]]:
+    """The ledger entries of a release the gate passed: those it names (``ledger_indices``),
+    else the ``len(records)`` entries ending at ``ledger_index`` (the gate appends a release's
+    entries together; only a resume across a torn tail separates them)."""
+    indices = release.metadata.get("ledger_indices")
+    if indices is not None:
+        return [ledger.entries_between(int(k), int(k))[0] for k in indices]
+    last = int(release.metadata["ledger_index"])
+    return ledger.entries_between(last - len(release.records) + 1, last)
 
 
 class AccountedWith:
@@ -492,7 +511,7 @@ class AccountedWith:
             raise PipelineError(f"release {release.kind!r} carries no mechanism record")
         last = int(admitted.metadata["ledger_index"])
         first = last - len(admitted.records) + 1
-        entries = self.ledger.entries_between(first, last)
+        entries = _release_entries(self.ledger, admitted)
         for record in release.records:
             params = record.ledger_params()
             match = next((e["index"] for e in entries
@@ -664,8 +683,7 @@ class CheckExecutedSteps(AfterGate):
         """The steps the ledger entries of ``release`` account (None: the gate did not admit it)."""
         if "ledger_index" not in release.metadata:
             return None
-        last = int(release.metadata["ledger_index"])
-        entries = self.gate.ledger.entries_between(last - len(release.records) + 1, last)
+        entries = _release_entries(self.gate.ledger, release)
         return sum(int(e["params"]["steps"]) for e in entries
                    if e["mechanism"] == self.mechanism and e["round"] == release.round)
 

@@ -528,11 +528,13 @@ def config_document(cfg: ExperimentConfig) -> dict[str, Any]:
     """Every value of ``cfg`` as a TOML-ready mapping that validates to the same config (same
     :func:`config_hash`): defaults included, except a default beside the key that excludes it
     (``data.dataset`` beside ``data.source``, ``model.name`` beside ``model.factory``), which
-    would make the document invalid. ValueError if the round trip changed the config."""
+    would make the document invalid, and those two when never set (a set ``data.dataset``
+    enables checks of the built-in datasets, e.g. at most 10 classes per client, that the
+    Python API's own data does not have). ValueError if the round trip changed the config."""
     doc = cfg.model_dump(mode="json", exclude_none=True)
-    if cfg.data.source is not None:
+    if cfg.data.source is not None or "dataset" not in cfg.data.model_fields_set:
         doc["data"].pop("dataset", None)
-    if cfg.model.factory is not None:
+    if cfg.model.factory is not None or "name" not in cfg.model.model_fields_set:
         doc["model"].pop("name", None)
     again = ExperimentConfig.model_validate(doc)
     if config_hash(again) != config_hash(cfg):

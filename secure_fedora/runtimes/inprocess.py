@@ -920,6 +920,10 @@ class Simulation:
     # -- the whole experiment -----------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run every configured method; write rounds.csv and results.json; return the results."""
+        if self.cfg.privacy.enabled and not (self.run_dir / "config.toml").is_file():
+            from secure_fedora.core.config import config_document
+
+            config_document(self.cfg)  # the anchor writes it last: fail now, not after training
         self.run_dir.mkdir(parents=True, exist_ok=True)
         outcomes = {}
         for name in self.cfg.methods:

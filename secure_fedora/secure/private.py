@@ -52,7 +52,15 @@ from privacy.accounting import (
 )
 from privacy.identity import client_ids, load_identity
 from privacy.journal import JournalError, ReleaseJournal, payload_digest
-from privacy.ledger import LedgerError, LedgerWriter, repair_torn_tail, replay_accountant
+from privacy.ledger import (
+    CLOSE,
+    REFUSAL,
+    REPAIR,
+    LedgerError,
+    LedgerWriter,
+    repair_torn_tail,
+    replay_accountant,
+)
 from privacy.mechanisms import scalar_record
 from privacy.noise import (
     REPRODUCIBLE_WARNING,
@@ -539,8 +547,8 @@ class FederationPrivacy:
             starts.append(0 if last_round is None else next(
                 (e["index"] for e in entries if e["round"] > last_round), len(entries)))
         if self.journals is not None:
-            for c, journal, start in zip(self.clients, self.journals, starts, strict=True):
-                _check_journal_covers(c.ledger.entries, start, journal, c.client_id)
+            for c, journal in zip(self.clients, self.journals, strict=True):
+                _check_journal_covers(c.ledger.entries, journal, c.client_id)
         for k, (c, start) in enumerate(zip(self.clients, starts, strict=True)):
             c.gate.replay_from(start)
             if saved is not None:
@@ -1047,18 +1055,22 @@ def noise_is_reproducible(cfg: ExperimentConfig) -> bool:
     return cfg.privacy.noise == "reproducible"
 
 
-def _check_journal_covers(entries: list[dict[str, Any]], start: int, journal: ReleaseJournal,
+def _check_journal_covers(entries: list[dict[str, Any]], journal: ReleaseJournal,
                           client_id: str) -> None:
-    """JournalError unless every release the resume will replay (ledger entries from
-    ``start``) has its journal record: a release without one would be re-made with fresh
-    noise while its ledger entry is consumed, i.e. a second release accounted once. Only the
+    """JournalError unless every release the ledger records has its journal record (the
+    journal is append-only for the whole run): a replayed release without one would be re-made
+    with fresh noise while its ledger entry is consumed, i.e. a second release accounted once,
+    and a lost record of an earlier release shows the journal was lost or cut. Only the
     release whose entries end the ledger may lack it (the run stopped after the ledger was
-    written and before its journal record, so it never left)."""
-    last = entries[-1] if entries else None
+    written and before its journal record, so it never left). Refusals record no release."""
+    # the last entry that records something (a torn tail's repair entry may follow it)
+    last = next((e for e in reversed(entries) if e["mechanism"] != REPAIR), None)
     exempt = None
     if last is not None and isinstance(last.get("params"), dict) and last["params"].get("release_kind"):
         exempt = (last["round"], last["params"]["release_kind"])
-    for entry in entries[start:]:
+    for entry in entries:
+        if entry["mechanism"] in (REFUSAL, CLOSE, REPAIR):
+            continue
         params = entry.get("params")
         kind = params.get("release_kind") if isinstance(params, dict) else None
         if kind is None or (entry["round"], kind) == exempt:

@@ -336,7 +336,7 @@ def test_pld_grid_points_bound_the_arrays_dp_accounting_builds():
 
     from privacy.accounting import pld_grid_points
 
-    for history in [((1.1, 0.05, 400),), ((5.98, 1.0, 1), (2.13, 0.25, 40)),
+    for history in [((1.1, 0.05, 400),), ((0.6, 1.0, 300),), ((5.98, 1.0, 1), (2.13, 0.25, 40)),
                     ((0.7, 0.3, 50), (3.0, 1.0, 2)), ((1.0, 0.01, 1),), ((0.6, 0.5, 3000),)]:
         acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
         for nm, q, steps in history:

@@ -578,3 +578,25 @@ def test_pathological_partition_of_user_data_with_more_than_ten_classes() -> Non
     too_many = {**cfg, "data": {**cfg["data"], "classes_per_client": 21}}
     with pytest.raises(DataError, match="classes_per_client must be <= 20"):
         Experiment(too_many, data=data).check()
+
+
+def test_a_dp_api_run_with_more_than_ten_classes_per_client_writes_its_anchor(
+        tmp_path: Path) -> None:
+    """The anchor's config.toml kept the default data.dataset = "mnist", which re-validated with
+    the built-in datasets' 10-class cap: the run failed after results.json, without an anchor
+    (and the check now runs before training)."""
+    from audits.verify import verify_run
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 5)).astype(np.float32)
+    y = rng.integers(0, 20, 800)
+    data = {"x_train": x[:600], "y_train": y[:600], "x_test": x[600:], "y_test": y[600:]}
+    cfg = {"methods": ["local"], "training": {"rounds": 1, "batch_size": 8},
+           "data": {"partition": "pathological", "classes_per_client": 12, "num_clients": 3,
+                    "train_per_client": 24, "val_per_client": 12, "test_per_client": 12},
+           "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3}}
+    run = tmp_path / "run"
+    Experiment(cfg, data=data, run_dir=run).run()
+    assert (run / "anchor.json").is_file() and (run / "config.toml").is_file()
+    report = verify_run(run)
+    assert report.ok, [str(f) for f in report.errors]

@@ -308,3 +308,40 @@ def test_a_ledger_lost_or_cut_since_the_checkpoint_refuses_the_resume(tmp_path, 
     with pytest.raises(LedgerError, match="the ledger was lost, cut or replaced since"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == left or damage == "lost"
+
+
+def test_a_release_torn_between_its_two_ledger_entries_resumes(tmp_path, clients):
+    """With private validation a model release writes two entries (DP-SGD, then lambda); the
+    process died in the middle of the second. The torn line is quarantined and a repair entry
+    appended, then the resume was refused twice over: the step check read the entries next
+    to the last one ([repair, lambda], no DP-SGD step: a permanent refusal entry), and the
+    journal check did not see that the cut release ends the ledger."""
+    cfg = config(["fedora"], "lambda")
+    run = tmp_path / "run"
+    assert run_until_crash(cfg, run, clients, "gate@4")  # client-000's round-1 model release
+    ledger = run / "ledgers" / "fedora" / "client-000.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    assert [json.loads(line)["mechanism"] for line in lines[-2:]] == ["dpsgd", "gaussian_lambda"]
+    ledger.write_bytes(b"".join(lines[:-1]) + lines[-1][:60])
+    Simulation(cfg, run, clients=clients).run(resume=True)
+    entries = read_ledger(ledger)
+    assert "refusal" not in [e["mechanism"] for e in entries]
+    assert verify_run(run).ok
+
+
+def test_a_resume_after_losing_the_journals_is_refused_even_for_one_replayed_release(tmp_path,
+                                                                                     clients):
+    """With a checkpoint every round only the last release is replayed, and it was exempt as
+    the possible crash window: deleting every journal went unnoticed and round 2 was made again
+    with new noise. Every earlier ledger release must have its record too (the journal is
+    append-only for the run)."""
+    data = config_dict(["local"], True)
+    data["privacy"]["noise"] = "csprng"
+    data["training"]["rounds"] = 3
+    cfg = parse_config(data)
+    run = tmp_path / "run"
+    assert run_until_crash(cfg, run, clients, "release@6")  # round 2, every client journaled
+    for journal in (run / "ledgers" / "local").glob("*.journal"):
+        journal.unlink()
+    with pytest.raises(JournalError, match="has no record of it"):
+        Simulation(cfg, run, clients=clients).run(resume=True)
