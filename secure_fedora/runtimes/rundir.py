@@ -2,7 +2,9 @@
 
 ``secure-fedora run`` calls :func:`prepare_run_dir` before it writes a byte:
 
-- a fresh run needs a directory that does not exist or is empty; one that holds anything
+- a fresh run needs a directory that does not exist or is empty, or that holds only the
+  config copy of this very configuration (a start killed before it wrote anything else); one
+  that holds anything
   (another run's ledgers, results, checkpoints, or any other file) is refused; a fresh run
   that fails before writing anything but its config copy withdraws it
   (:func:`withdraw_unstarted_run`);
@@ -64,6 +66,9 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
         if not run_dir.is_dir():
             raise RunDirError(f"run directory {run_dir} exists and is not a directory")
         held = _contents(run_dir)
+        if held == [CONFIG_COPY] and (run_dir / CONFIG_COPY).is_file() \
+                and _same_config(run_dir / CONFIG_COPY, cfg):
+            held = []  # a start of this very run killed before it wrote anything else
         if held:
             shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
             raise RunDirError(
@@ -71,6 +76,14 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
                 "or empty --out, and --resume continues the run it holds"
             )
     atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
+
+
+def _same_config(stored: Path, cfg: ExperimentConfig) -> bool:
+    """Whether ``stored`` is a valid config with ``cfg``'s config hash."""
+    try:
+        return config_hash(load_config(stored, plugins_from_folder=False)) == config_hash(cfg)
+    except ConfigError:
+        return False
 
 
 def withdraw_unstarted_run(run_dir: Path, created: bool) -> bool:

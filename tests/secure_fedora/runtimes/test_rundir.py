@@ -204,3 +204,18 @@ def test_resume_of_a_dp_run_killed_before_its_first_checkpoint_continues_it(tmp_
     for path in sorted(run_dir.glob("ledgers/local/*.jsonl")):
         assert [(e["round"], e["mechanism"]) for e in read_ledger(path)] == [
             (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
+
+
+def test_a_start_killed_after_its_config_copy_can_start_again(tmp_path, capsys):
+    """Killed right after its config copy was written: --resume said there was nothing to
+    resume and a new run said the directory was not empty, each pointing at the other. A new
+    run of the same configuration now starts there; another configuration is still refused."""
+    config = write_config(tmp_path / "dp.toml", DP)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_bytes(config.read_bytes())
+    other = write_config(tmp_path / "other.toml", {**DP, "seed": 7})
+    assert run(other, run_dir) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert run(config, run_dir) == 0
+    assert (run_dir / "results.json").is_file()
