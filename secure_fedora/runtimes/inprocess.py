@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -840,6 +841,11 @@ class Simulation:
         from secure_fedora.secure.transport import SecureExchange, SecureTransport
 
         uploads, downloads = state
+        # Envelopes are bound to this process's run nonce, so a message of an earlier process
+        # (a run resumed after a crash) is rejected by its context whatever the nonce memory
+        # holds; that memory's round floor, though, would reject the rounds the resume replays
+        # (older than the crashed process's last round). Each process starts its own memory.
+        shutil.rmtree(self.run_dir / "transport" / name, ignore_errors=True)
         transport = SecureTransport.for_simulation(self.run_dir, n, name, key_dir=self.key_dir,
                                                    context=f"{self.run_nonce}/{name}")
         if privacy is not None:
