@@ -92,18 +92,16 @@ def _refuse_two_sources(cfg: ExperimentConfig, data: Any, model: Any) -> None:
     """ConfigError when ``data=`` or ``model=`` is given and the config names its own (one of
     the two would be ignored, and config.toml would describe data or a model the run never
     used)."""
-    if data is not None:
-        named = [f"data.{key} = {getattr(cfg.data, key)!r}" for key in ("source", "dataset")
-                 if key in cfg.data.model_fields_set and getattr(cfg.data, key) is not None]
+    for argument, given, section, keys in (("data", data, cfg.data, ("source", "dataset")),
+                                           ("model", model, cfg.model, ("factory", "name"))):
+        if given is None:
+            continue
+        named = [f"{argument}.{key} = {getattr(section, key)!r}" for key in keys
+                 if key in section.model_fields_set and getattr(section, key) is not None]
         if named:
-            raise ConfigError(f"data= was given and the config names {', '.join(named)}; give "
-                              "the data one way (remove the key, or do not pass data=)")
-    if model is not None:
-        named = [f"model.{key} = {getattr(cfg.model, key)!r}" for key in ("factory", "name")
-                 if key in cfg.model.model_fields_set and getattr(cfg.model, key) is not None]
-        if named:
-            raise ConfigError(f"model= was given and the config names {', '.join(named)}; give "
-                              "the model one way (remove the key, or do not pass model=)")
+            raise ConfigError(f"{argument}= was given and the config names {', '.join(named)}; "
+                              f"give the {argument} one way (remove the key, or do not pass "
+                              f"{argument}=)")
 
 
 def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | Path) -> ExperimentConfig:

@@ -32,6 +32,7 @@ __all__ = [
     "FederatedData",
     "as_federated",
     "as_labeled_dataset",
+    "call_source",
     "coerce_user_data",
     "label_space",
     "load_source",
@@ -252,13 +253,18 @@ def load_source(spec: str, seed: int, base_dir: Any = None) -> LabeledDataset | 
 
     fn = import_object(spec, "data.source", base_dir)
     where = f"data.source {spec!r}"
+    return coerce_user_data(call_source(fn, seed, where), where)
+
+
+def call_source(fn: Any, seed: int, where: str) -> Any:
+    """``fn(seed)``, a user's data function; whatever it raises becomes a DataError naming
+    ``where`` (its DataErrors pass unchanged)."""
     try:
-        obj = fn(seed)
+        return fn(seed)
     except DataError:
         raise
     except Exception as err:  # user code: report whatever it raised
         raise DataError(f"{where} raised {type(err).__name__}: {err}") from err
-    return coerce_user_data(obj, where)
 
 
 def label_space(clients: Sequence[ClientData]) -> tuple[int, bool]:

@@ -76,18 +76,16 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     a problem raises :class:`~secure_fedora.data.sources.DataError` before anything trains.
     """
     from secure_fedora.core.plugins import config_dir
-    from secure_fedora.data.userdata import FederatedData, coerce_user_data, load_source
+    from secure_fedora.data.userdata import (
+        FederatedData,
+        call_source,
+        coerce_user_data,
+        load_source,
+    )
 
     d = cfg.data
     if data is not None and callable(data):
-        from secure_fedora.data.sources import DataError
-
-        try:
-            data = data(cfg.seed)
-        except DataError:
-            raise
-        except Exception as err:  # user code: report whatever it raised, as for data.source
-            raise DataError(f"data= function raised {type(err).__name__}: {err}") from err
+        data = call_source(data, cfg.seed, "data= function")
     if data is not None:
         source = coerce_user_data(data, "data")
     elif d.source is not None:

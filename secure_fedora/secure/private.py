@@ -266,11 +266,9 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
         reference = plans["rdp"] or plans["pld"]
         if reference is not None:
             for name in AUTO_CANDIDATES:
-                try:
-                    row[f"{name}_epsilon_of_plan"] = round(plan_epsilon(
-                        reference.releases, b.delta, reference.dpsgd_noise, name), 6)
-                except AccountingSizeError:  # a candidate that cannot evaluate the plan loses
-                    row[f"{name}_epsilon_of_plan"] = None
+                # a candidate that cannot evaluate the plan (None) loses
+                row[f"{name}_epsilon_of_plan"] = _plan_epsilon_or_none(
+                    reference.releases, b.delta, reference.dpsgd_noise, name)
             row["plan"] = "rdp-calibrated" if plans["rdp"] is not None else "pld-calibrated"
         if plans["pld"] is None or row.get("pld_epsilon_of_plan") is None or (
                 plans["rdp"] is not None
@@ -541,15 +539,13 @@ class FederationPrivacy:
         would account fewer releases than were made."""
         if saved is not None:
             self._check_ledgers_hold(saved, last_round)
-        starts = []
-        for c in self.clients:
-            entries = c.ledger.entries
-            starts.append(0 if last_round is None else next(
-                (e["index"] for e in entries if e["round"] > last_round), len(entries)))
         if self.journals is not None:
             for c, journal in zip(self.clients, self.journals, strict=True):
                 _check_journal_covers(c.ledger.entries, journal, c.client_id)
-        for k, (c, start) in enumerate(zip(self.clients, starts, strict=True)):
+        for k, c in enumerate(self.clients):
+            entries = c.ledger.entries
+            start = 0 if last_round is None else next(
+                (e["index"] for e in entries if e["round"] > last_round), len(entries))
             c.gate.replay_from(start)
             if saved is not None:
                 c.refused_at = saved["clients"][k]["refused_at"]
