@@ -42,6 +42,7 @@ __all__ = [
     "IdentityError",
     "PublicIdentity",
     "SERVER_ID",
+    "check_key_directory",
     "client_ids",
     "default_party_ids",
     "init_keys",
@@ -202,7 +203,8 @@ def init_keys(
 
     Guarantees: every private key file is created with mode 0600 by ``os.open`` (never
     chmod-ed afterwards; a restrictive umask can only narrow it further); the directory is
-    created with mode 0700 if missing. Without ``overwrite``, any existing key or allowlist
+    created with mode 0700 if missing, and an existing one writable by group or others or owned
+    by another user is refused (:func:`check_key_directory`). Without ``overwrite``, any existing key or allowlist
     file makes the call fail before anything is written (no partial overwrite). Returns the
     public identities by party id, in the order given.
     """
@@ -216,6 +218,7 @@ def init_keys(
     if directory.exists() and not directory.is_dir():
         raise IdentityError(f"key directory {directory} exists and is not a directory")
     directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    check_key_directory(directory)
     allowlist_path = directory / ALLOWLIST_FILENAME
     if not overwrite:
         existing = [
@@ -286,6 +289,29 @@ def allowlist_bytes(identities: Mapping[str, PublicIdentity]) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
+def check_key_directory(directory: str | os.PathLike[str]) -> None:
+    """Refuse (IdentityError) a key directory that another user could change.
+
+    The private key files are checked one by one (0600, owned by this user), but the
+    directory decides which files those are: in a directory writable by group or others, or
+    owned by another user, someone else could replace the allowlist or swap in key files.
+    """
+    directory = Path(directory)
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise IdentityError(f"cannot read the key directory {directory}: {exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise IdentityError(f"key directory {directory} is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise IdentityError(f"key directory {directory} is owned by uid {st.st_uid}, not by "
+                            "this user")
+    if st.st_mode & 0o022:
+        raise IdentityError(
+            f"key directory {directory} has permissions {stat.S_IMODE(st.st_mode):04o}: group or "
+            "others could replace its keys or allowlist; restrict it (chmod go-w, or 0700)")
+
+
 def _read_private_pem(path: Path) -> bytes:
     """Read a private key file, refusing symlinks and group/other-accessible modes."""
     if path.is_symlink():
@@ -348,10 +374,12 @@ def _load_public(path: Path, expected: type, label: str) -> object:
 def load_identity(directory: str | os.PathLike[str], party_id: str) -> Identity:
     """Load ``party_id``'s private identity from ``directory``.
 
-    Raises :class:`IdentityError` when a key file is missing, is a symlink, is accessible by
-    group or others, is owned by another user, is corrupt PEM, or holds the wrong key type.
+    Raises :class:`IdentityError` when ``directory`` is writable by group or others or owned
+    by another user, or a key file is missing, is a symlink, is accessible by group or others,
+    is owned by another user, is corrupt PEM, or holds the wrong key type.
     """
     validate_party_id(party_id)
+    check_key_directory(directory)
     paths = _paths(Path(directory), party_id)
     signing = _load_private(paths["ed25519_key"], Ed25519PrivateKey, "Ed25519")
     agreement = _load_private(paths["x25519_key"], X25519PrivateKey, "X25519")

@@ -17,8 +17,9 @@ Which key store a run uses, first match wins:
 ``secure-fedora keys init DIR --clients N`` creates a key store (server, operator and N
 clients). A missing store is created on first use (directory 0700, private keys 0600); a
 store lacking some parties of the run gets keys for exactly those parties, nothing else is
-touched. Assumption (stated): key files are protected by file permissions only (see
-:mod:`privacy.identity`).
+touched. A store directory writable by group or others, or owned by another user, is refused
+(someone else could swap its allowlist or key files). Assumption (stated): key files are
+protected by file permissions only (see :mod:`privacy.identity`).
 """
 
 from __future__ import annotations

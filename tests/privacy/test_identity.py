@@ -12,6 +12,7 @@ from privacy.identity import (
     Identity,
     IdentityError,
     PublicIdentity,
+    check_key_directory,
     client_ids,
     default_party_ids,
     init_keys,
@@ -109,6 +110,38 @@ def test_refuses_group_or_other_readable_private_key(keydir, mode):
     os.chmod(d / "client-000.ed25519.key", mode)
     with pytest.raises(IdentityError, match="group or others"):
         load_identity(d, "client-000")
+
+
+@pytest.mark.parametrize("mode", [0o720, 0o702, 0o777, 0o1777])
+def test_refuses_key_directory_writable_by_group_or_others(keydir, mode):
+    d, _ = keydir
+    os.chmod(d, mode)
+    with pytest.raises(IdentityError, match="group or others"):
+        load_identity(d, "client-000")
+    with pytest.raises(IdentityError, match="group or others"):
+        init_keys(d, ["client-009"])
+    assert not (d / "client-009.ed25519.key").exists()
+    os.chmod(d, 0o755)  # readable by others is fine: the private key files are 0600
+    load_identity(d, "client-000")
+    init_keys(d, ["client-009"], overwrite=True)
+
+
+def test_key_directory_created_0700_under_a_group_writable_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        init_keys(tmp_path / "a" / "k", ["client-000"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "k").st_mode) == 0o700
+    load_identity(tmp_path / "a" / "k", "client-000")
+
+
+def test_check_key_directory_refuses_a_file_and_a_missing_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(IdentityError, match="not a directory"):
+        check_key_directory(tmp_path / "f")
+    with pytest.raises(IdentityError, match="cannot read"):
+        check_key_directory(tmp_path / "missing")
 
 
 def test_refuses_symlinked_private_key(keydir):

@@ -103,3 +103,23 @@ def test_a_private_key_that_does_not_match_the_allowlist_is_refused_before_publi
     with pytest.raises(IdentityError, match="'client-001' do not match its entry in allowlist.json"):
         publish_public_keys(tmp_path / "store", run_keys, parties)
     assert not run_keys.exists()
+
+
+def test_a_run_refuses_a_key_store_others_can_write_before_writing_anything(tmp_path):
+    """A 0777 key store was accepted: another user could replace its allowlist or key files."""
+    import os
+
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    store = tmp_path / "store"
+    ensure_keystore(store, run_party_ids(2))
+    os.chmod(store, 0o777)
+    cfg = parse_config({"methods": ["local"], "data": {"num_clients": 2, "train_per_client": 20,
+                        "val_per_client": 8, "test_per_client": 8, "groups": 2},
+                        "training": {"rounds": 1},
+                        "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}})
+    run = tmp_path / "run"
+    with pytest.raises(IdentityError, match="0777: group or others"):
+        Simulation(cfg, run, keystore=store).run()
+    assert not (run / "keys").exists() and not (run / "ledgers").exists()
