@@ -218,6 +218,31 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
     return VERDICT_EXIT[doc["verdict"]]
 
 
+def _planned_summary_noise(cfg: Any) -> tuple[list[float], str]:
+    """Each client's summary noise multiplier as a FEDORA run of ``cfg`` would use it: the
+    fixed ``privacy.summary_noise_multiplier``, else the one calibrated from the client's
+    budget (``privacy.summary_budget_fraction`` of its epsilon), and where it came from."""
+    from secure_fedora.core.config import ConfigError
+    from secure_fedora.secure.private import check_budget_plans, client_budget
+
+    p = cfg.privacy
+    n = cfg.data.num_clients
+    if p.summary_noise_multiplier is not None:
+        return [p.summary_noise_multiplier] * n, "privacy.summary_noise_multiplier"
+    _, plans = check_budget_plans(cfg, "fedora", n)
+    sigmas = []
+    for i in range(n):
+        b = client_budget(cfg, i)
+        sigma = plans[(b.epsilon, b.delta)].summary_noise
+        if sigma is None:
+            raise ConfigError(
+                f"fedora.relatedness = {cfg.fedora.relatedness!r} releases no noised summary, so "
+                "there is no planned summary noise; pass --noise-multiplier (and --clip-norm)")
+        sigmas.append(sigma)
+    return sigmas, (f"calibrated: privacy.summary_budget_fraction {p.summary_budget_fraction:g} "
+                    "of each client's epsilon, as the run's privacy plan")
+
+
 def cmd_leakage(args: argparse.Namespace) -> int:
     """``audit leakage``: reconstruct clients' data directions from relatedness messages."""
     from audits.summary_leakage import run_summary_leakage_audit
@@ -227,8 +252,11 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     clip = args.clip_norm if args.clip_norm is not None else (
         cfg.privacy.summary_clip if cfg.privacy.enabled else None)
-    nm = args.noise_multiplier if args.noise_multiplier is not None else (
-        cfg.privacy.summary_noise_multiplier if cfg.privacy.enabled else None)
+    nm: float | list[float] | None = args.noise_multiplier
+    if nm is None and cfg.privacy.enabled:
+        nm, source = _planned_summary_noise(cfg)
+        shown = f"{nm[0]:.4g}" if len(set(nm)) == 1 else f"{min(nm):.4g} to {max(nm):.4g}"
+        print(f"noised mode: clip {clip:g}, noise multiplier {shown} ({source})")
     report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
                                        noise_multiplier=nm, tau=cfg.fedora.tau, seed=cfg.seed)
     print(f"{'mode':<10} {'image cos':>10} {'prior':>7} {'label cos':>10} {'prior':>7}"
@@ -335,7 +363,8 @@ def register(subparsers: Any) -> None:
     leakage.add_argument("--clip-norm", type=float, help="noised mode: row clip norm"
                          " (default: privacy.summary_clip when privacy is enabled)")
     leakage.add_argument("--noise-multiplier", type=float, help="noised mode: noise multiplier"
-                         " (default: privacy.summary_noise_multiplier when privacy is enabled)")
+                         " (default when privacy is enabled: privacy.summary_noise_multiplier,"
+                         " else each client's summary noise calibrated by the privacy plan)")
     leakage.add_argument("--json", help="write the result to this file")
     leakage.set_defaults(func=cmd_leakage)
 

@@ -287,22 +287,34 @@ def plain_summaries(clients: Sequence[ClientData], q: int = 1) -> Tensor:
                         for c in clients])
 
 
-def noised_summaries(clients: Sequence[ClientData], clip_norm: float, noise_multiplier: float,
-                     q: int = 1, seed: int = 0) -> Tensor:
+def noised_summaries(clients: Sequence[ClientData], clip_norm: float,
+                     noise_multiplier: float | Sequence[float], q: int = 1, seed: int = 0) -> Tensor:
     """The summaries the server receives in noised mode (N x d x q).
 
     Each is :func:`privacy.mechanisms.top_eigenvectors` of
     :func:`privacy.mechanisms.noised_second_moment` over the client's rows
     ``[flatten(x), onehot(y)]``, with ``n`` = its number of training rows (public).
+    ``noise_multiplier`` is one value for every client or one per client (clients with their
+    own budgets have their own calibrated noise).
     """
+    sigmas = _per_client(noise_multiplier, len(clients))
     out = []
-    for c in clients:
+    for c, sigma in zip(clients, sigmas, strict=True):
         z = fedora.summary_rows(c.train_x, c.train_y, NUM_CLASSES)
         # A seeded source: the audit itself must be repeatable (it simulates the releases).
         noise = ReproducibleNoise(seed * 1_000_003 + int(c.client_id) + 1)
-        m = noised_second_moment(z, clip_norm, noise_multiplier, noise)
+        m = noised_second_moment(z, clip_norm, sigma, noise)
         out.append(top_eigenvectors(m, q))
     return torch.stack(out)
+
+
+def _per_client(noise_multiplier: float | Sequence[float], count: int) -> list[float]:
+    if isinstance(noise_multiplier, int | float):
+        return [float(noise_multiplier)] * count
+    sigmas = [float(v) for v in noise_multiplier]
+    if len(sigmas) != count:
+        raise LeakageError(f"{len(sigmas)} noise multipliers for {count} clients")
+    return sigmas
 
 
 @dataclass(frozen=True)
@@ -311,7 +323,7 @@ class SummaryLeakageReport:
 
     modes: dict[str, ModeLeakage]
     clip_norm: float | None
-    noise_multiplier: float | None
+    noise_multiplier: float | list[float] | None  # a list when clients' noise differs
     q: int
 
     def to_json(self) -> dict[str, Any]:
@@ -341,10 +353,11 @@ class SummaryLeakageReport:
 
 def run_summary_leakage_audit(clients: Sequence[ClientData], *, q: int = 1,
                               clip_norm: float | None = None,
-                              noise_multiplier: float | None = None, tau: float = 10.0,
-                              seed: int = 0) -> SummaryLeakageReport:
+                              noise_multiplier: float | Sequence[float] | None = None,
+                              tau: float = 10.0, seed: int = 0) -> SummaryLeakageReport:
     """Run the attack on plain summaries, noised summaries (when ``clip_norm`` and
-    ``noise_multiplier`` are given) and the encrypted-mode similarity matrix.
+    ``noise_multiplier`` are given; one multiplier, or one per client) and the encrypted-mode
+    similarity matrix.
 
     Guarantee: each mode sees exactly what the server receives in it (summaries computed
     with the same functions FEDORA and :mod:`privacy.mechanisms` use).
@@ -356,19 +369,22 @@ def run_summary_leakage_audit(clients: Sequence[ClientData], *, q: int = 1,
         raise LeakageError(f"q must be an int >= 1, got {q!r}")
     plain = plain_summaries(clients, q)
     modes = {"plain": leakage_from_summaries(clients, plain, "plain")}
+    shown: float | list[float] | None = None
     if clip_norm is not None and noise_multiplier is not None:
         if not (isinstance(clip_norm, int | float) and math.isfinite(clip_norm) and clip_norm > 0):
             raise LeakageError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
-        noised = noised_summaries(clients, clip_norm, noise_multiplier, q, seed)
+        sigmas = _per_client(noise_multiplier, len(clients))
+        noised = noised_summaries(clients, clip_norm, sigmas, q, seed)
+        shown = sigmas[0] if len(set(sigmas)) == 1 else sigmas
         modes["noised"] = leakage_from_summaries(
             clients, noised, "noised",
-            {"clip_norm": float(clip_norm), "noise_multiplier": float(noise_multiplier)},
+            {"clip_norm": float(clip_norm), "noise_multiplier": shown},
         )
     similarity = fedora.similarity_matrix(fedora.subspace_overlaps(plain), tau)
     modes["encrypted"] = leakage_from_similarity(clients, similarity)
     return SummaryLeakageReport(
         modes=modes,
         clip_norm=None if clip_norm is None else float(clip_norm),
-        noise_multiplier=None if noise_multiplier is None else float(noise_multiplier),
+        noise_multiplier=shown,
         q=q,
     )

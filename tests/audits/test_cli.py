@@ -115,3 +115,32 @@ def test_verify_and_report_refuse_a_directory_that_is_not_a_run(tmp_path, capsys
     assert main(["audit", "report", str(empty)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     assert not any(empty.iterdir())
+
+
+def test_leakage_on_a_dp_config_uses_each_clients_planned_summary_noise(tmp_path, capsys):
+    """With the summary noise calibrated from the budget (the default), the audit failed with
+    "noised mode needs both clip_norm and noise_multiplier" on every DP config."""
+    from secure_fedora.core.config import load_config
+    from secure_fedora.secure.private import client_budget, privacy_plan
+
+    cfg_path = tmp_path / "dp.toml"
+    cfg_path.write_text(
+        'methods = ["fedora"]\n[data]\nnum_clients = 3\ntrain_per_client = 24\n'
+        'val_per_client = 8\ntest_per_client = 8\ngroups = 2\n[training]\nrounds = 2\n'
+        'batch_size = 12\n[fedora]\nk = 1\nrelatedness = "noised"\n'
+        '[privacy]\nenabled = true\nepsilon = 3.0\ndelta = 1e-3\n'
+        '[privacy.overrides.1]\nepsilon = 1.0\n')
+    out_json = tmp_path / "leak.json"
+    assert main(["audit", "leakage", str(cfg_path), "--json", str(out_json)]) == 0
+    cfg = load_config(cfg_path)
+    planned = [privacy_plan(cfg, "fedora", client_budget(cfg, i)).summary_noise for i in range(3)]
+    assert planned[0] == planned[2] and planned[1] > planned[0]
+    doc = json.loads(out_json.read_text())
+    assert doc["noise_multiplier"] == pytest.approx(planned)
+    assert doc["clip_norm"] == cfg.privacy.summary_clip
+    assert "noised" in doc["modes"]
+    assert "calibrated: privacy.summary_budget_fraction 0.2" in capsys.readouterr().out
+    # a flag still overrides the plan, for every client
+    assert main(["audit", "leakage", str(cfg_path), "--noise-multiplier", "2.5",
+                 "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["noise_multiplier"] == 2.5

@@ -119,3 +119,18 @@ def test_bad_inputs_are_rejected(skewed):
         run_summary_leakage_audit(skewed, q=0)
     with pytest.raises(LeakageError, match="clip_norm must be"):
         run_summary_leakage_audit(skewed, clip_norm=-1.0, noise_multiplier=1.0)
+
+
+def test_per_client_noise_multipliers_match_one_client_at_a_time(skewed):
+    """Clients with their own budgets have their own summary noise; each client's noised
+    summary equals the one computed with its own multiplier alone."""
+    sigmas = [0.05, 0.5, 0.05, 2.0]
+    mixed = noised_summaries(skewed, 10.0, sigmas, seed=1)
+    for i, sigma in enumerate(sigmas):
+        assert torch.equal(mixed[i], noised_summaries(skewed, 10.0, sigma, seed=1)[i])
+    report = run_summary_leakage_audit(skewed, clip_norm=10.0, noise_multiplier=sigmas, seed=1)
+    assert report.to_json()["noise_multiplier"] == sigmas
+    same = run_summary_leakage_audit(skewed, clip_norm=10.0, noise_multiplier=[0.05] * 4, seed=1)
+    assert same.to_json()["noise_multiplier"] == 0.05
+    with pytest.raises(LeakageError, match="3 noise multipliers for 4 clients"):
+        run_summary_leakage_audit(skewed, clip_norm=10.0, noise_multiplier=sigmas[:3])
