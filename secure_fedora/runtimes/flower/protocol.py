@@ -174,14 +174,16 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,
         problems.append(
             f"privacy.enabled with {len(cfg.methods)} methods ({', '.join(cfg.methods)}): the "
             "server would receive every method's releases of the same clients' data, and each "
-            "client's epsilon covers one method's; deploy one method per run, or pass "
-            "compare-methods for a comparison deployment whose results record it"
+            "client's epsilon covers one method's; deploy one method per run, or, for a "
+            "comparison deployment whose results record it, pass --compare-methods to "
+            "`deploy local` (run config compare-methods=true under `flwr run`)"
         )
     if cfg.privacy.enabled and cfg.privacy.noise == "reproducible" and not reproducible_dp_noise:
         problems.append(
             "privacy.noise = 'reproducible' (the server knows the seed it distributes and "
-            "could reproduce the DP noise; use 'csprng', or pass reproducible-dp-noise for a "
-            "test deployment without a DP guarantee against the server)"
+            "could reproduce the DP noise; use 'csprng', or, for a test deployment without a "
+            "DP guarantee against the server, pass --reproducible-dp-noise to `deploy local` "
+            "(run config reproducible-dp-noise=true under `flwr run`))"
         )
     from secure_fedora.algorithms.contract import method_class
 

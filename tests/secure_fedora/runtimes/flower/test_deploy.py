@@ -218,7 +218,7 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     # regenerate (CSPRNG, the default); noise seeded from the (server-known) experiment seed
     # only when asked for with the reproducible-dp-noise flag.
     check_supported(dp_config())
-    with pytest.raises(DeployError, match="noise = 'reproducible'.*reproducible-dp-noise"):
+    with pytest.raises(DeployError, match="noise = 'reproducible'.*--reproducible-dp-noise to `deploy local`"):
         check_supported(dp_config(noise="reproducible"))
     check_supported(dp_config(noise="reproducible"), reproducible_dp_noise=True)
 
@@ -228,7 +228,7 @@ def test_a_dp_deployment_of_several_methods_needs_the_compare_methods_flag(tmp_p
     same data; it ran with only a results note. Refused unless compare-methods, which the
     run config carries to every party (and the apps check again)."""
     several = with_methods(dp_config(), "fedora", "fedavg")
-    with pytest.raises(DeployError, match="2 methods .*compare-methods"):
+    with pytest.raises(DeployError, match="2 methods .*--compare-methods to `deploy local`"):
         check_supported(several)
     check_supported(several, compare_methods=True)
     check_supported(with_methods(tiny_config(), "fedora", "fedavg"))  # no DP: no composition
