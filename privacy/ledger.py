@@ -487,6 +487,15 @@ class LedgerWriter:
         """(number of entries, hash of the last line) — anchor this outside the client."""
         return len(self._entries), self._head
 
+    def holds(self, count: int, head: str) -> bool:
+        """True when this ledger still holds an earlier state of itself: ``count`` entries
+        ending in the line hashed ``head`` (equal, or extended after it). False means entries
+        recorded earlier were lost, cut or replaced since."""
+        now, now_head = self.head
+        if now == count:
+            return now_head == head
+        return now > count >= 0 and self._entries[count]["prev_hash"] == head
+
     @property
     def is_closed(self) -> bool:
         """True when the ledger ends with its close entry (a finished run)."""

@@ -98,6 +98,7 @@ from secure_fedora.runtimes.flower.protocol import (
 )
 from secure_fedora.runtimes.flower.state import (
     ClientRunState,
+    NodeStateError,
     ReleaseJournal,
     load_partition,
     save_partition,
@@ -726,6 +727,13 @@ def run_stage(
         raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
     privacy = _open_privacy(settings, node, run_id, method)
     try:
+        saved = state_path.exists()
+        _check_state_holds(state, saved, privacy, journal, method)
+        if not saved:
+            # saved before the first release, so that a missing state file with releases on
+            # record always means a lost one (never the crash window of the first release)
+            state.ledger_head = privacy.sole.ledger.head if privacy is not None else None
+            state.save(state_path)
         if done == rnd:  # delivered again: the same answer, nothing computed or released twice
             payload, metrics, refusal = _saved_reply(state, stage)
         else:
@@ -744,6 +752,8 @@ def run_stage(
                 state.noise_state = ctx.noise[i].checkpoint_state()
             state.answered[stage] = rnd
             state.replies[stage] = payload
+            if privacy is not None:
+                state.ledger_head = privacy.sole.ledger.head
             state.metrics[stage] = metrics
             if refusal is not None:
                 state.refusals[stage] = refusal
@@ -763,6 +773,36 @@ def run_stage(
     finally:
         if privacy is not None:
             privacy.close()
+
+
+def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePrivacy | None,
+                       journal: ReleaseJournal, method: str) -> None:
+    """Refuse (NodeStateError) to go on when this client's durable record of ``method`` was
+    lost or cut since its last message: the ledger no longer holds the head its saved state
+    recorded, or the state itself is gone while the ledger or the release journal shows
+    earlier releases. Going on would account fewer releases than were made (a lower epsilon,
+    an audit that passes) or silently restart the client's model."""
+    if saved and privacy is not None and state.ledger_head is not None:
+        count, head = int(state.ledger_head[0]), str(state.ledger_head[1])
+        ledger = privacy.sole.ledger
+        if not ledger.holds(count, head):
+            raise NodeStateError(
+                f"{ledger.path}: the ledger holds {ledger.head[0]} entries, but this client's "
+                f"saved state recorded {count} (ending in {head[:12]}...): entries were lost, "
+                "cut or replaced since; going on would account fewer releases than were made. "
+                "Restore the node's state-dir from a copy, or start a new run")
+    if saved:
+        return
+    earlier = [e for e in journal.entries() if str(e.get("kind", "")).startswith(f"{method}/")]
+    entries = privacy.sole.ledger.head[0] if privacy is not None else 0
+    if earlier or entries:
+        what = (f"{len(earlier)} release(s) in {journal.path}" if earlier
+                else f"{entries} ledger entries")
+        raise NodeStateError(
+            f"this client's state of {method!r} (client.pt) is missing, but its node records "
+            f"{what} of this run: the state was lost or deleted, and a fresh one would restart "
+            "the client's model silently. Restore the node's state-dir from a copy, or start "
+            "a new run")
 
 
 def _run_client_half(

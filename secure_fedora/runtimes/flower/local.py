@@ -587,6 +587,22 @@ def default_max_in_flight() -> int:
     return 2 * (os.cpu_count() or 1)
 
 
+def _refuse_used_workdir(work: Path) -> None:
+    """Refuse a workdir that holds an earlier deployment's runs: its clients' releases are in
+    the ledgers under ``nodes/``, and a new run there would start fresh ledgers at epsilon 0
+    beside them (the same clients' data released again, the earlier loss in no account)."""
+    runs = sorted({d.name for d in work.glob("nodes/node-*/runs/*") if d.is_dir()})
+    results = [f.name for f in (work / "results").glob("*.json")] if (work / "results").is_dir() \
+        else []
+    if runs or results:
+        held = ", ".join(filter(None, [f"node state of run(s) {', '.join(runs[:3])}" if runs
+                                       else "", f"results/{results[0]}" if results else ""]))
+        raise DeployError(
+            f"the workdir {str(work)!r} holds an earlier deployment ({held}); its clients' "
+            "releases are recorded there, and a new run would start new ledgers at epsilon 0 "
+            "beside them; use a new workdir (or move this one away)")
+
+
 def deploy_local(
     config: str | os.PathLike[str] | ExperimentConfig,
     num_clients: int | None,
@@ -633,6 +649,7 @@ def deploy_local(
         # end the value early and point a node at another directory
         raise DeployError(f"the workdir {str(work)!r} contains a quote, a backslash or a line"
                           " break, which Flower's node config cannot carry; choose another path")
+    _refuse_used_workdir(work)
     started = time.perf_counter()
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts)
     say(f"starting SuperLink and {cfg.data.num_clients} SuperNodes in {work}")

@@ -447,6 +447,23 @@ def _reported_head(reply: Message) -> dict[str, Any]:
     return {"ledger_head": head, "ledger_entries": entries}
 
 
+def _ledger_went_back(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
+    """How a client's newly reported ledger state fails to extend the one it reported before
+    (fewer entries, the same count with another head, or a lower epsilon); None when it
+    extends it or there is nothing to compare."""
+    if before is None:
+        return None
+    if "ledger_entries" in before and "ledger_head" in before:
+        if now.get("ledger_entries", -1) < before["ledger_entries"]:
+            return f"{now.get('ledger_entries')} entries after {before['ledger_entries']}"
+        if now.get("ledger_entries") == before["ledger_entries"] \
+                and now.get("ledger_head") != before["ledger_head"]:
+            return f"{before['ledger_entries']} entries with another last line"
+    if now["epsilon_spent"] < before["epsilon_spent"] * (1.0 - 1e-12):
+        return f"epsilon {now['epsilon_spent']:.6g} after {before['epsilon_spent']:.6g}"
+    return None
+
+
 def _require_all(server: _Server, have: Any, nodes: list[int], what: str) -> None:
     absent = [c for c in range(server.cfg.data.num_clients) if c not in have]
     if absent:
@@ -631,6 +648,7 @@ class _MethodRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0})
     evaluated: set[int] = field(default_factory=set)  # clients that ever reported metrics
+    answered_last: set[int] = field(default_factory=set)  # replied to the final evaluation
 
 
 @dataclass
@@ -745,6 +763,14 @@ def _exchange_payloads(
                           then)
             continue
         if privacy is not None:
+            went_back = _ledger_went_back(server.privacy.get(run.name, {}).get(cid), privacy)
+            if went_back is not None:
+                raise DeployError(
+                    f"{run.name}: client {server.client_ids[cid]} (node {node}) reported a ledger "
+                    f"that went back ({went_back}) in its {stage} reply of round {rnd}: entries "
+                    "it had reported were lost, cut or replaced on its node, so its accounting "
+                    "would record fewer releases than it made; the run stops (restore the "
+                    "node's state-dir, or start a new run)")
             server.privacy.setdefault(run.name, {})[cid] = privacy
         if refusal is not None:
             reason = (str(refusal["reason"]) if isinstance(refusal, ConfigRecord)
@@ -766,6 +792,8 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
     replies = _exchange_payloads(grid, server, run, "evaluate", rnd,
                                  {c: messages.get(c) for c in clients},
                                  server.settings.round_timeout)
+    if rnd == server.cfg.training.rounds:
+        run.answered_last = set(replies.metrics)
     tracker = run.tracker
     select_final = bool(tracker.select_final)  # clients then send no validation metric
     for cid, metrics in replies.metrics.items():
@@ -856,6 +884,15 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
             f" timeout of {server.settings.round_timeout:g} s in any evaluated round), so their"
             " metrics are unknown and no results are written; raise the round timeout (a"
             " ClientApp process takes seconds to start) or check those SuperNodes' logs")
+    unclosed = sorted(set(range(n)) - run.answered_last) if cfg.privacy.enabled else []
+    if unclosed:
+        # a DP client closes its ledger when it answers the final evaluation: without the
+        # close entry its ledger fails every audit, so a "completed" run would be unverifiable
+        raise DeployError(
+            f"{name}: clients {unclosed} did not answer the final evaluation (round {rounds}), "
+            "where a DP client closes its ledger; their ledgers stay open and the run could not "
+            "be verified, so no results are written; raise the round timeout or check those "
+            "SuperNodes' logs")
     final = algorithm.finalize_messages()
     final_payloads: dict[int, Payload] = {}
     if final:

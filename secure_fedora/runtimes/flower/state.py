@@ -132,7 +132,8 @@ class ClientRunState:
     ``answered`` maps an exchange (setup, round, evaluate, finalize) to the last round this
     client answered in it, ``replies`` to that answer (payload tensors; ``metrics`` and
     ``refusals`` alongside), so a message delivered again (a restart, a retry) gets the same
-    answer and nothing is trained or released twice.
+    answer and nothing is trained or released twice. ``ledger_head`` (DP) is the ledger's
+    head when the state was saved.
     """
 
     client_id: int
@@ -146,6 +147,9 @@ class ClientRunState:
     replies: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
+    # With DP: the method's ledger head (entries, hash of the last line) when this was saved;
+    # the ledger must still hold it at the next message (else entries were lost or cut)
+    ledger_head: tuple[int, str] | None = None
 
     def save(self, path: Path) -> None:
         """Atomically replace ``path`` with this state (refusing non-finite tensors)."""

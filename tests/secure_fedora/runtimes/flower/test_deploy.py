@@ -735,6 +735,28 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     assert default_max_in_flight() == 2 * (os.cpu_count() or 1)
 
 
+def test_deploy_local_refuses_a_workdir_of_an_earlier_deployment(tmp_path: Path) -> None:
+    """A second `deploy local` in the workdir of an interrupted DP run ran a new run whose
+    ledgers started at epsilon 0 beside the old ones: the clients' data released twice, the
+    first run's loss in no account, and both audits passed."""
+    used = tmp_path / "w"
+    (used / "nodes" / "node-0" / "runs" / "5134").mkdir(parents=True)
+    with pytest.raises(DeployError, match=r"holds an earlier deployment \(node state of run\(s\) "
+                                          r"5134\).*use a new workdir"):
+        deploy_local(tiny_config(), 3, used, max_in_flight=0)
+    assert not (used / "logs").exists()  # nothing was started
+    done = tmp_path / "done"
+    (done / "results").mkdir(parents=True)
+    (done / "results" / "failure.json").write_text("{}")
+    with pytest.raises(DeployError, match=r"results/failure.json"):
+        deploy_local(tiny_config(), 3, done, max_in_flight=0)
+    # a workdir holding only identities and certificates (no run yet) is fine to start in
+    from secure_fedora.runtimes.flower.local import _refuse_used_workdir
+
+    (tmp_path / "fresh" / "identities").mkdir(parents=True)
+    _refuse_used_workdir(tmp_path / "fresh")
+
+
 # --------------------------------------------------------------------------- real deployment
 
 STARTUP = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)

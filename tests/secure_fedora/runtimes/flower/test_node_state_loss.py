@@ -1,0 +1,159 @@
+"""A SuperNode whose durable state was lost or cut between messages: the client or the server
+refuses to go on, instead of accounting fewer releases than were made.
+
+Each scenario damages client 1's state dir just before its round-2 message is handled (the
+in-memory grid's request hook), as a restart from a damaged or re-provisioned disk would.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from flwr.app import Message
+
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
+from secure_fedora.runtimes.flower.state import NodeStateError
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+    with_methods,
+)
+
+
+def _run_dir(tmp_path: Path, client: int) -> Path:
+    return tmp_path / "nodes" / f"node-{client}" / "runs" / "42"
+
+
+def _damage_before_round_2(tmp_path: Path, damage: Callable[[Path], None]):  # type: ignore[no-untyped-def]
+    def hook(message: Message) -> Message:
+        damage(_run_dir(tmp_path, 1))
+        return message
+    return {(1, 2, MSG_ROUND): hook}
+
+
+def _run(tmp_path: Path, cfg, tamper):  # type: ignore[no-untyped-def]
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "round-timeout": 0.3,
+                                      "result-dir": str(tmp_path / "res")})
+    (tmp_path / "res").mkdir(exist_ok=True)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_request=tamper)
+    return grid, lambda: server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+def _cut_ledger(run: Path) -> None:
+    ledger = run / "fedora" / "client-001.jsonl"
+    ledger.write_text(ledger.read_text().splitlines()[0] + "\n")  # the summary entry only
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("damage", ["cut", "deleted"])
+def test_a_ledger_cut_or_deleted_on_a_node_stops_its_client(tmp_path: Path, damage: str) -> None:
+    """Found by a crash hunt: the restarted client opened whatever ledger was on disk and
+    reported epsilon 4.9 instead of 6.6, the server anchored the cut ledger and the audit
+    passed."""
+    def hit(run: Path) -> None:
+        if damage == "cut":
+            _cut_ledger(run)
+        else:
+            (run / "fedora" / "client-001.jsonl").unlink()
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"), _damage_before_round_2(tmp_path, hit))
+    # the client refuses every later message; it then misses the final evaluation, where
+    # its ledger would close, and the run fails instead of completing unverifiably
+    with pytest.raises(DeployError, match=r"clients \[1\] did not answer the final evaluation"):
+        run()
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert "entries were lost, cut or replaced" in str(refusals[0])
+    assert not (tmp_path / "res" / "results.json").exists()
+    assert not (tmp_path / "res" / "anchor.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_wiped_node_is_caught_by_the_server(tmp_path: Path) -> None:
+    """With the node's whole run state gone (a re-provisioned host) the client sees nothing
+    to compare; the server holds the head the client reported before and stops the run."""
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"),
+                     _damage_before_round_2(tmp_path, lambda d: shutil.rmtree(d)))
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) reported a ledger "
+                                          r"that went back \(\d+ entries after \d+\)"):
+        run()
+    assert not grid.errors
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("private", [True, False])
+def test_a_lost_client_state_is_refused_not_restarted(tmp_path: Path, private: bool) -> None:
+    """client.pt deleted while the node's ledger and journal show earlier releases: the
+    client silently started over from a fresh model."""
+    cfg = dp_config(noise="reproducible") if private else with_methods(tiny_config(), "fedavg")
+    method = cfg.methods[0]
+    grid, run = _run(tmp_path, cfg, _damage_before_round_2(
+        tmp_path, lambda d: (d / method / "client.pt").unlink()))
+    if private:  # its ledger then stays open: the run fails
+        with pytest.raises(DeployError, match="did not answer the final evaluation"):
+            run()
+    else:  # the client counts as not taking part from then on, as any failing client
+        events = [e["event"] for e in run()["events"] if e["client"] == 1]
+        assert events and all("client.pt) is missing" in e for e in events)
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert f"state of {method!r} (client.pt) is missing" in str(refusals[0])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_dp_client_that_misses_the_final_evaluation_fails_the_run(tmp_path: Path) -> None:
+    """Its ledger never got its close entry; the run reported "completed" and its audit
+    failed (not_closed) for good."""
+    cfg = dp_config(noise="reproducible")
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "round-timeout": 0.3,
+                                      "result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
+                        tamper_request={(2, 2, MSG_EVALUATE): lambda m: None})
+    with pytest.raises(DeployError, match=r"fedora: clients \[2\] did not answer the final "
+                                          r"evaluation \(round 2\), where a DP client closes"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_crash_in_the_first_release_is_not_taken_for_a_lost_state(tmp_path: Path) -> None:
+    """The state file is written before the first release, so a crash between the first
+    ledger entry and the first answer (here: client 1's round-1 process killed right after
+    its entries are durable; the message is lost with it) leaves a state file, and the
+    client goes on in round 2 with its entries counted."""
+    from flwr.app import Context, RecordDict
+
+    from secure_fedora.core import crashpoints
+    from secure_fedora.runtimes.flower import client_app
+
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg")
+    holder: dict[str, InMemoryGrid] = {}
+
+    def crash_after_admission(message: Message) -> None:
+        grid = holder["grid"]
+        ctx = Context(grid.run_id, 1001, dict(grid.node_config[1001]), RecordDict(),
+                      dict(grid.run_config))
+        crashpoints.arm("gate")
+        try:
+            client_app.HANDLERS[MSG_ROUND](message, ctx)
+        except crashpoints.InjectedCrash:
+            pass
+        finally:
+            crashpoints.disarm()
+        return None  # the crashed process never answered
+
+    grid, run = _run(tmp_path, cfg, {(1, 1, MSG_ROUND): crash_after_admission})
+    holder["grid"] = grid
+    results = run()
+    assert not grid.errors
+    row = results["privacy"]["fedavg"]["clients"][1]
+    assert [r["replied"] for r in results["rounds"]] == [2, 3]
+    peers = results["privacy"]["fedavg"]["clients"][0]
+    assert row["ledger_entries"] == peers["ledger_entries"]  # round 1's entries counted
