@@ -793,6 +793,13 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
                                  {c: messages.get(c) for c in clients},
                                  server.settings.round_timeout)
     if rnd == server.cfg.training.rounds:
+        missed = [c for c in clients if c not in replies.metrics]
+        if missed and server.cfg.privacy.enabled:
+            # a DP client closes its ledger when it answers the final evaluation; one that
+            # missed it (a node restarting) is asked once more (answering is idempotent)
+            again = _retry_exchange(grid, server, run, "evaluate", rnd,
+                                    {c: messages.get(c) for c in missed})
+            replies.metrics.update(again.metrics)
         run.answered_last = set(replies.metrics)
     tracker = run.tracker
     select_final = bool(tracker.select_final)  # clients then send no validation metric
@@ -812,6 +819,19 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
         "evaluated": len(replies.metrics),
         "evaluation_timing": replies.timing.to_json(),
     }
+
+
+def _retry_exchange(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
+                    payloads: Mapping[int, Payload | None]) -> _Replies:
+    """Send ``stage`` of round ``rnd`` once more to the clients of ``payloads``, after waiting
+    up to the round timeout for their nodes to be online again."""
+    wanted = {server.node_of_client[c] for c in payloads}
+    deadline = time.monotonic() + server.settings.round_timeout
+    while not wanted <= _online(grid) and time.monotonic() < deadline:
+        time.sleep(max(server.settings.poll_interval, 0.5))
+    _say(f"{run.name} round {rnd}: {stage} sent again to clients {sorted(payloads)}")
+    return _exchange_payloads(grid, server, run, stage, rnd, payloads,
+                              server.settings.round_timeout)
 
 
 def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) -> dict[str, Any]:

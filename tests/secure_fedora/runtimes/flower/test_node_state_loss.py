@@ -157,3 +157,29 @@ def test_a_crash_in_the_first_release_is_not_taken_for_a_lost_state(tmp_path: Pa
     assert [r["replied"] for r in results["rounds"]] == [2, 3]
     peers = results["privacy"]["fedavg"]["clients"][0]
     assert row["ledger_entries"] == peers["ledger_entries"]  # round 1's entries counted
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_missed_final_evaluation_is_asked_again_and_the_run_completes(tmp_path: Path) -> None:
+    """A node that restarts while the final evaluation goes out (its first message lost) is
+    asked once more: it closes its ledger and the run completes with its final metrics."""
+    from privacy.ledger import read_ledger
+
+    cfg = dp_config(noise="reproducible")
+    lost: list[Message] = []
+
+    def lose_first(message: Message) -> Message | None:
+        if not lost:
+            lost.append(message)
+            return None
+        return message
+
+    grid, run = _run(tmp_path, cfg, {(2, 2, MSG_EVALUATE): lose_first})
+    results = run()
+    assert lost and not grid.errors
+    ledger = _run_dir(tmp_path, 2) / "fedora" / "client-002.jsonl"
+    assert read_ledger(ledger)[-1]["mechanism"] == "close"
+    reference_grid, reference = _run(tmp_path / "ref", cfg, {})
+    expected = reference()
+    assert results["methods"]["fedora"]["final"]["per_client"] == \
+        expected["methods"]["fedora"]["final"]["per_client"]
