@@ -41,11 +41,14 @@ sizes and data schema. FEDORA's encrypted relatedness adds its CKKS ceremony han
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -716,63 +719,78 @@ def run_stage(
     algorithm = build_algorithm(method, ctx, cfg)
     limits = PayloadLimits.for_model(ctx.flat.num_params)
     message = incoming(limits)
-    state_path = _method_dir(node, run_id, method) / "client.pt"
-    state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
-             if state_path.exists() else
-             ClientRunState(i, run_id, settings.config_hash, method,
-                            client_generator(cfg.seed, i).get_state()))
-    _, journal = run_paths(node, run_id)
-    done = state.answered.get(stage)
-    if done is not None and done > rnd:
-        raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
-    privacy = _open_privacy(settings, node, run_id, method)
-    try:
-        saved = state_path.exists()
-        _check_state_holds(state, saved, privacy, journal, method)
-        if not saved:
-            # saved before the first release, so that a missing state file with releases on
-            # record always means a lost one (never the crash window of the first release)
-            state.ledger_head = privacy.sole.ledger.head if privacy is not None else None
-            state.save(state_path)
-        if done == rnd:  # delivered again: the same answer, nothing computed or released twice
-            payload, metrics, refusal = _saved_reply(state, stage)
-        else:
-            payload, metrics, refusal = _run_client_half(
-                method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
-            if refusal is None and payload and journal_release:
-                # Journaled (fsynced) before the state that marks it answered, and before it
-                # leaves: a crash in between journals it twice, never releases it unjournaled.
-                blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes()
-                                for t in payload.values())
-                journal.append(i, wire_round(stage, rnd, cfg.training.rounds),
-                               f"{method}/{stage}", blob)
-            state.algorithm = algorithm.client_state_dict(i)
-            state.generator_state = ctx.generators[i].get_state()
-            if ctx.noise and cfg.privacy.noise == "reproducible":
-                state.noise_state = ctx.noise[i].checkpoint_state()
-            state.answered[stage] = rnd
-            state.replies[stage] = payload
-            if privacy is not None:
-                state.ledger_head = privacy.sole.ledger.head
-            state.metrics[stage] = metrics
-            if refusal is not None:
-                state.refusals[stage] = refusal
+    # one stage at a time per client and method: a late process (a round answered after its
+    # timeout) and the next message's would otherwise each save a state the other missed
+    with _stage_lock(_method_dir(node, run_id, method)):
+        state_path = _method_dir(node, run_id, method) / "client.pt"
+        state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
+                 if state_path.exists() else
+                 ClientRunState(i, run_id, settings.config_hash, method,
+                                client_generator(cfg.seed, i).get_state()))
+        _, journal = run_paths(node, run_id)
+        done = state.answered.get(stage)
+        if done is not None and done > rnd:
+            raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
+        privacy = _open_privacy(settings, node, run_id, method)
+        try:
+            saved = state_path.exists()
+            _check_state_holds(state, saved, privacy, journal, method)
+            if not saved:
+                # saved before the first release, so that a missing state file with releases on
+                # record always means a lost one (never the crash window of the first release)
+                state.ledger_head = privacy.sole.ledger.head if privacy is not None else None
+                state.save(state_path)
+            if done == rnd:  # delivered again: the same answer, nothing computed or released twice
+                payload, metrics, refusal = _saved_reply(state, stage)
             else:
-                state.refusals.pop(stage, None)
-            state.save(state_path)
-        if privacy is not None and stage == "evaluate" and rnd == cfg.training.rounds:
-            # The method's last round is evaluated: its ledger is finished, so it ends with
-            # its signed close entry (idempotent on a message delivered again).
-            privacy.close_ledgers(rnd)
-        result = StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
-                             _ledger_record(privacy), limits)
-        if respond is not None:
-            result.response = respond(result, _reply_release(privacy, i, stage, rnd, result,
-                                                             fresh=done != rnd))
-        return result
+                payload, metrics, refusal = _run_client_half(
+                    method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
+                if refusal is None and payload and journal_release:
+                    # Journaled (fsynced) before the state that marks it answered, and before it
+                    # leaves: a crash in between journals it twice, never releases it unjournaled.
+                    blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes()
+                                    for t in payload.values())
+                    journal.append(i, wire_round(stage, rnd, cfg.training.rounds),
+                                   f"{method}/{stage}", blob)
+                state.algorithm = algorithm.client_state_dict(i)
+                state.generator_state = ctx.generators[i].get_state()
+                if ctx.noise and cfg.privacy.noise == "reproducible":
+                    state.noise_state = ctx.noise[i].checkpoint_state()
+                state.answered[stage] = rnd
+                state.replies[stage] = payload
+                if privacy is not None:
+                    state.ledger_head = privacy.sole.ledger.head
+                state.metrics[stage] = metrics
+                if refusal is not None:
+                    state.refusals[stage] = refusal
+                else:
+                    state.refusals.pop(stage, None)
+                state.save(state_path)
+            if privacy is not None and stage == "evaluate" and rnd == cfg.training.rounds:
+                # The method's last round is evaluated: its ledger is finished, so it ends with
+                # its signed close entry (idempotent on a message delivered again).
+                privacy.close_ledgers(rnd)
+            result = StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
+                                 _ledger_record(privacy), limits)
+            if respond is not None:
+                result.response = respond(result, _reply_release(privacy, i, stage, rnd, result,
+                                                                 fresh=done != rnd))
+            return result
+        finally:
+            if privacy is not None:
+                privacy.close()
+
+
+@contextlib.contextmanager
+def _stage_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (blocking; released when the process ends)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".stage.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if privacy is not None:
-            privacy.close()
+        os.close(fd)
 
 
 def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePrivacy | None,

@@ -183,3 +183,44 @@ def test_a_missed_final_evaluation_is_asked_again_and_the_run_completes(tmp_path
     expected = reference()
     assert results["methods"]["fedora"]["final"]["per_client"] == \
         expected["methods"]["fedora"]["final"]["per_client"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_stage_waits_for_another_process_of_the_same_client(tmp_path: Path) -> None:
+    """A late ClientApp (a round answered after its timeout) and the next message's ClientApp
+    of one client each loaded the state, and the one that saved last dropped the other's
+    answer (under DP the second failed on the ledger lock instead). A stage now waits until
+    the other process is done."""
+    import threading
+    import time
+
+    from secure_fedora.runtimes.flower.client_app import _stage_lock
+
+    cfg = with_methods(tiny_config(), "fedavg")
+    method_dir = _run_dir(tmp_path, 1) / "fedavg"
+    released: list[float] = []
+    held = threading.Event()
+
+    def other_process() -> None:
+        with _stage_lock(method_dir):
+            held.set()
+            time.sleep(0.5)
+            released.append(time.time())
+
+    def hold_lock(message: Message) -> Message:
+        thread = threading.Thread(target=other_process)
+        thread.start()
+        held.wait()
+        return message
+
+    answered: list[float] = []
+
+    def note_reply(_request: Message, reply: Message) -> Message:
+        answered.append(time.time())
+        return reply
+
+    grid, run = _run(tmp_path, cfg, {(1, 2, MSG_ROUND): hold_lock})
+    grid.tamper_reply[(1, 2, MSG_ROUND)] = note_reply
+    results = run()
+    assert not grid.errors and [r["replied"] for r in results["rounds"]] == [3, 3]
+    assert answered[0] >= released[0]  # client 1's round 2 ran after the other process
