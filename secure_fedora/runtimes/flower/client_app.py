@@ -46,6 +46,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -140,6 +141,7 @@ __all__ = [
 ]
 
 app = ClientApp()
+log = logging.getLogger("secure_fedora.runtimes.flower.client")
 
 
 def data_digest(cfg: ExperimentConfig) -> str:
@@ -260,7 +262,7 @@ def _open_privacy(
         return None
     from privacy.accounting import Accountant
     from privacy.identity import load_identity
-    from privacy.ledger import LedgerWriter, replay_accountant
+    from privacy.ledger import LedgerWriter, repair_torn_tail, replay_accountant
     from privacy.pipeline import BudgetGate
     from secure_fedora.secure.private import (
         choose_accountant,
@@ -282,10 +284,17 @@ def _open_privacy(
     ledger_dir.mkdir(parents=True, exist_ok=True)
     plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget,
                         lambda: privacy_plan(cfg, method, budget))
-    ledger = LedgerWriter(ledger_dir / f"{cid}.jsonl", cid,
-                          load_identity(node.identity_dir, cid).signing_key)
+    signing_key = load_identity(node.identity_dir, cid).signing_key
+    ledger_path = ledger_dir / f"{cid}.jsonl"
+    kind = plan.accountant or choose_accountant(cfg, method, [budget]).name
+    # called under the node's stage lock: a torn last line is a dead writer's
+    for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
+                                   budget_epsilon=budget.epsilon, accountant=kind):
+        log.warning("ledger %s: torn last line (%d bytes) quarantined in %s; repair entry %d "
+                    "appended", ledger_path, repair.torn_bytes, repair.quarantine.name,
+                    repair.entry["index"])
+    ledger = LedgerWriter(ledger_path, cid, signing_key)
     try:
-        kind = plan.accountant or choose_accountant(cfg, method, [budget]).name
         accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
     except BaseException:
@@ -560,7 +569,9 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     overlaps = overlaps_from_rows(gram, vectors, n, q)
     _, journal = run_paths(node, context.run_id)
     # What the key holder releases (the overlaps of every pair) is journaled like a summary.
-    journal.append(node.partition_id, 0, "overlaps", overlaps.numpy().tobytes())
+    with _stage_lock(node, context.run_id):
+        _repair_journal(journal)
+        journal.append(node.partition_id, 0, "overlaps", overlaps.numpy().tobytes())
     content = RecordDict(
         {
             "overlaps": tensor_to_array_record("overlaps", overlaps),
@@ -719,15 +730,17 @@ def run_stage(
     algorithm = build_algorithm(method, ctx, cfg)
     limits = PayloadLimits.for_model(ctx.flat.num_params)
     message = incoming(limits)
-    # one stage at a time per client and method: a late process (a round answered after its
-    # timeout) and the next message's would otherwise each save a state the other missed
-    with _stage_lock(_method_dir(node, run_id, method)):
+    # one stage at a time per client: a late process (a round answered after its timeout) and
+    # the next message's would otherwise each save a state the other missed; under the lock a
+    # torn last line of the ledger or journal is a dead writer's, never a live append
+    with _stage_lock(node, run_id):
         state_path = _method_dir(node, run_id, method) / "client.pt"
         state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
                  if state_path.exists() else
                  ClientRunState(i, run_id, settings.config_hash, method,
                                 client_generator(cfg.seed, i).get_state()))
         _, journal = run_paths(node, run_id)
+        _repair_journal(journal)
         done = state.answered.get(stage)
         if done is not None and done > rnd:
             raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
@@ -782,8 +795,10 @@ def run_stage(
 
 
 @contextlib.contextmanager
-def _stage_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``directory`` (blocking; released when the process ends)."""
+def _stage_lock(node: NodeSettings, run_id: int) -> Iterator[None]:
+    """Hold this node's exclusive lock for run ``run_id`` (blocking; a process that dies
+    releases it): every write to the node's run state, ledgers and journal happens under it."""
+    directory = node.state_dir / "runs" / str(run_id)
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / ".stage.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -791,6 +806,15 @@ def _stage_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _repair_journal(journal: ReleaseJournal) -> None:
+    """Quarantine a torn last journal line (a process killed mid-append: the line is fsynced
+    before its release leaves, so that release never left), logged, never silent."""
+    moved = journal.repair_torn_tail()
+    if moved is not None:
+        log.warning("release journal %s: torn last line quarantined in %s (its release never "
+                    "left)", journal.path, moved.name)
 
 
 def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePrivacy | None,

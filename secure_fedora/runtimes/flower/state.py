@@ -235,6 +235,36 @@ class ReleaseJournal:
             entries.append(entry)
         return entries
 
+    def repair_torn_tail(self) -> Path | None:
+        """Move a torn last line (no newline: an append killed mid-write, whose release never
+        left) to ``releases.jsonl.torn-<seq>`` beside the journal (fsynced), cut it off, and
+        return that file; None when the journal ends in a complete line. The complete lines
+        must verify (any other damage stays a :class:`NodeStateError`). Call it only while no
+        other process can append (the node's stage lock)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        cut = data.rfind(b"\n") + 1
+        if cut == len(data):
+            return None
+        complete = data[:cut].count(b"\n")
+        target = self.path.with_name(f"{self.path.name}.torn-{complete}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data[cut:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, cut)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.entries()  # the rest must verify
+        return target
+
     def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
         """Verify the chain, append one entry for ``payload`` and fsync; returns the entry."""
         existing = self.entries()

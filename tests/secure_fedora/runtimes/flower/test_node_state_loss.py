@@ -15,7 +15,13 @@ import pytest
 from flwr.app import Message
 
 from secure_fedora.runtimes.flower import server_app
-from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
+from secure_fedora.runtimes.flower.protocol import (
+    MSG_EVALUATE,
+    MSG_ROUND,
+    DeployError,
+    NodeSettings,
+    RunSettings,
+)
 from secure_fedora.runtimes.flower.state import NodeStateError
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
@@ -202,7 +208,8 @@ def test_a_stage_waits_for_another_process_of_the_same_client(tmp_path: Path) ->
     held = threading.Event()
 
     def other_process() -> None:
-        with _stage_lock(method_dir):
+        node = NodeSettings(1, tmp_path / "nodes" / "node-1", tmp_path / "ids")
+        with _stage_lock(node, 42):
             held.set()
             time.sleep(0.5)
             released.append(time.time())
@@ -224,3 +231,32 @@ def test_a_stage_waits_for_another_process_of_the_same_client(tmp_path: Path) ->
     results = run()
     assert not grid.errors and [r["replied"] for r in results["rounds"]] == [3, 3]
     assert answered[0] >= released[0]  # client 1's round 2 ran after the other process
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("torn", ["ledger", "journal"])
+def test_a_torn_last_line_is_quarantined_and_the_client_goes_on(tmp_path: Path, torn: str) -> None:
+    """A node killed mid-append leaves a last line without its newline; its release never left
+    (lines are fsynced before a release). The client refused every later message (the ledger
+    would not open, the journal would not verify); now the line is quarantined beside the file
+    (the ledger also gets a signed repair entry) and the client goes on."""
+    from privacy.identity import load_identity
+    from privacy.ledger import read_ledger, verify_ledger_file
+
+    def tear(run: Path) -> None:
+        path = run / "fedora" / "client-001.jsonl" if torn == "ledger" else run / "releases.jsonl"
+        with path.open("ab") as fh:
+            fh.write(b'{"index": 99, "partial')
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"), _damage_before_round_2(tmp_path, tear))
+    results = run()
+    assert not grid.errors and [r["replied"] for r in results["rounds"]] == [3, 3]
+    node = _run_dir(tmp_path, 1)
+    if torn == "ledger":
+        ledger = node / "fedora" / "client-001.jsonl"
+        assert [e["mechanism"] for e in read_ledger(ledger)].count("repair") == 1
+        key = load_identity(tmp_path / "ids" / "client-001", "client-001").signing_key
+        assert verify_ledger_file(ledger, key.public_key()) == []
+        assert len(list((node / "fedora").glob("client-001.jsonl.torn-*"))) == 1
+    else:
+        assert (node / "releases.jsonl.torn-2").read_bytes() == b'{"index": 99, "partial'
