@@ -203,7 +203,6 @@ def test_a_stage_waits_for_another_process_of_the_same_client(tmp_path: Path) ->
     from secure_fedora.runtimes.flower.client_app import _stage_lock
 
     cfg = with_methods(tiny_config(), "fedavg")
-    method_dir = _run_dir(tmp_path, 1) / "fedavg"
     released: list[float] = []
     held = threading.Event()
 
