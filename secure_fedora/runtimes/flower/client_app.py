@@ -435,7 +435,8 @@ def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor 
 
 def _release_encrypted_summary(
     settings: RunSettings, node: NodeSettings, run_id: int,
-    respond: Callable[[torch.Tensor, dict[str, float], ReleaseJournal, ReplyRelease], Message],
+    respond: Callable[[torch.Tensor, dict[str, float], ReleaseJournal, ReplyRelease,
+                       ConfigRecord | None], Message],
 ) -> Message:
     """This client's summary ``U_i`` for the ``ckks_overlaps`` ceremony: FEDORA's client half
     of the setup exchange (:func:`run_stage`, so noised modes release through the client's
@@ -447,7 +448,8 @@ def _release_encrypted_summary(
         if result.refusal is not None:
             raise DeployError(f"client {node.partition_id} refused its summary: {result.refusal}")
         _, journal = run_paths(node, run_id)
-        return respond(result.payload[KIND_SUMMARY], result.metrics, journal, release)
+        return respond(result.payload[KIND_SUMMARY], result.metrics, journal, release,
+                       result.ledger_head)
 
     return run_stage(settings, node, run_id, "fedora", "setup", 0, lambda _limits: {},
                      journal_release=False, respond=reply).response
@@ -524,13 +526,15 @@ def encrypted_summary(message: Message, context: Context) -> Message:
     i = node.partition_id
 
     def respond(u: torch.Tensor, metrics: dict[str, float], journal: ReleaseJournal,
-                release: ReplyRelease) -> Message:
+                release: ReplyRelease, ledger: ConfigRecord | None) -> Message:
         content = RecordDict(
             {
                 "client": ConfigRecord({"client-id": i, "config-hash": settings.config_hash}),
                 "metrics": MetricRecord({**metrics, **_timings(started)}),
             }
         )
+        if ledger is not None:  # signed with the reply: the server anchors and re-states it
+            content["ledger"] = ledger
 
         def prepare(encrypted: Release) -> None:
             # the EncryptPayload stage's ciphertexts, journaled before they are signed
@@ -675,7 +679,19 @@ def method_message(message: Message, context: Context) -> Message:
         return _reply(security, message, content, wire, release)
 
     return run_stage(settings, node, context.run_id, method, stage, rnd, incoming,
-                     respond=respond).response
+                     respond=respond, server_saw=_server_saw(conf)).response
+
+
+def _server_saw(conf: ConfigRecord) -> tuple[int, str] | None:
+    """The ledger state (entries, hash of the last line) the server last received from this
+    client for the method, as its signed request states it; None before the first."""
+    entries, head = conf.get("ledger-entries"), conf.get("ledger-head")
+    if entries is None and head is None:
+        return None
+    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0 \
+            or not isinstance(head, str) or len(head) != 64 or set(head) - set("0123456789abcdef"):
+        raise DeployError("the request's ledger-entries/ledger-head are malformed")
+    return entries, head
 
 
 @dataclasses.dataclass
@@ -710,6 +726,7 @@ def run_stage(
     settings: RunSettings, node: NodeSettings, run_id: int, method: str, stage: str, rnd: int,
     incoming: Callable[[PayloadLimits], Payload | None], *, journal_release: bool = True,
     respond: Callable[[StageResult, ReplyRelease], Any] | None = None,
+    server_saw: tuple[int, str] | None = None,
 ) -> StageResult:
     """Run this client's half of ``method`` for ``stage`` of round ``rnd`` (the verified
     message's payload from ``incoming``): rebuild the algorithm with only this client's data,
@@ -721,7 +738,8 @@ def run_stage(
     the payload (the CKKS ceremony sends the encrypted summary, never the summary itself).
     ``respond(result, release)`` builds and signs the reply while the client's privacy state
     is open (``release``: the pipeline that must sign it, :class:`ReplyRelease`); its value
-    is ``result.response``.
+    is ``result.response``. ``server_saw`` is the ledger state the server last received from
+    this client: the node's ledger and saved state must hold it (else NodeStateError).
     """
     cfg = settings.experiment
     i = node.partition_id
@@ -747,7 +765,7 @@ def run_stage(
         privacy = _open_privacy(settings, node, run_id, method)
         try:
             saved = state_path.exists()
-            _check_state_holds(state, saved, privacy, journal, method)
+            _check_state_holds(state, saved, privacy, journal, method, server_saw)
             if not saved:
                 # saved before the first release, so that a missing state file with releases on
                 # record always means a lost one (never the crash window of the first release)
@@ -783,6 +801,9 @@ def run_stage(
                 # The method's last round is evaluated: its ledger is finished, so it ends with
                 # its signed close entry (idempotent on a message delivered again).
                 privacy.close_ledgers(rnd)
+                if state.ledger_head != privacy.sole.ledger.head:  # the reply reports it
+                    state.ledger_head = privacy.sole.ledger.head
+                    state.save(state_path)
             result = StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
                                  _ledger_record(privacy), limits)
             if respond is not None:
@@ -818,12 +839,32 @@ def _repair_journal(journal: ReleaseJournal) -> None:
 
 
 def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePrivacy | None,
-                       journal: ReleaseJournal, method: str) -> None:
+                       journal: ReleaseJournal, method: str,
+                       server_saw: tuple[int, str] | None = None) -> None:
     """Refuse (NodeStateError) to go on when this client's durable record of ``method`` was
-    lost or cut since its last message: the ledger no longer holds the head its saved state
-    recorded, or the state itself is gone while the ledger or the release journal shows
-    earlier releases. Going on would account fewer releases than were made (a lower epsilon,
-    an audit that passes) or silently restart the client's model."""
+    lost, cut or rolled back since its last message: the ledger does not hold the state the
+    server last received from it (``server_saw``) or the head its saved state recorded; the
+    saved state is older than what the client last reported (a copy restored); or the state
+    is gone while the ledger or the journal's records of this method's exchanges show
+    releases. Going on would account fewer releases than were made (a lower epsilon, an
+    audit that passes) or silently restart the client's model. Every reply leaves after the
+    state recording its head is saved, so none of these holds after a crash."""
+    if server_saw is not None and privacy is not None:
+        count, head = server_saw
+        ledger = privacy.sole.ledger
+        if not ledger.holds(count, head):
+            raise NodeStateError(
+                f"{ledger.path}: the server last received this client's ledger at {count} "
+                f"entries ending in {head[:12]}..., and the node's ledger ({ledger.head[0]} "
+                "entries) does not hold that: entries were lost, cut or replaced (a wiped or "
+                "restored node); going on would account fewer releases than were made. Restore "
+                "the node's state-dir, or start a new run")
+        if saved and state.ledger_head is not None and int(state.ledger_head[0]) < count:
+            raise NodeStateError(
+                f"this client's saved state of {method!r} recorded its ledger at "
+                f"{state.ledger_head[0]} entries, older than the {count} it last reported: "
+                "client.pt was replaced by an older copy; going on would drop the client's "
+                "later updates. Restore the node's state-dir, or start a new run")
     if saved and privacy is not None and state.ledger_head is not None:
         count, head = int(state.ledger_head[0]), str(state.ledger_head[1])
         ledger = privacy.sole.ledger

@@ -591,12 +591,17 @@ def _refuse_used_workdir(work: Path) -> None:
     """Refuse a workdir that holds an earlier deployment's runs: its clients' releases are in
     the ledgers under ``nodes/``, and a new run there would start fresh ledgers at epsilon 0
     beside them (the same clients' data released again, the earlier loss in no account)."""
-    runs = sorted({d.name for d in work.glob("nodes/node-*/runs/*") if d.is_dir()})
-    results = [f.name for f in (work / "results").glob("*.json")] if (work / "results").is_dir() \
-        else []
+    def nonempty(pattern: str) -> list[Path]:
+        return [f for f in work.glob(pattern) if f.is_file() and f.stat().st_size > 0]
+
+    # releases on record: a node's journal or ledger with a line, or a finished run's results
+    released = nonempty("nodes/node-*/runs/*/releases.jsonl") \
+        + nonempty("nodes/node-*/runs/*/*/client-*.jsonl")
+    runs = sorted({f.relative_to(work / "nodes").parts[2] for f in released})
+    results = nonempty("results/results.json")
     if runs or results:
-        held = ", ".join(filter(None, [f"node state of run(s) {', '.join(runs[:3])}" if runs
-                                       else "", f"results/{results[0]}" if results else ""]))
+        held = ", ".join(filter(None, [f"releases of run(s) {', '.join(runs[:3])} on its nodes"
+                                       if runs else "", "results/results.json" if results else ""]))
         raise DeployError(
             f"the workdir {str(work)!r} holds an earlier deployment ({held}); its clients' "
             "releases are recorded there, and a new run would start new ledgers at epsilon 0 "

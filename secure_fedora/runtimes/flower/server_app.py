@@ -572,6 +572,17 @@ def _encrypted_overlaps(
         if _take_metrics(server, cid, reply, env, val0, test0):
             uploads[cid], envelopes[cid] = parsed, env
             upload_bytes[cid] = sum(len(c) for c in columns)
+            metrics = reply.content["metrics"]
+            if isinstance(metrics, MetricRecord) and "epsilon-spent" in metrics:
+                try:  # the summary's ledger state, re-stated to the client in round 1
+                    server.privacy.setdefault(server.scope, {})[cid] = {
+                        "epsilon_spent": float(metrics["epsilon-spent"]),
+                        "epsilon_budget": float(metrics["epsilon-budget"]),
+                        "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply)}
+                except (KeyError, TypeError, ValueError) as err:
+                    server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
+                                  "no relatedness from it")
+                    del uploads[cid], envelopes[cid], upload_bytes[cid]
     _require_all(server, uploads, nodes, "encrypted summary")
     details["upload_bytes_per_client"] = [upload_bytes[c] for c in range(n)]
 
@@ -708,11 +719,15 @@ def _exchange_payloads(
         if node not in online:
             server.event(rnd, cid, node, f"offline: no {stage} message delivered")
             continue
+        saw = server.privacy.get(run.name, {}).get(cid, {})
+        seen = ({"ledger-entries": saw["ledger_entries"], "ledger-head": saw["ledger_head"]}
+                if "ledger_head" in saw else {})
         content = RecordDict({
             "payload": payload_to_record(payload or {}, run.limits),
+            # the client checks its node still holds the ledger it last reported
             "run": ConfigRecord({"method": run.name, "stage": stage, "round": rnd,
                                  "has-payload": payload is not None,
-                                 "config-hash": server.settings.config_hash}),
+                                 "config-hash": server.settings.config_hash, **seen}),
         })
         client_of[node] = cid
         messages[node] = Message(
@@ -726,6 +741,12 @@ def _exchange_payloads(
     then = f"counts as not taking part in the {stage} exchange"
     for node, reason in sorted(ex.errors.items()):
         server.event(rnd, client_of[node], node, f"error reply ({reason}): {then}")
+        if server.cfg.privacy.enabled and "NodeStateError" in reason:
+            # that client refuses every later message: under DP the run cannot finish (its
+            # ledger never closes), and going on would spend the other clients' budgets
+            raise DeployError(
+                f"{run.name}: client {server.client_ids[client_of[node]]} (node {node}) refuses "
+                f"to go on, its node's state being lost or damaged ({reason}); the run stops")
     for node in ex.missing:
         server.event(rnd, client_of[node], node, f"no reply in time: {then}")
     for node, reply in sorted(ex.replies.items()):
@@ -908,11 +929,15 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     if unclosed:
         # a DP client closes its ledger when it answers the final evaluation: without the
         # close entry its ledger fails every audit, so a "completed" run would be unverifiable
+        last = {e["client"]: e["event"] for e in server.events
+                if e.get("client") in unclosed and e.get("method") == name}
+        why = "; ".join(f"client {c}: {last[c]}" for c in unclosed if c in last)
         raise DeployError(
             f"{name}: clients {unclosed} did not answer the final evaluation (round {rounds}), "
-            "where a DP client closes its ledger; their ledgers stay open and the run could not "
-            "be verified, so no results are written; raise the round timeout or check those "
-            "SuperNodes' logs")
+            "asked twice, where a DP client closes its ledger (or their answers were lost); "
+            "their ledgers may stay open and the run could not be verified, so no results are "
+            "written; check those SuperNodes' logs or raise the round timeout"
+            + (f" (last events: {why})" if why else ""))
     final = algorithm.finalize_messages()
     final_payloads: dict[int, Payload] = {}
     if final:

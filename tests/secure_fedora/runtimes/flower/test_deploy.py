@@ -739,22 +739,29 @@ def test_deploy_local_refuses_a_workdir_of_an_earlier_deployment(tmp_path: Path)
     """A second `deploy local` in the workdir of an interrupted DP run ran a new run whose
     ledgers started at epsilon 0 beside the old ones: the clients' data released twice, the
     first run's loss in no account, and both audits passed."""
+    from secure_fedora.runtimes.flower.local import _refuse_used_workdir
+
     used = tmp_path / "w"
-    (used / "nodes" / "node-0" / "runs" / "5134").mkdir(parents=True)
-    with pytest.raises(DeployError, match=r"holds an earlier deployment \(node state of run\(s\) "
-                                          r"5134\).*use a new workdir"):
+    (used / "nodes" / "node-0" / "runs" / "5134" / "fedora").mkdir(parents=True)
+    (used / "nodes" / "node-0" / "runs" / "5134" / "fedora" / "client-000.jsonl").write_text("{}\n")
+    with pytest.raises(DeployError, match=r"holds an earlier deployment \(releases of run\(s\) "
+                                          r"5134 on its nodes\).*use a new workdir"):
         deploy_local(tiny_config(), 3, used, max_in_flight=0)
     assert not (used / "logs").exists()  # nothing was started
     done = tmp_path / "done"
     (done / "results").mkdir(parents=True)
-    (done / "results" / "failure.json").write_text("{}")
-    with pytest.raises(DeployError, match=r"results/failure.json"):
-        deploy_local(tiny_config(), 3, done, max_in_flight=0)
-    # a workdir holding only identities and certificates (no run yet) is fine to start in
-    from secure_fedora.runtimes.flower.local import _refuse_used_workdir
-
-    (tmp_path / "fresh" / "identities").mkdir(parents=True)
-    _refuse_used_workdir(tmp_path / "fresh")
+    (done / "results" / "results.json").write_text("{}")
+    with pytest.raises(DeployError, match=r"results/results.json"):
+        _refuse_used_workdir(done)
+    # nothing released yet: identities, a run that only said hello, a failure before any
+    # release (failure.json) -- fine to start in
+    fresh = tmp_path / "fresh"
+    (fresh / "identities").mkdir(parents=True)
+    (fresh / "nodes" / "node-0" / "runs" / "77").mkdir(parents=True)
+    (fresh / "nodes" / "node-0" / "runs" / "77" / "releases.jsonl").write_text("")
+    (fresh / "results").mkdir()
+    (fresh / "results" / "failure.json").write_text("{}")
+    _refuse_used_workdir(fresh)
 
 
 # --------------------------------------------------------------------------- real deployment

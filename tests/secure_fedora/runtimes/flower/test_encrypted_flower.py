@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -565,3 +566,20 @@ def test_flower_encrypted_relatedness_equals_in_process_runtime(tmp_path: Path) 
     secret = state_dir / "node-0" / "runs" / str(run_id) / "ckks" / "secret-context.sealed"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert "fedora: setup ceremony ckks_overlaps done" in logs
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_a_node_wiped_after_its_encrypted_summary_is_refused(tmp_path: Path) -> None:
+    """The ceremony's summary reply carried no ledger state, so a node wiped between its
+    encrypted summary and round 1 started a fresh ledger and the summary release dropped out
+    of its accounting. The reply now reports the head (signed) and round 1's request
+    re-states it."""
+    from secure_fedora.runtimes.flower.protocol import MSG_ROUND, DeployError
+
+    def wipe(message: Any) -> Any:
+        shutil.rmtree(tmp_path / "nodes" / "node-1" / "runs" / "42")
+        return message
+
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        _grid_run(enc_config("noised+encrypted"), tmp_path,
+                  tamper_request={(1, 1, MSG_ROUND): wipe})

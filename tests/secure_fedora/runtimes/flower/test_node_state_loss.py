@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Message
 
+from privacy.ledger import read_ledger
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import (
     MSG_EVALUATE,
@@ -69,29 +70,53 @@ def test_a_ledger_cut_or_deleted_on_a_node_stops_its_client(tmp_path: Path, dama
         else:
             (run / "fedora" / "client-001.jsonl").unlink()
 
-    grid, run = _run(tmp_path, dp_config(noise="reproducible"), _damage_before_round_2(tmp_path, hit))
-    # the client refuses every later message; it then misses the final evaluation, where
-    # its ledger would close, and the run fails instead of completing unverifiably
-    with pytest.raises(DeployError, match=r"clients \[1\] did not answer the final evaluation"):
+    grid, run = _run(tmp_path, dp_config(rounds=4, noise="reproducible"),
+                     _damage_before_round_2(tmp_path, hit))
+    # the client refuses; under DP the run stops there (it could never close that ledger)
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
         run()
     refusals = [err for client, _, err in grid.errors if client == 1]
     assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
     assert "entries were lost, cut or replaced" in str(refusals[0])
     assert not (tmp_path / "res" / "results.json").exists()
     assert not (tmp_path / "res" / "anchor.json").exists()
+    # the other clients spent no more: nothing after round 2's exchange
+    peer = _run_dir(tmp_path, 0) / "fedora" / "client-000.jsonl"
+    assert max(e["round"] for e in read_ledger(peer)) == 2
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_a_wiped_node_is_caught_by_the_server(tmp_path: Path) -> None:
-    """With the node's whole run state gone (a re-provisioned host) the client sees nothing
-    to compare; the server holds the head the client reported before and stops the run."""
-    grid, run = _run(tmp_path, dp_config(noise="reproducible"),
-                     _damage_before_round_2(tmp_path, lambda d: shutil.rmtree(d)))
-    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) reported a ledger "
-                                          r"that went back \(\d+ entries after \d+\)"):
+@pytest.mark.parametrize("before", [1, 2])
+def test_a_wiped_node_is_caught(tmp_path: Path, before: int) -> None:
+    """With the node's whole run state gone (a re-provisioned host) the node has nothing to
+    compare; the server's signed request states the ledger it last received. Wiped right
+    after setup, the fresh ledger's round-1 entries outnumbered the summary's one entry and
+    the summary release dropped out of the accounting (the review found it)."""
+    def wipe(message: Message) -> Message:
+        shutil.rmtree(_run_dir(tmp_path, 1))
+        return message
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"), {(1, before, MSG_ROUND): wipe})
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
         run()
-    assert not grid.errors
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert "the server last received this client's ledger at" in str(refusals[0])
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+def test_the_server_also_refuses_a_reported_ledger_that_goes_back() -> None:
+    """A second line behind the node's own check: the head a client reports must extend the
+    one it reported before."""
+    from secure_fedora.runtimes.flower.server_app import _ledger_went_back
+
+    before = {"ledger_entries": 5, "ledger_head": "a" * 64, "epsilon_spent": 6.5}
+    assert _ledger_went_back(None, before) is None
+    assert _ledger_went_back(before, {**before, "ledger_entries": 7, "epsilon_spent": 7.0}) is None
+    assert _ledger_went_back(before, before) is None
+    assert "3 entries after 5" in _ledger_went_back(before, {**before, "ledger_entries": 3})
+    assert "another last line" in _ledger_went_back(before, {**before, "ledger_head": "b" * 64})
+    assert "epsilon" in _ledger_went_back(before, {**before, "ledger_entries": 6,
+                                                   "epsilon_spent": 4.1})
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -103,8 +128,8 @@ def test_a_lost_client_state_is_refused_not_restarted(tmp_path: Path, private: b
     method = cfg.methods[0]
     grid, run = _run(tmp_path, cfg, _damage_before_round_2(
         tmp_path, lambda d: (d / method / "client.pt").unlink()))
-    if private:  # its ledger then stays open: the run fails
-        with pytest.raises(DeployError, match="did not answer the final evaluation"):
+    if private:  # the run stops: that client's ledger could never close
+        with pytest.raises(DeployError, match="client client-001 .node 1001. refuses to go on"):
             run()
     else:  # the client counts as not taking part from then on, as any failing client
         events = [e["event"] for e in run()["events"] if e["client"] == 1]
@@ -124,7 +149,9 @@ def test_a_dp_client_that_misses_the_final_evaluation_fails_the_run(tmp_path: Pa
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
                         tamper_request={(2, 2, MSG_EVALUATE): lambda m: None})
     with pytest.raises(DeployError, match=r"fedora: clients \[2\] did not answer the final "
-                                          r"evaluation \(round 2\), where a DP client closes"):
+                                          r"evaluation \(round 2\), asked twice, where a DP "
+                                          r"client closes its ledger.*last events: client 2: no "
+                                          r"reply in time"):
         server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
 
 
@@ -169,7 +196,7 @@ def test_a_crash_in_the_first_release_is_not_taken_for_a_lost_state(tmp_path: Pa
 def test_a_missed_final_evaluation_is_asked_again_and_the_run_completes(tmp_path: Path) -> None:
     """A node that restarts while the final evaluation goes out (its first message lost) is
     asked once more: it closes its ledger and the run completes with its final metrics."""
-    from privacy.ledger import read_ledger
+
 
     cfg = dp_config(noise="reproducible")
     lost: list[Message] = []
@@ -240,7 +267,7 @@ def test_a_torn_last_line_is_quarantined_and_the_client_goes_on(tmp_path: Path, 
     would not open, the journal would not verify); now the line is quarantined beside the file
     (the ledger also gets a signed repair entry) and the client goes on."""
     from privacy.identity import load_identity
-    from privacy.ledger import read_ledger, verify_ledger_file
+    from privacy.ledger import verify_ledger_file
 
     def tear(run: Path) -> None:
         path = run / "fedora" / "client-001.jsonl" if torn == "ledger" else run / "releases.jsonl"
@@ -259,3 +286,26 @@ def test_a_torn_last_line_is_quarantined_and_the_client_goes_on(tmp_path: Path, 
         assert len(list((node / "fedora").glob("client-001.jsonl.torn-*"))) == 1
     else:
         assert (node / "releases.jsonl.torn-2").read_bytes() == b'{"index": 99, "partial'
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_state_restored_from_an_older_copy_is_refused(tmp_path: Path) -> None:
+    """client.pt replaced by its copy from an earlier round: its recorded ledger head is still
+    held by the (longer) ledger, and the client silently dropped a round's update (the review
+    found it). The server's request states what the client last reported, newer than the copy."""
+    saved: dict[str, bytes] = {}
+
+    def keep(message: Message) -> Message:
+        saved["state"] = (_run_dir(tmp_path, 1) / "fedora" / "client.pt").read_bytes()
+        return message
+
+    def restore(message: Message) -> Message:
+        (_run_dir(tmp_path, 1) / "fedora" / "client.pt").write_bytes(saved["state"])
+        return message
+
+    grid, run = _run(tmp_path, dp_config(rounds=3, noise="reproducible"),
+                     {(1, 2, MSG_ROUND): keep, (1, 3, MSG_ROUND): restore})
+    with pytest.raises(DeployError, match="refuses to go on"):
+        run()
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert "client.pt was replaced by an older copy" in str(refusals[0])
