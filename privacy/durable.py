@@ -1,11 +1,11 @@
-"""Durable writes: the two primitives the ledger and the release journal build on."""
+"""Durable writes: the primitives the ledger and the release journals build on."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_all_and_fsync"]
+__all__ = ["fsync_dir", "move_tail_aside", "truncate_and_fsync", "write_all_and_fsync"]
 
 
 def write_all_and_fsync(fd: int, data: bytes) -> None:
@@ -21,6 +21,28 @@ def fsync_dir(directory: Path) -> None:
     """fsync a directory, so that a file created or renamed in it survives a crash."""
     fd = os.open(directory, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_tail_aside(path: Path, cut: int, tail: bytes, target: Path) -> None:
+    """Write ``tail`` (the bytes of ``path`` after offset ``cut``, e.g. a torn last line) to
+    ``target`` (created 0600, replaced if present, fsynced), then truncate ``path`` to ``cut``
+    and fsync it: the bytes are durable beside the file before they leave it."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all_and_fsync(fd, tail)
+    finally:
+        os.close(fd)
+    truncate_and_fsync(path, cut)
+
+
+def truncate_and_fsync(path: Path, size: int) -> None:
+    """Cut ``path`` to its first ``size`` bytes and fsync it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, size)
         os.fsync(fd)
     finally:
         os.close(fd)

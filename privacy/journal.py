@@ -29,7 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from privacy.durable import fsync_dir, write_all_and_fsync
+from privacy.durable import fsync_dir, move_tail_aside, write_all_and_fsync
 from privacy.errors import ToolkitError
 from privacy.sealing import SealingError, open_sealed, seal
 
@@ -152,18 +152,7 @@ class ReleaseJournal:
 
     def _quarantine_tail(self, torn: bytes, position: int, cut: int) -> None:
         target = self.path.with_name(f"{self.path.name}.torn-{position}")
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, torn)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            os.ftruncate(fd, cut)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        move_tail_aside(self.path, cut, torn, target)
         self.quarantined = target
 
     def __len__(self) -> int:

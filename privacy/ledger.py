@@ -58,7 +58,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, validate_release
-from privacy.durable import fsync_dir, write_all_and_fsync
+from privacy.durable import fsync_dir, truncate_and_fsync, write_all_and_fsync
 from privacy.errors import ToolkitError
 
 GENESIS_HASH = "0" * 64
@@ -693,12 +693,7 @@ def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
         digest = hashlib.sha256(torn).hexdigest()
         quarantine = path.with_name(f"{path.name}{QUARANTINE_INFIX}{len(lines)}-{digest[:12]}")
         _write_quarantine(quarantine, torn)
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.ftruncate(fd, cut)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        truncate_and_fsync(path, cut)
     repairs = []
     with LedgerWriter(path, client_id, signing_key) as writer:
         for quarantine in _unrecorded_quarantines(path, writer.entries):

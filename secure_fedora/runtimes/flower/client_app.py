@@ -849,31 +849,24 @@ def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePr
     releases. Going on would account fewer releases than were made (a lower epsilon, an
     audit that passes) or silently restart the client's model. Every reply leaves after the
     state recording its head is saved, so none of these holds after a crash."""
-    if server_saw is not None and privacy is not None:
-        count, head = server_saw
+    recorded = state.ledger_head if saved else None
+    if privacy is not None:
         ledger = privacy.sole.ledger
-        if not ledger.holds(count, head):
-            raise NodeStateError(
-                f"{ledger.path}: the server last received this client's ledger at {count} "
-                f"entries ending in {head[:12]}..., and the node's ledger ({ledger.head[0]} "
-                "entries) does not hold that: entries were lost, cut or replaced (a wiped or "
-                "restored node); going on would account fewer releases than were made. Restore "
-                "the node's state-dir, or start a new run")
-        if saved and state.ledger_head is not None and int(state.ledger_head[0]) < count:
+        for who, held in (("the server last received", server_saw),
+                          ("its saved state recorded", recorded)):
+            if held is not None and not ledger.holds(int(held[0]), str(held[1])):
+                raise NodeStateError(
+                    f"{ledger.path}: {who} this client's ledger at {held[0]} entries ending in "
+                    f"{str(held[1])[:12]}..., and the node's ledger ({ledger.head[0]} entries) "
+                    "does not hold that: entries were lost, cut or replaced (a wiped or restored "
+                    "node); going on would account fewer releases than were made. Restore the "
+                    "node's state-dir from a copy, or start a new run")
+        if server_saw is not None and recorded is not None and int(recorded[0]) < server_saw[0]:
             raise NodeStateError(
                 f"this client's saved state of {method!r} recorded its ledger at "
-                f"{state.ledger_head[0]} entries, older than the {count} it last reported: "
+                f"{recorded[0]} entries, older than the {server_saw[0]} it last reported: "
                 "client.pt was replaced by an older copy; going on would drop the client's "
                 "later updates. Restore the node's state-dir, or start a new run")
-    if saved and privacy is not None and state.ledger_head is not None:
-        count, head = int(state.ledger_head[0]), str(state.ledger_head[1])
-        ledger = privacy.sole.ledger
-        if not ledger.holds(count, head):
-            raise NodeStateError(
-                f"{ledger.path}: the ledger holds {ledger.head[0]} entries, but this client's "
-                f"saved state recorded {count} (ending in {head[:12]}...): entries were lost, "
-                "cut or replaced since; going on would account fewer releases than were made. "
-                "Restore the node's state-dir from a copy, or start a new run")
     if saved:
         return
     earlier = [e for e in journal.entries() if str(e.get("kind", "")).startswith(f"{method}/")]

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.durable import move_tail_aside
 from privacy.errors import ToolkitError
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import fingerprint_clients
@@ -250,18 +251,7 @@ class ReleaseJournal:
             return None
         complete = data[:cut].count(b"\n")
         target = self.path.with_name(f"{self.path.name}.torn-{complete}")
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data[cut:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            os.ftruncate(fd, cut)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        move_tail_aside(self.path, cut, data[cut:], target)
         self.entries()  # the rest must verify
         return target
 

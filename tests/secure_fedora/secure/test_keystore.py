@@ -72,16 +72,21 @@ def test_publishing_another_stores_keys_over_a_runs_keys_is_refused(tmp_path):
     assert {p.name: p.read_bytes() for p in run_keys.iterdir()} == before
 
 
+def _tiny_dp_config():  # type: ignore[no-untyped-def]
+    from secure_fedora.core.config import parse_config
+
+    return parse_config({"methods": ["local"], "data": {"num_clients": 2, "train_per_client": 20,
+                         "val_per_client": 8, "test_per_client": 8, "groups": 2},
+                         "training": {"rounds": 1},
+                         "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}})
+
+
 @pytest.mark.parametrize("inside", [".", "keys", "deep/store"])
 def test_a_key_store_inside_the_run_directory_is_refused(tmp_path, inside):
     """It was accepted, with a note claiming the keys were outside the run directory."""
-    from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import Simulation
 
-    cfg = parse_config({"methods": ["local"], "data": {"num_clients": 2, "train_per_client": 20,
-                        "val_per_client": 8, "test_per_client": 8, "groups": 2},
-                        "training": {"rounds": 1},
-                        "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}})
+    cfg = _tiny_dp_config()
     run = tmp_path / "run"
     with pytest.raises(IdentityError, match="lies inside the run directory"):
         Simulation(cfg, run, keystore=run / inside).run()
@@ -109,16 +114,12 @@ def test_a_run_refuses_a_key_store_others_can_write_before_writing_anything(tmp_
     """A 0777 key store was accepted: another user could replace its allowlist or key files."""
     import os
 
-    from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import Simulation
 
     store = tmp_path / "store"
     ensure_keystore(store, run_party_ids(2))
     os.chmod(store, 0o777)
-    cfg = parse_config({"methods": ["local"], "data": {"num_clients": 2, "train_per_client": 20,
-                        "val_per_client": 8, "test_per_client": 8, "groups": 2},
-                        "training": {"rounds": 1},
-                        "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}})
+    cfg = _tiny_dp_config()
     run = tmp_path / "run"
     with pytest.raises(IdentityError, match="0777: group or others"):
         Simulation(cfg, run, keystore=store).run()
