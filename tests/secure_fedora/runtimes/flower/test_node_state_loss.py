@@ -309,3 +309,22 @@ def test_a_client_state_restored_from_an_older_copy_is_refused(tmp_path: Path) -
         run()
     refusals = [err for client, _, err in grid.errors if client == 1]
     assert "client.pt was replaced by an older copy" in str(refusals[0])
+
+
+@pytest.mark.parametrize("record", [
+    {"ledger-entries": -1, "ledger-head": "a" * 64},
+    {"ledger-entries": True, "ledger-head": "a" * 64},
+    {"ledger-entries": 3, "ledger-head": "A" * 64},
+    {"ledger-entries": 3, "ledger-head": "a" * 63},
+    {"ledger-entries": 3},
+    {"ledger-head": "a" * 64},
+])
+def test_a_malformed_ledger_state_in_a_request_is_refused(record: dict) -> None:  # type: ignore[type-arg]
+    from flwr.app import ConfigRecord
+
+    from secure_fedora.runtimes.flower.client_app import _server_saw
+
+    with pytest.raises(DeployError, match="ledger-entries/ledger-head are malformed"):
+        _server_saw(ConfigRecord(record))
+    assert _server_saw(ConfigRecord({})) is None
+    assert _server_saw(ConfigRecord({"ledger-entries": 3, "ledger-head": "a" * 64})) == (3, "a" * 64)
