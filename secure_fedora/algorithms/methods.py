@@ -929,7 +929,7 @@ class Fedora(FederatedMethod):
         """Sparse propagation of plain relatedness without envelopes: the graph is built
         blockwise from the summaries, so no N x N matrix is ever held (the same graph the
         overlap blocks would give, up to float rounding)."""
-        return (self.propagation_mode == "sparse" and self._relatedness_mode == "plain"
+        return (self.propagation_mode in ("sparse", "factored") and self._relatedness_mode == "plain"
                 and not self.ctx.envelopes)
 
     def _operator(self, graph: Tensor) -> PropagationOperator:
@@ -1128,8 +1128,8 @@ class Fedora(FederatedMethod):
 
     def propagate(self, rnd: int = 0, participants: Sequence[int] | None = None) -> None:
         """Server step: ``phi_i <- sum_j P_ij theta_j`` for every client, with the operator
-        built in setup: dense, one product over the N x P parameters, into ``phi``; sparse,
-        every row marked pending and computed when it is sent or read (the same values, bit
+        built in setup: dense, one product over the N x P parameters, into ``phi``; sparse or
+        factored, every row marked pending and computed when it is sent or read (the same values, bit
         for bit, as one product now); through CKKS ciphertexts with the encrypted propagator
         (``participants`` re-encrypt and upload)."""
         assert self.relatedness is not None
@@ -1139,7 +1139,7 @@ class Fedora(FederatedMethod):
                 self.relatedness.propagation, self.theta, changed=participants, rnd=rnd,
                 exchange=self.exchange))
             self._phi_is_propagated = False
-        elif self.relatedness.operator.kind == "sparse":
+        elif self.relatedness.operator.kind in ("sparse", "factored"):
             self._phi_pending = torch.ones(self.ctx.num_clients, dtype=torch.bool)
             self._phi_theta_version = self.theta._version
             self._phi_is_propagated = True
@@ -1231,12 +1231,21 @@ class Fedora(FederatedMethod):
         return security
 
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
-        """The relatedness mode and every client's graph neighbours (and ``max_pull`` when
-        the pull was bounded, a departure from the paper's rule)."""
+        """The relatedness mode, every client's graph neighbours, the propagation operator
+        used (``auto`` resolved; its error bound: 0 when exact) and ``max_pull`` when the
+        pull was bounded, a departure from the paper's rule."""
         assert self.relatedness is not None
+        operator = self.relatedness.operator
+        propagation: dict[str, Any] = {
+            "mode": self.propagation_mode, "operator": operator.kind,
+            "error_bound": operator.error_bound,
+            "nnz_per_row": operator.nnz / max(1, operator.num_clients)}
+        if operator.kind == "sparse":
+            propagation["tolerance"] = operator.tolerance
         out: dict[str, Any] = {
             "relatedness_mode": self.relatedness.mode,
             "graph_neighbours": self.relatedness.neighbours(),
+            "propagation": propagation,
         }
         if self.max_pull is not None:
             out["max_pull"] = self.max_pull

@@ -7,7 +7,8 @@ sparse matrix with a proven error bound (a truncated power series on the sparse 
 for large N). Each round is then one (sparse or dense) product over the (N x P) parameters,
 written straight into the ``phi`` matrix (no N x P temporary); a sparse operator can also
 compute only some rows (:meth:`PropagationOperator.apply_rows`), at a cost proportional to
-their non-zeros.
+their non-zeros. A factored operator (:mod:`~secure_fedora.algorithms.factored`) is exact like
+the dense one and sparse like the truncated one: the default above ``AUTO_DENSE_MAX_CLIENTS``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from secure_fedora.algorithms.factored import FactoredPropagation, factor_propagation
 from secure_fedora.algorithms.fedora import (
     RelatednessError,
     embed_subproblem,
@@ -41,7 +43,7 @@ __all__ = [
     "sparse_propagation_matrix",
 ]
 
-OperatorKind = Literal["dense", "sparse"]
+OperatorKind = Literal["dense", "sparse", "factored"]
 
 # Columns of theta processed per sparse product: a (N x block) slice of theta stays in cache
 # while every non-zero of P reads it. CSR product (CUDA), measured (CPU s, one thread, 118,282
@@ -61,10 +63,11 @@ THRESHOLD_DIVISOR = 4.0
 
 def resolve_propagation(mode: str, num_clients: int) -> str:
     """The propagation actually used: ``"auto"`` becomes ``"dense"`` for at most
-    ``AUTO_DENSE_MAX_CLIENTS`` clients and ``"sparse"`` above; other modes are returned as is."""
+    ``AUTO_DENSE_MAX_CLIENTS`` clients and ``"factored"`` (exact, sparse) above; other modes
+    are returned as is."""
     if mode == "auto":
-        return "dense" if num_clients <= AUTO_DENSE_MAX_CLIENTS else "sparse"
-    if mode not in ("dense", "sparse", "power", "encrypted"):
+        return "dense" if num_clients <= AUTO_DENSE_MAX_CLIENTS else "factored"
+    if mode not in ("dense", "sparse", "factored", "power", "encrypted"):
         raise RelatednessError(f"unknown propagation mode {mode!r}")
     return mode
 
@@ -188,13 +191,16 @@ class PropagationOperator:
     to float rounding). ``kind == "sparse"``: ``matrix`` is ``P~`` (sparse COO float64) with
     ``0 <= P~ <= P`` and ``error_bound = max_i d_i <= tolerance``, so that
     ``|phi - phi~| <= error_bound * max_j |theta_j|`` per coordinate (see
-    :func:`sparse_propagation_matrix`).
+    :func:`sparse_propagation_matrix`). ``kind == "factored"``: ``matrix`` is the graph ``S``
+    (sparse COO float64) and ``factors`` the exact ``P`` as sparse passes
+    (:func:`~secure_fedora.algorithms.factored.factor_propagation`); ``error_bound`` 0.
     """
 
     kind: OperatorKind
     matrix: Tensor
     error_bound: float = 0.0
     tolerance: float = 0.0
+    factors: FactoredPropagation | None = None
 
     def __post_init__(self) -> None:
         self._cast: dict[torch.dtype, Tensor] = {}
@@ -205,7 +211,9 @@ class PropagationOperator:
 
     @property
     def nnz(self) -> int:
-        """Stored entries of ``P`` (N * N when dense)."""
+        """Stored entries of ``P`` (N * N when dense; of all passes when factored)."""
+        if self.factors is not None:
+            return self.factors.nnz
         return self.num_clients**2 if self.kind == "dense" else int(self.matrix._nnz())
 
     def _matrix_as(self, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -222,6 +230,9 @@ class PropagationOperator:
         non-zeros (deterministic, independent of the thread count, and equal bit for bit to
         :meth:`apply_rows` of any subset of rows); on CUDA one CSR product per column block."""
         out = self._checked_out(theta, out)
+        if self.factors is not None:
+            self.factors.apply(theta, out)
+            return out
         m = self._matrix_as(theta.dtype, theta.device)
         if self.kind == "dense":
             return torch.matmul(m, theta, out=out)
@@ -248,6 +259,9 @@ class PropagationOperator:
             return out
         if index.numel() >= n and torch.unique(index).numel() == n:
             return self.apply(theta, out)  # every row: the blocked product
+        if self.factors is not None:
+            self.factors.apply(theta, out, torch.unique(index))
+            return out
         if self.kind == "dense" or theta.device.type != "cpu":
             on_device = index.to(theta.device)
             out[on_device] = self.apply(theta)[on_device]
@@ -299,12 +313,16 @@ class PropagationOperator:
         if weights.shape != (self.num_clients,):
             raise RelatednessError(f"{tuple(weights.shape)} weights for {self.num_clients} clients")
         w = weights.to(torch.float64)
+        if self.factors is not None:
+            return self.factors.combine(w)
         if self.kind == "dense":
             return w @ self.matrix.to(torch.float64)
         return torch.sparse.mm(self.matrix.t().coalesce(), w.unsqueeze(1)).squeeze(1)
 
     def to_dense(self) -> Tensor:
         """``P`` (or ``P~``) as a dense (N x N) float64 matrix (for plots and small N)."""
+        if self.factors is not None:
+            return self.factors.to_dense()
         return self.matrix if self.kind == "dense" else self.matrix.to_dense()
 
 
@@ -321,17 +339,23 @@ def embed_operator(sub: PropagationOperator, members: list[int], n: int) -> Prop
     m = sub.matrix.coalesce()
     indices = torch.cat([index[m.indices()], torch.stack([rest, rest])], dim=1)
     values = torch.cat([m.values(), torch.ones(rest.numel(), dtype=m.values().dtype)])
-    return PropagationOperator("sparse", _coo(indices, values, n), sub.error_bound, sub.tolerance)
+    embedded = _coo(indices, values, n)
+    if sub.factors is not None:  # the embedded graph's self-loops leave those clients alone
+        return PropagationOperator("factored", embedded, factors=factor_propagation(embedded, sub.factors.alpha))
+    return PropagationOperator("sparse", embedded, sub.error_bound, sub.tolerance)
 
 
 def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e-4) -> PropagationOperator:
     """The operator for ``graph`` in propagation ``mode`` (``auto`` resolved by N).
 
     dense / encrypted: exact solve; power: the same ``P`` by power iteration (the reference);
-    sparse: :func:`sparse_propagation_matrix` with ``tolerance``.
+    sparse: :func:`sparse_propagation_matrix` with ``tolerance``; factored: the exact ``P`` as
+    sparse passes (:func:`~secure_fedora.algorithms.factored.factor_propagation`).
     """
     n = graph.shape[0]
     resolved = resolve_propagation(mode, n)
+    if resolved == "factored":
+        return PropagationOperator("factored", sparse_graph(graph), factors=factor_propagation(graph, alpha))
     if resolved == "sparse":
         matrix, deficit = sparse_propagation_matrix(graph, alpha, tolerance)
         return PropagationOperator("sparse", matrix, float(deficit.max()), tolerance)

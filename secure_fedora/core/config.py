@@ -222,12 +222,14 @@ class FedoraConfig(_Section):
     k: PositiveInt = 2
     alpha: Annotated[float, Field(ge=0, lt=1)] = 0.8
     # The operator P = (1 - alpha)(I - alpha S)^-1 is built once per graph; each round is one
-    # product phi = P @ theta. dense: exact solve; sparse: truncated series on the sparse graph
-    # with |phi - phi_exact| <= propagation_tolerance * max_j |theta_j| per coordinate; auto:
-    # dense up to AUTO_DENSE_MAX_CLIENTS clients, sparse above; power: P by power iteration
+    # product phi = P @ theta. dense: exact solve; factored: the exact P as a few sparse passes
+    # (sparse LU of I - alpha S, inverse factors), no N x N matrix; sparse: truncated series on
+    # the sparse graph with |phi - phi_exact| <= propagation_tolerance * max_j |theta_j| per
+    # coordinate (the tolerance applies to this mode only: the others are exact); auto: dense
+    # up to AUTO_DENSE_MAX_CLIENTS clients, factored above; power: P by power iteration
     # (the reference); encrypted: clients send CKKS-encrypted theta, the server forms
     # sum_j P_ij Enc(theta_j) with the public context only, and each client decrypts its phi_i.
-    propagation: Literal["auto", "dense", "sparse", "power", "encrypted"] = "auto"
+    propagation: Literal["auto", "dense", "factored", "sparse", "power", "encrypted"] = "auto"
     propagation_tolerance: Annotated[float, Field(gt=0, lt=1)] = 1e-4
     # plain: summaries in the clear; noised: Gaussian mechanism on the clipped second moment
     # (needs [privacy]); encrypted: CKKS, the server computes on ciphertexts only;
@@ -555,10 +557,13 @@ def config_hash(cfg: ExperimentConfig) -> str:
         # Without DP no accountant runs: hash the default of earlier versions ("rdp"), so that
         # non-private checkpoints stay valid across the change of default to "auto".
         doc["privacy"]["accountant"] = "rdp"
-    # "auto" that resolves to the exact dense operator behaves exactly as "dense" (the
-    # default before "auto" existed), so both hash alike.
-    if doc["fedora"]["propagation"] == "auto" and cfg.data.num_clients <= AUTO_DENSE_MAX_CLIENTS:
-        doc["fedora"]["propagation"] = "dense"
+    # "auto" hashes as the operator it resolves to: as "dense" (the default before "auto"
+    # existed) up to AUTO_DENSE_MAX_CLIENTS clients, as "factored" above, so a checkpoint of
+    # an "auto" run from when it meant the truncated "sparse" operator is not resumed with
+    # another operator.
+    if doc["fedora"]["propagation"] == "auto":
+        dense = cfg.data.num_clients <= AUTO_DENSE_MAX_CLIENTS
+        doc["fedora"]["propagation"] = "dense" if dense else "factored"
     for (section, key), neutral in _NEUTRAL_DEFAULTS.items():
         if key in doc.get(section, {}) and doc[section][key] == neutral:
             del doc[section][key]

@@ -1,4 +1,5 @@
-"""The propagation operator: dense exact, sparse with a proven error bound, chosen by N."""
+"""The propagation operator: dense exact, sparse with a proven error bound, factored exact and
+sparse, chosen by N."""
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_sparse_operator_error_is_within_its_proven_bound(tolerance):
     assert op.nnz < n * n
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("mode", ["dense", "sparse", "factored"])
 def test_embedded_operator_leaves_excluded_clients_exactly_alone(mode):
     sub = random_graph(5)
     members = [0, 2, 3, 5, 6]  # clients 1, 4, 7 excluded
@@ -63,7 +64,10 @@ def test_embedded_operator_leaves_excluded_clients_exactly_alone(mode):
         unit[i] = 1.0
         assert torch.equal(dense[i], unit) and torch.equal(dense[:, i], unit)
     inner = build_operator(sub, 0.8, mode, 1e-3).to_dense()
-    assert torch.equal(dense[members][:, members], inner)
+    if mode == "factored":  # factored anew with the self-loops: equal up to float64 rounding
+        assert torch.allclose(dense[members][:, members], inner, atol=1e-14, rtol=0)
+    else:
+        assert torch.equal(dense[members][:, members], inner)
 
 
 def test_sparse_operator_rejects_bad_input():
@@ -94,9 +98,10 @@ def test_dense_operator_is_bit_identical_to_the_matrix_product_and_checks_shapes
     assert torch.allclose(power.matrix, op.matrix, atol=1e-10)
 
 
-def test_auto_is_dense_up_to_the_threshold_then_sparse():
+def test_auto_is_dense_up_to_the_threshold_then_factored():
     assert resolve_propagation("auto", AUTO_DENSE_MAX_CLIENTS) == "dense"
-    assert resolve_propagation("auto", AUTO_DENSE_MAX_CLIENTS + 1) == "sparse"
+    assert resolve_propagation("auto", AUTO_DENSE_MAX_CLIENTS + 1) == "factored"
+    assert resolve_propagation("sparse", 10_000) == "sparse"
     assert resolve_propagation("power", 10_000) == "power"
     with pytest.raises(fedora.RelatednessError, match="unknown propagation"):
         resolve_propagation("magic", 10)
@@ -107,6 +112,12 @@ def test_auto_is_dense_up_to_the_threshold_then_sparse():
     assert config_hash(auto) == config_hash(dense)  # same behaviour, same hash
     sparse = parse_config({**base, "fedora": {"propagation": "sparse"}})
     assert config_hash(sparse) != config_hash(dense)
+    # above the threshold "auto" hashes as the factored operator it resolves to, not as the
+    # truncated one it meant before (such a checkpoint is not resumed with another operator)
+    large = {"data": {"num_clients": AUTO_DENSE_MAX_CLIENTS + 1}}
+    auto_large = parse_config(large)
+    assert config_hash(auto_large) == config_hash(parse_config({**large, "fedora": {"propagation": "factored"}}))
+    assert config_hash(auto_large) != config_hash(parse_config({**large, "fedora": {"propagation": "sparse"}}))
 
 
 @pytest.mark.parametrize("q", [1, 2])
@@ -161,7 +172,7 @@ def test_fedora_with_sparse_propagation_stays_within_the_bound_of_dense(clients)
     assert dense.relatedness.neighbours() == sparse.relatedness.neighbours()
 
 
-@pytest.mark.parametrize("propagation", ["dense", "sparse"])
+@pytest.mark.parametrize("propagation", ["dense", "sparse", "factored"])
 def test_checkpoint_holds_neither_phi_nor_operator_and_resume_is_bit_identical(tmp_path, clients,
                                                                                 propagation):
     cfg = tiny(training={"rounds": 5, "checkpoint_every": 2}, fedora={"propagation": propagation})
@@ -251,10 +262,10 @@ def test_dp_resume_between_checkpoints_is_identical_and_never_records_less_epsil
             [(e["round"], e["mechanism"]) for e in full_entries]
 
 
-@pytest.fixture(scope="module")
-def sparse_operator():
+@pytest.fixture(scope="module", params=["sparse", "factored"])
+def sparse_operator(request):
     graph = random_graph(60, k=3, seed=4)
-    return build_operator(graph, 0.8, "sparse", 1e-4)
+    return build_operator(graph, 0.8, request.param, 1e-4)
 
 
 def test_sparse_product_is_deterministic_and_independent_of_threads(sparse_operator):
@@ -298,18 +309,20 @@ def test_apply_rows_of_a_dense_operator_and_bad_rows():
         op.apply_rows(theta, [1], theta)
 
 
-def _sparse_fedora(participation):
+def _sparse_fedora(participation, propagation="sparse"):
     return tiny(training={"rounds": 4, "participation": participation},
-                fedora={"propagation": "sparse", "propagation_tolerance": 1e-3})
+                fedora={"propagation": propagation, "propagation_tolerance": 1e-3})
 
 
+@pytest.mark.parametrize("propagation", ["sparse", "factored"])
 @pytest.mark.parametrize("participation", [0.5, 1.0])
 def test_sparse_fedora_computes_only_the_participants_phi_rows_and_equals_eager(tmp_path, clients,
                                                                                  participation,
+                                                                                 propagation,
                                                                                  monkeypatch):
     from secure_fedora.algorithms.methods import Fedora
 
-    cfg = _sparse_fedora(participation)
+    cfg = _sparse_fedora(participation, propagation)
     sent: list[list[int]] = []
     computed: list[list[int]] = []
     configure, apply_rows = Fedora.configure, PropagationOperator.apply_rows
@@ -347,8 +360,10 @@ def test_sparse_fedora_computes_only_the_participants_phi_rows_and_equals_eager(
     assert (tmp_path / "lazy" / "rounds.csv").read_text() == (tmp_path / "eager" / "rounds.csv").read_text()
 
 
-def test_pending_phi_rows_are_refused_once_theta_has_changed(clients):
-    method = make_method("fedora", build_context(_sparse_fedora(1.0), clients), _sparse_fedora(1.0))
+@pytest.mark.parametrize("propagation", ["sparse", "factored"])
+def test_pending_phi_rows_are_refused_once_theta_has_changed(clients, propagation):
+    cfg = _sparse_fedora(1.0, propagation)
+    method = make_method("fedora", build_context(cfg, clients), cfg)
     method.setup()
     method.propagate()
     sent = method.configure(1, [0, 1])  # rows 0 and 1 computed, the rest still pending

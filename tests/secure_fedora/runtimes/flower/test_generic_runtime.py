@@ -214,18 +214,21 @@ def test_every_method_on_the_grid_equals_the_in_process_runtime(tmp_path: Path, 
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_grid_fedora_with_a_sparse_operator_equals_the_in_process_runtime(tmp_path: Path) -> None:
-    """The sparse operator's per-round phi rows (computed for each round's participants when
-    the server sends them) reach the Flower clients with the in-process run's values."""
+@pytest.mark.parametrize("propagation", ["sparse", "factored"])
+def test_grid_fedora_with_a_sparse_operator_equals_the_in_process_runtime(tmp_path: Path,
+                                                                          propagation: str) -> None:
+    """The sparse (or factored) operator's per-round phi rows (computed for each round's
+    participants when the server sends them) reach the Flower clients with the in-process
+    run's values."""
     base = with_methods(tiny_config(rounds=3, participation=0.5), "fedora")
     cfg = parse_config({**base.model_dump(mode="json", exclude_none=True),
-                        "fedora": {**base.fedora.model_dump(mode="json"), "propagation": "sparse"}})
+                        "fedora": {**base.fedora.model_dump(mode="json"), "propagation": propagation}})
     rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
     results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     assert grid.errors == [] and results["events"] == []
     sim, outcome = in_process(cfg, tmp_path, "fedora")
-    assert sim.methods["fedora"].relatedness.operator.kind == "sparse"
+    assert sim.methods["fedora"].relatedness.operator.kind == propagation
     ours = results["methods"]["fedora"]
     for part in ("selected", "final"):
         assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],

@@ -1,0 +1,124 @@
+"""The factored propagation operator: the exact P as sparse passes, at any N."""
+
+import pytest
+import torch
+
+from secure_fedora.algorithms import factored, fedora
+from secure_fedora.algorithms.factored import factor_propagation
+from secure_fedora.algorithms.propagation import build_operator, sparse_propagation_matrix
+
+
+def random_graph(n: int, k: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    similarity = torch.exp(10 * torch.rand(n, n, generator=g, dtype=torch.float64))
+    similarity.fill_diagonal_(0.0)
+    return fedora.topk_graph(similarity, k)
+
+
+def clustered_graph(n: int, groups: int, k: int = 2, seed: int = 0) -> torch.Tensor:
+    """Clients in ``groups`` clusters, each client's top-k inside its own cluster (the shape
+    FEDORA's relatedness graphs have on rotated MNIST)."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.arange(n) % groups
+    similarity = torch.exp(10 * torch.rand(n, n, generator=g, dtype=torch.float64))
+    similarity[label.unsqueeze(0) != label.unsqueeze(1)] *= 1e-6
+    similarity.fill_diagonal_(0.0)
+    return fedora.topk_graph(similarity, k)
+
+
+@pytest.mark.parametrize(("n", "k", "alpha"), [(2, 1, 0.8), (7, 2, 0.0), (60, 2, 0.8), (60, 5, 0.5),
+                                               (150, 3, 0.95), (300, 2, 0.8)])
+def test_factored_operator_is_the_exact_propagation_matrix(n, k, alpha):
+    graph = random_graph(n, k, seed=n + k)
+    exact = fedora.propagation_matrix(graph, alpha)
+    op = build_operator(graph, alpha, "factored")
+    assert op.kind == "factored" and op.error_bound == 0.0
+    assert torch.allclose(op.to_dense(), exact, atol=1e-13, rtol=0)
+    theta = torch.randn(n, 257, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(op.apply(theta), exact @ theta, atol=1e-12, rtol=0)
+    # float32 parameters: the float rounding of the dense path's order of magnitude
+    theta32 = theta.float()
+    assert torch.allclose(op.apply(theta32), exact.float() @ theta32, atol=2e-5, rtol=0)
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(op.combine(weights / weights.sum()), weights / weights.sum() @ exact, atol=1e-14)
+
+
+def test_factored_operator_takes_a_sparse_graph_and_is_deterministic():
+    graph = clustered_graph(400, groups=4)
+    a = factor_propagation(graph.to_sparse(), 0.8)
+    b = factor_propagation(graph, 0.8)
+    theta = torch.randn(400, 300, generator=torch.Generator().manual_seed(3))
+    out_a, out_b = torch.empty_like(theta), torch.empty_like(theta)
+    a.apply(theta, out_a)
+    b.apply(theta, out_b)
+    assert torch.equal(out_a, out_b)
+
+
+def test_factored_operator_stores_far_fewer_entries_than_the_truncated_one():
+    """On a clustered graph the exact passes hold fewer entries than the series truncated at
+    the default tolerance (which drops entries), and far fewer than N x N."""
+    n = 600
+    graph = clustered_graph(n, groups=4, seed=5)
+    op = factor_propagation(graph, 0.8)
+    truncated, _ = sparse_propagation_matrix(graph, 0.8, 1e-4)
+    assert op.nnz < truncated._nnz() < n * n / 4
+    assert op.residual <= factored.RESIDUAL_LIMIT
+
+
+def test_factored_operator_computes_a_few_rows_through_several_passes():
+    """A subset of rows needs only the rows it depends on in each pass: equal to the full
+    product's rows bit for bit (the general subset test is in test_propagation.py)."""
+    graph = clustered_graph(120, groups=3, k=3, seed=2)
+    op = build_operator(graph, 0.8, "factored")
+    assert op.factors is not None and op.factors.passes >= 2
+    theta = torch.randn(120, 700, generator=torch.Generator().manual_seed(2))
+    out = torch.zeros_like(theta)
+    op.apply_rows(theta, [5, 77], out)
+    assert torch.equal(out[[5, 77]], op.apply(theta)[[5, 77]]) and not bool(out[6].any())
+
+
+def test_factored_product_is_independent_of_the_block_width(monkeypatch):
+    graph = clustered_graph(200, groups=4)
+    op = build_operator(graph, 0.8, "factored")
+    theta = torch.randn(200, 1500, generator=torch.Generator().manual_seed(4))
+    narrow = op.apply(theta)
+    monkeypatch.setattr(factored, "_BLOCK_BYTES", 1 << 25)  # 512 columns a block
+    assert torch.equal(narrow, op.apply(theta))
+
+
+def test_many_passes_are_exact_too():
+    """A deep back substitution split into the most passes allowed still gives P."""
+    graph = random_graph(200, k=2, seed=11)
+    op = factor_propagation(graph, 0.9, max_passes=factored.MAX_PASSES)
+    exact = fedora.propagation_matrix(graph, 0.9)
+    assert op.passes > 2
+    assert torch.allclose(op.to_dense(), exact, atol=1e-13, rtol=0)
+
+
+def test_factored_operator_rejects_bad_input():
+    graph = random_graph(10)
+    with pytest.raises(fedora.RelatednessError, match="alpha"):
+        factor_propagation(graph, 1.0)
+    with pytest.raises(fedora.RelatednessError, match="alpha"):
+        factor_propagation(graph, -0.1)
+    with pytest.raises(fedora.RelatednessError, match="row-stochastic"):
+        factor_propagation(graph * 2, 0.8)
+    with pytest.raises(fedora.RelatednessError, match="non-negative"):
+        factor_propagation(-graph, 0.8)
+    bad = graph.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(fedora.RelatednessError, match="finite"):
+        factor_propagation(bad, 0.8)
+    with pytest.raises(fedora.RelatednessError, match="square"):
+        factor_propagation(graph[:, :9], 0.8)
+    op = build_operator(graph, 0.8, "factored")
+    with pytest.raises(fedora.RelatednessError, match="does not match"):
+        op.apply(torch.randn(9, 5))
+    with pytest.raises(fedora.RelatednessError, match="rows outside"):
+        op.apply_rows(torch.randn(10, 5), [10], torch.zeros(10, 5))
+
+
+def test_a_failed_residual_check_is_an_error_naming_the_other_modes(monkeypatch):
+    monkeypatch.setattr(factored, "RESIDUAL_LIMIT", 0.0)
+    with pytest.raises(fedora.RelatednessError, match="residual check.*'sparse' or 'dense'"):
+        factor_propagation(random_graph(30, k=3), 0.8)
