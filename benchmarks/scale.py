@@ -25,6 +25,7 @@ vs N (meaningful for runs with the same rows per client: ``--per-client``).
 ``--participation F`` samples that fraction of clients per round (FEDORA then computes only
 their phi rows, timed as propagation; evaluation still covers every client).
 Usage: python benchmarks/scale.py [--n 36 100 1000] [--rounds 4] [--threads 1] [--participation 1]
+                                  [--propagation auto|dense|factored|sparse|power]
        python benchmarks/scale.py --n 10000 --rounds 3 --merge   (needs about 15 GB free)
 """
 
@@ -59,7 +60,7 @@ def data_for(n: int) -> tuple[int, int, int | None]:
 
 def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
           per_client: tuple[int, int, int | None] | None, checkpoint_every: int | str = 1,
-          participation: float = 1.0) -> dict:
+          participation: float = 1.0, propagation: str = "auto") -> dict:
     """Run one method at N clients; return its per-round wall and CPU seconds (subprocess)."""
     import torch
 
@@ -76,7 +77,7 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
                  "test_per_client": test},
         "training": {"rounds": rounds, "local_epochs": 1, "threads": threads,
                      "checkpoint_every": checkpoint_every, "participation": participation},
-        "fedora": {"propagation_tolerance": tolerance},
+        "fedora": {"propagation": propagation, "propagation_tolerance": tolerance},
         "evaluation": {"every": 1},
     })
     rows: list[dict] = []
@@ -162,7 +163,8 @@ def run_child(n: int, method: str, args: argparse.Namespace) -> dict:
            "--threads", str(args.threads), "--tolerance", str(args.tolerance)]
     if args.per_client:
         cmd += ["--per-client", *map(str, args.per_client)]
-    cmd += ["--checkpoint-every", str(args.checkpoint_every), "--participation", str(args.participation)]
+    cmd += ["--checkpoint-every", str(args.checkpoint_every), "--participation", str(args.participation),
+            "--propagation", args.propagation]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak = 0.0
     while proc.poll() is None:
@@ -188,7 +190,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[36, 100, 1000])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="[fedora] propagation_tolerance")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="[fedora] propagation_tolerance (used by propagation = 'sparse' only)")
+    parser.add_argument("--propagation", default="auto",
+                        choices=["auto", "dense", "factored", "sparse", "power"],
+                        help="[fedora] propagation (auto: dense up to 256 clients, factored above)")
     parser.add_argument("--per-client", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                         help="the same rows per client at every N (default: DATA per N)")
     parser.add_argument("--max-rss-gb", type=float, default=17.0)
@@ -212,7 +218,7 @@ def main() -> None:
         every = args.checkpoint_every if args.checkpoint_every == "auto" else int(args.checkpoint_every)
         Path(out).write_text(json.dumps(child(int(n), method, args.rounds, args.threads, args.tolerance,
                                              tuple(args.per_client) if args.per_client else None, every,
-                                             args.participation)))
+                                             args.participation, args.propagation)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replot:
@@ -282,7 +288,8 @@ def main() -> None:
             print(f"slope of log(CPU seconds per round) vs log(N), N >= 100, {method}: {slopes[method]:.2f}")
     doc = {"runs": results, "summary": summary, "slopes": slopes,
            "setting": "rotated MNIST, MLP 118,282 params, 1 local epoch, eval + checkpoint every round, "
-                      f"{args.threads} thread(s), propagation_tolerance {args.tolerance}, "
+                      f"{args.threads} thread(s), propagation {args.propagation} (tolerance "
+                      f"{args.tolerance} if sparse), "
                       f"participation {args.participation}"}
     (args.out / "scale.json").write_text(json.dumps(doc, indent=2))
     write_csv(args.out / "scale.csv", results)
