@@ -223,13 +223,19 @@ def _planned_summary_noise(cfg: Any) -> tuple[list[float], str]:
     fixed ``privacy.summary_noise_multiplier``, else the one calibrated from the client's
     budget (``privacy.summary_budget_fraction`` of its epsilon), and where it came from."""
     from secure_fedora.core.config import ConfigError
-    from secure_fedora.secure.private import check_budget_plans, client_budget
+    from secure_fedora.secure.private import BudgetPlanError, check_budget_plans, client_budget
 
     p = cfg.privacy
     n = cfg.data.num_clients
     if p.summary_noise_multiplier is not None:
         return [p.summary_noise_multiplier] * n, "privacy.summary_noise_multiplier"
-    _, plans = check_budget_plans(cfg, "fedora", n)
+    try:
+        _, plans = check_budget_plans(cfg, "fedora", n)
+    except BudgetPlanError as err:
+        raise ConfigError(
+            f"no planned summary noise to audit: a FEDORA run of this config would be refused "
+            f"before releasing anything ({err}). Fix the budget, or pass --noise-multiplier "
+            "(and --clip-norm) to audit a noise level of your choice") from err
     sigmas = []
     for i in range(n):
         b = client_budget(cfg, i)

@@ -144,3 +144,21 @@ def test_leakage_on_a_dp_config_uses_each_clients_planned_summary_noise(tmp_path
     assert main(["audit", "leakage", str(cfg_path), "--noise-multiplier", "2.5",
                  "--json", str(out_json)]) == 0
     assert json.loads(out_json.read_text())["noise_multiplier"] == 2.5
+
+
+def test_leakage_on_an_over_budget_dp_config_says_the_run_would_be_refused(tmp_path, capsys):
+    """The plan's own error said "nothing was trained", which reads as a report on a run."""
+    cfg_path = tmp_path / "over.toml"
+    cfg_path.write_text(
+        'methods = ["fedora"]\n[data]\nnum_clients = 3\ntrain_per_client = 24\n'
+        'val_per_client = 8\ntest_per_client = 8\ngroups = 2\n[training]\nrounds = 2\n'
+        'batch_size = 12\n[fedora]\nk = 1\nrelatedness = "noised"\n'
+        '[privacy]\nenabled = true\nepsilon = 1.0\ndelta = 1e-3\nnoise_multiplier = 0.3\n')
+    out_json = tmp_path / "leak.json"
+    assert main(["audit", "leakage", str(cfg_path), "--json", str(out_json)]) == 2
+    err = capsys.readouterr().err
+    assert "no planned summary noise to audit" in err and "would be refused" in err
+    assert "--noise-multiplier" in err and not out_json.exists()
+    # an explicit noise level audits the same config
+    assert main(["audit", "leakage", str(cfg_path), "--noise-multiplier", "2.0",
+                 "--json", str(out_json)]) == 0
