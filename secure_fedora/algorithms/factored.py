@@ -32,10 +32,17 @@ from torch import Tensor
 
 from secure_fedora.algorithms.fedora import RelatednessError
 
-__all__ = ["FactoredPropagation", "factor_propagation"]
+__all__ = ["FactorTooDense", "FactoredPropagation", "factor_propagation"]
 
-# Most passes the back substitution is split into; the cost model picks the number below it.
-MAX_PASSES = 8
+
+class FactorTooDense(RelatednessError):
+    """The passes would hold more entries than the budget given to
+    :func:`factor_propagation` (graphs with long chains, such as clients on a line, whose
+    inverse factors fill in)."""
+
+# Most groups the back substitution is split into (each one pass; with the first and last
+# passes at most MAX_GROUPS + 1 passes); the cost model picks the number below it.
+MAX_GROUPS = 8
 # One more pass costs about one non-zero per row (writing the pass's rows back, the call).
 PASS_COST_NNZ = 1.0
 # Bytes of the (N x width) work block kept in cache while every pass reads it, and the fewest
@@ -246,10 +253,11 @@ def _levels(t, lower: bool) -> np.ndarray:
     return level
 
 
-def _triangular_inverse(t, lower: bool):
+def _triangular_inverse(t, lower: bool, budget: float = np.inf):
     """``t^-1`` (CSR float64) of a sparse triangular ``t`` with a non-zero diagonal, row by
     row in level order: ``X_r = (e_r - sum_{j != r} t_rj X_j) / t_rr`` (exact up to float64
-    rounding; its pattern is each row's reach in the dependency graph)."""
+    rounding; its pattern is each row's reach in the dependency graph). Raises
+    :class:`FactorTooDense` as soon as it holds more than ``budget`` entries."""
     sp, _ = _scipy()
     t = t.tocsr()
     n = t.shape[0]
@@ -266,6 +274,8 @@ def _triangular_inverse(t, lower: bool):
         block = sp.diags(1.0 / diagonal[rows]) @ (unit - off[rows] @ inverse)
         placed = sp.csr_matrix((np.ones(rows.size), (rows, np.arange(rows.size))), shape=(n, rows.size))
         inverse = (inverse + placed @ block).tocsr()
+        if inverse.nnz > budget:
+            raise FactorTooDense(f"an inverse factor exceeds {budget:.0f} entries")
     return inverse
 
 
@@ -275,30 +285,66 @@ def _check_graph(graph: Tensor, alpha: float):
         raise RelatednessError(f"alpha must lie in [0, 1); got {alpha}")
     if graph.dim() != 2 or graph.shape[0] != graph.shape[1]:
         raise RelatednessError(f"graph must be square; got shape {tuple(graph.shape)}")
+    n = int(graph.shape[0])
+    if n == 0:
+        raise RelatednessError("the graph has no clients")
+    graph = graph.detach()
     g = (graph if graph.is_sparse else graph.to_sparse()).to(torch.float64).coalesce().cpu()
     values = g.values().numpy()
     if (values < 0).any() or not np.isfinite(values).all():
         raise RelatednessError("graph entries must be finite and non-negative")
-    n = int(graph.shape[0])
     rows, cols = g.indices().numpy()
     s = sp.csr_matrix((values, (rows, cols)), shape=(n, n))
     sums = np.asarray(s.sum(axis=1)).ravel()
-    if n and not np.allclose(sums, 1.0, rtol=0, atol=1e-9):
+    if not np.allclose(sums, 1.0, rtol=1e-5, atol=1e-9):  # the truncated series' check
         raise RelatednessError("the graph must be row-stochastic (every row sums to 1)")
     return s
 
 
-def factor_propagation(graph: Tensor, alpha: float, max_passes: int = MAX_PASSES) -> FactoredPropagation:
+def factor_propagation(graph: Tensor, alpha: float, max_groups: int = MAX_GROUPS,
+                       max_nnz_per_row: float | None = None) -> FactoredPropagation:
     """The exact operator ``P = (1 - alpha)(I - alpha S)^-1`` for a row-stochastic,
     non-negative ``graph`` ``S`` (dense or sparse N x N), as sparse passes.
 
     Guarantees: no entry of ``P`` is dropped; the passes are verified on a probe (a column of
     ones and three random columns, float64) to leave a residual ``|M x - (1 - alpha) b|`` of at
-    most ``RESIDUAL_LIMIT * max|b|``, else :class:`RelatednessError`. Deterministic: the same
-    graph gives the same passes (SuperLU with a fixed ordering, no randomness).
+    most ``RESIDUAL_LIMIT * max|b|``, else :class:`RelatednessError`. An isolated client (a
+    self-loop of weight 1 that no other client points to, as excluded clients are embedded)
+    keeps its parameters bit for bit: its passes are exact copies, not ``(1 - alpha)`` times
+    their inverse. With ``max_nnz_per_row``, :class:`FactorTooDense` is raised as soon as the
+    passes would hold more entries than that per client. Deterministic: the same graph gives
+    the same passes (SuperLU with a fixed ordering, no randomness).
     """
-    sp, spl = _scipy()
+    sp, _ = _scipy()
     s = _check_graph(graph, alpha)
+    n = s.shape[0]
+    budget = np.inf if max_nnz_per_row is None else float(max_nnz_per_row) * n
+    diagonal = s.diagonal()
+    pointed_to = np.bincount(s.tocoo().col, minlength=n)
+    isolated = (diagonal == 1.0) & (np.diff(s.indptr) == 1) & (pointed_to == 1)
+    members = np.nonzero(~isolated)[0]
+    if members.size:
+        sub = s[members][:, members].tocsr()
+        core = _factor_core(sub, alpha, max_groups, budget)
+        result = _embed(core, members, n)
+    else:
+        eye = sp.identity(n, format="csr")
+        result = FactoredPropagation(n, alpha, eye, [], eye)
+    system = (sp.identity(n, format="csr") - alpha * s).tocsr()
+    probe = np.random.default_rng(0).standard_normal((n, 4))
+    probe[:, 0] = 1.0
+    solution = result.apply_float64(probe)
+    residual = float(np.abs(system @ solution - (1.0 - alpha) * probe).max())
+    if not residual <= RESIDUAL_LIMIT * max(1.0, float(np.abs(probe).max())):
+        raise RelatednessError(f"the factored propagation operator failed its residual check "
+                               f"({residual:.3g}); use propagation = 'sparse' or 'dense'")
+    result.residual = residual
+    return result
+
+
+def _factor_core(s, alpha: float, max_groups: int, budget: float) -> FactoredPropagation:
+    """The passes for a graph without isolated clients (see :func:`factor_propagation`)."""
+    sp, spl = _scipy()
     n = s.shape[0]
     system = (sp.identity(n, format="csr") - alpha * s).tocsc()
     try:
@@ -307,30 +353,53 @@ def factor_propagation(graph: Tensor, alpha: float, max_passes: int = MAX_PASSES
         raise RelatednessError(f"the propagation system could not be factored: {err}") from err
     lower, upper = lu.L.tocsr(), lu.U.tocsr()
     row_perm = sp.csr_matrix((np.ones(n), (lu.perm_r, np.arange(n))), shape=(n, n))
-    lower_inv = _triangular_inverse(lower, lower=True) @ row_perm  # columns: clients
+    lower_inv = _triangular_inverse(lower, lower=True, budget=budget) @ row_perm  # columns: clients
     level = _levels(upper, lower=False)
     best: FactoredPropagation | None = None
     best_cost = np.inf
-    for count in range(1, min(max_passes, int(level.max()) + 1 if n else 1) + 1):
-        candidate = _with_groups(n, alpha, lower_inv, upper, lu.perm_c, level, count)
-        cost = candidate.nnz / max(n, 1) + PASS_COST_NNZ * candidate.passes
-        if cost < best_cost:
+    for count in range(1, min(max_groups, int(level.max()) + 1) + 1):
+        try:
+            candidate = _with_groups(n, alpha, lower_inv, upper, lu.perm_c, level, count,
+                                     budget - lower_inv.nnz)
+        except FactorTooDense:
+            continue  # more groups hold fewer entries: try them
+        cost = candidate.nnz / n + PASS_COST_NNZ * candidate.passes
+        if cost < best_cost and candidate.nnz <= budget:
             best, best_cost = candidate, cost
-    assert best is not None
-    probe = np.random.default_rng(0).standard_normal((n, 4))
-    probe[:, 0] = 1.0
-    solution = best.apply_float64(probe)
-    residual = float(np.abs(system @ solution - (1.0 - alpha) * probe).max()) if n else 0.0
-    if not residual <= RESIDUAL_LIMIT * max(1.0, float(np.abs(probe).max())):
-        raise RelatednessError(f"the factored propagation operator failed its residual check "
-                               f"({residual:.3g}); use propagation = 'sparse' or 'dense'")
-    best.residual = residual
+    if best is None:
+        raise FactorTooDense(f"the factored operator would hold more than {budget / n:.0f} "
+                             "entries per client")
     return best
 
 
+def _embed(core: FactoredPropagation, members: np.ndarray, n: int) -> FactoredPropagation:
+    """``core`` (over ``members``) as passes over ``n`` clients: the buffer holds the members'
+    rows first, then every other client's own row, copied in and out with weight exactly 1."""
+    sp, _ = _scipy()
+    m = members.size
+    if m == n:
+        return core
+    others = np.setdiff1d(np.arange(n), members, assume_unique=True)
+    to_client = np.concatenate([members, others])  # buffer row -> client
+    first = core.first.tocoo()
+    first = sp.csr_matrix((np.concatenate([first.data, np.ones(others.size)]),
+                           (np.concatenate([first.row, np.arange(m, n)]),
+                            np.concatenate([members[first.col], others]))), shape=(n, n))
+    groups = [(start, stop, sp.csr_matrix((mat.data, mat.indices, mat.indptr), shape=(stop - start, n)))
+              for start, stop, mat in core.groups]
+    last = core.last.tocoo()
+    buffer_of = np.empty(n, dtype=np.int64)
+    buffer_of[to_client] = np.arange(n)
+    last = sp.csr_matrix((np.concatenate([last.data, np.ones(others.size)]),
+                          (np.concatenate([members[last.row], others]),
+                           np.concatenate([last.col, buffer_of[others]]))), shape=(n, n))
+    return FactoredPropagation(n, core.alpha, first, groups, last)
+
+
 def _with_groups(n: int, alpha: float, lower_inv, upper, perm_c: np.ndarray, level: np.ndarray,
-                 count: int) -> FactoredPropagation:
-    """The passes with back substitution split into ``count`` groups of consecutive levels."""
+                 count: int, budget: float = np.inf) -> FactoredPropagation:
+    """The passes with back substitution split into ``count`` groups of consecutive levels
+    (:class:`FactorTooDense` once the groups hold more than ``budget`` entries)."""
     sp, _ = _scipy()
     bounds = np.linspace(0, int(level.max()) + 1 if n else 1, count + 1).round().astype(np.int64)
     group = np.searchsorted(bounds, level, side="right") - 1
@@ -347,9 +416,12 @@ def _with_groups(n: int, alpha: float, lower_inv, upper, perm_c: np.ndarray, lev
             continue
         start = int(position[members[0]])
         rest = np.setdiff1d(np.arange(n), members, assume_unique=True)
-        block_inv = _triangular_inverse(upper[members][:, members], lower=False)
+        block_inv = _triangular_inverse(upper[members][:, members], lower=False, budget=budget)
         coupling = -(block_inv @ upper[members][:, rest])
         combined = sp.hstack([block_inv, coupling]).tocsr()
+        budget -= combined.nnz
+        if budget < 0:
+            raise FactorTooDense("the back-substitution passes exceed the budget")
         columns = position[np.concatenate([members, rest])][combined.indices]
         groups.append((start, start + members.size,
                        sp.csr_matrix((combined.data, columns, combined.indptr), shape=(members.size, n))))

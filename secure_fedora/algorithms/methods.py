@@ -165,8 +165,9 @@ class Relatedness:
 
     @property
     def propagation(self) -> Tensor | None:
-        """``P`` as a dense (N x N) float64 matrix: exact for a dense operator, ``P~`` for a
-        sparse one up to ``DENSE_VIEW_MAX_CLIENTS`` clients, ``None`` above (too large)."""
+        """``P`` as a dense (N x N) float64 matrix: exact for a dense operator (and, up to
+        ``DENSE_VIEW_MAX_CLIENTS`` clients, a factored one), ``P~`` for a sparse one up to
+        that size, ``None`` above (too large)."""
         if self.operator.kind == "dense" or self.operator.num_clients <= DENSE_VIEW_MAX_CLIENTS:
             return self.operator.to_dense()
         return None
@@ -758,6 +759,7 @@ class Fedora(FederatedMethod):
         super().__init__(ctx)
         self.q, self.tau, self.k, self.alpha = q, tau, k, alpha
         self.max_pull = max_pull
+        self.propagation_requested = propagation
         self.propagation_mode = resolve_propagation(propagation, ctx.num_clients)
         self.propagation_tolerance = propagation_tolerance
         self._phi = self.theta.clone()
@@ -933,7 +935,8 @@ class Fedora(FederatedMethod):
                 and not self.ctx.envelopes)
 
     def _operator(self, graph: Tensor) -> PropagationOperator:
-        return build_operator(graph, self.alpha, self.propagation_mode, self.propagation_tolerance)
+        return build_operator(graph, self.alpha, self.propagation_mode, self.propagation_tolerance,
+                              fallback=self.propagation_requested == "auto")
 
     def _build_relatedness(self, overlaps: Tensor, details: dict[str, Any]) -> Relatedness:
         """Graph and P from the overlap blocks. ``details["excluded"]`` (clients whose
@@ -1237,7 +1240,8 @@ class Fedora(FederatedMethod):
         assert self.relatedness is not None
         operator = self.relatedness.operator
         propagation: dict[str, Any] = {
-            "mode": self.propagation_mode, "operator": operator.kind,
+            "requested": self.propagation_requested, "mode": self.propagation_mode,
+            "operator": operator.kind,
             "error_bound": operator.error_bound,
             "nnz_per_row": operator.nnz / max(1, operator.num_clients)}
         if operator.kind == "sparse":

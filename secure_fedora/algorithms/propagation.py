@@ -23,7 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from secure_fedora.algorithms.factored import FactoredPropagation, factor_propagation
+from secure_fedora.algorithms.factored import (
+    FactoredPropagation,
+    FactorTooDense,
+    factor_propagation,
+)
 from secure_fedora.algorithms.fedora import (
     RelatednessError,
     embed_subproblem,
@@ -44,6 +48,14 @@ __all__ = [
 ]
 
 OperatorKind = Literal["dense", "sparse", "factored"]
+
+# "auto" above AUTO_DENSE_MAX_CLIENTS takes the factored operator when its passes hold at most
+# this many entries per client (FEDORA's rotated-MNIST graphs: 8.5 at 1,000 clients, 11.4 at
+# 10,000), the factoring stopping as soon as they would hold more. Long chains in the graph
+# fill the inverse factors in (clients on a line, k = 2, alpha 0.8: 145 entries per row at
+# 1,000 clients, 460 at 4,000, where the truncated series keeps 28), so "auto" then builds
+# the truncated series and keeps whichever costs fewer entries per row plus one per pass.
+AUTO_FACTORED_MAX_NNZ_PER_ROW = 48.0
 
 # Columns of theta processed per sparse product: a (N x block) slice of theta stays in cache
 # while every non-zero of P reads it. CSR product (CUDA), measured (CPU s, one thread, 118,282
@@ -345,8 +357,16 @@ def embed_operator(sub: PropagationOperator, members: list[int], n: int) -> Prop
     return PropagationOperator("sparse", embedded, sub.error_bound, sub.tolerance)
 
 
-def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e-4) -> PropagationOperator:
+def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e-4,
+                   fallback: bool = False) -> PropagationOperator:
     """The operator for ``graph`` in propagation ``mode`` (``auto`` resolved by N).
+
+    ``auto`` above ``AUTO_DENSE_MAX_CLIENTS`` clients (or ``factored`` with ``fallback``, as
+    FEDORA passes it for ``auto``): the factored operator when its passes hold at most
+    ``AUTO_FACTORED_MAX_NNZ_PER_ROW`` entries per client; else the truncated series, unless the
+    complete factored operator costs less (entries per row plus one per pass). The operator's
+    ``kind`` says which (FEDORA reports it in results.json); the choice depends on the graph
+    only, so a resume makes it again.
 
     dense / encrypted: exact solve; power: the same ``P`` by power iteration (the reference);
     sparse: :func:`sparse_propagation_matrix` with ``tolerance``; factored: the exact ``P`` as
@@ -355,7 +375,20 @@ def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e
     n = graph.shape[0]
     resolved = resolve_propagation(mode, n)
     if resolved == "factored":
-        return PropagationOperator("factored", sparse_graph(graph), factors=factor_propagation(graph, alpha))
+        if not (fallback or mode == "auto"):
+            return PropagationOperator("factored", sparse_graph(graph), factors=factor_propagation(graph, alpha))
+        try:
+            factors = factor_propagation(graph, alpha, max_nnz_per_row=AUTO_FACTORED_MAX_NNZ_PER_ROW)
+            return PropagationOperator("factored", sparse_graph(graph), factors=factors)
+        except FactorTooDense:
+            matrix, deficit = sparse_propagation_matrix(graph, alpha, tolerance)
+            truncated = PropagationOperator("sparse", matrix, float(deficit.max()), tolerance)
+            if truncated.nnz / n + 1 <= AUTO_FACTORED_MAX_NNZ_PER_ROW:
+                return truncated
+            factors = factor_propagation(graph, alpha)
+            if factors.nnz / n + factors.passes < truncated.nnz / n + 1:
+                return PropagationOperator("factored", sparse_graph(graph), factors=factors)
+            return truncated
     if resolved == "sparse":
         matrix, deficit = sparse_propagation_matrix(graph, alpha, tolerance)
         return PropagationOperator("sparse", matrix, float(deficit.max()), tolerance)

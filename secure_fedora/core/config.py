@@ -226,7 +226,8 @@ class FedoraConfig(_Section):
     # (sparse LU of I - alpha S, inverse factors), no N x N matrix; sparse: truncated series on
     # the sparse graph with |phi - phi_exact| <= propagation_tolerance * max_j |theta_j| per
     # coordinate (the tolerance applies to this mode only: the others are exact); auto: dense
-    # up to AUTO_DENSE_MAX_CLIENTS clients, factored above; power: P by power iteration
+    # up to AUTO_DENSE_MAX_CLIENTS clients, factored above unless the graph's factors fill in
+    # (long chains), then sparse when it is cheaper (results.json says which); power: P by power iteration
     # (the reference); encrypted: clients send CKKS-encrypted theta, the server forms
     # sum_j P_ij Enc(theta_j) with the public context only, and each client decrypts its phi_i.
     propagation: Literal["auto", "dense", "factored", "sparse", "power", "encrypted"] = "auto"
@@ -557,13 +558,13 @@ def config_hash(cfg: ExperimentConfig) -> str:
         # Without DP no accountant runs: hash the default of earlier versions ("rdp"), so that
         # non-private checkpoints stay valid across the change of default to "auto".
         doc["privacy"]["accountant"] = "rdp"
-    # "auto" hashes as the operator it resolves to: as "dense" (the default before "auto"
-    # existed) up to AUTO_DENSE_MAX_CLIENTS clients, as "factored" above, so a checkpoint of
-    # an "auto" run from when it meant the truncated "sparse" operator is not resumed with
-    # another operator.
+    # "auto" up to AUTO_DENSE_MAX_CLIENTS clients behaves exactly as "dense" (the default
+    # before "auto" existed), so both hash alike. Above, "auto" chooses between the factored
+    # and the truncated operator by the graph; it hashes apart from what it meant before (the
+    # truncated operator only), so such a checkpoint is not resumed with another operator.
     if doc["fedora"]["propagation"] == "auto":
         dense = cfg.data.num_clients <= AUTO_DENSE_MAX_CLIENTS
-        doc["fedora"]["propagation"] = "dense" if dense else "factored"
+        doc["fedora"]["propagation"] = "dense" if dense else "auto (factored, else sparse)"
     for (section, key), neutral in _NEUTRAL_DEFAULTS.items():
         if key in doc.get(section, {}) and doc[section][key] == neutral:
             del doc[section][key]

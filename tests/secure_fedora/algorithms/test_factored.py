@@ -89,7 +89,7 @@ def test_factored_product_is_independent_of_the_block_width(monkeypatch):
 def test_many_passes_are_exact_too():
     """A deep back substitution split into the most passes allowed still gives P."""
     graph = random_graph(200, k=2, seed=11)
-    op = factor_propagation(graph, 0.9, max_passes=factored.MAX_PASSES)
+    op = factor_propagation(graph, 0.9, max_groups=factored.MAX_GROUPS)
     exact = fedora.propagation_matrix(graph, 0.9)
     assert op.passes > 2
     assert torch.allclose(op.to_dense(), exact, atol=1e-13, rtol=0)
@@ -122,3 +122,45 @@ def test_a_failed_residual_check_is_an_error_naming_the_other_modes(monkeypatch)
     monkeypatch.setattr(factored, "RESIDUAL_LIMIT", 0.0)
     with pytest.raises(fedora.RelatednessError, match="residual check.*'sparse' or 'dense'"):
         factor_propagation(random_graph(30, k=3), 0.8)
+
+
+def line_graph(n: int) -> torch.Tensor:
+    """Clients on a line, each related to its two neighbours: long chains, so the inverse
+    factors fill in while the truncated series stays narrow."""
+    index = torch.arange(n, dtype=torch.float64)
+    similarity = torch.exp(-(index.unsqueeze(0) - index.unsqueeze(1)).abs())
+    similarity.fill_diagonal_(0.0)
+    return fedora.topk_graph(similarity, 2)
+
+
+def test_auto_takes_the_truncated_series_where_the_factors_fill_in():
+    from secure_fedora.algorithms.propagation import AUTO_FACTORED_MAX_NNZ_PER_ROW
+
+    graph = line_graph(600)
+    with pytest.raises(factored.FactorTooDense):
+        factor_propagation(graph, 0.8, max_nnz_per_row=AUTO_FACTORED_MAX_NNZ_PER_ROW)
+    auto = build_operator(graph, 0.8, "auto", 1e-4)
+    assert auto.kind == "sparse" and 0 < auto.error_bound <= 1e-4
+    assert auto.nnz / 600 < AUTO_FACTORED_MAX_NNZ_PER_ROW
+    # FEDORA passes "factored" with fallback for auto; a forced "factored" stays exact
+    assert build_operator(graph, 0.8, "factored", 1e-4, fallback=True).kind == "sparse"
+    forced = build_operator(graph, 0.8, "factored", 1e-4)
+    assert forced.kind == "factored" and forced.nnz / 600 > AUTO_FACTORED_MAX_NNZ_PER_ROW
+    assert torch.allclose(forced.to_dense(), fedora.propagation_matrix(graph, 0.8), atol=1e-13, rtol=0)
+
+
+def test_auto_keeps_the_factored_operator_when_it_is_still_the_cheaper_one():
+    """Random graphs fill in past the budget, but the truncated series is denser still."""
+    graph = random_graph(300, k=2, seed=1)
+    auto = build_operator(graph, 0.8, "auto", 1e-4)
+    truncated = build_operator(graph, 0.8, "sparse", 1e-4)
+    assert auto.kind == "factored" and auto.nnz < truncated.nnz
+
+
+def test_factored_operator_accepts_float32_and_grad_graphs_and_refuses_an_empty_one():
+    graph = random_graph(30, k=3, seed=3)
+    exact = fedora.propagation_matrix(graph, 0.8)
+    for variant in (graph.float(), graph.clone().requires_grad_(True)):
+        assert torch.allclose(factor_propagation(variant, 0.8).to_dense(), exact, atol=1e-6, rtol=0)
+    with pytest.raises(fedora.RelatednessError, match="no clients"):
+        factor_propagation(torch.zeros(0, 0, dtype=torch.float64), 0.8)

@@ -68,6 +68,13 @@ def test_embedded_operator_leaves_excluded_clients_exactly_alone(mode):
         assert torch.allclose(dense[members][:, members], inner, atol=1e-14, rtol=0)
     else:
         assert torch.equal(dense[members][:, members], inner)
+    # applied, the excluded clients keep their parameters bit for bit (all rows and a subset)
+    for dtype in (torch.float32, torch.float64):
+        theta = torch.randn(8, 1000, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        assert torch.equal(op.apply(theta)[[1, 4, 7]], theta[[1, 4, 7]])
+        out = torch.zeros_like(theta)
+        op.apply_rows(theta, [4, 2], out)
+        assert torch.equal(out[4], theta[4])
 
 
 def test_sparse_operator_rejects_bad_input():
@@ -112,12 +119,24 @@ def test_auto_is_dense_up_to_the_threshold_then_factored():
     assert config_hash(auto) == config_hash(dense)  # same behaviour, same hash
     sparse = parse_config({**base, "fedora": {"propagation": "sparse"}})
     assert config_hash(sparse) != config_hash(dense)
-    # above the threshold "auto" hashes as the factored operator it resolves to, not as the
-    # truncated one it meant before (such a checkpoint is not resumed with another operator)
+    # above the threshold "auto" (factored, else sparse by the graph) hashes apart from both
+    # forced modes and from what "auto" meant before (such a checkpoint is not resumed with
+    # another operator)
     large = {"data": {"num_clients": AUTO_DENSE_MAX_CLIENTS + 1}}
     auto_large = parse_config(large)
-    assert config_hash(auto_large) == config_hash(parse_config({**large, "fedora": {"propagation": "factored"}}))
-    assert config_hash(auto_large) != config_hash(parse_config({**large, "fedora": {"propagation": "sparse"}}))
+    for forced in ("factored", "sparse"):
+        assert config_hash(auto_large) != config_hash(parse_config({**large, "fedora": {"propagation": forced}}))
+
+
+def test_fedora_reports_the_propagation_operator_it_used(clients):
+    for propagation, kind in (("auto", "dense"), ("factored", "factored"), ("sparse", "sparse")):
+        cfg = tiny(fedora={"propagation": propagation})
+        method = make_method("fedora", build_context(cfg, clients), cfg)
+        method.setup()
+        report = method.server_finalize({})["propagation"]
+        assert report["requested"] == propagation and report["operator"] == kind
+        assert (report["error_bound"] == 0.0) == (kind != "sparse")
+        assert ("tolerance" in report) == (kind == "sparse")
 
 
 @pytest.mark.parametrize("q", [1, 2])
