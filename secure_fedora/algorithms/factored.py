@@ -34,7 +34,7 @@ from torch import Tensor
 
 from secure_fedora.algorithms.fedora import RelatednessError
 
-__all__ = ["FactorTooDense", "FactoredPropagation", "factor_propagation"]
+__all__ = ["FactorTooDense", "FactoredPropagation", "check_graph", "factor_propagation", "select_rows"]
 
 
 class FactorTooDense(RelatednessError):
@@ -65,6 +65,18 @@ def _scipy():
     return sp, spl
 
 
+def select_rows(row_offsets: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """For a CSR row-offset vector and some ``rows``: the offsets of those rows alone and the
+    positions (into the column and value arrays) of their entries, row after row."""
+    starts, lengths = row_offsets[rows], row_offsets[rows + 1] - row_offsets[rows]
+    offsets = torch.zeros(rows.numel() + 1, dtype=row_offsets.dtype)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    total = int(offsets[-1])
+    positions = (torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
+                 + torch.arange(total, dtype=row_offsets.dtype))
+    return offsets, positions
+
+
 @dataclass
 class _Bags:
     """A sparse matrix as embedding-bag arguments: row ``r`` sums ``weights[k] * src[columns[k]]``
@@ -92,12 +104,7 @@ class _Bags:
 
     def select(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Offsets, columns and positions (into ``columns``) of the bags ``rows`` only."""
-        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
-        offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        total = int(offsets[-1])
-        positions = (torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
-                     + torch.arange(total, dtype=torch.int64))
+        offsets, positions = select_rows(self.offsets, rows)
         return offsets, self.columns[positions], positions
 
     @property
@@ -282,7 +289,10 @@ def _triangular_inverse(t, lower: bool, budget: float = np.inf):
     return inverse
 
 
-def _check_graph(graph: Tensor, alpha: float):
+def check_graph(graph: Tensor, alpha: float):
+    """``graph`` as a scipy CSR float64 matrix, after the checks every operator makes: alpha in
+    [0, 1), a non-empty square graph with finite, non-negative entries and rows summing to 1
+    (:class:`RelatednessError` otherwise)."""
     sp, _ = _scipy()
     if not 0.0 <= alpha < 1.0:
         raise RelatednessError(f"alpha must lie in [0, 1); got {alpha}")
@@ -319,7 +329,7 @@ def factor_propagation(graph: Tensor, alpha: float, max_groups: int = MAX_GROUPS
     the same passes (SuperLU with a fixed ordering, no randomness).
     """
     sp, _ = _scipy()
-    s = _check_graph(graph, alpha)
+    s = check_graph(graph, alpha)
     n = s.shape[0]
     budget = np.inf if max_nnz_per_row is None else float(max_nnz_per_row) * n
     diagonal = s.diagonal()

@@ -26,7 +26,9 @@ from torch import Tensor
 from secure_fedora.algorithms.factored import (
     FactoredPropagation,
     FactorTooDense,
+    check_graph,
     factor_propagation,
+    select_rows,
 )
 from secure_fedora.algorithms.fedora import (
     RelatednessError,
@@ -135,15 +137,9 @@ def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float) -> 
         raise RelatednessError(f"alpha must lie in [0, 1); got {alpha}")
     if not 0.0 < tolerance < 1.0:
         raise RelatednessError(f"propagation tolerance must lie in (0, 1); got {tolerance}")
-    s = sparse_graph(graph)
+    check_graph(graph, alpha)
+    s = sparse_graph(graph.detach())
     n = s.shape[0]
-    if s.shape != (n, n):
-        raise RelatednessError(f"graph must be square; got shape {tuple(s.shape)}")
-    if (s.values() < 0).any() or not torch.isfinite(s.values()).all():
-        raise RelatednessError("graph entries must be finite and non-negative")
-    sums = _row_sums(s)
-    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-9):
-        raise RelatednessError("the graph must be row-stochastic (every row sums to 1)")
     # Series tail alpha^T <= tolerance / 4; the rest of the budget goes to dropped entries.
     terms = 1 if alpha == 0.0 else max(1, math.ceil(math.log(tolerance / 4.0) / math.log(alpha)))
     threshold = tolerance / (THRESHOLD_DIVISOR * terms)
@@ -280,12 +276,8 @@ class PropagationOperator:
             return out
         m = self._matrix_as(theta.dtype, theta.device)
         crow, col, val = m.crow_indices(), m.col_indices(), m.values()
-        starts, lengths = crow[index], crow[index + 1] - crow[index]
-        offsets = torch.zeros(index.numel() + 1, dtype=crow.dtype)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        total = int(offsets[-1])
-        positions = (torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
-                     + torch.arange(total, dtype=crow.dtype))
+        offsets, positions = select_rows(crow, index)
+        total = positions.numel()
         # Few non-zeros: read the theta rows in place (whole rows, no copy); more than one per
         # client on average: by cache-sized column blocks, as apply (equal results either way).
         width = theta.shape[1] if total <= n else _BAG_COLUMN_BLOCK

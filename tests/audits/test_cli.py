@@ -117,19 +117,25 @@ def test_verify_and_report_refuse_a_directory_that_is_not_a_run(tmp_path, capsys
     assert not any(empty.iterdir())
 
 
+def noised_fedora_config(path, privacy: str):
+    """A 3-client FEDORA config with noised relatedness and DP; ``privacy`` completes its
+    [privacy] table."""
+    path.write_text(
+        'methods = ["fedora"]\n[data]\nnum_clients = 3\ntrain_per_client = 24\n'
+        'val_per_client = 8\ntest_per_client = 8\ngroups = 2\n[training]\nrounds = 2\n'
+        'batch_size = 12\n[fedora]\nk = 1\nrelatedness = "noised"\n'
+        '[privacy]\nenabled = true\n' + privacy)
+    return path
+
+
 def test_leakage_on_a_dp_config_uses_each_clients_planned_summary_noise(tmp_path, capsys):
     """With the summary noise calibrated from the budget (the default), the audit failed with
     "noised mode needs both clip_norm and noise_multiplier" on every DP config."""
     from secure_fedora.core.config import load_config
     from secure_fedora.secure.private import client_budget, privacy_plan
 
-    cfg_path = tmp_path / "dp.toml"
-    cfg_path.write_text(
-        'methods = ["fedora"]\n[data]\nnum_clients = 3\ntrain_per_client = 24\n'
-        'val_per_client = 8\ntest_per_client = 8\ngroups = 2\n[training]\nrounds = 2\n'
-        'batch_size = 12\n[fedora]\nk = 1\nrelatedness = "noised"\n'
-        '[privacy]\nenabled = true\nepsilon = 3.0\ndelta = 1e-3\n'
-        '[privacy.overrides.1]\nepsilon = 1.0\n')
+    cfg_path = noised_fedora_config(tmp_path / "dp.toml", 'epsilon = 3.0\ndelta = 1e-3\n'
+                                    '[privacy.overrides.1]\nepsilon = 1.0\n')
     out_json = tmp_path / "leak.json"
     assert main(["audit", "leakage", str(cfg_path), "--json", str(out_json)]) == 0
     cfg = load_config(cfg_path)
@@ -148,12 +154,8 @@ def test_leakage_on_a_dp_config_uses_each_clients_planned_summary_noise(tmp_path
 
 def test_leakage_on_an_over_budget_dp_config_says_the_run_would_be_refused(tmp_path, capsys):
     """The plan's own error said "nothing was trained", which reads as a report on a run."""
-    cfg_path = tmp_path / "over.toml"
-    cfg_path.write_text(
-        'methods = ["fedora"]\n[data]\nnum_clients = 3\ntrain_per_client = 24\n'
-        'val_per_client = 8\ntest_per_client = 8\ngroups = 2\n[training]\nrounds = 2\n'
-        'batch_size = 12\n[fedora]\nk = 1\nrelatedness = "noised"\n'
-        '[privacy]\nenabled = true\nepsilon = 1.0\ndelta = 1e-3\nnoise_multiplier = 0.3\n')
+    cfg_path = noised_fedora_config(tmp_path / "over.toml",
+                                    'epsilon = 1.0\ndelta = 1e-3\nnoise_multiplier = 0.3\n')
     out_json = tmp_path / "leak.json"
     assert main(["audit", "leakage", str(cfg_path), "--json", str(out_json)]) == 2
     err = capsys.readouterr().err
