@@ -259,7 +259,7 @@ class PropagationOperator:
         or sparse on CUDA, computes the full product and copies the rows (so the rows are
         :meth:`apply`'s there too)."""
         out = self._checked_out(theta, out)
-        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        index = _client_indices(rows)
         n = self.num_clients
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise RelatednessError(f"rows outside 0..{n - 1} requested from the propagation operator")
@@ -289,10 +289,18 @@ class PropagationOperator:
         if theta.dim() != 2 or theta.shape[0] != n:
             raise RelatednessError(f"propagation operator for {n} clients does not match parameters "
                                    f"{tuple(theta.shape)}")
+        if not theta.dtype.is_floating_point:
+            raise RelatednessError(f"parameters must be floating point, got {theta.dtype}")
         if out is None:
             return torch.empty_like(theta)
-        if out.shape != theta.shape or out.data_ptr() == theta.data_ptr():
-            raise RelatednessError("out must have theta's shape and must not alias theta")
+        if out.shape != theta.shape:
+            raise RelatednessError(f"out has shape {tuple(out.shape)}, theta {tuple(theta.shape)}")
+        if out.dtype != theta.dtype or out.device != theta.device:
+            raise RelatednessError(f"out ({out.dtype} on {out.device}) must have theta's dtype and "
+                                   f"device ({theta.dtype} on {theta.device})")
+        if _overlap(out, theta):
+            raise RelatednessError("out must not share memory with theta (phi is written while "
+                                   "theta is still read)")
         return out
 
     @staticmethod
@@ -328,6 +336,43 @@ class PropagationOperator:
         if self.factors is not None:
             return self.factors.to_dense()
         return self.matrix if self.kind == "dense" else self.matrix.to_dense()
+
+
+def _client_indices(rows: Sequence[int] | Tensor) -> Tensor:
+    """``rows`` as a flat int64 tensor of client indices; booleans (a mask read as indices
+    would select clients 0 and 1) and fractional values are refused."""
+    if isinstance(rows, (list, tuple)) and any(isinstance(r, bool) for r in rows):
+        raise RelatednessError("rows must be client indices, not a boolean mask (pass mask.nonzero())")
+    index = rows if isinstance(rows, Tensor) else torch.as_tensor(rows)
+    if index.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    if index.dtype == torch.bool:
+        raise RelatednessError("rows must be client indices, not a boolean mask (pass mask.nonzero())")
+    if index.is_floating_point() or index.is_complex():
+        raise RelatednessError(f"rows must be integer client indices, got {index.dtype}")
+    return index.to(torch.long).reshape(-1).cpu()
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """The half-open range of bytes ``t``'s elements occupy in its storage."""
+    low = high = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride < 0:
+            low += (size - 1) * stride
+        else:
+            high += (size - 1) * stride
+    return low * t.element_size(), (high + 1) * t.element_size()
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (both non-empty) may share memory: the same storage and
+    intersecting byte ranges (conservative for interleaved strides)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
 
 
 def embed_operator(sub: PropagationOperator, members: list[int], n: int) -> PropagationOperator:

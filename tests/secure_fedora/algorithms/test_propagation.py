@@ -97,7 +97,7 @@ def test_dense_operator_is_bit_identical_to_the_matrix_product_and_checks_shapes
     phi = torch.empty_like(theta)
     op.apply(theta, out=phi)
     assert torch.equal(phi, fedora.propagation_matrix(graph, 0.8).to(torch.float32) @ theta)
-    with pytest.raises(fedora.RelatednessError, match="alias"):
+    with pytest.raises(fedora.RelatednessError, match="share memory"):
         op.apply(theta, out=theta)
     with pytest.raises(fedora.RelatednessError, match="does not match"):
         op.apply(torch.randn(29, 1000))
@@ -324,8 +324,51 @@ def test_apply_rows_of_a_dense_operator_and_bad_rows():
     assert torch.equal(out[[3, 5]], op.apply(theta)[[3, 5]]) and bool((out[0] == 0).all())
     with pytest.raises(fedora.RelatednessError, match="rows outside"):
         op.apply_rows(theta, [12], out)
-    with pytest.raises(fedora.RelatednessError, match="alias"):
+    with pytest.raises(fedora.RelatednessError, match="share memory"):
         op.apply_rows(theta, [1], theta)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "factored"])
+def test_operators_refuse_outputs_that_overlap_theta_or_differ_in_dtype(mode):
+    op = build_operator(random_graph(10), 0.8, mode, 1e-3)
+    storage = torch.randn(11, 30)
+    theta = storage[:10]
+    shifted = storage[1:]  # the same memory, one row further: phi rows would overwrite theta
+    with pytest.raises(fedora.RelatednessError, match="share memory"):
+        op.apply(theta, out=shifted)
+    with pytest.raises(fedora.RelatednessError, match="share memory"):
+        op.apply_rows(theta, [2], shifted)
+    assert torch.equal(storage[:10], theta)  # nothing was written
+    with pytest.raises(fedora.RelatednessError, match="dtype"):
+        op.apply(theta, out=torch.empty(10, 30, dtype=torch.float64))
+    with pytest.raises(fedora.RelatednessError, match="dtype"):
+        op.apply_rows(theta, [1], torch.empty(10, 30, dtype=torch.float64))
+    with pytest.raises(fedora.RelatednessError, match="floating point"):
+        op.apply(torch.ones(10, 30, dtype=torch.int64))
+    # disjoint views of one buffer are fine, and equal the separate product
+    both = torch.empty(20, 30)
+    both[:10] = theta
+    op.apply(both[:10], out=both[10:])
+    assert torch.equal(both[10:], op.apply(theta.clone()))
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "factored"])
+def test_apply_rows_refuses_masks_and_fractional_rows(mode):
+    op = build_operator(random_graph(10), 0.8, mode, 1e-3)
+    theta = torch.randn(10, 8)
+    out = torch.zeros_like(theta)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[7] = True
+    for rows in (mask, [True, False], [0, True]):
+        with pytest.raises(fedora.RelatednessError, match="boolean mask"):
+            op.apply_rows(theta, rows, out)
+    with pytest.raises(fedora.RelatednessError, match="integer"):
+        op.apply_rows(theta, torch.tensor([1.0, 2.0]), out)
+    assert bool((out == 0).all())
+    op.apply_rows(theta, mask.nonzero().flatten(), out)
+    op.apply_rows(theta, [], out)
+    op.apply_rows(theta, torch.tensor([7, 7]), out)
+    assert torch.equal(out[7], op.apply(theta)[7]) and bool((out[:7] == 0).all())
 
 
 def _sparse_fedora(participation, propagation="sparse"):
