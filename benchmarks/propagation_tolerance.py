@@ -1,7 +1,9 @@
 """Sparse propagation operator vs its tolerance: non-zeros per row, build time, apply time,
 error bound; and the exact factored operator's (the default above 256 clients) and the dense
-operator's, on the real relatedness graph of N clients.
-Usage: python benchmarks/propagation_tolerance.py [--n 1000] [--per-client 5 1 1]
+operator's, on the real relatedness graph of N clients. ``--rows K`` also times computing K
+random rows only (``apply_rows``: a round's participants under partial participation), min of
+three.
+Usage: python benchmarks/propagation_tolerance.py [--n 1000] [--per-client 5 1 1] [--rows 100]
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--per-client", type=int, nargs=3, default=[5, 1, 1])
-    parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4, 1e-6])
+    parser.add_argument("--tolerances", type=float, nargs="*", default=[1e-2, 1e-3, 1e-4, 1e-6])
+    parser.add_argument("--rows", type=int, default=0,
+                        help="also time apply_rows for this many random clients")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train, val, test = args.per_client
@@ -39,6 +43,13 @@ def main() -> None:
     theta = torch.randn(args.n, method.ctx.flat.num_params, generator=torch.Generator().manual_seed(0))
     phi = torch.empty_like(theta)
     print(f"N = {args.n}, {train}/{val}/{test} rows per client, P = {theta.shape[1]}, 1 thread (CPU seconds)")
+    rows = torch.randperm(args.n, generator=torch.Generator().manual_seed(1))[:args.rows].sort().values
+
+    def subset(op) -> str:
+        if not args.rows:
+            return ""
+        best = min(cpu_seconds(lambda: op.apply_rows(theta, rows, phi)) for _ in range(3))
+        return f", {rows.numel()} rows {best:.3f} s"
     for tol in args.tolerances:
         t0 = time.process_time()
         op = build_operator(graph, cfg.fedora.alpha, "sparse", tol)
@@ -46,7 +57,7 @@ def main() -> None:
         op.apply(theta, out=phi)  # warm-up (the cached float32 CSR matrix)
         apply = cpu_seconds(lambda op=op: op.apply(theta, out=phi))
         print(f"tolerance {tol:g}: {op.nnz / args.n:.1f} nnz/row, error bound {op.error_bound:.2g}, "
-              f"build {build:.2f} s, apply {apply:.3f} s")
+              f"build {build:.2f} s, apply {apply:.3f} s{subset(op)}")
     t0 = time.process_time()
     factored = build_operator(graph, cfg.fedora.alpha, "factored")
     build = time.process_time() - t0
@@ -54,7 +65,7 @@ def main() -> None:
     assert factored.factors is not None
     print(f"factored (exact): {factored.nnz / args.n:.1f} nnz/row in {factored.factors.passes} passes, "
           f"residual {factored.factors.residual:.2g}, build {build:.2f} s, "
-          f"apply {cpu_seconds(lambda: factored.apply(theta, out=phi)):.3f} s")
+          f"apply {cpu_seconds(lambda: factored.apply(theta, out=phi)):.3f} s{subset(factored)}")
     if args.n <= 2000:
         dense = build_operator(graph.to_dense(), cfg.fedora.alpha, "dense")
         dense.apply(theta, out=phi)

@@ -197,34 +197,65 @@ class FactoredPropagation:
         ``out`` are untouched. Each pass computes only the rows the requested ones depend on;
         every row is the same sequence of float operations whichever rows are requested, so
         a subset equals the full product's rows bit for bit (and neither depends on threads)."""
-        plan = None if rows is None else self._plan(rows)
-        n, width = self.num_clients, self._width(theta)
+        if rows is not None:
+            self._apply_subset(theta, out, rows)
+            return
+        width = self._width(theta, self.num_clients)
         dtype, device = theta.dtype, theta.device
-        first = self._selected(self._first, None if plan is None else plan.first, dtype, device)
-        groups = [(s, e, self._selected(b, None if plan is None else plan.groups[j], dtype, device))
-                  for j, (s, e, b) in enumerate(self._groups)]
-        last = self._selected(self._last, None if plan is None else plan.out, dtype, device)
-        written_first = None if plan is None else plan.first.to(device)
-        written = [None if plan is None else (s + plan.groups[j]).to(device)
-                   for j, (s, _, _) in enumerate(self._groups)]
-        out_rows = None if plan is None else plan.out.to(device)
+        first = self._first.on(dtype, device)
+        groups = [(s, e, b.on(dtype, device)) for s, e, b in self._groups]
+        last = self._last.on(dtype, device)
         for begin in range(0, theta.shape[1], width):
             end = min(begin + width, theta.shape[1])
-            if written_first is None:
-                buffer = _bag_sum(first, theta[:, begin:end])
+            buffer = _bag_sum(first, theta[:, begin:end])
+            for start, stop, bags in groups:
+                buffer[start:stop] = _bag_sum(bags, buffer)
+            out[:, begin:end] = _bag_sum(last, buffer)
+
+    def _apply_subset(self, theta: Tensor, out: Tensor, rows: Tensor) -> None:
+        """:meth:`apply` for some rows, on a compact work buffer: it holds only the rows the
+        plan computes (those of the first pass, which include every row a later pass writes,
+        since each group reads its own rows), renumbered in order, so that its column blocks
+        are as small as the request and can be as wide as the full product's. Renumbering
+        changes no bag's values or order: the rows are the full product's bit for bit."""
+        plan = self._plan(rows)
+        assert plan.first is not None and plan.out is not None
+        dtype, device = theta.dtype, theta.device
+        m = plan.first.numel()
+        local = torch.full((self.num_clients,), -1, dtype=torch.long)
+        local[plan.first] = torch.arange(m)
+
+        def renumbered(bags: _Bags, written: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            offsets, columns, positions = bags.select(written)
+            columns = local[columns]
+            if columns.numel() and int(columns.min()) < 0:  # the plan's invariant, never expected
+                raise RelatednessError("factored propagation plan reads a row it never computes")
+            weights = bags.on(dtype, device)[2][positions.to(device)]
+            return offsets.to(device), columns.to(device), weights
+
+        # the first pass reads only some theta rows: gather those (a strided view's bag sum
+        # would copy the whole N-row column block first)
+        offsets, columns, positions = self._first.select(plan.first)
+        sources, columns = torch.unique(columns, return_inverse=True)
+        first = (offsets.to(device), columns.reshape(-1).to(device),
+                 self._first.on(dtype, device)[2][positions.to(device)])
+        sources = sources.to(device)
+        groups = []
+        for (start, _, bags), written in zip(self._groups, plan.groups, strict=True):
+            if written is not None and written.numel():
+                groups.append((local[start + written].to(device), renumbered(bags, written)))
+        last = renumbered(self._last, plan.out)
+        out_rows = plan.out.to(device)
+        width = self._width(theta, max(1, m))
+        for begin in range(0, theta.shape[1], width):
+            end = min(begin + width, theta.shape[1])
+            if m:
+                buffer = _bag_sum(first, theta[:, begin:end].index_select(0, sources))
             else:
-                buffer = theta.new_empty((n, end - begin))
-                if written_first.numel():
-                    buffer[written_first] = _bag_sum(first, theta[:, begin:end])
-            for (start, stop, bags), rows_j in zip(groups, written, strict=True):
-                if rows_j is None:
-                    buffer[start:stop] = _bag_sum(bags, buffer)
-                elif rows_j.numel():
-                    buffer[rows_j] = _bag_sum(bags, buffer)
-            if out_rows is None:
-                out[:, begin:end] = _bag_sum(last, buffer)
-            else:
-                out[out_rows, begin:end] = _bag_sum(last, buffer)
+                buffer = theta.new_empty((0, end - begin))
+            for positions, bags in groups:
+                buffer[positions] = _bag_sum(bags, buffer)
+            out[out_rows, begin:end] = _bag_sum(last, buffer)
 
     @staticmethod
     def _selected(bags: _Bags, rows: Tensor | None, dtype: torch.dtype,
@@ -235,8 +266,11 @@ class FactoredPropagation:
         sub_offsets, sub_columns, positions = bags.select(rows)
         return sub_offsets.to(device), sub_columns.to(device), weights[positions.to(device)]
 
-    def _width(self, theta: Tensor) -> int:
-        per_row = max(1, self.num_clients * theta.element_size())
+    @staticmethod
+    def _width(theta: Tensor, rows: int) -> int:
+        """Columns per block: about ``_BLOCK_BYTES`` of work buffer (``rows`` rows), at least
+        ``_MIN_WIDTH``, at most 512."""
+        per_row = max(1, rows * theta.element_size())
         width = 1 << max(0, round(np.log2(max(1.0, _BLOCK_BYTES / per_row))))
         return int(min(max(width, _MIN_WIDTH), 512))
 

@@ -310,9 +310,16 @@ class PropagationOperator:
         ``offsets[r]:offsets[r + 1]`` (``rows`` None: every row in order), ``width`` columns at
         a time. Each output row is one bag of a weighted embedding-bag sum: accumulated in the
         stored order by one thread, whatever the other bags and the width are (tested)."""
+        sources = None
+        if rows is not None and width < theta.shape[1]:
+            # gather only the theta rows these bags read (a strided view's bag sum would
+            # copy the whole N-row column block first)
+            sources, columns = torch.unique(columns, return_inverse=True)
+            columns = columns.reshape(-1)
         for start in range(0, theta.shape[1], width):
             stop = min(start + width, theta.shape[1])
-            block = F.embedding_bag(columns, theta[:, start:stop], offsets, mode="sum",
+            source = theta[:, start:stop] if sources is None else theta[:, start:stop].index_select(0, sources)
+            block = F.embedding_bag(columns, source, offsets, mode="sum",
                                     per_sample_weights=weights, include_last_offset=True)
             if rows is None:
                 out[:, start:stop] = block
