@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -299,8 +300,8 @@ class PropagationOperator:
             raise RelatednessError(f"out ({out.dtype} on {out.device}) must have theta's dtype and "
                                    f"device ({theta.dtype} on {theta.device})")
         if _overlap(out, theta):
-            raise RelatednessError("out must not share memory with theta (phi is written while "
-                                   "theta is still read)")
+            raise RelatednessError("out must not share memory with theta (their address ranges "
+                                   "intersect, and phi is written while theta is still read)")
         return out
 
     @staticmethod
@@ -347,8 +348,10 @@ class PropagationOperator:
 
 def _client_indices(rows: Sequence[int] | Tensor) -> Tensor:
     """``rows`` as a flat int64 tensor of client indices; booleans (a mask read as indices
-    would select clients 0 and 1) and fractional values are refused."""
-    if isinstance(rows, (list, tuple)) and any(isinstance(r, bool) for r in rows):
+    would select clients 0 and 1) and floating-point values are refused."""
+    if isinstance(rows, (list, tuple)) and any(
+            isinstance(r, (bool, np.bool_)) or (isinstance(r, (Tensor, np.ndarray)) and r.dtype in (torch.bool, np.bool_))
+            for r in rows):
         raise RelatednessError("rows must be client indices, not a boolean mask (pass mask.nonzero())")
     index = rows if isinstance(rows, Tensor) else torch.as_tensor(rows)
     if index.numel() == 0:
@@ -360,25 +363,26 @@ def _client_indices(rows: Sequence[int] | Tensor) -> Tensor:
     return index.to(torch.long).reshape(-1).cpu()
 
 
-def _byte_range(t: Tensor) -> tuple[int, int]:
-    """The half-open range of bytes ``t``'s elements occupy in its storage."""
-    low = high = t.storage_offset()
+def _address_range(t: Tensor) -> tuple[int, int]:
+    """The half-open range of memory addresses ``t``'s elements span (``data_ptr`` already
+    points at the first element, whatever storage or buffer the tensor views)."""
+    low = high = 0
     for size, stride in zip(t.shape, t.stride(), strict=True):
         if stride < 0:
             low += (size - 1) * stride
         else:
             high += (size - 1) * stride
-    return low * t.element_size(), (high + 1) * t.element_size()
+    return t.data_ptr() + low * t.element_size(), t.data_ptr() + (high + 1) * t.element_size()
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` (both non-empty) may share memory: the same storage and
-    intersecting byte ranges (conservative for interleaved strides)."""
+    """Whether ``a`` and ``b`` may share memory: non-empty, on one device, and spanning
+    intersecting address ranges. Compared by address, not by storage, so two tensors over one
+    buffer (``torch.from_numpy`` of two views, ``frombuffer``) are caught too; conservative
+    for interleaved strides (column halves of one buffer count as overlapping)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    (a0, a1), (b0, b1) = _address_range(a), _address_range(b)
     return a0 < b1 and b0 < a1
 
 

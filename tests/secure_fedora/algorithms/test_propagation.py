@@ -1,6 +1,7 @@
 """The propagation operator: dense exact, sparse with a proven error bound, factored exact and
 sparse, chosen by N."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -339,6 +340,10 @@ def test_operators_refuse_outputs_that_overlap_theta_or_differ_in_dtype(mode):
     with pytest.raises(fedora.RelatednessError, match="share memory"):
         op.apply_rows(theta, [2], shifted)
     assert torch.equal(storage[:10], theta)  # nothing was written
+    # two tensors over one numpy buffer have separate torch storages: compared by address
+    buffer = np.random.default_rng(0).standard_normal((10, 31)).astype(np.float32)
+    with pytest.raises(fedora.RelatednessError, match="share memory"):
+        op.apply(torch.from_numpy(buffer[:, :30]), out=torch.from_numpy(buffer[:, 1:]))
     with pytest.raises(fedora.RelatednessError, match="dtype"):
         op.apply(theta, out=torch.empty(10, 30, dtype=torch.float64))
     with pytest.raises(fedora.RelatednessError, match="dtype"):
@@ -359,7 +364,7 @@ def test_apply_rows_refuses_masks_and_fractional_rows(mode):
     out = torch.zeros_like(theta)
     mask = torch.zeros(10, dtype=torch.bool)
     mask[7] = True
-    for rows in (mask, [True, False], [0, True]):
+    for rows in (mask, [True, False], [0, True], [torch.tensor(True), 3], [np.True_, 3], mask.numpy()):
         with pytest.raises(fedora.RelatednessError, match="boolean mask"):
             op.apply_rows(theta, rows, out)
     with pytest.raises(fedora.RelatednessError, match="integer"):
