@@ -258,15 +258,6 @@ class FactoredPropagation:
             out[out_rows, begin:end] = _bag_sum(last, buffer)
 
     @staticmethod
-    def _selected(bags: _Bags, rows: Tensor | None, dtype: torch.dtype,
-                  device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        offsets, columns, weights = bags.on(dtype, device)
-        if rows is None:
-            return offsets, columns, weights
-        sub_offsets, sub_columns, positions = bags.select(rows)
-        return sub_offsets.to(device), sub_columns.to(device), weights[positions.to(device)]
-
-    @staticmethod
     def _width(theta: Tensor, rows: int) -> int:
         """Columns per block: about ``_BLOCK_BYTES`` of work buffer (``rows`` rows), at least
         ``_MIN_WIDTH``, at most 512."""
