@@ -34,7 +34,8 @@ from torch import Tensor
 
 from secure_fedora.algorithms.fedora import RelatednessError
 
-__all__ = ["FactorTooDense", "FactoredPropagation", "check_graph", "factor_propagation", "select_rows"]
+__all__ = ["FactorTooDense", "FactoredPropagation", "check_graph", "factor_propagation", "gather_sources",
+           "select_rows"]
 
 
 class FactorTooDense(RelatednessError):
@@ -77,6 +78,15 @@ def select_rows(row_offsets: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     return offsets, positions
 
 
+def gather_sources(columns: Tensor) -> tuple[Tensor, Tensor]:
+    """For the source rows some bags read (``columns``): the distinct rows, increasing, and
+    the columns renumbered into them. A subset's bag sums then run on
+    ``block.index_select(0, sources)``: a bag sum over a strided column block copies all of
+    its rows first, however few the bags read. Renumbering changes no bag's values or order."""
+    sources, local = torch.unique(columns, return_inverse=True)
+    return sources, local.reshape(-1)
+
+
 @dataclass
 class _Bags:
     """A sparse matrix as embedding-bag arguments: row ``r`` sums ``weights[k] * src[columns[k]]``
@@ -106,6 +116,12 @@ class _Bags:
         """Offsets, columns and positions (into ``columns``) of the bags ``rows`` only."""
         offsets, positions = select_rows(self.offsets, rows)
         return offsets, self.columns[positions], positions
+
+    def subset(self, rows: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Offsets and columns (on the CPU, to be renumbered) and weights (``dtype`` on
+        ``device``) of the bags ``rows`` only."""
+        offsets, columns, positions = self.select(rows)
+        return offsets, columns, self.on(dtype, device)[2][positions.to(device)]
 
     @property
     def nnz(self) -> int:
@@ -226,19 +242,15 @@ class FactoredPropagation:
         local[plan.first] = torch.arange(m)
 
         def renumbered(bags: _Bags, written: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            offsets, columns, positions = bags.select(written)
+            offsets, columns, weights = bags.subset(written, dtype, device)
             columns = local[columns]
             if columns.numel() and int(columns.min()) < 0:  # the plan's invariant, never expected
                 raise RelatednessError("factored propagation plan reads a row it never computes")
-            weights = bags.on(dtype, device)[2][positions.to(device)]
             return offsets.to(device), columns.to(device), weights
 
-        # the first pass reads only some theta rows: gather those (a strided view's bag sum
-        # would copy the whole N-row column block first)
-        offsets, columns, positions = self._first.select(plan.first)
-        sources, columns = torch.unique(columns, return_inverse=True)
-        first = (offsets.to(device), columns.reshape(-1).to(device),
-                 self._first.on(dtype, device)[2][positions.to(device)])
+        offsets, columns, weights = self._first.subset(plan.first, dtype, device)
+        sources, columns = gather_sources(columns)  # the theta rows the first pass reads
+        first = (offsets.to(device), columns.to(device), weights)
         sources = sources.to(device)
         groups = []
         for (start, _, bags), written in zip(self._groups, plan.groups, strict=True):

@@ -29,6 +29,7 @@ from secure_fedora.algorithms.factored import (
     FactorTooDense,
     check_graph,
     factor_propagation,
+    gather_sources,
     select_rows,
 )
 from secure_fedora.algorithms.fedora import (
@@ -313,10 +314,7 @@ class PropagationOperator:
         stored order by one thread, whatever the other bags and the width are (tested)."""
         sources = None
         if rows is not None and width < theta.shape[1]:
-            # gather only the theta rows these bags read (a strided view's bag sum would
-            # copy the whole N-row column block first)
-            sources, columns = torch.unique(columns, return_inverse=True)
-            columns = columns.reshape(-1)
+            sources, columns = gather_sources(columns)
         for start in range(0, theta.shape[1], width):
             stop = min(start + width, theta.shape[1])
             source = theta[:, start:stop] if sources is None else theta[:, start:stop].index_select(0, sources)
@@ -349,15 +347,16 @@ class PropagationOperator:
 def _client_indices(rows: Sequence[int] | Tensor) -> Tensor:
     """``rows`` as a flat int64 tensor of client indices; booleans (a mask read as indices
     would select clients 0 and 1) and floating-point values are refused."""
-    if isinstance(rows, (list, tuple)) and any(
-            isinstance(r, (bool, np.bool_)) or (isinstance(r, (Tensor, np.ndarray)) and r.dtype in (torch.bool, np.bool_))
-            for r in rows):
+    def is_boolean(r: object) -> bool:
+        return isinstance(r, (bool, np.bool_)) or (isinstance(r, (Tensor, np.ndarray))
+                                                    and r.dtype in (torch.bool, np.bool_))
+
+    # list elements are checked first: torch.as_tensor reads [True, 3] as [1, 3]
+    if is_boolean(rows) or (isinstance(rows, (list, tuple)) and any(is_boolean(r) for r in rows)):
         raise RelatednessError("rows must be client indices, not a boolean mask (pass mask.nonzero())")
     index = rows if isinstance(rows, Tensor) else torch.as_tensor(rows)
     if index.numel() == 0:
         return torch.empty(0, dtype=torch.long)
-    if index.dtype == torch.bool:
-        raise RelatednessError("rows must be client indices, not a boolean mask (pass mask.nonzero())")
     if index.is_floating_point() or index.is_complex():
         raise RelatednessError(f"rows must be integer client indices, got {index.dtype}")
     return index.to(torch.long).reshape(-1).cpu()
