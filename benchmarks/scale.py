@@ -24,7 +24,11 @@ and scale.png (log-log round time vs N) into --out and reports the fitted slope 
 vs N (meaningful for runs with the same rows per client: ``--per-client``).
 ``--participation F`` samples that fraction of clients per round (FEDORA then computes only
 their phi rows, timed as propagation; evaluation still covers every client).
+``--engine`` sets ``[training] engine`` of both methods (default ``loop``, the reference path);
+each run records what trained its clients (``training_engine``: the resolved engine and its
+passes, as results.json's ``methods.<name>.extra.training_engine``).
 Usage: python benchmarks/scale.py [--n 36 100 1000] [--rounds 4] [--threads 1] [--participation 1]
+                                  [--engine loop|batched|auto]
                                   [--propagation auto|dense|factored|sparse|power]
        python benchmarks/scale.py --n 10000 --rounds 3 --merge   (needs about 15 GB free)
 """
@@ -60,7 +64,7 @@ def data_for(n: int) -> tuple[int, int, int | None]:
 
 def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
           per_client: tuple[int, int, int | None] | None, checkpoint_every: int | str = 1,
-          participation: float = 1.0, propagation: str = "auto") -> dict:
+          participation: float = 1.0, propagation: str = "auto", engine: str = "loop") -> dict:
     """Run one method at N clients; return its per-round wall and CPU seconds (subprocess)."""
     import torch
 
@@ -76,7 +80,8 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         "data": {"num_clients": n, "train_per_client": train, "val_per_client": val,
                  "test_per_client": test},
         "training": {"rounds": rounds, "local_epochs": 1, "threads": threads,
-                     "checkpoint_every": checkpoint_every, "participation": participation},
+                     "checkpoint_every": checkpoint_every, "participation": participation,
+                     "engine": engine},
         "fedora": {"propagation": propagation, "propagation_tolerance": tolerance},
         "evaluation": {"every": 1},
     })
@@ -124,14 +129,14 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
     for row in rows:  # training excludes FEDORA's propagation (timed inside train_round)
         row["training"] -= row["propagation"]
         row["training_cpu"] -= row["propagation_cpu"]
-    extra = {}
     fed = sim.methods[method]
+    extra = {"training_engine": fed.training_engine_results() or {"setting": "loop"}}
     if isinstance(fed, Fedora):
         op = fed.relatedness.operator
-        extra = {"operator": op.kind, "operator_nnz_per_row": op.nnz / n, "error_bound": op.error_bound}
+        extra.update(operator=op.kind, operator_nnz_per_row=op.nnz / n, error_bound=op.error_bound)
     return {"n": n, "method": method, "train_per_client": train, "val_per_client": val,
             "test_per_client": test, "threads": threads, "participation": participation,
-            "checkpoint_every": checkpoint_every,
+            "checkpoint_every": checkpoint_every, "engine": engine,
             "data_seconds": data_seconds,
             "checkpoint_bytes": ckpt_bytes, "rounds": rows,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **extra}
@@ -164,7 +169,7 @@ def run_child(n: int, method: str, args: argparse.Namespace) -> dict:
     if args.per_client:
         cmd += ["--per-client", *map(str, args.per_client)]
     cmd += ["--checkpoint-every", str(args.checkpoint_every), "--participation", str(args.participation),
-            "--propagation", args.propagation]
+            "--propagation", args.propagation, "--engine", args.engine]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak = 0.0
     while proc.poll() is None:
@@ -195,6 +200,8 @@ def main() -> None:
     parser.add_argument("--propagation", default="auto",
                         choices=["auto", "dense", "factored", "sparse", "power"],
                         help="[fedora] propagation (auto: dense up to 256 clients, factored above)")
+    parser.add_argument("--engine", default="loop", choices=["loop", "batched", "auto"],
+                        help="[training] engine of both methods (default: loop, the reference path)")
     parser.add_argument("--per-client", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                         help="the same rows per client at every N (default: DATA per N)")
     parser.add_argument("--max-rss-gb", type=float, default=17.0)
@@ -218,7 +225,7 @@ def main() -> None:
         every = args.checkpoint_every if args.checkpoint_every == "auto" else int(args.checkpoint_every)
         Path(out).write_text(json.dumps(child(int(n), method, args.rounds, args.threads, args.tolerance,
                                              tuple(args.per_client) if args.per_client else None, every,
-                                             args.participation, args.propagation)))
+                                             args.participation, args.propagation, args.engine)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replot:
@@ -290,7 +297,7 @@ def main() -> None:
            "setting": "rotated MNIST, MLP 118,282 params, 1 local epoch, eval + checkpoint every round, "
                       f"{args.threads} thread(s), propagation {args.propagation} (tolerance "
                       f"{args.tolerance} if sparse), "
-                      f"participation {args.participation}"}
+                      f"participation {args.participation}, engine {args.engine}"}
     (args.out / "scale.json").write_text(json.dumps(doc, indent=2))
     write_csv(args.out / "scale.csv", results)
     plot(args.out / "scale.png", summary)

@@ -859,9 +859,12 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
     if pulled:
         lams = torch.tensor([j.lam for j in jobs], dtype=dtype, device=device)[:, None]
         keep = 1 - lr * lams
-        pulled_phi = torch.stack([j.phi if j.phi is not None else j.theta for j in jobs],
-                                 out=scratch.buffer("phi", (k_all, num_params), dtype, device))
-        pulled_phi.mul_(lr * lams)
+        scaled = lr * lams
+        pulled_phi = scratch.buffer("phi", (k_all, num_params), dtype, device)
+        # one pass per row (read phi_i, write lr*lam_i*phi_i): the values of stack-then-scale,
+        # without a second pass over the whole (k x P) buffer
+        for r, j in enumerate(jobs):
+            torch.mul(j.phi if j.phi is not None else j.theta, scaled[r], out=pulled_phi[r])
 
     # APFL's mixture: gradients at alpha * theta + (1 - alpha) * w (a job without one: alpha 1)
     mixing = any(j.mix_with is not None for j in jobs)
