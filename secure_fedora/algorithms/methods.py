@@ -416,8 +416,7 @@ class FederatedMethod(FederatedAlgorithm):
         envelopes; a client with any rejected upload is absent from the result."""
         if self.exchange is None or not replies or not self._round_envelopes():
             return dict(replies)
-        state = self.message_state()
-        uploads = state[0] if state is not None else {}
+        uploads = self.upload_state()
         accepted = dict(replies)
         for kind, matrix in uploads.items():
             senders = [i for i, r in accepted.items() if kind in r]
@@ -438,6 +437,13 @@ class FederatedMethod(FederatedAlgorithm):
         kind, and the per-client copies of what they download, by kind (the row a client
         falls back to after rejecting a download). ``None``: the method sends nothing."""
         return None
+
+    def upload_state(self) -> dict[str, Tensor]:
+        """The upload part of :meth:`message_state` (the matrices whose rows clients upload,
+        by kind), read after every round's training: an override must not compute what only
+        the downloads need (e.g. rows that depend on the parameters before training)."""
+        state = self.message_state()
+        return state[0] if state is not None else {}
 
     def upload_rows(self, rnd: int, matrix: Tensor, participants: Sequence[int], *,
                     kind: str = KIND_THETA, check: ValueCheck | None = None) -> list[int]:
@@ -978,7 +984,12 @@ class Fedora(FederatedMethod):
     def message_state(self) -> MessageState | None:
         """Uploads: ``theta`` rows; downloads: ``phi`` rows (also the encrypted propagator's
         bookkeeping of the last accepted rows)."""
-        return {KIND_THETA: self.theta}, {KIND_PHI: self.phi}
+        return self.upload_state(), {KIND_PHI: self.phi}
+
+    def upload_state(self) -> dict[str, Tensor]:
+        """``theta`` only: reading :attr:`phi` here would compute the rows still pending from
+        the last propagation after training changed theta (refused by :meth:`_current_phi`)."""
+        return {KIND_THETA: self.theta}
 
     @property
     def phi(self) -> Tensor:

@@ -254,10 +254,15 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
                  probe_y: Tensor | None = None) -> BatchedPlan:
     """Decide, once per model and oracle kind, which engine trains ``flat`` batched.
 
-    The ``"linear"`` engine is used for Sequential Linear/activation stacks; other models are
-    tried with ``"vmap"`` and accepted only if, on ``probe_x``/``probe_y`` (a few training
-    samples), the vmapped per-client gradients (DP: clipped per-sample sums) equal per-client
-    autograd to 1e-5 relative. Anything else gives ``engine="loop"`` with the reason.
+    Candidates: the ``"linear"`` engine for Sequential Linear/activation stacks, then
+    ``"vmap"`` for any model. With ``probe_x``/``probe_y`` (a few training samples) a
+    candidate is accepted only if it reproduces per-client autograd on them to 1e-5 relative
+    (:func:`_probe_engine`: batch gradients, or DP's clipped per-sample sums), for a full batch
+    and for a batch padded as the engine pads a smaller client's, so a model whose outputs mix
+    the samples of a batch (e.g. BatchNorm without running statistics) or whose layers the
+    linear engine reads in another shape (a Linear before the Flatten) is never batched.
+    Without probe data the linear engine is taken on its structure alone (not cached), and
+    nothing else. Anything else gives ``engine="loop"`` with the reason.
     """
     kind, why = _oracle_kind(oracle)
     if kind is None:
@@ -266,12 +271,21 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     if cached is not None:
         return cached
     layers, why = _linear_layers(flat)
+    if probe_x is None or probe_y is None or probe_x.shape[0] == 0:
+        if layers is None:
+            return BatchedPlan("loop", "no probe data to check the vmap engine")
+        return BatchedPlan("linear", layers=layers)
+    plan = None
     if layers is not None:
-        plan = BatchedPlan("linear", layers=layers)
-    elif probe_x is None or probe_y is None or probe_x.shape[0] == 0:
-        return BatchedPlan("loop", "no probe data to check the vmap engine")
-    else:
-        plan = _check_vmap(flat, oracle, kind, probe_x, probe_y, why)
+        plan = _probe_engine(flat, oracle, kind, BatchedPlan("linear", layers=layers), probe_x, probe_y)
+        if plan.engine == "loop":
+            why, plan = f"the linear engine failed its probe: {plan.reason}", None
+    if plan is None:
+        names = tuple(n for n, _ in flat.module.named_parameters())
+        if len(names) != len(flat.params):
+            plan = BatchedPlan("loop", f"the model's named parameters do not match its flat layout ({why})")
+        else:
+            plan = _probe_engine(flat, oracle, kind, BatchedPlan("vmap", why, names=names), probe_x, probe_y)
     _PLANS.setdefault(flat, {})[kind] = plan
     return plan
 
@@ -281,62 +295,67 @@ def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
     return oracle._loss if kind == "dp" else oracle.task.checked
 
 
-def _check_vmap(flat: FlatModel, oracle: Any, kind: str, x: Tensor, y: Tensor,
-                why_not_linear: str) -> BatchedPlan:
-    """Accept the vmap engine only if it reproduces per-client autograd on a probe: batch
-    gradients (plain) or clipped per-sample gradient sums (DP), for two different rows."""
-    names = tuple(n for n, _ in flat.module.named_parameters())
-    if len(names) != len(flat.params):
-        return BatchedPlan("loop", "the model's named parameters do not match its flat layout")
-    plan = BatchedPlan("vmap", why_not_linear, names=names)
+def _probe_engine(flat: FlatModel, oracle: Any, kind: str, plan: BatchedPlan, x: Tensor,
+                  y: Tensor) -> BatchedPlan:
+    """``plan`` if its engine reproduces per-client autograd through the module on the probe
+    samples ``x``/``y`` (at most 3), else a loop plan saying why. Two clients with different
+    rows: client 0 holds the samples plus one all-zero padding sample of weight 0 (the
+    engine's padding of a smaller batch), client 1 the samples plus a repeat of the first."""
     x, y = x[:3], y[:3]
     device = x.device
     generator = torch.Generator().manual_seed(0)
     base = torch.cat([p.detach().reshape(-1) for p in flat.params]).to(device)
     rows = torch.stack([base, base + 0.01 * torch.randn(base.shape, generator=generator).to(device)])
     loss = _oracle_loss(oracle, kind)
-    xs, ys = torch.stack([x, x]), torch.stack([y, y])
-    with warnings.catch_warnings():
-        return _compare_vmap(flat, plan, kind, oracle, loss, rows, base, x, y, xs, ys, why_not_linear)
-
-
-def _compare_vmap(flat: FlatModel, plan: BatchedPlan, kind: str, oracle: Any,
-                  loss: Callable[[Tensor, Tensor], Tensor], rows: Tensor, base: Tensor, x: Tensor,
-                  y: Tensor, xs: Tensor, ys: Tensor, why_not_linear: str) -> BatchedPlan:
-    names, device = plan.names, x.device
+    batch = x.shape[0]
+    xs = torch.stack([torch.cat([x, torch.zeros_like(x[:1])]), torch.cat([x, x[:1]])])
+    ys = torch.stack([torch.cat([y, torch.zeros_like(y[:1])]), torch.cat([y, y[:1]])])
+    valid = torch.ones((2, batch + 1), dtype=torch.bool, device=device)
+    valid[0, batch] = False
+    samples = [xs[0, :batch], xs[1]], [ys[0, :batch], ys[1]]
+    why = plan.reason
     try:
-        got = torch.zeros_like(rows)
-        if kind == "dp":
-            clip = float(oracle.dpsgd.max_grad_norm)
-            valid = torch.ones((2, x.shape[0]), dtype=torch.bool, device=device)
-            _vmap_clipped_sum(flat, plan, rows, xs, ys, valid,
-                              torch.full((2, 1), clip, device=device), loss, got)
-        else:
-            weights = torch.full((2, x.shape[0]), 1.0 / x.shape[0], device=device)
-            _vmap_gradient(flat, plan, rows, xs, ys, weights, loss, got)
-        # the reference: per-client autograd through the module as the loop runs it (a
-        # disabled Opacus hook still wraps the outputs, and torch warns about that)
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for r in range(2):
-            params = {n: v.detach().clone().requires_grad_()
-                      for n, v in zip(names, _row_views(flat, rows[r]), strict=True)}
+        with warnings.catch_warnings():
+            got = torch.zeros_like(rows)
             if kind == "dp":
-                want = torch.zeros_like(base)
-                for b in range(x.shape[0]):
-                    out = torch.func.functional_call(flat.module, params, (x[b:b + 1],))
-                    grads = torch.autograd.grad(loss(out, y[b:b + 1]).sum(), list(params.values()))
-                    g = torch.cat([v.reshape(-1) for v in grads])
-                    want += g * min(1.0, clip / (float(g.norm()) + _NORM_EPS))
+                clip = float(oracle.dpsgd.max_grad_norm)
+                bounds = torch.full((2, 1), clip, device=device)
+                if plan.engine == "linear":
+                    _linear_clipped_sum(plan, rows, xs, ys, valid, bounds, loss, got)
+                else:
+                    _vmap_clipped_sum(flat, plan, rows, xs, ys, valid, bounds, loss, got)
             else:
-                out = torch.func.functional_call(flat.module, params, (x,))
-                grads = torch.autograd.grad(loss(out, y).mean(), list(params.values()))
-                want = torch.cat([g.reshape(-1) for g in grads])
-            if not torch.allclose(got[r], want, rtol=1e-5, atol=1e-6):
-                return BatchedPlan("loop", f"vmap engine does not reproduce the model's gradients"
-                                           f" ({why_not_linear})")
+                weights = valid.to(rows.dtype) / valid.sum(dim=1, keepdim=True).to(rows.dtype)
+                if plan.engine == "linear":
+                    _linear_gradient(plan, rows, xs, ys, weights, loss, got)
+                else:
+                    _vmap_gradient(flat, plan, rows, xs, ys, weights, loss, got)
+            # the reference: per-client autograd through the module as the loop runs it (a
+            # disabled Opacus hook still wraps the outputs, and torch warns about that)
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            names = tuple(n for n, _ in flat.module.named_parameters())
+            for r in range(2):
+                params = {n: v.detach().clone().requires_grad_()
+                          for n, v in zip(names, _row_views(flat, rows[r]), strict=True)}
+                xr, yr = samples[0][r], samples[1][r]
+                if kind == "dp":
+                    want = torch.zeros_like(base)
+                    for b in range(xr.shape[0]):
+                        out = torch.func.functional_call(flat.module, params, (xr[b:b + 1],))
+                        grads = torch.autograd.grad(loss(out, yr[b:b + 1]).sum(), list(params.values()))
+                        g = torch.cat([v.reshape(-1) for v in grads])
+                        want += g * min(1.0, clip / (float(g.norm()) + _NORM_EPS))
+                else:
+                    out = torch.func.functional_call(flat.module, params, (xr,))
+                    grads = torch.autograd.grad(loss(out, yr).mean(), list(params.values()))
+                    want = torch.cat([g.reshape(-1) for g in grads])
+                if not torch.allclose(got[r], want, rtol=1e-5, atol=1e-6):
+                    padded = " on a padded batch (its outputs depend on the other samples)" if r == 0 else ""
+                    return BatchedPlan("loop", f"{plan.engine} engine does not reproduce the model's "
+                                               f"gradients{padded}" + (f" ({why})" if why else ""))
     except Exception as err:  # any model code: the batched path just does not apply
-        return BatchedPlan("loop", f"vmap engine cannot run the model ({type(err).__name__}:"
-                                   f" {err}; {why_not_linear})")
+        return BatchedPlan("loop", f"{plan.engine} engine cannot run the model ({type(err).__name__}:"
+                                   f" {err}" + (f"; {why})" if why else ")"))
     return plan
 
 

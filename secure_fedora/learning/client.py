@@ -299,6 +299,13 @@ def local_train(
     """
     if lam < 0 or (lam > 0 and phi is None):
         raise ClientUpdateError(f"invalid regularization: lam={lam}, phi given: {phi is not None}")
+    who = "" if client is None else f"client {client}: "
+    if lam > 0 and theta.is_floating_point() and cfg.lr * lam > torch.finfo(theta.dtype).max:
+        # the pull's weight itself overflows theta's dtype: every step would make theta
+        # non-finite (as the batched engine finds), so say so before touching it
+        raise ClientUpdateError(f"{who}local training would produce non-finite parameters (the pull's"
+                                f" weight overflows {theta.dtype}); update discarded"
+                                f" ({diverged_hint(cfg.lr, lam)})")
     start = theta.clone()
     model = flat.bind(theta, workspace.grad)
     model.train()
@@ -317,7 +324,6 @@ def local_train(
             steps += 1
     if not torch.isfinite(theta).all():
         theta.copy_(start)
-        who = "" if client is None else f"client {client}: "
         raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
                                 f" ({diverged_hint(cfg.lr, lam)})")
     return steps

@@ -506,3 +506,61 @@ def test_a_diverging_pull_is_named_by_both_engines():
     with pytest.raises(BatchedTrainingError, match=r"pull diverged: lr \* lambda = 5e\+28 >= 2"):
         train_clients(flat, CFG_PLAIN, PlainGradient(16), _jobs(theta, data, phi=phi, lams=[1e30]))
     assert torch.equal(theta, before)
+
+
+def test_a_pull_whose_weight_overflows_is_named_by_both_engines():
+    """lr * lambda beyond float32's range: the loop says so before training, as the batched
+    engine does after, and both keep the rows."""
+    lam = 1e40
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([16])
+    theta = _matrix(flat, 1)
+    phi = theta + 1.0
+    before = theta.clone()
+    with pytest.raises(ClientUpdateError, match=r"client 0: .*pull diverged: lr \* lambda = "):
+        local_train(flat, theta[0], *data[0], CFG_PLAIN, PlainGradient(16), torch.Generator(),
+                    Workspace.for_size(flat.num_params), phi=phi[0], lam=lam, client=0)
+    assert torch.equal(theta, before)
+    with pytest.raises(BatchedTrainingError, match=r"pull diverged: lr \* lambda = "):
+        train_clients(flat, CFG_PLAIN, PlainGradient(16), _jobs(theta, data, phi=phi, lams=[lam]))
+    assert torch.equal(theta, before)
+
+
+def _batchnorm_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16, track_running_stats=False),
+                         nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_a_model_that_mixes_the_samples_of_a_batch_is_not_batched_and_equals_the_loop():
+    """BatchNorm without running statistics: a smaller client's batch, padded by the engine,
+    would change its statistics; the probe sees it and the loop trains every client."""
+    flat = FlatModel(_batchnorm_mlp())
+    data = _clients([24, 13, 6], shape=(1, 8, 8))
+    theta = _matrix(flat, 3)
+    reference = theta.clone()
+    _loop(flat, CFG_FULL, PlainGradient(8), reference, data)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(8), _jobs(theta, data))
+    assert outcome.engine == "loop"
+    assert "padded batch" in outcome.reason and "BatchNorm1d" in outcome.reason
+    assert torch.equal(theta, reference)
+
+
+def test_a_linear_layer_before_the_flatten_is_batched_with_vmap_and_matches_the_loop():
+    """nn.Linear acts on the last input dimension of a (B, 1, 8, 8) batch: the linear engine
+    (which reads each sample as a vector) fails its probe, and the vmap engine trains it."""
+    torch.manual_seed(0)
+    flat = FlatModel(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Flatten(), nn.Linear(32, 10)))
+    data = _clients([24, 13], shape=(1, 8, 8))
+    theta = _matrix(flat, 2)
+    reference = theta.clone()
+    _loop(flat, CFG_FULL, PlainGradient(8), reference, data)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(8), _jobs(theta, data))
+    assert outcome.engine == "vmap", outcome.reason
+    x, y = data[0]
+    assert "linear engine failed its probe" in batched_plan(flat, PlainGradient(8), x[:3], y[:3]).reason
+    _assert_rows_close(theta, reference)
+    # on inputs that are vectors per sample, the same layers are the linear engine's
+    flat_rows = FlatModel(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 10)))
+    x, y = torch.rand(5, 8), torch.randint(0, 10, (5,))
+    assert batched_plan(flat_rows, PlainGradient(4), x, y).engine == "linear"

@@ -332,6 +332,31 @@ def test_local_sends_nothing(tmp_path, tiny_clients):
     assert sim.methods["local"].exchange is None and "security" not in body["extra"]
 
 
+@pytest.mark.parametrize("propagation", ["dense", "sparse", "factored"])
+def test_fedora_with_envelopes_under_partial_participation(tmp_path, tiny_clients, propagation):
+    # sparse and factored operators compute a round's phi rows when they are sent, so the rows
+    # of clients that did not take part are still pending while the participants train and
+    # upload their theta rows: the upload check must not compute them from the trained theta
+    cfg = parse_config({
+        "name": "tiny", "seed": 1, "methods": ["fedora"],
+        "data": {"num_clients": 5, "train_per_client": 32, "val_per_client": 16,
+                 "test_per_client": 32, "groups": 2},
+        "training": {"rounds": 3, "local_epochs": 1, "batch_size": 16, "lr": 0.05,
+                     "participation": 0.6},
+        "fedora": {"k": 2, "propagation": propagation},
+        "security": {"envelopes": True},
+    })
+    sim = Simulation(cfg, tmp_path, clients=tiny_clients)
+    body = sim.run()["methods"]["fedora"]
+    fed = sim.methods["fedora"]
+    security = body["extra"]["security"]
+    assert security["rejections"] == [] and security["transport"]["messages_rejected"] == 0
+    assert security["transport"]["messages_accepted"] > 0
+    assert body["rounds"] == 3
+    # every phi row, pending or sent, is the last propagation's product of the final theta
+    assert torch.equal(fed.phi, fed.relatedness.operator.apply(fed.theta))
+
+
 def _exchange_for(method, tmp_path, channel):
     transport = SecureTransport.for_simulation(tmp_path, method.ctx.num_clients, method.name)
     uploads, downloads = method.message_state()
