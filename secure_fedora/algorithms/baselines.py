@@ -79,7 +79,7 @@ from secure_fedora.algorithms.methods import (
     _scalar,
 )
 from secure_fedora.core.registry import METHODS
-from secure_fedora.learning.client import GradientOracle, PlainGradient, evaluate
+from secure_fedora.learning.client import ClientUpdateError, GradientOracle, PlainGradient, evaluate
 from secure_fedora.learning.models import init_parameters
 
 log = logging.getLogger("secure_fedora.algorithms.baselines")
@@ -918,6 +918,10 @@ class IFCA(_Baseline, FederatedMethod):
                 f"IFCA expects {self.num_clusters} cluster models, got shape {tuple(clusters.shape)}")
         c = self.ctx.clients[i]
         x, y = (c.train_x, c.train_y) if self.selection_split == "train" else (c.val_x, c.val_y)
+        if x.shape[0] == 0:
+            raise ClientUpdateError(
+                f"IFCA: client {i} has an empty {self.selection_split} split, so it cannot choose a "
+                "cluster ([baselines.ifca] selection_split names the split it chooses on)")
         losses = torch.tensor(
             [evaluate(self.ctx.flat, clusters[k], x, y).loss for k in range(self.num_clusters)]
         )

@@ -1,5 +1,7 @@
 """Baselines: each one's defining behaviour on a tiny rotated-MNIST federation."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from secure_fedora.algorithms.baselines import (
 from secure_fedora.algorithms.methods import FedAvg, MethodContext
 from secure_fedora.core.config import parse_config
 from secure_fedora.experiments.sweep import method_factory
-from secure_fedora.learning.client import PlainGradient
+from secure_fedora.learning.client import ClientUpdateError, PlainGradient
 from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
 
 
@@ -284,6 +286,16 @@ def test_ifca_refuses_training_loss_selection_under_a_private_oracle(clients):
     # a baseline wrapper around the plain oracle is still plain
     wrapped = build_context(tiny(), clients, oracle=ProximalGradient(PlainGradient(16), 0.0))
     IFCA(wrapped, num_clusters=2, selection_split="train")
+
+
+def test_ifca_names_a_client_without_data_on_its_selection_split(clients):
+    emptied = list(clients)
+    emptied[3] = dataclasses.replace(clients[3], train_x=clients[3].train_x[:0],
+                                     train_y=clients[3].train_y[:0])
+    method = IFCA(build_context(tiny(), emptied), num_clusters=2)
+    with pytest.raises(ClientUpdateError, match="IFCA: client 3 has an empty train split"):
+        method.choose(3, method.clusters)
+    assert method.choose(0, method.clusters) in (0, 1)
 
 
 class _Private:
