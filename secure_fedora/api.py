@@ -175,10 +175,14 @@ class Experiment:
         """Run every configured method; writes ``run_dir`` (results.json, rounds.csv,
         checkpoints) and returns the :class:`Results`. A fresh run (``resume`` False) needs an
         empty or new ``run_dir`` (RunDirError otherwise: it would overwrite another run's
-        results); ``resume=True`` continues the run it holds."""
-        if not resume and self.run_dir.is_dir() and any(self.run_dir.iterdir()):
-            from secure_fedora.runtimes.rundir import RunDirError
+        results); ``resume=True`` continues the run it holds, and only that: the directory must
+        hold this configuration's checkpoints (``check_resumable``), checked before anything is
+        written (RunDirError or CheckpointError otherwise)."""
+        from secure_fedora.runtimes.rundir import RunDirError, check_resumable
 
+        if resume:
+            check_resumable(self.run_dir, self.config, config_copy_required=False)
+        elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
             raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a new or "
                               "empty run_dir, and run(resume=True) continues the run it holds")
         self.check()

@@ -8,7 +8,8 @@
   (another run's ledgers, results, checkpoints, or any other file) is refused; a fresh run
   that fails before writing anything but its config copy withdraws it
   (:func:`withdraw_unstarted_run`);
-- ``--resume`` needs the directory's ``config.toml`` to be the same configuration (same
+- ``--resume`` (and the Python API's ``Experiment.run(resume=True)``, whose runs hold no
+  ``config.toml``) needs the directory's ``config.toml`` to be the same configuration (same
   config hash) and a checkpoint to continue from: the configured methods' checkpoints must
   exist in order (a later method's checkpoint without an earlier method's is a gap), each
   readable, intact and written for this configuration; otherwise nothing is written. A run
@@ -27,7 +28,7 @@ from pathlib import Path
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
-__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "default_run_dir", "prepare_run_dir",
+__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "check_resumable", "default_run_dir", "prepare_run_dir",
            "withdraw_unstarted_run"]
 
 RUNS_FOLDER = Path("runs")
@@ -114,17 +115,20 @@ def _records_releases(run_dir: Path, method: str) -> bool:
                for pattern in ("*.jsonl", "*.journal") for p in folder.glob(pattern))
 
 
-def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
+def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
-    checkpoint to continue from (see the module docstring); reads only."""
-    from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint
-
+    checkpoint to continue from (see the module docstring); reads only. The Python API's runs
+    hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
+    order are checked all the same, and a config copy that is there must match."""
     if not run_dir.is_dir():
         raise RunDirError(f"--resume needs an existing run directory; {run_dir} does not exist")
     stored = run_dir / CONFIG_COPY
     if not stored.is_file():
-        raise RunDirError(f"--resume: {stored} is missing, so {run_dir} cannot be matched to "
-                          "this configuration")
+        if config_copy_required:
+            raise RunDirError(f"--resume: {stored} is missing, so {run_dir} cannot be matched to "
+                              "this configuration")
+        _check_checkpoints(run_dir, cfg)
+        return
     try:
         stored_cfg = load_config(stored)
     except ConfigError as err:
@@ -134,6 +138,15 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
             f"--resume: {run_dir} holds a run of another configuration ({stored} differs from "
             "the given config); resume with the config it was started with, or use a new --out"
         )
+    _check_checkpoints(run_dir, cfg)
+
+
+def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """The checkpoint half of :func:`check_resumable`: this configuration's methods'
+    checkpoints exist in order, each written for this configuration (or the first method's
+    releases are recorded: killed before its first checkpoint)."""
+    from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint
+
     expected = config_hash(cfg)
     present = [m for m in cfg.methods if (run_dir / "checkpoints" / f"{m}.pt").exists()]
     if not present and _records_releases(run_dir, cfg.methods[0]):

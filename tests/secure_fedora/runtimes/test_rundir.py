@@ -1,6 +1,7 @@
 """Runs never mix or lose data (issue 14 "Why" 3, 4 and 5): every refusal happens before a
 byte is written, and the refused directory is left exactly as it was."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,10 @@ import pytest
 import tomli_w
 
 from audits.cli import main as audit_main
+from secure_fedora.api import Experiment
 from secure_fedora.cli import main
+from secure_fedora.runtimes.inprocess import CheckpointError
+from secure_fedora.runtimes.rundir import RunDirError
 
 TINY = {
     "name": "tiny-run",
@@ -219,3 +223,43 @@ def test_a_start_killed_after_its_config_copy_can_start_again(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert run(config, run_dir) == 0
     assert (run_dir / "results.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def api_run(tmp_path_factory):
+    """A finished run of the Python API (which writes no config copy): FEDORA, 2 rounds."""
+    root = tmp_path_factory.mktemp("api")
+    doc = {**TINY, "methods": ["fedora"]}
+    Experiment(doc, run_dir=root / "run").run()
+    assert not (root / "run" / "config.toml").exists()
+    return doc, root / "run"
+
+
+@pytest.mark.parametrize(("methods", "message"), [
+    (["local"], "no checkpoint of 'local'"),                   # none of its methods ran here
+    (["local", "fedora"], r"checkpoint\(s\) of \['local'\] missing"),  # a gap before fedora
+])
+def test_api_resume_of_another_runs_directory_writes_nothing(api_run, tmp_path, methods, message):
+    doc, source = api_run
+    run_dir = copy_run(source, tmp_path)
+    before = snapshot(run_dir)
+    with pytest.raises(RunDirError, match=message):
+        Experiment({**doc, "seed": 7, "methods": methods}, run_dir=run_dir).run(resume=True)
+    assert snapshot(run_dir) == before
+
+
+def test_api_resume_with_another_config_of_the_same_methods_writes_nothing(api_run, tmp_path):
+    doc, source = api_run
+    run_dir = copy_run(source, tmp_path)
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        Experiment({**doc, "seed": 7}, run_dir=run_dir).run(resume=True)
+    assert snapshot(run_dir) == before
+
+
+def test_api_resume_of_its_own_finished_run_changes_no_result(api_run, tmp_path):
+    doc, source = api_run
+    run_dir = copy_run(source, tmp_path)
+    before = json.loads((run_dir / "results.json").read_text())["methods"]
+    after = Experiment(doc, run_dir=run_dir).run(resume=True)
+    assert after["methods"]["fedora"]["final"] == before["fedora"]["final"]
