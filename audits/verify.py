@@ -46,8 +46,10 @@
 6. **Close and anchor**: every ledger ends with exactly one signed ``close`` entry (a ledger
    without one is an error: its run did not finish, or its end was cut). The run's signed
    ``anchor.json`` -- or, stronger, a copy kept apart and passed as ``anchor=`` (CLI
-   ``--anchor FILE``) -- is checked: its Ed25519 signature (under the allowlisted
-   ``operator`` key when an allowlist is given); every ledger it names exists, its line
+   ``--anchor FILE``) -- is checked: its Ed25519 signature, by the run's signer party
+   (``operator`` in process, ``server`` on Flower: any other party is an error) under that
+   party's allowlisted key (an unregistered key is an error with an allowlist, a warning
+   without one); every ledger it names exists, its line
    ``final_index`` hashes to the anchored head and is its last line; no ledger it does not
    name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests.
 7. **Key location**: private signing keys inside the audited directory are an error when an
@@ -85,7 +87,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
-from privacy.accounting import MAX_NOISE_MULTIPLIER, AccountingSizeError, check_pld_size
+from privacy.accounting import MAX_NOISE_MULTIPLIER, MAX_STEPS, AccountingSizeError, check_pld_size
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS
@@ -117,6 +119,9 @@ CLOSE = "close"
 ANCHOR_FILENAME = "anchor.json"
 ANCHOR_DOMAIN = b"secure-fedora/anchor/v1\n"
 ANCHORED_FILES: tuple[str, ...] = ("config.toml", "results.json")
+#: Who signs a run's anchor, by runtime: the in-process runtime's key store operator, the
+#: Flower ServerApp's server key.
+ANCHOR_SIGNERS: dict[str, str] = {"in-process": "operator", "flower": "server"}
 ENTRY_FIELDS: tuple[str, ...] = (
     "index", "client_id", "round", "mechanism", "params", "epsilon_after", "delta",
     "budget_epsilon", "accountant", "timestamp", "prev_hash", "signature",
@@ -281,8 +286,18 @@ def _sha256(line: str) -> str:
     return hashlib.sha256(line.encode("utf-8")).hexdigest()
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+    """A finite int or float (not bool); an int too large for a float is not one."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _int(v: Any) -> bool:
@@ -338,8 +353,9 @@ def _release_problems(params: dict[str, Any]) -> list[str]:
                    f" {MAX_NOISE_MULTIPLIER:g}], got {nm!r}")
     if not _number(q) or not 0 < q <= 1:
         out.append(f"params.sample_rate must be in (0, 1], got {q!r}")
-    if not _int(steps) or steps < 1:
-        out.append(f"params.steps must be an int >= 1, got {steps!r}")
+    if not _int(steps) or not 1 <= steps <= MAX_STEPS:
+        shown = steps if not _int(steps) or steps.bit_length() < 64 else f"an int of {len(str(steps))} digits"
+        out.append(f"params.steps must be an int in [1, {MAX_STEPS:g}], got {shown!r}")
     return out
 
 
@@ -574,6 +590,11 @@ def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | No
     if not isinstance(doc, dict):
         findings.append(Finding("error", "results", f"{path} is not a JSON object"))
         return None
+    for key in ("methods", "privacy", "assumptions"):
+        if key in doc and not isinstance(doc[key], dict):
+            findings.append(Finding("error", "results", f"{path}: {key!r} must be an object, got"
+                                    f" {type(doc[key]).__name__}"))
+            doc = {k: v for k, v in doc.items() if k != key}
     return doc
 
 
@@ -762,6 +783,9 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             continue
         eps = e["epsilon_after"]
         mech = e["mechanism"]
+        if not isinstance(mech, str):  # reported by the schema check; nothing to account
+            releases.append(None)
+            continue
         if _number(eps):
             if prev_eps is not None and eps < prev_eps:
                 err(i, "epsilon_decreased", f"epsilon_after {eps!r} is below the previous"
@@ -974,7 +998,7 @@ def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
     fields = {"format", "version", "run_name", "config_hash", "created", "runtime", "methods",
               "files", "ledgers", "signer", "signature"}
     if not isinstance(doc, dict) or set(doc) != fields or doc.get("format") != \
-            "secure-fedora-anchor" or doc.get("version") != 1:
+            "secure-fedora-anchor" or not _int(doc.get("version")) or doc.get("version") != 1:
         return None, [Finding("error", "anchor", f"anchor {path} is not a version-1"
                               f" secure-fedora anchor with fields {sorted(fields)}")]
     problems = []
@@ -983,7 +1007,11 @@ def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
     if not isinstance(signer, dict) or not isinstance(signer.get("ed25519"), str) \
             or not isinstance(signer.get("party_id"), str):
         problems.append("signer must name party_id and its ed25519 key")
+    if doc["runtime"] not in ANCHOR_SIGNERS:
+        problems.append(f"runtime must be one of {sorted(ANCHOR_SIGNERS)}")
     if not isinstance(doc["files"], dict) or not isinstance(doc["methods"], list) \
+            or not all(isinstance(m, str) for m in doc["methods"]) \
+            or not all(isinstance(v, str) for v in doc["files"].values()) \
             or not isinstance(ledgers, dict) or not all(
                 isinstance(r, dict) and _int(r.get("final_index")) and r["final_index"] >= 0
                 and _int(r.get("entries")) and isinstance(r.get("head"), str)
@@ -1009,9 +1037,16 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
     its line ``final_index`` hashes to ``head`` and is its last line (a shorter ledger, a
     different head or a longer one is an error); no ledger exists that the anchor does not
     name; config.toml and results.json exist with the anchored digests; the signer is the
-    allowlisted ``operator`` when an allowlist was given."""
+    runtime's signer party (:data:`ANCHOR_SIGNERS`) with its allowlisted key."""
     out: list[Finding] = []
     signer = doc["signer"]
+    required = ANCHOR_SIGNERS[doc["runtime"]]
+    if signer["party_id"] != required:
+        # a client's or another party's key, even an allowlisted one, cannot vouch for a run
+        out.append(Finding("error", "anchor_signature", f"{label} is signed by"
+                           f" {signer['party_id']!r}; the anchor of {_article(doc['runtime'])} {doc['runtime']} run is"
+                           f" signed by the {required!r} key"))
+        return out
     registered = keys.get(signer["party_id"])
     if registered is not None and registered.verify_key_hex() != signer["ed25519"]:
         out.append(Finding("error", "anchor_signature", f"{label} is signed by a key that is"
@@ -1204,6 +1239,11 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         dirs = sorted({m for m, _ in found if m is not None})
         finished = [m for m in cfg.methods
                     if results is not None and m in results.get("methods", {})]
+        if results is not None and results.get("runtime") == "in-process":
+            for m in cfg.methods:  # the in-process runtime reports every configured method
+                if m not in finished:
+                    findings.append(Finding("error", "results", f"config.toml lists method {m!r}"
+                                            " but results.json reports nothing of it", None, None, m))
         expected_methods: list[str | None] = sorted(set(dirs) | set(finished)) if dirs \
             or finished else [None]
         have = {(m, p.stem) for m, p in found}

@@ -37,6 +37,10 @@ from privacy.errors import ToolkitError
 #: analyses overflow float64 (at 1e300 every accountant raised OverflowError).
 MAX_NOISE_MULTIPLIER = 1e6
 
+#: Largest step count one recorded release may claim: far beyond any run (a million steps a
+#: second for thirty years), and below where the accountants' float arithmetic overflows.
+MAX_STEPS = 10**15
+
 #: Largest PRV discretization grid (points) we let Opacus allocate. Opacus's PRV accountant
 #: allocates several float64 arrays of this length; beyond this it can exhaust memory
 #: (measured: a 125,000-step history is killed for memory on a 2-core CI machine).

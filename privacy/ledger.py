@@ -159,8 +159,13 @@ def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _is_number(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, int | float)
-            and math.isfinite(value))
+    """A finite int or float (not bool); an int too large for a float is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _field_problems(entry: dict[str, Any]) -> list[str]:

@@ -773,3 +773,87 @@ def test_results_without_an_anchor_fail(run_copy):
     assert not report.ok
     assert [f.check for f in report.errors] == ["anchor"]
     assert "missing although results.json is there" in report.errors[0].message
+
+
+def _resigned_anchor(run: Path, identity) -> None:
+    """anchor.json re-built from the run as it is now and signed by ``identity``."""
+    from secure_fedora.secure.anchor import build_anchor, write_anchor
+
+    old = json.loads((run / "anchor.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    write_anchor(run, build_anchor(
+        run, run_name=results["name"], config_hash=results["config_hash"],
+        methods=old["methods"], signer=identity,
+        ledgers={k: {"entries": v["entries"], "head": v["head"],
+                     "epsilon_spent": v["epsilon_spent"]} for k, v in old["ledgers"].items()}))
+
+
+def test_an_anchor_signed_by_anyone_but_the_operator_is_refused(run_copy, tmp_path):
+    """A client's own (allowlisted) key, or a fresh key under a party of its own, re-signed the
+    anchor over an edited results.json and passed (with --allowlist, and without it)."""
+    from privacy.identity import Identity
+
+    doc = json.loads((run_copy / "results.json").read_text())
+    for entry in doc["methods"].values():
+        entry["selected"]["mean"] = 0.99
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    for signer in (load_identity(keystore_of(run_copy), "client-000"), Identity.generate("auditor")):
+        _resigned_anchor(run_copy, signer)
+        for allowlist in (None, trusted):
+            report = verify_run(run_copy, allowlist=allowlist)
+            assert not report.ok
+            assert [f.check for f in report.errors] == ["anchor_signature"]
+            assert (f"signed by {signer.party_id!r}; the anchor of an in-process run is signed by"
+                    " the 'operator' key") in report.errors[0].message
+
+
+def test_huge_integers_and_wrongly_typed_fields_are_findings_not_crashes(run_copy):
+    """A 400-digit integer (OverflowError) or a list where a string or object belongs
+    (TypeError) crashed the verifier with a traceback."""
+    key = load_identity(keystore_of(run_copy), CID).signing_key
+
+    def tamper(entry):
+        entry["epsilon_after"] = 10 ** 400
+        entry["params"]["steps"] = 10 ** 400
+
+    write_lines(run_copy, _resign(lines_of(run_copy), 1, key, tamper))
+    other = "client-002"
+    okey = load_identity(keystore_of(run_copy), other).signing_key
+    write_lines(run_copy, _resign(lines_of(run_copy, other), 0, okey,
+                                  lambda e: e.__setitem__("mechanism", ["dpsgd"])), other)
+    report = verify_run(run_copy)
+    assert not report.ok
+    messages = [f.message for f in report.errors if f.client_id == CID]
+    assert any("epsilon_after must be a finite number" in m for m in messages)
+    assert any("params.steps must be an int in [1, 1e+15], got 'an int of 401 digits'" in m
+               for m in messages)
+    assert any("mechanism must be a non-empty string" in f.message
+               for f in report.errors if f.client_id == other)
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["methods"] = 5
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    report = verify_run(run_copy)
+    assert any(f.check == "results" and "'methods' must be an object, got int" in f.message
+               for f in report.errors)
+    anchor = json.loads((run_copy / "anchor.json").read_text())
+    anchor["methods"] = [["fedora"]]
+    (run_copy / "anchor.json").write_text(canonical_json(anchor) + "\n")
+    report = verify_run(run_copy)
+    assert any(f.check == "anchor" and "malformed" in f.message for f in report.errors)
+
+
+def test_a_configured_method_missing_from_an_in_process_results_json_is_an_error(run_copy):
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["runtime"] = "in-process"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    assert verify_run(run_copy).ok
+    del doc["methods"]["local"]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    report = verify_run(run_copy)
+    assert [(f.check, f.method) for f in report.errors] == [("results", "local")]
+    assert "config.toml lists method 'local' but results.json reports nothing of it" in \
+        report.errors[0].message

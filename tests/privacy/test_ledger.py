@@ -405,3 +405,14 @@ def test_entries_after_close_and_dishonest_closes_are_named(tmp_path):
         edit(bad[4])
         problems = verify_ledger(_resigned(bad), KEY.public_key())
         assert [(p.index, p.kind) for p in problems] == [(4, "bad_close")], problems
+
+
+def test_a_number_too_large_for_a_float_is_a_ledger_error_not_an_overflow(tmp_path):
+    path = _ledger(tmp_path, 2)
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["epsilon_after"] = 10 ** 400
+    lines[1] = json.dumps(entry)
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(LedgerError):
+        LedgerWriter(path, "c1", KEY)
