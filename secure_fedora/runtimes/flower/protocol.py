@@ -290,7 +290,7 @@ class RunSettings:
     connect_timeout: float
     round_timeout: float
     poll_interval: float
-    num_threads: int
+    num_threads: int  # [training] threads when the experiment sets it, else run config 'num-threads'
     reproducible_dp_noise: bool
     compare_methods: bool
     identity_dir: Path
@@ -365,7 +365,9 @@ class RunSettings:
             connect_timeout=values["connect-timeout"],
             round_timeout=values["round-timeout"],
             poll_interval=values["poll-interval"],
-            num_threads=threads,
+            # the experiment's [training] threads, when set, is every app's thread count, as
+            # in process: a client's float results (its lambda gate included) depend on it
+            num_threads=cfg.training.threads if cfg.training.threads is not None else threads,
             reproducible_dp_noise=reproducible,
             compare_methods=compare,
             identity_dir=dirs["identity-dir"],

@@ -196,6 +196,17 @@ def test_run_settings_validate_every_key(tmp_path: Path) -> None:
         RunSettings.from_run_config(rc)
 
 
+def test_the_experiments_thread_count_is_every_apps_thread_count(tmp_path: Path) -> None:
+    """[training] threads set: the apps use it (as the in-process runtime does), whatever the
+    run config's num-threads; unset: num-threads. A client's float results, and so FEDORA's
+    lambda gate, depend on the thread count: the runtimes agree only at the same count."""
+    cfg = tiny_config()
+    assert RunSettings.from_run_config(run_config(cfg, tmp_path, **{"num-threads": 3})).num_threads == 3
+    threaded = cfg.model_copy(update={"training": cfg.training.model_copy(update={"threads": 2})})
+    settings = RunSettings.from_run_config(run_config(threaded, tmp_path, **{"num-threads": 1}))
+    assert settings.num_threads == 2
+
+
 def test_unsupported_settings_are_refused_by_name() -> None:
     check_supported(tiny_config())
     data = json.loads(json.dumps(TINY))
