@@ -920,11 +920,16 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     silent = sorted(set(range(n)) - run.evaluated)
     if silent:
         # their metrics would be the tracker's zero placeholders: made-up results
+        last = {e["client"]: e["event"] for e in server.events
+                if e.get("client") in silent and e.get("method") == name}
+        why = "; ".join(f"client {c}: {last[c]}" for c in silent if c in last)
         raise DeployError(
-            f"{name}: clients {silent} never reported an evaluation (no reply within the round"
-            f" timeout of {server.settings.round_timeout:g} s in any evaluated round), so their"
-            " metrics are unknown and no results are written; raise the round timeout (a"
-            " ClientApp process takes seconds to start) or check those SuperNodes' logs")
+            f"{name}: clients {silent} never reported an evaluation, so their metrics are"
+            " unknown and no results are written"
+            + (f"; their last events: {why}" if why else
+               f" (no reply within the round timeout of {server.settings.round_timeout:g} s in"
+               " any evaluated round; raise the round timeout, a ClientApp process takes"
+               " seconds to start, or check those SuperNodes' logs)"))
     unclosed = sorted(set(range(n)) - run.answered_last) if cfg.privacy.enabled else []
     if unclosed:
         # a DP client closes its ledger when it answers the final evaluation: without the

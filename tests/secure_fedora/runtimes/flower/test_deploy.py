@@ -611,6 +611,21 @@ def test_a_client_that_never_reports_an_evaluation_fails_the_run(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_run_whose_clients_all_fail_names_their_error_not_a_timeout(tmp_path: Path) -> None:
+    """Every ClientApp refused device = 'cuda' on a machine without a GPU; the run stopped
+    saying no reply came within the round timeout, the cause only in the logged events."""
+    cfg = with_methods(tiny_config(rounds=1), "fedavg")
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"device": "cuda"})})
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(DeployError, match=r"clients \[0, 1, 2\] never reported an evaluation.*"
+                                          r"their last events: client 0: error reply .*DeviceError"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_refuses_missing_clients_and_duplicate_partitions(tmp_path: Path) -> None:
     cfg = tiny_config()
     rc = run_config(cfg, tmp_path, **{"connect-timeout": 0.1, "round-timeout": 0.3})
