@@ -814,8 +814,8 @@ class Fedora(FederatedMethod):
         propagation runs in the clear over TLS."""
         if cfg.fedora.propagation == "encrypted":
             return ("fedora.propagation = 'encrypted' (the Flower runtime propagates in the clear"
-                    " over TLS; use 'dense' or 'power', or the in-process runtime for encrypted"
-                    " propagation)")
+                    " over TLS; use 'auto', 'dense', 'factored', 'sparse' or 'power', or the"
+                    " in-process runtime for encrypted propagation)")
         return None
 
     @classmethod

@@ -151,8 +151,8 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,
     The Flower runtime runs every registered method that implements the method contract
     (:class:`~secure_fedora.algorithms.contract.FederatedAlgorithm`), with or without
     differential privacy (DP-SGD, budgets, signed ledgers, private validation); FEDORA with
-    every relatedness mode (plain, noised, encrypted, noised+encrypted) and dense or power
-    propagation. It does not implement encrypted propagation (``fedora.propagation =
+    every relatedness mode (plain, noised, encrypted, noised+encrypted) and every propagation
+    operator but the encrypted one (auto, dense, factored, sparse, power). It does not implement encrypted propagation (``fedora.propagation =
     "encrypted"``), nor user data, models or losses (the SuperNodes build the built-in ones);
     running such a config any other way would silently weaken or change what it asks for, so
     it is an error naming the setting.
