@@ -73,6 +73,10 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
 
         sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round, keystore=args.keystore)
         if cfg.privacy.enabled:
+            from secure_fedora.secure.private import check_budget_plans
+
+            for name in cfg.methods:  # a plan over budget refuses the run before a key is made
+                check_budget_plans(cfg, name, len(sim.clients))
             key_dir = sim.key_dir
             if sim.keystore_created:
                 progress.console.print(
@@ -95,6 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         withdraw_unstarted_run,
     )
 
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty: name the run directory, or leave --out out for "
+                          "runs/<name>-<timestamp>")
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out, the run directory to continue")
     try:

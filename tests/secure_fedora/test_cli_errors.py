@@ -183,9 +183,10 @@ def test_a_dp_plan_over_budget_leaves_its_out_reusable(tmp_path, capsys):
     keystore = tmp_path / "keystore"
     assert main(["run", str(refused), "--out", str(out), "--quiet",
                  "--keystore", str(keystore)]) == 2
-    err = capsys.readouterr().err  # (also the note that the key store was created)
+    err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines()[-1].startswith("error: ")
     assert "over budget" in err and not out.exists()
+    assert not keystore.exists()  # refused before any key was made
     assert main(["run", str(good), "--out", str(out), "--quiet", "--keystore", str(keystore)]) == 0
     assert (out / "results.json").is_file()
 
@@ -293,3 +294,13 @@ def test_console_script_exit_code_and_single_line(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "fedora.k" in one_error_line(proc.stderr)
+
+
+def test_an_empty_out_is_an_error_not_the_default_directory(tmp_path, capsys, monkeypatch):
+    """`run CONFIG --out ''` ran into runs/<name>-<timestamp>, as if --out were not given."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "c.toml", {"data": {"num_clients": 2}})
+    for empty in ("", "  "):
+        assert main(["run", str(config), "--out", empty, "--quiet"]) == 2
+        assert "--out is empty" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
