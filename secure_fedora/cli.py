@@ -73,10 +73,8 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
 
         sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round, keystore=args.keystore)
         if cfg.privacy.enabled:
-            from secure_fedora.secure.private import check_budget_plans
-
             for name in cfg.methods:  # a plan over budget refuses the run before a key is made
-                check_budget_plans(cfg, name, len(sim.clients))
+                sim.budget_plans(name)
             key_dir = sim.key_dir
             if sim.keystore_created:
                 progress.console.print(

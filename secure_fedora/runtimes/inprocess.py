@@ -603,6 +603,7 @@ class Simulation:
             raise ValueError(f"inputs_outside_config may name 'data' and 'model', got {unknown}")
         self.inputs_outside_config = tuple(inputs_outside_config)
         self._key_dir: Path | None = None
+        self._budget_plans: dict[str, Any] = {}
         self.keystore_created: bool = False
         # Binds every in-process envelope to this run and its method (messages never outlive
         # the process, so a fresh random id per Simulation is enough).
@@ -672,6 +673,16 @@ class Simulation:
                 self._key_dir = path
         return self._key_dir
 
+    def budget_plans(self, name: str) -> Any:
+        """``check_budget_plans`` of method ``name`` (accountant choice and calibrated plans),
+        computed once per run: raises ``BudgetPlanError`` for a plan over budget. Call it before
+        :attr:`key_dir` so that a refused run makes no key."""
+        if name not in self._budget_plans:
+            from secure_fedora.secure.private import check_budget_plans
+
+            self._budget_plans[name] = check_budget_plans(self.cfg, name, len(self.clients))
+        return self._budget_plans[name]
+
     def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
         """Run (or resume) one method to the configured number of rounds; with privacy, a
         finished method's ledgers end with their signed close entry."""
@@ -695,10 +706,10 @@ class Simulation:
         if not self.cfg.privacy.enabled:
             return None
         from secure_fedora.secure.keystore import publish_public_keys, run_party_ids
-        from secure_fedora.secure.private import FederationPrivacy, check_budget_plans
+        from secure_fedora.secure.private import FederationPrivacy
 
         # calibrate first: a plan over budget refuses the run before its keys are published
-        calibrated = check_budget_plans(self.cfg, name, len(self.clients))
+        calibrated = self.budget_plans(name)
         key_dir = self.key_dir
         publish_public_keys(key_dir, self.run_dir / "keys", run_party_ids(len(self.clients)))
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
