@@ -682,6 +682,19 @@ def test_deleted_method_or_config_and_ledger_fail_against_the_anchor(run_copy, t
                for f in report.errors)
 
 
+def _resigned_anchor(run: Path, identity) -> None:
+    """anchor.json re-built from the run as it is now and signed by ``identity``."""
+    from secure_fedora.secure.anchor import build_anchor, write_anchor
+
+    old = json.loads((run / "anchor.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    write_anchor(run, build_anchor(
+        run, run_name=results["name"], config_hash=results["config_hash"],
+        methods=old["methods"], signer=identity,
+        ledgers={k: {"entries": v["entries"], "head": v["head"],
+                     "epsilon_spent": v["epsilon_spent"]} for k, v in old["ledgers"].items()}))
+
+
 def test_replaced_or_edited_anchor_is_caught(run_copy, tmp_path):
     kept = tmp_path / "anchor-copy.json"
     shutil.copyfile(run_copy / "anchor.json", kept)
@@ -695,15 +708,8 @@ def test_replaced_or_edited_anchor_is_caught(run_copy, tmp_path):
     assert "differs from the given anchor" in report.errors[0].message
     # A forger re-signs a new anchor with a key of their own: the allowlist refuses it.
     from privacy.identity import Identity
-    from secure_fedora.secure.anchor import build_anchor, write_anchor
 
-    forger = Identity.generate("operator")
-    results = json.loads((run_copy / "results.json").read_text())
-    write_anchor(run_copy, build_anchor(
-        run_copy, run_name=results["name"], config_hash=results["config_hash"],
-        methods=doc["methods"], signer=forger,
-        ledgers={k: {"entries": v["entries"], "head": v["head"],
-                     "epsilon_spent": v["epsilon_spent"]} for k, v in doc["ledgers"].items()}))
+    _resigned_anchor(run_copy, Identity.generate("operator"))
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
     report = verify_run(run_copy, allowlist=trusted)
@@ -773,19 +779,6 @@ def test_results_without_an_anchor_fail(run_copy):
     assert not report.ok
     assert [f.check for f in report.errors] == ["anchor"]
     assert "missing although results.json is there" in report.errors[0].message
-
-
-def _resigned_anchor(run: Path, identity) -> None:
-    """anchor.json re-built from the run as it is now and signed by ``identity``."""
-    from secure_fedora.secure.anchor import build_anchor, write_anchor
-
-    old = json.loads((run / "anchor.json").read_text())
-    results = json.loads((run / "results.json").read_text())
-    write_anchor(run, build_anchor(
-        run, run_name=results["name"], config_hash=results["config_hash"],
-        methods=old["methods"], signer=identity,
-        ledgers={k: {"entries": v["entries"], "head": v["head"],
-                     "epsilon_spent": v["epsilon_spent"]} for k, v in old["ledgers"].items()}))
 
 
 def test_an_anchor_signed_by_anyone_but_the_operator_is_refused(run_copy, tmp_path):

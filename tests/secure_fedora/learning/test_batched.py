@@ -492,36 +492,24 @@ def test_a_dp_step_is_a_mean_gradient_whatever_the_client_size(engine):
     torch.testing.assert_close(moved[1], moved[0], atol=1e-6, rtol=1e-4)
 
 
-def test_a_diverging_pull_is_named_by_both_engines():
-    """lr * lambda >= 2 makes FEDORA's pull diverge: both engines say so and keep the rows."""
+@pytest.mark.parametrize(("lam", "named"), [
+    (1e30, r"pull diverged: lr \* lambda = 5e\+28 >= 2"),  # diverges while training
+    (1e40, r"pull diverged: lr \* lambda = 5e\+38 >= 2"),  # beyond float32: said before training
+], ids=["diverging", "overflowing-float32"])
+def test_a_diverging_pull_is_named_by_both_engines(lam, named):
+    """lr * lambda >= 2 makes FEDORA's pull diverge: both engines say so and keep the rows
+    (a weight beyond float32's range: the loop says so before training, as the batched
+    engine does after)."""
     flat = FlatModel(make_model("mlp", seed=0))
     data = _clients([16])
     theta = _matrix(flat, 1)
     phi = theta + 1.0
     before = theta.clone()
-    with pytest.raises(ClientUpdateError, match=r"pull diverged: lr \* lambda = 5e\+28 >= 2"):
-        local_train(flat, theta[0], *data[0], CFG_PLAIN, PlainGradient(16), torch.Generator(),
-                    Workspace.for_size(flat.num_params), phi=phi[0], lam=1e30, client=0)
-    assert torch.equal(theta, before)
-    with pytest.raises(BatchedTrainingError, match=r"pull diverged: lr \* lambda = 5e\+28 >= 2"):
-        train_clients(flat, CFG_PLAIN, PlainGradient(16), _jobs(theta, data, phi=phi, lams=[1e30]))
-    assert torch.equal(theta, before)
-
-
-def test_a_pull_whose_weight_overflows_is_named_by_both_engines():
-    """lr * lambda beyond float32's range: the loop says so before training, as the batched
-    engine does after, and both keep the rows."""
-    lam = 1e40
-    flat = FlatModel(make_model("mlp", seed=0))
-    data = _clients([16])
-    theta = _matrix(flat, 1)
-    phi = theta + 1.0
-    before = theta.clone()
-    with pytest.raises(ClientUpdateError, match=r"client 0: .*pull diverged: lr \* lambda = "):
+    with pytest.raises(ClientUpdateError, match=r"client 0: .*" + named):
         local_train(flat, theta[0], *data[0], CFG_PLAIN, PlainGradient(16), torch.Generator(),
                     Workspace.for_size(flat.num_params), phi=phi[0], lam=lam, client=0)
     assert torch.equal(theta, before)
-    with pytest.raises(BatchedTrainingError, match=r"pull diverged: lr \* lambda = "):
+    with pytest.raises(BatchedTrainingError, match=named):
         train_clients(flat, CFG_PLAIN, PlainGradient(16), _jobs(theta, data, phi=phi, lams=[lam]))
     assert torch.equal(theta, before)
 
