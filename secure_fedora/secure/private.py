@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -408,6 +408,46 @@ class ClientPrivacy:
         return self.gate.accountant.epsilon(self.budget.delta) if self.gate.accountant.history else 0.0
 
 
+def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudget],
+               plans: Mapping[tuple[float, float], ClientPlan], accountant: str,
+               choice: AccountantChoice | None, stages: Mapping[str, list[str]]
+               ) -> list[dict[str, Any]]:
+    """One row per distinct ``(epsilon, delta)`` in ``budgets`` (clients in order), in order of
+    first appearance: its calibrated noise, planned releases and planned epsilon under
+    ``accountant`` and every automatic candidate, and how many clients hold it
+    (``privacy.<method>.plan`` of results.json, identical in both runtimes: a function of the
+    config and the calibration only)."""
+    sample_rate, steps = sample_rate_for(cfg), steps_per_round(cfg)
+    rows: dict[tuple[float, float], dict[str, Any]] = {}
+    for budget in budgets:
+        key = (budget.epsilon, budget.delta)
+        if key not in rows:
+            plan = plans[key]
+            noise = plan.dpsgd_noise
+            rows[key] = {
+                "method": method, "epsilon_budget": budget.epsilon, "delta": budget.delta,
+                "noise_multiplier": round(noise, 6), "sample_rate": sample_rate,
+                "steps_per_round": steps, "rounds": cfg.training.rounds,
+                "planned_epsilon": round(plan_epsilon(plan.releases, budget.delta, noise,
+                                                      accountant), 6),
+                **noise_assumptions(cfg),
+                **{f"planned_epsilon_{name}": _plan_epsilon_or_none(
+                    plan.releases, budget.delta, noise, name) for name in AUTO_CANDIDATES},
+                "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate:g}"
+                             + (f", sigma={r.noise_multiplier:g})" if r.noise_multiplier else ")")
+                             for r in plan.releases],
+                "clients": 0,
+            }
+        rows[key]["clients"] += 1
+    out = list(rows.values())
+    for row in out:
+        row["release_stages"] = dict(stages)
+        row["accountant"] = accountant
+        if choice is not None:
+            row["accountant_reason"] = choice.reason
+    return out
+
+
 @dataclass
 class FederationPrivacy:
     """The privacy side of one method's run: one :class:`ClientPrivacy` per client.
@@ -695,34 +735,9 @@ class FederationPrivacy:
 
     def plan_rows(self) -> list[dict[str, Any]]:
         """The plan per distinct budget, for printing before training and for results.json."""
-        rows = {}
-        for c in self.clients:
-            key = (c.budget.epsilon, c.budget.delta)
-            if key not in rows:
-                rows[key] = {
-                    "method": self.method, "epsilon_budget": c.budget.epsilon, "delta": c.budget.delta,
-                    "noise_multiplier": round(c.noise_multiplier, 6), "sample_rate": self.sample_rate,
-                    "steps_per_round": self.steps, "rounds": self.cfg.training.rounds,
-                    "planned_epsilon": round(self.planned_epsilon(c.index), 6),
-                    **noise_assumptions(self.cfg),
-                    **{f"planned_epsilon_{name}": _plan_epsilon_or_none(
-                        c.plan.releases, c.budget.delta, c.noise_multiplier, name)
-                       for name in AUTO_CANDIDATES},
-                    "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate:g}"
-                                 + (f", sigma={r.noise_multiplier:g})" if r.noise_multiplier else ")")
-                                 for r in c.plan.releases],
-                    "clients": 0,
-                }
-            rows[key]["clients"] += 1
-        out = list(rows.values())
-        choice = self.accountant_choice
-        stages = self.declared_release_stages()
-        for row in out:
-            row["release_stages"] = stages
-            row["accountant"] = self.accountant
-            if choice is not None:
-                row["accountant_reason"] = choice.reason
-        return out
+        return plan_table(self.cfg, self.method, [c.budget for c in self.clients],
+                          {(c.budget.epsilon, c.budget.delta): c.plan for c in self.clients},
+                          self.accountant, self.accountant_choice, self.declared_release_stages())
 
     def _admission_stages(self, i: int) -> list[Any]:
         """The stages from the gate to the journal, shared by all of client ``i``'s releases:

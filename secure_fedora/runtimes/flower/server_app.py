@@ -281,6 +281,9 @@ class _Server:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     privacy: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     refused: dict[str, set[int]] = field(default_factory=dict)
+    # per method under DP: the accountant choice and plans, calibrated from the config as each
+    # client calibrates its own (check_budget_plans), for results.json's privacy section
+    plans: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     # Kept for the encrypted relatedness ceremony (secure_fedora.runtimes.flower.ceremony).
     relatedness_timing: dict[str, Any] = field(default_factory=dict)
@@ -961,18 +964,42 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
 def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     """``privacy.<name>``: each client's spending as it last reported it (signed), and the
     stages each of its releases passes on its node (every reply signed by its pipeline)."""
-    from secure_fedora.secure.private import noise_assumptions, release_stage_names
+    from secure_fedora.secure.private import (
+        client_budget,
+        noise_assumptions,
+        plan_table,
+        release_stage_names,
+        sample_rate_for,
+        steps_per_round,
+    )
 
+    cfg = server.cfg
     reported = server.privacy.get(name, {})
     refused = server.refused.get(name, set())
+    choice, plans = server.plans[name]
+    stages = release_stage_names(cfg, name, signed=True, journaled=False)
+    budgets = [client_budget(cfg, c) for c in range(cfg.data.num_clients)]
+
+    def planned(c: int) -> dict[str, Any]:
+        budget = budgets[c]
+        return {"epsilon_budget": budget.epsilon, "delta": budget.delta,
+                "noise_multiplier": plans[(budget.epsilon, budget.delta)].dpsgd_noise}
+
     return {
         "method": name,
-        **noise_assumptions(server.cfg),
-        "release_stages": release_stage_names(server.cfg, name, signed=True, journaled=False),
-        "note": "as last reported by each client in a signed reply; its signed ledger is the "
-                "record",
-        "clients": [{"client": server.client_ids[c], "index": c, **reported.get(c, {}),
-                     "refused": c in refused} for c in range(server.cfg.data.num_clients)],
+        **noise_assumptions(cfg),
+        "accountant": choice.name,
+        "accountant_choice": choice.to_json(),
+        "plan": plan_table(cfg, name, budgets, plans, choice.name, choice, stages),
+        "release_stages": stages,
+        "sample_rate": sample_rate_for(cfg),
+        "steps_per_round": steps_per_round(cfg),
+        "note": "budgets, noise and plan as calibrated from the config (every client "
+                "calibrates its own the same way); spending as last reported by each client "
+                "in a signed reply; its signed ledger is the record",
+        "clients": [{"client": server.client_ids[c], "index": c, **planned(c),
+                     **reported.get(c, {}), "refused": c in refused}
+                    for c in range(cfg.data.num_clients)],
     }
 
 
@@ -983,14 +1010,14 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
 
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise, settings.compare_methods)
+    plans = {}
     if cfg.privacy.enabled:  # a plan over any client's budget stops here, before any message
         from secure_fedora.secure.private import check_budget_plans
 
-        for name in cfg.methods:
-            check_budget_plans(cfg, name, cfg.data.num_clients)
+        plans = {name: check_budget_plans(cfg, name, cfg.data.num_clients) for name in cfg.methods}
     torch.set_num_threads(settings.num_threads)
     n = cfg.data.num_clients
-    server = _Server(settings=settings, run_id=run_id)
+    server = _Server(settings=settings, run_id=run_id, plans=plans)
     started = time.time()
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)

@@ -280,6 +280,16 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(
         assert np.allclose(ours["selected"]["per_client"], outcome.selected["per_client"],
                            atol=1e-4, rtol=0)
         spent = {r["client"]: r["epsilon_spent"] for r in sim.privacy[method]["clients"]}
+        theirs, mine = sim.privacy[method], results["privacy"][method]
+        for key in ("accountant", "accountant_choice", "sample_rate", "steps_per_round"):
+            assert mine[key] == theirs[key], key  # the same calibration, in both runtimes
+        # the same plan; only the stages differ (a node signs its replies, journaled apart)
+        assert [{**r, "release_stages": None} for r in mine["plan"]] == \
+            [{**r, "release_stages": None} for r in theirs["plan"]]
+        assert mine["plan"][0]["release_stages"] == mine["release_stages"]
+        for row, twin in zip(mine["clients"], theirs["clients"], strict=True):
+            for key in ("epsilon_budget", "delta", "noise_multiplier"):
+                assert row[key] == twin[key], key
         (audit / "ledgers" / method).mkdir(parents=True)
         for c, cid in enumerate(client_ids(3)):
             row = results["privacy"][method]["clients"][c]
