@@ -49,6 +49,7 @@ from privacy.accounting import (
     PrivacyBudget,
     calibrate_noise_multiplier,
     plan_epsilon,
+    round_up,
 )
 from privacy.identity import client_ids, load_identity
 from privacy.journal import JournalError, ReleaseJournal, payload_digest
@@ -223,10 +224,10 @@ class AccountantChoice:
 
 def _plan_epsilon_or_none(releases: Sequence[PlannedRelease], delta: float, noise: float,
                           accountant: str) -> float | None:
-    """The plan's epsilon under ``accountant`` (rounded), None where that accountant cannot
+    """The plan's epsilon under ``accountant`` (rounded up), None where that accountant cannot
     evaluate it within its memory guard (it is then not the run's accountant)."""
     try:
-        return round(plan_epsilon(releases, delta, noise, accountant), 6)
+        return round_up(plan_epsilon(releases, delta, noise, accountant))
     except AccountingSizeError:
         return None
 
@@ -428,8 +429,8 @@ def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudg
                 "method": method, "epsilon_budget": budget.epsilon, "delta": budget.delta,
                 "noise_multiplier": round(noise, 6), "sample_rate": sample_rate,
                 "steps_per_round": steps, "rounds": cfg.training.rounds,
-                "planned_epsilon": round(plan_epsilon(plan.releases, budget.delta, noise,
-                                                      accountant), 6),
+                "planned_epsilon": round_up(plan_epsilon(plan.releases, budget.delta, noise,
+                                                         accountant)),
                 **noise_assumptions(cfg),
                 **{f"planned_epsilon_{name}": _plan_epsilon_or_none(
                     plan.releases, budget.delta, noise, name) for name in AUTO_CANDIDATES},
@@ -993,7 +994,7 @@ class FederationPrivacy:
             "steps_per_round": self.steps,
             "clients": [
                 {"client": c.client_id, "epsilon_budget": c.budget.epsilon, "delta": c.budget.delta,
-                 "epsilon_spent": round(c.epsilon, 6), "noise_multiplier": c.noise_multiplier,
+                 "epsilon_spent": round_up(c.epsilon), "noise_multiplier": c.noise_multiplier,
                  "refused_at_round": c.refused_at, "ledger_entries": len(c.ledger.entries),
                  "ledger_head": c.ledger.head[1]}
                 for c in self.clients

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -375,3 +376,19 @@ def test_a_noise_multiplier_beyond_the_analyses_range_is_refused_when_recorded()
         assert 0 <= acc.epsilon(DELTA) < 0.01
         with pytest.raises(AccountingError, match="at most"):
             acc.record(1e300, 1.0, 1)
+
+
+@pytest.mark.parametrize("value", [0.993920414924093, 0.01990025730349798, 7.9348940000000001,
+                                   1.0, 0.0, 123456.1234564999, 1e-9, 2.5e-7])
+def test_round_up_never_shows_less_than_the_value_and_at_most_one_unit_more(value):
+    from privacy.accounting import round_up
+
+    shown = round_up(value)
+    assert value <= shown <= value + 1e-6 + 1e-12
+    assert abs(shown * 1e6 - round(shown * 1e6)) < 1e-3  # six decimals
+
+
+def test_round_up_keeps_infinity_and_nan():
+    from privacy.accounting import round_up
+
+    assert round_up(math.inf) == math.inf and math.isnan(round_up(math.nan))

@@ -87,6 +87,10 @@ def test_dp_run_keeps_keys_outside_and_its_anchor_refuses_a_cut_ledger(tmp_path,
     config.write_text(DP_TINY)
     out = tmp_path / "run"
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    for row in json.loads((out / "results.json").read_text())["privacy"]["fedora"]["clients"]:
+        last = (out / "ledgers" / "fedora" / f"{row['client']}.jsonl").read_text().splitlines()[-1]
+        accounted = json.loads(last)["epsilon_after"]  # results.json never shows less
+        assert accounted <= row["epsilon_spent"] <= accounted + 1e-6
     store = Path(os.environ["SECURE_FEDORA_KEYSTORE_HOME"]) / "dp-tiny"
     note = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
     # printed as written: "[security]" was taken for markup and dropped

@@ -517,3 +517,26 @@ def test_release_model_checks_the_steps_then_signs_the_envelope(tmp_path):
         assert out.metadata["signed"] and out.records == c.admitted.records
     finally:
         privacy.close()
+
+
+def test_results_show_every_spent_and_planned_epsilon_rounded_up(tmp_path, clients):
+    """results.json's epsilons (spent and planned) are never shown below the accounted ones:
+    six decimals, rounded up."""
+    from privacy.accounting import MechanismRecord, plan_epsilon
+    from privacy.pipeline import Release
+
+    privacy = _private_fedora(tmp_path)
+    try:
+        for i, c in enumerate(privacy.clients):  # spend something whose 7th decimal is below 5
+            c.gate.process(Release("other", torch.zeros(1), 0,
+                                   [MechanismRecord("other", 3.0 + 0.0137 * i, 1.0)]))
+        summary = privacy.summary()
+        spent = [c.epsilon for c in privacy.clients]
+        planned = [plan_epsilon(c.plan.releases, c.budget.delta, c.noise_multiplier,
+                                privacy.accountant) for c in privacy.clients]
+    finally:
+        privacy.close()
+    shown = [row["epsilon_spent"] for row in summary["clients"]]
+    assert all(e <= s <= e + 1e-6 for e, s in zip(spent, shown, strict=True)), (spent, shown)
+    assert any(round(e, 6) < e for e in spent)  # rounding to nearest would have shown less
+    assert planned[0] <= summary["plan"][0]["planned_epsilon"] <= planned[0] + 1e-6
