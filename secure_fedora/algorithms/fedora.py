@@ -111,12 +111,28 @@ def similarity_matrix(overlaps: Tensor, tau: float = 10.0) -> Tensor:
     if not torch.isfinite(overlaps).all():
         raise RelatednessError("overlaps contain NaN or infinite values")
     cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
-    s = torch.exp(tau * cosines.sum(dim=-1))
+    s = _exp_similarities(cosines.sum(dim=-1), tau)
+    s.fill_diagonal_(0.0)
+    return s
+
+
+def _exp_similarities(cosine_sums: Tensor, tau: float) -> Tensor:
+    """``exp(tau * cosine_sums)``; RelatednessError naming ``fedora.tau`` where it overflows."""
+    s = torch.exp(tau * cosine_sums)
     if not torch.isfinite(s).all():
         raise RelatednessError(f"fedora.tau = {tau:g}: exp(tau * sum of the cosines) overflows "
                                "float64 (tau * q must stay below about 709); lower fedora.tau")
-    s.fill_diagonal_(0.0)
     return s
+
+
+def _normalized(values: Tensor, dim: int) -> Tensor:
+    """``values`` divided by their sums along ``dim``; RelatednessError where a sum overflows
+    (each similarity finite, their sum not), which would silently zero the row."""
+    sums = values.sum(dim=dim, keepdim=True)
+    if not torch.isfinite(sums).all():
+        raise RelatednessError("a client's top-k similarities sum beyond float64 (each is "
+                               "exp(tau * sum of the cosines), near its limit); lower fedora.tau")
+    return values / sums
 
 
 def topk_graph(similarity: Tensor, k: int) -> Tensor:
@@ -143,7 +159,7 @@ def topk_graph(similarity: Tensor, k: int) -> Tensor:
     if (row_sums <= 0).any():
         rows = torch.nonzero(row_sums.squeeze(1) <= 0).flatten().tolist()
         raise RelatednessError(f"rows {rows} have no positive similarity to any other client")
-    return graph / row_sums
+    return _normalized(graph, dim=1)
 
 
 def propagation_matrix(graph: Tensor, alpha: float = 0.8) -> Tensor:
@@ -320,10 +336,10 @@ def attach_row(overlaps: Tensor, tau: float = 10.0, k: int = 2) -> Tensor:
     if n < 1:
         raise RelatednessError("a newcomer needs at least one existing client to attach to")
     cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
-    s = torch.exp(tau * cosines.sum(dim=-1))
+    s = _exp_similarities(cosines.sum(dim=-1), tau)
     values, index = torch.topk(s, min(k, n))
     row = torch.zeros(n, dtype=torch.float64).scatter_(0, index, values)
-    return row / row.sum()
+    return _normalized(row, dim=0)
 
 
 def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, block: int = 256) -> Tensor:
@@ -353,12 +369,12 @@ def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, 
         else:
             blocks = torch.einsum("idq,jdr->ijqr", u[start:stop], u)
             cosines = torch.linalg.svdvals(blocks).clamp(0.0, 1.0).sum(dim=-1)
-        s = torch.exp(tau * cosines)
+        s = _exp_similarities(cosines, tau)
         own = torch.arange(start, stop)
         s[own - start, own] = -math.inf
         values, index = torch.topk(s, k, dim=1)
         rows.append(own.repeat_interleave(k))
         cols.append(index.reshape(-1))
-        vals.append((values / values.sum(dim=1, keepdim=True)).reshape(-1))
+        vals.append(_normalized(values, dim=1).reshape(-1))
     indices = torch.stack([torch.cat(rows), torch.cat(cols)])
     return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=True).coalesce()

@@ -211,3 +211,30 @@ def test_relatedness_errors_name_their_config_key():
     with pytest.raises(fedora.RelatednessError, match=r"fedora.tau = 1e\+06: .*lower fedora.tau"):
         fedora.similarity_matrix(overlaps, tau=1e6)
     assert torch.isfinite(fedora.similarity_matrix(overlaps, tau=10.0)).all()
+
+
+def test_every_graph_builder_refuses_similarities_beyond_float64_naming_tau():
+    """The dense builder refused exp(tau * cos) overflow, but not top-k sums that overflow
+    (each similarity finite: the row became zeros and phi_i = (1 - alpha) theta_i, silently);
+    the blockwise builder and a late joiner's row refused neither (NaN weights)."""
+    u = torch.zeros(4, 5, 1, dtype=torch.float64)
+    u[:, 0, 0] = 1.0  # identical summaries: every cosine is 1
+    overlaps = fedora.subspace_overlaps(u)
+    near = fedora.similarity_matrix(overlaps, tau=709.0)  # each entry finite: exp(709)
+    assert torch.isfinite(near).all()
+    with pytest.raises(fedora.RelatednessError, match="sum beyond float64.*lower fedora.tau"):
+        fedora.topk_graph(near, 3)
+    with pytest.raises(fedora.RelatednessError, match="sum beyond float64.*lower fedora.tau"):
+        fedora.topk_graph_from_summaries(u, 709.0, 3)
+    with pytest.raises(fedora.RelatednessError, match=r"fedora.tau = 800: .*lower fedora.tau"):
+        fedora.topk_graph_from_summaries(u, 800.0, 1)
+    joiner = torch.einsum("dq,jdr->jqr", u[0], u)
+    with pytest.raises(fedora.RelatednessError, match=r"fedora.tau = 710: .*lower fedora.tau"):
+        fedora.attach_row(joiner, 710.0, 2)
+    with pytest.raises(fedora.RelatednessError, match="sum beyond float64.*lower fedora.tau"):
+        fedora.attach_row(joiner, 709.0, 3)
+    # below the limit every builder gives one row-stochastic graph
+    dense = fedora.topk_graph(fedora.similarity_matrix(overlaps, tau=700.0), 3)
+    blockwise = fedora.topk_graph_from_summaries(u, 700.0, 3).to_dense()
+    assert torch.allclose(dense, blockwise) and torch.allclose(dense.sum(1), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(fedora.attach_row(joiner, 700.0, 3).sum(), torch.tensor(1.0, dtype=torch.float64))
