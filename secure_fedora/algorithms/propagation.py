@@ -61,6 +61,15 @@ OperatorKind = Literal["dense", "sparse", "factored"]
 # the truncated series and keeps whichever costs fewer entries per row plus one per pass.
 AUTO_FACTORED_MAX_NNZ_PER_ROW = 48.0
 
+# Past that budget, "auto" builds the truncated series only while it stays cheap to build and
+# apply: it stops (and the complete factored operator is taken) once the series holds more
+# than this many entries per client, or when it would need more than AUTO_SERIES_MAX_TERMS
+# terms (alpha near 1: log(tolerance / 4) / log(alpha) terms, each one sparse product; at
+# alpha 0.999 and tolerance 1e-4, 10,597 terms took 259 s at 257 clients, where the complete
+# factored operator of the same graph builds in 1 s).
+AUTO_SERIES_MAX_NNZ_PER_ROW = 4 * AUTO_FACTORED_MAX_NNZ_PER_ROW
+AUTO_SERIES_MAX_TERMS = 1024
+
 # Columns of theta processed per sparse product: a (N x block) slice of theta stays in cache
 # while every non-zero of P reads it. CSR product (CUDA), measured (CPU s, one thread, 118,282
 # columns): N = 1,000: 32 -> 0.41, 256 -> 0.42, 512 -> 0.51, unblocked 1.3; N = 3,000: 16 ->
@@ -112,10 +121,25 @@ def _row_sums(coo: Tensor) -> Tensor:
     return torch.zeros(n, dtype=coo.dtype, device=coo.device).index_add_(0, coo.indices()[0], coo.values())
 
 
-def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float) -> tuple[Tensor, Tensor]:
+class SeriesTooCostly(RelatednessError):
+    """The truncated series would need more terms, or hold more entries per client, than the
+    budget given to :func:`sparse_propagation_matrix` (``"auto"`` then takes the complete
+    factored operator)."""
+
+
+def series_terms(alpha: float, tolerance: float) -> int:
+    """Terms of the truncated series: its tail ``alpha^T <= tolerance / 4``."""
+    return 1 if alpha == 0.0 else max(1, math.ceil(math.log(tolerance / 4.0) / math.log(alpha)))
+
+
+def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float, *,
+                              max_terms: int | None = None,
+                              max_nnz_per_row: float | None = None) -> tuple[Tensor, Tensor]:
     """A sparse ``P~`` with ``0 <= P~ <= P`` entrywise and row deficits ``d_i <= tolerance``.
 
-    Returns ``(P~ as sparse COO float64, d)`` with ``d_i = 1 - sum_j P~_ij``.
+    Returns ``(P~ as sparse COO float64, d)`` with ``d_i = 1 - sum_j P~_ij``. With
+    ``max_terms`` or ``max_nnz_per_row``, raises :class:`SeriesTooCostly` as soon as the series
+    needs more terms or its sum holds more entries per client.
 
     Construction: the series ``P = (1 - alpha) sum_t alpha^t S^t`` truncated after ``T``
     terms, where each term ``W_{t+1} = drop(S W_t)`` (``W_0 = I``) loses its entries below a
@@ -143,11 +167,15 @@ def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float) -> 
     s = sparse_graph(graph.detach())
     n = s.shape[0]
     # Series tail alpha^T <= tolerance / 4; the rest of the budget goes to dropped entries.
-    terms = 1 if alpha == 0.0 else max(1, math.ceil(math.log(tolerance / 4.0) / math.log(alpha)))
+    terms = series_terms(alpha, tolerance)
+    if max_terms is not None and terms > max_terms:
+        raise SeriesTooCostly(f"the truncated series needs {terms} terms (alpha {alpha:g},"
+                              f" tolerance {tolerance:g}), more than {max_terms}")
+    max_nnz = None if max_nnz_per_row is None else int(max_nnz_per_row * n)
     threshold = tolerance / (THRESHOLD_DIVISOR * terms)
     s_csr = _csr(s)
     for _ in range(8):
-        approx = _truncated_series(s_csr, n, alpha, terms, threshold)
+        approx = _truncated_series(s_csr, n, alpha, terms, threshold, max_nnz)
         deficit = 1.0 - _row_sums(approx)
         if float(deficit.max()) <= tolerance / 2.0:
             pruned = _prune_rows(approx, deficit, tolerance)
@@ -157,7 +185,8 @@ def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float) -> 
         f"could not reach propagation tolerance {tolerance} (largest row deficit {float(deficit.max()):.3g})")
 
 
-def _truncated_series(s_csr: Tensor, n: int, alpha: float, terms: int, threshold: float) -> Tensor:
+def _truncated_series(s_csr: Tensor, n: int, alpha: float, terms: int, threshold: float,
+                      max_nnz: int | None = None) -> Tensor:
     eye = torch.arange(n, device=s_csr.device)
     term = _coo(torch.stack([eye, eye]), torch.ones(n, dtype=torch.float64, device=s_csr.device), n)
     acc = _coo(term.indices(), term.values() * (1.0 - alpha), n)
@@ -171,6 +200,9 @@ def _truncated_series(s_csr: Tensor, n: int, alpha: float, terms: int, threshold
         # summed term by term: memory stays O(nnz of the sum), not O(sum of the terms' nnz)
         acc = _coo(torch.cat([acc.indices(), term.indices()], dim=1),
                    torch.cat([acc.values(), term.values() * weight]), n)
+        if max_nnz is not None and acc._nnz() > max_nnz:
+            raise SeriesTooCostly(f"the truncated series holds more than {max_nnz / n:g} entries"
+                                  f" per client after {t + 1} of {terms} terms")
     return acc
 
 
@@ -411,7 +443,9 @@ def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e
     ``auto`` above ``AUTO_DENSE_MAX_CLIENTS`` clients (or ``factored`` with ``fallback``, as
     FEDORA passes it for ``auto``): the factored operator when its passes hold at most
     ``AUTO_FACTORED_MAX_NNZ_PER_ROW`` entries per client; else the truncated series, unless the
-    complete factored operator costs less (entries per row plus one per pass). The operator's
+    complete factored operator costs less (entries per row plus one per pass) or the series
+    is too costly to build (more than ``AUTO_SERIES_MAX_TERMS`` terms, or more than
+    ``AUTO_SERIES_MAX_NNZ_PER_ROW`` entries per client while it is built). The operator's
     ``kind`` says which (FEDORA reports it in results.json); the choice depends on the graph
     only, so a resume makes it again.
 
@@ -428,12 +462,18 @@ def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e
             factors = factor_propagation(graph, alpha, max_nnz_per_row=AUTO_FACTORED_MAX_NNZ_PER_ROW)
             return PropagationOperator("factored", sparse_graph(graph), factors=factors)
         except FactorTooDense:
-            matrix, deficit = sparse_propagation_matrix(graph, alpha, tolerance)
-            truncated = PropagationOperator("sparse", matrix, float(deficit.max()), tolerance)
-            if truncated.nnz / n + 1 <= AUTO_FACTORED_MAX_NNZ_PER_ROW:
-                return truncated
+            truncated = None
+            try:
+                matrix, deficit = sparse_propagation_matrix(
+                    graph, alpha, tolerance, max_terms=AUTO_SERIES_MAX_TERMS,
+                    max_nnz_per_row=AUTO_SERIES_MAX_NNZ_PER_ROW)
+                truncated = PropagationOperator("sparse", matrix, float(deficit.max()), tolerance)
+                if truncated.nnz / n + 1 <= AUTO_FACTORED_MAX_NNZ_PER_ROW:
+                    return truncated
+            except SeriesTooCostly:
+                pass
             factors = factor_propagation(graph, alpha)
-            if factors.nnz / n + factors.passes < truncated.nnz / n + 1:
+            if truncated is None or factors.nnz / n + factors.passes < truncated.nnz / n + 1:
                 return PropagationOperator("factored", sparse_graph(graph), factors=factors)
             return truncated
     if resolved == "sparse":
