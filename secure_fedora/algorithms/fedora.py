@@ -139,7 +139,8 @@ def topk_graph(similarity: Tensor, k: int) -> Tensor:
     """Keep the ``k`` largest off-diagonal entries of each row, zero the rest, row-normalize.
 
     The result is row-stochastic with a zero diagonal. With ``k >= N - 1`` every other
-    client is kept. Ties are broken by ``torch.topk`` (lowest index first on CPU).
+    client is kept. Ties are broken by ``torch.topk``: deterministically for a given input,
+    but not necessarily lowest index first.
     """
     n = similarity.shape[0]
     if similarity.shape != (n, n):

@@ -158,12 +158,31 @@ def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float, *,
     <= d_i * max_j |theta_j[p]| <= tolerance * max_j |theta_j[p]|``. The deficits are computed
     exactly from ``P~`` (up to float64 rounding, about ``1e-15`` per row), so the bound is
     checked, not assumed; applying ``P~`` in float32 adds the same rounding as the dense path.
+
+    Rows of ``S`` summing to slightly more than 1 (the graph check accepts ``1 + 1e-5``):
+    with ``r = max_i sum_j S_ij = 1 + eps``, ``S^t 1 <= r^t`` gives ``P 1 <= (1 - alpha) /
+    (1 - alpha r) = 1 + slack``, ``slack = alpha eps / (1 - alpha r)``, so ``d_i`` includes
+    ``slack`` (about 1e-15 for a graph normalized in float64; 9e-4 at alpha 0.99 and eps
+    9e-6, which a tolerance below it refuses).
     """
     if not 0.0 <= alpha < 1.0:
         raise RelatednessError(f"alpha must lie in [0, 1); got {alpha}")
     if not 0.0 < tolerance < 1.0:
         raise RelatednessError(f"propagation tolerance must lie in (0, 1); got {tolerance}")
-    check_graph(graph, alpha)
+    checked = check_graph(graph, alpha)
+    excess = max(0.0, float(np.asarray(checked.sum(axis=1)).max()) - 1.0)
+    slack = 0.0
+    if excess > 0.0:
+        if alpha * (1.0 + excess) >= 1.0:
+            raise RelatednessError(f"graph rows sum to up to 1 + {excess:.3g}: at alpha {alpha:g} "
+                                   "the series does not converge; normalize the graph's rows")
+        slack = alpha * excess / (1.0 - alpha * (1.0 + excess))
+    if slack >= tolerance / 2.0:  # "auto" then takes the exact factored operator
+        raise SeriesTooCostly(
+            f"graph rows sum to up to 1 + {excess:.3g}, which at alpha {alpha:g} may put {slack:.3g}"
+            f" more weight in each row of P than the truncated series can bound within tolerance"
+            f" {tolerance:g}; normalize the graph's rows, or use an exact operator")
+    tolerance -= slack  # the series' own budget
     s = sparse_graph(graph.detach())
     n = s.shape[0]
     # Series tail alpha^T <= tolerance / 4; the rest of the budget goes to dropped entries.
@@ -179,10 +198,11 @@ def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float, *,
         deficit = 1.0 - _row_sums(approx)
         if float(deficit.max()) <= tolerance / 2.0:
             pruned = _prune_rows(approx, deficit, tolerance)
-            return pruned, 1.0 - _row_sums(pruned)
+            return pruned, 1.0 - _row_sums(pruned) + slack
         threshold /= 100.0
     raise RelatednessError(
-        f"could not reach propagation tolerance {tolerance} (largest row deficit {float(deficit.max()):.3g})")
+        f"could not reach propagation tolerance {tolerance + slack} (largest row deficit"
+        f" {float(deficit.max()) + slack:.3g})")
 
 
 def _truncated_series(s_csr: Tensor, n: int, alpha: float, terms: int, threshold: float,
@@ -269,9 +289,13 @@ class PropagationOperator:
         """``phi = P @ theta`` (N x P), written into ``out`` when given (``out`` must not alias
         ``theta``). Dense: one BLAS product, bit-identical to ``P.to(theta.dtype) @ theta``.
         Sparse: on the CPU each row is a weighted sum of theta rows in the stored order of its
-        non-zeros (deterministic, independent of the thread count, and equal bit for bit to
-        :meth:`apply_rows` of any subset of rows); on CUDA one CSR product per column block."""
+        non-zeros (deterministic, independent of the thread count and of theta's memory layout,
+        and equal bit for bit to :meth:`apply_rows` of any subset of rows); on CUDA one CSR
+        product per column block. Sparse and factored operators read a non-contiguous theta
+        through a contiguous copy."""
         out = self._checked_out(theta, out)
+        if self.kind != "dense":  # the row sums' order is that of a contiguous theta
+            theta = theta.contiguous()
         if self.factors is not None:
             self.factors.apply(theta, out)
             return out
@@ -293,6 +317,8 @@ class PropagationOperator:
         or sparse on CUDA, computes the full product and copies the rows (so the rows are
         :meth:`apply`'s there too)."""
         out = self._checked_out(theta, out)
+        if self.kind != "dense":
+            theta = theta.contiguous()
         index = _client_indices(rows)
         n = self.num_clients
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
@@ -426,6 +452,9 @@ def embed_operator(sub: PropagationOperator, members: list[int], n: int) -> Prop
     index = torch.as_tensor(members, dtype=torch.long)
     if index.numel() != sub.num_clients:
         raise RelatednessError(f"{index.numel()} members for an operator over {sub.num_clients} clients")
+    if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= n
+                          or bool((index[1:] <= index[:-1]).any())):
+        raise RelatednessError(f"members must be strictly increasing client indices in 0..{n - 1}")
     rest = torch.as_tensor(sorted(set(range(n)) - set(members)), dtype=torch.long)
     m = sub.matrix.coalesce()
     indices = torch.cat([index[m.indices()], torch.stack([rest, rest])], dim=1)
@@ -479,6 +508,7 @@ def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e
     if resolved == "sparse":
         matrix, deficit = sparse_propagation_matrix(graph, alpha, tolerance)
         return PropagationOperator("sparse", matrix, float(deficit.max()), tolerance)
+    check_graph(graph, alpha)  # as the sparse and factored builders check it
     dense = graph.to_dense() if graph.layout != torch.strided else graph
     if resolved == "power":
         return PropagationOperator("dense", propagation_matrix_power(dense, alpha))

@@ -443,3 +443,61 @@ def test_pending_phi_rows_are_refused_once_theta_has_changed(clients, propagatio
         method.phi  # noqa: B018
     method.propagate()  # a new propagation: every row current again
     assert torch.equal(method.phi, method.relatedness.operator.apply(method.theta))
+
+
+def test_the_sparse_bound_holds_for_rows_summing_slightly_above_one():
+    """The graph check accepts rows summing to 1 + 1e-5; the series' deficits measured only
+    the shortfall from 1, so at alpha 0.99 P's extra weight (up to 9e-4 a row) escaped the
+    bound. The deficits now include it, and a tolerance below it is refused."""
+    n, alpha = 300, 0.99
+    graph = random_graph(n, k=2, seed=5) * (1 + 9e-6)
+    exact = np.linalg.solve(np.eye(n) - alpha * graph.numpy(), (1 - alpha) * np.eye(n))
+    with pytest.raises(fedora.RelatednessError, match="normalize the graph's rows"):
+        build_operator(graph, alpha, "sparse", 1e-5)
+    op = build_operator(graph, alpha, "sparse", 1e-2)
+    l1 = np.abs(exact - op.to_dense().numpy()).sum(axis=1)
+    assert l1.max() > 5e-4 and l1.max() <= op.error_bound <= 1e-2
+    # "auto" falls back to the exact operator where the series cannot bound it
+    auto = build_operator(graph, alpha, "factored", 1e-5, fallback=True)
+    assert auto.kind == "factored" and np.allclose(auto.to_dense().numpy(), exact, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["dense", "power", "sparse", "factored"])
+def test_every_mode_refuses_a_graph_that_is_not_row_stochastic(mode):
+    """The dense and power operators skipped the graph checks (a graph of rows summing to 0.5
+    gave a P whose rows sum to 0.33, silently)."""
+    graph = random_graph(6, k=2, seed=1)
+    nan = graph.clone()
+    nan[0, 0] = float("nan")
+    for bad, message in ((graph * 0.5, "row-stochastic"), (nan, "finite"),
+                         (graph[:, :-1], "square"), (torch.zeros(0, 0, dtype=torch.float64), "no clients")):
+        with pytest.raises(fedora.RelatednessError, match=message):
+            build_operator(bad, 0.8, mode)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "factored"])
+def test_embedding_refuses_members_out_of_range_or_repeated(mode):
+    """The sparse and factored embeddings checked only the number of members: an index past
+    the federation gave an invalid sparse tensor, a repeated one a row summing to 2."""
+    sub = build_operator(random_graph(5, k=2, seed=2), 0.8, mode)
+    for members, n in (([1, 2, 3, 4, 5], 5), ([0, 0, 1, 2, 3], 7), ([-1, 0, 1, 2, 3], 7)):
+        with pytest.raises(fedora.RelatednessError, match="increasing"):
+            embed_operator(sub, members, n)
+    ones = embed_operator(sub, [0, 2, 3, 5, 6], 7).apply(torch.ones(7, 3))
+    assert torch.allclose(ones, torch.ones(7, 3), atol=1e-3)  # the series drops up to 1e-4
+
+
+@pytest.mark.parametrize("mode", ["sparse", "factored"])
+def test_a_non_contiguous_theta_gives_the_rows_of_a_contiguous_one(mode):
+    """A column-strided or column-major theta changed the last bits of the sparse and factored
+    products, so its full product and its rows differed (the promise: bit for bit)."""
+    n = 300
+    op = build_operator(random_graph(n, k=3, seed=3), 0.8, mode)
+    base = torch.randn(n, 400, generator=torch.Generator().manual_seed(0))
+    want = op.apply(base[:, ::2].contiguous())
+    rows = list(range(0, n, 7))
+    for view in (base[:, ::2], base[:, ::2].T.contiguous().T):
+        assert torch.equal(op.apply(view), want)
+        out = torch.zeros(view.shape)
+        op.apply_rows(view, rows, out)
+        assert torch.equal(out[rows], want[rows])
