@@ -74,6 +74,13 @@ __all__ = [
 
 #: Added to per-sample norms before dividing (Opacus's and privacy.dpsgd's convention).
 _NORM_EPS = 1e-6
+# Buffers of the step's elementwise passes larger than _BLOCK_FROM values are updated row block
+# by row block (about _BLOCK_VALUES values each), so a block of each stays in the cache from
+# one pass to the next; each element's arithmetic is the same as over whole buffers. Measured
+# (weight decay, pull and step, P = 118,282, 2 threads): 256 rows 24.3 -> 17.6 ms a step
+# (1 thread 29.0 -> 24.2); 36 rows, which stay in the cache whole, 1.75 ms whole, 1.95 blocked.
+_BLOCK_VALUES = 2**19
+_BLOCK_FROM = 2**23
 
 _ACTIVATIONS: dict[type[nn.Module], str] = {
     nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity",
@@ -1001,20 +1008,23 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                              ).clamp(0.0, 1.0)
                     alphas[:k] = torch.where(adaptive[:k], moved, alphas[:k])
                 g_rows.mul_(a_now)
-        if proximal:
-            g_rows.add_(w_rows * mu[:k]).sub_(anchor[:k] * mu[:k])
-        if wd:
-            g_rows.add_(w_rows, alpha=wd)
-        step = g_rows
-        if momentum and not fold_momentum:
-            step = buffer[:k]
-            if t == 0:
-                step.copy_(g_rows)
-            else:
-                torch.add(g_rows, step, alpha=momentum, out=step)  # one pass: g + m * buffer
-        if pulled:
-            torch.addcmul(pulled_phi[:k], w_rows, keep[:k], out=w_rows)
-        w_rows.add_(step, alpha=-lr)
+        step = buffer[:k] if (momentum and not fold_momentum) else g_rows
+        rows_per_block = k if k * num_params <= _BLOCK_FROM else max(1, _BLOCK_VALUES // num_params)
+        for lo in range(0, k, rows_per_block):
+            hi = min(lo + rows_per_block, k)
+            w_b, g_b, s_b = w_rows[lo:hi], g_rows[lo:hi], step[lo:hi]
+            if proximal:
+                g_b.add_(w_b * mu[lo:hi]).sub_(anchor[lo:hi] * mu[lo:hi])
+            if wd:
+                g_b.add_(w_b, alpha=wd)
+            if momentum and not fold_momentum:
+                if t == 0:
+                    s_b.copy_(g_b)
+                else:
+                    torch.add(g_b, s_b, alpha=momentum, out=s_b)  # one pass: g + m * buffer
+            if pulled:
+                torch.addcmul(pulled_phi[lo:hi], w_b, keep[lo:hi], out=w_b)
+            w_b.add_(s_b, alpha=-lr)
         for r in range(k):
             executed[r] += 1
             if kind == "dp":

@@ -293,6 +293,29 @@ def test_chunks_of_clients_match_the_loop():
         train_clients(flat, CFG_FULL, PlainGradient(16), _jobs(theta, data), chunk=0)
 
 
+@pytest.mark.parametrize("max_norm", [None, 0.5], ids=["momentum-in-gemm", "clipped"])
+def test_the_step_is_the_same_whatever_the_row_blocks(monkeypatch, max_norm):
+    """The step's elementwise passes (weight decay, FedProx term, momentum, FEDORA pull) run
+    row block by row block; the rows equal those of one pass over the whole buffers bit for
+    bit, whatever the block size."""
+    from secure_fedora.learning import batched
+
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([30, 12, 30, 5, 20])
+    phi = _matrix(flat, 5, seed=7)
+    lams = [0.5, 0.0, 2.0, 1.0, 0.3]
+    results = []
+    for values in (10**12, 1, 3 * flat.num_params):  # whole buffers; one row; three rows
+        monkeypatch.setattr(batched, "_BLOCK_VALUES", values)
+        monkeypatch.setattr(batched, "_BLOCK_FROM", 0)  # blocked however small the buffers
+        theta = _matrix(flat, 5)
+        train_clients(flat, CFG_FULL, PlainGradient(16, max_grad_norm=max_norm),
+                      _jobs(theta, data, phi=phi, lams=lams, anchor=flat.initial_vector(), mu=0.3))
+        results.append(theta)
+    assert not torch.equal(results[0], _matrix(flat, 5))
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
 def _private_context(tmp_path: Path, name: str):
     from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import build_clients, build_context
