@@ -189,6 +189,23 @@ def test_auto_does_not_build_a_series_too_costly_to_build(monkeypatch, alpha):
         sparse_propagation_matrix(graph, 0.999, 1e-4, max_terms=1024)
 
 
+def test_auto_solves_densely_a_graph_that_keeps_most_clients():
+    """k near N makes P dense whatever the operator: "auto" above 256 clients factored it
+    (1,000 clients, k = 999: 10 s to 1,001 entries per row, where the dense solve takes
+    0.14 s); it now solves such a graph densely, and keeps the factored operator for k = 2."""
+    from secure_fedora.algorithms import propagation
+
+    graph = random_graph(300, k=299, seed=5)
+    auto = build_operator(graph, 0.8, "auto", 1e-4)
+    assert auto.kind == "dense"
+    assert torch.allclose(auto.to_dense(), fedora.propagation_matrix(graph, 0.8), atol=1e-13, rtol=0)
+    assert build_operator(graph.to_sparse(), 0.8, "factored", 1e-4, fallback=True).kind == "dense"
+    assert build_operator(graph, 0.8, "factored", 1e-4).kind == "factored"  # forced: as asked
+    assert build_operator(random_graph(300, k=2, seed=5), 0.8, "auto", 1e-4).kind == "factored"
+    half = random_graph(300, k=int(propagation.AUTO_DENSE_GRAPH_FRACTION * 300) - 1, seed=5)
+    assert build_operator(half, 0.8, "auto", 1e-4).kind != "dense"
+
+
 def test_factored_operator_accepts_float32_and_grad_graphs_and_refuses_an_empty_one():
     graph = random_graph(30, k=3, seed=3)
     exact = fedora.propagation_matrix(graph, 0.8)
