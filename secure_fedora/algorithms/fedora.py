@@ -333,9 +333,15 @@ def embed_subproblem(sub: Tensor, members: Sequence[int], n: int, isolated: floa
 def attach_row(overlaps: Tensor, tau: float = 10.0, k: int = 2) -> Tensor:
     """A late joiner's graph row over the ``N`` existing clients (N,), float64: its top-``k``
     similarities from the blocks ``U_new^T U_j`` (N x q x q), normalized to sum to one."""
+    if overlaps.dim() != 3:
+        raise RelatednessError(f"a newcomer's overlaps must be (N, q, q); got shape {tuple(overlaps.shape)}")
     n = overlaps.shape[0]
     if n < 1:
         raise RelatednessError("a newcomer needs at least one existing client to attach to")
+    if k < 1:
+        raise RelatednessError(f"k must be at least 1; got {k}")
+    if not torch.isfinite(overlaps).all():
+        raise RelatednessError("a newcomer's overlaps contain NaN or infinite values")
     cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
     s = _exp_similarities(cosines.sum(dim=-1), tau)
     values, index = torch.topk(s, min(k, n))

@@ -238,3 +238,17 @@ def test_every_graph_builder_refuses_similarities_beyond_float64_naming_tau():
     blockwise = fedora.topk_graph_from_summaries(u, 700.0, 3).to_dense()
     assert torch.allclose(dense, blockwise) and torch.allclose(dense.sum(1), torch.ones(4, dtype=torch.float64))
     assert torch.allclose(fedora.attach_row(joiner, 700.0, 3).sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_a_late_joiners_row_refuses_bad_overlaps_and_k():
+    """k = 0 gave NaN weights; NaN overlaps a raw torch linalg error."""
+    good = torch.rand(4, 2, 2, dtype=torch.float64)
+    assert torch.isclose(fedora.attach_row(good, 10.0, 2).sum(), torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(fedora.RelatednessError, match="k must be at least 1"):
+        fedora.attach_row(good, 10.0, 0)
+    nan = good.clone()
+    nan[1, 0, 0] = float("nan")
+    with pytest.raises(fedora.RelatednessError, match="NaN"):
+        fedora.attach_row(nan, 10.0, 2)
+    with pytest.raises(fedora.RelatednessError, match="shape"):
+        fedora.attach_row(good[0], 10.0, 2)
