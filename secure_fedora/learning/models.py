@@ -139,6 +139,13 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
                              f"{type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise ModelError(f"{source} returned a {type(model).__name__}, expected a torch.nn.Module")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ModelError(
+            f"{source}: parameter {frozen[0]!r} is frozen (requires_grad=False); every parameter "
+            "is a client's to train (weight decay, DP noise, propagation between clients would "
+            "change it): unfreeze it, or compute the frozen part outside the model (e.g. its "
+            "features in the data source)")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ModelError(f"{source} returned a model without trainable parameters")
@@ -159,7 +166,13 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
 @torch.no_grad()
 def check_output_width(model: nn.Module, sample: torch.Tensor, width: int,
                        source: str = "model") -> None:
-    """Run ``model`` on a few inputs and check it returns ``(n, width)`` finite outputs."""
+    """Run ``model`` on a few inputs, and on the first alone (a batch of one arises at a
+    split's or an epoch's end), and check it returns ``(n, width)`` finite outputs."""
+    for batch in (sample, sample[:1]) if sample.shape[0] > 1 else (sample,):
+        _check_outputs(model, batch, width, source)
+
+
+def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: str) -> None:
     was_training = model.training
     model.eval()
     try:

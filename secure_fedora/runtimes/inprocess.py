@@ -86,6 +86,12 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     d = cfg.data
     if data is not None and callable(data):
         data = call_source(data, cfg.seed, "data= function")
+        if data is None:  # not the default dataset: the function was given and returned nothing
+            from secure_fedora.data.sources import DataError
+
+            raise DataError("data= function returned a NoneType; expected a dict with keys "
+                            "x_train, y_train (and x_test, y_test), a LabeledDataset or a list "
+                            "of per-client dicts (a missing return?)")
     if data is not None:
         source = coerce_user_data(data, "data")
     elif d.source is not None:
@@ -239,7 +245,8 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
 
     with torch.no_grad():
         try:
-            losses = task.checked(module(probe_x), probe_y)
+            outputs = module(probe_x)
+            losses = task.checked(outputs, probe_y)
         except Exception as err:  # user loss code: report whatever it raised
             raise PluginError(f"training.loss {task.name!r} fails on the model's outputs: "
                               f"{type(err).__name__}: {err}") from err
@@ -261,11 +268,12 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
         for m, mode in modes.items():
             m.train(mode)
     if task.metric_name == "auc":
+        width = int(outputs.shape[1]) if outputs.dim() == 2 else 1
         for c in clients:
             for split in ("val", "test"):
                 y = getattr(c, f"{split}_y")
-                try:
-                    task.metric(torch.zeros(y.shape if y.dim() == 2 else (y.shape[0], 1)), y)
+                try:  # outputs of the model's width: AUC on single labels needs one output
+                    task.metric(torch.zeros(y.shape if y.dim() == 2 else (y.shape[0], width)), y)
                 except MetricError as err:
                     raise DataError(f"client {c.client_id}: the {split} split cannot be scored "
                                     f"with AUC: {err}") from None

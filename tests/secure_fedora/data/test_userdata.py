@@ -7,6 +7,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,6 +66,10 @@ PLUGIN = textwrap.dedent('''
 
     def mean_ce(outputs, targets):
         return nn.functional.cross_entropy(outputs, targets)
+
+    def ce_scored_by_auc(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+    ce_scored_by_auc.metric = "auc"
 
     def int_loss(outputs, targets):
         return (outputs.argmax(dim=1) != targets).long()
@@ -600,3 +605,64 @@ def test_a_dp_api_run_with_more_than_ten_classes_per_client_writes_its_anchor(
     assert (run / "anchor.json").is_file() and (run / "config.toml").is_file()
     report = verify_run(run)
     assert report.ok, [str(f) for f in report.errors]
+
+
+def _small_data() -> dict[str, Any]:
+    g = np.random.default_rng(0)
+    y = g.integers(0, 3, 120)
+    x = (g.normal(size=(120, 5)) + y[:, None]).astype(np.float32)
+    return {"x_train": x[:80], "y_train": y[:80], "x_test": x[80:], "y_test": y[80:]}
+
+
+SMALL = {"methods": ["local"], "data": {"partition": "iid", "num_clients": 3,
+                                         "train_per_client": 20, "val_per_client": 6,
+                                         "test_per_client": 6}, "training": {"threads": 1}}
+
+
+def test_a_data_function_returning_nothing_is_an_error_not_the_default_dataset() -> None:
+    """A data= function without its return trained on the built-in MNIST, silently."""
+    def forgot_return(seed: int) -> None:
+        _small_data()
+
+    with pytest.raises(DataError, match="data= function returned a NoneType.*missing return"):
+        Experiment(SMALL, data=forgot_return).check()
+
+
+def test_a_frozen_parameter_is_refused_naming_it() -> None:
+    """Frozen parameters were trained anyway (weight decay moved them; under DP they were
+    noised; FEDORA propagates them)."""
+    def frozen(shape: tuple[int, ...], classes: int) -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 8), torch.nn.ReLU(),
+                                    torch.nn.Linear(8, classes))
+        model[1].requires_grad_(False)
+        return model
+
+    with pytest.raises(ModelError, match=r"parameter '1.weight' is frozen \(requires_grad=False\)"):
+        Experiment(SMALL, data=_small_data(), model=frozen).check()
+
+
+def test_a_model_whose_outputs_change_shape_for_one_input_is_refused() -> None:
+    """`.squeeze()` passed the two-row probe, then crashed with raw tracebacks on a batch of
+    one (training, a one-row validation split, the DP per-sample check)."""
+    class Squeezy(torch.nn.Module):
+        def __init__(self, classes: int) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(5, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.flatten(1)).squeeze()
+
+    with pytest.raises(ModelError, match=r"outputs of shape \(3,\) for 1 inputs; expected \(1, 3\)"):
+        Experiment(SMALL, data=_small_data(), model=lambda s, c: Squeezy(c)).check()
+
+
+def test_auc_on_single_labels_needs_one_output_before_anything_is_released(
+        plug: str, tmp_path: Path) -> None:
+    """A loss declaring AUC on 4-class labels (a model of 4 outputs) passed every check; the
+    first evaluation failed after a DP run had spent budget (summary + a round in the ledgers)."""
+    cfg = config(plug, methods=("fedora",), training={"loss": f"{plug}:ce_scored_by_auc"},
+                 fedora={"relatedness": "noised", "k": 1},
+                 privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3})
+    with pytest.raises(DataError, match="cannot be scored with AUC: AUC needs one score per label"):
+        Experiment(cfg, run_dir=tmp_path / "run").run()
+    assert not (tmp_path / "run" / "ledgers").exists()
