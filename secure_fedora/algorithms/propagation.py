@@ -419,7 +419,12 @@ def _client_indices(rows: Sequence[int] | Tensor) -> Tensor:
     # list elements are checked first: torch.as_tensor reads [True, 3] as [1, 3]
     if is_boolean(rows) or (isinstance(rows, (list, tuple)) and any(is_boolean(r) for r in rows)):
         raise RelatednessError("rows must be client indices, not a boolean mask (pass mask.nonzero())")
-    index = rows if isinstance(rows, Tensor) else torch.as_tensor(rows)
+    if isinstance(rows, (str, bytes)):
+        raise RelatednessError(f"rows must be client indices, got {type(rows).__name__} {rows!r}")
+    try:
+        index = rows if isinstance(rows, Tensor) else torch.as_tensor(rows)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RelatednessError(f"rows must be client indices, got {type(rows).__name__}: {err}") from None
     if index.numel() == 0:
         return torch.empty(0, dtype=torch.long)
     if index.is_floating_point() or index.is_complex():

@@ -369,6 +369,9 @@ def test_apply_rows_refuses_masks_and_fractional_rows(mode):
             op.apply_rows(theta, rows, out)
     with pytest.raises(fedora.RelatednessError, match="integer"):
         op.apply_rows(theta, torch.tensor([1.0, 2.0]), out)
+    for rows in (None, "12", [None], [[1, 2], [3]]):  # raw TypeError/RuntimeError before
+        with pytest.raises(fedora.RelatednessError, match="rows must be client indices"):
+            op.apply_rows(theta, rows, out)
     assert bool((out == 0).all())
     op.apply_rows(theta, mask.nonzero().flatten(), out)
     op.apply_rows(theta, [], out)
