@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
@@ -141,6 +142,36 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
     _check_checkpoints(run_dir, cfg)
 
 
+def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Path) -> None:
+    """Every client's ledger in ``folder`` still holds the entries ``checkpoint`` recorded
+    (its privacy state: entry count and hash of the last line); reads only. Checked before a
+    resume writes anything: a checkpoint copied from another run of the same config, or a
+    ledger lost or cut since, would otherwise be found only when that method starts, after the
+    methods before it had run again."""
+    from privacy.identity import client_ids
+    from privacy.ledger import line_hash
+
+    rows = saved.get("clients")
+    if not isinstance(rows, list):
+        return
+    for cid, row in zip(client_ids(len(rows)), rows, strict=True):
+        recorded = row.get("ledger_head") if isinstance(row, dict) else None
+        if not recorded or int(recorded[0]) <= 0:
+            continue
+        count, head = int(recorded[0]), str(recorded[1])
+        ledger = folder / f"{cid}.jsonl"
+        try:
+            lines = ledger.read_text(encoding="utf-8").splitlines() if ledger.is_file() else []
+        except (OSError, UnicodeDecodeError) as err:
+            raise RunDirError(f"--resume: cannot read {ledger}: {err}") from None
+        if len(lines) < count or line_hash(lines[count - 1]) != head:
+            raise RunDirError(
+                f"--resume: checkpoint {checkpoint} records {count} ledger entries of client {cid}"
+                f" (ending in {head[:12]}...), which {ledger} does not hold: the ledger was lost,"
+                " cut or replaced since, or the checkpoint is another run's; nothing was written"
+                " (restore the ledger, or start a new run)")
+
+
 def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
     """The checkpoint half of :func:`check_resumable`: this configuration's methods'
     checkpoints exist in order, each written for this configuration (or the first method's
@@ -169,3 +200,5 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
         if state.get("config_hash") != expected:
             raise CheckpointError(f"checkpoint {path} was written for another configuration; "
                                   "refuse to resume")
+        if isinstance(state.get("privacy"), dict):
+            _check_recorded_ledgers(run_dir / "ledgers" / method, state["privacy"], path)

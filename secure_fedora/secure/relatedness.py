@@ -218,7 +218,8 @@ def encrypt_summary(
         raise SecureRelatednessError(
             f"client {client}: summary has shape {shape}, expected ({layout.dim}, q)")
     q = summary.shape[1]
-    if not isinstance(client, int) or client < 0 or (client + 1) * q > layout.num_vectors:
+    if (not isinstance(client, int) or isinstance(client, bool) or client < 0
+            or (client + 1) * q > layout.num_vectors):
         raise SecureRelatednessError(
             f"client {client!r} with q = {q} has no place in a layout of {layout.num_vectors} vectors")
     u = summary.detach().to("cpu", torch.float64)

@@ -263,3 +263,20 @@ def test_api_resume_of_its_own_finished_run_changes_no_result(api_run, tmp_path)
     before = json.loads((run_dir / "results.json").read_text())["methods"]
     after = Experiment(doc, run_dir=run_dir).run(resume=True)
     assert after["methods"]["fedora"]["final"] == before["fedora"]["final"]
+
+
+def test_a_checkpoint_whose_ledgers_are_not_held_is_refused_before_anything_runs(tmp_path, capsys):
+    """A second method's checkpoint recording ledger entries its ledger no longer holds (cut,
+    or the checkpoint copied from another run of the same config) was found only when that
+    method started, after the first had been resumed (its files rewritten)."""
+    config = write_config(tmp_path / "dp2.toml", {**DP, "methods": ["local", "fedavg"]})
+    run_dir = tmp_path / "run"
+    assert run(config, run_dir) == 0
+    ledger = run_dir / "ledgers" / "fedavg" / "client-001.jsonl"
+    ledger.write_text(ledger.read_text().splitlines(keepends=True)[0])  # cut to one entry
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "fedavg.pt records 2 ledger entries of client client-001" in err
+    assert "client-001.jsonl does not hold" in err and "nothing was written" in err
+    assert snapshot(run_dir) == before

@@ -177,6 +177,8 @@ def test_step_layout_and_client_encryption_errors(ceremony, steps):
         encrypt_summary(ceremony.client_context, layout, 1, torch.zeros(SMALL_D + 1, 1))
     with pytest.raises(SecureRelatednessError, match="client 7 .* no place"):
         encrypt_summary(ceremony.client_context, layout, N, u[0])
+    with pytest.raises(SecureRelatednessError, match="client True .* no place"):  # not client 1
+        encrypt_summary(ceremony.client_context, layout, True, u[0])
     with pytest.raises(SecureRelatednessError, match="client 0: vector 0 holds NaN"):
         encrypt_summary(ceremony.client_context, layout, 0, torch.full((SMALL_D, 1), float("nan")))
 
