@@ -117,6 +117,7 @@ __all__ = [
     "decrypt_inner_product_rows",
     "decrypt_vector",
     "encrypt_for_inner_products",
+    "check_decrypted",
     "encrypt_rows",
     "encrypt_vector",
     "inner_product_rows",
@@ -749,7 +750,19 @@ def decrypt_vector(secret_ctx: ts.Context, enc: EncryptedVector) -> Tensor:
         vals = eng.decrypt(ct).real
         n = min(slots, enc.length - i * slots)
         out[i * slots : i * slots + n] = vals[:n]
+    check_decrypted(out, MAX_ABS_VALUE * MAX_WEIGHT_L1, "values")
     return torch.from_numpy(out)
+
+
+def check_decrypted(values: np.ndarray, bound: float, what: str) -> None:
+    """CkksError unless the decrypted ``values`` are finite and within ``bound`` (what the
+    encrypted inputs' limits allow, plus CKKS noise): a ciphertext under another key, or one
+    corrupted in transit, decrypts to values far beyond it, not to an error."""
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    if not np.isfinite(values).all() or peak > bound * (1.0 + 1e-6) + 1e-3:
+        raise CkksError(f"decrypted {what} reach |x| = {peak:.4g}, beyond the {bound:g} that the "
+                        "encrypted inputs' limits allow: a ciphertext under another key, or "
+                        "corrupted (ciphertexts are not authenticated by CKKS itself)")
 
 
 # --------------------------------------------------------------------------------------
@@ -1086,6 +1099,7 @@ def decrypt_inner_product_rows(
             raise CkksError(f"encrypted row {row.index} is at level {eng.level_of(ct)}, expected {final_level}")
         vals = eng.decrypt(ct).real
         out[i] = vals[: layout.num_vectors]
+    check_decrypted(out, MAX_VECTOR_NORM**2, "inner products")
     if release_quantum is not None:
         out = np.round(out / release_quantum) * release_quantum
     return torch.from_numpy(out)

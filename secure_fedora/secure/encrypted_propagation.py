@@ -54,9 +54,11 @@ from torch import Tensor
 
 from privacy.ckks import (
     MAX_ABS_VALUE,
+    MAX_WEIGHT_L1,
     CkksError,
     EncryptedVector,
     Encryption,
+    check_decrypted,
     context_from_bytes,
     context_to_bytes,
     create_secret_context,
@@ -247,6 +249,10 @@ class PropagationClient:
             lo = 2 * k * keys.slots
             out[lo:lo + 2 * n:2] = vals[:n].real
             out[lo + 1:lo + 2 * n:2] = vals[:n].imag
+        try:  # rows within MAX_ABS_VALUE, weight rows within MAX_WEIGHT_L1 (checked on both sides)
+            check_decrypted(out[:num_params], MAX_ABS_VALUE * MAX_WEIGHT_L1, "propagated values")
+        except CkksError as exc:
+            raise EncryptedPropagationError(f"cannot decrypt propagation result: {exc}") from None
         return torch.from_numpy(out[:num_params].copy())
 
 

@@ -350,6 +350,8 @@ def overlaps_from_rows(
         raise SecureRelatednessError(
             f"decrypted rows have shape {tuple(gram.shape)}, expected ({len(vectors)}, {nq}) "
             f"for {num_clients} clients with q = {q}")
+    if not torch.isfinite(gram).all():
+        raise SecureRelatednessError("decrypted rows hold NaN or infinite values")
     full = torch.zeros(nq, nq, dtype=torch.float64)
     full[list(vectors)] = gram.to(torch.float64)
     gone = [i * q + r for i in excluded for r in range(q)]

@@ -347,3 +347,21 @@ def test_weighted_sums_errors(secret, plain_server):
         decrypt_vector(secret, liar)
     with pytest.raises(CkksError, match="encrypted row 1 of length 5000"):
         weighted_sums(plain_server, [enc[0], liar], torch.ones(1, 2))
+
+
+def test_decrypting_under_another_key_is_an_error_not_garbage(secret, server, plain_server):
+    """CKKS does not authenticate: rows or vectors decrypted with another secret key gave
+    values around 1e7 without an error. Decryption now checks the values against what the
+    encrypted inputs' limits allow (|<u, v>| <= MAX_VECTOR_NORM^2; |sum_j w_j x_j| <=
+    MAX_ABS_VALUE * MAX_WEIGHT_L1)."""
+    other = ckks.create_secret_context(galois_keys=True)
+    vecs = _orthonormal(3, D, 1, seed=1).permute(0, 2, 1).reshape(3, D)
+    lay, _, rows, gram = _gram(secret, server, vecs)
+    assert (gram - vecs @ vecs.T).abs().max().item() < 1e-4  # the right key: as before
+    with pytest.raises(CkksError, match="decrypted inner products reach .* another key"):
+        decrypt_inner_product_rows(other, lay, rows)
+    theta = torch.linspace(-3, 3, 100, dtype=torch.float64).reshape(2, 50)
+    out = weighted_sums(plain_server, encrypt_rows(secret, theta), torch.eye(2, dtype=torch.float64))
+    assert torch.allclose(decrypt_vector(secret, out[0]), theta[0], atol=1e-5)
+    with pytest.raises(CkksError, match="decrypted values reach .* another key"):
+        decrypt_vector(other, out[0])

@@ -270,3 +270,15 @@ def test_uploads_without_envelopes_are_made_by_the_encrypt_stage(propagator, mon
     sent = propagator.stats.last_round["bytes_sent"]
     assert [kind for kind, _ in made] == ["enc_theta"] * (N + 1)
     assert made[-1][1] == sent[1] and [b > 0 for b in sent] == [False, True, False, False]
+
+
+def test_a_result_decrypted_by_another_key_holder_is_an_error_not_garbage(propagator):
+    """A result decrypted with another secret key gave values around 1e7, silently."""
+    from privacy.ckks import create_secret_context
+
+    prop, theta = case(7)
+    results = propagator.server.combine(prop, [propagator.client.encrypt(r) for r in theta], P)
+    stranger = PropagationClient(create_secret_context())
+    with pytest.raises(EncryptedPropagationError, match="cannot decrypt propagation result: .*another key"):
+        stranger.decrypt(results[0], P)
+    assert (propagator.client.decrypt(results[0], P) - prop[0] @ theta.double()).abs().max() < 1e-6

@@ -250,3 +250,9 @@ def test_step_decrypt_rows_takes_exactly_the_requested_rows(ceremony, steps):
     assert torch.equal(gram, torch.round(gram * 2**16) / 2**16)  # released on the 2^-16 grid
     with pytest.raises(SecureRelatednessError, match="for 6 clients with q = 1"):
         overlaps_from_rows(gram, vectors, N - 1, 1)  # a wrong client count
+
+
+def test_overlaps_refuse_non_finite_decrypted_rows():
+    """NaN decrypted rows passed through into the overlaps (and the graph)."""
+    with pytest.raises(SecureRelatednessError, match="NaN or infinite"):
+        overlaps_from_rows(torch.full((3, 3), float("nan"), dtype=torch.float64), [0, 1, 2], 3, 1)
