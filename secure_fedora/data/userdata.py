@@ -171,6 +171,23 @@ def _ready_labels(y: Any, where: str) -> torch.Tensor:
     return y
 
 
+def _ready_inputs(x: Any, labels: torch.Tensor, where: str) -> None:
+    """Inputs of an already built dataset: a real tensor ``(n, ...)`` with one row per label
+    and, when floating point, finite values (their dtype is kept: e.g. uint8 images)."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{where} is a {type(x).__name__}; expected a torch tensor")
+    if x.dim() < 2:
+        raise DataError(f"{where} has shape {tuple(x.shape)}; inputs need a row axis and at least "
+                        "one feature axis, (n, ...)")
+    if x.dtype == torch.bool or torch.is_complex(x):
+        raise DataError(f"{where} has dtype {x.dtype}; expected real numbers")
+    if x.shape[0] != labels.shape[0]:
+        raise DataError(f"{where} has {x.shape[0]} inputs but {labels.shape[0]} labels")
+    if torch.is_floating_point(x) and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
+        raise DataError(f"{where} contains NaN or infinite values (first in row {bad})")
+
+
 def as_labeled_dataset(obj: Mapping[str, Any], where: str = "data") -> LabeledDataset:
     """Check and convert a centralized dataset dict (see the module docstring)."""
     missing = [k for k in CENTRALIZED_KEYS if k not in obj]
@@ -224,18 +241,26 @@ def as_federated(items: Sequence[Any], where: str = "data",
 
 def coerce_user_data(obj: Any, where: str = "data") -> LabeledDataset | FederatedData:
     """A centralized dataset or federated data from what user code returned; a ready
-    :class:`LabeledDataset` or :class:`FederatedData` gets the same label and class-count
-    checks as a dict (its inputs keep their convention, e.g. uint8 images)."""
+    :class:`LabeledDataset` or :class:`FederatedData` gets the same label, class-count, row-count
+    and finite-input checks as a dict (its inputs keep their dtype, e.g. uint8 images)."""
     if isinstance(obj, LabeledDataset):
-        labels = [_ready_labels(obj.train_y, f"{where} train_y"),
-                  _ready_labels(obj.test_y, f"{where} test_y")]
+        labels = []
+        for split in ("train", "test"):
+            y = _ready_labels(getattr(obj, f"{split}_y"), f"{where} {split}_y")
+            _ready_inputs(getattr(obj, f"{split}_x"), y, f"{where} {split}_x")
+            labels.append(y)
         _num_classes(labels, obj.num_classes, where)
         return obj
     if isinstance(obj, FederatedData):
         if not obj.clients:
             raise DataError(f"{where} holds no clients")
-        labels = [_ready_labels(getattr(c, f"{split}_y"), f"{where} client {c.client_id} {split}_y")
-                  for c in obj.clients for split in SPLITS]
+        labels = []
+        for c in obj.clients:
+            for split in SPLITS:
+                name = f"{where} client {c.client_id} {split}"
+                y = _ready_labels(getattr(c, f"{split}_y"), f"{name}_y")
+                _ready_inputs(getattr(c, f"{split}_x"), y, f"{name}_x")
+                labels.append(y)
         _num_classes(labels, obj.num_classes, where)
         return obj
     if isinstance(obj, Mapping):

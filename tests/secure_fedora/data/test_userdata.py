@@ -666,3 +666,26 @@ def test_auc_on_single_labels_needs_one_output_before_anything_is_released(
     with pytest.raises(DataError, match="cannot be scored with AUC: AUC needs one score per label"):
         Experiment(cfg, run_dir=tmp_path / "run").run()
     assert not (tmp_path / "run" / "ledgers").exists()
+
+
+def test_a_ready_dataset_gets_the_input_checks_of_a_dict() -> None:
+    """A LabeledDataset or FederatedData given ready skipped the input checks: NaN test inputs
+    trained and reported accuracy from NaN outputs; 397 labels for 400 inputs ran."""
+    from secure_fedora.data.partition import LabeledDataset
+    from secure_fedora.data.userdata import FederatedData, as_federated
+
+    d = _small_data()
+    x, y = torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"])
+    xt, yt = torch.from_numpy(d["x_test"]), torch.from_numpy(d["y_test"])
+    with pytest.raises(DataError, match="data test_x contains NaN or infinite values"):
+        Experiment(SMALL, data=LabeledDataset(x, y, torch.full_like(xt, float("nan")), yt, 3)).check()
+    with pytest.raises(DataError, match="data train_x has 80 inputs but 77 labels"):
+        Experiment(SMALL, data=LabeledDataset(x, y[:77], xt, yt, 3)).check()
+    parts = [{"train": (x[i * 20:(i + 1) * 20], y[i * 20:(i + 1) * 20]), "val": (xt[:6], yt[:6]),
+              "test": (xt[6:12], yt[6:12])} for i in range(3)]
+    ready = as_federated(parts)
+    broken = ready.clients[0]
+    ready.clients[0] = type(broken)(**{**vars(broken), "test_x": torch.full_like(broken.test_x, float("nan"))})
+    with pytest.raises(DataError, match="client 0 test_x contains NaN"):
+        Experiment(SMALL, data=FederatedData(ready.clients, 3)).check()
+    Experiment(SMALL, data=LabeledDataset(x, y, xt, yt, 3)).check()  # the clean one passes
