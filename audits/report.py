@@ -74,9 +74,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON, a 4,300+ digit integer
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _list(value: Any) -> list[Any]:
+    """``value`` when results.json holds a list there, else nothing to show (verify reports
+    a malformed results.json; the report still renders)."""
+    return value if isinstance(value, list) else []
 
 
 def _read_config(run_dir: Path) -> ExperimentConfig | None:
@@ -90,7 +96,8 @@ def _read_config(run_dir: Path) -> ExperimentConfig | None:
 
 
 def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -> dict[str, Any]:
-    stated = dict(results.get("assumptions", {})) if results else {}
+    stated = results.get("assumptions") if results else None
+    stated = stated if isinstance(stated, dict) else {}  # a malformed one: verify reports it
     out: dict[str, Any] = {
         "server": stated.get("server", "honest-but-curious"),
         "validation_data": stated.get("validation_data",
@@ -202,7 +209,7 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
             continue
         methods.append({"method": name, **{k: sel.get(k) for k in
                                            ("mean", "min", "max", "std", "round")}})
-        for i, acc in enumerate(sel.get("per_client") or []):
+        for i, acc in enumerate(_list(sel.get("per_client"))):
             per_client.setdefault(i, {"client": i})[name] = acc
     ids = client_ids(len(per_client))
     rows = [{**per_client[i], "client_id": ids[i]} for i in sorted(per_client)]
@@ -218,10 +225,10 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
         for method, body in privacy.items():
             if not isinstance(body, dict):
                 continue
-            for row in body.get("plan") or []:
+            for row in _list(body.get("plan")):
                 if isinstance(row, dict):
                     plan.append({"method": method, **row})
-            for ev in body.get("events") or []:
+            for ev in _list(body.get("events")):
                 if isinstance(ev, dict):
                     events.append({"method": method, **ev})
     return {"plan": plan, "events": events}
@@ -491,7 +498,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             [[_e(r.get("method")), _fmt(r.get("clients")), _fmt(r.get("epsilon_budget")),
               _fmt(r.get("delta")), _fmt(r.get("noise_multiplier")), _fmt(r.get("sample_rate")),
               _fmt(r.get("steps_per_round")), _fmt(r.get("rounds")),
-              _fmt(r.get("planned_epsilon")), _e("; ".join(map(str, r.get("releases", []))))]
+              _fmt(r.get("planned_epsilon")), _e("; ".join(map(str, _list(r.get("releases")))))]
              for r in plan["plan"]],
             left=(0, 9),
         ))

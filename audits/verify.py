@@ -378,7 +378,7 @@ def check_ledger_lines(lines: Sequence[str], public_key: Ed25519PublicKey | None
     for pos, line in enumerate(lines):
         try:
             entry = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, or a 4,300+ digit integer
             err(pos, "json", f"line is not valid JSON ({exc})")
             entries.append(None)
             prev_hash = _sha256(line)
@@ -584,7 +584,7 @@ def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | No
         return None
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # incl. JSONDecodeError, huge integers
         findings.append(Finding("error", "results", f"{path} is not readable JSON: {exc}"))
         return None
     if not isinstance(doc, dict):

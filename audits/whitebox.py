@@ -431,7 +431,7 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
     if results_path.is_file():
         try:
             results = json.loads(results_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
     result = run_whitebox_audit(cfg, results=results, **kwargs)
     try:

@@ -424,7 +424,7 @@ def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise IdentityError(f"allowlist file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # incl. JSONDecodeError, huge integers
         raise IdentityError(f"allowlist file {path} is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("version") != ALLOWLIST_VERSION:
         raise IdentityError(f"allowlist {path}: expected a JSON object with version {ALLOWLIST_VERSION}")

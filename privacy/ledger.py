@@ -150,7 +150,7 @@ def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for i, line in enumerate(lines):
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # incl. JSONDecodeError, huge integers
             raise LedgerError(f"ledger {str(path)!r}: line {i} is not valid JSON ({exc})") from None
         if not isinstance(entry, dict):
             raise LedgerError(f"ledger {str(path)!r}: line {i} is not a JSON object")
@@ -247,7 +247,7 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
             line = item
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 problem("bad_json", f"not valid JSON ({exc})")
                 prev_hash = line_hash(line)
                 continue

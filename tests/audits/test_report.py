@@ -127,6 +127,25 @@ def test_report_errors(tmp_path, pristine_run):
         write_report(pristine_run, blocker / "sub")
 
 
+@pytest.mark.parametrize("edit", [
+    lambda d: d["methods"][next(iter(d["methods"]))]["selected"].__setitem__("per_client", 5),
+    lambda d: d["privacy"][next(iter(d["privacy"]))].__setitem__("plan", 5),
+    lambda d: d["privacy"][next(iter(d["privacy"]))].__setitem__("events", 5),
+    lambda d: d.__setitem__("assumptions", [1]),
+], ids=["per_client", "plan", "events", "assumptions"])
+def test_a_wrongly_typed_results_field_is_reported_not_a_traceback(run_copy, tmp_path, edit):
+    """A number where results.json holds a list (or a list for the assumptions object) raised
+    TypeError while the report was built: nothing was written. The report is written, and
+    verification fails on the edited results.json."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    edit(doc)
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    (run_copy / "audit").mkdir(exist_ok=True)
+    (run_copy / "audit" / "canary.json").write_text('{"x": ' + "9" * 5000 + "}")  # unreadable
+    paths = write_report(run_copy, tmp_path / "out")
+    assert paths.html.exists() and not json.loads(paths.json.read_text())["verification"]["ok"]
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(),
                     reason="headless Chromium (Debian package 'chromium') is not installed")
 def test_report_renders_in_headless_chromium(written, tmp_path):

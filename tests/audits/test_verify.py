@@ -850,3 +850,22 @@ def test_a_configured_method_missing_from_an_in_process_results_json_is_an_error
     assert [(f.check, f.method) for f in report.errors] == [("results", "local")]
     assert "config.toml lists method 'local' but results.json reports nothing of it" in \
         report.errors[0].message
+
+
+def test_integers_past_pythons_digit_limit_are_findings_not_tracebacks(run_copy):
+    """A JSON integer of 5,000 digits raises ValueError (not JSONDecodeError) in json.loads:
+    in results.json, a ledger line or the run's allowlist it crashed `audit verify`."""
+    huge = "9" * 5000
+    results = (run_copy / "results.json").read_text()
+    (run_copy / "results.json").write_text(results.replace('"version"', f'"huge": {huge}, "version"', 1))
+    report = verify_run(run_copy)
+    assert any(f.check == "results" and "not readable JSON" in f.message for f in report.errors)
+    (run_copy / "results.json").write_text(results)
+    lines = lines_of(run_copy)
+    write_lines(run_copy, [lines[0].replace("{", f'{{"huge": {huge}, ', 1), *lines[1:]])
+    report = verify_run(run_copy)
+    assert any(f.client_id == CID and f.check == "json" for f in report.errors)
+    write_lines(run_copy, lines)
+    allowlist = run_copy / "keys" / "allowlist.json"
+    allowlist.write_text(allowlist.read_text().replace("{", f'{{"huge": {huge}, ', 1))
+    assert not verify_run(run_copy).ok
