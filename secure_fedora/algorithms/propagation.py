@@ -508,13 +508,13 @@ def build_operator(graph: Tensor, alpha: float, mode: str, tolerance: float = 1e
     """
     n = graph.shape[0]
     resolved = resolve_propagation(mode, n)
+    chosen = fallback or mode == "auto"
+    if (resolved == "factored" and chosen and n <= AUTO_DENSE_GRAPH_MAX_CLIENTS
+            and _entries_per_row(graph) >= AUTO_DENSE_GRAPH_FRACTION * n):
+        resolved = "dense"  # k near N: P is dense whatever the operator
     if resolved == "factored":
-        if not (fallback or mode == "auto"):
+        if not chosen:
             return PropagationOperator("factored", sparse_graph(graph), factors=factor_propagation(graph, alpha))
-        if n <= AUTO_DENSE_GRAPH_MAX_CLIENTS and _entries_per_row(graph) >= AUTO_DENSE_GRAPH_FRACTION * n:
-            check_graph(graph, alpha)
-            dense = graph.to_dense() if graph.layout != torch.strided else graph
-            return PropagationOperator("dense", propagation_matrix(dense, alpha))
         try:
             factors = factor_propagation(graph, alpha, max_nnz_per_row=AUTO_FACTORED_MAX_NNZ_PER_ROW)
             return PropagationOperator("factored", sparse_graph(graph), factors=factors)

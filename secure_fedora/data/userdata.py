@@ -74,8 +74,8 @@ def _tensor(value: Any, where: str) -> torch.Tensor:
     raise DataError(f"{where} is a {type(value).__name__}; expected a numpy array or a torch tensor")
 
 
-def _inputs(value: Any, where: str) -> torch.Tensor:
-    x = _tensor(value, where)
+def _check_input_shape(x: torch.Tensor, where: str) -> None:
+    """Inputs are real numbers with a row axis and at least one feature per row."""
     if x.dim() < 2:
         raise DataError(f"{where} has shape {tuple(x.shape)}; inputs need a row axis and at least "
                         "one feature axis, (n, ...)")
@@ -83,10 +83,20 @@ def _inputs(value: Any, where: str) -> torch.Tensor:
         raise DataError(f"{where} has dtype {x.dtype}; expected real numbers")
     if x.shape[0] and x[0].numel() == 0:
         raise DataError(f"{where} has shape {tuple(x.shape)}: each row holds no feature")
-    x = x.to(torch.float32)
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    """DataError naming the first row holding NaN or an infinite value."""
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
         raise DataError(f"{where} contains NaN or infinite values (first in row {bad})")
+
+
+def _inputs(value: Any, where: str) -> torch.Tensor:
+    x = _tensor(value, where)
+    _check_input_shape(x, where)
+    x = x.to(torch.float32)
+    _check_finite(x, where)  # after the cast: float64 values beyond float32 become inf
     return x.contiguous()
 
 
@@ -176,16 +186,11 @@ def _ready_inputs(x: Any, labels: torch.Tensor, where: str) -> None:
     and, when floating point, finite values (their dtype is kept: e.g. uint8 images)."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"{where} is a {type(x).__name__}; expected a torch tensor")
-    if x.dim() < 2:
-        raise DataError(f"{where} has shape {tuple(x.shape)}; inputs need a row axis and at least "
-                        "one feature axis, (n, ...)")
-    if x.dtype == torch.bool or torch.is_complex(x):
-        raise DataError(f"{where} has dtype {x.dtype}; expected real numbers")
+    _check_input_shape(x, where)
     if x.shape[0] != labels.shape[0]:
         raise DataError(f"{where} has {x.shape[0]} inputs but {labels.shape[0]} labels")
-    if torch.is_floating_point(x) and not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
-        raise DataError(f"{where} contains NaN or infinite values (first in row {bad})")
+    if torch.is_floating_point(x):
+        _check_finite(x, where)
 
 
 def as_labeled_dataset(obj: Mapping[str, Any], where: str = "data") -> LabeledDataset:
