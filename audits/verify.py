@@ -1198,10 +1198,13 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         raise AuditError(f"pld_checkpoints must be an int >= 1, got {pld_checkpoints!r}")
     allow_path = Path(allowlist) if allowlist is not None else None
     if allow_path is not None and not allow_path.is_file():
-        raise AuditError(f"allowlist {allow_path} does not exist")
+        raise AuditError(f"allowlist {allow_path} "
+                         + ("is a directory, not a file" if allow_path.is_dir() else "does not exist"))
     anchor_path = Path(anchor) if anchor is not None else None
     if anchor_path is not None and not anchor_path.is_file():
-        raise AuditError(f"anchor {anchor_path} does not exist")
+        raise AuditError(f"anchor {anchor_path} "
+                         + ("is a directory, not a file (give the anchor.json kept apart)"
+                            if anchor_path.is_dir() else "does not exist"))
     findings: list[Finding] = []
     results = _load_results(run, findings)
     cfg = _load_config(run, results, findings)

@@ -405,6 +405,12 @@ def test_bad_arguments_raise(tmp_path, pristine_run):
         verify_run(pristine_run, pld_checkpoints=0)
     with pytest.raises(AuditError, match="allowlist"):
         verify_run(pristine_run, allowlist=tmp_path / "missing.json")
+    with pytest.raises(AuditError, match="anchor .* does not exist"):
+        verify_run(pristine_run, anchor=tmp_path / "missing.json")
+    with pytest.raises(AuditError, match="anchor .* is a directory, not a file"):
+        verify_run(pristine_run, anchor=tmp_path)
+    with pytest.raises(AuditError, match="allowlist .* is a directory, not a file"):
+        verify_run(pristine_run, allowlist=tmp_path)
     with pytest.raises(AuditError, match="accountant"):
         independent_epsilons([(1.0, 0.1, 3)], 1e-5, "moments")
 
