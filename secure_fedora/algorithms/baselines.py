@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from privacy.errors import ToolkitError
-from secure_fedora.algorithms.contract import Payload
+from secure_fedora.algorithms.contract import FINALIZE, ROUND, Payload
 from secure_fedora.algorithms.messages import (
     KIND_CLUSTER_CHOICE,
     KIND_CLUSTERS,
@@ -471,6 +471,16 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
     its buffer for the trained copy of ``w`` it sends (not state: rewritten every round).
     """
 
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        """A round reply: the trained copy of ``w`` (DP-SGD), the training-set size (public
+        by the run's assumptions) and the steps; the personal model never leaves."""
+        if stage == ROUND:
+            return {**super().reply_entries(cfg, stage),
+                    KEY_NUM_EXAMPLES: "the training-set size (dataset sizes are public by the "
+                                      "run's assumptions)"}
+        return super().reply_entries(cfg, stage)
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.global_params = ctx.init.clone()
@@ -713,6 +723,13 @@ class APFL(_GlobalModelMethod):
         method.report_alpha = not cfg.privacy.enabled
         return method
 
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        """As Ditto's, and without DP the finalize reply ``alpha`` (under DP it is not sent)."""
+        if stage == FINALIZE and not cfg.privacy.enabled:
+            return {"alpha": "the mixing weight, reported only by non-private runs"}
+        return super().reply_entries(cfg, stage)
+
     def finalize_messages(self) -> dict[int, Payload]:
         """Every client is asked for its mixing weight (an empty message); nobody under DP."""
         if not self.report_alpha:
@@ -887,6 +904,21 @@ class IFCA(_Baseline, FederatedMethod):
         # recomputes the same choice
         self.choices = torch.zeros(ctx.num_clients, 1, dtype=self.theta.dtype)
         self._choice_cache: dict[int, tuple[int, int]] = {}
+
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        """Round: the trained cluster model copy (DP-SGD), its cluster index, the
+        training-set size and the steps; finalize: the final cluster index. A DP run picks
+        the cluster on validation data declared public (check_config refuses the rest)."""
+        choice = ("the cluster index, picked on validation data declared public "
+                  "(data.validation = 'public')")
+        if stage == ROUND:
+            return {**super().reply_entries(cfg, stage), KIND_CLUSTER_CHOICE: choice,
+                    KEY_NUM_EXAMPLES: "the training-set size (dataset sizes are public by the "
+                                      "run's assumptions)"}
+        if stage == FINALIZE:
+            return {KIND_CLUSTER_CHOICE: choice}
+        return super().reply_entries(cfg, stage)
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

@@ -29,6 +29,7 @@ client's data):
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,14 +37,38 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from privacy.errors import ToolkitError
+from secure_fedora.algorithms.messages import KIND_THETA
+
 Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
-__all__ = ["FederatedAlgorithm", "Payload", "ReleaseSpec", "SETUP", "ROUND", "build_method",
-           "method_class", "method_releases", "round_mechanisms"]
+__all__ = ["ContractError", "FederatedAlgorithm", "Payload", "ReleaseSpec", "ReplyRules",
+           "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
+           "check_round_statistics", "method_class", "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
 ROUND = "round"
+FINALIZE = "finalize"
+
+#: Reply entry: the local steps a client ran in the round (one whole number).
+REPLY_STEPS = "steps"
+#: Reply entry: the client's number of training examples (an aggregation weight).
+REPLY_NUM_EXAMPLES = "num_examples"
+#: Reply entries that are counts, with their smallest valid value.
+COUNT_ENTRIES = {REPLY_STEPS: 0, REPLY_NUM_EXAMPLES: 1}
+
+#: Columns of a round's history row (rounds.csv, results.json) that the runtimes write
+#: themselves; a method's round statistics may not use these names.
+RUNTIME_ROUND_COLUMNS = frozenset({
+    "method", "round", "participants", "replied", "seconds", "timing", "test_mean", "test_min",
+    "test_max", "test_std", "val_mean", "selected_mean", "selected_round"})
+
+
+class ContractError(ToolkitError, ValueError):
+    """A method broke the contract (a message, reply or statistic it must not produce); the
+    message names the method, the exchange and what is wrong. Raised before the offending
+    value is used: nothing of it reaches the server, a file or another client."""
 
 
 @dataclass(frozen=True)
@@ -66,14 +91,24 @@ class ReleaseSpec:
     def __post_init__(self) -> None:
         if self.when not in (SETUP, ROUND):
             raise ValueError(f"release 'when' must be {SETUP!r} or {ROUND!r}, got {self.when!r}")
-        if not self.kind or not self.mechanisms:
-            raise ValueError("a release spec needs a kind and at least one mechanism")
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"a release spec needs a kind (a non-empty string), got {self.kind!r}")
+        if not isinstance(self.mechanisms, tuple | list) or not self.mechanisms or not all(
+                isinstance(m, str) and m for m in self.mechanisms):
+            raise ValueError("a release spec's mechanisms must be a tuple of mechanism names "
+                             f"(e.g. ('dpsgd',)), got {self.mechanisms!r}")
+        object.__setattr__(self, "mechanisms", tuple(self.mechanisms))
+        if not isinstance(self.encrypted, bool):
+            raise ValueError(f"a release spec's 'encrypted' must be a bool, got {self.encrypted!r}")
 
 
 class FederatedAlgorithm(ABC):
     """Base class of every federated method (see the module docstring for the contract)."""
 
     name: ClassVar[str] = "algorithm"
+    #: What this method's client replies may carry (set by :func:`build_method`; None for
+    #: an instance built some other way, whose exchanges are then not checked).
+    reply_rules: ReplyRules | None = None
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -81,6 +116,20 @@ class FederatedAlgorithm(ABC):
         """The releases a client of this method makes under ``cfg`` (what the privacy plan
         accounts). Default: one DP-SGD model release per round taken part in."""
         return (ReleaseSpec("model", ("dpsgd",), ROUND),)
+
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        """The entries a client's reply may carry in exchange ``stage`` (``"setup"``,
+        ``"round"`` or ``"finalize"``) under ``cfg``, each with why it may leave the client
+        of a differentially private run: covered by a declared release (:meth:`releases`), or
+        data-independent, or public under an assumption the method states. Both runtimes
+        refuse, in a DP run, a reply carrying any other entry (:class:`ReplyRules`), before it
+        leaves. Default: a round reply carries the DP-SGD model and the step count."""
+        if stage == ROUND:
+            return {KIND_THETA: "the round's model, trained with DP-SGD (the 'model' release)",
+                    REPLY_STEPS: "the number of local steps (fixed by the plan, "
+                                 "data-independent)"}
+        return {}
 
     @classmethod
     def assumptions(cls, cfg: Any) -> dict[str, Any]:
@@ -218,7 +267,9 @@ def method_class(name: str) -> type[FederatedAlgorithm] | None:
 
 def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     """Instantiate registered method ``name``: ``cls.from_config(ctx, cfg)`` for a registered
-    class, ``factory(ctx, cfg)`` for a registered factory."""
+    class, ``factory(ctx, cfg)`` for a registered factory. The result must be a
+    :class:`FederatedAlgorithm`; it gets the :class:`ReplyRules` of ``name`` under ``cfg`` as
+    its ``reply_rules`` attribute (what the runtimes check every exchange against)."""
     from secure_fedora.core.registry import METHODS
 
     entry = METHODS.get(name)
@@ -227,8 +278,18 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
         if from_config is None:
             raise TypeError(f"method {name!r} is registered as class {entry.__name__}, which "
                             "has no from_config(ctx, cfg) classmethod")
-        return from_config(ctx, cfg)
-    return entry(ctx, cfg)
+        method = from_config(ctx, cfg)
+    elif callable(entry):
+        method = entry(ctx, cfg)
+    else:
+        raise ContractError(f"method {name!r} is registered as {type(entry).__name__} "
+                            f"{entry!r}, neither a FederatedAlgorithm class nor a factory")
+    if not isinstance(method, FederatedAlgorithm):
+        raise ContractError(f"method {name!r}: building it returned {type(method).__name__}, "
+                            "not a FederatedAlgorithm (from_config / the factory must return "
+                            "the method)")
+    method.reply_rules = ReplyRules.of(name, type(method), cfg)
+    return method
 
 
 def method_releases(name: str, cfg: Any) -> tuple[ReleaseSpec, ...]:
@@ -241,7 +302,11 @@ def method_releases(name: str, cfg: Any) -> tuple[ReleaseSpec, ...]:
             f"method {name!r} is registered as a factory that does not name its algorithm "
             "class, so its releases are unknown; register the class (with a from_config "
             "classmethod) or set the factory's 'algorithm' attribute to it")
-    return tuple(cls.releases(cfg))
+    specs = cls.releases(cfg)
+    if not isinstance(specs, tuple | list) or not all(isinstance(s, ReleaseSpec) for s in specs):
+        raise ValueError(f"method {name!r}: releases(cfg) must return a tuple of ReleaseSpec, "
+                         f"got {specs!r}")
+    return tuple(specs)
 
 
 def round_mechanisms(name: str, cfg: Any) -> tuple[str, ...]:
@@ -251,3 +316,146 @@ def round_mechanisms(name: str, cfg: Any) -> tuple[str, ...]:
         if spec.when == ROUND and spec.kind == "model":
             return spec.mechanisms
     return ()
+
+
+# ---------------------------------------------------------------------- contract checks
+# Both runtimes call these on what a method produces, before it is used: a method that
+# breaks the contract stops the run with an error naming it, instead of sending more than
+# its declared releases or writing over the runtime's own records.
+
+
+def check_messages(method: str, stage: str, rnd: int, messages: Any,
+                   participants: Sequence[int]) -> dict[int, Payload]:
+    """``messages`` (what the server half addresses to clients in exchange ``stage``) as a
+    dict; :class:`ContractError` unless it maps only ``participants`` (the clients the runtime
+    chose, and with DP admitted) to dicts. A client outside them would train and reply
+    without an accounted release."""
+    if not isinstance(messages, Mapping):
+        raise ContractError(f"method {method!r}: the {stage} messages of round {rnd} must be a "
+                            f"dict client -> payload, got {type(messages).__name__}")
+    allowed = set(participants)
+    extra = sorted((i for i in messages if i not in allowed), key=repr)
+    if extra:
+        raise ContractError(
+            f"method {method!r}: round {rnd}'s {stage} messages address client(s) "
+            f"{extra[:8]} outside the round's participants {sorted(allowed)[:8]}"
+            f"{' ...' if len(allowed) > 8 else ''} (a client the runtime did not choose or "
+            "admit must not train or reply)")
+    for i, payload in messages.items():
+        if not isinstance(payload, Mapping):
+            raise ContractError(f"method {method!r}: its {stage} message to client {i} must be "
+                                f"a dict of tensors, got {type(payload).__name__}")
+    return dict(messages)
+
+
+def check_round_statistics(method: str, rnd: int, stats: Any) -> dict[str, float]:
+    """A method's round statistics as ``{name: float}``; :class:`ContractError` unless it is
+    a dict of string names outside :data:`RUNTIME_ROUND_COLUMNS` to finite real numbers (or
+    one-element tensors of them)."""
+    if not isinstance(stats, Mapping):
+        raise ContractError(f"method {method!r}: round {rnd}'s statistics (aggregate's return) "
+                            f"must be a dict name -> number, got {type(stats).__name__}")
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        if not isinstance(key, str) or not key:
+            raise ContractError(f"method {method!r}: round statistic names must be non-empty "
+                                f"strings, got {key!r}")
+        if key in RUNTIME_ROUND_COLUMNS:
+            raise ContractError(f"method {method!r}: round statistic {key!r} would overwrite the "
+                                "runtime's own column of that name; rename it")
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            raise ContractError(f"method {method!r}: round {rnd}'s statistic {key!r} must be a "
+                                f"finite number, got {value!r}")
+        out[key] = float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """What method ``method``'s client replies may carry, per exchange stage
+    (:meth:`FederatedAlgorithm.reply_entries`), and whether the run is private (only then
+    are undeclared entries refused: without DP no release is claimed to be accounted).
+
+    Checked in the client's process before a reply leaves (:meth:`check_reply`) and by the
+    in-process driver on a whole exchange (:meth:`check_replies`)."""
+
+    method: str
+    private: bool
+    entries: Mapping[str, Mapping[str, str]]
+    #: Kinds of the setup releases the method declares (e.g. ``("summary",)``).
+    setup_kinds: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, method: str, algorithm: type, cfg: Any) -> ReplyRules:
+        """The rules of registered method ``method`` (class ``algorithm``) under ``cfg``."""
+        entries = {}
+        for stage in (SETUP, ROUND, FINALIZE):
+            declared = algorithm.reply_entries(cfg, stage)
+            if not isinstance(declared, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in declared.items()):
+                raise ContractError(f"method {method!r}: reply_entries(cfg, {stage!r}) must "
+                                    f"return a dict entry -> reason, got {declared!r}")
+            entries[stage] = dict(declared)
+        privacy = getattr(cfg, "privacy", None)
+        specs = algorithm.releases(cfg) if hasattr(algorithm, "releases") else ()
+        setup_kinds = tuple(s.kind for s in specs if isinstance(s, ReleaseSpec) and s.when == SETUP)
+        return cls(method, bool(getattr(privacy, "enabled", False)), entries, setup_kinds)
+
+    def check_reply(self, stage: str, i: int, reply: Any, *, exact: bool = False) -> None:
+        """:class:`ContractError` unless client ``i``'s ``stage`` reply is a dict of tensors
+        whose counts (``steps`` >= 0, ``num_examples`` >= 1, if present) are one whole number
+        each and, in a private run, whose every entry is declared for ``stage``. ``exact``
+        (a server receiving replies from other processes): the entries must be exactly the
+        declared ones, private run or not."""
+        if not isinstance(reply, Mapping):
+            raise ContractError(f"method {self.method!r}: client {i}'s {stage} reply must be a "
+                                f"dict of tensors, got {type(reply).__name__}")
+        for key, value in reply.items():
+            if not isinstance(key, str) or not isinstance(value, Tensor):
+                raise ContractError(
+                    f"method {self.method!r}: client {i}'s {stage} reply entry {key!r} must be "
+                    f"a tensor under a string name, got {type(value).__name__}")
+        for name, least in COUNT_ENTRIES.items():
+            count = reply.get(name)
+            if count is not None and (count.numel() != 1 or count.is_complex()
+                                      or not math.isfinite(float(count))
+                                      or float(count) < least
+                                      or float(count) != int(float(count))):
+                shown = count.tolist() if count.numel() <= 4 else tuple(count.shape)
+                raise ContractError(f"method {self.method!r}: client {i}'s reply entry "
+                                    f"{name!r} must be one whole number >= {least}, got {shown}")
+        if exact and set(reply) != set(self.entries.get(stage, {})):
+            declared = sorted(self.entries.get(stage, {}))
+            raise ContractError(f"method {self.method!r}: client {i}'s {stage} reply carries "
+                                f"{sorted(reply)}, the method's {stage} replies carry {declared}")
+        if self.private:
+            declared = self.entries.get(stage, {})
+            undeclared = sorted(k for k in reply if k not in declared)
+            if undeclared:
+                raise ContractError(
+                    f"method {self.method!r}: client {i}'s {stage} reply carries "
+                    f"{undeclared}, which the method does not declare for that exchange "
+                    f"(declared: {sorted(declared) or 'nothing'}); in a private run every "
+                    "entry a client sends must be covered by a release or be data-independent "
+                    "(FederatedAlgorithm.reply_entries). Nothing was sent.")
+
+    def check_replies(self, stage: str, rnd: int, replies: Any,
+                      messages: Mapping[int, Any]) -> dict[int, Payload]:
+        """``replies`` as a dict after :meth:`check_reply` on each; :class:`ContractError`
+        unless it answers exactly the clients ``messages`` addressed."""
+        if not isinstance(replies, Mapping):
+            raise ContractError(f"method {self.method!r}: round {rnd}'s {stage} replies must be "
+                                f"a dict client -> payload, got {type(replies).__name__}")
+        if set(replies) != set(messages):
+            extra = sorted(set(replies) - set(messages), key=repr)
+            missing = sorted(set(messages) - set(replies), key=repr)
+            raise ContractError(
+                f"method {self.method!r}: round {rnd}'s {stage} replies must answer exactly the "
+                f"clients messaged; replies from unmessaged client(s) {extra[:8]}, no reply "
+                f"from {missing[:8]}")
+        for i, reply in replies.items():
+            self.check_reply(stage, i, reply)
+        return dict(replies)

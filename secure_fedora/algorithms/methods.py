@@ -31,7 +31,19 @@ import torch
 from torch import Tensor
 
 from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.contract import ROUND, SETUP, FederatedAlgorithm, Payload, ReleaseSpec
+from secure_fedora.algorithms.contract import (
+    FINALIZE,
+    REPLY_NUM_EXAMPLES,
+    REPLY_STEPS,
+    ROUND,
+    SETUP,
+    ContractError,
+    FederatedAlgorithm,
+    Payload,
+    ReleaseSpec,
+    check_messages,
+    check_round_statistics,
+)
 from secure_fedora.algorithms.encryption import EncryptionBackend, require_encryption
 from secure_fedora.algorithms.messages import (
     KIND_GLOBAL,
@@ -64,9 +76,9 @@ from secure_fedora.learning.client import (
 )
 from secure_fedora.learning.validation_losses import validation_losses
 
-KEY_STEPS = "steps"
+KEY_STEPS = REPLY_STEPS
 """Reply entry: the DP-SGD/SGD steps a client ran this round (a 0-d integer tensor)."""
-KEY_NUM_EXAMPLES = "num_examples"
+KEY_NUM_EXAMPLES = REPLY_NUM_EXAMPLES
 """Reply entry: the client's number of training examples (FedAvg's aggregation weight)."""
 KEY_LAMBDA = "lambda"
 """Reply entry: FEDORA's regularization weight ``lambda_i`` of the round (0-d float64)."""
@@ -354,10 +366,24 @@ class FederatedMethod(FederatedAlgorithm):
         return {i: self.client_setup(i, m) for i, m in messages.items()}
 
     def setup(self) -> None:
-        """Run the setup exchange once before the first round (no-op without one)."""
+        """Run the setup exchange once before the first round (no-op without one); the
+        replies are checked against :attr:`reply_rules` before the server half sees them."""
         messages = self.setup_messages()
         if messages:
-            self.server_setup(self.client_setup_many(messages))
+            replies = self.client_setup_many(messages)
+            rules = self.reply_rules
+            if rules is not None:
+                replies = rules.check_replies(SETUP, 0, replies, messages)
+                privacy = self.ctx.privacy
+                if rules.private and rules.setup_kinds and privacy is not None:
+                    unrecorded = [i for i in replies if privacy.clients[i].summary_release is None]
+                    if unrecorded:
+                        raise ContractError(
+                            f"method {rules.method!r} declares a setup release "
+                            f"{list(rules.setup_kinds)}, but client(s) {unrecorded[:8]} replied "
+                            "without it being admitted and recorded (make it through "
+                            "ctx.privacy.noised_summaries); nothing reached the server")
+            self.server_setup(replies)
 
     def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """What the round's clients did, from every reply before the upload exchange (a
@@ -368,13 +394,25 @@ class FederatedMethod(FederatedAlgorithm):
         """One generic round: :meth:`configure`, the downloads through the exchange,
         :meth:`client_update_many`, the uploads through the exchange, :meth:`aggregate`.
         Returns :meth:`round_statistics` merged with ``aggregate``'s statistics."""
-        messages = self._exchange_downloads(rnd, self.configure(rnd, participants))
+        rules = self.reply_rules
+        label = rules.method if rules is not None else self.name
+        messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
+                                  participants)
+        messages = self._exchange_downloads(rnd, messages)
         replies = self.client_update_many(rnd, messages)
-        stats = self.round_statistics(rnd, replies)
+        if rules is not None:
+            replies = rules.check_replies(ROUND, rnd, replies, messages)
+        if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
+            self.ctx.privacy.confirm_steps(rnd, list(replies))
+        stats = dict(self.round_statistics(rnd, replies))
         accepted = self._exchange_uploads(rnd, replies)
-        stats.update(self.aggregate(rnd, accepted))
+        aggregated = self.aggregate(rnd, accepted)
+        if not isinstance(aggregated, Mapping):
+            raise ContractError(f"method {label!r}: aggregate() must return the round's "
+                                f"statistics as a dict, got {type(aggregated).__name__}")
+        stats.update(aggregated)
         self.last_round = rnd
-        return stats
+        return check_round_statistics(label, rnd, stats)
 
     def eval_row(self, i: int) -> Tensor:
         """The parameters on which client ``i`` is evaluated (its personalized model)."""
@@ -389,6 +427,8 @@ class FederatedMethod(FederatedAlgorithm):
             final_round = self.exchange.last_round if self.exchange is not None else 0
             messages = self._exchange_downloads(final_round, messages)
         replies = {i: self.client_finalize(i, m) for i, m in messages.items()}
+        if self.reply_rules is not None:
+            replies = self.reply_rules.check_replies(FINALIZE, self.last_round, replies, messages)
         return self.server_finalize(replies)
 
     def _round_envelopes(self) -> bool:
@@ -552,6 +592,13 @@ class Local(FederatedMethod):
     name = "local"
     sends_messages = False
 
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        """A round reply carries only the step count (the model never leaves)."""
+        if stage == ROUND:
+            return {KEY_STEPS: "the number of local steps (fixed by the plan, data-independent)"}
+        return super().reply_entries(cfg, stage)
+
     def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
         """Train client ``i``'s own row in place."""
         return {KEY_STEPS: _scalar(self.ctx.train_client(i, self.theta[i]))}
@@ -604,6 +651,20 @@ class FedAvg(FederatedMethod):
         validation data exactly when rounds are (``model_selection``)."""
         return cls(ctx, finetune_epochs=cfg.fedavg.finetune_epochs,
                    select_on_validation=model_selection(cfg) == "validation")
+
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        """A round reply adds the training-set size (public by the run's assumptions); the
+        finalize reply is the fine-tuned copy's test metric (not covered by DP, as
+        ``assumptions.fedavg_finetuning`` says)."""
+        if stage == ROUND:
+            return {**super().reply_entries(cfg, stage),
+                    KEY_NUM_EXAMPLES: "the training-set size (dataset sizes are public by the "
+                                      "run's assumptions)"}
+        if stage == FINALIZE:
+            return {"finetuned_test_metric": "the fine-tuned copy's test metric: not covered by "
+                                             "DP (assumptions.fedavg_finetuning)"}
+        return super().reply_entries(cfg, stage)
 
     @classmethod
     def assumptions(cls, cfg: Any) -> dict[str, Any]:
@@ -846,6 +907,20 @@ class Fedora(FederatedMethod):
         specs.append(ReleaseSpec("model", round_mechanisms, ROUND,
                                  encrypted=cfg.fedora.propagation == "encrypted"))
         return tuple(specs)
+
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        """Setup: the summary (noised: the 'summary' release). Round: the DP-SGD model, the
+        step count and ``lambda`` (private validation: noised, in the 'model' release;
+        public: computed on validation data the config declares public)."""
+        if stage == SETUP:
+            return {KIND_SUMMARY: "the relatedness summary (noised: the 'summary' release)"}
+        if stage == ROUND:
+            why = ("noised, accounted in the 'model' release (gaussian_lambda)"
+                   if cfg.data.validation == "private" else
+                   "computed on validation data declared public (data.validation = 'public')")
+            return {**super().reply_entries(cfg, stage), KEY_LAMBDA: f"lambda_i: {why}"}
+        return super().reply_entries(cfg, stage)
 
     # ------------------------------------------------------------------ setup exchange
     def setup(self) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +38,11 @@ T = TypeVar("T")
 CONTRIB_PACKAGE = "secure_fedora.contrib"
 
 
+#: What a registry name may look like: it becomes a directory or file name of a run
+#: (``ledgers/<method>/``, ``<method>.pt``), so no path separators, no leading dot, no spaces.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
 class RegistryError(ToolkitError, ValueError):
     """An unknown or duplicate registry name; the message lists the available names."""
 
@@ -53,15 +60,27 @@ class Registry(Generic[T]):
         self._modules = modules
         self._entries: dict[str, T] = {}
         self._loaded = False
+        self._loading = False
 
     def register(self, name: str, obj: T | None = None) -> Any:
-        """Register ``obj`` under ``name``; without ``obj``, return a decorator that does."""
-        if not isinstance(name, str) or not name or ":" in name:
-            raise RegistryError(f"{self.kind} names must be non-empty strings without ':'; got {name!r}")
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator that does.
+
+        ``name`` must match :data:`NAME_PATTERN` (it names files and folders of a run) and
+        differ, also in letter case, from every other entry's name; a built-in name is taken
+        even before the registry's first lookup (the built-ins are loaded first)."""
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+            raise RegistryError(
+                f"{self.kind} names must be 1-64 characters: a letter or digit, then letters, "
+                f"digits, '_', '.', '+' or '-' (they name files of a run); got {name!r}")
 
         def add(value: T) -> T:
+            self._load_builtins()
             if name in self._entries and self._entries[name] is not value:
                 raise RegistryError(f"{self.kind} {name!r} is already registered")
+            clash = next((n for n in self._entries if n != name and n.lower() == name.lower()), None)
+            if clash is not None:
+                raise RegistryError(f"{self.kind} {name!r} differs from the registered "
+                                    f"{clash!r} only in letter case (they would share files)")
             self._entries[name] = value
             return value
 
@@ -73,11 +92,23 @@ class Registry(Generic[T]):
         """Remove ``name`` (for tests and notebooks that re-register a plug-in)."""
         self._entries.pop(name, None)
 
-    def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
+    def _load_builtins(self) -> None:
+        """Import the modules that register the built-in entries (once they all imported;
+        a failed import is retried by the next lookup instead of leaving half of them)."""
+        if self._loaded or self._loading or any(
+                getattr(getattr(sys.modules.get(m), "__spec__", None), "_initializing", False)
+                for m in self._modules):
+            return  # loading, or a built-in module registering its entries as it is imported
+        self._loading = True
+        try:
             for module in self._modules:
                 importlib.import_module(module)
+            self._loaded = True
+        finally:
+            self._loading = False
+
+    def _load(self) -> None:
+        self._load_builtins()
         load_contrib()
 
     def names(self) -> list[str]:

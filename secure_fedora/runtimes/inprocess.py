@@ -282,9 +282,16 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
 def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> FederatedMethod:
     """Instantiate a configured method by name (a lookup in
     :data:`secure_fedora.core.registry.METHODS`; unknown names raise ``RegistryError``)."""
-    from secure_fedora.algorithms.contract import build_method
+    from secure_fedora.algorithms.contract import ContractError, build_method
 
-    return build_method(name, ctx, cfg)
+    method = build_method(name, ctx, cfg)
+    if not isinstance(method, FederatedMethod):
+        raise ContractError(
+            f"method {name!r} is a {type(method).__name__}, a FederatedAlgorithm but not a "
+            "FederatedMethod: both runtimes drive a method through FederatedMethod's generic "
+            "setup, round, evaluation and checkpoint (secure_fedora.algorithms.methods); "
+            "subclass FederatedMethod and implement the contract's halves")
+    return method
 
 
 def _round_release_has_lambda(method: FederatedMethod, cfg: ExperimentConfig) -> bool:

@@ -156,20 +156,58 @@ FIXED_NOISE_MECHANISMS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: The releases the runtimes can admit and record, by when: every round one "model" release
+#: of DP-SGD, optionally with the noised lambda (admitted before training); once at setup,
+#: at most one "summary" release of the Gaussian second-moment mechanism (the method makes it
+#: through ``ctx.privacy.noised_summaries`` / ``noised_summary``, which admit and record it).
+ADMITTED_RELEASES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "round": (("model", ("dpsgd",)), ("model", ("dpsgd", "gaussian_lambda"))),
+    "setup": (("summary", ("gaussian_summary",)),),
+}
+
+
+def admitted_releases(cfg: ExperimentConfig, method: str) -> tuple[Any, ...]:
+    """Method ``method``'s declared releases (``releases(cfg)``), checked against what the
+    runtimes admit and record (:data:`ADMITTED_RELEASES`): exactly one round release, at most
+    one setup release. A declaration outside them raises :class:`ConfigError` naming the
+    method and the release, before anything is planned or trained: planning a release the
+    runtime would not record (or recording one that was not planned) would make the plan and
+    the ledgers disagree."""
+    from secure_fedora.algorithms.contract import ROUND, SETUP, method_releases
+
+    try:
+        specs = method_releases(method, cfg)
+    except ValueError as err:
+        raise ConfigError(f"privacy: {err}") from None
+    allowed = "; ".join(f"{when}: " + ", ".join(f"{kind} {list(m)}" for kind, m in shapes)
+                        for when, shapes in ADMITTED_RELEASES.items())
+    for spec in specs:
+        if (spec.kind, tuple(spec.mechanisms)) not in ADMITTED_RELEASES[spec.when]:
+            raise ConfigError(
+                f"privacy: method {method!r} declares a {spec.when} release {spec.kind!r} of "
+                f"{list(spec.mechanisms)}, which the runtimes cannot admit and record (they "
+                f"do: {allowed}); declare one of those or run the method without DP")
+    rounds = [s for s in specs if s.when == ROUND]
+    setups = [s for s in specs if s.when == SETUP]
+    if len(rounds) != 1 or len(setups) > 1:
+        raise ConfigError(
+            f"privacy: method {method!r} declares {len(rounds)} round release(s) and "
+            f"{len(setups)} setup release(s); the runtimes admit exactly one round release "
+            "(the DP-SGD model) and at most one setup release (the noised summary)")
+    return specs
+
+
 def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
               accountant: str) -> ClientPlan:
     """The plan of registered method ``method``, built from its declared releases
     (``releases(cfg)`` of its class): DP-SGD steps per release (setup: one local run; round:
     every round), each fixed-noise mechanism once (setup) or every round, in declaration order."""
-    from secure_fedora.algorithms.contract import SETUP, method_releases
+    from secure_fedora.algorithms.contract import SETUP
 
     p = cfg.privacy
     rounds = cfg.training.rounds
     eps, delta = budget.epsilon, budget.delta
-    try:
-        specs = method_releases(method, cfg)
-    except ValueError as err:
-        raise ConfigError(f"privacy: {err}") from None
+    specs = admitted_releases(cfg, method)
     fixed: list[PlannedRelease] = []
     noise: dict[str, float] = {}
     dpsgd_steps = 0
@@ -319,6 +357,7 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int
     :class:`BudgetPlanError` listing every client whose planned releases cannot fit its
     budget (a fixed noise multiplier too small, or no noise that can meet it).
     """
+    admitted_releases(cfg, method)  # a declaration the runtimes cannot record is no budget problem
     ids = client_ids(num_clients)
     budgets = [client_budget(cfg, i) for i in range(num_clients)]
     choice = choose_accountant(cfg, method, budgets)

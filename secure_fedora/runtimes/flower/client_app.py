@@ -899,16 +899,22 @@ def _run_client_half(
         privacy.loss = ctx.flat.task.checked
         ctx.privacy = privacy
     message = incoming if incoming is not None else {}
+    rules = algorithm.reply_rules
     if stage == "setup":
         try:
-            return algorithm.client_setup(i, message), {}, None
+            reply = algorithm.client_setup(i, message)
         except BudgetExceededError as err:
             return {}, {}, str(err)
+        if rules is not None:  # before it leaves: only declared entries in a private run
+            rules.check_reply(stage, i, reply)
+        return reply, {}, None
     if stage == "round":
         if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
                                               ctx.noise[i] if ctx.noise else None):
             return {}, {}, privacy.sole.refusal or "the release was refused"
         reply = algorithm.client_update(i, rnd, message)
+        if rules is not None:
+            rules.check_reply(stage, i, reply)
         if privacy is not None:  # executed DP-SGD steps == the ledger's, or no release
             privacy.confirm_steps(rnd, [i])
         return reply, {}, None
@@ -920,7 +926,10 @@ def _run_client_half(
             metrics["val-metric"] = float(evaluate(ctx.flat, row, c.val_x, c.val_y).metric)
         return {}, metrics, None
     if stage == "finalize":
-        return algorithm.client_finalize(i, message), {}, None
+        reply = algorithm.client_finalize(i, message)
+        if rules is not None:
+            rules.check_reply(stage, i, reply)
+        return reply, {}, None
     raise DeployError(f"unknown exchange {stage!r}")
 
 

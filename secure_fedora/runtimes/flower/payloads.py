@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,11 +152,17 @@ def record_to_payload(record: object, envelope: Envelope, what: str,
 
 @dataclass
 class ShapePins:
-    """Dtype and shape of every payload tensor, pinned by the first accepted message of an
-    exchange (``stage``); a later message with another dtype or shape for the same name is
-    refused."""
+    """Dtype and shape of every payload tensor: set from what the server half knows
+    (:meth:`expect`), else pinned by the first accepted message of an exchange (``stage``); a
+    later message with another dtype or shape for the same name is refused."""
 
     pins: dict[tuple[str, str], tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+
+    def expect(self, stage: str, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        """Pin ``stage``'s entries to what the server half knows they must be (its upload
+        matrices' rows, the 0-d counts), so the first reply cannot set them."""
+        for name, sig in shapes.items():
+            self.pins[(stage, name)] = (sig[0], tuple(sig[1]))
 
     def check(self, stage: str, payload: Payload, envelope: Envelope) -> None:
         """Refuse (logged :class:`MalformedPayloadError`) a tensor whose dtype or shape
@@ -172,3 +179,17 @@ class ShapePins:
                     f"carries {pinned[0]} {pinned[1]}", sender=envelope.sender,
                     round=envelope.round, kind=envelope.kind, recipient=envelope.recipient))
         self.pins.update(new)
+
+
+def expected_round_reply(algorithm: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The round-reply entries whose dtype and shape the server half knows: each upload
+    matrix's row (``upload_state``), and the 0-d counts and ``lambda`` every built-in reply
+    carries as :func:`torch.tensor` scalars (int64 counts, float64 lambda)."""
+    shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        "steps": (torch.int64, ()), "num_examples": (torch.int64, ()),
+        "lambda": (torch.float64, ())}
+    upload_state = getattr(algorithm, "upload_state", None)
+    if upload_state is not None:
+        for kind, matrix in upload_state().items():
+            shapes[kind] = (matrix.dtype, tuple(matrix.shape[1:]))
+    return shapes

@@ -65,7 +65,12 @@ from torch import Tensor
 from privacy.ckks import InnerProductUpload
 from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
-from secure_fedora.algorithms.contract import Payload
+from secure_fedora.algorithms.contract import (
+    ContractError,
+    Payload,
+    check_messages,
+    check_round_statistics,
+)
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.runtimes.flower.ceremony import layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
@@ -73,6 +78,7 @@ from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_arr
 from secure_fedora.runtimes.flower.payloads import (
     PayloadLimits,
     ShapePins,
+    expected_round_reply,
     payload_to_record,
     record_to_payload,
 )
@@ -778,6 +784,9 @@ def _exchange_payloads(
             if refusal is None:
                 payload = record_to_payload(reply.content["payload"], envelope,
                                             f"{stage} reply of client {cid}", run.limits)
+                rules = run.algorithm.reply_rules
+                if rules is not None and stage in rules.entries:
+                    rules.check_reply(stage, cid, payload, exact=True)
                 run.pins.check(stage, payload, envelope)
         except EnvelopeError as err:
             server.reject(rnd, cid, node, err, then)
@@ -835,6 +844,11 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
             server.event(rnd, cid, server.node_of_client[cid],
                          "evaluation reply without metrics: keeps its last metrics")
             continue
+        if not all(0.0 <= v <= 1.0 for v in (test, val)):  # NaN fails too
+            server.event(rnd, cid, server.node_of_client[cid],
+                         f"evaluation reply with a metric outside [0, 1] (test {test!r}, "
+                         f"validation {val!r}): keeps its last metrics")
+            continue
         tracker.last_val[cid], tracker.last_test[cid] = val, test
         run.evaluated.add(cid)
     tracker.update(rnd)
@@ -876,6 +890,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     algorithm = build_algorithm(name, server_context(cfg, server.schema), cfg)
     run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
                      Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
+    run.pins.expect("round", expected_round_reply(algorithm))
     ceremony = algorithm.setup_ceremony()
     setup = algorithm.setup_messages() if ceremony is None else {}
     t0 = time.perf_counter()
@@ -900,11 +915,16 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     for rnd in range(1, rounds + 1):
         participants = sample_participants(cfg, round_gen, n)
         t0 = time.perf_counter()
-        messages = algorithm.configure(rnd, participants)
+        messages = check_messages(name, "round", rnd, algorithm.configure(rnd, participants),
+                                  participants)
         replies = _exchange_payloads(grid, server, run, "round", rnd, messages,
                                      server.settings.round_timeout)
         stats = _round_statistics(algorithm, rnd, replies.payloads)
-        stats.update(algorithm.aggregate(rnd, replies.payloads))
+        aggregated = algorithm.aggregate(rnd, replies.payloads)
+        if not isinstance(aggregated, Mapping):
+            raise ContractError(f"method {name!r}: aggregate() must return the round's "
+                                f"statistics as a dict, got {type(aggregated).__name__}")
+        stats = check_round_statistics(name, rnd, {**stats, **aggregated})
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),
@@ -933,6 +953,15 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                f" (no reply within the round timeout of {server.settings.round_timeout:g} s in"
                " any evaluated round; raise the round timeout, a ClientApp process takes"
                " seconds to start, or check those SuperNodes' logs)"))
+    if rounds and not any(row["replied"] for row in run.history):
+        failed = [e for e in server.events if e.get("method") == name
+                  and "error reply" in str(e.get("event", ""))]
+        if failed:  # every client's training failed every round: nothing was trained
+            raise DeployError(
+                f"{name}: no client's training reply was accepted in any of the {rounds} "
+                f"rounds and {len(failed)} training replies were errors (last: client "
+                f"{failed[-1].get('client')}: {failed[-1].get('event')}); the model was never "
+                "trained, so no results are written")
     unclosed = sorted(set(range(n)) - run.answered_last) if cfg.privacy.enabled else []
     if unclosed:
         # a DP client closes its ledger when it answers the final evaluation: without the

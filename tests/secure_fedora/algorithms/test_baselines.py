@@ -388,6 +388,9 @@ class _PrivacyState:
     def select_client(self, i, oracle):  # FederationPrivacy counts DP-SGD steps per client
         pass
 
+    def confirm_steps(self, rnd, participants):  # FederationPrivacy's step check
+        pass
+
 
 @pytest.mark.skipif(not hasattr(MethodContext, "select"),
                     reason="this build's MethodContext has no client selection for DP oracles")

@@ -3,6 +3,7 @@ method is one module that registers itself."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -47,10 +48,32 @@ def test_registry_refuses_duplicates_and_bad_names() -> None:
     reg.register("a", 1)
     with pytest.raises(RegistryError, match="thing 'a' is already registered"):
         reg.register("a", 2)
-    with pytest.raises(RegistryError, match="without ':'"):
-        reg.register("pkg.mod:f", 3)
+    for bad in ("pkg.mod:f", "../../escaped", "..", ".hidden", "a/b", "fedora ", "tab\tname",
+                "x" * 65, "", 7):
+        with pytest.raises(RegistryError, match="names must be 1-64 characters"):
+            reg.register(bad, 3)  # type: ignore[arg-type]
+    with pytest.raises(RegistryError, match="differs from the registered 'a' only in letter case"):
+        reg.register("A", 4)
+    reg.register("fedavg.v2+dp-1_x", 5)
     with pytest.raises(RegistryError, match="unknown thing 'b'; available: a"):
         reg.get("b")
+
+
+def test_a_builtin_name_is_taken_before_the_first_lookup() -> None:
+    script = textwrap.dedent('''
+        from secure_fedora.core.registry import METHODS, RegistryError
+        for name in ("fedora", "FEDORA"):
+            try:
+                METHODS.register(name, object())
+            except RegistryError as err:
+                print("refused", name, err)
+        print(METHODS.get("fedora").__name__, len(METHODS.names()) >= 8)
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout
+    assert "refused fedora method 'fedora' is already registered" in out
+    assert "refused FEDORA method 'FEDORA' differs from the registered 'fedora'" in out
+    assert out.strip().endswith("Fedora True")
 
 
 NEW_METHOD = textwrap.dedent('''

@@ -1,0 +1,353 @@
+"""What the runtimes enforce on a method's messages, replies, statistics and declared
+releases: a plug-in that breaks the contract stops the run with an error naming it, before
+an unaccounted value leaves a client or a runtime record is overwritten."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from privacy.accounting import PrivacyBudget
+from privacy.ledger import read_ledger
+from privacy.pipeline import StepCountMismatchError
+from secure_fedora.algorithms.contract import (
+    ROUND,
+    SETUP,
+    ContractError,
+    FederatedAlgorithm,
+    ReleaseSpec,
+    build_method,
+    check_round_statistics,
+)
+from secure_fedora.algorithms.methods import FederatedMethod
+from secure_fedora.core.config import ConfigError, parse_config
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
+from secure_fedora.secure.private import check_budget_plans, privacy_plan
+
+SMALL = {"data": {"num_clients": 3, "train_per_client": 40, "val_per_client": 10,
+                  "test_per_client": 10, "groups": 3},
+         "training": {"rounds": 2, "local_epochs": 1, "batch_size": 20, "lr": 0.05}}
+DP = {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "noise_multiplier": 1.0,
+      "noise": "reproducible"}
+
+
+class Toy(FederatedMethod):
+    """FedAvg's shape in a few lines: participants train the global model, the server
+    averages the replies."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.global_params = ctx.init.clone()
+
+    def configure(self, rnd, participants):
+        return {i: {"global": self.global_params} for i in participants}
+
+    def client_update(self, i, rnd, message):
+        self.theta[i].copy_(message["global"])
+        return {"theta": self.theta[i], "steps": torch.tensor(self.ctx.train_client(i, self.theta[i]))}
+
+    def aggregate(self, rnd, replies):
+        if replies:
+            self.global_params.copy_(torch.stack([r["theta"] for r in replies.values()]).mean(0))
+        return {"accepted": float(len(replies))}
+
+    def evaluation_messages(self, rnd, clients):
+        return {i: {"global": self.global_params} for i in clients}
+
+    def client_eval_row(self, i, message=None):
+        return message["global"]
+
+
+@pytest.fixture
+def register() -> Iterator:
+    names: list[str] = []
+
+    def add(name: str, cls: type) -> str:
+        METHODS.register(name, cls)
+        names.append(name)
+        return name
+
+    yield add
+    for name in names:
+        METHODS.unregister(name)
+
+
+def _config(method: str, dp: bool = True, **sections: dict) -> object:
+    doc = {"methods": [method], **SMALL}
+    if dp:
+        doc["privacy"] = DP
+    for key, value in sections.items():
+        doc[key] = {**doc.get(key, {}), **value}
+    return parse_config(doc)
+
+
+def _run(tmp_path: Path, cfg) -> tuple[Simulation, Path]:
+    run = tmp_path / "run"
+    sim = Simulation(cfg, run, clients=build_clients(cfg), keystore=tmp_path / "ks")
+    return sim, run
+
+
+def _ledger_mechanisms(run: Path, method: str) -> list[list[str]]:
+    return [[e["mechanism"] for e in read_ledger(p)]
+            for p in sorted((run / "ledgers" / method).glob("*.jsonl"))]
+
+
+def test_a_message_to_a_client_outside_the_participants_is_refused(tmp_path, register):
+    class AllClients(Toy):
+        def configure(self, rnd, participants):
+            return {i: {"global": self.global_params} for i in range(self.ctx.num_clients)}
+
+    name = register("all_clients_x", AllClients)
+    sim, run = _run(tmp_path, _config(name, training={"participation": 0.5}))
+    with pytest.raises(ContractError, match=r"address client\(s\) \[\d\] outside the round's "
+                                            "participants"):
+        sim.run()
+    # nobody trained unaccounted: every ledger entry is an admitted round's dpsgd, no client
+    # trained past its admission
+    for mechanisms in _ledger_mechanisms(run, name):
+        assert set(mechanisms) <= {"dpsgd"}
+
+
+def test_an_undeclared_reply_entry_never_reaches_the_server_in_a_private_run(tmp_path, register):
+    seen: list[dict] = []
+
+    class Leaky(Toy):
+        def client_update(self, i, rnd, message):
+            reply = super().client_update(i, rnd, message)
+            reply["leak"] = self.ctx.clients[i].train_x.mean().reshape(())
+            return reply
+
+        def aggregate(self, rnd, replies):
+            seen.append(dict(replies))
+            return super().aggregate(rnd, replies)
+
+    name = register("leaky_x", Leaky)
+    sim, _ = _run(tmp_path, _config(name))
+    with pytest.raises(ContractError, match=r"reply carries \['leak'\], which the method does "
+                                            "not declare"):
+        sim.run()
+    assert seen == []  # aggregate never saw a reply
+    # without DP nothing is claimed: the same method runs
+    plain, _ = _run(tmp_path / "plain", _config(name, dp=False))
+    plain.run()
+
+
+def test_declared_reply_entries_pass(tmp_path, register):
+    class Declared(Toy):
+        @classmethod
+        def reply_entries(cls, cfg, stage):
+            entries = super().reply_entries(cfg, stage)
+            return {**entries, "size": "the training-set size (public)"} if stage == ROUND \
+                else entries
+
+        def client_update(self, i, rnd, message):
+            return {**super().client_update(i, rnd, message),
+                    "size": torch.tensor(self.ctx.clients[i].train_x.shape[0])}
+
+    name = register("declared_x", Declared)
+    sim, _ = _run(tmp_path, _config(name))
+    assert sim.run()["methods"][name]["selected"]["per_client"]
+
+
+def test_a_model_trained_without_admission_is_refused_before_aggregate(tmp_path, register):
+    seen: list[int] = []
+
+    class ReplyFromNowhere(Toy):
+        def client_update_many(self, rnd, messages):
+            replies = super().client_update_many(rnd, messages)
+            return replies
+
+        def client_update(self, i, rnd, message):
+            reply = super().client_update(i, rnd, message)
+            self.ctx.train_client(i, self.theta[i])  # a second, unaccounted local run
+            return reply
+
+        def aggregate(self, rnd, replies):
+            seen.append(rnd)
+            return super().aggregate(rnd, replies)
+
+    name = register("twice_x", ReplyFromNowhere)
+    sim, _ = _run(tmp_path, _config(name))
+    with pytest.raises(StepCountMismatchError):
+        sim.run()
+    assert seen == []  # refused before the server half used any reply
+
+
+@pytest.mark.parametrize("specs, message", [
+    ((ReleaseSpec("model", ("dpsgd",), SETUP), ReleaseSpec("model", ("dpsgd",), ROUND)),
+     r"setup release 'model' of \['dpsgd'\], which the runtimes cannot admit"),
+    ((ReleaseSpec("model", ("dpsgd",), ROUND),) * 2, r"2 round release\(s\)"),
+    ((), r"0 round release\(s\)"),
+    ((ReleaseSpec("model", ("gaussian_lambda",), ROUND),),
+     r"round release 'model' of \['gaussian_lambda'\]"),
+    ((ReleaseSpec("model", ("dpsgd",), ROUND), ReleaseSpec("summary", ("gaussian_summary",), ROUND)),
+     r"round release 'summary'"),
+    ((ReleaseSpec("model", ("dpsgd", "laplace"), ROUND),), r"\['dpsgd', 'laplace'\]"),
+])
+def test_releases_the_runtimes_cannot_record_are_refused_before_planning(register, specs, message):
+    class Declares(Toy):
+        @classmethod
+        def releases(cls, cfg):
+            return specs
+
+    name = register(f"declares_{abs(hash(specs)) % 10**8}", Declares)
+    cfg = _config(name)
+    with pytest.raises(ConfigError, match=message) as err:
+        check_budget_plans(cfg, name, 3)
+    assert "over budget" not in str(err.value)  # not mistaken for a budget problem
+    with pytest.raises(ConfigError, match=message):
+        privacy_plan(cfg, name, PrivacyBudget(50.0, 1e-3))
+
+
+def test_a_declared_setup_summary_must_be_recorded(tmp_path, register):
+    class SetupWithoutAdmission(Toy):
+        @classmethod
+        def releases(cls, cfg):
+            return (ReleaseSpec("summary", ("gaussian_summary",), SETUP),
+                    ReleaseSpec("model", ("dpsgd",), ROUND))
+
+        @classmethod
+        def reply_entries(cls, cfg, stage):
+            return {"summary": "claimed noised"} if stage == SETUP else \
+                super().reply_entries(cfg, stage)
+
+        def setup_messages(self):
+            return {i: {} for i in range(self.ctx.num_clients)}
+
+        def client_setup(self, i, message):
+            return {"summary": self.ctx.clients[i].train_x.mean(0)}  # raw, never admitted
+
+        def server_setup(self, replies):
+            raise AssertionError("the server half saw unrecorded setup replies")
+
+    name = register("setup_raw_x", SetupWithoutAdmission)
+    sim, _ = _run(tmp_path, _config(name))
+    with pytest.raises(ContractError, match=r"declares a setup release \['summary'\], but "
+                                            r"client\(s\) \[0, 1, 2\] replied without it"):
+        sim.run()
+
+
+@pytest.mark.parametrize("stats, message", [
+    ({"method": "fedora"}, "would overwrite the runtime's own column"),
+    ({"round": 99}, "would overwrite"),
+    ({"x": float("nan")}, "'x' must be a finite number"),
+    ({"x": "text"}, "'x' must be a finite number"),
+    ({"x": torch.tensor([1.0, 2.0])}, "'x' must be a finite number"),
+    ({"x": True}, "'x' must be a finite number"),
+    (None, "must return the round's statistics as a dict"),
+])
+def test_round_statistics_are_numbers_under_their_own_names(tmp_path, register, stats, message):
+    class Stats(Toy):
+        def aggregate(self, rnd, replies):
+            super().aggregate(rnd, replies)
+            return stats
+
+    name = register(f"stats_{abs(hash(message + repr(stats))) % 10**8}", Stats)
+    sim, _ = _run(tmp_path, _config(name, dp=False))
+    with pytest.raises(ContractError, match=message):
+        sim.run()
+    assert check_round_statistics("m", 1, {"ok": torch.tensor(2), "n": 3}) == {"ok": 2.0, "n": 3.0}
+
+
+@pytest.mark.parametrize("reply, message", [
+    ({"theta": [0.0], "steps": torch.tensor(2)}, "entry 'theta' must be a tensor"),
+    ({"steps": torch.tensor([1, 2])}, "'steps' must be one whole number >= 0"),
+    ({"steps": torch.tensor(2.5)}, "'steps' must be one whole number >= 0"),
+    ({"steps": torch.tensor(-1)}, "'steps' must be one whole number >= 0"),
+    ([1, 2], "reply must be a dict of tensors"),
+])
+def test_malformed_replies_name_the_method(tmp_path, register, reply, message):
+    class Malformed(Toy):
+        def client_update(self, i, rnd, message):
+            super().client_update(i, rnd, message)
+            return reply
+
+    name = register(f"malformed_{abs(hash(message)) % 10**8}", Malformed)
+    sim, _ = _run(tmp_path, _config(name, dp=False))
+    with pytest.raises(ContractError, match=f"method '{name}': client 0's round {message}"
+                       if "reply must" in message else message):
+        sim.run()
+
+
+def test_replies_must_answer_exactly_the_clients_messaged(tmp_path, register):
+    class Extra(Toy):
+        def client_update_many(self, rnd, messages):
+            replies = super().client_update_many(rnd, messages)
+            return {**replies, 99: {"steps": torch.tensor(0)}}
+
+    name = register("extra_reply_x", Extra)
+    sim, _ = _run(tmp_path, _config(name, dp=False))
+    with pytest.raises(ContractError, match=r"replies from unmessaged client\(s\) \[99\]"):
+        sim.run()
+
+
+def test_only_federated_methods_run_and_bad_registrations_are_named(register):
+    class Pure(FederatedAlgorithm):
+        @classmethod
+        def from_config(cls, ctx, cfg):
+            return cls()
+
+        def configure(self, rnd, participants):
+            return {}
+
+        def client_update(self, i, rnd, message):
+            return {}
+
+        def aggregate(self, rnd, replies):
+            return {}
+
+        def client_eval_row(self, i, message=None):
+            return torch.zeros(1)
+
+        def server_state_dict(self):
+            return {}
+
+        def load_server_state_dict(self, state):
+            pass
+
+        def client_state_dict(self, i):
+            return {}
+
+        def load_client_state_dict(self, i, state):
+            pass
+
+    cfg = _config("local", dp=False)
+    ctx = build_context(cfg, build_clients(cfg))
+    from secure_fedora.runtimes.inprocess import make_method
+
+    register("pure_x", Pure)
+    with pytest.raises(ContractError, match="a FederatedAlgorithm but not a FederatedMethod"):
+        make_method("pure_x", ctx, cfg)
+    register("none_factory_x", lambda ctx, cfg: None)
+    with pytest.raises(ContractError, match="returned NoneType, not a FederatedAlgorithm"):
+        build_method("none_factory_x", ctx, cfg)
+    register("string_x", "not a method")
+    with pytest.raises(ContractError, match="neither a FederatedAlgorithm class nor a factory"):
+        build_method("string_x", ctx, cfg)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kind": "model", "mechanisms": "dpsgd"}, "must be a tuple of mechanism names"),
+    ({"kind": "", "mechanisms": ("dpsgd",)}, "needs a kind"),
+    ({"kind": "model", "mechanisms": ("dpsgd", 3)}, "must be a tuple of mechanism names"),
+    ({"kind": "model", "mechanisms": ("dpsgd",), "encrypted": "yes"}, "'encrypted' must be a bool"),
+])
+def test_release_specs_check_their_fields(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReleaseSpec(**kwargs)
+    assert ReleaseSpec("model", ["dpsgd"]).mechanisms == ("dpsgd",)
+
+
+def test_releases_must_return_release_specs(register):
+    class NoneReleases(Toy):
+        @classmethod
+        def releases(cls, cfg):
+            return None
+
+    name = register("none_releases_x", NoneReleases)
+    with pytest.raises(ConfigError, match="releases\\(cfg\\) must return a tuple of ReleaseSpec"):
+        check_budget_plans(_config(name), name, 3)

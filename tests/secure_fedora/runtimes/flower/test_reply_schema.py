@@ -1,0 +1,115 @@
+"""A client that signs its reply correctly can still send a wrong one: the ServerApp checks
+every reply against what the method's replies carry (entries, shapes, counts) and every metric
+against [0, 1], rejecting only that client; a run in which no training reply was ever accepted
+because every one failed stops instead of reporting the initial model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.envelopes import MessageSecurity
+from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    run_config,
+    task_identity,
+    tiny_config,
+    with_methods,
+)
+
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+_ = task_identity  # the fixture, imported for use above
+
+
+def _run(root: Path, method: str, tamper: dict | None = None, **training: Any) -> dict[str, Any]:
+    cfg = with_methods(tiny_config(rounds=2, **training), method)
+    rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
+    settings = RunSettings.from_run_config(rc)
+    grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients,
+                        tamper_reply={k: _resigned(root, settings, k[0], f)
+                                      for k, f in (tamper or {}).items()})
+    with contextlib.redirect_stdout(io.StringIO()):
+        return server_app.run_federation(grid, settings, 42)
+
+
+def _resigned(root: Path, settings: RunSettings, client: int,
+              change: Callable[[Any], None]) -> Callable[[Message, Message], Message]:
+    """Client ``client``'s real reply, changed by ``change`` and signed again with its own key
+    (so it passes every envelope check)."""
+    def tamper(request: Message, reply: Message) -> Message:
+        content = reply.content
+        rnd = json.loads(request.content["envelope"][f"client-{client:03d}"])["round"]
+        del content["envelope"]
+        change(content)
+        MessageSecurity.for_client(root / "ids" / f"client-{client:03d}", root / f"sig{client}",
+                                   42, settings.config_hash, client, 3
+                                   ).sign(content, request.metadata.message_type, ["server"], rnd,
+                                          reply=True)
+        return Message(content, reply_to=request)
+    return tamper
+
+
+def _array(name: str, change: Callable[[np.ndarray], np.ndarray]) -> Callable[[Any], None]:
+    def apply(content: Any) -> None:
+        arrays = {k: content["payload"][k].numpy() for k in content["payload"].keys()}
+        arrays[name] = change(arrays[name])
+        content["payload"] = ArrayRecord({k: Array(np.array(v, copy=True)) for k, v in arrays.items()})
+    return apply
+
+
+def _drop(name: str) -> Callable[[Any], None]:
+    def apply(content: Any) -> None:
+        arrays = {k: content["payload"][k].numpy() for k in content["payload"].keys() if k != name}
+        content["payload"] = ArrayRecord({k: Array(np.array(v, copy=True)) for k, v in arrays.items()})
+    return apply
+
+
+def _metric(name: str, value: float) -> Callable[[Any], None]:
+    def apply(content: Any) -> None:
+        metrics = dict(content["metrics"])
+        metrics[name] = value
+        content["metrics"] = MetricRecord(metrics)
+    return apply
+
+
+@pytest.mark.parametrize("change", [
+    _array("num_examples", lambda a: a.reshape(1)),  # would have pinned the shape for all
+    _array("theta", lambda a: a[:10]),
+    _array("theta", lambda a: a.astype(np.float64)),
+    _array("num_examples", lambda a: np.array(-128)),  # weights summing to 0: a NaN model
+    _array("num_examples", lambda a: np.array(0)),
+    _drop("theta"),
+], ids=["num_examples-shape", "theta-shape", "theta-dtype", "num_examples-negative",
+        "num_examples-zero", "theta-missing"])
+def test_a_wrong_reply_from_the_first_client_rejects_only_that_client(tmp_path, change):
+    results = _run(tmp_path, "fedavg", {(0, 1, MSG_ROUND): change})
+    assert [r["replied"] for r in results["rounds"]] == [2, 3]
+    rejected = [(x["client"], x["round"]) for x in results["security"]["rejections"]]
+    assert len(rejected) == 1 and rejected[0][1] == 1
+
+
+@pytest.mark.parametrize("name, value", [("test-metric", float("nan")),
+                                         ("val-metric", float("inf")), ("test-metric", 50.0)])
+def test_an_invalid_metric_is_an_event_and_results_stay_valid_json(tmp_path, name, value):
+    results = _run(tmp_path, "fedavg", {(0, 1, MSG_EVALUATE): _metric(name, value)})
+    text = (tmp_path / "res" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+    assert all(0.0 <= r["test_mean"] <= 1.0 for r in results["rounds"])
+    assert any("outside [0, 1]" in e["event"] for e in results["events"])
+
+
+def test_a_run_whose_every_training_failed_stops(tmp_path):
+    with pytest.raises(DeployError, match="no client's training reply was accepted in any of "
+                                          "the 2 rounds"):
+        _run(tmp_path, "fedavg", lr=1e6)
