@@ -38,7 +38,8 @@
    parameters imply (``clip_norm^2 / n`` and ``clip / m``).
 4. **Run identity**: ``config.toml`` hashes to ``results.json``'s ``config_hash``; each
    allowlisted key agrees with ``keys/<client>.ed25519.pub`` when that file exists; every
-   client of a DP run has a ledger for every method that ran; the ledger's length (and,
+   client of a DP run has a ledger for every method that ran and, when ``config.toml`` enables
+   privacy, for every configured method (with or without ``results.json``); the ledger's length (and,
    when recorded, its last-line hash ``ledger_head``) and final epsilon agree with the
    runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data.
@@ -266,7 +267,7 @@ CHECKS_DONE = [
     "Gaussian summary/lambda sensitivities match their clip parameters",
     "config.toml matches results.json config_hash",
     "ledger length and final epsilon equal results.json's per-client privacy summary",
-    "every client of a DP run has a ledger for every method that ran",
+    "every client of a DP run has a ledger for every method that ran or config.toml lists",
     "every ledger ends with one signed close entry (final index, epsilon spent)",
     "anchor.json (or --anchor): signed; every ledger's final index and head, results.json"
     " and config.toml digests, no ledger missing or unnamed",
@@ -1007,8 +1008,10 @@ def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
     if not isinstance(signer, dict) or not isinstance(signer.get("ed25519"), str) \
             or not isinstance(signer.get("party_id"), str):
         problems.append("signer must name party_id and its ed25519 key")
-    if doc["runtime"] not in ANCHOR_SIGNERS:
-        problems.append(f"runtime must be one of {sorted(ANCHOR_SIGNERS)}")
+    if not isinstance(doc["runtime"], str) or doc["runtime"] not in ANCHOR_SIGNERS:
+        # a list or object here is unhashable: checked as a string first, not a TypeError
+        problems.append(f"runtime must be one of {sorted(ANCHOR_SIGNERS)}, got"
+                        f" {type(doc['runtime']).__name__ if not isinstance(doc['runtime'], str) else repr(doc['runtime'])}")
     if not isinstance(doc["files"], dict) or not isinstance(doc["methods"], list) \
             or not all(isinstance(m, str) for m in doc["methods"]) \
             or not all(isinstance(v, str) for v in doc["files"].values()) \
@@ -1247,8 +1250,13 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                 if m not in finished:
                     findings.append(Finding("error", "results", f"config.toml lists method {m!r}"
                                             " but results.json reports nothing of it", None, None, m))
-        expected_methods: list[str | None] = sorted(set(dirs) | set(finished)) if dirs \
-            or finished else [None]
+        expected: set[str] = set(dirs) | set(finished)
+        if not any(m is None for m, _ in found):
+            # Both runtimes keep ledgers for every configured method of a DP run (Local's
+            # DP-SGD releases too), so config.toml names them even without results.json: a
+            # whole method's ledger folder deleted with results.json and anchor.json is missing.
+            expected |= set(cfg.methods)
+        expected_methods: list[str | None] = sorted(expected) if expected else [None]
         have = {(m, p.stem) for m, p in found}
         for method in expected_methods:
             for cid in client_ids(cfg.data.num_clients):

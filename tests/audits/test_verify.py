@@ -875,3 +875,36 @@ def test_integers_past_pythons_digit_limit_are_findings_not_tracebacks(run_copy)
     allowlist = run_copy / "keys" / "allowlist.json"
     allowlist.write_text(allowlist.read_text().replace("{", f'{{"huge": {huge}, ', 1))
     assert not verify_run(run_copy).ok
+
+
+@pytest.mark.parametrize("runtime", [[], {}, None, 3])
+def test_an_anchor_runtime_of_the_wrong_type_is_a_finding(run_copy, runtime, tmp_path, capsys):
+    """``"runtime": []`` or ``{}`` in anchor.json was an unhashable-type TypeError traceback
+    (``doc["runtime"] not in ANCHOR_SIGNERS``) in verify and report."""
+    from audits.cli import main
+
+    doc = json.loads((run_copy / "anchor.json").read_text())
+    doc["runtime"] = runtime
+    (run_copy / "anchor.json").write_text(canonical_json(doc) + "\n")
+    report = verify_run(run_copy)
+    assert [f.check for f in report.errors] == ["anchor"]
+    assert "runtime must be one of" in report.errors[0].message
+    assert main(["audit", "verify", str(run_copy)]) == 1
+    assert main(["audit", "report", str(run_copy), "--out", str(tmp_path / "out")]) == 1
+    assert (tmp_path / "out" / "report.html").is_file()
+    capsys.readouterr()
+
+
+def test_a_configured_methods_deleted_ledgers_fail_without_results_and_anchor(run_copy):
+    """With results.json and anchor.json deleted, ``rm -r ledgers/fedora`` passed: the methods
+    expected were taken from results.json alone. config.toml names them too."""
+    (run_copy / "results.json").unlink()
+    (run_copy / "anchor.json").unlink()
+    report = verify_run(run_copy)
+    assert report.ok  # a run without results.json and anchor: warnings only (documented)
+    assert {"results", "anchor"} <= {w.check for w in report.warnings}
+    shutil.rmtree(run_copy / "ledgers" / "fedora")
+    report = verify_run(run_copy)
+    assert not report.ok
+    assert {(f.check, f.method, f.client_id) for f in report.errors} == {
+        ("missing_ledger", "fedora", c) for c in ("client-000", "client-001", "client-002")}
