@@ -25,7 +25,10 @@ Correct guesses over the trials become an epsilon lower bound with
 :func:`audits.canary.epsilon_lower_bound` (one-sided Clopper-Pearson, union bound): with
 probability >= ``confidence`` it is below the epsilon of any (epsilon, delta)-DP release. One
 step of the run is a marginal of everything the client released, so the client's recorded
-epsilon (its ledger's last ``epsilon_after``) is a valid claim for it. Trials are independent
+epsilon (its ledger's last ``epsilon_after``) is a valid claim for it. The claim is trusted
+only after the ledger's chain, fields and signatures verify under the run's allowlist, and the
+noise mode is the config's only when every DP-SGD entry records that mode (and anchor.json,
+when present, records config.toml's digest): an edited ledger or config is an error. Trials are independent
 (a fresh coin each, and under CSPRNG a fresh key each), so no independence assumption is
 needed beyond that. ``certifiable_max`` is the bound a perfect attacker would get with the
 same counts; when it is not above the claim the audit cannot refute it ("inconclusive").
@@ -38,6 +41,7 @@ config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the p
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +51,7 @@ import torch
 from torch import Tensor
 
 from audits.canary import epsilon_lower_bound
-from audits.verdict import config_rebuild_problem
+from audits.verdict import audit_verdict, config_rebuild_problem
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -105,16 +109,96 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
     return trials
 
 
-def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, float, dict[str, Any]]:
-    """(last epsilon_after, delta, params of the first DP-SGD entry) of the client's ledger."""
+def _positive(value: Any, where: str) -> float:
+    """``value`` as a float when it is a finite number > 0 (not a bool), else ReplayAuditError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ReplayAuditError(f"{where} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out) or out <= 0:
+        raise ReplayAuditError(f"{where} must be a finite number > 0, got {value!r}")
+    return out
+
+
+def _ledger_claim(run_dir: Path, method: str, client_id: str,
+                  noise: str) -> tuple[float, float, dict[str, Any]]:
+    """(last epsilon_after, delta, params of the first DP-SGD entry) of the client's ledger.
+
+    Guarantee: the ledger is intact and signed (the chain, fields and Ed25519 signatures of
+    :func:`audits.verify.check_ledger_lines`, under the run's ``keys/allowlist.json``), the
+    claim and delta are finite and positive, and every DP-SGD entry records the noise mode
+    ``noise`` (the config's): an edited ledger or config raises ReplayAuditError.
+    """
+    from audits.verify import _read_lines, check_ledger_lines
+    from privacy.identity import IdentityError, load_allowlist
+
+    rel = f"ledgers/{method}/{client_id}.jsonl"
     path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
     if not path.is_file():
         raise ReplayAuditError(f"no ledger {path}: was {method!r} run with privacy enabled?")
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    dpsgd = [e for e in entries if e.get("mechanism") == "dpsgd"]
+    try:
+        keys = load_allowlist(run_dir / "keys" / "allowlist.json")
+    except IdentityError as err:
+        raise ReplayAuditError(f"cannot verify {rel} before trusting its claim: {err}") from None
+    ident = keys.get(client_id)
+    if ident is None:
+        raise ReplayAuditError(f"keys/allowlist.json has no key for {client_id}: {rel} cannot"
+                               " be verified before trusting its claim")
+    try:
+        lines, torn = _read_lines(path)
+    except ToolkitError as err:
+        raise ReplayAuditError(str(err)) from None
+    entries, findings = check_ledger_lines(lines, ident.verify_key, client_id, torn)
+    if not lines:
+        raise ReplayAuditError(f"ledger {rel} is empty")
+    if findings:
+        first = findings[0]
+        more = f" (+{len(findings) - 1} more; run `audit verify`)" if len(findings) > 1 else ""
+        raise ReplayAuditError(f"ledger {rel} fails verification, its claim is not"
+                               f" trusted: entry {first.entry}: [{first.check}]"
+                               f" {first.message}{more}")
+    valid = [e for e in entries if e is not None]  # all of them, after a clean check
+    dpsgd = [e for e in valid if e.get("mechanism") == "dpsgd"]
     if not dpsgd:
-        raise ReplayAuditError(f"ledger {path} has no DP-SGD entry to replay")
-    return float(entries[-1]["epsilon_after"]), float(entries[-1]["delta"]), dpsgd[0]["params"]
+        raise ReplayAuditError(f"ledger {rel} has no DP-SGD entry to replay")
+    for e in dpsgd:
+        recorded = e["params"].get("noise")
+        if recorded != noise:
+            raise ReplayAuditError(
+                f"{rel} entry {e['index']} records params.noise {recorded!r}, config.toml"
+                f" gives privacy.noise = {noise!r}: the config is not this run's (restore"
+                " the run's config.toml)")
+    claim = _positive(valid[-1]["epsilon_after"], f"{rel} last epsilon_after (the claim)")
+    delta = _positive(valid[-1]["delta"], f"{rel} last delta")
+    params = dpsgd[0]["params"]
+    for key in ("noise_multiplier", "sample_rate"):
+        _positive(params.get(key), f"{rel} entry {dpsgd[0]['index']} params.{key}")
+    if "clip_norm" in params:
+        _positive(params["clip_norm"], f"{rel} entry {dpsgd[0]['index']} params.clip_norm")
+    return claim, delta, params
+
+
+def _anchored_config_problem(run_dir: Path) -> str | None:
+    """Why config.toml is not the one the run's signed anchor.json records (None: it is, or
+    the run has no anchor, whose absence `audit verify` reports)."""
+    import hashlib
+
+    from audits.verify import ANCHOR_FILENAME, _load_anchor
+
+    path = run_dir / ANCHOR_FILENAME
+    if not path.is_file():
+        return None
+    doc, problems = _load_anchor(path)
+    if doc is None:
+        return f"{path} does not verify ({problems[0].message}); run `audit verify`"
+    expected = doc["files"].get("config.toml")
+    actual = hashlib.sha256((run_dir / "config.toml").read_bytes()).hexdigest()
+    if expected is not None and expected != actual:
+        return ("config.toml is not the one anchor.json records (its SHA-256 differs): it was"
+                " changed after the run; restore the run's config.toml")
+    return None
 
 
 def _choose_method(run_dir: Path, cfg: ExperimentConfig, method: str | None) -> str:
@@ -165,7 +249,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     ``run_dir`` must hold ``config.toml`` and the ledgers of a DP run. ``trials`` defaults to
     :func:`trials_for_claim` of the client's recorded epsilon; ``records`` to
     ``DEFAULT_RECORDS``, or ``data.train_per_client - 1`` when that is fewer. Raises ReplayAuditError for a
-    run that is not private, a missing ledger or bad arguments. Does not write anything.
+    run that is not private, a missing ledger, bad arguments, a ledger that fails its integrity
+    check (fields, chain, signature) or records a claim that is not a finite positive number,
+    and a config.toml that is not the run's (its noise mode differs from the one every DP-SGD
+    entry records, or anchor.json records another digest). Does not write anything.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
@@ -194,7 +281,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         raise ReplayAuditError(f"confidence must be in (0, 1), got {confidence!r}")
     method = _choose_method(run_dir, cfg, method)
     cid = client_ids(n_clients)[client]
-    claim, delta, params = _ledger_claim(run_dir, method, cid)
+    problem = _anchored_config_problem(run_dir)
+    if problem is not None:
+        raise ReplayAuditError(problem)
+    claim, delta, params = _ledger_claim(run_dir, method, cid, cfg.privacy.noise)
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 2:
@@ -209,7 +299,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
                                f"rows (--records), got {records}")
     x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]  # target: the last one
     x_out, y_out = x_in[:records], y_in[:records]
-    rate = float(params["sample_rate"])
+    rate = float(params["sample_rate"])  # checked finite and positive by _ledger_claim
     step = _Step(cfg, clients, float(params.get("clip_norm", cfg.privacy.max_grad_norm)),
                  float(params["noise_multiplier"]), rate, rate * (records + 1))
 
@@ -240,12 +330,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     best = epsilon_lower_bound(members, members, 0, trials - members, delta,
                                confidence).epsilon_lower_bound
     lower = bound.epsilon_lower_bound
-    if lower > claim:
-        verdict = "refuted"
-    elif best <= claim:
-        verdict = "inconclusive"
-    else:
-        verdict = "consistent"
+    verdict = audit_verdict(claim, best, lower)
     correct = int((guesses == coins).sum())
     setup = {
         "run_dir": str(run_dir), "method": method, "client": cid, "noise": cfg.privacy.noise,
@@ -268,10 +353,16 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
 
 
 def write_replay_result(run_dir: str | Path, result: ReplayAuditResult) -> Path:
-    """Write ``RUN_DIR/audit/replay.json`` (atomically); returns its path."""
+    """Write ``RUN_DIR/audit/replay.json`` (atomically, strict JSON); returns its path.
+
+    Raises ReplayAuditError, writing nothing, when a figure is NaN or infinite."""
     from secure_fedora.core.files import atomic_write_text
 
     path = Path(run_dir) / "audit" / "replay.json"
+    try:
+        text = json.dumps(result.to_json(), indent=2, allow_nan=False)
+    except ValueError as err:  # a NaN or infinity: replay.json stays strict JSON
+        raise ReplayAuditError(f"replay.json would not be strict JSON: {err}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result.to_json(), indent=2))
+    atomic_write_text(path, text)
     return path

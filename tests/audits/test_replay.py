@@ -163,3 +163,79 @@ def test_a_run_directory_cannot_supply_code_to_its_auditor(tmp_path, monkeypatch
     assert not (run / "IMPORTED").exists()
     monkeypatch.syspath_prepend(str(folder))  # the auditor's own choice of code
     assert run_replay_audit(run, trials=20).correct == 20
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("audit"))  # no earlier result
+    return dest
+
+
+def _ledger(run: Path) -> Path:
+    return run / "ledgers" / "local" / "client-000.jsonl"
+
+
+@pytest.mark.parametrize("last", [
+    '{not json', '[1,2]', "\x00\xff\xfe binary", "",
+    lambda e: e.pop("epsilon_after"), lambda e: e["params"].pop("sample_rate"),
+    lambda e: e.__setitem__("epsilon_after", "2.5"),
+    lambda e: e["params"].__setitem__("noise_multiplier", "abc"),
+    lambda e: e.__setitem__("params", "a string"),
+    lambda e: e.__setitem__("epsilon_after", 0.001),  # an edited (lowered) claim
+], ids=["not-json", "list", "binary", "empty", "no-epsilon", "no-sample-rate", "string-epsilon",
+        "string-sigma", "params-string", "edited-claim"])
+def test_a_malformed_or_edited_ledger_is_an_error_not_a_traceback(runs, tmp_path, capsys, last):
+    """The claim was read with bare json.loads/float and no chain or signature check:
+    tracebacks for malformed lines, and an edited claim gave a verdict."""
+    run = _copy(runs["reproducible"], tmp_path / "run")
+    lines = _ledger(run).read_text().splitlines()
+    if callable(last):
+        first = json.loads(lines[0])
+        last(first)
+        lines[0] = json.dumps(first, sort_keys=True, separators=(",", ":"))
+    else:
+        lines[0] = last
+    _ledger(run).write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+    assert main(["audit", "replay", str(run), "--trials", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ledger ledgers/local/client-000.jsonl fails verification")
+    assert "Traceback" not in err and not (run / "audit" / "replay.json").exists()
+
+
+def test_a_nan_figure_is_never_written_as_bare_nan(tmp_path):
+    from audits.replay import ReplayAuditResult, write_replay_result
+
+    result = ReplayAuditResult(claim_epsilon=float("nan"), certifiable_max=1.6, lower_bound=0.1,
+                               verdict="consistent", trials=40, correct=20, confidence=0.95)
+    with pytest.raises(ReplayAuditError, match="strict JSON"):
+        write_replay_result(tmp_path, result)
+    assert not (tmp_path / "audit" / "replay.json").exists()
+
+
+def test_an_edited_noise_mode_in_config_toml_is_refused(runs, tmp_path, capsys):
+    """noise = "csprng" written into a reproducible run's config.toml turned "refuted" into
+    "consistent": the ledgers (signed) record the noise mode, anchor.json the config's digest."""
+    run = _copy(runs["reproducible"], tmp_path / "run")
+    cfg = run / "config.toml"
+    cfg.write_text(cfg.read_text().replace('"reproducible"', '"csprng"'))
+    assert main(["audit", "replay", str(run), "--trials", "20"]) == 2
+    assert "config.toml is not the one anchor.json records" in capsys.readouterr().err
+    (run / "anchor.json").unlink()  # the ledgers alone still say which noise the run drew
+    assert main(["audit", "replay", str(run), "--trials", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "records params.noise 'reproducible', config.toml gives privacy.noise = 'csprng'" in err
+
+
+def test_a_nan_claim_is_refused_not_consistent(runs, tmp_path, capsys):
+    """A NaN last epsilon_after compared False both ways: the verdict was "consistent"."""
+    run = _copy(runs["csprng"], tmp_path / "run")
+    lines = _ledger(run).read_text().splitlines()
+    close = json.loads(lines[-1])
+    close["epsilon_after"] = float("nan")
+    lines[-1] = json.dumps(close, sort_keys=True, separators=(",", ":"))
+    _ledger(run).write_text("\n".join(lines) + "\n")
+    assert main(["audit", "replay", str(run), "--trials", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "fails verification, its claim is not trusted" in err
+    assert not (run / "audit" / "replay.json").exists()
