@@ -212,6 +212,8 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
           f" {s.steps} steps, clip {s.clip_norm:g}; {result.num_canaries} Dirac canaries"
           f" ({result.members} inserted), {doc['evaluation_size']} evaluated")
     print(f"  guesses {doc['guesses']}, correct {doc['correct_guesses']}, delta {s.delta:g}")
+    if "not cross-checked" in s.plan_source:
+        print(f"  warning: {s.plan_source}: the claim rests on config.toml alone")
     _print_audit_summary(doc)
     print(f"  written: {path}")
     _write_json(args.json, doc)

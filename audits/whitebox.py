@@ -114,7 +114,17 @@ class WhiteboxSetting:
 
 def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
                     delta: float) -> float | None:
-    rows: Any = results or {}
+    """The DP-SGD noise multiplier results.json's plan records for ``method`` at the budget
+    ``(epsilon, delta)``; None only without ``results``.
+
+    Raises WhiteboxAuditError for a malformed plan (not a list, a non-numeric noise
+    multiplier) and when no plan row has this budget: results.json then records a plan for
+    other budgets, so the config (its epsilon or delta) is not the run's.
+    """
+    if results is None:
+        return None
+    where = f"results.json privacy.{method}.plan"
+    rows: Any = results
     for key in ("privacy", method, "plan"):  # results.json's privacy.<method>.plan, if well formed
         if not isinstance(rows, dict):
             raise WhiteboxAuditError(f"results.json is malformed: privacy.{method}.plan is not "
@@ -122,20 +132,31 @@ def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
         rows = rows.get(key) or ({} if key != "plan" else [])
     if not isinstance(rows, list):
         raise WhiteboxAuditError(f"results.json is malformed: privacy.{method}.plan is not a list")
-    for row in rows:
+    for i, row in enumerate(rows):
         if isinstance(row, dict) and row.get("epsilon_budget") == epsilon \
                 and row.get("delta") == delta and "noise_multiplier" in row:
-            return float(row["noise_multiplier"])
-    return None
+            value = row["noise_multiplier"]
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value <= 0:
+                raise WhiteboxAuditError(f"{where}[{i}].noise_multiplier must be a finite number"
+                                         f" > 0, got {value!r} (restore the run's results.json)")
+            return float(value)
+    budgets = sorted({(r.get("epsilon_budget"), r.get("delta")) for r in rows
+                      if isinstance(r, dict)}, key=repr)
+    shown = ", ".join(f"epsilon {e!r} delta {d!r}" for e, d in budgets) or "no rows"
+    raise WhiteboxAuditError(
+        f"{where} has no row for epsilon {epsilon:g}, delta {delta:g} (config.toml's budget of"
+        f" the client); it records {shown}: the config is not this run's")
 
 
 def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
                      results: dict[str, Any] | None = None) -> WhiteboxSetting:
     """The plan's DP-SGD parameters and claim for ``client_index`` under ``method``.
 
-    With ``results`` (a run's ``results.json``), the recorded plan's noise multiplier must
-    match the one the config gives (6 significant digits are recorded); a mismatch raises
-    :class:`WhiteboxAuditError` (the config is not the run's).
+    With ``results`` (a run's ``results.json``), the recorded plan must hold a row for the
+    client's configured budget and its noise multiplier must match the one the config gives
+    (6 significant digits are recorded); otherwise :class:`WhiteboxAuditError` (the config is
+    not the run's). Without ``results`` nothing is cross-checked, and ``plan_source`` says so.
     """
     if method not in cfg.methods:
         raise WhiteboxAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
@@ -164,6 +185,8 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
         raise WhiteboxAuditError(f"the run's privacy plan cannot be built: {err}") from None
     sigma = plan.dpsgd_noise
     source = "plan recomputed from config.toml"
+    if results is None:
+        source += " (not cross-checked: no results.json)"
     recorded = _recorded_noise(results, method, budget.epsilon, budget.delta)
     if recorded is not None:
         if not math.isclose(recorded, sigma, rel_tol=1e-5, abs_tol=1e-6):

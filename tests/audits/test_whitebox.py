@@ -192,3 +192,38 @@ def test_a_malformed_results_json_is_a_clear_error(tmp_path, capsys):
         (run / "results.json").write_text(json.dumps(doc))
         assert main(["audit", "whitebox", str(run), "--canaries", "100"]) == 2
         assert "results.json is malformed: privacy.local.plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("noise", ["abc", [1.2], None, True, float("nan")])
+def test_a_non_numeric_recorded_noise_multiplier_is_a_clear_error(noise):
+    """A plan row's noise_multiplier 'abc', a list or null raised ValueError/TypeError."""
+    cfg = parse_config(_cfg_dict(3.0))
+    recorded = {"privacy": {"local": {"plan": [{"epsilon_budget": 3.0, "delta": 1e-5,
+                                                 "noise_multiplier": noise}]}}}
+    with pytest.raises(WhiteboxAuditError,
+                       match=r"results.json privacy.local.plan\[0\].noise_multiplier must be"):
+        whitebox_setting(cfg, "local", 0, recorded)
+
+
+def test_an_edited_epsilon_is_not_this_runs_config(tmp_path, capsys):
+    """config.toml's epsilon edited: no plan row has the new budget, the check "the config is
+    not this run's" was skipped and a verdict written. Without results.json the setting says
+    it was not cross-checked."""
+    cfg = parse_config(_cfg_dict(3.0))
+    sigma = whitebox_setting(cfg, "local", 0).noise_multiplier
+    recorded = {"privacy": {"local": {"plan": [{"epsilon_budget": 3.0, "delta": 1e-5,
+                                                 "noise_multiplier": round(sigma, 6)}]}}}
+    edited = parse_config(_cfg_dict(8.0))
+    with pytest.raises(WhiteboxAuditError, match=r"has no row for epsilon 8, delta 1e-05 .*"
+                       r"records epsilon 3.0 delta 1e-05: the config is not this run's"):
+        whitebox_setting(edited, "local", 0, recorded)
+    with pytest.raises(WhiteboxAuditError, match="has no row for epsilon 8"):
+        whitebox_setting(edited, "local", 0, {"privacy": {"local": {"plan": []}}})
+    assert "not cross-checked: no results.json" in whitebox_setting(edited, "local", 0).plan_source
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(tomli_w.dumps(_cfg_dict(8.0, noise="reproducible")))
+    (run / "results.json").write_text(json.dumps(recorded))
+    assert main(["audit", "whitebox", str(run), "--canaries", "100"]) == 2
+    assert "the config is not this run's" in capsys.readouterr().err
+    assert not (run / "audit" / "whitebox.json").exists()
