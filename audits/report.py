@@ -6,7 +6,9 @@ Sections: run identity; threat model and assumptions in force; per-client budget
 epsilon over rounds per client against its budget (plot); mechanisms; verification results
 (from :func:`audits.verify.verify_run`); the empirical audits (canary, white-box, replay:
 claim, certifiable maximum, measured lower bound and verdict from ``RUN_DIR/audit/*.json``,
-"not run" when absent); accuracy.
+"not run" when absent; a document whose verdict is not the one its own numbers give, with a
+non-finite figure, naming another run or a claim other than a verified ledger's is shown
+"invalid" or "unverified", never with its verdict); accuracy.
 
 Everything is read from the run directory (``results.json``, ``config.toml``,
 ``ledgers/``, ``keys/``); nothing in the run is trusted without the verification section
@@ -32,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from audits.verdict import audit_verdict, verdict_text  # noqa: E402
 from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
@@ -197,7 +200,10 @@ def _mechanism_rows(verification: VerificationReport) -> list[dict[str, Any]]:
 
 
 def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
-    """The selected test metric per method and client ("metric": accuracy or auc)."""
+    """The selected test metric per method and client ("metric": accuracy or auc).
+
+    Guarantee: every figure is a finite float or None (a non-numeric value in results.json
+    is shown as missing, never passed to the plot)."""
     metric = str(results.get("metric", "accuracy")) if isinstance(results, dict) else "accuracy"
     if not results or not isinstance(results.get("methods"), dict):
         return {"metric": metric, "methods": [], "per_client": []}
@@ -207,10 +213,11 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
         sel = body.get("selected") if isinstance(body, dict) else None
         if not isinstance(sel, dict):
             continue
-        methods.append({"method": name, **{k: sel.get(k) for k in
+        methods.append({"method": name, **{k: _finite_or_none(sel.get(k)) for k in
                                            ("mean", "min", "max", "std", "round")}})
         for i, acc in enumerate(_list(sel.get("per_client"))):
-            per_client.setdefault(i, {"client": i})[name] = acc
+            # a dict, list or string there is no figure (verify flags the file): shown as "-"
+            per_client.setdefault(i, {"client": i})[name] = _finite_or_none(acc)
     ids = client_ids(len(per_client))
     rows = [{**per_client[i], "client_id": ids[i]} for i in sorted(per_client)]
     return {"metric": metric, "methods": methods, "per_client": rows}
@@ -250,15 +257,102 @@ def _number_or_none(value: Any) -> float | None:
     return float(value)
 
 
-def _empirical_audits(run: Path) -> list[dict[str, Any]]:
+def _finite_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool), else None."""
+    number = _number_or_none(value)
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _audit_number_problems(doc: dict[str, Any]) -> list[str]:
+    """What is wrong with the figures of an audit document (NaN, infinity, not numbers)."""
+    out = []
+    for key in ("certifiable_max", "lower_bound", "confidence", "claim_epsilon"):
+        value = doc.get(key)
+        if key == "claim_epsilon" and value is None:
+            continue  # no claim: a non-private run
+        number = _finite_or_none(value)
+        if number is None:
+            out.append(f"{key} is {value!r}, not a finite number")
+        elif key == "confidence" and not 0 < number < 1:
+            out.append(f"confidence {number!r} is not in (0, 1)")
+        elif number < 0:
+            out.append(f"{key} {number!r} is negative")
+    return out
+
+
+def _same_dir(named: Any, run: Path) -> bool:
+    """False only when ``named`` is an existing directory other than ``run`` (a run that was
+    moved since its audit names a path that no longer exists: not evidence of another run)."""
+    if not isinstance(named, str):
+        return False
+    path = Path(named)
+    try:
+        return not path.is_dir() or path.samefile(run)
+    except OSError:
+        return True
+
+
+def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
+                          cfg: ExperimentConfig | None,
+                          verification: VerificationReport) -> tuple[str, list[str]]:
+    """("invalid" | "unverified" | "run", problems) of an audit document measured against
+    the verified run: it must name this run, and its claim must be that of a verified ledger
+    (replay, canary: the ledger's final epsilon; white-box: DP-SGD alone, so at most it, and
+    equal to it when the ledger holds DP-SGD releases only), within the verifier's rel_tol."""
+    setup = doc.get("setup") if isinstance(doc.get("setup"), dict) else {}
+    invalid: list[str] = []
+    if "run_dir" in setup and not _same_dir(setup["run_dir"], run):
+        invalid.append(f"setup.run_dir names another run ({setup['run_dir']!r})")
+    if name == "whitebox" and cfg is not None and "config" in setup \
+            and setup["config"] != cfg.name:
+        invalid.append(f"setup.config names config {setup['config']!r}, this run's is"
+                       f" {cfg.name!r}")
+    claim = doc.get("claim_epsilon")
+    if not verification.clients:
+        if claim is not None:
+            return "unverified", [*invalid, f"claims epsilon {claim!r} but the run has no"
+                                  " verified ledger"]
+        return ("invalid", invalid) if invalid else ("run", [])
+    method, client = setup.get("method"), setup.get("client", setup.get("client_id"))
+    where = f"{method}/{client}"
+    if claim is None:
+        return "invalid", [*invalid, f"claims no epsilon, but {where} of this DP run has ledgers"]
+    ledger = next((c for c in verification.clients
+                   if c.method == method and c.client_id == client), None)
+    if ledger is None:
+        return "unverified", [*invalid, f"setup names no ledger of this run ({where})"]
+    if not ledger.ok:
+        return "unverified", [*invalid, f"ledger {where} failed verification: its epsilon is"
+                              " not a verified claim"]
+    spent, tol = ledger.final_epsilon, verification.rel_tol
+    dpsgd_only = set(ledger.mechanisms) == {"dpsgd"} and not ledger.refused
+    if name == "whitebox" and not dpsgd_only:
+        if not ledger.refused and claim > spent * (1 + tol):
+            invalid.append(f"claim {claim:.6g} (DP-SGD alone) exceeds the verified epsilon"
+                           f" {spent:.6g} of ledger {where}")
+    elif abs(claim - spent) > tol * spent:
+        invalid.append(f"claim {claim:.6g} differs from the verified epsilon {spent:.6g} of"
+                       f" ledger {where}")
+    return ("invalid", invalid) if invalid else ("run", [])
+
+
+def _empirical_audits(run: Path, cfg: ExperimentConfig | None,
+                      verification: VerificationReport) -> list[dict[str, Any]]:
     """One row per audit from ``RUN_DIR/audit/<name>.json``: ``"not run"`` when the file is
-    absent, ``"unreadable"`` when it is not that audit's document."""
+    absent, ``"unreadable"`` when it is not that audit's document.
+
+    Guarantee: ``status == "run"`` (a verdict shown as the audit's) only when every figure is
+    finite, the recorded verdict is the one :func:`audits.verdict.audit_verdict` gives for the
+    document's own numbers, and the document names this run and a verified ledger's claim
+    (see :func:`_audit_claim_problems`); otherwise ``"invalid"`` or ``"unverified"`` with the
+    reasons in ``problems``, ``verdict`` None and the document's in ``recorded_verdict``."""
     rows = []
     for name, title, command in EMPIRICAL_AUDITS:
         row: dict[str, Any] = {"audit": name, "title": title, "command": command,
                                "status": "not run", "claim_epsilon": None,
                                "certifiable_max": None, "lower_bound": None, "verdict": None,
-                               "verdict_text": None, "confidence": None}
+                               "verdict_text": None, "confidence": None,
+                               "recorded_verdict": None, "problems": []}
         path = run / "audit" / f"{name}.json"
         if path.exists():
             doc = _read_json(path)
@@ -266,11 +360,32 @@ def _empirical_audits(run: Path) -> list[dict[str, Any]]:
                     or doc.get("verdict") not in ("refuted", "consistent", "inconclusive"):
                 row["status"] = "unreadable"
                 row["verdict_text"] = f"{path.name} is not a valid {name} audit document"
+                rows.append(row)
+                continue
+            row["recorded_verdict"] = doc["verdict"]
+            for key in ("claim_epsilon", "certifiable_max", "lower_bound", "confidence"):
+                row[key] = _finite_or_none(doc.get(key))
+            problems = _audit_number_problems(doc)
+            status = "invalid" if problems else "run"
+            if not problems:
+                recomputed = audit_verdict(row["claim_epsilon"], row["certifiable_max"],
+                                           row["lower_bound"])
+                if recomputed != doc["verdict"]:
+                    status = "invalid"
+                    problems.append(f"records verdict {doc['verdict']!r}, its own numbers give"
+                                    f" {recomputed!r}")
+                else:
+                    status, more = _audit_claim_problems(name, doc, run, cfg, verification)
+                    problems.extend(more)
+            row["status"], row["problems"] = status, problems
+            if status == "run":
+                row.update(verdict=doc["verdict"], verdict_text=verdict_text(
+                    doc["verdict"], row["claim_epsilon"], row["certifiable_max"],
+                    row["lower_bound"]))
             else:
-                row.update(status="run", verdict=doc["verdict"],
-                           verdict_text=str(doc.get("verdict_text", doc["verdict"])))
-                for key in ("claim_epsilon", "certifiable_max", "lower_bound", "confidence"):
-                    row[key] = _number_or_none(doc.get(key))
+                row["verdict_text"] = (f"{path.name} is not a valid {name} result for this run:"
+                                       f" {'; '.join(problems)} (it records verdict"
+                                       f" {doc['verdict']!r})")
         rows.append(row)
     return rows
 
@@ -310,7 +425,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "verification": verification.to_json(),
         "privacy_plan": _privacy_plan(results),
         "accuracy": _accuracy(results),
-        "empirical_audits": _empirical_audits(run),
+        "empirical_audits": _empirical_audits(run, cfg, verification),
     }
 
 
@@ -550,9 +665,10 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             verdict = (f"<span class=\"{verdict_class[a['verdict']]}\">{_e(a['verdict'])}"
                        f"</span>: {_e(a['verdict_text'])}")
             claim = "none (non-private)" if a["claim_epsilon"] is None else _fmt(a["claim_epsilon"])
-        elif a["status"] == "unreadable":
-            verdict, claim = f"<span class=\"bad\">unreadable</span>: {_e(a['verdict_text'])}", \
-                "&ndash;"
+        elif a["status"] in ("unreadable", "invalid", "unverified"):
+            # never the document's own verdict: it is not a valid result for this run
+            verdict = f"<span class=\"bad\">{_e(a['status'])}</span>: {_e(a['verdict_text'])}"
+            claim = "&ndash;" if a["claim_epsilon"] is None else _fmt(a["claim_epsilon"])
         else:
             verdict = f"not run (<code>{_e(a['command'])}</code>)"
             claim = "&ndash;"

@@ -167,39 +167,117 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
 
 
+def _text_of(page: str) -> str:
+    parser = _Refs()
+    parser.feed(page)
+    return " ".join("".join(parser.text).split())
+
+
+def _spent(run: Path, method: str, client: str) -> float:
+    """The verified final epsilon of a ledger of ``run`` (a valid audit's claim)."""
+    return next(c.final_epsilon for c in verify_run(run).clients
+                if c.method == method and c.client_id == client)
+
+
 def test_report_shows_the_three_empirical_audits(run_copy, tmp_path):
     from audits.verdict import audit_document, write_audit_json
-
-    def text_of(page: str) -> str:
-        parser = _Refs()
-        parser.feed(page)
-        return " ".join("".join(parser.text).split())
 
     empty = json.loads(write_report(run_copy, tmp_path / "a").json.read_text())
     assert [a["audit"] for a in empty["empirical_audits"]] == ["canary", "whitebox", "replay"]
     assert all(a["status"] == "not run" for a in empty["empirical_audits"])
 
+    local = _spent(run_copy, "local", "client-000")
+    fedora = _spent(run_copy, "fedora", "client-001")
     write_audit_json(run_copy, audit_document(
-        "canary", claim_epsilon=8.0, certifiable_max=3.02, lower_bound=0.4, confidence=0.95,
-        setup={"num_canaries": 300}))
+        "canary", claim_epsilon=local, certifiable_max=0.5 * local, lower_bound=0.4,
+        confidence=0.95, setup={"num_canaries": 300, "method": "local",
+                                "client_id": "client-000"}))
+    # white-box on FEDORA: DP-SGD alone, below the ledger's epsilon (summary and lambda too)
     write_audit_json(run_copy, audit_document(
-        "whitebox", claim_epsilon=7.96, certifiable_max=8.11, lower_bound=2.96,
-        confidence=0.95, setup={"canaries": 20000}))
+        "whitebox", claim_epsilon=0.9 * fedora, certifiable_max=2 * fedora, lower_bound=0.1,
+        confidence=0.95, setup={"canaries": 20000, "method": "fedora", "client": "client-001",
+                                "config": "audit-fixture"}))
     paths = write_report(run_copy, tmp_path / "b")
     rows = {a["audit"]: a for a in json.loads(paths.json.read_text())["empirical_audits"]}
-    assert rows["canary"]["verdict"] == "inconclusive" and rows["canary"]["certifiable_max"] == 3.02
-    assert rows["whitebox"]["verdict"] == "consistent"
-    assert rows["whitebox"]["lower_bound"] == 2.96 and rows["whitebox"]["claim_epsilon"] == 7.96
+    assert rows["canary"]["verdict"] == "inconclusive"
+    assert rows["canary"]["certifiable_max"] == 0.5 * local
+    assert rows["whitebox"]["verdict"] == "consistent" and rows["whitebox"]["status"] == "run"
+    assert rows["whitebox"]["lower_bound"] == 0.1
+    assert rows["whitebox"]["claim_epsilon"] == 0.9 * fedora
     assert rows["replay"]["status"] == "not run"
-    text = text_of(paths.html.read_text())
+    text = _text_of(paths.html.read_text())
     assert "Empirical privacy audits" in text
-    assert "inconclusive: the audit cannot certify epsilon above 3.02" in text
-    assert "consistent: lower bound 2.96 <= claim 7.96" in text
+    assert f"inconclusive: the audit cannot certify epsilon above {0.5 * local:.3g}" in text
+    assert f"consistent: lower bound 0.1 <= claim {0.9 * fedora:.3g}" in text
     assert "not run (secure-fedora audit replay RUN_DIR)" in text
 
     (run_copy / "audit" / "replay.json").write_text('{"audit": "canary"}')
     rows = {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}
     assert rows["replay"]["status"] == "unreadable"
+
+
+def _replay_doc(run: Path, **changes) -> dict:
+    claim = _spent(run, "local", "client-000")
+    doc = {"audit": "replay", "claim_epsilon": claim, "certifiable_max": 2 * claim,
+           "lower_bound": 0.2, "verdict": "consistent", "trials": 400, "correct": 210,
+           "confidence": 0.95, "setup": {"run_dir": str(run), "method": "local",
+                                         "client": "client-000"}}
+    for key, value in changes.items():
+        if key in doc["setup"]:
+            doc["setup"][key] = value
+        else:
+            doc[key] = value
+    return doc
+
+
+def test_forged_audit_documents_are_shown_invalid_never_passing(run_copy, pristine_run, tmp_path):
+    """audit/*.json verdicts were shown as written: "consistent" with a lower bound 50 above
+    the claim 3, NaN figures, a replay.json of another run, a claim far below the ledger's."""
+    (run_copy / "audit").mkdir(exist_ok=True)
+    target = run_copy / "audit" / "replay.json"
+
+    def row(text: str) -> dict:
+        target.write_text(text)
+        return {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}["replay"]
+
+    valid = row(json.dumps(_replay_doc(run_copy)))
+    assert valid["status"] == "run" and valid["verdict"] == "consistent"
+    cases = {
+        "its own numbers give 'refuted'": _replay_doc(run_copy, claim_epsilon=3.0,
+                                                      lower_bound=50.0, certifiable_max=60.0),
+        "not a finite number": _replay_doc(run_copy, lower_bound=float("nan")),
+        "names another run": _replay_doc(run_copy, run_dir=str(pristine_run)),
+        "differs from the verified epsilon": _replay_doc(
+            run_copy, claim_epsilon=0.01, lower_bound=0.0, certifiable_max=0.5),
+        "setup names no ledger of this run": _replay_doc(run_copy, client="client-009"),
+    }
+    cases["not a finite number (inf)"] = _replay_doc(run_copy, certifiable_max=float("inf"))
+    for needle, doc in cases.items():
+        got = row(json.dumps(doc))
+        assert got["status"] in ("invalid", "unverified"), needle
+        assert got["verdict"] is None and got["recorded_verdict"] == doc["verdict"]
+        assert needle.split(" (")[0] in got["verdict_text"], (needle, got["verdict_text"])
+    paths = write_report(run_copy, tmp_path / "out")
+    text = _text_of(paths.html.read_text())
+    assert "invalid: replay.json is not a valid replay result for this run: certifiable_max" \
+        " is inf, not a finite number (it records verdict 'consistent')" in text
+    assert "consistent:" not in text
+    json.loads(paths.json.read_text())  # report.json stays strict JSON too
+
+
+def test_a_non_numeric_per_client_figure_does_not_stop_the_report(run_copy, tmp_path):
+    """A dict or a nested list among results.json's per_client values crashed matplotlib:
+    nothing was written."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["methods"]["fedora"]["selected"]["per_client"] = [{"a": 1}, [0.5, [0.2]], "x", 0.7]
+    doc["methods"]["local"]["selected"]["mean"] = {"a": 1}
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    acc = json.loads(paths.json.read_text())["accuracy"]
+    assert [r["fedora"] for r in acc["per_client"]] == [None, None, None, 0.7]
+    assert next(m for m in acc["methods"] if m["method"] == "local")["mean"] is None
+    assert paths.html.read_text().count("data:image/png;base64,") == 2
+    assert not json.loads(paths.json.read_text())["verification"]["ok"]
 
 
 def test_the_metric_section_is_named_after_results_metric(run_copy, tmp_path):
