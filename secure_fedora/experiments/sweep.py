@@ -5,7 +5,8 @@ Every cell (one method, one epsilon, one seed) is an ordinary in-process
 ``OUT/cells/<method>/eps-<epsilon>/seed-<seed>/``. A cell is finished when its ``cell.json``
 exists; that file is written atomically after the run, so a rerun of the same sweep skips
 finished cells and resumes an interrupted one from its per-round checkpoint. A cell directory
-written for another configuration is refused, never silently reused.
+written for another configuration, or a finished cell run on other data (its recorded data
+fingerprint is not that of the data now), is refused, never silently reused or rerun.
 
 Outputs in ``OUT``: ``sweep.csv`` and ``sweep.md`` (one row per method and epsilon: mean, min
 and sample std over seeds of the client-mean accuracy, the mean over seeds of the worst
@@ -56,6 +57,7 @@ from secure_fedora.core.config import (  # noqa: E402
 )
 from secure_fedora.core.plugins import derived_config  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
+from secure_fedora.data.sources import fingerprint_clients  # noqa: E402
 from secure_fedora.learning.client import PlainGradient  # noqa: E402
 from secure_fedora.runtimes.inprocess import (  # noqa: E402
     CheckpointError,
@@ -231,7 +233,10 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
     update: dict[str, Any] = {"methods": [cell.method], "seed": cell.seed}
     p, rel, val = cfg.privacy, cfg.fedora.relatedness, cfg.data.validation
     if cell.epsilon is None:
-        update["privacy"] = p.model_copy(update={"enabled": False})
+        # privacy.epsilon is unused without DP: the default, so that a non-private cell's
+        # config (and config_hash) does not follow the config's [privacy] epsilon, as the
+        # manifest's _base_hash does not (cells of earlier versions: _legacy_hashes)
+        update["privacy"] = p.model_copy(update={"enabled": False, "epsilon": type(p)().epsilon})
         rel = _NOISE_OFF.get(rel, rel)
         val = "public" if val == "private" else val
     else:
@@ -260,6 +265,24 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
         )
         raise SweepError(f"cell {cell.key}: {problems}") from None
     return new
+
+
+def _legacy_hashes(cfg: ExperimentConfig, cell: Cell, ccfg: ExperimentConfig,
+                   epsilons: Iterable[float]) -> dict[str, ExperimentConfig]:
+    """The config hashes (and configs) a non-private cell had before its ``privacy.epsilon``
+    was normalised: earlier versions kept the config's ``[privacy] epsilon`` (unused without
+    DP) in the cell's config, so a finished or interrupted non-private cell of such a sweep
+    is bound to the hash with that epsilon. ``epsilons``: the candidates (the config's and the
+    manifest's). Empty for a DP cell (its epsilon is the cell's, unchanged)."""
+    if cell.epsilon is not None:
+        return {}
+    out: dict[str, ExperimentConfig] = {}
+    for eps in dict.fromkeys(epsilons):
+        legacy = derived_config(cfg, ccfg.model_copy(
+            update={"privacy": ccfg.privacy.model_copy(update={"epsilon": eps})}))
+        out.setdefault(config_hash(legacy), legacy)
+    out.pop(config_hash(ccfg), None)
+    return out
 
 
 def _data_setup(cfg: ExperimentConfig) -> str:
@@ -395,19 +418,62 @@ def _cell_entries(results: dict[str, Any], method: str) -> dict[str, list[float]
     return out
 
 
-def _read_cell(path: Path, cell: Cell, expected_hash: str) -> dict[str, Any]:
+def _read_cell(path: Path, cell: Cell, expected_hashes: Iterable[str],
+               fingerprint: Callable[[], str]) -> dict[str, Any]:
+    """A finished cell's ``cell.json``, refused (SweepError) when unreadable, written for
+    another configuration (its config hash is none of ``expected_hashes``) or on other data
+    (its data fingerprint is not ``fingerprint()``, the fingerprint of the data the cell would
+    be run on now, computed as the run computes it). A cell on other data is not run again: it
+    was trained (and, with DP, spent its budget) on the data it records."""
     try:
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise SweepError(f"cell {cell.key}: {path} is unreadable ({err}); delete it to rerun the cell") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
         raise SweepError(f"cell {cell.key}: {path} does not hold a sweep cell result")
-    if doc.get("config_hash") != expected_hash:
+    if doc.get("config_hash") not in set(expected_hashes):
         raise SweepError(
             f"cell {cell.key} in {path.parent} was run with another configuration; "
             "use a new --out directory"
         )
+    current = fingerprint()
+    recorded = doc.get("data_fingerprint")
+    if recorded != current:
+        raise SweepError(
+            f"cell {cell.key} in {path.parent} was run on other data (data fingerprint "
+            f"{recorded!s:.12} != {current:.12} of the data now): the data changed since the "
+            "cell ran (e.g. a data.source whose contents changed); its results would be mixed "
+            "with cells on the new data, and it is not rerun over its records (ledgers, spent "
+            "budgets). Restore the data it ran on, or use a new --out directory"
+        )
     return doc
+
+
+def _manifest_epsilon(out: Path) -> float | None:
+    """``privacy.epsilon`` of the config recorded in ``out``'s manifest (``None``: no
+    readable manifest or value); the manifest's hash ignores it (see :func:`_base_hash`)."""
+    try:
+        value = json.loads((out / MANIFEST_FILE).read_text())["config"]["privacy"]["epsilon"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _resume_config(out: Path, cell: Cell, ccfg: ExperimentConfig,
+                   legacy: Mapping[str, ExperimentConfig]) -> ExperimentConfig:
+    """The config to continue an interrupted cell with: ``ccfg``, or the earlier version's
+    config of the cell (``legacy``, see :func:`_legacy_hashes`) when the cell's checkpoint was
+    written for it (same behaviour: only the unused ``privacy.epsilon`` differs)."""
+    path = _cell_dir(out, cell) / "checkpoints" / f"{cell.method}.pt"
+    if not legacy or not path.exists():
+        return ccfg
+    from secure_fedora.runtimes.inprocess import load_checkpoint
+
+    try:
+        written = load_checkpoint(path).get("config_hash")
+    except CheckpointError:
+        return ccfg  # the run refuses it, naming the problem
+    return legacy.get(written, ccfg) if isinstance(written, str) else ccfg
 
 
 def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
@@ -450,8 +516,13 @@ def _preflight(
     factory: Factory,
     context_factory: ContextFactory,
 ) -> None:
-    """Before any training: build every pending (method, epsilon) once on the first pending
-    seed's data, and check that a numeric epsilon really gets a private oracle."""
+    """Before any training: check every pending DP cell's privacy budget plan (as its run
+    will, refusing a plan over budget), then build every pending (method, epsilon) once on
+    the first pending seed's data and check that a numeric epsilon really gets a private
+    oracle."""
+    for cell in pending:
+        if configs[cell].privacy.enabled:
+            _check_budget_plans(cell, configs[cell], len(clients_for(cell)))
     seen: set[tuple[str, float | None]] = set()
     for cell in pending:
         if (cell.method, cell.epsilon) in seen:
@@ -463,6 +534,19 @@ def _preflight(
             factory(cell.method, ctx, configs[cell])
         except (BaselineConfigError, ValueError) as err:
             raise SweepError(f"cell {cell.key}: {err}") from None
+
+
+def _check_budget_plans(cell: Cell, ccfg: ExperimentConfig, num_clients: int) -> None:
+    """The check :meth:`Simulation.budget_plans` makes when the cell starts, made before any
+    cell of the sweep trains (SweepError naming the cell for a plan over budget)."""
+    try:
+        from secure_fedora.secure.private import BudgetPlanError, check_budget_plans
+    except ImportError:  # a build without the DP runtime: _check_privacy refuses the cell
+        return
+    try:
+        check_budget_plans(ccfg, cell.method, num_clients)
+    except BudgetPlanError as err:
+        raise SweepError(f"cell {cell.key}: {err}") from None
 
 
 def run_sweep(
@@ -480,10 +564,11 @@ def run_sweep(
 
     Finished cells are skipped; an interrupted cell resumes from its last checkpoint, giving
     the same numbers as an uninterrupted run. Before any training, every cell's config is
-    validated and every pending (method, epsilon) is constructed once. Raises
-    :class:`SweepError` for a bad plan or cell config, a method that cannot be built, a
-    numeric epsilon the runtime does not apply, or a directory or cell written for another
-    configuration.
+    validated, every pending DP cell's budget plan is checked and every pending (method,
+    epsilon) is constructed once. Raises :class:`SweepError` for a bad plan or cell config, a
+    privacy plan over budget, a method that cannot be built, a numeric epsilon the runtime
+    does not apply, a directory or cell written for another configuration, or a finished
+    cell run on other data.
     """
     out = Path(out)
     cells = plan_cells(methods, epsilons, seeds)
@@ -499,13 +584,29 @@ def run_sweep(
             data[key] = build_clients(configs[cell])
         return data[key]
 
+    fingerprints: dict[tuple[int, bool], str] = {}
+
+    def fingerprint_for(cell: Cell) -> str:
+        # as the run computes it (Simulation.fingerprint) from the data the cell runs on
+        key = (cell.seed, configs[cell].privacy.enabled)
+        if key not in fingerprints:
+            fingerprints[key] = fingerprint_clients(clients_for(cell))
+        return fingerprints[key]
+
+    legacy_epsilons = [cfg.privacy.epsilon]
+    recorded_epsilon = _manifest_epsilon(out)
+    if recorded_epsilon is not None:
+        legacy_epsilons.append(recorded_epsilon)
     docs: dict[Cell, dict[str, Any]] = {}
     pending: list[Cell] = []
     for cell in cells:
         marker = _cell_dir(out, cell) / CELL_FILE
+        legacy = _legacy_hashes(cfg, cell, configs[cell], legacy_epsilons)
         if marker.exists():
-            docs[cell] = _read_cell(marker, cell, config_hash(configs[cell]))
+            docs[cell] = _read_cell(marker, cell, [config_hash(configs[cell]), *legacy],
+                                    lambda cell=cell: fingerprint_for(cell))
         else:
+            configs[cell] = _resume_config(out, cell, configs[cell], legacy)
             pending.append(cell)
     _preflight(pending, configs, clients_for, factory, context_factory)
     _check_manifest(out, cfg, write=True)  # only a sweep that can start claims the directory
@@ -540,7 +641,12 @@ def run_sweep(
         docs[cell] = doc
         ran.append(cell.key)
     rows = aggregate(docs, methods)
-    files = write_outputs(out, cfg, rows, sweep_metric(docs))
+    # each epsilon's settings line from a cell of the sweep (validated above), not from a
+    # method of the config that the sweep may not run
+    settings = {}
+    for cell in cells:
+        settings.setdefault(cell.epsilon, configs[cell])
+    files = write_outputs(out, cfg, rows, sweep_metric(docs), settings)
     return SweepResult(rows, ran, skipped, files)
 
 
@@ -648,9 +754,15 @@ def _spent_label(row: SweepRow) -> str:
     return "not reported" if spent is None else f"{spent:.3f}"
 
 
-def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy") -> str:
+def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy",
+                     cell_configs: Mapping[float | None, ExperimentConfig] | None = None) -> str:
     """The sweep table with its setup and the definitions of its columns, named after the
-    task's test ``metric`` ("accuracy" or "auc")."""
+    task's test ``metric`` ("accuracy" or "auc").
+
+    Each epsilon's line names the privacy settings of ``cell_configs[epsilon]`` (the config
+    of a cell of the sweep at that epsilon); an epsilon missing there gets the config of a
+    cell of the first row's method that is a registered method (a swept one, never merely
+    the config's first method)."""
     name, short = metric_label(metric), metric_label(metric, short=True)
     t = cfg.training
     seeds = sorted({s for r in rows for s in r.seeds})
@@ -678,7 +790,7 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
     for eps in sorted({r.epsilon for r in rows}, key=_eps_sort_key):
         at = [r for r in rows if r.epsilon == eps]
         best = max(at, key=lambda r: r.acc_mean)
-        settings = privacy_settings(cell_config(cfg, Cell(cfg.methods[0], eps, seeds[0])))
+        settings = privacy_settings(_settings_config(cfg, at, eps, seeds[0], cell_configs))
         lines.append(f"- epsilon {epsilon_label(eps)}: highest mean {name} {best.method} "
                      f"({best.acc_mean:.4f}); {settings}.")
     lines += [
@@ -698,6 +810,15 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
         "",
     ]
     return "\n".join(lines)
+
+
+def _settings_config(cfg: ExperimentConfig, at: Sequence[SweepRow], eps: float | None, seed: int,
+                     cell_configs: Mapping[float | None, ExperimentConfig] | None) -> ExperimentConfig:
+    if cell_configs is not None and eps in cell_configs:
+        return cell_configs[eps]
+    known = _literal_methods()
+    method = next((r.method for r in at if r.method in known), cfg.methods[0])
+    return cell_config(cfg, Cell(method, eps, seed))
 
 
 def plot_accuracy_vs_epsilon(rows: Sequence[SweepRow], path: Path, metric: str = "accuracy") -> Path:
@@ -745,11 +866,13 @@ def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None
 
 
 def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow],
-                  metric: str = "accuracy") -> list[Path]:
+                  metric: str = "accuracy",
+                  cell_configs: Mapping[float | None, ExperimentConfig] | None = None) -> list[Path]:
     """Write ``sweep.csv``, ``sweep.md`` and the plots (atomically for the text files), named
-    after the task's test ``metric`` (the CSV keeps its ``acc_*`` columns for any metric)."""
+    after the task's test ``metric`` (the CSV keeps its ``acc_*`` columns for any metric);
+    ``cell_configs``: see :func:`rows_to_markdown`."""
     atomic_write_text(out / "sweep.csv", rows_to_csv(rows))
-    atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows, metric))
+    atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows, metric, cell_configs))
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     files = [out / "sweep.csv", out / "sweep.md",

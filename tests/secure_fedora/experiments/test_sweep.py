@@ -472,3 +472,110 @@ def test_a_binary_task_sweep_names_its_metric_roc_auc(tmp_path, monkeypatch):
     md = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| AUC mean | AUC min | AUC std |" in md and "highest mean ROC AUC local" in md
     assert "ROC AUC is each client's test ROC AUC" in md and "accuracy" not in md
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+@pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
+def test_epsilon_lines_name_a_swept_method_not_the_configs_first(tmp_path):
+    """sweep.md's settings line came from a cell of the config's first method (ifca, whose
+    selection_split='train' is invalid under DP): every cell trained, then writing sweep.md
+    failed naming a cell outside the sweep, and no table or plot was written."""
+    cfg = tiny(methods=["ifca", "fedprox"])
+    result = run_sweep(cfg, tmp_path, ["fedprox"], [0], [4.0])
+    assert result.ran == ["fedprox/eps-4/seed-0"]
+    md = (tmp_path / "sweep.md").read_text()
+    assert "- epsilon 4: highest mean accuracy fedprox" in md and "privacy on, epsilon 4," in md
+    assert (tmp_path / "plots" / "per_client_eps-4.png").exists()
+
+
+@pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
+def test_a_plan_over_budget_is_refused_before_any_cell_trains(tmp_path):
+    """The budget plans were checked only when each cell started: eps-4 trained (and spent
+    its budget) before eps 1e-06 failed with "over budget ... nothing was trained"."""
+    rounds: list = []
+    with pytest.raises(SweepError, match=r"fedprox/eps-1e-06/seed-0: .*over budget"):
+        run_sweep(tiny(), tmp_path, ["fedprox"], [0], [4.0, 1e-6],
+                  on_round=lambda *a: rounds.append(a))
+    assert rounds == [] and not (tmp_path / "cells").exists()
+    assert not (tmp_path / "sweep.json").exists()
+
+
+CHANGING = '''
+import os
+
+import torch
+
+
+def load(seed):
+    g = torch.Generator().manual_seed(seed + int(os.environ.get("SWEEP_DATA_VERSION", "0")))
+    x = torch.randn(120, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    return {"x_train": x[:96], "y_train": y[:96], "x_test": x[96:], "y_test": y[96:]}
+
+
+def mlp(input_shape, num_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, num_classes))
+'''
+
+
+def test_a_finished_cell_on_other_data_is_refused_not_mixed(tmp_path, monkeypatch):
+    """Finished cells were reused when only the data changed (a data.source whose contents
+    changed): old and new cells were averaged into one row. The cell's recorded data
+    fingerprint is now checked; the cell is neither reused nor rerun."""
+    path = _plugin_project(tmp_path, "sweep_plugin_changing", "changing")
+    (path.parent / "sweep_plugin_changing.py").write_text(CHANGING)
+    cfg = load_config(path)
+    monkeypatch.setenv("SWEEP_DATA_VERSION", "0")
+    run_sweep(cfg, tmp_path / "sweep", ["local"], [0])
+    cell = tmp_path / "sweep/cells/local/eps-none/seed-0/cell.json"
+    before = cell.read_text()
+    again = run_sweep(cfg, tmp_path / "sweep", ["local"], [0, 1])  # same data: reused
+    assert again.skipped == ["local/eps-none/seed-0"] and again.ran == ["local/eps-none/seed-1"]
+    monkeypatch.setenv("SWEEP_DATA_VERSION", "1")
+    with pytest.raises(SweepError, match="local/eps-none/seed-0 .* was run on other data"):
+        run_sweep(cfg, tmp_path / "sweep", ["local"], [0, 1])
+    assert cell.read_text() == before
+
+
+def test_a_non_private_cell_does_not_depend_on_the_configs_epsilon(tmp_path):
+    """A non-private cell kept [privacy] epsilon in its config hash: changing only that
+    epsilon refused the finished non-private cells ("another configuration"), although the
+    sweep's manifest ignores it."""
+    run_sweep(tiny(privacy={"epsilon": 2.0}), tmp_path, ["local"], [0])
+    assert cell_config(tiny(privacy={"epsilon": 2.0}), Cell("local", None, 0)) == \
+        cell_config(tiny(privacy={"epsilon": 5.0}), Cell("local", None, 0))
+    again = run_sweep(tiny(privacy={"epsilon": 5.0}), tmp_path, ["local"], [0])
+    assert again.skipped == ["local/eps-none/seed-0"] and again.ran == []
+
+
+def _legacy_cell_config(cfg, cell):
+    """cell_config as earlier versions built it: a non-private cell kept privacy.epsilon."""
+    ccfg = cell_config(cfg, cell)
+    if cell.epsilon is not None:
+        return ccfg
+    return ccfg.model_copy(update={"privacy": ccfg.privacy.model_copy(
+        update={"epsilon": cfg.privacy.epsilon})})
+
+
+def test_cells_of_an_earlier_version_stay_valid(tmp_path, monkeypatch):
+    """Non-private cells written before the epsilon was normalised (their hash has the
+    config's epsilon) are still reused, finished or interrupted, also once the config's
+    epsilon changed (the manifest records the one they ran with)."""
+    monkeypatch.setattr(sweep_mod, "cell_config", _legacy_cell_config)
+    old = tiny(privacy={"epsilon": 2.0})
+    run_sweep(old, tmp_path, ["local"], [0])
+
+    def interrupt(cell, rnd, total):
+        if rnd == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(old, tmp_path, ["local", "fedavg"], [0], on_round=interrupt)
+    monkeypatch.setattr(sweep_mod, "cell_config", cell_config)
+    trained: list = []
+    new = run_sweep(tiny(privacy={"epsilon": 5.0}), tmp_path, ["local", "fedavg"], [0],
+                    on_round=lambda cell, rnd, total: trained.append((cell.key, rnd)))
+    assert new.skipped == ["local/eps-none/seed-0"]
+    assert trained == [("fedavg/eps-none/seed-0", 2)]  # resumed from its checkpoint
