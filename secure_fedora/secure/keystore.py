@@ -15,9 +15,14 @@ Which key store a run uses, first match wins:
    ``~/.local/share/secure-fedora/keystore``.
 
 ``secure-fedora keys init DIR --clients N`` creates a key store (server, operator and N
-clients). A missing store is created on first use (directory 0700, private keys 0600); a
-store lacking some parties of the run gets keys for exactly those parties, nothing else is
-touched. A store directory writable by group or others, or owned by another user, is refused
+clients). A missing store is created on first use (directory 0700, private keys 0600),
+atomically: written in full into a temporary sibling directory, then renamed into place, so
+a process killed meanwhile leaves no half-made store (at most an unused
+``.<name>.creating-*`` directory beside it, which may be deleted). A store lacking some
+parties of the run gets keys for exactly those parties, nothing else is touched; an
+existing directory without an allowlist is filled the same way. Both write a
+``.creating`` marker naming the parties first and remove it after the allowlist, so that a
+kill in between is recognised and completed (see :func:`ensure_keystore`). A store directory writable by group or others, or owned by another user, is refused
 (someone else could swap its allowlist or key files). Assumption (stated): key files are
 protected by file permissions only (see :mod:`privacy.identity`).
 """
@@ -25,9 +30,12 @@ protected by file permissions only (see :mod:`privacy.identity`).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +49,7 @@ from privacy.identity import (
     init_keys,
     load_allowlist,
     load_identity,
+    validate_party_id,
 )
 
 __all__ = [
@@ -96,39 +105,124 @@ def resolve_keystore(name: str, configured: str | None = None,
     return (default_keystore_home() / name).absolute(), "default"
 
 
+CREATING_FILENAME = ".creating"
+
+
 def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default") -> KeyStore:
     """Make ``path`` a key store holding every party of ``parties`` and return it.
 
-    Creates the store (0700) when missing; adds keys only for parties the allowlist lacks,
-    refusing (IdentityError) when key files of such a party already exist without an
-    allowlist entry (a half-written store is never overwritten).
+    A missing store is created atomically (a complete store in a temporary sibling
+    directory, renamed into place). An existing one gets keys only for parties its allowlist
+    lacks, under the store's lock, between a ``.creating`` marker (naming those parties,
+    written first) and the removal of that marker (after the allowlist is written).
+
+    Why key files may then be discarded: a run uses a store's keys only through its
+    ``allowlist.json`` (:func:`publish_public_keys` refuses a party the allowlist lacks, and
+    only then are private keys loaded to sign ledgers or anchors), and the allowlist is
+    written after every key file of the parties it adds. So key files of a party that a
+    ``.creating`` marker names and the allowlist lacks were left by a creation killed
+    before its allowlist: no run, ledger or anchor can use them, and they are replaced.
+    Without that marker nothing proves so (an earlier version's kill, or an allowlist
+    removed by hand from a store runs did use), so such files are never overwritten:
+    IdentityError naming them and the remedies.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise IdentityError(f"key store {path} exists and is not a directory")
+    if not path.exists():
+        created = _create_atomically(path, parties)
+        if created:
+            return KeyStore(path, True, source)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = os.open(path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise IdentityError(f"cannot create or open the key store {path}: {exc}") from exc
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs creating one store wait for each other
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs extending one store wait for each other
         allowlist = path / ALLOWLIST_FILENAME
-        if not allowlist.exists():
-            init_keys(path, parties)
-            return KeyStore(path, True, source)
-        known = load_allowlist(allowlist)
+        known = load_allowlist(allowlist) if allowlist.exists() else {}
+        _discard_interrupted(path, known)
         missing = [p for p in parties if p not in known]
-        if missing:
-            stray = [str(f) for p in missing for f in path.glob(f"{p}.*") if f.exists()]
-            if stray:
-                raise IdentityError(f"key store {path} holds key files of parties missing from"
-                                    f" its allowlist: {', '.join(stray)}; refusing to overwrite"
-                                    " them")
-            init_keys(path, missing, overwrite=True)
-        return KeyStore(path, False, source)
+        if not missing:
+            return KeyStore(path, False, source)
+        stray = sorted(str(f) for p in missing for f in path.glob(f"{p}.*"))
+        if stray:
+            n_clients = sum(1 for p in parties if p.startswith("client-"))
+            why = ("holds no allowlist.json but key files" if not known else
+                   "holds key files of parties missing from its allowlist")
+            raise IdentityError(
+                f"key store {path} {why}: {', '.join(stray[:6])}"
+                f"{' ...' if len(stray) > 6 else ''}; refusing to overwrite them (left by an "
+                "interrupted key-store creation of an earlier version, or the allowlist was "
+                "edited or removed by hand, in which case runs may have used these keys). If "
+                "no run used them, recreate the store with `secure-fedora keys init "
+                f"{path} --clients {n_clients} --force`; otherwise restore its allowlist.json, "
+                "or use another key store ([security] keystore in the config, or `secure-fedora "
+                "run --keystore`)")
+        marker = path / CREATING_FILENAME
+        _write_marker(marker, missing)
+        init_keys(path, missing, overwrite=bool(known))
+        marker.unlink()
+        return KeyStore(path, not known, source)
     finally:
         os.close(lock)
+
+
+def _create_atomically(path: Path, parties: Sequence[str]) -> bool:
+    """Create the store ``path`` complete or not at all: keys and allowlist are written into
+    a fresh 0700 sibling directory, which is then renamed to ``path``. False when ``path``
+    appeared meanwhile (another process created it; the caller uses that one)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+    except OSError as exc:
+        raise IdentityError(f"cannot create the key store {path}: {exc}") from exc
+    try:
+        init_keys(tmp, parties)
+        os.close(os.open(tmp / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            os.rename(tmp, path)  # atomic; fails if path is now a non-empty directory or file
+        except OSError:
+            if path.exists():
+                return False
+            raise
+    except OSError as exc:
+        raise IdentityError(f"cannot create the key store {path}: {exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _write_marker(marker: Path, parties: Sequence[str]) -> None:
+    from secure_fedora.core.files import atomic_write_bytes
+
+    atomic_write_bytes(marker, json.dumps({"parties": list(parties)}).encode())
+
+
+def _discard_interrupted(path: Path, known: Mapping[str, PublicIdentity]) -> None:
+    """Remove the key files of a creation killed before its allowlist (see
+    :func:`ensure_keystore`): those of the parties ``.creating`` names that the allowlist
+    (``known``) lacks; then the marker. Called under the store's lock."""
+    marker = path / CREATING_FILENAME
+    if not marker.exists():
+        return
+    try:
+        named = json.loads(marker.read_text())["parties"]
+        if not isinstance(named, list):
+            raise TypeError("parties is not a list")
+        parties = [validate_party_id(str(p)) for p in named]
+    except (OSError, ValueError, KeyError, TypeError, IdentityError) as err:
+        raise IdentityError(f"key store {path}: {marker} is unreadable ({err}); an interrupted "
+                            "key creation cannot be completed safely; inspect the store or "
+                            "use another one") from None
+    for party in parties:
+        if party in known:
+            continue  # its keys are in the allowlist: kept
+        for f in [*path.glob(f"{party}.*"), *path.glob(f".{party}.*.tmp-*")]:
+            f.unlink()  # its key files, and init_keys' temporary ones of an overwrite
+    marker.unlink()
 
 
 def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:

@@ -124,3 +124,87 @@ def test_a_run_refuses_a_key_store_others_can_write_before_writing_anything(tmp_
     with pytest.raises(IdentityError, match="0777: group or others"):
         Simulation(cfg, run, keystore=store).run()
     assert not (run / "keys").exists() and not (run / "ledgers").exists()
+
+
+KILL_AFTER = """
+import os, sys, tempfile
+from pathlib import Path
+import privacy.identity as identity
+from secure_fedora.secure import keystore
+
+real, done = identity.init_keys, []
+
+def dying(directory, party_ids, overwrite=False):
+    for party in party_ids:  # key files party by party (as init_keys), killed before the allowlist
+        if len(done) == int(sys.argv[3]):
+            os._exit(9)
+        scratch = Path(tempfile.mkdtemp())
+        real(scratch, [party])
+        for f in scratch.glob(party + ".*"):
+            os.replace(f, Path(directory, f.name))
+        done.append(party)
+    raise AssertionError("not killed")
+
+keystore.init_keys = dying
+keystore.ensure_keystore(Path(sys.argv[1]), keystore.run_party_ids(int(sys.argv[2])))
+"""
+
+
+def _killed_while_creating(store: Path, clients: int, after: int) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER, str(store), str(clients), str(after)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+
+
+def test_a_kill_during_first_creation_leaves_no_half_made_store(tmp_path):
+    """Killed during first-time creation, the store kept some key files and no allowlist;
+    every later DP run or sweep then failed ("refusing to overwrite existing key files
+    (--force on the command line ...)", an option run and sweep do not have)."""
+    store = tmp_path / "home" / "exp"
+    _killed_while_creating(store, 2, after=3)
+    assert not store.exists()  # the half-made store is a temporary sibling, never the store
+    made = ensure_keystore(store, run_party_ids(2))
+    assert made.created and set(load_allowlist(store / "allowlist.json")) == set(run_party_ids(2))
+    for party in run_party_ids(2):
+        assert load_identity(store, party).public == load_allowlist(store / "allowlist.json")[party]
+
+
+def test_a_kill_while_adding_parties_is_completed(tmp_path):
+    """Killed while keys of new parties were written (before the allowlist named them): the
+    marker proves those files were never usable, so the next run replaces them; the keys
+    the allowlist already held are kept."""
+    store = tmp_path / "store"
+    ensure_keystore(store, run_party_ids(2))
+    kept = (store / "client-000.ed25519.key").read_bytes()
+    _killed_while_creating(store, 4, after=1)
+    assert (store / "client-002.ed25519.key").exists() and (store / ".creating").exists()
+    assert set(load_allowlist(store / "allowlist.json")) == set(run_party_ids(2))
+    ensure_keystore(store, run_party_ids(4))
+    allowed = load_allowlist(store / "allowlist.json")
+    assert set(allowed) == set(run_party_ids(4)) and not (store / ".creating").exists()
+    assert (store / "client-000.ed25519.key").read_bytes() == kept
+    assert load_identity(store, "client-002").public == allowed["client-002"]
+
+
+def test_key_files_without_an_allowlist_name_a_remedy_that_exists(tmp_path):
+    """Key files but no allowlist and no marker (an earlier version's kill, or an allowlist
+    removed by hand after runs used the keys): never overwritten, and the message names a
+    command that exists instead of a --force that run and sweep do not have."""
+    store = tmp_path / "store"
+    ensure_keystore(store, run_party_ids(2))
+    (store / "allowlist.json").unlink()
+    key = (store / "client-001.ed25519.key").read_bytes()
+    with pytest.raises(IdentityError, match=r"no allowlist.json .*`secure-fedora keys init "
+                       r".*store --clients 2 --force`"):
+        ensure_keystore(store, run_party_ids(2))
+    assert (store / "client-001.ed25519.key").read_bytes() == key
+    # an empty directory (made by hand) is filled
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    assert ensure_keystore(empty, run_party_ids(1)).created
+    assert set(load_allowlist(empty / "allowlist.json")) == set(run_party_ids(1))
