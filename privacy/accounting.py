@@ -147,6 +147,12 @@ def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """Opacus's RDP curve of one step over :func:`_rdp_orders` (cached, read-only)."""
     from opacus.accountants.analysis import rdp as rdp_analysis
 
+    if sample_rate > 0 and noise_multiplier * noise_multiplier == 0.0:
+        # sigma^2 underflows (sigma below about 1e-162): Opacus divides by it. The RDP of a
+        # vanishing noise is unbounded, so the exact bound is +inf (the plan is over budget).
+        vec = np.full(len(_rdp_orders()), np.inf)
+        vec.setflags(write=False)
+        return vec
     vec = rdp_analysis.compute_rdp(
         q=sample_rate,
         noise_multiplier=noise_multiplier,

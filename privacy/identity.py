@@ -148,10 +148,16 @@ def validate_party_id(party_id: str) -> str:
     return party_id
 
 
+#: Most client ids one federation may have (a key pair per client: millions of files).
+MAX_CLIENT_IDS = 1_000_000
+
+
 def client_ids(num_clients: int) -> list[str]:
     """Canonical client ids ``client-000`` ... (zero padded to at least three digits)."""
-    if not isinstance(num_clients, int) or num_clients < 0:
-        raise IdentityError(f"num_clients must be a non-negative integer, got {num_clients!r}")
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) \
+            or not 0 <= num_clients <= MAX_CLIENT_IDS:
+        raise IdentityError(f"num_clients must be an integer in [0, {MAX_CLIENT_IDS:,}], got "
+                            f"{num_clients!r}")
     width = max(3, len(str(max(num_clients - 1, 0))))
     return [f"client-{i:0{width}d}" for i in range(num_clients)]
 
@@ -322,10 +328,11 @@ def _read_private_pem(path: Path) -> bytes:
         raise IdentityError(f"private key file {path} does not exist") from None
     except OSError as exc:
         raise IdentityError(f"cannot open private key file {path}: {exc}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory by fd number
+        os.close(fd)
+        raise IdentityError(f"private key {path} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise IdentityError(f"private key {path} is not a regular file")
         if st.st_mode & 0o077:
             raise IdentityError(
                 f"private key {path} has permissions {stat.S_IMODE(st.st_mode):04o}; it must not "

@@ -100,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out is empty: name the run directory, or leave --out out for "
                           "runs/<name>-<timestamp>")
+    if args.keystore is not None and not args.keystore.strip():
+        raise ConfigError("--keystore is empty: name the key store directory, or leave "
+                          "--keystore out for the default")
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out, the run directory to continue")
     try:
@@ -127,11 +130,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from privacy.identity import init_keys
+    from privacy.identity import MAX_CLIENT_IDS, init_keys
     from secure_fedora.secure.keystore import run_party_ids
 
-    if args.clients < 1:
-        console.print(f"[red]error:[/red] --clients must be at least 1, got {args.clients}")
+    if not 1 <= args.clients <= MAX_CLIENT_IDS:
+        console.print(f"[red]error:[/red] --clients must be between 1 and {MAX_CLIENT_IDS:,}, "
+                      f"got {args.clients}")
         return 2
     identities = init_keys(args.directory, run_party_ids(args.clients), overwrite=args.force)
     Console().print(f"wrote {len(identities)} identities (private keys 0600) and allowlist.json "

@@ -672,8 +672,10 @@ class Simulation:
 
                 path, source = resolve_keystore(self.cfg.name, self.cfg.security.keystore,
                                                 self.keystore_override)
-                run = self.run_dir.expanduser().absolute()
-                if path == run or run in path.parents:
+                # resolved: ".." and symlinks must not carry the keys into the run directory
+                run = self.run_dir.expanduser().resolve()
+                resolved = path.resolve()
+                if resolved == run or run in resolved.parents:
                     from privacy.identity import IdentityError
 
                     raise IdentityError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -392,3 +393,12 @@ def test_round_up_keeps_infinity_and_nan():
     from privacy.accounting import round_up
 
     assert round_up(math.inf) == math.inf and math.isnan(round_up(math.nan))
+
+
+def test_a_noise_multiplier_whose_square_underflows_has_an_unbounded_rdp() -> None:
+    """sigma = 1e-170 (sigma^2 == 0.0) was a ZeroDivisionError traceback inside Opacus;
+    the RDP of vanishing noise is +inf, so the plan is simply over any budget."""
+    from privacy.accounting import _rdp_one_step
+
+    assert np.isinf(_rdp_one_step(0.5, 1e-170)).all()
+    assert np.isfinite(_rdp_one_step(0.5, 1e-3)).any()

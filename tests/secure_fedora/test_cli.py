@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from secure_fedora.cli import main
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.toml"
@@ -43,7 +45,26 @@ def test_keys_init_writes_private_keys_0600_and_refuses_bad_input(tmp_path):
     # existing keys are never overwritten silently; zero clients is refused
     assert main(["keys", "init", str(keys), "--clients", "2"]) == 2
     assert main(["keys", "init", str(tmp_path / "none"), "--clients", "0"]) == 2
+    # a count past the limit is refused at once (it grew memory until killed)
+    assert main(["keys", "init", str(tmp_path / "none"), "--clients", "99999999999999999999"]) == 2
     assert not (tmp_path / "none").exists()
+    # a private key file that is a directory is named, not "Is a directory: 3"
+    (keys / "client-001.ed25519.key").unlink()
+    (keys / "client-001.ed25519.key").mkdir()
+    from privacy.identity import IdentityError, load_identity
+
+    with pytest.raises(IdentityError, match=r"client-001.ed25519.key is not a regular file"):
+        load_identity(keys, "client-001")
+
+
+def test_an_empty_keystore_option_is_refused(tmp_path, monkeypatch, capsys):
+    """``--keystore ""`` wrote the private keys into the current directory."""
+    config = tmp_path / "dp.toml"
+    config.write_text(DP_TINY)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--keystore", "", "--quiet"]) == 2
+    assert "--keystore is empty" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.key")) and not (tmp_path / "run").exists()
 
 
 DP_TINY = """

@@ -59,8 +59,12 @@ def _positive_float(value: str) -> float:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """Write a CA, a server certificate for ``--host`` and optionally ``--nodes`` node keys."""
+    from privacy.identity import MAX_CLIENT_IDS
     from secure_fedora.runtimes.flower.certs import make_certificates, make_node_keys
+    from secure_fedora.runtimes.flower.protocol import DeployError
 
+    if args.nodes > MAX_CLIENT_IDS:
+        raise DeployError(f"--nodes must be at most {MAX_CLIENT_IDS:,}, got {args.nodes}")
     out = Path(args.out)
     paths = make_certificates(out, args.host, valid_days=args.days, overwrite=args.force)
     keys = (

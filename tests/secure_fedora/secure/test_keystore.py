@@ -93,6 +93,24 @@ def test_a_key_store_inside_the_run_directory_is_refused(tmp_path, inside):
     assert not (run / inside / "allowlist.json").exists()
 
 
+@pytest.mark.parametrize("how", ["dotdot", "symlink"])
+def test_a_key_store_reaching_into_the_run_directory_by_dotdot_or_symlink_is_refused(tmp_path, how):
+    """``runs/y/../x/ks`` and a symlink to the run directory compared unresolved: the private
+    keys were written inside the run directory auditors receive."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    run = tmp_path / "runs" / "x"
+    if how == "dotdot":
+        store = tmp_path / "runs" / "y" / ".." / "x" / "ks"
+    else:
+        run.mkdir(parents=True)
+        (tmp_path / "link").symlink_to(run)
+        store = tmp_path / "link" / "ks"
+    with pytest.raises(IdentityError, match="lies inside the run directory"):
+        Simulation(_tiny_dp_config(), run, keystore=store).run()
+    assert not list(run.rglob("*.key"))
+
+
 def test_a_private_key_that_does_not_match_the_allowlist_is_refused_before_publishing(tmp_path):
     """A key file copied from another store signed the run's ledgers with a key the
     published allowlist does not list: the run finished and only `audit verify` failed."""

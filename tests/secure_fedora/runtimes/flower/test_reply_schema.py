@@ -27,7 +27,6 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     with_methods,
 )
 
-
 pytestmark = pytest.mark.usefixtures("task_identity")
 _ = task_identity  # the fixture, imported for use above
 
