@@ -46,7 +46,6 @@ config schema refuses DP with un-noised relatedness), and the claim is the last
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Sequence
@@ -519,19 +518,29 @@ def _mislabeled_pool(cfg: ExperimentConfig, clients: Sequence[ClientData], clien
 
 
 def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, float, int]:
-    """Last ``epsilon_after``, ``delta`` and entry count of a client's ledger for ``method``."""
-    path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
-    if not path.is_file():
-        raise CanaryAuditError(f"privacy.enabled is set but the run wrote no ledger {path}")
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not entries:
-        raise CanaryAuditError(f"ledger {path} is empty")
-    if any(e.get("mechanism") == "refusal" for e in entries):
+    """Last ``epsilon_after``, ``delta`` and entry count of a client's ledger for ``method``.
+
+    Guarantee: the claim is read only from a ledger that verifies (fields, chain and Ed25519
+    signatures of :func:`audits.verify.check_ledger_lines`, under ``keys/allowlist.json`` of
+    ``run_dir``), as a finite number > 0, with a finite delta > 0; a client refused a release
+    is refused. Anything else (a missing, empty, binary, edited or unsigned ledger, a claim
+    that is not a finite positive number) raises CanaryAuditError.
+    """
+    from audits.verify import positive_number, verified_ledger_entries
+
+    rel = f"ledgers/{method}/{client_id}.jsonl"
+    entries = verified_ledger_entries(
+        run_dir, method, client_id, error=CanaryAuditError,
+        missing=f"privacy.enabled is set but the run wrote no ledger {run_dir / rel}")
+    if any(e["mechanism"] == "refusal" for e in entries):
         raise CanaryAuditError(
-            f"client {client_id} was refused a release (ledger {path}); its final model was not"
+            f"client {client_id} was refused a release (ledger {rel}); its final model was not"
             " released, so the audit would attack an unreleased model: raise the budget"
         )
-    return float(entries[-1]["epsilon_after"]), float(entries[-1]["delta"]), len(entries)
+    claim = positive_number(entries[-1]["epsilon_after"], f"{rel} last epsilon_after (the claim)",
+                            CanaryAuditError)
+    delta = positive_number(entries[-1]["delta"], f"{rel} last delta", CanaryAuditError)
+    return claim, delta, len(entries)
 
 
 def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canaries: int = 300,

@@ -174,6 +174,12 @@ def cmd_canary(args: argparse.Namespace) -> int:
                               confidence=args.confidence, delta=args.delta, seed=args.seed)
     b = result.bound
     doc = result.to_json()
+    try:
+        text = json.dumps(doc, indent=2, allow_nan=False)
+    except ValueError as err:  # a NaN or infinity: canary.json and --json stay strict JSON
+        print(f"error: the canary audit's result is not strict JSON ({err}); nothing written",
+              file=sys.stderr)
+        return 2
     print(f"client {result.client_id}, method {result.method}: {result.num_canaries}"
           f" {result.canary_kind} canaries ({result.members} inserted)")
     if result.rounds_scored > 1:
@@ -189,7 +195,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
             print(f"error: cannot write {run_dir / 'audit' / 'canary.json'}: {err}",
                   file=sys.stderr)
             return 2
-    _write_json(args.json, doc)
+    if args.json:
+        Path(args.json).write_text(text)
     return VERDICT_EXIT[doc["verdict"]]
 
 

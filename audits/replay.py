@@ -41,7 +41,6 @@ config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the p
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,19 +108,6 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
     return trials
 
 
-def _positive(value: Any, where: str) -> float:
-    """``value`` as a float when it is a finite number > 0 (not a bool), else ReplayAuditError."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ReplayAuditError(f"{where} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except OverflowError:
-        out = math.inf
-    if not math.isfinite(out) or out <= 0:
-        raise ReplayAuditError(f"{where} must be a finite number > 0, got {value!r}")
-    return out
-
-
 def _ledger_claim(run_dir: Path, method: str, client_id: str,
                   noise: str) -> tuple[float, float, dict[str, Any]]:
     """(last epsilon_after, delta, params of the first DP-SGD entry) of the client's ledger.
@@ -131,35 +117,12 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str,
     claim and delta are finite and positive, and every DP-SGD entry records the noise mode
     ``noise`` (the config's): an edited ledger or config raises ReplayAuditError.
     """
-    from audits.verify import _read_lines, check_ledger_lines
-    from privacy.identity import IdentityError, load_allowlist
+    from audits.verify import positive_number, verified_ledger_entries
 
     rel = f"ledgers/{method}/{client_id}.jsonl"
-    path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
-    if not path.is_file():
-        raise ReplayAuditError(f"no ledger {path}: was {method!r} run with privacy enabled?")
-    try:
-        keys = load_allowlist(run_dir / "keys" / "allowlist.json")
-    except IdentityError as err:
-        raise ReplayAuditError(f"cannot verify {rel} before trusting its claim: {err}") from None
-    ident = keys.get(client_id)
-    if ident is None:
-        raise ReplayAuditError(f"keys/allowlist.json has no key for {client_id}: {rel} cannot"
-                               " be verified before trusting its claim")
-    try:
-        lines, torn = _read_lines(path)
-    except ToolkitError as err:
-        raise ReplayAuditError(str(err)) from None
-    entries, findings = check_ledger_lines(lines, ident.verify_key, client_id, torn)
-    if not lines:
-        raise ReplayAuditError(f"ledger {rel} is empty")
-    if findings:
-        first = findings[0]
-        more = f" (+{len(findings) - 1} more; run `audit verify`)" if len(findings) > 1 else ""
-        raise ReplayAuditError(f"ledger {rel} fails verification, its claim is not"
-                               f" trusted: entry {first.entry}: [{first.check}]"
-                               f" {first.message}{more}")
-    valid = [e for e in entries if e is not None]  # all of them, after a clean check
+    valid = verified_ledger_entries(
+        run_dir, method, client_id, error=ReplayAuditError,
+        missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?")
     dpsgd = [e for e in valid if e.get("mechanism") == "dpsgd"]
     if not dpsgd:
         raise ReplayAuditError(f"ledger {rel} has no DP-SGD entry to replay")
@@ -170,13 +133,16 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str,
                 f"{rel} entry {e['index']} records params.noise {recorded!r}, config.toml"
                 f" gives privacy.noise = {noise!r}: the config is not this run's (restore"
                 " the run's config.toml)")
-    claim = _positive(valid[-1]["epsilon_after"], f"{rel} last epsilon_after (the claim)")
-    delta = _positive(valid[-1]["delta"], f"{rel} last delta")
+    claim = positive_number(valid[-1]["epsilon_after"], f"{rel} last epsilon_after (the claim)",
+                            ReplayAuditError)
+    delta = positive_number(valid[-1]["delta"], f"{rel} last delta", ReplayAuditError)
     params = dpsgd[0]["params"]
     for key in ("noise_multiplier", "sample_rate"):
-        _positive(params.get(key), f"{rel} entry {dpsgd[0]['index']} params.{key}")
+        positive_number(params.get(key), f"{rel} entry {dpsgd[0]['index']} params.{key}",
+                        ReplayAuditError)
     if "clip_norm" in params:
-        _positive(params["clip_norm"], f"{rel} entry {dpsgd[0]['index']} params.clip_norm")
+        positive_number(params["clip_norm"], f"{rel} entry {dpsgd[0]['index']} params.clip_norm",
+                        ReplayAuditError)
     return claim, delta, params
 
 

@@ -104,6 +104,8 @@ __all__ = [
     "VerificationReport",
     "check_ledger_lines",
     "independent_epsilons",
+    "positive_number",
+    "verified_ledger_entries",
     "verify_run",
 ]
 
@@ -440,6 +442,63 @@ def _read_lines(path: Path) -> tuple[list[str], bool]:
     if not torn:
         raw = raw[:-1]
     return [chunk.decode("utf-8", errors="replace") for chunk in raw], torn
+
+
+def positive_number(value: Any, where: str, error: type[Exception] = AuditError) -> float:
+    """``value`` as a float when it is a finite number > 0 (not a bool); else ``error`` naming
+    ``where``. The one check of a claim read from a ledger (audit replay, audit canary)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise error(f"{where} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out) or out <= 0:
+        raise error(f"{where} must be a finite number > 0, got {value!r}")
+    return out
+
+
+def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
+                            error: type[Exception] = AuditError,
+                            missing: str | None = None) -> list[dict[str, Any]]:
+    """The entries of ``RUN_DIR/ledgers/<method>/<client_id>.jsonl`` once it verifies.
+
+    Guarantee: every line is a canonical JSON object with the documented fields and types,
+    the hash chain is intact, every entry names ``client_id`` and its Ed25519 signature
+    verifies under the key ``RUN_DIR/keys/allowlist.json`` registers for ``client_id``
+    (:func:`check_ledger_lines`), and the ledger is not empty. Anything else (a missing,
+    unreadable, binary, torn, edited or unsigned ledger, or no key to check it against)
+    raises ``error`` with a one-line message, before any field is trusted. ``missing`` is
+    the message for a ledger that does not exist (default: ``no ledger <path>``). Accounting
+    is not recomputed (``audit verify`` does that).
+    """
+    run_dir = Path(run_dir)
+    rel = f"ledgers/{method}/{client_id}.jsonl"
+    path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
+    if not path.is_file():
+        raise error(missing if missing is not None else f"no ledger {path}")
+    try:
+        keys = load_allowlist(run_dir / "keys" / "allowlist.json")
+    except IdentityError as err:
+        raise error(f"cannot verify {rel} before trusting its claim: {err}") from None
+    ident = keys.get(client_id)
+    if ident is None:
+        raise error(f"keys/allowlist.json has no key for {client_id}: {rel} cannot"
+                    " be verified before trusting its claim")
+    try:
+        lines, torn = _read_lines(path)
+    except ToolkitError as err:
+        raise error(str(err)) from None
+    entries, findings = check_ledger_lines(lines, ident.verify_key, client_id, torn)
+    if not lines:
+        raise error(f"ledger {rel} is empty")
+    if findings:
+        first = findings[0]
+        more = f" (+{len(findings) - 1} more; run `audit verify`)" if len(findings) > 1 else ""
+        raise error(f"ledger {rel} fails verification, its claim is not"
+                    f" trusted: entry {first.entry}: [{first.check}]"
+                    f" {first.message}{more}")
+    return [e for e in entries if e is not None]  # all of them, after a clean check
 
 
 # --------------------------------------------------------------------------- accounting

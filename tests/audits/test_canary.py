@@ -324,3 +324,82 @@ def test_canary_audit_on_tabular_data_from_a_source(tmp_path):
     assert math.isfinite(result.member_mean_score) and math.isfinite(result.non_member_mean_score)
     with pytest.raises(CanaryAuditError, match="with data.source use kind 'noise'"):
         run_canary_audit(cfg, num_canaries=40, kind="mislabeled")
+
+
+def _last_entry_with(path, **change) -> bytes:
+    """The ledger's last line re-serialized canonically with ``change`` applied (None: the
+    field removed): well-formed JSON whose signature no longer verifies."""
+    last = json.loads(path.read_bytes().splitlines()[-1])
+    for key, value in change.items():
+        if value is None:
+            last.pop(key)
+        else:
+            last[key] = value
+    return json.dumps(last, sort_keys=True, separators=(",", ":")).encode()
+
+
+_MALFORMED_LAST_LINES = {
+    "not_json": lambda p: b"{not json",
+    "array": lambda p: b"[1,2]",
+    "binary": lambda p: b"\xff\xfe\x00\x81\x9cbinary",
+    "missing_epsilon_after": lambda p: _last_entry_with(p, epsilon_after=None),
+    "string_epsilon_after": lambda p: _last_entry_with(p, epsilon_after="1.5"),
+    "string_delta": lambda p: _last_entry_with(p, delta="1e-5"),
+    "nan_epsilon_after": lambda p: _last_entry_with(p, epsilon_after=math.nan),
+    "forged_smaller_claim": lambda p: _last_entry_with(p, epsilon_after=0.01),
+}
+
+
+def _corrupt_ledger(path, case: str) -> None:
+    lines = path.read_bytes().splitlines()
+    lines[-1] = _MALFORMED_LAST_LINES[case](path)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED_LAST_LINES))
+def test_ledger_claim_trusts_only_a_verified_ledger(run_copy, case):
+    """Malformed or edited ledgers were tracebacks (JSONDecodeError, AttributeError,
+    UnicodeDecodeError, KeyError) or claims taken as read ("1.5", NaN, a forged 0.01)."""
+    path = run_copy / "ledgers" / "fedora" / "client-000.jsonl"
+    _corrupt_ledger(path, case)
+    with pytest.raises(CanaryAuditError, match="fails verification") as info:
+        _ledger_claim(run_copy, "fedora", "client-000")
+    assert "\n" not in str(info.value)
+
+
+def test_ledger_claim_needs_the_runs_keys_and_a_non_empty_ledger(run_copy):
+    path = run_copy / "ledgers" / "fedora" / "client-000.jsonl"
+    (run_copy / "keys" / "allowlist.json").write_text("{not json")
+    with pytest.raises(CanaryAuditError, match="cannot verify"):
+        _ledger_claim(run_copy, "fedora", "client-000")
+    path.write_bytes(b"")
+    with pytest.raises(CanaryAuditError):
+        _ledger_claim(run_copy, "fedora", "client-000")
+
+
+@pytest.mark.parametrize("case", ["not_json", "nan_epsilon_after"])
+def test_cli_canary_on_a_malformed_ledger_is_one_error_line(tmp_path, monkeypatch, capsys, case):
+    """``audit canary`` reads the ledger its own run wrote: an unverifiable one is exit 2 with
+    one ``error:`` line, no verdict and no canary.json."""
+    import audits.canary as canary
+    from secure_fedora.cli import main
+
+    class CorruptingSimulation(canary.Simulation):
+        def run_method(self, name):
+            out = super().run_method(name)
+            _corrupt_ledger(self.run_dir / "ledgers" / name / "client-000.jsonl", case)
+            return out
+
+    monkeypatch.setattr(canary, "Simulation", CorruptingSimulation)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(
+        'methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 32\n'
+        'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\nbatch_size = 16\n'
+        '[privacy]\nenabled = true\nepsilon = 8.0\n')
+    assert main(["audit", "canary", str(run), "--canaries", "40"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "fails verification" in err[0]
+    assert "Traceback" not in captured.err and "verdict" not in captured.out
+    assert not (run / "audit" / "canary.json").exists()
