@@ -682,6 +682,16 @@ class Simulation:
                         f"key store {path} ({source}) lies inside the run directory {run}: a DP "
                         "run's private keys must live outside it (the run directory is what "
                         "auditors receive); choose a key store elsewhere")
+                published = self.run_dir / "keys" / "allowlist.json"
+                if published.exists() and not path.exists():
+                    from privacy.identity import IdentityError
+
+                    # a run that already published its keys continues only with the store
+                    # that holds them: a fresh store could not, so none is created
+                    raise IdentityError(
+                        f"key store {path} ({source}) does not exist, but this run's ledgers are "
+                        f"signed by the keys published in {published}; pass the run's key store "
+                        "(--keystore, or [security] keystore); nothing was written")
                 store = ensure_keystore(path, run_party_ids(len(self.clients)), source)
                 self.keystore_created = store.created
                 if store.created:

@@ -93,6 +93,18 @@ def test_a_key_store_inside_the_run_directory_is_refused(tmp_path, inside):
     assert not (run / inside / "allowlist.json").exists()
 
 
+def test_a_resume_with_a_key_store_that_does_not_exist_creates_none(tmp_path):
+    """A resume given a new store path first created that store (fresh private keys no run
+    can use), then was refused for its keys."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    run = tmp_path / "run"
+    Simulation(_tiny_dp_config(), run, keystore=tmp_path / "store").run()
+    with pytest.raises(IdentityError, match="does not exist, but this run's ledgers are signed"):
+        Simulation(_tiny_dp_config(), run, keystore=tmp_path / "fresh").run(resume=True)
+    assert not (tmp_path / "fresh").exists()
+
+
 @pytest.mark.parametrize("how", ["dotdot", "symlink"])
 def test_a_key_store_reaching_into_the_run_directory_by_dotdot_or_symlink_is_refused(tmp_path, how):
     """``runs/y/../x/ks`` and a symlink to the run directory compared unresolved: the private
