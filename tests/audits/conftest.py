@@ -179,3 +179,17 @@ def run_copy(pristine_run: Path, tmp_path: Path) -> Path:
     shutil.copytree(pristine_run, dest)
     shutil.copytree(keystore_of(pristine_run), keystore_of(dest))
     return dest
+
+
+#: A tiny private config for ``audit canary RUN_DIR`` tests (2 clients, 1 round, Local).
+CANARY_CONFIG = ('methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 32\n'
+                 'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\n'
+                 'batch_size = 16\n[privacy]\nenabled = true\nepsilon = 8.0\n')
+
+
+def canary_run_dir(tmp_path: Path) -> Path:
+    """A run directory holding only :data:`CANARY_CONFIG` (what ``audit canary`` reads)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(CANARY_CONFIG)
+    return run

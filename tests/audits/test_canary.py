@@ -24,6 +24,7 @@ from audits.canary import (
 from secure_fedora.core.config import parse_config
 from secure_fedora.data.partition import ClientData
 from secure_fedora.runtimes.inprocess import build_clients
+from tests.audits.conftest import canary_run_dir
 
 
 def test_clopper_pearson_closed_forms():
@@ -391,12 +392,7 @@ def test_cli_canary_on_a_malformed_ledger_is_one_error_line(tmp_path, monkeypatc
             return out
 
     monkeypatch.setattr(canary, "Simulation", CorruptingSimulation)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(
-        'methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 32\n'
-        'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\nbatch_size = 16\n'
-        '[privacy]\nenabled = true\nepsilon = 8.0\n')
+    run = canary_run_dir(tmp_path)
     assert main(["audit", "canary", str(run), "--canaries", "40"]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from audits.cli import main, register
+from tests.audits.conftest import canary_run_dir
 
 
 def test_register_adds_audit_subcommands():
@@ -90,12 +91,7 @@ def test_usage_errors(argv):
 
 
 def test_canary_on_a_run_dir_writes_the_common_document(tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(
-        'methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 32\n'
-        'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\nbatch_size = 16\n'
-        '[privacy]\nenabled = true\nepsilon = 8.0\n')
+    run = canary_run_dir(tmp_path)
     code = main(["audit", "canary", str(run), "--canaries", "40"])
     out = capsys.readouterr().out
     doc = json.loads((run / "audit" / "canary.json").read_text())
