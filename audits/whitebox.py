@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
 from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
+from audits.verify import positive_number
 from privacy.accounting import PlannedRelease, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -135,12 +136,8 @@ def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
     for i, row in enumerate(rows):
         if isinstance(row, dict) and row.get("epsilon_budget") == epsilon \
                 and row.get("delta") == delta and "noise_multiplier" in row:
-            value = row["noise_multiplier"]
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value) or value <= 0:
-                raise WhiteboxAuditError(f"{where}[{i}].noise_multiplier must be a finite number"
-                                         f" > 0, got {value!r} (restore the run's results.json)")
-            return float(value)
+            return positive_number(row["noise_multiplier"], f"{where}[{i}].noise_multiplier "
+                                   "(restore the run's results.json)", WhiteboxAuditError)
     budgets = sorted({(r.get("epsilon_budget"), r.get("delta")) for r in rows
                       if isinstance(r, dict)}, key=repr)
     shown = ", ".join(f"epsilon {e!r} delta {d!r}" for e, d in budgets) or "no rows"

@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from privacy.errors import ToolkitError
-from secure_fedora.algorithms.contract import FINALIZE, ROUND, Payload
+from secure_fedora.algorithms.contract import FINALIZE, NUM_EXAMPLES_REASON, ROUND, Payload
 from secure_fedora.algorithms.messages import (
     KIND_CLUSTER_CHOICE,
     KIND_CLUSTERS,
@@ -477,8 +477,7 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
         by the run's assumptions) and the steps; the personal model never leaves."""
         if stage == ROUND:
             return {**super().reply_entries(cfg, stage),
-                    KEY_NUM_EXAMPLES: "the training-set size (dataset sizes are public by the "
-                                      "run's assumptions)"}
+                    KEY_NUM_EXAMPLES: NUM_EXAMPLES_REASON}
         return super().reply_entries(cfg, stage)
 
     def __init__(self, ctx: MethodContext) -> None:
@@ -914,8 +913,7 @@ class IFCA(_Baseline, FederatedMethod):
                   "(data.validation = 'public')")
         if stage == ROUND:
             return {**super().reply_entries(cfg, stage), KIND_CLUSTER_CHOICE: choice,
-                    KEY_NUM_EXAMPLES: "the training-set size (dataset sizes are public by the "
-                                      "run's assumptions)"}
+                    KEY_NUM_EXAMPLES: NUM_EXAMPLES_REASON}
         if stage == FINALIZE:
             return {KIND_CLUSTER_CHOICE: choice}
         return super().reply_entries(cfg, stage)

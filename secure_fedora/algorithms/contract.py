@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from privacy.errors import ToolkitError
@@ -45,7 +46,7 @@ Payload = dict[str, Tensor]
 
 __all__ = ["ContractError", "FederatedAlgorithm", "Payload", "ReleaseSpec", "ReplyRules",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
-           "check_round_statistics", "method_class", "method_releases", "round_mechanisms"]
+           "check_round_statistics", "round_statistics_of", "method_class", "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
 ROUND = "round"
@@ -57,6 +58,8 @@ REPLY_STEPS = "steps"
 REPLY_NUM_EXAMPLES = "num_examples"
 #: Reply entries that are counts, with their smallest valid value.
 COUNT_ENTRIES = {REPLY_STEPS: 0, REPLY_NUM_EXAMPLES: 1}
+#: Why a reply may carry ``num_examples`` under DP (the methods that send it say so).
+NUM_EXAMPLES_REASON = "the training-set size (dataset sizes are public by the run's assumptions)"
 
 #: Columns of a round's history row (rounds.csv, results.json) that the runtimes write
 #: themselves; a method's round statistics may not use these names.
@@ -348,6 +351,17 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
     return dict(messages)
 
 
+def round_statistics_of(method: str, rnd: int, replies_statistics: Mapping[str, Any],
+                        aggregated: Any) -> dict[str, float]:
+    """The round's statistics: what the replies tell (``round_statistics``) merged with what
+    ``aggregate`` returned, through :func:`check_round_statistics`; :class:`ContractError`
+    when ``aggregate`` did not return a dict."""
+    if not isinstance(aggregated, Mapping):
+        raise ContractError(f"method {method!r}: aggregate() must return the round's "
+                            f"statistics as a dict, got {type(aggregated).__name__}")
+    return check_round_statistics(method, rnd, {**replies_statistics, **aggregated})
+
+
 def check_round_statistics(method: str, rnd: int, stats: Any) -> dict[str, float]:
     """A method's round statistics as ``{name: float}``; :class:`ContractError` unless it is
     a dict of string names outside :data:`RUNTIME_ROUND_COLUMNS` to finite real numbers (or
@@ -420,13 +434,13 @@ class ReplyRules:
                     f"a tensor under a string name, got {type(value).__name__}")
         for name, least in COUNT_ENTRIES.items():
             count = reply.get(name)
-            if count is not None and (count.numel() != 1 or count.is_complex()
-                                      or not math.isfinite(float(count))
-                                      or float(count) < least
-                                      or float(count) != int(float(count))):
+            if count is not None and (count.numel() != 1 or count.dtype == torch.bool
+                                      or count.is_floating_point() or count.is_complex()
+                                      or int(count) < least):
                 shown = count.tolist() if count.numel() <= 4 else tuple(count.shape)
                 raise ContractError(f"method {self.method!r}: client {i}'s reply entry "
-                                    f"{name!r} must be one whole number >= {least}, got {shown}")
+                                    f"{name!r} must be one integer >= {least} (an integer "
+                                    f"tensor), got {shown} ({count.dtype})")
         if exact and set(reply) != set(self.entries.get(stage, {})):
             declared = sorted(self.entries.get(stage, {}))
             raise ContractError(f"method {self.method!r}: client {i}'s {stage} reply carries "

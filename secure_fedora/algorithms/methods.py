@@ -33,6 +33,7 @@ from torch import Tensor
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.contract import (
     FINALIZE,
+    NUM_EXAMPLES_REASON,
     REPLY_NUM_EXAMPLES,
     REPLY_STEPS,
     ROUND,
@@ -42,7 +43,7 @@ from secure_fedora.algorithms.contract import (
     Payload,
     ReleaseSpec,
     check_messages,
-    check_round_statistics,
+    round_statistics_of,
 )
 from secure_fedora.algorithms.encryption import EncryptionBackend, require_encryption
 from secure_fedora.algorithms.messages import (
@@ -404,15 +405,11 @@ class FederatedMethod(FederatedAlgorithm):
             replies = rules.check_replies(ROUND, rnd, replies, messages)
         if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
             self.ctx.privacy.confirm_steps(rnd, list(replies))
-        stats = dict(self.round_statistics(rnd, replies))
+        stats = self.round_statistics(rnd, replies)
         accepted = self._exchange_uploads(rnd, replies)
         aggregated = self.aggregate(rnd, accepted)
-        if not isinstance(aggregated, Mapping):
-            raise ContractError(f"method {label!r}: aggregate() must return the round's "
-                                f"statistics as a dict, got {type(aggregated).__name__}")
-        stats.update(aggregated)
         self.last_round = rnd
-        return check_round_statistics(label, rnd, stats)
+        return round_statistics_of(label, rnd, stats, aggregated)
 
     def eval_row(self, i: int) -> Tensor:
         """The parameters on which client ``i`` is evaluated (its personalized model)."""
@@ -659,8 +656,7 @@ class FedAvg(FederatedMethod):
         ``assumptions.fedavg_finetuning`` says)."""
         if stage == ROUND:
             return {**super().reply_entries(cfg, stage),
-                    KEY_NUM_EXAMPLES: "the training-set size (dataset sizes are public by the "
-                                      "run's assumptions)"}
+                    KEY_NUM_EXAMPLES: NUM_EXAMPLES_REASON}
         if stage == FINALIZE:
             return {"finetuned_test_metric": "the fine-tuned copy's test metric: not covered by "
                                              "DP (assumptions.fedavg_finetuning)"}

@@ -403,11 +403,6 @@ class ExperimentConfig(_Section):
             if d.validation == "private":
                 raise ValueError("data.validation 'private' needs privacy.enabled = true")
             return self
-        if d.validation == "public" and p.lambda_noise_multiplier is not None:
-            raise ValueError(
-                "privacy.lambda_noise_multiplier noises FEDORA's lambda on private validation "
-                "data (data.validation = 'private'); with public validation data lambda is "
-                "released without noise, so the key would be ignored: remove it")
         for key, budget in p.overrides.items():
             if not (key.isascii() and key.isdigit()) or int(key) >= d.num_clients:
                 raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")

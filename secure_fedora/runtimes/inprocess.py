@@ -27,6 +27,7 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora import __version__
+from secure_fedora.algorithms.contract import check_round_statistics
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, model_selection
 from secure_fedora.core.crashpoints import crash_point
@@ -291,6 +292,15 @@ def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> Federat
             "FederatedMethod: both runtimes drive a method through FederatedMethod's generic "
             "setup, round, evaluation and checkpoint (secure_fedora.algorithms.methods); "
             "subclass FederatedMethod and implement the contract's halves")
+    if cfg.privacy.enabled:
+        bypass = [hook for hook in ("train_round", "finalize")
+                  if getattr(type(method), hook, None) is not getattr(FederatedMethod, hook)]
+        if bypass:
+            raise ContractError(
+                f"method {name!r} overrides {' and '.join(bypass)}: its exchanges would bypass "
+                "the contract checks that keep every value a client sends accounted; with "
+                "privacy.enabled implement configure / client_update / aggregate (and the "
+                "finalize halves) instead")
     return method
 
 
@@ -800,7 +810,8 @@ class Simulation:
                                 if privacy.admit(i, rnd, method.theta[i], with_lambda,
                                                  noise=ctx.noise[i])]
             t0 = time.perf_counter()
-            stats = method.train_round(rnd, participants) if participants else {"steps": 0.0}
+            stats = check_round_statistics(
+                name, rnd, method.train_round(rnd, participants) if participants else {"steps": 0.0})
             if privacy is not None:
                 privacy.confirm_steps(rnd, participants)  # before anything leaves the round
             seconds = {"round": rnd, "training": time.perf_counter() - t0,
@@ -962,6 +973,12 @@ class Simulation:
     # -- the whole experiment -----------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run every configured method; write rounds.csv and results.json; return the results."""
+        p = self.cfg.privacy
+        if p.enabled and self.cfg.data.validation == "public" and p.lambda_noise_multiplier:
+            # not refused by the config: runs that set it before stay loadable for audits
+            log.warning("privacy.lambda_noise_multiplier = %g is unused: with public validation "
+                        "data (data.validation = 'public') FEDORA's lambda is released without "
+                        "noise", p.lambda_noise_multiplier)
         if self.cfg.privacy.enabled and not (self.run_dir / "config.toml").is_file():
             from secure_fedora.core.config import config_document
 

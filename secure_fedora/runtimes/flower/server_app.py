@@ -66,10 +66,9 @@ from privacy.ckks import InnerProductUpload
 from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import (
-    ContractError,
     Payload,
     check_messages,
-    check_round_statistics,
+    round_statistics_of,
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.runtimes.flower.ceremony import layout_for
@@ -912,19 +911,19 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
     server.write("progress.json", {"run_id": server.run_id, "method": name, "round": 0,
                                    "rows": run.history})
+    failed_replies: list[dict[str, Any]] = []  # training replies that errored or were rejected
     for rnd in range(1, rounds + 1):
         participants = sample_participants(cfg, round_gen, n)
         t0 = time.perf_counter()
         messages = check_messages(name, "round", rnd, algorithm.configure(rnd, participants),
                                   participants)
+        seen = len(server.events)
         replies = _exchange_payloads(grid, server, run, "round", rnd, messages,
                                      server.settings.round_timeout)
+        failed_replies.extend(e for e in server.events[seen:]
+                              if str(e["event"]).startswith(("error reply", "message rejected")))
         stats = _round_statistics(algorithm, rnd, replies.payloads)
-        aggregated = algorithm.aggregate(rnd, replies.payloads)
-        if not isinstance(aggregated, Mapping):
-            raise ContractError(f"method {name!r}: aggregate() must return the round's "
-                                f"statistics as a dict, got {type(aggregated).__name__}")
-        stats = check_round_statistics(name, rnd, {**stats, **aggregated})
+        stats = round_statistics_of(name, rnd, stats, algorithm.aggregate(rnd, replies.payloads))
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),
@@ -953,15 +952,14 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                f" (no reply within the round timeout of {server.settings.round_timeout:g} s in"
                " any evaluated round; raise the round timeout, a ClientApp process takes"
                " seconds to start, or check those SuperNodes' logs)"))
-    if rounds and not any(row["replied"] for row in run.history):
-        failed = [e for e in server.events if e.get("method") == name
-                  and "error reply" in str(e.get("event", ""))]
-        if failed:  # every client's training failed every round: nothing was trained
-            raise DeployError(
-                f"{name}: no client's training reply was accepted in any of the {rounds} "
-                f"rounds and {len(failed)} training replies were errors (last: client "
-                f"{failed[-1].get('client')}: {failed[-1].get('event')}); the model was never "
-                "trained, so no results are written")
+    if rounds and failed_replies and not any(row["replied"] for row in run.history):
+        # every training reply failed or was rejected in every round: nothing was trained
+        last = failed_replies[-1]
+        raise DeployError(
+            f"{name}: no client's training reply was accepted in any of the {rounds} rounds "
+            f"and {len(failed_replies)} failed or were rejected (last: client "
+            f"{last.get('client')}: {last.get('event')}); the model was never trained, so no "
+            "results are written")
     unclosed = sorted(set(range(n)) - run.answered_last) if cfg.privacy.enabled else []
     if unclosed:
         # a DP client closes its ledger when it answers the final evaluation: without the

@@ -255,9 +255,13 @@ def test_round_statistics_are_numbers_under_their_own_names(tmp_path, register, 
 
 @pytest.mark.parametrize("reply, message", [
     ({"theta": [0.0], "steps": torch.tensor(2)}, "entry 'theta' must be a tensor"),
-    ({"steps": torch.tensor([1, 2])}, "'steps' must be one whole number >= 0"),
-    ({"steps": torch.tensor(2.5)}, "'steps' must be one whole number >= 0"),
-    ({"steps": torch.tensor(-1)}, "'steps' must be one whole number >= 0"),
+    ({"steps": torch.tensor([1, 2])}, "'steps' must be one integer >= 0"),
+    ({"steps": torch.tensor(2.5)}, "'steps' must be one integer >= 0"),
+    ({"steps": torch.tensor(3.0)}, "'steps' must be one integer >= 0"),
+    ({"steps": torch.tensor(True)}, "'steps' must be one integer >= 0"),
+    ({"steps": torch.tensor(-1)}, "'steps' must be one integer >= 0"),
+    ({"steps": torch.tensor(1), "num_examples": torch.tensor(0)},
+     "'num_examples' must be one integer >= 1"),
     ([1, 2], "reply must be a dict of tensors"),
 ])
 def test_malformed_replies_name_the_method(tmp_path, register, reply, message):
@@ -351,3 +355,19 @@ def test_releases_must_return_release_specs(register):
     name = register("none_releases_x", NoneReleases)
     with pytest.raises(ConfigError, match="releases\\(cfg\\) must return a tuple of ReleaseSpec"):
         check_budget_plans(_config(name), name, 3)
+
+
+def test_a_round_of_its_own_is_refused_under_dp_and_its_statistics_still_checked(tmp_path, register):
+    """Overriding train_round skipped every check of the generic round (a data mean in the
+    replies, a 'round' statistic overwriting the runtime's column)."""
+    class OwnRound(Toy):
+        def train_round(self, rnd, participants):
+            return {"round": 999.0}
+
+    name = register("own_round_x", OwnRound)
+    sim, _ = _run(tmp_path, _config(name))
+    with pytest.raises(ContractError, match="overrides train_round: its exchanges would bypass"):
+        sim.run()
+    plain, _ = _run(tmp_path / "plain", _config(name, dp=False))
+    with pytest.raises(ContractError, match="'round' would overwrite the runtime's own column"):
+        plain.run()

@@ -169,16 +169,6 @@ def test_k_below_n_is_needed_only_when_fedora_runs():
     assert parse_config({"data": {"num_clients": 2}, "methods": ["local", "fedavg"]}).fedora.k == 2
 
 
-def test_a_lambda_noise_for_public_validation_is_refused_not_ignored():
-    private = {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "lambda_noise_multiplier": 2.0}
-    with pytest.raises(ConfigError, match="lambda_noise_multiplier noises FEDORA's lambda on "
-                                          "private validation data"):
-        parse_config({"data": {"validation": "public"}, "privacy": private,
-                      "fedora": {"relatedness": "noised"}})
-    assert parse_config({"data": {"validation": "private"}, "privacy": private,
-                         "fedora": {"relatedness": "noised"}}).privacy.lambda_noise_multiplier == 2.0
-
-
 def test_dp_step_plan_limit_names_the_keys_and_the_maximum():
     from secure_fedora.core.config import MAX_PLANNED_DPSGD_STEPS
 

@@ -283,3 +283,20 @@ def test_a_changed_byte_deep_in_a_streamed_checkpoint_is_found(tmp_path, monkeyp
     ckpt.write_bytes(bytes(raw) + b"\0")
     with pytest.raises(CheckpointError, match="truncated or extended"):
         load_checkpoint(ckpt)
+
+
+def test_an_unused_lambda_noise_is_said_not_ignored_silently(tmp_path, caplog):
+    """privacy.lambda_noise_multiplier with public validation data was accepted and ignored
+    without a word (it stays loadable: older runs' configs may carry it)."""
+    import logging
+
+    from secure_fedora.core.config import parse_config
+
+    cfg = parse_config({"methods": ["local"], "data": {"num_clients": 2, "train_per_client": 20,
+                        "val_per_client": 8, "test_per_client": 8, "groups": 2},
+                        "training": {"rounds": 1},
+                        "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3,
+                                    "lambda_noise_multiplier": 2.0}})
+    with caplog.at_level(logging.WARNING):
+        Simulation(cfg, tmp_path / "run", keystore=tmp_path / "store").run()
+    assert any("lambda_noise_multiplier = 2 is unused" in r.getMessage() for r in caplog.records)

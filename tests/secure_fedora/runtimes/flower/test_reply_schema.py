@@ -112,3 +112,10 @@ def test_a_run_whose_every_training_failed_stops(tmp_path):
     with pytest.raises(DeployError, match="no client's training reply was accepted in any of "
                                           "the 2 rounds"):
         _run(tmp_path, "fedavg", lr=1e6)
+
+
+def test_a_run_whose_every_training_reply_was_rejected_stops(tmp_path):
+    wrong = _array("theta", lambda a: a[:10])
+    with pytest.raises(DeployError, match=r"no client's training reply was accepted .* failed or "
+                                          "were rejected"):
+        _run(tmp_path, "fedavg", {(c, r, MSG_ROUND): wrong for c in range(3) for r in (1, 2)})
