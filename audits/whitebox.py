@@ -136,8 +136,8 @@ def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
     for i, row in enumerate(rows):
         if isinstance(row, dict) and row.get("epsilon_budget") == epsilon \
                 and row.get("delta") == delta and "noise_multiplier" in row:
-            return positive_number(row["noise_multiplier"], f"{where}[{i}].noise_multiplier "
-                                   "(restore the run's results.json)", WhiteboxAuditError)
+            return positive_number(row["noise_multiplier"], f"{where}[{i}].noise_multiplier",
+                                   WhiteboxAuditError)
     budgets = sorted({(r.get("epsilon_budget"), r.get("delta")) for r in rows
                       if isinstance(r, dict)}, key=repr)
     shown = ", ".join(f"epsilon {e!r} delta {d!r}" for e, d in budgets) or "no rows"
