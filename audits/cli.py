@@ -291,7 +291,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
                                   trials=args.trials, records=args.records,
-                                  confidence=args.confidence, seed=args.seed)
+                                  confidence=args.confidence, seed=args.seed,
+                                  allowlist=args.allowlist, anchor=args.anchor)
         path = write_replay_result(args.run_dir, result)
     except ReplayAuditError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -396,6 +397,14 @@ def register(subparsers: Any) -> None:
                         " 64, or data.train_per_client - 1 when that is fewer)")
     replay.add_argument("--confidence", type=float, default=0.95)
     replay.add_argument("--seed", type=int, default=0, help="seed of the auditor's coin flips")
+    replay.add_argument("--allowlist", help="independently registered allowlist.json to check"
+                        " the ledger's signatures against (default: RUN_DIR/keys/allowlist.json,"
+                        " which a run re-signed with new keys also replaces); private signing"
+                        " keys inside RUN_DIR are then an error")
+    replay.add_argument("--anchor", help="a copy of the run's anchor.json kept apart, checked as"
+                        " `audit verify --anchor` does: a changed config.toml or results.json,"
+                        " or a ledger off its anchored head or length, is an error (default:"
+                        " check config.toml against RUN_DIR/anchor.json if present)")
     replay.set_defaults(func=cmd_replay)
 
 

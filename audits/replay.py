@@ -26,9 +26,10 @@ Correct guesses over the trials become an epsilon lower bound with
 probability >= ``confidence`` it is below the epsilon of any (epsilon, delta)-DP release. One
 step of the run is a marginal of everything the client released, so the client's recorded
 epsilon (its ledger's last ``epsilon_after``) is a valid claim for it. The claim is trusted
-only after the ledger's chain, fields and signatures verify under the run's allowlist, and the
-noise mode is the config's only when every DP-SGD entry records that mode (and anchor.json,
-when present, records config.toml's digest): an edited ledger or config is an error. Trials are independent
+only after the ledger's chain, fields and signatures verify under the run's allowlist (or an
+independently registered one, ``--allowlist``), and the noise mode is the config's only when
+every DP-SGD entry records that mode (and anchor.json, when present, or the copy kept apart,
+``--anchor``, records config.toml's digest): an edited ledger or config is an error. Trials are independent
 (a fresh coin each, and under CSPRNG a fresh key each), so no independence assumption is
 needed beyond that. ``certifiable_max`` is the bound a perfect attacker would get with the
 same counts; when it is not above the claim the audit cannot refute it ("inconclusive").
@@ -108,12 +109,13 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
     return trials
 
 
-def _ledger_claim(run_dir: Path, method: str, client_id: str,
-                  noise: str) -> tuple[float, float, dict[str, Any]]:
+def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
+                  allowlist: Path | None = None) -> tuple[float, float, dict[str, Any]]:
     """(last epsilon_after, delta, params of the first DP-SGD entry) of the client's ledger.
 
     Guarantee: the ledger is intact and signed (the chain, fields and Ed25519 signatures of
-    :func:`audits.verify.check_ledger_lines`, under the run's ``keys/allowlist.json``), the
+    :func:`audits.verify.check_ledger_lines`, under ``allowlist``, else the run's
+    ``keys/allowlist.json``), the
     claim and delta are finite and positive, and every DP-SGD entry records the noise mode
     ``noise`` (the config's): an edited ledger or config raises ReplayAuditError.
     """
@@ -122,7 +124,8 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str,
     rel = f"ledgers/{method}/{client_id}.jsonl"
     valid = verified_ledger_entries(
         run_dir, method, client_id, error=ReplayAuditError,
-        missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?")
+        missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?",
+        allowlist=allowlist)
     dpsgd = [e for e in valid if e.get("mechanism") == "dpsgd"]
     if not dpsgd:
         raise ReplayAuditError(f"ledger {rel} has no DP-SGD entry to replay")
@@ -209,7 +212,8 @@ class _Step:
 
 def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None = None,
                      trials: int | None = None, records: int | None = None, confidence: float = 0.95,
-                     seed: int = 0) -> ReplayAuditResult:
+                     seed: int = 0, allowlist: str | Path | None = None,
+                     anchor: str | Path | None = None) -> ReplayAuditResult:
     """Replay the run's noise from its config and bound epsilon from membership guesses.
 
     ``run_dir`` must hold ``config.toml`` and the ledgers of a DP run. ``trials`` defaults to
@@ -219,8 +223,17 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     check (fields, chain, signature) or records a claim that is not a finite positive number,
     and a config.toml that is not the run's (its noise mode differs from the one every DP-SGD
     entry records, or anchor.json records another digest). Does not write anything.
+
+    ``allowlist`` (CLI ``--allowlist``): an independently registered allowlist.json; the
+    ledger's signatures are checked under it instead of the run's ``keys/allowlist.json``
+    (private keys inside the run are then an error), so a ledger its owner re-signed with a
+    new key is refused. ``anchor`` (CLI ``--anchor``): a copy of the run's anchor.json kept
+    apart, checked as ``audit verify --anchor`` checks it (:func:`audits.verify.check_anchor`:
+    signature and signer, config.toml and results.json digests, every ledger's head and
+    length) instead of the run's own anchor.json. Without them the run's own files are used.
     """
     run_dir = Path(run_dir)
+    allow_path = Path(allowlist) if allowlist is not None else None
     if not (run_dir / "config.toml").is_file():
         raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")
     try:
@@ -247,10 +260,15 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         raise ReplayAuditError(f"confidence must be in (0, 1), got {confidence!r}")
     method = _choose_method(run_dir, cfg, method)
     cid = client_ids(n_clients)[client]
-    problem = _anchored_config_problem(run_dir)
-    if problem is not None:
-        raise ReplayAuditError(problem)
-    claim, delta, params = _ledger_claim(run_dir, method, cid, cfg.privacy.noise)
+    if anchor is not None:
+        from audits.verify import check_anchor
+
+        check_anchor(run_dir, anchor, allowlist=allow_path, error=ReplayAuditError)
+    else:
+        problem = _anchored_config_problem(run_dir)
+        if problem is not None:
+            raise ReplayAuditError(problem)
+    claim, delta, params = _ledger_claim(run_dir, method, cid, cfg.privacy.noise, allow_path)
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 2:

@@ -102,6 +102,7 @@ __all__ = [
     "EntryCheck",
     "Finding",
     "VerificationReport",
+    "check_anchor",
     "check_ledger_lines",
     "independent_epsilons",
     "positive_number",
@@ -460,7 +461,8 @@ def positive_number(value: Any, where: str, error: type[Exception] = AuditError)
 
 def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
                             error: type[Exception] = AuditError,
-                            missing: str | None = None) -> list[dict[str, Any]]:
+                            missing: str | None = None,
+                            allowlist: str | Path | None = None) -> list[dict[str, Any]]:
     """The entries of ``RUN_DIR/ledgers/<method>/<client_id>.jsonl`` once it verifies.
 
     Guarantee: every line is a canonical JSON object with the documented fields and types,
@@ -471,19 +473,33 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     raises ``error`` with a one-line message, before any field is trusted. ``missing`` is
     the message for a ledger that does not exist (default: ``no ledger <path>``). Accounting
     is not recomputed (``audit verify`` does that).
+
+    ``allowlist`` (CLI ``--allowlist``) is an independently registered allowlist.json whose
+    key is used instead of the run's own: a ledger whose owner re-signed it with a new key
+    (and swapped ``keys/allowlist.json``) then fails. As in ``audit verify --allowlist``,
+    private signing keys inside ``run_dir`` are then an error (they could re-sign it).
     """
     run_dir = Path(run_dir)
     rel = f"ledgers/{method}/{client_id}.jsonl"
     path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
+    allow_path = run_dir / "keys" / "allowlist.json" if allowlist is None else Path(allowlist)
+    allow_label = "keys/allowlist.json" if allowlist is None else f"allowlist {allow_path}"
+    if allowlist is not None:
+        if not allow_path.is_file():
+            raise error(f"allowlist {allow_path} " + ("is a directory, not a file"
+                        if allow_path.is_dir() else "does not exist"))
+        private = _private_key_findings(run_dir, True)
+        if private:
+            raise error(private[0].message)
     if not path.is_file():
         raise error(missing if missing is not None else f"no ledger {path}")
     try:
-        keys = load_allowlist(run_dir / "keys" / "allowlist.json")
+        keys = load_allowlist(allow_path)
     except IdentityError as err:
         raise error(f"cannot verify {rel} before trusting its claim: {err}") from None
     ident = keys.get(client_id)
     if ident is None:
-        raise error(f"keys/allowlist.json has no key for {client_id}: {rel} cannot"
+        raise error(f"{allow_label} has no key for {client_id}: {rel} cannot"
                     " be verified before trusting its claim")
     try:
         lines, torn = _read_lines(path)
@@ -1202,6 +1218,41 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
     if doc is not None:
         out.extend(_anchor_findings(run, doc, label, found, keys, allowlist_given))
     return out
+
+
+def check_anchor(run_dir: str | Path, anchor: str | Path, *,
+                 allowlist: str | Path | None = None,
+                 error: type[Exception] = AuditError) -> None:
+    """Check ``run_dir`` against an anchor copy kept apart, as ``audit verify --anchor`` does.
+
+    Guarantee (:func:`_anchor_check`, the very check of :func:`verify_run`): the anchor's
+    signature verifies under its signer key, the signer is the runtime's signer party with
+    its key in the allowlist (``allowlist``, else the run's ``keys/allowlist.json``; an
+    unregistered signer is an error only with ``allowlist``), the run's own anchor.json, if
+    present, equals it, config.toml and results.json have the anchored digests, and every
+    ledger ends at its anchored head and length, none missing and none unnamed. Anything else
+    raises ``error`` with a one-line message (the first problem, and how many more).
+    """
+    run = Path(run_dir)
+    anchor_path = Path(anchor)
+    if not anchor_path.is_file():
+        raise error(f"anchor {anchor_path} " + ("is a directory, not a file (give the"
+                    " anchor.json kept apart)" if anchor_path.is_dir() else "does not exist"))
+    allow_path = run / "keys" / "allowlist.json" if allowlist is None else Path(allowlist)
+    try:
+        keys = load_allowlist(allow_path)
+    except IdentityError as err:
+        raise error(f"cannot check the anchor {anchor_path}: {err}") from None
+    problems = [f for f in _anchor_check(run, anchor_path, _discover(run / "ledgers"), keys,
+                                         allowlist is not None) if f.severity == "error"]
+    if problems:
+        first = problems[0]
+        where = "/".join(x for x in (first.method, first.client_id) if x)
+        more = (f" (+{len(problems) - 1} more; run `audit verify --anchor`)"
+                if len(problems) > 1 else "")
+        where = f" ({where})" if where else ""
+        raise error(f"the run does not match the anchor {anchor_path}{where}:"
+                    f" [{first.check}] {first.message}{more}")
 
 
 def _discover(ledger_dir: Path) -> list[tuple[str | None, Path]]:

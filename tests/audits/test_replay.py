@@ -239,3 +239,76 @@ def test_a_nan_claim_is_refused_not_consistent(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fails verification, its claim is not trusted" in err
     assert not (run / "audit" / "replay.json").exists()
+
+
+def _resign_with_a_foreign_key(run: Path, method: str = "local") -> None:
+    """The run's owner re-signs client 0's ledger with a fresh key and swaps that key into the
+    run's own keys/allowlist.json (removing the .pub file that would contradict it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy.identity import client_ids
+    from privacy.ledger import canonical_json, line_hash, signing_payload
+
+    cid = client_ids(2)[0]
+    forger = Ed25519PrivateKey.generate()
+    path = run / "ledgers" / method / f"{cid}.jsonl"
+    out, prev = [], "0" * 64
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        entry["prev_hash"] = prev
+        entry.pop("signature")
+        entry["signature"] = forger.sign(signing_payload(entry)).hex()
+        out.append(canonical_json(entry))
+        prev = line_hash(out[-1])
+    path.write_text("\n".join(out) + "\n")
+    allow = run / "keys" / "allowlist.json"
+    doc = json.loads(allow.read_text())
+    doc["parties"][cid]["ed25519"] = forger.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    allow.write_text(json.dumps(doc))
+    (run / "keys" / f"{cid}.ed25519.pub").unlink(missing_ok=True)
+
+
+def test_a_ledger_resigned_with_a_foreign_key_fails_the_independent_allowlist(runs, tmp_path,
+                                                                              capsys):
+    import shutil
+
+    trusted = tmp_path / "trusted-allowlist.json"
+    shutil.copyfile(runs["reproducible"] / "keys" / "allowlist.json", trusted)
+    run = shutil.copytree(runs["reproducible"], tmp_path / "run")
+    _resign_with_a_foreign_key(run)
+    # the directory is self-consistent: its own allowlist vouches for the forger's key
+    assert main(["audit", "replay", str(run), "--trials", "8"]) == 0  # inconclusive
+    capsys.readouterr()
+    assert main(["audit", "replay", str(run), "--trials", "8", "--allowlist", str(trusted)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ledger ledgers/local/")
+    assert "fails verification" in err and "signature" in err
+    with pytest.raises(ReplayAuditError, match="allowlist .* does not exist"):
+        run_replay_audit(run, trials=8, allowlist=tmp_path / "missing.json")
+
+
+def test_a_valid_run_passes_with_the_allowlist_and_anchor_kept_apart(runs, tmp_path, capsys):
+    import shutil
+
+    trusted = tmp_path / "trusted-allowlist.json"
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(runs["csprng"] / "keys" / "allowlist.json", trusted)
+    shutil.copyfile(runs["csprng"] / "anchor.json", kept)
+    assert main(["audit", "replay", str(runs["csprng"]), "--trials", "40",
+                 "--allowlist", str(trusted), "--anchor", str(kept)]) == 0
+    assert json.loads((runs["csprng"] / "audit" / "replay.json").read_text())["verdict"] \
+        == "consistent"
+    # the anchor copy is checked as `audit verify --anchor` checks it: a replaced anchor.json
+    # in the run directory, or a missing copy, is refused
+    run = shutil.copytree(runs["csprng"], tmp_path / "run")
+    doc = json.loads((run / "anchor.json").read_text())
+    doc["created"] = "forged"
+    (run / "anchor.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["audit", "replay", str(run), "--trials", "8", "--anchor", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differs from the given anchor" in err
+    with pytest.raises(ReplayAuditError, match="anchor .* does not exist"):
+        run_replay_audit(run, trials=8, anchor=tmp_path / "missing.json")
