@@ -404,7 +404,7 @@ class FederatedMethod(FederatedAlgorithm):
         if rules is not None:
             replies = rules.check_replies(ROUND, rnd, replies, messages)
         if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
-            self.ctx.privacy.confirm_steps(rnd, list(replies))
+            self.ctx.privacy.confirm_steps(rnd, participants)
         stats = self.round_statistics(rnd, replies)
         accepted = self._exchange_uploads(rnd, replies)
         aggregated = self.aggregate(rnd, accepted)

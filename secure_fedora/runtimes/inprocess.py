@@ -27,9 +27,9 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora import __version__
-from secure_fedora.algorithms.contract import check_round_statistics
+from secure_fedora.algorithms.contract import check_round_statistics, round_mechanisms
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
-from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, model_selection
+from secure_fedora.core.config import ExperimentConfig, config_hash, model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import atomic_write_bytes, atomic_write_text, atomic_write_with
 from secure_fedora.core.registry import DATASETS, PARTITIONERS
@@ -302,22 +302,6 @@ def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> Federat
                 "privacy.enabled implement configure / client_update / aggregate (and the "
                 "finalize halves) instead")
     return method
-
-
-def _round_release_has_lambda(method: FederatedMethod, cfg: ExperimentConfig) -> bool:
-    """Whether the method's per-round release (``releases(cfg)``, kind "model") carries the
-    noised lambda besides DP-SGD; any other round mechanism cannot be admitted here."""
-    from secure_fedora.algorithms.contract import ROUND
-
-    mechanisms: tuple[str, ...] = ()
-    for spec in type(method).releases(cfg):
-        if spec.when == ROUND and spec.kind == "model":
-            mechanisms = spec.mechanisms
-    unknown = [m for m in mechanisms if m not in ("dpsgd", "gaussian_lambda")]
-    if unknown:
-        raise ConfigError(f"method {type(method).__name__} declares round mechanisms {unknown} "
-                          "that the in-process admission cannot account")
-    return "gaussian_lambda" in mechanisms
 
 
 def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[int]:
@@ -802,7 +786,8 @@ class Simulation:
         self._attach_security(name, method, start_round - 1, privacy)
         rounds = cfg.training.rounds
         due = _CheckpointSchedule(cfg.training.checkpoint_every)
-        with_lambda = privacy is not None and _round_release_has_lambda(method, cfg)
+        # the declared round release, checked by admitted_releases when privacy was opened
+        with_lambda = privacy is not None and "gaussian_lambda" in round_mechanisms(name, cfg)
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
             if privacy is not None:
@@ -810,10 +795,10 @@ class Simulation:
                                 if privacy.admit(i, rnd, method.theta[i], with_lambda,
                                                  noise=ctx.noise[i])]
             t0 = time.perf_counter()
+            # under DP, FederatedMethod.train_round (which make_method keeps) checks every
+            # participant's executed steps before aggregate sees a reply
             stats = check_round_statistics(
                 name, rnd, method.train_round(rnd, participants) if participants else {"steps": 0.0})
-            if privacy is not None:
-                privacy.confirm_steps(rnd, participants)  # before anything leaves the round
             seconds = {"round": rnd, "training": time.perf_counter() - t0,
                        "evaluation": 0.0, "checkpoint": 0.0}
             timing["training"] += seconds["training"]

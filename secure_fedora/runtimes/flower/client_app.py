@@ -900,24 +900,6 @@ def _run_client_half(
         ctx.privacy = privacy
     message = incoming if incoming is not None else {}
     rules = algorithm.reply_rules
-    if stage == "setup":
-        try:
-            reply = algorithm.client_setup(i, message)
-        except BudgetExceededError as err:
-            return {}, {}, str(err)
-        if rules is not None:  # before it leaves: only declared entries in a private run
-            rules.check_reply(stage, i, reply)
-        return reply, {}, None
-    if stage == "round":
-        if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
-                                              ctx.noise[i] if ctx.noise else None):
-            return {}, {}, privacy.sole.refusal or "the release was refused"
-        reply = algorithm.client_update(i, rnd, message)
-        if rules is not None:
-            rules.check_reply(stage, i, reply)
-        if privacy is not None:  # executed DP-SGD steps == the ledger's, or no release
-            privacy.confirm_steps(rnd, [i])
-        return reply, {}, None
     if stage == "evaluate":
         row = algorithm.client_eval_row(i, incoming)
         c = ctx.clients[i]
@@ -925,12 +907,25 @@ def _run_client_half(
         if model_selection(cfg) == "validation":  # private validation under DP never leaves
             metrics["val-metric"] = float(evaluate(ctx.flat, row, c.val_x, c.val_y).metric)
         return {}, metrics, None
-    if stage == "finalize":
+    if stage == "setup":
+        try:
+            reply = algorithm.client_setup(i, message)
+        except BudgetExceededError as err:
+            return {}, {}, str(err)
+    elif stage == "round":
+        if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
+                                              ctx.noise[i] if ctx.noise else None):
+            return {}, {}, privacy.sole.refusal or "the release was refused"
+        reply = algorithm.client_update(i, rnd, message)
+    elif stage == "finalize":
         reply = algorithm.client_finalize(i, message)
-        if rules is not None:
-            rules.check_reply(stage, i, reply)
-        return reply, {}, None
-    raise DeployError(f"unknown exchange {stage!r}")
+    else:
+        raise DeployError(f"unknown exchange {stage!r}")
+    if rules is not None:  # before it leaves: only declared entries in a private run
+        rules.check_reply(stage, i, reply)
+    if stage == "round" and privacy is not None:  # executed DP-SGD steps == the ledger's
+        privacy.confirm_steps(rnd, [i])
+    return reply, {}, None
 
 
 

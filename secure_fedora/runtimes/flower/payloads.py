@@ -28,7 +28,8 @@ from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
 from privacy.envelope import Envelope, EnvelopeError
-from secure_fedora.algorithms.contract import Payload
+from secure_fedora.algorithms.contract import REPLY_NUM_EXAMPLES, REPLY_STEPS, Payload
+from secure_fedora.algorithms.methods import KEY_LAMBDA
 from secure_fedora.secure.transport import MalformedPayloadError, log_rejection
 
 __all__ = [
@@ -186,8 +187,8 @@ def expected_round_reply(algorithm: Any) -> dict[str, tuple[torch.dtype, tuple[i
     matrix's row (``upload_state``), and the 0-d counts and ``lambda`` every built-in reply
     carries as :func:`torch.tensor` scalars (int64 counts, float64 lambda)."""
     shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
-        "steps": (torch.int64, ()), "num_examples": (torch.int64, ()),
-        "lambda": (torch.float64, ())}
+        REPLY_STEPS: (torch.int64, ()), REPLY_NUM_EXAMPLES: (torch.int64, ()),
+        KEY_LAMBDA: (torch.float64, ())}
     upload_state = getattr(algorithm, "upload_state", None)
     if upload_state is not None:
         for kind, matrix in upload_state().items():
