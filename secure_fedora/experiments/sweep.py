@@ -539,10 +539,8 @@ def _preflight(
 def _check_budget_plans(cell: Cell, ccfg: ExperimentConfig, num_clients: int) -> None:
     """The check :meth:`Simulation.budget_plans` makes when the cell starts, made before any
     cell of the sweep trains (SweepError naming the cell for a plan over budget)."""
-    try:
-        from secure_fedora.secure.private import BudgetPlanError, check_budget_plans
-    except ImportError:  # a build without the DP runtime: _check_privacy refuses the cell
-        return
+    from secure_fedora.secure.private import BudgetPlanError, check_budget_plans
+
     try:
         check_budget_plans(ccfg, cell.method, num_clients)
     except BudgetPlanError as err:

@@ -109,6 +109,12 @@ def _san_entries(hosts: list[str]) -> tuple[list[x509.GeneralName], tuple[str, .
         except ValueError:
             if not _HOSTNAME_RE.match(host):
                 raise CertificateError(f"host {raw!r} is neither an IP address nor a DNS name") from None
+            if host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+                # An all-numeric top label is no DNS name (RFC 1123 2.1): '999.1.1.1' is a
+                # mistyped address, and a certificate naming it matches no host.
+                raise CertificateError(
+                    f"host {raw!r} is not a valid IP address, and a DNS name cannot end in an "
+                    "all-numeric label") from None
             key = host.lower()
             if key not in seen:
                 seen.append(key)

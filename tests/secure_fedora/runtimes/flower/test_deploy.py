@@ -131,6 +131,12 @@ def test_certificates_reject_bad_hosts_and_never_overwrite_silently(tmp_path: Pa
         make_certificates(tmp_path / "a", ["bad host!"])
     with pytest.raises(CertificateError, match="valid_days"):
         make_certificates(tmp_path / "a", [], valid_days=0)
+    # a mistyped address passed as a DNS name before, and the certificate matched no host
+    for mistyped in ("999.1.1.1", "10.0.0.256", "node.1"):
+        with pytest.raises(CertificateError, match="all-numeric label"):
+            make_certificates(tmp_path / "a", [mistyped])
+    assert not (tmp_path / "a").exists()
+    make_certificates(tmp_path / "c", ["node1.example.org", "1node.example"])
     # an OverflowError traceback (datetime) before; X.509 dates end in the year 9999
     with pytest.raises(CertificateError, match="at most .* year 9999"):
         make_certificates(tmp_path / "a", [], valid_days=3_000_000)
