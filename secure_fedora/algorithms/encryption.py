@@ -21,12 +21,19 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 
 __all__ = [
+    "CKKS_SUMMARY_VECTORS",
     "EncryptedOverlapsResult",
     "EncryptedPropagation",
     "EncryptionBackend",
     "EncryptionUnavailableError",
     "require_encryption",
 ]
+
+
+#: How many summary columns (clients x fedora.q) CKKS relatedness packs: one slot lane each, of
+#: the 4096 slots of ``privacy.ckks.DEFAULT_PARAMETERS`` (a number here, so that reading a
+#: config does not load TenSEAL; a test keeps the two equal).
+CKKS_SUMMARY_VECTORS = 4096
 
 
 class EncryptionUnavailableError(ToolkitError, ValueError):

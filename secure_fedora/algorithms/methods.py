@@ -45,7 +45,11 @@ from secure_fedora.algorithms.contract import (
     check_messages,
     round_statistics_of,
 )
-from secure_fedora.algorithms.encryption import EncryptionBackend, require_encryption
+from secure_fedora.algorithms.encryption import (
+    CKKS_SUMMARY_VECTORS,
+    EncryptionBackend,
+    require_encryption,
+)
 from secure_fedora.algorithms.messages import (
     KIND_GLOBAL,
     KIND_PHI,
@@ -877,11 +881,19 @@ class Fedora(FederatedMethod):
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        """``fedora.k`` below the number of clients; under DP an accounted relatedness mode."""
+        """``fedora.k`` below the number of clients; under DP an accounted relatedness mode;
+        encrypted relatedness only where CKKS can pack every summary column."""
         if cfg.fedora.k >= cfg.data.num_clients:
             raise ValueError(
                 f"fedora.k = {cfg.fedora.k} must be smaller than data.num_clients = "
                 f"{cfg.data.num_clients} (each client keeps at most N - 1 neighbours)")
+        vectors = cfg.data.num_clients * cfg.fedora.q
+        if "encrypted" in cfg.fedora.relatedness and vectors > CKKS_SUMMARY_VECTORS:
+            # Found here, not after every client released (and, under DP, paid for) its summary.
+            raise ValueError(
+                f"fedora.relatedness {cfg.fedora.relatedness!r} packs data.num_clients x fedora.q "
+                f"= {cfg.data.num_clients} x {cfg.fedora.q} = {vectors} summary columns, more "
+                f"than the {CKKS_SUMMARY_VECTORS} CKKS slots; lower fedora.q or data.num_clients")
         if cfg.privacy.enabled and "noised" not in cfg.fedora.relatedness:
             raise ValueError(
                 f"fedora.relatedness {cfg.fedora.relatedness!r} releases summary information "

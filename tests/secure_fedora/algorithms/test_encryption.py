@@ -11,9 +11,13 @@ import torch
 from torch import Tensor
 
 from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.encryption import EncryptionBackend, EncryptionUnavailableError
+from secure_fedora.algorithms.encryption import (
+    CKKS_SUMMARY_VECTORS,
+    EncryptionBackend,
+    EncryptionUnavailableError,
+)
 from secure_fedora.api import Experiment
-from secure_fedora.core.config import parse_config
+from secure_fedora.core.config import ConfigError, parse_config
 from secure_fedora.runtimes.inprocess import build_context, make_method
 from secure_fedora.secure.backends import CkksBackend
 
@@ -103,3 +107,23 @@ def test_encrypted_relatedness_goes_through_the_injected_backend(clients: list) 
     assert torch.equal(method.relatedness.graph, plain.relatedness.graph)
     assert method.relatedness.details["released_bytes"] == 11
     assert method.relatedness.details["client_bytes_sent"] == [7, 7, 7]
+
+
+@pytest.mark.parametrize("relatedness", ["encrypted", "noised+encrypted"])
+def test_encrypted_relatedness_beyond_the_ckks_slots_is_refused_when_the_config_is_read(
+    relatedness: str,
+) -> None:
+    """6 clients x q = 700 summary columns do not fit CKKS's 4096 slots: refused by the config,
+    naming the keys (it failed after every client had released, under DP paid for, its
+    summary)."""
+    from privacy.ckks import DEFAULT_PARAMETERS
+
+    assert CKKS_SUMMARY_VECTORS == DEFAULT_PARAMETERS.slot_count
+    doc: dict[str, Any] = {"data": {"num_clients": 6}, "fedora": {"q": 700, "relatedness": relatedness}}
+    if "noised" in relatedness:
+        doc["privacy"] = {"enabled": True}
+    with pytest.raises(ConfigError, match=r"data.num_clients x fedora.q = 6 x 700 = 4200 .* 4096"):
+        parse_config(doc)
+    assert parse_config({**doc, "fedora": {"q": 682, "relatedness": relatedness}}).fedora.q == 682
+    assert parse_config({**doc, "fedora": {"q": 700, "relatedness": "plain"},
+                         "privacy": {"enabled": False}}).fedora.q == 700
