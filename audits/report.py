@@ -128,9 +128,11 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
                      " direction (mean image, label mix) can remain visible at moderate epsilon"
                      " (measure it with `secure-fedora audit leakage`).")
     if "encrypted" in rel:
-        notes.append("relatedness: summaries are CKKS-encrypted; the server learns only the"
-                     " q x q similarity blocks (assumes it holds no secret key and cannot enrol"
-                     " clients of its own).")
+        notes.append("relatedness: summaries are CKKS-encrypted; the server learns the q x q"
+                     " overlap blocks U_i^T U_j (every inner product of the summary columns, not"
+                     " only the similarities). Every client holds the secret key, so this assumes"
+                     " the server colludes with no client, holds no secret key and cannot enrol"
+                     " clients of its own.")
     if cfg is not None and cfg.privacy.enabled:
         if cfg.privacy.noise == "reproducible":
             notes.append("noise = reproducible: NOT private against anyone who knows the config"

@@ -788,6 +788,21 @@ class FedAvg(FederatedMethod):
                                             for i in sorted(replies)]}
 
 
+CKKS_KEYS = (
+    "every client holds the CKKS secret key (the key-holder client creates the keys, seals the "
+    "secret context to each client's X25519 key and decrypts what is released); the server "
+    "holds only the public and evaluation keys, so the ciphertexts are confidential only while "
+    "the server colludes with no client and never forwards one client's ciphertext to another "
+    "party")
+"""results.json ``assumptions.ckks_keys`` of a run with encrypted relatedness or propagation."""
+
+CKKS_RELATEDNESS_RELEASE = (
+    "the server learns every overlap block U_i^T U_j, i.e. all inner products of the clients' "
+    "summary columns (which fix the summaries up to one orthogonal transformation common to all "
+    "of them), not only the similarities computed from them")
+"""results.json ``assumptions.encrypted_relatedness`` of a run with encrypted relatedness."""
+
+
 @METHODS.register("fedora")
 class Fedora(FederatedMethod):
     """FEDORA (Wu, Bao, Ainsworth, He, KDD 2023, "Personalized Federated Learning with
@@ -868,6 +883,17 @@ class Fedora(FederatedMethod):
         return cls(ctx, q=f.q, tau=f.tau, k=f.k, alpha=f.alpha, propagation=f.propagation,
                    propagation_tolerance=f.propagation_tolerance, relatedness_mode=f.relatedness,
                    private_validation=cfg.data.validation == "private", max_pull=f.max_pull)
+
+    @classmethod
+    def assumptions(cls, cfg: Any) -> dict[str, Any]:
+        """Encrypted modes: who holds the CKKS secret key, and what encrypted relatedness still
+        lets the server learn."""
+        out: dict[str, Any] = {}
+        if "encrypted" in cfg.fedora.relatedness or cfg.fedora.propagation == "encrypted":
+            out["ckks_keys"] = CKKS_KEYS
+        if "encrypted" in cfg.fedora.relatedness:
+            out["encrypted_relatedness"] = CKKS_RELATEDNESS_RELEASE
+        return out
 
     @classmethod
     def distributed_unsupported(cls, cfg: Any) -> str | None:

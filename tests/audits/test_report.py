@@ -289,3 +289,13 @@ def test_the_metric_section_is_named_after_results_metric(run_copy, tmp_path):
     page = paths.html.read_text()
     assert '<h2 id="accuracy">ROC AUC</h2>' in page and 'alt="per-client ROC AUC"' in page
     assert json.loads(paths.json.read_text())["accuracy"]["metric"] == "auc"
+
+
+def test_the_encrypted_relatedness_note_states_the_shared_secret_key_and_the_overlap_blocks():
+    """The report's note on encrypted relatedness says what the code does: the server learns the
+    overlap blocks (not only similarities) and every client holds the secret key."""
+    from audits.report import _assumptions
+
+    notes = " ".join(_assumptions({"assumptions": {"relatedness": "noised+encrypted"}}, None)["notes"])
+    assert "overlap blocks U_i^T U_j" in notes and "similarity blocks" not in notes
+    assert "Every client holds the secret key" in notes and "colludes with no client" in notes

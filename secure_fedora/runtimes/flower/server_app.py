@@ -1084,8 +1084,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
             "and a client's privacy loss to this server is their composition")
     if server.relatedness_details:
         holder = server.relatedness_details.get("key_holder", settings.key_holder)
-        assumptions["key_holder"] = (f"client {holder} holds the CKKS secret key and sees the "
-                                     "overlaps")
+        assumptions["key_holder"] = (f"client {holder} created the CKKS keys and decrypts the "
+                                     "overlaps (every client holds the secret key)")
     results = build_results(
         cfg, runtime="flower", config_hash=settings.config_hash, metric=metric,
         outcomes=outcomes,

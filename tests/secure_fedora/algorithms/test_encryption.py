@@ -127,3 +127,27 @@ def test_encrypted_relatedness_beyond_the_ckks_slots_is_refused_when_the_config_
     assert parse_config({**doc, "fedora": {"q": 682, "relatedness": relatedness}}).fedora.q == 682
     assert parse_config({**doc, "fedora": {"q": 700, "relatedness": "plain"},
                          "privacy": {"enabled": False}}).fedora.q == 700
+
+
+@pytest.mark.parametrize("keys, stated", [
+    ({"relatedness": "encrypted"}, {"ckks_keys", "encrypted_relatedness"}),
+    ({"propagation": "encrypted"}, {"ckks_keys"}),
+    ({}, set()),
+])
+def test_results_state_who_holds_the_ckks_secret_key_and_what_the_server_learns(
+    keys: dict, stated: set,
+) -> None:
+    """Every client holds the secret key (sealed to each of them) and the server learns every
+    overlap block: results.json says both (it said neither in process; on Flower only that
+    the key holder held the key)."""
+    from secure_fedora.runtimes.results import build_results
+
+    cfg = _config(**keys)
+    assumptions = build_results(cfg, runtime="inprocess", config_hash="h", metric="accuracy",
+                                outcomes={}, privacy=None, clients=[])["assumptions"]
+    assert {"ckks_keys", "encrypted_relatedness"} & set(assumptions) == stated
+    if stated:
+        assert "every client holds the CKKS secret key" in assumptions["ckks_keys"]
+        assert "colludes with no client" in assumptions["ckks_keys"]
+    if "encrypted_relatedness" in stated:
+        assert "every overlap block U_i^T U_j" in assumptions["encrypted_relatedness"]
