@@ -969,6 +969,10 @@ class FederationPrivacy:
             assert sigma is not None
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             n = int(z.shape[0])
+            if not 1 <= q <= z.shape[1]:  # before anything is drawn or written
+                raise fedora.RelatednessError(
+                    f"fedora.q = {q}: q must lie in [1, {z.shape[1]}] (the number of summary "
+                    "features); lower fedora.q")
             noise_state = self._prepare(i, 0, "summary", noise[i])
             stages = [*second_moment_stages(p.summary_clip, n, q, sigma, noise[i]),
                       *self._admission_stages(i)]

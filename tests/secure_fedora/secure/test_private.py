@@ -364,6 +364,21 @@ def test_summary_refused_at_run_time_is_a_ledger_refusal_with_a_real_epsilon(tmp
     assert last["mechanism"] == "refusal" and last["params"]["release_kind"] == "summary"
 
 
+def test_a_noised_summary_of_more_columns_than_features_names_fedora_q(tmp_path, clients):
+    """q above the summary's d features (794 here) is refused naming fedora.q, before
+    any client draws noise or writes its ledger (it was a MechanismError naming a bare 'q')."""
+    from secure_fedora.algorithms.fedora import RelatednessError
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = dp_config(methods=["fedora"])
+    privacy = FederationPrivacy.open(cfg, "fedora", 4, tmp_path / "ledgers", tmp_path / "keys")
+    d = clients[0].train_x[0].numel() + 10
+    with pytest.raises(RelatednessError, match=rf"fedora.q = {d + 1}: q must lie in \[1, {d}\]"):
+        privacy.noised_summaries(clients, d + 1, 10, [ReproducibleNoise(i) for i in range(4)])
+    privacy.close()
+    assert all(read_ledger(path) == [] for path in (tmp_path / "ledgers").glob("*.jsonl"))
+
+
 def test_cli_refuses_an_over_budget_plan_with_one_line_and_nonzero_exit(tmp_path, capsys):
     from secure_fedora import cli
     doc = json.loads(json.dumps(BASE))
