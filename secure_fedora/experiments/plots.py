@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
@@ -44,9 +45,10 @@ def plot_per_client(methods: dict[str, dict[str, Any]], path: Path, metric: str 
     final round), one marker series per method."""
     name = metric_label(metric)
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    for name, body in methods.items():
+    for method, body in methods.items():
         acc = body["selected"]["per_client"]
-        ax.plot(range(len(acc)), acc, marker="o", markersize=3, linewidth=0.8, label=name)
+        ax.plot(range(len(acc)), acc, marker="o", markersize=3, linewidth=0.8, label=method)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("client")
     ax.set_ylabel(f"test {name} (reported round's model)")
     ax.set_title(f"Per-client {name}")
