@@ -21,14 +21,22 @@ __all__ = ["plot_accuracy_per_round", "plot_per_client", "plot_relatedness", "wr
 
 def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path,
                             metric: str = "accuracy") -> Path:
-    """Mean test ``metric`` per round for each method, with the min-max band across clients."""
+    """Mean test ``metric`` per round for each method, with the min-max band across clients.
+
+    Every evaluated round is a marker, so a method evaluated once (one round, or
+    ``evaluation.every`` beyond the rounds) is drawn too, its band as a vertical bar."""
     name = metric_label(metric)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in dict.fromkeys(row["method"] for row in history):
         rows = [r for r in history if r["method"] == method]
         x = [r["round"] for r in rows]
-        ax.plot(x, [r["test_mean"] for r in rows], label=method)
-        ax.fill_between(x, [r["test_min"] for r in rows], [r["test_max"] for r in rows], alpha=0.12)
+        lows, highs = [r["test_min"] for r in rows], [r["test_max"] for r in rows]
+        (line,) = ax.plot(x, [r["test_mean"] for r in rows], marker="o", markersize=3, label=method)
+        if len(x) > 1:
+            ax.fill_between(x, lows, highs, alpha=0.12)
+        else:  # a band over one round has no width
+            ax.vlines(x, lows, highs, color=line.get_color(), alpha=0.3, linewidth=6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"test {name} (band: min-max across clients)")
     ax.set_title(f"Personalized test {name} per round")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from matplotlib.figure import Figure
 
-from secure_fedora.experiments.plots import plot_per_client
+from secure_fedora.experiments.plots import plot_accuracy_per_round, plot_per_client
 
 
 @pytest.fixture
@@ -34,3 +34,24 @@ def test_per_client_plot_is_labelled_with_the_metric_not_a_method(tmp_path, figu
     assert ax.get_ylabel() == "test ROC AUC (reported round's model)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fedora", "fedavg_ft"]
     assert all(float(t).is_integer() for t in ax.get_xticks())  # clients, not fractions
+
+
+def test_a_method_evaluated_once_is_drawn(tmp_path, figures):
+    """One evaluated round (rounds = 1, or evaluation.every beyond the rounds) gave a line of
+    one point without a marker and a band of no width: the figure showed only the legend."""
+    history = [{"method": "fedora", "round": 1, "test_mean": 0.6, "test_min": 0.4,
+                "test_max": 0.8},
+               *({"method": "local", "round": r, "test_mean": m, "test_min": m - 0.1,
+                  "test_max": m + 0.1} for r, m in ((2, 0.5), (4, 0.7)))]
+    path = plot_accuracy_per_round(history, tmp_path / "per_round.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    (ax,) = figures[-1].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines.get("fedora").get_xydata().tolist()) == [[1.0, 0.6]]
+    assert all(line.get_marker() not in (None, "", "None") for line in lines.values())
+    # the one round's min-max band is drawn (as a bar), the other method's as an area
+    segments = [seg.tolist() for coll in ax.collections if hasattr(coll, "get_segments")
+                for seg in coll.get_segments()]
+    assert [[1.0, 0.4], [1.0, 0.8]] in segments
+    assert len(ax.collections) == 2
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # rounds, not fractions
