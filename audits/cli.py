@@ -38,17 +38,21 @@ from audits.verify import (
     VerificationReport,
     verify_run,
 )
+from privacy.accounting import format_up
 
 __all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify",
            "cmd_whitebox", "register"]
 
 
 def _range(values: list[float | None], fmt: str = ".4g") -> str:
+    """``lo..hi`` of the values in format ``fmt``; ``fmt = "up"``: four decimals rounded up
+    (a recorded epsilon is never shown below its value)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "n/a"
     lo, hi = min(vals), max(vals)
-    return f"{lo:{fmt}}" if lo == hi else f"{lo:{fmt}}..{hi:{fmt}}"
+    lo_s, hi_s = (format_up(v, 4) if fmt == "up" else f"{v:{fmt}}" for v in (lo, hi))
+    return lo_s if lo == hi else f"{lo_s}..{hi_s}"
 
 
 def verification_summary(report: VerificationReport) -> list[dict[str, Any]]:
@@ -94,7 +98,7 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
         cross = _range([None if d is None else 100 * d for d in row["cross"]], "+.1f")
         other = "/".join(sorted(row["cross_methods"])) or "-"
         print(f"{row['method']:<10} {row['ledgers']:>7} {row['entries']:>7}"
-              f" {'/'.join(sorted(row['accountants'])):<5} {_range(row['recorded']):>15}"
+              f" {'/'.join(sorted(row['accountants'])):<5} {_range(row['recorded'], 'up'):>15}"
               f" {_range(row['independent']):>15} {_range(row['pld']):>15}"
               f" {(cross + '% ' + other) if cross != 'n/a' else 'n/a':>16} {row['refusals']:>7}"
               f" {row['errors']:>6} {row['warnings']:>5}", file=out)
@@ -107,7 +111,7 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
         label = c.client_id if c.method is None else f"{c.method}/{c.client_id}"
         cross = "" if c.cross_difference is None else \
             f"; {c.cross_method} {c.cross_final_epsilon:.4g} ({100 * c.cross_difference:+.1f}%)"
-        print(f"  {label}: {c.entries} entries, epsilon {c.final_epsilon:.4g} (independent"
+        print(f"  {label}: {c.entries} entries, epsilon {format_up(c.final_epsilon, 4)} (independent"
               f" {ind}{cross}) of budget {budget}{', refused' if c.refused else ''}"
               f" -> {'ok' if c.ok else 'FAILED'}", file=out)
     verdict = "PASSED" if report.ok else "FAILED"

@@ -36,6 +36,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from audits.verdict import audit_verdict, verdict_text  # noqa: E402
 from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E402
+from privacy.accounting import format_up  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from secure_fedora.core.files import atomic_write_text  # noqa: E402
@@ -532,6 +533,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return _e(value)
 
 
+def _fmt_up(value: Any, decimals: int = 4) -> str:
+    """An epsilon (or a share of a budget) rounded up, never shown below the recorded value;
+    anything that is not a finite number as :func:`_fmt` shows it."""
+    number = _finite_or_none(value)
+    return _fmt(value) if number is None else format_up(number, decimals)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]],
            left: Sequence[int] = (0,)) -> str:
     head = "".join(f"<th class=\"{'l' if i in left else ''}\">{_e(h)}</th>"
@@ -593,8 +601,9 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         ["method", "client", "budget \u03b5", "\u03b4", "accountant", "recorded \u03b5",
          "independent \u03b5", "budget used", "entries", "refused", "verified"],
         [[_e(r["method"]), _e(r["client_id"]), _fmt(r["budget_epsilon"]), _fmt(r["delta"]),
-          _fmt(r["accountant"]), _fmt(r["recorded_epsilon"]), _fmt(r["independent_epsilon"]),
-          "&ndash;" if r["budget_used"] is None else f"{100 * r['budget_used']:.1f}%",
+          _fmt(r["accountant"]), _fmt_up(r["recorded_epsilon"]),
+          _fmt_up(r["independent_epsilon"]),
+          "&ndash;" if r["budget_used"] is None else f"{_fmt_up(100 * r['budget_used'], 1)}%",
           str(r["entries"]), _fmt(r["refused"]),
           f"<span class=\"{'ok' if r['verified'] else 'bad'}\">"
           f"{'ok' if r['verified'] else 'FAILED'}</span>"]
@@ -615,7 +624,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             [[_e(r.get("method")), _fmt(r.get("clients")), _fmt(r.get("epsilon_budget")),
               _fmt(r.get("delta")), _fmt(r.get("noise_multiplier")), _fmt(r.get("sample_rate")),
               _fmt(r.get("steps_per_round")), _fmt(r.get("rounds")),
-              _fmt(r.get("planned_epsilon")), _e("; ".join(map(str, _list(r.get("releases")))))]
+              _fmt_up(r.get("planned_epsilon")), _e("; ".join(map(str, _list(r.get("releases")))))]
              for r in plan["plan"]],
             left=(0, 9),
         ))

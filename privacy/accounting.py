@@ -16,6 +16,7 @@ the same relation so that composition is sound.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import json
 import math
@@ -671,6 +672,20 @@ def round_up(epsilon: float, digits: int = 6) -> float:
     while shown < epsilon:  # the product or the quotient rounded down
         shown = math.nextafter(shown, math.inf)
     return shown
+
+
+def format_up(value: float, decimals: int) -> str:
+    """``value`` as text with ``decimals`` decimals, rounded up: a shown epsilon (or share of a
+    budget) is never below the one recorded, as rounding to nearest can show (2.98341 is
+    "2.984" at three decimals, not "2.983"). The ceiling is taken of the value's shortest
+    decimal form (the one results.json and the ledgers hold, so 0.1 stays "0.100"). Infinite
+    and NaN values are shown as ``str`` shows them."""
+    if not math.isfinite(value):
+        return str(value)
+    exact = decimal.Decimal(repr(float(value)))
+    step = decimal.Decimal(1).scaleb(-decimals)
+    shown = exact.quantize(step, rounding=decimal.ROUND_CEILING, context=decimal.Context(prec=400))
+    return f"{shown:f}"
 
 
 def plan_epsilon(plan: Sequence[PlannedRelease], delta: float, noise_multiplier: float | None = None,

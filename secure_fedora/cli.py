@@ -35,14 +35,17 @@ def results_table(results: dict[str, Any]) -> Table:
 
 
 def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
-    """The DP plan of one method, per distinct client budget, printed before training."""
+    """The DP plan of one method, per distinct client budget, printed before training (the
+    planned epsilon rounded up)."""
+    from privacy.accounting import format_up
+
     table = Table(title=f"privacy plan: {rows[0]['method']}" if rows else "privacy plan")
     for col in ("clients", "epsilon", "delta", "DP-SGD sigma", "q", "steps/round", "rounds", "planned eps"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["clients"]), f"{r['epsilon_budget']:g}", f"{r['delta']:g}",
                       f"{r['noise_multiplier']:.4f}", f"{r['sample_rate']:.4g}", str(r["steps_per_round"]),
-                      str(r["rounds"]), f"{r['planned_epsilon']:.4f}")
+                      str(r["rounds"]), format_up(r["planned_epsilon"], 4))
     releases = {"; ".join(r["releases"]) for r in rows}
     table.caption = "releases per client: " + " | ".join(sorted(releases))
     noise = rows[0].get("noise") if rows else None

@@ -40,6 +40,7 @@ from typing import Any
 
 import matplotlib
 
+from privacy.accounting import format_up
 from privacy.errors import ToolkitError
 
 matplotlib.use("Agg")
@@ -740,7 +741,7 @@ def rows_to_csv(rows: Iterable[SweepRow]) -> str:
             r.method, epsilon_label(r.epsilon), len(r.seeds), len(r.per_client[0]),
             _fmt(r.acc_mean, 6), _fmt(r.acc_min, 6), _fmt(r.acc_std, 6),
             _fmt(r.client_min_mean, 6), _fmt(r.worse_than_local_mean, 2),
-            _fmt(r.epsilon_spent_max, 4),
+            "" if r.epsilon_spent_max is None else format_up(r.epsilon_spent_max, 4),
         ])
     return buf.getvalue()
 
@@ -749,7 +750,7 @@ def _spent_label(row: SweepRow) -> str:
     if row.epsilon is None:
         return "-"
     spent = row.epsilon_spent_max
-    return "not reported" if spent is None else f"{spent:.3f}"
+    return "not reported" if spent is None else format_up(spent, 3)
 
 
 def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy",
@@ -803,7 +804,8 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
         f"seeds of the lowest client {name}. *clients below Local*: mean over seeds of the "
         f"number of clients whose {name} is below their own in the Local run of the same seed; Local runs "
         "non-private only (a client that stays out releases nothing). *epsilon spent*: the "
-        "largest epsilon any client's accountant reports after the run, over all seeds. "
+        "largest epsilon any client's accountant reports after the run, over all seeds "
+        "(rounded up). "
         "epsilon none: non-private.",
         "",
     ]

@@ -160,3 +160,13 @@ def test_leakage_on_an_over_budget_dp_config_says_the_run_would_be_refused(tmp_p
     # an explicit noise level audits the same config
     assert main(["audit", "leakage", str(cfg_path), "--noise-multiplier", "2.0",
                  "--json", str(out_json)]) == 0
+
+
+def test_the_recorded_epsilon_is_printed_rounded_up():
+    """`audit verify` printed recorded epsilons to four significant digits rounded to
+    nearest (2.98341 as 2.983, below the ledger's value)."""
+    from audits.cli import _range
+
+    assert _range([2.98341], "up") == "2.9835"
+    assert _range([2.98341, 1.2], "up") == "1.2000..2.9835"
+    assert _range([2.98341]) == "2.983" and _range([None]) == "n/a"

@@ -299,3 +299,21 @@ def test_the_encrypted_relatedness_note_states_the_shared_secret_key_and_the_ove
     notes = " ".join(_assumptions({"assumptions": {"relatedness": "noised+encrypted"}}, None)["notes"])
     assert "overlap blocks U_i^T U_j" in notes and "similarity blocks" not in notes
     assert "Every client holds the secret key" in notes and "colludes with no client" in notes
+
+
+def test_epsilons_and_budget_shares_are_shown_rounded_up(pristine_run):
+    """The budget and plan tables showed epsilons to four significant digits rounded to
+    nearest (2.98341 as "2.983") and the share of the budget to nearest (99.447% as
+    "99.4%"): below what the ledger recorded."""
+    from audits.report import render_html
+
+    report = build_report(pristine_run)
+    row = report["budgets"][0]
+    row.update(budget_epsilon=3.0, recorded_epsilon=2.98341, independent_epsilon=2.98341,
+               budget_used=2.98341 / 3.0)
+    report["privacy_plan"]["plan"] = [{"method": "fedora", "clients": 3, "epsilon_budget": 3.0,
+                                       "planned_epsilon": 2.98341}]
+    page = render_html(report, {})
+    # recorded and independent epsilon in the budget table, planned epsilon in the plan's
+    assert page.count(">2.9835</td>") == 3 and ">99.5%</td>" in page
+    assert ">2.983</td>" not in page and ">99.4%</td>" not in page

@@ -402,3 +402,23 @@ def test_a_noise_multiplier_whose_square_underflows_has_an_unbounded_rdp() -> No
 
     assert np.isinf(_rdp_one_step(0.5, 1e-170)).all()
     assert np.isfinite(_rdp_one_step(0.5, 1e-3)).any()
+
+
+@pytest.mark.parametrize("value", [2.98341, 0.993920414924093, 7.9999999, 0.1, 2.983, 0.0, 1e-9,
+                                   123456.1234564999])
+@pytest.mark.parametrize("decimals", [1, 3, 4])
+def test_format_up_never_shows_less_than_the_value_and_at_most_one_unit_more(value, decimals):
+    from decimal import Decimal
+
+    from privacy.accounting import format_up
+
+    shown = format_up(value, decimals)
+    assert len(shown.partition(".")[2]) == decimals
+    assert Decimal(repr(value)) <= Decimal(shown) < Decimal(repr(value)) + Decimal(10) ** -decimals
+
+
+def test_format_up_rounds_where_rounding_to_nearest_shows_less():
+    from privacy.accounting import format_up
+
+    assert (format_up(2.98341, 3), f"{2.98341:.3f}") == ("2.984", "2.983")
+    assert format_up(0.1, 3) == "0.100" and format_up(math.inf, 2) == "inf"

@@ -170,3 +170,18 @@ def test_help_does_not_import_torch_or_the_subsystems():
     code_sweep = code.replace("['--help']", "['sweep', '--help']")
     out = subprocess.run([sys.executable, "-c", code_sweep], capture_output=True, text=True, timeout=60)
     assert "--seeds" in out.stdout and "secure_fedora.experiments.sweep" in out.stdout.splitlines()[-1]
+
+
+def test_the_planned_epsilon_is_printed_rounded_up():
+    """The printed privacy plan rounded the planned epsilon to nearest (2.98341 as 2.9834)."""
+    from rich.console import Console
+
+    from secure_fedora.cli import privacy_plan_table
+
+    row = {"method": "fedavg", "clients": 4, "epsilon_budget": 3.0, "delta": 1e-5,
+           "noise_multiplier": 1.1, "sample_rate": 0.25, "steps_per_round": 4, "rounds": 3,
+           "planned_epsilon": 2.98341, "releases": ["dpsgd x12 (q=0.25)"]}
+    console = Console(width=200, record=True)
+    console.print(privacy_plan_table([row]))
+    text = console.export_text()
+    assert "2.9835" in text and "2.9834" not in text

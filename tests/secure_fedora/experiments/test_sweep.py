@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -14,11 +15,14 @@ from secure_fedora.experiments import sweep as sweep_mod
 from secure_fedora.experiments.sweep import (
     Cell,
     SweepError,
+    SweepRow,
     aggregate,
     cell_config,
     parse_epsilon,
     plan_cells,
     register,
+    rows_to_csv,
+    rows_to_markdown,
     run_sweep,
 )
 from secure_fedora.learning.client import PlainGradient
@@ -579,3 +583,15 @@ def test_cells_of_an_earlier_version_stay_valid(tmp_path, monkeypatch):
                     on_round=lambda cell, rnd, total: trained.append((cell.key, rnd)))
     assert new.skipped == ["local/eps-none/seed-0"]
     assert trained == [("fedavg/eps-none/seed-0", 2)]  # resumed from its checkpoint
+
+
+def test_the_epsilon_spent_shown_is_rounded_up():
+    """sweep.md (three decimals) and sweep.csv (four) rounded the largest epsilon spent to
+    nearest, so 2.98341 read "2.983" and "2.9834", below what the accountant recorded."""
+    row = SweepRow(method="fedavg", epsilon=3.0, seeds=[0], client_means=[0.5],
+                   client_mins=[0.4], worse_than_local=None, per_client=[[0.4, 0.6]],
+                   epsilon_spent=[2.98341])
+    line = next(r for r in csv.DictReader(io.StringIO(rows_to_csv([row]))))
+    assert line["epsilon_spent_max"] == "2.9835"
+    md = rows_to_markdown(tiny(), [row], cell_configs={3.0: tiny()})
+    assert "| n/a | 2.984 |" in md
