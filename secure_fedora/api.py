@@ -77,8 +77,12 @@ class Results(dict):
         return float(self.selected(method)["mean"])
 
     def summary(self) -> str:
-        """A plain-text table of every method's selected test metric."""
-        lines = [f"{self.get('name', 'experiment')}: test {self.metric} at the best-validation round",
+        """A plain-text table of every method's selected test metric, headed by how its round
+        was chosen (``assumptions.model_selection``: the best-validation or the final round)."""
+        assumptions = self.get("assumptions")
+        selection = assumptions.get("model_selection") if isinstance(assumptions, dict) else None
+        which = "the final round" if selection == "final_round" else "the best-validation round"
+        lines = [f"{self.get('name', 'experiment')}: test {self.metric} at {which}",
                  f"{'method':<12} {'mean':>8} {'min':>8} {'max':>8} {'std':>8} {'round':>6}"]
         for name in self.method_names:
             s = self.selected(name)
