@@ -28,7 +28,8 @@ def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path,
     name = metric_label(metric)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in dict.fromkeys(row["method"] for row in history):
-        rows = [r for r in history if r["method"] == method]
+        # rounds between evaluations (evaluation.every) have no test columns
+        rows = [r for r in history if r["method"] == method and r.get("test_mean") is not None]
         x = [r["round"] for r in rows]
         lows, highs = [r["test_min"] for r in rows], [r["test_max"] for r in rows]
         (line,) = ax.plot(x, [r["test_mean"] for r in rows], marker="o", markersize=3, label=method)

@@ -802,13 +802,16 @@ class Simulation:
             seconds = {"round": rnd, "training": time.perf_counter() - t0,
                        "evaluation": 0.0, "checkpoint": 0.0}
             timing["training"] += seconds["training"]
+            # every round's row (its statistics, e.g. unstable_pulls, are not kept elsewhere);
+            # the evaluation columns only in evaluated rounds, as on Flower
+            row: dict[str, Any] = {"method": name, "round": rnd,
+                                   "participants": len(participants), **stats}
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
-                row = self._evaluate(rnd, method, tracker)
+                row.update(self._evaluate(rnd, method, tracker))
                 seconds["evaluation"] = time.perf_counter() - t0
                 timing["evaluation"] += seconds["evaluation"]
-                history.append({"method": name, "round": rnd, "participants": len(participants),
-                                **stats, **row})
+            history.append(row)
             # The last round's state is written below, with the outcome.
             if rnd < rounds and due(rnd):
                 crash_point("checkpoint")
@@ -1038,7 +1041,9 @@ class Simulation:
                             config_dir(self.cfg)).metric_name
 
     def write_rounds_csv(self) -> None:
-        """Per-round metrics of every method run so far (rewritten atomically)."""
+        """Per-round metrics of every method run so far (rewritten atomically): one row per
+        round, the test and validation columns empty in rounds that were not evaluated
+        (``evaluation.every``)."""
         if not self.history:
             return
         keys: list[str] = []

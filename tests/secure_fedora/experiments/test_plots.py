@@ -55,3 +55,13 @@ def test_a_method_evaluated_once_is_drawn(tmp_path, figures):
     assert [[1.0, 0.4], [1.0, 0.8]] in segments
     assert len(ax.collections) == 2
     assert all(float(t).is_integer() for t in ax.get_xticks())  # rounds, not fractions
+
+
+def test_rounds_between_evaluations_are_skipped(tmp_path, figures):
+    """rounds.csv's rows of rounds that were not evaluated have no test columns."""
+    history = [{"method": "local", "round": 1, "participants": 3, "steps": 4.0},
+               {"method": "local", "round": 2, "participants": 3, "steps": 4.0,
+                "test_mean": 0.5, "test_min": 0.25, "test_max": 0.75}]
+    plot_accuracy_per_round(history, tmp_path / "per_round.png")
+    (ax,) = figures[-1].axes
+    assert [line.get_xydata().tolist() for line in ax.get_lines()] == [[[2.0, 0.5]]]

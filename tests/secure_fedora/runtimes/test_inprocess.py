@@ -300,3 +300,20 @@ def test_an_unused_lambda_noise_is_said_not_ignored_silently(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         Simulation(cfg, tmp_path / "run", keystore=tmp_path / "store").run()
     assert any("lambda_noise_multiplier = 2 is unused" in r.getMessage() for r in caplog.records)
+
+
+def test_rounds_csv_keeps_the_rounds_between_evaluations(tmp_path, tiny_clients):
+    """With evaluation.every > 1 only evaluated rounds had a row, so the other rounds'
+    statistics (FEDORA's unstable_pulls, mean_lambda, participants, steps) were not written
+    anywhere; every round now has its row, the evaluation columns empty where not evaluated."""
+    import csv
+
+    cfg = tiny(methods=["fedora"], training={"rounds": 5}, evaluation={"every": 2})
+    results = Simulation(cfg, tmp_path, clients=tiny_clients).run()
+    with open(tmp_path / "rounds.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert float(r["steps"]) > 0 and r["unstable_pulls"] != "" and r["participants"] == "5"
+        assert (r["test_mean"] != "") == (int(r["round"]) in (2, 4, 5))
+    assert results["methods"]["fedora"]["selected"]["round"] in (2, 4, 5)
