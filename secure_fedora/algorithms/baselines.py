@@ -428,6 +428,12 @@ class FedProx(_Baseline, FedAvg):
 
     name = "fedprox"
 
+    @classmethod
+    def assumptions(cls, cfg: Any) -> dict[str, Any]:
+        """None: FedProx never fine-tunes, so FedAvg's ``fedavg_finetuning`` (which follows
+        ``[fedavg] finetune_epochs``) does not apply to it."""
+        return {}
+
     def __init__(self, ctx: MethodContext, mu: float = 0.01) -> None:
         super().__init__(ctx, finetune_epochs=0)
         self.mu = mu

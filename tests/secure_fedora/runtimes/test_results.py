@@ -101,3 +101,12 @@ def test_a_plug_in_declares_its_own_rows_and_may_not_replace_a_path() -> None:
             _build(_config(["fedora", "local", "shadow_x"]), outcomes)
     finally:
         METHODS.unregister("shadow_x")
+
+
+def test_fedprox_states_no_fine_tuning_it_does_not_do() -> None:
+    """FedProx inherited FedAvg's assumptions: a DP run of FedProx without FedAvg stated
+    assumptions.fedavg_finetuning (a fedavg_ft metric 'not covered by DP') although FedProx
+    never fine-tunes and no fedavg_ft row exists."""
+    assert "fedavg_finetuning" not in _build(_config(["fedprox"], dp=True), {})["assumptions"]
+    both = _build(_config(["fedprox", "fedavg"], dp=True), {})["assumptions"]
+    assert "not covered by the DP guarantee" in both["fedavg_finetuning"]
