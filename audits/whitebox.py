@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
@@ -203,8 +202,8 @@ def quiet_coordinates(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, coun
                       generator: torch.Generator) -> tuple[Tensor, int]:
     """The ``count`` coordinates with the least data-gradient activity at ``theta``.
 
-    Activity: the sum over chunks of the client's training data of the absolute summed-loss
-    gradient. Ties (e.g. the many exact zeros) are broken by a random permutation from
+    Activity: the sum over chunks of the client's training data of the absolute gradient of
+    the run's summed loss (``flat.task``: cross-entropy, BCE or a plug-in loss). Ties (e.g. the many exact zeros) are broken by a random permutation from
     ``generator``. Returns the coordinates (int64, distinct) and how many of them have zero
     activity.
     """
@@ -219,7 +218,7 @@ def quiet_coordinates(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, coun
     activity = torch.zeros_like(row, dtype=torch.float64)
     for chunk in torch.arange(x.shape[0]).split(_ACTIVITY_CHUNK):
         grad.zero_()
-        F.cross_entropy(model(x[chunk]), y[chunk], reduction="sum").backward()
+        flat.task.sum_loss(model(x[chunk]), y[chunk]).backward()  # the run's own loss
         activity += grad.abs().to(torch.float64)
     model.train(was_training)
     perm = torch.randperm(flat.num_params, generator=generator)

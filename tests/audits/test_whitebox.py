@@ -227,3 +227,36 @@ def test_an_edited_epsilon_is_not_this_runs_config(tmp_path, capsys):
     assert main(["audit", "whitebox", str(run), "--canaries", "100"]) == 2
     assert "the config is not this run's" in capsys.readouterr().err
     assert not (run / "audit" / "whitebox.json").exists()
+
+
+def test_a_binary_task_is_audited_with_its_own_loss(tmp_path, monkeypatch):
+    """The quiet coordinates were chosen by cross-entropy whatever the run's loss: a
+    ``training.loss = "bce"`` run (one logit) stopped with torch's IndexError traceback."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "whitebox_binary.py").write_text(
+        "import torch\n\n\n"
+        "def load(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    x = torch.randn(200, 5, generator=g)\n"
+        "    y = (x[:, 0] > 0).long()\n"
+        "    return {'x_train': x[:160], 'y_train': y[:160], 'x_test': x[160:], 'y_test': y[160:]}\n\n\n"
+        "def mlp(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(16, num_classes))\n")
+    monkeypatch.syspath_prepend(str(folder))
+    doc = _cfg_dict(3.0, noise="reproducible")
+    doc["data"] = {"source": "whitebox_binary:load", "partition": "iid", "num_clients": 2,
+                   "train_per_client": 64, "val_per_client": 8, "test_per_client": 16}
+    doc["model"] = {"factory": "whitebox_binary:mlp"}
+    doc["training"]["loss"] = "bce"
+    cfg = parse_config(doc)
+    clients = build_clients(cfg)
+    ctx = build_context(cfg, clients)
+    assert ctx.flat.task.name == "bce"
+    coords, _ = quiet_coordinates(ctx.flat, ctx.init, clients[0].train_x, clients[0].train_y,
+                                  50, torch.Generator().manual_seed(0))
+    assert coords.unique().numel() == 50
+    result = run_whitebox_audit(cfg, num_canaries=50)
+    assert result.num_canaries == 50
+    assert result.outcome.lower_bound <= result.setting.claim_epsilon
