@@ -307,6 +307,9 @@ def privacy_settings(cfg: ExperimentConfig) -> str:
     """One line naming the privacy-relevant settings a cell config runs with."""
     p = cfg.privacy
     head = f"privacy on, epsilon {p.epsilon:g}, delta {p.delta:g}" if p.enabled else "privacy off"
+    if p.enabled and p.noise == "reproducible":
+        head += (" (noise reproducible: NOT private against anyone who knows the config, its "
+                 "noise can be replayed)")
     selection = ("best mean validation round" if model_selection(cfg) == "validation"
                  else "final round")
     return (f"{head}; relatedness {cfg.fedora.relatedness}; validation {cfg.data.validation}; "
@@ -645,7 +648,7 @@ def run_sweep(
     settings = {}
     for cell in cells:
         settings.setdefault(cell.epsilon, configs[cell])
-    files = write_outputs(out, cfg, rows, sweep_metric(docs), settings)
+    files = write_outputs(out, cfg, rows, sweep_metric(docs), settings, _not_covered(cells, configs))
     return SweepResult(rows, ran, skipped, files)
 
 
@@ -710,6 +713,20 @@ def sweep_metric(docs: Mapping[Cell, dict[str, Any]]) -> str:
     return metrics.pop() if metrics else "accuracy"
 
 
+def _not_covered(cells: Iterable[Cell],
+                 configs: Mapping[Cell, ExperimentConfig]) -> dict[float, dict[str, str]]:
+    """Per numeric epsilon, what the swept methods' results state that epsilon does not cover
+    (their declared ``assumptions``, e.g. ``fedavg_finetuning`` for the ``fedavg_ft`` row,
+    ``client_held_models`` for Ditto's and APFL's personal models)."""
+    out: dict[float, dict[str, str]] = {}
+    for cell in cells:
+        cls = method_class(cell.method)
+        if cell.epsilon is not None and cls is not None:
+            out.setdefault(cell.epsilon, {}).update(
+                {k: str(v) for k, v in cls.assumptions(configs[cell]).items()})
+    return out
+
+
 def _epsilon_spent(doc: dict[str, Any], method: str) -> float | None:
     """The largest ``epsilon_spent`` over the cell's clients, as its results report it."""
     try:
@@ -754,9 +771,12 @@ def _spent_label(row: SweepRow) -> str:
 
 
 def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy",
-                     cell_configs: Mapping[float | None, ExperimentConfig] | None = None) -> str:
+                     cell_configs: Mapping[float | None, ExperimentConfig] | None = None,
+                     not_covered: Mapping[float, Mapping[str, str]] | None = None) -> str:
     """The sweep table with its setup and the definitions of its columns, named after the
-    task's test ``metric`` ("accuracy" or "auc").
+    task's test ``metric`` ("accuracy" or "auc"). Under each epsilon's line, what that
+    epsilon does not cover (``not_covered[epsilon]``, see :func:`_not_covered`), so no row is
+    read as covered by a guarantee its cells' results disclaim.
 
     Each epsilon's line names the privacy settings of ``cell_configs[epsilon]`` (the config
     of a cell of the sweep at that epsilon); an epsilon missing there gets the config of a
@@ -792,6 +812,8 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
         settings = privacy_settings(_settings_config(cfg, at, eps, seeds[0], cell_configs))
         lines.append(f"- epsilon {epsilon_label(eps)}: highest mean {name} {best.method} "
                      f"({best.acc_mean:.4f}); {settings}.")
+        for key, text in sorted((not_covered or {}).get(eps, {}).items()) if eps is not None else ():
+            lines.append(f"  - not covered by epsilon {epsilon_label(eps)} ({key}): {text}")
     lines += [
         "",
         f"{name[0].upper() + name[1:]} is each client's test {name} at the reported round named "
@@ -867,12 +889,14 @@ def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None
 
 def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow],
                   metric: str = "accuracy",
-                  cell_configs: Mapping[float | None, ExperimentConfig] | None = None) -> list[Path]:
+                  cell_configs: Mapping[float | None, ExperimentConfig] | None = None,
+                  not_covered: Mapping[float, Mapping[str, str]] | None = None) -> list[Path]:
     """Write ``sweep.csv``, ``sweep.md`` and the plots (atomically for the text files), named
     after the task's test ``metric`` (the CSV keeps its ``acc_*`` columns for any metric);
-    ``cell_configs``: see :func:`rows_to_markdown`."""
+    ``cell_configs`` and ``not_covered``: see :func:`rows_to_markdown`."""
     atomic_write_text(out / "sweep.csv", rows_to_csv(rows))
-    atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows, metric, cell_configs))
+    atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows, metric, cell_configs,
+                                                         not_covered))
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     files = [out / "sweep.csv", out / "sweep.md",

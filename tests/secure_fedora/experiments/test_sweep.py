@@ -595,3 +595,18 @@ def test_the_epsilon_spent_shown_is_rounded_up():
     assert line["epsilon_spent_max"] == "2.9835"
     md = rows_to_markdown(tiny(), [row], cell_configs={3.0: tiny()})
     assert "| n/a | 2.984 |" in md
+
+
+@pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
+def test_sweep_md_states_what_its_epsilon_does_not_cover(tmp_path):
+    """sweep.md listed the fedavg_ft row (fine-tuned outside the ledgers) with the cell's
+    epsilon spent, and a reproducible-noise sweep as 'privacy on, epsilon 4', without what the
+    cells' results.json state: their epsilon does not cover those results or that noise."""
+    cfg = tiny(privacy={"noise": "reproducible"})
+    run_sweep(cfg, tmp_path, ["fedavg"], [0], [4.0])
+    md = (tmp_path / "sweep.md").read_text()
+    results = json.loads((tmp_path / "cells/fedavg/eps-4/seed-0/cell.json").read_text())["results"]
+    stated = results["assumptions"]["fedavg_finetuning"]
+    assert f"  - not covered by epsilon 4 (fedavg_finetuning): {stated}" in md
+    assert "| fedavg_ft | 4 |" in md
+    assert "privacy on, epsilon 4, delta 1e-05 (noise reproducible: NOT private" in md
