@@ -60,6 +60,24 @@ THREAT_MODEL = [
     "Neighbouring relation: add/remove one training record (the relation of the accountants).",
 ]
 
+#: The threat model of a run whose results state ``differential_privacy: false``: no budget,
+#: accountant or ledger stands behind what leaves a client.
+THREAT_MODEL_WITHOUT_DP = [
+    "The server is honest-but-curious: it follows the protocol and tries to learn about client"
+    " data from what it receives.",
+    "What leaves client i: its relatedness summary (FEDORA, once; plain, or encrypted where"
+    " configured), its model (every round it takes part in) and its training-set size and"
+    " step count. Differential privacy is off: none of it is an accounted mechanism, no"
+    " client has a budget and no ledger records the releases.",
+]
+
+
+def _threat_model(assumptions: dict[str, Any]) -> list[str]:
+    """The threat model for the run: the DP one, unless its results (or config) say that
+    differential privacy was off, which claims no budget, ledger or accounted release."""
+    off = assumptions.get("differential_privacy") is False
+    return list(THREAT_MODEL_WITHOUT_DP if off else THREAT_MODEL)
+
 
 class ReportError(AuditError):
     """The report cannot be produced (bad output directory, unreadable run files)."""
@@ -415,12 +433,13 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "run_dir": str(run.resolve()),
     }
     privacy_cfg = cfg.privacy.model_dump(mode="json") if cfg is not None else None
+    assumptions = _assumptions(results, cfg)
     return {
         "report_version": REPORT_VERSION,
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "identity": identity,
-        "threat_model": list(THREAT_MODEL),
-        "assumptions": _assumptions(results, cfg),
+        "threat_model": _threat_model(assumptions),
+        "assumptions": assumptions,
         "privacy_config": privacy_cfg,
         "budgets": _budget_rows(verification),
         "epsilon_series": _epsilon_series(verification),

@@ -317,3 +317,24 @@ def test_epsilons_and_budget_shares_are_shown_rounded_up(pristine_run):
     # recorded and independent epsilon in the budget table, planned epsilon in the plan's
     assert page.count(">2.9835</td>") == 3 and ">99.5%</td>" in page
     assert ">2.983</td>" not in page and ">99.4%</td>" not in page
+
+
+def test_a_non_private_run_is_not_described_with_budgets_and_ledgers(tmp_path, pristine_run):
+    """The threat model of every report said each client enforces its budget and writes every
+    release to its signed ledger, also for a run without DP, which has neither."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    cfg = parse_config({"name": "plain-report", "methods": ["local"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8}})
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    doc = build_report(run)
+    assert doc["assumptions"]["differential_privacy"] is False
+    threat = " ".join(doc["threat_model"])
+    assert "budget" in threat and "Differential privacy is off" in threat
+    assert "refuses any release" not in threat and "written to its signed" not in threat
+    private = " ".join(build_report(pristine_run)["threat_model"])
+    assert "refuses any release" in private and "written to its signed" in private
