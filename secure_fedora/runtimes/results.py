@@ -8,6 +8,8 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
   at the round with the best mean validation metric (or the final round under
   ``model_selection = "final_round"``), and that round;
 * ``methods.<name>.final.{mean,min,max,std,per_client}`` -- at the last evaluated round;
+* a derived row (``methods.fedavg_ft``, see :func:`build_results`) holds only ``name``,
+  ``metric`` and ``selected.{mean,min,max,std,per_client}`` (no ``round``, no ``final``);
 * ``methods.<name>.{name,rounds,seconds_training,seconds_evaluation,metric}`` and the method's
   own results (:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.server_finalize`);
 * top level ``name, version, runtime, config_hash, metric, loss, assumptions, privacy,
