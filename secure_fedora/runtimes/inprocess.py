@@ -960,8 +960,13 @@ class Simulation:
 
     # -- the whole experiment -----------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """Run every configured method; write rounds.csv and results.json; return the results."""
+        """Run every configured method; write rounds.csv and results.json; return the results.
+        Under DP every method's budget plan is checked first: a plan over budget refuses the
+        run before any method trains (as the CLI does)."""
         p = self.cfg.privacy
+        if p.enabled:
+            for name in self.cfg.methods:
+                self.budget_plans(name)
         if p.enabled and self.cfg.data.validation == "public" and p.lambda_noise_multiplier:
             # not refused by the config: runs that set it before stay loadable for audits
             log.warning("privacy.lambda_noise_multiplier = %g is unused: with public validation "

@@ -317,3 +317,24 @@ def test_rounds_csv_keeps_the_rounds_between_evaluations(tmp_path, tiny_clients)
         assert float(r["steps"]) > 0 and r["unstable_pulls"] != "" and r["participants"] == "5"
         assert (r["test_mean"] != "") == (int(r["round"]) in (2, 4, 5))
     assert results["methods"]["fedora"]["selected"]["round"] in (2, 4, 5)
+
+
+def test_a_later_methods_plan_over_budget_refuses_the_run_before_any_method_trains(tmp_path):
+    """With a fixed noise multiplier that fits Local's plan but not FEDORA's (its summary and
+    lambda releases add to DP-SGD's), Simulation.run (the Python API's path) trained and
+    ledgered Local, then refused FEDORA saying 'nothing was trained'; the CLI checked every
+    plan first. Now the run is refused before anything is written."""
+    from secure_fedora.secure.private import BudgetPlanError
+
+    cfg = tiny(methods=["local", "fedora"], data={"num_clients": 3, "partition": "iid",
+                                                  "train_per_client": 40, "val_per_client": 10,
+                                                  "test_per_client": 10},
+               training={"rounds": 5, "local_epochs": 1, "batch_size": 8},
+               fedora={"relatedness": "noised"},
+               privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": "reproducible",
+                        "noise_multiplier": 0.78})
+    sim = Simulation(cfg, tmp_path / "run", keystore=tmp_path / "store")
+    sim.budget_plans("local")  # Local alone fits
+    with pytest.raises(BudgetPlanError, match="'fedora' over budget"):
+        sim.run()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
