@@ -33,7 +33,7 @@ from secure_fedora.core.config import ExperimentConfig, config_hash, model_selec
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import atomic_write_bytes, atomic_write_text, atomic_write_with
 from secure_fedora.core.registry import DATASETS, PARTITIONERS
-from secure_fedora.data.partition import ClientData
+from secure_fedora.data.partition import ClientData, LabeledDataset
 from secure_fedora.data.sources import fingerprint_clients
 from secure_fedora.learning.client import (
     FlatModel,
@@ -73,8 +73,9 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     ``data`` (Python API) overrides the config's ``data.dataset`` / ``data.source``: a
     centralized dataset dict or :class:`~secure_fedora.data.partition.LabeledDataset` (split by
     the configured partitioner), a list of per-client dicts (already federated) or a function
-    of the seed returning either. User data is checked first (:mod:`secure_fedora.data.userdata`);
-    a problem raises :class:`~secure_fedora.data.sources.DataError` before anything trains.
+    of the seed returning either. User data, and a registered dataset's
+    :class:`~secure_fedora.data.partition.LabeledDataset` or federated data, is checked first
+    (:mod:`secure_fedora.data.userdata`); a problem raises :class:`~secure_fedora.data.sources.DataError` before anything trains.
     """
     from secure_fedora.core.plugins import config_dir
     from secure_fedora.data.userdata import (
@@ -98,7 +99,12 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     elif d.source is not None:
         source = load_source(d.source, cfg.seed, config_dir(cfg))
     else:
-        source = DATASETS.get(d.dataset)(cfg.seed)
+        where = f"data.dataset {d.dataset!r}"
+        source = call_source(DATASETS.get(d.dataset), cfg.seed, where)
+        if isinstance(source, LabeledDataset | FederatedData):
+            # a registered dataset gets the checks of user data (a mapping of uint8 image
+            # splits is checked by the partitioner)
+            source = coerce_user_data(source, where)
     if isinstance(source, FederatedData):
         return _federated_clients(cfg, source)
     return PARTITIONERS.get(d.partition)(source, d, cfg.seed)

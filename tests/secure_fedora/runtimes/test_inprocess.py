@@ -338,3 +338,36 @@ def test_a_later_methods_plan_over_budget_refuses_the_run_before_any_method_trai
     with pytest.raises(BudgetPlanError, match="'fedora' over budget"):
         sim.run()
     assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
+
+
+def test_a_registered_datasets_data_gets_the_user_data_checks():
+    """A dataset registered in DATASETS (an extension point, like data.source) skipped the
+    checks of user data: NaN test inputs trained and reported accuracy from NaN outputs, and
+    an exception of the dataset function was a raw traceback. Now both are DataErrors."""
+    from secure_fedora.core.registry import DATASETS
+    from secure_fedora.data.partition import LabeledDataset
+    from secure_fedora.data.sources import DataError
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    test_x = x[150:].clone()
+    test_x[7, 2] = float("nan")
+
+    def nan_test(seed):
+        return LabeledDataset(x[:150], y[:150], test_x, y[150:], 3)
+
+    def failing(seed):
+        raise OSError("no such file: data.npz")
+
+    data = {"partition": "iid", "num_clients": 2, "train_per_client": 20, "val_per_client": 5,
+            "test_per_client": 5}
+    DATASETS.register("test-nan-inputs", nan_test)
+    DATASETS.register("test-failing-source", failing)
+    try:
+        with pytest.raises(DataError, match="'test-nan-inputs' test_x contains NaN"):
+            build_clients(tiny(data={**data, "dataset": "test-nan-inputs"}, methods=["local"]))
+        with pytest.raises(DataError, match="'test-failing-source' raised OSError: no such file"):
+            build_clients(tiny(data={**data, "dataset": "test-failing-source"}, methods=["local"]))
+    finally:
+        DATASETS.unregister("test-nan-inputs")
+        DATASETS.unregister("test-failing-source")
