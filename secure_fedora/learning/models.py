@@ -90,7 +90,9 @@ def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = 
     With ``seed`` given, parameters follow PyTorch's default initialization drawn from a local
     ``torch.Generator`` seeded with it: equal seeds give bit-identical parameters and the global
     RNG state is neither read nor advanced. With ``seed=None`` the layers initialize from the
-    global RNG, as plain PyTorch modules do.
+    global RNG, as plain PyTorch modules do. A registered model with other layers or buffers
+    is built, as a model factory is, under the global RNG seeded with ``seed`` (restored
+    afterwards). Every model gets :func:`check_model_state`'s checks (ModelError).
     """
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; expected one of {MODELS.names()}")
@@ -103,15 +105,32 @@ def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = 
     if not shape or any(d < 1 for d in shape):
         raise ModelError(f"input_shape must be positive dimensions, got {tuple(input_shape)}")
     if seed is None:
-        return builder(shape, int(num_classes), None)
+        return check_model_state(builder(shape, int(num_classes), None), f"model {name!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ModelError(f"seed must be a non-negative integer or None, got {seed!r}")
     # Built on the meta device so construction consumes no random numbers, then materialized.
-    model = builder(shape, int(num_classes), "meta").to_empty(device="cpu")
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(int(seed))
-    init_parameters(model, generator)
-    return model
+    model = builder(shape, int(num_classes), "meta")
+    if _set_by_init_parameters(model):
+        model = model.to_empty(device="cpu")
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(int(seed))
+        init_parameters(model, generator)
+    else:
+        # A registered model with other layers or buffers: materialized, their values would be
+        # uninitialized memory; built again under the seeded global RNG, as a model factory is.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = builder(shape, int(num_classes), None)
+    return check_model_state(model, f"model {name!r}")
+
+
+def _set_by_init_parameters(model: nn.Module) -> bool:
+    """Whether :func:`init_parameters` sets every value of ``model``: no buffers, and every
+    parameter is the weight or bias of an nn.Linear or nn.Conv2d."""
+    if any(True for _ in model.buffers()):
+        return False
+    return all(isinstance(m, nn.Linear | nn.Conv2d) and {n for n, _ in own} <= {"weight", "bias"}
+               for m in model.modules() if (own := list(m.named_parameters(recurse=False))))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -137,6 +156,13 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
         except Exception as err:  # user code: report whatever it raised
             raise ModelError(f"{source} failed for input_shape={shape}, num_classes={num_classes}: "
                              f"{type(err).__name__}: {err}") from err
+    return check_model_state(model, source)
+
+
+def check_model_state(model: object, source: str) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` whose state the federation can hold per client:
+    trainable float32 CPU parameters (none frozen) and no floating-point buffers; else
+    :class:`ModelError` naming the problem (``source`` names where the model came from)."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"{source} returned a {type(model).__name__}, expected a torch.nn.Module")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]

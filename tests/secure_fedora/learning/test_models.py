@@ -94,3 +94,40 @@ def test_models_are_valid_for_opacus(name: str) -> None:
 def test_make_model_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         make_model(**kwargs)
+
+
+def test_a_registered_model_with_other_layers_is_initialized_and_checked() -> None:
+    """A model registered in MODELS was built on the meta device and materialized with
+    to_empty, and only nn.Linear / nn.Conv2d were initialized: a LayerNorm's or a Conv1d's
+    values were whatever memory held (non-finite outputs, or a silently wrong, irreproducible
+    start), and BatchNorm's running statistics, which every client would share, were accepted.
+    Now such a model is built under the seeded global RNG and gets the model factory's checks."""
+    from secure_fedora.core.registry import MODELS
+
+    def layernorm_conv(shape, num_classes, device):
+        return nn.Sequential(nn.Unflatten(1, (1, shape[0])),
+                             nn.Conv1d(1, 2, 3, padding=1, device=device), nn.Flatten(),
+                             nn.LayerNorm(2 * shape[0], device=device),
+                             nn.Linear(2 * shape[0], num_classes, device=device))
+
+    def batchnorm(shape, num_classes, device):
+        return nn.Sequential(nn.Linear(shape[0], 8, device=device), nn.BatchNorm1d(8, device=device),
+                             nn.Linear(8, num_classes, device=device))
+
+    MODELS.register("test-layernorm-conv", layernorm_conv)
+    MODELS.register("test-batchnorm", batchnorm)
+    try:
+        before = torch.random.get_rng_state()
+        model = make_model("test-layernorm-conv", 3, seed=4, input_shape=(6,))
+        assert torch.equal(torch.random.get_rng_state(), before)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            expected = layernorm_conv((6,), 3, None)
+        for (name, got), want in zip(model.named_parameters(), expected.parameters(), strict=True):
+            assert torch.equal(got, want), name
+        assert torch.equal(model[3].weight, torch.ones(12)) and torch.equal(model[3].bias, torch.zeros(12))
+        with pytest.raises(ModelError, match="model 'test-batchnorm': buffer '1.running_mean'"):
+            make_model("test-batchnorm", 3, seed=0, input_shape=(5,))
+    finally:
+        MODELS.unregister("test-layernorm-conv")
+        MODELS.unregister("test-batchnorm")
