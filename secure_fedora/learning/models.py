@@ -98,8 +98,8 @@ def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = 
         raise ModelError(f"unknown model {name!r}; expected one of {MODELS.names()}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
         raise ModelError(f"num_classes must be an integer, got {num_classes!r}")
-    if num_classes < 2:
-        raise ModelError(f"num_classes must be >= 2, got {num_classes}")
+    if num_classes < 1:  # the output width: 1 for binary labels under BCE (one logit)
+        raise ModelError(f"num_classes (the output width) must be >= 1, got {num_classes}")
     builder = MODELS.get(name)
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d < 1 for d in shape):

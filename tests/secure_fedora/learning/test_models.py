@@ -84,7 +84,7 @@ def test_models_are_valid_for_opacus(name: str) -> None:
     ("kwargs", "message"),
     [
         ({"name": "resnet"}, "unknown model 'resnet'"),
-        ({"name": "mlp", "num_classes": 1}, "num_classes must be >= 2"),
+        ({"name": "mlp", "num_classes": 0}, r"num_classes \(the output width\) must be >= 1"),
         ({"name": "mlp", "num_classes": 2.0}, "num_classes must be an integer"),
         ({"name": "cnn", "seed": -3}, "seed must be a non-negative integer"),
         ({"name": "cnn", "seed": "7"}, "seed must be a non-negative integer"),
@@ -131,3 +131,21 @@ def test_a_registered_model_with_other_layers_is_initialized_and_checked() -> No
     finally:
         MODELS.unregister("test-layernorm-conv")
         MODELS.unregister("test-batchnorm")
+
+
+def test_built_in_models_take_bces_single_output_for_binary_labels(tmp_path) -> None:
+    """training.loss = "bce" on binary labels has one output; the built-in models refused it
+    ('num_classes must be >= 2, got 1'), so only a model factory could train it."""
+    from secure_fedora.api import Experiment
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 4, generator=gen)
+    y = (x[:, 0] > 0).long()
+    data = {"x_train": x[:120], "y_train": y[:120], "x_test": x[120:], "y_test": y[120:]}
+    config = {"methods": ["local"], "training": {"rounds": 1, "loss": "bce", "batch_size": 8},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 30,
+                       "val_per_client": 10, "test_per_client": 10}}
+    for name in ("mlp", "cnn"):
+        assert make_model(name, 1, seed=0)(torch.rand(2, 1, 28, 28)).shape == (2, 1)
+    results = Experiment(config, data=data, run_dir=tmp_path / "run").run()
+    assert results.metric == "auc" and 0.0 <= results.mean("local") <= 1.0
