@@ -768,7 +768,10 @@ class Simulation:
                     f"checkpoint {path} was written by method {state['method_name']!r}, not "
                     f"{name!r}; refuse to resume (restore {path.name} or start a new run)")
             if state.get("outcome") is not None:
-                method.load_state_dict(state["method"])
+                try:  # e.g. a model given in Python whose parameters differ from the run's
+                    method.load_state_dict(state["method"])
+                except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
+                    raise CheckpointError(f"checkpoint {path} cannot be restored: {err}") from None
                 if privacy is not None:
                     privacy.resume_after(int(state["round"]), state.get("privacy"))
                 self.history.extend(state["history"])

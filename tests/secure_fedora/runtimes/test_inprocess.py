@@ -371,3 +371,38 @@ def test_a_registered_datasets_data_gets_the_user_data_checks():
     finally:
         DATASETS.unregister("test-nan-inputs")
         DATASETS.unregister("test-failing-source")
+
+
+def test_resuming_a_finished_method_with_another_model_is_a_checkpoint_error(tmp_path):
+    """A run resumed through the Python API with a model of other parameter shapes failed with
+    a raw ValueError from the finished method's checkpoint; now a CheckpointError naming the
+    file, with the run directory unchanged."""
+    from torch import nn
+
+    from secure_fedora.api import Experiment
+    from secure_fedora.core import crashpoints
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 5, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+    config = {"methods": ["local", "fedavg"], "training": {"rounds": 1, "batch_size": 8},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
+                       "val_per_client": 5, "test_per_client": 5}}
+
+    def hidden(shape, k):
+        return nn.Sequential(nn.Linear(shape[0], 8), nn.ReLU(), nn.Linear(8, k))
+
+    def linear(shape, k):
+        return nn.Sequential(nn.Linear(shape[0], k))
+
+    run_dir = tmp_path / "run"
+    crashpoints.arm("between_methods")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Experiment(config, data=data, model=hidden, run_dir=run_dir).run()
+    finally:
+        crashpoints.disarm()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="local.pt cannot be restored: .*'theta' has shape"):
+        Experiment(config, data=data, model=linear, run_dir=run_dir).run(resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
