@@ -33,7 +33,13 @@ from typing import Any
 
 from torch import nn
 
-from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config, parse_config
+from secure_fedora.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    parse_config,
+    revalidate,
+)
 from secure_fedora.data.partition import ClientData
 
 __all__ = ["Experiment", "Results", "run"]
@@ -110,7 +116,7 @@ def _refuse_two_sources(cfg: ExperimentConfig, data: Any, model: Any) -> None:
 
 def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | Path) -> ExperimentConfig:
     if isinstance(config, ExperimentConfig):
-        return config
+        return revalidate(config)  # model_copy(update=...) skips the validators
     if isinstance(config, Mapping):
         return parse_config(dict(config), "(dict)")
     if isinstance(config, str | Path):

@@ -40,6 +40,7 @@ __all__ = [
     "config_hash",
     "load_config",
     "parse_config",
+    "revalidate",
 ]
 
 #: Largest learning rate, weight decay and clip norm: torch takes them as float32 scalars (a
@@ -476,6 +477,19 @@ def parse_config(data: dict[str, Any], source: str = "(dict)") -> ExperimentConf
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+
+
+def revalidate(cfg: ExperimentConfig, source: str = "(ExperimentConfig)") -> ExperimentConfig:
+    """``cfg`` itself if it validates again; ConfigError naming each bad key otherwise. A
+    config derived with ``model_copy(update=...)`` (or ``model_construct``) skipped every
+    validator, e.g. ``training.rounds = 0`` or ``fedora.relatedness = "plain"`` under DP."""
+    try:
+        config_document(cfg)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    except ValueError as err:  # the document validated to another config
+        raise ConfigError(f"invalid configuration {source}: {err}") from None
+    return cfg
 
 
 def load_config(path: str | Path, *, plugins_from_folder: bool = True) -> ExperimentConfig:

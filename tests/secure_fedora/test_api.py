@@ -24,3 +24,44 @@ def test_summary_names_how_the_reported_round_was_chosen():
     best = _results("validation").summary()
     assert best.splitlines()[0] == "run: test accuracy at the best-validation round"
     assert best.splitlines()[2].split() == ["fedora", "0.5000", "0.2500", "0.7500", "0.2500", "3"]
+
+
+"""The Python API's own checks (secure_fedora.api): what Experiment accepts as its config."""
+
+from __future__ import annotations
+
+import pytest
+
+from secure_fedora.api import Experiment
+from secure_fedora.core.config import ConfigError, parse_config
+
+CONFIG = {"methods": ["fedora", "local"],
+          "data": {"partition": "iid", "num_clients": 3, "train_per_client": 20,
+                   "val_per_client": 5, "test_per_client": 5},
+          "training": {"rounds": 2}}
+
+
+def test_an_experimentconfig_changed_by_model_copy_is_validated_again(tmp_path) -> None:
+    """model_copy(update=...) skips pydantic's validators: Experiment took training.rounds = 0
+    (and reported a selected accuracy of 0.0 for a run that never trained), fedora.k beyond
+    the clients, a negative learning rate (a raw ValueError mid-run) and, under DP, the
+    unaccounted 'plain' relatedness (a pydantic ValidationError). Each is now a ConfigError
+    before anything is built or written."""
+    cfg = parse_config(CONFIG)
+    private = parse_config({**CONFIG, "fedora": {"relatedness": "noised"},
+                            "privacy": {"enabled": True, "delta": 1e-3}})
+    derived = {
+        "training.rounds": cfg.model_copy(update={"training": cfg.training.model_copy(
+            update={"rounds": 0})}),
+        "fedora.k": cfg.model_copy(update={"fedora": cfg.fedora.model_copy(update={"k": 5})}),
+        "training.lr": cfg.model_copy(update={"training": cfg.training.model_copy(
+            update={"lr": -1.0})}),
+        "relatedness 'plain'": private.model_copy(update={"fedora": private.fedora.model_copy(
+            update={"relatedness": "plain"})}),
+    }
+    for key, bad in derived.items():
+        with pytest.raises(ConfigError, match=f"(?s)invalid configuration \\(ExperimentConfig\\):.*{key}"):
+            Experiment(bad, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    same = cfg.model_copy(update={"training": cfg.training.model_copy(update={"rounds": 3})})
+    assert Experiment(same, run_dir=tmp_path / "run").config is same
