@@ -151,10 +151,31 @@ def resolve_task(spec: str, multilabel: bool, base_dir: Path | None = None) -> T
         if spec == "cross_entropy" and multilabel:
             raise PluginError("training.loss 'cross_entropy' needs single integer labels; "
                               "multi-label targets (n, C) need loss = 'bce'")
-        return LOSSES.get(spec)(multilabel)
+        return _registered_task(spec, multilabel)
     fn = import_object(spec, "training.loss", base_dir)
     metric = getattr(fn, "metric", "auc" if multilabel else "accuracy")
     if metric not in ("accuracy", "auc"):
         raise PluginError(f"training.loss = {spec!r}: its 'metric' attribute must be 'accuracy' "
                           f"or 'auc', got {metric!r}")
     return Task(spec, fn, metric)
+
+
+def _registered_task(name: str, multilabel: bool) -> Task:
+    """The :class:`Task` a LOSSES entry (a ``function(multilabel) -> Task``) returns for
+    ``name``; PluginError when it fails, returns something else or a metric other than
+    "accuracy" or "auc" (any other name was shown over accuracy figures)."""
+    from secure_fedora.core.plugins import PluginError
+
+    entry = LOSSES.get(name)
+    try:
+        task = entry(multilabel)
+    except Exception as err:  # a registered plug-in: report whatever it raised
+        raise PluginError(f"training.loss {name!r}: its LOSSES entry failed ({type(err).__name__}: "
+                          f"{err}); an entry is a function(multilabel) returning a Task") from err
+    if not isinstance(task, Task):
+        raise PluginError(f"training.loss {name!r}: its LOSSES entry returned a "
+                          f"{type(task).__name__}; an entry is a function(multilabel) returning a Task")
+    if task.metric_name not in ("accuracy", "auc"):
+        raise PluginError(f"training.loss {name!r}: its Task's metric must be 'accuracy' or 'auc', "
+                          f"got {task.metric_name!r}")
+    return task

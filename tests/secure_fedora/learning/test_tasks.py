@@ -64,3 +64,28 @@ def test_dp_path_clips_per_sample_gradients_of_bce(multilabel: bool) -> None:
     dpsgd = DPSGD(conv, 0.5, 1.0, 5.0, ReproducibleNoise(0))
     assert dpsgd.mode == "opacus"
     check_per_sample_gradients(dpsgd, task.checked, x, y)
+
+
+def test_a_registered_loss_must_return_a_task_scored_by_accuracy_or_auc() -> None:
+    """A LOSSES entry registered as a per-sample function (the form of a loss plug-in) was a
+    raw TypeError, and a Task with metric 'f1' ran: results.json and the summary showed
+    accuracy figures as 'f1'. Both are now PluginErrors naming the loss."""
+    from secure_fedora.core.plugins import PluginError
+    from secure_fedora.core.registry import LOSSES
+    from secure_fedora.learning.tasks import Task
+
+    def per_sample(outputs, targets):
+        return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    LOSSES.register("test-per-sample-fn", per_sample)
+    LOSSES.register("test-f1", lambda multilabel: Task("test-f1", per_sample, "f1"))
+    LOSSES.register("test-ok", lambda multilabel: Task("test-ok", per_sample, "accuracy"))
+    try:
+        with pytest.raises(PluginError, match="'test-per-sample-fn': its LOSSES entry failed"):
+            resolve_task("test-per-sample-fn", False)
+        with pytest.raises(PluginError, match="'test-f1': its Task's metric must be"):
+            resolve_task("test-f1", False)
+        assert resolve_task("test-ok", False).metric_name == "accuracy"
+    finally:
+        for name in ("test-per-sample-fn", "test-f1", "test-ok"):
+            LOSSES.unregister(name)
