@@ -106,17 +106,21 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
             # splits is checked by the partitioner)
             source = coerce_user_data(source, where)
     if isinstance(source, FederatedData):
-        return _federated_clients(cfg, source)
-    return PARTITIONERS.get(d.partition)(source, d, cfg.seed)
+        return _federated_clients(cfg, source.clients, "the data lists")
+    # a registered partitioner's clients get the same checks (the built-in ones pass them)
+    return _federated_clients(cfg, PARTITIONERS.get(d.partition)(source, d, cfg.seed),
+                              f"data.partition {d.partition!r} made")
 
 
-def _federated_clients(cfg: ExperimentConfig, data: Any) -> list[ClientData]:
-    """Already-federated clients, checked against the config's sizes where privacy uses them."""
+def _federated_clients(cfg: ExperimentConfig, clients: list[ClientData],
+                       made: str) -> list[ClientData]:
+    """Clients checked against the config's sizes where privacy uses them (``made`` says
+    where they came from, in errors)."""
     from secure_fedora.data.sources import DataError
 
-    d, clients = cfg.data, data.clients
+    d = cfg.data
     if len(clients) != d.num_clients:
-        raise DataError(f"the data lists {len(clients)} clients but data.num_clients = "
+        raise DataError(f"{made} {len(clients)} clients but data.num_clients = "
                         f"{d.num_clients}; set data.num_clients = {len(clients)}")
     if cfg.privacy.enabled:
         for c in clients:

@@ -406,3 +406,44 @@ def test_resuming_a_finished_method_with_another_model_is_a_checkpoint_error(tmp
     with pytest.raises(CheckpointError, match="local.pt cannot be restored: .*'theta' has shape"):
         Experiment(config, data=data, model=linear, run_dir=run_dir).run(resume=True)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_registered_partitioners_clients_get_the_federated_data_checks():
+    """A partitioner registered in PARTITIONERS skipped the checks already-federated data
+    gets: a client with 60 training rows ran under privacy.delta = 0.03, above its 1/n (a delta
+    that may release a record outright), and a partitioner making fewer clients than
+    data.num_clients ran with them silently. Both are now DataErrors before anything trains."""
+    import dataclasses
+
+    from secure_fedora.core.registry import PARTITIONERS
+    from secure_fedora.data.partition import LabeledDataset, iid_partition
+    from secure_fedora.data.sources import DataError
+
+    def quantity_skew(dataset, d, seed):  # client i holds (i + 1) x train_per_client rows
+        return [dataclasses.replace(iid_partition(dataset, 1, d.train_per_client * (i + 1),
+                                                  d.val_per_client, d.test_per_client, seed + i)[0],
+                                    client_id=i) for i in range(d.num_clients)]
+
+    def one_short(dataset, d, seed):
+        return iid_partition(dataset, d.num_clients - 1, d.train_per_client, d.val_per_client,
+                             d.test_per_client, seed)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 4, generator=gen), torch.randint(0, 3, (400,), generator=gen)
+    data = LabeledDataset(x[:300], y[:300], x[300:], y[300:], 3)
+    PARTITIONERS.register("test-quantity-skew", quantity_skew)
+    PARTITIONERS.register("test-one-short", one_short)
+    try:
+        private = {"enabled": True, "delta": 0.03, "noise": "reproducible"}
+        sizes = {"num_clients": 3, "train_per_client": 30, "val_per_client": 10,
+                 "test_per_client": 10}
+        with pytest.raises(DataError, match="client 1 has 60 training rows, so its delta = 0.03"):
+            build_clients(tiny(methods=["local"], privacy=private,
+                               data={**sizes, "partition": "test-quantity-skew"}), data)
+        with pytest.raises(DataError, match="'test-one-short' made 2 clients but data.num_clients = 3"):
+            build_clients(tiny(methods=["local"], data={**sizes, "partition": "test-one-short"}), data)
+        assert len(build_clients(tiny(methods=["local"], privacy=private,
+                                      data={**sizes, "partition": "iid"}), data)) == 3
+    finally:
+        PARTITIONERS.unregister("test-quantity-skew")
+        PARTITIONERS.unregister("test-one-short")
