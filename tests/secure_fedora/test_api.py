@@ -1,8 +1,12 @@
-"""The Python API's results helpers."""
+"""The Python API (secure_fedora.api): what Experiment accepts as its config, and the results
+helpers."""
 
 from __future__ import annotations
 
-from secure_fedora.api import Results
+import pytest
+
+from secure_fedora.api import Experiment, Results
+from secure_fedora.core.config import ConfigError, parse_config
 
 
 def _results(selection: str) -> Results:
@@ -25,15 +29,6 @@ def test_summary_names_how_the_reported_round_was_chosen():
     assert best.splitlines()[0] == "run: test accuracy at the best-validation round"
     assert best.splitlines()[2].split() == ["fedora", "0.5000", "0.2500", "0.7500", "0.2500", "3"]
 
-
-"""The Python API's own checks (secure_fedora.api): what Experiment accepts as its config."""
-
-from __future__ import annotations
-
-import pytest
-
-from secure_fedora.api import Experiment
-from secure_fedora.core.config import ConfigError, parse_config
 
 CONFIG = {"methods": ["fedora", "local"],
           "data": {"partition": "iid", "num_clients": 3, "train_per_client": 20,
