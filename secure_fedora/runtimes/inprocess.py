@@ -214,7 +214,7 @@ def build_context(
         module = make_model(cfg.model.name, width, seed=cfg.seed, input_shape=input_shape)
         source = f"model {cfg.model.name!r}"
     module = module.to(device)
-    probe_x, probe_y = clients[0].train_x[:2], clients[0].train_y[:2]
+    probe_x, probe_y = _probe_rows(clients)
     check_output_width(module, probe_x, width, source)
     _check_task(task, module, clients, probe_x, probe_y)
     flat = FlatModel(module, task)
@@ -244,6 +244,24 @@ def build_context(
         engine=engine,
         engine_choice=engine_choice,
     )
+
+
+def _probe_rows(clients: Sequence[ClientData], rows: int = 2) -> tuple[Tensor, Tensor]:
+    """The federation's first ``rows`` training rows, taken across clients where the first
+    holds fewer: the model checks compare a batch with its rows one by one (DP's per-sample
+    check), which a model mixing the samples of a batch passes on a batch of one."""
+    xs, ys, held = [], [], 0
+    for c in clients:
+        if held >= rows:
+            break
+        take = min(rows - held, int(c.train_x.shape[0]))
+        if take:
+            xs.append(c.train_x[:take])
+            ys.append(c.train_y[:take])
+            held += take
+    if not xs:
+        return clients[0].train_x[:rows], clients[0].train_y[:rows]
+    return torch.cat(xs), torch.cat(ys)
 
 
 def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData],

@@ -447,3 +447,39 @@ def test_a_registered_partitioners_clients_get_the_federated_data_checks():
     finally:
         PARTITIONERS.unregister("test-quantity-skew")
         PARTITIONERS.unregister("test-one-short")
+
+
+class _BatchCentered(torch.nn.Module):
+    """Every output depends on the whole batch (the batch mean is subtracted): per-sample
+    clipping bounds nothing, so DP-SGD must refuse it."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.first = torch.nn.Linear(int(torch.tensor(input_shape).prod()), 8)
+        self.last = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = self.first(x.flatten(1))
+        return self.last(h - h.mean(dim=0, keepdim=True))
+
+
+def test_dp_refuses_a_batch_mixing_model_when_the_first_client_has_one_training_row():
+    """The DP per-sample check ran on client 0's first two training rows only: with one row,
+    a batch of one cannot mix, so the model was accepted and the other clients' DP-SGD steps
+    clipped per-sample norms that bound nothing."""
+    from privacy.dpsgd import DPSGDError
+    from secure_fedora.runtimes.inprocess import build_context
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.randn(n, 6, generator=g), torch.arange(n) % 2
+
+    data = [{"train": split(n), "val": split(4), "test": split(4)} for n in (1, 10, 10)]
+    cfg = parse_config({"methods": ["fedavg"], "training": {"rounds": 1, "batch_size": 1},
+                        "data": {"num_clients": 3, "train_per_client": 1, "val_per_client": 4,
+                                 "test_per_client": 4},
+                        "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                                    "noise": "reproducible"}})
+    with pytest.raises(DPSGDError, match="differ from per-sample autograd"):
+        build_context(cfg, build_clients(cfg, data=data), model_factory=_BatchCentered)
