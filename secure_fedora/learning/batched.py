@@ -756,8 +756,10 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
-        self.data: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
-        self.norms: dict[tuple[Any, ...], Tensor] = {}
+        # each gather with weak references to the tensors it was gathered from: a key of
+        # addresses alone also matches new tensors allocated where freed ones were
+        self.data: dict[tuple[Any, ...], tuple[Tensor, Tensor, tuple[weakref.ref[Tensor], ...]]] = {}
+        self.norms: tuple[weakref.ref[Tensor], Tensor] | None = None
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialized tensor of ``shape`` (a view of a reused one when it is big enough)."""
@@ -771,29 +773,29 @@ class _Scratch:
     def gathered(self, xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device
                  ) -> tuple[Tensor, Tensor]:
         """The inputs ``xs`` and targets ``ys`` concatenated, plus one all-zero padding sample
-        last. Reused while every tensor is unchanged (same storage, shape and version)."""
-        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in (*xs, *ys))
+        last. Reused while every tensor is unchanged (the same tensor objects, storage, shape
+        and version)."""
+        sources = (*xs, *ys)
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in sources)
         hit = self.data.get(key)
-        if hit is not None:
-            return hit
+        if hit is not None and all(ref() is t for ref, t in zip(hit[2], sources, strict=True)):
+            return hit[0], hit[1]
         x_pad = torch.zeros((1, *xs[0].shape[1:]), dtype=xs[0].dtype, device=device)
         y_pad = torch.zeros((1, *ys[0].shape[1:]), dtype=ys[0].dtype, device=device)
         value = (torch.cat([x.to(device) for x in xs] + [x_pad]),
                  torch.cat([y.to(device) for y in ys] + [y_pad]))
         if len(self.data) >= 256:
             self.data.clear()
-            self.norms.clear()
-        self.data[key] = value
+        self.data[key] = (*value, tuple(weakref.ref(t) for t in sources))
         return value
 
     def squared_norms(self, x_all: Tensor) -> Tensor:
         """``||x_b||^2`` of every (flattened) row of a gathered input, kept with it."""
-        key = (x_all.data_ptr(), x_all._version, tuple(x_all.shape))
-        held = self.norms.get(key)
-        if held is None:
-            flat = x_all.reshape(x_all.shape[0], -1)
-            held = torch.linalg.vecdot(flat, flat)
-            self.norms = {key: held}
+        if self.norms is not None and self.norms[0]() is x_all:
+            return self.norms[1]
+        flat = x_all.reshape(x_all.shape[0], -1)
+        held = torch.linalg.vecdot(flat, flat)
+        self.norms = (weakref.ref(x_all), held)
         return held
 
 

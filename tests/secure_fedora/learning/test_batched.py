@@ -575,3 +575,25 @@ def test_a_linear_layer_before_the_flatten_is_batched_with_vmap_and_matches_the_
     flat_rows = FlatModel(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 10)))
     x, y = torch.rand(5, 8), torch.randint(0, 10, (5,))
     assert batched_plan(flat_rows, PlainGradient(4), x, y).engine == "linear"
+
+
+def test_new_data_where_a_freed_tensor_was_is_gathered_again():
+    """The gathered data was reused by the source tensors' address, version and shape: a new
+    tensor at a freed one's address (here: the same numpy buffer refilled, as the allocator
+    hands out freed memory again) trained on the old data, silently."""
+    import numpy as np
+
+    flat = FlatModel(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)))
+    rng = np.random.default_rng(0)
+    buffer = rng.normal(size=(8, 6)).astype(np.float32)
+    y = torch.arange(8) % 3
+    for _ in range(2):
+        x = torch.from_numpy(buffer)
+        theta = flat.initial_vector().repeat(1, 1)
+        expected = theta.clone()
+        train_clients(flat, CFG_PLAIN, PlainGradient(4), [ClientJob(0, theta[0], x, y, torch.Generator().manual_seed(0))])
+        local_train(flat, expected[0], x, y, CFG_PLAIN, PlainGradient(4), torch.Generator().manual_seed(0),
+                    Workspace.for_size(flat.num_params))
+        _assert_rows_close(theta, expected)
+        del x
+        buffer[:] = rng.normal(size=buffer.shape)  # new data, same address
