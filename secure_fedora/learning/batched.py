@@ -760,6 +760,16 @@ class _Scratch:
         # addresses alone also matches new tensors allocated where freed ones were
         self.data: dict[tuple[Any, ...], tuple[Tensor, Tensor, tuple[weakref.ref[Tensor], ...]]] = {}
         self.norms: tuple[weakref.ref[Tensor], Tensor] | None = None
+        # Gathers are kept up to twice the bytes the largest call (one train_clients or
+        # evaluate_losses) asked for, least recently used out first: a round's chunks are
+        # reused by the next round, while other participants' gathers (partial participation)
+        # do not pile up beside them.
+        self.call_bytes = 0
+        self.budget = 0
+
+    def begin_call(self) -> None:
+        """A call starts: the gathers it asks for count toward the budget afresh."""
+        self.call_bytes = 0
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialized tensor of ``shape`` (a view of a reused one when it is big enough)."""
@@ -779,15 +789,27 @@ class _Scratch:
         key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in sources)
         hit = self.data.get(key)
         if hit is not None and all(ref() is t for ref, t in zip(hit[2], sources, strict=True)):
+            self.data[key] = self.data.pop(key)  # the most recently used last
+            self._count(hit[0], hit[1])
             return hit[0], hit[1]
         x_pad = torch.zeros((1, *xs[0].shape[1:]), dtype=xs[0].dtype, device=device)
         y_pad = torch.zeros((1, *ys[0].shape[1:]), dtype=ys[0].dtype, device=device)
         value = (torch.cat([x.to(device) for x in xs] + [x_pad]),
                  torch.cat([y.to(device) for y in ys] + [y_pad]))
-        if len(self.data) >= 256:
-            self.data.clear()
+        self.data.pop(key, None)  # gathered from tensors freed since
         self.data[key] = (*value, tuple(weakref.ref(t) for t in sources))
+        self._count(*value)
+        total = sum(_nbytes(x) + _nbytes(y) for x, y, _ in self.data.values())
+        for old in list(self.data)[:-1]:
+            if total <= self.budget:
+                break
+            x, y, _ = self.data.pop(old)
+            total -= _nbytes(x) + _nbytes(y)
         return value
+
+    def _count(self, x: Tensor, y: Tensor) -> None:
+        self.call_bytes += _nbytes(x) + _nbytes(y)
+        self.budget = max(self.budget, 2 * self.call_bytes)
 
     def squared_norms(self, x_all: Tensor) -> Tensor:
         """``||x_b||^2`` of every (flattened) row of a gathered input, kept with it."""
@@ -797,6 +819,10 @@ class _Scratch:
         held = torch.linalg.vecdot(flat, flat)
         self.norms = (weakref.ref(x_all), held)
         return held
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 _SCRATCH: weakref.WeakKeyDictionary[FlatModel, _Scratch] = weakref.WeakKeyDictionary()
@@ -817,6 +843,7 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
     # longest runs first: in a chunk, the clients still training at step t are a prefix
     order = sorted(range(len(jobs)), key=lambda r: -counts[r])
     scratch = _SCRATCH.setdefault(flat, _Scratch())
+    scratch.begin_call()
     steps: dict[int, int] = {}
     failed: list[int] = []
     alphas: dict[int, float] = {}
@@ -1070,6 +1097,7 @@ def evaluate_losses(flat: FlatModel, matrix: Tensor, participants: Sequence[int]
         return [evaluate(flat, matrix[i], x, y).loss for i, x, y in zip(participants, xs, ys, strict=True)]
     plan = BatchedPlan("linear", layers=layers)
     scratch = _SCRATCH.setdefault(flat, _Scratch())
+    scratch.begin_call()
     device, dtype = matrix.device, matrix.dtype
     losses: list[float] = []
     for first in range(0, len(participants), chunk):

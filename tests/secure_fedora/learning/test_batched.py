@@ -597,3 +597,25 @@ def test_new_data_where_a_freed_tensor_was_is_gathered_again():
         _assert_rows_close(theta, expected)
         del x
         buffer[:] = rng.normal(size=buffer.shape)  # new data, same address
+
+
+def test_gathered_data_of_changing_participants_does_not_pile_up():
+    """Every call's gathered data was kept until 256 gathers: under partial participation
+    (other participants every round) memory grew round by round to 256 copies of a round's
+    data. Now at most twice what the largest call gathered is kept; a round with the same
+    participants still reuses its gathers."""
+    from secure_fedora.learning import batched
+
+    flat = FlatModel(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)))
+    data = [(torch.randn(10, 6), torch.arange(10) % 3) for _ in range(12)]
+    theta = flat.initial_vector().repeat(12, 1)
+    for rnd in range(12):
+        members = [rnd, (rnd + 5) % 12]
+        jobs = [ClientJob(i, theta[i], *data[i], torch.Generator().manual_seed(i)) for i in members]
+        train_clients(flat, CFG_PLAIN, PlainGradient(4), jobs)
+    scratch = batched._SCRATCH[flat]
+    assert len(scratch.data) <= 2
+    kept = list(scratch.data.values())[-1][0]
+    train_clients(flat, CFG_PLAIN, PlainGradient(4),
+                  [ClientJob(i, theta[i], *data[i], torch.Generator().manual_seed(i)) for i in members])
+    assert list(scratch.data.values())[-1][0] is kept
