@@ -623,15 +623,18 @@ def _loop_train(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | None
                 oracle.on_step = job.on_step
                 oracle.dpsgd.max_grad_norm = float(
                     job.max_grad_norm if job.max_grad_norm is not None else default_clip)
+            # the proximal term outside the mixture (as the batched engine): at theta itself,
+            # not scaled by alpha and not part of alpha's step
+            mixture = _MixtureStep(inner, job) if job.mix_with is not None else None
+            if mixture is not None:
+                inner = mixture
             if job.mu:
-                inner = _ProximalStep(oracle, job.theta, job.anchor, job.mu)
-            if job.mix_with is not None:
-                inner = _MixtureStep(inner, job)
+                inner = _ProximalStep(inner, job.theta, job.anchor, job.mu)
             steps[job.index] = local_train(flat, job.theta, job.x, job.y, cfg, inner,
                                            job.generator, workspace, phi=job.phi, lam=job.lam,
                                            client=job.index)
-            if job.mix_with is not None:
-                alphas[job.index] = inner.alpha
+            if mixture is not None:
+                alphas[job.index] = mixture.alpha
     finally:
         if kind == "dp":
             oracle.dpsgd.max_grad_norm = default_clip

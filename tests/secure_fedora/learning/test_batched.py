@@ -619,3 +619,24 @@ def test_gathered_data_of_changing_participants_does_not_pile_up():
     train_clients(flat, CFG_PLAIN, PlainGradient(4),
                   [ClientJob(i, theta[i], *data[i], torch.Generator().manual_seed(i)) for i in members])
     assert list(scratch.data.values())[-1][0] is kept
+
+
+def test_a_mixture_with_a_proximal_term_is_the_same_in_the_loop_and_batched():
+    """The loop path put the proximal term inside the mixture (at the mixed row, scaled by
+    alpha, and part of alpha's step) where the batched engine and ClientJob's definition
+    add it after: the rows (here by 0.03) and alpha differed."""
+    flat = FlatModel(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, generator=g), torch.arange(12) % 3
+    base = flat.initial_vector()
+    w = base + 0.3 * torch.randn(base.shape, generator=g)
+    out = {}
+    for engine in ("loop", "auto"):
+        theta = base.clone().repeat(1, 1)
+        job = ClientJob(0, theta[0], x, y, torch.Generator().manual_seed(0), anchor=base - 0.5, mu=1.0,
+                        mix_with=w, mix_alpha=0.4, mix_adaptive=True, mix_lr=0.5)
+        outcome = train_clients(flat, CFG_PLAIN, PlainGradient(4), [job], engine=engine)
+        out[engine] = theta, outcome.alphas[0], outcome.engine
+    assert out["auto"][2] == "linear" and out["loop"][2] == "loop"
+    _assert_rows_close(out["loop"][0], out["auto"][0])
+    assert out["loop"][1] == pytest.approx(out["auto"][1], abs=1e-5)
