@@ -1004,9 +1004,17 @@ class FederationPrivacy:
         no admitted release accounts it, or its entry was used already)."""
         p = self.cfg.privacy
         c = self.clients[i]
-        with torch.no_grad():
-            loss_local = self.loss(bind(theta)(val_x), val_y)
-            loss_received = self.loss(bind(phi)(val_x), val_y)
+        model = bind(theta)
+        was_training = isinstance(model, torch.nn.Module) and model.training
+        if was_training:
+            model.eval()  # as evaluate(): no dropout mask, no draw from torch's global generator
+        try:
+            with torch.no_grad():
+                loss_local = self.loss(model(val_x), val_y)
+                loss_received = self.loss(bind(phi)(val_x), val_y)
+        finally:
+            if was_training:
+                model.train()
         if not (bool(torch.isfinite(loss_local).all()) and bool(torch.isfinite(loss_received).all())):
             raise ClientUpdateError(f"client {i}: non-finite validation losses, nothing released "
                                     f"({DIVERGED_HINT})")

@@ -555,3 +555,21 @@ def test_results_show_every_spent_and_planned_epsilon_rounded_up(tmp_path, clien
     assert all(e <= s <= e + 1e-6 for e, s in zip(spent, shown, strict=True)), (spent, shown)
     assert any(round(e, 6) < e for e in spent)  # rounding to nearest would have shown less
     assert planned[0] <= summary["plan"][0]["planned_epsilon"] <= planned[0] + 1e-6
+
+
+def test_a_private_lambda_evaluates_a_dropout_model_without_masks(tmp_path, clients):
+    """private_lambda ran the model in the training mode local training left it in: its
+    validation losses had dropout masks drawn from torch's global generator, so lambda
+    depended on whatever drew from it before (another engine, a resume), not only on the
+    client's own data and noise stream."""
+    cfg = dp_config(methods=["fedora"], data={"validation": "private"},
+                    training={"rounds": 2, "local_epochs": 1, "batch_size": 25, "lr": 0.05},
+                    model={"factory": "tests.secure_fedora.runtimes.stochastic_model:dropout_mlp"},
+                    privacy={"noise": "reproducible"})
+    lambdas = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sim = Simulation(cfg, tmp_path / str(seed), clients=clients, keystore=tmp_path / f"keys{seed}")
+        sim.run()
+        lambdas.append([row["mean_lambda"] for row in sim.history])
+    assert lambdas[0] == lambdas[1]
