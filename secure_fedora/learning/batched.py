@@ -268,8 +268,8 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     and for a batch padded as the engine pads a smaller client's, so a model whose outputs mix
     the samples of a batch (e.g. BatchNorm without running statistics) or whose layers the
     linear engine reads in another shape (a Linear before the Flatten) is never batched.
-    Without probe data the linear engine is taken on its structure alone (not cached), and
-    nothing else. Anything else gives ``engine="loop"`` with the reason.
+    Without probe data (no client has a sample) nothing can be checked, so the loop trains
+    (not cached). Anything else gives ``engine="loop"`` with the reason.
     """
     kind, why = _oracle_kind(oracle)
     if kind is None:
@@ -277,11 +277,9 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     cached = _PLANS.get(flat, {}).get(kind)
     if cached is not None:
         return cached
-    layers, why = _linear_layers(flat)
     if probe_x is None or probe_y is None or probe_x.shape[0] == 0:
-        if layers is None:
-            return BatchedPlan("loop", "no probe data to check the vmap engine")
-        return BatchedPlan("linear", layers=layers)
+        return BatchedPlan("loop", "no probe data to check the engines")
+    layers, why = _linear_layers(flat)
     plan = None
     if layers is not None:
         plan = _probe_engine(flat, oracle, kind, BatchedPlan("linear", layers=layers), probe_x, probe_y)

@@ -640,3 +640,19 @@ def test_a_mixture_with_a_proximal_term_is_the_same_in_the_loop_and_batched():
     assert out["auto"][2] == "linear" and out["loop"][2] == "loop"
     _assert_rows_close(out["loop"][0], out["auto"][0])
     assert out["loop"][1] == pytest.approx(out["auto"][1], abs=1e-5)
+
+
+def test_clients_without_samples_train_as_in_the_loop_whatever_the_model():
+    """With no sample to probe, the linear engine was taken on the model's structure alone:
+    a Linear before the Flatten (which it reads in another shape) raised a ClientUpdateError
+    where the loop trains (weight decay and the pull still move the rows)."""
+    flat = FlatModel(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)))
+    x, y = torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.long)
+    theta = _matrix(flat, 2)
+    reference = theta.clone()
+    phi = torch.zeros_like(theta)
+    _loop(flat, CFG_FULL, PlainGradient(2), reference, [(x, y)] * 2, phi=phi, lams=[0.5, 0.5])
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(2),
+                            _jobs(theta, [(x, y)] * 2, phi=phi, lams=[0.5, 0.5]))
+    assert outcome.engine == "loop" and "no probe data" in outcome.reason
+    _assert_rows_close(theta, reference)
