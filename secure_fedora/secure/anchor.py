@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,11 +110,37 @@ def build_anchor(run_dir: Path, *, run_name: str, config_hash: str, methods: Seq
     return doc
 
 
+def _anchors_the_same(path: Path, doc: Mapping[str, Any]) -> bool:
+    """Whether ``path`` holds an anchor of exactly what ``doc`` anchors (every field but
+    ``created`` and ``signature`` equal) with a valid signature under ``doc``'s signer."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        held = json.loads(path.read_bytes())
+        if not isinstance(held, dict):
+            return False
+        moving = ("created", "signature")
+        if {k: v for k, v in held.items() if k not in moving} != \
+                {k: v for k, v in doc.items() if k not in moving}:
+            return False
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(doc["signer"]["ed25519"]))
+        key.verify(bytes.fromhex(held["signature"]), anchor_signing_bytes(held))
+    except (OSError, ValueError, TypeError, KeyError, InvalidSignature):
+        return False
+    return True
+
+
 def write_anchor(run_dir: Path, doc: Mapping[str, Any]) -> Path:
-    """Write ``doc`` durably (atomic replace) as ``run_dir/anchor.json``; returns the path."""
+    """Write ``doc`` durably (atomic replace) as ``run_dir/anchor.json``; returns the path.
+
+    An anchor already there that anchors the same run (a finished run resumed again) is kept
+    byte for byte: a copy an auditor took of it still verifies the directory."""
     from secure_fedora.core.files import atomic_write_bytes
 
     path = run_dir / ANCHOR_FILENAME
+    if _anchors_the_same(path, doc):
+        return path
     atomic_write_bytes(path, (canonical_json(dict(doc)) + "\n").encode("utf-8"))
     return path
 
