@@ -102,12 +102,13 @@ class ReleaseJournal:
 
     Opening reads and opens every record with ``agreement_key`` (the client's X25519 private
     key). A last line without its newline (an append that never completed) is moved to
-    ``<journal>.torn-<position>`` and cut off; :attr:`quarantined` names it. Any other damage
+    ``<journal>.torn-<position>`` and cut off; :attr:`quarantined` names it (with
+    ``quarantine=False`` it is only skipped, and opening writes nothing). Any other damage
     (a record that fails authentication, a duplicate (round, kind)) raises JournalError.
     """
 
     def __init__(self, path: str | os.PathLike[str], client_id: str, scope: str,
-                 agreement_key: X25519PrivateKey) -> None:
+                 agreement_key: X25519PrivateKey, *, quarantine: bool = True) -> None:
         if not isinstance(agreement_key, X25519PrivateKey):
             raise JournalError(f"agreement_key must be an X25519PrivateKey, got"
                                f" {type(agreement_key).__name__}")
@@ -119,13 +120,13 @@ class ReleaseJournal:
         self.quarantined: Path | None = None
         self._records: dict[_KEY, JournalRecord] = {}
         self._count = 0
-        self._load()
+        self._load(quarantine)
 
     def _aad(self, position: int) -> bytes:
         return b"|".join([_AAD_PREFIX, self.scope.encode(), self.client_id.encode(),
                           str(position).encode()])
 
-    def _load(self) -> None:
+    def _load(self, quarantine: bool) -> None:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -134,7 +135,7 @@ class ReleaseJournal:
             raise JournalError(f"cannot read journal {str(self.path)!r}: {exc}") from exc
         cut = data.rfind(b"\n") + 1
         lines = data[:cut].split(b"\n")[:-1] if cut else []
-        if data[cut:]:
+        if data[cut:] and quarantine:
             self._quarantine_tail(data[cut:], len(lines), cut)
         for pos, line in enumerate(lines):
             where = f"journal {str(self.path)!r} line {pos}"

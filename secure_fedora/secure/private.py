@@ -581,6 +581,8 @@ class FederationPrivacy:
             signing_key = identity.signing_key
             ledger_path = ledger_dir / f"{cid}.jsonl"
             if resume:
+                _refuse_cut_ledger_as_torn(ledger_path, ledger_dir / f"{cid}.journal", cid,
+                                           method, identity.agreement_key)
                 for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
                                                budget_epsilon=budget.epsilon,
                                                accountant=accountant):
@@ -1142,6 +1144,32 @@ def _check_journal_covers(entries: list[dict[str, Any]], journal: ReleaseJournal
                 f"{entry['round']} {kind!r} release, but the journal {str(journal.path)!r} has no"
                 " record of it (lost or cut): resuming would make that release again with new"
                 " noise, accounted once. Restore the journal from a copy, or start a new run")
+
+
+def _refuse_cut_ledger_as_torn(ledger_path: Path, journal_path: Path, client_id: str,
+                               method: str, agreement_key: Any) -> None:
+    """LedgerError, before anything is written, when a ledger ends in a torn line that the
+    journal shows was once complete: a journal record is written only after its ledger entry
+    is fsynced, so a record naming the torn line's index or a later one means the ledger was
+    cut or damaged since, not torn by a crash, and repairing it would sign a false claim."""
+    try:
+        data = ledger_path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # repair_torn_tail names the unreadable ledger
+    cut = data.rfind(b"\n") + 1
+    if not data[cut:]:
+        return
+    complete = data[:cut].count(b"\n")
+    journal = ReleaseJournal(journal_path, client_id, method, agreement_key, quarantine=False)
+    named = max((record.ledger_index for record in journal), default=-1)
+    if named >= complete:
+        raise LedgerError(
+            f"ledger {str(ledger_path)!r} ends in a torn line at entry {complete}, but its journal"
+            f" {str(journal_path)!r} records a release at ledger entry {named}: those entries were"
+            " complete once, so the ledger was cut or damaged since (not torn by a crash);"
+            " nothing was repaired or written. Restore the ledger from a copy")
 
 
 def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,

@@ -382,3 +382,20 @@ def test_resuming_a_finished_run_keeps_the_anchor_an_auditor_copied(tmp_path, cl
     assert (tmp_path / "anchor.json").read_bytes() == kept.read_bytes()
     report = verify_run(tmp_path, anchor=kept)
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
+
+
+def test_a_ledger_cut_inside_a_journaled_entry_is_refused_not_repaired(tmp_path, clients):
+    """A ledger cut in the middle of an entry its journal records looked like a torn write:
+    the resume quarantined the bytes, appended a signed repair entry ("write never completed,
+    nothing released") and only then refused on the journal. The journal is written after the
+    entry is fsynced, so that entry was complete: refused now before anything is written."""
+    cfg = config(["local"], True, rounds=3)
+    assert run_until_crash(cfg, tmp_path, clients, "train@5")  # round 2, two clients trained
+    ledger = tmp_path / "ledgers" / "local" / "client-000.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]  # both journaled
+    ledger.write_bytes(lines[0] + lines[1][:40])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(LedgerError, match="cut or damaged since"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
