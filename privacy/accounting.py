@@ -586,6 +586,7 @@ class BudgetExceededError(ToolkitError, RuntimeError):
         self.mechanism = mechanism
         self.epsilon_would_be = epsilon_would_be
         self.budget = budget
+        self.reason = reason
         message = (
             f"client {client_id!r} round {round}: release {mechanism!r} refused; epsilon would"
             f" reach {epsilon_would_be:.6g} > budget {budget.epsilon:.6g} (delta={budget.delta:g})"

@@ -325,6 +325,28 @@ class BudgetGate:
         refusals = [e for e in entries[:index] if e["mechanism"] == REFUSAL]
         self._closed_at = refusals[0]["round"] if refusals else None
 
+    def replay_refusal(self, release: Release) -> BudgetExceededError | None:
+        """While replaying: when the next recorded entry is a refusal of ``release`` (its round
+        and kind) that the interrupted run wrote after admitting it (a refused step check),
+        consume it, close the gate and return it as the BudgetExceededError it raised; else
+        None. The resumed run then refuses that release again instead of releasing what the
+        ledger says never left."""
+        if not self._replay:
+            return None
+        entry = self._replay[0]
+        p = entry["params"]
+        if (entry["mechanism"] != REFUSAL or entry["round"] != release.round
+                or p.get("release_kind") != release.kind):
+            return None
+        self._replay.pop(0)
+        if self._closed_at is None:
+            self._closed_at = release.round
+        refused = p.get("refused") or []
+        return BudgetExceededError(
+            client_id=self.client_id, round=release.round,
+            mechanism="+".join(str(r.get("mechanism")) for r in refused) or "(none)",
+            epsilon_would_be=p["epsilon_would_be"], budget=self.budget, reason=p["reason"])
+
     @property
     def replaying(self) -> int:
         """How many recorded entries the resumed run has yet to consume (0: appending)."""
@@ -688,7 +710,12 @@ class CheckExecutedSteps(AfterGate):
                    if e["mechanism"] == self.mechanism and e["round"] == release.round)
 
     def process(self, release: Release) -> Release:
-        """The release unchanged when the counts agree; otherwise refusal + error."""
+        """The release unchanged when the counts agree; otherwise refusal + error. A resumed
+        run whose ledger already refuses this release raises that refusal again."""
+        replayed = self.gate.replay_refusal(release)
+        if replayed is not None:
+            raise StepCountMismatchError(f"{replayed.reason} (recorded before the restart)",
+                                         replayed)
         recorded = self.accounted_steps(release)
         executed = self.counter.executed
         if recorded is not None and executed == recorded:

@@ -399,3 +399,32 @@ def test_a_ledger_cut_inside_a_journaled_entry_is_refused_not_repaired(tmp_path,
     with pytest.raises(LedgerError, match="cut or damaged since"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_after_a_refused_step_check_refuses_that_release_again(tmp_path, clients,
+                                                                       monkeypatch):
+    """A run stopped by a step-count refusal (client 1, round 2) was resumed from round 1's
+    checkpoint: the re-run's step check passed, the refusal entry was never matched, and the
+    resume failed as 'diverged' after appending other clients' round-3 entries; a second
+    resume then released the refused model. The recorded refusal is now raised again, before
+    anything is written."""
+    from secure_fedora.secure.private import DPGradient, StepCountMismatchError
+
+    honest = DPGradient.batches
+    calls = []
+
+    def one_extra_in_round_2(self, n, epochs, generator):
+        calls.append(1)
+        yield from honest(self, n, epochs, generator)
+        if len(calls) == 5:  # client 1, round 2 (3 clients)
+            yield from list(honest(self, n, epochs, generator))[:1]
+
+    cfg = config(["local"], True, rounds=3)
+    monkeypatch.setattr(DPGradient, "batches", one_extra_in_round_2)
+    with pytest.raises(StepCountMismatchError, match="in round 2"):
+        Simulation(cfg, tmp_path, clients=clients).run()
+    monkeypatch.setattr(DPGradient, "batches", honest)
+    before = {p: p.read_bytes() for p in tmp_path.glob("ledgers/*/*")}
+    with pytest.raises(StepCountMismatchError, match="recorded before the restart"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert {p: p.read_bytes() for p in tmp_path.glob("ledgers/*/*")} == before
