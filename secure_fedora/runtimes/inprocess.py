@@ -760,6 +760,9 @@ class Simulation:
         # calibrate first: a plan over budget refuses the run before its keys are published
         calibrated = self.budget_plans(name)
         key_dir = self.key_dir
+        # the run's first privacy record binds the directory to this config: a resume before
+        # the first checkpoint (the Python API's runs have no other copy) is checked against it
+        self._write_config_copy()
         publish_public_keys(key_dir, self.run_dir / "keys", run_party_ids(len(self.clients)))
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
                                          self.run_dir / "ledgers" / name, key_dir,
@@ -1020,6 +1023,16 @@ class Simulation:
             self.write_anchor()
         return results
 
+    def _write_config_copy(self) -> None:
+        """Write ``config.toml`` from the validated config unless the run directory has one
+        (the CLI writes the user's file before the run starts)."""
+        if not (self.run_dir / "config.toml").is_file():
+            import tomli_w
+
+            from secure_fedora.core.config import config_document
+
+            atomic_write_text(self.run_dir / "config.toml", tomli_w.dumps(config_document(self.cfg)))
+
     def write_anchor(self) -> Path:
         """Sign (operator key, from the key store) and write ``anchor.json``: every ledger's
         final index and head, the digests of results.json and config.toml, the methods.
@@ -1029,12 +1042,7 @@ class Simulation:
         from secure_fedora.secure.anchor import build_anchor, write_anchor
         from secure_fedora.secure.keystore import OPERATOR_ID
 
-        if not (self.run_dir / "config.toml").is_file():
-            import tomli_w
-
-            from secure_fedora.core.config import config_document
-
-            atomic_write_text(self.run_dir / "config.toml", tomli_w.dumps(config_document(self.cfg)))
+        self._write_config_copy()
         ledgers = {}
         for method, summary in self.privacy.items():
             for row in summary["clients"]:

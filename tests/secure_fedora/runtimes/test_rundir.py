@@ -280,3 +280,26 @@ def test_a_checkpoint_whose_ledgers_are_not_held_is_refused_before_anything_runs
     assert "fedavg.pt records 2 ledger entries of client client-001" in err
     assert "client-001.jsonl does not hold" in err and "nothing was written" in err
     assert snapshot(run_dir) == before
+
+
+def test_api_resume_of_a_dp_run_killed_before_its_first_checkpoint_checks_the_config(tmp_path):
+    """A Python API run keeps no config copy and had no checkpoint yet: a resume with another
+    configuration (here another learning rate) replayed the journaled releases and went on
+    training under it, silently. A private run now writes its config.toml before its first
+    ledger entry, so the resume is matched to its configuration."""
+    from secure_fedora.core import crashpoints
+    run_dir = tmp_path / "run"
+    crashpoints.arm("train@2")  # round 1, after the first client trained
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Experiment(DP, run_dir=run_dir).run()
+    finally:
+        crashpoints.disarm()
+    assert not list(run_dir.glob("checkpoints/*.pt"))
+    before = snapshot(run_dir)
+    other = {**DP, "training": {**DP["training"], "lr": 0.5}}
+    with pytest.raises(RunDirError, match="another configuration"):
+        Experiment(other, run_dir=run_dir).run(resume=True)
+    assert snapshot(run_dir) == before
+    Experiment(DP, run_dir=run_dir).run(resume=True)
+    assert audit_main(["audit", "verify", str(run_dir)]) == 0
