@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with",
+           "remove_interrupted_writes"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -23,11 +25,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def atomic_write_with(path: Path, write: Callable[[Any], None]) -> None:
     """As :func:`atomic_write_bytes`, with ``write(fh)`` streaming the content into the
     temporary file (no in-memory copy of a multi-GB checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path))
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -42,3 +48,18 @@ def atomic_write_with(path: Path, write: Callable[[Any], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_interrupted_writes(path: Path) -> list[Path]:
+    """Delete the temporary files that atomic writes of ``path`` killed before their rename
+    left beside it (a process killed while streaming a checkpoint leaves a partial copy, up to
+    the checkpoint's size, that nothing reads); ``path`` itself is untouched. Call only while
+    no other process writes ``path``. Returns the files removed."""
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for leftover in path.parent.glob(f"{glob_escape(_temporary_prefix(path))}*"):
+        if leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink()
+            removed.append(leftover)
+    return removed

@@ -31,7 +31,12 @@ from secure_fedora.algorithms.contract import check_round_statistics, round_mech
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
 from secure_fedora.core.config import ExperimentConfig, config_hash, model_selection
 from secure_fedora.core.crashpoints import crash_point
-from secure_fedora.core.files import atomic_write_bytes, atomic_write_text, atomic_write_with
+from secure_fedora.core.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    atomic_write_with,
+    remove_interrupted_writes,
+)
 from secure_fedora.core.registry import DATASETS, PARTITIONERS
 from secure_fedora.data.partition import ClientData, LabeledDataset
 from secure_fedora.data.sources import fingerprint_clients
@@ -785,6 +790,11 @@ class Simulation:
         timing = {"training": 0.0, "evaluation": 0.0}
         self.round_timings[name] = []
         path = self.checkpoint_path(name)
+        if resume:
+            # partial checkpoints of a process killed while writing one (as large as a
+            # checkpoint each); this process holds the method's ledgers' locks under DP
+            for leftover in remove_interrupted_writes(path):
+                log.warning("removed %s, a checkpoint write that was interrupted", leftover)
         if resume and path.exists():
             state = load_checkpoint(path)
             self._check_identity(state, path)

@@ -428,3 +428,20 @@ def test_a_resume_after_a_refused_step_check_refuses_that_release_again(tmp_path
     with pytest.raises(StepCountMismatchError, match="recorded before the restart"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert {p: p.read_bytes() for p in tmp_path.glob("ledgers/*/*")} == before
+
+
+def test_a_resume_removes_the_partial_checkpoint_of_a_write_that_was_killed(tmp_path, clients,
+                                                                           reference):
+    """A process killed while streaming a checkpoint leaves its temporary file (as large as a
+    checkpoint: GBs at scale) beside it; every later resume kept it, so each such crash cost
+    that much disk for good. The resume of the method now removes it, and nothing else."""
+    cfg = config(["local"], False)
+    assert run_until_crash(cfg, tmp_path, clients, "train@4")  # round 1's checkpoint written
+    folder = tmp_path / "checkpoints"
+    partial = folder / ".local.pt.k1ll3d_x"  # named as atomic_write_with's mkstemp names it
+    partial.write_bytes(b"SFCKPT2\n" + b" " * 100)
+    other = folder / "notes.txt"
+    other.write_text("kept")
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert not partial.exists() and other.read_text() == "kept"
+    assert comparable_results(tmp_path) == comparable_results(reference(["local"], False))
