@@ -210,7 +210,8 @@ class TrainingConfig(_Section):
     # whenever the time since the last checkpoint reaches 10x what that checkpoint took (so
     # checkpoints cost at most about 10% of the run). Always after the last round. A crash
     # between checkpoints repeats the rounds since the last one on resume, bit-identically
-    # (under DP the repeated rounds are accounted again: over-counted, never under-counted).
+    # (under DP the repeated rounds' releases are re-made from the release journal and
+    # matched to their ledger entries: accounted once).
     # Not part of the config hash: it does not change results, so a resume may change it.
     checkpoint_every: PositiveInt | Literal["auto"] = "auto"
 
