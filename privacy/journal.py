@@ -59,6 +59,9 @@ class JournalRecord:
     ``noise_state`` that state itself, from which the release (and everything the client
     computes with the same draws) is reproduced. ``noise_state`` may be empty when the noise
     is reproducible from the run's checkpoint and seed (the digest then checks the re-run).
+    ``ledger_entry_sha256`` is the hash of that ledger entry's line (empty in records written
+    before it was kept): it binds the record to this run's ledger, whose lines are signed and
+    timestamped, so a journal of another run of the same config and keys does not pass.
     """
 
     round: int
@@ -67,14 +70,17 @@ class JournalRecord:
     payload_sha256: str
     noise_state_sha256: str
     noise_state: bytes = b""
+    ledger_entry_sha256: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"version": JOURNAL_VERSION, "round": self.round, "kind": self.kind,
-                           "ledger_index": self.ledger_index,
-                           "payload_sha256": self.payload_sha256,
-                           "noise_state_sha256": self.noise_state_sha256,
-                           "noise_state": base64.b64encode(self.noise_state).decode("ascii")},
-                          sort_keys=True, separators=(",", ":"))
+        doc = {"version": JOURNAL_VERSION, "round": self.round, "kind": self.kind,
+               "ledger_index": self.ledger_index,
+               "payload_sha256": self.payload_sha256,
+               "noise_state_sha256": self.noise_state_sha256,
+               "noise_state": base64.b64encode(self.noise_state).decode("ascii")}
+        if self.ledger_entry_sha256:
+            doc["ledger_entry_sha256"] = self.ledger_entry_sha256
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: bytes) -> JournalRecord:
@@ -94,7 +100,10 @@ class JournalRecord:
         state = base64.b64decode(obj["noise_state"], validate=True)
         if state and payload_digest(state) != digests[1]:
             raise ValueError("noise_state does not match noise_state_sha256")
-        return cls(rnd, kind, index, digests[0], digests[1], state)
+        entry = obj.get("ledger_entry_sha256", "")
+        if not (isinstance(entry, str) and len(entry) in (0, 64)):
+            raise ValueError("ledger_entry_sha256 must be 64 hex characters")
+        return cls(rnd, kind, index, digests[0], digests[1], state, entry)
 
 
 class ReleaseJournal:

@@ -651,8 +651,12 @@ class JournalRelease(AfterGate):
         written = 0
         if record is None:
             kept = noise_state if self.keep_noise_state else b""
+            # the gate's head is the line of the release's last entry when that entry ends the
+            # ledger (always, as the gate has just written or completed the release)
+            entry_hash = str(metadata.get("ledger_head", "")) \
+                if metadata.get("ledger_entries") == ledger_index + 1 else ""
             written = self.journal.append(JournalRecord(
-                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept))
+                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept, entry_hash))
         elif record.ledger_index != ledger_index or record.payload_sha256 != digest:
             raise LedgerError(
                 f"client {self.client_id!r}: resume diverged: the round-{rnd}"

@@ -1179,13 +1179,20 @@ def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,
     journal = ReleaseJournal(path, client_id, method, agreement_key)
     entries = ledger.entries
     for record in journal:
-        entry = entries[record.ledger_index] if record.ledger_index < len(entries) else None
+        index = record.ledger_index
+        entry = entries[index] if index < len(entries) else None
         if (entry is None or entry["round"] != record.round
                 or entry["params"].get("release_kind") != record.kind):
             raise JournalError(
                 f"journal {str(path)!r}: the round-{record.round} {record.kind!r} record names"
-                f" ledger entry {record.ledger_index}, which does not record that release"
+                f" ledger entry {index}, which does not record that release"
             )
+        line = entries[index + 1]["prev_hash"] if index + 1 < len(entries) else ledger.head[1]
+        if record.ledger_entry_sha256 and record.ledger_entry_sha256 != line:
+            raise JournalError(
+                f"journal {str(path)!r}: the round-{record.round} {record.kind!r} record was"
+                f" written beside another ledger (its entry {index} differs): the journal is"
+                " another run's; restore this run's journal, or start a new run")
     return journal
 
 

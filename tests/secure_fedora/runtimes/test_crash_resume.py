@@ -445,3 +445,21 @@ def test_a_resume_removes_the_partial_checkpoint_of_a_write_that_was_killed(tmp_
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert not partial.exists() and other.read_text() == "kept"
     assert comparable_results(tmp_path) == comparable_results(reference(["local"], False))
+
+
+def test_a_journal_swapped_in_from_another_run_of_the_same_config_is_refused(tmp_path, clients):
+    """Two runs of one config share its key store, so a journal of the other run opened and
+    matched this ledger's rounds and kinds: the resume re-made the other run's summaries (its
+    noise) under this run's ledger entries, a second noised release accounted once, and
+    verify passed. Each record now carries the hash of the ledger line it follows."""
+    data = config_dict(["fedora"], True)
+    data["privacy"]["noise"] = "csprng"
+    cfg = parse_config(data)
+    for name in ("a", "b"):
+        assert run_until_crash(cfg, tmp_path / name, clients, "train@2")  # round 1
+    journal = Path("ledgers") / "fedora" / "client-000.journal"
+    (tmp_path / "a" / journal).write_bytes((tmp_path / "b" / journal).read_bytes())
+    before = comparable_ledgers(tmp_path / "a")
+    with pytest.raises(JournalError, match="another run's"):
+        Simulation(cfg, tmp_path / "a", clients=clients).run(resume=True)
+    assert comparable_ledgers(tmp_path / "a") == before
