@@ -648,7 +648,8 @@ def run_sweep(
     settings = {}
     for cell in cells:
         settings.setdefault(cell.epsilon, configs[cell])
-    files = write_outputs(out, cfg, rows, sweep_metric(docs), settings, _not_covered(cells, configs))
+    files = write_outputs(out, cfg, rows, sweep_metric(docs), settings,
+                          _stated_assumptions(cells, configs))
     return SweepResult(rows, ran, skipped, files)
 
 
@@ -713,11 +714,12 @@ def sweep_metric(docs: Mapping[Cell, dict[str, Any]]) -> str:
     return metrics.pop() if metrics else "accuracy"
 
 
-def _not_covered(cells: Iterable[Cell],
+def _stated_assumptions(cells: Iterable[Cell],
                  configs: Mapping[Cell, ExperimentConfig]) -> dict[float, dict[str, str]]:
-    """Per numeric epsilon, what the swept methods' results state that epsilon does not cover
-    (their declared ``assumptions``, e.g. ``fedavg_finetuning`` for the ``fedavg_ft`` row,
-    ``client_held_models`` for Ditto's and APFL's personal models)."""
+    """Per numeric epsilon, the assumptions the swept methods' results state (their declared
+    ``assumptions``): what that epsilon does not cover (e.g. ``fedavg_finetuning`` for the
+    ``fedavg_ft`` row, ``client_held_models`` for Ditto's and APFL's personal models), and
+    assumptions of other kinds (e.g. FEDORA's ``ckks_keys``, which DP does not depend on)."""
     out: dict[float, dict[str, str]] = {}
     for cell in cells:
         cls = method_class(cell.method)
@@ -772,11 +774,12 @@ def _spent_label(row: SweepRow) -> str:
 
 def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy",
                      cell_configs: Mapping[float | None, ExperimentConfig] | None = None,
-                     not_covered: Mapping[float, Mapping[str, str]] | None = None) -> str:
+                     assumptions: Mapping[float, Mapping[str, str]] | None = None) -> str:
     """The sweep table with its setup and the definitions of its columns, named after the
-    task's test ``metric`` ("accuracy" or "auc"). Under each epsilon's line, what that
-    epsilon does not cover (``not_covered[epsilon]``, see :func:`_not_covered`), so no row is
-    read as covered by a guarantee its cells' results disclaim.
+    task's test ``metric`` ("accuracy" or "auc"). Under each epsilon's line, the assumptions
+    its cells' results state (``assumptions[epsilon]``, see :func:`_stated_assumptions`), so
+    no row is read as covered by a guarantee its cells' results disclaim; each is shown as
+    stated, not as a gap of that epsilon (an encryption assumption is none).
 
     Each epsilon's line names the privacy settings of ``cell_configs[epsilon]`` (the config
     of a cell of the sweep at that epsilon); an epsilon missing there gets the config of a
@@ -812,8 +815,10 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
         settings = privacy_settings(_settings_config(cfg, at, eps, seeds[0], cell_configs))
         lines.append(f"- epsilon {epsilon_label(eps)}: highest mean {name} {best.method} "
                      f"({best.acc_mean:.4f}); {settings}.")
-        for key, text in sorted((not_covered or {}).get(eps, {}).items()) if eps is not None else ():
-            lines.append(f"  - not covered by epsilon {epsilon_label(eps)} ({key}): {text}")
+        stated = (assumptions or {}).get(eps, {}) if eps is not None else {}
+        for key, text in sorted(stated.items()):
+            lines.append(f"  - stated by the results at epsilon {epsilon_label(eps)} ({key}):"
+                         f" {text}")
     lines += [
         "",
         f"{name[0].upper() + name[1:]} is each client's test {name} at the reported round named "
@@ -890,13 +895,13 @@ def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None
 def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow],
                   metric: str = "accuracy",
                   cell_configs: Mapping[float | None, ExperimentConfig] | None = None,
-                  not_covered: Mapping[float, Mapping[str, str]] | None = None) -> list[Path]:
+                  assumptions: Mapping[float, Mapping[str, str]] | None = None) -> list[Path]:
     """Write ``sweep.csv``, ``sweep.md`` and the plots (atomically for the text files), named
     after the task's test ``metric`` (the CSV keeps its ``acc_*`` columns for any metric);
-    ``cell_configs`` and ``not_covered``: see :func:`rows_to_markdown`."""
+    ``cell_configs`` and ``assumptions``: see :func:`rows_to_markdown`."""
     atomic_write_text(out / "sweep.csv", rows_to_csv(rows))
     atomic_write_text(out / "sweep.md", rows_to_markdown(cfg, rows, metric, cell_configs,
-                                                         not_covered))
+                                                         assumptions))
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     files = [out / "sweep.csv", out / "sweep.md",
