@@ -71,6 +71,7 @@ from privacy.noise import NoiseSource, make_noise_source
 from privacy.pipeline import EncryptPayload, Release
 from secure_fedora.algorithms.contract import Payload, round_mechanisms
 from secure_fedora.core.config import ExperimentConfig, model_selection
+from secure_fedora.core.files import remove_interrupted_writes
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import evaluate
 from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
@@ -753,6 +754,9 @@ def run_stage(
     # torn last line of the ledger or journal is a dead writer's, never a live append
     with _stage_lock(node, run_id):
         state_path = _method_dir(node, run_id, method) / "client.pt"
+        # a process killed while saving its state left a partial copy beside it (as in process)
+        for leftover in remove_interrupted_writes(state_path):
+            log.warning("removed %s, a client state write that was interrupted", leftover)
         state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
                  if state_path.exists() else
                  ClientRunState(i, run_id, settings.config_hash, method,

@@ -328,3 +328,21 @@ def test_a_malformed_ledger_state_in_a_request_is_refused(record: dict) -> None:
         _server_saw(ConfigRecord(record))
     assert _server_saw(ConfigRecord({})) is None
     assert _server_saw(ConfigRecord({"ledger-entries": 3, "ledger-head": "a" * 64})) == (3, "a" * 64)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_partial_client_state_of_a_killed_write_is_removed(tmp_path: Path) -> None:
+    """A ClientApp killed while saving client.pt left its temporary file (a copy of the
+    client's state) beside it, kept for good as in process before its resume removed them;
+    the next message of that client now removes it, and nothing else."""
+    def leave_partial(run: Path) -> None:
+        (run / "fedavg" / ".client.pt.k1ll3d_x").write_bytes(b"SFCKPT2\n" + b" " * 100)
+        (run / "fedavg" / "notes.txt").write_text("kept")
+
+    grid, run = _run(tmp_path, with_methods(tiny_config(), "fedavg"),
+                     _damage_before_round_2(tmp_path, leave_partial))
+    run()
+    folder = _run_dir(tmp_path, 1) / "fedavg"
+    assert not grid.errors
+    assert not (folder / ".client.pt.k1ll3d_x").exists()
+    assert (folder / "notes.txt").read_text() == "kept"
