@@ -766,6 +766,10 @@ def run_stage(
         done = state.answered.get(stage)
         if done is not None and done > rnd:
             raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
+        if cfg.privacy.enabled:  # before _open_privacy repairs a torn last line
+            _refuse_cut_ledger(
+                _method_dir(node, run_id, method) / f"{client_ids(cfg.data.num_clients)[i]}.jsonl",
+                [state.ledger_head if state_path.exists() else None, server_saw])
         privacy = _open_privacy(settings, node, run_id, method)
         try:
             saved = state_path.exists()
@@ -840,6 +844,29 @@ def _repair_journal(journal: ReleaseJournal) -> None:
     if moved is not None:
         log.warning("release journal %s: torn last line quarantined in %s (its release never "
                     "left)", journal.path, moved.name)
+
+
+def _refuse_cut_ledger(path: Path, heads: list[tuple[int, str] | None]) -> None:
+    """NodeStateError, before anything is written, when the ledger at ``path`` ends in a torn
+    line at an entry this client had already reported (``heads``: its saved state's and the
+    server's record of its ledger, each ``(entries, head)`` or None): that line was complete
+    once, so the ledger was cut or damaged since, not torn by a crash, and repairing it would
+    sign a false claim that its write never completed."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return  # a missing ledger is _check_state_holds's to name
+    cut = data.rfind(b"\n") + 1
+    if not data[cut:]:
+        return
+    complete = data[:cut].count(b"\n")
+    known = max((int(h[0]) for h in heads if h is not None), default=0)
+    if known > complete:
+        raise NodeStateError(
+            f"{path} ends in a torn line at entry {complete}, but this client already reported "
+            f"its ledger at {known} entries: those entries were complete once, so the ledger "
+            "was cut or damaged since (not torn by a crash); nothing was repaired or written. "
+            "Restore the node's state-dir from a copy, or start a new run")
 
 
 def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePrivacy | None,

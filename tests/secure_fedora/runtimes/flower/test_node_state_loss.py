@@ -346,3 +346,29 @@ def test_a_partial_client_state_of_a_killed_write_is_removed(tmp_path: Path) -> 
     assert not grid.errors
     assert not (folder / ".client.pt.k1ll3d_x").exists()
     assert (folder / "notes.txt").read_text() == "kept"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_ledger_cut_inside_a_reported_entry_is_refused_not_repaired(tmp_path: Path) -> None:
+    """A node's ledger cut in the middle of an entry the client had reported (its saved state
+    and the server hold the longer ledger) looked like a torn write: the ClientApp quarantined
+    the bytes and appended a signed repair entry ("write never completed, nothing released")
+    before its state check refused. Such a cut is refused now before anything is written."""
+    kept: dict[str, bytes] = {}
+
+    def cut_inside_last_entry(run: Path) -> None:
+        ledger = run / "fedora" / "client-001.jsonl"
+        data = ledger.read_bytes()
+        ledger.write_bytes(data[:-40])
+        kept["ledger"] = data[:-40]
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"),
+                     _damage_before_round_2(tmp_path, cut_inside_last_entry))
+    with pytest.raises(DeployError, match="refuses to go on"):
+        run()
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert "cut or damaged since" in str(refusals[0])
+    folder = _run_dir(tmp_path, 1) / "fedora"
+    assert (folder / "client-001.jsonl").read_bytes() == kept["ledger"]
+    assert not list(folder.glob("client-001.jsonl.torn-*"))
