@@ -149,6 +149,15 @@ class FederatedAlgorithm(ABC):
         return {}
 
     @classmethod
+    def derived_assumptions(cls, name: str, outcome: Mapping[str, Any],
+                            cfg: Any) -> dict[str, Any]:
+        """Entries of results.json's ``assumptions`` that this method's :meth:`derived_rows`
+        of ``outcome`` (registered as ``name``) need under ``cfg``: stated from what the run
+        produced, so a method built on this class (its own name, its own settings) states
+        them too. Default: none."""
+        return {}
+
+    @classmethod
     def comparisons(cls, name: str, outcomes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """Entries of results.json's ``comparison`` this method (registered as ``name``)
         derives from all methods' outcomes of the run (keyed by method name). Default: none."""

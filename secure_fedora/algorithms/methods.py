@@ -780,6 +780,19 @@ class FedAvg(FederatedMethod):
         tuned = outcome.get("extra", {}).get("finetuned_test_accuracy")
         return {} if tuned is None else {f"{name}_ft": list(tuned)}
 
+    @classmethod
+    def derived_assumptions(cls, name: str, outcome: Mapping[str, Any],
+                            cfg: Any) -> dict[str, Any]:
+        """Under DP, a ``methods.<name>_ft`` row (whatever ``[fedavg]`` says: a method
+        registered on FedAvg fine-tunes with its own settings) is stated as not covered:
+        ``assumptions.fedavg_finetuning`` for ``fedavg``, ``<name>_finetuning`` otherwise."""
+        if not cfg.privacy.enabled or not cls.derived_rows(name, outcome):
+            return {}
+        if name == cls.name:
+            return {"fedavg_finetuning": FINETUNING_UNDER_DP}
+        return {f"{name}_finetuning": FINETUNING_UNDER_DP.replace(
+            "FedAvg's", f"{name}'s (built on FedAvg)").replace("fedavg_ft", f"{name}_ft")}
+
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
         """``finetuned_test_accuracy``: every client's fine-tuned test metric, in client order."""
         if not replies:

@@ -208,9 +208,14 @@ def build_results(
     methods = {name: {**o, "metric": metric} for name, o in outcomes.items()}
     comparison: dict[str, Any] = {}
     derived: dict[str, Any] = {}
+    stated = {**_assumptions(cfg), **(assumptions or {})}
     for name, cls in _declaring_classes(outcomes):
         for key, value in cls.comparisons(name, outcomes).items():
             _add_once(comparison, key, value, f"comparison.{key}")
+        for key, value in cls.derived_assumptions(name, outcomes[name], cfg).items():
+            if stated.setdefault(key, value) != value:
+                raise ValueError(f"method {name!r} states assumption {key!r} differently from "
+                                 "another method of the run")
         for row, per_client in cls.derived_rows(name, outcomes[name]).items():
             _add_once(derived, row, {"name": row, "selected": summarize(per_client),
                                      "metric": metric}, f"methods.{row}")
@@ -229,7 +234,7 @@ def build_results(
         # What methods.<name>.selected/final hold: "accuracy" or "auc" (follows the loss).
         "metric": metric,
         "loss": cfg.training.loss,
-        "assumptions": {**_assumptions(cfg), **(assumptions or {})},
+        "assumptions": stated,
         "privacy": dict(privacy or {}),
         "clients": list(clients),
         "methods": methods,

@@ -110,3 +110,31 @@ def test_fedprox_states_no_fine_tuning_it_does_not_do() -> None:
     assert "fedavg_finetuning" not in _build(_config(["fedprox"], dp=True), {})["assumptions"]
     both = _build(_config(["fedprox", "fedavg"], dp=True), {})["assumptions"]
     assert "not covered by the DP guarantee" in both["fedavg_finetuning"]
+
+
+def test_a_fine_tuned_row_of_a_method_built_on_fedavg_is_stated_under_dp() -> None:
+    """A method registered on FedAvg (README's fedavgm: its own finetune_epochs) reported a
+    fedavgm_ft row under DP with no statement that DP does not cover it: FedAvg's assumption
+    read [fedavg] finetune_epochs, not what the run fine-tuned."""
+    from secure_fedora.algorithms.methods import FedAvg
+
+    def build(ctx: Any, cfg: Any) -> FedAvg:
+        return FedAvg(ctx, finetune_epochs=1)
+
+    build.algorithm = FedAvg  # type: ignore[attr-defined]
+    METHODS.register("fedavg_x", build)
+    try:
+        cfg = parse_config({"methods": ["fedavg_x"], "fedavg": {"finetune_epochs": 0},
+                            "data": {"num_clients": 3, "train_per_client": 40},
+                            "privacy": {"enabled": True, "epsilon": 5.0, "delta": 1e-3}})
+        tuned = {"fedavg_x": _entry("fedavg_x", [0.4] * 3, {"finetuned_test_accuracy": [0.5] * 3})}
+        stated = _build(cfg, tuned)["assumptions"]
+        assert "fedavg_x_ft test metric is not covered by the DP guarantee" in \
+            stated["fedavg_x_finetuning"]
+        assert "fedavg_finetuning" not in stated
+        untuned = {"fedavg_x": _entry("fedavg_x", [0.4] * 3)}
+        assert "fedavg_x_finetuning" not in _build(cfg, untuned)["assumptions"]
+        plain = _config(["fedavg_x"])
+        assert "fedavg_x_finetuning" not in _build(plain, tuned)["assumptions"]
+    finally:
+        METHODS.unregister("fedavg_x")
