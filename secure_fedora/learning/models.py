@@ -115,13 +115,11 @@ def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = 
         generator = torch.Generator(device="cpu")
         generator.manual_seed(int(seed))
         init_parameters(model, generator)
-    else:
-        # A registered model with other layers or buffers: materialized, their values would be
-        # uninitialized memory; built again under the seeded global RNG, as a model factory is.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            model = builder(shape, int(num_classes), None)
-    return check_model_state(model, f"model {name!r}")
+        return check_model_state(model, f"model {name!r}")
+    # A registered model with other layers or buffers: materialized, their values would be
+    # uninitialized memory; built again under the seeded global RNG, as a model factory is.
+    return build_user_model(lambda s, c: builder(s, c, None), shape, int(num_classes), int(seed),
+                            source=f"model {name!r}")
 
 
 def _set_by_init_parameters(model: nn.Module) -> bool:
