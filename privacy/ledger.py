@@ -663,6 +663,18 @@ def _unrecorded_quarantines(path: Path, entries: Sequence[dict[str, Any]]) -> li
                   if q.name not in recorded)
 
 
+def torn_line_index(path: str | os.PathLike[str]) -> int | None:
+    """The entry index of the ledger's torn final line (the number of complete lines before
+    it), or ``None`` when the ledger ends in a newline or cannot be read (the callers that
+    repair or open it name that). Reads only."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    cut = data.rfind(b"\n") + 1
+    return data[:cut].count(b"\n") if data[cut:] else None
+
+
 def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
                      signing_key: Ed25519PrivateKey, *, delta: float, budget_epsilon: float,
                      accountant: str) -> list[TornTailRepair]:

@@ -61,6 +61,7 @@ from privacy.ledger import (
     LedgerWriter,
     repair_torn_tail,
     replay_accountant,
+    torn_line_index,
 )
 from privacy.mechanisms import scalar_record
 from privacy.noise import (
@@ -1152,16 +1153,9 @@ def _refuse_cut_ledger_as_torn(ledger_path: Path, journal_path: Path, client_id:
     journal shows was once complete: a journal record is written only after its ledger entry
     is fsynced, so a record naming the torn line's index or a later one means the ledger was
     cut or damaged since, not torn by a crash, and repairing it would sign a false claim."""
-    try:
-        data = ledger_path.read_bytes()
-    except FileNotFoundError:
+    complete = torn_line_index(ledger_path)  # None: not torn (repair_torn_tail names a bad read)
+    if complete is None:
         return
-    except OSError:
-        return  # repair_torn_tail names the unreadable ledger
-    cut = data.rfind(b"\n") + 1
-    if not data[cut:]:
-        return
-    complete = data[:cut].count(b"\n")
     journal = ReleaseJournal(journal_path, client_id, method, agreement_key, quarantine=False)
     named = max((record.ledger_index for record in journal), default=-1)
     if named >= complete:

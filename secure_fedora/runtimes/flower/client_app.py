@@ -852,14 +852,11 @@ def _refuse_cut_ledger(path: Path, heads: list[tuple[int, str] | None]) -> None:
     server's record of its ledger, each ``(entries, head)`` or None): that line was complete
     once, so the ledger was cut or damaged since, not torn by a crash, and repairing it would
     sign a false claim that its write never completed."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return  # a missing ledger is _check_state_holds's to name
-    cut = data.rfind(b"\n") + 1
-    if not data[cut:]:
+    from privacy.ledger import torn_line_index
+
+    complete = torn_line_index(path)  # None: not torn (a missing ledger is named later)
+    if complete is None:
         return
-    complete = data[:cut].count(b"\n")
     known = max((int(h[0]) for h in heads if h is not None), default=0)
     if known > complete:
         raise NodeStateError(
