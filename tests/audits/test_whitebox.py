@@ -161,20 +161,28 @@ def test_run_dir_and_cli(tmp_path, capsys):
     assert main(["audit", "whitebox", str(run), "--calibration-fraction", "1.5"]) == 2
 
 
-def test_a_model_smaller_than_the_default_canary_count_is_audited_on_all_its_coordinates(
-        tmp_path, monkeypatch):
-    """The default (20,000 canaries) used to be refused for any model with fewer parameters."""
+def _table_module(tmp_path, monkeypatch, module: str, rows: int, train: int, extra: str = "",
+                  tail: str = "") -> None:
+    """An importable ``module.load(seed)``: ``rows`` random 5-feature rows labelled by the sign
+    of the first, the first ``train`` for training (``extra`` adds dict entries, ``tail`` code)."""
     folder = tmp_path / "plugins"
     folder.mkdir()
-    (folder / "whitebox_table.py").write_text(
+    (folder / f"{module}.py").write_text(
         "import torch\n\n\n"
         "def load(seed):\n"
         "    g = torch.Generator().manual_seed(seed)\n"
-        "    x = torch.randn(400, 5, generator=g)\n"
+        f"    x = torch.randn({rows}, 5, generator=g)\n"
         "    y = (x[:, 0] > 0).long()\n"
-        "    return {'x_train': x[:300], 'y_train': y[:300], 'x_test': x[300:], 'y_test': y[300:],\n"
-        "            'num_classes': 2}\n")
+        f"    return {{'x_train': x[:{train}], 'y_train': y[:{train}], 'x_test': x[{train}:],\n"
+        f"            'y_test': y[{train}:]{extra}}}\n" + tail)
     monkeypatch.syspath_prepend(str(folder))
+
+
+def test_a_model_smaller_than_the_default_canary_count_is_audited_on_all_its_coordinates(
+        tmp_path, monkeypatch):
+    """The default (20,000 canaries) used to be refused for any model with fewer parameters."""
+    _table_module(tmp_path, monkeypatch, "whitebox_table", rows=400, train=300,
+                  extra=", 'num_classes': 2")
     doc = _cfg_dict(3.0, noise="reproducible")
     doc["data"] = {"source": "whitebox_table:load", "partition": "iid", "num_clients": 2,
                    "train_per_client": 128, "val_per_client": 16, "test_per_client": 16}
@@ -232,19 +240,10 @@ def test_an_edited_epsilon_is_not_this_runs_config(tmp_path, capsys):
 def test_a_binary_task_is_audited_with_its_own_loss(tmp_path, monkeypatch):
     """The quiet coordinates were chosen by cross-entropy whatever the run's loss: a
     ``training.loss = "bce"`` run (one logit) stopped with torch's IndexError traceback."""
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "whitebox_binary.py").write_text(
-        "import torch\n\n\n"
-        "def load(seed):\n"
-        "    g = torch.Generator().manual_seed(seed)\n"
-        "    x = torch.randn(200, 5, generator=g)\n"
-        "    y = (x[:, 0] > 0).long()\n"
-        "    return {'x_train': x[:160], 'y_train': y[:160], 'x_test': x[160:], 'y_test': y[160:]}\n\n\n"
-        "def mlp(input_shape, num_classes):\n"
+    _table_module(tmp_path, monkeypatch, "whitebox_binary", rows=200, train=160, tail=(
+        "\n\n\ndef mlp(input_shape, num_classes):\n"
         "    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(),\n"
-        "                               torch.nn.Linear(16, num_classes))\n")
-    monkeypatch.syspath_prepend(str(folder))
+        "                               torch.nn.Linear(16, num_classes))\n"))
     doc = _cfg_dict(3.0, noise="reproducible")
     doc["data"] = {"source": "whitebox_binary:load", "partition": "iid", "num_clients": 2,
                    "train_per_client": 64, "val_per_client": 8, "test_per_client": 16}
