@@ -82,6 +82,11 @@ class LedgerError(ToolkitError, ValueError):
     """A ledger cannot be read, verified or appended to; the message says which file/entry."""
 
 
+class LedgerCutError(LedgerError):
+    """A ledger ends in a torn line at an entry known to have been complete once: it was cut or
+    damaged since, not torn by a crash (see :func:`repair_torn_tail`)."""
+
+
 @dataclass(frozen=True)
 class LedgerProblem:
     """One verification finding: the entry position (0-based line), a short kind, a message."""
@@ -675,9 +680,21 @@ def torn_line_index(path: str | os.PathLike[str]) -> int | None:
     return data[:cut].count(b"\n") if data[cut:] else None
 
 
+def _refuse_cut(path: Path, data: bytes, complete: int, known_by: str) -> None:
+    cut = data.rfind(b"\n") + 1
+    torn = data[:cut].count(b"\n")
+    if data[cut:] and torn < complete:
+        how = f" ({known_by})" if known_by else ""
+        raise LedgerCutError(
+            f"ledger {str(path)!r} ends in a torn line at entry {torn}, but {complete} entries"
+            f" were complete once{how}: the ledger was cut or damaged since (not torn by a"
+            " crash); nothing was repaired or written. Restore the ledger from a copy")
+
+
 def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
                      signing_key: Ed25519PrivateKey, *, delta: float, budget_epsilon: float,
-                     accountant: str) -> list[TornTailRepair]:
+                     accountant: str, complete: int = 0,
+                     known_by: str = "") -> list[TornTailRepair]:
     """Recover a ledger whose final line is torn (a write that never completed).
 
     ``LedgerWriter.append`` returns, and a caller releases, only after the whole line and its
@@ -687,8 +704,12 @@ def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
     ``"repair"`` entry (spending nothing) naming the quarantine file, its size and SHA-256.
     A quarantine file left without its repair entry (a crash during an earlier repair) gets
     its entry now, so a repair is never silent. Everything before the torn line must verify
-    (a damaged line in the middle stays a :class:`LedgerError`). Returns the repairs made
-    (empty when the ledger was not torn and no repair was pending).
+    (a damaged line in the middle stays a :class:`LedgerError`). ``complete`` is the number
+    of entries known to have been complete once (``known_by``: from where, e.g. the release
+    journal, the client's saved state or the server): a torn line at an index below it was
+    cut, not torn by a crash, and :class:`LedgerCutError` is raised before anything is
+    written. Returns the repairs made (empty when the ledger was
+    not torn and no repair was pending).
     """
     path = Path(path)
     try:
@@ -697,6 +718,7 @@ def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
         return []
     except OSError as exc:
         raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
+    _refuse_cut(path, data, complete, known_by)
     cut = data.rfind(b"\n") + 1
     torn = data[cut:]
     pending: list[tuple[Path, bytes]] = []

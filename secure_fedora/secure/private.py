@@ -61,7 +61,6 @@ from privacy.ledger import (
     LedgerWriter,
     repair_torn_tail,
     replay_accountant,
-    torn_line_index,
 )
 from privacy.mechanisms import scalar_record
 from privacy.noise import (
@@ -582,11 +581,15 @@ class FederationPrivacy:
             signing_key = identity.signing_key
             ledger_path = ledger_dir / f"{cid}.jsonl"
             if resume:
-                _refuse_cut_ledger_as_torn(ledger_path, ledger_dir / f"{cid}.journal", cid,
-                                           method, identity.agreement_key)
+                # a journal record is written only after its ledger entry is fsynced
+                journal_path = ledger_dir / f"{cid}.journal"
+                known = ReleaseJournal(journal_path, cid, method, identity.agreement_key,
+                                       quarantine=False)
+                complete = max((record.ledger_index for record in known), default=-1) + 1
                 for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
                                                budget_epsilon=budget.epsilon,
-                                               accountant=accountant):
+                                               accountant=accountant, complete=complete,
+                                               known_by=f"journal {str(journal_path)!r}"):
                     log.warning("ledger %s: torn final line (%d bytes) quarantined in %s;"
                                 " repair entry %d appended", ledger_path, repair.torn_bytes,
                                 repair.quarantine.name, repair.entry["index"])
@@ -1145,25 +1148,6 @@ def _check_journal_covers(entries: list[dict[str, Any]], journal: ReleaseJournal
                 f"{entry['round']} {kind!r} release, but the journal {str(journal.path)!r} has no"
                 " record of it (lost or cut): resuming would make that release again with new"
                 " noise, accounted once. Restore the journal from a copy, or start a new run")
-
-
-def _refuse_cut_ledger_as_torn(ledger_path: Path, journal_path: Path, client_id: str,
-                               method: str, agreement_key: Any) -> None:
-    """LedgerError, before anything is written, when a ledger ends in a torn line that the
-    journal shows was once complete: a journal record is written only after its ledger entry
-    is fsynced, so a record naming the torn line's index or a later one means the ledger was
-    cut or damaged since, not torn by a crash, and repairing it would sign a false claim."""
-    complete = torn_line_index(ledger_path)  # None: not torn (repair_torn_tail names a bad read)
-    if complete is None:
-        return
-    journal = ReleaseJournal(journal_path, client_id, method, agreement_key, quarantine=False)
-    named = max((record.ledger_index for record in journal), default=-1)
-    if named >= complete:
-        raise LedgerError(
-            f"ledger {str(ledger_path)!r} ends in a torn line at entry {complete}, but its journal"
-            f" {str(journal_path)!r} records a release at ledger entry {named}: those entries were"
-            " complete once, so the ledger was cut or damaged since (not torn by a crash);"
-            " nothing was repaired or written. Restore the ledger from a copy")
 
 
 def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,

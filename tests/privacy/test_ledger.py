@@ -334,6 +334,27 @@ def test_torn_line_after_a_damaged_middle_is_not_repaired(tmp_path):
     assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
 
 
+def test_a_torn_line_at_an_entry_known_complete_is_refused_by_the_repair_itself(tmp_path):
+    """The callers checked a cut before each repair (one check per runtime); the repair now
+    takes how many entries were complete once and refuses a torn line below that itself,
+    writing nothing, and repairs a torn line past them as before."""
+    from privacy.ledger import LedgerCutError, repair_torn_tail
+
+    path = _ledger(tmp_path, 3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2]) + lines[2][:30])  # torn at entry 2
+    before = path.read_bytes()
+    for complete in (3, 4):
+        with pytest.raises(LedgerCutError, match=f"entry 2, but {complete} entries were complete"
+                                                 r" once \(the journal\)"):
+            repair_torn_tail(path, "c1", KEY, delta=DELTA, budget_epsilon=8.0, accountant="rdp",
+                             complete=complete, known_by="the journal")
+        assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+    repairs = repair_torn_tail(path, "c1", KEY, delta=DELTA, budget_epsilon=8.0,
+                               accountant="rdp", complete=2)
+    assert [r.entry["index"] for r in repairs] == [2]
+
+
 def test_repair_entries_must_spend_nothing(tmp_path):
     path = _ledger(tmp_path, 1)
     with LedgerWriter(path, "c1", KEY) as w, pytest.raises(LedgerError, match="spends nothing"):

@@ -249,21 +249,24 @@ class _OneSlot(list):  # type: ignore[type-arg]
 
 
 def _open_privacy(
-    settings: RunSettings, node: NodeSettings, run_id: int, method: str
+    settings: RunSettings, node: NodeSettings, run_id: int, method: str, reported: int = 0
 ) -> ClientSidePrivacy | None:
     """This client's budget gate, ledger and plan for ``method`` (None without DP).
 
     Opened the way ``FederationPrivacy.open`` opens each client: the plan is calibrated for
     the client's budget (and cached per run), the ledger
     (``runs/<run_id>/<method>/<client id>.jsonl``) is verified and the accountant replayed
-    from it; a closed gate (an earlier refusal) stays closed.
+    from it; a closed gate (an earlier refusal) stays closed. ``reported`` is how many
+    ledger entries this client already reported (its saved state's or the server's record):
+    a torn last line below it was complete once, so the ledger was cut, and NodeStateError
+    is raised before anything is written instead of repairing it.
     """
     cfg = settings.experiment
     if not cfg.privacy.enabled:
         return None
     from privacy.accounting import Accountant
     from privacy.identity import load_identity
-    from privacy.ledger import LedgerWriter, repair_torn_tail, replay_accountant
+    from privacy.ledger import LedgerCutError, LedgerWriter, repair_torn_tail, replay_accountant
     from privacy.pipeline import BudgetGate
     from secure_fedora.secure.private import (
         choose_accountant,
@@ -288,9 +291,15 @@ def _open_privacy(
     signing_key = load_identity(node.identity_dir, cid).signing_key
     ledger_path = ledger_dir / f"{cid}.jsonl"
     kind = plan.accountant or choose_accountant(cfg, method, [budget]).name
-    # called under the node's stage lock: a torn last line is a dead writer's
-    for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
-                                   budget_epsilon=budget.epsilon, accountant=kind):
+    # called under the node's stage lock: a torn last line is a dead writer's, unless reported
+    try:
+        repairs = repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
+                                   budget_epsilon=budget.epsilon, accountant=kind,
+                                   complete=reported,
+                                   known_by="this client already reported them")
+    except LedgerCutError as err:
+        raise NodeStateError(f"{err} (the node's state-dir), or start a new run") from None
+    for repair in repairs:
         log.warning("ledger %s: torn last line (%d bytes) quarantined in %s; repair entry %d "
                     "appended", ledger_path, repair.torn_bytes, repair.quarantine.name,
                     repair.entry["index"])
@@ -766,11 +775,9 @@ def run_stage(
         done = state.answered.get(stage)
         if done is not None and done > rnd:
             raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
-        if cfg.privacy.enabled:  # before _open_privacy repairs a torn last line
-            _refuse_cut_ledger(
-                _method_dir(node, run_id, method) / f"{client_ids(cfg.data.num_clients)[i]}.jsonl",
-                [state.ledger_head if state_path.exists() else None, server_saw])
-        privacy = _open_privacy(settings, node, run_id, method)
+        heads = [state.ledger_head if state_path.exists() else None, server_saw]
+        privacy = _open_privacy(settings, node, run_id, method,
+                                max((int(h[0]) for h in heads if h is not None), default=0))
         try:
             saved = state_path.exists()
             _check_state_holds(state, saved, privacy, journal, method, server_saw)
@@ -844,26 +851,6 @@ def _repair_journal(journal: ReleaseJournal) -> None:
     if moved is not None:
         log.warning("release journal %s: torn last line quarantined in %s (its release never "
                     "left)", journal.path, moved.name)
-
-
-def _refuse_cut_ledger(path: Path, heads: list[tuple[int, str] | None]) -> None:
-    """NodeStateError, before anything is written, when the ledger at ``path`` ends in a torn
-    line at an entry this client had already reported (``heads``: its saved state's and the
-    server's record of its ledger, each ``(entries, head)`` or None): that line was complete
-    once, so the ledger was cut or damaged since, not torn by a crash, and repairing it would
-    sign a false claim that its write never completed."""
-    from privacy.ledger import torn_line_index
-
-    complete = torn_line_index(path)  # None: not torn (a missing ledger is named later)
-    if complete is None:
-        return
-    known = max((int(h[0]) for h in heads if h is not None), default=0)
-    if known > complete:
-        raise NodeStateError(
-            f"{path} ends in a torn line at entry {complete}, but this client already reported "
-            f"its ledger at {known} entries: those entries were complete once, so the ledger "
-            "was cut or damaged since (not torn by a crash); nothing was repaired or written. "
-            "Restore the node's state-dir from a copy, or start a new run")
 
 
 def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePrivacy | None,
