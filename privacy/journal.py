@@ -112,8 +112,9 @@ class ReleaseJournal:
     Opening reads and opens every record with ``agreement_key`` (the client's X25519 private
     key). A last line without its newline (an append that never completed) is moved to
     ``<journal>.torn-<position>`` and cut off; :attr:`quarantined` names it (with
-    ``quarantine=False`` it is only skipped, and opening writes nothing). Any other damage
-    (a record that fails authentication, a duplicate (round, kind)) raises JournalError.
+    ``quarantine=False`` it is only skipped, and opening writes nothing, until
+    :meth:`quarantine_torn_tail`; appending is refused meanwhile). Any other damage (a record
+    that fails authentication, a duplicate (round, kind)) raises JournalError.
     """
 
     def __init__(self, path: str | os.PathLike[str], client_id: str, scope: str,
@@ -127,6 +128,7 @@ class ReleaseJournal:
         self._key = agreement_key
         self._public = agreement_key.public_key()
         self.quarantined: Path | None = None
+        self._torn: tuple[bytes, int, int] | None = None
         self._records: dict[_KEY, JournalRecord] = {}
         self._count = 0
         self._load(quarantine)
@@ -144,8 +146,8 @@ class ReleaseJournal:
             raise JournalError(f"cannot read journal {str(self.path)!r}: {exc}") from exc
         cut = data.rfind(b"\n") + 1
         lines = data[:cut].split(b"\n")[:-1] if cut else []
-        if data[cut:] and quarantine:
-            self._quarantine_tail(data[cut:], len(lines), cut)
+        if data[cut:]:
+            self._torn = (data[cut:], len(lines), cut)
         for pos, line in enumerate(lines):
             where = f"journal {str(self.path)!r} line {pos}"
             try:
@@ -159,11 +161,20 @@ class ReleaseJournal:
                                    f" {record.kind!r}")
             self._records[key] = record
         self._count = len(lines)
+        if quarantine:  # only once every complete record has been read and checked
+            self.quarantine_torn_tail()
 
-    def _quarantine_tail(self, torn: bytes, position: int, cut: int) -> None:
+    def quarantine_torn_tail(self) -> Path | None:
+        """Move a torn last line skipped on open to ``<journal>.torn-<position>`` (fsynced)
+        and cut it off; returns that file (:attr:`quarantined`), None when there was none."""
+        if self._torn is None:
+            return None
+        torn, position, cut = self._torn
         target = self.path.with_name(f"{self.path.name}.torn-{position}")
         move_tail_aside(self.path, cut, torn, target)
+        self._torn = None
         self.quarantined = target
+        return target
 
     def __len__(self) -> int:
         return self._count
@@ -178,6 +189,9 @@ class ReleaseJournal:
     def append(self, record: JournalRecord) -> int:
         """Seal and durably append ``record`` (fsynced, the directory too on creation);
         returns the bytes written. Refuses a second record for the same (round, kind)."""
+        if self._torn is not None:
+            raise JournalError(f"journal {str(self.path)!r} ends in a torn line; quarantine it"
+                               " (quarantine_torn_tail) before appending")
         key = (record.round, record.kind)
         if key in self._records:
             raise JournalError(f"journal {str(self.path)!r} already holds round {record.round}"

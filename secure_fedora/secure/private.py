@@ -548,8 +548,8 @@ class FederationPrivacy:
         Raises :class:`BudgetPlanError` naming every client whose planned releases cannot fit
         its budget, before any file is written. With ``resume``, a torn final ledger line is
         first quarantined and a signed repair entry appended
-        (:func:`privacy.ledger.repair_torn_tail`), and a torn final journal line quarantined;
-        each recovery is logged and listed under ``recoveries``. Without ``resume``, journals
+        (:func:`privacy.ledger.repair_torn_tail`), logged and listed under ``recoveries``
+        (a torn final journal line waits for :meth:`resume_after`). Without ``resume``, journals
         holding releases of an earlier run are refused (JournalError) before anything is
         written. ``calibrated`` is :func:`check_budget_plans`' result for this config and
         method when the caller already has it (it calibrates before writing anything else).
@@ -583,9 +583,11 @@ class FederationPrivacy:
             if resume:
                 # a journal record is written only after its ledger entry is fsynced
                 journal_path = ledger_dir / f"{cid}.journal"
-                known = ReleaseJournal(journal_path, cid, method, identity.agreement_key,
-                                       quarantine=False)
-                complete = max((record.ledger_index for record in known), default=-1) + 1
+                # its torn last record, if any, is moved aside by resume_after, once every
+                # check passed
+                journal = ReleaseJournal(journal_path, cid, method, identity.agreement_key,
+                                         quarantine=False)
+                complete = max((record.ledger_index for record in journal), default=-1) + 1
                 for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
                                                budget_epsilon=budget.epsilon,
                                                accountant=accountant, complete=complete,
@@ -595,13 +597,11 @@ class FederationPrivacy:
                                 repair.quarantine.name, repair.entry["index"])
                     recoveries.append({"client": cid, "ledger_repair": repair.entry["index"],
                                        "quarantine": repair.quarantine.name})
+            else:
+                journal = ReleaseJournal(ledger_dir / f"{cid}.journal", cid, method,
+                                         identity.agreement_key)
             ledger = LedgerWriter(ledger_path, cid, signing_key)
-            journal = _open_journal(ledger_dir / f"{cid}.journal", cid, method,
-                                    identity.agreement_key, ledger)
-            if journal.quarantined is not None:
-                log.warning("journal %s: torn final record quarantined in %s (it was never"
-                            " released)", journal.path, journal.quarantined.name)
-                recoveries.append({"client": cid, "journal_quarantine": journal.quarantined.name})
+            _check_records(journal, ledger)
             journals.append(journal)
             acc = replay_accountant(ledger.entries, accountant) if ledger.entries \
                 else Accountant(accountant)
@@ -622,12 +622,22 @@ class FederationPrivacy:
         replayed by the gates (consumed, not appended), refusals and events are those of the
         checkpoint. A ledger that no longer holds what the checkpoint recorded of it (lost,
         truncated or replaced since) refuses the resume with :class:`LedgerError`: continuing
-        would account fewer releases than were made."""
+        would account fewer releases than were made; so does a journal lacking the record of
+        a release its ledger records (JournalError). Only once these pass is a torn final
+        journal line quarantined (logged, listed under ``recoveries``)."""
         if saved is not None:
             self._check_ledgers_hold(saved, last_round)
         if self.journals is not None:
             for c, journal in zip(self.clients, self.journals, strict=True):
                 _check_journal_covers(c.ledger.entries, journal, c.client_id)
+            # every check passed: only now is a journal's torn tail moved aside
+            for c, journal in zip(self.clients, self.journals, strict=True):
+                moved = journal.quarantine_torn_tail()
+                if moved is not None:
+                    log.warning("journal %s: torn final record quarantined in %s (it was never"
+                                " released)", journal.path, moved.name)
+                    self.recoveries.append({"client": c.client_id,
+                                            "journal_quarantine": moved.name})
         for k, c in enumerate(self.clients):
             entries = c.ledger.entries
             start = 0 if last_round is None else next(
@@ -1150,11 +1160,10 @@ def _check_journal_covers(entries: list[dict[str, Any]], journal: ReleaseJournal
                 " noise, accounted once. Restore the journal from a copy, or start a new run")
 
 
-def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,
-                  ledger: LedgerWriter) -> ReleaseJournal:
-    """A client's journal, checked against its ledger: each record must name an existing
-    ledger entry of the same round and release kind (the journal is written after it)."""
-    journal = ReleaseJournal(path, client_id, method, agreement_key)
+def _check_records(journal: ReleaseJournal, ledger: LedgerWriter) -> None:
+    """JournalError unless each record of ``journal`` names an existing ledger entry of the
+    same round and release kind (the journal is written after it)."""
+    path = journal.path
     entries = ledger.entries
     for record in journal:
         index = record.ledger_index
@@ -1171,7 +1180,6 @@ def _open_journal(path: Path, client_id: str, method: str, agreement_key: Any,
                 f"journal {str(path)!r}: the round-{record.round} {record.kind!r} record was"
                 f" written beside another ledger (its entry {index} differs): the journal is"
                 " another run's; restore this run's journal, or start a new run")
-    return journal
 
 
 def client_noise_sources(cfg: ExperimentConfig, n: int) -> list[NoiseSource]:

@@ -67,3 +67,30 @@ def test_digest_only_records_and_state_digest_mismatch(tmp_path):
         ReleaseJournal(path, "c1", "fedora", KEY)
     path.write_bytes(path.read_bytes().splitlines(keepends=True)[0])
     assert ReleaseJournal(path, "c1", "fedora", KEY).get(1, "model") == digest_only
+
+
+def test_a_torn_tail_is_moved_aside_only_once_the_journal_reads(tmp_path):
+    """Opening moved a torn last line aside before reading the records, so a journal refused
+    for a damaged record had been changed on disk all the same; skipped (quarantine=False),
+    it was appended after. Now the tail is moved only once every record reads, appends wait
+    for it, and quarantine_torn_tail moves it later."""
+    path = tmp_path / "c1.journal"
+    journal = ReleaseJournal(path, "c1", "fedora", KEY)
+    journal.append(_record(1))
+    journal.append(_record(2))
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[1] + lines[0][:20])  # a record out of place, then a torn one
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match="line 0"):
+        ReleaseJournal(path, "c1", "fedora", KEY)
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+    path.write_bytes(lines[0] + lines[1][:20])
+    skipped = ReleaseJournal(path, "c1", "fedora", KEY, quarantine=False)
+    with pytest.raises(JournalError, match="torn line"):
+        skipped.append(_record(3))
+    assert path.read_bytes() == lines[0] + lines[1][:20]
+    moved = skipped.quarantine_torn_tail()
+    assert moved is not None and moved.read_bytes() == lines[1][:20]
+    skipped.append(_record(3))
+    assert [r.round for r in ReleaseJournal(path, "c1", "fedora", KEY)] == [1, 3]
+

@@ -463,3 +463,22 @@ def test_a_journal_swapped_in_from_another_run_of_the_same_config_is_refused(tmp
     with pytest.raises(JournalError, match="another run's"):
         Simulation(cfg, tmp_path / "a", clients=clients).run(resume=True)
     assert comparable_ledgers(tmp_path / "a") == before
+
+
+def _files(run_dir):
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_a_resume_refused_for_a_cut_journal_changes_no_file(tmp_path, clients):
+    """A journal cut inside an earlier record (the later ones lost) refuses the resume, but
+    its torn tail had already been moved aside (a .torn file made, the journal truncated).
+    Every check runs first now: the run directory is byte for byte what it was."""
+    cfg = config(["local"], True, rounds=3)
+    assert run_until_crash(cfg, tmp_path, clients, "train@8")  # round 3, two rounds journaled
+    journal = tmp_path / "ledgers" / "local" / "client-000.journal"
+    first = journal.read_bytes().splitlines(keepends=True)[0]
+    journal.write_bytes(first[:len(first) // 2])
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match="has no record of it"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
