@@ -13,6 +13,11 @@ Order for one release (write-ahead): ledger entries fsynced, then the journal re
 then the release leaves the client. A crash before the journal record is durable leaves an
 accounted release that never left (the resume then makes it, once); a torn last journal line
 is such a record (nothing was released): :class:`ReleaseJournal` quarantines it on open.
+
+Entries that record no release (a refusal, a close, a repair) are journaled too, after they
+are fsynced, with their whole signed line (:meth:`JournalRecord.for_entry`): a ledger cut
+inside or after one of them is restored from the journal bit for bit, never "repaired" as a
+write that did not complete.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class JournalRecord:
     ``ledger_entry_sha256`` is the hash of that ledger entry's line (empty in records written
     before it was kept): it binds the record to this run's ledger, whose lines are signed and
     timestamped, so a journal of another run of the same config and keys does not pass.
+    ``ledger_line`` is set only in the record of an entry that records no release
+    (:meth:`for_entry`): that entry's whole line, from which a cut ledger is restored.
     """
 
     round: int
@@ -71,6 +78,17 @@ class JournalRecord:
     noise_state_sha256: str
     noise_state: bytes = b""
     ledger_entry_sha256: str = ""
+    ledger_line: str = ""
+
+    @classmethod
+    def for_entry(cls, line: str) -> JournalRecord:
+        """The record of the ledger entry whose line (canonical JSON, no newline) is ``line``,
+        for an entry that records no release: kind ``<mechanism>@<index>`` (unique per
+        ledger), both digests over the line, the line itself kept."""
+        entry = json.loads(line)
+        digest = payload_digest(line.encode("utf-8"))
+        return cls(entry["round"], f"{entry['mechanism']}@{entry['index']}", entry["index"],
+                   digest, payload_digest(b""), b"", digest, line)
 
     def to_json(self) -> str:
         doc = {"version": JOURNAL_VERSION, "round": self.round, "kind": self.kind,
@@ -80,6 +98,8 @@ class JournalRecord:
                "noise_state": base64.b64encode(self.noise_state).decode("ascii")}
         if self.ledger_entry_sha256:
             doc["ledger_entry_sha256"] = self.ledger_entry_sha256
+        if self.ledger_line:
+            doc["ledger_line"] = self.ledger_line
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -103,7 +123,10 @@ class JournalRecord:
         entry = obj.get("ledger_entry_sha256", "")
         if not (isinstance(entry, str) and len(entry) in (0, 64)):
             raise ValueError("ledger_entry_sha256 must be 64 hex characters")
-        return cls(rnd, kind, index, digests[0], digests[1], state, entry)
+        line = obj.get("ledger_line", "")
+        if not isinstance(line, str) or (line and payload_digest(line.encode("utf-8")) != entry):
+            raise ValueError("ledger_line does not match ledger_entry_sha256")
+        return cls(rnd, kind, index, digests[0], digests[1], state, entry, line)
 
 
 class ReleaseJournal:

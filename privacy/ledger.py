@@ -49,7 +49,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,37 @@ def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise LedgerError(f"ledger {str(path)!r}: line {i} is not valid JSON ({exc})") from None
         if not isinstance(entry, dict):
             raise LedgerError(f"ledger {str(path)!r}: line {i} is not a JSON object")
+        entries.append(entry)
+    return entries
+
+
+def read_complete_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The entries of the ledger's complete lines, a torn last line left out (none when the
+    file does not exist); LedgerError naming the line for one that is not canonical JSON or
+    lacks a field's form. Chain and signatures are not checked (:class:`LedgerWriter` checks
+    them when it opens the ledger). Reads only."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
+    lines, _ = _split_lines(data[:data.rfind(b"\n") + 1])
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise LedgerError(f"ledger {str(path)!r}: line {i} is not valid JSON ({exc})") from None
+        problems = _field_problems(entry) if isinstance(entry, dict) else ["not a JSON object"]
+        try:
+            if not problems and canonical_json(entry) != line:
+                problems = ["not in canonical JSON form"]
+        except ValueError as exc:
+            problems = [f"cannot be re-serialized ({exc})"]
+        if problems:
+            raise LedgerError(f"ledger {str(path)!r}: line {i}: " + "; ".join(problems))
         entries.append(entry)
     return entries
 
@@ -680,6 +711,20 @@ def torn_line_index(path: str | os.PathLike[str]) -> int | None:
     return data[:cut].count(b"\n") if data[cut:] else None
 
 
+def refuse_cut_tail(path: str | os.PathLike[str], complete: int, *, known_by: str = "") -> None:
+    """:class:`LedgerCutError` when the ledger ends in a torn line at an index below
+    ``complete``, the number of entries known to have been complete once (``known_by`` says
+    how, for the message); reads only. Such a line was complete once, so the ledger was cut
+    or damaged since, and repairing it would sign a false claim that its write never
+    completed. :func:`repair_torn_tail` checks this itself; a caller that recovers several
+    ledgers calls it for each first, so that none is written when one is refused."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return  # named by whatever opens or repairs the ledger
+    _refuse_cut(Path(path), data, complete, known_by)
+
+
 def _refuse_cut(path: Path, data: bytes, complete: int, known_by: str) -> None:
     cut = data.rfind(b"\n") + 1
     torn = data[:cut].count(b"\n")
@@ -689,6 +734,43 @@ def _refuse_cut(path: Path, data: bytes, complete: int, known_by: str) -> None:
             f"ledger {str(path)!r} ends in a torn line at entry {torn}, but {complete} entries"
             f" were complete once{how}: the ledger was cut or damaged since (not torn by a"
             " crash); nothing was repaired or written. Restore the ledger from a copy")
+
+
+def restore_cut_tail(path: str | os.PathLike[str], client_id: str, public_key: Ed25519PublicKey,
+                     lines: Mapping[int, str], *, write: bool = True) -> list[int]:
+    """Write back the entries a cut removed from the end of a ledger, from a durable copy of
+    their lines (``lines``: index -> line without its newline, e.g. from the release journal).
+
+    Restores only when ``lines`` holds every entry from the first one missing (the ledger's
+    complete lines are kept; a torn last line must be the start of the first line restored)
+    up to its highest index, and the result verifies (chain, signatures, ``client_id``); the
+    missing bytes are then appended (fsynced), so the ledger is bit for bit what it was.
+    Returns the indices restored (with ``write`` False: that would be restored, writing
+    nothing); empty when ``lines`` cannot restore the ledger or nothing is missing."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    cut = data.rfind(b"\n") + 1
+    complete, _ = _split_lines(data[:cut])
+    start, torn = len(complete), data[cut:]
+    wanted = range(start, max(lines, default=-1) + 1)
+    if not wanted or any(k not in lines for k in wanted):
+        return []
+    missing = [lines[k] for k in wanted]
+    if not missing[0].encode("utf-8").startswith(torn):
+        return []
+    if verify_ledger([*complete, *missing], public_key, client_id=client_id):
+        return []
+    if write:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            write_all_and_fsync(fd, "".join(line + "\n" for line in missing).encode("utf-8")[
+                len(torn):])
+        finally:
+            os.close(fd)
+    return list(wanted)
 
 
 def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
@@ -708,7 +790,7 @@ def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
     of entries known to have been complete once (``known_by``: from where, e.g. the release
     journal, the client's saved state or the server): a torn line at an index below it was
     cut, not torn by a crash, and :class:`LedgerCutError` is raised before anything is
-    written. Returns the repairs made (empty when the ledger was
+    written (:func:`refuse_cut_tail`). Returns the repairs made (empty when the ledger was
     not torn and no repair was pending).
     """
     path = Path(path)

@@ -29,6 +29,7 @@ personalized model and releases nothing more. The federation goes on with the ot
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -52,15 +53,21 @@ from privacy.accounting import (
     round_up,
 )
 from privacy.identity import client_ids, load_identity
-from privacy.journal import JournalError, ReleaseJournal, payload_digest
+from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
 from privacy.ledger import (
     CLOSE,
+    NON_RELEASES,
     REFUSAL,
     REPAIR,
     LedgerError,
     LedgerWriter,
+    canonical_json,
+    line_hash,
+    read_complete_entries,
+    refuse_cut_tail,
     repair_torn_tail,
     replay_accountant,
+    restore_cut_tail,
 )
 from privacy.mechanisms import scalar_record
 from privacy.noise import (
@@ -443,6 +450,12 @@ class ClientPrivacy:
         """DP-SGD noise multiplier."""
         return self.plan.dpsgd_noise
 
+    def journal_non_releases(self) -> None:
+        """Journal this client's refusal, close and repair entries that have no record yet
+        (each after it was fsynced), so that a resume restores them if the ledger is cut."""
+        if self.journal is not None:
+            _journal_non_releases(self.ledger, self.journal.journal)
+
     @property
     def epsilon(self) -> float:
         return self.gate.accountant.epsilon(self.budget.delta) if self.gate.accountant.history else 0.0
@@ -546,8 +559,11 @@ class FederationPrivacy:
         client's ledger, gate and release journal.
 
         Raises :class:`BudgetPlanError` naming every client whose planned releases cannot fit
-        its budget, before any file is written. With ``resume``, a torn final ledger line is
-        first quarantined and a signed repair entry appended
+        its budget, before any file is written. With ``resume``, every client's ledger and
+        journal are checked first (a ledger cut inside an entry the journal records is
+        refused, :class:`~privacy.ledger.LedgerCutError`, unless the journal holds the lines
+        cut off, which are then written back bit for bit); then a torn final ledger line is
+        quarantined and a signed repair entry appended
         (:func:`privacy.ledger.repair_torn_tail`), logged and listed under ``recoveries``
         (a torn final journal line waits for :meth:`resume_after`). Without ``resume``, journals
         holding releases of an earlier run are refused (JournalError) before anything is
@@ -573,21 +589,26 @@ class FederationPrivacy:
 
         ensure_keystore(key_dir, run_party_ids(num_clients))
         ledger_dir.mkdir(parents=True, exist_ok=True)
+        identities = [load_identity(key_dir, cid) for cid in ids]
+        checked: list[tuple[ReleaseJournal, list[int], int]] = []
+        if resume:  # every client's checks before anything is written: a refusal changes nothing
+            checked = [_check_resumable(ledger_dir, cid, method, identity)
+                       for cid, identity in zip(ids, identities, strict=True)]
         states = []
         journals = []
         recoveries: list[dict[str, Any]] = []
         for i, (cid, budget) in enumerate(zip(ids, budgets, strict=True)):
-            identity = load_identity(key_dir, cid)
+            identity = identities[i]
             signing_key = identity.signing_key
             ledger_path = ledger_dir / f"{cid}.jsonl"
+            journal_path = ledger_dir / f"{cid}.journal"
             if resume:
-                # a journal record is written only after its ledger entry is fsynced
-                journal_path = ledger_dir / f"{cid}.journal"
-                # its torn last record, if any, is moved aside by resume_after, once every
-                # check passed
-                journal = ReleaseJournal(journal_path, cid, method, identity.agreement_key,
-                                         quarantine=False)
-                complete = max((record.ledger_index for record in journal), default=-1) + 1
+                journal, restore, complete = checked[i]
+                if restore:
+                    restore_cut_tail(ledger_path, cid, signing_key.public_key(),
+                                     _journaled_lines(journal))
+                    log.warning("ledger %s: entries %s, cut off since they were written, restored"
+                                " from journal %s", ledger_path, restore, journal_path.name)
                 for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
                                                budget_epsilon=budget.epsilon,
                                                accountant=accountant, complete=complete,
@@ -597,11 +618,11 @@ class FederationPrivacy:
                                 repair.quarantine.name, repair.entry["index"])
                     recoveries.append({"client": cid, "ledger_repair": repair.entry["index"],
                                        "quarantine": repair.quarantine.name})
+                ledger = LedgerWriter(ledger_path, cid, signing_key)
             else:
-                journal = ReleaseJournal(ledger_dir / f"{cid}.journal", cid, method,
-                                         identity.agreement_key)
-            ledger = LedgerWriter(ledger_path, cid, signing_key)
-            _check_records(journal, ledger)
+                ledger = LedgerWriter(ledger_path, cid, signing_key)
+                journal = ReleaseJournal(journal_path, cid, method, identity.agreement_key)
+                _check_records(journal, ledger.entries)
             journals.append(journal)
             acc = replay_accountant(ledger.entries, accountant) if ledger.entries \
                 else Accountant(accountant)
@@ -624,7 +645,8 @@ class FederationPrivacy:
         truncated or replaced since) refuses the resume with :class:`LedgerError`: continuing
         would account fewer releases than were made; so does a journal lacking the record of
         a release its ledger records (JournalError). Only once these pass is a torn final
-        journal line quarantined (logged, listed under ``recoveries``)."""
+        journal line quarantined (logged, listed under ``recoveries``) and every refusal,
+        close and repair entry journaled whole."""
         if saved is not None:
             self._check_ledgers_hold(saved, last_round)
         if self.journals is not None:
@@ -638,6 +660,7 @@ class FederationPrivacy:
                                 " released)", journal.path, moved.name)
                     self.recoveries.append({"client": c.client_id,
                                             "journal_quarantine": moved.name})
+                c.journal_non_releases()
         for k, c in enumerate(self.clients):
             entries = c.ledger.entries
             start = 0 if last_round is None else next(
@@ -765,6 +788,7 @@ class FederationPrivacy:
                 admitted = admitted.replace(payload=theta)
             return pipeline.run(admitted, start=check)
         except StepCountMismatchError as err:
+            c.journal_non_releases()
             if err.refusal is not None:
                 c.refused_at, c.refusal, c.refusal_error = rnd, str(err.refusal), err.refusal
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused",
@@ -783,6 +807,7 @@ class FederationPrivacy:
             c.ledger.close_run(round=final_round, delta=c.budget.delta,
                                budget_epsilon=c.budget.epsilon,
                                accountant=self.accountant)
+            c.journal_non_releases()
 
     def planned_epsilon(self, i: int) -> float:
         """Epsilon client ``i`` reaches if it makes every planned release."""
@@ -917,6 +942,7 @@ class FederationPrivacy:
         try:
             released = pipeline.run(release, stop=stop)
         except BudgetExceededError as err:
+            c.journal_non_releases()
             rnd = release.round
             c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused", "detail": str(err)})
@@ -1160,25 +1186,67 @@ def _check_journal_covers(entries: list[dict[str, Any]], journal: ReleaseJournal
                 " noise, accounted once. Restore the journal from a copy, or start a new run")
 
 
-def _check_records(journal: ReleaseJournal, ledger: LedgerWriter) -> None:
+def _journaled_lines(journal: ReleaseJournal) -> dict[int, str]:
+    """Index -> line of the ledger entries the journal holds whole (those recording no
+    release: refusals, closes, repairs)."""
+    return {r.ledger_index: r.ledger_line for r in journal if r.ledger_line}
+
+
+def _check_resumable(ledger_dir: Path, client_id: str, method: str,
+                     identity: Any) -> tuple[ReleaseJournal, list[int], int]:
+    """The checks of a client's ledger and journal a resume makes before its ledger is
+    restored or repaired, writing nothing: returns its journal (a torn last record not yet
+    quarantined: :meth:`FederationPrivacy.resume_after` moves it once every check passed),
+    the ledger entries to restore from it (a cut after or inside entries it holds whole) and
+    how many entries it shows were complete once (a record is written only after its ledger
+    entry is fsynced).
+
+    Raises :class:`~privacy.ledger.LedgerCutError` for a ledger cut inside an entry the
+    journal records that the journal cannot restore, and JournalError for a journal whose
+    records do not match the ledger."""
+    ledger_path = ledger_dir / f"{client_id}.jsonl"
+    journal = ReleaseJournal(ledger_dir / f"{client_id}.journal", client_id, method,
+                             identity.agreement_key, quarantine=False)
+    complete = max((r.ledger_index for r in journal), default=-1) + 1
+    lines = _journaled_lines(journal)
+    restore = restore_cut_tail(ledger_path, client_id, identity.signing_key.public_key(), lines,
+                               write=False)
+    if not restore:
+        refuse_cut_tail(ledger_path, complete, known_by=f"journal {str(journal.path)!r}")
+    entries = [*read_complete_entries(ledger_path), *(json.loads(lines[k]) for k in restore)]
+    _check_records(journal, entries)
+    return journal, restore, complete
+
+
+def _journal_non_releases(ledger: LedgerWriter, journal: ReleaseJournal) -> None:
+    """Journal, whole, every entry of ``ledger`` that records no release (refusal, close,
+    repair) and has no record yet, so that a ledger cut inside or after it is restored on
+    resume instead of repaired as a write that never completed."""
+    for entry in ledger.entries:
+        if entry["mechanism"] in NON_RELEASES and journal.get(
+                entry["round"], f"{entry['mechanism']}@{entry['index']}") is None:
+            journal.append(JournalRecord.for_entry(canonical_json(entry)))
+
+
+def _check_records(journal: ReleaseJournal, entries: list[dict[str, Any]]) -> None:
     """JournalError unless each record of ``journal`` names an existing ledger entry of the
-    same round and release kind (the journal is written after it)."""
-    path = journal.path
-    entries = ledger.entries
+    same round and release kind (or, for an entry journaled whole, that very line): the
+    journal is written after the ledger."""
     for record in journal:
         index = record.ledger_index
         entry = entries[index] if index < len(entries) else None
-        if (entry is None or entry["round"] != record.round
-                or entry["params"].get("release_kind") != record.kind):
+        kind = (None if entry is None else f"{entry['mechanism']}@{index}" if record.ledger_line
+                else entry["params"].get("release_kind"))
+        if entry is None or entry["round"] != record.round or kind != record.kind:
             raise JournalError(
-                f"journal {str(path)!r}: the round-{record.round} {record.kind!r} record names"
-                f" ledger entry {index}, which does not record that release"
+                f"journal {str(journal.path)!r}: the round-{record.round} {record.kind!r} record"
+                f" names ledger entry {index}, which does not record that release"
             )
-        line = entries[index + 1]["prev_hash"] if index + 1 < len(entries) else ledger.head[1]
-        if record.ledger_entry_sha256 and record.ledger_entry_sha256 != line:
+        if record.ledger_entry_sha256 and record.ledger_entry_sha256 != line_hash(
+                canonical_json(entry)):
             raise JournalError(
-                f"journal {str(path)!r}: the round-{record.round} {record.kind!r} record was"
-                f" written beside another ledger (its entry {index} differs): the journal is"
+                f"journal {str(journal.path)!r}: the round-{record.round} {record.kind!r} record"
+                f" was written beside another ledger (its entry {index} differs): the journal is"
                 " another run's; restore this run's journal, or start a new run")
 
 

@@ -94,3 +94,14 @@ def test_a_torn_tail_is_moved_aside_only_once_the_journal_reads(tmp_path):
     skipped.append(_record(3))
     assert [r.round for r in ReleaseJournal(path, "c1", "fedora", KEY)] == [1, 3]
 
+
+def test_an_entry_journaled_whole_keeps_its_line(tmp_path):
+    """A refusal, close or repair entry is journaled with its line, bound to its digest."""
+    line = '{"index":4,"mechanism":"close","round":2}'
+    record = JournalRecord.for_entry(line)
+    assert (record.kind, record.round, record.ledger_index) == ("close@4", 2, 4)
+    path = tmp_path / "c1.journal"
+    ReleaseJournal(path, "c1", "fedora", KEY).append(record)
+    assert ReleaseJournal(path, "c1", "fedora", KEY).get(2, "close@4").ledger_line == line
+    with pytest.raises(ValueError, match="ledger_line"):
+        JournalRecord.from_json(record.to_json().replace("close", "clos").encode())

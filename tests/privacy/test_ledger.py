@@ -355,6 +355,34 @@ def test_a_torn_line_at_an_entry_known_complete_is_refused_by_the_repair_itself(
     assert [r.entry["index"] for r in repairs] == [2]
 
 
+def test_entries_cut_off_a_ledger_are_restored_from_their_lines(tmp_path):
+    """A cut inside or after entries whose lines are kept elsewhere (the release journal
+    keeps refusals, closes and repairs) is written back bit for bit, at every cut offset."""
+    from privacy.ledger import restore_cut_tail
+
+    path = _ledger(tmp_path, 2)
+    with LedgerWriter(path, "c1", KEY) as w:
+        w.close_run(round=1, delta=DELTA, budget_epsilon=8.0, accountant="rdp")
+    intact = path.read_bytes()
+    lines = _lines(path)
+    known = {2: lines[2]}
+    start = len(intact) - len(lines[2]) - 1
+    for cut in range(start, len(intact) + 1):
+        path.write_bytes(intact[:cut])
+        assert restore_cut_tail(path, "c1", KEY.public_key(), known, write=False) == \
+            ([2] if cut < len(intact) else [])
+        assert path.read_bytes() == intact[:cut]  # write=False writes nothing
+        restore_cut_tail(path, "c1", KEY.public_key(), known)
+        assert path.read_bytes() == intact
+    # bytes that are not the start of the kept line, or a line of another key: nothing restored
+    path.write_bytes(intact[:start] + b'{"x')
+    assert restore_cut_tail(path, "c1", KEY.public_key(), known) == []
+    path.write_bytes(intact[:start])
+    other = Ed25519PrivateKey.generate().public_key()
+    assert restore_cut_tail(path, "c1", other, known) == []
+    assert path.read_bytes() == intact[:start]
+
+
 def test_repair_entries_must_spend_nothing(tmp_path):
     path = _ledger(tmp_path, 1)
     with LedgerWriter(path, "c1", KEY) as w, pytest.raises(LedgerError, match="spends nothing"):

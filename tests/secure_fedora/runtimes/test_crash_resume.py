@@ -469,6 +469,62 @@ def _files(run_dir):
     return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
 
+def test_a_ledger_cut_inside_its_close_entry_is_restored_not_repaired(tmp_path, clients):
+    """Close entries were not journaled: a finished run's ledger cut inside (or right before)
+    its close entry was 'repaired' on a resume through the Python API, a signed entry claiming
+    a write that never completed, and a second close appended. The close entry is journaled
+    whole now and written back bit for bit; the run ends as it was."""
+    cfg = config(["local"], True)
+    Simulation(cfg, tmp_path / "ref", clients=clients).run()
+    ledger = Path("ledgers") / "local" / "client-001.jsonl"
+    intact = (tmp_path / "ref" / ledger).read_bytes()
+    close = intact.splitlines(keepends=True)[-1]
+    assert json.loads(close)["mechanism"] == "close"
+    for keep in (0, 1, 57, len(close) - 1):
+        run = tmp_path / f"cut-{keep}"
+        shutil.copytree(tmp_path / "ref", run)
+        (run / ledger).write_bytes(intact[:len(intact) - len(close) + keep])
+        Simulation(cfg, run, clients=clients).run(resume=True)
+        assert (run / ledger).read_bytes() == intact
+        assert _files(run).keys() == {run / p.relative_to(tmp_path / "ref")
+                                      for p in _files(tmp_path / "ref")}
+        assert comparable_results(run) == comparable_results(tmp_path / "ref")
+        assert verify_run(run, anchor=tmp_path / "ref" / "anchor.json").ok
+
+
+def test_a_ledger_cut_inside_a_refusal_is_restored_and_the_refusal_stands(tmp_path, clients,
+                                                                         monkeypatch):
+    """Refusal entries were not journaled either: a ledger cut inside the refusal of a step
+    check (client 1, round 2) was 'repaired' as a write that never completed, and the resume
+    from round 1's checkpoint then trained and released the very model the run had refused.
+    The refusal is restored from the journal, and raised again."""
+    from secure_fedora.secure.private import DPGradient, StepCountMismatchError
+
+    honest = DPGradient.batches
+    calls = []
+
+    def one_extra_in_round_2(self, n, epochs, generator):
+        calls.append(1)
+        yield from honest(self, n, epochs, generator)
+        if len(calls) == 5:  # client 1, round 2 (3 clients)
+            yield from list(honest(self, n, epochs, generator))[:1]
+
+    cfg = config(["local"], True, rounds=3)
+    monkeypatch.setattr(DPGradient, "batches", one_extra_in_round_2)
+    with pytest.raises(StepCountMismatchError, match="in round 2"):
+        Simulation(cfg, tmp_path, clients=clients).run()
+    monkeypatch.setattr(DPGradient, "batches", honest)
+    ledger = tmp_path / "ledgers" / "local" / "client-001.jsonl"
+    intact = ledger.read_bytes()
+    refusal = intact.splitlines(keepends=True)[-1]
+    assert json.loads(refusal)["mechanism"] == "refusal"
+    ledger.write_bytes(intact[:-len(refusal) // 2])
+    with pytest.raises(StepCountMismatchError, match="recorded before the restart"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert ledger.read_bytes() == intact
+    assert not list(ledger.parent.glob("*.torn-*"))
+
+
 def test_a_resume_refused_for_a_cut_journal_changes_no_file(tmp_path, clients):
     """A journal cut inside an earlier record (the later ones lost) refuses the resume, but
     its torn tail had already been moved aside (a .torn file made, the journal truncated).
