@@ -39,6 +39,7 @@ from audits.verify import (
     verify_run,
 )
 from privacy.accounting import format_up
+from secure_fedora.core.files import strict_json
 
 __all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify",
            "cmd_whitebox", "register"]
@@ -125,7 +126,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
     _print_verification(report, sys.stdout, verbose=args.verbose)
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+        Path(args.json).write_text(strict_json(report.to_json()))
     return 0 if report.ok else 1
 
 
@@ -143,7 +144,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _write_json(path: str | None, doc: dict[str, Any]) -> None:
     if path:
-        Path(path).write_text(json.dumps(doc, indent=2, default=str))
+        Path(path).write_text(strict_json(json.loads(json.dumps(doc, default=str))))
 
 
 #: Exit status of the canary and white-box audits per verdict (2 is bad input).

@@ -39,7 +39,7 @@ from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E4
 from privacy.accounting import format_up  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from secure_fedora.core.files import atomic_write_text  # noqa: E402
+from secure_fedora.core.files import atomic_write_text, strict_json  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
@@ -751,6 +751,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
         "accuracy": _accuracy_plot(report["accuracy"]),
     }
     paths = ReportPaths(html=out / "report.html", json=out / "report.json")
-    atomic_write_text(paths.json, json.dumps(report, indent=2, default=str))
+    atomic_write_text(paths.json, strict_json(json.loads(json.dumps(report, default=str))))
     atomic_write_text(paths.html, render_html(report, plots))
     return paths

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -9,8 +11,11 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with",
-           "remove_interrupted_writes"]
+__all__ = ["NON_FINITE_KEY", "atomic_write_bytes", "atomic_write_text", "atomic_write_with",
+           "finite_document", "remove_interrupted_writes", "strict_json"]
+
+#: The top-level key under which :func:`finite_document` lists the values it replaced.
+NON_FINITE_KEY = "non_finite_values"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -63,3 +68,35 @@ def remove_interrupted_writes(path: Path) -> list[Path]:
             leftover.unlink()
             removed.append(leftover)
     return removed
+
+
+def _replace_non_finite(value: Any, path: str, found: dict[str, str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        found[path or "."] = repr(value)  # "nan", "inf" or "-inf"
+        return None
+    if isinstance(value, dict):
+        return {k: _replace_non_finite(v, f"{path}.{k}" if path else str(k), found)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replace_non_finite(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def finite_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with every NaN or infinite float replaced by ``None`` (JSON ``null``), and,
+    when any was replaced, ``doc[NON_FINITE_KEY]`` mapping each one's path (``a.b[2].c``)
+    to the value it held (``"nan"``, ``"inf"``, ``"-inf"``), so that a reader of the strict
+    JSON knows why a figure is null. A document without such values is returned equal."""
+    found: dict[str, str] = {}
+    out = _replace_non_finite(doc, "", found)
+    if found:
+        out[NON_FINITE_KEY] = {**out.get(NON_FINITE_KEY, {}), **found} \
+            if isinstance(out.get(NON_FINITE_KEY), dict) else found
+    return out
+
+
+def strict_json(doc: dict[str, Any], indent: int | None = 2) -> str:
+    """``doc`` as strict JSON (no ``NaN``/``Infinity`` tokens, which most JSON readers refuse):
+    :func:`finite_document` of it, dumped with ``allow_nan=False``."""
+    return json.dumps(finite_document(doc), indent=indent, allow_nan=False)
+

@@ -56,6 +56,7 @@ from secure_fedora.core.config import (  # noqa: E402
     load_config,
     model_selection,
 )
+from secure_fedora.core.files import strict_json  # noqa: E402
 from secure_fedora.core.plugins import derived_config  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
 from secure_fedora.data.sources import fingerprint_clients  # noqa: E402
@@ -504,9 +505,9 @@ def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({
+    atomic_write_text(path, strict_json({
         "name": cfg.name, "base_config_hash": base, "config": cfg.model_dump(mode="json"),
-    }, indent=2))
+    }))
 
 
 def _cell_dir(out: Path, cell: Cell) -> Path:
@@ -639,7 +640,7 @@ def run_sweep(
             "config_hash": config_hash(ccfg), "data_fingerprint": results["data_fingerprint"],
             "entries": _cell_entries(results, cell.method), "results": results,
         }
-        atomic_write_text(_cell_dir(out, cell) / CELL_FILE, json.dumps(doc, indent=2))
+        atomic_write_text(_cell_dir(out, cell) / CELL_FILE, strict_json(doc))
         docs[cell] = doc
         ran.append(cell.key)
     rows = aggregate(docs, methods)

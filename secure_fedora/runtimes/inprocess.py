@@ -35,6 +35,7 @@ from secure_fedora.core.files import (
     atomic_write_bytes,
     atomic_write_text,
     atomic_write_with,
+    finite_document,
     remove_interrupted_writes,
 )
 from secure_fedora.core.registry import DATASETS, PARTITIONERS
@@ -1028,7 +1029,8 @@ class Simulation:
             crash_point("between_methods")
         results = self.results(outcomes)
         crash_point("results")
-        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
+        atomic_write_text(self.run_dir / "results.json",
+                          json.dumps(finite_document(results), indent=2, allow_nan=False))
         if self.cfg.privacy.enabled:
             self.write_anchor()
         return results

@@ -14,7 +14,10 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
   own results (:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.server_finalize`);
 * top level ``name, version, runtime, config_hash, metric, loss, assumptions, privacy,
   clients, methods, comparison`` (and ``compute``, ``data_fingerprint`` where the runtime
-  knows them: a Flower server never sees the data, so its fingerprint is ``None``).
+  knows them: a Flower server never sees the data, so its fingerprint is ``None``);
+* ``non_finite_values``, only where a figure was NaN or infinite: the document is strict JSON
+  (no ``NaN``/``Infinity``), such a figure is ``null`` and this key maps its path to the value
+  it held (``{"methods.m.extra.score": "nan"}``).
 
 A runtime adds its own keys through ``runtime_keys`` (Flower: run id, node map, events,
 security rejections, per-round timings); they never replace a key above.
@@ -28,6 +31,7 @@ from typing import Any
 from secure_fedora import __version__
 from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
 from secure_fedora.core.config import ExperimentConfig, model_selection
+from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "build_results", "client_rows",
            "inputs_outside_config", "inputs_outside_config_assumption", "metric_label", "method_entry"]
@@ -35,7 +39,7 @@ __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "build_res
 #: Top-level keys :func:`build_results` owns (runtime keys may not use them).
 RESERVED_KEYS = frozenset({
     "name", "version", "runtime", "compute", "config_hash", "data_fingerprint", "metric", "loss",
-    "assumptions", "privacy", "clients", "methods", "comparison",
+    "assumptions", "privacy", "clients", "methods", "comparison", NON_FINITE_KEY,
 })
 
 
@@ -193,6 +197,8 @@ def build_results(
     (or is empty/None without DP); ``clients`` is :func:`client_rows`' list; ``assumptions``
     adds runtime-specific assumptions (transport, key holder); ``runtime_keys`` adds
     runtime-specific top-level keys, none of which may be one of :data:`RESERVED_KEYS`.
+    The document holds no NaN or infinity (:func:`~secure_fedora.core.files.finite_document`):
+    written with ``allow_nan=False`` it is strict JSON, whatever a method reported.
     Derived entries are declared by the methods (no method name here):
     :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.derived_rows` adds rows after
     the methods' own (FedAvg: ``methods.fedavg_ft``, the fine-tuned test metric) and
@@ -241,4 +247,4 @@ def build_results(
         "comparison": comparison,
     })
     doc.update(runtime_keys or {})
-    return doc
+    return finite_document(doc)

@@ -71,6 +71,7 @@ from secure_fedora.algorithms.contract import (
     round_statistics_of,
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
+from secure_fedora.core.files import strict_json
 from secure_fedora.runtimes.flower.ceremony import layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
@@ -356,9 +357,11 @@ class _Server:
             return None
 
     def write(self, name: str, doc: dict[str, Any]) -> None:
-        """Atomically write ``doc`` as JSON to ``result-dir/name`` (if a result-dir is set)."""
+        """Atomically write ``doc`` as strict JSON (:func:`~secure_fedora.core.files.strict_json`:
+        a NaN or infinity is null, named under ``non_finite_values``) to ``result-dir/name``
+        (if a result-dir is set)."""
         if self.settings.result_dir is not None:
-            atomic_write_text(self.settings.result_dir / name, json.dumps(doc, indent=2))
+            atomic_write_text(self.settings.result_dir / name, strict_json(doc))
 
 
 def _malformed(envelope: Envelope, detail: str) -> EnvelopeError:

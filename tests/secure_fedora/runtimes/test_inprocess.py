@@ -483,3 +483,34 @@ def test_dp_refuses_a_batch_mixing_model_when_the_first_client_has_one_training_
                                     "noise": "reproducible"}})
     with pytest.raises(DPSGDError, match="differ from per-sample autograd"):
         build_context(cfg, build_clients(cfg, data=data), model_factory=_BatchCentered)
+
+
+def test_a_dp_run_whose_method_reports_nan_writes_strict_json_and_its_anchor(tmp_path):
+    """results.json was written with NaN/Infinity tokens (invalid JSON for most readers)
+    when a method reported a non-finite figure, after every ledger entry was spent; it is now
+    strict JSON (the figure null, named under non_finite_values) and the anchor is written."""
+    from secure_fedora.algorithms.methods import Local
+    from secure_fedora.core.registry import METHODS
+
+    class NanLocal(Local):
+        def server_finalize(self, replies):
+            return {"score": float("nan"), "spread": float("-inf")}
+
+    METHODS.register("nan_local", NanLocal)
+    try:
+        cfg = tiny(methods=["nan_local"], data={"num_clients": 2, "validation": "private"},
+                   training={"rounds": 1},
+                   privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3})
+        results = Simulation(cfg, tmp_path, clients=build_clients(cfg)).run()
+    finally:
+        METHODS.unregister("nan_local")
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    on_disk = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert on_disk == results
+    assert on_disk["methods"]["nan_local"]["extra"] == {"score": None, "spread": None}
+    assert on_disk["non_finite_values"] == {"methods.nan_local.extra.score": "nan",
+                                            "methods.nan_local.extra.spread": "-inf"}
+    assert (tmp_path / "anchor.json").is_file()

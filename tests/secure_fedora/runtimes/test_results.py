@@ -138,3 +138,18 @@ def test_a_fine_tuned_row_of_a_method_built_on_fedavg_is_stated_under_dp() -> No
         assert "fedavg_x_finetuning" not in _build(plain, tuned)["assumptions"]
     finally:
         METHODS.unregister("fedavg_x")
+
+
+def test_non_finite_figures_are_written_as_null_and_named() -> None:
+    """A NaN or infinity a method reported went into results.json as the tokens NaN/Infinity,
+    which strict JSON readers refuse; each is now null and named under non_finite_values."""
+    import json
+
+    outcomes = {"local": _entry("local", [0.5, 0.5, 0.5],
+                                {"score": float("nan"), "ratios": [1.0, float("inf")]})}
+    doc = _build(_config(["local"]), outcomes)
+    text = json.dumps(doc, allow_nan=False)
+    assert json.loads(text)["methods"]["local"]["extra"] == {"score": None, "ratios": [1.0, None]}
+    assert doc["non_finite_values"] == {"methods.local.extra.score": "nan",
+                                        "methods.local.extra.ratios[1]": "inf"}
+    assert "non_finite_values" not in _build(_config(["local"]), {"local": _entry("local", [0.5] * 3)})

@@ -162,7 +162,8 @@ def test_results_builder_refuses_runtime_keys_that_replace_shared_ones() -> None
                         outcomes={"local": entry}, privacy=None, clients=[],
                         runtime_keys={"run_id": 3})
     assert doc["methods"]["local"]["metric"] == "accuracy" and doc["run_id"] == 3
-    assert RESERVED_KEYS - {"compute"} <= set(doc)  # compute: where the runtime knows it
+    # compute: where the runtime knows it; non_finite_values: where a figure was NaN or inf
+    assert RESERVED_KEYS - {"compute", "non_finite_values"} <= set(doc)
     with pytest.raises(ValueError, match="methods"):
         build_results(cfg, runtime="flower", config_hash="h", metric="accuracy", outcomes={},
                       privacy=None, clients=[], runtime_keys={"methods": {}})
