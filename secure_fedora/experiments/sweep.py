@@ -69,7 +69,7 @@ from secure_fedora.runtimes.inprocess import (  # noqa: E402
     build_context,
     make_method,
 )
-from secure_fedora.runtimes.results import metric_label  # noqa: E402
+from secure_fedora.runtimes.results import metric_label, stated_beyond_run  # noqa: E402
 
 __all__ = [
     "Cell",
@@ -650,7 +650,7 @@ def run_sweep(
     for cell in cells:
         settings.setdefault(cell.epsilon, configs[cell])
     files = write_outputs(out, cfg, rows, sweep_metric(docs), settings,
-                          _stated_assumptions(cells, configs))
+                          _stated_assumptions(docs, configs))
     return SweepResult(rows, ran, skipped, files)
 
 
@@ -715,18 +715,20 @@ def sweep_metric(docs: Mapping[Cell, dict[str, Any]]) -> str:
     return metrics.pop() if metrics else "accuracy"
 
 
-def _stated_assumptions(cells: Iterable[Cell],
-                 configs: Mapping[Cell, ExperimentConfig]) -> dict[float, dict[str, str]]:
-    """Per numeric epsilon, the assumptions the swept methods' results state (their declared
-    ``assumptions``): what that epsilon does not cover (e.g. ``fedavg_finetuning`` for the
-    ``fedavg_ft`` row, ``client_held_models`` for Ditto's and APFL's personal models), and
-    assumptions of other kinds (e.g. FEDORA's ``ckks_keys``, which DP does not depend on)."""
+def _stated_assumptions(docs: Mapping[Cell, Mapping[str, Any]],
+                        configs: Mapping[Cell, ExperimentConfig]) -> dict[float, dict[str, str]]:
+    """Per numeric epsilon, the assumptions its cells' results.json state beyond those of
+    every run (:func:`~secure_fedora.runtimes.results.stated_beyond_run`, read from each
+    cell's results, not from the method's class): what that epsilon does not cover (e.g.
+    ``fedavg_finetuning`` for the ``fedavg_ft`` row, ``<name>_finetuning`` for a method
+    registered on FedAvg that fine-tuned, ``client_held_models`` for Ditto's and APFL's
+    personal models), and assumptions of other kinds (e.g. FEDORA's ``ckks_keys``, which DP
+    does not depend on)."""
     out: dict[float, dict[str, str]] = {}
-    for cell in cells:
-        cls = method_class(cell.method)
-        if cell.epsilon is not None and cls is not None:
-            out.setdefault(cell.epsilon, {}).update(
-                {k: str(v) for k, v in cls.assumptions(configs[cell]).items()})
+    for cell, doc in docs.items():
+        if cell.epsilon is not None:
+            stated = stated_beyond_run(doc.get("results", {}), configs[cell])
+            out.setdefault(cell.epsilon, {}).update({k: str(v) for k, v in stated.items()})
     return out
 
 

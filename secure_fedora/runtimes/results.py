@@ -34,7 +34,8 @@ from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "build_results", "client_rows",
-           "inputs_outside_config", "inputs_outside_config_assumption", "metric_label", "method_entry"]
+           "inputs_outside_config", "inputs_outside_config_assumption", "method_entry",
+           "metric_label", "stated_beyond_run"]
 
 #: Top-level keys :func:`build_results` owns (runtime keys may not use them).
 RESERVED_KEYS = frozenset({
@@ -73,6 +74,11 @@ def client_rows(sizes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {**_run_assumptions(cfg), **_method_assumptions(cfg)}
+
+
+def _run_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The assumptions every run of ``cfg`` states, whatever its methods."""
     from secure_fedora.runtimes.inprocess import NOISE_SOURCE_DESCRIPTIONS
     from secure_fedora.secure.private import noise_assumptions
 
@@ -91,8 +97,20 @@ def _assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
             "data_fingerprint": FINGERPRINT_UNDER_DP}
            if dp else {}),
         **({"methods_compared": METHODS_COMPARED} if dp and len(cfg.methods) > 1 else {}),
-        **_method_assumptions(cfg),
     }
+
+
+def stated_beyond_run(results: Mapping[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
+    """The assumptions a results document of a run of ``cfg`` states beyond those every run
+    of ``cfg`` states (validation, noise, accountant, evaluation, ...): what its methods
+    declared, what they derived from what the run produced (``<name>_finetuning`` of a method
+    registered on FedAvg that fine-tuned) and what the runtime added. Read from the document,
+    so it is what the run wrote; a malformed ``assumptions`` gives ``{}``."""
+    stated = results.get("assumptions") if isinstance(results, Mapping) else None
+    if not isinstance(stated, Mapping):
+        return {}
+    general = _run_assumptions(cfg)
+    return {k: v for k, v in stated.items() if k not in general}
 
 
 EVALUATION_UNDER_DP = (

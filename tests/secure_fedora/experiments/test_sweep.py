@@ -624,7 +624,41 @@ def test_sweep_md_does_not_call_an_encryption_assumption_an_epsilon_gap():
     row = SweepRow(method="fedora", epsilon=4.0, seeds=[0], client_means=[0.5],
                    client_mins=[0.4], worse_than_local=None, per_client=[[0.4, 0.6]],
                    epsilon_spent=[3.9])
+    from secure_fedora.runtimes.results import build_results
+
+    results = build_results(cell_cfg, runtime="in-process", config_hash="h", metric="accuracy",
+                            outcomes={}, privacy=None, clients=[])
     md = rows_to_markdown(cfg, [row], cell_configs={4.0: cell_cfg},
-                          assumptions=sweep_mod._stated_assumptions([cell], {cell: cell_cfg}))
+                          assumptions=sweep_mod._stated_assumptions({cell: {"results": results}},
+                                                                    {cell: cell_cfg}))
     assert "not covered by epsilon" not in md
     assert "  - stated by the results at epsilon 4 (ckks_keys): every client holds" in md
+
+
+@pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
+def test_sweep_md_lists_the_fine_tuning_a_method_registered_on_fedavg_states(tmp_path):
+    """sweep.md read each method's class-level assumptions, so a method registered on FedAvg
+    with its own finetune_epochs (README's fedavgm), whose DP cell's results.json states
+    assumptions.<name>_finetuning for its <name>_ft row, was listed without it; sweep.md now
+    lists what each cell's results state."""
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.registry import METHODS
+
+    def build(ctx, cfg):
+        return FedAvg(ctx, finetune_epochs=1)
+
+    build.algorithm = FedAvg
+    METHODS.register("fedavg_sw", build)
+    try:
+        cfg = tiny(fedavg={"finetune_epochs": 0},
+                   data={"num_clients": 3, "train_per_client": 16, "test_per_client": 16},
+                   training={"rounds": 1})
+        run_sweep(cfg, tmp_path, ["fedavg_sw"], [0], [4.0])
+    finally:
+        METHODS.unregister("fedavg_sw")
+    md = (tmp_path / "sweep.md").read_text()
+    cell = json.loads((tmp_path / "cells/fedavg_sw/eps-4/seed-0/cell.json").read_text())
+    stated = cell["results"]["assumptions"]["fedavg_sw_finetuning"]
+    assert "| fedavg_sw_ft | 4 |" in md
+    assert f"  - stated by the results at epsilon 4 (fedavg_sw_finetuning): {stated}" in md
+    assert "(fedavg_finetuning)" not in md
