@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from audits.verdict import audit_verdict, verdict_text  # noqa: E402
 from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E402
-from privacy.accounting import format_up  # noqa: E402
+from privacy.accounting import format_share_up, format_up  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from secure_fedora.core.files import atomic_write_text, strict_json  # noqa: E402
@@ -559,6 +559,16 @@ def _fmt_up(value: Any, decimals: int = 4) -> str:
     return _fmt(value) if number is None else format_up(number, decimals)
 
 
+def _share_up(spent: Any, budget: Any, used: Any) -> str:
+    """The share of the budget spent, in percent to one decimal, rounded up from the recorded
+    epsilon and budget (:func:`privacy.accounting.format_share_up`: an exactly spent 70% is
+    "70.0%"); from the report's ``budget_used`` where either is not a finite number."""
+    spent, budget = _finite_or_none(spent), _finite_or_none(budget)
+    if spent is not None and budget is not None and budget > 0:
+        return f"{format_share_up(spent, budget, 1)}%"
+    return "&ndash;" if used is None else f"{_fmt_up(100 * used, 1)}%"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]],
            left: Sequence[int] = (0,)) -> str:
     head = "".join(f"<th class=\"{'l' if i in left else ''}\">{_e(h)}</th>"
@@ -622,7 +632,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         [[_e(r["method"]), _e(r["client_id"]), _fmt(r["budget_epsilon"]), _fmt(r["delta"]),
           _fmt(r["accountant"]), _fmt_up(r["recorded_epsilon"]),
           _fmt_up(r["independent_epsilon"]),
-          "&ndash;" if r["budget_used"] is None else f"{_fmt_up(100 * r['budget_used'], 1)}%",
+          _share_up(r["recorded_epsilon"], r["budget_epsilon"], r["budget_used"]),
           str(r["entries"]), _fmt(r["refused"]),
           f"<span class=\"{'ok' if r['verified'] else 'bad'}\">"
           f"{'ok' if r['verified'] else 'FAILED'}</span>"]

@@ -689,6 +689,23 @@ def format_up(value: float, decimals: int) -> str:
     return f"{shown:f}"
 
 
+def format_share_up(part: float, whole: float, decimals: int) -> str:
+    """``100 * part / whole`` (a share of a budget, in percent) as text with ``decimals``
+    decimals, rounded up as :func:`format_up` rounds: the quotient is taken exactly of the two
+    values' shortest decimal forms (the recorded ones), so the share of an exactly spent
+    budget shows exactly (2.0363 of 2.909 is "70.0", where the float share
+    70.00000000000001 showed "70.1") and no share is shown below the recorded one. A non-finite value or a
+    ``whole`` that is not positive is shown as ``str`` shows the float quotient."""
+    if not (math.isfinite(part) and math.isfinite(whole) and whole > 0):
+        return str(100 * part / whole) if whole > 0 else str(math.nan)
+    context = decimal.Context(prec=400)
+    exact = context.divide(context.multiply(decimal.Decimal(repr(float(part))), 100),
+                           decimal.Decimal(repr(float(whole))))
+    shown = exact.quantize(decimal.Decimal(1).scaleb(-decimals), rounding=decimal.ROUND_CEILING,
+                           context=context)
+    return f"{shown:f}"
+
+
 def plan_epsilon(plan: Sequence[PlannedRelease], delta: float, noise_multiplier: float | None = None,
                  accountant: str = "rdp", *, prv_eps_error: float = 0.01) -> float:
     """Total epsilon of ``plan`` at ``delta``, with ``noise_multiplier`` filling the None entries."""

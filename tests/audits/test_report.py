@@ -319,6 +319,20 @@ def test_epsilons_and_budget_shares_are_shown_rounded_up(pristine_run):
     assert ">2.983</td>" not in page and ">99.4%</td>" not in page
 
 
+def test_the_share_of_an_exactly_spent_budget_is_shown_exactly(pristine_run):
+    """The budget table showed 2.0363 spent of a budget of 2.909 (exactly 70%) as "70.1%"
+    (format_up of the float share 70.00000000000001); an exact share shows exactly, an
+    inexact one still rounds up."""
+    from audits.report import render_html
+
+    report = build_report(pristine_run)
+    exact, inexact = report["budgets"][0], report["budgets"][1]
+    exact.update(budget_epsilon=2.909, recorded_epsilon=2.0363, budget_used=2.0363 / 2.909)
+    inexact.update(budget_epsilon=3.0, recorded_epsilon=2.98341, budget_used=2.98341 / 3.0)
+    page = render_html(report, {})
+    assert ">70.0%</td>" in page and ">70.1%</td>" not in page and ">99.5%</td>" in page
+
+
 def test_a_non_private_run_is_not_described_with_budgets_and_ledgers(tmp_path, pristine_run):
     """The threat model of every report said each client enforces its budget and writes every
     release to its signed ledger, also for a run without DP, which has neither."""

@@ -417,6 +417,34 @@ def test_format_up_never_shows_less_than_the_value_and_at_most_one_unit_more(val
     assert Decimal(repr(value)) <= Decimal(shown) < Decimal(repr(value)) + Decimal(10) ** -decimals
 
 
+def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_less():
+    """The report showed 2.0363 of a budget of 2.909 (exactly 70%) as "70.1%": format_up of
+    the float share 70.00000000000001 rounds up. The share is now taken exactly of the
+    recorded values."""
+    import random
+    from decimal import Decimal
+
+    from privacy.accounting import format_share_up, format_up
+
+    assert format_up(100 * (2.0363 / 2.909), 1) == "70.1"  # the float share is above 70
+    assert format_up(100 * (0.021 / 0.3), 1) == "7.1"
+    assert format_share_up(2.0363, 2.909, 1) == "70.0" and format_share_up(0.021, 0.3, 1) == "7.0"
+    assert format_share_up(3.0, 3.0, 1) == "100.0"
+    assert format_share_up(2.98341, 3.0, 1) == "99.5" and format_share_up(1.0, 3.0, 2) == "33.34"
+    rng = random.Random(0)
+    for _ in range(2000):
+        budget = round(rng.uniform(0.01, 20), rng.randint(0, 6))
+        spent = round(rng.uniform(0, budget), rng.randint(0, 8)) if budget > 0 else 0.0
+        if budget <= 0:
+            continue
+        decimals = rng.randint(0, 4)
+        exact = Decimal(repr(spent)) * 100 / Decimal(repr(budget))
+        shown = Decimal(format_share_up(spent, budget, decimals))
+        assert exact <= shown < exact + Decimal(10) ** -decimals
+        eps = Decimal(format_up(spent, decimals))
+        assert Decimal(repr(spent)) <= eps < Decimal(repr(spent)) + Decimal(10) ** -decimals
+
+
 def test_format_up_rounds_where_rounding_to_nearest_shows_less():
     from privacy.accounting import format_up
 
