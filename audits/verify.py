@@ -1284,6 +1284,21 @@ RUN_MARKERS = ("config.toml", "results.json", "ledgers", "anchor.json", "keys")
 """What a run directory holds; a directory with none of them is refused as bad input."""
 
 
+def _plainly_not_private(run: Path, cfg: ExperimentConfig | None, results: dict[str, Any] | None,
+                         dp_claimed: bool, found: Sequence[tuple[str | None, Path]],
+                         allowlist: Path | None, anchor: Path | None) -> bool:
+    """True when the run says it is not differentially private and holds nothing a DP run
+    writes (ledgers, keys, anchor.json) and no allowlist or anchor copy was given to check it
+    against: then there is nothing to verify (anything of a DP run present is checked as
+    usual, so a DP run stripped of its files still fails on each of them)."""
+    says_off = results is not None and isinstance(results.get("assumptions"), dict) \
+        and results["assumptions"].get("differential_privacy") is False
+    return (not dp_claimed and (says_off or cfg is not None) and not found
+            and allowlist is None and anchor is None
+            and not (run / "ledgers").exists() and not (run / "keys").exists()
+            and not (run / ANCHOR_FILENAME).exists())
+
+
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                rel_tol: float = DEFAULT_REL_TOL,
                pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
@@ -1322,13 +1337,30 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     results = _load_results(run, findings)
     cfg = _load_config(run, results, findings)
     ctx = _RunContext(run, cfg, results, findings)
-    keys, allow_used = _load_keys(run, allow_path, findings)
-
     ledger_dir = run / "ledgers"
     found = _discover(ledger_dir)
     dp_claimed = (cfg is not None and cfg.privacy.enabled) or bool(
         results and isinstance(results.get("assumptions"), dict)
         and results["assumptions"].get("differential_privacy"))
+    if _plainly_not_private(run, cfg, results, dp_claimed, found, allow_path, anchor_path):
+        # nothing of a DP run is there: say so once, instead of one error per missing file
+        # (allowlist, ledgers, anchor) that describes what a DP run writes; without budgets,
+        # a missing config.toml (the API writes none) is no warning either
+        missing_config = f"{run / 'config.toml'} is missing"
+        findings[:] = [f for f in findings if not f.message.startswith(missing_config)]
+        files = [name for name, present in (("config.toml", cfg is not None),
+                                            ("results.json", results is not None)) if present]
+        findings.append(Finding(
+            "error", "no_ledgers",
+            f"the run is not differentially private ({' and '.join(files)}"
+            f" {'say' if len(files) > 1 else 'says'} so): it has no privacy ledgers, keys or"
+            f" anchor.json, so there is nothing to verify, and nothing signs its"
+            f" {' or '.join(files)}"))
+        return VerificationReport(
+            run_dir=str(run), clients=[], findings=findings, rel_tol=float(rel_tol),
+            independent_accountant="none (the run is not differentially private)",
+            allowlist="none (the run is not differentially private)", checks=[])
+    keys, allow_used = _load_keys(run, allow_path, findings)
     if not found:
         findings.append(Finding(
             "error", "no_ledgers",

@@ -396,6 +396,32 @@ def test_non_private_run_does_not_verify(tmp_path):
                for f in report.errors)
 
 
+def test_a_finished_non_private_run_is_said_to_have_no_ledger_or_anchor(tmp_path):
+    """Verifying (and so reporting) a finished non-DP run gave three errors that describe a DP
+    run: the allowlist file missing, no ledgers, and 'a finished DP run writes its anchor right
+    after results.json'; it now says once, plainly, that the run has no ledgers, keys or anchor."""
+    from audits.report import build_report, render_html
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    cfg = parse_config({"name": "plain-verify", "methods": ["local"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8}})
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    report = verify_run(run)
+    assert not report.ok and not report.warnings
+    [error] = report.errors
+    assert error.check == "no_ledgers"
+    assert "not differentially private (results.json says so)" in error.message
+    assert "no privacy ledgers, keys or anchor.json" in error.message
+    page = render_html(build_report(run, verification=report), {})
+    assert "writes its anchor" not in page and "allowlist file" not in page
+    (run / "anchor.json").write_text("{}")  # anything of a DP run there is checked as usual
+    assert any(f.check == "anchor" for f in verify_run(run).errors)
+
+
 def test_bad_arguments_raise(tmp_path, pristine_run):
     with pytest.raises(AuditError, match="does not exist"):
         verify_run(tmp_path / "nope")
