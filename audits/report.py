@@ -35,7 +35,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from audits.verdict import audit_verdict, verdict_text  # noqa: E402
-from audits.verify import AuditError, VerificationReport, verify_run  # noqa: E402
+from audits.verify import (  # noqa: E402
+    ACCOUNTANTS,
+    AuditError,
+    VerificationReport,
+    mechanism_epsilon,
+    verify_run,
+)
 from privacy.accounting import format_share_up, format_up  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
@@ -346,11 +352,23 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
         return "unverified", [*invalid, f"ledger {where} failed verification: its epsilon is"
                               " not a verified claim"]
     spent, tol = ledger.final_epsilon, verification.rel_tol
-    dpsgd_only = set(ledger.mechanisms) == {"dpsgd"} and not ledger.refused
-    if name == "whitebox" and not dpsgd_only:
-        if not ledger.refused and claim > spent * (1 + tol):
-            invalid.append(f"claim {claim:.6g} (DP-SGD alone) exceeds the verified epsilon"
-                           f" {spent:.6g} of ledger {where}")
+    if name == "whitebox":
+        # the claim is the DP-SGD releases' epsilon alone: it must be the one the ledger's
+        # DP-SGD entries give (a refused ledger holds fewer of them than the plan's claim)
+        dpsgd = None
+        if ledger.accountant in ACCOUNTANTS and ledger.delta is not None:
+            dpsgd = mechanism_epsilon([{"mechanism": e.mechanism, "params": e.params}
+                                       for e in ledger.series], "dpsgd", ledger.delta,
+                                      ledger.accountant)
+        if dpsgd is None:
+            invalid.append(f"ledger {where} records no DP-SGD release to check the claim"
+                           f" {claim:.6g} against")
+        elif claim < dpsgd * (1 - tol):
+            invalid.append(f"claim {claim:.6g} is below the epsilon {dpsgd:.6g} of the DP-SGD"
+                           f" releases ledger {where} records")
+        elif not ledger.refused and claim > dpsgd * (1 + tol):
+            invalid.append(f"claim {claim:.6g} exceeds the epsilon {dpsgd:.6g} of the DP-SGD"
+                           f" releases ledger {where} records")
     elif abs(claim - spent) > tol * spent:
         invalid.append(f"claim {claim:.6g} differs from the verified epsilon {spent:.6g} of"
                        f" ledger {where}")

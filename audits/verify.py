@@ -88,7 +88,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
-from privacy.accounting import MAX_NOISE_MULTIPLIER, MAX_STEPS, AccountingSizeError, check_pld_size
+from privacy.accounting import (
+    MAX_NOISE_MULTIPLIER,
+    MAX_STEPS,
+    AccountingSizeError,
+    PlannedRelease,
+    check_pld_size,
+    plan_epsilon,
+)
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS
@@ -105,6 +112,7 @@ __all__ = [
     "check_anchor",
     "check_ledger_lines",
     "independent_epsilons",
+    "mechanism_epsilon",
     "positive_number",
     "verified_ledger_entries",
     "verify_run",
@@ -639,6 +647,26 @@ def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], de
             if i in picks:
                 out[i] = _pld_epsilon(counts, delta)
     return out
+
+
+def mechanism_epsilon(entries: Sequence[dict[str, Any]], mechanism: str, delta: float,
+                      accountant: str) -> float | None:
+    """Epsilon of the ``mechanism`` releases among ledger ``entries`` (dicts with
+    ``mechanism`` and ``params``) alone, composed by the ledger's own ``accountant``
+    (:func:`privacy.accounting.plan_epsilon`, the code that calibrated and recorded them), so
+    a claim about that mechanism computed from the run's plan (the white-box audit's DP-SGD
+    claim) equals it; ``audit verify`` checks that accountant against dp_accounting. None
+    when the entries hold no such release with well-formed accounting parameters."""
+    steps: dict[tuple[float, float], int] = {}
+    for e in entries:
+        p = e.get("params")
+        if e.get("mechanism") == mechanism and isinstance(p, dict) and not _release_problems(p):
+            key = (float(p["noise_multiplier"]), float(p["sample_rate"]))
+            steps[key] = steps.get(key, 0) + int(p["steps"])
+    if not steps:
+        return None
+    return plan_epsilon([PlannedRelease(mechanism, q, n, nm) for (nm, q), n in steps.items()],
+                        delta, accountant=accountant)
 
 
 # --------------------------------------------------------------------------- run level

@@ -49,7 +49,13 @@ from torch import Tensor, nn
 
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
 from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
-from audits.verify import positive_number
+from audits.verify import (
+    ACCOUNTANTS,
+    DEFAULT_REL_TOL,
+    mechanism_epsilon,
+    positive_number,
+    verified_ledger_entries,
+)
 from privacy.accounting import PlannedRelease, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -196,6 +202,46 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
     return WhiteboxSetting(method, client_index, cid, True, float(sigma), q, spr,
                            cfg.training.rounds, p.max_grad_norm, budget.delta, accountant,
                            budget.epsilon, float(claim), source)
+
+
+def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
+                                 rel_tol: float = DEFAULT_REL_TOL) -> None:
+    """Refuse (:class:`WhiteboxAuditError`) a DP setting that is not what the audited client's
+    ledger ``run_dir/ledgers/<method>/<client>.jsonl`` records, once that ledger verifies
+    (fields, chain, signatures): a DP-SGD noise multiplier or sample rate other than its
+    DP-SGD entries', or a claim off the epsilon of those entries alone (dp_accounting under
+    the ledger's accountant) by more than ``rel_tol`` (a claim above it is allowed only for a
+    ledger with a refusal, which holds fewer DP-SGD releases than the plan). A run without a
+    ledger folder, or a non-private setting, is not checked."""
+    if not setting.private or not (run_dir / "ledgers").is_dir():
+        return
+    assert setting.noise_multiplier is not None and setting.claim_epsilon is not None
+    where = f"ledgers/{setting.method}/{setting.client_id}.jsonl"
+    entries = verified_ledger_entries(run_dir, setting.method, setting.client_id,
+                                      error=WhiteboxAuditError)
+    dpsgd = [e for e in entries if e["mechanism"] == "dpsgd" and isinstance(e["params"], dict)]
+    for e in dpsgd:
+        for name, planned in (("noise_multiplier", setting.noise_multiplier),
+                              ("sample_rate", setting.sample_rate)):
+            recorded = e["params"].get(name)
+            if not isinstance(recorded, int | float) \
+                    or not math.isclose(recorded, planned, rel_tol=1e-5, abs_tol=1e-9):
+                raise WhiteboxAuditError(
+                    f"{where} entry {e['index']} records DP-SGD {name} {recorded!r}, the plan"
+                    f" from config.toml gives {planned:g}: the config is not this run's")
+    accountant, delta = dpsgd[0]["accountant"] if dpsgd else None, setting.delta
+    recorded_eps = mechanism_epsilon(dpsgd, "dpsgd", delta, accountant) \
+        if accountant in ACCOUNTANTS else None
+    if recorded_eps is None:
+        raise WhiteboxAuditError(f"{where} records no DP-SGD release to check the claim"
+                                 f" {setting.claim_epsilon:.6g} against")
+    refused = any(e["mechanism"] == "refusal" for e in entries)
+    claim = setting.claim_epsilon
+    if claim < recorded_eps * (1 - rel_tol) or (not refused and claim > recorded_eps * (1 + rel_tol)):
+        raise WhiteboxAuditError(
+            f"the claim {claim:.6g} (the plan's DP-SGD releases) differs from the epsilon"
+            f" {recorded_eps:.6g} of the DP-SGD releases {where} records: the config is not"
+            " this run's")
 
 
 def quiet_coordinates(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, count: int,
@@ -347,7 +393,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                        num_canaries: int | None = None,
                        calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
                        confidence: float = 0.95, seed: int = 0,
-                       results: dict[str, Any] | None = None) -> WhiteboxAuditResult:
+                       results: dict[str, Any] | None = None,
+                       run_dir: str | Path | None = None) -> WhiteboxAuditResult:
     """Train one client with Dirac canaries on the run's DP-SGD path; bound epsilon in one run.
 
     ``method`` defaults to ``"local"`` when the config has it, else its first method;
@@ -355,7 +402,9 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     canary needs a coordinate of its own).
     Guarantee: if the audited DP-SGD is (claim, delta)-DP, the lower bound exceeds the claim
     with probability at most ``1 - confidence``. Raises :class:`WhiteboxAuditError` for bad
-    arguments or a plan that cannot be built.
+    arguments or a plan that cannot be built, and, with ``run_dir`` holding the audited
+    client's ledger, when the plan is not the one that ledger records
+    (:func:`check_setting_against_ledger`).
     """
     t0 = time.perf_counter()
     method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
@@ -370,6 +419,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
         raise WhiteboxAuditError(f"calibration fraction must be in (0, 1), got"
                                  f" {calibration_fraction!r}")
     setting = whitebox_setting(cfg, method, client_index, results)
+    if run_dir is not None:
+        check_setting_against_ledger(setting, Path(run_dir))
     clients = build_clients(cfg)
     client = clients[client_index]
     ctx = build_context(cfg, clients)
@@ -452,7 +503,7 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
             results = json.loads(results_path.read_text())
         except (OSError, ValueError, RecursionError) as err:
             raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
-    result = run_whitebox_audit(cfg, results=results, **kwargs)
+    result = run_whitebox_audit(cfg, results=results, run_dir=run, **kwargs)
     try:
         return result, write_audit_json(run, result.to_json())
     except OSError as err:

@@ -187,14 +187,15 @@ def test_report_shows_the_three_empirical_audits(run_copy, tmp_path):
     assert all(a["status"] == "not run" for a in empty["empirical_audits"])
 
     local = _spent(run_copy, "local", "client-000")
-    fedora = _spent(run_copy, "fedora", "client-001")
+    fedora = _fedora_dpsgd_claim()
     write_audit_json(run_copy, audit_document(
         "canary", claim_epsilon=local, certifiable_max=0.5 * local, lower_bound=0.4,
         confidence=0.95, setup={"num_canaries": 300, "method": "local",
                                 "client_id": "client-000"}))
     # white-box on FEDORA: DP-SGD alone, below the ledger's epsilon (summary and lambda too)
+    assert fedora < 0.9 * _spent(run_copy, "fedora", "client-001")
     write_audit_json(run_copy, audit_document(
-        "whitebox", claim_epsilon=0.9 * fedora, certifiable_max=2 * fedora, lower_bound=0.1,
+        "whitebox", claim_epsilon=fedora, certifiable_max=2 * fedora, lower_bound=0.1,
         confidence=0.95, setup={"canaries": 20000, "method": "fedora", "client": "client-001",
                                 "config": "audit-fixture"}))
     paths = write_report(run_copy, tmp_path / "b")
@@ -203,17 +204,48 @@ def test_report_shows_the_three_empirical_audits(run_copy, tmp_path):
     assert rows["canary"]["certifiable_max"] == 0.5 * local
     assert rows["whitebox"]["verdict"] == "consistent" and rows["whitebox"]["status"] == "run"
     assert rows["whitebox"]["lower_bound"] == 0.1
-    assert rows["whitebox"]["claim_epsilon"] == 0.9 * fedora
+    assert rows["whitebox"]["claim_epsilon"] == fedora
     assert rows["replay"]["status"] == "not run"
     text = _text_of(paths.html.read_text())
     assert "Empirical privacy audits" in text
     assert f"inconclusive: the audit cannot certify epsilon above {0.5 * local:.3g}" in text
-    assert f"consistent: lower bound 0.1 <= claim {0.9 * fedora:.3g}" in text
+    assert f"consistent: lower bound 0.1 <= claim {fedora:.3g}" in text
     assert "not run (secure-fedora audit replay RUN_DIR)" in text
 
     (run_copy / "audit" / "replay.json").write_text('{"audit": "canary"}')
     rows = {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}
     assert rows["replay"]["status"] == "unreadable"
+
+
+def _fedora_dpsgd_claim() -> float:
+    """The white-box claim for a FEDORA client of the audit fixture: the epsilon of its plan's
+    DP-SGD releases alone (4 rounds x 5 steps at q 0.1, sigma 1.2, RDP, delta 1e-5)."""
+    from privacy.accounting import PlannedRelease, plan_epsilon
+
+    return plan_epsilon([PlannedRelease("dpsgd", 0.1, 20)], 1e-5, 1.2, "rdp")
+
+
+def test_a_whitebox_claim_below_the_ledgers_dpsgd_epsilon_is_invalid(run_copy):
+    """A FEDORA white-box claim was only checked to be at most the ledger's whole epsilon, so
+    audit/whitebox.json claiming half the epsilon of the DP-SGD releases the ledger records
+    (an easier claim to pass as 'consistent') was shown as the audit's verdict."""
+    from audits.verdict import audit_document, write_audit_json
+
+    dpsgd = _fedora_dpsgd_claim()
+
+    def row(claim: float) -> dict:
+        write_audit_json(run_copy, audit_document(
+            "whitebox", claim_epsilon=claim, certifiable_max=3 * dpsgd, lower_bound=0.05,
+            confidence=0.95, setup={"canaries": 20000, "method": "fedora",
+                                    "client": "client-001", "config": "audit-fixture"}))
+        return {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}["whitebox"]
+
+    assert row(dpsgd)["status"] == "run"
+    forged = row(0.5 * dpsgd)
+    assert forged["status"] == "invalid" and forged["verdict"] is None
+    assert f"claim {0.5 * dpsgd:.6g} is below the epsilon" in forged["verdict_text"]
+    assert "of the DP-SGD releases ledger fedora/client-001 records" in forged["verdict_text"]
+    assert row(1.5 * dpsgd)["status"] == "invalid"  # above it (still below the whole epsilon)
 
 
 def _replay_doc(run: Path, **changes) -> dict:

@@ -259,3 +259,48 @@ def test_a_binary_task_is_audited_with_its_own_loss(tmp_path, monkeypatch):
     result = run_whitebox_audit(cfg, num_canaries=50)
     assert result.num_canaries == 50
     assert result.outcome.lower_bound <= result.setting.claim_epsilon
+
+
+def test_a_forged_fedora_claim_below_the_ledgers_dpsgd_epsilon_is_refused(tmp_path, capsys):
+    """A finished DP FEDORA run whose config.toml and results.json were edited to a larger
+    DP-SGD noise multiplier (so the white-box claim is below the DP-SGD epsilon the signed
+    ledger records) was audited against that weaker claim and given a verdict; the audit now
+    checks the plan against the client's verified ledger and refuses, naming the mismatch."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    d = {"name": "whitebox-forged", "methods": ["fedora"], "seed": 0,
+         "data": {"num_clients": 3, "train_per_client": 32, "val_per_client": 8,
+                  "test_per_client": 8, "validation": "private"},
+         "training": {"rounds": 2, "local_epochs": 1, "batch_size": 16},
+         "fedora": {"k": 1, "relatedness": "noised"},
+         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise_multiplier": 1.5,
+                     "accountant": "rdp", "noise": "reproducible"}}
+    cfg = parse_config(d)
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    setting = whitebox_setting(cfg, "fedora", 0)
+
+    d["privacy"]["noise_multiplier"] = 3.0
+    (run / "config.toml").write_text(tomli_w.dumps(d))
+    original = (run / "results.json").read_text()
+    results = json.loads(original)
+    for row in results["privacy"]["fedora"]["plan"]:
+        row["noise_multiplier"] = 3.0
+    (run / "results.json").write_text(json.dumps(results))
+    forged = whitebox_setting(parse_config(d), "fedora", 0, results)
+    assert forged.claim_epsilon < 0.5 * setting.claim_epsilon
+    assert main(["audit", "whitebox", str(run), "--method", "fedora", "--canaries", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "ledgers/fedora/client-000.jsonl entry" in err
+    assert "records DP-SGD noise_multiplier 1.5, the plan from config.toml gives 3" in err
+    assert not (run / "audit" / "whitebox.json").exists()
+
+    d["privacy"]["noise_multiplier"] = 1.5  # the noise as recorded, one round of two claimed
+    d["training"]["rounds"] = 1
+    (run / "config.toml").write_text(tomli_w.dumps(d))
+    (run / "results.json").write_text(original)
+    with pytest.raises(WhiteboxAuditError, match=r"the claim [0-9.]+ \(the plan's DP-SGD "
+                       r"releases\) differs from the epsilon [0-9.]+ of the DP-SGD releases "
+                       r"ledgers/fedora/client-000.jsonl records"):
+        audit_run_dir(run, method="fedora", num_canaries=100)
+    whitebox.check_setting_against_ledger(setting, run)  # the run's own plan is its ledger's
