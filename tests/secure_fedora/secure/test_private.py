@@ -174,7 +174,7 @@ def test_kill_mid_round_over_counts_never_under_counts(tmp_path):
 
     cfg = json.loads(json.dumps(BASE))
     cfg["methods"] = ["local"]
-    cfg["training"]["rounds"] = 40
+    cfg["training"]["rounds"] = 12  # killed after round 3: nine rounds left to kill it in
     cfg_path.write_text(tomli_w.dumps(cfg))
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
