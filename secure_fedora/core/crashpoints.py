@@ -20,6 +20,7 @@ __all__ = ["ENV_VAR", "POINTS", "InjectedCrash", "arm", "crash_point", "disarm"]
 ENV_VAR = "SECURE_FEDORA_CRASH_AT"
 
 POINTS: dict[str, str] = {
+    "keys_published": "after a DP method's ledgers are opened and its public keys published",
     "summary": "after one client's relatedness summary left it, before the next client's",
     "gate": "after a release's ledger entries are fsynced, before its journal record",
     "release": "after a release's journal record is fsynced, before the release leaves",

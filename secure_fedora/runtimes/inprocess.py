@@ -760,19 +760,34 @@ class Simulation:
     def _open_privacy(self, name: str, resume: bool = False) -> Any:
         if not self.cfg.privacy.enabled:
             return None
-        from secure_fedora.secure.keystore import publish_public_keys, run_party_ids
+        from secure_fedora.secure.keystore import (
+            check_public_keys,
+            publish_public_keys,
+            run_party_ids,
+        )
         from secure_fedora.secure.private import FederationPrivacy
 
         # calibrate first: a plan over budget refuses the run before its keys are published
         calibrated = self.budget_plans(name)
         key_dir = self.key_dir
+        parties = run_party_ids(len(self.clients))
         # the run's first privacy record binds the directory to this config: a resume before
         # the first checkpoint (the Python API's runs have no other copy) is checked against it
         self._write_config_copy()
-        publish_public_keys(key_dir, self.run_dir / "keys", run_party_ids(len(self.clients)))
+        check_public_keys(key_dir, self.run_dir / "keys", parties)  # another store: nothing written
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
                                          self.run_dir / "ledgers" / name, key_dir,
                                          resume=resume, calibrated=calibrated)
+        # Published once every ledger file exists (empty until the first release): a run
+        # killed before its first release is resumed from the start (rundir.check_resumable
+        # reads those empty ledgers as "nothing released"), while published keys without
+        # ledgers mean the ledgers were lost.
+        try:
+            publish_public_keys(key_dir, self.run_dir / "keys", parties)
+        except BaseException:
+            privacy.close()
+            raise
+        crash_point("keys_published")
         if self.on_privacy_plan:
             self.on_privacy_plan(privacy.plan_rows())
         return privacy

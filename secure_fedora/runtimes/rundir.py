@@ -15,7 +15,9 @@
   readable, intact and written for this configuration; otherwise nothing is written. A run
   killed before its first checkpoint has none, but its first method's ledgers or release
   journals already record releases: it is resumed from the start (the journaled releases are
-  re-made, not accounted again); with neither, there is nothing to resume;
+  re-made, not accounted again). A DP run killed before its first release (every ledger of
+  its first method opened and empty, its public keys possibly published) is resumed from the
+  start too, under the keys it published; with neither, there is nothing to resume;
 - the default directory ``runs/<name>-<timestamp>`` stays inside ``runs/`` (the config's
   ``name`` is restricted to safe characters, and the resolved path is checked again).
 """
@@ -116,6 +118,20 @@ def _records_releases(run_dir: Path, method: str) -> bool:
                for pattern in ("*.jsonl", "*.journal") for p in folder.glob(pattern))
 
 
+def _opened_unreleased(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """True when a DP run's first method opened its ledgers (every client's file exists) and
+    none holds a byte: it was killed before its first release. A ledger entry is fsynced
+    before anything of its release leaves (the write-ahead order of ``privacy.pipeline``), so
+    nothing was released; ledgers that are missing (lost) prove nothing and do not count."""
+    if not cfg.privacy.enabled:
+        return False
+    from privacy.identity import client_ids
+
+    folder = run_dir / "ledgers" / cfg.methods[0]
+    ledgers = [folder / f"{cid}.jsonl" for cid in client_ids(cfg.data.num_clients)]
+    return all(p.is_file() and p.stat().st_size == 0 for p in ledgers)
+
+
 def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
     checkpoint to continue from (see the module docstring); reads only. The Python API's
@@ -180,7 +196,8 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
 
     expected = config_hash(cfg)
     present = [m for m in cfg.methods if (run_dir / "checkpoints" / f"{m}.pt").exists()]
-    if not present and _records_releases(run_dir, cfg.methods[0]):
+    if not present and (_records_releases(run_dir, cfg.methods[0])
+                        or _opened_unreleased(run_dir, cfg)):
         return  # killed before its first checkpoint: resumed from the start
     if not present:
         raise RunDirError(

@@ -56,6 +56,7 @@ __all__ = [
     "KEYSTORE_HOME_ENV",
     "OPERATOR_ID",
     "KeyStore",
+    "check_public_keys",
     "default_keystore_home",
     "ensure_keystore",
     "publish_public_keys",
@@ -225,11 +226,11 @@ def _discard_interrupted(path: Path, known: Mapping[str, PublicIdentity]) -> Non
     marker.unlink()
 
 
-def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
-    """Write the public keys of ``parties`` from ``keystore`` into ``dest``: ``allowlist.json``
-    (those parties only) and each party's ``.ed25519.pub``/``.x25519.pub``. No private key is
-    copied. Returns the published identities. Refuses (IdentityError, nothing written) when
-    ``dest`` already lists other keys for one of ``parties`` (a resume with another store)."""
+def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
+    """The identities :func:`publish_public_keys` would publish, checked without writing
+    anything: IdentityError when ``keystore`` lacks one of ``parties``, holds a private key
+    that does not match its allowlist, or ``dest`` already lists other keys for one of
+    ``parties`` (a resume with another store)."""
     known = load_allowlist(keystore / ALLOWLIST_FILENAME)
     missing = [p for p in parties if p not in known]
     if missing:
@@ -242,8 +243,6 @@ def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> d
                 f"key store {keystore}: the private keys of {party!r} do not match its entry in "
                 f"{ALLOWLIST_FILENAME} (a key file replaced or copied from another store); "
                 "nothing was written")
-    from secure_fedora.core.files import atomic_write_bytes
-
     chosen = {p: known[p] for p in parties}
     published = dest / ALLOWLIST_FILENAME
     if published.exists():  # a resumed run: its ledgers are signed by the published keys
@@ -259,6 +258,17 @@ def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> d
                 f"public keys for {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}; "
                 "pass the run's key store (--keystore, or [security] keystore); nothing was "
                 "written")
+    return chosen
+
+
+def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
+    """Write the public keys of ``parties`` from ``keystore`` into ``dest``: ``allowlist.json``
+    (those parties only) and each party's ``.ed25519.pub``/``.x25519.pub``. No private key is
+    copied. Returns the published identities. Refuses (IdentityError, nothing written) as
+    :func:`check_public_keys` does."""
+    from secure_fedora.core.files import atomic_write_bytes
+
+    chosen = check_public_keys(keystore, dest, parties)
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     for party in parties:
         for suffix in ("ed25519.pub", "x25519.pub"):

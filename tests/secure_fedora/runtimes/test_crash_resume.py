@@ -17,6 +17,7 @@ from privacy.ledger import LedgerError, read_ledger
 from secure_fedora.core import crashpoints
 from secure_fedora.core.config import load_config, parse_config
 from secure_fedora.runtimes.inprocess import Simulation, build_clients
+from secure_fedora.runtimes.rundir import check_resumable
 
 METHODS = ["fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca"]
 TIMING = ("seconds_training", "seconds_evaluation")
@@ -124,7 +125,7 @@ def test_kill_mid_round_then_resume_is_exact(tmp_path, clients, reference, metho
 # summary: client 0 released; gate/release 2-3: the summaries of clients 1-2; gate 4: round 1,
 # client 0 (gates 7-9 are round 2); then training, evaluation, checkpoint, methods, results.
 FEDORA_POINTS = [
-    "summary@1", "gate@2", "release@3", "gate@4", "train@2", "evaluate@2", "checkpoint@1",
+    "keys_published@1", "keys_published@2", "summary@1", "gate@2", "release@3", "gate@4", "train@2", "evaluate@2", "checkpoint@1",
     "checkpoint_written@1", "gate@8", "between_methods@1", "results@1",
 ]
 
@@ -137,6 +138,20 @@ def test_kill_at_each_point_then_resume_is_exact(tmp_path, clients, reference, p
     assert run_until_crash(cfg, tmp_path, clients, point)
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert_same_run(tmp_path, reference(methods, "lambda"))
+
+
+def test_a_kill_before_the_first_release_is_resumable_and_exact(tmp_path, clients, reference):
+    """Killed once the first method's ledgers are open and the keys published, before its
+    first release (the summaries): the directory is resumable and ends as an uninterrupted
+    run, under the keys it published."""
+    methods = ["fedora", "local"]
+    cfg = config(methods, "lambda")
+    assert run_until_crash(cfg, tmp_path, clients, "keys_published")
+    published = (tmp_path / "keys" / "allowlist.json").read_bytes()
+    check_resumable(tmp_path, cfg)
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert_same_run(tmp_path, reference(methods, "lambda"))
+    assert (tmp_path / "keys" / "allowlist.json").read_bytes() == published
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])

@@ -210,6 +210,56 @@ def test_resume_of_a_dp_run_killed_before_its_first_checkpoint_continues_it(tmp_
             (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
 
 
+def test_a_dp_run_killed_before_its_first_release_resumes(tmp_path, capsys):
+    """Killed after its ledgers were opened and its public keys published, before any release:
+    --resume said there was nothing to resume and a new run that the directory was not empty.
+    Nothing was released (a ledger entry precedes every release), so --resume now starts it
+    again under the keys it published; killed before the keys were published, likewise."""
+    from privacy.ledger import read_ledger
+    from secure_fedora.core import crashpoints
+    config = write_config(tmp_path / "dp.toml", DP)
+    run_dir = tmp_path / "run"
+    crashpoints.arm("keys_published")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            run(config, run_dir)
+    finally:
+        crashpoints.disarm()
+    published = (run_dir / "keys" / "allowlist.json").read_bytes()
+    ledgers = sorted(run_dir.glob("ledgers/local/*.jsonl"))
+    assert len(ledgers) == 3 and all(p.stat().st_size == 0 for p in ledgers)
+    unpublished = copy_run(run_dir, tmp_path / "unpublished")
+    shutil.rmtree(unpublished / "keys")  # as if killed between the ledgers and the keys
+    assert run(config, run_dir, "--resume") == 0
+    assert (run_dir / "keys" / "allowlist.json").read_bytes() == published
+    for path in ledgers:
+        assert [(e["round"], e["mechanism"]) for e in read_ledger(path)] == [
+            (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
+    assert audit_main(["audit", "verify", str(run_dir)]) == 0
+    assert run(config, unpublished, "--resume") == 0
+    assert (unpublished / "keys" / "allowlist.json").read_bytes() == published
+    capsys.readouterr()
+
+
+def test_a_dp_run_whose_empty_ledgers_are_lost_is_not_resumed(tmp_path, capsys):
+    """Published keys without the ledgers prove nothing (they may have been deleted after
+    releases): still nothing to resume from, and nothing is written."""
+    from secure_fedora.core import crashpoints
+    config = write_config(tmp_path / "dp.toml", DP)
+    run_dir = tmp_path / "run"
+    crashpoints.arm("keys_published")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            run(config, run_dir)
+    finally:
+        crashpoints.disarm()
+    (run_dir / "ledgers" / "local" / "client-001.jsonl").unlink()
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    assert "nothing to resume from" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
 def test_a_start_killed_after_its_config_copy_can_start_again(tmp_path, capsys):
     """Killed right after its config copy was written: --resume said there was nothing to
     resume and a new run said the directory was not empty, each pointing at the other. A new
