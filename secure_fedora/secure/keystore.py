@@ -18,7 +18,8 @@ Which key store a run uses, first match wins:
 clients). A missing store is created on first use (directory 0700, private keys 0600),
 atomically: written in full into a temporary sibling directory, then renamed into place, so
 a process killed meanwhile leaves no half-made store (at most an unused
-``.<name>.creating-*`` directory beside it, which may be deleted). A store lacking some
+``.<name>.creating-*`` directory beside it, removed when the store is next created or
+opened). A store lacking some
 parties of the run gets keys for exactly those parties, nothing else is touched; an
 existing directory without an allowlist is filled the same way. Both write a
 ``.creating`` marker naming the parties first and remove it after the allowlist, so that a
@@ -33,8 +34,10 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,13 +110,17 @@ def resolve_keystore(name: str, configured: str | None = None,
 
 
 CREATING_FILENAME = ".creating"
+CREATING_INFIX = ".creating-"
+_MKDTEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkdtemp's random part
+_CREATION_GRACE_S = 60.0
 
 
 def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default") -> KeyStore:
     """Make ``path`` a key store holding every party of ``parties`` and return it.
 
     A missing store is created atomically (a complete store in a temporary sibling
-    directory, renamed into place). An existing one gets keys only for parties its allowlist
+    directory, renamed into place); such siblings that killed creations left are removed
+    first (:func:`_remove_interrupted_creations`). An existing one gets keys only for parties its allowlist
     lacks, under the store's lock, between a ``.creating`` marker (naming those parties,
     written first) and the removal of that marker (after the allowlist is written).
 
@@ -130,6 +137,7 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise IdentityError(f"key store {path} exists and is not a directory")
+    _remove_interrupted_creations(path)
     if not path.exists():
         created = _create_atomically(path, parties)
         if created:
@@ -173,15 +181,19 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default")
 def _create_atomically(path: Path, parties: Sequence[str]) -> bool:
     """Create the store ``path`` complete or not at all: keys and allowlist are written into
     a fresh 0700 sibling directory, which is then renamed to ``path``. False when ``path``
-    appeared meanwhile (another process created it; the caller uses that one)."""
+    appeared meanwhile (another process created it; the caller uses that one). The sibling's
+    ``.lock`` is held locked until after the rename, so that
+    :func:`_remove_interrupted_creations` tells a live creation from a killed one."""
+    lock = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{CREATING_INFIX}", dir=path.parent))
     except OSError as exc:
         raise IdentityError(f"cannot create the key store {path}: {exc}") from exc
     try:
+        lock = os.open(tmp / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         init_keys(tmp, parties)
-        os.close(os.open(tmp / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600))
         try:
             os.rename(tmp, path)  # atomic; fails if path is now a non-empty directory or file
         except OSError:
@@ -193,7 +205,60 @@ def _create_atomically(path: Path, parties: Sequence[str]) -> bool:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return True
+
+
+def _remove_interrupted_creations(path: Path) -> list[Path]:
+    """Remove the temporary siblings ``.<name>.creating-<8 characters>`` that creations of
+    the store ``path`` killed before their rename left (private keys no run used: a run uses
+    a store only at ``path``); return them. Kept: ``path`` itself, anything that is not a
+    plain directory of that exact name, one whose ``.lock`` a live creation holds, one
+    without ``.lock`` modified within the last minute (a creation between its ``mkdtemp`` and
+    its lock), and one holding an allowlist (a complete store: logged, never deleted)."""
+    prefix = f".{path.name}{CREATING_INFIX}"
+    try:
+        siblings = sorted(path.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for tmp in siblings:
+        rest = tmp.name[len(prefix):]
+        if (not tmp.name.startswith(prefix) or not _MKDTEMP_SUFFIX.fullmatch(rest)
+                or tmp.name == path.name or tmp.is_symlink() or not tmp.is_dir()):
+            continue
+        if (tmp / ALLOWLIST_FILENAME).exists():
+            log.warning("%s holds a complete key store that was never renamed to %s; it was "
+                        "left as it is (delete it if no run uses it)", tmp, path)
+            continue
+        try:
+            lock = os.open(tmp / LOCK_FILENAME, os.O_RDWR)
+        except FileNotFoundError:
+            lock = None
+        except OSError:
+            continue
+        try:
+            if lock is None:
+                if time.time() - tmp.stat().st_mtime < _CREATION_GRACE_S:
+                    continue
+            else:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a creation in progress
+            shutil.rmtree(tmp)
+        except FileNotFoundError:
+            continue  # renamed into place or removed meanwhile
+        except OSError as exc:
+            log.warning("cannot remove %s, left by an interrupted key-store creation: %s", tmp, exc)
+            continue
+        finally:
+            if lock is not None:
+                os.close(lock)
+        log.warning("removed %s, left by an interrupted creation of the key store %s", tmp, path)
+        removed.append(tmp)
+    return removed
 
 
 def _write_marker(marker: Path, parties: Sequence[str]) -> None:
