@@ -17,7 +17,9 @@
   journals already record releases: it is resumed from the start (the journaled releases are
   re-made, not accounted again). A DP run killed before its first release (every ledger of
   its first method opened and empty, its public keys possibly published) is resumed from the
-  start too, under the keys it published; with neither, there is nothing to resume;
+  start too, under the keys it published, and so is a run without privacy that holds only
+  what it writes before its first checkpoint (its config copy, envelope keys and message
+  state, interrupted checkpoint writes); otherwise there is nothing to resume;
 - the default directory ``runs/<name>-<timestamp>`` stays inside ``runs/`` (the config's
   ``name`` is restricted to safe characters, and the resolved path is checked again).
 """
@@ -132,6 +134,18 @@ def _opened_unreleased(run_dir: Path, cfg: ExperimentConfig) -> bool:
     return all(p.is_file() and p.stat().st_size == 0 for p in ledgers)
 
 
+# what a run without privacy writes before its first checkpoint: its config copy, its
+# envelope keys and message state (reset by every process), interrupted checkpoint writes
+_BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG_COPY, "keys", "transport", "checkpoints"})
+
+
+def _plain_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """True when a run without privacy, bound to this configuration by its config copy, holds
+    nothing but what it writes before its first checkpoint: it is started again (nothing of it
+    is reused but its envelope keys)."""
+    return not cfg.privacy.enabled and {p.name for p in run_dir.iterdir()} <= _BEFORE_FIRST_CHECKPOINT
+
+
 def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
     checkpoint to continue from (see the module docstring); reads only. The Python API's
@@ -155,7 +169,7 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
             f"--resume: {run_dir} holds a run of another configuration ({stored} differs from "
             "the given config); resume with the config it was started with, or use a new --out"
         )
-    _check_checkpoints(run_dir, cfg)
+    _check_checkpoints(run_dir, cfg, bound=True)
 
 
 def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Path) -> None:
@@ -188,16 +202,18 @@ def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Pat
                 " (restore the ledger, or start a new run)")
 
 
-def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
+def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False) -> None:
     """The checkpoint half of :func:`check_resumable`: this configuration's methods'
     checkpoints exist in order, each written for this configuration (or the first method's
-    releases are recorded: killed before its first checkpoint)."""
+    releases are recorded, or it released nothing yet: killed before its first checkpoint).
+    ``bound``: the directory's config copy is this configuration."""
     from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint
 
     expected = config_hash(cfg)
     present = [m for m in cfg.methods if (run_dir / "checkpoints" / f"{m}.pt").exists()]
     if not present and (_records_releases(run_dir, cfg.methods[0])
-                        or _opened_unreleased(run_dir, cfg)):
+                        or _opened_unreleased(run_dir, cfg)
+                        or (bound and _plain_unstarted(run_dir, cfg))):
         return  # killed before its first checkpoint: resumed from the start
     if not present:
         raise RunDirError(

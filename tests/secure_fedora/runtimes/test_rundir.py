@@ -241,6 +241,31 @@ def test_a_dp_run_killed_before_its_first_release_resumes(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_run_with_envelopes_killed_before_its_first_checkpoint_resumes(tmp_path, capsys):
+    """Without privacy, a run with envelopes killed in round 1 held its config copy, keys and
+    message state: --resume said there was nothing to resume and a new run that the directory
+    was not empty. --resume now starts it again and ends as an uninterrupted run."""
+    from secure_fedora.core import crashpoints
+    doc = {**TINY, "methods": ["fedavg"], "security": {"envelopes": True},
+           "training": {**TINY["training"], "checkpoint_every": 2}}
+    config = write_config(tmp_path / "env.toml", doc)
+    assert run(config, tmp_path / "ref") == 0
+    run_dir = tmp_path / "run"
+    crashpoints.arm("train@2")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            run(config, run_dir)
+    finally:
+        crashpoints.disarm()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.toml", "keys", "transport"]
+    assert run(config, run_dir, "--resume") == 0
+    capsys.readouterr()
+    assert (run_dir / "rounds.csv").read_text() == (tmp_path / "ref" / "rounds.csv").read_text()
+    done, ref = (json.loads((d / "results.json").read_text())["methods"]["fedavg"]
+                 for d in (run_dir, tmp_path / "ref"))
+    assert done["selected"] == ref["selected"] and done["final"] == ref["final"]
+
+
 def test_a_dp_run_whose_empty_ledgers_are_lost_is_not_resumed(tmp_path, capsys):
     """Published keys without the ledgers prove nothing (they may have been deleted after
     releases): still nothing to resume from, and nothing is written."""
