@@ -8,8 +8,10 @@ no normalization layers, so they are valid for Opacus DP-SGD (per-sample gradien
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -129,6 +131,46 @@ def _set_by_init_parameters(model: nn.Module) -> bool:
         return False
     return all(isinstance(m, nn.Linear | nn.Conv2d) and {n for n, _ in own} <= {"weight", "bias"}
                for m in model.modules() if (own := list(m.named_parameters(recurse=False))))
+
+
+# Addresses in a repr (e.g. "<function f at 0x7f...>") differ between processes.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def model_architecture(model: nn.Module) -> list[str]:
+    """One line per module of ``model``'s tree, in ``named_modules`` order: its name, its
+    class's qualified name, its ``extra_repr()``, and its own parameters' and buffers' names,
+    dtypes and shapes. Independent of the values and the device, and equal across processes
+    (memory addresses are dropped); it does not cover the code of ``forward``."""
+    lines = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        extra = _ADDRESS.sub("", module.extra_repr())
+        tensors = [f"{kind} {n} {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+                   for kind, named in (("parameter", module.named_parameters(recurse=False)),
+                                       ("buffer", module.named_buffers(recurse=False)))
+                   for n, t in named]
+        lines.append("; ".join([f"{name or '(root)'}: {cls.__module__}.{cls.__qualname__}({extra})",
+                                *tensors]))
+    return lines
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) of :func:`model_architecture`: equal for models of one architecture,
+    different when a module's class, order, settings or a parameter's name, shape or dtype
+    differ (e.g. ReLU swapped for Tanh between layers of equal shapes)."""
+    return hashlib.sha256("\n".join(model_architecture(model)).encode()).hexdigest()
+
+
+def architecture_difference(recorded: Sequence[str], current: Sequence[str]) -> str:
+    """The first line where two :func:`model_architecture` listings differ, as text for an
+    error message ("" when they are equal)."""
+    for a, b in zip(recorded, current, strict=False):
+        if a != b:
+            return f"{a!r} there and {b!r} here"
+    if len(recorded) != len(current):
+        return f"{len(recorded)} modules there and {len(current)} here"
+    return ""
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -48,7 +48,12 @@ from secure_fedora.learning.client import (
     TrainConfig,
     Workspace,
 )
-from secure_fedora.learning.models import make_model
+from secure_fedora.learning.models import (
+    architecture_difference,
+    make_model,
+    model_architecture,
+    model_fingerprint,
+)
 from secure_fedora.secure.backends import CkksBackend
 
 __all__ = [
@@ -424,9 +429,10 @@ _CHECKPOINT_FORMAT = "secure-fedora/checkpoint/v2"
 _MAX_HEADER_BYTES = 64 * 1024
 _RESERVED_HEADER_BYTES = 4096
 # State fields that bind a checkpoint to its run, when the state has them (the in-process
-# runtime writes config_hash and data_fingerprint; a SuperNode's state adds run_id and
-# client_id; a partition file its data digest).
-_BINDING_KEYS = ("config_hash", "data_fingerprint", "run_id", "client_id", "data_digest", "format")
+# runtime writes config_hash, data_fingerprint and model_fingerprint; a SuperNode's state adds
+# run_id and client_id; a partition file its data digest).
+_BINDING_KEYS = ("config_hash", "data_fingerprint", "model_fingerprint", "run_id", "client_id",
+                 "data_digest", "format")
 
 
 def _binding(state: dict[str, Any]) -> dict[str, Any]:
@@ -509,6 +515,39 @@ class _PayloadView(io.RawIOBase):
         return got
 
 
+def _parse_header(head: bytes, path: Path) -> tuple[str, int, dict[str, Any], int]:
+    """A checkpoint's header from its first bytes: payload digest and size, run binding and
+    the payload's offset (CheckpointError naming ``path`` if it is not one)."""
+    if not head.startswith(CHECKPOINT_MAGIC):
+        hint = (" (a checkpoint without integrity digest, written by an older version; "
+                "it cannot be verified)" if head.startswith(b"PK") else "")
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a secure-fedora "
+                              f"checkpoint{hint}")
+    end = head.find(b"\n", len(CHECKPOINT_MAGIC), len(CHECKPOINT_MAGIC) + _MAX_HEADER_BYTES)
+    try:
+        if end < 0:
+            raise ValueError("no header line")
+        header = json.loads(head[len(CHECKPOINT_MAGIC):end])
+        digest, size, binding = header["sha256"], header["payload_bytes"], header["binding"]
+        if header.get("format") != _CHECKPOINT_FORMAT or not isinstance(binding, dict):
+            raise ValueError("unknown format")
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its header is unreadable") from None
+    return digest, size, binding, end + 1
+
+
+def checkpoint_binding(path: Path) -> dict[str, Any]:
+    """The run binding a checkpoint's header records, read without the payload (its digest is
+    not verified: :func:`load_checkpoint` does that, and refuses a state other than the
+    header's binding)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(CHECKPOINT_MAGIC) + _MAX_HEADER_BYTES)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
+    return _parse_header(head, path)[2]
+
+
 #: Bytes hashed per read when a checkpoint's digest is verified (the file is never read whole).
 _DIGEST_CHUNK = 16 * 2**20
 
@@ -532,22 +571,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             file_size = os.fstat(fh.fileno()).st_size
         except OSError as err:
             raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
-        if not head.startswith(CHECKPOINT_MAGIC):
-            hint = (" (a checkpoint without integrity digest, written by an older version; "
-                    "it cannot be verified)" if head.startswith(b"PK") else "")
-            raise CheckpointError(f"checkpoint {path} is corrupt or not a secure-fedora "
-                                  f"checkpoint{hint}")
-        end = head.find(b"\n", len(CHECKPOINT_MAGIC), len(CHECKPOINT_MAGIC) + _MAX_HEADER_BYTES)
-        try:
-            if end < 0:
-                raise ValueError("no header line")
-            header = json.loads(head[len(CHECKPOINT_MAGIC):end])
-            digest, size, binding = header["sha256"], header["payload_bytes"], header["binding"]
-            if header.get("format") != _CHECKPOINT_FORMAT or not isinstance(binding, dict):
-                raise ValueError("unknown format")
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"checkpoint {path} is corrupt: its header is unreadable") from None
-        offset = end + 1
+        digest, size, binding, offset = _parse_header(head, path)
         if file_size - offset != size:
             raise CheckpointError(f"checkpoint {path} is corrupt: truncated or extended "
                                   f"({file_size - offset} payload bytes, header says {size})")
@@ -654,6 +678,7 @@ class Simulation:
         self.clients = list(clients) if clients is not None else build_clients(cfg)
         self.fingerprint = fingerprint_clients(self.clients)
         self.config_hash = config_hash(cfg)
+        self._model_checked = False  # a resume's checkpoints were matched to the model
         self.progress = progress
         self.method_factory = method_factory
         self.context_factory = context_factory
@@ -681,6 +706,35 @@ class Simulation:
                     f"checkpoint {path} was written for another {key.replace('_', ' ')} "
                     f"({state.get(key)!s:.12} != {expected:.12}); refuse to resume"
                 )
+
+    def _check_model(self, module: torch.nn.Module) -> None:
+        """Refuse (CheckpointError, before anything is written) a resume with a model of
+        another architecture than the one the run's checkpoints record
+        (:func:`~secure_fedora.learning.models.model_fingerprint`): a model given in Python,
+        or a factory whose code changed, may have the run's parameter shapes and still be
+        another model. A checkpoint that records none (written before the fingerprint) is
+        accepted for a built-in ``[model] name`` only."""
+        current = model_fingerprint(module)
+        built_in = self.cfg.model.factory is None and "model" not in self.inputs_outside_config
+        for name in self.cfg.methods:
+            path = self.checkpoint_path(name)
+            if not path.is_file():
+                continue
+            recorded = checkpoint_binding(path).get("model_fingerprint")
+            if recorded == current or (recorded is None and built_in):
+                continue
+            if recorded is None:
+                raise CheckpointError(
+                    f"checkpoint {path} records no model architecture (written by an earlier "
+                    "version), so the model given in Python or by model.factory cannot be "
+                    "matched to the run's; refuse to resume (start a new run)")
+            state = load_checkpoint(path)
+            difference = architecture_difference(state.get("model_architecture") or [],
+                                                 model_architecture(module))
+            what = difference or f"fingerprint {recorded!s:.12} != {current:.12}"
+            raise CheckpointError(f"checkpoint {path} was written for another model ({what}); "
+                                  "refuse to resume (resume with the run's model, or start a "
+                                  "new run)")
 
     # -- one method ---------------------------------------------------------------------
     @property
@@ -743,6 +797,9 @@ class Simulation:
         finished method's ledgers end with their signed close entry."""
         cfg = self.cfg
         ctx = self.context_factory(cfg, self.clients)
+        if resume and not self._model_checked:
+            self._check_model(ctx.flat.module)  # every method's checkpoint, before any write
+            self._model_checked = True
         privacy = self._open_privacy(name, resume)
         ctx.privacy = privacy
         if privacy is not None:
@@ -981,6 +1038,8 @@ class Simulation:
             "round": rnd,
             "version": __version__,
             **self._identity(),
+            "model_fingerprint": model_fingerprint(ctx.flat.module),
+            "model_architecture": model_architecture(ctx.flat.module),
             # the registered name it runs under: a checkpoint copied to another method's file
             # is refused on resume
             "method_name": next(n for n, m in self.methods.items() if m is method),

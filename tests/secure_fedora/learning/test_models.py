@@ -149,3 +149,25 @@ def test_built_in_models_take_bces_single_output_for_binary_labels(tmp_path) -> 
         assert make_model(name, 1, seed=0)(torch.rand(2, 1, 28, 28)).shape == (2, 1)
     results = Experiment(config, data=data, run_dir=tmp_path / "run").run()
     assert results.metric == "auc" and 0.0 <= results.mean("local") <= 1.0
+
+
+def test_model_fingerprint_is_the_architecture_and_equal_across_processes() -> None:
+    """The fingerprint that binds a checkpoint to its model: independent of the parameter
+    values and of the process (no addresses), different for a swapped activation or another
+    layer setting of the same parameter shapes."""
+    import subprocess
+    import sys
+
+    from secure_fedora.learning.models import model_fingerprint
+
+    code = ("from secure_fedora.learning.models import make_model, model_fingerprint;"
+            "print(model_fingerprint(make_model('cnn', 10, seed=3)))")
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   check=True).stdout.strip()
+    assert other_process == model_fingerprint(make_model("cnn", 10, seed=0))
+    relu = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert model_fingerprint(relu) != model_fingerprint(
+        nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)))
+    assert model_fingerprint(relu) != model_fingerprint(
+        nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(0.2), nn.Linear(3, 2)))
+    assert model_fingerprint(nn.LeakyReLU(0.1)) != model_fingerprint(nn.LeakyReLU(0.2))

@@ -403,9 +403,105 @@ def test_resuming_a_finished_method_with_another_model_is_a_checkpoint_error(tmp
     finally:
         crashpoints.disarm()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    with pytest.raises(CheckpointError, match="local.pt cannot be restored: .*'theta' has shape"):
+    with pytest.raises(CheckpointError, match="local.pt was written for another model"):
         Experiment(config, data=data, model=linear, run_dir=run_dir).run(resume=True)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def _api_run_killed_after_a_checkpoint(run_dir, factory):
+    """An API run of ``factory``'s model killed after local's round-1 checkpoint; returns its
+    data and config."""
+    from secure_fedora.api import Experiment
+    from secure_fedora.core import crashpoints
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+    config = {"methods": ["local", "fedavg"],
+              "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
+                       "val_per_client": 5, "test_per_client": 5}}
+    crashpoints.arm("checkpoint_written")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Experiment(config, data=data, model=factory, run_dir=run_dir).run()
+    finally:
+        crashpoints.disarm()
+    return data, config
+
+
+@pytest.mark.parametrize("swapped", ["activation", "order"])
+def test_resuming_with_another_model_of_the_same_shapes_is_a_checkpoint_error(tmp_path, swapped):
+    """A model given in Python could be swapped between a run and its resume for another of
+    the same parameter shapes (ReLU for Tanh, or equal layers reordered) and the resume went on
+    silently, mixing two architectures; the checkpoint now records the model's architecture
+    and the resume is refused, naming the first differing module, with nothing written."""
+    from torch import nn
+
+    from secure_fedora.api import Experiment
+
+    def first(shape, k):
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, k))
+
+    def second(shape, k):
+        if swapped == "activation":
+            return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                                 nn.Linear(4, k))
+        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, k))
+
+    run_dir = tmp_path / "run"
+    data, config = _api_run_killed_after_a_checkpoint(run_dir, first)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"local.pt was written for another model "
+                                              r"\('1: torch.nn.modules.activation.ReLU\(\)' there and "
+                                              r"'1: torch.nn.modules.activation.Tanh\(\)' here\)"):
+        Experiment(config, data=data, model=second, run_dir=run_dir).run(resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    resumed = Experiment(config, data=data, model=first, run_dir=run_dir).run(resume=True)
+    assert resumed.method_names == ["local", "fedavg", "fedavg_ft"]
+
+
+def _strip_model_fingerprint(path):
+    state = load_checkpoint(path)
+    del state["model_fingerprint"], state["model_architecture"]
+    save_checkpoint(path, state)
+
+
+def test_a_checkpoint_without_model_fingerprint_resumes_a_built_in_model_only(tmp_path, tiny_clients):
+    """A checkpoint written before checkpoints recorded the model's architecture: a model given
+    in Python cannot be matched to it (refused, nothing written); a built-in [model] name,
+    fixed by the config hash, resumes as before."""
+    from torch import nn
+
+    from secure_fedora.api import Experiment
+
+    def factory(shape, k):
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, k))
+
+    run_dir = tmp_path / "api"
+    data, config = _api_run_killed_after_a_checkpoint(run_dir, factory)
+    _strip_model_fingerprint(run_dir / "checkpoints" / "local.pt")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="local.pt records no model architecture"):
+        Experiment(config, data=data, model=factory, run_dir=run_dir).run(resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+    cfg = tiny(methods=["local"], training={"rounds": 2, "checkpoint_every": 1})
+    full = Simulation(cfg, tmp_path / "full", clients=tiny_clients).run()
+    first = Simulation(cfg, tmp_path / "cut", clients=tiny_clients)
+
+    class Stop(Exception):
+        pass
+
+    def stop(method, rnd, total):
+        raise Stop
+
+    first.progress = stop
+    with pytest.raises(Stop):
+        first.run()
+    _strip_model_fingerprint(tmp_path / "cut" / "checkpoints" / "local.pt")
+    resumed = Simulation(cfg, tmp_path / "cut", clients=tiny_clients).run(resume=True)
+    assert resumed["methods"]["local"]["selected"] == full["methods"]["local"]["selected"]
 
 
 def test_a_registered_partitioners_clients_get_the_federated_data_checks():
