@@ -22,7 +22,8 @@ from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.noise import NoiseSource
 from secure_fedora.learning.tasks import Task
 
-__all__ = ["DPGradient", "check_per_sample_gradients", "expected_batch_size"]
+__all__ = ["DPGradient", "check_per_sample_gradients", "check_rows_independent",
+           "expected_batch_size", "largest_poisson_batch"]
 
 
 class DPGradient:
@@ -99,6 +100,70 @@ def expected_batch_size(sample_rate: float, num_samples: int, empty: float) -> f
     records (runs refuse one under DP; the engines accept it) has only noise to divide:
     by ``empty``, the oracle's configured expected batch."""
     return sample_rate * num_samples if num_samples > 0 else empty
+
+
+#: A Poisson batch larger than :func:`largest_poisson_batch` has probability below this per step.
+POISSON_TAIL = 1e-12
+
+
+def largest_poisson_batch(sample_rate: float, num_samples: int) -> int:
+    """The largest Poisson batch of ``num_samples`` records at rate ``q`` worth probing: the
+    smallest ``b`` (at most ``num_samples``) with ``P(batch > b) < 1e-12`` by the Chernoff
+    bound ``P(X >= (1 + d) mu) <= exp(-d^2 mu / (2 + d))``, ``mu = q n``."""
+    mu = sample_rate * num_samples
+    if num_samples <= 0 or mu <= 0:
+        return max(num_samples, 0)
+    log_tail = -math.log(POISSON_TAIL)
+    d = (log_tail + math.sqrt(log_tail ** 2 + 8 * mu * log_tail)) / (2 * mu)
+    return min(num_samples, math.ceil((1 + d) * mu))
+
+
+@torch.no_grad()
+def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows: str) -> None:
+    """Refuse (DPSGDError) a model whose output for a row of ``x`` (a batch of real rows, as
+    large as the batches it runs on under DP) changes when the batch's other rows are replaced:
+    per-sample clipping, and the clipped validation losses of a private lambda, bound one
+    record's effect only if no other row's output depends on it (BatchNorm, a layer that
+    subtracts the batch mean). Two forwards besides ``x``'s own: the second half replaced by
+    copies of the first row, the first half by copies of the last. Runs in train mode
+    (``training``: dropout in eval mode, as the gradient check) or eval mode; random draws come
+    from a seeded fork of torch's generator, so nothing is drawn from the run's streams.
+    ``rows`` names the rows in the message. A batch size never probed is not covered."""
+    from privacy.dpsgd import DPSGDError
+
+    n = int(x.shape[0])
+    if n < 2:
+        return
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    half = n // 2
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+
+    def forward(batch: Tensor) -> Tensor:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            return model(batch)
+
+    try:
+        out = forward(x)
+        for kept, batch in ((slice(0, half), torch.cat([x[:half], x[:1].expand(n - half, *x.shape[1:])])),
+                            (slice(half, n), torch.cat([x[-1:].expand(half, *x.shape[1:]), x[half:]]))):
+            got, want = forward(batch)[kept], out[kept]
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
+                raise DPSGDError(
+                    f"the model's outputs for rows of a batch of {n} {rows} rows change when the "
+                    f"batch's other rows are replaced (max difference "
+                    f"{float((got - want).abs().max()):.3g}): DP needs a model that treats every "
+                    "row alone (per-sample clipping bounds one record's effect only then); layers "
+                    "that mix the rows of a batch (BatchNorm, subtracting the batch mean) are "
+                    "not supported under DP")
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
 
 
 def _first_unsupported_layer(model: nn.Module) -> str:

@@ -236,10 +236,20 @@ def build_context(
 
         noise = client_noise_sources(cfg, len(clients))
         if oracle is None:
+            from secure_fedora.learning.dp import check_rows_independent, largest_poisson_batch
+
             q = sample_rate_for(cfg)
             oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
                                 q * cfg.data.train_per_client, noise[0], task=task)
             oracle.check_model(probe_x, probe_y)
+            # DP-SGD's Poisson batches (the same q for every client: the largest client's are
+            # the largest) and a private lambda's validation split, each run whole
+            largest = max(int(c.train_x.shape[0]) for c in clients)
+            batch_x, _ = _probe_rows(clients, largest_poisson_batch(q, largest))
+            check_rows_independent(module, batch_x, training=True, rows="training")
+            if cfg.data.validation == "private":
+                val_x, _ = _probe_rows(clients, max(int(c.val_x.shape[0]) for c in clients), "val")
+                check_rows_independent(module, val_x, training=False, rows="validation")
     return MethodContext(
         clients=clients,
         flat=flat,
@@ -257,21 +267,23 @@ def build_context(
     )
 
 
-def _probe_rows(clients: Sequence[ClientData], rows: int = 2) -> tuple[Tensor, Tensor]:
-    """The federation's first ``rows`` training rows, taken across clients where the first
+def _probe_rows(clients: Sequence[ClientData], rows: int = 2,
+                split: str = "train") -> tuple[Tensor, Tensor]:
+    """The federation's first ``rows`` rows of ``split``, taken across clients where the first
     holds fewer: the model checks compare a batch with its rows one by one (DP's per-sample
     check), which a model mixing the samples of a batch passes on a batch of one."""
     xs, ys, held = [], [], 0
     for c in clients:
         if held >= rows:
             break
-        take = min(rows - held, int(c.train_x.shape[0]))
+        x, y = getattr(c, f"{split}_x"), getattr(c, f"{split}_y")
+        take = min(rows - held, int(x.shape[0]))
         if take:
-            xs.append(c.train_x[:take])
-            ys.append(c.train_y[:take])
+            xs.append(x[:take])
+            ys.append(y[:take])
             held += take
     if not xs:
-        return clients[0].train_x[:rows], clients[0].train_y[:rows]
+        return getattr(clients[0], f"{split}_x")[:rows], getattr(clients[0], f"{split}_y")[:rows]
     return torch.cat(xs), torch.cat(ys)
 
 

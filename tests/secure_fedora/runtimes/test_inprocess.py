@@ -559,6 +559,81 @@ class _BatchCentered(torch.nn.Module):
         return self.last(h - h.mean(dim=0, keepdim=True))
 
 
+class _MixesFrom(torch.nn.Module):
+    """Subtracts the batch mean from batches of at least ``rows`` rows (in eval mode only
+    with ``eval_only``): a model that treats rows alone in smaller batches."""
+
+    def __init__(self, rows, eval_only=False):
+        super().__init__()
+        self.rows, self.eval_only = rows, eval_only
+
+    def forward(self, h):
+        if h.shape[0] < self.rows or (self.eval_only and self.training):
+            return h
+        return h - h.mean(dim=0, keepdim=True)
+
+
+def _dp_federation(validation="public", methods=("fedavg",)):
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.randn(n, 6, generator=g), torch.arange(n) % 2
+
+    data = [{"train": split(20), "val": split(6), "test": split(4)} for _ in range(3)]
+    cfg = parse_config({"methods": list(methods), "training": {"rounds": 1, "batch_size": 4},
+                        "data": {"num_clients": 3, "train_per_client": 20, "val_per_client": 6,
+                                 "test_per_client": 4, "validation": validation},
+                        "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                                    "noise": "reproducible"},
+                        "fedora": {"relatedness": "noised", "k": 1}})
+    return cfg, build_clients(cfg, data=data)
+
+
+@pytest.mark.parametrize("rows", [3, 8])
+def test_dp_refuses_a_model_that_mixes_rows_only_in_batches_of_three_or_more(rows):
+    """The DP check probed batches of two rows, so a model mixing the rows of batches of three
+    (or eight) or more passed, and its DP-SGD steps (Poisson batches of about 4, up to 20 rows)
+    clipped per-sample norms that bound nothing. It now probes a batch as large as the
+    training batches can plausibly be."""
+    from torch import nn
+
+    from privacy.dpsgd import DPSGDError
+    from secure_fedora.runtimes.inprocess import build_context
+
+    def factory(shape, k):
+        return nn.Sequential(nn.Linear(6, 8), _MixesFrom(rows), nn.ReLU(), nn.Linear(8, k))
+
+    def row_wise(shape, k):
+        return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Dropout(0.5),
+                             nn.Linear(8, k))
+
+    cfg, clients = _dp_federation()
+    with pytest.raises(DPSGDError, match="of a batch of 20 training rows change when the batch's "
+                                         "other rows are replaced"):
+        build_context(cfg, clients, model_factory=factory)
+    build_context(cfg, clients, model_factory=row_wise)  # rows alone: accepted
+
+
+def test_dp_with_private_validation_refuses_a_model_mixing_validation_rows():
+    """A private lambda clips each validation row's loss, computed on the whole split in eval
+    mode: a model mixing the rows of a batch in eval mode only passed every check, and the
+    lambda's sensitivity bound held for nothing. Public validation releases no lambda."""
+    from torch import nn
+
+    from privacy.dpsgd import DPSGDError
+    from secure_fedora.runtimes.inprocess import build_context
+
+    def factory(shape, k):
+        return nn.Sequential(nn.Linear(6, 8), _MixesFrom(2, eval_only=True), nn.ReLU(),
+                             nn.Linear(8, k))
+
+    cfg, clients = _dp_federation("private", methods=("fedora",))
+    with pytest.raises(DPSGDError, match="a batch of 6 validation rows"):
+        build_context(cfg, clients, model_factory=factory)
+    cfg, clients = _dp_federation("public", methods=("fedora",))
+    build_context(cfg, clients, model_factory=factory)
+
+
 def test_dp_refuses_a_batch_mixing_model_when_the_first_client_has_one_training_row():
     """The DP per-sample check ran on client 0's first two training rows only: with one row,
     a batch of one cannot mix, so the model was accepted and the other clients' DP-SGD steps
