@@ -191,7 +191,8 @@ def build_context(
     The model is ``model_factory(input_shape, num_classes)`` (Python API), else
     ``[model] factory``, else the registered ``[model] name``, built for the clients' input
     shape and the loss's output width. Before anything trains, it checks the labels, the
-    model's output width, the loss's per-sample shape, AUC's need for both classes and,
+    model's output width, the loss's per-sample shape, AUC's need for both classes (in the
+    splits that are scored: not private validation splits under DP) and,
     under DP, that the DP path computes the model's per-sample gradients exactly (errors:
     DataError, ModelError, PluginError, DPSGDError, each naming the problem).
     """
@@ -227,7 +228,11 @@ def build_context(
     module = module.to(device)
     probe_x, probe_y = _probe_rows(clients)
     check_output_width(module, probe_x, width, source)
-    _check_task(task, module, clients, probe_x, probe_y)
+    # under DP, private validation splits are never scored (the final round is reported, and
+    # only their losses are used, by the private lambda): AUC need not be defined on them
+    scored = ("test",) if cfg.privacy.enabled and cfg.data.validation == "private" \
+        else ("val", "test")
+    _check_task(task, module, clients, probe_x, probe_y, scored)
     flat = FlatModel(module, task)
     generators = _client_generators(cfg, len(clients))
     noise: list[Any] = []
@@ -288,9 +293,10 @@ def _probe_rows(clients: Sequence[ClientData], rows: int = 2,
 
 
 def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData],
-                probe_x: Tensor, probe_y: Tensor) -> None:
+                probe_x: Tensor, probe_y: Tensor,
+                scored: Sequence[str] = ("val", "test")) -> None:
     """The loss returns finite per-sample values on the model's outputs, and the metric is
-    defined on every client's validation and test split (AUC needs both classes)."""
+    defined on every client's ``scored`` splits (AUC needs both classes)."""
     from secure_fedora.core.plugins import PluginError
     from secure_fedora.data.sources import DataError
     from secure_fedora.learning.tasks import MetricError
@@ -322,7 +328,7 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
     if task.metric_name == "auc":
         width = int(outputs.shape[1]) if outputs.dim() == 2 else 1
         for c in clients:
-            for split in ("val", "test"):
+            for split in scored:
                 y = getattr(c, f"{split}_y")
                 try:  # outputs of the model's width: AUC on single labels needs one output
                     task.metric(torch.zeros(y.shape if y.dim() == 2 else (y.shape[0], width)), y)

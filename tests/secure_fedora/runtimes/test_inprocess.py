@@ -634,6 +634,42 @@ def test_dp_with_private_validation_refuses_a_model_mixing_validation_rows():
     build_context(cfg, clients, model_factory=factory)
 
 
+def test_dp_with_private_validation_accepts_a_single_class_validation_split_under_auc(tmp_path):
+    """Under DP with private validation the validation splits are never scored (the final
+    round is reported, FedAvg's fine-tuning keeps its last epoch, the private lambda uses
+    losses), but a single-class validation split under AUC was refused as unscorable; it now
+    runs. With public validation it is scored, and still refused."""
+    from secure_fedora.data.sources import DataError
+    from secure_fedora.runtimes.inprocess import build_context
+
+    def federation(validation):
+        g = torch.Generator().manual_seed(0)
+
+        def split(n, one_class=False):
+            x = torch.randn(n, 6, generator=g)
+            return x, torch.zeros(n, dtype=torch.long) if one_class else torch.arange(n) % 2
+
+        data = [{"train": split(20), "val": split(6, one_class=i == 1), "test": split(6)}
+                for i in range(3)]
+        cfg = parse_config({"methods": ["fedora", "fedavg"],
+                            "training": {"rounds": 1, "batch_size": 20, "loss": "bce"},
+                            "data": {"num_clients": 3, "train_per_client": 20, "val_per_client": 6,
+                                     "test_per_client": 6, "validation": validation},
+                            "fedavg": {"finetune_epochs": 1},
+                            "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                                        "noise": "reproducible"},
+                            "fedora": {"relatedness": "noised", "k": 1}})
+        return cfg, build_clients(cfg, data=data)
+
+    cfg, clients = federation("public")
+    with pytest.raises(DataError, match="client 1: the val split cannot be scored with AUC"):
+        build_context(cfg, clients)
+    cfg, clients = federation("private")
+    results = Simulation(cfg, tmp_path, clients=clients, keystore=tmp_path.parent / "keys").run()
+    assert results["metric"] == "auc"
+    assert set(results["methods"]) == {"fedora", "fedavg", "fedavg_ft"}
+
+
 def test_dp_refuses_a_batch_mixing_model_when_the_first_client_has_one_training_row():
     """The DP per-sample check ran on client 0's first two training rows only: with one row,
     a batch of one cannot mix, so the model was accepted and the other clients' DP-SGD steps
