@@ -68,7 +68,12 @@ from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.registry import METHODS
 from secure_fedora.core.tensors import all_finite
 from secure_fedora.data.partition import ClientData
-from secure_fedora.learning.batched import BatchedOutcome, batched_plan, train_participants
+from secure_fedora.learning.batched import (
+    BatchedOutcome,
+    batched_plan,
+    engine_probe,
+    train_participants,
+)
 from secure_fedora.learning.client import (
     DIVERGED_HINT,
     ClientUpdateError,
@@ -312,11 +317,12 @@ class FederatedMethod(FederatedAlgorithm):
         """Why the batched engine cannot train ``participants`` with each of ``oracles``
         exactly (``None``: it can). Probed on the first participant with training data."""
         ctx = self.ctx
-        probe = next((ctx.clients[i] for i in participants if ctx.clients[i].train_x.shape[0]), None)
-        if probe is None:
-            return "no participant has training data to probe the model"
         for oracle in oracles:
-            plan = batched_plan(ctx.flat, oracle, probe.train_x[:3], probe.train_y[:3])
+            probe = engine_probe(((ctx.clients[i].train_x, ctx.clients[i].train_y)
+                                  for i in participants), oracle)
+            if probe is None:
+                return "no participant has training data to probe the model"
+            plan = batched_plan(ctx.flat, oracle, *probe)
             if plan.engine == "loop":
                 return plan.reason
         return None

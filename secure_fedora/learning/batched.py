@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +66,7 @@ __all__ = [
     "BatchedTrainingError",
     "ClientJob",
     "batched_plan",
+    "engine_probe",
     "evaluate_losses",
     "jobs_for_context",
     "train_clients",
@@ -295,6 +296,27 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     return plan
 
 
+def engine_probe(splits: Iterable[tuple[Tensor, Tensor]],
+                 oracle: GradientOracle) -> tuple[Tensor, Tensor] | None:
+    """The rows :func:`batched_plan` probes the engines with, taken in order from ``splits``
+    (clients' training ``(x, y)``): one fewer than a plain oracle's batch size (the probe adds
+    the padding row: a full batch, as the engine pads a smaller client's to it), at least 3;
+    under DP 3 (a model mixing the rows of a batch is refused under DP before training).
+    ``None`` when no split has a row. A model that mixes rows only in batches larger than
+    those it trains on is probed at the size it trains on."""
+    kind, _ = _oracle_kind(oracle)
+    size = max(3, int(oracle.batch_size) - 1) if kind == "plain" else 3  # type: ignore[attr-defined]
+    xs, ys, held = [], [], 0
+    for x, y in splits:
+        if held >= size:
+            break
+        if x.shape[0]:
+            xs.append(x[:size - held])
+            ys.append(y[:size - held])
+            held += int(xs[-1].shape[0])
+    return (torch.cat(xs), torch.cat(ys)) if xs else None
+
+
 def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The per-sample loss the loop's oracle differentiates (DPGradient clips ``_loss``)."""
     return oracle._loss if kind == "dp" else oracle.task.checked
@@ -303,10 +325,9 @@ def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
 def _probe_engine(flat: FlatModel, oracle: Any, kind: str, plan: BatchedPlan, x: Tensor,
                   y: Tensor) -> BatchedPlan:
     """``plan`` if its engine reproduces per-client autograd through the module on the probe
-    samples ``x``/``y`` (at most 3), else a loop plan saying why. Two clients with different
-    rows: client 0 holds the samples plus one all-zero padding sample of weight 0 (the
-    engine's padding of a smaller batch), client 1 the samples plus a repeat of the first."""
-    x, y = x[:3], y[:3]
+    samples ``x``/``y`` (:func:`engine_probe`), else a loop plan saying why. Two clients with
+    different rows: client 0 holds the samples plus one all-zero padding sample of weight 0
+    (the engine's padding of a smaller batch), client 1 the samples plus a repeat of the first."""
     device = x.device
     generator = torch.Generator().manual_seed(0)
     base = torch.cat([p.detach().reshape(-1) for p in flat.params]).to(device)
@@ -737,12 +758,11 @@ def train_clients(flat: FlatModel, cfg: TrainConfig, oracle: GradientOracle,
     _validate(flat, jobs, kind)
     if not jobs:
         return BatchedOutcome({}, "none")
-    probe = next((j for j in jobs if j.x.shape[0] > 0), None)
     if engine == "loop":
         plan = BatchedPlan("loop", "engine='loop' requested")
     else:
-        plan = batched_plan(flat, oracle, probe.x[:3] if probe else None,
-                            probe.y[:3] if probe else None)
+        probe = engine_probe(((j.x, j.y) for j in jobs), oracle)
+        plan = batched_plan(flat, oracle, *(probe or (None, None)))
     if plan.engine == "loop":
         ws = workspace if workspace is not None else Workspace.for_size(flat.num_params, jobs[0].theta.device)
         alphas: dict[int, float] = {}

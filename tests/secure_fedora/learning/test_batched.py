@@ -557,6 +557,36 @@ def test_a_model_that_mixes_the_samples_of_a_batch_is_not_batched_and_equals_the
     assert torch.equal(theta, reference)
 
 
+class _CenteredFrom(nn.Module):
+    """Subtracts the batch mean from batches of at least ``rows`` rows."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, h):
+        return h - h.mean(dim=0, keepdim=True) if h.shape[0] >= self.rows else h
+
+
+@pytest.mark.parametrize("rows", [5, 8])
+def test_a_model_mixing_only_larger_batches_is_probed_at_the_training_batch_size(rows):
+    """The engines were probed on batches of 3 rows plus the padding row, so a model mixing
+    the rows of batches of 5 (or 8) or more was batched with vmap, and a smaller client's
+    batches, padded to 8, mixed the padding in: rows differed from the loop by up to 0.02.
+    The probe now fills a training batch; the loop trains."""
+    torch.manual_seed(0)
+    flat = FlatModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _CenteredFrom(rows), nn.ReLU(),
+                                   nn.Linear(16, 10)))
+    data = _clients([24, 13, 6], shape=(1, 8, 8))
+    theta = _matrix(flat, 3)
+    reference = theta.clone()
+    _loop(flat, CFG_FULL, PlainGradient(8), reference, data)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(8), _jobs(theta, data))
+    assert outcome.engine == "loop"
+    assert "padded batch" in outcome.reason
+    assert torch.equal(theta, reference)
+
+
 def test_a_linear_layer_before_the_flatten_is_batched_with_vmap_and_matches_the_loop():
     """nn.Linear acts on the last input dimension of a (B, 1, 8, 8) batch: the linear engine
     (which reads each sample as a vector) fails its probe, and the vmap engine trains it."""
