@@ -1,5 +1,5 @@
 """PNG plots of a run: the test metric (accuracy or ROC AUC) per round per method and per client,
-relatedness heat map."""
+relatedness heat map; every file is replaced atomically."""
 
 from __future__ import annotations
 
@@ -14,9 +14,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from secure_fedora.core.files import atomic_write_with  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
 
 __all__ = ["plot_accuracy_per_round", "plot_per_client", "plot_relatedness", "write_plots"]
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    """Write ``fig`` as PNG to ``path`` atomically (a run killed while saving leaves the old
+    file or none, never a truncated one) and close it."""
+    try:
+        atomic_write_with(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path,
@@ -44,8 +54,7 @@ def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -64,8 +73,7 @@ def plot_per_client(methods: dict[str, dict[str, Any]], path: Path, metric: str 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -78,8 +86,7 @@ def plot_relatedness(matrix: Tensor, path: Path, title: str = "Propagation matri
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 

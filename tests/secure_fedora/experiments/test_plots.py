@@ -65,3 +65,33 @@ def test_rounds_between_evaluations_are_skipped(tmp_path, figures):
     plot_accuracy_per_round(history, tmp_path / "per_round.png")
     (ax,) = figures[-1].axes
     assert [line.get_xydata().tolist() for line in ax.get_lines()] == [[[2.0, 0.5]]]
+
+
+def test_a_plot_cut_while_saving_leaves_the_previous_file(tmp_path, monkeypatch):
+    """Plots were saved straight to their path: a run killed (or failing) while saving one
+    left a truncated PNG under the plot's name. It is now replaced atomically: the previous
+    file stays whole, and no partial copy is left beside it."""
+    import io
+
+    path = tmp_path / "per_client.png"
+    methods = {"local": {"selected": {"per_client": [0.5, 0.75]}}}
+    plot_per_client(methods, path)
+    before = path.read_bytes()
+    save = Figure.savefig
+
+    def cut(self, fname, *args, **kwargs):
+        buf = io.BytesIO()
+        save(self, buf, *args, **{**kwargs, "format": "png"})
+        half = buf.getvalue()[: len(buf.getvalue()) // 2]
+        if hasattr(fname, "write"):
+            fname.write(half)
+        else:
+            with open(fname, "wb") as fh:
+                fh.write(half)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", cut)
+    with pytest.raises(OSError, match="disk full"):
+        plot_per_client({"local": {"selected": {"per_client": [0.25, 1.0]}}}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_client.png"]
