@@ -93,7 +93,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from secure_fedora.experiments.plots import write_plots
+    from secure_fedora.experiments.plots import relatedness_matrix, write_plots
     from secure_fedora.runtimes.rundir import (
         default_run_dir,
         prepare_run_dir,
@@ -122,9 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.resume:
             withdraw_unstarted_run(run_dir, created)
         raise
-    fedora = sim.methods.get("fedora")
-    prop = getattr(getattr(fedora, "relatedness", None), "propagation", None)
-    write_plots(run_dir, sim.history, results, prop)
+    write_plots(run_dir, sim.history, results, relatedness_matrix(sim.methods.values()))
     Console().print(results_table(results))
     if "fedora_below_local" in results["comparison"]:
         Console().print(f"clients where FEDORA is below Local: {results['comparison']['fedora_below_local']}")

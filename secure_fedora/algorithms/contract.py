@@ -65,7 +65,8 @@ NUM_EXAMPLES_REASON = "the training-set size (dataset sizes are public by the ru
 #: themselves; a method's round statistics may not use these names.
 RUNTIME_ROUND_COLUMNS = frozenset({
     "method", "round", "participants", "replied", "seconds", "timing", "test_mean", "test_min",
-    "test_max", "test_std", "val_mean", "selected_mean", "selected_round"})
+    "test_max", "test_std", "val_mean", "selected_mean", "selected_round", "evaluated",
+    "evaluation_timing"})
 
 
 class ContractError(ToolkitError, ValueError):

@@ -1,9 +1,10 @@
 """PNG plots of a run: the test metric (accuracy or ROC AUC) per round per method and per client,
-relatedness heat map; every file is replaced atomically."""
+relatedness heat map. Both runtimes write them through :func:`write_plots` (in process: the
+CLI; on Flower: the ServerApp into its result directory); every file is replaced atomically."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from torch import Tensor  # noqa: E402
 from secure_fedora.core.files import atomic_write_with  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
 
-__all__ = ["plot_accuracy_per_round", "plot_per_client", "plot_relatedness", "write_plots"]
+__all__ = ["plot_accuracy_per_round", "plot_per_client", "plot_relatedness", "relatedness_matrix",
+           "write_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -88,6 +90,17 @@ def plot_relatedness(matrix: Tensor, path: Path, title: str = "Propagation matri
     fig.tight_layout()
     _save(fig, path)
     return path
+
+
+def relatedness_matrix(methods: Iterable[Any]) -> Tensor | None:
+    """The relatedness (propagation) matrix to draw: that of the first method holding one
+    (``relatedness.propagation``, FEDORA's ``P``), or None (no such method, or a federation too
+    large for a dense view)."""
+    for method in methods:
+        matrix = getattr(getattr(method, "relatedness", None), "propagation", None)
+        if matrix is not None:
+            return matrix
+    return None
 
 
 def write_plots(run_dir: Path, history: Sequence[dict[str, Any]], results: dict[str, Any],

@@ -7,7 +7,6 @@ by round, evaluates each client's personalized model, writes a crash-safe checkp
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -925,6 +924,7 @@ class Simulation:
         with_lambda = privacy is not None and "gaussian_lambda" in round_mechanisms(name, cfg)
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
+            sampled = len(participants)
             if privacy is not None:
                 participants = [i for i in participants
                                 if privacy.admit(i, rnd, method.theta[i], with_lambda,
@@ -938,9 +938,10 @@ class Simulation:
                        "evaluation": 0.0, "checkpoint": 0.0}
             timing["training"] += seconds["training"]
             # every round's row (its statistics, e.g. unstable_pulls, are not kept elsewhere);
-            # the evaluation columns only in evaluated rounds, as on Flower
-            row: dict[str, Any] = {"method": name, "round": rnd,
-                                   "participants": len(participants), **stats}
+            # the evaluation columns only in evaluated rounds, as on Flower. participants: the
+            # round's draw; replied: those whose update the round used (every admitted one)
+            row: dict[str, Any] = {"method": name, "round": rnd, "participants": sampled,
+                                   "replied": len(participants), **stats}
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
                 row.update(self._evaluate(rnd, method, tracker))
@@ -1048,7 +1049,7 @@ class Simulation:
             tracker.last_test[i] = test[i].metric
             crash_point("evaluate")
         tracker.update(rnd)
-        return tracker.round_row()
+        return {**tracker.round_row(), "evaluated": len(clients)}
 
     def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,
                ctx: MethodContext, history: list[dict[str, Any]], timing: dict[str, float]) -> dict[str, Any]:
@@ -1191,14 +1192,8 @@ class Simulation:
     def write_rounds_csv(self) -> None:
         """Per-round metrics of every method run so far (rewritten atomically): one row per
         round, the test and validation columns empty in rounds that were not evaluated
-        (``evaluation.every``)."""
-        if not self.history:
-            return
-        keys: list[str] = []
-        for row in self.history:
-            keys.extend(k for k in row if k not in keys)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.run_dir / "rounds.csv", buf.getvalue())
+        (``evaluation.every``); :func:`~secure_fedora.runtimes.results.write_rounds_csv`, the
+        writer both runtimes use."""
+        from secure_fedora.runtimes.results import write_rounds_csv
+
+        write_rounds_csv(self.run_dir, self.history)

@@ -21,11 +21,22 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
 
 A runtime adds its own keys through ``runtime_keys`` (Flower: run id, node map, events,
 security rejections, per-round timings); they never replace a key above.
+
+``rounds.csv`` is the other file both runtimes write, through :func:`write_rounds_csv`: one
+row per round of every method, in the columns of the rounds' history rows (``method, round,
+participants, replied``, the method's round statistics, the evaluation columns and
+``evaluated``, the clients whose test metric the round holds). Timings are
+not in it (:data:`ROUNDS_CSV_OMITS`): they differ from run to run, and the file of a resumed
+run equals the file of an uninterrupted one; Flower keeps its per-round seconds under
+``results.json`` ``rounds``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from secure_fedora import __version__
@@ -33,9 +44,9 @@ from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
-__all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "build_results", "client_rows",
-           "inputs_outside_config", "inputs_outside_config_assumption", "method_entry",
-           "metric_label", "stated_beyond_run"]
+__all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "ROUNDS_CSV", "ROUNDS_CSV_OMITS",
+           "build_results", "client_rows", "inputs_outside_config", "inputs_outside_config_assumption",
+           "method_entry", "metric_label", "rounds_csv_text", "stated_beyond_run", "write_rounds_csv"]
 
 #: Top-level keys :func:`build_results` owns (runtime keys may not use them).
 RESERVED_KEYS = frozenset({
@@ -266,3 +277,39 @@ def build_results(
     })
     doc.update(runtime_keys or {})
     return finite_document(doc)
+
+
+#: The per-round file of a run directory (both runtimes).
+ROUNDS_CSV = "rounds.csv"
+
+#: History-row fields that ``rounds.csv`` leaves out: wall-clock timings (Flower's round
+#: seconds and its per-exchange breakdown), which results.json keeps.
+ROUNDS_CSV_OMITS = frozenset({"seconds", "timing", "evaluation_timing"})
+
+
+def rounds_csv_text(history: Sequence[Mapping[str, Any]]) -> str:
+    """``rounds.csv``'s content for ``history`` (one row per round, in order): the columns are
+    every field the rows hold but :data:`ROUNDS_CSV_OMITS`, in order of first appearance; a
+    field a row lacks (the evaluation columns of a round that was not evaluated, a statistic of
+    another method) and a ``None`` value are empty cells."""
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys and k not in ROUNDS_CSV_OMITS)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def write_rounds_csv(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> Path | None:
+    """Replace ``run_dir/rounds.csv`` atomically with :func:`rounds_csv_text` of ``history``
+    (the old content or the new one, never a mix); nothing is written for an empty history.
+    Returns the path written, or None."""
+    from secure_fedora.core.files import atomic_write_text
+
+    if not history:
+        return None
+    path = Path(run_dir) / ROUNDS_CSV
+    atomic_write_text(path, rounds_csv_text(history))
+    return path

@@ -22,7 +22,8 @@ Layout of ``workdir``::
                          runs/<run_id>/<method>/client.pt, release journal and, with DP, the
                          signed ledger runs/<run_id>/<method>/client-<i>.jsonl)
     logs/                one log per process; serverapp.log is the run's log stream
-    results/             results.json, progress.json written by the ServerApp
+    results/             results.json, rounds.csv, plots/, progress.json (and, with DP,
+                         anchor.json) written by the ServerApp
     run.toml             the run-config overrides passed to ``flwr run``
 
 Every process gets ``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_UPDATE_CHECK=1``; the

@@ -18,8 +18,10 @@ The server never holds client data. For a run it
    test data and reports the two metrics); after the last round the finalize exchange
    (``finalize_messages`` -> ``query.finalize`` -> ``server_finalize``);
 3. writes one ``results.json`` (:func:`secure_fedora.runtimes.results.build_results`, the
-   schema the in-process runtime writes, plus Flower's own keys) and, with DP, the signed
-   ``anchor.json`` of the ledger heads the clients reported.
+   schema the in-process runtime writes, plus Flower's own keys), ``rounds.csv`` (after each
+   method, :func:`secure_fedora.runtimes.results.write_rounds_csv`) and ``plots/*.png``
+   (:func:`secure_fedora.experiments.plots.write_plots`), the in-process runtime's writers,
+   and, with DP, the signed ``anchor.json`` of the ledger heads the clients reported.
 
 The runtime moves only payloads (``dict[str, Tensor]``, one ArrayRecord per message,
 :mod:`secure_fedora.runtimes.flower.payloads`) and never branches on the method. A method
@@ -45,8 +47,8 @@ absent reply means (its contract: "did not take part"); in an evaluated round a 
 did not report keeps its last reported metric (zero before its first), as the in-process
 tracker does for model selection.
 
-Results (``results.json``, ``progress.json``) are written atomically to ``result-dir`` on the
-SuperLink host when it is set.
+Results (``results.json``, ``rounds.csv``, ``plots/``, ``progress.json``) are written
+atomically to ``result-dir`` on the SuperLink host when it is set.
 """
 
 from __future__ import annotations
@@ -295,6 +297,8 @@ class _Server:
     relatedness_timing: dict[str, Any] = field(default_factory=dict)
     relatedness_details: dict[str, Any] = field(default_factory=dict)
     ckks_context: Any = None  # the public CKKS context (encrypted modes); never a secret key
+    # the relatedness matrix the plots draw (the first method's that holds one, e.g. FEDORA's P)
+    relatedness: Tensor | None = None
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -883,6 +887,7 @@ def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) 
 
 def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     """Drive method ``name``'s server half through the contract; its ``methods.<name>``."""
+    from secure_fedora.experiments.plots import relatedness_matrix
     from secure_fedora.runtimes.results import method_entry
 
     cfg = server.cfg
@@ -930,7 +935,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),
-                               **stats, "replied": len(replies.payloads),
+                               "replied": len(replies.payloads), **stats,
                                "seconds": round(seconds, 4), "timing": replies.timing.to_json()}
         if rnd % cfg.evaluation.every == 0 or rnd == rounds:
             t0 = time.perf_counter()
@@ -985,6 +990,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         server.timings.setdefault(name, {})["finalize"] = replies.timing.to_json()
     extra = algorithm.server_finalize(final_payloads)
     server.history.extend(run.history)
+    if server.relatedness is None:
+        server.relatedness = relatedness_matrix([algorithm])
     t = run.tracker
     return method_entry(name, {**summarize(t.test_at_best), "round": int(t.best_round)},
                         summarize(t.last_test), rounds, round(run.seconds["training"], 3),
@@ -1035,7 +1042,8 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
 
 def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
     """Run every configured method over the grid; returns (and writes) the results document."""
-    from secure_fedora.runtimes.results import build_results, client_rows
+    from secure_fedora.experiments.plots import write_plots
+    from secure_fedora.runtimes.results import build_results, client_rows, write_rounds_csv
     from secure_fedora.secure.private import noise_assumptions
 
     cfg = settings.experiment
@@ -1053,7 +1061,11 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)
     server.nodes = nodes
     _hello(grid, server, nodes)
-    outcomes = {name: _run_method(grid, server, name) for name in cfg.methods}
+    outcomes = {}
+    for name in cfg.methods:
+        outcomes[name] = _run_method(grid, server, name)
+        if settings.result_dir is not None:  # as in process: rewritten after each method
+            write_rounds_csv(settings.result_dir, server.history)
     server.scope = HELLO_SCOPE
     assert server.schema is not None
     metric = server_context(cfg, server.schema).flat.task.metric_name
@@ -1113,6 +1125,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     server.write("results.json", results)
     if cfg.privacy.enabled and settings.result_dir is not None:
         _write_server_anchor(server)
+    if settings.result_dir is not None:
+        write_plots(settings.result_dir, server.history, results, server.relatedness)
     return results
 
 

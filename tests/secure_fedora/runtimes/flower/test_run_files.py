@@ -1,0 +1,68 @@
+"""The Flower ServerApp writes the run files the in-process runtime writes (rounds.csv, plots),
+through the same writers, into its result directory."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import RunSettings
+from secure_fedora.runtimes.inprocess import Simulation
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+    with_methods,
+)
+
+# Columns whose values both runtimes must give exactly (counts, identities, chosen rounds).
+EXACT = {"method", "round", "participants", "replied", "steps", "unstable_pulls", "evaluated",
+         "selected_round"}
+
+
+def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_run_writes_the_in_process_rounds_csv_and_plots(tmp_path: Path) -> None:
+    """The ServerApp wrote results.json only: no rounds.csv (the rounds' statistics, e.g.
+    FEDORA's unstable_pulls, were in no file) and no plots. Its rounds.csv now has the
+    in-process file's columns (no timings) and values, rounds between evaluations included,
+    and its plots are the in-process run's PNGs."""
+    base = with_methods(tiny_config(rounds=3, participation=0.5), "fedora")
+    cfg = parse_config({**base.model_dump(mode="json", exclude_none=True),
+                        "evaluation": {"every": 2}})
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors == [] and results["events"] == []
+    Simulation(cfg, tmp_path / "inproc").run()
+
+    columns, ours = _rows(result_dir / "rounds.csv")
+    theirs_columns, theirs = _rows(tmp_path / "inproc" / "rounds.csv")
+    assert columns == theirs_columns
+    assert {"replied", "unstable_pulls", "test_mean", "selected_round"} <= set(columns)
+    assert not {"seconds", "timing"} & set(columns)  # timings differ from run to run
+    assert [(r["round"], r["participants"], r["replied"]) for r in ours] == \
+        [("1", "2", "2"), ("2", "2", "2"), ("3", "2", "2")]
+    assert [r["test_mean"] != "" for r in ours] == [False, True, True]
+    for mine, twin in zip(ours, theirs, strict=True):
+        for key in columns:
+            if key in EXACT or "" in (mine[key], twin[key]):
+                assert mine[key] == twin[key], (mine["round"], key)
+            else:
+                assert float(mine[key]) == pytest.approx(float(twin[key]), abs=1e-4), key
+
+    plots = sorted(p.name for p in (result_dir / "plots").iterdir())
+    assert plots == ["accuracy_per_round.png", "per_client_accuracy.png", "relatedness.png"]
+    for name in plots:
+        assert (result_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
