@@ -18,8 +18,12 @@ from torch import Tensor  # noqa: E402
 from secure_fedora.core.files import atomic_write_with  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
 
-__all__ = ["plot_accuracy_per_round", "plot_per_client", "plot_relatedness", "relatedness_matrix",
-           "write_plots"]
+__all__ = ["PLOTS_FOLDER", "PLOT_FILES", "plot_accuracy_per_round", "plot_per_client", "plot_relatedness",
+           "relatedness_matrix", "write_plots"]
+
+#: The folder of a run directory :func:`write_plots` writes, and the files it may hold.
+PLOTS_FOLDER = "plots"
+PLOT_FILES = ("accuracy_per_round.png", "per_client_accuracy.png", "relatedness.png")
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -107,13 +111,14 @@ def write_plots(run_dir: Path, history: Sequence[dict[str, Any]], results: dict[
                 propagation: Tensor | None) -> list[Path]:
     """Write every plot of a run into ``run_dir/plots``, labelled with results.json's
     ``metric`` (the file names stay ``*accuracy*`` for any metric); returns the paths written."""
-    out = run_dir / "plots"
+    out = run_dir / PLOTS_FOLDER
     out.mkdir(parents=True, exist_ok=True)
     metric = results.get("metric", "accuracy")
+    per_round, per_client, relatedness = PLOT_FILES
     paths = []
     if history:
-        paths.append(plot_accuracy_per_round(history, out / "accuracy_per_round.png", metric))
-    paths.append(plot_per_client(results["methods"], out / "per_client_accuracy.png", metric))
+        paths.append(plot_accuracy_per_round(history, out / per_round, metric))
+    paths.append(plot_per_client(results["methods"], out / per_client, metric))
     if propagation is not None:
-        paths.append(plot_relatedness(propagation, out / "relatedness.png"))
+        paths.append(plot_relatedness(propagation, out / relatedness))
     return paths
