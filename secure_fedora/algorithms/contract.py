@@ -46,7 +46,8 @@ Payload = dict[str, Tensor]
 
 __all__ = ["ContractError", "FederatedAlgorithm", "Payload", "ReleaseSpec", "ReplyRules",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
-           "check_round_statistics", "round_statistics_of", "method_class", "method_releases", "round_mechanisms"]
+           "check_round_statistics", "no_reply_statistics", "round_statistics_of", "method_class",
+           "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
 ROUND = "round"
@@ -359,6 +360,13 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
             raise ContractError(f"method {method!r}: its {stage} message to client {i} must be "
                                 f"a dict of tensors, got {type(payload).__name__}")
     return dict(messages)
+
+
+def no_reply_statistics() -> dict[str, float]:
+    """The statistics of a round whose update used no client (none admitted, or no reply
+    accepted), in both runtimes: no step; a method's statistics over no replies (a mean of
+    nothing) are not made up."""
+    return {REPLY_STEPS: 0.0}
 
 
 def round_statistics_of(method: str, rnd: int, replies_statistics: Mapping[str, Any],

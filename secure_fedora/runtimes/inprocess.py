@@ -26,7 +26,11 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora import __version__
-from secure_fedora.algorithms.contract import check_round_statistics, round_mechanisms
+from secure_fedora.algorithms.contract import (
+    check_round_statistics,
+    no_reply_statistics,
+    round_mechanisms,
+)
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
 from secure_fedora.core.config import ExperimentConfig, config_hash, model_selection
 from secure_fedora.core.crashpoints import crash_point
@@ -933,7 +937,8 @@ class Simulation:
             # under DP, FederatedMethod.train_round (which make_method keeps) checks every
             # participant's executed steps before aggregate sees a reply
             stats = check_round_statistics(
-                name, rnd, method.train_round(rnd, participants) if participants else {"steps": 0.0})
+                name, rnd, method.train_round(rnd, participants) if participants
+                else no_reply_statistics())
             seconds = {"round": rnd, "training": time.perf_counter() - t0,
                        "evaluation": 0.0, "checkpoint": 0.0}
             timing["training"] += seconds["training"]

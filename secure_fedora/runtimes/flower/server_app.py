@@ -73,6 +73,7 @@ from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import (
     Payload,
     check_messages,
+    no_reply_statistics,
     round_statistics_of,
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
@@ -936,6 +937,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                               if str(e["event"]).startswith(("error reply", "message rejected")))
         stats = _round_statistics(algorithm, rnd, replies.payloads)
         stats = round_statistics_of(name, rnd, stats, algorithm.aggregate(rnd, replies.payloads))
+        if not replies.payloads:  # as in process: no statistic of no replies (a 0.0 mean)
+            stats = no_reply_statistics()
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),

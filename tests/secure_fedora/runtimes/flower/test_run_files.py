@@ -90,3 +90,22 @@ def test_flower_run_removes_the_partial_writes_of_a_killed_server_app(tmp_path: 
         ["notes.txt", "plots", "progress.json", "results.json", "rounds.csv"]
     assert sorted(p.name for p in (result_dir / "plots").iterdir()) == \
         ["accuracy_per_round.png", "per_client_accuracy.png"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_round_without_replies_reports_no_method_statistics(tmp_path: Path) -> None:
+    """A round whose every training reply failed had FEDORA's statistics over no replies
+    written as measured values (mean_lambda 0.0, pulled_fraction 0.0) in its rounds.csv row,
+    where the in-process runtime (a round nobody was admitted to) writes steps 0 and leaves
+    them empty; the Flower row now does the same."""
+    cfg = with_methods(tiny_config(rounds=3), "fedora")
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    down = {(c, 2): "node down (test)" for c in range(3)}
+    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3, fail=down),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 42)
+    assert [r["replied"] for r in results["rounds"]] == [3, 0, 3]
+    _, rows = _rows(result_dir / "rounds.csv")
+    assert [float(r["steps"]) > 0 for r in rows] == [True, False, True]
+    assert [r["mean_lambda"] != "" for r in rows] == [True, False, True]
+    assert rows[1]["pulled_fraction"] == rows[1]["unstable_pulls"] == ""
