@@ -93,7 +93,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from secure_fedora.experiments.plots import relatedness_matrix, write_plots
+    from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
     from secure_fedora.runtimes.rundir import (
         default_run_dir,
         prepare_run_dir,

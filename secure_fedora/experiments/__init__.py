@@ -1,1 +1,1 @@
-"""Experiments built on the runtimes: sweeps, late joiners, plots."""
+"""Experiments built on the runtimes: sweeps and late joiners."""

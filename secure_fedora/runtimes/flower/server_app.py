@@ -20,7 +20,7 @@ The server never holds client data. For a run it
 3. writes one ``results.json`` (:func:`secure_fedora.runtimes.results.build_results`, the
    schema the in-process runtime writes, plus Flower's own keys), ``rounds.csv`` (after each
    method, :func:`secure_fedora.runtimes.results.write_rounds_csv`) and ``plots/*.png``
-   (:func:`secure_fedora.experiments.plots.write_plots`), the in-process runtime's writers,
+   (:func:`secure_fedora.runtimes.plots.write_plots`), the in-process runtime's writers,
    and, with DP, the signed ``anchor.json`` of the ledger heads the clients reported.
 
 The runtime moves only payloads (``dict[str, Tensor]``, one ArrayRecord per message,
@@ -892,7 +892,7 @@ def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) 
 
 def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     """Drive method ``name``'s server half through the contract; its ``methods.<name>``."""
-    from secure_fedora.experiments.plots import relatedness_matrix
+    from secure_fedora.runtimes.plots import relatedness_matrix
     from secure_fedora.runtimes.results import method_entry
 
     cfg = server.cfg
@@ -1056,7 +1056,7 @@ def remove_interrupted_result_writes(result_dir: Path) -> list[Path]:
     (:data:`RESULT_FILES`, the plots) left beside it in ``result_dir`` (the files themselves,
     replaced atomically, are whole); each is logged. Returns the files removed."""
     from secure_fedora.core.files import remove_interrupted_writes
-    from secure_fedora.experiments.plots import PLOT_FILES, PLOTS_FOLDER
+    from secure_fedora.runtimes.plots import PLOT_FILES, PLOTS_FOLDER
 
     paths = [result_dir / name for name in RESULT_FILES]
     paths += [result_dir / PLOTS_FOLDER / name for name in PLOT_FILES]
@@ -1068,7 +1068,7 @@ def remove_interrupted_result_writes(result_dir: Path) -> list[Path]:
 
 def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
     """Run every configured method over the grid; returns (and writes) the results document."""
-    from secure_fedora.experiments.plots import write_plots
+    from secure_fedora.runtimes.plots import write_plots
     from secure_fedora.runtimes.results import build_results, client_rows, write_rounds_csv
     from secure_fedora.secure.private import noise_assumptions
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from matplotlib.figure import Figure
 
-from secure_fedora.experiments.plots import plot_accuracy_per_round, plot_per_client
+from secure_fedora.runtimes.plots import plot_accuracy_per_round, plot_per_client
 
 
 @pytest.fixture
