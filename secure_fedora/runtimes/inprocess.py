@@ -256,8 +256,13 @@ def build_context(
             batch_x, _ = _probe_rows(clients, largest_poisson_batch(q, largest))
             check_rows_independent(module, batch_x, training=True, rows="training")
             if cfg.data.validation == "private":
-                val_x, _ = _probe_rows(clients, max(int(c.val_x.shape[0]) for c in clients), "val")
-                check_rows_independent(module, val_x, training=False, rows="validation")
+                # a private lambda's clipped losses: a batch of a whole validation split in
+                # eval mode, probed on training rows (only accounted releases read private
+                # validation data)
+                size = max(int(c.val_x.shape[0]) for c in clients)
+                eval_x, _ = _probe_rows(clients, size)
+                check_rows_independent(module, eval_x, training=False,
+                                       rows="eval-mode training")
     return MethodContext(
         clients=clients,
         flat=flat,
@@ -275,23 +280,21 @@ def build_context(
     )
 
 
-def _probe_rows(clients: Sequence[ClientData], rows: int = 2,
-                split: str = "train") -> tuple[Tensor, Tensor]:
-    """The federation's first ``rows`` rows of ``split``, taken across clients where the first
+def _probe_rows(clients: Sequence[ClientData], rows: int = 2) -> tuple[Tensor, Tensor]:
+    """The federation's first ``rows`` training rows, taken across clients where the first
     holds fewer: the model checks compare a batch with its rows one by one (DP's per-sample
     check), which a model mixing the samples of a batch passes on a batch of one."""
     xs, ys, held = [], [], 0
     for c in clients:
         if held >= rows:
             break
-        x, y = getattr(c, f"{split}_x"), getattr(c, f"{split}_y")
-        take = min(rows - held, int(x.shape[0]))
+        take = min(rows - held, int(c.train_x.shape[0]))
         if take:
-            xs.append(x[:take])
-            ys.append(y[:take])
+            xs.append(c.train_x[:take])
+            ys.append(c.train_y[:take])
             held += take
     if not xs:
-        return getattr(clients[0], f"{split}_x")[:rows], getattr(clients[0], f"{split}_y")[:rows]
+        return clients[0].train_x[:rows], clients[0].train_y[:rows]
     return torch.cat(xs), torch.cat(ys)
 
 

@@ -628,7 +628,7 @@ def test_dp_with_private_validation_refuses_a_model_mixing_validation_rows():
                              nn.Linear(8, k))
 
     cfg, clients = _dp_federation("private", methods=("fedora",))
-    with pytest.raises(DPSGDError, match="a batch of 6 validation rows"):
+    with pytest.raises(DPSGDError, match="a batch of 6 eval-mode training rows"):
         build_context(cfg, clients, model_factory=factory)
     cfg, clients = _dp_federation("public", methods=("fedora",))
     build_context(cfg, clients, model_factory=factory)
