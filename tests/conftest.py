@@ -5,6 +5,10 @@ import torch
 # Tests run on 2-core CI machines; keep each process to one intra-op thread so parallel
 # work (helpers, subprocesses) does not oversubscribe the cores.
 torch.set_num_threads(1)
+# the same for the processes tests start (CLI runs, Flower's apps): every core already runs a
+# test worker, and idle OpenMP threads spinning beside them cost CPU time
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 

@@ -274,7 +274,7 @@ def test_a_noised_lambda_beyond_float_range_is_the_pull_error_not_a_traceback(tm
     from secure_fedora.learning.client import ClientUpdateError
 
     private = {"enabled": True, "epsilon": 50.0, "delta": 1e-3, "lambda_noise_multiplier": 1e4,
-               "noise": "reproducible"}
+               "noise": "reproducible", "noise_multiplier": 1.0}  # no calibration at epsilon 50
     cfg = dp_config(methods=["fedora"], data={"validation": "private"}, privacy=private)
     with pytest.raises(ClientUpdateError, match="lambda = inf .* fedora.max_pull"):
         Simulation(cfg, tmp_path / "a", clients=clients).run()
