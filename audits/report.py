@@ -36,10 +36,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from audits.verdict import audit_verdict, verdict_text  # noqa: E402
 from audits.verify import (  # noqa: E402
-    ACCOUNTANTS,
     AuditError,
     VerificationReport,
-    mechanism_epsilon,
+    dpsgd_claim_problem,
     verify_run,
 )
 from privacy.accounting import format_share_up, format_up  # noqa: E402
@@ -324,8 +323,9 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
                           verification: VerificationReport) -> tuple[str, list[str]]:
     """("invalid" | "unverified" | "run", problems) of an audit document measured against
     the verified run: it must name this run, and its claim must be that of a verified ledger
-    (replay, canary: the ledger's final epsilon; white-box: DP-SGD alone, so at most it, and
-    equal to it when the ledger holds DP-SGD releases only), within the verifier's rel_tol."""
+    (replay, canary: the ledger's final epsilon; white-box: the epsilon of the DP-SGD
+    releases the ledger records, :func:`audits.verify.dpsgd_claim_problem`), within the
+    verifier's rel_tol."""
     setup = doc.get("setup") if isinstance(doc.get("setup"), dict) else {}
     invalid: list[str] = []
     if "run_dir" in setup and not _same_dir(setup["run_dir"], run):
@@ -353,22 +353,14 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
                               " not a verified claim"]
     spent, tol = ledger.final_epsilon, verification.rel_tol
     if name == "whitebox":
-        # the claim is the DP-SGD releases' epsilon alone: it must be the one the ledger's
-        # DP-SGD entries give (a refused ledger holds fewer of them than the plan's claim)
-        dpsgd = None
-        if ledger.accountant in ACCOUNTANTS and ledger.delta is not None:
-            dpsgd = mechanism_epsilon([{"mechanism": e.mechanism, "params": e.params}
-                                       for e in ledger.series], "dpsgd", ledger.delta,
-                                      ledger.accountant)
-        if dpsgd is None:
-            invalid.append(f"ledger {where} records no DP-SGD release to check the claim"
-                           f" {claim:.6g} against")
-        elif claim < dpsgd * (1 - tol):
-            invalid.append(f"claim {claim:.6g} is below the epsilon {dpsgd:.6g} of the DP-SGD"
-                           f" releases ledger {where} records")
-        elif not ledger.refused and claim > dpsgd * (1 + tol):
-            invalid.append(f"claim {claim:.6g} exceeds the epsilon {dpsgd:.6g} of the DP-SGD"
-                           f" releases ledger {where} records")
+        # the claim is the plan's DP-SGD releases' epsilon: the ledger's DP-SGD entries must
+        # give it (fewer of them only for a client not drawn every round or refused a release)
+        steps = setup.get("steps")
+        problem = None if ledger.delta is None else dpsgd_claim_problem(
+            claim, [{"mechanism": e.mechanism, "params": e.params} for e in ledger.series],
+            ledger.delta, ledger.accountant, steps if isinstance(steps, int) else None, tol)
+        if ledger.delta is None or problem is not None:
+            invalid.append(f"ledger {where}: {problem or 'it records no delta'}")
     elif abs(claim - spent) > tol * spent:
         invalid.append(f"claim {claim:.6g} differs from the verified epsilon {spent:.6g} of"
                        f" ledger {where}")

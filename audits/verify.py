@@ -111,6 +111,7 @@ __all__ = [
     "VerificationReport",
     "check_anchor",
     "check_ledger_lines",
+    "dpsgd_claim_problem",
     "independent_epsilons",
     "mechanism_epsilon",
     "positive_number",
@@ -667,6 +668,34 @@ def mechanism_epsilon(entries: Sequence[dict[str, Any]], mechanism: str, delta: 
         return None
     return plan_epsilon([PlannedRelease(mechanism, q, n, nm) for (nm, q), n in steps.items()],
                         delta, accountant=accountant)
+
+
+def dpsgd_claim_problem(claim: float, entries: Sequence[dict[str, Any]], delta: float,
+                        accountant: str | None, planned_steps: int | None,
+                        rel_tol: float = DEFAULT_REL_TOL) -> str | None:
+    """Why ``claim``, the epsilon of one client's planned DP-SGD releases (the white-box
+    audit's claim), is not what that client's verified ledger ``entries`` record; None when
+    it is. The claim is never allowed below the epsilon of the DP-SGD releases the ledger
+    records (:func:`mechanism_epsilon` under the ledger's ``accountant`` and ``delta``; 0 for
+    none); above
+    it only while the ledger holds fewer DP-SGD steps than ``planned_steps`` (a client not
+    drawn every round, a refused release): a ledger holding every planned step, or any ledger
+    when ``planned_steps`` is None (unknown), must give the claim within ``rel_tol``."""
+    dpsgd = [e for e in entries if e.get("mechanism") == "dpsgd"
+             and isinstance(e.get("params"), dict) and not _release_problems(e["params"])]
+    if dpsgd and accountant not in ACCOUNTANTS:
+        return f"it names no known accountant ({accountant!r}) to check the claim {claim:.6g} with"
+    recorded = mechanism_epsilon(dpsgd, "dpsgd", delta, accountant) if dpsgd else 0.0
+    assert recorded is not None  # every entry passed _release_problems
+    if claim < recorded * (1 - rel_tol):
+        return (f"the claim {claim:.6g} is below the epsilon {recorded:.6g} of the DP-SGD"
+                " releases it records")
+    steps = sum(int(e["params"]["steps"]) for e in dpsgd)
+    if claim > recorded * (1 + rel_tol) and (planned_steps is None or steps >= planned_steps):
+        held = "every planned step" if planned_steps is not None else "the steps it records"
+        return (f"the claim {claim:.6g} exceeds the epsilon {recorded:.6g} of the DP-SGD"
+                f" releases it records ({steps} steps: {held})")
+    return None
 
 
 # --------------------------------------------------------------------------- run level

@@ -50,9 +50,8 @@ from torch import Tensor, nn
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
 from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
 from audits.verify import (
-    ACCOUNTANTS,
     DEFAULT_REL_TOL,
-    mechanism_epsilon,
+    dpsgd_claim_problem,
     positive_number,
     verified_ledger_entries,
 )
@@ -208,11 +207,11 @@ def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
                                  rel_tol: float = DEFAULT_REL_TOL) -> None:
     """Refuse (:class:`WhiteboxAuditError`) a DP setting that is not what the audited client's
     ledger ``run_dir/ledgers/<method>/<client>.jsonl`` records, once that ledger verifies
-    (fields, chain, signatures): a DP-SGD noise multiplier or sample rate other than its
-    DP-SGD entries', or a claim off the epsilon of those entries alone (dp_accounting under
-    the ledger's accountant) by more than ``rel_tol`` (a claim above it is allowed only for a
-    ledger with a refusal, which holds fewer DP-SGD releases than the plan). A run without a
-    ledger folder, or a non-private setting, is not checked."""
+    (fields, chain, signatures): a DP-SGD noise multiplier, sample rate or delta other than
+    its DP-SGD entries', or a claim that :func:`audits.verify.dpsgd_claim_problem` refuses
+    (below the epsilon of those entries under the ledger's accountant, or above it though
+    they hold every planned step; a client not drawn every round, or refused a release, holds
+    fewer). A run without a ledger folder, or a non-private setting, is not checked."""
     if not setting.private or not (run_dir / "ledgers").is_dir():
         return
     assert setting.noise_multiplier is not None and setting.claim_epsilon is not None
@@ -222,26 +221,19 @@ def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
     dpsgd = [e for e in entries if e["mechanism"] == "dpsgd" and isinstance(e["params"], dict)]
     for e in dpsgd:
         for name, planned in (("noise_multiplier", setting.noise_multiplier),
-                              ("sample_rate", setting.sample_rate)):
-            recorded = e["params"].get(name)
+                              ("sample_rate", setting.sample_rate), ("delta", setting.delta)):
+            recorded = e["params"].get(name) if name != "delta" else e["delta"]
             if not isinstance(recorded, int | float) \
                     or not math.isclose(recorded, planned, rel_tol=1e-5, abs_tol=1e-9):
                 raise WhiteboxAuditError(
                     f"{where} entry {e['index']} records DP-SGD {name} {recorded!r}, the plan"
                     f" from config.toml gives {planned:g}: the config is not this run's")
-    accountant, delta = dpsgd[0]["accountant"] if dpsgd else None, setting.delta
-    recorded_eps = mechanism_epsilon(dpsgd, "dpsgd", delta, accountant) \
-        if accountant in ACCOUNTANTS else None
-    if recorded_eps is None:
-        raise WhiteboxAuditError(f"{where} records no DP-SGD release to check the claim"
-                                 f" {setting.claim_epsilon:.6g} against")
-    refused = any(e["mechanism"] == "refusal" for e in entries)
-    claim = setting.claim_epsilon
-    if claim < recorded_eps * (1 - rel_tol) or (not refused and claim > recorded_eps * (1 + rel_tol)):
-        raise WhiteboxAuditError(
-            f"the claim {claim:.6g} (the plan's DP-SGD releases) differs from the epsilon"
-            f" {recorded_eps:.6g} of the DP-SGD releases {where} records: the config is not"
-            " this run's")
+    accountant = dpsgd[0]["accountant"] if dpsgd else None
+    problem = dpsgd_claim_problem(setting.claim_epsilon, entries, setting.delta, accountant,
+                                  setting.steps, rel_tol)
+    if problem is not None:
+        raise WhiteboxAuditError(f"{where}: {problem} (the claim is the plan's DP-SGD releases):"
+                                 " the config is not this run's")
 
 
 def quiet_coordinates(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, count: int,

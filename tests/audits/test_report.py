@@ -244,7 +244,8 @@ def test_a_whitebox_claim_below_the_ledgers_dpsgd_epsilon_is_invalid(run_copy):
     forged = row(0.5 * dpsgd)
     assert forged["status"] == "invalid" and forged["verdict"] is None
     assert f"claim {0.5 * dpsgd:.6g} is below the epsilon" in forged["verdict_text"]
-    assert "of the DP-SGD releases ledger fedora/client-001 records" in forged["verdict_text"]
+    assert "ledger fedora/client-001: the claim" in forged["verdict_text"]
+    assert "of the DP-SGD releases it records" in forged["verdict_text"]
     assert row(1.5 * dpsgd)["status"] == "invalid"  # above it (still below the whole epsilon)
 
 

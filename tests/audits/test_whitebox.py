@@ -299,8 +299,33 @@ def test_a_forged_fedora_claim_below_the_ledgers_dpsgd_epsilon_is_refused(tmp_pa
     d["training"]["rounds"] = 1
     (run / "config.toml").write_text(tomli_w.dumps(d))
     (run / "results.json").write_text(original)
-    with pytest.raises(WhiteboxAuditError, match=r"the claim [0-9.]+ \(the plan's DP-SGD "
-                       r"releases\) differs from the epsilon [0-9.]+ of the DP-SGD releases "
-                       r"ledgers/fedora/client-000.jsonl records"):
+    with pytest.raises(WhiteboxAuditError, match=r"ledgers/fedora/client-000.jsonl: the claim "
+                       r"[0-9.]+ is below the epsilon [0-9.]+ of the DP-SGD releases it records"):
         audit_run_dir(run, method="fedora", num_canaries=100)
     whitebox.check_setting_against_ledger(setting, run)  # the run's own plan is its ledger's
+
+
+def test_the_claim_of_a_client_not_drawn_every_round_matches_its_ledger(tmp_path):
+    """The claim is the plan's worst case (drawn every round); with participation below 1 a
+    client's ledger holds fewer DP-SGD releases, and the ledger check refused such honest runs
+    as "the config is not this run's". It now refuses a claim above the ledger's epsilon only
+    when the ledger holds every planned step, and never one below it."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    d = {"name": "whitebox-partial", "methods": ["local"], "seed": 0,
+         "data": {"num_clients": 4, "train_per_client": 32, "val_per_client": 8,
+                  "test_per_client": 8},
+         "training": {"rounds": 4, "local_epochs": 1, "batch_size": 16, "participation": 0.5},
+         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise_multiplier": 1.5,
+                     "accountant": "rdp", "noise": "reproducible"}}
+    cfg = parse_config(d)
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    drawn = []
+    for i in range(4):
+        setting = whitebox_setting(cfg, "local", i)
+        entries = [json.loads(line) for line in
+                   (run / "ledgers" / "local" / f"{setting.client_id}.jsonl").read_text().splitlines()]
+        drawn.append(sum(e["mechanism"] == "dpsgd" for e in entries))
+        whitebox.check_setting_against_ledger(setting, run)
+    assert min(drawn) < 4  # some client was not drawn every round
