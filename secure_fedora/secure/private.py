@@ -68,6 +68,7 @@ from privacy.ledger import (
     repair_torn_tail,
     replay_accountant,
     restore_cut_tail,
+    verify_ledger,
 )
 from privacy.mechanisms import scalar_record
 from privacy.noise import (
@@ -560,12 +561,14 @@ class FederationPrivacy:
 
         Raises :class:`BudgetPlanError` naming every client whose planned releases cannot fit
         its budget, before any file is written. With ``resume``, every client's ledger and
-        journal are checked first (a ledger cut inside an entry the journal records is
-        refused, :class:`~privacy.ledger.LedgerCutError`, unless the journal holds the lines
-        cut off, which are then written back bit for bit); then a torn final ledger line is
-        quarantined and a signed repair entry appended
-        (:func:`privacy.ledger.repair_torn_tail`), logged and listed under ``recoveries``
-        (a torn final journal line waits for :meth:`resume_after`). Without ``resume``, journals
+        journal are checked first, so a refusal for one client writes no other's ledger (a
+        ledger whose complete lines fail verification is a LedgerError, a journal lacking a
+        release its ledger records a JournalError, and a ledger cut inside an entry the
+        journal records a :class:`~privacy.ledger.LedgerCutError`, unless the journal holds
+        the lines cut off, which are then written back bit for bit); then a torn final ledger
+        line is quarantined and a signed repair entry appended
+        (:func:`privacy.ledger.repair_torn_tail`), logged and listed under ``recoveries`` (a
+        torn final journal line waits for :meth:`resume_after`). Without ``resume``, journals
         holding releases of an earlier run are refused (JournalError) before anything is
         written. ``calibrated`` is :func:`check_budget_plans`' result for this config and
         method when the caller already has it (it calibrates before writing anything else).
@@ -1202,8 +1205,9 @@ def _check_resumable(ledger_dir: Path, client_id: str, method: str,
     entry is fsynced).
 
     Raises :class:`~privacy.ledger.LedgerCutError` for a ledger cut inside an entry the
-    journal records that the journal cannot restore, and JournalError for a journal whose
-    records do not match the ledger."""
+    journal records that the journal cannot restore, LedgerError for complete lines that fail
+    verification (chain, signatures, client id), and JournalError for a journal whose records
+    do not match the ledger or lack a release it records (:func:`_check_journal_covers`)."""
     ledger_path = ledger_dir / f"{client_id}.jsonl"
     journal = ReleaseJournal(ledger_dir / f"{client_id}.journal", client_id, method,
                              identity.agreement_key, quarantine=False)
@@ -1214,7 +1218,14 @@ def _check_resumable(ledger_dir: Path, client_id: str, method: str,
     if not restore:
         refuse_cut_tail(ledger_path, complete, known_by=f"journal {str(journal.path)!r}")
     entries = [*read_complete_entries(ledger_path), *(json.loads(lines[k]) for k in restore)]
+    problems = verify_ledger(entries, identity.signing_key.public_key(), client_id=client_id)
+    if problems:
+        shown = "; ".join(str(p) for p in problems[:3])
+        raise LedgerError(f"ledger {str(ledger_path)!r} failed verification ({shown}); nothing"
+                          " was restored, repaired or written. Restore the ledger from a copy")
     _check_records(journal, entries)
+    # a repair entry appended later records nothing, so these entries decide it already
+    _check_journal_covers(entries, journal, client_id)
     return journal, restore, complete
 
 

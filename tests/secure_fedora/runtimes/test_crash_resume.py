@@ -321,7 +321,10 @@ def test_a_ledger_lost_or_cut_since_the_checkpoint_refuses_the_resume(tmp_path, 
         ledger = folder / "client-001.jsonl"
         lines = ledger.read_text().splitlines(keepends=True)
         ledger.write_text("".join(lines[:-2]))
-        (folder / "client-001.journal").unlink()
+        # one record per entry here: cut the journal with it, or its own check refuses first
+        journal = folder / "client-001.journal"
+        journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[
+            :len(lines) - 2]))
     left = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(LedgerError, match="the ledger was lost, cut or replaced since"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
@@ -554,5 +557,43 @@ def test_a_resume_refused_for_a_cut_journal_changes_no_file(tmp_path, clients):
     journal.write_bytes(first[:len(first) // 2])
     before = _files(tmp_path)
     with pytest.raises(JournalError, match="has no record of it"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+
+def _cut_journal_0_tear_ledger_2(ledgers):
+    journal = ledgers / "client-000.journal"
+    journal.write_bytes(journal.read_bytes().splitlines(keepends=True)[0])
+    with (ledgers / "client-002.jsonl").open("ab") as f:
+        f.write(b'{"accountant":"rdp","budg')
+    return JournalError, "has no record of it"
+
+
+def _tear_ledger_0_forge_ledger_2(ledgers):
+    with (ledgers / "client-000.jsonl").open("ab") as f:
+        f.write(b'{"accountant":"rdp","budg')
+    ledger = ledgers / "client-002.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    entry = json.loads(lines[1])
+    entry["signature"] = ("0" if entry["signature"][0] != "0" else "1") + entry["signature"][1:]
+    lines[1] = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    ledger.write_bytes(b"".join(lines))
+    return LedgerError, "failed verification"
+
+
+@pytest.mark.parametrize("damage", [_cut_journal_0_tear_ledger_2, _tear_ledger_0_forge_ledger_2],
+                         ids=["cut-journal", "forged-ledger"])
+def test_a_resume_refused_for_one_client_repairs_no_other_clients_ledger(tmp_path, clients,
+                                                                         damage):
+    """One client's journal cut (its coverage check fails) or ledger forged, another's ledger
+    torn by a crash: those checks ran only after every ledger had been restored and repaired,
+    so the refused resume had already appended a signed repair entry to the torn ledger and
+    made a .torn file. Every client's checks run before any ledger is written now."""
+    cfg = config(["local"], True, rounds=3)
+    assert run_until_crash(cfg, tmp_path, clients, "train@8")  # round 3, two rounds journaled
+    error, message = damage(tmp_path / "ledgers" / "local")
+    before = _files(tmp_path)
+    with pytest.raises(error, match=message):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert _files(tmp_path) == before
