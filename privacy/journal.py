@@ -12,7 +12,9 @@ methods without failing authentication.
 Order for one release (write-ahead): ledger entries fsynced, then the journal record fsynced,
 then the release leaves the client. A crash before the journal record is durable leaves an
 accounted release that never left (the resume then makes it, once); a torn last journal line
-is such a record (nothing was released): :class:`ReleaseJournal` quarantines it on open.
+is such a record (nothing was released): :class:`ReleaseJournal` quarantines it on open (with
+``quarantine=True``, the default; a resume opens with ``quarantine=False`` and moves it aside
+with :meth:`ReleaseJournal.quarantine_torn_tail` only once its checks passed).
 
 Entries that record no release (a refusal, a close, a repair) are journaled too, after they
 are fsynced, with their whole signed line (:meth:`JournalRecord.for_entry`): a ledger cut
