@@ -718,17 +718,8 @@ def refuse_cut_tail(path: str | os.PathLike[str], complete: int, *, known_by: st
     or damaged since, and repairing it would sign a false claim that its write never
     completed. :func:`repair_torn_tail` checks this itself; a caller that recovers several
     ledgers calls it for each first, so that none is written when one is refused."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return  # named by whatever opens or repairs the ledger
-    _refuse_cut(Path(path), data, complete, known_by)
-
-
-def _refuse_cut(path: Path, data: bytes, complete: int, known_by: str) -> None:
-    cut = data.rfind(b"\n") + 1
-    torn = data[:cut].count(b"\n")
-    if data[cut:] and torn < complete:
+    torn = torn_line_index(path)
+    if torn is not None and torn < complete:
         how = f" ({known_by})" if known_by else ""
         raise LedgerCutError(
             f"ledger {str(path)!r} ends in a torn line at entry {torn}, but {complete} entries"
@@ -794,13 +785,13 @@ def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
     not torn and no repair was pending).
     """
     path = Path(path)
+    refuse_cut_tail(path, complete, known_by=known_by)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
-    _refuse_cut(path, data, complete, known_by)
     cut = data.rfind(b"\n") + 1
     torn = data[cut:]
     pending: list[tuple[Path, bytes]] = []
