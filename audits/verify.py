@@ -1345,15 +1345,15 @@ def _plainly_not_private(run: Path, cfg: ExperimentConfig | None, results: dict[
                          dp_claimed: bool, found: Sequence[tuple[str | None, Path]],
                          allowlist: Path | None, anchor: Path | None) -> bool:
     """True when the run says it is not differentially private and holds nothing a DP run
-    writes (ledgers, keys, anchor.json) and no allowlist or anchor copy was given to check it
+    writes (ledgers, anchor.json) and no allowlist or anchor copy was given to check it
     against: then there is nothing to verify (anything of a DP run present is checked as
-    usual, so a DP run stripped of its files still fails on each of them)."""
+    usual, so a DP run stripped of its files still fails on each of them). keys/ is no DP
+    artefact here: a non-DP run with ``[security] envelopes`` holds its envelope keys there."""
     says_off = results is not None and isinstance(results.get("assumptions"), dict) \
         and results["assumptions"].get("differential_privacy") is False
     return (not dp_claimed and (says_off or cfg is not None) and not found
             and allowlist is None and anchor is None
-            and not (run / "ledgers").exists() and not (run / "keys").exists()
-            and not (run / ANCHOR_FILENAME).exists())
+            and not (run / "ledgers").exists() and not (run / ANCHOR_FILENAME).exists())
 
 
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
@@ -1407,10 +1407,11 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         findings[:] = [f for f in findings if not f.message.startswith(missing_config)]
         files = [name for name, present in (("config.toml", cfg is not None),
                                             ("results.json", results is not None)) if present]
+        absent = "ledgers or" if (run / "keys").exists() else "ledgers, keys or"
         findings.append(Finding(
             "error", "no_ledgers",
             f"the run is not differentially private ({' and '.join(files)}"
-            f" {'say' if len(files) > 1 else 'says'} so): it has no privacy ledgers, keys or"
+            f" {'say' if len(files) > 1 else 'says'} so): it has no privacy {absent}"
             f" anchor.json, so there is nothing to verify, and nothing signs its"
             f" {' or '.join(files)}"))
         return VerificationReport(

@@ -422,6 +422,29 @@ def test_a_finished_non_private_run_is_said_to_have_no_ledger_or_anchor(tmp_path
     assert any(f.check == "anchor" for f in verify_run(run).errors)
 
 
+def test_a_finished_non_private_run_with_envelopes_gets_the_one_plain_error(tmp_path):
+    """A non-DP run with [security] envelopes holds keys/ (its envelope keys), which counted as
+    a DP artefact: it got the DP-describing errors (allowlist, no ledgers, anchor) instead of
+    the one plain error, which now names only what the run lacks (ledgers and anchor.json)."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    cfg = parse_config({"name": "plain-envelopes", "methods": ["fedavg"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8},
+                        "security": {"envelopes": True}})
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    assert (run / "keys").is_dir()
+    report = verify_run(run)
+    assert not report.ok and not report.warnings
+    [error] = report.errors
+    assert error.check == "no_ledgers"
+    assert "not differentially private" in error.message
+    assert "no privacy ledgers or anchor.json" in error.message
+
+
 def test_bad_arguments_raise(tmp_path, pristine_run):
     with pytest.raises(AuditError, match="does not exist"):
         verify_run(tmp_path / "nope")
