@@ -1108,7 +1108,10 @@ class Simulation:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run every configured method; write rounds.csv and results.json; return the results.
         Under DP every method's budget plan is checked first: a plan over budget refuses the
-        run before any method trains (as the CLI does)."""
+        run before any method trains (as the CLI does). Partial copies of the run's result files
+        that a process killed while writing one left in the run directory are removed first."""
+        from secure_fedora.runtimes.results import remove_interrupted_result_writes
+
         p = self.cfg.privacy
         if p.enabled:
             for name in self.cfg.methods:
@@ -1123,6 +1126,10 @@ class Simulation:
 
             config_document(self.cfg)  # the anchor writes it last: fail now, not after training
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # partial copies of results.json, rounds.csv or a plot that a process killed while
+        # writing one left beside it (the files themselves are replaced atomically)
+        for leftover in remove_interrupted_result_writes(self.run_dir):
+            log.warning("removed %s, a result write that was interrupted", leftover)
         outcomes = {}
         for name in self.cfg.methods:
             outcomes[name] = self.run_method(name, resume=resume)

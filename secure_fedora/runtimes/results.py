@@ -44,9 +44,16 @@ from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
-__all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "ROUNDS_CSV", "ROUNDS_CSV_OMITS",
-           "build_results", "client_rows", "inputs_outside_config", "inputs_outside_config_assumption",
-           "method_entry", "metric_label", "rounds_csv_text", "stated_beyond_run", "write_rounds_csv"]
+__all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "RESULT_FILES", "ROUNDS_CSV",
+           "ROUNDS_CSV_OMITS", "build_results", "client_rows", "inputs_outside_config",
+           "inputs_outside_config_assumption", "method_entry", "metric_label",
+           "remove_interrupted_result_writes", "rounds_csv_text", "stated_beyond_run",
+           "write_rounds_csv"]
+
+#: The files a runtime replaces atomically in its run directory (the in-process run
+#: directory, Flower's ``result-dir``), besides ``plots/``.
+RESULT_FILES = ("config.toml", "progress.json", "rounds.csv", "results.json", "anchor.json",
+                "failure.json")
 
 #: Top-level keys :func:`build_results` owns (runtime keys may not use them).
 RESERVED_KEYS = frozenset({
@@ -313,3 +320,16 @@ def write_rounds_csv(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> Pat
     path = Path(run_dir) / ROUNDS_CSV
     atomic_write_text(path, rounds_csv_text(history))
     return path
+
+
+def remove_interrupted_result_writes(run_dir: Path) -> list[Path]:
+    """Delete the partial copies that a process killed while writing one of its result files
+    (:data:`RESULT_FILES`, the plots) left beside it in ``run_dir`` (the files themselves,
+    replaced atomically, are whole and untouched). Call only while no other process writes
+    them. Returns the files removed."""
+    from secure_fedora.core.files import remove_interrupted_writes
+    from secure_fedora.runtimes.plots import PLOT_FILES, PLOTS_FOLDER
+
+    paths = [run_dir / name for name in RESULT_FILES]
+    paths += [run_dir / PLOTS_FOLDER / name for name in PLOT_FILES]
+    return [leftover for path in paths for leftover in remove_interrupted_writes(path)]

@@ -50,7 +50,7 @@ tracker does for model selection.
 Results (``results.json``, ``rounds.csv``, ``plots/``, ``progress.json``) are written
 atomically to ``result-dir`` on the SuperLink host when it is set; the temporary files of a
 ServerApp killed while writing one of them are removed when the next run in that result-dir
-starts (:func:`remove_interrupted_result_writes`).
+starts (:func:`~secure_fedora.runtimes.results.remove_interrupted_result_writes`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,8 +113,7 @@ from secure_fedora.secure.relatedness import (
 )
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
-__all__ = ["RESULT_FILES", "ExchangeTiming", "app", "remove_interrupted_result_writes", "run_federation",
-           "sample_participants"]
+__all__ = ["ExchangeTiming", "app", "run_federation", "sample_participants"]
 
 app = ServerApp()
 
@@ -1047,29 +1045,15 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     }
 
 
-#: The files the ServerApp writes into ``result-dir`` (besides ``plots/``).
-RESULT_FILES = ("progress.json", "rounds.csv", "results.json", "anchor.json", "failure.json")
-
-
-def remove_interrupted_result_writes(result_dir: Path) -> list[Path]:
-    """Delete the partial copies that a ServerApp killed while writing one of its result files
-    (:data:`RESULT_FILES`, the plots) left beside it in ``result_dir`` (the files themselves,
-    replaced atomically, are whole); each is logged. Returns the files removed."""
-    from secure_fedora.core.files import remove_interrupted_writes
-    from secure_fedora.runtimes.plots import PLOT_FILES, PLOTS_FOLDER
-
-    paths = [result_dir / name for name in RESULT_FILES]
-    paths += [result_dir / PLOTS_FOLDER / name for name in PLOT_FILES]
-    removed = [leftover for path in paths for leftover in remove_interrupted_writes(path)]
-    for leftover in removed:
-        _say(f"removed {leftover}, a result write of an earlier ServerApp that was interrupted")
-    return removed
-
-
 def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
     """Run every configured method over the grid; returns (and writes) the results document."""
     from secure_fedora.runtimes.plots import write_plots
-    from secure_fedora.runtimes.results import build_results, client_rows, write_rounds_csv
+    from secure_fedora.runtimes.results import (
+        build_results,
+        client_rows,
+        remove_interrupted_result_writes,
+        write_rounds_csv,
+    )
     from secure_fedora.secure.private import noise_assumptions
 
     cfg = settings.experiment
@@ -1081,7 +1065,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         plans = {name: check_budget_plans(cfg, name, cfg.data.num_clients) for name in cfg.methods}
     torch.set_num_threads(settings.num_threads)
     if settings.result_dir is not None:
-        remove_interrupted_result_writes(settings.result_dir)
+        for leftover in remove_interrupted_result_writes(settings.result_dir):
+            _say(f"removed {leftover}, a result write of an earlier ServerApp that was interrupted")
     n = cfg.data.num_clients
     server = _Server(settings=settings, run_id=run_id, plans=plans)
     started = time.time()

@@ -98,6 +98,25 @@ def test_resume_continues_to_identical_result(tmp_path, tiny_clients):
     assert (tmp_path / "cut" / "rounds.csv").read_text() == full_csv
 
 
+def test_a_resume_removes_interrupted_result_writes(tmp_path, tiny_clients):
+    """A process killed while writing results.json, rounds.csv or a plot leaves a hidden partial
+    copy beside it (atomic_write_text's temporary file); only Flower removed such copies, an
+    in-process run or resume kept them for good. Now the run removes them and nothing else."""
+    cfg = tiny(methods=["local"], training={"rounds": 1})
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=tiny_clients).run()
+    leftovers = [run / ".results.json.k2x9_a", run / ".rounds.csv.7qpz1m",
+                 run / "plots" / ".accuracy_per_round.png.a1b2c3"]
+    kept = [run / ".notes.txt.a1b2c3", run / "plots" / "mine.png"]
+    for path in leftovers + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("{\"partial")
+    Simulation(cfg, run, clients=tiny_clients).run(resume=True)
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.read_text() == "{\"partial" for path in kept)
+    assert json.loads((run / "results.json").read_text())["methods"]["local"]
+
+
 def test_partial_participation_leaves_others_untouched(tiny_clients):
     cfg = tiny(training={"rounds": 1, "participation": 0.4}, methods=["local"])
     sim = Simulation(cfg, "/nonexistent-unused", clients=tiny_clients)
