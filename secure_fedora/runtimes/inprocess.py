@@ -38,8 +38,8 @@ from secure_fedora.core.files import (
     atomic_write_bytes,
     atomic_write_text,
     atomic_write_with,
-    finite_document,
     remove_interrupted_writes,
+    strict_json,
 )
 from secure_fedora.core.registry import DATASETS, PARTITIONERS
 from secure_fedora.data.partition import ClientData, LabeledDataset
@@ -1137,8 +1137,7 @@ class Simulation:
             crash_point("between_methods")
         results = self.results(outcomes)
         crash_point("results")
-        atomic_write_text(self.run_dir / "results.json",
-                          json.dumps(finite_document(results), indent=2, allow_nan=False))
+        atomic_write_text(self.run_dir / "results.json", strict_json(results))
         if self.cfg.privacy.enabled:
             self.write_anchor()
         return results
