@@ -694,8 +694,9 @@ def format_share_up(part: float, whole: float, decimals: int) -> str:
     decimals, rounded up as :func:`format_up` rounds: the quotient is taken exactly of the two
     values' shortest decimal forms (the recorded ones), so the share of an exactly spent
     budget shows exactly (2.0363 of 2.909 is "70.0", where the float share
-    70.00000000000001 showed "70.1") and no share is shown below the recorded one. A non-finite value or a
-    ``whole`` that is not positive is shown as ``str`` shows the float quotient."""
+    70.00000000000001 showed "70.1") and no share is shown below the recorded one. A ``whole``
+    that is not positive (or NaN) has no share: ``"nan"``; with a non-finite ``part`` or an
+    infinite ``whole`` the float quotient is shown as ``str`` shows it."""
     if not (math.isfinite(part) and math.isfinite(whole) and whole > 0):
         return str(100 * part / whole) if whole > 0 else str(math.nan)
     context = decimal.Context(prec=400)

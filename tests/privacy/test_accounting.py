@@ -431,6 +431,8 @@ def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_les
     assert format_share_up(2.0363, 2.909, 1) == "70.0" and format_share_up(0.021, 0.3, 1) == "7.0"
     assert format_share_up(3.0, 3.0, 1) == "100.0"
     assert format_share_up(2.98341, 3.0, 1) == "99.5" and format_share_up(1.0, 3.0, 2) == "33.34"
+    assert [format_share_up(1.0, whole, 1) for whole in (0.0, -2.0, math.nan)] == ["nan"] * 3
+    assert format_share_up(math.inf, 2.0, 1) == "inf" and format_share_up(1.0, math.inf, 1) == "0.0"
     rng = random.Random(0)
     for _ in range(2000):
         budget = round(rng.uniform(0.01, 20), rng.randint(0, 6))
