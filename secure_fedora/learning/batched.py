@@ -219,7 +219,8 @@ def _linear_layers(flat: FlatModel) -> tuple[tuple[tuple[Any, ...], ...] | None,
     return tuple(layers), ""
 
 
-_PLANS: weakref.WeakKeyDictionary[FlatModel, dict[str, BatchedPlan]] = weakref.WeakKeyDictionary()
+_PLANS: weakref.WeakKeyDictionary[FlatModel, dict[tuple[str, int | None], BatchedPlan]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _oracle_kind(oracle: GradientOracle) -> tuple[str | None, str]:
@@ -260,7 +261,8 @@ def _hooks_stripped(module: nn.Module) -> Iterator[None]:
 
 def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
                  probe_y: Tensor | None = None) -> BatchedPlan:
-    """Decide, once per model and oracle kind, which engine trains ``flat`` batched.
+    """Decide, once per model, oracle kind and (plain oracle) batch size, which engine trains
+    ``flat`` batched: a plan probed at one batch size says nothing of a larger one.
 
     Candidates: the ``"linear"`` engine for Sequential Linear/activation stacks, then
     ``"vmap"`` for any model. With ``probe_x``/``probe_y`` (a few training samples) a
@@ -275,7 +277,8 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     kind, why = _oracle_kind(oracle)
     if kind is None:
         return BatchedPlan("loop", why)
-    cached = _PLANS.get(flat, {}).get(kind)
+    key = (kind, int(oracle.batch_size) if kind == "plain" else None)  # type: ignore[attr-defined]
+    cached = _PLANS.get(flat, {}).get(key)
     if cached is not None:
         return cached
     if probe_x is None or probe_y is None or probe_x.shape[0] == 0:
@@ -292,7 +295,7 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
             plan = BatchedPlan("loop", f"the model's named parameters do not match its flat layout ({why})")
         else:
             plan = _probe_engine(flat, oracle, kind, BatchedPlan("vmap", why, names=names), probe_x, probe_y)
-    _PLANS.setdefault(flat, {})[kind] = plan
+    _PLANS.setdefault(flat, {})[key] = plan
     return plan
 
 

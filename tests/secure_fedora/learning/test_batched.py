@@ -587,6 +587,24 @@ def test_a_model_mixing_only_larger_batches_is_probed_at_the_training_batch_size
     assert torch.equal(theta, reference)
 
 
+def test_a_plan_probed_at_a_small_batch_is_not_reused_for_a_larger_one():
+    """The plan was cached per model and oracle kind: a second plain oracle with a larger batch
+    reused the plan probed at the first one's batch size, so a model mixing only the rows of
+    the larger batches was batched with vmap (padding mixed in). Now each batch size is probed."""
+    torch.manual_seed(0)
+    flat = FlatModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), _CenteredFrom(5), nn.ReLU(),
+                                   nn.Linear(16, 10)))
+    data = _clients([24, 13, 6], shape=(1, 8, 8))
+    small = train_clients(flat, CFG_FULL, PlainGradient(4), _jobs(_matrix(flat, 3), data))
+    assert small.engine == "vmap", small.reason
+    theta = _matrix(flat, 3)
+    reference = theta.clone()
+    _loop(flat, CFG_FULL, PlainGradient(8), reference, data)
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(8), _jobs(theta, data))
+    assert outcome.engine == "loop" and "padded batch" in outcome.reason
+    assert torch.equal(theta, reference)
+
+
 def test_a_linear_layer_before_the_flatten_is_batched_with_vmap_and_matches_the_loop():
     """nn.Linear acts on the last input dimension of a (B, 1, 8, 8) batch: the linear engine
     (which reads each sample as a vector) fails its probe, and the vmap engine trains it."""
