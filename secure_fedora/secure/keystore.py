@@ -215,8 +215,9 @@ def _remove_interrupted_creations(path: Path) -> list[Path]:
     the store ``path`` killed before their rename left (private keys no run used: a run uses
     a store only at ``path``); return them. Kept: ``path`` itself, anything that is not a
     plain directory of that exact name, one whose ``.lock`` a live creation holds, one
-    without ``.lock`` modified within the last minute (a creation between its ``mkdtemp`` and
-    its lock), and one holding an allowlist (a complete store: logged, never deleted)."""
+    modified within the last minute whether or not its ``.lock`` exists (a creation between
+    its ``mkdtemp`` and its ``flock``), and one holding an allowlist (a complete store:
+    logged, never deleted)."""
     prefix = f".{path.name}{CREATING_INFIX}"
     try:
         siblings = sorted(path.parent.iterdir())
@@ -239,10 +240,11 @@ def _remove_interrupted_creations(path: Path) -> list[Path]:
         except OSError:
             continue
         try:
-            if lock is None:
-                if time.time() - tmp.stat().st_mtime < _CREATION_GRACE_S:
-                    continue
-            else:
+            # a creation between its mkdtemp and its lock file, or between opening the lock
+            # file and locking it, holds no lock yet: a young directory is kept either way
+            if time.time() - tmp.stat().st_mtime < _CREATION_GRACE_S:
+                continue
+            if lock is not None:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

@@ -243,7 +243,9 @@ def test_key_files_without_an_allowlist_name_a_remedy_that_exists(tmp_path):
 def test_the_leftovers_of_a_killed_creation_are_removed_when_the_store_is_next_used(tmp_path):
     """A creation killed before its rename left its temporary sibling (private keys no run
     used) beside the store for good; the next creation or opening of that store removes it,
-    and only it: not a live creation's, not a complete store's, not another store's."""
+    and only it: not a live creation's (locked, or younger than a minute even with an
+    unlocked .lock: between its open and its flock), not a complete store's, not another
+    store's."""
     import fcntl
     import os
 
@@ -252,12 +254,16 @@ def test_the_leftovers_of_a_killed_creation_are_removed_when_the_store_is_next_u
     _killed_while_creating(store, 2, after=3)
     (killed,) = home.glob(".exp.creating-*")
     assert list(killed.glob("*.key"))
+    os.utime(killed, (1e9, 1e9))  # killed a while ago (a younger one may be a live creation)
     old = home / ".exp.creating-abc_1234"  # an earlier version's kill: no .lock
     old.mkdir()
     (old / "server.ed25519.key").write_bytes(b"k")
     os.utime(old, (1e9, 1e9))
     recent = home / ".exp.creating-recent00"  # a creation between its mkdtemp and its lock
     recent.mkdir()
+    opening = home / ".exp.creating-opening0"  # between opening its .lock and locking it
+    opening.mkdir()
+    (opening / ".lock").touch()
     live = home / ".exp.creating-live0000"
     live.mkdir()
     held = os.open(live / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -273,14 +279,16 @@ def test_the_leftovers_of_a_killed_creation_are_removed_when_the_store_is_next_u
     try:
         assert ensure_keystore(store, run_party_ids(2)).created
         assert not killed.exists() and not old.exists()
-        assert recent.is_dir() and live.is_dir() and all(o.is_dir() for o in others)
+        assert recent.is_dir() and opening.is_dir() and live.is_dir()
+        assert all(o.is_dir() for o in others)
         assert (complete / "allowlist.json").is_file()
         ensure_keystore(store, run_party_ids(2))  # opening the store: the same, the store kept
         assert recent.is_dir() and live.is_dir() and (store / "allowlist.json").is_file()
     finally:
         os.close(held)
-    os.utime(recent, (1e9, 1e9))
+    for gone in (recent, opening, live):
+        os.utime(gone, (1e9, 1e9))
     ensure_keystore(store, run_party_ids(2))
-    assert not recent.exists() and not live.exists()
+    assert not recent.exists() and not opening.exists() and not live.exists()
     assert sorted(p.name for p in home.iterdir()) == sorted(
         ["exp", complete.name, *(o.name for o in others)])
