@@ -115,14 +115,21 @@ def signing_payload(entry: dict[str, Any]) -> bytes:
     return canonical_json({k: v for k, v in entry.items() if k != "signature"}).encode("utf-8")
 
 
-def _read_raw(path: Path) -> tuple[list[str], bool]:
-    """Lines of the file (no newlines) and whether the last one lacks its newline (torn)."""
+def _read_bytes(path: Path) -> bytes | None:
+    """The ledger file's bytes; None when it does not exist, LedgerError when it cannot be read."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise LedgerError(f"ledger file {str(path)!r} does not exist") from None
+        return None
     except OSError as exc:
         raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
+
+
+def _read_raw(path: Path) -> tuple[list[str], bool]:
+    """Lines of the file (no newlines) and whether the last one lacks its newline (torn)."""
+    data = _read_bytes(path)
+    if data is None:
+        raise LedgerError(f"ledger file {str(path)!r} does not exist")
     return _split_lines(data)
 
 
@@ -169,12 +176,9 @@ def read_complete_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     lacks a field's form. Chain and signatures are not checked (:class:`LedgerWriter` checks
     them when it opens the ledger). Reads only."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    data = _read_bytes(path)
+    if data is None:
         return []
-    except OSError as exc:
-        raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
     lines, _ = _split_lines(data[:data.rfind(b"\n") + 1])
     entries = []
     for i, line in enumerate(lines):
@@ -786,12 +790,9 @@ def repair_torn_tail(path: str | os.PathLike[str], client_id: str,
     """
     path = Path(path)
     refuse_cut_tail(path, complete, known_by=known_by)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    data = _read_bytes(path)
+    if data is None:
         return []
-    except OSError as exc:
-        raise LedgerError(f"cannot read ledger file {str(path)!r}: {exc}") from exc
     cut = data.rfind(b"\n") + 1
     torn = data[cut:]
     pending: list[tuple[Path, bytes]] = []

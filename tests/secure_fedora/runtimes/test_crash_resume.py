@@ -422,13 +422,9 @@ def test_a_ledger_cut_inside_a_journaled_entry_is_refused_not_repaired(tmp_path,
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def test_a_resume_after_a_refused_step_check_refuses_that_release_again(tmp_path, clients,
-                                                                       monkeypatch):
-    """A run stopped by a step-count refusal (client 1, round 2) was resumed from round 1's
-    checkpoint: the re-run's step check passed, the refusal entry was never matched, and the
-    resume failed as 'diverged' after appending other clients' round-3 entries; a second
-    resume then released the refused model. The recorded refusal is now raised again, before
-    anything is written."""
+def _run_refused_in_round_2(run_dir, clients, monkeypatch):
+    """A 3-round DP Local run whose step check refuses client 1's round-2 release (one DP-SGD
+    step more than planned); returns its config, with the honest sampler back in place."""
     from secure_fedora.secure.private import DPGradient, StepCountMismatchError
 
     honest = DPGradient.batches
@@ -443,8 +439,21 @@ def test_a_resume_after_a_refused_step_check_refuses_that_release_again(tmp_path
     cfg = config(["local"], True, rounds=3)
     monkeypatch.setattr(DPGradient, "batches", one_extra_in_round_2)
     with pytest.raises(StepCountMismatchError, match="in round 2"):
-        Simulation(cfg, tmp_path, clients=clients).run()
+        Simulation(cfg, run_dir, clients=clients).run()
     monkeypatch.setattr(DPGradient, "batches", honest)
+    return cfg
+
+
+def test_a_resume_after_a_refused_step_check_refuses_that_release_again(tmp_path, clients,
+                                                                       monkeypatch):
+    """A run stopped by a step-count refusal (client 1, round 2) was resumed from round 1's
+    checkpoint: the re-run's step check passed, the refusal entry was never matched, and the
+    resume failed as 'diverged' after appending other clients' round-3 entries; a second
+    resume then released the refused model. The recorded refusal is now raised again, before
+    anything is written."""
+    from secure_fedora.secure.private import StepCountMismatchError
+
+    cfg = _run_refused_in_round_2(tmp_path, clients, monkeypatch)
     before = {p: p.read_bytes() for p in tmp_path.glob("ledgers/*/*")}
     with pytest.raises(StepCountMismatchError, match="recorded before the restart"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
@@ -519,22 +528,9 @@ def test_a_ledger_cut_inside_a_refusal_is_restored_and_the_refusal_stands(tmp_pa
     check (client 1, round 2) was 'repaired' as a write that never completed, and the resume
     from round 1's checkpoint then trained and released the very model the run had refused.
     The refusal is restored from the journal, and raised again."""
-    from secure_fedora.secure.private import DPGradient, StepCountMismatchError
+    from secure_fedora.secure.private import StepCountMismatchError
 
-    honest = DPGradient.batches
-    calls = []
-
-    def one_extra_in_round_2(self, n, epochs, generator):
-        calls.append(1)
-        yield from honest(self, n, epochs, generator)
-        if len(calls) == 5:  # client 1, round 2 (3 clients)
-            yield from list(honest(self, n, epochs, generator))[:1]
-
-    cfg = config(["local"], True, rounds=3)
-    monkeypatch.setattr(DPGradient, "batches", one_extra_in_round_2)
-    with pytest.raises(StepCountMismatchError, match="in round 2"):
-        Simulation(cfg, tmp_path, clients=clients).run()
-    monkeypatch.setattr(DPGradient, "batches", honest)
+    cfg = _run_refused_in_round_2(tmp_path, clients, monkeypatch)
     ledger = tmp_path / "ledgers" / "local" / "client-001.jsonl"
     intact = ledger.read_bytes()
     refusal = intact.splitlines(keepends=True)[-1]
