@@ -210,13 +210,11 @@ def test_resume_of_a_dp_run_killed_before_its_first_checkpoint_continues_it(tmp_
             (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
 
 
-def test_a_dp_run_killed_before_its_first_release_resumes(tmp_path, capsys):
-    """Killed after its ledgers were opened and its public keys published, before any release:
-    --resume said there was nothing to resume and a new run that the directory was not empty.
-    Nothing was released (a ledger entry precedes every release), so --resume now starts it
-    again under the keys it published; killed before the keys were published, likewise."""
-    from privacy.ledger import read_ledger
+def _killed_before_the_first_release(tmp_path):
+    """A DP CLI run killed right after publishing its keys (its ledgers created, empty):
+    returns its config file and run directory."""
     from secure_fedora.core import crashpoints
+
     config = write_config(tmp_path / "dp.toml", DP)
     run_dir = tmp_path / "run"
     crashpoints.arm("keys_published")
@@ -225,6 +223,17 @@ def test_a_dp_run_killed_before_its_first_release_resumes(tmp_path, capsys):
             run(config, run_dir)
     finally:
         crashpoints.disarm()
+    return config, run_dir
+
+
+def test_a_dp_run_killed_before_its_first_release_resumes(tmp_path, capsys):
+    """Killed after its ledgers were opened and its public keys published, before any release:
+    --resume said there was nothing to resume and a new run that the directory was not empty.
+    Nothing was released (a ledger entry precedes every release), so --resume now starts it
+    again under the keys it published; killed before the keys were published, likewise."""
+    from privacy.ledger import read_ledger
+
+    config, run_dir = _killed_before_the_first_release(tmp_path)
     published = (run_dir / "keys" / "allowlist.json").read_bytes()
     ledgers = sorted(run_dir.glob("ledgers/local/*.jsonl"))
     assert len(ledgers) == 3 and all(p.stat().st_size == 0 for p in ledgers)
@@ -269,15 +278,7 @@ def test_a_run_with_envelopes_killed_before_its_first_checkpoint_resumes(tmp_pat
 def test_a_dp_run_whose_empty_ledgers_are_lost_is_not_resumed(tmp_path, capsys):
     """Published keys without the ledgers prove nothing (they may have been deleted after
     releases): still nothing to resume from, and nothing is written."""
-    from secure_fedora.core import crashpoints
-    config = write_config(tmp_path / "dp.toml", DP)
-    run_dir = tmp_path / "run"
-    crashpoints.arm("keys_published")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            run(config, run_dir)
-    finally:
-        crashpoints.disarm()
+    config, run_dir = _killed_before_the_first_release(tmp_path)
     (run_dir / "ledgers" / "local" / "client-001.jsonl").unlink()
     before = snapshot(run_dir)
     assert run(config, run_dir, "--resume") == 2
