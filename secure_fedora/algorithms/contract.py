@@ -46,7 +46,7 @@ Payload = dict[str, Tensor]
 
 __all__ = ["ContractError", "FederatedAlgorithm", "Payload", "ReleaseSpec", "ReplyRules",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
-           "check_round_statistics", "no_reply_statistics", "round_statistics_of", "method_class",
+           "check_round_statistics", "check_setup_steps", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
@@ -403,6 +403,23 @@ def check_round_statistics(method: str, rnd: int, stats: Any) -> dict[str, float
                                 f"finite number, got {value!r}")
         out[key] = float(value)
     return out
+
+
+def check_setup_steps(method: str, privacy: Any, clients: Sequence[int]) -> None:
+    """:class:`ContractError` when any of ``clients`` executed a DP-SGD step in method
+    ``method``'s setup exchange (``privacy``: the run's federation privacy, whose per-client
+    step counters the DP oracle increments). The runtimes admit and record DP-SGD only as a
+    round's model release: a setup run would spend privacy that no ledger entry, plan or
+    audit claim accounts. Called after the setup client halves and before any reply is
+    used, so nothing of such a run reaches the server."""
+    stepped = {i: privacy.clients[i].step_counter.executed for i in clients}
+    stepped = {i: n for i, n in stepped.items() if n}
+    if stepped:
+        shown = ", ".join(f"client {i}: {n}" for i, n in list(stepped.items())[:8])
+        raise ContractError(
+            f"method {method!r} executed DP-SGD steps in its setup exchange ({shown}), which "
+            "no release accounts: the runtimes record DP-SGD only as a round's model release "
+            "(train in client_update, or run the method without DP); nothing reached the server")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from secure_fedora.algorithms.contract import (
     Payload,
     ReleaseSpec,
     check_messages,
+    check_setup_steps,
     round_statistics_of,
 )
 from secure_fedora.algorithms.encryption import (
@@ -383,6 +384,9 @@ class FederatedMethod(FederatedAlgorithm):
         if messages:
             replies = self.client_setup_many(messages)
             rules = self.reply_rules
+            if self.ctx.privacy is not None:
+                check_setup_steps(rules.method if rules is not None else self.name,
+                                  self.ctx.privacy, list(messages))
             if rules is not None:
                 replies = rules.check_replies(SETUP, 0, replies, messages)
                 privacy = self.ctx.privacy

@@ -69,7 +69,7 @@ from privacy.identity import (
 )
 from privacy.noise import NoiseSource, make_noise_source
 from privacy.pipeline import EncryptPayload, Release
-from secure_fedora.algorithms.contract import Payload, round_mechanisms
+from secure_fedora.algorithms.contract import Payload, check_setup_steps, round_mechanisms
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import remove_interrupted_writes
 from secure_fedora.data.partition import ClientData
@@ -927,6 +927,8 @@ def _run_client_half(
             reply = algorithm.client_setup(i, message)
         except BudgetExceededError as err:
             return {}, {}, str(err)
+        if privacy is not None:
+            check_setup_steps(method, privacy, [i])
     elif stage == "round":
         if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
                                               ctx.noise[i] if ctx.noise else None):

@@ -231,6 +231,42 @@ def test_a_declared_setup_summary_must_be_recorded(tmp_path, register):
         sim.run()
 
 
+def test_dp_sgd_training_in_the_setup_exchange_is_refused(tmp_path, register):
+    """A setup DP-SGD run cannot be declared (no ledger records one), so one made without a
+    declaration must not leave either: its model would reach the server with no ledger entry,
+    and every epsilon (ledger, report, white-box claim) would be below what was spent."""
+    seen: list[dict] = []
+
+    class WarmStart(Toy):
+        @classmethod
+        def reply_entries(cls, cfg, stage):
+            return {"theta": "a warm start trained with DP-SGD"} if stage == SETUP else \
+                super().reply_entries(cfg, stage)
+
+        def setup_messages(self):
+            return {i: {} for i in range(self.ctx.num_clients)}
+
+        def client_setup(self, i, message):
+            self.ctx.train_client(i, self.theta[i])
+            return {"theta": self.theta[i].clone()}
+
+        def server_setup(self, replies):
+            seen.append(dict(replies))
+            self.global_params.copy_(torch.stack([r["theta"] for r in replies.values()]).mean(0))
+
+    name = register("warm_start_x", WarmStart)
+    sim, run = _run(tmp_path, _config(name))
+    with pytest.raises(ContractError, match=r"'warm_start_x' executed DP-SGD steps in its setup "
+                                            r"exchange \(client 0: 2, client 1: 2, client 2: 2\)"):
+        sim.run()
+    assert seen == []  # the server half never saw the unaccounted models
+    assert all(m == [] for m in _ledger_mechanisms(run, name))
+    # without DP nothing is claimed: the same method runs
+    plain, _ = _run(tmp_path / "plain", _config(name, dp=False))
+    plain.run()
+    assert len(seen) == 1
+
+
 @pytest.mark.parametrize("stats, message", [
     ({"method": "fedora"}, "would overwrite the runtime's own column"),
     ({"round": 99}, "would overwrite"),

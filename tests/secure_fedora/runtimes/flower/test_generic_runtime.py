@@ -340,3 +340,42 @@ def test_grid_refused_release_is_a_refusal_reply_and_the_client_takes_no_part(
     state = ClientRunState.load(tmp_path / "nodes" / "node-1" / "runs" / "42" / "fedavg"
                                 / "client.pt", 1, 42, config_hash(cfg), "fedavg")
     assert state.refusals == {"round": "budget exhausted (test)"} and state.replies["round"] == {}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_refuses_dp_sgd_training_in_the_setup_exchange(tmp_path: Path) -> None:
+    """A ClientApp whose method trains with DP-SGD in its setup exchange (which no ledger
+    records) answers with an error, not the model: the server half sees no setup reply and
+    no ledger records anything of it."""
+    from secure_fedora.algorithms.contract import SETUP
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+
+    seen: list[dict] = []
+
+    class WarmStart(Toy):
+        @classmethod
+        def reply_entries(cls, cfg, stage):  # type: ignore[no-untyped-def]
+            return {"theta": "a warm start trained with DP-SGD"} if stage == SETUP else \
+                super().reply_entries(cfg, stage)
+
+        def setup_messages(self):  # type: ignore[no-untyped-def]
+            return {i: {} for i in range(self.ctx.num_clients)}
+
+        def client_setup(self, i, message):  # type: ignore[no-untyped-def]
+            self.ctx.train_client(i, self.theta[i])
+            return {"theta": self.theta[i].clone()}
+
+        def server_setup(self, replies):  # type: ignore[no-untyped-def]
+            seen.append(dict(replies))
+
+    METHODS.register("warm_start_grid_x", WarmStart)
+    try:
+        cfg = with_methods(dp_config(rounds=1, noise="reproducible"), "warm_start_grid_x")
+        rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+        results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                            RunSettings.from_run_config(rc), 42)
+    finally:
+        METHODS.unregister("warm_start_grid_x")
+    assert seen == [{}]  # every setup reply was refused in its client's process
+    refused = [e for e in results["events"] if "executed DP-SGD steps in its setup" in str(e)]
+    assert len(refused) == 3, results["events"]
