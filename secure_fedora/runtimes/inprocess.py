@@ -129,13 +129,26 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
 def _federated_clients(cfg: ExperimentConfig, clients: list[ClientData],
                        made: str) -> list[ClientData]:
     """Clients checked against the config's sizes where privacy uses them (``made`` says
-    where they came from, in errors)."""
+    where they came from, in errors): client ``i`` has id ``i`` (budgets, overrides, ledgers
+    and results are per position) and every split's inputs have client 0's row shape."""
     from secure_fedora.data.sources import DataError
 
     d = cfg.data
     if len(clients) != d.num_clients:
         raise DataError(f"{made} {len(clients)} clients but data.num_clients = "
                         f"{d.num_clients}; set data.num_clients = {len(clients)}")
+    for i, c in enumerate(clients):
+        if c.client_id != i:
+            raise DataError(f"{made} client id {c.client_id!r} at position {i}; client ids must "
+                            "be 0..N-1 in list order (privacy.overrides, ledgers and results "
+                            "name clients by position)")
+    shape = tuple(clients[0].train_x.shape[1:])
+    for c in clients:
+        for split in ("train", "val", "test"):
+            if tuple(getattr(c, f"{split}_x").shape[1:]) != shape:
+                raise DataError(f"{made} client {c.client_id} with {split} inputs of "
+                                f"{tuple(getattr(c, f'{split}_x').shape[1:])} per row; client "
+                                f"0's train inputs are {shape}")
     if cfg.privacy.enabled:
         for c in clients:
             if c.num_train < d.train_per_client:

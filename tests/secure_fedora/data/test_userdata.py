@@ -689,3 +689,43 @@ def test_a_ready_dataset_gets_the_input_checks_of_a_dict() -> None:
     with pytest.raises(DataError, match="client 0 test_x contains NaN"):
         Experiment(SMALL, data=FederatedData(ready.clients, 3)).check()
     Experiment(SMALL, data=LabeledDataset(x, y, xt, yt, 3)).check()  # the clean one passes
+
+
+def _ready_client(client_id: int, rows: int, width: int = 5) -> Any:
+    from secure_fedora.data.partition import ClientData
+
+    g = torch.Generator().manual_seed(client_id)
+    x = torch.randn(rows + 12, width, generator=g)
+    y = torch.randint(0, 3, (rows + 12,), generator=g)
+    return ClientData(client_id, x[:rows], y[:rows], x[rows:rows + 6], y[rows:rows + 6],
+                      x[rows + 6:], y[rows + 6:])
+
+
+def test_ready_federated_clients_must_be_numbered_by_position() -> None:
+    """Budgets, overrides and ledgers go by position, the DP delta check went by client_id:
+    clients listed as ids [1, 0] gave override "1" (epsilon 20, delta 0.1) to the client with
+    id 0, whose 40 rows make delta 0.1 >= 1/n, unchecked."""
+    from secure_fedora.data.userdata import FederatedData
+
+    cfg = {"methods": ["local"], "data": {"num_clients": 2, "train_per_client": 8,
+                                          "val_per_client": 6, "test_per_client": 6},
+           "privacy": {"enabled": True, "epsilon": 5.0, "delta": 1e-3,
+                       "overrides": {"1": {"epsilon": 20.0, "delta": 0.1}}}}
+    swapped = FederatedData([_ready_client(1, 8), _ready_client(0, 40)], 3)
+    with pytest.raises(DataError, match=r"client id 1 at position 0; client ids must be 0..N-1"):
+        Experiment(cfg, data=swapped).check()
+    with pytest.raises(DataError, match=r"client id 5 at position 0"):
+        Experiment(SMALL | {"data": {**SMALL["data"], "num_clients": 2}},
+                   data=FederatedData([_ready_client(5, 20), _ready_client(7, 20)], 3)).check()
+
+
+def test_ready_federated_clients_with_other_input_shapes_are_a_data_error() -> None:
+    """A per-client list is refused when client inputs differ in shape; a ready FederatedData
+    was not, and failed in the first forward pass with a raw RuntimeError."""
+    from secure_fedora.data.userdata import FederatedData
+
+    cfg = SMALL | {"data": {**SMALL["data"], "num_clients": 2}}
+    mixed = FederatedData([_ready_client(0, 20), _ready_client(1, 20, width=6)], 3)
+    with pytest.raises(DataError, match=r"client 1 with train inputs of \(6,\) per row; client "
+                                        r"0's train inputs are \(5,\)"):
+        Experiment(cfg, data=mixed).check()
