@@ -55,6 +55,7 @@ from secure_fedora.learning.client import (
     PlainGradient,
     TrainConfig,
     Workspace,
+    aliased_module,
     diverged_hint,
     local_train,
 )
@@ -283,6 +284,12 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
         return cached
     if probe_x is None or probe_y is None or probe_x.shape[0] == 0:
         return BatchedPlan("loop", "no probe data to check the engines")
+    aliased = aliased_module(flat.module)
+    if aliased is not None:  # probing would leave torch.func's tensors in the module
+        plan = BatchedPlan("loop", f"{aliased} (one module under two names; torch.func "
+                                   "cannot run it)")
+        _PLANS.setdefault(flat, {})[key] = plan
+        return plan
     layers, why = _linear_layers(flat)
     plan = None
     if layers is not None:

@@ -49,7 +49,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from secure_fedora.learning.client import ClientUpdateError, Evaluation, FlatModel, evaluate
+from secure_fedora.learning.client import (
+    ClientUpdateError,
+    Evaluation,
+    FlatModel,
+    aliased_module,
+    evaluate,
+)
 from secure_fedora.learning.tasks import MetricError
 
 __all__ = [
@@ -352,6 +358,9 @@ def _forward_vmap(flat: FlatModel, names: list[str], rows: Tensor, x: Tensor) ->
 
 
 def _parameter_names(flat: FlatModel) -> list[str]:
+    aliased = aliased_module(flat.module)
+    if aliased is not None:  # torch.func would leave its tensors in the module
+        raise ValueError(f"{aliased} (one module under two names)")
     by_id = {id(p): name for name, p in flat.module.named_parameters()}
     if len(by_id) != len(flat.params) or any(id(p) not in by_id for p in flat.params):
         raise ValueError("the flat parameters are not the module's named parameters")

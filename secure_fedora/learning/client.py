@@ -30,6 +30,7 @@ __all__ = [
     "MomentumSGD",
     "PlainGradient",
     "TrainConfig",
+    "aliased_module",
     "client_randomness",
     "evaluate",
     "local_train",
@@ -74,6 +75,19 @@ class TrainConfig:
     weight_decay: float = 5e-5
     batch_size: int = 64
     local_epochs: int = 5
+
+
+def aliased_module(module: nn.Module) -> str | None:
+    """Which submodule ``module`` registers under a second name (``"module 'b' is module
+    'a'"``), else None. ``torch.func.functional_call`` does not restore such a model: it
+    leaves the tensors it substituted in the module, unbound from the flat row, so the batched
+    engines must not run it."""
+    seen: dict[int, str] = {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        if id(sub) in seen:
+            return f"module {name!r} is module {seen[id(sub)]!r}"
+        seen[id(sub)] = name
+    return None
 
 
 class FlatModel:

@@ -243,6 +243,26 @@ def test_a_model_the_vmap_engine_cannot_reproduce_uses_the_loop():
         assert "_RandomLayer" in plan.reason
 
 
+def _module_twice():
+    torch.manual_seed(0)
+    hidden = nn.Linear(8, 8)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), hidden, nn.ReLU(), hidden,
+                         nn.ReLU(), nn.Linear(8, 10))
+
+
+def test_a_module_registered_twice_is_trained_by_the_loop_and_stays_bound():
+    """torch.func.functional_call does not restore a module registered under two names: the
+    engine probe left its own tensors in the module, unbound from the flat row, and the run
+    failed later with a raw functorch error (or trained a copy)."""
+    flat = FlatModel(_module_twice())
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    for oracle in (PlainGradient(4), DPGradient(flat.module, 1.0, 0.5, 4.0, ReproducibleNoise(0))):
+        plan = batched_plan(flat, oracle, x, y)
+        assert plan.engine == "loop" and "module '5' is module '3'" in plan.reason
+    assert [p for p in flat.module.parameters()] == flat.params  # still the flat's parameters
+    _trained_by_the_loop(flat)
+
+
 def test_non_finite_rows_are_restored_and_named():
     flat = FlatModel(make_model("mlp", seed=0))
     data = _clients([16, 16])

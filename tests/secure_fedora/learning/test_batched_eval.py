@@ -170,6 +170,27 @@ def test_model_vmap_cannot_run_falls_back_to_the_stated_loop():
         evaluate_many(flat, rows, splits, strategy="vmap")
 
 
+def test_a_module_registered_twice_is_evaluated_by_the_loop_and_stays_bound():
+    """torch.func.functional_call left its tensors in a module registered under two names, so
+    every later forward pass (the per-client loop's too) failed with a raw functorch error."""
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.again = self.first_hidden = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.again(torch.tanh(self.first_hidden(self.first(x))))))
+
+    flat = FlatModel(Twice())
+    splits = _splits([3, 1, 5], (4,), seed=9, classes=3)
+    rows = _rows(flat, 3, seed=10)
+    plan = plan_evaluation(flat, splits[0][0])
+    assert plan.strategy == "loop" and "module 'first_hidden' is module 'again'" in plan.reason
+    assert evaluate_many(flat, rows, splits) == [evaluate(flat, rows[k], *splits[k]) for k in range(3)]
+    assert list(flat.module.parameters()) == flat.params
+
+
 def test_validation_losses_equal_the_two_evaluate_losses():
     flat = FlatModel(make_model("mlp", seed=0))
     sizes = [10, 1, 4, 10]
