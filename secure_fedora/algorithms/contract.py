@@ -359,6 +359,12 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
         if not isinstance(payload, Mapping):
             raise ContractError(f"method {method!r}: its {stage} message to client {i} must be "
                                 f"a dict of tensors, got {type(payload).__name__}")
+        for key, value in payload.items():
+            if not isinstance(key, str) or not isinstance(value, Tensor):
+                raise ContractError(
+                    f"method {method!r}: its {stage} message to client {i} must be a dict of "
+                    f"tensors; entry {key!r} is a {type(value).__name__} (the Flower runtime "
+                    "moves only tensors)")
     return dict(messages)
 
 

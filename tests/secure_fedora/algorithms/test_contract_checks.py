@@ -112,6 +112,21 @@ def test_a_message_to_a_client_outside_the_participants_is_refused(tmp_path, reg
         assert set(mechanisms) <= {"dpsgd"}
 
 
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_round_message_entry_that_is_not_a_tensor_is_refused(tmp_path, register, dp):
+    """A float message entry ran in process (the client half copied it as if a tensor) where
+    the Flower runtime, which moves only tensors, cannot send it."""
+    class FloatMessage(Toy):
+        def configure(self, rnd, participants):
+            return {i: {"global": 3.0} for i in participants}
+
+    name = register(f"float_message_x_{dp}", FloatMessage)
+    sim, _ = _run(tmp_path, _config(name, dp=dp))
+    with pytest.raises(ContractError, match=r"round message to client 0 must be a dict of "
+                                            r"tensors; entry 'global' is a float"):
+        sim.run()
+
+
 def test_an_undeclared_reply_entry_never_reaches_the_server_in_a_private_run(tmp_path, register):
     seen: list[dict] = []
 
