@@ -20,6 +20,10 @@ __all__ = ["ENV_VAR", "POINTS", "InjectedCrash", "arm", "crash_point", "disarm"]
 ENV_VAR = "SECURE_FEDORA_CRASH_AT"
 
 POINTS: dict[str, str] = {
+    "ledger_staged": "after one client's empty ledger is created in the hidden folder that"
+                     " becomes its method's ledger folder, before the next",
+    "ledgers_created": "after a method's ledger folder is renamed into place, before its"
+                       " ledgers are opened",
     "keys_published": "after a DP method's ledgers are opened and its public keys published",
     "summary": "after one client's relatedness summary left it, before the next client's",
     "gate": "after a release's ledger entries are fsynced, before its journal record",

@@ -17,7 +17,9 @@
   journals already record releases: it is resumed from the start (the journaled releases are
   re-made, not accounted again). A DP run killed before its first release (every ledger of
   its first method opened and empty, its public keys possibly published) is resumed from the
-  start too, under the keys it published, and so is a run without privacy that holds only
+  start too, under the keys it published, and so is one killed before its first method's
+  ledger folder was renamed into place (its config copy and the hidden folder of an
+  interrupted creation, holding empty ledgers only), and a run without privacy that holds only
   what it writes before its first checkpoint (its config copy, envelope keys and message
   state, interrupted checkpoint writes); otherwise there is nothing to resume;
 - the default directory ``runs/<name>-<timestamp>`` stays inside ``runs/`` (the config's
@@ -146,6 +148,22 @@ def _plain_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
     return not cfg.privacy.enabled and {p.name for p in run_dir.iterdir()} <= _BEFORE_FIRST_CHECKPOINT
 
 
+def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """True when a DP run, bound to this configuration by its config copy, holds nothing but
+    it and the hidden folders of ledger creations that were interrupted (empty ledgers): it
+    was killed before its first method's ledger folder was renamed into place, so before any
+    release (its keys are published after it) and it is started again."""
+    if not cfg.privacy.enabled or not {p.name for p in run_dir.iterdir()} <= {CONFIG_COPY, "ledgers"}:
+        return False
+    from secure_fedora.secure.private import interrupted_ledger_creations
+
+    ledgers = run_dir / "ledgers"
+    if not ledgers.exists():
+        return True
+    return ledgers.is_dir() and not ledgers.is_symlink() and \
+        sorted(ledgers.iterdir()) == interrupted_ledger_creations(ledgers)
+
+
 def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
     checkpoint to continue from (see the module docstring); reads only. The Python API's
@@ -213,7 +231,8 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False
     present = [m for m in cfg.methods if (run_dir / "checkpoints" / f"{m}.pt").exists()]
     if not present and (_records_releases(run_dir, cfg.methods[0])
                         or _opened_unreleased(run_dir, cfg)
-                        or (bound and _plain_unstarted(run_dir, cfg))):
+                        or (bound and (_plain_unstarted(run_dir, cfg)
+                                       or _private_unstarted(run_dir, cfg)))):
         return  # killed before its first checkpoint: resumed from the start
     if not present:
         raise RunDirError(

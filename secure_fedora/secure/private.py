@@ -32,6 +32,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import re
+import secrets
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +56,7 @@ from privacy.accounting import (
     plan_epsilon,
     round_up,
 )
+from privacy.durable import fsync_dir
 from privacy.identity import client_ids, load_identity
 from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
 from privacy.ledger import (
@@ -106,9 +111,66 @@ from secure_fedora.learning.dp import DPGradient, check_per_sample_gradients  # 
 from secure_fedora.learning.tasks import CROSS_ENTROPY
 
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
-           "client_noise_sources", "noise_assumptions", "privacy_plan"]
+           "client_noise_sources", "create_ledger_dir", "interrupted_ledger_creations",
+           "noise_assumptions", "privacy_plan"]
 
 log = logging.getLogger("secure_fedora.privacy")
+
+#: A method's ledger folder is built in the hidden sibling ``.<method>.creating-<8 hex>``.
+LEDGER_CREATING_INFIX = ".creating-"
+_CREATING_SUFFIX = re.compile(r"[0-9a-f]{8}")
+
+
+def interrupted_ledger_creations(ledger_root: Path, method: str | None = None) -> list[Path]:
+    """The hidden folders under ``ledger_root`` that :func:`create_ledger_dir` of ``method``
+    (or of any method) left when killed before its rename: ``.<method>.creating-<8 hex>``
+    holding nothing but empty ``*.jsonl`` files (no ledger entry, no journal: a folder holding
+    anything else is not listed). Reads only."""
+    if not ledger_root.is_dir():
+        return []
+    found = []
+    for path in sorted(ledger_root.iterdir()):
+        name, infix, suffix = path.name.rpartition(LEDGER_CREATING_INFIX)
+        if not (infix and name.startswith(".") and _CREATING_SUFFIX.fullmatch(suffix)
+                and (method is None or name == f".{method}")) \
+                or path.is_symlink() or not path.is_dir():
+            continue
+        held = list(path.iterdir())
+        if all(p.is_file() and not p.is_symlink() and p.suffix == ".jsonl"
+               and p.stat().st_size == 0 for p in held):
+            found.append(path)
+    return found
+
+
+def create_ledger_dir(ledger_dir: Path, ids: Sequence[str]) -> None:
+    """Create ``ledger_dir`` holding one empty ledger per client of ``ids`` (0600, fsynced),
+    all at once: the folder is built in a hidden sibling
+    and renamed into place. A process killed meanwhile leaves no ``ledger_dir`` and a sibling
+    holding no entry (removed here by the next creation of that folder), so an existing
+    ledger folder always held every client's ledger: one missing from it was lost."""
+    parent = ledger_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for leftover in interrupted_ledger_creations(parent, ledger_dir.name):
+        shutil.rmtree(leftover)
+        log.warning("removed %s, a creation of ledgers that was interrupted (empty ledgers)",
+                    leftover)
+    staging = parent / f".{ledger_dir.name}{LEDGER_CREATING_INFIX}{secrets.token_hex(4)}"
+    staging.mkdir()
+    for cid in ids:
+        fd = os.open(staging / f"{cid}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        crash_point("ledger_staged")
+    fsync_dir(staging)
+    try:
+        os.rename(staging, ledger_dir)
+    except OSError as err:  # created meanwhile (another process): it keeps its own
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LedgerError(f"cannot create the ledger folder {str(ledger_dir)!r}: {err}") from None
+    fsync_dir(parent)
+    crash_point("ledgers_created")
 
 
 def sample_rate_for(cfg: ExperimentConfig) -> float:
@@ -572,6 +634,10 @@ class FederationPrivacy:
         holding releases of an earlier run are refused (JournalError) before anything is
         written. ``calibrated`` is :func:`check_budget_plans`' result for this config and
         method when the caller already has it (it calibrates before writing anything else).
+
+        A ``ledger_dir`` that does not exist is created with every client's empty ledger at
+        once (:func:`create_ledger_dir`); one that exists must hold every
+        client's ledger (LedgerError naming those lost otherwise, before anything is written).
         """
         ids = client_ids(num_clients)
         budgets = [client_budget(cfg, i) for i in range(num_clients)]
@@ -591,8 +657,18 @@ class FederationPrivacy:
         from secure_fedora.secure.keystore import ensure_keystore, run_party_ids
 
         ensure_keystore(key_dir, run_party_ids(num_clients))
-        ledger_dir.mkdir(parents=True, exist_ok=True)
         identities = [load_identity(key_dir, cid) for cid in ids]
+        if ledger_dir.is_dir():
+            lost = [cid for cid in ids if not (ledger_dir / f"{cid}.jsonl").is_file()]
+            if lost:
+                shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8
+                                               else "")
+                raise LedgerError(
+                    f"ledger folder {str(ledger_dir)!r} lacks the ledgers of {shown}: its"
+                    " ledgers are created together, so these were lost; restore them from a"
+                    " copy, or start a new run; nothing was written")
+        else:
+            create_ledger_dir(ledger_dir, ids)
         checked: list[tuple[ReleaseJournal, list[int], int]] = []
         if resume:  # every client's checks before anything is written: a refusal changes nothing
             checked = [_check_resumable(ledger_dir, cid, method, identity)

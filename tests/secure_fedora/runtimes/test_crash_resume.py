@@ -154,6 +154,66 @@ def test_a_kill_before_the_first_release_is_resumable_and_exact(tmp_path, client
     assert (tmp_path / "keys" / "allowlist.json").read_bytes() == published
 
 
+# kill points inside FederationPrivacy.open (3 clients): while the first method's ledgers are
+# created in their hidden folder, once it is renamed, between two ledgers opened, and while
+# the second method's ledgers are created
+OPEN_POINTS = ["ledger_staged@1", "ledger_staged@3", "ledgers_created@1", "writer@2",
+               "ledger_staged@5"]
+
+
+@pytest.mark.parametrize("point", OPEN_POINTS)
+def test_a_kill_inside_the_opening_of_the_ledgers_is_resumable_and_exact(tmp_path, clients,
+                                                                         reference, monkeypatch,
+                                                                         point):
+    """Killed with some clients' ledgers created and others not: a resume said there was
+    nothing to resume from (the first method's ledgers incomplete) and a new run that the
+    directory was not empty. A method's ledgers are now created in a hidden folder renamed
+    into place at once: every such run resumes (through the CLI's and the Python API's
+    checks) and ends as an uninterrupted run, its leftover folder gone."""
+    from secure_fedora.secure import private
+
+    methods = ["local", "fedavg"]
+    cfg = config(methods, True)
+    if point == "writer@2":  # killed between the first and the second ledger opened
+        opened = []
+
+        def killed_at_the_second(*args, **kwargs):
+            opened.append(args)
+            if len(opened) == 2:
+                raise crashpoints.InjectedCrash("killed")
+            return writer(*args, **kwargs)
+
+        writer = private.LedgerWriter
+        with monkeypatch.context() as patch:
+            patch.setattr(private, "LedgerWriter", killed_at_the_second)
+            with pytest.raises(crashpoints.InjectedCrash):
+                Simulation(cfg, tmp_path, clients=clients).run()
+    else:
+        assert run_until_crash(cfg, tmp_path, clients, point)
+    check_resumable(tmp_path, cfg)
+    check_resumable(tmp_path, cfg, config_copy_required=False)
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert_same_run(tmp_path, reference(methods, True))
+    assert sorted(p.name for p in (tmp_path / "ledgers").iterdir()) == sorted(methods)
+
+
+def test_a_ledger_lost_from_a_method_without_checkpoint_refuses_the_resume(tmp_path, clients):
+    """The second method killed in its first round, after its releases, and one client's
+    ledger and journal deleted: the resume created that ledger again, empty, and released
+    round 1 again unaccounted (its recorded epsilon lowered). A ledger folder always holds
+    every client's ledger, so one missing was lost: refused, nothing written."""
+    cfg = config(["local", "fedavg"], True)
+    assert run_until_crash(cfg, tmp_path, clients, "train@8")  # fedavg, round 1, client 1
+    folder = tmp_path / "ledgers" / "fedavg"
+    assert read_ledger(folder / "client-001.jsonl")
+    (folder / "client-001.jsonl").unlink()
+    (folder / "client-001.journal").unlink()
+    before = _files(tmp_path)
+    with pytest.raises(LedgerError, match="lacks the ledgers of client-001: .* lost"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
 def test_kill_twice_then_resume_is_exact(tmp_path, clients, reference, dp):
     cfg = config(["fedora", "fedavg"], dp)

@@ -250,6 +250,40 @@ def test_a_dp_run_killed_before_its_first_release_resumes(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("point", ["ledger_staged@2", "ledgers_created"])
+def test_a_dp_run_killed_while_creating_its_ledgers_resumes_by_cli_and_api(tmp_path, capsys,
+                                                                          point):
+    """Killed inside the creation of its first method's ledgers (one client's created, the
+    others not): refused both ways. Now --resume and the Python API's resume start it again
+    (nothing was released), the interrupted creation's hidden folder is removed and the run
+    verifies; so does an API run killed after its config copy, before its ledgers."""
+    from privacy.ledger import read_ledger
+    from secure_fedora.core import crashpoints
+
+    config = write_config(tmp_path / "dp.toml", DP)
+    run_dir = tmp_path / "run"
+    crashpoints.arm(point)
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            run(config, run_dir)
+    finally:
+        crashpoints.disarm()
+    api_dir = copy_run(run_dir, tmp_path / "api")
+    bare = copy_run(run_dir, tmp_path / "bare")
+    shutil.rmtree(bare / "ledgers")  # as if killed between the config copy and the ledgers
+    assert run(config, run_dir, "--resume") == 0
+    assert sorted(p.name for p in (run_dir / "ledgers").iterdir()) == ["local"]
+    for path in sorted(run_dir.glob("ledgers/local/*.jsonl")):
+        assert [(e["round"], e["mechanism"]) for e in read_ledger(path)] == [
+            (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
+    assert audit_main(["audit", "verify", str(run_dir)]) == 0
+    for folder in (api_dir, bare):
+        Experiment(DP, run_dir=folder).run(resume=True)
+        assert sorted(p.name for p in (folder / "ledgers").iterdir()) == ["local"]
+        assert audit_main(["audit", "verify", str(folder)]) == 0
+    capsys.readouterr()
+
+
 def test_a_run_with_envelopes_killed_before_its_first_checkpoint_resumes(tmp_path, capsys):
     """Without privacy, a run with envelopes killed in round 1 held its config copy, keys and
     message state: --resume said there was nothing to resume and a new run that the directory
