@@ -889,6 +889,9 @@ class Simulation:
     def _run_method(self, name: str, ctx: MethodContext, privacy: Any, resume: bool) -> MethodOutcome:
         cfg = self.cfg
         if cfg.security.envelopes:
+            # before its envelope keys: a run killed before its first checkpoint is bound to
+            # this configuration, so it is resumed (rundir.check_resumable), also from Python
+            self._write_config_copy()
             ctx.transport_factory = self._transport_factory(name, privacy)
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
@@ -1134,10 +1137,12 @@ class Simulation:
             log.warning("privacy.lambda_noise_multiplier = %g is unused: with public validation "
                         "data (data.validation = 'public') FEDORA's lambda is released without "
                         "noise", p.lambda_noise_multiplier)
-        if self.cfg.privacy.enabled and not (self.run_dir / "config.toml").is_file():
+        if (self.cfg.privacy.enabled or self.cfg.security.envelopes) \
+                and not (self.run_dir / "config.toml").is_file():
             from secure_fedora.core.config import config_document
 
-            config_document(self.cfg)  # the anchor writes it last: fail now, not after training
+            # written before the first ledger or envelope key (and by the anchor): fail now
+            config_document(self.cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # partial copies of results.json, rounds.csv or a plot that a process killed while
         # writing one left beside it (the files themselves are replaced atomically)

@@ -9,7 +9,8 @@
   that fails before writing anything but its config copy withdraws it
   (:func:`withdraw_unstarted_run`);
 - ``--resume`` (and the Python API's ``Experiment.run(resume=True)``, whose non-private runs
-  hold no ``config.toml``; a private one writes it before its first ledger entry) needs the directory's ``config.toml`` to be the same configuration (same
+  without envelopes hold no ``config.toml``; a private one writes it before its first ledger
+  entry, one with envelopes before its envelope keys) needs the directory's ``config.toml`` to be the same configuration (same
   config hash) and a checkpoint to continue from: the configured methods' checkpoints must
   exist in order (a later method's checkpoint without an earlier method's is a gap), each
   readable, intact and written for this configuration; otherwise nothing is written. A run
@@ -167,7 +168,7 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
 def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
     checkpoint to continue from (see the module docstring); reads only. The Python API's
-    non-private runs hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
+    non-private runs without envelopes hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
     order are checked all the same, and a config copy that is there must match."""
     if not run_dir.is_dir():
         raise RunDirError(f"--resume needs an existing run directory; {run_dir} does not exist")

@@ -309,6 +309,30 @@ def test_a_run_with_envelopes_killed_before_its_first_checkpoint_resumes(tmp_pat
     assert done["selected"] == ref["selected"] and done["final"] == ref["final"]
 
 
+def test_an_api_run_with_envelopes_killed_before_its_first_checkpoint_resumes(tmp_path):
+    """The Python API's run without privacy wrote no config copy, so one with envelopes killed
+    in round 1 held only its keys and message state: resume=True said there was nothing to
+    resume from and a new run that run_dir was not empty. Its config copy is now written
+    before its envelope keys: the resume starts it again and ends as an uninterrupted run."""
+    from secure_fedora.core import crashpoints
+
+    doc = {**TINY, "methods": ["fedavg"], "security": {"envelopes": True},
+           "training": {**TINY["training"], "checkpoint_every": 2}}
+    reference = Experiment(doc, run_dir=tmp_path / "ref").run()
+    run_dir = tmp_path / "run"
+    crashpoints.arm("train@2")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Experiment(doc, run_dir=run_dir).run()
+    finally:
+        crashpoints.disarm()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.toml", "keys", "transport"]
+    resumed = Experiment(doc, run_dir=run_dir).run(resume=True)
+    assert (run_dir / "rounds.csv").read_text() == (tmp_path / "ref" / "rounds.csv").read_text()
+    done, ref = (r["methods"]["fedavg"] for r in (resumed, reference))
+    assert done["selected"] == ref["selected"] and done["final"] == ref["final"]
+
+
 def test_a_dp_run_whose_empty_ledgers_are_lost_is_not_resumed(tmp_path, capsys):
     """Published keys without the ledgers prove nothing (they may have been deleted after
     releases): still nothing to resume from, and nothing is written."""
