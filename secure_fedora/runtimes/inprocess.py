@@ -81,6 +81,15 @@ class CheckpointError(ToolkitError, RuntimeError):
     """A checkpoint that cannot be resumed from (corrupt, or from another config or data)."""
 
 
+#: Beside a DP method's ledgers: the architecture of the model its releases come from.
+MODEL_RECORD = "model.json"
+
+
+def _model_record(module: torch.nn.Module) -> bytes:
+    return json.dumps({"model_fingerprint": model_fingerprint(module),
+                       "model_architecture": model_architecture(module)}, indent=1).encode()
+
+
 def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     """The federation's data, deterministic in ``cfg.seed`` and the data section.
 
@@ -746,12 +755,29 @@ class Simulation:
 
     def _check_model(self, module: torch.nn.Module) -> None:
         """Refuse (CheckpointError, before anything is written) a resume with a model of
-        another architecture than the one the run's checkpoints record
+        another architecture than the one the run's checkpoints, or its DP ledger folders'
+        ``model.json`` (written with the ledgers, before the first release), record
         (:func:`~secure_fedora.learning.models.model_fingerprint`): a model given in Python,
         or a factory whose code changed, may have the run's parameter shapes and still be
         another model. A checkpoint that records none (written before the fingerprint) is
         accepted for a built-in ``[model] name`` only."""
         current = model_fingerprint(module)
+        for name in self.cfg.methods:
+            path = self.run_dir / "ledgers" / name / MODEL_RECORD
+            if not path.is_file():
+                continue
+            try:
+                recorded = json.loads(path.read_bytes())
+                fingerprint = recorded["model_fingerprint"]
+                architecture = list(recorded["model_architecture"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{path} is unreadable ({err}); refuse to resume") from None
+            if fingerprint != current:
+                what = architecture_difference(architecture, model_architecture(module)) \
+                    or f"fingerprint {fingerprint!s:.12} != {current:.12}"
+                raise CheckpointError(f"{path} records another model than this one ({what}):"
+                                      " the run's releases were made with it; refuse to resume"
+                                      " (resume with the run's model, or start a new run)")
         built_in = self.cfg.model.factory is None and "model" not in self.inputs_outside_config
         for name in self.cfg.methods:
             path = self.checkpoint_path(name)
@@ -837,7 +863,7 @@ class Simulation:
         if resume and not self._model_checked:
             self._check_model(ctx.flat.module)  # every method's checkpoint, before any write
             self._model_checked = True
-        privacy = self._open_privacy(name, resume)
+        privacy = self._open_privacy(name, resume, ctx.flat.module)
         ctx.privacy = privacy
         if privacy is not None:
             privacy.loss = ctx.flat.task.checked
@@ -851,7 +877,8 @@ class Simulation:
                 self.privacy[name] = privacy.summary()
                 privacy.close()
 
-    def _open_privacy(self, name: str, resume: bool = False) -> Any:
+    def _open_privacy(self, name: str, resume: bool = False,
+                      module: torch.nn.Module | None = None) -> Any:
         if not self.cfg.privacy.enabled:
             return None
         from secure_fedora.secure.keystore import (
@@ -869,9 +896,12 @@ class Simulation:
         # the first checkpoint (the Python API's runs have no other copy) is checked against it
         self._write_config_copy()
         check_public_keys(key_dir, self.run_dir / "keys", parties)  # another store: nothing written
+        # the model these ledgers' releases come from is recorded with them (the same
+        # rename), so a resume before the first checkpoint is matched to it too
+        record = None if module is None else {MODEL_RECORD: _model_record(module)}
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
                                          self.run_dir / "ledgers" / name, key_dir,
-                                         resume=resume, calibrated=calibrated)
+                                         resume=resume, calibrated=calibrated, with_files=record)
         # Published once every ledger file exists (empty until the first release): a run
         # killed before its first release is resumed from the start (rundir.check_resumable
         # reads those empty ledgers as "nothing released"), while published keys without

@@ -56,7 +56,7 @@ from privacy.accounting import (
     plan_epsilon,
     round_up,
 )
-from privacy.durable import fsync_dir
+from privacy.durable import fsync_dir, write_all_and_fsync
 from privacy.identity import client_ids, load_identity
 from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
 from privacy.ledger import (
@@ -124,8 +124,8 @@ _CREATING_SUFFIX = re.compile(r"[0-9a-f]{8}")
 def interrupted_ledger_creations(ledger_root: Path, method: str | None = None) -> list[Path]:
     """The hidden folders under ``ledger_root`` that :func:`create_ledger_dir` of ``method``
     (or of any method) left when killed before its rename: ``.<method>.creating-<8 hex>``
-    holding nothing but empty ``*.jsonl`` files (no ledger entry, no journal: a folder holding
-    anything else is not listed). Reads only."""
+    holding nothing but empty ``*.jsonl`` files and other files it was given (no ledger entry,
+    no journal: a folder holding anything else is not listed). Reads only."""
     if not ledger_root.is_dir():
         return []
     found = []
@@ -136,15 +136,16 @@ def interrupted_ledger_creations(ledger_root: Path, method: str | None = None) -
                 or path.is_symlink() or not path.is_dir():
             continue
         held = list(path.iterdir())
-        if all(p.is_file() and not p.is_symlink() and p.suffix == ".jsonl"
-               and p.stat().st_size == 0 for p in held):
+        if all(p.is_file() and not p.is_symlink() and not p.name.endswith(".journal")
+               and (p.suffix != ".jsonl" or p.stat().st_size == 0) for p in held):
             found.append(path)
     return found
 
 
-def create_ledger_dir(ledger_dir: Path, ids: Sequence[str]) -> None:
-    """Create ``ledger_dir`` holding one empty ledger per client of ``ids`` (0600, fsynced),
-    all at once: the folder is built in a hidden sibling
+def create_ledger_dir(ledger_dir: Path, ids: Sequence[str],
+                      with_files: Mapping[str, bytes] | None = None) -> None:
+    """Create ``ledger_dir`` holding one empty ledger per client of ``ids`` (0600, fsynced)
+    and ``with_files`` (name: bytes), all at once: the folder is built in a hidden sibling
     and renamed into place. A process killed meanwhile leaves no ``ledger_dir`` and a sibling
     holding no entry (removed here by the next creation of that folder), so an existing
     ledger folder always held every client's ledger: one missing from it was lost."""
@@ -156,6 +157,12 @@ def create_ledger_dir(ledger_dir: Path, ids: Sequence[str]) -> None:
                     leftover)
     staging = parent / f".{ledger_dir.name}{LEDGER_CREATING_INFIX}{secrets.token_hex(4)}"
     staging.mkdir()
+    for name, data in (with_files or {}).items():
+        fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            write_all_and_fsync(fd, data)
+        finally:
+            os.close(fd)
     for cid in ids:
         fd = os.open(staging / f"{cid}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -617,7 +624,7 @@ class FederationPrivacy:
     def open(cls, cfg: ExperimentConfig, method: str, num_clients: int, ledger_dir: Path,
              key_dir: Path, *, resume: bool = False,
              calibrated: tuple[AccountantChoice, dict[tuple[float, float], ClientPlan]] | None
-             = None) -> FederationPrivacy:
+             = None, with_files: Mapping[str, bytes] | None = None) -> FederationPrivacy:
         """Calibrate every client's plan (refusing over-budget plans), then open every
         client's ledger, gate and release journal.
 
@@ -635,8 +642,8 @@ class FederationPrivacy:
         written. ``calibrated`` is :func:`check_budget_plans`' result for this config and
         method when the caller already has it (it calibrates before writing anything else).
 
-        A ``ledger_dir`` that does not exist is created with every client's empty ledger at
-        once (:func:`create_ledger_dir`); one that exists must hold every
+        A ``ledger_dir`` that does not exist is created with every client's empty ledger and
+        ``with_files`` at once (:func:`create_ledger_dir`); one that exists must hold every
         client's ledger (LedgerError naming those lost otherwise, before anything is written).
         """
         ids = client_ids(num_clients)
@@ -668,7 +675,7 @@ class FederationPrivacy:
                     " ledgers are created together, so these were lost; restore them from a"
                     " copy, or start a new run; nothing was written")
         else:
-            create_ledger_dir(ledger_dir, ids)
+            create_ledger_dir(ledger_dir, ids, with_files)
         checked: list[tuple[ReleaseJournal, list[int], int]] = []
         if resume:  # every client's checks before anything is written: a refusal changes nothing
             checked = [_check_resumable(ledger_dir, cid, method, identity)

@@ -480,6 +480,52 @@ def test_resuming_with_another_model_of_the_same_shapes_is_a_checkpoint_error(tm
     assert resumed.method_names == ["local", "fedavg", "fedavg_ft"]
 
 
+@pytest.mark.parametrize("point", ["ledgers_created", "keys_published", "train@2"])
+def test_a_dp_run_killed_before_its_first_checkpoint_refuses_a_swapped_model(tmp_path, point):
+    """Under DP, killed before its first checkpoint (its ledgers created, possibly round 1's
+    releases made): the model's fingerprint was only in checkpoints, so a same-shape model
+    swapped in from Python resumed silently, releasing round 1 again from another model. The
+    ledger folder records the model with its ledgers (model.json, before the first release):
+    the resume is a CheckpointError naming it, with nothing written, and the run's own model
+    resumes."""
+    from torch import nn
+
+    from secure_fedora.api import Experiment
+    from secure_fedora.core import crashpoints
+
+    def first(shape, k):
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, k))
+
+    def second(shape, k):
+        return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, k))
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+    config = {"name": "swap", "methods": ["local"],
+              "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
+                       "val_per_client": 5, "test_per_client": 5},
+              "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}}
+    run_dir = tmp_path / "run"
+    crashpoints.arm(point)
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Experiment(config, data=data, model=first, run_dir=run_dir).run()
+    finally:
+        crashpoints.disarm()
+    assert not (run_dir / "checkpoints" / "local.pt").exists()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"ledgers/local/model.json records another model"
+                                              r" than this one \('1: torch.nn.modules.activation"
+                                              r".ReLU\(\)' there and '1: torch.nn.modules"
+                                              r".activation.Tanh\(\)' here\)"):
+        Experiment(config, data=data, model=second, run_dir=run_dir).run(resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    resumed = Experiment(config, data=data, model=first, run_dir=run_dir).run(resume=True)
+    assert resumed.method_names == ["local"]
+
+
 def _strip_model_fingerprint(path):
     state = load_checkpoint(path)
     del state["model_fingerprint"], state["model_architecture"]
