@@ -437,6 +437,16 @@ def replay_accountant(entries: Sequence[dict[str, Any]], kind: str | None = None
     return acc
 
 
+def entries_hold(entries: Sequence[dict[str, Any]], last_hash: str, count: int,
+                 head: str) -> bool:
+    """True when a ledger of ``entries`` whose last line hashes to ``last_hash`` still holds
+    an earlier state of itself: ``count`` entries ending in the line hashed ``head`` (equal,
+    or extended after it; :meth:`LedgerWriter.holds`). Reads only."""
+    if len(entries) == count:
+        return last_hash == head
+    return len(entries) > count >= 0 and entries[count]["prev_hash"] == head
+
+
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -536,10 +546,7 @@ class LedgerWriter:
         """True when this ledger still holds an earlier state of itself: ``count`` entries
         ending in the line hashed ``head`` (equal, or extended after it). False means entries
         recorded earlier were lost, cut or replaced since."""
-        now, now_head = self.head
-        if now == count:
-            return now_head == head
-        return now > count >= 0 and self._entries[count]["prev_hash"] == head
+        return entries_hold(self._entries, self._head, count, head)
 
     @property
     def is_closed(self) -> bool:

@@ -61,12 +61,15 @@ from privacy.identity import client_ids, load_identity
 from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
 from privacy.ledger import (
     CLOSE,
+    GENESIS_HASH,
     NON_RELEASES,
     REFUSAL,
     REPAIR,
     LedgerError,
     LedgerWriter,
+    TornTailRepair,
     canonical_json,
+    entries_hold,
     line_hash,
     read_complete_entries,
     refuse_cut_tail,
@@ -676,7 +679,7 @@ class FederationPrivacy:
                     " copy, or start a new run; nothing was written")
         else:
             create_ledger_dir(ledger_dir, ids, with_files)
-        checked: list[tuple[ReleaseJournal, list[int], int]] = []
+        checked: list[LedgerCheck] = []
         if resume:  # every client's checks before anything is written: a refusal changes nothing
             checked = [_check_resumable(ledger_dir, cid, method, identity)
                        for cid, identity in zip(ids, identities, strict=True)]
@@ -689,19 +692,8 @@ class FederationPrivacy:
             ledger_path = ledger_dir / f"{cid}.jsonl"
             journal_path = ledger_dir / f"{cid}.journal"
             if resume:
-                journal, restore, complete = checked[i]
-                if restore:
-                    restore_cut_tail(ledger_path, cid, signing_key.public_key(),
-                                     _journaled_lines(journal))
-                    log.warning("ledger %s: entries %s, cut off since they were written, restored"
-                                " from journal %s", ledger_path, restore, journal_path.name)
-                for repair in repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
-                                               budget_epsilon=budget.epsilon,
-                                               accountant=accountant, complete=complete,
-                                               known_by=f"journal {str(journal_path)!r}"):
-                    log.warning("ledger %s: torn final line (%d bytes) quarantined in %s;"
-                                " repair entry %d appended", ledger_path, repair.torn_bytes,
-                                repair.quarantine.name, repair.entry["index"])
+                journal = checked[i].journal
+                for repair in recover_ledger(checked[i], signing_key, budget, accountant):
                     recoveries.append({"client": cid, "ledger_repair": repair.entry["index"],
                                        "quarantine": repair.quarantine.name})
                 ledger = LedgerWriter(ledger_path, cid, signing_key)
@@ -1278,28 +1270,58 @@ def _journaled_lines(journal: ReleaseJournal) -> dict[int, str]:
     return {r.ledger_index: r.ledger_line for r in journal if r.ledger_line}
 
 
-def _check_resumable(ledger_dir: Path, client_id: str, method: str,
-                     identity: Any) -> tuple[ReleaseJournal, list[int], int]:
-    """The checks of a client's ledger and journal a resume makes before its ledger is
-    restored or repaired, writing nothing: returns its journal (a torn last record not yet
-    quarantined: :meth:`FederationPrivacy.resume_after` moves it once every check passed),
-    the ledger entries to restore from it (a cut after or inside entries it holds whole) and
-    how many entries it shows were complete once (a record is written only after its ledger
-    entry is fsynced).
+@dataclass(frozen=True)
+class LedgerCheck:
+    """What :func:`check_ledger` found of one client's ledger and journal, writing nothing.
 
-    Raises :class:`~privacy.ledger.LedgerCutError` for a ledger cut inside an entry the
-    journal records that the journal cannot restore, LedgerError for complete lines that fail
-    verification (chain, signatures, client id), and JournalError for a journal whose records
-    do not match the ledger or lack a release it records (:func:`_check_journal_covers`)."""
-    ledger_path = ledger_dir / f"{client_id}.jsonl"
-    journal = ReleaseJournal(ledger_dir / f"{client_id}.journal", client_id, method,
+    ``journal`` is opened with a torn last record skipped, not yet moved aside; ``restore``
+    the indices of the entries a cut removed that the journal holds whole (written back by
+    :func:`recover_ledger`); ``complete`` how many entries were complete once (a torn line
+    below it was cut, not torn by a crash); ``entries`` the verified entries the ledger holds
+    once restored (before a torn last line's repair, which only appends)."""
+
+    ledger_path: Path
+    client_id: str
+    journal: ReleaseJournal
+    restore: list[int]
+    complete: int
+    complete_by: str
+    entries: list[dict[str, Any]]
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(entries, hash of the last line) of the ledger once restored."""
+        last = line_hash(canonical_json(self.entries[-1])) if self.entries else GENESIS_HASH
+        return len(self.entries), last
+
+    def holds(self, count: int, head: str) -> bool:
+        """:meth:`~privacy.ledger.LedgerWriter.holds` of the ledger once restored."""
+        return entries_hold(self.entries, self.head[1], count, head)
+
+
+def check_ledger(ledger_path: Path, client_id: str, scope: str, identity: Any, *,
+                 reported: int = 0, reported_by: str = "") -> LedgerCheck:
+    """The checks of a client's ledger and its journal (``<client id>.journal`` beside it,
+    opened for ``scope``, the method) that go before its ledger is restored or repaired,
+    writing nothing (the one implementation of both runtimes).
+
+    ``reported`` is how many entries are known complete once from elsewhere (``reported_by``:
+    from where, e.g. a Flower client's saved state or the server); the journal shows too,
+    as a record is written only after its ledger entry is fsynced. Raises
+    :class:`~privacy.ledger.LedgerCutError` for a ledger cut inside an entry complete once
+    that the journal cannot restore, LedgerError for complete lines that fail verification
+    (chain, signatures, client id), and JournalError for an unreadable journal or records
+    that do not match the ledger."""
+    journal = ReleaseJournal(ledger_path.with_name(f"{client_id}.journal"), client_id, scope,
                              identity.agreement_key, quarantine=False)
-    complete = max((r.ledger_index for r in journal), default=-1) + 1
+    journaled = max((r.ledger_index for r in journal), default=-1) + 1
+    complete, known_by = ((reported, reported_by) if reported > journaled
+                          else (journaled, f"journal {str(journal.path)!r}"))
     lines = _journaled_lines(journal)
     restore = restore_cut_tail(ledger_path, client_id, identity.signing_key.public_key(), lines,
                                write=False)
     if not restore:
-        refuse_cut_tail(ledger_path, complete, known_by=f"journal {str(journal.path)!r}")
+        refuse_cut_tail(ledger_path, complete, known_by=known_by)
     entries = [*read_complete_entries(ledger_path), *(json.loads(lines[k]) for k in restore)]
     problems = verify_ledger(entries, identity.signing_key.public_key(), client_id=client_id)
     if problems:
@@ -1307,9 +1329,40 @@ def _check_resumable(ledger_dir: Path, client_id: str, method: str,
         raise LedgerError(f"ledger {str(ledger_path)!r} failed verification ({shown}); nothing"
                           " was restored, repaired or written. Restore the ledger from a copy")
     _check_records(journal, entries)
+    return LedgerCheck(ledger_path, client_id, journal, restore, complete, known_by, entries)
+
+
+def recover_ledger(check: LedgerCheck, signing_key: Any, budget: PrivacyBudget,
+                   accountant: str) -> list[TornTailRepair]:
+    """Once every check passed (:func:`check_ledger`): write back the entries a cut removed
+    from the journal, bit for bit, then quarantine a torn last line with a signed repair entry
+    (:func:`privacy.ledger.repair_torn_tail`), each logged; returns the repairs made."""
+    path = check.ledger_path
+    if check.restore:
+        restore_cut_tail(path, check.client_id, signing_key.public_key(),
+                         _journaled_lines(check.journal))
+        log.warning("ledger %s: entries %s, cut off since they were written, restored from"
+                    " journal %s", path, check.restore, check.journal.path.name)
+    repairs = repair_torn_tail(path, check.client_id, signing_key, delta=budget.delta,
+                               budget_epsilon=budget.epsilon, accountant=accountant,
+                               complete=check.complete, known_by=check.complete_by)
+    for repair in repairs:
+        log.warning("ledger %s: torn final line (%d bytes) quarantined in %s; repair entry %d"
+                    " appended", path, repair.torn_bytes, repair.quarantine.name,
+                    repair.entry["index"])
+    return repairs
+
+
+def _check_resumable(ledger_dir: Path, client_id: str, method: str,
+                     identity: Any) -> LedgerCheck:
+    """:func:`check_ledger` of a client of an in-process resume, which also checks that the
+    journal holds a record of every release the ledger records (:func:`_check_journal_covers`;
+    a JournalError); the torn last record of its journal waits for
+    :meth:`FederationPrivacy.resume_after`, which moves it aside once every check passed."""
+    check = check_ledger(ledger_dir / f"{client_id}.jsonl", client_id, method, identity)
     # a repair entry appended later records nothing, so these entries decide it already
-    _check_journal_covers(entries, journal, client_id)
-    return journal, restore, complete
+    _check_journal_covers(check.entries, check.journal, client_id)
+    return check
 
 
 def _journal_non_releases(ledger: LedgerWriter, journal: ReleaseJournal) -> None:

@@ -19,7 +19,11 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
 3. with ``privacy.enabled`` the client enforces its own budget with the in-process building
    blocks (:mod:`secure_fedora.secure.private`): its identity key, its signed write-ahead
    ledger (``runs/<run_id>/<method>/<client id>.jsonl``, reopened and verified by every
-   message, so a restart never under-counts) and the calibrated plan. A round's release is
+   message, so a restart never under-counts) and the calibrated plan. Every check that can refuse the message (the
+   ledger's chain, signatures and a cut, its state against the saved state and the server's
+   copy of its head) runs before anything is written, so a refused message changes no file;
+   only then is a cut ledger restored from that journal or a torn last line repaired
+   (:func:`~secure_fedora.secure.private.recover_ledger`). A round's release is
    admitted (accounted and written to the ledger, with what the method's
    :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.releases` declares) *before*
    the client half runs, and the executed DP-SGD steps are checked against the ledger before
@@ -113,7 +117,12 @@ from secure_fedora.runtimes.inprocess import (
     build_clients,
     client_generator,
 )
-from secure_fedora.secure.private import ClientPrivacy, FederationPrivacy
+from secure_fedora.secure.private import (
+    ClientPrivacy,
+    FederationPrivacy,
+    LedgerCheck,
+    check_ledger,
+)
 from secure_fedora.secure.relatedness import (
     decrypt_rows,
     open_keys,
@@ -248,69 +257,94 @@ class _OneSlot(list):  # type: ignore[type-arg]
         raise IndexError(f"client {self.index}'s process holds no privacy state of client {j}")
 
 
-def _open_privacy(
+def _check_privacy(
     settings: RunSettings, node: NodeSettings, run_id: int, method: str, reported: int = 0
-) -> ClientSidePrivacy | None:
-    """This client's budget gate, ledger and plan for ``method`` (None without DP).
-
-    Opened the way ``FederationPrivacy.open`` opens each client: the plan is calibrated for
-    the client's budget (and cached per run), the ledger
-    (``runs/<run_id>/<method>/<client id>.jsonl``) is verified and the accountant replayed
-    from it; a closed gate (an earlier refusal) stays closed. ``reported`` is how many
-    ledger entries this client already reported (its saved state's or the server's record):
-    a torn last line below it was complete once, so the ledger was cut, and NodeStateError
-    is raised before anything is written instead of repairing it.
-    """
+) -> LedgerCheck | None:
+    """The checks of this client's ledger of ``method`` and the journal of its refusal,
+    close and repair entries that go before anything is written
+    (:func:`~secure_fedora.secure.private.check_ledger`, as an in-process resume makes them),
+    writing nothing; None without DP. ``reported`` is how many ledger entries this client
+    already reported (its saved state's or the server's record): a torn last line below it
+    was complete once, so the ledger was cut, and NodeStateError is raised unless the journal
+    holds the lines cut off (:func:`_open_privacy` then writes them back bit for bit); a
+    ledger or journal that fails its checks otherwise is a NodeStateError too."""
     cfg = settings.experiment
     if not cfg.privacy.enabled:
         return None
-    from privacy.accounting import Accountant
     from privacy.identity import load_identity
-    from privacy.ledger import LedgerCutError, LedgerWriter, repair_torn_tail, replay_accountant
-    from privacy.pipeline import BudgetGate
-    from secure_fedora.secure.private import (
-        choose_accountant,
-        client_budget,
-        privacy_plan,
-        sample_rate_for,
-        steps_per_round,
-    )
+    from privacy.journal import JournalError
+    from privacy.ledger import LedgerCutError, LedgerError
 
     if node.identity_dir is None:
         raise DeployError(
             "privacy.enabled needs the node config key identity-dir (a directory with this "
             "client's identity key, as written by `secure-fedora keys init`)"
         )
+    cid = client_ids(cfg.data.num_clients)[node.partition_id]
+    identity = load_identity(node.identity_dir, cid)
+    try:
+        return check_ledger(_method_dir(node, run_id, method) / f"{cid}.jsonl", cid, method,
+                            identity, reported=reported,
+                            reported_by="this client already reported them")
+    except LedgerCutError as err:
+        raise NodeStateError(f"{err} (the node's state-dir), or start a new run") from None
+    except (LedgerError, JournalError) as err:  # damaged: every later message is refused too
+        raise NodeStateError(f"{err} (in the node's state-dir; restore it from a copy, or "
+                             "start a new run)") from None
+
+
+def _open_privacy(
+    settings: RunSettings, node: NodeSettings, run_id: int, method: str, checked: LedgerCheck
+) -> ClientSidePrivacy:
+    """This client's budget gate, ledger and plan for ``method``, once its checks passed
+    (``checked``, :func:`_check_privacy`).
+
+    Opened the way ``FederationPrivacy.open`` resumes each client: the plan is calibrated for
+    the client's budget (and cached per run); ledger entries a cut removed are written back
+    from the journal bit for bit and a torn last line (a dead writer's: called under the
+    node's stage lock) is quarantined with a signed repair entry
+    (:func:`~secure_fedora.secure.private.recover_ledger`), the journal's torn last record is
+    moved aside, and the accountant is replayed from the ledger
+    (``runs/<run_id>/<method>/<client id>.jsonl``); a closed gate (an earlier refusal) stays
+    closed.
+    """
+    cfg = settings.experiment
+    from privacy.accounting import Accountant
+    from privacy.identity import load_identity
+    from privacy.ledger import LedgerWriter, replay_accountant
+    from privacy.pipeline import BudgetGate
+    from secure_fedora.secure.private import (
+        choose_accountant,
+        client_budget,
+        privacy_plan,
+        recover_ledger,
+        sample_rate_for,
+        steps_per_round,
+    )
+
+    assert node.identity_dir is not None  # _check_privacy refused it
     i = node.partition_id
-    cid = client_ids(cfg.data.num_clients)[i]
+    cid = checked.client_id
     budget = client_budget(cfg, i)
     ledger_dir = _method_dir(node, run_id, method)
     ledger_dir.mkdir(parents=True, exist_ok=True)
     plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget,
                         lambda: privacy_plan(cfg, method, budget))
     signing_key = load_identity(node.identity_dir, cid).signing_key
-    ledger_path = ledger_dir / f"{cid}.jsonl"
     kind = plan.accountant or choose_accountant(cfg, method, [budget]).name
-    # called under the node's stage lock: a torn last line is a dead writer's, unless reported
-    try:
-        repairs = repair_torn_tail(ledger_path, cid, signing_key, delta=budget.delta,
-                                   budget_epsilon=budget.epsilon, accountant=kind,
-                                   complete=reported,
-                                   known_by="this client already reported them")
-    except LedgerCutError as err:
-        raise NodeStateError(f"{err} (the node's state-dir), or start a new run") from None
-    for repair in repairs:
-        log.warning("ledger %s: torn last line (%d bytes) quarantined in %s; repair entry %d "
-                    "appended", ledger_path, repair.torn_bytes, repair.quarantine.name,
-                    repair.entry["index"])
-    ledger = LedgerWriter(ledger_path, cid, signing_key)
+    recover_ledger(checked, signing_key, budget, kind)
+    moved = checked.journal.quarantine_torn_tail()
+    if moved is not None:
+        log.warning("journal %s: torn last record quarantined in %s (it recorded no release)",
+                    checked.journal.path, moved.name)
+    ledger = LedgerWriter(checked.ledger_path, cid, signing_key)
     try:
         accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
+        client = ClientPrivacy(i, cid, budget, plan, gate, ledger)
     except BaseException:
         ledger.close()
         raise
-    client = ClientPrivacy(i, cid, budget, plan, gate, ledger)
     if gate.closed:
         client.refused_at, client.refusal = -1, "refused before this message"
     return ClientSidePrivacy(cfg, method, _OneSlot(cfg.data.num_clients, i, client),
@@ -763,24 +797,28 @@ def run_stage(
     # torn last line of the ledger or journal is a dead writer's, never a live append
     with _stage_lock(node, run_id):
         state_path = _method_dir(node, run_id, method) / "client.pt"
-        # a process killed while saving its state left a partial copy beside it (as in process)
-        for leftover in remove_interrupted_writes(state_path):
-            log.warning("removed %s, a client state write that was interrupted", leftover)
+        saved = state_path.exists()
         state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
-                 if state_path.exists() else
+                 if saved else
                  ClientRunState(i, run_id, settings.config_hash, method,
                                 client_generator(cfg.seed, i).get_state()))
         _, journal = run_paths(node, run_id)
-        _repair_journal(journal)
         done = state.answered.get(stage)
         if done is not None and done > rnd:
             raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
-        heads = [state.ledger_head if state_path.exists() else None, server_saw]
-        privacy = _open_privacy(settings, node, run_id, method,
-                                max((int(h[0]) for h in heads if h is not None), default=0))
+        # every check that can refuse the message first, reading only: a refusal changes no file
+        journal.entries(torn_tail=True)  # its complete lines must verify (else NodeStateError)
+        heads = [state.ledger_head if saved else None, server_saw]
+        checked = _check_privacy(settings, node, run_id, method,
+                                 max((int(h[0]) for h in heads if h is not None), default=0))
+        _check_state_holds(state, saved, checked, journal, method, server_saw)
+        # a process killed while saving its state left a partial copy beside it (as in process)
+        for leftover in remove_interrupted_writes(state_path):
+            log.warning("removed %s, a client state write that was interrupted", leftover)
+        _repair_journal(journal)
+        privacy = (_open_privacy(settings, node, run_id, method, checked)
+                   if checked is not None else None)
         try:
-            saved = state_path.exists()
-            _check_state_holds(state, saved, privacy, journal, method, server_saw)
             if not saved:
                 # saved before the first release, so that a missing state file with releases on
                 # record always means a lost one (never the crash window of the first release)
@@ -853,29 +891,31 @@ def _repair_journal(journal: ReleaseJournal) -> None:
                     "left)", journal.path, moved.name)
 
 
-def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePrivacy | None,
+def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck | None,
                        journal: ReleaseJournal, method: str,
                        server_saw: tuple[int, str] | None = None) -> None:
     """Refuse (NodeStateError) to go on when this client's durable record of ``method`` was
-    lost, cut or rolled back since its last message: the ledger does not hold the state the
-    server last received from it (``server_saw``) or the head its saved state recorded; the
-    saved state is older than what the client last reported (a copy restored); or the state
-    is gone while the ledger or the journal's records of this method's exchanges show
-    releases. Going on would account fewer releases than were made (a lower epsilon, an
-    audit that passes) or silently restart the client's model. Every reply leaves after the
-    state recording its head is saved, so none of these holds after a crash."""
+    lost, cut or rolled back since its last message: the ledger (``checked``, as it is once
+    entries a cut removed are restored from its journal) does not hold the state the server
+    last received from it (``server_saw``) or the head its saved state recorded; the saved
+    state is older than what the client last reported (a copy restored); or the state is
+    gone while the ledger or the journal's records of this method's exchanges show releases.
+    Going on would account fewer releases than were made (a lower epsilon, an audit that
+    passes) or silently restart the client's model. Every reply leaves after the state
+    recording its head is saved, so none of these holds after a crash. Reads only."""
+    from privacy.ledger import torn_line_index
+
     recorded = state.ledger_head if saved else None
-    if privacy is not None:
-        ledger = privacy.sole.ledger
+    if checked is not None:
         for who, held in (("the server last received", server_saw),
                           ("its saved state recorded", recorded)):
-            if held is not None and not ledger.holds(int(held[0]), str(held[1])):
+            if held is not None and not checked.holds(int(held[0]), str(held[1])):
                 raise NodeStateError(
-                    f"{ledger.path}: {who} this client's ledger at {held[0]} entries ending in "
-                    f"{str(held[1])[:12]}..., and the node's ledger ({ledger.head[0]} entries) "
-                    "does not hold that: entries were lost, cut or replaced (a wiped or restored "
-                    "node); going on would account fewer releases than were made. Restore the "
-                    "node's state-dir from a copy, or start a new run")
+                    f"{checked.ledger_path}: {who} this client's ledger at {held[0]} entries "
+                    f"ending in {str(held[1])[:12]}..., and the node's ledger "
+                    f"({checked.head[0]} entries) does not hold that: entries were lost, cut or "
+                    "replaced (a wiped or restored node); going on would account fewer releases "
+                    "than were made. Restore the node's state-dir from a copy, or start a new run")
         if server_saw is not None and recorded is not None and int(recorded[0]) < server_saw[0]:
             raise NodeStateError(
                 f"this client's saved state of {method!r} recorded its ledger at "
@@ -884,8 +924,11 @@ def _check_state_holds(state: ClientRunState, saved: bool, privacy: ClientSidePr
                 "later updates. Restore the node's state-dir, or start a new run")
     if saved:
         return
-    earlier = [e for e in journal.entries() if str(e.get("kind", "")).startswith(f"{method}/")]
-    entries = privacy.sole.ledger.head[0] if privacy is not None else 0
+    earlier = [e for e in journal.entries(torn_tail=True)
+               if str(e.get("kind", "")).startswith(f"{method}/")]
+    # a torn last line counts: the state is saved before the first ledger write
+    entries = (checked.head[0] + (torn_line_index(checked.ledger_path) is not None)
+               if checked is not None else 0)
     if earlier or entries:
         what = (f"{len(earlier)} release(s) in {journal.path}" if earlier
                 else f"{entries} ledger entries")

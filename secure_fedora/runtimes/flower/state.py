@@ -205,17 +205,21 @@ class ReleaseJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def entries(self) -> list[dict[str, Any]]:
+    def entries(self, *, torn_tail: bool = False) -> list[dict[str, Any]]:
         """All entries after verifying the chain; :class:`NodeStateError` on any break.
 
-        A final line without a newline (a write torn by a crash) is reported as an error too:
-        appends are fsynced before a release, so a torn line means the release did not leave.
+        A final line without a newline (a write torn by a crash) is reported as an error too
+        (appends are fsynced before a release, so a torn line means the release did not
+        leave), unless ``torn_tail``: then it is left out (:meth:`repair_torn_tail` moves it
+        aside). Reads only.
         """
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            raise NodeStateError(f"{self.path}: last entry is incomplete (torn write)")
+            if not torn_tail:
+                raise NodeStateError(f"{self.path}: last entry is incomplete (torn write)")
+            data = data[:data.rfind(b"\n") + 1]
         entries: list[dict[str, Any]] = []
         prev = _JOURNAL_GENESIS
         for number, line in enumerate(data.splitlines(), start=1):
@@ -240,8 +244,8 @@ class ReleaseJournal:
         """Move a torn last line (no newline: an append killed mid-write, whose release never
         left) to ``releases.jsonl.torn-<seq>`` beside the journal (fsynced), cut it off, and
         return that file; None when the journal ends in a complete line. The complete lines
-        must verify (any other damage stays a :class:`NodeStateError`). Call it only while no
-        other process can append (the node's stage lock)."""
+        must verify first (any other damage stays a :class:`NodeStateError`, nothing moved).
+        Call it only while no other process can append (the node's stage lock)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -249,10 +253,10 @@ class ReleaseJournal:
         cut = data.rfind(b"\n") + 1
         if cut == len(data):
             return None
+        self.entries(torn_tail=True)  # the rest must verify
         complete = data[:cut].count(b"\n")
         target = self.path.with_name(f"{self.path.name}.torn-{complete}")
         move_tail_aside(self.path, cut, data[cut:], target)
-        self.entries()  # the rest must verify
         return target
 
     def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:

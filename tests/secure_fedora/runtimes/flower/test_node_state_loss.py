@@ -7,6 +7,7 @@ in-memory grid's request hook), as a restart from a damaged or re-provisioned di
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -372,3 +373,58 @@ def test_a_ledger_cut_inside_a_reported_entry_is_refused_not_repaired(tmp_path: 
     folder = _run_dir(tmp_path, 1) / "fedora"
     assert (folder / "client-001.jsonl").read_bytes() == kept["ledger"]
     assert not list(folder.glob("client-001.jsonl.torn-*"))
+
+
+def _node_files(node: Path) -> dict[Path, bytes]:
+    """Every file of a node's state dir but the envelopes' nonce memory (a verified request's
+    nonce is recorded whatever the answer, so it cannot be replayed)."""
+    return {p: p.read_bytes() for p in node.rglob("*")
+            if p.is_file() and not p.name.endswith(".nonces.jsonl")}
+
+
+def _state_lost(run: Path) -> None:
+    (run / "fedora" / "client.pt").unlink()
+
+
+def _ledger_forged(run: Path) -> None:
+    ledger = run / "fedora" / "client-001.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    entry = json.loads(lines[0])
+    entry["signature"] = ("0" if entry["signature"][0] != "0" else "1") + entry["signature"][1:]
+    lines[0] = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    ledger.write_bytes(b"".join(lines))
+
+
+def _journal_edited(run: Path) -> None:
+    journal = run / "releases.jsonl"
+    journal.write_bytes(journal.read_bytes().replace(b'"round":1', b'"round":7', 1))
+    (run / "fedora" / ".client.pt.k1ll3d_x").write_bytes(b"SFCKPT2\n" + b" " * 100)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("refused", [_state_lost, _ledger_forged, _journal_edited],
+                         ids=["state-lost", "forged", "journal-edited"])
+def test_a_refused_message_changes_no_file_on_the_node(tmp_path: Path, refused) -> None:  # type: ignore[no-untyped-def]
+    """A message refused by the node's checks (client.pt lost; a ledger line forged; a
+    release journal record edited, found only when the release was journaled, after its
+    admission) had already moved the journal's torn last record aside and repaired the
+    ledger's torn last line (a .torn file each, a signed repair entry), and removed a partial
+    state write: the checks run first now, reading only, so the node's files are byte for
+    byte what they were."""
+    before: dict[Path, bytes] = {}
+
+    def damage(run: Path) -> None:
+        for path in (run / "fedora" / "client-001.jsonl", run / "releases.jsonl"):
+            with path.open("ab") as fh:
+                fh.write(b'{"index": 99, "partial')
+        refused(run)
+        before.update(_node_files(run.parent.parent))
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"),
+                     _damage_before_round_2(tmp_path, damage))
+    # the node's state is damaged: the run stops there (a forged line, a LedgerError, did not)
+    with pytest.raises(DeployError, match="refuses to go on"):
+        run()
+    assert grid.errors and all(c == 1 and isinstance(e, NodeStateError) for c, _, e in grid.errors)
+    assert _node_files(tmp_path / "nodes" / "node-1") == before
+
