@@ -517,6 +517,9 @@ class ClientPrivacy:
     #: upload runs the rest of the same pipeline (encrypt, sign) on exactly that payload.
     summary_release: Release | None = None
     summary_stages: list[Any] = field(default_factory=list)
+    #: Without a journal stage (a Flower client, whose node journals its releases itself):
+    #: the journal that holds this client's refusal, close and repair entries whole.
+    entry_journal: ReleaseJournal | None = None
 
     @property
     def noise_multiplier(self) -> float:
@@ -526,8 +529,9 @@ class ClientPrivacy:
     def journal_non_releases(self) -> None:
         """Journal this client's refusal, close and repair entries that have no record yet
         (each after it was fsynced), so that a resume restores them if the ledger is cut."""
-        if self.journal is not None:
-            _journal_non_releases(self.ledger, self.journal.journal)
+        journal = self.journal.journal if self.journal is not None else self.entry_journal
+        if journal is not None:
+            _journal_non_releases(self.ledger, journal)
 
     @property
     def epsilon(self) -> float:

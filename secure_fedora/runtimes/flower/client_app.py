@@ -19,7 +19,8 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
 3. with ``privacy.enabled`` the client enforces its own budget with the in-process building
    blocks (:mod:`secure_fedora.secure.private`): its identity key, its signed write-ahead
    ledger (``runs/<run_id>/<method>/<client id>.jsonl``, reopened and verified by every
-   message, so a restart never under-counts) and the calibrated plan. Every check that can refuse the message (the
+   message, so a restart never under-counts; its refusal, close and repair entries journaled
+   whole beside it) and the calibrated plan. Every check that can refuse the message (the
    ledger's chain, signatures and a cut, its state against the saved state and the server's
    copy of its head) runs before anything is written, so a refused message changes no file;
    only then is a cut ledger restored from that journal or a torn last line repaired
@@ -306,7 +307,7 @@ def _open_privacy(
     (:func:`~secure_fedora.secure.private.recover_ledger`), the journal's torn last record is
     moved aside, and the accountant is replayed from the ledger
     (``runs/<run_id>/<method>/<client id>.jsonl``); a closed gate (an earlier refusal) stays
-    closed.
+    closed. Refusal, close and repair entries are journaled whole, each once it is fsynced.
     """
     cfg = settings.experiment
     from privacy.accounting import Accountant
@@ -341,7 +342,8 @@ def _open_privacy(
     try:
         accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
-        client = ClientPrivacy(i, cid, budget, plan, gate, ledger)
+        client = ClientPrivacy(i, cid, budget, plan, gate, ledger, entry_journal=checked.journal)
+        client.journal_non_releases()
     except BaseException:
         ledger.close()
         raise

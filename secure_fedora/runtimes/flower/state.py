@@ -16,6 +16,10 @@ its local disk, under the ``state-dir`` given in its node config:
     tagged with the run id, config hash and method (:class:`ClientRunState`).
 ``runs/<run_id>/<method>/<client id>.jsonl``
     With DP, the client's signed privacy ledger for that method.
+``runs/<run_id>/<method>/<client id>.journal``
+    With DP, the ledger's refusal, close and repair entries, each whole (its signed line),
+    sealed to the client (:mod:`privacy.journal`), so a ledger cut inside or after one is
+    written back bit for bit.
 ``runs/<run_id>/releases.jsonl``
     An append-only, hash-chained journal: one JSON line per release (summary or model) with
     the SHA-256 of the released bytes, written and fsynced *before* the release is handed to

@@ -428,3 +428,92 @@ def test_a_refused_message_changes_no_file_on_the_node(tmp_path: Path, refused) 
     assert grid.errors and all(c == 1 and isinstance(e, NodeStateError) for c, _, e in grid.errors)
     assert _node_files(tmp_path / "nodes" / "node-1") == before
 
+
+def _comparable(results: dict) -> dict:  # type: ignore[type-arg]
+    return {"metrics": {m: {k: r[k]["per_client"] for k in ("final", "selected") if k in r}
+                        for m, r in results["methods"].items()},
+            "replied": [r["replied"] for r in results["rounds"]],
+            "privacy": {m: [{k: c[k] for k in ("epsilon_spent", "ledger_entries")}
+                            for c in p["clients"]] for m, p in results["privacy"].items()}}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_ledger_cut_inside_its_close_entry_is_restored_bit_for_bit(tmp_path: Path) -> None:
+    """A node's ledger cut inside its close entry (after the final evaluation, whose reply was
+    lost, so the server asks again) was refused as cut for good: the run could not finish.
+    The close entry is journaled whole now and written back bit for bit; the run ends as an
+    uninterrupted one."""
+    from privacy.identity import load_identity
+    from privacy.ledger import verify_ledger_file
+
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg")
+    ledger = _run_dir(tmp_path, 1) / "fedavg" / "client-001.jsonl"
+    intact: dict[str, bytes] = {}
+
+    def cut_close_lose_reply(_request: Message, reply: Message) -> Message | None:
+        if intact:
+            return reply
+        data = ledger.read_bytes()
+        close = data.splitlines(keepends=True)[-1]
+        assert json.loads(close)["mechanism"] == "close"
+        intact["ledger"] = data
+        ledger.write_bytes(data[:len(data) - len(close) + 57])
+        return None
+
+    grid, run = _run(tmp_path, cfg, {})
+    grid.tamper_reply[(1, 2, MSG_EVALUATE)] = cut_close_lose_reply
+    results = run()
+    assert intact and not grid.errors
+    assert ledger.read_bytes() == intact["ledger"]
+    assert not list(ledger.parent.glob("*.torn-*"))
+    key = load_identity(tmp_path / "ids" / "client-001", "client-001").signing_key
+    assert verify_ledger_file(ledger, key.public_key()) == []
+    _, reference = _run(tmp_path / "ref", cfg, {})
+    assert _comparable(results) == _comparable(reference())
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_ledger_cut_inside_a_refusal_is_restored_and_the_refusal_stands(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step check refused client 1's round-2 model (one DP-SGD step more than accounted);
+    its ledger then cut inside that refusal entry (written after the state the client last
+    reported) was 'repaired' as a write that never completed: a signed false claim, the
+    refusal gone. The refusal is journaled whole now and written back bit for bit."""
+    from secure_fedora.learning.dp import DPGradient
+
+    honest = DPGradient.batches
+    extra: list[bool] = []
+
+    def one_extra(self, n, epochs, generator, **kw):  # type: ignore[no-untyped-def]
+        yield from honest(self, n, epochs, generator, **kw)
+        if extra:
+            extra.clear()
+            yield from list(honest(self, n, epochs, generator, **kw))[:1]
+
+    monkeypatch.setattr(DPGradient, "batches", one_extra)
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg")
+    ledger = _run_dir(tmp_path, 1) / "fedavg" / "client-001.jsonl"
+    intact: dict[str, bytes] = {}
+
+    def refuse_round_2(message: Message) -> Message:
+        extra.append(True)
+        return message
+
+    def cut_refusal(message: Message) -> Message:
+        data = ledger.read_bytes()
+        refusal = data.splitlines(keepends=True)[-1]
+        assert json.loads(refusal)["mechanism"] == "refusal"
+        intact["ledger"] = data
+        ledger.write_bytes(data[:-len(refusal) // 2])
+        return message
+
+    grid, run = _run(tmp_path, cfg, {(1, 2, MSG_ROUND): refuse_round_2,
+                                     (1, 2, MSG_EVALUATE): cut_refusal})
+    results = run()
+    assert intact
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    assert b"".join(lines[:-1]) == intact["ledger"]
+    assert [json.loads(line)["mechanism"] for line in lines[-2:]] == ["refusal", "close"]
+    assert not list(ledger.parent.glob("*.torn-*"))
+    _, reference = _run(tmp_path / "ref", cfg, {(1, 2, MSG_ROUND): refuse_round_2})
+    assert _comparable(results) == _comparable(reference())
