@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import decimal
 import functools
+import importlib.util
 import json
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -33,6 +37,11 @@ from privacy.errors import ToolkitError
 # Opacus is imported where it is used: importing the package costs about 2 s and 100 MB
 # (it loads its whole PrivacyEngine stack), which every non-private Flower ClientApp process
 # would otherwise pay on each message.
+
+#: Opacus's default RDP orders, ``RDPAccountant.DEFAULT_ALPHAS`` (a test keeps them equal):
+#: held here so that accounting needs only Opacus's analysis module, not its package.
+OPACUS_RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)]
+                                             + list(range(12, 64)))
 
 #: Largest noise multiplier accepted: far beyond it epsilon is 0 to every digit shown, and the
 #: analyses overflow float64 (at 1e300 every accountant raised OverflowError).
@@ -136,17 +145,43 @@ History = tuple[tuple[float, float, int], ...]
 
 
 @functools.cache
+def opacus_rdp_analysis() -> ModuleType:
+    """Opacus's RDP analysis, the module ``opacus.accountants.analysis.rdp`` (its functions,
+    so its results bit for bit). While the opacus package is not imported yet, that one file
+    is loaded from Opacus's installation on its own: it needs numpy and scipy only, where
+    importing the package loads Opacus's whole training stack (about as long as importing
+    torch), which a DP run training on the fused path, or a Flower ClientApp process per
+    message, would pay for accounting alone. Falls back to the package import if the file
+    cannot be loaded alone."""
+    if "opacus" not in sys.modules:
+        try:
+            found = importlib.util.find_spec("opacus")
+            if found is None or found.origin is None:
+                raise ImportError("opacus is not installed")
+            path = Path(found.origin).parent / "accountants" / "analysis" / "rdp.py"
+            spec = importlib.util.spec_from_file_location("secure_fedora_opacus_rdp", path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except Exception:  # any failure: the (slower) package import below
+            pass
+    from opacus.accountants.analysis import rdp
+
+    return rdp
+
+
+@functools.cache
 def _rdp_orders() -> tuple[float, ...]:
     """Opacus's default RDP orders plus :data:`RDP_EXTRA_ORDERS` (ascending)."""
-    from opacus.accountants import RDPAccountant
-
-    return tuple(sorted({*map(float, RDPAccountant.DEFAULT_ALPHAS), *RDP_EXTRA_ORDERS}))
+    return tuple(sorted({*map(float, OPACUS_RDP_ORDERS), *RDP_EXTRA_ORDERS}))
 
 
 @functools.lru_cache(maxsize=4096)
 def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """Opacus's RDP curve of one step over :func:`_rdp_orders` (cached, read-only)."""
-    from opacus.accountants.analysis import rdp as rdp_analysis
+    rdp_analysis = opacus_rdp_analysis()
 
     if sample_rate > 0 and noise_multiplier * noise_multiplier == 0.0:
         # sigma^2 underflows (sigma below about 1e-162): Opacus divides by it. The RDP of a
@@ -175,8 +210,7 @@ def _rdp_epsilon(history: History, delta: float, options: dict[str, float]) -> f
     """
     if not history:
         return 0.0
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
+    rdp_analysis = opacus_rdp_analysis()
     rdp = sum(_rdp_one_step(q, nm) * steps for nm, q, steps in history)
     eps, _ = rdp_analysis.get_privacy_spent(orders=list(_rdp_orders()), rdp=rdp, delta=delta)
     return float(eps)

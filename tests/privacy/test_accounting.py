@@ -452,3 +452,32 @@ def test_format_up_rounds_where_rounding_to_nearest_shows_less():
 
     assert (format_up(2.98341, 3), f"{2.98341:.3f}") == ("2.984", "2.983")
     assert format_up(0.1, 3) == "0.100" and format_up(math.inf, 2) == "inf"
+
+
+def test_opacus_rdp_orders_and_analysis_are_opacus_own():
+    """The orders held here are RDPAccountant's defaults, and the RDP analysis loaded without
+    the opacus package gives the package's curves bit for bit."""
+    import subprocess
+    import sys
+
+    from opacus.accountants.analysis import rdp as packaged
+
+    from privacy.accounting import OPACUS_RDP_ORDERS
+
+    assert [float(a) for a in OPACUS_RDP_ORDERS] == [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
+    code = (
+        "import sys, json\n"
+        "from privacy.accounting import Accountant, opacus_rdp_analysis\n"
+        "eps = Accountant('rdp').epsilon_after_releases(1e-5, [(1.1, 0.02, 300), (4.0, 1.0, 1)])\n"
+        "curve = opacus_rdp_analysis().compute_rdp(q=0.02, noise_multiplier=1.1, steps=300,"
+        " orders=[1.5, 2.0, 7.3, 32.0])\n"
+        "print(json.dumps({'eps': eps, 'curve': [float(v) for v in curve],"
+        " 'opacus_imported': 'opacus' in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got["opacus_imported"] is False  # accounting alone does not load Opacus's package
+    want = packaged.compute_rdp(q=0.02, noise_multiplier=1.1, steps=300, orders=[1.5, 2.0, 7.3, 32.0])
+    assert got["curve"] == [float(v) for v in want]
+    acc = RDPAccountant()
+    acc.history = [(1.1, 0.02, 300), (4.0, 1.0, 1)]
+    assert got["eps"] <= acc.get_epsilon(1e-5)
