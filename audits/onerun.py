@@ -42,6 +42,7 @@ __all__ = [
     "one_run_lower_bound",
     "one_run_p_value",
     "pure_dp_lower_bound",
+    "split_indices",
     "split_one_run_audit",
 ]
 
@@ -244,6 +245,23 @@ def calibrate_guess_rule(scores: np.ndarray, member: np.ndarray,
     return best_rule, best
 
 
+def split_indices(size: int, calibration_fraction: float,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration and evaluation indices :func:`split_one_run_audit` uses for ``size``
+    canaries (a random permutation from ``seed``, the first ``round(fraction * size)``
+    calibrate); both parts non-empty, else :class:`OneRunAuditError`."""
+    if not 0 < calibration_fraction < 1:
+        raise OneRunAuditError(f"calibration_fraction must be in (0, 1), got"
+                               f" {calibration_fraction!r}")
+    perm = np.random.default_rng(seed).permutation(size)
+    n_cal = int(round(calibration_fraction * size))
+    cal, ev = perm[:n_cal], perm[n_cal:]
+    if n_cal == 0 or ev.size == 0:
+        raise OneRunAuditError(f"{size} canaries cannot be split into calibration and"
+                               f" evaluation parts at fraction {calibration_fraction}")
+    return cal, ev
+
+
 def split_one_run_audit(scores: np.ndarray, member: np.ndarray, delta: float,
                         confidence: float = 0.95, calibration_fraction: float = 0.2,
                         seed: int = 0) -> OneRunOutcome:
@@ -257,15 +275,8 @@ def split_one_run_audit(scores: np.ndarray, member: np.ndarray, delta: float,
     mem = np.asarray(member, dtype=bool)
     if s.ndim != 1 or s.shape != mem.shape:
         raise OneRunAuditError("scores and member must be 1-D arrays of equal length")
-    if not 0 < calibration_fraction < 1:
-        raise OneRunAuditError(f"calibration_fraction must be in (0, 1), got"
-                               f" {calibration_fraction!r}")
-    perm = np.random.default_rng(seed).permutation(s.size)
-    n_cal = int(round(calibration_fraction * s.size))
-    cal, ev = perm[:n_cal], perm[n_cal:]
-    if n_cal == 0 or ev.size == 0:
-        raise OneRunAuditError(f"{s.size} canaries cannot be split into calibration and"
-                               f" evaluation parts at fraction {calibration_fraction}")
+    cal, ev = split_indices(s.size, calibration_fraction, seed)
+    n_cal = cal.size
     rule, cal_bound = calibrate_guess_rule(s[cal], mem[cal], confidence)
     r, v = rule.counts(s[ev], mem[ev])
     m = int(ev.size)

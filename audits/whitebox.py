@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from audits.onerun import OneRunAuditError, OneRunOutcome, split_one_run_audit
+from audits.onerun import OneRunAuditError, OneRunOutcome, split_indices, split_one_run_audit
 from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
 from audits.verify import (
     DEFAULT_REL_TOL,
@@ -381,6 +381,23 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
+def _require_both_kinds_evaluated(member: Any, calibration_fraction: float, split_seed: int) -> None:
+    """Refuse (before training) a draw whose evaluation part lacks member or non-member
+    canaries: the audit measures how well the two are told apart, so such a part measures
+    nothing about the mechanism, and its bound and mean scores would be reported unmeasured."""
+    try:
+        _, ev = split_indices(member.size, calibration_fraction, split_seed)
+    except OneRunAuditError as err:
+        raise WhiteboxAuditError(str(err)) from None
+    members = int(member[ev].sum())
+    for count, kind in ((members, "member"), (ev.size - members, "non-member")):
+        if count == 0:
+            raise WhiteboxAuditError(
+                f"not measurable: the evaluation part ({ev.size} of {member.size} canaries)"
+                f" holds no {kind} canary, so nothing was measured; use more canaries"
+                " (--canaries) or another --seed")
+
+
 def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, client_index: int = 0,
                        num_canaries: int | None = None,
                        calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
@@ -396,7 +413,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     with probability at most ``1 - confidence``. Raises :class:`WhiteboxAuditError` for bad
     arguments or a plan that cannot be built, and, with ``run_dir`` holding the audited
     client's ledger, when the plan is not the one that ledger records
-    (:func:`check_setting_against_ledger`).
+    (:func:`check_setting_against_ledger`), and, before training, when the evaluation part of
+    the canaries holds no member or no non-member canary (not measurable).
     """
     t0 = time.perf_counter()
     method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
@@ -425,6 +443,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     coords, zero_activity = quiet_coordinates(ctx.flat, ctx.init, client.train_x, client.train_y,
                                               num_canaries, audit_gen)
     member = torch.rand(num_canaries, generator=audit_gen) < 0.5
+    _require_both_kinds_evaluated(member.numpy(), calibration_fraction, seed + 1)
     oracle = DiracCanaryOracle(ctx.oracle, coords[member], setting.clip_norm, ctx.flat.num_params,
                                plain_rate=setting.sample_rate, canary_generator=audit_gen)
     generator = ctx.generators[client_index]

@@ -329,3 +329,17 @@ def test_the_claim_of_a_client_not_drawn_every_round_matches_its_ledger(tmp_path
         drawn.append(sum(e["mechanism"] == "dpsgd" for e in entries))
         whitebox.check_setting_against_ledger(setting, run)
     assert min(drawn) < 4  # some client was not drawn every round
+
+
+@pytest.mark.parametrize("seed, absent", [(1105, "member"), (575, "member"), (386, "non-member")])
+def test_an_evaluation_part_without_members_or_non_members_is_not_measurable(tmp_path, capsys,
+                                                                             seed, absent):
+    # 10 canaries at these seeds: 1105 draws no member at all (the member mean was NaN and
+    # writing whitebox.json raised), 575 none in the evaluation part, 386 only members
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(tomli_w.dumps(_cfg_dict(3.0, noise="reproducible")))
+    assert main(["audit", "whitebox", str(run), "--canaries", "10", "--seed", str(seed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: not measurable") and f"no {absent} canary" in err
+    assert "\n" not in err and not (run / "audit" / "whitebox.json").exists()
