@@ -359,36 +359,56 @@ ContextFactory = Callable[[ExperimentConfig, Sequence[ClientData]], MethodContex
 
 @dataclass
 class SweepRow:
-    """One row of the sweep table: a method (or ``fedavg_ft``) at one epsilon."""
+    """One row of the sweep table: a method (or ``fedavg_ft``) at one epsilon.
+
+    A per-client figure a cell's results hold as ``null`` (a NaN or infinite figure, see
+    results.json ``non_finite_values``) is ``None`` in ``per_client``; it is never read as a
+    number: the seed's client mean and minimum are ``None``, and so is every statistic over
+    seeds that would include them (``null_figures`` names each such figure)."""
 
     method: str
     epsilon: float | None
     seeds: list[int]
-    client_means: list[float]
-    client_mins: list[float]
+    client_means: list[float | None]
+    client_mins: list[float | None]
     worse_than_local: list[int] | None
-    per_client: list[list[float]] = field(default_factory=list)
+    per_client: list[list[float | None]] = field(default_factory=list)
     epsilon_spent: list[float | None] = field(default_factory=list)
 
     @property
-    def acc_mean(self) -> float:
-        """Mean over seeds of the client-mean accuracy."""
-        return statistics.fmean(self.client_means)
+    def null_figures(self) -> list[tuple[int, int]]:
+        """``(seed, client index)`` of every per-client figure that is ``None``."""
+        return [(seed, i) for seed, run in zip(self.seeds, self.per_client, strict=False)
+                for i, a in enumerate(run) if a is None]
+
+    def _defined_means(self) -> list[float] | None:
+        return None if any(m is None for m in self.client_means) else \
+            [float(m) for m in self.client_means if m is not None]
 
     @property
-    def acc_min(self) -> float:
-        """Lowest client-mean accuracy over seeds."""
-        return min(self.client_means)
+    def acc_mean(self) -> float | None:
+        """Mean over seeds of the client-mean accuracy (``None``: some figure is null)."""
+        means = self._defined_means()
+        return None if means is None else statistics.fmean(means)
+
+    @property
+    def acc_min(self) -> float | None:
+        """Lowest client-mean accuracy over seeds (``None``: some figure is null)."""
+        means = self._defined_means()
+        return None if means is None else min(means)
 
     @property
     def acc_std(self) -> float | None:
-        """Sample standard deviation over seeds (``None`` with a single seed)."""
-        return statistics.stdev(self.client_means) if len(self.client_means) > 1 else None
+        """Sample standard deviation over seeds (``None`` with a single seed or a null figure)."""
+        means = self._defined_means()
+        return statistics.stdev(means) if means is not None and len(means) > 1 else None
 
     @property
-    def client_min_mean(self) -> float:
-        """Mean over seeds of the worst client's accuracy."""
-        return statistics.fmean(self.client_mins)
+    def client_min_mean(self) -> float | None:
+        """Mean over seeds of the worst client's accuracy (``None``: some figure is null)."""
+        if any(m is None for m in self.client_mins):
+            return None
+        return statistics.fmean([float(m) for m in self.client_mins if m is not None])
 
     @property
     def epsilon_spent_max(self) -> float | None:
@@ -413,7 +433,7 @@ class SweepResult:
     files: list[Path]
 
 
-def _cell_entries(results: dict[str, Any], method: str) -> dict[str, list[float]]:
+def _cell_entries(results: dict[str, Any], method: str) -> dict[str, list[float | None]]:
     """The cell method's per-client accuracies, then those of every row its results derive
     from it (e.g. ``fedavg_ft``): a cell runs one method, so every entry is its own."""
     out = {method: results["methods"][method]["selected"]["per_client"]}
@@ -669,16 +689,18 @@ def aggregate(docs: Mapping[Cell, dict[str, Any]],
 
     "Worse than Local" compares each client's accuracy with the same client's in the Local
     cell of the same seed (Local is non-private); it is ``None`` for a row when some seed has
-    no Local cell.
+    no Local cell, or a null figure on either side. A null per-client figure makes its seed's
+    client mean and minimum ``None`` (see :class:`SweepRow`), never 0 and never skipped.
     """
-    local: dict[int, list[float]] = {
+    local: dict[int, list[float | None]] = {
         c.seed: d["entries"][c.method] for c, d in docs.items() if sends_nothing(c.method)
     }
     # rows in the order of methods (as given, else as first seen), derived rows after theirs
     method_rank = {m: i for i, m in enumerate(dict.fromkeys(
         [*(methods or ()), *sorted({c.method for c in docs}, key=lambda m: _first_seen(docs, m))]))}
     order: dict[str, tuple[int, int]] = {}
-    grouped: dict[tuple[str, float | None], list[tuple[int, list[float], float | None]]] = {}
+    grouped: dict[tuple[str, float | None],
+                  list[tuple[int, list[float | None], float | None]]] = {}
     for cell, doc in docs.items():
         for j, name in enumerate(doc["entries"]):
             order.setdefault(name, (method_rank[cell.method], j))
@@ -691,14 +713,15 @@ def aggregate(docs: Mapping[Cell, dict[str, Any]],
         worse: list[int] | None = []
         for seed, per_client, _ in runs:
             ref = local.get(seed)
-            if ref is None or len(ref) != len(per_client) or worse is None:
+            if ref is None or len(ref) != len(per_client) or worse is None \
+                    or None in ref or None in per_client:
                 worse = None
                 continue
             worse.append(sum(1 for a, b in zip(per_client, ref, strict=True) if a < b))
         rows.append(SweepRow(
             method=name, epsilon=eps, seeds=[s for s, _, _ in runs],
-            client_means=[statistics.fmean(p) for _, p, _ in runs],
-            client_mins=[min(p) for _, p, _ in runs],
+            client_means=[None if None in p else statistics.fmean(p) for _, p, _ in runs],
+            client_mins=[None if None in p else min(p) for _, p, _ in runs],
             worse_than_local=worse, per_client=[list(p) for _, p, _ in runs],
             epsilon_spent=[e for _, _, e in runs],
         ))
@@ -806,18 +829,33 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
     for r in rows:
         worse = r.worse_than_local_mean
         lines.append(
-            f"| {r.method} | {epsilon_label(r.epsilon)} | {len(r.seeds)} | {r.acc_mean:.4f} | "
-            f"{r.acc_min:.4f} | {_fmt(r.acc_std) or '-'} | {r.client_min_mean:.4f} | "
+            f"| {r.method} | {epsilon_label(r.epsilon)} | {len(r.seeds)} | "
+            f"{_fmt(r.acc_mean) or 'n/a'} | {_fmt(r.acc_min) or 'n/a'} | "
+            f"{_fmt(r.acc_std) or ('n/a' if r.null_figures else '-')} | "
+            f"{_fmt(r.client_min_mean) or 'n/a'} | "
             f"{'n/a' if worse is None else f'{worse:.2f}'} | "
             f"{_spent_label(r)} |"
         )
     lines += [""]
+    for r in rows:
+        if r.null_figures:
+            shown = ", ".join(f"seed {seed} client {i}" for seed, i in r.null_figures)
+            lines.append(f"- {r.method} at epsilon {epsilon_label(r.epsilon)}: null {name} "
+                         f"(not finite; the cell's results.json non_finite_values) for {shown}:"
+                         " the row's statistics over seeds are n/a, not computed without it.")
     for eps in sorted({r.epsilon for r in rows}, key=_eps_sort_key):
         at = [r for r in rows if r.epsilon == eps]
-        best = max(at, key=lambda r: r.acc_mean)
+        defined = [r for r in at if r.acc_mean is not None]
         settings = privacy_settings(_settings_config(cfg, at, eps, seeds[0], cell_configs))
-        lines.append(f"- epsilon {epsilon_label(eps)}: highest mean {name} {best.method} "
-                     f"({best.acc_mean:.4f}); {settings}.")
+        if defined:
+            best = max(defined, key=lambda r: r.acc_mean or 0.0)
+            highest = f"highest mean {name} {best.method} ({best.acc_mean:.4f})"
+            if len(defined) < len(at):
+                highest += " of those defined (n/a: " + ", ".join(
+                    r.method for r in at if r.acc_mean is None) + ")"
+        else:
+            highest = f"no method has a defined mean {name}"
+        lines.append(f"- epsilon {epsilon_label(eps)}: {highest}; {settings}.")
         stated = (assumptions or {}).get(eps, {}) if eps is not None else {}
         for key, text in sorted(stated.items()):
             lines.append(f"  - stated by the results at epsilon {epsilon_label(eps)} ({key}):"
@@ -859,11 +897,14 @@ def plot_accuracy_vs_epsilon(rows: Sequence[SweepRow], path: Path, metric: str =
     pos = {e: i for i, e in enumerate(eps_values)}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in dict.fromkeys(r.method for r in rows):
-        mine = sorted((r for r in rows if r.method == method), key=lambda r: _eps_sort_key(r.epsilon))
+        # a row with a null figure has no mean to draw (sweep.md names its figures)
+        mine = sorted((r for r in rows if r.method == method and r.acc_mean is not None),
+                      key=lambda r: _eps_sort_key(r.epsilon))
         x = [pos[r.epsilon] for r in mine]
         y = [r.acc_mean for r in mine]
-        lo = [r.acc_mean - min(r.client_means) for r in mine]
-        hi = [max(r.client_means) - r.acc_mean for r in mine]
+        lo = [r.acc_mean - r.acc_min for r in mine]  # type: ignore[operator]
+        hi = [max(m for m in r.client_means if m is not None) - r.acc_mean  # type: ignore[operator]
+              for r in mine]
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=method)
     ax.set_xticks(range(len(eps_values)), [epsilon_label(e) for e in eps_values])
     ax.set_xlabel("epsilon (none: non-private)")
@@ -884,7 +925,8 @@ def plot_per_client_distribution(rows: Sequence[SweepRow], epsilon: float | None
     name = metric_label(metric)
     at = [r for r in rows if r.epsilon == epsilon]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(at) + 2), 4.2))
-    ax.boxplot([[a for run in r.per_client for a in run] for r in at], showmeans=True)
+    ax.boxplot([[a for run in r.per_client for a in run if a is not None] for r in at],
+               showmeans=True)
     ax.set_xticks(range(1, len(at) + 1), [r.method for r in at], rotation=30)
     ax.set_ylabel(f"per-client test {name} (all seeds)")
     ax.set_title(f"Per-client {name}, epsilon {epsilon_label(epsilon)}")

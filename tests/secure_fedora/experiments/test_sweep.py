@@ -662,3 +662,30 @@ def test_sweep_md_lists_the_fine_tuning_a_method_registered_on_fedavg_states(tmp
     assert "| fedavg_sw_ft | 4 |" in md
     assert f"  - stated by the results at epsilon 4 (fedavg_sw_finetuning): {stated}" in md
     assert "(fedavg_finetuning)" not in md
+
+
+def test_a_null_per_client_figure_is_named_not_read_as_a_number(tmp_path):
+    """A cell whose results hold a null per-client figure (strict JSON's NaN or infinity)
+    made aggregation raise a TypeError; it is now no number: that row's statistics are n/a,
+    sweep.md names the figure, and the other rows are unchanged."""
+    cfg = tiny()
+    run_sweep(cfg, tmp_path, ["local", "fedavg"], [0])
+    path = tmp_path / "cells/fedavg/eps-none/seed-0/cell.json"
+    doc = json.loads(path.read_text())
+    doc["entries"]["fedavg"][2] = None
+    doc["results"]["methods"]["fedavg"]["selected"]["per_client"][2] = None
+    path.write_text(json.dumps(doc))
+    result = run_sweep(cfg, tmp_path, ["local", "fedavg"], [0])
+    assert result.ran == []
+    rows = {r.method: r for r in result.rows}
+    fedavg, ft = rows["fedavg"], rows["fedavg_ft"]
+    assert fedavg.acc_mean is None and fedavg.acc_min is None and fedavg.client_min_mean is None
+    assert fedavg.worse_than_local is None and fedavg.null_figures == [(0, 2)]
+    assert ft.acc_mean == pytest.approx(sum(ft.per_client[0]) / 5) and not ft.null_figures
+    table = {r["method"]: r for r in csv.DictReader(io.StringIO((tmp_path / "sweep.csv").read_text()))}
+    assert table["fedavg"]["acc_mean"] == "" and table["fedavg"]["clients"] == "5"
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| fedavg | none | 1 | n/a | n/a | n/a | n/a | n/a | - |" in md
+    assert "- fedavg at epsilon none: null accuracy" in md and "seed 0 client 2" in md
+    assert "(n/a: fedavg)" in md
+    assert (tmp_path / "plots/per_client_eps-none.png").read_bytes()[:4] == b"\x89PNG"
