@@ -6,13 +6,14 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
 __all__ = ["NON_FINITE_KEY", "atomic_write_bytes", "atomic_write_text", "atomic_write_with",
-           "finite_document", "remove_interrupted_writes", "strict_json"]
+           "finite_document", "json_pointer", "json_pointer_tokens", "remove_interrupted_writes",
+           "strict_json"]
 
 #: The top-level key under which :func:`finite_document` lists the values it replaced.
 NON_FINITE_KEY = "non_finite_values"
@@ -70,25 +71,45 @@ def remove_interrupted_writes(path: Path) -> list[Path]:
     return removed
 
 
-def _replace_non_finite(value: Any, path: str, found: dict[str, str]) -> Any:
+def json_pointer(tokens: Sequence[str | int]) -> str:
+    """The JSON Pointer (RFC 6901) of the value reached by ``tokens`` (keys and list indices)
+    from the document's root: ``"/" + token`` for each, with ``~`` escaped as ``~0`` and ``/``
+    as ``~1``, so a key holding ``.``, ``/`` or ``[0]`` is never read as nesting; ``""`` is the
+    root."""
+    return "".join("/" + str(t).replace("~", "~0").replace("/", "~1") for t in tokens)
+
+
+def json_pointer_tokens(pointer: str) -> list[str]:
+    """The reference tokens of a JSON Pointer (inverse of :func:`json_pointer`; list indices
+    come back as their decimal strings). Raises ValueError for a non-empty pointer that does
+    not start with ``/``."""
+    if pointer == "":
+        return []
+    if not pointer.startswith("/"):
+        raise ValueError(f"not a JSON Pointer (RFC 6901): {pointer!r}")
+    return [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
+
+
+def _replace_non_finite(value: Any, path: tuple[str | int, ...], found: dict[str, str]) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
-        found[path or "."] = repr(value)  # "nan", "inf" or "-inf"
+        found[json_pointer(path)] = repr(value)  # "nan", "inf" or "-inf"
         return None
     if isinstance(value, dict):
-        return {k: _replace_non_finite(v, f"{path}.{k}" if path else str(k), found)
-                for k, v in value.items()}
+        return {k: _replace_non_finite(v, (*path, str(k)), found) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_replace_non_finite(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+        return [_replace_non_finite(v, (*path, i), found) for i, v in enumerate(value)]
     return value
 
 
 def finite_document(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` with every NaN or infinite float replaced by ``None`` (JSON ``null``), and,
-    when any was replaced, ``doc[NON_FINITE_KEY]`` mapping each one's path (``a.b[2].c``)
-    to the value it held (``"nan"``, ``"inf"``, ``"-inf"``), so that a reader of the strict
-    JSON knows why a figure is null. A document without such values is returned equal."""
+    when any was replaced, ``doc[NON_FINITE_KEY]`` mapping each one's JSON Pointer
+    (:func:`json_pointer`, e.g. ``/methods/m/extra/score``, ``/a/per_client/2``; a key
+    ``"a.b"`` is ``/a.b``, distinct from ``/a/b``) to the value it held (``"nan"``,
+    ``"inf"``, ``"-inf"``), so that a reader of the strict JSON knows why a figure is null.
+    A document without such values is returned equal."""
     found: dict[str, str] = {}
-    out = _replace_non_finite(doc, "", found)
+    out = _replace_non_finite(doc, (), found)
     if found:
         out[NON_FINITE_KEY] = {**out.get(NON_FINITE_KEY, {}), **found} \
             if isinstance(out.get(NON_FINITE_KEY), dict) else found

@@ -16,8 +16,9 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
   clients, methods, comparison`` (and ``compute``, ``data_fingerprint`` where the runtime
   knows them: a Flower server never sees the data, so its fingerprint is ``None``);
 * ``non_finite_values``, only where a figure was NaN or infinite: the document is strict JSON
-  (no ``NaN``/``Infinity``), such a figure is ``null`` and this key maps its path to the value
-  it held (``{"methods.m.extra.score": "nan"}``).
+  (no ``NaN``/``Infinity``), such a figure is ``null`` and this key maps its JSON Pointer
+  (RFC 6901, :func:`~secure_fedora.core.files.json_pointer`) to the value it held
+  (``{"/methods/m/extra/score": "nan"}``).
 
 A runtime adds its own keys through ``runtime_keys`` (Flower: run id, node map, events,
 security rejections, per-round timings); they never replace a key above.

@@ -783,6 +783,6 @@ def test_a_dp_run_whose_method_reports_nan_writes_strict_json_and_its_anchor(tmp
     on_disk = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
     assert on_disk == results
     assert on_disk["methods"]["nan_local"]["extra"] == {"score": None, "spread": None}
-    assert on_disk["non_finite_values"] == {"methods.nan_local.extra.score": "nan",
-                                            "methods.nan_local.extra.spread": "-inf"}
+    assert on_disk["non_finite_values"] == {"/methods/nan_local/extra/score": "nan",
+                                            "/methods/nan_local/extra/spread": "-inf"}
     assert (tmp_path / "anchor.json").is_file()

@@ -150,6 +150,6 @@ def test_non_finite_figures_are_written_as_null_and_named() -> None:
     doc = _build(_config(["local"]), outcomes)
     text = json.dumps(doc, allow_nan=False)
     assert json.loads(text)["methods"]["local"]["extra"] == {"score": None, "ratios": [1.0, None]}
-    assert doc["non_finite_values"] == {"methods.local.extra.score": "nan",
-                                        "methods.local.extra.ratios[1]": "inf"}
+    assert doc["non_finite_values"] == {"/methods/local/extra/score": "nan",
+                                        "/methods/local/extra/ratios/1": "inf"}
     assert "non_finite_values" not in _build(_config(["local"]), {"local": _entry("local", [0.5] * 3)})
