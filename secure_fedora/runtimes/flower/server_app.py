@@ -12,7 +12,8 @@ The server never holds client data. For a run it
    contract (:mod:`secure_fedora.algorithms.contract`): the setup exchange
    (``setup_messages`` -> ``query.setup`` -> ``server_setup``), then every round samples the
    participants exactly as the in-process runtime does (same seed, same generator), sends
-   ``configure``'s messages (``train.round``), hands the accepted replies to ``aggregate`` and,
+   ``configure``'s messages (``train.round``), hands the accepted replies to ``aggregate``
+   (a round without an accepted reply is not aggregated, as in process), and,
    in evaluated rounds, sends every reachable client ``evaluation_messages``' payload
    (``evaluate.round``; the client evaluates its ``client_eval_row`` on its own validation and
    test data and reports the two metrics); after the last round the finalize exchange
@@ -933,9 +934,11 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                                      server.settings.round_timeout)
         failed_replies.extend(e for e in server.events[seen:]
                               if str(e["event"]).startswith(("error reply", "message rejected")))
-        stats = _round_statistics(algorithm, rnd, replies.payloads)
-        stats = round_statistics_of(name, rnd, stats, algorithm.aggregate(rnd, replies.payloads))
-        if not replies.payloads:  # as in process: no statistic of no replies (a 0.0 mean)
+        if replies.payloads:
+            stats = _round_statistics(algorithm, rnd, replies.payloads)
+            stats = round_statistics_of(name, rnd, stats,
+                                        algorithm.aggregate(rnd, replies.payloads))
+        else:  # as in process for a round nobody was admitted to: no update, no statistic
             stats = no_reply_statistics()
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds

@@ -109,3 +109,38 @@ def test_flower_round_without_replies_reports_no_method_statistics(tmp_path: Pat
     assert [float(r["steps"]) > 0 for r in rows] == [True, False, True]
     assert [r["mean_lambda"] != "" for r in rows] == [True, False, True]
     assert rows[1]["pulled_fraction"] == rows[1]["unstable_pulls"] == ""
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_round_without_replies_is_not_aggregated(tmp_path: Path, monkeypatch) -> None:
+    """A round whose every training reply failed still called the method's round_statistics
+    and aggregate with no replies (a plug-in averaging them divides by zero, and any state
+    aggregate advances moved on though nothing was trained); the in-process runtime runs no
+    round for nobody. Neither is called now, and the row says steps 0 from 0 replies."""
+    from secure_fedora.algorithms.methods import FedAvg
+
+    calls: list[tuple[str, int, int]] = []
+    aggregate, statistics = FedAvg.aggregate, FedAvg.round_statistics
+
+    def recording_aggregate(self, rnd, replies):
+        calls.append(("aggregate", rnd, len(replies)))
+        return aggregate(self, rnd, replies)
+
+    def recording_statistics(self, rnd, replies):
+        calls.append(("round_statistics", rnd, len(replies)))
+        return statistics(self, rnd, replies)
+
+    monkeypatch.setattr(FedAvg, "aggregate", recording_aggregate)
+    monkeypatch.setattr(FedAvg, "round_statistics", recording_statistics)
+    cfg = with_methods(tiny_config(rounds=3), "fedavg")
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    down = {(c, 2): "node down (test)" for c in range(3)}
+    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3, fail=down),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 42)
+    assert [r["replied"] for r in results["rounds"]] == [3, 0, 3]
+    assert [c for c in calls if c[1] == 2] == []
+    assert sorted(c[1] for c in calls) == [1, 1, 3, 3] and all(c[2] == 3 for c in calls)
+    _, rows = _rows(result_dir / "rounds.csv")
+    assert [(r["participants"], r["replied"], float(r["steps"]) > 0) for r in rows] == \
+        [("3", "3", True), ("3", "0", False), ("3", "3", True)]
