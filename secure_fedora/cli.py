@@ -14,24 +14,11 @@ from rich.table import Table
 
 from secure_fedora.core.config import ConfigError, config_from_bytes
 from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
+from secure_fedora.runtimes.summary import print_run_summary, results_table
 
 __all__ = ["main", "results_table"]
 
 console = Console(stderr=True)
-
-
-def results_table(results: dict[str, Any]) -> Table:
-    """A rich table of each method's selected test metric (accuracy or AUC) across clients."""
-    metric = results.get("metric", "accuracy")
-    selection = results.get("assumptions", {}).get("model_selection", "validation")
-    which = "final-round model" if selection == "final_round" else "best-validation model"
-    table = Table(title=f"{results['name']}: personalized test {metric} ({which})")
-    for col in ("method", "mean", "min", "max", "std"):
-        table.add_column(col, justify="right" if col != "method" else "left")
-    for name, body in results["methods"].items():
-        s = body["selected"]
-        table.add_row(name, *(f"{s[k]:.4f}" for k in ("mean", "min", "max", "std")))
-    return table
 
 
 def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
@@ -123,10 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             withdraw_unstarted_run(run_dir, created)
         raise
     write_plots(run_dir, sim.history, results, relatedness_matrix(sim.methods.values()))
-    Console().print(results_table(results))
-    if "fedora_below_local" in results["comparison"]:
-        Console().print(f"clients where FEDORA is below Local: {results['comparison']['fedora_below_local']}")
-    Console().print(f"run directory: {run_dir}", markup=False)
+    print_run_summary(Console(), results, run_dir)
     return 0
 
 

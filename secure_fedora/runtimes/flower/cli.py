@@ -103,6 +103,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
+    from secure_fedora.runtimes.summary import print_run_summary
 
     timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
     restore = _interrupt_on_termination()
@@ -124,18 +125,9 @@ def cmd_local(args: argparse.Namespace) -> int:
         return 130
     finally:
         restore()
-    metric = result.results.get("metric", "accuracy")
     console.print(f"run {result.run_id} {result.status} in {result.seconds:.1f} s")
-    for name, entry in result.results["methods"].items():
-        selected = entry["selected"]
-        console.print(
-            f"  {name}: selected test {metric} mean {selected['mean']:.4f} "
-            f"(min {selected['min']:.4f}, max {selected['max']:.4f})"
-        )
-    for event in result.results.get("events", []):
-        where = f"{event['method']} " if event.get("method") else ""
-        console.print(f"  {where}round {event['round']}: client {event['client']}: "
-                      f"{event['event']}", markup=False)
+    # the summary `secure-fedora run` prints (on stderr: stdout holds the JSON line below)
+    print_run_summary(console, result.results, result.workdir / "results")
     print(json.dumps({"run_id": str(result.run_id), "status": result.status,
                       "results": str(result.workdir / "results" / "results.json")}))
     return 0

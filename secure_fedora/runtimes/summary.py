@@ -1,0 +1,49 @@
+"""The summary a finished run prints, the same for ``secure-fedora run`` (in process) and
+``secure-fedora deploy local`` (Flower): one function reads it from results.json's document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["print_run_summary", "results_table"]
+
+
+def _figure(value: Any) -> str:
+    # a null figure (NaN or infinite, named under non_finite_values) is no number to show
+    return f"{value:.4f}" if isinstance(value, int | float) and not isinstance(value, bool) \
+        else "n/a"
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """A rich table of each method's selected test metric (accuracy or AUC) across clients;
+    a null figure shows as ``n/a``."""
+    metric = results.get("metric", "accuracy")
+    selection = results.get("assumptions", {}).get("model_selection", "validation")
+    which = "final-round model" if selection == "final_round" else "best-validation model"
+    table = Table(title=f"{results['name']}: personalized test {metric} ({which})")
+    for col in ("method", "mean", "min", "max", "std"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for name, body in results["methods"].items():
+        s = body["selected"]
+        table.add_row(name, *(_figure(s.get(k)) for k in ("mean", "min", "max", "std")))
+    return table
+
+
+def print_run_summary(console: Console, results: dict[str, Any], run_dir: Path | str) -> None:
+    """Print a finished run's summary on ``console``: :func:`results_table`, FEDORA's
+    comparison with Local where the results hold it, every event the runtime recorded
+    (Flower: a client that failed or was rejected in a round; none in process) and the
+    directory holding results.json."""
+    console.print(results_table(results))
+    comparison = results.get("comparison") or {}
+    if "fedora_below_local" in comparison:
+        console.print(f"clients where FEDORA is below Local: {comparison['fedora_below_local']}")
+    for event in results.get("events") or []:
+        where = f"{event['method']} " if event.get("method") else ""
+        console.print(f"  {where}round {event['round']}: client {event['client']}: "
+                      f"{event['event']}", markup=False)
+    console.print(f"run directory: {run_dir}", markup=False)
