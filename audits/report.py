@@ -280,7 +280,10 @@ EMPIRICAL_AUDITS: tuple[tuple[str, str, str], ...] = (
 def _number_or_none(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond float range: no finite figure
+        return math.inf if value > 0 else -math.inf
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -385,3 +385,23 @@ def test_a_non_private_run_is_not_described_with_budgets_and_ledgers(tmp_path, p
     assert "refuses any release" not in threat and "written to its signed" not in threat
     private = " ".join(build_report(pristine_run)["threat_model"])
     assert "refuses any release" in private and "written to its signed" in private
+
+
+def test_an_integer_beyond_float_range_is_no_figure_not_a_traceback(run_copy, tmp_path):
+    """A JSON integer too large for a float (valid JSON, e.g. 10**400) as an audit's lower
+    bound or a per-client figure raised OverflowError: no report was written."""
+    (run_copy / "audit").mkdir(exist_ok=True)
+    text = json.dumps(_replay_doc(run_copy))
+    assert '"lower_bound": 0.2,' in text
+    (run_copy / "audit" / "replay.json").write_text(
+        text.replace('"lower_bound": 0.2,', '"lower_bound": 1' + "0" * 400 + ","))
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["methods"]["fedora"]["selected"]["per_client"][0] = -10 ** 400
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    report = json.loads(paths.json.read_text())
+    replay = {a["audit"]: a for a in report["empirical_audits"]}["replay"]
+    assert replay["status"] == "invalid" and replay["verdict"] is None
+    assert "lower_bound is 1000" in replay["verdict_text"] and "not a finite number" in \
+        replay["verdict_text"]
+    assert report["accuracy"]["per_client"][0]["fedora"] is None
