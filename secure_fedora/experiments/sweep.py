@@ -443,6 +443,31 @@ def _cell_entries(results: dict[str, Any], method: str) -> dict[str, list[float 
     return out
 
 
+def _figure(value: Any) -> float | None:
+    """A per-client figure as aggregation reads it: a finite number, or None for null and
+    for a NaN or infinity (what strict JSON writes as null)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _entries_problem(entries: dict[str, Any], method: str) -> str | None:
+    """Why a cell file's ``entries`` are not per-client figures of ``method`` (and of the
+    rows derived from it): each a non-empty list of numbers or nulls; None when they are."""
+    if method not in entries:
+        return f"no entry for its method {method!r}"
+    for name, figures in entries.items():
+        if not isinstance(figures, list) or not figures or not all(
+                a is None or (isinstance(a, int | float) and not isinstance(a, bool))
+                for a in figures):
+            return f"entries.{name} is not a list of per-client figures"
+    return None
+
+
 def _read_cell(path: Path, cell: Cell, expected_hashes: Iterable[str],
                fingerprint: Callable[[], str]) -> dict[str, Any]:
     """A finished cell's ``cell.json``, refused (SweepError) when unreadable, written for
@@ -454,8 +479,15 @@ def _read_cell(path: Path, cell: Cell, expected_hashes: Iterable[str],
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise SweepError(f"cell {cell.key}: {path} is unreadable ({err}); delete it to rerun the cell") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict) \
+            or not isinstance(doc.get("results"), dict):
         raise SweepError(f"cell {cell.key}: {path} does not hold a sweep cell result")
+    problem = _entries_problem(doc["entries"], cell.method)
+    if problem is not None:
+        raise SweepError(f"cell {cell.key}: {path} does not hold a sweep cell result ({problem});"
+                         " delete it to rerun the cell")
+    doc["entries"] = {name: [_figure(a) for a in figures]
+                      for name, figures in doc["entries"].items()}
     if doc.get("config_hash") not in set(expected_hashes):
         raise SweepError(
             f"cell {cell.key} in {path.parent} was run with another configuration; "

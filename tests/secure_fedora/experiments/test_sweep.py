@@ -312,6 +312,26 @@ def test_corrupt_cell_file_is_refused(tmp_path):
         run_sweep(tiny(), tmp_path, ["local"], [0])
 
 
+def test_a_cell_file_without_per_client_figures_is_refused_and_nan_is_null(tmp_path):
+    """A cell.json whose entries lacked the cell's method, or held a list or string among
+    the figures, made aggregation raise a KeyError or TypeError; it is now refused in one
+    line. A NaN token (a file written before strict JSON) is read as null, never as a figure."""
+    run_sweep(tiny(), tmp_path, ["local"], [0])
+    path = tmp_path / "cells/local/eps-none/seed-0/cell.json"
+    good = json.loads(path.read_text())
+    for entries, needle in (({"other": [0.5]}, "no entry for its method 'local'"),
+                            ({"local": [0.5, [0.2]]}, "entries.local is not a list"),
+                            ({"local": "0.5"}, "entries.local is not a list"),
+                            ({"local": [True, 0.5]}, "entries.local is not a list")):
+        path.write_text(json.dumps({**good, "entries": entries}))
+        with pytest.raises(SweepError, match=needle) as err:
+            run_sweep(tiny(), tmp_path, ["local"], [0])
+        assert "\n" not in str(err.value) and "delete it to rerun the cell" in str(err.value)
+    path.write_text(json.dumps({**good, "entries": {"local": [float("nan"), 0.5, 0.5, 0.5, 0.5]}}))
+    row = run_sweep(tiny(), tmp_path, ["local"], [0]).rows[0]
+    assert row.per_client == [[None, 0.5, 0.5, 0.5, 0.5]] and row.acc_mean is None
+
+
 def test_command_line(tmp_path, capsys):
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(
