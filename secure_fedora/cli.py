@@ -80,7 +80,6 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
     from secure_fedora.runtimes.rundir import (
         default_run_dir,
         prepare_run_dir,
@@ -109,6 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.resume:
             withdraw_unstarted_run(run_dir, created)
         raise
+    # imported here: refusing a bad config or run directory needs no matplotlib
+    from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
+
     write_plots(run_dir, sim.history, results, relatedness_matrix(sim.methods.values()))
     print_run_summary(Console(), results, run_dir)
     return 0
