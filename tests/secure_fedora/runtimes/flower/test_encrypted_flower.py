@@ -542,8 +542,10 @@ ENC_TIMEOUTS = RunTimeouts(startup=120.0, connect=240.0, round=300.0, run=600.0,
 def test_flower_encrypted_relatedness_equals_in_process_runtime(tmp_path: Path) -> None:
     """TLS SuperLink with node authentication, 3 SuperNodes on 127.0.0.1, encrypted
     relatedness with client 0 as key holder, 2 rounds: per-client accuracy equals the
-    in-process runtime's encrypted run within 1e-4 (graph equal; see the module docstring)."""
-    cfg = enc_config()
+    in-process runtime's encrypted run within 1e-4 (graph equal; see the module docstring).
+    One evaluation exchange (every 2 rounds): each message starts a ClientApp process."""
+    cfg = enc_config().model_copy(update={"evaluation": enc_config().evaluation.model_copy(
+        update={"every": 2})})
     with LocalFederation(tmp_path / "fed", 3, timeouts=ENC_TIMEOUTS) as fed:
         run_id = fed.submit(cfg, tmp_path / "res")
         status = fed.follow(run_id, timeout=ENC_TIMEOUTS.run)
