@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +44,8 @@ from secure_fedora.algorithms.messages import KIND_THETA
 Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
-__all__ = ["ContractError", "FederatedAlgorithm", "Payload", "ReleaseSpec", "ReplyRules",
+__all__ = ["ALLOWED_DTYPES", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "Payload",
+           "ReleaseSpec", "ReplyRules", "ReplySchema", "expected_round_reply", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
            "check_round_statistics", "check_setup_steps", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
@@ -59,6 +60,8 @@ REPLY_STEPS = "steps"
 REPLY_NUM_EXAMPLES = "num_examples"
 #: Reply entries that are counts, with their smallest valid value.
 COUNT_ENTRIES = {REPLY_STEPS: 0, REPLY_NUM_EXAMPLES: 1}
+#: Reply entry: FEDORA's regularization weight ``lambda_i`` of the round (0-d float64).
+REPLY_LAMBDA = "lambda"
 #: Why a reply may carry ``num_examples`` under DP (the methods that send it say so).
 NUM_EXAMPLES_REASON = "the training-set size (dataset sizes are public by the run's assumptions)"
 
@@ -68,6 +71,18 @@ RUNTIME_ROUND_COLUMNS = frozenset({
     "method", "round", "participants", "replied", "seconds", "timing", "test_mean", "test_min",
     "test_max", "test_std", "val_mean", "selected_mean", "selected_round", "evaluated",
     "evaluation_timing"})
+
+#: Tensor dtypes a payload may carry (what the methods send: parameter rows and matrices,
+#: counts, flags, serialized ciphertext bytes).
+ALLOWED_DTYPES = frozenset({
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+})
+#: Most dimensions a payload tensor may have.
+MAX_DIMS = 4
+
+TensorSignature = tuple[torch.dtype, tuple[int, ...]]
+"""A payload tensor's dtype and shape."""
 
 
 class ContractError(ToolkitError, ValueError):
@@ -114,6 +129,9 @@ class FederatedAlgorithm(ABC):
     #: What this method's client replies may carry (set by :func:`build_method`; None for
     #: an instance built some other way, whose exchanges are then not checked).
     reply_rules: ReplyRules | None = None
+    #: The dtype and shape of its replies' entries (set by :func:`build_method`; None for an
+    #: instance built some other way).
+    reply_schema: ReplySchema | None = None
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -283,7 +301,8 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     """Instantiate registered method ``name``: ``cls.from_config(ctx, cfg)`` for a registered
     class, ``factory(ctx, cfg)`` for a registered factory. The result must be a
     :class:`FederatedAlgorithm`; it gets the :class:`ReplyRules` of ``name`` under ``cfg`` as
-    its ``reply_rules`` attribute (what the runtimes check every exchange against)."""
+    its ``reply_rules`` attribute and its :class:`ReplySchema` as ``reply_schema`` (what the
+    runtimes check every exchange against)."""
     from secure_fedora.core.registry import METHODS
 
     entry = METHODS.get(name)
@@ -303,6 +322,7 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
                             "not a FederatedAlgorithm (from_config / the factory must return "
                             "the method)")
     method.reply_rules = ReplyRules.of(name, type(method), cfg)
+    method.reply_schema = ReplySchema.of(method)
     return method
 
 
@@ -428,14 +448,94 @@ def check_setup_steps(method: str, privacy: Any, clients: Sequence[int]) -> None
             "(train in client_update, or run the method without DP); nothing reached the server")
 
 
+def tensor_problem(tensor: Tensor) -> str | None:
+    """What makes ``tensor`` unfit to be a payload entry (a dtype outside
+    :data:`ALLOWED_DTYPES`, more than :data:`MAX_DIMS` dimensions, a non-finite floating
+    value), or ``None``. The Flower runtime refuses such a tensor on the wire; the in-process
+    runtime refuses it in a reply."""
+    if tensor.dtype not in ALLOWED_DTYPES:
+        return f"has dtype {tensor.dtype}, not one of the allowed payload dtypes"
+    if tensor.dim() > MAX_DIMS:
+        return f"has {tensor.dim()} dimensions, at most {MAX_DIMS}"
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        return "contains non-finite values"
+    return None
+
+
+def expected_round_reply(algorithm: Any) -> dict[str, TensorSignature]:
+    """The round-reply entries whose dtype and shape the server half knows: each upload
+    matrix's row (``upload_state``), the model row for ``theta`` when no upload matrix names
+    it (a ``theta`` reply is the client's parameter row), and the 0-d counts and ``lambda``
+    every built-in reply carries as :func:`torch.tensor` scalars (int64 counts, float64
+    lambda)."""
+    shapes: dict[str, TensorSignature] = {
+        REPLY_STEPS: (torch.int64, ()), REPLY_NUM_EXAMPLES: (torch.int64, ()),
+        REPLY_LAMBDA: (torch.float64, ())}
+    init = getattr(getattr(algorithm, "ctx", None), "init", None)
+    if isinstance(init, Tensor):
+        shapes[KIND_THETA] = (init.dtype, tuple(init.shape))
+    upload_state = getattr(algorithm, "upload_state", None)
+    if upload_state is not None:
+        for kind, matrix in upload_state().items():
+            shapes[kind] = (matrix.dtype, tuple(matrix.shape[1:]))
+    return shapes
+
+
+@dataclass
+class ReplySchema:
+    """Dtype and shape of every reply entry, per exchange stage: set from what the server
+    half knows (:meth:`expect`, :func:`expected_round_reply`), else pinned by the first
+    accepted reply of the stage; a later reply with another dtype or shape for the same name
+    is refused. One instance per method run, used by both runtimes' servers
+    (:meth:`ReplyRules.check_received`)."""
+
+    pins: dict[tuple[str, str], TensorSignature] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, algorithm: Any) -> ReplySchema:
+        """The schema of ``algorithm``'s replies, its round replies expected as
+        :func:`expected_round_reply` says."""
+        schema = cls()
+        schema.expect(ROUND, expected_round_reply(algorithm))
+        return schema
+
+    def expect(self, stage: str, shapes: Mapping[str, TensorSignature]) -> None:
+        """Pin ``stage``'s entries to what the server half knows they must be, so that the
+        first reply cannot set them."""
+        for name, sig in shapes.items():
+            self.pins[(stage, name)] = (sig[0], tuple(sig[1]))
+
+    def check(self, method: str, stage: str, i: int, reply: Mapping[str, Tensor]) -> None:
+        """:class:`ContractError` naming ``method``, client ``i`` and the entry when an entry
+        of its ``stage`` reply (a dict of tensors) is unfit (:func:`tensor_problem`) or
+        differs in dtype or shape from its pin; pins the new names only once the whole reply
+        passed."""
+        new = {}
+        for name, tensor in reply.items():
+            problem = tensor_problem(tensor)
+            if problem:
+                raise ContractError(f"method {method!r}: client {i}'s {stage} reply entry "
+                                    f"{name!r} {problem}")
+            sig = (tensor.dtype, tuple(tensor.shape))
+            pinned = self.pins.get((stage, name))
+            if pinned is None:
+                new[(stage, name)] = sig
+            elif pinned != sig:
+                raise ContractError(
+                    f"method {method!r}: client {i}'s {stage} reply entry {name!r} is {sig[0]} "
+                    f"{sig[1]}, the exchange carries {pinned[0]} {pinned[1]}")
+        self.pins.update(new)
+
+
 @dataclass(frozen=True)
 class ReplyRules:
     """What method ``method``'s client replies may carry, per exchange stage
     (:meth:`FederatedAlgorithm.reply_entries`), and whether the run is private (only then
     are undeclared entries refused: without DP no release is claimed to be accounted).
 
-    Checked in the client's process before a reply leaves (:meth:`check_reply`) and by the
-    in-process driver on a whole exchange (:meth:`check_replies`)."""
+    Checked in the client's process before a reply leaves (:meth:`check_reply`), and by the
+    server of either runtime before any of a reply is used (:meth:`check_received`; the
+    in-process driver through :meth:`check_replies` on a whole exchange)."""
 
     method: str
     private: bool
@@ -463,7 +563,7 @@ class ReplyRules:
         """:class:`ContractError` unless client ``i``'s ``stage`` reply is a dict of tensors
         whose counts (``steps`` >= 0, ``num_examples`` >= 1, if present) are one whole number
         each and, in a private run, whose every entry is declared for ``stage``. ``exact``
-        (a server receiving replies from other processes): the entries must be exactly the
+        (a server receiving replies, :meth:`check_received`): the entries must be exactly the
         declared ones, private run or not."""
         if not isinstance(reply, Mapping):
             raise ContractError(f"method {self.method!r}: client {i}'s {stage} reply must be a "
@@ -482,10 +582,6 @@ class ReplyRules:
                 raise ContractError(f"method {self.method!r}: client {i}'s reply entry "
                                     f"{name!r} must be one integer >= {least} (an integer "
                                     f"tensor), got {shown} ({count.dtype})")
-        if exact and set(reply) != set(self.entries.get(stage, {})):
-            declared = sorted(self.entries.get(stage, {}))
-            raise ContractError(f"method {self.method!r}: client {i}'s {stage} reply carries "
-                                f"{sorted(reply)}, the method's {stage} replies carry {declared}")
         if self.private:
             declared = self.entries.get(stage, {})
             undeclared = sorted(k for k in reply if k not in declared)
@@ -496,11 +592,25 @@ class ReplyRules:
                     f"(declared: {sorted(declared) or 'nothing'}); in a private run every "
                     "entry a client sends must be covered by a release or be data-independent "
                     "(FederatedAlgorithm.reply_entries). Nothing was sent.")
+        if exact and set(reply) != set(self.entries.get(stage, {})):
+            declared = sorted(self.entries.get(stage, {}))
+            raise ContractError(f"method {self.method!r}: client {i}'s {stage} reply carries "
+                                f"{sorted(reply)}, the method's {stage} replies carry {declared}")
+
+    def check_received(self, stage: str, i: int, reply: Any, schema: ReplySchema) -> None:
+        """What a server checks on client ``i``'s ``stage`` reply before any of it is used,
+        in both runtimes: :meth:`check_reply` with exactly the declared entries, then every
+        entry against ``schema`` (allowed dtype, finite values, the exchange's dtype and
+        shape). :class:`ContractError` naming the method, the client and the entry."""
+        self.check_reply(stage, i, reply, exact=True)
+        schema.check(self.method, stage, i, reply)
 
     def check_replies(self, stage: str, rnd: int, replies: Any,
-                      messages: Mapping[int, Any]) -> dict[int, Payload]:
-        """``replies`` as a dict after :meth:`check_reply` on each; :class:`ContractError`
-        unless it answers exactly the clients ``messages`` addressed."""
+                      messages: Mapping[int, Any],
+                      schema: ReplySchema | None = None) -> dict[int, Payload]:
+        """``replies`` as a dict after :meth:`check_received` on each (:meth:`check_reply`
+        without a ``schema``); :class:`ContractError` unless it answers exactly the clients
+        ``messages`` addressed."""
         if not isinstance(replies, Mapping):
             raise ContractError(f"method {self.method!r}: round {rnd}'s {stage} replies must be "
                                 f"a dict client -> payload, got {type(replies).__name__}")
@@ -512,5 +622,8 @@ class ReplyRules:
                 f"clients messaged; replies from unmessaged client(s) {extra[:8]}, no reply "
                 f"from {missing[:8]}")
         for i, reply in replies.items():
-            self.check_reply(stage, i, reply)
+            if schema is None:
+                self.check_reply(stage, i, reply)
+            else:
+                self.check_received(stage, i, reply, schema)
         return dict(replies)

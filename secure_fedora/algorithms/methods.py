@@ -34,6 +34,7 @@ from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.contract import (
     FINALIZE,
     NUM_EXAMPLES_REASON,
+    REPLY_LAMBDA,
     REPLY_NUM_EXAMPLES,
     REPLY_STEPS,
     ROUND,
@@ -91,7 +92,7 @@ KEY_STEPS = REPLY_STEPS
 """Reply entry: the DP-SGD/SGD steps a client ran this round (a 0-d integer tensor)."""
 KEY_NUM_EXAMPLES = REPLY_NUM_EXAMPLES
 """Reply entry: the client's number of training examples (FedAvg's aggregation weight)."""
-KEY_LAMBDA = "lambda"
+KEY_LAMBDA = REPLY_LAMBDA
 """Reply entry: FEDORA's regularization weight ``lambda_i`` of the round (0-d float64)."""
 
 log = logging.getLogger("secure_fedora.algorithms.methods")
@@ -388,7 +389,7 @@ class FederatedMethod(FederatedAlgorithm):
                 check_setup_steps(rules.method if rules is not None else self.name,
                                   self.ctx.privacy, list(messages))
             if rules is not None:
-                replies = rules.check_replies(SETUP, 0, replies, messages)
+                replies = rules.check_replies(SETUP, 0, replies, messages, self.reply_schema)
                 privacy = self.ctx.privacy
                 if rules.private and rules.setup_kinds and privacy is not None:
                     unrecorded = [i for i in replies if privacy.clients[i].summary_release is None]
@@ -416,7 +417,7 @@ class FederatedMethod(FederatedAlgorithm):
         messages = self._exchange_downloads(rnd, messages)
         replies = self.client_update_many(rnd, messages)
         if rules is not None:
-            replies = rules.check_replies(ROUND, rnd, replies, messages)
+            replies = rules.check_replies(ROUND, rnd, replies, messages, self.reply_schema)
         if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
             self.ctx.privacy.confirm_steps(rnd, participants)
         stats = self.round_statistics(rnd, replies)
@@ -439,7 +440,8 @@ class FederatedMethod(FederatedAlgorithm):
             messages = self._exchange_downloads(final_round, messages)
         replies = {i: self.client_finalize(i, m) for i, m in messages.items()}
         if self.reply_rules is not None:
-            replies = self.reply_rules.check_replies(FINALIZE, self.last_round, replies, messages)
+            replies = self.reply_rules.check_replies(FINALIZE, self.last_round, replies, messages,
+                                                     self.reply_schema)
         return self.server_finalize(replies)
 
     def _round_envelopes(self) -> bool:

@@ -72,6 +72,7 @@ from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import (
     Payload,
+    ReplySchema,
     check_messages,
     no_reply_statistics,
     round_statistics_of,
@@ -83,8 +84,6 @@ from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, 
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
 from secure_fedora.runtimes.flower.payloads import (
     PayloadLimits,
-    ShapePins,
-    expected_round_reply,
     payload_to_record,
     record_to_payload,
 )
@@ -674,7 +673,7 @@ class _MethodRun:
     algorithm: Any
     limits: PayloadLimits
     tracker: Tracker
-    pins: ShapePins = field(default_factory=ShapePins)
+    schema: ReplySchema = field(default_factory=ReplySchema)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0})
     evaluated: set[int] = field(default_factory=set)  # clients that ever reported metrics
@@ -796,8 +795,9 @@ def _exchange_payloads(
                                             f"{stage} reply of client {cid}", run.limits)
                 rules = run.algorithm.reply_rules
                 if rules is not None and stage in rules.entries:
-                    rules.check_reply(stage, cid, payload, exact=True)
-                run.pins.check(stage, payload, envelope)
+                    rules.check_received(stage, cid, payload, run.schema)  # as in process
+                else:
+                    run.schema.check(run.name, stage, cid, payload)
         except EnvelopeError as err:
             server.reject(rnd, cid, node, err, then)
             continue
@@ -901,7 +901,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     algorithm = build_algorithm(name, server_context(cfg, server.schema), cfg)
     run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
                      Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
-    run.pins.expect("round", expected_round_reply(algorithm))
+    run.schema = algorithm.reply_schema or ReplySchema.of(algorithm)
     ceremony = algorithm.setup_ceremony()
     setup = algorithm.setup_messages() if ceremony is None else {}
     t0 = time.perf_counter()

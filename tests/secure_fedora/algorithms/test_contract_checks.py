@@ -146,9 +146,13 @@ def test_an_undeclared_reply_entry_never_reaches_the_server_in_a_private_run(tmp
                                             "not declare"):
         sim.run()
     assert seen == []  # aggregate never saw a reply
-    # without DP nothing is claimed: the same method runs
+    # without DP nothing is claimed, but a server (in process as on Flower) takes exactly the
+    # declared entries
     plain, _ = _run(tmp_path / "plain", _config(name, dp=False))
-    plain.run()
+    with pytest.raises(ContractError, match=r"client 0's round reply carries \['leak', 'steps', "
+                                            r"'theta'\], the method's round replies carry"):
+        plain.run()
+    assert seen == []
 
 
 def test_declared_reply_entries_pass(tmp_path, register):
@@ -422,3 +426,4 @@ def test_a_round_of_its_own_is_refused_under_dp_and_its_statistics_still_checked
     plain, _ = _run(tmp_path / "plain", _config(name, dp=False))
     with pytest.raises(ContractError, match="'round' would overwrite the runtime's own column"):
         plain.run()
+

@@ -12,14 +12,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from privacy.envelope import Envelope, EnvelopeError
-from secure_fedora.algorithms.contract import method_class
+from secure_fedora.algorithms.contract import ContractError, ReplySchema, method_class
 from secure_fedora.core.config import config_hash, parse_config
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.contexts import ClientDataSlots, DataAccessError
 from secure_fedora.runtimes.flower.payloads import (
     PayloadLimits,
-    ShapePins,
     payload_to_record,
     record_to_payload,
 )
@@ -85,15 +84,16 @@ def test_payload_decoding_refuses_malformed_records_naming_the_sender() -> None:
         assert info.value.sender == "client-001" and info.value.round == 3
 
 
-def test_shape_pins_refuse_a_differently_shaped_tensor_of_the_same_exchange() -> None:
-    pins = ShapePins()
-    pins.check("round", {"theta": torch.zeros(5), "steps": torch.tensor(1)}, ENVELOPE)
-    pins.check("round", {"theta": torch.ones(5)}, ENVELOPE)
-    pins.check("setup", {"theta": torch.zeros(3)}, ENVELOPE)  # another exchange: its own pins
-    with pytest.raises(EnvelopeError, match=r"'theta' is torch.float32 \(6,\)"):
-        pins.check("round", {"theta": torch.zeros(6)}, ENVELOPE)
-    with pytest.raises(EnvelopeError, match="float64"):
-        pins.check("round", {"steps": torch.tensor(1.0, dtype=torch.float64)}, ENVELOPE)
+def test_reply_schema_refuses_a_differently_shaped_tensor_of_the_same_exchange() -> None:
+    schema = ReplySchema()
+    schema.check("m", "round", 0, {"theta": torch.zeros(5), "steps": torch.tensor(1)})
+    schema.check("m", "round", 1, {"theta": torch.ones(5)})
+    schema.check("m", "setup", 0, {"theta": torch.zeros(3)})  # another exchange: its own pins
+    with pytest.raises(ContractError, match=r"method 'm': client 2's round reply entry 'theta' "
+                                            r"is torch.float32 \(6,\)"):
+        schema.check("m", "round", 2, {"theta": torch.zeros(6)})
+    with pytest.raises(ContractError, match="float64"):
+        schema.check("m", "round", 2, {"steps": torch.tensor(1.0, dtype=torch.float64)})
 
 
 # --------------------------------------------------------------------------- data isolation, state

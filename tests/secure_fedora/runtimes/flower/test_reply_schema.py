@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,52 @@ def test_a_run_whose_every_training_reply_was_rejected_stops(tmp_path):
     with pytest.raises(DeployError, match=r"no client's training reply was accepted .* failed or "
                                           "were rejected"):
         _run(tmp_path, "fedavg", {(c, r, MSG_ROUND): wrong for c in range(3) for r in (1, 2)})
+
+
+def _plugin_reply(change: str) -> type:
+    """A plug-in method (the contract tests' Toy) whose client 0 changes its ``theta`` in
+    round 1 as ``change`` says."""
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+
+    class Plugin(Toy):
+        def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+            reply = dict(super().client_update(i, rnd, message))
+            if (i, rnd) == (0, 1):
+                theta = reply.pop("theta")
+                if change != "missing":
+                    reply["theta"] = {"shape": theta[:10], "nan": theta * float("nan"),
+                                      "float64": theta.double()}[change]
+            return reply
+    return Plugin
+
+
+@pytest.mark.parametrize("change, problem", [
+    ("shape", r"entry 'theta' is torch.float32 \(10,\), the exchange carries torch.float32"),
+    ("missing", r"reply carries \['steps'\], the method's round replies carry \['steps', 'theta'\]"),
+    ("nan", "entry 'theta' contains non-finite values"),
+    ("float64", r"entry 'theta' is torch.float64 \(\d+,\), the exchange carries torch.float32"),
+])
+def test_a_plugin_reply_is_refused_alike_in_both_runtimes(tmp_path, change, problem):
+    """Both runtimes check a reply with ReplyRules.check_received before any of it is used: in
+    process the run stops with a ContractError naming the method, client and entry (the
+    method's own code made the reply; before, a raw RuntimeError or KeyError from aggregate, or
+    a float64 model averaged in); the Flower server rejects that client's reply (it takes no
+    part in the round) with the same reason, or its ClientApp refuses to send it."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    name = f"plugin_{change}_x"
+    METHODS.register(name, _plugin_reply(change))
+    try:
+        with pytest.raises(ContractError, match=f"method '{name}': client 0's round (reply )?"
+                                                f"{problem}"):
+            in_process(with_methods(tiny_config(rounds=2), name), tmp_path / "inproc", name)
+        results = _run(tmp_path, name)
+    finally:
+        METHODS.unregister(name)
+    assert [r["replied"] for r in results["rounds"]] == [2, 3]
+    [event] = [e for e in results["events"] if e["round"] == 1]
+    assert event["client"] == 0 and "counts as not taking part" in event["event"]
+    if change != "nan":  # a non-finite tensor never leaves the ClientApp (payload_to_record)
+        assert re.search(problem, event["event"]), event
