@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,14 +41,15 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.messages import KIND_THETA
+from secure_fedora.core.errors import is_user_error
 
 Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
-__all__ = ["ALLOWED_DTYPES", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "Payload",
+__all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "Payload",
            "ReleaseSpec", "ReplyRules", "ReplySchema", "expected_round_reply", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
-           "check_round_statistics", "check_setup_steps", "no_reply_statistics", "round_statistics_of", "method_class",
+           "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
@@ -89,6 +91,27 @@ class ContractError(ToolkitError, ValueError):
     """A method broke the contract (a message, reply or statistic it must not produce); the
     message names the method, the exchange and what is wrong. Raised before the offending
     value is used: nothing of it reaches the server, a file or another client."""
+
+
+class ClientHalfError(ToolkitError, RuntimeError):
+    """A method's client half raised an exception that is not a toolkit error (a bug in the
+    method, or in what it calls): the message names the method, the client and the exception,
+    which is kept as the cause (its traceback shown with ``--debug``)."""
+
+
+@contextmanager
+def client_half(method: str, what: str) -> Iterator[None]:
+    """Run a method's client half (``what``: e.g. ``"client 2's client_update"``): an exception
+    that is not a toolkit error (:func:`~secure_fedora.core.errors.is_user_error`) becomes a
+    :class:`ClientHalfError` naming ``method`` and ``what``, with the original as its cause;
+    toolkit errors (a refused release, a diverged client) pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        if is_user_error(err):
+            raise
+        raise ClientHalfError(f"method {method!r}: {what} failed: "
+                              f"{type(err).__name__}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -229,8 +252,15 @@ class FederatedAlgorithm(ABC):
     def client_update_many(self, rnd: int, messages: Mapping[int, Payload]) -> dict[int, Payload]:
         """All of a round's client halves in one process (the in-process runtime). Default:
         :meth:`client_update` per client in the given order; a method may override it with a
-        batched implementation that returns the same replies within float tolerance."""
-        return {i: self.client_update(i, rnd, m) for i, m in messages.items()}
+        batched implementation that returns the same replies within float tolerance. An
+        exception that is not a toolkit error is raised as a :class:`ClientHalfError` naming
+        the method and the client (:func:`client_half`)."""
+        method = self.reply_rules.method if self.reply_rules is not None else self.name
+        replies = {}
+        for i, m in messages.items():
+            with client_half(method, f"client {i}'s client_update of round {rnd}"):
+                replies[i] = self.client_update(i, rnd, m)
+        return replies
 
     @abstractmethod
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:

@@ -45,6 +45,7 @@ from secure_fedora.algorithms.contract import (
     ReleaseSpec,
     check_messages,
     check_setup_steps,
+    client_half,
     round_statistics_of,
 )
 from secure_fedora.algorithms.encryption import (
@@ -375,8 +376,17 @@ class FederatedMethod(FederatedAlgorithm):
 
     # ------------------------------------------------------------------ in-process driver
     def client_setup_many(self, messages: Mapping[int, Payload]) -> dict[int, Payload]:
-        """All setup client halves in one process. Default: :meth:`client_setup` per client."""
-        return {i: self.client_setup(i, m) for i, m in messages.items()}
+        """All setup client halves in one process. Default: :meth:`client_setup` per client
+        (an exception that is not a toolkit error names the method and client)."""
+        replies = {}
+        for i, m in messages.items():
+            with client_half(self._label(), f"client {i}'s client_setup"):
+                replies[i] = self.client_setup(i, m)
+        return replies
+
+    def _label(self) -> str:
+        """The method's registered name (its class's ``name`` when built otherwise)."""
+        return self.reply_rules.method if self.reply_rules is not None else self.name
 
     def setup(self) -> None:
         """Run the setup exchange once before the first round (no-op without one); the
@@ -415,7 +425,8 @@ class FederatedMethod(FederatedAlgorithm):
         messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
                                   participants)
         messages = self._exchange_downloads(rnd, messages)
-        replies = self.client_update_many(rnd, messages)
+        with client_half(label, f"the client halves of round {rnd} (client_update_many)"):
+            replies = self.client_update_many(rnd, messages)
         if rules is not None:
             replies = rules.check_replies(ROUND, rnd, replies, messages, self.reply_schema)
         if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
@@ -429,7 +440,8 @@ class FederatedMethod(FederatedAlgorithm):
     def eval_row(self, i: int) -> Tensor:
         """The parameters on which client ``i`` is evaluated (its personalized model)."""
         message = self.evaluation_messages(self.last_round, [i]).get(i)
-        return self.client_eval_row(i, message)
+        with client_half(self._label(), f"client {i}'s client_eval_row"):
+            return self.client_eval_row(i, message)
 
     def finalize(self) -> dict[str, Any]:
         """Run the finalize exchange (downloads through the exchange, for its last round)
@@ -438,7 +450,10 @@ class FederatedMethod(FederatedAlgorithm):
         if messages:
             final_round = self.exchange.last_round if self.exchange is not None else 0
             messages = self._exchange_downloads(final_round, messages)
-        replies = {i: self.client_finalize(i, m) for i, m in messages.items()}
+        replies = {}
+        for i, m in messages.items():
+            with client_half(self._label(), f"client {i}'s client_finalize"):
+                replies[i] = self.client_finalize(i, m)
         if self.reply_rules is not None:
             replies = self.reply_rules.check_replies(FINALIZE, self.last_round, replies, messages,
                                                      self.reply_schema)

@@ -74,7 +74,12 @@ from privacy.identity import (
 )
 from privacy.noise import NoiseSource, make_noise_source
 from privacy.pipeline import EncryptPayload, Release
-from secure_fedora.algorithms.contract import Payload, check_setup_steps, round_mechanisms
+from secure_fedora.algorithms.contract import (
+    Payload,
+    check_setup_steps,
+    client_half,
+    round_mechanisms,
+)
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import remove_interrupted_writes
 from secure_fedora.data.partition import ClientData
@@ -961,7 +966,8 @@ def _run_client_half(
     message = incoming if incoming is not None else {}
     rules = algorithm.reply_rules
     if stage == "evaluate":
-        row = algorithm.client_eval_row(i, incoming)
+        with client_half(method, f"client {i}'s client_eval_row"):
+            row = algorithm.client_eval_row(i, incoming)
         c = ctx.clients[i]
         metrics = {"test-metric": float(evaluate(ctx.flat, row, c.test_x, c.test_y).metric)}
         if model_selection(cfg) == "validation":  # private validation under DP never leaves
@@ -969,7 +975,8 @@ def _run_client_half(
         return {}, metrics, None
     if stage == "setup":
         try:
-            reply = algorithm.client_setup(i, message)
+            with client_half(method, f"client {i}'s client_setup"):
+                reply = algorithm.client_setup(i, message)
         except BudgetExceededError as err:
             return {}, {}, str(err)
         if privacy is not None:
@@ -978,9 +985,11 @@ def _run_client_half(
         if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
                                               ctx.noise[i] if ctx.noise else None):
             return {}, {}, privacy.sole.refusal or "the release was refused"
-        reply = algorithm.client_update(i, rnd, message)
+        with client_half(method, f"client {i}'s client_update of round {rnd}"):
+            reply = algorithm.client_update(i, rnd, message)
     elif stage == "finalize":
-        reply = algorithm.client_finalize(i, message)
+        with client_half(method, f"client {i}'s client_finalize"):
+            reply = algorithm.client_finalize(i, message)
     else:
         raise DeployError(f"unknown exchange {stage!r}")
     if rules is not None:  # before it leaves: only declared entries in a private run

@@ -427,3 +427,34 @@ def test_a_round_of_its_own_is_refused_under_dp_and_its_statistics_still_checked
     with pytest.raises(ContractError, match="'round' would overwrite the runtime's own column"):
         plain.run()
 
+
+def test_an_exception_in_a_client_half_names_the_method_and_the_client(tmp_path, register):
+    """A plug-in's client_update raising (here a ZeroDivisionError) propagated raw, naming
+    neither the method nor the client; it is now a one-line error saying both (exit code 2),
+    with the original as its cause and its traceback under --debug."""
+    import io
+
+    from secure_fedora.algorithms.contract import ClientHalfError
+    from secure_fedora.core.errors import run_command
+
+    class Broken(Toy):
+        def client_update(self, i, rnd, message):
+            if i == 1:
+                return {"steps": torch.tensor(1 // 0)}
+            return super().client_update(i, rnd, message)
+
+    name = register("broken_x", Broken)
+    sim, _ = _run(tmp_path, _config(name, dp=False))
+    with pytest.raises(ClientHalfError, match=rf"method '{name}': client 1's client_update of "
+                                              "round 1 failed: ZeroDivisionError") as info:
+        sim.run()
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    for debug in (False, True):
+        again, _ = _run(tmp_path / f"cli{debug}", _config(name, dp=False))
+        out = io.StringIO()
+        assert run_command(lambda _args, s=again: s.run(), None, debug=debug, stream=out) == 2
+        lines = out.getvalue().splitlines()
+        assert lines[-1].startswith(f"error: method '{name}': client 1's client_update")
+        assert ("Traceback" in out.getvalue()) == debug
+        assert ("1 // 0" in out.getvalue()) == debug  # the original's frame, with --debug
+
