@@ -1053,7 +1053,11 @@ class FederationPrivacy:
                                    {"clip_norm": self.cfg.privacy.max_grad_norm,
                                     "sampling": "poisson", "method": self.method})]
         if with_lambda:
-            assert c.plan.lambda_noise is not None
+            if c.plan.lambda_noise is None:
+                raise PipelineError(
+                    f"method {self.method!r}: client {i}'s model release was asked to account a "
+                    "lambda release its plan does not hold (declare ('dpsgd', "
+                    "'gaussian_lambda') as the round release's mechanisms)")
             records.append(scalar_record(self.cfg.privacy.lambda_clip, c.plan.lambda_noise,
                                          self.cfg.data.val_per_client))
         if c.refused_at is not None:
@@ -1090,7 +1094,11 @@ class FederationPrivacy:
         out = []
         for i, c in enumerate(data):
             sigma = self.clients[i].plan.summary_noise
-            assert sigma is not None
+            if sigma is None:
+                raise PipelineError(
+                    f"method {self.method!r}: client {i}'s noised summary has no planned noise: "
+                    "the method does not declare the summary release (a ReleaseSpec('summary', "
+                    "('gaussian_summary',), SETUP) in releases(cfg)); nothing was released")
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             n = int(z.shape[0])
             if not 1 <= q <= z.shape[1]:  # before anything is drawn or written
@@ -1125,9 +1133,16 @@ class FederationPrivacy:
         """``lambda_i`` from a clipped, noised mean of per-example loss differences (noise
         drawn from client ``i``'s ``noise`` source): clamp -> mean -> Gaussian noise -> matched
         to the record of the round's admitted model release on the ledger (PipelineError if
-        no admitted release accounts it, or its entry was used already)."""
+        no admitted release accounts it, or its entry was used already, or the method does not
+        declare the lambda release; raised before the validation data is read)."""
         p = self.cfg.privacy
         c = self.clients[i]
+        sigma = c.plan.lambda_noise
+        if sigma is None:
+            raise PipelineError(
+                f"method {self.method!r}: client {i}'s private lambda has no planned noise: the "
+                "method does not declare the lambda release (its round ReleaseSpec 'model' must "
+                "list ('dpsgd', 'gaussian_lambda') in releases(cfg)); nothing was released")
         model = bind(theta)
         was_training = isinstance(model, torch.nn.Module) and model.training
         if was_training:
@@ -1142,8 +1157,6 @@ class FederationPrivacy:
         if not (bool(torch.isfinite(loss_local).all()) and bool(torch.isfinite(loss_received).all())):
             raise ClientUpdateError(f"client {i}: non-finite validation losses, nothing released "
                                     f"({DIVERGED_HINT})")
-        sigma = c.plan.lambda_noise
-        assert sigma is not None
         rnd = c.admitted.round if c.admitted is not None else 0
         pipeline = ReleasePipeline([
             *noised_mean_stages(p.lambda_clip, int(val_x.shape[0]), sigma, noise),

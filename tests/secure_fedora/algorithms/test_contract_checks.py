@@ -458,3 +458,45 @@ def test_an_exception_in_a_client_half_names_the_method_and_the_client(tmp_path,
         assert ("Traceback" in out.getvalue()) == debug
         assert ("1 // 0" in out.getvalue()) == debug  # the original's frame, with --debug
 
+
+
+def test_a_private_lambda_the_method_does_not_declare_is_a_pipeline_error(tmp_path, register):
+    """A method calling ctx.privacy.private_lambda without declaring the lambda release hit
+    a bare ``assert`` (an AssertionError, and no check at all under ``python -O``); it is now
+    a PipelineError naming the method, before any validation data is read or noise drawn."""
+    from privacy.pipeline import PipelineError
+
+    class UndeclaredLambda(Toy):
+        def client_update(self, i, rnd, message):
+            reply = super().client_update(i, rnd, message)
+            c = self.ctx.clients[i]
+            self.ctx.privacy.private_lambda(i, self.theta[i], message["global"], c.val_x,
+                                            c.val_y, self.ctx.noise[i], self.ctx.flat.bind)
+            return reply
+
+    name = register("undeclared_lambda_x", UndeclaredLambda)
+    sim, run = _run(tmp_path, _config(name, data={"validation": "private"}))
+    with pytest.raises(PipelineError, match=rf"method '{name}': client 0's private lambda has "
+                                            "no planned noise: the method does not declare"):
+        sim.run()
+    assert not any("gaussian_lambda" in m for m in _ledger_mechanisms(run, name))
+
+
+def test_a_noised_summary_the_method_does_not_declare_is_a_pipeline_error(tmp_path, register):
+    """The same for ctx.privacy.noised_summaries without a declared setup summary release."""
+    from privacy.pipeline import PipelineError
+
+    class UndeclaredSummary(Toy):
+        def setup_messages(self):
+            return {i: {} for i in range(self.ctx.num_clients)}
+
+        def client_setup(self, i, message):
+            ctx = self.ctx
+            return {"summary": ctx.privacy.noised_summary(i, ctx.clients[i], 2, ctx.num_classes,
+                                                          ctx.noise[i])}
+
+    name = register("undeclared_summary_x", UndeclaredSummary)
+    sim, _ = _run(tmp_path, _config(name))
+    with pytest.raises(PipelineError, match=rf"method '{name}': client 0's noised summary has "
+                                            "no planned noise"):
+        sim.run()
