@@ -49,7 +49,7 @@ Payload = dict[str, Tensor]
 __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "Payload",
            "ReleaseSpec", "ReplyRules", "ReplySchema", "expected_round_reply", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
-           "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
+           "check_eval_row", "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
@@ -416,6 +416,26 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
                     f"tensors; entry {key!r} is a {type(value).__name__} (the Flower runtime "
                     "moves only tensors)")
     return dict(messages)
+
+
+def check_eval_row(method: str, i: int, row: Any, num_params: int) -> Tensor:
+    """``row`` (what client ``i``'s ``client_eval_row`` returned); :class:`ContractError`
+    naming the method and the client unless it is a floating tensor of ``num_params`` finite
+    values. A non-finite row has no metric (its NaN logits would score as class 0): it is
+    refused as the runtimes refuse non-finite parameters everywhere else, in both runtimes
+    before anything is evaluated."""
+    if not isinstance(row, Tensor) or not row.is_floating_point() \
+            or tuple(row.shape) != (num_params,):
+        got = (f"{row.dtype} {tuple(row.shape)}" if isinstance(row, Tensor)
+               else type(row).__name__)
+        raise ContractError(f"method {method!r}: client {i}'s client_eval_row must return its "
+                            f"parameter row ({num_params} floating values), got {got}")
+    bad = int((~torch.isfinite(row)).sum())
+    if bad:
+        raise ContractError(f"method {method!r}: client {i}'s client_eval_row returned a row "
+                            f"with {bad} non-finite value(s) of {num_params}; a model with "
+                            "non-finite parameters has no metric, nothing was evaluated")
+    return row
 
 
 def no_reply_statistics() -> dict[str, float]:

@@ -43,6 +43,7 @@ from secure_fedora.algorithms.contract import (
     FederatedAlgorithm,
     Payload,
     ReleaseSpec,
+    check_eval_row,
     check_messages,
     check_setup_steps,
     client_half,
@@ -438,10 +439,13 @@ class FederatedMethod(FederatedAlgorithm):
         return round_statistics_of(label, rnd, stats, aggregated)
 
     def eval_row(self, i: int) -> Tensor:
-        """The parameters on which client ``i`` is evaluated (its personalized model)."""
+        """The parameters on which client ``i`` is evaluated (its personalized model), checked
+        (:func:`~secure_fedora.algorithms.contract.check_eval_row`: finite, of the model's
+        size)."""
         message = self.evaluation_messages(self.last_round, [i]).get(i)
         with client_half(self._label(), f"client {i}'s client_eval_row"):
-            return self.client_eval_row(i, message)
+            row = self.client_eval_row(i, message)
+        return check_eval_row(self._label(), i, row, self.ctx.flat.num_params)
 
     def finalize(self) -> dict[str, Any]:
         """Run the finalize exchange (downloads through the exchange, for its last round)

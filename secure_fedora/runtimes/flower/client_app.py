@@ -76,6 +76,7 @@ from privacy.noise import NoiseSource, make_noise_source
 from privacy.pipeline import EncryptPayload, Release
 from secure_fedora.algorithms.contract import (
     Payload,
+    check_eval_row,
     check_setup_steps,
     client_half,
     round_mechanisms,
@@ -968,6 +969,7 @@ def _run_client_half(
     if stage == "evaluate":
         with client_half(method, f"client {i}'s client_eval_row"):
             row = algorithm.client_eval_row(i, incoming)
+        row = check_eval_row(method, i, row, ctx.flat.num_params)  # as in process
         c = ctx.clients[i]
         metrics = {"test-metric": float(evaluate(ctx.flat, row, c.test_x, c.test_y).metric)}
         if model_selection(cfg) == "validation":  # private validation under DP never leaves

@@ -169,3 +169,33 @@ def test_a_plugin_reply_is_refused_alike_in_both_runtimes(tmp_path, change, prob
     assert event["client"] == 0 and "counts as not taking part" in event["event"]
     if change != "nan":  # a non-finite tensor never leaves the ClientApp (payload_to_record)
         assert re.search(problem, event["event"]), event
+
+
+def test_a_non_finite_evaluation_row_is_refused_in_both_runtimes(tmp_path):
+    """A plug-in whose client_eval_row returned NaN was scored silently (the argmax of NaN
+    logits is class 0) and its metric reported in results.json; both runtimes now refuse the
+    row before evaluating it, naming the method and the client: in process the run stops, on
+    Flower that client's evaluation is an error reply, and a client that never evaluated
+    stops the run instead of reporting a made-up metric."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    class NanRow(Toy):
+        def client_eval_row(self, i, message=None):  # type: ignore[no-untyped-def]
+            row = super().client_eval_row(i, message)
+            return row * float("nan") if i == 1 else row
+
+    name = "nan_eval_row_x"
+    METHODS.register(name, NanRow)
+    try:
+        with pytest.raises(ContractError, match=f"method '{name}': client 1's client_eval_row "
+                                                r"returned a row with \d+ non-finite value"):
+            in_process(with_methods(tiny_config(rounds=2), name), tmp_path / "inproc", name)
+        with pytest.raises(DeployError, match=r"clients \[1\] never reported an evaluation.*"
+                                              f"method '{name}': client 1's client_eval_row"):
+            _run(tmp_path, name)
+    finally:
+        METHODS.unregister(name)
+    assert not (tmp_path / "res" / "results.json").exists()
