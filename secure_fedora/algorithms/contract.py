@@ -30,6 +30,7 @@ client's data):
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,7 +48,8 @@ Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
 __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "Payload",
-           "ReleaseSpec", "ReplyRules", "ReplySchema", "expected_round_reply", "tensor_problem",
+           "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "ReplySchema", "entry_problem",
+           "expected_round_reply", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
            "check_eval_row", "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
@@ -75,11 +77,14 @@ RUNTIME_ROUND_COLUMNS = frozenset({
     "evaluation_timing"})
 
 #: Tensor dtypes a payload may carry (what the methods send: parameter rows and matrices,
-#: counts, flags, serialized ciphertext bytes).
+#: counts, flags, serialized ciphertext bytes). Not bfloat16: the Flower runtime moves
+#: tensors as numpy arrays, which have no bfloat16.
 ALLOWED_DTYPES = frozenset({
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.float16, torch.float32, torch.float64,
     torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
 })
+#: What a payload entry's name may be: a plain identifier of at most 64 characters.
+ENTRY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 #: Most dimensions a payload tensor may have.
 MAX_DIMS = 4
 
@@ -392,8 +397,9 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
                    participants: Sequence[int]) -> dict[int, Payload]:
     """``messages`` (what the server half addresses to clients in exchange ``stage``) as a
     dict; :class:`ContractError` unless it maps only ``participants`` (the clients the runtime
-    chose, and with DP admitted) to dicts. A client outside them would train and reply
-    without an accounted release."""
+    chose, and with DP admitted) to dicts of tensors that are fit payload entries
+    (:func:`entry_problem`). A client outside them would train and reply without an accounted
+    release; an unfit entry is one the Flower runtime could not send."""
     if not isinstance(messages, Mapping):
         raise ContractError(f"method {method!r}: the {stage} messages of round {rnd} must be a "
                             f"dict client -> payload, got {type(messages).__name__}")
@@ -415,6 +421,11 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
                     f"method {method!r}: its {stage} message to client {i} must be a dict of "
                     f"tensors; entry {key!r} is a {type(value).__name__} (the Flower runtime "
                     "moves only tensors)")
+            problem = entry_problem(key, value)
+            if problem:
+                raise ContractError(f"method {method!r}: its {stage} message to client {i}: "
+                                    f"entry {key!r} {problem} (the Flower runtime could not "
+                                    "send it)")
     return dict(messages)
 
 
@@ -498,6 +509,18 @@ def check_setup_steps(method: str, privacy: Any, clients: Sequence[int]) -> None
             "(train in client_update, or run the method without DP); nothing reached the server")
 
 
+def entry_problem(name: Any, value: Any) -> str | None:
+    """What makes ``value`` under ``name`` unfit to be a payload entry (a name that is not a
+    plain identifier, :data:`ENTRY_NAME`; a value that is not a tensor, or a tensor
+    :func:`tensor_problem` refuses), or ``None``: what both runtimes refuse in a message or
+    reply, and what the Flower runtime could not move."""
+    if not isinstance(name, str) or not ENTRY_NAME.match(name):
+        return "has a name that is not a plain identifier (letters, digits, _ . -; at most 64)"
+    if not isinstance(value, Tensor):
+        return f"is a {type(value).__name__}, not a tensor"
+    return tensor_problem(value)
+
+
 def tensor_problem(tensor: Tensor) -> str | None:
     """What makes ``tensor`` unfit to be a payload entry (a dtype outside
     :data:`ALLOWED_DTYPES`, more than :data:`MAX_DIMS` dimensions, a non-finite floating
@@ -562,7 +585,7 @@ class ReplySchema:
         passed."""
         new = {}
         for name, tensor in reply.items():
-            problem = tensor_problem(tensor)
+            problem = entry_problem(name, tensor)
             if problem:
                 raise ContractError(f"method {method!r}: client {i}'s {stage} reply entry "
                                     f"{name!r} {problem}")

@@ -18,7 +18,6 @@ shaped model than the others).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from torch import Tensor
 from privacy.envelope import Envelope, EnvelopeError
 from secure_fedora.algorithms.contract import (
     ALLOWED_DTYPES,
+    ENTRY_NAME,
     MAX_DIMS,
     Payload,
     tensor_problem,
@@ -43,8 +43,6 @@ __all__ = [
     "payload_to_record",
     "record_to_payload",
 ]
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def payload_to_record(payload: Mapping[str, Tensor], limits: PayloadLimits | Non
     arrays: dict[str, Array] = {}
     total = 0
     for name, tensor in payload.items():
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not ENTRY_NAME.match(name):
             raise ValueError(f"payload tensor name {name!r} is not a plain identifier")
         if not isinstance(tensor, Tensor):
             raise ValueError(f"payload entry {name!r} is a {type(tensor).__name__}, not a tensor")
@@ -84,8 +82,6 @@ def payload_to_record(payload: Mapping[str, Tensor], limits: PayloadLimits | Non
         if problem:
             raise ValueError(f"payload tensor {name!r} {problem}")
         t = tensor.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-            raise ValueError(f"payload tensor {name!r} is bfloat16, which numpy cannot carry")
         total += t.numel() * t.element_size()
         arrays[name] = Array(t.numpy())
     if total > limits.max_bytes:
@@ -120,7 +116,7 @@ def record_to_payload(record: object, envelope: Envelope, what: str,
             raise refuse(f"holds more than {limits.max_bytes} bytes")
     payload: Payload = {}
     for name in record:
-        if not _NAME.match(name):
+        if not ENTRY_NAME.match(name):
             raise refuse(f"tensor name {name!r} is not a plain identifier")
         try:
             array = record[name].numpy()

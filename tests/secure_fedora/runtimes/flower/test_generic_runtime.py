@@ -94,6 +94,11 @@ def test_reply_schema_refuses_a_differently_shaped_tensor_of_the_same_exchange()
         schema.check("m", "round", 2, {"theta": torch.zeros(6)})
     with pytest.raises(ContractError, match="float64"):
         schema.check("m", "round", 2, {"steps": torch.tensor(1.0, dtype=torch.float64)})
+    # what Flower's ClientApp cannot encode is refused alike in process
+    with pytest.raises(ContractError, match="'bad name' has a name that is not a plain"):
+        schema.check("m", "round", 2, {"bad name": torch.zeros(1)})
+    with pytest.raises(ContractError, match="'u' has dtype torch.bfloat16"):
+        schema.check("m", "round", 2, {"u": torch.zeros(1, dtype=torch.bfloat16)})
 
 
 # --------------------------------------------------------------------------- data isolation, state

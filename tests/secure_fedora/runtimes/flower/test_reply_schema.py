@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from secure_fedora.runtimes.flower import server_app
@@ -199,3 +200,37 @@ def test_a_non_finite_evaluation_row_is_refused_in_both_runtimes(tmp_path):
     finally:
         METHODS.unregister(name)
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.parametrize("entry, value, problem", [
+    ("bad name", torch.zeros(1), "has a name that is not a plain identifier"),
+    ("extra", torch.zeros(2, dtype=torch.bfloat16), "has dtype torch.bfloat16"),
+    ("extra", torch.zeros(1, 1, 1, 1, 1), "has 5 dimensions"),
+    ("extra", torch.tensor([float("nan")]), "contains non-finite values"),
+])
+def test_a_message_entry_flower_cannot_send_is_refused_in_both_runtimes(tmp_path, entry, value,
+                                                                        problem):
+    """A round message entry the Flower runtime cannot move (a name that is no plain
+    identifier, bfloat16, over 4 dimensions, non-finite) ran in process, and stopped the
+    ServerApp with a raw ValueError from the payload encoder; both runtimes now refuse it
+    before it is sent, naming the method, the client and the entry (and, for a reply, the
+    in-process check took what Flower's ClientApp refuses to encode)."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    class Sends(Toy):
+        def configure(self, rnd, participants):  # type: ignore[no-untyped-def]
+            return {i: {**m, entry: value} for i, m in super().configure(rnd, participants).items()}
+
+    name = "sends_unfit_x"
+    METHODS.register(name, Sends)
+    message = rf"method '{name}': its round message to client \d: entry '{entry}' {problem}"
+    try:
+        with pytest.raises(ContractError, match=message):
+            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
+        with pytest.raises(ContractError, match=message):
+            _run(tmp_path, name)
+    finally:
+        METHODS.unregister(name)
