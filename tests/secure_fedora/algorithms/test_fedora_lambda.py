@@ -87,7 +87,10 @@ class _RecordingPrivacy:
 
     def __init__(self, n: int) -> None:
         self.events: list[tuple[str, int]] = []
-        self.clients = [type("C", (), {"noise_multiplier": 0.0})() for _ in range(n)]
+        # no DP-SGD step in the setup exchange (what the runtimes' setup check reads)
+        counter = type("Steps", (), {"executed": 0})()
+        self.clients = [type("C", (), {"noise_multiplier": 0.0, "step_counter": counter})()
+                        for _ in range(n)]
 
     def private_lambda(self, i, theta, phi, x, y, noise, bind):  # type: ignore[no-untyped-def]
         self.events.append(("lambda", i))
