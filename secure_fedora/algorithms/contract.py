@@ -43,6 +43,7 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.messages import KIND_THETA
 from secure_fedora.core.errors import is_user_error
+from secure_fedora.core.tensors import all_finite
 
 Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
@@ -530,7 +531,7 @@ def tensor_problem(tensor: Tensor) -> str | None:
         return f"has dtype {tensor.dtype}, not one of the allowed payload dtypes"
     if tensor.dim() > MAX_DIMS:
         return f"has {tensor.dim()} dimensions, at most {MAX_DIMS}"
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         return "contains non-finite values"
     return None
 

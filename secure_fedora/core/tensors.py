@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 __all__ = ["FINITE_CHECK_ELEMENTS", "all_finite"]
@@ -13,10 +14,17 @@ FINITE_CHECK_ELEMENTS = 1 << 24
 
 
 def all_finite(tensor: Tensor) -> bool:
-    """Whether every element of ``tensor`` is finite (always True for non-float dtypes),
-    checked slice by slice so that the scratch never exceeds :data:`FINITE_CHECK_ELEMENTS`
-    elements (a non-contiguous tensor is checked row by row of its first dimension)."""
+    """Whether every element of ``tensor`` is finite (always True for non-float dtypes).
+
+    Screened by the tensor's sum first (one read pass, no scratch, several times faster than
+    ``isfinite``): a NaN or infinite element makes the sum NaN or infinite. Only a sum that is
+    not finite (a non-finite element, or finite elements whose sum overflowed) is checked
+    element by element, slice by slice, so that the scratch never exceeds
+    :data:`FINITE_CHECK_ELEMENTS` elements (a non-contiguous tensor row by row of its first
+    dimension)."""
     if not (tensor.is_floating_point() or tensor.is_complex()):
+        return True
+    if bool(torch.isfinite(tensor.sum())):
         return True
     if tensor.numel() <= FINITE_CHECK_ELEMENTS:
         return bool(tensor.isfinite().all())

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from privacy.errors import ToolkitError
+from secure_fedora.core.tensors import all_finite
 from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
 
 __all__ = [
@@ -336,7 +337,7 @@ def local_train(
             if lam > 0:
                 theta.add_(workspace.before, alpha=-cfg.lr * lam)
             steps += 1
-    if not torch.isfinite(theta).all():
+    if not all_finite(theta):
         theta.copy_(start)
         raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
                                 f" ({diverged_hint(cfg.lr, lam)})")
