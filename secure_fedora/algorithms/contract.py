@@ -442,8 +442,8 @@ def check_eval_row(method: str, i: int, row: Any, num_params: int) -> Tensor:
                else type(row).__name__)
         raise ContractError(f"method {method!r}: client {i}'s client_eval_row must return its "
                             f"parameter row ({num_params} floating values), got {got}")
-    bad = int((~torch.isfinite(row)).sum())
-    if bad:
+    if not all_finite(row):  # the count only for the message
+        bad = int((~torch.isfinite(row)).sum())
         raise ContractError(f"method {method!r}: client {i}'s client_eval_row returned a row "
                             f"with {bad} non-finite value(s) of {num_params}; a model with "
                             "non-finite parameters has no metric, nothing was evaluated")
