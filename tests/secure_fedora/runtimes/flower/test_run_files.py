@@ -92,19 +92,26 @@ def test_flower_run_removes_the_partial_writes_of_a_killed_server_app(tmp_path: 
         ["accuracy_per_round.png", "per_client_accuracy.png"]
 
 
-@pytest.mark.usefixtures("task_identity")
-def test_flower_round_without_replies_reports_no_method_statistics(tmp_path: Path) -> None:
-    """A round whose every training reply failed had FEDORA's statistics over no replies
-    written as measured values (mean_lambda 0.0, pulled_fraction 0.0) in its rounds.csv row,
-    where the in-process runtime (a round nobody was admitted to) writes steps 0 and leaves
-    them empty; the Flower row now does the same."""
-    cfg = with_methods(tiny_config(rounds=3), "fedora")
+def _run_with_round_2_down(tmp_path: Path, method: str) -> Path:
+    """A 3-round grid run of ``method`` on 3 clients whose every node is down in round 2 (no
+    training reply that round); returns the result directory."""
+    cfg = with_methods(tiny_config(rounds=3), method)
     result_dir = tmp_path / "res"
     rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
     down = {(c, 2): "node down (test)" for c in range(3)}
     results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3, fail=down),  # type: ignore[arg-type]
                                         RunSettings.from_run_config(rc), 42)
     assert [r["replied"] for r in results["rounds"]] == [3, 0, 3]
+    return result_dir
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_round_without_replies_reports_no_method_statistics(tmp_path: Path) -> None:
+    """A round whose every training reply failed had FEDORA's statistics over no replies
+    written as measured values (mean_lambda 0.0, pulled_fraction 0.0) in its rounds.csv row,
+    where the in-process runtime (a round nobody was admitted to) writes steps 0 and leaves
+    them empty; the Flower row now does the same."""
+    result_dir = _run_with_round_2_down(tmp_path, "fedora")
     _, rows = _rows(result_dir / "rounds.csv")
     assert [float(r["steps"]) > 0 for r in rows] == [True, False, True]
     assert [r["mean_lambda"] != "" for r in rows] == [True, False, True]
@@ -132,13 +139,7 @@ def test_flower_round_without_replies_is_not_aggregated(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(FedAvg, "aggregate", recording_aggregate)
     monkeypatch.setattr(FedAvg, "round_statistics", recording_statistics)
-    cfg = with_methods(tiny_config(rounds=3), "fedavg")
-    result_dir = tmp_path / "res"
-    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
-    down = {(c, 2): "node down (test)" for c in range(3)}
-    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3, fail=down),  # type: ignore[arg-type]
-                                        RunSettings.from_run_config(rc), 42)
-    assert [r["replied"] for r in results["rounds"]] == [3, 0, 3]
+    result_dir = _run_with_round_2_down(tmp_path, "fedavg")
     assert [c for c in calls if c[1] == 2] == []
     assert sorted(c[1] for c in calls) == [1, 1, 3, 3] and all(c[2] == 3 for c in calls)
     _, rows = _rows(result_dir / "rounds.csv")
