@@ -53,10 +53,17 @@ def plot_accuracy_per_round(history: Sequence[dict[str, Any]], path: Path,
             ax.fill_between(x, lows, highs, alpha=0.12)
         else:  # a band over one round has no width
             ax.vlines(x, lows, highs, color=line.get_color(), alpha=0.3, linewidth=6)
+    return _save_series(fig, ax, path, "round", f"test {name} (band: min-max across clients)",
+                        f"Personalized test {name} per round")
+
+
+def _save_series(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Finish a figure of one series per method over an integer axis (labels, title, grid,
+    legend) and save it at ``path``."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"test {name} (band: min-max across clients)")
-    ax.set_title(f"Personalized test {name} per round")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -72,15 +79,8 @@ def plot_per_client(methods: dict[str, dict[str, Any]], path: Path, metric: str 
     for method, body in methods.items():
         acc = body["selected"]["per_client"]
         ax.plot(range(len(acc)), acc, marker="o", markersize=3, linewidth=0.8, label=method)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("client")
-    ax.set_ylabel(f"test {name} (reported round's model)")
-    ax.set_title(f"Per-client {name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-    return path
+    return _save_series(fig, ax, path, "client", f"test {name} (reported round's model)",
+                        f"Per-client {name}")
 
 
 def plot_relatedness(matrix: Tensor, path: Path, title: str = "Propagation matrix P") -> Path:
