@@ -51,12 +51,15 @@ Payload = dict[str, Tensor]
 __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "Payload",
            "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "ReplySchema", "entry_problem",
            "expected_round_reply", "tensor_problem",
-           "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "build_method", "check_messages",
+           "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
+           "check_messages",
            "check_eval_row", "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
 ROUND = "round"
+#: The evaluation exchange (``evaluation_messages``; its reply is the client's metrics).
+EVALUATE = "evaluate"
 FINALIZE = "finalize"
 
 #: Reply entry: the local steps a client ran in the round (one whole number).
@@ -396,20 +399,24 @@ def round_mechanisms(name: str, cfg: Any) -> tuple[str, ...]:
 
 def check_messages(method: str, stage: str, rnd: int, messages: Any,
                    participants: Sequence[int]) -> dict[int, Payload]:
-    """``messages`` (what the server half addresses to clients in exchange ``stage``) as a
-    dict; :class:`ContractError` unless it maps only ``participants`` (the clients the runtime
-    chose, and with DP admitted) to dicts of tensors that are fit payload entries
-    (:func:`entry_problem`). A client outside them would train and reply without an accounted
-    release; an unfit entry is one the Flower runtime could not send."""
+    """``messages`` (what the server half addresses to clients in exchange ``stage``: setup,
+    round, evaluate or finalize) as a dict; :class:`ContractError` unless it maps only
+    ``participants`` (the clients the runtime chose, and with DP admitted; every client for
+    setup and finalize; the evaluated ones) to dicts of tensors that are fit payload entries
+    (:func:`entry_problem`). Both runtimes call it on every exchange's messages before any is
+    sent. A client outside them would train and reply without an accounted release; an unfit
+    entry is one the Flower runtime could not send."""
+    exchange = f"round {rnd}'s {stage}" if stage in (ROUND, EVALUATE) else f"the {stage}"
     if not isinstance(messages, Mapping):
-        raise ContractError(f"method {method!r}: the {stage} messages of round {rnd} must be a "
-                            f"dict client -> payload, got {type(messages).__name__}")
+        raise ContractError(f"method {method!r}: {exchange} messages must be a dict client -> "
+                            f"payload, got {type(messages).__name__}")
     allowed = set(participants)
     extra = sorted((i for i in messages if i not in allowed), key=repr)
     if extra:
+        whom = "the round's participants" if stage == ROUND else f"the {stage} exchange's clients"
         raise ContractError(
-            f"method {method!r}: round {rnd}'s {stage} messages address client(s) "
-            f"{extra[:8]} outside the round's participants {sorted(allowed)[:8]}"
+            f"method {method!r}: {exchange} messages address client(s) "
+            f"{extra[:8]} outside {whom} {sorted(allowed)[:8]}"
             f"{' ...' if len(allowed) > 8 else ''} (a client the runtime did not choose or "
             "admit must not train or reply)")
     for i, payload in messages.items():

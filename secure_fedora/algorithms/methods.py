@@ -32,6 +32,7 @@ from torch import Tensor
 
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.contract import (
+    EVALUATE,
     FINALIZE,
     NUM_EXAMPLES_REASON,
     REPLY_LAMBDA,
@@ -391,8 +392,11 @@ class FederatedMethod(FederatedAlgorithm):
 
     def setup(self) -> None:
         """Run the setup exchange once before the first round (no-op without one); the
-        replies are checked against :attr:`reply_rules` before the server half sees them."""
-        messages = self.setup_messages()
+        messages (:func:`~secure_fedora.algorithms.contract.check_messages`) are checked
+        before any client half runs, the replies against :attr:`reply_rules` before the
+        server half sees them."""
+        messages = check_messages(self._label(), SETUP, 0, self.setup_messages(),
+                                  range(self.ctx.num_clients))
         if messages:
             replies = self.client_setup_many(messages)
             rules = self.reply_rules
@@ -441,16 +445,19 @@ class FederatedMethod(FederatedAlgorithm):
     def eval_row(self, i: int) -> Tensor:
         """The parameters on which client ``i`` is evaluated (its personalized model), checked
         (:func:`~secure_fedora.algorithms.contract.check_eval_row`: finite, of the model's
-        size)."""
-        message = self.evaluation_messages(self.last_round, [i]).get(i)
+        size), its evaluation message checked first (:func:`check_messages`)."""
+        message = check_messages(self._label(), EVALUATE, self.last_round,
+                                 self.evaluation_messages(self.last_round, [i]), [i]).get(i)
         with client_half(self._label(), f"client {i}'s client_eval_row"):
             row = self.client_eval_row(i, message)
         return check_eval_row(self._label(), i, row, self.ctx.flat.num_params)
 
     def finalize(self) -> dict[str, Any]:
         """Run the finalize exchange (downloads through the exchange, for its last round)
-        and return :meth:`server_finalize`'s results."""
-        messages = self.finalize_messages()
+        and return :meth:`server_finalize`'s results; the messages are checked
+        (:func:`check_messages`) before any is sent."""
+        messages = check_messages(self._label(), FINALIZE, self.last_round,
+                                  self.finalize_messages(), range(self.ctx.num_clients))
         if messages:
             final_round = self.exchange.last_round if self.exchange is not None else 0
             messages = self._exchange_downloads(final_round, messages)

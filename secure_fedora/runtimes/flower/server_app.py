@@ -71,6 +71,10 @@ from privacy.ckks import InnerProductUpload
 from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import (
+    EVALUATE,
+    FINALIZE,
+    ROUND,
+    SETUP,
     Payload,
     ReplySchema,
     check_messages,
@@ -831,7 +835,8 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
     """The evaluation exchange of round ``rnd``; updates the tracker as in process."""
     n = server.cfg.data.num_clients
     clients = list(range(n))
-    messages = run.algorithm.evaluation_messages(rnd, clients)
+    messages = check_messages(run.name, EVALUATE, rnd,  # as in process, before any is sent
+                              run.algorithm.evaluation_messages(rnd, clients), clients)
     replies = _exchange_payloads(grid, server, run, "evaluate", rnd,
                                  {c: messages.get(c) for c in clients},
                                  server.settings.round_timeout)
@@ -903,7 +908,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                      Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
     run.schema = algorithm.reply_schema or ReplySchema.of(algorithm)
     ceremony = algorithm.setup_ceremony()
-    setup = algorithm.setup_messages() if ceremony is None else {}
+    setup = (check_messages(name, SETUP, 0, algorithm.setup_messages(), range(n))
+             if ceremony is None else {})
     t0 = time.perf_counter()
     if ceremony is not None:
         protocol = CEREMONIES.get(ceremony)
@@ -927,7 +933,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     for rnd in range(1, rounds + 1):
         participants = sample_participants(cfg, round_gen, n)
         t0 = time.perf_counter()
-        messages = check_messages(name, "round", rnd, algorithm.configure(rnd, participants),
+        messages = check_messages(name, ROUND, rnd, algorithm.configure(rnd, participants),
                                   participants)
         seen = len(server.events)
         replies = _exchange_payloads(grid, server, run, "round", rnd, messages,
@@ -989,7 +995,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
             "their ledgers may stay open and the run could not be verified, so no results are "
             "written; check those SuperNodes' logs or raise the round timeout"
             + (f" (last events: {why})" if why else ""))
-    final = algorithm.finalize_messages()
+    final = check_messages(name, FINALIZE, rounds, algorithm.finalize_messages(), range(n))
     final_payloads: dict[int, Payload] = {}
     if final:
         replies = _exchange_payloads(grid, server, run, "finalize", rounds + 1, final,

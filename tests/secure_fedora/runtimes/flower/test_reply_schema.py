@@ -34,7 +34,7 @@ _ = task_identity  # the fixture, imported for use above
 
 
 def _run(root: Path, method: str, tamper: dict | None = None, **training: Any) -> dict[str, Any]:
-    cfg = with_methods(tiny_config(rounds=2, **training), method)
+    cfg = with_methods(tiny_config(**{"rounds": 2, **training}), method)
     rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
     settings = RunSettings.from_run_config(rc)
     grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients,
@@ -232,5 +232,91 @@ def test_a_message_entry_flower_cannot_send_is_refused_in_both_runtimes(tmp_path
             in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
         with pytest.raises(ContractError, match=message):
             _run(tmp_path, name)
+    finally:
+        METHODS.unregister(name)
+
+
+def _unfit_exchange(stage: str, value: Any) -> type:
+    """The contract tests' Toy with a setup or finalize exchange, whose ``stage`` messages
+    (setup, evaluate or finalize) carry ``value`` as entry ``extra``."""
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+
+    def messages(clients: Any, base: Callable[[int], dict] = lambda i: {}) -> dict:
+        return {i: {**base(i), "extra": value} for i in clients}
+
+    class Unfit(Toy):
+        def setup_messages(self):  # type: ignore[no-untyped-def]
+            return messages(range(self.ctx.num_clients)) if stage == "setup" else {}
+
+        def client_setup(self, i, message):  # type: ignore[no-untyped-def]
+            return {}
+
+        def evaluation_messages(self, rnd, clients):  # type: ignore[no-untyped-def]
+            if stage != "evaluate":
+                return super().evaluation_messages(rnd, clients)
+            return messages(clients, lambda i: {"global": self.global_params})
+
+        def finalize_messages(self):  # type: ignore[no-untyped-def]
+            return messages(range(self.ctx.num_clients)) if stage == "finalize" else {}
+
+        def client_finalize(self, i, message):  # type: ignore[no-untyped-def]
+            return {}
+    return Unfit
+
+
+@pytest.mark.parametrize("stage", ["setup", "evaluate", "finalize"])
+@pytest.mark.parametrize("value, problem", [
+    (1.5, "must be a dict of tensors; entry 'extra' is a float"),
+    (torch.tensor([float("nan")]), "entry 'extra' contains non-finite values"),
+    (torch.zeros(2, dtype=torch.bfloat16), "entry 'extra' has dtype torch.bfloat16"),
+])
+def test_an_unfit_setup_evaluation_or_finalize_message_is_refused_in_both_runtimes(
+        tmp_path, stage, value, problem):
+    """Only round messages were checked: a plug-in's setup, evaluation or finalize message
+    holding a non-tensor or non-finite entry ran in process (the client half got it) and on
+    Flower stopped the ServerApp with a raw ValueError from the payload encoder. Both runtimes now check every exchange's messages with check_messages before any
+    is sent, with the same ContractError naming the method, the exchange and the client."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    name = f"unfit_{stage}_x"
+    METHODS.register(name, _unfit_exchange(stage, value))
+    message = rf"^method '{name}': its {stage} message to client 0:? {problem}"
+    try:
+        with pytest.raises(ContractError, match=message):
+            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
+        with pytest.raises(ContractError, match=message):
+            _run(tmp_path, name, rounds=1)
+    finally:
+        METHODS.unregister(name)
+    state = tmp_path / "nodes" / "node-0" / "runs" / "42" / name / "client.pt"
+    assert state.exists() == (stage != "setup")  # a refused setup exchange reached no client
+
+
+@pytest.mark.parametrize("stage", ["setup", "finalize"])
+def test_setup_and_finalize_messages_address_only_the_run_s_clients(tmp_path, stage):
+    """A setup or finalize message to a client the run does not have reached the Flower
+    ServerApp's node lookup (a raw KeyError); both runtimes now refuse it by name."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    class Beyond(_unfit_exchange(stage, torch.zeros(1))):  # type: ignore[misc]
+        def setup_messages(self):  # type: ignore[no-untyped-def]
+            return {7: {}} if stage == "setup" else {}
+
+        def finalize_messages(self):  # type: ignore[no-untyped-def]
+            return {7: {}} if stage == "finalize" else {}
+
+    name = f"beyond_{stage}_x"
+    METHODS.register(name, Beyond)
+    message = (rf"method '{name}': the {stage} messages address client\(s\) \[7\] outside the "
+               rf"{stage} exchange's clients \[0, 1, 2\]")
+    try:
+        with pytest.raises(ContractError, match=message):
+            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
+        with pytest.raises(ContractError, match=message):
+            _run(tmp_path, name, rounds=1)
     finally:
         METHODS.unregister(name)
