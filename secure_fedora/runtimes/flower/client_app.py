@@ -31,7 +31,9 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
    the reply leaves; a refused release is answered with a ``refusal`` record and no payload,
    and from then on the client releases nothing;
 4. the client half runs (``client_setup`` / ``client_update`` / ``client_eval_row`` and the
-   evaluation on its validation and test data / ``client_finalize``), its state is saved
+   evaluation on its validation and test data / ``client_finalize``), its reply is checked as
+   the server checks it (``ReplyRules.check_received``: a malformed reply is an error naming
+   the method, client, exchange and entry, and never leaves), its state is saved
    atomically, a released payload is recorded in the node's hash-chained release journal
    (fsynced) and only then the reply is signed with the client's identity key -- by the
    SignEnvelope stage of the client's release pipeline (under DP after the round release's
@@ -76,6 +78,7 @@ from privacy.noise import NoiseSource, make_noise_source
 from privacy.pipeline import EncryptPayload, Release
 from secure_fedora.algorithms.contract import (
     Payload,
+    ReplySchema,
     check_eval_row,
     check_setup_steps,
     client_half,
@@ -954,7 +957,15 @@ def _run_client_half(
     client: ClientData,
 ) -> tuple[Payload, dict[str, float], str | None]:
     """Restore the method's client state, then run its client half for ``stage``; returns
-    (reply payload, metrics, refusal reason or None)."""
+    (reply payload, metrics, refusal reason or None).
+
+    The reply is checked here as the server will check it (``ReplyRules.check_received``:
+    exactly the declared entries, counts, allowed dtypes, finite values, and the dtype and
+    shape of every entry the method's server half fixes), so a malformed reply fails in this
+    process with a :class:`~secure_fedora.algorithms.contract.ContractError` naming the
+    method, the client, the exchange and the entry (the server sees an error reply), before
+    it is journaled as a release, saved as answered or signed. The server still checks every
+    reply it receives (a node may run other code)."""
     i = client.client_id
     if state.algorithm:
         algorithm.load_client_state_dict(i, state.algorithm)
@@ -994,8 +1005,8 @@ def _run_client_half(
             reply = algorithm.client_finalize(i, message)
     else:
         raise DeployError(f"unknown exchange {stage!r}")
-    if rules is not None:  # before it leaves: only declared entries in a private run
-        rules.check_reply(stage, i, reply)
+    if rules is not None:  # before it leaves: what the server would refuse, refused here
+        rules.check_received(stage, i, reply, algorithm.reply_schema or ReplySchema.of(algorithm))
     if stage == "round" and privacy is not None:  # executed DP-SGD steps == the ledger's
         privacy.confirm_steps(rnd, [i])
     return reply, {}, None

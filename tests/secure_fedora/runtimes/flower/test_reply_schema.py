@@ -33,13 +33,16 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 _ = task_identity  # the fixture, imported for use above
 
 
-def _run(root: Path, method: str, tamper: dict | None = None, **training: Any) -> dict[str, Any]:
+def _run(root: Path, method: str, tamper: dict | None = None, grids: list | None = None,
+         **training: Any) -> dict[str, Any]:
     cfg = with_methods(tiny_config(**{"rounds": 2, **training}), method)
     rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
     settings = RunSettings.from_run_config(rc)
     grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients,
                         tamper_reply={k: _resigned(root, settings, k[0], f)
                                       for k, f in (tamper or {}).items()})
+    if grids is not None:
+        grids.append(grid)
     with contextlib.redirect_stdout(io.StringIO()):
         return server_app.run_federation(grid, settings, 42)
 
@@ -135,7 +138,9 @@ def _plugin_reply(change: str) -> type:
                 theta = reply.pop("theta")
                 if change != "missing":
                     reply["theta"] = {"shape": theta[:10], "nan": theta * float("nan"),
-                                      "float64": theta.double()}[change]
+                                      "float64": theta.double()}.get(change, theta)
+                if change == "extra":
+                    reply["extra"] = torch.zeros(1)
             return reply
     return Plugin
 
@@ -168,8 +173,46 @@ def test_a_plugin_reply_is_refused_alike_in_both_runtimes(tmp_path, change, prob
     assert [r["replied"] for r in results["rounds"]] == [2, 3]
     [event] = [e for e in results["events"] if e["round"] == 1]
     assert event["client"] == 0 and "counts as not taking part" in event["event"]
-    if change != "nan":  # a non-finite tensor never leaves the ClientApp (payload_to_record)
-        assert re.search(problem, event["event"]), event
+    assert re.search(problem, event["event"]), event
+
+
+@pytest.mark.parametrize("change, problem", [
+    ("shape", r"entry 'theta' is torch.float32 \(10,\), the exchange carries torch.float32"),
+    ("missing", r"reply carries \['steps'\], the method's round replies carry \['steps', 'theta'\]"),
+    ("nan", "entry 'theta' contains non-finite values"),
+    ("float64", r"entry 'theta' is torch.float64 \(\d+,\), the exchange carries torch.float32"),
+    ("extra", r"reply carries \['extra', 'steps', 'theta'\], the method's round replies carry"),
+])
+def test_a_malformed_plugin_reply_fails_in_the_client_app_before_it_leaves(tmp_path, change,
+                                                                           problem):
+    """The ClientApp checked its reply only for undeclared entries in a private run: a reply
+    the server would refuse (a wrong shape or dtype, a missing entry, an extra one without DP)
+    was journaled as a release, saved as answered, signed and sent, and only the server's
+    rejection named it (a NaN one failed in the payload encoder with a bare ValueError after it
+    was journaled). The ClientApp now runs the server's check (check_received) on it first: a
+    ContractError naming the method, the client, the exchange and the entry, sent as an error
+    reply; nothing is journaled; the server still takes the other clients' replies."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from secure_fedora.runtimes.flower.state import ReleaseJournal
+
+    name = f"client_checks_{change}_x"
+    METHODS.register(name, _plugin_reply(change))
+    grids: list[InMemoryGrid] = []
+    try:
+        results = _run(tmp_path, name, grids=grids)
+    finally:
+        METHODS.unregister(name)
+    assert [r["replied"] for r in results["rounds"]] == [2, 3]
+    [(client, kind, err)] = grids[0].errors
+    assert (client, kind) == (0, MSG_ROUND) and isinstance(err, ContractError)
+    assert re.match(f"method '{name}': client 0's round (reply )?{problem}", str(err)), err
+    [event] = [e for e in results["events"] if e["round"] == 1]
+    assert event["event"].startswith("error reply (")
+    assert f"ContractError: method '{name}': client 0's round" in event["event"]
+    assert not results["security"]["rejections"]  # refused by the client, not the server
+    journal = ReleaseJournal(tmp_path / "nodes" / "node-0" / "runs" / "42" / "releases.jsonl")
+    assert [e["round"] for e in journal.entries() if e["kind"] == f"{name}/round"] == [2]
 
 
 def test_a_non_finite_evaluation_row_is_refused_in_both_runtimes(tmp_path):
