@@ -1,0 +1,94 @@
+"""A plug-in's client half that raises on a Flower node: the ClientApp answers with an error
+reply carrying a ClientHalfError that names the method and the client (the original exception
+kept as its cause), and the ServerApp treats that client as not taking part, as in process the
+same error stops the run (tests/secure_fedora/algorithms/test_contract_checks.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from secure_fedora.algorithms.contract import ClientHalfError
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
+from tests.secure_fedora.algorithms.test_contract_checks import Toy
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    run_config,
+    task_identity,
+    tiny_config,
+    with_methods,
+)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+_ = task_identity  # the fixture, imported for use above
+
+
+class Breaks(Toy):
+    """Toy whose client 1 divides by zero in round 1's client_update."""
+
+    def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+        if (i, rnd) == (1, 1):
+            return {"steps": torch.tensor(1 // 0)}
+        return super().client_update(i, rnd, message)
+
+
+class BreaksEvaluating(Toy):
+    """Toy whose client 1 cannot produce its evaluation row."""
+
+    def client_eval_row(self, i, message=None):  # type: ignore[no-untyped-def]
+        if i == 1:
+            raise KeyError("no such row")
+        return super().client_eval_row(i, message)
+
+
+def _run(root: Path, cls: type, name: str) -> tuple[dict[str, Any] | None, InMemoryGrid, Any]:
+    """A 2-round Flower run of ``cls`` registered as ``name``: (results or None, the grid,
+    the DeployError the ServerApp raised or None)."""
+    METHODS.register(name, cls)
+    try:
+        cfg = with_methods(tiny_config(rounds=2), name)
+        rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
+        grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return server_app.run_federation(grid, RunSettings.from_run_config(rc), 42), grid, None
+    except DeployError as err:
+        return None, grid, err
+    finally:
+        METHODS.unregister(name)
+
+
+def test_a_client_update_that_raises_is_an_error_reply_naming_method_and_client(tmp_path):
+    results, grid, stopped = _run(tmp_path, Breaks, "breaks_x")
+    assert stopped is None and results is not None
+    [(client, kind, err)] = grid.errors
+    assert (client, kind) == (1, MSG_ROUND) and isinstance(err, ClientHalfError)
+    assert str(err).startswith("method 'breaks_x': client 1's client_update of round 1 failed: "
+                               "ZeroDivisionError")
+    assert isinstance(err.__cause__, ZeroDivisionError)
+    # that client takes no part in round 1, the others do, and the run goes on
+    assert [r["replied"] for r in results["rounds"]] == [2, 3]
+    [event] = [e for e in results["events"] if e["round"] == 1]
+    assert event["client"] == 1
+    assert "ClientHalfError: method 'breaks_x': client 1's client_update" in event["event"]
+    assert event["event"].endswith("counts as not taking part in the round exchange")
+    assert (tmp_path / "res" / "results.json").exists()
+
+
+def test_a_client_eval_row_that_raises_stops_the_run_naming_method_and_client(tmp_path):
+    """A client that never evaluated has no metric: the run stops (no made-up results),
+    naming the client's error."""
+    results, grid, stopped = _run(tmp_path, BreaksEvaluating, "breaks_eval_x")
+    assert results is None and stopped is not None
+    assert "clients [1] never reported an evaluation" in str(stopped)
+    assert "ClientHalfError: method 'breaks_eval_x': client 1's client_eval_row failed: " \
+           "KeyError" in str(stopped)
+    errors = [(c, k, type(e), type(e.__cause__)) for c, k, e in grid.errors]
+    assert set(errors) == {(1, MSG_EVALUATE, ClientHalfError, KeyError)}
+    assert not (tmp_path / "res" / "results.json").exists()
