@@ -48,9 +48,9 @@ from secure_fedora.core.tensors import all_finite
 Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
-__all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "Payload",
+__all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "MAX_ENTRIES", "Payload",
            "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "ReplySchema", "entry_problem",
-           "expected_round_reply", "tensor_problem",
+           "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages",
            "check_eval_row", "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
@@ -91,6 +91,8 @@ ALLOWED_DTYPES = frozenset({
 ENTRY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 #: Most dimensions a payload tensor may have.
 MAX_DIMS = 4
+#: Most entries one payload may carry.
+MAX_ENTRIES = 64
 
 TensorSignature = tuple[torch.dtype, tuple[int, ...]]
 """A payload tensor's dtype and shape."""
@@ -398,13 +400,15 @@ def round_mechanisms(name: str, cfg: Any) -> tuple[str, ...]:
 
 
 def check_messages(method: str, stage: str, rnd: int, messages: Any,
-                   participants: Sequence[int]) -> dict[int, Payload]:
+                   participants: Sequence[int], num_params: int | None = None
+                   ) -> dict[int, Payload]:
     """``messages`` (what the server half addresses to clients in exchange ``stage``: setup,
     round, evaluate or finalize) as a dict; :class:`ContractError` unless it maps only
     ``participants`` (the clients the runtime chose, and with DP admitted; every client for
     setup and finalize; the evaluated ones) to dicts of tensors that are fit payload entries
-    (:func:`entry_problem`). Both runtimes call it on every exchange's messages before any is
-    sent. A client outside them would train and reply without an accounted release; an unfit
+    (:func:`entry_problem`), each message within :func:`payload_size_problem`'s caps for a
+    model of ``num_params`` parameters. Both runtimes call it on every exchange's messages
+    before any is sent. A client outside them would train and reply without an accounted release; an unfit
     entry is one the Flower runtime could not send."""
     exchange = f"round {rnd}'s {stage}" if stage in (ROUND, EVALUATE) else f"the {stage}"
     if not isinstance(messages, Mapping):
@@ -434,6 +438,10 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
                 raise ContractError(f"method {method!r}: its {stage} message to client {i}: "
                                     f"entry {key!r} {problem} (the Flower runtime could not "
                                     "send it)")
+        problem = payload_size_problem(payload, num_params)
+        if problem:
+            raise ContractError(f"method {method!r}: its {stage} message to client {i} "
+                                f"{problem} (the Flower runtime could not send it)")
     return dict(messages)
 
 
@@ -543,6 +551,27 @@ def tensor_problem(tensor: Tensor) -> str | None:
     return None
 
 
+def max_payload_bytes(num_params: int) -> int:
+    """The most bytes one payload of a run whose model has ``num_params`` parameters may
+    carry: 16 parameter vectors of float64 plus 1 MiB, at least 16 MiB (what the Flower
+    runtime sends and decodes)."""
+    return max(16 * 1024 * 1024, 16 * 8 * int(num_params) + (1 << 20))
+
+
+def payload_size_problem(payload: Mapping[str, Tensor], num_params: int | None) -> str | None:
+    """What makes ``payload`` (a dict of tensors) too large for one message (more than
+    :data:`MAX_ENTRIES` entries; with ``num_params``, more than :func:`max_payload_bytes`),
+    or ``None``: what both runtimes refuse, and the Flower runtime could not move."""
+    if len(payload) > MAX_ENTRIES:
+        return f"holds {len(payload)} entries, at most {MAX_ENTRIES}"
+    if num_params is not None:
+        total = sum(t.numel() * t.element_size() for t in payload.values())
+        cap = max_payload_bytes(num_params)
+        if total > cap:
+            return f"holds {total} bytes, at most {cap} for a model of {num_params} parameters"
+    return None
+
+
 def expected_round_reply(algorithm: Any) -> dict[str, TensorSignature]:
     """The round-reply entries whose dtype and shape the server half knows: each upload
     matrix's row (``upload_state``), the model row for ``theta`` when no upload matrix names
@@ -571,12 +600,16 @@ class ReplySchema:
     (:meth:`ReplyRules.check_received`)."""
 
     pins: dict[tuple[str, str], TensorSignature] = field(default_factory=dict)
+    #: The model's size, which caps a reply's bytes (:func:`payload_size_problem`).
+    num_params: int | None = None
 
     @classmethod
     def of(cls, algorithm: Any) -> ReplySchema:
         """The schema of ``algorithm``'s replies, its round replies expected as
-        :func:`expected_round_reply` says."""
-        schema = cls()
+        :func:`expected_round_reply` says, their size capped for its model."""
+        num_params = getattr(getattr(getattr(algorithm, "ctx", None), "flat", None),
+                             "num_params", None)
+        schema = cls(num_params=num_params if isinstance(num_params, int) else None)
         schema.expect(ROUND, expected_round_reply(algorithm))
         return schema
 
@@ -589,8 +622,8 @@ class ReplySchema:
     def check(self, method: str, stage: str, i: int, reply: Mapping[str, Tensor]) -> None:
         """:class:`ContractError` naming ``method``, client ``i`` and the entry when an entry
         of its ``stage`` reply (a dict of tensors) is unfit (:func:`tensor_problem`) or
-        differs in dtype or shape from its pin; pins the new names only once the whole reply
-        passed."""
+        differs in dtype or shape from its pin, or the reply is over the size caps
+        (:func:`payload_size_problem`); pins the new names only once the whole reply passed."""
         new = {}
         for name, tensor in reply.items():
             problem = entry_problem(name, tensor)
@@ -605,6 +638,9 @@ class ReplySchema:
                 raise ContractError(
                     f"method {method!r}: client {i}'s {stage} reply entry {name!r} is {sig[0]} "
                     f"{sig[1]}, the exchange carries {pinned[0]} {pinned[1]}")
+        problem = payload_size_problem(reply, self.num_params)
+        if problem:
+            raise ContractError(f"method {method!r}: client {i}'s {stage} reply {problem}")
         self.pins.update(new)
 
 

@@ -396,7 +396,7 @@ class FederatedMethod(FederatedAlgorithm):
         before any client half runs, the replies against :attr:`reply_rules` before the
         server half sees them."""
         messages = check_messages(self._label(), SETUP, 0, self.setup_messages(),
-                                  range(self.ctx.num_clients))
+                                  range(self.ctx.num_clients), self.ctx.flat.num_params)
         if messages:
             replies = self.client_setup_many(messages)
             rules = self.reply_rules
@@ -428,7 +428,7 @@ class FederatedMethod(FederatedAlgorithm):
         rules = self.reply_rules
         label = rules.method if rules is not None else self.name
         messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
-                                  participants)
+                                  participants, self.ctx.flat.num_params)
         messages = self._exchange_downloads(rnd, messages)
         with client_half(label, f"the client halves of round {rnd} (client_update_many)"):
             replies = self.client_update_many(rnd, messages)
@@ -447,7 +447,8 @@ class FederatedMethod(FederatedAlgorithm):
         (:func:`~secure_fedora.algorithms.contract.check_eval_row`: finite, of the model's
         size), its evaluation message checked first (:func:`check_messages`)."""
         message = check_messages(self._label(), EVALUATE, self.last_round,
-                                 self.evaluation_messages(self.last_round, [i]), [i]).get(i)
+                                 self.evaluation_messages(self.last_round, [i]), [i],
+                                 self.ctx.flat.num_params).get(i)
         with client_half(self._label(), f"client {i}'s client_eval_row"):
             row = self.client_eval_row(i, message)
         return check_eval_row(self._label(), i, row, self.ctx.flat.num_params)
@@ -457,7 +458,8 @@ class FederatedMethod(FederatedAlgorithm):
         and return :meth:`server_finalize`'s results; the messages are checked
         (:func:`check_messages`) before any is sent."""
         messages = check_messages(self._label(), FINALIZE, self.last_round,
-                                  self.finalize_messages(), range(self.ctx.num_clients))
+                                  self.finalize_messages(), range(self.ctx.num_clients),
+                                  self.ctx.flat.num_params)
         if messages:
             final_round = self.exchange.last_round if self.exchange is not None else 0
             messages = self._exchange_downloads(final_round, messages)

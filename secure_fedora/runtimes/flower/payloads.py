@@ -31,7 +31,9 @@ from secure_fedora.algorithms.contract import (
     ALLOWED_DTYPES,
     ENTRY_NAME,
     MAX_DIMS,
+    MAX_ENTRIES,
     Payload,
+    max_payload_bytes,
     tensor_problem,
 )
 from secure_fedora.secure.transport import MalformedPayloadError, log_rejection
@@ -50,14 +52,15 @@ class PayloadLimits:
     """Size caps of one decoded payload (defaults fit any built-in method's messages for a
     model of up to ``max_bytes / 16`` float32 parameters)."""
 
-    max_tensors: int = 64
+    max_tensors: int = MAX_ENTRIES
     max_bytes: int = 256 * 1024 * 1024
 
     @classmethod
     def for_model(cls, num_params: int) -> PayloadLimits:
         """Caps for a run whose model has ``num_params`` parameters: 16 parameter vectors of
-        float64 (plus 1 MiB) per message, at least 16 MiB."""
-        return cls(max_bytes=max(16 * 1024 * 1024, 16 * 8 * int(num_params) + (1 << 20)))
+        float64 (plus 1 MiB) per message, at least 16 MiB (the caps both runtimes' contract
+        checks apply, :func:`~secure_fedora.algorithms.contract.payload_size_problem`)."""
+        return cls(max_bytes=max_payload_bytes(num_params))
 
 
 def payload_to_record(payload: Mapping[str, Tensor], limits: PayloadLimits | None = None

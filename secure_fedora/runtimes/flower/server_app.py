@@ -836,7 +836,8 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
     n = server.cfg.data.num_clients
     clients = list(range(n))
     messages = check_messages(run.name, EVALUATE, rnd,  # as in process, before any is sent
-                              run.algorithm.evaluation_messages(rnd, clients), clients)
+                              run.algorithm.evaluation_messages(rnd, clients), clients,
+                              run.algorithm.ctx.flat.num_params)
     replies = _exchange_payloads(grid, server, run, "evaluate", rnd,
                                  {c: messages.get(c) for c in clients},
                                  server.settings.round_timeout)
@@ -908,7 +909,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                      Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
     run.schema = algorithm.reply_schema or ReplySchema.of(algorithm)
     ceremony = algorithm.setup_ceremony()
-    setup = (check_messages(name, SETUP, 0, algorithm.setup_messages(), range(n))
+    num_params = algorithm.ctx.flat.num_params
+    setup = (check_messages(name, SETUP, 0, algorithm.setup_messages(), range(n), num_params)
              if ceremony is None else {})
     t0 = time.perf_counter()
     if ceremony is not None:
@@ -934,7 +936,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         participants = sample_participants(cfg, round_gen, n)
         t0 = time.perf_counter()
         messages = check_messages(name, ROUND, rnd, algorithm.configure(rnd, participants),
-                                  participants)
+                                  participants, num_params)
         seen = len(server.events)
         replies = _exchange_payloads(grid, server, run, "round", rnd, messages,
                                      server.settings.round_timeout)
@@ -995,7 +997,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
             "their ledgers may stay open and the run could not be verified, so no results are "
             "written; check those SuperNodes' logs or raise the round timeout"
             + (f" (last events: {why})" if why else ""))
-    final = check_messages(name, FINALIZE, rounds, algorithm.finalize_messages(), range(n))
+    final = check_messages(name, FINALIZE, rounds, algorithm.finalize_messages(), range(n),
+                           num_params)
     final_payloads: dict[int, Payload] = {}
     if final:
         replies = _exchange_payloads(grid, server, run, "finalize", rounds + 1, final,

@@ -363,3 +363,74 @@ def test_setup_and_finalize_messages_address_only_the_run_s_clients(tmp_path, st
             _run(tmp_path, name, rounds=1)
     finally:
         METHODS.unregister(name)
+
+
+@pytest.mark.parametrize("stage", ["round", "finalize"])
+@pytest.mark.parametrize("entries, size, problem", [
+    (70, 1, r"holds 7[01] entries, at most 64"),
+    (1, 5 * 1024 * 1024, r"holds \d+ bytes, at most 16777216 for a model of \d+ parameters"),
+])
+def test_a_message_over_the_payload_caps_is_refused_in_both_runtimes(tmp_path, stage, entries,
+                                                                     size, problem):
+    """A message of more entries or bytes than one payload may carry ran in process and
+    stopped the Flower ServerApp with a raw ValueError from the payload encoder; both runtimes
+    now refuse it before it is sent (check_messages with the model's size), naming the
+    method, the exchange and the client."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    big = {f"e{k}": torch.zeros(size) for k in range(entries)}
+
+    class Large(_unfit_exchange("none", torch.zeros(1))):  # type: ignore[misc]
+        def configure(self, rnd, participants):  # type: ignore[no-untyped-def]
+            messages = super().configure(rnd, participants)
+            return {i: {**m, **big} for i, m in messages.items()} if stage == "round" else messages
+
+        def finalize_messages(self):  # type: ignore[no-untyped-def]
+            return {i: dict(big) for i in range(self.ctx.num_clients)} if stage == "finalize" else {}
+
+    name = f"large_{stage}_x"
+    METHODS.register(name, Large)
+    message = rf"^method '{name}': its {stage} message to client 0 {problem}"
+    try:
+        with pytest.raises(ContractError, match=message):
+            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
+        with pytest.raises(ContractError, match=message):
+            _run(tmp_path, name, rounds=1)
+    finally:
+        METHODS.unregister(name)
+
+
+def test_a_reply_over_the_payload_caps_fails_in_the_client_app(tmp_path):
+    """A reply larger than one payload may carry failed in the ClientApp's payload encoder
+    (a bare ValueError) after it was journaled as a release; it is now refused before, by the
+    reply check both runtimes run (ReplySchema), naming the method, the client and the
+    exchange."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    class Declares(Toy):
+        @classmethod
+        def reply_entries(cls, cfg, stage):  # type: ignore[no-untyped-def]
+            return {"theta": "", "steps": "", "big": ""} if stage == "round" else {}
+
+        def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+            big = torch.zeros(5 * 1024 * 1024 if (i, rnd) == (0, 1) else 1)
+            return {**super().client_update(i, rnd, message), "big": big}
+
+    name = "large_reply_x"
+    METHODS.register(name, Declares)
+    problem = r"method 'large_reply_x': client 0's round reply holds \d+ bytes, at most 16777216"
+    grids: list[InMemoryGrid] = []
+    try:
+        with pytest.raises(ContractError, match=problem):
+            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
+        results = _run(tmp_path, name, grids=grids, rounds=1)
+    finally:
+        METHODS.unregister(name)
+    [(client, _, err)] = grids[0].errors
+    assert client == 0 and isinstance(err, ContractError) and re.match(problem, str(err))
+    assert results["rounds"][0]["replied"] == 2
