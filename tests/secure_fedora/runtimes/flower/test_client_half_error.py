@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from privacy.ledger import read_ledger
 from secure_fedora.algorithms.contract import ClientHalfError
+from secure_fedora.core.config import parse_config
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
@@ -48,12 +50,16 @@ class BreaksEvaluating(Toy):
         return super().client_eval_row(i, message)
 
 
-def _run(root: Path, cls: type, name: str) -> tuple[dict[str, Any] | None, InMemoryGrid, Any]:
-    """A 2-round Flower run of ``cls`` registered as ``name``: (results or None, the grid,
-    the DeployError the ServerApp raised or None)."""
+def _run(root: Path, cls: type, name: str, dp: bool = False
+         ) -> tuple[dict[str, Any] | None, InMemoryGrid, Any]:
+    """A 2-round Flower run of ``cls`` registered as ``name`` (``dp``: with privacy):
+    (results or None, the grid, the DeployError the ServerApp raised or None)."""
     METHODS.register(name, cls)
     try:
         cfg = with_methods(tiny_config(rounds=2), name)
+        if dp:
+            cfg = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
+                                "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3}})
         rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
         grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -64,8 +70,11 @@ def _run(root: Path, cls: type, name: str) -> tuple[dict[str, Any] | None, InMem
         METHODS.unregister(name)
 
 
-def test_a_client_update_that_raises_is_an_error_reply_naming_method_and_client(tmp_path):
-    results, grid, stopped = _run(tmp_path, Breaks, "breaks_x")
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+def test_a_client_update_that_raises_is_an_error_reply_naming_method_and_client(tmp_path, dp):
+    """Under DP the failed round's admitted release stays accounted: the client's ledger
+    records both rounds, as the others' (nothing left, nothing is under-counted)."""
+    results, grid, stopped = _run(tmp_path, Breaks, "breaks_x", dp)
     assert stopped is None and results is not None
     [(client, kind, err)] = grid.errors
     assert (client, kind) == (1, MSG_ROUND) and isinstance(err, ClientHalfError)
@@ -79,6 +88,12 @@ def test_a_client_update_that_raises_is_an_error_reply_naming_method_and_client(
     assert "ClientHalfError: method 'breaks_x': client 1's client_update" in event["event"]
     assert event["event"].endswith("counts as not taking part in the round exchange")
     assert (tmp_path / "res" / "results.json").exists()
+    if dp:
+        for c in range(3):
+            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "breaks_x" / \
+                f"client-{c:03d}.jsonl"
+            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
+                (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
 
 
 def test_a_client_eval_row_that_raises_stops_the_run_naming_method_and_client(tmp_path):
