@@ -7,7 +7,9 @@ available) and the runtime looks implementations up by name.
 
 Registries fill lazily: the first lookup imports the modules that define the built-in entries
 and every module of the ``secure_fedora.contrib`` package, so a new method (or model, loss,
-...) is one new module there that registers itself; nothing else needs editing.
+...) is one new module there that registers itself; nothing else needs editing. The built-in
+names are also listed here, so that checking a name (what config validation does) imports
+neither the built-in modules nor torch; only :meth:`Registry.get` needs the implementations.
 """
 
 from __future__ import annotations
@@ -50,14 +52,17 @@ class RegistryError(ToolkitError, ValueError):
 class Registry(Generic[T]):
     """A named collection of implementations of one kind (e.g. "method").
 
-    ``modules`` are imported on the first lookup (they register the built-in entries), then
-    every module of :data:`CONTRIB_PACKAGE`. Registering a name twice raises
+    ``modules`` are imported on the first lookup of an implementation (they register the
+    built-in entries, which must be exactly ``builtins``), then every module of
+    :data:`CONTRIB_PACKAGE`. Name checks (:meth:`check`, :meth:`names`, ``in``) answer from
+    ``builtins`` without importing ``modules``. Registering a name twice raises
     :class:`RegistryError` (a plug-in cannot silently replace a built-in).
     """
 
-    def __init__(self, kind: str, modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, modules: tuple[str, ...] = (), builtins: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self._modules = modules
+        self._builtins = frozenset(builtins)
         self._entries: dict[str, T] = {}
         self._loaded = False
         self._loading = False
@@ -103,6 +108,10 @@ class Registry(Generic[T]):
         try:
             for module in self._modules:
                 importlib.import_module(module)
+            missing = self._builtins.difference(self._entries)
+            if missing:  # the names that checks answer from must all exist
+                raise RegistryError(f"built-in {self.kind} {sorted(missing)} declared but not "
+                                    f"registered by {', '.join(self._modules)}")
             self._loaded = True
         finally:
             self._loading = False
@@ -111,14 +120,20 @@ class Registry(Generic[T]):
         self._load_builtins()
         load_contrib()
 
+    def _known(self) -> set[str]:
+        """Every name, the built-ins without importing them (plug-ins are imported)."""
+        load_contrib()
+        return set(self._entries) if self._loaded else self._builtins.union(self._entries)
+
     def names(self) -> list[str]:
         """Every registered name, sorted."""
-        self._load()
-        return sorted(self._entries)
+        return sorted(self._known())
 
     def __contains__(self, name: object) -> bool:
-        self._load()
-        return name in self._entries
+        try:
+            return name in self._known()
+        except TypeError:  # unhashable: no name
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -140,9 +155,11 @@ class Registry(Generic[T]):
             ) from None
 
     def check(self, name: str) -> str:
-        """``name`` if registered, else :class:`RegistryError` (for config validators)."""
-        self.get(name)
-        return name
+        """``name`` if registered, else :class:`RegistryError` listing the available names (for
+        config validators: a built-in name is checked without importing its module)."""
+        if name in self:
+            return name
+        return self.get(name)  # raises: not registered
 
 
 def declared(entry: Any, attribute: str) -> Any:
@@ -173,16 +190,20 @@ def load_contrib() -> None:
 DatasetLoader = Callable[[int], Any]
 Partitioner = Callable[..., Any]
 
-DATASETS: Registry[DatasetLoader] = Registry("dataset", ("secure_fedora.data.partition",))
+DATASETS: Registry[DatasetLoader] = Registry(
+    "dataset", ("secure_fedora.data.partition",), ("mnist", "fashion_mnist"))
 """Built-in datasets: ``loader(seed) -> LabeledDataset``."""
-PARTITIONERS: Registry[Partitioner] = Registry("partition", ("secure_fedora.data.partition",))
+PARTITIONERS: Registry[Partitioner] = Registry(
+    "partition", ("secure_fedora.data.partition",), ("iid", "rotation", "dirichlet", "pathological"))
 """Partitioners: ``split(dataset, data_config, seed) -> list[ClientData]``."""
-MODELS: Registry[Callable[..., Any]] = Registry("model", ("secure_fedora.learning.models",))
+MODELS: Registry[Callable[..., Any]] = Registry(
+    "model", ("secure_fedora.learning.models",), ("mlp", "cnn"))
 """Built-in models: ``build(input_shape, num_classes, device) -> nn.Module``."""
-LOSSES: Registry[Any] = Registry("loss", ("secure_fedora.learning.tasks",))
+LOSSES: Registry[Any] = Registry("loss", ("secure_fedora.learning.tasks",), ("cross_entropy", "bce"))
 """Losses with their metric: :class:`secure_fedora.learning.tasks.Task` factories."""
 METHODS: Registry[Callable[..., Any]] = Registry(
-    "method", ("secure_fedora.algorithms.methods", "secure_fedora.algorithms.baselines")
+    "method", ("secure_fedora.algorithms.methods", "secure_fedora.algorithms.baselines"),
+    ("local", "fedavg", "fedora", "fedprox", "ditto", "apfl", "fedamp", "ifca"),
 )
 """Federated methods: a ``FederatedAlgorithm`` class with ``from_config(ctx, cfg)``, or a
 ``factory(ctx, cfg) -> FederatedMethod`` (see :mod:`secure_fedora.algorithms.contract`)."""

@@ -148,3 +148,38 @@ def test_sweep_validates_cells_with_registered_method_names() -> None:
     from secure_fedora.experiments.sweep import _literal_methods
 
     assert set(_literal_methods()) == set(METHODS.names())
+
+
+def test_a_config_error_is_found_without_importing_torch() -> None:
+    """Checking names against the registries imports none of the built-in modules (they
+    import torch, about 2 s): a malformed config naming built-ins fails fast."""
+    code = textwrap.dedent("""
+        import sys
+        from secure_fedora.core.config import ConfigError, parse_config
+        try:
+            parse_config({"methods": ["fedora", "fedprox"], "data": {"dataset": "mnist",
+                          "partition": "iid", "bogus": 1}, "model": {"name": "cnn"},
+                          "training": {"loss": "bce", "rounds": 0}})
+        except ConfigError as err:
+            print(err)
+        print("torch" in sys.modules, "secure_fedora.algorithms.methods" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[1:] == ["  data.bogus: unknown key", "  training.rounds: Input should be greater than 0",
+                         "False False"]
+
+
+def test_the_listed_builtin_names_are_what_the_builtin_modules_register() -> None:
+    for reg in (DATASETS, PARTITIONERS, MODELS, registry.LOSSES, METHODS):
+        reg._load_builtins()
+        registered = {n for n, e in reg._entries.items() if getattr(e, "__module__", None) in reg._modules}
+        assert reg._loaded and registered == reg._builtins
+
+
+def test_a_builtin_name_listed_but_not_registered_is_an_error() -> None:
+    reg: Registry[int] = Registry("thing", ("secure_fedora.core.tensors",), ("ghost",))
+    assert "ghost" in reg and reg.check("ghost") == "ghost"  # answered from the list
+    with pytest.raises(RegistryError, match=r"built-in thing \['ghost'\] declared but not registered"):
+        reg.get("ghost")
