@@ -756,6 +756,24 @@ def plan_epsilon(plan: Sequence[PlannedRelease], delta: float, noise_multiplier:
     return acc.epsilon_after_releases(delta, releases)
 
 
+#: A calibration still above its target at this noise multiplier evaluates the largest one
+#: (1e4) before climbing further: far beyond any useful training noise, and where Opacus's RDP
+#: series starts to cost seconds per evaluation.
+CALIBRATION_PROBE_SIGMA = 64.0
+
+
+@functools.cache
+def _rdp_epsilon_floor(delta: float) -> float:
+    """The epsilon RDP accounting gives a release with zero RDP at every order: no noise
+    multiplier gets an RDP epsilon below it at ``delta`` (about 0.0035 at delta 1e-5)."""
+    orders = list(_rdp_orders())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the best order is the largest: expected here
+        eps, _ = opacus_rdp_analysis().get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)),
+                                                          delta=delta)
+    return float(eps)
+
+
 def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                                plan: Sequence[PlannedRelease], accountant: str = "rdp", *,
                                prv_eps_error: float = 0.01, rel_tol: float = 0.01,
@@ -767,7 +785,12 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
     Entries with a fixed noise multiplier are composed as given. Raises CalibrationError when
     the fixed entries alone already exceed the target, or when no sigma in [1e-3, 1e4] works.
     Searches by bracketing then a safeguarded false-position (Illinois) step on
-    log(epsilon) versus log(sigma), which falls back to bisection when it stalls.
+    log(epsilon) versus log(sigma), which falls back to bisection when it stalls. Where the
+    target looks unreachable (below the smallest epsilon RDP can certify at ``delta``, RDP
+    failing before PLD or PRV, or still missed at sigma :data:`CALIBRATION_PROBE_SIGMA`), the
+    largest sigma is evaluated once first, so an unreachable target fails without climbing
+    to it (the climb's evaluations near it are the dearest); the search itself, and so the
+    returned sigma, is the same as without that look-ahead.
     """
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, int | float) \
             or not math.isfinite(target_epsilon) or target_epsilon <= 0:
@@ -827,8 +850,32 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
         return eps
 
     sigma_min, sigma_max = 1e-3, 1e4
+
+    def unreachable(eps_max: float) -> CalibrationError:
+        return CalibrationError(f"even noise multiplier {sigma_max:g} gives epsilon {eps_max:.6g}"
+                                f" > target {target_epsilon:.6g}")
+
+    probed = False
+
+    def refuse_if_unreachable() -> None:
+        """Raise :func:`unreachable` if even ``sigma_max`` misses the target; a look-ahead
+        that the search does not count (it then goes on exactly as without it)."""
+        nonlocal evaluations, probed
+        if probed:
+            return
+        probed = True
+        try:
+            eps_max = eps_at(sigma_max)
+        except CalibrationError:
+            return  # the search meets the same error where it gets there
+        finally:
+            evaluations -= 1
+        if eps_max > target_epsilon:
+            raise unreachable(eps_max)
+
     factor = 4.0
     hi = 1.0
+    rdp_failed = False
     if accountant in ("prv", "pld"):
         # PRV and PLD are costly where epsilon is large (their grids grow with epsilon), so
         # start from the RDP calibration: their epsilon is close to and usually below RDP's,
@@ -838,15 +885,17 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                                             rel_tol=rel_tol, max_evaluations=max_evaluations)
             factor = 1.25
         except CalibrationError:
-            pass  # RDP cannot reach the target (e.g. a tiny epsilon): search from sigma 1
+            rdp_failed = True  # RDP cannot reach the target (e.g. a tiny epsilon): from sigma 1
     # Bracket: hi has eps <= target, lo has eps > target.
     eps_hi = eps_at(hi)
+    if eps_hi > target_epsilon and (
+            rdp_failed or (accountant == "rdp" and target_epsilon < _rdp_epsilon_floor(delta))):
+        refuse_if_unreachable()
     while eps_hi > target_epsilon:
         if hi >= sigma_max:
-            raise CalibrationError(
-                f"even noise multiplier {sigma_max:g} gives epsilon {eps_hi:.6g}"
-                f" > target {target_epsilon:.6g}"
-            )
+            raise unreachable(eps_hi)
+        if hi >= CALIBRATION_PROBE_SIGMA:
+            refuse_if_unreachable()
         hi = min(hi * factor, sigma_max)
         eps_hi = eps_at(hi)
     if eps_hi >= low_ok:

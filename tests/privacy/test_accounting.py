@@ -481,3 +481,50 @@ def test_opacus_rdp_orders_and_analysis_are_opacus_own():
     acc = RDPAccountant()
     acc.history = [(1.1, 0.02, 300), (4.0, 1.0, 1)]
     assert got["eps"] <= acc.get_epsilon(1e-5)
+
+
+# Calibrated before the look-ahead at the largest sigma existed: it must not change a value.
+_CALIBRATED = [
+    ("rdp", 3.0, 1e-5, 0.1, 100, 1.8024998193462316),
+    ("rdp", 1.0, 1e-5, 0.05, 500, 4.681331873797801),
+    ("rdp", 0.3, 1e-6, 0.02, 1000, 9.013490404467065),
+    ("rdp", 8.0, 1e-5, 1.0, 5, 1.4322886103625159),
+    ("rdp", 0.05, 1e-5, 0.1, 1000, 205.39750703626098),
+    ("rdp", 0.01, 1e-5, 0.01, 200, 39.87461618005117),
+    ("rdp", 20.0, 1e-3, 0.2, 50, 0.6368398261684697),
+    ("rdp", 0.5, 1e-5, 0.01, 10000, 7.754978806900529),
+    ("rdp", 0.004, 1e-5, 1.0, 1, 1024.0),
+    ("pld", 0.05, 1e-5, 0.1, 1000, 270.53437506256296),
+    ("pld", 0.001, 1e-5, 1.0, 1, 1777.8713616260216),  # below RDP's reach
+    ("pld", 0.002, 1e-6, 1.0, 2, 1958.5691842307372),
+    ("prv", 0.02, 1e-5, 0.1, 100, 253.14034234266887),
+    ("prv", 0.015, 1e-5, 1.0, 1, 522.1500324341176),
+]
+
+
+@pytest.mark.parametrize(("accountant", "target", "delta", "q", "steps", "sigma"), _CALIBRATED)
+def test_reachable_targets_calibrate_to_the_same_sigma(accountant, target, delta, q, steps, sigma):
+    assert calibrate_noise_multiplier(target, delta, [PlannedRelease("dpsgd", q, steps)],
+                                      accountant) == sigma
+
+
+@pytest.mark.parametrize(("accountant", "target", "q", "steps", "most"), [
+    ("rdp", 1e-6, 0.1, 100, 2),  # below the smallest epsilon RDP certifies (was 8 evaluations)
+    ("rdp", 0.00352, 0.1, 1000, 5),  # above it, still missed at sigma 64 (was 8)
+    ("pld", 1e-6, 1.0, 1, 4),  # RDP fails first (was 16)
+    ("prv", 1e-6, 1.0, 1, 4),
+])
+def test_an_unreachable_target_fails_without_climbing_to_the_largest_sigma(
+        monkeypatch, accountant, target, q, steps, most):
+    import privacy.accounting as accounting
+
+    sigmas = []
+
+    def counted(plan, delta, sigma=None, *args, **kwargs):
+        sigmas.append(sigma)
+        return plan_epsilon(plan, delta, sigma, *args, **kwargs)
+
+    monkeypatch.setattr(accounting, "plan_epsilon", counted)
+    with pytest.raises(CalibrationError, match=r"even noise multiplier 10000 gives epsilon .* > target"):
+        calibrate_noise_multiplier(target, DELTA, [PlannedRelease("dpsgd", q, steps)], accountant)
+    assert len(sigmas) <= most and sigmas[-1] == 1e4
