@@ -52,13 +52,21 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
-from privacy.errors import ToolkitError
+from secure_fedora.algorithms.config_checks import (
+    _IFCA_TRAIN_UNDER_DP,
+    _IFCA_VAL_PRIVATE,
+    BASELINE_HYPERPARAMETERS,
+    BASELINE_NAMES,
+    BaselineChecks,
+    BaselineConfigError,
+    IFCAChecks,
+    validate_hyperparameters,
+)
 from secure_fedora.algorithms.contract import FINALIZE, NUM_EXAMPLES_REASON, ROUND, Payload
 from secure_fedora.algorithms.messages import (
     KIND_CLUSTER_CHOICE,
@@ -100,99 +108,6 @@ __all__ = [
     "make_baseline",
     "personal_oracle",
 ]
-
-
-class BaselineConfigError(ToolkitError, ValueError):
-    """A baseline name or hyper-parameter that cannot be used; the message names it."""
-
-
-# --------------------------------------------------------------------------- hyper-parameters
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-class FedProxParams(_Params):
-    """FedProx: ``mu`` weighs the proximal term ``mu/2 ||w - w_global||^2``."""
-
-    mu: Annotated[float, Field(ge=0)] = 0.01
-
-
-class DittoParams(_Params):
-    """Ditto: ``lam`` weighs ``lam/2 ||v_i - w_global||^2`` in the personalized objective."""
-
-    lam: Annotated[float, Field(ge=0)] = 0.1
-
-
-class APFLParams(_Params):
-    """APFL: initial mixing weight ``alpha`` on the local model; ``adaptive`` updates it by
-    gradient descent with step ``alpha_lr`` (``None``: the training learning rate)."""
-
-    alpha: Annotated[float, Field(ge=0, le=1)] = 0.25
-    adaptive: bool = True
-    alpha_lr: Annotated[float, Field(gt=0)] | None = None
-
-
-class FedAMPParams(_Params):
-    """FedAMP (heuristic, cosine form): ``sigma`` scales the cosine similarities,
-    ``self_weight`` is the weight ``xi_ii`` a client's own model keeps in its message ``u_i``,
-    ``lam`` weighs the proximal term ``lam/2 ||w_i - u_i||^2`` (the paper's ``lambda/alpha_k``)."""
-
-    sigma: Annotated[float, Field(gt=0)] = 10.0
-    self_weight: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    lam: Annotated[float, Field(ge=0)] = 1.0
-
-
-class IFCAParams(_Params):
-    """IFCA: ``num_clusters`` cluster models; a client picks the one with the lowest loss on
-    its ``selection_split`` ("train" as in the paper; "val" uses the validation split, which
-    the config declares public)."""
-
-    num_clusters: Annotated[int, Field(ge=1)] = 4
-    selection_split: Literal["train", "val"] = "train"
-
-
-_PARAMS: dict[str, type[_Params]] = {
-    "fedprox": FedProxParams,
-    "ditto": DittoParams,
-    "apfl": APFLParams,
-    "fedamp": FedAMPParams,
-    "ifca": IFCAParams,
-}
-
-BASELINE_NAMES: tuple[str, ...] = tuple(_PARAMS)
-"""The method names :func:`make_baseline` accepts."""
-
-BASELINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
-    name: model().model_dump() for name, model in _PARAMS.items()
-}
-"""Default hyper-parameters of every baseline, ``{method: {key: default}}``."""
-
-
-def validate_hyperparameters(name: str, section: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The full hyper-parameter dict of baseline ``name``: defaults overridden by ``section``.
-
-    Raises :class:`BaselineConfigError` naming the method and key for an unknown method, an
-    unknown key or a bad value.
-    """
-    if name not in _PARAMS:
-        raise BaselineConfigError(f"unknown baseline {name!r}; expected one of {list(_PARAMS)}")
-    if section is None:
-        section = {}
-    if not isinstance(section, Mapping):
-        raise BaselineConfigError(
-            f"hyper-parameters of {name!r} must be a mapping, got {type(section).__name__}"
-        )
-    try:
-        return _PARAMS[name].model_validate(dict(section)).model_dump()
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "(section)"
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"baselines.{name}.{key}: {msg}")
-        raise BaselineConfigError("; ".join(problems)) from None
 
 
 def make_baseline(
@@ -386,8 +301,9 @@ def weighted_average(replies: Mapping[int, Payload], key: str = KIND_THETA) -> T
     return w.to(device=rows.device, dtype=rows.dtype) @ rows
 
 
-class _Baseline:
-    """What every baseline shares: built from ``[baselines.<name>]`` and checked against it."""
+class _Baseline(BaselineChecks):
+    """What every baseline shares: built from ``[baselines.<name>]`` and checked against it
+    (the checks: :class:`~secure_fedora.algorithms.config_checks.BaselineChecks`)."""
 
     name: str
 
@@ -397,19 +313,6 @@ class _Baseline:
         for missing keys) and ``data.validation``."""
         return make_baseline(cls.name, ctx, cfg.baselines.get(cls.name),
                              validation=cfg.data.validation)
-
-    @classmethod
-    def check_config(cls, cfg: Any) -> None:
-        """Raise :class:`BaselineConfigError` naming the key when ``[baselines.<name>]`` has an
-        unknown key or a bad value."""
-        validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
-
-    @classmethod
-    def check_hyperparameters(cls, section: Mapping[str, Any] | None) -> None:
-        """Raise :class:`BaselineConfigError` naming the key when ``section`` (the config's
-        ``[baselines.<name>]``) has an unknown key or a bad value (what the config asks the
-        registered method when it reads the file)."""
-        validate_hyperparameters(cls.name, section)
 
 
 # --------------------------------------------------------------------------- FedProx
@@ -859,7 +762,7 @@ class FedAMP(_Baseline, FederatedMethod):
 # --------------------------------------------------------------------------- IFCA
 
 
-class IFCA(_Baseline, FederatedMethod):
+class IFCA(IFCAChecks, _Baseline, FederatedMethod):
     """IFCA (Ghosh, Chung, Yin, Ramchandran, NeurIPS 2020, "An Efficient Framework for
     Clustered Federated Learning").
 
@@ -923,17 +826,6 @@ class IFCA(_Baseline, FederatedMethod):
         if stage == FINALIZE:
             return {KIND_CLUSTER_CHOICE: choice}
         return super().reply_entries(cfg, stage)
-
-    @classmethod
-    def check_config(cls, cfg: Any) -> None:
-        """Also refuse the cluster choices no accountant covers: by training loss under DP,
-        by validation loss when validation data is private."""
-        super().check_config(cfg)
-        params = validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
-        if params["selection_split"] == "train" and cfg.privacy.enabled:
-            raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
-        if params["selection_split"] == "val" and cfg.data.validation != "public":
-            raise BaselineConfigError(_IFCA_VAL_PRIVATE)
 
     def _initial_clusters(self, k: int) -> Tensor:
         ctx = self.ctx
@@ -1139,18 +1031,6 @@ class IFCA(_Baseline, FederatedMethod):
 
 KEY_CLUSTERS_VERSION = "clusters_version"
 """IFCA message entry: the version of the cluster models it carries (0-d integer tensor)."""
-
-_IFCA_TRAIN_UNDER_DP = (
-    "baselines.ifca.selection_split='train' picks clusters by training loss, an unaccounted "
-    "release under a private oracle; under DP use selection_split='val' with "
-    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
-    "methods")
-_IFCA_VAL_PRIVATE = (
-    "baselines.ifca.selection_split='val' picks clusters by validation loss, but "
-    "data.validation is 'private'; no accounted cluster choice exists: set "
-    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
-    "methods")
-
 
 # --------------------------------------------------------------------------- registry
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 from privacy.errors import ToolkitError
+from secure_fedora.algorithms.config_checks import CKKS_SUMMARY_VECTORS
 
 __all__ = [
     "CKKS_SUMMARY_VECTORS",
@@ -30,10 +31,6 @@ __all__ = [
 ]
 
 
-#: How many summary columns (clients x fedora.q) CKKS relatedness packs: one slot lane each, of
-#: the 4096 slots of ``privacy.ckks.DEFAULT_PARAMETERS`` (a number here, so that reading a
-#: config does not load TenSEAL; a test keeps the two equal).
-CKKS_SUMMARY_VECTORS = 4096
 
 
 class EncryptionUnavailableError(ToolkitError, ValueError):

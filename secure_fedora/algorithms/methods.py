@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.config_checks import FedoraChecks, MethodChecks
 from secure_fedora.algorithms.contract import (
     EVALUATE,
     FINALIZE,
@@ -51,7 +52,6 @@ from secure_fedora.algorithms.contract import (
     round_statistics_of,
 )
 from secure_fedora.algorithms.encryption import (
-    CKKS_SUMMARY_VECTORS,
     EncryptionBackend,
     require_encryption,
 )
@@ -223,7 +223,7 @@ def plain_overlaps(clients: Sequence[ClientData], num_classes: int, q: int) -> t
     return summaries, fedora.subspace_overlaps(summaries)
 
 
-class FederatedMethod(FederatedAlgorithm):
+class FederatedMethod(MethodChecks, FederatedAlgorithm):
     """In-process base of every method: the contract plus the state layout (one (N x P)
     ``theta`` matrix of client parameters) and a generic round.
 
@@ -261,11 +261,6 @@ class FederatedMethod(FederatedAlgorithm):
         """Build the method from the run's context and the whole config (how the registry
         builds a method registered as a class). Default: ``cls(ctx)``."""
         return cls(ctx)
-
-    @classmethod
-    def check_config(cls, cfg: Any) -> None:
-        """Raise ``ValueError`` (naming the key) when ``cfg`` cannot run this method; called
-        by the config validation for every listed method. Default: every config is fine."""
 
     # ------------------------------------------------------------------ contract defaults
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
@@ -857,7 +852,7 @@ CKKS_RELATEDNESS_RELEASE = (
 
 
 @METHODS.register("fedora")
-class Fedora(FederatedMethod):
+class Fedora(FedoraChecks, FederatedMethod):
     """FEDORA (Wu, Bao, Ainsworth, He, KDD 2023, "Personalized Federated Learning with
     Parameter Propagation"): relatedness from data subspaces, a top-k graph, a personalized
     PageRank propagation matrix P; each client is pulled toward ``phi_i = sum_j P_ij theta_j``
@@ -957,27 +952,6 @@ class Fedora(FederatedMethod):
                     " over TLS; use 'auto', 'dense', 'factored', 'sparse' or 'power', or the"
                     " in-process runtime for encrypted propagation)")
         return None
-
-    @classmethod
-    def check_config(cls, cfg: Any) -> None:
-        """``fedora.k`` below the number of clients; under DP an accounted relatedness mode;
-        encrypted relatedness only where CKKS can pack every summary column."""
-        if cfg.fedora.k >= cfg.data.num_clients:
-            raise ValueError(
-                f"fedora.k = {cfg.fedora.k} must be smaller than data.num_clients = "
-                f"{cfg.data.num_clients} (each client keeps at most N - 1 neighbours)")
-        vectors = cfg.data.num_clients * cfg.fedora.q
-        if "encrypted" in cfg.fedora.relatedness and vectors > CKKS_SUMMARY_VECTORS:
-            # Found here, not after every client released (and, under DP, paid for) its summary.
-            raise ValueError(
-                f"fedora.relatedness {cfg.fedora.relatedness!r} packs data.num_clients x fedora.q "
-                f"= {cfg.data.num_clients} x {cfg.fedora.q} = {vectors} summary columns, more "
-                f"than the {CKKS_SUMMARY_VECTORS} CKKS slots; lower fedora.q or data.num_clients")
-        if cfg.privacy.enabled and "noised" not in cfg.fedora.relatedness:
-            raise ValueError(
-                f"fedora.relatedness {cfg.fedora.relatedness!r} releases summary information "
-                "without an accounted mechanism; with privacy.enabled use 'noised' or "
-                "'noised+encrypted'")
 
     @classmethod
     def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:

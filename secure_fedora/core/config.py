@@ -339,10 +339,10 @@ def _check_method_section(name: str, section: Any) -> None:
     registry (the config never imports the methods): a pydantic model ``params`` (plug-ins),
     or a ``check_hyperparameters(section)`` classmethod (the built-in baselines). A name that
     declares neither is refused, listing the methods that take hyper-parameters."""
-    from secure_fedora.core.registry import METHODS, declared
+    from secure_fedora.core.registry import METHODS
 
-    entry = METHODS.get(name) if name in METHODS else None
-    params = declared(entry, "params")
+    known_name = name in METHODS
+    params = METHODS.declared(name, "params") if known_name else None
     if params is not None:
         try:
             params.model_validate(section)
@@ -353,7 +353,7 @@ def _check_method_section(name: str, section: Any) -> None:
                 for e in err.errors())
             raise ValueError(f"baselines.{name}: {problems}") from None
         return
-    check = declared(entry, "check_hyperparameters")
+    check = METHODS.declared(name, "check_hyperparameters") if known_name else None
     if check is not None:
         try:
             check(section)
@@ -361,7 +361,7 @@ def _check_method_section(name: str, section: Any) -> None:
             raise ValueError(f"baselines.{name}: {err}") from None
         return
     known = [n for n in METHODS.in_registration_order()
-             if declared(METHODS.get(n), "check_hyperparameters") is not None]
+             if METHODS.declared(n, "check_hyperparameters") is not None]
     raise ValueError(f"baselines.{name}: unknown baseline {name!r}; expected one of {known}")
 
 
@@ -389,14 +389,14 @@ class ExperimentConfig(_Section):
     def _cross_checks(self) -> ExperimentConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("methods lists a method twice")
-        from secure_fedora.core.registry import METHODS, declared
+        from secure_fedora.core.registry import METHODS
 
         for name, section in self.baselines.items():
             _check_method_section(name, section)
         p, d = self.privacy, self.data
         for name in self.methods:
             # each method checks the config it runs on (e.g. FEDORA: fedora.k < num_clients)
-            check = declared(METHODS.get(name), "check_config")
+            check = METHODS.declared(name, "check_config")
             if check is not None:
                 check(self)
         if not p.enabled:

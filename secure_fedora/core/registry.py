@@ -55,14 +55,19 @@ class Registry(Generic[T]):
     ``modules`` are imported on the first lookup of an implementation (they register the
     built-in entries, which must be exactly ``builtins``), then every module of
     :data:`CONTRIB_PACKAGE`. Name checks (:meth:`check`, :meth:`names`, ``in``) answer from
-    ``builtins`` without importing ``modules``. Registering a name twice raises
-    :class:`RegistryError` (a plug-in cannot silently replace a built-in).
+    ``builtins`` without importing ``modules``, and :meth:`declared` from the module named by
+    ``declarations`` (its ``BUILTIN_DECLARATIONS``: per built-in name, an object declaring
+    the same attributes as the entry). Registering a name twice raises :class:`RegistryError`
+    (a plug-in cannot silently replace a built-in).
     """
 
-    def __init__(self, kind: str, modules: tuple[str, ...] = (), builtins: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, modules: tuple[str, ...] = (), builtins: tuple[str, ...] = (),
+                 declarations: str | None = None) -> None:
         self.kind = kind
         self._modules = modules
+        self._builtin_order = builtins
         self._builtins = frozenset(builtins)
+        self._declarations = declarations
         self._entries: dict[str, T] = {}
         self._loaded = False
         self._loading = False
@@ -140,8 +145,19 @@ class Registry(Generic[T]):
 
     def in_registration_order(self) -> list[str]:
         """Every registered name in the order it was registered (the built-ins first)."""
-        self._load()
-        return list(self._entries)
+        load_contrib()
+        if self._loaded:
+            return list(self._entries)
+        return [*self._builtin_order, *(n for n in self._entries if n not in self._builtins)]
+
+    def declared(self, name: str, attribute: str) -> Any:
+        """What entry ``name`` declares as ``attribute`` (see :func:`declared`); a built-in
+        answers from the registry's declarations without importing its implementation.
+        :class:`RegistryError` for an unknown name."""
+        if self._declarations is not None and not self._loaded and name in self._builtins:
+            table = importlib.import_module(self._declarations).BUILTIN_DECLARATIONS
+            return declared(table[name], attribute)
+        return declared(self.get(name), attribute)
 
     def get(self, name: str) -> T:
         """The implementation registered as ``name``; :class:`RegistryError` listing the
@@ -204,6 +220,7 @@ LOSSES: Registry[Any] = Registry("loss", ("secure_fedora.learning.tasks",), ("cr
 METHODS: Registry[Callable[..., Any]] = Registry(
     "method", ("secure_fedora.algorithms.methods", "secure_fedora.algorithms.baselines"),
     ("local", "fedavg", "fedora", "fedprox", "ditto", "apfl", "fedamp", "ifca"),
+    "secure_fedora.algorithms.config_checks",
 )
 """Federated methods: a ``FederatedAlgorithm`` class with ``from_config(ctx, cfg)``, or a
 ``factory(ctx, cfg) -> FederatedMethod`` (see :mod:`secure_fedora.algorithms.contract`)."""

@@ -162,13 +162,42 @@ def test_a_config_error_is_found_without_importing_torch() -> None:
                           "training": {"loss": "bce", "rounds": 0}})
         except ConfigError as err:
             print(err)
+        dp = {"methods": ["fedora", "ifca", "local"], "privacy": {"enabled": True}}
+        for bad in ({**dp, "data": {"num_clients": 4}, "fedora": {"k": 4}}, dp,
+                    {**dp, "fedora": {"relatedness": "noised"}},
+                    {"methods": ["fedprox"], "baselines": {"fedprox": {"mu": -1}}},
+                    {"baselines": {"fedora": {"x": 1}}}):
+            try:
+                parse_config(bad)
+            except ConfigError as err:
+                print(str(err).splitlines()[-1])
         print("torch" in sys.modules, "secure_fedora.algorithms.methods" in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[1:] == ["  data.bogus: unknown key", "  training.rounds: Input should be greater than 0",
-                         "False False"]
+    assert lines[1:3] == ["  data.bogus: unknown key", "  training.rounds: Input should be greater than 0"]
+    assert "fedora.k = 4 must be smaller than data.num_clients = 4" in lines[3]
+    assert "fedora.relatedness 'plain' releases summary information" in lines[4]
+    assert "baselines.ifca.selection_split='train' picks clusters by training loss" in lines[5]
+    assert "baselines.fedprox: baselines.fedprox.mu: Input should be greater than or equal to 0" in lines[6]
+    assert "baselines.fedora: unknown baseline 'fedora'; expected one of ['fedprox', 'ditto', " \
+           "'apfl', 'fedamp', 'ifca']" in lines[7]
+    assert lines[8:] == ["False False"]
+
+
+def test_the_builtin_methods_declare_their_config_hooks_without_importing_them() -> None:
+    """The config asks a built-in method's hooks from its declarations: each is the very
+    function the registered class has."""
+    from secure_fedora.algorithms.config_checks import BUILTIN_DECLARATIONS
+
+    assert set(BUILTIN_DECLARATIONS) == METHODS._builtins
+    for name, declaration in BUILTIN_DECLARATIONS.items():
+        cls = METHODS.get(name)
+        assert cls.name == name and getattr(declaration, "name", name) == name  # hooks read it
+        for attribute in ("check_config", "check_hyperparameters", "params"):
+            ours, theirs = registry.declared(declaration, attribute), registry.declared(cls, attribute)
+            assert getattr(ours, "__func__", ours) is getattr(theirs, "__func__", theirs)
 
 
 def test_the_listed_builtin_names_are_what_the_builtin_modules_register() -> None:

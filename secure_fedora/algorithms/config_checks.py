@@ -1,0 +1,227 @@
+"""What the config asks the built-in methods when it reads a file, without torch.
+
+Config validation calls a listed method's ``check_config(cfg)`` and a ``[baselines.<name>]``
+section's ``check_hyperparameters(section)``. The built-in methods inherit these hooks from
+the classes here (:class:`MethodChecks` and its subclasses), and
+:data:`BUILTIN_DECLARATIONS` names the same classes per built-in method, so that
+:meth:`secure_fedora.core.registry.Registry.declared` answers the config without importing
+the methods' modules (they import torch, about 2 s). The baselines' hyper-parameters live
+here for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from privacy.errors import ToolkitError
+
+__all__ = [
+    "BASELINE_HYPERPARAMETERS",
+    "BASELINE_NAMES",
+    "BUILTIN_DECLARATIONS",
+    "CKKS_SUMMARY_VECTORS",
+    "BaselineChecks",
+    "BaselineConfigError",
+    "FedoraChecks",
+    "IFCAChecks",
+    "MethodChecks",
+    "validate_hyperparameters",
+]
+
+#: How many summary columns (clients x fedora.q) CKKS relatedness packs: one slot lane each, of
+#: the 4096 slots of ``privacy.ckks.DEFAULT_PARAMETERS`` (a number here, so that reading a
+#: config does not load TenSEAL; a test keeps the two equal).
+CKKS_SUMMARY_VECTORS = 4096
+
+
+class BaselineConfigError(ToolkitError, ValueError):
+    """A baseline name or hyper-parameter that cannot be used; the message names it."""
+
+
+# --------------------------------------------------------------------------- hyper-parameters
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class FedProxParams(_Params):
+    """FedProx: ``mu`` weighs the proximal term ``mu/2 ||w - w_global||^2``."""
+
+    mu: Annotated[float, Field(ge=0)] = 0.01
+
+
+class DittoParams(_Params):
+    """Ditto: ``lam`` weighs ``lam/2 ||v_i - w_global||^2`` in the personalized objective."""
+
+    lam: Annotated[float, Field(ge=0)] = 0.1
+
+
+class APFLParams(_Params):
+    """APFL: initial mixing weight ``alpha`` on the local model; ``adaptive`` updates it by
+    gradient descent with step ``alpha_lr`` (``None``: the training learning rate)."""
+
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.25
+    adaptive: bool = True
+    alpha_lr: Annotated[float, Field(gt=0)] | None = None
+
+
+class FedAMPParams(_Params):
+    """FedAMP (heuristic, cosine form): ``sigma`` scales the cosine similarities,
+    ``self_weight`` is the weight ``xi_ii`` a client's own model keeps in its message ``u_i``,
+    ``lam`` weighs the proximal term ``lam/2 ||w_i - u_i||^2`` (the paper's ``lambda/alpha_k``)."""
+
+    sigma: Annotated[float, Field(gt=0)] = 10.0
+    self_weight: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    lam: Annotated[float, Field(ge=0)] = 1.0
+
+
+class IFCAParams(_Params):
+    """IFCA: ``num_clusters`` cluster models; a client picks the one with the lowest loss on
+    its ``selection_split`` ("train" as in the paper; "val" uses the validation split, which
+    the config declares public)."""
+
+    num_clusters: Annotated[int, Field(ge=1)] = 4
+    selection_split: Literal["train", "val"] = "train"
+
+
+_PARAMS: dict[str, type[_Params]] = {
+    "fedprox": FedProxParams,
+    "ditto": DittoParams,
+    "apfl": APFLParams,
+    "fedamp": FedAMPParams,
+    "ifca": IFCAParams,
+}
+
+BASELINE_NAMES: tuple[str, ...] = tuple(_PARAMS)
+"""The method names :func:`make_baseline` accepts."""
+
+BASELINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    name: model().model_dump() for name, model in _PARAMS.items()
+}
+"""Default hyper-parameters of every baseline, ``{method: {key: default}}``."""
+
+
+def validate_hyperparameters(name: str, section: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full hyper-parameter dict of baseline ``name``: defaults overridden by ``section``.
+
+    Raises :class:`BaselineConfigError` naming the method and key for an unknown method, an
+    unknown key or a bad value.
+    """
+    if name not in _PARAMS:
+        raise BaselineConfigError(f"unknown baseline {name!r}; expected one of {list(_PARAMS)}")
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise BaselineConfigError(
+            f"hyper-parameters of {name!r} must be a mapping, got {type(section).__name__}"
+        )
+    try:
+        return _PARAMS[name].model_validate(dict(section)).model_dump()
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(section)"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"baselines.{name}.{key}: {msg}")
+        raise BaselineConfigError("; ".join(problems)) from None
+
+
+_IFCA_TRAIN_UNDER_DP = (
+    "baselines.ifca.selection_split='train' picks clusters by training loss, an unaccounted "
+    "release under a private oracle; under DP use selection_split='val' with "
+    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
+    "methods")
+_IFCA_VAL_PRIVATE = (
+    "baselines.ifca.selection_split='val' picks clusters by validation loss, but "
+    "data.validation is 'private'; no accounted cluster choice exists: set "
+    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
+    "methods")
+
+
+# --------------------------------------------------------------------------- config hooks
+
+
+class MethodChecks:
+    """The config hooks of every built-in method (a method class inherits them)."""
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise ``ValueError`` (naming the key) when ``cfg`` cannot run this method; called
+        by the config validation for every listed method. Default: every config is fine."""
+
+
+class FedoraChecks(MethodChecks):
+    """FEDORA's config hooks."""
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """``fedora.k`` below the number of clients; under DP an accounted relatedness mode;
+        encrypted relatedness only where CKKS can pack every summary column."""
+        if cfg.fedora.k >= cfg.data.num_clients:
+            raise ValueError(
+                f"fedora.k = {cfg.fedora.k} must be smaller than data.num_clients = "
+                f"{cfg.data.num_clients} (each client keeps at most N - 1 neighbours)")
+        vectors = cfg.data.num_clients * cfg.fedora.q
+        if "encrypted" in cfg.fedora.relatedness and vectors > CKKS_SUMMARY_VECTORS:
+            # Found here, not after every client released (and, under DP, paid for) its summary.
+            raise ValueError(
+                f"fedora.relatedness {cfg.fedora.relatedness!r} packs data.num_clients x fedora.q "
+                f"= {cfg.data.num_clients} x {cfg.fedora.q} = {vectors} summary columns, more "
+                f"than the {CKKS_SUMMARY_VECTORS} CKKS slots; lower fedora.q or data.num_clients")
+        if cfg.privacy.enabled and "noised" not in cfg.fedora.relatedness:
+            raise ValueError(
+                f"fedora.relatedness {cfg.fedora.relatedness!r} releases summary information "
+                "without an accounted mechanism; with privacy.enabled use 'noised' or "
+                "'noised+encrypted'")
+
+
+class BaselineChecks(MethodChecks):
+    """The config hooks every baseline shares: ``[baselines.<name>]`` checked against it."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise :class:`BaselineConfigError` naming the key when ``[baselines.<name>]`` has an
+        unknown key or a bad value."""
+        validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
+
+    @classmethod
+    def check_hyperparameters(cls, section: Mapping[str, Any] | None) -> None:
+        """Raise :class:`BaselineConfigError` naming the key when ``section`` (the config's
+        ``[baselines.<name>]``) has an unknown key or a bad value (what the config asks the
+        registered method when it reads the file)."""
+        validate_hyperparameters(cls.name, section)
+
+
+class IFCAChecks(BaselineChecks):
+    """IFCA's config hooks."""
+
+    name = "ifca"
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Also refuse the cluster choices no accountant covers: by training loss under DP,
+        by validation loss when validation data is private."""
+        super().check_config(cfg)
+        params = validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
+        if params["selection_split"] == "train" and cfg.privacy.enabled:
+            raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
+        if params["selection_split"] == "val" and cfg.data.validation != "public":
+            raise BaselineConfigError(_IFCA_VAL_PRIVATE)
+
+
+BUILTIN_DECLARATIONS: dict[str, type[MethodChecks]] = {
+    "local": MethodChecks,
+    "fedavg": MethodChecks,
+    "fedora": FedoraChecks,
+    **{name: type(f"{name}Checks", (BaselineChecks,), {"name": name})
+       for name in ("fedprox", "ditto", "apfl", "fedamp")},
+    "ifca": IFCAChecks,
+}
+"""The config hooks of each built-in method, for the registry to answer without importing the
+method (a test keeps every hook the very function the registered class has)."""
