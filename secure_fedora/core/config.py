@@ -480,10 +480,53 @@ def parse_config(data: dict[str, Any], source: str = "(dict)") -> ExperimentConf
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def _first_difference(given: Any, valid: Any, key: str = "") -> tuple[str, Any] | None:
+    """The first key (dotted) where ``given`` differs from ``valid`` in value or in type, with
+    the given value; None when they are the same."""
+    if isinstance(valid, BaseModel) and type(given) is type(valid):
+        for name in type(valid).model_fields:
+            found = _first_difference(getattr(given, name), getattr(valid, name),
+                                      f"{key}.{name}" if key else name)
+            if found is not None:
+                return found
+        return None
+    if type(given) is not type(valid):
+        return key or "(top level)", given
+    if isinstance(valid, dict):
+        if list(given) != list(valid):
+            return key, given
+        for name, value in valid.items():
+            found = _first_difference(given[name], value, f"{key}.{name}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(valid, list | tuple):
+        if len(given) != len(valid):
+            return key, given
+        for i, (a, b) in enumerate(zip(given, valid, strict=True)):
+            found = _first_difference(a, b, f"{key}.{i}")
+            if found is not None:
+                return found
+        return None
+    return None if given == valid else (key, given)
+
+
 def revalidate(cfg: ExperimentConfig, source: str = "(ExperimentConfig)") -> ExperimentConfig:
     """``cfg`` itself if it validates again; ConfigError naming each bad key otherwise. A
     config derived with ``model_copy(update=...)`` (or ``model_construct``) skipped every
-    validator, e.g. ``training.rounds = 0`` or ``fedora.relatedness = "plain"`` under DP."""
+    validator, e.g. ``training.rounds = 0`` or ``fedora.relatedness = "plain"`` under DP. Its
+    values themselves are validated (as Python objects: a value that only its JSON form makes
+    valid, such as the client index ``0`` where ``privacy.overrides`` keys are the text
+    ``"0"``, is refused), and so is the TOML document a run writes of it."""
+    try:
+        again = ExperimentConfig.model_validate(_document(cfg, "python"))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    changed = _first_difference(cfg, again)
+    if changed is not None:
+        key, value = changed
+        raise ConfigError(f"invalid configuration {source}:\n  {key}: {value!r} was set without "
+                          f"validation and is not what validating it gives")
     try:
         config_document(cfg)
     except ValidationError as err:
@@ -549,14 +592,24 @@ def config_document(cfg: ExperimentConfig) -> dict[str, Any]:
     would make the document invalid, and those two when never set (a set ``data.dataset``
     enables checks of the built-in datasets, e.g. at most 10 classes per client, that the
     Python API's own data does not have). ValueError if the round trip changed the config."""
-    doc = cfg.model_dump(mode="json", exclude_none=True)
-    if cfg.data.source is not None or "dataset" not in cfg.data.model_fields_set:
-        doc["data"].pop("dataset", None)
-    if cfg.model.factory is not None or "name" not in cfg.model.model_fields_set:
-        doc["model"].pop("name", None)
+    doc = _document(cfg, "json")
     again = ExperimentConfig.model_validate(doc)
     if config_hash(again) != config_hash(cfg):
         raise ValueError("the config's document does not validate to the same config")
+    return doc
+
+
+def _document(cfg: ExperimentConfig, mode: Literal["json", "python"]) -> dict[str, Any]:
+    """:func:`config_document`'s mapping before its round trip, of JSON values or (``mode``
+    "python") of the config's own values, unconverted."""
+    doc = cfg.model_dump(mode=mode, exclude_none=True, warnings=mode == "json")
+    data, model = cfg.data, cfg.model
+    if isinstance(data, DataConfig) and (data.source is not None
+                                         or "dataset" not in data.model_fields_set):
+        doc["data"].pop("dataset", None)
+    if isinstance(model, ModelConfig) and (model.factory is not None
+                                           or "name" not in model.model_fields_set):
+        doc["model"].pop("name", None)
     return doc
 
 

@@ -327,3 +327,32 @@ def test_any_toml_config_validates_or_raises_config_error(doc):
     again = config_from_bytes(tomli_w.dumps(dumped).encode(), "(round trip)")
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
+
+
+def test_revalidate_refuses_values_only_their_json_form_makes_valid() -> None:
+    """A ``model_copy(update=...)`` value was checked through its JSON form: the client index
+    0 as a ``privacy.overrides`` key passed (as "0") and then the run, looking up "0", gave
+    client 0 the default budget instead of its override; a section replaced by a number was
+    an AttributeError."""
+    import warnings
+
+    from secure_fedora.core.config import ClientBudgetConfig, revalidate
+
+    cfg = parse_config({"methods": ["local"], "data": {"num_clients": 4, "train_per_client": 16},
+                        "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3}})
+    overrides = cfg.privacy.model_copy(update={"overrides": {0: ClientBudgetConfig(epsilon=0.5)}})
+    fine = cfg.privacy.model_copy(update={"overrides": {"0": ClientBudgetConfig(epsilon=0.5)}})
+    assert revalidate(cfg.model_copy(update={"privacy": fine})).privacy.overrides["0"].epsilon == 0.5
+    cases = [
+        ({"privacy": overrides}, r"privacy.overrides.0.\[key\]: Input should be a valid string"),
+        ({"training": cfg.training.model_copy(update={"threads": True})},
+         "training.threads: Input should be a valid integer"),
+        ({"name": b"run"}, "name: Input should be a valid string"),
+        ({"model": 0}, "model: Input should be a valid dictionary or instance of ModelConfig"),
+        ({"data": {}}, r"data: \{\} was set without validation"),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no serializer warnings on the way
+        for update, message in cases:
+            with pytest.raises(ConfigError, match=message):
+                revalidate(cfg.model_copy(update=update))
