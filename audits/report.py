@@ -328,7 +328,8 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
     the verified run: it must name this run, and its claim must be that of a verified ledger
     (replay, canary: the ledger's final epsilon; white-box: the epsilon of the DP-SGD
     releases the ledger records, :func:`audits.verify.dpsgd_claim_problem`), within the
-    verifier's rel_tol."""
+    verifier's rel_tol. A white-box ``setup.steps`` other than None or a non-negative
+    integer (a bool, a float, a string) makes the document invalid."""
     setup = doc.get("setup") if isinstance(doc.get("setup"), dict) else {}
     invalid: list[str] = []
     if "run_dir" in setup and not _same_dir(setup["run_dir"], run):
@@ -359,9 +360,13 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
         # the claim is the plan's DP-SGD releases' epsilon: the ledger's DP-SGD entries must
         # give it (fewer of them only for a client not drawn every round or refused a release)
         steps = setup.get("steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or steps < 0):
+            # a bool is an int to Python: True would pass as a plan of 1 step
+            return "invalid", [*invalid, f"setup.steps is {steps!r}, not a step count"]
         problem = None if ledger.delta is None else dpsgd_claim_problem(
             claim, [{"mechanism": e.mechanism, "params": e.params} for e in ledger.series],
-            ledger.delta, ledger.accountant, steps if isinstance(steps, int) else None, tol)
+            ledger.delta, ledger.accountant, steps, tol)
         if ledger.delta is None or problem is not None:
             invalid.append(f"ledger {where}: {problem or 'it records no delta'}")
     elif abs(claim - spent) > tol * spent:

@@ -405,3 +405,27 @@ def test_an_integer_beyond_float_range_is_no_figure_not_a_traceback(run_copy, tm
     assert "lower_bound is 1000" in replay["verdict_text"] and "not a finite number" in \
         replay["verdict_text"]
     assert report["accuracy"]["per_client"][0]["fedora"] is None
+
+
+def test_a_whitebox_step_count_that_is_not_an_integer_is_invalid(run_copy):
+    """setup.steps True passed report.py's isinstance(steps, int) as a plan of one step, and a
+    string or float step count was silently read as 'unknown'; each is now an invalid document
+    naming the field, while an integer (or no) step count still gives the audit's verdict."""
+    from audits.verdict import audit_document, write_audit_json
+
+    dpsgd = _fedora_dpsgd_claim()
+
+    def row(**setup) -> dict:
+        write_audit_json(run_copy, audit_document(
+            "whitebox", claim_epsilon=dpsgd, certifiable_max=3 * dpsgd, lower_bound=0.05,
+            confidence=0.95, setup={"canaries": 20000, "method": "fedora",
+                                    "client": "client-001", "config": "audit-fixture",
+                                    **setup}))
+        return {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}["whitebox"]
+
+    assert row()["status"] == "run"
+    assert row(steps=20)["status"] == "run"
+    for bad in (True, False, "20", 20.0, -1):
+        got = row(steps=bad)
+        assert got["status"] == "invalid" and got["verdict"] is None, bad
+        assert f"setup.steps is {bad!r}, not a step count" in got["verdict_text"], bad
