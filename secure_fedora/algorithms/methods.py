@@ -49,6 +49,7 @@ from secure_fedora.algorithms.contract import (
     check_messages,
     check_setup_steps,
     client_half,
+    no_reply_statistics,
     round_statistics_of,
 )
 from secure_fedora.algorithms.encryption import (
@@ -248,6 +249,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self.exchange: Any = None
         # The latest round trained (evaluation messages are for it).
         self.last_round = 0
+        # The number of clients whose reply the latest train_round's update used (their
+        # uploads accepted); None: not counted (a train_round written before the contract).
+        self.round_replied: int | None = None
         # Clients' held downloads from a checkpoint, until an exchange is attached.
         self._held_downloads: dict[str, Tensor] | None = None
         # What trained the clients (batched engine or loop, with the reasons of fallbacks):
@@ -412,14 +416,19 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             self.server_setup(replies)
 
     def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
-        """What the round's clients did, from every reply before the upload exchange (a
-        rejected upload still trained): ``steps`` summed. Methods add their own entries."""
+        """What the round's clients did, from every reply of a round whose update used at
+        least one (a rejected upload still trained): ``steps`` summed. Methods add their own
+        entries."""
         return {"steps": float(sum(int(r[KEY_STEPS]) for r in replies.values() if KEY_STEPS in r))}
 
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
         """One generic round: :meth:`configure`, the downloads through the exchange,
         :meth:`client_update_many`, the uploads through the exchange, :meth:`aggregate`.
-        Returns :meth:`round_statistics` merged with ``aggregate``'s statistics."""
+        Returns :meth:`round_statistics` merged with ``aggregate``'s statistics, and counts
+        the accepted replies in :attr:`round_replied`. A round whose every upload was
+        rejected is not aggregated (as on Flower): neither :meth:`round_statistics` nor
+        :meth:`aggregate` is called, and its statistics are
+        :func:`~secure_fedora.algorithms.contract.no_reply_statistics`."""
         rules = self.reply_rules
         label = rules.method if rules is not None else self.name
         messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
@@ -431,11 +440,13 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             replies = rules.check_replies(ROUND, rnd, replies, messages, self.reply_schema)
         if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
             self.ctx.privacy.confirm_steps(rnd, participants)
-        stats = self.round_statistics(rnd, replies)
         accepted = self._exchange_uploads(rnd, replies)
-        aggregated = self.aggregate(rnd, accepted)
         self.last_round = rnd
-        return round_statistics_of(label, rnd, stats, aggregated)
+        self.round_replied = len(accepted)
+        if not accepted:
+            return no_reply_statistics()
+        stats = self.round_statistics(rnd, replies)
+        return round_statistics_of(label, rnd, stats, self.aggregate(rnd, accepted))
 
     def eval_row(self, i: int) -> Tensor:
         """The parameters on which client ``i`` is evaluated (its personalized model), checked

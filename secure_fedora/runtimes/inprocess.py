@@ -983,19 +983,23 @@ class Simulation:
                                 if privacy.admit(i, rnd, method.theta[i], with_lambda,
                                                  noise=ctx.noise[i])]
             t0 = time.perf_counter()
+            method.round_replied = None
             # under DP, FederatedMethod.train_round (which make_method keeps) checks every
             # participant's executed steps before aggregate sees a reply
             stats = check_round_statistics(
                 name, rnd, method.train_round(rnd, participants) if participants
                 else no_reply_statistics())
+            replied = getattr(method, "round_replied", None)
             seconds = {"round": rnd, "training": time.perf_counter() - t0,
                        "evaluation": 0.0, "checkpoint": 0.0}
             timing["training"] += seconds["training"]
             # every round's row (its statistics, e.g. unstable_pulls, are not kept elsewhere);
             # the evaluation columns only in evaluated rounds, as on Flower. participants: the
-            # round's draw; replied: those whose update the round used (every admitted one)
+            # round's draw; replied: those whose update the round used (the admitted ones
+            # whose uploads were accepted; every admitted one where the method does not count)
             row: dict[str, Any] = {"method": name, "round": rnd, "participants": sampled,
-                                   "replied": len(participants), **stats}
+                                   "replied": len(participants) if replied is None or
+                                   not participants else replied, **stats}
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
                 row.update(self._evaluate(rnd, method, tracker))

@@ -145,3 +145,60 @@ def test_flower_round_without_replies_is_not_aggregated(tmp_path: Path, monkeypa
     _, rows = _rows(result_dir / "rounds.csv")
     assert [(r["participants"], r["replied"], float(r["steps"]) > 0) for r in rows] == \
         [("3", "3", True), ("3", "0", False), ("3", "3", True)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_whose_uploads_are_all_rejected_is_not_aggregated_in_either_runtime(
+        tmp_path: Path, monkeypatch) -> None:
+    """In process, a round whose every admitted client's upload was rejected still called
+    round_statistics and aggregate (with no reply) and its row said every admitted client
+    replied, with FEDORA's statistics over no accepted reply; the Flower runtime aggregates no
+    such round. Now neither calls them and both rows say 0 replied, steps 0, the rest empty."""
+    from secure_fedora.algorithms.methods import Fedora
+    from secure_fedora.secure import transport as transport_module
+
+    calls: list[tuple[str, int]] = []
+    aggregate, statistics = Fedora.aggregate, Fedora.round_statistics
+
+    def recording_aggregate(self, rnd, replies):
+        calls.append(("aggregate", rnd))
+        return aggregate(self, rnd, replies)
+
+    def recording_statistics(self, rnd, replies):
+        calls.append(("round_statistics", rnd))
+        return statistics(self, rnd, replies)
+
+    monkeypatch.setattr(Fedora, "aggregate", recording_aggregate)
+    monkeypatch.setattr(Fedora, "round_statistics", recording_statistics)
+    real_init = transport_module.SecureExchange.__init__
+
+    def tamper(kind, rnd, client, message):
+        if kind == "theta" and rnd == 2:  # every upload of round 2 fails its payload hash
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):
+        real_init(self, transport, **{**kwargs, "channel": tamper})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    base = with_methods(tiny_config(rounds=3), "fedora")
+    cfg = parse_config({**base.model_dump(mode="json", exclude_none=True),
+                        "security": {"envelopes": True}})
+    sim = Simulation(cfg, tmp_path / "inproc")
+    sim.run()
+    assert {(r.round, r.direction) for r in sim.methods["fedora"].exchange.rejections} == \
+        {(2, "upload")}
+    assert sorted(calls) == [("aggregate", 1), ("aggregate", 3),
+                             ("round_statistics", 1), ("round_statistics", 3)]
+    calls.clear()
+    flower_dir = _run_with_round_2_down(tmp_path / "flower", "fedora")
+    assert sorted(c[1] for c in calls) == [1, 1, 3, 3]
+
+    _, ours = _rows(tmp_path / "inproc" / "rounds.csv")
+    _, theirs = _rows(flower_dir / "rounds.csv")
+    same = ("participants", "replied", "steps", "mean_lambda", "pulled_fraction",
+            "unstable_pulls")
+    assert [r["replied"] for r in ours] == ["3", "0", "3"]
+    assert {k: ours[1][k] for k in same} == {k: theirs[1][k] for k in same} == \
+        {"participants": "3", "replied": "0", "steps": "0.0", "mean_lambda": "",
+         "pulled_fraction": "", "unstable_pulls": ""}
