@@ -21,6 +21,9 @@ Persistence is write-ahead: :meth:`EnvelopeVerifier.verify` appends and fsyncs t
 before it returns; :meth:`EnvelopeVerifier.batch` / :meth:`EnvelopeVerifier.verify_batch`
 verify several messages and make all their nonces durable with one append and one fsync
 before any of them is returned (a nonce repeated inside one batch is a replay too).
+A message that passes these checks but that its receiver then refuses on its content (a
+payload that does not decode, a tensor of the wrong shape) can be withdrawn from its batch
+before the commit (:meth:`VerificationBatch.withdraw`): a refused message consumes nothing.
 
 Bounds before any work: :func:`decode_message` rejects a message longer than ``max_bytes``
 (default :data:`DEFAULT_MAX_MESSAGE_BYTES`) or whose header is longer than ``max_header_bytes``
@@ -630,12 +633,15 @@ def commit_batches(batches: Sequence[VerificationBatch]) -> None:
     """Commit several open batches (e.g. of different receivers) with one append + fsync per
     state file: batches whose verifiers share a :class:`NonceJournal` cost one fsync in all.
     Nothing is recorded in memory before every file write has returned; every batch is
-    closed afterwards, committed or (if a write failed) discarded."""
+    closed afterwards, committed or (if a write failed) discarded. A batch that accepted no
+    message writes nothing (a refused message leaves its receiver's state file as it was)."""
     try:
         writes: dict[int, tuple[_NonceFile, list[dict[str, Any]]]] = {}
         updates = []
         for batch in batches:
             memory, floor, accepted = batch._staged()
+            if not accepted:  # every message withdrawn: nothing written, the floor stays put
+                floor = memory.floor
             if memory.file is not None:
                 _, records = writes.setdefault(id(memory.file), (memory.file, []))
                 records.extend(memory.records(floor, accepted))
@@ -701,6 +707,14 @@ class VerificationBatch:
                                             self._floor, self._pending)
         self._pending[(envelope.sender, envelope.nonce)] = envelope.round
         return envelope
+
+    def withdraw(self, envelope: Envelope) -> None:
+        """Drop ``envelope``'s pending nonce: a message that a check after :meth:`verify`
+        refused (e.g. its payload does not decode) counts as never accepted, and its nonce
+        is not written at :meth:`commit`. Only for a message nothing was acted on."""
+        if not self._open:
+            raise EnvelopeStateError("this verification batch is already committed or discarded")
+        self._pending.pop((envelope.sender, envelope.nonce), None)
 
     def commit(self) -> None:
         """Persist every pending nonce with one append + fsync, then record them in memory."""

@@ -480,18 +480,20 @@ class EncryptedPropagator:
             except EncryptedPropagationError as exc:
                 raise EncryptedPropagationError(f"client {j}: {exc}") from exc
         sent = [len(messages.get(j, b"")) for j in range(self.num_clients)]
+
+        def check(j: int, payload: bytes) -> bytes:
+            try:
+                self.server.check_upload(payload, p, j)
+            except EncryptedPropagationError as exc:
+                raise log_rejection(MalformedPayloadError(
+                    str(exc), sender=transport.client_id(j), round=rnd, kind=KIND_ENC_THETA,
+                    recipient=SERVER_ID)) from exc
+            return payload
+
         accepted, rejections = transport.server_receive_bytes(
-            rnd, exchange.deliver(KIND_ENC_THETA, rnd, messages), KIND_ENC_THETA)
+            rnd, exchange.deliver(KIND_ENC_THETA, rnd, messages), KIND_ENC_THETA, parse=check)
         kept: dict[int, bytes] = {}
         for j in sorted(accepted):
-            try:
-                self.server.check_upload(accepted[j], p, j)
-            except EncryptedPropagationError as exc:
-                err = log_rejection(MalformedPayloadError(
-                    str(exc), sender=transport.client_id(j), round=rnd, kind=KIND_ENC_THETA,
-                    recipient=SERVER_ID))
-                rejections.append(Rejection.from_error(j, rnd, err, "upload"))
-                continue
             kept[j] = accepted[j]
             exchange.server_theta[j].copy_(theta[j])
         for r in sorted(rejections, key=lambda r: r.client):
@@ -515,15 +517,19 @@ class EncryptedPropagator:
         received = [len(messages[i]) for i in range(self.num_clients)]
         delivered = exchange.deliver(KIND_ENC_PHI, rnd, messages)
         phi = torch.empty(self.num_clients, p, dtype=dtype)
+
+        def decrypt(i: int, payload: bytes) -> Tensor:
+            try:
+                return self.client.decrypt(payload, p)
+            except EncryptedPropagationError as exc:
+                raise log_rejection(MalformedPayloadError(
+                    str(exc), sender=SERVER_ID, round=rnd, kind=KIND_ENC_PHI,
+                    recipient=transport.client_id(i))) from exc
+
         for i in range(self.num_clients):
             try:
-                payload = transport.client_receive_bytes(rnd, i, delivered[i], KIND_ENC_PHI)
-                try:
-                    row = self.client.decrypt(payload, p)
-                except EncryptedPropagationError as exc:
-                    raise log_rejection(MalformedPayloadError(
-                        str(exc), sender=SERVER_ID, round=rnd, kind=KIND_ENC_PHI,
-                        recipient=transport.client_id(i))) from exc
+                row = transport.client_receive_bytes(rnd, i, delivered[i], KIND_ENC_PHI,
+                                                     parse=decrypt)
             except EnvelopeError as err:
                 exchange.rejections.append(Rejection.from_error(i, rnd, err, "download"))
                 phi[i] = exchange.client_phi[i]

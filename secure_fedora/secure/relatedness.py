@@ -642,20 +642,25 @@ class _EnvelopedLink(_DirectLink):
         delivered = {i: self._deliver(KIND_RELATEDNESS_UPLOAD, i, m) for i, m in sent.items()}
         self.client_bytes_sent = [len(sent[i]) for i in range(len(encrypters))]
         self.server_bytes_received = sum(len(m) for m in delivered.values())
-        payloads, self.rejections = tr.server_receive_bytes(0, delivered, KIND_RELATEDNESS_UPLOAD)
-        received: dict[int, object] = {}
-        for i in sorted(payloads):
-            try:
-                received[i] = _unpack_parts(payloads[i])
-            except ValueError as exc:
-                self.reject_upload(i, str(exc))
-        return received
 
-    def reject_upload(self, client: int, why: str) -> None:
-        err = log_rejection(MalformedPayloadError(
+        def unpack(i: int, payload: bytes) -> object:
+            try:
+                return _unpack_parts(payload)
+            except ValueError as exc:
+                raise self._malformed_upload(i, str(exc)) from None
+
+        received, self.rejections = tr.server_receive_bytes(0, delivered, KIND_RELATEDNESS_UPLOAD,
+                                                            parse=unpack)
+        return dict(sorted(received.items()))
+
+    def _malformed_upload(self, client: int, why: str) -> EnvelopeError:
+        return log_rejection(MalformedPayloadError(
             f"encrypted summary upload: {why}", sender=self.transport.client_id(client), round=0,
             kind=KIND_RELATEDNESS_UPLOAD, recipient=SERVER_ID))
-        self.rejections.append(Rejection.from_error(client, 0, err, "upload"))
+
+    def reject_upload(self, client: int, why: str) -> None:
+        self.rejections.append(Rejection.from_error(client, 0, self._malformed_upload(client, why),
+                                                    "upload"))
 
     def to_key_holder(self, rows: list[bytes], decrypt: Callable[[object], Tensor]) -> Tensor:
         kh, tr = self.key_holder, self.transport

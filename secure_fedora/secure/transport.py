@@ -34,10 +34,12 @@ another precision are rounded to float32 before sending, so float32 matrices cro
 bit for bit); a receiver names the dtype it expects and rejects the other one.
 
 Nonce persistence is batched: a batch receiver (:meth:`SecureTransport.server_receive`,
-:meth:`SecureTransport.clients_receive`, ...) first verifies every message, then makes the
-new nonces of each receiving party durable with one append and one fsync, and only then
-decodes and returns any payload (write-ahead: nothing is acted on before its nonce is on
-disk). A nonce repeated inside one batch is rejected as a replay.
+:meth:`SecureTransport.clients_receive`, ...) first verifies and decodes every message, then
+makes the nonces of the accepted ones durable with one append and one fsync per receiving
+party, and only then returns any payload (write-ahead: nothing is acted on before its nonce
+is on disk). A message refused for any reason, its payload's included, records no nonce (its
+receiver's state file is unchanged); decoding is a pure function of the signed bytes, so the
+same message is refused again. A nonce repeated inside one batch is rejected as a replay.
 
 Client uploads are signed by the client's release pipeline (:mod:`privacy.pipeline`): every
 client-side send (:meth:`SecureTransport.client_release`, and the ``client_upload*``
@@ -81,6 +83,7 @@ from privacy.envelope import (
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     SECURITY_LOGGER,
+    Envelope,
     EnvelopeError,
     EnvelopeVerifier,
     NonceJournal,
@@ -468,9 +471,9 @@ class SecureTransport:
 
     def _open(self, rnd: int, receiver: str, message: bytes, kind: str,
               expected_sender: str | None, batch: VerificationBatch,
-              max_bytes: int | None = None) -> tuple[str, bytes]:
+              max_bytes: int | None = None) -> tuple[Envelope, bytes]:
         """Verify one message for ``receiver`` inside ``batch`` (its nonce stays pending until
-        the batch commits); returns (sender, payload) or raises EnvelopeError. A message
+        the batch commits); returns (envelope, payload) or raises EnvelopeError. A message
         over ``max_bytes`` (and the transport's cap) or not bytes is rejected unparsed."""
         verifier = self._verifier(receiver)
         cap = self.max_message_bytes if max_bytes is None else min(max_bytes, self.max_message_bytes)
@@ -482,22 +485,24 @@ class SecureTransport:
                 f"{expected_sender!r}", sender=envelope.sender, round=envelope.round,
                 kind=envelope.kind, recipient=receiver))
         batch.verify(envelope, payload, rnd, expected_kind=kind)
-        return envelope.sender, payload
+        return envelope, payload
 
     def _receive_batch(
         self, rnd: int, receiver_of: Callable[[int], str], messages: Mapping[int, bytes],
         kind: str, sender_of: Callable[[int], str], direction: str,
         decode: Callable[[int, str, bytes], Any], max_bytes: int | None = None,
     ) -> tuple[dict[int, Any], list[Rejection], list[EnvelopeError]]:
-        """Verify all ``messages``, make the new nonces of every receiving party durable (one
-        append + fsync per party), then decode the payloads. Rejections come back sorted by
-        client index. ``max_bytes`` caps each message (e.g. the exact size of the expected
-        tensor plus the header cap)."""
+        """Verify and decode all ``messages``, make the nonces of the accepted ones durable
+        (one append + fsync per state file), then return the decoded payloads. A message
+        refused on its payload (``decode``) is withdrawn from its batch: like one refused by
+        the envelope checks, it leaves no nonce. Rejections come back sorted by client
+        index. ``max_bytes`` caps each message (e.g. the exact size of the expected tensor
+        plus the header cap)."""
         _check_int(rnd, "round")
         start = time.perf_counter()
         for client in messages:
             _check_int(client, "client index", 0, self.num_clients)
-        verified: dict[int, tuple[str, bytes]] = {}
+        accepted: dict[int, Any] = {}
         failed: dict[int, EnvelopeError] = {}
         batches: dict[str, VerificationBatch] = {}
         try:
@@ -508,23 +513,23 @@ class SecureTransport:
                 if batch is None:
                     batch = batches[receiver] = self._verifier(receiver).batch()
                 try:
-                    verified[client] = self._open(rnd, receiver, message, kind,
-                                                  sender_of(client), batch, max_bytes)
+                    envelope, payload = self._open(rnd, receiver, message, kind,
+                                                   sender_of(client), batch, max_bytes)
+                    try:  # decoding only reads: nothing is acted on before the commit
+                        accepted[client] = decode(client, envelope.sender, payload)
+                    except EnvelopeError:
+                        batch.withdraw(envelope)
+                        raise
                 except EnvelopeError as err:
                     failed[client] = err
                 if isinstance(message, (bytes, bytearray, memoryview)):
                     self.stats.bytes_received += memoryview(message).nbytes
-            # write-ahead: all nonces durable (one fsync per state file) before any decoding
+            # write-ahead: every accepted nonce durable (one fsync per state file) before any
+            # payload is returned
             commit_batches(list(batches.values()))
         finally:
             for batch in batches.values():
                 batch.discard()
-        accepted: dict[int, Any] = {}
-        for client, (sender, payload) in verified.items():
-            try:
-                accepted[client] = decode(client, sender, payload)
-            except EnvelopeError as err:
-                failed[client] = err
         rejections = [Rejection.from_error(c, rnd, failed[c], direction) for c in sorted(failed)]
         errors = [failed[c] for c in sorted(failed)]
         self.stats.messages_accepted += len(accepted)
@@ -627,11 +632,16 @@ class SecureTransport:
         return accepted, rejections
 
     def server_receive_bytes(
-        self, rnd: int, messages: Mapping[int, bytes], kind: str
-    ) -> tuple[dict[int, bytes], list[Rejection]]:
-        """Server side: like :meth:`server_receive` for opaque payloads (returned unparsed)."""
+        self, rnd: int, messages: Mapping[int, bytes], kind: str,
+        *, parse: Callable[[int, bytes], Any] | None = None,
+    ) -> tuple[dict[int, Any], list[Rejection]]:
+        """Server side: like :meth:`server_receive` for opaque payloads (returned unparsed,
+        or as ``parse(client, payload)`` returns them). ``parse`` only reads: an
+        :class:`~privacy.envelope.EnvelopeError` it raises rejects that message, which then
+        records no nonce."""
         accepted, rejections, _ = self._receive_batch(
-            rnd, self._server, messages, kind, self.client_id, "upload", self._raw)
+            rnd, self._server, messages, kind, self.client_id, "upload",
+            self._raw if parse is None else lambda client, _sender, payload: parse(client, payload))
         return accepted, rejections
 
     # -- server -> client ----------------------------------------------------------------
@@ -657,11 +667,13 @@ class SecureTransport:
             raise errors[0]
         return accepted[client]
 
-    def client_receive_bytes(self, rnd: int, client: int, message: bytes, kind: str) -> bytes:
-        """Client side: verify an opaque payload from the server (raises EnvelopeError)."""
+    def client_receive_bytes(self, rnd: int, client: int, message: bytes, kind: str,
+                             *, parse: Callable[[int, bytes], Any] | None = None) -> Any:
+        """Client side: verify an opaque payload from the server (raises EnvelopeError);
+        ``parse`` as in :meth:`server_receive_bytes`."""
         accepted, _, errors = self._receive_batch(
             rnd, self.client_id, {client: message}, kind, self._server_sender, "download",
-            self._raw)
+            self._raw if parse is None else lambda client, _sender, payload: parse(client, payload))
         if errors:
             raise errors[0]
         return accepted[client]

@@ -507,3 +507,27 @@ def test_mutated_envelope_bytes_are_always_rejected(parties, mutations):
     finally:
         logging.getLogger(LOGGER).disabled = False
     assert EnvelopeVerifier(allow, "server", context="r/fedora").verify_message(original, 3)
+
+
+def test_a_refused_or_withdrawn_message_leaves_the_state_file_unchanged(parties, tmp_path):
+    """A message that its receiver refused after the envelope checks (its payload) could not
+    be taken back out of its batch, so its nonce (and the round floor it raised) was written.
+    A withdrawn message, like one the checks refused, writes nothing now; an accepted
+    message's nonce is durable at the commit and its replay is refused."""
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "server", state_path=state)
+    before = state.read_bytes()
+    good = make_envelope(parties["client-000"], "server", 5, "model", b"x")
+    results = v.verify_batch([(good, b"tampered")], 5)
+    assert isinstance(results[0], PayloadHashMismatchError)
+    assert state.read_bytes() == before and v.round_floor == 0
+    with v.batch() as batch:
+        batch.verify(good, b"x", 5)
+        batch.withdraw(good)  # refused by a later check of its receiver
+    assert state.read_bytes() == before
+    v.verify(good, b"x", 5)  # still never accepted: it goes through once
+    assert state.read_bytes() != before and v.round_floor == 5
+    for receiver in (v, EnvelopeVerifier(allow, "server", state_path=state)):
+        with pytest.raises(ReplayedNonceError):
+            receiver.verify(good, b"x", 5)

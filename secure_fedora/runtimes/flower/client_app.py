@@ -817,7 +817,8 @@ def run_stage(
         done = state.answered.get(stage)
         if done is not None and done > rnd:
             raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
-        # every check that can refuse the message first, reading only: a refusal changes no file
+        # every check that can refuse the message first, reading only: a refusal changes no
+        # file (but the verified request's nonce, recorded on purpose: MessageSecurity.verify)
         journal.entries(torn_tail=True)  # its complete lines must verify (else NodeStateError)
         heads = [state.ledger_head if saved else None, server_saw]
         checked = _check_privacy(settings, node, run_id, method,

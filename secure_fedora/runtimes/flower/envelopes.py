@@ -344,7 +344,12 @@ class MessageSecurity:
         ``expected_round`` None (a client, which learns the round from the server) takes the
         envelope's own signed round; the verifier's round floor still rejects anything older
         than a round already accepted. ``expected_sender`` None accepts any allowlisted peer.
-        The nonce is recorded before returning, so the same message is a replay next time.
+        The nonce is recorded (durably) before returning, so the same message is a replay
+        next time -- also when the caller then refuses the message on its content or on its
+        own state: deliberately, since the handlers act on a message as they read it and a
+        refusal that depends on the receiver's state must not be retried with the same signed
+        bytes once that state changed (the server signs every request, retries included,
+        with a fresh nonce). A message this method rejects records nothing.
         """
         me = self.party_id
         kind = reply_kind(message_type) if reply else message_type

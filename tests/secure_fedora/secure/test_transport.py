@@ -468,3 +468,44 @@ def test_oversize_upload_is_rejected_unparsed_as_a_record(transport, key_dir, tm
     assert [r.reason for r in rejections] == ["message_too_large"]
     with pytest.raises(TransportError, match="max_message_bytes"):
         SecureTransport(key_dir, tmp_path / "t3", N, max_message_bytes=0)
+
+
+def test_a_message_refused_on_its_payload_records_no_nonce_and_a_replay_stays_refused(
+        key_dir, tmp_path):
+    """The batch receivers committed the nonce of every message whose envelope verified and
+    only then decoded its payload, so a signed upload refused for its shape, for a value
+    check or for a tensor that does not decode still changed server.nonces.jsonl. A message
+    refused for any reason now leaves the file's bytes as they were; an accepted one is
+    durable first, so its replay is refused, after a restart too."""
+    state = tmp_path / "state"
+    transport = SecureTransport(key_dir, state, N)
+    nonces = state / "server.nonces.jsonl"
+    theta = rows()
+    good = transport.client_upload(1, 0, theta[0])
+    accepted, rejections = transport.server_receive(1, {0: good}, (P,))
+    assert list(accepted) == [0] and rejections == []
+    before = nonces.read_bytes()
+    refused = {
+        1: transport.client_upload(1, 1, theta[1][: P - 1]),  # wrong shape
+        2: transport.client_upload(1, 2, theta[2] + 100.0),  # refused by the value check
+        3: transport.client_upload_bytes(1, 3, b"SFTR not a tensor", "theta"),  # no tensor
+    }
+    accepted, rejections = transport.server_receive(
+        1, refused, (P,), check=lambda t: "too large" if t.abs().max() > 50 else None)
+    assert accepted == {}
+    assert [(r.client, r.reason) for r in rejections] == \
+        [(1, "wrong_shape"), (2, "invalid_value"), (3, "malformed_payload")]
+    assert nonces.read_bytes() == before
+    # the same refused message is refused again for the same reason, not as a replay
+    _, again = transport.server_receive(1, {1: refused[1]}, (P,))
+    assert [r.reason for r in again] == ["wrong_shape"]
+    assert nonces.read_bytes() == before
+    # a client refusing a download on its shape keeps its own journal unchanged too
+    journal = state / "clients.nonces.jsonl"
+    before_journal = journal.read_bytes()
+    with pytest.raises(TensorShapeError):
+        transport.client_receive(1, 0, transport.server_send(1, 0, theta[0]), (P + 1,))
+    assert journal.read_bytes() == before_journal
+    for receiver in (transport, SecureTransport(key_dir, state, N)):  # and after a restart
+        _, replayed = receiver.server_receive(1, {0: good}, (P,))
+        assert [r.reason for r in replayed] == ["replayed_nonce"]

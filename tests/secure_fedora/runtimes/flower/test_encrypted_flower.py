@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from privacy.ckks import InnerProductUpload
 from privacy.envelope import (
     BadSignatureError,
+    EnvelopeError,
     MalformedEnvelopeError,
     NonFiniteTensorError,
     PayloadHashMismatchError,
@@ -141,6 +142,32 @@ def test_server_accepts_a_signed_reply_once_and_rejects_its_replay_also_after_re
         _verify(restarted, content, 1)
     assert stat.S_IMODE((tmp_path / "srv" / "server.nonces.jsonl").stat().st_mode) == 0o600
 
+
+
+def test_a_reply_the_envelope_checks_refuse_leaves_the_nonce_file_unchanged(
+    tmp_path: Path,
+) -> None:
+    """The chosen nonce rule on Flower: a reply refused by the envelope checks (tampered
+    content, a wrong sender, a later round) records nothing; an accepted one records its
+    nonce before anything reads it, kept even if the ServerApp then refuses its content, so
+    the same signed reply is a replay, after a restart too."""
+    rc = run_config(enc_config(), tmp_path)
+    client, server = _client_security(rc, tmp_path, 1), _server_security(rc, tmp_path)
+    nonces = tmp_path / "srv" / "server.nonces.jsonl"
+    before = nonces.read_bytes()
+    tampered = _theta_reply(client, 1, torch.ones(4))
+    tampered["theta"] = ArrayRecord({"theta": Array(np.array([1, 1, 1, 2], dtype=np.float32))})
+    for content, rnd, sender in ((tampered, 1, 1), (_theta_reply(client, 1, torch.ones(4)), 1, 2),
+                                 (_theta_reply(client, 2, torch.ones(4)), 1, 1)):
+        with pytest.raises(EnvelopeError):
+            _verify(server, content, rnd, sender)
+        assert nonces.read_bytes() == before
+    content = _theta_reply(client, 1, torch.ones(4))
+    _verify(server, content, 1)  # accepted (whatever the caller then makes of its content)
+    assert nonces.read_bytes() != before
+    for receiver in (server, _server_security(rc, tmp_path)):
+        with pytest.raises(ReplayedNonceError):
+            _verify(receiver, content, 1)
 
 def test_server_rejects_tampered_envelopes_and_tampered_content(tmp_path: Path) -> None:
     rc = run_config(enc_config(), tmp_path)
