@@ -280,8 +280,8 @@ def decode_tensor(payload: bytes, *, sender: str | None = None, round: int | Non
 
     Raises (and logs) :class:`MalformedPayloadError` naming ``sender`` and ``round`` when the
     magic, version, dtype or dimension count is unknown, the wire dtype is not ``dtype``
-    (``None``: float32 and float64 are both accepted), or the length does not match the
-    shape exactly.
+    (``None``: float32 and float64 are both accepted), the non-zero sizes multiply to 2**63
+    or more, or the length does not match the shape exactly.
     """
     ctx = {"sender": sender, "round": round, "kind": kind, "recipient": recipient}
     data = memoryview(payload)
@@ -302,6 +302,11 @@ def decode_tensor(payload: bytes, *, sender: str | None = None, round: int | Non
     if len(data) < offset:
         raise _log(MalformedPayloadError("tensor payload truncated inside its shape", **ctx))
     shape = struct.unpack_from(f">{ndim}Q", data, _HEAD.size)
+    # an empty tensor has no value bytes whatever its other sizes: torch's int64 sizes and
+    # strides must hold them (the product of the non-zero sizes stays below 2**63)
+    if math.prod(max(size, 1) for size in shape) >= 1 << 63:
+        raise _log(MalformedPayloadError(f"tensor shape {tuple(shape)} is beyond 64-bit sizes"
+                                         " (its non-zero sizes multiply to 2**63 or more)", **ctx))
     count = math.prod(shape)
     width = np_dtype.itemsize
     if len(data) - offset != width * count:

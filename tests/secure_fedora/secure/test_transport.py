@@ -286,6 +286,31 @@ def test_tensor_payload_format():
             decode_tensor(bad, sender="client-000", round=1)
 
 
+
+def test_an_empty_tensor_with_a_dimension_beyond_int64_is_a_malformed_payload(
+        key_dir, tmp_path):
+    """A signed tensor payload of shape (0, 2**63) or (0, 2**32, 2**31) has no value bytes, so
+    its length matched and decode_tensor reached torch's reshape, whose TypeError or
+    RuntimeError (not an EnvelopeError) stopped the server's receive; it is now a
+    MalformedPayloadError, that client's rejection."""
+    import struct
+
+    for shape in [(0, 1 << 63), ((1 << 64) - 1, 0), (0, 1 << 32, 1 << 31), (1 << 40, 0, 1 << 23)]:
+        bad = encode_tensor(torch.zeros((0,) * len(shape)))[:8] \
+            + struct.pack(f">{len(shape)}Q", *shape)
+        with pytest.raises(MalformedPayloadError, match="beyond 64-bit sizes"):
+            decode_tensor(bad, sender="client-000", round=1)
+    huge = (0, 1 << 31, 1 << 31)  # still within int64: an empty tensor of that shape
+    assert decode_tensor(encode_tensor(torch.zeros(0, 1, 1))[:8]
+                         + struct.pack(">3Q", *huge)).shape == huge
+    head = encode_tensor(torch.zeros(0, 1))[:8]
+    tr = SecureTransport(key_dir, tmp_path / "s", N)
+    message = tr.client_upload_bytes(1, 0, head + struct.pack(">2Q", 0, 1 << 63), "theta")
+    accepted, rejections = tr.server_receive(1, {0: message, 1: tr.client_upload(1, 1, rows()[1])},
+                                             (P,))
+    assert list(accepted) == [1] and [(r.client, r.reason) for r in rejections] == \
+        [(0, "malformed_payload")]
+
 def test_exchange_restores_rejected_rows(key_dir, tmp_path):
     tr = SecureTransport(key_dir, tmp_path / "s", N)
     theta0 = rows(4)
