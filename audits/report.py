@@ -46,6 +46,7 @@ from privacy.identity import client_ids  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from secure_fedora.core.files import atomic_write_text, strict_json  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
+from secure_fedora.secure.private import steps_per_round  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
 
@@ -321,6 +322,17 @@ def _same_dir(named: Any, run: Path) -> bool:
         return True
 
 
+def _planned_dpsgd_steps(cfg: ExperimentConfig | None) -> int | None:
+    """A client's planned DP-SGD steps over the run (every round), from the run's config;
+    None without a config or one that cannot give it."""
+    if cfg is None:
+        return None
+    try:
+        return steps_per_round(cfg) * cfg.training.rounds
+    except (ValueError, ZeroDivisionError, ConfigError):
+        return None
+
+
 def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
                           cfg: ExperimentConfig | None,
                           verification: VerificationReport) -> tuple[str, list[str]]:
@@ -329,7 +341,8 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
     (replay, canary: the ledger's final epsilon; white-box: the epsilon of the DP-SGD
     releases the ledger records, :func:`audits.verify.dpsgd_claim_problem`), within the
     verifier's rel_tol. A white-box ``setup.steps`` other than None or a non-negative
-    integer (a bool, a float, a string) makes the document invalid."""
+    integer (a bool, a float, a string), or other than the steps config.toml plans, makes
+    the document invalid."""
     setup = doc.get("setup") if isinstance(doc.get("setup"), dict) else {}
     invalid: list[str] = []
     if "run_dir" in setup and not _same_dir(setup["run_dir"], run):
@@ -364,6 +377,11 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
                                   or steps < 0):
             # a bool is an int to Python: True would pass as a plan of 1 step
             return "invalid", [*invalid, f"setup.steps is {steps!r}, not a step count"]
+        planned = _planned_dpsgd_steps(cfg)
+        if steps is not None and planned is not None and steps != planned:
+            # a larger count would let a claim above the ledger's DP-SGD epsilon pass
+            return "invalid", [*invalid, f"setup.steps {steps} is not the {planned} DP-SGD"
+                               " steps config.toml plans"]
         problem = None if ledger.delta is None else dpsgd_claim_problem(
             claim, [{"mechanism": e.mechanism, "params": e.params} for e in ledger.series],
             ledger.delta, ledger.accountant, steps, tol)

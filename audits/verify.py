@@ -679,8 +679,10 @@ def dpsgd_claim_problem(claim: float, entries: Sequence[dict[str, Any]], delta: 
     records (:func:`mechanism_epsilon` under the ledger's ``accountant`` and ``delta``; 0 for
     none); above
     it only while the ledger holds fewer DP-SGD steps than ``planned_steps`` (a client not
-    drawn every round, a refused release): a ledger holding every planned step, or any ledger
-    when ``planned_steps`` is None (unknown), must give the claim within ``rel_tol``."""
+    drawn every round, a refused release), and then never above the epsilon of all
+    ``planned_steps`` at the recorded noise and sample rate; a ledger holding every planned
+    step, or any ledger when ``planned_steps`` is None (unknown), must give the claim within
+    ``rel_tol``."""
     dpsgd = [e for e in entries if e.get("mechanism") == "dpsgd"
              and isinstance(e.get("params"), dict) and not _release_problems(e["params"])]
     if dpsgd and accountant not in ACCOUNTANTS:
@@ -695,6 +697,14 @@ def dpsgd_claim_problem(claim: float, entries: Sequence[dict[str, Any]], delta: 
         held = "every planned step" if planned_steps is not None else "the steps it records"
         return (f"the claim {claim:.6g} exceeds the epsilon {recorded:.6g} of the DP-SGD"
                 f" releases it records ({steps} steps: {held})")
+    if claim > recorded * (1 + rel_tol) and dpsgd and planned_steps is not None:
+        # the missing steps at the recorded noise and sample rate: the plan's epsilon
+        missing: dict[str, Any] = {
+            "mechanism": "dpsgd", "params": {**dpsgd[-1]["params"], "steps": planned_steps - steps}}
+        ceiling = mechanism_epsilon([*dpsgd, missing], "dpsgd", delta, accountant or "")
+        if ceiling is not None and claim > ceiling * (1 + rel_tol):
+            return (f"the claim {claim:.6g} exceeds the epsilon {ceiling:.6g} of all"
+                    f" {planned_steps} planned DP-SGD steps at the recorded noise and sample rate")
     return None
 
 

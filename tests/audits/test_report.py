@@ -424,8 +424,41 @@ def test_a_whitebox_step_count_that_is_not_an_integer_is_invalid(run_copy):
         return {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}["whitebox"]
 
     assert row()["status"] == "run"
-    assert row(steps=20)["status"] == "run"
-    for bad in (True, False, "20", 20.0, -1):
+    assert row(steps=40)["status"] == "run"  # the fixture's config plans 4 rounds x 10 steps
+    for bad in (True, False, "40", 40.0, -1):
         got = row(steps=bad)
         assert got["status"] == "invalid" and got["verdict"] is None, bad
         assert f"setup.steps is {bad!r}, not a step count" in got["verdict_text"], bad
+
+
+
+def test_a_whitebox_claim_cannot_be_inflated_by_its_own_step_count(run_copy):
+    """The white-box check let a claim exceed the epsilon of the DP-SGD releases a ledger
+    records whenever the document's own setup.steps was larger than the steps recorded, by any
+    amount: steps 10**9 passed a claim ten times the ledger's (and a lower bound five times
+    it, which refutes the real guarantee) as "consistent". setup.steps must now be the
+    steps config.toml plans, and the claim at most the epsilon of those steps at the recorded
+    noise and sample rate."""
+    from audits.verdict import audit_document, write_audit_json
+    from privacy.accounting import PlannedRelease, plan_epsilon
+
+    recorded = _fedora_dpsgd_claim()  # the 20 DP-SGD steps the ledger records
+    planned = plan_epsilon([PlannedRelease("dpsgd", 0.1, 40)], 1e-5, 1.2, "rdp")
+
+    def row(claim: float, steps: int) -> dict:
+        write_audit_json(run_copy, audit_document(
+            "whitebox", claim_epsilon=claim, certifiable_max=30 * recorded,
+            lower_bound=min(5 * recorded, 0.9 * claim), confidence=0.95,
+            setup={"canaries": 20000, "method": "fedora", "client": "client-001",
+                   "config": "audit-fixture", "steps": steps}))
+        return {a["audit"]: a for a in build_report(run_copy)["empirical_audits"]}["whitebox"]
+
+    inflated = row(10 * recorded, 10**9)
+    assert inflated["status"] == "invalid" and inflated["verdict"] is None
+    assert "setup.steps 1000000000 is not the 40 DP-SGD steps config.toml plans" \
+        in inflated["verdict_text"]
+    assert row(planned, 40)["status"] == "run"  # the plan's own claim
+    above = row(1.5 * recorded, 40)
+    assert above["status"] == "invalid"
+    assert f"exceeds the epsilon {planned:.6g} of all 40 planned DP-SGD steps" \
+        in above["verdict_text"]
