@@ -26,16 +26,32 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def move_tail_aside(path: Path, cut: int, tail: bytes, target: Path) -> None:
+def move_tail_aside(path: Path, cut: int, tail: bytes, target: Path) -> Path:
     """Write ``tail`` (the bytes of ``path`` after offset ``cut``, e.g. a torn last line) to
-    ``target`` (created 0600, replaced if present, fsynced), then truncate ``path`` to ``cut``
-    and fsync it: the bytes are durable beside the file before they leave it."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    ``target`` (created 0600 and fsynced, with its directory entry), then truncate ``path`` to
+    ``cut`` and fsync it: the bytes are durable beside the file before they leave it. An
+    existing file is never replaced (an earlier tear at the same position keeps its bytes):
+    the tail then goes to ``<target>.1``, ``<target>.2``, ..., unless one of them already
+    holds exactly ``tail`` (a move interrupted before the cut), which is kept. Returns the
+    file that holds ``tail``."""
+    chosen, number = target, 0
+    while True:
+        try:
+            fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileExistsError:
+            if chosen.read_bytes() == tail:
+                truncate_and_fsync(path, cut)
+                return chosen
+            number += 1
+            chosen = target.with_name(f"{target.name}.{number}")
     try:
         write_all_and_fsync(fd, tail)
     finally:
         os.close(fd)
+    fsync_dir(chosen.parent)
     truncate_and_fsync(path, cut)
+    return chosen
 
 
 def truncate_and_fsync(path: Path, size: int) -> None:

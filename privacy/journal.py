@@ -190,13 +190,14 @@ class ReleaseJournal:
             self.quarantine_torn_tail()
 
     def quarantine_torn_tail(self) -> Path | None:
-        """Move a torn last line skipped on open to ``<journal>.torn-<position>`` (fsynced)
-        and cut it off; returns that file (:attr:`quarantined`), None when there was none."""
+        """Move a torn last line skipped on open to ``<journal>.torn-<position>`` (fsynced;
+        ``.torn-<position>.<n>`` when an earlier tear there holds that name) and cut it off;
+        returns that file (:attr:`quarantined`), None when there was none."""
         if self._torn is None:
             return None
         torn, position, cut = self._torn
-        target = self.path.with_name(f"{self.path.name}.torn-{position}")
-        move_tail_aside(self.path, cut, torn, target)
+        target = move_tail_aside(self.path, cut, torn,
+                                 self.path.with_name(f"{self.path.name}.torn-{position}"))
         self._torn = None
         self.quarantined = target
         return target

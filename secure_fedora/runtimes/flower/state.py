@@ -246,8 +246,9 @@ class ReleaseJournal:
 
     def repair_torn_tail(self) -> Path | None:
         """Move a torn last line (no newline: an append killed mid-write, whose release never
-        left) to ``releases.jsonl.torn-<seq>`` beside the journal (fsynced), cut it off, and
-        return that file; None when the journal ends in a complete line. The complete lines
+        left) to ``releases.jsonl.torn-<seq>`` beside the journal (fsynced; ``.torn-<seq>.<n>``
+        when an earlier tear there holds that name), cut it off, and return that file; None
+        when the journal ends in a complete line. The complete lines
         must verify first (any other damage stays a :class:`NodeStateError`, nothing moved).
         Call it only while no other process can append (the node's stage lock)."""
         try:
@@ -259,9 +260,8 @@ class ReleaseJournal:
             return None
         self.entries(torn_tail=True)  # the rest must verify
         complete = data[:cut].count(b"\n")
-        target = self.path.with_name(f"{self.path.name}.torn-{complete}")
-        move_tail_aside(self.path, cut, data[cut:], target)
-        return target
+        return move_tail_aside(self.path, cut, data[cut:],
+                               self.path.with_name(f"{self.path.name}.torn-{complete}"))
 
     def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
         """Verify the chain, append one entry for ``payload`` and fsync; returns the entry."""
