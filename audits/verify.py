@@ -42,7 +42,10 @@
    privacy, for every configured method (with or without ``results.json``); the ledger's length (and,
    when recorded, its last-line hash ``ledger_head``) and final epsilon agree with the
    runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``).
-5. **Coverage** (a warning): ledgers of several methods spend the same clients' data.
+5. **Coverage** (a warning): ledgers of several methods spend the same clients' data. A
+   staging folder ``ledgers/.<method>.creating-<8 hex>`` (a creation of a method's ledgers
+   killed before its rename) is no method's ledgers: a warning when it holds only empty
+   ledgers, an error when it holds anything a creation does not write.
 
 6. **Close and anchor**: every ledger ends with exactly one signed ``close`` entry (a ledger
    without one is an error: its run did not finish, or its end was cut). The run's signed
@@ -1322,14 +1325,56 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
                     f" [{first.check}] {first.message}{more}")
 
 
+#: The runtime builds a method's ledger folder in ``ledgers/.<method>.creating-<8 hex>`` and
+#: renames it into place: a process killed before the rename leaves that folder behind.
+_CREATING = re.compile(r"\.(?P<method>.+)\.creating-[0-9a-f]{8}")
+
+
 def _discover(ledger_dir: Path) -> list[tuple[str | None, Path]]:
-    """``(method, path)`` for ``ledgers/<client>.jsonl`` and ``ledgers/<method>/<client>.jsonl``."""
+    """``(method, path)`` for ``ledgers/<client>.jsonl`` and ``ledgers/<method>/<client>.jsonl``
+    (a creation's staging folder, ``.<method>.creating-<8 hex>``, is no method's ledgers:
+    :func:`_interrupted_creations`)."""
     if not ledger_dir.is_dir():
         return []
     found: list[tuple[str | None, Path]] = [(None, p) for p in sorted(ledger_dir.glob("*.jsonl"))]
-    for sub in sorted(p for p in ledger_dir.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in ledger_dir.iterdir()
+                      if p.is_dir() and not _CREATING.fullmatch(p.name)):
         found.extend((sub.name, p) for p in sorted(sub.glob("*.jsonl")))
     return found
+
+
+def _interrupted_creations(ledger_dir: Path) -> list[Finding]:
+    """One finding per staging folder ``ledgers/.<method>.creating-<8 hex>`` (left by a
+    creation of a method's ledgers killed before its rename; not verified as ledgers): a
+    warning when it holds only empty ledgers and plain files (nothing was ever written to
+    them), an error when it holds anything else (ledger entries, a journal, a folder), which
+    no creation writes."""
+    if not ledger_dir.is_dir():
+        return []
+    out = []
+    for sub in sorted(p for p in ledger_dir.iterdir()
+                      if p.is_dir() and _CREATING.fullmatch(p.name)):
+        method = _CREATING.fullmatch(sub.name)["method"]  # type: ignore[index]
+        held = sorted(sub.iterdir())
+        other = [p.name for p in held
+                 if p.is_symlink() or not p.is_file() or p.name.endswith(".journal")
+                 or (p.suffix == ".jsonl" and p.stat().st_size > 0)]
+        if other:
+            out.append(Finding(
+                "error", "interrupted_creation",
+                f"ledgers/{sub.name}, named as the staging folder of a creation of method"
+                f" {method!r}'s ledgers, holds {', '.join(other[:5])}"
+                f"{' and more' if len(other) > 5 else ''}, which no creation writes (a"
+                " creation holds only empty ledgers): not verified; find out what wrote it",
+                None, None, method))
+        else:
+            out.append(Finding(
+                "warning", "interrupted_creation",
+                f"ledgers/{sub.name} is what a creation of method {method!r}'s ledgers left when"
+                f" it was killed before its rename: {len(held)} file(s), only empty ledgers"
+                " (nothing was released under them); not verified as ledgers",
+                None, None, method))
+    return out
 
 
 def _coverage(ctx: _RunContext, methods: Sequence[str | None]) -> None:
@@ -1406,6 +1451,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     ctx = _RunContext(run, cfg, results, findings)
     ledger_dir = run / "ledgers"
     found = _discover(ledger_dir)
+    findings.extend(_interrupted_creations(ledger_dir))
     dp_claimed = (cfg is not None and cfg.privacy.enabled) or bool(
         results and isinstance(results.get("assumptions"), dict)
         and results["assumptions"].get("differential_privacy"))

@@ -957,3 +957,31 @@ def test_a_configured_methods_deleted_ledgers_fail_without_results_and_anchor(ru
     assert not report.ok
     assert {(f.check, f.method, f.client_id) for f in report.errors} == {
         ("missing_ledger", "fedora", c) for c in ("client-000", "client-001", "client-002")}
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_a_leftover_ledger_creation_is_noted_not_verified_as_a_method(run_copy, written):
+    """A creation of a method's ledgers killed before its rename leaves
+    ``ledgers/.<method>.creating-<8 hex>``: it was listed as a method of its own (a coverage
+    warning, errors for its empty ledgers, a missing ledger and ledgers the anchor does not
+    name), failing a run that is intact. A staging folder holding entries is still an error."""
+    staging = run_copy / "ledgers" / ".fedora.creating-0123abcd"
+    staging.mkdir()
+    for cid in ("client-000", "client-001"):
+        (staging / f"{cid}.jsonl").write_bytes(b"")
+    (staging / "model.json").write_text("{}")
+    if written:
+        shutil.copy(ledger_path(run_copy, "client-000"), staging / "client-000.jsonl")
+    report = verify_run(run_copy)
+    assert all(not c.method.startswith(".") for c in report.clients if c.method)
+    assert not any(f.method and f.method.startswith(".") for f in report.findings)
+    noted = [f for f in report.findings if f.check == "interrupted_creation"]
+    assert len(noted) == 1 and noted[0].method == "fedora"
+    assert ".fedora.creating-0123abcd" in noted[0].message
+    assert report.ok is not written
+    assert noted[0].severity == ("error" if written else "warning")
+    if written:
+        assert "client-000.jsonl" in noted[0].message
+        assert [f.check for f in report.errors] == ["interrupted_creation"]
+    coverage = [f.message for f in report.warnings if f.check == "coverage"]
+    assert coverage and ".fedora" not in coverage[0]
