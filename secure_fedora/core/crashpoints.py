@@ -21,9 +21,10 @@ ENV_VAR = "SECURE_FEDORA_CRASH_AT"
 
 POINTS: dict[str, str] = {
     "ledger_staged": "after one client's empty ledger is created in the hidden folder that"
-                     " becomes its method's ledger folder, before the next",
-    "ledgers_created": "after a method's ledger folder is renamed into place, before its"
-                       " ledgers are opened",
+                     " becomes its method's ledger folder (a Flower node: in its method"
+                     " folder, before its model record), before the next",
+    "ledgers_created": "after a method's ledger folder is renamed into place (a Flower node:"
+                       " its model record written), before its ledgers are opened",
     "keys_published": "after a DP method's ledgers are opened and its public keys published",
     "summary": "after one client's relatedness summary left it, before the next client's",
     "gate": "after a release's ledger entries are fsynced, before its journal record",

@@ -68,6 +68,8 @@ __all__ = [
     "build_context",
     "client_generator",
     "make_method",
+    "model_record",
+    "model_record_problem",
     "sample_participants",
     "summarize",
 ]
@@ -85,9 +87,28 @@ class CheckpointError(ToolkitError, RuntimeError):
 MODEL_RECORD = "model.json"
 
 
-def _model_record(module: torch.nn.Module) -> bytes:
+def model_record(module: torch.nn.Module) -> bytes:
+    """The :data:`MODEL_RECORD` of ``module``: its fingerprint and architecture listing."""
     return json.dumps({"model_fingerprint": model_fingerprint(module),
                        "model_architecture": model_architecture(module)}, indent=1).encode()
+
+
+def model_record_problem(path: Path, module: torch.nn.Module) -> str | None:
+    """Why the :data:`MODEL_RECORD` ``path`` does not record ``module``'s architecture (it
+    is unreadable, or records another model: the first line where they differ), as the end
+    of a sentence starting with the path; None when it records it. Reads only."""
+    current = model_fingerprint(module)
+    try:
+        recorded = json.loads(path.read_bytes())
+        fingerprint = recorded["model_fingerprint"]
+        architecture = list(recorded["model_architecture"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"is unreadable ({err})"
+    if fingerprint == current:
+        return None
+    what = architecture_difference(architecture, model_architecture(module)) \
+        or f"fingerprint {fingerprint!s:.12} != {current:.12}"
+    return f"records another model than this one ({what}): the run's releases were made with it"
 
 
 def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
@@ -766,18 +787,11 @@ class Simulation:
             path = self.run_dir / "ledgers" / name / MODEL_RECORD
             if not path.is_file():
                 continue
-            try:
-                recorded = json.loads(path.read_bytes())
-                fingerprint = recorded["model_fingerprint"]
-                architecture = list(recorded["model_architecture"])
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{path} is unreadable ({err}); refuse to resume") from None
-            if fingerprint != current:
-                what = architecture_difference(architecture, model_architecture(module)) \
-                    or f"fingerprint {fingerprint!s:.12} != {current:.12}"
-                raise CheckpointError(f"{path} records another model than this one ({what}):"
-                                      " the run's releases were made with it; refuse to resume"
-                                      " (resume with the run's model, or start a new run)")
+            problem = model_record_problem(path, module)
+            if problem is not None:
+                raise CheckpointError(f"{path} {problem}; refuse to resume"
+                                      + (" (resume with the run's model, or start a new run)"
+                                         if "another model" in problem else ""))
         built_in = self.cfg.model.factory is None and "model" not in self.inputs_outside_config
         for name in self.cfg.methods:
             path = self.checkpoint_path(name)
@@ -898,7 +912,7 @@ class Simulation:
         check_public_keys(key_dir, self.run_dir / "keys", parties)  # another store: nothing written
         # the model these ledgers' releases come from is recorded with them (the same
         # rename), so a resume before the first checkpoint is matched to it too
-        record = None if module is None else {MODEL_RECORD: _model_record(module)}
+        record = None if module is None else {MODEL_RECORD: model_record(module)}
         privacy = FederationPrivacy.open(self.cfg, name, len(self.clients),
                                          self.run_dir / "ledgers" / name, key_dir,
                                          resume=resume, calibrated=calibrated, with_files=record)

@@ -108,13 +108,15 @@ from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMMARY
 from secure_fedora.core.config import ConfigError, ExperimentConfig
 from secure_fedora.core.crashpoints import crash_point
+from secure_fedora.core.files import atomic_write_bytes
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import DIVERGED_HINT, ClientUpdateError
 from secure_fedora.learning.dp import DPGradient, check_per_sample_gradients  # noqa: F401 (re-exported)
 from secure_fedora.learning.tasks import CROSS_ENTROPY
 
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
-           "client_noise_sources", "create_ledger_dir", "interrupted_ledger_creations",
+           "check_ledgers_present", "client_noise_sources", "create_ledger_dir",
+           "create_ledgers_in", "interrupted_ledger_creations",
            "noise_assumptions", "privacy_plan"]
 
 log = logging.getLogger("secure_fedora.privacy")
@@ -145,6 +147,20 @@ def interrupted_ledger_creations(ledger_root: Path, method: str | None = None) -
     return found
 
 
+def _create_empty_ledgers(folder: Path, ids: Sequence[str], *, keep: bool = False) -> None:
+    """One empty ledger per client of ``ids`` in ``folder`` (0600, fsynced); ``keep``: one
+    already there is kept as it is (else it is an error)."""
+    flags = os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_EXCL)
+    for cid in ids:
+        fd = os.open(folder / f"{cid}.jsonl", flags, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        crash_point("ledger_staged")
+    fsync_dir(folder)
+
+
 def create_ledger_dir(ledger_dir: Path, ids: Sequence[str],
                       with_files: Mapping[str, bytes] | None = None) -> None:
     """Create ``ledger_dir`` holding one empty ledger per client of ``ids`` (0600, fsynced)
@@ -166,14 +182,7 @@ def create_ledger_dir(ledger_dir: Path, ids: Sequence[str],
             write_all_and_fsync(fd, data)
         finally:
             os.close(fd)
-    for cid in ids:
-        fd = os.open(staging / f"{cid}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        crash_point("ledger_staged")
-    fsync_dir(staging)
+    _create_empty_ledgers(staging, ids)
     try:
         os.rename(staging, ledger_dir)
     except OSError as err:  # created meanwhile (another process): it keeps its own
@@ -181,6 +190,34 @@ def create_ledger_dir(ledger_dir: Path, ids: Sequence[str],
         raise LedgerError(f"cannot create the ledger folder {str(ledger_dir)!r}: {err}") from None
     fsync_dir(parent)
     crash_point("ledgers_created")
+
+
+def create_ledgers_in(folder: Path, ids: Sequence[str], record: tuple[str, bytes]) -> None:
+    """:func:`create_ledger_dir` for a ``folder`` that exists before its ledgers (a Flower
+    node's method folder holds its envelope nonces first), so it cannot be renamed into
+    place: one empty ledger per client of ``ids`` (0600, fsynced; one already there, left by
+    a creation killed before its record, is kept as it is), then ``record`` (name, bytes),
+    written atomically and last. A process killed meanwhile leaves no record and only
+    ledgers a later call keeps, so once the record exists every client's ledger did: one
+    missing was lost (:func:`check_ledgers_present`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _create_empty_ledgers(folder, ids, keep=True)
+    name, data = record
+    atomic_write_bytes(folder / name, data)
+    crash_point("ledgers_created")
+
+
+def check_ledgers_present(ledger_dir: Path, ids: Sequence[str]) -> None:
+    """Raise LedgerError naming the clients of ``ids`` whose ledger the existing, created
+    ledger folder ``ledger_dir`` lacks: its ledgers were created together, so these were lost
+    (recreating them empty would account fewer releases than were made). Reads only."""
+    lost = [cid for cid in ids if not (ledger_dir / f"{cid}.jsonl").is_file()]
+    if lost:
+        shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+        raise LedgerError(
+            f"ledger folder {str(ledger_dir)!r} lacks the ledgers of {shown}: its ledgers are"
+            " created together, so these were lost; restore them from a copy, or start a new"
+            " run; nothing was written")
 
 
 def sample_rate_for(cfg: ExperimentConfig) -> float:
@@ -673,14 +710,7 @@ class FederationPrivacy:
         ensure_keystore(key_dir, run_party_ids(num_clients))
         identities = [load_identity(key_dir, cid) for cid in ids]
         if ledger_dir.is_dir():
-            lost = [cid for cid in ids if not (ledger_dir / f"{cid}.jsonl").is_file()]
-            if lost:
-                shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8
-                                               else "")
-                raise LedgerError(
-                    f"ledger folder {str(ledger_dir)!r} lacks the ledgers of {shown}: its"
-                    " ledgers are created together, so these were lost; restore them from a"
-                    " copy, or start a new run; nothing was written")
+            check_ledgers_present(ledger_dir, ids)
         else:
             create_ledger_dir(ledger_dir, ids, with_files)
         checked: list[LedgerCheck] = []

@@ -123,15 +123,20 @@ from secure_fedora.runtimes.flower.state import (
     save_partition,
 )
 from secure_fedora.runtimes.inprocess import (
+    MODEL_RECORD,
     atomic_write_text,
     build_clients,
     client_generator,
+    model_record,
+    model_record_problem,
 )
 from secure_fedora.secure.private import (
     ClientPrivacy,
     FederationPrivacy,
     LedgerCheck,
     check_ledger,
+    check_ledgers_present,
+    create_ledgers_in,
 )
 from secure_fedora.secure.relatedness import (
     decrypt_rows,
@@ -268,12 +273,17 @@ class _OneSlot(list):  # type: ignore[type-arg]
 
 
 def _check_privacy(
-    settings: RunSettings, node: NodeSettings, run_id: int, method: str, reported: int = 0
+    settings: RunSettings, node: NodeSettings, run_id: int, method: str,
+    module: torch.nn.Module, reported: int = 0
 ) -> LedgerCheck | None:
     """The checks of this client's ledger of ``method`` and the journal of its refusal,
     close and repair entries that go before anything is written
     (:func:`~secure_fedora.secure.private.check_ledger`, as an in-process resume makes them),
-    writing nothing; None without DP. ``reported`` is how many ledger entries this client
+    writing nothing; None without DP. Once the ledger's creation completed (its model record
+    ``runs/<run_id>/<method>/model.json`` exists), a ledger missing was lost and a record of
+    another model than ``module`` (this node's software builds another one for the run's
+    config) means the run's releases came from another model: both are a NodeStateError.
+    ``reported`` is how many ledger entries this client
     already reported (its saved state's or the server's record): a torn last line below it
     was complete once, so the ledger was cut, and NodeStateError is raised unless the journal
     holds the lines cut off (:func:`_open_privacy` then writes them back bit for bit); a
@@ -292,8 +302,19 @@ def _check_privacy(
         )
     cid = client_ids(cfg.data.num_clients)[node.partition_id]
     identity = load_identity(node.identity_dir, cid)
+    ledger_dir = _method_dir(node, run_id, method)
+    record = ledger_dir / MODEL_RECORD
+    if record.is_file():  # created: the ledger and the model it records are the run's
+        try:
+            check_ledgers_present(ledger_dir, [cid])
+        except LedgerError as err:
+            raise NodeStateError(f"{err} (in the node's state-dir)") from None
+        problem = model_record_problem(record, module)
+        if problem is not None:
+            raise NodeStateError(f"{record} {problem}; refuse to go on (run the node with the"
+                                 " run's secure-fedora version, or start a new run)")
     try:
-        return check_ledger(_method_dir(node, run_id, method) / f"{cid}.jsonl", cid, method,
+        return check_ledger(ledger_dir / f"{cid}.jsonl", cid, method,
                             identity, reported=reported,
                             reported_by="this client already reported them")
     except LedgerCutError as err:
@@ -304,10 +325,15 @@ def _check_privacy(
 
 
 def _open_privacy(
-    settings: RunSettings, node: NodeSettings, run_id: int, method: str, checked: LedgerCheck
+    settings: RunSettings, node: NodeSettings, run_id: int, method: str, checked: LedgerCheck,
+    module: torch.nn.Module
 ) -> ClientSidePrivacy:
     """This client's budget gate, ledger and plan for ``method``, once its checks passed
     (``checked``, :func:`_check_privacy`).
+
+    The ledger is created with the record of ``module`` (the model its releases come from),
+    the record last (:func:`~secure_fedora.secure.private.create_ledgers_in`), so a process
+    killed meanwhile leaves an empty ledger the next message keeps.
 
     Opened the way ``FederationPrivacy.open`` resumes each client: the plan is calibrated for
     the client's budget (and cached per run); ledger entries a cut removed are written back
@@ -340,6 +366,8 @@ def _open_privacy(
     ledger_dir.mkdir(parents=True, exist_ok=True)
     plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget,
                         lambda: privacy_plan(cfg, method, budget))
+    if not (ledger_dir / MODEL_RECORD).is_file():
+        create_ledgers_in(ledger_dir, [cid], (MODEL_RECORD, model_record(module)))
     signing_key = load_identity(node.identity_dir, cid).signing_key
     kind = plan.accountant or choose_accountant(cfg, method, [budget]).name
     recover_ledger(checked, signing_key, budget, kind)
@@ -821,14 +849,14 @@ def run_stage(
         # file (but the verified request's nonce, recorded on purpose: MessageSecurity.verify)
         journal.entries(torn_tail=True)  # its complete lines must verify (else NodeStateError)
         heads = [state.ledger_head if saved else None, server_saw]
-        checked = _check_privacy(settings, node, run_id, method,
+        checked = _check_privacy(settings, node, run_id, method, ctx.flat.module,
                                  max((int(h[0]) for h in heads if h is not None), default=0))
         _check_state_holds(state, saved, checked, journal, method, server_saw)
         # a process killed while saving its state left a partial copy beside it (as in process)
         for leftover in remove_interrupted_writes(state_path):
             log.warning("removed %s, a client state write that was interrupted", leftover)
         _repair_journal(journal)
-        privacy = (_open_privacy(settings, node, run_id, method, checked)
+        privacy = (_open_privacy(settings, node, run_id, method, checked, ctx.flat.module)
                    if checked is not None else None)
         try:
             if not saved:

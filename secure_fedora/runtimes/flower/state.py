@@ -16,6 +16,10 @@ its local disk, under the ``state-dir`` given in its node config:
     tagged with the run id, config hash and method (:class:`ClientRunState`).
 ``runs/<run_id>/<method>/<client id>.jsonl``
     With DP, the client's signed privacy ledger for that method.
+``runs/<run_id>/<method>/model.json``
+    With DP, the fingerprint and architecture of the model the ledger's releases come from,
+    written once the ledger is created (:func:`~secure_fedora.secure.private.create_ledgers_in`):
+    with it present, a missing ledger was lost.
 ``runs/<run_id>/<method>/<client id>.journal``
     With DP, the ledger's refusal, close and repair entries, each whole (its signed line),
     sealed to the client (:mod:`privacy.journal`), so a ledger cut inside or after one is

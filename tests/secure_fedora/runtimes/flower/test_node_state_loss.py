@@ -78,7 +78,8 @@ def test_a_ledger_cut_or_deleted_on_a_node_stops_its_client(tmp_path: Path, dama
         run()
     refusals = [err for client, _, err in grid.errors if client == 1]
     assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
-    assert "entries were lost, cut or replaced" in str(refusals[0])
+    assert ("entries were lost, cut or replaced" if damage == "cut"
+            else "lacks the ledgers of client-001") in str(refusals[0])
     assert not (tmp_path / "res" / "results.json").exists()
     assert not (tmp_path / "res" / "anchor.json").exists()
     # the other clients spent no more: nothing after round 2's exchange
@@ -517,3 +518,97 @@ def test_a_ledger_cut_inside_a_refusal_is_restored_and_the_refusal_stands(
     assert not list(ledger.parent.glob("*.torn-*"))
     _, reference = _run(tmp_path / "ref", cfg, {(1, 2, MSG_ROUND): refuse_round_2})
     assert _comparable(results) == _comparable(reference())
+
+
+def _crashing(holder: dict[str, InMemoryGrid], point: str,
+              seen: list[dict[str, bool]]):  # type: ignore[no-untyped-def]
+    """Client 1's round ClientApp killed at crash point ``point`` (its message lost with it);
+    ``seen`` gets what its method folder held then."""
+    from flwr.app import Context, RecordDict
+
+    from secure_fedora.core import crashpoints
+    from secure_fedora.runtimes.flower import client_app
+
+    def crash(message: Message) -> None:
+        grid = holder["grid"]
+        ctx = Context(grid.run_id, 1001, dict(grid.node_config[1001]), RecordDict(),
+                      dict(grid.run_config))
+        crashpoints.arm(point)
+        try:
+            client_app.HANDLERS[MSG_ROUND](message, ctx)
+        except crashpoints.InjectedCrash:
+            folder = _run_dir(holder["root"], 1) / "fedavg"
+            seen.append({"ledger": (folder / "client-001.jsonl").is_file(),
+                         "record": (folder / "model.json").is_file()})
+        finally:
+            crashpoints.disarm()
+        return None  # the killed process never answered
+    return crash
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("point", ["ledger_staged", "ledgers_created"])
+def test_a_node_killed_while_creating_its_ledger_resumes(tmp_path: Path, point: str) -> None:
+    """A node's ledger was created without its model record, outside the creation's crash
+    points; killed between the ledger and its record, the next message keeps the empty
+    ledger and completes the creation, and the run completes."""
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg")
+    holder: dict = {"root": tmp_path}
+    seen: list[dict[str, bool]] = []
+    grid, run = _run(tmp_path, cfg, {(1, 1, MSG_ROUND): _crashing(holder, point, seen)})
+    holder["grid"] = grid
+    results = run()
+    assert seen == [{"ledger": True, "record": point == "ledgers_created"}]
+    assert not grid.errors and [r["replied"] for r in results["rounds"]] == [2, 3]
+    folder = _run_dir(tmp_path, 1) / "fedavg"
+    assert json.loads((folder / "model.json").read_text())["model_fingerprint"]
+    assert read_ledger(folder / "client-001.jsonl")[-1]["mechanism"] == "close"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_ledger_deleted_before_its_first_answer_is_refused_as_lost(tmp_path: Path) -> None:
+    """Client 1 killed after its first release was admitted (the release never left), so its
+    state still recorded an empty ledger and the server had seen none, then its ledger
+    deleted: the next message recreated the ledger empty, and the admitted entry vanished
+    unnoticed."""
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg")
+    holder: dict = {"root": tmp_path}
+    seen: list[dict[str, bool]] = []
+
+    def delete(message: Message) -> Message:
+        (_run_dir(tmp_path, 1) / "fedavg" / "client-001.jsonl").unlink()
+        return message
+
+    grid, run = _run(tmp_path, cfg, {(1, 1, MSG_ROUND): _crashing(holder, "gate", seen),
+                                     (1, 1, MSG_EVALUATE): delete})
+    holder["grid"] = grid
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        run()
+    assert seen == [{"ledger": True, "record": True}]
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert "lacks the ledgers of client-001" in str(refusals[0])
+    assert not (_run_dir(tmp_path, 1) / "fedavg" / "client-001.jsonl").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_node_building_another_model_is_refused(tmp_path: Path) -> None:
+    """The model record written with a node's ledger binds the run's releases to the model
+    they came from: a node whose software builds another model for the run's config (here:
+    a record of another architecture) refuses to go on."""
+    import torch
+
+    from secure_fedora.runtimes.inprocess import model_record
+
+    other = model_record(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10)))
+
+    def swap(run: Path) -> None:
+        (run / "fedora" / "model.json").write_bytes(other)
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"),
+                     _damage_before_round_2(tmp_path, swap))
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        run()
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert "records another model than this one" in str(refusals[0])
