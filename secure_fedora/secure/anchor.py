@@ -21,9 +21,9 @@ The signature covers ``ANCHOR_DOMAIN`` followed by the canonical JSON of every o
 :mod:`privacy.ledger`. For the Flower runtime (``"runtime": "flower"``) the ServerApp signs
 the anchor with the server key and writes it to its ``result-dir``: ``ledgers`` holds the
 heads the clients reported (signed) with their last round replies, as
-``"fedora/<client>"``, and ``files`` only ``results.json``. To audit, collect each node's
-ledger ``<state-dir>/runs/<run id>/<client>.jsonl`` into ``RUN/ledgers/fedora/`` next to the
-result-dir's files and run ``audit verify RUN --anchor <result-dir>/anchor.json``.
+``"<method>/<client>"``, and ``files`` only ``results.json``. To audit, collect each node's
+ledger ``<state-dir>/runs/<run id>/<method>/<client>.jsonl`` into ``RUN/ledgers/<method>/``
+next to the result-dir's files and run ``audit verify RUN --anchor <result-dir>/anchor.json``.
 """
 
 from __future__ import annotations
