@@ -47,6 +47,23 @@ def _run(root: Path, method: str, tamper: dict | None = None, grids: list | None
         return server_app.run_federation(grid, settings, 42)
 
 
+def _refused_in_both_runtimes(root: Path, name: str, method: Any, message: str) -> None:
+    """Register ``method`` as ``name`` and require a one-round run of it to stop with a
+    ContractError matching ``message`` in process and on the in-memory Flower grid."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    METHODS.register(name, method)
+    try:
+        with pytest.raises(ContractError, match=message):
+            in_process(with_methods(tiny_config(rounds=1), name), root / "inproc", name)
+        with pytest.raises(ContractError, match=message):
+            _run(root, name, rounds=1)
+    finally:
+        METHODS.unregister(name)
+
+
 def _resigned(root: Path, settings: RunSettings, client: int,
               change: Callable[[Any], None]) -> Callable[[Message, Message], Message]:
     """Client ``client``'s real reply, changed by ``change`` and signed again with its own key
@@ -258,25 +275,15 @@ def test_a_message_entry_flower_cannot_send_is_refused_in_both_runtimes(tmp_path
     ServerApp with a raw ValueError from the payload encoder; both runtimes now refuse it
     before it is sent, naming the method, the client and the entry (and, for a reply, the
     in-process check took what Flower's ClientApp refuses to encode)."""
-    from secure_fedora.algorithms.contract import ContractError
-    from secure_fedora.core.registry import METHODS
     from tests.secure_fedora.algorithms.test_contract_checks import Toy
-    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
 
     class Sends(Toy):
         def configure(self, rnd, participants):  # type: ignore[no-untyped-def]
             return {i: {**m, entry: value} for i, m in super().configure(rnd, participants).items()}
 
     name = "sends_unfit_x"
-    METHODS.register(name, Sends)
     message = rf"method '{name}': its round message to client \d: entry '{entry}' {problem}"
-    try:
-        with pytest.raises(ContractError, match=message):
-            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
-        with pytest.raises(ContractError, match=message):
-            _run(tmp_path, name)
-    finally:
-        METHODS.unregister(name)
+    _refused_in_both_runtimes(tmp_path, name, Sends, message)
 
 
 def _unfit_exchange(stage: str, value: Any) -> type:
@@ -319,20 +326,10 @@ def test_an_unfit_setup_evaluation_or_finalize_message_is_refused_in_both_runtim
     holding a non-tensor or non-finite entry ran in process (the client half got it) and on
     Flower stopped the ServerApp with a raw ValueError from the payload encoder. Both runtimes now check every exchange's messages with check_messages before any
     is sent, with the same ContractError naming the method, the exchange and the client."""
-    from secure_fedora.algorithms.contract import ContractError
-    from secure_fedora.core.registry import METHODS
-    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
 
     name = f"unfit_{stage}_x"
-    METHODS.register(name, _unfit_exchange(stage, value))
     message = rf"^method '{name}': its {stage} message to client 0:? {problem}"
-    try:
-        with pytest.raises(ContractError, match=message):
-            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
-        with pytest.raises(ContractError, match=message):
-            _run(tmp_path, name, rounds=1)
-    finally:
-        METHODS.unregister(name)
+    _refused_in_both_runtimes(tmp_path, name, _unfit_exchange(stage, value), message)
     state = tmp_path / "nodes" / "node-0" / "runs" / "42" / name / "client.pt"
     assert state.exists() == (stage != "setup")  # a refused setup exchange reached no client
 
@@ -341,9 +338,6 @@ def test_an_unfit_setup_evaluation_or_finalize_message_is_refused_in_both_runtim
 def test_setup_and_finalize_messages_address_only_the_run_s_clients(tmp_path, stage):
     """A setup or finalize message to a client the run does not have reached the Flower
     ServerApp's node lookup (a raw KeyError); both runtimes now refuse it by name."""
-    from secure_fedora.algorithms.contract import ContractError
-    from secure_fedora.core.registry import METHODS
-    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
 
     class Beyond(_unfit_exchange(stage, torch.zeros(1))):  # type: ignore[misc]
         def setup_messages(self):  # type: ignore[no-untyped-def]
@@ -353,16 +347,9 @@ def test_setup_and_finalize_messages_address_only_the_run_s_clients(tmp_path, st
             return {7: {}} if stage == "finalize" else {}
 
     name = f"beyond_{stage}_x"
-    METHODS.register(name, Beyond)
     message = (rf"method '{name}': the {stage} messages address client\(s\) \[7\] outside the "
                rf"{stage} exchange's clients \[0, 1, 2\]")
-    try:
-        with pytest.raises(ContractError, match=message):
-            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
-        with pytest.raises(ContractError, match=message):
-            _run(tmp_path, name, rounds=1)
-    finally:
-        METHODS.unregister(name)
+    _refused_in_both_runtimes(tmp_path, name, Beyond, message)
 
 
 @pytest.mark.parametrize("stage", ["round", "finalize"])
@@ -376,9 +363,6 @@ def test_a_message_over_the_payload_caps_is_refused_in_both_runtimes(tmp_path, s
     stopped the Flower ServerApp with a raw ValueError from the payload encoder; both runtimes
     now refuse it before it is sent (check_messages with the model's size), naming the
     method, the exchange and the client."""
-    from secure_fedora.algorithms.contract import ContractError
-    from secure_fedora.core.registry import METHODS
-    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
 
     big = {f"e{k}": torch.zeros(size) for k in range(entries)}
 
@@ -391,15 +375,8 @@ def test_a_message_over_the_payload_caps_is_refused_in_both_runtimes(tmp_path, s
             return {i: dict(big) for i in range(self.ctx.num_clients)} if stage == "finalize" else {}
 
     name = f"large_{stage}_x"
-    METHODS.register(name, Large)
     message = rf"^method '{name}': its {stage} message to client 0 {problem}"
-    try:
-        with pytest.raises(ContractError, match=message):
-            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
-        with pytest.raises(ContractError, match=message):
-            _run(tmp_path, name, rounds=1)
-    finally:
-        METHODS.unregister(name)
+    _refused_in_both_runtimes(tmp_path, name, Large, message)
 
 
 def test_a_reply_over_the_payload_caps_fails_in_the_client_app(tmp_path):
