@@ -430,7 +430,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         :meth:`aggregate` is called, and its statistics are
         :func:`~secure_fedora.algorithms.contract.no_reply_statistics`."""
         rules = self.reply_rules
-        label = rules.method if rules is not None else self.name
+        label = self._label()
         messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
                                   participants, self.ctx.flat.num_params)
         messages = self._exchange_downloads(rnd, messages)

@@ -1003,7 +1003,7 @@ class Simulation:
             stats = check_round_statistics(
                 name, rnd, method.train_round(rnd, participants) if participants
                 else no_reply_statistics())
-            replied = getattr(method, "round_replied", None)
+            replied = method.round_replied  # set just above, so always present
             seconds = {"round": rnd, "training": time.perf_counter() - t0,
                        "evaluation": 0.0, "checkpoint": 0.0}
             timing["training"] += seconds["training"]
