@@ -416,16 +416,18 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             self.server_setup(replies)
 
     def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
-        """What the round's clients did, from every reply of a round whose update used at
-        least one (a rejected upload still trained): ``steps`` summed. Methods add their own
-        entries."""
+        """What the round's clients did, from the replies its update used (the accepted
+        ones, as on Flower: the server trusts only authenticated replies; never called with
+        none): ``steps`` summed. Methods add their own entries."""
         return {"steps": float(sum(int(r[KEY_STEPS]) for r in replies.values() if KEY_STEPS in r))}
 
     def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
         """One generic round: :meth:`configure`, the downloads through the exchange,
         :meth:`client_update_many`, the uploads through the exchange, :meth:`aggregate`.
-        Returns :meth:`round_statistics` merged with ``aggregate``'s statistics, and counts
-        the accepted replies in :attr:`round_replied`. A round whose every upload was
+        Returns :meth:`round_statistics` of the accepted replies (a client whose upload was
+        rejected trained, and its release is accounted, but the server counts nothing of it)
+        merged with ``aggregate``'s statistics, and counts the accepted replies in
+        :attr:`round_replied`. A round whose every upload was
         rejected is not aggregated (as on Flower): neither :meth:`round_statistics` nor
         :meth:`aggregate` is called, and its statistics are
         :func:`~secure_fedora.algorithms.contract.no_reply_statistics`."""
@@ -445,7 +447,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self.round_replied = len(accepted)
         if not accepted:
             return no_reply_statistics()
-        stats = self.round_statistics(rnd, replies)
+        stats = self.round_statistics(rnd, accepted)
         return round_statistics_of(label, rnd, stats, self.aggregate(rnd, accepted))
 
     def eval_row(self, i: int) -> Tensor:

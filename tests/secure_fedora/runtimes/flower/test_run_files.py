@@ -202,3 +202,48 @@ def test_a_round_whose_uploads_are_all_rejected_is_not_aggregated_in_either_runt
     assert {k: ours[1][k] for k in same} == {k: theirs[1][k] for k in same} == \
         {"participants": "3", "replied": "0", "steps": "0.0", "mean_lambda": "",
          "pulled_fraction": "", "unstable_pulls": ""}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_partially_rejected_round_counts_only_the_accepted_replies_in_either_runtime(
+        tmp_path: Path, monkeypatch) -> None:
+    """In process, a round in which one client's signed upload was rejected reported its
+    steps and FEDORA's statistics (mean_lambda, pulled_fraction) over every client that
+    trained, the rejected one included; the Flower server computes them over the replies it
+    accepted. Both now count only the accepted replies: the in-process row of a round whose
+    client 1 upload is rejected equals the Flower row of a round whose client 1 reply failed."""
+    from secure_fedora.secure import transport as transport_module
+
+    real_init = transport_module.SecureExchange.__init__
+
+    def tamper(kind, rnd, client, message):
+        if kind == "theta" and rnd == 2 and client == 1:  # fails its payload hash
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):
+        real_init(self, transport, **{**kwargs, "channel": tamper})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    base = with_methods(tiny_config(rounds=2), "fedora")
+    cfg = parse_config({**base.model_dump(mode="json", exclude_none=True),
+                        "security": {"envelopes": True}})
+    sim = Simulation(cfg, tmp_path / "inproc")
+    sim.run()
+    assert [(r.client, r.round, r.direction)
+            for r in sim.methods["fedora"].exchange.rejections] == [(1, 2, "upload")]
+
+    result_dir = tmp_path / "flower" / "res"
+    rc = run_config(base, tmp_path / "flower", **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "flower" / "nodes", rc, 3, fail={(1, 2): "node down (test)"})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [r["replied"] for r in results["rounds"]] == [3, 2]
+
+    _, ours = _rows(tmp_path / "inproc" / "rounds.csv")
+    _, theirs = _rows(result_dir / "rounds.csv")
+    assert [r["replied"] for r in ours] == ["3", "2"]
+    assert float(ours[1]["steps"]) == float(ours[0]["steps"]) * 2 / 3  # equal clients' steps
+    for key in ("participants", "replied", "steps", "unstable_pulls", "pulled_fraction"):
+        assert ours[1][key] == theirs[1][key], key
+    assert float(ours[1]["mean_lambda"]) == pytest.approx(float(theirs[1]["mean_lambda"]),
+                                                          abs=1e-4)
