@@ -451,15 +451,29 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return round_statistics_of(label, rnd, stats, self.aggregate(rnd, accepted))
 
     def eval_row(self, i: int) -> Tensor:
-        """The parameters on which client ``i`` is evaluated (its personalized model), checked
+        """The parameters on which client ``i`` is evaluated (its personalized model):
+        :meth:`eval_rows` of ``[i]``."""
+        return self.eval_rows([i])[0]
+
+    def eval_rows(self, clients: Sequence[int]) -> list[Tensor]:
+        """The parameters on which each of ``clients`` (distinct) is evaluated (its personalized model),
+        in order. One evaluation exchange for all of them, as on Flower:
+        :meth:`evaluation_messages` is asked once for ``clients`` and its messages are checked
+        (:func:`check_messages`) before any client half runs; each row is checked
         (:func:`~secure_fedora.algorithms.contract.check_eval_row`: finite, of the model's
-        size), its evaluation message checked first (:func:`check_messages`)."""
-        message = check_messages(self._label(), EVALUATE, self.last_round,
-                                 self.evaluation_messages(self.last_round, [i]), [i],
-                                 self.ctx.flat.num_params).get(i)
-        with client_half(self._label(), f"client {i}'s client_eval_row"):
-            row = self.client_eval_row(i, message)
-        return check_eval_row(self._label(), i, row, self.ctx.flat.num_params)
+        size). A client's message is released once its row is built, so messages that are
+        not the row itself are never all held at once."""
+        ids = list(clients)
+        label, num_params = self._label(), self.ctx.flat.num_params
+        messages = check_messages(label, EVALUATE, self.last_round,
+                                  self.evaluation_messages(self.last_round, ids), ids, num_params)
+        rows = []
+        for i in ids:
+            message = messages.pop(i, None)
+            with client_half(label, f"client {i}'s client_eval_row"):
+                row = self.client_eval_row(i, message)
+            rows.append(check_eval_row(label, i, row, num_params))
+        return rows
 
     def finalize(self) -> dict[str, Any]:
         """Run the finalize exchange (downloads through the exchange, for its last round)

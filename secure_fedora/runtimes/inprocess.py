@@ -1113,8 +1113,9 @@ class Simulation:
             packed = pack_split_sets(flat, [*sets, [(c.test_x, c.test_y) for c in clients]])
             self._eval_packed = {id(method): packed}
         # All clients' rows at once (views, no copy), equal to ``evaluate`` per client within
-        # float rounding of the loss; accuracy and AUC come from the same logits.
-        rows = [method.eval_row(i) for i in range(len(clients))]
+        # float rounding of the loss; accuracy and AUC come from the same logits. One
+        # evaluation_messages call for every client, as on Flower.
+        rows = method.eval_rows(range(len(clients)))
         *val, test = evaluate_many_sets(flat, rows, packed)
         for i in range(len(clients)):
             tracker.last_val[i] = 0.0 if select_final else val[0][i].metric

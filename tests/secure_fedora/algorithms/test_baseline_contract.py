@@ -240,3 +240,22 @@ def test_ifca_reuses_a_choice_only_for_the_same_cluster_models(clients, monkeypa
     state["clusters_version"] = torch.tensor(-1)
     with pytest.raises(ValueError, match="clusters_version"):
         method.load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_eval_rows_asks_for_every_client_once_and_equals_eval_row(clients, name, monkeypatch):
+    """The in-process evaluation asked evaluation_messages once per client; eval_rows asks
+    once for all the clients it evaluates (as Flower does) and gives eval_row's rows."""
+    method = make_baseline(name, build_context(tiny(), clients), PARAMS.get(name, {}))
+    method.setup()
+    for rnd, parts in ROUNDS:
+        method.train_round(rnd, parts)
+    asked = []
+    messages = method.evaluation_messages
+    monkeypatch.setattr(method, "evaluation_messages",
+                        lambda rnd, ids: asked.append((rnd, list(ids))) or messages(rnd, ids))
+    rows = [row.clone() for row in method.eval_rows(range(N))]
+    assert asked == [(ROUNDS[-1][0], list(range(N)))]
+    for i in range(N):
+        assert torch.equal(method.eval_row(i), rows[i]), i
+    assert asked[1:] == [(ROUNDS[-1][0], [i]) for i in range(N)]

@@ -384,3 +384,40 @@ def test_grid_refuses_dp_sgd_training_in_the_setup_exchange(tmp_path: Path) -> N
     assert seen == [{}]  # every setup reply was refused in its client's process
     refused = [e for e in results["events"] if "executed DP-SGD steps in its setup" in str(e)]
     assert len(refused) == 3, results["events"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plug_in_evaluating_every_client_runs_alike_in_both_runtimes(tmp_path: Path) -> None:
+    """The in-process runtime asked evaluation_messages one client at a time, Flower once for
+    every client: a plug-in whose evaluation_messages ignores ``clients`` (a message for every
+    client) was refused in process only. Both now ask once per evaluated round for every
+    client and give the same per-client metrics."""
+    from secure_fedora.algorithms.messages import KIND_GLOBAL
+    from secure_fedora.algorithms.methods import FedAvg
+
+    asked: list[tuple[int, list[int]]] = []
+
+    class EveryoneEvaluated(FedAvg):
+        def evaluation_messages(self, rnd, clients):  # type: ignore[no-untyped-def]
+            asked.append((rnd, list(clients)))
+            return {i: {KIND_GLOBAL: self.global_params} for i in range(self.ctx.num_clients)}
+
+    name = "everyone_evaluated_x"
+    METHODS.register(name, EveryoneEvaluated)
+    try:
+        base = with_methods(tiny_config(rounds=3), name)
+        cfg = parse_config({**base.model_dump(mode="json", exclude_none=True),
+                            "evaluation": {"every": 2}})
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        assert grid.errors == [] and results["events"] == []
+        on_flower, asked[:] = list(asked), []
+        _, outcome = in_process(cfg, tmp_path, name)
+    finally:
+        METHODS.unregister(name)
+    assert asked == on_flower == [(2, [0, 1, 2]), (3, [0, 1, 2])]
+    ours = results["methods"][name]
+    for part in ("selected", "final"):
+        assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
+                           atol=1e-4, rtol=0), part
