@@ -116,8 +116,11 @@ def make_baseline(
     cfg_section: Mapping[str, Any] | None = None,
     *,
     validation: str = "public",
+    cls: type[FederatedMethod] | None = None,
 ) -> FederatedMethod:
-    """Instantiate baseline ``name`` on ``ctx`` with hyper-parameters ``cfg_section``.
+    """Instantiate baseline ``name`` (as ``cls``, default the built-in class of that name: a
+    subclass, e.g. a plug-in deriving from the baseline, keeps its overrides) on ``ctx`` with
+    hyper-parameters ``cfg_section``.
 
     ``cfg_section`` is that method's own mapping (e.g. ``{"mu": 0.1}`` for FedProx); missing
     keys take the defaults in :data:`BASELINE_HYPERPARAMETERS`. ``validation`` is the config's
@@ -128,12 +131,12 @@ def make_baseline(
     params = validate_hyperparameters(name, cfg_section)
     if validation not in ("public", "private"):
         raise BaselineConfigError(f"validation must be 'public' or 'private'; got {validation!r}")
-    if name == "ifca":
-        return IFCA(ctx, **params, validation=validation)
     classes: dict[str, type[FederatedMethod]] = {
-        "fedprox": FedProx, "ditto": Ditto, "apfl": APFL, "fedamp": FedAMP,
+        "fedprox": FedProx, "ditto": Ditto, "apfl": APFL, "fedamp": FedAMP, "ifca": IFCA,
     }
-    return classes[name](ctx, **params)
+    if name == "ifca":
+        params["validation"] = validation
+    return (cls or classes[name])(ctx, **params)
 
 
 # --------------------------------------------------------------------------- oracle wrappers
@@ -309,10 +312,11 @@ class _Baseline(BaselineChecks):
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
-        """The baseline with the config's ``[baselines.<name>]`` hyper-parameters (defaults
-        for missing keys) and ``data.validation``."""
+        """This class (a subclass keeps its overrides) with the config's
+        ``[baselines.<name>]`` hyper-parameters (defaults for missing keys) and
+        ``data.validation``."""
         return make_baseline(cls.name, ctx, cfg.baselines.get(cls.name),
-                             validation=cfg.data.validation)
+                             validation=cfg.data.validation, cls=cls)
 
 
 # --------------------------------------------------------------------------- FedProx

@@ -438,3 +438,33 @@ def test_personal_models_that_never_leave_the_client_train_without_noise(clients
     assert (noisy.global_params - plain.global_params).norm() > 10.0
     assert torch.allclose(noisy.theta, plain.theta, atol=1e-6)
     assert torch.allclose(noisy.eval_row(2), plain.eval_row(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("base", BASELINE_NAMES)
+def test_a_plug_in_deriving_from_a_baseline_is_built_as_itself(clients, base):
+    """A baseline's from_config built the built-in class of its name, so a method registered
+    as a subclass of a baseline silently ran the baseline: its overrides (here a round
+    statistic) never ran, in either runtime. It is now built as the registered class, with
+    the baseline's [baselines.<name>] hyper-parameters."""
+    from secure_fedora.algorithms.contract import build_method, method_class
+    from secure_fedora.core.registry import METHODS
+
+    class Plugged(method_class(base)):  # type: ignore[misc, valid-type]
+        def round_statistics(self, rnd, replies):  # type: ignore[no-untyped-def]
+            return {**super().round_statistics(rnd, replies), "plugged": 1.0}
+
+    name = f"plugged_{base}_x"
+    section = {"fedprox": {"mu": 0.3}, "ditto": {"lam": 0.3}, "apfl": {"alpha": 0.3},
+               "fedamp": {"sigma": 0.3}, "ifca": {"num_clusters": 2}}[base]
+    METHODS.register(name, Plugged)
+    try:
+        cfg = tiny(methods=[name], baselines={base: section})
+        method = build_method(name, build_context(cfg, clients), cfg)
+    finally:
+        METHODS.unregister(name)
+    assert type(method) is Plugged
+    assert type(make_baseline(base, build_context(cfg, clients), section)) is method_class(base)
+    for key, value in section.items():  # the baseline's section, not its defaults
+        assert torch.all(torch.as_tensor(getattr(method, key), dtype=torch.float64) == value), key
+    method.setup()
+    assert method.train_round(1, [0, 1])["plugged"] == 1.0
