@@ -1003,6 +1003,8 @@ class Simulation:
             stats = check_round_statistics(
                 name, rnd, method.train_round(rnd, participants) if participants
                 else no_reply_statistics())
+            if not participants:  # nobody admitted: the evaluation is still round rnd's
+                method.last_round = rnd
             replied = method.round_replied  # set just above, so always present
             seconds = {"round": rnd, "training": time.perf_counter() - t0,
                        "evaluation": 0.0, "checkpoint": 0.0}

@@ -786,3 +786,44 @@ def test_a_dp_run_whose_method_reports_nan_writes_strict_json_and_its_anchor(tmp
     assert on_disk["non_finite_values"] == {"/methods/nan_local/extra/score": "nan",
                                             "/methods/nan_local/extra/spread": "-inf"}
     assert (tmp_path / "anchor.json").is_file()
+
+
+def test_a_round_nobody_was_admitted_to_is_evaluated_as_that_round(tmp_path, monkeypatch):
+    """With DP, a round whose every sampled client was refused runs no train_round, so the
+    method's last_round stayed at the round before and its evaluation asked
+    evaluation_messages for that earlier round (Flower asks for the round evaluated). Both
+    now name the round being evaluated."""
+    from secure_fedora.algorithms.messages import KIND_GLOBAL
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.registry import METHODS
+    from secure_fedora.secure.private import FederationPrivacy
+
+    asked: list[int] = []
+
+    class Recording(FedAvg):
+        def evaluation_messages(self, rnd, clients):
+            asked.append(rnd)
+            return {i: {KIND_GLOBAL: self.global_params} for i in clients}
+
+    original = FederationPrivacy.admit
+
+    def admit(self, i, rnd, theta, with_lambda, noise=None):
+        if rnd == 2:  # what the gate does on a refusal
+            self.clients[i].refused_at, self.clients[i].refusal = rnd, "budget exhausted (test)"
+            return False
+        return original(self, i, rnd, theta, with_lambda, noise=noise)
+
+    monkeypatch.setattr(FederationPrivacy, "admit", admit)
+    name = "recording_rounds_x"
+    METHODS.register(name, Recording)
+    try:
+        cfg = tiny(methods=[name], training={"rounds": 2},
+                   privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3})
+        sim = Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keystore")
+        sim.run()
+    finally:
+        METHODS.unregister(name)
+    rows = (tmp_path / "run" / "rounds.csv").read_text().splitlines()
+    replied = rows[0].split(",").index("replied")
+    assert [r.split(",")[replied] for r in rows[1:]] == ["5", "0"]
+    assert asked == [1, 2]
