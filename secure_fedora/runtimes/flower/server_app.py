@@ -17,7 +17,10 @@ The server never holds client data. For a run it
    in evaluated rounds, sends every reachable client ``evaluation_messages``' payload
    (``evaluate.round``; the client evaluates its ``client_eval_row`` on its own validation and
    test data and reports the two metrics); after the last round the finalize exchange
-   (``finalize_messages`` -> ``query.finalize`` -> ``server_finalize``);
+   (``finalize_messages`` -> ``query.finalize`` -> ``server_finalize``). The setup exchange
+   hands the method every client's reply, as in process: a client that missed it is asked
+   once more (it answers from its saved state, releasing nothing twice), and one still
+   without an accepted reply stops the run (:func:`_every_reply`);
 3. writes one ``results.json`` (:func:`secure_fedora.runtimes.results.build_results`, the
    schema the in-process runtime writes, plus Flower's own keys), ``rounds.csv`` (after each
    method, :func:`secure_fedora.runtimes.results.write_rounds_csv`) and ``plots/*.png``
@@ -690,6 +693,7 @@ class _Replies:
 
     payloads: dict[int, Payload] = field(default_factory=dict)
     metrics: dict[int, MetricRecord] = field(default_factory=dict)
+    refused: set[int] = field(default_factory=set)  # clients that refused their release
     timing: ExchangeTiming = field(default_factory=ExchangeTiming)
 
 
@@ -824,6 +828,7 @@ def _exchange_payloads(
                       and "reason" in refusal else "no release")
             server.event(rnd, cid, node, f"refused its release ({reason}): {then}")
             server.refused.setdefault(run.name, set()).add(cid)
+            out.refused.add(cid)
             continue
         assert payload is not None
         out.payloads[cid] = payload
@@ -876,16 +881,52 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
 
 
 def _retry_exchange(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
-                    payloads: Mapping[int, Payload | None]) -> _Replies:
+                    payloads: Mapping[int, Payload | None],
+                    timeout: float | None = None) -> _Replies:
     """Send ``stage`` of round ``rnd`` once more to the clients of ``payloads``, after waiting
-    up to the round timeout for their nodes to be online again."""
+    up to the round timeout for their nodes to be online again; each reply is awaited up to
+    ``timeout`` (default: the round timeout)."""
     wanted = {server.node_of_client[c] for c in payloads}
     deadline = time.monotonic() + server.settings.round_timeout
     while not wanted <= _online(grid) and time.monotonic() < deadline:
         time.sleep(max(server.settings.poll_interval, 0.5))
     _say(f"{run.name} round {rnd}: {stage} sent again to clients {sorted(payloads)}")
     return _exchange_payloads(grid, server, run, stage, rnd, payloads,
-                              server.settings.round_timeout)
+                              server.settings.round_timeout if timeout is None else timeout)
+
+
+def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
+                 payloads: Mapping[int, Payload | None], timeout: float) -> _Replies:
+    """The ``stage`` exchange of round ``rnd`` (the setup exchange) with an accepted reply from
+    every client of ``payloads``, as the in-process runtime hands the method every client's.
+
+    A client without one (offline, no reply in time, an error reply, a rejected reply) is
+    asked once more with the same payload; a client answers a message it already answered
+    from its saved state, so nothing is computed, drawn or released twice (under DP its
+    ledger keeps one release). A client still without an accepted reply, or one that refused
+    its release, stops the run with a DeployError naming the clients and their last events:
+    the method would otherwise build its state (FEDORA's relatedness) from part of the
+    federation."""
+    replies = _exchange_payloads(grid, server, run, stage, rnd, payloads, timeout)
+    missed = [c for c in payloads if c not in replies.payloads and c not in replies.refused]
+    if missed:
+        again = _retry_exchange(grid, server, run, stage, rnd, {c: payloads[c] for c in missed},
+                                timeout)
+        replies.payloads.update(again.payloads)
+        replies.metrics.update(again.metrics)
+        replies.refused |= again.refused
+    absent = sorted(set(payloads) - set(replies.payloads))
+    if absent:
+        last = {e["client"]: e["event"] for e in server.events
+                if e.get("client") in absent and e.get("method") == run.name}
+        why = "; ".join(f"client {c}: {last[c]}" for c in absent if c in last)
+        asked = "asked twice" if missed else "asked once"
+        raise DeployError(
+            f"{run.name}: clients {absent} gave no accepted {stage} reply ({asked}), and the "
+            f"method's {stage} needs every client's, so the run stops and no results are "
+            "written; check those SuperNodes' logs or raise the timeouts"
+            + (f" (last events: {why})" if why else ""))
+    return replies
 
 
 def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) -> dict[str, Any]:
@@ -920,7 +961,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                               f"Flower runtime does not implement (it knows {sorted(CEREMONIES)})")
         algorithm.server_setup_from_ceremony(ceremony, protocol(grid, server))
     elif setup:
-        replies = _exchange_payloads(grid, server, run, "setup", 0, setup, _relatedness_wait(server))
+        replies = _every_reply(grid, server, run, "setup", 0, setup, _relatedness_wait(server))
         algorithm.server_setup(replies.payloads)
         server.timings.setdefault(name, {})["setup"] = replies.timing.to_json()
     server.timings.setdefault(name, {})["setup_s"] = round(time.perf_counter() - t0, 4)

@@ -350,8 +350,8 @@ def test_grid_refused_release_is_a_refusal_reply_and_the_client_takes_no_part(
 @pytest.mark.usefixtures("task_identity")
 def test_grid_refuses_dp_sgd_training_in_the_setup_exchange(tmp_path: Path) -> None:
     """A ClientApp whose method trains with DP-SGD in its setup exchange (which no ledger
-    records) answers with an error, not the model: the server half sees no setup reply and
-    no ledger records anything of it."""
+    records) answers with an error, not the model: the server half sees no setup reply, and
+    the run stops (as in process) naming every client's error, asked twice."""
     from secure_fedora.algorithms.contract import SETUP
     from tests.secure_fedora.algorithms.test_contract_checks import Toy
 
@@ -377,13 +377,15 @@ def test_grid_refuses_dp_sgd_training_in_the_setup_exchange(tmp_path: Path) -> N
     try:
         cfg = with_methods(dp_config(rounds=1, noise="reproducible"), "warm_start_grid_x")
         rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
-        results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
-                                            RunSettings.from_run_config(rc), 42)
+        with pytest.raises(DeployError, match=r"clients \[0, 1, 2\] gave no accepted setup reply "
+                                              r"\(asked twice\).*client 2: error reply .*executed "
+                                              r"DP-SGD steps in its setup exchange") as caught:
+            server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                      RunSettings.from_run_config(rc), 42)
     finally:
         METHODS.unregister("warm_start_grid_x")
-    assert seen == [{}]  # every setup reply was refused in its client's process
-    refused = [e for e in results["events"] if "executed DP-SGD steps in its setup" in str(e)]
-    assert len(refused) == 3, results["events"]
+    assert seen == []  # every setup reply was refused in its client's process
+    assert str(caught.value).count("executed DP-SGD steps in its setup") == 3
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -1,0 +1,103 @@
+"""The setup exchange on Flower survives one lost reply: the client is asked once more and
+answers from its saved state (under DP its summary is released, and accounted, once); a
+client that misses both is a DeployError naming it and its last event, not the method's
+error about a missing summary."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Message
+
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import (
+    MSG_SETUP,
+    DeployError,
+    RunSettings,
+)
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+)
+
+
+def _run(tmp_path: Path, cfg: Any, tamper: dict, **over: Any) -> tuple[InMemoryGrid, Any]:  # type: ignore[type-arg]
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": cfg.privacy.enabled,
+                                      "round-timeout": 0.3, "connect-timeout": 0.3,
+                                      "result-dir": str(tmp_path / "res"), **over})
+    (tmp_path / "res").mkdir(exist_ok=True)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_reply=tamper)
+    return grid, lambda: server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+def _lose(times: int, lost: list[Message]):  # type: ignore[no-untyped-def]
+    """A reply hook that loses the first ``times`` replies (kept in ``lost``)."""
+    def hook(_request: Message, reply: Message) -> Message | None:
+        if len(lost) < times:
+            lost.append(reply)
+            return None
+        return reply
+    return hook
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_lost_setup_reply_is_asked_again_and_the_summary_released_once(tmp_path: Path) -> None:
+    """FEDORA's noised summary of client 1 is released, journaled and its reply lost: the
+    setup exchange ended the run with a RelatednessError. Asked again, the client answers
+    with the same bytes from its saved state; its ledger holds one summary release, the run
+    equals one without the loss and its audit verifies."""
+    from audits.verify import verify_run
+    from privacy.identity import client_ids
+    from privacy.ledger import read_ledger
+    from secure_fedora.runtimes.flower.state import ReleaseJournal
+
+    cfg = dp_config(rounds=1, noise="reproducible")
+    replies: list[Message] = []
+
+    def lose_first(_request: Message, reply: Message) -> Message | None:
+        replies.append(reply)
+        return None if len(replies) == 1 else reply
+
+    grid, run = _run(tmp_path, cfg, {(1, 0, MSG_SETUP): lose_first})
+    results = run()
+    assert len(replies) == 2 and not grid.errors
+    assert [e["event"] for e in results["events"]] == [
+        "no reply in time: counts as not taking part in the setup exchange"]
+    lost, resent = ({k: bytes(a.data) for k, a in r.content["payload"].items()} for r in replies)
+    assert list(lost) == ["summary"] and resent == lost  # the saved release, not a second draw
+    run_dir = tmp_path / "nodes" / "node-1" / "runs" / "42"
+    ledger = read_ledger(run_dir / "fedora" / "client-001.jsonl")
+    assert [e["mechanism"] for e in ledger].count("gaussian_summary") == 1
+    assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()].count(
+        "fedora/setup") == 1
+    _, reference = _run(tmp_path / "ref", cfg, {})
+    expected = reference()
+    for part in ("selected", "final"):
+        assert results["methods"]["fedora"][part] == expected["methods"]["fedora"][part]
+    audit = tmp_path / "audit"
+    (audit / "ledgers" / "fedora").mkdir(parents=True)
+    shutil.copyfile(tmp_path / "res" / "results.json", audit / "results.json")
+    for c, cid in enumerate(client_ids(3)):
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl",
+                        audit / "ledgers" / "fedora" / f"{cid}.jsonl")
+    report = verify_run(audit, allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                        anchor=tmp_path / "res" / "anchor.json")
+    assert report.errors == [], report.errors
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_that_misses_the_setup_exchange_twice_stops_the_run_naming_it(
+        tmp_path: Path) -> None:
+    grid, run = _run(tmp_path, tiny_config(rounds=1), {(1, 0, MSG_SETUP): lambda q, r: None})
+    with pytest.raises(DeployError, match=r"fedora: clients \[1\] gave no accepted setup reply "
+                                          r"\(asked twice\).*last events: client 1: no reply in "
+                                          r"time"):
+        run()
+    assert sum(m.metadata.message_type == MSG_SETUP for m in grid.sent) == 4
+    assert not (tmp_path / "res" / "results.json").exists()
