@@ -17,10 +17,10 @@ The server never holds client data. For a run it
    in evaluated rounds, sends every reachable client ``evaluation_messages``' payload
    (``evaluate.round``; the client evaluates its ``client_eval_row`` on its own validation and
    test data and reports the two metrics); after the last round the finalize exchange
-   (``finalize_messages`` -> ``query.finalize`` -> ``server_finalize``). The setup exchange
-   hands the method every client's reply, as in process: a client that missed it is asked
-   once more (it answers from its saved state, releasing nothing twice), and one still
-   without an accepted reply stops the run (:func:`_every_reply`);
+   (``finalize_messages`` -> ``query.finalize`` -> ``server_finalize``). The setup and
+   finalize exchanges hand the method every client's reply, as in process: a client that
+   missed one is asked once more (it answers from its saved state, releasing nothing twice),
+   and one still without an accepted reply stops the run (:func:`_every_reply`);
 3. writes one ``results.json`` (:func:`secure_fedora.runtimes.results.build_results`, the
    schema the in-process runtime writes, plus Flower's own keys), ``rounds.csv`` (after each
    method, :func:`secure_fedora.runtimes.results.write_rounds_csv`) and ``plots/*.png``
@@ -897,7 +897,7 @@ def _retry_exchange(grid: Grid, server: _Server, run: _MethodRun, stage: str, rn
 
 def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
                  payloads: Mapping[int, Payload | None], timeout: float) -> _Replies:
-    """The ``stage`` exchange of round ``rnd`` (the setup exchange) with an accepted reply from
+    """The ``stage`` exchange of round ``rnd`` (setup or finalize) with an accepted reply from
     every client of ``payloads``, as the in-process runtime hands the method every client's.
 
     A client without one (offline, no reply in time, an error reply, a rejected reply) is
@@ -905,8 +905,8 @@ def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: 
     from its saved state, so nothing is computed, drawn or released twice (under DP its
     ledger keeps one release). A client still without an accepted reply, or one that refused
     its release, stops the run with a DeployError naming the clients and their last events:
-    the method would otherwise build its state (FEDORA's relatedness) from part of the
-    federation."""
+    the method would otherwise build its state (FEDORA's relatedness) or its results (a list
+    per client) from part of the federation."""
     replies = _exchange_payloads(grid, server, run, stage, rnd, payloads, timeout)
     missed = [c for c in payloads if c not in replies.payloads and c not in replies.refused]
     if missed:
@@ -1042,8 +1042,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                            num_params)
     final_payloads: dict[int, Payload] = {}
     if final:
-        replies = _exchange_payloads(grid, server, run, "finalize", rounds + 1, final,
-                                     server.settings.round_timeout)
+        replies = _every_reply(grid, server, run, "finalize", rounds + 1, final,
+                               server.settings.round_timeout)
         final_payloads = replies.payloads
         server.timings.setdefault(name, {})["finalize"] = replies.timing.to_json()
     extra = algorithm.server_finalize(final_payloads)

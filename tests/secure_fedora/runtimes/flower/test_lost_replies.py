@@ -1,10 +1,11 @@
-"""The setup exchange on Flower survives one lost reply: the client is asked once more and
-answers from its saved state (under DP its summary is released, and accounted, once); a
-client that misses both is a DeployError naming it and its last event, not the method's
-error about a missing summary."""
+"""The setup and finalize exchanges on Flower survive one lost reply: the client is asked once
+more and answers from its saved state (under DP its summary is released, and accounted, once);
+a client that misses both is a DeployError naming it and its last event, never the method's
+error about a missing summary or a results list that silently lacks a client."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from flwr.app import Message
 
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import (
+    MSG_FINALIZE,
     MSG_SETUP,
     DeployError,
     RunSettings,
@@ -24,6 +26,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     run_config,
     task_identity,  # noqa: F401 - a fixture
     tiny_config,
+    with_methods,
 )
 
 
@@ -100,4 +103,36 @@ def test_a_client_that_misses_the_setup_exchange_twice_stops_the_run_naming_it(
                                           r"time"):
         run()
     assert sum(m.metadata.message_type == MSG_SETUP for m in grid.sent) == 4
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_lost_finalize_reply_is_asked_again_and_every_client_is_reported(
+        tmp_path: Path) -> None:
+    """FedAvg's fine-tuned metrics were the replies' in client order: a lost reply left a
+    list of two metrics for three clients (the last client's metric under the second's
+    index). Asked again, client 1 answers from its saved state, without fine-tuning twice."""
+    cfg = with_methods(tiny_config(rounds=1), "fedavg")
+    finalize = (1, 2, MSG_FINALIZE)  # the finalize exchange's round is rounds + 1
+    lost: list[Message] = []
+    grid, run = _run(tmp_path, cfg, {finalize: _lose(1, lost)})
+    results = run()
+    assert len(lost) == 1 and not grid.errors
+    _, reference = _run(tmp_path / "ref", cfg, {})
+    tuned = results["methods"]["fedavg"]["extra"]["finetuned_test_accuracy"]
+    assert len(tuned) == 3
+    assert tuned == reference()["methods"]["fedavg"]["extra"]["finetuned_test_accuracy"]
+    assert results["methods"]["fedavg_ft"] == json.loads(
+        (tmp_path / "ref" / "res" / "results.json").read_text())["methods"]["fedavg_ft"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_that_misses_the_finalize_exchange_twice_stops_the_run_naming_it(
+        tmp_path: Path) -> None:
+    cfg = with_methods(tiny_config(rounds=1), "fedavg")
+    grid, run = _run(tmp_path, cfg, {(2, 2, MSG_FINALIZE): lambda q, r: None})
+    with pytest.raises(DeployError, match=r"fedavg: clients \[2\] gave no accepted finalize "
+                                          r"reply \(asked twice\).*last events: client 2: no "
+                                          r"reply in time"):
+        run()
     assert not (tmp_path / "res" / "results.json").exists()

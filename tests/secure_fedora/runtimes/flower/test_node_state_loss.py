@@ -19,6 +19,7 @@ from privacy.ledger import read_ledger
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import (
     MSG_EVALUATE,
+    MSG_FINALIZE,
     MSG_ROUND,
     DeployError,
     NodeSettings,
@@ -133,9 +134,12 @@ def test_a_lost_client_state_is_refused_not_restarted(tmp_path: Path, private: b
     if private:  # the run stops: that client's ledger could never close
         with pytest.raises(DeployError, match="client client-001 .node 1001. refuses to go on"):
             run()
-    else:  # the client counts as not taking part from then on, as any failing client
-        events = [e["event"] for e in run()["events"] if e["client"] == 1]
-        assert events and all("client.pt) is missing" in e for e in events)
+    else:  # the client takes no part from then on, and FedAvg's fine-tuning lacks it
+        with pytest.raises(DeployError, match=r"fedavg: clients \[1\] gave no accepted finalize "
+                                              r"reply \(asked twice\).*client.pt\) is missing"):
+            run()
+    assert {kind for client, kind, _ in grid.errors if client == 1} == \
+        ({MSG_ROUND} if private else {MSG_ROUND, MSG_EVALUATE, MSG_FINALIZE})
     refusals = [err for client, _, err in grid.errors if client == 1]
     assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
     assert f"state of {method!r} (client.pt) is missing" in str(refusals[0])
