@@ -269,6 +269,15 @@ def _online(grid: Grid) -> set[int]:
     return set(grid.get_node_ids())
 
 
+def _await_nodes(grid: Grid, server: _Server, nodes: list[int]) -> None:
+    """Wait up to the round timeout for ``nodes`` to be online (a SuperNode restarting)
+    before a message is sent to them once more."""
+    wanted = set(nodes)
+    deadline = time.monotonic() + server.settings.round_timeout
+    while not wanted <= _online(grid) and time.monotonic() < deadline:
+        time.sleep(max(server.settings.poll_interval, 0.5))
+
+
 def _wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float) -> list[int]:
     deadline = time.monotonic() + timeout
     nodes = _online(grid)
@@ -526,62 +535,29 @@ def _addressed(
     )
 
 
-def _encrypted_overlaps(
-    grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
-) -> Tensor:
-    """Encrypted modes: key ceremony, ``Enc(U_i)`` from every client, encrypted Gram rows on
-    the server (public context only), decryption of the overlap blocks by the key holder."""
+def _take_uploads(
+    grid: Grid, server: _Server, sealed: dict[int, bytes], client_of: dict[int, int],
+    uploads: dict[int, list[InnerProductUpload]], envelopes: dict[int, Envelope],
+    upload_bytes: dict[int, int], val0: Tensor, test0: Tensor, timing: dict[str, Any],
+) -> None:
+    """Ask the clients of ``sealed`` (client -> its sealed CKKS context) for ``Enc(U_i)``; add
+    each accepted upload (and its envelope and size) to ``uploads``; the others are events or
+    rejections."""
     cfg = server.cfg
-    n, q = cfg.data.num_clients, cfg.fedora.q
-    holder = server.settings.key_holder
-    poll = server.settings.poll_interval
-    details: dict[str, Any] = {"key_holder": holder}
-    timing: dict[str, Any] = {}
-
-    # (a) key ceremony at the key holder (every node identifies itself in the same exchange)
-    replies, ceremony_timing = _first_contact(
-        grid, server, nodes, MSG_CEREMONY, {"key-holder": holder}
-    )
-    timing["ceremony"] = ceremony_timing.to_json()
-    _require_all(server, replies, nodes, "identification")
-    reply, env = replies[holder]
-    record = reply.content["ceremony"] if "ceremony" in reply.content else None
-    public = record.get("public-context") if isinstance(record, ConfigRecord) else None
-    if not isinstance(public, bytes):
-        raise DeployError(f"the key holder (client {holder}) returned no public CKKS context")
-    t0 = time.perf_counter()
-    server.ckks_context = open_server_context(public)
-    sealed: dict[int, bytes] = {}
-    for cid, party in enumerate(server.client_ids):
-        blob = record.get(f"sealed-{party}")
-        if not isinstance(blob, bytes):
-            raise DeployError(
-                f"the key holder (client {holder}) sealed no CKKS context for {party}"
-            )
-        sealed[cid] = blob
-    details["public_context_bytes"] = len(public)
-    details["sealed_context_bytes"] = len(sealed[0])
-    details["server_context_has_secret_key"] = bool(server.ckks_context.has_secret_key())
-
-    # (b) every client's encrypted summary, its sealed context forwarded to it
-    layout = layout_for(cfg)
+    layout, q = layout_for(cfg), cfg.fedora.q
     messages = dict(
         _addressed(server, cid, MSG_ENCRYPTED_SUMMARY, RecordDict({"ckks": ConfigRecord({
-            "sealed-context": sealed[cid], "num-vectors": layout.num_vectors,
+            "sealed-context": blob, "num-vectors": layout.num_vectors,
             "dim": layout.dim})}))
-        for cid in range(n)
+        for cid, blob in sealed.items()
     )
-    client_of = {node: cid for cid, node in server.node_of_client.items()}
-    ex = _exchange(grid, messages, _relatedness_wait(server), poll,
+    ex = _exchange(grid, messages, _relatedness_wait(server), server.settings.poll_interval,
                    server.settings.max_in_flight)
-    timing["encrypted_summary"] = ex.timing.to_json()
+    timing.setdefault("encrypted_summary", ex.timing.to_json())
     for node, reason in ex.errors.items():
         server.event(0, client_of[node], node, f"encrypted summary failed: {reason}")
     for node in ex.missing:
         server.event(0, client_of[node], node, "no encrypted summary in time")
-    uploads: dict[int, list[InnerProductUpload]] = {}
-    envelopes: dict[int, Envelope] = {}
-    upload_bytes: dict[int, int] = {}
     for node, reply in ex.replies.items():
         cid = client_of[node]
         env = server.accept(0, node, reply, MSG_ENCRYPTED_SUMMARY, cid, "no relatedness from it")
@@ -608,6 +584,70 @@ def _encrypted_overlaps(
                     server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
                                   "no relatedness from it")
                     del uploads[cid], envelopes[cid], upload_bytes[cid]
+
+
+def _encrypted_overlaps(
+    grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
+) -> Tensor:
+    """Encrypted modes: key ceremony, ``Enc(U_i)`` from every client, encrypted Gram rows on
+    the server (public context only), decryption of the overlap blocks by the key holder."""
+    cfg = server.cfg
+    n, q = cfg.data.num_clients, cfg.fedora.q
+    holder = server.settings.key_holder
+    poll = server.settings.poll_interval
+    details: dict[str, Any] = {"key_holder": holder}
+    timing: dict[str, Any] = {}
+
+    # (a) key ceremony at the key holder (every node identifies itself in the same exchange;
+    # the key holder repeats its stored result to a second request)
+    replies, ceremony_timing = _first_contact(
+        grid, server, nodes, MSG_CEREMONY, {"key-holder": holder}
+    )
+    timing["ceremony"] = ceremony_timing.to_json()
+    answered = {server.node_of_client[cid] for cid in replies}
+    missed = [node for node in nodes if node not in answered]
+    if missed:
+        _await_nodes(grid, server, missed)
+        _say(f"{server.scope}: key ceremony sent again to nodes {missed}")
+        replies.update(_first_contact(grid, server, missed, MSG_CEREMONY,
+                                      {"key-holder": holder})[0])
+    _require_all(server, replies, nodes, "identification")
+    reply, env = replies[holder]
+    record = reply.content["ceremony"] if "ceremony" in reply.content else None
+    public = record.get("public-context") if isinstance(record, ConfigRecord) else None
+    if not isinstance(public, bytes):
+        raise DeployError(f"the key holder (client {holder}) returned no public CKKS context")
+    t0 = time.perf_counter()
+    server.ckks_context = open_server_context(public)
+    sealed: dict[int, bytes] = {}
+    for cid, party in enumerate(server.client_ids):
+        blob = record.get(f"sealed-{party}")
+        if not isinstance(blob, bytes):
+            raise DeployError(
+                f"the key holder (client {holder}) sealed no CKKS context for {party}"
+            )
+        sealed[cid] = blob
+    details["public_context_bytes"] = len(public)
+    details["sealed_context_bytes"] = len(sealed[0])
+    details["server_context_has_secret_key"] = bool(server.ckks_context.has_secret_key())
+
+    # (b) every client's encrypted summary, its sealed context forwarded to it; a client
+    # without an accepted upload is asked once more (it re-encrypts its saved summary: under
+    # DP nothing is drawn or accounted twice)
+    layout = layout_for(cfg)
+    client_of = {node: cid for cid, node in server.node_of_client.items()}
+    uploads: dict[int, list[InnerProductUpload]] = {}
+    envelopes: dict[int, Envelope] = {}
+    upload_bytes: dict[int, int] = {}
+    for attempt in range(2):
+        wanted = [cid for cid in range(n) if cid not in uploads]
+        if not wanted:
+            break
+        if attempt:
+            _await_nodes(grid, server, [server.node_of_client[cid] for cid in wanted])
+            _say(f"{server.scope}: encrypted summary asked again of clients {wanted}")
+        _take_uploads(grid, server, {cid: sealed[cid] for cid in wanted}, client_of, uploads,
+                      envelopes, upload_bytes, val0, test0, timing)
     _require_all(server, uploads, nodes, "encrypted summary")
     details["upload_bytes_per_client"] = [upload_bytes[c] for c in range(n)]
 
@@ -625,27 +665,36 @@ def _encrypted_overlaps(
     timing["server_compute_s"] = round(time.perf_counter() - t1, 4)
     details["rows_bytes"] = sum(len(r) for r in rows)
 
-    # (d) the key holder decrypts the q x q blocks, and only those
-    node, message = _addressed(server, holder, MSG_DECRYPT,
-                               RecordDict({"rows": ConfigRecord({"rows": rows})}))
-    ex = _exchange(grid, {node: message}, _relatedness_wait(server), poll)
-    timing["decrypt"] = ex.timing.to_json()
-    problem = (ex.errors.get(node) or ("no reply in time" if ex.missing else None))
+    # (d) the key holder decrypts the q x q blocks, and only those (asked once more, the same
+    # rows, when its answer is missing or refused)
     overlaps: Tensor | None = None
-    if problem is None:
-        env = server.accept(0, node, ex.replies[node], MSG_DECRYPT, holder, "no overlaps")
-        if env is None:
-            problem = "its reply was rejected"
-        else:
-            try:
-                overlaps = checked_array(ex.replies[node].content, "overlaps", "overlaps",
-                                         torch.float64, (n, n, q, q), env)
-            except EnvelopeError as err:
-                server.reject(0, holder, node, err, "no overlaps")
-                problem = f"its overlaps were refused ({err.reason})"
+    problem: str | None = None
+    for attempt in range(2):
+        if attempt:
+            server.event(0, holder, server.node_of_client[holder], f"no overlaps: {problem}")
+            _await_nodes(grid, server, [server.node_of_client[holder]])
+            _say(f"{server.scope}: decryption asked again of the key holder")
+        node, message = _addressed(server, holder, MSG_DECRYPT,
+                                   RecordDict({"rows": ConfigRecord({"rows": rows})}))
+        ex = _exchange(grid, {node: message}, _relatedness_wait(server), poll)
+        timing.setdefault("decrypt", ex.timing.to_json())
+        problem = (ex.errors.get(node) or ("no reply in time" if ex.missing else None))
+        if problem is None:
+            env = server.accept(0, node, ex.replies[node], MSG_DECRYPT, holder, "no overlaps")
+            if env is None:
+                problem = "its reply was rejected"
+            else:
+                try:
+                    overlaps = checked_array(ex.replies[node].content, "overlaps", "overlaps",
+                                             torch.float64, (n, n, q, q), env)
+                    break
+                except EnvelopeError as err:
+                    server.reject(0, holder, node, err, "no overlaps")
+                    problem = f"its overlaps were refused ({err.reason})"
     if overlaps is None:
         raise DeployError(
-            f"the key holder (client {holder}) did not return the overlaps: {problem}"
+            f"the key holder (client {holder}) did not return the overlaps, asked twice: "
+            f"{problem}"
         )
     timing["wall_s"] = round(time.perf_counter() - t0, 4)
     server.relatedness_timing = timing
@@ -886,10 +935,7 @@ def _retry_exchange(grid: Grid, server: _Server, run: _MethodRun, stage: str, rn
     """Send ``stage`` of round ``rnd`` once more to the clients of ``payloads``, after waiting
     up to the round timeout for their nodes to be online again; each reply is awaited up to
     ``timeout`` (default: the round timeout)."""
-    wanted = {server.node_of_client[c] for c in payloads}
-    deadline = time.monotonic() + server.settings.round_timeout
-    while not wanted <= _online(grid) and time.monotonic() < deadline:
-        time.sleep(max(server.settings.poll_interval, 0.5))
+    _await_nodes(grid, server, [server.node_of_client[c] for c in payloads])
     _say(f"{run.name} round {rnd}: {stage} sent again to clients {sorted(payloads)}")
     return _exchange_payloads(grid, server, run, stage, rnd, payloads,
                               server.settings.round_timeout if timeout is None else timeout)

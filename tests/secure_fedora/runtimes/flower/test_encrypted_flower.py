@@ -367,9 +367,11 @@ def test_client_ceremony_handlers_check_the_key_holder_and_the_layout(tmp_path: 
 
 
 def _grid_run(
-    cfg: ExperimentConfig, tmp_path: Path, **grid: Any
+    cfg: ExperimentConfig, tmp_path: Path, run_config_over: dict[str, Any] | None = None,
+    **grid: Any,
 ) -> tuple[dict[str, Any], InMemoryGrid, dict[str, Any]]:
-    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": cfg.privacy.enabled})
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": cfg.privacy.enabled,
+                                      **(run_config_over or {})})
     g = InMemoryGrid(tmp_path / "nodes", rc, 3, **grid)
     settings = RunSettings.from_run_config(rc)
     results = server_app.run_federation(g, settings, 42)  # type: ignore[arg-type]
@@ -612,3 +614,50 @@ def test_grid_a_node_wiped_after_its_encrypted_summary_is_refused(tmp_path: Path
     with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
         _grid_run(enc_config("noised+encrypted"), tmp_path,
                   tamper_request={(1, 1, MSG_ROUND): wipe})
+
+
+def _lose_first(lost: list[Message]):  # type: ignore[no-untyped-def]
+    def hook(_request: Message, reply: Message) -> Message | None:
+        lost.append(reply)
+        return None if len(lost) == 1 else reply
+    return hook
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("client", "kind"), [(1, MSG_CEREMONY), (0, MSG_CEREMONY),
+                                              (1, MSG_ENCRYPTED_SUMMARY), (0, MSG_DECRYPT)])
+def test_grid_a_lost_ceremony_reply_is_asked_again_and_the_summary_released_once(
+    tmp_path: Path, client: int, kind: str,
+) -> None:
+    """One lost reply anywhere in the CKKS ceremony (an identification, the key holder's
+    keys, an encrypted summary, the decrypted overlaps) stopped the run with a DeployError.
+    That party is now asked once more: the key holder repeats its stored keys and decrypts
+    the same rows again, a client re-encrypts its saved summary (under DP drawn and accounted
+    once), and the run equals one without the loss."""
+    from privacy.ledger import read_ledger
+
+    cfg = enc_config("noised+encrypted")
+    timeouts = {"round-timeout": 0.3, "connect-timeout": 0.3}
+    lost: list[Message] = []
+    results, grid, _ = _grid_run(cfg, tmp_path, run_config_over=timeouts,
+                                 tamper_reply={(client, 0, kind): _lose_first(lost)})
+    assert len(lost) == 2 and grid.errors == []
+    assert [e["client"] for e in results["events"]] in ([client], [None])
+    expected, _, _ = _grid_run(cfg, tmp_path / "ref")
+    for part in ("selected", "final"):
+        assert np.allclose(results["methods"]["fedora"][part]["per_client"],
+                           expected["methods"]["fedora"][part]["per_client"], atol=1e-4, rtol=0)
+    for c in range(3):
+        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"client-{c:03d}.jsonl"
+        assert [e["mechanism"] for e in read_ledger(ledger)].count("gaussian_summary") == 1
+        assert [e["mechanism"] for e in read_ledger(ledger)] == \
+            [e["mechanism"] for e in read_ledger(tmp_path / "ref" / ledger.relative_to(tmp_path))]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_a_key_holder_that_misses_the_decryption_twice_stops_the_run(tmp_path: Path) -> None:
+    with pytest.raises(DeployError, match=r"the key holder \(client 0\) did not return the "
+                                          r"overlaps, asked twice: no reply in time"):
+        _grid_run(enc_config(), tmp_path, run_config_over={"round-timeout": 0.3,
+                                                           "connect-timeout": 0.3},
+                  tamper_reply={(0, 0, MSG_DECRYPT): lambda q, r: None})
