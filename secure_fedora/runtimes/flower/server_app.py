@@ -897,9 +897,10 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
                                  server.settings.round_timeout)
     if rnd == server.cfg.training.rounds:
         missed = [c for c in clients if c not in replies.metrics]
-        if missed and server.cfg.privacy.enabled:
-            # a DP client closes its ledger when it answers the final evaluation; one that
-            # missed it (a node restarting) is asked once more (answering is idempotent)
+        if missed:
+            # one that missed it (a node restarting) is asked once more (answering is
+            # idempotent): a DP client closes its ledger there, and any client would otherwise
+            # keep an earlier round's metric as its final one (or have none: the run fails)
             again = _retry_exchange(grid, server, run, "evaluate", rnd,
                                     {c: messages.get(c) for c in missed})
             replies.metrics.update(again.metrics)

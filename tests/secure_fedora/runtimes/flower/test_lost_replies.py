@@ -15,6 +15,7 @@ from flwr.app import Message
 
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import (
+    MSG_EVALUATE,
     MSG_FINALIZE,
     MSG_SETUP,
     DeployError,
@@ -136,3 +137,20 @@ def test_a_client_that_misses_the_finalize_exchange_twice_stops_the_run_naming_i
                                           r"reply in time"):
         run()
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_lost_final_evaluation_reply_is_asked_again_without_dp(tmp_path: Path) -> None:
+    """Only DP runs asked the final evaluation again: without DP one lost reply in the only
+    evaluated round stopped the run ("never reported an evaluation"), and in a longer run the
+    client's final metric was an earlier round's. Now every client that missed it is asked
+    once more, and the run equals one without the loss."""
+    cfg = tiny_config(rounds=1)
+    lost: list[Message] = []
+    grid, run = _run(tmp_path, cfg, {(1, 1, MSG_EVALUATE): _lose(1, lost)})
+    results = run()
+    assert len(lost) == 1 and not grid.errors
+    _, reference = _run(tmp_path / "ref", cfg, {})
+    expected = reference()
+    for part in ("selected", "final"):
+        assert results["methods"]["fedora"][part] == expected["methods"]["fedora"][part]
