@@ -950,7 +950,8 @@ def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: 
     A client without one (offline, no reply in time, an error reply, a rejected reply) is
     asked once more with the same payload; a client answers a message it already answered
     from its saved state, so nothing is computed, drawn or released twice (under DP its
-    ledger keeps one release). A client still without an accepted reply, or one that refused
+    ledger keeps one release; a ClientApp killed before it saved its answer computes it
+    again, and accounts it again: an over-count, never an under-count). A client still without an accepted reply, or one that refused
     its release, stops the run with a DeployError naming the clients and their last events:
     the method would otherwise build its state (FEDORA's relatedness) or its results (a list
     per client) from part of the federation."""
