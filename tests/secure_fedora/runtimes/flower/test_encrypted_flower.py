@@ -616,6 +616,9 @@ def test_grid_a_node_wiped_after_its_encrypted_summary_is_refused(tmp_path: Path
                   tamper_request={(1, 1, MSG_ROUND): wipe})
 
 
+_UNDISTURBED: dict[str, dict[str, Any]] = {}  # the run without a lost reply, made once
+
+
 def _lose_first(lost: list[Message]):  # type: ignore[no-untyped-def]
     def hook(_request: Message, reply: Message) -> Message | None:
         lost.append(reply)
@@ -643,15 +646,18 @@ def test_grid_a_lost_ceremony_reply_is_asked_again_and_the_summary_released_once
                                  tamper_reply={(client, 0, kind): _lose_first(lost)})
     assert len(lost) == 2 and grid.errors == []
     assert [e["client"] for e in results["events"]] in ([client], [None])
-    expected, _, _ = _grid_run(cfg, tmp_path / "ref")
+    if "results" not in _UNDISTURBED:
+        _UNDISTURBED["results"] = _grid_run(cfg, tmp_path / "ref")[0]
+    expected = _UNDISTURBED["results"]
     for part in ("selected", "final"):
         assert np.allclose(results["methods"]["fedora"][part]["per_client"],
                            expected["methods"]["fedora"][part]["per_client"], atol=1e-4, rtol=0)
     for c in range(3):
         ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"client-{c:03d}.jsonl"
-        assert [e["mechanism"] for e in read_ledger(ledger)].count("gaussian_summary") == 1
-        assert [e["mechanism"] for e in read_ledger(ledger)] == \
-            [e["mechanism"] for e in read_ledger(tmp_path / "ref" / ledger.relative_to(tmp_path))]
+        assert [e["mechanism"] for e in read_ledger(ledger)] == [
+            "gaussian_summary", "dpsgd", "gaussian_lambda", "dpsgd", "gaussian_lambda", "close"]
+        assert results["privacy"]["fedora"]["clients"][c]["epsilon_spent"] == \
+            expected["privacy"]["fedora"]["clients"][c]["epsilon_spent"]
 
 
 @pytest.mark.usefixtures("task_identity")
