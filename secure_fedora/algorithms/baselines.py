@@ -67,7 +67,13 @@ from secure_fedora.algorithms.config_checks import (
     IFCAChecks,
     validate_hyperparameters,
 )
-from secure_fedora.algorithms.contract import FINALIZE, NUM_EXAMPLES_REASON, ROUND, Payload
+from secure_fedora.algorithms.contract import (
+    FINALIZE,
+    NUM_EXAMPLES_REASON,
+    ROUND,
+    Payload,
+    payload_size_problem,
+)
 from secure_fedora.algorithms.messages import (
     KIND_CLUSTER_CHOICE,
     KIND_CLUSTERS,
@@ -766,6 +772,17 @@ class FedAMP(_Baseline, FederatedMethod):
 # --------------------------------------------------------------------------- IFCA
 
 
+def _check_cluster_count(k: int, num_params: int, dtype: torch.dtype) -> None:
+    """BaselineConfigError when IFCA's messages of ``k`` cluster models of ``num_params``
+    parameters of ``dtype`` would be over the payload caps."""
+    largest = IFCA.largest_cluster_count(num_params, dtype)
+    if k > largest:
+        raise BaselineConfigError(
+            f"baselines.ifca.num_clusters = {k}: every IFCA message carries all cluster models, "
+            f"and one message holds at most {largest} models of {num_params:,} parameters "
+            f"({str(dtype).removeprefix('torch.')}); use at most {largest} clusters")
+
+
 class IFCA(IFCAChecks, _Baseline, FederatedMethod):
     """IFCA (Ghosh, Chung, Yin, Ramchandran, NeurIPS 2020, "An Efficient Framework for
     Clustered Federated Learning").
@@ -803,6 +820,8 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
             raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
         if selection_split == "val" and validation != "public":
             raise BaselineConfigError(_IFCA_VAL_PRIVATE)
+        # before the K x P cluster matrix is allocated
+        _check_cluster_count(num_clusters, ctx.flat.num_params, ctx.init.dtype)
         self.num_clusters = num_clusters
         self.selection_split = selection_split
         self.clusters = self._initial_clusters(num_clusters)
@@ -924,8 +943,39 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
             raise ValueError(f"IFCA client state must be empty, got fields {sorted(state)}")
 
     # -- server half
+    @staticmethod
+    def _clusters_payload(clusters: Tensor, version: int) -> Payload:
+        """What every round, evaluation and finalize message carries."""
+        return {KIND_CLUSTERS: clusters, KEY_CLUSTERS_VERSION: _scalar(version)}
+
     def _clusters_message(self) -> Payload:
-        return {KIND_CLUSTERS: self.clusters, KEY_CLUSTERS_VERSION: _scalar(self.version)}
+        return self._clusters_payload(self.clusters, self.version)
+
+    @classmethod
+    def largest_cluster_count(cls, num_params: int, dtype: torch.dtype) -> int:
+        """The most cluster models of ``num_params`` parameters of ``dtype`` one message can
+        carry under :func:`~secure_fedora.algorithms.contract.payload_size_problem`'s caps
+        (measured on that rule with shape-only tensors, nothing allocated; 0 when even one
+        does not fit)."""
+
+        def fits(k: int) -> bool:
+            clusters = torch.empty((k, num_params), dtype=dtype, device="meta")
+            return payload_size_problem(cls._clusters_payload(clusters, 0), num_params) is None
+
+        low, high = 0, 1
+        while high < 2**62 and fits(high):  # the message grows with k: double, then bisect
+            low, high = high, 2 * high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+    @classmethod
+    def check_model_size(cls, cfg: Any, num_params: int, dtype: torch.dtype) -> None:
+        """Refuse more clusters than one message can carry: every message holds all the
+        cluster models (:meth:`largest_cluster_count`)."""
+        k = validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))["num_clusters"]
+        _check_cluster_count(k, num_params, dtype)
 
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Every participant receives the K cluster models (and their version)."""

@@ -52,7 +52,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "ReplySchema", "entry_problem",
            "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
-           "check_messages",
+           "check_messages", "check_model_sizes", "model_size_checked",
            "check_eval_row", "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
@@ -218,6 +218,15 @@ class FederatedAlgorithm(ABC):
         return {}
 
     @classmethod
+    def check_model_size(cls, cfg: Any, num_params: int, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` naming the config key when this method cannot run under
+        ``cfg`` on a model of ``num_params`` parameters of ``dtype`` (e.g. a message it would
+        send is over :func:`payload_size_problem`'s caps). Both runtimes call it
+        (:func:`check_model_sizes`) once the model is built, before any method runs or
+        anything is released. Default: every model is fine."""
+        return None
+
+    @classmethod
     def distributed_unsupported(cls, cfg: Any) -> str | None:
         """Why this method cannot run under ``cfg`` as separate processes (a runtime that
         moves only messages, e.g. Flower), naming the config key; ``None``: it can."""
@@ -365,6 +374,39 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     method.reply_rules = ReplyRules.of(name, type(method), cfg)
     method.reply_schema = ReplySchema.of(method)
     return method
+
+
+def model_size_checked(names: Sequence[str]) -> list[str]:
+    """The registered methods of ``names`` whose class overrides
+    :meth:`FederatedAlgorithm.check_model_size` (what a runtime must build the model for
+    before any method runs)."""
+    default = FederatedAlgorithm.__dict__["check_model_size"].__func__
+    out = []
+    for name in names:
+        cls = method_class(name)
+        if cls is not None and cls.check_model_size.__func__ is not default:
+            out.append(name)
+    return out
+
+
+def check_model_sizes(names: Sequence[str], cfg: Any, num_params: int,
+                      dtype: torch.dtype) -> None:
+    """Ask every registered method of ``names`` whether it can run under ``cfg`` on a model
+    of ``num_params`` parameters of ``dtype`` (:meth:`FederatedAlgorithm.check_model_size`):
+    a toolkit error it raises passes unchanged, any other ``ValueError`` becomes a
+    :class:`~secure_fedora.core.config.ConfigError` naming the method."""
+    from secure_fedora.core.config import ConfigError
+
+    for name in model_size_checked(names):
+        cls = method_class(name)
+        assert cls is not None  # model_size_checked keeps only methods with a class
+        try:
+            cls.check_model_size(cfg, num_params, dtype)
+        except ToolkitError:
+            raise
+        except ValueError as err:
+            raise ConfigError(f"method {name!r} cannot run on a model of {num_params:,} "
+                              f"parameters: {err}") from None
 
 
 def method_releases(name: str, cfg: Any) -> tuple[ReleaseSpec, ...]:

@@ -27,7 +27,9 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 from secure_fedora import __version__
 from secure_fedora.algorithms.contract import (
+    check_model_sizes,
     check_round_statistics,
+    model_size_checked,
     no_reply_statistics,
     round_mechanisms,
 )
@@ -738,6 +740,7 @@ class Simulation:
         self.inputs_outside_config = tuple(inputs_outside_config)
         self._key_dir: Path | None = None
         self._budget_plans: dict[str, Any] = {}
+        self._sizes_checked = False
         self.keystore_created: bool = False
         # Binds every in-process envelope to this run and its method (messages never outlive
         # the process, so a fresh random id per Simulation is enough).
@@ -869,11 +872,25 @@ class Simulation:
             self._budget_plans[name] = check_budget_plans(self.cfg, name, len(self.clients))
         return self._budget_plans[name]
 
+    def check_model_sizes(self) -> None:
+        """Refuse (before anything is written or released) a configured method that cannot
+        run on the run's model (:func:`~secure_fedora.algorithms.contract.check_model_sizes`,
+        e.g. more IFCA clusters than a message can carry); builds the model only when a
+        configured method checks it. Call it before :attr:`key_dir`."""
+        if self._sizes_checked:
+            return
+        names = model_size_checked(self.cfg.methods)
+        if names:
+            ctx = self.context_factory(self.cfg, self.clients)
+            check_model_sizes(names, self.cfg, ctx.flat.num_params, ctx.init.dtype)
+        self._sizes_checked = True
+
     def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
         """Run (or resume) one method to the configured number of rounds; with privacy, a
         finished method's ledgers end with their signed close entry."""
         cfg = self.cfg
         ctx = self.context_factory(cfg, self.clients)
+        check_model_sizes([name], cfg, ctx.flat.num_params, ctx.init.dtype)
         if resume and not self._model_checked:
             self._check_model(ctx.flat.module)  # every method's checkpoint, before any write
             self._model_checked = True
@@ -1175,7 +1192,8 @@ class Simulation:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run every configured method; write rounds.csv and results.json; return the results.
         Under DP every method's budget plan is checked first: a plan over budget refuses the
-        run before any method trains (as the CLI does). Partial copies of the run's result files
+        run before any method trains (as the CLI does); so is every method's fit to the model
+        (:meth:`check_model_sizes`). Partial copies of the run's result files
         that a process killed while writing one left in the run directory are removed first."""
         from secure_fedora.runtimes.results import remove_interrupted_result_writes
 
@@ -1183,6 +1201,7 @@ class Simulation:
         if p.enabled:
             for name in self.cfg.methods:
                 self.budget_plans(name)
+        self.check_model_sizes()  # every method before the first runs
         if p.enabled and self.cfg.data.validation == "public" and p.lambda_noise_multiplier:
             # not refused by the config: runs that set it before stay loadable for audits
             log.warning("privacy.lambda_noise_multiplier = %g is unused: with public validation "

@@ -81,6 +81,8 @@ from secure_fedora.algorithms.contract import (
     Payload,
     ReplySchema,
     check_messages,
+    check_model_sizes,
+    model_size_checked,
     no_reply_statistics,
     round_statistics_of,
 )
@@ -1175,6 +1177,11 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)
     server.nodes = nodes
     _hello(grid, server, nodes)
+    checked = model_size_checked(cfg.methods)
+    if checked:  # the model's size is known from the schema: refuse before any method runs
+        assert server.schema is not None
+        ctx = server_context(cfg, server.schema)
+        check_model_sizes(checked, cfg, ctx.flat.num_params, ctx.init.dtype)
     outcomes = {}
     for name in cfg.methods:
         outcomes[name] = _run_method(grid, server, name)

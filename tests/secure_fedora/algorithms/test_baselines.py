@@ -288,6 +288,29 @@ def test_ifca_refuses_training_loss_selection_under_a_private_oracle(clients):
     IFCA(wrapped, num_clusters=2, selection_split="train")
 
 
+def test_ifca_cluster_bound_is_the_payload_cap_of_its_messages(ctx):
+    """IFCA sends all K cluster models in every message: the largest K is exactly where its
+    real message passes payload_size_problem (K + 1 does not), and more clusters are refused
+    when the method is built, before the K x P matrix is allocated."""
+    from secure_fedora.algorithms.contract import payload_size_problem
+    from secure_fedora.algorithms.messages import KIND_CLUSTERS
+
+    p = ctx.flat.num_params
+    largest = IFCA.largest_cluster_count(p, ctx.init.dtype)
+    assert largest == 35  # the 118,282-parameter MLP: 16 MiB over 4-byte parameters
+    method = IFCA(ctx, num_clusters=largest)
+    assert payload_size_problem(method.configure(1, [0])[0], p) is None
+    over = {**method.configure(1, [0])[0],
+            KIND_CLUSTERS: torch.zeros(largest + 1, p, dtype=ctx.init.dtype)}
+    assert payload_size_problem(over, p) is not None
+    assert IFCA.largest_cluster_count(p, torch.float64) == largest // 2
+    with pytest.raises(BaselineConfigError, match=rf"baselines\.ifca\.num_clusters = {largest + 1}: "
+                       rf".* at most {largest} models of {p:,} parameters \(float32\)"):
+        IFCA(ctx, num_clusters=largest + 1)
+    with pytest.raises(BaselineConfigError, match=r"baselines\.ifca\.num_clusters = 1000000000"):
+        IFCA(ctx, num_clusters=10**9)  # refused, not a K x P allocation
+
+
 def test_ifca_names_a_client_without_data_on_its_selection_split(clients):
     emptied = list(clients)
     emptied[3] = dataclasses.replace(clients[3], train_x=clients[3].train_x[:0],

@@ -411,3 +411,70 @@ def test_a_reply_over_the_payload_caps_fails_in_the_client_app(tmp_path):
     [(client, _, err)] = grids[0].errors
     assert client == 0 and isinstance(err, ContractError) and re.match(problem, str(err))
     assert results["rounds"][0]["replied"] == 2
+
+
+def _fedavg_then(method: str, **over: Any) -> Any:
+    """The tiny one-round config running FedAvg, then ``method`` (``over``: top-level keys)."""
+    from secure_fedora.core.config import parse_config
+
+    cfg = with_methods(tiny_config(rounds=1), "fedavg", method)
+    return parse_config({**cfg.model_dump(mode="json", exclude_none=True), **over})
+
+
+def _refused_before_any_method(root: Path, cfg: Any, error: type, message: str) -> None:
+    """Require ``cfg`` to stop with ``error`` matching ``message`` before any method runs: in
+    process (DP: no ledger, key store or run directory made) and on the in-memory Flower grid
+    (no message after the first contact)."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.flower.protocol import MSG_HELLO
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    private = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
+                            "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3}})
+    with pytest.raises(error, match=message):
+        Simulation(private, root / "inproc", keystore=root / "keystore").run()
+    assert not (root / "inproc").exists() and not (root / "keystore").exists()
+    rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
+    grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients)
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(error, match=message):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)
+    assert {m.metadata.message_type for m in grid.sent} == {MSG_HELLO}
+
+
+def test_more_ifca_clusters_than_a_message_carries_are_refused_before_any_method_runs(
+        tmp_path):
+    """IFCA sends all its cluster models in every message. More than one message can carry
+    were refused only by the payload cap at IFCA's round 1: after the methods before it had
+    run and, under DP, after its round-1 releases were admitted to the ledgers. Both runtimes
+    now refuse them once the model is built, before any method runs, naming the key, the
+    model's parameter count and the largest cluster count."""
+    from secure_fedora.algorithms.baselines import BaselineConfigError
+
+    cfg = _fedavg_then("ifca", baselines={"ifca": {"num_clusters": 36, "selection_split": "val"}})
+    _refused_before_any_method(tmp_path, cfg, BaselineConfigError,
+                               r"^baselines\.ifca\.num_clusters = 36: .* at most 35 models of "
+                               r"118,282 parameters \(float32\); use at most 35 clusters$")
+
+
+def test_a_plug_in_refusing_the_model_is_refused_before_any_method_runs(tmp_path):
+    """A plug-in's check_model_size hook is asked by both runtimes once the model is built,
+    before any method runs; a plain ValueError it raises is a ConfigError naming it."""
+    from secure_fedora.core.config import ConfigError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+
+    class Small(Toy):
+        @classmethod
+        def check_model_size(cls, cfg, num_params, dtype):  # type: ignore[no-untyped-def]
+            if num_params > 1000:
+                raise ValueError(f"small.models holds at most 1000 parameters ({dtype})")
+
+    name = "small_models_x"
+    METHODS.register(name, Small)
+    try:
+        _refused_before_any_method(
+            tmp_path, _fedavg_then(name), ConfigError,
+            rf"^method '{name}' cannot run on a model of 118,282 parameters: small\.models holds "
+            r"at most 1000 parameters \(torch\.float32\)$")
+    finally:
+        METHODS.unregister(name)
