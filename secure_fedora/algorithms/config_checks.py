@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.errors import ToolkitError
+from secure_fedora.core.config import MAX_INT
 
 __all__ = [
     "BASELINE_HYPERPARAMETERS",
@@ -84,7 +85,7 @@ class IFCAParams(_Params):
     its ``selection_split`` ("train" as in the paper; "val" uses the validation split, which
     the config declares public)."""
 
-    num_clusters: Annotated[int, Field(ge=1)] = 4
+    num_clusters: Annotated[int, Field(ge=1, le=MAX_INT)] = 4
     selection_split: Literal["train", "val"] = "train"
 
 

@@ -28,6 +28,7 @@ from privacy.accounting import MAX_NOISE_MULTIPLIER
 from privacy.errors import ToolkitError
 
 __all__ = [
+    "MAX_INT",
     "MAX_PLANNED_DPSGD_STEPS",
     "RUN_NAME_PATTERN",
     "ConfigError",
@@ -106,7 +107,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
+#: Largest integer a config value may be: counts reach torch and numpy as int64 (a larger
+#: batch size overflowed mid-training) and the config's own checks as floats (a count above
+#: float's range raised a raw OverflowError while validating).
+MAX_INT = 2**63 - 1
+
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]
 
 
 class DataConfig(_Section):
@@ -118,7 +124,7 @@ class DataConfig(_Section):
     # per-client dicts (already federated). See secure_fedora.data.userdata.
     source: Annotated[str, _import_spec("data.source")] | None = None
     partition: Annotated[str, _registered("PARTITIONERS")] = "rotation"
-    num_clients: Annotated[int, Field(ge=2)] = 36
+    num_clients: Annotated[int, Field(ge=2, le=MAX_INT)] = 36
     train_per_client: PositiveInt = 128
     val_per_client: PositiveInt = 64
     test_per_client: PositiveInt | None = None
@@ -245,7 +251,7 @@ class FedoraConfig(_Section):
 
 
 class FedAvgConfig(_Section):
-    finetune_epochs: Annotated[int, Field(ge=0)] = 5
+    finetune_epochs: Annotated[int, Field(ge=0, le=MAX_INT)] = 5
 
 
 class ClientBudgetConfig(_Section):

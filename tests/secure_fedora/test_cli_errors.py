@@ -143,6 +143,18 @@ def test_bad_method_names_and_hyperparameters_read_the_same_from_cli_api_and_cor
     assert not (tmp_path / "r").exists()
 
 
+def test_integers_beyond_int64_are_one_line_config_errors(tmp_path, capsys):
+    """A DP config with local_epochs = 10**400 (TOML carries it) ended the run command with
+    a raw OverflowError traceback from the config's DP step check."""
+    huge = write_config(tmp_path / "huge.toml", {
+        **TINY, "training": {**TINY["training"], "local_epochs": 10**400},
+        "privacy": {"enabled": True, "delta": 1e-3}})
+    assert main(["run", str(huge), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "training.local_epochs: Input should be less than or equal to 9223372036854775807" \
+        in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
 def test_data_error_is_one_line(tmp_path, capsys):
     too_big = write_config(tmp_path / "big.toml", {**TINY, "data": {
         "num_clients": 100, "train_per_client": 1000, "val_per_client": 10, "test_per_client": 10}})

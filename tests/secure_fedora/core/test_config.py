@@ -1,5 +1,6 @@
 """Config validation: unknown keys and bad values are rejected with the key named."""
 
+import re
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -164,6 +165,39 @@ def test_strict_values_are_refused_with_the_key(data, key):
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize("key", [
+    "data.num_clients", "data.train_per_client", "data.val_per_client", "data.test_per_client",
+    "training.rounds", "training.local_epochs", "training.batch_size",
+    "training.checkpoint_every", "fedora.q", "fedavg.finetune_epochs", "evaluation.every",
+    "baselines.ifca.num_clusters",
+])
+@pytest.mark.parametrize("value", [2**63, 10**400], ids=["2**63", "10**400"])
+def test_integers_beyond_int64_are_refused_with_the_key(tmp_path, key, value):
+    """Counts reach torch and numpy as int64 (a batch size of 2**70 failed mid-training) and
+    the config's own DP checks as floats (10**400 raised a raw OverflowError while
+    validating); TOML files carry such integers too. Each is a ConfigError naming the key,
+    from Python and from a file; 2**63 - 1 passes the bound."""
+    doc = _with(DP, methods=["fedavg", "ifca"], baselines={"ifca": {"selection_split": "val"}})
+    *sections, name = key.split(".")
+    target = doc
+    for section in sections:
+        target = target.setdefault(section, {})
+    target[name] = value
+    problem = (rf"{re.escape(key)}(\.constrained-int)?: Input should be less than or equal to "
+               "9223372036854775807")
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(doc)
+    path = tmp_path / "big.toml"
+    path.write_text(tomli_w.dumps(doc))
+    with pytest.raises(ConfigError, match=problem):
+        load_config(path)
+    target[name] = 2**63 - 1
+    try:
+        parse_config(doc)
+    except ConfigError as err:  # other checks may refuse it (the DP plan), not the bound
+        assert "Input should be less than or equal" not in str(err)
+
+
 def test_k_below_n_is_needed_only_when_fedora_runs():
     assert parse_config({"data": {"num_clients": 2}, "fedora": {"k": 1}}).fedora.k == 1
     assert parse_config({"data": {"num_clients": 2}, "methods": ["local", "fedavg"]}).fedora.k == 2
@@ -230,6 +264,7 @@ _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=1
 SCALARS = st.one_of(
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=2**63, max_value=10**400),  # TOML files carry them too
     st.integers(min_value=0, max_value=400),
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(min_value=1e-12, max_value=1.0),
