@@ -198,6 +198,15 @@ def test_integers_beyond_int64_are_refused_with_the_key(tmp_path, key, value):
         assert "Input should be less than or equal" not in str(err)
 
 
+def test_an_integer_of_more_digits_than_python_reads_is_a_config_error(tmp_path):
+    """A TOML integer of over 4,300 digits raised a raw ValueError from the TOML reader."""
+    path = tmp_path / "digits.toml"
+    path.write_text(f"[training]\nrounds = {'9' * 5000}\n")
+    with pytest.raises(ConfigError, match=r"^config .*digits\.toml is not valid TOML: Exceeds the "
+                                          r"limit \(4300 digits\)[^;]*$"):
+        load_config(path)
+
+
 def test_k_below_n_is_needed_only_when_fedora_runs():
     assert parse_config({"data": {"num_clients": 2}, "fedora": {"k": 1}}).fedora.k == 1
     assert parse_config({"data": {"num_clients": 2}, "methods": ["local", "fedavg"]}).fedora.k == 2
