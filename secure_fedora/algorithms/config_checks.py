@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.errors import ToolkitError
-from secure_fedora.core.config import MAX_INT
+from secure_fedora.core.config import MAX_INT, MAX_SCALE
 
 __all__ = [
     "BASELINE_HYPERPARAMETERS",
@@ -52,13 +52,13 @@ class _Params(BaseModel):
 class FedProxParams(_Params):
     """FedProx: ``mu`` weighs the proximal term ``mu/2 ||w - w_global||^2``."""
 
-    mu: Annotated[float, Field(ge=0)] = 0.01
+    mu: Annotated[float, Field(ge=0, le=MAX_SCALE)] = 0.01
 
 
 class DittoParams(_Params):
     """Ditto: ``lam`` weighs ``lam/2 ||v_i - w_global||^2`` in the personalized objective."""
 
-    lam: Annotated[float, Field(ge=0)] = 0.1
+    lam: Annotated[float, Field(ge=0, le=MAX_SCALE)] = 0.1
 
 
 class APFLParams(_Params):
@@ -67,7 +67,7 @@ class APFLParams(_Params):
 
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.25
     adaptive: bool = True
-    alpha_lr: Annotated[float, Field(gt=0)] | None = None
+    alpha_lr: Annotated[float, Field(gt=0, le=MAX_SCALE)] | None = None
 
 
 class FedAMPParams(_Params):
@@ -77,7 +77,7 @@ class FedAMPParams(_Params):
 
     sigma: Annotated[float, Field(gt=0)] = 10.0
     self_weight: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    lam: Annotated[float, Field(ge=0)] = 1.0
+    lam: Annotated[float, Field(ge=0, le=MAX_SCALE)] = 1.0
 
 
 class IFCAParams(_Params):

@@ -44,7 +44,8 @@ __all__ = [
     "revalidate",
 ]
 
-#: Largest learning rate, weight decay and clip norm: torch takes them as float32 scalars (a
+#: Largest learning rate, weight decay, clip norm and baseline weight (FedProx's ``mu``,
+#: Ditto's and FedAMP's ``lam``, APFL's ``alpha_lr``): torch takes them as float32 scalars (a
 #: finite float beyond float32's range raised a RuntimeError mid-training) and a summary's
 #: sensitivity squares its clip (1e300 overflowed).
 MAX_SCALE = 1e6

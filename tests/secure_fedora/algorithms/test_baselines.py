@@ -237,6 +237,25 @@ def test_fedamp_messages_and_proximal_pull(clients):
     assert dist[8.0] < 0.8 * dist[0.0]
 
 
+@pytest.mark.parametrize("name, key", [("fedprox", "mu"), ("ditto", "lam"), ("fedamp", "lam"),
+                                       ("apfl", "alpha_lr")])
+def test_baseline_weights_beyond_float32_range_are_config_errors(clients, name, key):
+    """FedProx's mu, Ditto's and FedAMP's lam (1e300) failed mid-training, after setup (and
+    under DP after the round's releases were admitted), with torch's "value cannot be
+    converted to type float without overflow"; like the learning rate they are now at most
+    MAX_SCALE, refused when the config is read, naming the key."""
+    from secure_fedora.core.config import MAX_SCALE, ConfigError
+
+    doc = {"methods": [name], "baselines": {name: {key: 1e300}}}
+    with pytest.raises(ConfigError, match=rf"baselines\.{name}\.{key}: Input should be less "
+                                          r"than or equal to 1000000"):
+        parse_config(doc)
+    with pytest.raises(BaselineConfigError, match=rf"baselines\.{name}\.{key}"):
+        make_baseline(name, build_context(tiny(), clients), {key: 1e300})
+    method = make_baseline(name, build_context(tiny(), clients), {key: MAX_SCALE})
+    method.train_round(1, ALL)  # the largest value trains
+
+
 # --------------------------------------------------------------------------- IFCA
 
 
