@@ -255,7 +255,15 @@ def _prv_epsilon(history: History, delta: float, options: dict[str, float]) -> f
 
         acc = PRVAccountant()
         acc.history = [tuple(h) for h in history]
-        return float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))
+        try:
+            return float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))
+        except (ValueError, RuntimeError) as exc:
+            # Opacus's own limits of its discretization: a delta too small for float64 on the
+            # grid ("Floating point errors will dominate"), or a noise level too small for it
+            # ("Discrete mean differs significantly from continuous mean")
+            raise AccountingError(
+                f"the PRV accountant cannot evaluate this history at delta {delta:g} (Opacus: "
+                f"{exc}); use accountant='rdp' or 'pld'") from None
 
 
 @functools.lru_cache(maxsize=16)

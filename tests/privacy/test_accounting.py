@@ -66,6 +66,22 @@ def test_prv_refuses_histories_whose_grid_would_exhaust_memory():
         acc.epsilon(DELTA)
 
 
+@pytest.mark.parametrize("noise, rate, steps, delta, opacus", [
+    (1.0, 0.1, 20, 1e-20, "Floating point errors will dominate"),
+    (0.01, 1.0, 1, 9e-4, "Discrete mean differs significantly"),
+])
+def test_prv_names_what_opacus_cannot_discretize(noise, rate, steps, delta, opacus):
+    """A delta too small for PRV's grid (privacy.delta = 1e-20, which the config accepts) or
+    a noise level too small for it raised Opacus's raw ValueError / RuntimeError, a traceback
+    from `secure-fedora run`; it is an AccountingError naming PRV and the alternatives."""
+    acc = Accountant("prv")
+    acc.record(noise, rate, steps=steps)
+    with pytest.raises(AccountingError, match=rf"^the PRV accountant cannot evaluate this history "
+                                              rf"at delta {delta:g} \(Opacus: {opacus}.*"
+                                              r"use accountant='rdp' or 'pld'$"):
+        acc.epsilon(delta)
+
+
 def test_empty_history_and_epsilon_after_does_not_change_state():
     acc = Accountant()
     assert acc.epsilon(DELTA) == 0.0
