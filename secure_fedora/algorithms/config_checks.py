@@ -11,6 +11,7 @@ here for the same reason.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -28,7 +29,9 @@ __all__ = [
     "BaselineConfigError",
     "FedoraChecks",
     "IFCAChecks",
+    "MAX_SERIES_TERMS",
     "MethodChecks",
+    "series_terms",
     "validate_hyperparameters",
 ]
 
@@ -36,6 +39,18 @@ __all__ = [
 #: the 4096 slots of ``privacy.ckks.DEFAULT_PARAMETERS`` (a number here, so that reading a
 #: config does not load TenSEAL; a test keeps the two equal).
 CKKS_SUMMARY_VECTORS = 4096
+
+
+#: Most terms of the truncated propagation series a config may ask for (``propagation =
+#: "sparse"``): each term is a sparse product that torch's CPU kernel does not give back
+#: (measured: 20,000 terms held 0.7 GB), and past 10,000 terms building it takes minutes per
+#: hundred clients, where the exact factored operator builds in about a second.
+MAX_SERIES_TERMS = 16_384
+
+
+def series_terms(alpha: float, tolerance: float) -> int:
+    """Terms of the truncated series: its tail ``alpha^T <= tolerance / 4``."""
+    return 1 if alpha == 0.0 else max(1, math.ceil(math.log(tolerance / 4.0) / math.log(alpha)))
 
 
 class BaselineConfigError(ToolkitError, ValueError):
@@ -161,7 +176,8 @@ class FedoraChecks(MethodChecks):
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         """``fedora.k`` below the number of clients; under DP an accounted relatedness mode;
-        encrypted relatedness only where CKKS can pack every summary column."""
+        encrypted relatedness only where CKKS can pack every summary column; a truncated
+        series (``propagation = "sparse"``) of at most :data:`MAX_SERIES_TERMS` terms."""
         if cfg.fedora.k >= cfg.data.num_clients:
             raise ValueError(
                 f"fedora.k = {cfg.fedora.k} must be smaller than data.num_clients = "
@@ -173,6 +189,16 @@ class FedoraChecks(MethodChecks):
                 f"fedora.relatedness {cfg.fedora.relatedness!r} packs data.num_clients x fedora.q "
                 f"= {cfg.data.num_clients} x {cfg.fedora.q} = {vectors} summary columns, more "
                 f"than the {CKKS_SUMMARY_VECTORS} CKKS slots; lower fedora.q or data.num_clients")
+        f = cfg.fedora
+        if f.propagation == "sparse" and series_terms(f.alpha, f.propagation_tolerance) \
+                > MAX_SERIES_TERMS:
+            # found here, not at round 1 after gigabytes were held building it
+            raise ValueError(
+                f"fedora.propagation 'sparse' at fedora.alpha = {f.alpha:g} and "
+                f"fedora.propagation_tolerance = {f.propagation_tolerance:g} needs a series of "
+                f"{series_terms(f.alpha, f.propagation_tolerance):,} terms, more than "
+                f"{MAX_SERIES_TERMS:,}; use propagation 'factored' or 'dense' (exact), a "
+                "smaller alpha or a larger tolerance")
         if cfg.privacy.enabled and "noised" not in cfg.fedora.relatedness:
             raise ValueError(
                 f"fedora.relatedness {cfg.fedora.relatedness!r} releases summary information "

@@ -13,7 +13,6 @@ the dense one and sparse like the truncated one: the default above ``AUTO_DENSE_
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from secure_fedora.algorithms.config_checks import series_terms
 from secure_fedora.algorithms.factored import (
     FactoredPropagation,
     FactorTooDense,
@@ -132,11 +132,6 @@ class SeriesTooCostly(RelatednessError):
     """The truncated series would need more terms, or hold more entries per client, than the
     budget given to :func:`sparse_propagation_matrix` (``"auto"`` then takes the complete
     factored operator)."""
-
-
-def series_terms(alpha: float, tolerance: float) -> int:
-    """Terms of the truncated series: its tail ``alpha^T <= tolerance / 4``."""
-    return 1 if alpha == 0.0 else max(1, math.ceil(math.log(tolerance / 4.0) / math.log(alpha)))
 
 
 def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float, *,

@@ -504,3 +504,21 @@ def test_a_non_contiguous_theta_gives_the_rows_of_a_contiguous_one(mode):
         out = torch.zeros(view.shape)
         op.apply_rows(view, rows, out)
         assert torch.equal(out[rows], want[rows])
+
+
+def test_a_sparse_series_of_too_many_terms_is_refused_when_the_config_is_read():
+    """propagation = "sparse" at alpha 0.999999 asks for a series of 10.6 million terms:
+    accepted by the config, it was built at round 1 while torch's sparse product held about
+    40 KB per term, until the process was killed for memory. The config now refuses a series
+    beyond MAX_SERIES_TERMS, naming the keys; the exact operators stay available."""
+    from secure_fedora.algorithms.config_checks import MAX_SERIES_TERMS, series_terms
+    from secure_fedora.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fedora\.propagation 'sparse' at fedora\.alpha = "
+                                          r"0\.999999 and fedora\.propagation_tolerance = "
+                                          r"0\.0001 needs a series of 10,596,630 terms"):
+        parse_config({"fedora": {"propagation": "sparse", "alpha": 0.999999}})
+    assert series_terms(0.999, 1e-4) <= MAX_SERIES_TERMS
+    assert parse_config({"fedora": {"propagation": "sparse", "alpha": 0.999}})
+    for mode in ("dense", "factored", "auto"):
+        assert parse_config({"fedora": {"propagation": mode, "alpha": 0.999999}})
