@@ -333,8 +333,9 @@ class SecurityConfig(_Section):
 
     envelopes: bool = False
     #: Key store of a DP run's private keys (see :mod:`secure_fedora.secure.keystore`); ``None``:
-    #: the default store outside the run directory.
-    keystore: Annotated[str, Field(min_length=1)] | None = None
+    #: the default store outside the run directory. A path holds no NUL character (TOML can
+    #: write one; the file system refuses it).
+    keystore: Annotated[str, Field(min_length=1, pattern=r"^[^\x00]*$")] | None = None
 
 
 class EvaluationConfig(_Section):
@@ -413,7 +414,9 @@ class ExperimentConfig(_Section):
                 raise ValueError("data.validation 'private' needs privacy.enabled = true")
             return self
         for key, budget in p.overrides.items():
-            if not (key.isascii() and key.isdigit()) or int(key) >= d.num_clients:
+            # at most 19 digits: int() refuses 4,300, and no index reaches int64
+            if not (key.isascii() and key.isdigit()) or len(key) > 19 \
+                    or int(key) >= d.num_clients:
                 raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")
             if key != str(int(key)):  # "00" would name client 0 a second time
                 raise ValueError(f"privacy.overrides.{key}: write the client index as {int(key)}")

@@ -154,6 +154,10 @@ def _with(base, **sections):
         ({"seed": 2**40}, "seed"),
         (_with(DP, privacy={"sample_rate": 1e-9}), "privacy.sample_rate"),
         (_with(DP, privacy={"overrides": {"³": {"epsilon": 1.0}}}), "privacy.overrides"),
+        # int() refused the 5,000-digit index with a message naming no key
+        (_with(DP, privacy={"overrides": {"1" * 5000: {"epsilon": 1.0}}}), "privacy.overrides"),
+        # a NUL in the key store path was a raw ValueError traceback when the run opened it
+        ({"security": {"keystore": "keys\x00"}}, "security.keystore"),
         (_with(DP, training={"rounds": 2_000_000}), "training.rounds"),
         (_with(DP, privacy={"sample_rate": 0.01}, training={"rounds": 20_000, "local_epochs": 5}),
          "privacy.sample_rate"),
