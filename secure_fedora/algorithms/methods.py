@@ -12,18 +12,21 @@ Message boundaries: without an ``exchange`` (the default) nothing is copied or c
 one (the runtime attaches a :class:`secure_fedora.secure.transport.SecureExchange` under
 ``[security] envelopes = true``) every message entry whose key is a kind the exchange knows
 (:meth:`FederatedMethod.message_state`) is a signed, verified envelope: a rejected upload
-puts the server's last accepted row back, and the reply is absent from ``aggregate``'s
-``replies`` (the client did not take part); a rejected download of a tracked kind gives the
-client its last accepted copy (an untracked kind leaves the client out of the round).
+is discarded by the server (it keeps its last accepted row) and the reply is absent from
+``aggregate``'s ``replies`` (the client did not take part), while the client keeps what it
+trained, as a Flower client does (see :meth:`FederatedMethod.train_round`); a rejected
+download of a tracked kind gives the client its last accepted copy (an untracked kind leaves
+the client out of the round).
 Methods written before the contract may still override ``train_round`` and use
 :meth:`FederatedMethod.upload_rows` / :meth:`FederatedMethod.download_rows` directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -254,6 +257,11 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self.round_replied: int | None = None
         # Clients' held downloads from a checkpoint, until an exchange is attached.
         self._held_downloads: dict[str, Tensor] | None = None
+        # By upload kind: the clients whose row of that matrix (their own state) differs from
+        # the server's last accepted row (the exchange's), since an upload was rejected.
+        self._diverged: dict[str, set[int]] = {}
+        # Their server rows from a checkpoint, until an exchange is attached.
+        self._held_server_rows: dict[str, Any] | None = None
         # What trained the clients (batched engine or loop, with the reasons of fallbacks):
         # results.json's "training_engine" when the batched engine was asked for.
         self._engine_runs: dict[str, int] = {}
@@ -429,8 +437,15 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         merged with ``aggregate``'s statistics, and counts the accepted replies in
         :attr:`round_replied`. A round whose every upload was
         rejected is not aggregated (as on Flower): neither :meth:`round_statistics` nor
-        :meth:`aggregate` is called, and its statistics are
-        :func:`~secure_fedora.algorithms.contract.no_reply_statistics`."""
+        :meth:`aggregate` is called, :meth:`round_discarded` is, and its statistics are
+        :func:`~secure_fedora.algorithms.contract.no_reply_statistics`.
+
+        A rejected upload whose reply row is the client's own row of the upload matrix (e.g.
+        FEDORA's and FedAvg's ``theta``) is the client's state as on Flower, where a ClientApp
+        keeps what it trained whatever the server accepts: the server keeps its last accepted
+        row (the exchange's copy) and the client its trained row, which it starts the next
+        round from, is evaluated on and checkpoints. :meth:`aggregate` (and any server step
+        run under :meth:`server_view`) sees the server's rows."""
         rules = self.reply_rules
         label = self._label()
         messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
@@ -446,9 +461,42 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self.last_round = rnd
         self.round_replied = len(accepted)
         if not accepted:
+            self.round_discarded(rnd)
             return no_reply_statistics()
         stats = self.round_statistics(rnd, accepted)
-        return round_statistics_of(label, rnd, stats, self.aggregate(rnd, accepted))
+        with self.server_view():
+            update = self.aggregate(rnd, accepted)
+        return round_statistics_of(label, rnd, stats, update)
+
+    def round_discarded(self, rnd: int) -> None:
+        """Called when no reply of round ``rnd`` was accepted: the server's state is what it
+        was after the last aggregation. Default: nothing to do."""
+
+    def views_differ(self) -> bool:
+        """Whether some client's own row of an upload matrix differs from the server's last
+        accepted row (an upload was rejected since; :meth:`server_view` swaps them)."""
+        return self.exchange is not None and any(self._diverged.values())
+
+    @contextlib.contextmanager
+    def server_view(self) -> Iterator[None]:
+        """Inside: every upload matrix holds the server's last accepted row of every client
+        (the exchange's copy) where the client's own row differs (:meth:`views_differ`); the
+        clients' rows are put back on exit. Copies only those clients' rows."""
+        if not self.views_differ():
+            yield
+            return
+        uploads = self.upload_state()
+        own: list[tuple[Tensor, Tensor]] = []
+        for kind, clients in self._diverged.items():
+            matrix, store = uploads[kind], self.exchange.server_rows[kind]
+            for i in sorted(clients):
+                own.append((matrix[i], matrix[i].clone()))
+                matrix[i].copy_(store[i])
+        try:
+            yield
+        finally:
+            for row, value in own:
+                row.copy_(value)
 
     def eval_row(self, i: int) -> Tensor:
         """The parameters on which client ``i`` is evaluated (its personalized model):
@@ -516,12 +564,19 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
 
     def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
         """Reply entries of the upload kinds :meth:`message_state` names travel as signed
-        envelopes; a client with any rejected upload is absent from the result."""
+        envelopes; a client with any rejected upload is absent from the result. A client
+        whose reply row is its own row of the matrix keeps it when it is not accepted (the
+        server keeps its last accepted row: :meth:`train_round`)."""
         if self.exchange is None or not replies or not self._round_envelopes():
             return dict(replies)
         uploads = self.upload_state()
         accepted = dict(replies)
         for kind, matrix in uploads.items():
+            diverged = self._diverged.setdefault(kind, set())
+            own = {i for i, r in replies.items()
+                   if kind in r and r[kind].data_ptr() == matrix[i].data_ptr()}
+            # a client already left out by an earlier kind's rejection sends nothing of this one
+            diverged.update(i for i in own if i not in accepted)
             senders = [i for i, r in accepted.items() if kind in r]
             if not senders:
                 continue
@@ -529,7 +584,15 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 row = accepted[i][kind]
                 if row.data_ptr() != matrix[i].data_ptr():
                     matrix[i].copy_(row)
+            self.exchange.rejected_rows = {}  # an override may not call the exchange
             ok = set(self.upload_rows(rnd, matrix, senders, kind=kind))
+            kept = self.exchange.rejected_rows
+            for i in senders:
+                if i in ok:
+                    diverged.discard(i)
+                elif i in own and i in kept:
+                    matrix[i].copy_(kept[i])
+                    diverged.add(i)
             accepted = {i: r for i, r in accepted.items() if kind not in r or i in ok}
         return accepted
 
@@ -584,10 +647,16 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The in-process checkpoint: every client's ``theta`` row, the server state and,
-        with an exchange, every client's last accepted download of each tracked kind."""
+        with an exchange, every client's last accepted download of each tracked kind and the
+        server's last accepted upload rows where a client's own row differs."""
         state = {"theta": self.theta, **self.server_state_dict()}
         if self.exchange is not None and self.exchange.client_rows:
             state["held_downloads"] = dict(self.exchange.client_rows)
+        if self.views_differ():  # the server's rows where the clients' own rows differ
+            state["server_rows"] = {
+                kind: {"clients": torch.tensor(sorted(ids), dtype=torch.int64),
+                       "rows": self.exchange.server_rows[kind][sorted(ids)]}
+                for kind, ids in self._diverged.items() if ids}
         if self.training_engine_results():  # so a resumed run reports the whole run's counts
             state["training_engine"] = {"runs": dict(self._engine_runs),
                                         "fallbacks": dict(self._engine_fallbacks)}
@@ -599,6 +668,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         _load_matrix(self.theta, state["theta"], "theta")
         self.load_server_state_dict(state)
         self._held_downloads = state.get("held_downloads")
+        self._held_server_rows = state.get("server_rows")
         engine = state.get("training_engine")
         if engine is not None:
             runs, fallbacks = engine.get("runs"), engine.get("fallbacks")
@@ -620,6 +690,20 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             for kind, rows in held.items():
                 _load_matrix(exchange.client_rows[kind], rows, f"held_downloads.{kind}")
             self._held_downloads = None
+        self._diverged = {}
+        for kind, entry in (self._held_server_rows or {}).items():
+            store = exchange.server_rows.get(kind) if isinstance(kind, str) else None
+            ids = entry.get("clients") if isinstance(entry, dict) else None
+            if store is None or not isinstance(ids, Tensor) or ids.dim() != 1 \
+                    or ids.dtype != torch.int64 or not all(0 <= i < store.shape[0]
+                                                           for i in ids.tolist()):
+                raise ValueError(f"checkpoint field 'server_rows.{kind}' does not name clients "
+                                 "of a tracked upload kind")
+            rows = store[ids]
+            _load_matrix(rows, entry.get("rows"), f"server_rows.{kind}")
+            store[ids] = rows
+            self._diverged[kind] = set(ids.tolist())
+        self._held_server_rows = None
         self.exchange = exchange
 
     def extra_results(self) -> dict[str, Any]:
@@ -1255,10 +1339,34 @@ class Fedora(FedoraChecks, FederatedMethod):
         }
 
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
-        """The accepted rows become the server's; then ``phi <- P theta`` (:meth:`propagate`)."""
+        """The accepted rows become the server's; then ``phi <- P theta`` (:meth:`propagate`)
+        over the server's rows. While a client's own row differs from the server's (its
+        upload was rejected), every ``phi`` row is computed now, from the server's rows
+        (:meth:`~FederatedMethod.server_view`), and ``phi`` is checkpointed."""
         _absorb(self.theta, replies, KIND_THETA)
         self.propagate(rnd, list(replies))
+        self._phi_from_server_view()
         return {}
+
+    def round_discarded(self, rnd: int) -> None:
+        """No upload of the round was accepted, so the server's rows are those of the last
+        propagation: the ``phi`` rows still pending are computed from them now (the clients'
+        training changed ``theta`` since, and a rejected client keeps its own row)."""
+        if self._phi_pending is None or self.theta._version == self._phi_theta_version:
+            return
+        with self.server_view():
+            self._phi_theta_version = self.theta._version
+            self._phi_from_server_view(every_row=True)
+
+    def _phi_from_server_view(self, every_row: bool = False) -> None:
+        """Inside :meth:`~FederatedMethod.server_view` (or without a difference of views):
+        compute every pending ``phi`` row when the clients' rows will differ from the
+        server's afterwards (or ``every_row``); ``phi`` is then not ``P @ theta``."""
+        if not (every_row or self.views_differ()):
+            return
+        self.phi  # noqa: B018 - reading phi computes every pending row
+        if self.views_differ():
+            self._phi_is_propagated = False
 
     def regularization(self, i: int, phi: Tensor | None = None) -> float:
         """``lambda_i`` from client ``i``'s validation data (exact, or accounted and noised)
@@ -1335,7 +1443,8 @@ class Fedora(FedoraChecks, FederatedMethod):
                 f"{new_summary_overlaps.shape[0]} overlap blocks for {self.ctx.num_clients} clients")
         row = fedora.attach_row(new_summary_overlaps, self.tau, self.k)
         w = self.relatedness.operator.combine(row)
-        return w.to(self.theta.dtype).to(self.theta.device) @ self.theta
+        with self.server_view():
+            return w.to(self.theta.dtype).to(self.theta.device) @ self.theta
 
     # ------------------------------------------------------------------ state
     def server_state_dict(self) -> dict[str, Any]:

@@ -718,7 +718,9 @@ class SecureExchange:
     of every client. :meth:`upload_rows` sends the participants' rows of a method matrix,
     copies accepted rows into the server's copy and puts the server's copy back into the
     matrix (in place) for every rejected upload: that client counts as a non-participant of
-    the round (its update of this round is discarded on both sides).
+    the round (the server discards its update; a method whose matrix is also the clients' own
+    state gives the client its row back from :attr:`rejected_rows`, as a Flower client keeps
+    its own state: :class:`~secure_fedora.algorithms.methods.FederatedMethod`).
 
     Download kinds: :meth:`download_rows` sends one tensor to each recipient. For a *tracked*
     kind (``client_rows[kind]``) each client remembers its last accepted row and falls back to
@@ -756,6 +758,9 @@ class SecureExchange:
         self.last_round = _check_int(last_round, "last_round")
         self.server_rows: dict[str, Tensor] = {}
         self.client_rows: dict[str, Tensor] = {}
+        # The rows the rejected participants of the latest upload_rows call sent (copies,
+        # theirs only), before the server's copy was put back into the matrix.
+        self.rejected_rows: dict[int, Tensor] = {}
         for kind, matrix in (uploads or {}).items():
             self.server_rows[kind] = self._snapshot(kind, matrix)
         for kind, matrix in (downloads or {}).items():
@@ -819,7 +824,9 @@ class SecureExchange:
 
         Accepted rows become the server's copy. The row of every rejected participant is
         restored in ``matrix`` (in place) to the server's last accepted value: that client
-        counts as a non-participant of round ``rnd``. ``check`` may reject decoded values
+        counts as a non-participant of round ``rnd``; the row it sent is kept (a copy, of the
+        rejected rows only) in :attr:`rejected_rows` until the next call, for a caller whose
+        matrix is also the clients' own state. ``check`` may reject decoded values
         (:class:`InvalidValueError`). Returns the accepted participants, in the order given.
         """
         store = self._store(self.server_rows, kind, "upload")
@@ -831,6 +838,7 @@ class SecureExchange:
         for i, row in rows.items():
             store[i].copy_(row)
             matrix[i].copy_(row)
+        self.rejected_rows = {r.client: matrix[r.client].clone() for r in rejections}
         for r in rejections:
             matrix[r.client].copy_(store[r.client])
         self.rejections.extend(rejections)

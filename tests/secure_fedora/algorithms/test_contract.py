@@ -310,6 +310,74 @@ def test_enveloped_fedora_resumes_with_the_clients_held_downloads(tmp_path, monk
     assert torch.equal(resumed.methods["fedora"].theta, full.methods["fedora"].theta)
 
 
+
+@pytest.mark.parametrize("propagation", ["dense", "sparse"])
+def test_a_client_whose_upload_was_rejected_keeps_its_row_across_a_resume(
+        tmp_path, monkeypatch, propagation):
+    """Client 0's round-1 upload and every round-2 upload are rejected: the server keeps its
+    last accepted rows, each client its trained row (as on Flower). A sparse operator's
+    pending phi rows after the round nobody was accepted in used to raise RuntimeError
+    ('requested after theta changed') in round 3; a resume from either round's checkpoint
+    restores both views and ends as the uninterrupted run."""
+    from secure_fedora.secure import transport as transport_module
+
+    real_init = transport_module.SecureExchange.__init__
+
+    def tamper(kind, rnd, client, message):
+        if kind == "theta" and (rnd == 2 or (client, rnd) == (0, 1)):
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):
+        real_init(self, transport, **{**kwargs, "channel": tamper})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    cfg = _config("fedora", fedora={"k": 1, "propagation": propagation},
+                  security={"envelopes": True},
+                  training={"rounds": 4, "checkpoint_every": 1, "participation": 0.5})
+    clients = build_clients(cfg)
+    same: list[bool] = []  # after each round: client 0's own row is the server's
+    views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the clients' and the server's
+
+    def watch(name, rnd, total):
+        m = full.methods["fedora"]
+        same.append(torch.equal(m.theta[0], m.exchange.server_theta[0]))
+        views[rnd] = (m.theta.clone(), m.exchange.server_theta.clone())
+
+    full = Simulation(cfg, tmp_path / "full", clients=clients, progress=watch)
+    full.run()
+    method = full.methods["fedora"]
+    rejected = sorted((r.round, r.client) for r in method.exchange.rejections)
+    assert rejected == [(1, 0), (2, 1), (2, 2)]  # participants: [0, 2], [1, 2], [0, 2], [0, 1]
+    assert [row["replied"] for row in full.history] == [1, 0, 2, 2]
+    # client 0 keeps its round-1 row (not the server's) until its round-3 upload is accepted
+    assert same == [False, False, True, True]
+
+    class Stop(Exception):
+        pass
+
+    for stop_at in (1, 2):
+        def stop(method_name, rnd, total, stop_at=stop_at):
+            if rnd == stop_at:
+                raise Stop
+
+        cut = Simulation(cfg, tmp_path / f"cut{stop_at}", clients=clients, progress=stop)
+        with pytest.raises(Stop):
+            cut.run()
+        resumed = Simulation(cfg, tmp_path / f"cut{stop_at}", clients=clients)
+
+        def check(name, rnd, total, sim=resumed):  # every resumed round's views are the run's
+            m = sim.methods["fedora"]
+            assert torch.equal(m.theta, views[rnd][0]), rnd
+            assert torch.equal(m.exchange.server_theta, views[rnd][1]), rnd
+
+        resumed.progress = check
+        resumed.run(resume=True)
+        ours = resumed.methods["fedora"]
+        assert torch.equal(ours.theta, method.theta), stop_at
+        assert torch.equal(ours.exchange.server_theta, method.exchange.server_theta), stop_at
+        assert torch.equal(ours.phi, method.phi), stop_at
+
 class _Sealed(torch.Tensor):
     """A tensor whose values no torch operation may read (its shape is public): reading them
     fails the test."""

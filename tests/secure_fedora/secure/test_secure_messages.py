@@ -387,8 +387,10 @@ def test_rejected_baseline_upload_makes_the_client_a_non_participant(tmp_path, t
     assert torch.equal(attacked.global_params, reference.global_params)
     assert [(r.client, r.round, r.reason) for r in attacked.exchange.rejections] == [
         (1, 1, "payload_hash_mismatch")]
-    uploaded = attacked.message_state()[0]["theta"]
-    assert torch.equal(uploaded[1], attacked.ctx.init)  # the server keeps its last accepted row
+    # the server keeps its last accepted row; the client keeps the row it trained (its
+    # state, as a Flower client's)
+    assert torch.equal(attacked.exchange.server_rows["theta"][1], attacked.ctx.init)
+    assert not torch.equal(attacked.message_state()[0]["theta"][1], attacked.ctx.init)
     assert attacked.extra_results()["security"]["rejections"][0]["client"] == 1
 
 
