@@ -123,6 +123,7 @@ def make_baseline(
     *,
     validation: str = "public",
     cls: type[FederatedMethod] | None = None,
+    label: str | None = None,
 ) -> FederatedMethod:
     """Instantiate baseline ``name`` (as ``cls``, default the built-in class of that name: a
     subclass, e.g. a plug-in deriving from the baseline, keeps its overrides) on ``ctx`` with
@@ -131,10 +132,11 @@ def make_baseline(
     ``cfg_section`` is that method's own mapping (e.g. ``{"mu": 0.1}`` for FedProx); missing
     keys take the defaults in :data:`BASELINE_HYPERPARAMETERS`. ``validation`` is the config's
     ``data.validation`` ("public" or "private"); only IFCA uses it (it refuses to pick
-    clusters on private validation data). Raises :class:`BaselineConfigError` for an unknown
-    name, an unknown key or a bad value.
+    clusters on private validation data). ``label`` names the section in errors (default
+    ``name``). Raises :class:`BaselineConfigError` for an unknown name, an unknown key or a
+    bad value.
     """
-    params = validate_hyperparameters(name, cfg_section)
+    params = validate_hyperparameters(name, cfg_section, label=label)
     if validation not in ("public", "private"):
         raise BaselineConfigError(f"validation must be 'public' or 'private'; got {validation!r}")
     classes: dict[str, type[FederatedMethod]] = {
@@ -316,13 +318,29 @@ class _Baseline(BaselineChecks):
 
     name: str
 
+    #: The ``[baselines.<name>]`` section the method was built from (:meth:`from_config`).
+    hyperparameters_section: str | None = None
+
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
-        """This class (a subclass keeps its overrides) with the config's
-        ``[baselines.<name>]`` hyper-parameters (defaults for missing keys) and
-        ``data.validation``."""
-        return make_baseline(cls.name, ctx, cfg.baselines.get(cls.name),
-                             validation=cfg.data.validation, cls=cls)
+        """This class (a subclass keeps its overrides) with the hyper-parameters of its own
+        ``[baselines.<name>]`` section (:meth:`config_section`: a subclass registered under
+        its own name reads that name's section, never its parent's; defaults for missing
+        keys) and ``data.validation``."""
+        section = cls.config_section()
+        method = make_baseline(cls.baseline_kind(), ctx, cfg.baselines.get(section),
+                               validation=cfg.data.validation, cls=cls, label=section)
+        method.hyperparameters_section = section  # type: ignore[attr-defined]
+        return method
+
+    def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
+        """The parent's results; a method whose section is not its baseline's (a subclass
+        registered under its own name) adds ``hyperparameters_section``, the section it read."""
+        out = super().server_finalize(replies)  # type: ignore[misc]
+        section = self.hyperparameters_section
+        if section is not None and section != self.baseline_kind():
+            out = {**out, "hyperparameters_section": f"baselines.{section}"}
+        return out
 
 
 # --------------------------------------------------------------------------- FedProx
@@ -660,9 +678,11 @@ class APFL(_GlobalModelMethod):
 
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
         """``alpha``: the clients' mixing weights in client order (6 decimals)."""
+        base = super().server_finalize(replies)
         if not self.report_alpha:
-            return {"alpha": "not released: learned without DP noise, it stays on the clients"}
-        return {"alpha": [round(float(replies[i]["alpha"]), 6) for i in sorted(replies)]}
+            return {**base,
+                    "alpha": "not released: learned without DP noise, it stays on the clients"}
+        return {**base, "alpha": [round(float(replies[i]["alpha"]), 6) for i in sorted(replies)]}
 
 
 # --------------------------------------------------------------------------- FedAMP
@@ -974,7 +994,7 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
     def check_model_size(cls, cfg: Any, num_params: int, dtype: torch.dtype) -> None:
         """Refuse more clusters than one message can carry: every message holds all the
         cluster models (:meth:`largest_cluster_count`)."""
-        k = validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))["num_clusters"]
+        k = cls.hyperparameters(cfg)["num_clusters"]
         _check_cluster_count(k, num_params, dtype)
 
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
@@ -1031,7 +1051,7 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
         is missing keeps the choice of its latest accepted round reply, -1 if none)."""
         for i, k in self._valid_choices(replies).items():
             self.assignment[i] = k
-        return {"assignment": self.assignment.tolist()}
+        return {**super().server_finalize(replies), "assignment": self.assignment.tolist()}
 
     def message_state(self) -> MessageState | None:
         """Uploads: model rows and cluster choices (an (N, 1) float matrix); the K cluster

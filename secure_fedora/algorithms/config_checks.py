@@ -121,10 +121,13 @@ BASELINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 """Default hyper-parameters of every baseline, ``{method: {key: default}}``."""
 
 
-def validate_hyperparameters(name: str, section: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The full hyper-parameter dict of baseline ``name``: defaults overridden by ``section``.
+def validate_hyperparameters(name: str, section: Mapping[str, Any] | None, *,
+                             label: str | None = None) -> dict[str, Any]:
+    """The full hyper-parameter dict of baseline ``name``: defaults overridden by ``section``
+    (the config's ``[baselines.<label>]``, ``label`` defaulting to ``name``: a plug-in
+    registered as a subclass of a baseline has its own section, with the baseline's keys).
 
-    Raises :class:`BaselineConfigError` naming the method and key for an unknown method, an
+    Raises :class:`BaselineConfigError` naming the section and key for an unknown method, an
     unknown key or a bad value.
     """
     if name not in _PARAMS:
@@ -142,7 +145,7 @@ def validate_hyperparameters(name: str, section: Mapping[str, Any] | None) -> di
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "(section)"
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"baselines.{name}.{key}: {msg}")
+            problems.append(f"baselines.{label or name}.{key}: {msg}")
         raise BaselineConfigError("; ".join(problems)) from None
 
 
@@ -207,22 +210,63 @@ class FedoraChecks(MethodChecks):
 
 
 class BaselineChecks(MethodChecks):
-    """The config hooks every baseline shares: ``[baselines.<name>]`` checked against it."""
+    """The config hooks every baseline shares: ``[baselines.<section>]`` checked against it.
+
+    A class registered under its own name (a plug-in deriving from a baseline) reads the
+    section of that name (:meth:`config_section`), with the keys of the baseline it derives
+    from (:meth:`baseline_kind`); the parent's section never applies to it."""
 
     name: ClassVar[str]
 
     @classmethod
+    def baseline_kind(cls) -> str:
+        """The built-in baseline whose hyper-parameters this class takes: the nearest class
+        of its MRO whose own ``name`` is a baseline's (its ``name`` otherwise)."""
+        for klass in cls.__mro__:
+            own = vars(klass).get("name")
+            if isinstance(own, str) and own in _PARAMS:
+                return own
+        return cls.name
+
+    @classmethod
+    def config_section(cls) -> str:
+        """The name of the ``[baselines.<name>]`` section this class reads: its own ``name``
+        when that is a baseline's, else the one name it is registered under in the method
+        registry (``cls.name`` when it is not registered). A class registered under several
+        names is refused (:class:`BaselineConfigError`): which section applies would be a
+        guess."""
+        own = vars(cls).get("name")
+        if isinstance(own, str) and own in _PARAMS:
+            return own
+        from secure_fedora.core.registry import METHODS
+
+        names = METHODS.names_of(cls)
+        if len(names) > 1:
+            raise BaselineConfigError(
+                f"{cls.__name__} is registered as {names}, so which [baselines.<name>] section "
+                "it reads is ambiguous; register one subclass per name")
+        return names[0] if names else cls.name
+
+    @classmethod
+    def hyperparameters(cls, cfg: Any) -> dict[str, Any]:
+        """The validated hyper-parameters of :meth:`config_section` in ``cfg`` (defaults for
+        missing keys)."""
+        section = cls.config_section()
+        return validate_hyperparameters(cls.baseline_kind(), cfg.baselines.get(section),
+                                        label=section)
+
+    @classmethod
     def check_config(cls, cfg: Any) -> None:
-        """Raise :class:`BaselineConfigError` naming the key when ``[baselines.<name>]`` has an
-        unknown key or a bad value."""
-        validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
+        """Raise :class:`BaselineConfigError` naming the key when the method's section
+        (:meth:`config_section`) has an unknown key or a bad value."""
+        cls.hyperparameters(cfg)
 
     @classmethod
     def check_hyperparameters(cls, section: Mapping[str, Any] | None) -> None:
         """Raise :class:`BaselineConfigError` naming the key when ``section`` (the config's
-        ``[baselines.<name>]``) has an unknown key or a bad value (what the config asks the
-        registered method when it reads the file)."""
-        validate_hyperparameters(cls.name, section)
+        ``[baselines.<name>]`` of this method) has an unknown key or a bad value (what the
+        config asks the registered method when it reads the file)."""
+        validate_hyperparameters(cls.baseline_kind(), section, label=cls.config_section())
 
 
 class IFCAChecks(BaselineChecks):
@@ -234,8 +278,7 @@ class IFCAChecks(BaselineChecks):
     def check_config(cls, cfg: Any) -> None:
         """Also refuse the cluster choices no accountant covers: by training loss under DP,
         by validation loss when validation data is private."""
-        super().check_config(cfg)
-        params = validate_hyperparameters(cls.name, cfg.baselines.get(cls.name))
+        params = cls.hyperparameters(cfg)
         if params["selection_split"] == "train" and cfg.privacy.enabled:
             raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
         if params["selection_split"] == "val" and cfg.data.validation != "public":

@@ -159,6 +159,11 @@ class Registry(Generic[T]):
             return declared(table[name], attribute)
         return declared(self.get(name), attribute)
 
+    def names_of(self, obj: Any) -> list[str]:
+        """Every name ``obj`` itself is registered under, in registration order."""
+        self._load()
+        return [n for n, entry in self._entries.items() if entry is obj]
+
     def get(self, name: str) -> T:
         """The implementation registered as ``name``; :class:`RegistryError` listing the
         available names otherwise."""

@@ -487,7 +487,8 @@ def test_a_plug_in_deriving_from_a_baseline_is_built_as_itself(clients, base):
     """A baseline's from_config built the built-in class of its name, so a method registered
     as a subclass of a baseline silently ran the baseline: its overrides (here a round
     statistic) never ran, in either runtime. It is now built as the registered class, with
-    the baseline's [baselines.<name>] hyper-parameters."""
+    the hyper-parameters of its own [baselines.<name>] section (the parent's section, here
+    with other values, configures the parent only), and its results name the section."""
     from secure_fedora.algorithms.contract import build_method, method_class
     from secure_fedora.core.registry import METHODS
 
@@ -498,15 +499,59 @@ def test_a_plug_in_deriving_from_a_baseline_is_built_as_itself(clients, base):
     name = f"plugged_{base}_x"
     section = {"fedprox": {"mu": 0.3}, "ditto": {"lam": 0.3}, "apfl": {"alpha": 0.3},
                "fedamp": {"sigma": 0.3}, "ifca": {"num_clusters": 2}}[base]
+    parents = {"fedprox": {"mu": 0.7}, "ditto": {"lam": 0.7}, "apfl": {"alpha": 0.7},
+               "fedamp": {"sigma": 0.7}, "ifca": {"num_clusters": 3}}[base]
     METHODS.register(name, Plugged)
     try:
-        cfg = tiny(methods=[name], baselines={base: section})
+        cfg = tiny(methods=[name], baselines={name: section, base: parents})
         method = build_method(name, build_context(cfg, clients), cfg)
+        only_parent = tiny(methods=[name], baselines={base: parents})
+        defaults = build_method(name, build_context(only_parent, clients), only_parent)
     finally:
         METHODS.unregister(name)
     assert type(method) is Plugged
     assert type(make_baseline(base, build_context(cfg, clients), section)) is method_class(base)
-    for key, value in section.items():  # the baseline's section, not its defaults
+    for key, value in section.items():  # its own section, not its parent's nor the defaults
         assert torch.all(torch.as_tensor(getattr(method, key), dtype=torch.float64) == value), key
+        default = BASELINE_HYPERPARAMETERS[base][key]  # the parent's section never applies
+        assert torch.all(torch.as_tensor(getattr(defaults, key), dtype=torch.float64) == default)
     method.setup()
     assert method.train_round(1, [0, 1])["plugged"] == 1.0
+    assert method.server_finalize({})["hyperparameters_section"] == f"baselines.{name}"
+
+
+def test_a_plug_in_baseline_section_is_checked_with_its_parents_keys(clients):
+    """[baselines.<plug-in>] is validated as its parent's fields, naming the section; an
+    unknown section name stays a ConfigError; a subclass with its own ``name`` attribute (once
+    refused as an 'unknown baseline') reads its section too; a class registered under two
+    names is refused rather than guessing which section applies."""
+    from secure_fedora.algorithms.contract import build_method
+    from secure_fedora.core.config import ConfigError
+    from secure_fedora.core.registry import METHODS
+
+    class MyProx(FedProx):
+        pass
+
+    class Named(FedProx):
+        name = "named_prox_x"
+
+    METHODS.register("my_prox_x", MyProx)
+    METHODS.register("named_prox_x", Named)
+    try:
+        with pytest.raises(ConfigError, match=r"baselines\.my_prox_x\.bogus: unknown key"):
+            tiny(methods=["my_prox_x"], baselines={"my_prox_x": {"bogus": 1}})
+        with pytest.raises(ConfigError, match=r"baselines\.my_prox_x\.mu"):
+            tiny(methods=["my_prox_x"], baselines={"my_prox_x": {"mu": -1.0}})
+        with pytest.raises(ConfigError, match="unknown baseline 'no_such_x'"):
+            tiny(methods=["my_prox_x"], baselines={"no_such_x": {"mu": 0.5}})
+        cfg = tiny(methods=["named_prox_x"], baselines={"named_prox_x": {"mu": 0.4}})
+        named = build_method("named_prox_x", build_context(cfg, clients), cfg)
+        assert named.mu == 0.4 and named.hyperparameters_section == "named_prox_x"
+        METHODS.register("my_prox_again_x", MyProx)
+        with pytest.raises(ConfigError, match="registered as .*ambiguous"):
+            tiny(methods=["my_prox_x"], baselines={"my_prox_x": {"mu": 0.5}})
+    finally:
+        for name in ("my_prox_x", "named_prox_x", "my_prox_again_x"):
+            METHODS.unregister(name)
+    fedprox = build_method("fedprox", build_context(tiny(), clients), tiny())
+    assert "hyperparameters_section" not in fedprox.server_finalize({})
