@@ -5,7 +5,9 @@ The server never holds client data. For a run it
 1. waits (bounded by ``connect-timeout``) until one SuperNode per client is online and sends
    every node a first-contact ``query.hello``: each verified reply names the client the node
    holds (``client-id``), its split sizes and the data schema (input shape, classes), which
-   every client must share; the server learns nothing else about the data;
+   every client must share; the server learns nothing else about the data (a node without
+   an accepted reply is asked once more; one still without stops the run, naming it and its
+   last event);
 2. for each method of ``cfg.methods`` builds the method's algorithm object through the
    method registry with a context that holds no client data
    (:func:`~secure_fedora.runtimes.flower.contexts.server_context`) and drives the method
@@ -435,10 +437,11 @@ def _first_contact(
     }
     ex = _exchange(grid, messages, _relatedness_wait(server), server.settings.poll_interval,
                    server.settings.max_in_flight)
+    client_at = {node: cid for cid, node in server.node_of_client.items()}  # known before
     for node, reason in ex.errors.items():
-        server.event(0, None, node, f"{message_type} failed: {reason}")
-    if ex.missing:
-        server.event(0, None, None, f"no {message_type} reply from nodes {ex.missing} in time")
+        server.event(0, client_at.get(node), node, f"{message_type} failed: {reason}")
+    for node in ex.missing:
+        server.event(0, client_at.get(node), node, f"no {message_type} reply in time")
     n = server.cfg.data.num_clients
     accepted: dict[int, tuple[Message, Envelope]] = {}
     seen: dict[int, int] = {}
@@ -500,12 +503,41 @@ def _ledger_went_back(before: Mapping[str, Any] | None, now: Mapping[str, Any]) 
     return None
 
 
-def _require_all(server: _Server, have: Any, nodes: list[int], what: str) -> None:
+def _last_events(server: _Server, clients: list[int], nodes: list[int]) -> str:
+    """The last event of the current scope (the first contact or a method) of each of
+    ``clients``, then of each of ``nodes`` that holds no known client, as
+    ``"client 1: ...; node 1002: ..."`` (empty when none has one)."""
+    method = None if server.scope == HELLO_SCOPE else server.scope
+    client_at = {node: cid for cid, node in server.node_of_client.items()}
+    last: dict[int, str] = {}
+    last_of_node: dict[int, str] = {}
+    for e in server.events:
+        if e.get("method") != method:
+            continue
+        cid = e.get("client")
+        cid = client_at.get(e.get("node")) if cid is None else cid
+        if cid is not None:
+            last[cid] = e["event"]
+        elif e.get("node") is not None:
+            last_of_node[e["node"]] = e["event"]
+    return "; ".join([f"client {c}: {last[c]}" for c in clients if c in last]
+                     + [f"node {nd}: {last_of_node[nd]}" for nd in nodes
+                        if nd in last_of_node and nd not in client_at])
+
+
+def _require_all(server: _Server, have: Any, nodes: list[int], what: str,
+                 asked_twice: bool = False) -> None:
+    """Stop the run unless every client is in ``have``: a DeployError naming the missing
+    clients, the nodes that never identified themselves and their last events."""
     absent = [c for c in range(server.cfg.data.num_clients) if c not in have]
     if absent:
+        unknown = [nd for nd in nodes if nd not in server.node_of_client.values()]
+        why = _last_events(server, absent, unknown)
         raise DeployError(
             f"the run needs every client's {what}; missing clients {absent} "
-            f"(nodes online: {nodes})"
+            f"({'asked twice; ' if asked_twice else ''}nodes online: {nodes}"
+            + (f"; no client identified at nodes {unknown}" if unknown else "") + ")"
+            + (f"; their last events: {why}" if why else "")
         )
 
 
@@ -613,7 +645,7 @@ def _encrypted_overlaps(
         _say(f"{server.scope}: key ceremony sent again to nodes {missed}")
         replies.update(_first_contact(grid, server, missed, MSG_CEREMONY,
                                       {"key-holder": holder})[0])
-    _require_all(server, replies, nodes, "identification")
+    _require_all(server, replies, nodes, "identification", asked_twice=bool(missed))
     reply, env = replies[holder]
     record = reply.content["ceremony"] if "ceremony" in reply.content else None
     public = record.get("public-context") if isinstance(record, ConfigRecord) else None
@@ -650,7 +682,7 @@ def _encrypted_overlaps(
             _say(f"{server.scope}: encrypted summary asked again of clients {wanted}")
         _take_uploads(grid, server, {cid: sealed[cid] for cid in wanted}, client_of, uploads,
                       envelopes, upload_bytes, val0, test0, timing)
-    _require_all(server, uploads, nodes, "encrypted summary")
+    _require_all(server, uploads, nodes, "encrypted summary", asked_twice=True)
     details["upload_bytes_per_client"] = [upload_bytes[c] for c in range(n)]
 
     # (c) the encrypted Gram rows, computed with the public context only
@@ -751,8 +783,32 @@ class _Replies:
 def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
     """First contact: which node holds which client, its split sizes and the data schema."""
     server.scope = HELLO_SCOPE
-    replies, timing = _first_contact(grid, server, nodes, MSG_HELLO, {})
     schemas: dict[int, DataSchema] = {}
+    timing: ExchangeTiming | None = None
+    for attempt in range(2):  # a node without an accepted reply is asked once more
+        wanted = [nd for nd in nodes
+                  if nd not in {server.node_of_client[cid] for cid in schemas}]
+        if len(schemas) == server.cfg.data.num_clients or not wanted:
+            break
+        if attempt:
+            _await_nodes(grid, server, wanted)
+            _say(f"first contact sent again to nodes {wanted}")
+        replies, hello_timing = _first_contact(grid, server, wanted, MSG_HELLO, {})
+        timing = timing or hello_timing
+        _take_hellos(server, replies, schemas)
+    _require_all(server, schemas, nodes, "identification", asked_twice=True)
+    distinct = set(schemas.values())
+    if len(distinct) > 1:
+        raise DeployError(f"the clients report different data schemas: {sorted(map(str, distinct))}")
+    server.schema = distinct.pop()
+    assert timing is not None
+    server.timings["hello"] = timing.to_json()
+
+
+def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
+                 schemas: dict[int, DataSchema]) -> None:
+    """Add each accepted hello reply's data schema to ``schemas`` and its split sizes to
+    ``server.sizes``; a malformed one is a rejection."""
     for cid, (reply, env) in sorted(replies.items()):
         info = reply.content["client"]
         try:
@@ -770,12 +826,6 @@ def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
             continue
         schemas[cid] = schema
         server.sizes[cid] = sizes
-    _require_all(server, schemas, nodes, "identification")
-    distinct = set(schemas.values())
-    if len(distinct) > 1:
-        raise DeployError(f"the clients report different data schemas: {sorted(map(str, distinct))}")
-    server.schema = distinct.pop()
-    server.timings["hello"] = timing.to_json()
 
 
 def _exchange_payloads(

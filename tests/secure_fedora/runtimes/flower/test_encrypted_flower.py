@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 from privacy.ckks import InnerProductUpload
 from privacy.envelope import (
@@ -537,7 +546,8 @@ def test_grid_tampered_ciphertexts_stop_relatedness_naming_the_client(
         reply.content["upload"] = ConfigRecord({"columns": [bytes(blob)]})
         return reply
 
-    with pytest.raises(DeployError, match=r"missing clients \[1\]"):
+    with pytest.raises(DeployError, match=r"missing clients \[1\] \(asked twice; .*their last "
+                                          r"events: client 1: message rejected \("):
         _grid_run(cfg, tmp_path / "a", tamper_reply={(1, 0, MSG_ENCRYPTED_SUMMARY): in_transit})
 
     def garbage_signed_by_client(request: Message, reply: Message) -> Message:
@@ -554,7 +564,9 @@ def test_grid_tampered_ciphertexts_stop_relatedness_naming_the_client(
     # rejected as malformed, and the run stops because relatedness needs every client.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="secure_fedora.security"):
-        with pytest.raises(DeployError, match=r"missing clients \[2\]"):
+        with pytest.raises(DeployError, match=r"missing clients \[2\] \(nodes online: .*their "
+                                              r"last events: client 2: message rejected "
+                                              r"\(malformed_payload: .*vector"):
             _grid_run(cfg, tmp_path / "b",
                       tamper_reply={(2, 0, MSG_ENCRYPTED_SUMMARY): garbage_signed_by_client})
     events = [getattr(r, "security_event", {}) for r in caplog.records]
@@ -667,3 +679,28 @@ def test_grid_a_key_holder_that_misses_the_decryption_twice_stops_the_run(tmp_pa
         _grid_run(enc_config(), tmp_path, run_config_over={"round-timeout": 0.3,
                                                            "connect-timeout": 0.3},
                   tamper_reply={(0, 0, MSG_DECRYPT): lambda q, r: None})
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("client", "kind", "what", "last"), [
+    (1, MSG_CEREMONY, "identification", "no query.ceremony reply in time"),
+    (2, MSG_ENCRYPTED_SUMMARY, "encrypted summary", "no encrypted summary in time"),
+    (1, MSG_ENCRYPTED_SUMMARY, "encrypted summary",
+     "encrypted summary failed: 1: RuntimeError: disk full"),
+])
+def test_grid_a_client_that_misses_a_ceremony_step_twice_is_named_with_its_last_event(
+    tmp_path: Path, client: int, kind: str, what: str, last: str,
+) -> None:
+    """The ceremony's "missing clients" errors named only the clients, while the setup
+    exchange's name each client's last event (its error reply, no reply in time)."""
+    def fail(request: Message, _reply: Message) -> Message:  # what Flower makes of a raise
+        return Message(Error(code=1, reason="RuntimeError: disk full"), reply_to=request)
+
+    lose = fail if "disk full" in last else (lambda q, r: None)
+    with pytest.raises(DeployError, match=(
+            rf"the run needs every client's {what}; missing clients \[{client}\] \(asked "
+            rf"twice; nodes online: \[1000, 1001, 1002\]\); their last events: client "
+            rf"{client}: {last}$")):
+        _grid_run(enc_config(), tmp_path, run_config_over={"round-timeout": 0.3,
+                                                           "connect-timeout": 0.3},
+                  tamper_reply={(client, 0, kind): lose})

@@ -1,4 +1,4 @@
-"""The setup and finalize exchanges on Flower survive one lost reply: the client is asked once
+"""The first contact, the setup and finalize exchanges on Flower survive one lost reply: the client is asked once
 more and answers from its saved state (under DP its summary is released, and accounted, once);
 a client that misses both is a DeployError naming it and its last event, never the method's
 error about a missing summary or a results list that silently lacks a client."""
@@ -17,6 +17,7 @@ from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import (
     MSG_EVALUATE,
     MSG_FINALIZE,
+    MSG_HELLO,
     MSG_SETUP,
     DeployError,
     RunSettings,
@@ -154,3 +155,47 @@ def test_a_lost_final_evaluation_reply_is_asked_again_without_dp(tmp_path: Path)
     expected = reference()
     for part in ("selected", "final"):
         assert results["methods"]["fedora"][part] == expected["methods"]["fedora"][part]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_lost_hello_reply_is_asked_again_and_the_run_equals_an_undisturbed_one(
+        tmp_path: Path) -> None:
+    """The first contact had no retry: one lost hello reply stopped the run ("missing
+    clients [1]"), naming no cause. The node is now asked once more, as in every other
+    exchange, and the run (sizes, node map, results) equals one without the loss."""
+    lost: list[Message] = []
+    cfg = tiny_config(rounds=1)
+    grid, run = _run(tmp_path, cfg, {(1, 0, MSG_HELLO): _lose(1, lost)})
+    results = run()
+    assert len(lost) == 1 and not grid.errors
+    assert sum(m.metadata.message_type == MSG_HELLO for m in grid.sent) == 4
+    assert [(e["method"], e["client"], e["node"], e["event"]) for e in results["events"]] == [
+        (None, None, 1001, "no query.hello reply in time")]
+    _, reference = _run(tmp_path / "ref", cfg, {})
+    expected = reference()
+    assert results["clients"] == expected["clients"]
+    assert results["node_of_client"] == expected["node_of_client"]
+    for part in ("selected", "final"):
+        assert results["methods"]["fedora"][part] == expected["methods"]["fedora"][part]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("node", "grid_over", "last"), [
+    (1001, {"tamper_reply": {(1, 0, MSG_HELLO): lambda q, r: None}},
+     "no query.hello reply in time"),
+    (1002, {"fail": {(2, 0): "node disk full"}}, "query.hello failed: 0: node disk full"),
+])
+def test_a_node_that_misses_the_first_contact_twice_stops_the_run_naming_it(
+        tmp_path: Path, node: int, grid_over: dict, last: str) -> None:  # type: ignore[type-arg]
+    rc = run_config(tiny_config(rounds=1), tmp_path, **{"round-timeout": 0.3,
+                                                         "connect-timeout": 0.3,
+                                                         "result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, **grid_over)
+    with pytest.raises(DeployError, match=(
+            rf"identification; missing clients \[{node - 1000}\] \(asked twice; nodes online: "
+            rf"\[1000, 1001, 1002\]; no client identified at nodes \[{node}\]\); their last "
+            rf"events: node {node}: {last}$")):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [m.metadata.dst_node_id for m in grid.sent] == [1000, 1001, 1002, node]
+    assert not (tmp_path / "res" / "results.json").exists()
+
