@@ -199,3 +199,61 @@ def test_a_node_that_misses_the_first_contact_twice_stops_the_run_naming_it(
     assert [m.metadata.dst_node_id for m in grid.sent] == [1000, 1001, 1002, node]
     assert not (tmp_path / "res" / "results.json").exists()
 
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_setup_release_redone_after_its_client_app_died_unsaved_is_accounted_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented over-count: client 1's ClientApp dies after its noised summary was
+    admitted and journaled but before its state (the saved answer) was written. Asked again,
+    it draws and accounts the summary once more: its ledger and journal record both draws,
+    its reported epsilon composes both (the plan has no room for the extra draw, so its round
+    release is refused: the budget holds), and the audit verifies, so the report states the
+    larger epsilon, never the one of a single draw."""
+    from audits.report import build_report
+    from audits.verify import verify_run
+    from privacy.identity import client_ids
+    from privacy.ledger import read_ledger
+    from secure_fedora.runtimes.flower.state import ClientRunState, ReleaseJournal
+
+    save = ClientRunState.save
+    died: list[int] = []
+
+    def dies_once(self: ClientRunState, path: Path) -> None:
+        if self.client_id == 1 and self.answered.get("setup") == 0 and not died:
+            died.append(1)
+            raise SystemError("ClientApp killed")  # an error reply: the server asks again
+        save(self, path)
+
+    monkeypatch.setattr(ClientRunState, "save", dies_once)
+    cfg = dp_config(rounds=1, noise="reproducible")
+    grid, run = _run(tmp_path, cfg, {})
+    results = run()
+    assert died == [1] and [(c, kind) for c, kind, _ in grid.errors] == [(1, MSG_SETUP)]
+    monkeypatch.setattr(ClientRunState, "save", save)
+    _, reference = _run(tmp_path / "ref", cfg, {})
+    expected = reference()
+    run_dir = tmp_path / "nodes" / "node-1" / "runs" / "42"
+    ledger = read_ledger(run_dir / "fedora" / "client-001.jsonl")
+    assert [e["mechanism"] for e in ledger] == ["gaussian_summary", "gaussian_summary",
+                                                 "refusal", "close"]
+    once = read_ledger(tmp_path / "ref" / "nodes" / "node-1" / "runs" / "42" / "fedora"
+                       / "client-001.jsonl")[0]
+    assert once["mechanism"] == "gaussian_summary"
+    assert ledger[0]["epsilon_after"] == once["epsilon_after"] < ledger[1]["epsilon_after"]
+    assert [e["kind"] for e in ReleaseJournal(run_dir / "releases.jsonl").entries()].count(
+        "fedora/setup") == 2
+    spent = [c["epsilon_spent"] for c in results["privacy"]["fedora"]["clients"]]
+    assert spent[1] == ledger[1]["epsilon_after"] <= 8.0
+    assert spent[0] == expected["privacy"]["fedora"]["clients"][0]["epsilon_spent"]
+    audit = tmp_path / "audit"
+    (audit / "ledgers" / "fedora").mkdir(parents=True)
+    shutil.copyfile(tmp_path / "res" / "results.json", audit / "results.json")
+    for c, cid in enumerate(client_ids(3)):
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl",
+                        audit / "ledgers" / "fedora" / f"{cid}.jsonl")
+    allowlist = tmp_path / "ids" / "server" / "allowlist.json"
+    report = verify_run(audit, allowlist=allowlist, anchor=tmp_path / "res" / "anchor.json")
+    assert report.errors == [], report.errors
+    budgets = {row["client_id"]: row for row in build_report(audit, verification=report)["budgets"]}
+    assert budgets["client-001"]["recorded_epsilon"] == spent[1]
+    assert budgets["client-001"]["independent_epsilon"] > once["epsilon_after"]
