@@ -342,24 +342,79 @@ class EvaluationConfig(_Section):
     every: PositiveInt = 1
 
 
+def _declares_bound(field: Any, *names: str) -> bool:
+    """Whether a pydantic field's constraints include one of ``names`` (``"le"``, ...)."""
+    return any(getattr(m, n, None) is not None for m in getattr(field, "metadata", ())
+               for n in names)
+
+
+def _plugin_number_problem(value: Any, key: str, field: Any = None) -> str | None:
+    """The first number of a plug-in method's validated parameters (``[baselines.<name>]``
+    through its ``params`` model, which the config does not control) that breaks the rules of
+    the built-in keys, as a message naming its key; None when all keep them. Integers are
+    within int64 (torch and numpy take them as such); floats are finite and, on each side
+    whose bound the plug-in's field does not declare itself (``le``/``lt`` above,
+    ``ge``/``gt`` below), at most :data:`MAX_SCALE` in magnitude, as the built-in weights
+    (torch takes them as float32 scalars)."""
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        for name in fields:
+            problem = _plugin_number_problem(getattr(value, name), f"{key}.{name}", fields[name])
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = enumerate(value)
+    elif isinstance(value, bool):
+        return None
+    elif isinstance(value, int):
+        if not -MAX_INT - 1 <= value <= MAX_INT:
+            return f"{key}: integers must be within int64 ({-MAX_INT - 1} to {MAX_INT})"
+        return None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return f"{key}: floats must be finite, got {value}"
+        if value > MAX_SCALE and not _declares_bound(field, "le", "lt"):
+            return (f"{key}: {value:g} is above {MAX_SCALE:g}, the largest a plug-in's float "
+                    f"may be unless its params model declares an upper bound (le/lt)")
+        if value < -MAX_SCALE and not _declares_bound(field, "ge", "gt"):
+            return (f"{key}: {value:g} is below {-MAX_SCALE:g}, the smallest a plug-in's float "
+                    f"may be unless its params model declares a lower bound (ge/gt)")
+        return None
+    else:
+        return None
+    for index, item in items:
+        problem = _plugin_number_problem(item, f"{key}.{index}")
+        if problem is not None:
+            return problem
+    return None
+
+
 def _check_method_section(name: str, section: Any) -> None:
     """Validate ``[baselines.<name>]`` against what method ``name`` declares in the method
     registry (the config never imports the methods): a pydantic model ``params`` (plug-ins),
     or a ``check_hyperparameters(section)`` classmethod (the built-in baselines). A name that
-    declares neither is refused, listing the methods that take hyper-parameters."""
+    declares neither is refused, listing the methods that take hyper-parameters. A ``params``
+    model's numbers must also keep the built-in keys' bounds (:func:`_plugin_number_problem`)."""
     from secure_fedora.core.registry import METHODS
 
     known_name = name in METHODS
     params = METHODS.declared(name, "params") if known_name else None
     if params is not None:
         try:
-            params.model_validate(section)
+            validated = params.model_validate(section)
         except ValidationError as err:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or '(section)'}: "
                 f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
                 for e in err.errors())
             raise ValueError(f"baselines.{name}: {problems}") from None
+        if isinstance(validated, BaseModel):
+            problem = _plugin_number_problem(validated, f"baselines.{name}")
+            if problem is not None:
+                raise ValueError(problem)
         return
     check = METHODS.declared(name, "check_hyperparameters") if known_name else None
     if check is not None:

@@ -270,6 +270,39 @@ def test_method_config_checks_come_from_the_method_class():
     assert issubclass(method_class("fedora"), Fedora)
 
 
+def test_a_plug_in_methods_parameters_keep_the_built_in_bounds():
+    """A plug-in's own ``params`` model need not bound its numbers: the config still refuses
+    an integer beyond int64 and a float that is not finite or beyond MAX_SCALE (unless the
+    field declares that bound itself), naming the key, instead of failing mid-run."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        count: int = 3
+        weight: float = 1.0
+        scale: float = Field(1.0, gt=0, le=1e30)
+        schedule: list[float] = []
+
+    def build(ctx: object, cfg: object) -> FedAvg:
+        return FedAvg(ctx)
+
+    build.params = Params  # type: ignore[attr-defined]
+    build.algorithm = FedAvg  # type: ignore[attr-defined]
+    METHODS.register("unbounded_params", build)
+    try:
+        for section, key in (({"count": 10**400}, "count"), ({"count": -2**63 - 1}, "count"),
+                             ({"weight": 1e300}, "weight"), ({"weight": -1e300}, "weight"),
+                             ({"weight": float("inf")}, "weight"),
+                             ({"schedule": [0.1, 1e300]}, "schedule.1")):
+            with pytest.raises(ConfigError, match=f"baselines.unbounded_params.{key}: "):
+                _config("unbounded_params", baselines={"unbounded_params": section})
+        cfg = _config("unbounded_params", baselines={"unbounded_params": {
+            "count": 2**63 - 1, "weight": -1e6, "scale": 1e29, "schedule": [0.5]}})
+        assert cfg.baselines["unbounded_params"]["scale"] == 1e29  # its own bound applies
+    finally:
+        METHODS.unregister("unbounded_params")
+
+
 def test_enveloped_fedora_resumes_with_the_clients_held_downloads(tmp_path, monkeypatch):
     """A client that rejected phi keeps its last accepted copy across a checkpoint resume."""
     from secure_fedora.secure import transport as transport_module
