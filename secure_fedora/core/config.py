@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -221,6 +222,18 @@ class TrainingConfig(_Section):
     # matched to their ledger entries: accounted once).
     # Not part of the config hash: it does not change results, so a resume may change it.
     checkpoint_every: PositiveInt | Literal["auto"] = "auto"
+
+    @field_validator("checkpoint_every", mode="wrap")
+    @classmethod
+    def _one_line_checkpoint_every(cls, value: Any, handler: Any) -> Any:
+        # one message for the union, not one per member
+        try:
+            return handler(value)
+        except ValidationError:
+            shown = ("an integer beyond that" if isinstance(value, int) and value > MAX_INT
+                     else f"{value!r:.60}")  # repr() of a 4,301-digit int raises
+            raise ValueError(f"must be \"auto\" or a number of rounds from 1 to {MAX_INT}, "
+                             f"got {shown}") from None
 
 
 class FedoraConfig(_Section):

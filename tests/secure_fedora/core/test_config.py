@@ -187,8 +187,8 @@ def test_integers_beyond_int64_are_refused_with_the_key(tmp_path, key, value):
     for section in sections:
         target = target.setdefault(section, {})
     target[name] = value
-    problem = (rf"{re.escape(key)}(\.constrained-int)?: Input should be less than or equal to "
-               "9223372036854775807")
+    problem = (rf"{re.escape(key)}: (Input should be less than or equal to|Value error, must be "
+               "\"auto\" or a number of rounds from 1 to) 9223372036854775807")
     with pytest.raises(ConfigError, match=problem):
         parse_config(doc)
     path = tmp_path / "big.toml"
@@ -200,6 +200,20 @@ def test_integers_beyond_int64_are_refused_with_the_key(tmp_path, key, value):
         parse_config(doc)
     except ConfigError as err:  # other checks may refuse it (the DP plan), not the bound
         assert "Input should be less than or equal" not in str(err)
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "sometimes", "Auto", None, [2], 2**63,
+                                   10**5000], ids=lambda v: f"{v!r:.12}" if v != 10**5000 else "10**5000")
+def test_a_bad_checkpoint_every_is_one_line_naming_the_key(value):
+    """checkpoint_every is a union (a count or "auto"): pydantic reported one line per member
+    (``training.checkpoint_every.constrained-int: ...`` and ``...literal['auto']: ...``)."""
+    with pytest.raises(ConfigError) as err:
+        parse_config({"training": {"checkpoint_every": value}})
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 1
+    assert lines[0].startswith('  training.checkpoint_every: Value error, must be "auto" or a '
+                               'number of rounds from 1 to 9223372036854775807, got ')
+    assert parse_config({"training": {"checkpoint_every": 3}}).training.checkpoint_every == 3
 
 
 def test_an_integer_of_more_digits_than_python_reads_is_a_config_error(tmp_path):
