@@ -36,6 +36,7 @@ from torch import nn
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
+    check_path_argument,
     load_config,
     parse_config,
     revalidate,
@@ -139,7 +140,7 @@ class Experiment:
         _refuse_two_sources(self.config, data, model)
         self.data = data
         self.model_factory = model
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(
+        self.run_dir = check_path_argument(run_dir, "run_dir") if run_dir is not None else Path(
             tempfile.mkdtemp(prefix=f"secure-fedora-{self.config.name}-"))
         self._clients: list[ClientData] | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,7 @@ __all__ = [
     "ExperimentConfig",
     "FedoraConfig",
     "TrainingConfig",
+    "check_path_argument",
     "config_document",
     "config_from_bytes",
     "config_hash",
@@ -58,6 +60,26 @@ AUTO_DENSE_MAX_CLIENTS = 256
 
 class ConfigError(ToolkitError, ValueError):
     """A configuration file that cannot be used; the message names the key and the problem."""
+
+
+def check_path_argument(value: str | os.PathLike[str], name: str) -> Path:
+    """``value``, a path given in Python (a run directory, a key store), as a :class:`Path`;
+    ConfigError naming ``name`` unless it is a string or path-like that is not empty or only
+    spaces and holds no NUL character (the rules of the CLI's ``--out`` and ``--keystore`` and
+    of ``security.keystore``: an empty path would mean the current directory, and the file
+    system refuses NUL only once something is written)."""
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a path (a str or os.PathLike), got "
+                          f"{type(value).__name__}") from None
+    if not isinstance(text, str):
+        raise ConfigError(f"{name} must be a text path, got {type(text).__name__}")
+    if not text.strip():
+        raise ConfigError(f"{name} is empty: name a directory")
+    if "\x00" in text:
+        raise ConfigError(f"{name} {text!r:.80} holds a NUL character, which no path may hold")
+    return Path(text)
 
 
 def _registered(registry_name: str) -> AfterValidator:

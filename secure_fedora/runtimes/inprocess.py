@@ -34,7 +34,13 @@ from secure_fedora.algorithms.contract import (
     round_mechanisms,
 )
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
-from secure_fedora.core.config import ExperimentConfig, config_hash, model_selection
+from secure_fedora.core.config import (
+    ExperimentConfig,
+    check_path_argument,
+    config_hash,
+    model_selection,
+    revalidate,
+)
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import (
     atomic_write_bytes,
@@ -729,11 +735,13 @@ class Simulation:
     ) -> None:
         from secure_fedora.learning.devices import apply_threads, resolve_device
 
-        self.cfg = cfg
+        # what the CLI and Experiment validate: a config derived with model_copy skipped it
+        self.cfg = cfg = revalidate(cfg)
+        self.run_dir = check_path_argument(run_dir, "run_dir")
+        self.keystore_override = (None if keystore is None
+                                  else check_path_argument(keystore, "keystore"))
         self.device = resolve_device(cfg)  # refuses an unusable device before any work
         apply_threads(cfg)
-        self.run_dir = Path(run_dir)
-        self.keystore_override = keystore
         unknown = sorted(set(inputs_outside_config) - {"data", "model"})
         if unknown:
             raise ValueError(f"inputs_outside_config may name 'data' and 'model', got {unknown}")

@@ -60,3 +60,12 @@ def test_an_experimentconfig_changed_by_model_copy_is_validated_again(tmp_path) 
     assert not (tmp_path / "run").exists()
     same = cfg.model_copy(update={"training": cfg.training.model_copy(update={"rounds": 3})})
     assert Experiment(same, run_dir=tmp_path / "run").config is same
+
+
+@pytest.mark.parametrize(("run_dir", "problem"), [("", "run_dir is empty"),
+                                                  ("runs/a\x00b", "run_dir .* NUL")])
+def test_a_run_dir_the_cli_would_refuse_is_a_config_error(run_dir, problem) -> None:
+    """An empty run_dir meant the current directory; one with a NUL character failed with a
+    raw ValueError once the run made its directory."""
+    with pytest.raises(ConfigError, match=problem):
+        Experiment(CONFIG, run_dir=run_dir)

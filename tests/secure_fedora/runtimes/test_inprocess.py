@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.core.config import ConfigError, config_hash, parse_config
 from secure_fedora.runtimes.inprocess import (
     CheckpointError,
     Simulation,
@@ -827,3 +827,25 @@ def test_a_round_nobody_was_admitted_to_is_evaluated_as_that_round(tmp_path, mon
     replied = rows[0].split(",").index("replied")
     assert [r.split(",")[replied] for r in rows[1:]] == ["5", "0"]
     assert asked == [1, 2]
+
+
+def test_simulation_validates_what_python_hands_it_like_the_cli(tmp_path, tiny_clients):
+    """Simulation is the Python API under Experiment and the CLI: a key store path with a NUL
+    character was a raw 'ValueError: embedded null byte' at the first method's ledgers (after
+    the run directory was made), an empty one meant the current directory, and a config
+    changed by model_copy (training.lr = -1) ran. Each is a ConfigError naming the argument
+    or key before anything is written."""
+    cfg = tiny(methods=["local"], privacy={"enabled": True, "epsilon": 50.0, "delta": 1e-3,
+                                           "noise_multiplier": 1.0, "noise": "reproducible"})
+    run = tmp_path / "run"
+    bad_lr = cfg.model_copy(update={"training": cfg.training.model_copy(update={"lr": -1.0})})
+    for kwargs, problem in (({"keystore": str(tmp_path / "keys\x00")}, "keystore .* NUL"),
+                            ({"keystore": " "}, "keystore is empty"),
+                            ({"run_dir": str(run) + "\x00"}, "run_dir .* NUL"),
+                            ({"run_dir": ""}, "run_dir is empty"),
+                            ({"cfg": bad_lr}, "training.lr")):
+        arguments = {"cfg": cfg, "run_dir": run, "clients": tiny_clients, **kwargs}
+        with pytest.raises(ConfigError, match=problem):
+            Simulation(**arguments).run()
+        assert not run.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
