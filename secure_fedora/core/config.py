@@ -180,6 +180,13 @@ class DataConfig(_Section):
             raise ValueError("data.dirichlet_alpha applies only to partition 'dirichlet'")
         if self.partition != "pathological" and self.classes_per_client is not None:
             raise ValueError("data.classes_per_client applies only to partition 'pathological'")
+        if self.classes_per_client is not None:
+            # the partitioner needs every class in each client's train and validation rows
+            for key in ("train_per_client", "val_per_client"):
+                if getattr(self, key) < self.classes_per_client:
+                    raise ValueError(f"data.{key} = {getattr(self, key)} must be at least "
+                                     f"data.classes_per_client = {self.classes_per_client} (one "
+                                     "row of each of a client's classes)")
         if self.groups is not None and self.groups > self.num_clients:
             raise ValueError(f"data.groups = {self.groups} must not exceed data.num_clients = "
                              f"{self.num_clients}")

@@ -349,21 +349,22 @@ def _uniform_partition(
     need = num_clients * (train_per_client + val_per_client)
     if need > n_train:
         raise DataError(
-            f"{num_clients} clients x ({train_per_client} train + {val_per_client} val) = {need} "
-            f"rows exceed the {n_train} rows of the train split"
+            f"data.num_clients = {num_clients} x (data.train_per_client = {train_per_client} + "
+            f"data.val_per_client = {val_per_client}) = {need} rows exceed the {n_train} rows of "
+            "the train split"
         )
     if test_per_client is None:
         test_per_client = n_test // num_clients
         if test_per_client == 0:
             raise DataError(
                 f"the test split ({n_test} rows) is too small to give each of {num_clients} "
-                "clients a test row"
+                "clients a test row (lower data.num_clients)"
             )
     else:
         test_per_client = _check_int("test_per_client", test_per_client, 0)
         if num_clients * test_per_client > n_test:
             raise DataError(
-                f"{num_clients} clients x {test_per_client} test = "
+                f"data.num_clients = {num_clients} x data.test_per_client = {test_per_client} = "
                 f"{num_clients * test_per_client} rows exceed the {n_test} rows of the test split"
             )
     rng = np.random.default_rng(seed)
@@ -471,13 +472,13 @@ def dirichlet_partition(
     n_train, n_test = int(source.train_y.shape[0]), int(source.test_y.shape[0])
     if num_clients * (train_per_client + val_per_client) > n_train:
         raise DataError(
-            f"{num_clients} clients x ({train_per_client} train + {val_per_client} val) exceed "
-            f"the {n_train} rows of the train split"
+            f"data.num_clients = {num_clients} x (data.train_per_client = {train_per_client} + "
+            f"data.val_per_client = {val_per_client}) exceed the {n_train} rows of the train split"
         )
     if num_clients * test_per_client > n_test:
         raise DataError(
-            f"{num_clients} clients x {test_per_client} test exceed the {n_test} rows of the "
-            "test split"
+            f"data.num_clients = {num_clients} x data.test_per_client = {test_per_client} "
+            f"exceed the {n_test} rows of the test split"
         )
     rng = np.random.default_rng(seed)
     train_pools = _ClassPools(source.train_y, rng, "train", num_classes)
@@ -505,7 +506,9 @@ def dirichlet_partition(
                 f"client {i}: no feasible Dir({alpha}) label proportions in "
                 f"{_DIRICHLET_MAX_DRAWS} draws; the remaining rows per class cannot supply "
                 f"{train_per_client} train + {val_per_client} val + {test_per_client} test rows. "
-                "Request fewer rows per client or fewer clients"
+                "Request fewer rows per client (data.train_per_client, data.val_per_client, "
+                "data.test_per_client), fewer clients (data.num_clients) or a larger "
+                "data.dirichlet_alpha"
             )
         clients.append(
             _make_client(
@@ -554,15 +557,16 @@ def pathological_partition(
     _single_labels(source, "pathological")
     num_classes = source.num_classes
     if c > num_classes:
-        raise DataError(f"classes_per_client must be <= {num_classes}, got {c}")
+        raise DataError(f"data.classes_per_client must be <= {num_classes}, got {c}")
     if train_per_client < c:
         raise DataError(
-            f"train_per_client ({train_per_client}) must be >= classes_per_client ({c}) so "
-            "every class appears in training"
+            f"data.train_per_client ({train_per_client}) must be >= data.classes_per_client "
+            f"({c}) so every class appears in training"
         )
     if 0 < val_per_client < c:
         raise DataError(
-            f"val_per_client ({val_per_client}) must be 0 or >= classes_per_client ({c})"
+            f"data.val_per_client ({val_per_client}) must be 0 or >= data.classes_per_client "
+            f"({c})"
         )
     rng = np.random.default_rng(seed)
     usage = np.zeros(num_classes, dtype=np.int64)
@@ -600,7 +604,8 @@ def pathological_partition(
             raise DataError(
                 f"class {k} of the {pools.split} split has {pools.remaining()[k]} rows but "
                 f"{int(usage[k])} clients need {int(demand[k])}; request fewer rows per client "
-                "or fewer clients"
+                "(data.train_per_client, data.val_per_client, data.test_per_client) or fewer "
+                "clients (data.num_clients)"
             )
     clients = []
     for i, (classes, (train_counts, val_counts, test_counts)) in enumerate(

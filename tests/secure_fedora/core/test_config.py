@@ -202,6 +202,17 @@ def test_integers_beyond_int64_are_refused_with_the_key(tmp_path, key, value):
         assert "Input should be less than or equal" not in str(err)
 
 
+@pytest.mark.parametrize(("sizes", "key"), [({"val_per_client": 1}, "data.val_per_client = 1"),
+                                             ({"train_per_client": 2}, "data.train_per_client = 2")])
+def test_a_pathological_split_too_small_for_its_classes_is_refused_by_the_config(sizes, key):
+    """Each client's train and validation rows hold one row of each of its classes: a smaller
+    split was accepted by the config and refused only once the data was loaded."""
+    data = {"partition": "pathological", "classes_per_client": 3, "test_per_client": 5, **sizes}
+    with pytest.raises(ConfigError, match=f"{key} must be at least data.classes_per_client = 3"):
+        parse_config({"data": data})
+    parse_config({"data": {**data, **{k: 3 for k in sizes}}})
+
+
 @pytest.mark.parametrize("value", [0, -3, 1.5, True, "sometimes", "Auto", None, [2], 2**63,
                                    10**5000], ids=lambda v: f"{v!r:.12}" if v != 10**5000 else "10**5000")
 def test_a_bad_checkpoint_every_is_one_line_naming_the_key(value):

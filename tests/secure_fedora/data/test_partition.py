@@ -360,3 +360,33 @@ def test_pathological_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     args.update(kwargs)
     with pytest.raises(DataError, match=message):
         pathological_partition(**args)
+
+
+@pytest.mark.parametrize(("partition", "extra", "sizes", "keys"), [
+    ("iid", {}, (7, 80, 10, 5), ("data.num_clients = 7", "data.train_per_client = 80",
+                                 "data.val_per_client = 10")),
+    ("rotation", {}, (5, 10, 5, 50), ("data.num_clients = 5", "data.test_per_client = 50")),
+    ("dirichlet", {"dirichlet_alpha": 1.0}, (7, 80, 10, 5),
+     ("data.num_clients = 7", "data.train_per_client = 80", "data.val_per_client = 10")),
+    ("pathological", {"classes_per_client": 1}, (20, 50, 10, 5),
+     ("data.train_per_client", "data.val_per_client", "data.num_clients")),
+])
+def test_a_federation_larger_than_the_data_names_the_config_keys(tmp_path, partition, extra,
+                                                                 sizes, keys) -> None:
+    """A config whose clients need more rows than the data holds is refused (before the run
+    directory is made) with the data keys to change; it said only '7 clients x (80 train +
+    10 val) exceed ...' or 'request fewer rows per client or fewer clients'."""
+    from secure_fedora.api import Experiment
+
+    num_clients, train, val, test = sizes
+    config = {"methods": ["local"], "training": {"rounds": 1},
+              "data": {"partition": partition, "num_clients": num_clients,
+                       "train_per_client": train, "val_per_client": val,
+                       "test_per_client": test, **extra}}
+    with pytest.raises(DataError) as err:
+        Experiment(config, data={"x_train": SOURCE["train"][0], "y_train": SOURCE["train"][1],
+                                 "x_test": SOURCE["test"][0], "y_test": SOURCE["test"][1]},
+                   run_dir=tmp_path / "run").run()
+    for key in keys:
+        assert key in str(err.value)
+    assert not (tmp_path / "run").exists()
