@@ -52,6 +52,7 @@ from secure_fedora.algorithms.contract import method_class  # noqa: E402
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext  # noqa: E402
 from secure_fedora.core.config import (  # noqa: E402
     ExperimentConfig,
+    check_path_argument,
     config_hash,
     load_config,
     model_selection,
@@ -625,7 +626,7 @@ def run_sweep(
     does not apply, a directory or cell written for another configuration, or a finished
     cell run on other data.
     """
-    out = Path(out)
+    out = check_path_argument(out, "out")  # not empty (the current directory), no NUL
     cells = plan_cells(methods, epsilons, seeds)
     configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
     _check_manifest(out, cfg, write=False)

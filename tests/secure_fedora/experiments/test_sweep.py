@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from secure_fedora.core.config import ExperimentConfig, load_config, parse_config
+from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config, parse_config
 from secure_fedora.core.errors import run_command
 from secure_fedora.experiments import sweep as sweep_mod
 from secure_fedora.experiments.sweep import (
@@ -283,6 +283,17 @@ def test_worse_than_local_is_not_available_without_local(tmp_path):
     assert all(r.worse_than_local is None for r in result.rows)
     assert "n/a" in (tmp_path / "sweep.md").read_text()
     assert aggregate({}) == []
+
+
+@pytest.mark.parametrize(("out", "problem"), [("", "out is empty"), ("sweep\x00", "out .* NUL")])
+def test_an_out_directory_the_file_system_cannot_hold_is_a_config_error(tmp_path, monkeypatch,
+                                                                         out, problem):
+    """A NUL in ``out`` raised a raw 'ValueError: embedded null byte' from the Python API, and
+    an empty one was taken for the current directory ('. is not a sweep directory')."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=problem):
+        run_sweep(tiny(), out, ["local"], [0])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_directory_of_another_config_is_refused(tmp_path):
