@@ -439,7 +439,9 @@ def _check_method_section(name: str, section: Any) -> None:
     registry (the config never imports the methods): a pydantic model ``params`` (plug-ins),
     or a ``check_hyperparameters(section)`` classmethod (the built-in baselines). A name that
     declares neither is refused, listing the methods that take hyper-parameters. A ``params``
-    model's numbers must also keep the built-in keys' bounds (:func:`_plugin_number_problem`)."""
+    model's numbers must also keep the built-in keys' bounds (:func:`_plugin_number_problem`)
+    and, where a number was given, be given as one (a lax model would coerce ``true`` or
+    ``"0.5"``)."""
     from secure_fedora.core.registry import METHODS
 
     known_name = name in METHODS
@@ -457,6 +459,15 @@ def _check_method_section(name: str, section: Any) -> None:
             problem = _plugin_number_problem(validated, f"baselines.{name}")
             if problem is not None:
                 raise ValueError(problem)
+            for key, given in section.items() if isinstance(section, dict) else ():
+                value = getattr(validated, key, None) if isinstance(key, str) else None
+                # a lax params model coerces; the config's values never are (as built-ins')
+                if isinstance(value, int | float) and not isinstance(value, bool) and (
+                        isinstance(given, bool) or not isinstance(given, int | float)
+                        or (isinstance(value, int) and isinstance(given, float))):
+                    raise ValueError(f"baselines.{name}.{key}: {given!r:.60} is not "
+                                     f"{'an integer' if isinstance(value, int) else 'a number'} "
+                                     "(config values are never coerced)")
         return
     check = METHODS.declared(name, "check_hyperparameters") if known_name else None
     if check is not None:

@@ -273,7 +273,8 @@ def test_method_config_checks_come_from_the_method_class():
 def test_a_plug_in_methods_parameters_keep_the_built_in_bounds():
     """A plug-in's own ``params`` model need not bound its numbers: the config still refuses
     an integer beyond int64 and a float that is not finite or beyond MAX_SCALE (unless the
-    field declares that bound itself), naming the key, instead of failing mid-run."""
+    field declares that bound itself), naming the key, instead of failing mid-run; nor does a
+    lax model's coercion (``true`` as 1, ``"0.5"`` as 0.5) pass."""
     from pydantic import BaseModel, ConfigDict, Field
 
     class Params(BaseModel):
@@ -293,11 +294,15 @@ def test_a_plug_in_methods_parameters_keep_the_built_in_bounds():
         for section, key in (({"count": 10**400}, "count"), ({"count": -2**63 - 1}, "count"),
                              ({"weight": 1e300}, "weight"), ({"weight": -1e300}, "weight"),
                              ({"weight": float("inf")}, "weight"),
-                             ({"schedule": [0.1, 1e300]}, "schedule.1")):
+                             ({"schedule": [0.1, 1e300]}, "schedule.1"),
+                             # a lax model coerces; config values never are
+                             ({"count": True}, "count"), ({"count": 3.0}, "count"),
+                             ({"weight": "0.5"}, "weight")):
             with pytest.raises(ConfigError, match=f"baselines.unbounded_params.{key}: "):
                 _config("unbounded_params", baselines={"unbounded_params": section})
         cfg = _config("unbounded_params", baselines={"unbounded_params": {
             "count": 2**63 - 1, "weight": -1e6, "scale": 1e29, "schedule": [0.5]}})
+        assert _config("unbounded_params", baselines={"unbounded_params": {"weight": 2}})
         assert cfg.baselines["unbounded_params"]["scale"] == 1e29  # its own bound applies
     finally:
         METHODS.unregister("unbounded_params")
