@@ -1202,9 +1202,15 @@ class Simulation:
         Under DP every method's budget plan is checked first: a plan over budget refuses the
         run before any method trains (as the CLI does); so is every method's fit to the model
         (:meth:`check_model_sizes`). Partial copies of the run's result files
-        that a process killed while writing one left in the run directory are removed first."""
+        that a process killed while writing one left in the run directory are removed first.
+        A fresh run (``resume`` False) needs a new or empty ``run_dir`` (or one holding only
+        this configuration's ``config.toml``): RunDirError otherwise, before anything is
+        written."""
         from secure_fedora.runtimes.results import remove_interrupted_result_writes
+        from secure_fedora.runtimes.rundir import check_fresh_run_dir
 
+        if not resume:  # another run's results, checkpoints or ledgers are never overwritten
+            check_fresh_run_dir(self.run_dir, self.cfg)
         p = self.cfg.privacy
         if p.enabled:
             for name in self.cfg.methods:

@@ -36,8 +36,8 @@ from typing import Any
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
-__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "check_resumable", "default_run_dir", "prepare_run_dir",
-           "withdraw_unstarted_run"]
+__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "check_fresh_run_dir", "check_resumable",
+           "default_run_dir", "prepare_run_dir", "withdraw_unstarted_run"]
 
 RUNS_FOLDER = Path("runs")
 CONFIG_COPY = "config.toml"
@@ -71,6 +71,14 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
     if resume:
         check_resumable(run_dir, cfg)
         return
+    check_fresh_run_dir(run_dir, cfg)
+    atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
+
+
+def check_fresh_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """RunDirError unless ``run_dir`` can take a fresh run of ``cfg`` without overwriting
+    anything: it does not exist, is empty, or holds only ``config.toml`` of this very
+    configuration (what the CLI writes before the run starts)."""
     if run_dir.exists():
         if not run_dir.is_dir():
             raise RunDirError(f"run directory {run_dir} exists and is not a directory")
@@ -84,7 +92,6 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
                 f"run directory {run_dir} is not empty (holds {shown}); a new run needs a new "
                 "or empty --out, and --resume continues the run it holds"
             )
-    atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
 
 
 def _same_config(stored: Path, cfg: ExperimentConfig) -> bool:

@@ -17,7 +17,7 @@ from privacy.ledger import LedgerError, read_ledger
 from secure_fedora.core import crashpoints
 from secure_fedora.core.config import load_config, parse_config
 from secure_fedora.runtimes.inprocess import Simulation, build_clients
-from secure_fedora.runtimes.rundir import check_resumable
+from secure_fedora.runtimes.rundir import RunDirError, check_resumable
 
 METHODS = ["fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca"]
 TIMING = ("seconds_training", "seconds_evaluation")
@@ -299,8 +299,10 @@ def test_a_new_run_into_a_directory_with_journaled_releases_is_refused(tmp_path,
     cfg = config(["local"], True)
     assert run_until_crash(cfg, tmp_path, clients, "train@2")
     before = comparable_ledgers(tmp_path)
-    with pytest.raises(JournalError, match="earlier run"):
+    with pytest.raises(RunDirError, match="is not empty"):
         Simulation(cfg, tmp_path, clients=clients).run()  # not a resume
+    with pytest.raises(JournalError, match="earlier run"):  # below the directory check
+        Simulation(cfg, tmp_path, clients=clients).run_method("local")
     assert comparable_ledgers(tmp_path) == before  # refused before anything was written
 
 

@@ -849,3 +849,20 @@ def test_simulation_validates_what_python_hands_it_like_the_cli(tmp_path, tiny_c
             Simulation(**arguments).run()
         assert not run.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_fresh_simulation_never_overwrites_another_run(tmp_path, tiny_clients):
+    """Simulation.run() (resume False) into a directory holding a finished run replaced its
+    results.json, rounds.csv and checkpoints with another configuration's without a word
+    (Experiment and the CLI check the directory; Simulation, under both, did not)."""
+    from secure_fedora.runtimes.rundir import RunDirError
+
+    run = tmp_path / "run"
+    Simulation(tiny(methods=["local"], training={"rounds": 1}), run, clients=tiny_clients).run()
+    before = {p.name: p.read_bytes() for p in [run / "results.json", run / "rounds.csv",
+                                                run / "checkpoints" / "local.pt"]}
+    other = tiny(methods=["local"], training={"rounds": 1, "lr": 0.01})
+    with pytest.raises(RunDirError, match="is not empty"):
+        Simulation(other, run, clients=tiny_clients).run()
+    assert {p.name: p.read_bytes() for p in [run / "results.json", run / "rounds.csv",
+                                              run / "checkpoints" / "local.pt"]} == before
