@@ -4,6 +4,7 @@ and an in-memory grid that hands the ServerApp's messages straight to the Client
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,34 @@ def in_process(cfg: ExperimentConfig, tmp_path: Path, method: str = "fedora",
 def with_methods(cfg: ExperimentConfig, *methods: str) -> ExperimentConfig:
     """``cfg`` running ``methods`` (validated again)."""
     return parse_config({**cfg.model_dump(mode="json", exclude_none=True), "methods": list(methods)})
+
+
+def audit_folder(tmp_path: Path, method: str = "fedora", clients: int = 3) -> Path:
+    """An audit folder (``tmp_path/audit``) of a grid run under ``tmp_path``: the server's
+    ``results.json`` and every node's ledger of ``method``, as an auditor collects them."""
+    from privacy.identity import client_ids
+
+    audit = tmp_path / "audit"
+    (audit / "ledgers" / method).mkdir(parents=True)
+    shutil.copyfile(tmp_path / "res" / "results.json", audit / "results.json")
+    for c, cid in enumerate(client_ids(clients)):
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method / f"{cid}.jsonl",
+                        audit / "ledgers" / method / f"{cid}.jsonl")
+    return audit
+
+
+def assert_client_states_match(tmp_path: Path, cfg: ExperimentConfig, sim: Simulation,
+                               method: str, clients: int = 3) -> None:
+    """Every grid node's saved client state of ``method`` equals the in-process client's
+    (``sim``'s ``client_state_dict``) within float tolerance."""
+    import torch
+
+    from secure_fedora.core.config import config_hash
+    from secure_fedora.runtimes.flower.state import ClientRunState
+
+    reference = sim.methods[method]
+    for c in range(clients):
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method
+                                    / "client.pt", c, 42, config_hash(cfg), method)
+        for key, value in reference.client_state_dict(c).items():
+            assert torch.allclose(state.algorithm[key], value.cpu(), atol=1e-4, rtol=0), (c, key)

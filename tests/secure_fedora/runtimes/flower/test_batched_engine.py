@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import RunSettings
-from secure_fedora.runtimes.flower.state import ClientRunState
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
+    assert_client_states_match,
     dp_config,
     in_process,
     run_config,
@@ -51,12 +50,7 @@ def test_batched_in_process_equals_the_flower_grid(tmp_path: Path, method: str) 
     for part in ("selected", "final"):
         assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
                            atol=1e-4, rtol=0), part
-    reference = sim.methods[method]
-    for c in range(3):
-        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method
-                                    / "client.pt", c, 42, config_hash(cfg), method)
-        for key, value in reference.client_state_dict(c).items():
-            assert torch.allclose(state.algorithm[key], value.cpu(), atol=1e-4, rtol=0), (c, key)
+    assert_client_states_match(tmp_path, cfg, sim, method)
 
 
 @pytest.mark.usefixtures("task_identity")

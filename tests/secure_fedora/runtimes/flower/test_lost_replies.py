@@ -6,7 +6,6 @@ error about a missing summary or a results list that silently lacks a client."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from secure_fedora.runtimes.flower.protocol import (
 )
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
+    audit_folder,
     dp_config,
     run_config,
     task_identity,  # noqa: F401 - a fixture
@@ -58,7 +58,6 @@ def test_a_lost_setup_reply_is_asked_again_and_the_summary_released_once(tmp_pat
     with the same bytes from its saved state; its ledger holds one summary release, the run
     equals one without the loss and its audit verifies."""
     from audits.verify import verify_run
-    from privacy.identity import client_ids
     from privacy.ledger import read_ledger
     from secure_fedora.runtimes.flower.state import ReleaseJournal
 
@@ -85,12 +84,7 @@ def test_a_lost_setup_reply_is_asked_again_and_the_summary_released_once(tmp_pat
     expected = reference()
     for part in ("selected", "final"):
         assert results["methods"]["fedora"][part] == expected["methods"]["fedora"][part]
-    audit = tmp_path / "audit"
-    (audit / "ledgers" / "fedora").mkdir(parents=True)
-    shutil.copyfile(tmp_path / "res" / "results.json", audit / "results.json")
-    for c, cid in enumerate(client_ids(3)):
-        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl",
-                        audit / "ledgers" / "fedora" / f"{cid}.jsonl")
+    audit = audit_folder(tmp_path)
     report = verify_run(audit, allowlist=tmp_path / "ids" / "server" / "allowlist.json",
                         anchor=tmp_path / "res" / "anchor.json")
     assert report.errors == [], report.errors
@@ -211,7 +205,6 @@ def test_a_setup_release_redone_after_its_client_app_died_unsaved_is_accounted_t
     larger epsilon, never the one of a single draw."""
     from audits.report import build_report
     from audits.verify import verify_run
-    from privacy.identity import client_ids
     from privacy.ledger import read_ledger
     from secure_fedora.runtimes.flower.state import ClientRunState, ReleaseJournal
 
@@ -245,12 +238,7 @@ def test_a_setup_release_redone_after_its_client_app_died_unsaved_is_accounted_t
     spent = [c["epsilon_spent"] for c in results["privacy"]["fedora"]["clients"]]
     assert spent[1] == ledger[1]["epsilon_after"] <= 8.0
     assert spent[0] == expected["privacy"]["fedora"]["clients"][0]["epsilon_spent"]
-    audit = tmp_path / "audit"
-    (audit / "ledgers" / "fedora").mkdir(parents=True)
-    shutil.copyfile(tmp_path / "res" / "results.json", audit / "results.json")
-    for c, cid in enumerate(client_ids(3)):
-        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl",
-                        audit / "ledgers" / "fedora" / f"{cid}.jsonl")
+    audit = audit_folder(tmp_path)
     allowlist = tmp_path / "ids" / "server" / "allowlist.json"
     report = verify_run(audit, allowlist=allowlist, anchor=tmp_path / "res" / "anchor.json")
     assert report.errors == [], report.errors

@@ -14,15 +14,15 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from secure_fedora.algorithms.methods import FederatedMethod
-from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.core.config import parse_config
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
-from secure_fedora.runtimes.flower.state import ClientRunState
 from secure_fedora.secure import transport as transport_module
 from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
     TINY,
     InMemoryGrid,
+    assert_client_states_match,
     in_process,
     run_config,
     task_identity,
@@ -102,12 +102,7 @@ def _both_runtimes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cfg: Any, me
     for part in ("selected", "final"):
         assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
                            atol=1e-4, rtol=0), part
-    reference = sim.methods[method]
-    for c in range(3):
-        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method
-                                    / "client.pt", c, 42, config_hash(cfg), method)
-        for key, value in reference.client_state_dict(c).items():
-            assert torch.allclose(state.algorithm[key], value.cpu(), atol=1e-4, rtol=0), (c, key)
+    assert_client_states_match(tmp_path, cfg, sim, method)
     return results, sim, outcome
 
 
