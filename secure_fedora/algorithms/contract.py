@@ -446,8 +446,9 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
                    ) -> dict[int, Payload]:
     """``messages`` (what the server half addresses to clients in exchange ``stage``: setup,
     round, evaluate or finalize) as a dict; :class:`ContractError` unless it maps only
-    ``participants`` (the clients the runtime chose, and with DP admitted; every client for
-    setup and finalize; the evaluated ones) to dicts of tensors that are fit payload entries
+    ``participants`` (the clients the runtime chose for the round, whose releases it admits
+    under DP only after they accepted their messages; every client for setup and finalize;
+    the evaluated ones) to dicts of tensors that are fit payload entries
     (:func:`entry_problem`), each message within :func:`payload_size_problem`'s caps for a
     model of ``num_params`` parameters. Both runtimes call it on every exchange's messages
     before any is sent. A client outside them would train and reply without an accounted release; an unfit

@@ -14,9 +14,14 @@ one (the runtime attaches a :class:`secure_fedora.secure.transport.SecureExchang
 (:meth:`FederatedMethod.message_state`) is a signed, verified envelope: a rejected upload
 is discarded by the server (it keeps its last accepted row) and the reply is absent from
 ``aggregate``'s ``replies`` (the client did not take part), while the client keeps what it
-trained, as a Flower client does (see :meth:`FederatedMethod.train_round`); a rejected
-download of a tracked kind gives the client its last accepted copy (an untracked kind leaves
-the client out of the round).
+trained, as a Flower client does (see :meth:`FederatedMethod.train_round`). A client that
+rejects a round download sits the round out, as a Flower client that refuses the message
+does: it neither trains nor replies and, under DP, its round release is not admitted (the
+downloads are verified before the runtime's ``admit`` is asked). Only the finalize exchange
+gives a client that rejects a download of a tracked kind its last accepted copy (on Flower
+the refused finalize message is asked again, then stops the run). Kinds the exchange does
+not track travel unsigned unless the method sends them itself (IFCA's cluster models: a
+client that rejects them is left out of the round and of the finalize exchange).
 Methods written before the contract may still override ``train_round`` and use
 :meth:`FederatedMethod.upload_rows` / :meth:`FederatedMethod.download_rows` directly.
 """
@@ -429,16 +434,24 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         none): ``steps`` summed. Methods add their own entries."""
         return {"steps": float(sum(int(r[KEY_STEPS]) for r in replies.values() if KEY_STEPS in r))}
 
-    def train_round(self, rnd: int, participants: Sequence[int]) -> dict[str, float]:
+    def train_round(self, rnd: int, participants: Sequence[int],
+                    admit: Callable[[int], bool] | None = None) -> dict[str, float]:
         """One generic round: :meth:`configure`, the downloads through the exchange,
-        :meth:`client_update_many`, the uploads through the exchange, :meth:`aggregate`.
+        ``admit``, :meth:`client_update_many`, the uploads through the exchange,
+        :meth:`aggregate`, in Flower's order (a ClientApp verifies the message, then admits
+        its release, then trains). A participant that rejects a download takes no part: it
+        neither trains nor releases, and ``admit`` is not asked for it. ``admit(i)`` (under
+        DP: the runtime's admission of client ``i``'s round release, accounted before its
+        training) is asked for every participant whose downloads were accepted; one it
+        refuses takes no part either. Without ``admit`` every such participant trains (the
+        caller admitted ``participants`` itself).
         Returns :meth:`round_statistics` of the accepted replies (a client whose upload was
         rejected trained, and its release is accounted, but the server counts nothing of it)
         merged with ``aggregate``'s statistics, and counts the accepted replies in
-        :attr:`round_replied`. A round whose every upload was
-        rejected is not aggregated (as on Flower): neither :meth:`round_statistics` nor
-        :meth:`aggregate` is called, :meth:`round_discarded` is, and its statistics are
-        :func:`~secure_fedora.algorithms.contract.no_reply_statistics`.
+        :attr:`round_replied`. A round with no accepted upload (every download or upload
+        rejected, nobody admitted) is not aggregated (as on Flower): neither
+        :meth:`round_statistics` nor :meth:`aggregate` is called, :meth:`round_discarded` is,
+        and its statistics are :func:`~secure_fedora.algorithms.contract.no_reply_statistics`.
 
         A rejected upload whose reply row is the client's own row of the upload matrix (e.g.
         FEDORA's and FedAvg's ``theta``) is the client's state as on Flower, where a ClientApp
@@ -451,12 +464,16 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
                                   participants, self.ctx.flat.num_params)
         messages = self._exchange_downloads(rnd, messages)
-        with client_half(label, f"the client halves of round {rnd} (client_update_many)"):
-            replies = self.client_update_many(rnd, messages)
-        if rules is not None:
-            replies = rules.check_replies(ROUND, rnd, replies, messages, self.reply_schema)
-        if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
-            self.ctx.privacy.confirm_steps(rnd, participants)
+        if admit is not None:
+            messages = {i: m for i, m in messages.items() if admit(i)}
+        replies: dict[int, Payload] = {}
+        if messages:
+            with client_half(label, f"the client halves of round {rnd} (client_update_many)"):
+                replies = self.client_update_many(rnd, messages)
+            if rules is not None:
+                replies = rules.check_replies(ROUND, rnd, replies, messages, self.reply_schema)
+            if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
+                self.ctx.privacy.confirm_steps(rnd, list(messages))
         accepted = self._exchange_uploads(rnd, replies)
         self.last_round = rnd
         self.round_replied = len(accepted)
@@ -532,7 +549,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                                   self.ctx.flat.num_params)
         if messages:
             final_round = self.exchange.last_round if self.exchange is not None else 0
-            messages = self._exchange_downloads(final_round, messages)
+            messages = self._exchange_downloads(final_round, messages, fallback=True)
         replies = {}
         for i, m in messages.items():
             with client_half(self._label(), f"client {i}'s client_finalize"):
@@ -547,20 +564,27 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         method that sends them its own way, e.g. as ciphertexts, returns False)."""
         return True
 
-    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
-        """Every message entry of a kind the exchange tracks travels as a signed envelope; a
-        client that rejects one holds its last accepted copy instead."""
+    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload], *,
+                            fallback: bool = False) -> dict[int, Payload]:
+        """Every message entry of a kind the exchange tracks travels as a signed envelope. A
+        client that rejects one is left out of the result (of the round: it neither trains
+        nor releases, as a Flower ClientApp that refuses the message does), or with
+        ``fallback`` (the finalize exchange) holds its last accepted copy instead."""
         if self.exchange is None or not messages or not self._round_envelopes():
             return messages
         out = {i: dict(m) for i, m in messages.items()}
+        refused: set[int] = set()
         for kind in dict.fromkeys(k for m in messages.values() for k in m):
             if kind not in self.exchange.client_rows:
                 continue
-            rows = {i: m[kind] for i, m in out.items() if kind in m}
+            rows = {i: m[kind] for i, m in out.items() if kind in m and i not in refused}
+            seen = len(self.exchange.rejections)
             held = self.download_rows(rnd, rows, kind=kind)
+            if not fallback:
+                refused.update(r.client for r in self.exchange.rejections[seen:])
             for i in rows:
                 out[i][kind] = held[i]
-        return out
+        return {i: m for i, m in out.items() if i not in refused}
 
     def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
         """Reply entries of the upload kinds :meth:`message_state` names travel as signed

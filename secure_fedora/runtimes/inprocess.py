@@ -1017,18 +1017,21 @@ class Simulation:
         for rnd in range(start_round, rounds + 1):
             participants = self._participants(round_gen, n)
             sampled = len(participants)
+            admit = None
             if privacy is not None:
-                participants = [i for i in participants
-                                if privacy.admit(i, rnd, method.theta[i], with_lambda,
-                                                 noise=ctx.noise[i])]
+                # asked by train_round after the client verified its downloads, as a Flower
+                # ClientApp admits its release only for a message it accepted
+                def admit(i: int, rnd: int = rnd) -> bool:
+                    return privacy.admit(i, rnd, method.theta[i], with_lambda, noise=ctx.noise[i])
             t0 = time.perf_counter()
             method.round_replied = None
             # under DP, FederatedMethod.train_round (which make_method keeps) checks every
-            # participant's executed steps before aggregate sees a reply
+            # admitted participant's executed steps before aggregate sees a reply
             stats = check_round_statistics(
-                name, rnd, method.train_round(rnd, participants) if participants
+                name, rnd, (method.train_round(rnd, participants, admit) if admit is not None
+                            else method.train_round(rnd, participants)) if participants
                 else no_reply_statistics())
-            if not participants:  # nobody admitted: the evaluation is still round rnd's
+            if not participants:  # nobody sampled: the evaluation is still round rnd's
                 method.last_round = rnd
             replied = method.round_replied  # set just above, so always present
             seconds = {"round": rnd, "training": time.perf_counter() - t0,

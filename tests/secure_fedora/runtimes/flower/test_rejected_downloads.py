@@ -1,0 +1,127 @@
+"""A rejected round download in both runtimes: the client sits the round out (no training,
+no release, under DP nothing admitted), as a Flower ClientApp that refuses the message does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message
+
+from audits.verify import verify_run
+from privacy.identity import client_ids
+from privacy.ledger import read_ledger
+from secure_fedora.algorithms.messages import KIND_CLUSTERS, KIND_GLOBAL, KIND_PHI
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
+from secure_fedora.secure import transport as transport_module
+from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
+    TINY,
+    InMemoryGrid,
+    assert_client_states_match,
+    audit_folder,
+    in_process,
+    run_config,
+    task_identity,
+)
+
+DOWNLOAD = {"fedora": KIND_PHI, "fedavg": KIND_GLOBAL, "ifca": KIND_CLUSTERS}
+
+
+def _config(method: str, dp: bool) -> Any:
+    data = json.loads(json.dumps(TINY))
+    data["methods"] = [method]
+    data["training"]["rounds"] = 3
+    data["security"] = {"envelopes": True}
+    data["baselines"] = {"ifca": {"num_clusters": 2}}
+    if dp:
+        # IFCA picks its cluster on validation data it declares public
+        data["data"]["validation"] = "public" if method == "ifca" else "private"
+        data["baselines"]["ifca"]["selection_split"] = "val"
+        data["fedora"]["relatedness"] = "noised"
+        data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                           "noise": "reproducible"}
+    return parse_config(data)
+
+
+def _tamper_request(kind: str) -> Any:
+    def tamper(request: Message) -> Message:
+        arrays = {k: request.content["payload"][k].numpy().copy()
+                  for k in request.content["payload"]}
+        arrays[kind] = arrays[kind] + 1.0  # the envelope is left as signed
+        request.content["payload"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return request
+
+    return tamper
+
+
+def _tamper_inprocess(monkeypatch: pytest.MonkeyPatch, kind: str,
+                      rejected: set[tuple[int, int]]) -> None:
+    real_init = transport_module.SecureExchange.__init__
+
+    def channel(sent: str, rnd: int, client: int, message: bytes) -> bytes:
+        if sent == kind and (client, rnd) in rejected:
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(self, transport, **{**kwargs, "channel": channel})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+@pytest.mark.parametrize("method", ["fedora", "fedavg", "ifca"])
+def test_a_rejected_download_leaves_the_client_out_of_the_round_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, dp: bool) -> None:
+    """Client 1 rejects its round-2 download (FEDORA's phi, FedAvg's global model, IFCA's
+    cluster models). On Flower it refuses the message and sends no reply; in process it used
+    to train on its last accepted copy (and under DP IFCA stopped the run with a
+    StepCountMismatchError: its release was admitted before the download was checked). Both
+    runtimes now leave it out of round 2: the replies per round, per-client results, client
+    states, the ledgers and the reported epsilon agree."""
+    cfg = _config(method, dp)
+    kind, rejected = DOWNLOAD[method], {(1, 2)}
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": dp})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
+                        tamper_request={(c, r, MSG_ROUND): _tamper_request(kind)
+                                        for c, r in rejected})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [(c, type(e).__name__) for c, _, e in grid.errors] == [(1, "PayloadHashMismatchError")]
+    _tamper_inprocess(monkeypatch, kind, rejected)
+    sim, outcome = in_process(cfg, tmp_path, method)
+    assert {(r.client, r.round) for r in sim.methods[method].exchange.rejections} == rejected
+    flower_rounds = [r["replied"] for r in results["rounds"]]
+    assert flower_rounds == [3, 2, 3]
+    assert [r["replied"] for r in sim.history] == flower_rounds
+    ours = results["methods"][method]
+    for part in ("selected", "final"):
+        assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
+                           atol=1e-4, rtol=0), part
+    assert_client_states_match(tmp_path, cfg, sim, method)
+    if dp:
+        spent = {r["client"]: r["epsilon_spent"] for r in sim.privacy[method]["clients"]}
+        for row in results["privacy"][method]["clients"]:
+            assert row["epsilon_spent"] == pytest.approx(spent[row["client"]], abs=1e-6)
+            assert 0 < row["epsilon_spent"] <= 8.0 and not row["refused"]
+        allowlist = tmp_path / "ids" / "server" / "allowlist.json"
+        report = verify_run(audit_folder(tmp_path, method), allowlist=allowlist,
+                            anchor=tmp_path / "res" / "anchor.json")
+        assert report.errors == [], report.errors
+        report = verify_run(tmp_path / "inproc")
+        assert report.errors == [], report.errors
+        for c, cid in enumerate(client_ids(3)):  # the same releases: none of client 1 in round 2
+            node = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method / f"{cid}.jsonl"
+            ours = tmp_path / "inproc" / "ledgers" / method / f"{cid}.jsonl"
+            assert _releases(node) == _releases(ours), cid
+            assert (c != 1) == any(r == 2 for r, _ in _releases(ours)), cid
+
+
+def _releases(ledger: Path) -> list[tuple[int, str]]:
+    return [(e["round"], e["mechanism"]) for e in read_ledger(ledger) if e["mechanism"] != "close"]
