@@ -1059,12 +1059,11 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
         round out rather than keep K stale models)."""
         return {KIND_THETA: self.theta, KIND_CLUSTER_CHOICE: self.choices}, {}
 
-    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload], *,
-                            fallback: bool = False) -> dict[int, Payload]:
+    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
         """The base exchange, plus the K cluster models as signed envelopes. No client keeps
         a copy of them (K x P per client), so a client that rejects them has nothing to
         train or report on and is left out (of the round, or of the finalize exchange)."""
-        out = super()._exchange_downloads(rnd, messages, fallback=fallback)
+        out = super()._exchange_downloads(rnd, messages)
         if self.exchange is None or not self._round_envelopes():
             return out
         rows = {i: m[KIND_CLUSTERS] for i, m in out.items() if KIND_CLUSTERS in m}

@@ -17,11 +17,10 @@ is discarded by the server (it keeps its last accepted row) and the reply is abs
 trained, as a Flower client does (see :meth:`FederatedMethod.train_round`). A client that
 rejects a round download sits the round out, as a Flower client that refuses the message
 does: it neither trains nor replies and, under DP, its round release is not admitted (the
-downloads are verified before the runtime's ``admit`` is asked). Only the finalize exchange
-gives a client that rejects a download of a tracked kind its last accepted copy (on Flower
-the refused finalize message is asked again, then stops the run). Kinds the exchange does
-not track travel unsigned unless the method sends them itself (IFCA's cluster models: a
-client that rejects them is left out of the round and of the finalize exchange).
+downloads are verified before the runtime's ``admit`` is asked). A client that rejects its
+finalize message is sent it once more, and one that rejects it again stops the run
+(:class:`FinalizeRejectedError`), as on Flower. Kinds the exchange does not track travel
+unsigned unless the method sends them itself (IFCA's cluster models).
 Methods written before the contract may still override ``train_round`` and use
 :meth:`FederatedMethod.upload_rows` / :meth:`FederatedMethod.download_rows` directly.
 """
@@ -38,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from privacy.errors import ToolkitError
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.config_checks import FedoraChecks, MethodChecks
 from secure_fedora.algorithms.contract import (
@@ -115,12 +115,17 @@ MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
 __all__ = [
     "FedAvg",
     "Fedora",
+    "FinalizeRejectedError",
     "FederatedMethod",
     "Local",
     "MethodContext",
     "Relatedness",
     "plain_overlaps",
 ]
+
+
+class FinalizeRejectedError(ToolkitError, RuntimeError):
+    """A client rejected its finalize message twice; the method's results need its reply."""
 
 
 @dataclass
@@ -543,13 +548,28 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     def finalize(self) -> dict[str, Any]:
         """Run the finalize exchange (downloads through the exchange, for its last round)
         and return :meth:`server_finalize`'s results; the messages are checked
-        (:func:`check_messages`) before any is sent."""
-        messages = check_messages(self._label(), FINALIZE, self.last_round,
+        (:func:`check_messages`) before any is sent. As on Flower, where the method's
+        finalize needs every client's reply, a client that rejects its message is sent it
+        once more (fresh envelopes); one that rejects it again stops the run with a
+        :class:`FinalizeRejectedError` naming it, before any client half runs."""
+        label = self._label()
+        messages = check_messages(label, FINALIZE, self.last_round,
                                   self.finalize_messages(), range(self.ctx.num_clients),
                                   self.ctx.flat.num_params)
         if messages:
             final_round = self.exchange.last_round if self.exchange is not None else 0
-            messages = self._exchange_downloads(final_round, messages, fallback=True)
+            held = self._exchange_downloads(final_round, messages)
+            missed = {i: m for i, m in messages.items() if i not in held}
+            if missed:
+                held.update(self._exchange_downloads(final_round, missed))
+            absent = sorted(set(messages) - set(held))
+            if absent:
+                raise FinalizeRejectedError(
+                    f"method {label!r}: client(s) {absent[:8]} rejected the finalize message "
+                    "(asked twice), and the method's finalize needs every client's reply, so "
+                    "the run stops and no results are written; see the rejections logged "
+                    "by secure_fedora.security")
+            messages = {i: held[i] for i in messages}
         replies = {}
         for i, m in messages.items():
             with client_half(self._label(), f"client {i}'s client_finalize"):
@@ -564,12 +584,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         method that sends them its own way, e.g. as ciphertexts, returns False)."""
         return True
 
-    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload], *,
-                            fallback: bool = False) -> dict[int, Payload]:
+    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
         """Every message entry of a kind the exchange tracks travels as a signed envelope. A
-        client that rejects one is left out of the result (of the round: it neither trains
-        nor releases, as a Flower ClientApp that refuses the message does), or with
-        ``fallback`` (the finalize exchange) holds its last accepted copy instead."""
+        client that rejects one is left out of the result (it neither trains nor releases,
+        as a Flower ClientApp that refuses the message does)."""
         if self.exchange is None or not messages or not self._round_envelopes():
             return messages
         out = {i: dict(m) for i, m in messages.items()}
@@ -580,8 +598,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             rows = {i: m[kind] for i, m in out.items() if kind in m and i not in refused}
             seen = len(self.exchange.rejections)
             held = self.download_rows(rnd, rows, kind=kind)
-            if not fallback:
-                refused.update(r.client for r in self.exchange.rejections[seen:])
+            refused.update(r.client for r in self.exchange.rejections[seen:])
             for i in rows:
                 out[i][kind] = held[i]
         return {i: m for i, m in out.items() if i not in refused}
@@ -624,8 +641,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     def message_state(self) -> MessageState | None:
         """What a message exchange must track for this method, read when it is attached
         (after setup or a checkpoint restore): the matrices whose rows clients upload, by
-        kind, and the per-client copies of what they download, by kind (the row a client
-        falls back to after rejecting a download). ``None``: the method sends nothing."""
+        kind, and the per-client copies of what they download, by kind (each client's last
+        accepted row, which :meth:`download_rows` returns after a rejection; the generic
+        round and finalize exchanges leave a rejecting client out instead). ``None``: the
+        method sends nothing."""
         return None
 
     def upload_state(self) -> dict[str, Tensor]:
@@ -912,7 +931,7 @@ class FedAvg(FederatedMethod):
 
     def finalize_messages(self) -> dict[int, Payload]:
         """With fine-tuning: the final global model to every client (a client that rejects
-        it fine-tunes its last accepted copy)."""
+        it twice stops the run: :meth:`FederatedMethod.finalize`)."""
         if self.finetune_epochs == 0:
             return {}
         return {i: {KIND_GLOBAL: self.global_params} for i in range(self.ctx.num_clients)}

@@ -16,7 +16,7 @@ from privacy.ckks import InnerProductUpload
 from privacy.envelope import decode_message, encode_message, make_envelope
 from privacy.identity import Identity, init_keys
 from secure_fedora.algorithms.fedora import RelatednessError
-from secure_fedora.algorithms.methods import FedAvg, _enveloped_summaries
+from secure_fedora.algorithms.methods import FedAvg, FinalizeRejectedError, _enveloped_summaries
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.inprocess import (
     Simulation,
@@ -442,12 +442,13 @@ def test_fedavg_finetuning_downloads_the_final_model(tmp_path, tiny_clients):
     assert isinstance(method, FedAvg)
     method.train_round(1, [1, 2])
     sent = method.exchange.transport.stats.messages_sent
-    extra = method.extra_results()
-    assert method.exchange.transport.stats.messages_sent == sent + 5
-    assert len(extra["finetuned_test_accuracy"]) == 5
-    # client 0 rejected the final model (round 1 = the exchange's last round): it fine-tuned
+    # client 0 rejects the final model (round 1 = the exchange's last round) each time it is
+    # sent: it is asked once more, then the run stops (as on Flower) rather than fine-tune
     # its last accepted copy, the initialization
-    assert [(r.client, r.direction) for r in method.exchange.rejections] == [(0, "download")]
+    with pytest.raises(FinalizeRejectedError, match=r"client\(s\) \[0\]"):
+        method.extra_results()
+    assert method.exchange.transport.stats.messages_sent == sent + 6
+    assert [(r.client, r.direction) for r in method.exchange.rejections] == [(0, "download")] * 2
 
 
 def test_enveloped_baseline_resumes_identically(tmp_path, tiny_clients):

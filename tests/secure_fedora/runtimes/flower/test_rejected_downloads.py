@@ -15,9 +15,10 @@ from audits.verify import verify_run
 from privacy.identity import client_ids
 from privacy.ledger import read_ledger
 from secure_fedora.algorithms.messages import KIND_CLUSTERS, KIND_GLOBAL, KIND_PHI
+from secure_fedora.algorithms.methods import FederatedMethod, FinalizeRejectedError
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
-from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
+from secure_fedora.runtimes.flower.protocol import MSG_FINALIZE, MSG_ROUND, RunSettings
 from secure_fedora.secure import transport as transport_module
 from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
     TINY,
@@ -125,3 +126,67 @@ def test_a_rejected_download_leaves_the_client_out_of_the_round_in_both_runtimes
 
 def _releases(ledger: Path) -> list[tuple[int, str]]:
     return [(e["round"], e["mechanism"]) for e in read_ledger(ledger) if e["mechanism"] != "close"]
+
+
+def _tamper_first_finalize(monkeypatch: pytest.MonkeyPatch, kind: str, client: int,
+                           times: int) -> None:
+    """In process: the first ``times`` finalize messages of ``kind`` to ``client`` tampered."""
+    real_init = transport_module.SecureExchange.__init__
+    real_finalize = FederatedMethod.finalize
+    state = {"finalizing": False, "left": times}
+
+    def finalize(self):  # type: ignore[no-untyped-def]
+        state["finalizing"] = True
+        return real_finalize(self)
+
+    def channel(sent: str, rnd: int, to: int, message: bytes) -> bytes:
+        if state["finalizing"] and sent == kind and to == client and state["left"]:
+            state["left"] -= 1
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(self, transport, **{**kwargs, "channel": channel})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    monkeypatch.setattr(FederatedMethod, "finalize", finalize)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method", ["fedavg", "ifca"])
+def test_a_rejected_finalize_message_is_sent_again_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Client 1 rejects its first finalize message (FedAvg's final model, IFCA's cluster
+    models). The Flower server asks it again and its results are those of an undisturbed
+    run; in process it used to fine-tune its last accepted (stale) model (FedAvg) or be left
+    out of the results (IFCA). It is now sent the message again too, and both agree."""
+    cfg = _config(method, dp=False)
+    tampered = {"left": 1}
+
+    def once(request: Message) -> Message:
+        if tampered["left"]:
+            tampered["left"] -= 1
+            return _tamper_request(DOWNLOAD[method])(request)
+        return request
+
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
+                        tamper_request={(1, 4, MSG_FINALIZE): once})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [(c, type(e).__name__) for c, _, e in grid.errors] == [(1, "PayloadHashMismatchError")]
+    _tamper_first_finalize(monkeypatch, DOWNLOAD[method], 1, times=1)
+    sim, outcome = in_process(cfg, tmp_path, method)
+    assert [(r.client, r.direction) for r in sim.methods[method].exchange.rejections] == \
+        [(1, "download")]
+    ours, theirs = outcome.to_json()["extra"], results["methods"][method]["extra"]
+    key = "finetuned_test_accuracy" if method == "fedavg" else "assignment"
+    assert key in ours and np.allclose(ours[key], theirs[key], atol=1e-4, rtol=0)
+
+
+def test_a_finalize_message_rejected_twice_stops_the_in_process_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on Flower (a DeployError after the second try), not a fine-tuning of a stale model."""
+    cfg = _config("fedavg", dp=False)
+    _tamper_first_finalize(monkeypatch, KIND_GLOBAL, 1, times=2)
+    with pytest.raises(FinalizeRejectedError, match=r"client\(s\) \[1\] rejected the finalize"):
+        in_process(cfg, tmp_path, "fedavg")
