@@ -66,6 +66,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
             for name in cfg.methods:  # a plan over budget refuses the run before a key is made
                 sim.budget_plans(name)
             sim.check_model_sizes()  # so does a method that cannot run on the model
+            sim.check_data()  # or on the data
             key_dir = sim.key_dir
             if sim.keystore_created:
                 progress.console.print(

@@ -52,7 +52,8 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "ReplySchema", "entry_problem",
            "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
-           "check_messages", "check_model_sizes", "model_size_checked",
+           "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
+           "check_data_facts", "data_checked",
            "check_eval_row", "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
@@ -224,6 +225,15 @@ class FederatedAlgorithm(ABC):
         send is over :func:`payload_size_problem`'s caps). Both runtimes call it
         (:func:`check_model_sizes`) once the model is built, before any method runs or
         anything is released. Default: every model is fine."""
+        return None
+
+    @classmethod
+    def check_data(cls, cfg: Any, facts: DataFacts) -> None:
+        """Raise ``ValueError`` naming the config key when this method cannot run under
+        ``cfg`` on data of these shapes and split sizes (e.g. a summary rank above the data's
+        width). Both runtimes call it (:func:`check_data_facts`) once the data's facts are
+        known (in process: the partitioned clients; Flower: the first contact), before any
+        method runs, ledger is opened or anything is released. Default: all data is fine."""
         return None
 
     @classmethod
@@ -407,6 +417,55 @@ def check_model_sizes(names: Sequence[str], cfg: Any, num_params: int,
         except ValueError as err:
             raise ConfigError(f"method {name!r} cannot run on a model of {num_params:,} "
                               f"parameters: {err}") from None
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a runtime knows of the data before any method runs, and the server may know:
+    the input shape of one example, the number of classes (or targets), whether labels are
+    multi-label, and each client's split sizes (in client order)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    multilabel: bool
+    train_sizes: tuple[int, ...]
+    val_sizes: tuple[int, ...]
+    test_sizes: tuple[int, ...]
+
+    @property
+    def input_size(self) -> int:
+        """The number of input features of one example (its shape flattened)."""
+        return math.prod(self.input_shape)
+
+
+def data_checked(names: Sequence[str]) -> list[str]:
+    """The registered methods of ``names`` whose class overrides
+    :meth:`FederatedAlgorithm.check_data`."""
+    default = FederatedAlgorithm.__dict__["check_data"].__func__
+    out = []
+    for name in names:
+        cls = method_class(name)
+        if cls is not None and cls.check_data.__func__ is not default:
+            out.append(name)
+    return out
+
+
+def check_data_facts(names: Sequence[str], cfg: Any, facts: DataFacts) -> None:
+    """Ask every registered method of ``names`` whether it can run under ``cfg`` on data of
+    ``facts`` (:meth:`FederatedAlgorithm.check_data`): a
+    :class:`~secure_fedora.core.config.ConfigError` passes unchanged, any other
+    ``ValueError`` (a toolkit one included) becomes one naming the method."""
+    from secure_fedora.core.config import ConfigError
+
+    for name in data_checked(names):
+        cls = method_class(name)
+        assert cls is not None  # data_checked keeps only methods with a class
+        try:
+            cls.check_data(cfg, facts)
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(f"method {name!r} cannot run on this data: {err}") from None
 
 
 def method_releases(name: str, cfg: Any) -> tuple[ReleaseSpec, ...]:

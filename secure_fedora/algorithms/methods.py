@@ -50,6 +50,7 @@ from secure_fedora.algorithms.contract import (
     ROUND,
     SETUP,
     ContractError,
+    DataFacts,
     FederatedAlgorithm,
     Payload,
     ReleaseSpec,
@@ -1096,6 +1097,28 @@ class Fedora(FedoraChecks, FederatedMethod):
         if "encrypted" in cfg.fedora.relatedness:
             out["encrypted_relatedness"] = CKKS_RELATEDNESS_RELEASE
         return out
+
+    @classmethod
+    def check_data(cls, cfg: Any, facts: DataFacts) -> None:
+        """``fedora.q`` at most the summary width (input features + classes: the columns of
+        every client's summary rows) and, where a summary is the plain SVD of a client's
+        training rows (``relatedness`` without "noised"), at most every client's number of
+        training rows."""
+        q = cfg.fedora.q
+        width = facts.input_size + facts.num_classes
+        if q > width:
+            raise ValueError(
+                f"fedora.q = {q} is above the summary width {width} ({facts.input_size} input "
+                f"features + {facts.num_classes} classes), the most summary directions a client "
+                f"has; use fedora.q <= {width}")
+        if "noised" not in cfg.fedora.relatedness and facts.train_sizes:
+            fewest = min(facts.train_sizes)
+            if q > fewest:
+                client = facts.train_sizes.index(fewest)
+                raise ValueError(
+                    f"fedora.q = {q} is above client {client}'s {fewest} training rows (fedora."
+                    f"relatedness {cfg.fedora.relatedness!r} takes a summary's directions from "
+                    f"them); use fedora.q <= {fewest}")
 
     @classmethod
     def distributed_unsupported(cls, cfg: Any) -> str | None:

@@ -27,8 +27,11 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 from secure_fedora import __version__
 from secure_fedora.algorithms.contract import (
+    DataFacts,
+    check_data_facts,
     check_model_sizes,
     check_round_statistics,
+    data_checked,
     model_size_checked,
     no_reply_statistics,
     round_mechanisms,
@@ -228,6 +231,20 @@ NOISE_SOURCE_DESCRIPTIONS = {
 
 def _client_generators(cfg: ExperimentConfig, n: int) -> list[torch.Generator]:
     return [client_generator(cfg.seed, i) for i in range(n)]
+
+
+def data_facts(clients: Sequence[ClientData]) -> DataFacts:
+    """The facts of a federation's data its methods are checked against before any runs
+    (:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.check_data`)."""
+    from secure_fedora.data.userdata import label_space
+
+    num_classes, multilabel = label_space(clients)
+    return DataFacts(
+        input_shape=tuple(int(v) for v in clients[0].train_x.shape[1:]),
+        num_classes=num_classes, multilabel=multilabel,
+        train_sizes=tuple(len(c.train_y) for c in clients),
+        val_sizes=tuple(len(c.val_y) for c in clients),
+        test_sizes=tuple(len(c.test_y) for c in clients))
 
 
 def train_config(cfg: ExperimentConfig) -> TrainConfig:
@@ -749,6 +766,7 @@ class Simulation:
         self._key_dir: Path | None = None
         self._budget_plans: dict[str, Any] = {}
         self._sizes_checked = False
+        self._data_checked = False
         self.keystore_created: bool = False
         # Binds every in-process envelope to this run and its method (messages never outlive
         # the process, so a fresh random id per Simulation is enough).
@@ -893,10 +911,24 @@ class Simulation:
             check_model_sizes(names, self.cfg, ctx.flat.num_params, ctx.init.dtype)
         self._sizes_checked = True
 
+    def check_data(self) -> None:
+        """Refuse (before anything is written or released) a configured method that cannot
+        run on the run's data (:func:`~secure_fedora.algorithms.contract.check_data_facts`,
+        e.g. FEDORA's ``q`` above the summary width): a ConfigError naming the key. Call it
+        before :attr:`key_dir`."""
+        if self._data_checked:
+            return
+        names = data_checked(self.cfg.methods)
+        if names:
+            check_data_facts(names, self.cfg, data_facts(self.clients))
+        self._data_checked = True
+
     def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
         """Run (or resume) one method to the configured number of rounds; with privacy, a
         finished method's ledgers end with their signed close entry."""
         cfg = self.cfg
+        if data_checked([name]):
+            check_data_facts([name], cfg, data_facts(self.clients))
         ctx = self.context_factory(cfg, self.clients)
         check_model_sizes([name], cfg, ctx.flat.num_params, ctx.init.dtype)
         if resume and not self._model_checked:
@@ -1204,7 +1236,7 @@ class Simulation:
         """Run every configured method; write rounds.csv and results.json; return the results.
         Under DP every method's budget plan is checked first: a plan over budget refuses the
         run before any method trains (as the CLI does); so is every method's fit to the model
-        (:meth:`check_model_sizes`). Partial copies of the run's result files
+        (:meth:`check_model_sizes`) and to the data (:meth:`check_data`). Partial copies of the run's result files
         that a process killed while writing one left in the run directory are removed first.
         A fresh run (``resume`` False) needs a new or empty ``run_dir`` (or one holding only
         this configuration's ``config.toml``): RunDirError otherwise, before anything is
@@ -1219,6 +1251,7 @@ class Simulation:
             for name in self.cfg.methods:
                 self.budget_plans(name)
         self.check_model_sizes()  # every method before the first runs
+        self.check_data()
         if p.enabled and self.cfg.data.validation == "public" and p.lambda_noise_multiplier:
             # not refused by the config: runs that set it before stay loadable for audits
             log.warning("privacy.lambda_noise_multiplier = %g is unused: with public validation "

@@ -80,10 +80,13 @@ from secure_fedora.algorithms.contract import (
     FINALIZE,
     ROUND,
     SETUP,
+    DataFacts,
     Payload,
     ReplySchema,
+    check_data_facts,
     check_messages,
     check_model_sizes,
+    data_checked,
     model_size_checked,
     no_reply_statistics,
     round_statistics_of,
@@ -805,6 +808,13 @@ def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
     server.timings["hello"] = timing.to_json()
 
 
+def _data_facts(schema: DataSchema, sizes: Mapping[int, Mapping[str, Any]], n: int) -> DataFacts:
+    """The data's facts as the clients reported them at first contact (schema, split sizes)."""
+    return DataFacts(schema.input_shape, schema.num_classes, schema.multilabel,
+                     *(tuple(int(sizes[c][split]) for c in range(n))
+                       for split in ("train", "val", "test")))
+
+
 def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
                  schemas: dict[int, DataSchema]) -> None:
     """Add each accepted hello reply's data schema to ``schemas`` and its split sizes to
@@ -1232,6 +1242,10 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         assert server.schema is not None
         ctx = server_context(cfg, server.schema)
         check_model_sizes(checked, cfg, ctx.flat.num_params, ctx.init.dtype)
+    checked = data_checked(cfg.methods)
+    if checked:  # so are the data's shapes and split sizes (what every client reported)
+        assert server.schema is not None
+        check_data_facts(checked, cfg, _data_facts(server.schema, server.sizes, n))
     outcomes = {}
     for name in cfg.methods:
         outcomes[name] = _run_method(grid, server, name)

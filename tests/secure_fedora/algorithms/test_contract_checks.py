@@ -500,3 +500,57 @@ def test_a_noised_summary_the_method_does_not_declare_is_a_pipeline_error(tmp_pa
     with pytest.raises(PipelineError, match=rf"method '{name}': client 0's noised summary has "
                                             "no planned noise"):
         sim.run()
+
+
+def _facts(train: tuple[int, ...] = (40, 40, 40), **over) -> object:
+    from secure_fedora.algorithms.contract import DataFacts
+
+    fields = {"input_shape": (2, 3), "num_classes": 4, "multilabel": False,
+              "train_sizes": train, "val_sizes": (5,) * len(train),
+              "test_sizes": (5,) * len(train), **over}
+    return DataFacts(**fields)
+
+
+@pytest.mark.parametrize("relatedness, q, train, message", [
+    ("noised", 10, (40, 40, 40), None),
+    ("noised", 10, (3, 3, 3), None),  # the noised second moment is width x width
+    ("noised", 11, (40, 40, 40), r"fedora\.q = 11 is above the summary width 10 \(6 input "
+                                 r"features \+ 4 classes\).*use fedora\.q <= 10$"),
+    ("plain", 11, (40, 40, 40), r"fedora\.q = 11 is above the summary width 10"),
+    ("plain", 5, (40, 4, 40), r"fedora\.q = 5 is above client 1's 4 training rows \(fedora\."
+                              r"relatedness 'plain'.*use fedora\.q <= 4$"),
+    ("encrypted", 5, (40, 40, 5), None),
+])
+def test_fedora_q_is_checked_against_the_data_facts(relatedness, q, train, message):
+    """FEDORA's summary has at most (input features + classes) directions, and a plain one
+    (the SVD of a client's training rows) at most that client's number of rows: a larger
+    fedora.q is a ConfigError naming the key and the bound, from the data's facts alone."""
+    from secure_fedora.algorithms.contract import check_data_facts
+
+    cfg = _config("fedora", dp=relatedness == "noised",
+                  fedora={"q": q, "k": 1, "relatedness": relatedness})
+    if message is None:
+        check_data_facts(["fedora"], cfg, _facts(train))
+    else:
+        with pytest.raises(ConfigError, match=r"^method 'fedora' cannot run on this data: "
+                           + message):
+            check_data_facts(["fedora"], cfg, _facts(train))
+
+
+def test_a_plug_in_refusing_the_data_is_refused_before_anything_is_written(tmp_path, register):
+    """A method's check_data hook is asked with the data's facts before any method runs or any
+    ledger, key or run directory is made; a plain ValueError is a ConfigError naming it."""
+
+    class Narrow(Toy):
+        @classmethod
+        def check_data(cls, cfg, facts):  # type: ignore[no-untyped-def]
+            if facts.input_size + facts.num_classes > 3:
+                raise ValueError(f"narrow.width: {facts.input_shape} inputs, "
+                                 f"{facts.num_classes} classes, train {facts.train_sizes}")
+
+    name = register("narrow_data_x", Narrow)
+    sim, run = _run(tmp_path, _config(name))
+    with pytest.raises(ConfigError, match=rf"^method '{name}' cannot run on this data: "
+                       r"narrow\.width: \(1, 28, 28\) inputs, 10 classes, train \(40, 40, 40\)$"):
+        sim.run()
+    assert not run.exists() and not (tmp_path / "ks").exists()

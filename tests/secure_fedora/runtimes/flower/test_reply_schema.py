@@ -478,3 +478,35 @@ def test_a_plug_in_refusing_the_model_is_refused_before_any_method_runs(tmp_path
             r"at most 1000 parameters \(torch\.float32\)$")
     finally:
         METHODS.unregister(name)
+
+
+def test_a_fedora_q_above_the_summary_width_is_refused_before_any_method_runs(tmp_path):
+    """FEDORA's q above its summary width (input features + classes) was refused only when
+    FEDORA set up: with methods ["local", "fedora"] under DP, Local had trained and closed its
+    ledgers and FEDORA's ledgers and keys were opened first (and the fixed config, with another
+    hash, could not resume them). Both runtimes now refuse it from the data's facts before any
+    method runs: in process nothing is written (no run directory, key store or ledger), on the
+    Flower grid nothing follows the first contact and no client opens a ledger."""
+    from secure_fedora.core.config import ConfigError, parse_config
+    from secure_fedora.runtimes.flower.protocol import MSG_HELLO
+    from secure_fedora.runtimes.inprocess import Simulation
+    from tests.secure_fedora.runtimes.flower.deploy_support import dp_config
+
+    base = with_methods(dp_config(rounds=1, noise="reproducible"), "local", "fedora")
+    cfg = parse_config({**base.model_dump(mode="json", exclude_none=True),
+                        "fedora": {"k": 2, "q": 795, "relatedness": "noised"}})
+    message = (r"^method 'fedora' cannot run on this data: fedora\.q = 795 is above the summary "
+               r"width 794 \(784 input features \+ 10 classes\)")
+    with pytest.raises(ConfigError, match=message):
+        Simulation(cfg, tmp_path / "inproc", keystore=tmp_path / "keystore").run()
+    assert not (tmp_path / "inproc").exists() and not (tmp_path / "keystore").exists()
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": True, "compare-methods": True})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, cfg.data.num_clients)
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(ConfigError, match=message):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)
+    assert {m.metadata.message_type for m in grid.sent} == {MSG_HELLO}
+    written = {p.relative_to(tmp_path / "nodes").parts[1:]
+               for p in (tmp_path / "nodes").rglob("*") if p.is_file()}
+    assert {w[:3] for w in written if w[0] == "runs"} == {("runs", "42", "hello")}  # nonces
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
