@@ -37,7 +37,8 @@ from privacy.ckks import InnerProductLayout
 from privacy.identity import Identity
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.core.files import atomic_write_bytes
-from secure_fedora.runtimes.flower.protocol import SUMMARY_DIM, DeployError
+from secure_fedora.runtimes.flower.contexts import DataSchema
+from secure_fedora.runtimes.flower.protocol import DeployError
 from secure_fedora.secure.relatedness import (
     SecureRelatednessError,
     create_keys,
@@ -55,9 +56,10 @@ class CeremonyError(DeployError, SecureRelatednessError):
     also a relatedness-protocol error)."""
 
 
-def layout_for(cfg: ExperimentConfig) -> InnerProductLayout:
-    """The packing layout of the run: ``N * q`` vectors of dimension ``SUMMARY_DIM``."""
-    return plan_layout(cfg.data.num_clients, cfg.fedora.q, SUMMARY_DIM)
+def layout_for(cfg: ExperimentConfig, schema: DataSchema) -> InnerProductLayout:
+    """The packing layout of the run: ``N * q`` vectors of the summary's dimension on data of
+    ``schema`` (input features + classes: the rows of every client's summary ``U_i``)."""
+    return plan_layout(cfg.data.num_clients, cfg.fedora.q, schema.summary_width)
 
 
 def _write_private(path: Path, data: bytes) -> None:

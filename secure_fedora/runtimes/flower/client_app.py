@@ -599,7 +599,7 @@ def encrypted_summary(message: Message, context: Context) -> Message:
     ckks = message.content["ckks"] if "ckks" in message.content else None
     if not isinstance(ckks, ConfigRecord) or not isinstance(ckks.get("sealed-context"), bytes):
         raise DeployError("encrypted summary request lacks ckks/sealed-context")
-    layout = layout_for(cfg)
+    layout = layout_for(cfg, DataSchema.of(ensure_partition(node, cfg)))
     if (ckks.get("num-vectors"), ckks.get("dim")) != (layout.num_vectors, layout.dim):
         raise DeployError(
             f"the server's layout ({ckks.get('num-vectors')}, {ckks.get('dim')}) differs from "
@@ -652,7 +652,8 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     store = _key_holder_store(node, context.run_id, security.identity)
     n, q = cfg.data.num_clients, cfg.fedora.q
     vectors = range(n * q)  # every row: the Flower runtime needs every client
-    gram = decrypt_rows(store.secret_context(), layout_for(cfg), rows, vectors)
+    layout = layout_for(cfg, DataSchema.of(ensure_partition(node, cfg)))
+    gram = decrypt_rows(store.secret_context(), layout, rows, vectors)
     overlaps = overlaps_from_rows(gram, vectors, n, q)
     _, journal = run_paths(node, context.run_id)
     # What the key holder releases (the overlaps of every pair) is journaled like a summary.

@@ -12,6 +12,7 @@ process must not have (the method contract, :mod:`secure_fedora.algorithms.contr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -77,6 +78,11 @@ class DataSchema:
     input_shape: tuple[int, ...]
     num_classes: int
     multilabel: bool
+
+    @property
+    def summary_width(self) -> int:
+        """The rows of a FEDORA summary ``U_i`` on this data: input features + classes."""
+        return math.prod(self.input_shape) + self.num_classes
 
     @classmethod
     def of(cls, client: ClientData) -> DataSchema:

@@ -80,7 +80,6 @@ __all__ = [
     "HELLO_SCOPE",
     "STAGE_OF",
     "wire_round",
-    "SUMMARY_DIM",
     "NodeSettings",
     "RunSettings",
     "array_record_to_tensor",
@@ -119,9 +118,6 @@ def wire_round(stage: str, rnd: int, rounds: int) -> int:
     if stage in ("round", "evaluate"):
         return rnd
     raise ValueError(f"unknown exchange {stage!r}")
-
-#: Rows of a client summary ``U_i``: flattened 28 x 28 image plus a one-hot label of 10 classes.
-SUMMARY_DIM = 784 + 10
 
 #: Keys of ``[tool.flwr.app.config]`` (defaults live in ``flwr_app/pyproject.toml``).
 RUN_CONFIG_KEYS = (

@@ -581,7 +581,8 @@ def _take_uploads(
     each accepted upload (and its envelope and size) to ``uploads``; the others are events or
     rejections."""
     cfg = server.cfg
-    layout, q = layout_for(cfg), cfg.fedora.q
+    assert server.schema is not None  # known since the first contact
+    layout, q = layout_for(cfg, server.schema), cfg.fedora.q
     messages = dict(
         _addressed(server, cid, MSG_ENCRYPTED_SUMMARY, RecordDict({"ckks": ConfigRecord({
             "sealed-context": blob, "num-vectors": layout.num_vectors,
@@ -671,7 +672,8 @@ def _encrypted_overlaps(
     # (b) every client's encrypted summary, its sealed context forwarded to it; a client
     # without an accepted upload is asked once more (it re-encrypts its saved summary: under
     # DP nothing is drawn or accounted twice)
-    layout = layout_for(cfg)
+    assert server.schema is not None  # known since the first contact
+    layout = layout_for(cfg, server.schema)
     client_of = {node: cid for cid, node in server.node_of_client.items()}
     uploads: dict[int, list[InnerProductUpload]] = {}
     envelopes: dict[int, Envelope] = {}

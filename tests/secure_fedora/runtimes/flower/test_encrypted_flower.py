@@ -52,6 +52,7 @@ from secure_fedora.algorithms import fedora
 from secure_fedora.core.config import ExperimentConfig, config_hash, parse_config
 from secure_fedora.runtimes.flower import client_app, server_app
 from secure_fedora.runtimes.flower.ceremony import CeremonyError, KeyHolderStore, layout_for
+from secure_fedora.runtimes.flower.contexts import DataSchema
 from secure_fedora.runtimes.flower.envelopes import (
     ENVELOPE_RECORD,
     MessageSecurity,
@@ -320,7 +321,7 @@ def test_key_holder_stores_keys_0600_reuses_them_and_the_protocol_steps_run_on_t
     with pytest.raises(CeremonyError, match="unusable"):
         KeyHolderStore(tmp_path / "ckks", ids[1]).secret_context()  # sealed to client 0 only
 
-    layout = layout_for(cfg)
+    layout = layout_for(cfg, DataSchema((1, 28, 28), 10, False))
     assert (layout.num_vectors, layout.dim) == (3, 794)
     server_ctx = open_server_context(public)
     summaries = torch.linalg.qr(torch.randn(3, 794, 1, dtype=torch.float64)).Q
@@ -454,6 +455,39 @@ def test_grid_noised_encrypted_run_equals_in_process_and_the_ledger_records_the_
         key = load_identity(ids / cid, cid).signing_key.public_key()
         assert verify_ledger_file(ledger, key) == []
         assert [e["mechanism"] for e in read_ledger(ledger)][0] == "gaussian_summary"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_grid_noised_encrypted_run_on_a_registered_dataset_of_another_shape(
+    tmp_path: Path,
+) -> None:
+    """The CKKS layout had a fixed summary dimension, 784 + 10 (MNIST's): on a registered
+    dataset of another shape every client's encrypted summary failed ('summary has shape
+    (10, 1), expected (794, q)') after, under DP, its noised summary had been drawn and
+    written to its ledger. Server and clients now plan it from the data's schema (input
+    features + classes), and the run equals the in-process one."""
+    from privacy.ledger import read_ledger
+    from secure_fedora.core.registry import DATASETS
+    from secure_fedora.data.partition import LabeledDataset
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(600, 6, generator=gen), torch.randint(0, 4, (600,), generator=gen)
+    DATASETS.register("six-features-x", lambda seed: LabeledDataset(x[:400], y[:400], x[400:],
+                                                                    y[400:], 4))
+    try:
+        doc = enc_config("noised+encrypted").model_dump(mode="json", exclude_none=True)
+        doc["data"].update(dataset="six-features-x", partition="iid", train_per_client=40,
+                           val_per_client=20, test_per_client=20)
+        cfg = parse_config(doc)
+        results, grid, _ = _grid_run(cfg, tmp_path)
+        sim, outcome = in_process(cfg, tmp_path)
+    finally:
+        DATASETS.unregister("six-features-x")
+    assert grid.errors == [] and results["events"] == []
+    ours = results["methods"]["fedora"]
+    assert np.allclose(ours["final"]["per_client"], outcome.final["per_client"], atol=1e-4, rtol=0)
+    ledger = tmp_path / "nodes" / "node-0" / "runs" / "42" / "fedora" / "client-000.jsonl"
+    assert [e["mechanism"] for e in read_ledger(ledger)][0] == "gaussian_summary"
 
 
 @pytest.mark.usefixtures("task_identity")
