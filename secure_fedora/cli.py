@@ -67,6 +67,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
                 sim.budget_plans(name)
             sim.check_model_sizes()  # so does a method that cannot run on the model
             sim.check_data()  # or on the data
+            sim.check_context()  # or by the data and model checks of the run's context
             key_dir = sim.key_dir
             if sim.keystore_created:
                 progress.console.print(

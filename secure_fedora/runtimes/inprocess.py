@@ -767,6 +767,7 @@ class Simulation:
         self._budget_plans: dict[str, Any] = {}
         self._sizes_checked = False
         self._data_checked = False
+        self._context_checked = False
         self.keystore_created: bool = False
         # Binds every in-process envelope to this run and its method (messages never outlive
         # the process, so a fresh random id per Simulation is enough).
@@ -922,6 +923,15 @@ class Simulation:
         if names:
             check_data_facts(names, self.cfg, data_facts(self.clients))
         self._data_checked = True
+
+    def check_context(self) -> None:
+        """Build the run's method context once, for its checks alone (labels, the model's
+        output width, the loss, AUC's classes and, under DP, exact per-sample gradients:
+        :func:`build_context`), so that a run they refuse fails before :attr:`key_dir` makes
+        a key store; each method still builds its own fresh context."""
+        if not self._context_checked:
+            self.context_factory(self.cfg, self.clients)
+            self._context_checked = True
 
     def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
         """Run (or resume) one method to the configured number of rounds; with privacy, a

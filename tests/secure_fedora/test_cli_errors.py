@@ -203,6 +203,21 @@ def test_a_dp_plan_over_budget_leaves_its_out_reusable(tmp_path, capsys):
     assert (out / "results.json").is_file()
 
 
+def test_a_dp_run_its_data_or_model_refuses_makes_no_key_store(tmp_path, capsys):
+    """The checks of the run's context (labels, output width, loss) ran only when the first
+    method started, after the CLI had made (and announced) the key store: a DP run whose loss
+    does not fit the data left a key store behind. They now run before it."""
+    private = {**TINY, "training": {**TINY["training"], "loss": "bce"},
+               "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3}}
+    refused = write_config(tmp_path / "tiny.toml", private)
+    out, keystore = tmp_path / "out", tmp_path / "keystore"
+    assert main(["run", str(refused), "--out", str(out), "--quiet",
+                 "--keystore", str(keystore)]) == 2
+    err = capsys.readouterr().err
+    assert "training.loss = 'bce' with single labels is binary" in one_error_line(err)
+    assert not out.exists() and not keystore.exists()
+
+
 def test_a_key_store_refused_at_set_up_leaves_its_out_reusable(tmp_path, capsys):
     """A private key readable by others was refused only after the run had published its
     public keys and created its ledgers: neither a corrected run (not empty) nor --resume (no
