@@ -109,6 +109,14 @@ def _loss_name(value: str) -> str:
     return check_spec(value, "training.loss") if ":" in value else LOSSES.check(value)
 
 
+def _not_blank(value: str) -> str:
+    """``value`` unless it is only spaces (a path of spaces is refused by
+    :func:`check_path_argument` where given in Python or on the command line)."""
+    if not value.strip():
+        raise ValueError(f"is only spaces ({value!r:.40}): name a directory")
+    return value
+
+
 MethodName = Annotated[str, _registered("METHODS")]
 """A registered method (:data:`secure_fedora.core.registry.METHODS`): fedora, local, fedavg,
 fedprox, ditto, apfl, fedamp, ifca, and any plug-in."""
@@ -375,9 +383,11 @@ class SecurityConfig(_Section):
 
     envelopes: bool = False
     #: Key store of a DP run's private keys (see :mod:`secure_fedora.secure.keystore`); ``None``:
-    #: the default store outside the run directory. A path holds no NUL character (TOML can
-    #: write one; the file system refuses it).
-    keystore: Annotated[str, Field(min_length=1, pattern=r"^[^\x00]*$")] | None = None
+    #: the default store outside the run directory. A path is not empty or only spaces (as
+    #: ``--keystore``) and holds no NUL character (TOML can write one; the file system refuses
+    #: it).
+    keystore: Annotated[str, Field(min_length=1, pattern=r"^[^\x00]*$"),
+                        AfterValidator(_not_blank)] | None = None
 
 
 class EvaluationConfig(_Section):

@@ -158,6 +158,9 @@ def _with(base, **sections):
         (_with(DP, privacy={"overrides": {"1" * 5000: {"epsilon": 1.0}}}), "privacy.overrides"),
         # a NUL in the key store path was a raw ValueError traceback when the run opened it
         ({"security": {"keystore": "keys\x00"}}, "security.keystore"),
+        # a key store of spaces passed, although --keystore "  " and the Python API refuse it
+        ({"security": {"keystore": "  "}}, "security.keystore"),
+        ({"security": {"keystore": "\t"}}, "security.keystore"),
         (_with(DP, training={"rounds": 2_000_000}), "training.rounds"),
         (_with(DP, privacy={"sample_rate": 0.01}, training={"rounds": 20_000, "local_epochs": 5}),
          "privacy.sample_rate"),
