@@ -156,14 +156,23 @@ def epsilon_label(epsilon: float | None) -> str:
     return short if float(short) == epsilon else repr(float(epsilon))
 
 
+# The command-line spellings of a non-private cell (None); an infinite budget
+# (``inf``, ``+inf``, ``infinity``) means the same.
+NON_PRIVATE_WORDS = ("none", "nonprivate", "non-private")
+
+
 def parse_epsilon(text: str) -> float | None:
-    """Parse a command-line epsilon: ``none`` or a positive finite number."""
-    if text.strip().lower() in ("none", "inf", "nonprivate", "non-private"):
+    """Parse a command-line epsilon: None (non-private) for one of :data:`NON_PRIVATE_WORDS`
+    or an infinite number (``inf``), else a positive finite number; ArgumentTypeError for
+    anything else."""
+    if text.strip().lower() in NON_PRIVATE_WORDS:
         return None
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"epsilon must be 'none' or a number, got {text!r}") from None
+    if value == math.inf:
+        return None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"epsilon must be positive and finite, got {text!r}")
     return value
@@ -1048,7 +1057,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds (default: the config's seed)")
     p.add_argument("--epsilons", nargs="+", type=parse_epsilon, default=[None],
-                   help="privacy budgets; 'none' is non-private (default: none)")
+                   help="privacy budgets: positive numbers, and 'none' (or 'inf', "
+                        "'non-private') for non-private (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
     return p

@@ -195,9 +195,22 @@ def test_ifca_training_loss_selection_under_privacy_fails_before_any_cell(tmp_pa
 def test_parse_epsilon():
     assert parse_epsilon("none") is None
     assert parse_epsilon("2.5") == 2.5
-    for bad in ("abc", "0", "-1", "nan"):
+    # an infinite budget is non-private however float() spells it ('inf' was, 'infinity'
+    # was refused as not finite)
+    for word in ("inf", "INF", "+inf", "infinity", "Non-Private", "nonprivate"):
+        assert parse_epsilon(word) is None
+    for bad in ("abc", "0", "-1", "nan", "-inf"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_epsilon(bad)
+
+
+def test_sweep_help_names_every_non_private_spelling():
+    """--epsilons inf meant non-private while the help named only 'none'."""
+    from secure_fedora.cli import build_parser
+
+    sweep_parser = build_parser()._subparsers._group_actions[0].choices["sweep"]
+    help_text = next(a.help for a in sweep_parser._actions if a.dest == "epsilons")
+    assert "'none'" in help_text and "'inf'" in help_text and "non-private" in help_text
 
 
 def test_epsilons_that_print_alike_get_distinct_cells():
