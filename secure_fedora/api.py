@@ -192,7 +192,7 @@ class Experiment:
         from secure_fedora.runtimes.rundir import RunDirError, check_resumable
 
         if resume:
-            check_resumable(self.run_dir, self.config, config_copy_required=False)
+            check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
         elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
             raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a new or "
                               "empty run_dir, and run(resume=True) continues the run it holds")

@@ -1255,7 +1255,7 @@ class Simulation:
         from secure_fedora.runtimes.rundir import check_fresh_run_dir
 
         if not resume:  # another run's results, checkpoints or ledgers are never overwritten
-            check_fresh_run_dir(self.run_dir, self.cfg)
+            check_fresh_run_dir(self.run_dir, self.cfg, cli=False)
         p = self.cfg.privacy
         if p.enabled:
             for name in self.cfg.methods:

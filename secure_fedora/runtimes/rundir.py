@@ -56,6 +56,12 @@ def default_run_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
     return run_dir
 
 
+def _names(cli: bool) -> tuple[str, str]:
+    """How errors name the run directory and resuming to their caller: the CLI's ``--out`` and
+    ``--resume``, or the Python API's ``run_dir`` and ``run(resume=True)``."""
+    return ("--out", "--resume") if cli else ("run_dir", "run(resume=True)")
+
+
 def _contents(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir())
 
@@ -75,10 +81,11 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
     atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
 
 
-def check_fresh_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
+def check_fresh_run_dir(run_dir: Path, cfg: ExperimentConfig, cli: bool = True) -> None:
     """RunDirError unless ``run_dir`` can take a fresh run of ``cfg`` without overwriting
     anything: it does not exist, is empty, or holds only ``config.toml`` of this very
-    configuration (what the CLI writes before the run starts)."""
+    configuration (what the CLI writes before the run starts). The message names the CLI's
+    options, or with ``cli`` False the Python API's arguments."""
     if run_dir.exists():
         if not run_dir.is_dir():
             raise RunDirError(f"run directory {run_dir} exists and is not a directory")
@@ -88,9 +95,10 @@ def check_fresh_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
             held = []  # a start of this very run killed before it wrote anything else
         if held:
             shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+            out, resume = _names(cli)
             raise RunDirError(
                 f"run directory {run_dir} is not empty (holds {shown}); a new run needs a new "
-                "or empty --out, and --resume continues the run it holds"
+                f"or empty {out}, and {resume} continues the run it holds"
             )
 
 
@@ -172,33 +180,37 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
         sorted(ledgers.iterdir()) == interrupted_ledger_creations(ledgers)
 
 
-def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True) -> None:
+def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True,
+                    cli: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
     checkpoint to continue from (see the module docstring); reads only. The Python API's
     non-private runs without envelopes hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
-    order are checked all the same, and a config copy that is there must match."""
+    order are checked all the same, and a config copy that is there must match. Messages name
+    the CLI's options, or with ``cli`` False the Python API's arguments."""
+    out, resume = _names(cli)
     if not run_dir.is_dir():
-        raise RunDirError(f"--resume needs an existing run directory; {run_dir} does not exist")
+        raise RunDirError(f"{resume} needs an existing run directory; {run_dir} does not exist")
     stored = run_dir / CONFIG_COPY
     if not stored.is_file():
         if config_copy_required:
-            raise RunDirError(f"--resume: {stored} is missing, so {run_dir} cannot be matched to "
-                              "this configuration")
-        _check_checkpoints(run_dir, cfg)
+            raise RunDirError(f"{resume}: {stored} is missing, so {run_dir} cannot be matched "
+                              "to this configuration")
+        _check_checkpoints(run_dir, cfg, resume=resume)
         return
     try:
         stored_cfg = load_config(stored)
     except ConfigError as err:
-        raise RunDirError(f"--resume: the run's stored configuration is unusable: {err}") from None
+        raise RunDirError(f"{resume}: the run's stored configuration is unusable: {err}") from None
     if config_hash(stored_cfg) != config_hash(cfg):
         raise RunDirError(
-            f"--resume: {run_dir} holds a run of another configuration ({stored} differs from "
-            "the given config); resume with the config it was started with, or use a new --out"
+            f"{resume}: {run_dir} holds a run of another configuration ({stored} differs from "
+            f"the given config); resume with the config it was started with, or use a new {out}"
         )
-    _check_checkpoints(run_dir, cfg, bound=True)
+    _check_checkpoints(run_dir, cfg, bound=True, resume=resume)
 
 
-def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Path) -> None:
+def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Path,
+                            resume: str = "--resume") -> None:
     """Every client's ledger in ``folder`` still holds the entries ``checkpoint`` recorded
     (its privacy state: entry count and hash of the last line); reads only. Checked before a
     resume writes anything: a checkpoint copied from another run of the same config, or a
@@ -219,16 +231,17 @@ def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Pat
         try:
             lines = ledger.read_text(encoding="utf-8").splitlines() if ledger.is_file() else []
         except (OSError, UnicodeDecodeError) as err:
-            raise RunDirError(f"--resume: cannot read {ledger}: {err}") from None
+            raise RunDirError(f"{resume}: cannot read {ledger}: {err}") from None
         if len(lines) < count or line_hash(lines[count - 1]) != head:
             raise RunDirError(
-                f"--resume: checkpoint {checkpoint} records {count} ledger entries of client {cid}"
+                f"{resume}: checkpoint {checkpoint} records {count} ledger entries of client {cid}"
                 f" (ending in {head[:12]}...), which {ledger} does not hold: the ledger was lost,"
                 " cut or replaced since, or the checkpoint is another run's; nothing was written"
                 " (restore the ledger, or start a new run)")
 
 
-def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False) -> None:
+def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False,
+                       resume: str = "--resume") -> None:
     """The checkpoint half of :func:`check_resumable`: this configuration's methods'
     checkpoints exist in order, each written for this configuration (or the first method's
     releases are recorded, or it released nothing yet: killed before its first checkpoint).
@@ -244,14 +257,14 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False
         return  # killed before its first checkpoint: resumed from the start
     if not present:
         raise RunDirError(
-            f"--resume: {run_dir / 'checkpoints'} holds no checkpoint of {cfg.methods[0]!r}; "
+            f"{resume}: {run_dir / 'checkpoints'} holds no checkpoint of {cfg.methods[0]!r}; "
             "there is nothing to resume from (start a new run in a new directory)"
         )
     expected_order = list(cfg.methods[: len(present)])
     if present != expected_order:
         missing = [m for m in expected_order if m not in present]
         raise RunDirError(
-            f"--resume: checkpoint(s) of {missing} missing from {run_dir / 'checkpoints'} while "
+            f"{resume}: checkpoint(s) of {missing} missing from {run_dir / 'checkpoints'} while "
             "a later method's checkpoint exists; refusing to restart them silently"
         )
     for method in present:
@@ -261,4 +274,4 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False
             raise CheckpointError(f"checkpoint {path} was written for another configuration; "
                                   "refuse to resume")
         if isinstance(state.get("privacy"), dict):
-            _check_recorded_ledgers(run_dir / "ledgers" / method, state["privacy"], path)
+            _check_recorded_ledgers(run_dir / "ledgers" / method, state["privacy"], path, resume)

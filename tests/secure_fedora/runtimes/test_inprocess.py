@@ -862,7 +862,10 @@ def test_a_fresh_simulation_never_overwrites_another_run(tmp_path, tiny_clients)
     before = {p.name: p.read_bytes() for p in [run / "results.json", run / "rounds.csv",
                                                 run / "checkpoints" / "local.pt"]}
     other = tiny(methods=["local"], training={"rounds": 1, "lr": 0.01})
-    with pytest.raises(RunDirError, match="is not empty"):
+    with pytest.raises(RunDirError, match="is not empty") as err:
         Simulation(other, run, clients=tiny_clients).run()
+    # named for the Python caller, not as the CLI's --out and --resume
+    assert "new or empty run_dir, and run(resume=True) continues" in str(err.value)
+    assert "--" not in str(err.value)
     assert {p.name: p.read_bytes() for p in [run / "results.json", run / "rounds.csv",
                                               run / "checkpoints" / "local.pt"]} == before

@@ -82,7 +82,8 @@ def test_a_new_run_into_another_runs_directory_is_refused(dp_run, tmp_path, caps
     before = snapshot(run_dir)
     other = write_config(tmp_path / "eps8.toml", {**DP, "privacy": {**DP["privacy"], "epsilon": 8.0}})
     assert run(other, run_dir) == 2
-    assert "not empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not empty" in err and "new or empty --out, and --resume continues" in err
     assert snapshot(run_dir) == before  # no ledger appended to, no results overwritten
 
 
@@ -377,9 +378,17 @@ def test_api_resume_of_another_runs_directory_writes_nothing(api_run, tmp_path, 
     doc, source = api_run
     run_dir = copy_run(source, tmp_path)
     before = snapshot(run_dir)
-    with pytest.raises(RunDirError, match=message):
+    with pytest.raises(RunDirError, match=message) as err:
         Experiment({**doc, "seed": 7, "methods": methods}, run_dir=run_dir).run(resume=True)
     assert snapshot(run_dir) == before
+    # the Python API's error names its own argument, not the CLI's --resume
+    assert str(err.value).startswith("run(resume=True): ") and "--" not in str(err.value)
+
+
+def test_api_resume_of_a_missing_directory_names_the_api_argument(tmp_path):
+    with pytest.raises(RunDirError, match=r"^run\(resume=True\) needs an existing run directory"):
+        Experiment({**TINY, "methods": ["local"]}, run_dir=tmp_path / "absent").run(resume=True)
+    assert not (tmp_path / "absent").exists()
 
 
 def test_api_resume_with_another_config_of_the_same_methods_writes_nothing(api_run, tmp_path):
