@@ -58,13 +58,13 @@ import torch
 from torch import Tensor, nn
 
 from secure_fedora.algorithms.config_checks import (
-    _IFCA_TRAIN_UNDER_DP,
-    _IFCA_VAL_PRIVATE,
     BASELINE_HYPERPARAMETERS,
     BASELINE_NAMES,
     BaselineChecks,
     BaselineConfigError,
     IFCAChecks,
+    ifca_train_under_dp,
+    ifca_val_private,
     validate_hyperparameters,
 )
 from secure_fedora.algorithms.contract import (
@@ -792,13 +792,14 @@ class FedAMP(_Baseline, FederatedMethod):
 # --------------------------------------------------------------------------- IFCA
 
 
-def _check_cluster_count(k: int, num_params: int, dtype: torch.dtype) -> None:
+def _check_cluster_count(k: int, num_params: int, dtype: torch.dtype,
+                         section: str = "ifca") -> None:
     """BaselineConfigError when IFCA's messages of ``k`` cluster models of ``num_params``
-    parameters of ``dtype`` would be over the payload caps."""
+    parameters of ``dtype`` would be over the payload caps (naming ``[baselines.<section>]``)."""
     largest = IFCA.largest_cluster_count(num_params, dtype)
     if k > largest:
         raise BaselineConfigError(
-            f"baselines.ifca.num_clusters = {k}: every IFCA message carries all cluster models, "
+            f"baselines.{section}.num_clusters = {k}: every IFCA message carries all cluster models, "
             f"and one message holds at most {largest} models of {num_params:,} parameters "
             f"({str(dtype).removeprefix('torch.')}); use at most {largest} clusters")
 
@@ -830,18 +831,20 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
     def __init__(self, ctx: MethodContext, num_clusters: int = 4,
                  selection_split: str = "train", validation: str = "public") -> None:
         super().__init__(ctx)
+        section = self.config_section()  # a plug-in subclass's own section
         if num_clusters < 1:
-            raise BaselineConfigError(f"baselines.ifca.num_clusters must be >= 1; got {num_clusters}")
+            raise BaselineConfigError(
+                f"baselines.{section}.num_clusters must be >= 1; got {num_clusters}")
         if selection_split not in ("train", "val"):
             raise BaselineConfigError(
-                f"baselines.ifca.selection_split must be 'train' or 'val'; got {selection_split!r}"
-            )
+                f"baselines.{section}.selection_split must be 'train' or 'val'; got "
+                f"{selection_split!r}")
         if selection_split == "train" and not isinstance(unwrap_oracle(ctx.oracle), PlainGradient):
-            raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
+            raise BaselineConfigError(ifca_train_under_dp(section))
         if selection_split == "val" and validation != "public":
-            raise BaselineConfigError(_IFCA_VAL_PRIVATE)
+            raise BaselineConfigError(ifca_val_private(section))
         # before the K x P cluster matrix is allocated
-        _check_cluster_count(num_clusters, ctx.flat.num_params, ctx.init.dtype)
+        _check_cluster_count(num_clusters, ctx.flat.num_params, ctx.init.dtype, section)
         self.num_clusters = num_clusters
         self.selection_split = selection_split
         self.clusters = self._initial_clusters(num_clusters)
@@ -892,7 +895,8 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
         if x.shape[0] == 0:
             raise ClientUpdateError(
                 f"IFCA: client {i} has an empty {self.selection_split} split, so it cannot choose a "
-                "cluster ([baselines.ifca] selection_split names the split it chooses on)")
+                f"cluster ([baselines.{self.config_section()}] selection_split names the split "
+                "it chooses on)")
         losses = torch.tensor(
             [evaluate(self.ctx.flat, clusters[k], x, y).loss for k in range(self.num_clusters)]
         )
@@ -995,7 +999,7 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
         """Refuse more clusters than one message can carry: every message holds all the
         cluster models (:meth:`largest_cluster_count`)."""
         k = cls.hyperparameters(cfg)["num_clusters"]
-        _check_cluster_count(k, num_params, dtype)
+        _check_cluster_count(k, num_params, dtype, cls.config_section())
 
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Every participant receives the K cluster models (and their version)."""

@@ -149,16 +149,24 @@ def validate_hyperparameters(name: str, section: Mapping[str, Any] | None, *,
         raise BaselineConfigError("; ".join(problems)) from None
 
 
-_IFCA_TRAIN_UNDER_DP = (
-    "baselines.ifca.selection_split='train' picks clusters by training loss, an unaccounted "
-    "release under a private oracle; under DP use selection_split='val' with "
-    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
-    "methods")
-_IFCA_VAL_PRIVATE = (
-    "baselines.ifca.selection_split='val' picks clusters by validation loss, but "
-    "data.validation is 'private'; no accounted cluster choice exists: set "
-    "data.validation='public' (declaring the validation data public), or leave 'ifca' out of "
-    "methods")
+def ifca_train_under_dp(section: str = "ifca") -> str:
+    """The refusal of IFCA's cluster choice by training loss under DP, naming the method's
+    ``[baselines.<section>]`` (a plug-in subclass's own) and the method to leave out."""
+    return (
+        f"baselines.{section}.selection_split='train' picks clusters by training loss, an "
+        "unaccounted release under a private oracle; under DP use selection_split='val' with "
+        "data.validation='public' (declaring the validation data public), or leave "
+        f"{section!r} out of methods")
+
+
+def ifca_val_private(section: str = "ifca") -> str:
+    """The refusal of IFCA's cluster choice by private validation loss, naming the method's
+    ``[baselines.<section>]`` and the method to leave out."""
+    return (
+        f"baselines.{section}.selection_split='val' picks clusters by validation loss, but "
+        "data.validation is 'private'; no accounted cluster choice exists: set "
+        "data.validation='public' (declaring the validation data public), or leave "
+        f"{section!r} out of methods")
 
 
 # --------------------------------------------------------------------------- config hooks
@@ -280,9 +288,9 @@ class IFCAChecks(BaselineChecks):
         by validation loss when validation data is private."""
         params = cls.hyperparameters(cfg)
         if params["selection_split"] == "train" and cfg.privacy.enabled:
-            raise BaselineConfigError(_IFCA_TRAIN_UNDER_DP)
+            raise BaselineConfigError(ifca_train_under_dp(cls.config_section()))
         if params["selection_split"] == "val" and cfg.data.validation != "public":
-            raise BaselineConfigError(_IFCA_VAL_PRIVATE)
+            raise BaselineConfigError(ifca_val_private(cls.config_section()))
 
 
 BUILTIN_DECLARATIONS: dict[str, type[MethodChecks]] = {

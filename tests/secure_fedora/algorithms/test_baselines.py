@@ -555,3 +555,89 @@ def test_a_plug_in_baseline_section_is_checked_with_its_parents_keys(clients):
             METHODS.unregister(name)
     fedprox = build_method("fedprox", build_context(tiny(), clients), tiny())
     assert "hyperparameters_section" not in fedprox.server_finalize({})
+
+
+def test_a_plug_in_ifca_names_its_own_section_in_its_refusals(clients):
+    """IFCA's DP, validation and size refusals named [baselines.ifca] (and 'ifca' as the
+    method to leave out) for a subclass registered under its own name, which reads its own
+    section: a user told to fix baselines.ifca changed a section its method never reads."""
+    from secure_fedora.core.config import ConfigError
+    from secure_fedora.core.registry import METHODS
+
+    class MyIFCA(IFCA):
+        pass
+
+    dp = {"enabled": True, "epsilon": 8.0, "delta": 1e-5}
+    METHODS.register("my_ifca_x", MyIFCA)
+    try:
+        with pytest.raises(ConfigError) as err:
+            tiny(methods=["my_ifca_x"], privacy=dp)
+        assert "baselines.my_ifca_x.selection_split='train'" in str(err.value)
+        assert "leave 'my_ifca_x' out of methods" in str(err.value)
+        assert "baselines.ifca" not in str(err.value)
+        with pytest.raises(ConfigError) as err:
+            tiny(methods=["my_ifca_x"], privacy=dp, data={"validation": "private"},
+                 baselines={"my_ifca_x": {"selection_split": "val"}})
+        assert "baselines.my_ifca_x.selection_split='val'" in str(err.value)
+        assert "baselines.ifca" not in str(err.value)
+        private = build_context(tiny(), clients)
+        private.oracle = _Private(private.oracle)
+        with pytest.raises(BaselineConfigError, match=r"^baselines\.my_ifca_x\.selection_split"):
+            MyIFCA(private, num_clusters=2, selection_split="train")
+        ctx = build_context(tiny(), clients)
+        with pytest.raises(BaselineConfigError, match=r"^baselines\.my_ifca_x\.selection_split"):
+            MyIFCA(ctx, num_clusters=2, selection_split="val", validation="private")
+        with pytest.raises(BaselineConfigError, match=r"^baselines\.my_ifca_x\.num_clusters"):
+            MyIFCA(ctx, num_clusters=10**9)
+        with pytest.raises(BaselineConfigError, match=r"^baselines\.my_ifca_x\.num_clusters"):
+            MyIFCA.check_model_size(tiny(baselines={"my_ifca_x": {"num_clusters": 10**9}}),
+                                    ctx.flat.num_params, ctx.init.dtype)
+        emptied = list(clients)
+        emptied[3] = dataclasses.replace(clients[3], train_x=clients[3].train_x[:0],
+                                         train_y=clients[3].train_y[:0])
+        method = MyIFCA(build_context(tiny(), emptied), num_clusters=2)
+        with pytest.raises(ClientUpdateError, match=r"\[baselines\.my_ifca_x\] selection_split"):
+            method.choose(3, method.clusters)
+    finally:
+        METHODS.unregister("my_ifca_x")
+    # the built-in keeps its wording
+    with pytest.raises(ConfigError, match=r"baselines\.ifca\.selection_split='train'.*'ifca' out"):
+        tiny(methods=["ifca"], privacy=dp)
+
+
+def test_a_factory_plug_in_is_config_checked_by_its_algorithms_section(clients):
+    """As the README says: a factory registered with ``build.algorithm = IFCA`` gets IFCA's
+    config checks, which read [baselines.ifca] (the config cannot know the factory's section),
+    while build.params checks the factory's own section; IFCA still refuses a private cluster
+    choice when the factory builds it."""
+    from pydantic import BaseModel, ConfigDict
+
+    from secure_fedora.algorithms.contract import build_method
+    from secure_fedora.core.config import ConfigError
+    from secure_fedora.core.registry import METHODS
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        selection_split: str = "val"
+
+    def build(ctx, cfg):
+        own = Params.model_validate(cfg.baselines.get("fact_ifca_x", {}))
+        return IFCA(ctx, num_clusters=2, selection_split=own.selection_split,
+                    validation=cfg.data.validation)
+
+    build.params = Params
+    build.algorithm = IFCA
+    dp = {"enabled": True, "epsilon": 8.0, "delta": 1e-5}
+    METHODS.register("fact_ifca_x", build)
+    try:
+        with pytest.raises(ConfigError, match=r"baselines\.ifca\.selection_split='train'"):
+            tiny(methods=["fact_ifca_x"], privacy=dp,
+                 baselines={"fact_ifca_x": {"selection_split": "val"}})
+        cfg = tiny(methods=["fact_ifca_x"], baselines={"ifca": {"selection_split": "val"},
+                                                        "fact_ifca_x": {"selection_split": "train"}})
+        private = build_context(cfg, clients)
+        private.oracle = _Private(private.oracle)
+        with pytest.raises(BaselineConfigError, match=r"selection_split='train'"):
+            build_method("fact_ifca_x", private, cfg)
+    finally:
+        METHODS.unregister("fact_ifca_x")
