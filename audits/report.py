@@ -230,11 +230,13 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
     """The selected test metric per method and client ("metric": accuracy or auc).
 
     Guarantee: every figure is a finite float or None (a non-numeric value in results.json
-    is shown as missing, never passed to the plot)."""
+    is shown as missing, never passed to the plot); ``stale`` lists each client whose
+    selected metric is from an earlier round than the selected one (``stale_clients``)."""
     metric = str(results.get("metric", "accuracy")) if isinstance(results, dict) else "accuracy"
     if not results or not isinstance(results.get("methods"), dict):
-        return {"metric": metric, "methods": [], "per_client": []}
+        return {"metric": metric, "methods": [], "per_client": [], "stale": []}
     methods = []
+    stale: list[dict[str, Any]] = []
     per_client: dict[int, dict[str, Any]] = {}
     for name, body in results["methods"].items():
         sel = body.get("selected") if isinstance(body, dict) else None
@@ -245,9 +247,12 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
         for i, acc in enumerate(_list(sel.get("per_client"))):
             # a dict, list or string there is no figure (verify flags the file): shown as "-"
             per_client.setdefault(i, {"client": i})[name] = _finite_or_none(acc)
+        stale.extend({"method": name, "client": e.get("client"), "round": e.get("round"),
+                      "selected_round": sel.get("round")}
+                     for e in _list(sel.get("stale_clients")) if isinstance(e, dict))
     ids = client_ids(len(per_client))
     rows = [{**per_client[i], "client_id": ids[i]} for i in sorted(per_client)]
-    return {"metric": metric, "methods": methods, "per_client": rows}
+    return {"metric": metric, "methods": methods, "per_client": rows, "stale": stale}
 
 
 def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
@@ -768,6 +773,13 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             ["client", *names],
             [[_e(r["client_id"]), *(_fmt(r.get(n)) for n in names)] for r in acc["per_client"]],
         ))
+        for st in acc.get("stale", []):
+            source = ("is a placeholder 0 (no figure yet)" if st["round"] is None
+                      else f"is from round {_e(st['round'])}")
+            parts.append(f"<p class=\"warn\">{_e(st['method'])}: client {_e(st['client'])}'s "
+                         f"{_e(metric_name)} {source}, not the selected round "
+                         f"{_e(st['selected_round'])}'s (it missed that round's "
+                         "evaluation).</p>")
         if plots.get("accuracy"):
             parts.append(f"<img alt=\"per-client {_e(metric_name)}\" "
                          f"src=\"data:image/png;base64,{plots['accuracy']}\">")

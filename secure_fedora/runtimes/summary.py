@@ -35,13 +35,24 @@ def results_table(results: dict[str, Any]) -> Table:
 
 def print_run_summary(console: Console, results: dict[str, Any], run_dir: Path | str) -> None:
     """Print a finished run's summary on ``console``: :func:`results_table`, FEDORA's
-    comparison with Local where the results hold it, every event the runtime recorded
-    (Flower: a client that failed or was rejected in a round; none in process) and the
-    directory holding results.json."""
+    comparison with Local where the results hold it, each client whose selected or final
+    metric is from an earlier round (``stale_clients``: Flower, a client that missed that
+    evaluation), every event the runtime recorded (Flower: a client that failed or was
+    rejected in a round; none in process) and the directory holding results.json."""
     console.print(results_table(results))
     comparison = results.get("comparison") or {}
     if "fedora_below_local" in comparison:
         console.print(f"clients where FEDORA is below Local: {comparison['fedora_below_local']}")
+    for name, body in results["methods"].items():
+        for part in ("selected", "final"):
+            entry = body.get(part) or {}
+            reported = entry.get("round", body.get("rounds"))
+            for stale in entry.get("stale_clients") or []:
+                source = "is a placeholder 0 (no metric yet)" if stale["round"] is None \
+                    else f"is from round {stale['round']}"
+                console.print(f"  {name} {part}: client {stale['client']}'s metric {source}, "
+                              f"not round {reported}'s (it missed that round's evaluation)",
+                              markup=False)
     for event in results.get("events") or []:
         where = f"{event['method']} " if event.get("method") else ""
         console.print(f"  {where}round {event['round']}: client {event['client']}: "

@@ -462,3 +462,19 @@ def test_a_whitebox_claim_cannot_be_inflated_by_its_own_step_count(run_copy):
     assert above["status"] == "invalid"
     assert f"exceeds the epsilon {planned:.6g} of all 40 planned DP-SGD steps" \
         in above["verdict_text"]
+
+
+def test_a_stale_selected_metric_is_named_in_the_report(run_copy, tmp_path):
+    """A Flower client that missed the selected round's evaluation keeps an earlier round's
+    metric (results.json names it under selected.stale_clients): the report showed it as the
+    selected round's without a word."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    selected = doc["methods"]["fedora"]["selected"]
+    selected["stale_clients"] = [{"client": 1, "round": selected["round"] - 1}]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    stale = json.loads(paths.json.read_text())["accuracy"]["stale"]
+    assert stale == [{"method": "fedora", "client": 1, "round": selected["round"] - 1,
+                      "selected_round": selected["round"]}]
+    assert (f"fedora: client 1's accuracy is from round {selected['round'] - 1}, not the "
+            f"selected round {selected['round']}'s") in paths.html.read_text()

@@ -773,6 +773,10 @@ class _MethodRun:
     seconds: dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0})
     evaluated: set[int] = field(default_factory=set)  # clients that ever reported metrics
     answered_last: set[int] = field(default_factory=set)  # replied to the final evaluation
+    # the round each client's latest accepted metrics are from, and that map as it was when
+    # the selected round was evaluated (a client that missed an evaluation keeps older ones)
+    metric_round: dict[int, int] = field(default_factory=dict)
+    selected_metric_round: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -986,7 +990,10 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
             continue
         tracker.last_val[cid], tracker.last_test[cid] = val, test
         run.evaluated.add(cid)
+        run.metric_round[cid] = rnd
     tracker.update(rnd)
+    if int(tracker.best_round) == rnd:
+        run.selected_metric_round = dict(run.metric_round)
     return {
         **tracker.round_row(),
         "evaluated": len(replies.metrics),
@@ -1163,9 +1170,22 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     if server.relatedness is None:
         server.relatedness = relatedness_matrix([algorithm])
     t = run.tracker
-    return method_entry(name, {**summarize(t.test_at_best), "round": int(t.best_round)},
-                        summarize(t.last_test), rounds, round(run.seconds["training"], 3),
+    selected = {**summarize(t.test_at_best), "round": int(t.best_round),
+                **stale_clients(run.selected_metric_round, int(t.best_round), n)}
+    final = {**summarize(t.last_test), **stale_clients(run.metric_round, rounds, n)}
+    return method_entry(name, selected, final, rounds, round(run.seconds["training"], 3),
                         round(run.seconds["evaluation"], 3), extra)
+
+
+def stale_clients(metric_round: Mapping[int, int], reported: int, n: int) -> dict[str, Any]:
+    """``{"stale_clients": [{"client": index, "round": r}, ...]}`` for the clients whose
+    metric is from an earlier round ``r`` than the ``reported`` one (they missed its
+    evaluation, asked twice for the final one, and kept their latest accepted metrics; ``r``
+    None: none yet, the figure is a placeholder 0); empty when every client's metric is that
+    round's, so that results never pass an older metric off as the reported round's."""
+    stale = [{"client": c, "round": metric_round.get(c)} for c in range(n)
+             if metric_round.get(c) != reported]
+    return {"stale_clients": stale} if stale else {}
 
 
 def _privacy_section(server: _Server, name: str) -> dict[str, Any]:

@@ -152,6 +152,49 @@ def test_a_lost_final_evaluation_reply_is_asked_again_without_dp(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_client_that_misses_the_final_evaluation_twice_is_named_stale_in_the_results(
+        tmp_path: Path) -> None:
+    """Without DP a client that missed the final evaluation twice kept its round-1 metric
+    as its final one and the run completed, only an event saying so, while the README said
+    no client's final metric is an earlier round's. The results now name it under
+    final.stale_clients (and selected.stale_clients when the selected round is the last) with
+    the round its metric is from, and the printed summary says so; every other client's
+    metric is its own final one."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from secure_fedora.runtimes.summary import print_run_summary
+
+    cfg = tiny_config(rounds=2)
+    grid, run = _run(tmp_path, cfg, {(1, 2, MSG_EVALUATE): lambda q, r: None})
+    results = run()
+    body = results["methods"]["fedora"]
+    assert body["final"]["stale_clients"] == [{"client": 1, "round": 1}]
+    if body["selected"]["round"] == 2:
+        assert body["selected"]["stale_clients"] == [{"client": 1, "round": 1}]
+    else:  # round 1 selected: every client's metric is round 1's
+        assert "stale_clients" not in body["selected"]
+    stored = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert stored["methods"]["fedora"]["final"]["stale_clients"] == [{"client": 1, "round": 1}]
+    out = StringIO()
+    print_run_summary(Console(file=out, width=200), stored, tmp_path / "res")
+    assert "fedora final: client 1's metric is from round 1, not round 2's" in out.getvalue()
+    # an undisturbed run names no client
+    _, reference = _run(tmp_path / "ref", cfg, {})
+    expected = reference()["methods"]["fedora"]
+    assert "stale_clients" not in expected["final"] and "stale_clients" not in expected["selected"]
+
+
+def test_stale_clients_names_every_metric_not_from_the_reported_round() -> None:
+    """An older metric names its round; a client with none yet (its figure the tracker's
+    placeholder 0) is named with round None; none stale: no key."""
+    assert server_app.stale_clients({0: 3, 1: 2}, 3, 3) == {
+        "stale_clients": [{"client": 1, "round": 2}, {"client": 2, "round": None}]}
+    assert server_app.stale_clients({0: 3, 1: 3}, 3, 2) == {}
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_lost_hello_reply_is_asked_again_and_the_run_equals_an_undisturbed_one(
         tmp_path: Path) -> None:
     """The first contact had no retry: one lost hello reply stopped the run ("missing
