@@ -36,6 +36,16 @@ def test_cli_reports_config_errors_with_the_key(tmp_path):
     assert "training.rounds" in proc.stderr
 
 
+@pytest.mark.parametrize("directory", ["", "  "])
+def test_keys_init_refuses_an_empty_directory(tmp_path, monkeypatch, capsys, directory):
+    """keys init "" wrote every private key into the current directory (and "  " into a
+    directory of spaces), while --out and --keystore refuse such a path."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["keys", "init", directory, "--clients", "2"]) == 2
+    assert "the key directory is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keys_init_writes_private_keys_0600_and_refuses_bad_input(tmp_path):
     keys = tmp_path / "keys"
     assert main(["keys", "init", str(keys), "--clients", "2"]) == 0
