@@ -1014,6 +1014,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
     )
 
+    check_path_argument(args.out, "--out")  # named as the command line names it
     cfg = load_config(args.config)
     methods = args.methods or list(_literal_methods())
     seeds = args.seeds if args.seeds is not None else [cfg.seed]

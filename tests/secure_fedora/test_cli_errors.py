@@ -329,4 +329,7 @@ def test_an_empty_out_is_an_error_not_the_default_directory(tmp_path, capsys, mo
     for empty in ("", "  "):
         assert main(["run", str(config), "--out", empty, "--quiet"]) == 2
         assert "--out is empty" in one_error_line(capsys.readouterr().err)
+        # sweep named the Python API's argument ('out is empty')
+        assert main(["sweep", str(config), "--out", empty, "--quiet"]) == 2
+        assert one_error_line(capsys.readouterr().err).startswith("error: --out is empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
