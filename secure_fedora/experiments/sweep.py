@@ -156,23 +156,20 @@ def epsilon_label(epsilon: float | None) -> str:
     return short if float(short) == epsilon else repr(float(epsilon))
 
 
-# The command-line spellings of a non-private cell (None); an infinite budget
-# (``inf``, ``+inf``, ``infinity``) means the same.
-NON_PRIVATE_WORDS = ("none", "nonprivate", "non-private")
+# The command-line spellings of a non-private cell (None): an infinite budget means the same.
+NON_PRIVATE_WORDS = ("none", "nonprivate", "non-private", "inf", "+inf", "infinity", "+infinity")
 
 
 def parse_epsilon(text: str) -> float | None:
-    """Parse a command-line epsilon: None (non-private) for one of :data:`NON_PRIVATE_WORDS`
-    or an infinite number (``inf``), else a positive finite number; ArgumentTypeError for
-    anything else."""
+    """Parse a command-line epsilon: None (non-private) for one of :data:`NON_PRIVATE_WORDS`,
+    else a positive finite number; ArgumentTypeError for anything else (a number too large
+    for a float, e.g. 1e400, too: it is no spelling of infinity)."""
     if text.strip().lower() in NON_PRIVATE_WORDS:
         return None
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"epsilon must be 'none' or a number, got {text!r}") from None
-    if value == math.inf:
-        return None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"epsilon must be positive and finite, got {text!r}")
     return value
