@@ -133,7 +133,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``audit report``: write report.html/report.json; 0 iff written and verified."""
     from audits.report import write_report
+    from secure_fedora.core.config import check_path_argument
 
+    if args.out is not None:  # an empty --out would be the current directory
+        check_path_argument(args.out, "--out")
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
     paths = write_report(args.run_dir, args.out, verification=report)

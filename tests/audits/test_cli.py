@@ -101,6 +101,15 @@ def test_canary_on_a_run_dir_writes_the_common_document(tmp_path, capsys):
     assert "certifiable maximum" in out and "cannot certify epsilon above" in out
 
 
+def test_report_refuses_an_empty_out(pristine_run, tmp_path, monkeypatch, capsys):
+    """`audit report RUN --out ''` wrote report.html and report.json into the current
+    directory, where the run commands refuse an empty --out."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", "report", str(pristine_run), "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verify_and_report_refuse_a_directory_that_is_not_a_run(tmp_path, capsys):
     """An empty directory was verified as "not differentially private" (rc 1), and the report
     wrote audit/ into it."""

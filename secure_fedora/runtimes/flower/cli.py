@@ -17,7 +17,6 @@ import argparse
 import json
 import signal
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -60,12 +59,14 @@ def _positive_float(value: str) -> float:
 def cmd_certs(args: argparse.Namespace) -> int:
     """Write a CA, a server certificate for ``--host`` and optionally ``--nodes`` node keys."""
     from privacy.identity import MAX_CLIENT_IDS
+    from secure_fedora.core.config import check_path_argument
     from secure_fedora.runtimes.flower.certs import make_certificates, make_node_keys
     from secure_fedora.runtimes.flower.protocol import DeployError
 
     if args.nodes > MAX_CLIENT_IDS:
         raise DeployError(f"--nodes must be at most {MAX_CLIENT_IDS:,}, got {args.nodes}")
-    out = Path(args.out)
+    # an empty --out would be the current directory, which then receives the CA's private key
+    out = check_path_argument(args.out, "--out")
     paths = make_certificates(out, args.host, valid_days=args.days, overwrite=args.force)
     keys = (
         make_node_keys(out / "keys", [f"node-{i}" for i in range(args.nodes)], overwrite=args.force)
@@ -102,9 +103,12 @@ def _interrupt_on_termination() -> Callable[[], None]:
 def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
+    from secure_fedora.core.config import check_path_argument
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
     from secure_fedora.runtimes.summary import print_run_summary
 
+    # an empty --workdir would be the current directory: certificates, keys, node state
+    check_path_argument(args.workdir, "--workdir")
     timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
     restore = _interrupt_on_termination()
     try:

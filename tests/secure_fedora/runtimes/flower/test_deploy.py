@@ -718,6 +718,23 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
                               "--max-in-flight", "-1"])
 
 
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_cli_deploy_refuses_an_empty_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      empty: str) -> None:
+    """`deploy certs --out ''` wrote the CA's and the server's private keys into the current
+    directory (and `--out '  '` into a directory of spaces); `deploy local --workdir ''` would
+    fill it with certificates, keys and node state. Both are refused like `run --out ''`."""
+    monkeypatch.chdir(tmp_path)
+    for argv, flag in ((["deploy", "certs", "--out", empty], "--out"),
+                       (["deploy", "local", "--config", "c.toml", "--workdir", empty],
+                        "--workdir")):
+        args = _parser().parse_args(argv)
+        assert run_command(args.func, args) == 2
+        assert f"{flag} is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sigterm_stops_a_local_deployment_like_ctrl_c(monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM (or SIGHUP) ended `deploy local` without stopping the Flower processes it had
