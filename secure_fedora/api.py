@@ -85,7 +85,9 @@ class Results(dict):
 
     def summary(self) -> str:
         """A plain-text table of every method's selected test metric, headed by how its round
-        was chosen (``assumptions.model_selection``: the best-validation or the final round)."""
+        was chosen (``assumptions.model_selection``: the best-validation or the final round),
+        then a line for each client whose selected metric is from another round
+        (``selected.stale_clients``: a Flower client that missed that evaluation)."""
         assumptions = self.get("assumptions")
         selection = assumptions.get("model_selection") if isinstance(assumptions, dict) else None
         which = "the final round" if selection == "final_round" else "the best-validation round"
@@ -96,6 +98,12 @@ class Results(dict):
             rnd = s.get("round", "")
             lines.append(f"{name:<12} {s['mean']:>8.4f} {s['min']:>8.4f} {s['max']:>8.4f} "
                          f"{s['std']:>8.4f} {rnd!s:>6}")
+        for name in self.method_names:
+            for stale in self.selected(name).get("stale_clients") or []:
+                source = "a placeholder 0" if stale["round"] is None \
+                    else f"from round {stale['round']}"
+                lines.append(f"{name}: client {stale['client']}'s metric is {source}, not the "
+                             "selected round's")
         return "\n".join(lines)
 
 

@@ -30,6 +30,19 @@ def test_summary_names_how_the_reported_round_was_chosen():
     assert best.splitlines()[2].split() == ["fedora", "0.5000", "0.2500", "0.7500", "0.2500", "3"]
 
 
+def test_summary_names_a_client_whose_selected_metric_is_stale():
+    """A Flower run's results name a client that missed the selected round's evaluation
+    (selected.stale_clients); Results.summary() showed its older metric as that round's."""
+    results = _results("validation")
+    results["methods"]["fedora"]["selected"]["stale_clients"] = [
+        {"client": 1, "round": 2}, {"client": 2, "round": None}]
+    lines = results.summary().splitlines()
+    assert lines[-2:] == ["fedora: client 1's metric is from round 2, not the selected round's",
+                          "fedora: client 2's metric is a placeholder 0, not the selected "
+                          "round's"]
+    assert "client" not in _results("validation").summary()
+
+
 CONFIG = {"methods": ["fedora", "local"],
           "data": {"partition": "iid", "num_clients": 3, "train_per_client": 20,
                    "val_per_client": 5, "test_per_client": 5},
