@@ -498,7 +498,7 @@ def _read_cell(path: Path, cell: Cell, expected_hashes: Iterable[str],
     if doc.get("config_hash") not in set(expected_hashes):
         raise SweepError(
             f"cell {cell.key} in {path.parent} was run with another configuration; "
-            "use a new --out directory"
+            "use a new sweep directory (--out, or run_sweep's out)"
         )
     current = fingerprint()
     recorded = doc.get("data_fingerprint")
@@ -508,7 +508,7 @@ def _read_cell(path: Path, cell: Cell, expected_hashes: Iterable[str],
             f"{recorded!s:.12} != {current:.12} of the data now): the data changed since the "
             "cell ran (e.g. a data.source whose contents changed); its results would be mixed "
             "with cells on the new data, and it is not rerun over its records (ledgers, spent "
-            "budgets). Restore the data it ran on, or use a new --out directory"
+            "budgets). Restore the data it ran on, or use a new sweep directory (--out, or run_sweep's out)"
         )
     return doc
 
@@ -553,13 +553,13 @@ def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
         if doc.get("base_config_hash") != base:
             raise SweepError(
                 f"{out} holds a sweep of another configuration ({doc.get('name')!r}); "
-                "use a new --out directory"
+                "use a new sweep directory (--out, or run_sweep's out)"
             )
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SweepError(
             f"{out} is not a sweep directory (it holds files but no {MANIFEST_FILE}); "
-            "use a new --out directory"
+            "use a new sweep directory (--out, or run_sweep's out)"
         )
     if not write:
         return

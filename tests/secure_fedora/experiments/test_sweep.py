@@ -312,7 +312,8 @@ def test_an_out_directory_the_file_system_cannot_hold_is_a_config_error(tmp_path
 def test_directory_of_another_config_is_refused(tmp_path):
     run_sweep(tiny(), tmp_path, ["local"], [0])
     other = tiny(training={"lr": 0.01})
-    with pytest.raises(SweepError, match="another configuration"):
+    # named for the CLI and the Python API alike (it said only '--out')
+    with pytest.raises(SweepError, match=r"another configuration.*\(--out, or run_sweep's out\)"):
         run_sweep(other, tmp_path, ["local"], [0])
     # without its manifest the directory is not taken for a sweep at all
     manifest = json.loads((tmp_path / "sweep.json").read_text())
