@@ -390,11 +390,17 @@ def model_size_checked(names: Sequence[str]) -> list[str]:
     """The registered methods of ``names`` whose class overrides
     :meth:`FederatedAlgorithm.check_model_size` (what a runtime must build the model for
     before any method runs)."""
-    default = FederatedAlgorithm.__dict__["check_model_size"].__func__
+    return _overriding(names, "check_model_size")
+
+
+def _overriding(names: Sequence[str], hook: str) -> list[str]:
+    """The registered methods of ``names`` whose class overrides the class method ``hook``
+    of :class:`FederatedAlgorithm`, in the order given."""
+    default = FederatedAlgorithm.__dict__[hook].__func__
     out = []
     for name in names:
         cls = method_class(name)
-        if cls is not None and cls.check_model_size.__func__ is not default:
+        if cls is not None and getattr(cls, hook).__func__ is not default:
             out.append(name)
     return out
 
@@ -441,13 +447,7 @@ class DataFacts:
 def data_checked(names: Sequence[str]) -> list[str]:
     """The registered methods of ``names`` whose class overrides
     :meth:`FederatedAlgorithm.check_data`."""
-    default = FederatedAlgorithm.__dict__["check_data"].__func__
-    out = []
-    for name in names:
-        cls = method_class(name)
-        if cls is not None and cls.check_data.__func__ is not default:
-            out.append(name)
-    return out
+    return _overriding(names, "check_data")
 
 
 def check_data_facts(names: Sequence[str], cfg: Any, facts: DataFacts) -> None:
