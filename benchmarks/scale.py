@@ -105,10 +105,10 @@ def child(n: int, method: str, rounds: int, threads: int, tolerance: float,
         m.setup = timed(m.setup, "relatedness")
         inner_round = m.train_round
 
-        def train_round(rnd, participants):
+        def train_round(rnd, participants, *admit):  # the runtime passes admit under DP
             if not rows or rows[-1]["round"] != rnd:
                 rows.append(_empty_row(rnd))
-            return timed(inner_round, "training")(rnd, participants)
+            return timed(inner_round, "training")(rnd, participants, *admit)
 
         m.train_round = train_round
         if isinstance(m, Fedora):
