@@ -69,6 +69,7 @@ class Registry(Generic[T]):
         self._builtins = frozenset(builtins)
         self._declarations = declarations
         self._entries: dict[str, T] = {}
+        self._origins: dict[str, str] = {}
         self._loaded = False
         self._loading = False
 
@@ -77,11 +78,13 @@ class Registry(Generic[T]):
 
         ``name`` must match :data:`NAME_PATTERN` (it names files and folders of a run) and
         differ, also in letter case, from every other entry's name; a built-in name is taken
-        even before the registry's first lookup (the built-ins are loaded first)."""
+        even before the registry's first lookup (the built-ins are loaded first). The module
+        that calls ``register`` is recorded as the entry's :meth:`origin`."""
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
             raise RegistryError(
                 f"{self.kind} names must be 1-64 characters: a letter or digit, then letters, "
                 f"digits, '_', '.', '+' or '-' (they name files of a run); got {name!r}")
+        origin = str(sys._getframe(1).f_globals.get("__name__", ""))
 
         def add(value: T) -> T:
             self._load_builtins()
@@ -92,6 +95,7 @@ class Registry(Generic[T]):
                 raise RegistryError(f"{self.kind} {name!r} differs from the registered "
                                     f"{clash!r} only in letter case (they would share files)")
             self._entries[name] = value
+            self._origins.setdefault(name, origin)
             return value
 
         if obj is None:
@@ -101,6 +105,7 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> None:
         """Remove ``name`` (for tests and notebooks that re-register a plug-in)."""
         self._entries.pop(name, None)
+        self._origins.pop(name, None)
 
     def _load_builtins(self) -> None:
         """Import the modules that register the built-in entries (once they all imported;
@@ -158,6 +163,23 @@ class Registry(Generic[T]):
             table = importlib.import_module(self._declarations).BUILTIN_DECLARATIONS
             return declared(table[name], attribute)
         return declared(self.get(name), attribute)
+
+    def origin(self, name: str) -> str:
+        """The module that registered ``name`` (its ``__name__``; e.g.
+        ``secure_fedora.contrib.fedavgm``, or ``__main__`` for a script's own entry), which
+        tells whether another process that imports only this package knows the entry.
+        :class:`RegistryError` for an unknown name."""
+        self.get(name)
+        return self._origins.get(name, "")
+
+    def known_everywhere(self, name: str) -> bool:
+        """Whether any process that looks ``name`` up knows it: registered by one of the
+        built-in modules or a module of :data:`CONTRIB_PACKAGE` (each imported on a process's
+        first lookup), not by a module only this process imported. :class:`RegistryError` for
+        an unknown name."""
+        origin = self.origin(name)
+        return origin in self._modules or origin == CONTRIB_PACKAGE or origin.startswith(
+            CONTRIB_PACKAGE + ".")
 
     def names_of(self, obj: Any) -> list[str]:
         """Every name ``obj`` itself is registered under, in registration order."""

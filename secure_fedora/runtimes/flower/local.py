@@ -67,6 +67,7 @@ from secure_fedora.runtimes.flower.certs import (
 from secure_fedora.runtimes.flower.processes import ManagedProcess, ProcessError, stop_all
 from secure_fedora.runtimes.flower.protocol import (
     DeployError,
+    check_apps_know_entries,
     check_supported,
     make_run_config,
     with_reproducible_noise,
@@ -640,6 +641,7 @@ def deploy_local(
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     cfg = with_reproducible_noise(with_num_clients(cfg, num_clients), reproducible_dp_noise)
     check_supported(cfg, reproducible_dp_noise, compare_methods)
+    check_apps_know_entries(cfg)
     if not 0 <= key_holder < cfg.data.num_clients:
         raise DeployError(
             f"key holder {key_holder} is not a client index in [0, {cfg.data.num_clients})"

@@ -83,6 +83,7 @@ __all__ = [
     "NodeSettings",
     "RunSettings",
     "array_record_to_tensor",
+    "check_apps_know_entries",
     "check_supported",
     "experiment_to_run_config",
     "make_run_config",
@@ -213,6 +214,36 @@ def _implements_halves(cls: type) -> bool:
     owner = next((k for k in cls.__mro__ if "client_update" in vars(k)), None)
     return (owner is not None and owner is not FederatedMethod
             and not getattr(vars(owner)["client_update"], "__isabstractmethod__", False))
+
+
+def check_apps_know_entries(cfg: ExperimentConfig) -> None:
+    """Refuse a config naming a registry entry the Flower apps' own processes will not know.
+
+    A ServerApp and each ClientApp parse the config in a process of their own, which
+    registers the built-in datasets, partitioners, models, losses and methods and every module
+    of ``secure_fedora/contrib/``, and nothing else. An entry this process registered from
+    another module (a script's, a notebook's) would make every app fail on its first message,
+    after the whole deployment started; :class:`DeployError` names each such setting first.
+    """
+    from secure_fedora.core.registry import DATASETS, LOSSES, METHODS, MODELS, PARTITIONERS
+
+    named = [("data.dataset", DATASETS, cfg.data.dataset),
+             ("data.partition", PARTITIONERS, cfg.data.partition),
+             ("model.name", MODELS, cfg.model.name)]
+    if ":" not in cfg.training.loss:
+        named.append(("training.loss", LOSSES, cfg.training.loss))
+    named += [("methods", METHODS, name) for name in cfg.methods]
+    problems = []
+    for key, registry, name in named:
+        if not registry.known_everywhere(name):
+            problems.append(
+                f"{key}: {registry.kind} {name!r} is registered by module "
+                f"{registry.origin(name)!r} of this "
+                "process only, and the Flower apps run in processes of their own that know the "
+                "built-in entries and the modules of secure_fedora/contrib/ (add it there, or "
+                "run it in process: `secure-fedora run` or the Python API)")
+    if problems:
+        raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 
 
 def with_reproducible_noise(cfg: ExperimentConfig, reproducible_dp_noise: bool) -> ExperimentConfig:

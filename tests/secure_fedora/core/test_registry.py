@@ -212,3 +212,34 @@ def test_a_builtin_name_listed_but_not_registered_is_an_error() -> None:
     assert "ghost" in reg and reg.check("ghost") == "ghost"  # answered from the list
     with pytest.raises(RegistryError, match=r"built-in thing \['ghost'\] declared but not registered"):
         reg.get("ghost")
+
+
+def test_an_entry_records_the_module_that_registered_it(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What another process (a Flower app) knows depends on the registering module: the
+    built-in modules' and contrib's entries, not a script's."""
+    assert METHODS.origin("fedavg") == "secure_fedora.algorithms.methods"
+    assert DATASETS.origin("mnist") == "secure_fedora.data.partition"
+    assert METHODS.known_everywhere("fedavg") and DATASETS.known_everywhere("mnist")
+    DATASETS.register("origin-x", lambda seed: None)
+    try:
+        assert DATASETS.origin("origin-x") == __name__
+        assert not DATASETS.known_everywhere("origin-x")
+    finally:
+        DATASETS.unregister("origin-x")
+    with pytest.raises(RegistryError, match="unknown dataset 'origin-x'"):
+        DATASETS.origin("origin-x")
+    package = f"contrib_{uuid.uuid4().hex[:8]}"
+    name = f"avg_{uuid.uuid4().hex[:6]}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "my_method.py").write_text(NEW_METHOD.format(name=name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "CONTRIB_PACKAGE", package)
+    monkeypatch.setattr(registry, "_contrib_loaded", False)
+    try:
+        assert METHODS.origin(name) == f"{package}.my_method" and METHODS.known_everywhere(name)
+    finally:
+        METHODS.unregister(name)
+        for mod in [m for m in sys.modules if m.startswith(package)]:
+            sys.modules.pop(mod)

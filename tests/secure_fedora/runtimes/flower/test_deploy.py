@@ -784,6 +784,39 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     assert default_max_in_flight() == 2 * (os.cpu_count() or 1)
 
 
+def test_deploy_local_refuses_entries_registered_outside_the_package(tmp_path: Path) -> None:
+    """A dataset (or method) this process registered from its own module passed the checks,
+    then every Flower app, parsing the config in a process of its own, failed on 'unknown
+    dataset' after the SuperLink and SuperNodes had started. It is now refused by name before
+    anything starts; the built-in and contrib entries, which every app registers, pass."""
+    from secure_fedora.core.registry import DATASETS, METHODS
+    from secure_fedora.data.partition import LabeledDataset
+    from secure_fedora.runtimes.flower.protocol import check_apps_know_entries
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 6, generator=gen), torch.randint(0, 3, (120,), generator=gen)
+    DATASETS.register("own-six-x", lambda seed: LabeledDataset(x[:80], y[:80], x[80:], y[80:], 3))
+    METHODS.register("own_fedavg_x", METHODS.get("fedavg"))
+    try:
+        doc = tiny_config().model_dump(mode="json", exclude_none=True)
+        doc["data"].update(dataset="own-six-x", partition="iid")
+        doc["methods"] = ["own_fedavg_x", "fedora"]
+        cfg = parse_config(doc)
+        with pytest.raises(DeployError) as err:
+            deploy_local(cfg, 3, tmp_path / "w", max_in_flight=0)
+    finally:
+        DATASETS.unregister("own-six-x")
+        METHODS.unregister("own_fedavg_x")
+    message = str(err.value)
+    assert "data.dataset: dataset 'own-six-x' is registered by module" in message
+    assert "methods: method 'own_fedavg_x'" in message and "'fedora'" not in message
+    assert "secure_fedora/contrib/" in message and "\n" not in message
+    assert not (tmp_path / "w").exists()  # nothing was started
+    doc = tiny_config().model_dump(mode="json", exclude_none=True)
+    doc["methods"] = ["fedora", "fedavg", "local"]
+    check_apps_know_entries(parse_config(doc))  # built-ins (contrib: test_registry)
+
+
 def test_deploy_local_refuses_a_workdir_of_an_earlier_deployment(tmp_path: Path) -> None:
     """A second `deploy local` in the workdir of an interrupted DP run ran a new run whose
     ledgers started at epsilon 0 beside the old ones: the clients' data released twice, the
