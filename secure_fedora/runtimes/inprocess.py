@@ -470,15 +470,21 @@ class Tracker:
             self.best_round.fill_(rnd)
             self.test_at_best.copy_(self.last_test)
 
-    def round_row(self) -> dict[str, Any]:
-        """The evaluated round's history fields (both runtimes report exactly these)."""
+    def round_row(self, clients: Sequence[int] | None = None) -> dict[str, Any]:
+        """The evaluated round's history fields (both runtimes report exactly these): the
+        test statistics and ``val_mean`` over ``clients`` (default every client), the clients
+        whose metrics are this round's (None when there are none); the selection's over every
+        client."""
+        test = self.last_test if clients is None else self.last_test[list(clients)]
+        val = self.last_val if clients is None else self.last_val[list(clients)]
+        some = test.numel() > 0
         return {
-            "test_mean": float(self.last_test.mean()),
-            "test_min": float(self.last_test.min()),
-            "test_max": float(self.last_test.max()),
-            "test_std": float(self.last_test.std(unbiased=False)),
+            "test_mean": float(test.mean()) if some else None,
+            "test_min": float(test.min()) if some else None,
+            "test_max": float(test.max()) if some else None,
+            "test_std": float(test.std(unbiased=False)) if some else None,
             # Validation metrics on private data are not reported (it would be a release).
-            "val_mean": None if bool(self.select_final) else float(self.last_val.mean()),
+            "val_mean": None if bool(self.select_final) or not some else float(val.mean()),
             "selected_mean": float(self.test_at_best.mean()),
             "selected_round": int(self.best_round),
         }

@@ -975,6 +975,7 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
         run.answered_last = set(replies.metrics)
     tracker = run.tracker
     select_final = bool(tracker.select_final)  # clients then send no validation metric
+    fresh: list[int] = []  # the clients whose metrics are this round's
     for cid, metrics in replies.metrics.items():
         try:
             test = float(metrics["test-metric"])
@@ -991,12 +992,15 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
         tracker.last_val[cid], tracker.last_test[cid] = val, test
         run.evaluated.add(cid)
         run.metric_round[cid] = rnd
+        fresh.append(cid)
     tracker.update(rnd)
     if int(tracker.best_round) == rnd:
         run.selected_metric_round = dict(run.metric_round)
+    # the round's statistics over its own metrics, as in process (where every client is
+    # evaluated): a client that missed it keeps an older metric, or none, for selection only
     return {
-        **tracker.round_row(),
-        "evaluated": len(replies.metrics),
+        **tracker.round_row(sorted(fresh)),
+        "evaluated": len(fresh),
         "evaluation_timing": replies.timing.to_json(),
     }
 
@@ -1120,7 +1124,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         run.history.append(row)
         _say(f"{name} round {rnd}/{rounds}: {row['replied']}/{row['participants']} replied, "
              f"{row['seconds']:.2f} s"
-             + (f", mean test metric {row['test_mean']:.4f}" if "test_mean" in row else ""))
+             + (f", mean test metric {row['test_mean']:.4f}"
+                if row.get("test_mean") is not None else ""))
         server.write("progress.json", {"run_id": server.run_id, "method": name, "round": rnd,
                                        "rows": run.history})
     silent = sorted(set(range(n)) - run.evaluated)

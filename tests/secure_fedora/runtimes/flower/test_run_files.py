@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
@@ -247,3 +248,66 @@ def test_a_partially_rejected_round_counts_only_the_accepted_replies_in_either_r
         assert ours[1][key] == theirs[1][key], key
     assert float(ours[1]["mean_lambda"]) == pytest.approx(float(theirs[1]["mean_lambda"]),
                                                           abs=1e-4)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_rounds_means_cover_only_the_clients_evaluated_in_that_round(tmp_path: Path) -> None:
+    """A Flower client that missed an evaluation kept its last metric (before its first, a
+    placeholder 0), and rounds.csv's means, spread and val_mean of that round included it: a
+    round-1 mean with a 0 in it, a round-2 mean with a round-1 metric. A round's row now
+    summarizes only the clients whose metric is that round's, 'evaluated' counting them, as
+    in process, where every client is evaluated and the files agree with Flower's."""
+    from flwr.app import Message
+
+    from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE
+
+    cfg = tiny_config(rounds=3)
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir), "round-timeout": 0.3})
+
+    def lose(_request: Message, _reply: Message) -> None:
+        return None
+
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
+                        tamper_reply={(1, 1, MSG_EVALUATE): lose, (2, 2, MSG_EVALUATE): lose})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors == []
+    Simulation(cfg, tmp_path / "inproc").run()
+    columns, ours = _rows(result_dir / "rounds.csv")
+    theirs_columns, theirs = _rows(tmp_path / "inproc" / "rounds.csv")
+    assert columns == theirs_columns
+    assert [r["evaluated"] for r in ours] == ["2", "2", "3"]
+    assert [r["evaluated"] for r in theirs] == ["3", "3", "3"]
+    assert [r["evaluated"] for r in results["rounds"]] == [2, 2, 3]
+    for rnd, kept in ((1, [0, 2]), (2, [0, 1])):
+        # every client's round-rnd metric in process: a run of rnd rounds trains the same models
+        outcome = Simulation(tiny_config(rounds=rnd), tmp_path / f"r{rnd}").run_method("fedora")
+        test = torch.tensor(outcome.final["per_client"], dtype=torch.float64)[kept]
+        row = {k: float(v) for k, v in ours[rnd - 1].items() if k.startswith("test_")}
+        assert row == pytest.approx({"test_mean": float(test.mean()), "test_min": float(test.min()),
+                                     "test_max": float(test.max()),
+                                     "test_std": float(test.std(unbiased=False))}, abs=1e-4), rnd
+    for key in columns:  # round 3: every client evaluated in both runtimes
+        if key in EXACT:
+            assert ours[2][key] == theirs[2][key], key
+        elif "" not in (ours[2][key], theirs[2][key]):
+            assert float(ours[2][key]) == pytest.approx(float(theirs[2][key]), abs=1e-4), key
+
+
+def test_a_round_row_summarizes_the_given_clients() -> None:
+    """Tracker.round_row over a subset: its test statistics and val_mean over those clients,
+    None for none; the selection's fields over every client."""
+    from secure_fedora.runtimes.inprocess import Tracker
+
+    tracker = Tracker.empty(3)
+    tracker.last_test.copy_(torch.tensor([0.5, 0.0, 0.9]))
+    tracker.last_val.copy_(torch.tensor([0.4, 0.0, 0.8]))
+    tracker.update(1)
+    row = tracker.round_row([0, 2])
+    assert row["test_mean"] == pytest.approx(0.7) and row["test_min"] == pytest.approx(0.5)
+    assert row["test_std"] == pytest.approx(0.2) and row["val_mean"] == pytest.approx(0.6)
+    assert row["selected_mean"] == pytest.approx(1.4 / 3) and row["selected_round"] == 1
+    empty = tracker.round_row([])
+    assert [empty[k] for k in ("test_mean", "test_min", "test_max", "test_std", "val_mean")] == \
+        [None] * 5
+    assert tracker.round_row() == {**tracker.round_row([0, 1, 2])}
