@@ -128,6 +128,8 @@ def test_an_invalid_metric_is_an_event_and_results_stay_valid_json(tmp_path, nam
     json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
     assert all(0.0 <= r["test_mean"] <= 1.0 for r in results["rounds"])
     assert any("outside [0, 1]" in e["event"] for e in results["events"])
+    # the refused metric is not round 1's: 'evaluated' (and the means) leave client 0 out
+    assert [r["evaluated"] for r in results["rounds"]] == [2, 3]
 
 
 def test_a_run_whose_every_training_failed_stops(tmp_path):
