@@ -51,6 +51,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
     """Build the simulation for ``run_dir`` and run it with a progress bar per method; returns
     the simulation and its results."""
     from secure_fedora.api import Experiment
+    from secure_fedora.secure.keystore import CLI_KEYSTORE_OPTION
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -62,6 +63,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
             progress.update(tasks[method], completed=rnd)
 
         sim = Experiment(cfg, run_dir=run_dir).simulation(progress=on_round, keystore=args.keystore)
+        sim.keystore_option = CLI_KEYSTORE_OPTION  # key-store errors name the flag
         if cfg.privacy.enabled:
             for name in cfg.methods:  # a plan over budget refuses the run before a key is made
                 sim.budget_plans(name)

@@ -69,6 +69,7 @@ from secure_fedora.learning.models import (
     model_fingerprint,
 )
 from secure_fedora.secure.backends import CkksBackend
+from secure_fedora.secure.keystore import API_KEYSTORE_OPTION
 
 __all__ = [
     "CheckpointError",
@@ -775,6 +776,8 @@ class Simulation:
         self._data_checked = False
         self._context_checked = False
         self.keystore_created: bool = False
+        #: How key-store errors name ``keystore`` (the CLI sets its ``--keystore`` flag).
+        self.keystore_option: str = API_KEYSTORE_OPTION
         # Binds every in-process envelope to this run and its method (messages never outlive
         # the process, so a fresh random id per Simulation is enough).
         self.run_nonce = secrets.token_hex(8)
@@ -866,7 +869,7 @@ class Simulation:
                 )
 
                 path, source = resolve_keystore(self.cfg.name, self.cfg.security.keystore,
-                                                self.keystore_override)
+                                                self.keystore_override, self.keystore_option)
                 # resolved: ".." and symlinks must not carry the keys into the run directory
                 run = self.run_dir.expanduser().resolve()
                 resolved = path.resolve()
@@ -886,8 +889,9 @@ class Simulation:
                     raise IdentityError(
                         f"key store {path} ({source}) does not exist, but this run's ledgers are "
                         f"signed by the keys published in {published}; pass the run's key store "
-                        "(--keystore, or [security] keystore); nothing was written")
-                store = ensure_keystore(path, run_party_ids(len(self.clients)), source)
+                        f"({self.keystore_option}, or [security] keystore); nothing was written")
+                store = ensure_keystore(path, run_party_ids(len(self.clients)), source,
+                                        self.keystore_option)
                 self.keystore_created = store.created
                 if store.created:
                     log.warning("created key store %s (private keys 0600, outside the run"
@@ -982,7 +986,8 @@ class Simulation:
         # the run's first privacy record binds the directory to this config: a resume before
         # the first checkpoint (the Python API's runs have no other copy) is checked against it
         self._write_config_copy()
-        check_public_keys(key_dir, self.run_dir / "keys", parties)  # another store: nothing written
+        # another store: nothing written
+        check_public_keys(key_dir, self.run_dir / "keys", parties, self.keystore_option)
         # the model these ledgers' releases come from is recorded with them (the same
         # rename), so a resume before the first checkpoint is matched to it too
         record = None if module is None else {MODEL_RECORD: model_record(module)}
@@ -994,7 +999,7 @@ class Simulation:
         # reads those empty ledgers as "nothing released"), while published keys without
         # ledgers mean the ledgers were lost.
         try:
-            publish_public_keys(key_dir, self.run_dir / "keys", parties)
+            publish_public_keys(key_dir, self.run_dir / "keys", parties, self.keystore_option)
         except BaseException:
             privacy.close()
             raise

@@ -56,6 +56,8 @@ from privacy.identity import (
 )
 
 __all__ = [
+    "API_KEYSTORE_OPTION",
+    "CLI_KEYSTORE_OPTION",
     "KEYSTORE_HOME_ENV",
     "OPERATOR_ID",
     "KeyStore",
@@ -70,6 +72,10 @@ __all__ = [
 OPERATOR_ID = "operator"
 KEYSTORE_HOME_ENV = "SECURE_FEDORA_KEYSTORE_HOME"
 LOCK_FILENAME = ".lock"
+#: How errors name the caller's choice of key store: ``secure-fedora run``'s flag, or the
+#: argument of ``Simulation`` / ``Experiment.simulation`` (the default: a Python caller).
+CLI_KEYSTORE_OPTION = "--keystore"
+API_KEYSTORE_OPTION = "the keystore= argument"
 
 log = logging.getLogger("secure_fedora.secure.keystore")
 
@@ -99,11 +105,13 @@ class KeyStore:
 
 
 def resolve_keystore(name: str, configured: str | None = None,
-                     override: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
+                     override: str | os.PathLike[str] | None = None,
+                     option: str = CLI_KEYSTORE_OPTION) -> tuple[Path, str]:
     """The key store directory a run uses and where that choice came from
-    (``"--keystore"``, ``"config"`` or ``"default"``). Nothing is created."""
+    (``option``, how the caller named ``override``: ``"--keystore"`` by default; ``"config"``
+    or ``"default"``). Nothing is created."""
     if override is not None:
-        return Path(override).expanduser().absolute(), "--keystore"
+        return Path(override).expanduser().absolute(), option
     if configured is not None:
         return Path(configured).expanduser().absolute(), "config"
     return (default_keystore_home() / name).absolute(), "default"
@@ -115,7 +123,8 @@ _MKDTEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkdtemp's random part
 _CREATION_GRACE_S = 60.0
 
 
-def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default") -> KeyStore:
+def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
+                    option: str = API_KEYSTORE_OPTION) -> KeyStore:
     """Make ``path`` a key store holding every party of ``parties`` and return it.
 
     A missing store is created atomically (a complete store in a temporary sibling
@@ -132,7 +141,8 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default")
     before its allowlist: no run, ledger or anchor can use them, and they are replaced.
     Without that marker nothing proves so (an earlier version's kill, or an allowlist
     removed by hand from a store runs did use), so such files are never overwritten:
-    IdentityError naming them and the remedies.
+    IdentityError naming them and the remedies (another store: ``[security] keystore`` or
+    ``option``, how the caller chooses one).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -167,8 +177,7 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default")
                 "edited or removed by hand, in which case runs may have used these keys). If "
                 "no run used them, recreate the store with `secure-fedora keys init "
                 f"{path} --clients {n_clients} --force`; otherwise restore its allowlist.json, "
-                "or use another key store ([security] keystore in the config, or `secure-fedora "
-                "run --keystore`)")
+                f"or use another key store ([security] keystore in the config, or {option})")
         marker = path / CREATING_FILENAME
         _write_marker(marker, missing)
         init_keys(path, missing, overwrite=bool(known))
@@ -293,11 +302,13 @@ def _discard_interrupted(path: Path, known: Mapping[str, PublicIdentity]) -> Non
     marker.unlink()
 
 
-def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
+def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
+                      option: str = API_KEYSTORE_OPTION) -> dict[str, PublicIdentity]:
     """The identities :func:`publish_public_keys` would publish, checked without writing
     anything: IdentityError when ``keystore`` lacks one of ``parties``, holds a private key
     that does not match its allowlist, or ``dest`` already lists other keys for one of
-    ``parties`` (a resume with another store)."""
+    ``parties`` (a resume with another store; the message names ``option``, how the caller
+    chooses a key store)."""
     known = load_allowlist(keystore / ALLOWLIST_FILENAME)
     missing = [p for p in parties if p not in known]
     if missing:
@@ -323,19 +334,20 @@ def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dic
             raise IdentityError(
                 f"key store {keystore} does not hold this run's keys: {published} lists other "
                 f"public keys for {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}; "
-                "pass the run's key store (--keystore, or [security] keystore); nothing was "
+                f"pass the run's key store ({option}, or [security] keystore); nothing was "
                 "written")
     return chosen
 
 
-def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str]) -> dict[str, PublicIdentity]:
+def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
+                        option: str = API_KEYSTORE_OPTION) -> dict[str, PublicIdentity]:
     """Write the public keys of ``parties`` from ``keystore`` into ``dest``: ``allowlist.json``
     (those parties only) and each party's ``.ed25519.pub``/``.x25519.pub``. No private key is
     copied. Returns the published identities. Refuses (IdentityError, nothing written) as
     :func:`check_public_keys` does."""
     from secure_fedora.core.files import atomic_write_bytes
 
-    chosen = check_public_keys(keystore, dest, parties)
+    chosen = check_public_keys(keystore, dest, parties, option)
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     for party in parties:
         for suffix in ("ed25519.pub", "x25519.pub"):

@@ -333,3 +333,22 @@ def test_an_empty_out_is_an_error_not_the_default_directory(tmp_path, capsys, mo
         assert main(["sweep", str(config), "--out", empty, "--quiet"]) == 2
         assert one_error_line(capsys.readouterr().err).startswith("error: --out is empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
+
+
+def test_key_store_errors_of_a_run_name_the_keystore_flag(tmp_path, capsys):
+    """The CLI's key-store errors name its ``--keystore`` flag (the Python API's name its
+    ``keystore=`` argument)."""
+    private = write_config(tmp_path / "dp.toml", {**TINY, "privacy": {
+        "enabled": True, "epsilon": 8.0, "delta": 1e-3}})
+    out = tmp_path / "out"
+    assert main(["run", str(private), "--out", str(out), "--quiet",
+                 "--keystore", str(out / "ks")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "(--keystore) lies inside the run directory" in line and "keystore=" not in line
+    assert main(["run", str(private), "--out", str(out), "--quiet",
+                 "--keystore", str(tmp_path / "store")]) == 0
+    capsys.readouterr()
+    assert main(["run", str(private), "--out", str(out), "--quiet", "--resume",
+                 "--keystore", str(tmp_path / "fresh")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "pass the run's key store (--keystore, or [security] keystore)" in line

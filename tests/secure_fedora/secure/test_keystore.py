@@ -292,3 +292,26 @@ def test_the_leftovers_of_a_killed_creation_are_removed_when_the_store_is_next_u
     assert not recent.exists() and not opening.exists() and not live.exists()
     assert sorted(p.name for p in home.iterdir()) == sorted(
         ["exp", complete.name, *(o.name for o in others)])
+
+
+def test_key_store_errors_name_the_python_apis_argument_not_the_cli_flag(tmp_path):
+    """Raised through the Python API they told the caller to pass ``--keystore``, a flag a
+    Python caller never typed; they now name ``the keystore= argument``."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    run = tmp_path / "run"
+    with pytest.raises(IdentityError, match=r"\(the keystore= argument\) lies inside") as inside:
+        Simulation(_tiny_dp_config(), run, keystore=run / "ks").run()
+    Simulation(_tiny_dp_config(), run, keystore=tmp_path / "store").run()
+    with pytest.raises(IdentityError, match=r"pass the run's key store \(the keystore= argument,"
+                       ) as missing:
+        Simulation(_tiny_dp_config(), run, keystore=tmp_path / "fresh").run(resume=True)
+    ensure_keystore(tmp_path / "other", run_party_ids(2))
+    with pytest.raises(IdentityError, match=r"\(the keystore= argument, or \[security\]") as other:
+        publish_public_keys(tmp_path / "other", run / "keys", run_party_ids(2))
+    (tmp_path / "other" / "client-005.ed25519.key").write_text("stray")
+    with pytest.raises(IdentityError, match=r"keystore in the config, or the keystore= argument\)"
+                       ) as stray:
+        ensure_keystore(tmp_path / "other", run_party_ids(6))
+    for err in (inside, missing, other, stray):
+        assert "--keystore" not in str(err.value)
