@@ -56,6 +56,7 @@ from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.noise import NoiseSource, make_noise_source
+from privacy.paths import check_path
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config
 from secure_fedora.data.partition import ClientData
 
@@ -339,10 +340,11 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
 def write_replay_result(run_dir: str | Path, result: ReplayAuditResult) -> Path:
     """Write ``RUN_DIR/audit/replay.json`` (atomically, strict JSON); returns its path.
 
-    Raises ReplayAuditError, writing nothing, when a figure is NaN or infinite."""
+    Raises ReplayAuditError, writing nothing, when a figure is NaN or infinite or ``run_dir``
+    is empty (the current directory), only spaces or holds NUL."""
     from secure_fedora.core.files import atomic_write_text
 
-    path = Path(run_dir) / "audit" / "replay.json"
+    path = check_path(run_dir, "run_dir", ReplayAuditError) / "audit" / "replay.json"
     try:
         text = json.dumps(result.to_json(), indent=2, allow_nan=False)
     except ValueError as err:  # a NaN or infinity: replay.json stays strict JSON

@@ -43,6 +43,7 @@ from audits.verify import (  # noqa: E402
 )
 from privacy.accounting import format_share_up, format_up  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
+from privacy.paths import check_path  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from secure_fedora.core.files import atomic_write_text, strict_json  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
@@ -795,11 +796,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     """Verify ``run_dir`` and write ``report.json`` and ``report.html`` (default: ``<run>/audit``).
 
     Both files are replaced atomically. Returns their paths. Raises :class:`ReportError` when
-    the run directory is missing or the output directory cannot be created.
+    the run directory is missing or the output directory cannot be created, and before
+    anything is read when either is empty (the current directory), only spaces or holds NUL.
     """
-    run = Path(run_dir)
+    run = check_path(run_dir, "run_dir", ReportError)
+    out = check_path(out_dir, "out_dir", ReportError) if out_dir is not None else run / "audit"
     report = build_report(run, verification=verification, allowlist=allowlist)
-    out = Path(out_dir) if out_dir is not None else run / "audit"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -26,6 +26,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+from privacy.paths import check_path
+
 __all__ = ["AUDIT_NAMES", "VERDICTS", "audit_document", "audit_verdict", "config_rebuild_problem",
            "verdict_text", "write_audit_json"]
 
@@ -107,15 +109,19 @@ def audit_document(audit: str, *, claim_epsilon: float | None, certifiable_max: 
 def write_audit_json(run_dir: str | Path, doc: dict[str, Any]) -> Path:
     """Write ``doc`` atomically to ``RUN_DIR/audit/<doc["audit"]>.json``; returns the path.
 
-    Raises ValueError when the document is not strict JSON or names no known audit, OSError
-    when the directory cannot be written (nothing partial is left behind).
+    Raises ValueError when the document is not strict JSON or names no known audit, AuditError
+    when ``run_dir`` is empty (the current directory), only spaces or holds NUL, OSError when
+    the directory cannot be written (nothing partial is left behind).
     """
+    from audits.verify import AuditError
+
+    run = check_path(run_dir, "run_dir", AuditError)
     if doc.get("audit") not in AUDIT_NAMES:
         raise ValueError(f"not an audit document: audit={doc.get('audit')!r}")
     text = json.dumps(doc, indent=2, allow_nan=False)
     from secure_fedora.core.files import atomic_write_text
 
-    out = Path(run_dir) / "audit"
+    out = run / "audit"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{doc['audit']}.json"
     atomic_write_text(path, text)

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from privacy.errors import ToolkitError
+from privacy.paths import check_path
 
 __all__ = [
     "ALLOWLIST_FILENAME",
@@ -211,16 +212,17 @@ def init_keys(
     chmod-ed afterwards; a restrictive umask can only narrow it further); the directory is
     created with mode 0700 if missing, and an existing one writable by group or others or owned
     by another user is refused (:func:`check_key_directory`). Without ``overwrite``, any existing key or allowlist
-    file makes the call fail before anything is written (no partial overwrite). Returns the
+    file makes the call fail before anything is written (no partial overwrite). An empty
+    ``directory`` (the current one), one of spaces or one holding NUL is refused. Returns the
     public identities by party id, in the order given.
     """
+    directory = check_path(directory, "the key directory", IdentityError)
     ids = [validate_party_id(p) for p in party_ids]
     if not ids:
         raise IdentityError("init_keys needs at least one party id")
     duplicates = sorted({p for p in ids if ids.count(p) > 1})
     if duplicates:
         raise IdentityError(f"duplicate party ids: {', '.join(duplicates)}")
-    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise IdentityError(f"key directory {directory} exists and is not a directory")
     directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)

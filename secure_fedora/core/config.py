@@ -28,6 +28,7 @@ from pydantic import (
 
 from privacy.accounting import MAX_NOISE_MULTIPLIER
 from privacy.errors import ToolkitError
+from privacy.paths import check_path
 
 __all__ = [
     "MAX_INT",
@@ -68,18 +69,7 @@ def check_path_argument(value: str | os.PathLike[str], name: str) -> Path:
     spaces and holds no NUL character (the rules of the CLI's ``--out`` and ``--keystore`` and
     of ``security.keystore``: an empty path would mean the current directory, and the file
     system refuses NUL only once something is written)."""
-    try:
-        text = os.fspath(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be a path (a str or os.PathLike), got "
-                          f"{type(value).__name__}") from None
-    if not isinstance(text, str):
-        raise ConfigError(f"{name} must be a text path, got {type(text).__name__}")
-    if not text.strip():
-        raise ConfigError(f"{name} is empty: name a directory")
-    if "\x00" in text:
-        raise ConfigError(f"{name} {text!r:.80} holds a NUL character, which no path may hold")
-    return Path(text)
+    return check_path(value, name, ConfigError)
 
 
 def _registered(registry_name: str) -> AfterValidator:

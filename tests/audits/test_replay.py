@@ -312,3 +312,17 @@ def test_a_valid_run_passes_with_the_allowlist_and_anchor_kept_apart(runs, tmp_p
     assert err.count("\n") == 1 and "differs from the given anchor" in err
     with pytest.raises(ReplayAuditError, match="anchor .* does not exist"):
         run_replay_audit(run, trials=8, anchor=tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("run_dir", ["", "  ", "r\x00"])
+def test_write_replay_result_refuses_an_empty_or_blank_run_directory(tmp_path, monkeypatch,
+                                                                     run_dir):
+    """An empty ``run_dir`` wrote ``audit/replay.json`` into the current directory."""
+    from audits.replay import ReplayAuditResult, write_replay_result
+
+    monkeypatch.chdir(tmp_path)
+    result = ReplayAuditResult(claim_epsilon=1.0, certifiable_max=1.6, lower_bound=0.1,
+                               verdict="consistent", trials=40, correct=20, confidence=0.95)
+    with pytest.raises(ReplayAuditError, match="run_dir .*(is empty|NUL)"):
+        write_replay_result(run_dir, result)
+    assert list(tmp_path.iterdir()) == []

@@ -478,3 +478,18 @@ def test_a_stale_selected_metric_is_named_in_the_report(run_copy, tmp_path):
                       "selected_round": selected["round"]}]
     assert (f"fedora: client 1's accuracy is from round {selected['round'] - 1}, not the "
             f"selected round {selected['round']}'s") in paths.html.read_text()
+
+
+@pytest.mark.parametrize("where", ["run_dir", "out_dir"])
+@pytest.mark.parametrize("path, why", [("", "is empty: name a directory"),
+                                       ("  ", "is empty: name a directory"),
+                                       ("r\x00", "holds a NUL character")])
+def test_write_report_refuses_an_empty_or_blank_directory(tmp_path, monkeypatch, pristine_run,
+                                                          where, path, why):
+    """``write_report(run, out_dir="")`` wrote report.json and report.html into the current
+    directory (``"  "``: a directory of spaces), as ``audit report --out ""`` no longer does."""
+    monkeypatch.chdir(tmp_path)
+    args = {"run_dir": pristine_run, "out_dir": None, where: path}
+    with pytest.raises(ReportError, match=f"{where}.* {why}"):
+        write_report(**args)
+    assert list(tmp_path.iterdir()) == []

@@ -66,3 +66,16 @@ def test_document_errors(tmp_path):
     assert not (tmp_path / "audit" / "canary.json").exists()
     with pytest.raises(ValueError, match="not an audit document"):
         write_audit_json(tmp_path, {"audit": "x"})
+
+
+@pytest.mark.parametrize("run_dir", ["", "  ", "r\x00"])
+def test_write_audit_json_refuses_an_empty_or_blank_run_directory(tmp_path, monkeypatch, run_dir):
+    """An empty ``run_dir`` wrote ``audit/<name>.json`` into the current directory."""
+    from audits.verify import AuditError
+
+    monkeypatch.chdir(tmp_path)
+    doc = audit_document("canary", claim_epsilon=1.0, certifiable_max=2.0, lower_bound=0.0,
+                         confidence=0.95, setup={})
+    with pytest.raises(AuditError, match="run_dir .*(is empty|NUL)"):
+        write_audit_json(run_dir, doc)
+    assert list(tmp_path.iterdir()) == []

@@ -248,3 +248,14 @@ def test_overwrite_refuses_a_corrupt_allowlist_before_replacing_any_key(keydir):
     with pytest.raises(IdentityError, match="allowlist"):
         init_keys(d, ["client-000", "server"], overwrite=True)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+@pytest.mark.parametrize("directory, why", [("", "is empty"), ("  ", "is empty"),
+                                            ("k\x00s", "holds a NUL character")])
+def test_init_keys_refuses_an_empty_or_blank_directory(tmp_path, monkeypatch, directory, why):
+    """``init_keys("")`` wrote every private key and the allowlist into the current directory
+    (and ``"  "`` into a directory of spaces); the CLI's ``keys init ""`` is refused."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IdentityError, match=f"the key directory.* {why}"):
+        init_keys(directory, default_party_ids(1))
+    assert list(tmp_path.iterdir()) == []

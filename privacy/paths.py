@@ -1,0 +1,27 @@
+"""Paths given as arguments: one check, one wording, for every package of the toolkit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["check_path"]
+
+
+def check_path(value: str | os.PathLike[str], name: str, error: type[Exception]) -> Path:
+    """``value`` as a :class:`Path`; ``error`` naming ``name`` unless it is a string or
+    path-like that is not empty or only spaces and holds no NUL character (an empty path
+    would mean the current directory, a path of spaces a directory nobody means to name, and
+    the file system refuses NUL only once something is opened)."""
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise error(f"{name} must be a path (a str or os.PathLike), got "
+                    f"{type(value).__name__}") from None
+    if not isinstance(text, str):
+        raise error(f"{name} must be a text path, got {type(text).__name__}")
+    if not text.strip():
+        raise error(f"{name} is empty: name a directory")
+    if "\x00" in text:
+        raise error(f"{name} {text!r:.80} holds a NUL character, which no path may hold")
+    return Path(text)
