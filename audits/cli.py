@@ -120,13 +120,22 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
           f" {n_warn} warnings", file=out)
 
 
+def _json_option(args: argparse.Namespace) -> Path | None:
+    """``--json``, checked before the audit runs (ConfigError naming it when empty, only
+    spaces or holding NUL: an empty one was an OSError after the audit, or no file at all)."""
+    from secure_fedora.core.config import check_path_argument
+
+    return None if args.json is None else check_path_argument(args.json, "--json", "file")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
+    json_path = _json_option(args)
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
     _print_verification(report, sys.stdout, verbose=args.verbose)
-    if args.json:
-        Path(args.json).write_text(strict_json(report.to_json()))
+    if json_path is not None:
+        json_path.write_text(strict_json(report.to_json()))
     return 0 if report.ok else 1
 
 
@@ -145,9 +154,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _write_json(path: str | None, doc: dict[str, Any]) -> None:
-    if path:
-        Path(path).write_text(strict_json(json.loads(json.dumps(doc, default=str))))
+def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(strict_json(json.loads(json.dumps(doc, default=str))))
 
 
 #: Exit status of the canary and white-box audits per verdict (2 is bad input).
@@ -168,6 +177,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from audits.verdict import config_rebuild_problem, write_audit_json
     from secure_fedora.core.config import load_config
 
+    json_path = _json_option(args)
     target = Path(args.config)
     run_dir = target if target.is_dir() else None
     problem = None if run_dir is None else config_rebuild_problem(run_dir, "canary")
@@ -203,8 +213,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
             print(f"error: cannot write {run_dir / 'audit' / 'canary.json'}: {err}",
                   file=sys.stderr)
             return 2
-    if args.json:
-        Path(args.json).write_text(text)
+    if json_path is not None:
+        json_path.write_text(text)
     return VERDICT_EXIT[doc["verdict"]]
 
 
@@ -212,6 +222,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
     """``audit whitebox``: one-run white-box DP-SGD audit with Dirac gradient canaries."""
     from audits.whitebox import WhiteboxAuditError, audit_run_dir
 
+    json_path = _json_option(args)
     try:
         result, path = audit_run_dir(
             args.run_dir, method=args.method, client_index=args.client,
@@ -231,7 +242,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
         print(f"  warning: {s.plan_source}: the claim rests on config.toml alone")
     _print_audit_summary(doc)
     print(f"  written: {path}")
-    _write_json(args.json, doc)
+    _write_json(json_path, doc)
     return VERDICT_EXIT[doc["verdict"]]
 
 
@@ -272,6 +283,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     from secure_fedora.core.config import load_config
     from secure_fedora.runtimes.inprocess import build_clients
 
+    json_path = _json_option(args)
     cfg = load_config(args.config)
     clip = args.clip_norm if args.clip_norm is not None else (
         cfg.privacy.summary_clip if cfg.privacy.enabled else None)
@@ -288,7 +300,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         print(f"{row['mode']:<10} {row['image_cosine']:>10.3f} {row['prior_image_cosine']:>7.3f}"
               f" {row['label_cosine']:>10.3f} {row['prior_label_cosine']:>7.3f}"
               f" {row['identification']:>11.3f} {row['chance']:>7.3f}")
-    _write_json(args.json, report.to_json())
+    _write_json(json_path, report.to_json())
     return 0
 
 

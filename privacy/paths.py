@@ -8,11 +8,13 @@ from pathlib import Path
 __all__ = ["check_path"]
 
 
-def check_path(value: str | os.PathLike[str], name: str, error: type[Exception]) -> Path:
+def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
+               what: str = "directory") -> Path:
     """``value`` as a :class:`Path`; ``error`` naming ``name`` unless it is a string or
     path-like that is not empty or only spaces and holds no NUL character (an empty path
     would mean the current directory, a path of spaces a directory nobody means to name, and
-    the file system refuses NUL only once something is opened)."""
+    the file system refuses NUL only once something is opened). ``what`` the path names
+    ("directory" or "file"), for the message."""
     try:
         text = os.fspath(value)
     except TypeError:
@@ -21,7 +23,7 @@ def check_path(value: str | os.PathLike[str], name: str, error: type[Exception])
     if not isinstance(text, str):
         raise error(f"{name} must be a text path, got {type(text).__name__}")
     if not text.strip():
-        raise error(f"{name} is empty: name a directory")
+        raise error(f"{name} is empty: name a {what}")
     if "\x00" in text:
         raise error(f"{name} {text!r:.80} holds a NUL character, which no path may hold")
     return Path(text)

@@ -63,13 +63,15 @@ class ConfigError(ToolkitError, ValueError):
     """A configuration file that cannot be used; the message names the key and the problem."""
 
 
-def check_path_argument(value: str | os.PathLike[str], name: str) -> Path:
+def check_path_argument(value: str | os.PathLike[str], name: str,
+                        what: str = "directory") -> Path:
     """``value``, a path given in Python (a run directory, a key store), as a :class:`Path`;
     ConfigError naming ``name`` unless it is a string or path-like that is not empty or only
     spaces and holds no NUL character (the rules of the CLI's ``--out`` and ``--keystore`` and
     of ``security.keystore``: an empty path would mean the current directory, and the file
-    system refuses NUL only once something is written)."""
-    return check_path(value, name, ConfigError)
+    system refuses NUL only once something is written). ``what`` the path names ("directory"
+    or "file"), for the message."""
+    return check_path(value, name, ConfigError, what)
 
 
 def _registered(registry_name: str) -> AfterValidator:

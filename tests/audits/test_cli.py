@@ -179,3 +179,18 @@ def test_the_recorded_epsilon_is_printed_rounded_up():
     assert _range([2.98341], "up") == "2.9835"
     assert _range([2.98341, 1.2], "up") == "1.2000..2.9835"
     assert _range([2.98341]) == "2.983" and _range([None]) == "n/a"
+
+
+@pytest.mark.parametrize("command", ["verify", "canary", "whitebox", "leakage"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_json_option_is_refused_before_the_audit(pristine_run, tmp_path, monkeypatch,
+                                                          capsys, command, value):
+    """`audit verify RUN --json ''` ran the verification, then failed with an OSError ("Is a
+    directory: '.'"); canary, whitebox and leakage wrote no file at all for '' (and one named
+    by spaces for '  '). --json is now checked first, like --out."""
+    monkeypatch.chdir(tmp_path)
+    target = str(pristine_run) if command in ("verify", "whitebox") else "missing.toml"
+    assert main(["audit", command, target, "--json", value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: --json is empty: name a file\n" and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
