@@ -199,13 +199,20 @@ def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: 
         raise SweepError(f"seeds lists a seed twice: {list(seeds)}")
     if not epsilons:
         raise SweepError("a sweep needs at least one epsilon ('none' for non-private)")
-    if len(set(epsilons)) != len(epsilons):
-        raise SweepError(f"epsilons lists a value twice: {list(epsilons)}")
     for e in epsilons:
         if e is None:
             continue
         if isinstance(e, bool) or not isinstance(e, int | float) or not (math.isfinite(e) and e > 0):
             raise SweepError(f"epsilon must be None or a positive finite number, got {e!r}")
+    if len(set(epsilons)) != len(epsilons):
+        if list(epsilons).count(None) > 1:  # on the command line: 'none' beside 'inf', say
+            raise SweepError(
+                f"epsilons lists the non-private cell twice ({list(epsilons)}): "
+                f"{', '.join(NON_PRIVATE_WORDS)} all mean non-private (an infinite budget, "
+                "one cell); list one of them")
+        twice = sorted({e for e in epsilons if list(epsilons).count(e) > 1})
+        raise SweepError(f"epsilons lists {', '.join(epsilon_label(e) for e in twice)} twice "
+                         f"({list(epsilons)}): each epsilon is one cell; list it once")
     standalone = [m for m in methods if sends_nothing(m)]
     cells = []
     for seed in seeds:

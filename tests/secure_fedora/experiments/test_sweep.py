@@ -734,3 +734,26 @@ def test_a_null_per_client_figure_is_named_not_read_as_a_number(tmp_path):
     assert "- fedavg at epsilon none: null accuracy" in md and "seed 0 client 2" in md
     assert "(n/a: fedavg)" in md
     assert (tmp_path / "plots/per_client_eps-none.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("words, match", [
+    (["none", "inf"], r"lists the non-private cell twice .*none, nonprivate, non-private, inf, "
+                      r"\+inf, infinity, \+infinity all mean non-private"),
+    (["infinity", "Non-Private"], "lists the non-private cell twice"),
+    (["1", "1.0", "3"], r"lists 1 twice \(\[1\.0, 1\.0, 3\.0\]\): each epsilon is one cell"),
+])
+def test_sweep_says_why_two_epsilons_are_one(tmp_path, capsys, words, match):
+    """`sweep --epsilons none inf` said 'epsilons lists a value twice: [None, None]': two words
+    the user typed differently, and nothing said that both mean non-private (one cell)."""
+    import re
+
+    from secure_fedora.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                      'val_per_client = 8\ntest_per_client = 8\n')
+    assert main(["sweep", str(config), "--out", str(tmp_path / "out"), "--quiet",
+                 "--epsilons", *words]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert re.search(match, err) and not (tmp_path / "out").exists()
