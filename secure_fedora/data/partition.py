@@ -155,6 +155,32 @@ def _check_sizes(
     )
 
 
+def _check_totals(source: LabeledDataset, num_clients: int, train_per_client: int,
+                  val_per_client: int, test_per_client: int | None) -> None:
+    """DataError, in one wording for every partitioner, naming the config keys and the
+    numbers, when the clients need more rows than a split holds (``test_per_client`` None:
+    the test split is divided, see :func:`rotation_partition`)."""
+    n_train, n_test = int(source.train_y.shape[0]), int(source.test_y.shape[0])
+    need = num_clients * (train_per_client + val_per_client)
+    if need > n_train:
+        raise DataError(
+            f"data.num_clients = {num_clients} x (data.train_per_client = {train_per_client} + "
+            f"data.val_per_client = {val_per_client}) = {need} rows exceed the {n_train} rows of "
+            "the train split"
+        )
+    if test_per_client is None:
+        if n_test < num_clients:
+            raise DataError(
+                f"the {n_test} rows of the test split cannot give each of data.num_clients = "
+                f"{num_clients} clients a test row (data.test_per_client unset divides them)"
+            )
+    elif num_clients * test_per_client > n_test:
+        raise DataError(
+            f"data.num_clients = {num_clients} x data.test_per_client = {test_per_client} = "
+            f"{num_clients * test_per_client} rows exceed the {n_test} rows of the test split"
+        )
+
+
 def _check_test_size(test_per_client: object, kind: str) -> int:
     if test_per_client is None:
         raise DataError(
@@ -300,7 +326,8 @@ def rotation_partition(
     if groups is not None:
         groups = _check_int("groups", groups, 1)
         if groups > num_clients:
-            raise DataError(f"groups ({groups}) must not exceed num_clients ({num_clients})")
+            raise DataError(f"data.groups = {groups} must not exceed data.num_clients = "
+                            f"{num_clients}")
     source = _source(dataset)
     if source.train_x.dtype != torch.uint8 and source.train_x.dim() not in (3, 4):
         raise DataError(
@@ -346,27 +373,11 @@ def _uniform_partition(
     interpolation: Literal["bilinear", "nearest"],
 ) -> list[ClientData]:
     n_train, n_test = int(source.train_y.shape[0]), int(source.test_y.shape[0])
-    need = num_clients * (train_per_client + val_per_client)
-    if need > n_train:
-        raise DataError(
-            f"data.num_clients = {num_clients} x (data.train_per_client = {train_per_client} + "
-            f"data.val_per_client = {val_per_client}) = {need} rows exceed the {n_train} rows of "
-            "the train split"
-        )
+    if test_per_client is not None:
+        test_per_client = _check_int("test_per_client", test_per_client, 0)
+    _check_totals(source, num_clients, train_per_client, val_per_client, test_per_client)
     if test_per_client is None:
         test_per_client = n_test // num_clients
-        if test_per_client == 0:
-            raise DataError(
-                f"the test split ({n_test} rows) is too small to give each of {num_clients} "
-                "clients a test row (lower data.num_clients)"
-            )
-    else:
-        test_per_client = _check_int("test_per_client", test_per_client, 0)
-        if num_clients * test_per_client > n_test:
-            raise DataError(
-                f"data.num_clients = {num_clients} x data.test_per_client = {test_per_client} = "
-                f"{num_clients * test_per_client} rows exceed the {n_test} rows of the test split"
-            )
     rng = np.random.default_rng(seed)
     train_perm = rng.permutation(n_train)
     test_perm = rng.permutation(n_test)
@@ -469,17 +480,7 @@ def dirichlet_partition(
     source = _source(dataset)
     _single_labels(source, "dirichlet")
     num_classes = source.num_classes
-    n_train, n_test = int(source.train_y.shape[0]), int(source.test_y.shape[0])
-    if num_clients * (train_per_client + val_per_client) > n_train:
-        raise DataError(
-            f"data.num_clients = {num_clients} x (data.train_per_client = {train_per_client} + "
-            f"data.val_per_client = {val_per_client}) exceed the {n_train} rows of the train split"
-        )
-    if num_clients * test_per_client > n_test:
-        raise DataError(
-            f"data.num_clients = {num_clients} x data.test_per_client = {test_per_client} "
-            f"exceed the {n_test} rows of the test split"
-        )
+    _check_totals(source, num_clients, train_per_client, val_per_client, test_per_client)
     rng = np.random.default_rng(seed)
     train_pools = _ClassPools(source.train_y, rng, "train", num_classes)
     test_pools = _ClassPools(source.test_y, rng, "test", num_classes)
@@ -503,12 +504,12 @@ def dirichlet_partition(
                 break
         else:
             raise DataError(
-                f"client {i}: no feasible Dir({alpha}) label proportions in "
-                f"{_DIRICHLET_MAX_DRAWS} draws; the remaining rows per class cannot supply "
-                f"{train_per_client} train + {val_per_client} val + {test_per_client} test rows. "
-                "Request fewer rows per client (data.train_per_client, data.val_per_client, "
-                "data.test_per_client), fewer clients (data.num_clients) or a larger "
-                "data.dirichlet_alpha"
+                f"client {i}: no feasible Dir(data.dirichlet_alpha = {alpha}) label proportions "
+                f"in {_DIRICHLET_MAX_DRAWS} draws; the remaining rows per class cannot supply "
+                f"data.train_per_client = {train_per_client} + data.val_per_client = "
+                f"{val_per_client} + data.test_per_client = {test_per_client} rows. Request "
+                f"fewer rows per client, fewer clients (data.num_clients = {num_clients}) or a "
+                "larger data.dirichlet_alpha"
             )
         clients.append(
             _make_client(
@@ -557,17 +558,19 @@ def pathological_partition(
     _single_labels(source, "pathological")
     num_classes = source.num_classes
     if c > num_classes:
-        raise DataError(f"data.classes_per_client must be <= {num_classes}, got {c}")
+        raise DataError(f"data.classes_per_client = {c} exceeds the {num_classes} classes of "
+                        "the data")
     if train_per_client < c:
         raise DataError(
-            f"data.train_per_client ({train_per_client}) must be >= data.classes_per_client "
-            f"({c}) so every class appears in training"
+            f"data.train_per_client = {train_per_client} must be at least "
+            f"data.classes_per_client = {c} (one row of each of a client's classes)"
         )
     if 0 < val_per_client < c:
         raise DataError(
-            f"data.val_per_client ({val_per_client}) must be 0 or >= data.classes_per_client "
-            f"({c})"
+            f"data.val_per_client = {val_per_client} must be 0 or at least "
+            f"data.classes_per_client = {c} (one row of each of a client's classes)"
         )
+    _check_totals(source, num_clients, train_per_client, val_per_client, test_per_client)
     rng = np.random.default_rng(seed)
     usage = np.zeros(num_classes, dtype=np.int64)
     assignments = []
@@ -601,11 +604,14 @@ def pathological_partition(
         short = np.flatnonzero(demand > pools.remaining())
         if short.size:
             k = int(short[0])
+            per_client = (f"data.train_per_client = {train_per_client} + data.val_per_client = "
+                           f"{val_per_client}" if pools.split == "train" else
+                           f"data.test_per_client = {test_per_client}")
             raise DataError(
-                f"class {k} of the {pools.split} split has {pools.remaining()[k]} rows but "
-                f"{int(usage[k])} clients need {int(demand[k])}; request fewer rows per client "
-                "(data.train_per_client, data.val_per_client, data.test_per_client) or fewer "
-                "clients (data.num_clients)"
+                f"class {k} of the {pools.split} split has {pools.remaining()[k]} rows but the "
+                f"{int(usage[k])} clients holding it need {int(demand[k])} ({per_client} rows "
+                f"each, over data.classes_per_client = {c} classes); request fewer rows per "
+                f"client or fewer clients (data.num_clients = {num_clients})"
             )
     clients = []
     for i, (classes, (train_counts, val_counts, test_counts)) in enumerate(

@@ -9,6 +9,7 @@ import torch
 from secure_fedora.data.partition import (
     ClientData,
     dirichlet_partition,
+    iid_partition,
     pathological_partition,
     rotation_partition,
 )
@@ -133,7 +134,7 @@ def test_rotation_uses_nearest_interpolation_when_asked() -> None:
     [
         ({"num_clients": 11, "train_per_client": 50, "val_per_client": 5}, "exceed the 600 rows"),
         ({"test_per_client": 41}, "exceed the 200 rows of the test split"),
-        ({"groups": 6}, r"groups \(6\) must not exceed num_clients \(5\)"),
+        ({"groups": 6}, "data.groups = 6 must not exceed data.num_clients = 5"),
         ({"groups": 0}, "groups must be >= 1"),
         ({"num_clients": 0}, "num_clients must be >= 1"),
         ({"train_per_client": 0}, "train_per_client must be >= 1"),
@@ -160,7 +161,8 @@ def test_rotation_partition_rejects_bad_arguments(kwargs: dict, message: str) ->
 
 def test_rotation_test_split_too_small_for_clients() -> None:
     tiny = {"train": SOURCE["train"], "test": (SOURCE["test"][0][:3], SOURCE["test"][1][:3])}
-    with pytest.raises(DataError, match="too small to give each of 5 clients a test row"):
+    with pytest.raises(DataError, match="the 3 rows of the test split cannot give each of "
+                       "data.num_clients = 5 clients a test row"):
         rotation_partition(tiny, 5, 10, 0, None, None, seed=0)
 
 
@@ -258,7 +260,9 @@ def test_dirichlet_infeasible_request_names_client() -> None:
         "train": (SOURCE["train"][0], torch.zeros(600, dtype=torch.int64)),
         "test": (SOURCE["test"][0], torch.zeros(200, dtype=torch.int64)),
     }
-    with pytest.raises(DataError, match=r"client 0: no feasible Dir\(1\.0\) label proportions"):
+    with pytest.raises(DataError, match=r"client 0: no feasible Dir\(data.dirichlet_alpha = 1\.0\) "
+                       r"label proportions .* data.train_per_client = 30 \+ data.val_per_client "
+                       r"= 5 \+ data.test_per_client = 1 rows.* \(data.num_clients = 2\)"):
         dirichlet_partition(single_class, 2, 1.0, 30, 5, 1, seed=0)
 
 
@@ -337,12 +341,20 @@ def test_pathological_is_deterministic() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"classes_per_client": 11}, "classes_per_client must be <= 10"),
+        ({"classes_per_client": 11}, "data.classes_per_client = 11 exceeds the 10 classes"),
         ({"classes_per_client": 0}, "classes_per_client must be >= 1"),
-        ({"classes_per_client": 3, "train_per_client": 2}, r"train_per_client \(2\) must be >="),
-        ({"classes_per_client": 3, "val_per_client": 2}, r"val_per_client \(2\) must be 0 or >="),
-        ({"num_clients": 20, "train_per_client": 60}, "class .* of the train split has 60 rows"),
-        ({"num_clients": 20, "test_per_client": 30}, "class .* of the test split has 20 rows"),
+        ({"classes_per_client": 3, "train_per_client": 2},
+         "data.train_per_client = 2 must be at least data.classes_per_client = 3"),
+        ({"classes_per_client": 3, "val_per_client": 2},
+         "data.val_per_client = 2 must be 0 or at least data.classes_per_client = 3"),
+        # the totals fit, but 11 clients of one class each put two on one class
+        ({"num_clients": 11, "classes_per_client": 1, "train_per_client": 30, "val_per_client": 5},
+         r"class .* of the train split has 60 rows but the 2 clients holding it need 70 "
+         r"\(data.train_per_client = 30 \+ data.val_per_client = 5 rows each, over "
+         r"data.classes_per_client = 1 classes\); .* \(data.num_clients = 11\)"),
+        ({"num_clients": 11, "classes_per_client": 1, "test_per_client": 11},
+         r"class .* of the test split has 20 rows but the 2 clients holding it need 22 "
+         r"\(data.test_per_client = 11 rows each"),
         ({"test_per_client": -1}, "test_per_client must be >= 0"),
         ({"test_per_client": None}, "test_per_client must be an integer for the pathological"),
     ],
@@ -390,3 +402,26 @@ def test_a_federation_larger_than_the_data_names_the_config_keys(tmp_path, parti
     for key in keys:
         assert key in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("partition", ["rotation", "iid", "dirichlet", "pathological"])
+@pytest.mark.parametrize(("sizes", "message"), [
+    ((11, 50, 5, 5), "data.num_clients = 11 x (data.train_per_client = 50 + data.val_per_client "
+                     "= 5) = 605 rows exceed the 600 rows of the train split"),
+    ((7, 10, 10, 30), "data.num_clients = 7 x data.test_per_client = 30 = 210 rows exceed the "
+                      "200 rows of the test split"),
+])
+def test_every_partitioner_refuses_a_federation_larger_than_the_data_alike(partition, sizes,
+                                                                          message) -> None:
+    """The wording differed by partitioner: dirichlet gave no total ('... exceed the 600 rows'),
+    pathological only a per-class shortfall ('class 3 of the train split has 60 rows but 2
+    clients need 110'). Each now names the config keys, their values and the total."""
+    num_clients, train, val, test = sizes
+    extra = {"rotation": {"groups": None}, "iid": {}, "dirichlet": {"alpha": 1.0},
+             "pathological": {"classes_per_client": 1}}[partition]
+    fn = {"rotation": rotation_partition, "iid": iid_partition, "dirichlet": dirichlet_partition,
+          "pathological": pathological_partition}[partition]
+    with pytest.raises(DataError) as err:
+        fn(SOURCE, num_clients=num_clients, train_per_client=train, val_per_client=val,
+           test_per_client=test, seed=0, **extra)
+    assert str(err.value) == message

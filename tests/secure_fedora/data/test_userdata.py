@@ -581,7 +581,7 @@ def test_pathological_partition_of_user_data_with_more_than_ten_classes() -> Non
     clients = Experiment(cfg, data=data).clients
     assert all(len(set(c.train_y.tolist())) == 12 for c in clients)
     too_many = {**cfg, "data": {**cfg["data"], "classes_per_client": 21, "val_per_client": 24}}
-    with pytest.raises(DataError, match="classes_per_client must be <= 20"):
+    with pytest.raises(DataError, match="data.classes_per_client = 21 exceeds the 20 classes"):
         Experiment(too_many, data=data).check()
 
 
