@@ -57,9 +57,21 @@ class Results(dict):
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Results:
-        """Read ``run_dir/results.json``."""
-        path = Path(run_dir) / "results.json"
-        return cls(json.loads(path.read_text()), run_dir)
+        """Read ``run_dir/results.json``: RunDirError when it is missing, unreadable or holds
+        no JSON object (ConfigError for an empty ``run_dir``, or one of spaces or with NUL)."""
+        from secure_fedora.runtimes.rundir import RunDirError
+
+        run = check_path_argument(run_dir, "run_dir")
+        path = run / "results.json"
+        try:
+            document = json.loads(path.read_bytes())
+        except OSError as err:
+            raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
+        except ValueError as err:  # not JSON, or not UTF-8
+            raise RunDirError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(document, dict):
+            raise RunDirError(f"{path} holds no results document (a JSON object)")
+        return cls(document, run)
 
     @property
     def metric(self) -> str:

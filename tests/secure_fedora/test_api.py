@@ -82,3 +82,24 @@ def test_a_run_dir_the_cli_would_refuse_is_a_config_error(run_dir, problem) -> N
     raw ValueError once the run made its directory."""
     with pytest.raises(ConfigError, match=problem):
         Experiment(CONFIG, run_dir=run_dir)
+
+
+def test_results_load_refuses_a_missing_empty_or_corrupt_results_json(tmp_path):
+    """Results.load of a directory without results.json raised a bare FileNotFoundError,
+    of a NUL path a ValueError, of "" it read ./results.json, of a corrupt file a
+    JSONDecodeError: now the toolkit's errors, naming the path."""
+    from secure_fedora.runtimes.rundir import RunDirError
+
+    with pytest.raises(RunDirError, match=r"cannot read .*missing/results.json"):
+        Results.load(tmp_path / "missing")
+    for bad in ("", "  ", "r\x00"):
+        with pytest.raises(ConfigError, match="run_dir"):
+            Results.load(bad)
+    (tmp_path / "results.json").write_text('{"metric": ')
+    with pytest.raises(RunDirError, match="is not valid JSON"):
+        Results.load(tmp_path)
+    (tmp_path / "results.json").write_text("[1]")
+    with pytest.raises(RunDirError, match="holds no results document"):
+        Results.load(tmp_path)
+    (tmp_path / "results.json").write_text('{"metric": "auc"}')
+    assert Results.load(str(tmp_path)).metric == "auc"
