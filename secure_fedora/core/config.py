@@ -661,8 +661,9 @@ def load_config(path: str | Path, *, plugins_from_folder: bool = True) -> Experi
 
     Its plug-ins (``data.source``, ``model.factory``, ``training.loss``) are imported from the
     file's folder, then from ``PYTHONPATH``; ``plugins_from_folder=False`` (audits of a run
-    directory) skips the folder, so a directory under review cannot supply code to run."""
-    path = Path(path)
+    directory) skips the folder, so a directory under review cannot supply code to run. A path that is empty, only spaces or
+    holds NUL is a ConfigError too."""
+    path = check_path(path, "the config path", ConfigError, "file")
     try:
         raw = path.read_bytes()
     except OSError as err:

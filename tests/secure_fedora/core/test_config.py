@@ -432,3 +432,18 @@ def test_revalidate_refuses_values_only_their_json_form_makes_valid() -> None:
         for update, message in cases:
             with pytest.raises(ConfigError, match=message):
                 revalidate(cfg.model_copy(update=update))
+
+
+@pytest.mark.parametrize("path, why", [("", "is empty: name a file"),
+                                       ("  ", "is empty: name a file"),
+                                       ("c\x00.toml", "holds a NUL character")])
+def test_load_config_refuses_an_empty_or_nul_path(path, why):
+    """load_config("c\\x00.toml") (and Experiment("c\\x00.toml")) raised a bare ValueError
+    ('embedded null byte'), load_config("") 'cannot read config .: Is a directory'."""
+    from secure_fedora.api import Experiment
+
+    for call in (load_config, Experiment):
+        with pytest.raises(ConfigError, match=f"the config path.*{why}"):
+            call(path)
+    with pytest.raises(ConfigError, match="the config path must be a path"):
+        load_config(7)  # type: ignore[arg-type]
