@@ -575,6 +575,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         raise CanaryAuditError(
             f"client_index must be in [0, {cfg.data.num_clients}), got {client_index!r}"
         )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CanaryAuditError(f"seed must be an integer, got {seed!r}")
     private = bool(cfg.privacy.enabled)
     if kind == "mislabeled" and cfg.data.source is not None:
         raise CanaryAuditError("canary kind 'mislabeled' takes images of the built-in dataset's "

@@ -257,8 +257,11 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         raise ReplayAuditError(
             f"records must be in [1, {cfg.data.train_per_client}) (--records; this run's "
             f"data.train_per_client = {cfg.data.train_per_client}), got {records!r}")
-    if not 0 < confidence < 1:
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
+            or not 0 < confidence < 1:
         raise ReplayAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ReplayAuditError(f"seed must be an integer, got {seed!r}")
     method = _choose_method(run_dir, cfg, method)
     cid = client_ids(n_clients)[client]
     if anchor is not None:

@@ -428,6 +428,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
             or not 0 < calibration_fraction < 1:
         raise WhiteboxAuditError(f"calibration fraction must be in (0, 1), got"
                                  f" {calibration_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise WhiteboxAuditError(f"seed must be an integer, got {seed!r}")
     setting = whitebox_setting(cfg, method, client_index, results)
     if run_dir is not None:
         check_setting_against_ledger(setting, Path(run_dir))

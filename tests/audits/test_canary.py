@@ -185,6 +185,10 @@ def test_canary_audit_argument_errors():
         run_canary_audit(cfg, method="fedora")
     with pytest.raises(CanaryAuditError, match="client_index"):
         run_canary_audit(cfg, client_index=2)
+    # torch's manual_seed raised a RuntimeError ('expected a long, but got NoneType')
+    for seed in (None, 1.5, "0", True):
+        with pytest.raises(CanaryAuditError, match="seed must be an integer"):
+            run_canary_audit(cfg, seed=seed)
 
 
 def test_ledger_claim_refuses_refused_clients_and_missing_ledgers(pristine_run):

@@ -88,6 +88,13 @@ def test_runs_that_cannot_be_audited_are_refused(runs, tmp_path, capsys):
         run_replay_audit(runs["csprng"], method="fedavg")
     with pytest.raises(ReplayAuditError, match="trials"):
         run_replay_audit(runs["csprng"], trials=1)
+    # a TypeError ('<' between int and NoneType) and torch's RuntimeError ('manual_seed
+    # expected a long') before
+    with pytest.raises(ReplayAuditError, match="confidence must be in"):
+        run_replay_audit(runs["csprng"], confidence=None)
+    for seed in (None, 1.5, "0", True):
+        with pytest.raises(ReplayAuditError, match="seed must be an integer"):
+            run_replay_audit(runs["csprng"], seed=seed)
     assert main(["audit", "replay", str(tmp_path)]) == 2
     assert "not differentially private" in capsys.readouterr().err
 

@@ -343,3 +343,10 @@ def test_an_evaluation_part_without_members_or_non_members_is_not_measurable(tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: not measurable") and f"no {absent} canary" in err
     assert "\n" not in err and not (run / "audit" / "whitebox.json").exists()
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "0", True])
+def test_a_seed_that_is_not_an_integer_is_a_clear_error(seed):
+    """torch's manual_seed raised a RuntimeError ('expected a long, but got NoneType')."""
+    with pytest.raises(WhiteboxAuditError, match="seed must be an integer"):
+        run_whitebox_audit(parse_config(_cfg_dict(3.0)), seed=seed)
