@@ -577,6 +577,12 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise CanaryAuditError(f"seed must be an integer, got {seed!r}")
+    # checked again by the bound after training: a bad one must not cost the federation's run
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
+            or not 0 < confidence < 1:
+        raise CanaryAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1:
+        raise CanaryAuditError(f"delta must be in [0, 1), got {delta!r}")
     private = bool(cfg.privacy.enabled)
     if kind == "mislabeled" and cfg.data.source is not None:
         raise CanaryAuditError("canary kind 'mislabeled' takes images of the built-in dataset's "

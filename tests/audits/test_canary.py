@@ -191,6 +191,24 @@ def test_canary_audit_argument_errors():
             run_canary_audit(cfg, seed=seed)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"confidence": 2.0}, "confidence must be in"), ({"confidence": None}, "confidence must be in"),
+    ({"delta": ""}, "delta must be in"), ({"delta": [1e-5]}, "delta must be in"),
+    ({"delta": 1.0}, "delta must be in")])
+def test_a_bad_confidence_or_delta_is_refused_before_the_federation_trains(monkeypatch, kwargs,
+                                                                           match):
+    """They were checked only by the bound, after the whole federation had trained (delta ''
+    of a non-private run: a bare ValueError there, 'could not convert string to float')."""
+    import audits.canary as canary
+
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the federation was built before the arguments were checked")
+
+    monkeypatch.setattr(canary, "build_clients", no_training)
+    with pytest.raises(CanaryAuditError, match=match):
+        run_canary_audit(_cfg(False, rounds=1, lr=0.05), **kwargs)
+
+
 def test_ledger_claim_refuses_refused_clients_and_missing_ledgers(pristine_run):
     eps, delta, n = _ledger_claim(pristine_run, "fedora", "client-000")
     assert eps > 0 and delta == 1e-5 and n == 10  # 9 releases and the close entry
