@@ -38,6 +38,7 @@ from secure_fedora.algorithms.contract import (
 )
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
 from secure_fedora.core.config import (
+    ConfigError,
     ExperimentConfig,
     check_path_argument,
     config_hash,
@@ -764,6 +765,9 @@ class Simulation:
         self.run_dir = check_path_argument(run_dir, "run_dir")
         self.keystore_override = (None if keystore is None
                                   else check_path_argument(keystore, "keystore"))
+        if progress is not None and not callable(progress):  # called after the first round
+            raise ConfigError(f"progress must be a callable (method, round, total) or None, got "
+                              f"{type(progress).__name__}")
         self.device = resolve_device(cfg)  # refuses an unusable device before any work
         apply_threads(cfg)
         unknown = sorted(set(inputs_outside_config) - {"data", "model"})

@@ -103,3 +103,15 @@ def test_results_load_refuses_a_missing_empty_or_corrupt_results_json(tmp_path):
         Results.load(tmp_path)
     (tmp_path / "results.json").write_text('{"metric": "auc"}')
     assert Results.load(str(tmp_path)).metric == "auc"
+
+
+@pytest.mark.parametrize("progress", ["x", 1.5, True])
+def test_a_progress_that_is_not_callable_is_refused_before_the_run(tmp_path, progress):
+    """It was called after the first round: a TypeError ('str' object is not callable) left a
+    half-run directory behind."""
+    config = {"methods": ["local"], "training": {"rounds": 1},
+              "data": {"num_clients": 2, "train_per_client": 20, "val_per_client": 8,
+                       "test_per_client": 8, "groups": 2}}
+    with pytest.raises(ConfigError, match="progress must be a callable"):
+        Experiment(config, run_dir=tmp_path / "run").run(progress=progress)
+    assert not (tmp_path / "run").exists()
