@@ -122,10 +122,19 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
 
 def _json_option(args: argparse.Namespace) -> Path | None:
     """``--json``, checked before the audit runs (ConfigError naming it when empty, only
-    spaces or holding NUL: an empty one was an OSError after the audit, or no file at all)."""
-    from secure_fedora.core.config import check_path_argument
+    spaces or holding NUL, or when its folder is not a directory: each was an OSError after
+    the audit, or no file at all)."""
+    from secure_fedora.core.config import ConfigError, check_path_argument
 
-    return None if args.json is None else check_path_argument(args.json, "--json", "file")
+    if args.json is None:
+        return None
+    path = check_path_argument(args.json, "--json", "file")
+    if not path.absolute().parent.is_dir():
+        raise ConfigError(f"--json {path}: its folder {path.absolute().parent} is not a "
+                          "directory (create it first)")
+    if path.is_dir():
+        raise ConfigError(f"--json {path} is a directory: name a file")
+    return path
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -194,3 +194,15 @@ def test_an_empty_json_option_is_refused_before_the_audit(pristine_run, tmp_path
     captured = capsys.readouterr()
     assert captured.err == "error: --json is empty: name a file\n" and captured.out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where, why", [("missing/v.json", "is not a directory"),
+                                        (".", "is a directory")])
+def test_a_json_option_that_cannot_be_written_is_refused_before_the_audit(
+        pristine_run, tmp_path, monkeypatch, capsys, where, why):
+    """An --json in a folder that does not exist failed (OSError) only after the audit had run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", "verify", str(pristine_run), "--json", where]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --json ") and why in captured.err
+    assert captured.out == "" and list(tmp_path.iterdir()) == []
