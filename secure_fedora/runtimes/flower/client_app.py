@@ -40,8 +40,9 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
    step check; an encrypted summary after its EncryptPayload stage) -- and returned, with
    its ledger head when DP is on.
 
-``query.hello`` is the first contact: the client identifies itself and reports its split
-sizes and data schema. FEDORA's encrypted relatedness adds its CKKS ceremony handlers
+``query.hello`` is the first contact: the client checks its data against the run's model
+(as the in-process runtime does before anything is written), then identifies itself and
+reports its split sizes and data schema, or a signed refusal naming the problem. FEDORA's encrypted relatedness adds its CKKS ceremony handlers
 (``query.ceremony``, ``query.encrypted_summary``, ``query.decrypt_overlaps``; key material in
 ``runs/<run_id>/ckks/``).
 """
@@ -66,6 +67,7 @@ from flwr.clientapp import ClientApp
 
 from privacy.accounting import BudgetExceededError
 from privacy.envelope import Envelope
+from privacy.errors import ToolkitError
 from privacy.identity import (
     ALLOWLIST_FILENAME,
     SERVER_ID,
@@ -674,14 +676,35 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
 @app.query("hello")
 def hello(message: Message, context: Context) -> Message:
     """First contact: identify this client; report its split sizes and data schema (input
-    shape, classes) and the partition facts a client may publish. No data leaves."""
+    shape, classes) and the partition facts a client may publish. No data leaves.
+
+    Before it answers, the client checks its data against the run's model as the in-process
+    runtime checks every client's before any key store or ledger
+    (:func:`~secure_fedora.runtimes.inprocess.build_context`: labels, the model's output
+    width, the loss, under DP exact per-sample gradients on its own batch sizes). A problem
+    with the input (a toolkit ``ValueError``: DataError, ModelError, DPSGDError, ...) is
+    answered with a signed ``refusal`` record naming it instead of the data facts, so that
+    the server stops the run before any method message, ceremony, ledger or release."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context, HELLO_SCOPE)
     _check_hash(message, "run", settings)
     check_supported(settings.experiment, settings.reproducible_dp_noise,
                     settings.compare_methods)
-    client = ensure_partition(node, settings.experiment)
-    schema = DataSchema.of(client)
+    try:
+        client = ensure_partition(node, settings.experiment)
+        schema = DataSchema.of(client)
+        client_context(settings.experiment, node.partition_id, client)  # its checks alone
+    except ToolkitError as err:
+        if not isinstance(err, ValueError):  # a node's state or deployment: not the input
+            raise
+        log.error("client %d refuses the run: %s: %s", node.partition_id,
+                  type(err).__name__, err)
+        refusal = RecordDict({
+            "client": ConfigRecord({"client-id": node.partition_id,
+                                    "config-hash": settings.config_hash}),
+            "refusal": ConfigRecord({"reason": f"{type(err).__name__}: {err}"}),
+            "metrics": MetricRecord(_timings(started))})
+        return _reply(security, message, refusal, 0)
     info: dict[str, Any] = {
         "client-id": node.partition_id, "config-hash": settings.config_hash,
         "input-shape": list(schema.input_shape), "num-classes": schema.num_classes,

@@ -7,7 +7,8 @@ The server never holds client data. For a run it
    holds (``client-id``), its split sizes and the data schema (input shape, classes), which
    every client must share; the server learns nothing else about the data (a node without
    an accepted reply is asked once more; one still without stops the run, naming it and its
-   last event);
+   last event; a client whose data fails the checks against the run's model refuses, and
+   the run stops naming it before any method message);
 2. for each method of ``cfg.methods`` builds the method's algorithm object through the
    method registry with a context that holds no client data
    (:func:`~secure_fedora.runtimes.flower.contexts.server_context`) and drives the method
@@ -130,6 +131,9 @@ from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatch
 __all__ = ["ExchangeTiming", "app", "run_federation", "sample_participants"]
 
 app = ServerApp()
+
+#: How much of a client's refusal reason a DeployError repeats (one line).
+MAX_REFUSAL_CHARS = 2000
 
 
 def _say(message: str) -> None:
@@ -824,8 +828,21 @@ def _data_facts(schema: DataSchema, sizes: Mapping[int, Mapping[str, Any]], n: i
 def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
                  schemas: dict[int, DataSchema]) -> None:
     """Add each accepted hello reply's data schema to ``schemas`` and its split sizes to
-    ``server.sizes``; a malformed one is a rejection."""
+    ``server.sizes``; a malformed one is a rejection. A client that refused the run (its data
+    or node fails the checks against the run's model and settings, as in process before
+    anything is written) stops it here, before any method message: a DeployError naming the client and its
+    reason (and any other client that refused)."""
+    refused: dict[int, str] = {}
     for cid, (reply, env) in sorted(replies.items()):
+        if "refusal" in reply.content:
+            record = reply.content["refusal"]
+            reason = record.get("reason") if isinstance(record, ConfigRecord) else None
+            if isinstance(reason, str) and reason.strip():
+                refused[cid] = " ".join(reason.split())[:MAX_REFUSAL_CHARS]
+                continue
+            server.reject(0, cid, server.node_of_client.get(cid),
+                          _malformed(env, "hello refusal without a reason"), "not identified")
+            continue
         info = reply.content["client"]
         try:
             shape = info["input-shape"]
@@ -842,6 +859,13 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             continue
         schemas[cid] = schema
         server.sizes[cid] = sizes
+    if refused:
+        first = min(refused)
+        others = sorted(set(refused) - {first})
+        raise DeployError(
+            f"client {first} (node {server.node_of_client.get(first)}) refused the run at first "
+            f"contact: {refused[first]}" + (f" (clients {others} refused too)" if others else "")
+            + "; the run stops before any method message or release")
 
 
 def _exchange_payloads(

@@ -620,14 +620,17 @@ def test_a_client_that_never_reports_an_evaluation_fails_the_run(tmp_path: Path)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_run_whose_clients_all_fail_names_their_error_not_a_timeout(tmp_path: Path) -> None:
     """Every ClientApp refused device = 'cuda' on a machine without a GPU; the run stopped
-    saying no reply came within the round timeout, the cause only in the logged events."""
+    saying no reply came within the round timeout, the cause only in the logged events. The
+    clients now refuse at first contact, which names the first one and its error."""
     cfg = with_methods(tiny_config(rounds=1), "fedavg")
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"device": "cuda"})})
     rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-    with pytest.raises(DeployError, match=r"clients \[0, 1, 2\] never reported an evaluation.*"
-                                          r"their last events: client 0: error reply .*DeviceError"):
+    with pytest.raises(DeployError, match=r"^client 0 \(node 1000\) refused the run at first "
+                                          r"contact: DeviceError: training.device = 'cuda'.*"
+                                          r"\(clients \[1, 2\] refused too\)"):
         server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert {m.metadata.message_type for m in grid.sent} == {"query.hello"}
     assert not (tmp_path / "res" / "results.json").exists()
 
 
