@@ -5,9 +5,10 @@ The server never holds client data. For a run it
 1. waits (bounded by ``connect-timeout``) until one SuperNode per client is online and sends
    every node a first-contact ``query.hello``: each verified reply names the client the node
    holds (``client-id``), its split sizes and the data schema (input shape, classes), which
-   every client must share; the server learns nothing else about the data (a node without
-   an accepted reply is asked once more; one still without stops the run, naming it and its
-   last event; a client whose data fails the checks against the run's model refuses, and
+   every client must share; the server learns nothing else about the data (a client without
+   an accepted reply is asked once more, at every online node that holds no identified
+   client, so a SuperNode restarted under a new node id is found; one still without stops
+   the run, naming it and its last event; a client whose data fails the checks against the run's model refuses, and
    the run stops naming it before any method message);
 2. for each method of ``cfg.methods`` builds the method's algorithm object through the
    method registry with a context that holds no client data
@@ -289,6 +290,19 @@ def _await_nodes(grid: Grid, server: _Server, nodes: list[int]) -> None:
         time.sleep(max(server.settings.poll_interval, 0.5))
 
 
+def _await_unidentified(grid: Grid, server: _Server, identified: set[int],
+                        count: int) -> list[int]:
+    """The online nodes but ``identified``, once there are ``count`` of them or the round
+    timeout passed (a SuperNode restarting, perhaps under a new node id)."""
+    def unidentified() -> list[int]:
+        return sorted(_online(grid) - identified)
+
+    deadline = time.monotonic() + server.settings.round_timeout
+    while len(unidentified()) < count and time.monotonic() < deadline:
+        time.sleep(max(server.settings.poll_interval, 0.5))
+    return unidentified()
+
+
 def _wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float) -> list[int]:
     deadline = time.monotonic() + timeout
     nodes = _online(grid)
@@ -468,10 +482,14 @@ def _first_contact(
                 sender=envelope.sender, round=0, kind=envelope.kind, recipient="server")),
                 "not identified")
             continue
+        if cid in seen:
+            raise DeployError(f"nodes {seen[cid]} and {node} both hold partition-id {cid}")
         known = server.node_of_client.get(cid)
-        if cid in seen or (known is not None and known != node):
-            other = seen.get(cid, known)
-            raise DeployError(f"nodes {other} and {node} both hold partition-id {cid}")
+        if known is not None and known != node:
+            # the client's signature says who answers: its SuperNode restarted under a new
+            # node id (two live nodes answering for one client in one exchange stop the run)
+            server.event(0, cid, node, f"{message_type}: client {cid} now at node {node} "
+                                       f"(was node {known})")
         seen[cid] = node
         server.node_of_client[cid] = node
         accepted[cid] = (reply, envelope)
@@ -794,22 +812,33 @@ class _Replies:
 
 
 def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
-    """First contact: which node holds which client, its split sizes and the data schema."""
+    """First contact: which node holds which client, its split sizes and the data schema.
+
+    A client without an accepted reply is asked once more, at every node online by then that
+    holds no identified client: a SuperNode that restarted meanwhile under a new node id is
+    asked there (the reply's signature, not the node id, says which client it holds), and
+    ``server.nodes`` becomes the nodes that hold the clients."""
     server.scope = HELLO_SCOPE
+    n = server.cfg.data.num_clients
     schemas: dict[int, DataSchema] = {}
     timing: ExchangeTiming | None = None
+    asked = list(nodes)
     for attempt in range(2):  # a node without an accepted reply is asked once more
-        wanted = [nd for nd in nodes
-                  if nd not in {server.node_of_client[cid] for cid in schemas}]
-        if len(schemas) == server.cfg.data.num_clients or not wanted:
+        if len(schemas) == n:
             break
+        wanted = list(nodes)
         if attempt:
-            _await_nodes(grid, server, wanted)
+            identified = {server.node_of_client[cid] for cid in schemas}
+            wanted = _await_unidentified(grid, server, identified, n - len(schemas))
+            if not wanted:
+                break
             _say(f"first contact sent again to nodes {wanted}")
+            asked = sorted(set(asked) | set(wanted))
         replies, hello_timing = _first_contact(grid, server, wanted, MSG_HELLO, {})
         timing = timing or hello_timing
         _take_hellos(server, replies, schemas)
-    _require_all(server, schemas, nodes, "identification", asked_twice=True)
+    _require_all(server, schemas, asked, "identification", asked_twice=True)
+    server.nodes = sorted(server.node_of_client[cid] for cid in range(n))
     distinct = set(schemas.values())
     if len(distinct) > 1:
         raise DeployError(f"the clients report different data schemas: {sorted(map(str, distinct))}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from flwr.app import Error, Message
 
 from secure_fedora.core.config import parse_config
 from secure_fedora.core.registry import MODELS, PARTITIONERS
@@ -89,3 +90,52 @@ def test_a_client_whose_data_fails_the_model_checks_stops_the_run_before_any_rel
     assert list(result_dir.iterdir()) == []
 
 
+
+class _RestartingGrid(InMemoryGrid):
+    """Node 1002 stops while answering its first hello (an error reply) and its SuperNode
+    comes back under node id 1005 (same partition, state and keys); a message to a node no
+    longer registered is answered with an error, as the SuperLink does."""
+
+    restarted = False
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in self.node_config and (node != 1002 or self.restarted):
+                ids.extend(super().push_messages([msg]))
+                continue
+            if node == 1002 and not self.restarted:
+                self.restarted = True
+                self.node_config[1005] = self.node_config.pop(1002)
+            self.counter += 1
+            mid = f"msg-{self.counter}"
+            msg.metadata.__dict__["_message_id"] = mid
+            self.sent.append(msg)
+            self.replies[mid] = Message(Error(code=0, reason="node offline"), reply_to=msg)
+            ids.append(mid)
+        return ids
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_supernode_restarted_under_a_new_node_id_is_asked_there_at_first_contact(
+        tmp_path: Path) -> None:
+    """The hello retry waited for the old node id and asked it again, never the restarted
+    SuperNode: the run stopped with "missing clients [2]" (naming node 1002 online). Now the
+    retry asks every online node that holds no identified client, and client 2 (its reply
+    signed with its key) runs at node 1005 like an undisturbed run."""
+    cfg = parse_config({**TINY, "methods": ["local"], "training": {**TINY["training"],
+                                                                   "rounds": 1}})
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 5.0})
+    grid = _RestartingGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["node_of_client"] == {"0": "1000", "1": "1001", "2": "1005"}
+    assert [m.metadata.dst_node_id for m in grid.sent
+            if m.metadata.message_type == "query.hello"] == [1000, 1001, 1002, 1005]
+    assert {m.metadata.dst_node_id for m in grid.sent
+            if m.metadata.message_type != "query.hello"} == {1000, 1001, 1005}
+    plain = run_config(cfg, tmp_path / "plain", **{"round-timeout": 5.0})
+    undisturbed = server_app.run_federation(
+        InMemoryGrid(tmp_path / "plain" / "nodes", plain, 3), RunSettings.from_run_config(plain), 42)  # type: ignore[arg-type]
+    assert results["methods"]["local"]["selected"]["per_client"] == \
+        undisturbed["methods"]["local"]["selected"]["per_client"]
