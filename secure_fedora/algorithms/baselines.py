@@ -131,20 +131,19 @@ def make_baseline(
 
     ``cfg_section`` is that method's own mapping (e.g. ``{"mu": 0.1}`` for FedProx); missing
     keys take the defaults in :data:`BASELINE_HYPERPARAMETERS`. ``validation`` is the config's
-    ``data.validation`` ("public" or "private"); only IFCA uses it (it refuses to pick
-    clusters on private validation data). ``label`` names the section in errors (default
-    ``name``). Raises :class:`BaselineConfigError` for an unknown name, an unknown key or a
-    bad value.
+    ``data.validation`` ("public" or "private"); it is passed to the constructor of a class
+    declaring ``takes_validation`` (IFCA: it refuses to pick clusters on private validation
+    data, and so does a subclass or a plug-in declaring it). ``label`` names the section in
+    errors (default ``name``). Raises :class:`BaselineConfigError` for an unknown name, an
+    unknown key or a bad value.
     """
     params = validate_hyperparameters(name, cfg_section, label=label)
     if validation not in ("public", "private"):
         raise BaselineConfigError(f"validation must be 'public' or 'private'; got {validation!r}")
-    classes: dict[str, type[FederatedMethod]] = {
-        "fedprox": FedProx, "ditto": Ditto, "apfl": APFL, "fedamp": FedAMP, "ifca": IFCA,
-    }
-    if name == "ifca":
+    klass = cls or _BUILTIN_CLASSES[name]
+    if getattr(klass, "takes_validation", False):
         params["validation"] = validation
-    return (cls or classes[name])(ctx, **params)
+    return klass(ctx, **params)
 
 
 # --------------------------------------------------------------------------- oracle wrappers
@@ -1113,7 +1112,11 @@ KEY_CLUSTERS_VERSION = "clusters_version"
 # --------------------------------------------------------------------------- registry
 
 
+_BUILTIN_CLASSES: dict[str, type[FederatedMethod]] = {
+    c.name: c for c in (FedProx, Ditto, APFL, FedAMP, IFCA)}
+"""The built-in class of each baseline name (what :func:`make_baseline` builds without ``cls``)."""
+
 # registered as classes: the registry builds them with from_config(ctx, cfg), and the privacy
 # plan and config checks read releases(cfg) / check_config(cfg) from them
-for _cls in (FedProx, Ditto, APFL, FedAMP, IFCA):
+for _cls in _BUILTIN_CLASSES.values():
     METHODS.register(_cls.name, _cls)

@@ -226,6 +226,12 @@ class BaselineChecks(MethodChecks):
 
     name: ClassVar[str]
 
+    #: Whether the method's constructor takes the config's ``data.validation`` ("public" or
+    #: "private") as its ``validation`` keyword (:func:`~secure_fedora.algorithms.baselines.
+    #: make_baseline` passes it only then): IFCA's does, to refuse a cluster choice on
+    #: private validation data. A plug-in declaring it gets the same argument.
+    takes_validation: ClassVar[bool] = False
+
     @classmethod
     def baseline_kind(cls) -> str:
         """The built-in baseline whose hyper-parameters this class takes: the nearest class
@@ -281,6 +287,7 @@ class IFCAChecks(BaselineChecks):
     """IFCA's config hooks."""
 
     name = "ifca"
+    takes_validation = True
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

@@ -641,3 +641,49 @@ def test_a_factory_plug_in_is_config_checked_by_its_algorithms_section(clients):
             build_method("fact_ifca_x", private, cfg)
     finally:
         METHODS.unregister("fact_ifca_x")
+
+
+def test_data_validation_reaches_every_class_declaring_takes_validation(clients):
+    """make_baseline passed data.validation only when the baseline's name was 'ifca': the
+    choice is now the class attribute takes_validation, so a subclass of IFCA registered under
+    its own name gets it exactly as IFCA does, and a plug-in of another baseline declaring it
+    gets it too (one not declaring it never does)."""
+    from secure_fedora.algorithms.contract import build_method
+    from secure_fedora.core.registry import METHODS
+
+    class SeenIFCA(IFCA):
+        def __init__(self, ctx, validation="unset", **params):
+            self.seen = validation
+            super().__init__(ctx, validation=validation, **params)
+
+    class DeclaringProx(FedProx):
+        takes_validation = True
+
+        def __init__(self, ctx, mu=0.01, validation="unset"):
+            self.seen = validation
+            super().__init__(ctx, mu)
+
+    assert IFCA.takes_validation and not FedProx.takes_validation
+    ctx = build_context(tiny(), clients)
+    for validation in ("public", "private"):
+        seen = make_baseline("ifca", ctx, {"num_clusters": 2}, validation=validation, cls=SeenIFCA)
+        assert seen.seen == validation
+        prox = make_baseline("fedprox", ctx, {}, validation=validation, cls=DeclaringProx)
+        assert prox.seen == validation
+    with pytest.raises(BaselineConfigError, match=r"^baselines\.seen_ifca_x\.selection_split='val'"):
+        METHODS.register("seen_ifca_x", SeenIFCA)
+        try:
+            make_baseline("ifca", ctx, {"selection_split": "val"}, validation="private",
+                          cls=SeenIFCA, label="seen_ifca_x")
+        finally:
+            METHODS.unregister("seen_ifca_x")
+    METHODS.register("seen_ifca_x", SeenIFCA)
+    METHODS.register("declaring_prox_x", DeclaringProx)
+    try:
+        cfg = tiny(methods=["seen_ifca_x", "declaring_prox_x"],
+                   baselines={"seen_ifca_x": {"num_clusters": 2}})
+        for name in ("seen_ifca_x", "declaring_prox_x"):
+            assert build_method(name, build_context(cfg, clients), cfg).seen == "public"
+    finally:
+        METHODS.unregister("seen_ifca_x")
+        METHODS.unregister("declaring_prox_x")
