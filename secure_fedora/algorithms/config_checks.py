@@ -29,6 +29,7 @@ __all__ = [
     "BaselineConfigError",
     "FedoraChecks",
     "IFCAChecks",
+    "LocalChecks",
     "MAX_SERIES_TERMS",
     "MethodChecks",
     "series_terms",
@@ -175,14 +176,28 @@ def ifca_val_private(section: str = "ifca") -> str:
 class MethodChecks:
     """The config hooks of every built-in method (a method class inherits them)."""
 
+    #: Whether the in-process runtime may run this method on a CUDA device
+    #: (``[training] device = "cuda"`` or ``"auto"``): its state and messages follow
+    #: ``ctx.init``'s device and it draws nothing from a CPU-only source. Default: no (the
+    #: run stays on, or is refused off, the CPU). A plug-in that is GPU-safe declares it.
+    cuda_supported: ClassVar[bool] = False
+
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         """Raise ``ValueError`` (naming the key) when ``cfg`` cannot run this method; called
         by the config validation for every listed method. Default: every config is fine."""
 
 
+class LocalChecks(MethodChecks):
+    """Local's config hooks: it runs on CUDA."""
+
+    cuda_supported = True
+
+
 class FedoraChecks(MethodChecks):
-    """FEDORA's config hooks."""
+    """FEDORA's config hooks (it runs on CUDA)."""
+
+    cuda_supported = True
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -301,7 +316,7 @@ class IFCAChecks(BaselineChecks):
 
 
 BUILTIN_DECLARATIONS: dict[str, type[MethodChecks]] = {
-    "local": MethodChecks,
+    "local": LocalChecks,
     "fedavg": MethodChecks,
     "fedora": FedoraChecks,
     **{name: type(f"{name}Checks", (BaselineChecks,), {"name": name})

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.config_checks import FedoraChecks, MethodChecks
+from secure_fedora.algorithms.config_checks import FedoraChecks, LocalChecks, MethodChecks
 from secure_fedora.algorithms.contract import (
     EVALUATE,
     FINALIZE,
@@ -776,7 +776,7 @@ def _scalar(value: float | int) -> Tensor:
 
 
 @METHODS.register("local")
-class Local(FederatedMethod):
+class Local(LocalChecks, FederatedMethod):
     """Local-only training: every client trains alone; nothing is communicated (empty
     messages, and replies that carry only the step count)."""
 

@@ -6,7 +6,8 @@ the same per-client CPU generators as on the CPU, so it is reproducible and iden
 devices. A configuration the GPU path does not cover is refused with :class:`DeviceError`
 before anything runs (never a silent move back to the CPU): differential privacy (its
 mechanisms draw noise from per-client CPU generators), message envelopes, encrypted
-propagation or relatedness, and methods other than FEDORA and Local.
+propagation or relatedness, and methods whose class does not declare ``cuda_supported`` (of
+the built-ins, FEDORA and Local declare it).
 """
 
 from __future__ import annotations
@@ -20,11 +21,8 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
-__all__ = ["CUDA_METHODS", "DeviceError", "apply_threads", "clients_on", "resolve_device",
+__all__ = ["DeviceError", "apply_threads", "clients_on", "resolve_device",
            "resolve_engine"]
-
-CUDA_METHODS = frozenset({"fedora", "local"})
-
 
 class DeviceError(ToolkitError, ValueError):
     """A device setting that cannot be honoured on this machine or for this configuration."""
@@ -38,9 +36,14 @@ def _cuda_blockers(cfg: ExperimentConfig) -> list[str]:
         blockers.append("security.envelopes")
     if "encrypted" in cfg.fedora.relatedness or cfg.fedora.propagation == "encrypted":
         blockers.append("encrypted relatedness or propagation (CKKS runs on the CPU)")
-    other = sorted(set(cfg.methods) - CUDA_METHODS)
+    from secure_fedora.core.registry import METHODS
+
+    other = sorted(m for m in cfg.methods if not METHODS.declared(m, "cuda_supported"))
     if other:
-        blockers.append(f"methods {other} (the GPU path covers {sorted(CUDA_METHODS)})")
+        covered = [m for m in METHODS.in_registration_order()
+                   if METHODS.declared(m, "cuda_supported")]
+        blockers.append(f"methods {other} (the GPU path covers the methods declaring "
+                        f"cuda_supported: {covered})")
     return blockers
 
 

@@ -195,7 +195,8 @@ def test_the_builtin_methods_declare_their_config_hooks_without_importing_them()
     for name, declaration in BUILTIN_DECLARATIONS.items():
         cls = METHODS.get(name)
         assert cls.name == name and getattr(declaration, "name", name) == name  # hooks read it
-        for attribute in ("check_config", "check_hyperparameters", "params", "takes_validation"):
+        for attribute in ("check_config", "check_hyperparameters", "params", "takes_validation",
+                          "cuda_supported"):
             ours, theirs = registry.declared(declaration, attribute), registry.declared(cls, attribute)
             assert getattr(ours, "__func__", ours) is getattr(theirs, "__func__", theirs)
 

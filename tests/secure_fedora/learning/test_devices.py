@@ -57,3 +57,40 @@ def test_threads_are_applied_and_recorded(tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(Exception, match="training.threads"):
         cfg(threads=0)
+
+
+def test_the_gpu_path_follows_what_a_method_declares_not_its_name():
+    """The GPU path covered the names 'fedora' and 'local' (a set of names), so a GPU-safe
+    plug-in could not say so; it now covers every method whose class declares
+    cuda_supported (a subclass inherits it), and refuses the others naming them."""
+    from secure_fedora.algorithms.methods import FedAvg, Local
+    from secure_fedora.core.registry import METHODS
+
+    class GpuAvg(FedAvg):
+        cuda_supported = True
+
+    class MyLocal(Local):
+        pass
+
+    def factory(ctx, config):
+        return GpuAvg(ctx)
+
+    factory.algorithm = GpuAvg
+    for name, entry in (("gpu_avg_x", GpuAvg), ("my_local_x", MyLocal), ("gpu_fact_x", factory),
+                        ("cpu_avg_x", type("CpuAvg", (FedAvg,), {}))):
+        METHODS.register(name, entry)
+    try:
+        for name in ("gpu_avg_x", "my_local_x", "gpu_fact_x"):
+            for device in ("cuda", "auto"):
+                run = parse_config({"methods": ["fedora", name], "training": {"device": device}})
+                assert resolve_device(run, cuda_available=True) == torch.device("cuda")
+        mixed = parse_config({"methods": ["gpu_avg_x", "cpu_avg_x"], "training": {"device": "cuda"}})
+        with pytest.raises(DeviceError, match=r"methods \['cpu_avg_x'\] \(the GPU path covers the "
+                                              r"methods declaring cuda_supported: \['local', "
+                                              r"'fedora', .*'gpu_avg_x'"):
+            resolve_device(mixed, cuda_available=True)
+        auto = parse_config({"methods": ["cpu_avg_x"], "training": {"device": "auto"}})
+        assert resolve_device(auto, cuda_available=True) == torch.device("cpu")
+    finally:
+        for name in ("gpu_avg_x", "my_local_x", "gpu_fact_x", "cpu_avg_x"):
+            METHODS.unregister(name)
