@@ -1050,8 +1050,10 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
         return {"clusters_used": float(len(set(choices.values())))}
 
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
-        """``assignment``: every client's final choice, in client order (a client whose reply
-        is missing keeps the choice of its latest accepted round reply, -1 if none)."""
+        """``assignment``: every client's final choice, in client order. Both runtimes hand
+        over every client's reply (or stop the run); a reply whose cluster index is not an
+        integer in ``[0, K)`` is left out (logged), and that client keeps the choice of its
+        latest accepted round reply (-1 if none)."""
         for i, k in self._valid_choices(replies).items():
             self.assignment[i] = k
         return {**super().server_finalize(replies), "assignment": self.assignment.tolist()}

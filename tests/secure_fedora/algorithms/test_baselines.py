@@ -687,3 +687,36 @@ def test_data_validation_reaches_every_class_declaring_takes_validation(clients)
     finally:
         METHODS.unregister("seen_ifca_x")
         METHODS.unregister("declaring_prox_x")
+
+
+def test_ifca_keeps_the_round_choice_of_a_client_whose_final_choice_is_invalid(tmp_path, clients):
+    """Both runtimes hand server_finalize every client's reply (or stop the run), but a reply
+    whose cluster index is out of range or not an integer is still left out: the client keeps
+    the choice of its latest accepted round reply (-1 when it has none), as documented."""
+    from secure_fedora.algorithms.messages import KIND_CLUSTER_CHOICE
+    from secure_fedora.core.registry import METHODS
+
+    class BadFinal(IFCA):
+        def client_finalize(self, i, message):
+            if i == 1:
+                return {KIND_CLUSTER_CHOICE: torch.tensor([7.0], dtype=self.theta.dtype)}
+            return super().client_finalize(i, message)
+
+        def server_finalize(self, replies):
+            self.round_assignment = self.assignment.tolist()
+            return super().server_finalize(replies)
+
+    METHODS.register("bad_final_x", BadFinal)
+    try:
+        cfg = tiny(methods=["bad_final_x"], baselines={"bad_final_x": {"num_clusters": 2}})
+        sim = Simulation(cfg, tmp_path / "run", clients=clients)
+        got = sim.run()["methods"]["bad_final_x"]["extra"]["assignment"]
+    finally:
+        METHODS.unregister("bad_final_x")
+    method = sim.methods["bad_final_x"]
+    assert got[1] == method.round_assignment[1] >= 0  # the latest accepted round choice
+    final = method.finalize_messages()
+    assert [got[i] for i in (0, 2, 3, 4)] == [method._choice_for(i, final[i]) for i in (0, 2, 3, 4)]
+    fresh = make_baseline("ifca", build_context(tiny(), clients), {"num_clusters": 2})
+    half = {KIND_CLUSTER_CHOICE: torch.tensor([0.5])}
+    assert fresh.server_finalize({0: half})["assignment"] == [-1] * 5  # no choice yet
