@@ -689,11 +689,29 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return {**extra, "security": security} if security else extra
 
     # ------------------------------------------------------------------ checkpoints
+    def _client_state_fields(self) -> dict[str, list[Tensor]]:
+        """Every client's :meth:`client_state_dict` entries other than ``theta`` (its row of
+        the matrix every checkpoint holds), by field, in client order; ``{}`` for a method
+        that keeps the default client state."""
+        if type(self).client_state_dict is FederatedMethod.client_state_dict:
+            return {}
+        fields: dict[str, list[Tensor]] = {}
+        for i in range(self.ctx.num_clients):
+            for key, value in self.client_state_dict(i).items():
+                if key != KIND_THETA:
+                    fields.setdefault(key, []).append(value.detach().clone())
+        return fields
+
     def state_dict(self) -> dict[str, Any]:
-        """The in-process checkpoint: every client's ``theta`` row, the server state and,
+        """The in-process checkpoint: every client's ``theta`` row, the rest of every
+        client's :meth:`client_state_dict` (a method's client state beyond its row, e.g. a
+        plug-in's, resumes as on Flower, whose nodes persist it), the server state and,
         with an exchange, every client's last accepted download of each tracked kind and the
         server's last accepted upload rows where a client's own row differs."""
         state = {"theta": self.theta, **self.server_state_dict()}
+        client_fields = self._client_state_fields()
+        if client_fields:
+            state["client_states"] = client_fields
         if self.exchange is not None and self.exchange.client_rows:
             state["held_downloads"] = dict(self.exchange.client_rows)
         if self.views_differ():  # the server's rows where the clients' own rows differ
@@ -711,6 +729,20 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         downloads are restored by :meth:`attach_exchange`."""
         _load_matrix(self.theta, state["theta"], "theta")
         self.load_server_state_dict(state)
+        client_fields = state.get("client_states")
+        if client_fields is not None:
+            n = self.ctx.num_clients
+            if not isinstance(client_fields, dict) or not all(
+                    isinstance(rows, list) and len(rows) == n
+                    and all(isinstance(r, Tensor) for r in rows)
+                    for rows in client_fields.values()):
+                raise ValueError("checkpoint field 'client_states' must hold one tensor per "
+                                 "client of each client state field")
+            for i in range(n):
+                # the fields the client's state has, its theta row as just restored
+                held = self.client_state_dict(i)
+                self.load_client_state_dict(i, {**held, **{
+                    key: rows[i] for key, rows in client_fields.items()}})
         self._held_downloads = state.get("held_downloads")
         self._held_server_rows = state.get("server_rows")
         engine = state.get("training_engine")

@@ -458,3 +458,77 @@ def test_a_dp_run_on_private_validation_data_never_reads_it_outside_accounted_re
     results = sim.run()
     assert results["assumptions"]["model_selection"] == "final_round"
     assert len(results["methods"]["fedavg_ft"]["selected"]["per_client"]) == 3
+
+
+class _Remembering(FedAvg):
+    """FedAvg whose clients keep state beyond their row: a float64 count of the rounds they
+    trained in, reported at the end, and a running mean of their models, evaluated on."""
+
+    def __init__(self, ctx, finetune_epochs=0):  # type: ignore[no-untyped-def]
+        super().__init__(ctx, finetune_epochs=0)
+        self.mean = self.theta.clone()
+        self.count = torch.zeros(ctx.num_clients, dtype=torch.float64)
+
+    @classmethod
+    def from_config(cls, ctx, cfg):  # type: ignore[no-untyped-def]
+        return cls(ctx)
+
+    def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+        reply = super().client_update(i, rnd, message)
+        self.count[i] += 1
+        self.mean[i].mul_(0.5).add_(self.theta[i], alpha=0.5)
+        return reply
+
+    def client_eval_row(self, i, message=None):  # type: ignore[no-untyped-def]
+        return self.mean[i]
+
+    def finalize_messages(self):  # type: ignore[no-untyped-def]
+        return {}
+
+    def server_finalize(self, replies):  # type: ignore[no-untyped-def]
+        return {"count": self.count.tolist(), "mean_sum": float(self.mean.double().sum())}
+
+    def client_state_dict(self, i):  # type: ignore[no-untyped-def]
+        return {"theta": self.theta[i], "mean": self.mean[i], "count": self.count[i]}
+
+    def load_client_state_dict(self, i, state):  # type: ignore[no-untyped-def]
+        super().load_client_state_dict(i, state)
+        self.mean[i].copy_(state["mean"])
+        self.count[i] = float(state["count"])
+
+
+def test_a_plug_ins_client_state_beyond_its_row_survives_an_in_process_resume(tmp_path):
+    """The in-process checkpoint held only theta and the server state, so a plug-in's client
+    state beyond its row (what client_state_dict returns and a Flower node persists) restarted
+    from its initial value on resume: the count below ended at 1 instead of 2 and the
+    evaluated running mean differed. It now holds every client's client_state_dict fields."""
+    from secure_fedora.core import crashpoints
+
+    name = "remembering_x"
+    METHODS.register(name, _Remembering)
+    try:
+        cfg = _config(name, training={"checkpoint_every": 1})
+        clients = build_clients(cfg)
+        reference = Simulation(cfg, tmp_path / "ref", clients=clients).run()["methods"][name]
+        assert reference["extra"]["count"] == [2.0, 2.0, 2.0]
+        crashpoints.arm("train@4")  # round 2, after its first client trained
+        try:
+            with pytest.raises(crashpoints.InjectedCrash):
+                Simulation(cfg, tmp_path / "run", clients=clients).run()
+        finally:
+            crashpoints.disarm()
+        sim = Simulation(cfg, tmp_path / "run", clients=clients)
+        resumed = sim.run(resume=True)["methods"][name]
+    finally:
+        METHODS.unregister(name)
+    assert resumed["extra"] == reference["extra"]
+    for part in ("selected", "final"):
+        assert resumed[part]["per_client"] == reference[part]["per_client"]
+    restored = sim.methods[name]
+    fresh = _Remembering(build_context(cfg, clients))
+    fresh.load_state_dict(restored.state_dict())
+    for i in range(3):
+        for key, value in restored.client_state_dict(i).items():
+            assert torch.equal(fresh.client_state_dict(i)[key], value)
+    with pytest.raises(ValueError, match="'client_states' must hold one tensor per client"):
+        fresh.load_state_dict({**restored.state_dict(), "client_states": {"count": []}})

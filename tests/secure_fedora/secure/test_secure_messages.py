@@ -316,7 +316,13 @@ def test_baseline_with_envelopes_equals_without(tmp_path, tiny_clients, name):
     # float32 matrices cross the wire as float32: bit-identical, tolerance 0
     assert signed["selected"] == plain["selected"] and signed["final"] == plain["final"]
     for key, value in m_plain.state_dict().items():
-        assert torch.equal(m_signed.state_dict()[key], value), key
+        theirs = m_signed.state_dict()[key]
+        if isinstance(value, dict):  # client_states: each field's rows, one per client
+            assert theirs.keys() == value.keys(), key
+            assert all(torch.equal(a, b) for f in value for a, b in
+                       zip(theirs[f], value[f], strict=True)), key
+        else:
+            assert torch.equal(theirs, value), key
     security = signed["extra"].pop("security")
     assert signed["extra"] == plain["extra"]  # e.g. FedAvg's fine-tuned accuracies
     assert "security" not in plain["extra"]
