@@ -278,6 +278,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self._engine_runs: dict[str, int] = {}
         self._engine_fallbacks: dict[str, int] = {}
         self._engine_logged: set[str] = set()  # reasons logged by this process
+        # The signed-message record (rejections, traffic) of the rounds before the checkpoint
+        # a resumed run started from: the new process's exchange records only the rest.
+        self._earlier_security: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FederatedMethod:
@@ -679,9 +682,14 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         and the traffic; ``{}`` when the method ran without envelopes."""
         if self.exchange is None:
             return {}
+        earlier = self._earlier_security
+        transport = self.exchange.transport.stats.to_dict()
+        for key, value in earlier.get("transport", {}).items():
+            transport[key] = transport.get(key, 0) + value
         return {
-            "rejections": [r.to_dict() for r in self.exchange.rejections],
-            "transport": self.exchange.transport.stats.to_dict(),
+            "rejections": [*earlier.get("rejections", []),
+                           *(r.to_dict() for r in self.exchange.rejections)],
+            "transport": transport,
         }
 
     def _with_security(self, extra: dict[str, Any]) -> dict[str, Any]:
@@ -706,8 +714,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         """The in-process checkpoint: every client's ``theta`` row, the rest of every
         client's :meth:`client_state_dict` (a method's client state beyond its row, e.g. a
         plug-in's, resumes as on Flower, whose nodes persist it), the server state and,
-        with an exchange, every client's last accepted download of each tracked kind and the
-        server's last accepted upload rows where a client's own row differs."""
+        with an exchange, every client's last accepted download of each tracked kind, the
+        server's last accepted upload rows where a client's own row differs and the signed
+        messages' record so far (rejections and traffic, which a resumed run continues)."""
         state = {"theta": self.theta, **self.server_state_dict()}
         client_fields = self._client_state_fields()
         if client_fields:
@@ -719,6 +728,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 kind: {"clients": torch.tensor(sorted(ids), dtype=torch.int64),
                        "rows": self.exchange.server_rows[kind][sorted(ids)]}
                 for kind, ids in self._diverged.items() if ids}
+        if self.exchange is not None:  # so a resumed run reports the whole run's record
+            state["message_security"] = FederatedMethod.security_results(self)
         if self.training_engine_results():  # so a resumed run reports the whole run's counts
             state["training_engine"] = {"runs": dict(self._engine_runs),
                                         "fallbacks": dict(self._engine_fallbacks)}
@@ -745,6 +756,16 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                     key: rows[i] for key, rows in client_fields.items()}})
         self._held_downloads = state.get("held_downloads")
         self._held_server_rows = state.get("server_rows")
+        security = state.get("message_security", {})
+        if not (isinstance(security, dict)
+                and isinstance(security.get("rejections", []), list)
+                and all(isinstance(r, dict) for r in security.get("rejections", []))
+                and isinstance(security.get("transport", {}), dict)
+                and all(isinstance(k, str) and isinstance(v, int | float)
+                        for k, v in security.get("transport", {}).items())):
+            raise ValueError("checkpoint field 'message_security' must hold the rejections and the "
+                             "traffic counts of the signed messages")
+        self._earlier_security = security
         engine = state.get("training_engine")
         if engine is not None:
             runs, fallbacks = engine.get("runs"), engine.get("fallbacks")

@@ -532,3 +532,46 @@ def test_a_plug_ins_client_state_beyond_its_row_survives_an_in_process_resume(tm
             assert torch.equal(fresh.client_state_dict(i)[key], value)
     with pytest.raises(ValueError, match="'client_states' must hold one tensor per client"):
         fresh.load_state_dict({**restored.state_dict(), "client_states": {"count": []}})
+
+
+def test_a_resumed_run_reports_the_signed_messages_rejected_before_its_checkpoint(
+        tmp_path, monkeypatch):
+    """With envelopes, results.json's security record (every rejected message, the traffic)
+    came from the exchange of the process that finished the run: after a resume the round-1
+    rejection of a tampered upload was gone and the traffic counted only the resumed rounds.
+    The checkpoint now carries the record so far, and the resumed run reports the whole run's."""
+    from secure_fedora.secure import transport as transport_module
+
+    real_init = transport_module.SecureExchange.__init__
+
+    def tamper(kind, rnd, client, message):
+        if kind == "theta" and (client, rnd) == (0, 1):
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):
+        real_init(self, transport, **{**kwargs, "channel": tamper})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    cfg = _config("fedavg", security={"envelopes": True}, fedavg={"finetune_epochs": 0},
+                  training={"rounds": 3, "checkpoint_every": 1})
+    clients = build_clients(cfg)
+
+    def record(body):
+        security = body["methods"]["fedavg"]["extra"]["security"]
+        counts = {k: v for k, v in security["transport"].items() if not k.endswith("seconds")}
+        return [(r["round"], r["client"], r["direction"]) for r in security["rejections"]], counts
+
+    full = record(Simulation(cfg, tmp_path / "full", clients=clients).run())
+    assert full[0] == [(1, 0, "upload")] and full[1]["messages_rejected"] == 1
+
+    class Stop(Exception):
+        pass
+
+    def stop(name, rnd, total):
+        if rnd == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Simulation(cfg, tmp_path / "cut", clients=clients, progress=stop).run()
+    assert record(Simulation(cfg, tmp_path / "cut", clients=clients).run(resume=True)) == full
