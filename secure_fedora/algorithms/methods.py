@@ -700,12 +700,25 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     def _client_state_fields(self) -> dict[str, list[Tensor]]:
         """Every client's :meth:`client_state_dict` entries other than ``theta`` (its row of
         the matrix every checkpoint holds), by field, in client order; ``{}`` for a method
-        that keeps the default client state."""
+        that keeps the default client state. A state that is not a mapping of names to
+        finite tensors (what a Flower node refuses to persist) is a :class:`ContractError`
+        naming the method, the client and the field."""
         if type(self).client_state_dict is FederatedMethod.client_state_dict:
             return {}
         fields: dict[str, list[Tensor]] = {}
         for i in range(self.ctx.num_clients):
-            for key, value in self.client_state_dict(i).items():
+            state = self.client_state_dict(i)
+            if not isinstance(state, Mapping):
+                raise ContractError(f"method {self._label()!r}: client {i}'s client_state_dict "
+                                    f"is a {type(state).__name__}, not a dict of tensors")
+            for key, value in state.items():
+                if not isinstance(key, str) or not isinstance(value, Tensor) \
+                        or not all_finite(value):
+                    what = "non-finite values" if isinstance(value, Tensor) else \
+                        f"a {type(value).__name__}, not a tensor"
+                    raise ContractError(f"method {self._label()!r}: client {i}'s client state "
+                                        f"field {key!r} holds {what}; a checkpoint (and a Flower "
+                                        "node) keeps only finite tensors by name")
                 if key != KIND_THETA:
                     fields.setdefault(key, []).append(value.detach().clone())
         return fields

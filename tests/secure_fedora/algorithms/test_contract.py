@@ -575,3 +575,23 @@ def test_a_resumed_run_reports_the_signed_messages_rejected_before_its_checkpoin
     with pytest.raises(Stop):
         Simulation(cfg, tmp_path / "cut", clients=clients, progress=stop).run()
     assert record(Simulation(cfg, tmp_path / "cut", clients=clients).run(resume=True)) == full
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("count", 1.0, r"field 'count' holds a float, not a tensor"),
+    ("mean", torch.tensor([float("nan")]), r"field 'mean' holds non-finite values"),
+])
+def test_a_client_state_a_checkpoint_cannot_keep_is_a_contract_error(field, value, match):
+    """A client state a Flower node refuses to persist (not a tensor, non-finite) is refused
+    when the in-process checkpoint takes it, naming the method, the client and the field
+    (not an AttributeError, nor a checkpoint that cannot be resumed)."""
+    from secure_fedora.algorithms.contract import ContractError
+
+    class Broken(_Remembering):
+        def client_state_dict(self, i):  # type: ignore[no-untyped-def]
+            return {**super().client_state_dict(i), field: value}
+
+    cfg = _config("fedavg")
+    method = Broken(build_context(cfg, build_clients(cfg)))
+    with pytest.raises(ContractError, match=rf"^method 'fedavg': client 0's client state {match}"):
+        method.state_dict()
