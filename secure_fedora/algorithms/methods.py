@@ -1624,13 +1624,22 @@ class Fedora(FedoraChecks, FederatedMethod):
     # ------------------------------------------------------------------ results
     @classmethod
     def comparisons(cls, name: str, outcomes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        """``fedora_below_local``: the number of clients whose selected metric is below
-        Local's, when Local ran too (FEDORA's promise: personalization never hurts a client)."""
-        if Local.name not in outcomes:
-            return {}
+        """``<name>_below_<reference>`` (``fedora_below_local``): the number of clients whose
+        selected metric is below a local-only reference's, for each method of the run whose
+        class declares ``sends_messages = False`` (Local, or a plug-in training locally only;
+        FEDORA's promise: personalization never hurts a client)."""
+        from secure_fedora.algorithms.contract import method_class
+        from secure_fedora.core.registry import METHODS
+
         mine = outcomes[name]["selected"]["per_client"]
-        local = outcomes[Local.name]["selected"]["per_client"]
-        return {f"{name}_below_{Local.name}": sum(1 for a, b in zip(mine, local, strict=True) if a < b)}
+        out = {}
+        for ref, outcome in outcomes.items():
+            if ref != name and ref in METHODS \
+                    and getattr(method_class(ref), "sends_messages", True) is False:
+                theirs = outcome["selected"]["per_client"]
+                out[f"{name}_below_{ref}"] = sum(
+                    1 for a, b in zip(mine, theirs, strict=True) if a < b)
+        return out
 
     def security_results(self) -> dict[str, Any]:
         """The base record plus the relatedness summaries' rejections (listed first) and

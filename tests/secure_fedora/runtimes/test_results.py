@@ -153,3 +153,25 @@ def test_non_finite_figures_are_written_as_null_and_named() -> None:
     assert doc["non_finite_values"] == {"/methods/local/extra/score": "nan",
                                         "/methods/local/extra/ratios/1": "inf"}
     assert "non_finite_values" not in _build(_config(["local"]), {"local": _entry("local", [0.5] * 3)})
+
+
+def test_fedora_compares_with_every_local_only_method_it_ran_with_not_a_name() -> None:
+    """FEDORA's 'below Local' count was made only against the method registered as 'local':
+    a local-only plug-in (sends_messages = False, e.g. Local under another name) got none. It
+    is now made against every method of the run declaring sends_messages = False, named
+    after it; the built-in's path is unchanged."""
+    class OwnLocal(Local):
+        pass
+
+    METHODS.register("own_local_x", OwnLocal)
+    try:
+        outcomes = {"fedora": _entry("fedora", [0.6, 0.9, 0.5]),
+                    "own_local_x": _entry("own_local_x", [0.7, 0.8, 0.5]),
+                    "fedavg": _entry("fedavg", [0.9, 0.9, 0.9])}
+        doc = _build(_config(["fedora", "own_local_x", "fedavg"]), outcomes)
+        assert doc["comparison"] == {"fedora_below_own_local_x": 1}
+        outcomes["local"] = _entry("local", [0.7, 0.95, 0.6])
+        doc = _build(_config(["fedora", "own_local_x", "fedavg", "local"]), outcomes)
+        assert doc["comparison"] == {"fedora_below_own_local_x": 1, "fedora_below_local": 3}
+    finally:
+        METHODS.unregister("own_local_x")
