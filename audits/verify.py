@@ -971,7 +971,8 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             if p[key_name] not in m[field_name]:
                 m[field_name].append(p[key_name])
         clip = p.get("clip_norm", p.get("clip"))
-        if clip is not None and clip not in m["clip_norms"]:
+        # only a number is a clip norm (the report sorts them; a list would not even hash)
+        if _number(clip) and clip not in m["clip_norms"]:
             m["clip_norms"].append(clip)
 
     real_releases = [r for r in releases if r is not None]

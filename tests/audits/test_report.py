@@ -493,3 +493,28 @@ def test_write_report_refuses_an_empty_or_blank_directory(tmp_path, monkeypatch,
     with pytest.raises(ReportError, match=f"{where}.* {why}"):
         write_report(**args)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("clip", [[1.0], "1.0", {"norm": 1.0}], ids=["list", "text", "object"])
+def test_a_clip_norm_that_is_not_a_number_fails_verification_not_the_report(run_copy, tmp_path,
+                                                                              clip):
+    """A ledger entry whose clip norm is a list or an object stopped 'audit report' with a raw
+    TypeError (unhashable in the mechanisms table), and a text beside the other ledgers'
+    numbers one too (unorderable): nothing was written. The report is written, verification
+    fails on the edited entry, and the mechanisms table lists only numeric clip norms."""
+    path = run_copy / "ledgers" / "fedora" / "client-001.jsonl"
+    lines = path.read_text().splitlines()
+    entry = json.loads(lines[1])
+    assert "clip_norm" in entry["params"]
+    entry["params"]["clip_norm"] = clip
+    lines[1] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    path.write_text("".join(line + "\n" for line in lines))
+    paths = write_report(run_copy, tmp_path / "out")
+    report = json.loads(paths.json.read_text())
+    assert report["verification"]["ok"] is False
+    assert any(f["client_id"] == "client-001" and f["method"] == "fedora" and f["entry"] == 1
+               for f in report["verification"]["findings"] if f["severity"] == "error")
+    dpsgd = next(m for m in report["mechanisms"]
+                 if m["method"] == "fedora" and m["mechanism"] == "dpsgd")
+    assert all(isinstance(c, int | float) for c in dpsgd["clip_norms"])
+    assert "Verification: FAILED" in paths.html.read_text()
