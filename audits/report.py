@@ -257,7 +257,11 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
-    """The runtime's DP plan rows and budget events per method, as recorded in results.json."""
+    """The runtime's DP plan rows and budget events per method, as recorded in results.json.
+
+    Guarantee: ``events`` holds every event results.json records: the in-process runtime's
+    per method (``privacy.<method>.events``) and a runtime's run-level ones (``events``: on
+    Flower a refused release, an error reply, a missed exchange, each naming its method)."""
     plan: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     privacy = (results or {}).get("privacy")
@@ -271,6 +275,7 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
             for ev in _list(body.get("events")):
                 if isinstance(ev, dict):
                     events.append({"method": method, **ev})
+    events.extend(ev for ev in _list((results or {}).get("events")) if isinstance(ev, dict))
     return {"plan": plan, "events": events}
 
 
@@ -700,7 +705,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             left=(0, 9),
         ))
     if plan["events"]:
-        parts.append("<p>Budget events:</p>" + _table(
+        parts.append("<p>Budget and participation events:</p>" + _table(
             ["method", "round", "client", "event", "detail"],
             [[_e(ev.get("method")), _fmt(ev.get("round")), _e(ev.get("client")),
               _e(ev.get("event")), _e(ev.get("detail"))] for ev in plan["events"]],

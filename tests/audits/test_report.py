@@ -15,6 +15,8 @@ import pytest
 from audits.report import ReportError, build_report, write_report
 from audits.verify import verify_run
 
+from .conftest import reanchor
+
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -518,3 +520,26 @@ def test_a_clip_norm_that_is_not_a_number_fails_verification_not_the_report(run_
                  if m["method"] == "fedora" and m["mechanism"] == "dpsgd")
     assert all(isinstance(c, int | float) for c in dpsgd["clip_norms"])
     assert "Verification: FAILED" in paths.html.read_text()
+
+
+def test_a_runtimes_run_level_events_are_shown(run_copy, tmp_path):
+    """A Flower run records its refusals, error replies and missed exchanges in results.json's
+    run-level ``events`` (no ``privacy.<method>.events``): the report showed none of them, so
+    a client that refused a release or never answered the setup exchange went unexplained."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["events"] = [
+        {"method": "fedora", "round": 0, "client": 1, "node": 1001,
+         "event": "error reply (1: SystemError: ClientApp killed): counts as not taking part"
+                  " in the setup exchange"},
+        {"method": "fedora", "round": 1, "client": 1, "node": 1001,
+         "event": "refused its release (over budget): counts as not taking part in the round"
+                  " exchange"}]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    paths = write_report(run_copy, tmp_path / "out")
+    report = json.loads(paths.json.read_text())
+    assert report["verification"]["ok"] is True
+    shown = [e["event"] for e in report["privacy_plan"]["events"]]
+    assert all(e["event"] in shown for e in doc["events"])
+    page = paths.html.read_text()
+    assert "ClientApp killed" in page and "refused its release (over budget)" in page
