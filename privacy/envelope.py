@@ -371,10 +371,12 @@ def signed_bytes(
 
 def make_envelope(
     identity: Identity, recipient: str, round: int, kind: str, payload: bytes,
-    *, context: str = "",
+    *, context: str = "", payload_sha256: str | None = None,
 ) -> Envelope:
     """Sign a fresh envelope for ``payload`` from ``identity`` to ``recipient`` for ``round``,
-    bound to ``context`` (the exchange it belongs to; ``""``: unbound).
+    bound to ``context`` (the exchange it belongs to; ``""``: unbound). ``payload_sha256``:
+    the payload's SHA-256 hex digest where the sender computed it already (one payload sent
+    to many recipients); a wrong one only makes every receiver reject the message.
 
     A 128-bit random nonce makes every envelope unique, so a receiver can detect replays.
     """
@@ -389,7 +391,7 @@ def make_envelope(
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     nonce = secrets.token_hex(_NONCE_BYTES)
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = hashlib.sha256(payload).hexdigest() if payload_sha256 is None else payload_sha256
     msg = signed_bytes(identity.party_id, recipient, round, nonce, kind, digest,
                        ENVELOPE_VERSION, context)
     return Envelope(

@@ -99,7 +99,8 @@ class Results(dict):
         """A plain-text table of every method's selected test metric, headed by how its round
         was chosen (``assumptions.model_selection``: the best-validation or the final round),
         then a line for each client whose selected metric is from another round
-        (``selected.stale_clients``: a Flower client that missed that evaluation)."""
+        (``selected.stale_clients``: a client that missed that evaluation or rejected its
+        evaluation message)."""
         assumptions = self.get("assumptions")
         selection = assumptions.get("model_selection") if isinstance(assumptions, dict) else None
         which = "the final round" if selection == "final_round" else "the best-validation round"

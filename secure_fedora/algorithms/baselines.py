@@ -1060,23 +1060,10 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
 
     def message_state(self) -> MessageState | None:
         """Uploads: model rows and cluster choices (an (N, 1) float matrix); the K cluster
-        models a participant downloads are not tracked (a client that rejects them sits the
-        round out rather than keep K stale models)."""
+        models a participant downloads (and their version) are signed but not tracked: no
+        client keeps a copy of them (K x P per client), so one that rejects them sits the
+        round out (or is sent its finalize message again) rather than keep K stale models."""
         return {KIND_THETA: self.theta, KIND_CLUSTER_CHOICE: self.choices}, {}
-
-    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
-        """The base exchange, plus the K cluster models as signed envelopes. No client keeps
-        a copy of them (K x P per client), so a client that rejects them has nothing to
-        train or report on and is left out (of the round, or of the finalize exchange)."""
-        out = super()._exchange_downloads(rnd, messages)
-        if self.exchange is None or not self._round_envelopes():
-            return out
-        rows = {i: m[KIND_CLUSTERS] for i, m in out.items() if KIND_CLUSTERS in m}
-        if not rows:
-            return out
-        held = self.download_rows(rnd, rows, kind=KIND_CLUSTERS)
-        return {i: ({**m, KIND_CLUSTERS: held[i]} if i in rows else m)
-                for i, m in out.items() if i not in rows or i in held}
 
     def upload_rows(self, rnd: int, matrix: Tensor, participants: Sequence[int], *,
                     kind: str = KIND_THETA, check: ValueCheck | None = None) -> list[int]:

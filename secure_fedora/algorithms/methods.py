@@ -19,8 +19,10 @@ rejects a round download sits the round out, as a Flower client that refuses the
 does: it neither trains nor replies and, under DP, its round release is not admitted (the
 downloads are verified before the runtime's ``admit`` is asked). A client that rejects its
 finalize message is sent it once more, and one that rejects it again stops the run
-(:class:`FinalizeRejectedError`), as on Flower. Kinds the exchange does not track travel
-unsigned unless the method sends them itself (IFCA's cluster models).
+(:class:`FinalizeRejectedError`), as on Flower. Kinds the exchange does not track are signed
+too (each client's entry checked, no copy kept): a client that rejects one sits the round out.
+Evaluation messages are signed as well (:meth:`FederatedMethod.evaluation_rows`): a client that
+rejects its message is not evaluated and keeps its last metric, as on Flower.
 Methods written before the contract may still override ``train_round`` and use
 :meth:`FederatedMethod.upload_rows` / :meth:`FederatedMethod.download_rows` directly.
 """
@@ -114,6 +116,7 @@ MessageState = tuple[dict[str, Tensor], dict[str, Tensor]]
 """(upload matrices by message kind, tracked download matrices by kind), each (N, ...)."""
 
 __all__ = [
+    "EvaluationRejectedError",
     "FedAvg",
     "Fedora",
     "FinalizeRejectedError",
@@ -127,6 +130,12 @@ __all__ = [
 
 class FinalizeRejectedError(ToolkitError, RuntimeError):
     """A client rejected its finalize message twice; the method's results need its reply."""
+
+
+class EvaluationRejectedError(ToolkitError, RuntimeError):
+    """Clients' evaluation messages were rejected where a run cannot complete without their
+    metrics: a client never evaluated in any round, or (under DP) one that rejected the final
+    evaluation twice, as the Flower server refuses such a run."""
 
 
 @dataclass
@@ -530,10 +539,28 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return self.eval_rows([i])[0]
 
     def eval_rows(self, clients: Sequence[int]) -> list[Tensor]:
-        """The parameters on which each of ``clients`` (distinct) is evaluated (its personalized model),
-        in order. One evaluation exchange for all of them, as on Flower:
-        :meth:`evaluation_messages` is asked once for ``clients`` and its messages are checked
-        (:func:`check_messages`) before any client half runs; each row is checked
+        """The parameters on which each of ``clients`` (distinct) is evaluated (its personalized
+        model), in order: :meth:`evaluation_rows`, with an :class:`EvaluationRejectedError`
+        naming the clients that rejected their evaluation message (with envelopes)."""
+        ids = list(clients)
+        rows = self.evaluation_rows(ids)
+        absent = [i for i in ids if i not in rows]
+        if absent:
+            raise EvaluationRejectedError(
+                f"method {self._label()!r}: client(s) {absent[:8]} rejected their evaluation "
+                f"message of round {self.last_round}")
+        return [rows[i] for i in ids]
+
+    def evaluation_rows(self, clients: Sequence[int], *, retry: bool = False) -> dict[int, Tensor]:
+        """The parameters on which each of ``clients`` (distinct) that accepted its evaluation
+        message is evaluated (its personalized model), by client, in the order given. One
+        evaluation exchange for all of them, as on Flower: :meth:`evaluation_messages` is
+        asked once for ``clients`` and its messages are checked (:func:`check_messages`)
+        before any is sent; with an exchange every entry is a signed envelope
+        (``evaluate.<entry>``), and a client that rejects its message is absent from the
+        result (on Flower it refuses the message and reports no metrics); ``retry`` sends
+        such a client its message once more (fresh envelopes), as the Flower server does for
+        the final evaluation. Each row is checked
         (:func:`~secure_fedora.algorithms.contract.check_eval_row`: finite, of the model's
         size). A client's message is released once its row is built, so messages that are
         not the row itself are never all held at once."""
@@ -541,12 +568,22 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         label, num_params = self._label(), self.ctx.flat.num_params
         messages = check_messages(label, EVALUATE, self.last_round,
                                   self.evaluation_messages(self.last_round, ids), ids, num_params)
-        rows = []
+        refused: set[int] = set()
+        if messages:
+            held = self._exchange_evaluation(self.last_round, messages)
+            missed = {i: m for i, m in messages.items() if i not in held}
+            if missed and retry:
+                held.update(self._exchange_evaluation(self.last_round, missed))
+            refused = set(messages) - set(held)
+            messages = {i: m for i, m in messages.items() if i in held}
+        rows: dict[int, Tensor] = {}
         for i in ids:
+            if i in refused:
+                continue
             message = messages.pop(i, None)
             with client_half(label, f"client {i}'s client_eval_row"):
                 row = self.client_eval_row(i, message)
-            rows.append(check_eval_row(label, i, row, num_params))
+            rows[i] = check_eval_row(label, i, row, num_params)
         return rows
 
     def finalize(self) -> dict[str, Any]:
@@ -597,15 +634,31 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         out = {i: dict(m) for i, m in messages.items()}
         refused: set[int] = set()
         for kind in dict.fromkeys(k for m in messages.values() for k in m):
-            if kind not in self.exchange.client_rows:
-                continue
             rows = {i: m[kind] for i, m in out.items() if kind in m and i not in refused}
+            if kind not in self.exchange.client_rows:  # signed too, no copy kept
+                accepted = set(self.exchange.send_entries(rnd, rows, kind=kind))
+                refused.update(i for i in rows if i not in accepted)
+                continue
             seen = len(self.exchange.rejections)
             held = self.download_rows(rnd, rows, kind=kind)
             refused.update(r.client for r in self.exchange.rejections[seen:])
             for i in rows:
                 out[i][kind] = held[i]
         return {i: m for i, m in out.items() if i not in refused}
+
+    def _exchange_evaluation(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
+        """Every entry of an evaluation message travels as a signed envelope of kind
+        ``evaluate.<entry>`` (nothing tracked, nothing copied); a client that rejects one is
+        left out of the result (it does not evaluate, as a Flower ClientApp that refuses the
+        message sends no metrics)."""
+        if self.exchange is None or not messages or not self._round_envelopes():
+            return messages
+        refused: set[int] = set()
+        for key in dict.fromkeys(k for m in messages.values() for k in m):
+            rows = {i: m[key] for i, m in messages.items() if key in m and i not in refused}
+            accepted = set(self.exchange.send_entries(rnd, rows, kind=f"{EVALUATE}.{key}"))
+            refused.update(i for i in rows if i not in accepted)
+        return {i: m for i, m in messages.items() if i not in refused}
 
     def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
         """Reply entries of the upload kinds :meth:`message_state` names travel as signed

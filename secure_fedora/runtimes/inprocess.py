@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,11 +459,23 @@ class Tracker:
     # True: the latest evaluated round is always selected (``model_selection = "final_round"``;
     # validation accuracy is then not consulted, nor reported).
     select_final: Tensor = field(default_factory=lambda: torch.tensor(False))
+    # In process, with envelopes: the round each client's metrics are from (-1: none yet; a
+    # client that rejected its evaluation message keeps older ones), and the same at the
+    # selected round (results' stale_clients).
+    metric_round: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    selected_metric_round: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @classmethod
     def empty(cls, n: int, select_final: bool = False) -> Tracker:
         return cls(torch.tensor(-1.0), torch.tensor(0), torch.zeros(n), torch.zeros(n), torch.zeros(n),
-                   torch.tensor(bool(select_final)))
+                   torch.tensor(bool(select_final)), torch.full((n,), -1, dtype=torch.int64),
+                   torch.full((n,), -1, dtype=torch.int64))
+
+    def evaluated(self, rnd: int, clients: Sequence[int]) -> None:
+        """Record that ``clients`` reported their metrics of round ``rnd`` (before
+        :meth:`update` of that round)."""
+        if clients:
+            self.metric_round[torch.as_tensor(list(clients), dtype=torch.long)] = rnd
 
     def update(self, rnd: int) -> None:
         val_mean = self.last_val.mean()
@@ -471,6 +483,7 @@ class Tracker:
             self.best_val_mean.copy_(val_mean)
             self.best_round.fill_(rnd)
             self.test_at_best.copy_(self.last_test)
+            self.selected_metric_round.copy_(self.metric_round)
 
     def round_row(self, clients: Sequence[int] | None = None) -> dict[str, Any]:
         """The evaluated round's history fields (both runtimes report exactly these): the
@@ -493,6 +506,23 @@ class Tracker:
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.__dict__)
+
+
+def stale_clients(metric_round: Mapping[int, int], reported: int, n: int) -> dict[str, Any]:
+    """``{"stale_clients": [{"client": index, "round": r}, ...]}`` for the clients whose
+    metric is from an earlier round ``r`` than the ``reported`` one (they missed its
+    evaluation, asked twice for the final one, and kept their latest accepted metrics; ``r``
+    None: none yet, the figure is a placeholder 0); empty when every client's metric is that
+    round's, so that results never pass an older metric off as the reported round's. Both
+    runtimes report them."""
+    stale = [{"client": c, "round": metric_round.get(c)} for c in range(n)
+             if metric_round.get(c) != reported]
+    return {"stale_clients": stale} if stale else {}
+
+
+def _metric_rounds(rounds: Tensor) -> dict[int, int]:
+    """A tracker's metric rounds as :func:`stale_clients` reads them (no entry: none yet)."""
+    return {c: r for c, r in enumerate(rounds.tolist()) if r >= 0}
 
 
 def summarize(values: Sequence[float] | Tensor) -> dict[str, Any]:
@@ -1118,10 +1148,14 @@ class Simulation:
             self.round_timings[name].append(seconds)
             if self.progress:
                 self.progress(name, rnd, rounds)
+        self._check_evaluated(name, tracker, privacy is not None)
         outcome = MethodOutcome(
             name=name,
-            selected={**summarize(tracker.test_at_best), "round": int(tracker.best_round)},
-            final=summarize(tracker.last_test),
+            selected={**summarize(tracker.test_at_best), "round": int(tracker.best_round),
+                      **stale_clients(_metric_rounds(tracker.selected_metric_round),
+                                      int(tracker.best_round), n)},
+            final={**summarize(tracker.last_test),
+                   **stale_clients(_metric_rounds(tracker.metric_round), rounds, n)},
             rounds=rounds,
             seconds_training=round(timing["training"], 3),
             seconds_evaluation=round(timing["evaluation"], 3),
@@ -1137,6 +1171,29 @@ class Simulation:
             self.round_timings[name][-1]["checkpoint"] = time.perf_counter() - t0
         self.history.extend(history)
         return outcome
+
+    def _check_evaluated(self, name: str, tracker: Tracker, private: bool) -> None:
+        """Refuse to complete a run whose results would rest on metrics no client reported,
+        as the Flower server does: a client never evaluated (every evaluation message it was
+        sent rejected: its figure would be a placeholder 0) or, under DP, one that rejected
+        the final evaluation twice (on Flower its ledger would stay open)."""
+        from secure_fedora.algorithms.methods import EvaluationRejectedError
+
+        rounds = self.cfg.training.rounds
+        metric_round = tracker.metric_round.tolist()
+        silent = [c for c, r in enumerate(metric_round) if r < 0]
+        if silent:
+            raise EvaluationRejectedError(
+                f"{name}: clients {silent[:8]} never reported an evaluation (they rejected "
+                "every evaluation message), so their metrics are unknown and no results are "
+                "written; see the rejections logged by secure_fedora.security")
+        unanswered = [c for c, r in enumerate(metric_round) if r != rounds] if private else []
+        if unanswered:
+            raise EvaluationRejectedError(
+                f"{name}: clients {unanswered[:8]} rejected the final evaluation (round "
+                f"{rounds}, asked twice), which a DP client answers as it closes its ledger on "
+                "Flower, so the run stops and no results are written, as there; see the "
+                "rejections logged by secure_fedora.security")
 
     def _transport_factory(self, name: str, privacy: Any = None) -> Callable[[str], Any]:
         """``label -> SecureTransport`` for method ``name``'s own signed exchanges (nonce state
@@ -1202,14 +1259,22 @@ class Simulation:
         # All clients' rows at once (views, no copy), equal to ``evaluate`` per client within
         # float rounding of the loss; accuracy and AUC come from the same logits. One
         # evaluation_messages call for every client, as on Flower.
-        rows = method.eval_rows(range(len(clients)))
-        *val, test = evaluate_many_sets(flat, rows, packed)
-        for i in range(len(clients)):
-            tracker.last_val[i] = 0.0 if select_final else val[0][i].metric
-            tracker.last_test[i] = test[i].metric
-            crash_point("evaluate")
+        # With envelopes a client that rejects its evaluation message (asked twice in the
+        # final round) reports nothing and keeps its last metrics, as on Flower; its slot is
+        # evaluated on another client's row (a view) and discarded.
+        accepted = method.evaluation_rows(range(len(clients)),
+                                          retry=rnd == self.cfg.training.rounds)
+        if accepted:
+            stand_in = next(iter(accepted.values()))
+            rows = [accepted.get(i, stand_in) for i in range(len(clients))]
+            *val, test = evaluate_many_sets(flat, rows, packed)
+            for i in accepted:
+                tracker.last_val[i] = 0.0 if select_final else val[0][i].metric
+                tracker.last_test[i] = test[i].metric
+                crash_point("evaluate")
+        tracker.evaluated(rnd, list(accepted))
         tracker.update(rnd)
-        return {**tracker.round_row(), "evaluated": len(clients)}
+        return {**tracker.round_row(), "evaluated": len(accepted)}
 
     def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,
                ctx: MethodContext, history: list[dict[str, Any]], timing: dict[str, float]) -> dict[str, Any]:
@@ -1242,6 +1307,13 @@ class Simulation:
             method.load_state_dict(state["method"])
             for key, value in state["tracker"].items():
                 getattr(tracker, key).copy_(value)
+            if "metric_round" not in state["tracker"]:
+                # a checkpoint from before envelopes covered evaluation: every client reported
+                # in every evaluated round
+                last = max((int(r["round"]) for r in state["history"] if "test_mean" in r),
+                           default=-1)
+                tracker.metric_round.fill_(last)
+                tracker.selected_metric_round.fill_(int(tracker.best_round) if last >= 0 else -1)
             round_gen.set_state(state["round_generator"])
             gens = state["client_generators"]
             if len(gens) != len(ctx.generators):

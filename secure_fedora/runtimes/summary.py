@@ -36,8 +36,8 @@ def results_table(results: dict[str, Any]) -> Table:
 def print_run_summary(console: Console, results: dict[str, Any], run_dir: Path | str) -> None:
     """Print a finished run's summary on ``console``: :func:`results_table`, FEDORA's
     comparison with Local where the results hold it, each client whose selected or final
-    metric is from an earlier round (``stale_clients``: Flower, a client that missed that
-    evaluation), every event the runtime recorded (Flower: a client that failed or was
+    metric is from an earlier round (``stale_clients``: a client that missed that
+    evaluation or, with envelopes, rejected its evaluation message), every event the runtime recorded (Flower: a client that failed or was
     rejected in a round; none in process) and the directory holding results.json."""
     console.print(results_table(results))
     comparison = results.get("comparison") or {}

@@ -65,6 +65,7 @@ impersonated; payloads are authenticated, not encrypted (use TLS in a deployment
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -73,7 +74,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -148,7 +149,9 @@ __all__ = [
     "TransportError",
     "ValueCheck",
     "UnaccountedReleases",
+    "decode_entry",
     "decode_tensor",
+    "encode_entry",
     "encode_tensor",
     "log_rejection",
 ]
@@ -317,6 +320,74 @@ def decode_tensor(payload: bytes, *, sender: str | None = None, round: int | Non
     return torch.from_numpy(values.astype(np_dtype.newbyteorder("="))).reshape(shape)
 
 
+_ENTRY_MAGIC = b"SFEN"
+_ENTRY_VERSION = 1
+# Every dtype a method's message entry may have (the contract's ALLOWED_DTYPES), sent as it is.
+_ENTRY_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
+    1: (torch.float32, np.dtype("<f4")), 2: (torch.float64, np.dtype("<f8")),
+    3: (torch.float16, np.dtype("<f2")), 4: (torch.int8, np.dtype("i1")),
+    5: (torch.int16, np.dtype("<i2")), 6: (torch.int32, np.dtype("<i4")),
+    7: (torch.int64, np.dtype("<i8")), 8: (torch.uint8, np.dtype("u1")),
+    9: (torch.bool, np.dtype("?")),
+}
+_ENTRY_CODES = {dtype: code for code, (dtype, _) in _ENTRY_DTYPES.items()}
+
+
+def encode_entry(tensor: Tensor) -> bytes:
+    """Serialize a message entry in its own dtype (any of :data:`_ENTRY_DTYPES`: floating,
+    integer or boolean) with a header and little-endian values, so that it decodes bit for bit
+    (:func:`decode_entry`); never pickles. Raises :class:`TypeError` for another dtype."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    code = _ENTRY_CODES.get(tensor.dtype)
+    if code is None:
+        raise TypeError(f"a message entry of dtype {tensor.dtype} cannot be sent")
+    if tensor.dim() > _MAX_NDIM:
+        raise TypeError(f"tensor has {tensor.dim()} dimensions; at most {_MAX_NDIM} are supported")
+    arr = tensor.detach().to("cpu").contiguous().numpy()
+    head = _HEAD.pack(_ENTRY_MAGIC, _ENTRY_VERSION, code, arr.ndim, 0)
+    dims = struct.pack(f">{arr.ndim}Q", *arr.shape)
+    return head + dims + arr.astype(_ENTRY_DTYPES[code][1], copy=False).tobytes()
+
+
+def decode_entry(payload: bytes, dtype: torch.dtype, shape: Sequence[int], *,
+                 sender: str | None = None, round: int | None = None, kind: str | None = None,
+                 recipient: str | None = None) -> Tensor:
+    """Parse :func:`encode_entry` output into a new tensor, which must have ``dtype`` and
+    ``shape`` (finite values for a floating one); raises (and logs)
+    :class:`MalformedPayloadError` otherwise."""
+    ctx = {"sender": sender, "round": round, "kind": kind, "recipient": recipient}
+    data = memoryview(payload)
+    if len(data) < _HEAD.size:
+        raise _log(MalformedPayloadError(f"entry payload of {len(data)} bytes is too short", **ctx))
+    magic, version, code, ndim, reserved = _HEAD.unpack_from(data, 0)
+    if magic != _ENTRY_MAGIC or version != _ENTRY_VERSION or reserved != 0 \
+            or code not in _ENTRY_DTYPES or ndim != len(shape):
+        raise _log(MalformedPayloadError("payload is not a version-1 entry encoding of "
+                                         f"{len(shape)} dimensions", **ctx))
+    wire_dtype, np_dtype = _ENTRY_DTYPES[code]
+    offset = _HEAD.size + 8 * ndim
+    got = tuple(struct.unpack_from(f">{ndim}Q", data, _HEAD.size)) if len(data) >= offset else None
+    if wire_dtype != dtype or got != tuple(shape):
+        raise _log(MalformedPayloadError(
+            f"entry is {wire_dtype} {got}, the receiver expects {dtype} {tuple(shape)}", **ctx))
+    count = math.prod(got)
+    if len(data) - offset != np_dtype.itemsize * count:
+        raise _log(MalformedPayloadError(f"entry of shape {got} needs {np_dtype.itemsize * count}"
+                                         f" value bytes, payload has {len(data) - offset}", **ctx))
+    values = np.frombuffer(data, dtype=np_dtype, count=count, offset=offset)
+    tensor = torch.from_numpy(values.astype(np_dtype.newbyteorder("="))).reshape(got)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise _log(MalformedPayloadError("entry holds non-finite values", **ctx))
+    return tensor
+
+
+def _entry_message_cap(tensor: Tensor) -> int:
+    """The largest wire message that can hold :func:`encode_entry` of ``tensor``."""
+    return (8 + DEFAULT_MAX_HEADER_BYTES + _HEAD.size + 8 * tensor.dim()
+            + tensor.element_size() * tensor.numel())
+
+
 # --------------------------------------------------------------------------------------
 # The transport
 # --------------------------------------------------------------------------------------
@@ -463,11 +534,12 @@ class SecureTransport:
             raise TransportError(f"this transport does not act as {party!r} (cannot receive for it)")
         return self._verifiers[party]
 
-    def _send(self, rnd: int, sender: str, recipient: str, kind: str, payload: bytes) -> bytes:
+    def _send(self, rnd: int, sender: str, recipient: str, kind: str, payload: bytes,
+              digest: str | None = None) -> bytes:
         _check_int(rnd, "round")
         start = time.perf_counter()
         envelope = make_envelope(self._identity(sender), recipient, rnd, kind, payload,
-                                 context=self.context)
+                                 context=self.context, payload_sha256=digest)
         message = encode_message(envelope, payload)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += len(message)
@@ -654,9 +726,11 @@ class SecureTransport:
         """Server side: ``phi_row`` as float32 in an envelope signed by the server, to ``client``."""
         return self._send(rnd, SERVER_ID, self.client_id(client), kind, encode_tensor(phi_row))
 
-    def server_send_bytes(self, rnd: int, client: int, payload: bytes, kind: str) -> bytes:
-        """Server side: an opaque payload in a signed envelope to ``client``."""
-        return self._send(rnd, SERVER_ID, self.client_id(client), kind, bytes(payload))
+    def server_send_bytes(self, rnd: int, client: int, payload: bytes, kind: str, *,
+                          digest: str | None = None) -> bytes:
+        """Server side: an opaque payload in a signed envelope to ``client`` (``digest``: its
+        SHA-256 hex digest, when the caller computed it for a payload sent to many clients)."""
+        return self._send(rnd, SERVER_ID, self.client_id(client), kind, bytes(payload), digest)
 
     def client_receive(
         self, rnd: int, client: int, message: bytes, expected_shape: Sequence[int],
@@ -695,6 +769,39 @@ class SecureTransport:
             rnd, self.client_id, messages, kind, self._server_sender, "download",
             self._tensor_decoder(rnd, self.client_id, kind, expected_shape, dtype),
             _tensor_message_cap(expected_shape, dtype))
+        return accepted, rejections
+
+    def server_send_entry(self, rnd: int, client: int, entry: Tensor, kind: str,
+                          body: tuple[bytes, str] | None = None) -> bytes:
+        """Server side: a message entry in its own dtype (:func:`encode_entry`) in an envelope
+        signed by the server. ``body``: that encoding and its SHA-256 hex digest, when the
+        caller made them already (an entry sent to many clients is encoded and hashed once)."""
+        if body is None:
+            payload = encode_entry(entry)
+            body = (payload, hashlib.sha256(payload).hexdigest())
+        return self._send(rnd, SERVER_ID, self.client_id(client), kind, *body)
+
+    def clients_receive_entries(
+        self, rnd: int, messages: Mapping[int, bytes], kind: str,
+        sent: Mapping[int, tuple[bytes, Tensor]],
+    ) -> tuple[dict[int, Tensor], list[Rejection]]:
+        """Each addressed client verifies its :meth:`server_send_entry` message (batch form,
+        one nonce commit per batch): the accepted entries by client index, and the
+        rejections. ``sent[i]`` is what the server sent client ``i`` (its encoding and the
+        entry): a verified payload equal to that encoding decodes to the entry bit for bit,
+        so the entry itself is handed over (no copy); any other verified payload is decoded
+        (:func:`decode_entry`, the entry's dtype and shape expected)."""
+        def decode(client: int, sender: str, payload: bytes) -> Tensor:
+            body, entry = sent[client]
+            if payload == body:
+                return entry
+            return decode_entry(payload, entry.dtype, tuple(entry.shape), sender=sender,
+                                round=rnd, kind=kind, recipient=self.client_id(client))
+
+        caps = [_entry_message_cap(sent[i][1]) for i in messages]
+        accepted, rejections, _ = self._receive_batch(
+            rnd, self.client_id, messages, kind, self._server_sender, "download", decode,
+            max(caps, default=None))
         return accepted, rejections
 
     @staticmethod
@@ -739,7 +846,12 @@ class SecureExchange:
     :meth:`upload_theta` or :meth:`download_phi` in that mode.
     Every rejection of the run is appended to ``rejections``; ``last_round`` is the latest
     round a message was exchanged for (or the round the exchange was opened after).
+    :meth:`send_entries` signs any other message entry (an untracked kind, an evaluation
+    message's entries) without keeping a copy of it.
     """
+
+    #: About how many entry bytes one :meth:`send_entries` batch signs and verifies together.
+    BATCH_BYTES: ClassVar[int] = 64 * 1024 * 1024
 
     def __init__(
         self,
@@ -867,7 +979,15 @@ class SecureExchange:
         if store is not None and tuple(store.shape[1:]) != shape:
             raise TransportError(
                 f"{kind} rows have shape {shape}, the tracked copies {tuple(store.shape[1:])}")
-        messages = {i: self.transport.server_send(rnd, i, rows[i], kind=kind) for i in order}
+        messages: dict[int, bytes] = {}
+        bodies: dict[int, tuple[bytes, str]] = {}  # a row sent to many clients: encoded once
+        for i in order:
+            body = bodies.get(id(rows[i]))
+            if body is None:
+                payload = encode_tensor(rows[i])
+                body = bodies[id(rows[i])] = (payload, hashlib.sha256(payload).hexdigest())
+            messages[i] = self.transport.server_send_bytes(rnd, i, body[0], kind, digest=body[1])
+        del bodies
         received, rejections = self.transport.clients_receive(
             rnd, self.deliver(kind, rnd, messages), shape, kind=kind)
         held: dict[int, Tensor] = {}
@@ -881,6 +1001,45 @@ class SecureExchange:
         self.rejections.extend(rejections)
         self._saw(rnd)
         return held, [i for i in order if i in received]
+
+    def send_entries(self, rnd: int, entries: Mapping[int, Tensor], *, kind: str) -> list[int]:
+        """The server signs and sends ``entries[i]`` (any message entry, in its own dtype) to
+        each recipient ``i``, which verifies it; returns the recipients that accepted, in the
+        order given. Nothing is tracked: a recipient that accepted holds exactly ``entries[i]``
+        (the verified bytes are its encoding), one that rejected holds nothing of it.
+        Messages are made and verified in batches of about :attr:`BATCH_BYTES`, and an entry
+        sent to many recipients (a broadcast) is encoded once, so the messages of all
+        recipients are never held at once."""
+        order = list(entries)
+        accepted: list[int] = []
+        bodies: dict[int, tuple[bytes, str]] = {}  # id(entry) -> encoding, digest (a batch's)
+        start = 0
+        while start < len(order):
+            batch: list[int] = []
+            size = 0
+            while start < len(order) and (not batch or size < self.BATCH_BYTES):
+                entry = entries[order[start]]
+                size += entry.element_size() * entry.numel()
+                batch.append(order[start])
+                start += 1
+            sent: dict[int, tuple[bytes, Tensor]] = {}
+            messages: dict[int, bytes] = {}
+            for i in batch:
+                entry = entries[i]
+                body = bodies.get(id(entry))
+                if body is None:
+                    payload = encode_entry(entry)
+                    body = bodies[id(entry)] = (payload, hashlib.sha256(payload).hexdigest())
+                sent[i] = (body[0], entry)
+                messages[i] = self.transport.server_send_entry(rnd, i, entry, kind, body)
+            received, rejections = self.transport.clients_receive_entries(
+                rnd, self.deliver(kind, rnd, messages), kind, sent)
+            del messages
+            bodies.clear()
+            self.rejections.extend(rejections)
+            accepted.extend(i for i in batch if i in received)
+        self._saw(rnd)
+        return accepted
 
     def upload_theta(self, rnd: int, theta: Tensor, participants: Sequence[int]) -> list[int]:
         """FEDORA: :meth:`upload_rows` of ``theta``; returns the accepted participants, sorted."""

@@ -118,7 +118,7 @@ from secure_fedora.runtimes.flower.protocol import (
     check_supported,
     wire_round,
 )
-from secure_fedora.runtimes.inprocess import Tracker, atomic_write_text, summarize
+from secure_fedora.runtimes.inprocess import Tracker, atomic_write_text, stale_clients, summarize
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
@@ -1233,17 +1233,6 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     final = {**summarize(t.last_test), **stale_clients(run.metric_round, rounds, n)}
     return method_entry(name, selected, final, rounds, round(run.seconds["training"], 3),
                         round(run.seconds["evaluation"], 3), extra)
-
-
-def stale_clients(metric_round: Mapping[int, int], reported: int, n: int) -> dict[str, Any]:
-    """``{"stale_clients": [{"client": index, "round": r}, ...]}`` for the clients whose
-    metric is from an earlier round ``r`` than the ``reported`` one (they missed its
-    evaluation, asked twice for the final one, and kept their latest accepted metrics; ``r``
-    None: none yet, the figure is a placeholder 0); empty when every client's metric is that
-    round's, so that results never pass an older metric off as the reported round's."""
-    stale = [{"client": c, "round": metric_round.get(c)} for c in range(n)
-             if metric_round.get(c) != reported]
-    return {"stale_clients": stale} if stale else {}
 
 
 def _privacy_section(server: _Server, name: str) -> dict[str, Any]:

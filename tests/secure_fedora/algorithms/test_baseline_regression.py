@@ -12,7 +12,9 @@ server half can no longer know are the only documented differences:
   server does not know the choice of a client that did not reply).
 
 and, with envelopes, IFCA's traffic counts the finalize exchange (the K cluster models each
-client needs to report its final choice), which the pre-contract code did not send. The shown
+client needs to report its final choice), which the pre-contract code did not send, and every
+method's traffic counts its evaluation messages and IFCA's clusters' version, which are now
+signed as on Flower. The shown
 epsilons (``epsilon_spent``, ``planned_epsilon*``) are now rounded up to six decimals where
 they were rounded to nearest, so they may differ from the recording in the sixth decimal
 (the accounting itself, every other privacy field, is compared exactly).
@@ -134,10 +136,19 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
     if security is not None:
         assert security["rejections"] == ref_security["rejections"] == []
         transport, ref_transport = security["transport"], ref_security["transport"]
-        if name == "ifca":  # + one K x P finalize message per client
-            n, k = len(got["rows"]), 3
+        # every entry of an evaluation message is an envelope too (per client and evaluated
+        # round: FedProx's and APFL's global model, IFCA's cluster models and their version)
+        n, k = len(got["rows"]), 3
+        evaluated = sum(1 for row in got["history"] if "test_mean" in row)
+        extra = {"fedprox": 1, "apfl": 1, "ifca": 2}.get(name, 0) * n * evaluated
+        if name == "ifca":  # + one K x P finalize message per client, and the clusters'
+            # version (an untracked entry) beside the models of every round and finalize message
+            extra += 2 * n + sum(row["participants"] for row in got["history"])
             extra_bytes = transport["bytes_sent"] - ref_transport["bytes_sent"]
-            assert transport["messages_sent"] == ref_transport["messages_sent"] + n
             assert extra_bytes > n * k * clients[0].train_x[0].numel() * 4  # K x P floats each
+        if extra:
+            for key in ("messages_sent", "messages_accepted"):
+                assert transport[key] == ref_transport[key] + extra, key
+            assert transport["bytes_sent"] > ref_transport["bytes_sent"]
         else:
             assert transport == ref_transport

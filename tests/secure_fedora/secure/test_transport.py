@@ -534,3 +534,47 @@ def test_a_message_refused_on_its_payload_records_no_nonce_and_a_replay_stays_re
     for receiver in (transport, SecureTransport(key_dir, state, N)):  # and after a restart
         _, replayed = receiver.server_receive(1, {0: good}, (P,))
         assert [r.reason for r in replayed] == ["replayed_nonce"]
+
+
+def test_send_entries_signs_any_entry_hands_it_over_uncopied_and_drops_a_tampered_one(
+        key_dir, tmp_path, monkeypatch):
+    """Untracked kinds and evaluation entries (any payload dtype) travel signed: an accepted
+    client holds the sent tensor itself (no per-client copy), a tampered message is rejected,
+    a validly signed message with another payload is decoded, and batches bound the messages
+    held at once."""
+    from secure_fedora.secure.transport import decode_entry, encode_entry
+
+    for value in (torch.arange(6, dtype=torch.int64).reshape(2, 3), torch.tensor(True),
+                  torch.randn(3, dtype=torch.float16), torch.randn(2, 2, dtype=torch.float64)):
+        assert torch.equal(decode_entry(encode_entry(value), value.dtype, value.shape), value)
+    with pytest.raises(MalformedPayloadError, match="expects torch.int32"):
+        decode_entry(encode_entry(torch.zeros(2, dtype=torch.int64)), torch.int32, (2,))
+    tr = SecureTransport(key_dir, tmp_path / "s", N)
+    seen = []
+
+    def channel(kind, rnd, client, message):
+        seen.append(client)
+        return tamper_payload(message) if client == 2 else message
+
+    ex = SecureExchange(tr, channel=channel)
+    version = torch.tensor(7, dtype=torch.int64)
+    assert ex.send_entries(1, {i: version for i in range(N)}, kind="clusters_version") == [0, 1, 3]
+    assert [(r.client, r.reason) for r in ex.rejections] == [(2, "payload_hash_mismatch")]
+    monkeypatch.setattr(SecureExchange, "BATCH_BYTES", 8)  # one client per batch
+    seen.clear()
+    glob = torch.randn(P)
+    received = {}
+    real = tr.clients_receive_entries
+
+    def spy(rnd, messages, kind, sent):
+        accepted, rejections = real(rnd, messages, kind, sent)
+        received.update(accepted)
+        assert len(messages) == 1
+        return accepted, rejections
+
+    monkeypatch.setattr(tr, "clients_receive_entries", spy)
+    assert ex.send_entries(1, {i: glob for i in range(N)}, kind="evaluate.global") == [0, 1, 3]
+    assert seen == [0, 1, 2, 3] and all(received[i] is glob for i in (0, 1, 3))
+    other = tr.server_send_entry(2, 0, torch.zeros(P), "global")  # signed, another payload
+    got, rejections = real(2, {0: other}, "global", {0: (encode_entry(glob), glob)})
+    assert not rejections and torch.equal(got[0], torch.zeros(P))

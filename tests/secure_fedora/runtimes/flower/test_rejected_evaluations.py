@@ -1,0 +1,165 @@
+"""A rejected evaluation message, and a rejected download of a kind the method does not track,
+in both runtimes: every server -> client message is signed in process as on Flower, and a
+client that rejects one is treated alike (no metrics: it keeps its last ones, named under
+stale_clients; a run without any metric of a client, or under DP without its final one, stops)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message
+
+from secure_fedora.algorithms.baselines import KEY_CLUSTERS_VERSION
+from secure_fedora.algorithms.messages import KIND_CLUSTERS, KIND_GLOBAL
+from secure_fedora.algorithms.methods import EvaluationRejectedError
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
+from secure_fedora.secure import transport as transport_module
+from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
+    InMemoryGrid,
+    in_process,
+    run_config,
+    task_identity,
+)
+from tests.secure_fedora.runtimes.flower.test_rejected_downloads import _config
+
+EVALUATED = {"fedavg": KIND_GLOBAL, "ifca": KIND_CLUSTERS}
+
+
+def _times(tamper: Any, times: int) -> Any:
+    """``tamper`` for the first ``times`` requests it sees, then the request as sent."""
+    left = {"n": times}
+
+    def once(request: Message) -> Message:
+        if left["n"]:
+            left["n"] -= 1
+            return tamper(request)
+        return request
+
+    return once
+
+
+def _tamper_inprocess(monkeypatch: pytest.MonkeyPatch, kind: str,
+                      times: dict[tuple[int, int], int]) -> None:
+    """In process: the first ``times[(client, round)]`` messages of ``kind`` to that client in
+    that round are tampered (one bit of the payload flipped)."""
+    real_init = transport_module.SecureExchange.__init__
+    left = dict(times)
+
+    def channel(sent: str, rnd: int, client: int, message: bytes) -> bytes:
+        if sent == kind and left.get((client, rnd)):
+            left[client, rnd] -= 1
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(self, transport, **{**kwargs, "channel": channel})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+
+
+def _tamper_entry(kind: str) -> Any:
+    """A request whose ``kind`` entry is changed by one (dtype kept; the envelope as signed)."""
+    def tamper(request: Message) -> Message:
+        arrays = {k: request.content["payload"][k].numpy().copy()
+                  for k in request.content["payload"]}
+        arrays[kind] = np.asarray(arrays[kind] + 1, dtype=arrays[kind].dtype)
+        request.content["payload"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return request
+
+    return tamper
+
+
+def _flower(cfg: Any, tmp_path: Path, kind: str, times: dict[tuple[int, int], int],
+            message_type: str = MSG_EVALUATE, dp: bool = False) -> tuple[dict[str, Any], Any]:
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": dp})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_request={
+        (c, r, message_type): _times(_tamper_entry(kind), n) for (c, r), n in times.items()})
+    return server_app.run_federation(grid, RunSettings.from_run_config(rc), 42), grid  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("times", "stale"), [
+    ({(1, 2): 1, (1, 3): 2}, [{"client": 1, "round": 1}]),  # final rejected twice: stale
+    ({(1, 3): 1}, None),  # final rejected once: asked again, not stale
+], ids=["twice", "once"])
+@pytest.mark.parametrize("method", ["fedavg", "ifca"])
+def test_a_rejected_evaluation_message_keeps_the_last_metrics_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+        times: dict[tuple[int, int], int], stale: list[dict[str, int]] | None) -> None:
+    """Client 1 rejects its evaluation message (FedAvg's global model, IFCA's cluster models).
+    On Flower it reports no metrics and keeps its last ones (the final evaluation is sent
+    once more); in process the evaluation messages travelled unsigned, so a tampered one
+    could not be rejected and the client was evaluated on it. Both runtimes now agree on the
+    evaluated counts, the per-client results and stale_clients."""
+    cfg = _config(method, dp=False)
+    results, grid = _flower(cfg, tmp_path, EVALUATED[method], times)
+    assert {type(e).__name__ for _, _, e in grid.errors} == {"PayloadHashMismatchError"}
+    _tamper_inprocess(monkeypatch, f"evaluate.{EVALUATED[method]}", times)
+    sim, outcome = in_process(cfg, tmp_path, method)
+    rejected = [(r.client, r.round) for r in sim.methods[method].exchange.rejections]
+    assert rejected == [k for k, n in sorted(times.items()) for _ in range(n)]
+    assert [r["evaluated"] for r in sim.history] == [r["evaluated"] for r in results["rounds"]]
+    ours, theirs = outcome.to_json(), results["methods"][method]
+    for part in ("selected", "final"):
+        assert np.allclose(ours[part]["per_client"], theirs[part]["per_client"],
+                           atol=1e-4, rtol=0), part
+        assert ours[part].get("stale_clients") == theirs[part].get("stale_clients"), part
+    assert ours["selected"]["round"] == theirs["selected"]["round"]
+    assert ours["final"].get("stale_clients") == stale
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_that_rejects_every_evaluation_stops_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its figures would be placeholder zeros: Flower stops with a DeployError, in process
+    the run used to complete with the client evaluated on the tampered model."""
+    cfg = _config("fedavg", dp=False)
+    times = {(1, 1): 1, (1, 2): 1, (1, 3): 2}
+    with pytest.raises(DeployError, match=r"clients \[1\] never reported an evaluation"):
+        _flower(cfg, tmp_path, KIND_GLOBAL, times)
+    _tamper_inprocess(monkeypatch, f"evaluate.{KIND_GLOBAL}", times)
+    with pytest.raises(EvaluationRejectedError, match=r"clients \[1\] never reported"):
+        in_process(cfg, tmp_path, "fedavg")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_under_dp_a_final_evaluation_rejected_twice_stops_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Flower a DP client closes its ledger when it answers the final evaluation, so the
+    server stops the run; in process it now stops too rather than complete where Flower
+    cannot."""
+    cfg = _config("fedavg", dp=True)
+    times = {(1, 3): 2}
+    with pytest.raises(DeployError, match=r"clients \[1\] did not answer the final evaluation"):
+        _flower(cfg, tmp_path, KIND_GLOBAL, times, dp=True)
+    _tamper_inprocess(monkeypatch, f"evaluate.{KIND_GLOBAL}", times)
+    with pytest.raises(EvaluationRejectedError, match=r"clients \[1\] rejected the final"):
+        in_process(cfg, tmp_path, "fedavg")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_untracked_download_kind_is_signed_and_a_tampered_one_rejected_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IFCA's clusters_version (an integer entry the exchange does not track) travelled
+    unsigned in process, so a tampered one was used; Flower signs every entry. Client 1
+    tampered with in round 2 now sits that round out in both runtimes, with equal results."""
+    cfg = _config("ifca", dp=False)
+    times = {(1, 2): 1}
+    results, grid = _flower(cfg, tmp_path, KEY_CLUSTERS_VERSION, times, MSG_ROUND)
+    assert [(c, type(e).__name__) for c, _, e in grid.errors] == [(1, "PayloadHashMismatchError")]
+    _tamper_inprocess(monkeypatch, KEY_CLUSTERS_VERSION, times)
+    sim, outcome = in_process(cfg, tmp_path, "ifca")
+    assert [(r.client, r.round, r.reason) for r in sim.methods["ifca"].exchange.rejections] == \
+        [(1, 2, "payload_hash_mismatch")]
+    assert [r["replied"] for r in results["rounds"]] == [3, 2, 3]
+    assert [r["replied"] for r in sim.history] == [3, 2, 3]
+    ours, theirs = outcome.to_json(), results["methods"]["ifca"]
+    for part in ("selected", "final"):
+        assert np.allclose(ours[part]["per_client"], theirs[part]["per_client"],
+                           atol=1e-4, rtol=0), part
+    assert ours["extra"]["assignment"] == theirs["extra"]["assignment"]
