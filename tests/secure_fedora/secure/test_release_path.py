@@ -64,12 +64,12 @@ def spy(monkeypatch):
         state["encrypted"][release.round] = state["encrypted"].get(release.round, 0) + 1
         return out
 
-    def send(self, rnd, sender, recipient, kind, payload):
+    def send(self, rnd, sender, recipient, kind, payload, digest=None):
         if sender != SERVER_ID:
             for hook in state["hooks"]:
                 hook(self, sender, kind, rnd)
         sent.append((sender, kind, rnd, state["depth"] > 0))
-        return real_send(self, rnd, sender, recipient, kind, payload)
+        return real_send(self, rnd, sender, recipient, kind, payload, digest)
 
     monkeypatch.setattr(SignEnvelope, "process", sign)
     monkeypatch.setattr(EncryptPayload, "process", encrypt)
