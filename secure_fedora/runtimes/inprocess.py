@@ -1274,7 +1274,9 @@ class Simulation:
                 crash_point("evaluate")
         tracker.evaluated(rnd, list(accepted))
         tracker.update(rnd)
-        return {**tracker.round_row(), "evaluated": len(accepted)}
+        # a round's statistics cover the clients whose metrics are this round's, as on Flower
+        reported = None if len(accepted) == len(clients) else sorted(accepted)
+        return {**tracker.round_row(reported), "evaluated": len(accepted)}
 
     def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,
                ctx: MethodContext, history: list[dict[str, Any]], timing: dict[str, float]) -> dict[str, Any]:

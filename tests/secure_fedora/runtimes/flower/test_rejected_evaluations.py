@@ -104,6 +104,9 @@ def test_a_rejected_evaluation_message_keeps_the_last_metrics_in_both_runtimes(
     rejected = [(r.client, r.round) for r in sim.methods[method].exchange.rejections]
     assert rejected == [k for k, n in sorted(times.items()) for _ in range(n)]
     assert [r["evaluated"] for r in sim.history] == [r["evaluated"] for r in results["rounds"]]
+    for ours_row, their_row in zip(sim.history, results["rounds"], strict=True):
+        for key in ("test_mean", "test_min", "test_max", "test_std", "val_mean"):
+            assert np.isclose(ours_row[key], their_row[key], atol=1e-4, rtol=0), (key, ours_row)
     ours, theirs = outcome.to_json(), results["methods"][method]
     for part in ("selected", "final"):
         assert np.allclose(ours[part]["per_client"], theirs[part]["per_client"],
