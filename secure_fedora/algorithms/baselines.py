@@ -569,6 +569,7 @@ class APFL(_GlobalModelMethod):
     """
 
     name = "apfl"
+    checkpoint_fields = FederatedMethod.checkpoint_fields | {"alpha"}
 
     @classmethod
     def assumptions(cls, cfg: Any) -> dict[str, Any]:

@@ -263,6 +263,12 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     #: False for a method whose clients never send anything (Local): experiments run it
     #: non-private only and use it as the reference of "worse than Local" counts.
     sends_messages: ClassVar[bool] = True
+    #: The in-process checkpoint's own fields, written beside :meth:`server_state_dict`'s
+    #: keys: a server state key among them would overwrite one or be overwritten (a wrong
+    #: resume), so :meth:`state_dict` refuses it. A subclass that writes more extends it.
+    checkpoint_fields: ClassVar[frozenset[str]] = frozenset({
+        KIND_THETA, "client_states", "held_downloads", "server_rows", "message_security",
+        "training_engine"})
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -782,8 +788,15 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         plug-in's, resumes as on Flower, whose nodes persist it), the server state and,
         with an exchange, every client's last accepted download of each tracked kind, the
         server's last accepted upload rows where a client's own row differs and the signed
-        messages' record so far (rejections and traffic, which a resumed run continues)."""
-        state = {"theta": self.theta, **self.server_state_dict()}
+        messages' record so far (rejections and traffic, which a resumed run continues). A
+        server state key among :attr:`checkpoint_fields` is a :class:`ContractError`."""
+        server = self.server_state_dict()
+        clash = sorted(str(key) for key in server if key in self.checkpoint_fields)
+        if clash:
+            raise ContractError(f"method {self._label()!r}: server_state_dict key(s) {clash} are "
+                                "fields the in-process checkpoint writes itself "
+                                f"({sorted(self.checkpoint_fields)}); rename them")
+        state = {KIND_THETA: self.theta, **server}
         client_fields = self._client_state_fields()
         if client_fields:
             state["client_states"] = client_fields

@@ -596,3 +596,41 @@ def test_a_client_state_a_checkpoint_cannot_keep_is_a_contract_error(field, valu
     method = Broken(build_context(cfg, build_clients(cfg)))
     with pytest.raises(ContractError, match=rf"^method 'fedavg': client 0's client state {match}"):
         method.state_dict()
+
+
+@pytest.mark.parametrize("key", ["theta", "client_states", "held_downloads", "message_security",
+                                 "training_engine"])
+def test_a_server_state_key_the_checkpoint_writes_itself_is_a_contract_error(key):
+    """The in-process checkpoint merged server_state_dict's keys with its own fields, so a
+    plug-in's server key named like one (a server copy 'theta', say) silently replaced the
+    clients' rows or was replaced, and the run resumed wrong. It is refused when the
+    checkpoint is written, naming the method and the key."""
+    from secure_fedora.algorithms.contract import ContractError
+
+    class Clashing(_Remembering):
+        def server_state_dict(self):  # type: ignore[no-untyped-def]
+            return {**super().server_state_dict(), key: self.global_params.clone()}
+
+    cfg = _config("fedavg")
+    method = Clashing(build_context(cfg, build_clients(cfg)))
+    with pytest.raises(ContractError, match=rf"^method 'fedavg': server_state_dict key\(s\) "
+                                            rf"\['{key}'\] are fields the in-process checkpoint"):
+        method.state_dict()
+    assert set(_Remembering(method.ctx).state_dict()) >= {"theta", "global", "client_states"}
+
+
+def test_an_apfl_plug_ins_server_key_alpha_is_a_contract_error():
+    """APFL's checkpoint also writes every client's 'alpha': a subclass's server key of that
+    name was overwritten by it."""
+    from secure_fedora.algorithms.baselines import APFL
+    from secure_fedora.algorithms.contract import ContractError
+
+    class Clashing(APFL):
+        def server_state_dict(self):  # type: ignore[no-untyped-def]
+            return {**super().server_state_dict(), "alpha": torch.tensor(0.5)}
+
+    cfg = _config("apfl")
+    method = Clashing.from_config(build_context(cfg, build_clients(cfg)), cfg)
+    with pytest.raises(ContractError, match=r"server_state_dict key\(s\) \['alpha'\]"):
+        method.state_dict()
+
