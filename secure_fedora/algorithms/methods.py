@@ -267,8 +267,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     #: keys: a server state key among them would overwrite one or be overwritten (a wrong
     #: resume), so :meth:`state_dict` refuses it. A subclass that writes more extends it.
     checkpoint_fields: ClassVar[frozenset[str]] = frozenset({
-        KIND_THETA, "client_states", "held_downloads", "server_rows", "message_security",
-        "training_engine"})
+        KIND_THETA, "client_states", "client_state_holders", "held_downloads", "server_rows",
+        "message_security", "training_engine"})
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -756,15 +756,16 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return {**extra, "security": security} if security else extra
 
     # ------------------------------------------------------------------ checkpoints
-    def _client_state_fields(self) -> dict[str, list[Tensor]]:
+    def _client_state_fields(self) -> dict[str, dict[int, Tensor]]:
         """Every client's :meth:`client_state_dict` entries other than ``theta`` (its row of
-        the matrix every checkpoint holds), by field, in client order; ``{}`` for a method
-        that keeps the default client state. A state that is not a mapping of names to
-        finite tensors (what a Flower node refuses to persist) is a :class:`ContractError`
-        naming the method, the client and the field."""
+        the matrix every checkpoint holds), by field, then by the clients holding it (a field
+        may be held by some clients only, as a Flower node persists whatever its client's
+        state has); ``{}`` for a method that keeps the default client state. A state that is
+        not a mapping of names to finite tensors (what a Flower node refuses to persist) is a
+        :class:`ContractError` naming the method, the client and the field."""
         if type(self).client_state_dict is FederatedMethod.client_state_dict:
             return {}
-        fields: dict[str, list[Tensor]] = {}
+        fields: dict[str, dict[int, Tensor]] = {}
         for i in range(self.ctx.num_clients):
             state = self.client_state_dict(i)
             if not isinstance(state, Mapping):
@@ -779,7 +780,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                                         f"field {key!r} holds {what}; a checkpoint (and a Flower "
                                         "node) keeps only finite tensors by name")
                 if key != KIND_THETA:
-                    fields.setdefault(key, []).append(value.detach().clone())
+                    fields.setdefault(key, {})[i] = value.detach().clone()
         return fields
 
     def state_dict(self) -> dict[str, Any]:
@@ -799,7 +800,12 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         state = {KIND_THETA: self.theta, **server}
         client_fields = self._client_state_fields()
         if client_fields:
-            state["client_states"] = client_fields
+            state["client_states"] = {key: list(rows.values())
+                                      for key, rows in client_fields.items()}
+            partial = {key: torch.tensor(list(rows), dtype=torch.int64)
+                       for key, rows in client_fields.items() if len(rows) != self.ctx.num_clients}
+            if partial:  # the clients holding each field only some clients' states have
+                state["client_state_holders"] = partial
         if self.exchange is not None and self.exchange.client_rows:
             state["held_downloads"] = dict(self.exchange.client_rows)
         if self.views_differ():  # the server's rows where the clients' own rows differ
@@ -821,18 +827,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self.load_server_state_dict(state)
         client_fields = state.get("client_states")
         if client_fields is not None:
-            n = self.ctx.num_clients
-            if not isinstance(client_fields, dict) or not all(
-                    isinstance(rows, list) and len(rows) == n
-                    and all(isinstance(r, Tensor) for r in rows)
-                    for rows in client_fields.values()):
-                raise ValueError("checkpoint field 'client_states' must hold one tensor per "
-                                 "client of each client state field")
-            for i in range(n):
-                # the fields the client's state has, its theta row as just restored
-                held = self.client_state_dict(i)
-                self.load_client_state_dict(i, {**held, **{
-                    key: rows[i] for key, rows in client_fields.items()}})
+            self._load_client_states(client_fields, state.get("client_state_holders", {}))
         self._held_downloads = state.get("held_downloads")
         self._held_server_rows = state.get("server_rows")
         security = state.get("message_security", {})
@@ -853,6 +848,37 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                        for d in (runs, fallbacks)):
                 raise ValueError("checkpoint field 'training_engine' must hold counts by name")
             self._engine_runs, self._engine_fallbacks = dict(runs), dict(fallbacks)
+
+    def _load_client_states(self, client_fields: Any, holders: Any) -> None:
+        """Restore every client's checkpointed client state fields through
+        :meth:`load_client_state_dict`; a client gets exactly the fields its state had (one
+        that lacked a field gets none, as a Flower node restores what it persisted)."""
+        n = self.ctx.num_clients
+        bad = ValueError("checkpoint field 'client_states' must hold one tensor per client "
+                         "of each client state field")
+        if not isinstance(client_fields, dict) or not isinstance(holders, dict) \
+                or not set(holders) <= set(client_fields):
+            raise bad
+        by_client: list[dict[str, Tensor]] = [{} for _ in range(n)]
+        for key, rows in client_fields.items():
+            ids = holders.get(key)
+            if ids is None:
+                clients = list(range(n))
+            elif isinstance(ids, Tensor) and ids.dim() == 1 and ids.dtype == torch.int64:
+                clients = ids.tolist()
+                if clients != sorted(set(clients)) or not all(0 <= i < n for i in clients):
+                    raise bad
+            else:
+                raise bad
+            if not isinstance(rows, list) or len(rows) != len(clients) \
+                    or not all(isinstance(r, Tensor) for r in rows):
+                raise bad
+            for i, row in zip(clients, rows, strict=True):
+                by_client[i][key] = row
+        for i in range(n):
+            # the fields the client's state has, its theta row as just restored
+            held = {k: v for k, v in self.client_state_dict(i).items() if k not in client_fields}
+            self.load_client_state_dict(i, {**held, **by_client[i]})
 
     def attach_exchange(self, exchange: Any) -> None:
         """Use ``exchange`` (a :class:`~secure_fedora.secure.transport.SecureExchange` built

@@ -634,3 +634,60 @@ def test_an_apfl_plug_ins_server_key_alpha_is_a_contract_error():
     with pytest.raises(ContractError, match=r"server_state_dict key\(s\) \['alpha'\]"):
         method.state_dict()
 
+
+class _Partial(_Remembering):
+    """_Remembering whose odd clients keep no count (a field only some clients' states hold,
+    as a Flower node persists whatever its client's state has)."""
+
+    def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+        reply = super().client_update(i, rnd, message)
+        if i % 2:
+            self.count[i] = 0.0
+        return reply
+
+    def client_state_dict(self, i):  # type: ignore[no-untyped-def]
+        state = super().client_state_dict(i)
+        if i % 2:
+            del state["count"]
+        return state
+
+    def load_client_state_dict(self, i, state):  # type: ignore[no-untyped-def]
+        assert ("count" in state) == (i % 2 == 0)
+        FedAvg.load_client_state_dict(self, i, state)
+        self.mean[i].copy_(state["mean"])
+        if "count" in state:
+            self.count[i] = float(state["count"])
+
+
+def test_a_client_state_field_only_some_clients_hold_survives_an_in_process_resume(tmp_path):
+    """A client state field held by some clients only was written into the checkpoint as a
+    list shorter than the clients, which the resume refused ('must hold one tensor per
+    client'): the run could not be resumed. Each client now resumes with exactly its fields."""
+    from secure_fedora.core import crashpoints
+
+    name = "partial_x"
+    METHODS.register(name, _Partial)
+    try:
+        cfg = _config(name, training={"checkpoint_every": 1})
+        clients = build_clients(cfg)
+        reference = Simulation(cfg, tmp_path / "ref", clients=clients).run()["methods"][name]
+        assert reference["extra"]["count"] == [2.0, 0.0, 2.0]
+        crashpoints.arm("train@4")  # round 2, after its first client trained
+        try:
+            with pytest.raises(crashpoints.InjectedCrash):
+                Simulation(cfg, tmp_path / "run", clients=clients).run()
+        finally:
+            crashpoints.disarm()
+        sim = Simulation(cfg, tmp_path / "run", clients=clients)
+        resumed = sim.run(resume=True)["methods"][name]
+    finally:
+        METHODS.unregister(name)
+    assert resumed["extra"] == reference["extra"]
+    for part in ("selected", "final"):
+        assert resumed[part]["per_client"] == reference[part]["per_client"]
+    state = sim.methods[name].state_dict()
+    fresh = _Partial(build_context(cfg, clients))
+    for holders in (torch.tensor([0, 0]), torch.tensor([0, 3]), torch.tensor([2, 0]),
+                    torch.tensor([0.0, 2.0])):
+        with pytest.raises(ValueError, match="'client_states' must hold one tensor per client"):
+            fresh.load_state_dict({**state, "client_state_holders": {"count": holders}})
