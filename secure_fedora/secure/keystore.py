@@ -141,8 +141,10 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
     before its allowlist: no run, ledger or anchor can use them, and they are replaced.
     Without that marker nothing proves so (an earlier version's kill, or an allowlist
     removed by hand from a store runs did use), so such files are never overwritten:
-    IdentityError naming them and the remedies (another store: ``[security] keystore`` or
-    ``option``, how the caller chooses one).
+    IdentityError naming them and the remedies (recreating the store: ``secure-fedora keys
+    init ... --force`` when ``option`` is the CLI's flag, else
+    :func:`privacy.identity.init_keys` with ``overwrite=True``; another store: ``[security]
+    keystore`` or ``option``, how the caller chooses one).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -170,14 +172,19 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
             n_clients = sum(1 for p in parties if p.startswith("client-"))
             why = ("holds no allowlist.json but key files" if not known else
                    "holds key files of parties missing from its allowlist")
+            recreate = (f"`secure-fedora keys init {path} --clients {n_clients} --force`"
+                        if option == CLI_KEYSTORE_OPTION else
+                        f"privacy.identity.init_keys({str(path)!r}, "
+                        f"secure_fedora.secure.keystore.run_party_ids({n_clients}), "
+                        "overwrite=True)")
             raise IdentityError(
                 f"key store {path} {why}: {', '.join(stray[:6])}"
                 f"{' ...' if len(stray) > 6 else ''}; refusing to overwrite them (left by an "
                 "interrupted key-store creation of an earlier version, or the allowlist was "
                 "edited or removed by hand, in which case runs may have used these keys). If "
-                "no run used them, recreate the store with `secure-fedora keys init "
-                f"{path} --clients {n_clients} --force`; otherwise restore its allowlist.json, "
-                f"or use another key store ([security] keystore in the config, or {option})")
+                f"no run used them, recreate the store with {recreate}; otherwise restore its "
+                "allowlist.json, or use another key store ([security] keystore in the config, "
+                f"or {option})")
         marker = path / CREATING_FILENAME
         _write_marker(marker, missing)
         init_keys(path, missing, overwrite=bool(known))

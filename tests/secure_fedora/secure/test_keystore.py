@@ -1,11 +1,13 @@
 """Key stores: a DP run's private keys live outside its run directory."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from privacy.identity import IdentityError, load_allowlist, load_identity
 from secure_fedora.secure.keystore import (
+    CLI_KEYSTORE_OPTION,
     KEYSTORE_HOME_ENV,
     ensure_keystore,
     publish_public_keys,
@@ -224,15 +226,30 @@ def test_a_kill_while_adding_parties_is_completed(tmp_path):
 def test_key_files_without_an_allowlist_name_a_remedy_that_exists(tmp_path):
     """Key files but no allowlist and no marker (an earlier version's kill, or an allowlist
     removed by hand after runs used the keys): never overwritten, and the message names a
-    command that exists instead of a --force that run and sweep do not have."""
+    command that exists instead of a --force that run and sweep do not have; a Python caller
+    (told to run that command before) is given the init_keys call, which recreates it."""
     store = tmp_path / "store"
     ensure_keystore(store, run_party_ids(2))
     (store / "allowlist.json").unlink()
     key = (store / "client-001.ed25519.key").read_bytes()
     with pytest.raises(IdentityError, match=r"no allowlist.json .*`secure-fedora keys init "
-                       r".*store --clients 2 --force`"):
-        ensure_keystore(store, run_party_ids(2))
+                       r".*store --clients 2 --force`.*or --keystore\)$"):
+        ensure_keystore(store, run_party_ids(2), option=CLI_KEYSTORE_OPTION)
     assert (store / "client-001.ed25519.key").read_bytes() == key
+    # a Python caller is given the Python remedy, which works
+    with pytest.raises(IdentityError) as err:
+        ensure_keystore(store, run_party_ids(2))
+    assert "--force" not in str(err.value) and "keys init" not in str(err.value)
+    remedy = re.search(r"recreate the store with (privacy\.identity\.init_keys\(.*\)); ",
+                       str(err.value))
+    assert remedy is not None and str(err.value).endswith("or the keystore= argument)")
+    import privacy.identity
+    import secure_fedora.secure.keystore
+
+    namespace = {"privacy": privacy, "secure_fedora": secure_fedora}
+    eval(remedy.group(1), namespace)  # what the message tells a Python caller to run
+    assert not ensure_keystore(store, run_party_ids(2)).created
+    assert (store / "client-001.ed25519.key").read_bytes() != key
     # an empty directory (made by hand) is filled
     empty = tmp_path / "empty"
     empty.mkdir(mode=0o700)
