@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_document, audit_verdict
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -336,7 +337,8 @@ class CanarySet:
 def make_canaries(kind: str, count: int, seed: int, *,
                   pool: tuple[Tensor, Tensor] | None = None,
                   like: tuple[Tensor, Tensor] | None = None,
-                  num_classes: int = NUM_CLASSES) -> CanarySet:
+                  num_classes: int = NUM_CLASSES,
+                  count_option: str = "the count= argument") -> CanarySet:
     """Draw ``count`` canaries and include each independently with probability 1/2.
 
     ``"noise"``: inputs of i.i.d. uniform values with uniform random labels (out of
@@ -345,13 +347,13 @@ def make_canaries(kind: str, count: int, seed: int, *,
     in their [min, max]; labels uniform over ``num_classes``, or uniform 0/1 vectors when
     ``like``'s targets are multi-label (n, C). ``"mislabeled"``: the first ``count`` images of
     ``pool`` (float32 (n, 1, 28, 28), int64 labels) each given a uniformly random *wrong*
-    label. Deterministic in ``seed``.
+    label. Deterministic in ``seed``. Errors name ``count`` as ``count_option``.
     """
     if kind not in CANARY_KINDS:
         raise CanaryAuditError(f"canary kind must be one of {CANARY_KINDS}, got {kind!r}")
     if isinstance(count, bool) or not isinstance(count, int) or not 4 <= count <= MAX_CANARIES:
         raise CanaryAuditError(f"canary count must be an int in [4, {MAX_CANARIES:,}]"
-                               f" (--canaries), got {count!r}")
+                               f" ({count_option}), got {count!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise CanaryAuditError(f"num_classes must be an int >= 2, got {num_classes!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -360,7 +362,7 @@ def make_canaries(kind: str, count: int, seed: int, *,
         if count * math.prod(shape) > MAX_CANARY_VALUES:
             raise CanaryAuditError(
                 f"{count:,} canaries of shape {shape} are {count * math.prod(shape):,} values"
-                f" (limit {MAX_CANARY_VALUES:,}, 1 GiB); use fewer canaries (--canaries)")
+                f" (limit {MAX_CANARY_VALUES:,}, 1 GiB); use fewer canaries ({count_option})")
         x = torch.rand((count, *shape), generator=gen)
         if like is not None and like[0].numel():
             low, high = float(like[0].min()), float(like[0].max())
@@ -547,7 +549,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
                      kind: str = "noise", method: str = "local", confidence: float = 0.95,
                      delta: float = 1e-5, seed: int = 0,
                      work_dir: str | Path | None = None,
-                     every_round: bool = True) -> CanaryAuditResult:
+                     every_round: bool = True,
+                     options: Mapping[str, str] = API_AUDIT_OPTIONS) -> CanaryAuditResult:
     """Insert canaries into one client, run the federation, bound epsilon from membership inference.
 
     Training is the runtime's own: :class:`secure_fedora.runtimes.inprocess.Simulation` with ``cfg``
@@ -565,8 +568,9 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     Guarantee: with probability ``>= confidence`` (under the independence assumption stated
     in the module docstring) a truly (claim, delta)-DP release yields
     ``epsilon_lower_bound <= claimed_epsilon``. Raises :class:`CanaryAuditError` for a bad
-    argument, or when the audited client was refused a release (its final model would then
-    not be a release).
+    argument (naming it as ``options`` says; the CLI passes
+    :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags), or when the audited client was
+    refused a release (its final model would then not be a release).
     """
     if method not in cfg.methods:
         raise CanaryAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
@@ -593,7 +597,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     audited = clients[client_index]
     num_classes, _ = label_space(clients)
     canaries = make_canaries(kind, num_canaries, seed, pool=pool,
-                             like=(audited.train_x, audited.train_y), num_classes=num_classes)
+                             like=(audited.train_x, audited.train_y), num_classes=num_classes,
+                             count_option=options["num_canaries"])
     clients[client_index] = insert_canaries(clients[client_index], canaries)
     if private:
         n = clients[client_index].num_train

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from audits.options import CLI_AUDIT_OPTIONS
 from audits.verify import (
     DEFAULT_PLD_CHECKPOINTS,
     DEFAULT_REL_TOL,
@@ -141,7 +142,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
     json_path = _json_option(args)
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
+                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
+                        options=CLI_AUDIT_OPTIONS)
     _print_verification(report, sys.stdout, verbose=args.verbose)
     if json_path is not None:
         json_path.write_text(strict_json(report.to_json()))
@@ -156,7 +158,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out is not None:  # an empty --out would be the current directory
         check_path_argument(args.out, "--out")
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor)
+                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
+                        options=CLI_AUDIT_OPTIONS)
     paths = write_report(args.run_dir, args.out, verification=report)
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
@@ -198,7 +201,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
                       plugins_from_folder=run_dir is None)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
-                              confidence=args.confidence, delta=args.delta, seed=args.seed)
+                              confidence=args.confidence, delta=args.delta, seed=args.seed,
+                              options=CLI_AUDIT_OPTIONS)
     b = result.bound
     doc = result.to_json()
     try:
@@ -236,7 +240,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
         result, path = audit_run_dir(
             args.run_dir, method=args.method, client_index=args.client,
             num_canaries=args.canaries, calibration_fraction=args.calibration_fraction,
-            confidence=args.confidence, seed=args.seed)
+            confidence=args.confidence, seed=args.seed, options=CLI_AUDIT_OPTIONS)
     except WhiteboxAuditError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -321,7 +325,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
                                   trials=args.trials, records=args.records,
                                   confidence=args.confidence, seed=args.seed,
-                                  allowlist=args.allowlist, anchor=args.anchor)
+                                  allowlist=args.allowlist, anchor=args.anchor,
+                                  options=CLI_AUDIT_OPTIONS)
         path = write_replay_result(args.run_dir, result)
     except ReplayAuditError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -42,7 +42,7 @@ config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the p
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from audits.canary import epsilon_lower_bound
+from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_verdict, config_rebuild_problem
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
@@ -214,7 +215,8 @@ class _Step:
 def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None = None,
                      trials: int | None = None, records: int | None = None, confidence: float = 0.95,
                      seed: int = 0, allowlist: str | Path | None = None,
-                     anchor: str | Path | None = None) -> ReplayAuditResult:
+                     anchor: str | Path | None = None,
+                     options: Mapping[str, str] = API_AUDIT_OPTIONS) -> ReplayAuditResult:
     """Replay the run's noise from its config and bound epsilon from membership guesses.
 
     ``run_dir`` must hold ``config.toml`` and the ledgers of a DP run. ``trials`` defaults to
@@ -232,6 +234,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     apart, checked as ``audit verify --anchor`` checks it (:func:`audits.verify.check_anchor`:
     signature and signer, config.toml and results.json digests, every ledger's head and
     length) instead of the run's own anchor.json. Without them the run's own files are used.
+    Errors name the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     run_dir = Path(run_dir)
     allow_path = Path(allowlist) if allowlist is not None else None
@@ -255,7 +258,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     if isinstance(records, bool) or not isinstance(records, int) \
             or not 1 <= records < cfg.data.train_per_client:
         raise ReplayAuditError(
-            f"records must be in [1, {cfg.data.train_per_client}) (--records; this run's "
+            f"records must be in [1, {cfg.data.train_per_client}) ({options['records']}; this run's "
             f"data.train_per_client = {cfg.data.train_per_client}), got {records!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:
@@ -267,7 +270,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     if anchor is not None:
         from audits.verify import check_anchor
 
-        check_anchor(run_dir, anchor, allowlist=allow_path, error=ReplayAuditError)
+        check_anchor(run_dir, anchor, allowlist=allow_path, error=ReplayAuditError,
+                     options=options)
     else:
         problem = _anchored_config_problem(run_dir)
         if problem is not None:
@@ -284,7 +288,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     data = clients[client]
     if records >= data.num_train:
         raise ReplayAuditError(f"records must be below client {cid}'s {data.num_train} training "
-                               f"rows (--records), got {records}")
+                               f"rows ({options['records']}), got {records}")
     x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]  # target: the last one
     x_out, y_out = x_in[:records], y_in[:records]
     rate = float(params["sample_rate"])  # checked finite and positive by _ledger_claim

@@ -79,7 +79,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +91,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
+from audits.options import API_AUDIT_OPTIONS
 from privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
     MAX_STEPS,
@@ -769,15 +770,16 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
     return cfg
 
 
-def _load_keys(run_dir: Path, allowlist: Path | None,
-               findings: list[Finding]) -> tuple[dict[str, PublicIdentity], str]:
+def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
+               options: Mapping[str, str] = API_AUDIT_OPTIONS,
+               ) -> tuple[dict[str, PublicIdentity], str]:
     if allowlist is None:
         path = run_dir / "keys" / "allowlist.json"
         findings.append(Finding(
             "warning", "allowlist",
             f"public keys taken from the run directory itself ({path}); they are only as"
             " trustworthy as the directory: pass an independently registered allowlist"
-            " (--allowlist) to rule out a re-signed ledger",
+            f" ({options['allowlist']}) to rule out a re-signed ledger",
         ))
     else:
         path = allowlist
@@ -1256,7 +1258,8 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
 
 
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
-                  keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
+                  keys: dict[str, PublicIdentity], allowlist_given: bool,
+                  options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[Finding]:
     """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present.
     With both, the run's copy must equal the given one (a missing copy is a warning). A run
     with results.json but no anchor at all is an error: both runtimes write the anchor right
@@ -1268,13 +1271,13 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
             return [Finding("error", "anchor", f"{own} is missing although results.json is"
                             " there: a finished DP run writes its anchor right after results.json,"
                             " which is otherwise unprotected (it may have been edited); restore"
-                            " anchor.json or pass the copy kept apart with --anchor (a run that"
+                            f" anchor.json or pass the copy kept apart ({options['anchor']}; a run that"
                             " stopped between the two files is finished by `run --resume`)")]
         if not own.is_file():
             return [Finding("warning", "anchor", f"{own} is missing: without an anchor,"
                             " entries removed from the end of a ledger (close entry included)"
                             " are shown only by the missing close entry; copy anchor.json apart"
-                            " after a run and pass it with --anchor")]
+                            f" after a run and pass it ({options['anchor']})")]
         path, label = own, "the run's anchor.json"
     else:
         path, label = anchor, f"the anchor {anchor}"
@@ -1293,7 +1296,8 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
 
 def check_anchor(run_dir: str | Path, anchor: str | Path, *,
                  allowlist: str | Path | None = None,
-                 error: type[Exception] = AuditError) -> None:
+                 error: type[Exception] = AuditError,
+                 options: Mapping[str, str] = API_AUDIT_OPTIONS) -> None:
     """Check ``run_dir`` against an anchor copy kept apart, as ``audit verify --anchor`` does.
 
     Guarantee (:func:`_anchor_check`, the very check of :func:`verify_run`): the anchor's
@@ -1302,7 +1306,8 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     unregistered signer is an error only with ``allowlist``), the run's own anchor.json, if
     present, equals it, config.toml and results.json have the anchored digests, and every
     ledger ends at its anchored head and length, none missing and none unnamed. Anything else
-    raises ``error`` with a one-line message (the first problem, and how many more).
+    raises ``error`` with a one-line message (the first problem, and how many more), naming
+    the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     run = Path(run_dir)
     anchor_path = Path(anchor)
@@ -1315,11 +1320,12 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     except IdentityError as err:
         raise error(f"cannot check the anchor {anchor_path}: {err}") from None
     problems = [f for f in _anchor_check(run, anchor_path, _discover(run / "ledgers"), keys,
-                                         allowlist is not None) if f.severity == "error"]
+                                         allowlist is not None, options)
+                if f.severity == "error"]
     if problems:
         first = problems[0]
         where = "/".join(x for x in (first.method, first.client_id) if x)
-        more = (f" (+{len(problems) - 1} more; run `audit verify --anchor`)"
+        more = (f" (+{len(problems) - 1} more; {options['verify_anchor']})"
                 if len(problems) > 1 else "")
         where = f" ({where})" if where else ""
         raise error(f"the run does not match the anchor {anchor_path}{where}:"
@@ -1415,7 +1421,8 @@ def _plainly_not_private(run: Path, cfg: ExperimentConfig | None, results: dict[
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                rel_tol: float = DEFAULT_REL_TOL,
                pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
-               anchor: str | Path | None = None) -> VerificationReport:
+               anchor: str | Path | None = None,
+               options: Mapping[str, str] = API_AUDIT_OPTIONS) -> VerificationReport:
     """Verify every ledger of ``run_dir`` (see the module docstring for each check).
 
     Ledgers are ``ledgers/<method>/<client>.jsonl`` (the in-process runtime's layout, one
@@ -1475,7 +1482,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
             run_dir=str(run), clients=[], findings=findings, rel_tol=float(rel_tol),
             independent_accountant="none (the run is not differentially private)",
             allowlist="none (the run is not differentially private)", checks=[])
-    keys, allow_used = _load_keys(run, allow_path, findings)
+    keys, allow_used = _load_keys(run, allow_path, findings, options)
     if not found:
         findings.append(Finding(
             "error", "no_ledgers",
@@ -1497,7 +1504,8 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         findings.extend(closing)
         if any(f.severity == "error" for f in closing):
             clients[-1].ok = False
-    findings.extend(_anchor_check(run, anchor_path, found, keys, allow_path is not None))
+    findings.extend(_anchor_check(run, anchor_path, found, keys, allow_path is not None,
+                                  options))
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})
         finished = [m for m in cfg.methods

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_indices, split_one_run_audit
+from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
 from audits.verify import (
     DEFAULT_REL_TOL,
@@ -381,7 +382,8 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
-def _require_both_kinds_evaluated(member: Any, calibration_fraction: float, split_seed: int) -> None:
+def _require_both_kinds_evaluated(member: Any, calibration_fraction: float, split_seed: int,
+                                   options: Mapping[str, str] = API_AUDIT_OPTIONS) -> None:
     """Refuse (before training) a draw whose evaluation part lacks member or non-member
     canaries: the audit measures how well the two are told apart, so such a part measures
     nothing about the mechanism, and its bound and mean scores would be reported unmeasured."""
@@ -395,7 +397,7 @@ def _require_both_kinds_evaluated(member: Any, calibration_fraction: float, spli
             raise WhiteboxAuditError(
                 f"not measurable: the evaluation part ({ev.size} of {member.size} canaries)"
                 f" holds no {kind} canary, so nothing was measured; use more canaries"
-                " (--canaries) or another --seed")
+                f" ({options['num_canaries']}) or another seed ({options['seed']})")
 
 
 def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, client_index: int = 0,
@@ -403,7 +405,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                        calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
                        confidence: float = 0.95, seed: int = 0,
                        results: dict[str, Any] | None = None,
-                       run_dir: str | Path | None = None) -> WhiteboxAuditResult:
+                       run_dir: str | Path | None = None,
+                       options: Mapping[str, str] = API_AUDIT_OPTIONS) -> WhiteboxAuditResult:
     """Train one client with Dirac canaries on the run's DP-SGD path; bound epsilon in one run.
 
     ``method`` defaults to ``"local"`` when the config has it, else its first method;
@@ -414,7 +417,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     arguments or a plan that cannot be built, and, with ``run_dir`` holding the audited
     client's ledger, when the plan is not the one that ledger records
     (:func:`check_setting_against_ledger`), and, before training, when the evaluation part of
-    the canaries holds no member or no non-member canary (not measurable).
+    the canaries holds no member or no non-member canary (not measurable); errors name the
+    arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     t0 = time.perf_counter()
     method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
@@ -445,7 +449,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     coords, zero_activity = quiet_coordinates(ctx.flat, ctx.init, client.train_x, client.train_y,
                                               num_canaries, audit_gen)
     member = torch.rand(num_canaries, generator=audit_gen) < 0.5
-    _require_both_kinds_evaluated(member.numpy(), calibration_fraction, seed + 1)
+    _require_both_kinds_evaluated(member.numpy(), calibration_fraction, seed + 1, options)
     oracle = DiracCanaryOracle(ctx.oracle, coords[member], setting.clip_norm, ctx.flat.num_params,
                                plain_rate=setting.sample_rate, canary_generator=audit_gen)
     generator = ctx.generators[client_index]

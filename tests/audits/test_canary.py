@@ -139,8 +139,10 @@ def test_canaries_are_deterministic_and_inserted_with_probability_half():
     with pytest.raises(CanaryAuditError, match="count"):
         make_canaries("noise", 2, 0)
     # unbounded before: 10**9 canaries grew past 4 GB and died in the allocator
-    with pytest.raises(CanaryAuditError, match=r"\[4, 100,000\] \(--canaries\)"):
+    with pytest.raises(CanaryAuditError, match=r"\[4, 100,000\] \(the count= argument\)"):
         make_canaries("noise", 10**9, 0)
+    with pytest.raises(CanaryAuditError, match=r"\[4, 100,000\] \(--canaries\)"):
+        make_canaries("noise", 10**9, 0, count_option="--canaries")
     wide = (torch.zeros(2, 3, 512, 512), torch.zeros(2, dtype=torch.long))
     with pytest.raises(CanaryAuditError, match="limit 268,435,456"):
         make_canaries("noise", 1000, 0, like=wide)
@@ -189,6 +191,17 @@ def test_canary_audit_argument_errors():
     for seed in (None, 1.5, "0", True):
         with pytest.raises(CanaryAuditError, match="seed must be an integer"):
             run_canary_audit(cfg, seed=seed)
+    # a Python caller is told its argument, not the CLI's flag (--canaries)
+    with pytest.raises(CanaryAuditError, match=r"\(the num_canaries= argument\), got 2$"):
+        run_canary_audit(cfg, num_canaries=2)
+
+
+def test_cli_canary_errors_name_its_flags(tmp_path, capsys):
+    from secure_fedora.cli import main
+
+    run = canary_run_dir(tmp_path)
+    assert main(["audit", "canary", str(run), "--canaries", "2"]) == 2
+    assert "(--canaries), got 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, match", [

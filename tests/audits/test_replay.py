@@ -138,8 +138,13 @@ def test_the_default_record_count_fits_a_client_smaller_than_it(tmp_path, capsys
     assert main(["audit", "replay", str(run)]) == 1
     assert json.loads((run / "audit" / "replay.json").read_text())["verdict"] == "refuted"
     assert run_replay_audit(run, trials=20).correct == 20  # every membership bit recovered
-    with pytest.raises(ReplayAuditError, match=r"records must be in \[1, 30\) \(--records"):
+    # the Python API names its argument, the CLI its flag
+    with pytest.raises(ReplayAuditError,
+                       match=r"records must be in \[1, 30\) \(the records= argument;"):
         run_replay_audit(run, trials=20, records=30)
+    capsys.readouterr()
+    assert main(["audit", "replay", str(run), "--records", "30"]) == 2
+    assert "records must be in [1, 30) (--records;" in capsys.readouterr().err
 
 
 def test_a_run_directory_cannot_supply_code_to_its_auditor(tmp_path, monkeypatch, capsys):

@@ -985,3 +985,31 @@ def test_a_leftover_ledger_creation_is_noted_not_verified_as_a_method(run_copy, 
         assert [f.check for f in report.errors] == ["interrupted_creation"]
     coverage = [f.message for f in report.warnings if f.check == "coverage"]
     assert coverage and ".fedora" not in coverage[0]
+
+
+def test_findings_name_the_callers_arguments_in_python_and_flags_on_the_cli(
+        run_copy, tmp_path, capsys):
+    """verify_run's findings and check_anchor's error told a Python caller to pass --anchor
+    and --allowlist, the CLI's flags; they now name the anchor= and allowlist= arguments,
+    and `audit verify` still names its flags."""
+    from audits.cli import main
+    from audits.options import CLI_AUDIT_OPTIONS
+    from audits.verify import check_anchor
+
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run_copy / "anchor.json", kept)
+    (run_copy / "anchor.json").unlink()
+    text = " ".join(f.message for f in verify_run(run_copy).findings)
+    assert "pass the copy kept apart (the anchor= argument;" in text
+    assert "(the allowlist= argument) to rule out a re-signed ledger" in text
+    assert "--anchor" not in text and "--allowlist" not in text
+    assert main(["audit", "verify", str(run_copy)]) == 1
+    out = capsys.readouterr().out
+    assert "pass the copy kept apart (--anchor;" in out
+    assert "(--allowlist) to rule out a re-signed ledger" in out
+    shutil.rmtree(run_copy / "ledgers" / "local")  # three ledgers missing: one error and more
+    with pytest.raises(AuditError, match=r"\(\+2 more; verify_run\(run_dir, anchor=\.\.\.\) "
+                                         r"lists all\)$"):
+        check_anchor(run_copy, kept)
+    with pytest.raises(AuditError, match=r"\(\+2 more; run `audit verify --anchor` for all\)$"):
+        check_anchor(run_copy, kept, options=CLI_AUDIT_OPTIONS)

@@ -343,6 +343,12 @@ def test_an_evaluation_part_without_members_or_non_members_is_not_measurable(tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: not measurable") and f"no {absent} canary" in err
     assert "\n" not in err and not (run / "audit" / "whitebox.json").exists()
+    assert err.endswith("use more canaries (--canaries) or another seed (--seed)")
+    # the Python API names its arguments
+    with pytest.raises(WhiteboxAuditError, match=r"use more canaries \(the num_canaries= "
+                                                 r"argument\) or another seed \(the seed= "
+                                                 r"argument\)$"):
+        whitebox.audit_run_dir(run, num_canaries=10, seed=seed)
 
 
 @pytest.mark.parametrize("seed", [None, 1.5, "0", True])

@@ -1,0 +1,25 @@
+"""How audit errors and findings name the caller's choices: the ``secure-fedora audit`` flags
+on the command line, the audit functions' arguments in Python (the default), as key-store
+errors name ``--keystore`` or ``keystore=``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+__all__ = ["API_AUDIT_OPTIONS", "CLI_AUDIT_OPTIONS"]
+
+#: What the ``audit`` commands' errors name: their flags.
+CLI_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
+    "records": "--records",
+    "num_canaries": "--canaries",
+    "seed": "--seed",
+    "anchor": "--anchor",
+    "allowlist": "--allowlist",
+    "verify_anchor": "run `audit verify --anchor` for all",
+})
+#: What the audit functions' errors name by default: their arguments.
+API_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
+    **{key: f"the {key}= argument" for key in CLI_AUDIT_OPTIONS if key != "verify_anchor"},
+    "verify_anchor": "verify_run(run_dir, anchor=...) lists all",
+})
