@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -790,13 +791,19 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         with an exchange, every client's last accepted download of each tracked kind, the
         server's last accepted upload rows where a client's own row differs and the signed
         messages' record so far (rejections and traffic, which a resumed run continues). A
-        server state key among :attr:`checkpoint_fields` is a :class:`ContractError`."""
+        server state key among :attr:`checkpoint_fields`, or a server state value the resume
+        could not load (not a tensor or plain value), is a :class:`ContractError`."""
         server = self.server_state_dict()
         clash = sorted(str(key) for key in server if key in self.checkpoint_fields)
         if clash:
             raise ContractError(f"method {self._label()!r}: server_state_dict key(s) {clash} are "
                                 "fields the in-process checkpoint writes itself "
                                 f"({sorted(self.checkpoint_fields)}); rename them")
+        found = _unloadable(server, "server_state_dict()")
+        if found is not None:
+            raise ContractError(f"method {self._label()!r}: {found[0]} holds a {found[1]}, "
+                                "which a checkpoint cannot load back (tensors and plain "
+                                "values only)")
         state = {KIND_THETA: self.theta, **server}
         client_fields = self._client_state_fields()
         if client_fields:
@@ -915,6 +922,32 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         extra = self._with_security(self.finalize())
         engine = self.training_engine_results()
         return {**extra, "training_engine": engine} if engine else extra
+
+
+# What a checkpoint's safe loader (torch.load with weights_only) reads back: other values
+# (a numpy array or scalar, a Path, a frozenset, a named tuple, ...) are written but refused
+# on resume, so a run could not be resumed.
+_PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
+                 torch.Size)
+_PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple, set)
+
+
+def _unloadable(value: Any, where: str) -> tuple[str, str] | None:
+    """The first place in ``value`` (its path from ``where``, its type's name) that a
+    checkpoint cannot load back; None when every part is a tensor or a plain value."""
+    kind = type(value)
+    if kind in (Tensor, torch.nn.Parameter) or kind in _PLAIN_LEAVES:
+        return None
+    if kind in _PLAIN_CONTAINERS:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, dict) and type(key) not in _PLAIN_LEAVES:
+                return f"{where} (a key)", type(key).__name__
+            found = _unloadable(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    return where, kind.__name__
 
 
 def _load_matrix(target: Tensor, value: Any, name: str) -> None:

@@ -4,12 +4,14 @@ privacy plan and the admission follow each method's declared releases."""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -691,3 +693,39 @@ def test_a_client_state_field_only_some_clients_hold_survives_an_in_process_resu
                     torch.tensor([0.0, 2.0])):
         with pytest.raises(ValueError, match="'client_states' must hold one tensor per client"):
             fresh.load_state_dict({**state, "client_state_holders": {"count": holders}})
+
+
+@pytest.mark.parametrize(("value", "where", "kind"), [
+    (np.array([1.0]), "['x']", "ndarray"),
+    (np.float64(0.5), "['x']", "float64"),
+    ({"nested": [1, Path("p")]}, "['x']['nested'][1]", "PosixPath"),
+    (frozenset({1}), "['x']", "frozenset"),
+    ({np.int64(1): 1.0}, "['x'] (a key)", "int64"),
+])
+def test_a_server_state_the_resume_cannot_load_is_a_contract_error(tmp_path, value, where, kind):
+    """A server state value the checkpoint's safe loader refuses (a numpy array or scalar, a
+    Path, ...) was written, and the resume then refused the checkpoint as 'corrupt or holds
+    objects other than tensors and plain values': the run could not be resumed. It is refused
+    when the checkpoint is written, naming the method and where the value is."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.runtimes.inprocess import load_checkpoint, save_checkpoint
+
+    class Keeping(_Remembering):
+        extra: object = None
+
+        def server_state_dict(self):  # type: ignore[no-untyped-def]
+            return {**super().server_state_dict(), "x": self.extra}
+
+    cfg = _config("fedavg")
+    method = Keeping(build_context(cfg, build_clients(cfg)))
+    method.extra = value
+    with pytest.raises(ContractError, match=rf"^method 'fedavg': server_state_dict\(\)"
+                                            rf"{re.escape(where)} holds a {kind}, which a "
+                                            "checkpoint cannot load back"):
+        method.state_dict()
+    # what it accepts, the resume loads
+    method.extra = {"a": [1, 2.5, "s", None, (True, b"b")], 3: {torch.float64, 1 + 2j},
+                    "t": torch.ones(2)}
+    save_checkpoint(tmp_path / "c.pt", {"round": 1, "method": method.state_dict()})
+    loaded = load_checkpoint(tmp_path / "c.pt")["method"]["x"]
+    assert loaded["a"] == method.extra["a"] and torch.equal(loaded["t"], torch.ones(2))
