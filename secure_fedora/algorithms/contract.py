@@ -54,7 +54,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
            "check_data_facts", "data_checked",
-           "check_eval_row", "check_round_statistics", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
+           "check_eval_row", "check_round_statistics", "check_finalize_results", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
@@ -80,6 +80,11 @@ RUNTIME_ROUND_COLUMNS = frozenset({
     "method", "round", "participants", "replied", "seconds", "timing", "test_mean", "test_min",
     "test_max", "test_std", "val_mean", "selected_mean", "selected_round", "evaluated",
     "evaluation_timing"})
+
+#: Entries of a method's results.json ``extra`` that the in-process runtime writes itself
+#: (the signed messages' record, the training engine's counts); ``server_finalize`` may not
+#: return these names, in either runtime.
+RUNTIME_EXTRA_KEYS = frozenset({"security", "training_engine"})
 
 #: Tensor dtypes a payload may carry (what the methods send: parameter rows and matrices,
 #: counts, flags, serialized ciphertext bytes). Not bfloat16: the Flower runtime moves
@@ -608,6 +613,20 @@ def check_round_statistics(method: str, rnd: int, stats: Any) -> dict[str, float
                                 f"finite number, got {value!r}")
         out[key] = float(value)
     return out
+
+
+def check_finalize_results(method: str, results: Any) -> dict[str, Any]:
+    """``server_finalize``'s results (results.json's ``extra``) as a dict;
+    :class:`ContractError` unless it is a dict whose keys avoid :data:`RUNTIME_EXTRA_KEYS`
+    (in process such a key was replaced by the runtime's own entry, silently)."""
+    if not isinstance(results, Mapping):
+        raise ContractError(f"method {method!r}: server_finalize must return a dict of "
+                            f"results, got {type(results).__name__}")
+    clash = sorted(str(k) for k in results if k in RUNTIME_EXTRA_KEYS)
+    if clash:
+        raise ContractError(f"method {method!r}: server_finalize result(s) {clash} would "
+                            "overwrite the runtime's own entries of those names; rename them")
+    return dict(results)
 
 
 def check_setup_steps(method: str, privacy: Any, clients: Sequence[int]) -> None:

@@ -58,6 +58,7 @@ from secure_fedora.algorithms.contract import (
     Payload,
     ReleaseSpec,
     check_eval_row,
+    check_finalize_results,
     check_messages,
     check_setup_steps,
     client_half,
@@ -595,7 +596,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
 
     def finalize(self) -> dict[str, Any]:
         """Run the finalize exchange (downloads through the exchange, for its last round)
-        and return :meth:`server_finalize`'s results; the messages are checked
+        and return :meth:`server_finalize`'s results (:func:`check_finalize_results`); the
+        messages are checked
         (:func:`check_messages`) before any is sent. As on Flower, where the method's
         finalize needs every client's reply, a client that rejects its message is sent it
         once more (fresh envelopes); one that rejects it again stops the run with a
@@ -625,7 +627,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         if self.reply_rules is not None:
             replies = self.reply_rules.check_replies(FINALIZE, self.last_round, replies, messages,
                                                      self.reply_schema)
-        return self.server_finalize(replies)
+        return check_finalize_results(label, self.server_finalize(replies))
 
     def _round_envelopes(self) -> bool:
         """Whether the generic exchange envelopes this method's messages and replies (a

@@ -86,6 +86,7 @@ from secure_fedora.algorithms.contract import (
     Payload,
     ReplySchema,
     check_data_facts,
+    check_finalize_results,
     check_messages,
     check_model_sizes,
     data_checked,
@@ -1223,7 +1224,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                                server.settings.round_timeout)
         final_payloads = replies.payloads
         server.timings.setdefault(name, {})["finalize"] = replies.timing.to_json()
-    extra = algorithm.server_finalize(final_payloads)
+    extra = check_finalize_results(name, algorithm.server_finalize(final_payloads))
     server.history.extend(run.history)
     if server.relatedness is None:
         server.relatedness = relatedness_matrix([algorithm])

@@ -729,3 +729,28 @@ def test_a_server_state_the_resume_cannot_load_is_a_contract_error(tmp_path, val
     save_checkpoint(tmp_path / "c.pt", {"round": 1, "method": method.state_dict()})
     loaded = load_checkpoint(tmp_path / "c.pt")["method"]["x"]
     assert loaded["a"] == method.extra["a"] and torch.equal(loaded["t"], torch.ones(2))
+
+
+def test_a_finalize_result_named_like_the_runtimes_own_entry_is_a_contract_error(tmp_path):
+    """In process a method's results.json extra takes the signed messages' record
+    ('security') and the engine counts ('training_engine') after server_finalize's results,
+    so a plug-in's result of either name was silently replaced (on Flower it was kept). Both
+    runtimes now refuse it, naming the method and the key."""
+    from secure_fedora.algorithms.contract import ContractError, check_finalize_results
+
+    class Clashing(_Remembering):
+        def server_finalize(self, replies):  # type: ignore[no-untyped-def]
+            return {**super().server_finalize(replies), "security": "mine"}
+
+    name = "clashing_x"
+    METHODS.register(name, Clashing)
+    try:
+        cfg = _config(name, security={"envelopes": True}, training={"rounds": 1})
+        with pytest.raises(ContractError, match=rf"^method '{name}': server_finalize result\(s\) "
+                                                r"\['security'\] would overwrite"):
+            Simulation(cfg, tmp_path / "run", clients=build_clients(cfg)).run()
+    finally:
+        METHODS.unregister(name)
+    with pytest.raises(ContractError, match="must return a dict of results, got NoneType"):
+        check_finalize_results("m", None)
+    assert check_finalize_results("m", {"count": [1.0]}) == {"count": [1.0]}
