@@ -943,8 +943,9 @@ def _unloadable(value: Any, where: str) -> tuple[str, str] | None:
     if kind in _PLAIN_CONTAINERS:
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            if isinstance(value, dict) and type(key) not in _PLAIN_LEAVES:
-                return f"{where} (a key)", type(key).__name__
+            found = _unloadable(key, f"{where} (a key)") if isinstance(value, dict) else None
+            if found is not None:
+                return f"{where} (a key)", found[1]
             found = _unloadable(item, f"{where}[{key!r}]")
             if found is not None:
                 return found

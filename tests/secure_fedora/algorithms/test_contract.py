@@ -725,7 +725,7 @@ def test_a_server_state_the_resume_cannot_load_is_a_contract_error(tmp_path, val
         method.state_dict()
     # what it accepts, the resume loads
     method.extra = {"a": [1, 2.5, "s", None, (True, b"b")], 3: {torch.float64, 1 + 2j},
-                    "t": torch.ones(2)}
+                    "t": torch.ones(2), ("k", 1): 0}
     save_checkpoint(tmp_path / "c.pt", {"round": 1, "method": method.state_dict()})
     loaded = load_checkpoint(tmp_path / "c.pt")["method"]["x"]
     assert loaded["a"] == method.extra["a"] and torch.equal(loaded["t"], torch.ones(2))
