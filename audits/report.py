@@ -232,12 +232,16 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
 
     Guarantee: every figure is a finite float or None (a non-numeric value in results.json
     is shown as missing, never passed to the plot); ``stale`` lists each client whose
-    selected metric is from an earlier round than the selected one (``stale_clients``)."""
+    selected metric is from an earlier round than the selected one (``selected.stale_clients``)
+    and ``final_stale`` each client whose final metric is from an earlier round than the
+    method's last (``final.stale_clients``)."""
     metric = str(results.get("metric", "accuracy")) if isinstance(results, dict) else "accuracy"
     if not results or not isinstance(results.get("methods"), dict):
-        return {"metric": metric, "methods": [], "per_client": [], "stale": []}
+        return {"metric": metric, "methods": [], "per_client": [], "stale": [],
+                "final_stale": []}
     methods = []
     stale: list[dict[str, Any]] = []
+    final_stale: list[dict[str, Any]] = []
     per_client: dict[int, dict[str, Any]] = {}
     for name, body in results["methods"].items():
         sel = body.get("selected") if isinstance(body, dict) else None
@@ -251,9 +255,15 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
         stale.extend({"method": name, "client": e.get("client"), "round": e.get("round"),
                       "selected_round": sel.get("round")}
                      for e in _list(sel.get("stale_clients")) if isinstance(e, dict))
+        final = body.get("final")
+        if isinstance(final, dict):
+            final_stale.extend({"method": name, "client": e.get("client"),
+                                "round": e.get("round"), "final_round": body.get("rounds")}
+                               for e in _list(final.get("stale_clients")) if isinstance(e, dict))
     ids = client_ids(len(per_client))
     rows = [{**per_client[i], "client_id": ids[i]} for i in sorted(per_client)]
-    return {"metric": metric, "methods": methods, "per_client": rows, "stale": stale}
+    return {"metric": metric, "methods": methods, "per_client": rows, "stale": stale,
+            "final_stale": final_stale}
 
 
 def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
@@ -785,6 +795,13 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             parts.append(f"<p class=\"warn\">{_e(st['method'])}: client {_e(st['client'])}'s "
                          f"{_e(metric_name)} {source}, not the selected round "
                          f"{_e(st['selected_round'])}'s (it missed that round's "
+                         "evaluation).</p>")
+        for st in acc.get("final_stale", []):
+            source = ("is a placeholder 0 (no figure yet)" if st["round"] is None
+                      else f"is from round {_e(st['round'])}")
+            parts.append(f"<p class=\"warn\">{_e(st['method'])}: client {_e(st['client'])}'s "
+                         f"final {_e(metric_name)} {source}, not the last round "
+                         f"{_e(st['final_round'])}'s (it missed that round's "
                          "evaluation).</p>")
         if plots.get("accuracy"):
             parts.append(f"<img alt=\"per-client {_e(metric_name)}\" "

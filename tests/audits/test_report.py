@@ -482,6 +482,28 @@ def test_a_stale_selected_metric_is_named_in_the_report(run_copy, tmp_path):
             f"selected round {selected['round']}'s") in paths.html.read_text()
 
 
+def test_a_stale_final_metric_is_named_in_the_report(run_copy, tmp_path):
+    """results.json names a client whose final metric is from an earlier round under
+    final.stale_clients: the report showed only the selected round's stale clients, so a
+    final figure of round 3 passed as the last round's without a word."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    body = doc["methods"]["local"]
+    body["final"] = {**body["selected"], "stale_clients": [
+        {"client": 2, "round": body["rounds"] - 1}, {"client": 0, "round": None}]}
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    accuracy = json.loads(paths.json.read_text())["accuracy"]
+    assert accuracy["stale"] == []
+    assert accuracy["final_stale"] == [
+        {"method": "local", "client": 2, "round": body["rounds"] - 1,
+         "final_round": body["rounds"]},
+        {"method": "local", "client": 0, "round": None, "final_round": body["rounds"]}]
+    page = paths.html.read_text()
+    assert (f"local: client 2's final accuracy is from round {body['rounds'] - 1}, not the "
+            f"last round {body['rounds']}'s") in page
+    assert "local: client 0's final accuracy is a placeholder 0 (no figure yet)" in page
+
+
 @pytest.mark.parametrize("where", ["run_dir", "out_dir"])
 @pytest.mark.parametrize("path, why", [("", "is empty: name a directory"),
                                        ("  ", "is empty: name a directory"),
