@@ -110,8 +110,10 @@ __all__ = [
     "MAX_ABS_VALUE",
     "MAX_VECTOR_NORM",
     "MAX_WEIGHT_L1",
+    "HE_STANDARD_MAX_COEFF_BITS",
     "check_inner_product_upload",
     "context_from_bytes",
+    "context_parameters",
     "context_to_bytes",
     "create_secret_context",
     "decrypt_inner_product_rows",
@@ -120,6 +122,7 @@ __all__ = [
     "check_decrypted",
     "encrypt_rows",
     "encrypt_vector",
+    "he_standard_security",
     "inner_product_rows",
     "open_secret_context",
     "public_context",
@@ -165,6 +168,53 @@ class CkksParameters:
 
 
 DEFAULT_PARAMETERS = CkksParameters()
+
+#: The HE security standard's bound (Albrecht et al., homomorphicencryption.org, 2018; the
+#: table SEAL enforces): per security level in bits and ring degree, the most total
+#: coefficient-modulus bits that keep that level against classical attacks on a ternary
+#: secret (SEAL's secret distribution).
+HE_STANDARD_MAX_COEFF_BITS: dict[int, dict[int, int]] = {
+    128: {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881},
+    192: {1024: 19, 2048: 37, 4096: 75, 8192: 152, 16384: 305, 32768: 611},
+    256: {1024: 14, 2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
+}
+
+#: What :func:`he_standard_security`'s level assumes, for results and reports.
+HE_STANDARD_BASIS = ("HE security standard (homomorphicencryption.org, 2018; classical "
+                     "attacks, ternary secret)")
+
+
+def he_standard_security(poly_modulus_degree: Any, coeff_modulus_bits: Any) -> int | None:
+    """The highest security level (128, 192 or 256 bits) the HE standard's table gives a ring
+    of ``poly_modulus_degree`` with ``coeff_modulus_bits`` total coefficient-modulus bits;
+    None for a degree the table lacks, more bits than its 128-bit bound, or non-integers
+    (never a guess)."""
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+           for v in (poly_modulus_degree, coeff_modulus_bits)):
+        return None
+    levels = [level for level, bounds in HE_STANDARD_MAX_COEFF_BITS.items()
+              if coeff_modulus_bits <= bounds.get(poly_modulus_degree, 0)]
+    return max(levels, default=None)
+
+
+def context_parameters(ctx: ts.Context) -> dict[str, Any]:
+    """The CKKS parameters ``ctx`` was built with, read from the context itself: ring degree,
+    coefficient-modulus bit sizes and their total, the global scale (and its log2) and the
+    security level :func:`he_standard_security` gives them ("unknown" when it gives none)."""
+    parms = ctx.data.seal_context().key_context_data().parms()
+    degree = int(parms.poly_modulus_degree())
+    bits = [int(m.bit_count()) for m in parms.coeff_modulus()]
+    scale = float(ctx.global_scale)
+    level = he_standard_security(degree, sum(bits))
+    return {
+        "poly_modulus_degree": degree,
+        "coeff_mod_bit_sizes": bits,
+        "coeff_modulus_bits": sum(bits),
+        "global_scale": scale,
+        "global_scale_bits": math.log2(scale) if scale > 0 else None,
+        "security_level": "unknown" if level is None else f"{level}-bit",
+        "security_basis": HE_STANDARD_BASIS,
+    }
 
 
 # --------------------------------------------------------------------------------------

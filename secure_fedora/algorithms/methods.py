@@ -1787,8 +1787,9 @@ class Fedora(FedoraChecks, FederatedMethod):
 
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
         """The relatedness mode, every client's graph neighbours, the propagation operator
-        used (``auto`` resolved; its error bound: 0 when exact) and ``max_pull`` when the
-        pull was bounded, a departure from the paper's rule."""
+        used (``auto`` resolved; its error bound: 0 when exact), ``max_pull`` when the
+        pull was bounded, a departure from the paper's rule, and with encrypted steps their
+        ``ckks_parameters`` (:meth:`ckks_parameters`)."""
         assert self.relatedness is not None
         operator = self.relatedness.operator
         propagation: dict[str, Any] = {
@@ -1805,7 +1806,31 @@ class Fedora(FedoraChecks, FederatedMethod):
         }
         if self.max_pull is not None:
             out["max_pull"] = self.max_pull
+        parameters = self.ckks_parameters()
+        if parameters:
+            out["ckks_parameters"] = parameters
         return out
+
+    def ckks_parameters(self) -> dict[str, Any]:
+        """The CKKS parameters of the contexts this run's encrypted steps were computed with,
+        by step (``relatedness``, ``propagation``), as their backend reported them from the
+        context it built (nothing for a step in the clear or a backend that reports none)."""
+        out: dict[str, Any] = {}
+        assert self.relatedness is not None
+        if self.relatedness.details.get("ckks_parameters"):
+            out["relatedness"] = dict(self.relatedness.details["ckks_parameters"])
+        if getattr(self.propagator, "ckks_parameters", None):
+            out["propagation"] = dict(self.propagator.ckks_parameters)
+        return out
+
+    @classmethod
+    def derived_assumptions(cls, name: str, outcome: Mapping[str, Any],
+                            cfg: Any) -> dict[str, Any]:
+        """``ckks_parameters``: the parameters the run's encrypted steps used (the outcome's
+        ``extra.ckks_parameters``, read from the contexts built), beside ``ckks_keys``."""
+        extra = outcome.get("extra")
+        parameters = extra.get("ckks_parameters") if isinstance(extra, Mapping) else None
+        return {"ckks_parameters": parameters} if parameters else {}
 
 
 def _absorb(matrix: Tensor, replies: Mapping[int, Payload], key: str) -> None:
@@ -1823,7 +1848,8 @@ def encrypted_relatedness(backend: EncryptionBackend, summaries: Tensor, transpo
     ciphertexts and sees only the decrypted q x q blocks) and their details (traffic,
     timings; with a signed ``transport`` the excluded clients). Without a transport each
     client's encryption stage runs in ``releases``' pipeline (the clients' privacy state
-    under DP)."""
+    under DP). ``ckks_parameters``: those of the context the backend computed with, where it
+    reports them (:func:`privacy.ckks.context_parameters`)."""
     result = backend.encrypted_overlaps(summaries, transport, releases)
     details: dict[str, Any] = {
         "client_bytes_sent": result.client_bytes_sent,
@@ -1831,6 +1857,9 @@ def encrypted_relatedness(backend: EncryptionBackend, summaries: Tensor, transpo
         "released_bytes": result.released_bytes,
         "timings": result.timings,
     }
+    parameters = getattr(result, "ckks_parameters", None)
+    if parameters:
+        details["ckks_parameters"] = dict(parameters)
     if transport is not None:
         details.update(_exclusion_details(result.excluded, result.rejections, transport))
     return result.overlaps, details

@@ -60,6 +60,7 @@ from privacy.ckks import (
     Encryption,
     check_decrypted,
     context_from_bytes,
+    context_parameters,
     context_to_bytes,
     create_secret_context,
     open_secret_context,
@@ -348,6 +349,8 @@ class EncryptedPropagator:
             key_holder_ctx, client_ctx = self._ceremony(num_clients, identities)
         server_bytes = public_context_bytes(key_holder_ctx, galois_keys=False, relin_keys=False)
         self.server = PropagationServer(server_bytes)
+        #: The server context's CKKS parameters (:func:`privacy.ckks.context_parameters`).
+        self.ckks_parameters = context_parameters(self.server.context)
         # Every in-process client opened the same keys; one client object serves them all.
         self.client = PropagationClient(client_ctx, encryption)
         self.stats.server_context_bytes = len(server_bytes)

@@ -57,6 +57,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import tenseal as ts
 import torch
@@ -71,6 +72,7 @@ from privacy.ckks import (
     InnerProductUpload,
     check_inner_product_upload,
     context_from_bytes,
+    context_parameters,
     context_to_bytes,
     create_secret_context,
     decrypt_inner_product_rows,
@@ -445,6 +447,8 @@ class EncryptedOverlaps:
     With envelopes the byte counts are those of the signed messages, ``accepted`` lists the
     clients whose uploads the server used and ``rejections`` the dropped uploads; the
     overlaps of an excluded client (a client not in ``accepted``) are zero.
+    ``ckks_parameters`` are those of the server's context the rows were computed with
+    (:func:`privacy.ckks.context_parameters`).
     """
 
     overlaps: Tensor
@@ -456,6 +460,7 @@ class EncryptedOverlaps:
     timings: dict[str, float] = field(default_factory=dict)
     accepted: list[int] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    ckks_parameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def excluded(self) -> list[int]:
@@ -763,6 +768,7 @@ def _run(
         timings=clock.finish(),
         accepted=sorted(uploads),
         rejections=sorted(link.rejections, key=lambda r: r.client),
+        ckks_parameters=context_parameters(cer.server_context),
     )
     return gram, result, wanted
 

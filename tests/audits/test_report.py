@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -502,6 +503,52 @@ def test_a_stale_final_metric_is_named_in_the_report(run_copy, tmp_path):
     assert (f"local: client 2's final accuracy is from round {body['rounds'] - 1}, not the "
             f"last round {body['rounds']}'s") in page
     assert "local: client 0's final accuracy is a placeholder 0 (no figure yet)" in page
+
+
+def _ckks(degree, bits, level):
+    return {"poly_modulus_degree": degree, "coeff_mod_bit_sizes": bits,
+            "coeff_modulus_bits": sum(bits), "global_scale": 2.0**40, "global_scale_bits": 40.0,
+            "security_level": level}
+
+
+@pytest.mark.parametrize("parameters, shown", [
+    ({"relatedness": _ckks(8192, [60, 40, 40, 60], "128-bit")},
+     ["CKKS parameters (relatedness): polynomial modulus degree 8192, coefficient modulus 60 +"
+      " 40 + 40 + 60 = 200 bits, global scale 2^40: 128-bit security per the HE security"
+      " standard (homomorphicencryption.org, 2018; classical attacks, ternary secret)."]),
+    ({"relatedness": _ckks(8192, [60, 40, 40, 60], "256-bit"),
+      "propagation": _ckks(8192, [60, 60, 60, 60], "128-bit")},
+     ["CKKS parameters (relatedness): polynomial modulus degree 8192, coefficient modulus 60 +"
+      " 40 + 40 + 60 = 200 bits, global scale 2^40: 128-bit security per the HE security"
+      " standard (homomorphicencryption.org, 2018; classical attacks, ternary secret)"
+      " (results.json states '256-bit', which these parameters do not give).",
+      "CKKS parameters (propagation): polynomial modulus degree 8192, coefficient modulus 60 +"
+      " 60 + 60 + 60 = 240 bits, global scale 2^40: security level unknown (the HE security"
+      " standard's table gives no level for these parameters) (results.json states '128-bit',"
+      " which these parameters do not give)."]),
+    ({"relatedness": _ckks(12000, [50, 50], "unknown")},
+     ["CKKS parameters (relatedness): polynomial modulus degree 12000, coefficient modulus 50 +"
+      " 50 = 100 bits, global scale 2^40: security level unknown (the HE security standard's"
+      " table gives no level for these parameters)."]),
+    (None, ["CKKS parameters: not recorded in results.json, so no security level can be"
+            " stated for the encryption."]),
+], ids=["default", "overstated", "unknown-degree", "missing"])
+def test_the_report_states_the_ckks_parameters_and_only_the_level_they_give(
+        run_copy, tmp_path, parameters, shown):
+    """An encrypted run's results.json states who holds the CKKS keys; the report did not say
+    which parameters the encryption used nor what security they give. It now names them and
+    the HE standard's level recomputed from the degree and coefficient bits (never a level
+    results.json claims beyond it; "unknown" off the table)."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["assumptions"]["relatedness"] = "noised+encrypted"
+    if parameters is not None:
+        doc["assumptions"]["ckks_parameters"] = parameters
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    notes = json.loads(paths.json.read_text())["assumptions"]["notes"]
+    assert [n for n in notes if n.startswith("CKKS parameters")] == shown
+    page = paths.html.read_text()
+    assert all(html.escape(line, quote=True) in page for line in shown)
 
 
 @pytest.mark.parametrize("where", ["run_dir", "out_dir"])

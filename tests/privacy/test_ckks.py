@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import tenseal as ts
+import tenseal.sealapi as sealapi
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -365,3 +366,34 @@ def test_decrypting_under_another_key_is_an_error_not_garbage(secret, server, pl
     assert torch.allclose(decrypt_vector(secret, out[0]), theta[0], atol=1e-5)
     with pytest.raises(CkksError, match="decrypted values reach .* another key"):
         decrypt_vector(other, out[0])
+
+
+def test_he_standard_security_is_seals_table_and_says_unknown_beyond_it():
+    """The level results.json states for CKKS parameters is the HE standard's (the table SEAL
+    enforces), the highest one their total coefficient bits allow; none where the table gives
+    none (an unknown degree, more bits than the 128-bit bound, not integers)."""
+    levels = {128: sealapi.SEC_LEVEL_TYPE.TC128, 192: sealapi.SEC_LEVEL_TYPE.TC192,
+              256: sealapi.SEC_LEVEL_TYPE.TC256}
+    for level, bounds in ckks.HE_STANDARD_MAX_COEFF_BITS.items():
+        for degree, bits in bounds.items():
+            assert sealapi.CoeffModulus.MaxBitCount(degree, levels[level]) == bits
+    assert ckks.he_standard_security(8192, 200) == 128
+    assert ckks.he_standard_security(8192, 152) == 192
+    assert ckks.he_standard_security(8192, 118) == 256
+    assert ckks.he_standard_security(8192, 219) is None
+    assert ckks.he_standard_security(8000, 100) is None
+    assert ckks.he_standard_security(True, 100) is None
+    assert ckks.he_standard_security(8192, 200.0) is None
+
+
+def test_context_parameters_are_read_from_the_context_built():
+    """Not the defaults: a context of other parameters reports its own, and the level they
+    give (16384 / 240 bits: 192-bit)."""
+    params = ckks.CkksParameters(16384, (60, 40, 40, 40, 60), 40)
+    ctx = ckks.create_secret_context(params, galois_keys=False)
+    got = ckks.context_parameters(ctx)
+    assert got == {"poly_modulus_degree": 16384, "coeff_mod_bit_sizes": [60, 40, 40, 40, 60],
+                   "coeff_modulus_bits": 240, "global_scale": 2.0**40, "global_scale_bits": 40.0,
+                   "security_level": "192-bit", "security_basis": ckks.HE_STANDARD_BASIS}
+    server = ckks.public_context(ckks.create_secret_context(galois_keys=False), galois_keys=False)
+    assert ckks.context_parameters(server)["security_level"] == "128-bit"

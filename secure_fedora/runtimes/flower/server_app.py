@@ -74,7 +74,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
-from privacy.ckks import InnerProductUpload
+from privacy.ckks import InnerProductUpload, context_parameters
 from privacy.envelope import Envelope, EnvelopeError
 from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import (
@@ -691,6 +691,7 @@ def _encrypted_overlaps(
     details["public_context_bytes"] = len(public)
     details["sealed_context_bytes"] = len(sealed[0])
     details["server_context_has_secret_key"] = bool(server.ckks_context.has_secret_key())
+    details["ckks_parameters"] = context_parameters(server.ckks_context)
 
     # (b) every client's encrypted summary, its sealed context forwarded to it; a client
     # without an accepted upload is asked once more (it re-encrypts its saved summary: under
@@ -772,7 +773,8 @@ def _ckks_overlaps(grid: Grid, server: _Server) -> dict[str, Any]:
     overlap blocks by the key holder. Result: ``{"overlaps": (N, N, q, q), "details": ...}``."""
     n = server.cfg.data.num_clients
     overlaps = _encrypted_overlaps(grid, server, server.nodes, torch.zeros(n), torch.zeros(n))
-    return {"overlaps": overlaps, "details": {}}
+    return {"overlaps": overlaps,
+            "details": {"ckks_parameters": server.relatedness_details["ckks_parameters"]}}
 
 
 #: Setup ceremonies the Flower runtime implements, by the name a method's

@@ -208,3 +208,37 @@ def test_enveloped_summaries_give_the_same_graph_and_a_forged_one_excludes_the_c
     m_local = sim.methods["local"]
     assert torch.equal(m.theta[3], m_local.theta[3])
     assert torch.equal(m.phi[3], m.theta[3])
+
+
+def test_results_state_the_ckks_parameters_of_the_contexts_the_run_built(tmp_path, monkeypatch):
+    """results.json stated who holds the CKKS keys but not the parameters the encryption's
+    security rests on: it now records, per encrypted step, those read from the context the
+    run built (ring degree, coefficient moduli, scale) and the HE standard's level for them,
+    and the audit report shows them."""
+    from audits.report import build_report
+    from privacy import ckks
+
+    built = []
+    make = ckks.create_secret_context
+
+    def spy(*args, **kwargs):
+        built.append(make(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr("secure_fedora.secure.relatedness.create_secret_context", spy)
+    monkeypatch.setattr("secure_fedora.secure.encrypted_propagation.create_secret_context", spy)
+    cfg = config("encrypted", data={"num_clients": 3, "groups": 1}, training={"rounds": 1},
+                 fedora={"propagation": "encrypted", "k": 1})
+    results = Simulation(cfg, tmp_path / "run").run()
+    stated = results["assumptions"]["ckks_parameters"]
+    assert len(built) == 2 and set(stated) == {"relatedness", "propagation"}
+    # the propagator's keys are made when the method is built, the relatedness's in setup
+    for params, ctx in zip((stated["propagation"], stated["relatedness"]), built, strict=True):
+        assert params == ckks.context_parameters(ctx)
+        assert params["poly_modulus_degree"] == 8192 and params["coeff_modulus_bits"] == 200
+        assert params["security_level"] == "128-bit"
+    assert results["methods"]["fedora"]["extra"]["ckks_parameters"] == stated
+    notes = build_report(tmp_path / "run")["assumptions"]["notes"]
+    assert ("CKKS parameters (propagation): polynomial modulus degree 8192, coefficient modulus "
+            "60 + 40 + 40 + 60 = 200 bits, global scale 2^40: 128-bit security per the HE "
+            "security standard") in " ".join(notes)

@@ -416,6 +416,12 @@ def test_grid_encrypted_run_equals_in_process_encrypted_run(tmp_path: Path) -> N
     details = results["relatedness_details"]
     assert details["server_context_has_secret_key"] is False and details["key_holder"] == 0
     assert results["assumptions"]["key_holder"].startswith("client 0")
+    # The CKKS parameters of the context the key holder built, as the in-process run states.
+    stated = results["assumptions"]["ckks_parameters"]
+    assert stated == {"relatedness": details["ckks_parameters"]} \
+        == {"relatedness": outcome.extra["ckks_parameters"]["relatedness"]}
+    assert stated["relatedness"]["poly_modulus_degree"] == 8192
+    assert stated["relatedness"]["security_level"] == "128-bit"
     # What left each node: the encrypted summary; the key holder also released the overlaps.
     assert _journal(tmp_path, 0) == ["summary", "overlaps", "fedora/round", "fedora/round"]
     assert _journal(tmp_path, 1) == ["summary", "fedora/round", "fedora/round"]
