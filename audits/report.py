@@ -3,7 +3,9 @@
 The HTML has inline CSS, plots embedded as base64 PNG ``data:`` URIs and no scripts or
 external references, so it renders offline in any browser and can be archived as one file.
 Sections: run identity; threat model and assumptions in force; per-client budget table;
-epsilon over rounds per client against its budget (plot); mechanisms; verification results
+epsilon over rounds per client against its budget (plot); mechanisms, and in words each
+client's release made more often than the run's plan holds (a redone, twice-accounted
+release); verification results
 (from :func:`audits.verify.verify_run`); the empirical audits (canary, white-box, replay:
 claim, certifiable maximum, measured lower bound and verdict from ``RUN_DIR/audit/*.json``,
 "not run" when absent; a document whose verdict is not the one its own numbers give, with a
@@ -23,6 +25,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +51,7 @@ from privacy.paths import check_path  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from secure_fedora.core.files import atomic_write_text, strict_json  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
-from secure_fedora.secure.private import steps_per_round  # noqa: E402
+from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
 
@@ -267,6 +270,73 @@ def _mechanism_rows(verification: VerificationReport) -> list[dict[str, Any]]:
     return [{**agg[k], **{f: sorted(agg[k][f]) for f in
                           ("noise_multipliers", "sample_rates", "clip_norms")}}
             for k in sorted(agg)]
+
+
+#: A release of ``privacy.<method>.plan[].releases``: "<mechanism> x<steps> (...)".
+_PLANNED_RELEASE = re.compile(r"(\S+) x(\d+) \(")
+
+
+def _planned_counts(method: str, cfg: ExperimentConfig | None,
+                    results: dict[str, Any] | None) -> dict[str, int] | None:
+    """Per mechanism, a client's planned steps or releases of ``method``: from config.toml,
+    else from the plan results.json records (None when neither gives one plan)."""
+    if cfg is not None:
+        try:
+            return planned_release_counts(cfg, method)
+        except (ConfigError, ValueError, KeyError):  # a method this config cannot plan
+            return None
+    body = ((results or {}).get("privacy") or {}).get(method)
+    plans = []
+    for row in _list(body.get("plan") if isinstance(body, dict) else None):
+        releases = _list(row.get("releases")) if isinstance(row, dict) else []
+        found: dict[str, int] = {}
+        for text in releases:
+            match = _PLANNED_RELEASE.match(text) if isinstance(text, str) else None
+            if match is None:
+                return None
+            found[match[1]] = found.get(match[1], 0) + int(match[2])
+        plans.append(found)
+    if not plans or any(p != plans[0] for p in plans):
+        return None
+    return plans[0]
+
+
+def _repeated_releases(verification: VerificationReport, cfg: ExperimentConfig | None,
+                       results: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per client ledger and mechanism whose ledger records more of it than the run's
+    plan holds for a client (config.toml's methods and rounds,
+    :func:`secure_fedora.secure.private.planned_release_counts`): a release redone after a
+    crash (e.g. a noised summary drawn again on Flower) is accounted twice, and ``text`` says
+    so in words. Without config.toml (an audit folder of a Flower run) the plan is the one
+    results.json records (``privacy.<method>.plan``'s releases). Nothing for a ledger whose
+    method has neither."""
+    counts: dict[str, dict[str, int] | None] = {}
+    rows = []
+    for c in verification.clients:
+        method = c.method
+        if method is None and cfg is not None and len(cfg.methods) == 1:
+            method = cfg.methods[0]
+        if method is None:
+            continue
+        if method not in counts:
+            counts[method] = _planned_counts(method, cfg, results)
+        planned = counts[method]
+        if planned is None:
+            continue
+        for mechanism, m in sorted(c.mechanisms.items()):
+            done, plan = int(m["steps"]), planned.get(mechanism, 0)
+            if done <= plan:
+                continue
+            unit = "steps" if mechanism == "dpsgd" else "times"
+            what = (f"took {done} DP-SGD steps in {m['entries']} releases" if unit == "steps"
+                    else f"released {done} times")
+            accounted = ((("both" if done == 2 else "all") + " accounted in its epsilon")
+                         if c.ok else "its ledger failed verification")
+            rows.append({"method": method, "client_id": c.client_id, "mechanism": mechanism,
+                         "released": done, "planned": plan, "unit": unit, "verified": c.ok,
+                         "text": f"{method}: {c.client_id}: {mechanism} {what} (plan: {plan}),"
+                                 f" {accounted}"})
+    return rows
 
 
 def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
@@ -543,6 +613,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "budgets": _budget_rows(verification),
         "epsilon_series": _epsilon_series(verification),
         "mechanisms": _mechanism_rows(verification),
+        "repeated_releases": _repeated_releases(verification, cfg, results),
         "verification": verification.to_json(),
         "privacy_plan": _privacy_plan(results),
         "accuracy": _accuracy(results),
@@ -774,6 +845,13 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
          for m in report["mechanisms"]],
         left=(0, 1),
     ))
+    repeated = report.get("repeated_releases", [])
+    if repeated:
+        parts.append("<p>Releases beyond the run's plan (a release redone after a crash is"
+                      " accounted again, never dropped):</p><ul>"
+                      + "".join(f"<li class=\"warn\">{_e(r['text'])}</li>" for r in repeated)
+                      + "</ul>")
+
     parts.append("<h2 id=\"verification\">Verification</h2>")
     parts.append(f"<p>Independent accountant: {_e(ver['independent_accountant'])}; relative"
                  f" tolerance {ver['rel_tol']:.0%} (under-reporting beyond it is an error)."

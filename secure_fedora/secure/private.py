@@ -117,7 +117,7 @@ from secure_fedora.learning.tasks import CROSS_ENTROPY
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
            "check_ledgers_present", "client_noise_sources", "create_ledger_dir",
            "create_ledgers_in", "interrupted_ledger_creations",
-           "noise_assumptions", "privacy_plan"]
+           "noise_assumptions", "planned_release_counts", "privacy_plan"]
 
 log = logging.getLogger("secure_fedora.privacy")
 
@@ -312,6 +312,23 @@ def admitted_releases(cfg: ExperimentConfig, method: str) -> tuple[Any, ...]:
             f"{len(setups)} setup release(s); the runtimes admit exactly one round release "
             "(the DP-SGD model) and at most one setup release (the noised summary)")
     return specs
+
+
+def planned_release_counts(cfg: ExperimentConfig, method: str) -> dict[str, int]:
+    """Per mechanism, what one client's plan of registered method ``method`` holds over the
+    run: its DP-SGD steps (``"dpsgd"``) and how many times each fixed-noise mechanism is
+    released (the steps of :func:`_plan_for`'s releases; the same for every budget, and no
+    noise is calibrated). A client that ran every round releases no more than this unless a
+    release was redone (and accounted again)."""
+    from secure_fedora.algorithms.contract import SETUP
+
+    counts: dict[str, int] = {}
+    for spec in admitted_releases(cfg, method):
+        times = 1 if spec.when == SETUP else cfg.training.rounds
+        for mechanism in spec.mechanisms:
+            each = steps_per_round(cfg) if mechanism == "dpsgd" else 1
+            counts[mechanism] = counts.get(mechanism, 0) + times * each
+    return counts
 
 
 def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,

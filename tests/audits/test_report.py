@@ -71,6 +71,7 @@ def test_report_json_has_every_section_and_client(written):
     assert mech == {("fedora", "dpsgd"), ("fedora", "gaussian_lambda"),
                     ("fedora", "gaussian_summary"), ("local", "dpsgd")}
     assert doc["verification"]["ok"] is True
+    assert doc["repeated_releases"] == []  # no client released more than the plan holds
     assert [m["method"] for m in doc["accuracy"]["methods"]] == ["fedora", "local"]
     assert [r["client_id"] for r in doc["accuracy"]["per_client"]] == ids
 

@@ -573,3 +573,24 @@ def test_a_private_lambda_evaluates_a_dropout_model_without_masks(tmp_path, clie
         sim.run()
         lambdas.append([row["mean_lambda"] for row in sim.history])
     assert lambdas[0] == lambdas[1]
+
+
+@pytest.mark.parametrize("method, validation, relatedness", [
+    ("fedora", "private", "noised"), ("fedora", "public", "noised"), ("local", "public", "noised"),
+    ("fedora", "private", "noised+encrypted")])
+def test_planned_release_counts_are_the_plans_steps(method, validation, relatedness):
+    """What the audit report compares each ledger with: per mechanism, the steps of the
+    calibrated plan's releases (without calibrating)."""
+    from secure_fedora.secure.private import planned_release_counts
+
+    cfg = parse_config({
+        "methods": [method], "data": {"num_clients": 3, "train_per_client": 40,
+                                      "validation": validation},
+        "training": {"rounds": 3, "batch_size": 8}, "fedora": {"relatedness": relatedness},
+        "privacy": {"enabled": True, "epsilon": 50, "noise_multiplier": 2.0,
+                    "summary_noise_multiplier": 4.0, "lambda_noise_multiplier": 4.0}})
+    plan = privacy_plan(cfg, method, PrivacyBudget(50.0, cfg.privacy.delta))
+    counts = planned_release_counts(cfg, method)
+    assert counts == {r.mechanism: r.steps for r in plan.releases}
+    assert counts.get("gaussian_summary", 0) == (1 if method == "fedora" else 0)
+    assert counts.get("gaussian_lambda", 0) == (3 if validation == "private" else 0)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from flwr.app import Message
 
 from secure_fedora.runtimes.flower import server_app
@@ -285,6 +286,17 @@ def test_a_setup_release_redone_after_its_client_app_died_unsaved_is_accounted_t
     allowlist = tmp_path / "ids" / "server" / "allowlist.json"
     report = verify_run(audit, allowlist=allowlist, anchor=tmp_path / "res" / "anchor.json")
     assert report.errors == [], report.errors
-    budgets = {row["client_id"]: row for row in build_report(audit, verification=report)["budgets"]}
+    built = build_report(audit, verification=report)
+    budgets = {row["client_id"]: row for row in built["budgets"]}
     assert budgets["client-001"]["recorded_epsilon"] == spent[1]
     assert budgets["client-001"]["independent_epsilon"] > once["epsilon_after"]
+    # The report says in words which release was made more often than planned (from the
+    # ledgers and the plan results.json records: the audit folder has no config.toml); the
+    # mechanisms table alone showed only a sum over clients.
+    assert [r["text"] for r in built["repeated_releases"]] == [
+        "fedora: client-001: gaussian_summary released 2 times (plan: 1), both accounted in"
+        " its epsilon"]
+    (audit / "config.toml").write_text(tomli_w.dumps(cfg.model_dump(mode="json",
+                                                                     exclude_none=True)))
+    assert build_report(audit, verification=report)["repeated_releases"] \
+        == built["repeated_releases"]
