@@ -163,7 +163,7 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
                      " only the similarities). Every client holds the secret key, so this assumes"
                      " the server colludes with no client, holds no secret key and cannot enrol"
                      " clients of its own.")
-    if "encrypted" in rel or "ckks_parameters" in out or "ckks_keys" in out:
+    if "ckks_parameters" in out or "ckks_keys" in out:  # a method of the run encrypted
         notes.extend(_ckks_notes(out.get("ckks_parameters")))
     if cfg is not None and cfg.privacy.enabled:
         if cfg.privacy.noise == "reproducible":

@@ -541,7 +541,7 @@ def test_the_report_states_the_ckks_parameters_and_only_the_level_they_give(
     the HE standard's level recomputed from the degree and coefficient bits (never a level
     results.json claims beyond it; "unknown" off the table)."""
     doc = json.loads((run_copy / "results.json").read_text())
-    doc["assumptions"]["relatedness"] = "noised+encrypted"
+    doc["assumptions"].update(relatedness="noised+encrypted", ckks_keys="every client holds it")
     if parameters is not None:
         doc["assumptions"]["ckks_parameters"] = parameters
     (run_copy / "results.json").write_text(json.dumps(doc))
@@ -550,6 +550,16 @@ def test_the_report_states_the_ckks_parameters_and_only_the_level_they_give(
     assert [n for n in notes if n.startswith("CKKS parameters")] == shown
     page = paths.html.read_text()
     assert all(html.escape(line, quote=True) in page for line in shown)
+
+
+def test_no_ckks_note_for_a_run_whose_methods_encrypted_nothing(run_copy, tmp_path):
+    """fedora.relatedness names an encrypted mode, but no method of the run used it (no
+    ckks_keys stated): the report states no CKKS parameters and no missing ones."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["assumptions"]["relatedness"] = "noised+encrypted"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    notes = build_report(run_copy)["assumptions"]["notes"]
+    assert not [n for n in notes if n.startswith("CKKS parameters")]
 
 
 @pytest.mark.parametrize("where", ["run_dir", "out_dir"])
