@@ -24,7 +24,13 @@ The server never holds client data. For a run it
    (``finalize_messages`` -> ``query.finalize`` -> ``server_finalize``). The setup and
    finalize exchanges hand the method every client's reply, as in process: a client that
    missed one is asked once more (it answers from its saved state, releasing nothing twice),
-   and one still without an accepted reply stops the run (:func:`_every_reply`);
+   and one still without an accepted reply stops the run (:func:`_every_reply`). Every stage
+   finds a SuperNode that restarted under a new node id (its state directory kept): when a
+   client's node is offline, and in every retry, the online nodes that hold no client are
+   asked first which client they hold (a signed hello, :func:`_find_moved`); a reply
+   authenticated as client ``c`` moves ``c`` to that node, an event of the method and round
+   (the client's own checks of its node state still apply; two nodes answering as one client
+   in one exchange stop the run);
 3. writes one ``results.json`` (:func:`secure_fedora.runtimes.results.build_results`, the
    schema the in-process runtime writes, plus Flower's own keys), ``rounds.csv`` (after each
    method, :func:`secure_fedora.runtimes.results.write_rounds_csv`) and ``plots/*.png``
@@ -282,13 +288,50 @@ def _online(grid: Grid) -> set[int]:
     return set(grid.get_node_ids())
 
 
-def _await_nodes(grid: Grid, server: _Server, nodes: list[int]) -> None:
-    """Wait up to the round timeout for ``nodes`` to be online (a SuperNode restarting)
-    before a message is sent to them once more."""
-    wanted = set(nodes)
+def _await_clients(grid: Grid, server: _Server, clients: list[int]) -> None:
+    """Wait up to the round timeout until the node of each of ``clients`` is online again or,
+    for those still offline, as many online nodes hold no known client (a SuperNode
+    restarting, perhaps under a new node id), before a message is sent to them once more."""
+    def ready() -> bool:
+        online = _online(grid)
+        away = sum(server.node_of_client[c] not in online for c in clients)
+        return away <= len(online - set(server.node_of_client.values()))
+
     deadline = time.monotonic() + server.settings.round_timeout
-    while not wanted <= _online(grid) and time.monotonic() < deadline:
+    while not ready() and time.monotonic() < deadline:
         time.sleep(max(server.settings.poll_interval, 0.5))
+
+
+def _find_moved(grid: Grid, server: _Server, rnd: int) -> None:
+    """Ask every online node that holds no known client which client it holds (a signed
+    first contact, ``query.hello``): a reply authenticated as client ``c`` (its signature, not
+    the node id, says which) moves ``c`` to that node, an event of the current method and
+    round ``rnd``. Its node state is the client's to check at the next message (under DP a
+    state older than the ledger head the server last received is refused and stops the run).
+    A node reporting other data facts than the client's first contact stops the run; two
+    nodes answering for one client in this exchange stop it too."""
+    candidates = sorted(_online(grid) - set(server.node_of_client.values()))
+    if not candidates:
+        return
+    scope, before, sizes = server.scope, dict(server.node_of_client), dict(server.sizes)
+    schemas: dict[int, DataSchema] = {}
+    server.scope, server.event_at = HELLO_SCOPE, (scope, rnd)
+    try:
+        replies, _ = _first_contact(grid, server, candidates, MSG_HELLO, {})
+        _take_hellos(server, replies, schemas)
+    finally:
+        server.scope, server.event_at = scope, None
+    for cid in replies:
+        if cid not in schemas:  # a malformed reply (a rejection): not moved
+            server.node_of_client[cid] = before[cid]
+            continue
+        node, now = server.node_of_client[cid], server.sizes[cid]
+        server.sizes[cid] = sizes[cid]
+        if schemas[cid] != server.schema or now != sizes[cid]:
+            raise DeployError(
+                f"client {cid} answered from node {node} (was node {before[cid]}) with other "
+                f"data facts ({schemas[cid]}, {now}) than at first contact ({server.schema}, "
+                f"{sizes[cid]}): its data changed mid-run; the run stops")
 
 
 def _await_unidentified(grid: Grid, server: _Server, identified: set[int],
@@ -326,6 +369,9 @@ class _Server:
     history: list[dict[str, Any]] = field(default_factory=list)
     securities: dict[str, MessageSecurity] = field(default_factory=dict)
     scope: str = HELLO_SCOPE
+    # the method scope and round a first contact sent mid-run records its events under
+    # (_find_moved), while its envelopes are the first contact's
+    event_at: tuple[str, int] | None = None
     node_of_client: dict[int, int] = field(default_factory=dict)
     nodes: list[int] = field(default_factory=list)  # the nodes online at the start
     sizes: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -366,21 +412,26 @@ class _Server:
                 self.run_id, s.config_hash, self.cfg.data.num_clients)
         return self.securities[self.scope]
 
+    def _where(self, rnd: int) -> tuple[str | None, int]:
+        scope, rnd = self.event_at or (self.scope, rnd)
+        return (None if scope == HELLO_SCOPE else scope), rnd
+
     def event(self, rnd: int, client: int | None, node: int | None, what: str) -> None:
         """Record and log a partial-participation or failure event."""
-        self.events.append({"method": None if self.scope == HELLO_SCOPE else self.scope,
-                            "round": rnd, "client": client, "node": node, "event": what})
+        method, rnd = self._where(rnd)
+        self.events.append({"method": method, "round": rnd, "client": client, "node": node,
+                            "event": what})
         who = f"client {client} (node {node})" if client is not None else f"node {node}"
-        where = "" if self.scope == HELLO_SCOPE else f"{self.scope} "
+        where = "" if method is None else f"{method} "
         _say(f"{where}round {rnd}: {who}: {what}")
 
     def reject(
         self, rnd: int, client: int | None, node: int | None, error: EnvelopeError, then: str
     ) -> None:
         """Record a rejected message (already logged on the security logger) and log it."""
+        method, at = self._where(rnd)
         self.rejections.append({
-            "method": None if self.scope == HELLO_SCOPE else self.scope,
-            "round": rnd, "client": client, "node": node, "reason": error.reason,
+            "method": method, "round": at, "client": client, "node": node, "reason": error.reason,
             "sender": error.sender, "detail": error.detail,
         })
         self.event(rnd, client, node, f"message rejected ({error.reason}: {error.detail}): {then}")
@@ -665,14 +716,19 @@ def _encrypted_overlaps(
         grid, server, nodes, MSG_CEREMONY, {"key-holder": holder}
     )
     timing["ceremony"] = ceremony_timing.to_json()
+    # a client without an accepted reply is asked once more, at every online node that holds
+    # no identified client (its SuperNode may have restarted under a new node id)
     answered = {server.node_of_client[cid] for cid in replies}
-    missed = [node for node in nodes if node not in answered]
-    if missed:
-        _await_nodes(grid, server, missed)
+    asked = list(nodes)
+    missing = n - len(replies)
+    if missing:
+        missed = _await_unidentified(grid, server, answered, missing)
         _say(f"{server.scope}: key ceremony sent again to nodes {missed}")
+        asked = sorted(set(asked) | set(missed))
         replies.update(_first_contact(grid, server, missed, MSG_CEREMONY,
                                       {"key-holder": holder})[0])
-    _require_all(server, replies, nodes, "identification", asked_twice=bool(missed))
+    _require_all(server, replies, asked, "identification", asked_twice=bool(missing))
+    server.nodes = sorted(server.node_of_client[cid] for cid in range(n))
     reply, env = replies[holder]
     record = reply.content["ceremony"] if "ceremony" in reply.content else None
     public = record.get("public-context") if isinstance(record, ConfigRecord) else None
@@ -707,7 +763,9 @@ def _encrypted_overlaps(
         if not wanted:
             break
         if attempt:
-            _await_nodes(grid, server, [server.node_of_client[cid] for cid in wanted])
+            _await_clients(grid, server, wanted)
+            _find_moved(grid, server, 0)
+            client_of = {node: cid for cid, node in server.node_of_client.items()}
             _say(f"{server.scope}: encrypted summary asked again of clients {wanted}")
         _take_uploads(grid, server, {cid: sealed[cid] for cid in wanted}, client_of, uploads,
                       envelopes, upload_bytes, val0, test0, timing)
@@ -735,7 +793,8 @@ def _encrypted_overlaps(
     for attempt in range(2):
         if attempt:
             server.event(0, holder, server.node_of_client[holder], f"no overlaps: {problem}")
-            _await_nodes(grid, server, [server.node_of_client[holder]])
+            _await_clients(grid, server, [holder])
+            _find_moved(grid, server, 0)
             _say(f"{server.scope}: decryption asked again of the key holder")
         node, message = _addressed(server, holder, MSG_DECRYPT,
                                    RecordDict({"rows": ConfigRecord({"rows": rows})}))
@@ -902,15 +961,22 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
 
 def _exchange_payloads(
     grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
-    payloads: Mapping[int, Payload | None], timeout: float,
+    payloads: Mapping[int, Payload | None], timeout: float, find_moved: bool = False,
 ) -> _Replies:
     """Send each client its payload (``None``: the message carries none) for ``stage`` of round
     ``rnd``; return the accepted replies. Offline clients, error replies, missing replies,
-    rejected replies and refusals are events; such clients are absent from the result."""
+    rejected replies and refusals are events; such clients are absent from the result.
+
+    When a client's node is offline (or ``find_moved``: a retry), every online node that
+    holds no known client is asked first which client it holds (:func:`_find_moved`), so a
+    SuperNode restarted under a new node id gets its client's message there."""
     message_type = {"setup": MSG_SETUP, "round": MSG_ROUND, "evaluate": MSG_EVALUATE,
                     "finalize": MSG_FINALIZE}[stage]
     wrnd = wire_round(stage, rnd, server.cfg.training.rounds)
     online = _online(grid)
+    if find_moved or any(server.node_of_client[c] not in online for c in payloads):
+        _find_moved(grid, server, rnd)
+        online = _online(grid)
     messages: dict[int, Message] = {}
     client_of: dict[int, int] = {}
     for cid, payload in sorted(payloads.items()):
@@ -1067,10 +1133,11 @@ def _retry_exchange(grid: Grid, server: _Server, run: _MethodRun, stage: str, rn
     """Send ``stage`` of round ``rnd`` once more to the clients of ``payloads``, after waiting
     up to the round timeout for their nodes to be online again; each reply is awaited up to
     ``timeout`` (default: the round timeout)."""
-    _await_nodes(grid, server, [server.node_of_client[c] for c in payloads])
+    _await_clients(grid, server, list(payloads))
     _say(f"{run.name} round {rnd}: {stage} sent again to clients {sorted(payloads)}")
     return _exchange_payloads(grid, server, run, stage, rnd, payloads,
-                              server.settings.round_timeout if timeout is None else timeout)
+                              server.settings.round_timeout if timeout is None else timeout,
+                              find_moved=True)
 
 
 def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,

@@ -1,0 +1,204 @@
+"""A SuperNode that restarts under a new node id mid-run (its state directory kept) is found
+again: every stage asks the online nodes that hold no client which client they hold, and the
+reply's signature, not the node id, says which. The client's own checks still refuse a node
+state older than what the server last received from it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Error, Message
+
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import (
+    MSG_CEREMONY,
+    MSG_ENCRYPTED_SUMMARY,
+    MSG_EVALUATE,
+    MSG_FINALIZE,
+    MSG_HELLO,
+    MSG_ROUND,
+    DeployError,
+    RunSettings,
+)
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+    with_methods,
+)
+
+
+class _MovingGrid(InMemoryGrid):
+    """Node 1002 (client 2) handles the message of ``at`` (message type, round), then its
+    SuperNode restarts as node 1005 with the same state, partition and keys; its reply to that
+    message is lost unless ``keep_reply``. ``before_restart`` runs on client 2's node
+    directory just before it comes back; ``twin`` starts a second node (1006) holding client 2
+    too. A message to a node no longer registered is answered with an error, as the SuperLink
+    does."""
+
+    def __init__(self, *args: Any, at: tuple[str, int], keep_reply: bool = False,
+                 before_restart: Callable[[Path], None] | None = None, twin: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.at, self.keep_reply, self.before_restart, self.twin = at, keep_reply, before_restart, twin
+        self.moved = False
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in self.node_config:
+                self.counter += 1
+                mid = f"msg-{self.counter}"
+                msg.metadata.__dict__["_message_id"] = mid
+                self.sent.append(msg)
+                self.replies[mid] = Message(Error(code=0, reason="node offline"), reply_to=msg)
+                ids.append(mid)
+                continue
+            [mid] = super().push_messages([msg])
+            ids.append(mid)
+            last = msg.metadata.group_id.rsplit(":", 1)[-1]
+            if node == 1002 and not self.moved and \
+                    (msg.metadata.message_type, int(last) if last.isdigit() else 0) == self.at:
+                self.moved = True
+                if not self.keep_reply:
+                    self.replies.pop(mid, None)
+                conf = self.node_config.pop(1002)
+                if self.before_restart is not None:
+                    self.before_restart(Path(conf["state-dir"]))
+                self.node_config[1005] = conf
+                if self.twin:
+                    self.node_config[1006] = dict(conf)
+        return ids
+
+
+def _run(root: Path, cfg: Any, grid_type: Any = InMemoryGrid, **grid_args: Any) -> Any:
+    rc = run_config(cfg, root, **{"reproducible-dp-noise": cfg.privacy.enabled,
+                                  "round-timeout": 0.3, "connect-timeout": 0.3})
+    grid = grid_type(root / "nodes", rc, 3, **grid_args)
+    return grid, server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+def _per_client(results: dict[str, Any], method: str) -> tuple[Any, Any]:
+    entry = results["methods"][method]
+    return entry["selected"]["per_client"], entry["final"]["per_client"]
+
+
+def _moved_event(results: dict[str, Any], method: str, rnd: int) -> None:
+    moved = [e for e in results["events"] if "now at node" in e["event"]]
+    assert moved == [{"method": method, "round": rnd, "client": 2, "node": 1005,
+                      "event": f"{MSG_HELLO}: client 2 now at node 1005 (was node 1002)"}]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_supernode_restarted_under_a_new_node_id_between_rounds_gets_the_later_rounds(
+        tmp_path: Path) -> None:
+    """Client 2's SuperNode restarts as node 1005 after answering round 1's evaluation: every
+    later message went to node 1002 ("offline: no round message delivered"), so client 2
+    reported its round-1 metrics as final and trained no more. Now its round-2 message finds
+    it at node 1005 and the run equals an undisturbed one."""
+    cfg = tiny_config(rounds=2)
+    grid, results = _run(tmp_path / "moved", cfg, _MovingGrid, at=(MSG_EVALUATE, 1),
+                         keep_reply=True)
+    _, undisturbed = _run(tmp_path / "plain", cfg)
+    assert _per_client(results, "fedora") == _per_client(undisturbed, "fedora")
+    assert results["node_of_client"] == {"0": "1000", "1": "1001", "2": "1005"}
+    _moved_event(results, "fedora", 2)
+    assert not any("offline" in e["event"] for e in results["events"])
+    assert {m.metadata.dst_node_id for m in grid.sent
+            if m.metadata.message_type == MSG_ROUND and m.metadata.group_id.endswith(":2")} \
+        == {1000, 1001, 1005}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_supernode_restarted_under_a_new_node_id_while_its_round_reply_was_lost(
+        tmp_path: Path) -> None:
+    """Client 2 trains in round 1, its reply is lost and its SuperNode restarts as node 1005:
+    client 2 missed round 1's evaluation and every later message. Now the evaluation finds it
+    at node 1005, and the run equals one where only that reply was lost."""
+    cfg = tiny_config(rounds=2)
+    _, results = _run(tmp_path / "moved", cfg, _MovingGrid, at=(MSG_ROUND, 1))
+    _, lost_only = _run(tmp_path / "lost", cfg,
+                        tamper_reply={(2, 1, MSG_ROUND): lambda _q, _r: None})
+    assert _per_client(results, "fedora") == _per_client(lost_only, "fedora")
+    assert [row["replied"] for row in results["rounds"]] == [2, 3]
+    assert [row["evaluated"] for row in results["rounds"]] == [3, 3]
+    _moved_event(results, "fedora", 1)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("method", "at"), [("fedora", (MSG_EVALUATE, 2)),
+                                            ("fedavg", (MSG_FINALIZE, 3))])
+def test_a_supernode_restarted_under_a_new_node_id_at_the_end_is_asked_there(
+        tmp_path: Path, method: str, at: tuple[str, int]) -> None:
+    """A restart during the final evaluation (where a DP client closes its ledger) or the
+    finalize exchange stopped the run after the retry went to the old node id."""
+    cfg = with_methods(dp_config(rounds=2, noise="reproducible"), method)
+    _, results = _run(tmp_path / "moved", cfg, _MovingGrid, at=at)
+    _, undisturbed = _run(tmp_path / "plain", cfg)
+    assert _per_client(results, method) == _per_client(undisturbed, method)
+    for key in ("ledger_entries", "epsilon_spent"):  # the client's ledger closed, as undisturbed
+        assert results["privacy"][method]["clients"][2][key] == \
+            undisturbed["privacy"][method]["clients"][2][key]
+    _moved_event(results, method, at[1])
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("at", [(MSG_CEREMONY, 0), (MSG_ENCRYPTED_SUMMARY, 0)])
+def test_a_supernode_restarted_under_a_new_node_id_in_the_ckks_ceremony_is_asked_there(
+        tmp_path: Path, at: tuple[str, int]) -> None:
+    """The key ceremony's retry went to the old node ids and the encrypted summary's to the
+    client's old node: the run stopped naming client 2."""
+    data = tiny_config(rounds=1).model_dump(mode="json", exclude_none=True)
+    data["fedora"]["relatedness"] = "encrypted"
+    cfg = parse_config(data)
+    _, results = _run(tmp_path / "moved", cfg, _MovingGrid, at=at)
+    _, undisturbed = _run(tmp_path / "plain", cfg)
+    assert _per_client(results, "fedora") == _per_client(undisturbed, "fedora")
+    assert results["node_of_client"]["2"] == "1005"
+    assert [e["event"] for e in results["events"] if "now at node" in e["event"]] == [
+        f"{at[0] if at[0] == MSG_CEREMONY else MSG_HELLO}: client 2 now at node 1005 "
+        "(was node 1002)"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_node_restarted_under_a_new_id_with_an_older_state_is_refused(tmp_path: Path) -> None:
+    """Moving a client to another node does not skip its own checks: node 1005 comes back
+    with client 2's state directory as it was after round 1, older than the ledger head the
+    server last received, and under DP the run stops instead of accepting it."""
+    saved = tmp_path / "copy"
+
+    def keep_copy(run_dir: Path) -> None:
+        shutil.rmtree(saved, ignore_errors=True)
+        shutil.copytree(run_dir, saved)
+
+    def restore_copy(state_dir: Path) -> None:
+        shutil.rmtree(state_dir)
+        shutil.copytree(saved, state_dir)
+
+    class _Snapshot(_MovingGrid):
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            ids = super().push_messages(messages)
+            if any(m.metadata.dst_node_id == 1002 and m.metadata.message_type == MSG_EVALUATE
+                   and m.metadata.group_id.endswith(":1") for m in messages):
+                keep_copy(Path(self.node_config[1002]["state-dir"]))
+            return ids
+
+    cfg = dp_config(rounds=2, noise="reproducible")
+    with pytest.raises(DeployError, match=r"client client-002 \(node 1005\) refuses to go on"):
+        _run(tmp_path / "moved", cfg, _Snapshot, at=(MSG_EVALUATE, 2),
+             before_restart=restore_copy)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_two_nodes_answering_as_one_moved_client_stop_the_run(tmp_path: Path) -> None:
+    with pytest.raises(DeployError, match=r"nodes 1005 and 1006 both hold partition-id 2"):
+        _run(tmp_path, tiny_config(rounds=2), _MovingGrid, at=(MSG_EVALUATE, 1),
+             keep_reply=True, twin=True)
