@@ -909,20 +909,16 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             ["client", *names],
             [[_e(r["client_id"]), *(_fmt(r.get(n)) for n in names)] for r in acc["per_client"]],
         ))
-        for st in acc.get("stale", []):
-            source = ("is a placeholder 0 (no figure yet)" if st["round"] is None
-                      else f"is from round {_e(st['round'])}")
-            parts.append(f"<p class=\"warn\">{_e(st['method'])}: client {_e(st['client'])}'s "
-                         f"{_e(metric_name)} {source}, not the selected round "
-                         f"{_e(st['selected_round'])}'s (it missed that round's "
-                         "evaluation).</p>")
-        for st in acc.get("final_stale", []):
-            source = ("is a placeholder 0 (no figure yet)" if st["round"] is None
-                      else f"is from round {_e(st['round'])}")
-            parts.append(f"<p class=\"warn\">{_e(st['method'])}: client {_e(st['client'])}'s "
-                         f"final {_e(metric_name)} {source}, not the last round "
-                         f"{_e(st['final_round'])}'s (it missed that round's "
-                         "evaluation).</p>")
+        for key, what, reported, round_key in (
+                ("stale", "", "the selected round", "selected_round"),
+                ("final_stale", "final ", "the last round", "final_round")):
+            for st in acc.get(key, []):
+                source = ("is a placeholder 0 (no figure yet)" if st["round"] is None
+                          else f"is from round {_e(st['round'])}")
+                parts.append(f"<p class=\"warn\">{_e(st['method'])}: client "
+                             f"{_e(st['client'])}'s {what}{_e(metric_name)} {source}, not "
+                             f"{reported} {_e(st[round_key])}'s (it missed that round's "
+                             "evaluation).</p>")
         if plots.get("accuracy"):
             parts.append(f"<img alt=\"per-client {_e(metric_name)}\" "
                          f"src=\"data:image/png;base64,{plots['accuracy']}\">")

@@ -463,6 +463,30 @@ def test_a_dp_run_on_private_validation_data_never_reads_it_outside_accounted_re
     assert len(results["methods"]["fedavg_ft"]["selected"]["per_client"]) == 3
 
 
+def _crashed_and_resumed(name: str, cls: type, tmp_path: Path) -> tuple[dict, dict, Simulation]:
+    """Plug-in ``cls`` registered as ``name``: its uninterrupted run's results, those of a run
+    killed in round 2 (after its first client trained) and resumed, and the resumed
+    Simulation."""
+    from secure_fedora.core import crashpoints
+
+    METHODS.register(name, cls)
+    try:
+        cfg = _config(name, training={"checkpoint_every": 1})
+        clients = build_clients(cfg)
+        reference = Simulation(cfg, tmp_path / "ref", clients=clients).run()["methods"][name]
+        crashpoints.arm("train@4")
+        try:
+            with pytest.raises(crashpoints.InjectedCrash):
+                Simulation(cfg, tmp_path / "run", clients=clients).run()
+        finally:
+            crashpoints.disarm()
+        sim = Simulation(cfg, tmp_path / "run", clients=clients)
+        resumed = sim.run(resume=True)["methods"][name]
+    finally:
+        METHODS.unregister(name)
+    return reference, resumed, sim
+
+
 class _Remembering(FedAvg):
     """FedAvg whose clients keep state beyond their row: a float64 count of the rounds they
     trained in, reported at the end, and a running mean of their models, evaluated on."""
@@ -505,30 +529,14 @@ def test_a_plug_ins_client_state_beyond_its_row_survives_an_in_process_resume(tm
     state beyond its row (what client_state_dict returns and a Flower node persists) restarted
     from its initial value on resume: the count below ended at 1 instead of 2 and the
     evaluated running mean differed. It now holds every client's client_state_dict fields."""
-    from secure_fedora.core import crashpoints
-
     name = "remembering_x"
-    METHODS.register(name, _Remembering)
-    try:
-        cfg = _config(name, training={"checkpoint_every": 1})
-        clients = build_clients(cfg)
-        reference = Simulation(cfg, tmp_path / "ref", clients=clients).run()["methods"][name]
-        assert reference["extra"]["count"] == [2.0, 2.0, 2.0]
-        crashpoints.arm("train@4")  # round 2, after its first client trained
-        try:
-            with pytest.raises(crashpoints.InjectedCrash):
-                Simulation(cfg, tmp_path / "run", clients=clients).run()
-        finally:
-            crashpoints.disarm()
-        sim = Simulation(cfg, tmp_path / "run", clients=clients)
-        resumed = sim.run(resume=True)["methods"][name]
-    finally:
-        METHODS.unregister(name)
+    reference, resumed, sim = _crashed_and_resumed(name, _Remembering, tmp_path)
+    assert reference["extra"]["count"] == [2.0, 2.0, 2.0]
     assert resumed["extra"] == reference["extra"]
     for part in ("selected", "final"):
         assert resumed[part]["per_client"] == reference[part]["per_client"]
     restored = sim.methods[name]
-    fresh = _Remembering(build_context(cfg, clients))
+    fresh = _Remembering(build_context(sim.cfg, sim.clients))
     fresh.load_state_dict(restored.state_dict())
     for i in range(3):
         for key, value in restored.client_state_dict(i).items():
@@ -665,30 +673,14 @@ def test_a_client_state_field_only_some_clients_hold_survives_an_in_process_resu
     """A client state field held by some clients only was written into the checkpoint as a
     list shorter than the clients, which the resume refused ('must hold one tensor per
     client'): the run could not be resumed. Each client now resumes with exactly its fields."""
-    from secure_fedora.core import crashpoints
-
     name = "partial_x"
-    METHODS.register(name, _Partial)
-    try:
-        cfg = _config(name, training={"checkpoint_every": 1})
-        clients = build_clients(cfg)
-        reference = Simulation(cfg, tmp_path / "ref", clients=clients).run()["methods"][name]
-        assert reference["extra"]["count"] == [2.0, 0.0, 2.0]
-        crashpoints.arm("train@4")  # round 2, after its first client trained
-        try:
-            with pytest.raises(crashpoints.InjectedCrash):
-                Simulation(cfg, tmp_path / "run", clients=clients).run()
-        finally:
-            crashpoints.disarm()
-        sim = Simulation(cfg, tmp_path / "run", clients=clients)
-        resumed = sim.run(resume=True)["methods"][name]
-    finally:
-        METHODS.unregister(name)
+    reference, resumed, sim = _crashed_and_resumed(name, _Partial, tmp_path)
+    assert reference["extra"]["count"] == [2.0, 0.0, 2.0]
     assert resumed["extra"] == reference["extra"]
     for part in ("selected", "final"):
         assert resumed[part]["per_client"] == reference[part]["per_client"]
     state = sim.methods[name].state_dict()
-    fresh = _Partial(build_context(cfg, clients))
+    fresh = _Partial(build_context(sim.cfg, sim.clients))
     for holders in (torch.tensor([0, 0]), torch.tensor([0, 3]), torch.tensor([2, 0]),
                     torch.tensor([0.0, 2.0])):
         with pytest.raises(ValueError, match="'client_states' must hold one tensor per client"):
