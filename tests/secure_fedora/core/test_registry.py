@@ -101,8 +101,9 @@ def _small_config(method: str) -> dict:
             "training": {"rounds": 1, "local_epochs": 1, "batch_size": 10}}
 
 
-def test_a_new_method_is_one_module_in_the_contrib_package(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def _contrib_method_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """A fresh contrib package (its name, first) under ``tmp_path`` whose one module registers
+    a new method (its name, second) when the registry discovers it."""
     package = f"contrib_{uuid.uuid4().hex[:8]}"
     name = f"avg_{uuid.uuid4().hex[:6]}"
     (tmp_path / package).mkdir()
@@ -111,6 +112,12 @@ def test_a_new_method_is_one_module_in_the_contrib_package(tmp_path: Path,
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "CONTRIB_PACKAGE", package)
     monkeypatch.setattr(registry, "_contrib_loaded", False)
+    return package, name
+
+
+def test_a_new_method_is_one_module_in_the_contrib_package(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    package, name = _contrib_method_module(tmp_path, monkeypatch)
     try:
         assert name in METHODS  # discovered on lookup, no other file edited
         cfg = parse_config(_small_config(name))
@@ -230,14 +237,7 @@ def test_an_entry_records_the_module_that_registered_it(tmp_path: Path,
         DATASETS.unregister("origin-x")
     with pytest.raises(RegistryError, match="unknown dataset 'origin-x'"):
         DATASETS.origin("origin-x")
-    package = f"contrib_{uuid.uuid4().hex[:8]}"
-    name = f"avg_{uuid.uuid4().hex[:6]}"
-    (tmp_path / package).mkdir()
-    (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / package / "my_method.py").write_text(NEW_METHOD.format(name=name))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "CONTRIB_PACKAGE", package)
-    monkeypatch.setattr(registry, "_contrib_loaded", False)
+    package, name = _contrib_method_module(tmp_path, monkeypatch)
     try:
         assert METHODS.origin(name) == f"{package}.my_method" and METHODS.known_everywhere(name)
     finally:

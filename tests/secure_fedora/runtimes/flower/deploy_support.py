@@ -114,6 +114,9 @@ class InMemoryGrid:
             ids.append(mid)
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
+            if node not in self.node_config:  # as the SuperLink answers for a node gone
+                self.replies[mid] = Message(Error(code=0, reason="node offline"), reply_to=msg)
+                continue
             conf = self.node_config[node]
             client = int(conf["partition-id"])
             kind = msg.metadata.message_type

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Error, Message
+from flwr.app import Message
 
 from secure_fedora.core.config import parse_config
 from secure_fedora.core.registry import MODELS, PARTITIONERS
@@ -99,22 +99,10 @@ class _RestartingGrid(InMemoryGrid):
     restarted = False
 
     def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node in self.node_config and (node != 1002 or self.restarted):
-                ids.extend(super().push_messages([msg]))
-                continue
-            if node == 1002 and not self.restarted:
-                self.restarted = True
-                self.node_config[1005] = self.node_config.pop(1002)
-            self.counter += 1
-            mid = f"msg-{self.counter}"
-            msg.metadata.__dict__["_message_id"] = mid
-            self.sent.append(msg)
-            self.replies[mid] = Message(Error(code=0, reason="node offline"), reply_to=msg)
-            ids.append(mid)
-        return ids
+        if not self.restarted and any(m.metadata.dst_node_id == 1002 for m in messages):
+            self.restarted = True
+            self.node_config[1005] = self.node_config.pop(1002)
+        return super().push_messages(messages)
 
 
 @pytest.mark.usefixtures("task_identity")
