@@ -61,6 +61,7 @@ from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_document, audit_verdict
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
+from privacy.paths import check_path
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.core.plugins import derived_config
 from secure_fedora.data.partition import ClientData
@@ -587,6 +588,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         raise CanaryAuditError(f"confidence must be in (0, 1), got {confidence!r}")
     if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1:
         raise CanaryAuditError(f"delta must be in [0, 1), got {delta!r}")
+    if work_dir is not None:
+        work_dir = check_path(work_dir, "work_dir", CanaryAuditError)
     private = bool(cfg.privacy.enabled)
     if kind == "mislabeled" and cfg.data.source is not None:
         raise CanaryAuditError("canary kind 'mislabeled' takes images of the built-in dataset's "

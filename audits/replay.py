@@ -236,8 +236,11 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     length) instead of the run's own anchor.json. Without them the run's own files are used.
     Errors name the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
-    run_dir = Path(run_dir)
-    allow_path = Path(allowlist) if allowlist is not None else None
+    run_dir = check_path(run_dir, "run_dir", ReplayAuditError)
+    allow_path = check_path(allowlist, "allowlist", ReplayAuditError, "file") \
+        if allowlist is not None else None
+    if anchor is not None:
+        check_path(anchor, "anchor", ReplayAuditError, "file")
     if not (run_dir / "config.toml").is_file():
         raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")
     try:

@@ -587,7 +587,9 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
     Runs :func:`audits.verify.verify_run` unless ``verification`` is given. Guarantee: every
     client with a ledger appears in the budget table and the epsilon series.
     """
-    run = Path(run_dir)
+    run = check_path(run_dir, "run_dir", ReportError)
+    if allowlist is not None:
+        check_path(allowlist, "allowlist", ReportError, "file")
     if not run.is_dir():
         raise ReportError(f"run directory {run} does not exist or is not a directory")
     if verification is None:

@@ -132,10 +132,12 @@ def config_rebuild_problem(run_dir: str | Path, audit: str) -> str | None:
     """Why ``audit`` cannot rebuild the run in ``run_dir`` from its config.toml: its data or
     model was given through the Python API (results.json ``assumptions.inputs_outside_config``),
     so the config would rebuild other data or another model; None when the config describes
-    the run (or results.json is absent or unreadable: the audit's own checks handle that)."""
+    the run (or results.json is absent or unreadable: the audit's own checks handle that).
+    AuditError when ``run_dir`` is not a path (see :func:`privacy.paths.check_path`)."""
+    from audits.verify import AuditError
     from secure_fedora.runtimes.results import inputs_outside_config
 
-    path = Path(run_dir) / "results.json"
+    path = check_path(run_dir, "run_dir", AuditError) / "results.json"
     try:
         results = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):

@@ -103,6 +103,7 @@ from privacy.accounting import (
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS
+from privacy.paths import check_path
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
 __all__ = [
@@ -492,10 +493,11 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     (and swapped ``keys/allowlist.json``) then fails. As in ``audit verify --allowlist``,
     private signing keys inside ``run_dir`` are then an error (they could re-sign it).
     """
-    run_dir = Path(run_dir)
+    run_dir = check_path(run_dir, "run_dir", error)
     rel = f"ledgers/{method}/{client_id}.jsonl"
     path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
-    allow_path = run_dir / "keys" / "allowlist.json" if allowlist is None else Path(allowlist)
+    allow_path = run_dir / "keys" / "allowlist.json" if allowlist is None \
+        else check_path(allowlist, "allowlist", error, "file")
     allow_label = "keys/allowlist.json" if allowlist is None else f"allowlist {allow_path}"
     if allowlist is not None:
         if not allow_path.is_file():
@@ -1309,12 +1311,13 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     raises ``error`` with a one-line message (the first problem, and how many more), naming
     the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
-    run = Path(run_dir)
-    anchor_path = Path(anchor)
+    run = check_path(run_dir, "run_dir", error)
+    anchor_path = check_path(anchor, "anchor", error, "file")
     if not anchor_path.is_file():
         raise error(f"anchor {anchor_path} " + ("is a directory, not a file (give the"
                     " anchor.json kept apart)" if anchor_path.is_dir() else "does not exist"))
-    allow_path = run / "keys" / "allowlist.json" if allowlist is None else Path(allowlist)
+    allow_path = run / "keys" / "allowlist.json" if allowlist is None \
+        else check_path(allowlist, "allowlist", error, "file")
     try:
         keys = load_allowlist(allow_path)
     except IdentityError as err:
@@ -1433,7 +1436,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     applicable, the check and what is wrong. Raises :class:`AuditError` only when
     ``run_dir`` itself is missing, holds none of :data:`RUN_MARKERS`, or an argument is invalid.
     """
-    run = Path(run_dir)
+    run = check_path(run_dir, "run_dir", AuditError)
     if not run.is_dir():
         raise AuditError(f"run directory {run} does not exist or is not a directory")
     if not any((run / name).exists() for name in RUN_MARKERS):
@@ -1444,11 +1447,13 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     if isinstance(pld_checkpoints, bool) or not isinstance(pld_checkpoints, int) \
             or pld_checkpoints < 1:
         raise AuditError(f"pld_checkpoints must be an int >= 1, got {pld_checkpoints!r}")
-    allow_path = Path(allowlist) if allowlist is not None else None
+    allow_path = check_path(allowlist, "allowlist", AuditError, "file") \
+        if allowlist is not None else None
     if allow_path is not None and not allow_path.is_file():
         raise AuditError(f"allowlist {allow_path} "
                          + ("is a directory, not a file" if allow_path.is_dir() else "does not exist"))
-    anchor_path = Path(anchor) if anchor is not None else None
+    anchor_path = check_path(anchor, "anchor", AuditError, "file") if anchor is not None \
+        else None
     if anchor_path is not None and not anchor_path.is_file():
         raise AuditError(f"anchor {anchor_path} "
                          + ("is a directory, not a file (give the anchor.json kept apart)"

@@ -59,6 +59,7 @@ from audits.verify import (
 from privacy.accounting import PlannedRelease, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
+from privacy.paths import check_path
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config
 from secure_fedora.learning.client import ClientUpdateError, FlatModel, local_train
 from secure_fedora.runtimes.inprocess import build_clients, build_context
@@ -436,7 +437,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
         raise WhiteboxAuditError(f"seed must be an integer, got {seed!r}")
     setting = whitebox_setting(cfg, method, client_index, results)
     if run_dir is not None:
-        check_setting_against_ledger(setting, Path(run_dir))
+        check_setting_against_ledger(setting, check_path(run_dir, "run_dir",
+                                                          WhiteboxAuditError))
     clients = build_clients(cfg)
     client = clients[client_index]
     ctx = build_context(cfg, clients)
@@ -500,7 +502,7 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
     Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path. Raises
     :class:`WhiteboxAuditError` when the directory or its config is missing or invalid.
     """
-    run = Path(run_dir)
+    run = check_path(run_dir, "run_dir", WhiteboxAuditError)
     if not run.is_dir():
         raise WhiteboxAuditError(f"run directory {run} does not exist or is not a directory")
     cfg_path = run / "config.toml"

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from privacy.errors import ToolkitError
+from privacy.paths import check_path
 from secure_fedora import __version__
 from secure_fedora.algorithms.contract import (
     DataFacts,
@@ -690,7 +691,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
     The payload's digest is verified by streaming the file before anything is unpickled, and
     the state is then read from the same open file: a resume holds the loaded state once, not
-    also the file's bytes (at 10,000 clients a checkpoint is 4.5 GiB)."""
+    also the file's bytes (at 10,000 clients a checkpoint is 4.5 GiB). A ``path`` that is
+    not a text path (an int would open that file descriptor), is empty or holds NUL raises
+    CheckpointError naming it."""
+    path = check_path(path, "path", CheckpointError, "file")
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below, after the state is read
     except OSError as err:

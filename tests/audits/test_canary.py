@@ -434,3 +434,9 @@ def test_cli_canary_on_a_malformed_ledger_is_one_error_line(tmp_path, monkeypatc
     assert len(err) == 1 and err[0].startswith("error: ") and "fails verification" in err[0]
     assert "Traceback" not in captured.err and "verdict" not in captured.out
     assert not (run / "audit" / "canary.json").exists()
+
+
+@pytest.mark.parametrize("bad", [3, b"work", "", "a\x00b"])
+def test_a_work_dir_that_is_not_a_text_path_is_refused_before_training(bad):
+    with pytest.raises(CanaryAuditError, match="^work_dir "):
+        run_canary_audit(_cfg(False, rounds=1, lr=0.1), num_canaries=10, work_dir=bad)

@@ -338,3 +338,12 @@ def test_write_replay_result_refuses_an_empty_or_blank_run_directory(tmp_path, m
     with pytest.raises(ReplayAuditError, match="run_dir .*(is empty|NUL)"):
         write_replay_result(run_dir, result)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [3, b"run", ["run"], "", "a\x00b"])
+def test_path_arguments_that_are_not_text_paths_are_named(tmp_path, bad):
+    for name, kwargs in (("run_dir", {"run_dir": bad}),
+                         ("allowlist", {"run_dir": tmp_path, "allowlist": bad}),
+                         ("anchor", {"run_dir": tmp_path, "anchor": bad})):
+        with pytest.raises(ReplayAuditError, match=f"^{name} "):
+            run_replay_audit(**kwargs)

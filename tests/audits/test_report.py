@@ -623,3 +623,11 @@ def test_a_runtimes_run_level_events_are_shown(run_copy, tmp_path):
     assert all(e["event"] in shown for e in doc["events"])
     page = paths.html.read_text()
     assert "ClientApp killed" in page and "refused its release (over budget)" in page
+
+
+@pytest.mark.parametrize("bad", [3, b"run", ["run"], "", "a\x00b"])
+def test_build_report_names_a_path_argument_that_is_not_a_text_path(pristine_run, bad):
+    with pytest.raises(ReportError, match="^run_dir "):
+        build_report(bad)
+    with pytest.raises(ReportError, match="^allowlist "):
+        build_report(pristine_run, allowlist=bad)

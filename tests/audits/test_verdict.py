@@ -7,7 +7,14 @@ import math
 
 import pytest
 
-from audits.verdict import audit_document, audit_verdict, verdict_text, write_audit_json
+from audits.verdict import (
+    audit_document,
+    audit_verdict,
+    config_rebuild_problem,
+    verdict_text,
+    write_audit_json,
+)
+from audits.verify import AuditError
 
 
 def test_inconclusive_when_the_design_cannot_reach_the_claim():
@@ -79,3 +86,9 @@ def test_write_audit_json_refuses_an_empty_or_blank_run_directory(tmp_path, monk
     with pytest.raises(AuditError, match="run_dir .*(is empty|NUL)"):
         write_audit_json(run_dir, doc)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [3, b"run", "", "a\x00b"])
+def test_config_rebuild_problem_refuses_what_is_not_a_text_path(bad):
+    with pytest.raises(AuditError, match="^run_dir "):
+        config_rebuild_problem(bad, "canary")

@@ -14,8 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from audits.verify import (
     AuditError,
     Finding,
+    check_anchor,
     check_ledger_lines,
     independent_epsilons,
+    verified_ledger_entries,
     verify_run,
 )
 from privacy.accounting import Accountant
@@ -1013,3 +1015,22 @@ def test_findings_name_the_callers_arguments_in_python_and_flags_on_the_cli(
         check_anchor(run_copy, kept)
     with pytest.raises(AuditError, match=r"\(\+2 more; run `audit verify --anchor` for all\)$"):
         check_anchor(run_copy, kept, options=CLI_AUDIT_OPTIONS)
+
+
+@pytest.mark.parametrize("bad", [3, b"run", 1.5, ["run"], "", "a\x00b"])
+def test_path_arguments_that_are_not_text_paths_are_audit_errors_naming_them(pristine_run, bad):
+    anchor = pristine_run / "anchor.json"
+    calls = {
+        "run_dir": [lambda: verify_run(bad), lambda: check_anchor(bad, anchor),
+                    lambda: verified_ledger_entries(bad, "fedora", "client-000")],
+        "allowlist": [lambda: verify_run(pristine_run, allowlist=bad),
+                      lambda: check_anchor(pristine_run, anchor, allowlist=bad),
+                      lambda: verified_ledger_entries(pristine_run, "fedora", "client-000",
+                                                      allowlist=bad)],
+        "anchor": [lambda: verify_run(pristine_run, anchor=bad),
+                   lambda: check_anchor(pristine_run, bad)],
+    }
+    for name, funcs in calls.items():
+        for call in funcs:
+            with pytest.raises(AuditError, match=f"^{name} "):
+                call()

@@ -356,3 +356,9 @@ def test_a_seed_that_is_not_an_integer_is_a_clear_error(seed):
     """torch's manual_seed raised a RuntimeError ('expected a long, but got NoneType')."""
     with pytest.raises(WhiteboxAuditError, match="seed must be an integer"):
         run_whitebox_audit(parse_config(_cfg_dict(3.0)), seed=seed)
+
+
+@pytest.mark.parametrize("bad", [3, b"run", "", "a\x00b"])
+def test_audit_run_dir_refuses_what_is_not_a_text_path(bad):
+    with pytest.raises(WhiteboxAuditError, match="^run_dir "):
+        audit_run_dir(bad)

@@ -869,3 +869,17 @@ def test_a_fresh_simulation_never_overwrites_another_run(tmp_path, tiny_clients)
     assert "--" not in str(err.value)
     assert {p.name: p.read_bytes() for p in [run / "results.json", run / "rounds.csv",
                                               run / "checkpoints" / "local.pt"]} == before
+
+
+@pytest.mark.parametrize("bad", [1.5, b"ckpt.pt", None, "", "  ", "ckpt\x00.pt"])
+def test_load_checkpoint_refuses_what_is_not_a_text_path(bad):
+    with pytest.raises(CheckpointError, match=r"^path "):
+        load_checkpoint(bad)
+
+
+def test_load_checkpoint_refuses_a_file_descriptor(tmp_path):
+    # open() takes an int as a file descriptor: the checkpoint behind it was read unnamed
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, {"round": 1})
+    with ckpt.open("rb") as fh, pytest.raises(CheckpointError, match="path must be a path.*int"):
+        load_checkpoint(fh.fileno())
