@@ -40,6 +40,7 @@ __all__ = [
     "FedoraConfig",
     "TrainingConfig",
     "check_path_argument",
+    "classes_per_client_problem",
     "config_document",
     "config_from_bytes",
     "config_hash",
@@ -72,6 +73,20 @@ def check_path_argument(value: str | os.PathLike[str], name: str,
     system refuses NUL only once something is written). ``what`` the path names ("directory"
     or "file"), for the message."""
     return check_path(value, name, ConfigError, what)
+
+
+def classes_per_client_problem(train_per_client: int, val_per_client: int,
+                               classes_per_client: int) -> str | None:
+    """Why a pathological partition of these sizes cannot be drawn, or None: every client's
+    train and validation rows must hold each of its ``classes_per_client`` classes, so both
+    sizes must be at least it. The one rule of ``[data]`` and of
+    :func:`~secure_fedora.data.partition.pathological_partition`."""
+    for key, size in (("train_per_client", train_per_client),
+                      ("val_per_client", val_per_client)):
+        if size < classes_per_client:
+            return (f"data.{key} = {size} must be at least data.classes_per_client = "
+                    f"{classes_per_client} (one row of each of a client's classes)")
+    return None
 
 
 def _registered(registry_name: str) -> AfterValidator:
@@ -181,12 +196,10 @@ class DataConfig(_Section):
         if self.partition != "pathological" and self.classes_per_client is not None:
             raise ValueError("data.classes_per_client applies only to partition 'pathological'")
         if self.classes_per_client is not None:
-            # the partitioner needs every class in each client's train and validation rows
-            for key in ("train_per_client", "val_per_client"):
-                if getattr(self, key) < self.classes_per_client:
-                    raise ValueError(f"data.{key} = {getattr(self, key)} must be at least "
-                                     f"data.classes_per_client = {self.classes_per_client} (one "
-                                     "row of each of a client's classes)")
+            problem = classes_per_client_problem(self.train_per_client, self.val_per_client,
+                                                 self.classes_per_client)
+            if problem is not None:
+                raise ValueError(problem)
         if self.groups is not None and self.groups > self.num_clients:
             raise ValueError(f"data.groups = {self.groups} must not exceed data.num_clients = "
                              f"{self.num_clients}")

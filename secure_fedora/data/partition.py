@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
+from secure_fedora.core.config import classes_per_client_problem
 from secure_fedora.core.registry import DATASETS, PARTITIONERS
 from secure_fedora.data.sources import (
     NUM_CLASSES,
@@ -545,7 +546,8 @@ def pathological_partition(
     of clients up to one. Within a client each split is divided as evenly as possible over its
     ``c`` classes (one shard per class; sizes differ by at most one), so each split contains
     all ``c`` classes whenever its size is at least ``c``. Train and validation sizes must be
-    at least ``c``. Rows are drawn without replacement, disjoint across clients and splits.
+    at least ``c`` (:func:`~secure_fedora.core.config.classes_per_client_problem`, the config's
+    rule). Rows are drawn without replacement, disjoint across clients and splits.
     ``meta["classes"]`` lists the client's classes. Raises :class:`DataError` if a class runs
     out of rows.
     """
@@ -560,16 +562,9 @@ def pathological_partition(
     if c > num_classes:
         raise DataError(f"data.classes_per_client = {c} exceeds the {num_classes} classes of "
                         "the data")
-    if train_per_client < c:
-        raise DataError(
-            f"data.train_per_client = {train_per_client} must be at least "
-            f"data.classes_per_client = {c} (one row of each of a client's classes)"
-        )
-    if 0 < val_per_client < c:
-        raise DataError(
-            f"data.val_per_client = {val_per_client} must be 0 or at least "
-            f"data.classes_per_client = {c} (one row of each of a client's classes)"
-        )
+    problem = classes_per_client_problem(train_per_client, val_per_client, c)
+    if problem is not None:
+        raise DataError(problem)
     _check_totals(source, num_clients, train_per_client, val_per_client, test_per_client)
     rng = np.random.default_rng(seed)
     usage = np.zeros(num_classes, dtype=np.int64)

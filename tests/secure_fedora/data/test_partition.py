@@ -346,7 +346,10 @@ def test_pathological_is_deterministic() -> None:
         ({"classes_per_client": 3, "train_per_client": 2},
          "data.train_per_client = 2 must be at least data.classes_per_client = 3"),
         ({"classes_per_client": 3, "val_per_client": 2},
-         "data.val_per_client = 2 must be 0 or at least data.classes_per_client = 3"),
+         "data.val_per_client = 2 must be at least data.classes_per_client = 3"),
+        # the config's rule: a client without validation rows of each of its classes
+        ({"classes_per_client": 3, "val_per_client": 0},
+         "data.val_per_client = 0 must be at least data.classes_per_client = 3"),
         # the totals fit, but 11 clients of one class each put two on one class
         ({"num_clients": 11, "classes_per_client": 1, "train_per_client": 30, "val_per_client": 5},
          r"class .* of the train split has 60 rows but the 2 clients holding it need 70 "
