@@ -116,6 +116,7 @@ __all__ = [
     "VerificationReport",
     "check_anchor",
     "check_ledger_lines",
+    "checks_done",
     "dpsgd_claim_problem",
     "independent_epsilons",
     "mechanism_epsilon",
@@ -272,7 +273,20 @@ class VerificationReport:
         }
 
 
-CHECKS_DONE = [
+def checks_done(options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[str]:
+    """What :func:`verify_run` checks, in words; the anchor and allowlist are named as
+    ``options`` names them (the Python arguments by default, the CLI's flags with
+    :data:`~audits.options.CLI_AUDIT_OPTIONS`)."""
+    return [
+        *_CHECKS_FIXED,
+        f"anchor.json (or {options['anchor']}): signed; every ledger's final index and head,"
+        " results.json and config.toml digests, no ledger missing or unnamed",
+        "no private signing key inside the audited directory (an error with "
+        f"{options['allowlist']})",
+    ]
+
+
+_CHECKS_FIXED = [
     "canonical JSON lines with the documented fields and types",
     "index equals line position; prev_hash chains every line (SHA-256)",
     "Ed25519 signature of every entry under the client's allowlisted key",
@@ -286,9 +300,6 @@ CHECKS_DONE = [
     "ledger length and final epsilon equal results.json's per-client privacy summary",
     "every client of a DP run has a ledger for every method that ran or config.toml lists",
     "every ledger ends with one signed close entry (final index, epsilon spent)",
-    "anchor.json (or --anchor): signed; every ledger's final index and head, results.json"
-    " and config.toml digests, no ledger missing or unnamed",
-    "no private signing key inside the audited directory (an error with --allowlist)",
 ]
 
 
@@ -1540,5 +1551,5 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
                                 " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
                                 " PLD (pessimistic) and RDP of every whole ledger"),
-        allowlist=allow_used, checks=list(CHECKS_DONE),
+        allowlist=allow_used, checks=checks_done(options),
     )

@@ -1034,3 +1034,13 @@ def test_path_arguments_that_are_not_text_paths_are_audit_errors_naming_them(pri
         for call in funcs:
             with pytest.raises(AuditError, match=f"^{name} "):
                 call()
+
+
+def test_the_checks_name_the_anchor_and_allowlist_as_the_caller_gives_them(pristine_run):
+    from audits.options import CLI_AUDIT_OPTIONS
+
+    api_checks = " ".join(verify_run(pristine_run).checks)
+    assert "--" not in api_checks
+    assert "the anchor= argument" in api_checks and "the allowlist= argument" in api_checks
+    cli_checks = " ".join(verify_run(pristine_run, options=CLI_AUDIT_OPTIONS).checks)
+    assert "(or --anchor)" in cli_checks and "an error with --allowlist" in cli_checks
