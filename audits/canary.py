@@ -588,6 +588,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         raise CanaryAuditError(f"confidence must be in (0, 1), got {confidence!r}")
     if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1:
         raise CanaryAuditError(f"delta must be in [0, 1), got {delta!r}")
+    if not isinstance(every_round, bool):  # a truthy "no" must not mean yes
+        raise CanaryAuditError(f"every_round must be True or False, got {every_round!r:.80}")
     if work_dir is not None:
         work_dir = check_path(work_dir, "work_dir", CanaryAuditError)
     private = bool(cfg.privacy.enabled)

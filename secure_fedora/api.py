@@ -36,6 +36,7 @@ from torch import nn
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
+    check_flag_argument,
     check_path_argument,
     load_config,
     parse_config,
@@ -53,7 +54,7 @@ class Results(dict):
 
     def __init__(self, document: Mapping[str, Any], run_dir: str | Path | None = None) -> None:
         super().__init__(document)
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = check_path_argument(run_dir, "run_dir") if run_dir is not None else None
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Results:
@@ -209,10 +210,11 @@ class Experiment:
         empty or new ``run_dir`` (RunDirError otherwise: it would overwrite another run's
         results); ``resume=True`` continues the run it holds, and only that: the directory must
         hold this configuration's checkpoints (``check_resumable``), checked before anything is
-        written (RunDirError or CheckpointError otherwise)."""
+        written (RunDirError or CheckpointError otherwise). A ``resume`` that is not a bool
+        is a ConfigError."""
         from secure_fedora.runtimes.rundir import RunDirError, check_resumable
 
-        if resume:
+        if check_flag_argument(resume, "resume"):
             check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
         elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
             raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a new or "

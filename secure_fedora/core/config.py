@@ -39,6 +39,7 @@ __all__ = [
     "ExperimentConfig",
     "FedoraConfig",
     "TrainingConfig",
+    "check_flag_argument",
     "check_path_argument",
     "classes_per_client_problem",
     "config_document",
@@ -73,6 +74,15 @@ def check_path_argument(value: str | os.PathLike[str], name: str,
     system refuses NUL only once something is written). ``what`` the path names ("directory"
     or "file"), for the message."""
     return check_path(value, name, ConfigError, what)
+
+
+def check_flag_argument(value: object, name: str) -> bool:
+    """``value``, a yes/no argument given in Python (``resume=``), unless it is not a bool:
+    then ConfigError naming ``name`` (a truthy ``"no"`` or ``1`` must not mean yes, nor ``None``
+    or ``0`` no)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r:.80}")
+    return value
 
 
 def classes_per_client_problem(train_per_client: int, val_per_client: int,

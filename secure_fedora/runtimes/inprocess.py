@@ -41,6 +41,7 @@ from secure_fedora.algorithms.methods import FederatedMethod, MethodContext
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
+    check_flag_argument,
     check_path_argument,
     config_hash,
     model_selection,
@@ -983,7 +984,9 @@ class Simulation:
 
     def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
         """Run (or resume) one method to the configured number of rounds; with privacy, a
-        finished method's ledgers end with their signed close entry."""
+        finished method's ledgers end with their signed close entry. A ``resume`` that is
+        not a bool is a ConfigError."""
+        check_flag_argument(resume, "resume")
         cfg = self.cfg
         if data_checked([name]):
             check_data_facts([name], cfg, data_facts(self.clients))
@@ -1343,11 +1346,11 @@ class Simulation:
         that a process killed while writing one left in the run directory are removed first.
         A fresh run (``resume`` False) needs a new or empty ``run_dir`` (or one holding only
         this configuration's ``config.toml``): RunDirError otherwise, before anything is
-        written."""
+        written. A ``resume`` that is not a bool is a ConfigError."""
         from secure_fedora.runtimes.results import remove_interrupted_result_writes
         from secure_fedora.runtimes.rundir import check_fresh_run_dir
 
-        if not resume:  # another run's results, checkpoints or ledgers are never overwritten
+        if not check_flag_argument(resume, "resume"):  # another run's results, checkpoints or ledgers are never overwritten
             check_fresh_run_dir(self.run_dir, self.cfg, cli=False)
         p = self.cfg.privacy
         if p.enabled:

@@ -440,3 +440,9 @@ def test_cli_canary_on_a_malformed_ledger_is_one_error_line(tmp_path, monkeypatc
 def test_a_work_dir_that_is_not_a_text_path_is_refused_before_training(bad):
     with pytest.raises(CanaryAuditError, match="^work_dir "):
         run_canary_audit(_cfg(False, rounds=1, lr=0.1), num_canaries=10, work_dir=bad)
+
+
+@pytest.mark.parametrize("bad", ["no", 1, 0, None])
+def test_every_round_must_be_a_bool(bad):
+    with pytest.raises(CanaryAuditError, match="^every_round must be True or False"):
+        run_canary_audit(_cfg(False, rounds=1, lr=0.1), num_canaries=10, every_round=bad)

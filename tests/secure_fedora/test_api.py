@@ -115,3 +115,16 @@ def test_a_progress_that_is_not_callable_is_refused_before_the_run(tmp_path, pro
     with pytest.raises(ConfigError, match="progress must be a callable"):
         Experiment(config, run_dir=tmp_path / "run").run(progress=progress)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_resume_must_be_a_bool(tmp_path, bad) -> None:
+    """run(resume="no") or resume=1 resumed (a truthy value), resume=None started afresh."""
+    with pytest.raises(ConfigError, match="^resume must be True or False"):
+        Experiment(CONFIG, run_dir=tmp_path / "run").run(resume=bad)
+    assert not (tmp_path / "run").exists()
+
+
+def test_results_refuses_a_run_dir_that_is_not_a_path() -> None:
+    with pytest.raises(ConfigError, match="^run_dir must be a path"):
+        Results({"methods": {}}, run_dir=5)

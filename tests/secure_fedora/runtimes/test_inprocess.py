@@ -883,3 +883,12 @@ def test_load_checkpoint_refuses_a_file_descriptor(tmp_path):
     save_checkpoint(ckpt, {"round": 1})
     with ckpt.open("rb") as fh, pytest.raises(CheckpointError, match="path must be a path.*int"):
         load_checkpoint(fh.fileno())
+
+
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_simulation_resume_must_be_a_bool(tmp_path, tiny_clients, bad):
+    sim = Simulation(tiny(training={"rounds": 1}), tmp_path / "run", clients=tiny_clients)
+    for call in (lambda: sim.run(resume=bad), lambda: sim.run_method("local", resume=bad)):
+        with pytest.raises(ConfigError, match="^resume must be True or False"):
+            call()
+    assert not (tmp_path / "run").exists()
