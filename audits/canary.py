@@ -57,6 +57,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from audits.arguments import check_config, check_open_fraction, check_seed
 from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_document, audit_verdict
 from privacy.errors import ToolkitError
@@ -268,8 +269,8 @@ def split_audit(scores: Tensor, member: Tensor, delta: float, confidence: float 
         raise CanaryAuditError(f"member must be a bool tensor, got {member.dtype}")
     if not bool(torch.isfinite(scores).all()):
         raise CanaryAuditError("scores contain NaN or infinite values")
-    if not 0 < calibration_fraction < 1:
-        raise CanaryAuditError(f"calibration_fraction must be in (0, 1), got {calibration_fraction!r}")
+    check_open_fraction(calibration_fraction, "calibration_fraction", CanaryAuditError)
+    check_seed(seed, CanaryAuditError)
     m = scores.shape[0]
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
     n_cal = int(round(calibration_fraction * m))
@@ -357,7 +358,7 @@ def make_canaries(kind: str, count: int, seed: int, *,
                                f" ({count_option}), got {count!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise CanaryAuditError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed, CanaryAuditError))
     if kind == "noise":
         shape = (1, 28, 28) if like is None else tuple(like[0].shape[1:])
         if count * math.prod(shape) > MAX_CANARY_VALUES:
@@ -573,6 +574,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags), or when the audited client was
     refused a release (its final model would then not be a release).
     """
+    check_config(cfg, CanaryAuditError)
     if method not in cfg.methods:
         raise CanaryAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
     if isinstance(client_index, bool) or not isinstance(client_index, int) \
@@ -580,8 +582,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         raise CanaryAuditError(
             f"client_index must be in [0, {cfg.data.num_clients}), got {client_index!r}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CanaryAuditError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed, CanaryAuditError)
     # checked again by the bound after training: a bad one must not cost the federation's run
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
+from audits.arguments import check_open_fraction, check_seed
 from privacy.errors import ToolkitError
 
 __all__ = [
@@ -250,9 +251,10 @@ def split_indices(size: int, calibration_fraction: float,
     """The calibration and evaluation indices :func:`split_one_run_audit` uses for ``size``
     canaries (a random permutation from ``seed``, the first ``round(fraction * size)``
     calibrate); both parts non-empty, else :class:`OneRunAuditError`."""
-    if not 0 < calibration_fraction < 1:
-        raise OneRunAuditError(f"calibration_fraction must be in (0, 1), got"
-                               f" {calibration_fraction!r}")
+    check_open_fraction(calibration_fraction, "calibration_fraction", OneRunAuditError)
+    check_seed(seed, OneRunAuditError)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise OneRunAuditError(f"size must be an int >= 0, got {size!r:.80}")
     perm = np.random.default_rng(seed).permutation(size)
     n_cal = int(round(calibration_fraction * size))
     cal, ev = perm[:n_cal], perm[n_cal:]

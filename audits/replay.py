@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from audits.arguments import check_seed
 from audits.canary import epsilon_lower_bound
 from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_verdict, config_rebuild_problem
@@ -266,8 +267,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:
         raise ReplayAuditError(f"confidence must be in (0, 1), got {confidence!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ReplayAuditError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed, ReplayAuditError)
     method = _choose_method(run_dir, cfg, method)
     cid = client_ids(n_clients)[client]
     if anchor is not None:

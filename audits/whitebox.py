@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from audits.arguments import check_config, check_seed
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_indices, split_one_run_audit
 from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
@@ -422,6 +423,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     t0 = time.perf_counter()
+    check_config(cfg, WhiteboxAuditError)
     method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
     if num_canaries is not None and (isinstance(num_canaries, bool)
                                      or not isinstance(num_canaries, int) or num_canaries < 10):
@@ -433,8 +435,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
             or not 0 < calibration_fraction < 1:
         raise WhiteboxAuditError(f"calibration fraction must be in (0, 1), got"
                                  f" {calibration_fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise WhiteboxAuditError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed, WhiteboxAuditError)
     setting = whitebox_setting(cfg, method, client_index, results)
     if run_dir is not None:
         check_setting_against_ledger(setting, check_path(run_dir, "run_dir",

@@ -446,3 +446,22 @@ def test_a_work_dir_that_is_not_a_text_path_is_refused_before_training(bad):
 def test_every_round_must_be_a_bool(bad):
     with pytest.raises(CanaryAuditError, match="^every_round must be True or False"):
         run_canary_audit(_cfg(False, rounds=1, lr=0.1), num_canaries=10, every_round=bad)
+
+
+def test_wrong_argument_types_are_canary_audit_errors_naming_them():
+    """A dict config raised AttributeError ('dict' object has no attribute 'methods'), a seed
+    that is not an int torch's RuntimeError, a str calibration fraction a '<' TypeError; a
+    negative seed was taken."""
+    with pytest.raises(CanaryAuditError, match="^cfg must be an ExperimentConfig"):
+        run_canary_audit({"methods": ["local"]})
+    for seed in ("0", None, 1.5, -1, 2**64):
+        with pytest.raises(CanaryAuditError, match="^seed must be an integer"):
+            make_canaries("noise", 10, seed)
+        with pytest.raises(CanaryAuditError, match="^seed must be an integer"):
+            run_canary_audit(_cfg(False, rounds=1, lr=0.1), seed=seed)
+    scores, member = torch.randn(40), torch.arange(40) % 2 == 0
+    with pytest.raises(CanaryAuditError, match="^seed must be an integer"):
+        split_audit(scores, member, 1e-5, seed="0")
+    for fraction in ("0.5", None, math.nan):
+        with pytest.raises(CanaryAuditError, match="^calibration_fraction must be in"):
+            split_audit(scores, member, 1e-5, calibration_fraction=fraction)

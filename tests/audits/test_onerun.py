@@ -113,3 +113,15 @@ def test_argument_errors():
         calibrate_guess_rule(np.array([0.0, np.nan]), np.array([True, False]))
     with pytest.raises(OneRunAuditError, match="cannot be split"):
         split_one_run_audit(np.zeros(2), np.array([True, False]), 0.0, calibration_fraction=0.1)
+
+
+def test_wrong_split_arguments_are_one_run_audit_errors_naming_them():
+    """numpy's TypeError/ValueError (SeedSequence, 'expected non-negative integer') or a '<'
+    TypeError came out of the split before."""
+    scores, member = np.random.default_rng(0).normal(size=100), np.arange(100) % 2 == 0
+    for seed in ("0", None, 1.5, -1, 2**64):
+        with pytest.raises(OneRunAuditError, match="^seed must be an integer"):
+            split_one_run_audit(scores, member, 1e-5, seed=seed)
+    for fraction in ("0.2", None, math.inf):
+        with pytest.raises(OneRunAuditError, match="^calibration_fraction must be in"):
+            split_one_run_audit(scores, member, 1e-5, calibration_fraction=fraction)

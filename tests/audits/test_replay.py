@@ -92,7 +92,7 @@ def test_runs_that_cannot_be_audited_are_refused(runs, tmp_path, capsys):
     # expected a long') before
     with pytest.raises(ReplayAuditError, match="confidence must be in"):
         run_replay_audit(runs["csprng"], confidence=None)
-    for seed in (None, 1.5, "0", True):
+    for seed in (None, 1.5, "0", True, -1, 2**64):
         with pytest.raises(ReplayAuditError, match="seed must be an integer"):
             run_replay_audit(runs["csprng"], seed=seed)
     assert main(["audit", "replay", str(tmp_path)]) == 2

@@ -362,3 +362,11 @@ def test_a_seed_that_is_not_an_integer_is_a_clear_error(seed):
 def test_audit_run_dir_refuses_what_is_not_a_text_path(bad):
     with pytest.raises(WhiteboxAuditError, match="^run_dir "):
         audit_run_dir(bad)
+
+
+def test_a_config_that_is_not_an_experimentconfig_or_an_out_of_range_seed_is_named():
+    with pytest.raises(WhiteboxAuditError, match="^cfg must be an ExperimentConfig"):
+        run_whitebox_audit(_cfg_dict(3.0))
+    for seed in (-1, 2**64):
+        with pytest.raises(WhiteboxAuditError, match="^seed must be an integer"):
+            run_whitebox_audit(parse_config(_cfg_dict(3.0)), seed=seed)

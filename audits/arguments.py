@@ -1,0 +1,39 @@
+"""Checks of the audit functions' own arguments: one wording for each kind, an error of the
+caller's class naming the argument, before anything is built or trained."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["MAX_SEED", "check_config", "check_open_fraction", "check_seed"]
+
+#: Seeds are ints in [0, MAX_SEED): torch's and numpy's generators take every one of them.
+MAX_SEED = 2**63
+
+
+def check_seed(value: Any, error: type[Exception], name: str = "seed") -> int:
+    """``value`` unless it is not an int (a bool included) in [0, :data:`MAX_SEED`): then
+    ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
+        raise error(f"{name} must be an integer in [0, 2**63), got {value!r:.80}")
+    return value
+
+
+def check_open_fraction(value: Any, name: str, error: type[Exception]) -> float:
+    """``value`` as a float unless it is not a number (a bool included) strictly between 0
+    and 1: then ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not (math.isfinite(value) and 0 < value < 1):
+        raise error(f"{name} must be in (0, 1), got {value!r:.80}")
+    return float(value)
+
+
+def check_config(cfg: Any, error: type[Exception], name: str = "cfg") -> None:
+    """``error`` naming ``name`` unless ``cfg`` is an ExperimentConfig (a dict or a path is
+    not read here: the audits take what ``load_config``/``parse_config`` return)."""
+    from secure_fedora.core.config import ExperimentConfig
+
+    if not isinstance(cfg, ExperimentConfig):
+        raise error(f"{name} must be an ExperimentConfig (secure_fedora.core.config.load_config"
+                    f" or parse_config), got {type(cfg).__name__}")
