@@ -94,7 +94,10 @@ class ReplayAuditResult:
 
 
 def certifiable_max(trials: int, delta: float, confidence: float = 0.95) -> float:
-    """The lower bound a perfect attacker gets from ``trials`` balanced trials (no errors)."""
+    """The lower bound a perfect attacker gets from ``trials`` balanced trials (no errors);
+    ReplayAuditError unless ``trials`` is an int >= 0."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise ReplayAuditError(f"trials must be an int >= 0, got {trials!r:.80}")
     members = trials // 2
     non_members = trials - members
     if members < 1 or non_members < 1:
@@ -105,7 +108,12 @@ def certifiable_max(trials: int, delta: float, confidence: float = 0.95) -> floa
 
 def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
                      cap: int = MAX_AUTO_TRIALS) -> int:
-    """Fewest trials (even, >= 40) whose certifiable maximum exceeds ``claim`` by 10%, or ``cap``."""
+    """Fewest trials (even, >= 40) whose certifiable maximum exceeds ``claim`` by 10%, or ``cap``;
+    ReplayAuditError unless ``claim`` is a number >= 0 and ``cap`` an int."""
+    if isinstance(claim, bool) or not isinstance(claim, int | float) or not claim >= 0:
+        raise ReplayAuditError(f"claim must be a number >= 0, got {claim!r:.80}")
+    if isinstance(cap, bool) or not isinstance(cap, int):
+        raise ReplayAuditError(f"cap must be an int, got {cap!r:.80}")
     trials = 40
     while trials < cap and certifiable_max(trials, delta, confidence) <= 1.1 * claim:
         trials = min(cap, int(trials * 1.25) // 2 * 2 + 2)

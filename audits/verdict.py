@@ -37,11 +37,20 @@ Verdict = Literal["refuted", "consistent", "inconclusive"]
 
 
 def _finite_or_none(claim: float | None) -> float | None:
+    if claim is not None and (isinstance(claim, bool) or not isinstance(claim, int | float)):
+        raise ValueError(f"claim_epsilon must be a number >= 0 or None, got {claim!r:.80}")
     if claim is None or math.isinf(claim):
         return None
     if math.isnan(claim) or claim < 0:
         raise ValueError(f"a claimed epsilon must be >= 0, got {claim!r}")
     return float(claim)
+
+
+def _check_bounds(certifiable_max: float, lower_bound: float) -> None:
+    for name, value in (("certifiable_max", certifiable_max), ("lower_bound", lower_bound)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) \
+                or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r:.80}")
 
 
 def audit_verdict(claim_epsilon: float | None, certifiable_max: float,
@@ -51,9 +60,7 @@ def audit_verdict(claim_epsilon: float | None, certifiable_max: float,
     Guarantee: ``"consistent"`` only when ``certifiable_max > claim_epsilon >= lower_bound``;
     ``"refuted"`` exactly when ``lower_bound > claim_epsilon``.
     """
-    for name, value in (("certifiable_max", certifiable_max), ("lower_bound", lower_bound)):
-        if not isinstance(value, int | float) or math.isnan(value) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    _check_bounds(certifiable_max, lower_bound)
     claim = _finite_or_none(claim_epsilon)
     if claim is None:
         return "inconclusive"
@@ -66,7 +73,12 @@ def audit_verdict(claim_epsilon: float | None, certifiable_max: float,
 
 def verdict_text(verdict: str, claim_epsilon: float | None, certifiable_max: float,
                  lower_bound: float) -> str:
-    """One line for people: the verdict and the numbers behind it."""
+    """One line for people: the verdict and the numbers behind it. ValueError naming the
+    argument for a number :func:`audit_verdict` refuses, or a ``verdict`` other than the one
+    it gives for these numbers."""
+    given = audit_verdict(claim_epsilon, certifiable_max, lower_bound)
+    if verdict != given:
+        raise ValueError(f"verdict {verdict!r:.80} is not what these numbers give ({given!r})")
     claim = _finite_or_none(claim_epsilon)
     if verdict == "refuted":
         return (f"refuted: the lower bound {lower_bound:.3g} exceeds the claimed epsilon"

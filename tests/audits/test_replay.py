@@ -347,3 +347,15 @@ def test_path_arguments_that_are_not_text_paths_are_named(tmp_path, bad):
                          ("anchor", {"run_dir": tmp_path, "anchor": bad})):
         with pytest.raises(ReplayAuditError, match=f"^{name} "):
             run_replay_audit(**kwargs)
+
+
+def test_trial_helpers_name_a_wrong_argument():
+    """'unsupported operand type(s) for //' or '<' TypeErrors came out before."""
+    for bad in ("40", None, 1.5):
+        with pytest.raises(ReplayAuditError, match="^trials must be an int"):
+            certifiable_max(bad, 1e-5)
+        with pytest.raises(ReplayAuditError, match="^cap must be an int"):
+            trials_for_claim(1.0, 1e-5, cap=bad)
+    for bad in ("1.0", None, float("nan"), -1.0):
+        with pytest.raises(ReplayAuditError, match="^claim must be a number"):
+            trials_for_claim(bad, 1e-5)

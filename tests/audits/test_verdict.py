@@ -92,3 +92,17 @@ def test_write_audit_json_refuses_an_empty_or_blank_run_directory(tmp_path, monk
 def test_config_rebuild_problem_refuses_what_is_not_a_text_path(bad):
     with pytest.raises(AuditError, match="^run_dir "):
         config_rebuild_problem(bad, "canary")
+
+
+def test_verdict_text_names_a_wrong_argument():
+    """verdict_text formatted what it was given: a str bound raised 'Unknown format code',
+    a verdict the numbers do not give with no claim 'unsupported format string passed to
+    NoneType', and a True bound or a str claim got through audit_verdict's check."""
+    with pytest.raises(ValueError, match="^lower_bound must be a number"):
+        verdict_text("consistent", 1.0, 3.0, "0.5")
+    with pytest.raises(ValueError, match="^certifiable_max must be a number"):
+        audit_verdict(1.0, True, 0.5)
+    with pytest.raises(ValueError, match="^claim_epsilon must be a number"):
+        audit_verdict("1.0", 3.0, 0.5)
+    with pytest.raises(ValueError, match="^verdict 'consistent' is not what these numbers give"):
+        verdict_text("consistent", None, 3.0, 0.5)
