@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from audits.arguments import check_seed
 from privacy.errors import ToolkitError
 from privacy.mechanisms import noised_second_moment, top_eigenvectors
 from privacy.noise import ReproducibleNoise
@@ -230,6 +231,9 @@ def _mode_result(mode: str, clients: Sequence[ClientData], recons: Sequence[Reco
 
 
 def _check_clients(clients: Sequence[ClientData]) -> list[ClientData]:
+    if isinstance(clients, ClientData | str | bytes) or not isinstance(clients, Sequence):
+        raise LeakageError(f"clients must be a sequence of ClientData, got "
+                           f"{type(clients).__name__}")
     clients = list(clients)
     if len(clients) < 2:
         raise LeakageError(f"the leakage audit needs at least 2 clients, got {len(clients)}")
@@ -309,6 +313,11 @@ def noised_summaries(clients: Sequence[ClientData], clip_norm: float,
 
 
 def _per_client(noise_multiplier: float | Sequence[float], count: int) -> list[float]:
+    values = [noise_multiplier] if isinstance(noise_multiplier, int | float) else noise_multiplier
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or any(
+            isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise LeakageError(f"noise_multiplier must be a number or one number per client, got "
+                           f"{noise_multiplier!r:.80}")
     if isinstance(noise_multiplier, int | float):
         return [float(noise_multiplier)] * count
     sigmas = [float(v) for v in noise_multiplier]
@@ -367,6 +376,11 @@ def run_summary_leakage_audit(clients: Sequence[ClientData], *, q: int = 1,
         raise LeakageError("noised mode needs both clip_norm and noise_multiplier (or neither)")
     if isinstance(q, bool) or not isinstance(q, int) or q < 1:
         raise LeakageError(f"q must be an int >= 1, got {q!r}")
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or not math.isfinite(tau) \
+            or tau <= 0:
+        raise LeakageError(f"tau must be a finite number > 0 (fedora.tau), got {tau!r:.80}")
+    tau = float(tau)
+    check_seed(seed, LeakageError)
     plain = plain_summaries(clients, q)
     modes = {"plain": leakage_from_summaries(clients, plain, "plain")}
     shown: float | list[float] | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -134,3 +136,21 @@ def test_per_client_noise_multipliers_match_one_client_at_a_time(skewed):
     assert same.to_json()["noise_multiplier"] == 0.05
     with pytest.raises(LeakageError, match="3 noise multipliers for 4 clients"):
         run_summary_leakage_audit(skewed, clip_norm=10.0, noise_multiplier=sigmas[:3])
+
+
+def test_wrong_argument_types_are_leakage_errors_naming_them(skewed):
+    """A tau, seed or client list of the wrong type raised TypeErrors from torch or
+    arithmetic deep inside ('unsupported operand', ''float' object is not iterable'), and a
+    negative or zero tau was taken."""
+    for bad in (None, 5.5, skewed[0]):
+        with pytest.raises(LeakageError, match="^clients must be a sequence of ClientData"):
+            run_summary_leakage_audit(bad)
+    for tau in ("10", None, 0, -1.0, math.nan, True):
+        with pytest.raises(LeakageError, match="^tau must be a finite number > 0"):
+            run_summary_leakage_audit(skewed, tau=tau)
+    for seed in ("0", None, -1):
+        with pytest.raises(LeakageError, match="^seed must be an integer"):
+            run_summary_leakage_audit(skewed, seed=seed)
+    for sigma in ("abc", True, [1.0, None, 1.0, 1.0]):
+        with pytest.raises(LeakageError, match="^noise_multiplier must be a number"):
+            run_summary_leakage_audit(skewed, clip_norm=1.0, noise_multiplier=sigma)
