@@ -73,10 +73,12 @@ def _check_level(delta: float, confidence: float) -> float:
 
 
 def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """Upper bound on P[W >= v] for an (epsilon, delta)-DP run (the theorem above), capped at 1."""
+    """Upper bound on P[W >= v] for an (epsilon, delta)-DP run (the theorem above), capped at 1.
+    OneRunAuditError unless ``epsilon`` is a number >= 0 and ``delta`` one in [0, 1)."""
     _check_counts(m, r, v)
-    if not epsilon >= 0:
-        raise OneRunAuditError(f"epsilon must be >= 0, got {epsilon!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not epsilon >= 0:
+        raise OneRunAuditError(f"epsilon must be a number >= 0, got {epsilon!r:.80}")
+    _check_level(delta, 0.5)  # a negative delta lowered the p-value below the pure-DP tail
     q = float(special.expit(epsilon))
     tail = float(stats.binom.sf(v - 1, r, q))
     if delta == 0 or v == 0:

@@ -125,3 +125,15 @@ def test_wrong_split_arguments_are_one_run_audit_errors_naming_them():
     for fraction in ("0.2", None, math.inf):
         with pytest.raises(OneRunAuditError, match="^calibration_fraction must be in"):
             split_one_run_audit(scores, member, 1e-5, calibration_fraction=fraction)
+
+
+def test_one_run_p_value_refuses_a_delta_outside_0_1_and_a_non_number_epsilon():
+    """delta was not checked: a negative one gave a p-value below the pure-DP tail (0.032
+    for 0.065 here, evidence the run does not give), a str one a TypeError; a str epsilon
+    raised a '>=' TypeError."""
+    for delta in (-1e-3, 1.0, "1e-5", None):
+        with pytest.raises(OneRunAuditError, match="^delta must be in"):
+            one_run_p_value(100, 20, 18, 1.0, delta)
+    for epsilon in ("1", None, math.nan, True):
+        with pytest.raises(OneRunAuditError, match="^epsilon must be a number"):
+            one_run_p_value(100, 20, 18, epsilon, 1e-5)
