@@ -346,12 +346,15 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
     is shown as missing, never passed to the plot); ``stale`` lists each client whose
     selected metric is from an earlier round than the selected one (``selected.stale_clients``)
     and ``final_stale`` each client whose final metric is from an earlier round than the
-    method's last (``final.stale_clients``)."""
+    method's last (``final.stale_clients``); ``unmeasured`` the evaluated rounds each method's
+    model selection did not consider, as some client had no measured metric yet
+    (``selected.unmeasured_rounds``)."""
     metric = str(results.get("metric", "accuracy")) if isinstance(results, dict) else "accuracy"
     if not results or not isinstance(results.get("methods"), dict):
         return {"metric": metric, "methods": [], "per_client": [], "stale": [],
-                "final_stale": []}
+                "final_stale": [], "unmeasured": []}
     methods = []
+    unmeasured: list[dict[str, Any]] = []
     stale: list[dict[str, Any]] = []
     final_stale: list[dict[str, Any]] = []
     per_client: dict[int, dict[str, Any]] = {}
@@ -367,6 +370,9 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
         stale.extend({"method": name, "client": e.get("client"), "round": e.get("round"),
                       "selected_round": sel.get("round")}
                      for e in _list(sel.get("stale_clients")) if isinstance(e, dict))
+        skipped = [r for r in _list(sel.get("unmeasured_rounds")) if isinstance(r, int)]
+        if skipped:
+            unmeasured.append({"method": name, "rounds": skipped})
         final = body.get("final")
         if isinstance(final, dict):
             final_stale.extend({"method": name, "client": e.get("client"),
@@ -375,7 +381,7 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
     ids = client_ids(len(per_client))
     rows = [{**per_client[i], "client_id": ids[i]} for i in sorted(per_client)]
     return {"metric": metric, "methods": methods, "per_client": rows, "stale": stale,
-            "final_stale": final_stale}
+            "final_stale": final_stale, "unmeasured": unmeasured}
 
 
 def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
@@ -921,6 +927,11 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
                              f"{_e(st['client'])}'s {what}{_e(metric_name)} {source}, not "
                              f"{reported} {_e(st[round_key])}'s (it missed that round's "
                              "evaluation).</p>")
+        for um in acc.get("unmeasured", []):
+            listed = ", ".join(_e(r) for r in um["rounds"])
+            parts.append(f"<p class=\"warn\">{_e(um['method'])}: rounds {listed} were not "
+                         "considered for selection: some client had no measured "
+                         f"{_e(metric_name)} yet (only a placeholder 0).</p>")
         if plots.get("accuracy"):
             parts.append(f"<img alt=\"per-client {_e(metric_name)}\" "
                          f"src=\"data:image/png;base64,{plots['accuracy']}\">")

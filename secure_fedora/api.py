@@ -101,7 +101,8 @@ class Results(dict):
         was chosen (``assumptions.model_selection``: the best-validation or the final round),
         then a line for each client whose selected metric is from another round
         (``selected.stale_clients``: a client that missed that evaluation or rejected its
-        evaluation message)."""
+        evaluation message) and one naming the rounds selection did not consider
+        (``selected.unmeasured_rounds``)."""
         assumptions = self.get("assumptions")
         selection = assumptions.get("model_selection") if isinstance(assumptions, dict) else None
         which = "the final round" if selection == "final_round" else "the best-validation round"
@@ -118,6 +119,10 @@ class Results(dict):
                     else f"from round {stale['round']}"
                 lines.append(f"{name}: client {stale['client']}'s metric is {source}, not the "
                              "selected round's")
+            skipped = self.selected(name).get("unmeasured_rounds")
+            if skipped:
+                lines.append(f"{name}: rounds {skipped} were not considered for selection "
+                             "(some client had no measured metric yet)")
         return "\n".join(lines)
 
 

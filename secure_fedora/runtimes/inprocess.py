@@ -451,27 +451,39 @@ def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[i
 @dataclass
 class Tracker:
     """Model selection as in the reference: the round with the best mean validation accuracy
-    across clients is selected, and every client's test accuracy at that round is reported."""
+    across clients is selected, and every client's test accuracy at that round is reported.
+
+    Both runtimes select through this class, so they select alike. Only measured metrics
+    count: an evaluated round is eligible for selection only once every client has reported a
+    metric (that round's, or an earlier one kept by a client that missed its evaluation,
+    named under ``stale_clients``); a round in which some client still holds the placeholder 0
+    (never evaluated yet: a Flower node not yet answering, a rejected evaluation message) is
+    never selected, also under ``model_selection = "final_round"``, and its history row's
+    ``selected_mean``/``selected_round`` are None while no round was eligible yet.
+    ``eligible_from`` is the first eligible round (-1: none yet); results.json names the
+    evaluated rounds before it under ``selected.unmeasured_rounds``
+    (:func:`unmeasured_rounds`)."""
 
     best_val_mean: Tensor
     best_round: Tensor
     test_at_best: Tensor
     last_val: Tensor
     last_test: Tensor
-    # True: the latest evaluated round is always selected (``model_selection = "final_round"``;
+    # True: the latest eligible round is always selected (``model_selection = "final_round"``;
     # validation accuracy is then not consulted, nor reported).
     select_final: Tensor = field(default_factory=lambda: torch.tensor(False))
-    # In process, with envelopes: the round each client's metrics are from (-1: none yet; a
-    # client that rejected its evaluation message keeps older ones), and the same at the
-    # selected round (results' stale_clients).
+    # The round each client's metrics are from (-1: none yet, a placeholder 0; a client that
+    # missed or rejected its evaluation keeps older ones), and the same at the selected round
+    # (results' stale_clients); the Flower server keeps its own copy of both for its results.
     metric_round: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     selected_metric_round: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    eligible_from: Tensor = field(default_factory=lambda: torch.tensor(-1))
 
     @classmethod
     def empty(cls, n: int, select_final: bool = False) -> Tracker:
         return cls(torch.tensor(-1.0), torch.tensor(0), torch.zeros(n), torch.zeros(n), torch.zeros(n),
                    torch.tensor(bool(select_final)), torch.full((n,), -1, dtype=torch.int64),
-                   torch.full((n,), -1, dtype=torch.int64))
+                   torch.full((n,), -1, dtype=torch.int64), torch.tensor(-1))
 
     def evaluated(self, rnd: int, clients: Sequence[int]) -> None:
         """Record that ``clients`` reported their metrics of round ``rnd`` (before
@@ -480,6 +492,13 @@ class Tracker:
             self.metric_round[torch.as_tensor(list(clients), dtype=torch.long)] = rnd
 
     def update(self, rnd: int) -> None:
+        """Select round ``rnd`` (after :meth:`evaluated`) if it is eligible (every client has a
+        measured metric) and its mean validation metric beats the selected one's (or the
+        final round is selected)."""
+        if bool((self.metric_round < 0).any()):
+            return  # a placeholder 0 is no measurement: not compared, not selected
+        if int(self.eligible_from) < 0:
+            self.eligible_from.fill_(rnd)
         val_mean = self.last_val.mean()
         if bool(self.select_final) or val_mean > self.best_val_mean:
             self.best_val_mean.copy_(val_mean)
@@ -491,10 +510,11 @@ class Tracker:
         """The evaluated round's history fields (both runtimes report exactly these): the
         test statistics and ``val_mean`` over ``clients`` (default every client), the clients
         whose metrics are this round's (None when there are none); the selection's over every
-        client."""
+        client; None while no round was eligible)."""
         test = self.last_test if clients is None else self.last_test[list(clients)]
         val = self.last_val if clients is None else self.last_val[list(clients)]
         some = test.numel() > 0
+        chosen = int(self.eligible_from) >= 0
         return {
             "test_mean": float(test.mean()) if some else None,
             "test_min": float(test.min()) if some else None,
@@ -502,8 +522,8 @@ class Tracker:
             "test_std": float(test.std(unbiased=False)) if some else None,
             # Validation metrics on private data are not reported (it would be a release).
             "val_mean": None if bool(self.select_final) or not some else float(val.mean()),
-            "selected_mean": float(self.test_at_best.mean()),
-            "selected_round": int(self.best_round),
+            "selected_mean": float(self.test_at_best.mean()) if chosen else None,
+            "selected_round": int(self.best_round) if chosen else None,
         }
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -520,6 +540,16 @@ def stale_clients(metric_round: Mapping[int, int], reported: int, n: int) -> dic
     stale = [{"client": c, "round": metric_round.get(c)} for c in range(n)
              if metric_round.get(c) != reported]
     return {"stale_clients": stale} if stale else {}
+
+
+def unmeasured_rounds(history: Sequence[Mapping[str, Any]], eligible_from: int) -> dict[str, Any]:
+    """``{"unmeasured_rounds": [r, ...]}``: the evaluated rounds of one method's ``history``
+    that model selection did not consider because some client had no measured metric yet
+    (before ``eligible_from``, :attr:`Tracker.eligible_from`; -1: none was eligible); empty
+    when every evaluated round was eligible. Both runtimes report them under ``selected``."""
+    skipped = [int(row["round"]) for row in history if "evaluated" in row
+               and (eligible_from < 0 or int(row["round"]) < eligible_from)]
+    return {"unmeasured_rounds": skipped} if skipped else {}
 
 
 def _metric_rounds(rounds: Tensor) -> dict[int, int]:
@@ -1160,7 +1190,8 @@ class Simulation:
             name=name,
             selected={**summarize(tracker.test_at_best), "round": int(tracker.best_round),
                       **stale_clients(_metric_rounds(tracker.selected_metric_round),
-                                      int(tracker.best_round), n)},
+                                      int(tracker.best_round), n),
+                      **unmeasured_rounds(history, int(tracker.eligible_from))},
             final={**summarize(tracker.last_test),
                    **stale_clients(_metric_rounds(tracker.metric_round), rounds, n)},
             rounds=rounds,
@@ -1323,6 +1354,10 @@ class Simulation:
                            default=-1)
                 tracker.metric_round.fill_(last)
                 tracker.selected_metric_round.fill_(int(tracker.best_round) if last >= 0 else -1)
+            if "eligible_from" not in state["tracker"]:
+                # a checkpoint from before the rule: every evaluated round counted
+                tracker.eligible_from.fill_(min(
+                    (int(r["round"]) for r in state["history"] if "test_mean" in r), default=-1))
             round_gen.set_state(state["round_generator"])
             gens = state["client_generators"]
             if len(gens) != len(ctx.generators):

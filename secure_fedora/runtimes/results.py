@@ -6,7 +6,8 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
 
 * ``methods.<name>.selected.{mean,min,max,std,per_client,round}`` -- each client's test metric
   at the round with the best mean validation metric (or the final round under
-  ``model_selection = "final_round"``), and that round;
+  ``model_selection = "final_round"``), and that round; ``selected.unmeasured_rounds``, only
+  where some evaluated rounds were not considered as a client had no measured metric yet;
 * ``methods.<name>.final.{mean,min,max,std,per_client}`` -- at the last evaluated round;
 * a derived row (``methods.fedavg_ft``, see :func:`build_results`) holds only ``name``,
   ``metric`` and ``selected.{mean,min,max,std,per_client}`` (no ``round``, no ``final``);

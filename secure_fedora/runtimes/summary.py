@@ -37,7 +37,8 @@ def print_run_summary(console: Console, results: dict[str, Any], run_dir: Path |
     """Print a finished run's summary on ``console``: :func:`results_table`, FEDORA's
     comparison with Local where the results hold it, each client whose selected or final
     metric is from an earlier round (``stale_clients``: a client that missed that
-    evaluation or, with envelopes, rejected its evaluation message), every event the runtime recorded (Flower: a client that failed or was
+    evaluation or, with envelopes, rejected its evaluation message), the rounds model
+    selection did not consider (``selected.unmeasured_rounds``), every event the runtime recorded (Flower: a client that failed or was
     rejected in a round; none in process) and the directory holding results.json."""
     console.print(results_table(results))
     comparison = results.get("comparison") or {}
@@ -53,6 +54,10 @@ def print_run_summary(console: Console, results: dict[str, Any], run_dir: Path |
                 console.print(f"  {name} {part}: client {stale['client']}'s metric {source}, "
                               f"not round {reported}'s (it missed that round's evaluation)",
                               markup=False)
+        skipped = (body.get("selected") or {}).get("unmeasured_rounds")
+        if skipped:
+            console.print(f"  {name}: rounds {skipped} were not considered for selection (some "
+                          "client had no measured metric yet)", markup=False)
     for event in results.get("events") or []:
         where = f"{event['method']} " if event.get("method") else ""
         console.print(f"  {where}round {event['round']}: client {event['client']}: "

@@ -484,6 +484,19 @@ def test_a_stale_selected_metric_is_named_in_the_report(run_copy, tmp_path):
             f"selected round {selected['round']}'s") in paths.html.read_text()
 
 
+def test_rounds_not_considered_for_selection_are_named_in_the_report(run_copy, tmp_path):
+    """results.json names the evaluated rounds model selection skipped, as some client had no
+    measured metric yet (selected.unmeasured_rounds); the report says so."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["methods"]["fedora"]["selected"]["unmeasured_rounds"] = [1, 2]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    paths = write_report(run_copy, tmp_path / "out")
+    assert json.loads(paths.json.read_text())["accuracy"]["unmeasured"] == [
+        {"method": "fedora", "rounds": [1, 2]}]
+    assert ("fedora: rounds 1, 2 were not considered for selection: some client had no "
+            "measured accuracy yet") in paths.html.read_text()
+
+
 def test_a_stale_final_metric_is_named_in_the_report(run_copy, tmp_path):
     """results.json names a client whose final metric is from an earlier round under
     final.stale_clients: the report showed only the selected round's stale clients, so a

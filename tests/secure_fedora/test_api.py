@@ -43,6 +43,15 @@ def test_summary_names_a_client_whose_selected_metric_is_stale():
     assert "client" not in _results("validation").summary()
 
 
+def test_summary_names_the_rounds_selection_did_not_consider():
+    """selected.unmeasured_rounds (some client had no measured metric yet) gets its line."""
+    results = _results("validation")
+    results["methods"]["fedora"]["selected"]["unmeasured_rounds"] = [1]
+    assert results.summary().splitlines()[-1] == (
+        "fedora: rounds [1] were not considered for selection (some client had no measured "
+        "metric yet)")
+
+
 CONFIG = {"methods": ["fedora", "local"],
           "data": {"partition": "iid", "num_clients": 3, "train_per_client": 20,
                    "val_per_client": 5, "test_per_client": 5},

@@ -125,7 +125,13 @@ from secure_fedora.runtimes.flower.protocol import (
     check_supported,
     wire_round,
 )
-from secure_fedora.runtimes.inprocess import Tracker, atomic_write_text, stale_clients, summarize
+from secure_fedora.runtimes.inprocess import (
+    Tracker,
+    atomic_write_text,
+    stale_clients,
+    summarize,
+    unmeasured_rounds,
+)
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
@@ -1115,6 +1121,7 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
         run.evaluated.add(cid)
         run.metric_round[cid] = rnd
         fresh.append(cid)
+    tracker.evaluated(rnd, fresh)
     tracker.update(rnd)
     if int(tracker.best_round) == rnd:
         run.selected_metric_round = dict(run.metric_round)
@@ -1299,7 +1306,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         server.relatedness = relatedness_matrix([algorithm])
     t = run.tracker
     selected = {**summarize(t.test_at_best), "round": int(t.best_round),
-                **stale_clients(run.selected_metric_round, int(t.best_round), n)}
+                **stale_clients(run.selected_metric_round, int(t.best_round), n),
+                **unmeasured_rounds(run.history, int(t.eligible_from))}
     final = {**summarize(t.last_test), **stale_clients(run.metric_round, rounds, n)}
     return method_entry(name, selected, final, rounds, round(run.seconds["training"], 3),
                         round(run.seconds["evaluation"], 3), extra)

@@ -892,3 +892,26 @@ def test_simulation_resume_must_be_a_bool(tmp_path, tiny_clients, bad):
         with pytest.raises(ConfigError, match="^resume must be True or False"):
             call()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("select_final", [False, True])
+def test_a_placeholder_metric_never_counts_in_model_selection(select_final: bool) -> None:
+    """Client 1 has no metric in round 1 (a placeholder 0): round 1 is not eligible, though the
+    mean over every slot (0.6) beats round 2's measured 0.5; the selection starts at round 2,
+    and round 1 is named as not considered."""
+    from secure_fedora.runtimes.inprocess import Tracker, unmeasured_rounds
+
+    tracker = Tracker.empty(3, select_final=select_final)
+    history = []
+    for rnd, clients, val in ((1, [0, 2], [0.9, 0.0, 0.9]), (2, [0, 1, 2], [0.5] * 3),
+                              (3, [0, 1, 2], [0.4] * 3)):
+        tracker.last_val.copy_(torch.tensor(val))
+        tracker.last_test.copy_(torch.tensor(val))
+        tracker.evaluated(rnd, clients)
+        tracker.update(rnd)
+        history.append({"round": rnd, **tracker.round_row(), "evaluated": len(clients)})
+    assert (history[0]["selected_mean"], history[0]["selected_round"]) == (None, None)
+    assert [r["selected_round"] for r in history[1:]] == ([2, 3] if select_final else [2, 2])
+    assert int(tracker.eligible_from) == 2
+    assert unmeasured_rounds(history, int(tracker.eligible_from)) == {"unmeasured_rounds": [1]}
+    assert unmeasured_rounds(history[1:], 2) == {}

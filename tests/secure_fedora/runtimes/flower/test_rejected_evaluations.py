@@ -117,6 +117,28 @@ def test_a_rejected_evaluation_message_keeps_the_last_metrics_in_both_runtimes(
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_round_with_a_placeholder_metric_is_not_selected_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 1 rejects round 1's evaluation message, so it has no metric in round 1 (a
+    placeholder 0). Both runtimes selected round 1 there, its selected_mean averaging that 0
+    in; now round 1 is not eligible (no selection in its row) and results.json names it under
+    selected.unmeasured_rounds, in both runtimes alike."""
+    cfg = _config("fedavg", dp=False)
+    times = {(1, 1): 1}
+    results, _ = _flower(cfg, tmp_path, KIND_GLOBAL, times)
+    _tamper_inprocess(monkeypatch, f"evaluate.{KIND_GLOBAL}", times)
+    sim, outcome = in_process(cfg, tmp_path, "fedavg")
+    for rows in (sim.history, results["rounds"]):
+        assert [r["evaluated"] for r in rows] == [2, 3, 3]
+        assert (rows[0]["selected_mean"], rows[0]["selected_round"]) == (None, None)
+        assert all(r["selected_round"] in (2, 3) for r in rows[1:])
+    ours, theirs = outcome.to_json()["selected"], results["methods"]["fedavg"]["selected"]
+    assert ours["unmeasured_rounds"] == theirs["unmeasured_rounds"] == [1]
+    assert ours["round"] == theirs["round"] != 1
+    assert "stale_clients" not in ours and "stale_clients" not in theirs
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_client_that_rejects_every_evaluation_stops_both_runtimes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its figures would be placeholder zeros: Flower stops with a DeployError, in process

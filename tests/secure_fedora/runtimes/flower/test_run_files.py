@@ -302,6 +302,7 @@ def test_a_round_row_summarizes_the_given_clients() -> None:
     tracker = Tracker.empty(3)
     tracker.last_test.copy_(torch.tensor([0.5, 0.0, 0.9]))
     tracker.last_val.copy_(torch.tensor([0.4, 0.0, 0.8]))
+    tracker.evaluated(1, [0, 1, 2])
     tracker.update(1)
     row = tracker.round_row([0, 2])
     assert row["test_mean"] == pytest.approx(0.7) and row["test_min"] == pytest.approx(0.5)
