@@ -54,7 +54,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
            "check_data_facts", "data_checked",
-           "check_eval_row", "check_round_statistics", "check_finalize_results", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
+           "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
            "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
@@ -570,6 +570,32 @@ def check_eval_row(method: str, i: int, row: Any, num_params: int) -> Tensor:
                             f"with {bad} non-finite value(s) of {num_params}; a model with "
                             "non-finite parameters has no metric, nothing was evaluated")
     return row
+
+
+def check_client_state(method: str, i: int, state: Any) -> dict[str, Tensor]:
+    """Client ``i``'s ``client_state_dict`` as a dict; :class:`ContractError` naming the
+    method, the client and the field unless it maps names to finite tensors that a checkpoint
+    loads back: a ``torch.Tensor`` or ``torch.nn.Parameter``, not another subclass (the safe
+    loader refuses it, so the run could be written but never resumed). Both runtimes check it
+    when they persist the state (the in-process checkpoint, a Flower node's run state)."""
+    if not isinstance(state, Mapping):
+        raise ContractError(f"method {method!r}: client {i}'s client_state_dict is a "
+                            f"{type(state).__name__}, not a dict of tensors")
+    for key, value in state.items():
+        if isinstance(key, str) and type(value) in (Tensor, torch.nn.Parameter) \
+                and all_finite(value):
+            continue
+        if not isinstance(value, Tensor):
+            what = f"a {type(value).__name__}, not a tensor"
+        elif type(value) not in (Tensor, torch.nn.Parameter):
+            what = (f"a {type(value).__name__} (a torch.Tensor subclass), which a checkpoint "
+                    "cannot load back; return value.as_subclass(torch.Tensor)")
+        else:
+            what = "non-finite values" if isinstance(key, str) else "a tensor under a non-string name"
+        raise ContractError(f"method {method!r}: client {i}'s client state field {key!r} holds "
+                            f"{what}; a checkpoint (and a Flower node) keeps only finite tensors "
+                            "by name")
+    return dict(state)
 
 
 def no_reply_statistics() -> dict[str, float]:

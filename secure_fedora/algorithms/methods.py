@@ -57,6 +57,7 @@ from secure_fedora.algorithms.contract import (
     FederatedAlgorithm,
     Payload,
     ReleaseSpec,
+    check_client_state,
     check_eval_row,
     check_finalize_results,
     check_messages,
@@ -764,24 +765,15 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         the matrix every checkpoint holds), by field, then by the clients holding it (a field
         may be held by some clients only, as a Flower node persists whatever its client's
         state has); ``{}`` for a method that keeps the default client state. A state that is
-        not a mapping of names to finite tensors (what a Flower node refuses to persist) is a
-        :class:`ContractError` naming the method, the client and the field."""
+        not a mapping of names to finite tensors a checkpoint loads back (what a Flower node
+        refuses to persist) is a :class:`ContractError` naming the method, the client and the
+        field (:func:`~secure_fedora.algorithms.contract.check_client_state`)."""
         if type(self).client_state_dict is FederatedMethod.client_state_dict:
             return {}
         fields: dict[str, dict[int, Tensor]] = {}
         for i in range(self.ctx.num_clients):
-            state = self.client_state_dict(i)
-            if not isinstance(state, Mapping):
-                raise ContractError(f"method {self._label()!r}: client {i}'s client_state_dict "
-                                    f"is a {type(state).__name__}, not a dict of tensors")
+            state = check_client_state(self._label(), i, self.client_state_dict(i))
             for key, value in state.items():
-                if not isinstance(key, str) or not isinstance(value, Tensor) \
-                        or not all_finite(value):
-                    what = "non-finite values" if isinstance(value, Tensor) else \
-                        f"a {type(value).__name__}, not a tensor"
-                    raise ContractError(f"method {self._label()!r}: client {i}'s client state "
-                                        f"field {key!r} holds {what}; a checkpoint (and a Flower "
-                                        "node) keeps only finite tensors by name")
                 if key != KIND_THETA:
                     fields.setdefault(key, {})[i] = value.detach().clone()
         return fields

@@ -81,6 +81,7 @@ from privacy.pipeline import EncryptPayload, Release
 from secure_fedora.algorithms.contract import (
     Payload,
     ReplySchema,
+    check_client_state,
     check_eval_row,
     check_setup_steps,
     client_half,
@@ -900,7 +901,7 @@ def run_stage(
                                     for t in payload.values())
                     journal.append(i, wire_round(stage, rnd, cfg.training.rounds),
                                    f"{method}/{stage}", blob)
-                state.algorithm = algorithm.client_state_dict(i)
+                state.algorithm = check_client_state(method, i, algorithm.client_state_dict(i))
                 state.generator_state = ctx.generators[i].get_state()
                 if ctx.noise and cfg.privacy.noise == "reproducible":
                     state.noise_state = ctx.noise[i].checkpoint_state()

@@ -588,9 +588,16 @@ def test_a_resumed_run_reports_the_signed_messages_rejected_before_its_checkpoin
     assert record(Simulation(cfg, tmp_path / "cut", clients=clients).run(resume=True)) == full
 
 
+class _Tagged(torch.Tensor):
+    """A user's torch.Tensor subclass, which a checkpoint's safe loader refuses."""
+
+
 @pytest.mark.parametrize(("field", "value", "match"), [
     ("count", 1.0, r"field 'count' holds a float, not a tensor"),
     ("mean", torch.tensor([float("nan")]), r"field 'mean' holds non-finite values"),
+    ("tagged", torch.ones(2).as_subclass(_Tagged),
+     r"field 'tagged' holds a _Tagged \(a torch.Tensor subclass\), which a checkpoint cannot "
+     "load back"),
 ])
 def test_a_client_state_a_checkpoint_cannot_keep_is_a_contract_error(field, value, match):
     """A client state a Flower node refuses to persist (not a tensor, non-finite) is refused

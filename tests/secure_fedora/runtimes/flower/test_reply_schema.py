@@ -264,6 +264,41 @@ def test_a_non_finite_evaluation_row_is_refused_in_both_runtimes(tmp_path):
     assert not (tmp_path / "res" / "results.json").exists()
 
 
+class _Tagged(torch.Tensor):
+    """A user's torch.Tensor subclass (module level: a checkpoint pickles it by name)."""
+
+
+def test_a_tensor_subclass_in_a_client_state_is_refused_when_written_in_both_runtimes(tmp_path):
+    """A client_state_dict field that is a torch.Tensor subclass was written (the in-process
+    checkpoint, a Flower node's run state), then refused by the safe loader on resume ('corrupt
+    or holds objects other than tensors'): in process the run could not be resumed, on Flower
+    the node failed its next message without naming the cause. Both runtimes now refuse it
+    when the state is written, a ContractError naming the method, the client and the field; a
+    torch.nn.Parameter, which the loader reads back, is kept."""
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+    from tests.secure_fedora.runtimes.flower.deploy_support import in_process
+
+    class Tagged(Toy):
+        def client_state_dict(self, i):  # type: ignore[no-untyped-def]
+            state = {**super().client_state_dict(i), "param": torch.nn.Parameter(torch.ones(2))}
+            return {**state, "tag": torch.ones(2).as_subclass(_Tagged)} if i == 1 else state
+
+    name = "tagged_state_x"
+    problem = (f"method '{name}': client 1's client state field 'tag' holds a _Tagged "
+               r"\(a torch.Tensor subclass\), which a checkpoint cannot load back")
+    METHODS.register(name, Tagged)
+    try:
+        with pytest.raises(ContractError, match=problem):
+            in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
+        with pytest.raises(DeployError, match=rf"clients \[1\] never reported an evaluation.*"
+                                              f"ContractError: {problem}"):
+            _run(tmp_path, name, rounds=1)
+    finally:
+        METHODS.unregister(name)
+
+
 @pytest.mark.parametrize("entry, value, problem", [
     ("bad name", torch.zeros(1), "has a name that is not a plain identifier"),
     ("extra", torch.zeros(2, dtype=torch.bfloat16), "has dtype torch.bfloat16"),
