@@ -101,14 +101,16 @@ def _small_config(method: str) -> dict:
             "training": {"rounds": 1, "local_epochs": 1, "batch_size": 10}}
 
 
-def _contrib_method_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
-    """A fresh contrib package (its name, first) under ``tmp_path`` whose one module registers
-    a new method (its name, second) when the registry discovers it."""
+def _contrib_method_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           source: str = NEW_METHOD) -> tuple[str, str]:
+    """A fresh contrib package (its name, first) under ``tmp_path`` whose one module
+    (``source``, its ``{name}`` filled in) registers a new method (its name, second) when the
+    registry discovers it."""
     package = f"contrib_{uuid.uuid4().hex[:8]}"
     name = f"avg_{uuid.uuid4().hex[:6]}"
     (tmp_path / package).mkdir()
     (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / package / "my_method.py").write_text(NEW_METHOD.format(name=name))
+    (tmp_path / package / "my_method.py").write_text(source.format(name=name))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "CONTRIB_PACKAGE", package)
     monkeypatch.setattr(registry, "_contrib_loaded", False)

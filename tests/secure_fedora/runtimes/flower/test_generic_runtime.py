@@ -4,6 +4,7 @@ of the method halves, and every method on the in-memory grid against the in-proc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -423,3 +424,50 @@ def test_a_plug_in_evaluating_every_client_runs_alike_in_both_runtimes(tmp_path:
     for part in ("selected", "final"):
         assert np.allclose(ours[part]["per_client"], outcome.to_json()[part]["per_client"],
                            atol=1e-4, rtol=0), part
+
+
+FINALIZING_METHOD = """
+from secure_fedora.algorithms.methods import FedAvg
+from secure_fedora.core.registry import METHODS
+
+
+@METHODS.register("{name}")
+class Finalizing(FedAvg):
+    def server_finalize(self, replies):
+        return {result}
+"""
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("result", "problem"), [
+    ('{{**super().server_finalize(replies), "training_engine": 1}}',
+     r"server_finalize result\(s\) \['training_engine'\] would overwrite the runtime's own "
+     "entries"),
+    ("[1.0]", "server_finalize must return a dict of results, got list"),
+], ids=["runtime-key", "not-a-dict"])
+def test_a_plug_in_finalize_result_breaking_the_contract_stops_both_runtimes_alike(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, result: str, problem: str) -> None:
+    """A contrib-package method whose server_finalize result breaks the contract (a runtime
+    key of results.json's extra, or no dict): both runtimes stop with the same ContractError
+    naming the method, and write no results.json."""
+    import sys
+
+    from tests.secure_fedora.core.test_registry import _contrib_method_module
+
+    source = FINALIZING_METHOD.replace("{result}", result)
+    package, name = _contrib_method_module(tmp_path, monkeypatch, source)
+    try:
+        cfg = with_methods(tiny_config(rounds=1), name)
+        with pytest.raises(ContractError) as in_proc:
+            in_process(cfg, tmp_path, name)
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        with pytest.raises(ContractError) as on_grid:
+            server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                      RunSettings.from_run_config(rc), 42)
+    finally:
+        METHODS.unregister(name)
+        for module in [m for m in sys.modules if m.startswith(package)]:
+            sys.modules.pop(module)
+    assert str(on_grid.value) == str(in_proc.value)
+    assert re.match(f"method '{name}': {problem}", str(on_grid.value)), on_grid.value
+    assert not (tmp_path / "res" / "results.json").exists()
