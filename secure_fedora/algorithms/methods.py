@@ -578,12 +578,12 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages = check_messages(label, EVALUATE, self.last_round,
                                   self.evaluation_messages(self.last_round, ids), ids, num_params)
         refused: set[int] = set()
-        if messages:
-            held = self._exchange_evaluation(self.last_round, messages)
-            missed = {i: m for i, m in messages.items() if i not in held}
+        if self.exchange is not None and self._round_envelopes():
+            held = self._exchange_evaluation(self.last_round, messages, ids)
+            missed = [i for i in ids if i not in held]
             if missed and retry:
-                held.update(self._exchange_evaluation(self.last_round, missed))
-            refused = set(messages) - set(held)
+                held.update(self._exchange_evaluation(self.last_round, messages, missed))
+            refused = set(ids) - set(held)
             messages = {i: m for i, m in messages.items() if i in held}
         rows: dict[int, Tensor] = {}
         for i in ids:
@@ -656,19 +656,28 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 out[i][kind] = held[i]
         return {i: m for i, m in out.items() if i not in refused}
 
-    def _exchange_evaluation(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
-        """Every entry of an evaluation message travels as a signed envelope of kind
-        ``evaluate.<entry>`` (nothing tracked, nothing copied); a client that rejects one is
-        left out of the result (it does not evaluate, as a Flower ClientApp that refuses the
-        message sends no metrics)."""
-        if self.exchange is None or not messages or not self._round_envelopes():
-            return messages
+    def _exchange_evaluation(self, rnd: int, messages: Mapping[int, Payload],
+                             clients: Sequence[int]) -> dict[int, Payload]:
+        """Each of ``clients`` receives its evaluation message as signed envelopes: every
+        entry one of kind ``evaluate.<entry>`` (nothing tracked, nothing copied), an empty
+        message (or none) one empty envelope of kind ``evaluate``, as on Flower every message
+        is signed; the clients that accepted all of theirs, with their messages (``{}`` for
+        none). A client that rejects one is left out (it does not evaluate, as a Flower
+        ClientApp that refuses the message sends no metrics)."""
+        assert self.exchange is not None
         refused: set[int] = set()
-        for key in dict.fromkeys(k for m in messages.values() for k in m):
-            rows = {i: m[key] for i, m in messages.items() if key in m and i not in refused}
+        bare = [i for i in clients if not messages.get(i)]
+        if bare:
+            empty = torch.zeros(0, dtype=torch.uint8)  # one object: encoded once for all
+            accepted = set(self.exchange.send_entries(rnd, dict.fromkeys(bare, empty),
+                                                      kind=EVALUATE))
+            refused.update(i for i in bare if i not in accepted)
+        sent = {i: messages[i] for i in clients if messages.get(i)}
+        for key in dict.fromkeys(k for m in sent.values() for k in m):
+            rows = {i: m[key] for i, m in sent.items() if key in m and i not in refused}
             accepted = set(self.exchange.send_entries(rnd, rows, kind=f"{EVALUATE}.{key}"))
             refused.update(i for i in rows if i not in accepted)
-        return {i: m for i, m in messages.items() if i not in refused}
+        return {i: messages.get(i, {}) for i in clients if i not in refused}
 
     def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
         """Reply entries of the upload kinds :meth:`message_state` names travel as signed

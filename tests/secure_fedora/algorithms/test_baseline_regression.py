@@ -13,8 +13,8 @@ server half can no longer know are the only documented differences:
 
 and, with envelopes, IFCA's traffic counts the finalize exchange (the K cluster models each
 client needs to report its final choice), which the pre-contract code did not send, and every
-method's traffic counts its evaluation messages and IFCA's clusters' version, which are now
-signed as on Flower. The shown
+method's traffic counts its evaluation messages (an empty one too: Ditto's, FedAMP's) and
+IFCA's clusters' version, which are now signed as on Flower. The shown
 epsilons (``epsilon_spent``, ``planned_epsilon*``) are now rounded up to six decimals where
 they were rounded to nearest, so they may differ from the recording in the sixth decimal
 (the accounting itself, every other privacy field, is compared exactly).
@@ -137,10 +137,12 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
         assert security["rejections"] == ref_security["rejections"] == []
         transport, ref_transport = security["transport"], ref_security["transport"]
         # every entry of an evaluation message is an envelope too (per client and evaluated
-        # round: FedProx's and APFL's global model, IFCA's cluster models and their version)
+        # round: FedProx's and APFL's global model, IFCA's cluster models and their version),
+        # and an empty one (Ditto's, FedAMP's) one empty envelope
         n, k = len(got["rows"]), 3
         evaluated = sum(1 for row in got["history"] if "test_mean" in row)
-        extra = {"fedprox": 1, "apfl": 1, "ifca": 2}.get(name, 0) * n * evaluated
+        extra = {"fedprox": 1, "apfl": 1, "ifca": 2, "ditto": 1, "fedamp": 1}.get(name, 0) \
+            * n * evaluated
         if name == "ifca":  # + one K x P finalize message per client, and the clusters'
             # version (an untracked entry) beside the models of every round and finalize message
             extra += 2 * n + sum(row["participants"] for row in got["history"])

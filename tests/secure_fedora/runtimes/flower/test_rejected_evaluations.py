@@ -5,6 +5,7 @@ stale_clients; a run without any metric of a client, or under DP without its fin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,44 @@ def test_a_round_with_a_placeholder_metric_is_not_selected_in_both_runtimes(
     assert ours["unmeasured_rounds"] == theirs["unmeasured_rounds"] == [1]
     assert ours["round"] == theirs["round"] != 1
     assert "stale_clients" not in ours and "stale_clients" not in theirs
+
+
+def _tamper_signature(request: Message) -> Message:
+    """A request whose envelopes' signatures have one bit flipped (the payload as sent)."""
+    record = request.content["envelope"]
+    for name in list(record.keys()):
+        envelope = json.loads(record[name])
+        signature = bytes.fromhex(envelope["signature"])
+        envelope["signature"] = (bytes([signature[0] ^ 0x01]) + signature[1:]).hex()
+        record[name] = json.dumps(envelope)
+    return request
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method", ["ditto", "fedora"])
+def test_a_tampered_empty_evaluation_message_is_rejected_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Ditto's and FEDORA's evaluation messages are empty (each client is evaluated on its
+    own model). On Flower they are signed like every message, so a tampered one is rejected
+    and the client keeps its last metrics; in process nothing was sent, so nothing could be
+    rejected and the runtimes' evaluated counts differed. An empty message is now one signed
+    empty envelope (kind 'evaluate') in process too."""
+    cfg = _config(method, dp=False)
+    times = {(1, 2): 1}
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_request={
+        (1, 2, MSG_EVALUATE): _times(_tamper_signature, 1)})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    _tamper_inprocess(monkeypatch, "evaluate", times)
+    sim, outcome = in_process(cfg, tmp_path, method)
+    assert [(r.client, r.round) for r in sim.methods[method].exchange.rejections] == [(1, 2)]
+    assert [r["evaluated"] for r in results["rounds"]] == [r["evaluated"] for r in sim.history] \
+        == [3, 2, 3]
+    ours, theirs = outcome.to_json(), results["methods"][method]
+    for part in ("selected", "final"):
+        assert np.allclose(ours[part]["per_client"], theirs[part]["per_client"],
+                           atol=1e-4, rtol=0), part
+        assert ours[part].get("stale_clients") == theirs[part].get("stale_clients"), part
 
 
 @pytest.mark.usefixtures("task_identity")
