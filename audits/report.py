@@ -45,7 +45,7 @@ from audits.verify import (  # noqa: E402
     verify_run,
 )
 from privacy.accounting import format_share_up, format_up  # noqa: E402
-from privacy.ckks import HE_STANDARD_BASIS, he_standard_security  # noqa: E402
+from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
@@ -164,7 +164,7 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
                      " the server colludes with no client, holds no secret key and cannot enrol"
                      " clients of its own.")
     if "ckks_parameters" in out or "ckks_keys" in out:  # a method of the run encrypted
-        notes.extend(_ckks_notes(out.get("ckks_parameters")))
+        notes.extend(parameter_notes(out.get("ckks_parameters")))
     if cfg is not None and cfg.privacy.enabled:
         if cfg.privacy.noise == "reproducible":
             notes.append("noise = reproducible: NOT private against anyone who knows the config"
@@ -177,45 +177,6 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
         notes.append("differential privacy is OFF: releases carry no formal guarantee.")
     out["notes"] = notes
     return out
-
-
-def _ckks_step_text(params: Any) -> str:
-    """One step's CKKS parameters in words, with the security level the HE standard's table
-    gives its ring degree and total coefficient bits (recomputed here, never the level the
-    document states; "unknown" where the table gives none)."""
-    if not isinstance(params, dict):
-        return "parameters not readable in results.json; security level unknown"
-    degree, bits = params.get("poly_modulus_degree"), params.get("coeff_mod_bit_sizes")
-    if not isinstance(bits, list) or not bits or any(
-            isinstance(b, bool) or not isinstance(b, int) for b in bits):
-        bits = None
-    total = sum(bits) if bits else None
-    level = he_standard_security(degree, total)
-    scale = _finite_or_none(params.get("global_scale_bits"))
-    text = (f"polynomial modulus degree {degree!r}, coefficient modulus "
-            + (f"{' + '.join(map(str, bits))} = {total} bits" if bits
-               else f"bit sizes {params.get('coeff_mod_bit_sizes')!r}")
-            + (f", global scale 2^{scale:g}" if scale is not None
-               else f", global scale {params.get('global_scale')!r}") + ": ")
-    if level is None:
-        text += ("security level unknown (the HE security standard's table gives no level"
-                 " for these parameters)")
-    else:
-        text += f"{level}-bit security per the {HE_STANDARD_BASIS}"
-    stated = params.get("security_level")
-    derived = "unknown" if level is None else f"{level}-bit"
-    if stated is not None and stated != derived:
-        text += f" (results.json states {stated!r}, which these parameters do not give)"
-    return text
-
-
-def _ckks_notes(parameters: Any) -> list[str]:
-    """The notes on an encrypted run's CKKS parameters, one per encrypted step."""
-    if not isinstance(parameters, dict) or not parameters:
-        return ["CKKS parameters: not recorded in results.json, so no security level can be"
-                " stated for the encryption."]
-    return [f"CKKS parameters ({step}): {_ckks_step_text(params)}."
-            for step, params in parameters.items()]
 
 
 def _label(method: str | None) -> str:
@@ -792,7 +753,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     ]
     a = report["assumptions"]
     parts.append(_table(["assumption", "in force"], [
-        [_e(k), _e("; ".join(_ckks_notes(v)) if k == "ckks_parameters" else v)]
+        [_e(k), _e("; ".join(parameter_notes(v)) if k == "ckks_parameters" else v)]
         for k, v in a.items() if k != "notes"
     ], left=(0, 1)))
     if a.get("notes"):

@@ -123,6 +123,8 @@ __all__ = [
     "encrypt_rows",
     "encrypt_vector",
     "he_standard_security",
+    "parameter_notes",
+    "parameters_text",
     "inner_product_rows",
     "open_secret_context",
     "public_context",
@@ -195,6 +197,59 @@ def he_standard_security(poly_modulus_degree: Any, coeff_modulus_bits: Any) -> i
     levels = [level for level, bounds in HE_STANDARD_MAX_COEFF_BITS.items()
               if coeff_modulus_bits <= bounds.get(poly_modulus_degree, 0)]
     return max(levels, default=None)
+
+
+def parameters_text(params: Any) -> str:
+    """One encrypted step's CKKS parameters (as :func:`context_parameters` records them in
+    results.json) in words, with the security level :func:`he_standard_security` gives its
+    ring degree and total coefficient bits (recomputed here, never the level the document
+    states; "unknown" where the table gives none)."""
+    if not isinstance(params, dict):
+        return "parameters not readable in results.json; security level unknown"
+    degree, bits = params.get("poly_modulus_degree"), params.get("coeff_mod_bit_sizes")
+    if not isinstance(bits, list) or not bits or any(
+            isinstance(b, bool) or not isinstance(b, int) for b in bits):
+        bits = None
+    total = sum(bits) if bits else None
+    level = he_standard_security(degree, total)
+    scale = _finite_or_none(params.get("global_scale_bits"))
+    text = (f"polynomial modulus degree {degree!r}, coefficient modulus "
+            + (f"{' + '.join(map(str, bits))} = {total} bits" if bits
+               else f"bit sizes {params.get('coeff_mod_bit_sizes')!r}")
+            + (f", global scale 2^{scale:g}" if scale is not None
+               else f", global scale {params.get('global_scale')!r}") + ": ")
+    if level is None:
+        text += ("security level unknown (the HE security standard's table gives no level"
+                 " for these parameters)")
+    else:
+        text += f"{level}-bit security per the {HE_STANDARD_BASIS}"
+    stated = params.get("security_level")
+    derived = "unknown" if level is None else f"{level}-bit"
+    if stated is not None and stated != derived:
+        text += f" (results.json states {stated!r}, which these parameters do not give)"
+    return text
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def parameter_notes(parameters: Any) -> list[str]:
+    """The notes on a run's CKKS parameters (results.json ``assumptions.ckks_parameters``:
+    encrypted step -> parameters), one per step (:func:`parameters_text`); one note saying
+    they are not recorded when there are none. The audit report and sweep.md word them so."""
+    if not isinstance(parameters, dict) or not parameters:
+        return ["CKKS parameters: not recorded in results.json, so no security level can be"
+                " stated for the encryption."]
+    return [f"CKKS parameters ({step}): {parameters_text(params)}."
+            for step, params in parameters.items()]
 
 
 def context_parameters(ctx: ts.Context) -> dict[str, Any]:

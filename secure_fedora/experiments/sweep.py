@@ -792,12 +792,18 @@ def _stated_assumptions(docs: Mapping[Cell, Mapping[str, Any]],
     ``fedavg_finetuning`` for the ``fedavg_ft`` row, ``<name>_finetuning`` for a method
     registered on FedAvg that fine-tuned, ``client_held_models`` for Ditto's and APFL's
     personal models), and assumptions of other kinds (e.g. FEDORA's ``ckks_keys``, which DP
-    does not depend on)."""
+    does not depend on; ``ckks_parameters`` in words, with their security level, as the audit
+    report words them)."""
+    from privacy.ckks import parameter_notes
+
     out: dict[float, dict[str, str]] = {}
     for cell, doc in docs.items():
         if cell.epsilon is not None:
             stated = stated_beyond_run(doc.get("results", {}), configs[cell])
-            out.setdefault(cell.epsilon, {}).update({k: str(v) for k, v in stated.items()})
+            # CKKS parameters in words, as the audit report gives them, not a raw dict
+            out.setdefault(cell.epsilon, {}).update({
+                k: "; ".join(parameter_notes(v)) if k == "ckks_parameters" else str(v)
+                for k, v in stated.items()})
     return out
 
 

@@ -680,6 +680,36 @@ def test_sweep_md_does_not_call_an_encryption_assumption_an_epsilon_gap():
     assert "  - stated by the results at epsilon 4 (ckks_keys): every client holds" in md
 
 
+def test_sweep_md_words_the_ckks_parameters_as_the_report_does():
+    """sweep.md printed assumptions.ckks_parameters as a raw Python dict ("{'relatedness':
+    {'poly_modulus_degree': 8192, ...}}"); it now words them, with the security level the HE
+    standard gives them, as the audit report does."""
+    from privacy.ckks import parameter_notes
+    from secure_fedora.runtimes.results import build_results
+
+    cfg = tiny(fedora={"relatedness": "encrypted"})
+    cell = Cell("fedora", 4.0, 0)
+    cell_cfg = cell_config(cfg, cell)
+    row = SweepRow(method="fedora", epsilon=4.0, seeds=[0], client_means=[0.5],
+                   client_mins=[0.4], worse_than_local=None, per_client=[[0.4, 0.6]],
+                   epsilon_spent=[3.9])
+    results = build_results(cell_cfg, runtime="in-process", config_hash="h", metric="accuracy",
+                            outcomes={}, privacy=None, clients=[])
+    parameters = {"relatedness": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60],
+                                  "coeff_modulus_bits": 200, "global_scale": 2.0 ** 40,
+                                  "global_scale_bits": 40.0, "security_level": "128-bit"}}
+    results["assumptions"]["ckks_parameters"] = parameters
+    md = rows_to_markdown(cfg, [row], cell_configs={4.0: cell_cfg},
+                          assumptions=sweep_mod._stated_assumptions({cell: {"results": results}},
+                                                                    {cell: cell_cfg}))
+    [line] = [x for x in md.splitlines() if "(ckks_parameters)" in x]
+    assert line == ("  - stated by the results at epsilon 4 (ckks_parameters): CKKS parameters "
+                    "(relatedness): polynomial modulus degree 8192, coefficient modulus 60 + 40 + "
+                    "40 + 60 = 200 bits, global scale 2^40: 128-bit security per the "
+                    f"{parameter_notes(parameters)[0].split(' per the ')[1]}")
+    assert "{" not in line
+
+
 @pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
 def test_sweep_md_lists_the_fine_tuning_a_method_registered_on_fedavg_states(tmp_path):
     """sweep.md read each method's class-level assumptions, so a method registered on FedAvg
