@@ -57,7 +57,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -787,7 +787,8 @@ def method_message(message: Message, context: Context) -> Message:
         return _reply(security, message, content, wire, release)
 
     return run_stage(settings, node, context.run_id, method, stage, rnd, incoming,
-                     respond=respond, server_saw=_server_saw(conf)).response
+                     respond=respond, server_saw=_server_saw(conf),
+                     server_answered=_server_answered(conf)).response
 
 
 def _server_saw(conf: ConfigRecord) -> tuple[int, str] | None:
@@ -800,6 +801,21 @@ def _server_saw(conf: ConfigRecord) -> tuple[int, str] | None:
             or not isinstance(head, str) or len(head) != 64 or set(head) - set("0123456789abcdef"):
         raise DeployError("the request's ledger-entries/ledger-head are malformed")
     return entries, head
+
+
+def _server_answered(conf: ConfigRecord) -> dict[str, int]:
+    """The last round of each exchange whose reply from this client the server accepted for
+    the method (``answered-<exchange>`` in its signed request; with or without DP), which
+    this client's saved state must have answered too. Malformed: DeployError."""
+    answered: dict[str, int] = {}
+    for stage in STAGE_OF.values():
+        rnd = conf.get(f"answered-{stage}")
+        if rnd is None:
+            continue
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+            raise DeployError(f"the request's answered-{stage} is malformed: {rnd!r}")
+        answered[stage] = rnd
+    return answered
 
 
 @dataclasses.dataclass
@@ -835,6 +851,7 @@ def run_stage(
     incoming: Callable[[PayloadLimits], Payload | None], *, journal_release: bool = True,
     respond: Callable[[StageResult, ReplyRelease], Any] | None = None,
     server_saw: tuple[int, str] | None = None,
+    server_answered: Mapping[str, int] | None = None,
 ) -> StageResult:
     """Run this client's half of ``method`` for ``stage`` of round ``rnd`` (the verified
     message's payload from ``incoming``): rebuild the algorithm with only this client's data,
@@ -848,6 +865,9 @@ def run_stage(
     is open (``release``: the pipeline that must sign it, :class:`ReplyRelease`); its value
     is ``result.response``. ``server_saw`` is the ledger state the server last received from
     this client: the node's ledger and saved state must hold it (else NodeStateError).
+    ``server_answered`` is the last round of each exchange whose reply the server accepted
+    from this client: its saved state must have answered as far (else NodeStateError, with
+    or without DP).
     """
     cfg = settings.experiment
     i = node.partition_id
@@ -876,7 +896,8 @@ def run_stage(
         heads = [state.ledger_head if saved else None, server_saw]
         checked = _check_privacy(settings, node, run_id, method, ctx.flat.module,
                                  max((int(h[0]) for h in heads if h is not None), default=0))
-        _check_state_holds(state, saved, checked, journal, method, server_saw)
+        _check_state_holds(state, saved, checked, journal, method, server_saw,
+                           server_answered)
         # a process killed while saving its state left a partial copy beside it (as in process)
         for leftover in remove_interrupted_writes(state_path):
             log.warning("removed %s, a client state write that was interrupted", leftover)
@@ -958,13 +979,16 @@ def _repair_journal(journal: ReleaseJournal) -> None:
 
 def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck | None,
                        journal: ReleaseJournal, method: str,
-                       server_saw: tuple[int, str] | None = None) -> None:
+                       server_saw: tuple[int, str] | None = None,
+                       server_answered: Mapping[str, int] | None = None) -> None:
     """Refuse (NodeStateError) to go on when this client's durable record of ``method`` was
     lost, cut or rolled back since its last message: the ledger (``checked``, as it is once
     entries a cut removed are restored from its journal) does not hold the state the server
     last received from it (``server_saw``) or the head its saved state recorded; the saved
-    state is older than what the client last reported (a copy restored); or the state is
-    gone while the ledger or the journal's records of this method's exchanges show releases.
+    state is older than what the client last reported (a copy restored: its ledger head, or
+    with or without DP an exchange's round before the last one whose reply the server
+    accepted, ``server_answered``); or the state is gone while the server accepted a reply
+    from it, or the ledger or the journal's records of this method's exchanges show releases.
     Going on would account fewer releases than were made (a lower epsilon, an audit that
     passes) or silently restart the client's model. Every reply leaves after the state
     recording its head is saved, so none of these holds after a crash. Reads only."""
@@ -987,6 +1011,17 @@ def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck 
                 f"{recorded[0]} entries, older than the {server_saw[0]} it last reported: "
                 "client.pt was replaced by an older copy; going on would drop the client's "
                 "later updates. Restore the node's state-dir, or start a new run")
+    for stage, rnd in sorted((server_answered or {}).items()):
+        have = state.answered.get(stage) if saved else None
+        if have is None or have < rnd:
+            held = ("is missing" if not saved else
+                    f"was replaced by an older copy (its last {stage} answer: "
+                    + ("none" if have is None else f"round {have}") + ")")
+            raise NodeStateError(
+                f"the server accepted this client's {stage} reply of round {rnd} for "
+                f"{method!r}, but its state (client.pt) {held}: going on would mix the "
+                "rounds of an older state into the run (or restart the client's model). "
+                "Restore the node's state-dir, or start a new run")
     if saved:
         return
     earlier = [e for e in journal.entries(torn_tail=True)

@@ -867,6 +867,10 @@ class _MethodRun:
     # the selected round was evaluated (a client that missed an evaluation keeps older ones)
     metric_round: dict[int, int] = field(default_factory=dict)
     selected_metric_round: dict[int, int] = field(default_factory=dict)
+    # per client, the last round of each exchange whose reply the server accepted: the client
+    # saved its state before replying, so a state that did not answer as far is a rolled-back
+    # (restored, wiped) one, which it refuses with or without DP
+    answered: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -993,9 +997,10 @@ def _exchange_payloads(
         saw = server.privacy.get(run.name, {}).get(cid, {})
         seen = ({"ledger-entries": saw["ledger_entries"], "ledger-head": saw["ledger_head"]}
                 if "ledger_head" in saw else {})
+        seen.update({f"answered-{s}": r for s, r in run.answered.get(cid, {}).items()})
         content = RecordDict({
             "payload": payload_to_record(payload or {}, run.limits),
-            # the client checks its node still holds the ledger it last reported
+            # the client checks its node still holds the ledger and state it last reported
             "run": ConfigRecord({"method": run.name, "stage": stage, "round": rnd,
                                  "has-payload": payload is not None,
                                  "config-hash": server.settings.config_hash, **seen}),
@@ -1012,9 +1017,10 @@ def _exchange_payloads(
     then = f"counts as not taking part in the {stage} exchange"
     for node, reason in sorted(ex.errors.items()):
         server.event(rnd, client_of[node], node, f"error reply ({reason}): {then}")
-        if server.cfg.privacy.enabled and "NodeStateError" in reason:
+        if "NodeStateError" in reason:
             # that client refuses every later message: under DP the run cannot finish (its
-            # ledger never closes), and going on would spend the other clients' budgets
+            # ledger never closes), and going on would spend the other clients' budgets;
+            # without DP the run would go on without it and report its older metrics
             raise DeployError(
                 f"{run.name}: client {server.client_ids[client_of[node]]} (node {node}) refuses "
                 f"to go on, its node's state being lost or damaged ({reason}); the run stops")
@@ -1068,6 +1074,7 @@ def _exchange_payloads(
                     "would record fewer releases than it made; the run stops (restore the "
                     "node's state-dir, or start a new run)")
             server.privacy.setdefault(run.name, {})[cid] = privacy
+        run.answered.setdefault(cid, {})[stage] = rnd
         if refusal is not None:
             reason = (str(refusal["reason"]) if isinstance(refusal, ConfigRecord)
                       and "reason" in refusal else "no release")

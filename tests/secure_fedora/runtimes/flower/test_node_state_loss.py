@@ -19,7 +19,6 @@ from privacy.ledger import read_ledger
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import (
     MSG_EVALUATE,
-    MSG_FINALIZE,
     MSG_ROUND,
     DeployError,
     NodeSettings,
@@ -131,18 +130,14 @@ def test_a_lost_client_state_is_refused_not_restarted(tmp_path: Path, private: b
     method = cfg.methods[0]
     grid, run = _run(tmp_path, cfg, _damage_before_round_2(
         tmp_path, lambda d: (d / method / "client.pt").unlink()))
-    if private:  # the run stops: that client's ledger could never close
-        with pytest.raises(DeployError, match="client client-001 .node 1001. refuses to go on"):
-            run()
-    else:  # the client takes no part from then on, and FedAvg's fine-tuning lacks it
-        with pytest.raises(DeployError, match=r"fedavg: clients \[1\] gave no accepted finalize "
-                                              r"reply \(asked twice\).*client.pt\) is missing"):
-            run()
-    assert {kind for client, kind, _ in grid.errors if client == 1} == \
-        ({MSG_ROUND} if private else {MSG_ROUND, MSG_EVALUATE, MSG_FINALIZE})
+    # the run stops: under DP that client's ledger could never close; without DP it would
+    # take no part from then on (before, FedAvg's finalize stopped the run two exchanges later)
+    with pytest.raises(DeployError, match="client client-001 .node 1001. refuses to go on"):
+        run()
+    assert {kind for client, kind, _ in grid.errors if client == 1} == {MSG_ROUND}
     refusals = [err for client, _, err in grid.errors if client == 1]
     assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
-    assert f"state of {method!r} (client.pt) is missing" in str(refusals[0])
+    assert "(client.pt) is missing" in str(refusals[0])
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -315,6 +310,67 @@ def test_a_client_state_restored_from_an_older_copy_is_refused(tmp_path: Path) -
         run()
     refusals = [err for client, _, err in grid.errors if client == 1]
     assert "client.pt was replaced by an older copy" in str(refusals[0])
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method", ["fedora", "fedavg"])
+def test_without_dp_a_client_state_restored_from_an_older_copy_stops_the_run(
+        tmp_path: Path, method: str) -> None:
+    """Without DP there is no ledger head to compare: client 1's client.pt replaced by its
+    copy from before round 2 trained round 3 from its round-1 state and the run completed,
+    silently mixing rounds. The server's request states the last round of each exchange it
+    accepted from the client; the client refuses a state that did not answer as far, and the
+    run stops at that exchange, as under DP."""
+    saved: dict[str, bytes] = {}
+
+    def keep(message: Message) -> Message:
+        saved["state"] = (_run_dir(tmp_path, 1) / method / "client.pt").read_bytes()
+        return message
+
+    def restore(message: Message) -> Message:
+        (_run_dir(tmp_path, 1) / method / "client.pt").write_bytes(saved["state"])
+        return message
+
+    grid, run = _run(tmp_path, with_methods(tiny_config(rounds=3), method),
+                     {(1, 2, MSG_ROUND): keep, (1, 3, MSG_ROUND): restore})
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        run()
+    assert [(c, kind) for c, kind, _ in grid.errors] == [(1, MSG_ROUND)]
+    [(_, _, refusal)] = grid.errors
+    assert isinstance(refusal, NodeStateError)
+    assert "was replaced by an older copy" in str(refusal)
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("method", "before"), [("fedora", 1), ("fedavg", 2)])
+def test_without_dp_a_wiped_node_stops_the_run(tmp_path: Path, method: str, before: int) -> None:
+    """Without DP a node whose whole run state was wiped (client.pt, journal) after FEDORA's
+    setup exchange or FedAvg's first round started its client over from a fresh model, and
+    the run completed. The server's record of the client's accepted replies catches it."""
+    def wipe(message: Message) -> Message:
+        shutil.rmtree(_run_dir(tmp_path, 1))
+        return message
+
+    grid, run = _run(tmp_path, with_methods(tiny_config(rounds=2), method),
+                     {(1, before, MSG_ROUND): wipe})
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        run()
+    [(_, _, refusal)] = grid.errors
+    assert isinstance(refusal, NodeStateError) and "(client.pt) is missing" in str(refusal)
+
+
+def test_a_malformed_answered_record_in_a_request_is_refused() -> None:
+    from flwr.app import ConfigRecord
+
+    from secure_fedora.runtimes.flower.client_app import _server_answered
+
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(DeployError, match="answered-round is malformed"):
+            _server_answered(ConfigRecord({"answered-round": bad}))
+    assert _server_answered(ConfigRecord({})) == {}
+    assert _server_answered(ConfigRecord({"answered-setup": 0, "answered-round": 3})) == \
+        {"setup": 0, "round": 3}
 
 
 @pytest.mark.parametrize("record", [
