@@ -323,8 +323,12 @@ def _find_moved(grid: Grid, server: _Server, rnd: int) -> None:
     schemas: dict[int, DataSchema] = {}
     server.scope, server.event_at = HELLO_SCOPE, (scope, rnd)
     try:
-        replies, _ = _first_contact(grid, server, candidates, MSG_HELLO, {})
+        replies, _ = _first_contact(grid, server, candidates, MSG_HELLO, {}, record_moves=False)
         _take_hellos(server, replies, schemas)
+        for cid in sorted(schemas):  # a malformed reply (a rejection) moves nothing
+            if server.node_of_client[cid] != before[cid]:
+                server.event(0, cid, server.node_of_client[cid],
+                             _moved(MSG_HELLO, cid, server.node_of_client[cid], before[cid]))
     finally:
         server.scope, server.event_at = scope, None
     for cid in replies:
@@ -496,7 +500,8 @@ def _relatedness_message(
 
 
 def _first_contact(
-    grid: Grid, server: _Server, nodes: list[int], message_type: str, extra: dict[str, Any]
+    grid: Grid, server: _Server, nodes: list[int], message_type: str, extra: dict[str, Any],
+    record_moves: bool = True,
 ) -> tuple[dict[int, tuple[Message, Envelope]], ExchangeTiming]:
     """Send ``message_type`` to every node, learn (or confirm) which node holds which client.
 
@@ -504,7 +509,9 @@ def _first_contact(
     where); each verified reply names its client, which must be the client that signed it.
     Returns the accepted replies and their envelopes by client index. Two nodes answering for
     one client stop the run (a misconfigured federation); rejected replies are logged and
-    count as missing.
+    count as missing. A client answering from another node than the one it was known at is
+    an event ("now at node X"), unless ``record_moves`` is False (the caller records the
+    moves it takes once it checked the replies' content).
     """
     conf = ConfigRecord({"config-hash": server.settings.config_hash, **extra})
     record = "run" if message_type == MSG_HELLO else "fedora"
@@ -543,15 +550,18 @@ def _first_contact(
         if cid in seen:
             raise DeployError(f"nodes {seen[cid]} and {node} both hold partition-id {cid}")
         known = server.node_of_client.get(cid)
-        if known is not None and known != node:
+        if known is not None and known != node and record_moves:
             # the client's signature says who answers: its SuperNode restarted under a new
             # node id (two live nodes answering for one client in one exchange stop the run)
-            server.event(0, cid, node, f"{message_type}: client {cid} now at node {node} "
-                                       f"(was node {known})")
+            server.event(0, cid, node, _moved(message_type, cid, node, known))
         seen[cid] = node
         server.node_of_client[cid] = node
         accepted[cid] = (reply, envelope)
     return accepted, ex.timing
+
+
+def _moved(message_type: str, cid: int, node: int, was: int) -> str:
+    return f"{message_type}: client {cid} now at node {node} (was node {was})"
 
 
 def _reported_head(reply: Message) -> dict[str, Any]:

@@ -194,3 +194,37 @@ def test_two_nodes_answering_as_one_moved_client_stop_the_run(tmp_path: Path) ->
     with pytest.raises(DeployError, match=r"nodes 1005 and 1006 both hold partition-id 2"):
         _run(tmp_path, tiny_config(rounds=2), _MovingGrid, at=(MSG_EVALUATE, 1),
              keep_reply=True, twin=True)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_moved_node_whose_hello_is_malformed_is_not_said_to_have_moved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node 1005's first hello for client 2 is authentic but malformed (no split sizes): the
+    server rejected it and kept client 2 at node 1002, yet results.json's events said
+    "client 2 now at node 1005". Only the move taken (its next, well-formed hello, at round
+    2's evaluation) is an event now."""
+    from flwr.app import ConfigRecord
+
+    from secure_fedora.runtimes.flower import client_app
+
+    honest = client_app._reply
+    spoiled: list[int] = []
+
+    def malformed_once(security: Any, message: Message, content: Any, rnd: int,
+                       release: Any = None) -> Message:
+        if message.metadata.message_type == MSG_HELLO and message.metadata.dst_node_id == 1005 \
+                and not spoiled:
+            spoiled.append(1005)
+            info = dict(content["client"])
+            del info["train"]
+            content["client"] = ConfigRecord(info)
+        return honest(security, message, content, rnd, release)
+
+    monkeypatch.setattr(client_app, "_reply", malformed_once)
+    _, results = _run(tmp_path, tiny_config(rounds=2), _MovingGrid, at=(MSG_EVALUATE, 1),
+                      keep_reply=True)
+    assert spoiled
+    [rejected] = [e for e in results["security"]["rejections"] if e["node"] == 1005]
+    assert "hello reply malformed" in rejected["detail"]
+    _moved_event(results, "fedora", 2)
+    assert results["node_of_client"]["2"] == "1005"
