@@ -161,10 +161,14 @@ def test_a_supernode_restarted_under_a_new_node_id_in_the_ckks_ceremony_is_asked
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_a_node_restarted_under_a_new_id_with_an_older_state_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("private", [True, False])
+def test_a_node_restarted_under_a_new_id_with_an_older_state_is_refused(
+        tmp_path: Path, private: bool) -> None:
     """Moving a client to another node does not skip its own checks: node 1005 comes back
-    with client 2's state directory as it was after round 1, older than the ledger head the
-    server last received, and under DP the run stops instead of accepting it."""
+    with client 2's state directory as it was after round 1, older than what the server last
+    received from it (under DP its ledger head; with or without DP its round-2 training
+    reply), and the run stops instead of accepting it (without DP it completed, client 2
+    evaluated on its round-1 state)."""
     saved = tmp_path / "copy"
 
     def keep_copy(run_dir: Path) -> None:
@@ -183,7 +187,7 @@ def test_a_node_restarted_under_a_new_id_with_an_older_state_is_refused(tmp_path
                 keep_copy(Path(self.node_config[1002]["state-dir"]))
             return ids
 
-    cfg = dp_config(rounds=2, noise="reproducible")
+    cfg = dp_config(rounds=2, noise="reproducible") if private else tiny_config(rounds=2)
     with pytest.raises(DeployError, match=r"client client-002 \(node 1005\) refuses to go on"):
         _run(tmp_path / "moved", cfg, _Snapshot, at=(MSG_EVALUATE, 2),
              before_restart=restore_copy)
