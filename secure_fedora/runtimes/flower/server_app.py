@@ -297,26 +297,30 @@ def _online(grid: Grid) -> set[int]:
 def _await_clients(grid: Grid, server: _Server, clients: list[int]) -> None:
     """Wait up to the round timeout until the node of each of ``clients`` is online again or,
     for those still offline, as many online nodes hold no known client (a SuperNode
-    restarting, perhaps under a new node id), before a message is sent to them once more."""
+    restarting, perhaps under a new node id; a spare node, which identified no client, does
+    not count), before a message is sent to them once more."""
     def ready() -> bool:
         online = _online(grid)
         away = sum(server.node_of_client[c] not in online for c in clients)
-        return away <= len(online - set(server.node_of_client.values()))
+        return away <= len(online - set(server.node_of_client.values()) - server.spare)
 
     deadline = time.monotonic() + server.settings.round_timeout
     while not ready() and time.monotonic() < deadline:
         time.sleep(max(server.settings.poll_interval, 0.5))
 
 
-def _find_moved(grid: Grid, server: _Server, rnd: int) -> None:
+def _find_moved(grid: Grid, server: _Server, rnd: int, spares_too: bool = False) -> None:
     """Ask every online node that holds no known client which client it holds (a signed
     first contact, ``query.hello``): a reply authenticated as client ``c`` (its signature, not
     the node id, says which) moves ``c`` to that node, an event of the current method and
-    round ``rnd``. Its node state is the client's to check at the next message (under DP a
-    state older than the ledger head the server last received is refused and stops the run).
-    A node reporting other data facts than the client's first contact stops the run; two
-    nodes answering for one client in this exchange stop it too."""
-    candidates = sorted(_online(grid) - set(server.node_of_client.values()))
+    round ``rnd``. Its node state is the client's to check at the next message (a state
+    older than what the server last received from it is refused and stops the run). A node
+    reporting other data facts than the client's first contact stops the run; two nodes
+    answering for one client in this exchange stop it too. A spare node (its first contact
+    identified no client: an error or a rejected reply) is asked once per run, and again
+    only when ``spares_too`` (a retry, the exchange's last chance)."""
+    candidates = sorted(_online(grid) - set(server.node_of_client.values())
+                        - (set() if spares_too else server.spare))
     if not candidates:
         return
     scope, before, sizes = server.scope, dict(server.node_of_client), dict(server.sizes)
@@ -384,6 +388,10 @@ class _Server:
     event_at: tuple[str, int] | None = None
     node_of_client: dict[int, int] = field(default_factory=dict)
     nodes: list[int] = field(default_factory=list)  # the nodes online at the start
+    asked: set[int] = field(default_factory=set)  # every node sent a first contact
+    # the nodes whose first contact identified no client (an error or a rejected reply): a
+    # registered SuperNode that holds no client of the run, asked again in retries only
+    spare: set[int] = field(default_factory=set)
     sizes: dict[int, dict[str, Any]] = field(default_factory=dict)
     schema: DataSchema | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -523,9 +531,11 @@ def _first_contact(
     }
     ex = _exchange(grid, messages, _relatedness_wait(server), server.settings.poll_interval,
                    server.settings.max_in_flight)
+    server.asked |= set(nodes)
     client_at = {node: cid for cid, node in server.node_of_client.items()}  # known before
     for node, reason in ex.errors.items():
         server.event(0, client_at.get(node), node, f"{message_type} failed: {reason}")
+        server.spare.add(node)
     for node in ex.missing:
         server.event(0, client_at.get(node), node, f"no {message_type} reply in time")
     n = server.cfg.data.num_clients
@@ -534,6 +544,7 @@ def _first_contact(
     for node, reply in sorted(ex.replies.items()):
         envelope = server.accept(0, node, reply, message_type, None, "not identified")
         if envelope is None:
+            server.spare.add(node)
             continue
         info = reply.content["client"] if "client" in reply.content else None
         cid = info.get("client-id") if isinstance(info, ConfigRecord) else None
@@ -546,6 +557,7 @@ def _first_contact(
                 f"reply for client {cid} is signed by {envelope.sender!r}",
                 sender=envelope.sender, round=0, kind=envelope.kind, recipient="server")),
                 "not identified")
+            server.spare.add(node)
             continue
         if cid in seen:
             raise DeployError(f"nodes {seen[cid]} and {node} both hold partition-id {cid}")
@@ -555,6 +567,7 @@ def _first_contact(
             # node id (two live nodes answering for one client in one exchange stop the run)
             server.event(0, cid, node, _moved(message_type, cid, node, known))
         seen[cid] = node
+        server.spare.discard(node)
         server.node_of_client[cid] = node
         accepted[cid] = (reply, envelope)
     return accepted, ex.timing
@@ -780,7 +793,7 @@ def _encrypted_overlaps(
             break
         if attempt:
             _await_clients(grid, server, wanted)
-            _find_moved(grid, server, 0)
+            _find_moved(grid, server, 0, spares_too=True)
             client_of = {node: cid for cid, node in server.node_of_client.items()}
             _say(f"{server.scope}: encrypted summary asked again of clients {wanted}")
         _take_uploads(grid, server, {cid: sealed[cid] for cid in wanted}, client_of, uploads,
@@ -810,7 +823,7 @@ def _encrypted_overlaps(
         if attempt:
             server.event(0, holder, server.node_of_client[holder], f"no overlaps: {problem}")
             _await_clients(grid, server, [holder])
-            _find_moved(grid, server, 0)
+            _find_moved(grid, server, 0, spares_too=True)
             _say(f"{server.scope}: decryption asked again of the key holder")
         node, message = _addressed(server, holder, MSG_DECRYPT,
                                    RecordDict({"rows": ConfigRecord({"rows": rows})}))
@@ -987,15 +1000,18 @@ def _exchange_payloads(
     ``rnd``; return the accepted replies. Offline clients, error replies, missing replies,
     rejected replies and refusals are events; such clients are absent from the result.
 
-    When a client's node is offline (or ``find_moved``: a retry), every online node that
-    holds no known client is asked first which client it holds (:func:`_find_moved`), so a
-    SuperNode restarted under a new node id gets its client's message there."""
+    When a client's node is offline, a node id not seen before is online (the SuperLink may
+    still list a restarted SuperNode's old one), or ``find_moved`` (a retry), the online
+    nodes that hold no known client are asked first which client they hold
+    (:func:`_find_moved`), so a SuperNode restarted under a new node id gets its client's
+    message there."""
     message_type = {"setup": MSG_SETUP, "round": MSG_ROUND, "evaluate": MSG_EVALUATE,
                     "finalize": MSG_FINALIZE}[stage]
     wrnd = wire_round(stage, rnd, server.cfg.training.rounds)
     online = _online(grid)
-    if find_moved or any(server.node_of_client[c] not in online for c in payloads):
-        _find_moved(grid, server, rnd)
+    if find_moved or any(server.node_of_client[c] not in online for c in payloads) \
+            or online - set(server.node_of_client.values()) - server.asked:
+        _find_moved(grid, server, rnd, spares_too=find_moved)
         online = _online(grid)
     messages: dict[int, Message] = {}
     client_of: dict[int, int] = {}

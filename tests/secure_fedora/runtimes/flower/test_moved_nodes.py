@@ -6,12 +6,13 @@ state older than what the server last received from it."""
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Message
+from flwr.app import Error, Message
 
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
@@ -232,3 +233,112 @@ def test_a_moved_node_whose_hello_is_malformed_is_not_said_to_have_moved(
     assert "hello reply malformed" in rejected["detail"]
     _moved_event(results, "fedora", 2)
     assert results["node_of_client"]["2"] == "1005"
+
+
+class _SpareGrid(InMemoryGrid):
+    """A fourth registered SuperNode (1009) holds no client of the run (its partition-id is
+    out of range, so it answers every message with an error)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.node_config[1009] = {**self.node_config[1002], "partition-id": 7}
+
+    def hellos_to(self, node: int) -> int:
+        return sum(m.metadata.dst_node_id == node and m.metadata.message_type == MSG_HELLO
+                   for m in self.sent)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_spare_node_is_asked_once_while_a_client_is_offline(tmp_path: Path) -> None:
+    """Client 1's node is offline for two rounds: every exchange meanwhile sent the spare
+    node 1009 a hello (one signed envelope per client each) and listed its error reply as an
+    event. A node whose first contact identified no client is remembered now: asked once."""
+    cfg = tiny_config(rounds=4)
+    grid, results = _run(tmp_path, cfg, _SpareGrid, offline={2: {1}, 3: {1}})
+    assert any("offline" in e["event"] for e in results["events"])
+    assert grid.hellos_to(1009) == 1
+    assert sum(e["node"] == 1009 for e in results["events"]) == 1
+
+
+class _ComingBackGrid(_SpareGrid):
+    """Client 2's node is unreachable (the SuperLink answers 'node offline' and does not list
+    it) for ``away`` seconds from its final evaluation message on, then back."""
+
+    def __init__(self, *args: Any, at: tuple[str, int], away: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.at, self.away, self.back_at = at, away, None
+
+    def get_node_ids(self) -> list[int]:
+        gone = self.back_at is not None and time.monotonic() < self.back_at
+        return [n for n in super().get_node_ids() if not (gone and n == 1002)]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            last = msg.metadata.group_id.rsplit(":", 1)[-1]
+            if msg.metadata.dst_node_id == 1002 and self.back_at is None and \
+                    (msg.metadata.message_type, int(last) if last.isdigit() else 0) == self.at:
+                self.back_at = time.monotonic() + self.away
+            if msg.metadata.dst_node_id == 1002 and self.back_at is not None \
+                    and time.monotonic() < self.back_at:
+                self.counter += 1
+                mid = f"msg-{self.counter}"
+                msg.metadata.__dict__["_message_id"] = mid
+                self.sent.append(msg)
+                self.replies[mid] = Message(Error(code=0, reason="node offline"), reply_to=msg)
+                ids.append(mid)
+                continue
+            ids.extend(super().push_messages([msg]))
+        return ids
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_spare_node_does_not_cut_short_the_wait_for_a_restarting_one(tmp_path: Path) -> None:
+    """The retry of the final evaluation waits until the missing client's node is back, or
+    as many nodes holding no known client are online (one may be it, under a new node id).
+    The spare node counted as such: the retry went out at once, client 2's node still away,
+    and its final metric was round 1's. A node known to hold no client is not counted now."""
+    cfg = tiny_config(rounds=2)
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 5.0, "connect-timeout": 0.3})
+    grid = _ComingBackGrid(tmp_path / "nodes", rc, 3, at=(MSG_EVALUATE, 2), away=1.2)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    _, undisturbed = _run(tmp_path / "plain", cfg)
+    assert "stale_clients" not in results["methods"]["fedora"]["final"]
+    assert _per_client(results, "fedora") == _per_client(undisturbed, "fedora")
+
+
+class _StaleIdGrid(_MovingGrid):
+    """As _MovingGrid, but the SuperLink still lists node 1002 after the restart, and a
+    message to it is never answered (its SuperNode is gone)."""
+
+    def get_node_ids(self) -> list[int]:
+        return sorted({*super().get_node_ids(), *([1002] if self.moved else [])})
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            if self.moved and msg.metadata.dst_node_id == 1002:
+                self.counter += 1
+                mid = f"msg-{self.counter}"
+                msg.metadata.__dict__["_message_id"] = mid
+                self.sent.append(msg)
+                ids.append(mid)
+                continue
+            ids.extend(super().push_messages([msg]))
+        return ids
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_new_node_id_is_asked_before_a_stale_one_listed_online(tmp_path: Path) -> None:
+    """Client 2's SuperNode restarts as node 1005 while the SuperLink still lists node 1002:
+    round 2's training message went to node 1002 and waited the round timeout for nothing,
+    and client 2 missed the round. A node id not seen before is asked which client it holds
+    before the exchange now, and the run equals an undisturbed one."""
+    cfg = tiny_config(rounds=2)
+    grid, results = _run(tmp_path, cfg, _StaleIdGrid, at=(MSG_EVALUATE, 1), keep_reply=True)
+    _, undisturbed = _run(tmp_path / "plain", cfg)
+    assert _per_client(results, "fedora") == _per_client(undisturbed, "fedora")
+    assert not any("no reply in time" in e["event"] for e in results["events"])
+    _moved_event(results, "fedora", 2)
+    assert not [m for m in grid.sent if m.metadata.dst_node_id == 1002
+                and m.metadata.group_id.endswith(":2")]
