@@ -54,6 +54,7 @@ from secure_fedora.learning.client import (
     Evaluation,
     FlatModel,
     aliased_module,
+    aligned,
     evaluate,
 )
 from secure_fedora.learning.tasks import MetricError
@@ -602,11 +603,12 @@ def evaluate_many_sets(flat: FlatModel, rows: Rows, packed: PackedSplits,
 @torch.no_grad()
 def _loss(flat: FlatModel, row: Tensor, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
     """The loss part of :func:`evaluate`, computed the same way (without the metric)."""
-    model = flat.bind(row)
+    model = flat.bind(aligned(row))
     total = 0.0
     with _EvalMode(model):
         for start in range(0, x.shape[0], batch_size):
-            total += flat.task.sum_loss(model(x[start: start + batch_size]), y[start: start + batch_size]).item()
+            total += flat.task.sum_loss(model(aligned(x[start: start + batch_size])),
+                                        y[start: start + batch_size]).item()
     return total / x.shape[0]
 
 

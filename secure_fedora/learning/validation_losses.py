@@ -22,7 +22,9 @@ client, with every call's arguments depending only on that client's row and spli
   module's outputs bit for bit, else the module itself is used;
 - for any other model, the module itself (``FlatModel.bind`` + forward, as ``evaluate``).
 
-Either way the loss is ``evaluate``'s: ``task.sum_loss`` per 4096-row batch in float32,
+Either way a row or inputs stored off a 64-byte boundary are computed on an aligned copy, as
+``evaluate`` does (:func:`~secure_fedora.learning.client.aligned`: one-row forwards round
+differently by address), and the loss is ``evaluate``'s: ``task.sum_loss`` per 4096-row batch in float32,
 summed as Python floats and divided by the split size. So a client's two losses are equal to
 ``evaluate(flat, row, x, y).loss`` bit for bit, whether the call holds one client or thousands
 (tested), and identical rows give identical losses (``lambda = 0`` exactly).
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor
 
 from secure_fedora.learning.batched_eval import _Flatten, _Linear, _linear_program, _Map, _Step
-from secure_fedora.learning.client import ClientUpdateError, FlatModel
+from secure_fedora.learning.client import ALIGNMENT_BYTES, ClientUpdateError, FlatModel, aligned
 
 __all__ = ["EVALUATE_BATCH", "ValidationLossPair", "direct_path", "validation_losses"]
 
@@ -128,20 +130,22 @@ def _losses(flat: FlatModel, forward, rows: Sequence[Tensor], splits: Sequence[t
         if row.shape != shape:
             raise ClientUpdateError(f"{name} row {k} has shape {tuple(row.shape)}, "
                                     f"expected ({flat.num_params},)")
-        if row.device.type == "cpu":
+        if row.data_ptr() % ALIGNMENT_BYTES:
+            row = aligned(row)  # as evaluate() computes it (the copy also brings it into L2)
+        elif row.device.type == "cpu":
             # One streaming read first: the forward's transposed-weight GEMM (addmm(b, x, W^T)
             # with a few rows) reads a cold row far below memory bandwidth, a plain sum at full
             # bandwidth; the row then sits in L2. 1,000 clients x 10 rows, one thread: 0.255 s
             # -> 0.21 s. The values computed are unchanged.
             row.sum()
         if x.shape[0] <= EVALUATE_BATCH:
-            single.append(sum_loss(forward(row, x), y))
+            single.append(sum_loss(forward(row, aligned(x)), y))
             totals.append(None)
         else:  # several batches: accumulated exactly as evaluate() does
             total = 0.0
             for start in range(0, x.shape[0], EVALUATE_BATCH):
                 stop = start + EVALUATE_BATCH
-                total += sum_loss(forward(row, x[start:stop]), y[start:stop]).item()
+                total += sum_loss(forward(row, aligned(x[start:stop])), y[start:stop]).item()
             totals.append(total)
     # one read of all one-batch sums: float32 values become the same Python floats as .item()
     read = iter(torch.stack(single).tolist() if single else [])

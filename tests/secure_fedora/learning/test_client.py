@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from secure_fedora.learning.client import (
+    ALIGNMENT_BYTES,
     ClientUpdateError,
     FlatModel,
     PlainGradient,
@@ -158,3 +159,46 @@ def test_bad_rows_and_regularization_are_rejected():
                     torch.Generator(), Workspace.for_size(flat.num_params), phi=None, lam=1.0)
     with pytest.raises(ClientUpdateError, match="empty"):
         evaluate(flat, flat.initial_vector(), x[:0], y[:0])
+
+
+def _rows_off_the_alignment(flat: FlatModel, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Rows of one (count x P) matrix, as the in-process runtime holds them (row k starts
+    k * P * 4 bytes in), rows starting 4 bytes off a boundary, and fresh copies of the same
+    values (as a Flower node holds its own row)."""
+    gen = torch.Generator().manual_seed(7)
+    matrix = flat.initial_vector() + 0.05 * torch.randn(count, flat.num_params, generator=gen)
+    odd = torch.empty(count * (flat.num_params + 1))
+    stored = list(matrix) + [odd[k * (flat.num_params + 1) + 1: (k + 1) * (flat.num_params + 1)].copy_(matrix[k])
+                             for k in range(count)]
+    assert any(r.data_ptr() % ALIGNMENT_BYTES for r in stored)
+    return stored, [r.clone() for r in stored]
+
+
+def test_evaluate_and_training_depend_on_the_values_not_on_where_the_row_is_stored():
+    """One-sample forwards and backward passes round differently by address (the matmul
+    kernels pick their path by it): a client's row inside the in-process matrix must give the
+    same bits as the same values in a Flower node's own tensor, for evaluation (FEDORA's gate,
+    IFCA's choice) and for training with a batch of one."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    stored, fresh = _rows_off_the_alignment(flat, 16)
+    x, y = _data(n=1, seed=3)
+    for row, copy in zip(stored, fresh, strict=True):
+        assert evaluate(flat, row, x, y) == evaluate(flat, copy, x, y)
+    cfg = TrainConfig(batch_size=1, local_epochs=2)
+    for row, copy in zip(stored, fresh, strict=True):
+        for theta in (row, copy):
+            local_train(flat, theta, x, y, cfg, PlainGradient(1), torch.Generator().manual_seed(0),
+                        Workspace.for_size(flat.num_params))
+        assert torch.equal(row, copy)
+
+
+def test_a_row_off_the_alignment_is_rolled_back_when_training_diverges():
+    flat = FlatModel(make_model("mlp", seed=0))
+    matrix = flat.initial_vector().repeat(3, 1)
+    assert matrix[1].data_ptr() % ALIGNMENT_BYTES
+    before = matrix.clone()
+    x, y = _data(n=16)
+    with pytest.raises(ClientUpdateError, match="non-finite"):
+        local_train(flat, matrix[1], x, y, TrainConfig(lr=1e30, batch_size=8, local_epochs=3),
+                    PlainGradient(8), torch.Generator().manual_seed(0), Workspace.for_size(flat.num_params))
+    assert torch.equal(matrix, before)

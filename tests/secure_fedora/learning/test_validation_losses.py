@@ -127,3 +127,16 @@ def test_bad_inputs_are_refused_naming_the_problem() -> None:
     with pytest.raises(ClientUpdateError, match="split 0 has 3 inputs but 2 targets"):
         validation_losses(flat, list(theta), list(theta), [(splits[0][0], splits[0][1][:2]), splits[1]])
     assert validation_losses(flat, [], [], []) == ([], [])
+
+
+def test_losses_depend_on_the_values_not_on_where_the_rows_are_stored() -> None:
+    """At one validation row a forward rounds differently by address: rows of the in-process
+    matrix (row k starts k * P * 4 bytes in) must give the losses of the same values in fresh
+    tensors (a Flower ClientApp's), or FEDORA's gate could flip between the runtimes."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    splits = _splits([1] * 24, (1, 28, 28), seed=1)
+    theta, phi = _rows(flat, 24, seed=2), _rows(flat, 24, seed=3)
+    stored = validation_losses(flat, list(theta), list(phi), splits)
+    fresh = validation_losses(flat, [t.clone() for t in theta], [p.clone() for p in phi],
+                              [(x.clone(), y.clone()) for x, y in splits])
+    assert stored == fresh
