@@ -388,15 +388,24 @@ class PrivacyConfig(_Section):
 
 
 class SecurityConfig(_Section):
-    """Message security of the in-process runtime (FEDORA's messages).
+    """Message security of the in-process runtime (FEDORA's messages), and what a client's
+    error texts tell the server.
 
     With ``envelopes``, every theta_i a client sends and every phi_i it receives travels in a
     signed envelope (sender, round, nonce, payload hash, Ed25519 signature); the receiver
     rejects unknown senders, bad signatures, replays, stale rounds, wrong shapes and
     non-finite values, logs the rejection and goes on with the other clients.
+
+    ``client_errors`` chooses what a Flower client's error or refusal text sent to the server
+    holds (such texts are not accounted releases and can name facts of its data):
+    ``"withheld"`` (default) only the error's class name and a fixed sentence, the full text
+    going to the client's own log; ``"full"`` the whole one-line text. A budget refusal, which
+    the client's ledger records, is sent whole either way. In process no client text leaves
+    the process; ``results.json`` states the setting in both runtimes.
     """
 
     envelopes: bool = False
+    client_errors: Literal["withheld", "full"] = "withheld"
     #: Key store of a DP run's private keys (see :mod:`secure_fedora.secure.keystore`); ``None``:
     #: the default store outside the run directory. A path is not empty or only spaces (as
     #: ``--keystore``) and holds no NUL character (TOML can write one; the file system refuses
@@ -724,6 +733,8 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     # validation data under DP, an unaccounted release that is no longer made.
     ("privacy", "model_selection"): None,
     ("security", "keystore"): None,
+    # what a client's error texts tell the server: trains, accounts and resumes the same
+    ("security", "client_errors"): "withheld",
     ("training", "device"): "cpu",
     ("training", "threads"): None,
     ("training", "engine"): "loop",

@@ -117,6 +117,7 @@ def _run_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
             "data_fingerprint": FINGERPRINT_UNDER_DP}
            if dp else {}),
         **({"methods_compared": METHODS_COMPARED} if dp and len(cfg.methods) > 1 else {}),
+        "client_errors": CLIENT_ERRORS[cfg.security.client_errors],
     }
 
 
@@ -151,6 +152,20 @@ METHODS_COMPARED = (
     "own releases alone; deploying several of them against one server composes their budgets")
 """results.json ``assumptions.methods_compared`` of a DP run of more than one method."""
 
+CLIENT_ERRORS = {
+    "withheld": (
+        "withheld ([security] client_errors): an error or refusal text a client sends the "
+        "server names only the error's class, with a fixed sentence; its full text stays in the "
+        "client's own log. A refused release's budget text (what its ledger records) is sent "
+        "whole. In process no client's text leaves the process"),
+    "full": (
+        "full ([security] client_errors): a client's error and refusal texts reach the server "
+        "whole; they are not accounted releases and can name facts of its data (a label "
+        "value, a split size, a loss at some step). In process no client's text leaves the "
+        "process"),
+}
+"""results.json ``assumptions.client_errors``: what ``[security] client_errors`` lets a
+client's error texts tell the server (the same statement in both runtimes)."""
 
 INPUTS_OUTSIDE_CONFIG = {
     "data": "given through the Python API (Experiment(data=...)), not by config.toml",

@@ -45,6 +45,12 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
 reports its split sizes and data schema, or a signed refusal naming the problem. FEDORA's encrypted relatedness adds its CKKS ceremony handlers
 (``query.ceremony``, ``query.encrypted_summary``, ``query.decrypt_overlaps``; key material in
 ``runs/<run_id>/ckks/``).
+
+Every handler's errors, and the first contact's refusal, reach the server as ``[security]
+client_errors`` says (:func:`_withholding`): by default only the error's class name and a fixed
+sentence, the full text and traceback going to the node's log and ``runs/<run_id>/``
+:data:`CLIENT_ERRORS_LOG`; a refused release's budget text (what the client's ledger records)
+is sent whole.
 """
 
 from __future__ import annotations
@@ -52,11 +58,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,6 +122,7 @@ from secure_fedora.runtimes.flower.protocol import (
     NodeSettings,
     RunSettings,
     check_supported,
+    client_error_text,
     process_start_time,
     tensor_to_array_record,
     wire_round,
@@ -156,7 +165,9 @@ from secure_fedora.secure.transport import (
 )
 
 __all__ = [
+    "CLIENT_ERRORS_LOG",
     "HANDLERS",
+    "WithheldError",
     "app",
     "ceremony",
     "data_digest",
@@ -170,6 +181,73 @@ __all__ = [
 
 app = ClientApp()
 log = logging.getLogger("secure_fedora.runtimes.flower.client")
+
+#: The node's own record of every error its ClientApp answered with (full text and
+#: traceback), under ``<state-dir>/runs/<run id>/``: what a withheld error text leaves out.
+CLIENT_ERRORS_LOG = "client-errors.log"
+
+
+class WithheldError(Exception):
+    """Raised by a ClientApp handler in place of an error whose text it withholds from the
+    server (``[security] client_errors = "withheld"``): its message is the error's class name
+    and a fixed sentence (:func:`~secure_fedora.runtimes.flower.protocol.client_error_text`),
+    which Flower's error reply carries; ``original`` is the error itself, in the node's log."""
+
+    def __init__(self, text: str, original: BaseException) -> None:
+        super().__init__(text)
+        self.original = original
+
+
+def _client_errors_mode(context: Context) -> str:
+    """The run's ``[security] client_errors`` ("withheld" when the run config cannot be read:
+    the error may be that)."""
+    try:
+        return RunSettings.from_run_config(context.run_config).experiment.security.client_errors
+    except Exception:  # any unreadable run config withholds
+        return "withheld"
+
+
+def _record_client_error(context: Context, what: str, err: BaseException, sent: str) -> None:
+    """Log ``err`` in full (with its traceback) on the node's logger and append it to the
+    node's :data:`CLIENT_ERRORS_LOG`, with the text the server was sent (``sent``)."""
+    log.error("%s: %s: %s (the server was sent: %s)", what, type(err).__name__, err, sent,
+              exc_info=err)
+    state_dir = context.node_config.get("state-dir")
+    if not isinstance(state_dir, str) or not state_dir.strip():
+        return
+    entry = "".join([
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {what} (sent to the server: {sent})\n",
+        *traceback.format_exception(err), "\n"])
+    try:
+        folder = Path(state_dir) / "runs" / str(context.run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / CLIENT_ERRORS_LOG, "a", encoding="utf-8") as f:
+            f.write(entry)
+    except OSError as io_err:  # the logger has it; the reply must still leave
+        log.warning("cannot append to %s in %s: %s", CLIENT_ERRORS_LOG, state_dir, io_err)
+
+
+def _withholding(handler: Callable[[Message, Context], Message]
+                 ) -> Callable[[Message, Context], Message]:
+    """``handler`` whose errors reach the server as ``[security] client_errors`` says: under
+    ``"withheld"`` an exception it raises is recorded in full on the node
+    (:func:`_record_client_error`) and re-raised as :class:`WithheldError`, so Flower's error
+    reply carries only the error's class name and a fixed sentence; under ``"full"`` it is
+    recorded and re-raised unchanged (Flower's reply carries its text)."""
+
+    @functools.wraps(handler)
+    def handle(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as err:
+            mode = _client_errors_mode(context)
+            sent = client_error_text(err, mode)
+            _record_client_error(context, f"{message.metadata.message_type} failed", err, sent)
+            if mode == "full":
+                raise
+            raise WithheldError(sent, err) from err
+
+    return handle
 
 
 def data_digest(cfg: ExperimentConfig) -> str:
@@ -551,7 +629,6 @@ def _encrypted_mode(settings: RunSettings, what: str) -> None:
         raise DeployError(f"{what} is part of the encrypted relatedness modes, not {mode!r}")
 
 
-@app.query("ceremony")
 def ceremony(message: Message, context: Context) -> Message:
     """First contact in the encrypted modes: identify this client; the key holder also runs
     the CKKS key ceremony (or repeats its stored result) and returns the public context and
@@ -589,7 +666,6 @@ def ceremony(message: Message, context: Context) -> Message:
     return _reply(security, message, content, 0)
 
 
-@app.query("encrypted_summary")
 def encrypted_summary(message: Message, context: Context) -> Message:
     """Release ``Enc(U_i)``: open the sealed CKKS context, compute the summary (noised through
     the budget gate in noised+encrypted mode), encrypt its q columns; plus initial accuracy."""
@@ -637,7 +713,6 @@ def encrypted_summary(message: Message, context: Context) -> Message:
     return _release_encrypted_summary(settings, node, context.run_id, respond)
 
 
-@app.query("decrypt_overlaps")
 def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     """Key holder only: decrypt the server's encrypted Gram rows with the stored secret
     context and return the ``(N, N, q, q)`` overlap blocks, nothing else."""
@@ -674,7 +749,6 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
 
 
 
-@app.query("hello")
 def hello(message: Message, context: Context) -> Message:
     """First contact: identify this client; report its split sizes and data schema (input
     shape, classes) and the partition facts a client may publish. No data leaves.
@@ -685,7 +759,10 @@ def hello(message: Message, context: Context) -> Message:
     width, the loss, under DP exact per-sample gradients on its own batch sizes). A problem
     with the input (a toolkit ``ValueError``: DataError, ModelError, DPSGDError, ...) is
     answered with a signed ``refusal`` record naming it instead of the data facts, so that
-    the server stops the run before any method message, ceremony, ledger or release."""
+    the server stops the run before any method message, ceremony, ledger or release. The
+    refusal's reason is the error's class name and, only under ``[security] client_errors =
+    "full"``, its message (which can name facts of the data); the full text is in the node's
+    own log either way (:data:`CLIENT_ERRORS_LOG`)."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context, HELLO_SCOPE)
     _check_hash(message, "run", settings)
@@ -698,12 +775,13 @@ def hello(message: Message, context: Context) -> Message:
     except ToolkitError as err:
         if not isinstance(err, ValueError):  # a node's state or deployment: not the input
             raise
-        log.error("client %d refuses the run: %s: %s", node.partition_id,
-                  type(err).__name__, err)
+        reason = client_error_text(err, settings.experiment.security.client_errors)
+        _record_client_error(context, f"client {node.partition_id} refuses the run", err,
+                             reason)
         refusal = RecordDict({
             "client": ConfigRecord({"client-id": node.partition_id,
                                     "config-hash": settings.config_hash}),
-            "refusal": ConfigRecord({"reason": f"{type(err).__name__}: {err}"}),
+            "refusal": ConfigRecord({"reason": reason}),
             "metrics": MetricRecord(_timings(started))})
         return _reply(security, message, refusal, 0)
     info: dict[str, Any] = {
@@ -776,7 +854,7 @@ def method_message(message: Message, context: Context) -> Message:
 
     def respond(result: StageResult, release: ReplyRelease) -> Message:
         content = RecordDict()
-        if result.refusal is not None:
+        if result.refusal is not None:  # the budget gate's text, as its ledger records it
             content["refusal"] = ConfigRecord({"reason": result.refusal})
         else:
             content["payload"] = payload_to_record(result.payload, result.limits)
@@ -1103,38 +1181,22 @@ def _run_client_half(
 
 
 
-#: Message type -> handler (what the ClientApp routes; tests call handlers directly).
+#: Message type -> handler as the ClientApp routes it: behind :func:`_withholding`, so that
+#: an error's text reaches the server as ``[security] client_errors`` says (the in-memory test
+#: grid calls these; tests of one handler call the undecorated functions above).
 HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
-    MSG_HELLO: hello,
-    MSG_SETUP: method_message,
-    MSG_ROUND: method_message,
-    MSG_EVALUATE: method_message,
-    MSG_FINALIZE: method_message,
-    MSG_CEREMONY: ceremony,
-    MSG_ENCRYPTED_SUMMARY: encrypted_summary,
-    MSG_DECRYPT: decrypt_overlaps_handler,
+    message_type: _withholding(handler) for message_type, handler in {
+        MSG_HELLO: hello,
+        MSG_SETUP: method_message,
+        MSG_ROUND: method_message,
+        MSG_EVALUATE: method_message,
+        MSG_FINALIZE: method_message,
+        MSG_CEREMONY: ceremony,
+        MSG_ENCRYPTED_SUMMARY: encrypted_summary,
+        MSG_DECRYPT: decrypt_overlaps_handler,
+    }.items()
 }
 
-
-@app.query("setup")
-def _setup(message: Message, context: Context) -> Message:
-    """``query.setup``: the method's setup exchange."""
-    return method_message(message, context)
-
-
-@app.train("round")
-def _round(message: Message, context: Context) -> Message:
-    """``train.round``: one round of the method's client half."""
-    return method_message(message, context)
-
-
-@app.evaluate("round")
-def _evaluate(message: Message, context: Context) -> Message:
-    """``evaluate.round``: the client evaluates its personalized model."""
-    return method_message(message, context)
-
-
-@app.query("finalize")
-def _finalize(message: Message, context: Context) -> Message:
-    """``query.finalize``: the method's finalize exchange."""
-    return method_message(message, context)
+for _message_type, _handler in HANDLERS.items():  # e.g. app.query("hello")(...)
+    _category, _action = _message_type.split(".")
+    getattr(app, _category)(_action)(_handler)

@@ -82,8 +82,10 @@ __all__ = [
     "wire_round",
     "NodeSettings",
     "RunSettings",
+    "WITHHELD_DETAILS",
     "array_record_to_tensor",
     "check_apps_know_entries",
+    "client_error_text",
     "check_supported",
     "experiment_to_run_config",
     "make_run_config",
@@ -139,6 +141,26 @@ RUN_CONFIG_KEYS = (
 
 class DeployError(ToolkitError, RuntimeError):
     """A deployment-level failure: bad node or run config, missing nodes, failed run."""
+
+
+#: What a client's error text sent to the server says in place of the error's message under
+#: ``[security] client_errors = "withheld"``: fixed, whatever the error and the data.
+WITHHELD_DETAILS = "details withheld; see the client's own log"
+
+
+def client_error_text(err: BaseException, mode: str) -> str:
+    """The text of ``err`` that a client sends the server (a refusal's reason, an error
+    reply's): with ``mode`` ``"full"`` its class name and message (``"DataError: ..."``);
+    otherwise (``"withheld"``, the default) only its class name, that of its direct cause
+    when it wraps one (a ClientHalfError around the plug-in's own error) and
+    :data:`WITHHELD_DETAILS`, nothing that depends on the client's data."""
+    name = type(err).__name__
+    if mode == "full":
+        return f"{name}: {err}"
+    cause = err.__cause__
+    if cause is not None:
+        name += f" (from {type(cause).__name__})"
+    return f"{name} ({WITHHELD_DETAILS})"
 
 
 def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,

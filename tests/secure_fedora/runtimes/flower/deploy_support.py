@@ -68,7 +68,8 @@ class InMemoryGrid:
 
     ``fail`` maps (client, round) to an error text; ``drop`` lists (client, round) left
     unanswered; ``offline`` maps a round to clients offline in it. A handler that raises is
-    answered with an error reply, as Flower does. A message's round is the last part of its
+    answered with an error reply, as Flower does (its text: the error's class name and
+    message; ``errors`` lists the client's own error, also when its text was withheld). A message's round is the last part of its
     group id (``<scope>:<exchange>:<round>``; 0 for the first contact and setup exchanges). ``tamper_reply`` maps (client, round, message
     type) to a function of (request, reply) whose result the server pulls instead of the reply
     (None drops it); ``tamper_request`` maps to a function of the request whose result the
@@ -138,7 +139,8 @@ class InMemoryGrid:
             try:
                 reply = client_app.HANDLERS[kind](request, ctx)
             except Exception as err:  # what Flower turns into an error reply
-                self.errors.append((client, kind, err))
+                # the client's own error (a withheld one: WithheldError's original)
+                self.errors.append((client, kind, getattr(err, "original", err)))
                 self.replies[mid] = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"),
                                             reply_to=msg)
                 continue

@@ -70,6 +70,7 @@ def test_a_client_whose_data_fails_the_model_checks_stops_the_run_before_any_rel
     data["fedora"]["relatedness"] = relatedness
     data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": "reproducible"}
     data["model"] = {"name": "test-mixes-large-batches"}
+    data["security"] = {"client_errors": "full"}  # the refusal's whole text reaches the server
     cfg = parse_config(data)
     result_dir = tmp_path / "res"
     result_dir.mkdir()

@@ -378,15 +378,18 @@ def test_grid_refuses_dp_sgd_training_in_the_setup_exchange(tmp_path: Path) -> N
     try:
         cfg = with_methods(dp_config(rounds=1, noise="reproducible"), "warm_start_grid_x")
         rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        # the server learns each client's error class; its text stays with the client
         with pytest.raises(DeployError, match=r"clients \[0, 1, 2\] gave no accepted setup reply "
-                                              r"\(asked twice\).*client 2: error reply .*executed "
-                                              r"DP-SGD steps in its setup exchange") as caught:
-            server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
-                                      RunSettings.from_run_config(rc), 42)
+                                              r"\(asked twice\).*client 2: error reply "
+                                              r".*ContractError \(details withheld") as caught:
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     finally:
         METHODS.unregister("warm_start_grid_x")
     assert seen == []  # every setup reply was refused in its client's process
-    assert str(caught.value).count("executed DP-SGD steps in its setup") == 3
+    assert str(caught.value).count("ContractError (details withheld") == 3
+    assert {c for c, _, e in grid.errors
+            if "executed DP-SGD steps in its setup exchange" in str(e)} == {0, 1, 2}
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -17,6 +17,7 @@ from flwr.app import Message
 
 from privacy.ledger import read_ledger
 from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.client_app import CLIENT_ERRORS_LOG
 from secure_fedora.runtimes.flower.protocol import (
     MSG_EVALUATE,
     MSG_ROUND,
@@ -438,9 +439,11 @@ def test_a_ledger_cut_inside_a_reported_entry_is_refused_not_repaired(tmp_path: 
 
 def _node_files(node: Path) -> dict[Path, bytes]:
     """Every file of a node's state dir but the envelopes' nonce memory (a verified request's
-    nonce is recorded whatever the answer, so it cannot be replayed)."""
+    nonce is recorded whatever the answer, so it cannot be replayed) and the node's record of
+    the errors it answered with (the refusal itself is recorded there)."""
     return {p: p.read_bytes() for p in node.rglob("*")
-            if p.is_file() and not p.name.endswith(".nonces.jsonl")}
+            if p.is_file() and not p.name.endswith(".nonces.jsonl")
+            and p.name != CLIENT_ERRORS_LOG}
 
 
 def _state_lost(run: Path) -> None:
@@ -488,6 +491,7 @@ def test_a_refused_message_changes_no_file_on_the_node(tmp_path: Path, refused) 
         run()
     assert grid.errors and all(c == 1 and isinstance(e, NodeStateError) for c, _, e in grid.errors)
     assert _node_files(tmp_path / "nodes" / "node-1") == before
+    assert "NodeStateError" in (_run_dir(tmp_path, 1) / CLIENT_ERRORS_LOG).read_text()
 
 
 def _comparable(results: dict) -> dict:  # type: ignore[type-arg]

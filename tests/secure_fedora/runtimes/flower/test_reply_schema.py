@@ -18,6 +18,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
+from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity
 from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
@@ -34,8 +35,11 @@ _ = task_identity  # the fixture, imported for use above
 
 
 def _run(root: Path, method: str, tamper: dict | None = None, grids: list | None = None,
-         **training: Any) -> dict[str, Any]:
+         client_errors: str = "withheld", **training: Any) -> dict[str, Any]:
     cfg = with_methods(tiny_config(**{"rounds": 2, **training}), method)
+    if client_errors != "withheld":  # the ClientApp's error texts reach the server whole
+        cfg = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
+                            "security": {"client_errors": client_errors}})
     rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
     settings = RunSettings.from_run_config(rc)
     grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients,
@@ -186,7 +190,7 @@ def test_a_plugin_reply_is_refused_alike_in_both_runtimes(tmp_path, change, prob
         with pytest.raises(ContractError, match=f"method '{name}': client 0's round (reply )?"
                                                 f"{problem}"):
             in_process(with_methods(tiny_config(rounds=2), name), tmp_path / "inproc", name)
-        results = _run(tmp_path, name)
+        results = _run(tmp_path, name, client_errors="full")
     finally:
         METHODS.unregister(name)
     assert [r["replied"] for r in results["rounds"]] == [2, 3]
@@ -219,7 +223,7 @@ def test_a_malformed_plugin_reply_fails_in_the_client_app_before_it_leaves(tmp_p
     METHODS.register(name, _plugin_reply(change))
     grids: list[InMemoryGrid] = []
     try:
-        results = _run(tmp_path, name, grids=grids)
+        results = _run(tmp_path, name, grids=grids, client_errors="full")
     finally:
         METHODS.unregister(name)
     assert [r["replied"] for r in results["rounds"]] == [2, 3]
@@ -258,7 +262,7 @@ def test_a_non_finite_evaluation_row_is_refused_in_both_runtimes(tmp_path):
             in_process(with_methods(tiny_config(rounds=2), name), tmp_path / "inproc", name)
         with pytest.raises(DeployError, match=r"clients \[1\] never reported an evaluation.*"
                                               f"method '{name}': client 1's client_eval_row"):
-            _run(tmp_path, name)
+            _run(tmp_path, name, client_errors="full")
     finally:
         METHODS.unregister(name)
     assert not (tmp_path / "res" / "results.json").exists()

@@ -1,0 +1,172 @@
+"""What a client's error texts tell the server (``[security] client_errors``): by default the
+error's class name and a fixed sentence; the full text only in the client's own log."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secure_fedora.algorithms.contract import ClientHalfError
+from secure_fedora.algorithms.methods import FedAvg
+from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.core.registry import PARTITIONERS
+from secure_fedora.data.partition import iid_partition
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.client_app import CLIENT_ERRORS_LOG
+from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings
+from secure_fedora.runtimes.inprocess import Simulation
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    TINY,
+    InMemoryGrid,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+)
+
+#: The data fact the bad client's DataError names (its largest training label).
+STRAY_LABEL_FACT = "found 0..17"
+#: The data fact a failing client half names (a loss that diverged at some step).
+DIVERGED_FACT = "loss 3.25e+08 at step 7 on label 17"
+WITHHELD = "details withheld; see the client's own log"
+
+
+def _stray_label(dataset: Any, d: Any, seed: int) -> list[Any]:
+    """IID clients, client 1 holding a training label (17) beyond the dataset's classes."""
+    clients = iid_partition(dataset, d.num_clients, d.train_per_client, d.val_per_client,
+                            d.test_per_client, seed)
+    bad = clients[1].train_y.clone()
+    bad[0] = 17
+    clients[1] = dataclasses.replace(clients[1], train_y=bad)
+    return clients
+
+
+@pytest.fixture()
+def stray_label() -> Any:
+    PARTITIONERS.register("test-stray-label", _stray_label)
+    yield
+    PARTITIONERS.unregister("test-stray-label")
+
+
+def _config(mode: str | None, **data: Any) -> Any:
+    doc = json.loads(json.dumps(TINY))
+    doc["methods"] = ["fedavg"]
+    doc["data"].update(data)
+    if mode is not None:
+        doc["security"] = {"client_errors": mode}
+    return parse_config(doc)
+
+
+def _client_log(tmp_path: Path, client: int) -> str:
+    return (tmp_path / "nodes" / f"node-{client}" / "runs" / "42" / CLIENT_ERRORS_LOG).read_text()
+
+
+def _files_text(folder: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+@pytest.mark.usefixtures("task_identity", "stray_label")
+@pytest.mark.parametrize("mode", [None, "withheld", "full"])
+def test_a_refusal_at_first_contact_names_only_the_error_class_unless_full_is_chosen(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str | None) -> None:
+    """Client 1's training labels go beyond the classes. Its signed refusal carried the
+    DataError's text, which names its largest label ("found 0..17"), into the server's stop
+    message and log. By default (and with "withheld") the server now learns only the class
+    name, and the full text is in the client's own log; "full" sends it whole."""
+    cfg = _config(mode, partition="test-stray-label")
+    result_dir = tmp_path / "res"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(DeployError, match=r"^client 1 \(node 1001\) refused the run at first "
+                       r"contact: DataError") as err:
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    server_saw = str(err.value) + capsys.readouterr().out
+    assert STRAY_LABEL_FACT in _client_log(tmp_path, 1)
+    if mode == "full":
+        assert f"DataError: client 1: train labels must lie in 0..9; {STRAY_LABEL_FACT}" \
+            in str(err.value)
+    else:
+        assert f"first contact: DataError ({WITHHELD}); the run stops" in str(err.value)
+        assert STRAY_LABEL_FACT not in server_saw and "train labels" not in server_saw
+    assert list(result_dir.iterdir()) == []
+
+
+@pytest.fixture()
+def diverging_client(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """FedAvg's client 1 fails in round 2 with an error naming facts of its data (while the
+    returned ``["on"]`` holds)."""
+    real = FedAvg.client_update
+    switch = {"on": True}
+
+    def client_update(self: FedAvg, i: int, rnd: int, message: Any) -> Any:
+        if switch["on"] and i == 1 and rnd == 2:
+            raise RuntimeError(DIVERGED_FACT)
+        return real(self, i, rnd, message)
+
+    monkeypatch.setattr(FedAvg, "client_update", client_update)
+    return switch
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("mode", [None, "full"])
+def test_an_error_in_a_later_stage_reaches_the_server_as_its_class_name_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], diverging_client: dict[str, bool],
+        mode: str | None) -> None:
+    """Client 1's client half raises in round 2. Flower's error reply carried the exception's
+    text ("... loss 3.25e+08 at step 7 on label 17") into the server's log and results.json's
+    events. By default the reply, the event and every result file now name only the error's
+    classes (ClientHalfError, from RuntimeError); the client's own log has the text and its
+    traceback. With "full" the event carries the text. The run goes on without client 1 in
+    round 2 either way, and results.json states the setting as the in-process run does (in
+    process the same error stops the run in the caller's own process, its text whole)."""
+    cfg = _config(mode)
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [r["replied"] for r in results["rounds"]] == [3, 2]
+    [event] = [e["event"] for e in results["events"]]
+    assert event.startswith("error reply (") and "ClientHalfError" in event
+    server_saw = _files_text(result_dir) + capsys.readouterr().out
+    log = _client_log(tmp_path, 1)
+    assert DIVERGED_FACT in log and "Traceback" in log
+    if mode == "full":
+        assert DIVERGED_FACT in event
+    else:
+        assert f"ClientHalfError (from RuntimeError) ({WITHHELD})" in event
+        assert DIVERGED_FACT not in server_saw and "label 17" not in server_saw
+    with pytest.raises(ClientHalfError, match=re.escape(DIVERGED_FACT)):
+        Simulation(cfg, tmp_path / "failed").run()
+    assert DIVERGED_FACT not in _files_text(tmp_path / "failed")
+    diverging_client["on"] = False
+    in_process = Simulation(cfg, tmp_path / "inproc").run()
+    assert results["assumptions"]["client_errors"] == in_process["assumptions"]["client_errors"]
+    assert results["assumptions"]["client_errors"].startswith(mode or "withheld")
+
+
+@pytest.mark.usefixtures("stray_label")
+@pytest.mark.parametrize("mode", [None, "full"])
+def test_in_process_a_client_error_stays_in_the_callers_process(
+        tmp_path: Path, mode: str | None) -> None:
+    """In process every client runs in the caller's own process: the bad client's DataError
+    reaches the caller whole, whatever the setting, and nothing of it is written into the run
+    directory (no results.json, no event), as no server outside the process exists."""
+    cfg = _config(mode, partition="test-stray-label")
+    run_dir = tmp_path / "inproc"
+    with pytest.raises(ValueError, match=f"client 1: train labels must lie in 0..9; "
+                       f"{STRAY_LABEL_FACT}"):
+        Simulation(cfg, run_dir).run()
+    assert not run_dir.exists() or STRAY_LABEL_FACT not in _files_text(run_dir)
+
+
+def test_the_setting_is_validated_and_its_default_keeps_the_config_hash() -> None:
+    """``client_errors`` takes "withheld" or "full" only; the default hashes as configs
+    written before the key existed (their checkpoints and sweep cells stay valid)."""
+    with pytest.raises(ValueError, match="client_errors"):
+        _config("none")
+    assert config_hash(_config(None)) == config_hash(_config("withheld"))
+    assert config_hash(_config("full")) != config_hash(_config(None))
