@@ -159,9 +159,12 @@ def aligned(t: Tensor) -> Tensor:
 
     Why: the matmul kernels choose their code path by address, so the same parameter row
     gave different float rounding inside the in-process (N x P) matrix (row ``i`` starts ``i *
-    P * 4`` bytes in) than as a Flower node's own tensor, in one-sample forwards and backward
-    passes of the MNIST MLP (measured with torch 2.13 / MKL: losses of 8 of 40 clients,
-    gradients of 8 of 16 rows). FEDORA's gate and IFCA's choice flip on such near-ties."""
+    P * 4`` bytes in) than as a Flower node's own tensor, in one-sample forwards of the MNIST
+    MLP (measured with torch 2.13 / MKL: the losses of 5 of 40 clients at one validation
+    row). FEDORA's gate and IFCA's choice flip on such near-ties, so evaluation computes on
+    aligned copies. Training with a one-sample batch has the same dependence and is not
+    covered: it updates the row in place, and gradient oracles (FedProx's, APFL's) hold the
+    trained row itself."""
     if t.data_ptr() % ALIGNMENT_BYTES == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -331,9 +334,7 @@ def local_train(
     After every optimizer step, when ``lam > 0``, the proximal pull
     ``theta <- theta - lr * lam * (theta_before_step - phi)`` is applied (docs/design.md section 2, a round, step 2).
     Raises :class:`ClientUpdateError` if training produced non-finite parameters; ``theta`` is
-    then restored to its value before the run, so nothing is lost. A ``theta`` stored off the
-    alignment (a row of the in-process matrix) is trained in an :func:`aligned` copy and
-    written back, so its result equals training the same values anywhere else bit for bit.
+    then restored to its value before the run, so nothing is lost.
     """
     if lam < 0 or (lam > 0 and phi is None):
         raise ClientUpdateError(f"invalid regularization: lam={lam}, phi given: {phi is not None}")
@@ -344,10 +345,7 @@ def local_train(
         raise ClientUpdateError(f"{who}local training would produce non-finite parameters (the pull's"
                                 f" weight overflows {theta.dtype}); update discarded"
                                 f" ({diverged_hint(cfg.lr, lam)})")
-    target = theta
     start = theta.clone()
-    if theta.data_ptr() % ALIGNMENT_BYTES:
-        theta, start = start, theta  # train the aligned copy; target stays as it was
     model = flat.bind(theta, workspace.grad)
     model.train()
     workspace.optimizer.reset()
@@ -364,9 +362,7 @@ def local_train(
                 theta.add_(workspace.before, alpha=-cfg.lr * lam)
             steps += 1
     if not all_finite(theta):
-        target.copy_(start)
+        theta.copy_(start)
         raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
                                 f" ({diverged_hint(cfg.lr, lam)})")
-    if theta is not target:
-        target.copy_(theta)
     return steps
