@@ -187,7 +187,7 @@ log = logging.getLogger("secure_fedora.runtimes.flower.client")
 CLIENT_ERRORS_LOG = "client-errors.log"
 
 
-class WithheldError(Exception):
+class WithheldError(ToolkitError, RuntimeError):
     """Raised by a ClientApp handler in place of an error whose text it withholds from the
     server (``[security] client_errors = "withheld"``): its message is the error's class name
     and a fixed sentence (:func:`~secure_fedora.runtimes.flower.protocol.client_error_text`),

@@ -137,7 +137,8 @@ def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, pl
     assert (m_signed.theta - m_plain.theta).abs().max().item() < 1e-4
     assert (m_signed.phi - m_plain.phi).abs().max().item() < 1e-4
     stats = store["exchange"].transport.stats
-    assert stats.messages_accepted == 2 * 6 * cfg.training.rounds and stats.messages_rejected == 0
+    # per client and round: phi down, theta up, the (empty, signed) evaluation message
+    assert stats.messages_accepted == 3 * 6 * cfg.training.rounds and stats.messages_rejected == 0
     assert (tmp_path / "signed" / "transport" / "fedora" / "server.nonces.jsonl").exists()
 
     def tamper(kind, rnd, client, message):
