@@ -6,10 +6,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["MAX_SEED", "check_config", "check_open_fraction", "check_seed"]
+import numpy as np
+
+__all__ = ["MAX_COUNT", "MAX_SEED", "check_config", "check_count", "check_open_fraction",
+           "check_seed"]
 
 #: Seeds are ints in [0, MAX_SEED): torch's and numpy's generators take every one of them.
 MAX_SEED = 2**63
+#: Counts (canaries, guesses, successes) are ints below MAX_COUNT, the int64 range the config
+#: keeps its integers in: scipy's distributions refuse Python ints beyond it.
+MAX_COUNT = 2**63
 
 
 def check_seed(value: Any, error: type[Exception], name: str = "seed") -> int:
@@ -18,6 +24,15 @@ def check_seed(value: Any, error: type[Exception], name: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
         raise error(f"{name} must be an integer in [0, 2**63), got {value!r:.80}")
     return value
+
+
+def check_count(value: Any, name: str, error: type[Exception]) -> int:
+    """``value`` as an int unless it is not an integer (a bool included; a numpy integer is
+    one) in [0, :data:`MAX_COUNT`): then ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) \
+            or not 0 <= value < MAX_COUNT:
+        raise error(f"{name} must be an integer in [0, 2**63), got {value!r:.80}")
+    return int(value)
 
 
 def check_open_fraction(value: Any, name: str, error: type[Exception]) -> float:

@@ -57,7 +57,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from audits.arguments import check_config, check_open_fraction, check_seed
+from audits.arguments import check_config, check_count, check_open_fraction, check_seed
 from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_document, audit_verdict
 from privacy.errors import ToolkitError
@@ -105,10 +105,12 @@ class CanaryAuditError(ToolkitError, ValueError):
 # --------------------------------------------------------------------------- statistics
 
 
-def _check_count(k: int, n: int) -> None:
+def _check_count(k: int, n: int, k_name: str = "k", n_name: str = "n") -> None:
     if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, int) \
             or not isinstance(n, int) or n < 0 or not 0 <= k <= n:
-        raise CanaryAuditError(f"need integers 0 <= k <= n, got k={k!r}, n={n!r}")
+        raise CanaryAuditError(f"need integers 0 <= {k_name} <= {n_name}, got {k_name}={k!r:.80},"
+                               f" {n_name}={n!r:.80}")
+    check_count(n, n_name, CanaryAuditError)  # scipy refuses ints beyond int64
 
 
 def _check_alpha(alpha: float) -> float:
@@ -182,8 +184,8 @@ def epsilon_lower_bound(true_positives: int, members: int, false_positives: int,
     returned bound is ``<= eps`` (Clopper-Pearson, union bound over the two one-sided
     intervals). Never negative; finite whenever both counts are positive.
     """
-    _check_count(true_positives, members)
-    _check_count(false_positives, non_members)
+    _check_count(true_positives, members, "true_positives", "members")
+    _check_count(false_positives, non_members, "false_positives", "non_members")
     if members == 0 or non_members == 0:
         raise CanaryAuditError(
             f"need at least one member and one non-member, got {members} and {non_members}"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
-from audits.arguments import check_open_fraction, check_seed
+from audits.arguments import check_count, check_open_fraction, check_seed
 from privacy.errors import ToolkitError
 
 __all__ = [
@@ -55,10 +55,11 @@ class OneRunAuditError(ToolkitError, ValueError):
     """Bad input to the one-run statistics; the message names it."""
 
 
-def _check_counts(m: int, r: int, v: int) -> None:
-    for name, value in (("m", m), ("r", r), ("v", v)):
+def _check_counts(m: int, r: int, v: int, m_name: str = "m") -> None:
+    for name, value in ((m_name, m), ("r", r), ("v", v)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise OneRunAuditError(f"{name} must be an integer, got {value!r}")
+            raise OneRunAuditError(f"{name} must be an integer, got {value!r:.80}")
+    check_count(m, m_name, OneRunAuditError)  # scipy refuses ints beyond int64
     if not 0 <= v <= r <= m:
         raise OneRunAuditError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
 
@@ -91,7 +92,7 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
 
 def pure_dp_lower_bound(r: int, v: int, confidence: float = 0.95) -> float:
     """The delta = 0 bound in closed form: ``logit`` of the Clopper-Pearson lower bound, >= 0."""
-    _check_counts(r, r, v)
+    _check_counts(r, r, v, "r")
     alpha = _check_level(0.0, confidence)
     if v == 0:
         return 0.0

@@ -465,3 +465,20 @@ def test_wrong_argument_types_are_canary_audit_errors_naming_them():
     for fraction in ("0.5", None, math.nan):
         with pytest.raises(CanaryAuditError, match="^calibration_fraction must be in"):
             split_audit(scores, member, 1e-5, calibration_fraction=fraction)
+
+
+def test_counts_beyond_int64_are_canary_audit_errors_naming_them():
+    """Python ints beyond int64 (1e30 canaries) raised scipy's "ufunc '_beta_ppf' not
+    supported" TypeError; int64's largest count still works."""
+    from audits.canary import certifiable_maximum
+
+    big = 10**30
+    for call, name in ((lambda: clopper_pearson_lower(big // 2, big, 0.05), "n"),
+                       (lambda: clopper_pearson_upper(big // 2, big, 0.05), "n"),
+                       (lambda: certifiable_maximum(big, 10, 1e-5), "members"),
+                       (lambda: epsilon_lower_bound(5, 10, 0, big, 1e-5), "non_members")):
+        with pytest.raises(CanaryAuditError, match=f"^{name} must be an integer in \\[0, 2\\*\\*63\\)"):
+            call()
+    with pytest.raises(CanaryAuditError, match="^need integers 0 <= false_positives <= non_members"):
+        epsilon_lower_bound(5, 10, 11, 10, 1e-5)
+    assert 0.49 < clopper_pearson_lower(2**62, 2**63 - 1, 0.05) < 0.5

@@ -137,3 +137,17 @@ def test_one_run_p_value_refuses_a_delta_outside_0_1_and_a_non_number_epsilon():
     for epsilon in ("1", None, math.nan, True):
         with pytest.raises(OneRunAuditError, match="^epsilon must be a number"):
             one_run_p_value(100, 20, 18, epsilon, 1e-5)
+
+
+def test_counts_beyond_int64_are_one_run_audit_errors_naming_them():
+    """Python ints beyond int64 (1e30 canaries) raised scipy's "ufunc '_beta_ppf' not
+    supported" TypeError; int64's largest count still works."""
+    big = 10**30
+    for call, name in ((lambda: pure_dp_lower_bound(big, big), "r"),
+                       (lambda: certifiable_maximum(big, 1e-5), "m"),
+                       (lambda: one_run_lower_bound(big, 10, 10, 0.0), "m"),
+                       (lambda: one_run_p_value(big, 10, 10, 1.0, 1e-5), "m"),
+                       (lambda: pure_dp_lower_bound(np.uint64(2**64 - 1), 3), "r")):
+        with pytest.raises(OneRunAuditError, match=f"^{name} must be an integer in \\[0, 2\\*\\*63\\)"):
+            call()
+    assert pure_dp_lower_bound(2**63 - 1, 2**63 - 1) == 64.0
