@@ -91,6 +91,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
 
+from audits.arguments import MAX_COUNT
 from audits.options import API_AUDIT_OPTIONS
 from privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
@@ -627,6 +628,13 @@ def _final_epsilons(releases: Sequence[tuple[float, float, int] | None],
         return _pld_epsilon(counts, delta), _rdp_epsilon(total, delta)
 
 
+def _check_pld_checkpoints(value: Any, name: str) -> None:
+    # any count from the number of entries up checks every entry; beyond int64 is no count
+    # the config would hold either
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < MAX_COUNT:
+        raise AuditError(f"{name} must be an int in [1, 2**63), got {value!r:.80}")
+
+
 def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], delta: float,
                          accountant: str,
                          checkpoints: int = DEFAULT_PLD_CHECKPOINTS) -> list[float | None]:
@@ -639,6 +647,22 @@ def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], de
     """
     if accountant not in ACCOUNTANTS:
         raise AuditError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if isinstance(releases, str | bytes) or not isinstance(releases, Sequence):
+        raise AuditError("releases must be a sequence of (noise_multiplier, sample_rate, steps)"
+                         f" or None, got {type(releases).__name__}")
+    for i, release in enumerate(releases):
+        if release is None:
+            continue
+        if isinstance(release, str | bytes) or not isinstance(release, Sequence) \
+                or len(release) != len(ACCOUNTED_PARAMS):
+            raise AuditError(f"releases[{i}] must be (noise_multiplier, sample_rate, steps) or"
+                             f" None, got {release!r:.80}")
+        problems = _release_problems(dict(zip(ACCOUNTED_PARAMS, release, strict=True)))
+        if problems:
+            raise AuditError(f"releases[{i}]: {'; '.join(problems)}")
+    if not _number(delta) or not 0 < delta < 1:
+        raise AuditError(f"delta must be in (0, 1), got {delta!r:.80}")
+    _check_pld_checkpoints(checkpoints, "checkpoints")
     out: list[float | None] = [None] * len(releases)
     real = [i for i, r in enumerate(releases) if r is not None]
     if not real:
@@ -651,8 +675,6 @@ def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], de
                 total = total + steps * _rdp_curve(float(nm), float(q))
                 out[i] = _rdp_epsilon(total, delta)
             return out
-        if checkpoints < 1:
-            raise AuditError(f"checkpoints must be >= 1, got {checkpoints}")
         picks = {real[-1]}
         if checkpoints > 1:
             step = max(1, len(real) // checkpoints)
@@ -1455,9 +1477,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                          f"{', '.join(RUN_MARKERS)}")
     if isinstance(rel_tol, bool) or not isinstance(rel_tol, int | float) or not 0 <= rel_tol < 1:
         raise AuditError(f"rel_tol must be in [0, 1), got {rel_tol!r}")
-    if isinstance(pld_checkpoints, bool) or not isinstance(pld_checkpoints, int) \
-            or pld_checkpoints < 1:
-        raise AuditError(f"pld_checkpoints must be an int >= 1, got {pld_checkpoints!r}")
+    _check_pld_checkpoints(pld_checkpoints, "pld_checkpoints")
     allow_path = check_path(allowlist, "allowlist", AuditError, "file") \
         if allowlist is not None else None
     if allow_path is not None and not allow_path.is_file():

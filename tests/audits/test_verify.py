@@ -1044,3 +1044,35 @@ def test_the_checks_name_the_anchor_and_allowlist_as_the_caller_gives_them(prist
     assert "the anchor= argument" in api_checks and "the allowlist= argument" in api_checks
     cli_checks = " ".join(verify_run(pristine_run, options=CLI_AUDIT_OPTIONS).checks)
     assert "(or --anchor)" in cli_checks and "an error with --allowlist" in cli_checks
+
+
+def test_wrong_independent_epsilons_arguments_are_audit_errors_naming_them():
+    """A releases that is no list raised a bare TypeError ('object of type int has no len()'),
+    a str one or a release of two values a ValueError from unpacking, a str delta a '<' or
+    numpy TypeError."""
+    for releases, shown in ((5, "^releases must be a sequence"), ("abc", "^releases must be a sequence"),
+                            ([(1.0, 0.1)], r"^releases\[0\] must be"),
+                            ([None, "1.0, 0.1, 3"], r"^releases\[1\] must be"),
+                            ([(1.0, 2.0, 3)], r"^releases\[0\]: params.sample_rate must be in"),
+                            ([(1.0, 0.1, 10**30)], r"^releases\[0\]: params.steps must be")):
+        for accountant in ("rdp", "pld"):
+            with pytest.raises(AuditError, match=shown):
+                independent_epsilons(releases, 1e-5, accountant)
+    for delta in ("1e-5", None, 0.0, 1.0, float("nan")):
+        with pytest.raises(AuditError, match="^delta must be in"):
+            independent_epsilons([(1.0, 0.1, 3)], delta, "pld")
+    for checkpoints in ("8", 0, 2**63, True):
+        with pytest.raises(AuditError, match=r"^checkpoints must be an int in \[1, 2\*\*63\)"):
+            independent_epsilons([(1.0, 0.1, 3)], 1e-5, "pld", checkpoints)
+
+
+def test_a_pld_checkpoints_beyond_int64_is_refused(pristine_run, capsys):
+    """--pld-checkpoints 99999999999999999999 was taken (every entry PLD-checked, as any count
+    from the ledger's length up does); counts are ints in int64 like the config's."""
+    from audits.cli import main
+
+    with pytest.raises(AuditError, match=r"^pld_checkpoints must be an int in \[1, 2\*\*63\)"):
+        verify_run(pristine_run, pld_checkpoints=10**20)
+    assert main(["audit", "verify", str(pristine_run),
+                 "--pld-checkpoints", "99999999999999999999"]) == 2
+    assert "pld_checkpoints must be an int in [1, 2**63)" in capsys.readouterr().err
