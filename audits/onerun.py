@@ -184,6 +184,25 @@ def _count_grid(n: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], geo, lin]))
 
 
+def _scores_and_member(scores: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 scores and bool membership, or OneRunAuditError naming the argument (numpy
+    would read strings as numbers and any non-empty string as a member)."""
+    arrays = []
+    for name, value in (("scores", scores), ("member", member)):
+        try:
+            arrays.append(np.asarray(value))
+        except (TypeError, ValueError):  # a ragged nesting
+            raise OneRunAuditError(f"{name} must be a 1-D array, got {value!r:.80}") from None
+    s, mem = arrays
+    if s.dtype.kind not in "iuf":
+        raise OneRunAuditError(f"scores must be an array of real numbers, got {scores!r:.80}")
+    if mem.dtype.kind != "b" and not (mem.dtype.kind in "iu" and np.isin(mem, (0, 1)).all()):
+        raise OneRunAuditError(f"member must be an array of bools (or 0/1), got {member!r:.80}")
+    if s.ndim != 1 or s.shape != mem.shape:
+        raise OneRunAuditError("scores and member must be 1-D arrays of equal length")
+    return s.astype(np.float64), mem.astype(bool)
+
+
 def calibrate_guess_rule(scores: np.ndarray, member: np.ndarray,
                          confidence: float = 0.95) -> tuple[GuessRule, float]:
     """The thresholds with the best delta = 0 bound on these (calibration) canaries.
@@ -192,9 +211,8 @@ def calibrate_guess_rule(scores: np.ndarray, member: np.ndarray,
     every out-threshold the rule that guesses everything above it "in". Returns the rule and
     its (optimistic, since chosen here) calibration bound.
     """
-    s = np.asarray(scores, dtype=np.float64)
-    mem = np.asarray(member, dtype=bool)
-    if s.ndim != 1 or s.shape != mem.shape or s.size == 0:
+    s, mem = _scores_and_member(scores, member)
+    if s.size == 0:
         raise OneRunAuditError("scores and member must be non-empty 1-D arrays of equal length")
     if not np.isfinite(s).all():
         raise OneRunAuditError("scores contain NaN or infinite values")
@@ -276,10 +294,7 @@ def split_one_run_audit(scores: np.ndarray, member: np.ndarray, delta: float,
     on the evaluation canaries holds at ``confidence`` with ``m`` = the evaluation count; the
     certifiable maximum is the bound with every evaluation canary guessed right.
     """
-    s = np.asarray(scores, dtype=np.float64)
-    mem = np.asarray(member, dtype=bool)
-    if s.ndim != 1 or s.shape != mem.shape:
-        raise OneRunAuditError("scores and member must be 1-D arrays of equal length")
+    s, mem = _scores_and_member(scores, member)
     cal, ev = split_indices(s.size, calibration_fraction, seed)
     n_cal = cal.size
     rule, cal_bound = calibrate_guess_rule(s[cal], mem[cal], confidence)

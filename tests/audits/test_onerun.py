@@ -151,3 +151,20 @@ def test_counts_beyond_int64_are_one_run_audit_errors_naming_them():
         with pytest.raises(OneRunAuditError, match=f"^{name} must be an integer in \\[0, 2\\*\\*63\\)"):
             call()
     assert pure_dp_lower_bound(2**63 - 1, 2**63 - 1) == 64.0
+
+
+def test_scores_and_member_that_are_not_numbers_and_bools_are_one_run_audit_errors():
+    """A str scores raised numpy's ValueError ('could not convert string to float'), a complex
+    one a TypeError; str scores such as '1.5' were read as numbers and str or fractional
+    member values ('no', 0.3) as members."""
+    scores, member = np.random.default_rng(0).normal(size=20), np.arange(20) % 2 == 0
+    for call in (calibrate_guess_rule, lambda s, m: split_one_run_audit(s, m, 1e-5)):
+        for bad in ("abc", [1, "a"] * 10, ["1.5"] * 20, [1 + 2j] * 20, None):
+            with pytest.raises(OneRunAuditError, match="^scores must be an array of real numbers"):
+                call(bad, member)
+        with pytest.raises(OneRunAuditError, match="^scores must be a 1-D array"):
+            call([[1.0, 2.0], [3.0]], member)
+        for bad in (["no"] * 20, [0.3] * 20, np.arange(20) % 3):
+            with pytest.raises(OneRunAuditError, match=r"^member must be an array of bools \(or 0/1\)"):
+                call(scores, bad)
+        assert call(list(scores), list(member.astype(int))) == call(scores, member)
