@@ -108,6 +108,25 @@ def _normalize_histogram(h: Tensor) -> Tensor:
     return h / total
 
 
+def _check_dim(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LeakageError(f"{name} must be an int >= 1, got {value!r:.80}")
+    return value
+
+
+def _client_labels(client: Any, num_classes: int, name: str = "client") -> Tensor:
+    """The client's training labels, checked: ints in [0, num_classes)."""
+    if not isinstance(client, ClientData):
+        raise LeakageError(f"{name} must be ClientData, got {type(client).__name__}")
+    y = client.train_y
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise LeakageError(f"client {client.client_id}: this audit needs integer class labels,"
+                           f" got train_y of {y.dtype} and shape {tuple(y.shape)}")
+    if y.numel() and not bool(((y >= 0) & (y < num_classes)).all()):
+        raise LeakageError(f"client {client.client_id} has labels outside [0, {num_classes})")
+    return y
+
+
 def reconstruct_from_summary(summary: Tensor, image_dim: int = IMAGE_DIM,
                              num_classes: int = NUM_CLASSES) -> Reconstruction:
     """The server's reconstruction from one received summary (d x q, or a d-vector).
@@ -117,6 +136,8 @@ def reconstruct_from_summary(summary: Tensor, image_dim: int = IMAGE_DIM,
     """
     if not isinstance(summary, Tensor):
         raise LeakageError(f"summary must be a torch.Tensor, got {type(summary).__name__}")
+    _check_dim(image_dim, "image_dim")
+    _check_dim(num_classes, "num_classes")
     u = summary if summary.dim() == 1 else summary[:, 0] if summary.dim() == 2 else None
     if u is None:
         raise LeakageError(f"summary must be (d,) or (d, q); got shape {tuple(summary.shape)}")
@@ -135,25 +156,32 @@ def reconstruct_from_summary(summary: Tensor, image_dim: int = IMAGE_DIM,
 
 def truth_of(client: ClientData, num_classes: int = NUM_CLASSES) -> Reconstruction:
     """The client's true data direction: its mean training image and label histogram."""
+    y = _client_labels(client, _check_dim(num_classes, "num_classes"))
     n = int(client.train_x.shape[0])
     if n == 0:
         raise LeakageError(f"client {client.client_id} has no training rows")
     x = client.train_x.reshape(n, -1).to(torch.float64)
-    hist = torch.bincount(client.train_y, minlength=num_classes).to(torch.float64)
-    if hist.numel() != num_classes:
-        raise LeakageError(
-            f"client {client.client_id} has labels outside [0, {num_classes})"
-        )
+    hist = torch.bincount(y, minlength=num_classes).to(torch.float64)
     return Reconstruction(x.mean(dim=0), hist / hist.sum())
 
 
 def population_prior(clients: Sequence[ClientData],
                      num_classes: int = NUM_CLASSES) -> Reconstruction:
     """The attacker's uninformed guess: pooled mean image and pooled label histogram."""
+    if isinstance(clients, ClientData | str | bytes) or not isinstance(clients, Sequence):
+        raise LeakageError(f"clients must be a sequence of ClientData, got "
+                           f"{type(clients).__name__}")
     if not clients:
         raise LeakageError("population_prior needs at least one client")
-    xs = torch.cat([c.train_x.reshape(c.train_x.shape[0], -1).to(torch.float64) for c in clients])
-    ys = torch.cat([c.train_y for c in clients])
+    _check_dim(num_classes, "num_classes")
+    ys = torch.cat([_client_labels(c, num_classes, "clients") for c in clients])
+    sizes = {c.train_x[0].numel() for c in clients if c.train_x.shape[0]}
+    if len(sizes) > 1:
+        raise LeakageError(f"clients' images differ in size ({sorted(sizes)} values)")
+    if not ys.numel():
+        raise LeakageError("population_prior needs a training row; the clients have none")
+    xs = torch.cat([c.train_x.reshape(c.train_x.shape[0], -1).to(torch.float64) for c in clients
+                    if c.train_x.shape[0]])
     hist = torch.bincount(ys, minlength=num_classes).to(torch.float64)
     return Reconstruction(xs.mean(dim=0), hist / hist.sum())
 
@@ -238,8 +266,9 @@ def _check_clients(clients: Sequence[ClientData]) -> list[ClientData]:
     if len(clients) < 2:
         raise LeakageError(f"the leakage audit needs at least 2 clients, got {len(clients)}")
     for c in clients:
-        if not isinstance(c, ClientData):
-            raise LeakageError(f"clients must be ClientData, got {type(c).__name__}")
+        _client_labels(c, NUM_CLASSES, "clients")
+        if c.train_x.shape[0] == 0:
+            raise LeakageError(f"client {c.client_id} has no training rows")
         d = c.train_x[0].numel()
         if d != IMAGE_DIM:
             raise LeakageError(

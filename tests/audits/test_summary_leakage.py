@@ -154,3 +154,39 @@ def test_wrong_argument_types_are_leakage_errors_naming_them(skewed):
     for sigma in ("abc", True, [1.0, None, 1.0, 1.0]):
         with pytest.raises(LeakageError, match="^noise_multiplier must be a number"):
             run_summary_leakage_audit(skewed, clip_norm=1.0, noise_multiplier=sigma)
+
+
+def test_wrong_dims_clients_and_labels_are_leakage_errors_naming_them(skewed):
+    """A str image_dim or num_classes raised TypeErrors ('can only concatenate str', bincount's
+    minlength), a client that is no ClientData an AttributeError, float labels torch's
+    NotImplementedError and a client without rows an IndexError; a negative image_dim and
+    population_prior(num_classes=0) (its histogram as long as the largest label) were taken."""
+    u = plain_summaries(skewed)[0]
+    for name, kwargs in (("image_dim", {"image_dim": "784"}), ("image_dim", {"image_dim": -10,
+                                                                             "num_classes": 804}),
+                         ("num_classes", {"num_classes": 0}), ("num_classes", {"num_classes": 1.0})):
+        with pytest.raises(LeakageError, match=f"^{name} must be an int >= 1"):
+            reconstruct_from_summary(u, **kwargs)
+    for num_classes in ("10", 0, -1, True):
+        with pytest.raises(LeakageError, match="^num_classes must be an int >= 1"):
+            truth_of(skewed[0], num_classes)
+        with pytest.raises(LeakageError, match="^num_classes must be an int >= 1"):
+            population_prior(skewed, num_classes)
+    with pytest.raises(LeakageError, match="^client must be ClientData, got str"):
+        truth_of("client")
+    with pytest.raises(LeakageError, match="^clients must be ClientData, got str"):
+        population_prior([skewed[0], "client"])
+    with pytest.raises(LeakageError, match="^clients must be a sequence of ClientData"):
+        population_prior(skewed[0])
+    with pytest.raises(LeakageError, match="labels outside \\[0, 3\\)"):
+        population_prior(skewed, 3)
+    odd = skewed[0]
+    multi_hot = type(odd)(9, odd.train_x[:3], torch.eye(10)[:3], odd.val_x, odd.val_y,
+                          odd.test_x, odd.test_y)
+    empty = type(odd)(9, odd.train_x[:0], odd.train_y[:0], odd.val_x, odd.val_y, odd.test_x,
+                      odd.test_y)
+    with pytest.raises(LeakageError, match="needs integer class labels"):
+        run_summary_leakage_audit([odd, multi_hot])
+    with pytest.raises(LeakageError, match="^client 9 has no training rows"):
+        run_summary_leakage_audit([odd, empty])
+    assert torch.equal(population_prior([*skewed, empty]).image, population_prior(skewed).image)
