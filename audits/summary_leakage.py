@@ -46,10 +46,12 @@ import torch
 from torch import Tensor
 
 from audits.arguments import check_seed
+from privacy.accounting import MAX_NOISE_MULTIPLIER
 from privacy.errors import ToolkitError
 from privacy.mechanisms import noised_second_moment, top_eigenvectors
 from privacy.noise import ReproducibleNoise
 from secure_fedora.algorithms import fedora
+from secure_fedora.core.config import MAX_SCALE
 from secure_fedora.data.partition import ClientData
 
 __all__ = [
@@ -330,6 +332,7 @@ def noised_summaries(clients: Sequence[ClientData], clip_norm: float,
     ``noise_multiplier`` is one value for every client or one per client (clients with their
     own budgets have their own calibrated noise).
     """
+    _check_clip_norm(clip_norm)
     sigmas = _per_client(noise_multiplier, len(clients))
     out = []
     for c, sigma in zip(clients, sigmas, strict=True):
@@ -341,12 +344,23 @@ def noised_summaries(clients: Sequence[ClientData], clip_norm: float,
     return torch.stack(out)
 
 
+def _check_clip_norm(clip_norm: Any) -> None:
+    # the config's cap on privacy.summary_clip: the sensitivity squares the clip
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, int | float) \
+            or not 0 < clip_norm <= MAX_SCALE:
+        raise LeakageError(f"clip_norm must be a number in (0, {MAX_SCALE:g}] (as"
+                           f" privacy.summary_clip), got {clip_norm!r:.80}")
+
+
 def _per_client(noise_multiplier: float | Sequence[float], count: int) -> list[float]:
     values = [noise_multiplier] if isinstance(noise_multiplier, int | float) else noise_multiplier
     if isinstance(values, str | bytes) or not isinstance(values, Sequence) or any(
             isinstance(v, bool) or not isinstance(v, int | float) for v in values):
         raise LeakageError(f"noise_multiplier must be a number or one number per client, got "
                            f"{noise_multiplier!r:.80}")
+    if any(not 0 < v <= MAX_NOISE_MULTIPLIER for v in values):
+        raise LeakageError(f"noise_multiplier must be in (0, {MAX_NOISE_MULTIPLIER:g}] (as"
+                           f" privacy.summary_noise_multiplier), got {noise_multiplier!r:.80}")
     if isinstance(noise_multiplier, int | float):
         return [float(noise_multiplier)] * count
     sigmas = [float(v) for v in noise_multiplier]
@@ -414,8 +428,7 @@ def run_summary_leakage_audit(clients: Sequence[ClientData], *, q: int = 1,
     modes = {"plain": leakage_from_summaries(clients, plain, "plain")}
     shown: float | list[float] | None = None
     if clip_norm is not None and noise_multiplier is not None:
-        if not (isinstance(clip_norm, int | float) and math.isfinite(clip_norm) and clip_norm > 0):
-            raise LeakageError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
+        _check_clip_norm(clip_norm)
         sigmas = _per_client(noise_multiplier, len(clients))
         noised = noised_summaries(clients, clip_norm, sigmas, q, seed)
         shown = sigmas[0] if len(set(sigmas)) == 1 else sigmas

@@ -190,3 +190,23 @@ def test_wrong_dims_clients_and_labels_are_leakage_errors_naming_them(skewed):
     with pytest.raises(LeakageError, match="^client 9 has no training rows"):
         run_summary_leakage_audit([odd, empty])
     assert torch.equal(population_prior([*skewed, empty]).image, population_prior(skewed).image)
+
+
+def test_clip_norm_and_noise_multiplier_beyond_the_configs_caps_are_leakage_errors(skewed):
+    """clip_norm=1e30 and noise multipliers of 1e300 were audited, though the config caps
+    privacy.summary_clip at 1e6 and the noise multiplier at MAX_NOISE_MULTIPLIER; a bool clip,
+    a zero, negative or NaN multiplier were the mechanism's MechanismError."""
+    from privacy.accounting import MAX_NOISE_MULTIPLIER
+    from secure_fedora.core.config import MAX_SCALE
+
+    for clip in (1e30, MAX_SCALE * 2, True, 0.0, math.inf, "1.0"):
+        with pytest.raises(LeakageError, match=r"^clip_norm must be a number in \(0, 1e\+06\]"):
+            run_summary_leakage_audit(skewed, clip_norm=clip, noise_multiplier=1.0)
+        with pytest.raises(LeakageError, match="^clip_norm must be"):
+            noised_summaries(skewed, clip, 1.0)
+    for sigma in (1e300, MAX_NOISE_MULTIPLIER * 2, 0, -1.0, math.nan, [1.0, 1.0, 1.0, math.inf]):
+        with pytest.raises(LeakageError, match=r"^noise_multiplier must be in \(0, "):
+            run_summary_leakage_audit(skewed, clip_norm=1.0, noise_multiplier=sigma)
+    report = run_summary_leakage_audit(skewed[:2], clip_norm=MAX_SCALE,
+                                       noise_multiplier=MAX_NOISE_MULTIPLIER)
+    assert report.clip_norm == MAX_SCALE
