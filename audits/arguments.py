@@ -39,7 +39,7 @@ def check_open_fraction(value: Any, name: str, error: type[Exception]) -> float:
     """``value`` as a float unless it is not a number (a bool included) strictly between 0
     and 1: then ``error`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not (math.isfinite(value) and 0 < value < 1):
+            or not (0 < value < 1 and math.isfinite(value)):  # an int beyond float: no overflow
         raise error(f"{name} must be in (0, 1), got {value!r:.80}")
     return float(value)
 

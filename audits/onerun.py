@@ -80,7 +80,10 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not epsilon >= 0:
         raise OneRunAuditError(f"epsilon must be a number >= 0, got {epsilon!r:.80}")
     _check_level(delta, 0.5)  # a negative delta lowered the p-value below the pure-DP tail
-    q = float(special.expit(epsilon))
+    try:
+        q = float(special.expit(float(epsilon)))
+    except OverflowError:  # an int beyond float's range: q is 1 there
+        q = 1.0
     tail = float(stats.binom.sf(v - 1, r, q))
     if delta == 0 or v == 0:
         return min(1.0, tail)

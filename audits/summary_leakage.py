@@ -37,7 +37,7 @@ chosen direction and every client's summary, which is outside this audit's model
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -419,8 +419,8 @@ def run_summary_leakage_audit(clients: Sequence[ClientData], *, q: int = 1,
         raise LeakageError("noised mode needs both clip_norm and noise_multiplier (or neither)")
     if isinstance(q, bool) or not isinstance(q, int) or q < 1:
         raise LeakageError(f"q must be an int >= 1, got {q!r}")
-    if isinstance(tau, bool) or not isinstance(tau, int | float) or not math.isfinite(tau) \
-            or tau <= 0:
+    if isinstance(tau, bool) or not isinstance(tau, int | float) \
+            or not 0 < tau <= sys.float_info.max:  # an int beyond float overflowed
         raise LeakageError(f"tau must be a finite number > 0 (fedora.tau), got {tau!r:.80}")
     tau = float(tau)
     check_seed(seed, LeakageError)

@@ -168,3 +168,14 @@ def test_scores_and_member_that_are_not_numbers_and_bools_are_one_run_audit_erro
             with pytest.raises(OneRunAuditError, match=r"^member must be an array of bools \(or 0/1\)"):
                 call(scores, bad)
         assert call(list(scores), list(member.astype(int))) == call(scores, member)
+
+
+def test_ints_beyond_floats_range_are_taken_or_refused_not_overflowed():
+    """An int epsilon of 1e30 raised scipy's "ufunc 'expit' not supported" TypeError (q is 1
+    there: the p-value of a run that is no evidence against it); an int calibration fraction
+    beyond float's range math's OverflowError."""
+    assert one_run_p_value(22, 9, 5, 10**30, 0.5) == 1.0
+    assert one_run_p_value(22, 9, 5, 10**400, 0.0) == one_run_p_value(22, 9, 5, 1e30, 0.0) == 1.0
+    scores, member = np.random.default_rng(0).normal(size=100), np.arange(100) % 2 == 0
+    with pytest.raises(OneRunAuditError, match="^calibration_fraction must be in"):
+        split_one_run_audit(scores, member, 1e-5, calibration_fraction=10**400)

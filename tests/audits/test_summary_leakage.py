@@ -210,3 +210,10 @@ def test_clip_norm_and_noise_multiplier_beyond_the_configs_caps_are_leakage_erro
     report = run_summary_leakage_audit(skewed[:2], clip_norm=MAX_SCALE,
                                        noise_multiplier=MAX_NOISE_MULTIPLIER)
     assert report.clip_norm == MAX_SCALE
+
+
+def test_a_tau_beyond_floats_range_is_a_leakage_error(skewed):
+    """An int tau beyond float's range raised math's OverflowError ('int too large to convert
+    to float')."""
+    with pytest.raises(LeakageError, match="^tau must be a finite number > 0"):
+        run_summary_leakage_audit(skewed, tau=10**400)
