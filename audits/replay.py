@@ -42,6 +42,8 @@ config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the p
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,8 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from audits.arguments import check_seed
-from audits.canary import epsilon_lower_bound
+from audits.arguments import check_count, check_seed
+from audits.canary import CanaryAuditError, epsilon_lower_bound
 from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_verdict, config_rebuild_problem
 from privacy.dpsgd import DPSGD, poisson_sample
@@ -98,12 +100,17 @@ def certifiable_max(trials: int, delta: float, confidence: float = 0.95) -> floa
     ReplayAuditError unless ``trials`` is an int >= 0."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
         raise ReplayAuditError(f"trials must be an int >= 0, got {trials!r:.80}")
+    check_count(trials, "trials", ReplayAuditError)
     members = trials // 2
     non_members = trials - members
-    if members < 1 or non_members < 1:
-        return 0.0
-    return epsilon_lower_bound(members, members, 0, non_members, delta,
-                               confidence).epsilon_lower_bound
+    try:
+        if members < 1 or non_members < 1:  # still check delta and confidence
+            epsilon_lower_bound(0, 1, 0, 1, delta, confidence)
+            return 0.0
+        return epsilon_lower_bound(members, members, 0, non_members, delta,
+                                   confidence).epsilon_lower_bound
+    except CanaryAuditError as err:  # delta or confidence, named there
+        raise ReplayAuditError(str(err)) from None
 
 
 def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
@@ -114,6 +121,8 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
         raise ReplayAuditError(f"claim must be a number >= 0, got {claim!r:.80}")
     if isinstance(cap, bool) or not isinstance(cap, int):
         raise ReplayAuditError(f"cap must be an int, got {cap!r:.80}")
+    if claim > sys.float_info.max:  # an int beyond float: an infinite claim
+        claim = math.inf
     trials = 40
     while trials < cap and certifiable_max(trials, delta, confidence) <= 1.1 * claim:
         trials = min(cap, int(trials * 1.25) // 2 * 2 + 2)

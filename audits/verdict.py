@@ -22,7 +22,7 @@ The document written to ``RUN_DIR/audit/<audit>.json`` is::
 from __future__ import annotations
 
 import json
-import math
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,17 +39,16 @@ Verdict = Literal["refuted", "consistent", "inconclusive"]
 def _finite_or_none(claim: float | None) -> float | None:
     if claim is not None and (isinstance(claim, bool) or not isinstance(claim, int | float)):
         raise ValueError(f"claim_epsilon must be a number >= 0 or None, got {claim!r:.80}")
-    if claim is None or math.isinf(claim):
+    if claim is None or claim > sys.float_info.max:  # inf, or an int beyond float
         return None
-    if math.isnan(claim) or claim < 0:
+    if not claim >= 0:  # NaN too
         raise ValueError(f"a claimed epsilon must be >= 0, got {claim!r}")
     return float(claim)
 
 
 def _check_bounds(certifiable_max: float, lower_bound: float) -> None:
     for name, value in (("certifiable_max", certifiable_max), ("lower_bound", lower_bound)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) \
-                or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r:.80}")
 
 

@@ -359,3 +359,18 @@ def test_trial_helpers_name_a_wrong_argument():
     for bad in ("1.0", None, float("nan"), -1.0):
         with pytest.raises(ReplayAuditError, match="^claim must be a number"):
             trials_for_claim(bad, 1e-5)
+
+
+def test_statistics_arguments_are_replay_audit_errors_naming_them():
+    """trials beyond int64 raised scipy's TypeError (then the canary module's error), a bad
+    delta or confidence the canary module's CanaryAuditError, or nothing at all for fewer
+    than two trials; a claim beyond float's range math's OverflowError."""
+    with pytest.raises(ReplayAuditError, match=r"^trials must be an integer in \[0, 2\*\*63\)"):
+        certifiable_max(10**30, 1e-5)
+    for trials in (1, 40):
+        with pytest.raises(ReplayAuditError, match="^delta must be in"):
+            certifiable_max(trials, "1e-5")
+        with pytest.raises(ReplayAuditError, match="^confidence must be in"):
+            certifiable_max(trials, 1e-5, 2.0)
+    assert trials_for_claim(10**400, 1e-5, cap=100) == trials_for_claim(float("inf"), 1e-5,
+                                                                       cap=100) == 100

@@ -106,3 +106,16 @@ def test_verdict_text_names_a_wrong_argument():
         audit_verdict("1.0", 3.0, 0.5)
     with pytest.raises(ValueError, match="^verdict 'consistent' is not what these numbers give"):
         verdict_text("consistent", None, 3.0, 0.5)
+
+
+def test_ints_beyond_floats_range_are_judged_not_overflowed():
+    """A claim, maximum or bound that is an int beyond float's range raised math's
+    OverflowError: the claim is now no finite claim, the bounds compare as numbers."""
+    assert audit_verdict(10**400, 1.0, 0.5) == "inconclusive"
+    assert audit_verdict(1.0, 10**400, 0.5) == "consistent"
+    assert audit_verdict(1.0, 1.0, 10**400) == "refuted"
+    for bad in (math.nan, -1):
+        with pytest.raises(ValueError, match="must be"):
+            audit_verdict(bad, 1.0, 0.5)
+        with pytest.raises(ValueError, match="^lower_bound must be a number >= 0"):
+            audit_verdict(1.0, 1.0, bad)
