@@ -425,7 +425,7 @@ def register(subparsers: Any) -> None:
     replay.add_argument("--method", help="method whose ledger gives the DP-SGD parameters and"
                         " the claim (default: fedora if run, else the first with ledgers)")
     replay.add_argument("--trials", type=int, help="membership trials (default: enough for a"
-                        " perfect attacker to exceed the claim, at most 20000)")
+                        " perfect attacker to exceed the claim, at most 20000; at most 1000000)")
     replay.add_argument("--records", type=int,
                         help="client records in the audited step besides the target (default:"
                         " 64, or data.train_per_client - 1 when that is fewer)")

@@ -69,6 +69,9 @@ __all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_repl
 
 #: Largest trial count the automatic choice goes to (about a minute for the MLP).
 MAX_AUTO_TRIALS = 20_000
+#: Most trials one audit runs (each is two DP-SGD steps; about an hour for the MLP): the
+#: certifiable bound grows only logarithmically, and torch cannot draw the coins of 2**63.
+MAX_TRIALS = 1_000_000
 DEFAULT_RECORDS = 64
 """Records of the audited step besides the target (fewer when the client has fewer)."""
 
@@ -299,8 +302,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     claim, delta, params = _ledger_claim(run_dir, method, cid, cfg.privacy.noise, allow_path)
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 2:
-        raise ReplayAuditError(f"trials must be an int >= 2, got {trials!r}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 2 <= trials <= MAX_TRIALS:
+        raise ReplayAuditError(f"trials must be an int in [2, {MAX_TRIALS:,}], got {trials!r:.80}")
 
     from secure_fedora.runtimes.inprocess import build_clients
 

@@ -374,3 +374,16 @@ def test_statistics_arguments_are_replay_audit_errors_naming_them():
             certifiable_max(trials, 1e-5, 2.0)
     assert trials_for_claim(10**400, 1e-5, cap=100) == trials_for_claim(float("inf"), 1e-5,
                                                                        cap=100) == 100
+
+
+def test_trials_beyond_the_maximum_are_refused_before_the_replay(runs, capsys):
+    """--trials 99999999999999999999 raised torch's TypeError ('Overflow when unpacking long
+    long') as a traceback after the clients were built, 2**63 - 1 a RuntimeError on the coins'
+    storage, and a billion was taken (a billion DP-SGD step pairs)."""
+    from audits.replay import MAX_TRIALS
+
+    for trials in (10**20, 2**63 - 1, 10**9, MAX_TRIALS + 1):
+        with pytest.raises(ReplayAuditError, match=r"^trials must be an int in \[2, 1,000,000\]"):
+            run_replay_audit(runs["csprng"], trials=trials)
+    assert main(["audit", "replay", str(runs["csprng"]), "--trials", "99999999999999999999"]) == 2
+    assert "trials must be an int in [2, 1,000,000]" in capsys.readouterr().err
