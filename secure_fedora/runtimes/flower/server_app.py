@@ -406,6 +406,9 @@ class _Server:
     relatedness_timing: dict[str, Any] = field(default_factory=dict)
     relatedness_details: dict[str, Any] = field(default_factory=dict)
     ckks_context: Any = None  # the public CKKS context (encrypted modes); never a secret key
+    # per method, the clients whose setup reply a setup ceremony accepted (an encrypted
+    # summary): the method's run records them as answered-setup, as it does a setup exchange's
+    ceremony_answered: dict[str, set[int]] = field(default_factory=dict)
     # the relatedness matrix the plots draw (the first method's that holds one, e.g. FEDORA's P)
     relatedness: Tensor | None = None
 
@@ -725,6 +728,9 @@ def _take_uploads(
                     server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
                                   "no relatedness from it")
                     del uploads[cid], envelopes[cid], upload_bytes[cid]
+                    continue
+            # the client saved its setup state before it replied: round 1 re-states it
+            server.ceremony_answered.setdefault(server.scope, set()).add(cid)
 
 
 def _encrypted_overlaps(
@@ -1246,6 +1252,8 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
             raise DeployError(f"method {name!r} needs the setup ceremony {ceremony!r}, which the "
                               f"Flower runtime does not implement (it knows {sorted(CEREMONIES)})")
         algorithm.server_setup_from_ceremony(ceremony, protocol(grid, server))
+        for cid in server.ceremony_answered.pop(name, set()):  # its setup replies, accepted
+            run.answered.setdefault(cid, {})["setup"] = 0
     elif setup:
         replies = _every_reply(grid, server, run, "setup", 0, setup, _relatedness_wait(server))
         algorithm.server_setup(replies.payloads)

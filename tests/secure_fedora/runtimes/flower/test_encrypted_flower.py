@@ -668,6 +668,38 @@ def test_grid_a_node_wiped_after_its_encrypted_summary_is_refused(tmp_path: Path
                   tamper_request={(1, 1, MSG_ROUND): wipe})
 
 
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("damage", ["run state wiped", "client.pt deleted"])
+def test_grid_without_dp_a_node_that_lost_its_state_after_its_encrypted_summary_is_refused(
+    tmp_path: Path, damage: str,
+) -> None:
+    """Without DP the encrypted summary's accepted reply was not among the answered-<exchange>
+    rounds the server re-states, so a node wiped (or its client.pt deleted) between its
+    summary and round 1 went on from a fresh state and the run completed, its summary's
+    journal record lost. Round 1's request now states answered-setup = 0 and the client
+    refuses."""
+    from secure_fedora.runtimes.flower.protocol import MSG_ROUND, DeployError
+    from secure_fedora.runtimes.flower.state import NodeStateError
+
+    run = tmp_path / "nodes" / "node-1" / "runs" / "42"
+
+    def hit(message: Any) -> Any:
+        if damage == "run state wiped":
+            shutil.rmtree(run)
+        else:
+            (run / "fedora" / "client.pt").unlink()
+        return message
+
+    rc = run_config(enc_config(), tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_request={(1, 1, MSG_ROUND): hit})
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert "accepted this client's setup reply of round 0" in str(refusals[0])
+
+
 _UNDISTURBED: dict[str, dict[str, Any]] = {}  # the run without a lost reply, made once
 
 
