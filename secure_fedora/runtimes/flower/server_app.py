@@ -317,8 +317,8 @@ def _find_moved(grid: Grid, server: _Server, rnd: int, spares_too: bool = False)
     older than what the server last received from it is refused and stops the run). A node
     reporting other data facts than the client's first contact stops the run; two nodes
     answering for one client in this exchange stop it too. A spare node (its first contact
-    identified no client: an error or a rejected reply) is asked once per run, and again
-    only when ``spares_too`` (a retry, the exchange's last chance)."""
+    identified no client: an error, no reply in time or a rejected reply) is asked once per
+    run, and again only when ``spares_too`` (a retry, the exchange's last chance)."""
     candidates = sorted(_online(grid) - set(server.node_of_client.values())
                         - (set() if spares_too else server.spare))
     if not candidates:
@@ -350,13 +350,15 @@ def _find_moved(grid: Grid, server: _Server, rnd: int, spares_too: bool = False)
 
 def _await_unidentified(grid: Grid, server: _Server, identified: set[int],
                         count: int) -> list[int]:
-    """The online nodes but ``identified``, once there are ``count`` of them or the round
-    timeout passed (a SuperNode restarting, perhaps under a new node id)."""
+    """The online nodes but ``identified``, once ``count`` of them are not spare nodes (whose
+    first contact just identified no client) or the round timeout passed (a SuperNode
+    restarting, perhaps under a new node id). Spare nodes are among the nodes returned (one
+    may hold a client after all), but a spare does not end the wait."""
     def unidentified() -> list[int]:
         return sorted(_online(grid) - identified)
 
     deadline = time.monotonic() + server.settings.round_timeout
-    while len(unidentified()) < count and time.monotonic() < deadline:
+    while len(set(unidentified()) - server.spare) < count and time.monotonic() < deadline:
         time.sleep(max(server.settings.poll_interval, 0.5))
     return unidentified()
 
@@ -389,8 +391,9 @@ class _Server:
     node_of_client: dict[int, int] = field(default_factory=dict)
     nodes: list[int] = field(default_factory=list)  # the nodes online at the start
     asked: set[int] = field(default_factory=set)  # every node sent a first contact
-    # the nodes whose first contact identified no client (an error or a rejected reply): a
-    # registered SuperNode that holds no client of the run, asked again in retries only
+    # the nodes whose first contact identified no client (an error, no reply in time or a
+    # rejected reply): a registered SuperNode that holds no client of the run, asked again in
+    # retries only
     spare: set[int] = field(default_factory=set)
     sizes: dict[int, dict[str, Any]] = field(default_factory=dict)
     schema: DataSchema | None = None
@@ -541,6 +544,7 @@ def _first_contact(
         server.spare.add(node)
     for node in ex.missing:
         server.event(0, client_at.get(node), node, f"no {message_type} reply in time")
+        server.spare.add(node)
     n = server.cfg.data.num_clients
     accepted: dict[int, tuple[Message, Envelope]] = {}
     seen: dict[int, int] = {}
