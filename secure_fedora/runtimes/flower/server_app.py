@@ -939,9 +939,15 @@ def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
                 break
             _say(f"first contact sent again to nodes {wanted}")
             asked = sorted(set(asked) | set(wanted))
-        replies, hello_timing = _first_contact(grid, server, wanted, MSG_HELLO, {})
+        before = dict(server.node_of_client)
+        replies, hello_timing = _first_contact(grid, server, wanted, MSG_HELLO, {},
+                                               record_moves=False)
         timing = timing or hello_timing
         _take_hellos(server, replies, schemas)
+        for cid in sorted(set(replies) & set(schemas)):  # a malformed reply claims no move
+            node, was = server.node_of_client[cid], before.get(cid)
+            if was is not None and was != node:
+                server.event(0, cid, node, _moved(MSG_HELLO, cid, node, was))
     _require_all(server, schemas, asked, "identification", asked_twice=True)
     server.nodes = sorted(server.node_of_client[cid] for cid in range(n))
     distinct = set(schemas.values())

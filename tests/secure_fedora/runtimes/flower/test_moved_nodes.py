@@ -406,3 +406,61 @@ def test_a_spare_node_does_not_cut_short_the_first_contact_wait(
     assert results["node_of_client"] == {"0": "1000", "1": "1001", "2": "1002"}
     assert [row["evaluated"] for row in results["rounds"]] == [3]
 
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_malformed_hello_in_the_first_contact_retry_claims_no_move(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Client 2's first hello (node 1002) is malformed, its SuperNode restarts as node 1005
+    and the retry's hello there is malformed too: the run stops, but the move was recorded
+    (logged, an event) before the reply's content was checked, as _find_moved did before.
+    The first contact's retry records only the moves it takes now."""
+    from flwr.app import ConfigRecord
+
+    from secure_fedora.runtimes.flower import client_app
+
+    honest = client_app._reply
+
+    def malformed(security: Any, message: Message, content: Any, rnd: int,
+                  release: Any = None) -> Message:
+        if message.metadata.message_type == MSG_HELLO and \
+                message.metadata.dst_node_id in (1002, 1005):
+            info = dict(content["client"])
+            del info["train"]
+            content["client"] = ConfigRecord(info)
+        return honest(security, message, content, rnd, release)
+
+    monkeypatch.setattr(client_app, "_reply", malformed)
+    with pytest.raises(DeployError, match=r"missing clients \[2\]"):
+        _run(tmp_path, tiny_config(rounds=1), _MovingGrid, at=(MSG_HELLO, 0), keep_reply=True)
+    out = capsys.readouterr().out
+    assert out.count("hello reply malformed") == 2
+    assert "now at node" not in out
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_well_formed_hello_in_the_first_contact_retry_records_the_move(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counterpart: client 2's malformed first hello (node 1002), then a well-formed one
+    from node 1005 in the retry, is a move taken and recorded once."""
+    from flwr.app import ConfigRecord
+
+    from secure_fedora.runtimes.flower import client_app
+
+    honest = client_app._reply
+
+    def malformed_at_1002(security: Any, message: Message, content: Any, rnd: int,
+                          release: Any = None) -> Message:
+        if message.metadata.message_type == MSG_HELLO and message.metadata.dst_node_id == 1002:
+            info = dict(content["client"])
+            del info["train"]
+            content["client"] = ConfigRecord(info)
+        return honest(security, message, content, rnd, release)
+
+    monkeypatch.setattr(client_app, "_reply", malformed_at_1002)
+    _, results = _run(tmp_path, tiny_config(rounds=1), _MovingGrid, at=(MSG_HELLO, 0),
+                      keep_reply=True)
+    assert [e for e in results["events"] if "now at node" in e["event"]] == [
+        {"method": None, "round": 0, "client": 2, "node": 1005,
+         "event": f"{MSG_HELLO}: client 2 now at node 1005 (was node 1002)"}]
+    assert results["node_of_client"]["2"] == "1005"
