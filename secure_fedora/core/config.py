@@ -399,7 +399,9 @@ class SecurityConfig(_Section):
     ``client_errors`` chooses what a Flower client's error or refusal text sent to the server
     holds (such texts are not accounted releases and can name facts of its data):
     ``"withheld"`` (default) only the error's class name and a fixed sentence, the full text
-    going to the client's own log; ``"full"`` the whole one-line text. A budget refusal, which
+    going to the client's own log; ``"full"`` the whole one-line text, from the clients whose
+    SuperNode agrees (node config ``client-errors="full"``; the others withhold whatever this
+    says). A budget refusal, which
     the client's ledger records, is sent whole either way. In process no client text leaves
     the process; ``results.json`` states the setting in both runtimes.
     """

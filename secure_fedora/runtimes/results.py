@@ -159,13 +159,15 @@ CLIENT_ERRORS = {
         "client's own log. A refused release's budget text (what its ledger records) is sent "
         "whole. In process no client's text leaves the process"),
     "full": (
-        "full ([security] client_errors): a client's error and refusal texts reach the server "
-        "whole; they are not accounted releases and can name facts of its data (a label "
-        "value, a split size, a loss at some step). In process no client's text leaves the "
-        "process"),
+        "full ([security] client_errors): on Flower the error and refusal texts of a client "
+        "whose node agrees (node config client-errors = \"full\") reach the server whole; they "
+        "are not accounted releases and can name facts of its data (a label value, a split "
+        "size, a loss at some step); every other node sends only the error's class. In process "
+        "no client's text leaves the process"),
 }
 """results.json ``assumptions.client_errors``: what ``[security] client_errors`` lets a
-client's error texts tell the server (the same statement in both runtimes)."""
+client's error texts tell the server (the same statement in both runtimes; on Flower
+``assumptions.client_errors_by_client`` says what each client's node did)."""
 
 INPUTS_OUTSIDE_CONFIG = {
     "data": "given through the Python API (Experiment(data=...)), not by config.toml",

@@ -5,7 +5,7 @@
 - ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
 - ``deploy local --config CONFIG [--clients N] --workdir DIR [--round-timeout S]
   [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]
-  [--compare-methods]``
+  [--compare-methods] [--full-client-errors K ...]``
 
 Every command sets ``func`` (returning the exit code), as the main CLI expects. Failures
 raise the toolkit's errors, which the main CLI prints as one line with exit code 2.
@@ -122,6 +122,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             key_holder=args.key_holder,
             max_in_flight=args.max_in_flight,
             compare_methods=args.compare_methods,
+            full_client_errors=args.full_client_errors,
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
         )
     except KeyboardInterrupt:
@@ -194,5 +195,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--max-in-flight", type=_non_negative_int, default=None, metavar="N",
         help="messages the ServerApp keeps outstanding at once; each starts a ClientApp process "
         "on this host (0: all at once; default: twice the CPU cores)",
+    )
+    local.add_argument(
+        "--full-client-errors", type=_non_negative_int, action="append", default=[],
+        metavar="K",
+        help="client index whose SuperNode agrees to send its error texts whole (node config "
+        "client-errors=\"full\"; repeatable): only when [security] client_errors is \"full\" "
+        "too. Every other node sends only an error's class name (the default)",
     )
     local.set_defaults(func=cmd_local)

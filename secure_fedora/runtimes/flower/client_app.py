@@ -70,8 +70,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from privacy.accounting import BudgetExceededError
 from privacy.envelope import Envelope
@@ -123,6 +124,7 @@ from secure_fedora.runtimes.flower.protocol import (
     RunSettings,
     check_supported,
     client_error_text,
+    effective_client_errors,
     process_start_time,
     tensor_to_array_record,
     wire_round,
@@ -188,10 +190,11 @@ CLIENT_ERRORS_LOG = "client-errors.log"
 
 
 class WithheldError(ToolkitError, RuntimeError):
-    """Raised by a ClientApp handler in place of an error whose text it withholds from the
-    server (``[security] client_errors = "withheld"``): its message is the error's class name
-    and a fixed sentence (:func:`~secure_fedora.runtimes.flower.protocol.client_error_text`),
-    which Flower's error reply carries; ``original`` is the error itself, in the node's log."""
+    """Raised by a ClientApp handler in place of an error it answered: its message is the text
+    the server is sent (:func:`~secure_fedora.runtimes.flower.protocol.client_error_text`:
+    the error's class name, then a fixed sentence or, where the run and the node both allow
+    it, the error's own text); ``original`` is the error itself, in the node's log. The
+    Flower ClientApp answers it with an error reply of that text alone."""
 
     def __init__(self, text: str, original: BaseException) -> None:
         super().__init__(text)
@@ -199,12 +202,18 @@ class WithheldError(ToolkitError, RuntimeError):
 
 
 def _client_errors_mode(context: Context) -> str:
-    """The run's ``[security] client_errors`` ("withheld" when the run config cannot be read:
-    the error may be that)."""
+    """What this client's error texts tell the server
+    (:func:`~secure_fedora.runtimes.flower.protocol.effective_client_errors`): "full" only
+    when the run's ``[security] client_errors`` and the node config's ``client-errors`` are
+    both "full"; "withheld" otherwise, also when the run config cannot be read (the error may
+    be that)."""
+    node_mode = context.node_config.get("client-errors", "withheld")
     try:
-        return RunSettings.from_run_config(context.run_config).experiment.security.client_errors
+        run_mode = RunSettings.from_run_config(
+            context.run_config).experiment.security.client_errors
     except Exception:  # any unreadable run config withholds
         return "withheld"
+    return effective_client_errors(run_mode, node_mode if isinstance(node_mode, str) else "")
 
 
 def _record_client_error(context: Context, what: str, err: BaseException, sent: str) -> None:
@@ -229,23 +238,39 @@ def _record_client_error(context: Context, what: str, err: BaseException, sent: 
 
 def _withholding(handler: Callable[[Message, Context], Message]
                  ) -> Callable[[Message, Context], Message]:
-    """``handler`` whose errors reach the server as ``[security] client_errors`` says: under
-    ``"withheld"`` an exception it raises is recorded in full on the node
-    (:func:`_record_client_error`) and re-raised as :class:`WithheldError`, so Flower's error
-    reply carries only the error's class name and a fixed sentence; under ``"full"`` it is
-    recorded and re-raised unchanged (Flower's reply carries its text)."""
+    """``handler`` whose errors reach the server as the run and the node allow
+    (:func:`_client_errors_mode`): an exception it raises is recorded in full on the node
+    (:func:`_record_client_error`) and re-raised as :class:`WithheldError` carrying the text
+    the server is sent, only the error's class name and a fixed sentence unless both allow
+    "full" (then its class name and its text)."""
 
     @functools.wraps(handler)
     def handle(message: Message, context: Context) -> Message:
         try:
             return handler(message, context)
         except Exception as err:
-            mode = _client_errors_mode(context)
-            sent = client_error_text(err, mode)
+            sent = client_error_text(err, _client_errors_mode(context))
             _record_client_error(context, f"{message.metadata.message_type} failed", err, sent)
-            if mode == "full":
-                raise
-            raise WithheldError(sent, err) from err
+            # the node's log has the traceback; the wrapper adds no second copy of it
+            raise WithheldError(sent, err) from None
+
+    return handle
+
+
+def _error_reply(handler: Callable[[Message, Context], Message]
+                 ) -> Callable[[Message, Context], Message]:
+    """``handler`` as the Flower ClientApp runs it: a :class:`WithheldError` is answered with
+    an error reply whose reason is its text alone (starting with the original error's class
+    name), not Flower's ``<class '...WithheldError'>:<'...'>``, and without Flower logging
+    the wrapper's traceback again."""
+
+    @functools.wraps(handler)
+    def handle(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except WithheldError as err:
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)),
+                           reply_to=message)
 
     return handle
 
@@ -760,9 +785,11 @@ def hello(message: Message, context: Context) -> Message:
     with the input (a toolkit ``ValueError``: DataError, ModelError, DPSGDError, ...) is
     answered with a signed ``refusal`` record naming it instead of the data facts, so that
     the server stops the run before any method message, ceremony, ledger or release. The
-    refusal's reason is the error's class name and, only under ``[security] client_errors =
-    "full"``, its message (which can name facts of the data); the full text is in the node's
-    own log either way (:data:`CLIENT_ERRORS_LOG`)."""
+    refusal's reason is the error's class name and, only where the run's ``[security]
+    client_errors`` and the node config's ``client-errors`` are both "full", its message (which
+    can name facts of the data); the full text is in the node's own log either way
+    (:data:`CLIENT_ERRORS_LOG`). The reply states which of the two this client's error texts
+    are (``client-errors``), so that the run's results can say it per client."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context, HELLO_SCOPE)
     _check_hash(message, "run", settings)
@@ -775,7 +802,7 @@ def hello(message: Message, context: Context) -> Message:
     except ToolkitError as err:
         if not isinstance(err, ValueError):  # a node's state or deployment: not the input
             raise
-        reason = client_error_text(err, settings.experiment.security.client_errors)
+        reason = client_error_text(err, _client_errors_mode(context))
         _record_client_error(context, f"client {node.partition_id} refuses the run", err,
                              reason)
         refusal = RecordDict({
@@ -789,6 +816,7 @@ def hello(message: Message, context: Context) -> Message:
         "input-shape": list(schema.input_shape), "num-classes": schema.num_classes,
         "multilabel": schema.multilabel, "train": int(client.train_x.shape[0]),
         "val": int(client.val_x.shape[0]), "test": int(client.test_x.shape[0]),
+        "client-errors": _client_errors_mode(context),
     }
     for key in ("rotation_degrees", "group", "classes"):
         value = client.meta.get(key)
@@ -1199,4 +1227,4 @@ HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
 
 for _message_type, _handler in HANDLERS.items():  # e.g. app.query("hello")(...)
     _category, _action = _message_type.split(".")
-    getattr(app, _category)(_action)(_handler)
+    getattr(app, _category)(_action)(_error_reply(_handler))

@@ -212,7 +212,9 @@ class LocalFederation:
     Use as a context manager: on exit (normal, exception or KeyboardInterrupt) every process
     it started, and their descendants, are stopped (SIGTERM, then SIGKILL after a grace
     period). ``register`` controls which node keys are registered: an unregistered node is
-    started like the others but the SuperLink refuses it.
+    started like the others but the SuperLink refuses it. The nodes in ``full_client_errors``
+    get ``client-errors="full"`` in their node config (their error texts reach the server whole
+    when the run asks for it too); the others withhold them.
     """
 
     def __init__(
@@ -222,6 +224,7 @@ class LocalFederation:
         *,
         timeouts: RunTimeouts | None = None,
         register: Sequence[int] | None = None,
+        full_client_errors: Sequence[int] = (),
     ) -> None:
         if num_nodes < 1:
             raise DeployError(f"num_nodes must be at least 1; got {num_nodes}")
@@ -229,6 +232,7 @@ class LocalFederation:
         self.num_nodes = num_nodes
         self.timeouts = timeouts or RunTimeouts()
         self.register_indices = list(range(num_nodes)) if register is None else list(register)
+        self.full_client_errors = set(full_client_errors)
         self.processes: list[ManagedProcess] = []
         self.nodes: list[_Node] = []
         self.certs: CertificatePaths | None = None
@@ -436,6 +440,7 @@ class LocalFederation:
         node_config = (
             f'partition-id={index} state-dir="{node.state_dir}" '
             f'identity-dir="{self.party_identity_dir(index)}"'
+            + (' client-errors="full"' if index in self.full_client_errors else "")
         )
         command = [
             _flower_bin("flower-supernode"),
@@ -622,6 +627,7 @@ def deploy_local(
     key_holder: int = 0,
     max_in_flight: int | None = None,
     compare_methods: bool = False,
+    full_client_errors: Sequence[int] = (),
 ) -> DeployResult:
     """Run every method of the config on a local, secured Flower deployment and stop everything afterwards.
 
@@ -632,6 +638,9 @@ def deploy_local(
     process with torch loaded, and here every process shares this host, so the default (None)
     is :func:`default_max_in_flight`. ``compare_methods`` lets a DP config of several methods
     run in one deployment (:func:`~secure_fedora.runtimes.flower.protocol.check_supported`).
+    ``full_client_errors`` lists the clients whose SuperNodes agree to send their error texts
+    whole (node config ``client-errors="full"``): only they do, and only when the config's
+    ``[security] client_errors`` is "full" too; every other node withholds them.
     Returns the ServerApp's
     ``results.json`` and the run status. Raises :class:`DeployError` if any process fails to
     start, the run does not finish in ``timeouts.run`` seconds, or it ends in another state
@@ -646,6 +655,10 @@ def deploy_local(
         raise DeployError(
             f"key holder {key_holder} is not a client index in [0, {cfg.data.num_clients})"
         )
+    outside = sorted(set(full_client_errors) - set(range(cfg.data.num_clients)))
+    if outside:
+        raise DeployError(f"full client errors name clients {outside}, not client indexes in "
+                          f"[0, {cfg.data.num_clients})")
     if max_in_flight is None:
         max_in_flight = default_max_in_flight()
     if max_in_flight < 0:
@@ -659,7 +672,8 @@ def deploy_local(
                           " break, which Flower's node config cannot carry; choose another path")
     _refuse_used_workdir(work)
     started = time.perf_counter()
-    fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts)
+    fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
+                          full_client_errors=full_client_errors)
     say(f"starting SuperLink and {cfg.data.num_clients} SuperNodes in {work}")
     try:
         with fed:

@@ -82,10 +82,12 @@ __all__ = [
     "wire_round",
     "NodeSettings",
     "RunSettings",
+    "CLIENT_ERRORS_MODES",
     "WITHHELD_DETAILS",
     "array_record_to_tensor",
     "check_apps_know_entries",
     "client_error_text",
+    "effective_client_errors",
     "check_supported",
     "experiment_to_run_config",
     "make_run_config",
@@ -146,6 +148,19 @@ class DeployError(ToolkitError, RuntimeError):
 #: What a client's error text sent to the server says in place of the error's message under
 #: ``[security] client_errors = "withheld"``: fixed, whatever the error and the data.
 WITHHELD_DETAILS = "details withheld; see the client's own log"
+
+
+#: The values of ``[security] client_errors`` and of a SuperNode's node-config key
+#: ``client-errors`` (see :func:`effective_client_errors`).
+CLIENT_ERRORS_MODES = ("withheld", "full")
+
+
+def effective_client_errors(run_mode: str, node_mode: str) -> str:
+    """What a client's error texts tell the server: ``"full"`` only when the run config asks
+    for it (``[security] client_errors = "full"``) and the client's own node agrees (its
+    node-config ``client-errors="full"``); ``"withheld"`` otherwise. A node's choice can only
+    make the run's stricter: by default (no ``client-errors`` key) it withholds."""
+    return "full" if run_mode == "full" and node_mode == "full" else "withheld"
 
 
 def client_error_text(err: BaseException, mode: str) -> str:
@@ -433,12 +448,17 @@ class NodeSettings:
     partition_id: int
     state_dir: Path
     identity_dir: Path
+    #: ``client-errors``: "full" lets this client's error texts reach the server whole when
+    #: the run asks for it too; "withheld" (default) withholds them whatever the run says.
+    client_errors: str = "withheld"
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], num_clients: int) -> NodeSettings:
         """Validate ``partition-id`` (0 <= id < num_clients), ``state-dir`` (absolute) and
         ``identity-dir`` (absolute: this client's identity keys and the federation's
-        ``allowlist.json``; every message is signed and verified with them)."""
+        ``allowlist.json``; every message is signed and verified with them), and the optional
+        ``client-errors`` ("withheld", the default, or "full": see
+        :func:`effective_client_errors`)."""
         required = ("partition-id", "state-dir", "identity-dir")
         if any(key not in node_config for key in required):
             raise DeployError(
@@ -457,7 +477,13 @@ class NodeSettings:
         identity = node_config["identity-dir"]
         if not isinstance(identity, str) or not os.path.isabs(identity):
             raise DeployError(f"node config identity-dir must be an absolute path; got {identity!r}")
-        return cls(partition_id=pid, state_dir=Path(state_dir), identity_dir=Path(identity))
+        errors = node_config.get("client-errors", "withheld")
+        if errors not in CLIENT_ERRORS_MODES:
+            raise DeployError(
+                f"node config client-errors must be one of {list(CLIENT_ERRORS_MODES)}; "
+                f"got {errors!r}")
+        return cls(partition_id=pid, state_dir=Path(state_dir), identity_dir=Path(identity),
+                   client_errors=errors)
 
 
 def tensor_to_array_record(name: str, tensor: Tensor) -> ArrayRecord:

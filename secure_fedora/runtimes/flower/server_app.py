@@ -111,6 +111,7 @@ from secure_fedora.runtimes.flower.payloads import (
     record_to_payload,
 )
 from secure_fedora.runtimes.flower.protocol import (
+    CLIENT_ERRORS_MODES,
     HELLO_SCOPE,
     MSG_CEREMONY,
     MSG_DECRYPT,
@@ -396,6 +397,8 @@ class _Server:
     # retries only
     spare: set[int] = field(default_factory=set)
     sizes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # what each client's error texts tell this server, as its hello reply states it
+    client_errors: dict[int, str] = field(default_factory=dict)
     schema: DataSchema | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
@@ -958,6 +961,18 @@ def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
     server.timings["hello"] = timing.to_json()
 
 
+def _client_errors_statement(modes: Mapping[int, str], n: int) -> str:
+    """results.json ``assumptions.client_errors_by_client``: which clients' error texts reached
+    this server whole and which were withheld, as each client's hello reply stated it (the
+    stricter of the run's ``[security] client_errors`` and its node config's
+    ``client-errors``)."""
+    by_mode = {mode: [c for c in range(n) if modes.get(c, "withheld") == mode]
+               for mode in CLIENT_ERRORS_MODES}
+    return ("as each client's node allowed (node config client-errors, which can only make "
+            "[security] client_errors stricter): " + "; ".join(
+                f"{mode}: clients {clients}" for mode, clients in by_mode.items() if clients))
+
+
 def _data_facts(schema: DataSchema, sizes: Mapping[int, Mapping[str, Any]], n: int) -> DataFacts:
     """The data's facts as the clients reported them at first contact (schema, split sizes)."""
     return DataFacts(schema.input_shape, schema.num_classes, schema.multilabel,
@@ -993,12 +1008,16 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             sizes = {"id": cid, **{k: int(info[k]) for k in ("train", "val", "test")}}
             sizes.update({k.removeprefix("meta-"): info[k] for k in info.keys()
                           if k.startswith("meta-")})
+            errors = info["client-errors"]
+            if errors not in CLIENT_ERRORS_MODES:
+                raise ValueError(f"client-errors {errors!r}")
         except (KeyError, TypeError, ValueError) as err:
             server.reject(0, cid, server.node_of_client.get(cid),
                           _malformed(env, f"hello reply malformed ({err})"), "not identified")
             continue
         schemas[cid] = schema
         server.sizes[cid] = sizes
+        server.client_errors[cid] = str(errors)
     if refused:
         first = min(refused)
         others = sorted(set(refused) - {first})
@@ -1480,6 +1499,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
             "a comparison deployment (compare-methods): the server received every method's "
             "releases of the same clients' data; each method's epsilon covers its own releases, "
             "and a client's privacy loss to this server is their composition")
+    assumptions["client_errors_by_client"] = _client_errors_statement(server.client_errors, n)
     if server.relatedness_details:
         holder = server.relatedness_details.get("key_holder", settings.key_holder)
         assumptions["key_holder"] = (f"client {holder} created the CKKS keys and decrypts the "

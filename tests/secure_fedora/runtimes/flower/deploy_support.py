@@ -68,8 +68,9 @@ class InMemoryGrid:
 
     ``fail`` maps (client, round) to an error text; ``drop`` lists (client, round) left
     unanswered; ``offline`` maps a round to clients offline in it. A handler that raises is
-    answered with an error reply, as Flower does (its text: the error's class name and
-    message; ``errors`` lists the client's own error, also when its text was withheld). A message's round is the last part of its
+    answered with an error reply, as the ClientApp answers it (its text: the error's class name
+    and a fixed sentence or its message; ``errors`` lists the client's own error).
+    ``node_errors`` maps a client to its node config's ``client-errors``. A message's round is the last part of its
     group id (``<scope>:<exchange>:<round>``; 0 for the first contact and setup exchanges). ``tamper_reply`` maps (client, round, message
     type) to a function of (request, reply) whose result the server pulls instead of the reply
     (None drops it); ``tamper_request`` maps to a function of the request whose result the
@@ -81,13 +82,16 @@ class InMemoryGrid:
                  drop: set[tuple[int, int]] | None = None,
                  offline: dict[int, set[int]] | None = None,
                  tamper_reply: dict[tuple[int, int, str], TamperReply] | None = None,
-                 tamper_request: dict[tuple[int, int, str], Tamper] | None = None) -> None:
+                 tamper_request: dict[tuple[int, int, str], Tamper] | None = None,
+                 node_errors: dict[int, str] | None = None) -> None:
         self.run_id = run_id
         self.run_config = run_config
         ids = Path(run_config["identity-dir"]).parent
         self.node_config: dict[int, dict[str, Any]] = {
             1000 + c: {"partition-id": c, "state-dir": str(state_root / f"node-{c}"),
-                       "identity-dir": str(ids / f"client-{c:03d}")}
+                       "identity-dir": str(ids / f"client-{c:03d}"),
+                       **({"client-errors": (node_errors or {})[c]}
+                          if c in (node_errors or {}) else {})}
             for c in range(num_clients)
         }
         self.fail = fail or {}
@@ -138,9 +142,12 @@ class InMemoryGrid:
                     continue
             try:
                 reply = client_app.HANDLERS[kind](request, ctx)
+            except client_app.WithheldError as err:  # the ClientApp's error reply: its text
+                self.errors.append((client, kind, err.original))  # the client's own error
+                self.replies[mid] = Message(Error(code=2, reason=str(err)), reply_to=msg)
+                continue
             except Exception as err:  # what Flower turns into an error reply
-                # the client's own error (a withheld one: WithheldError's original)
-                self.errors.append((client, kind, getattr(err, "original", err)))
+                self.errors.append((client, kind, err))
                 self.replies[mid] = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"),
                                             reply_to=msg)
                 continue

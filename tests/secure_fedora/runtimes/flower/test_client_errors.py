@@ -10,15 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.common.config import parse_config_args
+from flwr.common.constant import ErrorCode
 
 from secure_fedora.algorithms.contract import ClientHalfError
 from secure_fedora.algorithms.methods import FedAvg
 from secure_fedora.core.config import config_hash, parse_config
 from secure_fedora.core.registry import PARTITIONERS
 from secure_fedora.data.partition import iid_partition
-from secure_fedora.runtimes.flower import server_app
+from secure_fedora.data.sources import DataError
+from secure_fedora.runtimes.flower import client_app, server_app
+from secure_fedora.runtimes.flower.certs import CertificatePaths, NodeKeyPaths
 from secure_fedora.runtimes.flower.client_app import CLIENT_ERRORS_LOG
-from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings
+from secure_fedora.runtimes.flower.local import LocalFederation, _Node, deploy_local
+from secure_fedora.runtimes.flower.protocol import DeployError, NodeSettings, RunSettings
 from secure_fedora.runtimes.inprocess import Simulation
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     TINY,
@@ -60,6 +66,12 @@ def _config(mode: str | None, **data: Any) -> Any:
     return parse_config(doc)
 
 
+def _allow(mode: str | None) -> dict[int, str]:
+    """Every node's ``client-errors`` (of 3): "full" where the run asks for "full" (the nodes
+    agree), the default otherwise."""
+    return dict.fromkeys(range(3), "full") if mode == "full" else {}
+
+
 def _client_log(tmp_path: Path, client: int) -> str:
     return (tmp_path / "nodes" / f"node-{client}" / "runs" / "42" / CLIENT_ERRORS_LOG).read_text()
 
@@ -80,7 +92,7 @@ def test_a_refusal_at_first_contact_names_only_the_error_class_unless_full_is_ch
     result_dir = tmp_path / "res"
     result_dir.mkdir()
     rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
-    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=_allow(mode))
     with pytest.raises(DeployError, match=r"^client 1 \(node 1001\) refused the run at first "
                        r"contact: DataError") as err:
         server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
@@ -126,7 +138,7 @@ def test_an_error_in_a_later_stage_reaches_the_server_as_its_class_name_only(
     cfg = _config(mode)
     result_dir = tmp_path / "res"
     rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
-    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=_allow(mode))
     results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     assert [r["replied"] for r in results["rounds"]] == [3, 2]
     [event] = [e["event"] for e in results["events"]]
@@ -170,3 +182,96 @@ def test_the_setting_is_validated_and_its_default_keeps_the_config_hash() -> Non
         _config("none")
     assert config_hash(_config(None)) == config_hash(_config("withheld"))
     assert config_hash(_config("full")) != config_hash(_config(None))
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("node", [None, "withheld", "full"])
+def test_a_node_withholds_its_error_texts_unless_it_agrees_whatever_the_run_says(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], diverging_client: dict[str, bool],
+        node: str | None) -> None:
+    """The run asks for "full". The run config was the only say: a server that chose "full"
+    received client 1's error text ("... on label 17"). Client 1's node now decides too: by
+    default (no ``client-errors``) or with "withheld" it sends only the error's classes; with
+    "full" the text. results.json states what each client's node did."""
+    cfg = _config("full")
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors={} if node is None else {1: node})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    [event] = [e["event"] for e in results["events"]]
+    assert DIVERGED_FACT in _client_log(tmp_path, 1)
+    stated = results["assumptions"]["client_errors_by_client"]
+    if node == "full":
+        assert "ClientHalfError: method 'fedavg'" in event and DIVERGED_FACT in event
+        assert stated.endswith("withheld: clients [0, 2]; full: clients [1]")
+    else:
+        assert event.startswith(f"error reply (2: ClientHalfError (from RuntimeError) ({WITHHELD}))")
+        assert DIVERGED_FACT not in _files_text(result_dir) + capsys.readouterr().out
+        assert stated.endswith("withheld: clients [0, 1, 2]")
+
+
+@pytest.mark.usefixtures("task_identity", "stray_label")
+def test_a_node_that_withholds_refuses_with_the_class_name_under_a_full_run(
+        tmp_path: Path) -> None:
+    """First contact under a run of "full": client 1's node (default) refuses with only the
+    DataError's class; the fact of its data stays in its own log."""
+    cfg = _config("full", partition="test-stray-label")
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors={0: "full", 2: "full"})
+    with pytest.raises(DeployError, match=re.escape(f"first contact: DataError ({WITHHELD})")):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert STRAY_LABEL_FACT in _client_log(tmp_path, 1)
+
+
+@pytest.mark.parametrize("value", ["none", 1, True, ""])
+def test_a_node_config_client_errors_other_than_withheld_or_full_is_refused(value: Any) -> None:
+    node_config = {"partition-id": 0, "state-dir": "/tmp/node-errors-scratch/s",
+                   "identity-dir": "/tmp/node-errors-scratch/k", "client-errors": value}
+    with pytest.raises(DeployError, match="node config client-errors must be one of"):
+        NodeSettings.from_node_config(node_config, 3)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("run", "node", "sent"), [
+    ("withheld", "full", f"DataError ({WITHHELD})"), ("full", None, f"DataError ({WITHHELD})"),
+    ("full", "full", "DataError: label 17 found")])
+def test_the_flower_client_app_answers_with_the_text_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: str, node: str | None, sent: str) -> None:
+    """Flower wrapped the withheld text as ``<class '...WithheldError'>:<'DataError (...)'>``
+    and logged the traceback a second time; the ClientApp now answers the error itself, its
+    reason starting with the original error's class name."""
+    def fails(message: Message, context: Context) -> Message:
+        raise DataError("label 17 found")
+
+    monkeypatch.setitem(client_app.app._registered_funcs, "query.hello",
+                        client_app._error_reply(client_app._withholding(fails)))
+    monkeypatch.setattr(client_app, "_record_client_error", lambda *args: None)
+    cfg = _config(run)
+    conf = {"partition-id": 0, **({"client-errors": node} if node else {})}
+    rc = run_config(cfg, tmp_path)
+    message = Message(RecordDict(), dst_node_id=1, message_type="query.hello")
+    reply = client_app.app(message, Context(42, 1, conf, RecordDict(), rc))
+    assert reply.has_error() and reply.error.reason == sent
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def test_deploy_local_gives_the_listed_nodes_client_errors_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deploy local --full-client-errors K`` sets ``client-errors="full"`` in node K's node
+    config alone (as Flower parses it); the others keep the default (withheld). A client index
+    outside the run is refused before anything starts."""
+    fed = LocalFederation(tmp_path / "work", 3, full_client_errors=[1])
+    fed.certs = CertificatePaths(*(tmp_path / n for n in ("ca", "cak", "c", "k")), ("localhost",))
+    fed.nodes = [_Node(i, NodeKeyPaths(f"n{i}", tmp_path / "a", tmp_path / "b"), 0,
+                       tmp_path / f"node-{i}", tmp_path / "h") for i in range(3)]
+    commands: list[list[str]] = []
+    monkeypatch.setattr(fed, "_spawn", lambda name, command, home: commands.append(command))
+    for i in range(3):
+        fed.start_node(i, wait=False)
+    configs = [parse_config_args([c[c.index("--node-config") + 1]]) for c in commands]
+    assert [c.get("client-errors") for c in configs] == [None, "full", None]
+    assert [NodeSettings.from_node_config(c, 3).client_errors for c in configs] == [
+        "withheld", "full", "withheld"]
+    with pytest.raises(DeployError, match=r"full client errors name clients \[3\]"):
+        deploy_local(_config("full"), 3, tmp_path / "unused", full_client_errors=[3])
+    assert not (tmp_path / "unused").exists()

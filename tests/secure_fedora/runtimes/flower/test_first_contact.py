@@ -70,13 +70,14 @@ def test_a_client_whose_data_fails_the_model_checks_stops_the_run_before_any_rel
     data["fedora"]["relatedness"] = relatedness
     data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": "reproducible"}
     data["model"] = {"name": "test-mixes-large-batches"}
-    data["security"] = {"client_errors": "full"}  # the refusal's whole text reaches the server
+    # the refusal's whole text reaches the server (the run and the nodes allow it)
+    data["security"] = {"client_errors": "full"}
     cfg = parse_config(data)
     result_dir = tmp_path / "res"
     result_dir.mkdir()
     rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
                                       "result-dir": str(result_dir)})
-    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=dict.fromkeys(range(3), "full"))
     with pytest.raises(DeployError, match=r"^client 1 \(node 1001\) refused the run at first "
                        r"contact: DPSGDError: the model's outputs for rows of a batch of \d+ "
                        r"training rows change.*\(clients \[2\] refused too\); the run stops "

@@ -37,12 +37,13 @@ _ = task_identity  # the fixture, imported for use above
 def _run(root: Path, method: str, tamper: dict | None = None, grids: list | None = None,
          client_errors: str = "withheld", **training: Any) -> dict[str, Any]:
     cfg = with_methods(tiny_config(**{"rounds": 2, **training}), method)
-    if client_errors != "withheld":  # the ClientApp's error texts reach the server whole
+    if client_errors != "withheld":  # the error texts reach the server whole (nodes allow it)
         cfg = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
                             "security": {"client_errors": client_errors}})
     rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
     settings = RunSettings.from_run_config(rc)
     grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients,
+                        node_errors=dict.fromkeys(range(cfg.data.num_clients), client_errors),
                         tamper_reply={k: _resigned(root, settings, k[0], f)
                                       for k, f in (tamper or {}).items()})
     if grids is not None:
