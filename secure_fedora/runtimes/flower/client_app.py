@@ -626,16 +626,19 @@ def _release_encrypted_summary(
     settings: RunSettings, node: NodeSettings, run_id: int,
     respond: Callable[[torch.Tensor, dict[str, float], ReleaseJournal, ReplyRelease,
                        ConfigRecord | None], Message],
+    refuse: Callable[[StageResult], Message],
 ) -> Message:
     """This client's summary ``U_i`` for the ``ckks_overlaps`` ceremony: FEDORA's client half
     of the setup exchange (:func:`run_stage`, so noised modes release through the client's
     budget gate and ledger, and the noise source continues into the rounds exactly as in
     process); ``respond(summary, metrics, journal, release)`` encrypts and signs it through
-    ``release`` (the summary pipeline) while the privacy state is open. Refused: DeployError."""
+    ``release`` (the summary pipeline) while the privacy state is open. A summary its budget
+    refuses is answered by ``refuse(result)`` (a signed refusal with the budget's text, as the
+    plain and noised modes answer it)."""
 
     def reply(result: StageResult, release: ReplyRelease) -> Message:
         if result.refusal is not None:
-            raise DeployError(f"client {node.partition_id} refused its summary: {result.refusal}")
+            return refuse(result)
         _, journal = run_paths(node, run_id)
         return respond(result.payload[KIND_SUMMARY], result.metrics, journal, release,
                        result.ledger_head)
@@ -693,7 +696,9 @@ def ceremony(message: Message, context: Context) -> Message:
 
 def encrypted_summary(message: Message, context: Context) -> Message:
     """Release ``Enc(U_i)``: open the sealed CKKS context, compute the summary (noised through
-    the budget gate in noised+encrypted mode), encrypt its q columns; plus initial accuracy."""
+    the budget gate in noised+encrypted mode), encrypt its q columns; plus initial accuracy.
+    A summary the budget refuses is answered with a signed ``refusal`` record holding the
+    budget's text (no upload)."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context)
     _check_hash(message, "fedora", settings)
@@ -735,7 +740,17 @@ def encrypted_summary(message: Message, context: Context) -> Message:
             release, kind=KIND_RELATEDNESS_UPLOAD, payload=u,
             encrypt=summary_encryption(ctx, layout, i), prepare=prepare))
 
-    return _release_encrypted_summary(settings, node, context.run_id, respond)
+    def refuse(result: StageResult) -> Message:
+        assert result.refusal is not None
+        content = RecordDict({
+            "client": ConfigRecord({"client-id": i, "config-hash": settings.config_hash}),
+            "refusal": ConfigRecord({"reason": result.refusal}),  # as its ledger records it
+            "metrics": MetricRecord({**result.metrics, **_timings(started)})})
+        if result.ledger_head is not None:
+            content["ledger"] = result.ledger_head
+        return _reply(security, message, content, 0)
+
+    return _release_encrypted_summary(settings, node, context.run_id, respond, refuse)
 
 
 def decrypt_overlaps_handler(message: Message, context: Context) -> Message:

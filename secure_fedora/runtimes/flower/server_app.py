@@ -689,10 +689,12 @@ def _take_uploads(
     grid: Grid, server: _Server, sealed: dict[int, bytes], client_of: dict[int, int],
     uploads: dict[int, list[InnerProductUpload]], envelopes: dict[int, Envelope],
     upload_bytes: dict[int, int], val0: Tensor, test0: Tensor, timing: dict[str, Any],
+    refused: set[int],
 ) -> None:
     """Ask the clients of ``sealed`` (client -> its sealed CKKS context) for ``Enc(U_i)``; add
-    each accepted upload (and its envelope and size) to ``uploads``; the others are events or
-    rejections."""
+    each accepted upload (and its envelope and size) to ``uploads`` and each client whose
+    budget refused its summary (a signed refusal, its text an event) to ``refused``; the others
+    are events or rejections."""
     cfg = server.cfg
     assert server.schema is not None  # known since the first contact
     layout, q = layout_for(cfg, server.schema), cfg.fedora.q
@@ -713,6 +715,13 @@ def _take_uploads(
         cid = client_of[node]
         env = server.accept(0, node, reply, MSG_ENCRYPTED_SUMMARY, cid, "no relatedness from it")
         if env is None:
+            continue
+        if "refusal" in reply.content:
+            refusal = reply.content["refusal"]
+            reason = (refusal.get("reason") if isinstance(refusal, ConfigRecord) else None)
+            server.event(0, cid, node, f"refused its release ({reason or 'no release'}): no "
+                         "relatedness from it")
+            refused.add(cid)
             continue
         record = reply.content["upload"] if "upload" in reply.content else None
         columns = record.get("columns") if isinstance(record, ConfigRecord) else None
@@ -800,18 +809,21 @@ def _encrypted_overlaps(
     uploads: dict[int, list[InnerProductUpload]] = {}
     envelopes: dict[int, Envelope] = {}
     upload_bytes: dict[int, int] = {}
+    refused: set[int] = set()  # a refused summary is not asked again (refused again)
+    asked_twice = False
     for attempt in range(2):
-        wanted = [cid for cid in range(n) if cid not in uploads]
+        wanted = [cid for cid in range(n) if cid not in uploads and cid not in refused]
         if not wanted:
             break
+        asked_twice = bool(attempt)
         if attempt:
             _await_clients(grid, server, wanted)
             _find_moved(grid, server, 0, spares_too=True)
             client_of = {node: cid for cid, node in server.node_of_client.items()}
             _say(f"{server.scope}: encrypted summary asked again of clients {wanted}")
         _take_uploads(grid, server, {cid: sealed[cid] for cid in wanted}, client_of, uploads,
-                      envelopes, upload_bytes, val0, test0, timing)
-    _require_all(server, uploads, nodes, "encrypted summary", asked_twice=True)
+                      envelopes, upload_bytes, val0, test0, timing, refused)
+    _require_all(server, uploads, nodes, "encrypted summary", asked_twice=asked_twice)
     details["upload_bytes_per_client"] = [upload_bytes[c] for c in range(n)]
 
     # (c) the encrypted Gram rows, computed with the public context only

@@ -700,6 +700,38 @@ def test_grid_without_dp_a_node_that_lost_its_state_after_its_encrypted_summary_
     assert "accepted this client's setup reply of round 0" in str(refusals[0])
 
 
+#: The budget text of client 1's refused summary (what its ledger records): accountant facts.
+_SUMMARY_REFUSED = ("client 'client-001' round 0: release 'gaussian_summary' refused; epsilon "
+                    "would reach 9.5 > budget 8 (delta=0.001)")
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("relatedness", ["noised", "noised+encrypted"])
+def test_grid_a_summary_refused_by_the_budget_reaches_the_server_with_its_budget_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relatedness: str) -> None:
+    """Client 1's budget refuses its summary. In the noised mode the client answered with a
+    signed refusal holding the budget's text; in noised+encrypted it raised a DeployError, so
+    the server learnt only "DeployError (details withheld ...)" and asked it twice. Both modes
+    now answer with the refusal: the run stops naming the budget text, no error reply."""
+    from privacy.accounting import BudgetExceededError, PrivacyBudget
+    from secure_fedora.algorithms.methods import Fedora
+
+    real = Fedora.client_setup
+
+    def client_setup(self: Fedora, i: int, message: Any) -> Any:
+        if i == 1:
+            raise BudgetExceededError(
+                client_id="client-001", round=0, mechanism="gaussian_summary",
+                epsilon_would_be=9.5, budget=PrivacyBudget(epsilon=8.0, delta=1e-3))
+        return real(self, i, message)
+
+    monkeypatch.setattr(Fedora, "client_setup", client_setup)
+    with pytest.raises(DeployError) as err:
+        _grid_run(enc_config(relatedness), tmp_path)
+    assert f"refused its release ({_SUMMARY_REFUSED})" in str(err.value)
+    assert "details withheld" not in str(err.value) and "asked twice" not in str(err.value)
+
+
 _UNDISTURBED: dict[str, dict[str, Any]] = {}  # the run without a lost reply, made once
 
 
