@@ -297,9 +297,9 @@ def test_a_tensor_subclass_in_a_client_state_is_refused_when_written_in_both_run
     try:
         with pytest.raises(ContractError, match=problem):
             in_process(with_methods(tiny_config(rounds=1), name), tmp_path / "inproc", name)
-        with pytest.raises(DeployError, match=r"clients \[1\] never reported an evaluation.*"
-                                              r"ContractError \(details withheld"):
-            _run(tmp_path, name, rounds=1)
+        with pytest.raises(DeployError, match=rf"clients \[1\] never reported an evaluation.*"
+                                              f"ContractError: {problem}"):
+            _run(tmp_path, name, client_errors="full", rounds=1)
     finally:
         METHODS.unregister(name)
 
