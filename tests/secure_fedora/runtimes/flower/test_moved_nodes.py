@@ -201,13 +201,10 @@ def test_two_nodes_answering_as_one_moved_client_stop_the_run(tmp_path: Path) ->
              keep_reply=True, twin=True)
 
 
-@pytest.mark.usefixtures("task_identity")
-def test_a_moved_node_whose_hello_is_malformed_is_not_said_to_have_moved(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node 1005's first hello for client 2 is authentic but malformed (no split sizes): the
-    server rejected it and kept client 2 at node 1002, yet results.json's events said
-    "client 2 now at node 1005". Only the move taken (its next, well-formed hello, at round
-    2's evaluation) is an event now."""
+def _malformed_hellos(monkeypatch: pytest.MonkeyPatch, nodes: set[int],
+                      once: bool = False) -> list[int]:
+    """Make the hello replies of ``nodes`` authentic but malformed (no train split size), the
+    first one only when ``once``; returns the nodes spoiled so far."""
     from flwr.app import ConfigRecord
 
     from secure_fedora.runtimes.flower import client_app
@@ -215,17 +212,29 @@ def test_a_moved_node_whose_hello_is_malformed_is_not_said_to_have_moved(
     honest = client_app._reply
     spoiled: list[int] = []
 
-    def malformed_once(security: Any, message: Message, content: Any, rnd: int,
-                       release: Any = None) -> Message:
-        if message.metadata.message_type == MSG_HELLO and message.metadata.dst_node_id == 1005 \
-                and not spoiled:
-            spoiled.append(1005)
+    def malformed(security: Any, message: Message, content: Any, rnd: int,
+                  release: Any = None) -> Message:
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == MSG_HELLO and node in nodes \
+                and not (once and spoiled):
+            spoiled.append(node)
             info = dict(content["client"])
             del info["train"]
             content["client"] = ConfigRecord(info)
         return honest(security, message, content, rnd, release)
 
-    monkeypatch.setattr(client_app, "_reply", malformed_once)
+    monkeypatch.setattr(client_app, "_reply", malformed)
+    return spoiled
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_moved_node_whose_hello_is_malformed_is_not_said_to_have_moved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node 1005's first hello for client 2 is authentic but malformed (no split sizes): the
+    server rejected it and kept client 2 at node 1002, yet results.json's events said
+    "client 2 now at node 1005". Only the move taken (its next, well-formed hello, at round
+    2's evaluation) is an event now."""
+    spoiled = _malformed_hellos(monkeypatch, {1005}, once=True)
     _, results = _run(tmp_path, tiny_config(rounds=2), _MovingGrid, at=(MSG_EVALUATE, 1),
                       keep_reply=True)
     assert spoiled
@@ -415,22 +424,7 @@ def test_a_malformed_hello_in_the_first_contact_retry_claims_no_move(
     and the retry's hello there is malformed too: the run stops, but the move was recorded
     (logged, an event) before the reply's content was checked, as _find_moved did before.
     The first contact's retry records only the moves it takes now."""
-    from flwr.app import ConfigRecord
-
-    from secure_fedora.runtimes.flower import client_app
-
-    honest = client_app._reply
-
-    def malformed(security: Any, message: Message, content: Any, rnd: int,
-                  release: Any = None) -> Message:
-        if message.metadata.message_type == MSG_HELLO and \
-                message.metadata.dst_node_id in (1002, 1005):
-            info = dict(content["client"])
-            del info["train"]
-            content["client"] = ConfigRecord(info)
-        return honest(security, message, content, rnd, release)
-
-    monkeypatch.setattr(client_app, "_reply", malformed)
+    _malformed_hellos(monkeypatch, {1002, 1005})
     with pytest.raises(DeployError, match=r"missing clients \[2\]"):
         _run(tmp_path, tiny_config(rounds=1), _MovingGrid, at=(MSG_HELLO, 0), keep_reply=True)
     out = capsys.readouterr().out
@@ -443,21 +437,7 @@ def test_a_well_formed_hello_in_the_first_contact_retry_records_the_move(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The counterpart: client 2's malformed first hello (node 1002), then a well-formed one
     from node 1005 in the retry, is a move taken and recorded once."""
-    from flwr.app import ConfigRecord
-
-    from secure_fedora.runtimes.flower import client_app
-
-    honest = client_app._reply
-
-    def malformed_at_1002(security: Any, message: Message, content: Any, rnd: int,
-                          release: Any = None) -> Message:
-        if message.metadata.message_type == MSG_HELLO and message.metadata.dst_node_id == 1002:
-            info = dict(content["client"])
-            del info["train"]
-            content["client"] = ConfigRecord(info)
-        return honest(security, message, content, rnd, release)
-
-    monkeypatch.setattr(client_app, "_reply", malformed_at_1002)
+    _malformed_hellos(monkeypatch, {1002})
     _, results = _run(tmp_path, tiny_config(rounds=1), _MovingGrid, at=(MSG_HELLO, 0),
                       keep_reply=True)
     assert [e for e in results["events"] if "now at node" in e["event"]] == [
