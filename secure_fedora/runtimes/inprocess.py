@@ -474,7 +474,7 @@ class Tracker:
     select_final: Tensor = field(default_factory=lambda: torch.tensor(False))
     # The round each client's metrics are from (-1: none yet, a placeholder 0; a client that
     # missed or rejected its evaluation keeps older ones), and the same at the selected round
-    # (results' stale_clients); the Flower server keeps its own copy of both for its results.
+    # (results' stale_clients, in both runtimes).
     metric_round: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     selected_metric_round: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     eligible_from: Tensor = field(default_factory=lambda: torch.tensor(-1))
@@ -552,8 +552,9 @@ def unmeasured_rounds(history: Sequence[Mapping[str, Any]], eligible_from: int) 
     return {"unmeasured_rounds": skipped} if skipped else {}
 
 
-def _metric_rounds(rounds: Tensor) -> dict[int, int]:
-    """A tracker's metric rounds as :func:`stale_clients` reads them (no entry: none yet)."""
+def metric_rounds(rounds: Tensor) -> dict[int, int]:
+    """A tracker's metric rounds as :func:`stale_clients` reads them (no entry: none yet);
+    both runtimes report from them."""
     return {c: r for c, r in enumerate(rounds.tolist()) if r >= 0}
 
 
@@ -1189,11 +1190,11 @@ class Simulation:
         outcome = MethodOutcome(
             name=name,
             selected={**summarize(tracker.test_at_best), "round": int(tracker.best_round),
-                      **stale_clients(_metric_rounds(tracker.selected_metric_round),
+                      **stale_clients(metric_rounds(tracker.selected_metric_round),
                                       int(tracker.best_round), n),
                       **unmeasured_rounds(history, int(tracker.eligible_from))},
             final={**summarize(tracker.last_test),
-                   **stale_clients(_metric_rounds(tracker.metric_round), rounds, n)},
+                   **stale_clients(metric_rounds(tracker.metric_round), rounds, n)},
             rounds=rounds,
             seconds_training=round(timing["training"], 3),
             seconds_evaluation=round(timing["evaluation"], 3),

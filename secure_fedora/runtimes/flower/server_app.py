@@ -129,6 +129,7 @@ from secure_fedora.runtimes.flower.protocol import (
 from secure_fedora.runtimes.inprocess import (
     Tracker,
     atomic_write_text,
+    metric_rounds,
     stale_clients,
     summarize,
     unmeasured_rounds,
@@ -911,10 +912,6 @@ class _MethodRun:
     seconds: dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0})
     evaluated: set[int] = field(default_factory=set)  # clients that ever reported metrics
     answered_last: set[int] = field(default_factory=set)  # replied to the final evaluation
-    # the round each client's latest accepted metrics are from, and that map as it was when
-    # the selected round was evaluated (a client that missed an evaluation keeps older ones)
-    metric_round: dict[int, int] = field(default_factory=dict)
-    selected_metric_round: dict[int, int] = field(default_factory=dict)
     # per client, the last round of each exchange whose reply the server accepted: the client
     # saved its state before replying, so a state that did not answer as far is a rolled-back
     # (restored, wiped) one, which it refuses with or without DP
@@ -1199,12 +1196,9 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
             continue
         tracker.last_val[cid], tracker.last_test[cid] = val, test
         run.evaluated.add(cid)
-        run.metric_round[cid] = rnd
         fresh.append(cid)
-    tracker.evaluated(rnd, fresh)
+    tracker.evaluated(rnd, fresh)  # the round each client's latest accepted metrics are from
     tracker.update(rnd)
-    if int(tracker.best_round) == rnd:
-        run.selected_metric_round = dict(run.metric_round)
     # the round's statistics over its own metrics, as in process (where every client is
     # evaluated): a client that missed it keeps an older metric, or none, for selection only
     return {
@@ -1388,9 +1382,9 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
         server.relatedness = relatedness_matrix([algorithm])
     t = run.tracker
     selected = {**summarize(t.test_at_best), "round": int(t.best_round),
-                **stale_clients(run.selected_metric_round, int(t.best_round), n),
+                **stale_clients(metric_rounds(t.selected_metric_round), int(t.best_round), n),
                 **unmeasured_rounds(run.history, int(t.eligible_from))}
-    final = {**summarize(t.last_test), **stale_clients(run.metric_round, rounds, n)}
+    final = {**summarize(t.last_test), **stale_clients(metric_rounds(t.metric_round), rounds, n)}
     return method_entry(name, selected, final, rounds, round(run.seconds["training"], 3),
                         round(run.seconds["evaluation"], 3), extra)
 
