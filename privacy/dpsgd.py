@@ -509,7 +509,8 @@ class DPSGD:
         path ran.
         """
         total = sum(p.numel() for p in self._params)
-        flat = self.noise.normal(total, self.noise_std, dtype=self._params[0].dtype)
+        flat = self.noise.normal(total, self.noise_std, dtype=self._params[0].dtype,
+                                 device=self._params[0].device)
         offset = 0
         with torch.no_grad():
             for p in self._params:

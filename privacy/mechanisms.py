@@ -83,7 +83,7 @@ class GaussianMechanism:
         shape/dtype/device as ``value``)."""
         value = _check_float_tensor("value", value)
         noise = _check_noise(noise)
-        return value + noise.normal(value.shape, self.std, value.dtype).to(value.device)
+        return value + noise.normal(value.shape, self.std, value.dtype, device=value.device)
 
     def record(self, mechanism: str, **params: object) -> MechanismRecord:
         """The accounting record of one release (``sensitivity`` is added to ``params``)."""
@@ -161,7 +161,7 @@ def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
     zc = clip_rows(z, clip_norm)
     m = zc.T @ zc / n
     d = m.shape[0]
-    noised = m + noise.normal((d, d), nm * sensitivity, m.dtype).to(m.device)
+    noised = m + noise.normal((d, d), nm * sensitivity, m.dtype, device=m.device)
     return (noised + noised.T) / 2
 
 
@@ -238,7 +238,7 @@ def noised_scalar(values: Tensor, clip: float, noise_multiplier: float,
             raise MechanismError("values is empty; pass the public m explicitly")
     sensitivity = noised_mean_sensitivity(clip, m)
     total = values.clamp(-float(clip), float(clip)).sum() / m
-    return total + noise.normal((), nm * sensitivity, values.dtype).to(values.device)
+    return total + noise.normal((), nm * sensitivity, values.dtype, device=values.device)
 
 
 def scalar_record(clip: float, noise_multiplier: float, m: int,

@@ -38,12 +38,25 @@ kernels (one keystream call per request). Float32 requests (the DP-SGD hot path,
 per 118k values on one core) are computed in cache-sized blocks with numpy's vectorized
 float32 kernels (log, sqrt, cos and sin within 4 ulp), each block reading its keystream
 directly from ChaCha20 streams positioned in the request (no whole-request keystream buffer).
+
+Devices: ``normal``, ``uniform`` and ``bernoulli`` take ``device`` (None: the CPU, the paths
+above, unchanged). On any other device :class:`CsprngNoise` computes the ChaCha20 keystream
+with torch integer ops on that device (int64 lanes holding uint32 words, masked adds and
+rotates; byte for byte OpenSSL's keystream under the same key, nonce and stream position,
+which it advances exactly as the CPU path does, so the two paths never reuse keystream) and
+then the same float32 or float64 sampler in torch: float64 values equal the CPU path's on
+the CPU's kernels; float32 values are within a few ulp (the device's log, cos and sin). The
+key's words are then held in the device computation's temporary tensors only.
+:class:`ReproducibleNoise` seeds a generator on the device for each draw from its CPU
+generator, so each device's stream is reproducible but CPU and CUDA streams differ. The
+torch keystream path is tested on the CPU (``CsprngNoise._torch_keystream``); no GPU has run it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
 from typing import Protocol, runtime_checkable
 
@@ -120,6 +133,63 @@ _TWO_POW_MINUS_53 = np.float32(2.0 ** -53)
 #: 2 pi / 2^32 rounded to float32 (the angle's scale; float32 arithmetic throughout).
 _ANGLE_SCALE = np.float32(2.0 * math.pi / 2 ** 32)
 
+#: ChaCha20's constant words ("expand 32-byte k") and the 32-bit mask of the torch keystream.
+_CHACHA_CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)
+_M32 = 0xFFFFFFFF
+#: ChaCha20 blocks per step of the torch keystream (4 MiB of keystream; bounds device memory).
+_TORCH_BLOCKS = 1 << 16
+
+
+def _rotl32(x: Tensor, n: int) -> Tensor:
+    return (x << n).bitwise_and_(_M32).bitwise_or_(x >> (32 - n))
+
+
+def _quarter_rounds(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, ...]:
+    """ChaCha20 quarter rounds on rows (a[i], b[i], c[i], d[i]) of (4, blocks) word tensors."""
+    a = a.add_(b).bitwise_and_(_M32)
+    d = _rotl32(d.bitwise_xor_(a), 16)
+    c = c.add_(d).bitwise_and_(_M32)
+    b = _rotl32(b.bitwise_xor_(c), 12)
+    a = a.add_(b).bitwise_and_(_M32)
+    d = _rotl32(d.bitwise_xor_(a), 8)
+    c = c.add_(d).bitwise_and_(_M32)
+    b = _rotl32(b.bitwise_xor_(c), 7)
+    return a, b, c, d
+
+
+def _chacha20_torch(key: bytes, nonce_index: int, position: int, out: Tensor) -> None:
+    """Fill ``out`` (uint8, on its device) with ChaCha20 keystream bytes ``position`` ..
+    ``position + len(out)`` under (``key``, ``nonce_index``), byte for byte the keystream of
+    :meth:`CsprngNoise._new_encryptor` (OpenSSL: 32-bit block counter in word 12, 96-bit nonce
+    in words 13-15, all words little-endian). Integer torch ops only: int64 lanes hold uint32
+    words, each add and rotate masked to 32 bits; the state's four rows of four words are
+    processed together (a column round on the rows, a diagonal round on rolled rows)."""
+    device, size = out.device, out.numel()
+    key_words = struct.unpack("<8I", key)
+    nonce_words = struct.unpack("<3I", nonce_index.to_bytes(12, "little"))
+    first, end = position // 64, -(-(position + size) // 64)
+    done = 0
+    for b0 in range(first, end, _TORCH_BLOCKS):
+        b1 = min(b0 + _TORCH_BLOCKS, end)
+        n = b1 - b0
+        init = torch.tensor([*_CHACHA_CONSTANTS, *key_words, 0, *nonce_words],
+                            dtype=torch.int64, device=device).view(16, 1).repeat(1, n)
+        init[12] = torch.arange(b0, b1, dtype=torch.int64, device=device)
+        a, b, c, d = init.clone().view(4, 4, n).unbind(0)
+        for _ in range(10):  # 20 rounds: a column round and a diagonal round each
+            a, b, c, d = _quarter_rounds(a, b, c, d)
+            # Diagonals (0, 5, 10, 15), (1, 6, 11, 12), ...: row i of b, c, d moved by i.
+            a, b, c, d = _quarter_rounds(a, b.roll(-1, 0), c.roll(-2, 0), d.roll(-3, 0))
+            b, c, d = b.roll(1, 0), c.roll(2, 0), d.roll(3, 0)
+        words = torch.cat([a, b, c, d]).add_(init).bitwise_and_(_M32).T  # (n, 16), block order
+        # uint32 -> the int32 of the same bits (exact), whose bytes are the keystream bytes.
+        words = words - ((words >> 31) << 32)
+        stream = words.to(torch.int32).contiguous().view(torch.uint8).reshape(-1)
+        lo = position - 64 * b0 if b0 == first else 0
+        take = min(stream.numel() - lo, size - done)
+        out[done:done + take] = stream[lo:lo + take]
+        done += take
+
 
 class NoiseError(ToolkitError, ValueError):
     """Bad argument to a noise source; the message names it."""
@@ -146,6 +216,24 @@ def _probability(p: float) -> float:
     return float(p)
 
 
+def _device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a usable torch.device (None: the CPU); NoiseError if it is not usable."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise NoiseError(f"device must be a torch device such as 'cpu' or 'cuda', got "
+                         f"{device!r} ({err})") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    try:
+        return torch.empty(0, device=dev).device  # e.g. 'cuda' -> 'cuda:0'
+    except (RuntimeError, AssertionError) as err:
+        raise NoiseError(f"device {dev} is not usable in this process ({err}); draw on a "
+                         "device this machine has, e.g. 'cpu'") from None
+
+
 @runtime_checkable
 class NoiseSource(Protocol):
     """Where a DP mechanism's randomness comes from (one source per client).
@@ -155,16 +243,19 @@ class NoiseSource(Protocol):
 
     kind: str
 
-    def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32) -> Tensor:
-        """I.i.d. N(0, std^2) values of ``shape`` and ``dtype`` (CPU)."""
+    def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Tensor:
+        """I.i.d. N(0, std^2) values of ``shape`` and ``dtype``, drawn on ``device`` (None:
+        the CPU)."""
         ...
 
-    def uniform(self, shape: Shape) -> Tensor:
-        """I.i.d. uniform float64 values in [0, 1) of ``shape``."""
+    def uniform(self, shape: Shape, device: torch.device | str | None = None) -> Tensor:
+        """I.i.d. uniform float64 values in [0, 1) of ``shape``, drawn on ``device``."""
         ...
 
-    def bernoulli(self, shape: Shape, p: float) -> Tensor:
-        """I.i.d. bool values of ``shape``, each True with probability ``p``."""
+    def bernoulli(self, shape: Shape, p: float, device: torch.device | str | None = None
+                  ) -> Tensor:
+        """I.i.d. bool values of ``shape``, each True with probability ``p``, on ``device``."""
         ...
 
     def checkpoint_state(self) -> Tensor | None:
@@ -190,6 +281,9 @@ class CsprngNoise:
         self._nonce_index = 0
         self._bytes_under_nonce = 0
         self._encryptor = self._new_encryptor()
+        #: Compute the keystream with torch on the CPU too (what a non-CPU device always does);
+        #: the values are the same keystream, so this only tests the device path on a CPU.
+        self._torch_keystream = False
 
     def __repr__(self) -> str:
         return "CsprngNoise(ChaCha20, key from os.urandom, not shown)"
@@ -213,11 +307,34 @@ class CsprngNoise:
             self._bytes_under_nonce = 0
             self._encryptor = self._new_encryptor()
 
-    def _words(self, count: int) -> Tensor:
+    def _use_torch(self, device: torch.device) -> bool:
+        return device.type != "cpu" or self._torch_keystream
+
+    def _torch_stream(self, size: int, device: torch.device) -> Tensor:
+        """The next ``size`` keystream bytes (uint8 on ``device``), computed with torch
+        (:func:`_chacha20_torch`); the nonce and stream position move exactly as
+        :meth:`_words` moves them, so the numpy path continues after these bytes."""
+        out = torch.empty(size, dtype=torch.uint8, device=device)
+        done = 0
+        while done < size:
+            self._next_nonce_if_spent()
+            take = min(size - done, _BYTES_PER_NONCE - self._bytes_under_nonce)
+            _chacha20_torch(self._key, self._nonce_index, self._bytes_under_nonce,
+                            out[done:done + take])
+            done += take
+            self._bytes_under_nonce += take
+        if size:
+            self._encryptor = self._new_encryptor(self._bytes_under_nonce)
+        return out
+
+    def _words(self, count: int, device: torch.device | None = None) -> Tensor:
         """``count`` uniformly random 64-bit words (int64 view) from the keystream.
 
-        The result is a view of a per-thread buffer reused by the next call: consume it first.
+        On the CPU (numpy path) the result is a view of a per-thread buffer reused by the next
+        call: consume it first. On the torch path it is a new tensor on ``device``.
         """
+        if device is not None and self._use_torch(device):
+            return self._torch_stream(8 * count, device).view(torch.int64)
         buffer = getattr(_SCRATCH, "words", None)
         if buffer is None or buffer.size < count:
             buffer = _SCRATCH.words = np.empty(max(count, 1 << 16), dtype=np.int64)
@@ -232,11 +349,12 @@ class CsprngNoise:
             self._bytes_under_nonce += take
         return torch.from_numpy(out)
 
-    def _uniform53(self, count: int) -> Tensor:
+    def _uniform53(self, count: int, device: torch.device | None = None) -> Tensor:
         """``count`` uniform float64 values in [0, 1): 53 random bits each, times 2^-53."""
-        return self._words(count).bitwise_and_(_MASK53).to(torch.float64).mul_(2.0 ** -53)
+        return self._words(count, device).bitwise_and_(_MASK53).to(torch.float64).mul_(2.0 ** -53)
 
-    def _standard_normal(self, count: int, dtype: torch.dtype) -> Tensor:
+    def _standard_normal(self, count: int, dtype: torch.dtype,
+                         device: torch.device | None = None) -> Tensor:
         """``count`` N(0, 1) values: (sum of ``GAUSSIAN_TERMS`` independent Box-Muller normals)
         / sqrt(GAUSSIAN_TERMS).
 
@@ -248,8 +366,11 @@ class CsprngNoise:
         secure mode samples in the output dtype (:meth:`_standard_normal_float32`).
         """
         if count < 2:  # the composition below needs at least two columns
-            return self._standard_normal(2, dtype)[:count]
+            return self._standard_normal(2, dtype, device)[:count]
+        device = device if device is not None else torch.device("cpu")
         if dtype != torch.float64:
+            if self._use_torch(device):
+                return self._standard_normal_float32_torch(count, device)
             return torch.from_numpy(self._standard_normal_float32(count))
         c = count
         groups = GAUSSIAN_TERMS // 2  # Box-Muller pairs per output, each giving a cos and a sin
@@ -257,11 +378,12 @@ class CsprngNoise:
         # radius * sqrt(1 / GAUSSIAN_TERMS) = sqrt(-2 log(1 - u1) / GAUSSIAN_TERMS): the factor
         # 2 / GAUSSIAN_TERMS (1 or 1/2) is exact, so the scaling of the sum adds no rounding.
         log_factor = -2.0 / GAUSSIAN_TERMS
-        u = self._uniform53(2 * pairs)
+        u = self._uniform53(2 * pairs, device)
         # 1 - u1 in (0, 1]: the log is finite.
         radius = u[:pairs].neg_().log1p_().mul_(log_factor).sqrt_()
         angle = u[pairs:].mul_(2.0 * math.pi)
-        xs, ys = torch.empty(pairs, dtype=torch.float64), torch.empty(pairs, dtype=torch.float64)
+        xs = torch.empty(pairs, dtype=torch.float64, device=device)
+        ys = torch.empty(pairs, dtype=torch.float64, device=device)
         # Pair i gives X_i = r_i cos a_i and Y_i = r_i sin a_i (independent normals). Output j
         # sums X over pairs j, j + c, ... and Y over pairs j', j' + c, ... with
         # j' = (j + 1) mod c: GAUSSIAN_TERMS normals from as many different pairs, i.e.
@@ -269,12 +391,12 @@ class CsprngNoise:
         # terms, then the Y terms, then the two partial sums.
         torch.cos(angle, out=xs).mul_(radius)
         torch.sin(angle, out=ys).mul_(radius)
-        out = torch.empty(c, dtype=torch.float64)
+        out = torch.empty(c, dtype=torch.float64, device=device)
         if groups == 1:
             torch.add(xs[:c - 1], ys[1:], out=out[:c - 1])
             torch.add(xs[c - 1:], ys[:1], out=out[c - 1:])
             return out
-        y_columns = torch.empty(c, dtype=torch.float64)
+        y_columns = torch.empty(c, dtype=torch.float64, device=device)
         torch.add(xs[:c], xs[c:], out=out)
         torch.add(ys[:c], ys[c:], out=y_columns)
         out[:c - 1] += y_columns[1:]
@@ -372,23 +494,48 @@ class CsprngNoise:
             self._bytes_under_nonce = start + radius_bytes + angle_bytes
         return out
 
-    def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32) -> Tensor:
-        """I.i.d. N(0, std^2), floating-point hardened (``GAUSSIAN_TERMS``-term sum), in ``dtype``."""
+    def _standard_normal_float32_torch(self, c: int, device: torch.device) -> Tensor:
+        """:meth:`_standard_normal_float32` computed with torch on ``device``: the same
+        keystream bytes (:meth:`_torch_stream`), layout, float32 roundings and summation order;
+        only log, sqrt, cos and sin are the device's float32 kernels (a few ulp apart)."""
+        groups = GAUSSIAN_TERMS // 2
+        pairs = groups * c
+        stream = self._torch_stream(8 * pairs + 8 * ((pairs + 1) // 2), device)
+        words = stream[:8 * pairs].view(torch.int64)
+        halves = stream[8 * pairs:12 * pairs].view(torch.int32)
+        # 1 - u1 = (b + 1) 2^-53 rounded to float32; the scalings by powers of two are exact.
+        r = words.bitwise_and(_MASK53).add_(1).to(torch.float32).mul_(2.0 ** -53)
+        r = r.log_().mul_(-2.0 / GAUSSIAN_TERMS).sqrt_()
+        a = halves.to(torch.float32).mul_(float(_ANGLE_SCALE))
+        x = torch.cos(a).mul_(r).view(groups, c)
+        y = torch.sin(a).mul_(r).view(groups, c)
+        if groups == 1:
+            return x[0].add(y[0].roll(-1))
+        out = x[0].add(x[1])
+        return out.add_(y[0].add(y[1]).roll(-1))  # out[j] += Y[(j + 1) mod c]
+
+    def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Tensor:
+        """I.i.d. N(0, std^2), floating-point hardened (``GAUSSIAN_TERMS``-term sum), in
+        ``dtype`` on ``device`` (None: the CPU). Off the CPU the keystream and the sampler run
+        in torch on that device; the key is never copied anywhere but into the keystream
+        computation's temporaries."""
         dims, std = _shape(shape), _std(std)
         if not dtype.is_floating_point:
             raise NoiseError(f"dtype must be a floating-point dtype, got {dtype}")
-        values = self._standard_normal(math.prod(dims), dtype).mul_(std)
+        values = self._standard_normal(math.prod(dims), dtype, _device(device)).mul_(std)
         return values.reshape(dims).to(dtype)
 
-    def uniform(self, shape: Shape) -> Tensor:
-        """I.i.d. uniform float64 in [0, 1) on the 2^-53 grid."""
+    def uniform(self, shape: Shape, device: torch.device | str | None = None) -> Tensor:
+        """I.i.d. uniform float64 in [0, 1) on the 2^-53 grid, on ``device``."""
         dims = _shape(shape)
-        return self._uniform53(math.prod(dims)).reshape(dims)
+        return self._uniform53(math.prod(dims), _device(device)).reshape(dims)
 
-    def bernoulli(self, shape: Shape, p: float) -> Tensor:
-        """I.i.d. Bernoulli(p) (``uniform < p``: exact for p on the 2^-53 grid)."""
+    def bernoulli(self, shape: Shape, p: float, device: torch.device | str | None = None
+                  ) -> Tensor:
+        """I.i.d. Bernoulli(p) (``uniform < p``: exact for p on the 2^-53 grid), on ``device``."""
         p = _probability(p)
-        return self.uniform(shape) < p
+        return self.uniform(shape, device) < p
 
     def checkpoint_state(self) -> None:
         """Always None: the key and stream position are never written in a checkpoint."""
@@ -442,7 +589,14 @@ def reproducible_noise_seed(experiment_seed: int, client: int) -> int:
 
 class ReproducibleNoise:
     """Noise from a ``torch.Generator`` seeded with ``seed``: repeatable, **not private**
-    against anyone who knows the seed (e.g. from the config). Plain ``torch.randn`` sampling."""
+    against anyone who knows the seed (e.g. from the config). Plain ``torch.randn`` sampling.
+
+    On the CPU every draw comes from one CPU generator (``self.generator``). A draw on another
+    device comes from a generator on that device, seeded for that draw with the next 63-bit
+    value of the CPU generator: the CPU generator's state is still the whole state (so
+    checkpoints and journals stay exact), and each device's stream is reproducible on that
+    device, but the CPU and CUDA streams of one seed differ (other generators, other values).
+    """
 
     kind = "reproducible"
 
@@ -451,23 +605,35 @@ class ReproducibleNoise:
             raise NoiseError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        #: Draw on the CPU as a device draws (a per-draw generator): tests the device path.
+        self._device_generators = False
 
     def __repr__(self) -> str:
         return f"ReproducibleNoise(seed={self.seed})"
 
-    def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32) -> Tensor:
-        """I.i.d. N(0, std^2) from the seeded generator."""
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu" and not self._device_generators:
+            return self.generator
+        seed = int(torch.randint(0, 2 ** 63 - 1, (), generator=self.generator))
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Tensor:
+        """I.i.d. N(0, std^2) from the seeded generator, on ``device`` (None: the CPU)."""
         dims, std = _shape(shape), _std(std)
-        return torch.randn(dims, generator=self.generator, dtype=dtype) * std
+        dev = _device(device)
+        return torch.randn(dims, generator=self._generator(dev), dtype=dtype, device=dev) * std
 
-    def uniform(self, shape: Shape) -> Tensor:
-        """I.i.d. uniform float64 in [0, 1) from the seeded generator."""
-        return torch.rand(_shape(shape), generator=self.generator, dtype=torch.float64)
+    def uniform(self, shape: Shape, device: torch.device | str | None = None) -> Tensor:
+        """I.i.d. uniform float64 in [0, 1) from the seeded generator, on ``device``."""
+        dims, dev = _shape(shape), _device(device)
+        return torch.rand(dims, generator=self._generator(dev), dtype=torch.float64, device=dev)
 
-    def bernoulli(self, shape: Shape, p: float) -> Tensor:
-        """I.i.d. Bernoulli(p) as ``uniform < p``."""
+    def bernoulli(self, shape: Shape, p: float, device: torch.device | str | None = None
+                  ) -> Tensor:
+        """I.i.d. Bernoulli(p) as ``uniform < p``, on ``device``."""
         p = _probability(p)
-        return self.uniform(shape) < p
+        return self.uniform(shape, device) < p
 
     def checkpoint_state(self) -> Tensor:
         """The generator state (derivable from the config, so storing it reveals nothing new)."""

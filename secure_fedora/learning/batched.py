@@ -1040,7 +1040,7 @@ def _train_chunk(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | Non
                 _vmap_clipped_sum(flat, plan, w_rows, x, y, valid, clip[:k], loss, g_rows)
             g_rows.mul_(scale[:k])
             for r in range(k):
-                g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype).to(device))
+                g_rows[r].add_(jobs[r].noise.normal(num_params, noise_std[r], dtype=dtype, device=device))
         else:
             weights = valid.to(dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
             at_rows = w_rows

@@ -5,7 +5,8 @@
 the same per-client CPU generators as on the CPU, so it is reproducible and identical across
 devices. A configuration the GPU path does not cover is refused with :class:`DeviceError`
 before anything runs (never a silent move back to the CPU): differential privacy (its
-mechanisms draw noise from per-client CPU generators), message envelopes, encrypted
+mechanisms can draw their noise on the GPU, see :mod:`privacy.noise`, but DP training on
+CUDA has never run on a GPU), message envelopes, encrypted
 propagation or relatedness, and methods whose class does not declare ``cuda_supported`` (of
 the built-ins, FEDORA and Local declare it).
 """
@@ -31,7 +32,7 @@ class DeviceError(ToolkitError, ValueError):
 def _cuda_blockers(cfg: ExperimentConfig) -> list[str]:
     blockers = []
     if cfg.privacy.enabled:
-        blockers.append("privacy.enabled (DP noise comes from per-client CPU generators)")
+        blockers.append("privacy.enabled (DP training on CUDA has not been tested on a GPU)")
     if cfg.security.envelopes:
         blockers.append("security.envelopes")
     if "encrypted" in cfg.fedora.relatedness or cfg.fedora.propagation == "encrypted":

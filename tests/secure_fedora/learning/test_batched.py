@@ -190,6 +190,31 @@ def test_dp_refuses_a_noise_source_shared_by_two_clients():
     assert torch.equal(theta, before)
 
 
+class _RecordingNoise(ReproducibleNoise):
+    """A real reproducible source that also records the device of each Gaussian draw."""
+
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.devices = []
+
+    def normal(self, shape, std, dtype=torch.float32, device=None):
+        self.devices.append(device)
+        return super().normal(shape, std, dtype, device)
+
+
+def test_dp_noise_is_drawn_on_the_rows_device():
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([16, 12])
+    theta = _matrix(flat, 2)
+    sources = [_RecordingNoise(100 + i) for i in range(2)]
+    jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=sources[i], noise_multiplier=1.0)
+            for i, (x, y) in enumerate(data)]
+    train_clients(flat, CFG_FULL, _dp_oracle(flat), jobs)
+    for source in sources:
+        assert source.devices and all(d is not None and torch.device(d) == theta.device
+                                      for d in source.devices), source.devices
+
+
 def _examples_cnn():
     spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
     module = importlib.util.module_from_spec(spec)
