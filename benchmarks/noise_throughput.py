@@ -5,7 +5,9 @@ CsprngNoise (ChaCha20 keystream, 4-draw hardened Gaussians) against Reproducible
 the uniforms behind Poisson sampling. Each figure is the best of ``--repeats`` timings of one
 request of ``--size`` values (default: the MLP's 118,282 parameters, one DP-SGD step). The
 last row is the ChaCha20 keystream alone for a float32 request (24 bytes per value): the
-rest of a float32 request's time is the Box-Muller arithmetic.
+rest of a float32 request's time is the Box-Muller arithmetic. The ``csprng-torch`` rows are
+the device path of CsprngNoise (ChaCha20 in torch integer ops, then the sampler in torch) run
+on the CPU: informational only, it is meant for a GPU and is much slower than OpenSSL here.
 Usage: python benchmarks/noise_throughput.py [--size 118282] [--repeats 30] [--threads 1]
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Callable
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from privacy.noise import CsprngNoise, ReproducibleNoise
+from privacy.noise import CsprngNoise, ReproducibleNoise, _chacha20_torch
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -55,6 +57,16 @@ def main() -> None:
     zeros, out = bytes(24 * n), bytearray(24 * n)
     t = best_seconds(lambda: stream.update_into(zeros, out), args.repeats)
     print(f"{'csprng':<14} {'keystream 24 B/v':<18} {t * 1e3:>10.3f} {n / t / 1e6:>11.1f}")
+    # The device path on the CPU (torch keystream and sampler): fewer repeats, it is slow here.
+    torch_source = CsprngNoise()
+    torch_source._torch_keystream = True
+    repeats = max(1, min(args.repeats, 3))
+    t = best_seconds(lambda: torch_source.normal(n, 1.0, torch.float32), repeats)
+    print(f"{'csprng-torch':<14} {'normal float32':<18} {t * 1e3:>10.3f} {n / t / 1e6:>11.1f}")
+    keystream = torch.empty(24 * n, dtype=torch.uint8)
+    t = best_seconds(lambda: _chacha20_torch(os.urandom(32), 0, 0, keystream), repeats)
+    print(f"{'csprng-torch':<14} {'keystream 24 B/v':<18} {t * 1e3:>10.3f} {n / t / 1e6:>11.1f}"
+          f"  (torch ChaCha20 on the CPU, best of {repeats}; the path a GPU takes)")
 
 
 if __name__ == "__main__":
