@@ -506,7 +506,7 @@ class DPSGD:
         """Fill every trainable ``.grad`` in place with N(0, (sigma C / B_expected)^2) noise.
 
         One draw of all coordinates from ``self.noise`` (in ``self._params`` order), whichever
-        path ran.
+        path ran, made on the parameters' device (not drawn on the CPU and moved).
         """
         total = sum(p.numel() for p in self._params)
         flat = self.noise.normal(total, self.noise_std, dtype=self._params[0].dtype,
