@@ -227,6 +227,9 @@ def _device(device: torch.device | str | None) -> torch.device:
                          f"{device!r} ({err})") from None
     if dev.type == "cpu":
         return torch.device("cpu")
+    if dev.type == "meta":
+        raise NoiseError("device 'meta' holds no values, so noise drawn there would not exist; "
+                         "draw on the device that holds the tensor being noised")
     try:
         return torch.empty(0, device=dev).device  # e.g. 'cuda' -> 'cuda:0'
     except (RuntimeError, AssertionError) as err:

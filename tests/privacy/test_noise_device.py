@@ -167,6 +167,15 @@ def test_unusable_devices_are_refused_by_name(source):
     assert source.normal(3, 1.0, device="cpu").device == _CPU
 
 
+@pytest.mark.parametrize("source", [CsprngNoise(), ReproducibleNoise(0)])
+def test_the_meta_device_is_refused_because_its_noise_would_have_no_values(source):
+    for draw in (lambda: source.normal(3, 1.0, device="meta"),
+                 lambda: source.uniform(3, device="meta"),
+                 lambda: source.bernoulli(3, 0.5, device=torch.device("meta"))):
+        with pytest.raises(NoiseError, match="meta"):
+            draw()
+
+
 class _Recording(CsprngNoise):
     """A real CSPRNG source that also records the device each Gaussian was drawn on."""
 
