@@ -93,7 +93,15 @@ from secure_fedora.algorithms.methods import (
     _scalar,
 )
 from secure_fedora.core.registry import METHODS
-from secure_fedora.learning.client import ClientUpdateError, GradientOracle, PlainGradient, evaluate
+from secure_fedora.learning.client import (
+    ClientUpdateError,
+    GradientOracle,
+    PlainGradient,
+    aligned,
+    evaluate,
+    retarget,
+    same_row,
+)
 from secure_fedora.learning.models import init_parameters
 
 log = logging.getLogger("secure_fedora.algorithms.baselines")
@@ -157,6 +165,10 @@ class _WrappedOracle:
 
     def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
         return self.inner.batches(n, epochs, generator)
+
+    def retarget(self, old: Tensor, new: Tensor) -> None:
+        """Pass :func:`~secure_fedora.learning.client.retarget` on to the wrapped oracle."""
+        retarget(self.inner, old, new)
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # not yet set (e.g. during unpickling)
@@ -225,6 +237,12 @@ class ProximalGradient(_WrappedOracle):
             )
         self._theta, self._anchor = theta, anchor
 
+    def retarget(self, old: Tensor, new: Tensor) -> None:
+        """The trained row moved from ``old`` to ``new`` (an aligned copy; see ``local_train``)."""
+        super().retarget(old, new)
+        if same_row(self._theta, old):
+            self._theta = new
+
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
         """The wrapped gradient plus ``mu * (theta - anchor)``, written into ``grad``."""
         if self._theta is None or self._anchor is None:
@@ -266,6 +284,12 @@ class MixtureGradient(_WrappedOracle):
             )
         self._v, self._w, self.alpha = v, w, float(alpha)
 
+    def retarget(self, old: Tensor, new: Tensor) -> None:
+        """The trained row moved from ``old`` to ``new`` (an aligned copy; see ``local_train``)."""
+        super().retarget(old, new)
+        if same_row(self._v, old):
+            self._v = new
+
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
         """Write ``alpha * grad f(alpha v + (1 - alpha) w)`` into ``grad``; update ``alpha``."""
         v, w = self._v, self._w
@@ -279,7 +303,7 @@ class MixtureGradient(_WrappedOracle):
         finally:
             v.copy_(self._saved)
         if self.adaptive:
-            step = float(torch.dot(v, grad) - torch.dot(w, grad))
+            step = float(torch.dot(v, grad) - torch.dot(aligned(w), grad))  # dot rounds by address
             self.alpha = min(1.0, max(0.0, a - self.alpha_lr * step))
         grad.mul_(a)
 

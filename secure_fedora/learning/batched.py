@@ -56,8 +56,11 @@ from secure_fedora.learning.client import (
     TrainConfig,
     Workspace,
     aliased_module,
+    aligned,
     diverged_hint,
     local_train,
+    retarget,
+    same_row,
 )
 from secure_fedora.learning.dp import DPGradient, expected_batch_size
 
@@ -677,6 +680,11 @@ class _ProximalStep:
     def __init__(self, inner: Any, theta: Tensor, anchor: Tensor, mu: float) -> None:
         self.inner, self.theta, self.anchor, self.mu = inner, theta, anchor, mu
 
+    def retarget(self, old: Tensor, new: Tensor) -> None:
+        retarget(self.inner, old, new)
+        if same_row(self.theta, old):
+            self.theta = new
+
     def batches(self, n: int, epochs: int, generator: torch.Generator) -> Any:
         return self.inner.batches(n, epochs, generator)
 
@@ -695,6 +703,11 @@ class _MixtureStep:
         self.alpha, self.adaptive, self.lr = float(job.mix_alpha), job.mix_adaptive, job.mix_lr
         self.saved = torch.empty_like(job.theta)
 
+    def retarget(self, old: Tensor, new: Tensor) -> None:
+        retarget(self.inner, old, new)
+        if same_row(self.v, old):
+            self.v = new
+
     def batches(self, n: int, epochs: int, generator: torch.Generator) -> Any:
         return self.inner.batches(n, epochs, generator)
 
@@ -707,7 +720,7 @@ class _MixtureStep:
         finally:
             self.v.copy_(self.saved)
         if self.adaptive:
-            step = float(torch.dot(self.v, grad) - torch.dot(self.w, grad))
+            step = float(torch.dot(self.v, grad) - torch.dot(aligned(self.w), grad))  # dot rounds by address
             self.alpha = min(1.0, max(0.0, a - self.lr * step))
         grad.mul_(a)
 

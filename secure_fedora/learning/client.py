@@ -37,6 +37,8 @@ __all__ = [
     "client_randomness",
     "evaluate",
     "local_train",
+    "retarget",
+    "same_row",
 ]
 
 
@@ -162,9 +164,8 @@ def aligned(t: Tensor) -> Tensor:
     P * 4`` bytes in) than as a Flower node's own tensor, in one-sample forwards of the MNIST
     MLP (measured with torch 2.13 / MKL: the losses of 5 of 40 clients at one validation
     row). FEDORA's gate and IFCA's choice flip on such near-ties, so evaluation computes on
-    aligned copies. Training with a one-sample batch has the same dependence and is not
-    covered: it updates the row in place, and gradient oracles (FedProx's, APFL's) hold the
-    trained row itself."""
+    aligned copies, and :func:`local_train` trains one (a batch of one has the same
+    dependence)."""
     if t.data_ptr() % ALIGNMENT_BYTES == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -207,6 +208,26 @@ class GradientOracle(Protocol):
     def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]: ...
 
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None: ...
+
+
+def same_row(held: Tensor | None, row: Tensor) -> bool:
+    """Whether ``held`` is a view of exactly the memory of ``row`` (same start, shape and
+    strides): distinct views of one matrix row are the same row."""
+    return (held is not None and held.data_ptr() == row.data_ptr() and held.shape == row.shape
+            and held.stride() == row.stride())
+
+
+def retarget(oracle: GradientOracle, old: Tensor, new: Tensor) -> None:
+    """Tell ``oracle`` that the row it trains is now ``new`` instead of ``old``.
+
+    An oracle that keeps a reference to the trained row (FedProx's proximal term, APFL's
+    mixture) must define ``retarget(old, new)`` and replace every held view of ``old``
+    (:func:`same_row`) by ``new``; wrappers pass the call on. :func:`local_train` calls it when
+    it trains an aligned copy of a row, and again, with the arguments swapped, afterwards.
+    Oracles without the method hold no row."""
+    hook = getattr(oracle, "retarget", None)
+    if hook is not None:
+        hook(old, new)
 
 
 class PlainGradient:
@@ -280,6 +301,20 @@ class Workspace:
     grad: Tensor
     before: Tensor
     optimizer: MomentumSGD
+    row: Tensor | None = None
+    """Where :func:`local_train` trains a row stored off the alignment (allocated on first use)."""
+
+    def aligned_row(self, like: Tensor) -> Tensor:
+        """A buffer of ``like``'s shape, dtype and device starting on an
+        :data:`ALIGNMENT_BYTES` boundary (its values are whatever it held)."""
+        row = self.row
+        if row is None or row.shape != like.shape or row.dtype != like.dtype or row.device != like.device:
+            row = self.row = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        if row.data_ptr() % ALIGNMENT_BYTES:
+            raise ClientUpdateError(f"the allocator returned a buffer {row.data_ptr() % ALIGNMENT_BYTES}"
+                                    f" bytes off a {ALIGNMENT_BYTES}-byte boundary; training needs"
+                                    " torch's default CPU or CUDA allocator")
+        return row
 
     @classmethod
     def for_size(cls, num_params: int, device: torch.device | str = "cpu") -> Workspace:
@@ -335,6 +370,11 @@ def local_train(
     ``theta <- theta - lr * lam * (theta_before_step - phi)`` is applied (docs/design.md section 2, a round, step 2).
     Raises :class:`ClientUpdateError` if training produced non-finite parameters; ``theta`` is
     then restored to its value before the run, so nothing is lost.
+
+    The result depends on ``theta``'s values only, not on where it is stored: a row off an
+    :data:`ALIGNMENT_BYTES` boundary (a row of the in-process N x P matrix) is trained as an
+    aligned copy in ``workspace`` (the oracle :func:`retarget`-ed to it) and written back, so it
+    gets the bits a Flower node's own tensor gets (one-sample batches round by address).
     """
     if lam < 0 or (lam > 0 and phi is None):
         raise ClientUpdateError(f"invalid regularization: lam={lam}, phi given: {phi is not None}")
@@ -345,7 +385,33 @@ def local_train(
         raise ClientUpdateError(f"{who}local training would produce non-finite parameters (the pull's"
                                 f" weight overflows {theta.dtype}); update discarded"
                                 f" ({diverged_hint(cfg.lr, lam)})")
-    start = theta.clone()
+    if theta.data_ptr() % ALIGNMENT_BYTES:
+        trained = workspace.aligned_row(theta).copy_(theta)
+        retarget(oracle, theta, trained)
+        try:
+            steps = _train_steps(flat, trained, x, y, cfg, oracle, generator, workspace, phi, lam)
+        finally:
+            retarget(oracle, trained, theta)
+            flat.bind(theta, workspace.grad)  # as after training in place
+        finite = all_finite(trained)
+        if finite:
+            theta.copy_(trained)
+    else:
+        start = theta.clone()
+        steps = _train_steps(flat, theta, x, y, cfg, oracle, generator, workspace, phi, lam)
+        finite = all_finite(theta)
+        if not finite:
+            theta.copy_(start)
+    if not finite:
+        raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
+                                f" ({diverged_hint(cfg.lr, lam)})")
+    return steps
+
+
+def _train_steps(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, cfg: TrainConfig,
+                 oracle: GradientOracle, generator: torch.Generator, workspace: Workspace,
+                 phi: Tensor | None, lam: float) -> int:
+    """:func:`local_train`'s loop on ``theta`` in place; returns the number of steps."""
     model = flat.bind(theta, workspace.grad)
     model.train()
     workspace.optimizer.reset()
@@ -356,13 +422,9 @@ def local_train(
             if lam > 0:
                 # proximal_pull_'s (theta_before - phi), taken before the step: the same values
                 # bit for bit, without a copy of theta and a temporary per step.
-                torch.sub(theta, phi, out=workspace.before)
+                torch.sub(theta, phi, out=workspace.before)  # type: ignore[arg-type]
             workspace.optimizer.step(theta, workspace.grad, cfg)
             if lam > 0:
                 theta.add_(workspace.before, alpha=-cfg.lr * lam)
             steps += 1
-    if not all_finite(theta):
-        theta.copy_(start)
-        raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
-                                f" ({diverged_hint(cfg.lr, lam)})")
     return steps

@@ -24,7 +24,7 @@ from secure_fedora.algorithms.baselines import (
 from secure_fedora.algorithms.methods import FedAvg, MethodContext
 from secure_fedora.core.config import parse_config
 from secure_fedora.experiments.sweep import method_factory
-from secure_fedora.learning.client import ClientUpdateError, PlainGradient
+from secure_fedora.learning.client import ClientUpdateError, PlainGradient, Workspace, local_train
 from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
 
 
@@ -123,6 +123,42 @@ def test_mixture_gradient_is_alpha_times_gradient_at_the_mixture(ctx, clients):
     assert oracle.alpha == pytest.approx(min(1.0, max(0.0, expected)), abs=1e-5)
     with pytest.raises(BaselineConfigError, match=r"\[0, 1\]"):
         oracle.target(v, w, 1.2)
+
+
+def _stored_and_fresh(init, count=3):
+    """Rows as the in-process runtime stores them (rows of one matrix; rows one float off, as
+    in a matrix of a model with an odd parameter count) and fresh copies (a Flower node's)."""
+    size = init.numel()
+    matrix = init + 0.02 * torch.randn(count, size, generator=torch.Generator().manual_seed(4))
+    odd = torch.empty(count * (size + 1))
+    stored = [matrix[k] for k in range(1, count)] + [
+        odd[k * (size + 1) + 1: (k + 1) * (size + 1)].copy_(matrix[k]) for k in range(count)]
+    return stored, [r.clone() for r in stored]
+
+
+@pytest.mark.parametrize("kind", ["proximal", "mixture"])
+def test_proximal_and_mixture_training_depend_on_values_not_on_where_rows_are_stored(ctx, clients, kind):
+    """FedProx/Ditto's and APFL's oracles hold the trained row; trained with a batch of one,
+    a row of the in-process matrix must give the bits a Flower node's own tensors give."""
+    trained, trained_fresh = _stored_and_fresh(ctx.init)
+    others, others_fresh = _stored_and_fresh(ctx.init + 0.01)
+    x, y = clients[0].train_x[:3], clients[0].train_y[:3]
+    train = dataclasses.replace(ctx.train, batch_size=1, local_epochs=1)
+    for k in range(len(trained)):
+        results = []
+        for theta, other in ((trained[k], others[k]), (trained_fresh[k], others_fresh[k])):
+            if kind == "proximal":
+                oracle = ProximalGradient(PlainGradient(1), mu=0.5)
+                oracle.target(theta, other)
+            else:
+                oracle = MixtureGradient(PlainGradient(1), theta.numel(), adaptive=True, alpha_lr=0.5)
+                oracle.target(theta, other, 0.4)
+            local_train(ctx.flat, theta, x, y, train, oracle, torch.Generator().manual_seed(k),
+                        Workspace.for_size(theta.numel()))
+            results.append((theta, getattr(oracle, "alpha", None)))
+        (row, alpha), (fresh, fresh_alpha) = results
+        assert not torch.equal(row, others[k])
+        assert torch.equal(row, fresh) and alpha == fresh_alpha, f"row {k}"
 
 
 # --------------------------------------------------------------------------- FedProx

@@ -195,3 +195,23 @@ def test_a_row_off_the_alignment_is_rolled_back_when_training_diverges():
         local_train(flat, matrix[1], x, y, TrainConfig(lr=1e30, batch_size=8, local_epochs=3),
                     PlainGradient(8), torch.Generator().manual_seed(0), Workspace.for_size(flat.num_params))
     assert torch.equal(matrix, before)
+
+
+@pytest.mark.parametrize("num_classes", [10, 9])  # 9: an odd parameter count (118,153)
+def test_training_depends_on_the_values_not_on_where_the_row_is_stored(num_classes):
+    """A batch of one trains to different bits by the row's address (the matmul kernels pick
+    their path by it): a client's row inside the in-process matrix, or one at a 4-byte offset
+    (a matrix of a model with an odd parameter count), must train to the same bits as the same
+    values in a Flower node's own tensor."""
+    flat = FlatModel(make_model("mlp", num_classes=num_classes, seed=0))
+    stored, fresh = _rows_off_the_alignment(flat, 6)
+    x, y = _data(n=3, seed=3)
+    y = y % num_classes
+    phi = flat.initial_vector()
+    cfg = TrainConfig(lr=0.05, batch_size=1, local_epochs=1)
+    workspace = Workspace.for_size(flat.num_params)
+    for k, (row, copy) in enumerate(zip(stored, fresh, strict=True)):
+        for theta in (row, copy):
+            local_train(flat, theta, x, y, cfg, PlainGradient(1), torch.Generator().manual_seed(k),
+                        workspace, phi=phi, lam=0.5)
+        assert torch.equal(row, copy), f"row {k} (offset {row.data_ptr() % ALIGNMENT_BYTES} bytes)"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
@@ -67,3 +68,24 @@ def test_batched_dp_in_process_equals_the_flower_grid(tmp_path: Path) -> None:
         spent = {r["client"]: r["epsilon_spent"] for r in sim.privacy[method]["clients"]}
         for row in results["privacy"][method]["clients"]:
             assert row["epsilon_spent"] == pytest.approx(spent[row["client"]], abs=1e-6)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method", ["local", "fedprox", "apfl"])
+def test_one_sample_batches_train_to_the_same_bits_in_both_runtimes(tmp_path: Path, method: str) -> None:
+    """With a batch of one the matmul kernels round by the parameter row's address; a client's
+    row inside the in-process matrix and the Flower node's own tensor must still train to
+    the same bits (the loop engine on both sides)."""
+    from secure_fedora.core.config import config_hash
+    from secure_fedora.runtimes.flower.state import ClientRunState
+    from tests.secure_fedora.runtimes.flower.deploy_support import with_methods
+
+    cfg = with_methods(tiny_config(rounds=1, local_epochs=1, batch_size=1), method)
+    _grid(cfg, tmp_path)
+    sim, _ = in_process(cfg, tmp_path, method)
+    reference = sim.methods[method]
+    for c in range(3):
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method
+                                    / "client.pt", c, 42, config_hash(cfg), method)
+        for key, value in reference.client_state_dict(c).items():
+            assert torch.equal(state.algorithm[key], value.cpu()), (c, key)
