@@ -230,6 +230,19 @@ def retarget(oracle: GradientOracle, old: Tensor, new: Tensor) -> None:
         hook(old, new)
 
 
+def _still_held(oracle: object, row: Tensor) -> str | None:
+    """The first attribute of ``oracle`` or of an oracle it wraps (``inner``) that is still
+    a view of ``row`` after :func:`retarget`, as ``"Class.name"``; else None."""
+    seen: set[int] = set()
+    while oracle is not None and id(oracle) not in seen and hasattr(oracle, "__dict__"):
+        seen.add(id(oracle))
+        for name, value in vars(oracle).items():
+            if isinstance(value, Tensor) and same_row(value, row):
+                return f"{type(oracle).__name__}.{name}"
+        oracle = vars(oracle).get("inner")
+    return None
+
+
 class PlainGradient:
     """Non-private gradients: shuffled mini-batches, the task's mean loss (cross-entropy by
     default), one backward pass.
@@ -388,6 +401,13 @@ def local_train(
     if theta.data_ptr() % ALIGNMENT_BYTES:
         trained = workspace.aligned_row(theta).copy_(theta)
         retarget(oracle, theta, trained)
+        held = _still_held(oracle, theta)
+        if held is not None:
+            retarget(oracle, trained, theta)
+            raise ClientUpdateError(
+                f"{who}the gradient oracle holds the trained row ({held}) but cannot follow it"
+                " to the aligned copy local_train trains: give the oracle a retarget(old, new)"
+                " method that replaces its views of old by new (see client.retarget)")
         try:
             steps = _train_steps(flat, trained, x, y, cfg, oracle, generator, workspace, phi, lam)
         finally:

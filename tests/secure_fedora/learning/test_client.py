@@ -215,3 +215,34 @@ def test_training_depends_on_the_values_not_on_where_the_row_is_stored(num_class
             local_train(flat, theta, x, y, cfg, PlainGradient(1), torch.Generator().manual_seed(k),
                         workspace, phi=phi, lam=0.5)
         assert torch.equal(row, copy), f"row {k} (offset {row.data_ptr() % ALIGNMENT_BYTES} bytes)"
+
+
+class _RowHoldingGradient(PlainGradient):
+    """An oracle that reads the trained row (as a proximal term does), without ``retarget``."""
+
+    def __init__(self, theta: torch.Tensor) -> None:
+        super().__init__(1)
+        self.theta = theta
+
+    def gradient(self, model, x, y, grad):
+        super().gradient(model, x, y, grad)
+        grad.add_(self.theta, alpha=0.1)
+
+
+def test_an_oracle_holding_a_row_off_the_alignment_without_retarget_is_refused():
+    """Trained as an aligned copy, such a row would be read stale by the oracle: refused
+    before training, with what to add, and the row is untouched."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    matrix = flat.initial_vector().repeat(3, 1)
+    before = matrix.clone()
+    x, y = _data(n=4)
+    cfg = TrainConfig(batch_size=1, local_epochs=1)
+    with pytest.raises(ClientUpdateError, match=r"_RowHoldingGradient.theta.*retarget\(old, new\)"):
+        local_train(flat, matrix[1], x, y, cfg, _RowHoldingGradient(matrix[1]),
+                    torch.Generator().manual_seed(0), Workspace.for_size(flat.num_params))
+    assert torch.equal(matrix, before)
+    # an aligned row is trained in place, so the same oracle reads it as it changes
+    row = matrix[0]
+    local_train(flat, row, x, y, cfg, _RowHoldingGradient(row), torch.Generator().manual_seed(0),
+                Workspace.for_size(flat.num_params))
+    assert not torch.equal(row, before[0])
