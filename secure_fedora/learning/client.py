@@ -223,8 +223,9 @@ def retarget(oracle: GradientOracle, old: Tensor, new: Tensor) -> None:
     An oracle that keeps a reference to the trained row (FedProx's proximal term, APFL's
     mixture) must define ``retarget(old, new)`` and replace every held view of ``old``
     (:func:`same_row`) by ``new``; wrappers pass the call on. :func:`local_train` calls it when
-    it trains an aligned copy of a row, and again, with the arguments swapped, afterwards.
-    Oracles without the method hold no row."""
+    it trains an aligned copy of a row, and again, with the arguments swapped, afterwards;
+    an oracle (or one it wraps as ``inner``) still holding a view of ``old`` then is refused
+    with a :class:`ClientUpdateError` before any step."""
     hook = getattr(oracle, "retarget", None)
     if hook is not None:
         hook(old, new)
