@@ -803,8 +803,9 @@ def hello(message: Message, context: Context) -> Message:
     refusal's reason is the error's class name and, only where the run's ``[security]
     client_errors`` and the node config's ``client-errors`` are both "full", its message (which
     can name facts of the data); the full text is in the node's own log either way
-    (:data:`CLIENT_ERRORS_LOG`). The reply states which of the two this client's error texts
-    are (``client-errors``), so that the run's results can say it per client."""
+    (:data:`CLIENT_ERRORS_LOG`). The reply, a refusal too, states which of the two this
+    client's error texts are (``client-errors``), so that the run's results and a stop at
+    first contact can say it per client."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context, HELLO_SCOPE)
     _check_hash(message, "run", settings)
@@ -817,13 +818,14 @@ def hello(message: Message, context: Context) -> Message:
     except ToolkitError as err:
         if not isinstance(err, ValueError):  # a node's state or deployment: not the input
             raise
-        reason = client_error_text(err, _client_errors_mode(context))
+        mode = _client_errors_mode(context)
+        reason = client_error_text(err, mode)
         _record_client_error(context, f"client {node.partition_id} refuses the run", err,
                              reason)
         refusal = RecordDict({
             "client": ConfigRecord({"client-id": node.partition_id,
                                     "config-hash": settings.config_hash}),
-            "refusal": ConfigRecord({"reason": reason}),
+            "refusal": ConfigRecord({"reason": reason, "client-errors": mode}),
             "metrics": MetricRecord(_timings(started))})
         return _reply(security, message, refusal, 0)
     info: dict[str, Any] = {

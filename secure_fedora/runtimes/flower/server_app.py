@@ -989,25 +989,44 @@ def _data_facts(schema: DataSchema, sizes: Mapping[int, Mapping[str, Any]], n: i
                        for split in ("train", "val", "test")))
 
 
+#: Why a first-contact reply lacks ``client-errors``: the field every current ClientApp sends.
+_OUTDATED = ("a ClientApp older than this server's protocol (the field is missing; its error "
+             "texts cannot be taken for withheld)")
+
+
 def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
                  schemas: dict[int, DataSchema]) -> None:
     """Add each accepted hello reply's data schema to ``schemas`` and its split sizes to
     ``server.sizes``; a malformed one is a rejection. A client that refused the run (its data
     or node fails the checks against the run's model and settings, as in process before
     anything is written) stops it here, before any method message: a DeployError naming the client and its
-    reason (and any other client that refused)."""
+    reason (and any other client that refused). The stop message states the refusing
+    client's ``client-errors`` (what its error texts tell this server), as its refusal states
+    it. A reply without ``client-errors`` (a ClientApp older than this server's protocol) stops
+    the run with a DeployError saying so: its error texts would be taken for withheld, which
+    the server cannot tell."""
     refused: dict[int, str] = {}
+    outdated: list[int] = []
     for cid, (reply, env) in sorted(replies.items()):
         if "refusal" in reply.content:
             record = reply.content["refusal"]
             reason = record.get("reason") if isinstance(record, ConfigRecord) else None
-            if isinstance(reason, str) and reason.strip():
-                refused[cid] = " ".join(reason.split())[:MAX_REFUSAL_CHARS]
+            errors = record.get("client-errors") if isinstance(record, ConfigRecord) else None
+            if isinstance(reason, str) and reason.strip() and \
+                    (errors is None or errors in CLIENT_ERRORS_MODES):
+                refused[cid] = " ".join(reason.split())[:MAX_REFUSAL_CHARS] + (
+                    f" [client-errors: {errors}]" if errors is not None
+                    else f" [client-errors: not stated; {_OUTDATED}]")
                 continue
-            server.reject(0, cid, server.node_of_client.get(cid),
-                          _malformed(env, "hello refusal without a reason"), "not identified")
+            server.reject(0, cid, server.node_of_client.get(cid), _malformed(
+                env, "hello refusal without a reason" if errors is None or errors
+                in CLIENT_ERRORS_MODES else f"hello refusal with client-errors {errors!r}"),
+                "not identified")
             continue
         info = reply.content["client"]
+        if isinstance(info, ConfigRecord) and "client-errors" not in info:
+            outdated.append(cid)
+            continue
         try:
             shape = info["input-shape"]
             if not isinstance(shape, list) or not all(isinstance(v, int) and v > 0 for v in shape):
@@ -1034,6 +1053,12 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             f"client {first} (node {server.node_of_client.get(first)}) refused the run at first "
             f"contact: {refused[first]}" + (f" (clients {others} refused too)" if others else "")
             + "; the run stops before any method message or release")
+    if outdated:
+        raise DeployError(
+            f"clients {outdated} (nodes {[server.node_of_client.get(c) for c in outdated]}) "
+            f"answered the first contact without client-errors: {_OUTDATED}. Update "
+            "secure-fedora on those SuperNodes and start the run again; the run stops before "
+            "any method message or release")
 
 
 def _exchange_payloads(

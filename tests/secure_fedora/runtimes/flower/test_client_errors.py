@@ -87,7 +87,9 @@ def test_a_refusal_at_first_contact_names_only_the_error_class_unless_full_is_ch
     """Client 1's training labels go beyond the classes. Its signed refusal carried the
     DataError's text, which names its largest label ("found 0..17"), into the server's stop
     message and log. By default (and with "withheld") the server now learns only the class
-    name, and the full text is in the client's own log; "full" sends it whole."""
+    name, and the full text is in the client's own log; "full" sends it whole. The stop
+    message states the client's ``client-errors`` as its refusal does (it said nothing; the
+    server could tell it only from the text's shape)."""
     cfg = _config(mode, partition="test-stray-label")
     result_dir = tmp_path / "res"
     result_dir.mkdir()
@@ -101,8 +103,11 @@ def test_a_refusal_at_first_contact_names_only_the_error_class_unless_full_is_ch
     if mode == "full":
         assert f"DataError: client 1: train labels must lie in 0..9; {STRAY_LABEL_FACT}" \
             in str(err.value)
+        assert str(err.value).endswith("[client-errors: full]; the run stops before any "
+                                       "method message or release")
     else:
-        assert f"first contact: DataError ({WITHHELD}); the run stops" in str(err.value)
+        assert f"first contact: DataError ({WITHHELD}) [client-errors: withheld]; the run " \
+            "stops" in str(err.value)
         assert STRAY_LABEL_FACT not in server_saw and "train labels" not in server_saw
     assert list(result_dir.iterdir()) == []
 
@@ -218,9 +223,67 @@ def test_a_node_that_withholds_refuses_with_the_class_name_under_a_full_run(
     cfg = _config("full", partition="test-stray-label")
     rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors={0: "full", 2: "full"})
-    with pytest.raises(DeployError, match=re.escape(f"first contact: DataError ({WITHHELD})")):
+    with pytest.raises(DeployError, match=re.escape(
+            f"first contact: DataError ({WITHHELD}) [client-errors: withheld]")):
         server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     assert STRAY_LABEL_FACT in _client_log(tmp_path, 1)
+
+
+def _older_client_app(monkeypatch: pytest.MonkeyPatch, client: int, record: str) -> None:
+    """Client ``client``'s first-contact replies as a ClientApp older than the protocol sends
+    them: its ``record`` ("client" or "refusal") without ``client-errors`` (still signed)."""
+    from flwr.app import ConfigRecord
+
+    honest = client_app._reply
+
+    def older(security: Any, message: Message, content: Any, rnd: int,
+              release: Any = None) -> Message:
+        if message.metadata.message_type == "query.hello" and record in content \
+                and message.metadata.dst_node_id == 1000 + client:
+            content[record] = ConfigRecord(
+                {k: v for k, v in content[record].items() if k != "client-errors"})
+        return honest(security, message, content, rnd, release)
+
+    monkeypatch.setattr(client_app, "_reply", older)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_hello_from_an_older_client_app_stops_the_run_saying_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Client 1's ClientApp predates ``client-errors``: its hello was rejected as "hello reply
+    malformed ('client-errors')" and the run stopped with "missing clients [1]", after the
+    retry. The run now stops at once saying what it is (an older ClientApp: update the node),
+    neither taking its error texts for withheld nor writing any result."""
+    _older_client_app(monkeypatch, 1, "client")
+    cfg = _config(None)
+    result_dir = tmp_path / "res"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(DeployError, match=re.escape(
+            "clients [1] (nodes [1001]) answered the first contact without client-errors: a "
+            "ClientApp older than this server's protocol (the field is missing; its error texts "
+            "cannot be taken for withheld). Update secure-fedora on those SuperNodes")):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert "malformed" not in capsys.readouterr().out
+    assert list(result_dir.iterdir()) == []
+    assert not [m for m in grid.sent if m.metadata.message_type != "query.hello"]
+
+
+@pytest.mark.usefixtures("task_identity", "stray_label")
+def test_a_refusal_from_an_older_client_app_says_its_setting_is_not_stated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal without ``client-errors`` (an older ClientApp) still stops the run with its
+    reason, and says the setting was not stated rather than taking it for withheld."""
+    _older_client_app(monkeypatch, 1, "refusal")
+    cfg = _config(None, partition="test-stray-label")
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(DeployError, match=re.escape(
+            f"first contact: DataError ({WITHHELD}) [client-errors: not stated; a ClientApp "
+            "older than this server's protocol")):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", ["none", 1, True, ""])
