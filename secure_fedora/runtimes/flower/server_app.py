@@ -351,21 +351,26 @@ def _find_moved(grid: Grid, server: _Server, rnd: int, spares_too: bool = False)
 
 
 def _await_unidentified(grid: Grid, server: _Server, identified: set[int],
-                        count: int) -> list[int]:
+                        count: int, until: float = 0.0) -> list[int]:
     """The online nodes but ``identified``, once ``count`` of them are not spare nodes (whose
     first contact just identified no client) or the round timeout passed (a SuperNode
-    restarting, perhaps under a new node id). Spare nodes are among the nodes returned (one
-    may hold a client after all), but a spare does not end the wait."""
+    restarting, perhaps under a new node id), or ``until`` (a monotonic time) if later.
+    Spare nodes are among the nodes returned (one may hold a client after all), but a spare
+    does not end the wait."""
     def unidentified() -> list[int]:
         return sorted(_online(grid) - identified)
 
-    deadline = time.monotonic() + server.settings.round_timeout
+    deadline = max(time.monotonic() + server.settings.round_timeout, until)
     while len(set(unidentified()) - server.spare) < count and time.monotonic() < deadline:
         time.sleep(max(server.settings.poll_interval, 0.5))
     return unidentified()
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float) -> list[int]:
+    """The online nodes, once ``count`` are online (DeployError after ``timeout`` seconds).
+    A spare node (registered, holding no client of the run) counts here, as nothing tells it
+    apart before its first contact: :func:`_hello` then waits for the clients' own nodes until
+    the rest of the same connect timeout."""
     deadline = time.monotonic() + timeout
     nodes = _online(grid)
     while len(nodes) < count and time.monotonic() < deadline:
@@ -928,13 +933,17 @@ class _Replies:
     timing: ExchangeTiming = field(default_factory=ExchangeTiming)
 
 
-def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
+def _hello(grid: Grid, server: _Server, nodes: list[int], until: float = 0.0) -> None:
     """First contact: which node holds which client, its split sizes and the data schema.
 
     A client without an accepted reply is asked once more, at every node online by then that
     holds no identified client: a SuperNode that restarted meanwhile under a new node id is
     asked there (the reply's signature, not the node id, says which client it holds), and
-    ``server.nodes`` becomes the nodes that hold the clients."""
+    ``server.nodes`` becomes the nodes that hold the clients. That retry waits for as many
+    such nodes (spare nodes, which just identified no client, not counted) as clients are
+    missing, for the round timeout or until ``until`` (a monotonic time: the end of the
+    connect timeout, so a spare node counted among the nodes that came online does not cut
+    short the wait for a client's node that is still starting)."""
     server.scope = HELLO_SCOPE
     n = server.cfg.data.num_clients
     schemas: dict[int, DataSchema] = {}
@@ -946,7 +955,7 @@ def _hello(grid: Grid, server: _Server, nodes: list[int]) -> None:
         wanted = list(nodes)
         if attempt:
             identified = {server.node_of_client[cid] for cid in schemas}
-            wanted = _await_unidentified(grid, server, identified, n - len(schemas))
+            wanted = _await_unidentified(grid, server, identified, n - len(schemas), until)
             if not wanted:
                 break
             _say(f"first contact sent again to nodes {wanted}")
@@ -1482,9 +1491,10 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     server = _Server(settings=settings, run_id=run_id, plans=plans)
     started = time.time()
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
+    connected_by = time.monotonic() + settings.connect_timeout
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)
     server.nodes = nodes
-    _hello(grid, server, nodes)
+    _hello(grid, server, nodes, until=connected_by)
     checked = model_size_checked(cfg.methods)
     if checked:  # the model's size is known from the schema: refuse before any method runs
         assert server.schema is not None

@@ -417,6 +417,35 @@ def test_a_spare_node_does_not_cut_short_the_first_contact_wait(
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_spare_node_does_not_cut_short_the_connect_timeout(tmp_path: Path) -> None:
+    """The run waits for as many SuperNodes as clients, up to the connect timeout (6 s here),
+    and counted the spare node 1009 among them: the first contact went out with client 2's
+    node still starting (up after 3 s), its retry waited the round timeout (0.3 s) alone and
+    the run stopped, 'missing clients [2]'. The retry now waits for the clients' nodes until
+    the connect timeout ends, as the wait would without the spare."""
+    cfg = tiny_config(rounds=1)
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3, "connect-timeout": 6.0})
+    grid = _LateNodeGrid(tmp_path / "nodes", rc, 3, late=2, after=3.0, silent=False)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert results["node_of_client"] == {"0": "1000", "1": "1001", "2": "1002"}
+    assert [row["evaluated"] for row in results["rounds"]] == [3]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_node_that_never_comes_stops_the_run_at_the_connect_timeout(
+        tmp_path: Path) -> None:
+    """The counterpart: client 2's node never registers; the run stops naming it once the
+    connect timeout has passed, not before."""
+    cfg = tiny_config(rounds=1)
+    rc = run_config(cfg, tmp_path, **{"round-timeout": 0.3, "connect-timeout": 1.5})
+    grid = _LateNodeGrid(tmp_path / "nodes", rc, 3, late=2, after=1e9, silent=False)
+    started = time.monotonic()
+    with pytest.raises(DeployError, match=r"missing clients \[2\]"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 1.5
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_malformed_hello_in_the_first_contact_retry_claims_no_move(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
