@@ -26,6 +26,7 @@ offers no way to generate only the steps the layout uses.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.core.files import atomic_write_bytes
 from secure_fedora.runtimes.flower.contexts import DataSchema
 from secure_fedora.runtimes.flower.protocol import DeployError
+from secure_fedora.runtimes.flower.state import NodeStateError
 from secure_fedora.secure.relatedness import (
     SecureRelatednessError,
     create_keys,
@@ -48,7 +50,13 @@ from secure_fedora.secure.relatedness import (
     seal_keys,
 )
 
-__all__ = ["CeremonyError", "KeyHolderStore", "layout_for"]
+__all__ = ["CeremonyError", "KeyHolderStore", "layout_for", "public_context_digest"]
+
+
+def public_context_digest(public: bytes) -> str:
+    """SHA-256 (hex) of a serialized public CKKS context: what the server re-states to the key
+    holder as the ceremony it accepted (``answered-ceremony``)."""
+    return hashlib.sha256(public).hexdigest()
 
 
 class CeremonyError(DeployError, SecureRelatednessError):
@@ -114,6 +122,27 @@ class KeyHolderStore:
             _write_private(self.public_path, public)
             _write_private(self.secret_path, sealed[self.identity.party_id])
         return public, sealed
+
+    def check_answered(self, answered: str) -> None:
+        """Refuse (NodeStateError) to decrypt with a store that is not the one whose ceremony
+        the server accepted: ``answered`` is the digest of the public context it holds
+        (:func:`public_context_digest`). A store gone (the state-dir wiped) or holding other
+        keys (an older or other copy) is refused before it decrypts: the first cannot decrypt,
+        the second decrypts the rows into noise, which ``decrypt_rows`` refuses only as "a
+        ciphertext under another key, or corrupted" (the server's rows, it seems)."""
+        if not self.exists():
+            raise NodeStateError(
+                f"the server accepted {self.identity.party_id}'s key ceremony (public context "
+                f"{answered[:12]}), but {self.directory} holds no CKKS keys: the node's "
+                "state-dir was wiped or replaced since. Restore it from a copy, or start a new "
+                "run")
+        have = public_context_digest(self.public_path.read_bytes())
+        if have != answered:
+            raise NodeStateError(
+                f"{self.directory} holds other CKKS keys (public context {have[:12]}) than the "
+                f"ones whose ceremony the server accepted ({answered[:12]}): an older or other "
+                "copy of the store, which cannot decrypt this run's rows. Restore the node's "
+                "state-dir from a copy taken after the ceremony, or start a new run")
 
     def secret_context(self) -> ts.Context:
         """The stored secret context, opened with the key holder's X25519 key."""

@@ -755,7 +755,9 @@ def encrypted_summary(message: Message, context: Context) -> Message:
 
 def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     """Key holder only: decrypt the server's encrypted Gram rows with the stored secret
-    context and return the ``(N, N, q, q)`` overlap blocks, nothing else."""
+    context and return the ``(N, N, q, q)`` overlap blocks, nothing else. The request's
+    ``answered-ceremony`` (the digest of the public context the server accepted) must match
+    the stored keys, else NodeStateError (a wiped, older or other store)."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context)
     _check_hash(message, "fedora", settings)
@@ -767,7 +769,11 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
         )
     record = message.content["rows"] if "rows" in message.content else None
     rows = record.get("rows") if isinstance(record, ConfigRecord) else None
+    answered = record.get("answered-ceremony") if isinstance(record, ConfigRecord) else None
+    if not isinstance(answered, str) or len(answered) != 64:
+        raise DeployError(f"the decryption request's answered-ceremony is malformed: {answered!r}")
     store = _key_holder_store(node, context.run_id, security.identity)
+    store.check_answered(answered)  # before the store decrypts anything
     n, q = cfg.data.num_clients, cfg.fedora.q
     vectors = range(n * q)  # every row: the Flower runtime needs every client
     layout = layout_for(cfg, DataSchema.of(ensure_partition(node, cfg)))

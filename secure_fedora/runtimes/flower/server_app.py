@@ -102,7 +102,7 @@ from secure_fedora.algorithms.contract import (
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import strict_json
-from secure_fedora.runtimes.flower.ceremony import layout_for
+from secure_fedora.runtimes.flower.ceremony import layout_for, public_context_digest
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
 from secure_fedora.runtimes.flower.payloads import (
@@ -793,6 +793,7 @@ def _encrypted_overlaps(
         raise DeployError(f"the key holder (client {holder}) returned no public CKKS context")
     t0 = time.perf_counter()
     server.ckks_context = open_server_context(public)
+    answered = public_context_digest(public)  # re-stated to the key holder when it decrypts
     sealed: dict[int, bytes] = {}
     for cid, party in enumerate(server.client_ids):
         blob = record.get(f"sealed-{party}")
@@ -856,11 +857,17 @@ def _encrypted_overlaps(
             _await_clients(grid, server, [holder])
             _find_moved(grid, server, 0, spares_too=True)
             _say(f"{server.scope}: decryption asked again of the key holder")
-        node, message = _addressed(server, holder, MSG_DECRYPT,
-                                   RecordDict({"rows": ConfigRecord({"rows": rows})}))
+        node, message = _addressed(server, holder, MSG_DECRYPT, RecordDict({"rows": ConfigRecord(
+            {"rows": rows, "answered-ceremony": answered})}))
         ex = _exchange(grid, {node: message}, _relatedness_wait(server), poll)
         timing.setdefault("decrypt", ex.timing.to_json())
         problem = (ex.errors.get(node) or ("no reply in time" if ex.missing else None))
+        if problem is not None and "NodeStateError" in problem:
+            # its store is not the one whose ceremony was accepted: it refuses again
+            raise DeployError(
+                f"the key holder (client {holder}, node {node}) refuses to decrypt, its node's "
+                f"CKKS store being lost or replaced since the key ceremony ({problem}); the "
+                "run stops")
         if problem is None:
             env = server.accept(0, node, ex.replies[node], MSG_DECRYPT, holder, "no overlaps")
             if env is None:

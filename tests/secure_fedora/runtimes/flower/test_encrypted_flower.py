@@ -51,7 +51,12 @@ from privacy.identity import Identity, load_identity
 from secure_fedora.algorithms import fedora
 from secure_fedora.core.config import ExperimentConfig, config_hash, parse_config
 from secure_fedora.runtimes.flower import client_app, server_app
-from secure_fedora.runtimes.flower.ceremony import CeremonyError, KeyHolderStore, layout_for
+from secure_fedora.runtimes.flower.ceremony import (
+    CeremonyError,
+    KeyHolderStore,
+    layout_for,
+    public_context_digest,
+)
 from secure_fedora.runtimes.flower.contexts import DataSchema
 from secure_fedora.runtimes.flower.envelopes import (
     ENVELOPE_RECORD,
@@ -68,7 +73,7 @@ from secure_fedora.runtimes.flower.protocol import (
     DeployError,
     RunSettings,
 )
-from secure_fedora.runtimes.flower.state import ClientRunState, ReleaseJournal
+from secure_fedora.runtimes.flower.state import ClientRunState, NodeStateError, ReleaseJournal
 from secure_fedora.runtimes.inprocess import build_clients
 from secure_fedora.secure.relatedness import (
     SecureRelatednessError,
@@ -353,20 +358,29 @@ def test_client_ceremony_handlers_check_the_key_holder_and_the_layout(tmp_path: 
                              message_id=f"m{next(sent)}")
         return handler(msg, Context(42, 1000 + client, dict(nodes[1000 + client]), RecordDict(), rc))
 
-    rows = ConfigRecord({"rows": [b"row"]})
+    other = "ab" * 32  # the digest of a public context this node never made
+    rows = ConfigRecord({"rows": [b"row"], "answered-ceremony": other})
     with pytest.raises(DeployError, match="names client 1 as key holder"):
         handle(client_app.ceremony, MSG_CEREMONY, 0, fedora={"key-holder": 1})
     with pytest.raises(DeployError, match="client 1 is not the key holder"):
         handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 1, rows=rows)
-    with pytest.raises(CeremonyError, match="no key ceremony ran"):
+    with pytest.raises(DeployError, match="answered-ceremony is malformed: None"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0,
+               rows=ConfigRecord({"rows": [b"row"]}))
+    with pytest.raises(NodeStateError, match="holds no CKKS keys"):
         handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0, rows=rows)
     reply = handle(client_app.ceremony, MSG_CEREMONY, 0, fedora={"key-holder": 0})
-    assert reply.content["ceremony"]["public-context"]
-    with pytest.raises(SecureRelatednessError, match="1 encrypted rows, expected 3"):
+    public = reply.content["ceremony"]["public-context"]
+    assert public
+    with pytest.raises(NodeStateError, match="holds other CKKS keys"):
         handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0, rows=rows)
+    answered = public_context_digest(public)
+    with pytest.raises(SecureRelatednessError, match="1 encrypted rows, expected 3"):
+        handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0,
+               rows=ConfigRecord({"rows": [b"row"], "answered-ceremony": answered}))
     with pytest.raises(SecureRelatednessError, match="not a list of bytes"):
         handle(client_app.decrypt_overlaps_handler, MSG_DECRYPT, 0,
-               rows=ConfigRecord({"rows": "row"}))
+               rows=ConfigRecord({"rows": "row", "answered-ceremony": answered}))
     sealed = reply.content["ceremony"]["sealed-client-001"]
     with pytest.raises(DeployError, match=r"layout \(4, 794\) differs from this run's \(3, 794\)"):
         handle(client_app.encrypted_summary, MSG_ENCRYPTED_SUMMARY, 1, ckks=ConfigRecord(
@@ -774,6 +788,41 @@ def test_grid_a_lost_ceremony_reply_is_asked_again_and_the_summary_released_once
             "gaussian_summary", "dpsgd", "gaussian_lambda", "dpsgd", "gaussian_lambda", "close"]
         assert results["privacy"]["fedora"]["clients"][c]["epsilon_spent"] == \
             expected["privacy"]["fedora"]["clients"][c]["epsilon_spent"]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("store", ["wiped", "other keys"])
+def test_grid_a_key_holder_whose_ckks_store_changed_since_the_ceremony_stops_the_run(
+        tmp_path: Path, store: str) -> None:
+    """The key holder's CKKS store was outside the answered-<exchange> checks. Wiped after the
+    ceremony, the decryption failed with a CeremonyError, was asked again, and the run
+    stopped only then ("did not return the overlaps, asked twice: CeremonyError"); replaced
+    by another store of the same key holder (an older copy from an earlier ceremony), it
+    decrypted the rows into noise (|x| = 2.6e+07), refused as "a ciphertext under another
+    key, or corrupted", as if the server's rows were at fault, also after a retry. The
+    decryption request now re-states the ceremony the server accepted (the digest of its
+    public context); the key holder refuses it (NodeStateError) before decrypting and the
+    run stops at once, naming the store."""
+    keys = tmp_path / "nodes" / "node-0" / "runs" / "42" / "ckks"
+    rc = run_config(enc_config(), tmp_path)
+    holder = load_identity(Path(rc["identity-dir"]).parent / "client-000", "client-000")
+
+    def change(message: Message) -> Message:
+        shutil.rmtree(keys, ignore_errors=True)
+        if store == "other keys":  # a ceremony of its own: other keys, the same key holder
+            KeyHolderStore(keys, holder).ceremony(
+                {"client-000": holder.agreement_key.public_key()})
+        return message
+
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_request={(0, 0, MSG_DECRYPT): change})
+    with pytest.raises(DeployError, match=(
+            r"the key holder \(client 0, node 1000\) refuses to decrypt, its node's CKKS store "
+            r"being lost or replaced since the key ceremony \(.*NodeStateError")):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    [(client, kind, err)] = grid.errors
+    assert (client, kind, type(err)) == (0, MSG_DECRYPT, NodeStateError)
+    assert ("holds no CKKS keys" if store == "wiped" else "holds other CKKS keys") in str(err)
+    assert _journal(tmp_path, 0) == ["summary"]  # no overlaps released
 
 
 @pytest.mark.usefixtures("task_identity")
