@@ -609,10 +609,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                                   self.ctx.flat.num_params)
         if messages:
             final_round = self.exchange.last_round if self.exchange is not None else 0
-            held = self._exchange_downloads(final_round, messages)
+            held = self._exchange_downloads(final_round, messages, FINALIZE)
             missed = {i: m for i, m in messages.items() if i not in held}
             if missed:
-                held.update(self._exchange_downloads(final_round, missed))
+                held.update(self._exchange_downloads(final_round, missed, FINALIZE))
             absent = sorted(set(messages) - set(held))
             if absent:
                 raise FinalizeRejectedError(
@@ -635,14 +635,23 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         method that sends them its own way, e.g. as ciphertexts, returns False)."""
         return True
 
-    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload]) -> dict[int, Payload]:
-        """Every message entry of a kind the exchange tracks travels as a signed envelope. A
-        client that rejects one is left out of the result (it neither trains nor releases,
-        as a Flower ClientApp that refuses the message does)."""
+    def _exchange_downloads(self, rnd: int, messages: dict[int, Payload],
+                            stage: str = ROUND) -> dict[int, Payload]:
+        """Every message entry travels as a signed envelope (an entry of a kind the
+        exchange tracks, or any other), and an empty message as one empty envelope of kind
+        ``stage`` (Local's round message), as on Flower every message is signed. A client
+        that rejects one is left out of the result (it neither trains nor releases, as a
+        Flower ClientApp that refuses the message does)."""
         if self.exchange is None or not messages or not self._round_envelopes():
             return messages
         out = {i: dict(m) for i, m in messages.items()}
         refused: set[int] = set()
+        bare = [i for i, m in messages.items() if not m]
+        if bare:
+            empty = torch.zeros(0, dtype=torch.uint8)  # one object: encoded once for all
+            accepted = set(self.exchange.send_entries(rnd, dict.fromkeys(bare, empty),
+                                                      kind=stage))
+            refused.update(i for i in bare if i not in accepted)
         for kind in dict.fromkeys(k for m in messages.values() for k in m):
             rows = {i: m[kind] for i, m in out.items() if kind in m and i not in refused}
             if kind not in self.exchange.client_rows:  # signed too, no copy kept
@@ -681,9 +690,11 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
 
     def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
         """Reply entries of the upload kinds :meth:`message_state` names travel as signed
-        envelopes; a client with any rejected upload is absent from the result. A client
-        whose reply row is its own row of the matrix keeps it when it is not accepted (the
-        server keeps its last accepted row: :meth:`train_round`)."""
+        envelopes, and so does every entry of a reply that carries none of them (Local's step
+        count: an envelope of kind ``round.<entry>``), as on Flower every reply is signed; a
+        client with any rejected upload is absent from the result. A client whose reply row
+        is its own row of the matrix keeps it when it is not accepted (the server keeps its
+        last accepted row: :meth:`train_round`)."""
         if self.exchange is None or not replies or not self._round_envelopes():
             return dict(replies)
         uploads = self.upload_state()
@@ -711,6 +722,11 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                     matrix[i].copy_(kept[i])
                     diverged.add(i)
             accepted = {i: r for i, r in accepted.items() if kind not in r or i in ok}
+        untracked = {i: r for i, r in accepted.items() if not any(k in r for k in uploads)}
+        for key in dict.fromkeys(k for r in untracked.values() for k in r):
+            rows = {i: r[key] for i, r in untracked.items() if key in r and i in accepted}
+            ok = set(self.exchange.upload_entries(rnd, rows, kind=f"{ROUND}.{key}"))
+            accepted = {i: r for i, r in accepted.items() if i not in rows or i in ok}
         return accepted
 
     # ------------------------------------------------------------------ messages
@@ -720,7 +736,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         kind, and the per-client copies of what they download, by kind (each client's last
         accepted row, which :meth:`download_rows` returns after a rejection; the generic
         round and finalize exchanges leave a rejecting client out instead). ``None``: the
-        method sends nothing."""
+        method sends nothing (no exchange is attached); ``({}, {})``: nothing is tracked, but
+        its messages and replies are signed all the same (Local's)."""
         return None
 
     def upload_state(self) -> dict[str, Tensor]:
@@ -972,11 +989,17 @@ def _scalar(value: float | int) -> Tensor:
 
 @METHODS.register("local")
 class Local(LocalChecks, FederatedMethod):
-    """Local-only training: every client trains alone; nothing is communicated (empty
-    messages, and replies that carry only the step count)."""
+    """Local-only training: every client trains alone; no model is communicated (empty
+    messages, and replies that carry only the step count). With envelopes those messages
+    and replies are signed and checked, as on Flower, so a tampered one is refused alike."""
 
     name = "local"
     sends_messages = False
+
+    def message_state(self) -> MessageState | None:
+        """Nothing to track: the exchange only signs the empty messages and the step
+        counts."""
+        return {}, {}
 
     @classmethod
     def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:

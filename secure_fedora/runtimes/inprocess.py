@@ -1253,7 +1253,7 @@ class Simulation:
     def _attach_security(self, name: str, method: FederatedMethod, last_round: int,
                          privacy: Any = None) -> None:
         """With ``[security] envelopes``, a signed message exchange for every method that
-        sends messages (all but Local), tracking what
+        sends messages (Local's empty ones and step counts too), tracking what
         :meth:`~secure_fedora.algorithms.methods.FederatedMethod.message_state` names. ``last_round`` is
         the last round already done (0 on a fresh start). Every client upload is signed by
         the client's release pipeline: ``privacy``'s under DP (step check before the

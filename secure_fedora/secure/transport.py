@@ -684,6 +684,11 @@ class SecureTransport:
             raise TypeError(f"expected a torch.Tensor, got {type(row).__name__}")
         return self.client_release(rnd, client, kind, row, dtype=dtype)
 
+    def client_upload_entry(self, rnd: int, client: int, entry: Tensor, kind: str) -> bytes:
+        """Client side: a reply entry in its own dtype (:func:`encode_entry`) in an envelope
+        signed by the client's release pipeline (:meth:`client_release`), to the server."""
+        return self.client_release(rnd, client, kind, encode_entry(entry))
+
     def client_upload_bytes(self, rnd: int, client: int, payload: bytes, kind: str) -> bytes:
         """Client side: an opaque payload (e.g. a ciphertext) in a signed envelope to the
         server, through the client's release pipeline (:meth:`client_release`)."""
@@ -719,6 +724,26 @@ class SecureTransport:
         accepted, rejections, _ = self._receive_batch(
             rnd, self._server, messages, kind, self.client_id, "upload",
             self._raw if parse is None else lambda client, _sender, payload: parse(client, payload))
+        return accepted, rejections
+
+    def server_receive_entries(
+        self, rnd: int, messages: Mapping[int, bytes], kind: str,
+        sent: Mapping[int, Tensor],
+    ) -> tuple[dict[int, Tensor], list[Rejection]]:
+        """Server side: verify each client's :meth:`client_upload_entry` message (one nonce
+        commit per batch): the accepted entries by client index, and the rejections.
+        ``sent[i]`` is the entry client ``i`` signed; a verified payload is decoded with its
+        dtype and shape expected (:func:`decode_entry`), each message capped at that entry's
+        size."""
+        def decode(client: int, sender: str, payload: bytes) -> Tensor:
+            entry = sent[client]
+            return decode_entry(payload, entry.dtype, tuple(entry.shape), sender=sender,
+                                round=rnd, kind=kind, recipient=SERVER_ID)
+
+        caps = [_entry_message_cap(sent[i]) for i in messages]
+        accepted, rejections, _ = self._receive_batch(
+            rnd, self._server, messages, kind, self.client_id, "upload", decode,
+            max(caps, default=None))
         return accepted, rejections
 
     # -- server -> client ----------------------------------------------------------------
@@ -847,7 +872,8 @@ class SecureExchange:
     Every rejection of the run is appended to ``rejections``; ``last_round`` is the latest
     round a message was exchanged for (or the round the exchange was opened after).
     :meth:`send_entries` signs any other message entry (an untracked kind, an evaluation
-    message's entries) without keeping a copy of it.
+    message's entries) without keeping a copy of it, and :meth:`upload_entries` any reply
+    entry no matrix tracks (e.g. Local's step count).
     """
 
     #: About how many entry bytes one :meth:`send_entries` batch signs and verifies together.
@@ -1040,6 +1066,20 @@ class SecureExchange:
             accepted.extend(i for i in batch if i in received)
         self._saw(rnd)
         return accepted
+
+    def upload_entries(self, rnd: int, entries: Mapping[int, Tensor], *, kind: str) -> list[int]:
+        """Each client ``i`` signs ``entries[i]`` (a reply entry no matrix tracks, in its own
+        dtype) through its release pipeline and sends it; the server verifies them (one nonce
+        commit). Returns the senders whose entry was accepted, in the order given; nothing
+        is tracked or copied (a rejected entry is simply not received)."""
+        order = list(entries)
+        messages = {i: self.transport.client_upload_entry(rnd, i, entries[i], kind)
+                    for i in order}
+        received, rejections = self.transport.server_receive_entries(
+            rnd, self.deliver(kind, rnd, messages), kind, entries)
+        self.rejections.extend(rejections)
+        self._saw(rnd)
+        return [i for i in order if i in received]
 
     def upload_theta(self, rnd: int, theta: Tensor, participants: Sequence[int]) -> list[int]:
         """FEDORA: :meth:`upload_rows` of ``theta``; returns the accepted participants, sorted."""

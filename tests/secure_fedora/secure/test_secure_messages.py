@@ -332,10 +332,25 @@ def test_baseline_with_envelopes_equals_without(tmp_path, tiny_clients, name):
     assert (tmp_path / "True" / "transport" / name / "server.nonces.jsonl").exists()
 
 
-def test_local_sends_nothing(tmp_path, tiny_clients):
-    sim = Simulation(tiny("local", True), tmp_path, clients=tiny_clients)
+def test_local_signs_its_empty_messages_and_step_counts(tmp_path, tiny_clients):
+    """Local sends no model, but as on Flower its round message, its reply (the step count)
+    and its evaluation message are signed envelopes (it used to send nothing in process, so
+    a tampered Local message could not be rejected); its results are those without
+    envelopes."""
+    sim = Simulation(tiny("local", True), tmp_path / "signed", clients=tiny_clients)
     body = sim.run()["methods"]["local"]
-    assert sim.methods["local"].exchange is None and "security" not in body["extra"]
+    plain = Simulation(tiny("local", False), tmp_path / "plain", clients=tiny_clients)
+    plain_body = plain.run()["methods"]["local"]
+    assert plain.methods["local"].exchange is None and "security" not in plain_body["extra"]
+    assert body["selected"] == plain_body["selected"] and body["final"] == plain_body["final"]
+    assert torch.equal(sim.methods["local"].theta, plain.methods["local"].theta)
+    transport = body["extra"]["security"]["transport"]
+    # per round: each participant's round message and reply; every client's evaluation message
+    participants = sum(row["participants"] for row in sim.history)
+    evaluated = 5 * sum(1 for row in sim.history if "test_mean" in row)
+    assert transport["messages_accepted"] == transport["messages_sent"] \
+        == 2 * participants + evaluated
+    assert transport["messages_rejected"] == 0 and body["extra"]["security"]["rejections"] == []
 
 
 @pytest.mark.parametrize("propagation", ["dense", "sparse", "factored"])

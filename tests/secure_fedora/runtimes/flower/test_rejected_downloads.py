@@ -3,6 +3,7 @@ no release, under DP nothing admitted), as a Flower ClientApp that refuses the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message
 
 from audits.verify import verify_run
+from privacy.envelope import decode_message, encode_message
 from privacy.identity import client_ids
 from privacy.ledger import read_ledger
 from secure_fedora.algorithms.messages import KIND_CLUSTERS, KIND_GLOBAL, KIND_PHI
@@ -190,3 +192,49 @@ def test_a_finalize_message_rejected_twice_stops_the_in_process_run(
     _tamper_first_finalize(monkeypatch, KIND_GLOBAL, 1, times=2)
     with pytest.raises(FinalizeRejectedError, match=r"client\(s\) \[1\] rejected the finalize"):
         in_process(cfg, tmp_path, "fedavg")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_tampered_empty_finalize_message_is_sent_again_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """APFL's finalize message (asking each client's mixing weight) is empty. Flower signs it,
+    so client 1 refuses one with a bad signature and is asked again; in process nothing was
+    sent, so nothing could be refused. It is now one signed empty envelope of kind
+    'finalize': both runtimes refuse it with the same error and report the same weights."""
+    cfg = _config("apfl", dp=False)
+    left = {"flower": 1, "ours": 1}
+
+    def once(request: Message) -> Message:
+        if left["flower"]:
+            left["flower"] -= 1
+            record = request.content["envelope"]
+            for name in list(record.keys()):
+                envelope = json.loads(record[name])
+                signature = bytes.fromhex(envelope["signature"])
+                envelope["signature"] = (bytes([signature[0] ^ 0x01]) + signature[1:]).hex()
+                record[name] = json.dumps(envelope)
+        return request
+
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_request={(1, 4, MSG_FINALIZE): once})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [(c, type(e).__name__) for c, _, e in grid.errors] == [(1, "BadSignatureError")]
+    real_init = transport_module.SecureExchange.__init__
+
+    def channel(kind: str, rnd: int, client: int, message: bytes) -> bytes:
+        if kind == "finalize" and client == 1 and left["ours"]:
+            left["ours"] -= 1
+            envelope, payload = decode_message(message)
+            signature = bytes([envelope.signature[0] ^ 0x01]) + envelope.signature[1:]
+            return encode_message(dataclasses.replace(envelope, signature=signature), payload)
+        return message
+
+    def init(self, transport, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(self, transport, **{**kwargs, "channel": channel})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    sim, outcome = in_process(cfg, tmp_path, "apfl")
+    assert [(r.client, r.direction, r.error_type) for r in sim.methods["apfl"].exchange.rejections] \
+        == [(1, "download", "BadSignatureError")]
+    ours, theirs = outcome.to_json()["extra"], results["methods"]["apfl"]["extra"]
+    assert np.allclose(ours["alpha"], theirs["alpha"], atol=1e-4, rtol=0)
