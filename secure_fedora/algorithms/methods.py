@@ -578,7 +578,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages = check_messages(label, EVALUATE, self.last_round,
                                   self.evaluation_messages(self.last_round, ids), ids, num_params)
         refused: set[int] = set()
-        if self.exchange is not None and self._round_envelopes():
+        # every method's evaluation message is signed, also one that sends its round
+        # messages its own way (FEDORA's encrypted propagation), as on Flower
+        if self.exchange is not None:
             held = self._exchange_evaluation(self.last_round, messages, ids)
             missed = [i for i in ids if i not in held]
             if missed and retry:
@@ -631,8 +633,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return check_finalize_results(label, self.server_finalize(replies))
 
     def _round_envelopes(self) -> bool:
-        """Whether the generic exchange envelopes this method's messages and replies (a
-        method that sends them its own way, e.g. as ciphertexts, returns False)."""
+        """Whether the generic exchange envelopes this method's round and finalize messages
+        and replies (a method that sends them its own way, e.g. as ciphertexts, returns
+        False; its evaluation messages are signed all the same)."""
         return True
 
     def _exchange_downloads(self, rnd: int, messages: dict[int, Payload],

@@ -99,7 +99,9 @@ def test_encrypted_propagation_run_matches_plaintext(tmp_path, clients, plain_ru
     assert (m_secure.phi - m_plain.phi).abs().max().item() < 1e-4
     if envelopes:
         stats = store["exchange"].transport.stats
-        assert stats.messages_accepted == 2 * 6 * cfg.training.rounds and stats.messages_rejected == 0
+        # per client and round: theta up and phi down (ciphertexts), and the (empty, signed)
+        # evaluation message, which went unsigned with encrypted propagation
+        assert stats.messages_accepted == 3 * 6 * cfg.training.rounds and stats.messages_rejected == 0
 
 
 REAL_EXCHANGE_INIT = SecureExchange.__init__

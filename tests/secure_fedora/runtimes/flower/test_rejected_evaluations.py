@@ -5,6 +5,7 @@ stale_clients; a run without any metric of a client, or under DP without its fin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message
 
+from privacy.envelope import decode_message, encode_message
 from secure_fedora.algorithms.baselines import KEY_CLUSTERS_VERSION
 from secure_fedora.algorithms.messages import KIND_CLUSTERS, KIND_GLOBAL
 from secure_fedora.algorithms.methods import EvaluationRejectedError
+from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
 from secure_fedora.secure import transport as transport_module
@@ -227,3 +230,53 @@ def test_an_untracked_download_kind_is_signed_and_a_tampered_one_rejected_in_bot
         assert np.allclose(ours[part]["per_client"], theirs[part]["per_client"],
                            atol=1e-4, rtol=0), part
     assert ours["extra"]["assignment"] == theirs["extra"]["assignment"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_tampered_evaluation_message_of_ckks_propagation_fedora_is_rejected_as_on_flower(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With encrypted propagation (which Flower does not run) FEDORA's evaluation message is
+    still the empty one that Flower signs for FEDORA; in process it went unsigned, so a
+    tampered one could not be rejected. Client 1's evaluation message has a bad signature
+    in round 2 and twice in the final round: both runtimes reject it with the same error,
+    evaluate alike and name client 1 stale in the final results."""
+    times = {(1, 2): 1, (1, 3): 2}
+    cfg = _config("fedora", dp=False)
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_request={
+        (c, r, MSG_EVALUATE): _times(_tamper_signature, n) for (c, r), n in times.items()})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [(c, type(e).__name__) for c, _, e in grid.errors] == [(1, "BadSignatureError")] * 3
+    encrypted = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
+                              "fedora": {**cfg.fedora.model_dump(mode="json"),
+                                         "propagation": "encrypted"}})
+    left = dict(times)
+    real_init = transport_module.SecureExchange.__init__
+
+    def channel(kind: str, rnd: int, client: int, message: bytes) -> bytes:
+        if kind == "evaluate" and left.get((client, rnd)):
+            left[client, rnd] -= 1
+            envelope, payload = decode_message(message)
+            signature = bytes([envelope.signature[0] ^ 0x01]) + envelope.signature[1:]
+            return encode_message(dataclasses.replace(envelope, signature=signature), payload)
+        return message
+
+    def init(self, transport, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(self, transport, **{**kwargs, "channel": channel})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    sim, outcome = in_process(encrypted, tmp_path, "fedora")
+    method = sim.methods["fedora"]
+    assert method.propagator is not None and method.propagator.stats.rounds == 3
+    assert [(r.client, r.round, r.error_type, r.direction) for r in method.exchange.rejections] \
+        == [(1, 2, "BadSignatureError", "download")] + [(1, 3, "BadSignatureError", "download")] * 2
+    assert [r["evaluated"] for r in results["rounds"]] == [r["evaluated"] for r in sim.history] \
+        == [3, 2, 2]
+    ours, theirs = outcome.to_json(), results["methods"]["fedora"]
+    for part in ("selected", "final"):
+        assert ours[part].get("stale_clients") == theirs[part].get("stale_clients"), part
+    assert ours["final"]["stale_clients"] == [{"client": 1, "round": 1}]
+    # per client and round, as the plaintext run: theta up, phi down (ciphertexts), the
+    # evaluation message; and the final one once more to client 1
+    transport = method.exchange.transport.stats
+    assert transport.messages_sent == 3 * 3 * 3 + 1 and transport.messages_rejected == 3
