@@ -114,6 +114,9 @@ def newcomer_indices(n: int, held_out: int, selection: Selection = "last") -> li
     """
     if isinstance(held_out, bool) or not isinstance(held_out, int):
         raise NewClientError(f"held_out must be an integer, got {held_out!r}")
+    if n < 3:
+        raise NewClientError(f"a late-joiner experiment needs at least 3 clients (two train, one "
+                             f"joins late); this one has {n}: raise num_clients")
     if not 1 <= held_out <= n - 2:
         raise NewClientError(
             f"held_out must lie in [1, {n - 2}] for {n} clients (at least two must train); got {held_out}"

@@ -180,6 +180,14 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
         sorted(ledgers.iterdir()) == interrupted_ledger_creations(ledgers)
 
 
+def _start_again(run_dir: Path, resume: str) -> str:
+    """What to do instead of resuming a directory with nothing to resume from: a directory that
+    that is empty (a run killed before it wrote anything) may take a run without ``resume``."""
+    if not any(run_dir.iterdir()):
+        return f"it is empty: start the run again without {resume}, here or in a new directory"
+    return "start a new run in a new directory"
+
+
 def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True,
                     cli: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
@@ -194,7 +202,7 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
     if not stored.is_file():
         if config_copy_required:
             raise RunDirError(f"{resume}: {stored} is missing, so {run_dir} cannot be matched "
-                              "to this configuration")
+                              f"to this configuration ({_start_again(run_dir, resume)})")
         _check_checkpoints(run_dir, cfg, resume=resume)
         return
     try:
@@ -258,7 +266,7 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False
     if not present:
         raise RunDirError(
             f"{resume}: {run_dir / 'checkpoints'} holds no checkpoint of {cfg.methods[0]!r}; "
-            "there is nothing to resume from (start a new run in a new directory)"
+            f"there is nothing to resume from ({_start_again(run_dir, resume)})"
         )
     expected_order = list(cfg.methods[: len(present)])
     if present != expected_order:

@@ -171,3 +171,11 @@ def test_dp_is_refused_rather_than_run_outside_the_privacy_plan(tmp_path, client
     with pytest.raises(NewClientError, match="privacy.enabled = true"):
         run_new_client_experiment(cfg, tmp_path, held_out=2, epochs=[0, 1], clients=clients)
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_too_few_clients_for_a_late_joiner_is_said_plainly(n):
+    """With fewer than 3 clients the allowed range of held_out is empty ("[1, 0]"): the error
+    says what is needed instead."""
+    with pytest.raises(NewClientError, match="at least 3 clients"):
+        newcomer_indices(n, 1)

@@ -2,6 +2,7 @@
 byte is written, and the refused directory is left exactly as it was."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -446,3 +447,26 @@ def test_api_resume_of_a_dp_run_killed_before_its_first_checkpoint_checks_the_co
     assert snapshot(run_dir) == before
     Experiment(DP, run_dir=run_dir).run(resume=True)
     assert audit_main(["audit", "verify", str(run_dir)]) == 0
+
+
+def test_resume_in_an_empty_directory_says_a_plain_run_may_start_there(tmp_path, capsys):
+    """An API or CLI run killed before it wrote anything leaves an empty run directory: resume
+    refuses it, and its advice is that a run without resume may start there."""
+    config = write_config(tmp_path / "c.toml", TINY)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert run(config, run_dir, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "it is empty: start the run again without --resume, here" in err
+    assert run(config, run_dir) == 0  # the advice holds: a plain run starts there
+
+
+def test_api_resume_of_an_empty_run_dir_says_a_plain_run_may_start_there(tmp_path):
+    """The Python API's non-private runs hold no config copy: their refusal gives the same advice."""
+    from secure_fedora.core.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(write_config(tmp_path / "c.toml", TINY))
+    with pytest.raises(RunDirError, match=re.escape("it is empty: start the run again without run(resume=True)")):
+        Experiment(cfg, run_dir=run_dir).run(resume=True)
