@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from audits.options import CLI_AUDIT_OPTIONS
+from audits.output import write_output_file
 from audits.verify import (
     DEFAULT_PLD_CHECKPOINTS,
     DEFAULT_REL_TOL,
@@ -121,32 +122,28 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
           f" {n_warn} warnings", file=out)
 
 
-def _json_option(args: argparse.Namespace) -> Path | None:
+def _json_option(args: argparse.Namespace, command: str) -> Path | None:
     """``--json``, checked before the audit runs (ConfigError naming it when empty, only
-    spaces or holding NUL, or when its folder is not a directory: each was an OSError after
-    the audit, or no file at all)."""
-    from secure_fedora.core.config import ConfigError, check_path_argument
+    spaces or holding NUL, when its folder is not a directory, or when the path is refused by
+    :mod:`audits.output`'s rule: a directory, a link, a non-regular file, or without
+    ``--force`` an existing file that is not a previous report of ``command``)."""
+    from audits.output import check_output_file
 
     if args.json is None:
         return None
-    path = check_path_argument(args.json, "--json", "file")
-    if not path.absolute().parent.is_dir():
-        raise ConfigError(f"--json {path}: its folder {path.absolute().parent} is not a "
-                          "directory (create it first)")
-    if path.is_dir():
-        raise ConfigError(f"--json {path} is a directory: name a file")
-    return path
+    return check_output_file(args.json, "--json", command, force=args.force)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
-    json_path = _json_option(args)
+    json_path = _json_option(args, "verify")
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
                         options=CLI_AUDIT_OPTIONS)
     _print_verification(report, sys.stdout, verbose=args.verbose)
     if json_path is not None:
-        json_path.write_text(strict_json(report.to_json()))
+        write_output_file(json_path, strict_json(report.to_json()), "--json", "verify",
+                          force=args.force)
     return 0 if report.ok else 1
 
 
@@ -160,15 +157,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
                         options=CLI_AUDIT_OPTIONS)
-    paths = write_report(args.run_dir, args.out, verification=report)
+    paths = write_report(args.run_dir, args.out, verification=report, force=args.force)
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
     return 0 if report.ok else 1
 
 
-def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
+def _write_json(path: Path | None, doc: dict[str, Any], command: str, force: bool) -> None:
     if path is not None:
-        path.write_text(strict_json(json.loads(json.dumps(doc, default=str))))
+        write_output_file(path, strict_json(json.loads(json.dumps(doc, default=str))), "--json",
+                          command, force=force)
 
 
 #: Exit status of the canary and white-box audits per verdict (2 is bad input).
@@ -189,7 +187,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from audits.verdict import config_rebuild_problem, write_audit_json
     from secure_fedora.core.config import load_config
 
-    json_path = _json_option(args)
+    json_path = _json_option(args, "canary")
     target = Path(args.config)
     run_dir = target if target.is_dir() else None
     problem = None if run_dir is None else config_rebuild_problem(run_dir, "canary")
@@ -227,7 +225,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     if json_path is not None:
-        json_path.write_text(text)
+        write_output_file(json_path, text, "--json", "canary", force=args.force)
     return VERDICT_EXIT[doc["verdict"]]
 
 
@@ -235,7 +233,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
     """``audit whitebox``: one-run white-box DP-SGD audit with Dirac gradient canaries."""
     from audits.whitebox import WhiteboxAuditError, audit_run_dir
 
-    json_path = _json_option(args)
+    json_path = _json_option(args, "whitebox")
     try:
         result, path = audit_run_dir(
             args.run_dir, method=args.method, client_index=args.client,
@@ -255,7 +253,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
         print(f"  warning: {s.plan_source}: the claim rests on config.toml alone")
     _print_audit_summary(doc)
     print(f"  written: {path}")
-    _write_json(json_path, doc)
+    _write_json(json_path, doc, "whitebox", args.force)
     return VERDICT_EXIT[doc["verdict"]]
 
 
@@ -296,7 +294,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     from secure_fedora.core.config import load_config
     from secure_fedora.runtimes.inprocess import build_clients
 
-    json_path = _json_option(args)
+    json_path = _json_option(args, "leakage")
     cfg = load_config(args.config)
     clip = args.clip_norm if args.clip_norm is not None else (
         cfg.privacy.summary_clip if cfg.privacy.enabled else None)
@@ -313,7 +311,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         print(f"{row['mode']:<10} {row['image_cosine']:>10.3f} {row['prior_image_cosine']:>7.3f}"
               f" {row['label_cosine']:>10.3f} {row['prior_label_cosine']:>7.3f}"
               f" {row['identification']:>11.3f} {row['chance']:>7.3f}")
-    _write_json(json_path, report.to_json())
+    _write_json(json_path, report.to_json(), "leakage", args.force)
     return 0
 
 
@@ -355,6 +353,16 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                    help="entries per PRV ledger recomputed with the PLD accountant")
 
 
+FORCE_HELP = ("replace an existing output file that is not a previous report of this command"
+              " (a directory, a link or a non-regular file is never replaced)")
+
+
+def _json_flags(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--json", help=help_text + " (written atomically; an existing file is"
+                   " replaced only when it is a previous report of this command, or with --force)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+
+
 def register(subparsers: Any) -> None:
     """Add the ``audit`` command (verify, report, canary, whitebox, leakage) to ``subparsers``."""
     audit = subparsers.add_parser("audit", help="verify ledgers, write compliance reports,"
@@ -364,14 +372,17 @@ def register(subparsers: Any) -> None:
     verify = sub.add_parser("verify", help="check ledgers: chain, signatures, independent"
                             " epsilon, budgets (exit 0 only if all hold)")
     _verify_options(verify)
-    verify.add_argument("--json", help="also write the verification result to this file")
+    _json_flags(verify, "also write the verification result to this file")
     verify.add_argument("--verbose", action="store_true",
                         help="list every ledger (default: only those with errors or warnings)")
     verify.set_defaults(func=cmd_verify)
 
     report = sub.add_parser("report", help="write a self-contained HTML report and report.json")
     _verify_options(report)
-    report.add_argument("--out", help="output directory (default: RUN_DIR/audit)")
+    report.add_argument("--out", help="output directory (default: RUN_DIR/audit); its"
+                        " report.json and report.html are replaced only when they are a previous"
+                        " report's, or with --force")
+    report.add_argument("--force", action="store_true", help=FORCE_HELP)
     report.set_defaults(func=cmd_report)
 
     canary = sub.add_parser("canary", help="canary membership inference: a lower bound on"
@@ -386,7 +397,7 @@ def register(subparsers: Any) -> None:
     canary.add_argument("--delta", type=float, default=1e-5,
                         help="delta of the bound for a non-private run (DP runs use the ledger's)")
     canary.add_argument("--seed", type=int, default=0)
-    canary.add_argument("--json", help="write the result to this file")
+    _json_flags(canary, "write the result to this file")
     canary.set_defaults(func=cmd_canary)
 
     whitebox = sub.add_parser("whitebox", help="one-run white-box DP-SGD audit (Dirac gradient"
@@ -404,7 +415,7 @@ def register(subparsers: Any) -> None:
                           help="share of the canaries used to choose the guess thresholds")
     whitebox.add_argument("--confidence", type=float, default=0.95)
     whitebox.add_argument("--seed", type=int, default=0)
-    whitebox.add_argument("--json", help="also write the result to this file")
+    _json_flags(whitebox, "also write the result to this file")
     whitebox.set_defaults(func=cmd_whitebox)
 
     leakage = sub.add_parser("leakage", help="summary-leakage audit for plain, noised and"
@@ -415,7 +426,7 @@ def register(subparsers: Any) -> None:
     leakage.add_argument("--noise-multiplier", type=float, help="noised mode: noise multiplier"
                          " (default when privacy is enabled: privacy.summary_noise_multiplier,"
                          " else each client's summary noise calibrated by the privacy plan)")
-    leakage.add_argument("--json", help="write the result to this file")
+    _json_flags(leakage, "write the result to this file")
     leakage.set_defaults(func=cmd_leakage)
 
     replay = sub.add_parser("replay", help="config-known audit: replay the run's noise from its"

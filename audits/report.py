@@ -902,17 +902,34 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     return "\n".join(parts)
 
 
+def _check_report_files(paths: ReportPaths, force: bool) -> None:
+    from audits.output import output_refusal
+
+    for path, kind in ((paths.json, "report"), (paths.html, "report.html")):
+        why = output_refusal(path, "output file", kind, force)
+        if why is not None:
+            raise ReportError(why)
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
                  allowlist: str | Path | None = None,
-                 verification: VerificationReport | None = None) -> ReportPaths:
+                 verification: VerificationReport | None = None,
+                 force: bool = False) -> ReportPaths:
     """Verify ``run_dir`` and write ``report.json`` and ``report.html`` (default: ``<run>/audit``).
 
     Both files are replaced atomically. Returns their paths. Raises :class:`ReportError` when
     the run directory is missing or the output directory cannot be created, and before
-    anything is read when either is empty (the current directory), only spaces or holds NUL.
+    anything is read when either is empty (the current directory), only spaces or holds NUL,
+    or when either file is refused by :mod:`audits.output`'s rule (a directory, a link, a
+    non-regular file, or unless ``force`` an existing file that is not a previous report's),
+    checked again just before writing.
     """
     run = check_path(run_dir, "run_dir", ReportError)
     out = check_path(out_dir, "out_dir", ReportError) if out_dir is not None else run / "audit"
+    if not isinstance(force, bool):  # a truthy "no" must not mean yes
+        raise ReportError(f"force must be True or False, got {force!r:.80}")
+    paths = ReportPaths(html=out / "report.html", json=out / "report.json")
+    _check_report_files(paths, force)
     report = build_report(run, verification=verification, allowlist=allowlist)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -922,7 +939,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
         "epsilon": _epsilon_plot(report["epsilon_series"], report["budgets"]),
         "accuracy": _accuracy_plot(report["accuracy"]),
     }
-    paths = ReportPaths(html=out / "report.html", json=out / "report.json")
+    _check_report_files(paths, force)
     atomic_write_text(paths.json, strict_json(json.loads(json.dumps(report, default=str))))
     atomic_write_text(paths.html, render_html(report, plots))
     return paths

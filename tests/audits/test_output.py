@@ -1,0 +1,136 @@
+"""Report files named by the user (`audit ... --json PATH`, `audit report --out DIR`): written
+atomically, never through a link, never over a directory, device or an unrelated file unless
+``--force``. Every path is under pytest's tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from audits.cli import main
+from audits.output import is_previous_report
+from audits.report import ReportError, write_report
+
+
+def _verify(run, path, *extra):
+    return main(["audit", "verify", str(run), "--json", str(path), *extra])
+
+
+def test_verify_json_refuses_to_overwrite_an_unrelated_file(pristine_run, tmp_path, capsys):
+    """`audit verify RUN --json FILE` overwrote any FILE (a probe once overwrote a system
+    file); an existing file that is not a previous verify report is now kept, before the
+    verification runs."""
+    victim = tmp_path / "passwd"
+    victim.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert _verify(pristine_run, victim) == 2
+    captured = capsys.readouterr()
+    assert "not a previous `audit verify` JSON report" in captured.err and "--force" in captured.err
+    assert captured.out == ""  # refused before verifying
+    assert victim.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+    assert _verify(pristine_run, victim, "--force") == 0
+    assert json.loads(victim.read_text())["ok"] is True
+
+
+def test_verify_json_replaces_its_own_previous_report(pristine_run, tmp_path, capsys):
+    path = tmp_path / "v.json"
+    assert _verify(pristine_run, path) == 0
+    first = path.read_text()
+    assert _verify(pristine_run, path) == 0  # no --force needed for its own report
+    assert json.loads(path.read_text()) == json.loads(first)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # a normal file, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["v.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("command", ["canary", "whitebox", "leakage"])
+def test_another_commands_report_is_not_its_own(pristine_run, tmp_path, capsys, command):
+    """A verify report is not a canary/white-box/leakage report: refused without --force."""
+    path = tmp_path / "v.json"
+    assert _verify(pristine_run, path) == 0
+    before = path.read_bytes()
+    target = str(pristine_run) if command == "whitebox" else "missing.toml"
+    assert main(["audit", command, target, "--json", str(path)]) == 2
+    assert f"not a previous `audit {command}` JSON report" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_link_is_refused_even_with_force(pristine_run, tmp_path, capsys, force):
+    target = tmp_path / "target.txt"
+    target.write_text("keep me\n")
+    link = tmp_path / "v.json"
+    link.symlink_to(target)
+    assert _verify(pristine_run, link, *force) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert target.read_text() == "keep me\n" and link.is_symlink()
+    dangling = tmp_path / "d.json"
+    dangling.symlink_to(tmp_path / "nowhere.json")
+    assert _verify(pristine_run, dangling, *force) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere.json").exists()
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_directory_or_fifo_is_refused_even_with_force(pristine_run, tmp_path, capsys, force):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert _verify(pristine_run, fifo, *force) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert _verify(pristine_run, tmp_path, *force) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_file_put_in_place_during_the_audit_is_kept(pristine_run, tmp_path, monkeypatch, capsys):
+    """The path is checked again just before writing: a file created while the audit ran."""
+    import audits.cli as cli
+
+    path = tmp_path / "v.json"
+    real = cli.verify_run
+
+    def verify_then_create(*args, **kwargs):
+        report = real(*args, **kwargs)
+        path.write_text("created meanwhile\n")
+        return report
+
+    monkeypatch.setattr(cli, "verify_run", verify_then_create)
+    assert _verify(pristine_run, path) == 2
+    assert "not a previous `audit verify` JSON report" in capsys.readouterr().err
+    assert path.read_text() == "created meanwhile\n"
+
+
+def test_recognising_a_previous_report(tmp_path):
+    path = tmp_path / "r.json"
+    for text in ("", "not json", "[]", '{"ok": true}', "\xff", "[" * 100_000):
+        path.write_text(text)
+        assert not is_previous_report(path, "verify")
+    path.write_text(json.dumps({"audit": "canary", "claim_epsilon": 1.0, "certifiable_max": 2.0,
+                                "lower_bound": 0.0, "verdict": "consistent"}))
+    assert is_previous_report(path, "canary") and not is_previous_report(path, "whitebox")
+    assert not is_previous_report(tmp_path / "missing.json", "canary")
+
+
+def test_report_out_keeps_unrelated_files(pristine_run, tmp_path, capsys):
+    """`audit report RUN --out DIR` replaced DIR/report.html and DIR/report.json whatever they
+    held; now only a previous report's (or with --force), and never a link."""
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.html").write_text("<html>my own page</html>")
+    assert main(["audit", "report", str(pristine_run), "--out", str(out)]) == 2
+    assert "not a previous HTML report" in capsys.readouterr().err
+    assert (out / "report.html").read_text() == "<html>my own page</html>"
+    assert not (out / "report.json").exists()
+    assert main(["audit", "report", str(pristine_run), "--out", str(out), "--force"]) == 0
+    assert main(["audit", "report", str(pristine_run), "--out", str(out)]) == 0  # its own
+    capsys.readouterr()
+    (out / "report.json").unlink()
+    (out / "report.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ReportError, match="is a symbolic link"):
+        write_report(pristine_run, out, force=True)
+    assert not (tmp_path / "elsewhere.json").exists()
+    with pytest.raises(ReportError, match="force must be True or False"):
+        write_report(pristine_run, out, force="no")
