@@ -73,13 +73,62 @@ def _check_level(delta: float, confidence: float) -> float:
     return 1.0 - float(confidence)
 
 
+#: Up to this many guesses the delta term is maximised over every ``i`` at once (one array of
+#: this length at most); beyond, over a window around the maximiser found by bisection.
+DIRECT_TERMS = 1 << 16
+#: Half-width of that window: the maximiser of the computed terms, where rounding makes it
+#: differ from the exact one, lies within it.
+WINDOW = 1 << 10
+
+
+def _gap_terms(i: np.ndarray, r: int, v: int, q: float, tail: float) -> np.ndarray:
+    """``(f(v - i) - f(v)) / i`` for the given ``i``, computed as tail differences."""
+    # f(v - i) - f(v) = P[v - i <= Binomial(r, q) < v]
+    return (stats.binom.sf(v - i - 1, r, q) - tail) / i
+
+
+def _window_mass(r: int, v: int, q: float, i: int) -> float:
+    """P[v - i <= Binomial(r, q) < v], from the cdf or the survival function, whichever side
+    of the distribution the window lies on (no cancellation against a value near 1)."""
+    if float(stats.binom.cdf(v - 1, r, q)) <= 0.5:
+        return float(stats.binom.cdf(v - 1, r, q) - stats.binom.cdf(v - i - 1, r, q))
+    return float(stats.binom.sf(v - i - 1, r, q) - stats.binom.sf(v - 1, r, q))
+
+
+def _max_gap_term(r: int, v: int, q: float, tail: float) -> float:
+    """``max_{1 <= i <= v} (f(v - i) - f(v)) / i`` in memory independent of ``v``.
+
+    The term for ``i`` is the mean of the pmf at ``v - 1, ..., v - i``. The pmf is unimodal,
+    so these means rise while the next pmf value exceeds the mean and fall from the first ``i``
+    where it does not: bisection on that condition finds the maximiser, and the terms are then
+    evaluated, as for small ``v``, on a window around it."""
+    if v <= DIRECT_TERMS:
+        return float(np.max(_gap_terms(np.arange(1, v + 1), r, v, q, tail)))
+    # Means over pmf values at or above the mode only rise: start past them (a margin for the
+    # mode's rounding), where a pmf value underflowed to 0 would stop the rise too early.
+    # Beyond the mode the means hold the mode's mass, so an underflowed value is below them,
+    # as the exact one is.
+    mode = math.floor((r + 1) * q)
+    lo, hi = min(v, max(1, v - 1 - mode - 2 - int(r * 1e-14))), v
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if float(stats.binom.pmf(v - mid - 1, r, q)) * mid > _window_mass(r, v, q, mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    first, last = max(1, lo - WINDOW), min(v, lo + WINDOW)
+    return float(np.max(_gap_terms(np.arange(first, last + 1, dtype=np.int64), r, v, q, tail)))
+
+
 def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """Upper bound on P[W >= v] for an (epsilon, delta)-DP run (the theorem above), capped at 1.
-    OneRunAuditError unless ``epsilon`` is a number >= 0 and ``delta`` one in [0, 1)."""
+    OneRunAuditError unless ``epsilon`` is a number >= 0 and ``delta`` one in [0, 1). Memory
+    does not grow with ``v``; up to :data:`DIRECT_TERMS` guesses every term is evaluated."""
     _check_counts(m, r, v)
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not epsilon >= 0:
         raise OneRunAuditError(f"epsilon must be a number >= 0, got {epsilon!r:.80}")
     _check_level(delta, 0.5)  # a negative delta lowered the p-value below the pure-DP tail
+    m, r, v = int(m), int(r), int(v)
     try:
         q = float(special.expit(float(epsilon)))
     except OverflowError:  # an int beyond float's range: q is 1 there
@@ -87,10 +136,7 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
     tail = float(stats.binom.sf(v - 1, r, q))
     if delta == 0 or v == 0:
         return min(1.0, tail)
-    i = np.arange(1, v + 1)
-    # f(v - i) - f(v) = P[v - i <= Binomial(r, q) < v]
-    gaps = stats.binom.sf(v - i - 1, r, q) - tail
-    return min(1.0, tail + 2.0 * m * delta * float(np.max(gaps / i)))
+    return min(1.0, tail + 2.0 * m * delta * _max_gap_term(r, v, q, tail))
 
 
 def pure_dp_lower_bound(r: int, v: int, confidence: float = 0.95) -> float:
