@@ -23,33 +23,41 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from audits.arguments import check_open_fraction
+from privacy.errors import ToolkitError
 from privacy.paths import check_path
 
-__all__ = ["AUDIT_NAMES", "VERDICTS", "audit_document", "audit_verdict", "config_rebuild_problem",
-           "verdict_text", "write_audit_json"]
+__all__ = ["AUDIT_NAMES", "VERDICTS", "VerdictError", "audit_document", "audit_verdict",
+           "config_rebuild_problem", "verdict_text", "write_audit_json"]
 
 AUDIT_NAMES: tuple[str, ...] = ("canary", "whitebox", "replay")
 VERDICTS: tuple[str, ...] = ("refuted", "consistent", "inconclusive")
 Verdict = Literal["refuted", "consistent", "inconclusive"]
 
 
+class VerdictError(ToolkitError, ValueError):
+    """Bad input to the verdict or the audit document; the message names the argument."""
+
+
 def _finite_or_none(claim: float | None) -> float | None:
     if claim is not None and (isinstance(claim, bool) or not isinstance(claim, int | float)):
-        raise ValueError(f"claim_epsilon must be a number >= 0 or None, got {claim!r:.80}")
+        raise VerdictError(f"claim_epsilon must be a number >= 0 or None, got {claim!r:.80}")
     if claim is None or claim > sys.float_info.max:  # inf, or an int beyond float
         return None
     if not claim >= 0:  # NaN too
-        raise ValueError(f"a claimed epsilon must be >= 0, got {claim!r}")
+        raise VerdictError(f"claim_epsilon (a claimed epsilon) must be >= 0 or None, got"
+                           f" {claim!r}")
     return float(claim)
 
 
 def _check_bounds(certifiable_max: float, lower_bound: float) -> None:
     for name, value in (("certifiable_max", certifiable_max), ("lower_bound", lower_bound)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r:.80}")
+            raise VerdictError(f"{name} must be a number >= 0, got {value!r:.80}")
 
 
 def audit_verdict(claim_epsilon: float | None, certifiable_max: float,
@@ -72,12 +80,13 @@ def audit_verdict(claim_epsilon: float | None, certifiable_max: float,
 
 def verdict_text(verdict: str, claim_epsilon: float | None, certifiable_max: float,
                  lower_bound: float) -> str:
-    """One line for people: the verdict and the numbers behind it. ValueError naming the
+    """One line for people: the verdict and the numbers behind it. VerdictError naming the
     argument for a number :func:`audit_verdict` refuses, or a ``verdict`` other than the one
     it gives for these numbers."""
     given = audit_verdict(claim_epsilon, certifiable_max, lower_bound)
     if verdict != given:
-        raise ValueError(f"verdict {verdict!r:.80} is not what these numbers give ({given!r})")
+        raise VerdictError(f"verdict {verdict!r:.80} is not what these numbers give"
+                           f" ({given!r})")
     claim = _finite_or_none(claim_epsilon)
     if verdict == "refuted":
         return (f"refuted: the lower bound {lower_bound:.3g} exceeds the claimed epsilon"
@@ -98,10 +107,15 @@ def audit_document(audit: str, *, claim_epsilon: float | None, certifiable_max: 
                    **extra: Any) -> dict[str, Any]:
     """The common JSON document of one audit (strict JSON: no NaN or infinity in the schema keys).
 
-    ``extra`` adds audit-specific fields; they must not reuse a schema key.
+    ``extra`` adds audit-specific fields; they must not reuse a schema key. VerdictError
+    naming the argument for an unknown ``audit``, a number :func:`audit_verdict` refuses, a
+    ``confidence`` outside (0, 1) or a ``setup`` that is not a mapping.
     """
     if audit not in AUDIT_NAMES:
-        raise ValueError(f"audit must be one of {AUDIT_NAMES}, got {audit!r}")
+        raise VerdictError(f"audit must be one of {AUDIT_NAMES}, got {audit!r:.80}")
+    confidence = check_open_fraction(confidence, "confidence", VerdictError)
+    if not isinstance(setup, Mapping):
+        raise VerdictError(f"setup must be a mapping (a dict), got {type(setup).__name__}")
     verdict = audit_verdict(claim_epsilon, certifiable_max, lower_bound)
     claim = _finite_or_none(claim_epsilon)
     doc: dict[str, Any] = {
@@ -112,7 +126,7 @@ def audit_document(audit: str, *, claim_epsilon: float | None, certifiable_max: 
     }
     clash = set(doc) & set(extra)
     if clash:
-        raise ValueError(f"audit-specific fields reuse schema keys: {sorted(clash)}")
+        raise VerdictError(f"audit-specific fields reuse schema keys: {sorted(clash)}")
     doc.update(extra)
     return doc
 
@@ -120,16 +134,21 @@ def audit_document(audit: str, *, claim_epsilon: float | None, certifiable_max: 
 def write_audit_json(run_dir: str | Path, doc: dict[str, Any]) -> Path:
     """Write ``doc`` atomically to ``RUN_DIR/audit/<doc["audit"]>.json``; returns the path.
 
-    Raises ValueError when the document is not strict JSON or names no known audit, AuditError
+    Raises VerdictError when the document is not a dict, not strict JSON or names no known
+    audit, AuditError
     when ``run_dir`` is empty (the current directory), only spaces or holds NUL, OSError when
     the directory cannot be written (nothing partial is left behind).
     """
     from audits.verify import AuditError
 
     run = check_path(run_dir, "run_dir", AuditError)
-    if doc.get("audit") not in AUDIT_NAMES:
-        raise ValueError(f"not an audit document: audit={doc.get('audit')!r}")
-    text = json.dumps(doc, indent=2, allow_nan=False)
+    if not isinstance(doc, dict) or doc.get("audit") not in AUDIT_NAMES:
+        shown = doc.get("audit") if isinstance(doc, dict) else type(doc).__name__
+        raise VerdictError(f"not an audit document: audit={shown!r:.80}")
+    try:
+        text = json.dumps(doc, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as err:  # a NaN, an infinity or an object JSON has not
+        raise VerdictError(f"doc is not strict JSON ({err}); nothing written") from err
     from secure_fedora.core.files import atomic_write_text
 
     out = run / "audit"

@@ -119,3 +119,32 @@ def test_ints_beyond_floats_range_are_judged_not_overflowed():
             audit_verdict(bad, 1.0, 0.5)
         with pytest.raises(ValueError, match="^lower_bound must be a number >= 0"):
             audit_verdict(1.0, 1.0, bad)
+
+
+def test_verdict_argument_errors_are_toolkit_errors_naming_the_argument(tmp_path):
+    """audit_verdict and the document raised a bare ValueError (not a ToolkitError, so the CLI
+    printed a traceback); a NaN claim said 'a claimed epsilon', a str confidence raised
+    float()'s 'could not convert', a setup list dict()'s TypeError, a document that is not a
+    dict an AttributeError."""
+    from audits.verdict import VerdictError
+    from privacy.errors import ToolkitError
+
+    assert issubclass(VerdictError, ToolkitError) and issubclass(VerdictError, ValueError)
+    with pytest.raises(VerdictError, match="^claim_epsilon .*must be >= 0"):
+        audit_verdict(math.nan, 1.0, 0.5)
+    with pytest.raises(VerdictError, match="^lower_bound must be a number"):
+        audit_verdict(1.0, 1.0, -0.1)
+    with pytest.raises(VerdictError, match="^verdict 'refuted' is not"):
+        verdict_text("refuted", 1.0, 3.0, 0.5)
+    good = {"claim_epsilon": 1.0, "certifiable_max": 2.0, "lower_bound": 0.0, "setup": {}}
+    for confidence in ("0.95", math.nan, 1.0, 0, True):
+        with pytest.raises(VerdictError, match="^confidence must be in \\(0, 1\\)"):
+            audit_document("canary", confidence=confidence, **good)
+    with pytest.raises(VerdictError, match="^setup must be a mapping"):
+        audit_document("canary", confidence=0.95, **{**good, "setup": [1, 2]})
+    with pytest.raises(VerdictError, match="^audit must be one of"):
+        audit_document(["canary"], confidence=0.95, **good)
+    for doc in (["canary"], None, {"audit": "canary", "x": object()}):
+        with pytest.raises(VerdictError, match="not an audit document|not strict JSON"):
+            write_audit_json(tmp_path, doc)
+    assert not (tmp_path / "audit" / "canary.json").exists()
