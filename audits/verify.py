@@ -571,7 +571,13 @@ _RDP_ORDERS = np.asarray(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np
 
 @functools.lru_cache(maxsize=256)
 def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """dp_accounting's one-step RDP curve over its default orders (cached, read-only)."""
+    """dp_accounting's one-step RDP curve over its default orders (cached, read-only); +inf
+    at every order where sigma^2 underflows to 0 (dp_accounting divides by it), as the run's
+    own accountant (``privacy.accounting``) does: the RDP of a vanishing noise is unbounded."""
+    if noise_multiplier * noise_multiplier == 0.0:
+        vec = np.full(_RDP_ORDERS.shape, np.inf)
+        vec.setflags(write=False)
+        return vec
     acc = rdp.RdpAccountant(list(_RDP_ORDERS))
     acc.compose(_event(noise_multiplier, sample_rate))
     vec = np.array(getattr(acc, "_rdp", None), dtype=np.float64)

@@ -1076,3 +1076,22 @@ def test_a_pld_checkpoints_beyond_int64_is_refused(pristine_run, capsys):
     assert main(["audit", "verify", str(pristine_run),
                  "--pld-checkpoints", "99999999999999999999"]) == 2
     assert "pld_checkpoints must be an int in [1, 2**63)" in capsys.readouterr().err
+
+
+def test_a_noise_multiplier_whose_square_underflows_has_unbounded_epsilon():
+    """A ledger release with noise_multiplier 1e-200 (in (0, 1e6], so accepted) made
+    independent_epsilons raise dp_accounting's ZeroDivisionError (sigma**2 == 0), so
+    `audit verify` stopped with a traceback; the run's own accountant gives +inf there."""
+    import math
+
+    from audits.verify import mechanism_epsilon
+
+    acc = Accountant("rdp")
+    acc.record(1e-200, 0.5, 3)
+    assert acc.epsilon(1e-5) == math.inf
+    assert independent_epsilons([(1e-200, 0.5, 3), None, (1.0, 0.1, 2)], 1e-5, "rdp") \
+        == [math.inf, None, math.inf]
+    entry = {"mechanism": "dpsgd", "params": {"noise_multiplier": 1e-200, "sample_rate": 0.5,
+                                              "steps": 2}}
+    assert mechanism_epsilon([entry], "dpsgd", 1e-5, "rdp") == math.inf
+    assert independent_epsilons([(1e-150, 0.5, 3)], 1e-5, "rdp")[0] > 1e20  # still finite
