@@ -55,13 +55,16 @@ class OneRunAuditError(ToolkitError, ValueError):
     """Bad input to the one-run statistics; the message names it."""
 
 
-def _check_counts(m: int, r: int, v: int, m_name: str = "m") -> None:
+def _check_counts(m: int, r: int, v: int, m_name: str = "m") -> tuple[int, int, int]:
+    """``(m, r, v)`` as Python ints (numpy's int32 or uint64 would overflow or wrap in
+    ``r - v + 1``), or OneRunAuditError naming the one that is wrong."""
     for name, value in ((m_name, m), ("r", r), ("v", v)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise OneRunAuditError(f"{name} must be an integer, got {value!r:.80}")
     check_count(m, m_name, OneRunAuditError)  # scipy refuses ints beyond int64
     if not 0 <= v <= r <= m:
         raise OneRunAuditError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
+    return int(m), int(r), int(v)
 
 
 def _check_level(delta: float, confidence: float) -> float:
@@ -124,11 +127,10 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
     """Upper bound on P[W >= v] for an (epsilon, delta)-DP run (the theorem above), capped at 1.
     OneRunAuditError unless ``epsilon`` is a number >= 0 and ``delta`` one in [0, 1). Memory
     does not grow with ``v``; up to :data:`DIRECT_TERMS` guesses every term is evaluated."""
-    _check_counts(m, r, v)
+    m, r, v = _check_counts(m, r, v)
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not epsilon >= 0:
         raise OneRunAuditError(f"epsilon must be a number >= 0, got {epsilon!r:.80}")
     _check_level(delta, 0.5)  # a negative delta lowered the p-value below the pure-DP tail
-    m, r, v = int(m), int(r), int(v)
     try:
         q = float(special.expit(float(epsilon)))
     except OverflowError:  # an int beyond float's range: q is 1 there
@@ -141,7 +143,7 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
 
 def pure_dp_lower_bound(r: int, v: int, confidence: float = 0.95) -> float:
     """The delta = 0 bound in closed form: ``logit`` of the Clopper-Pearson lower bound, >= 0."""
-    _check_counts(r, r, v, "r")
+    _, r, v = _check_counts(r, r, v, "r")
     alpha = _check_level(0.0, confidence)
     if v == 0:
         return 0.0
@@ -159,7 +161,7 @@ def one_run_lower_bound(m: int, r: int, v: int, delta: float, confidence: float 
     rejected; the p-value at the returned epsilon is ``<= 1 - confidence`` (bisection keeps
     that invariant, so no monotonicity is assumed).
     """
-    _check_counts(m, r, v)
+    m, r, v = _check_counts(m, r, v)
     alpha = _check_level(delta, confidence)
     if delta == 0:
         return pure_dp_lower_bound(r, v, confidence)

@@ -235,3 +235,15 @@ def test_p_value_memory_does_not_grow_with_the_number_of_correct_guesses():
     lower = one_run_lower_bound(r, r, v, 1e-5)
     assert 0 < lower <= pure_dp_lower_bound(r, v)
     assert one_run_p_value(r, r, v, lower, 1e-5) <= 0.05
+
+
+def test_numpy_integer_counts_are_taken_as_python_ints():
+    """pure_dp_lower_bound(2**62, np.int32(3)) raised numpy's OverflowError ('Python integer
+    ... out of bounds for int32') from r - v + 1; numpy integers are counts like ints."""
+    assert pure_dp_lower_bound(2**62, np.int32(3)) == pure_dp_lower_bound(2**62, 3) == 0.0
+    assert pure_dp_lower_bound(np.int64(2**40), np.uint64(2**31)) \
+        == pure_dp_lower_bound(2**40, 2**31)
+    assert one_run_lower_bound(np.uint64(100), np.uint64(90), np.uint64(80), 1e-5) \
+        == one_run_lower_bound(100, 90, 80, 1e-5)
+    assert one_run_p_value(np.int64(2**41), 2**40, np.int16(7), 1.0, 1e-5) \
+        == one_run_p_value(2**41, 2**40, 7, 1.0, 1e-5)
