@@ -695,6 +695,13 @@ def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], de
     return out
 
 
+def _check_entries(entries: Any) -> None:
+    if isinstance(entries, str | bytes) or not isinstance(entries, Sequence) \
+            or not all(isinstance(e, dict) for e in entries):
+        raise AuditError(f"entries must be a sequence of ledger entries (dicts), got"
+                         f" {entries!r:.80}")
+
+
 def mechanism_epsilon(entries: Sequence[dict[str, Any]], mechanism: str, delta: float,
                       accountant: str) -> float | None:
     """Epsilon of the ``mechanism`` releases among ledger ``entries`` (dicts with
@@ -702,7 +709,9 @@ def mechanism_epsilon(entries: Sequence[dict[str, Any]], mechanism: str, delta: 
     (:func:`privacy.accounting.plan_epsilon`, the code that calibrated and recorded them), so
     a claim about that mechanism computed from the run's plan (the white-box audit's DP-SGD
     claim) equals it; ``audit verify`` checks that accountant against dp_accounting. None
-    when the entries hold no such release with well-formed accounting parameters."""
+    when the entries hold no such release with well-formed accounting parameters; AuditError
+    when ``entries`` is not a sequence of dicts."""
+    _check_entries(entries)
     steps: dict[tuple[float, float], int] = {}
     for e in entries:
         p = e.get("params")
@@ -727,7 +736,22 @@ def dpsgd_claim_problem(claim: float, entries: Sequence[dict[str, Any]], delta: 
     drawn every round, a refused release), and then never above the epsilon of all
     ``planned_steps`` at the recorded noise and sample rate; a ledger holding every planned
     step, or any ledger when ``planned_steps`` is None (unknown), must give the claim within
-    ``rel_tol``."""
+    ``rel_tol``. AuditError naming the argument when ``claim`` is not a number >= 0,
+    ``entries`` not a sequence of dicts, ``planned_steps`` neither None nor an int >= 0, or
+    ``rel_tol`` not in [0, 1)."""
+    if isinstance(claim, bool) or not isinstance(claim, int | float):
+        raise AuditError(f"claim must be a number >= 0, got {claim!r:.80}")
+    try:
+        claim = float(claim)
+    except OverflowError:  # an int beyond float's range
+        claim = math.inf
+    if not claim >= 0:  # NaN too
+        raise AuditError(f"claim must be a number >= 0, got {claim!r:.80}")
+    _check_entries(entries)
+    if planned_steps is not None and (not _int(planned_steps) or planned_steps < 0):
+        raise AuditError(f"planned_steps must be None or an int >= 0, got {planned_steps!r:.80}")
+    if isinstance(rel_tol, bool) or not isinstance(rel_tol, int | float) or not 0 <= rel_tol < 1:
+        raise AuditError(f"rel_tol must be in [0, 1), got {rel_tol!r:.80}")
     dpsgd = [e for e in entries if e.get("mechanism") == "dpsgd"
              and isinstance(e.get("params"), dict) and not _release_problems(e["params"])]
     if dpsgd and accountant not in ACCOUNTANTS:

@@ -1095,3 +1095,34 @@ def test_a_noise_multiplier_whose_square_underflows_has_unbounded_epsilon():
                                               "steps": 2}}
     assert mechanism_epsilon([entry], "dpsgd", 1e-5, "rdp") == math.inf
     assert independent_epsilons([(1e-150, 0.5, 3)], 1e-5, "rdp")[0] > 1e20  # still finite
+
+
+def test_dpsgd_claim_problem_names_a_wrong_argument():
+    """dpsgd_claim_problem compared whatever it was given: a str or None claim, a str
+    planned_steps, a list rel_tol raised TypeError (or numpy's truth-value ValueError for an
+    array), a list of non-dicts AttributeError, a NaN claim passed every comparison (no
+    problem found: a NaN claim accepted)."""
+    import math
+
+    from audits.verify import AuditError, dpsgd_claim_problem, mechanism_epsilon
+
+    entry = {"mechanism": "dpsgd", "params": {"noise_multiplier": 1.0, "sample_rate": 0.1,
+                                              "steps": 10}}
+    recorded = mechanism_epsilon([entry], "dpsgd", 1e-5, "rdp")
+    assert dpsgd_claim_problem(recorded, [entry], 1e-5, "rdp", 10) is None
+    assert "below" in dpsgd_claim_problem(recorded / 2, [entry], 1e-5, "rdp", 10)
+    assert "exceeds" in dpsgd_claim_problem(10**400, [entry], 1e-5, "rdp", 10)
+    for bad in ("1.0", None, math.nan, -1.0, True, [1.0]):
+        with pytest.raises(AuditError, match="^claim must be a number >= 0"):
+            dpsgd_claim_problem(bad, [entry], 1e-5, "rdp", 10)
+    for bad in ("10", 1.5, -1, True):
+        with pytest.raises(AuditError, match="^planned_steps must be None or an int"):
+            dpsgd_claim_problem(recorded, [entry], 1e-5, "rdp", bad)
+    for bad in ([0.02], "0.02", 1.0, math.nan):
+        with pytest.raises(AuditError, match="^rel_tol must be in"):
+            dpsgd_claim_problem(recorded, [entry], 1e-5, "rdp", 10, bad)
+    for bad in ([1, 2], "entries", entry):
+        with pytest.raises(AuditError, match="^entries must be a sequence"):
+            dpsgd_claim_problem(recorded, bad, 1e-5, "rdp", 10)
+        with pytest.raises(AuditError, match="^entries must be a sequence"):
+            mechanism_epsilon(bad, "dpsgd", 1e-5, "rdp")
