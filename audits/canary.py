@@ -304,6 +304,10 @@ def split_audit_rounds(scores_by_round: Sequence[Tensor], member: Tensor, delta:
     calibration canaries only, so the evaluation bound of the chosen model holds at
     ``confidence`` without a multiple-testing correction.
     """
+    if isinstance(scores_by_round, str | bytes) or not isinstance(scores_by_round, Sequence):
+        # a Tensor or array is not one: its truth value raised torch's or numpy's error
+        raise CanaryAuditError("scores_by_round must be a sequence (a list) of score tensors, one"
+                               f" per released model, got {type(scores_by_round).__name__}")
     if not scores_by_round:
         raise CanaryAuditError("no scores to audit")
     audits = [split_audit(s, member, delta, confidence, seed, calibration_fraction)

@@ -327,7 +327,13 @@ def split_indices(size: int, calibration_fraction: float,
     check_seed(seed, OneRunAuditError)
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise OneRunAuditError(f"size must be an int >= 0, got {size!r:.80}")
-    perm = np.random.default_rng(seed).permutation(size)
+    try:
+        perm = np.random.default_rng(seed).permutation(size)
+    except (MemoryError, ValueError) as err:  # numpy's "array is too big" is a ValueError
+        raise OneRunAuditError(f"size {size} is too large: its permutation cannot be"
+                               f" allocated ({err})") from None
+    if perm.size != size:  # numpy gives an empty permutation for sizes near 2**63
+        raise OneRunAuditError(f"size {size} is too large: numpy permuted {perm.size} items")
     n_cal = int(round(calibration_fraction * size))
     cal, ev = perm[:n_cal], perm[n_cal:]
     if n_cal == 0 or ev.size == 0:

@@ -482,3 +482,15 @@ def test_counts_beyond_int64_are_canary_audit_errors_naming_them():
     with pytest.raises(CanaryAuditError, match="^need integers 0 <= false_positives <= non_members"):
         epsilon_lower_bound(5, 10, 11, 10, 1e-5)
     assert 0.49 < clopper_pearson_lower(2**62, 2**63 - 1, 0.05) < 0.5
+
+
+@pytest.mark.parametrize("rounds", [torch.randn(2, 40), torch.randn(0, 40),
+                                    np.random.default_rng(0).normal(size=(2, 40)), "scores"])
+def test_split_audit_rounds_refuses_scores_that_are_not_a_sequence(rounds):
+    """A (rounds x canaries) tensor or array raised torch's/numpy's "Boolean value of Tensor
+    with more than one value is ambiguous" from `if not scores_by_round`."""
+    from audits.canary import CanaryAuditError, split_audit_rounds
+
+    member = torch.arange(40) % 2 == 0
+    with pytest.raises(CanaryAuditError, match="^scores_by_round must be a sequence"):
+        split_audit_rounds(rounds, member, 1e-5)

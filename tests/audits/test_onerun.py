@@ -247,3 +247,13 @@ def test_numpy_integer_counts_are_taken_as_python_ints():
         == one_run_lower_bound(100, 90, 80, 1e-5)
     assert one_run_p_value(np.int64(2**41), 2**40, np.int16(7), 1.0, 1e-5) \
         == one_run_p_value(2**41, 2**40, 7, 1.0, 1e-5)
+
+
+@pytest.mark.parametrize("size", [2**62, 2**63 - 2, 2**63 - 1])
+def test_split_indices_of_a_size_numpy_cannot_permute_is_a_one_run_audit_error(size):
+    """numpy's "array is too big" ValueError came through, and near 2**63 numpy permuted
+    nothing (an empty array): the audit then said the canaries "cannot be split"."""
+    from audits.onerun import split_indices
+
+    with pytest.raises(OneRunAuditError, match=f"^size {size} is too large"):
+        split_indices(size, 0.5)
