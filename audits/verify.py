@@ -96,6 +96,7 @@ from audits.options import API_AUDIT_OPTIONS
 from privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
     MAX_STEPS,
+    MIN_SAMPLE_RATE,
     AccountingSizeError,
     PlannedRelease,
     check_pld_size,
@@ -383,6 +384,9 @@ def _release_problems(params: dict[str, Any]) -> list[str]:
                    f" {MAX_NOISE_MULTIPLIER:g}], got {nm!r}")
     if not _number(q) or not 0 < q <= 1:
         out.append(f"params.sample_rate must be in (0, 1], got {q!r}")
+    elif q < MIN_SAMPLE_RATE:
+        out.append(f"params.sample_rate must be at least {MIN_SAMPLE_RATE:g} (a subnormal rate;"
+                   f" no run samples at it), got {q!r}")
     if not _int(steps) or not 1 <= steps <= MAX_STEPS:
         shown = steps if not _int(steps) or steps.bit_length() < 64 else f"an int of {len(str(steps))} digits"
         out.append(f"params.steps must be an int in [1, {MAX_STEPS:g}], got {shown!r}")

@@ -47,6 +47,11 @@ OPACUS_RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100
 #: analyses overflow float64 (at 1e300 every accountant raised OverflowError).
 MAX_NOISE_MULTIPLIER = 1e6
 
+#: Smallest sample rate accepted: the smallest normal float64. Below it (a subnormal rate, which
+#: no run reaches: it takes more than 10^307 samples) dp_accounting's PLD analysis raised a bare
+#: ValueError ("a must be greater than b").
+MIN_SAMPLE_RATE = sys.float_info.min
+
 #: Largest step count one recorded release may claim: far beyond any run (a million steps a
 #: second for thirty years), and below where the accountants' float arithmetic overflows.
 MAX_STEPS = 10**15
@@ -112,6 +117,9 @@ def _check_release(noise_multiplier: Any, sample_rate: Any, steps: Any) -> tuple
         raise AccountingError(f"sample_rate must be a number, got {sample_rate!r}")
     if not (0 < sample_rate <= 1):
         raise AccountingError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise AccountingError(f"sample_rate must be at least {MIN_SAMPLE_RATE:g} (the smallest "
+                              f"normal float64; no run samples at a lower rate), got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise AccountingError(f"steps must be an int, got {steps!r}")
     if steps < 1:

@@ -1054,6 +1054,7 @@ def test_wrong_independent_epsilons_arguments_are_audit_errors_naming_them():
                             ([(1.0, 0.1)], r"^releases\[0\] must be"),
                             ([None, "1.0, 0.1, 3"], r"^releases\[1\] must be"),
                             ([(1.0, 2.0, 3)], r"^releases\[0\]: params.sample_rate must be in"),
+                            ([(1.0, 5e-324, 3)], r"^releases\[0\]: params.sample_rate must be at least"),
                             ([(1.0, 0.1, 10**30)], r"^releases\[0\]: params.steps must be")):
         for accountant in ("rdp", "pld"):
             with pytest.raises(AuditError, match=shown):

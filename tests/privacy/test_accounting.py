@@ -116,7 +116,8 @@ def test_state_dict_round_trips_through_json():
     ("args", "field"),
     [((0.0, 0.1, 1), "noise_multiplier"), ((-1.0, 0.1, 1), "noise_multiplier"),
      ((float("inf"), 0.1, 1), "noise_multiplier"), ((1.0, 0.0, 1), "sample_rate"),
-     ((1.0, 1.01, 1), "sample_rate"), ((1.0, 0.1, 0), "steps"), ((1.0, 0.1, 2.0), "steps")],
+     ((1.0, 1.01, 1), "sample_rate"), ((1.0, 5e-324, 1), "sample_rate"),
+     ((1.0, 1e-310, 1), "sample_rate"), ((1.0, 0.1, 0), "steps"), ((1.0, 0.1, 2.0), "steps")],
 )
 def test_bad_records_are_rejected_naming_the_field(args, field):
     with pytest.raises(AccountingError, match=field):
@@ -544,3 +545,14 @@ def test_an_unreachable_target_fails_without_climbing_to_the_largest_sigma(
     with pytest.raises(CalibrationError, match=r"even noise multiplier 10000 gives epsilon .* > target"):
         calibrate_noise_multiplier(target, DELTA, [PlannedRelease("dpsgd", q, steps)], accountant)
     assert len(sigmas) <= most and sigmas[-1] == 1e4
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv", "pld"])
+def test_a_subnormal_sample_rate_is_refused_by_every_accountant(kind):
+    """At a subnormal rate the PLD analysis raised dp_accounting's bare ValueError; the smallest
+    normal rate still accounts (epsilon near 0)."""
+    with pytest.raises(AccountingError, match="sample_rate must be at least"):
+        Accountant(kind).record(1.0, 5e-324, 1)
+    acc = Accountant(kind)
+    acc.record(1.0, 2.3e-308, 1)
+    assert 0 <= acc.epsilon(DELTA) < 0.02
