@@ -500,7 +500,9 @@ def test_opacus_rdp_orders_and_analysis_are_opacus_own():
     assert got["eps"] <= acc.get_epsilon(1e-5)
 
 
-# Calibrated before the look-ahead at the largest sigma existed: it must not change a value.
+# Calibrated before the look-ahead at the largest sigma existed: it must not change a value
+# beyond the libraries' own rounding (the PLD and PRV analyses moved by up to 5e-13 relative
+# between numpy/scipy releases: 1777.8713616260216 -> 1777.8713616268144 on a fresh machine).
 _CALIBRATED = [
     ("rdp", 3.0, 1e-5, 0.1, 100, 1.8024998193462316),
     ("rdp", 1.0, 1e-5, 0.05, 500, 4.681331873797801),
@@ -521,8 +523,9 @@ _CALIBRATED = [
 
 @pytest.mark.parametrize(("accountant", "target", "delta", "q", "steps", "sigma"), _CALIBRATED)
 def test_reachable_targets_calibrate_to_the_same_sigma(accountant, target, delta, q, steps, sigma):
-    assert calibrate_noise_multiplier(target, delta, [PlannedRelease("dpsgd", q, steps)],
-                                      accountant) == sigma
+    calibrated = calibrate_noise_multiplier(target, delta, [PlannedRelease("dpsgd", q, steps)],
+                                            accountant)
+    assert calibrated == pytest.approx(sigma, rel=1e-11, abs=0)
 
 
 @pytest.mark.parametrize(("accountant", "target", "q", "steps", "most"), [
