@@ -74,6 +74,7 @@ from secure_fedora.algorithms.contract import (
     Payload,
     payload_size_problem,
 )
+from secure_fedora.algorithms.held import HeldRows
 from secure_fedora.algorithms.messages import (
     KIND_CLUSTER_CHOICE,
     KIND_CLUSTERS,
@@ -606,7 +607,7 @@ class APFL(_GlobalModelMethod):
         if not 0.0 <= alpha <= 1.0:
             raise BaselineConfigError(f"baselines.apfl.alpha must lie in [0, 1]; got {alpha}")
         # client side: alpha_i of every client (in process), float64 as always
-        self.alpha = torch.full((ctx.num_clients,), float(alpha), dtype=torch.float64)
+        self.alpha: Any = ctx.per_client(torch.tensor(float(alpha), dtype=torch.float64))
         lr = ctx.train.lr if alpha_lr is None else alpha_lr
         self.mix = MixtureGradient(personal_oracle(ctx), ctx.flat.num_params, adaptive, lr)
 
@@ -760,7 +761,9 @@ class FedAMP(_Baseline, FederatedMethod):
         self.sigma, self.self_weight, self.lam = sigma, self_weight, lam
         self.models = self.theta.clone()  # server: each client's last accepted upload
         self.messages = self.theta.clone()  # server: u = xi @ models
-        self.xi = torch.eye(ctx.num_clients, dtype=torch.float64)
+        self.xi: Any = (torch.eye(ctx.num_clients, dtype=torch.float64) if ctx.held is None else
+                        HeldRows(ctx.num_clients, ctx.held, torch.nn.functional.one_hot(
+                            torch.tensor(ctx.held), ctx.num_clients).to(torch.float64)))
         self.prox = ProximalGradient(ctx.oracle, lam)
 
     def compute_messages(self) -> None:
@@ -873,14 +876,14 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
         self.selection_split = selection_split
         self.clusters = self._initial_clusters(num_clusters)
         # server: the cluster each client chose in its latest accepted reply (-1: none yet)
-        self.assignment = torch.full((ctx.num_clients,), -1, dtype=torch.long)
+        self.assignment: Any = ctx.per_client(torch.tensor(-1, dtype=torch.long))
         # server: how many times the cluster models changed (sent with them, so a client can
         # reuse the choice it made against the same models)
         self.version = 0
         # client side: the buffers of the choice uploads, (N, 1) floats as on the wire, and a
         # cache {client: (version, choice)} -- an optimisation only, not state: a miss
         # recomputes the same choice
-        self.choices = torch.zeros(ctx.num_clients, 1, dtype=self.theta.dtype)
+        self.choices: Any = ctx.per_client(torch.zeros(1, dtype=self.theta.dtype))
         self._choice_cache: dict[int, tuple[int, int]] = {}
 
     @classmethod

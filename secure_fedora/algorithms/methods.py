@@ -70,6 +70,7 @@ from secure_fedora.algorithms.encryption import (
     EncryptionBackend,
     require_encryption,
 )
+from secure_fedora.algorithms.held import HeldRows, per_client
 from secure_fedora.algorithms.messages import (
     KIND_GLOBAL,
     KIND_PHI,
@@ -169,6 +170,10 @@ class MethodContext:
     # why ("" for the default loop); see FederatedMethod.client_update_many.
     engine: str = "loop"
     engine_choice: str = ""
+    # The one client a process serves (a Flower ClientApp's context), None: every client (the
+    # server, the in-process runtime). With it set, per-client state is allocated through
+    # :meth:`per_client` as one held row (secure_fedora.algorithms.held), not N.
+    held: int | None = None
 
     @property
     def num_clients(self) -> int:
@@ -178,6 +183,12 @@ class MethodContext:
     def envelopes(self) -> bool:
         """Whether the run signs its messages (``[security] envelopes``)."""
         return self.transport_factory is not None
+
+    def per_client(self, row: Tensor) -> Tensor | HeldRows:
+        """Per-client state starting at ``row`` for every client: an N x ... tensor, or in a
+        process serving one client (``held``) that client's row alone (:class:`HeldRows`;
+        any other row is a :class:`~secure_fedora.algorithms.held.DataAccessError`)."""
+        return per_client(self.num_clients, self.held, row)
 
     def open_transport(self, label: str) -> Any:
         """A signed transport for the method's exchange ``label``, or None without envelopes."""
@@ -275,7 +286,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
-        self.theta = ctx.init.unsqueeze(0).repeat(ctx.num_clients, 1)
+        # N x P; one held row on a client context (ctx.held), bit-identical training since
+        # local_train trains any row off a 64-byte boundary as an aligned copy
+        self.theta: Any = ctx.per_client(ctx.init)
         # The signed-message layer (a secure_fedora.secure.transport.SecureExchange), set by the
         # runtime with [security] envelopes = true; None: messages are not simulated.
         self.exchange: Any = None
@@ -1282,7 +1295,7 @@ class Fedora(FedoraChecks, FederatedMethod):
         self._relatedness_mode = relatedness_mode
         self.private_validation = private_validation
         # float64: lambda may exceed float32's range (it is exp of a loss difference)
-        self.last_lambdas = torch.zeros(ctx.num_clients, dtype=torch.float64)
+        self.last_lambdas: Any = ctx.per_client(torch.zeros((), dtype=torch.float64))
         # The summaries' signed transport (opened in setup when the runtime offers envelopes).
         self.summary_transport: Any = None
         # CKKS propagation (an EncryptedPropagator) under propagation = "encrypted"; the signed

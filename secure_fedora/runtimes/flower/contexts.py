@@ -17,9 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-import torch
-
-from privacy.errors import ToolkitError
+from secure_fedora.algorithms.held import DataAccessError, HeldSlots
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
@@ -31,10 +29,6 @@ __all__ = [
     "client_context",
     "server_context",
 ]
-
-
-class DataAccessError(ToolkitError, RuntimeError):
-    """A method read client data its process does not hold (a contract violation)."""
 
 
 class ClientDataSlots(Sequence[ClientData]):
@@ -126,21 +120,21 @@ def client_context(cfg: ExperimentConfig, index: int, client: ClientData) -> Any
     """Client ``index``'s method context: built by the in-process runtime's
     :func:`~secure_fedora.runtimes.inprocess.build_context` from its data alone (same model,
     initialization, checks and DP oracle), with its data, generator and noise source in slot
-    ``index`` of ``num_clients`` slots."""
+    ``index`` of ``num_clients`` slots, and ``held = index``: a method built on it allocates
+    its per-client state as that client's row only, so the context and method hold O(P)
+    memory whatever the number of clients (any other slot or row raises DataAccessError)."""
     from secure_fedora.runtimes.inprocess import build_context, client_generator
 
     n = cfg.data.num_clients
+    party = f"client {index}"
     ctx = build_context(cfg, [client])
-    ctx.clients = ClientDataSlots(n, index, ctx.clients[0], party=f"client {index}")
-    gens = [torch.Generator() for _ in range(n)]
-    gens[index] = client_generator(cfg.seed, index)
-    ctx.generators = gens
+    ctx.clients = ClientDataSlots(n, index, ctx.clients[0], party=party)
+    ctx.generators = HeldSlots(n, index, client_generator(cfg.seed, index), party)  # type: ignore[assignment]
     if ctx.noise:
         from privacy.noise import make_noise_source
 
-        noise: list[Any] = [None] * n
-        noise[index] = make_noise_source(cfg.privacy.noise, cfg.seed, index)
-        ctx.noise = noise
+        ctx.noise = HeldSlots(n, index, make_noise_source(cfg.privacy.noise, cfg.seed, index), party)  # type: ignore[assignment]
+    ctx.held = index
     return ctx
 
 

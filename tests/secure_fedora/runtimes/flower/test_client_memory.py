@@ -1,0 +1,102 @@
+"""A Flower client's method holds its own client's state only: its memory does not grow with
+the number of clients, and a read of another client's row is an error."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+import torch
+
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.flower.contexts import (
+    DataAccessError,
+    build_algorithm,
+    client_context,
+)
+from secure_fedora.runtimes.inprocess import build_clients
+from tests.secure_fedora.runtimes.flower.deploy_support import dp_config, tiny_config
+
+ALL_METHODS = ("fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca")
+
+
+def held_bytes(*roots: Any) -> int:
+    """Bytes of every tensor storage (each once) and generator state reachable from
+    ``roots`` through containers and instance attributes."""
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+    total = 0
+    stack = list(roots)
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+            types.MethodType, str, bytes, int, float, bool, type(None))
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.layout == torch.strided:
+                s = obj.untyped_storage()
+                storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+            continue
+        if isinstance(obj, torch.Generator):
+            total += obj.get_state().numel()
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset):
+            stack.extend(obj)
+        if hasattr(obj, "__dict__"):
+            stack.append(vars(obj))
+        for slot in getattr(type(obj), "__slots__", ()):
+            if hasattr(obj, slot):
+                stack.append(getattr(obj, slot))
+    return total + sum(storages.values())
+
+
+def _client_method(method: str, num_clients: int, dp: bool = False) -> tuple[Any, Any]:
+    base = dp_config() if dp else tiny_config()
+    data = base.model_dump(mode="json", exclude_none=True)
+    data["methods"] = [method]
+    data["data"]["num_clients"] = num_clients
+    cfg = parse_config(data)
+    client = build_clients(dp_config() if dp else tiny_config())[1]  # the same data for every N
+    ctx = client_context(cfg, 1, client)
+    return build_algorithm(method, ctx, cfg), ctx
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_client_method_holds_memory_independent_of_the_number_of_clients(method: str) -> None:
+    small, ctx = _client_method(method, 3)
+    large, ctx_large = _client_method(method, 200)
+    p = ctx.flat.num_params
+    assert ctx_large.num_clients == 200
+    grown = held_bytes(large, ctx_large) - held_bytes(small, ctx)
+    assert grown < 4 * p, f"{method}: {grown} bytes more at 200 clients than at 3 ({p} params)"
+
+
+@pytest.mark.parametrize("method", ["fedora", "fedavg"])
+def test_a_dp_client_method_holds_one_noise_source_and_generator(method: str) -> None:
+    small, ctx = _client_method(method, 3, dp=True)
+    large, ctx_large = _client_method(method, 200, dp=True)
+    grown = held_bytes(large, ctx_large) - held_bytes(small, ctx)
+    assert grown < 4 * ctx.flat.num_params, f"{method}: {grown} bytes more at 200 clients"
+    assert ctx_large.noise[1] is not None
+    with pytest.raises(DataAccessError, match="client 1 read client 0"):
+        ctx_large.noise[0]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_client_method_refuses_another_clients_row(method: str) -> None:
+    algo, ctx = _client_method(method, 4)
+    with pytest.raises(DataAccessError, match="client 1 read client 2"):
+        algo.theta[2]
+    with pytest.raises(DataAccessError):
+        algo.theta.sum()  # any whole-matrix computation
+    with pytest.raises(DataAccessError, match="client 1 read client 0"):
+        ctx.generators[0]
+    assert algo.client_state_dict(1) is not None  # its own state is there
+    own = algo.theta[1]
+    assert own.shape == (ctx.flat.num_params,) and torch.equal(own, ctx.init)
