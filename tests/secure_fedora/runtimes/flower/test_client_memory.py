@@ -3,13 +3,13 @@ the number of clients, and a read of another client's row is an error."""
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import pytest
 import torch
 
 from secure_fedora.core.config import parse_config
+from secure_fedora.core.tensors import reachable_bytes
 from secure_fedora.runtimes.flower.contexts import (
     DataAccessError,
     build_algorithm,
@@ -19,41 +19,6 @@ from secure_fedora.runtimes.inprocess import build_clients
 from tests.secure_fedora.runtimes.flower.deploy_support import dp_config, tiny_config
 
 ALL_METHODS = ("fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca")
-
-
-def held_bytes(*roots: Any) -> int:
-    """Bytes of every tensor storage (each once) and generator state reachable from
-    ``roots`` through containers and instance attributes."""
-    seen: set[int] = set()
-    storages: dict[int, int] = {}
-    total = 0
-    stack = list(roots)
-    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-            types.MethodType, str, bytes, int, float, bool, type(None))
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, skip):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            if obj.layout == torch.strided:
-                s = obj.untyped_storage()
-                storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
-            continue
-        if isinstance(obj, torch.Generator):
-            total += obj.get_state().numel()
-            continue
-        if isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, list | tuple | set | frozenset):
-            stack.extend(obj)
-        if hasattr(obj, "__dict__"):
-            stack.append(vars(obj))
-        for slot in getattr(type(obj), "__slots__", ()):
-            if hasattr(obj, slot):
-                stack.append(getattr(obj, slot))
-    return total + sum(storages.values())
 
 
 def _client_method(method: str, num_clients: int, dp: bool = False) -> tuple[Any, Any]:
@@ -73,7 +38,7 @@ def test_a_client_method_holds_memory_independent_of_the_number_of_clients(metho
     large, ctx_large = _client_method(method, 200)
     p = ctx.flat.num_params
     assert ctx_large.num_clients == 200
-    grown = held_bytes(large, ctx_large) - held_bytes(small, ctx)
+    grown = reachable_bytes(large, ctx_large) - reachable_bytes(small, ctx)
     assert grown < 4 * p, f"{method}: {grown} bytes more at 200 clients than at 3 ({p} params)"
 
 
@@ -81,7 +46,7 @@ def test_a_client_method_holds_memory_independent_of_the_number_of_clients(metho
 def test_a_dp_client_method_holds_one_noise_source_and_generator(method: str) -> None:
     small, ctx = _client_method(method, 3, dp=True)
     large, ctx_large = _client_method(method, 200, dp=True)
-    grown = held_bytes(large, ctx_large) - held_bytes(small, ctx)
+    grown = reachable_bytes(large, ctx_large) - reachable_bytes(small, ctx)
     assert grown < 4 * ctx.flat.num_params, f"{method}: {grown} bytes more at 200 clients"
     assert ctx_large.noise[1] is not None
     with pytest.raises(DataAccessError, match="client 1 read client 0"):
