@@ -19,6 +19,7 @@ __all__ = [
     "KIND_CLUSTER_CHOICE",
     "KIND_ENC_PHI",
     "KIND_ENC_THETA",
+    "KIND_EVALUATION_REPLY",
     "KIND_GLOBAL",
     "KIND_MESSAGE",
     "KIND_PHI",
@@ -42,6 +43,8 @@ KIND_GLOBAL = "global"
 KIND_MESSAGE = "message"
 KIND_CLUSTERS = "clusters"
 KIND_CLUSTER_CHOICE = "cluster_choice"
+# A client's evaluation reply (its metrics), as one envelope per client and evaluated round.
+KIND_EVALUATION_REPLY = "evaluate.reply"
 
 ValueCheck = Callable[[Tensor], "str | None"]
 """``check(tensor) -> None`` if a decoded payload is acceptable, else a description of the

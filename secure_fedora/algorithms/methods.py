@@ -72,6 +72,7 @@ from secure_fedora.algorithms.encryption import (
 )
 from secure_fedora.algorithms.held import HeldRows, per_client
 from secure_fedora.algorithms.messages import (
+    KIND_EVALUATION_REPLY,
     KIND_GLOBAL,
     KIND_PHI,
     KIND_SUMMARY,
@@ -137,9 +138,10 @@ class FinalizeRejectedError(ToolkitError, RuntimeError):
 
 
 class EvaluationRejectedError(ToolkitError, RuntimeError):
-    """Clients' evaluation messages were rejected where a run cannot complete without their
-    metrics: a client never evaluated in any round, or (under DP) one that rejected the final
-    evaluation twice, as the Flower server refuses such a run."""
+    """Clients' evaluation messages (or their signed replies) were rejected where a run cannot
+    complete without their metrics: a client never evaluated in any round, or (under DP) one
+    whose final evaluation was rejected in both tries, as the Flower server refuses such a
+    run."""
 
 
 @dataclass
@@ -586,11 +588,54 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         (:func:`~secure_fedora.algorithms.contract.check_eval_row`: finite, of the model's
         size). A client's message is released once its row is built, so messages that are
         not the row itself are never all held at once."""
+        return self._evaluation_rows(list(clients), retry, keep=False)[0]
+
+    def evaluation_reports(
+        self, clients: Sequence[int], measure: Callable[[dict[int, Tensor]], dict[int, Tensor]],
+        *, retry: bool = False,
+    ) -> dict[int, Tensor]:
+        """One evaluation exchange, both ways, as on Flower: :meth:`evaluation_rows` of
+        ``clients`` (the messages, ``retry`` as there), ``measure(rows)`` (client -> its
+        metrics, a float64 vector, for exactly the clients of ``rows``), then each client's
+        metrics travel back as its evaluation reply: with an exchange one envelope of kind
+        ``evaluate.reply`` per client, signed by the client on the unaccounted path (metrics
+        release nothing the accountant covers, as a Flower client's evaluation reply).
+        Returns the metrics the server accepted, by client in the order given; a client whose
+        message or reply was rejected is absent (it keeps its last metrics). With ``retry`` a
+        client gets two tries, each its message then its reply: one whose reply was rejected
+        after its first message is sent the message once more (fresh envelopes) and, if it
+        accepts it, sends the same metrics again (a Flower client answers a message it
+        already answered from its saved state); the messages are then held until the
+        replies are in."""
         ids = list(clients)
+        rows, messages, asked = self._evaluation_rows(ids, retry, keep=retry)
+        metrics = measure(rows)
+        if set(metrics) != set(rows):
+            raise ContractError(f"method {self._label()!r}: measure returned metrics of clients "
+                                f"{sorted(metrics)}, not of the evaluated clients {sorted(rows)}")
+        del rows
+        if self.exchange is None:
+            return {i: metrics[i] for i in ids if i in metrics}
+        rnd = self.last_round
+        replied = set(self.exchange.upload_entries(rnd, metrics, kind=KIND_EVALUATION_REPLY,
+                                                   accounted=False))
+        again = [i for i in ids if i in metrics and i not in replied and i not in asked]
+        if retry and again:
+            held = self._exchange_evaluation(rnd, messages, again)
+            replied.update(self.exchange.upload_entries(
+                rnd, {i: metrics[i] for i in again if i in held}, kind=KIND_EVALUATION_REPLY,
+                accounted=False))
+        return {i: metrics[i] for i in ids if i in replied}
+
+    def _evaluation_rows(self, ids: list[int], retry: bool, *, keep: bool
+                         ) -> tuple[dict[int, Tensor], dict[int, Payload], set[int]]:
+        """:meth:`evaluation_rows`, with the messages of the clients that accepted theirs when
+        ``keep`` (else ``{}``) and the clients whose message was sent twice."""
         label, num_params = self._label(), self.ctx.flat.num_params
         messages = check_messages(label, EVALUATE, self.last_round,
                                   self.evaluation_messages(self.last_round, ids), ids, num_params)
         refused: set[int] = set()
+        asked: set[int] = set()
         # every method's evaluation message is signed, also one that sends its round
         # messages its own way (FEDORA's encrypted propagation), as on Flower
         if self.exchange is not None:
@@ -598,8 +643,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             missed = [i for i in ids if i not in held]
             if missed and retry:
                 held.update(self._exchange_evaluation(self.last_round, messages, missed))
+                asked.update(missed)
             refused = set(ids) - set(held)
             messages = {i: m for i, m in messages.items() if i in held}
+        kept = dict(messages) if keep else {}
         rows: dict[int, Tensor] = {}
         for i in ids:
             if i in refused:
@@ -608,7 +655,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             with client_half(label, f"client {i}'s client_eval_row"):
                 row = self.client_eval_row(i, message)
             rows[i] = check_eval_row(label, i, row, num_params)
-        return rows
+        return rows, kept, asked
 
     def finalize(self) -> dict[str, Any]:
         """Run the finalize exchange (downloads through the exchange, for its last round)

@@ -1214,8 +1214,9 @@ class Simulation:
     def _check_evaluated(self, name: str, tracker: Tracker, private: bool) -> None:
         """Refuse to complete a run whose results would rest on metrics no client reported,
         as the Flower server does: a client never evaluated (every evaluation message it was
-        sent rejected: its figure would be a placeholder 0) or, under DP, one that rejected
-        the final evaluation twice (on Flower its ledger would stay open)."""
+        sent, or every reply of its metrics, rejected: its figure would be a placeholder 0) or,
+        under DP, one whose final evaluation was rejected in both tries (message or reply; on
+        Flower the server would not have its closing report)."""
         from secure_fedora.algorithms.methods import EvaluationRejectedError
 
         rounds = self.cfg.training.rounds
@@ -1223,16 +1224,16 @@ class Simulation:
         silent = [c for c, r in enumerate(metric_round) if r < 0]
         if silent:
             raise EvaluationRejectedError(
-                f"{name}: clients {silent[:8]} never reported an evaluation (they rejected "
-                "every evaluation message), so their metrics are unknown and no results are "
-                "written; see the rejections logged by secure_fedora.security")
+                f"{name}: clients {silent[:8]} never reported an evaluation (every evaluation "
+                "message or reply of theirs was rejected), so their metrics are unknown and no "
+                "results are written; see the rejections logged by secure_fedora.security")
         unanswered = [c for c, r in enumerate(metric_round) if r != rounds] if private else []
         if unanswered:
             raise EvaluationRejectedError(
-                f"{name}: clients {unanswered[:8]} rejected the final evaluation (round "
-                f"{rounds}, asked twice), which a DP client answers as it closes its ledger on "
-                "Flower, so the run stops and no results are written, as there; see the "
-                "rejections logged by secure_fedora.security")
+                f"{name}: clients {unanswered[:8]} rejected the final evaluation, or their "
+                f"reply to it was rejected (round {rounds}, asked twice), which a DP client "
+                "answers as it closes its ledger on Flower, so the run stops and no results are "
+                "written, as there; see the rejections logged by secure_fedora.security")
 
     def _transport_factory(self, name: str, privacy: Any = None) -> Callable[[str], Any]:
         """``label -> SecureTransport`` for method ``name``'s own signed exchanges (nonce state
@@ -1298,19 +1299,26 @@ class Simulation:
         # All clients' rows at once (views, no copy), equal to ``evaluate`` per client within
         # float rounding of the loss; accuracy and AUC come from the same logits. One
         # evaluation_messages call for every client, as on Flower.
-        # With envelopes a client that rejects its evaluation message (asked twice in the
-        # final round) reports nothing and keeps its last metrics, as on Flower; its slot is
+        # With envelopes a client that rejects its evaluation message, or whose signed
+        # evaluation reply (its metrics) the server rejects, reports nothing and keeps its
+        # last metrics, as on Flower (two tries in the final round); a slot without a row is
         # evaluated on another client's row (a view) and discarded.
-        accepted = method.evaluation_rows(range(len(clients)),
-                                          retry=rnd == self.cfg.training.rounds)
-        if accepted:
-            stand_in = next(iter(accepted.values()))
-            rows = [accepted.get(i, stand_in) for i in range(len(clients))]
-            *val, test = evaluate_many_sets(flat, rows, packed)
-            for i in accepted:
-                tracker.last_val[i] = 0.0 if select_final else val[0][i].metric
-                tracker.last_test[i] = test[i].metric
-                crash_point("evaluate")
+        def measure(rows: dict[int, Tensor]) -> dict[int, Tensor]:
+            if not rows:
+                return {}
+            stand_in = next(iter(rows.values()))
+            *val, test = evaluate_many_sets(flat, [rows.get(i, stand_in)
+                                                   for i in range(len(clients))], packed)
+            # as a Flower client's reply: the validation metric only where it selects
+            return {i: torch.tensor([test[i].metric, *([] if select_final else [val[0][i].metric])],
+                                    dtype=torch.float64) for i in rows}
+
+        accepted = method.evaluation_reports(range(len(clients)), measure,
+                                             retry=rnd == self.cfg.training.rounds)
+        for i, metrics in accepted.items():
+            tracker.last_test[i] = float(metrics[0])
+            tracker.last_val[i] = 0.0 if select_final else float(metrics[1])
+            crash_point("evaluate")
         tracker.evaluated(rnd, list(accepted))
         tracker.update(rnd)
         # a round's statistics cover the clients whose metrics are this round's, as on Flower

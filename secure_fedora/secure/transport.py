@@ -115,6 +115,7 @@ from secure_fedora.algorithms.messages import (  # noqa: F401 (re-exported)
     KIND_CLUSTERS,
     KIND_ENC_PHI,
     KIND_ENC_THETA,
+    KIND_EVALUATION_REPLY,
     KIND_GLOBAL,
     KIND_MESSAGE,
     KIND_PHI,
@@ -131,6 +132,7 @@ __all__ = [
     "KIND_CLUSTER_CHOICE",
     "KIND_ENC_PHI",
     "KIND_ENC_THETA",
+    "KIND_EVALUATION_REPLY",
     "KIND_GLOBAL",
     "KIND_MESSAGE",
     "KIND_PHI",
@@ -652,12 +654,15 @@ class SecureTransport:
 
     def client_release(self, rnd: int, client: int, kind: str, payload: Tensor | bytes, *,
                        dtype: torch.dtype = torch.float32,
-                       encrypt: EncryptPayload | None = None) -> bytes:
+                       encrypt: EncryptPayload | None = None,
+                       releases: ClientReleases | None = None) -> bytes:
         """Client side, the one path of an upload: ``payload`` passes client ``client``'s
         release pipeline (:attr:`releases`: the accounted release's remaining stages under
-        DP, or encrypt -> sign where nothing is accounted), whose :class:`SignEnvelope`
-        stage signs it (a tensor as ``dtype`` on the wire, bytes as they are) for the server.
-        Returns the signed message; a release the pipeline refuses raises, nothing signed."""
+        DP, or encrypt -> sign where nothing is accounted; ``releases`` given: that path, e.g.
+        :class:`UnaccountedReleases` for a reply that releases nothing accounted), whose
+        :class:`SignEnvelope` stage signs it (a tensor as ``dtype`` on the wire, bytes as
+        they are) for the server. Returns the signed message; a release the pipeline refuses
+        raises, nothing signed."""
         cid = self.client_id(client)
         _check_int(rnd, "round")
 
@@ -669,8 +674,8 @@ class SecureTransport:
                     else encode_tensor(release.payload, dtype=dtype))
             return self._send(rnd, cid, SERVER_ID, kind, body)
 
-        released = self.releases.release_upload(client, rnd, kind, payload,
-                                                encrypt=encrypt, sign=sign)
+        path = self.releases if releases is None else releases
+        released = path.release_upload(client, rnd, kind, payload, encrypt=encrypt, sign=sign)
         if not released.metadata.get("signed") or not isinstance(released.payload, bytes):
             raise TransportError(f"{cid}: the round-{rnd} {kind!r} upload left its release"
                                  " pipeline unsigned")
@@ -684,10 +689,12 @@ class SecureTransport:
             raise TypeError(f"expected a torch.Tensor, got {type(row).__name__}")
         return self.client_release(rnd, client, kind, row, dtype=dtype)
 
-    def client_upload_entry(self, rnd: int, client: int, entry: Tensor, kind: str) -> bytes:
+    def client_upload_entry(self, rnd: int, client: int, entry: Tensor, kind: str, *,
+                            releases: ClientReleases | None = None) -> bytes:
         """Client side: a reply entry in its own dtype (:func:`encode_entry`) in an envelope
-        signed by the client's release pipeline (:meth:`client_release`), to the server."""
-        return self.client_release(rnd, client, kind, encode_entry(entry))
+        signed by the client's release pipeline (:meth:`client_release`; ``releases``: that
+        path instead), to the server."""
+        return self.client_release(rnd, client, kind, encode_entry(entry), releases=releases)
 
     def client_upload_bytes(self, rnd: int, client: int, payload: bytes, kind: str) -> bytes:
         """Client side: an opaque payload (e.g. a ciphertext) in a signed envelope to the
@@ -1067,13 +1074,18 @@ class SecureExchange:
         self._saw(rnd)
         return accepted
 
-    def upload_entries(self, rnd: int, entries: Mapping[int, Tensor], *, kind: str) -> list[int]:
+    def upload_entries(self, rnd: int, entries: Mapping[int, Tensor], *, kind: str,
+                       accounted: bool = True) -> list[int]:
         """Each client ``i`` signs ``entries[i]`` (a reply entry no matrix tracks, in its own
         dtype) through its release pipeline and sends it; the server verifies them (one nonce
         commit). Returns the senders whose entry was accepted, in the order given; nothing
-        is tracked or copied (a rejected entry is simply not received)."""
+        is tracked or copied (a rejected entry is simply not received). ``accounted`` False:
+        a reply that releases nothing the accountant covers (an evaluation's metrics, as a
+        Flower client signs its evaluation reply) goes the unaccounted path, encrypt -> sign,
+        also under DP and after a budget refusal."""
         order = list(entries)
-        messages = {i: self.transport.client_upload_entry(rnd, i, entries[i], kind)
+        path = None if accounted else UnaccountedReleases()
+        messages = {i: self.transport.client_upload_entry(rnd, i, entries[i], kind, releases=path)
                     for i in order}
         received, rejections = self.transport.server_receive_entries(
             rnd, self.deliver(kind, rnd, messages), kind, entries)

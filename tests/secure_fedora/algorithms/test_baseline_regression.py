@@ -139,10 +139,11 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
         transport, ref_transport = security["transport"], ref_security["transport"]
         # every entry of an evaluation message is an envelope too (per client and evaluated
         # round: FedProx's and APFL's global model, IFCA's cluster models and their version),
-        # and an empty one (Ditto's, FedAMP's) one empty envelope
+        # and an empty one (Ditto's, FedAMP's) one empty envelope; every client's evaluation
+        # reply (its metrics) is one envelope per evaluated round
         n, k = len(got["rows"]), 3
         evaluated = sum(1 for row in got["history"] if "test_mean" in row)
-        extra = {"fedprox": 1, "apfl": 1, "ifca": 2, "ditto": 1, "fedamp": 1}.get(name, 0) \
+        extra = ({"fedprox": 1, "apfl": 1, "ifca": 2, "ditto": 1, "fedamp": 1}.get(name, 0) + 1) \
             * n * evaluated
         if name == "apfl" and not got["privacy"]:  # + its empty finalize message asking
             extra += n  # each client's alpha (not asked under DP)

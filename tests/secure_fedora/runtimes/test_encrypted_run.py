@@ -99,9 +99,10 @@ def test_encrypted_propagation_run_matches_plaintext(tmp_path, clients, plain_ru
     assert (m_secure.phi - m_plain.phi).abs().max().item() < 1e-4
     if envelopes:
         stats = store["exchange"].transport.stats
-        # per client and round: theta up and phi down (ciphertexts), and the (empty, signed)
-        # evaluation message, which went unsigned with encrypted propagation
-        assert stats.messages_accepted == 3 * 6 * cfg.training.rounds and stats.messages_rejected == 0
+        # per client and round: theta up and phi down (ciphertexts), the (empty, signed)
+        # evaluation message, which went unsigned with encrypted propagation, and the signed
+        # evaluation reply
+        assert stats.messages_accepted == 4 * 6 * cfg.training.rounds and stats.messages_rejected == 0
 
 
 REAL_EXCHANGE_INIT = SecureExchange.__init__
@@ -139,8 +140,9 @@ def test_enveloped_run_is_identical_and_survives_tampering(tmp_path, clients, pl
     assert (m_signed.theta - m_plain.theta).abs().max().item() < 1e-4
     assert (m_signed.phi - m_plain.phi).abs().max().item() < 1e-4
     stats = store["exchange"].transport.stats
-    # per client and round: phi down, theta up, the (empty, signed) evaluation message
-    assert stats.messages_accepted == 3 * 6 * cfg.training.rounds and stats.messages_rejected == 0
+    # per client and round: phi down, theta up, the (empty, signed) evaluation message and
+    # the signed evaluation reply
+    assert stats.messages_accepted == 4 * 6 * cfg.training.rounds and stats.messages_rejected == 0
     assert (tmp_path / "signed" / "transport" / "fedora" / "server.nonces.jsonl").exists()
 
     def tamper(kind, rnd, client, message):

@@ -236,7 +236,8 @@ def test_encrypted_run_continues_without_a_client_whose_upload_is_rejected(
     from secure_fedora.secure import transport as transport_module
     real = transport_module.SecureTransport.client_release
 
-    def faulty(self, rnd, client, kind, payload, *, dtype=torch.float32, encrypt=None):
+    def faulty(self, rnd, client, kind, payload, *, dtype=torch.float32, encrypt=None,
+               releases=None):
         if kind == "enc_summary" and client == 4:  # the client signs a broken upload
             good = encrypt.encrypt
 
@@ -245,7 +246,8 @@ def test_encrypted_run_continues_without_a_client_whose_upload_is_rejected(
                 return data[: len(data) // 2]
 
             encrypt = EncryptPayload(broken, encrypt.scheme)
-        return real(self, rnd, client, kind, payload, dtype=dtype, encrypt=encrypt)
+        return real(self, rnd, client, kind, payload, dtype=dtype, encrypt=encrypt,
+                    releases=releases)
 
     monkeypatch.setattr(transport_module.SecureTransport, "client_release", faulty)
     sim = Simulation(run_config("encrypted"), tmp_path / "run", clients=run_clients)
@@ -333,8 +335,8 @@ def test_baseline_with_envelopes_equals_without(tmp_path, tiny_clients, name):
 
 
 def test_local_signs_its_empty_messages_and_step_counts(tmp_path, tiny_clients):
-    """Local sends no model, but as on Flower its round message, its reply (the step count)
-    and its evaluation message are signed envelopes (it used to send nothing in process, so
+    """Local sends no model, but as on Flower its round message, its reply (the step count),
+    its evaluation message and that one's reply (the metrics) are signed envelopes (it used to send nothing in process, so
     a tampered Local message could not be rejected); its results are those without
     envelopes."""
     sim = Simulation(tiny("local", True), tmp_path / "signed", clients=tiny_clients)
@@ -345,11 +347,12 @@ def test_local_signs_its_empty_messages_and_step_counts(tmp_path, tiny_clients):
     assert body["selected"] == plain_body["selected"] and body["final"] == plain_body["final"]
     assert torch.equal(sim.methods["local"].theta, plain.methods["local"].theta)
     transport = body["extra"]["security"]["transport"]
-    # per round: each participant's round message and reply; every client's evaluation message
+    # per round: each participant's round message and reply; every client's evaluation
+    # message and reply
     participants = sum(row["participants"] for row in sim.history)
     evaluated = 5 * sum(1 for row in sim.history if "test_mean" in row)
     assert transport["messages_accepted"] == transport["messages_sent"] \
-        == 2 * participants + evaluated
+        == 2 * participants + 2 * evaluated
     assert transport["messages_rejected"] == 0 and body["extra"]["security"]["rejections"] == []
 
 

@@ -121,9 +121,9 @@ def _assert_same_results(results: dict[str, Any], sim: Any, outcome: Any) -> Non
 def test_local_signs_the_same_messages_in_both_runtimes(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Per client and round Flower signs an (empty) round message, a round reply (the step
-    count) and an (empty) evaluation message; in process Local signed none. Now the
-    in-process run signs and accepts the same three per client and round, and its results
-    are those of the run without envelopes."""
+    count), an (empty) evaluation message and its reply (the metrics); in process Local
+    signed none. Now the in-process run signs and accepts the same four per client and round,
+    and its results are those of the run without envelopes."""
     cfg = _config()
     results, grid = _flower(tmp_path, cfg)
     flower = {t: sum(1 for m in grid.sent if m.metadata.message_type == t
@@ -132,13 +132,13 @@ def test_local_signs_the_same_messages_in_both_runtimes(tmp_path: Path,
     assert grid.errors == [] and results["security"]["rejections"] == []
     sent = _tamper_inprocess(monkeypatch, "", set(), lambda m: m)
     sim, outcome = in_process(cfg, tmp_path, "local")
-    # each Flower request, and each round reply, is one in-process envelope
+    # each Flower request, and each reply, is one in-process envelope
     assert sent == {"round": flower[MSG_ROUND], "round.steps": flower[MSG_ROUND],
-                    "evaluate": flower[MSG_EVALUATE]}
+                    "evaluate": flower[MSG_EVALUATE], "evaluate.reply": flower[MSG_EVALUATE]}
     stats = sim.methods["local"].exchange.transport.stats
-    assert stats.messages_sent == stats.messages_accepted == 3 * N * ROUNDS
+    assert stats.messages_sent == stats.messages_accepted == 4 * N * ROUNDS
     assert stats.messages_rejected == 0
-    assert outcome.to_json()["extra"]["security"]["transport"]["messages_accepted"] == 3 * N * ROUNDS
+    assert outcome.to_json()["extra"]["security"]["transport"]["messages_accepted"] == 4 * N * ROUNDS
     _assert_same_results(results, sim, outcome)
     plain, _ = in_process(parse_config({**cfg.model_dump(mode="json", exclude_none=True),
                                         "security": {"envelopes": False}}),

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from privacy.envelope import decode_message, encode_message
 from secure_fedora.algorithms.baselines import KEY_CLUSTERS_VERSION
-from secure_fedora.algorithms.messages import KIND_CLUSTERS, KIND_GLOBAL
+from secure_fedora.algorithms.messages import KIND_CLUSTERS, KIND_EVALUATION_REPLY, KIND_GLOBAL
 from secure_fedora.algorithms.methods import EvaluationRejectedError
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
@@ -277,6 +277,143 @@ def test_a_tampered_evaluation_message_of_ckks_propagation_fedora_is_rejected_as
         assert ours[part].get("stale_clients") == theirs[part].get("stale_clients"), part
     assert ours["final"]["stale_clients"] == [{"client": 1, "round": 1}]
     # per client and round, as the plaintext run: theta up, phi down (ciphertexts), the
-    # evaluation message; and the final one once more to client 1
+    # evaluation message; and the final one once more to client 1; an evaluation reply per
+    # accepted evaluation message (3 + 2 + 2)
     transport = method.exchange.transport.stats
-    assert transport.messages_sent == 3 * 3 * 3 + 1 and transport.messages_rejected == 3
+    assert transport.messages_sent == 3 * 3 * 3 + 1 + 7 and transport.messages_rejected == 3
+
+
+def _tamper_kinds(monkeypatch: pytest.MonkeyPatch,
+                  times: dict[str, dict[tuple[int, int], int]]) -> dict[str, int]:
+    """In process: the first ``times[kind][(client, round)]`` messages of ``kind`` to or from
+    that client in that round have their signature's first bit flipped (a reply: its last
+    payload byte). Returns the count of messages per kind (filled as the run goes)."""
+    left = {kind: dict(t) for kind, t in times.items()}
+    sent: dict[str, int] = {}
+    real_init = transport_module.SecureExchange.__init__
+
+    def channel(kind: str, rnd: int, client: int, message: bytes) -> bytes:
+        sent[kind] = sent.get(kind, 0) + 1
+        if not left.get(kind, {}).get((client, rnd)):
+            return message
+        left[kind][client, rnd] -= 1
+        if kind == KIND_EVALUATION_REPLY:
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        envelope, payload = decode_message(message)
+        signature = bytes([envelope.signature[0] ^ 0x01]) + envelope.signature[1:]
+        return encode_message(dataclasses.replace(envelope, signature=signature), payload)
+
+    def init(self, transport, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(self, transport, **{**kwargs, "channel": channel})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+    return sent
+
+
+def _tamper_metrics(times: int) -> Any:
+    """A Flower evaluation reply whose test metric is halved (still in [0, 1]; the envelope as
+    signed), for the first ``times`` replies it sees."""
+    left = {"n": times}
+
+    def tamper(_request: Message, reply: Message) -> Message:
+        if left["n"]:
+            left["n"] -= 1
+            metrics = reply.content["metrics"]
+            metrics["test-metric"] = float(metrics["test-metric"]) / 2
+        return reply
+
+    return tamper
+
+
+def _flower_replies(cfg: Any, tmp_path: Path, replies: dict[tuple[int, int], int],
+                    requests: dict[tuple[int, int], int] | None = None,
+                    dp: bool = False) -> tuple[dict[str, Any], Any]:
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": dp})
+    grid = InMemoryGrid(
+        tmp_path / "nodes", rc, 3,
+        tamper_reply={(c, r, MSG_EVALUATE): _tamper_metrics(n) for (c, r), n in replies.items()},
+        tamper_request={(c, r, MSG_EVALUATE): _times(_tamper_signature, n)
+                        for (c, r), n in (requests or {}).items()})
+    return server_app.run_federation(grid, RunSettings.from_run_config(rc), 42), grid  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("times", "stale"), [
+    ({(1, 2): 1, (1, 3): 2}, [{"client": 1, "round": 1}]),  # final rejected twice: stale
+    ({(1, 3): 1}, None),  # final rejected once: asked again, not stale
+], ids=["twice", "once"])
+@pytest.mark.parametrize("method", ["fedavg", "fedora"])
+def test_a_tampered_evaluation_reply_keeps_the_last_metrics_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+        times: dict[tuple[int, int], int], stale: list[dict[str, int]] | None) -> None:
+    """Client 1's evaluation reply (its metrics) is tampered with on the way to the server.
+    On Flower the reply is a signed envelope: the server rejects it (payload hash), the
+    client keeps its last metrics and the final evaluation is asked once more; in process
+    the metrics never travelled, so the tampered figures could not be rejected. Both
+    runtimes now reject the same replies for the same reason and report alike."""
+    cfg = _config(method, dp=False)
+    results, grid = _flower_replies(cfg, tmp_path, times)
+    assert grid.errors == []
+    flower = [(r["client"], r["round"], r["reason"]) for r in results["security"]["rejections"]
+              if r["method"] == method]
+    assert flower == [(c, r, "payload_hash_mismatch") for (c, r), n in sorted(times.items())
+                      for _ in range(n)]
+    sent = _tamper_kinds(monkeypatch, {KIND_EVALUATION_REPLY: times})
+    sim, outcome = in_process(cfg, tmp_path, method)
+    ours = sim.methods[method].exchange.rejections
+    assert [(r.client, r.round, r.reason) for r in ours] == flower
+    assert {(r.error_type, r.direction) for r in ours} == {("PayloadHashMismatchError", "upload")}
+    assert [r["evaluated"] for r in sim.history] == [r["evaluated"] for r in results["rounds"]]
+    for ours_row, their_row in zip(sim.history, results["rounds"], strict=True):
+        for key in ("test_mean", "test_min", "test_max", "test_std", "val_mean"):
+            assert np.isclose(ours_row[key], their_row[key], atol=1e-4, rtol=0), (key, ours_row)
+    mine, theirs = outcome.to_json(), results["methods"][method]
+    for part in ("selected", "final"):
+        assert np.allclose(mine[part]["per_client"], theirs[part]["per_client"],
+                           atol=1e-4, rtol=0), part
+        assert mine[part].get("stale_clients") == theirs[part].get("stale_clients"), part
+    assert mine["selected"]["round"] == theirs["selected"]["round"]
+    assert mine["final"].get("stale_clients") == stale
+    # one reply per evaluation message accepted, as the Flower evaluation requests and replies
+    requests = sum(1 for m in grid.sent if m.metadata.message_type == MSG_EVALUATE
+                   and m.metadata.group_id.startswith(f"{method}:"))
+    assert sent[KIND_EVALUATION_REPLY] == requests == 3 * 3 + 1  # the final one asked again
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_final_evaluation_gets_two_tries_of_message_and_reply_in_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 1 rejects its final evaluation message once, then its reply to the message
+    sent again is tampered with: on Flower the retry was its last try, so it keeps its round-2
+    metrics; in process it must not get a third try either."""
+    cfg = _config("fedora", dp=False)
+    results, grid = _flower_replies(cfg, tmp_path, {(1, 3): 1}, requests={(1, 3): 1})
+    assert [(c, type(e).__name__) for c, _, e in grid.errors] == [(1, "BadSignatureError")]
+    assert [(r["client"], r["round"], r["reason"]) for r in results["security"]["rejections"]] \
+        == [(1, 3, "payload_hash_mismatch")]
+    _tamper_kinds(monkeypatch, {"evaluate": {(1, 3): 1}, KIND_EVALUATION_REPLY: {(1, 3): 1}})
+    sim, outcome = in_process(cfg, tmp_path, "fedora")
+    assert [(r.client, r.round, r.error_type) for r in sim.methods["fedora"].exchange.rejections] \
+        == [(1, 3, "BadSignatureError"), (1, 3, "PayloadHashMismatchError")]
+    assert [r["evaluated"] for r in results["rounds"]] == [r["evaluated"] for r in sim.history] \
+        == [3, 3, 2]
+    mine, theirs = outcome.to_json(), results["methods"]["fedora"]
+    assert mine["final"]["stale_clients"] == theirs["final"]["stale_clients"] \
+        == [{"client": 1, "round": 2}]
+    assert np.allclose(mine["final"]["per_client"], theirs["final"]["per_client"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_under_dp_a_final_evaluation_reply_rejected_twice_stops_both_runtimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DP client's final evaluation reply (sent as it closes its ledger) is tampered with
+    in both tries: the Flower server stops the run, and so does the in-process runtime
+    (before, the unsigned metrics were used and the run completed)."""
+    cfg = _config("fedavg", dp=True)
+    times = {(1, 3): 2}
+    with pytest.raises(DeployError, match=r"clients \[1\] did not answer the final evaluation"):
+        _flower_replies(cfg, tmp_path, times, dp=True)
+    _tamper_kinds(monkeypatch, {KIND_EVALUATION_REPLY: times})
+    with pytest.raises(EvaluationRejectedError, match=r"clients \[1\] rejected the final"):
+        in_process(cfg, tmp_path, "fedavg")
