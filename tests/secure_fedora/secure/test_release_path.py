@@ -11,6 +11,7 @@ from privacy.identity import SERVER_ID
 from privacy.ledger import read_ledger
 from privacy.noise import ReproducibleNoise
 from privacy.pipeline import EncryptPayload, PipelineError, SignEnvelope, StepCountMismatchError
+from secure_fedora.algorithms.messages import KIND_EVALUATION_REPLY
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.inprocess import Simulation, build_clients
 from secure_fedora.secure.transport import SecureTransport
@@ -88,11 +89,14 @@ def _client_sends(sent):
 def test_every_in_process_upload_is_signed_by_the_pipeline(tmp_path, clients, spy, dp):
     """FEDORA (summary + theta uploads) and FedAvg, with and without DP: each client
     envelope is produced inside a SignEnvelope stage; under DP the ledger already holds the
-    accounted entry of the upload's round (and the summary's) when it is signed."""
+    accounted entry of the upload's round (and the summary's) when it is signed. Evaluation
+    replies (metrics, no accounted release) are signed inside a SignEnvelope stage too."""
     run_dir = tmp_path / "run"
     checked = []
     if dp:
         def ledger_first(transport, sender, kind, rnd):
+            if kind == KIND_EVALUATION_REPLY:
+                return
             method = transport.context.split("/")[-1].split("-")[0]
             ledger = run_dir / "ledgers" / method / f"{sender}.jsonl"
             wanted = "gaussian_summary" if kind == "summary" else "dpsgd"
@@ -102,9 +106,12 @@ def test_every_in_process_upload_is_signed_by_the_pipeline(tmp_path, clients, sp
                            and journal.exists() and journal.stat().st_size > 0)
         spy.on_client_send(ledger_first)
     Simulation(config(dp), run_dir, clients=clients).run()
-    uploads = _client_sends(spy.sent)
+    sends = _client_sends(spy.sent)
+    assert all(inside for *_, inside in sends), [u for u in sends if not u[3]]
+    replies = [s for s in sends if s[1] == KIND_EVALUATION_REPLY]
+    assert len(replies) == 2 * 4 * 2  # FEDORA's and FedAvg's 4 clients, 2 evaluated rounds
+    uploads = [s for s in sends if s[1] != KIND_EVALUATION_REPLY]
     assert {k for _, k, _, _ in uploads} == {"theta", "summary"}
-    assert all(inside for *_, inside in uploads), [u for u in uploads if not u[3]]
     # 4 FEDORA summaries, FEDORA's and FedAvg's theta uploads of 4 clients in 2 rounds
     assert [k for _, k, _, _ in uploads].count("summary") == 4
     assert [k for _, k, _, _ in uploads].count("theta") == 2 * 4 * 2
