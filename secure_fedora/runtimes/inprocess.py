@@ -110,8 +110,8 @@ def model_record(module: torch.nn.Module) -> bytes:
 
 def model_record_problem(path: Path, module: torch.nn.Module) -> str | None:
     """Why the :data:`MODEL_RECORD` ``path`` does not record ``module``'s architecture (it
-    is unreadable, or records another model: the first line where they differ), as the end
-    of a sentence starting with the path; None when it records it. Reads only."""
+    is unreadable, damaged, or records another model: the first line where they differ), as
+    the end of a sentence starting with the path; None when it records it. Reads only."""
     current = model_fingerprint(module)
     try:
         recorded = json.loads(path.read_bytes())
@@ -120,7 +120,11 @@ def model_record_problem(path: Path, module: torch.nn.Module) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"is unreadable ({err})"
     if fingerprint == current:
-        return None
+        if architecture == model_architecture(module):
+            return None
+        # the fingerprint is the listing's hash: a listing that differs is a changed file
+        return ("is damaged (its model_architecture listing does not match its"
+                " model_fingerprint): the run's record of its model cannot be trusted")
     what = architecture_difference(architecture, model_architecture(module)) \
         or f"fingerprint {fingerprint!s:.12} != {current:.12}"
     return f"records another model than this one ({what}): the run's releases were made with it"
