@@ -306,18 +306,24 @@ class MechanismRegistry:
         """The sensitivity ``name``'s recorded ``params`` imply, or None when it cannot be
         recomputed: an unregistered mechanism, one without a sensitivity formula, or params
         missing an input (or holding one of the wrong type: a non-finite number, a count
-        that is not an int > 0)."""
+        that is not an int > 0); ``math.inf`` when an input or the implied value is beyond
+        float64, so that no recorded sensitivity matches it."""
         spec = self._specs.get(name)
         if spec is None or spec.sensitivity is None:
             return None
-        for key, kind in spec.sensitivity_inputs.items():
-            value = params.get(key)
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value):
-                return None
-            if kind == "count" and not (isinstance(value, int) and value > 0):
-                return None
-        return spec.sensitivity(params)
+        try:
+            for key, kind in spec.sensitivity_inputs.items():
+                value = params.get(key)
+                if isinstance(value, bool) or not isinstance(value, int | float) \
+                        or not math.isfinite(value):
+                    return None
+                if kind == "count" and not (isinstance(value, int) and value > 0):
+                    return None
+            return float(spec.sensitivity(params))
+        except OverflowError:
+            # an input or the implied value beyond float64 (e.g. clip_norm 1e308 squared):
+            # no recorded float sensitivity can equal it
+            return math.inf
 
 
 #: The accounted mechanisms, by the name their ledger entries carry.

@@ -382,6 +382,24 @@ def test_sensitivity_mismatch_is_caught(run_copy):
     assert [(f.check, f.entry) for f in report.errors] == [("sensitivity", 0)]
 
 
+@pytest.mark.parametrize("clip_norm", [1e308, 10**400])
+def test_a_resigned_clip_norm_beyond_float64_is_a_sensitivity_error(run_copy, clip_norm):
+    """A summary entry re-signed with the client's key with clip_norm 1e308 (or an integer
+    beyond float64) made verify raise OverflowError while computing the implied sensitivity
+    (found by random damage of run directories). It is a sensitivity error at that entry."""
+    key = load_identity(keystore_of(run_copy), CID).signing_key
+
+    def huge(entry):
+        entry["params"]["clip_norm"] = clip_norm
+
+    lines = lines_of(run_copy)
+    assert json.loads(lines[0])["mechanism"] == "gaussian_summary"
+    write_lines(run_copy, _resign(lines, 0, key, huge))
+    report = verify_run(run_copy)
+    assert not report.ok
+    assert "sensitivity" in errors_at(report)[0]
+
+
 def test_torn_last_line_is_caught(run_copy):
     data = ledger_path(run_copy).read_bytes()
     ledger_path(run_copy).write_bytes(data[:-1])
