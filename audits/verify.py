@@ -86,7 +86,7 @@ from typing import Any, Literal
 
 import dp_accounting
 import numpy as np
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
@@ -865,7 +865,7 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
             continue
         try:
             loaded = serialization.load_pem_public_key(pub.read_bytes())
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
             findings.append(Finding("error", "key", f"{pub} is not a valid PEM public key: {exc}",
                                     party))
             continue

@@ -400,6 +400,24 @@ def test_a_resigned_clip_norm_beyond_float64_is_a_sensitivity_error(run_copy, cl
     assert "sensitivity" in errors_at(report)[0]
 
 
+def test_a_public_key_of_an_unknown_algorithm_is_a_key_error(run_copy):
+    """One bit flipped in the algorithm OID of keys/<client>.ed25519.pub (1.3.101.112 ->
+    0.11.101.112) made verify raise cryptography's UnsupportedAlgorithm, a traceback (found
+    by random damage of run directories). It is a key error naming the file."""
+    import base64
+
+    pub = run_copy / "keys" / f"{CID}.ed25519.pub"
+    body = "".join(line for line in pub.read_text().splitlines() if "-----" not in line)
+    der = base64.b64decode(body)
+    assert b"\x2b\x65\x70" in der  # the Ed25519 OID
+    der = der.replace(b"\x2b\x65\x70", b"\x0b\x65\x70")
+    pub.write_text("-----BEGIN PUBLIC KEY-----\n" + base64.b64encode(der).decode()
+                   + "\n-----END PUBLIC KEY-----\n")
+    report = verify_run(run_copy)
+    assert not report.ok
+    assert any(f.check == "key" and str(pub) in f.message for f in report.errors)
+
+
 def test_torn_last_line_is_caught(run_copy):
     data = ledger_path(run_copy).read_bytes()
     ledger_path(run_copy).write_bytes(data[:-1])
