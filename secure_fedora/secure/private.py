@@ -734,6 +734,7 @@ class FederationPrivacy:
         if resume:  # every client's checks before anything is written: a refusal changes nothing
             checked = [_check_resumable(ledger_dir, cid, method, identity)
                        for cid, identity in zip(ids, identities, strict=True)]
+            _check_unjournaled_tails(checked)
         states = []
         journals = []
         recoveries: list[dict[str, Any]] = []
@@ -1308,11 +1309,8 @@ def _check_journal_covers(entries: list[dict[str, Any]], journal: ReleaseJournal
     and a lost record of an earlier release shows the journal was lost or cut. Only the
     release whose entries end the ledger may lack it (the run stopped after the ledger was
     written and before its journal record, so it never left). Refusals record no release."""
-    # the last entry that records something (a torn tail's repair entry may follow it)
-    last = next((e for e in reversed(entries) if e["mechanism"] != REPAIR), None)
-    exempt = None
-    if last is not None and isinstance(last.get("params"), dict) and last["params"].get("release_kind"):
-        exempt = (last["round"], last["params"]["release_kind"])
+    last = _last_release(entries)
+    exempt = None if last is None else (last["round"], last["params"]["release_kind"])
     for entry in entries:
         if entry["mechanism"] in (REFUSAL, CLOSE, REPAIR):
             continue
@@ -1326,6 +1324,46 @@ def _check_journal_covers(entries: list[dict[str, Any]], journal: ReleaseJournal
                 f"{entry['round']} {kind!r} release, but the journal {str(journal.path)!r} has no"
                 " record of it (lost or cut): resuming would make that release again with new"
                 " noise, accounted once. Restore the journal from a copy, or start a new run")
+
+
+def _last_release(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last entry that records something, when it names a release kind (a torn tail's
+    repair entry may follow it): the one release that may lack its journal record."""
+    last = next((e for e in reversed(entries) if e["mechanism"] != REPAIR), None)
+    if last is not None and isinstance(last.get("params"), dict) \
+            and last["params"].get("release_kind"):
+        return last
+    return None
+
+
+def _check_unjournaled_tails(checks: Sequence[LedgerCheck]) -> None:
+    """JournalError when a client's last release lacks its journal record although another
+    client's ledger shows that the run went past that release's journal write: in process
+    the clients are admitted one after another in index order within a round (gate, ledger,
+    journal), so a release or refusal entry of a later round, or of the same round by a
+    client with a higher index, was written after this client's record. The record was then
+    lost or cut (a torn record included), not missing because of a crash, and the release
+    may have left: re-making it would draw new noise under the ledger entry it consumes. A
+    last release that nothing came after stays exempt (:func:`_check_journal_covers`)."""
+    for k, check in enumerate(checks):
+        last = _last_release(check.entries)
+        if last is None or check.journal.get(last["round"],
+                                             last["params"]["release_kind"]) is not None:
+            continue
+        for j, other in enumerate(checks):
+            later = next((e for e in other.entries if e["mechanism"] not in (REPAIR, CLOSE)
+                          and (e["round"] > last["round"]
+                               or (e["round"] == last["round"] and j > k))), None)
+            if j != k and later is not None:
+                raise JournalError(
+                    f"client {check.client_id!r}: ledger entry {last['index']} records its"
+                    f" round-{last['round']} {last['params']['release_kind']!r} release, but"
+                    f" the journal {str(check.journal.path)!r} has no complete record of it,"
+                    f" though client {other.client_id!r} released after it (its ledger entry"
+                    f" {later['index']}, round {later['round']}): the record was written and"
+                    " then lost or cut, and the release may have left, so resuming would make"
+                    " it again with new noise, accounted once. Nothing was written. Restore"
+                    " the journal from a copy, or start a new run")
 
 
 def _journaled_lines(journal: ReleaseJournal) -> dict[int, str]:

@@ -658,3 +658,50 @@ def test_a_resume_refused_for_one_client_repairs_no_other_clients_ledger(tmp_pat
     with pytest.raises(error, match=message):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert _files(tmp_path) == before
+
+
+def _csprng_local(rounds=2):
+    data = config_dict(["local"], True, rounds=rounds)
+    data["privacy"]["noise"] = "csprng"
+    return parse_config(data)
+
+
+@pytest.mark.parametrize("cut", ["whole-record", "inside-record"])
+def test_a_cut_last_journal_record_of_a_release_that_left_refuses_the_resume(tmp_path, clients,
+                                                                             cut):
+    """The last release a ledger records may lack its journal record (a crash between the
+    two writes: it never left), so a cut removing that record, whole or all but a torn
+    prefix, went unnoticed: killed after round 2 had left (before its checkpoint) and with
+    client-000's round-2 record cut, the resume drew client-000's round-2 model again with
+    fresh CSPRNG noise (its theta 0.043 away from the released one) while its ledger entry
+    was consumed: two releases accounted once. Clients admit in order, so client-001's
+    round-2 entry shows client-000's record had been written: a JournalError, nothing
+    written."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")  # round 2 left, unsaved
+    journal = tmp_path / "ledgers" / "local" / "client-000.journal"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 2  # rounds 1 and 2
+    kept = lines[0] + (lines[1][:len(lines[1]) // 2] if cut == "inside-record" else b"")
+    journal.write_bytes(kept)
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match="client 'client-001' released after it"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+def test_a_crash_between_ledger_and_journal_still_resumes_with_csprng_noise(tmp_path, clients):
+    """The crash window the refusal above must not close: killed after client-001's round-1
+    ledger entry and before its journal record (client-002 not admitted yet, client-000
+    journaled), the resume makes that release once and the run verifies."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "gate@2")
+    folder = tmp_path / "ledgers" / "local"
+    assert [len(read_ledger(folder / f"client-00{k}.jsonl")) for k in range(3)] == [1, 1, 0]
+    assert not (folder / "client-001.journal").exists() or \
+        not (folder / "client-001.journal").read_bytes()
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert [[(e["round"], e["mechanism"]) for e in read_ledger(folder / f"client-00{k}.jsonl")]
+            for k in range(3)] == [[(1, "dpsgd"), (2, "dpsgd"), (2, "close")]] * 3
+    report = verify_run(tmp_path)
+    assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
