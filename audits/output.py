@@ -109,6 +109,16 @@ def check_output_file(value: str, flag: str, command: str, force: bool = False) 
 
 
 def _creation_mode() -> int:
+    """0o666 under the process umask, read without changing it where the system shows it
+    (Linux's /proc/self/status): setting the umask to read it would, for a moment, apply to
+    files that other threads of the process create."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

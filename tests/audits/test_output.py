@@ -46,6 +46,24 @@ def test_verify_json_replaces_its_own_previous_report(pristine_run, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["v.json"]  # no temporary file left
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_writing_a_report_never_changes_the_process_umask(pristine_run, tmp_path, monkeypatch):
+    """Reading the umask by setting it applied umask 0 for a moment to every file other
+    threads of the process created; it is read from /proc/self/status instead."""
+    mask = os.umask(0o027)
+    try:
+        def refuse(_: int) -> int:
+            raise AssertionError("os.umask called while writing a report")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        path = tmp_path / "v.json"
+        assert _verify(pristine_run, path) == 0
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+
+
 @pytest.mark.parametrize("command", ["canary", "whitebox", "leakage"])
 def test_another_commands_report_is_not_its_own(pristine_run, tmp_path, capsys, command):
     """A verify report is not a canary/white-box/leakage report: refused without --force."""
