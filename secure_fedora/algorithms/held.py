@@ -19,7 +19,8 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 
-__all__ = ["DataAccessError", "HeldAttributeError", "HeldRows", "HeldSlots", "per_client"]
+__all__ = ["DataAccessError", "HeldAttributeError", "HeldRows", "HeldSlots", "held_index",
+           "per_client"]
 
 T = TypeVar("T")
 
@@ -35,7 +36,10 @@ def _refusal(party: str, i: int) -> DataAccessError:
         "client i's)")
 
 
-def _row_index(index: Any, n: int, held: int, party: str) -> int:
+def held_index(index: Any, n: int, held: int | None, party: str) -> int:
+    """``index`` (negative counts from the end) as a client number, when it is ``held``, the
+    one client ``party`` holds (None: it holds none); IndexError out of range,
+    DataAccessError for any other client or an index that is not an int."""
     if isinstance(index, bool) or not isinstance(index, int):
         raise DataAccessError(
             f"{party} holds only client {held}'s entry of a per-client matrix; it can be "
@@ -63,11 +67,11 @@ class HeldSlots(Generic[T]):
         return self._n
 
     def __getitem__(self, index: int) -> T:
-        _row_index(index, self._n, self._held, self._party)
+        held_index(index, self._n, self._held, self._party)
         return self._value
 
     def __setitem__(self, index: int, value: T) -> None:
-        _row_index(index, self._n, self._held, self._party)
+        held_index(index, self._n, self._held, self._party)
         self._value = value
 
     def __iter__(self) -> Iterator[T]:
@@ -119,7 +123,7 @@ class HeldRows:
             raise DataAccessError(
                 f"{self._party} holds only row {self._held} of a per-client matrix and cannot "
                 f"read rows {start}:{stop}:{step}")
-        _row_index(index, self._n, self._held, self._party)
+        held_index(index, self._n, self._held, self._party)
         return 0
 
     def __getitem__(self, index: Any) -> Tensor:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from secure_fedora.algorithms.held import DataAccessError, HeldSlots
+from secure_fedora.algorithms.held import DataAccessError, HeldSlots, held_index
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
@@ -49,14 +49,8 @@ class ClientDataSlots(Sequence[ClientData]):
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             raise DataAccessError(f"{self._party} cannot read a slice of the clients' data")
-        i = index + self._n if index < 0 else index
-        if not 0 <= i < self._n:
-            raise IndexError(f"client {index} out of range for {self._n} clients")
-        if i != self._held or self._client is None:
-            raise DataAccessError(
-                f"{self._party} read client {i}'s data, which it does not hold (the method's "
-                "halves must keep to the contract: the server half reads no client data, "
-                "client i's half only client i's)")
+        held = self._held if self._client is not None else None
+        held_index(index, self._n, held, self._party)
         return self._client
 
     def __iter__(self) -> Iterator[ClientData]:
