@@ -3,28 +3,34 @@
 The rule, for every command that writes a file the user names:
 
 - PATH must not be a directory, a symbolic link or anything but a regular file;
-- an existing regular file is replaced only when it is a previous JSON report of the same
-  command (the same top-level keys, and for the canary and white-box audits the same
-  ``"audit"``), or when the user passed ``--force``;
+- an existing regular file is replaced only when it is a previous, unedited report of the
+  same command written by this module, or when the user passed ``--force``. The writer seals
+  every report: a JSON report carries ``"written_by": {"tool": "secure-fedora", "command":
+  <command>, "sha256": <SHA-256 of the canonical JSON of every other key>}`` (:data:`SEAL_KEY`),
+  the HTML report ends with a comment line holding the SHA-256 of everything before it. A file
+  with a report's keys or header but without a matching seal (hand-made, edited, or written
+  before the seal existed) is not recognised;
 - the new content is written to a temporary file in PATH's folder and renamed over PATH, so
   PATH holds the old or the new report, never a mix, and a link put in PATH's place after the
-  check is replaced, not followed.
+  check is replaced, not followed. A replaced file keeps its permission bits; a new file gets
+  0666 under the umask.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from secure_fedora.core.config import ConfigError, check_path_argument
 from secure_fedora.core.files import atomic_write_with
 
-__all__ = ["REPORT_KEYS", "check_output_file", "is_previous_report", "output_refusal",
-           "write_output_file"]
+__all__ = ["REPORT_KEYS", "SEAL_KEY", "check_output_file", "is_previous_report",
+           "output_refusal", "seal_report", "write_output_file"]
 
 #: Top-level keys by which each command's JSON report is recognised (the first ones of the
 #: document it writes); canary and white-box reports also carry ``"audit": <name>``.
@@ -42,29 +48,68 @@ REPORT_KEYS: Mapping[str, frozenset[str]] = {
 HTML_REPORT_START = b'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">\n<title>Privacy' \
     b" compliance report: "
 
+#: The top-level key of a JSON report that says this module wrote it (see the module docstring).
+SEAL_KEY = "written_by"
+SEAL_TOOL = "secure-fedora"
+_HTML_SEAL_START = b"\n<!-- secure-fedora audit report sha256="
+_HTML_SEAL_END = b" -->\n"
+
 #: A previous report larger than this is not read to recognise it (``--force`` replaces it).
 MAX_RECOGNISED_BYTES = 256 * 2**20
 
 
+def _canonical_sha256(doc: Mapping[str, Any]) -> str:
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal_report(text: str, command: str) -> str:
+    """``text`` (``command``'s report) with the writer's seal: for a JSON report the document
+    with :data:`SEAL_KEY` added (SHA-256 of the canonical JSON of the rest; dumped with indent
+    2), for ``"report.html"`` the text followed by a comment line holding the SHA-256 of the
+    text. :func:`is_previous_report` recognises exactly such files. ValueError for a JSON report
+    that is not a strict-JSON object or already has :data:`SEAL_KEY`."""
+    if command == "report.html":
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return text + (_HTML_SEAL_START + digest.encode() + _HTML_SEAL_END).decode()
+    doc = json.loads(text)
+    if not isinstance(doc, dict) or SEAL_KEY in doc:
+        raise ValueError(f"a {command} report must be a JSON object without {SEAL_KEY!r}")
+    seal = {"tool": SEAL_TOOL, "command": command, "sha256": _canonical_sha256(doc)}
+    return json.dumps({**doc, SEAL_KEY: seal}, indent=2, allow_nan=False)
+
+
+def _sealed_html(data: bytes) -> bool:
+    if not data.startswith(HTML_REPORT_START) or not data.endswith(_HTML_SEAL_END):
+        return False
+    body, sep, tail = data[:-len(_HTML_SEAL_END)].rpartition(_HTML_SEAL_START)
+    return bool(sep) and tail == hashlib.sha256(body).hexdigest().encode()
+
+
 def is_previous_report(path: Path, command: str) -> bool:
-    """True when ``path`` is a regular file holding a JSON object with the keys of
-    ``command``'s report (see :data:`REPORT_KEYS`), or for ``"report.html"`` an HTML report of
-    ``audit report``; False for anything else, unreadable or not (never raises for the
-    file's content)."""
+    """True when ``path`` is a regular file that :func:`seal_report` sealed as ``command``'s
+    report and that was not edited since: a JSON object with the keys of ``command``'s report
+    (:data:`REPORT_KEYS`) and a :data:`SEAL_KEY` naming ``command`` whose digest matches the
+    rest, or for ``"report.html"`` an HTML report of ``audit report`` ending in its digest
+    line. False for anything else, unreadable or not (never raises for the file's content)."""
     try:
         info = path.lstat()
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECOGNISED_BYTES:
             return False
+        data = path.read_bytes()
         if command == "report.html":
-            with path.open("rb") as fh:
-                return fh.read(len(HTML_REPORT_START)) == HTML_REPORT_START
-        doc: Any = json.loads(path.read_bytes())
+            return _sealed_html(data)
+        doc: Any = json.loads(data)
+        if not isinstance(doc, dict) or not REPORT_KEYS[command] <= doc.keys():
+            return False
+        if command in ("canary", "whitebox") and doc.get("audit") != command:
+            return False
+        seal = doc.pop(SEAL_KEY, None)
+        return isinstance(seal, dict) and seal.get("tool") == SEAL_TOOL \
+            and seal.get("command") == command and seal.get("sha256") == _canonical_sha256(doc)
     except (OSError, ValueError, RecursionError):
         return False
-    keys = REPORT_KEYS[command]
-    if not isinstance(doc, dict) or not keys <= doc.keys():
-        return False
-    return command not in ("canary", "whitebox") or doc.get("audit") == command
 
 
 def output_refusal(path: Path, flag: str, command: str, force: bool) -> str | None:
@@ -125,17 +170,23 @@ def _creation_mode() -> int:
 
 
 def write_output_file(path: Path, text: str, flag: str, command: str,
-                      force: bool = False) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file in its folder, renamed over
-    it; mode as a new file under the umask), after checking ``path`` again by the module's
-    rule: the file may have changed while the audit ran. ConfigError when it is refused."""
+                      force: bool = False,
+                      error: Callable[[str], Exception] = ConfigError) -> None:
+    """Write ``text``, sealed by :func:`seal_report`, to ``path`` atomically (a temporary
+    file in its folder, renamed over it), after checking ``path`` again by the module's rule:
+    the file may have changed while the audit ran. A replaced file keeps its permission bits,
+    a new one gets 0666 under the umask. ``error`` (ConfigError by default) when refused."""
     why = output_refusal(path, flag, command, force)
     if why is not None:
-        raise ConfigError(why)
-    mode = _creation_mode()
+        raise error(why)
+    sealed = seal_report(text, command).encode()
+    try:
+        mode = stat.S_IMODE(path.lstat().st_mode)  # a regular file: output_refusal saw to it
+    except FileNotFoundError:
+        mode = _creation_mode()
 
     def write(fh: Any) -> None:
         os.fchmod(fh.fileno(), mode)
-        fh.write(text.encode())
+        fh.write(sealed)
 
     atomic_write_with(path, write)

@@ -37,6 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from audits.output import write_output_file  # noqa: E402
 from audits.verdict import audit_verdict, verdict_text  # noqa: E402
 from audits.verify import (  # noqa: E402
     AuditError,
@@ -49,7 +50,7 @@ from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from secure_fedora.core.files import atomic_write_text, strict_json  # noqa: E402
+from secure_fedora.core.files import strict_json  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
 from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
 
@@ -940,6 +941,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
         "accuracy": _accuracy_plot(report["accuracy"]),
     }
     _check_report_files(paths, force)
-    atomic_write_text(paths.json, strict_json(json.loads(json.dumps(report, default=str))))
-    atomic_write_text(paths.html, render_html(report, plots))
+    write_output_file(paths.json, strict_json(json.loads(json.dumps(report, default=str))),
+                      "output file", "report", force, ReportError)
+    write_output_file(paths.html, render_html(report, plots), "output file", "report.html",
+                      force, ReportError)
     return paths

@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from audits.cli import main
-from audits.output import is_previous_report
+from audits.output import is_previous_report, seal_report
 from audits.report import ReportError, write_report
 
 
@@ -126,10 +126,63 @@ def test_recognising_a_previous_report(tmp_path):
     for text in ("", "not json", "[]", '{"ok": true}', "\xff", "[" * 100_000):
         path.write_text(text)
         assert not is_previous_report(path, "verify")
-    path.write_text(json.dumps({"audit": "canary", "claim_epsilon": 1.0, "certifiable_max": 2.0,
-                                "lower_bound": 0.0, "verdict": "consistent"}))
+    doc = {"audit": "canary", "claim_epsilon": 1.0, "certifiable_max": 2.0,
+           "lower_bound": 0.0, "verdict": "consistent"}
+    path.write_text(json.dumps(doc))  # a report's keys, but not written by the tool
+    assert not is_previous_report(path, "canary")
+    path.write_text(seal_report(json.dumps(doc), "canary"))
     assert is_previous_report(path, "canary") and not is_previous_report(path, "whitebox")
     assert not is_previous_report(tmp_path / "missing.json", "canary")
+
+
+def test_a_hand_made_file_with_a_reports_keys_is_kept(pristine_run, tmp_path, capsys):
+    """A JSON file that merely had a report's top-level keys was replaced without --force; now
+    only a file the tool sealed and nobody edited is its own previous report."""
+    path = tmp_path / "v.json"
+    assert _verify(pristine_run, path) == 0
+    doc = json.loads(path.read_text())
+    assert doc["written_by"]["command"] == "verify"
+    del doc["written_by"]
+    hand_made = json.dumps({**doc, "notes": "my annotations"})  # the keys, no seal
+    path.write_text(hand_made)
+    assert _verify(pristine_run, path) == 2
+    assert "not a previous `audit verify` JSON report" in capsys.readouterr().err
+    assert path.read_text() == hand_made
+    assert _verify(pristine_run, path, "--force") == 0
+    sealed = json.loads(path.read_text())
+    sealed["ok"] = False  # an edited report: the seal no longer matches
+    path.write_text(json.dumps(sealed))
+    assert _verify(pristine_run, path) == 2
+    assert json.loads(path.read_text())["ok"] is False
+    html = tmp_path / "rep" / "report.html"
+    html.parent.mkdir()
+    forged = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">\n<title>Privacy'
+              " compliance report: mine</title></head><body>my notes</body></html>")
+    html.write_text(forged)  # the report's HTML header, written by hand
+    capsys.readouterr()
+    assert main(["audit", "report", str(pristine_run), "--out", str(html.parent)]) == 2
+    assert "not a previous HTML report" in capsys.readouterr().err
+    assert html.read_text() == forged
+
+
+def test_an_overwritten_report_keeps_the_files_mode(pristine_run, tmp_path, capsys):
+    """An overwritten report took the umask's mode instead of the old file's."""
+    path = tmp_path / "v.json"
+    assert _verify(pristine_run, path) == 0
+    os.chmod(path, 0o600)
+    assert _verify(pristine_run, path) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    os.chmod(path, 0o640)
+    assert _verify(pristine_run, path, "--force") == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    out = tmp_path / "rep"
+    assert main(["audit", "report", str(pristine_run), "--out", str(out)]) == 0
+    os.chmod(out / "report.json", 0o600)
+    os.chmod(out / "report.html", 0o604)
+    assert main(["audit", "report", str(pristine_run), "--out", str(out)]) == 0
+    assert stat.S_IMODE((out / "report.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "report.html").stat().st_mode) == 0o604
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]
 
 
 def test_report_out_keeps_unrelated_files(pristine_run, tmp_path, capsys):
