@@ -58,6 +58,14 @@
    name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests.
 7. **Key location**: private signing keys inside the audited directory are an error when an
    allowlist is given (anyone with the directory could re-sign), a warning otherwise.
+8. **Files beside the ledgers**: ``keys/<party>.ed25519.pub`` and ``.x25519.pub`` equal the
+   allowlisted keys (nothing in a run signs an X25519 key, so the allowlist in use is what
+   they are held to; a missing file, or one of a party the allowlist does not name, is a
+   warning). ``ledgers/<method>/model.json`` (the model the releases come from) is intact (its
+   fingerprint hashes its listing) and records the fingerprint results.json records in
+   ``privacy[<method>].model_fingerprint`` (results.json's digest is in the signed anchor);
+   missing where results.json records one is an error. Where nothing signed records it (no
+   results.json, a Flower run, a run written before the key) a warning says it is unchecked.
 
 Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain; it
 shows as a missing close entry, and with an anchor as a ledger behind its anchored head. An
@@ -89,6 +97,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from dp_accounting import pld, rdp
 
 from audits.arguments import MAX_COUNT
@@ -285,6 +294,9 @@ def checks_done(options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[str]:
         " results.json and config.toml digests, no ledger missing or unnamed",
         "no private signing key inside the audited directory (an error with "
         f"{options['allowlist']})",
+        "keys/*.ed25519.pub and keys/*.x25519.pub equal the allowlisted keys",
+        "ledgers/<method>/model.json intact and equal to results.json's (anchored) model"
+        " fingerprint; a warning where nothing signed records it",
     ]
 
 
@@ -847,8 +859,9 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
         findings.append(Finding(
             "warning", "allowlist",
             f"public keys taken from the run directory itself ({path}); they are only as"
-            " trustworthy as the directory: pass an independently registered allowlist"
-            f" ({options['allowlist']}) to rule out a re-signed ledger",
+            " trustworthy as the directory (the keys/*.pub files, X25519 keys included, are"
+            " then checked only against that file): pass an independently registered"
+            f" allowlist ({options['allowlist']}) to rule out a re-signed ledger",
         ))
     else:
         path = allowlist
@@ -859,21 +872,7 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
         return {}, str(path)
     keys_dir = run_dir / "keys"
     findings.extend(_private_key_findings(run_dir, allowlist is not None))
-    for party, ident in keys.items():
-        pub = keys_dir / f"{party}.ed25519.pub"
-        if not pub.is_file():
-            continue
-        try:
-            loaded = serialization.load_pem_public_key(pub.read_bytes())
-        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            findings.append(Finding("error", "key", f"{pub} is not a valid PEM public key: {exc}",
-                                    party))
-            continue
-        raw = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) \
-            if isinstance(loaded, Ed25519PublicKey) else b""
-        if raw.hex() != ident.verify_key_hex():
-            findings.append(Finding("error", "key", f"{pub} differs from the allowlisted"
-                                    " Ed25519 key", party))
+    findings.extend(_public_key_file_findings(keys_dir, keys))
     return keys, str(path)
 
 
@@ -1133,6 +1132,132 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         cross_final_epsilon=cross, cross_difference=diff,
         warned=any(f.severity == "warning" for f in findings),
     )
+
+
+#: Each party's public key files beside the run's allowlist: suffix, key type, and how the
+#: allowlist's entry gives the raw key.
+_PUBLIC_KEY_FILES: tuple[tuple[str, type, str], ...] = (
+    ("ed25519.pub", Ed25519PublicKey, "verify_key_hex"),
+    ("x25519.pub", X25519PublicKey, "agreement_key_hex"),
+)
+
+
+def _public_key_file_findings(keys_dir: Path, keys: Mapping[str, PublicIdentity]
+                              ) -> list[Finding]:
+    """``keys/<party>.ed25519.pub`` and ``.x25519.pub`` against the allowlist in use (nothing
+    else in a run signs or records an X25519 key): an unreadable file or one holding another
+    key is an error; a missing one, where the run published its keys (``keys/allowlist.json``
+    is there), and a key file of a party the allowlist does not name are warnings (verify
+    itself uses only the allowlist's Ed25519 keys)."""
+    out: list[Finding] = []
+    published = (keys_dir / "allowlist.json").is_file()
+    for party, ident in keys.items():
+        for suffix, kind, raw_of in _PUBLIC_KEY_FILES:
+            label = kind.__name__.removesuffix("PublicKey")
+            pub = keys_dir / f"{party}.{suffix}"
+            if not pub.is_file():
+                if published:
+                    out.append(Finding("warning", "key_file", f"{pub} is missing: a run"
+                                       " publishes every party's public keys beside"
+                                       " keys/allowlist.json; the allowlisted key stands in"
+                                       " for it, but the run directory is not as written",
+                                       party))
+                continue
+            try:
+                loaded = serialization.load_pem_public_key(pub.read_bytes())
+            except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                out.append(Finding("error", "key", f"{pub} is not a valid PEM public key:"
+                                   f" {exc}", party))
+                continue
+            raw = loaded.public_bytes(serialization.Encoding.Raw,
+                                      serialization.PublicFormat.Raw) \
+                if isinstance(loaded, kind) else b""
+            if raw.hex() != getattr(ident, raw_of)():
+                out.append(Finding("error", "key", f"{pub} differs from the allowlisted"
+                                   f" {label} key (replaced or damaged)", party))
+    if keys_dir.is_dir():
+        for pub in sorted(keys_dir.glob("*.pub")):
+            party, _, suffix = pub.name.partition(".")
+            if party not in keys and suffix in {s for s, _, _ in _PUBLIC_KEY_FILES}:
+                out.append(Finding("warning", "key_file", f"{pub} belongs to {party!r}, whom"
+                                   " the allowlist does not name: it is not checked", party))
+    return out
+
+
+#: Beside a DP method's ledgers (``ledgers/<method>/model.json``): the fingerprint and
+#: architecture listing of the model its releases come from (the runtime's format).
+MODEL_RECORD = "model.json"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _model_record_problem(path: Path) -> tuple[str | None, str | None]:
+    """(fingerprint, None) when ``path`` is a model record whose ``model_fingerprint`` is the
+    SHA-256 of its ``model_architecture`` lines joined by newlines (how the runtime computes
+    it), else (None, what is wrong)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, f"is not readable JSON ({exc})"
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_fingerprint"), str) \
+            or not isinstance(doc.get("model_architecture"), list) \
+            or not all(isinstance(x, str) for x in doc["model_architecture"]):
+        return None, ("is not a model record (an object with a model_fingerprint string and a"
+                      " model_architecture list of strings)")
+    listing = "\n".join(doc["model_architecture"]).encode()
+    if hashlib.sha256(listing).hexdigest() != doc["model_fingerprint"]:
+        return None, ("is damaged: its model_architecture listing does not hash to its"
+                      " model_fingerprint")
+    return doc["model_fingerprint"], None
+
+
+def _model_record_findings(run: Path, found: Sequence[tuple[str | None, Path]],
+                           results: dict[str, Any] | None) -> list[Finding]:
+    """Each method folder's ``model.json`` (:data:`MODEL_RECORD`): it must be intact (its
+    fingerprint is the hash of its listing) and record the fingerprint that results.json --
+    whose digest the signed anchor holds -- records in ``privacy[<method>].model_fingerprint``;
+    missing where results.json records one is an error. Where nothing signed records the
+    fingerprint (no results.json, a Flower run, a run written before the key), a warning says
+    the file is unchecked (or, missing, that which model the releases came from is)."""
+    out: list[Finding] = []
+    privacy = results.get("privacy") if results is not None else None
+    runtime = results.get("runtime") if results is not None else None
+    for method in sorted({m for m, _ in found if m is not None}):
+        path = run / "ledgers" / method / MODEL_RECORD
+        summary = privacy.get(method) if isinstance(privacy, dict) else None
+        signed = summary.get("model_fingerprint") if isinstance(summary, dict) else None
+
+        def add(severity: Severity, message: str, method: str = method) -> None:
+            out.append(Finding(severity, "model_record", message, None, None, method))
+
+        if signed is not None and not (isinstance(signed, str) and _SHA256_HEX.fullmatch(signed)):
+            add("error", f"results.json privacy[{method!r}].model_fingerprint is not a SHA-256"
+                         " hex digest")
+            signed = None
+        why = ("results.json is missing" if results is None else
+               "a Flower run's results.json records none" if runtime == "flower" else
+               f"results.json records no privacy[{method!r}].model_fingerprint (a run written"
+               " before it did)")
+        if not path.is_file():
+            if signed is not None:
+                add("error", f"{path} is missing; results.json (anchored) records the"
+                             f" fingerprint {signed[:16]}... of the model the ledgers'"
+                             " releases come from")
+            elif runtime != "flower":  # on Flower each node keeps its own, not collected
+                add("warning", f"{path} is missing and {why}: which model the releases came"
+                               " from is unchecked")
+            continue
+        fingerprint, problem = _model_record_problem(path)
+        if problem is not None:
+            add("error", f"{path} {problem}")
+        elif signed is None:
+            add("warning", f"{path} is checked against itself only (intact), not against"
+                           f" signed data: {why}, so another run's model.json put in its"
+                           " place is not detected")
+        elif fingerprint != signed:
+            add("error", f"{path} records the model {str(fingerprint)[:16]}..., results.json"
+                         f" (anchored) records {signed[:16]}...: it was replaced (another"
+                         " run's?) or the ledgers' releases came from another model")
+    return out
 
 
 # --------------------------------------------------------------------------- anchoring
@@ -1576,6 +1701,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
             clients[-1].ok = False
     findings.extend(_anchor_check(run, anchor_path, found, keys, allow_path is not None,
                                   options))
+    findings.extend(_model_record_findings(run, found, results))
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})
         finished = [m for m in cfg.methods

@@ -1041,7 +1041,10 @@ class Simulation:
             return outcome
         finally:
             if privacy is not None:
-                self.privacy[name] = privacy.summary()
+                # the fingerprint model.json records, here under the anchor's digest of
+                # results.json, so that an audit can check that file against signed data
+                self.privacy[name] = {**privacy.summary(),
+                                      "model_fingerprint": model_fingerprint(ctx.flat.module)}
                 privacy.close()
 
     def _open_privacy(self, name: str, resume: bool = False,

@@ -1,6 +1,7 @@
 """Real run directories for the audit tests: real keys, real ledgers, real accountants.
 
 ``build_run_dir`` writes what a DP run writes: ``config.toml``, ``results.json``,
+``ledgers/<method>/model.json`` (the model record, its fingerprint also in results.json),
 ``keys/`` (public keys only, published from a key store *outside* the run directory, at
 ``keystore_of(run)``), ``ledgers/<client>.jsonl`` produced by the real release pipeline
 (Accountant -> BudgetGate -> LedgerWriter, each ledger closed by its close entry), with
@@ -29,6 +30,8 @@ from privacy.mechanisms import scalar_record, summary_record
 from privacy.noise import ReproducibleNoise
 from privacy.pipeline import BudgetGate, Release
 from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.learning.models import model_fingerprint
+from secure_fedora.runtimes.inprocess import MODEL_RECORD, model_record
 from secure_fedora.secure.anchor import build_anchor, write_anchor
 from secure_fedora.secure.keystore import OPERATOR_ID, publish_public_keys, run_party_ids
 
@@ -54,10 +57,15 @@ def reanchor(run: Path) -> None:
     write_anchor(run, anchor)
 
 
+def fixture_model() -> nn.Module:
+    """The tiny model whose DP-SGD steps the fixture's ledgers record (its ``model.json``)."""
+    return nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
 def _dpsgd_record(noise_multiplier: float, sample_rate: float, steps: int):
     """Train a tiny model for ``steps`` real DP-SGD steps and return DPSGD's own record."""
     gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    model = fixture_model()
     x = torch.randn(64, 8, generator=gen)
     y = torch.randint(0, 3, (64,), generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -110,6 +118,7 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
     privacy: dict[str, Any] = {}
     for method in methods:
         (root / "ledgers" / method).mkdir(parents=True)
+        (root / "ledgers" / method / MODEL_RECORD).write_bytes(model_record(fixture_model()))
         per_client = []
         for index, cid in enumerate(ids):
             budget = PrivacyBudget(overrides.get(str(index), epsilon), delta)
@@ -141,7 +150,8 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                 })
         privacy[method] = {"method": method, "sample_rate": sample_rate,
                            "steps_per_round": steps_per_round, "clients": per_client,
-                           "events": []}
+                           "events": [],
+                           "model_fingerprint": model_fingerprint(fixture_model())}
     accuracy = [0.8 + 0.01 * i for i in range(num_clients)]
     results = {
         "name": cfg.name,

@@ -90,9 +90,10 @@ def fingerprint(name: str, variant: str, run_dir: Path, clients: Any = None) -> 
     for spent in privacy.values():
         for client in spent.get("clients", []):
             client.pop("ledger_head", None)
-        # the stage listing is descriptive (added after the fixtures were recorded); the
-        # accounting compared below is what a port must reproduce
+        # the stage listing and the model fingerprint are descriptive (added after the
+        # fixtures were recorded); the accounting compared below is what a port must reproduce
         spent.pop("release_stages", None)
+        spent.pop("model_fingerprint", None)
         for row in spent.get("plan", []):
             row.pop("release_stages", None)
     history = [{k: v for k, v in row.items()} for row in sim.history]
