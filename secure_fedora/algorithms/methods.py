@@ -754,7 +754,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     def _exchange_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
         """Reply entries of the upload kinds :meth:`message_state` names travel as signed
         envelopes, and so does every entry of a reply that carries none of them (Local's step
-        count: an envelope of kind ``round.<entry>``), as on Flower every reply is signed; a
+        count: an envelope of kind ``round.<entry>``; an empty reply: one empty envelope of
+        kind ``round``), as on Flower every reply is signed; a
         client with any rejected upload is absent from the result. A client whose reply row
         is its own row of the matrix keeps it when it is not accepted (the server keeps its
         last accepted row: :meth:`train_round`)."""
@@ -786,6 +787,11 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                     diverged.add(i)
             accepted = {i: r for i, r in accepted.items() if kind not in r or i in ok}
         untracked = {i: r for i, r in accepted.items() if not any(k in r for k in uploads)}
+        bare = [i for i, r in untracked.items() if not r]
+        if bare:  # an empty reply is one empty envelope of the stage's kind, as on Flower
+            empty = torch.zeros(0, dtype=torch.uint8)
+            ok = set(self.exchange.upload_entries(rnd, dict.fromkeys(bare, empty), kind=ROUND))
+            accepted = {i: r for i, r in accepted.items() if i not in bare or i in ok}
         for key in dict.fromkeys(k for r in untracked.values() for k in r):
             rows = {i: r[key] for i, r in untracked.items() if key in r and i in accepted}
             ok = set(self.exchange.upload_entries(rnd, rows, kind=f"{ROUND}.{key}"))
@@ -798,9 +804,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         (after setup or a checkpoint restore): the matrices whose rows clients upload, by
         kind, and the per-client copies of what they download, by kind (each client's last
         accepted row, which :meth:`download_rows` returns after a rejection; the generic
-        round and finalize exchanges leave a rejecting client out instead). ``None``: the
-        method sends nothing (no exchange is attached); ``({}, {})``: nothing is tracked, but
-        its messages and replies are signed all the same (Local's)."""
+        round and finalize exchanges leave a rejecting client out instead). ``None`` (the
+        default) and ``({}, {})`` alike: nothing is tracked, but with envelopes the method's
+        messages and replies are signed and verified all the same (every entry, an empty
+        message or reply as one empty envelope), as on Flower."""
         return None
 
     def upload_state(self) -> dict[str, Tensor]:

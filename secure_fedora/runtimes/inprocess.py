@@ -1260,8 +1260,8 @@ class Simulation:
 
     def _attach_security(self, name: str, method: FederatedMethod, last_round: int,
                          privacy: Any = None) -> None:
-        """With ``[security] envelopes``, a signed message exchange for every method that
-        sends messages (Local's empty ones and step counts too), tracking what
+        """With ``[security] envelopes``, a signed message exchange for every method (Local's
+        empty messages and step counts, and a plug-in's whose ``message_state`` is None, too), tracking what
         :meth:`~secure_fedora.algorithms.methods.FederatedMethod.message_state` names. ``last_round`` is
         the last round already done (0 on a fresh start). Every client upload is signed by
         the client's release pipeline: ``privacy``'s under DP (step check before the
@@ -1269,12 +1269,11 @@ class Simulation:
         n = len(self.clients)
         if not self.cfg.security.envelopes:
             return
-        state = method.message_state()
-        if state is None:
-            return
         from secure_fedora.secure.transport import SecureExchange, SecureTransport
 
-        uploads, downloads = state
+        # None (the default a plug-in inherits) tracks nothing; its messages are signed all
+        # the same, as a Flower run signs every message of every method
+        uploads, downloads = method.message_state() or ({}, {})
         # Envelopes are bound to this process's run nonce, so a message of an earlier process
         # (a run resumed after a crash) is rejected by its context whatever the nonce memory
         # holds; that memory's round floor, though, would reject the rounds the resume replays
