@@ -870,6 +870,9 @@ class Simulation:
         # propagation), evaluation, checkpoint; and of each method's setup (relatedness).
         self.round_timings: dict[str, list[dict[str, float]]] = {}
         self._eval_packed: dict[int, Any] = {}  # packed val/test splits of the method being run
+        # By method: each DP client's latest ledger report the server accepted (its
+        # evaluation replies'), which the next must extend, as on Flower
+        self._ledger_reports: dict[str, dict[int, dict[str, Any]]] = {}
         self.setup_seconds: dict[str, float] = {}
 
     # -- checkpoints --------------------------------------------------------------------
@@ -1291,6 +1294,7 @@ class Simulation:
 
     def _evaluate(self, rnd: int, method: FederatedMethod, tracker: Tracker) -> dict[str, float]:
         from secure_fedora.learning.batched_eval import evaluate_many_sets, pack_split_sets
+        from secure_fedora.secure.private import ledger_report
 
         flat = method.ctx.flat
         clients = method.ctx.clients  # on the run's device
@@ -1309,18 +1313,25 @@ class Simulation:
         # evaluation reply (its metrics) the server rejects, reports nothing and keeps its
         # last metrics, as on Flower (two tries in the final round); a slot without a row is
         # evaluated on another client's row (a view) and discarded.
+        privacy = method.ctx.privacy
+
         def measure(rows: dict[int, Tensor]) -> dict[int, Tensor]:
             if not rows:
                 return {}
             stand_in = next(iter(rows.values()))
             *val, test = evaluate_many_sets(flat, [rows.get(i, stand_in)
                                                    for i in range(len(clients))], packed)
-            # as a Flower client's reply: the validation metric only where it selects
-            return {i: torch.tensor([test[i].metric, *([] if select_final else [val[0][i].metric])],
-                                    dtype=torch.float64) for i in rows}
+            # as a Flower client's reply: the validation metric only where it selects; under
+            # DP its epsilon and ledger head after them
+            return {i: torch.tensor(
+                [test[i].metric, *([] if select_final else [val[0][i].metric]),
+                 *([] if privacy is None else ledger_report(privacy.clients[i]))],
+                dtype=torch.float64) for i in rows}
 
         accepted = method.evaluation_reports(range(len(clients)), measure,
                                              retry=rnd == self.cfg.training.rounds)
+        if privacy is not None:
+            self._check_ledger_reports(method, rnd, accepted, 1 if select_final else 2)
         for i, metrics in accepted.items():
             tracker.last_test[i] = float(metrics[0])
             tracker.last_val[i] = 0.0 if select_final else float(metrics[1])
@@ -1330,6 +1341,29 @@ class Simulation:
         # a round's statistics cover the clients whose metrics are this round's, as on Flower
         reported = None if len(accepted) == len(clients) else sorted(accepted)
         return {**tracker.round_row(reported), "evaluated": len(accepted)}
+
+    def _check_ledger_reports(self, method: FederatedMethod, rnd: int,
+                              accepted: Mapping[int, Tensor], offset: int) -> None:
+        """The server's check of the ledger state each DP client reported with its accepted
+        evaluation reply (the values after ``offset`` metrics), as the Flower server checks
+        every reply's: a report that does not extend the client's previous one (fewer
+        entries, another last line at the same count, a lower epsilon) stops the run with a
+        LedgerError naming the client; otherwise it becomes the client's latest report."""
+        from privacy.ledger import LedgerError
+        from secure_fedora.secure.private import ledger_went_back, read_ledger_report
+
+        label = next(n for n, m in self.methods.items() if m is method)
+        seen = self._ledger_reports.setdefault(label, {})
+        for i, values in accepted.items():
+            report = read_ledger_report(values[offset:].tolist())
+            went_back = ledger_went_back(seen.get(i), report)
+            if went_back is not None:
+                raise LedgerError(
+                    f"{label}: client {i} reported a ledger that went back ({went_back}) in its "
+                    f"evaluation reply of round {rnd}: entries it had reported were lost, cut or "
+                    "replaced, so its accounting would record fewer releases than it made; the "
+                    "run stops (restore the ledger from a copy, or start a new run)")
+            seen[i] = report
 
     def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,
                ctx: MethodContext, history: list[dict[str, Any]], timing: dict[str, float]) -> dict[str, Any]:

@@ -1240,6 +1240,53 @@ class FederationPrivacy:
         }
 
 
+def ledger_went_back(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
+    """How a client's newly reported ledger state (``epsilon_spent``, ``ledger_entries``,
+    ``ledger_head``) fails to extend the one it reported before (fewer entries, the same count
+    with another head, or a lower epsilon); None when it extends it or there is nothing to
+    compare. The server-side check of both runtimes: a report that went back stops the run."""
+    if before is None:
+        return None
+    if "ledger_entries" in before and "ledger_head" in before:
+        if now.get("ledger_entries", -1) < before["ledger_entries"]:
+            return f"{now.get('ledger_entries')} entries after {before['ledger_entries']}"
+        if now.get("ledger_entries") == before["ledger_entries"] \
+                and now.get("ledger_head") != before["ledger_head"]:
+            return f"{before['ledger_entries']} entries with another last line"
+    if now["epsilon_spent"] < before["epsilon_spent"] * (1.0 - 1e-12):
+        return f"epsilon {now['epsilon_spent']:.6g} after {before['epsilon_spent']:.6g}"
+    return None
+
+
+#: The fields a DP client's evaluation reply reports after its metrics, in process (the
+#: float64 vector of kind ``evaluate.reply``): epsilon spent and budget, the ledger's entry
+#: count, then its head (SHA-256 of the last line) as 8 words of 32 bits, each exact in float64.
+LEDGER_REPORT_SIZE = 3 + 8
+
+
+def ledger_report(client: ClientPrivacy) -> list[float]:
+    """What ``client`` reports of its ledger with an evaluation reply (as a Flower client's
+    ``epsilon-spent``, ``epsilon-budget``, ``ledger-entries`` metrics and ``ledger`` record),
+    :data:`LEDGER_REPORT_SIZE` float64-exact values; :func:`read_ledger_report` reads it."""
+    entries, head = client.ledger.head
+    words = [float(int(head[k:k + 8], 16)) for k in range(0, 64, 8)]
+    return [float(client.epsilon), float(client.budget.epsilon), float(entries), *words]
+
+
+def read_ledger_report(values: Sequence[float]) -> dict[str, Any]:
+    """The report :func:`ledger_report` made, as the Flower server reads a reply's
+    (``epsilon_spent``, ``epsilon_budget``, ``ledger_entries``, ``ledger_head``); ValueError
+    for values no client reports (a count or head word that is not a whole number in range)."""
+    if len(values) != LEDGER_REPORT_SIZE:
+        raise ValueError(f"a ledger report holds {LEDGER_REPORT_SIZE} values, got {len(values)}")
+    spent, budget, entries, *words = (float(v) for v in values)
+    if not all(w.is_integer() and 0 <= w < 2 ** 32 for w in words) \
+            or not (entries.is_integer() and entries >= 0):
+        raise ValueError("ledger report: entry count and head must be whole numbers in range")
+    return {"epsilon_spent": spent, "epsilon_budget": budget, "ledger_entries": int(entries),
+            "ledger_head": "".join(f"{int(w):08x}" for w in words)}
+
+
 def _journal_noise_state(noise: NoiseSource) -> bytes:
     """The bytes that let a journaled release be re-made: a reproducible generator's state
     (only its digest is journaled), or a CSPRNG's key and stream position (journaled sealed)."""

@@ -135,6 +135,7 @@ from secure_fedora.runtimes.inprocess import (
     unmeasured_rounds,
 )
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
+from secure_fedora.secure.private import ledger_went_back as _ledger_went_back
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
     SecureRelatednessError,
@@ -606,23 +607,6 @@ def _reported_head(reply: Message) -> dict[str, Any]:
             or isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
         raise ValueError("ledger record must hold entries (int) and head (64 hex digits)")
     return {"ledger_head": head, "ledger_entries": entries}
-
-
-def _ledger_went_back(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
-    """How a client's newly reported ledger state fails to extend the one it reported before
-    (fewer entries, the same count with another head, or a lower epsilon); None when it
-    extends it or there is nothing to compare."""
-    if before is None:
-        return None
-    if "ledger_entries" in before and "ledger_head" in before:
-        if now.get("ledger_entries", -1) < before["ledger_entries"]:
-            return f"{now.get('ledger_entries')} entries after {before['ledger_entries']}"
-        if now.get("ledger_entries") == before["ledger_entries"] \
-                and now.get("ledger_head") != before["ledger_head"]:
-            return f"{before['ledger_entries']} entries with another last line"
-    if now["epsilon_spent"] < before["epsilon_spent"] * (1.0 - 1e-12):
-        return f"epsilon {now['epsilon_spent']:.6g} after {before['epsilon_spent']:.6g}"
-    return None
 
 
 def _last_events(server: _Server, clients: list[int], nodes: list[int]) -> str:
