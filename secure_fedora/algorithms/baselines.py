@@ -99,7 +99,7 @@ from secure_fedora.learning.client import (
     GradientOracle,
     PlainGradient,
     aligned,
-    evaluate,
+    evaluate_loss,
     retarget,
     same_row,
 )
@@ -925,7 +925,7 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
                 f"cluster ([baselines.{self.config_section()}] selection_split names the split "
                 "it chooses on)")
         losses = torch.tensor(
-            [evaluate(self.ctx.flat, clusters[k], x, y).loss for k in range(self.num_clusters)]
+            [evaluate_loss(self.ctx.flat, clusters[k], x, y) for k in range(self.num_clusters)]
         )
         return int(torch.argmin(losses))
 

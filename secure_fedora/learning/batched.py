@@ -1129,7 +1129,7 @@ def evaluate_losses(flat: FlatModel, matrix: Tensor, participants: Sequence[int]
     rounding, for all rows in one batched forward per chunk (Linear models; other models are
     evaluated row by row with ``evaluate``). Does not change ``matrix``. An empty split raises
     :class:`ClientUpdateError` as ``evaluate`` does."""
-    from secure_fedora.learning.client import evaluate
+    from secure_fedora.learning.client import evaluate_loss
 
     if len(xs) != len(participants) or len(ys) != len(participants):
         raise ClientUpdateError(f"{len(xs)} inputs and {len(ys)} targets for {len(participants)} rows")
@@ -1138,7 +1138,7 @@ def evaluate_losses(flat: FlatModel, matrix: Tensor, participants: Sequence[int]
             raise ClientUpdateError(f"cannot evaluate client {i} on an empty split")
     layers, _ = _linear_layers(flat)
     if layers is None:
-        return [evaluate(flat, matrix[i], x, y).loss for i, x, y in zip(participants, xs, ys, strict=True)]
+        return [evaluate_loss(flat, matrix[i], x, y) for i, x, y in zip(participants, xs, ys, strict=True)]
     plan = BatchedPlan("linear", layers=layers)
     scratch = _SCRATCH.setdefault(flat, _Scratch())
     scratch.begin_call()

@@ -36,6 +36,7 @@ __all__ = [
     "aliased_module",
     "client_randomness",
     "evaluate",
+    "evaluate_loss",
     "local_train",
     "retarget",
     "same_row",
@@ -176,6 +177,19 @@ def evaluate(flat: FlatModel, row: Tensor, x: Tensor, y: Tensor, batch_size: int
     """Loss, accuracy and metric (``flat.task``) of the parameters ``row`` on ``(x, y)``;
     does not change ``row``. Computed on :func:`aligned` copies of a row or inputs stored off
     the alignment, so the result depends on the values only, not on where they are stored."""
+    return _evaluate(flat, row, x, y, batch_size, scored=True)
+
+
+@torch.no_grad()
+def evaluate_loss(flat: FlatModel, row: Tensor, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
+    """``evaluate(flat, row, x, y).loss`` bit for bit, without the task's metric: for choices
+    made on the loss alone (IFCA's cluster), where a split the metric cannot score (one class
+    under AUC) is no error."""
+    return _evaluate(flat, row, x, y, batch_size, scored=False).loss
+
+
+def _evaluate(flat: FlatModel, row: Tensor, x: Tensor, y: Tensor, batch_size: int,
+              scored: bool) -> Evaluation:
     if x.shape[0] == 0:
         raise ClientUpdateError("cannot evaluate on an empty split")
     task = flat.task
@@ -190,7 +204,7 @@ def evaluate(flat: FlatModel, row: Tensor, x: Tensor, y: Tensor, batch_size: int
         target = y[start : start + batch_size]
         total_loss += task.sum_loss(logits, target).item()
         correct += task.correct(logits, target)
-        if task.metric_name != "accuracy":
+        if scored and task.metric_name != "accuracy":
             outputs.append(logits)
     model.train(was_training)
     accuracy = correct / x.shape[0]

@@ -756,3 +756,43 @@ def test_ifca_keeps_the_round_choice_of_a_client_whose_final_choice_is_invalid(t
     fresh = make_baseline("ifca", build_context(tiny(), clients), {"num_clusters": 2})
     half = {KIND_CLUSTER_CHOICE: torch.tensor([0.5])}
     assert fresh.server_finalize({0: half})["assignment"] == [-1] * 5  # no choice yet
+
+
+def test_ifca_chooses_on_a_single_class_training_split_under_bce(tmp_path):
+    """IFCA's cluster choice needs only the loss: a BCE client whose training rows are all one
+    class (its test and validation splits hold both) must not stop the run with the AUC's
+    MetricError, whatever the engine; the choice is the loss argmin as with two classes."""
+    from sklearn.datasets import load_breast_cancer
+    from torch import nn
+
+    from secure_fedora import Experiment
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype("float32")
+    pos, neg = (y == 1).nonzero()[0], (y == 0).nonzero()[0]
+
+    def split(p, n):
+        idx = list(p) + list(n)
+        return x[idx], y[idx]
+
+    data = [{"train": split(pos[:1], []), "val": split(pos[1:4], neg[:3]),
+             "test": split(pos[4:9], neg[3:8])}]
+    for c in range(1, 3):
+        p, n = pos[10 + 20 * c: 20 + 20 * c], neg[10 + 20 * c: 20 + 20 * c]
+        data.append({"train": split(p[:6], n[:6]), "val": split(p[6:8], n[6:8]),
+                     "test": split(p[8:], n[8:])})
+
+    def mlp(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 4), nn.Tanh(),
+                             nn.Linear(4, num_classes))
+
+    for engine in ("loop", "batched"):
+        config = {"name": f"ifca-{engine}", "methods": ["ifca"],
+                  "data": {"partition": "iid", "num_clients": 3, "train_per_client": 1,
+                           "val_per_client": 4, "test_per_client": 10},
+                  "training": {"rounds": 2, "local_epochs": 1, "batch_size": 4, "lr": 0.05,
+                               "loss": "bce", "engine": engine}}
+        results = Experiment(config, data=data, model=mlp, run_dir=tmp_path / engine).run()
+        selected = results.selected("ifca")
+        assert len(selected["per_client"]) == 3
+        assert all(0.0 <= v <= 1.0 for v in selected["per_client"])
