@@ -244,8 +244,12 @@ def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: s
     try:
         out = model(sample)
     except Exception as err:  # user code: report whatever it raised
-        raise ModelError(f"{source} fails on inputs of shape {tuple(sample.shape)}: "
-                         f"{type(err).__name__}: {err}") from err
+        hint = ""
+        if sample.dtype == torch.float32:
+            hint = ("; data given as arrays are converted to float32, so a layer that needs "
+                    "integer inputs (e.g. nn.Embedding) must cast them in forward, e.g. x.long()")
+        raise ModelError(f"{source} fails on inputs of shape {tuple(sample.shape)} and dtype "
+                         f"{sample.dtype}: {type(err).__name__}: {err}{hint}") from err
     finally:
         model.train(was_training)
     n = int(sample.shape[0])

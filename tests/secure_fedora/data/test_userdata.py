@@ -371,6 +371,34 @@ def test_python_api_model_factory_checked() -> None:
         Experiment(cfg, data=data, model=lambda s, c: torch.nn.Linear(4, 2)).check()
 
 
+def test_an_integer_input_layer_fed_float32_inputs_is_told_to_cast() -> None:
+    """Arrays are converted to float32, so token ids reach an nn.Embedding as floats: the
+    refusal says so and what to do (cast in forward), and the cast model then trains."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    x = (rng.integers(0, 20, (120, 6)) + 10 * y[:, None]).astype(np.int64)
+    data = {"x_train": x[:90], "y_train": y[:90], "x_test": x[90:], "y_test": y[90:]}
+    cfg = {"data": {"partition": "iid", "num_clients": 3, "train_per_client": 20,
+                    "val_per_client": 10, "test_per_client": 10},
+           "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8}}
+
+    class Tokens(torch.nn.Module):
+        def __init__(self, cast: bool) -> None:
+            super().__init__()
+            self.cast = cast
+            self.embed = torch.nn.Embedding(30, 4)
+            self.out = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.embed(x.long() if self.cast else x).mean(1))
+
+    with pytest.raises(ModelError, match=r"inputs of shape \(2, 6\) and dtype torch.float32"
+                                         r".*converted to float32.*x\.long\(\)"):
+        Experiment(cfg, data=data, model=lambda s, c: Tokens(cast=False)).check()
+    results = Experiment(cfg, data=data, model=lambda s, c: Tokens(cast=True)).run()
+    assert len(results.selected("fedora")["per_client"]) == 3
+
+
 def test_model_neither_dp_path_supports_is_refused_naming_the_layer(plug: str) -> None:
     cfg = config(plug, data={"source": f"{plug}:sequences"}, model={"factory": f"{plug}:recurrent"},
                  privacy={"enabled": True, "delta": 1e-3})
