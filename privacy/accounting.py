@@ -379,14 +379,14 @@ def _pld_epsilon(history: History, delta: float, options: dict[str, float]) -> f
     composition is dp_accounting's ``PLDAccountant`` step for step (identity, then each
     group's PLD in sorted order: a Gaussian of sigma / sqrt(steps) for q = 1, the
     subsampled Gaussian's PLD self-composed ``steps`` times otherwise), with the subsampled
-    Gaussian's PLD taken from a cache (:func:`_subsampled_gaussian_pld`); the result is the
+    Gaussian's PLD and each group's PLD taken from caches (:func:`_subsampled_gaussian_pld`,
+    :func:`_pld_group`); the result is the
     accountant's, bit for bit, when it is given the same groups in the same order. Fed the
     releases one by one in the order they were made, the accountant discretizes differently
     and lands within about 1e-4 relative of it; both are pessimistic (upper) bounds.
     """
     if not history:
         return 0.0
-    import dp_accounting
     from dp_accounting import pld
 
     counts: dict[tuple[float, float], int] = {}
@@ -394,19 +394,34 @@ def _pld_epsilon(history: History, delta: float, options: dict[str, float]) -> f
         counts[(nm, q)] = counts.get((nm, q), 0) + steps
     discretization = options.get("value_discretization_interval", PLD_VALUE_DISCRETIZATION)
     check_pld_size(history, discretization)
-    distributions = pld.privacy_loss_distribution
-    composed = distributions.identity(value_discretization_interval=discretization)
+    composed = pld.privacy_loss_distribution.identity(
+        value_discretization_interval=discretization)
     for (nm, q), steps in sorted(counts.items()):
         _check_release(nm, q, steps)  # PLDAccountant's other cases never arise
-        if q >= 1.0:
-            part = distributions.from_gaussian_mechanism(
-                standard_deviation=nm / math.sqrt(steps),
-                value_discretization_interval=discretization,
-                neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-        else:
-            part = _subsampled_gaussian_pld(nm, q, discretization).self_compose(steps)
-        composed = composed.compose(part)
+        composed = composed.compose(_pld_group(nm, q, steps, discretization))
     return float(composed.get_epsilon_for_delta(delta))
+
+
+@functools.lru_cache(maxsize=8)
+def _pld_group(noise_multiplier: float, sample_rate: float, steps: int,
+               discretization: float) -> Any:
+    """The PLD of ``steps`` releases of one (sigma, q), as :func:`_pld_epsilon` composes it: a
+    Gaussian of sigma / sqrt(steps) for q = 1, else the subsampled Gaussian self-composed.
+
+    Cached: the gate asks for epsilon at every release, and consecutive releases share most
+    groups (DP-SGD's steps of a round, the previous lambda count, the summary). PLD objects
+    are never modified, so a shared one changes no result. At most 8 are kept; each is below
+    :data:`PLD_MAX_GRID_POINTS` points (checked before any is built).
+    """
+    import dp_accounting
+    from dp_accounting import pld
+
+    if sample_rate >= 1.0:
+        return pld.privacy_loss_distribution.from_gaussian_mechanism(
+            standard_deviation=noise_multiplier / math.sqrt(steps),
+            value_discretization_interval=discretization,
+            neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return _subsampled_gaussian_pld(noise_multiplier, sample_rate, discretization).self_compose(steps)
 
 
 @dataclass(frozen=True)

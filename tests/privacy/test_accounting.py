@@ -559,3 +559,52 @@ def test_a_subnormal_sample_rate_is_refused_by_every_accountant(kind):
     acc = Accountant(kind)
     acc.record(1.0, 2.3e-308, 1)
     assert 0 <= acc.epsilon(DELTA) < 0.02
+
+
+def test_the_gate_s_epsilons_of_a_run_are_dp_accountings_and_build_each_group_once(monkeypatch):
+    """A run asks for epsilon after every release (summary, then per round the DP-SGD steps and
+    the lambda). Each value is dp_accounting's PLDAccountant's bit for bit, and each group
+    (sigma, q, count) is built once however many releases share it: per round one new
+    self-composition of the subsampled Gaussian, not one per release."""
+    import collections
+
+    import dp_accounting
+    from dp_accounting import pld
+
+    from privacy.accounting import _pld_epsilon, _pld_group
+
+    def reference(history):
+        counts = {}
+        for nm, q, steps in history:
+            counts[(nm, q)] = counts.get((nm, q), 0) + steps
+        acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+        for (nm, q), steps in sorted(counts.items()):
+            gaussian = dp_accounting.GaussianDpEvent(nm)
+            acc.compose(gaussian if q >= 1.0
+                        else dp_accounting.PoissonSampledDpEvent(q, gaussian), steps)
+        return float(acc.get_epsilon(DELTA))
+
+    built = []
+    pmf_class = type(pld.privacy_loss_distribution.from_gaussian_mechanism(
+        1.0, sampling_prob=0.5)._pmf_remove)
+    original = pmf_class.self_compose
+
+    def counting(self, count, *args, **kwargs):
+        built.append(count)
+        return original(self, count, *args, **kwargs)
+
+    _pld_group.cache_clear()
+    history = [(5.98, 1.0, 1)]
+    releases = []
+    for _ in range(4):  # four rounds: DP-SGD's 4 steps, then the lambda
+        for release in ((2.13, 0.25, 4), (14.6, 1.0, 1)):
+            history.append(release)
+            releases.append(tuple(history))
+    expected = [reference(h) for h in releases]
+    monkeypatch.setattr(pmf_class, "self_compose", counting)
+    assert [_pld_epsilon(h, DELTA, {}) for h in releases] == expected
+    # The remove-side PMF of the subsampled Gaussian self-composed once per round (its add side
+    # too where it is not symmetric): 4, 8, 12, 16 steps, never twice.
+    counts = collections.Counter(built)
+    assert sorted(counts) == [4, 8, 12, 16]
+    assert max(counts.values()) <= 2  # one build per side (remove, add) of each count
