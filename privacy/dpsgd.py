@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from privacy.accounting import MechanismRecord
 from privacy.errors import ToolkitError
-from privacy.noise import NoiseSource
+from privacy.noise import CsprngNoise, NoiseSource
 
 logger = logging.getLogger(__name__)
 
@@ -506,11 +506,19 @@ class DPSGD:
         """Fill every trainable ``.grad`` in place with N(0, (sigma C / B_expected)^2) noise.
 
         One draw of all coordinates from ``self.noise`` (in ``self._params`` order), whichever
-        path ran, made on the parameters' device (not drawn on the CPU and moved).
+        path ran, made on the parameters' device (not drawn on the CPU and moved). A
+        :class:`~privacy.noise.CsprngNoise` draw goes straight into the gradients when they are
+        consecutive pieces of one buffer (a flat model's binding): the same values, no copy.
         """
         total = sum(p.numel() for p in self._params)
-        flat = self.noise.normal(total, self.noise_std, dtype=self._params[0].dtype,
-                                 device=self._params[0].device)
+        dtype, device = self._params[0].dtype, self._params[0].device
+        if isinstance(self.noise, CsprngNoise):
+            flat_grad = self._flat_grad(total)
+            if flat_grad is not None:
+                # The same values, written straight into the gradients (no temporary, no copy).
+                self.noise.normal(total, self.noise_std, dtype, device, out=flat_grad)
+                return
+        flat = self.noise.normal(total, self.noise_std, dtype=dtype, device=device)
         offset = 0
         with torch.no_grad():
             for p in self._params:
@@ -518,3 +526,22 @@ class DPSGD:
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(flat[offset:offset + p.numel()].view(p.shape))
                 offset += p.numel()
+
+    def _flat_grad(self, total: int) -> Tensor | None:
+        """One contiguous 1-D tensor over every trainable ``.grad``, in ``self._params`` order,
+        when the gradients are consecutive pieces of one buffer (as a flat model binds them);
+        otherwise None."""
+        grads = [p.grad for p in self._params]
+        first = grads[0]
+        if first is None or first.dtype != self._params[0].dtype \
+                or first.device != self._params[0].device:
+            return None
+        storage = first.untyped_storage().data_ptr()
+        address = first.data_ptr()
+        for g, p in zip(grads, self._params, strict=True):
+            if (g is None or g.dtype != first.dtype or g.device != first.device
+                    or tuple(g.shape) != tuple(p.shape) or not g.is_contiguous()
+                    or g.untyped_storage().data_ptr() != storage or g.data_ptr() != address):
+                return None
+            address += g.numel() * g.element_size()
+        return first.detach().as_strided((total,), (1,), first.storage_offset())

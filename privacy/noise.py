@@ -37,7 +37,9 @@ bytes per output value. Float64 requests are vectorized over whole tensors with 
 kernels (one keystream call per request). Float32 requests (the DP-SGD hot path, about 0.9 ms
 per 118k values on one core) are computed in cache-sized blocks with numpy's vectorized
 float32 kernels (log, sqrt, cos and sin within 4 ulp), each block reading its keystream
-directly from ChaCha20 streams positioned in the request (no whole-request keystream buffer).
+directly from ChaCha20 streams positioned in the request (no whole-request keystream buffer),
+and each finished block is scaled by the std while in cache; ``normal(..., out=...)`` writes
+such a request straight into a caller's tensor (DP-SGD's gradient buffer), same values.
 
 Devices: ``normal``, ``uniform`` and ``bernoulli`` take ``device`` (None: the CPU, the paths
 above, unchanged). On any other device :class:`CsprngNoise` computes the ChaCha20 keystream
@@ -406,8 +408,11 @@ class CsprngNoise:
         out[c - 1:] += y_columns[:1]
         return out
 
-    def _standard_normal_float32(self, c: int) -> np.ndarray:
-        """``c >= 2`` float32 N(0, 1) values, the float32 case of :meth:`_standard_normal`.
+    def _standard_normal_float32(self, c: int, out: np.ndarray | None = None,
+                                 scale: float = 1.0) -> np.ndarray:
+        """``c >= 2`` float32 N(0, 1) values, the float32 case of :meth:`_standard_normal`,
+        times ``float32(scale)`` (one float32 multiply per value, as torch's ``mul_`` by a
+        Python float), written into ``out`` (float32, ``c`` contiguous values) or a new array.
 
         Keystream layout of one request (as the float64 case, with 32-bit angles): a 64-bit
         word per Box-Muller pair (radius: ``1 - u1 = (b + 1) 2^-53`` for its low 53 bits
@@ -422,7 +427,8 @@ class CsprngNoise:
         their own sequential keystream (ChaCha20 seeks to any 64-byte block), so no buffer
         holds the whole request's keystream; otherwise the keystream is materialized first
         (:meth:`_words`, which changes the nonce mid-request) and read by the same blocks.
-        Both give the same values.
+        Both give the same values. Each output is scaled as soon as its sum is complete (the
+        block's values are still in cache), so a scaled request takes no extra pass.
         """
         groups = GAUSSIAN_TERMS // 2
         pairs = groups * c
@@ -448,7 +454,9 @@ class CsprngNoise:
         xs = _np_scratch("xs", groups * block, np.float32)
         ys = _np_scratch("ys", groups * block, np.float32)
         y_sum = _np_scratch("y_sum", block, np.float32)
-        out = np.empty(c, dtype=np.float32)
+        if out is None:
+            out = np.empty(c, dtype=np.float32)
+        factor = np.float32(scale) if scale != 1.0 else None
         first_y = np.float32(0.0)
         for j0 in range(0, c, block):
             j1 = min(j0 + block, c)
@@ -485,10 +493,16 @@ class CsprngNoise:
             # out[j] = X[j] + Y[(j + 1) mod c]: Y's first value waits for the last output.
             if j0 == 0:
                 first_y = y_block[0]
-                out[:j1 - 1] += y_block[1:]
+                done = out[:j1 - 1]
+                done += y_block[1:]
             else:
-                out[j0 - 1:j1 - 1] += y_block
+                done = out[j0 - 1:j1 - 1]
+                done += y_block
+            if factor is not None:
+                done *= factor
         out[c - 1] += first_y
+        if factor is not None:
+            out[c - 1:] *= factor
         if streamed:
             last = angle_streams[-1]
             if angle_bytes > 4 * pairs:  # the unused half of the last angle word
@@ -518,16 +532,40 @@ class CsprngNoise:
         return out.add_(y[0].add(y[1]).roll(-1))  # out[j] += Y[(j + 1) mod c]
 
     def normal(self, shape: Shape, std: float, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> Tensor:
+               device: torch.device | str | None = None, *, out: Tensor | None = None
+               ) -> Tensor:
         """I.i.d. N(0, std^2), floating-point hardened (``GAUSSIAN_TERMS``-term sum), in
         ``dtype`` on ``device`` (None: the CPU). Off the CPU the keystream and the sampler run
         in torch on that device; the key is never copied anywhere but into the keystream
-        computation's temporaries."""
+        computation's temporaries.
+
+        ``out`` (optional): a tensor of exactly this shape, dtype and device that receives the
+        values (and is returned); the values are the same as without it. A float32 CPU request
+        is then written straight into it (no temporary)."""
         dims, std = _shape(shape), _std(std)
         if not dtype.is_floating_point:
             raise NoiseError(f"dtype must be a floating-point dtype, got {dtype}")
-        values = self._standard_normal(math.prod(dims), dtype, _device(device)).mul_(std)
-        return values.reshape(dims).to(dtype)
+        dev = _device(device)
+        count = math.prod(dims)
+        if out is not None:
+            if not isinstance(out, Tensor) or tuple(out.shape) != dims or out.dtype != dtype \
+                    or out.device != dev:
+                got = (f"{tuple(out.shape)} {out.dtype} on {out.device}"
+                       if isinstance(out, Tensor) else type(out).__name__)
+                raise NoiseError(f"out must be a tensor of shape {dims}, dtype {dtype} on {dev};"
+                                 f" got {got}")
+            if out.requires_grad:
+                raise NoiseError("out must not require grad (noise is written into it in place);"
+                                 " pass a .grad buffer or a detached tensor")
+        if dtype == torch.float32 and count >= 2 and not self._use_torch(dev):
+            if out is not None and out.is_contiguous():
+                self._standard_normal_float32(count, out.numpy().reshape(-1), std)
+                return out
+            values = torch.from_numpy(self._standard_normal_float32(count, scale=std))
+        else:
+            values = self._standard_normal(count, dtype, dev).mul_(std)
+        values = values.reshape(dims).to(dtype)
+        return values if out is None else out.copy_(values)
 
     def uniform(self, shape: Shape, device: torch.device | str | None = None) -> Tensor:
         """I.i.d. uniform float64 in [0, 1) on the 2^-53 grid, on ``device``."""

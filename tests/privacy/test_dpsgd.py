@@ -281,3 +281,36 @@ def test_bad_configurations_are_rejected_with_the_field_named():
         dp.private_gradient(x, y, nn.CrossEntropyLoss())  # reduced to a scalar: rejected
     with pytest.raises(DPSGDError, match="samples"):
         dp.private_gradient(x, y[:3], CE)
+
+
+@pytest.mark.parametrize("bind", ["one buffer", "separate", "buffer out of order"])
+def test_csprng_noise_written_into_one_gradient_buffer_is_the_separate_gradients_noise(bind):
+    """With gradients that are consecutive pieces of one buffer (a flat model's binding), the
+    CSPRNG noise is written straight into that buffer; the released gradient is bit for bit
+    the one of separately held gradients, for the same key and stream position."""
+    state = bytes(range(32)) + (2).to_bytes(12, "little") + (640).to_bytes(8, "little") + b"CSv1"
+    x, y = _data(9)
+    released = {}
+    for how in ("separate", bind):
+        model = _mlp()
+        params = list(model.parameters())
+        sizes = [p.numel() for p in params]
+        buffer = torch.full((sum(sizes) + 3,), float("nan"))
+        order = list(range(len(params)))
+        if how == "buffer out of order":
+            order = order[1:] + order[:1]
+        offset = 3
+        for i in order:
+            if how != "separate":
+                params[i].grad = buffer[offset:offset + sizes[i]].view_as(params[i])
+                offset += sizes[i]
+        noise = CsprngNoise()
+        noise.restore_journal_state(state)
+        with DPSGD(model, 0.7, 1.1, 7.5, noise) as dp:
+            dp.private_gradient(x, y, CE)
+            dp.private_gradient(x[:0], y[:0], CE)  # noise only
+        released[how] = torch.cat([p.grad.flatten() for p in params])
+        if how != "separate":
+            assert all(p.grad.data_ptr() >= buffer.data_ptr() for p in params)
+        assert noise.journal_state() != state
+    assert torch.equal(released[bind].view(torch.int32), released["separate"].view(torch.int32))

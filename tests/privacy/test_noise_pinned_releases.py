@@ -84,3 +84,46 @@ def test_a_float32_request_across_a_nonce_change_is_pinned(monkeypatch):
     noise.restore_journal_state(_state(2, (1 << 16) - 5000))
     draws = [noise.normal(3001, 1.0), noise.normal(20_001, 1.0), noise.normal(5, 1.0)]
     assert _digest(noise, draws) == "c8729513db30d37e875433958722571f6322a85ec2524480b3ff0c35bb2fa455"
+
+
+@pytest.mark.parametrize("torch_path", [False, True])
+@pytest.mark.parametrize("std", [1.0, 0.0137, 1 / 3, 7.25])
+def test_normal_into_out_releases_the_same_values_as_a_new_tensor(std, torch_path):
+    block = noise_module._FLOAT32_BLOCK
+    drawn, written = CsprngNoise(), CsprngNoise()
+    for source in (drawn, written):
+        source.restore_journal_state(_state(4, 999))
+        source._torch_keystream = torch_path
+    for shape in ((2,), (block + 3,), (9, 11)):
+        expected = drawn.normal(shape, std)
+        out = torch.full(shape, float("nan"))
+        assert written.normal(shape, std, out=out) is out
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+        # Scaling by std is torch's float32 multiply of the N(0, 1) values, bit for bit.
+        assert written.journal_state() == drawn.journal_state()
+    # A non-contiguous out (every other column of a matrix) gets the same values too.
+    expected = drawn.normal((4, 5), std)
+    holder = torch.zeros(4, 10)
+    assert torch.equal(written.normal((4, 5), std, out=holder[:, ::2]), expected)
+    assert float(holder[:, 1::2].abs().sum()) == 0.0
+
+
+def test_normal_scales_the_unit_draw_with_torch_s_float32_multiply():
+    unit, scaled = CsprngNoise(), CsprngNoise()
+    for source in (unit, scaled):
+        source.restore_journal_state(_state(6, 64))
+    for std in (0.0137, 1 / 3, 1e-3 * 7.1, 2.5):
+        expected = unit.normal(40_001, 1.0).mul_(std)
+        assert torch.equal(scaled.normal(40_001, std).view(torch.int32),
+                           expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(5), torch.zeros(4, dtype=torch.float64),
+                                 torch.zeros(4, requires_grad=True), [0.0] * 4])
+def test_a_wrong_out_is_refused_and_no_keystream_is_spent(bad):
+    noise = CsprngNoise()
+    noise.restore_journal_state(_state(3, 1000))
+    before = noise.journal_state()
+    with pytest.raises(noise_module.NoiseError, match="out must"):
+        noise.normal(4, 1.0, out=bad)
+    assert noise.journal_state() == before
