@@ -1038,6 +1038,7 @@ def run_stage(
                 # saved before the first release, so that a missing state file with releases on
                 # record always means a lost one (never the crash window of the first release)
                 state.ledger_head = privacy.sole.ledger.head if privacy is not None else None
+                state.journal_head = journal.head()
                 state.save(state_path)
             if done == rnd:  # delivered again: the same answer, nothing computed or released twice
                 payload, metrics, refusal = _saved_reply(state, stage)
@@ -1060,6 +1061,7 @@ def run_stage(
                 if privacy is not None:
                     state.ledger_head = privacy.sole.ledger.head
                 state.metrics[stage] = metrics
+                state.journal_head = journal.head()
                 if refusal is not None:
                     state.refusals[stage] = refusal
                 else:
@@ -1152,6 +1154,14 @@ def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck 
                 "rounds of an older state into the run (or restart the client's model). "
                 "Restore the node's state-dir, or start a new run")
     if saved:
+        if state.journal_head is not None and not journal.holds(state.journal_head):
+            count, last = state.journal_head
+            raise NodeStateError(
+                f"{journal.path}: this client's saved state of {method!r} recorded the node's "
+                f"release journal at {count} records ending in {last[:12]}..., and the journal "
+                f"({journal.head()[0]} records) does not hold that: records were lost, cut or "
+                "replaced, and going on would leave releases that left this node off its "
+                "record. Restore the node's state-dir from a copy, or start a new run")
         return
     earlier = [e for e in journal.entries(torn_tail=True)
                if str(e.get("kind", "")).startswith(f"{method}/")]

@@ -159,6 +159,9 @@ class ClientRunState:
     # With DP: the method's ledger head (entries, hash of the last line) when this was saved;
     # the ledger must still hold it at the next message (else entries were lost or cut)
     ledger_head: tuple[int, str] | None = None
+    # The node's release journal head (records, hash of the last) when this was saved; the
+    # journal must still hold it at the next message (else records of releases were lost)
+    journal_head: tuple[int, str] | None = None
 
     def save(self, path: Path) -> None:
         """Atomically replace ``path`` with this state (refusing non-finite tensors)."""
@@ -191,6 +194,12 @@ class ClientRunState:
             raise NodeStateError(f"{path} is missing fields: {err}") from None
         if not isinstance(state.generator_state, Tensor):
             raise NodeStateError(f"{path}: generator_state is not a tensor")
+        head = state.journal_head
+        if head is not None and not (
+                isinstance(head, tuple | list) and len(head) == 2
+                and isinstance(head[0], int) and not isinstance(head[0], bool) and head[0] >= 0
+                and isinstance(head[1], str) and len(head[1]) == 64):
+            raise NodeStateError(f"{path}: journal_head is not (records, hash): {head!r:.80}")
         _check_payload(path, "algorithm", state.algorithm)
         for stage, reply in state.replies.items():
             _check_payload(path, f"replies[{stage!r}]", reply)
@@ -247,6 +256,21 @@ class ReleaseJournal:
             prev = entry["hash"]
             entries.append(entry)
         return entries
+
+    def head(self) -> tuple[int, str]:
+        """``(records, hash of the last)`` of the verified journal (a torn last line left
+        out); ``(0, zeros)`` when it is empty or absent."""
+        entries = self.entries(torn_tail=True)
+        return len(entries), entries[-1]["hash"] if entries else _JOURNAL_GENESIS
+
+    def holds(self, head: tuple[int, str]) -> bool:
+        """Whether the verified journal still holds ``head`` (see :meth:`head`): at least that
+        many records, the last of them with that hash (later appends extend it)."""
+        count, last = head
+        entries = self.entries(torn_tail=True)
+        if count == 0:
+            return last == _JOURNAL_GENESIS
+        return len(entries) >= count and entries[count - 1]["hash"] == last
 
     def repair_torn_tail(self) -> Path | None:
         """Move a torn last line (no newline: an append killed mid-write, whose release never

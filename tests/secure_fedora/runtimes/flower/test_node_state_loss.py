@@ -291,6 +291,39 @@ def test_a_torn_last_line_is_quarantined_and_the_client_goes_on(tmp_path: Path, 
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("damage", "private"), [("cut", True), ("deleted", True),
+                                                 ("deleted", False)])
+def test_a_release_journal_cut_or_deleted_on_a_node_stops_its_client(
+        tmp_path: Path, damage: str, private: bool) -> None:
+    """Found by a damage hunt of Flower run directories: releases.jsonl (what left the node)
+    cut to its first record, or deleted, between messages went unnoticed (its shorter chain
+    verifies): the client went on, appended its next records after the cut or from seq 0, and
+    the node's record lost the releases that had left. Its saved state now records the
+    journal's head, which the journal must still hold."""
+    cfg = dp_config(noise="reproducible") if private else with_methods(tiny_config(), "fedavg")
+
+    def hit(run: Path) -> None:
+        journal = run / "releases.jsonl"
+        if damage == "cut":
+            journal.write_text(journal.read_text().splitlines()[0] + "\n")
+        else:
+            journal.unlink()
+
+    grid, run = _run(tmp_path, cfg, _damage_before_round_2(tmp_path, hit))
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        run()
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert "releases.jsonl" in str(refusals[0]) and "records were lost" in str(refusals[0])
+    assert not (tmp_path / "res" / "results.json").exists()
+    journal = _run_dir(tmp_path, 1) / "releases.jsonl"
+    if damage == "cut":  # the refusal wrote nothing there
+        assert len(journal.read_text().splitlines()) == 1
+    else:
+        assert not journal.exists()
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_client_state_restored_from_an_older_copy_is_refused(tmp_path: Path) -> None:
     """client.pt replaced by its copy from an earlier round: its recorded ledger head is still
     held by the (longer) ledger, and the client silently dropped a round's update (the review
