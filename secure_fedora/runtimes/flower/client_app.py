@@ -319,8 +319,9 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
     """The client's calibrated plan, computed once per run and kept in ``path``.
 
     Calibration takes seconds and every Flower message runs in a fresh process, so the plan is
-    stored (atomically) with the config hash and budget it was calibrated for, and recomputed
-    if either differs.
+    stored (atomically) with the config hash and budget it was calibrated for and the SHA-256
+    of its content, and recomputed (logged) if either differs or the digest does not match:
+    a damaged copy is never used for the client's noise.
     """
     from privacy.accounting import PlannedRelease
     from secure_fedora.secure.private import ClientPlan
@@ -330,13 +331,15 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             if doc.get("key") == key:
+                if doc.get("sha256") != _plan_digest(doc):
+                    raise ValueError("its content does not match its SHA-256")
                 return ClientPlan(
                     doc["dpsgd_noise"], doc["summary_noise"], doc["lambda_noise"],
                     tuple(PlannedRelease(**r) for r in doc["releases"]),
                     doc.get("accountant", ""),
                 )
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable cache: recalibrate below and overwrite it
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("plan cache %s is damaged (%s): calibrating the plan again", path, err)
     plan = compute()
     doc = {
         "key": key,
@@ -346,8 +349,16 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
         "releases": [dict(r.__dict__) for r in plan.releases],
         "accountant": plan.accountant,
     }
+    doc["sha256"] = _plan_digest(doc)
     atomic_write_text(path, json.dumps(doc))
     return plan
+
+
+def _plan_digest(doc: Mapping[str, Any]) -> str:
+    """SHA-256 hex of a plan cache document's canonical JSON without its ``sha256`` field."""
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode("utf-8")).hexdigest()
 
 
 @dataclasses.dataclass

@@ -324,6 +324,34 @@ def test_a_release_journal_cut_or_deleted_on_a_node_stops_its_client(
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_a_damaged_plan_cache_is_not_used_for_the_clients_noise(tmp_path: Path,
+                                                                 factor: float) -> None:
+    """Found by a damage hunt of Flower run directories: plan.json (the calibrated plan a
+    node keeps between messages) was used whenever its key matched, so an edited DP-SGD
+    noise multiplier silently became the client's: halved, its round-2 release went over
+    budget and the client refused it (the run completed without its training); doubled, it
+    trained with twice the noise results.json stated. The cache now carries its digest and is
+    recalibrated when it does not match."""
+    def edit(run: Path) -> None:
+        path = run / "fedora" / "plan.json"
+        doc = json.loads(path.read_text())
+        doc["dpsgd_noise"] *= factor
+        path.write_text(json.dumps(doc))
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"),
+                     _damage_before_round_2(tmp_path, edit))
+    results = run()
+    assert not grid.errors
+    clients = results["privacy"]["fedora"]["clients"]
+    assert not any(c["refused"] for c in clients)
+    noise = [[e["params"]["noise_multiplier"] for e in read_ledger(
+                 _run_dir(tmp_path, c) / "fedora" / f"client-00{c}.jsonl")
+              if e["mechanism"] == "dpsgd"] for c in range(3)]
+    assert noise[1] == noise[0] == noise[2] == [clients[1]["noise_multiplier"]] * 2
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_client_state_restored_from_an_older_copy_is_refused(tmp_path: Path) -> None:
     """client.pt replaced by its copy from an earlier round: its recorded ledger head is still
     held by the (longer) ledger, and the client silently dropped a round's update (the review
