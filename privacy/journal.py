@@ -16,6 +16,12 @@ is such a record (nothing was released): :class:`ReleaseJournal` quarantines it 
 ``quarantine=True``, the default; a resume opens with ``quarantine=False`` and moves it aside
 with :meth:`ReleaseJournal.quarantine_torn_tail` only once its checks passed).
 
+The last release a ledger records may lack its record (the crash window above), so a cut
+of a complete record would look the same; where several clients' releases of a round leave
+together, :class:`RoundMarks` closes that gap: after the round's last journal record and
+before any of its releases leaves, one fsynced line marks the round, so a record missing
+from a marked round was cut, never left unwritten by a crash.
+
 Entries that record no release (a refusal, a close, a repair) are journaled too, after they
 are fsynced, with their whole signed line (:meth:`JournalRecord.for_entry`): a ledger cut
 inside or after one of them is restored from the journal bit for bit, never "repaired" as a
@@ -40,7 +46,8 @@ from privacy.durable import fsync_dir, move_tail_aside, write_all_and_fsync
 from privacy.errors import ToolkitError
 from privacy.sealing import SealingError, open_sealed, seal
 
-__all__ = ["JournalError", "JournalRecord", "ReleaseJournal", "payload_digest"]
+__all__ = ["MARKS_NAME", "JournalError", "JournalRecord", "ReleaseJournal", "RoundMarks",
+           "payload_digest"]
 
 JOURNAL_VERSION = 1
 _AAD_PREFIX = b"secure-fedora/release-journal/v1"
@@ -233,5 +240,87 @@ class ReleaseJournal:
         if created:
             fsync_dir(self.path.parent)
         self._records[key] = record
+        self._count += 1
+        return len(line)
+
+
+#: File name of a federation's :class:`RoundMarks`, beside its ledgers and journals.
+MARKS_NAME = "rounds.released"
+
+
+class RoundMarks:
+    """The rounds whose releases were all journaled before any of them left (append-only,
+    one line ``{"round": r}`` per round, rounds increasing, each fsynced).
+
+    :meth:`mark` is called after a round's last journal record and before the round's first
+    release leaves, so a marked round's releases all have a complete record unless one was
+    lost or cut afterwards; an unmarked round's last records may be missing because of a
+    crash (none of its releases had left). A torn last line (a crash mid-append) marks
+    nothing: it is skipped on open and moved to ``<file>.torn-<position>`` by
+    :meth:`quarantine_torn_tail` (with ``quarantine=True`` on open); marking is refused
+    meanwhile. Any other damage raises JournalError naming the file and line."""
+
+    def __init__(self, path: str | os.PathLike[str], *, quarantine: bool = True) -> None:
+        self.path = Path(path)
+        self.last = -1
+        self._count = 0
+        self._torn: tuple[bytes, int, int] | None = None
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise JournalError(f"cannot read round marks {str(self.path)!r}: {exc}") from exc
+        cut = data.rfind(b"\n") + 1
+        lines = data[:cut].split(b"\n")[:-1] if cut else []
+        if data[cut:]:
+            self._torn = (data[cut:], len(lines), cut)
+        for pos, line in enumerate(lines):
+            try:
+                obj = json.loads(line)
+                rnd = obj["round"] if isinstance(obj, dict) and set(obj) == {"round"} else None
+            except (ValueError, UnicodeDecodeError):
+                rnd = None
+            if not (isinstance(rnd, int) and not isinstance(rnd, bool) and rnd > self.last):
+                raise JournalError(
+                    f"round marks {str(self.path)!r} line {pos}: not a mark of a round after"
+                    f" round {self.last} ({line[:60]!r}); the file was damaged: restore it from"
+                    " a copy, or start a new run")
+            self.last = rnd
+        self._count = len(lines)
+        if quarantine:
+            self.quarantine_torn_tail()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def quarantine_torn_tail(self) -> Path | None:
+        """Move a torn last line skipped on open aside (as
+        :meth:`ReleaseJournal.quarantine_torn_tail`); returns that file, None if none."""
+        if self._torn is None:
+            return None
+        torn, position, cut = self._torn
+        self._torn = None
+        return move_tail_aside(self.path, cut, torn,
+                               self.path.with_name(f"{self.path.name}.torn-{position}"))
+
+    def mark(self, rnd: int) -> int:
+        """Durably mark round ``rnd`` (fsynced, the directory too on creation) unless it or a
+        later round is marked already; returns the bytes written (0 when already marked)."""
+        if rnd <= self.last:
+            return 0
+        if self._torn is not None:
+            raise JournalError(f"round marks {str(self.path)!r} end in a torn line; quarantine"
+                               " it (quarantine_torn_tail) before marking")
+        line = json.dumps({"round": rnd}, separators=(",", ":")).encode() + b"\n"
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            write_all_and_fsync(fd, line)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.path.parent)
+        self.last = rnd
         self._count += 1
         return len(line)

@@ -58,7 +58,14 @@ from privacy.accounting import (
 )
 from privacy.durable import fsync_dir, write_all_and_fsync
 from privacy.identity import client_ids, load_identity
-from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
+from privacy.journal import (
+    MARKS_NAME,
+    JournalError,
+    JournalRecord,
+    ReleaseJournal,
+    RoundMarks,
+    payload_digest,
+)
 from privacy.ledger import (
     CLOSE,
     GENESIS_HASH,
@@ -669,6 +676,10 @@ class FederationPrivacy:
     # Per-sample loss of the private lambda release (the task's loss; set by the runtime).
     loss: Any = CROSS_ENTROPY.checked
     accountant_choice: AccountantChoice | None = None
+    #: The federation's round marks (:class:`~privacy.journal.RoundMarks`): a round is marked
+    #: after its last journal record, before its first release leaves (None: not kept, e.g.
+    #: a Flower client, whose saved state plays that part).
+    marks: RoundMarks | None = None
 
     def __post_init__(self) -> None:
         if self.journals is not None:
@@ -714,9 +725,9 @@ class FederationPrivacy:
             check_budget_plans(cfg, method, num_clients)
         accountant = choice.name
         if not resume:
-            earlier = [str(ledger_dir / f"{cid}.journal") for cid in ids
-                       if (ledger_dir / f"{cid}.journal").exists()
-                       and (ledger_dir / f"{cid}.journal").stat().st_size > 0]
+            earlier = [str(p) for p in [*(ledger_dir / f"{cid}.journal" for cid in ids),
+                                        ledger_dir / MARKS_NAME]
+                       if p.exists() and p.stat().st_size > 0]
             if earlier:
                 raise JournalError(
                     f"{earlier[0]} holds releases of an earlier run in this directory"
@@ -731,10 +742,12 @@ class FederationPrivacy:
         else:
             create_ledger_dir(ledger_dir, ids, with_files)
         checked: list[LedgerCheck] = []
+        # read before anything is written; a torn last mark waits for resume_after
+        marks = RoundMarks(ledger_dir / MARKS_NAME, quarantine=not resume)
         if resume:  # every client's checks before anything is written: a refusal changes nothing
             checked = [_check_resumable(ledger_dir, cid, method, identity)
                        for cid, identity in zip(ids, identities, strict=True)]
-            _check_unjournaled_tails(checked)
+            _check_unjournaled_tails(checked, marks)
         states = []
         journals = []
         recoveries: list[dict[str, Any]] = []
@@ -764,7 +777,16 @@ class FederationPrivacy:
             states.append(state)
         return cls(cfg, method, states, sample_rate_for(cfg), steps_per_round(cfg),
                    journals=journals, reproducible_noise=noise_is_reproducible(cfg),
-                   recoveries=recoveries, accountant_choice=choice)
+                   recoveries=recoveries, accountant_choice=choice, marks=marks)
+
+    def mark_round(self, rnd: int) -> None:
+        """Durably mark round ``rnd``'s releases as all journaled (:attr:`marks`; nothing
+        when the round is marked already or no marks are kept). Called after the round's last
+        journal record and before its first release leaves: a resume then refuses a marked
+        round whose record is missing (cut after the release may have left) instead of
+        drawing that release again."""
+        if self.marks is not None:
+            self.journal_bytes += self.marks.mark(rnd)
 
     def resume_after(self, last_round: int | None, saved: dict[str, Any] | None) -> None:
         """Prepare a resumed run that continues after round ``last_round`` (None: from the
@@ -791,6 +813,12 @@ class FederationPrivacy:
                     self.recoveries.append({"client": c.client_id,
                                             "journal_quarantine": moved.name})
                 c.journal_non_releases()
+        if self.marks is not None:
+            moved = self.marks.quarantine_torn_tail()
+            if moved is not None:
+                log.warning("round marks %s: torn last mark quarantined in %s (it marked"
+                            " nothing)", self.marks.path, moved.name)
+                self.recoveries.append({"journal_quarantine": moved.name})
         for k, c in enumerate(self.clients):
             entries = c.ledger.entries
             start = 0 if last_round is None else next(
@@ -907,6 +935,9 @@ class FederationPrivacy:
         None runs the step check alone (:meth:`confirm_steps`). Raises StepCountMismatchError
         (after a refusal ledger entry) when the executed steps differ from the accounted ones,
         or the round's model release was never admitted: nothing is then encrypted or signed."""
+        # in process every participant of the round was admitted (ledger, journal) before any
+        # model release runs its last stages: the round's records are all written here
+        self.mark_round(rnd)
         c = self.clients[i]
         pipeline = self.model_pipeline(i, sign, encrypt)
         check = pipeline.index(CheckExecutedSteps)
@@ -1124,8 +1155,9 @@ class FederationPrivacy:
                        noise: NoiseSource) -> Tensor:
         """Client ``i``'s summary alone (:meth:`noised_summaries` for one client), for a
         process that holds only client ``i``'s data and privacy state (a Flower client)."""
+        # no round mark: the view's last client is not the round's (the caller marks)
         view = dataclasses.replace(
-            self, clients=[self.clients[i]],
+            self, clients=[self.clients[i]], marks=None,
             journals=None if self.journals is None else [self.journals[i]])
         return view.noised_summaries([data], q, num_classes, [noise])[0]
 
@@ -1173,6 +1205,8 @@ class FederationPrivacy:
             assert isinstance(released.payload, Tensor)
             self.clients[i].summary_release, self.clients[i].summary_stages = released, stages
             out.append(released.payload)
+            if i == len(self.clients) - 1:  # the last summary record: mark before it leaves
+                self.mark_round(0)
             crash_point("summary")
         return torch.stack(out)
 
@@ -1383,34 +1417,41 @@ def _last_release(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def _check_unjournaled_tails(checks: Sequence[LedgerCheck]) -> None:
-    """JournalError when a client's last release lacks its journal record although another
-    client's ledger shows that the run went past that release's journal write: in process
-    the clients are admitted one after another in index order within a round (gate, ledger,
-    journal), so a release or refusal entry of a later round, or of the same round by a
-    client with a higher index, was written after this client's record. The record was then
-    lost or cut (a torn record included), not missing because of a crash, and the release
-    may have left: re-making it would draw new noise under the ledger entry it consumes. A
-    last release that nothing came after stays exempt (:func:`_check_journal_covers`)."""
+def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks) -> None:
+    """JournalError when a client's last release lacks its journal record although the run
+    went past that release's journal write: ``marks`` marks its round (a round is marked
+    after its last journal record, before any of its releases leaves), or another client's
+    ledger shows it (in process the clients are admitted one after another in index order
+    within a round (gate, ledger, journal), so a release or refusal entry of a later round,
+    or of the same round by a client with a higher index, was written after this client's
+    record). The record was then lost or cut (a torn record included), not missing because
+    of a crash, and the release may have left: re-making it would draw new noise under the
+    ledger entry it consumes. A last release of an unmarked round that nothing came after
+    stays exempt (:func:`_check_journal_covers`): the crash window, before it left."""
     for k, check in enumerate(checks):
         last = _last_release(check.entries)
         if last is None or check.journal.get(last["round"],
                                              last["params"]["release_kind"]) is not None:
             continue
+        what = (f"client {check.client_id!r}: ledger entry {last['index']} records its"
+                f" round-{last['round']} {last['params']['release_kind']!r} release, but the"
+                f" journal {str(check.journal.path)!r} has no complete record of it, though")
+        consequence = (": the record was written and then lost or cut, and the release may"
+                       " have left, so resuming would make it again with new noise, accounted"
+                       " once. Nothing was written. Restore the journal from a copy, or start"
+                       " a new run")
         for j, other in enumerate(checks):
             later = next((e for e in other.entries if e["mechanism"] not in (REPAIR, CLOSE)
                           and (e["round"] > last["round"]
                                or (e["round"] == last["round"] and j > k))), None)
             if j != k and later is not None:
                 raise JournalError(
-                    f"client {check.client_id!r}: ledger entry {last['index']} records its"
-                    f" round-{last['round']} {last['params']['release_kind']!r} release, but"
-                    f" the journal {str(check.journal.path)!r} has no complete record of it,"
-                    f" though client {other.client_id!r} released after it (its ledger entry"
-                    f" {later['index']}, round {later['round']}): the record was written and"
-                    " then lost or cut, and the release may have left, so resuming would make"
-                    " it again with new noise, accounted once. Nothing was written. Restore"
-                    " the journal from a copy, or start a new run")
+                    f"{what} client {other.client_id!r} released after it (its ledger entry"
+                    f" {later['index']}, round {later['round']}){consequence}")
+        if marks.last >= last["round"]:
+            raise JournalError(
+                f"{what} {str(marks.path)!r} marks every release of rounds up to {marks.last}"
+                f" as journaled before it left{consequence}")
 
 
 def _journaled_lines(journal: ReleaseJournal) -> dict[int, str]:

@@ -3,7 +3,7 @@
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
+from privacy.journal import JournalError, JournalRecord, ReleaseJournal, RoundMarks, payload_digest
 
 KEY = X25519PrivateKey.generate()
 
@@ -105,3 +105,35 @@ def test_an_entry_journaled_whole_keeps_its_line(tmp_path):
     assert ReleaseJournal(path, "c1", "fedora", KEY).get(2, "close@4").ledger_line == line
     with pytest.raises(ValueError, match="ledger_line"):
         JournalRecord.from_json(record.to_json().replace("close", "clos").encode())
+
+
+def test_round_marks_are_durable_increasing_and_idempotent(tmp_path):
+    path = tmp_path / "rounds.released"
+    marks = RoundMarks(path)
+    assert marks.last == -1 and not path.exists()
+    assert marks.mark(0) > 0 and marks.mark(2) > 0
+    assert marks.mark(2) == 0 and marks.mark(1) == 0  # marked already: nothing written
+    assert path.read_bytes() == b'{"round":0}\n{"round":2}\n'
+    assert RoundMarks(path).last == 2
+
+
+def test_a_torn_last_mark_marks_nothing_and_is_moved_aside_only_when_asked(tmp_path):
+    path = tmp_path / "rounds.released"
+    path.write_bytes(b'{"round":1}\n{"rou')
+    marks = RoundMarks(path, quarantine=False)
+    assert marks.last == 1 and path.read_bytes() == b'{"round":1}\n{"rou'  # nothing written
+    with pytest.raises(JournalError, match="torn line"):
+        marks.mark(2)
+    moved = marks.quarantine_torn_tail()
+    assert moved is not None and moved.read_bytes() == b'{"rou'
+    assert marks.mark(2) > 0 and path.read_bytes() == b'{"round":1}\n{"round":2}\n'
+
+
+@pytest.mark.parametrize("damage", [b'{"round":2}\n{"round":1}\n', b'{"round":2}\nxx\n',
+                                    b'{"round":true}\n', b'{"round":1,"x":0}\n'])
+def test_damaged_round_marks_are_refused_naming_the_file_and_line(tmp_path, damage):
+    path = tmp_path / "rounds.released"
+    path.write_bytes(damage)
+    with pytest.raises(JournalError, match=r"rounds\.released' line \d: not a mark"):
+        RoundMarks(path)
+    assert path.read_bytes() == damage

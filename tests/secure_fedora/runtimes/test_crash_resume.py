@@ -705,3 +705,73 @@ def test_a_crash_between_ledger_and_journal_still_resumes_with_csprng_noise(tmp_
             for k in range(3)] == [[(1, "dpsgd"), (2, "dpsgd"), (2, "close")]] * 3
     report = verify_run(tmp_path)
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
+
+
+
+@pytest.mark.parametrize("cut", ["whole-record", "inside-record"])
+def test_a_cut_journal_record_of_the_last_client_admitted_in_a_round_refuses_the_resume(
+        tmp_path, clients, cut):
+    """The last client admitted in a round has nothing of another client written after its
+    journal record, so a cut of that record after the round's releases left looked like a
+    crash before its journal write: killed after round 2 had left (before its checkpoint)
+    and with client-002's round-2 record cut, the resume drew client-002's round-2 model
+    again with fresh CSPRNG noise under the ledger entry it consumed. The round's releases
+    leave only after a per-round mark (fsynced after the round's last journal record), which
+    the resume reads: a JournalError naming the journal and the mark, nothing written."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")  # round 2 left, unsaved
+    folder = tmp_path / "ledgers" / "local"
+    journal = folder / "client-002.journal"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 2  # rounds 1 and 2
+    kept = lines[0] + (lines[1][:len(lines[1]) // 2] if cut == "inside-record" else b"")
+    journal.write_bytes(kept)
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal'.*rounds\.released' marks every release of"
+                       " rounds up to 2"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+def test_a_cut_summary_record_of_the_last_client_refuses_the_resume(tmp_path, clients):
+    """Round 0: each noised summary leaves before the next client's is admitted, so the last
+    client's had nothing written after it either: killed once it had left, its record cut,
+    the resume drew that summary again with fresh noise. Round 0 is marked after the last
+    summary record, before it leaves."""
+    data = config_dict(["fedora"], True)
+    data["privacy"]["noise"] = "csprng"
+    cfg = parse_config(data)
+    assert run_until_crash(cfg, tmp_path, clients, "summary@3")  # the last summary left
+    journal = tmp_path / "ledgers" / "fedora" / "client-002.journal"
+    assert len(journal.read_bytes().splitlines()) == 1
+    journal.write_bytes(b"")
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal'.*rounds\.released' marks every"
+                       " release of rounds up to 0"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(("method", "point"), [
+    ("local", "gate@3"), ("local", "gate@6"), ("local", "release@6"), ("local", "train@6"),
+    ("fedora", "gate@3"), ("fedora", "gate@9")])
+def test_the_last_clients_crash_windows_still_resume_with_csprng_noise(tmp_path, clients,
+                                                                       method, point):
+    """The windows the round marks must leave open: killed after the last client's ledger
+    entry and before its journal record (gate), after its record but before the round's
+    mark (release, train), for a round's model and (FEDORA) the summaries; the resume makes
+    or re-makes each release once, marks the round, and the run verifies."""
+    data = config_dict([method], True)
+    data["privacy"]["noise"] = "csprng"
+    cfg = parse_config(data)
+    assert run_until_crash(cfg, tmp_path, clients, point)
+    folder = tmp_path / "ledgers" / method
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    setup = [(0, "gaussian_summary")] if method == "fedora" else []
+    assert [[(e["round"], e["mechanism"]) for e in read_ledger(folder / f"client-00{k}.jsonl")]
+            for k in range(3)] == [[*setup, (1, "dpsgd"), (2, "dpsgd"), (2, "close")]] * 3
+    marked = [0, 1, 2] if method == "fedora" else [1, 2]
+    assert (folder / "rounds.released").read_text() == "".join(
+        f'{{"round":{r}}}\n' for r in marked)
+    report = verify_run(tmp_path)
+    assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
