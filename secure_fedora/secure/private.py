@@ -818,7 +818,7 @@ class FederationPrivacy:
             if moved is not None:
                 log.warning("round marks %s: torn last mark quarantined in %s (it marked"
                             " nothing)", self.marks.path, moved.name)
-                self.recoveries.append({"journal_quarantine": moved.name})
+                self.recoveries.append({"marks_quarantine": moved.name})
         for k, c in enumerate(self.clients):
             entries = c.ledger.entries
             start = 0 if last_round is None else next(

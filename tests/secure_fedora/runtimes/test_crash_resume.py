@@ -775,3 +775,20 @@ def test_the_last_clients_crash_windows_still_resume_with_csprng_noise(tmp_path,
         f'{{"round":{r}}}\n' for r in marked)
     report = verify_run(tmp_path)
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
+
+
+def test_a_torn_round_mark_is_moved_aside_and_the_round_marked_again(tmp_path, clients):
+    """A process killed inside a round's mark write (no release of the round had left): the
+    resume moves the torn line aside (listed under recoveries), re-makes the round and marks
+    it; nothing was refused."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "train@6")  # round 2 admitted, unmarked
+    marks = tmp_path / "ledgers" / "local" / "rounds.released"
+    assert marks.read_bytes() == b'{"round":1}\n'
+    with marks.open("ab") as f:
+        f.write(b'{"rou')
+    results = Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert marks.read_bytes() == b'{"round":1}\n{"round":2}\n'
+    assert (marks.parent / "rounds.released.torn-1").read_bytes() == b'{"rou'
+    assert {"marks_quarantine": "rounds.released.torn-1"} in \
+        results["privacy"]["local"]["recoveries"]
