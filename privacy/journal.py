@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,12 +252,16 @@ MARKS_NAME = "rounds.released"
 
 class RoundMarks:
     """The rounds whose releases were all journaled before any of them left (append-only,
-    one line ``{"round": r}`` per round, rounds increasing, each fsynced).
+    one line ``{"round": r, "clients": [[first, last], ...]}`` per round, rounds increasing,
+    each fsynced; ``clients`` lists, as inclusive index ranges, the clients whose records the
+    mark covers, and a line without it covers every client).
 
     :meth:`mark` is called after a round's last journal record and before the round's first
-    release leaves, so a marked round's releases all have a complete record unless one was
-    lost or cut afterwards; an unmarked round's last records may be missing because of a
-    crash (none of its releases had left). A torn last line (a crash mid-append) marks
+    release leaves, so a covered client's release of a marked round has a complete record
+    unless it was lost or cut afterwards (:meth:`covers`); an unmarked round's last records,
+    and those of a client admitted after its round was marked (a method that releases one
+    client before admitting the next), may be missing because of a crash (that release had
+    not left). A torn last line (a crash mid-append) marks
     nothing: it is skipped on open and moved to ``<file>.torn-<position>`` by
     :meth:`quarantine_torn_tail` (with ``quarantine=True`` on open); marking is refused
     meanwhile. Any other damage raises JournalError naming the file and line."""
@@ -263,6 +269,9 @@ class RoundMarks:
     def __init__(self, path: str | os.PathLike[str], *, quarantine: bool = True) -> None:
         self.path = Path(path)
         self.last = -1
+        #: The clients the last mark covers, as sorted inclusive index ranges (None: every
+        #: client).
+        self.last_clients: tuple[tuple[int, int], ...] | None = None
         self._count = 0
         self._torn: tuple[bytes, int, int] | None = None
         try:
@@ -278,7 +287,12 @@ class RoundMarks:
         for pos, line in enumerate(lines):
             try:
                 obj = json.loads(line)
-                rnd = obj["round"] if isinstance(obj, dict) and set(obj) == {"round"} else None
+                rnd = obj["round"] if isinstance(obj, dict) \
+                    and set(obj) in ({"round"}, {"round", "clients"}) else None
+                clients = _clients_of(obj["clients"]) if rnd is not None \
+                    and "clients" in obj else None
+                if rnd is not None and "clients" in obj and clients is None:
+                    rnd = None  # not a mark's index ranges
             except (ValueError, UnicodeDecodeError):
                 rnd = None
             if not (isinstance(rnd, int) and not isinstance(rnd, bool) and rnd > self.last):
@@ -286,7 +300,7 @@ class RoundMarks:
                     f"round marks {str(self.path)!r} line {pos}: not a mark of a round after"
                     f" round {self.last} ({line[:60]!r}); the file was damaged: restore it from"
                     " a copy, or start a new run")
-            self.last = rnd
+            self.last, self.last_clients = rnd, clients
         self._count = len(lines)
         if quarantine:
             self.quarantine_torn_tail()
@@ -304,15 +318,30 @@ class RoundMarks:
         return move_tail_aside(self.path, cut, torn,
                                self.path.with_name(f"{self.path.name}.torn-{position}"))
 
-    def mark(self, rnd: int) -> int:
-        """Durably mark round ``rnd`` (fsynced, the directory too on creation) unless it or a
-        later round is marked already; returns the bytes written (0 when already marked)."""
+    def covers(self, rnd: int, client: int) -> bool:
+        """Whether client ``client``'s round-``rnd`` records were all written before a release
+        left: a later round is marked (rounds run one after another), or round ``rnd`` is
+        marked and the mark covers the client."""
+        if rnd != self.last:
+            return rnd < self.last
+        ranges = self.last_clients
+        if ranges is None:
+            return True
+        k = bisect.bisect_right(ranges, (client, math.inf)) - 1
+        return k >= 0 and ranges[k][0] <= client <= ranges[k][1]
+
+    def mark(self, rnd: int, clients: Iterable[int]) -> int:
+        """Durably mark round ``rnd`` as journaled for ``clients`` (indices; fsynced, the
+        directory too on creation) unless it or a later round is marked already; returns the
+        bytes written (0 when already marked)."""
         if rnd <= self.last:
             return 0
         if self._torn is not None:
             raise JournalError(f"round marks {str(self.path)!r} end in a torn line; quarantine"
                                " it (quarantine_torn_tail) before marking")
-        line = json.dumps({"round": rnd}, separators=(",", ":")).encode() + b"\n"
+        covered = _ranges_of(clients)
+        line = json.dumps({"round": rnd, "clients": covered},
+                          separators=(",", ":")).encode() + b"\n"
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -321,6 +350,35 @@ class RoundMarks:
             os.close(fd)
         if created:
             fsync_dir(self.path.parent)
-        self.last = rnd
+        self.last, self.last_clients = rnd, covered
         self._count += 1
         return len(line)
+
+
+def _ranges_of(clients: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """``clients`` as sorted, merged inclusive ``(first, last)`` index ranges (one range for a
+    round every client took part in, whatever the number of clients)."""
+    out: list[list[int]] = []
+    for c in sorted({int(c) for c in clients}):
+        if c < 0:
+            raise ValueError(f"client index {c} is negative")
+        if out and c == out[-1][1] + 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return tuple((a, b) for a, b in out)
+
+
+def _clients_of(ranges: object) -> tuple[tuple[int, int], ...] | None:
+    """A mark's ``clients`` as :func:`_ranges_of` writes them; None when they are not sorted,
+    merged, inclusive ranges of non-negative integers (the line is then damaged)."""
+    if not isinstance(ranges, list):
+        return None
+    end = -2
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                and end + 1 < r[0] <= r[1]):
+            return None
+        end = r[1]
+    return tuple((a, b) for a, b in ranges)

@@ -36,7 +36,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -779,14 +779,14 @@ class FederationPrivacy:
                    journals=journals, reproducible_noise=noise_is_reproducible(cfg),
                    recoveries=recoveries, accountant_choice=choice, marks=marks)
 
-    def mark_round(self, rnd: int) -> None:
-        """Durably mark round ``rnd``'s releases as all journaled (:attr:`marks`; nothing
-        when the round is marked already or no marks are kept). Called after the round's last
-        journal record and before its first release leaves: a resume then refuses a marked
-        round whose record is missing (cut after the release may have left) instead of
-        drawing that release again."""
+    def mark_round(self, rnd: int, clients: Iterable[int]) -> None:
+        """Durably mark round ``rnd``'s releases of ``clients`` (indices) as all journaled
+        (:attr:`marks`; nothing when the round is marked already or no marks are kept).
+        Called after the round's last journal record and before its first release leaves: a
+        resume then refuses a covered client whose record of a marked round is missing (cut
+        after the release may have left) instead of drawing that release again."""
         if self.marks is not None:
-            self.journal_bytes += self.marks.mark(rnd)
+            self.journal_bytes += self.marks.mark(rnd, clients)
 
     def resume_after(self, last_round: int | None, saved: dict[str, Any] | None) -> None:
         """Prepare a resumed run that continues after round ``last_round`` (None: from the
@@ -935,9 +935,12 @@ class FederationPrivacy:
         None runs the step check alone (:meth:`confirm_steps`). Raises StepCountMismatchError
         (after a refusal ledger entry) when the executed steps differ from the accounted ones,
         or the round's model release was never admitted: nothing is then encrypted or signed."""
-        # in process every participant of the round was admitted (ledger, journal) before any
-        # model release runs its last stages: the round's records are all written here
-        self.mark_round(rnd)
+        # the generic round admits every participant (ledger, journal) before any model
+        # release runs its last stages; the mark covers those admitted so far, so a method
+        # that admits a client after another's release left leaves that client unmarked (its
+        # crash window before the record stays resumable)
+        self.mark_round(rnd, (k for k, other in enumerate(self.clients)
+                              if other.admitted is not None and other.admitted.round == rnd))
         c = self.clients[i]
         pipeline = self.model_pipeline(i, sign, encrypt)
         check = pipeline.index(CheckExecutedSteps)
@@ -1206,7 +1209,7 @@ class FederationPrivacy:
             self.clients[i].summary_release, self.clients[i].summary_stages = released, stages
             out.append(released.payload)
             if i == len(self.clients) - 1:  # the last summary record: mark before it leaves
-                self.mark_round(0)
+                self.mark_round(0, range(len(self.clients)))
             crash_point("summary")
         return torch.stack(out)
 
@@ -1448,10 +1451,10 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks) -
                 raise JournalError(
                     f"{what} client {other.client_id!r} released after it (its ledger entry"
                     f" {later['index']}, round {later['round']}){consequence}")
-        if marks.last >= last["round"]:
+        if marks.covers(last["round"], k):
             raise JournalError(
-                f"{what} {str(marks.path)!r} marks every release of rounds up to {marks.last}"
-                f" as journaled before it left{consequence}")
+                f"{what} {str(marks.path)!r} marks this client's releases of rounds up to"
+                f" {last['round']} as journaled before any left{consequence}")
 
 
 def _journaled_lines(journal: ReleaseJournal) -> dict[int, str]:

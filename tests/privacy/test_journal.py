@@ -111,10 +111,25 @@ def test_round_marks_are_durable_increasing_and_idempotent(tmp_path):
     path = tmp_path / "rounds.released"
     marks = RoundMarks(path)
     assert marks.last == -1 and not path.exists()
-    assert marks.mark(0) > 0 and marks.mark(2) > 0
-    assert marks.mark(2) == 0 and marks.mark(1) == 0  # marked already: nothing written
-    assert path.read_bytes() == b'{"round":0}\n{"round":2}\n'
+    assert marks.mark(0, range(3)) > 0 and marks.mark(2, [0, 1, 2]) > 0
+    assert marks.mark(2, [0]) == 0 and marks.mark(1, [0]) == 0  # marked already: nothing written
+    assert path.read_bytes() == (b'{"round":0,"clients":[[0,2]]}\n'
+                                 b'{"round":2,"clients":[[0,2]]}\n')
     assert RoundMarks(path).last == 2
+
+
+def test_a_mark_covers_the_clients_admitted_when_it_was_written_and_every_earlier_round(
+        tmp_path):
+    path = tmp_path / "rounds.released"
+    RoundMarks(path).mark(3, [7, 0, 2, 1, 9, 8])
+    assert b'"clients":[[0,2],[7,9]]' in path.read_bytes()  # merged index ranges
+    marks = RoundMarks(path)
+    assert [c for c in range(11) if marks.covers(3, c)] == [0, 1, 2, 7, 8, 9]
+    assert all(marks.covers(2, c) for c in range(11))  # round 3's releases began after round 2
+    assert not any(marks.covers(4, c) for c in range(11))
+    # a line written before marks named their clients covers every client
+    path.write_bytes(b'{"round":1}\n')
+    assert RoundMarks(path).covers(1, 12345)
 
 
 def test_a_torn_last_mark_marks_nothing_and_is_moved_aside_only_when_asked(tmp_path):
@@ -123,14 +138,20 @@ def test_a_torn_last_mark_marks_nothing_and_is_moved_aside_only_when_asked(tmp_p
     marks = RoundMarks(path, quarantine=False)
     assert marks.last == 1 and path.read_bytes() == b'{"round":1}\n{"rou'  # nothing written
     with pytest.raises(JournalError, match="torn line"):
-        marks.mark(2)
+        marks.mark(2, [0])
     moved = marks.quarantine_torn_tail()
     assert moved is not None and moved.read_bytes() == b'{"rou'
-    assert marks.mark(2) > 0 and path.read_bytes() == b'{"round":1}\n{"round":2}\n'
+    assert marks.mark(2, [0]) > 0
+    assert path.read_bytes() == b'{"round":1}\n{"round":2,"clients":[[0,0]]}\n'
 
 
 @pytest.mark.parametrize("damage", [b'{"round":2}\n{"round":1}\n', b'{"round":2}\nxx\n',
-                                    b'{"round":true}\n', b'{"round":1,"x":0}\n'])
+                                    b'{"round":true}\n', b'{"round":1,"x":0}\n',
+                                    b'{"round":1,"clients":[[2,1]]}\n',
+                                    b'{"round":1,"clients":[[0,1],[2,3]]}\n',
+                                    b'{"round":1,"clients":[[-1,0]]}\n',
+                                    b'{"round":1,"clients":[[0,true]]}\n',
+                                    b'{"round":1,"clients":7}\n'])
 def test_damaged_round_marks_are_refused_naming_the_file_and_line(tmp_path, damage):
     path = tmp_path / "rounds.released"
     path.write_bytes(damage)

@@ -727,8 +727,8 @@ def test_a_cut_journal_record_of_the_last_client_admitted_in_a_round_refuses_the
     kept = lines[0] + (lines[1][:len(lines[1]) // 2] if cut == "inside-record" else b"")
     journal.write_bytes(kept)
     before = _files(tmp_path)
-    with pytest.raises(JournalError, match=r"client-002\.journal'.*rounds\.released' marks every release of"
-                       " rounds up to 2"):
+    with pytest.raises(JournalError, match=r"client-002\.journal'.*rounds\.released' marks this client's"
+                       " releases of rounds up to 2"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert _files(tmp_path) == before
 
@@ -746,8 +746,8 @@ def test_a_cut_summary_record_of_the_last_client_refuses_the_resume(tmp_path, cl
     assert len(journal.read_bytes().splitlines()) == 1
     journal.write_bytes(b"")
     before = _files(tmp_path)
-    with pytest.raises(JournalError, match=r"client-002\.journal'.*rounds\.released' marks every"
-                       " release of rounds up to 0"):
+    with pytest.raises(JournalError, match=r"client-002\.journal'.*rounds\.released' marks this"
+                       " client's releases of rounds up to 0"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert _files(tmp_path) == before
 
@@ -772,7 +772,7 @@ def test_the_last_clients_crash_windows_still_resume_with_csprng_noise(tmp_path,
             for k in range(3)] == [[*setup, (1, "dpsgd"), (2, "dpsgd"), (2, "close")]] * 3
     marked = [0, 1, 2] if method == "fedora" else [1, 2]
     assert (folder / "rounds.released").read_text() == "".join(
-        f'{{"round":{r}}}\n' for r in marked)
+        f'{{"round":{r},"clients":[[0,2]]}}\n' for r in marked)
     report = verify_run(tmp_path)
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
 

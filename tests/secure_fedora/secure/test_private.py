@@ -594,3 +594,34 @@ def test_planned_release_counts_are_the_plans_steps(method, validation, relatedn
     assert counts == {r.mechanism: r.steps for r in plan.releases}
     assert counts.get("gaussian_summary", 0) == (1 if method == "fedora" else 0)
     assert counts.get("gaussian_lambda", 0) == (3 if validation == "private" else 0)
+
+
+def test_a_client_admitted_after_its_rounds_mark_keeps_its_crash_window_resumable(tmp_path):
+    """A method may release one client before admitting the next (the generic round admits
+    all first): the round's mark, written at its first release, covers only the clients
+    admitted by then. A later client killed between its ledger entry and its journal record
+    (its release never left) must still resume; read as covered, the resume was refused as
+    a cut record."""
+    from privacy.journal import MARKS_NAME, JournalError
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = dp_config(methods=["local"])
+    ledgers, keys = tmp_path / "ledgers", tmp_path / "keys"
+    privacy = FederationPrivacy.open(cfg, "local", 3, ledgers, keys)
+    journal = ledgers / "client-001.journal"
+    try:
+        assert privacy.admit(0, 1, torch.zeros(10), with_lambda=False)
+        for _ in range(privacy.steps):
+            privacy.clients[0].step_counter.count()
+        privacy.release_model(0, 1, torch.arange(10.0))  # the round's first release leaves
+        before = journal.read_bytes() if journal.exists() else b""
+        assert privacy.admit(1, 1, torch.zeros(10), with_lambda=False)
+    finally:
+        privacy.close()
+    assert (ledgers / MARKS_NAME).read_bytes() == b'{"round":1,"clients":[[0,0]]}\n'
+    journal.write_bytes(before)  # killed after client 1's ledger entry, before its record
+    FederationPrivacy.open(cfg, "local", 3, ledgers, keys, resume=True).close()
+    # client 0's record (covered by the mark) cut is refused
+    (ledgers / "client-000.journal").write_bytes(b"")
+    with pytest.raises(JournalError, match=r"client-000\.journal'.*Nothing was written"):
+        FederationPrivacy.open(cfg, "local", 3, ledgers, keys, resume=True)
