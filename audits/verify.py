@@ -54,10 +54,16 @@
    (``operator`` in process, ``server`` on Flower: any other party is an error) under that
    party's allowlisted key (an unregistered key is an error with an allowlist, a warning
    without one); every ledger it names exists, its line
-   ``final_index`` hashes to the anchored head and is its last line; no ledger it does not
+   ``final_index`` hashes to the anchored head and is its last line, the anchored
+   ``entries`` is ``final_index + 1`` and the anchored ``epsilon_spent`` is the ledger's
+   final ``epsilon_after`` (within :data:`SPENT_TOL` x max(1, epsilon): the runtime rounds
+   it up to 6 decimals); no ledger it does not
    name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests.
 7. **Key location**: private signing keys inside the audited directory are an error when an
-   allowlist is given (anyone with the directory could re-sign), a warning otherwise.
+   allowlist is given (anyone with the directory could re-sign), a warning otherwise. With
+   an allowlist given, the run's own ``keys/allowlist.json`` must agree with it: a party it
+   lists that the given one does not register, or another key for a party, is an error (the
+   directory misstates who could sign); parties registered but not published are not.
 8. **Files beside the ledgers**: ``keys/<party>.ed25519.pub`` and ``.x25519.pub`` equal the
    allowlisted keys (nothing in a run signs an X25519 key, so the allowlist in use is what
    they are held to; a missing file, or one of a party the allowlist does not name, is a
@@ -137,6 +143,13 @@ __all__ = [
 ]
 
 DEFAULT_REL_TOL = 0.02
+#: How far a runtime's reported ``epsilon_spent`` (results.json's per-client summary, and the
+#: signed anchor's per-ledger row) may lie from the ledger's final ``epsilon_after``, relative
+#: to ``max(1, epsilon)``: the in-process runtime reports the accountant's epsilon over the
+#: whole history rounded up to 6 decimals (``privacy.accounting.round_up``, at most 1e-6
+#: above), the Flower server the float64 value its client reported, and the ledger records
+#: the same accountant's cumulative epsilon release by release (float rounding apart, equal).
+SPENT_TOL = 1e-5
 try:
     _DP_ACCOUNTING_VERSION = importlib.metadata.version("dp-accounting")
 except importlib.metadata.PackageNotFoundError:  # an unusual install: still the same code
@@ -148,6 +161,8 @@ REPAIR = "repair"  # a torn final line quarantined on resume; spends nothing
 CLOSE = "close"
 ANCHOR_FILENAME = "anchor.json"
 ANCHOR_DOMAIN = b"secure-fedora/anchor/v1\n"
+#: The fields of one ledger's row in an anchor's ``ledgers`` (every one is checked).
+ANCHOR_LEDGER_FIELDS: tuple[str, ...] = ("entries", "epsilon_spent", "final_index", "head")
 ANCHORED_FILES: tuple[str, ...] = ("config.toml", "results.json")
 #: Who signs a run's anchor, by runtime: the in-process runtime's key store operator, the
 #: Flower ServerApp's server key.
@@ -290,10 +305,13 @@ def checks_done(options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[str]:
     :data:`~audits.options.CLI_AUDIT_OPTIONS`)."""
     return [
         *_CHECKS_FIXED,
-        f"anchor.json (or {options['anchor']}): signed; every ledger's final index and head,"
-        " results.json and config.toml digests, no ledger missing or unnamed",
+        f"anchor.json (or {options['anchor']}): signed; every ledger's final index, entry"
+        " count, head and epsilon_spent, results.json and config.toml digests, no ledger"
+        " missing or unnamed",
         "no private signing key inside the audited directory (an error with "
         f"{options['allowlist']})",
+        f"with {options['allowlist']}: keys/allowlist.json lists no party and no key that"
+        " it does not register",
         "keys/*.ed25519.pub and keys/*.x25519.pub equal the allowlisted keys",
         "ledgers/<method>/model.json intact and equal to results.json's (anchored) model"
         " fingerprint; a warning where nothing signed records it",
@@ -872,8 +890,45 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
         return {}, str(path)
     keys_dir = run_dir / "keys"
     findings.extend(_private_key_findings(run_dir, allowlist is not None))
+    if allowlist is not None:
+        findings.extend(_published_allowlist_findings(keys_dir, allowlist, keys))
     findings.extend(_public_key_file_findings(keys_dir, keys))
     return keys, str(path)
+
+
+def _published_allowlist_findings(keys_dir: Path, given: Path,
+                                  keys: Mapping[str, PublicIdentity]) -> list[Finding]:
+    """The run's own ``keys/allowlist.json`` against the independently registered allowlist
+    ``given`` (the trust root, already loaded as ``keys``). The run publishes the keys of its
+    own parties, a subset of the key store's, so a registered party it does not list is no
+    finding; a party it lists that ``given`` does not, a key (Ed25519 or X25519) other than
+    the registered one, or an unreadable file is an error: the directory misstates who could
+    sign its ledgers and anchor. No published file where ``keys/`` exists is a warning; no
+    ``keys/`` at all (a Flower result directory) is no finding."""
+    own = keys_dir / "allowlist.json"
+    if not own.is_file():
+        if keys_dir.is_dir():
+            return [Finding("warning", "allowlist", f"{own} is missing: the run directory does"
+                            f" not state who could sign it (checked against {given} alone)")]
+        return []
+    try:
+        published = load_allowlist(own)
+    except IdentityError as exc:
+        return [Finding("error", "allowlist", f"the run's published allowlist cannot be"
+                        f" compared with {given}: {exc}")]
+    added = sorted(p for p in published if p not in keys)
+    replaced = sorted(p for p in published if p in keys and published[p] != keys[p])
+    out = []
+    if added:
+        out.append(Finding("error", "allowlist", f"{own} lists {len(added)} parties the given"
+                           f" allowlist {given} does not register ({', '.join(added[:5])}"
+                           f"{' ...' if len(added) > 5 else ''}): the run directory claims"
+                           " signers the trust root does not know"))
+    for party in replaced:
+        out.append(Finding("error", "allowlist", f"{own} lists other keys for {party!r} than"
+                           f" the given allowlist {given}: the run directory's keys were"
+                           " replaced (or it was made with another key store)", party))
+    return out
 
 
 def _configured_budget(cfg: ExperimentConfig, client_id: str) -> tuple[float, float] | None:
@@ -1099,7 +1154,8 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             err(last, "anchor", f"the last line hashes to {_sha256(lines[-1])[:16]}...,"
                 f" results.json recorded the head {str(head)[:16]}...")
         spent = anchor.get("epsilon_spent")
-        if spent is not None and (not _number(spent) or abs(spent - final) > 1e-5 * max(1, final)):
+        if spent is not None and (not _number(spent)
+                                  or abs(spent - final) > SPENT_TOL * max(1, final)):
             err(None, "results_epsilon", f"results.json reports epsilon_spent {spent!r}, the"
                 f" ledger's last epsilon_after is {final!r}")
 
@@ -1358,10 +1414,14 @@ def _load_anchor(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
             or not all(isinstance(m, str) for m in doc["methods"]) \
             or not all(isinstance(v, str) for v in doc["files"].values()) \
             or not isinstance(ledgers, dict) or not all(
-                isinstance(r, dict) and _int(r.get("final_index")) and r["final_index"] >= 0
+                isinstance(r, dict) and set(r) == set(ANCHOR_LEDGER_FIELDS)
+                and _int(r.get("final_index")) and r["final_index"] >= 0
                 and _int(r.get("entries")) and isinstance(r.get("head"), str)
+                and _number(r.get("epsilon_spent")) and r["epsilon_spent"] >= 0
                 for r in ledgers.values()):
-        problems.append("files, methods or ledgers are malformed")
+        problems.append("files, methods or ledgers are malformed (every ledger row holds"
+                        f" exactly {', '.join(ANCHOR_LEDGER_FIELDS)}; epsilon_spent a finite"
+                        " number >= 0)")
     if problems:
         return None, [Finding("error", "anchor", f"anchor {path}: {'; '.join(problems)}")]
     try:
@@ -1380,7 +1440,9 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
                      keys: dict[str, PublicIdentity], allowlist_given: bool) -> list[Finding]:
     """Compare the run directory with a verified anchor: every anchored ledger exists and
     its line ``final_index`` hashes to ``head`` and is its last line (a shorter ledger, a
-    different head or a longer one is an error); no ledger exists that the anchor does not
+    different head or a longer one is an error), its row's ``entries`` is ``final_index + 1``
+    and its ``epsilon_spent`` the ledger's final epsilon (within :data:`SPENT_TOL`, relative
+    to max(1, epsilon)); no ledger exists that the anchor does not
     name; config.toml and results.json exist with the anchored digests; the signer is the
     runtime's signer party (:data:`ANCHOR_SIGNERS`) with its allowlisted key."""
     out: list[Finding] = []
@@ -1427,6 +1489,18 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
             continue
         lines, _ = _read_lines(present[name][1])
         final = row["final_index"]
+        if row["entries"] != final + 1:
+            out.append(Finding("error", "anchor_entries", f"{label} records {row['entries']}"
+                               f" entries but final index {final} for ledger {name}.jsonl"
+                               f" (entries is final_index + 1): the anchor is inconsistent;"
+                               f" the ledger has {len(lines)} entries", cid, None,
+                               method or None))
+        spent = _final_epsilon(lines)
+        if spent is not None and abs(row["epsilon_spent"] - spent) > SPENT_TOL * max(1, spent):
+            out.append(Finding("error", "anchor_epsilon", f"{label} records epsilon_spent"
+                               f" {row['epsilon_spent']!r} for ledger {name}.jsonl, whose final"
+                               f" epsilon_after is {spent!r} (tolerance {SPENT_TOL:g} x"
+                               " max(1, epsilon))", cid, None, method or None))
         if len(lines) <= final:
             out.append(Finding("error", "anchor_behind", f"the ledger has {len(lines)} entries,"
                                f" {label} records {final + 1}: entries were removed from its"
@@ -1449,6 +1523,23 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
             out.append(Finding("error", "anchor_missing_ledger", f"{label} lists method"
                                f" {method!r} but names none of its ledgers", None, None, method))
     return out
+
+
+def _final_epsilon(lines: Sequence[str]) -> float | None:
+    """The largest ``epsilon_after`` of a ledger's lines (what its close entry states, the
+    final epsilon); 0.0 for a ledger of no entry, None when no line records a number
+    (nothing to compare: the ledger's own checks report its lines)."""
+    values = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(entry, dict) and _number(entry.get("epsilon_after")):
+            values.append(float(entry["epsilon_after"]))
+    if not lines:
+        return 0.0
+    return max(values) if values else None
 
 
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],

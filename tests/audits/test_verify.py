@@ -1163,3 +1163,96 @@ def test_dpsgd_claim_problem_names_a_wrong_argument():
             dpsgd_claim_problem(recorded, bad, 1e-5, "rdp", 10)
         with pytest.raises(AuditError, match="^entries must be a sequence"):
             mechanism_epsilon(bad, "dpsgd", 1e-5, "rdp")
+
+
+def _edit_anchor_row(run: Path, edit, name: str = f"{METHOD}/{CID}") -> None:
+    """anchor.json with ledger row ``name`` edited by ``edit`` and re-signed with the run's
+    own operator key (as a forger holding the key store would)."""
+    from secure_fedora.secure.anchor import anchor_signing_bytes, write_anchor
+    from secure_fedora.secure.keystore import OPERATOR_ID
+
+    doc = json.loads((run / "anchor.json").read_text())
+    edit(doc["ledgers"][name])
+    doc["signature"] = load_identity(keystore_of(run), OPERATOR_ID).sign(
+        anchor_signing_bytes(doc)).hex()
+    write_anchor(run, doc)
+
+
+def test_anchored_entries_and_epsilon_spent_are_checked_against_the_ledger(run_copy, tmp_path):
+    """An operator-signed anchor recording 12 entries instead of the ledger's, or
+    epsilon_spent 1.0 instead of the ledger's final epsilon, verified clean: only final_index
+    and head were compared."""
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    n = len(lines_of(run_copy))
+    final = max(json.loads(x)["epsilon_after"] for x in lines_of(run_copy))
+    assert final > 1.5
+    _edit_anchor_row(run_copy, lambda r: r.__setitem__("entries", 2 * n))
+    for kwargs in ({}, {"allowlist": trusted}, {"anchor": run_copy / "anchor.json"}):
+        report = verify_run(run_copy, **kwargs)
+        assert [(f.check, f.client_id, f.method) for f in report.errors] == \
+            [("anchor_entries", CID, METHOD)]
+        assert f"records {2 * n} entries but final index {n - 1}" in report.errors[0].message
+    with pytest.raises(AuditError, match="anchor_entries|records .* entries but final index"):
+        check_anchor(run_copy, run_copy / "anchor.json", allowlist=trusted)
+    reanchor(run_copy)
+    assert verify_run(run_copy).ok
+    _edit_anchor_row(run_copy, lambda r: r.__setitem__("epsilon_spent", 1.0))
+    report = verify_run(run_copy, allowlist=trusted)
+    assert [(f.check, f.client_id) for f in report.errors] == [("anchor_epsilon", CID)]
+    assert f"epsilon_spent 1.0 for ledger {METHOD}/{CID}.jsonl, whose final epsilon_after is" \
+        f" {final!r}" in report.errors[0].message
+    # what the runtime writes: the final epsilon rounded up to 6 decimals, within tolerance
+    reanchor(run_copy)
+    _edit_anchor_row(run_copy, lambda r: r.__setitem__("epsilon_spent", final + 1e-6))
+    assert verify_run(run_copy, allowlist=trusted).ok
+    _edit_anchor_row(run_copy, lambda r: r.__setitem__("epsilon_spent", final * (1 + 1e-4)))
+    assert [f.check for f in verify_run(run_copy).errors] == ["anchor_epsilon"]
+
+
+@pytest.mark.parametrize("edit", [lambda r: r.pop("epsilon_spent"),
+                                  lambda r: r.__setitem__("epsilon_spent", "7.9"),
+                                  lambda r: r.__setitem__("epsilon_spent", -1.0),
+                                  lambda r: r.__setitem__("note", "extra")])
+def test_an_anchor_ledger_row_of_other_fields_is_malformed(run_copy, edit):
+    _edit_anchor_row(run_copy, edit)
+    report = verify_run(run_copy)
+    assert [f.check for f in report.errors] == ["anchor"]
+    assert "ledgers are malformed" in report.errors[0].message
+
+
+def test_a_published_allowlist_other_than_the_given_one_is_an_error(run_copy, tmp_path):
+    """With --allowlist, a run directory whose keys/allowlist.json lists a party the trust
+    root does not register, or another key for a party, verified clean: the published
+    allowlist was never compared with the given one."""
+    from privacy.identity import Identity, allowlist_bytes
+
+    published = run_copy / "keys" / "allowlist.json"
+    original = published.read_bytes()
+    trusted = tmp_path / "trusted.json"
+    trusted.write_bytes(original)
+    assert verify_run(run_copy, allowlist=trusted).ok
+    keys = load_allowlist(published)
+    # a registered party the run does not publish (the key store holds more) is no finding
+    wider = tmp_path / "wider.json"
+    wider.write_bytes(allowlist_bytes({**keys, "client-009": Identity.generate("client-009").public}))
+    assert verify_run(run_copy, allowlist=wider).ok
+    published.write_bytes(allowlist_bytes({**keys, "auditor": Identity.generate("auditor").public}))
+    report = verify_run(run_copy, allowlist=trusted)
+    assert [f.check for f in report.errors] == ["allowlist"]
+    assert "lists 1 parties the given allowlist" in report.errors[0].message
+    assert "(auditor)" in report.errors[0].message
+    assert verify_run(run_copy).ok  # without a trust root there is nothing to compare with
+    published.write_bytes(allowlist_bytes({**keys, CID: Identity.generate(CID).public}))
+    report = verify_run(run_copy, allowlist=trusted)
+    assert [(f.check, f.client_id) for f in report.errors] == [("allowlist", CID)]
+    assert f"lists other keys for {CID!r}" in report.errors[0].message
+    published.write_text("{not json")
+    report = verify_run(run_copy, allowlist=trusted)
+    assert [f.check for f in report.errors] == ["allowlist"]
+    assert "cannot be compared" in report.errors[0].message
+    published.unlink()
+    report = verify_run(run_copy, allowlist=trusted)
+    assert report.ok
+    assert any(w.check == "allowlist" and "does not state who could sign" in w.message
+               for w in report.warnings)
