@@ -48,11 +48,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pydantic import BaseModel, ValidationError  # noqa: E402
 
 from secure_fedora.algorithms.baselines import BaselineConfigError, unwrap_oracle  # noqa: E402
-from secure_fedora.algorithms.contract import method_class  # noqa: E402
+from secure_fedora.algorithms.contract import (  # noqa: E402
+    check_data_facts,
+    check_model_sizes,
+    data_checked,
+    method_class,
+)
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext  # noqa: E402
 from secure_fedora.core.config import (  # noqa: E402
     ExperimentConfig,
     check_path_argument,
+    config_document,
     config_hash,
     load_config,
     model_selection,
@@ -68,6 +74,7 @@ from secure_fedora.runtimes.inprocess import (  # noqa: E402
     atomic_write_text,
     build_clients,
     build_context,
+    data_facts,
     make_method,
 )
 from secure_fedora.runtimes.results import metric_label, stated_beyond_run  # noqa: E402
@@ -581,19 +588,29 @@ def _cell_dir(out: Path, cell: Cell) -> Path:
 
 
 def _preflight(
+    out: Path,
     pending: Sequence[Cell],
     configs: Mapping[Cell, ExperimentConfig],
     clients_for: Callable[[Cell], list[ClientData]],
     factory: Factory,
     context_factory: ContextFactory,
 ) -> None:
-    """Before any training: check every pending DP cell's privacy budget plan (as its run
-    will, refusing a plan over budget), then build every pending (method, epsilon) once on
-    the first pending seed's data and check that a numeric epsilon really gets a private
-    oracle."""
+    """Before any training, the refusals each pending cell's run makes when it starts, as
+    SweepError naming the cell: every pending DP cell's privacy budget plan (a plan over
+    budget), its config copy and its key store (:func:`_check_private_setup`); every
+    pending cell's fit to its data (:func:`check_data_facts`); then every pending (method,
+    epsilon) built once on the first pending seed's data: its fit to the model
+    (:func:`check_model_sizes`), the method itself, and a private oracle for a numeric
+    epsilon. Nothing is written."""
     for cell in pending:
         if configs[cell].privacy.enabled:
             _check_budget_plans(cell, configs[cell], len(clients_for(cell)))
+            _check_private_setup(cell, configs[cell], _cell_dir(out, cell))
+        try:
+            check_data_facts(data_checked([cell.method]), configs[cell],
+                             data_facts(clients_for(cell)))
+        except ToolkitError as err:
+            raise SweepError(f"cell {cell.key}: {err}") from None
     seen: set[tuple[str, float | None]] = set()
     for cell in pending:
         if (cell.method, cell.epsilon) in seen:
@@ -602,9 +619,32 @@ def _preflight(
         ctx = context_factory(configs[cell], clients_for(cell))
         _check_privacy(cell, ctx, None)
         try:
+            check_model_sizes([cell.method], configs[cell], ctx.flat.num_params, ctx.init.dtype)
+        except ToolkitError as err:
+            raise SweepError(f"cell {cell.key}: {err}") from None
+        try:
             factory(cell.method, ctx, configs[cell])
         except (BaselineConfigError, ValueError) as err:
             raise SweepError(f"cell {cell.key}: {err}") from None
+
+
+def _check_private_setup(cell: Cell, ccfg: ExperimentConfig, run_dir: Path) -> None:
+    """What a DP cell's run refuses when it starts, after its budget plan, checked without
+    writing: its config must round-trip to the ``config.toml`` its run writes
+    (:func:`config_document`), and its key store (``[security] keystore``, else the default
+    one of the config's name) must be usable from ``run_dir``
+    (:func:`~secure_fedora.secure.keystore.check_keystore`: not inside the cell's directory,
+    a directory of this user that group and others cannot write, a readable allowlist).
+    SweepError naming the cell."""
+    from privacy.identity import IdentityError
+    from secure_fedora.secure.keystore import check_keystore, resolve_keystore
+
+    try:
+        config_document(ccfg)
+        path, source = resolve_keystore(ccfg.name, ccfg.security.keystore)
+        check_keystore(path, source, run_dir)
+    except (IdentityError, ValueError) as err:
+        raise SweepError(f"cell {cell.key}: {err}; nothing was run") from None
 
 
 def _check_budget_plans(cell: Cell, ccfg: ExperimentConfig, num_clients: int) -> None:
@@ -632,12 +672,14 @@ def run_sweep(
     """Run (or continue) a sweep into ``out``; write ``sweep.csv``, ``sweep.md`` and plots.
 
     Finished cells are skipped; an interrupted cell resumes from its last checkpoint, giving
-    the same numbers as an uninterrupted run. Before any training, every cell's config is
-    validated, every pending DP cell's budget plan is checked and every pending (method,
-    epsilon) is constructed once. Raises :class:`SweepError` for a bad plan or cell config, a
-    privacy plan over budget, a method that cannot be built, a numeric epsilon the runtime
-    does not apply, a directory or cell written for another configuration, or a finished
-    cell run on other data.
+    the same numbers as an uninterrupted run. Before any training or write, every cell's
+    config is validated and every pending cell gets the checks its run makes when it starts
+    (:func:`_preflight`: data and model fit; for a DP cell its budget plan, config copy and
+    key store), and every pending (method, epsilon) is constructed once. Raises
+    :class:`SweepError` for a bad plan or cell config, a privacy plan over budget, a cell its
+    data, model or key store refuses, a method that cannot be built, a numeric epsilon the
+    runtime does not apply, a directory or cell written for another configuration, or a
+    finished cell run on other data.
     """
     out = check_path_argument(out, "out")  # not empty (the current directory), no NUL
     cells = plan_cells(methods, epsilons, seeds)
@@ -677,7 +719,7 @@ def run_sweep(
         else:
             configs[cell] = _resume_config(out, cell, configs[cell], legacy)
             pending.append(cell)
-    _preflight(pending, configs, clients_for, factory, context_factory)
+    _preflight(out, pending, configs, clients_for, factory, context_factory)
     _check_manifest(out, cfg, write=True)  # only a sweep that can start claims the directory
     ran: list[str] = []
     skipped: list[str] = []

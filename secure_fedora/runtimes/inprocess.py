@@ -940,6 +940,7 @@ class Simulation:
                 self._key_dir = self.run_dir / "keys"
             else:
                 from secure_fedora.secure.keystore import (
+                    check_keystore,
                     ensure_keystore,
                     resolve_keystore,
                     run_party_ids,
@@ -947,16 +948,8 @@ class Simulation:
 
                 path, source = resolve_keystore(self.cfg.name, self.cfg.security.keystore,
                                                 self.keystore_override, self.keystore_option)
-                # resolved: ".." and symlinks must not carry the keys into the run directory
-                run = self.run_dir.expanduser().resolve()
-                resolved = path.resolve()
-                if resolved == run or run in resolved.parents:
-                    from privacy.identity import IdentityError
-
-                    raise IdentityError(
-                        f"key store {path} ({source}) lies inside the run directory {run}: a DP "
-                        "run's private keys must live outside it (the run directory is what "
-                        "auditors receive); choose a key store elsewhere")
+                # the checks a sweep makes for its DP cells before any cell runs
+                check_keystore(path, source, self.run_dir)
                 published = self.run_dir / "keys" / "allowlist.json"
                 if published.exists() and not path.exists():
                     from privacy.identity import IdentityError

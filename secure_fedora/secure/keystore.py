@@ -48,6 +48,7 @@ from privacy.identity import (
     IdentityError,
     PublicIdentity,
     allowlist_bytes,
+    check_key_directory,
     client_ids,
     init_keys,
     load_allowlist,
@@ -61,6 +62,7 @@ __all__ = [
     "KEYSTORE_HOME_ENV",
     "OPERATOR_ID",
     "KeyStore",
+    "check_keystore",
     "check_public_keys",
     "default_keystore_home",
     "ensure_keystore",
@@ -115,6 +117,29 @@ def resolve_keystore(name: str, configured: str | None = None,
     if configured is not None:
         return Path(configured).expanduser().absolute(), "config"
     return (default_keystore_home() / name).absolute(), "default"
+
+
+def check_keystore(path: Path, source: str, run_dir: Path) -> None:
+    """Refuse (IdentityError), writing nothing, a key store ``path`` (chosen by ``source``)
+    that a DP run in ``run_dir`` cannot use: one inside the run directory (``..`` and links
+    resolved: the run directory is what auditors receive), a path that exists and is not a
+    directory, a directory another user owns or group or others can write
+    (:func:`privacy.identity.check_key_directory`), or one whose ``allowlist.json`` does not
+    load. A store that does not exist yet passes (the run creates it)."""
+    run = Path(run_dir).expanduser().resolve()
+    resolved = Path(path).resolve()
+    if resolved == run or run in resolved.parents:
+        raise IdentityError(
+            f"key store {path} ({source}) lies inside the run directory {run}: a DP "
+            "run's private keys must live outside it (the run directory is what "
+            "auditors receive); choose a key store elsewhere")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise IdentityError(f"key store {path} exists and is not a directory")
+    check_key_directory(path)
+    if (path / ALLOWLIST_FILENAME).exists():
+        load_allowlist(path / ALLOWLIST_FILENAME)
 
 
 CREATING_FILENAME = ".creating"

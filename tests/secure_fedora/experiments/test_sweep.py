@@ -787,3 +787,38 @@ def test_sweep_says_why_two_epsilons_are_one(tmp_path, capsys, words, match):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert re.search(match, err) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
+@pytest.mark.parametrize("kind", ["file", "open", "inside"])
+def test_a_dp_cells_unusable_key_store_is_refused_before_any_cell_runs(tmp_path, kind):
+    """`sweep --epsilons none 4` with a key store the DP cell's run refuses trained (and
+    wrote) the non-private cell first; the refusal came only when the DP cell started."""
+    out = tmp_path / "sweep"
+    store = tmp_path / "store"
+    if kind == "file":
+        store.write_text("")
+        match = "exists and is not a directory"
+    elif kind == "open":
+        store.mkdir()
+        store.chmod(0o777)
+        match = "permissions 0777: group or others could replace"
+    else:
+        store = out / "cells" / "fedprox" / "eps-4" / "seed-0" / "keys"
+        match = "lies inside the run directory"
+    rounds: list = []
+    with pytest.raises(SweepError, match=f"^cell fedprox/eps-4/seed-0: key .*{match}"):
+        run_sweep(tiny(security={"keystore": str(store)}), out, ["fedprox"], [0], [None, 4.0],
+                  on_round=lambda *a: rounds.append(a))
+    assert rounds == [] and not out.exists()
+
+
+def test_a_cells_data_check_is_made_before_any_cell_runs(tmp_path):
+    """fedora.q = 40 above the 32 training rows is refused for the non-private cell (plain
+    relatedness), not for the DP one (noised): the DP cell trained first, then the other
+    failed when it started."""
+    rounds: list = []
+    with pytest.raises(SweepError, match="^cell fedora/eps-none/seed-0: .*fedora.q = 40"):
+        run_sweep(tiny(fedora={"q": 40}, training={"rounds": 1}), tmp_path / "sweep",
+                  ["fedora"], [0], [4.0, None], on_round=lambda *a: rounds.append(a))
+    assert rounds == [] and not (tmp_path / "sweep").exists()
