@@ -1590,7 +1590,8 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     its key in the allowlist (``allowlist``, else the run's ``keys/allowlist.json``; an
     unregistered signer is an error only with ``allowlist``), the run's own anchor.json, if
     present, equals it, config.toml and results.json have the anchored digests, and every
-    ledger ends at its anchored head and length, none missing and none unnamed. Anything else
+    ledger ends at its anchored head and length with its anchored epsilon_spent, none
+    missing and none unnamed. Anything else
     raises ``error`` with a one-line message (the first problem, and how many more), naming
     the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """

@@ -332,3 +332,27 @@ def test_key_store_errors_name_the_python_apis_argument_not_the_cli_flag(tmp_pat
         ensure_keystore(tmp_path / "other", run_party_ids(6))
     for err in (inside, missing, other, stray):
         assert "--keystore" not in str(err.value)
+
+
+def test_check_keystore_refuses_what_a_dp_run_would_and_writes_nothing(tmp_path):
+    """The check a sweep makes for its DP cells before any cell runs: a store inside the
+    run directory, a file, a directory others can write or an unreadable allowlist."""
+    from secure_fedora.secure.keystore import check_keystore
+
+    run = tmp_path / "run"
+    check_keystore(tmp_path / "fresh", "config", run)  # created by the run: passes
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(IdentityError, match="lies inside the run directory"):
+        check_keystore(run / "sub" / ".." / "keys", "config", run)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(IdentityError, match="exists and is not a directory"):
+        check_keystore(tmp_path / "file", "config", run)
+    store = tmp_path / "store"
+    ensure_keystore(store, run_party_ids(2))
+    check_keystore(store, "config", run)
+    (store / "allowlist.json").write_text("{")
+    with pytest.raises(IdentityError, match="not valid JSON"):
+        check_keystore(store, "config", run)
+    store.chmod(0o770)
+    with pytest.raises(IdentityError, match="permissions 0770"):
+        check_keystore(store, "config", run)
