@@ -137,6 +137,11 @@ class FinalizeRejectedError(ToolkitError, RuntimeError):
     """A client rejected its finalize message twice; the method's results need its reply."""
 
 
+class SetupRejectedError(ToolkitError, RuntimeError):
+    """A client's setup message or its signed setup reply was rejected in both tries; the
+    method's setup needs every client's reply."""
+
+
 class EvaluationRejectedError(ToolkitError, RuntimeError):
     """Clients' evaluation messages (or their signed replies) were rejected where a run cannot
     complete without their metrics: a client never evaluated in any round, or (under DP) one
@@ -160,6 +165,10 @@ class MethodContext:
     # With [security] envelopes: ``label -> SecureTransport`` for a method's own signed
     # exchanges beside the round exchange (e.g. FEDORA's summaries); None: no envelopes.
     transport_factory: Callable[[str], Any] | None = None
+    # With [security] envelopes: ``label -> SecureExchange`` over a transport of its own (its
+    # own nonce memory), tracking nothing, for the generic setup exchange, which runs before
+    # the round exchange is attached; None: no envelopes.
+    exchange_factory: Callable[[str], Any] | None = None
     # One privacy.noise.NoiseSource per client when DP is on: every mechanism's randomness
     # (DP-SGD noise and sampling, summary and lambda noise); ``generators`` is only the
     # non-private training order.
@@ -195,6 +204,11 @@ class MethodContext:
     def open_transport(self, label: str) -> Any:
         """A signed transport for the method's exchange ``label``, or None without envelopes."""
         return None if self.transport_factory is None else self.transport_factory(label)
+
+    def open_exchange(self, label: str) -> Any:
+        """A signed message exchange tracking nothing for the method's exchange ``label``
+        (its own transport), or None without envelopes."""
+        return None if self.exchange_factory is None else self.exchange_factory(label)
 
     def select(self, i: int) -> None:
         """Point a DP oracle at client ``i``'s noise multiplier and noise source."""
@@ -452,6 +466,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages = check_messages(self._label(), SETUP, 0, self.setup_messages(),
                                   range(self.ctx.num_clients), self.ctx.flat.num_params)
         if messages:
+            exchange = self.ctx.open_exchange(SETUP) if self._setup_envelopes() else None
+            asked: set[int] = set()
+            if exchange is not None:
+                messages, asked = self._send_stage_messages(exchange, SETUP, 0, messages)
             replies = self.client_setup_many(messages)
             rules = self.reply_rules
             if self.ctx.privacy is not None:
@@ -468,7 +486,67 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                             f"{list(rules.setup_kinds)}, but client(s) {unrecorded[:8]} replied "
                             "without it being admitted and recorded (make it through "
                             "ctx.privacy.noised_summaries); nothing reached the server")
+            if exchange is not None:
+                replies = self._upload_stage_replies(exchange, SETUP, 0, messages, replies, asked)
+                self._earlier_security = _merged_security(self._earlier_security, exchange)
             self.server_setup(replies)
+
+    def _setup_envelopes(self) -> bool:
+        """Whether the generic setup exchange envelopes this method's setup messages and
+        replies (a method that sends its setup replies its own way, e.g. FEDORA's signed
+        summaries on their own transport, returns False)."""
+        return True
+
+    def _send_stage_messages(self, exchange: Any, stage: str, rnd: int,
+                             messages: Mapping[int, Payload]
+                             ) -> tuple[dict[int, Payload], set[int]]:
+        """A setup exchange's messages as signed envelopes (each entry one of kind
+        ``<stage>.<entry>``, an empty message one empty envelope of kind ``stage``), sent
+        once more to a client that rejected its message; returns every client's message and
+        the clients asked twice. A client that rejects it twice stops the run
+        (:class:`SetupRejectedError`), as on Flower, where the setup needs every client."""
+        held = _send_untracked(exchange, stage, rnd, messages, list(messages))
+        missed = [i for i in messages if i not in held]
+        if missed:
+            held.update(_send_untracked(exchange, stage, rnd, messages, missed))
+        absent = sorted(set(messages) - set(held))
+        if absent:
+            raise SetupRejectedError(
+                f"method {self._label()!r}: client(s) {absent[:8]} rejected the {stage} message "
+                f"(asked twice), and the method's {stage} needs every client's reply, so the "
+                "run stops; see the rejections logged by secure_fedora.security")
+        return {i: held[i] for i in messages}, set(missed)
+
+    def _upload_stage_replies(self, exchange: Any, stage: str, rnd: int,
+                              messages: Mapping[int, Payload], replies: Mapping[int, Payload],
+                              asked: set[int]) -> dict[int, Payload]:
+        """Every setup or finalize reply travels as signed envelopes (each entry one of kind
+        ``<stage>.<entry>``, an empty reply one empty envelope of kind ``stage``), as on
+        Flower. A client whose reply is rejected after its first message is asked once more,
+        as the Flower server asks again: its message (fresh envelopes), then the same reply
+        (a Flower client answers a message it already answered from its saved state). A
+        client without an accepted reply after two tries stops the run
+        (:class:`SetupRejectedError` / :class:`FinalizeRejectedError`), since the method's
+        {stage} needs every client's reply. Returns the replies, as sent."""
+        accounted = stage == SETUP and self.ctx.privacy is not None
+        ok = _upload_untracked(exchange, stage, rnd, replies, list(replies), accounted)
+        again = [i for i in replies if i not in ok and i not in asked]
+        if again:
+            if stage == SETUP:
+                held = _send_untracked(exchange, stage, rnd, messages, again)
+            else:
+                held = self._exchange_downloads(rnd, {i: dict(messages[i]) for i in again}, stage)
+            ok |= _upload_untracked(exchange, stage, rnd, replies, [i for i in again if i in held],
+                                    False)
+        absent = sorted(set(replies) - ok)
+        if absent:
+            error = SetupRejectedError if stage == SETUP else FinalizeRejectedError
+            raise error(
+                f"method {self._label()!r}: client(s) {absent[:8]} gave no accepted {stage} "
+                f"reply (asked twice), and the method's {stage} needs every client's reply, so "
+                "the run stops and no results are written; see the rejections logged by "
+                "secure_fedora.security")
+        return dict(replies)
 
     def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """What the round's clients did, from the replies its update used (the accepted
@@ -669,8 +747,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages = check_messages(label, FINALIZE, self.last_round,
                                   self.finalize_messages(), range(self.ctx.num_clients),
                                   self.ctx.flat.num_params)
+        final_round = self.exchange.last_round if self.exchange is not None else 0
+        sent, asked = messages, set()
         if messages:
-            final_round = self.exchange.last_round if self.exchange is not None else 0
             held = self._exchange_downloads(final_round, messages, FINALIZE)
             missed = {i: m for i, m in messages.items() if i not in held}
             if missed:
@@ -683,6 +762,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                     "the run stops and no results are written; see the rejections logged "
                     "by secure_fedora.security")
             messages = {i: held[i] for i in messages}
+            asked = set(missed)
         replies = {}
         for i, m in messages.items():
             with client_half(self._label(), f"client {i}'s client_finalize"):
@@ -690,6 +770,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         if self.reply_rules is not None:
             replies = self.reply_rules.check_replies(FINALIZE, self.last_round, replies, messages,
                                                      self.reply_schema)
+        if replies and self.exchange is not None and self._round_envelopes():
+            replies = self._upload_stage_replies(self.exchange, FINALIZE, final_round, sent,
+                                                 replies, asked)
         return check_finalize_results(label, self.server_finalize(replies))
 
     def _round_envelopes(self) -> bool:
@@ -1039,6 +1122,57 @@ def _unloadable(value: Any, where: str) -> tuple[str, str] | None:
                 return found
         return None
     return where, kind.__name__
+
+
+def _send_untracked(exchange: Any, stage: str, rnd: int, messages: Mapping[int, Payload],
+                    clients: Sequence[int]) -> dict[int, Payload]:
+    """``clients``' messages of ``stage`` through ``exchange`` (nothing tracked): every entry
+    an envelope of kind ``<stage>.<entry>``, an empty message one empty envelope of kind
+    ``stage``; the clients that accepted all of theirs, with their messages."""
+    refused: set[int] = set()
+    bare = [i for i in clients if not messages[i]]
+    if bare:
+        empty = torch.zeros(0, dtype=torch.uint8)  # one object: encoded once for all
+        accepted = set(exchange.send_entries(rnd, dict.fromkeys(bare, empty), kind=stage))
+        refused.update(i for i in bare if i not in accepted)
+    for key in dict.fromkeys(k for i in clients for k in messages[i]):
+        rows = {i: messages[i][key] for i in clients if key in messages[i] and i not in refused}
+        accepted = set(exchange.send_entries(rnd, rows, kind=f"{stage}.{key}"))
+        refused.update(i for i in rows if i not in accepted)
+    return {i: messages[i] for i in clients if i not in refused}
+
+
+def _upload_untracked(exchange: Any, stage: str, rnd: int, replies: Mapping[int, Payload],
+                      clients: Sequence[int], accounted: bool) -> set[int]:
+    """``clients``' replies of ``stage`` through ``exchange``: every entry an envelope of kind
+    ``<stage>.<entry>`` (under DP a setup reply's summary one of kind ``summary``, signed by
+    the summary release's own pipeline when ``accounted``, as a Flower client signs a fresh
+    one), an empty reply one empty envelope of kind ``stage``; the other entries go the
+    unaccounted path (they release nothing the accountant covers). Returns the clients whose
+    every entry was accepted."""
+    ok = set(clients)
+    bare = [i for i in clients if not replies[i]]
+    if bare:
+        empty = torch.zeros(0, dtype=torch.uint8)
+        ok -= set(bare) - set(exchange.upload_entries(rnd, dict.fromkeys(bare, empty),
+                                                      kind=stage, accounted=False))
+    for key in dict.fromkeys(k for i in clients for k in replies[i]):
+        rows = {i: replies[i][key] for i in clients if key in replies[i] and i in ok}
+        summary = accounted and key == KIND_SUMMARY
+        kind = KIND_SUMMARY if summary else f"{stage}.{key}"
+        ok -= set(rows) - set(exchange.upload_entries(rnd, rows, kind=kind, accounted=summary))
+    return ok
+
+
+def _merged_security(earlier: Mapping[str, Any], exchange: Any) -> dict[str, Any]:
+    """``earlier`` (a :meth:`FederatedMethod.security_results` record) with ``exchange``'s
+    rejections and traffic added."""
+    transport = dict(earlier.get("transport", {}))
+    for key, value in exchange.transport.stats.to_dict().items():
+        transport[key] = transport.get(key, 0) + value
+    return {"rejections": [*earlier.get("rejections", []),
+                           *(r.to_dict() for r in exchange.rejections)],
+            "transport": transport}
 
 
 def _load_matrix(target: Tensor, value: Any, name: str) -> None:
@@ -1462,6 +1596,10 @@ class Fedora(FedoraChecks, FederatedMethod):
         if self.summary_transport is None:
             self.summary_transport = self.ctx.open_transport("summary")
         super().setup()
+
+    def _setup_envelopes(self) -> bool:
+        """FEDORA signs its summaries itself, on their own transport (``summary``)."""
+        return False
 
     def setup_messages(self) -> dict[int, Payload]:
         """Every client is asked for its summary (an empty message)."""

@@ -1090,6 +1090,7 @@ class Simulation:
             # this configuration, so it is resumed (rundir.check_resumable), also from Python
             self._write_config_copy()
             ctx.transport_factory = self._transport_factory(name, privacy)
+            ctx.exchange_factory = self._exchange_factory(name, ctx.transport_factory)
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
         n = len(self.clients)
@@ -1253,6 +1254,20 @@ class Simulation:
             return transport
 
         return open_transport
+
+    def _exchange_factory(self, name: str, open_transport: Callable[[str], Any]
+                          ) -> Callable[[str], Any]:
+        """``label -> SecureExchange`` tracking nothing, over a transport of its own
+        (:meth:`_transport_factory`'s), for method ``name``'s generic setup exchange, which
+        runs before the round exchange is attached. Its nonce memory starts afresh, as the
+        round exchange's does: a setup runs again only when no checkpoint holds its result."""
+        from secure_fedora.secure.transport import SecureExchange
+
+        def open_exchange(label: str) -> Any:
+            shutil.rmtree(self.run_dir / "transport" / f"{name}-{label}", ignore_errors=True)
+            return SecureExchange(open_transport(label))
+
+        return open_exchange
 
     def _attach_security(self, name: str, method: FederatedMethod, last_round: int,
                          privacy: Any = None) -> None:
