@@ -622,6 +622,30 @@ class _HashingWriter:
         self.fh.flush()
 
 
+def _ledger_record(value: Any, n: int) -> dict[int, dict[str, Any]]:
+    """The checkpoint's ``ledger_reports`` (``[[client, report], ...]``, each report as
+    :func:`~secure_fedora.secure.private.read_ledger_report` makes it) by client; ValueError
+    for anything else. A checkpoint from before the record holds none: the check starts
+    afresh, as it did."""
+    fields = {"epsilon_spent": float, "epsilon_budget": float, "ledger_entries": int,
+              "ledger_head": str}
+    record: dict[int, dict[str, Any]] = {}
+    bad = ValueError("checkpoint field 'ledger_reports' must list [client, report] pairs of "
+                     "distinct clients, each report its epsilon spent and budget, ledger "
+                     "entries and head")
+    if not isinstance(value, list):
+        raise bad
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
+                and 0 <= pair[0] < n and pair[0] not in record and isinstance(pair[1], dict)
+                and set(pair[1]) == set(fields)
+                and all(isinstance(pair[1][k], t) and type(pair[1][k]) is not bool
+                        for k, t in fields.items())):
+            raise bad
+        record[pair[0]] = dict(pair[1])
+    return record
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically write a checkpoint (stream to a temp file, fsync, rename; no in-memory copy
     of the state) that carries the SHA-256 of its payload and its run binding (config hash,
@@ -1389,6 +1413,10 @@ class Simulation:
             "round_generator": round_gen.get_state(),
             "client_generators": [g.get_state() for g in ctx.generators],
             "privacy": ctx.privacy.checkpoint_state() if ctx.privacy is not None else None,
+            # the server's record of each DP client's last accepted ledger report, so that a
+            # resumed run goes on checking that every report extends it
+            "ledger_reports": [[i, dict(r)] for i, r in sorted(self._ledger_reports.get(
+                next(n for n, m in self.methods.items() if m is method), {}).items())],
             # Reproducible noise: the generator states (derivable from the config anyway).
             # CSPRNG noise: None per client -- no key or stream state is ever written; a resume
             # draws fresh keys, and the ledger already accounts every release on both sides.
@@ -1416,6 +1444,9 @@ class Simulation:
                 tracker.eligible_from.fill_(min(
                     (int(r["round"]) for r in state["history"] if "test_mean" in r), default=-1))
             round_gen.set_state(state["round_generator"])
+            label = next(n for n, m in self.methods.items() if m is method)
+            self._ledger_reports[label] = _ledger_record(state.get("ledger_reports", []),
+                                                         len(ctx.clients))
             gens = state["client_generators"]
             if len(gens) != len(ctx.generators):
                 raise ValueError(f"{len(gens)} client generators for {len(ctx.generators)} clients")
