@@ -527,7 +527,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         (a Flower client answers a message it already answered from its saved state). A
         client without an accepted reply after two tries stops the run
         (:class:`SetupRejectedError` / :class:`FinalizeRejectedError`), since the method's
-        {stage} needs every client's reply. Returns the replies, as sent."""
+        exchange needs every client's reply. Returns the replies, as sent."""
         accounted = stage == SETUP and self.ctx.privacy is not None
         ok = _upload_untracked(exchange, stage, rnd, replies, list(replies), accounted)
         again = [i for i in replies if i not in ok and i not in asked]
@@ -1158,9 +1158,11 @@ def _upload_untracked(exchange: Any, stage: str, rnd: int, replies: Mapping[int,
                                                       kind=stage, accounted=False))
     for key in dict.fromkeys(k for i in clients for k in replies[i]):
         rows = {i: replies[i][key] for i in clients if key in replies[i] and i in ok}
-        summary = accounted and key == KIND_SUMMARY
-        kind = KIND_SUMMARY if summary else f"{stage}.{key}"
-        ok -= set(rows) - set(exchange.upload_entries(rnd, rows, kind=kind, accounted=summary))
+        if accounted and key == KIND_SUMMARY:  # continues its admitted summary release
+            ok -= set(rows) - set(exchange.upload_released_rows(rnd, rows, kind=KIND_SUMMARY))
+            continue
+        ok -= set(rows) - set(exchange.upload_entries(rnd, rows, kind=f"{stage}.{key}",
+                                                      accounted=False))
     return ok
 
 

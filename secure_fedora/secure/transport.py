@@ -1093,6 +1093,25 @@ class SecureExchange:
         self._saw(rnd)
         return [i for i in order if i in received]
 
+    def upload_released_rows(self, rnd: int, rows: Mapping[int, Tensor], *, kind: str) -> list[int]:
+        """Each client ``i`` sends ``rows[i]`` (all of one shape and dtype, sent in that dtype)
+        through its release pipeline as a tensor, so that a release the pipeline admitted
+        earlier (under DP a noised summary, round 0) continues on that very payload, its
+        equality checked (:meth:`client_release`); the server verifies them. Returns the
+        senders whose row was accepted, in the order given; nothing is tracked."""
+        order = list(rows)
+        if not order:
+            return []
+        first = rows[order[0]]
+        messages = {i: self.transport.client_upload(rnd, i, rows[i], kind=kind, dtype=first.dtype)
+                    for i in order}
+        received, rejections = self.transport.server_receive(
+            rnd, self.deliver(kind, rnd, messages), tuple(first.shape), kind=kind,
+            dtype=first.dtype)
+        self.rejections.extend(rejections)
+        self._saw(rnd)
+        return [i for i in order if i in received]
+
     def upload_theta(self, rnd: int, theta: Tensor, participants: Sequence[int]) -> list[int]:
         """FEDORA: :meth:`upload_rows` of ``theta``; returns the accepted participants, sorted."""
         return sorted(self.upload_rows(rnd, theta, participants, kind=KIND_THETA))

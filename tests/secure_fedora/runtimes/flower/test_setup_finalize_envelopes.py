@@ -215,3 +215,56 @@ def test_a_setup_or_finalize_reply_rejected_twice_stops_the_run_in_both_runtimes
     with pytest.raises(error, match=rf"client\(s\) \[1\] gave no accepted {stage} reply "
                                     r"\(asked twice\)"):
         in_process(cfg, tmp_path, plug_in)
+
+
+class NoisedSummaries(Tallies):
+    """Tallies whose setup reply is a declared DP release: each client's noised summary."""
+
+    @classmethod
+    def releases(cls, cfg: Any) -> tuple[Any, ...]:
+        from secure_fedora.algorithms.contract import SETUP, ReleaseSpec
+        return (ReleaseSpec("summary", ("gaussian_summary",), SETUP), *super().releases(cfg))
+
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        if stage == "setup":
+            return {"summary": "the noised summary (the 'summary' release)"}
+        return super().reply_entries(cfg, stage)
+
+    def client_setup(self, i: int, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ctx = self.ctx
+        return {"summary": ctx.privacy.noised_summary(i, ctx.clients[i], 2, ctx.num_classes,
+                                                      ctx.noise[i])}
+
+    def server_setup(self, replies: Any) -> None:
+        self.counts = [round(float(replies[i]["summary"].sum()), 6) for i in sorted(replies)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_dp_setup_summary_is_signed_by_its_release_pipeline_in_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DP a plug-in's noised summary (its declared setup release) travels as an envelope
+    of kind ``summary`` signed by the summary release's own pipeline (which checks it is the
+    admitted payload), the server receives exactly what the client released, and client 1's
+    tampered summary is refused and asked for once more, as on Flower."""
+    name = f"noised_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, NoisedSummaries)
+    try:
+        data = json.loads(json.dumps(TINY))
+        data.update(methods=[name], security={"envelopes": True},
+                    privacy={"enabled": True, "epsilon": 50.0, "delta": 1e-3,
+                             "noise": "reproducible"})
+        data["training"]["rounds"] = ROUNDS
+        cfg = parse_config(data)
+        replies = _flip_inprocess(monkeypatch, 1, "summary", 1)
+        sim, outcome = in_process(cfg, tmp_path, name)
+        assert [(r["client"], r["reason"]) for r in outcome.extra["security"]["rejections"]] \
+            == [(1, "bad_signature")]
+        assert sorted(k for k in replies if k.startswith(("summary", "setup"))) \
+            == ["setup.summary", "summary", "summary", "summary"]
+        privacy = sim.methods[name].ctx.privacy
+        released = [round(float(privacy.clients[i].summary_release.payload.sum()), 6)
+                    for i in range(3)]
+        assert outcome.extra["counts"] == released
+    finally:
+        METHODS.unregister(name)
