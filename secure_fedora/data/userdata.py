@@ -4,7 +4,8 @@ The function is called with the experiment seed and returns either
 
 - a centralized labeled dataset ``{"x_train", "y_train", "x_test", "y_test"}`` (numpy arrays
   or tensors; inputs of any shape ``(n, ...)``; labels ``(n,)`` in ``0..C-1``, or multi-hot
-  targets ``(n, C)`` for multi-label tasks; optional ``"num_classes"``, else ``max label + 1``),
+  targets ``(n, C)`` for multi-label tasks; bool labels are read as 0/1 (a binary task, e.g.
+  ``training.loss = "bce"``); optional ``"num_classes"``, else ``max label + 1``),
   which the configured partitioner splits among the clients; or
 - a list of per-client dicts ``{"train": (x, y), "val": (x, y), "test": (x, y)}`` for data
   that is already federated (one dict per client, ``data.num_clients`` of them).
@@ -109,7 +110,9 @@ def _labels(value: Any, where: str) -> torch.Tensor:
             if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
                 raise DataError(f"{where} holds non-integer labels; class labels must be integers "
                                 "0..C-1")
-        elif y.dtype == torch.bool or torch.is_complex(y):
+        elif y.dtype == torch.bool:  # a binary task's labels: False = 0, True = 1
+            return y.to(torch.int64).contiguous()
+        elif torch.is_complex(y):
             raise DataError(f"{where} has dtype {y.dtype}; expected integer labels 0..C-1")
         # compared in float64, which holds every integer dtype's range (uint64 has no max())
         largest = float(y.to(torch.float64).max()) if y.numel() else 0.0
@@ -172,8 +175,14 @@ def _ready_labels(y: Any, where: str) -> torch.Tensor:
     single = isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.dim() == 1
     multi = isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.dim() == 2
     if not (single or multi):
+        hint = ""
+        if isinstance(y, torch.Tensor) and y.dtype == torch.bool:
+            # a ready dataset is used as given, so its labels are not converted here
+            hint = ("; bool labels are accepted from a dict or a per-client list (as 0/1), in "
+                    "a ready dataset convert them: y.long() for (n,), y.float() for (n, C)")
         raise DataError(f"{where} must be an int64 tensor (n,) or a float32 tensor (n, C), got "
-                        f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+                        f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
+                        f"{hint}")
     if y.numel() == 0:
         raise DataError(f"{where} is empty")
     if single and int(y.min()) < 0:
@@ -207,8 +216,21 @@ def as_labeled_dataset(obj: Mapping[str, Any], where: str = "data") -> LabeledDa
     if train_x.shape[1:] != test_x.shape[1:]:
         raise DataError(f"{where}: train inputs are {tuple(train_x.shape[1:])} per row but test "
                         f"inputs are {tuple(test_x.shape[1:])}")
+    _bool_labels_binary([obj["y_train"], obj["y_test"]], obj.get("num_classes"), where)
     num_classes = _num_classes([train_y, test_y], obj.get("num_classes"), where)
     return LabeledDataset(train_x, train_y, test_x, test_y, num_classes)
+
+
+def _bool_labels_binary(raw: Sequence[Any], declared: Any, where: str) -> None:
+    """Bool class labels ``(n,)`` are a binary task's (0/1): refuse a declared ``num_classes``
+    above 2, which they cannot reach."""
+    single_bool = any(getattr(y, "dtype", None) in (torch.bool, np.bool_)
+                      and len(getattr(y, "shape", ())) == 1 for y in raw)
+    if single_bool and isinstance(declared, int | np.integer) and not isinstance(declared, bool) \
+            and int(declared) > 2:
+        raise DataError(f"{where}: bool labels are binary (False = 0, True = 1) but num_classes = "
+                        f"{declared}; give integer labels 0..{int(declared) - 1}, or drop "
+                        "num_classes for a binary task")
 
 
 def as_federated(items: Sequence[Any], where: str = "data",
@@ -234,6 +256,7 @@ def as_federated(items: Sequence[Any], where: str = "data",
             if x.shape[1:] != shape:
                 raise DataError(f"{where}[{i}]['{split}'] inputs are {tuple(x.shape[1:])} per row; "
                                 f"client 0's are {tuple(shape)}")
+    _bool_labels_binary([pair[1] for item in items for pair in item.values()], num_classes, where)
     classes = _num_classes([y for c in parts for _, y in c.values()], num_classes, where)
     clients = [
         ClientData(client_id=i, train_x=c["train"][0], train_y=c["train"][1], val_x=c["val"][0],

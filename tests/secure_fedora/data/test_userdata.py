@@ -757,3 +757,31 @@ def test_ready_federated_clients_with_other_input_shapes_are_a_data_error() -> N
     with pytest.raises(DataError, match=r"client 1 with train inputs of \(6,\) per row; client "
                                         r"0's train inputs are \(5,\)"):
         Experiment(cfg, data=mixed).check()
+
+
+def test_bool_labels_are_a_binary_tasks_0_and_1() -> None:
+    """Bool labels were refused ("expected integer labels") even for binary BCE; they are now
+    read as 0/1: BCE trains one output scored by AUC. Where they cannot be used (a declared
+    num_classes above 2, a ready dataset used as given) the error says what to do."""
+    from secure_fedora.data.partition import LabeledDataset
+
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(200, 4)).astype(np.float32)
+    y = x[:, 0] > 0
+    data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+    cfg = {"methods": ["local"], "training": {"loss": "bce", "rounds": 1, "batch_size": 10},
+           "data": {"partition": "iid", "num_clients": 2, "train_per_client": 40,
+                    "val_per_client": 20, "test_per_client": 20}}
+    exp = Experiment(cfg, data=data)
+    clients = exp.clients
+    assert all(c.train_y.dtype == torch.int64 for c in clients)
+    assert torch.equal(torch.cat([c.test_y for c in clients]).unique(), torch.tensor([0, 1]))
+    assert exp.context_factory(exp.config, clients).flat.module(clients[0].train_x).shape[1] == 1
+    assert exp.run().metric == "auc"
+    with pytest.raises(DataError, match=r"bool labels are binary .* num_classes = 3; give "
+                                        r"integer labels 0..2, or drop num_classes"):
+        Experiment(cfg, data={**data, "num_classes": 3}).check()
+    ready = LabeledDataset(torch.from_numpy(x[:150]), torch.from_numpy(y[:150]),
+                           torch.from_numpy(x[150:]), torch.from_numpy(y[150:]), 2)
+    with pytest.raises(DataError, match=r"in a ready dataset convert them: y.long\(\)"):
+        Experiment(cfg, data=ready).check()
