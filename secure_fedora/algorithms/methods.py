@@ -185,6 +185,9 @@ class MethodContext:
     # server, the in-process runtime). With it set, per-client state is allocated through
     # :meth:`per_client` as one held row (secure_fedora.algorithms.held), not N.
     held: int | None = None
+    # The model's buffers as checked before training (learning.models.BufferGuard): a
+    # runtime checks them after each round; None: not checked.
+    buffers: Any = None
 
     @property
     def num_clients(self) -> int:

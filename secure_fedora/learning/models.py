@@ -140,8 +140,11 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 def model_architecture(model: nn.Module) -> list[str]:
     """One line per module of ``model``'s tree, in ``named_modules`` order: its name, its
     class's qualified name, its ``extra_repr()``, and its own parameters' and buffers' names,
-    dtypes and shapes. Independent of the values and the device, and equal across processes
-    (memory addresses are dropped); it does not cover the code of ``forward``."""
+    dtypes and shapes; a model with buffers gets one more line, the SHA-256 of their values
+    (:func:`buffer_digest`: constant buffers are part of the architecture, so two builds that
+    disagree on them are different models). Independent of the parameters' values and the
+    device, and equal across processes (memory addresses are dropped); it does not cover the
+    code of ``forward``."""
     lines = []
     for name, module in model.named_modules():
         cls = type(module)
@@ -152,7 +155,21 @@ def model_architecture(model: nn.Module) -> list[str]:
                    for n, t in named]
         lines.append("; ".join([f"{name or '(root)'}: {cls.__module__}.{cls.__qualname__}({extra})",
                                 *tensors]))
+    if any(True for _ in model.buffers()):
+        lines.append(f"buffer values sha256 {buffer_digest(model)}")
     return lines
+
+
+def buffer_digest(model: nn.Module) -> str:
+    """SHA-256 (hex) of ``model``'s buffers: each one's name, dtype, shape and bytes, in
+    ``named_buffers`` order (read on the CPU: equal on every device). Equal digests mean
+    bit-identical buffers."""
+    h = hashlib.sha256()
+    for name, b in model.named_buffers():
+        t = b.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name} {t.dtype} {list(b.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -182,9 +199,10 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
                      seed: int, source: str = "model factory") -> nn.Module:
     """Call a user ``factory(input_shape, num_classes)`` with the global RNG seeded by ``seed``
     (restored afterwards, so equal seeds give equal initial parameters) and check the result:
-    an ``nn.Module`` with float32 trainable parameters and no floating-point buffers (per-client
-    state must live in parameters, which are the rows the federation moves; BatchNorm's
-    running statistics would be shared silently). Raises :class:`ModelError` naming the problem.
+    an ``nn.Module`` with float32 trainable parameters and no layer tracking running statistics
+    (per-client state must live in parameters, which are the rows the federation moves;
+    BatchNorm's running statistics would be shared silently; constant buffers are accepted:
+    :func:`check_model_state`). Raises :class:`ModelError` naming the problem.
     """
     if not callable(factory):
         raise ModelError(f"{source} is a {type(factory).__name__}, not a callable")
@@ -201,8 +219,10 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
 
 def check_model_state(model: object, source: str) -> nn.Module:
     """``model`` if it is an ``nn.Module`` whose state the federation can hold per client:
-    trainable float32 CPU parameters (none frozen) and no floating-point buffers; else
-    :class:`ModelError` naming the problem (``source`` names where the model came from)."""
+    trainable float32 CPU parameters (none frozen) and no normalization layer that tracks
+    running statistics (BatchNorm, InstanceNorm with ``track_running_stats=True``); else
+    :class:`ModelError` naming the problem (``source`` names where the model came from).
+    Other buffers are checked by behaviour: :func:`check_buffers_constant`."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"{source} returned a {type(model).__name__}, expected a torch.nn.Module")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -219,13 +239,16 @@ def check_model_state(model: object, source: str) -> nn.Module:
         if p.dtype != torch.float32 or p.device.type != "cpu":
             raise ModelError(f"{source}: parameter {n!r} is {p.dtype} on {p.device}; the federation "
                              "stores parameters as float32 on the CPU")
-    for n, b in model.named_buffers():
-        if torch.is_floating_point(b):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            stat = next((f"{name}.{n}" if name else n for n, _ in module.named_buffers(recurse=False)),
+                        name)
             raise ModelError(
-                f"{source}: buffer {n!r} ({tuple(b.shape)}) would be shared by every client "
-                "(only parameters are per client); use layers without running statistics, "
-                "e.g. GroupNorm or LayerNorm instead of BatchNorm"
-            )
+                f"{source}: buffer {stat!r} holds {type(module).__name__}'s running statistics, "
+                "which forward updates from each client's data: every client would share them "
+                "(only parameters are per client) and DP-SGD would not account for them; use "
+                "GroupNorm or LayerNorm, or track_running_stats=False (the batch's own "
+                "statistics)")
     return model
 
 
@@ -259,3 +282,68 @@ def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: s
                          f"({n}, {width}) (output width = num_classes for this loss)")
     if not torch.isfinite(out).all():
         raise ModelError(f"{source} returns non-finite outputs at initialization")
+
+
+class BufferGuard:
+    """The digest of a model's buffers, taken when it passed :func:`check_buffers_constant`;
+    :meth:`check` raises :class:`ModelError` when a buffer has changed since (a forward that
+    writes one only under conditions the probe did not meet)."""
+
+    def __init__(self, model: nn.Module, source: str) -> None:
+        self.model = model
+        self.source = source
+        self.names = [n for n, _ in model.named_buffers()]
+        self.digest = buffer_digest(model) if self.names else ""
+
+    def check(self, when: str) -> None:
+        """Nothing when the buffers are bit-identical to the checked ones, else ModelError."""
+        if self.names and buffer_digest(self.model) != self.digest:
+            raise ModelError(
+                f"{self.source}: a buffer ({', '.join(map(repr, self.names))}) changed {when}; "
+                f"{_WRITTEN_BUFFER}")
+
+
+_WRITTEN_BUFFER = (
+    "a buffer is shared by every client (only parameters are per client), so it must be a "
+    "constant that forward only reads: one that forward writes (running statistics, a counter) "
+    "would carry clients' data between them outside DP-SGD's accounting; make it a parameter, "
+    "compute it in forward, or use layers without running statistics (GroupNorm, LayerNorm)")
+
+
+def check_buffers_constant(model: nn.Module, sample: torch.Tensor, source: str = "model") -> None:
+    """Raise :class:`ModelError` naming the first buffer that a train-mode forward and backward
+    on ``sample`` or an eval-mode forward on it changes (bit for bit, or replaces, adds or
+    removes). The global RNG is restored and the parameters' gradients are left as they were."""
+    if not any(True for _ in model.buffers()):
+        return
+    before = {n: b.detach().clone() for n, b in model.named_buffers()}
+    grads = [(p, p.grad) for p in model.parameters()]
+    was_training = model.training
+    devices = [sample.device] if sample.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            out = model(sample)
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.float().sum().backward()
+            _compare_buffers(model, before, source, "a training step")
+            model.eval()
+            with torch.no_grad():
+                model(sample)
+            _compare_buffers(model, before, source, "an evaluation")
+    finally:
+        model.train(was_training)
+        for p, g in grads:
+            p.grad = g
+
+
+def _compare_buffers(model: nn.Module, before: dict[str, torch.Tensor], source: str,
+                     step: str) -> None:
+    after = dict(model.named_buffers())
+    for name in [*before, *(n for n in after if n not in before)]:
+        a, b = before.get(name), after.get(name)
+        same = a is not None and b is not None and a.dtype == b.dtype and a.shape == b.shape \
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8))
+        if not same:
+            raise ModelError(f"{source}: buffer {name!r} changed in {step} (forward writes it); "
+                             f"{_WRITTEN_BUFFER}")

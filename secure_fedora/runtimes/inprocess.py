@@ -278,7 +278,12 @@ def build_context(
     from secure_fedora.core.plugins import config_dir, import_object
     from secure_fedora.data.userdata import label_space
     from secure_fedora.learning.devices import clients_on, resolve_device, resolve_engine
-    from secure_fedora.learning.models import build_user_model, check_output_width
+    from secure_fedora.learning.models import (
+        BufferGuard,
+        build_user_model,
+        check_buffers_constant,
+        check_output_width,
+    )
     from secure_fedora.learning.tasks import resolve_task
 
     device = resolve_device(cfg)
@@ -307,6 +312,7 @@ def build_context(
     module = module.to(device)
     probe_x, probe_y = _probe_rows(clients)
     check_output_width(module, probe_x, width, source)
+    check_buffers_constant(module, probe_x, source)
     # under DP, private validation splits are never scored (the final round is reported, and
     # only their losses are used, by the private lambda): AUC need not be defined on them
     scored = ("test",) if cfg.privacy.enabled and cfg.data.validation == "private" \
@@ -353,6 +359,7 @@ def build_context(
         encryption=CkksBackend(),
         engine=engine,
         engine_choice=engine_choice,
+        buffers=BufferGuard(module, source),
     )
 
 
@@ -1202,6 +1209,8 @@ class Simulation:
                 row.update(self._evaluate(rnd, method, tracker))
                 seconds["evaluation"] = time.perf_counter() - t0
                 timing["evaluation"] += seconds["evaluation"]
+            if ctx.buffers is not None:  # before this round's state is kept
+                ctx.buffers.check(f"in round {rnd}")
             history.append(row)
             # The last round's state is written below, with the outcome.
             if rnd < rounds and due(rnd):

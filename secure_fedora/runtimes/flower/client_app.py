@@ -1244,6 +1244,8 @@ def _run_client_half(
             reply = algorithm.client_finalize(i, message)
     else:
         raise DeployError(f"unknown exchange {stage!r}")
+    if ctx.buffers is not None:  # a buffer forward wrote would leave with this reply
+        ctx.buffers.check(f"in client {i}'s {stage} exchange of round {rnd}")
     if rules is not None:  # before it leaves: what the server would refuse, refused here
         rules.check_received(stage, i, reply, algorithm.reply_schema or ReplySchema.of(algorithm))
     if stage == "round" and privacy is not None:  # executed DP-SGD steps == the ledger's

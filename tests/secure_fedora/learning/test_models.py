@@ -171,3 +171,81 @@ def test_model_fingerprint_is_the_architecture_and_equal_across_processes() -> N
     assert model_fingerprint(relu) != model_fingerprint(
         nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(0.2), nn.Linear(3, 2)))
     assert model_fingerprint(nn.LeakyReLU(0.1)) != model_fingerprint(nn.LeakyReLU(0.2))
+
+
+def test_a_constant_buffer_is_accepted_and_its_values_are_in_the_fingerprint() -> None:
+    """Every floating-point buffer was refused ("would be shared by every client"), also a
+    constant one that forward only reads (a fixed scale, a seed-drawn projection). It is now
+    accepted, and its values enter the fingerprint: builds that disagree on them differ."""
+    from secure_fedora.learning.models import (
+        buffer_digest,
+        build_user_model,
+        check_buffers_constant,
+        model_architecture,
+        model_fingerprint,
+    )
+    from tests.secure_fedora.runtimes.buffer_models import constant_buffers
+
+    model = build_user_model(constant_buffers, (6,), 3, seed=1)
+    sample = torch.randn(4, 6)
+    before = torch.random.get_rng_state()
+    check_buffers_constant(model, sample, "model")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(p.grad is None for p in model.parameters())
+    assert model_architecture(model)[-1] == f"buffer values sha256 {buffer_digest(model)}"
+    assert model_fingerprint(model) == model_fingerprint(build_user_model(constant_buffers, (6,), 3, seed=1))
+    assert model_fingerprint(model) != model_fingerprint(build_user_model(constant_buffers, (6,), 3, seed=2))
+    plain = nn.Sequential(nn.Linear(3, 2))  # no buffers: no extra line, fingerprints unchanged
+    assert len(model_architecture(plain)) == 2
+
+
+class _TrainingAverage(nn.Module):
+    """Keeps a running mean of its inputs in training mode (as BatchNorm does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(4))
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.linear(x - self.mean)
+
+
+class _EvalCache(nn.Module):
+    """Replaces its buffer with the last input's mean in eval mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("last", torch.zeros(4))
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self.last = x.mean(0).detach()
+        return self.linear(x)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2)),
+     r"buffer '1.running_mean' holds BatchNorm1d's running statistics"),
+    (lambda: nn.Sequential(nn.Unflatten(1, (1, 4)), nn.InstanceNorm1d(1, track_running_stats=True),
+                           nn.Flatten(), nn.Linear(4, 2)),
+     r"buffer '1.running_mean' holds InstanceNorm1d's running statistics"),
+    (lambda: __import__("tests.secure_fedora.runtimes.buffer_models", fromlist=["x"]).counter((4,), 2),
+     r"buffer 'calls' changed in a training step \(forward writes it\)"),
+    (_TrainingAverage, r"buffer 'mean' changed in a training step"),
+    (_EvalCache, r"buffer 'last' changed in an evaluation"),
+])
+def test_a_buffer_that_forward_writes_is_refused(model, message) -> None:
+    """Running statistics (by type) and any buffer a training step or an evaluation writes
+    would carry one client's data to the others outside DP-SGD's accounting: refused, naming
+    the buffer and what to do instead."""
+    from secure_fedora.learning.models import build_user_model, check_buffers_constant
+
+    with pytest.raises(ModelError, match=message) as err:
+        check_buffers_constant(build_user_model(lambda s, c: model(), (4,), 2, seed=0, source="m"),
+                               torch.randn(3, 4), "m")
+    assert "GroupNorm" in str(err.value) and "per client" in str(err.value)

@@ -236,6 +236,20 @@ def test_a_model_with_dropout_resumes_exactly(tmp_path, clients, dp):
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 
+@pytest.mark.parametrize(("dp", "engine"), [(False, "loop"), (True, "batched")],
+                         ids=["plain-loop", "dp-batched"])
+def test_a_model_with_constant_buffers_resumes_exactly(tmp_path, clients, dp, engine):
+    """Constant buffers (one drawn from the seed) are built again on resume, equal to the
+    run's (their digest is in the checkpoint's model fingerprint): the resumed run is exact."""
+    data = config_dict(["fedora", "local"], dp, engine=engine)
+    data["model"] = {"factory": "tests.secure_fedora.runtimes.buffer_models:constant_buffers"}
+    cfg = parse_config(data)
+    Simulation(cfg, tmp_path / "reference", clients=clients).run()
+    assert run_until_crash(cfg, tmp_path / "run", clients, "train@4")
+    Simulation(cfg, tmp_path / "run", clients=clients).run(resume=True)
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
 def test_resume_from_an_older_checkpoint_replays_journaled_rounds(tmp_path, clients, reference):
     """Checkpoints not written every round: the resume starts rounds back and re-makes the
     journaled releases of the rounds after the checkpoint (consumed from the ledger)."""

@@ -89,3 +89,33 @@ def test_one_sample_batches_train_to_the_same_bits_in_both_runtimes(tmp_path: Pa
                                     / "client.pt", c, 42, config_hash(cfg), method)
         for key, value in reference.client_state_dict(c).items():
             assert torch.equal(state.algorithm[key], value.cpu()), (c, key)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_constant_buffer_model_trains_on_the_grid_as_in_process(tmp_path: Path) -> None:
+    """A registered model with constant buffers (one drawn from the seed): every node builds
+    it from the seed, so the grid's clients (each on its own node) train exactly what the
+    in-process runtime's batched engine trains (vmap) and each node's model record holds the
+    same fingerprint (which includes the buffers' values)."""
+    import json
+
+    from secure_fedora.core.registry import MODELS
+    from tests.secure_fedora.runtimes.buffer_models import constant_buffers
+
+    MODELS.register("test-constant-buffers",
+                    lambda shape, num_classes, device=None: constant_buffers(shape, num_classes))
+    try:
+        data = _batched(dp_config(noise="reproducible"), "fedora").model_dump(
+            mode="json", exclude_none=True)
+        data["model"] = {"name": "test-constant-buffers"}
+        cfg = parse_config(data)
+        results = _grid(cfg, tmp_path, **{"reproducible-dp-noise": True})
+        sim, outcome = in_process(cfg, tmp_path, "fedora")
+    finally:
+        MODELS.unregister("test-constant-buffers")
+    assert set(outcome.extra["training_engine"]["runs"]) == {"vmap"}
+    assert np.allclose(results["methods"]["fedora"]["selected"]["per_client"],
+                       outcome.selected["per_client"], atol=1e-4, rtol=0)
+    records = {json.loads(p.read_text())["model_fingerprint"]
+               for p in (tmp_path / "nodes").rglob("model.json")}
+    assert len(records) == 1 and records == {sim.privacy["fedora"]["model_fingerprint"]}
