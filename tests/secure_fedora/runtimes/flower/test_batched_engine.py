@@ -119,3 +119,30 @@ def test_a_constant_buffer_model_trains_on_the_grid_as_in_process(tmp_path: Path
     records = {json.loads(p.read_text())["model_fingerprint"]
                for p in (tmp_path / "nodes").rglob("model.json")}
     assert len(records) == 1 and records == {sim.privacy["fedora"]["model_fingerprint"]}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_buffer_forward_starts_writing_stops_a_flower_client_before_its_reply(tmp_path: Path) -> None:
+    """A node's model whose forward writes a buffer only on training batches (the checks
+    before training run smaller ones): each node refuses to send the round's reply, naming the
+    buffer, and the run stops with nothing trained."""
+    from secure_fedora.core.registry import MODELS
+    from secure_fedora.runtimes.flower.protocol import DeployError
+    from tests.secure_fedora.runtimes.buffer_models import large_batch_writer
+
+    MODELS.register("test-buffer-writer",
+                    lambda shape, num_classes, device=None: large_batch_writer(shape, num_classes))
+    try:
+        data = tiny_config().model_dump(mode="json", exclude_none=True)
+        data["methods"] = ["local"]
+        data["model"] = {"name": "test-buffer-writer"}
+        data["security"] = {"client_errors": "full"}
+        cfg = parse_config(data)
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=dict.fromkeys(range(3), "full"))
+        with pytest.raises(DeployError, match=r"no client's training reply was accepted .*ModelError: "
+                           r"model 'test-buffer-writer': a buffer \('offset'\) changed in client 2's "
+                           r"round exchange of round 2; .*only parameters are per client"):
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    finally:
+        MODELS.unregister("test-buffer-writer")
