@@ -798,11 +798,11 @@ def test_a_torn_round_mark_is_moved_aside_and_the_round_marked_again(tmp_path, c
     cfg = _csprng_local()
     assert run_until_crash(cfg, tmp_path, clients, "train@6")  # round 2 admitted, unmarked
     marks = tmp_path / "ledgers" / "local" / "rounds.released"
-    assert marks.read_bytes() == b'{"round":1}\n'
+    assert marks.read_bytes() == b'{"round":1,"clients":[[0,2]]}\n'
     with marks.open("ab") as f:
         f.write(b'{"rou')
     results = Simulation(cfg, tmp_path, clients=clients).run(resume=True)
-    assert marks.read_bytes() == b'{"round":1}\n{"round":2}\n'
+    assert marks.read_bytes() == b'{"round":1,"clients":[[0,2]]}\n{"round":2,"clients":[[0,2]]}\n'
     assert (marks.parent / "rounds.released.torn-1").read_bytes() == b'{"rou'
     assert {"marks_quarantine": "rounds.released.torn-1"} in \
         results["privacy"]["local"]["recoveries"]
