@@ -185,8 +185,9 @@ class MethodContext:
     # server, the in-process runtime). With it set, per-client state is allocated through
     # :meth:`per_client` as one held row (secure_fedora.algorithms.held), not N.
     held: int | None = None
-    # The model's buffers as checked before training (learning.models.BufferGuard): a
-    # runtime checks them after each round; None: not checked.
+    # The model's buffers as checked before training (learning.models.BufferGuard): checked
+    # again before the clients' round and finalize replies reach the server half, and by the
+    # runtime after each round; None: not checked.
     buffers: Any = None
 
     @property
@@ -597,6 +598,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 replies = rules.check_replies(ROUND, rnd, replies, messages, self.reply_schema)
             if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
                 self.ctx.privacy.confirm_steps(rnd, list(messages))
+            self._check_buffers(f"in round {rnd}'s training")
         accepted = self._exchange_uploads(rnd, replies)
         self.last_round = rnd
         self.round_replied = len(accepted)
@@ -773,10 +775,20 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         if self.reply_rules is not None:
             replies = self.reply_rules.check_replies(FINALIZE, self.last_round, replies, messages,
                                                      self.reply_schema)
+        if replies:
+            self._check_buffers("in the clients' finalize")
         if replies and self.exchange is not None and self._round_envelopes():
             replies = self._upload_stage_replies(self.exchange, FINALIZE, final_round, sent,
                                                  replies, asked)
         return check_finalize_results(label, self.server_finalize(replies))
+
+    def _check_buffers(self, when: str) -> None:
+        """ModelError when the model's buffers changed since they were checked
+        (:attr:`MethodContext.buffers`), run after the client halves and before any of their
+        replies reaches the server half: in process the clients share one module, so a buffer
+        one client's forward wrote would carry its data into the others' releases."""
+        if self.ctx.buffers is not None:
+            self.ctx.buffers.check(f"{when}, before any client's reply left")
 
     def _round_envelopes(self) -> bool:
         """Whether the generic exchange envelopes this method's round and finalize messages

@@ -1,6 +1,6 @@
 """A model with constant buffers (forward only reads them) trains in process on both engines,
 with and without DP, binds its checkpoints to the buffers' values, and a buffer that forward
-starts writing during training stops the run after that round."""
+starts writing during training stops the run before that round's replies leave."""
 
 from __future__ import annotations
 
@@ -61,11 +61,20 @@ def test_a_constant_buffer_model_trains_on_both_engines(dp) -> None:
                 pytest.approx(results["batched"].selected(name)["per_client"], abs=1e-6)
 
 
-def test_a_buffer_forward_starts_writing_stops_the_run_after_that_round() -> None:
+@pytest.mark.parametrize(("engine", "when"), [
+    ("loop", "in round 1's training, before any client's reply left"),
+    # the batched engine trains on the buffer's value, not the module: the round's evaluation
+    # (on the module) writes it, caught after the round
+    ("batched", "in round 1")])
+def test_a_buffer_forward_starts_writing_stops_the_run_before_that_rounds_replies_leave(
+        engine, when) -> None:
     """The checks before training see a constant buffer; forward writes it from its 21st call
-    on: the run stops with a ModelError after round 1, before that round is kept."""
-    with pytest.raises(ModelError, match=r"buffer \('offset'\) changed in round 1; .*per client"):
-        Experiment(_config("loop", False), data=_data(), model=late_writer).run()
+    on (in round 1's training on the loop engine): in process the clients share one module,
+    so the clients trained after the write used it; the run stops with a ModelError after the
+    round's training and before any of its replies reaches the server half (it was checked
+    only after the round, when the server had aggregated them)."""
+    with pytest.raises(ModelError, match=rf"buffer \('offset'\) changed {when}; .*per client"):
+        Experiment(_config(engine, False), data=_data(), model=late_writer).run()
 
 
 def test_resuming_with_other_buffer_values_is_a_checkpoint_error(tmp_path) -> None:
