@@ -22,7 +22,9 @@ separators=(",", ":"), ensure_ascii=True, allow_nan=False)``) of one entry, foll
 
 Write-ahead rule: :meth:`LedgerWriter.append` writes the line, flushes and ``os.fsync``\\ s the
 file (and the directory when the file is created) before it returns; callers send a release
-only after that. A crash between append and send therefore over-counts spending, never
+only after that. :meth:`LedgerWriter.append_many` does the same for all of one release's
+entries with one write and one fsync (a crash inside it leaves a prefix of the lines, the
+last one possibly torn, as a crash between or inside single appends would). A crash between append and send therefore over-counts spending, never
 under-counts it.
 
 Close entry: a finished run ends each ledger with one signed ``"close"`` entry
@@ -591,9 +593,31 @@ class LedgerWriter:
                             epsilon_after=epsilon_after, delta=delta,
                             budget_epsilon=budget_epsilon, accountant=accountant)
 
-    def _append(self, *, round: int, mechanism: str, params: dict[str, Any],
-                epsilon_after: float, delta: float, budget_epsilon: float,
-                accountant: str) -> dict[str, Any]:
+    def append_many(self, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Sign and durably append several entries (one release's) with one write and one
+        fsync; returns them. Each mapping holds :meth:`append`'s keyword arguments.
+
+        The lines are exactly those consecutive :meth:`append` calls would write (same
+        chain, same signatures), and every entry is checked as :meth:`append` checks it
+        before anything is written: one bad entry writes none. Once this returns, all of
+        them are on stable storage; on a write failure (LedgerError) none is recorded here,
+        the writer refuses further appends, and a crash inside the write leaves at most a
+        prefix of the lines (a torn last line that :func:`repair_torn_tail` quarantines).
+        """
+        if not entries:
+            raise LedgerError("append_many needs at least one entry")
+        self._check_writable()
+        built: list[tuple[dict[str, Any], str]] = []
+        head, last = self._head, self.last_epsilon
+        for fields in entries:
+            if fields.get("mechanism") == CLOSE:
+                raise LedgerError("the close entry is written by close_run(), not append_many()")
+            entry, line = self._signed(len(self._entries) + len(built), head, last, **fields)
+            built.append((entry, line))
+            head, last = line_hash(line), float(entry["epsilon_after"])
+        return self._write(built)
+
+    def _check_writable(self) -> None:
         if self._fd is None:
             raise LedgerError(f"ledger writer for {str(self.path)!r} is closed")
         if self._broken:
@@ -603,10 +627,25 @@ class LedgerWriter:
         if self.is_closed:
             raise LedgerError(f"ledger {str(self.path)!r} is closed (its run finished); refusing"
                               " to append")
+
+    def _append(self, *, round: int, mechanism: str, params: dict[str, Any],
+                epsilon_after: float, delta: float, budget_epsilon: float,
+                accountant: str) -> dict[str, Any]:
+        self._check_writable()
+        built = self._signed(len(self._entries), self._head, self.last_epsilon, round=round,
+                             mechanism=mechanism, params=params, epsilon_after=epsilon_after,
+                             delta=delta, budget_epsilon=budget_epsilon, accountant=accountant)
+        return self._write([built])[0]
+
+    def _signed(self, index: int, prev_hash: str, last: float, *, round: int, mechanism: str,
+                params: dict[str, Any], epsilon_after: float, delta: float,
+                budget_epsilon: float, accountant: str) -> tuple[dict[str, Any], str]:
+        """The signed entry at ``index`` after a line hashed ``prev_hash`` whose epsilon was
+        ``last``, and its line; LedgerError for an entry :meth:`append` refuses."""
         if isinstance(epsilon_after, bool) or not isinstance(epsilon_after, int | float):
             raise LedgerError(f"epsilon_after must be a number, got {epsilon_after!r}")
         entry: dict[str, Any] = {
-            "index": len(self._entries),
+            "index": index,
             "client_id": self.client_id,
             "round": round,
             "mechanism": mechanism,
@@ -617,14 +656,13 @@ class LedgerWriter:
             else budget_epsilon,
             "accountant": accountant,
             "timestamp": _utc_now(),
-            "prev_hash": self._head,
+            "prev_hash": prev_hash,
             "signature": "0" * 128,
         }
         problems = _field_problems(entry)
         if problems:
             raise LedgerError(f"ledger entry for round {round!r} {mechanism!r}: "
                               + "; ".join(problems))
-        last = self.last_epsilon
         if entry["epsilon_after"] < last:
             raise LedgerError(
                 f"epsilon_after {epsilon_after!r} is below the ledger's last {last!r}"
@@ -639,16 +677,21 @@ class LedgerWriter:
         except (TypeError, ValueError) as exc:
             raise LedgerError(f"params of {mechanism!r} are not JSON-serializable: {exc}") from exc
         entry["signature"] = self._key.sign(payload.encode("utf-8")).hex()
-        line = canonical_json(entry)
-        data = (line + "\n").encode("utf-8")
+        return entry, canonical_json(entry)
+
+    def _write(self, built: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
+        """Write the lines of ``built`` with one write loop and one fsync; only then are the
+        entries this writer's (a failure marks the writer broken and records none)."""
+        data = "".join(line + "\n" for _, line in built).encode("utf-8")
         try:
             write_all_and_fsync(self._fd, data)
         except BaseException as exc:
             self._broken = True
             raise LedgerError(f"writing ledger {str(self.path)!r} failed: {exc}") from exc
-        self._entries.append(entry)
-        self._head = line_hash(line)
-        return json.loads(line)
+        for entry, line in built:
+            self._entries.append(entry)
+            self._head = line_hash(line)
+        return [json.loads(line) for _, line in built]
 
     def close(self) -> None:
         """Release the lock and close the file (idempotent)."""

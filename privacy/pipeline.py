@@ -260,11 +260,13 @@ class BudgetGate:
     later release through this gate is refused too (also after a restart: a refusal in the
     ledger closes the gate), because the refused output (e.g. further-trained weights) would
     otherwise leak through later releases unaccounted. Otherwise it appends one entry per
-    record (each fsynced), records them in the accountant, and returns the release with
-    ``metadata["ledger_index"]``/``["ledger_head"]``. A release without records is rejected.
-    Each record is added to the accountant right after its ledger entry is fsynced, so if a
-    later entry of the same release fails, accountant and ledger still agree (the release is
-    not returned; the unreleased records stay counted).
+    record, all of the release's entries in one write and one fsync
+    (:meth:`~privacy.ledger.LedgerWriter.append_many`), records them in the accountant, and
+    returns the release with ``metadata["ledger_index"]``/``["ledger_head"]``. A release
+    without records is rejected. The records are added to the accountant only after the
+    whole batch is durable; if the write fails, none is recorded, the error propagates and
+    the release is not returned (the writer refuses further appends until the ledger is
+    reopened, verified and the accountant replayed from it, so they agree again).
 
     On construction the accountant's history must equal the ledger's accounted entries
     (rebuild it with :func:`privacy.ledger.replay_accountant` after a crash), so the gate can
@@ -393,18 +395,16 @@ class BudgetGate:
             indices.append(int(entry["index"]))
         # A release cut between two of its entries: the first entry proves the gate admitted
         # the whole release, so the rest is appended without a second budget decision.
-        delta = self.budget.delta
         rest = release.records[consumed:]
-        for record in rest:
-            eps = self.accountant.epsilon_after_releases(delta, [record.as_release()])
-            last_entry = self.ledger.append(
-                round=release.round, mechanism=record.mechanism,
-                params={"release_kind": release.kind, **record.ledger_params(),
-                        "accountant_params": self.accountant.parameters},
-                epsilon_after=max(eps, self.ledger.last_epsilon), delta=delta,
-                budget_epsilon=self.budget.epsilon, accountant=self.accountant.kind)
-            self.accountant.record(*record.as_release())
-            indices.append(int(last_entry["index"]))
+        if rest:
+            triples = [r.as_release() for r in rest]
+            cumulative = [self.accountant.epsilon_after_releases(self.budget.delta, triples[:k])
+                          for k in range(1, len(triples) + 1)]
+            params = [{"release_kind": release.kind, **r.ledger_params(),
+                       "accountant_params": self.accountant.parameters} for r in rest]
+            written = self._append_release(release.replace(records=rest), params, cumulative)
+            last_entry = written[-1]
+            indices.extend(int(e["index"]) for e in written)
         count, head = self.ledger.head
         # the entries need not be adjacent: a torn tail's repair entry may sit between them
         return release.replace(metadata={**release.metadata, "ledger_index": last_entry["index"],
@@ -412,6 +412,28 @@ class BudgetGate:
                                          "ledger_head": head, "ledger_entries": count,
                                          "epsilon_after": last_entry["epsilon_after"],
                                          "replayed_entries": consumed})
+
+    def _append_release(self, release: Release, all_params: list[dict[str, Any]],
+                        cumulative: list[float]) -> list[dict[str, Any]]:
+        """Write the ledger entries of ``release``'s records (``all_params``, cumulative
+        epsilons) as one durable batch, then record them in the accountant; returns them."""
+        running = self.ledger.last_epsilon
+        batch = []
+        for record, params, eps in zip(release.records, all_params, cumulative, strict=True):
+            running = max(eps, running)
+            batch.append({"round": release.round, "mechanism": record.mechanism,
+                          "params": params, "epsilon_after": running,
+                          "delta": self.budget.delta, "budget_epsilon": self.budget.epsilon,
+                          "accountant": self.accountant.kind})
+        written = self.ledger.append_many(batch)
+        # Record only once the whole batch is durable: if the write fails nothing is
+        # recorded and the error propagates (the writer is broken; a reopen verifies the
+        # file and a replay rebuilds the accountant from what reached it), so the
+        # accountant never counts an entry the ledger lacks; a crash inside the write
+        # leaves a prefix of the lines, and no line of it was released.
+        for record in release.records:
+            self.accountant.record(*record.as_release())
+        return written
 
     @property
     def closed(self) -> bool:
@@ -475,22 +497,9 @@ class BudgetGate:
         accountant_params = self.accountant.parameters
         all_params = [{"release_kind": release.kind, **r.ledger_params(),
                        "accountant_params": accountant_params} for r in release.records]
-        last_entry: dict[str, Any] = {}
-        indices = []
-        for record, params, eps in zip(release.records, all_params, cumulative, strict=True):
-            last_entry = self.ledger.append(
-                round=release.round,
-                mechanism=record.mechanism,
-                params=params,
-                epsilon_after=max(eps, self.ledger.last_epsilon),
-                delta=delta,
-                budget_epsilon=self.budget.epsilon,
-                accountant=self.accountant.kind,
-            )
-            # Record right after its entry is durable: if a later append fails, the accountant
-            # still matches the ledger (over-counting the unreleased part, never under-counting).
-            self.accountant.record(*record.as_release())
-            indices.append(int(last_entry["index"]))
+        written = self._append_release(release, all_params, cumulative)
+        last_entry = written[-1]
+        indices = [int(e["index"]) for e in written]
         count, head = self.ledger.head
         return release.replace(metadata={**release.metadata, "ledger_index": last_entry["index"],
                                          "ledger_indices": indices,

@@ -465,3 +465,91 @@ def test_a_number_too_large_for_a_float_is_a_ledger_error_not_an_overflow(tmp_pa
     path.write_text("".join(line + "\n" for line in lines))
     with pytest.raises(LedgerError):
         LedgerWriter(path, "c1", KEY)
+
+
+def _release_fields(eps: float) -> list[dict]:
+    """The two entries of one model release with private validation (DP-SGD, then lambda)."""
+    common = {"round": 1, "delta": DELTA, "budget_epsilon": 8.0, "accountant": "rdp"}
+    return [
+        {**common, "mechanism": "dpsgd", "epsilon_after": eps,
+         "params": {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, "clip_norm": 1.0}},
+        {**common, "mechanism": "gaussian_lambda", "epsilon_after": eps + 0.25,
+         "params": {"noise_multiplier": 5.0, "sample_rate": 1.0, "steps": 1}},
+    ]
+
+
+def _fsync_counter(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def test_append_many_writes_the_lines_of_consecutive_appends_with_one_fsync(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr("privacy.ledger._utc_now", lambda: "2026-01-01T00:00:00.000000Z")
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    with LedgerWriter(one, "c1", KEY) as w:
+        _append(w, 0, 0.5)
+        singles = [w.append(**fields) for fields in _release_fields(1.0)]
+    with LedgerWriter(many, "c1", KEY) as w:
+        _append(w, 0, 0.5)
+        calls = _fsync_counter(monkeypatch)
+        batch = w.append_many(_release_fields(1.0))
+        assert len(calls) == 1  # one fsync for the release's two lines
+        head = w.head
+        assert w.last_epsilon == 1.25 and len(w.entries) == 3
+    assert many.read_bytes() == one.read_bytes()  # same lines, hashes, signatures
+    assert batch == singles
+    assert head == (3, line_hash(_lines(one)[-1]))
+    assert verify_ledger_file(many, KEY.public_key(), client_id="c1") == []
+
+
+def test_append_many_writes_nothing_when_one_entry_is_refused(tmp_path):
+    path = _ledger(tmp_path, n=1)
+    before = path.read_bytes()
+    fields = _release_fields(1.0)
+    fields[1]["epsilon_after"] = 0.9  # below the first entry of the same batch
+    with LedgerWriter(path, "c1", KEY) as w:
+        with pytest.raises(LedgerError, match="below the ledger's last 1.0"):
+            w.append_many(fields)
+        with pytest.raises(LedgerError, match="close_run"):
+            w.append_many([{**fields[0], "mechanism": "close"}])
+        with pytest.raises(LedgerError, match="at least one"):
+            w.append_many([])
+        assert path.read_bytes() == before
+        w.append_many(_release_fields(1.0))  # the writer is still usable
+    assert [e["mechanism"] for e in read_ledger(path)] == ["dpsgd", "dpsgd", "gaussian_lambda"]
+
+
+@pytest.mark.parametrize("cut", ["first_torn", "second_lost", "second_torn"])
+def test_a_crash_inside_a_batch_write_leaves_a_tail_the_repair_handles(tmp_path, cut):
+    """A process killed inside append_many leaves a prefix of the release's lines: the first
+    torn, the first complete and the second missing, or the second torn; each is what a crash
+    inside or between two single appends left, and each reopens after the repair."""
+    from privacy.ledger import REPAIR, repair_torn_tail
+    path = _ledger(tmp_path, n=1)
+    start = len(path.read_bytes())
+    with LedgerWriter(path, "c1", KEY) as w:
+        w.append_many(_release_fields(1.0))
+    data = path.read_bytes()
+    first_end = data.index(b"\n", start) + 1
+    size = {"first_torn": start + 40, "second_lost": first_end,
+            "second_torn": first_end + 40}[cut]
+    path.write_bytes(data[:size])
+    repairs = repair_torn_tail(path, "c1", KEY, delta=DELTA, budget_epsilon=8.0,
+                               accountant="rdp")
+    assert len(repairs) == (0 if cut == "second_lost" else 1)
+    entries = read_ledger(path)
+    kept = {"first_torn": ["dpsgd", REPAIR], "second_lost": ["dpsgd", "dpsgd"],
+            "second_torn": ["dpsgd", "dpsgd", REPAIR]}[cut]
+    assert [e["mechanism"] for e in entries] == kept
+    assert verify_ledger_file(path, KEY.public_key(), client_id="c1") == []
+    with LedgerWriter(path, "c1", KEY) as w:  # appends go on after the repair
+        w.append_many(_release_fields(2.0))
+    assert verify_ledger_file(path, KEY.public_key(), client_id="c1") == []

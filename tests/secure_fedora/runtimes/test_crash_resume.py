@@ -407,23 +407,34 @@ def test_a_ledger_lost_or_cut_since_the_checkpoint_refuses_the_resume(tmp_path, 
     assert sorted(p.name for p in tmp_path.rglob("*")) == left or damage == "lost"
 
 
-def test_a_release_torn_between_its_two_ledger_entries_resumes(tmp_path, clients):
-    """With private validation a model release writes two entries (DP-SGD, then lambda); the
-    process died in the middle of the second. The torn line is quarantined and a repair entry
-    appended, then the resume was refused twice over: the step check read the entries next
-    to the last one ([repair, lambda], no DP-SGD step: a permanent refusal entry), and the
-    journal check did not see that the cut release ends the ledger."""
+@pytest.mark.parametrize("tail", ["second_torn", "second_lost", "first_torn"])
+def test_a_release_torn_between_its_two_ledger_entries_resumes(tmp_path, clients, reference,
+                                                               tail):
+    """With private validation a model release writes two entries (DP-SGD, then lambda) in
+    one write; the process died inside it, leaving a prefix: the second line torn (its torn
+    line was quarantined and a repair appended, then the resume was refused twice over: the
+    step check read the entries next to the last one ([repair, lambda], no DP-SGD step: a
+    permanent refusal entry), and the journal check did not see that the cut release ends
+    the ledger), the second line missing, or the first line torn. Each resumes exactly."""
     cfg = config(["fedora"], "lambda")
     run = tmp_path / "run"
     assert run_until_crash(cfg, run, clients, "gate@4")  # client-000's round-1 model release
     ledger = run / "ledgers" / "fedora" / "client-000.jsonl"
     lines = ledger.read_bytes().splitlines(keepends=True)
     assert [json.loads(line)["mechanism"] for line in lines[-2:]] == ["dpsgd", "gaussian_lambda"]
-    ledger.write_bytes(b"".join(lines[:-1]) + lines[-1][:60])
+    kept = {"second_torn": lines[:-1] + [lines[-1][:60]], "second_lost": lines[:-1],
+            "first_torn": lines[:-2] + [lines[-2][:60]]}[tail]
+    ledger.write_bytes(b"".join(kept))
     Simulation(cfg, run, clients=clients).run(resume=True)
     entries = read_ledger(ledger)
     assert "refusal" not in [e["mechanism"] for e in entries]
     assert verify_run(run).ok
+    ref = comparable_ledgers(reference(["fedora"], "lambda"))["ledgers/fedora/client-000.jsonl"]
+    got = comparable_ledgers(run)["ledgers/fedora/client-000.jsonl"]
+    assert [(e["round"], e["mechanism"], e["epsilon_after"]) for e in got
+            if e["mechanism"] != "repair"] == [(e["round"], e["mechanism"], e["epsilon_after"])
+                                               for e in ref]
+    assert len(got) == len(ref) + (tail != "second_lost")
 
 
 def test_a_resume_after_losing_the_journals_is_refused_even_for_one_replayed_release(tmp_path,
