@@ -145,11 +145,13 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
         evaluated = sum(1 for row in got["history"] if "test_mean" in row)
         extra = ({"fedprox": 1, "apfl": 1, "ifca": 2, "ditto": 1, "fedamp": 1}.get(name, 0) + 1) \
             * n * evaluated
+        # a finalize exchange's replies are envelopes too (one per client), as on Flower
         if name == "apfl" and not got["privacy"]:  # + its empty finalize message asking
-            extra += n  # each client's alpha (not asked under DP)
+            extra += 2 * n  # each client's alpha (not asked under DP), and the alpha replies
         if name == "ifca":  # + one K x P finalize message per client, and the clusters'
-            # version (an untracked entry) beside the models of every round and finalize message
-            extra += 2 * n + sum(row["participants"] for row in got["history"])
+            # version (an untracked entry) beside the models of every round and finalize
+            # message, and each client's finalize reply
+            extra += 3 * n + sum(row["participants"] for row in got["history"])
             extra_bytes = transport["bytes_sent"] - ref_transport["bytes_sent"]
             assert extra_bytes > n * k * clients[0].train_x[0].numel() * 4  # K x P floats each
         if extra:
