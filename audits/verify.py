@@ -307,7 +307,8 @@ def checks_done(options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[str]:
         *_CHECKS_FIXED,
         f"anchor.json (or {options['anchor']}): signed; every ledger's final index, entry"
         " count, head and epsilon_spent, results.json and config.toml digests, no ledger"
-        " missing or unnamed",
+        " missing or unnamed; its run_name, config_hash, runtime and methods equal"
+        " results.json's and config.toml's",
         "no private signing key inside the audited directory (an error with "
         f"{options['allowlist']})",
         f"with {options['allowlist']}: keys/allowlist.json lists no party and no key that"
@@ -1542,10 +1543,47 @@ def _final_epsilon(lines: Sequence[str]) -> float | None:
     return max(values) if values else None
 
 
+def _anchor_identity_findings(doc: Mapping[str, Any], label: str,
+                              results: Mapping[str, Any] | None,
+                              cfg: ExperimentConfig | None) -> list[Finding]:
+    """The anchor's run identity against the run's files: ``run_name`` is results.json's
+    ``name`` and config.toml's ``name``, ``config_hash`` results.json's ``config_hash`` (which
+    config.toml must hash to: :func:`_load_config`), ``runtime`` results.json's ``runtime``,
+    and ``methods`` config.toml's ``methods`` (in order; without config.toml, a Flower result
+    directory, each anchored method must be one results.json reports). A field the file does
+    not hold is not compared (its own checks report that file)."""
+    out: list[Finding] = []
+
+    def differ(field: str, source: str, value: Any) -> None:
+        out.append(Finding("error", "anchor_identity", f"{label} records {field}"
+                           f" {doc[field]!r:.120}, {source} {value!r:.120}: the anchor is not"
+                           " this run's (or it was re-signed over other values); restore the"
+                           " run's anchor.json or audit the run it belongs to"))
+
+    if results is not None:
+        for field, key in (("run_name", "name"), ("config_hash", "config_hash"),
+                           ("runtime", "runtime")):
+            if key in results and results[key] != doc[field]:
+                differ(field, f"results.json records {key}", results[key])
+    if cfg is not None:
+        if cfg.name != doc["run_name"]:
+            differ("run_name", "config.toml gives name", cfg.name)
+        if list(cfg.methods) != doc["methods"]:
+            differ("methods", "config.toml gives methods", list(cfg.methods))
+    elif results is not None and isinstance(results.get("methods"), dict):
+        unreported = [m for m in doc["methods"] if m not in results["methods"]]
+        if unreported:
+            differ("methods", "results.json reports methods", sorted(results["methods"]))
+    return out
+
+
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
-                  keys: dict[str, PublicIdentity], allowlist_given: bool,
+                  keys: dict[str, PublicIdentity], allowlist_given: bool, *,
+                  results: Mapping[str, Any] | None, cfg: ExperimentConfig | None,
                   options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[Finding]:
-    """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present.
+    """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present
+    (:func:`_anchor_findings`, and its identity against ``results`` and ``cfg``, the run's
+    parsed results.json and config.toml: :func:`_anchor_identity_findings`).
     With both, the run's copy must equal the given one (a missing copy is a warning). A run
     with results.json but no anchor at all is an error: both runtimes write the anchor right
     after results.json, and without it results.json and the ledgers' tails are unprotected."""
@@ -1576,6 +1614,7 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
     out.extend(problems)
     if doc is not None:
         out.extend(_anchor_findings(run, doc, label, found, keys, allowlist_given))
+        out.extend(_anchor_identity_findings(doc, label, results, cfg))
     return out
 
 
@@ -1589,9 +1628,10 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     signature verifies under its signer key, the signer is the runtime's signer party with
     its key in the allowlist (``allowlist``, else the run's ``keys/allowlist.json``; an
     unregistered signer is an error only with ``allowlist``), the run's own anchor.json, if
-    present, equals it, config.toml and results.json have the anchored digests, and every
-    ledger ends at its anchored head and length with its anchored epsilon_spent, none
-    missing and none unnamed. Anything else
+    present, equals it, config.toml and results.json have the anchored digests, its
+    run_name, config_hash, runtime and methods are those results.json and config.toml
+    record, and every ledger ends at its anchored head and length with its anchored
+    epsilon_spent, none missing and none unnamed. Anything else
     raises ``error`` with a one-line message (the first problem, and how many more), naming
     the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
@@ -1606,8 +1646,13 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
         keys = load_allowlist(allow_path)
     except IdentityError as err:
         raise error(f"cannot check the anchor {anchor_path}: {err}") from None
+    # results.json and config.toml are compared with the anchor only; what reading them
+    # reports is verify_run's (their anchored digests are checked here)
+    results = _load_results(run, [])
+    cfg = _load_config(run, results, [])
     problems = [f for f in _anchor_check(run, anchor_path, _discover(run / "ledgers"), keys,
-                                         allowlist is not None, options)
+                                         allowlist is not None, results=results, cfg=cfg,
+                                         options=options)
                 if f.severity == "error"]
     if problems:
         first = problems[0]
@@ -1792,7 +1837,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         if any(f.severity == "error" for f in closing):
             clients[-1].ok = False
     findings.extend(_anchor_check(run, anchor_path, found, keys, allow_path is not None,
-                                  options))
+                                  results=results, cfg=cfg, options=options))
     findings.extend(_model_record_findings(run, found, results))
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})

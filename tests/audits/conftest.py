@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+import tomllib
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,8 +44,10 @@ def keystore_of(run: Path) -> Path:
 
 def reanchor(run: Path) -> None:
     """Re-sign ``anchor.json`` for the run directory as it is now (as a forger holding the
-    operator key would): current ledger heads and results/config digests."""
+    operator key would): current ledger heads and results/config digests; the run name and
+    config hash results.json records and config.toml's methods, as the runtime anchors them."""
     doc = json.loads((run / "results.json").read_text())
+    methods = tomllib.loads((run / "config.toml").read_text())["methods"]
     ledgers = {}
     for path in sorted((run / "ledgers").glob("*/*.jsonl")):
         lines = path.read_text().splitlines()
@@ -52,7 +55,7 @@ def reanchor(run: Path) -> None:
             "entries": len(lines), "head": line_hash(lines[-1]) if lines else "0" * 64,
             "epsilon_spent": max((json.loads(x)["epsilon_after"] for x in lines), default=0.0)}
     anchor = build_anchor(run, run_name=doc["name"], config_hash=doc["config_hash"],
-                          methods=list(doc["methods"]), ledgers=ledgers,
+                          methods=methods, ledgers=ledgers,
                           signer=load_identity(keystore_of(run), OPERATOR_ID))
     write_anchor(run, anchor)
 

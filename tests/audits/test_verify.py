@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import shutil
@@ -1256,3 +1257,82 @@ def test_a_published_allowlist_other_than_the_given_one_is_an_error(run_copy, tm
     assert report.ok
     assert any(w.check == "allowlist" and "does not state who could sign" in w.message
                for w in report.warnings)
+
+
+def _edit_anchor(run: Path, edit, signer: str = "operator") -> None:
+    """anchor.json with its top-level fields edited by ``edit`` and re-signed with the run's
+    own ``signer`` key (as a forger holding the key store would)."""
+    from secure_fedora.secure.anchor import anchor_signing_bytes, write_anchor
+
+    doc = json.loads((run / "anchor.json").read_text())
+    edit(doc)
+    ident = load_identity(keystore_of(run), signer)
+    doc["signer"]["party_id"] = signer
+    doc["signer"]["ed25519"] = ident.public.verify_key_hex()
+    doc["signature"] = ident.sign(anchor_signing_bytes(doc)).hex()
+    write_anchor(run, doc)
+
+
+@pytest.mark.parametrize(("field", "value", "sources"), [
+    ("run_name", "another-run", ["results.json records name", "config.toml gives name"]),
+    ("config_hash", "ab" * 32, ["results.json records config_hash"]),
+    ("methods", ["fedora"], ["config.toml gives methods"]),
+    ("methods", ["local", "fedora"], ["config.toml gives methods"]),
+])
+def test_the_anchors_run_identity_is_checked_against_the_run(run_copy, tmp_path, field, value,
+                                                             sources):
+    """An operator-signed anchor naming another run, config hash or method list verified
+    clean: only its files and ledger rows were compared with the run."""
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    _edit_anchor(run_copy, lambda d: d.__setitem__(field, value))
+    for kwargs in ({}, {"allowlist": trusted}, {"anchor": run_copy / "anchor.json"}):
+        report = verify_run(run_copy, **kwargs)
+        assert [f.check for f in report.errors] == ["anchor_identity"] * len(sources)
+        for finding, source in zip(report.errors, sources, strict=True):
+            assert f"records {field} {value!r}, {source}" in finding.message
+            assert "the anchor is not this run's" in finding.message
+    with pytest.raises(AuditError, match=rf"\[anchor_identity\] .*records {field}"):
+        check_anchor(run_copy, run_copy / "anchor.json", allowlist=trusted)
+
+
+def test_the_anchors_runtime_is_checked_against_results_json(run_copy):
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["runtime"] = "in-process"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    assert verify_run(run_copy).ok
+    doc["runtime"] = "flower"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)  # the in-process anchor of a results.json that says flower
+    report = verify_run(run_copy)
+    assert [f.check for f in report.errors] == ["anchor_identity"]
+    assert "records runtime 'in-process', results.json records runtime 'flower'" in \
+        report.errors[0].message
+    with pytest.raises(AuditError, match="anchor_identity"):
+        check_anchor(run_copy, run_copy / "anchor.json")
+
+
+def test_a_flower_anchors_methods_are_checked_against_results_json(run_copy):
+    """A Flower result directory has no config.toml: each anchored method must be one
+    results.json reports."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["runtime"] = "flower"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    (run_copy / "config.toml").unlink()
+
+    def as_flower(methods):
+        def edit(d):
+            d.update(runtime="flower", methods=methods,
+                     files={"results.json": d["files"]["results.json"]})
+            d["files"]["results.json"] = hashlib.sha256(
+                (run_copy / "results.json").read_bytes()).hexdigest()
+        return edit
+
+    _edit_anchor(run_copy, as_flower(["fedora", "local"]), signer="server")
+    assert not [f for f in verify_run(run_copy).errors if f.check.startswith("anchor")]
+    _edit_anchor(run_copy, as_flower(["fedora", "local", "fedavg"]), signer="server")
+    errors = [f for f in verify_run(run_copy).errors if f.check.startswith("anchor")]
+    assert [f.check for f in errors] == ["anchor_missing_ledger", "anchor_identity"]
+    assert "records methods ['fedora', 'local', 'fedavg'], results.json reports methods" \
+        " ['fedora', 'local']" in errors[1].message
