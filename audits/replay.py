@@ -250,11 +250,13 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
 
     ``allowlist`` (CLI ``--allowlist``): an independently registered allowlist.json; the
     ledger's signatures are checked under it instead of the run's ``keys/allowlist.json``
-    (private keys inside the run are then an error), so a ledger its owner re-signed with a
-    new key is refused. ``anchor`` (CLI ``--anchor``): a copy of the run's anchor.json kept
-    apart, checked as ``audit verify --anchor`` checks it (:func:`audits.verify.check_anchor`:
-    signature and signer, config.toml and results.json digests, every ledger's head and
-    length) instead of the run's own anchor.json. Without them the run's own files are used.
+    (private keys inside the run, and a ``keys/allowlist.json`` listing a party or key it does
+    not register, are then an error: :func:`audits.verify.given_allowlist_findings`), so a
+    ledger its owner re-signed with a new key is refused. ``anchor`` (CLI ``--anchor``): a
+    copy of the run's anchor.json kept apart, checked as ``audit verify --anchor`` checks it
+    (:func:`audits.verify.check_anchor`: signature and signer, config.toml and results.json
+    digests, run name, config hash, runtime and methods, every ledger's head and length)
+    instead of the run's own anchor.json. Without them the run's own files are used.
     Errors name the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     run_dir = check_path(run_dir, "run_dir", ReplayAuditError)

@@ -58,12 +58,16 @@
    ``entries`` is ``final_index + 1`` and the anchored ``epsilon_spent`` is the ledger's
    final ``epsilon_after`` (within :data:`SPENT_TOL` x max(1, epsilon): the runtime rounds
    it up to 6 decimals); no ledger it does not
-   name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests.
+   name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests; its
+   ``run_name``, ``config_hash``, ``runtime`` and ``methods`` are those results.json and
+   config.toml record (check ``anchor_identity``).
 7. **Key location**: private signing keys inside the audited directory are an error when an
    allowlist is given (anyone with the directory could re-sign), a warning otherwise. With
    an allowlist given, the run's own ``keys/allowlist.json`` must agree with it: a party it
    lists that the given one does not register, or another key for a party, is an error (the
    directory misstates who could sign); parties registered but not published are not.
+   :func:`check_anchor` and :func:`verified_ledger_entries` (``audit replay``) given an
+   allowlist run the same check (:func:`given_allowlist_findings`).
 8. **Files beside the ledgers**: ``keys/<party>.ed25519.pub`` and ``.x25519.pub`` equal the
    allowlisted keys (nothing in a run signs an X25519 key, so the allowlist in use is what
    they are held to; a missing file, or one of a party the allowlist does not name, is a
@@ -135,6 +139,7 @@ __all__ = [
     "check_ledger_lines",
     "checks_done",
     "dpsgd_claim_problem",
+    "given_allowlist_findings",
     "independent_epsilons",
     "mechanism_epsilon",
     "positive_number",
@@ -312,7 +317,7 @@ def checks_done(options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[str]:
         "no private signing key inside the audited directory (an error with "
         f"{options['allowlist']})",
         f"with {options['allowlist']}: keys/allowlist.json lists no party and no key that"
-        " it does not register",
+        " it does not register (audit replay and check_anchor check the same)",
         "keys/*.ed25519.pub and keys/*.x25519.pub equal the allowlisted keys",
         "ledgers/<method>/model.json intact and equal to results.json's (anchored) model"
         " fingerprint; a warning where nothing signed records it",
@@ -520,6 +525,14 @@ def positive_number(value: Any, where: str, error: type[Exception] = AuditError)
     return out
 
 
+def _raise_first(findings: Sequence[Finding], error: type[Exception], context: str) -> None:
+    """Raise ``error`` naming the first error among ``findings`` (and how many more)."""
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        more = f" (+{len(errors) - 1} more; run `audit verify`)" if len(errors) > 1 else ""
+        raise error(f"{context}: {errors[0].message}{more}")
+
+
 def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
                             error: type[Exception] = AuditError,
                             missing: str | None = None,
@@ -537,8 +550,10 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
 
     ``allowlist`` (CLI ``--allowlist``) is an independently registered allowlist.json whose
     key is used instead of the run's own: a ledger whose owner re-signed it with a new key
-    (and swapped ``keys/allowlist.json``) then fails. As in ``audit verify --allowlist``,
-    private signing keys inside ``run_dir`` are then an error (they could re-sign it).
+    (and swapped ``keys/allowlist.json``) then fails. As in ``audit verify --allowlist``
+    (:func:`given_allowlist_findings`), private signing keys inside ``run_dir`` (they could
+    re-sign it) and a published ``keys/allowlist.json`` that lists a party or a key
+    ``allowlist`` does not register are then an error.
     """
     run_dir = check_path(run_dir, "run_dir", error)
     rel = f"ledgers/{method}/{client_id}.jsonl"
@@ -550,15 +565,15 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
         if not allow_path.is_file():
             raise error(f"allowlist {allow_path} " + ("is a directory, not a file"
                         if allow_path.is_dir() else "does not exist"))
-        private = _private_key_findings(run_dir, True)
-        if private:
-            raise error(private[0].message)
     if not path.is_file():
         raise error(missing if missing is not None else f"no ledger {path}")
     try:
         keys = load_allowlist(allow_path)
     except IdentityError as err:
         raise error(f"cannot verify {rel} before trusting its claim: {err}") from None
+    if allowlist is not None:
+        _raise_first(given_allowlist_findings(run_dir, allow_path, keys), error,
+                     f"{rel} is not trusted")
     ident = keys.get(client_id)
     if ident is None:
         raise error(f"{allow_label} has no key for {client_id}: {rel} cannot"
@@ -890,11 +905,24 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
         findings.append(Finding("error", "allowlist", str(exc)))
         return {}, str(path)
     keys_dir = run_dir / "keys"
-    findings.extend(_private_key_findings(run_dir, allowlist is not None))
-    if allowlist is not None:
-        findings.extend(_published_allowlist_findings(keys_dir, allowlist, keys))
+    if allowlist is None:
+        findings.extend(_private_key_findings(run_dir, False))
+    else:
+        findings.extend(given_allowlist_findings(run_dir, allowlist, keys))
     findings.extend(_public_key_file_findings(keys_dir, keys))
     return keys, str(path)
+
+
+def given_allowlist_findings(run_dir: Path, given: Path,
+                             keys: Mapping[str, PublicIdentity]) -> list[Finding]:
+    """What an independently registered allowlist ``given`` (loaded as ``keys``) requires of
+    ``run_dir``, the one check every audit taking ``--allowlist`` runs (:func:`verify_run`,
+    :func:`check_anchor`, :func:`verified_ledger_entries`): no private signing key inside
+    the directory (:func:`_private_key_findings`, an error here) and a published
+    ``keys/allowlist.json`` that agrees with ``given``
+    (:func:`_published_allowlist_findings`)."""
+    return [*_private_key_findings(run_dir, True),
+            *_published_allowlist_findings(run_dir / "keys", given, keys)]
 
 
 def _published_allowlist_findings(keys_dir: Path, given: Path,
@@ -1631,7 +1659,9 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     present, equals it, config.toml and results.json have the anchored digests, its
     run_name, config_hash, runtime and methods are those results.json and config.toml
     record, and every ledger ends at its anchored head and length with its anchored
-    epsilon_spent, none missing and none unnamed. Anything else
+    epsilon_spent, none missing and none unnamed. With ``allowlist``, the run also passes
+    :func:`given_allowlist_findings` (no private key inside it; its published
+    ``keys/allowlist.json`` agrees with ``allowlist``), as in :func:`verify_run`. Anything else
     raises ``error`` with a one-line message (the first problem, and how many more), naming
     the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
@@ -1650,6 +1680,9 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     # reports is verify_run's (their anchored digests are checked here)
     results = _load_results(run, [])
     cfg = _load_config(run, results, [])
+    if allowlist is not None:
+        _raise_first(given_allowlist_findings(run, allow_path, keys), error,
+                     f"the run cannot be checked against the allowlist {allow_path}")
     problems = [f for f in _anchor_check(run, anchor_path, _discover(run / "ledgers"), keys,
                                          allowlist is not None, results=results, cfg=cfg,
                                          options=options)

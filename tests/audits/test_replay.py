@@ -295,6 +295,13 @@ def test_a_ledger_resigned_with_a_foreign_key_fails_the_independent_allowlist(ru
     capsys.readouterr()
     assert main(["audit", "replay", str(run), "--trials", "8", "--allowlist", str(trusted)]) == 2
     err = capsys.readouterr().err
+    # the swapped key in the run's own keys/allowlist.json is refused first
+    assert err.count("\n") == 1 and err.startswith("error: ledgers/local/")
+    assert "lists other keys for 'client-000' than the given allowlist" in err
+    # with the run's allowlist left as it was, the forger's signatures are refused
+    shutil.copyfile(trusted, run / "keys" / "allowlist.json")
+    assert main(["audit", "replay", str(run), "--trials", "8", "--allowlist", str(trusted)]) == 2
+    err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ledger ledgers/local/")
     assert "fails verification" in err and "signature" in err
     with pytest.raises(ReplayAuditError, match="allowlist .* does not exist"):
@@ -324,6 +331,32 @@ def test_a_valid_run_passes_with_the_allowlist_and_anchor_kept_apart(runs, tmp_p
     assert err.count("\n") == 1 and "differs from the given anchor" in err
     with pytest.raises(ReplayAuditError, match="anchor .* does not exist"):
         run_replay_audit(run, trials=8, anchor=tmp_path / "missing.json")
+
+
+def test_replay_with_an_allowlist_compares_the_published_allowlist(runs, tmp_path, capsys):
+    """`audit replay --allowlist` (with and without --anchor) trusted a run whose
+    keys/allowlist.json lists a party the given allowlist does not register: only
+    `audit verify` compared them."""
+    import shutil
+
+    from privacy.identity import Identity, allowlist_bytes, load_allowlist
+
+    run = shutil.copytree(runs["csprng"], tmp_path / "run")
+    trusted = tmp_path / "trusted-allowlist.json"
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    shutil.copyfile(run / "anchor.json", kept)
+    published = run / "keys" / "allowlist.json"
+    keys = load_allowlist(published)
+    published.write_bytes(allowlist_bytes({**keys, "auditor": Identity.generate("auditor").public}))
+    assert main(["audit", "replay", str(run), "--trials", "8"]) == 0  # nothing to compare with
+    for extra in ([], ["--anchor", str(kept)]):
+        capsys.readouterr()
+        assert main(["audit", "replay", str(run), "--trials", "8", "--allowlist", str(trusted),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "lists 1 parties the given allowlist" in err
+        assert "(auditor)" in err
 
 
 @pytest.mark.parametrize("run_dir", ["", "  ", "r\x00"])

@@ -644,3 +644,28 @@ def test_build_report_names_a_path_argument_that_is_not_a_text_path(pristine_run
         build_report(bad)
     with pytest.raises(ReportError, match="^allowlist "):
         build_report(pristine_run, allowlist=bad)
+
+
+def test_audit_report_with_an_allowlist_compares_the_published_allowlist(run_copy, tmp_path,
+                                                                        capsys):
+    """`audit report --allowlist` runs the check of `audit verify --allowlist`: a run whose
+    keys/allowlist.json lists a party the given allowlist does not register fails."""
+    from audits.cli import main
+    from privacy.identity import Identity, allowlist_bytes, load_allowlist
+
+    published = run_copy / "keys" / "allowlist.json"
+    trusted = tmp_path / "trusted.json"
+    trusted.write_bytes(published.read_bytes())
+    out = tmp_path / "out"
+    assert main(["audit", "report", str(run_copy), "--allowlist", str(trusted),
+                 "--out", str(out)]) == 0
+    keys = load_allowlist(published)
+    published.write_bytes(allowlist_bytes({**keys, "auditor": Identity.generate("auditor").public}))
+    capsys.readouterr()
+    assert main(["audit", "report", str(run_copy), "--allowlist", str(trusted),
+                 "--out", str(out)]) == 1
+    assert "lists 1 parties the given allowlist" in capsys.readouterr().out
+    doc = json.loads((out / "report.json").read_text())
+    assert "lists 1 parties the given allowlist" in json.dumps(doc)
+    report = build_report(run_copy, allowlist=trusted)
+    assert "lists 1 parties the given allowlist" in json.dumps(report)

@@ -1336,3 +1336,30 @@ def test_a_flower_anchors_methods_are_checked_against_results_json(run_copy):
     assert [f.check for f in errors] == ["anchor_missing_ledger", "anchor_identity"]
     assert "records methods ['fedora', 'local', 'fedavg'], results.json reports methods" \
         " ['fedora', 'local']" in errors[1].message
+
+
+def test_check_anchor_with_an_allowlist_compares_the_published_allowlist(run_copy, tmp_path):
+    """check_anchor(allowlist=...) (audit replay --anchor --allowlist) passed a run whose
+    keys/allowlist.json lists a party, or a key, the given allowlist does not register, or
+    that holds a private key: only verify_run compared them."""
+    from privacy.identity import Identity, allowlist_bytes
+
+    published = run_copy / "keys" / "allowlist.json"
+    trusted = tmp_path / "trusted.json"
+    trusted.write_bytes(published.read_bytes())
+    anchor = run_copy / "anchor.json"
+    check_anchor(run_copy, anchor, allowlist=trusted)
+    keys = load_allowlist(published)
+    published.write_bytes(allowlist_bytes({**keys, "auditor": Identity.generate("auditor").public}))
+    check_anchor(run_copy, anchor)  # without a trust root there is nothing to compare with
+    with pytest.raises(AuditError, match=r"against the allowlist .*trusted\.json: .*lists 1"
+                       r" parties the given allowlist .* \(auditor\)"):
+        check_anchor(run_copy, anchor, allowlist=trusted)
+    published.write_bytes(allowlist_bytes({**keys, CID: Identity.generate(CID).public}))
+    with pytest.raises(AuditError, match=f"lists other keys for {CID!r}"):
+        check_anchor(run_copy, anchor, allowlist=trusted)
+    published.write_bytes(trusted.read_bytes())
+    shutil.copyfile(keystore_of(run_copy) / f"{CID}.ed25519.key",
+                    run_copy / "keys" / f"{CID}.ed25519.key")
+    with pytest.raises(AuditError, match=f"keys/{CID}.ed25519.key"):
+        check_anchor(run_copy, anchor, allowlist=trusted)
