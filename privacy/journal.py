@@ -172,16 +172,7 @@ class ReleaseJournal:
                           str(position).encode()])
 
     def _load(self, quarantine: bool) -> None:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise JournalError(f"cannot read journal {str(self.path)!r}: {exc}") from exc
-        cut = data.rfind(b"\n") + 1
-        lines = data[:cut].split(b"\n")[:-1] if cut else []
-        if data[cut:]:
-            self._torn = (data[cut:], len(lines), cut)
+        lines, self._torn = _read_lines(self.path, "journal")
         for pos, line in enumerate(lines):
             where = f"journal {str(self.path)!r} line {pos}"
             try:
@@ -246,6 +237,21 @@ class ReleaseJournal:
         return len(line)
 
 
+def _read_lines(path: Path, what: str) -> tuple[list[bytes], tuple[bytes, int, int] | None]:
+    """The complete lines of the append-only file ``path`` (none when it does not exist) and
+    its torn tail, if any: the bytes after the last newline (a crash mid-append), their line
+    number and offset. JournalError naming ``what`` when the file cannot be read."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], None
+    except OSError as exc:
+        raise JournalError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+    cut = data.rfind(b"\n") + 1
+    lines = data[:cut].split(b"\n")[:-1] if cut else []
+    return lines, ((data[cut:], len(lines), cut) if data[cut:] else None)
+
+
 #: File name of a federation's :class:`RoundMarks`, beside its ledgers and journals.
 MARKS_NAME = "rounds.released"
 
@@ -273,17 +279,7 @@ class RoundMarks:
         #: client).
         self.last_clients: tuple[tuple[int, int], ...] | None = None
         self._count = 0
-        self._torn: tuple[bytes, int, int] | None = None
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise JournalError(f"cannot read round marks {str(self.path)!r}: {exc}") from exc
-        cut = data.rfind(b"\n") + 1
-        lines = data[:cut].split(b"\n")[:-1] if cut else []
-        if data[cut:]:
-            self._torn = (data[cut:], len(lines), cut)
+        lines, self._torn = _read_lines(self.path, "round marks")
         for pos, line in enumerate(lines):
             try:
                 obj = json.loads(line)
