@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from secure_fedora.algorithms.methods import FederatedMethod
 from secure_fedora.core.config import ExperimentConfig, parse_config
 from secure_fedora.runtimes.flower import client_app
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity
@@ -230,3 +232,31 @@ def assert_client_states_match(tmp_path: Path, cfg: ExperimentConfig, sim: Simul
                                     / "client.pt", c, 42, config_hash(cfg), method)
         for key, value in reference.client_state_dict(c).items():
             assert torch.allclose(state.algorithm[key], value.cpu(), atol=1e-4, rtol=0), (c, key)
+
+
+class UntrackedMean(FederatedMethod):
+    """A plug-in that keeps the inherited ``message_state`` (None): participants train from
+    the global model and upload it; the server averages the accepted uploads."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.global_params = ctx.init.clone()
+
+    def configure(self, rnd: int, participants: Any) -> dict[int, dict[str, torch.Tensor]]:
+        return {i: {"global": self.global_params} for i in participants}
+
+    def client_update(self, i: int, rnd: int, message: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+        self.theta[i].copy_(message["global"])
+        steps = self.ctx.train_client(i, self.theta[i])
+        return {"theta": self.theta[i].clone(), "steps": torch.tensor(steps)}
+
+    def aggregate(self, rnd: int, replies: Any) -> dict[str, float]:
+        self.global_params.copy_(torch.stack([r["theta"] for r in replies.values()]).mean(0))
+        return {"accepted": float(len(replies))}
+
+    def server_state_dict(self) -> dict[str, Any]:
+        return {"global": self.global_params}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_params.copy_(state["global"])

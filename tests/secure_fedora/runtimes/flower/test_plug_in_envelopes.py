@@ -17,7 +17,6 @@ import torch
 from flwr.app import Message
 
 from privacy.envelope import decode_message, encode_message
-from secure_fedora.algorithms.methods import FederatedMethod
 from secure_fedora.core.config import parse_config
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.flower import server_app
@@ -26,38 +25,11 @@ from secure_fedora.secure import transport as transport_module
 from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
     TINY,
     InMemoryGrid,
+    UntrackedMean,
     in_process,
     run_config,
     task_identity,
 )
-
-
-class UntrackedMean(FederatedMethod):
-    """A plug-in that keeps the inherited ``message_state`` (None): participants train from
-    the global model and upload it; the server averages the accepted uploads."""
-
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self.global_params = ctx.init.clone()
-
-    def configure(self, rnd: int, participants: Any) -> dict[int, dict[str, torch.Tensor]]:
-        return {i: {"global": self.global_params} for i in participants}
-
-    def client_update(self, i: int, rnd: int, message: dict[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
-        self.theta[i].copy_(message["global"])
-        steps = self.ctx.train_client(i, self.theta[i])
-        return {"theta": self.theta[i].clone(), "steps": torch.tensor(steps)}
-
-    def aggregate(self, rnd: int, replies: Any) -> dict[str, float]:
-        self.global_params.copy_(torch.stack([r["theta"] for r in replies.values()]).mean(0))
-        return {"accepted": float(len(replies))}
-
-    def server_state_dict(self) -> dict[str, Any]:
-        return {"global": self.global_params}
-
-    def load_server_state_dict(self, state: dict[str, Any]) -> None:
-        self.global_params.copy_(state["global"])
 
 
 class SilentClients(UntrackedMean):

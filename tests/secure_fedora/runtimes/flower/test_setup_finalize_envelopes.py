@@ -17,7 +17,6 @@ from flwr.app import Message
 
 from privacy.envelope import decode_message, encode_message
 from secure_fedora.algorithms.methods import (
-    FederatedMethod,
     FinalizeRejectedError,
     SetupRejectedError,
 )
@@ -30,6 +29,7 @@ from secure_fedora.secure import transport as transport_module
 from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
     TINY,
     InMemoryGrid,
+    UntrackedMean,
     in_process,
     run_config,
     task_identity,
@@ -38,14 +38,13 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 -
 ROUNDS = 2
 
 
-class Tallies(FederatedMethod):
+class Tallies(UntrackedMean):
     """A plug-in with a setup exchange (an empty message; each client replies its number of
     training rows) and a finalize exchange (the global model; each client replies its norm),
     training as FedAvg does between them."""
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.global_params = ctx.init.clone()
         self.counts: list[float] = []
 
     @classmethod
@@ -65,19 +64,6 @@ class Tallies(FederatedMethod):
     def server_setup(self, replies: Any) -> None:
         self.counts = [float(replies[i]["count"]) for i in sorted(replies)]
 
-    def configure(self, rnd: int, participants: Any) -> dict[int, dict[str, torch.Tensor]]:
-        return {i: {"global": self.global_params} for i in participants}
-
-    def client_update(self, i: int, rnd: int, message: dict[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
-        self.theta[i].copy_(message["global"])
-        steps = self.ctx.train_client(i, self.theta[i])
-        return {"theta": self.theta[i].clone(), "steps": torch.tensor(steps)}
-
-    def aggregate(self, rnd: int, replies: Any) -> dict[str, float]:
-        self.global_params.copy_(torch.stack([r["theta"] for r in replies.values()]).mean(0))
-        return {}
-
     def finalize_messages(self) -> dict[int, dict[str, torch.Tensor]]:
         return {i: {"global": self.global_params} for i in range(self.ctx.num_clients)}
 
@@ -88,11 +74,6 @@ class Tallies(FederatedMethod):
         return {"counts": self.counts,
                 "norms": [round(float(replies[i]["norm"]), 4) for i in sorted(replies)]}
 
-    def server_state_dict(self) -> dict[str, Any]:
-        return {"global": self.global_params}
-
-    def load_server_state_dict(self, state: dict[str, Any]) -> None:
-        self.global_params.copy_(state["global"])
 
 
 @pytest.fixture()
