@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir", "move_tail_aside", "truncate_and_fsync", "write_all_and_fsync"]
+__all__ = ["append_durably", "fsync_dir", "move_tail_aside", "truncate_and_fsync",
+           "write_all_and_fsync"]
 
 
 def write_all_and_fsync(fd: int, data: bytes) -> None:
@@ -15,6 +16,20 @@ def write_all_and_fsync(fd: int, data: bytes) -> None:
     while view:
         view = view[os.write(fd, view):]
     os.fsync(fd)
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` (created 0600 when absent) and fsync it, and its directory
+    when the file was created: once this returns, the bytes and the file's name survive a
+    crash. A crash inside the write leaves a prefix of ``data`` (a torn last line)."""
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        write_all_and_fsync(fd, data)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from privacy.durable import fsync_dir, move_tail_aside, write_all_and_fsync
+from privacy.durable import append_durably, move_tail_aside
 from privacy.errors import ToolkitError
 from privacy.sealing import SealingError, open_sealed, seal
 
@@ -224,14 +224,7 @@ class ReleaseJournal:
                                f" {record.kind!r}")
         blob = seal(record.to_json().encode(), self._public, self._aad(self._count))
         line = base64.b64encode(blob) + b"\n"
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            write_all_and_fsync(fd, line)
-        finally:
-            os.close(fd)
-        if created:
-            fsync_dir(self.path.parent)
+        append_durably(self.path, line)
         self._records[key] = record
         self._count += 1
         return len(line)
@@ -338,14 +331,7 @@ class RoundMarks:
         covered = _ranges_of(clients)
         line = json.dumps({"round": rnd, "clients": covered},
                           separators=(",", ":")).encode() + b"\n"
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            write_all_and_fsync(fd, line)
-        finally:
-            os.close(fd)
-        if created:
-            fsync_dir(self.path.parent)
+        append_durably(self.path, line)
         self.last, self.last_clients = rnd, covered
         self._count += 1
         return len(line)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from privacy.durable import move_tail_aside
+from privacy.durable import append_durably, move_tail_aside
 from privacy.journal import ReleaseJournal
 from secure_fedora.runtimes.flower.state import ReleaseJournal as NodeReleaseJournal
 from tests.privacy.test_journal import KEY, _record
@@ -47,3 +47,11 @@ def test_the_journals_keep_every_torn_record(tmp_path: Path) -> None:
     assert [h.read_bytes() for h in held] == [b'{"seq": 1', b'{"seq": 1, "cl']
     assert node.path.read_bytes() == intact
 
+
+
+def test_append_durably_creates_a_private_file_and_only_appends(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    append_durably(path, b"one\n")
+    append_durably(path, b"two\n")
+    assert path.read_bytes() == b"one\ntwo\n"
+    assert path.stat().st_mode & 0o777 == 0o600

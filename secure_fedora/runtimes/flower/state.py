@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from privacy.durable import move_tail_aside
+from privacy.durable import append_durably, move_tail_aside
 from privacy.errors import ToolkitError
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import fingerprint_clients
@@ -306,10 +305,5 @@ class ReleaseJournal:
         }
         entry = {**body, "hash": hashlib.sha256(_canonical(body)).hexdigest()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, _canonical(entry) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_durably(self.path, _canonical(entry) + b"\n")
         return entry
