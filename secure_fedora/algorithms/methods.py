@@ -509,16 +509,29 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         once more to a client that rejected its message; returns every client's message and
         the clients asked twice. A client that rejects it twice stops the run
         (:class:`SetupRejectedError`), as on Flower, where the setup needs every client."""
-        held = _send_untracked(exchange, stage, rnd, messages, list(messages))
-        missed = [i for i in messages if i not in held]
+        return self._send_twice(
+            stage, messages, SetupRejectedError,
+            lambda some: _send_untracked(exchange, stage, rnd, some, list(some)))
+
+    def _send_twice(self, stage: str, messages: Mapping[int, Payload],
+                    error: type[ToolkitError],
+                    send: Callable[[dict[int, Payload]], dict[int, Payload]]
+                    ) -> tuple[dict[int, Payload], set[int]]:
+        """``send`` (the clients that accepted their messages, with them) ``messages``, and
+        once more the messages of the clients that rejected theirs; returns every client's
+        message and the clients asked twice. A client that rejects it twice stops the run with
+        ``error`` naming it, as on Flower, where the method's ``stage`` needs every client."""
+        held = send(dict(messages))
+        missed = {i: m for i, m in messages.items() if i not in held}
         if missed:
-            held.update(_send_untracked(exchange, stage, rnd, messages, missed))
+            held.update(send(missed))
         absent = sorted(set(messages) - set(held))
         if absent:
-            raise SetupRejectedError(
+            raise error(
                 f"method {self._label()!r}: client(s) {absent[:8]} rejected the {stage} message "
                 f"(asked twice), and the method's {stage} needs every client's reply, so the "
-                "run stops; see the rejections logged by secure_fedora.security")
+                "run stops and no results are written; see the rejections logged by "
+                "secure_fedora.security")
         return {i: held[i] for i in messages}, set(missed)
 
     def _upload_stage_replies(self, exchange: Any, stage: str, rnd: int,
@@ -755,19 +768,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         final_round = self.exchange.last_round if self.exchange is not None else 0
         sent, asked = messages, set()
         if messages:
-            held = self._exchange_downloads(final_round, messages, FINALIZE)
-            missed = {i: m for i, m in messages.items() if i not in held}
-            if missed:
-                held.update(self._exchange_downloads(final_round, missed, FINALIZE))
-            absent = sorted(set(messages) - set(held))
-            if absent:
-                raise FinalizeRejectedError(
-                    f"method {label!r}: client(s) {absent[:8]} rejected the finalize message "
-                    "(asked twice), and the method's finalize needs every client's reply, so "
-                    "the run stops and no results are written; see the rejections logged "
-                    "by secure_fedora.security")
-            messages = {i: held[i] for i in messages}
-            asked = set(missed)
+            messages, asked = self._send_twice(
+                FINALIZE, messages, FinalizeRejectedError,
+                lambda some: self._exchange_downloads(final_round, some, FINALIZE))
         replies = {}
         for i, m in messages.items():
             with client_half(self._label(), f"client {i}'s client_finalize"):
