@@ -74,8 +74,9 @@
    warning). ``ledgers/<method>/model.json`` (the model the releases come from) is intact (its
    fingerprint hashes its listing) and records the fingerprint results.json records in
    ``privacy[<method>].model_fingerprint`` (results.json's digest is in the signed anchor);
-   missing where results.json records one is an error. Where nothing signed records it (no
-   results.json, a Flower run, a run written before the key) a warning says it is unchecked.
+   missing where results.json records one is an error (on Flower, where each node keeps its
+   own and the auditor collects one, a warning). Where nothing signed records it (no
+   results.json, a run written before the key) a warning says it is unchecked.
 
 Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain; it
 shows as a missing close entry, and with an anchor as a ledger behind its anchored head. An
@@ -1300,9 +1301,11 @@ def _model_record_findings(run: Path, found: Sequence[tuple[str | None, Path]],
     """Each method folder's ``model.json`` (:data:`MODEL_RECORD`): it must be intact (its
     fingerprint is the hash of its listing) and record the fingerprint that results.json --
     whose digest the signed anchor holds -- records in ``privacy[<method>].model_fingerprint``;
-    missing where results.json records one is an error. Where nothing signed records the
-    fingerprint (no results.json, a Flower run, a run written before the key), a warning says
-    the file is unchecked (or, missing, that which model the releases came from is)."""
+    missing where results.json records one is an error (a warning on Flower, where each node
+    keeps its own and the auditor collects one). Where nothing signed records the fingerprint
+    (no results.json, a Flower run written before the server recorded it, a run written before
+    the key), a warning says the file is unchecked (or, missing, that which model the releases
+    came from is)."""
     out: list[Finding] = []
     privacy = results.get("privacy") if results is not None else None
     runtime = results.get("runtime") if results is not None else None
@@ -1319,11 +1322,17 @@ def _model_record_findings(run: Path, found: Sequence[tuple[str | None, Path]],
                          " hex digest")
             signed = None
         why = ("results.json is missing" if results is None else
-               "a Flower run's results.json records none" if runtime == "flower" else
+               "a Flower run written before the server recorded it" if runtime == "flower" else
                f"results.json records no privacy[{method!r}].model_fingerprint (a run written"
                " before it did)")
         if not path.is_file():
-            if signed is not None:
+            if signed is not None and runtime == "flower":  # each node keeps its own
+                add("warning", f"{path} is missing (not collected): results.json (anchored)"
+                               f" records the fingerprint {signed[:16]}... of the model the"
+                               " ledgers' releases come from, and each node keeps its record"
+                               f" in runs/<run_id>/{method}/model.json; copy one here to have"
+                               " it checked")
+            elif signed is not None:
                 add("error", f"{path} is missing; results.json (anchored) records the"
                              f" fingerprint {signed[:16]}... of the model the ledgers'"
                              " releases come from")

@@ -102,6 +102,7 @@ from secure_fedora.algorithms.contract import (
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import strict_json
+from secure_fedora.learning.models import model_fingerprint
 from secure_fedora.runtimes.flower.ceremony import layout_for, public_context_digest
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
@@ -414,6 +415,10 @@ class _Server:
     # per method under DP: the accountant choice and plans, calibrated from the config as each
     # client calibrates its own (check_budget_plans), for results.json's privacy section
     plans: dict[str, Any] = field(default_factory=dict)
+    # per method, the fingerprint of the model this server builds for the run's config (as
+    # the in-process runtime records it): results.json's privacy section holds it, under the
+    # anchor's digest, so that an audit checks each node's model.json against signed data
+    model_fingerprints: dict[str, str] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     # Kept for the encrypted relatedness ceremony (secure_fedora.runtimes.flower.ceremony).
     relatedness_timing: dict[str, Any] = field(default_factory=dict)
@@ -1298,6 +1303,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     server.scope = name
     assert server.schema is not None
     algorithm = build_algorithm(name, server_context(cfg, server.schema), cfg)
+    server.model_fingerprints[name] = model_fingerprint(algorithm.ctx.flat.module)
     run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
                      Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
     run.schema = algorithm.reply_schema or ReplySchema.of(algorithm)
@@ -1447,6 +1453,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
         "release_stages": stages,
         "sample_rate": sample_rate_for(cfg),
         "steps_per_round": steps_per_round(cfg),
+        "model_fingerprint": server.model_fingerprints[name],
         "note": "budgets, noise and plan as calibrated from the config (every client "
                 "calibrates its own the same way); spending as last reported by each client "
                 "in a signed reply; its signed ledger is the record",

@@ -1,0 +1,74 @@
+"""The Flower runtime's checks of the model as in process: the ServerApp records the model's
+fingerprint in results.json (so `audit verify` holds each node's model.json to signed data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from audits.verify import verify_run
+from privacy.identity import client_ids
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import RunSettings
+from secure_fedora.runtimes.inprocess import model_record
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    in_process,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+)
+
+
+def _model_findings(audit: Path, allow: Path, anchor: Path) -> tuple[list[str], list[str]]:
+    report = verify_run(audit, allowlist=allow, anchor=anchor)
+    return ([f.message for f in report.errors if f.check == "model_record"],
+            [f.message for f in report.warnings if f.check == "model_record"])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_flower_dp_runs_verify_checks_the_model_record_against_signed_data(tmp_path: Path) -> None:
+    """results.json records `privacy.fedora.model_fingerprint`, the in-process runtime's value
+    for the config; verify of the collected ledgers with a node's model.json finds nothing
+    (it warned "checked against itself only" before), a model.json of another model is an
+    error, and one not collected is a warning naming the node's file."""
+    cfg = dp_config(noise="reproducible")
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True, "result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors == []
+    signed = results["privacy"]["fedora"]["model_fingerprint"]
+    sim, _ = in_process(cfg, tmp_path)
+    assert signed == sim.privacy["fedora"]["model_fingerprint"]
+    nodes = {json.loads((tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora"
+                         / "model.json").read_text())["model_fingerprint"] for c in range(3)}
+    assert nodes == {signed}
+
+    audit = tmp_path / "audit"
+    folder = audit / "ledgers" / "fedora"
+    folder.mkdir(parents=True)
+    shutil.copyfile(result_dir / "results.json", audit / "results.json")
+    node = tmp_path / "nodes" / "node-1" / "runs" / "42" / "fedora"
+    for cid in client_ids(3):
+        c = int(cid.rsplit("-", 1)[1])
+        shutil.copyfile(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora" / f"{cid}.jsonl",
+                        folder / f"{cid}.jsonl")
+    shutil.copyfile(node / "model.json", folder / "model.json")
+    allow = tmp_path / "ids" / "server" / "allowlist.json"
+    anchor = result_dir / "anchor.json"
+    assert _model_findings(audit, allow, anchor) == ([], [])
+
+    other = model_record(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10)))
+    (folder / "model.json").write_bytes(other)  # intact, of another model
+    errors, _ = _model_findings(audit, allow, anchor)
+    assert len(errors) == 1 and f"results.json (anchored) records {signed[:16]}" in errors[0]
+
+    (folder / "model.json").unlink()
+    errors, warnings = _model_findings(audit, allow, anchor)
+    assert errors == [] and len(warnings) == 1
+    assert "not collected" in warnings[0] and "runs/<run_id>/fedora/model.json" in warnings[0]
