@@ -1224,6 +1224,8 @@ def _run_client_half(
         metrics = {"test-metric": float(evaluate(ctx.flat, row, c.test_x, c.test_y).metric)}
         if model_selection(cfg) == "validation":  # private validation under DP never leaves
             metrics["val-metric"] = float(evaluate(ctx.flat, row, c.val_x, c.val_y).metric)
+        if ctx.buffers is not None:  # metrics computed with a written buffer would leave
+            ctx.buffers.check(f"in client {i}'s evaluate exchange of round {rnd}")
         return {}, metrics, None
     if stage == "setup":
         try:

@@ -123,10 +123,12 @@ def test_a_constant_buffer_model_trains_on_the_grid_as_in_process(tmp_path: Path
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_buffer_forward_starts_writing_stops_a_flower_client_before_its_reply(tmp_path: Path) -> None:
-    """A node's model whose forward writes a buffer only on training batches (the checks
-    before training run smaller ones): each node refuses to send the round's reply, naming the
-    buffer, and the run stops with nothing trained."""
+    """A node's model whose forward writes a buffer only on batches of 8 rows or more
+    (training batches and the test split; the checks before training run smaller ones): each
+    node refuses to send the round's reply and the evaluation's, naming the buffer, and the run
+    stops with nothing trained and no metric reported."""
     from secure_fedora.core.registry import MODELS
+    from secure_fedora.learning.models import ModelError
     from secure_fedora.runtimes.flower.protocol import DeployError
     from tests.secure_fedora.runtimes.buffer_models import large_batch_writer
 
@@ -140,9 +142,12 @@ def test_a_buffer_forward_starts_writing_stops_a_flower_client_before_its_reply(
         cfg = parse_config(data)
         rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
         grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=dict.fromkeys(range(3), "full"))
-        with pytest.raises(DeployError, match=r"no client's training reply was accepted .*ModelError: "
+        with pytest.raises(DeployError, match=r"never reported an evaluation.*ModelError: "
                            r"model 'test-buffer-writer': a buffer \('offset'\) changed in client 2's "
-                           r"round exchange of round 2; .*only parameters are per client"):
+                           r"evaluate exchange of round 2; .*only parameters are per client"):
             server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        refused = {(c, kind) for c, kind, err in grid.errors if isinstance(err, ModelError)
+                   and "a buffer ('offset') changed" in str(err)}
+        assert refused == {(c, kind) for c in range(3) for kind in ("train.round", "evaluate.round")}
     finally:
         MODELS.unregister("test-buffer-writer")

@@ -1,5 +1,6 @@
 """The Flower runtime's checks of the model as in process: the ServerApp records the model's
-fingerprint in results.json (so `audit verify` holds each node's model.json to signed data)."""
+fingerprint in results.json (so `audit verify` holds each node's model.json to signed data),
+and a node refuses an evaluation reply computed after its model's forward wrote a buffer."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 
 from audits.verify import verify_run
 from privacy.identity import client_ids
+from secure_fedora.core.config import ExperimentConfig, parse_config
 from secure_fedora.runtimes.flower import server_app
-from secure_fedora.runtimes.flower.protocol import RunSettings
+from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings
 from secure_fedora.runtimes.inprocess import model_record
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
@@ -21,6 +23,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     in_process,
     run_config,
     task_identity,  # noqa: F401 - a fixture
+    tiny_config,
 )
 
 
@@ -72,3 +75,35 @@ def test_a_flower_dp_runs_verify_checks_the_model_record_against_signed_data(tmp
     errors, warnings = _model_findings(audit, allow, anchor)
     assert errors == [] and len(warnings) == 1
     assert "not collected" in warnings[0] and "runs/<run_id>/fedora/model.json" in warnings[0]
+
+
+def _eval_writer_config() -> ExperimentConfig:
+    data = tiny_config().model_dump(mode="json", exclude_none=True)
+    data["methods"] = ["local"]
+    data["model"] = {"name": "test-eval-writer"}
+    data["security"] = {"client_errors": "full"}
+    return parse_config(data)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_buffer_written_in_evaluation_stops_a_flower_client_before_its_reply(tmp_path: Path) -> None:
+    """A model whose forward writes a buffer only when evaluating a whole test split (training
+    and the checks before it never do): each node refuses to send the evaluation reply, naming
+    the buffer, and the run writes no results (before, the metrics computed with the written
+    buffer were reported and the run completed)."""
+    from secure_fedora.core.registry import MODELS
+    from tests.secure_fedora.runtimes.buffer_models import eval_writer
+
+    MODELS.register("test-eval-writer",
+                    lambda shape, num_classes, device=None: eval_writer(shape, num_classes))
+    try:
+        cfg = _eval_writer_config()
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=dict.fromkeys(range(3), "full"))
+        with pytest.raises(DeployError, match=r"never reported an evaluation.*ModelError: model "
+                           r"'test-eval-writer': a buffer \('offset'\) changed in client \d's "
+                           r"evaluate exchange of round \d; .*only parameters are per client"):
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        assert not (tmp_path / "res" / "results.json").exists()
+    finally:
+        MODELS.unregister("test-eval-writer")
