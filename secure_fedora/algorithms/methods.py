@@ -754,8 +754,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return rows, kept, asked
 
     def finalize(self) -> dict[str, Any]:
-        """Run the finalize exchange (downloads through the exchange, for its last round)
-        and return :meth:`server_finalize`'s results (:func:`check_finalize_results`); the
+        """Run the finalize exchange (downloads through the exchange, for round
+        ``last_round + 1``, as on Flower) and return :meth:`server_finalize`'s results (:func:`check_finalize_results`); the
         messages are checked
         (:func:`check_messages`) before any is sent. As on Flower, where the method's
         finalize needs every client's reply, a client that rejects its message is sent it
@@ -765,7 +765,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages = check_messages(label, FINALIZE, self.last_round,
                                   self.finalize_messages(), range(self.ctx.num_clients),
                                   self.ctx.flat.num_params)
-        final_round = self.exchange.last_round if self.exchange is not None else 0
+        # after every round, as on Flower (wire_round: rounds + 1): its envelopes, and any
+        # rejection results.json records, are told apart from the last round's
+        final_round = self.last_round + 1
         sent, asked = messages, set()
         if messages:
             messages, asked = self._send_twice(

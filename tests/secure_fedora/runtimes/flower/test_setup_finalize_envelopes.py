@@ -152,20 +152,22 @@ def test_a_tampered_setup_or_finalize_reply_is_refused_and_asked_again_in_both_r
     envelope: the server refuses it and asks client 1 once more, which answers from its saved
     state. In process the reply went to the server half unsigned (the tampering had nothing
     to tamper with, and nothing was refused); it is an envelope now, refused, and client 1
-    is sent its message once more and sends its reply again: the same rejection, the same
-    results."""
+    is sent its message once more and sends its reply again: the same rejection (client,
+    reason and round: 0 for setup, rounds + 1 for finalize in both), the same results."""
     cfg = _config(plug_in)
     rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
     rnd = 0 if stage == "setup" else ROUNDS + 1
     grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
                         tamper_reply={(1, rnd, STAGES[stage]): _flower_flip(1)})
     results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-    flower = [(r["client"], r["reason"]) for r in results["security"]["rejections"]]
-    assert flower == [(1, "bad_signature")]
+    flower = [(r["client"], r["reason"], r["round"]) for r in results["security"]["rejections"]]
+    assert flower == [(1, "bad_signature", rnd)]
     replies = _flip_inprocess(monkeypatch, 1, stage, 1)
     sim, outcome = in_process(cfg, tmp_path, plug_in)
     security = outcome.extra["security"]
-    assert [(r["client"], r["reason"]) for r in security["rejections"]] == flower
+    # the same round in both runtimes: the finalize exchange's is rounds + 1 (in process it
+    # was the last round's, so its rejection read as one of round 2's)
+    assert [(r["client"], r["reason"], r["round"]) for r in security["rejections"]] == flower
     # every client's reply of the stage is an envelope, client 1's twice
     entry = "count" if stage == "setup" else "norm"
     assert sorted(k for k in replies if k.startswith(stage)) == [f"{stage}.{entry}"] * 4
