@@ -288,8 +288,10 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(
                            atol=1e-4, rtol=0)
         spent = {r["client"]: r["epsilon_spent"] for r in sim.privacy[method]["clients"]}
         theirs, mine = sim.privacy[method], results["privacy"][method]
-        for key in ("accountant", "accountant_choice", "sample_rate", "steps_per_round"):
-            assert mine[key] == theirs[key], key  # the same calibration, in both runtimes
+        # the same calibration and the same model (its fingerprint), in both runtimes
+        for key in ("accountant", "accountant_choice", "sample_rate", "steps_per_round",
+                    "model_fingerprint"):
+            assert mine[key] == theirs[key], key
         # the same plan; only the stages differ (a node signs its replies, journaled apart)
         assert [{**r, "release_stages": None} for r in mine["plan"]] == \
             [{**r, "release_stages": None} for r in theirs["plan"]]
