@@ -78,6 +78,7 @@ __all__ = [
     "MalformedEnvelopeError",
     "NonFiniteTensorError",
     "NonceJournal",
+    "NonceMemoryLostError",
     "PayloadHashMismatchError",
     "ReplayedNonceError",
     "RoundError",
@@ -234,6 +235,11 @@ class NonFiniteTensorError(EnvelopeError):
 
 class EnvelopeStateError(ToolkitError):
     """The persisted nonce state file is unreadable or corrupt (not a message rejection)."""
+
+
+class NonceMemoryLostError(EnvelopeStateError):
+    """The persisted nonce memory no longer holds a state its owner recorded it held
+    (:meth:`EnvelopeVerifier.nonce_head`): the file was deleted, cut or edited since."""
 
 
 def _reject(error: EnvelopeError) -> EnvelopeError:
@@ -535,15 +541,47 @@ class _NonceMemory:
         self.seen: dict[str, dict[str, int]] = {}
 
     @classmethod
-    def open(cls, path: Path | None) -> _NonceMemory:
-        """Load a private state file (if any) and compact it."""
+    def open(cls, path: Path | None, expect: Mapping[str, Any] | None = None) -> _NonceMemory:
+        """Load a private state file (if any) and compact it. With ``expect`` (a
+        :meth:`head` recorded earlier) the loaded memory must hold it, else
+        :class:`NonceMemoryLostError` is raised before the file is rewritten."""
         if path is None:
             return cls()
         memory = cls(_NonceFile(path))
         for rec in memory.file.read():  # type: ignore[union-attr]
             memory.apply(rec)
+        if expect is not None:
+            problem = memory.lost(expect)
+            if problem is not None:
+                state = "is missing" if not path.exists() else "was cut or edited"
+                raise NonceMemoryLostError(
+                    f"nonce memory {path} {state}: {problem}; messages it had accepted would "
+                    "be accepted again")
         memory.file.rewrite(memory.snapshot())  # type: ignore[union-attr]
         return memory
+
+    def head(self) -> dict[str, Any]:
+        """The memory as it is now (oldest acceptable round and every nonce kept), to be
+        recorded by the owner and checked with :meth:`lost` at the next open."""
+        return {"floor": self.floor,
+                "nonces": [[s, n, r] for s, nonces in sorted(self.seen.items())
+                           for n, r in sorted(nonces.items())]}
+
+    def lost(self, head: Mapping[str, Any]) -> str | None:
+        """What of the recorded ``head`` this memory no longer holds (None: it holds it).
+        Holding means: an oldest acceptable round at least as high, and every recorded
+        nonce of a round still accepted. Nonces accepted after ``head`` was recorded (a
+        crash before the owner recorded them) are extra, never missing."""
+        floor = int(head["floor"])
+        if self.floor < floor:
+            return (f"its oldest accepted round is {self.floor}, but round {floor} was "
+                    "recorded")
+        missing = [str(n) for s, n, r in head["nonces"]
+                   if int(r) >= self.floor and not self.contains(str(s), str(n))]
+        if missing:
+            return (f"{len(missing)} of the {len(head['nonces'])} recorded nonces are gone "
+                    f"(first {missing[0][:12]}...)")
+        return None
 
     def apply(self, rec: Mapping[str, Any]) -> None:
         """Replay one parsed record into memory."""
@@ -756,10 +794,11 @@ class EnvelopeVerifier:
     ``expected_round``, so pruned nonces cannot be replayed. With ``context`` only envelopes
     bound to exactly that context are accepted (:class:`WrongContextError`); with
     ``max_payload_bytes`` a longer payload is rejected before it is hashed
-    (:class:`MessageTooLargeError`). With ``state_path`` (a file of its
-    own) or ``journal`` (a :class:`NonceJournal` shared with other receivers) the nonce
-    memory is persisted (append-only, fsync-ed before a message is accepted; one fsync per
-    :meth:`verify` call, or per :class:`VerificationBatch`).
+    (:class:`MessageTooLargeError`). With ``state_path`` (a file of its own;
+    ``expect_nonces``: a :meth:`nonce_head` it must still hold) or ``journal`` (a
+    :class:`NonceJournal` shared with other receivers) the nonce memory is persisted
+    (append-only, fsync-ed before a message is accepted; one fsync per :meth:`verify` call,
+    or per :class:`VerificationBatch`).
     """
 
     def __init__(
@@ -773,6 +812,7 @@ class EnvelopeVerifier:
         journal: NonceJournal | None = None,
         context: str | None = None,
         max_payload_bytes: int | None = None,
+        expect_nonces: Mapping[str, Any] | None = None,
     ) -> None:
         validate_party_id(recipient)
         if context is not None and not _valid_context(context):
@@ -796,18 +836,29 @@ class EnvelopeVerifier:
         self.allowed_kinds = frozenset(allowed_kinds) if allowed_kinds is not None else None
         if journal is not None and state_path is not None:
             raise ValueError("give either state_path or journal, not both")
+        if expect_nonces is not None and state_path is None:
+            raise ValueError("expect_nonces needs a state_path of this verifier's own")
         if journal is not None:
             if not isinstance(journal, NonceJournal):
                 raise ValueError(f"journal must be a NonceJournal, got {type(journal).__name__}")
             self._nonces = journal._memory(recipient)
         else:
-            self._nonces = _NonceMemory.open(Path(state_path) if state_path is not None else None)
+            self._nonces = _NonceMemory.open(Path(state_path) if state_path is not None else None,
+                                             expect_nonces)
         self._batch_open = False
 
     @property
     def round_floor(self) -> int:
         """The oldest round still accepted."""
         return self._nonces.floor
+
+    def nonce_head(self) -> dict[str, Any]:
+        """The nonce memory as it is now (JSON-compatible: ``floor`` and ``nonces``, a list
+        of ``[sender, nonce, round]``). An owner that records it after accepting a message
+        and passes it back as ``expect_nonces`` when it reopens ``state_path`` is told
+        (:class:`NonceMemoryLostError`, the file left as it was) when the file was deleted,
+        cut or edited in between; nonces accepted after the recording are allowed."""
+        return self._nonces.head()
 
     def batch(self) -> VerificationBatch:
         """Start a :class:`VerificationBatch`: verify several messages, persist their nonces

@@ -12,6 +12,7 @@ from privacy.envelope import (
     EnvelopeVerifier,
     FutureRoundError,
     MalformedEnvelopeError,
+    NonceMemoryLostError,
     NonFiniteTensorError,
     PayloadHashMismatchError,
     ReplayedNonceError,
@@ -174,6 +175,80 @@ def test_persisted_state_torn_line_dropped_corrupt_line_fails(parties, tmp_path)
     state.write_text('{"floor": 0}\nnot json\n{"floor": 1}\n')
     with pytest.raises(EnvelopeStateError, match="line 2"):
         EnvelopeVerifier(allow, "server", state_path=state)
+
+
+def _cut_last_line(path):
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+def _edit_last_nonce(path):
+    lines = path.read_text().splitlines(keepends=True)
+    last = lines[-1]
+    nonce = last.split('"n": "')[1][:32]
+    flipped = ("0" if nonce[0] != "0" else "1") + nonce[1:]
+    lines[-1] = last.replace(nonce, flipped)
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut", "edited"])
+def test_a_recorded_nonce_head_catches_a_lost_nonce_memory(parties, tmp_path, damage):
+    """A nonce file deleted, cut or edited after its owner recorded ``nonce_head`` was
+    reopened without a word, and the replay of an accepted message went through; with the
+    recorded head the reopening is refused (the file left as it was) instead."""
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "client-000", state_path=state)
+    first = make_envelope(parties["server"], "client-000", 1, "round", b"a")
+    v.verify(first, b"a", 1)
+    second = make_envelope(parties["server"], "client-000", 2, "round", b"b")
+    v.verify(second, b"b", 2)
+    head = v.nonce_head()
+    if damage == "deleted":
+        state.unlink()
+    elif damage == "cut":
+        _cut_last_line(state)
+    else:
+        _edit_last_nonce(state)
+    # without the head the damage goes unnoticed: the accepted message is accepted again
+    unaware = EnvelopeVerifier(allow, "client-000", state_path=tmp_path / "copy.jsonl")
+    if state.exists():
+        (tmp_path / "copy.jsonl").write_bytes(state.read_bytes())
+        unaware = EnvelopeVerifier(allow, "client-000", state_path=tmp_path / "copy.jsonl")
+    assert unaware.verify(second, b"b", 2) is second
+    before = state.read_bytes() if state.exists() else None
+    with pytest.raises(NonceMemoryLostError, match="accepted again") as err:
+        EnvelopeVerifier(allow, "client-000", state_path=state, expect_nonces=head)
+    assert str(state) in str(err.value)
+    assert ("is missing" if damage == "deleted" else "cut or edited") in str(err.value)
+    assert (state.read_bytes() if state.exists() else None) == before
+
+
+def test_a_nonce_accepted_after_the_recorded_head_is_not_damage(parties, tmp_path):
+    """The owner records the head after the nonce is durable: a crash in between leaves
+    more nonces than recorded (same round or a later one), which is accepted, and every
+    nonce, recorded or not, is still a replay."""
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "client-000", state_path=state, expect_nonces=None)
+    first = make_envelope(parties["server"], "client-000", 1, "round", b"a")
+    v.verify(first, b"a", 1)
+    head = v.nonce_head()
+    same_round = make_envelope(parties["server"], "client-000", 1, "evaluate", b"c")
+    v.verify(same_round, b"c", 1)  # crash: never recorded
+    again = EnvelopeVerifier(allow, "client-000", state_path=state, expect_nonces=head)
+    for env, payload in ((first, b"a"), (same_round, b"c")):
+        with pytest.raises(ReplayedNonceError):
+            again.verify(env, payload, 1)
+    later = make_envelope(parties["server"], "client-000", 2, "round", b"d")
+    again.verify(later, b"d", 2)  # the floor moves up: round 1's nonces are pruned
+    reopened = EnvelopeVerifier(allow, "client-000", state_path=state, expect_nonces=head)
+    with pytest.raises(StaleRoundError):
+        reopened.verify(first, b"a", 1)
+    # a fresh owner (nothing recorded yet) and an empty head accept a missing file
+    EnvelopeVerifier(allow, "client-000", state_path=tmp_path / "new.jsonl",
+                     expect_nonces={"floor": 0, "nonces": []})
+    with pytest.raises(ValueError, match="state_path"):
+        EnvelopeVerifier(allow, "client-000", expect_nonces=head)
 
 
 def test_malformed_envelopes(parties, caplog):
