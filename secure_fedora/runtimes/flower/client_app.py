@@ -75,7 +75,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from privacy.accounting import BudgetExceededError
-from privacy.envelope import Envelope
+from privacy.envelope import Envelope, NonceMemoryLostError
 from privacy.errors import ToolkitError
 from privacy.identity import (
     ALLOWLIST_FILENAME,
@@ -531,14 +531,49 @@ def _method_dir(node: NodeSettings, run_id: int, method: str) -> Path:
     return node.state_dir / "runs" / str(run_id) / method
 
 
+@dataclasses.dataclass
+class _SavedState:
+    """A method's saved state (client.pt) as read before its message was verified, so that
+    the stage reuses it instead of reading the file again while the file is unchanged."""
+
+    method: str
+    state: ClientRunState | None = None
+    key: tuple[int, int, int] | None = None
+
+    @staticmethod
+    def _key(path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def read(self, path: Path, load: Callable[[], ClientRunState]) -> ClientRunState | None:
+        """Load ``path`` (None when absent) and remember it with the file's identity."""
+        self.key = self._key(path)
+        self.state = load() if self.key is not None else None
+        return self.state
+
+    def take(self, path: Path) -> ClientRunState | None:
+        """The state read earlier if ``path`` is still that file (every save replaces it by
+        a new file), else None; once only."""
+        state, self.state = self.state, None
+        return state if state is not None and self._key(path) == self.key else None
+
+
 def _open_request(
-    message: Message, context: Context, scope: str | None = None
+    message: Message, context: Context, scope: str | None = None, *,
+    saved: _SavedState | None = None,
 ) -> tuple[RunSettings, NodeSettings, MessageSecurity, Envelope]:
     """Validate the run and node config, then verify the server's signed envelope in
     ``scope`` (its nonce memory and round floor; None: the run's ceremony scope).
 
     Nothing else of the message is read before its envelope is verified; a rejection raises
     the (logged) :class:`~privacy.envelope.EnvelopeError` and Flower returns an error reply.
+    ``saved`` (a method's scope, ``scope`` itself): under the node's stage lock, the nonce
+    memory must still hold the one the method's saved state recorded
+    (:attr:`ClientRunState.nonce_head`), else NodeStateError and nothing is written; the
+    state read is kept in ``saved`` for the stage.
     """
     settings = RunSettings.from_run_config(context.run_config)
     torch.set_num_threads(settings.num_threads)
@@ -546,14 +581,36 @@ def _open_request(
     node = NodeSettings.from_node_config(context.node_config, cfg.data.num_clients)
     node.state_dir.mkdir(parents=True, exist_ok=True)
     run_dir = node.state_dir / "runs" / str(context.run_id)
-    security = MessageSecurity.for_client(
-        node.identity_dir, run_dir / scope if scope else run_dir, context.run_id,
-        settings.config_hash, node.partition_id, cfg.data.num_clients,
-    )
-    envelope = security.verify(
-        message.content, message.metadata.message_type, reply=False, expected_round=None,
-        expected_sender=SERVER_ID,
-    )
+
+    def verify(expect: Mapping[str, Any] | None) -> tuple[MessageSecurity, Envelope]:
+        try:
+            security = MessageSecurity.for_client(
+                node.identity_dir, run_dir / scope if scope else run_dir, context.run_id,
+                settings.config_hash, node.partition_id, cfg.data.num_clients, expect,
+            )
+        except NonceMemoryLostError as err:
+            raise NodeStateError(
+                f"{err}: this client's saved state of {scope!r} recorded the server's "
+                "messages it had accepted, and the node's nonce memory no longer holds them "
+                "(deleted, cut or edited since). Restore the node's state-dir from a copy, or "
+                "start a new run") from None
+        envelope = security.verify(
+            message.content, message.metadata.message_type, reply=False, expected_round=None,
+            expected_sender=SERVER_ID,
+        )
+        return security, envelope
+
+    if saved is None:
+        security, envelope = verify(None)
+    else:
+        # under the lock: another process of this client appends to (or compacts) the same
+        # nonce file only between its own lock and release, never beside this check
+        method = saved.method
+        path = _method_dir(node, context.run_id, method) / "client.pt"
+        with _stage_lock(node, context.run_id):
+            state = saved.read(path, lambda: ClientRunState.load(
+                path, node.partition_id, context.run_id, settings.config_hash, method))
+            security, envelope = verify(state.nonce_head if state is not None else None)
     return settings, node, security, envelope
 
 
@@ -895,7 +952,8 @@ def method_message(message: Message, context: Context) -> Message:
     message_type = message.metadata.message_type
     stage = STAGE_OF[message_type]
     method = _claimed_method(message, RunSettings.from_run_config(context.run_config))
-    settings, node, security, envelope = _open_request(message, context, method)
+    saved = _SavedState(method)
+    settings, node, security, envelope = _open_request(message, context, method, saved=saved)
     conf = _check_hash(message, "run", settings)
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise, settings.compare_methods)
@@ -928,7 +986,8 @@ def method_message(message: Message, context: Context) -> Message:
 
     return run_stage(settings, node, context.run_id, method, stage, rnd, incoming,
                      respond=respond, server_saw=_server_saw(conf),
-                     server_answered=_server_answered(conf)).response
+                     server_answered=_server_answered(conf),
+                     nonce_head=security.verifier.nonce_head(), prior=saved).response
 
 
 def _server_saw(conf: ConfigRecord) -> tuple[int, str] | None:
@@ -992,6 +1051,8 @@ def run_stage(
     respond: Callable[[StageResult, ReplyRelease], Any] | None = None,
     server_saw: tuple[int, str] | None = None,
     server_answered: Mapping[str, int] | None = None,
+    nonce_head: Mapping[str, Any] | None = None,
+    prior: _SavedState | None = None,
 ) -> StageResult:
     """Run this client's half of ``method`` for ``stage`` of round ``rnd`` (the verified
     message's payload from ``incoming``): rebuild the algorithm with only this client's data,
@@ -1007,7 +1068,9 @@ def run_stage(
     this client: the node's ledger and saved state must hold it (else NodeStateError).
     ``server_answered`` is the last round of each exchange whose reply the server accepted
     from this client: its saved state must have answered as far (else NodeStateError, with
-    or without DP).
+    or without DP). ``nonce_head`` is the method scope's nonce memory once the message was
+    accepted: every state saved here records it (checked at the next message); ``prior``
+    the state as read then, reused while client.pt is that file.
     """
     cfg = settings.experiment
     i = node.partition_id
@@ -1021,11 +1084,15 @@ def run_stage(
     # torn last line of the ledger or journal is a dead writer's, never a live append
     with _stage_lock(node, run_id):
         state_path = _method_dir(node, run_id, method) / "client.pt"
-        saved = state_path.exists()
-        state = (ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
+        loaded = prior.take(state_path) if prior is not None else None
+        saved = loaded is not None or state_path.exists()
+        state = (loaded if loaded is not None else
+                 ClientRunState.load(state_path, i, run_id, settings.config_hash, method)
                  if saved else
                  ClientRunState(i, run_id, settings.config_hash, method,
                                 client_generator(cfg.seed, i).get_state()))
+        if nonce_head is not None:
+            state.nonce_head = dict(nonce_head)
         _, journal = run_paths(node, run_id)
         done = state.answered.get(stage)
         if done is not None and done > rnd:

@@ -47,6 +47,7 @@ import json
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,7 +202,9 @@ class MessageSecurity:
 
     ``peers`` are the parties it accepts messages from (the server accepts the federation's
     clients; a client accepts the server only). The verifier's nonce memory is persisted in
-    ``nonce_path`` (0600, fsynced before a message is accepted).
+    ``nonce_path`` (0600, fsynced before a message is accepted); with ``expect_nonces`` (a
+    :meth:`~privacy.envelope.EnvelopeVerifier.nonce_head` the owner recorded) the file must
+    still hold it (:class:`~privacy.envelope.NonceMemoryLostError` otherwise, nothing written).
     """
 
     def __init__(
@@ -211,11 +214,13 @@ class MessageSecurity:
         nonce_path: Path,
         run_id: int,
         config_hash: str,
+        expect_nonces: Mapping[str, Any] | None = None,
     ) -> None:
         self.identity = identity
         self.run_id = int(run_id)
         self.config_hash = config_hash
-        self.verifier = EnvelopeVerifier(peers, identity.party_id, state_path=nonce_path)
+        self.verifier = EnvelopeVerifier(peers, identity.party_id, state_path=nonce_path,
+                                         expect_nonces=expect_nonces)
 
     @property
     def party_id(self) -> str:
@@ -260,9 +265,11 @@ class MessageSecurity:
         config_hash: str,
         client_index: int,
         num_clients: int,
+        expect_nonces: Mapping[str, Any] | None = None,
     ) -> MessageSecurity:
         """Client ``client_index``'s security: its identity from ``identity_dir``, accepting the
-        allowlisted server only; nonces in ``run_dir/<client id>.nonces.jsonl``."""
+        allowlisted server only; nonces in ``run_dir/<client id>.nonces.jsonl``, which must
+        hold ``expect_nonces`` when given."""
         party = client_ids(num_clients)[client_index]
         peers = cls._allowlist(identity_dir, [SERVER_ID])
         try:
@@ -270,7 +277,8 @@ class MessageSecurity:
         except IdentityError as err:
             raise DeployError(f"the identity of {party} cannot be loaded: {err}") from None
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return cls(identity, peers, run_dir / f"{party}.nonces.jsonl", run_id, config_hash)
+        return cls(identity, peers, run_dir / f"{party}.nonces.jsonl", run_id, config_hash,
+                   expect_nonces)
 
     def digest(self, content: RecordDict, message_type: str) -> bytes:
         """:func:`content_digest` of ``content`` for this run and config."""

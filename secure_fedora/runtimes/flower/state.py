@@ -13,7 +13,12 @@ its local disk, under the ``state-dir`` given in its node config:
     client_state_dict`), the client's training-order RNG state (and, with reproducible DP
     noise only, its noise generator state), the last round answered per exchange and that
     answer (so a message delivered again is answered identically, without a second release),
-    tagged with the run id, config hash and method (:class:`ClientRunState`).
+    the heads of its ledger, the release journal and the method's envelope nonce memory
+    (each must still be held at the next message), tagged with the run id, config hash and
+    method (:class:`ClientRunState`).
+``runs/<run_id>/<method>/<client id>.nonces.jsonl``
+    The nonces of the server's messages this client accepted in that method's exchanges
+    (:mod:`privacy.envelope`), fsynced before a message is acted on.
 ``runs/<run_id>/<method>/<client id>.jsonl``
     With DP, the client's signed privacy ledger for that method.
 ``runs/<run_id>/<method>/model.json``
@@ -141,7 +146,8 @@ class ClientRunState:
     client answered in it, ``replies`` to that answer (payload tensors; ``metrics`` and
     ``refusals`` alongside), so a message delivered again (a restart, a retry) gets the same
     answer and nothing is trained or released twice. ``ledger_head`` (DP) is the ledger's
-    head when the state was saved.
+    head when the state was saved; ``journal_head`` the release journal's and ``nonce_head``
+    the method's envelope nonce memory's (:meth:`privacy.envelope.EnvelopeVerifier.nonce_head`).
     """
 
     client_id: int
@@ -161,6 +167,10 @@ class ClientRunState:
     # The node's release journal head (records, hash of the last) when this was saved; the
     # journal must still hold it at the next message (else records of releases were lost)
     journal_head: tuple[int, str] | None = None
+    # The method scope's envelope nonce memory (privacy.envelope's nonce_head: oldest accepted
+    # round and the nonces kept) once the message was accepted; the nonce file must still
+    # hold it at the next message (else it was deleted, cut or edited: replays would pass)
+    nonce_head: dict[str, Any] | None = None
 
     def save(self, path: Path) -> None:
         """Atomically replace ``path`` with this state (refusing non-finite tensors)."""
@@ -199,10 +209,23 @@ class ClientRunState:
                 and isinstance(head[0], int) and not isinstance(head[0], bool) and head[0] >= 0
                 and isinstance(head[1], str) and len(head[1]) == 64):
             raise NodeStateError(f"{path}: journal_head is not (records, hash): {head!r:.80}")
+        if state.nonce_head is not None and not _is_nonce_head(state.nonce_head):
+            raise NodeStateError(f"{path}: nonce_head is not (floor, nonces): "
+                                 f"{state.nonce_head!r:.80}")
         _check_payload(path, "algorithm", state.algorithm)
         for stage, reply in state.replies.items():
             _check_payload(path, f"replies[{stage!r}]", reply)
         return state
+
+
+def _is_nonce_head(head: object) -> bool:
+    def count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    return (isinstance(head, dict) and set(head) == {"floor", "nonces"} and count(head["floor"])
+            and isinstance(head["nonces"], list)
+            and all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                    and isinstance(e[1], str) and count(e[2]) for e in head["nonces"]))
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Message
 
+from privacy.envelope import EnvelopeError
 from privacy.ledger import read_ledger
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.client_app import CLIENT_ERRORS_LOG
@@ -737,3 +738,120 @@ def test_a_node_building_another_model_is_refused(tmp_path: Path) -> None:
     refusals = [err for client, _, err in grid.errors if client == 1]
     assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
     assert "records another model than this one" in str(refusals[0])
+
+
+def _node_context(grid: InMemoryGrid, client: int):  # type: ignore[no-untyped-def]
+    from flwr.app import Context, RecordDict
+
+    node = 1000 + client
+    return Context(grid.run_id, node, dict(grid.node_config[node]), RecordDict(),
+                   dict(grid.run_config))
+
+
+def _damage_nonces(path: Path, damage: str) -> None:
+    if damage == "deleted":
+        path.unlink()
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "cut":
+        path.write_text("".join(lines[:-1]))
+        return
+    record = json.loads(lines[-1])  # the last accepted nonce, one hex digit changed
+    record["n"] = ("0" if record["n"][0] != "0" else "1") + record["n"][1:]
+    lines[-1] = json.dumps(record) + "\n"
+    path.write_text("".join(lines))
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("damage", ["deleted", "cut", "edited"])
+def test_a_nonce_memory_lost_on_a_node_stops_its_client(tmp_path: Path, damage: str) -> None:
+    """A node's envelope nonce memory (runs/<run>/<method>/<client>.nonces.jsonl) deleted, cut
+    or edited between messages went unnoticed: the node accepted again a message it had
+    accepted (here client 1's round-1 evaluation request, replayed before round 2) and went
+    on. Its saved state now records the nonce memory, which the file must still hold: the
+    replay and the next message are refused with NodeStateError, the file left as it was."""
+    from secure_fedora.runtimes.flower import client_app
+
+    cfg = with_methods(tiny_config(), "fedavg")
+    captured: list[Message] = []
+    replayed: list[object] = []
+    holder: dict[str, InMemoryGrid] = {}
+    nonces = _run_dir(tmp_path, 1) / "fedavg" / "client-001.nonces.jsonl"
+    damaged: list[bytes | None] = []
+
+    def capture(message: Message) -> Message:
+        captured.append(message)
+        return message
+
+    def damage_then_replay(message: Message) -> Message:
+        if not damaged:
+            _damage_nonces(nonces, damage)
+            damaged.append(nonces.read_bytes() if nonces.exists() else None)
+            try:
+                replayed.append(client_app.HANDLERS[MSG_EVALUATE](
+                    captured[0], _node_context(holder["grid"], 1)))
+            except client_app.WithheldError as err:
+                replayed.append(err.original)
+        return message
+
+    grid, run = _run(tmp_path, cfg, {(1, 1, MSG_EVALUATE): capture,
+                                     (1, 2, MSG_ROUND): damage_then_replay})
+    holder["grid"] = grid
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        run()
+    assert len(replayed) == 1 and isinstance(replayed[0], NodeStateError)  # not a reply
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    text = str(refusals[0])
+    assert "client-001.nonces.jsonl" in text and "accepted again" in text
+    assert ("is missing" if damage == "deleted" else "was cut or edited") in text
+    assert "Restore the node's state-dir" in text
+    assert not (tmp_path / "res" / "results.json").exists()
+    assert (nonces.read_bytes() if nonces.exists() else None) == damaged[0]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_crash_between_the_nonce_and_the_saved_state_is_not_taken_for_a_lost_memory(
+        tmp_path: Path) -> None:
+    """The nonce is durable before the message is acted on, the state recording it is saved
+    after: a process killed in between (here client 1's final evaluation, its state save
+    never done; the message lost with it) leaves a nonce memory holding more than recorded,
+    in the same round. The server asks again and the run completes, the crashed request
+    still a replay."""
+    from secure_fedora.core import crashpoints
+    from secure_fedora.runtimes.flower import client_app
+    from secure_fedora.runtimes.flower.state import ClientRunState
+
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg")
+    holder: dict[str, InMemoryGrid] = {}
+    crashed: list[Message] = []
+    asked_again: list[Message] = []
+
+    def killed_before_the_state_is_saved(message: Message) -> Message | None:
+        if crashed:
+            asked_again.append(message)
+            return message
+        crashed.append(message)
+        save = ClientRunState.save
+
+        def crash(self: ClientRunState, path: Path) -> None:
+            raise crashpoints.InjectedCrash("killed before the state recording the nonce")
+
+        ClientRunState.save = crash  # type: ignore[method-assign]
+        try:
+            with pytest.raises(crashpoints.InjectedCrash):
+                client_app.HANDLERS[MSG_EVALUATE](message, _node_context(holder["grid"], 1))
+        finally:
+            ClientRunState.save = save  # type: ignore[method-assign]
+        return None  # the killed process never answered
+
+    grid, run = _run(tmp_path, cfg, {(1, 2, MSG_EVALUATE): killed_before_the_state_is_saved})
+    holder["grid"] = grid
+    results = run()
+    assert len(crashed) == 1 and len(asked_again) == 1 and not grid.errors
+    assert results["methods"]["fedavg"]["final"]["per_client"][1] is not None
+    ledger = _run_dir(tmp_path, 1) / "fedavg" / "client-001.jsonl"
+    assert read_ledger(ledger)[-1]["mechanism"] == "close"
+    with pytest.raises(client_app.WithheldError) as err:  # a replay (finalize moved its round)
+        client_app.HANDLERS[MSG_EVALUATE](crashed[0], _node_context(grid, 1))
+    assert isinstance(err.value.original, EnvelopeError)
