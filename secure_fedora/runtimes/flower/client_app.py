@@ -590,10 +590,8 @@ def _open_request(
             )
         except NonceMemoryLostError as err:
             raise NodeStateError(
-                f"{err}: this client's saved state of {scope!r} recorded the server's "
-                "messages it had accepted, and the node's nonce memory no longer holds them "
-                "(deleted, cut or edited since). Restore the node's state-dir from a copy, or "
-                "start a new run") from None
+                f"{err} (this client's saved state of {scope!r} records them). Restore the "
+                "node's state-dir from a copy, or start a new run") from None
         envelope = security.verify(
             message.content, message.metadata.message_type, reply=False, expected_round=None,
             expected_sender=SERVER_ID,

@@ -855,3 +855,23 @@ def test_a_crash_between_the_nonce_and_the_saved_state_is_not_taken_for_a_lost_m
     with pytest.raises(client_app.WithheldError) as err:  # a replay (finalize moved its round)
         client_app.HANDLERS[MSG_EVALUATE](crashed[0], _node_context(grid, 1))
     assert isinstance(err.value.original, EnvelopeError)
+
+
+@pytest.mark.parametrize("head", [{"floor": -1, "nonces": []}, {"floor": 1},
+                                  {"floor": 1, "nonces": [["server", "ab"]]},
+                                  {"floor": 1, "nonces": [], "extra": 0}])
+def test_a_malformed_nonce_head_in_a_client_state_is_refused(tmp_path: Path, head: dict) -> None:  # type: ignore[type-arg]
+    """A client.pt whose recorded nonce memory is not (floor, [sender, nonce, round] ...) is
+    refused on load, naming the file, rather than compared field by field."""
+    import torch
+
+    from secure_fedora.runtimes.flower.state import ClientRunState
+
+    path = tmp_path / "client.pt"
+    ClientRunState(1, 42, "h" * 64, "fedavg", torch.Generator().get_state(),
+                   nonce_head=head).save(path)
+    with pytest.raises(NodeStateError, match=r"client\.pt: nonce_head is not"):
+        ClientRunState.load(path, 1, 42, "h" * 64, "fedavg")
+    ClientRunState(1, 42, "h" * 64, "fedavg", torch.Generator().get_state(),
+                   nonce_head={"floor": 1, "nonces": [["server", "a" * 32, 1]]}).save(path)
+    assert ClientRunState.load(path, 1, 42, "h" * 64, "fedavg").nonce_head["floor"] == 1
