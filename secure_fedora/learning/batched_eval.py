@@ -355,7 +355,22 @@ def _forward_vmap(flat: FlatModel, names: list[str], rows: Tensor, x: Tensor) ->
 
     if any(getattr(m, "inplace", False) for m in module.modules()):
         x = x.clone()
-    return torch.func.vmap(one)(tuple(params), x)
+    try:
+        return torch.func.vmap(one)(tuple(params), x)
+    except RuntimeError:
+        if any(True for _ in module.buffers()):
+            _name_written_buffer(module, x[0])
+        raise
+
+
+def _name_written_buffer(module: nn.Module, sample: Tensor) -> None:
+    """A vmapped evaluation failed: raise ModelError naming the buffer that ``module``'s
+    forward writes on ``sample`` (one client's rows, not vmapped), so that a model writing a
+    buffer while evaluating is refused by name, as in a Flower client, instead of with torch's
+    in-place shape error; return when no buffer is written (the caller re-raises)."""
+    from secure_fedora.learning.models import check_buffers_constant
+
+    check_buffers_constant(module, sample, "model")
 
 
 def _parameter_names(flat: FlatModel) -> list[str]:

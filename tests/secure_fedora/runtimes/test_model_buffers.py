@@ -16,6 +16,7 @@ from secure_fedora.runtimes.inprocess import CheckpointError
 from tests.secure_fedora.runtimes.buffer_models import (
     ConstantBuffers,
     constant_buffers,
+    eval_writer,
     late_writer,
 )
 
@@ -75,6 +76,17 @@ def test_a_buffer_forward_starts_writing_stops_the_run_before_that_rounds_replie
     only after the round, when the server had aggregated them)."""
     with pytest.raises(ModelError, match=rf"buffer \('offset'\) changed {when}; .*per client"):
         Experiment(_config(engine, False), data=_data(), model=late_writer).run()
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_a_buffer_written_only_while_evaluating_is_named_in_process(engine) -> None:
+    """A forward that writes its buffer only when evaluating 8 rows or more: the in-process
+    evaluation runs all clients under vmap, where the write failed with torch's in-place
+    shape error ("output with shape [6] doesn't match the broadcast shape [3, 6]"); it is now
+    the ModelError that names the buffer, as a Flower client's."""
+    cfg = {**_config(engine, False), "methods": ["local"]}  # FEDORA's lambda evaluates in training
+    with pytest.raises(ModelError, match=r"buffer 'offset' changed in an evaluation"):
+        Experiment(cfg, data=_data(), model=eval_writer).run()
 
 
 def test_resuming_with_other_buffer_values_is_a_checkpoint_error(tmp_path) -> None:
