@@ -5,12 +5,15 @@ The main CLI calls :func:`register` with its subparsers; each command's handler 
 process exit code.
 
 - ``audit verify RUN_DIR``: exit 0 only when every check holds; 1 when verification found
-  errors (each printed with client, entry, check and message); 2 when the run cannot be
+  errors (each printed with client, entry, check and message); 3 when the run makes no
+  differential-privacy claim and the checks that apply to it hold
+  (:data:`audits.verdict.VERIFICATION_EXIT`); 2 when the run cannot be
   audited at all (missing directory, bad arguments): the error is raised to the entry point,
   which prints it as one line.
 - ``audit report RUN_DIR``: writes ``report.html`` and ``report.json`` (default
   ``RUN_DIR/audit``); exit 0 when the report was written *and* verification passed, 1 when it
-  was written but verification failed, 2 when nothing could be written.
+  was written but verification failed, 3 when it was written for a run that makes no DP
+  claim, 2 when nothing could be written.
 - ``audit canary CONFIG|RUN_DIR``: canary membership inference on the config's federation
   (given a run directory, its ``config.toml``; the result then goes to
   ``RUN_DIR/audit/canary.json``). ``audit whitebox RUN_DIR``: the one-run white-box DP-SGD
@@ -20,8 +23,8 @@ process exit code.
   certify epsilon above the claim, or there is no claim), 2 on bad input.
 - ``audit leakage CONFIG``: the summary-leakage audit; prints its figures, can write JSON.
 - ``audit replay RUN_DIR``: the config-known audit (replays reproducible noise); writes
-  ``RUN_DIR/audit/replay.json``; exit 0 unless the claim is refuted (1) or the run cannot be
-  audited (2).
+  ``RUN_DIR/audit/replay.json``; exit 0 unless the claim is refuted (1), the run cannot be
+  audited (2) or makes no differential-privacy claim (3, nothing written).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, TextIO
 
 from audits.options import CLI_AUDIT_OPTIONS
 from audits.output import write_output_file
+from audits.verdict import VERIFICATION_EXIT
 from audits.verify import (
     DEFAULT_PLD_CHECKPOINTS,
     DEFAULT_REL_TOL,
@@ -92,7 +96,11 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
         if finding.client_id is None or (finding.method, finding.client_id) in shown \
                 or (finding.method, finding.client_id) not in ledger_of:
             print(str(finding), file=out)
-    n_err, n_warn = len(report.errors), len(report.warnings)
+    if not report.dp_claimed:
+        for check in report.checks:
+            print(f"checked: {check}", file=out)
+        print(report.verdict_text, file=out)
+        return
     header = (f"{'method':<10} {'ledgers':>7} {'entries':>7} {'acct':<5} {'eps recorded':>15}"
               f" {'independent':>15} {'PLD (pess.)':>15} {'vs other':>16} {'refused':>7}"
               f" {'errors':>6} {'warn':>5}")
@@ -117,9 +125,7 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
         print(f"  {label}: {c.entries} entries, epsilon {format_up(c.final_epsilon, 4)} (independent"
               f" {ind}{cross}) of budget {budget}{', refused' if c.refused else ''}"
               f" -> {'ok' if c.ok else 'FAILED'}", file=out)
-    verdict = "PASSED" if report.ok else "FAILED"
-    print(f"verification {verdict}: {len(report.clients)} ledgers, {n_err} errors,"
-          f" {n_warn} warnings", file=out)
+    print(report.verdict_text, file=out)
 
 
 def _json_option(args: argparse.Namespace, command: str) -> Path | None:
@@ -144,7 +150,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if json_path is not None:
         write_output_file(json_path, strict_json(report.to_json()), "--json", "verify",
                           force=args.force)
-    return 0 if report.ok else 1
+    return VERIFICATION_EXIT[report.verdict]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -160,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     paths = write_report(args.run_dir, args.out, verification=report, force=args.force)
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
-    return 0 if report.ok else 1
+    return VERIFICATION_EXIT[report.verdict]
 
 
 def _write_json(path: Path | None, doc: dict[str, Any], command: str, force: bool) -> None:
@@ -317,7 +323,13 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``audit replay``: config-known membership inference; 1 iff the claim is refuted."""
-    from audits.replay import ReplayAuditError, run_replay_audit, write_replay_result
+    from audits.replay import (
+        NoPrivacyClaimError,
+        ReplayAuditError,
+        run_replay_audit,
+        write_replay_result,
+    )
+    from audits.verdict import NO_DP_CLAIM_EXIT
 
     try:
         result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
@@ -326,6 +338,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                   allowlist=args.allowlist, anchor=args.anchor,
                                   options=CLI_AUDIT_OPTIONS)
         path = write_replay_result(args.run_dir, result)
+    except NoPrivacyClaimError as err:
+        print(str(err))
+        return NO_DP_CLAIM_EXIT
     except ReplayAuditError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

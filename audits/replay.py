@@ -80,6 +80,12 @@ class ReplayAuditError(ToolkitError, ValueError):
     """A run that cannot be audited this way, or bad arguments; the message says why."""
 
 
+class NoPrivacyClaimError(ReplayAuditError):
+    """The run makes no differential-privacy claim (:func:`audits.verify.dp_claim_basis`
+    finds none): there is no noise to replay and no claim to test. Not a failure: the CLI
+    exits with :data:`audits.verdict.NO_DP_CLAIM_EXIT`, as ``audit verify`` does."""
+
+
 @dataclass
 class ReplayAuditResult:
     """The audit's outcome, serialized as ``RUN_DIR/audit/replay.json``."""
@@ -193,6 +199,34 @@ def _anchored_config_problem(run_dir: Path) -> str | None:
     return None
 
 
+def _raise_claim_problem(run_dir: Path, anchor_given: bool, cfg_enabled: bool | None) -> None:
+    """For a run whose config.toml disables privacy (``cfg_enabled`` False) or is missing
+    (None): NoPrivacyClaimError when nothing in the run claims DP, as ``audit verify``
+    decides (:func:`audits.verify.dp_claim_basis`). A disabling config.toml in a run that
+    claims DP is a ReplayAuditError naming the contradiction (config.toml was edited after a
+    DP run). Returns (missing config.toml, a DP claim: the caller's error applies)."""
+    from audits.verify import dp_claim_basis
+
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except FileNotFoundError:
+        results = None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ReplayAuditError(f"{run_dir / 'results.json'} is not readable JSON ({err}):"
+                               " run `audit verify`") from None
+    basis = dp_claim_basis(run_dir, cfg_enabled, results if isinstance(results, dict) else None,
+                           anchor_given)
+    if not basis:
+        raise NoPrivacyClaimError("no differential-privacy claim: the run is not"
+                                  " differentially private, so there is no noise to replay"
+                                  " and no claim to test")
+    if cfg_enabled is False:
+        raise ReplayAuditError(
+            "config.toml disables privacy, but the run claims differential privacy ("
+            + "; ".join(basis) + "): config.toml was changed after the run; restore the run's"
+            " config.toml, and run `audit verify`")
+
+
 def _choose_method(run_dir: Path, cfg: ExperimentConfig, method: str | None) -> str:
     if method is not None:
         if method not in cfg.methods:
@@ -265,6 +299,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     if anchor is not None:
         check_path(anchor, "anchor", ReplayAuditError, "file")
     if not (run_dir / "config.toml").is_file():
+        _raise_claim_problem(run_dir, anchor is not None, None)
         raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")
     try:
         cfg = load_config(run_dir / "config.toml", plugins_from_folder=False)
@@ -274,8 +309,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     if problem is not None:
         raise ReplayAuditError(problem)
     if not cfg.privacy.enabled:
-        raise ReplayAuditError("the run is not differentially private: there is no noise to"
-                               " replay and no claim to test")
+        _raise_claim_problem(run_dir, anchor is not None, False)
+        raise AssertionError("unreachable: _raise_claim_problem always raises here")
     n_clients = cfg.data.num_clients
     if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < n_clients:
         raise ReplayAuditError(f"client must be an index in [0, {n_clients}), got {client!r}")

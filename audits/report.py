@@ -667,7 +667,7 @@ th,td{border:1px solid #cfd6df;padding:.3em .6em;text-align:right}
 th{background:#eef2f6}td.l,th.l{text-align:left}
 .ok{color:#0a7a2f;font-weight:bold}.bad{color:#b00020;font-weight:bold}.warn{color:#a15c00}
 .verdict{font-size:1.3em;padding:.5em 1em;border-radius:6px;display:inline-block;margin:.5em 0}
-.verdict.ok{background:#e3f5e9}.verdict.bad{background:#fde7ea}
+.verdict.ok{background:#e3f5e9}.verdict.bad{background:#fde7ea}.verdict.warn{background:#fff4e0}
 code{background:#f3f5f8;padding:0 .25em;border-radius:3px;font-size:.92em}
 img{max-width:100%;border:1px solid #e2e6eb}
 .muted{color:#5a6472;font-size:.9em}
@@ -729,7 +729,10 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     """
     ident = report["identity"]
     ver = report["verification"]
-    ok = bool(ver["ok"])
+    verdict = ver["verdict"]
+    ver_class = {"passed": "ok", "failed": "bad", "no_dp_claim": "warn"}[verdict]
+    shown_verdict = {"passed": "PASSED", "failed": "FAILED",
+                     "no_dp_claim": "no differential-privacy claim, nothing to verify"}[verdict]
     parts: list[str] = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>Privacy compliance report: {_e(ident.get('name'))}</title>",
@@ -737,8 +740,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         f"<h1>Privacy compliance report: {_e(ident.get('name'))}</h1>",
         f"<p class=\"muted\">generated {_e(report['generated'])} by secure-fedora audits"
         f" (report format {report['report_version']})</p>",
-        f"<div class=\"verdict {'ok' if ok else 'bad'}\" id=\"verdict\">Verification: "
-        f"{'PASSED' if ok else 'FAILED'} &mdash; {len(report['budgets'])} client ledgers, "
+        f"<div class=\"verdict {ver_class}\" id=\"verdict\">Verification: "
+        f"{shown_verdict} &mdash; {len(report['budgets'])} client ledgers, "
         f"{sum(1 for f in ver['findings'] if f['severity'] == 'error')} errors, "
         f"{sum(1 for f in ver['findings'] if f['severity'] == 'warning')} warnings</div>",
         "<h2 id=\"identity\">Run identity</h2>",

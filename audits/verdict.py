@@ -31,12 +31,51 @@ from audits.arguments import check_open_fraction
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 
-__all__ = ["AUDIT_NAMES", "VERDICTS", "VerdictError", "audit_document", "audit_verdict",
-           "config_rebuild_problem", "verdict_text", "write_audit_json"]
+__all__ = ["AUDIT_NAMES", "NO_DP_CLAIM_EXIT", "VERDICTS", "VERIFICATION_EXIT",
+           "VERIFICATION_VERDICTS", "VerdictError", "audit_document", "audit_verdict",
+           "config_rebuild_problem", "verdict_text", "verification_verdict",
+           "verification_verdict_text", "write_audit_json"]
 
 AUDIT_NAMES: tuple[str, ...] = ("canary", "whitebox", "replay")
 VERDICTS: tuple[str, ...] = ("refuted", "consistent", "inconclusive")
 Verdict = Literal["refuted", "consistent", "inconclusive"]
+
+
+VERIFICATION_VERDICTS: tuple[str, ...] = ("passed", "failed", "no_dp_claim")
+VerificationVerdict = Literal["passed", "failed", "no_dp_claim"]
+
+#: Exit status of ``audit verify``/``audit report`` per verification verdict (2 is bad input).
+#: A run that makes no differential-privacy claim exits 3, the status ``audit canary`` and
+#: ``audit whitebox`` give when there is no claim to test: not a failure, and not a pass of a
+#: claim nobody made. ``audit replay`` gives the same status for such a run.
+VERIFICATION_EXIT: dict[str, int] = {"passed": 0, "failed": 1, "no_dp_claim": 3}
+NO_DP_CLAIM_EXIT = VERIFICATION_EXIT["no_dp_claim"]
+
+
+def verification_verdict(ok: bool, dp_claimed: bool) -> VerificationVerdict:
+    """The verdict of a ledger verification: ``"failed"`` whenever a check found an error,
+    else ``"no_dp_claim"`` when the run makes no differential-privacy claim (nothing to
+    verify beyond the checks that apply to it), else ``"passed"``. The one place that decides
+    it: ``audit verify``, ``audit report`` (text, HTML, ``--json``) all read it from here."""
+    if not ok:
+        return "failed"
+    return "passed" if dp_claimed else "no_dp_claim"
+
+
+def verification_verdict_text(verdict: str, ledgers: int, errors: int, warnings: int,
+                              checks: int = 1) -> str:
+    """One line for people naming the verdict and its counts (``checks``: how many checks
+    applied to a run that makes no DP claim). VerdictError for an unknown ``verdict``."""
+    counts = f"{ledgers} ledgers, {errors} errors, {warnings} warnings"
+    if verdict == "passed":
+        return f"verification PASSED: {counts}"
+    if verdict == "failed":
+        return f"verification FAILED: {counts}"
+    if verdict == "no_dp_claim":
+        done = ("the checks that apply to a non-private run passed" if checks else
+                "nothing else of the run could be checked")
+        return f"no differential-privacy claim: nothing to verify ({counts}; {done})"
+    raise VerdictError(f"verdict must be one of {VERIFICATION_VERDICTS}, got {verdict!r:.80}")
 
 
 class VerdictError(ToolkitError, ValueError):

@@ -139,6 +139,7 @@ __all__ = [
     "check_anchor",
     "check_ledger_lines",
     "checks_done",
+    "dp_claim_basis",
     "dpsgd_claim_problem",
     "given_allowlist_findings",
     "independent_epsilons",
@@ -275,6 +276,10 @@ class VerificationReport:
     independent_accountant: str
     allowlist: str
     checks: list[str]
+    #: False when the run makes no differential-privacy claim (:func:`dp_claim_basis`).
+    dp_claimed: bool = True
+    #: What in the run claims DP (:func:`dp_claim_basis`); empty when it makes no claim.
+    dp_claim_basis: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Finding]:
@@ -288,14 +293,35 @@ class VerificationReport:
 
     @property
     def ok(self) -> bool:
-        """True iff no error was found (warnings allowed)."""
+        """True iff no error was found (warnings allowed); a run that makes no DP claim can
+        be ok with nothing verified: :attr:`verdict` tells them apart."""
         return not self.errors
+
+    @property
+    def verdict(self) -> str:
+        """``"passed"``, ``"failed"`` or ``"no_dp_claim"``
+        (:func:`audits.verdict.verification_verdict`)."""
+        from audits.verdict import verification_verdict
+
+        return verification_verdict(self.ok, self.dp_claimed)
+
+    @property
+    def verdict_text(self) -> str:
+        """The verdict line every command prints (and report.json records)."""
+        from audits.verdict import verification_verdict_text
+
+        return verification_verdict_text(self.verdict, len(self.clients), len(self.errors),
+                                         len(self.warnings), len(self.checks))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable dict: verdict, settings, per-client results, findings."""
         return {
             "run_dir": self.run_dir,
             "ok": self.ok,
+            "verdict": self.verdict,
+            "verdict_text": self.verdict_text,
+            "dp_claimed": self.dp_claimed,
+            "dp_claim_basis": list(self.dp_claim_basis),
             "rel_tol": self.rel_tol,
             "independent_accountant": self.independent_accountant,
             "allowlist": self.allowlist,
@@ -1777,19 +1803,86 @@ RUN_MARKERS = ("config.toml", "results.json", "ledgers", "anchor.json", "keys")
 """What a run directory holds; a directory with none of them is refused as bad input."""
 
 
-def _plainly_not_private(run: Path, cfg: ExperimentConfig | None, results: dict[str, Any] | None,
-                         dp_claimed: bool, found: Sequence[tuple[str | None, Path]],
-                         allowlist: Path | None, anchor: Path | None) -> bool:
-    """True when the run says it is not differentially private and holds nothing a DP run
-    writes (ledgers, anchor.json) and no allowlist or anchor copy was given to check it
-    against: then there is nothing to verify (anything of a DP run present is checked as
-    usual, so a DP run stripped of its files still fails on each of them). keys/ is no DP
-    artefact here: a non-DP run with ``[security] envelopes`` holds its envelope keys there."""
-    says_off = results is not None and isinstance(results.get("assumptions"), dict) \
-        and results["assumptions"].get("differential_privacy") is False
-    return (not dp_claimed and (says_off or cfg is not None) and not found
-            and allowlist is None and anchor is None
-            and not (run / "ledgers").exists() and not (run / ANCHOR_FILENAME).exists())
+def dp_claim_basis(run: Path, cfg_enabled: bool | None, results: Mapping[str, Any] | None,
+                   anchor_given: bool = False) -> list[str]:
+    """What in ``run`` claims differential privacy, signed facts first: an ``anchor.json``
+    (signed; only a DP run is anchored) or an anchor copy given (``anchor_given``), a
+    ``ledgers/`` folder, results.json's ``assumptions.differential_privacy`` or a non-empty
+    ``privacy`` section (results.json's digest is what the anchor signs), config.toml's
+    ``privacy.enabled`` (``cfg_enabled``; None when config.toml is missing or invalid).
+
+    Also a claim: neither config.toml nor results.json saying that DP was off (no run file
+    states that the run made no claim). An empty list means the run states that it made no
+    DP claim and holds nothing a DP run writes; nothing signs that statement (a non-private
+    run writes no anchor), which :func:`verify_run` says in its finding."""
+    basis = []
+    if anchor_given:
+        basis.append("an anchor copy was given (only a DP run is anchored)")
+    if (run / ANCHOR_FILENAME).exists() or (run / ANCHOR_FILENAME).is_symlink():
+        basis.append(f"{ANCHOR_FILENAME} is present (signed; only a DP run is anchored)")
+    if (run / "ledgers").exists() or (run / "ledgers").is_symlink():
+        basis.append("ledgers/ is present")
+    assumptions = results.get("assumptions") if results is not None else None
+    says_off = isinstance(assumptions, dict) and assumptions.get("differential_privacy") is False
+    if isinstance(assumptions, dict) and assumptions.get("differential_privacy") not in \
+            (None, False):
+        basis.append("results.json assumptions.differential_privacy is"
+                     f" {assumptions.get('differential_privacy')!r:.40}")
+    privacy = results.get("privacy") if results is not None else None
+    if privacy:
+        basis.append("results.json has a privacy section")
+    if cfg_enabled:
+        basis.append("config.toml enables privacy")
+    if not basis and not says_off and cfg_enabled is None:
+        basis.append("neither config.toml nor results.json says that DP was off")
+    return basis
+
+
+def _no_claim_report(run: Path, cfg: ExperimentConfig | None, results: dict[str, Any] | None,
+                     findings: list[Finding], allowlist: Path | None,
+                     rel_tol: float) -> VerificationReport:
+    """The report of a run that makes no DP claim (:func:`dp_claim_basis` empty): config.toml
+    against results.json's config hash (already in ``findings``), and where keys/ exists (the
+    envelope keys of a run with ``[security] envelopes``) its .pub files against its
+    allowlist, and that allowlist against ``allowlist`` when given."""
+    # without budgets, a missing config.toml (the API writes none) is no warning
+    missing_config = f"{run / 'config.toml'} is missing"
+    findings[:] = [f for f in findings if not f.message.startswith(missing_config)]
+    checks = []
+    if cfg is not None and results is not None and "config_hash" in results:
+        checks.append("config.toml hashes to results.json's config_hash")
+    keys_dir = run / "keys"
+    allow_used = "none (the run is not differentially private)"
+    if keys_dir.is_dir() or allowlist is not None:
+        path = allowlist if allowlist is not None else keys_dir / "allowlist.json"
+        try:
+            keys = load_allowlist(path)
+        except IdentityError as exc:
+            findings.append(Finding("error", "allowlist", str(exc)))
+        else:
+            allow_used = str(path)
+            if allowlist is not None:
+                findings.extend(_published_allowlist_findings(keys_dir, allowlist, keys))
+            findings.extend(_public_key_file_findings(keys_dir, keys))
+            checks.append("keys/*.ed25519.pub and keys/*.x25519.pub (the envelope keys) equal"
+                          + (" the given allowlist, and keys/allowlist.json lists no party or"
+                             " key it does not register" if allowlist is not None
+                             else " keys/allowlist.json"))
+    files = [name for name, present in (("config.toml", cfg is not None),
+                                        ("results.json", results is not None)) if present]
+    absent = "ledgers or" if keys_dir.exists() else "ledgers, keys or"
+    findings.append(Finding(
+        "warning", "no_ledgers",
+        f"the run makes no differential-privacy claim ({' and '.join(files)}"
+        f" {'say' if len(files) > 1 else 'says'} that it is not differentially private): it"
+        f" has no privacy {absent} anchor.json, so there is no privacy claim to verify."
+        f" Nothing signs its {' or '.join(files)}: a DP run stripped of its ledgers and"
+        " anchor.json and edited to say so would read the same; a copy of a DP run's"
+        " anchor.json kept apart (--anchor) rules that out"))
+    return VerificationReport(
+        run_dir=str(run), clients=[], findings=findings, rel_tol=float(rel_tol),
+        independent_accountant="none (the run is not differentially private)",
+        allowlist=allow_used, checks=checks, dp_claimed=False)
 
 
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
@@ -1834,35 +1927,16 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     ledger_dir = run / "ledgers"
     found = _discover(ledger_dir)
     findings.extend(_interrupted_creations(ledger_dir))
-    dp_claimed = (cfg is not None and cfg.privacy.enabled) or bool(
-        results and isinstance(results.get("assumptions"), dict)
-        and results["assumptions"].get("differential_privacy"))
-    if _plainly_not_private(run, cfg, results, dp_claimed, found, allow_path, anchor_path):
-        # nothing of a DP run is there: say so once, instead of one error per missing file
-        # (allowlist, ledgers, anchor) that describes what a DP run writes; without budgets,
-        # a missing config.toml (the API writes none) is no warning either
-        missing_config = f"{run / 'config.toml'} is missing"
-        findings[:] = [f for f in findings if not f.message.startswith(missing_config)]
-        files = [name for name, present in (("config.toml", cfg is not None),
-                                            ("results.json", results is not None)) if present]
-        absent = "ledgers or" if (run / "keys").exists() else "ledgers, keys or"
-        findings.append(Finding(
-            "error", "no_ledgers",
-            f"the run is not differentially private ({' and '.join(files)}"
-            f" {'say' if len(files) > 1 else 'says'} so): it has no privacy {absent}"
-            f" anchor.json, so there is nothing to verify, and nothing signs its"
-            f" {' or '.join(files)}"))
-        return VerificationReport(
-            run_dir=str(run), clients=[], findings=findings, rel_tol=float(rel_tol),
-            independent_accountant="none (the run is not differentially private)",
-            allowlist="none (the run is not differentially private)", checks=[])
+    claim_basis = dp_claim_basis(run, cfg.privacy.enabled if cfg is not None else None,
+                                 results, anchor_path is not None)
+    if not claim_basis:
+        return _no_claim_report(run, cfg, results, findings, allow_path, rel_tol)
     keys, allow_used = _load_keys(run, allow_path, findings, options)
     if not found:
         findings.append(Finding(
             "error", "no_ledgers",
-            f"no ledgers in {ledger_dir}" + ("" if dp_claimed else
-                                             ": the run was not differentially private"),
-        ))
+            f"no ledgers in {ledger_dir}, but the run claims differential privacy:"
+            f" {'; '.join(claim_basis)}"))
     _coverage(ctx, sorted({m for m, _ in found}, key=str))
     clients: list[ClientVerification] = []
     for method, path in found:
@@ -1910,5 +1984,6 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
                                 " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
                                 " PLD (pessimistic) and RDP of every whole ledger"),
-        allowlist=allow_used, checks=checks_done(options),
+        allowlist=allow_used, checks=checks_done(options), dp_claimed=True,
+        dp_claim_basis=claim_basis,
     )

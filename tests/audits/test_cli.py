@@ -206,3 +206,48 @@ def test_a_json_option_that_cannot_be_written_is_refused_before_the_audit(
     captured = capsys.readouterr()
     assert captured.err.startswith("error: --json ") and why in captured.err
     assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_without_a_dp_claim_is_not_reported_as_failed(tmp_path, capsys):
+    """`audit verify` and `audit report` on a finished non-DP run printed 'verification
+    FAILED' and exited 1; verify, report (text, HTML, JSON) and replay now all say the run
+    makes no DP claim and exit 3, the status canary and whitebox give when there is no claim."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    cfg = parse_config({"name": "plain-cli", "methods": ["local"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8}})
+    run = tmp_path / "a run"  # a path with a space
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    out_json = tmp_path / "v.json"
+    assert main(["audit", "verify", str(run), "--json", str(out_json)]) == 3
+    out = capsys.readouterr().out
+    assert "no differential-privacy claim: nothing to verify" in out and "FAILED" not in out
+    doc = json.loads(out_json.read_text())
+    assert doc["verdict"] == "no_dp_claim" and doc["dp_claimed"] is False and doc["ok"] is True
+    assert main(["audit", "report", str(run), "--out", str(tmp_path / "out")]) == 3
+    assert "no differential-privacy claim" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["verification"]["verdict"] == "no_dp_claim"
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Verification: no differential-privacy claim" in page and "FAILED" not in page
+    assert main(["audit", "replay", str(run)]) == 3
+    assert "no differential-privacy claim" in capsys.readouterr().out
+    assert not (run / "audit" / "replay.json").exists()
+
+
+def test_a_dp_run_without_ledgers_fails_verify_and_report(run_copy, tmp_path, capsys):
+    """The other side: a run that claims DP but lost its ledgers still fails (exit 1)."""
+    import shutil
+
+    shutil.rmtree(run_copy / "ledgers")
+    out_json = tmp_path / "v.json"
+    assert main(["audit", "verify", str(run_copy), "--json", str(out_json)]) == 1
+    assert "verification FAILED" in capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    assert doc["verdict"] == "failed" and doc["dp_claimed"] is True and doc["ok"] is False
+    assert "anchor.json is present (signed; only a DP run is anchored)" in doc["dp_claim_basis"]
+    assert main(["audit", "report", str(run_copy), "--out", str(tmp_path / "out")]) == 1
+    assert "Verification: FAILED" in (tmp_path / "out" / "report.html").read_text()

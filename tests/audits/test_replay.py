@@ -10,7 +10,13 @@ import pytest
 import tomli_w
 
 from audits.cli import main
-from audits.replay import ReplayAuditError, certifiable_max, run_replay_audit, trials_for_claim
+from audits.replay import (
+    NoPrivacyClaimError,
+    ReplayAuditError,
+    certifiable_max,
+    run_replay_audit,
+    trials_for_claim,
+)
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.inprocess import Simulation
 
@@ -95,8 +101,23 @@ def test_runs_that_cannot_be_audited_are_refused(runs, tmp_path, capsys):
     for seed in (None, 1.5, "0", True, -1, 2**64):
         with pytest.raises(ReplayAuditError, match="seed must be an integer"):
             run_replay_audit(runs["csprng"], seed=seed)
-    assert main(["audit", "replay", str(tmp_path)]) == 2
-    assert "not differentially private" in capsys.readouterr().err
+    assert main(["audit", "replay", str(tmp_path)]) == 3  # no DP claim: as `audit verify`
+    assert "no differential-privacy claim" in capsys.readouterr().out
+
+
+def test_a_config_edited_to_disable_privacy_does_not_hide_a_dp_run(run_copy, capsys):
+    """`audit replay` read privacy.enabled from config.toml alone: a DP run whose config was
+    edited to disable privacy was 'not differentially private'. The signed anchor, ledgers/
+    and results.json still claim DP: the edit is named and the run is not audited (exit 2)."""
+    from tests.audits.test_verify import _stripped_of_dp
+
+    _stripped_of_dp(run_copy)
+    with pytest.raises(ReplayAuditError, match="config.toml was changed after the run") as err:
+        run_replay_audit(run_copy)
+    assert not isinstance(err.value, NoPrivacyClaimError)
+    assert "anchor.json is present" in str(err.value)
+    assert main(["audit", "replay", str(run_copy)]) == 2
+    assert "claims differential privacy" in capsys.readouterr().err
 
 
 def test_a_run_with_a_model_factory_replays_its_own_model(tmp_path, monkeypatch):

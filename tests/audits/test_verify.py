@@ -426,19 +426,25 @@ def test_torn_last_line_is_caught(run_copy):
     assert ("truncated" in errors_at(report)[len(lines_of(run_copy)) - 1])
 
 
-def test_non_private_run_does_not_verify(tmp_path):
+def test_non_private_run_has_no_claim_to_verify(tmp_path):
+    """A directory whose results.json says DP was off (nothing else) makes no claim: it is
+    not a failure (it was one: 'verification FAILED'), and not a pass of a claim either."""
     (tmp_path / "results.json").write_text(json.dumps(
         {"assumptions": {"differential_privacy": False}}))
     report = verify_run(tmp_path)
-    assert not report.ok
-    assert any(f.check == "no_ledgers" and "not differentially private" in f.message
-               for f in report.errors)
+    assert report.ok and not report.dp_claimed and report.verdict == "no_dp_claim"
+    assert any(f.check == "no_ledgers" and "makes no differential-privacy claim" in f.message
+               for f in report.warnings)
+    doc = report.to_json()
+    assert doc["verdict"] == "no_dp_claim" and doc["dp_claimed"] is False
+    assert doc["verdict_text"].startswith("no differential-privacy claim: nothing to verify")
 
 
-def test_a_finished_non_private_run_is_said_to_have_no_ledger_or_anchor(tmp_path):
+def test_a_finished_non_private_run_is_said_to_make_no_claim(tmp_path):
     """Verifying (and so reporting) a finished non-DP run gave three errors that describe a DP
-    run: the allowlist file missing, no ledgers, and 'a finished DP run writes its anchor right
-    after results.json'; it now says once, plainly, that the run has no ledgers, keys or anchor."""
+    run, then one error 'the run is not differentially private' (verification FAILED): it now
+    says once, plainly, that the run makes no DP claim and has no ledgers, keys or anchor; the
+    report's verdict says so too."""
     from audits.report import build_report, render_html
     from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import Simulation, build_clients
@@ -450,21 +456,27 @@ def test_a_finished_non_private_run_is_said_to_have_no_ledger_or_anchor(tmp_path
     run = tmp_path / "run"
     Simulation(cfg, run, clients=build_clients(cfg)).run()
     report = verify_run(run)
-    assert not report.ok and not report.warnings
-    [error] = report.errors
-    assert error.check == "no_ledgers"
-    assert "not differentially private (results.json says so)" in error.message
-    assert "no privacy ledgers, keys or anchor.json" in error.message
+    assert report.ok and not report.errors and report.verdict == "no_dp_claim"
+    [warning] = report.warnings
+    assert warning.check == "no_ledgers"
+    assert "(results.json says that it is not differentially private)" in warning.message
+    assert "no privacy ledgers, keys or anchor.json" in warning.message
+    assert report.checks == [] and "nothing else of the run could be checked" \
+        in report.verdict_text
     page = render_html(build_report(run, verification=report), {})
     assert "writes its anchor" not in page and "allowlist file" not in page
+    assert "Verification: no differential-privacy claim" in page and "FAILED" not in page
     (run / "anchor.json").write_text("{}")  # anything of a DP run there is checked as usual
-    assert any(f.check == "anchor" for f in verify_run(run).errors)
+    again = verify_run(run)
+    assert again.verdict == "failed" and any(f.check == "anchor" for f in again.errors)
+    assert any(f.check == "no_ledgers" and "claims differential privacy" in f.message
+               and "anchor.json is present" in f.message for f in again.errors)
 
 
-def test_a_finished_non_private_run_with_envelopes_gets_the_one_plain_error(tmp_path):
-    """A non-DP run with [security] envelopes holds keys/ (its envelope keys), which counted as
-    a DP artefact: it got the DP-describing errors (allowlist, no ledgers, anchor) instead of
-    the one plain error, which now names only what the run lacks (ledgers and anchor.json)."""
+def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path):
+    """A non-DP run with [security] envelopes holds keys/ (its envelope keys): they are what
+    can be checked of it (each .pub against keys/allowlist.json, and that against an
+    --allowlist given); a replaced .pub fails the verification."""
     from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
@@ -477,11 +489,65 @@ def test_a_finished_non_private_run_with_envelopes_gets_the_one_plain_error(tmp_
     Simulation(cfg, run, clients=build_clients(cfg)).run()
     assert (run / "keys").is_dir()
     report = verify_run(run)
-    assert not report.ok and not report.warnings
-    [error] = report.errors
-    assert error.check == "no_ledgers"
-    assert "not differentially private" in error.message
-    assert "no privacy ledgers or anchor.json" in error.message
+    assert report.verdict == "no_dp_claim" and not report.errors
+    [warning] = report.warnings
+    assert warning.check == "no_ledgers" and "no privacy ledgers or anchor.json" in warning.message
+    assert any("envelope keys" in c for c in report.checks)
+    given = tmp_path / "registered.json"
+    given.write_bytes((run / "keys" / "allowlist.json").read_bytes())
+    assert verify_run(run, allowlist=given).verdict == "no_dp_claim"
+    keys = run / "keys"
+    (keys / "client-000.ed25519.pub").write_bytes((keys / "client-001.ed25519.pub").read_bytes())
+    broken = verify_run(run)
+    assert broken.verdict == "failed"
+    assert any(f.check == "key" and "client-000.ed25519.pub" in f.message for f in broken.errors)
+
+
+def _stripped_of_dp(run: Path) -> None:
+    """Edit a DP run's config.toml to disable privacy (and noised relatedness and private
+    validation, which need it), as someone hiding its ledgers' absence would."""
+    import tomli_w
+    import tomllib
+
+    doc = tomllib.loads((run / "config.toml").read_text())
+    doc["privacy"]["enabled"] = False
+    doc["fedora"]["relatedness"] = "plain"
+    doc["data"]["validation"] = "public"
+    (run / "config.toml").write_text(tomli_w.dumps(doc))
+
+
+def test_a_dp_run_without_its_ledgers_fails_whatever_its_config_says(run_copy, tmp_path):
+    """A DP run whose ledgers were deleted fails; editing config.toml to privacy.enabled =
+    false does not turn that into 'no claim': the signed anchor and results.json (whose digest
+    the anchor signs) still claim DP, and with those edited too the config hash, or an anchor
+    kept apart, still fails it."""
+    kept = tmp_path / "anchor-kept.json"
+    kept.write_bytes((run_copy / "anchor.json").read_bytes())
+    shutil.rmtree(run_copy / "ledgers")
+    gone = verify_run(run_copy)
+    assert gone.verdict == "failed" and gone.dp_claimed
+    assert any(f.check == "no_ledgers" and "config.toml enables privacy" in f.message
+               for f in gone.errors)
+    _stripped_of_dp(run_copy)
+    edited = verify_run(run_copy)
+    assert edited.verdict == "failed" and edited.dp_claimed
+    [missing] = [f for f in edited.errors if f.check == "no_ledgers"]
+    assert "anchor.json is present" in missing.message
+    assert "results.json assumptions.differential_privacy is True" in missing.message
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["assumptions"]["differential_privacy"] = False
+    doc["privacy"] = {}
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    still = verify_run(run_copy)  # the anchor is signed: its presence is the claim
+    assert still.verdict == "failed" and any(f.check == "anchor_file" for f in still.errors)
+    (run_copy / "anchor.json").unlink()
+    unsigned = verify_run(run_copy)  # results.json's config hash is the run's, not the edit's
+    assert unsigned.verdict == "failed"
+    assert any(f.check == "config" and "changed after the run" in f.message
+               for f in unsigned.errors)
+    kept_apart = verify_run(run_copy, anchor=kept)
+    assert kept_apart.verdict == "failed" and kept_apart.dp_claimed
+    assert any(f.check == "anchor_missing_ledger" for f in kept_apart.errors)
 
 
 def test_bad_arguments_raise(tmp_path, pristine_run):
