@@ -1853,7 +1853,9 @@ def _no_claim_report(run: Path, cfg: ExperimentConfig | None, results: dict[str,
         checks.append("config.toml hashes to results.json's config_hash")
     keys_dir = run / "keys"
     allow_used = "none (the run is not differentially private)"
-    if keys_dir.is_dir() or allowlist is not None:
+    if not keys_dir.is_dir() and allowlist is not None:
+        allow_used = f"{allowlist} (nothing held to it: the run has no keys/)"
+    elif keys_dir.is_dir():
         path = allowlist if allowlist is not None else keys_dir / "allowlist.json"
         try:
             keys = load_allowlist(path)

@@ -440,6 +440,18 @@ def test_non_private_run_has_no_claim_to_verify(tmp_path):
     assert doc["verdict_text"].startswith("no differential-privacy claim: nothing to verify")
 
 
+def test_a_non_private_run_without_keys_claims_no_key_check(tmp_path, pristine_run):
+    """With --allowlist, a non-DP run without keys/ was said to have had its keys/*.pub
+    checked against it: nothing was checked, and the report now says so."""
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"assumptions": {"differential_privacy": False}}))
+    given = pristine_run / "keys" / "allowlist.json"
+    report = verify_run(tmp_path, allowlist=given)
+    assert report.verdict == "no_dp_claim" and report.checks == []
+    assert "nothing held to it: the run has no keys/" in report.allowlist
+    assert "nothing else of the run could be checked" in report.verdict_text
+
+
 def test_a_finished_non_private_run_is_said_to_make_no_claim(tmp_path):
     """Verifying (and so reporting) a finished non-DP run gave three errors that describe a DP
     run, then one error 'the run is not differentially private' (verification FAILED): it now
