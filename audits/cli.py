@@ -190,7 +190,7 @@ def _print_audit_summary(doc: dict[str, Any]) -> None:
 def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
     from audits.canary import run_canary_audit
-    from audits.verdict import config_rebuild_problem, write_audit_json
+    from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
     from secure_fedora.core.config import load_config
 
     json_path = _json_option(args, "canary")
@@ -203,6 +203,11 @@ def cmd_canary(args: argparse.Namespace) -> int:
     # a run directory's config: plug-ins from PYTHONPATH only (never the directory's own files)
     cfg = load_config(target / "config.toml" if run_dir is not None else target,
                       plugins_from_folder=run_dir is None)
+    problem = None if run_dir is None else \
+        config_claim_problem(run_dir, cfg.privacy.enabled, "canary")
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,

@@ -55,7 +55,7 @@ from torch import Tensor
 from audits.arguments import check_count, check_seed
 from audits.canary import CanaryAuditError, epsilon_lower_bound
 from audits.options import API_AUDIT_OPTIONS
-from audits.verdict import audit_verdict, config_rebuild_problem
+from audits.verdict import audit_verdict, config_claim_problem, config_rebuild_problem
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -221,10 +221,10 @@ def _raise_claim_problem(run_dir: Path, anchor_given: bool, cfg_enabled: bool | 
                                   " differentially private, so there is no noise to replay"
                                   " and no claim to test")
     if cfg_enabled is False:
-        raise ReplayAuditError(
-            "config.toml disables privacy, but the run claims differential privacy ("
-            + "; ".join(basis) + "): config.toml was changed after the run; restore the run's"
-            " config.toml, and run `audit verify`")
+        raise ReplayAuditError(config_claim_problem(run_dir, False, "replay") or (
+            "config.toml disables privacy, but an anchor copy was given (only a DP run is"
+            " anchored): config.toml was changed after the run, or the anchor is another"
+            " run's; restore the run's config.toml, and run `audit verify`"))
 
 
 def _choose_method(run_dir: Path, cfg: ExperimentConfig, method: str | None) -> str:

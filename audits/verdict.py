@@ -33,7 +33,7 @@ from privacy.paths import check_path
 
 __all__ = ["AUDIT_NAMES", "NO_DP_CLAIM_EXIT", "VERDICTS", "VERIFICATION_EXIT",
            "VERIFICATION_VERDICTS", "VerdictError", "audit_document", "audit_verdict",
-           "config_rebuild_problem", "verdict_text", "verification_verdict",
+           "config_claim_problem", "config_rebuild_problem", "verdict_text", "verification_verdict",
            "verification_verdict_text", "write_audit_json"]
 
 AUDIT_NAMES: tuple[str, ...] = ("canary", "whitebox", "replay")
@@ -219,3 +219,28 @@ def config_rebuild_problem(run_dir: str | Path, audit: str) -> str | None:
             " rebuilds the run from config.toml and would audit other data or another model:"
             " audit such a run through the Python API or describe its data and model in the"
             " config ([data] source, [model] factory)")
+
+
+def config_claim_problem(run_dir: str | Path, privacy_enabled: bool, audit: str) -> str | None:
+    """Why ``audit`` must not take a run's config.toml at its word: it disables privacy
+    (``privacy_enabled`` False) while the run claims differential privacy
+    (:func:`audits.verify.dp_claim_basis`: a signed anchor, ledgers/, results.json recording
+    DP), so config.toml was edited after a DP run and auditing it as non-private would hide
+    the claim. None when config.toml enables privacy or nothing in the run claims DP.
+    AuditError when ``run_dir`` is not a path."""
+    from audits.verify import AuditError, dp_claim_basis
+
+    if privacy_enabled:
+        return None
+    run = check_path(run_dir, "run_dir", AuditError)
+    try:
+        results = json.loads((run / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        results = None  # the audit's own checks, and `audit verify`, report it
+    basis = dp_claim_basis(run, False, results if isinstance(results, dict) else None)
+    if not basis:
+        return None
+    return (f"config.toml disables privacy, but the run claims differential privacy"
+            f" ({'; '.join(basis)}): config.toml was changed after the run; restore the run's"
+            f" config.toml (`audit {audit}` would audit it as a non-private run), and run"
+            " `audit verify`")

@@ -50,7 +50,13 @@ from torch import Tensor, nn
 from audits.arguments import check_config, check_seed
 from audits.onerun import OneRunAuditError, OneRunOutcome, split_indices, split_one_run_audit
 from audits.options import API_AUDIT_OPTIONS
-from audits.verdict import audit_document, audit_verdict, config_rebuild_problem, write_audit_json
+from audits.verdict import (
+    audit_document,
+    audit_verdict,
+    config_claim_problem,
+    config_rebuild_problem,
+    write_audit_json,
+)
 from audits.verify import (
     DEFAULT_REL_TOL,
     dpsgd_claim_problem,
@@ -513,7 +519,8 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
         cfg = load_config(cfg_path, plugins_from_folder=False)
     except ConfigError as err:
         raise WhiteboxAuditError(f"{cfg_path}: {err}") from None
-    problem = config_rebuild_problem(run, "whitebox")
+    problem = config_rebuild_problem(run, "whitebox") \
+        or config_claim_problem(run, cfg.privacy.enabled, "whitebox")
     if problem is not None:
         raise WhiteboxAuditError(problem)
     results = None

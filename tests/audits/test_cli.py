@@ -251,3 +251,19 @@ def test_a_dp_run_without_ledgers_fails_verify_and_report(run_copy, tmp_path, ca
     assert "anchor.json is present (signed; only a DP run is anchored)" in doc["dp_claim_basis"]
     assert main(["audit", "report", str(run_copy), "--out", str(tmp_path / "out")]) == 1
     assert "Verification: FAILED" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_whitebox_and_canary_do_not_take_an_edited_config_as_no_claim(run_copy, capsys):
+    """`audit whitebox RUN` and `audit canary RUN` on a DP run whose config.toml was edited to
+    disable privacy audited it as a non-private run ('no finite privacy claim', exit 3) and
+    wrote whitebox.json/canary.json; the run's anchor, ledgers and results.json claim DP, so
+    both now refuse it (exit 2) naming the edit, as `audit replay` does, and write nothing."""
+    from tests.audits.test_verify import _stripped_of_dp
+
+    _stripped_of_dp(run_copy)
+    for argv in (["audit", "whitebox", str(run_copy), "--canaries", "20"],
+                 ["audit", "canary", str(run_copy), "--canaries", "20"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "config.toml was changed after the run" in err and "anchor.json is present" in err
+    assert not (run_copy / "audit").exists()
