@@ -867,6 +867,11 @@ class _RunContext:
 
 def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | None:
     path = run_dir / "results.json"
+    if not path.is_file() and (path.exists() or path.is_symlink()):
+        what = "a link to nothing" if not path.exists() else "not a regular file"
+        findings.append(Finding("error", "results", f"{path} is {what}: the run's results"
+                                " cannot be read; restore the file"))
+        return None
     if not path.is_file():
         findings.append(Finding("warning", "results", f"{path} is missing; run identity,"
                                 " anchors and accuracy cannot be checked"))

@@ -452,6 +452,23 @@ def test_a_non_private_run_without_keys_claims_no_key_check(tmp_path, pristine_r
     assert "nothing else of the run could be checked" in report.verdict_text
 
 
+def test_a_non_private_run_whose_results_json_is_no_file_fails(tmp_path):
+    """A results.json replaced by a directory or a dangling link read as 'missing' (a
+    warning), and a non-DP run then got 'the checks that apply passed': it is an error."""
+    import os
+
+    (tmp_path / "config.toml").write_text('methods = ["local"]\n')
+    (tmp_path / "results.json").mkdir()
+    report = verify_run(tmp_path)
+    assert report.verdict == "failed"
+    assert any(f.check == "results" and "not a regular file" in f.message for f in report.errors)
+    (tmp_path / "results.json").rmdir()
+    os.symlink(tmp_path / "gone.json", tmp_path / "results.json")
+    report = verify_run(tmp_path)
+    assert report.verdict == "failed"
+    assert any(f.check == "results" and "a link to nothing" in f.message for f in report.errors)
+
+
 def test_a_finished_non_private_run_is_said_to_make_no_claim(tmp_path):
     """Verifying (and so reporting) a finished non-DP run gave three errors that describe a DP
     run, then one error 'the run is not differentially private' (verification FAILED): it now
