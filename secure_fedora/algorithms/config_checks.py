@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.errors import ToolkitError
-from secure_fedora.core.config import MAX_INT, MAX_SCALE
+from secure_fedora.core.config import MAX_INT, MAX_SCALE, local_divergence_problem
 
 __all__ = [
     "BASELINE_HYPERPARAMETERS",
@@ -32,6 +32,7 @@ __all__ = [
     "LocalChecks",
     "MAX_SERIES_TERMS",
     "MethodChecks",
+    "PROXIMAL_WEIGHTS",
     "series_terms",
     "validate_hyperparameters",
 ]
@@ -120,6 +121,12 @@ BASELINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     name: model().model_dump() for name, model in _PARAMS.items()
 }
 """Default hyper-parameters of every baseline, ``{method: {key: default}}``."""
+
+
+#: The baselines whose local objective adds a proximal term ``w/2 ||theta - anchor||^2`` to the
+#: gradient after clipping (baselines.ProximalGradient, or the batched engine's ``mu``): the
+#: hyper-parameter holding ``w``. A curvature fixed by the config, as weight decay's.
+PROXIMAL_WEIGHTS: dict[str, str] = {"fedprox": "mu", "ditto": "lam", "fedamp": "lam"}
 
 
 def validate_hyperparameters(name: str, section: Mapping[str, Any] | None, *,
@@ -287,8 +294,18 @@ class BaselineChecks(MethodChecks):
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         """Raise :class:`BaselineConfigError` naming the key when the method's section
-        (:meth:`config_section`) has an unknown key or a bad value."""
-        cls.hyperparameters(cfg)
+        (:meth:`config_section`) has an unknown key or a bad value, or when its proximal
+        weight (:data:`PROXIMAL_WEIGHTS`) with ``training.weight_decay`` makes every local
+        run diverge (``core.config.local_divergence_problem``)."""
+        params = cls.hyperparameters(cfg)
+        key = PROXIMAL_WEIGHTS.get(cls.baseline_kind())
+        if key is not None:
+            t = cfg.training
+            problem = local_divergence_problem(
+                t.lr, t.momentum, {"training.weight_decay": t.weight_decay,
+                                   f"baselines.{cls.config_section()}.{key}": params[key]})
+            if problem is not None:
+                raise BaselineConfigError(problem)
 
     @classmethod
     def check_hyperparameters(cls, section: Mapping[str, Any] | None) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "FedoraConfig",
     "TrainingConfig",
     "check_flag_argument",
+    "local_divergence_problem",
     "check_path_argument",
     "classes_per_client_problem",
     "config_document",
@@ -59,6 +60,31 @@ MAX_SCALE = 1e6
 # ``[fedora] propagation = "auto"`` uses the exact dense operator up to this many clients and
 # the sparse operator above (measured: at 1,000 clients the dense product is 8x slower).
 AUTO_DENSE_MAX_CLIENTS = 256
+
+
+def local_divergence_problem(lr: float, momentum: float, terms: dict[str, float]) -> str | None:
+    """Why local SGD diverges for every data set, or None: ``terms`` maps config keys to the
+    weights of quadratic terms ``w/2 ||theta - a||^2`` added to the gradient after any
+    clipping and passed through momentum (``training.weight_decay``, FedProx's ``mu``, Ditto's
+    and FedAMP's ``lam``). Their curvature ``c = sum(terms)`` is fixed by the config; the
+    heavy-ball step :class:`secure_fedora.learning.client.MomentumSGD` (torch.optim.SGD, no
+    dampening, no Nesterov) contracts it only while ``lr * c < 2 (1 + momentum)``
+    (docs/design.md, "Local step stability"); from that product on, the returned message names
+    the keys, the product and the bound."""
+    curvature = sum(terms.values())
+    bound = 2.0 * (1.0 + momentum)
+    product = lr * curvature
+    if product < bound:
+        return None
+    keys = " + ".join(terms)
+    values = " + ".join(f"{v:g}" for v in terms.values())
+    change = " or ".join(["training.lr", *(k for k, v in terms.items() if v > 0)])
+    return (f"training.lr * ({keys}) = {lr:g} * ({values}) = {product:g} reaches the local "
+            f"step's stability bound 2 (1 + training.momentum) = {bound:g}: from there the "
+            "momentum SGD step no longer shrinks the parameters' distance to the term's anchor "
+            "(spectral radius >= 1) whatever the data, and local training diverges (the term is "
+            "added after gradient clipping, so neither training.clip_grad_norm nor DP clipping "
+            f"bounds it); lower {change} until the product is below {bound:g}")
 
 
 class ConfigError(ToolkitError, ValueError):
@@ -274,6 +300,15 @@ class TrainingConfig(_Section):
     # matched to their ledger entries: accounted once).
     # Not part of the config hash: it does not change results, so a resume may change it.
     checkpoint_every: PositiveInt | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _stable_weight_decay(self) -> TrainingConfig:
+        # weight decay is the one quadratic term every method's local step has
+        problem = local_divergence_problem(self.lr, self.momentum,
+                                           {"training.weight_decay": self.weight_decay})
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @field_validator("checkpoint_every", mode="wrap")
     @classmethod

@@ -796,3 +796,36 @@ def test_ifca_chooses_on_a_single_class_training_split_under_bce(tmp_path):
         selected = results.selected("ifca")
         assert len(selected["per_client"]) == 3
         assert all(0.0 <= v <= 1.0 for v in selected["per_client"])
+
+
+@pytest.mark.parametrize("name, key", [("fedprox", "mu"), ("ditto", "lam"), ("fedamp", "lam")])
+def test_a_proximal_weight_at_the_local_step_bound_is_refused_and_just_below_runs(tmp_path, name, key):
+    """The proximal term w/2 ||theta - anchor||^2 is added after clipping and goes through
+    momentum as weight decay does: from lr * (weight_decay + w) = 2 (1 + momentum) on, every
+    local run diverges whatever the data (the hunt's FedProx mu = 1e6 finished with finite
+    garbage, the engines disagreeing: loop 0.14, batched 0.08). Refused when read; just below,
+    the run completes and both engines agree."""
+    from secure_fedora.core.config import ConfigError
+
+    def config(weight, engine="loop"):
+        # lr 0.5 with momentum 0.5: bound 3, so weight_decay + w = 6 sits on it exactly
+        return tiny(methods=[name], training={"lr": 0.5, "momentum": 0.5, "weight_decay": 1.0,
+                                              "engine": engine},
+                    data={"num_clients": 2, "train_per_client": 8},
+                    baselines={name: {key: weight}})
+
+    with pytest.raises(ConfigError) as err:
+        config(5.0)
+    text = str(err.value)
+    assert (f"training.lr * (training.weight_decay + baselines.{name}.{key}) = 0.5 * (1 + 5) = 3 "
+            "reaches the local step's stability bound 2 (1 + training.momentum) = 3") in text
+    assert f"lower training.lr or training.weight_decay or baselines.{name}.{key}" in text
+    below = 5.0 - 1e-3
+    finals = []
+    for engine in ("loop", "batched"):
+        results = Simulation(config(below, engine), tmp_path / engine,
+                             method_factory=method_factory).run()
+        finals.append(results["methods"][name]["final"]["per_client"])
+    # the batched engine trained every round itself (no fallback to the loop)
+    assert results["methods"][name]["extra"]["training_engine"]["fallbacks"] == []
+    assert finals[0] == pytest.approx(finals[1])

@@ -447,3 +447,22 @@ def test_load_config_refuses_an_empty_or_nul_path(path, why):
             call(path)
     with pytest.raises(ConfigError, match="the config path must be a path"):
         load_config(7)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_weight_decay_at_the_local_step_bound_is_refused_and_just_below_is_not(momentum):
+    """lr * weight_decay >= 2 (1 + momentum) makes every local run diverge whatever the data
+    (the hunt's weight_decay = 1e6 ran to finite garbage): refused when read, naming the keys,
+    the product and the bound; a product just below is a valid config."""
+    bound = 2.0 * (1.0 + momentum)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"training": {"lr": 0.5, "momentum": momentum, "weight_decay": 2.0 * bound}})
+    text = str(err.value)
+    assert "training.lr * (training.weight_decay) = 0.5 * " in text
+    assert f"= {bound:g} " in text and f"2 (1 + training.momentum) = {bound:g}" in text
+    assert "lower training.lr or training.weight_decay" in text
+    below = parse_config({"training": {"lr": 0.5, "momentum": momentum,
+                                       "weight_decay": 2.0 * bound * 0.999}})
+    assert below.training.weight_decay == 2.0 * bound * 0.999
+    with pytest.raises(ConfigError, match="training.weight_decay"):
+        parse_config({"training": {"lr": 0.05, "weight_decay": 1e6}})

@@ -4,10 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from secure_fedora.core.config import local_divergence_problem
 from secure_fedora.learning.client import (
     ALIGNMENT_BYTES,
     ClientUpdateError,
     FlatModel,
+    MomentumSGD,
     PlainGradient,
     TrainConfig,
     Workspace,
@@ -246,3 +248,23 @@ def test_an_oracle_holding_a_row_off_the_alignment_without_retarget_is_refused()
     local_train(flat, row, x, y, cfg, _RowHoldingGradient(row), torch.Generator().manual_seed(0),
                 Workspace.for_size(flat.num_params))
     assert not torch.equal(row, before[0])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("fraction", [0.99, 1.0, 1.01])
+def test_the_configs_local_step_bound_is_where_the_optimizer_stops_contracting(momentum, fraction):
+    """The bound the config refuses at (core.config.local_divergence_problem) is the one of the
+    update local_train runs: with weight decay alone (no data gradient), MomentumSGD shrinks
+    theta below the bound and does not at or above it (there it settles at or grows from a
+    multiple of its start)."""
+    lr = 0.5  # a power of two: lr * weight_decay is fraction * bound exactly
+    cfg = TrainConfig(lr=lr, momentum=momentum, weight_decay=fraction * 2 * (1 + momentum) / lr)
+    theta = torch.ones(4, dtype=torch.float64)
+    opt = MomentumSGD(4)
+    opt.buffer = opt.buffer.double()
+    for _ in range(300):
+        opt.step(theta, torch.zeros(4, dtype=torch.float64), cfg)
+    refused = local_divergence_problem(cfg.lr, cfg.momentum,
+                                       {"training.weight_decay": cfg.weight_decay}) is not None
+    assert refused == (fraction >= 1.0)
+    assert (float(theta.abs().max()) < 1e-2) == (not refused)
