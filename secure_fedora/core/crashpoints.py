@@ -31,8 +31,10 @@ POINTS: dict[str, str] = {
     "release": "after a release's journal record is fsynced, before the release leaves",
     "train": "after one client's local training in a round, before the next",
     "evaluate": "after evaluating one client, before the next",
-    "checkpoint": "after a round, before its checkpoint is written",
-    "checkpoint_written": "right after a round's checkpoint is written",
+    "checkpoint": "after a round, before its checkpoint is written (a Flower ServerApp: also"
+                  " after its first contact, a method's setup and a method)",
+    "checkpoint_written": "right after a round's checkpoint is written (a Flower ServerApp:"
+                          " any of its checkpoints)",
     "between_methods": "after a method finished (outcome checkpointed), before the next one",
     "results": "after every method finished, before results.json is written",
 }

@@ -123,6 +123,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             max_in_flight=args.max_in_flight,
             compare_methods=args.compare_methods,
             full_client_errors=args.full_client_errors,
+            resume=args.resume,
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
         )
     except KeyboardInterrupt:
@@ -202,5 +203,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="client index whose SuperNode agrees to send its error texts whole (node config "
         "client-errors=\"full\"; repeatable): only when [security] client_errors is \"full\" "
         "too. Every other node sends only an error's class name (the default)",
+    )
+    local.add_argument(
+        "--resume", action="store_true",
+        help="continue the run of this workdir whose ServerApp died, from its checkpoint in "
+        "WORKDIR/results (same config and flags; the nodes answer the round in flight from their "
+        "saved state, releasing nothing twice); refused before anything is written when the "
+        "checkpoint is another run's, configuration's or method list's",
     )
     local.set_defaults(func=cmd_local)

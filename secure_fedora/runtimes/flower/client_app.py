@@ -201,6 +201,17 @@ class WithheldError(ToolkitError, RuntimeError):
         self.original = original
 
 
+def _run_id(context: Context) -> int:
+    """The run id this node keys its state, envelopes and nonce memory by: the run config's
+    ``resume`` (the run a resumed ServerApp continues, validated by
+    :meth:`~secure_fedora.runtimes.flower.protocol.RunSettings.from_run_config` before any
+    handler acts), else Flower's run id."""
+    resume = context.run_config.get("resume", 0)
+    if isinstance(resume, int) and not isinstance(resume, bool) and resume > 0:
+        return resume
+    return int(context.run_id)
+
+
 def _client_errors_mode(context: Context) -> str:
     """What this client's error texts tell the server
     (:func:`~secure_fedora.runtimes.flower.protocol.effective_client_errors`): "full" only
@@ -228,7 +239,7 @@ def _record_client_error(context: Context, what: str, err: BaseException, sent: 
         f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {what} (sent to the server: {sent})\n",
         *traceback.format_exception(err), "\n"])
     try:
-        folder = Path(state_dir) / "runs" / str(context.run_id)
+        folder = Path(state_dir) / "runs" / str(_run_id(context))
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / CLIENT_ERRORS_LOG, "a", encoding="utf-8") as f:
             f.write(entry)
@@ -580,12 +591,12 @@ def _open_request(
     cfg = settings.experiment
     node = NodeSettings.from_node_config(context.node_config, cfg.data.num_clients)
     node.state_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = node.state_dir / "runs" / str(context.run_id)
+    run_dir = node.state_dir / "runs" / str(_run_id(context))
 
     def verify(expect: Mapping[str, Any] | None) -> tuple[MessageSecurity, Envelope]:
         try:
             security = MessageSecurity.for_client(
-                node.identity_dir, run_dir / scope if scope else run_dir, context.run_id,
+                node.identity_dir, run_dir / scope if scope else run_dir, _run_id(context),
                 settings.config_hash, node.partition_id, cfg.data.num_clients, expect,
             )
         except NonceMemoryLostError as err:
@@ -604,10 +615,10 @@ def _open_request(
         # under the lock: another process of this client appends to (or compacts) the same
         # nonce file only between its own lock and release, never beside this check
         method = saved.method
-        path = _method_dir(node, context.run_id, method) / "client.pt"
-        with _stage_lock(node, context.run_id):
+        path = _method_dir(node, _run_id(context), method) / "client.pt"
+        with _stage_lock(node, _run_id(context)):
             state = saved.read(path, lambda: ClientRunState.load(
-                path, node.partition_id, context.run_id, settings.config_hash, method))
+                path, node.partition_id, _run_id(context), settings.config_hash, method))
             security, envelope = verify(state.nonce_head if state is not None else None)
     return settings, node, security, envelope
 
@@ -751,7 +762,7 @@ def ceremony(message: Message, context: Context) -> Message:
         missing = [p for p in parties if p not in allowlist]
         if missing:
             raise DeployError(f"the allowlist lacks the X25519 keys of {missing[:5]}")
-        store = _key_holder_store(node, context.run_id, security.identity)
+        store = _key_holder_store(node, _run_id(context), security.identity)
         public, sealed = store.ceremony({p: allowlist[p].agreement_key for p in parties})
         content["ceremony"] = ConfigRecord(
             {"public-context": public, **{f"sealed-{p}": sealed[p] for p in parties}}
@@ -816,7 +827,7 @@ def encrypted_summary(message: Message, context: Context) -> Message:
             content["ledger"] = result.ledger_head
         return _reply(security, message, content, 0)
 
-    return _release_encrypted_summary(settings, node, context.run_id, respond, refuse)
+    return _release_encrypted_summary(settings, node, _run_id(context), respond, refuse)
 
 
 def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
@@ -838,16 +849,16 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     answered = record.get("answered-ceremony") if isinstance(record, ConfigRecord) else None
     if not isinstance(answered, str) or len(answered) != 64:
         raise DeployError(f"the decryption request's answered-ceremony is malformed: {answered!r}")
-    store = _key_holder_store(node, context.run_id, security.identity)
+    store = _key_holder_store(node, _run_id(context), security.identity)
     store.check_answered(answered)  # before the store decrypts anything
     n, q = cfg.data.num_clients, cfg.fedora.q
     vectors = range(n * q)  # every row: the Flower runtime needs every client
     layout = layout_for(cfg, DataSchema.of(ensure_partition(node, cfg)))
     gram = decrypt_rows(store.secret_context(), layout, rows, vectors)
     overlaps = overlaps_from_rows(gram, vectors, n, q)
-    _, journal = run_paths(node, context.run_id)
+    _, journal = run_paths(node, _run_id(context))
     # What the key holder releases (the overlaps of every pair) is journaled like a summary.
-    with _stage_lock(node, context.run_id):
+    with _stage_lock(node, _run_id(context)):
         _repair_journal(journal)
         journal.append(node.partition_id, 0, "overlaps", overlaps.numpy().tobytes())
     content = RecordDict(
@@ -982,7 +993,7 @@ def method_message(message: Message, context: Context) -> Message:
         content["metrics"] = MetricRecord({**result.metrics, **_timings(started)})
         return _reply(security, message, content, wire, release)
 
-    return run_stage(settings, node, context.run_id, method, stage, rnd, incoming,
+    return run_stage(settings, node, _run_id(context), method, stage, rnd, incoming,
                      respond=respond, server_saw=_server_saw(conf),
                      server_answered=_server_answered(conf),
                      nonce_head=security.verifier.nonce_head(), prior=saved).response

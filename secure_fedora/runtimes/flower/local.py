@@ -23,7 +23,8 @@ Layout of ``workdir``::
                          signed ledger runs/<run_id>/<method>/client-<i>.jsonl)
     logs/                one log per process; serverapp.log is the run's log stream
     results/             results.json, rounds.csv, plots/, progress.json (and, with DP,
-                         anchor.json) written by the ServerApp
+                         anchor.json) written by the ServerApp, and its checkpoint
+                         checkpoints/flower-server.pt (``deploy local --resume``)
     run.toml             the run-config overrides passed to ``flwr run``
 
 Every process gets ``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_UPDATE_CHECK=1``; the
@@ -187,7 +188,7 @@ class RunTimeouts:
 class DeployResult:
     """What a finished local deployment produced."""
 
-    run_id: int
+    run_id: int  # the run's id (a resumed run's: the id it continues, results.json's run_id)
     status: str
     results: dict[str, Any]
     workdir: Path
@@ -503,13 +504,16 @@ class LocalFederation:
         key_holder: int = 0,
         max_in_flight: int = 0,
         compare_methods: bool = False,
+        resume: int = 0,
     ) -> int:
         """Submit the secure-fedora app with ``cfg`` via ``flwr run``; returns the run id.
 
         ``round_timeout`` overrides ``timeouts.round`` for this run only; ``key_holder`` is the
         client that runs the CKKS key ceremony in the encrypted relatedness modes;
         ``max_in_flight`` caps the messages the ServerApp keeps outstanding (0: all at once);
-        ``compare_methods`` lets a DP config of several methods run (a comparison).
+        ``compare_methods`` lets a DP config of several methods run (a comparison);
+        ``resume`` (0: a new run) continues that run from the ServerApp's checkpoint in
+        ``result_dir``.
         """
         result_dir.mkdir(parents=True, exist_ok=True)
         overrides = make_run_config(
@@ -525,6 +529,7 @@ class LocalFederation:
             reproducible_dp_noise=reproducible_dp_noise,
             max_in_flight=max_in_flight,
             compare_methods=compare_methods,
+            resume=resume,
         )
         run_toml = self.workdir / "run.toml"
         run_toml.write_text(tomli_w.dumps(overrides), encoding="utf-8")
@@ -615,6 +620,33 @@ def _refuse_used_workdir(work: Path) -> None:
             "beside them; use a new workdir (or move this one away)")
 
 
+def _resumed_run(work: Path, cfg: ExperimentConfig) -> int:
+    """The id of the run whose ServerApp checkpoint ``work/results`` holds, once
+    :func:`~secure_fedora.runtimes.flower.server_app.check_resumable` accepts it for ``cfg``
+    (reads only)."""
+    from secure_fedora.core.config import config_hash
+    from secure_fedora.runtimes.flower.server_app import (
+        SERVER_CHECKPOINT,
+        ResumeRefused,
+        check_resumable,
+    )
+    from secure_fedora.runtimes.inprocess import CheckpointError, checkpoint_binding
+
+    results = work / "results"
+    path = results / SERVER_CHECKPOINT
+    if not path.is_file():
+        raise ResumeRefused(f"--resume: {path} does not exist, so {work} holds no run to resume "
+                            "(start one without --resume, in a new workdir)")
+    try:
+        run_id = checkpoint_binding(path).get("run_id")
+    except CheckpointError as err:
+        raise ResumeRefused(f"--resume: {err}; nothing was written") from None
+    if not isinstance(run_id, int):
+        raise ResumeRefused(f"--resume: {path} names no run id; nothing was written")
+    check_resumable(results, run_id, cfg, config_hash(cfg))
+    return run_id
+
+
 def deploy_local(
     config: str | os.PathLike[str] | ExperimentConfig,
     num_clients: int | None,
@@ -628,6 +660,7 @@ def deploy_local(
     max_in_flight: int | None = None,
     compare_methods: bool = False,
     full_client_errors: Sequence[int] = (),
+    resume: bool = False,
 ) -> DeployResult:
     """Run every method of the config on a local, secured Flower deployment and stop everything afterwards.
 
@@ -641,7 +674,11 @@ def deploy_local(
     ``full_client_errors`` lists the clients whose SuperNodes agree to send their error texts
     whole (node config ``client-errors="full"``): only they do, and only when the config's
     ``[security] client_errors`` is "full" too; every other node withholds them.
-    Returns the ServerApp's
+    ``resume`` continues the run of this workdir whose ServerApp died: its checkpoint in
+    ``workdir/results`` must be this configuration's (else
+    :class:`~secure_fedora.runtimes.flower.server_app.ResumeRefused`, before any process
+    starts or anything is written); the deployment starts again on the nodes' kept state and
+    the run goes on under its own id. Returns the ServerApp's
     ``results.json`` and the run status. Raises :class:`DeployError` if any process fails to
     start, the run does not finish in ``timeouts.run`` seconds, or it ends in another state
     than ``finished:completed``. All processes are stopped before returning or raising,
@@ -670,7 +707,9 @@ def deploy_local(
         # end the value early and point a node at another directory
         raise DeployError(f"the workdir {str(work)!r} contains a quote, a backslash or a line"
                           " break, which Flower's node config cannot carry; choose another path")
-    _refuse_used_workdir(work)
+    resumed = _resumed_run(work, cfg) if resume else 0
+    if not resume:
+        _refuse_used_workdir(work)
     started = time.perf_counter()
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
                           full_client_errors=full_client_errors)
@@ -682,7 +721,7 @@ def deploy_local(
             run_id = fed.submit(cfg, work / "results", num_threads=num_threads,
                                 reproducible_dp_noise=reproducible_dp_noise,
                                 key_holder=key_holder, max_in_flight=max_in_flight,
-                                compare_methods=compare_methods)
+                                compare_methods=compare_methods, resume=resumed)
             window = f"at most {max_in_flight}" if max_in_flight else "all"
             say(f"run {run_id} submitted ({window} messages in flight at once); following it "
                 f"(log: {fed.logs / 'serverapp.log'})")
@@ -700,7 +739,7 @@ def deploy_local(
         )
     results = json.loads(results_path.read_text(encoding="utf-8"))
     return DeployResult(
-        run_id=run_id,
+        run_id=resumed or run_id,
         status=status,
         results=results,
         workdir=work,

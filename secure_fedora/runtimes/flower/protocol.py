@@ -138,6 +138,7 @@ RUN_CONFIG_KEYS = (
     "server-state-dir",
     "key-holder",
     "max-in-flight",
+    "resume",
 )
 
 
@@ -317,6 +318,7 @@ def make_run_config(
     reproducible_dp_noise: bool = False,
     max_in_flight: int = 0,
     compare_methods: bool = False,
+    resume: int = 0,
 ) -> dict[str, Any]:
     """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``).
 
@@ -327,6 +329,9 @@ def make_run_config(
     exchange the ServerApp keeps outstanding at once (0: all). ``reproducible_dp_noise``
     runs a DP config with ``privacy.noise = "reproducible"`` (:func:`with_reproducible_noise`);
     ``compare_methods`` lets a DP config of several methods run (:func:`check_supported`).
+    ``resume`` (0: a new run) is the id of the run this one continues from the ServerApp's
+    checkpoint in ``result_dir``: every app then works under that run id
+    (:meth:`RunSettings.run_id`), so the nodes answer from that run's saved state.
     """
     return {
         "experiment": experiment_to_run_config(with_reproducible_noise(cfg, reproducible_dp_noise)),
@@ -341,6 +346,7 @@ def make_run_config(
         "server-state-dir": str(Path(server_state_dir).resolve()),
         "key-holder": int(key_holder),
         "max-in-flight": int(max_in_flight),
+        "resume": int(resume),
     }
 
 
@@ -361,11 +367,20 @@ class RunSettings:
     server_state_dir: Path
     key_holder: int
     max_in_flight: int  # outstanding messages per exchange; 0: all at once
+    # the run continued from the ServerApp's checkpoint (its run id), or 0 for a new run
+    resume: int = 0
+
+    def run_id(self, flower_run_id: int) -> int:
+        """The run id every app works under: the resumed run's (``resume``), else Flower's.
+        Node state, envelopes and nonce memory are keyed by it, so a resumed run (a new
+        Flower run) reaches the state its nodes saved for the run it continues."""
+        return self.resume or int(flower_run_id)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
         """Validate a Flower run config; :class:`DeployError` names the bad key."""
-        missing = [k for k in RUN_CONFIG_KEYS if k not in run_config]
+        # ``resume`` is optional: a run config written before it existed starts a new run
+        missing = [k for k in RUN_CONFIG_KEYS if k not in run_config and k != "resume"]
         if missing:
             raise DeployError(f"run config is missing keys {missing}")
         raw = run_config["experiment"]
@@ -422,6 +437,14 @@ class RunSettings:
                 "run config key 'max-in-flight' must be a non-negative integer (0: send every "
                 f"message of an exchange at once); got {window!r}"
             )
+        resume = run_config.get("resume", 0)
+        if isinstance(resume, bool) or not isinstance(resume, int) or resume < 0:
+            raise DeployError(
+                "run config key 'resume' must be 0 (a new run) or the id of the run to continue "
+                f"from its checkpoint in result-dir; got {resume!r}")
+        if resume and not result_dir:
+            raise DeployError("run config key 'resume' needs 'result-dir', where the ServerApp "
+                              "keeps its checkpoint")
         return cls(
             experiment=cfg,
             config_hash=config_hash(cfg),
@@ -438,6 +461,7 @@ class RunSettings:
             server_state_dir=dirs["server-state-dir"],
             key_holder=holder,
             max_in_flight=window,
+            resume=resume,
         )
 
 

@@ -65,6 +65,13 @@ Results (``results.json``, ``rounds.csv``, ``plots/``, ``progress.json``) are wr
 atomically to ``result-dir`` on the SuperLink host when it is set; the temporary files of a
 ServerApp killed while writing one of them are removed when the next run in that result-dir
 starts (:func:`~secure_fedora.runtimes.results.remove_interrupted_result_writes`).
+
+A ServerApp that dies is resumed (run config ``resume``: the id of the run to continue) from
+its checkpoint ``result-dir/checkpoints/flower-server.pt`` (:data:`SERVER_CHECKPOINT`, written
+after the first contact, each method's setup, each round and each method): the checkpoint is
+checked before anything is written (:func:`check_resumable`), the first contact is made
+again, and the method in flight continues after its last checkpointed round, whose successor
+is sent again; each node answers what it already answered from its saved state.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,6 +109,7 @@ from secure_fedora.algorithms.contract import (
     round_statistics_of,
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
+from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import strict_json
 from secure_fedora.learning.models import model_fingerprint
 from secure_fedora.runtimes.flower.ceremony import layout_for, public_context_digest
@@ -128,9 +137,12 @@ from secure_fedora.runtimes.flower.protocol import (
     wire_round,
 )
 from secure_fedora.runtimes.inprocess import (
+    CheckpointError,
     Tracker,
     atomic_write_text,
+    load_checkpoint,
     metric_rounds,
+    save_checkpoint,
     stale_clients,
     summarize,
     unmeasured_rounds,
@@ -146,7 +158,8 @@ from secure_fedora.secure.relatedness import (
 )
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
-__all__ = ["ExchangeTiming", "app", "run_federation", "sample_participants"]
+__all__ = ["SERVER_CHECKPOINT", "ExchangeTiming", "ResumeRefused", "app", "check_resumable",
+           "run_federation", "sample_participants"]
 
 app = ServerApp()
 
@@ -429,6 +442,10 @@ class _Server:
     ceremony_answered: dict[str, set[int]] = field(default_factory=dict)
     # the relatedness matrix the plots draw (the first method's that holds one, e.g. FEDORA's P)
     relatedness: Tensor | None = None
+    # the finished methods' ``methods.<name>`` entries, and when the run started (wall clock;
+    # a resumed run's counts the time before its checkpoint)
+    outcomes: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -1286,6 +1303,146 @@ def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: 
     return replies
 
 
+#: The ServerApp's checkpoint, in ``result-dir``: written atomically (SHA-256 checked, bound to
+#: the run id and config hash) after the first contact, each method's setup, each round and
+#: each method, so that ``resume`` continues the run from it.
+SERVER_CHECKPOINT = Path("checkpoints") / "flower-server.pt"
+_SERVER_FORMAT = "secure-fedora/flower-server/v1"
+
+
+class ResumeRefused(DeployError):
+    """A resume the ServerApp refuses before it writes anything (no checkpoint, or one of
+    another run, configuration or method list, or of a finished run)."""
+
+
+def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
+                    config_hash: str) -> dict[str, Any]:
+    """The ServerApp checkpoint in ``result_dir`` that run ``run_id`` of ``cfg`` continues
+    from, verified (digest, format, run id, config hash, method list, not finished); raises
+    :class:`ResumeRefused` naming what differs otherwise. Reads only."""
+    path = result_dir / SERVER_CHECKPOINT
+    if not path.is_file():
+        raise ResumeRefused(
+            f"resume: {result_dir} holds no ServerApp checkpoint ({SERVER_CHECKPOINT}), so there "
+            "is nothing to resume; start a new run (in a new result-dir)")
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ResumeRefused(f"resume: {err}; nothing was written") from None
+    if state.get("format") != _SERVER_FORMAT:
+        raise ResumeRefused(f"resume: {path} is not a ServerApp checkpoint "
+                            f"(format {state.get('format')!r}); nothing was written")
+    if state.get("run_id") != run_id:
+        raise ResumeRefused(
+            f"resume: {path} is the checkpoint of run {state.get('run_id')}, not of run "
+            f"{run_id}; resume that run (resume = {state.get('run_id')}) or use a new "
+            "result-dir; nothing was written")
+    if state.get("methods") != list(cfg.methods):
+        raise ResumeRefused(
+            f"resume: {path} was written for the methods {state.get('methods')}, not "
+            f"{list(cfg.methods)}; resume with the run's own config or use a new result-dir; "
+            "nothing was written")
+    if state.get("config_hash") != config_hash:
+        raise ResumeRefused(
+            f"resume: {path} was written for another configuration (config hash "
+            f"{str(state.get('config_hash'))[:12]}..., this one {config_hash[:12]}...); resume "
+            "with the run's own config or use a new result-dir; nothing was written")
+    if state.get("finished"):
+        raise ResumeRefused(f"resume: run {run_id} in {result_dir} finished (its results are "
+                            "written); there is nothing to resume")
+    return state
+
+
+def _algorithm_state(algorithm: Any) -> dict[str, Any]:
+    """The server half's whole state: a built-in method's in-process checkpoint (its rows of
+    every client as the server last received them and its server state), else the contract's
+    client and server state dicts."""
+    from secure_fedora.algorithms.methods import FederatedMethod
+
+    if isinstance(algorithm, FederatedMethod):
+        return {"method": algorithm.state_dict()}
+    n = algorithm.ctx.num_clients
+    return {"server": algorithm.server_state_dict(),
+            "clients": [algorithm.client_state_dict(i) for i in range(n)]}
+
+
+def _load_algorithm_state(algorithm: Any, state: Mapping[str, Any]) -> None:
+    """Restore :func:`_algorithm_state`."""
+    if "method" in state:
+        algorithm.load_state_dict(state["method"])
+        return
+    for i, client in enumerate(state["clients"]):
+        algorithm.load_client_state_dict(i, client)
+    algorithm.load_server_state_dict(state["server"])
+
+
+def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
+                            finished: bool = False) -> None:
+    """Write the ServerApp checkpoint (nothing without a result-dir): what it cannot
+    recompute. The first contact, the models' and data checks and the privacy plans are
+    done again by a resume; the nodes keep their own state."""
+    if server.settings.result_dir is None:
+        return
+    crash_point("checkpoint")
+    assert server.schema is not None
+    state = {
+        "round": int(current["round"]) if current is not None else 0,
+        "format": _SERVER_FORMAT,
+        "run_id": int(server.run_id),
+        "config_hash": server.settings.config_hash,
+        "methods": list(server.cfg.methods),
+        "finished": finished,
+        "elapsed": time.time() - server.started,
+        "schema": [list(server.schema.input_shape), server.schema.num_classes,
+                   server.schema.multilabel],
+        "sizes": {c: dict(v) for c, v in server.sizes.items()},
+        "client_errors": dict(server.client_errors),
+        "events": server.events,
+        "rejections": server.rejections,
+        "privacy": server.privacy,
+        "refused": {name: sorted(cids) for name, cids in server.refused.items()},
+        "timings": server.timings,
+        "relatedness_timing": server.relatedness_timing,
+        "relatedness_details": server.relatedness_details,
+        "relatedness": server.relatedness,
+        "history": server.history,
+        "outcomes": server.outcomes,
+        "current": current,
+    }
+    save_checkpoint(server.settings.result_dir / SERVER_CHECKPOINT, state)
+    crash_point("checkpoint_written")
+
+
+def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
+    """Take the checkpoint's record of the run (events, rejections, reported ledger heads,
+    refusals, timings, finished methods) into ``server``."""
+    server.started = time.time() - float(state["elapsed"])
+    server.client_errors = {int(c): str(v) for c, v in state["client_errors"].items()}
+    server.events = list(state["events"])
+    server.rejections = list(state["rejections"])
+    server.privacy = {name: dict(rows) for name, rows in state["privacy"].items()}
+    server.refused = {name: set(cids) for name, cids in state["refused"].items()}
+    server.timings = dict(state["timings"])
+    server.relatedness_timing = dict(state["relatedness_timing"])
+    server.relatedness_details = dict(state["relatedness_details"])
+    server.relatedness = state["relatedness"]
+    server.history = list(state["history"])
+    server.outcomes = dict(state["outcomes"])
+
+
+def _check_same_clients(server: _Server, state: Mapping[str, Any]) -> None:
+    """The clients a resume found report the data facts of the run it continues."""
+    assert server.schema is not None
+    shape, classes, multilabel = state["schema"]
+    before = DataSchema(tuple(int(v) for v in shape), int(classes), bool(multilabel))
+    sizes = {int(c): dict(v) for c, v in state["sizes"].items()}
+    if before != server.schema or sizes != server.sizes:
+        raise DeployError(
+            f"resume: the clients report other data facts ({server.schema}, {server.sizes}) "
+            f"than in the run it continues ({before}, {sizes}); their data changed, so the run "
+            "cannot continue (start a new run)")
+
+
 def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) -> dict[str, Any]:
     """What the round's clients did, as the in-process round reports it (the algorithm's
     ``round_statistics`` over the accepted replies, where it defines one)."""
@@ -1293,22 +1450,48 @@ def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) 
     return dict(statistics(rnd, replies)) if statistics is not None else {}
 
 
-def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
-    """Drive method ``name``'s server half through the contract; its ``methods.<name>``."""
-    from secure_fedora.runtimes.plots import relatedness_matrix
-    from secure_fedora.runtimes.results import method_entry
+def _method_state(run: _MethodRun, rnd: int, round_gen: torch.Generator,
+                  failed_replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint's ``current``: method ``run`` after round ``rnd`` (0: its setup)."""
+    return {
+        "method": run.name,
+        "round": rnd,
+        "algorithm": _algorithm_state(run.algorithm),
+        "tracker": run.tracker.state_dict(),
+        "round_generator": round_gen.get_state(),
+        "history": run.history,
+        "seconds": run.seconds,
+        "evaluated": sorted(run.evaluated),
+        "answered_last": sorted(run.answered_last),
+        "answered": run.answered,
+        "failed_replies": failed_replies,
+    }
 
-    cfg = server.cfg
-    n = cfg.data.num_clients
-    server.scope = name
-    assert server.schema is not None
-    algorithm = build_algorithm(name, server_context(cfg, server.schema), cfg)
-    server.model_fingerprints[name] = model_fingerprint(algorithm.ctx.flat.module)
-    run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
-                     Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
-    run.schema = algorithm.reply_schema or ReplySchema.of(algorithm)
-    ceremony = algorithm.setup_ceremony()
-    num_params = algorithm.ctx.flat.num_params
+
+def _restore_method(run: _MethodRun, state: Mapping[str, Any], round_gen: torch.Generator,
+                    failed_replies: list[dict[str, Any]]) -> int:
+    """Restore :func:`_method_state` into ``run``; returns the round it was written after."""
+    try:
+        _load_algorithm_state(run.algorithm, state["algorithm"])
+        for key, value in state["tracker"].items():
+            getattr(run.tracker, key).copy_(value)
+        round_gen.set_state(state["round_generator"])
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"the ServerApp checkpoint of {run.name!r} cannot be restored: "
+                              f"{err}") from None
+    run.history = list(state["history"])
+    run.seconds = dict(state["seconds"])
+    run.evaluated = set(state["evaluated"])
+    run.answered_last = set(state["answered_last"])
+    run.answered = {int(c): dict(v) for c, v in state["answered"].items()}
+    failed_replies.extend(state["failed_replies"])
+    return int(state["round"])
+
+
+def _setup_method(grid: Grid, server: _Server, run: _MethodRun, ceremony: str | None) -> None:
+    """Method ``run``'s setup: its ceremony, or its setup exchange when it has messages."""
+    name, algorithm = run.name, run.algorithm
+    n, num_params = server.cfg.data.num_clients, algorithm.ctx.flat.num_params
     setup = (check_messages(name, SETUP, 0, algorithm.setup_messages(), range(n), num_params)
              if ceremony is None else {})
     t0 = time.perf_counter()
@@ -1328,12 +1511,41 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
     if ceremony is not None or setup:
         how = f"ceremony {ceremony}" if ceremony is not None else "exchange"
         _say(f"{name}: setup {how} done in {time.perf_counter() - t0:.2f} s")
+
+
+def _run_method(grid: Grid, server: _Server, name: str,
+                resumed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Drive method ``name``'s server half through the contract; its ``methods.<name>``.
+    ``resumed`` (a checkpoint's ``current``) continues it after the round it was written
+    after, its setup done; the round in flight then is sent again (each node answers what it
+    already answered from its saved state, releasing nothing twice)."""
+    from secure_fedora.runtimes.plots import relatedness_matrix
+    from secure_fedora.runtimes.results import method_entry
+
+    cfg = server.cfg
+    n = cfg.data.num_clients
+    server.scope = name
+    assert server.schema is not None
+    algorithm = build_algorithm(name, server_context(cfg, server.schema), cfg)
+    server.model_fingerprints[name] = model_fingerprint(algorithm.ctx.flat.module)
+    run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
+                     Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
+    run.schema = algorithm.reply_schema or ReplySchema.of(algorithm)
+    ceremony = algorithm.setup_ceremony()
+    num_params = algorithm.ctx.flat.num_params
     rounds = cfg.training.rounds
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
-    server.write("progress.json", {"run_id": server.run_id, "method": name, "round": 0,
-                                   "rows": run.history})
     failed_replies: list[dict[str, Any]] = []  # training replies that errored or were rejected
-    for rnd in range(1, rounds + 1):
+    if resumed is not None:
+        first = _restore_method(run, resumed, round_gen, failed_replies) + 1
+        _say(f"{name}: resumed after round {first - 1}")
+    else:
+        _setup_method(grid, server, run, ceremony)
+        first = 1
+        server.write("progress.json", {"run_id": server.run_id, "method": name, "round": 0,
+                                       "rows": run.history})
+        _save_server_checkpoint(server, _method_state(run, 0, round_gen, failed_replies))
+    for rnd in range(first, rounds + 1):
         participants = sample_participants(cfg, round_gen, n)
         t0 = time.perf_counter()
         messages = check_messages(name, ROUND, rnd, algorithm.configure(rnd, participants),
@@ -1365,6 +1577,7 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                 if row.get("test_mean") is not None else ""))
         server.write("progress.json", {"run_id": server.run_id, "method": name, "round": rnd,
                                        "rows": run.history})
+        _save_server_checkpoint(server, _method_state(run, rnd, round_gen, failed_replies))
     silent = sorted(set(range(n)) - run.evaluated)
     if silent:
         # their metrics would be the tracker's zero placeholders: made-up results
@@ -1420,6 +1633,17 @@ def _run_method(grid: Grid, server: _Server, name: str) -> dict[str, Any]:
                         round(run.seconds["evaluation"], 3), extra)
 
 
+def _model_fingerprint(server: _Server, name: str) -> str:
+    """The fingerprint of the model this server builds for method ``name`` (recorded when the
+    method ran; a method a resumed ServerApp took finished from its checkpoint builds it
+    again: the same config and schema give the same model)."""
+    if name not in server.model_fingerprints:
+        assert server.schema is not None
+        algorithm = build_algorithm(name, server_context(server.cfg, server.schema), server.cfg)
+        server.model_fingerprints[name] = model_fingerprint(algorithm.ctx.flat.module)
+    return server.model_fingerprints[name]
+
+
 def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     """``privacy.<name>``: each client's spending as it last reported it (signed), and the
     stages each of its releases passes on its node (every reply signed by its pipeline)."""
@@ -1453,7 +1677,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
         "release_stages": stages,
         "sample_rate": sample_rate_for(cfg),
         "steps_per_round": steps_per_round(cfg),
-        "model_fingerprint": server.model_fingerprints[name],
+        "model_fingerprint": _model_fingerprint(server, name),
         "note": "budgets, noise and plan as calibrated from the config (every client "
                 "calibrates its own the same way); spending as last reported by each client "
                 "in a signed reply; its signed ledger is the record",
@@ -1464,7 +1688,13 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
 
 
 def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:
-    """Run every configured method over the grid; returns (and writes) the results document."""
+    """Run every configured method over the grid; returns (and writes) the results document.
+
+    With ``settings.resume`` the run continues run ``resume`` from its ServerApp checkpoint
+    in the result-dir (:func:`check_resumable`, before anything is written; Flower's
+    ``run_id`` is then not used): the first contact is made again, then the finished methods
+    are taken from the checkpoint and the method in flight goes on after its last
+    checkpointed round."""
     from secure_fedora.runtimes.plots import write_plots
     from secure_fedora.runtimes.results import (
         build_results,
@@ -1481,13 +1711,21 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         from secure_fedora.secure.private import check_budget_plans
 
         plans = {name: check_budget_plans(cfg, name, cfg.data.num_clients) for name in cfg.methods}
+    run_id = settings.run_id(run_id)
+    resumed = None
+    if settings.resume:
+        assert settings.result_dir is not None  # RunSettings requires it
+        resumed = check_resumable(settings.result_dir, run_id, cfg, settings.config_hash)
     torch.set_num_threads(settings.num_threads)
     if settings.result_dir is not None:
         for leftover in remove_interrupted_result_writes(settings.result_dir):
             _say(f"removed {leftover}, a result write of an earlier ServerApp that was interrupted")
     n = cfg.data.num_clients
     server = _Server(settings=settings, run_id=run_id, plans=plans)
-    started = time.time()
+    if resumed is not None:
+        _restore_server(server, resumed)
+        _say(f"run {run_id}: resuming from {settings.result_dir / SERVER_CHECKPOINT} "
+             f"({sorted(server.outcomes)} finished)")
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
     connected_by = time.monotonic() + settings.connect_timeout
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)
@@ -1502,11 +1740,21 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     if checked:  # so are the data's shapes and split sizes (what every client reported)
         assert server.schema is not None
         check_data_facts(checked, cfg, _data_facts(server.schema, server.sizes, n))
-    outcomes = {}
+    current = None
+    if resumed is not None:
+        _check_same_clients(server, resumed)
+        current = resumed["current"]
+    else:
+        _save_server_checkpoint(server, None)
     for name in cfg.methods:
-        outcomes[name] = _run_method(grid, server, name)
+        if name in server.outcomes:  # finished before the checkpoint
+            continue
+        at = current if current is not None and current["method"] == name else None
+        server.outcomes[name] = _run_method(grid, server, name, at)
         if settings.result_dir is not None:  # as in process: rewritten after each method
             write_rounds_csv(settings.result_dir, server.history)
+        _save_server_checkpoint(server, None)
+    outcomes = {name: server.outcomes[name] for name in cfg.methods}
     server.scope = HELLO_SCOPE
     assert server.schema is not None
     metric = server_context(cfg, server.schema).flat.task.metric_name
@@ -1561,7 +1809,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
             "timings": server.timings,
             "rounds": server.history,
             "events": server.events,
-            "seconds_total": round(time.time() - started, 3),
+            "seconds_total": round(time.time() - server.started, 3),
         },
     )
     server.write("results.json", results)
@@ -1569,6 +1817,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         _write_server_anchor(server)
     if settings.result_dir is not None:
         write_plots(settings.result_dir, server.history, results, server.relatedness)
+    _save_server_checkpoint(server, None, finished=True)
     return results
 
 
@@ -1597,16 +1846,20 @@ def _write_server_anchor(server: _Server) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: validate the run config and run every configured method."""
     settings = RunSettings.from_run_config(context.run_config)
+    run_id = settings.run_id(context.run_id)
     try:
-        results = run_federation(grid, settings, context.run_id)
+        results = run_federation(grid, settings, run_id)
+    except ResumeRefused as err:  # refused before anything was written: nor is failure.json
+        _say(f"run failed: {type(err).__name__}: {err}")
+        raise
     except Exception as err:
         if settings.result_dir is not None:
             atomic_write_text(
                 settings.result_dir / "failure.json",
-                json.dumps({"run_id": context.run_id, "error": f"{type(err).__name__}: {err}"}),
+                json.dumps({"run_id": run_id, "error": f"{type(err).__name__}: {err}"}),
             )
         _say(f"run failed: {type(err).__name__}: {err}")
         raise
     for name, entry in results["methods"].items():
-        _say(f"run {context.run_id} {name}: selected mean test {results['metric']} "
+        _say(f"run {run_id} {name}: selected mean test {results['metric']} "
              f"{entry['selected']['mean']:.4f}")

@@ -1,0 +1,270 @@
+"""A ServerApp killed mid-run is resumed (run config ``resume``) from its checkpoint in the
+result-dir: the nodes answer the round in flight from their saved state (nothing trained or
+released twice) and the results equal an uninterrupted run's; a resume into a result-dir of
+another run, configuration or method list is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Message
+
+from secure_fedora.core import crashpoints
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+    with_methods,
+)
+
+
+def _timed(key: str) -> bool:
+    """What two runs of one config may differ in: wall-clock timings."""
+    return "timing" in key or "seconds" in key or key.endswith("_s")
+
+
+def _untimed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if not _timed(k)}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _federation(root: Path, cfg: Any, **over: Any) -> tuple[dict[str, Any], InMemoryGrid]:
+    rc = run_config(cfg, root, **{"result-dir": str(root / "res"), "round-timeout": 5.0,
+                                  **over})
+    (root / "res").mkdir(exist_ok=True)
+    return rc, InMemoryGrid(root / "nodes", rc, cfg.data.num_clients)
+
+
+def _run(rc: dict[str, Any], grid: InMemoryGrid, run_id: int = 42) -> dict[str, Any]:
+    return server_app.run_federation(grid, RunSettings.from_run_config(rc), run_id)  # type: ignore[arg-type]
+
+
+def _trained(root: Path) -> list[int]:
+    """Each node's release journal length (one line per released payload)."""
+    return [len((root / "nodes" / f"node-{c}" / "runs" / "42" / "releases.jsonl")
+                .read_text().splitlines()) for c in range(3)]
+
+
+def _crash_after_reply(client: int, rnd: int) -> dict[tuple[int, int, str], Any]:
+    """The server dies (SIGKILL in a process; InjectedCrash here) right after ``client``'s
+    reply of round ``rnd`` arrived: its round is in flight, some nodes answered it."""
+    def die(_request: Message, _reply: Message) -> Message:
+        raise crashpoints.InjectedCrash(f"server killed in round {rnd}")
+    return {(client, rnd, MSG_ROUND): die}
+
+
+def _kill_and_resume(root: Path, cfg: Any, client: int, rnd: int,
+                     **over: Any) -> tuple[dict[str, Any], InMemoryGrid]:
+    rc, grid = _federation(root, cfg, **over)
+    grid.tamper_reply = _crash_after_reply(client, rnd)
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid)
+    assert not (root / "res" / "results.json").exists()
+    rc = {**rc, "resume": 42}
+    # a new Flower run (another run id) and new node processes; the nodes keep their state
+    grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients, run_id=777)
+    return _run(rc, grid, run_id=777), grid
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_killed_serverapp_resumes_and_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Without a resume a ServerApp killed in round 3 of 4 lost the run (the nodes kept their
+    state). Killed after client 1's round-3 reply, resumed under the run's id by a new Flower
+    run, it sends round 3 again: client 1 answers from its saved state (no second release),
+    the others train it, and results.json and rounds.csv equal an uninterrupted run's but for
+    timings; a second resume of the finished run is refused."""
+    cfg = with_methods(tiny_config(rounds=4), "fedora", "fedavg")
+    whole, grid = _federation(tmp_path / "whole", cfg)
+    expected = _run(whole, grid)
+    resumed, _ = _kill_and_resume(tmp_path / "cut", cfg, client=1, rnd=3)
+    assert resumed["run_id"] == 42
+    assert _untimed(resumed) == _untimed(expected)
+    assert (tmp_path / "cut" / "res" / "rounds.csv").read_bytes() == \
+        (tmp_path / "whole" / "res" / "rounds.csv").read_bytes()
+    assert _trained(tmp_path / "cut") == _trained(tmp_path / "whole")
+    rc = {**whole, "resume": 42}
+    with pytest.raises(server_app.ResumeRefused, match="finished"):
+        _run(rc, InMemoryGrid(tmp_path / "whole" / "nodes", rc, 3))
+
+
+def _unstamped_ledgers(root: Path) -> list[list[dict[str, Any]]]:
+    """Every node's ledger of FEDORA without what differs between any two runs: the entries'
+    timestamps and so their hashes and signatures."""
+    stamped = {"timestamp", "prev_hash", "signature"}
+    return [[{k: v for k, v in json.loads(line).items() if k not in stamped}
+             for line in (root / "nodes" / f"node-{c}" / "runs" / "42" / "fedora"
+                          / f"client-{c:03d}.jsonl").read_text().splitlines()]
+            for c in range(3)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_dp_run_resumes_without_counting_a_release_twice(tmp_path: Path) -> None:
+    """DP with reproducible noise: killed in round 2 of 3 after client 0's reply, resumed,
+    its results equal an uninterrupted run's (epsilon spent and ledger entries per client;
+    the ledger heads differ as any two runs' do, by the entries' timestamps), every ledger
+    holds the uninterrupted run's entries (client 0's no second round-2 release), and the
+    anchor records the same entries and spending."""
+    cfg = dp_config(rounds=3)
+    over = {"reproducible-dp-noise": True}
+    whole, grid = _federation(tmp_path / "whole", cfg, **over)
+    expected = _run(whole, grid)
+    resumed, _ = _kill_and_resume(tmp_path / "cut", cfg, client=0, rnd=2, **over)
+
+    def unheaded(results: dict[str, Any]) -> Any:
+        for row in results["privacy"]["fedora"]["clients"]:
+            assert len(row.pop("ledger_head")) == 64
+        return _untimed(results)
+
+    assert unheaded(resumed) == unheaded(expected)
+    assert all(c["epsilon_spent"] > 0 and c["ledger_entries"] == 8
+               for c in resumed["privacy"]["fedora"]["clients"])
+    assert _unstamped_ledgers(tmp_path / "cut") == _unstamped_ledgers(tmp_path / "whole")
+    assert _trained(tmp_path / "cut") == _trained(tmp_path / "whole")
+
+    def anchored(root: Path) -> dict[str, Any]:
+        doc = json.loads((root / "res" / "anchor.json").read_text())
+        return {k: {f: v[f] for f in ("entries", "epsilon_spent")} for k, v in
+                doc["ledgers"].items()}
+
+    assert anchored(tmp_path / "cut") == anchored(tmp_path / "whole")
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("other", ["config", "methods", "run"])
+def test_a_resume_into_another_runs_result_dir_is_refused_before_writing(
+        tmp_path: Path, other: str) -> None:
+    """A resume whose config, method list or run id differs from the checkpoint's is refused
+    naming the difference, and the result-dir is left byte for byte as it was."""
+    cfg = tiny_config(rounds=3)
+    rc, grid = _federation(tmp_path, cfg)
+    grid.tamper_reply = _crash_after_reply(0, 2)
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid)
+    res = tmp_path / "res"
+    before = {p: p.read_bytes() for p in sorted(res.rglob("*")) if p.is_file()}
+    resume = 42
+    if other == "config":
+        rc = run_config(tiny_config(rounds=4), tmp_path, **{"result-dir": str(res)})
+    elif other == "methods":
+        rc = run_config(with_methods(cfg, "fedora", "fedavg"), tmp_path,
+                        **{"result-dir": str(res)})
+    else:
+        resume = 43
+    rc = {**rc, "resume": resume}
+    match = {"config": "another configuration", "methods": "methods", "run": "of run 42"}[other]
+    with pytest.raises(server_app.ResumeRefused, match=match):
+        _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), run_id=777)
+    assert {p: p.read_bytes() for p in sorted(res.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A result-dir without a ServerApp checkpoint has nothing to resume: refused, nothing
+    written."""
+    cfg = tiny_config(rounds=2)
+    rc, _ = _federation(tmp_path, cfg)
+    rc = {**rc, "resume": 42}
+    with pytest.raises(server_app.ResumeRefused, match="nothing to resume"):
+        _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3))
+    assert list((tmp_path / "res").iterdir()) == []
+
+
+@pytest.mark.deploy
+def test_deploy_local_resumes_a_serverapp_killed_with_sigkill(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`deploy local`: the ServerApp process kills itself (SIGKILL) right after its round-2
+    checkpoint of 3; the deployment fails. `deploy local --resume` of another config is
+    refused before any process starts; with the run's own config it starts the deployment
+    again, continues the run under the killed run's id, and its per-client results and
+    rounds equal an uninterrupted run's (the in-memory grid's, which equal a deployment's)."""
+    from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
+    from secure_fedora.runtimes.flower.protocol import DeployError
+
+    cfg = tiny_config(rounds=3)
+    work = tmp_path / "w"
+    timeouts = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)
+    # checkpoints: first contact, setup, rounds 1 and 2 (the SuperNodes never reach one)
+    monkeypatch.setenv(crashpoints.ENV_VAR, "checkpoint_written@4")
+    with pytest.raises(DeployError, match="ended with status"):
+        deploy_local(cfg, 3, work, timeouts=timeouts, max_in_flight=3)
+    monkeypatch.delenv(crashpoints.ENV_VAR)
+    results = work / "results"
+    killed = json.loads((results / "progress.json").read_text())
+    assert killed["round"] == 2 and not (results / "results.json").exists()
+    before = {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()
+              and "logs" not in p.parts}
+    with pytest.raises(server_app.ResumeRefused, match="another configuration"):
+        deploy_local(tiny_config(rounds=3, lr=0.05), 3, work, timeouts=timeouts, resume=True)
+    assert {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()
+            and "logs" not in p.parts} == before
+    result = deploy_local(cfg, 3, work, timeouts=timeouts, max_in_flight=3, resume=True)
+    assert result.status == "finished:completed"
+    assert result.results["run_id"] == killed["run_id"] == result.run_id
+
+    rc, grid = _federation(tmp_path / "grid", cfg)
+    expected = _run(rc, grid)
+    for key in ("methods", "rounds", "clients", "privacy"):
+        assert _untimed(result.results[key]) == _untimed(expected[key]), key
+
+
+def test_the_resume_key_is_validated(tmp_path: Path) -> None:
+    """``resume`` is 0 (a new run, also when the key is absent) or a run id, and needs a
+    result-dir; a resumed run's apps work under that id, a new run's under Flower's."""
+    from secure_fedora.runtimes.flower.protocol import DeployError
+
+    cfg = tiny_config()
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    assert RunSettings.from_run_config(rc).run_id(777) == 777
+    assert RunSettings.from_run_config({**rc, "resume": 42}).run_id(777) == 42
+    del rc["resume"]
+    assert RunSettings.from_run_config(rc).run_id(777) == 777
+    for bad in (-1, True, "42", 4.2):
+        with pytest.raises(DeployError, match="'resume' must be 0"):
+            RunSettings.from_run_config({**rc, "resume": bad})
+    with pytest.raises(DeployError, match="needs 'result-dir'"):
+        RunSettings.from_run_config({**rc, "result-dir": "", "resume": 42})
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_deploy_local_resume_refuses_before_starting_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`deploy local --resume` in a workdir without a run, or whose ServerApp checkpoint is of
+    another configuration, is refused before any process starts and changes no file."""
+    import argparse
+
+    from secure_fedora.runtimes.flower.cli import register
+    from secure_fedora.runtimes.flower.local import deploy_local
+
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    register(parser.add_subparsers(dest="command", required=True))
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "t"\nmethods = ["fedora"]\n[data]\nnum_clients = 3\n')
+    work = tmp_path / "w"
+    args = parser.parse_args(["deploy", "local", "--config", str(config), "--workdir",
+                              str(work), "--resume"])
+    with pytest.raises(server_app.ResumeRefused, match="holds no run to resume"):
+        args.func(args)
+    assert not work.exists()
+    # a run killed in round 2 whose result-dir is the workdir's results/
+    cfg = tiny_config(rounds=3)
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(work / "results"),
+                                      "round-timeout": 5.0})
+    (work / "results").mkdir(parents=True)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_reply=_crash_after_reply(0, 2))
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid)
+    before = {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+    with pytest.raises(server_app.ResumeRefused, match="another configuration"):
+        deploy_local(tiny_config(rounds=3, lr=0.05), 3, work, resume=True)
+    assert {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in work.iterdir()) == ["results"]  # no certificates, no logs
