@@ -1354,25 +1354,23 @@ def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
 
 
 def _algorithm_state(algorithm: Any) -> dict[str, Any]:
-    """The server half's whole state: a built-in method's in-process checkpoint (its rows of
-    every client as the server last received them and its server state), else the contract's
-    client and server state dicts."""
-    from secure_fedora.algorithms.methods import FederatedMethod
-
-    if isinstance(algorithm, FederatedMethod):
-        return {"method": algorithm.state_dict()}
-    n = algorithm.ctx.num_clients
-    return {"server": algorithm.server_state_dict(),
-            "clients": [algorithm.client_state_dict(i) for i in range(n)]}
+    """The server half's state: its server state dict and, for a method of client rows, the
+    rows as the server last received them (which a method's server state may be computed
+    from). The clients' own state lives on their nodes."""
+    state: dict[str, Any] = {"server": algorithm.server_state_dict()}
+    theta = getattr(algorithm, "theta", None)
+    if isinstance(theta, Tensor):
+        state["theta"] = theta
+    return state
 
 
 def _load_algorithm_state(algorithm: Any, state: Mapping[str, Any]) -> None:
-    """Restore :func:`_algorithm_state`."""
-    if "method" in state:
-        algorithm.load_state_dict(state["method"])
-        return
-    for i, client in enumerate(state["clients"]):
-        algorithm.load_client_state_dict(i, client)
+    """Restore :func:`_algorithm_state` (the rows first: a server state may need them)."""
+    if "theta" in state:
+        theta = state["theta"]
+        if not isinstance(theta, Tensor) or theta.shape != algorithm.theta.shape:
+            raise ValueError(f"the rows are not a {tuple(algorithm.theta.shape)} tensor")
+        algorithm.theta.copy_(theta)
     algorithm.load_server_state_dict(state["server"])
 
 

@@ -55,18 +55,24 @@ def _trained(root: Path) -> list[int]:
                 .read_text().splitlines()) for c in range(3)]
 
 
-def _crash_after_reply(client: int, rnd: int) -> dict[tuple[int, int, str], Any]:
+def _crash_after_reply(client: int, rnd: int, nth: int = 1) -> dict[tuple[int, int, str], Any]:
     """The server dies (SIGKILL in a process; InjectedCrash here) right after ``client``'s
-    reply of round ``rnd`` arrived: its round is in flight, some nodes answered it."""
-    def die(_request: Message, _reply: Message) -> Message:
-        raise crashpoints.InjectedCrash(f"server killed in round {rnd}")
+    reply of round ``rnd`` arrived (in the ``nth`` method that reaches it): its round is in
+    flight, some nodes answered it."""
+    seen = [0]
+
+    def die(_request: Message, reply: Message) -> Message:
+        seen[0] += 1
+        if seen[0] == nth:
+            raise crashpoints.InjectedCrash(f"server killed in round {rnd}")
+        return reply
     return {(client, rnd, MSG_ROUND): die}
 
 
-def _kill_and_resume(root: Path, cfg: Any, client: int, rnd: int,
+def _kill_and_resume(root: Path, cfg: Any, client: int, rnd: int, nth: int = 1,
                      **over: Any) -> tuple[dict[str, Any], InMemoryGrid]:
     rc, grid = _federation(root, cfg, **over)
-    grid.tamper_reply = _crash_after_reply(client, rnd)
+    grid.tamper_reply = _crash_after_reply(client, rnd, nth)
     with pytest.raises(crashpoints.InjectedCrash):
         _run(rc, grid)
     assert not (root / "res" / "results.json").exists()
@@ -77,16 +83,20 @@ def _kill_and_resume(root: Path, cfg: Any, client: int, rnd: int,
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_a_killed_serverapp_resumes_and_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("methods", [("fedora", "fedavg"), ("apfl",), ("ditto",), ("fedamp",),
+                                     ("fedprox",), ("ifca",), ("local",)])
+def test_a_killed_serverapp_resumes_and_ends_as_an_uninterrupted_run(
+        tmp_path: Path, methods: tuple[str, ...]) -> None:
     """Without a resume a ServerApp killed in round 3 of 4 lost the run (the nodes kept their
-    state). Killed after client 1's round-3 reply, resumed under the run's id by a new Flower
-    run, it sends round 3 again: client 1 answers from its saved state (no second release),
-    the others train it, and results.json and rounds.csv equal an uninterrupted run's but for
-    timings; a second resume of the finished run is refused."""
-    cfg = with_methods(tiny_config(rounds=4), "fedora", "fedavg")
+    state). Killed after client 1's round-3 reply (of the last method: FEDORA's outcome then
+    comes from the checkpoint), resumed under the run's id by a new Flower run, it sends round
+    3 again: client 1 answers from its saved state (no second release), the others train it,
+    and results.json and rounds.csv equal an uninterrupted run's but for timings; a second
+    resume of the finished run is refused."""
+    cfg = with_methods(tiny_config(rounds=4), *methods)
     whole, grid = _federation(tmp_path / "whole", cfg)
     expected = _run(whole, grid)
-    resumed, _ = _kill_and_resume(tmp_path / "cut", cfg, client=1, rnd=3)
+    resumed, _ = _kill_and_resume(tmp_path / "cut", cfg, client=1, rnd=3, nth=len(methods))
     assert resumed["run_id"] == 42
     assert _untimed(resumed) == _untimed(expected)
     assert (tmp_path / "cut" / "res" / "rounds.csv").read_bytes() == \
