@@ -1716,7 +1716,10 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         resumed = check_resumable(settings.result_dir, run_id, cfg, settings.config_hash)
     torch.set_num_threads(settings.num_threads)
     if settings.result_dir is not None:
-        for leftover in remove_interrupted_result_writes(settings.result_dir):
+        from secure_fedora.core.files import remove_interrupted_writes
+
+        for leftover in [*remove_interrupted_result_writes(settings.result_dir),
+                         *remove_interrupted_writes(settings.result_dir / SERVER_CHECKPOINT)]:
             _say(f"removed {leftover}, a result write of an earlier ServerApp that was interrupted")
     n = cfg.data.num_clients
     server = _Server(settings=settings, run_id=run_id, plans=plans)

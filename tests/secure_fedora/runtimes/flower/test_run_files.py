@@ -73,13 +73,16 @@ def test_flower_run_writes_the_in_process_rounds_csv_and_plots(tmp_path: Path) -
 def test_flower_run_removes_the_partial_writes_of_a_killed_server_app(tmp_path: Path) -> None:
     """A ServerApp killed while writing a result file leaves its temporary copy (the
     atomic-write prefix) beside it: a partial results.json, rounds.csv or plot that nothing
-    removed. The next run in that result-dir removes them before it writes; other files stay."""
+    removed. The next run in that result-dir removes them before it writes (the ServerApp's
+    checkpoint's too); other files stay."""
     cfg = with_methods(tiny_config(rounds=1), "local")
     result_dir = tmp_path / "res"
     (result_dir / "plots").mkdir(parents=True)
+    (result_dir / "checkpoints").mkdir()
     leftovers = [result_dir / ".results.json.k1ll3d00", result_dir / ".rounds.csv.k1ll3d01",
                  result_dir / ".progress.json.k1ll3d02",
-                 result_dir / "plots" / ".per_client_accuracy.png.k1ll3d03"]
+                 result_dir / "plots" / ".per_client_accuracy.png.k1ll3d03",
+                 result_dir / "checkpoints" / ".flower-server.pt.k1ll3d04"]
     for path in leftovers:
         path.write_bytes(b'{"cut')
     (result_dir / "notes.txt").write_text("kept")
@@ -88,7 +91,8 @@ def test_flower_run_removes_the_partial_writes_of_a_killed_server_app(tmp_path: 
                               RunSettings.from_run_config(rc), 42)
     assert not any(path.exists() for path in leftovers)
     assert sorted(p.name for p in result_dir.iterdir()) == \
-        ["notes.txt", "plots", "progress.json", "results.json", "rounds.csv"]
+        ["checkpoints", "notes.txt", "plots", "progress.json", "results.json", "rounds.csv"]
+    assert [p.name for p in (result_dir / "checkpoints").iterdir()] == ["flower-server.pt"]
     assert sorted(p.name for p in (result_dir / "plots").iterdir()) == \
         ["accuracy_per_round.png", "per_client_accuracy.png"]
 
