@@ -206,7 +206,9 @@ def _run_id(context: Context) -> int:
     ``resume`` (the run a resumed ServerApp continues, validated by
     :meth:`~secure_fedora.runtimes.flower.protocol.RunSettings.from_run_config` before any
     handler acts), else Flower's run id."""
-    resume = context.run_config.get("resume", 0)
+    resume = context.run_config.get("resume", "0")
+    if isinstance(resume, str) and resume.isascii() and resume.isdecimal():
+        resume = int(resume)
     if isinstance(resume, int) and not isinstance(resume, bool) and resume > 0:
         return resume
     return int(context.run_id)

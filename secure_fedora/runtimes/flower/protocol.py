@@ -346,7 +346,8 @@ def make_run_config(
         "server-state-dir": str(Path(server_state_dir).resolve()),
         "key-holder": int(key_holder),
         "max-in-flight": int(max_in_flight),
-        "resume": int(resume),
+        # a string: Flower's run ids use all 64 bits, a run-config integer only 63
+        "resume": str(int(resume)),
     }
 
 
@@ -437,8 +438,10 @@ class RunSettings:
                 "run config key 'max-in-flight' must be a non-negative integer (0: send every "
                 f"message of an exchange at once); got {window!r}"
             )
-        resume = run_config.get("resume", 0)
-        if isinstance(resume, bool) or not isinstance(resume, int) or resume < 0:
+        resume = run_config.get("resume", "0")
+        if isinstance(resume, str) and resume.isascii() and resume.isdecimal():
+            resume = int(resume)
+        if isinstance(resume, bool) or not isinstance(resume, int) or not 0 <= resume < 2**64:
             raise DeployError(
                 "run config key 'resume' must be 0 (a new run) or the id of the run to continue "
                 f"from its checkpoint in result-dir; got {resume!r}")

@@ -76,7 +76,7 @@ def _kill_and_resume(root: Path, cfg: Any, client: int, rnd: int, nth: int = 1,
     with pytest.raises(crashpoints.InjectedCrash):
         _run(rc, grid)
     assert not (root / "res" / "results.json").exists()
-    rc = {**rc, "resume": 42}
+    rc = {**rc, "resume": "42"}
     # a new Flower run (another run id) and new node processes; the nodes keep their state
     grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients, run_id=777)
     return _run(rc, grid, run_id=777), grid
@@ -190,6 +190,7 @@ def test_a_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.deploy
+@pytest.mark.usefixtures("task_identity")
 def test_deploy_local_resumes_a_serverapp_killed_with_sigkill(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`deploy local`: the ServerApp process kills itself (SIGKILL) right after its round-2
@@ -236,9 +237,11 @@ def test_the_resume_key_is_validated(tmp_path: Path) -> None:
     rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
     assert RunSettings.from_run_config(rc).run_id(777) == 777
     assert RunSettings.from_run_config({**rc, "resume": 42}).run_id(777) == 42
+    big = 14486106764113678073  # a Flower run id above 2**63: a run-config integer cannot hold it
+    assert RunSettings.from_run_config({**rc, "resume": str(big)}).run_id(777) == big
     del rc["resume"]
     assert RunSettings.from_run_config(rc).run_id(777) == 777
-    for bad in (-1, True, "42", 4.2):
+    for bad in (-1, True, "-42", "4.2", 4.2, 2**64):
         with pytest.raises(DeployError, match="'resume' must be 0"):
             RunSettings.from_run_config({**rc, "resume": bad})
     with pytest.raises(DeployError, match="needs 'result-dir'"):
