@@ -2,7 +2,9 @@
 
 The rule, for every command that writes a file the user names:
 
-- PATH must not be a directory, a symbolic link or anything but a regular file;
+- PATH must not be a directory, a symbolic link or anything but a regular file, nor part of a
+  run directory's record (its results.json, config.toml, anchor.json, rounds.csv, or a file
+  under its ledgers/, keys/ or checkpoints/), even with ``--force``;
 - an existing regular file is replaced only when it is a previous, unedited report of the
   same command written by this module, or when the user passed ``--force``. The writer seals
   every report: a JSON report carries ``"written_by": {"tool": "secure-fedora", "command":
@@ -112,9 +114,39 @@ def is_previous_report(path: Path, command: str) -> bool:
         return False
 
 
+#: A run directory's own files (``results.json`` and the rest), and its folders whose files
+#: are the run's record; a folder holding one of :data:`_RUN_MARKERS` is a run directory.
+_RUN_FILES = frozenset({"results.json", "config.toml", "anchor.json", "rounds.csv"})
+_RUN_FOLDERS = frozenset({"ledgers", "keys", "checkpoints"})
+_RUN_MARKERS = ("results.json", "anchor.json", "config.toml")
+
+
+def _is_run_dir(folder: Path, but: str = "") -> bool:
+    return any((folder / m).is_file() for m in _RUN_MARKERS if m != but) \
+        or (folder / "ledgers").is_dir()
+
+
+def _run_record(path: Path) -> Path | None:
+    """The run directory whose record ``path`` would be (one of its own files beside another
+    of them, or a file under its ``ledgers``, ``keys`` or ``checkpoints``), else None: a
+    report written there would replace what an audit checks (``--force`` or not)."""
+    path = path.absolute()
+    if path.name in _RUN_FILES and _is_run_dir(path.parent, but=path.name):
+        return path.parent
+    for folder in path.parents:
+        if folder.name in _RUN_FOLDERS and _is_run_dir(folder.parent):
+            return folder.parent
+    return None
+
+
 def output_refusal(path: Path, flag: str, command: str, force: bool) -> str | None:
     """Why ``path`` (named by ``flag`` in the message) may not receive ``command``'s report
     by the module's rule, or None when it may."""
+    record = _run_record(path)
+    if record is not None:
+        return (f"{flag} {path} is part of run directory {record}'s record (its results,"
+                " config, anchor, ledgers, keys or checkpoints): a report never replaces it,"
+                f" even with --force; name a file outside it or under {record / 'audit'}")
     try:
         info = path.lstat()
     except (FileNotFoundError, NotADirectoryError):  # nothing there to harm; writing says why

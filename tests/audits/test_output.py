@@ -205,3 +205,24 @@ def test_report_out_keeps_unrelated_files(pristine_run, tmp_path, capsys):
     assert not (tmp_path / "elsewhere.json").exists()
     with pytest.raises(ReportError, match="force must be True or False"):
         write_report(pristine_run, out, force="no")
+
+
+@pytest.mark.parametrize("name", ["results.json", "config.toml", "anchor.json", "rounds.csv",
+                                  "ledgers/local/client-000.jsonl", "ledgers/local/new.json"])
+def test_a_runs_own_files_are_refused_even_with_force(run_copy, capsys, name):
+    """`audit verify RUN --json RUN/results.json --force` replaced the run's results.json (and
+    so broke its anchor, losing the file): a run directory's record is never a report's
+    target, force or not; RUN/audit/ is."""
+    target = run_copy / name
+    before = target.read_bytes() if target.exists() else None
+    assert _verify(run_copy, target, "--force") == 2
+    err = capsys.readouterr().err
+    assert f"is part of run directory {run_copy}'s record" in err and "even with --force" in err
+    assert (target.read_bytes() if target.exists() else None) == before
+    (run_copy / "audit").mkdir(exist_ok=True)
+    assert _verify(run_copy, run_copy / "audit" / "verify.json") == 0
+
+
+def test_a_file_named_like_a_runs_outside_a_run_directory_is_written(pristine_run, tmp_path):
+    assert _verify(pristine_run, tmp_path / "results.json") == 0
+    assert json.loads((tmp_path / "results.json").read_text())["ok"] is True
