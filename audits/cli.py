@@ -156,10 +156,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``audit report``: write report.html/report.json; 0 iff written and verified."""
     from audits.report import write_report
-    from secure_fedora.core.config import check_path_argument
+    from secure_fedora.core.config import ConfigError, check_path_argument
 
     if args.out is not None:  # an empty --out would be the current directory
-        check_path_argument(args.out, "--out")
+        out = check_path_argument(args.out, "--out")
+        if out.exists() and not out.is_dir():  # checked before the verification runs
+            raise ConfigError(f"--out {out} exists and is not a directory: name a directory"
+                              " (report.html and report.json are written into it)")
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
                         options=CLI_AUDIT_OPTIONS)

@@ -226,3 +226,14 @@ def test_a_runs_own_files_are_refused_even_with_force(run_copy, capsys, name):
 def test_a_file_named_like_a_runs_outside_a_run_directory_is_written(pristine_run, tmp_path):
     assert _verify(pristine_run, tmp_path / "results.json") == 0
     assert json.loads((tmp_path / "results.json").read_text())["ok"] is True
+
+
+def test_report_out_naming_a_file_is_refused_before_verifying(pristine_run, tmp_path, capsys):
+    """`audit report RUN --out FILE` verified the run, then failed with "cannot create report
+    directory FILE: [Errno 17] File exists"; it is now refused first, naming the flag."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep\n")
+    assert main(["audit", "report", str(pristine_run), "--out", str(victim)]) == 2
+    captured = capsys.readouterr()
+    assert "--out" in captured.err and "is not a directory" in captured.err
+    assert captured.out == "" and victim.read_text() == "keep\n"
