@@ -21,9 +21,11 @@ __all__ = [
     "RelatednessError",
     "attach_from_overlaps",
     "attach_new_client",
+    "attach_neighbours",
     "attach_row",
     "bounded_regularization_weight",
     "client_summary",
+    "cosine_sums",
     "embed_subproblem",
     "propagate",
     "propagate_power",
@@ -35,6 +37,7 @@ __all__ = [
     "subspace_overlaps",
     "summary_rows",
     "topk_graph",
+    "topk_graph_from_cosine_sums",
     "topk_graph_from_summaries",
 ]
 
@@ -99,19 +102,29 @@ def subspace_overlaps(summaries: Tensor) -> Tensor:
     return torch.einsum("idq,jdr->ijqr", u, u)
 
 
-def similarity_matrix(overlaps: Tensor, tau: float = 10.0) -> Tensor:
-    """``s_ij = exp(tau * sum_k cos_k)`` from the principal angles, with ``s_ii = 0`` (N x N).
+def cosine_sums(overlaps: Tensor) -> Tensor:
+    """``c_ij = sum_k cos_k``, the sum of the cosines of the principal angles between
+    span(U_i) and span(U_j), from the blocks ``U_i^T U_j`` (N x N x q x q) as (N x N) float64.
 
-    The cosines of the principal angles between span(U_i) and span(U_j) are the singular
-    values of ``U_i^T U_j``; they are clamped to [0, 1] against rounding (and against noise
-    in the noised and encrypted modes, whose blocks are only approximately orthonormal).
+    The cosines are the singular values of each block, clamped to [0, 1] against rounding
+    (and against noise in the noised and encrypted modes, whose blocks are only approximately
+    orthonormal). The diagonal is returned as computed (each client's own sum).
     """
     if overlaps.dim() != 4 or overlaps.shape[0] != overlaps.shape[1]:
         raise RelatednessError(f"overlaps must be (N, N, q, q); got shape {tuple(overlaps.shape)}")
     if not torch.isfinite(overlaps).all():
         raise RelatednessError("overlaps contain NaN or infinite values")
-    cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
-    s = _exp_similarities(cosines.sum(dim=-1), tau)
+    return torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0).sum(dim=-1)
+
+
+def similarity_matrix(overlaps: Tensor, tau: float = 10.0) -> Tensor:
+    """``s_ij = exp(tau * sum_k cos_k)`` from the principal angles, with ``s_ii = 0`` (N x N).
+
+    The raw similarities (see :func:`cosine_sums`); RelatednessError naming ``fedora.tau``
+    where one overflows float64. The graph never needs them raw:
+    :func:`topk_graph_from_cosine_sums` gives the same graph for any ``tau``.
+    """
+    s = _exp_similarities(cosine_sums(overlaps), tau)
     s.fill_diagonal_(0.0)
     return s
 
@@ -121,38 +134,30 @@ def _exp_similarities(cosine_sums: Tensor, tau: float) -> Tensor:
     s = torch.exp(tau * cosine_sums)
     if not torch.isfinite(s).all():
         raise RelatednessError(f"fedora.tau = {tau:g}: exp(tau * sum of the cosines) overflows "
-                               "float64 (tau * q must stay below about 709); lower fedora.tau")
+                               "float64 (tau times a sum of cosines above about 709): lower fedora.tau for raw "
+                               "similarities; the graph builders need none (topk_graph_from_cosine_sums)")
     return s
 
 
-def _normalized(values: Tensor, dim: int) -> Tensor:
-    """``values`` divided by their sums along ``dim``; RelatednessError where a sum overflows
-    (each similarity finite, their sum not), which would silently zero the row."""
-    sums = values.sum(dim=dim, keepdim=True)
-    if not torch.isfinite(sums).all():
-        raise RelatednessError("a client's top-k similarities sum beyond float64 (each is "
-                               "exp(tau * sum of the cosines), near its limit); lower fedora.tau")
-    return values / sums
+def _softmax_rows(cosines: Tensor, tau: float) -> Tensor:
+    """``exp(tau (c_ij - m_i)) / sum_j exp(tau (c_ij - m_i))`` with ``m_i`` the row's largest
+    entry: each row's similarities normalized, finite for any ``tau`` (the largest term is 1)."""
+    m = cosines.max(dim=-1, keepdim=True).values
+    e = torch.exp(tau * (cosines - m))
+    return e / e.sum(dim=-1, keepdim=True)
 
 
-def topk_graph(similarity: Tensor, k: int) -> Tensor:
-    """Keep the ``k`` largest off-diagonal entries of each row, zero the rest, row-normalize.
-
-    The result is row-stochastic with a zero diagonal. With ``k >= N - 1`` every other
-    client is kept. Ties are broken by ``torch.topk``: deterministically for a given input,
-    but not necessarily lowest index first.
-    """
-    n = similarity.shape[0]
-    if similarity.shape != (n, n):
-        raise RelatednessError(f"similarity must be square; got shape {tuple(similarity.shape)}")
+def _check_graph_args(n: int, k: int) -> None:
     if n < 2:
         raise RelatednessError("a relatedness graph needs at least two clients")
     if k < 1:
         raise RelatednessError(f"k must be at least 1; got {k}")
-    if (similarity < 0).any() or not torch.isfinite(similarity).all():
-        raise RelatednessError("similarities must be finite and non-negative")
-    k = min(k, n - 1)
-    masked = similarity.to(torch.float64).clone()
+
+
+def _dense_topk(similarity: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's ``k`` largest off-diagonal entries (sorted), the (N x N) matrix holding only
+    them, and its row sums (inf where they overflow); RelatednessError for a row summing to 0."""
+    masked = similarity.clone()
     masked.fill_diagonal_(-math.inf)
     values, index = torch.topk(masked, k, dim=1)
     graph = torch.zeros_like(masked).scatter_(1, index, values)
@@ -160,7 +165,61 @@ def topk_graph(similarity: Tensor, k: int) -> Tensor:
     if (row_sums <= 0).any():
         rows = torch.nonzero(row_sums.squeeze(1) <= 0).flatten().tolist()
         raise RelatednessError(f"rows {rows} have no positive similarity to any other client")
-    return _normalized(graph, dim=1)
+    return values, graph, row_sums
+
+
+def topk_graph(similarity: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest off-diagonal entries of each row, zero the rest, row-normalize.
+
+    The result is row-stochastic with a zero diagonal. With ``k >= N - 1`` every other
+    client is kept. Ties are broken by ``torch.topk``: deterministically for a given input,
+    but not necessarily lowest index first. A row whose kept entries (each finite) sum
+    beyond float64 is divided by its largest entry first; every other row is ``values / sum``.
+    """
+    n = similarity.shape[0]
+    if similarity.shape != (n, n):
+        raise RelatednessError(f"similarity must be square; got shape {tuple(similarity.shape)}")
+    _check_graph_args(n, k)
+    if (similarity < 0).any() or not torch.isfinite(similarity).all():
+        raise RelatednessError("similarities must be finite and non-negative")
+    values, graph, row_sums = _dense_topk(similarity.to(torch.float64), min(k, n - 1))
+    out = graph / row_sums
+    big = ~torch.isfinite(row_sums.squeeze(1))
+    if big.any():
+        scaled = graph[big] / values[big, :1]
+        out[big] = scaled / scaled.sum(dim=1, keepdim=True)
+    return out
+
+
+def topk_graph_from_cosine_sums(cosine_sums: Tensor, tau: float, k: int) -> Tensor:
+    """The top-``k`` graph (N x N float64, row-stochastic, zero diagonal) from the sums of
+    cosines ``c_ij`` (:func:`cosine_sums`; the diagonal is ignored), for any ``tau``.
+
+    A row whose similarities ``exp(tau c_ij)`` and their top-``k`` sum are finite is exactly
+    ``topk_graph(similarity_matrix(...), k)``'s row (bit for bit, the same neighbours); a row
+    where either overflows keeps its ``k`` largest ``c_ij`` and weighs them
+    ``exp(tau (c_ij - m_i)) / sum exp(tau (c_ij - m_i))``, ``m_i`` the largest (the same
+    normalized similarities, computed without their overflowing scale).
+    """
+    n = cosine_sums.shape[0]
+    if cosine_sums.shape != (n, n):
+        raise RelatednessError(f"cosine sums must be square; got shape {tuple(cosine_sums.shape)}")
+    _check_graph_args(n, k)
+    if not torch.isfinite(cosine_sums).all():
+        raise RelatednessError("cosine sums contain NaN or infinite values")
+    k = min(k, n - 1)
+    c = cosine_sums.to(torch.float64)
+    s = torch.exp(tau * c)
+    s.fill_diagonal_(0.0)
+    _, graph, row_sums = _dense_topk(s, k)
+    out = graph / row_sums
+    big = torch.nonzero(~torch.isfinite(row_sums.squeeze(1))).flatten()
+    if big.numel():
+        cb = c[big].clone()
+        cb[torch.arange(big.numel()), big] = -math.inf
+        top, idx = torch.topk(cb, k, dim=1)
+        out[big] = torch.zeros_like(cb).scatter_(1, idx, _softmax_rows(top, tau))
+    return out
 
 
 def propagation_matrix(graph: Tensor, alpha: float = 0.8) -> Tensor:
@@ -332,7 +391,22 @@ def embed_subproblem(sub: Tensor, members: Sequence[int], n: int, isolated: floa
 
 def attach_row(overlaps: Tensor, tau: float = 10.0, k: int = 2) -> Tensor:
     """A late joiner's graph row over the ``N`` existing clients (N,), float64: its top-``k``
-    similarities from the blocks ``U_new^T U_j`` (N x q x q), normalized to sum to one."""
+    similarities from the blocks ``U_new^T U_j`` (N x q x q), normalized to sum to one, for
+    any ``tau``: where ``exp(tau c_j)`` or the top-``k`` sum overflows float64, the top-``k``
+    by cosine sum weighed ``exp(tau (c_j - m)) / sum exp(tau (c_j - m))``, ``m`` the largest."""
+    n = overlaps.shape[0] if overlaps.dim() == 3 else 0
+    index, weights = _attach_topk(overlaps, tau, k)
+    return torch.zeros(n, dtype=torch.float64).scatter_(0, index, weights)
+
+
+def attach_neighbours(overlaps: Tensor, tau: float = 10.0, k: int = 2) -> list[int]:
+    """The existing clients (indices, increasing) that :func:`attach_row` weighs for a late
+    joiner with the blocks ``U_new^T U_j`` (N x q x q): its top-``k`` similarities."""
+    index, _ = _attach_topk(overlaps, tau, k)
+    return sorted(index.tolist())
+
+
+def _attach_topk(overlaps: Tensor, tau: float, k: int) -> tuple[Tensor, Tensor]:
     if overlaps.dim() != 3:
         raise RelatednessError(f"a newcomer's overlaps must be (N, q, q); got shape {tuple(overlaps.shape)}")
     n = overlaps.shape[0]
@@ -342,19 +416,25 @@ def attach_row(overlaps: Tensor, tau: float = 10.0, k: int = 2) -> Tensor:
         raise RelatednessError(f"k must be at least 1; got {k}")
     if not torch.isfinite(overlaps).all():
         raise RelatednessError("a newcomer's overlaps contain NaN or infinite values")
-    cosines = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0)
-    s = _exp_similarities(cosines.sum(dim=-1), tau)
+    c = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0).sum(dim=-1)
+    s = torch.exp(tau * c)
     values, index = torch.topk(s, min(k, n))
     row = torch.zeros(n, dtype=torch.float64).scatter_(0, index, values)
-    return _normalized(row, dim=0)
+    total = row.sum(dim=0, keepdim=True)
+    if torch.isfinite(total).all():
+        return index, (row / total)[index]
+    top, index = torch.topk(c, min(k, n))
+    return index, _softmax_rows(top, tau)
 
 
 def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, block: int = 256) -> Tensor:
     """The top-``k`` graph of plain summaries (N x d x q) as a sparse COO float64 (N x N)
     tensor, computed ``block`` rows at a time: memory O(block * N + N * k), never N x N.
 
-    Row ``i`` equals ``topk_graph(similarity_matrix(subspace_overlaps(summaries), tau), k)[i]``
-    up to float rounding of the overlap products (the blocks are products of other shapes).
+    Row ``i`` equals ``topk_graph_from_cosine_sums(cosine_sums(subspace_overlaps(summaries)),
+    tau, k)[i]`` up to float rounding of the overlap products (the blocks are products of
+    other shapes), for any ``tau``: rows whose similarities overflow float64 are weighed in
+    the shifted form, as there.
     For ``q = 1`` the cosine is ``|u_i . u_j|``, the singular value of the 1 x 1 block.
     """
     if summaries.dim() != 3:
@@ -376,12 +456,20 @@ def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, 
         else:
             blocks = torch.einsum("idq,jdr->ijqr", u[start:stop], u)
             cosines = torch.linalg.svdvals(blocks).clamp(0.0, 1.0).sum(dim=-1)
-        s = _exp_similarities(cosines, tau)
+        s = torch.exp(tau * cosines)
         own = torch.arange(start, stop)
         s[own - start, own] = -math.inf
         values, index = torch.topk(s, k, dim=1)
+        sums = values.sum(dim=1, keepdim=True)
+        weights = values / sums
+        big = torch.nonzero(~torch.isfinite(sums.squeeze(1))).flatten()
+        if big.numel():
+            cb = cosines[big].clone()
+            cb[torch.arange(big.numel()), own[big]] = -math.inf
+            top, index[big] = torch.topk(cb, k, dim=1)
+            weights[big] = _softmax_rows(top, tau)
         rows.append(own.repeat_interleave(k))
         cols.append(index.reshape(-1))
-        vals.append(_normalized(values, dim=1).reshape(-1))
+        vals.append(weights.reshape(-1))
     indices = torch.stack([torch.cat(rows), torch.cat(cols)])
     return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=True).coalesce()

@@ -232,13 +232,23 @@ class MethodContext:
         return steps
 
 
+def _raw_similarity(sums: Tensor, tau: float) -> Tensor | None:
+    """``exp(tau * sums)`` with a zero diagonal (``similarity_matrix``'s values), or ``None``
+    where one overflows float64 (the graph is built from the sums and needs none)."""
+    s = torch.exp(tau * sums)
+    if not bool(torch.isfinite(s).all()):
+        return None
+    return s.fill_diagonal_(0.0)
+
+
 @dataclass
 class Relatedness:
     """The relatedness graph and propagation operator FEDORA uses (and reports).
 
     ``overlaps`` (N x N x q x q) and ``similarity`` (N x N) are ``None`` when the graph was
     built blockwise from plain summaries (sparse propagation at large N never holds N x N
-    matrices); ``graph`` is then a sparse COO tensor.
+    matrices); ``graph`` is then a sparse COO tensor. ``similarity`` is also ``None`` where
+    ``exp(tau * sum of the cosines)`` overflows float64 (the graph is finite for any tau).
     """
 
     overlaps: Tensor | None
@@ -1714,9 +1724,9 @@ class Fedora(FedoraChecks, FederatedMethod):
         excluded = sorted(set(details.get("excluded") or ()))
         if excluded:
             return self._build_partial_relatedness(overlaps, details, excluded)
-        similarity = fedora.similarity_matrix(overlaps, self.tau)
-        graph = fedora.topk_graph(similarity, self.k)
-        return Relatedness(overlaps, similarity, graph, self._operator(graph), self._relatedness_mode,
+        sums = fedora.cosine_sums(overlaps)
+        graph = fedora.topk_graph_from_cosine_sums(sums, self.tau, self.k)
+        return Relatedness(overlaps, _raw_similarity(sums, self.tau), graph, self._operator(graph), self._relatedness_mode,
                            details)
 
     def _build_partial_relatedness(self, overlaps: Tensor, details: dict[str, Any],
@@ -1731,11 +1741,12 @@ class Fedora(FedoraChecks, FederatedMethod):
                 f"excluding clients {excluded} (their summaries were rejected)")
         idx = torch.as_tensor(members)
         sub = overlaps[idx][:, idx]
-        similarity = fedora.similarity_matrix(sub, self.tau)
-        graph = fedora.topk_graph(similarity, self.k)
+        sums = fedora.cosine_sums(sub)
+        graph = fedora.topk_graph_from_cosine_sums(sums, self.tau, self.k)
+        similarity = _raw_similarity(sums, self.tau)
         return Relatedness(
             overlaps,
-            fedora.embed_subproblem(similarity, members, n, 0.0),
+            None if similarity is None else fedora.embed_subproblem(similarity, members, n, 0.0),
             fedora.embed_subproblem(graph, members, n, 1.0),
             embed_operator(self._operator(graph), members, n),
             self._relatedness_mode,

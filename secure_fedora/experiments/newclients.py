@@ -243,9 +243,8 @@ def run_new_client_experiment(
         u_new = fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, cfg.fedora.q)
         overlaps = torch.einsum("dq,jdr->jqr", u_new, summaries)
         phi_new = fed.attach(overlaps)
-        sims = torch.exp(cfg.fedora.tau * torch.linalg.svdvals(overlaps).clamp(0, 1).sum(-1))
-        k = min(cfg.fedora.k, len(trained))
-        neighbours.append(sorted(trained[j].client_id for j in torch.topk(sims, k).indices.tolist()))
+        chosen = fedora.attach_neighbours(overlaps, cfg.fedora.tau, cfg.fedora.k)
+        neighbours.append(sorted(trained[j].client_id for j in chosen))
         runs = {
             Fedora.name: _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new,
                                            max_pull=cfg.fedora.max_pull),

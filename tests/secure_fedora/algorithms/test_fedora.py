@@ -213,32 +213,114 @@ def test_relatedness_errors_name_their_config_key():
     assert torch.isfinite(fedora.similarity_matrix(overlaps, tau=10.0)).all()
 
 
-def test_every_graph_builder_refuses_similarities_beyond_float64_naming_tau():
-    """The dense builder refused exp(tau * cos) overflow, but not top-k sums that overflow
-    (each similarity finite: the row became zeros and phi_i = (1 - alpha) theta_i, silently);
-    the blockwise builder and a late joiner's row refused neither (NaN weights)."""
+def _direct_graph(cosine_sums, tau, k):
+    """The graph as it was computed before shifted rows existed: ``exp(tau * c)``, top-k of the
+    off-diagonal similarities, each row divided by its sum (only defined without overflow)."""
+    s = torch.exp(tau * cosine_sums)
+    s.fill_diagonal_(0.0)
+    masked = s.clone()
+    masked.fill_diagonal_(-math.inf)
+    values, index = torch.topk(masked, min(k, s.shape[0] - 1), dim=1)
+    graph = torch.zeros_like(masked).scatter_(1, index, values)
+    return graph / graph.sum(dim=1, keepdim=True)
+
+
+def _logsumexp_row(c, tau, k):
+    """float64 reference: softmax of ``tau * c`` over the top-k cosine sums of one row."""
+    top, index = torch.topk(c, k)
+    return torch.zeros_like(c).scatter_(0, index, torch.exp(tau * top - torch.logsumexp(tau * top, 0)))
+
+
+def _random_summaries(n, d, q, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, d, q, generator=g, dtype=torch.float64)).Q
+
+
+def test_every_graph_builder_handles_similarities_beyond_float64():
+    """exp(tau * sum of the cosines) beyond float64 stopped every builder (the run failed after
+    every client had released its summary); top-k sums beyond float64 with each entry finite
+    too. Those rows are now the normalized similarities computed shifted by the row's largest
+    cosine sum, equal to a float64 logsumexp reference."""
     u = torch.zeros(4, 5, 1, dtype=torch.float64)
     u[:, 0, 0] = 1.0  # identical summaries: every cosine is 1
     overlaps = fedora.subspace_overlaps(u)
-    near = fedora.similarity_matrix(overlaps, tau=709.0)  # each entry finite: exp(709)
-    assert torch.isfinite(near).all()
-    with pytest.raises(fedora.RelatednessError, match="sum beyond float64.*lower fedora.tau"):
-        fedora.topk_graph(near, 3)
-    with pytest.raises(fedora.RelatednessError, match="sum beyond float64.*lower fedora.tau"):
-        fedora.topk_graph_from_summaries(u, 709.0, 3)
-    with pytest.raises(fedora.RelatednessError, match=r"fedora.tau = 800: .*lower fedora.tau"):
-        fedora.topk_graph_from_summaries(u, 800.0, 1)
-    joiner = torch.einsum("dq,jdr->jqr", u[0], u)
-    with pytest.raises(fedora.RelatednessError, match=r"fedora.tau = 710: .*lower fedora.tau"):
-        fedora.attach_row(joiner, 710.0, 2)
-    with pytest.raises(fedora.RelatednessError, match="sum beyond float64.*lower fedora.tau"):
-        fedora.attach_row(joiner, 709.0, 3)
-    # below the limit every builder gives one row-stochastic graph
-    dense = fedora.topk_graph(fedora.similarity_matrix(overlaps, tau=700.0), 3)
-    blockwise = fedora.topk_graph_from_summaries(u, 700.0, 3).to_dense()
-    assert torch.allclose(dense, blockwise) and torch.allclose(dense.sum(1), torch.ones(4, dtype=torch.float64))
-    assert torch.allclose(fedora.attach_row(joiner, 700.0, 3).sum(), torch.tensor(1.0, dtype=torch.float64))
+    near = fedora.similarity_matrix(overlaps, tau=709.0)  # each entry finite, sums of 3 not
+    uniform = (torch.ones(4, 4, dtype=torch.float64) - torch.eye(4, dtype=torch.float64)) / 3
+    assert torch.allclose(fedora.topk_graph(near, 3), uniform, rtol=0, atol=1e-15)
+    for tau in (709.0, 800.0, 1e6):
+        sums = fedora.cosine_sums(overlaps)
+        assert torch.allclose(fedora.topk_graph_from_cosine_sums(sums, tau, 3), uniform, rtol=0, atol=1e-15)
+        assert torch.allclose(fedora.topk_graph_from_summaries(u, tau, 3).to_dense(), uniform, rtol=0, atol=1e-15)
+        joiner = torch.einsum("dq,jdr->jqr", u[0], u)
+        assert torch.allclose(fedora.attach_row(joiner, tau, 4), torch.full((4,), 0.25, dtype=torch.float64),
+                              rtol=0, atol=1e-15)
+        graph = fedora.topk_graph_from_cosine_sums(sums, tau, 1)
+        assert torch.equal(graph.sum(1), torch.ones(4, dtype=torch.float64)) and (graph.diagonal() == 0).all()
 
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_overflowing_rows_match_a_logsumexp_reference(q):
+    """Distinct cosine sums at tau = 1000 (every exp overflows): each builder's rows equal
+    softmax(tau * c) over the row's top-k cosine sums within 1e-12."""
+    tau, k = 1000.0 / q, 4
+    u = _random_summaries(12, 8, q, seed=q)
+    u[6:] = (u[:6] + 0.02 * _random_summaries(6, 8, q, seed=10 + q))  # near neighbours
+    u = torch.linalg.qr(u).Q
+    sums = fedora.cosine_sums(fedora.subspace_overlaps(u))
+    with pytest.raises(fedora.RelatednessError, match="lower fedora.tau"):
+        fedora.similarity_matrix(fedora.subspace_overlaps(u), tau)  # raw values: still refused
+    dense = fedora.topk_graph_from_cosine_sums(sums, tau, k)
+    blockwise = fedora.topk_graph_from_summaries(u, tau, k, block=5).to_dense()
+    masked = sums.clone().fill_diagonal_(-math.inf)
+    for i in range(12):
+        ref = _logsumexp_row(masked[i], tau, k)
+        assert (ref > 0).sum() >= 2  # the reference weighs more than one neighbour
+        assert torch.allclose(dense[i], ref, rtol=0, atol=1e-12)
+        assert torch.allclose(blockwise[i], ref, rtol=0, atol=1e-12)
+    overlaps = fedora.subspace_overlaps(u)
+    for i in range(12):
+        others = [j for j in range(12) if j != i]
+        row = fedora.attach_row(overlaps[i, others], tau, k)
+        assert torch.allclose(row, _logsumexp_row(sums[i, others], tau, k), rtol=0, atol=1e-12)
+        assert fedora.attach_neighbours(overlaps[i, others], tau, k) == sorted(row.nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("q,tau,k", [(1, 10.0, 2), (2, 300.0, 3), (3, 200.0, 20), (4, 0.5, 1)])
+def test_graphs_without_overflow_are_bit_identical_to_the_direct_formula(q, tau, k):
+    """Rows whose similarities fit in float64 are exactly exp(tau * c) / sum over the top k
+    (the same neighbours, ties included: a third of the summaries are one summary)."""
+    u = _random_summaries(30, 9, q, seed=k)
+    u[20:] = u[3]
+    overlaps = fedora.subspace_overlaps(u)
+    sums = fedora.cosine_sums(overlaps)
+    direct = _direct_graph(sums, tau, k)
+    assert torch.equal(fedora.topk_graph_from_cosine_sums(sums, tau, k), direct)
+    assert torch.equal(fedora.topk_graph(fedora.similarity_matrix(overlaps, tau), k), direct)
+    for i in (0, 3, 25):
+        others = [j for j in range(30) if j != i]
+        kk = min(k, 29)
+        s = torch.exp(tau * sums[i, others])
+        values, index = torch.topk(s, kk)
+        ref = torch.zeros(29, dtype=torch.float64).scatter_(0, index, values)
+        assert torch.equal(fedora.attach_row(overlaps[i, others], tau, k), ref / ref.sum())
+
+
+def test_only_overflowing_rows_change_form():
+    """In one graph, rows whose similarities overflow take the shifted form and every other
+    row stays bit-identical to the direct formula."""
+    sums = torch.tensor([[0.0, 0.5, 0.1, 0.2],
+                         [0.5, 0.0, 0.3, 0.9],
+                         [0.1, 0.3, 0.0, 0.8],
+                         [0.2, 0.9, 0.8, 0.0]], dtype=torch.float64)
+    sums[1, 3] = sums[3, 1] = 0.95
+    tau, k = 780.0, 2  # exp(780 * 0.9) and beyond overflow: rows 1 and 3; rows 0 and 2 do not
+    graph = fedora.topk_graph_from_cosine_sums(sums, tau, k)
+    direct = _direct_graph(sums, tau, k)
+    assert torch.equal(graph[[0, 2]], direct[[0, 2]])
+    assert not torch.isfinite(direct[[1, 3]]).all()
+    masked = sums.clone().fill_diagonal_(-math.inf)
+    for i in (1, 3):
+        assert torch.allclose(graph[i], _logsumexp_row(masked[i], tau, k), rtol=0, atol=1e-12)
 
 def test_a_late_joiners_row_refuses_bad_overlaps_and_k():
     """k = 0 gave NaN weights; NaN overlaps a raw torch linalg error."""

@@ -953,3 +953,38 @@ def test_a_placeholder_metric_never_counts_in_model_selection(select_final: bool
     assert int(tracker.eligible_from) == 2
     assert unmeasured_rounds(history, int(tracker.eligible_from)) == {"unmeasured_rounds": [1]}
     assert unmeasured_rounds(history[1:], 2) == {}
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_fedora_runs_with_a_tau_whose_similarities_overflow_float64(tmp_path, dp):
+    """tau = 1000 passed the config check, then every client released its summary (under DP a
+    spent gaussian_summary ledger entry each) and the run stopped: exp(tau * sum of the
+    cosines) overflows float64. The graph needs only each row's normalized top-k
+    similarities, which are finite for any tau: the run completes, and its ledgers verify."""
+    from audits.verify import verify_run
+    from secure_fedora.algorithms import fedora
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.randn(n, 6, generator=g), torch.arange(n) % 2
+
+    data = [{"train": split(20), "val": split(6), "test": split(4)} for _ in range(3)]
+    doc = {"methods": ["fedora"], "training": {"rounds": 1, "batch_size": 4},
+           "data": {"num_clients": 3, "train_per_client": 20, "val_per_client": 6,
+                    "test_per_client": 4},
+           "fedora": {"k": 1, "tau": 1000.0, "relatedness": "noised" if dp else "plain"}}
+    if dp:
+        doc["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": "reproducible"}
+    cfg = parse_config(doc)
+    sim = Simulation(cfg, tmp_path, clients=build_clients(cfg, data=data))
+    results = sim.run()
+    assert len(results["methods"]["fedora"]["selected"]["per_client"]) == 3
+    r = sim.methods["fedora"].relatedness
+    assert r.similarity is None  # the raw similarities overflow; the graph does not
+    with pytest.raises(fedora.RelatednessError, match="overflows float64"):
+        fedora.similarity_matrix(r.overlaps, cfg.fedora.tau)
+    assert torch.equal(r.graph.sum(1), torch.ones(3, dtype=torch.float64))
+    assert (r.graph > 0).sum(1).tolist() == [1, 1, 1]
+    if dp:
+        assert verify_run(tmp_path).ok
