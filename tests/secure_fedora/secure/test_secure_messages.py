@@ -462,11 +462,12 @@ def test_ifca_rejections_leave_the_client_out_of_the_cluster_averages(tmp_path, 
 def test_fedavg_finetuning_downloads_the_final_model(tmp_path, tiny_clients):
     cfg = tiny("fedavg", True)
     method = _exchange_for(make_method("fedavg", build_context(cfg, tiny_clients), cfg),
-                           tmp_path, _tamper("global", 0, target_round=1))
+                           tmp_path, _tamper("global", 0, target_round=2))
     assert isinstance(method, FedAvg)
     method.train_round(1, [1, 2])
     sent = method.exchange.transport.stats.messages_sent
-    # client 0 rejects the final model (round 1 = the exchange's last round) each time it is
+    # client 0 rejects the final model (round 2: finalize follows the last round, as on
+    # Flower) each time it is
     # sent: it is asked once more, then the run stops (as on Flower) rather than fine-tune
     # its last accepted copy, the initialization
     with pytest.raises(FinalizeRejectedError, match=r"client\(s\) \[0\]"):
