@@ -18,7 +18,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.errors import ToolkitError
-from secure_fedora.core.config import MAX_INT, MAX_SCALE, local_divergence_problem
+from secure_fedora.core.config import (
+    MAX_INT,
+    MAX_SCALE,
+    local_divergence_problem,
+    pull_limit_text,
+    pull_stability_limit,
+)
 
 __all__ = [
     "BASELINE_HYPERPARAMETERS",
@@ -210,7 +216,18 @@ class FedoraChecks(MethodChecks):
     def check_config(cls, cfg: Any) -> None:
         """``fedora.k`` below the number of clients; under DP an accounted relatedness mode;
         encrypted relatedness only where CKKS can pack every summary column; a truncated
-        series (``propagation = "sparse"``) of at most :data:`MAX_SERIES_TERMS` terms."""
+        series (``propagation = "sparse"``) of at most :data:`MAX_SERIES_TERMS` terms; a
+        ``fedora.max_pull`` below the pull's stability limit
+        (``core.config.pull_stability_limit``: 2 less ``lr * weight_decay / (1 + momentum)``)."""
+        t, max_pull = cfg.training, cfg.fedora.max_pull
+        if max_pull is not None and \
+                max_pull >= pull_stability_limit(t.lr, t.momentum, t.weight_decay):
+            raise ValueError(
+                f"fedora.max_pull = {max_pull:g} reaches the pull's stability limit "
+                f"{pull_limit_text(t.lr, t.momentum, t.weight_decay)} (training.lr = {t.lr:g}, "
+                f"training.weight_decay = {t.weight_decay:g}, training.momentum = "
+                f"{t.momentum:g}): a pull of that size moves theta away from phi whatever the "
+                "data; use a max_pull below the limit (1: a pull stops at phi)")
         if cfg.fedora.k >= cfg.data.num_clients:
             raise ValueError(
                 f"fedora.k = {cfg.fedora.k} must be smaller than data.num_clients = "

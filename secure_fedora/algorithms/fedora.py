@@ -308,7 +308,9 @@ def bounded_regularization_weight(lam: float, lr: float, max_pull: float | None)
     ``min(lam, max_pull / lr)``; ``max_pull`` None returns ``lam`` unchanged (the paper).
 
     The pull multiplies ``theta - phi_i`` by ``1 - lr * lambda_i`` per step, so from
-    ``lr * lambda_i >= 2`` on it diverges; at 1 a step lands on ``phi_i`` plus the SGD step.
+    ``lr * lambda_i >= 2`` on it diverges (with weight decay from the lower
+    ``core.config.pull_stability_limit``, which the config holds ``max_pull`` below); at 1 a
+    step lands on ``phi_i`` plus the SGD step.
     """
     if math.isnan(lam) or lam < 0:
         raise ValueError(f"lambda must be >= 0 (math.inf allowed), got {lam}")

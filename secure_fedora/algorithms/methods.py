@@ -85,7 +85,7 @@ from secure_fedora.algorithms.propagation import (
     embed_operator,
     resolve_propagation,
 )
-from secure_fedora.core.config import model_selection
+from secure_fedora.core.config import model_selection, pull_limit_text, pull_stability_limit
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.registry import METHODS
 from secure_fedora.core.tensors import all_finite
@@ -1846,16 +1846,20 @@ class Fedora(FedoraChecks, FederatedMethod):
 
     def round_statistics(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """Steps, the mean ``lambda``, the fraction of clients pulled toward ``phi`` and the
-        number whose pull was unstable (``lr * lambda >= 2``: each step moved ``theta``
-        farther from ``phi``; logged as a warning naming them and ``fedora.max_pull``)."""
+        number whose pull was unstable (``lr * lambda`` at or above
+        :func:`~secure_fedora.core.config.pull_stability_limit`, 2 without weight decay: each
+        step moved ``theta`` farther from ``phi``; logged as a warning naming them and
+        ``fedora.max_pull``)."""
         lambdas = {i: float(r[KEY_LAMBDA]) for i, r in replies.items()}
         values = list(lambdas.values())
-        lr = self.ctx.train.lr
-        unstable = sorted(i for i, v in lambdas.items() if lr * v >= 2.0)
+        t = self.ctx.train
+        limit = pull_stability_limit(t.lr, t.momentum, t.weight_decay)
+        unstable = sorted(i for i, v in lambdas.items() if t.lr * v >= limit)
         if unstable:
-            log.warning("round %d: FEDORA's pull was unstable (lr * lambda >= 2, so it pushed theta "
-                        "away from phi) for clients %s; set fedora.max_pull = 1 or lower "
-                        "training.lr", rnd, unstable)
+            log.warning("round %d: FEDORA's pull was unstable (lr * lambda >= %s, so it pushed "
+                        "theta away from phi) for clients %s; set fedora.max_pull = 1 or lower "
+                        "training.lr", rnd, pull_limit_text(t.lr, t.momentum, t.weight_decay),
+                        unstable)
         return {
             **super().round_statistics(rnd, replies),
             "mean_lambda": float(sum(values) / max(len(values), 1)),

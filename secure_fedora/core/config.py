@@ -41,6 +41,8 @@ __all__ = [
     "TrainingConfig",
     "check_flag_argument",
     "local_divergence_problem",
+    "pull_limit_text",
+    "pull_stability_limit",
     "check_path_argument",
     "classes_per_client_problem",
     "config_document",
@@ -85,6 +87,27 @@ def local_divergence_problem(lr: float, momentum: float, terms: dict[str, float]
             "(spectral radius >= 1) whatever the data, and local training diverges (the term is "
             "added after gradient clipping, so neither training.clip_grad_norm nor DP clipping "
             f"bounds it); lower {change} until the product is below {bound:g}")
+
+
+def pull_stability_limit(lr: float, momentum: float, weight_decay: float) -> float:
+    """The per-step pull fraction ``p = lr * lambda`` from which FEDORA's pull diverges:
+    ``2 - lr * weight_decay / (1 + momentum)`` (2 without weight decay). The pull acts outside
+    the momentum (``theta <- theta - lr b_t - p (theta - phi)``), so on the weight decay alone
+    the step is stable iff ``lr * weight_decay < (1 + momentum)(2 - p)`` (docs/design.md, "Local
+    step stability"); from ``p`` equal to the limit on, ``theta - phi`` no longer shrinks
+    whatever the data. Exact for any config :class:`TrainingConfig` accepts (there the limit
+    is above 0); every check of the pull (``fedora.max_pull``, ``unstable_pulls``, the
+    divergence message) compares ``p`` with it."""
+    return 2.0 - lr * weight_decay / (1.0 + momentum)
+
+
+def pull_limit_text(lr: float, momentum: float, weight_decay: float) -> str:
+    """:func:`pull_stability_limit` as a message writes it: ``2`` without weight decay, else
+    the formula and its value."""
+    if weight_decay == 0.0:
+        return "2"
+    return (f"2 - training.lr * training.weight_decay / (1 + training.momentum) = "
+            f"{pull_stability_limit(lr, momentum, weight_decay):.6g}")
 
 
 class ConfigError(ToolkitError, ValueError):
@@ -346,8 +369,9 @@ class FedoraConfig(_Section):
     # noised+encrypted: both (defense in depth).
     relatedness: Literal["plain", "noised", "encrypted", "noised+encrypted"] = "plain"
     # Bound on lr * lambda_i, the fraction of theta - phi_i the pull removes per step. None
-    # (the paper): unbounded, and from lr * lambda_i >= 2 on the pull diverges (each step
-    # multiplies theta - phi_i by 1 - lr * lambda_i); 1: a step lands on phi_i plus the SGD step.
+    # (the paper): unbounded, and from lr * lambda_i >= pull_stability_limit (2 - lr * wd /
+    # (1 + momentum); 2 without weight decay) on the pull diverges; 1: a step lands on phi_i
+    # plus the SGD step. A max_pull at or above that limit is refused (FEDORA's check_config).
     max_pull: Annotated[float, Field(gt=0, lt=2)] | None = None
 
 

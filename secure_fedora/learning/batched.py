@@ -902,7 +902,7 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
         lam = max(float(jobs[r].lam) for r in range(len(jobs)) if jobs[r].index in failed)
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
                                    f" {sorted(failed)}; their updates were discarded"
-                                   f" ({diverged_hint(cfg.lr, lam)})", sorted(failed), steps)
+                                   f" ({diverged_hint(cfg, lam)})", sorted(failed), steps)
     return BatchedOutcome(steps, plan.engine, alphas=alphas)
 
 

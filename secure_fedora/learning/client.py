@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from privacy.errors import ToolkitError
+from secure_fedora.core.config import pull_limit_text, pull_stability_limit
 from secure_fedora.core.tensors import all_finite
 from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
 
@@ -62,11 +63,15 @@ DIVERGED_HINT = ("training diverged: lower training.lr; a non-private run can al
 """What a non-finite training result tells the user to change."""
 
 
-def diverged_hint(lr: float, lam: float) -> str:
-    """:data:`DIVERGED_HINT`, or, when FEDORA's pull itself is unstable (``lr * lam >= 2``:
-    each step multiplies ``theta - phi`` by ``1 - lr * lam``), that cause and its remedy."""
-    if lr * lam >= 2.0:
-        return (f"FEDORA's pull diverged: lr * lambda = {lr * lam:.3g} >= 2, so each step moves "
+def diverged_hint(cfg: TrainConfig, lam: float) -> str:
+    """:data:`DIVERGED_HINT`, or, when FEDORA's pull itself is unstable (``cfg.lr * lam`` at or
+    above :func:`~secure_fedora.core.config.pull_stability_limit` of ``cfg``: 2 without weight
+    decay, where each step multiplies ``theta - phi`` by ``1 - lr * lam``), that cause and its
+    remedy."""
+    pull = cfg.lr * lam
+    if pull >= pull_stability_limit(cfg.lr, cfg.momentum, cfg.weight_decay):
+        return (f"FEDORA's pull diverged: lr * lambda = {pull:.3g} >= "
+                f"{pull_limit_text(cfg.lr, cfg.momentum, cfg.weight_decay)}, so each step moves "
                 f"theta farther from phi (lambda = {lam:.3g} from the validation losses); set "
                 "fedora.max_pull = 1 (a pull then stops at phi) or lower training.lr")
     return DIVERGED_HINT
@@ -412,7 +417,7 @@ def local_train(
         # non-finite (as the batched engine finds), so say so before touching it
         raise ClientUpdateError(f"{who}local training would produce non-finite parameters (the pull's"
                                 f" weight overflows {theta.dtype}); update discarded"
-                                f" ({diverged_hint(cfg.lr, lam)})")
+                                f" ({diverged_hint(cfg, lam)})")
     if theta.data_ptr() % ALIGNMENT_BYTES:
         trained = workspace.aligned_row(theta).copy_(theta)
         retarget(oracle, theta, trained)
@@ -439,7 +444,7 @@ def local_train(
             theta.copy_(start)
     if not finite:
         raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
-                                f" ({diverged_hint(cfg.lr, lam)})")
+                                f" ({diverged_hint(cfg, lam)})")
     return steps
 
 

@@ -195,3 +195,24 @@ def test_max_pull_bounds_lambda_and_keeps_a_huge_pull_stable(caplog: Any) -> Non
         stats = plain.round_statistics(2, replies)
     assert stats["unstable_pulls"] == 1.0 and stats["pulled_fraction"] == 2 / 3
     assert "unstable" in caplog.text and "clients [0]" in caplog.text
+
+
+def test_unstable_pulls_counts_a_pull_beyond_the_weight_decay_limit(caplog: Any) -> None:
+    """At lr 0.1, weight decay 3, momentum 0.9 the pull diverges from lr * lambda = 1.842 on,
+    not 2: lambda 19 (1.9) was not counted. Now it is, and logged with the limit; 18 (1.8)
+    is not."""
+    cfg = parse_config({
+        "name": "lambda", "seed": 4, "methods": ["fedora"],
+        "data": {"num_clients": 6, "train_per_client": 24, "val_per_client": 8,
+                 "test_per_client": 16, "groups": 2},
+        "training": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.1,
+                     "weight_decay": 3.0, "momentum": 0.9},
+        "fedora": {"k": 2},
+    })
+    method = _fedora(cfg, build_clients(cfg))
+    replies = {0: {KEY_LAMBDA: torch.tensor(19.0)}, 1: {KEY_LAMBDA: torch.tensor(18.0)},
+               2: {KEY_LAMBDA: torch.tensor(0.0)}}
+    with caplog.at_level("WARNING"):
+        stats = method.round_statistics(1, replies)
+    assert stats["unstable_pulls"] == 1.0
+    assert "clients [0]" in caplog.text and "= 1.84211" in caplog.text

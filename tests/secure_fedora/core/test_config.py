@@ -466,3 +466,25 @@ def test_weight_decay_at_the_local_step_bound_is_refused_and_just_below_is_not(m
     assert below.training.weight_decay == 2.0 * bound * 0.999
     with pytest.raises(ConfigError, match="training.weight_decay"):
         parse_config({"training": {"lr": 0.05, "weight_decay": 1e6}})
+
+
+def test_a_max_pull_at_or_above_the_pulls_stability_limit_is_refused():
+    """With weight decay the pull diverges from 2 - lr * wd / (1 + momentum) on (1.842 at lr
+    0.1, wd 3, momentum 0.9), not from 2: max_pull = 1.9 was accepted and let every pull
+    diverge. Refused when read, naming the key, the limit and the values; below is valid, and
+    without weight decay the limit stays 2."""
+    training = {"lr": 0.1, "weight_decay": 3.0, "momentum": 0.9}
+    for max_pull in (1.9, 1.85):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"training": training, "fedora": {"max_pull": max_pull}})
+        text = str(err.value)
+        assert f"fedora.max_pull = {max_pull:g} reaches the pull's stability limit 2 - " \
+            "training.lr * training.weight_decay / (1 + training.momentum) = 1.84211" in text
+        assert "training.weight_decay = 3" in text
+    assert parse_config({"training": training, "fedora": {"max_pull": 1.84}}).fedora.max_pull \
+        == 1.84
+    assert parse_config({"training": {**training, "weight_decay": 0.0},
+                         "fedora": {"max_pull": 1.99}}).fedora.max_pull == 1.99
+    # a config that does not run FEDORA does not use max_pull
+    assert parse_config({"training": training, "methods": ["local"],
+                         "fedora": {"max_pull": 1.9}}).fedora.max_pull == 1.9

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from secure_fedora.core.config import local_divergence_problem
+from secure_fedora.core.config import local_divergence_problem, pull_stability_limit
 from secure_fedora.learning.client import (
     ALIGNMENT_BYTES,
     ClientUpdateError,
@@ -14,6 +14,7 @@ from secure_fedora.learning.client import (
     TrainConfig,
     Workspace,
     client_randomness,
+    diverged_hint,
     evaluate,
     local_train,
     proximal_pull_,
@@ -268,3 +269,43 @@ def test_the_configs_local_step_bound_is_where_the_optimizer_stops_contracting(m
                                        {"training.weight_decay": cfg.weight_decay}) is not None
     assert refused == (fraction >= 1.0)
     assert (float(theta.abs().max()) < 1e-2) == (not refused)
+
+
+@pytest.mark.parametrize(("lr", "weight_decay", "momentum"),
+                         [(0.1, 3.0, 0.9), (0.1, 3.0, 0.0), (0.05, 10.0, 0.5), (0.1, 0.0, 0.9)])
+def test_the_pull_stability_limit_is_the_one_of_the_local_step(lr, weight_decay, momentum):
+    """FEDORA's pull acts outside the momentum, so with weight decay it diverges below
+    lr * lambda = 2: at 2 - lr * wd / (1 + momentum) (1.842 at lr 0.1, wd 3, momentum 0.9).
+    The local step (MomentumSGD then the pull, on the weight decay alone) shrinks theta - phi
+    just below pull_stability_limit and grows it by orders of magnitude just above."""
+    limit = pull_stability_limit(lr, momentum, weight_decay)
+    assert limit == 2.0 - lr * weight_decay / (1.0 + momentum)
+    assert (limit == 2.0) == (weight_decay == 0.0)
+    cfg = TrainConfig(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sizes = {}
+    for pull in (limit - 0.01, limit + 0.01):
+        phi = torch.zeros(4, dtype=torch.float64)  # the decay's anchor: theta - phi is theta
+        theta = torch.ones(4, dtype=torch.float64)
+        opt = MomentumSGD(4)
+        opt.buffer = opt.buffer.double()
+        for _ in range(2000):
+            before = theta.clone()
+            opt.step(theta, torch.zeros(4, dtype=torch.float64), cfg)
+            proximal_pull_(theta, before, phi, lr, pull / lr)
+        sizes[pull] = float(theta.abs().max())
+    assert sizes[limit - 0.01] < 1e-3 and sizes[limit + 0.01] > 1e6, sizes
+
+
+def test_the_divergence_message_names_a_pull_beyond_the_weight_decay_limit():
+    """lr * lambda = 1.9 is below 2 but above the limit 1.842 of lr 0.1, weight decay 3,
+    momentum 0.9: the pull is the cause (it said 'lower training.lr' only); without weight
+    decay the limit is 2 and the message is as before."""
+    cfg = TrainConfig(lr=0.1, momentum=0.9, weight_decay=3.0)
+    hint = diverged_hint(cfg, 19.0)
+    assert hint.startswith("FEDORA's pull diverged: lr * lambda = 1.9 >= 2 - training.lr * "
+                           "training.weight_decay / (1 + training.momentum) = 1.84211")
+    assert "fedora.max_pull = 1" in hint
+    assert "pull" not in diverged_hint(cfg, 18.0)  # 1.8: below the limit
+    plain = TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0)
+    assert "pull" not in diverged_hint(plain, 19.0)
+    assert diverged_hint(plain, 20.0).startswith("FEDORA's pull diverged: lr * lambda = 2 >= 2, ")
