@@ -603,6 +603,8 @@ def _refuse_used_workdir(work: Path) -> None:
     """Refuse a workdir that holds an earlier deployment's runs: its clients' releases are in
     the ledgers under ``nodes/``, and a new run there would start fresh ledgers at epsilon 0
     beside them (the same clients' data released again, the earlier loss in no account)."""
+    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
     def nonempty(pattern: str) -> list[Path]:
         return [f for f in work.glob(pattern) if f.is_file() and f.stat().st_size > 0]
 
@@ -611,9 +613,14 @@ def _refuse_used_workdir(work: Path) -> None:
         + nonempty("nodes/node-*/runs/*/*/client-*.jsonl")
     runs = sorted({f.relative_to(work / "nodes").parts[2] for f in released})
     results = nonempty("results/results.json")
-    if runs or results:
-        held = ", ".join(filter(None, [f"releases of run(s) {', '.join(runs[:3])} on its nodes"
-                                       if runs else "", "results/results.json" if results else ""]))
+    # a ServerApp checkpoint: the run can be resumed, and a new run would overwrite it
+    checkpoint = (work / "results" / SERVER_CHECKPOINT).exists()
+    if runs or results or checkpoint:
+        held = ", ".join(filter(None, [
+            f"releases of run(s) {', '.join(runs[:3])} on its nodes" if runs else "",
+            "results/results.json" if results else "",
+            f"the ServerApp checkpoint results/{SERVER_CHECKPOINT} (--resume continues that run)"
+            if checkpoint else ""]))
         raise DeployError(
             f"the workdir {str(work)!r} holds an earlier deployment ({held}); its clients' "
             "releases are recorded there, and a new run would start new ledgers at epsilon 0 "

@@ -1315,6 +1315,33 @@ class ResumeRefused(DeployError):
     another run, configuration or method list, or of a finished run)."""
 
 
+class ResultDirInUse(DeployError):
+    """A new run the ServerApp refuses, before it writes anything, because its result-dir
+    holds another run's checkpoint or results."""
+
+
+#: What a run leaves in its result-dir that a new run there would overwrite (``failure.json``
+#: alone is not one: a run that failed before its first checkpoint left nothing to keep).
+_RUN_RECORD = (SERVER_CHECKPOINT, Path("results.json"), Path("anchor.json"), Path("rounds.csv"),
+               Path("progress.json"))
+
+
+def check_new_result_dir(result_dir: Path) -> None:
+    """A new (not resumed) run may write into ``result_dir``: it holds no earlier run's
+    ServerApp checkpoint or results, which the run would otherwise overwrite (the checkpoint
+    that a resume needs, the results that the run's ledgers are anchored to); raises
+    :class:`ResultDirInUse` naming them otherwise. Reads only."""
+    held = [str(name) for name in _RUN_RECORD if (result_dir / name).exists()]
+    if held:
+        go_on = ("choose another result-dir (that run finished)"
+                 if (result_dir / "results.json").exists() else
+                 "resume that run (run config resume = <its run id>, `deploy local --resume`) "
+                 "or choose another result-dir")
+        raise ResultDirInUse(
+            f"the result-dir {result_dir} holds another run's {', '.join(held)}; a new run "
+            f"there would overwrite them: {go_on}; nothing was written")
+
+
 def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
                     config_hash: str) -> dict[str, Any]:
     """The ServerApp checkpoint in ``result_dir`` that run ``run_id`` of ``cfg`` continues
@@ -1714,6 +1741,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     if settings.resume:
         assert settings.result_dir is not None  # RunSettings requires it
         resumed = check_resumable(settings.result_dir, run_id, cfg, settings.config_hash)
+    elif settings.result_dir is not None:
+        check_new_result_dir(settings.result_dir)
     torch.set_num_threads(settings.num_threads)
     if settings.result_dir is not None:
         from secure_fedora.core.files import remove_interrupted_writes
@@ -1850,7 +1879,8 @@ def main(grid: Grid, context: Context) -> None:
     run_id = settings.run_id(context.run_id)
     try:
         results = run_federation(grid, settings, run_id)
-    except ResumeRefused as err:  # refused before anything was written: nor is failure.json
+    except (ResumeRefused, ResultDirInUse) as err:  # refused before anything was written:
+        # nor is failure.json
         _say(f"run failed: {type(err).__name__}: {err}")
         raise
     except Exception as err:

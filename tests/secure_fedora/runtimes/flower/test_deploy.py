@@ -839,6 +839,13 @@ def test_deploy_local_refuses_a_workdir_of_an_earlier_deployment(tmp_path: Path)
     (done / "results" / "results.json").write_text("{}")
     with pytest.raises(DeployError, match=r"results/results.json"):
         _refuse_used_workdir(done)
+    # a ServerApp killed before any release but after its checkpoint: resumable, not reused
+    killed = tmp_path / "killed"
+    (killed / "results" / "checkpoints").mkdir(parents=True)
+    (killed / "results" / "checkpoints" / "flower-server.pt").write_bytes(b"checkpoint")
+    with pytest.raises(DeployError, match=r"checkpoint results/checkpoints/flower-server.pt "
+                                          r"\(--resume continues that run\)"):
+        _refuse_used_workdir(killed)
     # nothing released yet: identities, a run that only said hello, a failure before any
     # release (failure.json) -- fine to start in
     fresh = tmp_path / "fresh"

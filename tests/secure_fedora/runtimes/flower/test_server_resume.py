@@ -281,3 +281,42 @@ def test_deploy_local_resume_refuses_before_starting_anything(
         deploy_local(tiny_config(rounds=3, lr=0.05), 3, work, resume=True)
     assert {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
     assert sorted(p.name for p in work.iterdir()) == ["results"]  # no certificates, no logs
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("earlier", ["killed", "finished"])
+def test_a_new_run_into_another_runs_result_dir_is_refused_before_writing(
+        tmp_path: Path, earlier: str) -> None:
+    """A new (not resumed) run whose result-dir held a killed run's checkpoint overwrote it
+    (the killed run could no longer be resumed), and one into a finished run's result-dir
+    replaced its results, rounds and anchor. Both are refused naming what is held and how to
+    go on, and the result-dir is left byte for byte as it was; a result-dir holding only a
+    failure.json (a run that failed before its first checkpoint) takes a new run."""
+    cfg = dp_config(rounds=2)
+    over = {"reproducible-dp-noise": True}
+    rc, grid = _federation(tmp_path, cfg, **over)
+    if earlier == "killed":
+        grid.tamper_reply = _crash_after_reply(0, 2)
+        with pytest.raises(crashpoints.InjectedCrash):
+            _run(rc, grid)
+        held = "checkpoints/flower-server.pt, progress.json; .*: resume that run"
+    else:
+        _run(rc, grid)
+        held = "checkpoints/flower-server.pt, results.json, .*: choose another result-dir"
+    res = tmp_path / "res"
+    before = {p: p.read_bytes() for p in sorted(res.rglob("*")) if p.is_file()}
+    with pytest.raises(server_app.ResultDirInUse,
+                       match=f"holds another run's {held}"):
+        _run(rc, InMemoryGrid(tmp_path / "nodes2", rc, 3, run_id=777), run_id=777)
+    assert {p: p.read_bytes() for p in sorted(res.rglob("*")) if p.is_file()} == before
+    if earlier == "killed":  # the killed run is still resumable, and ends as it would have
+        rc = {**rc, "resume": "42"}
+        resumed = _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), run_id=777)
+        assert resumed["run_id"] == 42
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "failure.json").write_text('{"run_id": 5, "error": "DeployError: no nodes"}')
+    rc = {**rc, "result-dir": str(failed), "resume": 0}
+    _run(rc, InMemoryGrid(tmp_path / "nodes3", rc, 3, run_id=9), run_id=9)
+    assert (failed / "results.json").is_file()
