@@ -320,3 +320,40 @@ def test_a_new_run_into_another_runs_result_dir_is_refused_before_writing(
     rc = {**rc, "result-dir": str(failed), "resume": 0}
     _run(rc, InMemoryGrid(tmp_path / "nodes3", rc, 3, run_id=9), run_id=9)
     assert (failed / "results.json").is_file()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_node_killed_with_the_server_before_saving_its_answer_over_counts_on_resume(
+        tmp_path: Path) -> None:
+    """The ServerApp and client 1's node die together in round 1, after the node's release
+    was admitted (ledger entry and journal record durable) and before it left or was saved.
+    The resumed run sends round 1 again and the node, which saved no answer, trains and
+    accounts it again: its ledger holds round 1's release twice (an over-count, never an
+    under-count), only one left it, its epsilon stays within budget, and the collected
+    ledgers verify against the anchor."""
+    from audits.verify import verify_run
+    from tests.secure_fedora.runtimes.flower.deploy_support import audit_folder
+
+    cfg = with_methods(dp_config(rounds=2, noise="reproducible"), "fedavg")
+    over = {"reproducible-dp-noise": True}
+    rc, grid = _federation(tmp_path, cfg, **over)
+    crashpoints.arm("release@2")  # client 0's round-1 release, then client 1's
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            _run(rc, grid)
+    finally:
+        crashpoints.disarm()
+    rc = {**rc, "resume": "42"}
+    results = _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), run_id=777)
+    ledger = [json.loads(line) for line in (tmp_path / "nodes" / "node-1" / "runs" / "42"
+              / "fedavg" / "client-001.jsonl").read_text().splitlines()]
+    assert sum(e["mechanism"] == "dpsgd" and e["round"] == 1 for e in ledger) == 2
+    journal = (tmp_path / "nodes" / "node-1" / "runs" / "42" / "releases.jsonl").read_text()
+    assert [json.loads(line)["round"] for line in journal.splitlines()].count(1) == 1
+    rows = results["privacy"]["fedavg"]["clients"]
+    assert rows[1]["ledger_entries"] == rows[0]["ledger_entries"] + 1
+    assert all(0 < r["epsilon_spent"] <= 8.0 for r in rows)
+    report = verify_run(audit_folder(tmp_path, "fedavg"),
+                        allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                        anchor=tmp_path / "res" / "anchor.json")
+    assert report.errors == [], report.errors
