@@ -436,7 +436,10 @@ def run_summary_leakage_audit(clients: Sequence[ClientData], *, q: int = 1,
             clients, noised, "noised",
             {"clip_norm": float(clip_norm), "noise_multiplier": shown},
         )
-    similarity = fedora.similarity_matrix(fedora.subspace_overlaps(plain), tau)
+    # the similarities up to one common factor exp(tau * max): the same information, finite
+    # for any tau (the raw values overflow float64 beyond about exp(709))
+    sums = fedora.cosine_sums(fedora.subspace_overlaps(plain))
+    similarity = torch.exp(tau * (sums - sums.max())).fill_diagonal_(0.0)
     modes["encrypted"] = leakage_from_similarity(clients, similarity)
     return SummaryLeakageReport(
         modes=modes,
