@@ -1543,7 +1543,8 @@ def _run_method(grid: Grid, server: _Server, name: str,
     """Drive method ``name``'s server half through the contract; its ``methods.<name>``.
     ``resumed`` (a checkpoint's ``current``) continues it after the round it was written
     after, its setup done; the round in flight then is sent again (each node answers what it
-    already answered from its saved state, releasing nothing twice)."""
+    saved from its saved state; one killed before saving its answer trains the round again,
+    an over-count)."""
     from secure_fedora.runtimes.plots import relatedness_matrix
     from secure_fedora.runtimes.results import method_entry
 
