@@ -126,6 +126,7 @@ from secure_fedora.runtimes.flower.protocol import (
     client_error_text,
     effective_client_errors,
     process_start_time,
+    resume_run_id,
     tensor_to_array_record,
     wire_round,
 )
@@ -206,12 +207,7 @@ def _run_id(context: Context) -> int:
     ``resume`` (the run a resumed ServerApp continues, validated by
     :meth:`~secure_fedora.runtimes.flower.protocol.RunSettings.from_run_config` before any
     handler acts), else Flower's run id."""
-    resume = context.run_config.get("resume", "0")
-    if isinstance(resume, str) and resume.isascii() and resume.isdecimal():
-        resume = int(resume)
-    if isinstance(resume, int) and not isinstance(resume, bool) and resume > 0:
-        return resume
-    return int(context.run_id)
+    return resume_run_id(context.run_config.get("resume", "0")) or int(context.run_id)
 
 
 def _client_errors_mode(context: Context) -> str:

@@ -68,6 +68,7 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash
 
 __all__ = [
     "DeployError",
+    "resume_run_id",
     "MSG_CEREMONY",
     "MSG_DECRYPT",
     "MSG_ENCRYPTED_SUMMARY",
@@ -351,6 +352,17 @@ def make_run_config(
     }
 
 
+def resume_run_id(value: object) -> int | None:
+    """The run config's ``resume`` as a run id (0: a new run), or None when it is not one: a
+    decimal string (Flower's run ids use all 64 bits, a run-config integer only 63) or an int,
+    in [0, 2^64)."""
+    if isinstance(value, str) and value.isascii() and value.isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        return None
+    return value
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """The run config as the apps use it (validated)."""
@@ -438,13 +450,11 @@ class RunSettings:
                 "run config key 'max-in-flight' must be a non-negative integer (0: send every "
                 f"message of an exchange at once); got {window!r}"
             )
-        resume = run_config.get("resume", "0")
-        if isinstance(resume, str) and resume.isascii() and resume.isdecimal():
-            resume = int(resume)
-        if isinstance(resume, bool) or not isinstance(resume, int) or not 0 <= resume < 2**64:
+        resume = resume_run_id(run_config.get("resume", "0"))
+        if resume is None:
             raise DeployError(
                 "run config key 'resume' must be 0 (a new run) or the id of the run to continue "
-                f"from its checkpoint in result-dir; got {resume!r}")
+                f"from its checkpoint in result-dir; got {run_config.get('resume')!r}")
         if resume and not result_dir:
             raise DeployError("run config key 'resume' needs 'result-dir', where the ServerApp "
                               "keeps its checkpoint")
