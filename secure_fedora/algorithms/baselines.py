@@ -62,6 +62,9 @@ from secure_fedora.algorithms.config_checks import (
     BASELINE_NAMES,
     BaselineChecks,
     BaselineConfigError,
+    DittoChecks,
+    FedAMPChecks,
+    FedProxChecks,
     IFCAChecks,
     ifca_train_under_dp,
     ifca_val_private,
@@ -370,7 +373,7 @@ class _Baseline(BaselineChecks):
 # --------------------------------------------------------------------------- FedProx
 
 
-class FedProx(_Baseline, FedAvg):
+class FedProx(FedProxChecks, _Baseline, FedAvg):
     """FedProx (Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, MLSys 2020, "Federated
     Optimization in Heterogeneous Networks").
 
@@ -527,7 +530,7 @@ def _client_held_models(cfg: Any) -> dict[str, Any]:
     return {"client_held_models": CLIENT_HELD_MODELS} if cfg.privacy.enabled else {}
 
 
-class Ditto(_GlobalModelMethod):
+class Ditto(DittoChecks, _GlobalModelMethod):
     """Ditto (Li, Hu, Beirami, Smith, ICML 2021, "Ditto: Fair and Robust Federated Learning
     Through Personalization").
 
@@ -737,7 +740,7 @@ def attention_weights(theta: Tensor, sigma: float, self_weight: float) -> Tensor
     return xi
 
 
-class FedAMP(_Baseline, FederatedMethod):
+class FedAMP(FedAMPChecks, _Baseline, FederatedMethod):
     """FedAMP (Huang, Chu, Zhou, Wang, Liu, Pei, Zhang, AAAI 2021, "Personalized Cross-Silo
     Federated Learning on Non-IID Data"), in its heuristic form (HeurFedAMP) with cosine
     similarity.

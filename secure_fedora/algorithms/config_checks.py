@@ -21,7 +21,6 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import (
     MAX_INT,
     MAX_SCALE,
-    local_divergence_problem,
     pull_limit_text,
     pull_stability_limit,
 )
@@ -33,6 +32,9 @@ __all__ = [
     "CKKS_SUMMARY_VECTORS",
     "BaselineChecks",
     "BaselineConfigError",
+    "DittoChecks",
+    "FedAMPChecks",
+    "FedProxChecks",
     "FedoraChecks",
     "IFCAChecks",
     "LocalChecks",
@@ -129,12 +131,6 @@ BASELINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 """Default hyper-parameters of every baseline, ``{method: {key: default}}``."""
 
 
-#: The baselines whose local objective adds a proximal term ``w/2 ||theta - anchor||^2`` to the
-#: gradient after clipping (baselines.ProximalGradient, or the batched engine's ``mu``): the
-#: hyper-parameter holding ``w``. A curvature fixed by the config, as weight decay's.
-PROXIMAL_WEIGHTS: dict[str, str] = {"fedprox": "mu", "ditto": "lam", "fedamp": "lam"}
-
-
 def validate_hyperparameters(name: str, section: Mapping[str, Any] | None, *,
                              label: str | None = None) -> dict[str, Any]:
     """The full hyper-parameter dict of baseline ``name``: defaults overridden by ``section``
@@ -194,6 +190,13 @@ class MethodChecks:
     #: ``ctx.init``'s device and it draws nothing from a CPU-only source. Default: no (the
     #: run stays on, or is refused off, the CPU). A plug-in that is GPU-safe declares it.
     cuda_supported: ClassVar[bool] = False
+
+    #: The proximal weights its local objective adds (``w/2 ||theta - anchor||^2`` on the
+    #: gradient after clipping, through momentum): the keys of its ``[baselines.<name>]``
+    #: section holding each ``w``, or a function ``(cfg) -> {config key: w}``. The config
+    #: refuses ``training.lr * (training.weight_decay + sum of w) >= 2 (1 +
+    #: training.momentum)`` (``core.config.method_proximal_terms``). Default: none.
+    proximal_weights: ClassVar[Any] = ()
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -311,18 +314,9 @@ class BaselineChecks(MethodChecks):
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         """Raise :class:`BaselineConfigError` naming the key when the method's section
-        (:meth:`config_section`) has an unknown key or a bad value, or when its proximal
-        weight (:data:`PROXIMAL_WEIGHTS`) with ``training.weight_decay`` makes every local
-        run diverge (``core.config.local_divergence_problem``)."""
-        params = cls.hyperparameters(cfg)
-        key = PROXIMAL_WEIGHTS.get(cls.baseline_kind())
-        if key is not None:
-            t = cfg.training
-            problem = local_divergence_problem(
-                t.lr, t.momentum, {"training.weight_decay": t.weight_decay,
-                                   f"baselines.{cls.config_section()}.{key}": params[key]})
-            if problem is not None:
-                raise BaselineConfigError(problem)
+        (:meth:`config_section`) has an unknown key or a bad value. (Its proximal weight,
+        :attr:`proximal_weights`, is checked by the config for every method.)"""
+        cls.hyperparameters(cfg)
 
     @classmethod
     def check_hyperparameters(cls, section: Mapping[str, Any] | None) -> None:
@@ -330,6 +324,27 @@ class BaselineChecks(MethodChecks):
         ``[baselines.<name>]`` of this method) has an unknown key or a bad value (what the
         config asks the registered method when it reads the file)."""
         validate_hyperparameters(cls.baseline_kind(), section, label=cls.config_section())
+
+
+class FedProxChecks(BaselineChecks):
+    """FedProx's config hooks: ``mu`` weighs its proximal term."""
+
+    name = "fedprox"
+    proximal_weights = ("mu",)
+
+
+class DittoChecks(BaselineChecks):
+    """Ditto's config hooks: ``lam`` weighs the personalized model's proximal term."""
+
+    name = "ditto"
+    proximal_weights = ("lam",)
+
+
+class FedAMPChecks(BaselineChecks):
+    """FedAMP's config hooks: ``lam`` weighs its proximal term."""
+
+    name = "fedamp"
+    proximal_weights = ("lam",)
 
 
 class IFCAChecks(BaselineChecks):
@@ -353,9 +368,18 @@ BUILTIN_DECLARATIONS: dict[str, type[MethodChecks]] = {
     "local": LocalChecks,
     "fedavg": MethodChecks,
     "fedora": FedoraChecks,
-    **{name: type(f"{name}Checks", (BaselineChecks,), {"name": name})
-       for name in ("fedprox", "ditto", "apfl", "fedamp")},
+    "fedprox": FedProxChecks,
+    "ditto": DittoChecks,
+    "apfl": type("apflChecks", (BaselineChecks,), {"name": "apfl"}),
+    "fedamp": FedAMPChecks,
     "ifca": IFCAChecks,
 }
 """The config hooks of each built-in method, for the registry to answer without importing the
 method (a test keeps every hook the very function the registered class has)."""
+
+PROXIMAL_WEIGHTS: dict[str, str] = {
+    name: checks.proximal_weights[0] for name, checks in BUILTIN_DECLARATIONS.items()
+    if len(checks.proximal_weights) == 1}
+"""The built-in methods whose local objective adds a proximal term: the hyper-parameter
+holding its weight (read from their classes' :attr:`MethodChecks.proximal_weights`; kept for
+code that imported it)."""

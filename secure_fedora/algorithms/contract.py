@@ -172,6 +172,13 @@ class FederatedAlgorithm(ABC):
     #: The dtype and shape of its replies' entries (set by :func:`build_method`; None for an
     #: instance built some other way).
     reply_schema: ReplySchema | None = None
+    #: The proximal weights this method's local objective adds (``w/2 ||theta - anchor||^2``
+    #: on the gradient after clipping, through momentum, as weight decay): keys of its
+    #: ``[baselines.<name>]`` section (read with its ``params`` model) or a function
+    #: ``(cfg) -> {config key: w}``. The config refuses ``training.lr *
+    #: (training.weight_decay + sum of w) >= 2 (1 + training.momentum)``, naming the keys
+    #: (every local run diverges there). Default: none, nothing checked.
+    proximal_weights: ClassVar[Any] = ()
 
     # ------------------------------------------------------------------ declarations
     @classmethod

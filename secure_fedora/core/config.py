@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "TrainingConfig",
     "check_flag_argument",
     "local_divergence_problem",
+    "method_proximal_terms",
     "pull_limit_text",
     "pull_stability_limit",
     "check_path_argument",
@@ -576,6 +578,70 @@ def _check_method_section(name: str, section: Any) -> None:
     raise ValueError(f"baselines.{name}: unknown baseline {name!r}; expected one of {known}")
 
 
+def _proximal_declaration_problem(name: str, what: str) -> str:
+    return (f"method {name!r} declares proximal_weights {what}; declare a tuple of keys of its "
+            "[baselines.<name>] section (e.g. (\"mu\",)) or a function (cfg) -> {config key: "
+            "weight}, each weight a finite number >= 0 (docs/design.md, \"Local step "
+            "stability\")")
+
+
+def _proximal_weight(name: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < 0:
+        raise ValueError(_proximal_declaration_problem(
+            name, f"whose weight {key} is {value!r:.60}, not a finite number >= 0"))
+    return float(value)
+
+
+def method_proximal_terms(name: str, cfg: Any) -> dict[str, float]:
+    """The proximal weights registered method ``name`` declares under ``cfg``
+    (``proximal_weights`` on its class, see
+    :attr:`secure_fedora.algorithms.config_checks.MethodChecks.proximal_weights`): config key
+    -> weight, ``{}`` when it declares none. Keys are read from the declaring class's
+    hyper-parameters: a built-in baseline's (or its subclass's) own section, else its
+    ``params`` model on ``[baselines.<name>]``. ``ValueError`` naming the method when the
+    declaration is malformed: not keys or a function, a key its hyper-parameters lack, or a
+    weight that is not a finite number >= 0."""
+    from secure_fedora.core.registry import METHODS
+
+    owner = METHODS.declarer(name, "proximal_weights")
+    if owner is None:
+        return {}
+    declaration = owner.proximal_weights
+    if callable(declaration):
+        terms = declaration(cfg)
+        if not isinstance(terms, Mapping) or not all(isinstance(k, str) and k for k in terms):
+            raise ValueError(_proximal_declaration_problem(
+                name, f"as a function that returned {terms!r:.80}, not a dict of config keys"))
+        return {key: _proximal_weight(name, key, value) for key, value in terms.items()}
+    keys = (declaration,) if isinstance(declaration, str) else declaration
+    if not isinstance(keys, tuple | list) or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(_proximal_declaration_problem(name, f"= {declaration!r:.80}"))
+    if not keys:
+        return {}
+    hyperparameters = getattr(owner, "hyperparameters", None)
+    params = getattr(owner, "params", None)
+    if callable(hyperparameters) and callable(getattr(owner, "config_section", None)):
+        section, values = owner.config_section(), hyperparameters(cfg)
+    elif isinstance(params, type) and issubclass(params, BaseModel):
+        section = name
+        try:
+            values = params.model_validate(cfg.baselines.get(name, {})).model_dump()
+        except ValidationError as err:
+            raise ValueError(f"baselines.{name}: {err.errors()[0]['msg']}") from None
+    else:
+        raise ValueError(_proximal_declaration_problem(
+            name, f"{tuple(keys)} but has no hyper-parameters (a pydantic 'params' model) "
+                  "holding them"))
+    unknown = [k for k in keys if k not in values]
+    if unknown:
+        raise ValueError(_proximal_declaration_problem(
+            name, f"{tuple(keys)}, but [baselines.{section}] has no key {unknown[0]!r} (its keys: "
+                  f"{sorted(values)})"))
+    return {f"baselines.{section}.{k}": _proximal_weight(name, f"baselines.{section}.{k}",
+                                                         values[k]) for k in keys}
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: one data split, one model, several methods compared on it."""
 
@@ -610,6 +676,13 @@ class ExperimentConfig(_Section):
             check = METHODS.declared(name, "check_config")
             if check is not None:
                 check(self)
+            terms = method_proximal_terms(name, self)
+            if terms:  # a proximal term is a curvature fixed by the config, as weight decay
+                t = self.training
+                problem = local_divergence_problem(
+                    t.lr, t.momentum, {"training.weight_decay": t.weight_decay, **terms})
+                if problem is not None:
+                    raise ValueError(problem)
         if not p.enabled:
             if "noised" in self.fedora.relatedness:
                 raise ValueError("fedora.relatedness 'noised' needs privacy.enabled = true")

@@ -32,6 +32,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "declared",
+    "declarer",
 ]
 
 T = TypeVar("T")
@@ -159,10 +160,20 @@ class Registry(Generic[T]):
         """What entry ``name`` declares as ``attribute`` (see :func:`declared`); a built-in
         answers from the registry's declarations without importing its implementation.
         :class:`RegistryError` for an unknown name."""
+        return declared(self._declaring_entry(name), attribute)
+
+    def declarer(self, name: str, attribute: str) -> Any:
+        """The object that declares ``attribute`` for entry ``name``: the entry, else the
+        class a factory names as ``factory.algorithm`` (as :meth:`declared` reads it), or
+        ``None`` when neither has it; a built-in answers from the registry's declarations.
+        Lets a check read the declaring class's other attributes (its hyper-parameters), not a
+        factory's. :class:`RegistryError` for an unknown name."""
+        return declarer(self._declaring_entry(name), attribute)
+
+    def _declaring_entry(self, name: str) -> Any:
         if self._declarations is not None and not self._loaded and name in self._builtins:
-            table = importlib.import_module(self._declarations).BUILTIN_DECLARATIONS
-            return declared(table[name], attribute)
-        return declared(self.get(name), attribute)
+            return importlib.import_module(self._declarations).BUILTIN_DECLARATIONS[name]
+        return self.get(name)
 
     def origin(self, name: str) -> str:
         """The module that registered ``name`` (its ``__name__``; e.g.
@@ -210,10 +221,19 @@ def declared(entry: Any, attribute: str) -> Any:
     (a class or a factory), else of the class a factory names as ``factory.algorithm``;
     ``None`` when neither has it. Lets lower layers (the config) ask a method what it declares
     (its hyper-parameters, its config checks) without importing the package that defines it."""
-    value = getattr(entry, attribute, None)
-    if value is None:
-        value = getattr(getattr(entry, "algorithm", None), attribute, None)
-    return value
+    owner = declarer(entry, attribute)
+    return None if owner is None else getattr(owner, attribute)
+
+
+def declarer(entry: Any, attribute: str) -> Any:
+    """Which object :func:`declared` reads ``attribute`` from: ``entry`` when its attribute is
+    not ``None``, else ``entry.algorithm`` when that one's is not, else ``None``."""
+    if getattr(entry, attribute, None) is not None:
+        return entry
+    algorithm = getattr(entry, "algorithm", None)
+    if getattr(algorithm, attribute, None) is not None:
+        return algorithm
+    return None
 
 
 _contrib_loaded = False
