@@ -24,7 +24,8 @@ client, with every call's arguments depending only on that client's row and spli
 
 Either way a row or inputs stored off a 64-byte boundary are computed on an aligned copy, as
 ``evaluate`` does (:func:`~secure_fedora.learning.client.aligned`: one-row forwards round
-differently by address), and the loss is ``evaluate``'s: ``task.sum_loss`` per 4096-row batch in float32,
+differently by address; on the direct path a row is copied into one reused aligned buffer whose
+layer views are made once per call), and the loss is ``evaluate``'s: ``task.sum_loss`` per 4096-row batch in float32,
 summed as Python floats and divided by the split size. So a client's two losses are equal to
 ``evaluate(flat, row, x, y).loss`` bit for bit, whether the call holds one client or thousands
 (tested), and identical rows give identical losses (``lambda = 0`` exactly).
@@ -33,7 +34,8 @@ summed as Python floats and divided by the split size. So a client's two losses 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -60,22 +62,31 @@ class ValidationLossPair(NamedTuple):
 _PROGRAMS: weakref.WeakKeyDictionary[FlatModel, tuple[list[_Step] | None, str]] = weakref.WeakKeyDictionary()
 
 
-def _run_program(program: list[_Step], row: Tensor, x: Tensor) -> Tensor:
-    """The model's outputs on ``x`` (a batch of samples) with parameters ``row``, computed as
-    ``nn.Linear`` (``addmm(bias, h, W^T)`` on 2-D inputs), ``nn.Flatten`` and the activation
-    modules compute them (their ``forward``; the program has no hooks)."""
-    h = x
-    owned = False
+def _layer_views(program: list[_Step], row: Tensor) -> list[tuple[Tensor, Tensor | None] | None]:
+    """Per step of ``program``: the ``(W^T, bias)`` views of ``row`` for a Linear step (as
+    ``nn.Linear`` passes them to ``addmm``), None for any other step."""
+    views: list[tuple[Tensor, Tensor | None] | None] = []
     for step in program:
         if type(step) is _Linear:
             w = row[step.weight: step.weight + step.out_features * step.in_features].view(
                 step.out_features, step.in_features)
+            bias = None if step.bias is None else row[step.bias: step.bias + step.out_features]
+            views.append((w.t(), bias))
+        else:
+            views.append(None)
+    return views
+
+
+def _run_views(program: list[_Step], views: list[tuple[Tensor, Tensor | None] | None], x: Tensor) -> Tensor:
+    """The model's outputs on ``x`` with the Linear layers' views ``views`` (:func:`_layer_views`)."""
+    h = x
+    owned = False
+    for step, view in zip(program, views, strict=True):
+        if view is not None:
             if h.dim() != 2:
                 raise ValueError("the direct path takes 2-D activations only")
-            if step.bias is None:
-                h = torch.mm(h, w.t())
-            else:
-                h = torch.addmm(row[step.bias: step.bias + step.out_features], h, w.t())
+            w_t, bias = view
+            h = torch.mm(h, w_t) if bias is None else torch.addmm(bias, h, w_t)
             owned = True
         elif type(step) is _Flatten:
             h = h.flatten(1)
@@ -85,6 +96,34 @@ def _run_program(program: list[_Step], row: Tensor, x: Tensor) -> Tensor:
                 h, owned = h.clone(), True  # never write into the caller's inputs
             h = step.module.forward(h)
     return h
+
+
+def _run_program(program: list[_Step], row: Tensor, x: Tensor) -> Tensor:
+    """The model's outputs on ``x`` (a batch of samples) with parameters ``row``, computed as
+    ``nn.Linear`` (``addmm(bias, h, W^T)`` on 2-D inputs), ``nn.Flatten`` and the activation
+    modules compute them (their ``forward``; the program has no hooks)."""
+    return _run_views(program, _layer_views(program, row), x)
+
+
+class _Staged:
+    """One reusable copy of a parameter row on an :data:`ALIGNMENT_BYTES` boundary, with the
+    direct program's layer views bound to it once. A row stored off the boundary is copied in
+    and computed there: the same values at an aligned address, as :func:`aligned`'s fresh copy
+    gives them (the same bits), without a new allocation and the per-call views each time."""
+
+    def __init__(self, program: list[_Step], num_params: int, like: Tensor) -> None:
+        self.program = program
+        self.row = torch.empty(num_params, dtype=like.dtype, device=like.device)
+        if self.row.data_ptr() % ALIGNMENT_BYTES:
+            raise ClientUpdateError(f"the allocator returned a buffer {self.row.data_ptr() % ALIGNMENT_BYTES}"
+                                    f" bytes off a {ALIGNMENT_BYTES}-byte boundary; validation needs"
+                                    " torch's default CPU allocator")
+        self.views = _layer_views(program, self.row)
+
+    def load(self, row: Tensor) -> Callable[[Tensor], Tensor]:
+        """Copy ``row`` in; the forward of the staged copy on a batch ``x``."""
+        self.row.copy_(row)
+        return lambda x: _run_views(self.program, self.views, x)
 
 
 @torch.no_grad()
@@ -119,9 +158,11 @@ def direct_path(flat: FlatModel, sample: Tensor) -> tuple[bool, str]:
 
 
 def _losses(flat: FlatModel, forward, rows: Sequence[Tensor], splits: Sequence[tuple[Tensor, Tensor]],
-            name: str) -> list[float]:
+            name: str, staged: _Staged | None = None) -> list[float]:
     """``evaluate``'s loss of ``rows[k]`` on ``splits[k]``: float32 ``sum_loss`` per batch of
-    :data:`EVALUATE_BATCH` rows, summed as Python floats from 0.0, divided by the split size."""
+    :data:`EVALUATE_BATCH` rows, summed as Python floats from 0.0, divided by the split size.
+    With ``staged`` (the direct path on the CPU) a row off the alignment is computed on the
+    staged copy instead of a fresh :func:`aligned` copy (equal values and alignment)."""
     sum_loss = flat.task.sum_loss
     shape = (flat.num_params,)
     single: list[Tensor] = []  # float32 sums of one-batch splits, read together below
@@ -131,21 +172,26 @@ def _losses(flat: FlatModel, forward, rows: Sequence[Tensor], splits: Sequence[t
             raise ClientUpdateError(f"{name} row {k} has shape {tuple(row.shape)}, "
                                     f"expected ({flat.num_params},)")
         if row.data_ptr() % ALIGNMENT_BYTES:
-            row = aligned(row)  # as evaluate() computes it (the copy also brings it into L2)
-        elif row.device.type == "cpu":
-            # One streaming read first: the forward's transposed-weight GEMM (addmm(b, x, W^T)
-            # with a few rows) reads a cold row far below memory bandwidth, a plain sum at full
-            # bandwidth; the row then sits in L2. 1,000 clients x 10 rows, one thread: 0.255 s
-            # -> 0.21 s. The values computed are unchanged.
-            row.sum()
+            if staged is not None and row.dtype == staged.row.dtype and row.device == staged.row.device:
+                run = staged.load(row)  # the copy also brings the row into L2
+            else:
+                run = partial(forward, aligned(row))  # as evaluate() computes it
+        else:
+            if row.device.type == "cpu":
+                # One streaming read first: the forward's transposed-weight GEMM (addmm(b, x, W^T)
+                # with a few rows) reads a cold row far below memory bandwidth, a plain sum at full
+                # bandwidth; the row then sits in L2. 1,000 clients x 10 rows, one thread: 0.255 s
+                # -> 0.21 s. The values computed are unchanged.
+                row.sum()
+            run = partial(forward, row)
         if x.shape[0] <= EVALUATE_BATCH:
-            single.append(sum_loss(forward(row, aligned(x)), y))
+            single.append(sum_loss(run(aligned(x)), y))
             totals.append(None)
         else:  # several batches: accumulated exactly as evaluate() does
             total = 0.0
             for start in range(0, x.shape[0], EVALUATE_BATCH):
                 stop = start + EVALUATE_BATCH
-                total += sum_loss(forward(row, aligned(x[start:stop])), y[start:stop]).item()
+                total += sum_loss(run(aligned(x[start:stop])), y[start:stop]).item()
             totals.append(total)
     # one read of all one-batch sums: float32 values become the same Python floats as .item()
     read = iter(torch.stack(single).tolist() if single else [])
@@ -176,8 +222,8 @@ def validation_losses(flat: FlatModel, theta_rows: Sequence[Tensor], phi_rows: S
     was_training = module.training
     module.eval()
     try:
+        program = _PROGRAMS[flat][0]
         if direct:
-            program = _PROGRAMS[flat][0]
             assert program is not None
 
             def forward(row: Tensor, x: Tensor) -> Tensor:
@@ -191,8 +237,11 @@ def validation_losses(flat: FlatModel, theta_rows: Sequence[Tensor], phi_rows: S
                 raise ClientUpdateError(f"split {k}: cannot evaluate on an empty split")
             if y.shape[0] != x.shape[0]:
                 raise ClientUpdateError(f"split {k} has {x.shape[0]} inputs but {y.shape[0]} targets")
-        local = _losses(flat, forward, theta_rows, splits, "theta")
-        received = _losses(flat, forward, phi_rows, splits, "phi")
+        staged = None
+        if direct and theta_rows[0].device.type == "cpu":
+            staged = _Staged(program, flat.num_params, theta_rows[0])
+        local = _losses(flat, forward, theta_rows, splits, "theta", staged)
+        received = _losses(flat, forward, phi_rows, splits, "phi", staged)
     finally:
         module.train(was_training)
     return ValidationLossPair(local, received)

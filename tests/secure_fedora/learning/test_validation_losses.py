@@ -140,3 +140,37 @@ def test_losses_depend_on_the_values_not_on_where_the_rows_are_stored() -> None:
     fresh = validation_losses(flat, [t.clone() for t in theta], [p.clone() for p in phi],
                               [(x.clone(), y.clone()) for x, y in splits])
     assert stored == fresh
+
+
+def test_rows_at_every_offset_from_the_boundary_equal_evaluate_in_one_call() -> None:
+    """Rows stored 0, 4, ..., 60 bytes off the 64-byte boundary, in one call and in an order
+    that alternates them (each off-boundary row is computed on a copy that the next one
+    overwrites), with a split of two forward batches on an off-boundary row: every loss equals
+    evaluate()'s and that of the same values in a fresh tensor, and no row is changed."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    p = flat.num_params
+    count = 16
+    storage = torch.empty(count * p + count)
+    theta_src, phi_src = _rows(flat, count, seed=30), _rows(flat, count, seed=31)
+    # row k starts k * (p + 1) floats in: every offset mod 16 floats occurs once
+    theta = [storage[k * (p + 1): k * (p + 1) + p] for k in range(count)]
+    phi_storage = torch.empty(count * p + count)
+    phi = [phi_storage[k * (p + 1): k * (p + 1) + p] for k in range(count)]
+    for k in range(count):
+        theta[k].copy_(theta_src[k])
+        phi[k].copy_(phi_src[(k + 5) % count] if k % 3 else theta_src[k])  # some phi == theta
+    assert sorted(t.data_ptr() % 64 for t in theta) == list(range(0, 64, 4))
+    sizes = [1, 10, 4097, 2, 10, 1, 7, 10, 3, 1, 10, 5, 1, 10, 2, 9]
+    splits = _splits(sizes, (1, 28, 28), seed=32)
+    assert theta[2].data_ptr() % 64 and sizes[2] > 4096
+    before = (storage.clone(), phi_storage.clone())
+    got = validation_losses(flat, theta, phi, splits)
+    _assert_bitwise_evaluate(flat, theta, phi, splits, got)
+    fresh = validation_losses(flat, [t.clone() for t in theta], [q.clone() for q in phi], splits)
+    assert got == fresh
+    for k in range(count):
+        if k % 3 == 0:
+            assert got.local[k] == got.received[k]
+    reverse = validation_losses(flat, theta[::-1], phi[::-1], splits[::-1])
+    assert reverse.local == got.local[::-1] and reverse.received == got.received[::-1]
+    assert torch.equal(storage, before[0]) and torch.equal(phi_storage, before[1])
