@@ -578,8 +578,8 @@ class ClientPrivacy:
     #: upload runs the rest of the same pipeline (encrypt, sign) on exactly that payload.
     summary_release: Release | None = None
     summary_stages: list[Any] = field(default_factory=list)
-    #: Without a journal stage (a Flower client, whose node journals its releases itself):
-    #: the journal that holds this client's refusal, close and repair entries whole.
+    #: A Flower client's journal of its refusal, close and repair entries (the same file its
+    #: journal stage writes to; kept for a client built without the stage).
     entry_journal: ReleaseJournal | None = None
 
     @property
@@ -684,8 +684,11 @@ class FederationPrivacy:
     def __post_init__(self) -> None:
         if self.journals is not None:
             for c, journal in zip(self.clients, self.journals, strict=True):
-                c.journal = JournalRelease(journal, c.client_id,
-                                           keep_noise_state=not self.reproducible_noise)
+                # a view of some clients (noised_summary) keeps their journal stages
+                if c.journal is None or c.journal.journal is not journal:
+                    c.journal = JournalRelease(journal, c.client_id,
+                                               keep_noise_state=not self.reproducible_noise,
+                                               resumed=self._resumed)
 
     @property
     def executed_steps(self) -> dict[int, int]:
@@ -1347,8 +1350,8 @@ def release_stage_names(cfg: ExperimentConfig, method: str, *, signed: bool,
     """The stages each release a client of ``method`` declares (``releases(cfg)``) passes in
     production under DP, in order, up to the upload, for a process that holds no client
     state (the Flower server's results): ``signed`` where envelopes are on (always on
-    Flower), ``journaled`` where the pipeline has the journal stage (the in-process runtime;
-    a Flower node journals its reply in its own release journal before the signature).
+    Flower), ``journaled`` where the pipeline has the journal stage (both runtimes; False
+    lists a pipeline built without it).
     Equal to :meth:`FederationPrivacy.release_stages` for the kinds declared (tested)."""
     encrypted = encrypted_release_kinds(cfg, method)
     admission = ["RecordParams", "BudgetGate", *(["JournalRelease"] if journaled else [])]

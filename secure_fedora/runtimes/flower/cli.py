@@ -208,9 +208,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--resume", action="store_true",
         help="continue the run of this workdir whose ServerApp died, from its checkpoint in "
         "WORKDIR/results (same config and flags; the nodes answer the round in flight from their "
-        "saved state; a node that died with the server before saving its answer trains that "
-        "round again and accounts it twice: an over-count, never an under-count); refused "
-        "before anything is written when the checkpoint is another run's, configuration's or "
+        "saved state; under DP a node that died with the server before saving its answer re-makes "
+        "that round's release from its journal, the same noise, its ledger entry consumed, not "
+        "appended); refused before anything is written when the checkpoint is another run's, configuration's or "
         "method list's",
     )
     local.set_defaults(func=cmd_local)

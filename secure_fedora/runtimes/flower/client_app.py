@@ -26,8 +26,10 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
    only then is a cut ledger restored from that journal or a torn last line repaired
    (:func:`~secure_fedora.secure.private.recover_ledger`). A round's release is
    admitted (accounted and written to the ledger, with what the method's
-   :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.releases` declares) *before*
-   the client half runs, and the executed DP-SGD steps are checked against the ledger before
+   :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.releases` declares) and
+   journaled with its noise state (``<client id>.journal``) *before* the client half runs (a
+   release whose process died before saving its answer is re-made from that record, its
+   ledger entries consumed, not appended: :func:`_open_privacy`), and the executed DP-SGD steps are checked against the ledger before
    the reply leaves; a refused release is answered with a ``refusal`` record and no payload,
    and from then on the client releases nothing;
 4. the client half runs (``client_setup`` / ``client_update`` / ``client_eval_row`` and the
@@ -152,6 +154,7 @@ from secure_fedora.secure.private import (
     check_ledger,
     check_ledgers_present,
     create_ledgers_in,
+    noise_is_reproducible,
 )
 from secure_fedora.secure.relatedness import (
     decrypt_rows,
@@ -385,10 +388,10 @@ class ClientSidePrivacy(FederationPrivacy):
 
 
 class _OneSlot(list):  # type: ignore[type-arg]
-    """``clients`` of a :class:`ClientSidePrivacy`: slot ``index`` of ``n``; iteration yields
-    the one client."""
+    """``clients`` (or ``journals``) of a :class:`ClientSidePrivacy`: slot ``index`` of
+    ``n``; iteration yields the one client's."""
 
-    def __init__(self, n: int, index: int, client: ClientPrivacy) -> None:
+    def __init__(self, n: int, index: int, client: Any) -> None:
         super().__init__([client])
         self.n, self.index = n, index
 
@@ -452,7 +455,7 @@ def _check_privacy(
 
 def _open_privacy(
     settings: RunSettings, node: NodeSettings, run_id: int, method: str, checked: LedgerCheck,
-    module: torch.nn.Module
+    module: torch.nn.Module, replay: int | None = None
 ) -> ClientSidePrivacy:
     """This client's budget gate, ledger and plan for ``method``, once its checks passed
     (``checked``, :func:`_check_privacy`).
@@ -469,6 +472,17 @@ def _open_privacy(
     moved aside, and the accountant is replayed from the ledger
     (``runs/<run_id>/<method>/<client id>.jsonl``); a closed gate (an earlier refusal) stays
     closed. Refusal, close and repair entries are journaled whole, each once it is fsynced.
+
+    Every release the gate admits is journaled (``<client id>.journal``, sealed to the client)
+    after its ledger entries and before the client half computes it, with the state of the
+    client's noise source before its draws (with CSPRNG noise the key and stream position;
+    with reproducible noise its digest), as in process. ``replay`` (the index of the first
+    ledger entry of this exchange's release, written by a process of this client that died
+    before saving its answer, :func:`_unanswered_release`): the gate consumes those entries
+    instead of appending them again, and the release is re-made from its journal record
+    (the same noise: restored with CSPRNG noise, checked with reproducible noise; a record
+    that does not match is a "resume diverged" error), or, without a record (the process died
+    before writing it, so the release never left), made once under the entries it consumes.
     """
     cfg = settings.experiment
     from privacy.accounting import Accountant
@@ -505,6 +519,8 @@ def _open_privacy(
     try:
         accountant = replay_accountant(ledger.entries, kind) if ledger.entries else Accountant(kind)
         gate = BudgetGate(accountant, budget, ledger, cid)
+        if replay is not None:
+            gate.replay_from(replay)
         client = ClientPrivacy(i, cid, budget, plan, gate, ledger, entry_journal=checked.journal)
         client.journal_non_releases()
     except BaseException:
@@ -513,7 +529,10 @@ def _open_privacy(
     if gate.closed:
         client.refused_at, client.refusal = -1, "refused before this message"
     return ClientSidePrivacy(cfg, method, _OneSlot(cfg.data.num_clients, i, client),
-                             sample_rate_for(cfg), steps_per_round(cfg), sole=client)
+                             sample_rate_for(cfg), steps_per_round(cfg),
+                             journals=_OneSlot(cfg.data.num_clients, i, checked.journal),
+                             reproducible_noise=noise_is_reproducible(cfg),
+                             _resumed=replay is not None, sole=client)
 
 
 def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
@@ -1116,13 +1135,17 @@ def run_stage(
         for leftover in remove_interrupted_writes(state_path):
             log.warning("removed %s, a client state write that was interrupted", leftover)
         _repair_journal(journal)
-        privacy = (_open_privacy(settings, node, run_id, method, checked, ctx.flat.module)
-                   if checked is not None else None)
+        replay = (_unanswered_release(checked, state, stage, rnd)
+                  if saved and done != rnd else None)
+        privacy = (_open_privacy(settings, node, run_id, method, checked, ctx.flat.module,
+                                 replay) if checked is not None else None)
         try:
             if not saved:
                 # saved before the first release, so that a missing state file with releases on
                 # record always means a lost one (never the crash window of the first release)
                 state.ledger_head = privacy.sole.ledger.head if privacy is not None else None
+                state.ledger_journal_records = (len(checked.journal) if checked is not None
+                                                else None)
                 state.journal_head = journal.head()
                 state.save(state_path)
             if done == rnd:  # delivered again: the same answer, nothing computed or released twice
@@ -1132,11 +1155,13 @@ def run_stage(
                     method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
                 if refusal is None and payload and journal_release:
                     # Journaled (fsynced) before the state that marks it answered, and before it
-                    # leaves: a crash in between journals it twice, never releases it unjournaled.
+                    # leaves: a crash in between leaves it journaled, never released unjournaled
+                    # (the same bytes made again are not journaled twice).
                     blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes()
                                     for t in payload.values())
-                    journal.append(i, wire_round(stage, rnd, cfg.training.rounds),
-                                   f"{method}/{stage}", blob)
+                    _journal_reply(journal, state.journal_head if saved else None, i,
+                                   wire_round(stage, rnd, cfg.training.rounds),
+                                   f"{method}/{stage}", blob, remade=replay is not None)
                 state.algorithm = check_client_state(method, i, algorithm.client_state_dict(i))
                 state.generator_state = ctx.generators[i].get_state()
                 if ctx.noise and cfg.privacy.noise == "reproducible":
@@ -1145,6 +1170,7 @@ def run_stage(
                 state.replies[stage] = payload
                 if privacy is not None:
                     state.ledger_head = privacy.sole.ledger.head
+                    state.ledger_journal_records = len(privacy.journals[i])
                 state.metrics[stage] = metrics
                 state.journal_head = journal.head()
                 if refusal is not None:
@@ -1158,6 +1184,7 @@ def run_stage(
                 privacy.close_ledgers(rnd)
                 if state.ledger_head != privacy.sole.ledger.head:  # the reply reports it
                     state.ledger_head = privacy.sole.ledger.head
+                    state.ledger_journal_records = len(privacy.journals[i])
                     state.save(state_path)
             result = StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
                                  _ledger_record(privacy), limits)
@@ -1168,6 +1195,57 @@ def run_stage(
         finally:
             if privacy is not None:
                 privacy.close()
+
+
+def _unanswered_release(checked: LedgerCheck | None, state: ClientRunState, stage: str,
+                        rnd: int) -> int | None:
+    """The index of the first ledger entry of this exchange's release (the round's model,
+    or the setup's summary) when the ledger's entries past the head the saved state recorded
+    end with that release's (repair and close entries aside): a process of this client
+    admitted it and died before saving its answer (so it never left). None otherwise (no DP,
+    nothing past the saved head, or entries of another release last: those stay accounted,
+    an over-count of a release that never left)."""
+    from privacy.ledger import CLOSE, REPAIR
+
+    if checked is None or state.ledger_head is None or stage not in ("round", "setup"):
+        return None
+    kind, at = ("model", rnd) if stage == "round" else ("summary", 0)
+    start: int | None = None
+    for entry in checked.entries[int(state.ledger_head[0]):]:
+        if entry["mechanism"] in (REPAIR, CLOSE):
+            continue
+        params = entry.get("params")
+        mine = (entry["round"] == at and isinstance(params, dict)
+                and params.get("release_kind") == kind)
+        if not mine:
+            start = None
+        elif start is None:
+            start = int(entry["index"])
+    return start
+
+
+def _journal_reply(journal: ReleaseJournal, saved_head: tuple[int, str] | None, client: int,
+                   wire: int, kind: str, blob: bytes, *, remade: bool) -> None:
+    """Append ``blob`` (this client's ``kind`` reply of wire round ``wire``) to the node's
+    release journal unless the records past the saved state's head (``saved_head``: those of
+    a process that died before saving its answer) hold these very bytes for it already. A
+    re-made DP release (``remade``) whose bytes differ from the ones journaled for it is a
+    NodeStateError ("resume diverged"): the same noise on the same state must make the same
+    release, so the inputs or the node's state changed since; nothing is journaled or sent."""
+    if saved_head is not None:
+        digest = hashlib.sha256(blob).hexdigest()
+        earlier = [e for e in journal.entries()[int(saved_head[0]):]
+                   if (e.get("client"), e.get("round"), e.get("kind")) == (client, wire, kind)]
+        if any(e.get("payload_sha256") == digest for e in earlier):
+            return
+        if earlier and remade:
+            raise NodeStateError(
+                f"{journal.path}: resume diverged: this client's {kind} reply of round {wire},"
+                f" re-made from its journaled noise, differs from the one journaled before its"
+                f" process died ({earlier[-1].get('payload_sha256', '')[:12]}... vs"
+                f" {digest[:12]}...): the round's input or the node's state changed since."
+                " Nothing was sent. Restore the node's state-dir from a copy, or start a new run")
+    journal.append(client, wire, kind, blob)
 
 
 @contextlib.contextmanager
@@ -1204,7 +1282,9 @@ def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck 
     state is older than what the client last reported (a copy restored: its ledger head, or
     with or without DP an exchange's round before the last one whose reply the server
     accepted, ``server_answered``); or the state is gone while the server accepted a reply
-    from it, or the ledger or the journal's records of this method's exchanges show releases.
+    from it, or the ledger or the journal's records of this method's exchanges show releases;
+    or the method's sealed journal holds fewer records than the saved state recorded (cut or
+    replaced: a release it records could not be re-made with its own noise).
     Going on would account fewer releases than were made (a lower epsilon, an audit that
     passes) or silently restart the client's model. Every reply leaves after the state
     recording its head is saved, so none of these holds after a crash. Reads only."""
@@ -1239,6 +1319,14 @@ def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck 
                 "rounds of an older state into the run (or restart the client's model). "
                 "Restore the node's state-dir, or start a new run")
     if saved:
+        kept = state.ledger_journal_records
+        if checked is not None and kept is not None and len(checked.journal) < kept:
+            raise NodeStateError(
+                f"{checked.journal.path}: this client's saved state of {method!r} recorded its"
+                f" sealed journal at {kept} records, and it holds {len(checked.journal)}:"
+                " records were cut or the journal was replaced, and a release they record"
+                " could no longer be re-made with its own noise. Restore the node's state-dir"
+                " from a copy, or start a new run")
         if state.journal_head is not None and not journal.holds(state.journal_head):
             count, last = state.journal_head
             raise NodeStateError(

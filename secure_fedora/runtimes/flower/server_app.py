@@ -1276,8 +1276,9 @@ def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: 
     A client without one (offline, no reply in time, an error reply, a rejected reply) is
     asked once more with the same payload; a client answers a message it already answered
     from its saved state, so nothing is computed, drawn or released twice (under DP its
-    ledger keeps one release; a ClientApp killed before it saved its answer computes it
-    again, and accounts it again: an over-count, never an under-count). A client still without an accepted reply, or one that refused
+    ledger keeps one release; a ClientApp killed before it saved its answer re-makes it from
+    its journal record, with the same noise, consuming its ledger entry). A client still
+    without an accepted reply, or one that refused
     its release, stops the run with a DeployError naming the clients and their last events:
     the method would otherwise build its state (FEDORA's relatedness) or its results (a list
     per client) from part of the federation."""
@@ -1543,8 +1544,8 @@ def _run_method(grid: Grid, server: _Server, name: str,
     """Drive method ``name``'s server half through the contract; its ``methods.<name>``.
     ``resumed`` (a checkpoint's ``current``) continues it after the round it was written
     after, its setup done; the round in flight then is sent again (each node answers what it
-    saved from its saved state; one killed before saving its answer trains the round again,
-    an over-count)."""
+    saved from its saved state; under DP one killed before saving its answer re-makes the
+    round's release from its journal record, same noise, accounted once)."""
     from secure_fedora.runtimes.plots import relatedness_matrix
     from secure_fedora.runtimes.results import method_entry
 
@@ -1686,7 +1687,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     reported = server.privacy.get(name, {})
     refused = server.refused.get(name, set())
     choice, plans = server.plans[name]
-    stages = release_stage_names(cfg, name, signed=True, journaled=False)
+    stages = release_stage_names(cfg, name, signed=True)
     budgets = [client_budget(cfg, c) for c in range(cfg.data.num_clients)]
 
     def planned(c: int) -> dict[str, Any]:

@@ -26,9 +26,12 @@ its local disk, under the ``state-dir`` given in its node config:
     written once the ledger is created (:func:`~secure_fedora.secure.private.create_ledgers_in`):
     with it present, a missing ledger was lost.
 ``runs/<run_id>/<method>/<client id>.journal``
-    With DP, the ledger's refusal, close and repair entries, each whole (its signed line),
-    sealed to the client (:mod:`privacy.journal`), so a ledger cut inside or after one is
-    written back bit for bit.
+    With DP, sealed to the client (:mod:`privacy.journal`): each admitted release, after its
+    ledger entries and before it is computed, with the state of the client's noise source
+    before its draws (a CSPRNG's key and stream position; a reproducible generator's digest),
+    so a release whose process died before saving its answer is re-made, not redrawn; and
+    the ledger's refusal, close and repair entries, each whole (its signed line), so a ledger
+    cut inside or after one is written back bit for bit.
 ``runs/<run_id>/releases.jsonl``
     An append-only, hash-chained journal: one JSON line per release (summary or model) with
     the SHA-256 of the released bytes, written and fsynced *before* the release is handed to
@@ -147,7 +150,8 @@ class ClientRunState:
     ``refusals`` alongside), so a message delivered again (a restart, a retry) gets the same
     answer and nothing is trained or released twice. ``ledger_head`` (DP) is the ledger's
     head when the state was saved; ``journal_head`` the release journal's and ``nonce_head``
-    the method's envelope nonce memory's (:meth:`privacy.envelope.EnvelopeVerifier.nonce_head`).
+    the method's envelope nonce memory's (:meth:`privacy.envelope.EnvelopeVerifier.nonce_head`);
+    ``ledger_journal_records`` (DP) the record count of the method's sealed journal.
     """
 
     client_id: int
@@ -171,6 +175,11 @@ class ClientRunState:
     # round and the nonces kept) once the message was accepted; the nonce file must still
     # hold it at the next message (else it was deleted, cut or edited: replays would pass)
     nonce_head: dict[str, Any] | None = None
+    # With DP: how many records the method's sealed journal (<client id>.journal: each
+    # admitted release with its noise state, and the ledger's refusal, close and repair
+    # entries) held when this was saved; it must hold as many at the next message (records
+    # are bound to their position, so fewer means it was cut or replaced)
+    ledger_journal_records: int | None = None
 
     def save(self, path: Path) -> None:
         """Atomically replace ``path`` with this state (refusing non-finite tensors)."""
@@ -209,6 +218,10 @@ class ClientRunState:
                 and isinstance(head[0], int) and not isinstance(head[0], bool) and head[0] >= 0
                 and isinstance(head[1], str) and len(head[1]) == 64):
             raise NodeStateError(f"{path}: journal_head is not (records, hash): {head!r:.80}")
+        records = state.ledger_journal_records
+        if records is not None and not (isinstance(records, int)
+                                        and not isinstance(records, bool) and records >= 0):
+            raise NodeStateError(f"{path}: ledger_journal_records is not a count: {records!r:.80}")
         if state.nonce_head is not None and not _is_nonce_head(state.nonce_head):
             raise NodeStateError(f"{path}: nonce_head is not (floor, nonces): "
                                  f"{state.nonce_head!r:.80}")

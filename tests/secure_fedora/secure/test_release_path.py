@@ -242,15 +242,13 @@ def test_results_and_plan_show_the_stages_both_runtimes_build(tmp_path, relatedn
     try:
         shown = privacy.summary()["release_stages"]
         rows = privacy.plan_rows()
-        # the Flower node's pipeline: no journal stage (its node journal), always signed
-        privacy.journals = None
-        for c in privacy.clients:
-            c.journal = None
+        # the Flower node's pipeline: journaled as in process, always signed
         flower = {k: v for k, v in privacy.release_stages(0, signed=True).items() if k in shown}
     finally:
         privacy.close()
     assert shown == release_stage_names(cfg, "fedora", signed=envelopes)
-    assert flower == release_stage_names(cfg, "fedora", signed=True, journaled=False)
+    assert flower == release_stage_names(cfg, "fedora", signed=True)
+    assert "JournalRelease" in flower["model"] and "JournalRelease" in flower["summary"]
     assert ("lambda" in shown) == (validation == "private") and "summary" in shown
     assert shown["model"][-1] == ("SignEnvelope" if envelopes else "CheckExecutedSteps")
     assert ("EncryptPayload" in shown["summary"]) == ("encrypted" in relatedness)
