@@ -339,3 +339,45 @@ def test_a_remade_setup_release_that_differs_from_the_journaled_one_is_refused(
     assert "resume diverged" in str(refused[1])
     run_dir = tmp_path / "nodes" / "node-1" / "runs" / "42"
     assert (run_dir / "fedora" / "client-001.jsonl").read_bytes() == ledgers[0]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_release_left_unanswered_when_the_server_moved_on_stays_accounted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The case that still over-counts, stated: client 1's ClientApp dies after its round-1
+    release was admitted and journaled, before saving its answer, and the server does not ask
+    round 1 again (the client counts as not taking part). Nothing past the saved state is
+    this exchange's release when round 2 comes, so the round-1 entry stays accounted (a
+    release that never left: an over-count, never an under-count) and round 2 is admitted
+    after it; the node goes on (no refusal) and the collected ledgers verify."""
+    from audits.verify import verify_run
+    from privacy.ledger import read_ledger
+    from secure_fedora.runtimes.flower.state import ClientRunState
+
+    save = ClientRunState.save
+    died: list[int] = []
+
+    def dies_once(self: ClientRunState, path: Path) -> None:
+        if self.client_id == 1 and self.answered.get("round") == 1 and not died:
+            died.append(1)
+            raise SystemError("ClientApp killed")
+        save(self, path)
+
+    monkeypatch.setattr(ClientRunState, "save", dies_once)
+    cfg = with_methods(dp_config(rounds=2, noise="csprng"), "fedavg")
+    grid, run = _run(tmp_path, cfg, {}, **{"reproducible-dp-noise": False})
+    results = run()
+    assert died == [1] and [(c, kind) for c, kind, _ in grid.errors] == [(1, "train.round")]
+    ledger = read_ledger(tmp_path / "nodes" / "node-1" / "runs" / "42" / "fedavg"
+                         / "client-001.jsonl")
+    assert [(e["round"], e["mechanism"]) for e in ledger] == [(1, "dpsgd"), (2, "dpsgd"),
+                                                              (2, "close")]
+    rows = results["privacy"]["fedavg"]["clients"]
+    # two releases accounted, as for a client that took part in both rounds; one left
+    assert rows[1]["epsilon_spent"] == ledger[-1]["epsilon_after"] == rows[0]["epsilon_spent"]
+    journal = (tmp_path / "nodes" / "node-1" / "runs" / "42" / "releases.jsonl").read_text()
+    assert [json.loads(line)["round"] for line in journal.splitlines()][:2] == [1, 2]
+    report = verify_run(audit_folder(tmp_path, "fedavg"),
+                        allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                        anchor=tmp_path / "res" / "anchor.json")
+    assert report.errors == [], report.errors
