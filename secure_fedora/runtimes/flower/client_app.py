@@ -29,8 +29,8 @@ method message (``query.setup``, ``train.round``, ``evaluate.round``, ``query.fi
    :meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.releases` declares) and
    journaled with its noise state (``<client id>.journal``) *before* the client half runs (a
    release whose process died before saving its answer is re-made from that record, its
-   ledger entries consumed, not appended: :func:`_open_privacy`), and the executed DP-SGD steps are checked against the ledger before
-   the reply leaves; a refused release is answered with a ``refusal`` record and no payload,
+   ledger entries consumed, not appended: :func:`_open_privacy`), and the executed DP-SGD
+   steps are checked against the ledger before the reply leaves; a refused release is answered with a ``refusal`` record and no payload,
    and from then on the client releases nothing;
 4. the client half runs (``client_setup`` / ``client_update`` / ``client_eval_row`` and the
    evaluation on its validation and test data / ``client_finalize``), its reply is checked as
