@@ -90,6 +90,7 @@ __all__ = [
     "VerificationBatch",
     "WrongContextError",
     "WrongRecipientError",
+    "check_nonce_memory",
     "check_tensor",
     "commit_batches",
     "decode_message",
@@ -240,6 +241,15 @@ class EnvelopeStateError(ToolkitError):
 class NonceMemoryLostError(EnvelopeStateError):
     """The persisted nonce memory no longer holds a state its owner recorded it held
     (:meth:`EnvelopeVerifier.nonce_head`): the file was deleted, cut or edited since."""
+
+
+def check_nonce_memory(state_path: str | os.PathLike[str], expect: Mapping[str, Any]) -> None:
+    """Raise :class:`NonceMemoryLostError` (naming the file) unless the nonce state file
+    ``state_path`` still holds ``expect``, a :meth:`EnvelopeVerifier.nonce_head` recorded
+    earlier (nonces accepted after the recording are allowed); :class:`EnvelopeStateError`
+    for an unreadable or corrupt file. Reads only: an owner checks every file it recorded
+    before it opens (and so compacts) any of them."""
+    _NonceMemory.load(Path(state_path), expect)
 
 
 def _reject(error: EnvelopeError) -> EnvelopeError:
@@ -547,6 +557,14 @@ class _NonceMemory:
         :class:`NonceMemoryLostError` is raised before the file is rewritten."""
         if path is None:
             return cls()
+        memory = cls.load(path, expect)
+        memory.file.rewrite(memory.snapshot())  # type: ignore[union-attr]
+        return memory
+
+    @classmethod
+    def load(cls, path: Path, expect: Mapping[str, Any] | None = None) -> _NonceMemory:
+        """Read a private state file without writing it; with ``expect`` it must hold that
+        :meth:`head` (:class:`NonceMemoryLostError` naming the file otherwise)."""
         memory = cls(_NonceFile(path))
         for rec in memory.file.read():  # type: ignore[union-attr]
             memory.apply(rec)
@@ -557,7 +575,6 @@ class _NonceMemory:
                 raise NonceMemoryLostError(
                     f"nonce memory {path} {state}: {problem}; messages it had accepted would "
                     "be accepted again")
-        memory.file.rewrite(memory.snapshot())  # type: ignore[union-attr]
         return memory
 
     def head(self) -> dict[str, Any]:

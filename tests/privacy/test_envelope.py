@@ -21,6 +21,7 @@ from privacy.envelope import (
     UnexpectedKindError,
     UnknownSenderError,
     WrongRecipientError,
+    check_nonce_memory,
     check_tensor,
     decode_message,
     encode_message,
@@ -249,6 +250,36 @@ def test_a_nonce_accepted_after_the_recorded_head_is_not_damage(parties, tmp_pat
                      expect_nonces={"floor": 0, "nonces": []})
     with pytest.raises(ValueError, match="state_path"):
         EnvelopeVerifier(allow, "client-000", expect_nonces=head)
+
+
+@pytest.mark.parametrize("damage", [None, "deleted", "cut", "edited"])
+def test_check_nonce_memory_reads_only(parties, tmp_path, damage):
+    """check_nonce_memory refuses a nonce file that lost a recorded head as reopening with
+    ``expect_nonces`` does, accepts one holding more than recorded, and writes nothing
+    either way (an owner of several files checks them all before it opens any)."""
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "client-000", state_path=state)
+    v.verify(make_envelope(parties["server"], "client-000", 1, "round", b"a"), b"a", 1)
+    head = v.nonce_head()
+    v.verify(make_envelope(parties["server"], "client-000", 1, "evaluate", b"b"), b"b", 1)
+    if damage == "deleted":
+        state.unlink()
+    elif damage == "cut":  # the extra line and the recorded one
+        state.write_text("".join(state.read_text().splitlines(keepends=True)[:-2]))
+    elif damage == "edited":
+        lines = state.read_text().splitlines(keepends=True)
+        state.write_text("".join(lines[:-1]))  # the extra nonce gone: no loss yet
+        check_nonce_memory(state, head)
+        _edit_last_nonce(state)
+    before = state.read_bytes() if state.exists() else None
+    if damage is None:
+        check_nonce_memory(state, head)
+    else:
+        with pytest.raises(NonceMemoryLostError, match="accepted again") as err:
+            check_nonce_memory(state, head)
+        assert str(state) in str(err.value)
+    assert (state.read_bytes() if state.exists() else None) == before
 
 
 def test_malformed_envelopes(parties, caplog):

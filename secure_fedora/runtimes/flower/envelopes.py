@@ -81,6 +81,7 @@ __all__ = [
     "checked_array",
     "content_digest",
     "reply_kind",
+    "server_nonce_path",
 ]
 
 #: Name of the record that holds the envelopes of a message.
@@ -197,6 +198,11 @@ def checked_array(
     return check_tensor(tensor, shape, name=f"array {record}/{key}", **ctx)
 
 
+def server_nonce_path(state_dir: Path) -> Path:
+    """The ServerApp's nonce memory file of the scope whose folder is ``state_dir``."""
+    return state_dir / f"{SERVER_ID}.nonces.jsonl"
+
+
 class MessageSecurity:
     """One party's signing identity and its envelope verifier for one Flower run.
 
@@ -244,17 +250,20 @@ class MessageSecurity:
 
     @classmethod
     def for_server(
-        cls, identity_dir: Path, state_dir: Path, run_id: int, config_hash: str, num_clients: int
+        cls, identity_dir: Path, state_dir: Path, run_id: int, config_hash: str, num_clients: int,
+        expect_nonces: Mapping[str, Any] | None = None,
     ) -> MessageSecurity:
         """The ServerApp's security: its ``server`` identity from ``identity_dir``, accepting the
-        ``num_clients`` allowlisted clients; nonces in ``state_dir/server.nonces.jsonl``."""
+        ``num_clients`` allowlisted clients; nonces in ``state_dir/server.nonces.jsonl``, which
+        must hold ``expect_nonces`` when given."""
         peers = cls._allowlist(identity_dir, client_ids(num_clients))
         try:
             identity = load_identity(identity_dir, SERVER_ID)
         except IdentityError as err:
             raise DeployError(f"the server identity cannot be loaded: {err}") from None
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return cls(identity, peers, state_dir / f"{SERVER_ID}.nonces.jsonl", run_id, config_hash)
+        return cls(identity, peers, server_nonce_path(state_dir), run_id, config_hash,
+                   expect_nonces)
 
     @classmethod
     def for_client(

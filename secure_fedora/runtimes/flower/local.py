@@ -650,7 +650,7 @@ def _resumed_run(work: Path, cfg: ExperimentConfig) -> int:
         raise ResumeRefused(f"--resume: {err}; nothing was written") from None
     if not isinstance(run_id, int):
         raise ResumeRefused(f"--resume: {path} names no run id; nothing was written")
-    check_resumable(results, run_id, cfg, config_hash(cfg))
+    check_resumable(results, run_id, cfg, config_hash(cfg), work / "server")
     return run_id
 
 

@@ -68,8 +68,9 @@ starts (:func:`~secure_fedora.runtimes.results.remove_interrupted_result_writes`
 
 A ServerApp that dies is resumed (run config ``resume``: the id of the run to continue) from
 its checkpoint ``result-dir/checkpoints/flower-server.pt`` (:data:`SERVER_CHECKPOINT`, written
-after the first contact, each method's setup, each round and each method): the checkpoint is
-checked before anything is written (:func:`check_resumable`), the first contact is made
+after the first contact, each method's setup, each round and each method, with the head of
+every scope's nonce memory): the checkpoint, and that each nonce file still holds the head it
+recorded, are checked before anything is written (:func:`check_resumable`), the first contact is made
 again, and the method in flight continues after its last checkpointed round, whose successor
 is sent again; each node answers what it already answered from its saved state.
 """
@@ -89,7 +90,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from privacy.ckks import InnerProductUpload, context_parameters
-from privacy.envelope import Envelope, EnvelopeError
+from privacy.envelope import Envelope, EnvelopeError, EnvelopeStateError, check_nonce_memory
 from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import (
     EVALUATE,
@@ -114,7 +115,11 @@ from secure_fedora.core.files import strict_json
 from secure_fedora.learning.models import model_fingerprint
 from secure_fedora.runtimes.flower.ceremony import layout_for, public_context_digest
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
-from secure_fedora.runtimes.flower.envelopes import MessageSecurity, checked_array
+from secure_fedora.runtimes.flower.envelopes import (
+    MessageSecurity,
+    checked_array,
+    server_nonce_path,
+)
 from secure_fedora.runtimes.flower.payloads import (
     PayloadLimits,
     payload_to_record,
@@ -136,6 +141,7 @@ from secure_fedora.runtimes.flower.protocol import (
     check_supported,
     wire_round,
 )
+from secure_fedora.runtimes.flower.state import is_nonce_head
 from secure_fedora.runtimes.inprocess import (
     CheckpointError,
     Tracker,
@@ -446,6 +452,9 @@ class _Server:
     # a resumed run's counts the time before its checkpoint)
     outcomes: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    # per scope, the nonce memory the checkpoint this run resumed from recorded: the scope's
+    # nonce file must still hold it when it is opened (check_resumable checked them all)
+    nonce_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -464,9 +473,16 @@ class _Server:
         if self.scope not in self.securities:
             s = self.settings
             self.securities[self.scope] = MessageSecurity.for_server(
-                s.identity_dir, s.server_state_dir / "runs" / str(self.run_id) / self.scope,
-                self.run_id, s.config_hash, self.cfg.data.num_clients)
+                s.identity_dir, _scope_dir(s.server_state_dir, self.run_id, self.scope),
+                self.run_id, s.config_hash, self.cfg.data.num_clients,
+                self.nonce_heads.get(self.scope))
         return self.securities[self.scope]
+
+    def recorded_nonce_heads(self) -> dict[str, dict[str, Any]]:
+        """Every scope's nonce memory as it is now (scopes not opened since the resume: as
+        recorded), for the checkpoint."""
+        return {**self.nonce_heads, **{scope: security.verifier.nonce_head()
+                                       for scope, security in self.securities.items()}}
 
     def _where(self, rnd: int) -> tuple[str | None, int]:
         scope, rnd = self.event_at or (self.scope, rnd)
@@ -518,6 +534,11 @@ class _Server:
         (if a result-dir is set)."""
         if self.settings.result_dir is not None:
             atomic_write_text(self.settings.result_dir / name, strict_json(doc))
+
+
+def _scope_dir(server_state_dir: Path, run_id: int, scope: str) -> Path:
+    """The folder of the ServerApp's nonce memory of ``scope`` in run ``run_id``."""
+    return server_state_dir / "runs" / str(run_id) / scope
 
 
 def _malformed(envelope: Envelope, detail: str) -> EnvelopeError:
@@ -1344,10 +1365,12 @@ def check_new_result_dir(result_dir: Path) -> None:
 
 
 def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
-                    config_hash: str) -> dict[str, Any]:
+                    config_hash: str, server_state_dir: Path | None = None) -> dict[str, Any]:
     """The ServerApp checkpoint in ``result_dir`` that run ``run_id`` of ``cfg`` continues
-    from, verified (digest, format, run id, config hash, method list, not finished); raises
-    :class:`ResumeRefused` naming what differs otherwise. Reads only."""
+    from, verified (digest, format, run id, config hash, method list, not finished; with
+    ``server_state_dir``, every scope's nonce file still holds the nonce memory the
+    checkpoint recorded); raises :class:`ResumeRefused` naming what differs otherwise.
+    Reads only."""
     path = result_dir / SERVER_CHECKPOINT
     if not path.is_file():
         raise ResumeRefused(
@@ -1378,6 +1401,21 @@ def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
     if state.get("finished"):
         raise ResumeRefused(f"resume: run {run_id} in {result_dir} finished (its results are "
                             "written); there is nothing to resume")
+    heads = state.get("nonce_heads", {})  # none in a checkpoint older than the field
+    if not isinstance(heads, dict) or not all(
+            scope in (HELLO_SCOPE, *cfg.methods) and is_nonce_head(head)
+            for scope, head in heads.items()):
+        raise ResumeRefused(f"resume: {path} records a malformed nonce memory; nothing was "
+                            "written")
+    for scope, head in sorted(heads.items()) if server_state_dir is not None else ():
+        nonces = server_nonce_path(_scope_dir(server_state_dir, run_id, scope))
+        try:
+            check_nonce_memory(nonces, head)
+        except EnvelopeStateError as err:
+            raise ResumeRefused(
+                f"resume: {err} (the ServerApp checkpoint {path} records them). Restore the "
+                "server-state-dir from a copy, or start a new run; nothing was written"
+            ) from None
     return state
 
 
@@ -1434,6 +1472,7 @@ def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
         "history": server.history,
         "outcomes": server.outcomes,
         "current": current,
+        "nonce_heads": server.recorded_nonce_heads(),
     }
     save_checkpoint(server.settings.result_dir / SERVER_CHECKPOINT, state)
     crash_point("checkpoint_written")
@@ -1454,6 +1493,8 @@ def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
     server.relatedness = state["relatedness"]
     server.history = list(state["history"])
     server.outcomes = dict(state["outcomes"])
+    server.nonce_heads = {scope: dict(head) for scope, head in
+                          state.get("nonce_heads", {}).items()}
 
 
 def _check_same_clients(server: _Server, state: Mapping[str, Any]) -> None:
@@ -1742,7 +1783,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     resumed = None
     if settings.resume:
         assert settings.result_dir is not None  # RunSettings requires it
-        resumed = check_resumable(settings.result_dir, run_id, cfg, settings.config_hash)
+        resumed = check_resumable(settings.result_dir, run_id, cfg, settings.config_hash,
+                                  settings.server_state_dir)
     elif settings.result_dir is not None:
         check_new_result_dir(settings.result_dir)
     torch.set_num_threads(settings.num_threads)

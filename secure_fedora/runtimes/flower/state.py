@@ -222,7 +222,7 @@ class ClientRunState:
         if records is not None and not (isinstance(records, int)
                                         and not isinstance(records, bool) and records >= 0):
             raise NodeStateError(f"{path}: ledger_journal_records is not a count: {records!r:.80}")
-        if state.nonce_head is not None and not _is_nonce_head(state.nonce_head):
+        if state.nonce_head is not None and not is_nonce_head(state.nonce_head):
             raise NodeStateError(f"{path}: nonce_head is not (floor, nonces): "
                                  f"{state.nonce_head!r:.80}")
         _check_payload(path, "algorithm", state.algorithm)
@@ -231,7 +231,9 @@ class ClientRunState:
         return state
 
 
-def _is_nonce_head(head: object) -> bool:
+def is_nonce_head(head: object) -> bool:
+    """True for a well-formed :meth:`privacy.envelope.EnvelopeVerifier.nonce_head` (a floor
+    and a list of ``[sender, nonce, round]``)."""
     def count(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
