@@ -9,7 +9,8 @@ resumed, and a reply accepted before the crash and replayed after the resume is 
 
 A node's first-contact and ceremony scopes (``runs/<run>/hello/`` and ``runs/<run>/``) record
 no head: a hello replayed after its nonce file is lost is answered again, identically, and
-writes nothing (docs/design.md says why neither scope needs one).
+writes nothing; the key ceremony, an encrypted summary and a decryption replayed so are
+answered with what was answered (docs/design.md says why neither scope needs one).
 """
 
 from __future__ import annotations
@@ -26,17 +27,23 @@ from secure_fedora.core import crashpoints
 from secure_fedora.runtimes.flower import client_app, server_app
 from secure_fedora.runtimes.flower.protocol import (
     HELLO_SCOPE,
+    MSG_CEREMONY,
+    MSG_DECRYPT,
+    MSG_ENCRYPTED_SUMMARY,
     MSG_HELLO,
     MSG_ROUND,
     RunSettings,
 )
+from secure_fedora.runtimes.flower.state import ReleaseJournal
 from tests.secure_fedora.runtimes.flower.deploy_support import (
+    TINY,
     InMemoryGrid,
     run_config,
     task_identity,  # noqa: F401 - a fixture
     tiny_config,
     with_methods,
 )
+from tests.secure_fedora.runtimes.flower.test_encrypted_flower import enc_config
 
 
 def _federation(root: Path, cfg: Any, **grid: Any) -> tuple[dict[str, Any], InMemoryGrid]:
@@ -203,3 +210,65 @@ def test_a_hello_replayed_after_its_node_nonce_memory_is_lost_is_answered_again_
     assert "refusal" not in again.content
     assert {p: b for p, b in _files(node).items() if not p.name.endswith(".nonces.jsonl")} \
         == before
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_ceremony_messages_replayed_after_the_node_nonce_memory_is_lost_repeat_their_answers(
+        tmp_path: Path) -> None:
+    """A node's ceremony scope (runs/<run>/<client>.nonces.jsonl) records no head. Intact, it
+    refuses a replayed key ceremony, encrypted summary and decryption request; deleted, the
+    replays are accepted and answered with what was answered: the key holder's stored public
+    context, client 1's saved summary (encrypted again, one more journal line), the same
+    overlaps (one more journal line); the keys, the method state and every other file stay
+    as they were, and no round is trained or released again."""
+    assert TINY["data"]["num_clients"] == 3
+    cfg = enc_config()
+    kept: dict[str, tuple[Message, Message]] = {}
+
+    def keep(name: str):  # type: ignore[no-untyped-def]
+        def hook(request: Message, reply: Message) -> Message:
+            kept[name] = (request, reply)
+            return reply
+        return hook
+
+    rc, grid = _federation(tmp_path, cfg, tamper_reply={
+        (0, 0, MSG_CEREMONY): keep("ceremony"), (1, 0, MSG_ENCRYPTED_SUMMARY): keep("summary"),
+        (0, 0, MSG_DECRYPT): keep("decrypt")})
+    _run(rc, grid)
+    assert set(kept) == {"ceremony", "summary", "decrypt"}
+    handlers = {"ceremony": (0, client_app.HANDLERS[MSG_CEREMONY]),
+                "summary": (1, client_app.HANDLERS[MSG_ENCRYPTED_SUMMARY]),
+                "decrypt": (0, client_app.HANDLERS[MSG_DECRYPT])}
+    for name, (client, handler) in handlers.items():
+        with pytest.raises(client_app.WithheldError) as err:
+            handler(kept[name][0], _node_context(grid, client))
+        assert isinstance(err.value.original, EnvelopeError), name
+        assert err.value.original.reason == "replayed_nonce"
+
+    def run_dir(client: int) -> Path:
+        return tmp_path / "nodes" / f"node-{client}" / "runs" / "42"
+
+    def journal(client: int) -> list[str]:
+        return [e["kind"] for e in ReleaseJournal(run_dir(client) / "releases.jsonl").entries()]
+
+    def unchanged(client: int) -> dict[Path, bytes]:
+        return {p: b for p, b in _files(tmp_path / "nodes" / f"node-{client}").items()
+                if not p.name.endswith(".nonces.jsonl") and p.name != "releases.jsonl"}
+
+    journals = {c: journal(c) for c in range(2)}
+    before = {c: unchanged(c) for c in range(2)}
+    for client in range(2):
+        (run_dir(client) / f"client-{client:03d}.nonces.jsonl").unlink()
+    answers = {name: handler(kept[name][0], _node_context(grid, client))
+               for name, (client, handler) in handlers.items()}
+    first = {name: reply for name, (_, reply) in kept.items()}
+    assert dict(answers["ceremony"].content["ceremony"])["public-context"] == \
+        dict(first["ceremony"].content["ceremony"])["public-context"]
+    assert "refusal" not in answers["summary"].content
+    assert len(answers["summary"].content["upload"]["columns"]) == \
+        len(first["summary"].content["upload"]["columns"])
+    assert answers["decrypt"].content["overlaps"]["overlaps"].numpy().tobytes() == \
+        first["decrypt"].content["overlaps"]["overlaps"].numpy().tobytes()
+    assert journal(0) == [*journals[0], "overlaps"]
+    assert journal(1) == [*journals[1], "summary"]
+    assert {c: unchanged(c) for c in range(2)} == before
