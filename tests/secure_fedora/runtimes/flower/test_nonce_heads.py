@@ -272,3 +272,23 @@ def test_ceremony_messages_replayed_after_the_node_nonce_memory_is_lost_repeat_t
     assert journal(0) == [*journals[0], "overlaps"]
     assert journal(1) == [*journals[1], "summary"]
     assert {c: unchanged(c) for c in range(2)} == before
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("heads", [{"../elsewhere": {"floor": 0, "nonces": []}},
+                                   {"fedavg": {"floor": 0}}, []])
+def test_a_checkpoint_with_malformed_nonce_heads_is_refused(tmp_path: Path, heads: Any) -> None:
+    """A checkpoint whose recorded nonce memory names no scope of the run (a path outside
+    the server-state-dir included) or is not (floor, nonces) is refused, nothing written."""
+    from secure_fedora.runtimes.inprocess import load_checkpoint, save_checkpoint
+
+    cfg = with_methods(tiny_config(rounds=3), "fedavg")
+    rc = _killed_in_round_3(tmp_path, cfg)
+    path = tmp_path / "res" / server_app.SERVER_CHECKPOINT
+    state = load_checkpoint(path)
+    assert set(state["nonce_heads"]) == {HELLO_SCOPE, "fedavg"}
+    save_checkpoint(path, {**state, "nonce_heads": heads})
+    before = _files(tmp_path)
+    with pytest.raises(server_app.ResumeRefused, match="malformed nonce memory"):
+        _resume(tmp_path, rc, 3)
+    assert _files(tmp_path) == before
