@@ -292,3 +292,34 @@ def test_a_checkpoint_with_malformed_nonce_heads_is_refused(tmp_path: Path, head
     with pytest.raises(server_app.ResumeRefused, match="malformed nonce memory"):
         _resume(tmp_path, rc, 3)
     assert _files(tmp_path) == before
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_deploy_local_resume_checks_the_server_nonce_memory_before_starting_anything(
+        tmp_path: Path) -> None:
+    """`deploy local --resume` checks the ServerApp's nonce files in WORKDIR/server against
+    its checkpoint in WORKDIR/results before any process starts: one deleted is refused
+    naming it, and no file of the workdir changes."""
+    from secure_fedora.runtimes.flower.local import deploy_local
+
+    cfg = with_methods(tiny_config(rounds=3), "fedavg")
+    work = tmp_path / "w"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(work / "results"),
+                                      "server-state-dir": str(work / "server"),
+                                      "round-timeout": 5.0})
+    (work / "results").mkdir(parents=True)
+
+    def die(_request: Message, _reply: Message) -> Message:
+        raise crashpoints.InjectedCrash("server killed in round 2")
+
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_reply={(1, 2, MSG_ROUND): die})
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid)
+    nonces = work / "server" / "runs" / "42" / "fedavg" / "server.nonces.jsonl"
+    nonces.unlink()
+    before = _files(work)
+    with pytest.raises(server_app.ResumeRefused, match="is missing") as err:
+        deploy_local(cfg, 3, work, resume=True)
+    assert str(nonces) in str(err.value)
+    assert _files(work) == before
+    assert sorted(p.name for p in work.iterdir()) == ["results", "server"]
