@@ -933,6 +933,14 @@ class Simulation:
         for name in self.cfg.methods:
             path = self.run_dir / "ledgers" / name / MODEL_RECORD
             if not path.is_file():
+                # the record is created with the ledgers (one rename): ledgers without it
+                # mean it was lost, and a run resumed without it fails `audit verify`
+                if path.parent.is_dir() and any(path.parent.glob("*.jsonl")):
+                    raise CheckpointError(
+                        f"{path} is missing (it is created with the method's ledgers, which "
+                        "are there): the record of the model the ledgers' releases come from "
+                        "was lost; refuse to resume (restore model.json from a copy of the run "
+                        "directory, or start a new run)")
                 continue
             problem = model_record_problem(path, module)
             if problem is not None:

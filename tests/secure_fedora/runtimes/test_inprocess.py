@@ -564,6 +564,49 @@ def test_a_dp_resume_refuses_a_damaged_model_record(tmp_path):
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_dp_resume_refuses_ledgers_whose_model_record_was_lost(tmp_path):
+    """model.json deleted from a killed DP run's ledger folder was resumed from silently (a
+    missing record was skipped), and the finished run then failed `audit verify` (results.json
+    records the fingerprint, model.json missing). It is created with the ledgers, so ledgers
+    without it mean it was lost: the resume is a CheckpointError naming it, with nothing
+    written; the restored record resumes and verifies (found by the hunt of run-dir edits)."""
+    from torch import nn
+
+    from audits.verify import verify_run
+    from secure_fedora.api import Experiment
+    from secure_fedora.core import crashpoints
+
+    def model(shape, k):
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, k))
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+    config = {"name": "lost-record", "methods": ["local"],
+              "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
+                       "val_per_client": 5, "test_per_client": 5},
+              "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}}
+    run_dir = tmp_path / "run"
+    crashpoints.arm("checkpoint_written")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Experiment(config, data=data, model=model, run_dir=run_dir).run()
+    finally:
+        crashpoints.disarm()
+    record = run_dir / "ledgers" / "local" / "model.json"
+    saved = record.read_bytes()
+    record.unlink()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"ledgers/local/model.json is missing \(it is "
+                                              r"created with the method's ledgers"):
+        Experiment(config, data=data, model=model, run_dir=run_dir).run(resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    record.write_bytes(saved)
+    Experiment(config, data=data, model=model, run_dir=run_dir).run(resume=True)
+    assert verify_run(run_dir).ok
+
+
 def _strip_model_fingerprint(path):
     state = load_checkpoint(path)
     del state["model_fingerprint"], state["model_architecture"]
