@@ -182,9 +182,16 @@ def _first_unsupported_layer(model: nn.Module) -> str:
     return fallback or "(no single layer identified)"
 
 
+_TOO_LARGE = (": the inputs or the model's initial parameters are too large for float32 "
+              "arithmetic; scale the inputs (e.g. standardize them in the data source) or the "
+              "model's initialization")
+
+
 def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) -> None:
     """Refuse (DPSGDError naming the layer) a model whose per-sample gradients the DP path
-    cannot compute, or computes differently from per-sample autograd. Dropout layers run in
+    cannot compute, or computes differently from per-sample autograd; gradients that are not
+    finite because the numbers overflow (a per-sample gradient norm whose square exceeds the
+    parameters' float range) are refused as such, naming no layer. Dropout layers run in
     eval mode during the check (random masks would make the two computations differ); nothing
     is changed: no noise is drawn, no gradient is written, no step is counted."""
     from privacy.dpsgd import DPSGDError
@@ -211,6 +218,7 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
                 f"by the fused path (nn.Linear only) nor by Opacus ({type(err).__name__}: {err})"
             ) from err
         expected = [torch.zeros_like(p) for p in params]
+        largest = 0.0
         for i in range(int(x.shape[0])):
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -218,11 +226,21 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
                                             allow_unused=True)
             grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
             norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            if not math.isfinite(norm):  # no layer is at fault: the numbers overflow
+                raise DPSGDError(f"the loss's gradient on probe row {i} of the training data is "
+                                 f"not finite (its norm is {norm}) before training{_TOO_LARGE}")
+            largest = max(largest, norm)
             factor = min(1.0, dpsgd.max_grad_norm / (norm + 1e-6))
             for e, g in zip(expected, grads, strict=True):
                 e.add_(g, alpha=factor)
         for (pname, _), a, b in zip(((dpsgd._param_names[id(p)], p) for p in params), got, expected,
                                     strict=True):
+            if not bool(torch.isfinite(a).all()) and \
+                    largest > math.sqrt(torch.finfo(a.dtype).max):  # a squared norm overflows
+                raise DPSGDError(
+                    f"DP-SGD's clipped per-sample gradients of parameter {pname!r} are not "
+                    f"finite (path {dpsgd.mode!r}; the probe rows' largest per-sample gradient "
+                    f"norm is {largest:.3g}) before training{_TOO_LARGE}")
             if not torch.allclose(a, b, rtol=1e-3, atol=1e-5):
                 raise DPSGDError(
                     f"DP-SGD's per-sample gradients of parameter {pname!r} differ from per-sample "

@@ -1,4 +1,5 @@
-"""DP-SGD's model checks: the batch sizes probed for row independence."""
+"""DP-SGD's model checks: the batch sizes probed for row independence, the per-sample
+gradient check."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-from privacy.dpsgd import DPSGDError
-from secure_fedora.learning.dp import check_rows_independent, largest_poisson_batch
+from privacy.dpsgd import DPSGD, DPSGDError
+from privacy.noise import ReproducibleNoise
+from secure_fedora.learning.dp import (
+    check_per_sample_gradients,
+    check_rows_independent,
+    largest_poisson_batch,
+)
+from secure_fedora.learning.tasks import resolve_task
 
 
 @pytest.mark.parametrize(("q", "n"), [(0.5, 20), (1.0, 20), (0.01, 100), (0.05, 1280),
@@ -43,3 +50,22 @@ def test_rows_independence_probe_is_exact_for_row_wise_models_and_draws_nothing(
     assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(DPSGDError, match="batch of 9 training rows change"):
         check_rows_independent(centered, x, training=True, rows="training")
+
+
+def test_gradients_that_overflow_are_named_as_such_not_as_an_unsupported_layer():
+    """Inputs so large (1e30) that the DP path's per-sample gradient norms overflow float32
+    were refused as "layer (no single layer identified) is not supported" (max difference nan),
+    which sent the user looking for a layer; the check now says the clipped gradients are not
+    finite and to scale the inputs. The same rows unscaled pass (found by the hunt of user
+    data)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    task = resolve_task("cross_entropy", False)
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    dpsgd = DPSGD(model, 0.5, 1.0, 4.0, ReproducibleNoise(0))
+    with pytest.raises(DPSGDError, match=r"gradients of parameter '1.weight' are not finite "
+                                         r".* too large for float32 arithmetic; scale the "
+                                         r"inputs") as err:
+        check_per_sample_gradients(dpsgd, task.checked, x * 1e30, y)
+    assert "not supported" not in str(err.value)
+    check_per_sample_gradients(dpsgd, task.checked, x, y)
