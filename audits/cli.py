@@ -45,6 +45,7 @@ from audits.verify import (
     verify_run,
 )
 from privacy.accounting import format_up
+from secure_fedora.core.errors import one_line
 from secure_fedora.core.files import strict_json
 
 __all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify",
@@ -254,7 +255,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
             num_canaries=args.canaries, calibration_fraction=args.calibration_fraction,
             confidence=args.confidence, seed=args.seed, options=CLI_AUDIT_OPTIONS)
     except WhiteboxAuditError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     doc = result.to_json()
     s = result.setting
@@ -350,7 +351,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(str(err))
         return NO_DP_CLAIM_EXIT
     except ReplayAuditError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     s = result.setup
     print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"

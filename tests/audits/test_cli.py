@@ -267,3 +267,17 @@ def test_whitebox_and_canary_do_not_take_an_edited_config_as_no_claim(run_copy, 
         err = capsys.readouterr().err
         assert "config.toml was changed after the run" in err and "anchor.json is present" in err
     assert not (run_copy / "audit").exists()
+
+
+@pytest.mark.parametrize("command", ["whitebox", "replay"])
+def test_whitebox_and_replay_print_a_config_error_on_one_line(run_copy, capsys, command):
+    """`audit whitebox` and `audit replay` printed the error of an invalid config.toml with
+    its newline ("error: invalid configuration ...:" then the key on a line of its own),
+    where every other command prints one line (found by the hunt of edited run dirs)."""
+    config = run_copy / "config.toml"
+    config.write_text(config.read_text() + "\n[extra]\nfoo = 1\n")
+    assert main(["audit", command, str(run_copy)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "config.toml: extra: unknown key" in lines[0]
