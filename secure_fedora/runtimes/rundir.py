@@ -180,6 +180,10 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
         sorted(ledgers.iterdir()) == interrupted_ledger_creations(ledgers)
 
 
+# the run's outputs (name -> whether it is a directory), written as it goes and at its end
+_RUN_OUTPUTS = {"results.json": False, "rounds.csv": False, "plots": True}
+
+
 def _start_again(run_dir: Path, resume: str) -> str:
     """What to do instead of resuming a directory with nothing to resume from: a directory that
     that is empty (a run killed before it wrote anything) may take a run without ``resume``."""
@@ -191,13 +195,22 @@ def _start_again(run_dir: Path, resume: str) -> str:
 def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: bool = True,
                     cli: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
-    checkpoint to continue from (see the module docstring); reads only. The Python API's
+    checkpoint to continue from (see the module docstring) and its outputs (results.json,
+    rounds.csv, plots/) of a kind it can write; reads only. The Python API's
     non-private runs without envelopes hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
     order are checked all the same, and a config copy that is there must match. Messages name
     the CLI's options, or with ``cli`` False the Python API's arguments."""
     out, resume = _names(cli)
     if not run_dir.is_dir():
         raise RunDirError(f"{resume} needs an existing run directory; {run_dir} does not exist")
+    # outputs written as the run goes and at its end: one of the wrong kind was found only
+    # after rounds were trained again (under DP, released and accounted)
+    for name, want_dir in _RUN_OUTPUTS.items():
+        path = run_dir / name
+        if path.exists() and path.is_dir() != want_dir:
+            kind = "a directory" if want_dir else "a regular file"
+            raise RunDirError(f"{resume}: {path} is not {kind}, so the run could not write it; "
+                              "move it away, then resume")
     stored = run_dir / CONFIG_COPY
     if not stored.is_file():
         if config_copy_required:

@@ -470,3 +470,29 @@ def test_api_resume_of_an_empty_run_dir_says_a_plain_run_may_start_there(tmp_pat
     cfg = load_config(write_config(tmp_path / "c.toml", TINY))
     with pytest.raises(RunDirError, match=re.escape("it is empty: start the run again without run(resume=True)")):
         Experiment(cfg, run_dir=run_dir).run(resume=True)
+
+
+@pytest.mark.parametrize("blocked", ["rounds.csv", "plots"])
+def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, capsys, blocked):
+    """A killed DP run whose rounds.csv had become a directory (or plots a file) was resumed:
+    its rounds were trained, released and accounted again, then the run stopped with
+    "Is a directory" / "File exists" writing that output. Resume now refuses it first, with
+    nothing written (found by the hunt of run-dir edits)."""
+    from secure_fedora.core import crashpoints
+    config = write_config(tmp_path / "dp.toml", DP)
+    run_dir = tmp_path / "run"
+    crashpoints.arm("checkpoint_written")  # after round 1 of 2
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            run(config, run_dir)
+    finally:
+        crashpoints.disarm()
+    if blocked == "plots":
+        (run_dir / "plots").write_text("not a folder")
+    else:
+        (run_dir / "rounds.csv").mkdir()
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    kind = "a directory" if blocked == "plots" else "a regular file"
+    assert f"{blocked} is not {kind}" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
