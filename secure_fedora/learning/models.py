@@ -225,6 +225,15 @@ def check_model_state(model: object, source: str) -> nn.Module:
     Other buffers are checked by behaviour: :func:`check_buffers_constant`."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"{source} returned a {type(model).__name__}, expected a torch.nn.Module")
+    # an integer or boolean parameter cannot require a gradient, so it would read as frozen,
+    # and "unfreeze it" cannot be done: name its dtype first
+    for n, p in model.named_parameters():
+        if not (p.dtype.is_floating_point or p.dtype.is_complex):
+            raise ModelError(
+                f"{source}: parameter {n!r} is {p.dtype}, which cannot be trained (no gradient "
+                "flows to an integer or boolean tensor); the federation trains float32 "
+                "parameters: make it a float32 nn.Parameter, or keep a constant as a buffer "
+                "(register_buffer)")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         raise ModelError(

@@ -669,6 +669,24 @@ def test_a_frozen_parameter_is_refused_naming_it() -> None:
         Experiment(SMALL, data=_small_data(), model=frozen).check()
 
 
+def test_an_integer_parameter_is_refused_naming_its_dtype_not_as_frozen() -> None:
+    """An int64 nn.Parameter (which cannot require a gradient) was refused as "frozen ...
+    unfreeze it", which cannot be done for an integer tensor."""
+    class Counted(torch.nn.Module):
+        def __init__(self, classes: int) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(5, classes)
+            self.steps = torch.nn.Parameter(torch.zeros(1, dtype=torch.int64), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.flatten(1))
+
+    with pytest.raises(ModelError, match=r"parameter 'steps' is torch.int64, which cannot be "
+                                         r"trained.*register_buffer") as err:
+        Experiment(SMALL, data=_small_data(), model=lambda s, c: Counted(c)).check()
+    assert "frozen" not in str(err.value)
+
+
 def test_a_model_whose_outputs_change_shape_for_one_input_is_refused() -> None:
     """`.squeeze()` passed the two-row probe, then crashed with raw tracebacks on a batch of
     one (training, a one-row validation split, the DP per-sample check)."""
