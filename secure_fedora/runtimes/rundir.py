@@ -181,7 +181,7 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
 
 
 # the run's outputs (name -> whether it is a directory), written as it goes and at its end
-_RUN_OUTPUTS = {"results.json": False, "rounds.csv": False, "plots": True}
+_RUN_OUTPUTS = {"results.json": False, "rounds.csv": False, "plots": True, "checkpoints": True}
 
 
 def _start_again(run_dir: Path, resume: str) -> str:
@@ -196,7 +196,7 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
                     cli: bool = True) -> None:
     """Raise :class:`RunDirError` unless ``run_dir`` holds this configuration's run with a
     checkpoint to continue from (see the module docstring) and its outputs (results.json,
-    rounds.csv, plots/) of a kind it can write; reads only. The Python API's
+    rounds.csv, plots/, checkpoints/) of a kind it can write; reads only. The Python API's
     non-private runs without envelopes hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
     order are checked all the same, and a config copy that is there must match. Messages name
     the CLI's options, or with ``cli`` False the Python API's arguments."""

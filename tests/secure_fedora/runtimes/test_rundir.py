@@ -472,7 +472,7 @@ def test_api_resume_of_an_empty_run_dir_says_a_plain_run_may_start_there(tmp_pat
         Experiment(cfg, run_dir=run_dir).run(resume=True)
 
 
-@pytest.mark.parametrize("blocked", ["rounds.csv", "plots"])
+@pytest.mark.parametrize("blocked", ["rounds.csv", "plots", "checkpoints"])
 def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, capsys, blocked):
     """A killed DP run whose rounds.csv had become a directory (or plots a file) was resumed:
     its rounds were trained, released and accounted again, then the run stopped with
@@ -487,12 +487,14 @@ def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, ca
             run(config, run_dir)
     finally:
         crashpoints.disarm()
-    if blocked == "plots":
-        (run_dir / "plots").write_text("not a folder")
+    if blocked in ("plots", "checkpoints"):
+        # checkpoints/ a file: it was found only when the round trained again was saved
+        shutil.rmtree(run_dir / blocked, ignore_errors=True)
+        (run_dir / blocked).write_text("not a folder")
     else:
         (run_dir / "rounds.csv").mkdir()
     before = snapshot(run_dir)
     assert run(config, run_dir, "--resume") == 2
-    kind = "a directory" if blocked == "plots" else "a regular file"
+    kind = "a directory" if blocked in ("plots", "checkpoints") else "a regular file"
     assert f"{blocked} is not {kind}" in capsys.readouterr().err
     assert snapshot(run_dir) == before
