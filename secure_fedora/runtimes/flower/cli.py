@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -47,12 +49,16 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _positive_float(value: str) -> float:
+    """An argparse type for a timeout in seconds: a finite number > 0 that a thread can wait
+    (at most ``threading.TIMEOUT_MAX``); nan, inf and larger are refused (a wait of inf
+    raised OverflowError inside the deployment instead of at the command line)."""
+    expected = f"expected a positive number of seconds (at most {threading.TIMEOUT_MAX:.0f})"
     try:
         parsed = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not parsed > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {value!r}") from None
+    if not (parsed > 0 and math.isfinite(parsed) and parsed <= threading.TIMEOUT_MAX):
+        raise argparse.ArgumentTypeError(f"{expected}, got {value!r}")
     return parsed
 
 

@@ -722,6 +722,24 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
                               "--max-in-flight", "-1"])
 
 
+@pytest.mark.parametrize("flag", ["--connect-timeout", "--round-timeout", "--run-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300", "0", "-1"])
+def test_cli_deploy_local_refuses_a_timeout_no_wait_can_take(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            flag: str, value: str) -> None:
+    """`--connect-timeout inf` was accepted (nan was refused): an infinite (or beyond any
+    thread's wait) timeout is refused at the command line, before anything starts."""
+    workdir = tmp_path / "w"
+    with pytest.raises(SystemExit) as stop:
+        _parser().parse_args(["deploy", "local", "--config", "c.toml", "--workdir", str(workdir),
+                              flag, value])
+    assert stop.value.code == 2
+    assert f"expected a positive number of seconds (at most {threading.TIMEOUT_MAX:.0f}), got {value!r}" \
+        in capsys.readouterr().err
+    assert not workdir.exists()
+    assert getattr(_parser().parse_args(["deploy", "local", "--config", "c.toml", "--workdir", "w",
+                                         flag, "2.5"]), flag[2:].replace("-", "_")) == 2.5
+
+
 @pytest.mark.parametrize("empty", ["", "  "])
 def test_cli_deploy_refuses_an_empty_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str],
