@@ -61,6 +61,7 @@ from secure_fedora.learning.client import (
     local_train,
     retarget,
     same_row,
+    start_scale_problem,
 )
 from secure_fedora.learning.dp import DPGradient, expected_batch_size
 
@@ -900,9 +901,11 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
         failed.extend(bad)
     if failed:
         lam = max(float(jobs[r].lam) for r in range(len(jobs)) if jobs[r].index in failed)
+        first = next(j for j in jobs if j.index == min(failed))  # its row was left unchanged
+        hint = start_scale_problem(flat, first.theta, first.x, first.y) or diverged_hint(cfg, lam)
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
                                    f" {sorted(failed)}; their updates were discarded"
-                                   f" ({diverged_hint(cfg, lam)})", sorted(failed), steps)
+                                   f" ({hint})", sorted(failed), steps)
     return BatchedOutcome(steps, plan.engine, alphas=alphas)
 
 

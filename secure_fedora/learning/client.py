@@ -69,12 +69,56 @@ def diverged_hint(cfg: TrainConfig, lam: float) -> str:
     decay, where each step multiplies ``theta - phi`` by ``1 - lr * lam``), that cause and its
     remedy."""
     pull = cfg.lr * lam
+    if math.isinf(lam):
+        # exp((L_loc - L_rec) / 2) overflows only for losses over 1,419 nats apart: no lr
+        # makes such a pull stable, and losses that far apart come from the inputs' scale
+        return ("FEDORA's pull diverged: lambda = inf, because the client's validation losses "
+                "differ by more than 1,419 nats (exp overflows), which no training.lr can "
+                "make stable; losses that large usually mean inputs (or initial parameters) "
+                "on a very large scale: scale the features (e.g. standardize them), or set "
+                "fedora.max_pull = 1 (a pull then stops at phi)")
     if pull >= pull_stability_limit(cfg.lr, cfg.momentum, cfg.weight_decay):
         return (f"FEDORA's pull diverged: lr * lambda = {pull:.3g} >= "
                 f"{pull_limit_text(cfg.lr, cfg.momentum, cfg.weight_decay)}, so each step moves "
                 f"theta farther from phi (lambda = {lam:.3g} from the validation losses); set "
                 "fedora.max_pull = 1 (a pull then stops at phi) or lower training.lr")
     return DIVERGED_HINT
+
+
+def start_scale_problem(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor,
+                        rows: int = 64) -> str | None:
+    """Why training from ``theta`` on ``x``/``y`` cannot succeed at any learning rate, or None:
+    when the loss, its gradient or the gradient's squared norm on the first ``rows`` examples
+    is already non-finite at ``theta`` (before any step), the inputs or parameters are on a
+    scale float32 cannot hold.
+    Reads ``theta`` only (a copy is bound); for a failure path's message."""
+    if x.shape[0] == 0:
+        return None
+    row = theta.detach().clone()
+    grad = torch.zeros_like(row)
+    model = flat.bind(row, grad)
+    was_training = model.training
+    try:
+        model.train()
+        with torch.enable_grad():
+            loss = flat.task.sum_loss(model(x[:rows]), y[:rows]) / min(rows, int(x.shape[0]))
+            what = "loss" if not bool(torch.isfinite(loss).all()) else None
+            if what is None:
+                loss.backward()
+                if not all_finite(grad):
+                    what = "gradient of the loss"
+                elif not math.isfinite(float(torch.dot(grad, grad))):
+                    # its norm overflows: every step, clipped or not, works on overflowed values
+                    what = "squared norm of the loss's gradient"
+    finally:
+        model.train(was_training)
+        flat._bound = None  # the copy is not the caller's row: the next bind rebinds
+    if what is None:
+        return None
+    return (f"the {what} is already non-finite at the start of training, before any step (so "
+            "the learning rate is not the cause): the inputs or the model's initial parameters are on a "
+            "scale float32 cannot hold; scale the features (e.g. standardize them) or the "
+            "initialisation")
 
 
 @dataclass(frozen=True)
@@ -443,8 +487,9 @@ def local_train(
         if not finite:
             theta.copy_(start)
     if not finite:
+        hint = start_scale_problem(flat, theta, x, y) or diverged_hint(cfg, lam)
         raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
-                                f" ({diverged_hint(cfg, lam)})")
+                                f" ({hint})")
     return steps
 
 

@@ -582,6 +582,33 @@ def test_a_diverging_pull_is_named_by_both_engines(lam, named):
     assert torch.equal(theta, before)
 
 
+@pytest.mark.parametrize(("scale", "lr", "named"), [
+    (1e30, 0.05, r"squared norm of the loss's gradient is already non-finite at the start of "
+                 r"training, before any step \(so the learning rate is not the cause\).*scale the features"),
+    (1e38, 0.05, r"the loss is already non-finite at the start of training"),
+    (1.0, 1e30, r"\(training diverged: lower training.lr"),  # finite at the start: a real divergence
+], ids=["inputs-x1e30", "inputs-x1e38", "lr-1e30"])
+def test_inputs_too_large_for_float32_are_named_by_both_engines_not_the_lr(scale, lr, named):
+    """Inputs scaled x1e30 were refused as "training diverged: lower training.lr", which no lr
+    fixes: a loss, gradient or gradient norm already non-finite before the first step now names
+    the inputs' scale; a divergence from a finite start keeps the lr message. Rows are kept."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    (x, y), = _clients([16])
+    data = [(x * scale, y)]
+    cfg = TrainConfig(lr=lr, momentum=0.0, weight_decay=0.0, batch_size=16, local_epochs=2)
+    theta = _matrix(flat, 1)
+    before = theta.clone()
+    with pytest.raises(ClientUpdateError, match=r"client 0: local training produced non-finite "
+                       r"parameters; update discarded .*" + named) as err:
+        local_train(flat, theta[0], *data[0], cfg, PlainGradient(16), torch.Generator(),
+                    Workspace.for_size(flat.num_params), client=0)
+    assert ("lower training.lr" in str(err.value)) == (scale == 1.0)
+    assert torch.equal(theta, before)
+    with pytest.raises(ClientUpdateError, match=named):  # whichever engine train_clients picks
+        train_clients(flat, cfg, PlainGradient(16), _jobs(theta, data))
+    assert torch.equal(theta, before)
+
+
 def _batchnorm_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16, track_running_stats=False),

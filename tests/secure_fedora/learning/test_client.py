@@ -309,3 +309,14 @@ def test_the_divergence_message_names_a_pull_beyond_the_weight_decay_limit():
     plain = TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0)
     assert "pull" not in diverged_hint(plain, 19.0)
     assert diverged_hint(plain, 20.0).startswith("FEDORA's pull diverged: lr * lambda = 2 >= 2, ")
+
+
+def test_an_infinite_lambda_names_the_validation_losses_not_the_lr():
+    """lambda = inf (validation losses over 1,419 nats apart, e.g. DP training data x1e15) was
+    reported as "lr * lambda = inf ... or lower training.lr", which no lr fixes: it now names
+    the losses' gap and the inputs' scale, and keeps max_pull = 1 as the remedy."""
+    hint = diverged_hint(TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0), float("inf"))
+    assert hint.startswith("FEDORA's pull diverged: lambda = inf, because the client's validation "
+                           "losses differ by more than 1,419 nats")
+    assert "fedora.max_pull = 1" in hint and "scale the features" in hint
+    assert "lower training.lr" not in hint
