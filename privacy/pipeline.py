@@ -631,18 +631,26 @@ class JournalRelease(AfterGate):
     re-create, only its digest). A resumed run (``resumed`` set) presenting a journaled
     release must present the very same one (same ledger entry, same payload digest), else
     LedgerError ("resume diverged"); a run that is not resumed finding a record refuses to
-    release (JournalError: the journal belongs to an earlier run).
+    release (JournalError: the journal belongs to an earlier run, or ``conflict``, the
+    runtime's own reading of it).
     ``metadata["journal_bytes"]`` is what the append wrote (0 when matched).
     """
 
+    #: What a record found where no resume re-makes the release means in a run directory
+    #: that one process runs at a time (in process); a runtime that knows more passes its own.
+    EARLIER_RUN = (" of an earlier run in this directory; resume that run or use a new"
+                   " directory")
+
     def __init__(self, journal: ReleaseJournal, client_id: str, *,
-                 keep_noise_state: bool, resumed: bool = False) -> None:
+                 keep_noise_state: bool, resumed: bool = False,
+                 conflict: str = EARLIER_RUN) -> None:
         if not isinstance(journal, ReleaseJournal):
             raise PipelineError(f"JournalRelease needs a ReleaseJournal, got {type(journal).__name__}")
         self.journal = journal
         self.client_id = client_id
         self.keep_noise_state = keep_noise_state
         self.resumed = resumed
+        self.conflict = conflict
 
     def process(self, release: Release) -> Release:
         """The release with the journal record on disk (or matched), noise state removed."""
@@ -654,8 +662,7 @@ class JournalRelease(AfterGate):
         if record is not None and not self.resumed:
             raise JournalError(
                 f"journal {str(self.journal.path)!r} already records the round-{rnd} {kind!r}"
-                " release of an earlier run in this directory; resume that run or use a new"
-                " directory"
+                f" release{self.conflict}"
             )
         written = 0
         if record is None:

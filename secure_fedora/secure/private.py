@@ -673,6 +673,9 @@ class FederationPrivacy:
     journal_bytes: int = 0
     _replayed: set[int] = field(default_factory=set)
     _resumed: bool = False
+    #: The journal stages' reading of a record found where no resume re-makes the release
+    #: (None: JournalRelease.EARLIER_RUN, an earlier run in this directory).
+    journal_conflict: str | None = None
     # Per-sample loss of the private lambda release (the task's loss; set by the runtime).
     loss: Any = CROSS_ENTROPY.checked
     accountant_choice: AccountantChoice | None = None
@@ -686,9 +689,10 @@ class FederationPrivacy:
             for c, journal in zip(self.clients, self.journals, strict=True):
                 # a view of some clients (noised_summary) keeps their journal stages
                 if c.journal is None or c.journal.journal is not journal:
-                    c.journal = JournalRelease(journal, c.client_id,
-                                               keep_noise_state=not self.reproducible_noise,
-                                               resumed=self._resumed)
+                    c.journal = JournalRelease(
+                        journal, c.client_id, keep_noise_state=not self.reproducible_noise,
+                        resumed=self._resumed,
+                        conflict=self.journal_conflict or JournalRelease.EARLIER_RUN)
 
     @property
     def executed_steps(self) -> dict[int, int]:

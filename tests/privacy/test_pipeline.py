@@ -407,6 +407,9 @@ def test_journal_stage_records_once_strips_the_noise_state_and_catches_divergenc
     # the same (round, kind) again without a resume: an earlier run's journal
     with pytest.raises(JournalError, match="earlier run"):
         stage.process(out)
+    stage.conflict = " known to this runtime"  # a runtime's own reading of the record
+    with pytest.raises(JournalError, match="round-1 'model' release known to this runtime$"):
+        stage.process(out)
     stage.resumed = True
     assert stage.process(out).metadata["journal_bytes"] == 0  # the re-made release matches
     with pytest.raises(LedgerError, match="resume diverged"):

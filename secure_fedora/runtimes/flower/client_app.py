@@ -453,6 +453,17 @@ def _check_privacy(
                              "start a new run)") from None
 
 
+#: A node's journal record of a release this message would make, found where the node is not
+#: re-making it (:func:`_unanswered_release` found no such release past the saved state's
+#: ledger head): the node's state dir is this run's, so it is not an earlier run's record.
+FLOWER_JOURNAL_CONFLICT = (
+    " of this client in this run, but the node's saved state does not show that release as"
+    " unanswered (the ledger entries past the head it saved do not end with it): the saved"
+    " state and the ledger disagree about this release, so it is neither re-made nor made"
+    " twice; nothing was released (restore the node's state-dir from a copy, or start a new"
+    " run)")
+
+
 def _open_privacy(
     settings: RunSettings, node: NodeSettings, run_id: int, method: str, checked: LedgerCheck,
     module: torch.nn.Module, replay: int | None = None
@@ -532,7 +543,8 @@ def _open_privacy(
                              sample_rate_for(cfg), steps_per_round(cfg),
                              journals=_OneSlot(cfg.data.num_clients, i, checked.journal),
                              reproducible_noise=noise_is_reproducible(cfg),
-                             _resumed=replay is not None, sole=client)
+                             _resumed=replay is not None, sole=client,
+                             journal_conflict=FLOWER_JOURNAL_CONFLICT)
 
 
 def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:

@@ -878,3 +878,43 @@ def test_a_malformed_nonce_head_in_a_client_state_is_refused(tmp_path: Path, hea
     ClientRunState(1, 42, "h" * 64, "fedavg", torch.Generator().get_state(),
                    nonce_head={"floor": 1, "nonces": [["server", "a" * 32, 1]]}).save(path)
     assert ClientRunState.load(path, 1, 42, "h" * 64, "fedavg").nonce_head["floor"] == 1
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_journaled_release_a_node_is_not_remaking_is_not_called_an_earlier_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a Flower node, a journal record for a release the node was not re-making (its saved
+    state does not show it unanswered) was refused as "a release of an earlier run in this
+    directory": a node's state dir is its run's, so that misled; the refusal now says the
+    saved state and the ledger disagree about this release, and nothing is released."""
+    import torch
+
+    from privacy.journal import JournalError
+    from privacy.pipeline import Release
+    from secure_fedora.runtimes.flower import client_app
+
+    opened: list[tuple[int, object]] = []
+    real = client_app._open_privacy
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        privacy = real(*args, **kwargs)
+        opened.append((args[1].partition_id, privacy))
+        return privacy
+
+    monkeypatch.setattr(client_app, "_open_privacy", recording)
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"), {})
+    run()
+    assert not grid.errors
+    # the last message client 1's node handled: its stage is not re-making a release
+    privacy = [p for client, p in opened if client == 1][-1]
+    stage = privacy.sole.journal  # type: ignore[attr-defined]
+    assert not stage.resumed and stage.journal.get(1, "model") is not None
+    before = stage.journal.path.read_bytes()
+    again = Release("model", torch.zeros(3), 1, metadata={"ledger_index": 0})
+    with pytest.raises(JournalError) as err:
+        stage.process(again)
+    message = str(err.value)
+    assert "already records the round-1 'model' release of this client in this run, but the " \
+           "node's saved state does not show that release as unanswered" in message
+    assert "saved state and the ledger disagree" in message and "earlier run" not in message
+    assert stage.journal.path.read_bytes() == before
