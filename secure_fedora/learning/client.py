@@ -72,8 +72,8 @@ def diverged_hint(cfg: TrainConfig, lam: float) -> str:
     if math.isinf(lam):
         # exp((L_loc - L_rec) / 2) overflows only for losses over 1,419 nats apart: no lr
         # makes such a pull stable, and losses that far apart come from the inputs' scale
-        return ("FEDORA's pull diverged: lambda = inf, because the client's validation losses "
-                "differ by more than 1,419 nats (exp overflows), which no training.lr can "
+        return ("FEDORA's pull diverged: lambda = inf (the client's validation losses "
+                "differ by more than 1,419 nats, so exp overflows), which no training.lr can "
                 "make stable; losses that large usually mean inputs (or initial parameters) "
                 "on a very large scale: scale the features (e.g. standardize them), or set "
                 "fedora.max_pull = 1 (a pull then stops at phi)")

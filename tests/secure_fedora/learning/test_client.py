@@ -316,7 +316,7 @@ def test_an_infinite_lambda_names_the_validation_losses_not_the_lr():
     reported as "lr * lambda = inf ... or lower training.lr", which no lr fixes: it now names
     the losses' gap and the inputs' scale, and keeps max_pull = 1 as the remedy."""
     hint = diverged_hint(TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0), float("inf"))
-    assert hint.startswith("FEDORA's pull diverged: lambda = inf, because the client's validation "
+    assert hint.startswith("FEDORA's pull diverged: lambda = inf (the client's validation "
                            "losses differ by more than 1,419 nats")
     assert "fedora.max_pull = 1" in hint and "scale the features" in hint
     assert "lower training.lr" not in hint
