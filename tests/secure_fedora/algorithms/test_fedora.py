@@ -334,3 +334,23 @@ def test_a_late_joiners_row_refuses_bad_overlaps_and_k():
         fedora.attach_row(nan, 10.0, 2)
     with pytest.raises(fedora.RelatednessError, match="shape"):
         fedora.attach_row(good[0], 10.0, 2)
+
+
+@pytest.mark.parametrize("alpha", [0.999, 0.9995])
+def test_power_iteration_converges_for_alpha_near_one(alpha):
+    # Two clients pull on each other (S = swap): the change decays exactly as 2 alpha^(t+1),
+    # which needed about 28,000 iterations at alpha 0.999 and stopped at 10,000 before.
+    g = fedora.topk_graph(torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64), k=1)
+    power = fedora.propagation_matrix_power(g, alpha)
+    assert torch.allclose(power, fedora.propagation_matrix(g, alpha), atol=1e-9)
+    from secure_fedora.algorithms.propagation import build_operator
+
+    theta = torch.tensor([[1.0, -2.0], [3.0, 0.5]], dtype=torch.float64)
+    phi = build_operator(g, alpha, "power").apply(theta.clone())
+    assert torch.allclose(phi, fedora.propagation_matrix(g, alpha) @ theta, atol=1e-8)
+
+
+def test_power_iteration_beyond_its_bound_names_exact_modes():
+    g = fedora.topk_graph(torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64), k=1)
+    with pytest.raises(RelatednessError, match="'dense' or 'factored'"):
+        fedora.propagation_matrix_power(g, 0.9, max_iter=5)
