@@ -63,6 +63,7 @@ from secure_fedora.core.config import (  # noqa: E402
     load_config,
     model_selection,
 )
+from secure_fedora.core.errors import one_line  # noqa: E402
 from secure_fedora.core.files import strict_json  # noqa: E402
 from secure_fedora.core.plugins import derived_config  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
@@ -1078,17 +1079,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         overall = progress.add_task("cells", total=None)
         rounds = progress.add_task("rounds", total=cfg.training.rounds)
 
+        running: list[str] = []  # the cell being trained, if any
+
         def on_cell(cell: Cell, index: int, total: int, skipped: bool) -> None:
             progress.update(overall, total=total, completed=index + (1 if skipped else 0))
             progress.update(rounds, description=cell.key, completed=0)
+            running[:] = [] if skipped else [cell.key]
 
         def on_round(cell: Cell, rnd: int, total: int) -> None:
             progress.update(rounds, completed=rnd, total=total)
             if rnd == total:
                 progress.advance(overall)
 
-        result = run_sweep(cfg, args.out, methods, seeds, args.epsilons,
-                           on_cell=on_cell, on_round=on_round)
+        try:
+            result = run_sweep(cfg, args.out, methods, seeds, args.epsilons,
+                               on_cell=on_cell, on_round=on_round)
+        except ToolkitError as err:
+            if not running or isinstance(err, SweepError):  # a SweepError names its cell
+                raise
+            # a run's own error (e.g. a relatedness or training failure) named no cell
+            raise SweepError(f"cell {running[0]}: {one_line(err)} (finished cells are kept; "
+                             "the same command continues the sweep)") from err
     console = Console()
     console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
     console.print(f"cells run: {len(result.ran)}, skipped (already finished): {len(result.skipped)}")

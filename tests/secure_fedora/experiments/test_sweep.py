@@ -822,3 +822,24 @@ def test_a_cells_data_check_is_made_before_any_cell_runs(tmp_path):
         run_sweep(tiny(fedora={"q": 40}, training={"rounds": 1}), tmp_path / "sweep",
                   ["fedora"], [0], [4.0, None], on_round=lambda *a: rounds.append(a))
     assert rounds == [] and not (tmp_path / "sweep").exists()
+
+
+def test_a_cell_that_fails_while_it_runs_is_named_and_the_finished_cells_kept(tmp_path, capsys):
+    """A run's own error in a cell (here FEDORA's power iteration, which cannot converge at
+    alpha 0.99999) was printed as 'error: power iteration did not converge ...': which of
+    the sweep's cells failed was not said, nor that the cells before it were kept."""
+    from secure_fedora.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('methods = ["local", "fedora"]\n[data]\nnum_clients = 3\n'
+                      'train_per_client = 16\nval_per_client = 8\ntest_per_client = 8\n'
+                      '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 8\n'
+                      '[fedora]\nk = 1\npropagation = "power"\nalpha = 0.99999\n')
+    out = tmp_path / "out"
+    argv = ["sweep", str(config), "--out", str(out), "--quiet", "--methods", "local", "fedora"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: cell fedora/eps-none/seed-0: power iteration did not converge")
+    assert "finished cells are kept" in err
+    assert (out / "cells/local/eps-none/seed-0/cell.json").exists()
