@@ -30,11 +30,13 @@ A release that no accountant covers (a run without DP) passes a pipeline without
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -617,6 +619,16 @@ def payload_bytes(payload: Tensor | bytes) -> bytes:
     return payload.detach().contiguous().cpu().numpy().tobytes()
 
 
+def release_digest(payload: Tensor | bytes) -> str:
+    """SHA-256 hex of :func:`payload_bytes` of ``payload`` (what a journal record pins),
+    hashed from the tensor's own memory: a contiguous CPU tensor's values are not copied."""
+    if isinstance(payload, bytes):
+        return payload_digest(payload)
+    values = payload.detach().contiguous().cpu().numpy()
+    # a C-contiguous array's buffer, as unsigned bytes, is exactly its tobytes()
+    return hashlib.sha256(values.reshape(-1).view(numpy.uint8)).hexdigest()
+
+
 #: Metadata key of the noise state a :class:`JournalRelease` journals; the stage removes it,
 #: so the state (secret with CSPRNG noise) never travels further with the release.
 NOISE_STATE = "journal_noise_state"
@@ -657,7 +669,7 @@ class JournalRelease(AfterGate):
         metadata = dict(release.metadata)
         noise_state = metadata.pop(NOISE_STATE, b"")
         rnd, kind, ledger_index = release.round, release.kind, int(metadata["ledger_index"])
-        digest = payload_digest(payload_bytes(release.payload))
+        digest = release_digest(release.payload)
         record = self.journal.get(rnd, kind)
         if record is not None and not self.resumed:
             raise JournalError(

@@ -423,6 +423,35 @@ def test_journal_stage_records_once_strips_the_noise_state_and_catches_divergenc
         EncryptPayload(lambda t: t, "bad").process(Release("upload", payload, 2))
 
 
+def test_the_journal_pins_a_tensor_payload_by_the_digest_of_its_bytes_without_copying_them(
+        tmp_path):
+    import tracemalloc
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from privacy.journal import ReleaseJournal, payload_digest
+    from privacy.pipeline import payload_bytes, release_digest
+
+    # the digest is that of the payload's bytes (C order), whatever its layout or dtype
+    for payload in [torch.tensor(1.5), torch.empty(0), torch.arange(12.0).reshape(3, 4).T,
+                    torch.arange(6, dtype=torch.int64)[::2], torch.tensor([True, False]),
+                    torch.ones(3, dtype=torch.float64, requires_grad=True), b"ciphertext"]:
+        assert release_digest(payload) == payload_digest(payload_bytes(payload))
+    gate = _gate(tmp_path, budget_eps=10.0)
+    journal = ReleaseJournal(tmp_path / "c1.journal", "c1", "m", X25519PrivateKey.generate())
+    stage = JournalRelease(journal, "c1", keep_noise_state=False)
+    model = torch.randn(2_000_000)  # 8 MB, a model of 2M float32 parameters
+    admitted = gate.process(Release("model", model, 1, [_dpsgd()]))
+    tracemalloc.start()
+    try:
+        stage.process(admitted)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert journal.get(1, "model").payload_sha256 == payload_digest(model.numpy().tobytes())
+    assert peak < 1_000_000, f"journaling the release copied its payload ({peak} bytes)"
+
+
 def test_a_release_accounted_with_an_admitted_one_is_matched_to_its_entry_once(tmp_path):
     gate = _gate(tmp_path)
     lam = scalar_record(0.5, 4.0, 20)
