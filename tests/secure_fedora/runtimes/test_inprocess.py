@@ -526,11 +526,10 @@ def test_a_dp_run_killed_before_its_first_checkpoint_refuses_a_swapped_model(tmp
     assert resumed.method_names == ["local"]
 
 
-def test_a_dp_resume_refuses_a_damaged_model_record(tmp_path):
-    """A byte changed in model.json's architecture listing (its fingerprint intact) was
-    resumed from silently: only the fingerprint was compared. The record must be whole: the
-    resume is a CheckpointError naming it, with nothing written (found by random damage of
-    run directories)."""
+def _killed_tiny_dp_run(tmp_path, name, crash_at):
+    """A 2-client DP run of Local on 4-feature tabular data (an Experiment with a model given
+    in Python), killed at crash point ``crash_at``: (a function making that Experiment again,
+    its run directory)."""
     from torch import nn
 
     from secure_fedora.api import Experiment
@@ -542,25 +541,38 @@ def test_a_dp_resume_refuses_a_damaged_model_record(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
     data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
-    config = {"name": "damaged-record", "methods": ["local"],
+    config = {"name": name, "methods": ["local"],
               "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
               "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
                        "val_per_client": 5, "test_per_client": 5},
               "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}}
     run_dir = tmp_path / "run"
-    crashpoints.arm("keys_published")
+
+    def experiment():
+        return Experiment(config, data=data, model=model, run_dir=run_dir)
+
+    crashpoints.arm(crash_at)
     try:
         with pytest.raises(crashpoints.InjectedCrash):
-            Experiment(config, data=data, model=model, run_dir=run_dir).run()
+            experiment().run()
     finally:
         crashpoints.disarm()
+    return experiment, run_dir
+
+
+def test_a_dp_resume_refuses_a_damaged_model_record(tmp_path):
+    """A byte changed in model.json's architecture listing (its fingerprint intact) was
+    resumed from silently: only the fingerprint was compared. The record must be whole: the
+    resume is a CheckpointError naming it, with nothing written (found by random damage of
+    run directories)."""
+    experiment, run_dir = _killed_tiny_dp_run(tmp_path, "damaged-record", "keys_published")
     record = run_dir / "ledgers" / "local" / "model.json"
     text = record.read_text()
     assert "ReLU()" in text
     record.write_text(text.replace("ReLU()", "ReLV()"))
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match=r"ledgers/local/model.json is damaged"):
-        Experiment(config, data=data, model=model, run_dir=run_dir).run(resume=True)
+        experiment().run(resume=True)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
@@ -570,40 +582,19 @@ def test_a_dp_resume_refuses_ledgers_whose_model_record_was_lost(tmp_path):
     records the fingerprint, model.json missing). It is created with the ledgers, so ledgers
     without it mean it was lost: the resume is a CheckpointError naming it, with nothing
     written; the restored record resumes and verifies (found by the hunt of run-dir edits)."""
-    from torch import nn
-
     from audits.verify import verify_run
-    from secure_fedora.api import Experiment
-    from secure_fedora.core import crashpoints
 
-    def model(shape, k):
-        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, k))
-
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
-    data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
-    config = {"name": "lost-record", "methods": ["local"],
-              "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
-              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
-                       "val_per_client": 5, "test_per_client": 5},
-              "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}}
-    run_dir = tmp_path / "run"
-    crashpoints.arm("checkpoint_written")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Experiment(config, data=data, model=model, run_dir=run_dir).run()
-    finally:
-        crashpoints.disarm()
+    experiment, run_dir = _killed_tiny_dp_run(tmp_path, "lost-record", "checkpoint_written")
     record = run_dir / "ledgers" / "local" / "model.json"
     saved = record.read_bytes()
     record.unlink()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match=r"ledgers/local/model.json is missing \(it is "
                                               r"created with the method's ledgers"):
-        Experiment(config, data=data, model=model, run_dir=run_dir).run(resume=True)
+        experiment().run(resume=True)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     record.write_bytes(saved)
-    Experiment(config, data=data, model=model, run_dir=run_dir).run(resume=True)
+    experiment().run(resume=True)
     assert verify_run(run_dir).ok
 
 

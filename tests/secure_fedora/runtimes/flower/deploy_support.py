@@ -260,3 +260,19 @@ class UntrackedMean(FederatedMethod):
 
     def load_server_state_dict(self, state: dict[str, Any]) -> None:
         self.global_params.copy_(state["global"])
+
+
+def damage_nonce_file(path: Path, damage: str) -> None:
+    """Damage an envelope nonce memory file as a lost or tampered copy would be: ``deleted``,
+    ``cut`` (its last line dropped) or ``edited`` (one hex digit of its last nonce changed)."""
+    if damage == "deleted":
+        path.unlink()
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "cut":
+        path.write_text("".join(lines[:-1]))
+        return
+    record = json.loads(lines[-1])  # the last accepted nonce, one hex digit changed
+    record["n"] = ("0" if record["n"][0] != "0" else "1") + record["n"][1:]
+    lines[-1] = json.dumps(record) + "\n"
+    path.write_text("".join(lines))

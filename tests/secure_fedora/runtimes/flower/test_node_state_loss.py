@@ -30,6 +30,7 @@ from secure_fedora.runtimes.flower.protocol import (
 from secure_fedora.runtimes.flower.state import NodeStateError
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
+    damage_nonce_file,
     dp_config,
     run_config,
     task_identity,  # noqa: F401 - a fixture
@@ -751,20 +752,6 @@ def _node_context(grid: InMemoryGrid, client: int):  # type: ignore[no-untyped-d
                    dict(grid.run_config))
 
 
-def _damage_nonces(path: Path, damage: str) -> None:
-    if damage == "deleted":
-        path.unlink()
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if damage == "cut":
-        path.write_text("".join(lines[:-1]))
-        return
-    record = json.loads(lines[-1])  # the last accepted nonce, one hex digit changed
-    record["n"] = ("0" if record["n"][0] != "0" else "1") + record["n"][1:]
-    lines[-1] = json.dumps(record) + "\n"
-    path.write_text("".join(lines))
-
-
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("damage", ["deleted", "cut", "edited"])
 def test_a_nonce_memory_lost_on_a_node_stops_its_client(tmp_path: Path, damage: str) -> None:
@@ -788,7 +775,7 @@ def test_a_nonce_memory_lost_on_a_node_stops_its_client(tmp_path: Path, damage: 
 
     def damage_then_replay(message: Message) -> Message:
         if not damaged:
-            _damage_nonces(nonces, damage)
+            damage_nonce_file(nonces, damage)
             damaged.append(nonces.read_bytes() if nonces.exists() else None)
             try:
                 replayed.append(client_app.HANDLERS[MSG_EVALUATE](

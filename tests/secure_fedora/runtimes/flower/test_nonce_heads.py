@@ -38,6 +38,7 @@ from secure_fedora.runtimes.flower.state import ReleaseJournal
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     TINY,
     InMemoryGrid,
+    damage_nonce_file,
     run_config,
     task_identity,  # noqa: F401 - a fixture
     tiny_config,
@@ -64,20 +65,6 @@ def _resume(root: Path, rc: dict[str, Any], num_clients: int, **grid: Any) -> di
 
 def _server_nonces(root: Path, scope: str) -> Path:
     return root / "server" / "runs" / "42" / scope / "server.nonces.jsonl"
-
-
-def _damage(path: Path, damage: str) -> None:
-    if damage == "deleted":
-        path.unlink()
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if damage == "cut":
-        path.write_text("".join(lines[:-1]))
-        return
-    record = json.loads(lines[-1])  # the last accepted nonce, one hex digit changed
-    record["n"] = ("0" if record["n"][0] != "0" else "1") + record["n"][1:]
-    lines[-1] = json.dumps(record) + "\n"
-    path.write_text("".join(lines))
 
 
 def _files(root: Path) -> dict[Path, bytes]:
@@ -108,7 +95,7 @@ def test_a_resume_whose_server_nonce_memory_was_lost_is_refused_before_writing(
     cfg = with_methods(tiny_config(rounds=3), "fedavg")
     rc = _killed_in_round_3(tmp_path, cfg)
     nonces = _server_nonces(tmp_path, scope)
-    _damage(nonces, damage)
+    damage_nonce_file(nonces, damage)
     before = _files(tmp_path)
     state = "is missing" if damage == "deleted" else "was cut or edited"
     with pytest.raises(server_app.ResumeRefused) as err:
