@@ -262,7 +262,7 @@ def propagation_matrix_power(
     n = graph.shape[0]
     if max_iter is None:
         dense = graph.to_dense() if graph.is_sparse else graph
-        row_sum = float(dense.to(torch.float64).sum(dim=1).max()) if n else 1.0
+        row_sum = float(dense.sum(dim=1, dtype=torch.float64).max()) if n else 1.0
         max_iter = max(10_000, min(power_iterations(alpha, tol, row_sum), MAX_POWER_ITERATIONS))
     w0 = torch.eye(n, dtype=torch.float64)
     return _power_iterate(graph, w0, alpha, tol, max_iter)

@@ -112,7 +112,6 @@ def start_scale_problem(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor,
                     what = "squared norm of the loss's gradient"
     finally:
         model.train(was_training)
-        flat._bound = None  # the copy is not the caller's row: the next bind rebinds
     if what is None:
         return None
     return (f"the {what} is already non-finite at the start of training, before any step (so "
