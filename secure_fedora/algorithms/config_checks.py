@@ -38,9 +38,13 @@ __all__ = [
     "FedoraChecks",
     "IFCAChecks",
     "LocalChecks",
+    "MAX_POWER_ITERATIONS",
     "MAX_SERIES_TERMS",
     "MethodChecks",
+    "POWER_TOLERANCE",
     "PROXIMAL_WEIGHTS",
+    "max_power_alpha",
+    "power_iterations",
     "series_terms",
     "validate_hyperparameters",
 ]
@@ -61,6 +65,38 @@ MAX_SERIES_TERMS = 16_384
 def series_terms(alpha: float, tolerance: float) -> int:
     """Terms of the truncated series: its tail ``alpha^T <= tolerance / 4``."""
     return 1 if alpha == 0.0 else max(1, math.ceil(math.log(tolerance / 4.0) / math.log(alpha)))
+
+
+#: Most iterations ``propagation_matrix_power`` (``propagation = "power"``) runs by default:
+#: at least 10,000 and otherwise :func:`power_iterations` at :data:`POWER_TOLERANCE`, which
+#: stays within this cap for any alpha below :func:`max_power_alpha` (about 0.999858).
+MAX_POWER_ITERATIONS = 200_000
+
+#: The largest entry change at which ``propagation_matrix_power`` stops (its default ``tol``).
+POWER_TOLERANCE = 1e-12
+
+
+def power_iterations(alpha: float, tol: float, row_sum: float = 1.0) -> int:
+    """Iterations after which ``propagation_matrix_power`` has surely stopped: its change
+    at iteration ``t`` (from 0) is ``alpha^(t+1) S^t (S - I)``, whose entries are at most
+    ``2 (alpha r)^(t+1)`` for rows of ``S`` summing to at most ``r``. 0 where ``alpha r >= 1``
+    or ``tol >= 2`` (no such bound, or none needed)."""
+    rate = alpha * max(1.0, row_sum)
+    if rate >= 1.0 or tol >= 2.0:
+        return 0
+    if rate == 0.0:
+        return 2
+    return math.floor(math.log(tol / 2.0) / math.log(rate)) + 2
+
+
+def max_power_alpha(tol: float = POWER_TOLERANCE) -> float:
+    """The largest alpha (to float rounding) at which :func:`power_iterations` (row sums 1)
+    stays within :data:`MAX_POWER_ITERATIONS`: ``exp(log(tol / 2) / (MAX_POWER_ITERATIONS -
+    1))``, 0.99985839 at :data:`POWER_TOLERANCE` (the config asks :func:`power_iterations`
+    itself). Beyond it the power iteration converges only on a graph that mixes fast enough (a
+    periodic one, such as two clients each other's only neighbour, never does), which the
+    config cannot know before the clients' summaries are released."""
+    return math.exp(math.log(tol / 2.0) / (MAX_POWER_ITERATIONS - 1))
 
 
 class BaselineConfigError(ToolkitError, ValueError):
@@ -252,6 +288,16 @@ class FedoraChecks(MethodChecks):
                 f"{series_terms(f.alpha, f.propagation_tolerance):,} terms, more than "
                 f"{MAX_SERIES_TERMS:,}; use propagation 'factored' or 'dense' (exact), a "
                 "smaller alpha or a larger tolerance")
+        if f.propagation == "power" and \
+                power_iterations(f.alpha, POWER_TOLERANCE) > MAX_POWER_ITERATIONS:
+            # found here, not after the summaries were released and 200,000 iterations ran
+            raise ValueError(
+                f"fedora.propagation 'power' at fedora.alpha = {f.alpha:g} needs up to "
+                f"{power_iterations(f.alpha, POWER_TOLERANCE):,} iterations, more than "
+                f"{MAX_POWER_ITERATIONS:,}: it converges only on a graph that mixes fast, which "
+                "is known only after the clients' summaries are released; use propagation "
+                "'auto', 'factored' or 'dense' (exact, the same P), or a fedora.alpha of at most "
+                f"{math.floor(max_power_alpha() * 1e6) / 1e6:.6f}")
         if cfg.privacy.enabled and "noised" not in cfg.fedora.relatedness:
             raise ValueError(
                 f"fedora.relatedness {cfg.fedora.relatedness!r} releases summary information "

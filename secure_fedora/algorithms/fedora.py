@@ -15,6 +15,11 @@ import torch
 from torch import Tensor
 
 from privacy.errors import ToolkitError
+from secure_fedora.algorithms.config_checks import (
+    MAX_POWER_ITERATIONS,
+    POWER_TOLERANCE,
+    power_iterations,
+)
 from secure_fedora.learning.client import proximal_pull_
 
 __all__ = [
@@ -230,33 +235,16 @@ def propagation_matrix(graph: Tensor, alpha: float = 0.8) -> Tensor:
     return torch.linalg.solve(eye - alpha * graph.to(torch.float64), (1.0 - alpha) * eye)
 
 
-#: Most iterations :func:`propagation_matrix_power` runs by default (about alpha 0.99986 at
-#: its default ``tol``); 10,000 below alpha 0.9973, where fewer always suffice.
-MAX_POWER_ITERATIONS = 200_000
-
-
-def power_iterations(alpha: float, tol: float, row_sum: float = 1.0) -> int:
-    """Iterations after which :func:`propagation_matrix_power` has surely stopped: its change
-    at iteration ``t`` (from 0) is ``alpha^(t+1) S^t (S - I)``, whose entries are at most
-    ``2 (alpha r)^(t+1)`` for rows of ``S`` summing to at most ``r``. 0 where ``alpha r >= 1``
-    or ``tol >= 2`` (no such bound, or none needed)."""
-    rate = alpha * max(1.0, row_sum)
-    if rate >= 1.0 or tol >= 2.0:
-        return 0
-    if rate == 0.0:
-        return 2
-    return math.floor(math.log(tol / 2.0) / math.log(rate)) + 2
-
-
 def propagation_matrix_power(
-    graph: Tensor, alpha: float = 0.8, tol: float = 1e-12, max_iter: int | None = None
+    graph: Tensor, alpha: float = 0.8, tol: float = POWER_TOLERANCE, max_iter: int | None = None
 ) -> Tensor:
     """The same ``P`` by power iteration ``W <- (1 - alpha) I + alpha S W`` on a sparse ``S``.
 
     Converges geometrically with rate ``alpha`` because ``S`` is row-stochastic; stops when the
     largest entry change is below ``tol``. Raises if ``max_iter`` is reached first (default:
     :func:`power_iterations` for ``alpha``, at least 10,000 and at most
-    :data:`MAX_POWER_ITERATIONS`, so that any alpha up to about 0.99986 converges).
+    :data:`MAX_POWER_ITERATIONS`, so that any alpha below ``max_power_alpha()``, about
+    0.999858, converges; the config refuses a larger one).
     """
     _check_alpha(alpha)
     n = graph.shape[0]

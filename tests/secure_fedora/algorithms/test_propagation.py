@@ -522,3 +522,38 @@ def test_a_sparse_series_of_too_many_terms_is_refused_when_the_config_is_read():
     assert parse_config({"fedora": {"propagation": "sparse", "alpha": 0.999}})
     for mode in ("dense", "factored", "auto"):
         assert parse_config({"fedora": {"propagation": mode, "alpha": 0.999999}})
+
+
+def test_a_power_iteration_beyond_its_cap_is_refused_when_the_config_is_read():
+    """propagation = "power" at alpha 0.9999 was accepted by the config and failed at round 1,
+    after 200,000 iterations, once the clients' summaries were released (two clients each
+    other's only neighbour never converge there). The config now refuses every alpha whose
+    iteration bound exceeds MAX_POWER_ITERATIONS, naming the keys and the exact modes, and
+    accepts every alpha up to the bound, where even that periodic graph converges."""
+    import math
+
+    from secure_fedora.algorithms.config_checks import (
+        MAX_POWER_ITERATIONS,
+        max_power_alpha,
+        power_iterations,
+    )
+    from secure_fedora.algorithms.fedora import propagation_matrix, propagation_matrix_power
+    from secure_fedora.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fedora\.propagation 'power' at fedora\.alpha = 0\.9999 "
+                                          r"needs up to 283,229 iterations, more than 200,000") as err:
+        parse_config({"fedora": {"propagation": "power", "alpha": 0.9999}})
+    assert "'auto', 'factored' or 'dense'" in str(err.value)
+    assert "at most 0.999858" in str(err.value)
+    largest = max_power_alpha()
+    assert power_iterations(largest, 1e-12) <= MAX_POWER_ITERATIONS
+    assert power_iterations(math.nextafter(largest, 1.0), 1e-12) > MAX_POWER_ITERATIONS
+    assert parse_config({"fedora": {"propagation": "power", "alpha": largest}})
+    with pytest.raises(ConfigError, match="fedora.propagation 'power'"):
+        parse_config({"fedora": {"propagation": "power", "alpha": math.nextafter(largest, 1.0)}})
+    for mode in ("dense", "factored", "auto"):
+        assert parse_config({"fedora": {"propagation": mode, "alpha": 0.9999}})
+    # the largest accepted alpha converges on the slowest graph (the change decays as 2 alpha^t)
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(propagation_matrix_power(swap, largest), propagation_matrix(swap, largest),
+                          atol=1e-9)

@@ -493,13 +493,14 @@ def test_a_max_pull_at_or_above_the_pulls_stability_limit_is_refused():
 def test_fedoras_checks_apply_to_a_config_that_runs_fedora_only():
     """A max_pull beyond the pull's limit is accepted by a config that does not list FEDORA,
     as every other check of FEDORA's (its check_config: k below N, CKKS packing, the series
-    length, an accounted relatedness under DP): the [fedora] section is unused there. Listing
-    FEDORA refuses each, naming its key."""
+    length, the power iteration's bound, an accounted relatedness under DP): the [fedora]
+    section is unused there. Listing FEDORA refuses each, naming its key."""
     base = {"data": {"num_clients": 4}, "training": {"lr": 0.1, "weight_decay": 3.0}}
     cases = [({"fedora": {"max_pull": 1.9}}, "fedora.max_pull = 1.9 reaches"),
              ({"fedora": {"k": 4}}, "fedora.k = 4 must be smaller than data.num_clients = 4"),
              ({"fedora": {"propagation": "sparse", "alpha": 0.999999,
                           "propagation_tolerance": 1e-9}}, "fedora.propagation 'sparse'"),
+             ({"fedora": {"propagation": "power", "alpha": 0.9999}}, "fedora.propagation 'power'"),
              ({"fedora": {"relatedness": "encrypted", "q": 1025}}, "4100 summary columns"),
              ({"privacy": {"enabled": True}}, "fedora.relatedness 'plain' releases summary")]
     for update, message in cases:
