@@ -193,8 +193,8 @@ def run_new_client_experiment(
 
     The federation's runs live in ``run_dir`` (checkpointed every round; rerunning with the
     same arguments resumes or reuses them). The trained clients' parameters are not changed
-    by attaching newcomers. Raises :class:`NewClientError` for bad arguments or a config whose
-    relatedness is not plain, whose propagation is encrypted, that enables DP or that asks for
+    by attaching newcomers. Raises :class:`NewClientError` for bad arguments, a ``fedora.k``
+    not below the number of trained clients, or a config whose relatedness is not plain, whose propagation is encrypted, that enables DP or that asks for
     envelopes.
     """
     if cfg.fedora.relatedness != "plain":
@@ -222,6 +222,12 @@ def run_new_client_experiment(
     epoch_list = _check_epochs(epochs)
     all_clients = list(clients) if clients is not None else build_clients(cfg)
     trained, newcomers = split_newcomers(all_clients, held_out, selection)
+    if cfg.fedora.k >= len(trained):
+        # The config checks k against data.num_clients; the federation trains fewer clients.
+        raise NewClientError(
+            f"fedora.k = {cfg.fedora.k} must be smaller than the {len(trained)} clients the "
+            f"federation trains ({len(all_clients)} clients less held_out = {held_out}; each client keeps at most N - 1 neighbours, as a run refuses k >= "
+            "data.num_clients): lower fedora.k or held_out")
     fed_cfg = derived_config(cfg, cfg.model_copy(update={"methods": [Fedora.name, FedAvg.name]}))
     sim = Simulation(fed_cfg, run_dir, clients=trained, progress=progress,
                      method_factory=make_method, context_factory=context_factory)

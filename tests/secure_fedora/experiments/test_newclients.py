@@ -179,3 +179,20 @@ def test_too_few_clients_for_a_late_joiner_is_said_plainly(n):
     says what is needed instead."""
     with pytest.raises(NewClientError, match="at least 3 clients"):
         newcomer_indices(n, 1)
+
+
+def test_k_not_below_the_trained_clients_is_refused_before_anything_trains(tmp_path):
+    """4 clients, k = 3, 1 held out: the config accepted k = 3 < 4 = data.num_clients, and
+    the federation trained its 3 clients at k = 3, each graph row silently keeping only the 2
+    others, where a run refuses k >= data.num_clients. Now refused like a run's, naming the
+    keys, before anything is trained or written; k = 2 still trains."""
+    cfg = tiny(data={"num_clients": 4}, training={"rounds": 1}, fedora={"k": 3})
+    four = build_clients(cfg)
+    with pytest.raises(NewClientError, match=r"fedora\.k = 3 must be smaller than the 3 clients "
+                                             r"the federation trains \(4 clients less held_out = 1"):
+        run_new_client_experiment(cfg, tmp_path / "k3", held_out=1, epochs=[0], clients=four)
+    assert not any(tmp_path.iterdir())
+    report = run_new_client_experiment(tiny(data={"num_clients": 4}, training={"rounds": 1},
+                                            fedora={"k": 2}),
+                                       tmp_path / "k2", held_out=1, epochs=[0], clients=four)
+    assert report.trained == 3 and len(report.neighbours[0]) == 2
