@@ -411,23 +411,28 @@ def _row_views(flat: FlatModel, rows: Tensor) -> list[Tensor]:
 
 # ---------------------------------------------------------------------------- engines
 
-def _activation(kind: str, h: Tensor) -> Tensor:
+def _activation(kind: str, h: Tensor, inplace: bool = False) -> Tensor:
+    """The activation of ``h``; with ``inplace`` (``h`` is a temporary the caller owns) written
+    into ``h`` itself: the same values, without a new (k, B, d) tensor per layer and step."""
     if kind == "relu":
-        return torch.relu(h)
+        return h.relu_() if inplace else torch.relu(h)
     if kind == "tanh":
-        return torch.tanh(h)
+        return h.tanh_() if inplace else torch.tanh(h)
     if kind == "sigmoid":
-        return torch.sigmoid(h)
+        return h.sigmoid_() if inplace else torch.sigmoid(h)
     return h
 
 
 def _activation_backward(kind: str, out: Tensor, g: Tensor) -> Tensor:
+    """``g`` times the activation's derivative, from its output ``out``, in one elementwise
+    kernel (autograd's own backward kernels): ``g * (out > 0)`` as a product made a boolean
+    mask, converted it to float and multiplied, three passes and two temporaries."""
     if kind == "relu":
-        return g * (out > 0)
+        return torch.ops.aten.threshold_backward(g, out, 0)
     if kind == "tanh":
-        return g * (1 - out * out)
+        return torch.ops.aten.tanh_backward(g, out)
     if kind == "sigmoid":
-        return g * out * (1 - out)
+        return torch.ops.aten.sigmoid_backward(g, out)
     return g
 
 
@@ -446,6 +451,9 @@ def _output_grad(logits: Tensor, y: Tensor, weights: Tensor,
 def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor, list[Any]]:
     k = rows.shape[0]
     h = x
+    # whether h is a temporary of this pass that nothing saved (not the input, not an
+    # activation's output, which its backward reads)
+    owned = False
     saved: list[Any] = []
     for layer in plan.layers:
         if layer[0] == "linear":
@@ -458,8 +466,10 @@ def _linear_forward(plan: BatchedPlan, rows: Tensor, x: Tensor) -> tuple[Tensor,
             h = torch.bmm(h, w.transpose(1, 2))
             if b_off is not None:
                 h.add_(rows[:, b_off:b_off + d_out].unsqueeze(1))
+            owned = True
         elif layer[0] == "act":
-            h = _activation(layer[1], h)
+            h = _activation(layer[1], h, inplace=owned)
+            owned = False  # saved for the backward: the next activation must not overwrite it
             saved.append(h)
         else:
             saved.append(h.shape)

@@ -87,6 +87,25 @@ def test_equal_sizes_match_the_loop(cfg):
     assert not torch.allclose(theta, _matrix(flat, 4))  # it trained
 
 
+def test_stacked_tanh_sigmoid_and_relu_layers_train_with_the_linear_engine_as_the_loop():
+    # an activation's output is kept for its backward, so the next activation (or one after a
+    # Flatten) must not be computed in place over it
+    flat = FlatModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Sigmoid(),
+                                   nn.Linear(16, 16), nn.ReLU(), nn.Flatten(), nn.Tanh(),
+                                   nn.Linear(16, 10), nn.ReLU(), nn.ReLU(), nn.Linear(10, 10)))
+    data = _clients([40, 23, 9], shape=(1, 8, 8))
+    theta = _matrix(flat, 3)
+    phi = _matrix(flat, 3, seed=5)
+    reference = theta.clone()
+    want = _loop(flat, CFG_FULL, PlainGradient(16), reference, data, phi=phi, lams=[0.5, 0.0, 1.0])
+    outcome = train_clients(flat, CFG_FULL, PlainGradient(16),
+                            _jobs(theta, data, phi=phi, lams=[0.5, 0.0, 1.0]))
+    assert outcome.engine == "linear"
+    assert [outcome.steps[i] for i in range(3)] == want
+    _assert_rows_close(theta, reference)
+    assert not torch.allclose(theta, _matrix(flat, 3))
+
+
 def test_anchor_pull_and_unequal_sizes_match_the_loop():
     flat = FlatModel(make_model("mlp", seed=0))
     data = _clients([50, 7, 33, 0, 16])  # last batches of 2, 7, 1; an empty client steps on weight decay only, as in the loop
