@@ -1165,15 +1165,17 @@ def run_stage(
             else:
                 payload, metrics, refusal = _run_client_half(
                     method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
+                journaled: tuple[int, str] | None = None
                 if refusal is None and payload and journal_release:
                     # Journaled (fsynced) before the state that marks it answered, and before it
                     # leaves: a crash in between leaves it journaled, never released unjournaled
                     # (the same bytes made again are not journaled twice).
                     blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes()
                                     for t in payload.values())
-                    _journal_reply(journal, state.journal_head if saved else None, i,
-                                   wire_round(stage, rnd, cfg.training.rounds),
-                                   f"{method}/{stage}", blob, remade=replay is not None)
+                    journaled = _journal_reply(
+                        journal, state.journal_head if saved else None, i,
+                        wire_round(stage, rnd, cfg.training.rounds), f"{method}/{stage}", blob,
+                        remade=replay is not None)
                 state.algorithm = check_client_state(method, i, algorithm.client_state_dict(i))
                 state.generator_state = ctx.generators[i].get_state()
                 if ctx.noise and cfg.privacy.noise == "reproducible":
@@ -1184,7 +1186,7 @@ def run_stage(
                     state.ledger_head = privacy.sole.ledger.head
                     state.ledger_journal_records = len(privacy.journals[i])
                 state.metrics[stage] = metrics
-                state.journal_head = journal.head()
+                state.journal_head = journaled if journaled is not None else journal.head()
                 if refusal is not None:
                     state.refusals[stage] = refusal
                 else:
@@ -1237,27 +1239,32 @@ def _unanswered_release(checked: LedgerCheck | None, state: ClientRunState, stag
 
 
 def _journal_reply(journal: ReleaseJournal, saved_head: tuple[int, str] | None, client: int,
-                   wire: int, kind: str, blob: bytes, *, remade: bool) -> None:
+                   wire: int, kind: str, blob: bytes, *, remade: bool) -> tuple[int, str]:
     """Append ``blob`` (this client's ``kind`` reply of wire round ``wire``) to the node's
     release journal unless the records past the saved state's head (``saved_head``: those of
     a process that died before saving its answer) hold these very bytes for it already. A
     re-made DP release (``remade``) whose bytes differ from the ones journaled for it is a
     NodeStateError ("resume diverged"): the same noise on the same state must make the same
-    release, so the inputs or the node's state changed since; nothing is journaled or sent."""
-    if saved_head is not None:
-        digest = hashlib.sha256(blob).hexdigest()
-        earlier = [e for e in journal.entries()[int(saved_head[0]):]
-                   if (e.get("client"), e.get("round"), e.get("kind")) == (client, wire, kind)]
-        if any(e.get("payload_sha256") == digest for e in earlier):
-            return
-        if earlier and remade:
-            raise NodeStateError(
-                f"{journal.path}: resume diverged: this client's {kind} reply of round {wire},"
-                f" re-made from its journaled noise, differs from the one journaled before its"
-                f" process died ({earlier[-1].get('payload_sha256', '')[:12]}... vs"
-                f" {digest[:12]}...): the round's input or the node's state changed since."
-                " Nothing was sent. Restore the node's state-dir from a copy, or start a new run")
-    journal.append(client, wire, kind, blob)
+    release, so the inputs or the node's state changed since; nothing is journaled or sent.
+    The journal is read and verified once for both (:meth:`ReleaseJournal.appending`).
+    Returns the journal's head afterwards (:meth:`ReleaseJournal.head`)."""
+    with journal.appending() as verified:
+        if saved_head is not None:
+            digest = hashlib.sha256(blob).hexdigest()
+            earlier = [e for e in verified.entries[int(saved_head[0]):]
+                       if (e.get("client"), e.get("round"), e.get("kind")) == (client, wire, kind)]
+            if any(e.get("payload_sha256") == digest for e in earlier):
+                return verified.head()
+            if earlier and remade:
+                raise NodeStateError(
+                    f"{journal.path}: resume diverged: this client's {kind} reply of round {wire},"
+                    f" re-made from its journaled noise, differs from the one journaled before its"
+                    f" process died ({earlier[-1].get('payload_sha256', '')[:12]}... vs"
+                    f" {digest[:12]}...): the round's input or the node's state changed since."
+                    " Nothing was sent. Restore the node's state-dir from a copy, or start a new"
+                    " run")
+        verified.append(client, wire, kind, blob)
+        return verified.head()
 
 
 @contextlib.contextmanager

@@ -46,9 +46,12 @@ crash leaves either the old or the new version. Loads validate contents and rais
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from privacy.durable import append_durably, move_tail_aside
+from privacy.durable import fsync_dir, move_tail_aside, write_all_and_fsync
 from privacy.errors import ToolkitError
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import fingerprint_clients
@@ -64,6 +67,7 @@ from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint, s
 
 __all__ = [
     "ClientRunState",
+    "JournalAppend",
     "NodeStateError",
     "ReleaseJournal",
     "load_partition",
@@ -269,7 +273,9 @@ class ReleaseJournal:
         """
         if not self.path.exists():
             return []
-        data = self.path.read_bytes()
+        return self._verified(self.path.read_bytes(), torn_tail=torn_tail)
+
+    def _verified(self, data: bytes, *, torn_tail: bool = False) -> list[dict[str, Any]]:
         if data and not data.endswith(b"\n"):
             if not torn_tail:
                 raise NodeStateError(f"{self.path}: last entry is incomplete (torn write)")
@@ -330,18 +336,97 @@ class ReleaseJournal:
 
     def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
         """Verify the chain, append one entry for ``payload`` and fsync; returns the entry."""
-        existing = self.entries()
+        with self.appending() as journal:
+            return journal.append(client, rnd, kind, payload)
+
+    @contextlib.contextmanager
+    def appending(self) -> Iterator[JournalAppend]:
+        """Open the journal once, read and verify it (:meth:`entries`, a torn last line an
+        error), and yield a :class:`JournalAppend` holding those entries: the caller
+        inspects them and appends through it, with no second read. The append refuses
+        (:class:`NodeStateError`, nothing written) a file that changed since it was verified
+        (another size, modification time or file, or created meanwhile)."""
+        try:
+            fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            fd = None  # created by the first append (O_EXCL: one made meanwhile is refused)
+        appender = JournalAppend(self, fd)
+        try:
+            data = b""
+            if fd is not None:
+                size = appender._seen.st_size
+                chunks = []
+                while chunk := os.read(fd, max(size, 1 << 16)):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+                if len(data) != size:
+                    raise NodeStateError(f"{self.path}: changed while it was read")
+            appender.entries = self._verified(data)
+            yield appender
+        finally:
+            appender.close()
+
+
+class JournalAppend:
+    """A :class:`ReleaseJournal` read and verified once (:meth:`ReleaseJournal.appending`):
+    ``entries`` as verified, and :meth:`append` for the next entry."""
+
+    def __init__(self, journal: ReleaseJournal, fd: int | None) -> None:
+        self.journal = journal
+        self.entries: list[dict[str, Any]] = []
+        self._fd = fd
+        self._seen = os.fstat(fd) if fd is not None else None
+
+    def head(self) -> tuple[int, str]:
+        """``(records, hash of the last)``, as :meth:`ReleaseJournal.head` reads it now."""
+        return len(self.entries), self.entries[-1]["hash"] if self.entries else _JOURNAL_GENESIS
+
+    def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
+        """Append one entry for ``payload`` after the verified ones and fsync it; returns the
+        entry. :class:`NodeStateError`, nothing written, when the file is no longer the one
+        verified (its size, modification time or inode changed, or it was created or removed
+        since: written or replaced by another process)."""
+        path = self.journal.path
         body = {
-            "seq": len(existing),
+            "seq": len(self.entries),
             "client": client,
             "round": rnd,
             "kind": kind,
             "payload_sha256": hashlib.sha256(payload).hexdigest(),
             "payload_bytes": len(payload),
             "time": round(time.time(), 6),
-            "prev": existing[-1]["hash"] if existing else _JOURNAL_GENESIS,
+            "prev": self.entries[-1]["hash"] if self.entries else _JOURNAL_GENESIS,
         }
         entry = {**body, "hash": hashlib.sha256(_canonical(body)).hexdigest()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        append_durably(self.path, _canonical(entry) + b"\n")
+        line = _canonical(entry) + b"\n"
+        changed = NodeStateError(
+            f"{path}: changed since it was verified (written, replaced or removed by another"
+            " process); nothing was appended. Stop any other process using this node's"
+            " state-dir and retry")
+        if self._fd is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                raise changed from None
+            write_all_and_fsync(self._fd, line)
+            fsync_dir(path.parent)
+        else:
+            was, now = self._seen, os.fstat(self._fd)
+            try:
+                named = os.stat(path)
+            except FileNotFoundError:
+                raise changed from None
+            if was is None or (now.st_size, now.st_mtime_ns) != (was.st_size, was.st_mtime_ns) \
+                    or (named.st_dev, named.st_ino) != (was.st_dev, was.st_ino):
+                raise changed
+            write_all_and_fsync(self._fd, line)
+        self._seen = os.fstat(self._fd)
+        self.entries.append(entry)
         return entry
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
