@@ -134,6 +134,7 @@ from secure_fedora.runtimes.flower.protocol import (
 )
 from secure_fedora.runtimes.flower.state import (
     ClientRunState,
+    JournalAppend,
     NodeStateError,
     ReleaseJournal,
     load_partition,
@@ -668,6 +669,8 @@ class ReplyRelease:
     payload: torch.Tensor | bytes | None = None
     encrypt: EncryptPayload | None = None
     prepare: Callable[[Release], None] | None = None
+    fresh: bool = True
+    """False for a reply sent again from the saved state (a release already made)."""
 
 
 def _reply(
@@ -835,10 +838,14 @@ def encrypted_summary(message: Message, context: Context) -> Message:
             content["ledger"] = ledger
 
         def prepare(encrypted: Release) -> None:
-            # the EncryptPayload stage's ciphertexts, journaled before they are signed
+            # the EncryptPayload stage's ciphertexts, journaled before they are signed; a
+            # summary sent again from the saved state is the same release (the same plaintext
+            # under fresh CKKS randomness): journaled once, unless its record was never made
             assert isinstance(encrypted.payload, bytes)
             columns = unpack_summary_upload(encrypted.payload)
-            journal.append(i, 0, "summary", b"".join(columns))
+            with journal.appending() as verified:
+                if release.fresh or not _journaled(verified, i, "summary"):
+                    verified.append(i, 0, "summary", b"".join(columns))
             content["upload"] = ConfigRecord({"columns": columns})
 
         # summary pipeline (gate + ledger under DP already passed) -> encrypt -> sign
@@ -886,10 +893,15 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     gram = decrypt_rows(store.secret_context(), layout, rows, vectors)
     overlaps = overlaps_from_rows(gram, vectors, n, q)
     _, journal = run_paths(node, _run_id(context))
-    # What the key holder releases (the overlaps of every pair) is journaled like a summary.
+    # What the key holder releases (the overlaps of every pair) is journaled like a summary;
+    # the same overlaps decrypted again (a request repeated) are the same release: one record
+    blob = overlaps.numpy().tobytes()
     with _stage_lock(node, _run_id(context)):
         _repair_journal(journal)
-        journal.append(node.partition_id, 0, "overlaps", overlaps.numpy().tobytes())
+        with journal.appending() as verified:
+            if not _journaled(verified, node.partition_id, "overlaps",
+                              hashlib.sha256(blob).hexdigest()):
+                verified.append(node.partition_id, 0, "overlaps", blob)
     content = RecordDict(
         {
             "overlaps": tensor_to_array_record("overlaps", overlaps),
@@ -899,6 +911,14 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     return _reply(security, message, content, 0)
 
 
+
+
+def _journaled(verified: JournalAppend, client: int, kind: str, digest: str | None = None) -> bool:
+    """Whether the verified release journal holds a round-0 ``kind`` record of ``client``
+    (with ``digest``: of those very bytes)."""
+    return any((e.get("client"), e.get("round"), e.get("kind")) == (client, 0, kind)
+               and (digest is None or e.get("payload_sha256") == digest)
+               for e in verified.entries)
 
 
 def hello(message: Message, context: Context) -> Message:
@@ -1080,7 +1100,7 @@ def _reply_release(privacy: ClientSidePrivacy | None, i: int, stage: str, rnd: i
         summary = result.payload.get(KIND_SUMMARY)
         if stage == "setup" and privacy.sole.summary_release is not None and summary is not None:
             return ReplyRelease(privacy, i, 0, KIND_SUMMARY, payload=summary)
-    return ReplyRelease(UnaccountedReleases(), i, rnd, f"{stage}.reply")
+    return ReplyRelease(UnaccountedReleases(), i, rnd, f"{stage}.reply", fresh=fresh)
 
 
 def run_stage(
