@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +34,7 @@ __all__ = [
     "PlainGradient",
     "TrainConfig",
     "aligned",
+    "aligned_empty",
     "aliased_module",
     "client_randomness",
     "evaluate",
@@ -217,7 +218,31 @@ def aligned(t: Tensor) -> Tensor:
     dependence)."""
     if t.data_ptr() % ALIGNMENT_BYTES == 0:
         return t
-    return t.clone(memory_format=torch.contiguous_format)
+    copy = aligned_empty(t.shape, t.dtype, t.device)
+    copy.copy_(t)
+    return copy
+
+
+def aligned_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """An uninitialised contiguous tensor whose data starts on an :data:`ALIGNMENT_BYTES`
+    boundary, whatever address the allocator returns: the allocation itself when it is
+    aligned (torch's CPU and CUDA allocators give that), else one with
+    :data:`ALIGNMENT_BYTES` to spare, viewed from its first boundary. :class:`ClientUpdateError`
+    only when no boundary can be reached (an address that is not a multiple of the element
+    size)."""
+    t = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if t.data_ptr() % ALIGNMENT_BYTES == 0:
+        return t
+    size = t.element_size()
+    spare = torch.empty(t.numel() + ALIGNMENT_BYTES // size, dtype=dtype, device=device)
+    skip = -spare.data_ptr() % ALIGNMENT_BYTES
+    if skip % size:
+        raise ClientUpdateError(f"the allocator returned a buffer {spare.data_ptr() % size} bytes"
+                                f" off a multiple of its {size}-byte elements: no"
+                                f" {ALIGNMENT_BYTES}-byte boundary can be reached in it; use"
+                                " torch's default CPU or CUDA allocator")
+    start = skip // size
+    return spare[start: start + t.numel()].view(t.shape)
 
 
 @torch.no_grad()
@@ -385,11 +410,7 @@ class Workspace:
         :data:`ALIGNMENT_BYTES` boundary (its values are whatever it held)."""
         row = self.row
         if row is None or row.shape != like.shape or row.dtype != like.dtype or row.device != like.device:
-            row = self.row = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        if row.data_ptr() % ALIGNMENT_BYTES:
-            raise ClientUpdateError(f"the allocator returned a buffer {row.data_ptr() % ALIGNMENT_BYTES}"
-                                    f" bytes off a {ALIGNMENT_BYTES}-byte boundary; training needs"
-                                    " torch's default CPU or CUDA allocator")
+            row = self.row = aligned_empty(like.shape, like.dtype, like.device)
         return row
 
     @classmethod

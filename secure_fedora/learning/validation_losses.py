@@ -42,7 +42,13 @@ import torch
 from torch import Tensor
 
 from secure_fedora.learning.batched_eval import _Flatten, _Linear, _linear_program, _Map, _Step
-from secure_fedora.learning.client import ALIGNMENT_BYTES, ClientUpdateError, FlatModel, aligned
+from secure_fedora.learning.client import (
+    ALIGNMENT_BYTES,
+    ClientUpdateError,
+    FlatModel,
+    aligned,
+    aligned_empty,
+)
 
 __all__ = ["EVALUATE_BATCH", "ValidationLossPair", "direct_path", "validation_losses"]
 
@@ -113,11 +119,7 @@ class _Staged:
 
     def __init__(self, program: list[_Step], num_params: int, like: Tensor) -> None:
         self.program = program
-        self.row = torch.empty(num_params, dtype=like.dtype, device=like.device)
-        if self.row.data_ptr() % ALIGNMENT_BYTES:
-            raise ClientUpdateError(f"the allocator returned a buffer {self.row.data_ptr() % ALIGNMENT_BYTES}"
-                                    f" bytes off a {ALIGNMENT_BYTES}-byte boundary; validation needs"
-                                    " torch's default CPU allocator")
+        self.row = aligned_empty((num_params,), like.dtype, like.device)
         self.views = _layer_views(program, self.row)
 
     def load(self, row: Tensor) -> Callable[[Tensor], Tensor]:
