@@ -620,6 +620,9 @@ def _open_request(
     torch.set_num_threads(settings.num_threads)
     cfg = settings.experiment
     node = NodeSettings.from_node_config(context.node_config, cfg.data.num_clients)
+    if node.state_dir.exists() and not node.state_dir.is_dir():
+        raise DeployError(f"node config state-dir {str(node.state_dir)!r} exists and is not a "
+                          "directory; point state-dir at this node's directory")
     node.state_dir.mkdir(parents=True, exist_ok=True)
     run_dir = node.state_dir / "runs" / str(_run_id(context))
 

@@ -714,6 +714,10 @@ def deploy_local(
         # end the value early and point a node at another directory
         raise DeployError(f"the workdir {str(work)!r} contains a quote, a backslash or a line"
                           " break, which Flower's node config cannot carry; choose another path")
+    if work.exists() and not work.is_dir():
+        # checked before anything starts: creating its subfolders failed with a bare OSError
+        raise DeployError(f"the workdir {str(work)!r} exists and is not a directory; name a "
+                          "directory (a new one for a new run)")
     resumed = _resumed_run(work, cfg) if resume else 0
     if not resume:
         _refuse_used_workdir(work)

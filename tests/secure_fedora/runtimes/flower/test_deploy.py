@@ -875,6 +875,40 @@ def test_deploy_local_refuses_a_workdir_of_an_earlier_deployment(tmp_path: Path)
     _refuse_used_workdir(fresh)
 
 
+def test_deploy_local_refuses_a_workdir_that_is_a_file(tmp_path: Path) -> None:
+    """A --workdir naming a file failed, after "starting SuperLink", with the bare OSError
+    "File exists: <path>" (no advice); now one line names it before anything starts, and the
+    file is left as it was."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    with pytest.raises(DeployError, match=r"the workdir '.*notes\.txt' exists and is not a "
+                                          r"directory; name a directory"):
+        deploy_local(tiny_config(), 3, afile, max_in_flight=0)
+    with pytest.raises(DeployError, match="exists and is not a directory"):
+        deploy_local(tiny_config(), 3, afile, max_in_flight=0, resume=True)
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_node_whose_state_dir_is_a_file_names_it(tmp_path: Path) -> None:
+    """A SuperNode whose node config's state-dir names a file answered with a bare
+    FileExistsError ("[Errno 17] File exists"); now a DeployError says what to change, the run
+    stops naming the client, and the file is left as it was."""
+    cfg = tiny_config()
+    rc = run_config(cfg, tmp_path, **{"connect-timeout": 0.1, "round-timeout": 0.3})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    afile = tmp_path / "state.txt"
+    afile.write_text("keep me")
+    grid.node_config[1002]["state-dir"] = str(afile)
+    with pytest.raises(DeployError, match=r"missing clients \[2\]"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors and {c for c, _, _ in grid.errors} == {2}
+    for _, _, err in grid.errors:
+        assert isinstance(err, DeployError), err
+        assert "state-dir" in str(err) and "exists and is not a directory" in str(err)
+    assert afile.read_text() == "keep me"
+
+
 # --------------------------------------------------------------------------- real deployment
 
 STARTUP = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)
