@@ -1940,10 +1940,17 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         return _no_claim_report(run, cfg, results, findings, allow_path, rel_tol)
     keys, allow_used = _load_keys(run, allow_path, findings, options)
     if not found:
+        where = ""
+        if results is not None and results.get("runtime") == "flower":
+            # a Flower result directory: each node keeps its own ledger, none is here
+            where = (f"; a Flower run's ledgers stay on its nodes (nodes/node-<i>/runs/"
+                     f"{results.get('run_id', '<run_id>')}/<method>/client-<i>.jsonl, not the"
+                     " .nonces.jsonl beside them): copy them into ledgers/<method>/ of a folder"
+                     " holding this results.json and verify that, with --anchor and --allowlist")
         findings.append(Finding(
             "error", "no_ledgers",
             f"no ledgers in {ledger_dir}, but the run claims differential privacy:"
-            f" {'; '.join(claim_basis)}"))
+            f" {'; '.join(claim_basis)}{where}"))
     _coverage(ctx, sorted({m for m, _ in found}, key=str))
     clients: list[ClientVerification] = []
     for method, path in found:

@@ -502,6 +502,24 @@ def test_a_finished_non_private_run_is_said_to_make_no_claim(tmp_path):
                and "anchor.json is present" in f.message for f in again.errors)
 
 
+def test_a_flower_result_directory_without_ledgers_says_where_they_are(tmp_path):
+    """`audit verify` of a DP deployment's WORKDIR/results (results.json, anchor.json; the
+    ledgers stay on the nodes) failed with 'no ledgers in .../ledgers' and no word of what to
+    do; the error now says where a Flower run's ledgers are and how to collect them. The run
+    still fails."""
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"runtime": "flower", "run_id": 4711, "assumptions": {"differential_privacy": True}}))
+    report = verify_run(tmp_path)
+    assert report.verdict == "failed"
+    [finding] = [f for f in report.errors if f.check == "no_ledgers"]
+    assert "nodes/node-<i>/runs/4711/<method>/client-<i>.jsonl" in finding.message
+    assert "copy them into ledgers/<method>/" in finding.message
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"runtime": "in-process", "assumptions": {"differential_privacy": True}}))
+    [finding] = [f for f in verify_run(tmp_path).errors if f.check == "no_ledgers"]
+    assert "Flower" not in finding.message
+
+
 def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path):
     """A non-DP run with [security] envelopes holds keys/ (its envelope keys): they are what
     can be checked of it (each .pub against keys/allowlist.json, and that against an
