@@ -93,6 +93,17 @@ APP_DIR = Path(__file__).resolve().parent / "flwr_app"
 #: Name of the SuperLink connection written to the CLI's config.toml.
 CONNECTION_NAME = "secure-fedora-local"
 LOOPBACK = "127.0.0.1"
+#: What flower-superlink logs once it serves on its port (Flower 1.42's Uvicorn server).
+SUPERLINK_SERVING = "Uvicorn running on"
+#: What a Flower server logs when its port is held by another process.
+PORT_TAKEN = "address already in use"
+
+
+def _port_taken(port: int, who: str) -> DeployError:
+    """The one-line error of a port that another process took between :func:`free_ports`
+    choosing it and ``who`` binding it (on a shared host)."""
+    return DeployError(f"port {port} on {LOOPBACK} was taken by another process before {who} "
+                       "could bind it; start the deployment again (it picks free ports each time)")
 
 
 def flower_env(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -358,13 +369,22 @@ class LocalFederation:
         self.superlink = self._spawn("superlink", command, self.workdir / "flwr" / "superlink")
         deadline = time.monotonic() + self.timeouts.startup
         while time.monotonic() < deadline:
+            # A connection alone is not enough: another process may hold the port, and the
+            # SuperLink then fails to bind while the port still answers. Its log must say it
+            # is serving since this start.
+            log = self.superlink.log_path.read_text(encoding="utf-8", errors="replace")
+            log = log[log.rfind("=== start"):]
+            if PORT_TAKEN in log:
+                raise _port_taken(self.port, "the SuperLink")
             if not self.superlink.running():
                 raise DeployError(
                     f"flower-superlink exited with code {self.superlink.returncode()}:\n"
                     + self.superlink.log_tail()
                 )
-            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port), 0.5):
-                return
+            if SUPERLINK_SERVING in log:
+                with contextlib.suppress(OSError), \
+                        socket.create_connection((LOOPBACK, self.port), 0.5):
+                    return
             time.sleep(0.2)
         raise DeployError(
             f"flower-superlink did not listen on {self.address} within "
@@ -475,6 +495,8 @@ class LocalFederation:
                 node.process.refresh_descendants()
                 return
             if not node.process.running():
+                if PORT_TAKEN in log[last_start:]:
+                    raise _port_taken(node.port, f"SuperNode {index}")
                 raise DeployError(
                     f"SuperNode {index} exited with code {node.process.returncode()}:\n"
                     + node.process.log_tail()

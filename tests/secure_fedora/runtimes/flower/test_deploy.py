@@ -940,6 +940,39 @@ def test_unregistered_node_is_refused(federation: LocalFederation) -> None:
     assert all(federation.nodes[i].process.running() for i in range(3))  # type: ignore[union-attr]
 
 
+@pytest.mark.deploy
+@pytest.mark.parametrize(("slot", "who"), [(0, "the SuperLink"), (1, "SuperNode 0")])
+def test_a_port_taken_by_another_process_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slot: int, who: str
+) -> None:
+    """A port free_ports chose was taken (by another deployment on a shared host) before
+    the SuperLink or a SuperNode bound it. The SuperLink failed with "address already in use",
+    but the port answered (the other listener's), so the start went on and failed 40 s later
+    with a six-line "registering node-0.pub failed ... Connection to the SuperLink is
+    unavailable"; a SuperNode's failure was 18 lines of its log. Now one line names the port,
+    and nothing is left running."""
+    import secure_fedora.runtimes.flower.local as local
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = busy.getsockname()[1]
+        real = local.free_ports
+        def chosen(count: int) -> list[int]:
+            ports = real(count)
+            ports[slot] = taken
+            return ports
+
+        monkeypatch.setattr(local, "free_ports", chosen)
+        fed = LocalFederation(tmp_path / "w", 1, timeouts=RunTimeouts(startup=60.0))
+        with pytest.raises(DeployError, match=rf"^port {taken} on 127\.0\.0\.1 was taken by "
+                                              rf"another process before {who} could bind it; "
+                                              r"start the deployment again"):
+            fed.__enter__()
+    assert all(not proc.running() for proc in fed.processes)
+    assert _processes_mentioning(str(tmp_path / "w")) == []
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """Live processes whose command line contains ``text``."""
     found = []
