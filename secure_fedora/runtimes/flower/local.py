@@ -641,7 +641,9 @@ def _refuse_used_workdir(work: Path) -> None:
         held = ", ".join(filter(None, [
             f"releases of run(s) {', '.join(runs[:3])} on its nodes" if runs else "",
             "results/results.json" if results else "",
-            f"the ServerApp checkpoint results/{SERVER_CHECKPOINT} (--resume continues that run)"
+            f"the ServerApp checkpoint results/{SERVER_CHECKPOINT}"
+            # a finished run's checkpoint stays, but --resume refuses it: nothing to continue
+            + ("" if results else " (--resume continues that run)")
             if checkpoint else ""]))
         raise DeployError(
             f"the workdir {str(work)!r} holds an earlier deployment ({held}); its clients' "

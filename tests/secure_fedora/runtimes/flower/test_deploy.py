@@ -857,6 +857,12 @@ def test_deploy_local_refuses_a_workdir_of_an_earlier_deployment(tmp_path: Path)
     (done / "results" / "results.json").write_text("{}")
     with pytest.raises(DeployError, match=r"results/results.json"):
         _refuse_used_workdir(done)
+    # a finished run keeps its checkpoint, but --resume refuses it: not offered as the way out
+    (done / "results" / "checkpoints").mkdir()
+    (done / "results" / "checkpoints" / "flower-server.pt").write_bytes(b"checkpoint")
+    with pytest.raises(DeployError, match=r"results/checkpoints/flower-server.pt\); ") as info:
+        _refuse_used_workdir(done)
+    assert "--resume" not in str(info.value)
     # a ServerApp killed before any release but after its checkpoint: resumable, not reused
     killed = tmp_path / "killed"
     (killed / "results" / "checkpoints").mkdir(parents=True)
