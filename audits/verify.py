@@ -98,7 +98,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -676,23 +676,56 @@ def _rdp_epsilon(total: np.ndarray, delta: float) -> float:
 PLD_VALUE_DISCRETIZATION = 1e-3
 
 
-def _pld_epsilon(counts: dict[tuple[float, float], int], delta: float) -> float | None:
-    return _pld_epsilon_cached(tuple(sorted(counts.items())), delta)
+#: Finer pessimistic PLD discretizations tried, in order, before an entry of a PLD or PRV ledger
+#: is called under-reported (or over its budget): at a tiny epsilon the PLD at
+#: :data:`PLD_VALUE_DISCRETIZATION` overstates it by up to that interval per composition
+#: (measured: noise 100, q 0.01, 1,000 steps: 0.02405 at 1e-3, 0.00812 at 1e-4), so a valid,
+#: tighter accountant looked under-reported. A finer pessimistic PLD is still an upper bound
+#: on the true epsilon; it is computed only where the first check fails.
+PLD_RECHECK_DISCRETIZATIONS: tuple[float, ...] = (1e-4, 1e-5)
+
+
+def _pld_epsilon(counts: dict[tuple[float, float], int], delta: float,
+                 discretization: float = PLD_VALUE_DISCRETIZATION) -> float | None:
+    return _pld_epsilon_cached(tuple(sorted(counts.items())), delta, discretization)
 
 
 @functools.lru_cache(maxsize=512)
 def _pld_epsilon_cached(counts: tuple[tuple[tuple[float, float], int], ...],
-                        delta: float) -> float | None:
+                        delta: float, discretization: float = PLD_VALUE_DISCRETIZATION
+                        ) -> float | None:
     """None when the PLD would exceed the accounting layer's memory guard (only the size is
     taken from it; the epsilon is dp_accounting's own)."""
     try:
-        check_pld_size([(nm, q, steps) for (nm, q), steps in counts], PLD_VALUE_DISCRETIZATION)
+        check_pld_size([(nm, q, steps) for (nm, q), steps in counts], discretization)
     except AccountingSizeError:
         return None
-    acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+    acc = pld.PLDAccountant(value_discretization_interval=discretization)
     for (nm, q), steps in counts:
         acc.compose(_event(nm, q), steps)
     return float(acc.get_epsilon(delta))
+
+
+def finer_pld_epsilon(releases: Sequence[tuple[float, float, int] | None], delta: float,
+                      independent: float, passes: Callable[[float], bool]) -> float:
+    """The smallest pessimistic PLD epsilon of ``releases`` (None entries compose nothing)
+    over ``independent`` (the one at :data:`PLD_VALUE_DISCRETIZATION`) and the finer
+    :data:`PLD_RECHECK_DISCRETIZATIONS`, stopping at the first that ``passes``; every value is
+    an upper bound on the true epsilon. A PLD beyond the memory guard is skipped."""
+    counts: dict[tuple[float, float], int] = {}
+    for release in releases:
+        if release is not None:
+            nm, q, steps = release
+            counts[(float(nm), float(q))] = counts.get((float(nm), float(q)), 0) + int(steps)
+    best = independent
+    with _quiet_dp_accounting():
+        for discretization in PLD_RECHECK_DISCRETIZATIONS:
+            if passes(best) or not counts:
+                break
+            value = _pld_epsilon(counts, delta, discretization)
+            if value is not None:
+                best = min(best, value)
+    return best
 
 
 def _final_epsilons(releases: Sequence[tuple[float, float, int] | None],
@@ -1181,15 +1214,23 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             series.append(EntryCheck(i, None, None, None, None, None))
             continue
         rec = e["epsilon_after"] if _number(e["epsilon_after"]) else None
-        if ind is not None and rec is not None:
+        coarse = ind
+        if ind is not None and rec is not None and accountant != "rdp":
+            # under-reported and over-budget are judged against the tightest PLD; a value
+            # between it and the first PLD is consistent with both (neither under nor over)
+            budget_i = e["budget_epsilon"] if _number(e["budget_epsilon"]) else math.inf
+            ind = finer_pld_epsilon(
+                releases[: i + 1], float(delta), ind,
+                lambda v, r=rec, b=budget_i: r >= v * (1.0 - rel_tol) and v <= b * (1.0 + rel_tol))
+        if ind is not None and coarse is not None and rec is not None:
             if rec < ind * (1.0 - rel_tol):
                 err(i, "epsilon_under_reported",
                     f"recorded epsilon_after {rec:.6g} is below the independent"
                     f" dp_accounting value {ind:.6g} by more than {rel_tol:.0%}")
-            elif rec > ind * (1.0 + rel_tol):
+            elif rec > coarse * (1.0 + rel_tol):
                 warn(i, "epsilon_over_reported",
                      f"recorded epsilon_after {rec:.6g} is above the independent value"
-                     f" {ind:.6g} by more than {rel_tol:.0%} (conservative)")
+                     f" {coarse:.6g} by more than {rel_tol:.0%} (conservative)")
             if _number(e["budget_epsilon"]) and ind > e["budget_epsilon"] * (1.0 + rel_tol):
                 err(i, "budget_exceeded", f"independent epsilon {ind:.6g} exceeds the budget"
                     f" {e['budget_epsilon']!r}")
@@ -1232,6 +1273,10 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         cross = pld_final if cross_method == "pld" else rdp_final
         if cross is not None and recorded_final is not None and cross > 0:
             diff = recorded_final / cross - 1.0
+    if pld_final is not None and recorded_final is not None \
+            and recorded_final < pld_final * (1.0 - rel_tol):
+        pld_final = finer_pld_epsilon(releases, float(delta), pld_final,
+                                      lambda v: recorded_final >= v * (1.0 - rel_tol))
     if pld_final is not None and recorded_final is not None \
             and recorded_final < pld_final * (1.0 - rel_tol) \
             and not any(f.check == "epsilon_under_reported" for f in findings):

@@ -13,6 +13,7 @@ from privacy.accounting import (
     ACCOUNTANT_KINDS,
     ACCOUNTANT_REGISTRY,
     PLD_VALUE_DISCRETIZATION,
+    PRV_MIN_EPS_ERROR,
     RDP_EXTRA_ORDERS,
     Accountant,
     AccountingError,
@@ -23,6 +24,7 @@ from privacy.accounting import (
     PrivacyBudget,
     calibrate_noise_multiplier,
     plan_epsilon,
+    prv_refined_eps_error,
     register_accountant,
 )
 
@@ -57,6 +59,74 @@ def test_prv_epsilon_equals_opacus_prv():
     rdp = Accountant("rdp")
     rdp.record(1.0, 0.1, steps=20)
     assert ours.epsilon(DELTA) < rdp.epsilon(DELTA)
+
+
+def _dp_accounting_pld(history, delta, discretization=1e-4):
+    """dp_accounting's own PLD accountant (pessimistic: an upper bound on the true epsilon)."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    acc = pld.PLDAccountant(value_discretization_interval=discretization)
+    for nm, q, steps in history:
+        event = dp_accounting.GaussianDpEvent(nm)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        acc.compose(event, steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(("history", "slack"), [
+    ([(10_000.0, 1.0, 1)], 1.1 * PRV_MIN_EPS_ERROR), ([(1_000.0, 1.0, 1)], 1.1 * PRV_MIN_EPS_ERROR),
+    ([(100.0, 1.0, 1)], 1.1 * PRV_MIN_EPS_ERROR), ([(25.0, 1.0, 1)], 1.1 * PRV_MIN_EPS_ERROR),
+    ([(100.0, 0.1, 100)], 1e-3), ([(100.0, 0.01, 1000)], 1e-3),
+])
+def test_prv_at_large_noise_is_within_its_error_of_pld_and_never_below_it(history, slack):
+    """PRV added its absolute eps_error 0.01 to every epsilon: 0.00999 at noise 10,000 (RDP
+    0.0035, the truth ~0.0001), so PRV refused every budget below 0.01. Now its error is 0.5%
+    of the estimate, at least PRV_MIN_EPS_ERROR (more where the grid cap binds: many steps):
+    never below dp_accounting's pessimistic PLD (an upper bound on the true epsilon), within
+    2% + slack of it, and at most RDP + slack."""
+    prv = Accountant("prv")
+    rdp = Accountant("rdp")
+    for release in history:
+        prv.record(*release)
+        rdp.record(*release)
+    eps = prv.epsilon(DELTA)
+    pld = _dp_accounting_pld(history, DELTA)
+    assert pld <= eps <= 1.02 * pld + slack
+    assert eps <= rdp.epsilon(DELTA) + slack
+
+
+def test_prv_refined_epsilon_is_opacus_bound_at_the_refined_error():
+    """Where the refinement applies, the epsilon is Opacus's PRVAccountant upper bound at the
+    smaller eps_error (the same proven bound, on a finer grid), below Opacus's default."""
+    history = [(100.0, 1.0, 1)]
+    theirs = PRVAccountant()
+    theirs.history = list(history)
+    coarse = theirs.get_epsilon(DELTA)  # eps_error 0.01
+    refined = prv_refined_eps_error(coarse - 0.01, 0.01, 2_000)
+    assert refined == pytest.approx(0.005 * (coarse - 0.01))  # 0.5% of the estimate
+    ours = Accountant("prv")
+    ours.record(*history[0])
+    assert ours.epsilon(DELTA) == pytest.approx(theirs.get_epsilon(DELTA, eps_error=refined),
+                                                rel=1e-12)
+    assert ours.epsilon(DELTA) < coarse - 0.009
+    # a large estimate keeps the configured error (nothing to gain), so does a huge grid
+    assert prv_refined_eps_error(2.0, 0.01, 1000) is None
+    assert prv_refined_eps_error(0.01, 0.01, 300_000) is None
+    assert prv_refined_eps_error(0.01, 0.01, 100_000) == pytest.approx(0.002)
+    assert prv_refined_eps_error(0.5, 0.01, 1000) == pytest.approx(0.0025)
+
+
+def test_a_prv_budget_below_its_floor_says_why():
+    plan = [PlannedRelease("dpsgd", 1.0, 1)]
+    with pytest.raises(CalibrationError, match=r"even noise multiplier 10000 gives epsilon 0\.0001"
+                                               r".*includes its discretization error \(at least"
+                                               r" 0\.0001\), so PRV cannot certify less$"):
+        calibrate_noise_multiplier(0.00015, DELTA, plan, "prv")
+    # a budget of 0.0005 (refused before: PRV's floor was 0.01; PLD's is 0.00075) calibrates
+    sigma = calibrate_noise_multiplier(0.0005, DELTA, plan, "prv")
+    assert 0.99 * 0.0005 <= plan_epsilon(plan, DELTA, sigma, "prv") <= 0.0005
 
 
 def test_prv_refuses_histories_whose_grid_would_exhaust_memory():
@@ -516,8 +586,8 @@ _CALIBRATED = [
     ("pld", 0.05, 1e-5, 0.1, 1000, 270.53437506256296),
     ("pld", 0.001, 1e-5, 1.0, 1, 1777.8713616260216),  # below RDP's reach
     ("pld", 0.002, 1e-6, 1.0, 2, 1958.5691842307372),
-    ("prv", 0.02, 1e-5, 0.1, 100, 253.14034234266887),
-    ("prv", 0.015, 1e-5, 1.0, 1, 522.1500324341176),
+    ("prv", 0.02, 1e-5, 0.1, 100, 135.1343772547132),
+    ("prv", 0.015, 1e-5, 1.0, 1, 172.09243422716023),
 ]
 
 
