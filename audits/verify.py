@@ -23,7 +23,9 @@
    whose series does not converge; Opacus's PRV and ``dp_accounting``'s PLD discretize
    differently), measured here to differ by at most about 0.8% (RDP) and 1.6% (PRV vs PLD)
    on typical DP-SGD histories. An entry is **under-reported** (an error) when
-   ``recorded < independent * (1 - rel_tol)``, default ``rel_tol = 0.02``; recorded values
+   ``recorded < independent * (1 - rel_tol)``, default ``rel_tol = 0.02`` (for a PLD or PRV
+   ledger, ``independent`` is then recomputed at the finer ``PLD_RECHECK_DISCRETIZATIONS``
+   and the smallest is used: at a tiny epsilon the PLD at 1e-3 overstates it); recorded values
    above ``independent * (1 + rel_tol)`` are conservative and reported as a warning.
    For every ledger, the whole history is also recomputed with both ``dp_accounting``
    methods: a recorded final epsilon below the pessimistic PLD value by more than

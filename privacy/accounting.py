@@ -570,7 +570,8 @@ class Accountant:
 
     @property
     def prv_eps_error(self) -> float:
-        """Epsilon error of the PRV discretization (unused for RDP)."""
+        """Largest epsilon error of the PRV discretization (PRV uses less where the estimate is
+        small: :func:`prv_refined_eps_error`; unused by the other accountants)."""
         return self._prv_eps_error
 
     @property
