@@ -60,7 +60,9 @@ def main() -> None:
         t_dp, t_plain = [], []
         for rnd in range(args.rounds + 1):  # round 0 is a warm-up
             t0 = time.perf_counter()
-            admitted = [i for i in everyone if ctx_dp.privacy.admit(i, rnd + 1, fed_dp.theta[i], True)]
+            with ctx_dp.privacy.admission_batch(rnd + 1):  # as the runtime's round admits
+                admitted = [i for i in everyone
+                            if ctx_dp.privacy.admit(i, rnd + 1, fed_dp.theta[i], True)]
             fed_dp.train_round(rnd + 1, admitted)
             t1 = time.perf_counter()
             fed_plain.train_round(rnd + 1, everyone)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["append_durably", "fsync_dir", "move_tail_aside", "truncate_and_fsync",
-           "write_all_and_fsync"]
+__all__ = ["SyncBatch", "append_durably", "fsync_dir", "move_tail_aside",
+           "truncate_and_fsync", "write_all_and_fsync"]
 
 
 def write_all_and_fsync(fd: int, data: bytes) -> None:
@@ -26,6 +27,61 @@ def append_durably(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         write_all_and_fsync(fd, data)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+
+
+class SyncBatch:
+    """Appends to several files whose fsyncs run concurrently and are awaited together.
+
+    :meth:`append` writes like :func:`append_durably` and hands the fsync (and the
+    directory's, for a file it created) to a small thread pool: ``os.fsync`` releases the
+    GIL, so the fsyncs of different files overlap each other and the caller's work, and a
+    journalling filesystem commits them together. The bytes are durable only once
+    :meth:`wait` has returned; a caller must not let anything depend on them before that.
+    """
+
+    def __init__(self, workers: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsync")
+        self._pending: list[tuple[Path, Future[None]]] = []
+
+    def append(self, path: Path, data: bytes) -> None:
+        """Append ``data`` to ``path`` (created 0600 when absent) and issue its fsync; a
+        failed write raises here (nothing is issued), a failed fsync from :meth:`wait`."""
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            raise
+        self._pending.append((path, self._pool.submit(_sync_and_close, fd, path, created)))
+
+    def wait(self) -> list[tuple[Path, OSError]]:
+        """Wait for every fsync issued so far; returns the files whose fsync failed (and
+        why), empty when every appended byte is durable."""
+        failed = []
+        for path, future in self._pending:
+            try:
+                future.result()
+            except OSError as err:
+                failed.append((path, err))
+        self._pending.clear()
+        return failed
+
+    def close(self) -> None:
+        """Wait for the fsyncs issued and stop the pool."""
+        self.wait()
+        self._pool.shutdown(wait=True)
+
+
+def _sync_and_close(fd: int, path: Path, created: bool) -> None:
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
     if created:

@@ -44,11 +44,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from privacy.durable import append_durably, move_tail_aside
+from privacy.durable import SyncBatch, append_durably, move_tail_aside
 from privacy.errors import ToolkitError
 from privacy.sealing import SealingError, open_sealed, seal
 
-__all__ = ["MARKS_NAME", "JournalError", "JournalRecord", "ReleaseJournal", "RoundMarks",
+__all__ = ["ADMITTING_NAME", "MARKS_NAME", "JournalError", "JournalRecord", "ReleaseJournal", "RoundMarks",
            "payload_digest"]
 
 JOURNAL_VERSION = 1
@@ -212,9 +212,11 @@ class ReleaseJournal:
         """The record of the round-``rnd`` release of ``kind``, or None if none was journaled."""
         return self._records.get((rnd, kind))
 
-    def append(self, record: JournalRecord) -> int:
+    def append(self, record: JournalRecord, syncs: SyncBatch | None = None) -> int:
         """Seal and durably append ``record`` (fsynced, the directory too on creation);
-        returns the bytes written. Refuses a second record for the same (round, kind)."""
+        returns the bytes written. Refuses a second record for the same (round, kind).
+        With ``syncs`` the line is written and its fsync issued on that batch: it is durable
+        once ``syncs.wait()`` has returned without naming this journal."""
         if self._torn is not None:
             raise JournalError(f"journal {str(self.path)!r} ends in a torn line; quarantine it"
                                " (quarantine_torn_tail) before appending")
@@ -224,7 +226,10 @@ class ReleaseJournal:
                                f" {record.kind!r}")
         blob = seal(record.to_json().encode(), self._public, self._aad(self._count))
         line = base64.b64encode(blob) + b"\n"
-        append_durably(self.path, line)
+        if syncs is None:
+            append_durably(self.path, line)
+        else:
+            syncs.append(self.path, line)
         self._records[key] = record
         self._count += 1
         return len(line)
@@ -247,6 +252,10 @@ def _read_lines(path: Path, what: str) -> tuple[list[bytes], tuple[bytes, int, i
 
 #: File name of a federation's :class:`RoundMarks`, beside its ledgers and journals.
 MARKS_NAME = "rounds.released"
+#: A :class:`RoundMarks` file of the rounds whose admissions ran as one batch (their journal
+#: fsyncs overlapping, every admission before any release of the round left): written before
+#: the batch's first ledger entry; its lines cover no client.
+ADMITTING_NAME = "rounds.admitting"
 
 
 class RoundMarks:

@@ -46,6 +46,7 @@ from privacy.accounting import (
     MechanismRecord,
     PrivacyBudget,
 )
+from privacy.durable import SyncBatch
 from privacy.errors import ToolkitError
 from privacy.journal import JournalError, JournalRecord, ReleaseJournal, payload_digest
 from privacy.ledger import (
@@ -646,6 +647,9 @@ class JournalRelease(AfterGate):
     release (JournalError: the journal belongs to an earlier run, or ``conflict``, the
     runtime's own reading of it).
     ``metadata["journal_bytes"]`` is what the append wrote (0 when matched).
+    While ``syncs`` is set (an admission batch, :meth:`~secure_fedora.secure.private.
+    FederationPrivacy.admission_batch`) the record is written and its fsync issued on it:
+    the batch's owner waits for it before any release of the batch leaves.
     """
 
     #: What a record found where no resume re-makes the release means in a run directory
@@ -663,6 +667,7 @@ class JournalRelease(AfterGate):
         self.keep_noise_state = keep_noise_state
         self.resumed = resumed
         self.conflict = conflict
+        self.syncs: SyncBatch | None = None
 
     def process(self, release: Release) -> Release:
         """The release with the journal record on disk (or matched), noise state removed."""
@@ -684,7 +689,8 @@ class JournalRelease(AfterGate):
             entry_hash = str(metadata.get("ledger_head", "")) \
                 if metadata.get("ledger_entries") == ledger_index + 1 else ""
             written = self.journal.append(JournalRecord(
-                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept, entry_hash))
+                rnd, kind, ledger_index, digest, payload_digest(noise_state), kept, entry_hash),
+                self.syncs)
         elif record.ledger_index != ledger_index or record.payload_sha256 != digest:
             raise LedgerError(
                 f"client {self.client_id!r}: resume diverged: the round-{rnd}"

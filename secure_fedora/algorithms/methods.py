@@ -612,7 +612,11 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                                   participants, self.ctx.flat.num_params)
         messages = self._exchange_downloads(rnd, messages)
         if admit is not None:
-            messages = {i: m for i, m in messages.items() if admit(i)}
+            # under DP the admissions' journal fsyncs overlap; all are durable after the block
+            batch = (self.ctx.privacy.admission_batch(rnd) if self.ctx.privacy is not None
+                     else contextlib.nullcontext())
+            with batch:
+                messages = {i: m for i, m in messages.items() if admit(i)}
         replies: dict[int, Payload] = {}
         if messages:
             with client_half(label, f"the client halves of round {rnd} (client_update_many)"):

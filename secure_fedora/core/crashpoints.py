@@ -28,7 +28,8 @@ POINTS: dict[str, str] = {
     "keys_published": "after a DP method's ledgers are opened and its public keys published",
     "summary": "after one client's relatedness summary left it, before the next client's",
     "gate": "after a release's ledger entries are fsynced, before its journal record",
-    "release": "after a release's journal record is fsynced, before the release leaves",
+    "release": "after a release's journal record is fsynced (inside a round's admission"
+               " batch: written, its fsync issued), before the release leaves",
     "train": "after one client's local training in a round, before the next",
     "evaluate": "after evaluating one client, before the next",
     "checkpoint": "after a round, before its checkpoint is written (a Flower ServerApp: also"

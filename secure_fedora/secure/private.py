@@ -28,6 +28,7 @@ personalized model and releases nothing more. The federation goes on with the ot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,7 +37,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,10 @@ from privacy.accounting import (
     plan_epsilon,
     round_up,
 )
-from privacy.durable import fsync_dir, write_all_and_fsync
+from privacy.durable import SyncBatch, fsync_dir, write_all_and_fsync
 from privacy.identity import client_ids, load_identity
 from privacy.journal import (
+    ADMITTING_NAME,
     MARKS_NAME,
     JournalError,
     JournalRecord,
@@ -673,6 +675,8 @@ class FederationPrivacy:
     journal_bytes: int = 0
     _replayed: set[int] = field(default_factory=set)
     _resumed: bool = False
+    #: The journal fsyncs of the admissions in progress (:meth:`admission_batch`).
+    _syncs: SyncBatch | None = None
     #: The journal stages' reading of a record found where no resume re-makes the release
     #: (None: JournalRelease.EARLIER_RUN, an earlier run in this directory).
     journal_conflict: str | None = None
@@ -683,6 +687,9 @@ class FederationPrivacy:
     #: after its last journal record, before its first release leaves (None: not kept, e.g.
     #: a Flower client, whose saved state plays that part).
     marks: RoundMarks | None = None
+    #: The rounds admitted as one batch (:meth:`admission_batch`; None: no batches, e.g. a
+    #: Flower client).
+    admitting: RoundMarks | None = None
 
     def __post_init__(self) -> None:
         if self.journals is not None:
@@ -733,7 +740,7 @@ class FederationPrivacy:
         accountant = choice.name
         if not resume:
             earlier = [str(p) for p in [*(ledger_dir / f"{cid}.journal" for cid in ids),
-                                        ledger_dir / MARKS_NAME]
+                                        ledger_dir / MARKS_NAME, ledger_dir / ADMITTING_NAME]
                        if p.exists() and p.stat().st_size > 0]
             if earlier:
                 raise JournalError(
@@ -751,10 +758,11 @@ class FederationPrivacy:
         checked: list[LedgerCheck] = []
         # read before anything is written; a torn last mark waits for resume_after
         marks = RoundMarks(ledger_dir / MARKS_NAME, quarantine=not resume)
+        admitting = RoundMarks(ledger_dir / ADMITTING_NAME, quarantine=not resume)
         if resume:  # every client's checks before anything is written: a refusal changes nothing
             checked = [_check_resumable(ledger_dir, cid, method, identity)
                        for cid, identity in zip(ids, identities, strict=True)]
-            _check_unjournaled_tails(checked, marks)
+            _check_unjournaled_tails(checked, marks, admitting)
         states = []
         journals = []
         recoveries: list[dict[str, Any]] = []
@@ -784,7 +792,8 @@ class FederationPrivacy:
             states.append(state)
         return cls(cfg, method, states, sample_rate_for(cfg), steps_per_round(cfg),
                    journals=journals, reproducible_noise=noise_is_reproducible(cfg),
-                   recoveries=recoveries, accountant_choice=choice, marks=marks)
+                   recoveries=recoveries, accountant_choice=choice, marks=marks,
+                   admitting=admitting)
 
     def mark_round(self, rnd: int, clients: Iterable[int]) -> None:
         """Durably mark round ``rnd``'s releases of ``clients`` (indices) as all journaled
@@ -792,6 +801,10 @@ class FederationPrivacy:
         Called after the round's last journal record and before its first release leaves: a
         resume then refuses a covered client whose record of a marked round is missing (cut
         after the release may have left) instead of drawing that release again."""
+        if self._syncs is not None:
+            raise PipelineError(
+                f"round {rnd}: a release cannot leave inside an admission batch (its journal"
+                " records are durable only once the batch ends)")
         if self.marks is not None:
             self.journal_bytes += self.marks.mark(rnd, clients)
 
@@ -820,6 +833,12 @@ class FederationPrivacy:
                     self.recoveries.append({"client": c.client_id,
                                             "journal_quarantine": moved.name})
                 c.journal_non_releases()
+        if self.admitting is not None:
+            moved = self.admitting.quarantine_torn_tail()
+            if moved is not None:
+                log.warning("admission batches %s: torn last line quarantined in %s",
+                            self.admitting.path, moved.name)
+                self.recoveries.append({"marks_quarantine": moved.name})
         if self.marks is not None:
             moved = self.marks.quarantine_torn_tail()
             if moved is not None:
@@ -965,6 +984,47 @@ class FederationPrivacy:
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused",
                                 "detail": err.reason})
             raise
+
+    @contextlib.contextmanager
+    def admission_batch(self, rnd: int) -> Iterator[None]:
+        """Inside, :meth:`admit` writes each client's journal record and issues its fsync on
+        a small thread pool instead of waiting for it, so the journal fsyncs of a round's
+        admissions overlap each other and the next clients' admissions; on exit every record
+        written inside is durable. Nothing may leave inside (admission only accounts): a
+        round's releases leave after its admissions (:meth:`release_model`, which first marks
+        the round). Each client's ledger entries are still written and fsynced before its
+        accountant records them and before its journal record is written, so a crash (or a
+        power loss) inside leaves each client before its ledger entry, between entry and
+        record (the crash window a resume re-makes the release from), or after its record,
+        as one admission at a time does. A client whose journal fsync failed is not admitted
+        (its ``admitted`` is cleared) and the first such OSError is raised on exit once every
+        fsync finished; an error inside is raised after the fsyncs issued finished.
+
+        Round ``rnd`` is first marked as admitted in a batch (:attr:`admitting`, one fsynced
+        line; once per round): a higher-indexed client's ledger entry of that round no longer
+        proves that a lower-indexed client's record was written (a power loss may keep the
+        one and lose the other), so a resume takes a missing record of the batch's round as
+        the crash window unless the round's release mark covers it (written after the batch,
+        before any of its releases leaves). Without marks (a Flower client) admissions run
+        one at a time, as before."""
+        if self._syncs is not None or self.journals is None or self.marks is None \
+                or self.admitting is None:
+            yield
+            return
+        self.admitting.mark(rnd, ())
+        syncs = self._syncs = SyncBatch()
+        try:
+            yield
+        finally:
+            self._syncs = None
+            failed = syncs.wait()
+            syncs.close()
+        if failed:
+            paths = {path for path, _ in failed}
+            for c in self.clients:
+                if c.journal is not None and c.journal.journal.path in paths:
+                    c.admitted = None
+            raise failed[0][1]
 
     def close(self) -> None:
         """Release every ledger's lock (the ledgers stay open to a later run)."""
@@ -1154,7 +1214,13 @@ class FederationPrivacy:
         noise_state = self._prepare(i, rnd, "model", noise)
         pipeline = self.model_pipeline(i)
         release = Release("model", theta, rnd, records, self._noise_metadata(i, noise_state))
-        admitted = self._release(i, release, pipeline, stop=pipeline.index(CheckExecutedSteps))
+        if c.journal is not None:  # inside admission_batch: the record's fsync overlaps
+            c.journal.syncs = self._syncs
+        try:
+            admitted = self._release(i, release, pipeline, stop=pipeline.index(CheckExecutedSteps))
+        finally:
+            if c.journal is not None:
+                c.journal.syncs = None
         c.admitted = admitted
         if admitted is None:
             return False
@@ -1427,7 +1493,8 @@ def _last_release(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks) -> None:
+def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
+                             admitting: RoundMarks | None = None) -> None:
     """JournalError when a client's last release lacks its journal record although the run
     went past that release's journal write: ``marks`` marks its round (a round is marked
     after its last journal record, before any of its releases leaves), or another client's
@@ -1437,7 +1504,11 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks) -
     record). The record was then lost or cut (a torn record included), not missing because
     of a crash, and the release may have left: re-making it would draw new noise under the
     ledger entry it consumes. A last release of an unmarked round that nothing came after
-    stays exempt (:func:`_check_journal_covers`): the crash window, before it left."""
+    stays exempt (:func:`_check_journal_covers`): the crash window, before it left. A round
+    ``admitting`` names last was admitted as one batch (journal fsyncs overlapping, no
+    release leaving before the batch ended and the round was marked): there a same-round
+    entry of a higher-indexed client proves nothing, and only the mark does."""
+    batched = admitting.last if admitting is not None else None
     for k, check in enumerate(checks):
         last = _last_release(check.entries)
         if last is None or check.journal.get(last["round"],
@@ -1453,7 +1524,8 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks) -
         for j, other in enumerate(checks):
             later = next((e for e in other.entries if e["mechanism"] not in (REPAIR, CLOSE)
                           and (e["round"] > last["round"]
-                               or (e["round"] == last["round"] and j > k))), None)
+                               or (e["round"] == last["round"] and j > k
+                                   and last["round"] != batched))), None)
             if j != k and later is not None:
                 raise JournalError(
                     f"{what} client {other.client_id!r} released after it (its ledger entry"

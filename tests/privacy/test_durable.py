@@ -55,3 +55,42 @@ def test_append_durably_creates_a_private_file_and_only_appends(tmp_path: Path) 
     append_durably(path, b"two\n")
     assert path.read_bytes() == b"one\ntwo\n"
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_sync_batch_overlaps_its_fsyncs_and_reports_the_failed_ones(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """SyncBatch writes at once, fsyncs on its pool (several at a time) and names, from
+    wait(), every file whose fsync failed; the others are durable."""
+    import os
+    import threading
+    import time
+
+    from privacy.durable import SyncBatch
+
+    real, lock, state = os.fsync, threading.Lock(), {"now": 0, "most": 0}
+    bad = tmp_path / "c1.journal"
+
+    def slow_fsync(fd: int) -> None:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            time.sleep(0.05)
+            if os.readlink(f"/proc/self/fd/{fd}") == str(bad):
+                raise OSError(5, "Input/output error")
+            real(fd)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    batch = SyncBatch()
+    paths = [tmp_path / f"c{k}.journal" for k in range(4)]
+    for k, path in enumerate(paths):
+        batch.append(path, b"record %d\n" % k)
+        assert path.read_bytes() == b"record %d\n" % k  # written at once, synced later
+    failed = batch.wait()
+    batch.close()
+    assert [(p, e.errno) for p, e in failed] == [(bad, 5)]
+    assert state["most"] >= 2  # one at a time before
+    assert batch.wait() == []

@@ -710,7 +710,9 @@ def test_a_cut_last_journal_record_of_a_release_that_left_refuses_the_resume(tmp
     kept = lines[0] + (lines[1][:len(lines[1]) // 2] if cut == "inside-record" else b"")
     journal.write_bytes(kept)
     before = _files(tmp_path)
-    with pytest.raises(JournalError, match="client 'client-001' released after it"):
+    # round 2 was admitted as a batch: its mark (not client-001's entry) shows the record
+    with pytest.raises(JournalError, match=r"client-000\.journal'.*rounds\.released' marks"
+                       " this client's releases of rounds up to 2"):
         Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert _files(tmp_path) == before
 
@@ -817,3 +819,91 @@ def test_a_torn_round_mark_is_moved_aside_and_the_round_marked_again(tmp_path, c
     assert (marks.parent / "rounds.released.torn-1").read_bytes() == b'{"rou'
     assert {"marks_quarantine": "rounds.released.torn-1"} in \
         results["privacy"]["local"]["recoveries"]
+
+
+def test_a_power_loss_inside_an_admission_batch_resumes_exactly(tmp_path, clients, reference):
+    """A round's admissions run as one batch whose journal fsyncs overlap: a power loss may
+    keep client-002's round-1 ledger entry (fsynced) and lose the round-1 records of
+    clients 0 and 1 (written, fsync pending). Read the old way (a higher-indexed client's
+    entry of the round proves the record was written) the resume was refused as a cut
+    journal; the round's admission line says it was a batch and no mark covers it, so the
+    releases never left: the resume re-makes them and ends as an uninterrupted run."""
+    cfg = config(["local"], True)
+    assert run_until_crash(cfg, tmp_path, clients, "gate@3")  # round 1, client 2's entry
+    folder = tmp_path / "ledgers" / "local"
+    assert [len(read_ledger(folder / f"client-00{k}.jsonl")) for k in range(3)] == [1, 1, 1]
+    assert (folder / "rounds.admitting").read_bytes() == b'{"round":1,"clients":[]}\n'
+    assert not (folder / "rounds.released").exists()
+    for k in (0, 1):  # the records a power loss may drop
+        assert len((folder / f"client-00{k}.journal").read_bytes().splitlines()) == 1
+        (folder / f"client-00{k}.journal").write_bytes(b"")
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert_same_run(tmp_path, reference(["local"], True))
+
+
+def test_an_admission_batch_makes_every_record_durable_before_the_round_is_marked(
+        tmp_path, clients, reference, monkeypatch):
+    """The journal fsyncs of a round's admissions overlap (they ran one at a time, each
+    ~4 ms under load), yet each client's ledger entry is fsynced before its record is
+    written, and every record of the round before the round's mark: the write-ahead order.
+    The run ends as an uninterrupted one."""
+    import threading
+    import time
+
+    real, lock = os.fsync, threading.Lock()
+    events, state = [], {"now": 0, "most": 0}
+
+    def slow_fsync(fd):
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            time.sleep(0.02)
+            real(fd)
+        finally:
+            with lock:
+                state["now"] -= 1
+                events.append(name)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    cfg = config(["local"], True)
+    Simulation(cfg, tmp_path, clients=clients).run()
+    monkeypatch.undo()
+    assert state["most"] >= 2
+    marks = [i for i, name in enumerate(events) if name == "rounds.released"]
+    assert len(marks) == 2  # rounds 1 and 2
+    for rnd, at in enumerate(marks, start=1):
+        synced = [name for name in events[:at] if name.endswith(".journal")]
+        assert sorted(set(synced)) == [f"client-00{k}.journal" for k in range(3)]
+        assert len(synced) == 3 * rnd
+    for k in range(3):  # ledger entry durable before the record is written
+        first_ledger = events.index(f"client-00{k}.jsonl")
+        first_record = events.index(f"client-00{k}.journal")
+        assert first_ledger < first_record
+    assert_same_run(tmp_path, reference(["local"], True))
+
+
+def test_a_failed_journal_fsync_in_a_batch_loses_nothing(tmp_path, clients, reference,
+                                                       monkeypatch):
+    """client-001's round-1 journal fsync fails inside the round's admission batch: the run
+    stops with that OSError before any release of the round left (no mark), the other
+    clients' records are durable, and a resume ends as an uninterrupted run."""
+    real = os.fsync
+    failures = []
+
+    def failing_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("client-001.journal") and not failures:
+            failures.append(fd)
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    cfg = config(["local"], True)
+    with pytest.raises(OSError, match="Input/output error"):
+        Simulation(cfg, tmp_path, clients=clients).run()
+    monkeypatch.undo()
+    folder = tmp_path / "ledgers" / "local"
+    assert not (folder / "rounds.released").exists()
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert_same_run(tmp_path, reference(["local"], True))

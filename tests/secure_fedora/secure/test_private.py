@@ -625,3 +625,31 @@ def test_a_client_admitted_after_its_rounds_mark_keeps_its_crash_window_resumabl
     (ledgers / "client-000.journal").write_bytes(b"")
     with pytest.raises(JournalError, match=r"client-000\.journal'.*Nothing was written"):
         FederationPrivacy.open(cfg, "local", 3, ledgers, keys, resume=True)
+
+
+def test_no_release_leaves_inside_an_admission_batch(tmp_path):
+    """Inside a round's admission batch the journal records' fsyncs may be pending, so no
+    release of the batch may leave there: releasing raises before the round is marked or
+    anything signed; after the batch every record is durable and the release leaves."""
+    from privacy.journal import ADMITTING_NAME, MARKS_NAME
+    from privacy.pipeline import PipelineError
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = dp_config(methods=["local"])
+    ledgers, keys = tmp_path / "ledgers", tmp_path / "keys"
+    privacy = FederationPrivacy.open(cfg, "local", 3, ledgers, keys)
+    try:
+        with privacy.admission_batch(1):
+            assert all(privacy.admit(i, 1, torch.zeros(10), with_lambda=False) for i in range(3))
+            for _ in range(privacy.steps):
+                privacy.clients[0].step_counter.count()
+            with pytest.raises(PipelineError, match="inside an admission batch"):
+                privacy.release_model(0, 1, torch.arange(10.0))
+            assert not (ledgers / MARKS_NAME).exists()
+        privacy.release_model(0, 1, torch.arange(10.0))
+    finally:
+        privacy.close()
+    assert (ledgers / ADMITTING_NAME).read_bytes() == b'{"round":1,"clients":[]}\n'
+    assert (ledgers / MARKS_NAME).read_bytes() == b'{"round":1,"clients":[[0,2]]}\n'
+    assert all(len((ledgers / f"client-00{k}.journal").read_bytes().splitlines()) == 1
+               for k in range(3))
