@@ -674,6 +674,8 @@ class ReplyRelease:
     prepare: Callable[[Release], None] | None = None
     fresh: bool = True
     """False for a reply sent again from the saved state (a release already made)."""
+    journal: JournalAppend | None = None
+    """The node's release journal as this message read and verified it (:func:`run_stage`)."""
 
 
 def _reply(
@@ -736,7 +738,7 @@ def _noise_source(cfg: ExperimentConfig, partition_id: int, saved: torch.Tensor 
 
 def _release_encrypted_summary(
     settings: RunSettings, node: NodeSettings, run_id: int,
-    respond: Callable[[torch.Tensor, dict[str, float], ReleaseJournal, ReplyRelease,
+    respond: Callable[[torch.Tensor, dict[str, float], JournalAppend, ReplyRelease,
                        ConfigRecord | None], Message],
     refuse: Callable[[StageResult], Message],
 ) -> Message:
@@ -751,8 +753,8 @@ def _release_encrypted_summary(
     def reply(result: StageResult, release: ReplyRelease) -> Message:
         if result.refusal is not None:
             return refuse(result)
-        _, journal = run_paths(node, run_id)
-        return respond(result.payload[KIND_SUMMARY], result.metrics, journal, release,
+        assert release.journal is not None  # run_stage's read of the node's release journal
+        return respond(result.payload[KIND_SUMMARY], result.metrics, release.journal, release,
                        result.ledger_head)
 
     return run_stage(settings, node, run_id, "fedora", "setup", 0, lambda _limits: {},
@@ -829,7 +831,7 @@ def encrypted_summary(message: Message, context: Context) -> Message:
     ctx = open_keys(ckks["sealed-context"], security.identity)
     i = node.partition_id
 
-    def respond(u: torch.Tensor, metrics: dict[str, float], journal: ReleaseJournal,
+    def respond(u: torch.Tensor, metrics: dict[str, float], verified: JournalAppend,
                 release: ReplyRelease, ledger: ConfigRecord | None) -> Message:
         content = RecordDict(
             {
@@ -846,9 +848,8 @@ def encrypted_summary(message: Message, context: Context) -> Message:
             # under fresh CKKS randomness): journaled once, unless its record was never made
             assert isinstance(encrypted.payload, bytes)
             columns = unpack_summary_upload(encrypted.payload)
-            with journal.appending() as verified:
-                if release.fresh or not _journaled(verified, i, "summary"):
-                    verified.append(i, 0, "summary", b"".join(columns))
+            if release.fresh or not _journaled(verified, i, "summary"):
+                verified.append(i, 0, "summary", b"".join(columns))
             content["upload"] = ConfigRecord({"columns": columns})
 
         # summary pipeline (gate + ledger under DP already passed) -> encrypt -> sign
@@ -899,12 +900,11 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     # What the key holder releases (the overlaps of every pair) is journaled like a summary;
     # the same overlaps decrypted again (a request repeated) are the same release: one record
     blob = overlaps.numpy().tobytes()
-    with _stage_lock(node, _run_id(context)):
-        _repair_journal(journal)
-        with journal.appending() as verified:
-            if not _journaled(verified, node.partition_id, "overlaps",
-                              hashlib.sha256(blob).hexdigest()):
-                verified.append(node.partition_id, 0, "overlaps", blob)
+    with _stage_lock(node, _run_id(context)), journal.reading() as verified:
+        _repair_journal(verified)
+        if not _journaled(verified, node.partition_id, "overlaps",
+                          hashlib.sha256(blob).hexdigest()):
+            verified.append(node.partition_id, 0, "overlaps", blob)
     content = RecordDict(
         {
             "overlaps": tensor_to_array_record("overlaps", overlaps),
@@ -1143,7 +1143,7 @@ def run_stage(
     # one stage at a time per client: a late process (a round answered after its timeout) and
     # the next message's would otherwise each save a state the other missed; under the lock a
     # torn last line of the ledger or journal is a dead writer's, never a live append
-    with _stage_lock(node, run_id):
+    with _stage_lock(node, run_id), contextlib.ExitStack() as reading:
         state_path = _method_dir(node, run_id, method) / "client.pt"
         loaded = prior.take(state_path) if prior is not None else None
         saved = loaded is not None or state_path.exists()
@@ -1160,16 +1160,18 @@ def run_stage(
             raise DeployError(f"stale {stage} message: round {rnd} after round {done}")
         # every check that can refuse the message first, reading only: a refusal changes no
         # file (but the verified request's nonce, recorded on purpose: MessageSecurity.verify)
-        journal.entries(torn_tail=True)  # its complete lines must verify (else NodeStateError)
+        # read once for the whole message: its complete lines must verify (else NodeStateError);
+        # the checks, the repair of a torn last line and the append all use this read
+        verified = reading.enter_context(journal.reading())
         heads = [state.ledger_head if saved else None, server_saw]
         checked = _check_privacy(settings, node, run_id, method, ctx.flat.module,
                                  max((int(h[0]) for h in heads if h is not None), default=0))
-        _check_state_holds(state, saved, checked, journal, method, server_saw,
+        _check_state_holds(state, saved, checked, verified, method, server_saw,
                            server_answered)
         # a process killed while saving its state left a partial copy beside it (as in process)
         for leftover in remove_interrupted_writes(state_path):
             log.warning("removed %s, a client state write that was interrupted", leftover)
-        _repair_journal(journal)
+        _repair_journal(verified)
         replay = (_unanswered_release(checked, state, stage, rnd)
                   if saved and done != rnd else None)
         privacy = (_open_privacy(settings, node, run_id, method, checked, ctx.flat.module,
@@ -1181,22 +1183,21 @@ def run_stage(
                 state.ledger_head = privacy.sole.ledger.head if privacy is not None else None
                 state.ledger_journal_records = (len(checked.journal) if checked is not None
                                                 else None)
-                state.journal_head = journal.head()
+                state.journal_head = verified.head()
                 state.save(state_path)
             if done == rnd:  # delivered again: the same answer, nothing computed or released twice
                 payload, metrics, refusal = _saved_reply(state, stage)
             else:
                 payload, metrics, refusal = _run_client_half(
                     method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
-                journaled: tuple[int, str] | None = None
                 if refusal is None and payload and journal_release:
                     # Journaled (fsynced) before the state that marks it answered, and before it
                     # leaves: a crash in between leaves it journaled, never released unjournaled
                     # (the same bytes made again are not journaled twice).
                     blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes()
                                     for t in payload.values())
-                    journaled = _journal_reply(
-                        journal, state.journal_head if saved else None, i,
+                    _journal_reply(
+                        verified, state.journal_head if saved else None, i,
                         wire_round(stage, rnd, cfg.training.rounds), f"{method}/{stage}", blob,
                         remade=replay is not None)
                 state.algorithm = check_client_state(method, i, algorithm.client_state_dict(i))
@@ -1209,7 +1210,7 @@ def run_stage(
                     state.ledger_head = privacy.sole.ledger.head
                     state.ledger_journal_records = len(privacy.journals[i])
                 state.metrics[stage] = metrics
-                state.journal_head = journaled if journaled is not None else journal.head()
+                state.journal_head = verified.head()
                 if refusal is not None:
                     state.refusals[stage] = refusal
                 else:
@@ -1226,8 +1227,9 @@ def run_stage(
             result = StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
                                  _ledger_record(privacy), limits)
             if respond is not None:
-                result.response = respond(result, _reply_release(privacy, i, stage, rnd, result,
-                                                                 fresh=done != rnd))
+                result.response = respond(result, dataclasses.replace(
+                    _reply_release(privacy, i, stage, rnd, result, fresh=done != rnd),
+                    journal=verified))
             return result
         finally:
             if privacy is not None:
@@ -1261,7 +1263,7 @@ def _unanswered_release(checked: LedgerCheck | None, state: ClientRunState, stag
     return start
 
 
-def _journal_reply(journal: ReleaseJournal, saved_head: tuple[int, str] | None, client: int,
+def _journal_reply(verified: JournalAppend, saved_head: tuple[int, str] | None, client: int,
                    wire: int, kind: str, blob: bytes, *, remade: bool) -> tuple[int, str]:
     """Append ``blob`` (this client's ``kind`` reply of wire round ``wire``) to the node's
     release journal unless the records past the saved state's head (``saved_head``: those of
@@ -1269,25 +1271,24 @@ def _journal_reply(journal: ReleaseJournal, saved_head: tuple[int, str] | None, 
     re-made DP release (``remade``) whose bytes differ from the ones journaled for it is a
     NodeStateError ("resume diverged"): the same noise on the same state must make the same
     release, so the inputs or the node's state changed since; nothing is journaled or sent.
-    The journal is read and verified once for both (:meth:`ReleaseJournal.appending`).
-    Returns the journal's head afterwards (:meth:`ReleaseJournal.head`)."""
-    with journal.appending() as verified:
-        if saved_head is not None:
-            digest = hashlib.sha256(blob).hexdigest()
-            earlier = [e for e in verified.entries[int(saved_head[0]):]
-                       if (e.get("client"), e.get("round"), e.get("kind")) == (client, wire, kind)]
-            if any(e.get("payload_sha256") == digest for e in earlier):
-                return verified.head()
-            if earlier and remade:
-                raise NodeStateError(
-                    f"{journal.path}: resume diverged: this client's {kind} reply of round {wire},"
-                    f" re-made from its journaled noise, differs from the one journaled before its"
-                    f" process died ({earlier[-1].get('payload_sha256', '')[:12]}... vs"
-                    f" {digest[:12]}...): the round's input or the node's state changed since."
-                    " Nothing was sent. Restore the node's state-dir from a copy, or start a new"
-                    " run")
-        verified.append(client, wire, kind, blob)
-        return verified.head()
+    Both use the journal as ``verified`` read it (:meth:`ReleaseJournal.reading`, once per
+    message). Returns the journal's head afterwards (:meth:`JournalAppend.head`)."""
+    if saved_head is not None:
+        digest = hashlib.sha256(blob).hexdigest()
+        earlier = [e for e in verified.entries[int(saved_head[0]):]
+                   if (e.get("client"), e.get("round"), e.get("kind")) == (client, wire, kind)]
+        if any(e.get("payload_sha256") == digest for e in earlier):
+            return verified.head()
+        if earlier and remade:
+            raise NodeStateError(
+                f"{verified.journal.path}: resume diverged: this client's {kind} reply of round"
+                f" {wire}, re-made from its journaled noise, differs from the one journaled before"
+                f" its process died ({earlier[-1].get('payload_sha256', '')[:12]}... vs"
+                f" {digest[:12]}...): the round's input or the node's state changed since."
+                " Nothing was sent. Restore the node's state-dir from a copy, or start a new"
+                " run")
+    verified.append(client, wire, kind, blob)
+    return verified.head()
 
 
 @contextlib.contextmanager
@@ -1304,17 +1305,17 @@ def _stage_lock(node: NodeSettings, run_id: int) -> Iterator[None]:
         os.close(fd)
 
 
-def _repair_journal(journal: ReleaseJournal) -> None:
+def _repair_journal(verified: JournalAppend) -> None:
     """Quarantine a torn last journal line (a process killed mid-append: the line is fsynced
     before its release leaves, so that release never left), logged, never silent."""
-    moved = journal.repair_torn_tail()
+    moved = verified.repair_torn_tail()
     if moved is not None:
         log.warning("release journal %s: torn last line quarantined in %s (its release never "
-                    "left)", journal.path, moved.name)
+                    "left)", verified.journal.path, moved.name)
 
 
 def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck | None,
-                       journal: ReleaseJournal, method: str,
+                       verified: JournalAppend, method: str,
                        server_saw: tuple[int, str] | None = None,
                        server_answered: Mapping[str, int] | None = None) -> None:
     """Refuse (NodeStateError) to go on when this client's durable record of ``method`` was
@@ -1329,7 +1330,9 @@ def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck 
     replaced: a release it records could not be re-made with its own noise).
     Going on would account fewer releases than were made (a lower epsilon, an audit that
     passes) or silently restart the client's model. Every reply leaves after the state
-    recording its head is saved, so none of these holds after a crash. Reads only."""
+    recording its head is saved, so none of these holds after a crash. ``verified`` is the
+    node's release journal as this message read it (:meth:`ReleaseJournal.reading`). Reads
+    only."""
     from privacy.ledger import torn_line_index
 
     recorded = state.ledger_head if saved else None
@@ -1369,22 +1372,22 @@ def _check_state_holds(state: ClientRunState, saved: bool, checked: LedgerCheck 
                 " records were cut or the journal was replaced, and a release they record"
                 " could no longer be re-made with its own noise. Restore the node's state-dir"
                 " from a copy, or start a new run")
-        if state.journal_head is not None and not journal.holds(state.journal_head):
+        if state.journal_head is not None and not verified.holds(state.journal_head):
             count, last = state.journal_head
             raise NodeStateError(
-                f"{journal.path}: this client's saved state of {method!r} recorded the node's "
-                f"release journal at {count} records ending in {last[:12]}..., and the journal "
-                f"({journal.head()[0]} records) does not hold that: records were lost, cut or "
+                f"{verified.journal.path}: this client's saved state of {method!r} recorded the "
+                f"node's release journal at {count} records ending in {last[:12]}..., and the "
+                f"journal ({verified.head()[0]} records) does not hold that: records were lost, cut or "
                 "replaced, and going on would leave releases that left this node off its "
                 "record. Restore the node's state-dir from a copy, or start a new run")
         return
-    earlier = [e for e in journal.entries(torn_tail=True)
+    earlier = [e for e in verified.entries
                if str(e.get("kind", "")).startswith(f"{method}/")]
     # a torn last line counts: the state is saved before the first ledger write
     entries = (checked.head[0] + (torn_line_index(checked.ledger_path) is not None)
                if checked is not None else 0)
     if earlier or entries:
-        what = (f"{len(earlier)} release(s) in {journal.path}" if earlier
+        what = (f"{len(earlier)} release(s) in {verified.journal.path}" if earlier
                 else f"{entries} ledger entries")
         raise NodeStateError(
             f"this client's state of {method!r} (client.pt) is missing, but its node records "

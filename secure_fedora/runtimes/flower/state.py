@@ -346,6 +346,20 @@ class ReleaseJournal:
         inspects them and appends through it, with no second read. The append refuses
         (:class:`NodeStateError`, nothing written) a file that changed since it was verified
         (another size, modification time or file, or created meanwhile)."""
+        with self._opened(torn_tail=False) as verified:
+            yield verified
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[JournalAppend]:
+        """As :meth:`appending`, for all of one message's journal work with one read: the
+        complete lines verified (any damage a :class:`NodeStateError`, as :meth:`entries`
+        raises it), a torn last line left out of ``entries`` and kept for
+        :meth:`JournalAppend.repair_torn_tail`, which must move it aside before an append."""
+        with self._opened(torn_tail=True) as verified:
+            yield verified
+
+    @contextlib.contextmanager
+    def _opened(self, *, torn_tail: bool) -> Iterator[JournalAppend]:
         try:
             fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND)
         except FileNotFoundError:
@@ -361,7 +375,8 @@ class ReleaseJournal:
                 data = b"".join(chunks)
                 if len(data) != size:
                     raise NodeStateError(f"{self.path}: changed while it was read")
-            appender.entries = self._verified(data)
+            appender.entries = self._verified(data, torn_tail=torn_tail)
+            appender.torn = data[data.rfind(b"\n") + 1:]
             yield appender
         finally:
             appender.close()
@@ -374,6 +389,7 @@ class JournalAppend:
     def __init__(self, journal: ReleaseJournal, fd: int | None) -> None:
         self.journal = journal
         self.entries: list[dict[str, Any]] = []
+        self.torn = b""  # a torn last line (ReleaseJournal.reading), not yet moved aside
         self._fd = fd
         self._seen = os.fstat(fd) if fd is not None else None
 
@@ -381,12 +397,54 @@ class JournalAppend:
         """``(records, hash of the last)``, as :meth:`ReleaseJournal.head` reads it now."""
         return len(self.entries), self.entries[-1]["hash"] if self.entries else _JOURNAL_GENESIS
 
+    def holds(self, head: tuple[int, str]) -> bool:
+        """Whether the verified entries still hold ``head``, as :meth:`ReleaseJournal.holds`."""
+        count, last = head
+        if count == 0:
+            return last == _JOURNAL_GENESIS
+        return len(self.entries) >= count and self.entries[count - 1]["hash"] == last
+
+    def repair_torn_tail(self) -> Path | None:
+        """:meth:`ReleaseJournal.repair_torn_tail` on the bytes read: move the torn last line
+        aside (``releases.jsonl.torn-<seq>``) and cut it off, returning that file; None when
+        there is none. :class:`NodeStateError`, nothing moved, when the file is no longer the
+        one verified. Only under the node's stage lock."""
+        if not self.torn:
+            return None
+        path = self.journal.path
+        self._check_unchanged()
+        assert self._fd is not None and self._seen is not None  # a torn line was read from it
+        moved = move_tail_aside(path, self._seen.st_size - len(self.torn), self.torn,
+                                path.with_name(f"{path.name}.torn-{len(self.entries)}"))
+        self._seen = os.fstat(self._fd)
+        self.torn = b""
+        return moved
+
+    def _changed(self) -> NodeStateError:
+        return NodeStateError(
+            f"{self.journal.path}: changed since it was verified (written, replaced or removed"
+            " by another process); nothing was appended. Stop any other process using this"
+            " node's state-dir and retry")
+
+    def _check_unchanged(self) -> None:
+        assert self._fd is not None
+        was, now = self._seen, os.fstat(self._fd)
+        try:
+            named = os.stat(self.journal.path)
+        except FileNotFoundError:
+            raise self._changed() from None
+        if was is None or (now.st_size, now.st_mtime_ns) != (was.st_size, was.st_mtime_ns) \
+                or (named.st_dev, named.st_ino) != (was.st_dev, was.st_ino):
+            raise self._changed()
+
     def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
         """Append one entry for ``payload`` after the verified ones and fsync it; returns the
         entry. :class:`NodeStateError`, nothing written, when the file is no longer the one
         verified (its size, modification time or inode changed, or it was created or removed
         since: written or replaced by another process)."""
         path = self.journal.path
+        if self.torn:
+            raise NodeStateError(f"{path}: last entry is incomplete (torn write)")
         body = {
             "seq": len(self.entries),
             "client": client,
@@ -399,27 +457,16 @@ class JournalAppend:
         }
         entry = {**body, "hash": hashlib.sha256(_canonical(body)).hexdigest()}
         line = _canonical(entry) + b"\n"
-        changed = NodeStateError(
-            f"{path}: changed since it was verified (written, replaced or removed by another"
-            " process); nothing was appended. Stop any other process using this node's"
-            " state-dir and retry")
         if self._fd is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                raise changed from None
+                raise self._changed() from None
             write_all_and_fsync(self._fd, line)
             fsync_dir(path.parent)
         else:
-            was, now = self._seen, os.fstat(self._fd)
-            try:
-                named = os.stat(path)
-            except FileNotFoundError:
-                raise changed from None
-            if was is None or (now.st_size, now.st_mtime_ns) != (was.st_size, was.st_mtime_ns) \
-                    or (named.st_dev, named.st_ino) != (was.st_dev, was.st_ino):
-                raise changed
+            self._check_unchanged()
             write_all_and_fsync(self._fd, line)
         self._seen = os.fstat(self._fd)
         self.entries.append(entry)

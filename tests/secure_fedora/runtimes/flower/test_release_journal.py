@@ -16,6 +16,12 @@ from secure_fedora.runtimes.flower.client_app import _journal_reply
 from secure_fedora.runtimes.flower.state import NodeStateError, ReleaseJournal
 
 
+def _reply(journal: ReleaseJournal, saved: tuple[int, str] | None, client: int, wire: int,
+           kind: str, blob: bytes, *, remade: bool) -> tuple[int, str]:
+    with journal.reading() as verified:  # a message's one read
+        return _journal_reply(verified, saved, client, wire, kind, blob, remade=remade)
+
+
 def _journal(tmp_path: Path, lines: int = 5) -> ReleaseJournal:
     journal = ReleaseJournal(tmp_path / "releases.jsonl")
     for k in range(lines):
@@ -26,20 +32,20 @@ def _journal(tmp_path: Path, lines: int = 5) -> ReleaseJournal:
 def test_a_reply_is_journaled_once_and_its_head_returned(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     saved = journal.head()
-    head = _journal_reply(journal, saved, 1, 9, "fedavg/round", b"reply", remade=False)
+    head = _reply(journal, saved, 1, 9, "fedavg/round", b"reply", remade=False)
     assert head == journal.head() and head[0] == 6
     assert journal.entries()[-1]["payload_sha256"] == hashlib.sha256(b"reply").hexdigest()
     # the same bytes made again past the saved head are not journaled twice
-    assert _journal_reply(journal, saved, 1, 9, "fedavg/round", b"reply", remade=True) == head
+    assert _reply(journal, saved, 1, 9, "fedavg/round", b"reply", remade=True) == head
     assert len(journal.entries()) == 6
     with pytest.raises(NodeStateError, match="resume diverged"):
-        _journal_reply(journal, saved, 1, 9, "fedavg/round", b"other", remade=True)
+        _reply(journal, saved, 1, 9, "fedavg/round", b"other", remade=True)
     assert len(journal.entries()) == 6
 
 
 def test_a_first_reply_creates_the_journal(tmp_path: Path) -> None:
     journal = ReleaseJournal(tmp_path / "runs" / "7" / "releases.jsonl")
-    head = _journal_reply(journal, None, 0, 0, "fedora/setup", b"summary", remade=False)
+    head = _reply(journal, None, 0, 0, "fedora/setup", b"summary", remade=False)
     assert head == journal.head() and head[0] == 1
     assert oct(journal.path.stat().st_mode & 0o777) == "0o600"
 
@@ -59,7 +65,7 @@ def test_a_damaged_journal_is_refused_before_a_reply_is_journaled(tmp_path: Path
     journal.path.write_bytes(b"".join(lines))
     before = journal.path.read_bytes()
     with pytest.raises(NodeStateError, match="hash mismatch" if damage == "edited" else "torn"):
-        _journal_reply(journal, saved, 1, 9, "fedavg/round", b"reply", remade=False)
+        _reply(journal, saved, 1, 9, "fedavg/round", b"reply", remade=False)
     assert journal.path.read_bytes() == before
 
 
