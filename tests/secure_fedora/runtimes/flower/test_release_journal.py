@@ -12,8 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.client_app import _journal_reply
+from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, RunSettings
 from secure_fedora.runtimes.flower.state import NodeStateError, ReleaseJournal
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+    tiny_config,
+    with_methods,
+)
 
 
 def _reply(journal: ReleaseJournal, saved: tuple[int, str] | None, client: int, wire: int,
@@ -121,3 +130,80 @@ def test_appends_through_one_read_chain_like_separate_appends(tmp_path: Path) ->
         assert verified.head() == journal.head()
     journal.append(0, 2, "model", b"c")
     assert [e["seq"] for e in journal.entries()] == [0, 1, 2]
+
+
+def test_a_torn_line_is_repaired_from_the_read_and_must_be_before_an_append(
+        tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    with journal.path.open("ab") as fh:
+        fh.write(b'{"seq":5,')
+    with journal.reading() as verified:
+        assert len(verified.entries) == 5 and verified.holds(journal.head())
+        with pytest.raises(NodeStateError, match="incomplete .torn write"):
+            verified.append(1, 9, "fedavg/round", b"reply")
+        moved = verified.repair_torn_tail()
+        assert moved == tmp_path / "releases.jsonl.torn-5"
+        assert moved.read_bytes() == b'{"seq":5,'
+        verified.append(1, 9, "fedavg/round", b"reply")
+    assert verified.head() == journal.head() and journal.head()[0] == 6
+
+
+@pytest.mark.parametrize("change", [_other_writer_appends, _other_writer_replaces,
+                                    lambda j: j.path.unlink()])
+def test_a_journal_changed_between_its_read_and_the_repair_is_refused(tmp_path: Path,
+                                                                      change) -> None:  # type: ignore[no-untyped-def]
+    """The torn line is cut off as the message read it: a file changed since is not cut."""
+    journal = _journal(tmp_path)
+    with journal.path.open("ab") as fh:
+        fh.write(b'{"seq":5,')
+    with journal.reading() as verified:
+        change(journal)
+        after = journal.path.read_bytes() if journal.path.exists() else None
+        with pytest.raises(NodeStateError, match="changed since it was verified"):
+            verified.repair_torn_tail()
+    assert (journal.path.read_bytes() if journal.path.exists() else None) == after
+    assert not list(tmp_path.glob("releases.jsonl.torn-*"))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_message_opens_the_node_journal_once(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each message read and verified releases.jsonl three or four times (its cost grows with
+    the run); now once, for the checks, the repair and the append together."""
+    journal = tmp_path / "nodes" / "node-1" / "runs" / "42" / "releases.jsonl"
+    counting: list[int] = []  # opens of client 1's journal in the message being handled
+    reads: dict[str, int] = {}
+    real_open, real_read_bytes = os.open, Path.read_bytes
+
+    def counted_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if counting and Path(path) == journal:
+            counting[0] += 1
+        return real_open(path, *args, **kwargs)
+
+    def counted_read_bytes(self: Path) -> bytes:
+        if counting and self == journal:
+            counting[0] += 1
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(os, "open", counted_open)
+    monkeypatch.setattr(Path, "read_bytes", counted_read_bytes)
+
+    def start(message):  # type: ignore[no-untyped-def]
+        counting[:] = [0]
+        return message
+
+    def stop(kind: str):  # type: ignore[no-untyped-def]
+        def note(_request, reply):  # type: ignore[no-untyped-def]
+            reads[kind] = counting.pop()
+            return reply
+        return note
+
+    cfg = with_methods(tiny_config(), "fedavg")
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    (tmp_path / "res").mkdir(exist_ok=True)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
+                        tamper_request={(1, 2, k): start for k in (MSG_ROUND, MSG_EVALUATE)},
+                        tamper_reply={(1, 2, k): stop(k) for k in (MSG_ROUND, MSG_EVALUATE)})
+    server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert not grid.errors
+    assert reads == {MSG_ROUND: 1, MSG_EVALUATE: 1}
