@@ -383,8 +383,9 @@ class ReleaseJournal:
 
 
 class JournalAppend:
-    """A :class:`ReleaseJournal` read and verified once (:meth:`ReleaseJournal.appending`):
-    ``entries`` as verified, and :meth:`append` for the next entry."""
+    """A :class:`ReleaseJournal` read and verified once (:meth:`ReleaseJournal.appending` or
+    :meth:`ReleaseJournal.reading`): ``entries`` as verified, ``torn`` a torn last line left
+    out (reading only), and :meth:`append` for the next entry."""
 
     def __init__(self, journal: ReleaseJournal, fd: int | None) -> None:
         self.journal = journal
@@ -412,7 +413,7 @@ class JournalAppend:
         if not self.torn:
             return None
         path = self.journal.path
-        self._check_unchanged()
+        self._check_unchanged("its torn last line was not moved")
         assert self._fd is not None and self._seen is not None  # a torn line was read from it
         moved = move_tail_aside(path, self._seen.st_size - len(self.torn), self.torn,
                                 path.with_name(f"{path.name}.torn-{len(self.entries)}"))
@@ -420,22 +421,22 @@ class JournalAppend:
         self.torn = b""
         return moved
 
-    def _changed(self) -> NodeStateError:
+    def _changed(self, undone: str = "nothing was appended") -> NodeStateError:
         return NodeStateError(
             f"{self.journal.path}: changed since it was verified (written, replaced or removed"
-            " by another process); nothing was appended. Stop any other process using this"
-            " node's state-dir and retry")
+            f" by another process); {undone}. Stop any other process using this node's"
+            " state-dir and retry")
 
-    def _check_unchanged(self) -> None:
+    def _check_unchanged(self, undone: str = "nothing was appended") -> None:
         assert self._fd is not None
         was, now = self._seen, os.fstat(self._fd)
         try:
             named = os.stat(self.journal.path)
         except FileNotFoundError:
-            raise self._changed() from None
+            raise self._changed(undone) from None
         if was is None or (now.st_size, now.st_mtime_ns) != (was.st_size, was.st_mtime_ns) \
                 or (named.st_dev, named.st_ino) != (was.st_dev, was.st_ino):
-            raise self._changed()
+            raise self._changed(undone)
 
     def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
         """Append one entry for ``payload`` after the verified ones and fsync it; returns the
