@@ -1678,7 +1678,8 @@ def client_noise_sources(cfg: ExperimentConfig, n: int) -> list[NoiseSource]:
 def noise_assumptions(cfg: ExperimentConfig) -> dict[str, str]:
     """``{"noise": mode}`` plus, for reproducible noise, ``"noise_warning"`` (empty without DP).
 
-    Shown in the printed plan and results.json, and written (signed) into every ledger entry.
+    Shown in the printed plan and results.json, and written (signed) into the params of every
+    release's ledger entry (a close entry, which releases nothing, has none).
     """
     if not cfg.privacy.enabled:
         return {}
