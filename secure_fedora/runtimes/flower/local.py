@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -149,14 +150,47 @@ def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
     return dirs
 
 
+#: Where Linux keeps the range of ports it hands out on its own (``bind`` to port 0 and the
+#: local end of every outgoing connection).
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: The lowest port :func:`free_ports` chooses below the ephemeral range.
+LOWEST_CHOSEN_PORT = 20000
+
+
+def _ports_outside_ephemeral_range() -> list[range]:
+    """The port ranges the kernel never hands out on its own (above :data:`LOWEST_CHOSEN_PORT`);
+    empty where the ephemeral range cannot be read (not Linux) or leaves none."""
+    try:
+        low, high = (int(v) for v in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return []
+    spans = [range(LOWEST_CHOSEN_PORT, low), range(high + 1, 65536)]
+    return [r for r in spans if len(r) > 0]
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    """``count`` distinct TCP ports that were free on 127.0.0.1 a moment ago.
+
+    Chosen at random outside the kernel's ephemeral range where it can be read (Linux): a port
+    in that range may be given to any outgoing connection (another node's, another program's)
+    between this choice and the server binding it, which then fails ("address already in
+    use"). Elsewhere the kernel chooses (``bind`` to port 0)."""
+    spans = _ports_outside_ephemeral_range()
+    rng = random.SystemRandom()
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((LOOPBACK, 0))
             sockets.append(sock)
+            for _attempt in range(200 if spans else 0):
+                span = rng.choices(spans, weights=[len(r) for r in spans])[0]
+                try:
+                    sock.bind((LOOPBACK, rng.choice(span)))
+                    break
+                except OSError:
+                    continue  # in use (or held by a socket of this call): another one
+            else:
+                sock.bind((LOOPBACK, 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for sock in sockets:

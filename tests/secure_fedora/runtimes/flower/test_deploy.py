@@ -979,6 +979,39 @@ def test_a_port_taken_by_another_process_is_named(
     assert _processes_mentioning(str(tmp_path / "w")) == []
 
 
+def test_free_ports_are_outside_the_kernels_ephemeral_range() -> None:
+    """A chosen port in the ephemeral range can be given to any outgoing connection before its
+    server binds it (CI saw a SuperNode fail with "address already in use" on port 38943 of
+    32768-60999): the ports come from outside that range, distinct and bindable."""
+    import secure_fedora.runtimes.flower.local as local
+
+    try:
+        low, high = (int(v) for v in local.EPHEMERAL_RANGE_FILE.read_text().split())
+    except OSError:
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range (not Linux)")
+    if not local._ports_outside_ephemeral_range():
+        pytest.skip(f"the ephemeral range {low}-{high} leaves no port to choose")
+    ports = [p for _ in range(20) for p in local.free_ports(4)]
+    assert all(not low <= p <= high and p >= local.LOWEST_CHOSEN_PORT for p in ports), ports
+    chosen = local.free_ports(6)
+    assert len(set(chosen)) == 6
+    for port in chosen:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_free_ports_lets_the_kernel_choose_where_the_range_is_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a readable ephemeral range (not Linux) the kernel chooses: still distinct,
+    free ports."""
+    import secure_fedora.runtimes.flower.local as local
+
+    monkeypatch.setattr(local, "EPHEMERAL_RANGE_FILE", tmp_path / "absent")
+    chosen = local.free_ports(5)
+    assert len(set(chosen)) == 5 and all(0 < p < 65536 for p in chosen)
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """Live processes whose command line contains ``text``."""
     found = []
