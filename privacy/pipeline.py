@@ -391,6 +391,18 @@ class BudgetGate:
                         "accountant_params": self.accountant.parameters}
             if (entry["round"] != release.round or entry["mechanism"] != record.mechanism
                     or canonical_json(entry["params"]) != canonical_json(expected)):
+                recorded = entry["params"].get("accountant_params")
+                if canonical_json({**entry["params"], "accountant_params": None}) == \
+                        canonical_json({**expected, "accountant_params": None}) \
+                        and entry["round"] == release.round \
+                        and entry["mechanism"] == record.mechanism:
+                    raise LedgerError(
+                        f"client {self.client_id!r}: ledger entry {entry['index']} was accounted"
+                        f" with accountant parameters {canonical_json(recorded)}, this run's"
+                        f" accountant has {canonical_json(self.accountant.parameters)} (a"
+                        " different version of the toolkit or of its accountant): refusing to"
+                        " resume under another analysis; resume with the version that started"
+                        " the run, or start a new run")
                 raise self._diverged(release, entry, f"{release.kind!r} {record.mechanism!r}")
             self._replay.pop(0)
             consumed += 1

@@ -267,6 +267,25 @@ def test_replay_consumes_recorded_entries_instead_of_accounting_again(tmp_path):
     assert [e["round"] for e in read_ledger(tmp_path / "c1.jsonl")] == [1, 2, 3]
 
 
+def test_replay_under_other_accountant_parameters_names_them(tmp_path):
+    """A run resumed by a toolkit whose accountant writes other parameters (PRV's error term
+    changed between versions) is refused, and the error says that the accountant changed,
+    not that the inputs did."""
+    gate = _gate(tmp_path, budget_eps=50.0, accountant=Accountant("prv", prv_eps_error=0.01))
+    gate.process(Release("model", torch.zeros(3), 1, [_dpsgd()]))
+    gate.ledger.close()
+    ledger = LedgerWriter(tmp_path / "c1.jsonl", "c1", KEY)
+    other = Accountant("prv", prv_eps_error=0.02)
+    other.record(1.0, 0.1, 20)  # the ledger's history, under other parameters
+    resumed = BudgetGate(other, PrivacyBudget(50.0, DELTA), ledger, "c1")
+    resumed.replay_from(0)
+    with pytest.raises(LedgerError, match=r"entry 0 was accounted with accountant parameters .*"
+                                          r"\"eps_error\":0\.01.*this run's accountant has .*"
+                                          r"\"eps_error\":0\.02.*resume with the version that"):
+        resumed.process(Release("model", torch.zeros(3), 1, [_dpsgd()]))
+    assert len(read_ledger(tmp_path / "c1.jsonl")) == 1
+
+
 def test_replay_refuses_a_release_other_than_the_recorded_one(tmp_path):
     gate = _gate(tmp_path)
     gate.process(Release("model", torch.zeros(3), 1, [_dpsgd()]))
