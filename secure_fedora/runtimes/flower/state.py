@@ -309,11 +309,8 @@ class ReleaseJournal:
     def holds(self, head: tuple[int, str]) -> bool:
         """Whether the verified journal still holds ``head`` (see :meth:`head`): at least that
         many records, the last of them with that hash (later appends extend it)."""
-        count, last = head
-        entries = self.entries(torn_tail=True)
-        if count == 0:
-            return last == _JOURNAL_GENESIS
-        return len(entries) >= count and entries[count - 1]["hash"] == last
+        with self.reading() as verified:
+            return verified.holds(head)
 
     def repair_torn_tail(self) -> Path | None:
         """Move a torn last line (no newline: an append killed mid-write, whose release never
@@ -322,17 +319,8 @@ class ReleaseJournal:
         when the journal ends in a complete line. The complete lines
         must verify first (any other damage stays a :class:`NodeStateError`, nothing moved).
         Call it only while no other process can append (the node's stage lock)."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        cut = data.rfind(b"\n") + 1
-        if cut == len(data):
-            return None
-        self.entries(torn_tail=True)  # the rest must verify
-        complete = data[:cut].count(b"\n")
-        return move_tail_aside(self.path, cut, data[cut:],
-                               self.path.with_name(f"{self.path.name}.torn-{complete}"))
+        with self.reading() as verified:
+            return verified.repair_torn_tail()
 
     def append(self, client: int, rnd: int, kind: str, payload: bytes) -> dict[str, Any]:
         """Verify the chain, append one entry for ``payload`` and fsync; returns the entry."""
