@@ -88,6 +88,7 @@ __all__ = [
     "aggregate",
     "baseline_section",
     "cell_config",
+    "check_sweep",
     "method_factory",
     "parse_epsilon",
     "plan_cells",
@@ -659,6 +660,22 @@ def _check_budget_plans(cell: Cell, ccfg: ExperimentConfig, num_clients: int) ->
         raise SweepError(f"cell {cell.key}: {err}") from None
 
 
+def check_sweep(cfg: ExperimentConfig, out: str | Path, methods: Sequence[str],
+                seeds: Sequence[int], epsilons: Sequence[float | None] = (None,),
+                ) -> tuple[Path, list[Cell], dict[Cell, ExperimentConfig]]:
+    """The checks of a sweep's own arguments, which build, train and write nothing: ``out``
+    (not empty, no NUL; not a directory of another configuration's sweep), the plan
+    (:func:`plan_cells`) and every cell's config (:func:`cell_config`). Returns ``out`` as a
+    Path, the cells and their configs; raises :class:`SweepError` (or ConfigError for
+    ``out``) otherwise. :func:`run_sweep` starts with it; the CLI calls it before it draws
+    anything."""
+    out = check_path_argument(out, "out")  # not empty (the current directory), no NUL
+    cells = plan_cells(methods, epsilons, seeds)
+    configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
+    _check_manifest(out, cfg, write=False)
+    return out, cells, configs
+
+
 def run_sweep(
     cfg: ExperimentConfig,
     out: str | Path,
@@ -682,10 +699,7 @@ def run_sweep(
     runtime does not apply, a directory or cell written for another configuration, or a
     finished cell run on other data.
     """
-    out = check_path_argument(out, "out")  # not empty (the current directory), no NUL
-    cells = plan_cells(methods, epsilons, seeds)
-    configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
-    _check_manifest(out, cfg, write=False)
+    out, cells, configs = check_sweep(cfg, out, methods, seeds, epsilons)
     data: dict[tuple[int, bool], list[ClientData]] = {}
 
     def clients_for(cell: Cell) -> list[ClientData]:
@@ -1071,6 +1085,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     methods = args.methods or list(_literal_methods())
     seeds = args.seeds if args.seeds is not None else [cfg.seed]
+    check_sweep(cfg, args.out, methods, seeds, args.epsilons)  # before any progress bar
     err_console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -352,3 +352,18 @@ def test_key_store_errors_of_a_run_name_the_keystore_flag(tmp_path, capsys):
                  "--keystore", str(tmp_path / "fresh")]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "pass the run's key store (--keystore, or [security] keystore)" in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "-1"], "seeds must be non-negative integers"),
+    (["--seeds", "1", "1"], "seeds lists a seed twice"),
+    (["--epsilons", "1", "1"], "epsilons lists 1 twice"),
+    (["--methods", "local", "local"], "methods lists a method twice"),
+])
+def test_sweep_refuses_bad_arguments_before_drawing_anything(tmp_path, capsys, flags, message):
+    """`sweep --seeds -1` drew its progress bars ("cells", "rounds") before the error."""
+    config = write_config(tmp_path / "c.toml", TINY)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(config), "--out", str(out), *flags]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
