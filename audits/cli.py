@@ -303,6 +303,31 @@ def _planned_summary_noise(cfg: Any) -> tuple[list[float], str]:
                     "of each client's epsilon, as the run's privacy plan")
 
 
+def _check_noised_flags(args: argparse.Namespace, private: bool) -> None:
+    """ConfigError naming the flag, before anything is built: ``--clip-norm`` or
+    ``--noise-multiplier`` out of range (the config's caps on ``privacy.summary_clip`` and
+    ``privacy.summary_noise_multiplier``), or one of them without the other when the config
+    has privacy off (it then supplies neither default)."""
+    from privacy.accounting import MAX_NOISE_MULTIPLIER
+    from secure_fedora.core.config import MAX_SCALE, ConfigError
+
+    for flag, value, cap, key in (
+            ("--clip-norm", args.clip_norm, MAX_SCALE, "summary_clip"),
+            ("--noise-multiplier", args.noise_multiplier, MAX_NOISE_MULTIPLIER,
+             "summary_noise_multiplier")):
+        if value is not None and not 0 < value <= cap:  # NaN fails too
+            raise ConfigError(f"{flag} must be in (0, {cap:g}] (as privacy.{key}), got {value}")
+    if private:
+        return
+    given = [f for f, v in (("--clip-norm", args.clip_norm),
+                            ("--noise-multiplier", args.noise_multiplier)) if v is not None]
+    if len(given) == 1:
+        other = "--noise-multiplier" if given[0] == "--clip-norm" else "--clip-norm"
+        raise ConfigError(f"{given[0]} needs {other}: the noised mode takes both, and with "
+                          f"privacy off the config supplies no default for {other}; pass "
+                          "both, or neither for the plain and encrypted modes only")
+
+
 def cmd_leakage(args: argparse.Namespace) -> int:
     """``audit leakage``: reconstruct clients' data directions from relatedness messages."""
     from audits.summary_leakage import run_summary_leakage_audit
@@ -311,6 +336,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 
     json_path = _json_option(args, "leakage")
     cfg = load_config(args.config)
+    _check_noised_flags(args, cfg.privacy.enabled)  # before the clients' data is built
     clip = args.clip_norm if args.clip_norm is not None else (
         cfg.privacy.summary_clip if cfg.privacy.enabled else None)
     nm: float | list[float] | None = args.noise_multiplier

@@ -81,7 +81,32 @@ def test_canary_and_leakage_report_bad_configs(tmp_path, capsys):
     assert main(["audit", "canary", str(tmp_path / "missing.toml")]) == 2
     assert main(["audit", "leakage", str(tmp_path / "missing.toml")]) == 2
     assert main(["audit", "leakage", str(cfg), "--clip-norm", "1.0"]) == 2
-    assert "both clip_norm and noise_multiplier" in capsys.readouterr().err
+    assert "--clip-norm needs --noise-multiplier" in capsys.readouterr().err
+
+
+def test_leakage_names_the_missing_or_bad_noised_mode_flag(tmp_path, capsys):
+    """`audit leakage --noise-multiplier X` on a non-private config failed with "noised mode
+    needs both clip_norm and noise_multiplier", the Python arguments, after building the
+    clients' data; a bad value was refused as clip_norm/noise_multiplier too."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                   'val_per_client = 8\ntest_per_client = 8\n')
+    cases = [(["--noise-multiplier", "1.0"], "error: --noise-multiplier needs --clip-norm"),
+             (["--clip-norm", "1.0"], "error: --clip-norm needs --noise-multiplier"),
+             (["--clip-norm", "-1", "--noise-multiplier", "1"], "error: --clip-norm must be in"),
+             (["--clip-norm", "1", "--noise-multiplier", "nan"],
+              "error: --noise-multiplier must be in"),
+             (["--clip-norm", "1", "--noise-multiplier", "0"],
+              "error: --noise-multiplier must be in")]
+    for flags, message in cases:
+        assert main(["audit", "leakage", str(cfg), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message), (flags, err)
+    assert main(["audit", "leakage", str(cfg), "--clip-norm", "1", "--noise-multiplier",
+                 "1"]) == 0
+    assert "noised" in capsys.readouterr().out
+
+
 
 
 @pytest.mark.parametrize("argv", [["audit"], ["audit", "verify"]])
