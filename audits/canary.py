@@ -558,6 +558,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
                      delta: float = 1e-5, seed: int = 0,
                      work_dir: str | Path | None = None,
                      every_round: bool = True,
+                     keystore: str | Path | None = None,
                      options: Mapping[str, str] = API_AUDIT_OPTIONS) -> CanaryAuditResult:
     """Insert canaries into one client, run the federation, bound epsilon from membership inference.
 
@@ -572,6 +573,10 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     release); the calibration half picks the round as well as the threshold
     (:func:`split_audit_rounds`), so no multiple-testing correction is needed and the
     certifiable maximum is unchanged. Otherwise only the final model is scored.
+
+    With ``privacy.enabled`` the federation signs its ledgers with keys from a key store, as
+    a run does (:mod:`secure_fedora.secure.keystore`): ``keystore`` if given, else the
+    config's ``[security] keystore``, else the default one of the config's name.
 
     Guarantee: with probability ``>= confidence`` (under the independence assumption stated
     in the module docstring) a truly (claim, delta)-DP release yields
@@ -599,6 +604,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         raise CanaryAuditError(f"every_round must be True or False, got {every_round!r:.80}")
     if work_dir is not None:
         work_dir = check_path(work_dir, "work_dir", CanaryAuditError)
+    if keystore is not None:  # before the federation is built
+        keystore = check_path(keystore, "keystore", CanaryAuditError)
     private = bool(cfg.privacy.enabled)
     if kind == "mislabeled" and cfg.data.source is not None:
         raise CanaryAuditError("canary kind 'mislabeled' takes images of the built-in dataset's "
@@ -632,7 +639,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
                                               canaries))
 
         sim = Simulation(audit_cfg, run_dir, clients=clients,
-                         progress=score_round if every_round else None)
+                         progress=score_round if every_round else None, keystore=keystore)
+        sim.keystore_option = options["keystore"]  # key-store errors name the caller's choice
         sim.run_method(method)
         if not every_round:
             score_round(method, cfg.training.rounds, cfg.training.rounds)

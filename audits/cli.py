@@ -195,9 +195,11 @@ def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
     from audits.canary import run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
+    from secure_fedora.cli import keystore_flag
     from secure_fedora.core.config import load_config
 
     json_path = _json_option(args, "canary")
+    keystore = keystore_flag(args.keystore)
     target = Path(args.config)
     run_dir = target if target.is_dir() else None
     problem = None if run_dir is None else config_rebuild_problem(run_dir, "canary")
@@ -215,7 +217,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,
-                              options=CLI_AUDIT_OPTIONS)
+                              keystore=keystore, options=CLI_AUDIT_OPTIONS)
     b = result.bound
     doc = result.to_json()
     try:
@@ -415,6 +417,8 @@ def _json_flags(p: argparse.ArgumentParser, help_text: str) -> None:
 
 def register(subparsers: Any) -> None:
     """Add the ``audit`` command (verify, report, canary, whitebox, leakage) to ``subparsers``."""
+    from secure_fedora.cli import add_keystore_flag
+
     audit = subparsers.add_parser("audit", help="verify ledgers, write compliance reports,"
                                   " run empirical privacy audits")
     sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -447,6 +451,7 @@ def register(subparsers: Any) -> None:
     canary.add_argument("--delta", type=float, default=1e-5,
                         help="delta of the bound for a non-private run (DP runs use the ledger's)")
     canary.add_argument("--seed", type=int, default=0)
+    add_keystore_flag(canary)
     _json_flags(canary, "write the result to this file")
     canary.set_defaults(func=cmd_canary)
 

@@ -16,6 +16,7 @@ CLI_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
     "seed": "--seed",
     "anchor": "--anchor",
     "allowlist": "--allowlist",
+    "keystore": "--keystore",
     "verify_anchor": "run `audit verify --anchor` for all",
 })
 #: What the audit functions' errors name by default: their arguments.

@@ -47,6 +47,28 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def add_keystore_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--keystore DIR`` to the parser of a command that runs a DP federation (``run``,
+    ``audit canary``): the one spelling and help of the flag; check its value with
+    :func:`keystore_flag`."""
+    parser.add_argument("--keystore", help="key store of a DP run's private keys (default:"
+                        " [security] keystore, else ~/.local/share/secure-fedora/keystore/"
+                        "<name>; see `keys init`)")
+
+
+def keystore_flag(value: str | None) -> str | None:
+    """``--keystore``'s value, checked before anything runs: ConfigError naming the flag when
+    it is empty or only spaces (it would mean the current directory) or holds NUL."""
+    from secure_fedora.core.config import check_path_argument
+
+    if value is not None and not value.strip():
+        raise ConfigError("--keystore is empty: name the key store directory, or leave "
+                          "--keystore out for the default")
+    if value is not None:
+        check_path_argument(value, "--keystore")
+    return value
+
+
 def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Build the simulation for ``run_dir`` and run it with a progress bar per method; returns
     the simulation and its results."""
@@ -94,9 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out is empty: name the run directory, or leave --out out for "
                           "runs/<name>-<timestamp>")
-    if args.keystore is not None and not args.keystore.strip():
-        raise ConfigError("--keystore is empty: name the key store directory, or leave "
-                          "--keystore out for the default")
+    keystore_flag(args.keystore)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out, the run directory to continue")
     try:
@@ -176,9 +196,7 @@ def build_parser(argv: Sequence[str] | None = ()) -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--keystore", help="key store of a DP run's private keys (default:"
-                     " [security] keystore, else ~/.local/share/secure-fedora/keystore/<name>;"
-                     " see `keys init`)")
+    add_keystore_flag(run)
     run.set_defaults(func=cmd_run)
 
     keys = sub.add_parser("keys", help="identity keys (Ed25519 signing, X25519 key agreement)")

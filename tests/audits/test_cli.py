@@ -107,6 +107,26 @@ def test_leakage_names_the_missing_or_bad_noised_mode_flag(tmp_path, capsys):
     assert "noised" in capsys.readouterr().out
 
 
+def test_canary_keystore_flag_chooses_the_key_store(tmp_path, capsys, monkeypatch):
+    """`audit canary` of a DP config made its key store in the default home location and had
+    no --keystore flag (the run commands have one)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SECURE_FEDORA_KEYSTORE_HOME", str(home))
+    run = canary_run_dir(tmp_path)
+    store = tmp_path / "store"
+    assert main(["audit", "canary", str(run), "--canaries", "40", "--keystore", ""]) == 2
+    assert "--keystore is empty" in capsys.readouterr().err
+    assert main(["audit", "canary", str(run), "--canaries", "40", "--keystore", str(store)]) == 3
+    assert (store / "allowlist.json").is_file() and (store / "client-001.ed25519.key").is_file()
+    assert not home.exists()
+    # its key-store errors name the flag and the CLI's remedy, as the run's do
+    stray = tmp_path / "stray"
+    stray.mkdir(mode=0o700)
+    (stray / "client-000.ed25519.key").write_text("x")
+    capsys.readouterr()
+    assert main(["audit", "canary", str(run), "--canaries", "40", "--keystore", str(stray)]) == 2
+    err = capsys.readouterr().err
+    assert "or --keystore)" in err and "secure-fedora keys init" in err and "keystore=" not in err
 
 
 @pytest.mark.parametrize("argv", [["audit"], ["audit", "verify"]])
