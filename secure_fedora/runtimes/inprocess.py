@@ -881,6 +881,9 @@ class Simulation:
         self._data_checked = False
         self._context_checked = False
         self.keystore_created: bool = False
+        #: Parties whose keys this run added to an existing key store that lacked them (a
+        #: store made by ``keys init`` for fewer clients); recorded in results.json.
+        self.keystore_extended: tuple[str, ...] = ()
         #: How key-store errors name ``keystore`` (the CLI sets its ``--keystore`` flag).
         self.keystore_option: str = API_KEYSTORE_OPTION
         # Binds every in-process envelope to this run and its method (messages never outlive
@@ -981,6 +984,7 @@ class Simulation:
                 from secure_fedora.secure.keystore import (
                     check_keystore,
                     ensure_keystore,
+                    extension_notice,
                     resolve_keystore,
                     run_party_ids,
                 )
@@ -1002,9 +1006,12 @@ class Simulation:
                 store = ensure_keystore(path, run_party_ids(len(self.clients)), source,
                                         self.keystore_option)
                 self.keystore_created = store.created
+                self.keystore_extended = store.added
                 if store.created:
                     log.warning("created key store %s (private keys 0600, outside the run"
                                 " directory; %s)", path, source)
+                elif store.added:
+                    log.warning(extension_notice(path, source, store.added))
                 self._key_dir = path
         return self._key_dir
 
@@ -1566,15 +1573,31 @@ class Simulation:
             inputs_outside_config_assumption,
         )
 
+        extended = [*self._recorded_extension(), *self.keystore_extended]
         return build_results(
             self.cfg, runtime="in-process", config_hash=self.config_hash,
             metric=self.metric_name(), outcomes={n: o.to_json() for n, o in outcomes.items()},
             privacy=self.privacy, data_fingerprint=self.fingerprint,
             compute={"device": str(self.device), "threads": torch.get_num_threads()},
             assumptions=inputs_outside_config_assumption(self.inputs_outside_config),
+            runtime_keys={"keystore_extended": extended} if extended else None,
             clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],
                                   "val": c.val_x.shape[0], "test": c.test_x.shape[0], **c.meta}
                                  for c in self.clients]))
+
+    def _recorded_extension(self) -> list[str]:
+        """The parties an earlier process of this run added to its key store, as the run
+        directory's results.json records them (``keystore_extended``; a resume of a finished
+        run keeps the record); empty when there is none or it is not a list of names."""
+        path = self.run_dir / "results.json"
+        try:
+            recorded = json.loads(path.read_text()).get("keystore_extended") \
+                if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return []
+        if not isinstance(recorded, list) or not all(isinstance(p, str) for p in recorded):
+            return []
+        return [p for p in recorded if p not in self.keystore_extended]
 
     def metric_name(self) -> str:
         """The metric model selection and results use: "accuracy" or "auc"."""

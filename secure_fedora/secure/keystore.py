@@ -20,8 +20,9 @@ atomically: written in full into a temporary sibling directory, then renamed int
 a process killed meanwhile leaves no half-made store (at most an unused
 ``.<name>.creating-*`` directory beside it, removed when the store is next created or
 opened). A store lacking some
-parties of the run gets keys for exactly those parties, nothing else is touched; an
-existing directory without an allowlist is filled the same way. Both write a
+parties of the run gets keys for exactly those parties, nothing else is touched (the run
+says so in one line, :func:`extension_notice`, and its results.json lists them under
+``keystore_extended``); an existing directory without an allowlist is filled the same way. Both write a
 ``.creating`` marker naming the parties first and remove it after the allowlist, so that a
 kill in between is recognised and completed (see :func:`ensure_keystore`). A store directory writable by group or others, or owned by another user, is refused
 (someone else could swap its allowlist or key files). Assumption (stated): key files are
@@ -66,6 +67,7 @@ __all__ = [
     "check_public_keys",
     "default_keystore_home",
     "ensure_keystore",
+    "extension_notice",
     "publish_public_keys",
     "resolve_keystore",
     "run_party_ids",
@@ -99,11 +101,14 @@ def run_party_ids(num_clients: int) -> list[str]:
 
 @dataclass(frozen=True)
 class KeyStore:
-    """A resolved key store: its directory and whether this call created it."""
+    """A resolved key store: its directory, whether this call created it, and the parties
+    this call added to a store that existed (``added``; empty when it created the store or
+    the store already held every party)."""
 
     path: Path
     created: bool
     source: str
+    added: tuple[str, ...] = ()
 
 
 def resolve_keystore(name: str, configured: str | None = None,
@@ -117,6 +122,18 @@ def resolve_keystore(name: str, configured: str | None = None,
     if configured is not None:
         return Path(configured).expanduser().absolute(), "config"
     return (default_keystore_home() / name).absolute(), "default"
+
+
+def extension_notice(path: Path, source: str, added: Sequence[str]) -> str:
+    """The one-line notice a run gives when it added ``added`` parties' keys to the existing
+    key store ``path`` (chosen by ``source``): how many, which, where, and what it means for an
+    allowlist copied from the store before."""
+    shown = ", ".join(added[:4]) + (" ..." if len(added) > 4 else "")
+    them = "it" if len(added) == 1 else "them"
+    return (f"note: extended the key store {path} ({source}) with {len(added)} "
+            f"{'identity' if len(added) == 1 else 'identities'} ({shown}): it held fewer "
+            f"parties than this run; its allowlist.json now lists {them} too, so a copy of it "
+            f"taken before this run lacks {them} (copy it again for `audit verify --allowlist`)")
 
 
 def check_keystore(path: Path, source: str, run_dir: Path) -> None:
@@ -214,7 +231,7 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
         _write_marker(marker, missing)
         init_keys(path, missing, overwrite=bool(known))
         marker.unlink()
-        return KeyStore(path, not known, source)
+        return KeyStore(path, not known, source, tuple(missing) if known else ())
     finally:
         os.close(lock)
 

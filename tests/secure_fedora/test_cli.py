@@ -107,6 +107,40 @@ delta = 1e-3
 """
 
 
+LOCAL_DP = DP_TINY.replace('methods = ["fedora", "local"]', 'methods = ["local"]')
+
+
+def test_a_store_from_keys_init_for_fewer_clients_is_extended_visibly_and_recorded(
+        tmp_path, caplog):
+    """`keys init --clients 2` then a run of 3 clients added client-002 to the store and its
+    allowlist without a word, and nothing in the run said so."""
+    config = tmp_path / "dp.toml"
+    config.write_text(LOCAL_DP)
+    store = tmp_path / "store"
+    assert main(["keys", "init", str(store), "--clients", "2"]) == 0
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="secure_fedora.secure.keystore"):
+        assert main(["run", str(config), "--out", str(out), "--quiet",
+                     "--keystore", str(store)]) == 0
+    notices = [r.getMessage() for r in caplog.records if "extended the key store" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0]
+    assert f"{store} (--keystore) with 1 identity (client-002)" in notices[0]
+    assert json.loads((out / "results.json").read_text())["keystore_extended"] == ["client-002"]
+    assert "client-002" in json.loads((store / "allowlist.json").read_text())["parties"]
+    # a resume of the finished run keeps the record; a run the store covers makes none
+    assert main(["run", str(config), "--out", str(out), "--quiet", "--resume",
+                 "--keystore", str(store)]) == 0
+    assert json.loads((out / "results.json").read_text())["keystore_extended"] == ["client-002"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secure_fedora.secure.keystore"):
+        assert main(["run", str(config), "--out", str(tmp_path / "again"), "--quiet",
+                     "--keystore", str(store)]) == 0
+    assert not any("extended" in r.getMessage() for r in caplog.records)
+    assert "keystore_extended" not in json.loads((tmp_path / "again" / "results.json").read_text())
+
+
+
+
 def test_dp_run_keeps_keys_outside_and_its_anchor_refuses_a_cut_ledger(tmp_path, capsys):
     """Issue 14, "Why" 1 and 2 end to end: the default key store is created outside the
     run (with a note); the run holds public keys only; `audit verify --anchor --allowlist`

@@ -22,8 +22,10 @@ def test_store_is_created_private_and_extended_without_touching_existing_keys(tm
     assert first.created and store.stat().st_mode & 0o777 == 0o700
     assert (store / "operator.ed25519.key").stat().st_mode & 0o777 == 0o600
     before = (store / "client-001.ed25519.key").read_bytes()
+    assert first.added == ()  # created, not extended
     again = ensure_keystore(store, run_party_ids(4))
-    assert not again.created
+    assert not again.created and again.added == ("client-002", "client-003")
+    assert ensure_keystore(store, run_party_ids(3)).added == ()  # held every party
     assert (store / "client-001.ed25519.key").read_bytes() == before  # kept, not regenerated
     assert set(load_allowlist(store / "allowlist.json")) == set(run_party_ids(4))
     load_identity(store, "client-003")
