@@ -139,6 +139,25 @@ def test_a_store_from_keys_init_for_fewer_clients_is_extended_visibly_and_record
     assert "keystore_extended" not in json.loads((tmp_path / "again" / "results.json").read_text())
 
 
+def test_resume_of_a_finished_run_reprints_its_results_and_trains_nothing(tmp_path, capsys):
+    """What README says of `run --resume` on a finished run: no round is trained and no
+    ledger entry added; the results are printed again and results.json holds the same."""
+    config = tmp_path / "dp.toml"
+    config.write_text(LOCAL_DP)
+    out, store = tmp_path / "run", tmp_path / "store"
+    argv = ["run", str(config), "--out", str(out), "--quiet", "--keystore", str(store)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    ledgers = {p: p.read_bytes() for p in (out / "ledgers").rglob("*") if p.is_file()}
+    rounds = (out / "rounds.csv").read_bytes()
+    results = json.loads((out / "results.json").read_text())
+    assert main([*argv, "--resume"]) == 0
+    again = capsys.readouterr().out
+    assert "personalized test accuracy" in again and again == first
+    assert {p: p.read_bytes() for p in (out / "ledgers").rglob("*") if p.is_file()} == ledgers
+    assert (out / "rounds.csv").read_bytes() == rounds
+    assert json.loads((out / "results.json").read_text()) == results
+    assert main(["audit", "verify", str(out), "--allowlist", str(store / "allowlist.json")]) == 0
 
 
 def test_dp_run_keeps_keys_outside_and_its_anchor_refuses_a_cut_ledger(tmp_path, capsys):
