@@ -591,15 +591,16 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     if isinstance(client_index, bool) or not isinstance(client_index, int) \
             or not 0 <= client_index < cfg.data.num_clients:
         raise CanaryAuditError(
-            f"client_index must be in [0, {cfg.data.num_clients}), got {client_index!r}"
-        )
+            f"client_index must be in [0, {cfg.data.num_clients}) ({options['client_index']}),"
+            f" got {client_index!r}")
     check_seed(seed, CanaryAuditError)
     # checked again by the bound after training: a bad one must not cost the federation's run
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:
-        raise CanaryAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise CanaryAuditError(f"confidence must be in (0, 1) ({options['confidence']}), got"
+                               f" {confidence!r}")
     if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < 1:
-        raise CanaryAuditError(f"delta must be in [0, 1), got {delta!r}")
+        raise CanaryAuditError(f"delta must be in [0, 1) ({options['delta']}), got {delta!r}")
     if not isinstance(every_round, bool):  # a truthy "no" must not mean yes
         raise CanaryAuditError(f"every_round must be True or False, got {every_round!r:.80}")
     if work_dir is not None:

@@ -17,6 +17,14 @@ CLI_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
     "anchor": "--anchor",
     "allowlist": "--allowlist",
     "keystore": "--keystore",
+    "client": "--client",
+    "client_index": "--client",
+    "confidence": "--confidence",
+    "delta": "--delta",
+    "calibration_fraction": "--calibration-fraction",
+    "trials": "--trials",
+    "rel_tol": "--rel-tol",
+    "pld_checkpoints": "--pld-checkpoints",
     "verify_anchor": "run `audit verify --anchor` for all",
 })
 #: What the audit functions' errors name by default: their arguments.

@@ -267,6 +267,12 @@ class _Step:
         return torch.cat([p.grad.reshape(-1) for p in self.module.parameters()]).clone()
 
 
+def _check_trials(trials: Any, options: Mapping[str, str]) -> None:
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 2 <= trials <= MAX_TRIALS:
+        raise ReplayAuditError(f"trials must be an int in [2, {MAX_TRIALS:,}]"
+                               f" ({options['trials']}), got {trials!r:.80}")
+
+
 def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None = None,
                      trials: int | None = None, records: int | None = None, confidence: float = 0.95,
                      seed: int = 0, allowlist: str | Path | None = None,
@@ -313,7 +319,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         raise AssertionError("unreachable: _raise_claim_problem always raises here")
     n_clients = cfg.data.num_clients
     if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < n_clients:
-        raise ReplayAuditError(f"client must be an index in [0, {n_clients}), got {client!r}")
+        raise ReplayAuditError(f"client must be an index in [0, {n_clients})"
+                               f" ({options['client']}), got {client!r}")
     if records is None:
         records = min(DEFAULT_RECORDS, cfg.data.train_per_client - 1)
     if isinstance(records, bool) or not isinstance(records, int) \
@@ -323,8 +330,11 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
             f"data.train_per_client = {cfg.data.train_per_client}), got {records!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:
-        raise ReplayAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise ReplayAuditError(f"confidence must be in (0, 1) ({options['confidence']}), got"
+                               f" {confidence!r}")
     check_seed(seed, ReplayAuditError)
+    if trials is not None:  # a given count is checked before the ledger is read
+        _check_trials(trials, options)
     method = _choose_method(run_dir, cfg, method)
     cid = client_ids(n_clients)[client]
     if anchor is not None:
@@ -339,8 +349,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     claim, delta, params = _ledger_claim(run_dir, method, cid, cfg.privacy.noise, allow_path)
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)
-    if isinstance(trials, bool) or not isinstance(trials, int) or not 2 <= trials <= MAX_TRIALS:
-        raise ReplayAuditError(f"trials must be an int in [2, {MAX_TRIALS:,}], got {trials!r:.80}")
+    _check_trials(trials, options)
 
     from secure_fedora.runtimes.inprocess import build_clients
 

@@ -746,11 +746,12 @@ def _final_epsilons(releases: Sequence[tuple[float, float, int] | None],
         return _pld_epsilon(counts, delta), _rdp_epsilon(total, delta)
 
 
-def _check_pld_checkpoints(value: Any, name: str) -> None:
+def _check_pld_checkpoints(value: Any, name: str, option: str | None = None) -> None:
     # any count from the number of entries up checks every entry; beyond int64 is no count
     # the config would hold either
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < MAX_COUNT:
-        raise AuditError(f"{name} must be an int in [1, 2**63), got {value!r:.80}")
+        raise AuditError(f"{name} must be an int in [1, 2**63)"
+                         f"{f' ({option})' if option else ''}, got {value!r:.80}")
 
 
 def independent_epsilons(releases: Sequence[tuple[float, float, int] | None], delta: float,
@@ -1961,8 +1962,8 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         raise AuditError(f"{run} is not a run directory: it holds none of "
                          f"{', '.join(RUN_MARKERS)}")
     if isinstance(rel_tol, bool) or not isinstance(rel_tol, int | float) or not 0 <= rel_tol < 1:
-        raise AuditError(f"rel_tol must be in [0, 1), got {rel_tol!r}")
-    _check_pld_checkpoints(pld_checkpoints, "pld_checkpoints")
+        raise AuditError(f"rel_tol must be in [0, 1) ({options['rel_tol']}), got {rel_tol!r}")
+    _check_pld_checkpoints(pld_checkpoints, "pld_checkpoints", options["pld_checkpoints"])
     allow_path = check_path(allowlist, "allowlist", AuditError, "file") \
         if allowlist is not None else None
     if allow_path is not None and not allow_path.is_file():

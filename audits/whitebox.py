@@ -160,7 +160,8 @@ def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
 
 
 def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
-                     results: dict[str, Any] | None = None) -> WhiteboxSetting:
+                     results: dict[str, Any] | None = None,
+                     options: Mapping[str, str] = API_AUDIT_OPTIONS) -> WhiteboxSetting:
     """The plan's DP-SGD parameters and claim for ``client_index`` under ``method``.
 
     With ``results`` (a run's ``results.json``), the recorded plan must hold a row for the
@@ -173,7 +174,8 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
     if isinstance(client_index, bool) or not isinstance(client_index, int) \
             or not 0 <= client_index < cfg.data.num_clients:
         raise WhiteboxAuditError(
-            f"client index must be in [0, {cfg.data.num_clients}), got {client_index!r}")
+            f"client index must be in [0, {cfg.data.num_clients}) ({options['client_index']}),"
+            f" got {client_index!r}")
     cid = client_ids(cfg.data.num_clients)[client_index]
     q = sample_rate_for(cfg)
     spr = steps_per_round(cfg)
@@ -436,13 +438,15 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
         raise WhiteboxAuditError(f"the number of canaries must be an int >= 10, got {num_canaries!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:
-        raise WhiteboxAuditError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise WhiteboxAuditError(f"confidence must be in (0, 1) ({options['confidence']}), got"
+                                 f" {confidence!r}")
     if isinstance(calibration_fraction, bool) or not isinstance(calibration_fraction, int | float) \
             or not 0 < calibration_fraction < 1:
-        raise WhiteboxAuditError(f"calibration fraction must be in (0, 1), got"
+        raise WhiteboxAuditError(f"calibration fraction must be in (0, 1)"
+                                 f" ({options['calibration_fraction']}), got"
                                  f" {calibration_fraction!r}")
     check_seed(seed, WhiteboxAuditError)
-    setting = whitebox_setting(cfg, method, client_index, results)
+    setting = whitebox_setting(cfg, method, client_index, results, options)
     if run_dir is not None:
         check_setting_against_ledger(setting, check_path(run_dir, "run_dir",
                                                           WhiteboxAuditError))

@@ -326,3 +326,29 @@ def test_whitebox_and_replay_print_a_config_error_on_one_line(run_copy, capsys, 
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "config.toml: extra: unknown key" in lines[0]
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("canary", ["--client", "9"], "client_index must be in [0, 2) (--client), got 9"),
+    ("canary", ["--confidence", "2"], "confidence must be in (0, 1) (--confidence)"),
+    ("canary", ["--delta", "2"], "delta must be in [0, 1) (--delta)"),
+    ("whitebox", ["--client", "9"], "client index must be in [0, 3) (--client)"),
+    ("whitebox", ["--confidence", "0"], "confidence must be in (0, 1) (--confidence)"),
+    ("whitebox", ["--calibration-fraction", "2"], "(0, 1) (--calibration-fraction)"),
+    ("replay", ["--client", "9"], "client must be an index in [0, 3) (--client)"),
+    ("replay", ["--confidence", "1"], "confidence must be in (0, 1) (--confidence)"),
+    ("replay", ["--trials", "1"], "trials must be an int in [2, 1,000,000] (--trials)"),
+    ("verify", ["--rel-tol", "-1"], "rel_tol must be in [0, 1) (--rel-tol)"),
+    ("verify", ["--pld-checkpoints", "0"], "[1, 2**63) (--pld-checkpoints)"),
+])
+def test_audit_argument_errors_name_the_flag(pristine_run, tmp_path, capsys, command, flags,
+                                             message):
+    """`audit canary --client 9` said "client_index must be in [0, 2)", the Python argument;
+    so did the other audits' range errors (confidence, delta, trials, rel_tol, ...)."""
+    target = pristine_run
+    if command == "canary":
+        target = tmp_path / "c.toml"
+        target.write_text('methods = ["local"]\n[data]\nnum_clients = 2\n'
+                          'train_per_client = 16\nval_per_client = 8\ntest_per_client = 8\n')
+    assert main(["audit", command, str(target), *flags]) == 2
+    assert message in capsys.readouterr().err
