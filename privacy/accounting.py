@@ -314,6 +314,8 @@ def _prv_epsilon(history: History, delta: float, options: dict[str, float]) -> f
         return 0.0
     eps_error = options["prv_eps_error"]
     bound, points = _prv_upper_bound(history, delta, eps_error)
+    if not options.get("prv_refine", 1.0):
+        return bound  # the single pass of ledgers written before the refined one existed
     refined = prv_refined_eps_error(max(bound - eps_error, 0.0), eps_error, points)
     if refined is None:
         return bound
@@ -509,8 +511,9 @@ register_accountant(AccountingMethod(
     "prv", "privacy random variables (Opacus's PRVAccountant, upper bound)",
     _prv_epsilon,
     lambda o: {"library": "opacus", "eps_error": o["prv_eps_error"], "delta_error": "delta/1000",
-               "refined_eps_error": {"relative": PRV_RELATIVE_ERROR, "min": PRV_MIN_EPS_ERROR,
-                                     "max_grid_points": PRV_REFINE_MAX_GRID_POINTS}},
+               **({"refined_eps_error": {"relative": PRV_RELATIVE_ERROR, "min": PRV_MIN_EPS_ERROR,
+                                         "max_grid_points": PRV_REFINE_MAX_GRID_POINTS}}
+                  if o.get("prv_refine", 1.0) else {})},
 ))
 register_accountant(AccountingMethod(
     "pld", "privacy loss distributions (dp_accounting, pessimistic estimate)",
@@ -547,15 +550,21 @@ class Accountant:
     not enforce anything itself; :class:`privacy.pipeline.BudgetGate` does.
     """
 
-    def __init__(self, kind: str = "rdp", *, prv_eps_error: float = 0.01) -> None:
+    def __init__(self, kind: str = "rdp", *, prv_eps_error: float = 0.01,
+                 prv_refine: bool = True) -> None:
         self._kind = _check_kind(kind)
         if not (isinstance(prv_eps_error, int | float) and 0 < prv_eps_error < 1):
             raise AccountingError(f"prv_eps_error must be in (0, 1), got {prv_eps_error!r}")
+        if not isinstance(prv_refine, bool):
+            raise AccountingError(f"prv_refine must be a bool, got {prv_refine!r}")
         self._prv_eps_error = float(prv_eps_error)
+        self._prv_refine = prv_refine
         self._history: History = ()
 
     def _options(self) -> tuple[tuple[str, float], ...]:
-        return (("prv_eps_error", self._prv_eps_error),)
+        if self._prv_refine:
+            return (("prv_eps_error", self._prv_eps_error),)
+        return (("prv_eps_error", self._prv_eps_error), ("prv_refine", 0.0))
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -573,6 +582,28 @@ class Accountant:
         """Largest epsilon error of the PRV discretization (PRV uses less where the estimate is
         small: :func:`prv_refined_eps_error`; unused by the other accountants)."""
         return self._prv_eps_error
+
+    @property
+    def prv_refine(self) -> bool:
+        """Whether PRV refines a small estimate (:func:`prv_refined_eps_error`). False only
+        for an accountant that continues a ledger written before that pass existed
+        (:meth:`reproducing`): its epsilons are then Opacus's single pass at
+        ``prv_eps_error``, as that ledger recorded them."""
+        return self._prv_refine
+
+    @classmethod
+    def reproducing(cls, parameters: Any, kind: str, *,
+                    prv_eps_error: float = 0.01) -> Accountant | None:
+        """An empty accountant of ``kind`` whose :attr:`parameters` equal ``parameters`` (the
+        ``accountant_params`` a ledger recorded), so that it computes every recorded epsilon
+        again exactly; None when this toolkit has no such accountant. Only PRV's refining
+        pass may be switched off for it: ledgers written before that pass existed record
+        parameters without ``refined_eps_error``."""
+        for refine in (True, False):
+            acc = cls(kind, prv_eps_error=prv_eps_error, prv_refine=refine)
+            if acc.parameters == parameters:
+                return acc
+        return None
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -606,11 +637,13 @@ class Accountant:
         return _epsilon(self._kind, history, _check_delta(delta), self._options())
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable state: ``{"version", "accountant", "prv_eps_error", "history"}``."""
+        """JSON-serializable state: ``{"version", "accountant", "prv_eps_error", "prv_refine",
+        "history"}``."""
         return {
             "version": _STATE_VERSION,
             "accountant": self._kind,
             "prv_eps_error": self._prv_eps_error,
+            "prv_refine": self._prv_refine,
             "history": [[nm, q, steps] for nm, q, steps in self._history],
         }
 
@@ -632,6 +665,10 @@ class Accountant:
                 f"accountant state has prv_eps_error {state['prv_eps_error']!r}, this accountant"
                 f" uses {self._prv_eps_error!r}"
             )
+        if state.get("prv_refine", True) != self._prv_refine:
+            raise AccountingError(
+                f"accountant state has prv_refine {state.get('prv_refine', True)!r}, this"
+                f" accountant uses {self._prv_refine!r}")
         history = state["history"]
         if not isinstance(history, list):
             raise AccountingError("accountant state key 'history' must be a list")
@@ -652,7 +689,8 @@ class Accountant:
         """Build an accountant of the kind named in ``state`` and load it."""
         if not isinstance(state, dict) or "accountant" not in state:
             raise AccountingError("accountant state is missing the key 'accountant'")
-        acc = cls(state["accountant"], prv_eps_error=state.get("prv_eps_error", 0.01))
+        acc = cls(state["accountant"], prv_eps_error=state.get("prv_eps_error", 0.01),
+                  prv_refine=state.get("prv_refine", True) is not False)
         acc.load_state_dict(state)
         return acc
 
@@ -823,9 +861,11 @@ def format_share_up(part: float, whole: float, decimals: int) -> str:
 
 
 def plan_epsilon(plan: Sequence[PlannedRelease], delta: float, noise_multiplier: float | None = None,
-                 accountant: str = "rdp", *, prv_eps_error: float = 0.01) -> float:
-    """Total epsilon of ``plan`` at ``delta``, with ``noise_multiplier`` filling the None entries."""
-    acc = Accountant(accountant, prv_eps_error=prv_eps_error)
+                 accountant: str = "rdp", *, prv_eps_error: float = 0.01,
+                 prv_refine: bool = True) -> float:
+    """Total epsilon of ``plan`` at ``delta``, with ``noise_multiplier`` filling the None entries
+    (``prv_refine``: :attr:`Accountant.prv_refine`)."""
+    acc = Accountant(accountant, prv_eps_error=prv_eps_error, prv_refine=prv_refine)
     releases = []
     for item in plan:
         nm = item.noise_multiplier if item.noise_multiplier is not None else noise_multiplier
@@ -858,12 +898,13 @@ def _rdp_epsilon_floor(delta: float) -> float:
 def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                                plan: Sequence[PlannedRelease], accountant: str = "rdp", *,
                                prv_eps_error: float = 0.01, rel_tol: float = 0.01,
-                               max_evaluations: int = 100) -> float:
+                               max_evaluations: int = 100, prv_refine: bool = True) -> float:
     """One noise multiplier for every plan entry whose ``noise_multiplier`` is None.
 
     Guarantees: the returned sigma gives a total plan epsilon (at ``delta``, under the named
     accountant) that is ``<= target_epsilon`` and ``>= (1 - rel_tol) * target_epsilon``.
-    Entries with a fixed noise multiplier are composed as given. Raises CalibrationError when
+    Entries with a fixed noise multiplier are composed as given; ``prv_refine`` is
+    :attr:`Accountant.prv_refine` (False only to continue a run ledgered without it). Raises CalibrationError when
     the fixed entries alone already exceed the target, or when no sigma in [1e-3, 1e4] works.
     Searches by bracketing then a safeguarded false-position (Illinois) step on
     log(epsilon) versus log(sigma), which falls back to bisection when it stalls. Where the
@@ -891,7 +932,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
 
     fixed = [item for item in plan if item.noise_multiplier is not None]
     if fixed:
-        eps_fixed = plan_epsilon(fixed, delta, None, accountant, prv_eps_error=prv_eps_error)
+        eps_fixed = plan_epsilon(fixed, delta, None, accountant, prv_eps_error=prv_eps_error,
+                                 prv_refine=prv_refine)
         if eps_fixed >= target_epsilon:
             raise CalibrationError(
                 f"entries with a fixed noise multiplier already spend epsilon {eps_fixed:.6g}"
@@ -914,7 +956,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
             # bound is still valid (only looser), and probing extreme sigmas triggers it.
             warnings.simplefilter("ignore")
             try:
-                eps = plan_epsilon(plan, delta, sigma, accountant, prv_eps_error=prv_eps_error)
+                eps = plan_epsilon(plan, delta, sigma, accountant, prv_eps_error=prv_eps_error,
+                                   prv_refine=prv_refine)
             except AccountingSizeError as exc:
                 raise CalibrationError(
                     f"calibrating to epsilon {target_epsilon:.6g} reached noise multiplier"

@@ -424,13 +424,26 @@ def replay_accountant(entries: Sequence[dict[str, Any]], kind: str | None = None
     ``kind`` defaults to the entries' ``accountant`` field (which must agree). Use after a
     restart: the ledger is written before each release, so the replayed accountant never
     under-counts what was released. Verify the ledger first; this function trusts it.
+
+    When every release entry records the same ``accountant_params`` and an accountant of
+    ``kind`` reproduces them (:meth:`~privacy.accounting.Accountant.reproducing`: a PRV ledger
+    written before PRV's refining pass existed), the replayed accountant computes with those
+    parameters, so the run it resumes recomputes each recorded epsilon exactly and records the
+    parameters it uses; otherwise it has today's parameters (a resume then names the
+    difference instead of accounting under another analysis).
     """
     kinds = {e.get("accountant") for e in entries}
     if kind is None:
         if len(kinds) > 1:
             raise LedgerError(f"ledger entries name several accountants {sorted(map(str, kinds))}")
         kind = kinds.pop() if kinds else "rdp"
-    acc = Accountant(kind, prv_eps_error=prv_eps_error)
+    recorded = {canonical_json(e["params"].get("accountant_params")) for e in entries
+                if e.get("mechanism") not in NON_RELEASES and isinstance(e.get("params"), dict)}
+    acc = None
+    if len(recorded) == 1:
+        acc = Accountant.reproducing(json.loads(recorded.pop()), kind, prv_eps_error=prv_eps_error)
+    if acc is None:
+        acc = Accountant(kind, prv_eps_error=prv_eps_error)
     for pos, (nm, q, steps) in enumerate(accounted_releases(entries)):
         try:
             acc.record(nm, q, steps)

@@ -251,6 +251,8 @@ class ClientPlan:
     lambda_noise: float | None
     releases: tuple[PlannedRelease, ...]
     accountant: str = ""  # the accountant the noise was calibrated under
+    #: False: calibrated under PRV without its refining pass, for a run ledgered without it
+    prv_refine: bool = True
 
 
 class BudgetPlanError(ConfigError):
@@ -266,9 +268,9 @@ class BudgetPlanError(ConfigError):
 
 
 def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
-               what: str) -> float:
+               what: str, prv_refine: bool = True) -> float:
     try:
-        return calibrate_noise_multiplier(target, delta, plan, accountant)
+        return calibrate_noise_multiplier(target, delta, plan, accountant, prv_refine=prv_refine)
     except CalibrationError as err:
         raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}: {err}") from None
 
@@ -341,7 +343,7 @@ def planned_release_counts(cfg: ExperimentConfig, method: str) -> dict[str, int]
 
 
 def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
-              accountant: str) -> ClientPlan:
+              accountant: str, prv_refine: bool = True) -> ClientPlan:
     """The plan of registered method ``method``, built from its declared releases
     (``releases(cfg)`` of its class): DP-SGD steps per release (setup: one local run; round:
     every round), each fixed-noise mechanism once (setup) or every round, in declaration order."""
@@ -368,7 +370,7 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
             noise_key, fraction_key, field_name = FIXED_NOISE_MECHANISMS[mechanism]
             sigma = getattr(p, noise_key) or _calibrate(
                 getattr(p, fraction_key) * eps, delta, [PlannedRelease(mechanism, 1.0, times)],
-                accountant, f"privacy.{noise_key}")
+                accountant, f"privacy.{noise_key}", prv_refine)
             noise[field_name] = sigma
             fixed.append(PlannedRelease(mechanism, 1.0, times, sigma))
     shares = {FIXED_NOISE_MECHANISMS[r.mechanism][1] for r in fixed
@@ -380,9 +382,9 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), dpsgd_steps)
     plan = [dpsgd, *fixed]
     dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,
-                                                   "privacy.noise_multiplier (DP-SGD)")
+                                                   "privacy.noise_multiplier (DP-SGD)", prv_refine)
     return ClientPlan(dpsgd_noise, noise.get("summary_noise"), noise.get("lambda_noise"),
-                      tuple(plan), accountant)
+                      tuple(plan), accountant, prv_refine)
 
 
 @dataclass(frozen=True)
@@ -469,7 +471,7 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
 
 
 def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
-                 accountant: str | None = None) -> ClientPlan:
+                 accountant: str | None = None, *, prv_refine: bool = True) -> ClientPlan:
     """Every release a client of ``method`` may make over the run, with calibrated noise.
 
     The summary (once) and lambda (every round) use fixed noise multipliers or, when unset,
@@ -481,8 +483,9 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     """
     if accountant is None:
         accountant = choose_accountant(cfg, method, [budget]).name
-    plan = _plan_for(cfg, method, budget, accountant)
-    planned = plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, accountant)
+    plan = _plan_for(cfg, method, budget, accountant, prv_refine)
+    planned = plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, accountant,
+                           prv_refine=prv_refine)
     if planned > budget.epsilon:
         raise BudgetPlanError(
             f"privacy: the plan of {method!r} spends epsilon {planned:.4g} > budget"
@@ -492,7 +495,8 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     return plan
 
 
-def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int
+def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
+                       prv_refine: bool = True
                        ) -> tuple[AccountantChoice, dict[tuple[float, float], ClientPlan]]:
     """Choose the accountant and calibrate every client's plan, before anything runs.
 
@@ -510,7 +514,8 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int
         key = (budget.epsilon, budget.delta)
         if key not in plans and key not in problems:
             try:
-                plans[key] = privacy_plan(cfg, method, budget, choice.name)
+                plans[key] = privacy_plan(cfg, method, budget, choice.name,
+                                          prv_refine=prv_refine)
             except ConfigError as err:  # BudgetPlanError included
                 problems[key] = str(err)
     if problems:
@@ -622,7 +627,8 @@ def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudg
                 "noise_multiplier": round(noise, 6), "sample_rate": sample_rate,
                 "steps_per_round": steps, "rounds": cfg.training.rounds,
                 "planned_epsilon": round_up(plan_epsilon(plan.releases, budget.delta, noise,
-                                                         accountant)),
+                                                         accountant,
+                                                         prv_refine=plan.prv_refine)),
                 **noise_assumptions(cfg),
                 **{f"planned_epsilon_{name}": _plan_epsilon_or_none(
                     plan.releases, budget.delta, noise, name) for name in AUTO_CANDIDATES},
@@ -727,6 +733,9 @@ class FederationPrivacy:
         holding releases of an earlier run are refused (JournalError) before anything is
         written. ``calibrated`` is :func:`check_budget_plans`' result for this config and
         method when the caller already has it (it calibrates before writing anything else).
+        A resumed PRV run whose ledgers were written without PRV's refining pass
+        (:meth:`~privacy.accounting.Accountant.reproducing`) is calibrated and accounted
+        without it again, so it recomputes exactly what its ledgers record.
 
         A ``ledger_dir`` that does not exist is created with every client's empty ledger and
         ``with_files`` at once (:func:`create_ledger_dir`); one that exists must hold every
@@ -763,6 +772,11 @@ class FederationPrivacy:
             checked = [_check_resumable(ledger_dir, cid, method, identity)
                        for cid, identity in zip(ids, identities, strict=True)]
             _check_unjournaled_tails(checked, marks, admitting)
+            if accountant == "prv" and any(
+                    not replay_accountant(c.entries, accountant).prv_refine for c in checked):
+                # a run ledgered before PRV's refining pass: its noise was calibrated without
+                # it, so the releases it computes again are the ones recorded
+                choice, plans = check_budget_plans(cfg, method, num_clients, prv_refine=False)
         states = []
         journals = []
         recoveries: list[dict[str, Any]] = []
@@ -1043,7 +1057,8 @@ class FederationPrivacy:
     def planned_epsilon(self, i: int) -> float:
         """Epsilon client ``i`` reaches if it makes every planned release."""
         c = self.clients[i]
-        return plan_epsilon(c.plan.releases, c.budget.delta, c.noise_multiplier, self.accountant)
+        return plan_epsilon(c.plan.releases, c.budget.delta, c.noise_multiplier, self.accountant,
+                            prv_refine=c.plan.prv_refine)
 
     def plan_rows(self) -> list[dict[str, Any]]:
         """The plan per distinct budget, for printing before training and for results.json."""

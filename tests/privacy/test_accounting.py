@@ -118,6 +118,36 @@ def test_prv_refined_epsilon_is_opacus_bound_at_the_refined_error():
     assert prv_refined_eps_error(0.5, 0.01, 1000) == pytest.approx(0.0025)
 
 
+#: accountant_params of PRV ledger entries written before the refining pass existed
+PRV_PARAMS_BEFORE_REFINEMENT = {"name": "prv", "library": "opacus", "eps_error": 0.01,
+                                "delta_error": "delta/1000"}
+
+
+def test_an_accountant_reproducing_prv_parameters_recorded_before_refinement_uses_one_pass():
+    """Parameters without refined_eps_error give an accountant that computes Opacus's single
+    pass (what those ledgers recorded) and says so; parameters no accountant has give None."""
+    history = [(100.0, 1.0, 1), (4.0, 0.01, 300)]
+    old = Accountant.reproducing(PRV_PARAMS_BEFORE_REFINEMENT, "prv")
+    assert old is not None and not old.prv_refine
+    assert old.parameters == PRV_PARAMS_BEFORE_REFINEMENT
+    theirs = PRVAccountant()
+    theirs.history = list(history)
+    for nm, q, steps in history:
+        old.record(nm, q, steps)
+    assert old.epsilon(DELTA) == theirs.get_epsilon(DELTA, eps_error=0.01)  # exactly
+    today = Accountant("prv")
+    for nm, q, steps in history:
+        today.record(nm, q, steps)
+    assert today.epsilon(DELTA) < old.epsilon(DELTA)
+    assert Accountant.reproducing(today.parameters, "prv").prv_refine
+    assert Accountant.reproducing({**PRV_PARAMS_BEFORE_REFINEMENT, "eps_error": 0.02}, "prv") is None
+    assert Accountant.reproducing(PRV_PARAMS_BEFORE_REFINEMENT, "rdp") is None
+    restored = Accountant.from_state_dict(json.loads(json.dumps(old.state_dict())))
+    assert not restored.prv_refine and restored.epsilon(DELTA) == old.epsilon(DELTA)
+    with pytest.raises(AccountingError, match="prv_refine"):
+        today.load_state_dict(old.state_dict())
+
+
 def test_a_prv_budget_below_its_floor_says_why():
     plan = [PlannedRelease("dpsgd", 1.0, 1)]
     with pytest.raises(CalibrationError, match=r"even noise multiplier 10000 gives epsilon 0\.0001"

@@ -286,6 +286,44 @@ def test_replay_under_other_accountant_parameters_names_them(tmp_path):
     assert len(read_ledger(tmp_path / "c1.jsonl")) == 1
 
 
+def test_a_prv_ledger_written_before_the_refined_pass_resumes_under_its_parameters(tmp_path):
+    """Entries written the way versions before PRV's refining pass wrote them (their
+    accountant_params lack refined_eps_error, their epsilon is Opacus's single pass): the
+    replayed accountant keeps those parameters, the replayed release is consumed, and a new
+    one records the old parameters with the old analysis's epsilon, never a lower one."""
+    from opacus.accountants import PRVAccountant
+
+    old_params = {"name": "prv", "library": "opacus", "eps_error": 0.01,
+                  "delta_error": "delta/1000"}
+
+    def old_epsilon(history):
+        acc = PRVAccountant()
+        acc.history = list(history)
+        return acc.get_epsilon(DELTA, eps_error=0.01, delta_error=DELTA / 1000)
+
+    record = _dpsgd(nm=8.0)
+    ledger = LedgerWriter(tmp_path / "c1.jsonl", "c1", KEY)
+    for rnd in (1, 2):
+        ledger.append(round=rnd, mechanism="dpsgd",
+                      params={"release_kind": "model", **record.ledger_params(),
+                              "accountant_params": old_params},
+                      epsilon_after=old_epsilon([(8.0, 0.1, 20 * rnd)]), delta=DELTA,
+                      budget_epsilon=50.0, accountant="prv")
+    ledger.close()
+    ledger = LedgerWriter(tmp_path / "c1.jsonl", "c1", KEY)
+    accountant = replay_accountant(ledger.entries)
+    assert accountant.parameters == old_params
+    resumed = BudgetGate(accountant, PrivacyBudget(50.0, DELTA), ledger, "c1")
+    resumed.replay_from(1)
+    out = resumed.process(Release("model", torch.zeros(3), 2, [_dpsgd(nm=8.0)]))
+    assert out.metadata["replayed_entries"] == 1
+    resumed.process(Release("model", torch.zeros(3), 3, [_dpsgd(nm=8.0)]))
+    entries = read_ledger(tmp_path / "c1.jsonl")
+    assert [e["params"]["accountant_params"] for e in entries] == [old_params] * 3
+    assert entries[2]["epsilon_after"] == old_epsilon([(8.0, 0.1, 60)])
+    assert entries[2]["epsilon_after"] > Accountant("prv").epsilon_after(DELTA, 8.0, 0.1, 60)
+
+
 def test_replay_refuses_a_release_other_than_the_recorded_one(tmp_path):
     gate = _gate(tmp_path)
     gate.process(Release("model", torch.zeros(3), 1, [_dpsgd()]))

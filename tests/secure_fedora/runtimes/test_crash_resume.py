@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from audits.verify import verify_run
+from privacy.accounting import ACCOUNTANT_REGISTRY, AccountingMethod, _epsilon
 from privacy.journal import JournalError
 from privacy.ledger import LedgerError, read_ledger
 from secure_fedora.core import crashpoints
@@ -907,3 +908,51 @@ def test_a_failed_journal_fsync_in_a_batch_loses_nothing(tmp_path, clients, refe
     assert not (folder / "rounds.released").exists()
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert_same_run(tmp_path, reference(["local"], True))
+
+
+def _prv_before_refinement(h, delta, options):
+    """PRV as toolkit versions before its refining pass computed it: Opacus's bound at the
+    configured eps_error, once."""
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [tuple(r) for r in h]
+    return float(acc.get_epsilon(delta, eps_error=options["prv_eps_error"],
+                                 delta_error=delta / 1000))
+
+
+OLD_PRV = AccountingMethod(
+    "prv", "privacy random variables (Opacus's PRVAccountant, upper bound)",
+    _prv_before_refinement,
+    lambda o: {"library": "opacus", "eps_error": o["prv_eps_error"], "delta_error": "delta/1000"})
+
+
+def _old_prv(patch):
+    """Make the accountant compute and record PRV as those versions did."""
+    patch.setitem(ACCOUNTANT_REGISTRY, "prv", OLD_PRV)
+    _epsilon.cache_clear()
+
+
+@pytest.mark.parametrize("budget", [4.0, 0.5])
+def test_a_prv_run_ledgered_before_the_refined_pass_resumes_under_its_parameters(
+        tmp_path, clients, monkeypatch, budget):
+    """A PRV run interrupted under a version whose ledger entries lack refined_eps_error
+    resumes: its accountant keeps Opacus's single pass, so every entry (replayed or new)
+    records the epsilon and parameters the old version would have; audit verify accepts it."""
+    data = config_dict(["local"], True)
+    data["privacy"].update(accountant="prv", epsilon=budget)
+    cfg = parse_config(data)
+    with monkeypatch.context() as patch:  # the uninterrupted run, all under the old version
+        _old_prv(patch)
+        Simulation(cfg, tmp_path / "ref", clients=clients).run()
+        assert run_until_crash(cfg, tmp_path / "run", clients, "train@4")  # round 2
+    _epsilon.cache_clear()
+    Simulation(cfg, tmp_path / "run", clients=clients).run(resume=True)
+    resumed, reference = comparable_ledgers(tmp_path / "run"), comparable_ledgers(tmp_path / "ref")
+    assert resumed == reference  # epsilons and parameters as the old version recorded them
+    assert comparable_results(tmp_path / "run") == comparable_results(tmp_path / "ref")
+    releases = [e for entries in resumed.values() for e in entries if e["mechanism"] == "dpsgd"]
+    assert len(releases) == 6
+    assert all("refined_eps_error" not in e["params"]["accountant_params"] for e in releases)
+    report = verify_run(tmp_path / "run")
+    assert report.ok, report.findings
