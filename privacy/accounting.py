@@ -239,24 +239,54 @@ def _rdp_epsilon(history: History, delta: float, options: dict[str, float]) -> f
     return float(eps)
 
 
-def _prv_grid_points(history: History, eps_error: float, delta_error: float) -> int:
-    """Size of the discretization grid Opacus's PRVAccountant would allocate for history."""
-    from opacus.accountants import PRVAccountant
+@functools.lru_cache(maxsize=64)
+def _prv_domain_half_width(history: History, delta_error: float) -> float:
+    """Opacus's safe PRV domain half-width for ``history`` at eps_error 0: its
+    ``compute_safe_domain_size`` is ``max(L, eps_error) + 3`` with ``L`` from two RDP
+    analyses that do not depend on eps_error, so every pass over one history shares it
+    (those RDP analyses were a third of a PRV epsilon's time)."""
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+    from opacus.accountants.analysis.prv.domain import compute_safe_domain_size
 
-    acc = PRVAccountant()
-    prvs = [PoissonSubsampledGaussianPRV(q, nm) for nm, q, _ in history]
     with warnings.catch_warnings():
         # Opacus's domain sizing calls its RDP analysis at tiny deltas, which may warn about
         # the alpha grid edge; that only widens the (safe) domain.
         warnings.simplefilter("ignore")
-        domain = acc._get_domain(
-            prvs=prvs,
-            num_self_compositions=[steps for _, _, steps in history],
-            eps_error=eps_error,
-            delta_error=delta_error,
-        )
-    return int(domain.size)
+        return float(compute_safe_domain_size(
+            [PoissonSubsampledGaussianPRV(q, nm) for nm, q, _ in history],
+            [steps for _, _, steps in history], eps_error=0.0, delta_error=delta_error))
+
+
+def _prv_domain(history: History, eps_error: float, delta_error: float) -> Any:
+    """The discretization domain Opacus's ``PRVAccountant._get_domain`` builds for ``history``
+    (bit for bit: ``max(L, e) + 3`` equals ``max(max(L, 0) + 3, e + 3)`` in floating point,
+    rounding being monotone), its half-width computed once per history."""
+    from opacus.accountants.analysis.prv.domain import Domain
+
+    half_width = max(_prv_domain_half_width(history, delta_error), eps_error + 3)
+    total = sum(steps for _, _, steps in history)
+    mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    return Domain.create_aligned(-half_width, half_width, mesh_size)
+
+
+@functools.cache
+def _prv_accountant_class() -> type:
+    """Opacus's PRVAccountant with :func:`_prv_domain` as its domain (imported on first use)."""
+    from opacus.accountants import PRVAccountant
+
+    class _SharedDomainPRVAccountant(PRVAccountant):
+        def _get_domain(self, prvs: Any, num_self_compositions: Any, eps_error: float,
+                        delta_error: float) -> Any:
+            history = tuple((float(p.noise_multiplier), float(p.sample_rate), int(n))
+                            for p, n in zip(prvs, num_self_compositions, strict=True))
+            return _prv_domain(history, eps_error, delta_error)
+
+    return _SharedDomainPRVAccountant
+
+
+def _prv_grid_points(history: History, eps_error: float, delta_error: float) -> int:
+    """Size of the discretization grid Opacus's PRVAccountant would allocate for history."""
+    return int(_prv_domain(history, eps_error, delta_error).size)
 
 
 def _prv_upper_bound(history: History, delta: float, eps_error: float) -> tuple[float, int]:
@@ -276,9 +306,7 @@ def _prv_upper_bound(history: History, delta: float, eps_error: float) -> tuple[
                 f"PRV accounting of this history needs a grid of {points:,} points"
                 f" (limit {PRV_MAX_GRID_POINTS:,}); use accountant='rdp' or a larger eps_error"
             )
-        from opacus.accountants import PRVAccountant
-
-        acc = PRVAccountant()
+        acc = _prv_accountant_class()()
         acc.history = [tuple(h) for h in history]
         try:
             bound = float(acc.get_epsilon(delta, eps_error=eps_error, delta_error=delta_error))

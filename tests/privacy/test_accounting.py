@@ -118,6 +118,20 @@ def test_prv_refined_epsilon_is_opacus_bound_at_the_refined_error():
     assert prv_refined_eps_error(0.5, 0.01, 1000) == pytest.approx(0.0025)
 
 
+@pytest.mark.parametrize("eps_error", [0.01, 0.0013, 0.5])
+def test_prv_bound_equals_opacus_bit_for_bit_at_any_eps_error(eps_error):
+    """Each PRV pass (its domain sized once per history) is Opacus's PRVAccountant bound
+    exactly, also where eps_error exceeds the RDP part of the domain size."""
+    from privacy.accounting import _prv_upper_bound
+
+    for history in ([(1.0, 0.01, 1000)], [(5.3, 0.01, 1000), (100.0, 1.0, 1)],
+                    [(10_000.0, 1.0, 1)]):
+        theirs = PRVAccountant()
+        theirs.history = list(history)
+        expected = theirs.get_epsilon(DELTA, eps_error=eps_error)
+        assert _prv_upper_bound(tuple(history), DELTA, eps_error)[0] == expected
+
+
 #: accountant_params of PRV ledger entries written before the refining pass existed
 PRV_PARAMS_BEFORE_REFINEMENT = {"name": "prv", "library": "opacus", "eps_error": 0.01,
                                 "delta_error": "delta/1000"}
