@@ -288,7 +288,11 @@ def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
         problems = "; ".join(
             f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
         )
-        raise SweepError(f"cell {cell.key}: {problems}") from None
+        # the config's "methods" does not choose a sweep's methods: its --methods does
+        raise SweepError(f"cell {cell.key}: {problems} (a sweep runs the methods of its "
+                         f"--methods, by default every registered one, whatever the config's "
+                         f"methods lists: to skip {cell.method!r}, pass --methods without "
+                         f"it)") from None
     return new
 
 

@@ -105,6 +105,14 @@ def test_cell_config_sets_the_privacy_section():
         cell_config(loose, Cell("fedora", 1.0, 0))
 
 
+def test_a_refused_cell_says_that_sweep_methods_come_from_the_command_line():
+    # the config lists no IFCA, but a sweep without --methods runs it; its refusal under DP
+    # ("leave 'ifca' out of methods") must point at --methods, not at the config's methods
+    cfg = tiny(methods=["fedora", "local"])
+    with pytest.raises(SweepError, match=r"ifca/eps-1/seed-0: .*to skip 'ifca', pass --methods without it"):
+        cell_config(cfg, Cell("ifca", 1.0, 0))
+
+
 def plain_context(cfg, clients):
     return build_context(cfg, clients, oracle=PlainGradient(cfg.training.batch_size))
 
