@@ -486,9 +486,24 @@ def test_binary_bce_refuses_more_than_two_classes(plug: str) -> None:
     """BCE on single labels 0..3 used to train one logit against targets 2 and 3 and report
     an AUC (rc 0)."""
     cfg = config(plug, data={"source": f"{plug}:good"}, training={"loss": "bce"})
-    with pytest.raises(DataError, match="'bce' with single labels is binary .* 4 classes; use "
-                                        "'cross_entropy'"):
+    with pytest.raises(DataError, match="'bce' with single labels is binary .* 4 classes "
+                                        r"\(labels 0..3.*\); use 'cross_entropy'"):
         Experiment(cfg).check()
+
+
+def test_binary_bce_on_labels_1_and_2_says_where_the_third_class_comes_from() -> None:
+    """Binary labels {1, 2} were refused as 'the data has 3 classes' while it holds two; the
+    message names the range the count comes from and the relabelling that fixes it."""
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    y = np.array([1, 2] * 30)
+    data = {"x_train": x[:40], "y_train": y[:40], "x_test": x[40:], "y_test": y[40:]}
+    cfg = {"methods": ["local"], "data": {"partition": "iid", "num_clients": 2,
+                                          "train_per_client": 10, "val_per_client": 5,
+                                          "test_per_client": 5},
+           "training": {"loss": "bce"}}
+    with pytest.raises(DataError, match=r"3 classes \(labels 0..2: the largest label.*relabel a "
+                                        r"binary task to 0 and 1"):
+        Experiment(cfg, data=data).check()
 
 
 def test_python_api_refuses_to_overwrite_a_finished_run(plug: str, tmp_path: Path) -> None:
