@@ -678,11 +678,12 @@ class FederationPrivacy:
     journals: list[ReleaseJournal] | None = None
     reproducible_noise: bool = True
     recoveries: list[dict[str, Any]] = field(default_factory=list)
-    journal_bytes: int = 0
     _replayed: set[int] = field(default_factory=set)
     _resumed: bool = False
     #: The journal fsyncs of the admissions in progress (:meth:`admission_batch`).
     _syncs: SyncBatch | None = None
+    #: The fsync pool of every admission batch: started by the first, stopped by :meth:`close`.
+    _fsync_pool: SyncBatch | None = None
     #: The journal stages' reading of a record found where no resume re-makes the release
     #: (None: JournalRelease.EARLIER_RUN, an earlier run in this directory).
     journal_conflict: str | None = None
@@ -820,7 +821,7 @@ class FederationPrivacy:
                 f"round {rnd}: a release cannot leave inside an admission batch (its journal"
                 " records are durable only once the batch ends)")
         if self.marks is not None:
-            self.journal_bytes += self.marks.mark(rnd, clients)
+            self.marks.mark(rnd, clients)
 
     def resume_after(self, last_round: int | None, saved: dict[str, Any] | None) -> None:
         """Prepare a resumed run that continues after round ``last_round`` (None: from the
@@ -1002,7 +1003,8 @@ class FederationPrivacy:
     @contextlib.contextmanager
     def admission_batch(self, rnd: int) -> Iterator[None]:
         """Inside, :meth:`admit` writes each client's journal record and issues its fsync on
-        a small thread pool instead of waiting for it, so the journal fsyncs of a round's
+        a small thread pool (started by the first batch, kept until :meth:`close`) instead of
+        waiting for it, so the journal fsyncs of a round's
         admissions overlap each other and the next clients' admissions; on exit every record
         written inside is durable. Nothing may leave inside (admission only accounts): a
         round's releases leave after its admissions (:meth:`release_model`, which first marks
@@ -1026,13 +1028,14 @@ class FederationPrivacy:
             yield
             return
         self.admitting.mark(rnd, ())
-        syncs = self._syncs = SyncBatch()
+        if self._fsync_pool is None:
+            self._fsync_pool = SyncBatch()
+        syncs = self._syncs = self._fsync_pool
         try:
             yield
         finally:
             self._syncs = None
             failed = syncs.wait()
-            syncs.close()
         if failed:
             paths = {path for path, _ in failed}
             for c in self.clients:
@@ -1041,9 +1044,15 @@ class FederationPrivacy:
             raise failed[0][1]
 
     def close(self) -> None:
-        """Release every ledger's lock (the ledgers stay open to a later run)."""
-        for c in self.clients:
-            c.ledger.close()
+        """Stop the admission batches' fsync pool (every fsync issued has finished) and
+        release every ledger's lock (the ledgers stay open to a later run)."""
+        pool, self._fsync_pool = self._fsync_pool, None
+        try:
+            if pool is not None:
+                pool.close()
+        finally:
+            for c in self.clients:
+                c.ledger.close()
 
     def close_ledgers(self, final_round: int) -> None:
         """The method finished: append each client's signed close entry (final index and
@@ -1194,7 +1203,6 @@ class FederationPrivacy:
             self.events.append({"round": rnd, "client": c.client_id, "event": "refused", "detail": str(err)})
             log.warning("%s", err)
             return None
-        self.journal_bytes += int(released.metadata.get("journal_bytes", 0))
         return released
 
     def _noise_metadata(self, i: int, noise_state: bytes) -> dict[str, Any]:

@@ -653,3 +653,40 @@ def test_no_release_leaves_inside_an_admission_batch(tmp_path):
     assert (ledgers / MARKS_NAME).read_bytes() == b'{"round":1,"clients":[[0,2]]}\n'
     assert all(len((ledgers / f"client-00{k}.journal").read_bytes().splitlines()) == 1
                for k in range(3))
+
+
+def test_admission_batches_share_one_fsync_pool_that_close_stops(tmp_path):
+    """Every round's admission batch fsyncs on the same few threads (no new pool per round),
+    each batch still ends with its records durable, and close leaves no fsync thread
+    behind, also after an error inside a batch."""
+    import threading
+
+    from secure_fedora.secure.private import FederationPrivacy
+
+    def fsync_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("fsync")}
+
+    cfg = dp_config(methods=["local"])
+    ledgers, keys = tmp_path / "ledgers", tmp_path / "keys"
+    before = fsync_threads()
+    privacy = FederationPrivacy.open(cfg, "local", 3, ledgers, keys)
+    seen = []
+    try:
+        for rnd in (1, 2, 3):
+            with privacy.admission_batch(rnd):
+                assert all(privacy.admit(i, rnd, torch.zeros(10), with_lambda=False)
+                           for i in range(3))
+            seen.append(fsync_threads() - before)
+            assert all(len((ledgers / f"client-00{k}.journal").read_bytes().splitlines()) == rnd
+                       for k in range(3))
+            for i in range(3):
+                for _ in range(privacy.steps):
+                    privacy.clients[i].step_counter.count()
+                privacy.release_model(i, rnd, torch.arange(10.0))
+        with pytest.raises(RuntimeError, match="inside"), privacy.admission_batch(4):
+            privacy.admit(0, 4, torch.zeros(10), with_lambda=False)
+            raise RuntimeError("inside")
+    finally:
+        privacy.close()
+    assert seen[0] and seen[0] <= seen[1] <= seen[2]  # the same threads, kept
+    assert fsync_threads() - before == set()
