@@ -133,10 +133,15 @@ def _json_option(args: argparse.Namespace, command: str) -> Path | None:
     """``--json``, checked before the audit runs (ConfigError naming it when empty, only
     spaces or holding NUL, when its folder is not a directory, or when the path is refused by
     :mod:`audits.output`'s rule: a directory, a link, a non-regular file, or without
-    ``--force`` an existing file that is not a previous report of ``command``)."""
+    ``--force`` an existing file that is not a previous report of ``command``); ``--force``
+    without ``--json`` is a ConfigError naming both (it would change nothing)."""
     from audits.output import check_output_file
+    from secure_fedora.core.config import ConfigError
 
     if args.json is None:
+        if args.force:  # it would replace nothing: no other file of the command takes it
+            raise ConfigError(f"--force needs --json: it only lets `audit {command} --json FILE`"
+                              " replace an existing file; pass --json FILE, or leave --force out")
         return None
     return check_output_file(args.json, "--json", command, force=args.force)
 
@@ -195,7 +200,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
     from audits.canary import run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
-    from secure_fedora.cli import keystore_flag
+    from secure_fedora.cli import check_keystore_used, keystore_flag
     from secure_fedora.core.config import load_config
 
     json_path = _json_option(args, "canary")
@@ -214,6 +219,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    check_keystore_used(keystore, cfg.privacy.enabled)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,
@@ -407,12 +413,13 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 
 FORCE_HELP = ("replace an existing output file that is not a previous report of this command"
               " (a directory, a link or a non-regular file is never replaced)")
+JSON_FORCE_HELP = FORCE_HELP + "; only with --json (an error without it)"
 
 
 def _json_flags(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--json", help=help_text + " (written atomically; an existing file is"
                    " replaced only when it is a previous report of this command, or with --force)")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--force", action="store_true", help=JSON_FORCE_HELP)
 
 
 def register(subparsers: Any) -> None:

@@ -53,7 +53,8 @@ def add_keystore_flag(parser: argparse.ArgumentParser) -> None:
     :func:`keystore_flag`."""
     parser.add_argument("--keystore", help="key store of a DP run's private keys (default:"
                         " [security] keystore, else ~/.local/share/secure-fedora/keystore/"
-                        "<name>; see `keys init`)")
+                        "<name>; see `keys init`); an error when the config has [privacy]"
+                        " enabled = false (such a run reads no key store)")
 
 
 def keystore_flag(value: str | None) -> str | None:
@@ -67,6 +68,16 @@ def keystore_flag(value: str | None) -> str | None:
     if value is not None:
         check_path_argument(value, "--keystore")
     return value
+
+
+def check_keystore_used(value: str | None, private: bool) -> None:
+    """ConfigError, before anything is built or written, when ``--keystore`` is given for a
+    config with ``[privacy] enabled = false``: such a run reads no key store (its envelope
+    keys, if any, are made in ``RUN_DIR/keys``), so the flag would be ignored."""
+    if value is not None and not private:
+        raise ConfigError("--keystore is unused: the config has [privacy] enabled = false, and "
+                          "a run without privacy reads no key store (its envelope keys, if any, "
+                          "are in RUN_DIR/keys); leave --keystore out, or enable [privacy]")
 
 
 def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -124,6 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
     cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
+    check_keystore_used(args.keystore, cfg.privacy.enabled)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
     prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)

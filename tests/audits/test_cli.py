@@ -352,3 +352,41 @@ def test_audit_argument_errors_name_the_flag(pristine_run, tmp_path, capsys, com
                           'train_per_client = 16\nval_per_client = 8\ntest_per_client = 8\n')
     assert main(["audit", command, str(target), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["verify", "canary", "whitebox", "leakage"])
+def test_force_without_json_is_refused_before_the_audit(pristine_run, tmp_path, monkeypatch,
+                                                        capsys, command):
+    """`audit verify RUN --force` (canary, whitebox, leakage likewise) ran the audit and
+    ignored --force: it only lets --json replace a file, and there was none to replace."""
+    monkeypatch.chdir(tmp_path)
+    target = str(pristine_run) if command in ("verify", "whitebox") else "missing.toml"
+    assert main(["audit", command, target, "--force"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --force needs --json") and captured.out == ""
+    assert "\n" not in captured.err.rstrip("\n") and list(tmp_path.iterdir()) == []
+    assert "only with --json" in " ".join(
+        _subparser(command).format_help().split())
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    register(parser.add_subparsers(dest="command"))
+    audit = parser._subparsers._group_actions[0].choices["audit"]
+    return audit._subparsers._group_actions[0].choices[command]
+
+
+def test_canary_keystore_on_a_config_without_privacy_is_refused(tmp_path, capsys, monkeypatch):
+    """`audit canary CFG --keystore DIR` of a config with [privacy] enabled = false ran and
+    ignored the key store (such a run reads none): an error now, before anything is built."""
+    monkeypatch.setenv("SECURE_FEDORA_KEYSTORE_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                   'val_per_client = 8\ntest_per_client = 8\n')
+    store = tmp_path / "store"
+    assert main(["audit", "canary", str(cfg), "--canaries", "20", "--keystore", str(store)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.out == ""
+    assert captured.err.startswith("error: --keystore is unused") and \
+        "[privacy] enabled = false" in captured.err
+    assert not store.exists() and not (tmp_path / "home").exists()

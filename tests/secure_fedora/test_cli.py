@@ -77,6 +77,18 @@ def test_an_empty_keystore_option_is_refused(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("*.key")) and not (tmp_path / "run").exists()
 
 
+def test_keystore_on_a_config_without_privacy_is_refused(tmp_path, monkeypatch, capsys):
+    """`run CONFIG --keystore DIR` with [privacy] enabled = false ran and ignored the flag (a
+    run without privacy reads no key store): now one error line before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    store, out = tmp_path / "store", tmp_path / "run"
+    assert main(["run", str(SMOKE), "--out", str(out), "--keystore", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --keystore is unused") and err.count("\n") == 1
+    assert "[privacy] enabled = false" in err
+    assert not out.exists() and not store.exists()
+
+
 DP_TINY = """
 name = "dp-tiny"
 seed = 1
