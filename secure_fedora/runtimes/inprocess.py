@@ -890,6 +890,7 @@ class Simulation:
         self.keystore_extended: tuple[str, ...] = ()
         #: How key-store errors name ``keystore`` (the CLI sets its ``--keystore`` flag).
         self.keystore_option: str = API_KEYSTORE_OPTION
+        self._extension_recorded = False  # keystore_extended.json written by this process
         # Binds every in-process envelope to this run and its method (messages never outlive
         # the process, so a fresh random id per Simulation is enough).
         self.run_nonce = secrets.token_hex(8)
@@ -1011,6 +1012,10 @@ class Simulation:
                                         self.keystore_option)
                 self.keystore_created = store.created
                 self.keystore_extended = store.added
+                # recorded now in a run directory bound to this run (the CLI's); else once
+                # _open_privacy has written its config copy
+                if (self.run_dir / "config.toml").is_file():
+                    self._record_extension()
                 if store.created:
                     log.warning("created key store %s (private keys 0600, outside the run"
                                 " directory; %s)", path, source)
@@ -1111,6 +1116,7 @@ class Simulation:
         # the run's first privacy record binds the directory to this config: a resume before
         # the first checkpoint (the Python API's runs have no other copy) is checked against it
         self._write_config_copy()
+        self._record_extension()
         # another store: nothing written
         check_public_keys(key_dir, self.run_dir / "keys", parties, self.keystore_option)
         # the model these ledgers' releases come from is recorded with them (the same
@@ -1505,6 +1511,8 @@ class Simulation:
             check_fresh_run_dir(self.run_dir, self.cfg, cli=False)
         p = self.cfg.privacy
         if p.enabled:
+            if resume:  # a damaged key-store record is refused before anything is written
+                self._recorded_extension()
             for name in self.cfg.methods:
                 self.budget_plans(name)
         self.check_model_sizes()  # every method before the first runs
@@ -1577,7 +1585,7 @@ class Simulation:
             inputs_outside_config_assumption,
         )
 
-        extended = [*self._recorded_extension(), *self.keystore_extended]
+        extended = self._recorded_extension() if self.cfg.privacy.enabled else []
         return build_results(
             self.cfg, runtime="in-process", config_hash=self.config_hash,
             metric=self.metric_name(), outcomes={n: o.to_json() for n, o in outcomes.items()},
@@ -1589,19 +1597,36 @@ class Simulation:
                                   "val": c.val_x.shape[0], "test": c.test_x.shape[0], **c.meta}
                                  for c in self.clients]))
 
+    def _record_extension(self) -> None:
+        """Write the parties this process added to the key store into the run directory's
+        ``keystore_extended.json`` (atomically, with those it already lists), so that a run
+        interrupted before results.json still lists them once resumed; once per process."""
+        from secure_fedora.runtimes.rundir import KEYSTORE_RECORD, recorded_keystore_extension
+
+        if not self.keystore_extended or self._extension_recorded:
+            return
+        parties = recorded_keystore_extension(self.run_dir, self._resume_name())
+        parties += [p for p in self.keystore_extended if p not in parties]
+        atomic_write_text(self.run_dir / KEYSTORE_RECORD,
+                          strict_json({"keystore_extended": parties}))
+        self._extension_recorded = True
+
+    def _resume_name(self) -> str:
+        """How errors name resuming: the CLI's ``--resume`` (whose key-store errors name its
+        flag), else the Python API's."""
+        from secure_fedora.secure.keystore import CLI_KEYSTORE_OPTION
+
+        return "--resume" if self.keystore_option == CLI_KEYSTORE_OPTION else "run(resume=True)"
+
     def _recorded_extension(self) -> list[str]:
-        """The parties an earlier process of this run added to its key store, as the run
-        directory's results.json records them (``keystore_extended``; a resume of a finished
-        run keeps the record); empty when there is none or it is not a list of names."""
-        path = self.run_dir / "results.json"
-        try:
-            recorded = json.loads(path.read_text()).get("keystore_extended") \
-                if path.is_file() else None
-        except (OSError, ValueError, AttributeError):
-            return []
-        if not isinstance(recorded, list) or not all(isinstance(p, str) for p in recorded):
-            return []
-        return [p for p in recorded if p not in self.keystore_extended]
+        """The parties this run added to its key store, in any of its processes: those its
+        ``keystore_extended.json`` and results.json record, then this process's. A record that
+        cannot be read is a RunDirError naming the file (as a resume refuses it), never
+        dropped."""
+        from secure_fedora.runtimes.rundir import recorded_keystore_extension
+
+        parties = recorded_keystore_extension(self.run_dir, self._resume_name())
+        return parties + [p for p in self.keystore_extended if p not in parties]
 
     def metric_name(self) -> str:
         """The metric model selection and results use: "accuracy" or "auc"."""

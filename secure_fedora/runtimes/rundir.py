@@ -3,7 +3,8 @@
 ``secure-fedora run`` calls :func:`prepare_run_dir` before it writes a byte:
 
 - a fresh run needs a directory that does not exist or is empty, or that holds only the
-  config copy of this very configuration (a start killed before it wrote anything else); one
+  config copy of this very configuration (a start killed before it wrote anything else but
+  the record of the key store it extended, :data:`KEYSTORE_RECORD`); one
   that holds anything
   (another run's ledgers, results, checkpoints, or any other file) is refused; a fresh run
   that fails before writing anything but its config copy withdraws it
@@ -29,6 +30,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,16 @@ from typing import Any
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
-__all__ = ["CONFIG_COPY", "RUNS_FOLDER", "RunDirError", "check_fresh_run_dir", "check_resumable",
-           "default_run_dir", "prepare_run_dir", "withdraw_unstarted_run"]
+__all__ = ["CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER", "RunDirError", "check_fresh_run_dir",
+           "check_resumable", "default_run_dir", "prepare_run_dir", "recorded_keystore_extension",
+           "withdraw_unstarted_run"]
 
 RUNS_FOLDER = Path("runs")
 CONFIG_COPY = "config.toml"
+#: The parties a DP run added to its key store, written (atomically) into the run directory
+#: when the store is extended, so that a run interrupted before its first results.json still
+#: lists them (``keystore_extended``) once resumed.
+KEYSTORE_RECORD = "keystore_extended.json"
 
 
 class RunDirError(ToolkitError, ValueError):
@@ -84,15 +91,18 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
 def check_fresh_run_dir(run_dir: Path, cfg: ExperimentConfig, cli: bool = True) -> None:
     """RunDirError unless ``run_dir`` can take a fresh run of ``cfg`` without overwriting
     anything: it does not exist, is empty, or holds only ``config.toml`` of this very
-    configuration (what the CLI writes before the run starts). The message names the CLI's
+    configuration (what the CLI writes before the run starts), with at most the record of the
+    key store that start extended (:data:`KEYSTORE_RECORD`). The message names the CLI's
     options, or with ``cli`` False the Python API's arguments."""
     if run_dir.exists():
         if not run_dir.is_dir():
             raise RunDirError(f"run directory {run_dir} exists and is not a directory")
         held = _contents(run_dir)
-        if held == [CONFIG_COPY] and (run_dir / CONFIG_COPY).is_file() \
-                and _same_config(run_dir / CONFIG_COPY, cfg):
-            held = []  # a start of this very run killed before it wrote anything else
+        # a start of this very run killed before it wrote anything else (but the record of
+        # the key store it extended, which the run keeps)
+        if CONFIG_COPY in held and set(held) <= {CONFIG_COPY, KEYSTORE_RECORD} \
+                and (run_dir / CONFIG_COPY).is_file() and _same_config(run_dir / CONFIG_COPY, cfg):
+            held = []
         if held:
             shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
             out, resume = _names(cli)
@@ -166,10 +176,12 @@ def _plain_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
 
 def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
     """True when a DP run, bound to this configuration by its config copy, holds nothing but
-    it and the hidden folders of ledger creations that were interrupted (empty ledgers): it
-    was killed before its first method's ledger folder was renamed into place, so before any
-    release (its keys are published after it) and it is started again."""
-    if not cfg.privacy.enabled or not {p.name for p in run_dir.iterdir()} <= {CONFIG_COPY, "ledgers"}:
+    it, the record of the key store it extended and the hidden folders of ledger creations
+    that were interrupted (empty ledgers): it was killed before its first method's ledger
+    folder was renamed into place, so before any release (its keys are published after it)
+    and it is started again."""
+    if not cfg.privacy.enabled or \
+            not {p.name for p in run_dir.iterdir()} <= {CONFIG_COPY, KEYSTORE_RECORD, "ledgers"}:
         return False
     from secure_fedora.secure.private import interrupted_ledger_creations
 
@@ -198,7 +210,9 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
     checkpoint to continue from (see the module docstring) and its outputs (results.json,
     rounds.csv, plots/, checkpoints/) of a kind it can write; reads only. The Python API's
     non-private runs without envelopes hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
-    order are checked all the same, and a config copy that is there must match. Messages name
+    order are checked all the same, and a config copy that is there must match. A DP run's
+    record of the parties it added to its key store that cannot be read is refused
+    (:func:`recorded_keystore_extension`). Messages name
     the CLI's options, or with ``cli`` False the Python API's arguments."""
     out, resume = _names(cli)
     if not run_dir.is_dir():
@@ -211,6 +225,8 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
             kind = "a directory" if want_dir else "a regular file"
             raise RunDirError(f"{resume}: {path} is not {kind}, so the run could not write it; "
                               "move it away, then resume")
+    if cfg.privacy.enabled:  # only a DP run uses a key store: its damaged record is refused
+        recorded_keystore_extension(run_dir, resume)
     stored = run_dir / CONFIG_COPY
     if not stored.is_file():
         if config_copy_required:
@@ -228,6 +244,48 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
             f"the given config); resume with the config it was started with, or use a new {out}"
         )
     _check_checkpoints(run_dir, cfg, bound=True, resume=resume)
+
+
+def _read_extension(path: Path, resume: str) -> list[str]:
+    """The ``keystore_extended`` list of the JSON object in ``path`` ([] when the file or the
+    key is absent); RunDirError naming the file when it cannot be read or parsed, is not an
+    object, or the value is not a list of party names."""
+    if not path.exists():
+        return []
+    why = None
+    try:
+        doc = json.loads(path.read_bytes())
+    except OSError as err:
+        why = f"cannot be read ({err.strerror or err})"
+    except ValueError as err:
+        why = f"is not JSON ({err})"
+    else:
+        if not isinstance(doc, dict):
+            why = f"is not a JSON object (a {type(doc).__name__})"
+        else:
+            recorded = doc.get("keystore_extended", [])
+            if isinstance(recorded, list) and all(isinstance(p, str) for p in recorded):
+                return recorded
+            why = "holds a keystore_extended that is not a list of party names"
+    raise RunDirError(
+        f"{resume}: {path} {why}, so the parties this run added to its key store "
+        "(keystore_extended) cannot be read; restore the file from a copy of the run directory, "
+        "or move it away (its record is then lost), then resume; nothing was written")
+
+
+def recorded_keystore_extension(run_dir: Path, resume: str = "--resume") -> list[str]:
+    """The parties an earlier process of the run in ``run_dir`` added to its key store, as its
+    :data:`KEYSTORE_RECORD` and its results.json (``keystore_extended``) list them, in that
+    order without repeats; [] when neither records any. Reads only. A record that cannot be
+    read is never dropped: RunDirError naming the file (``resume`` names how the caller
+    resumes)."""
+    parties: list[str] = []
+    for name in (KEYSTORE_RECORD, "results.json"):
+        path = run_dir / name
+        if name == "results.json" and path.is_dir():
+            continue  # refused by check_resumable as an output of the wrong kind
+        parties += [p for p in _read_extension(path, resume) if p not in parties]
+    return parties
 
 
 def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Path,

@@ -21,8 +21,8 @@ a process killed meanwhile leaves no half-made store (at most an unused
 ``.<name>.creating-*`` directory beside it, removed when the store is next created or
 opened). A store lacking some
 parties of the run gets keys for exactly those parties, nothing else is touched (the run
-says so in one line, :func:`extension_notice`, and its results.json lists them under
-``keystore_extended``); an existing directory without an allowlist is filled the same way. Both write a
+says so in one line, :func:`extension_notice`, its run directory records them at once in
+``keystore_extended.json`` and its results.json lists them under ``keystore_extended``); an existing directory without an allowlist is filled the same way. Both write a
 ``.creating`` marker naming the parties first and remove it after the allowlist, so that a
 kill in between is recognised and completed (see :func:`ensure_keystore`). A store directory writable by group or others, or owned by another user, is refused
 (someone else could swap its allowlist or key files). Assumption (stated): key files are

@@ -151,6 +151,101 @@ def test_a_store_from_keys_init_for_fewer_clients_is_extended_visibly_and_record
     assert "keystore_extended" not in json.loads((tmp_path / "again" / "results.json").read_text())
 
 
+@pytest.mark.parametrize("point", ["ledger_staged@2", "keys_published", "train@2", "results"])
+def test_a_store_extension_is_recorded_by_a_run_interrupted_before_its_results(
+        tmp_path, capsys, point):
+    """results.json listed keystore_extended only when the process that extended the store
+    wrote it: a run killed after the extension, before its first results.json, was resumed
+    with a store that lacked nothing, and its results.json said nothing of the extension."""
+    from secure_fedora.core import crashpoints
+
+    config = tmp_path / "dp.toml"
+    config.write_text(LOCAL_DP)
+    store, out = tmp_path / "store", tmp_path / "run"
+    assert main(["keys", "init", str(store), "--clients", "2"]) == 0
+    argv = ["run", str(config), "--out", str(out), "--quiet", "--keystore", str(store)]
+    crashpoints.arm(point)
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            main(argv)
+    finally:
+        crashpoints.disarm()
+    assert not (out / "results.json").exists()
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text()).get("keystore_extended") == \
+        ["client-002"]
+    # the record made at the extension, in the run directory
+    record = json.loads((out / "keystore_extended.json").read_text())
+    assert record == {"keystore_extended": ["client-002"]}
+    capsys.readouterr()
+
+
+def test_a_store_extension_is_recorded_by_an_api_run_interrupted_before_its_results(tmp_path):
+    """The Python API's run writes its config copy only as its first method opens its
+    privacy: the extension made just before is recorded then, and a resume lists it."""
+    from secure_fedora.core import crashpoints
+    from secure_fedora.core.config import load_config
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    config = tmp_path / "dp.toml"
+    config.write_text(LOCAL_DP)
+    cfg = load_config(config)
+    store, out = tmp_path / "store", tmp_path / "run"
+    assert main(["keys", "init", str(store), "--clients", "2"]) == 0
+    crashpoints.arm("train@2")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Simulation(cfg, out, keystore=store).run()
+    finally:
+        crashpoints.disarm()
+    results = Simulation(cfg, out, keystore=store).run(resume=True)
+    assert results["keystore_extended"] == ["client-002"]
+    assert json.loads((out / "results.json").read_text())["keystore_extended"] == ["client-002"]
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("results.json", b'{"keystore_extended": ["client-0'),
+    ("results.json", b'["client-002"]'),
+    ("results.json", b'{"keystore_extended": "client-002"}'),
+    ("keystore_extended.json", b"\xff not json"),
+    ("keystore_extended.json", b'{"keystore_extended": [2]}'),
+])
+def test_a_damaged_key_store_record_is_refused_by_a_resume(tmp_path, capsys, name, damage):
+    """A results.json whose keystore_extended could not be read (not JSON, not an object, not
+    a list of names) was dropped without a word and the resumed run rewrote results.json
+    without it. A resume now refuses it as it refuses other damaged run files: one line naming
+    the file, nothing written; the Python API's resume likewise."""
+    import shutil
+
+    from secure_fedora.api import Experiment
+    from secure_fedora.runtimes.inprocess import Simulation
+    from secure_fedora.runtimes.rundir import RunDirError
+
+    config = tmp_path / "dp.toml"
+    config.write_text(LOCAL_DP)
+    store, out = tmp_path / "store", tmp_path / "run"
+    assert main(["keys", "init", str(store), "--clients", "2"]) == 0
+    argv = ["run", str(config), "--out", str(out), "--quiet", "--keystore", str(store)]
+    assert main(argv) == 0
+    (out / name).write_bytes(damage)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --resume: {out / name} ")
+    assert "keystore_extended" in err and "nothing was written" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    from secure_fedora.core.config import load_config
+
+    cfg = load_config(config)
+    with pytest.raises(RunDirError, match=r"^run\(resume=True\): .*keystore_extended"):
+        Experiment(cfg, run_dir=out).run(resume=True)
+    with pytest.raises(RunDirError, match=r"^run\(resume=True\): .*keystore_extended"):
+        Simulation(cfg, out, keystore=store).run(resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    shutil.rmtree(out)
+
+
 def test_resume_of_a_finished_run_reprints_its_results_and_trains_nothing(tmp_path, capsys):
     """What README says of `run --resume` on a finished run: no round is trained and no
     ledger entry added; the results are printed again and results.json holds the same."""
