@@ -877,6 +877,25 @@ class EnvelopeVerifier:
         cut or edited in between; nonces accepted after the recording are allowed."""
         return self._nonces.head()
 
+    def advance_floor(self, floor: int) -> None:
+        """Make ``floor`` the oldest accepted round (never lower than it is) and drop every
+        nonce of an older round, durably: a private state file is atomically rewritten to
+        exactly what is kept (so it stays as small as the memory), a shared journal gets a
+        floor line. Messages of older rounds are refused as stale from then on, so the
+        dropped nonces cannot be replayed."""
+        if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
+            raise ValueError(f"floor must be a non-negative integer, got {floor!r}")
+        if self._batch_open:
+            raise EnvelopeStateError(f"verifier of {self.recipient!r} has an open batch")
+        memory = self._nonces
+        if memory.file is not None and memory.tag is None:
+            memory.update(floor, ())
+            memory.file.rewrite(memory.snapshot())
+        else:
+            if memory.file is not None and floor > memory.floor:
+                memory.file.append(memory.records(floor, ()))
+            memory.update(floor, ())
+
     def batch(self) -> VerificationBatch:
         """Start a :class:`VerificationBatch`: verify several messages, persist their nonces
         with one append + one fsync at :meth:`VerificationBatch.commit`."""

@@ -165,6 +165,34 @@ def test_persisted_nonce_state_catches_replay_after_restart(parties, tmp_path):
     assert EnvelopeVerifier(allow, "server").verify(env, b"x", 2) is env
 
 
+def test_advance_floor_drops_older_nonces_durably_and_refuses_their_rounds(parties, tmp_path):
+    """A private file is rewritten to what is kept (bounded by the memory); a shared journal
+    gets a floor line; older rounds are stale, also after a restart; the floor never drops."""
+    from privacy.envelope import NonceJournal
+
+    allow = {p: i.public for p, i in parties.items()}
+    state = tmp_path / "nonces.jsonl"
+    v = EnvelopeVerifier(allow, "server", state_path=state)
+    old = make_envelope(parties["client-001"], "server", 1, "model", b"x")
+    v.verify(old, b"x", 1)
+    for rnd in range(2, 50):
+        v.advance_floor(rnd)
+        v.verify(make_envelope(parties["client-000"], "server", rnd, "model", b"x"), b"x", rnd)
+    assert len(state.read_text().splitlines()) == 2  # the floor and round 49's nonce
+    v.advance_floor(3)  # lower: no change
+    assert v.round_floor == 49
+    with pytest.raises(StaleRoundError):
+        EnvelopeVerifier(allow, "server", state_path=state).verify(old, b"x", 49)
+    with pytest.raises(ValueError, match="non-negative"):
+        v.advance_floor(-1)
+    journal = NonceJournal(tmp_path / "journal.jsonl")
+    shared = EnvelopeVerifier(allow, "server", journal=journal)
+    shared.advance_floor(5)
+    assert '"floor": 5' in (tmp_path / "journal.jsonl").read_text()
+    assert EnvelopeVerifier(allow, "server", journal=NonceJournal(
+        tmp_path / "journal.jsonl")).round_floor == 5
+
+
 def test_persisted_state_torn_line_dropped_corrupt_line_fails(parties, tmp_path):
     allow = {p: i.public for p, i in parties.items()}
     state = tmp_path / "nonces.jsonl"

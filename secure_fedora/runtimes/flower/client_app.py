@@ -942,7 +942,8 @@ def hello(message: Message, context: Context) -> Message:
     client's error texts are (``client-errors``), so that the run's results and a stop at
     first contact can say it per client."""
     started = time.time()
-    settings, node, security, _ = _open_request(message, context, HELLO_SCOPE)
+    # the reply carries the hello's epoch (its envelope round): the server accepts no other
+    settings, node, security, request = _open_request(message, context, HELLO_SCOPE)
     _check_hash(message, "run", settings)
     check_supported(settings.experiment, settings.reproducible_dp_noise,
                     settings.compare_methods)
@@ -962,7 +963,7 @@ def hello(message: Message, context: Context) -> Message:
                                     "config-hash": settings.config_hash}),
             "refusal": ConfigRecord({"reason": reason, "client-errors": mode}),
             "metrics": MetricRecord(_timings(started))})
-        return _reply(security, message, refusal, 0)
+        return _reply(security, message, refusal, request.round)
     info: dict[str, Any] = {
         "client-id": node.partition_id, "config-hash": settings.config_hash,
         "input-shape": list(schema.input_shape), "num-classes": schema.num_classes,
@@ -977,7 +978,7 @@ def hello(message: Message, context: Context) -> Message:
             info[f"meta-{key}"] = value
     content = RecordDict({"client": ConfigRecord(info),
                           "metrics": MetricRecord(_timings(started))})
-    return _reply(security, message, content, 0)
+    return _reply(security, message, content, request.round)
 
 
 def _claimed_method(message: Message, settings: RunSettings) -> str:

@@ -8,6 +8,9 @@ per client id. Envelopes are verified in a *scope* (its own nonce memory and rou
 ``rounds + 1`` for its finalize exchange.
 
 ``query.hello`` (server -> every node; first contact)
+    Envelope round: the exchange's *epoch*, one above the server's last (each hello exchange,
+    retries and later searches for a moved client included, has its own); the reply is
+    signed at that round, and a reply of an earlier epoch is refused as stale.
     content: ``ConfigRecord "run"`` with ``config-hash``.
     reply: ``ConfigRecord "client"`` with ``client-id``, ``config-hash``, ``input-shape``,
     ``num-classes``, ``multilabel``, the split sizes ``train``, ``val``, ``test`` and the

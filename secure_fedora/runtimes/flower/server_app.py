@@ -516,14 +516,17 @@ class _Server:
 
     def accept(
         self, rnd: int, node: int, reply: Message, message_type: str, client: int | None,
-        then: str,
+        then: str, *, expected_round: int | None = None,
     ) -> Envelope | None:
-        """Verify ``reply``'s envelope (from ``client``, or any allowlisted client when None);
-        a rejection is recorded and logged and returns None."""
+        """Verify ``reply``'s envelope (from ``client``, or any allowlisted client when None)
+        for envelope round ``expected_round`` (default ``rnd``, the round events name); a
+        rejection is recorded and logged and returns None."""
         expected = self.client_ids[client] if client is not None else None
         try:
-            return self.security.verify(reply.content, message_type, reply=True,
-                                        expected_round=rnd, expected_sender=expected)
+            return self.security.verify(
+                reply.content, message_type, reply=True,
+                expected_round=rnd if expected_round is None else expected_round,
+                expected_sender=expected)
         except EnvelopeError as err:
             self.reject(rnd, client, node, err, then)
             return None
@@ -555,10 +558,11 @@ def _relatedness_wait(server: _Server) -> float:
 
 
 def _relatedness_message(
-    server: _Server, node: int, message_type: str, content: RecordDict, recipients: list[str]
+    server: _Server, node: int, message_type: str, content: RecordDict, recipients: list[str],
+    rnd: int = 0,
 ) -> Message:
     return Message(
-        server.sign(content, message_type, recipients, 0),
+        server.sign(content, message_type, recipients, rnd),
         dst_node_id=node,
         message_type=message_type,
         group_id=f"{server.scope}:setup:0",
@@ -579,12 +583,17 @@ def _first_contact(
     count as missing. A client answering from another node than the one it was known at is
     an event ("now at node X"), unless ``record_moves`` is False (the caller records the
     moves it takes once it checked the replies' content).
+
+    Every hello exchange is signed at an epoch of its own (:func:`_hello_epoch`) and accepts
+    only replies of that epoch, so a hello reply replayed from an earlier exchange is refused
+    as stale and the first contact's nonce memory keeps one exchange's nonces at most.
     """
     conf = ConfigRecord({"config-hash": server.settings.config_hash, **extra})
     record = "run" if message_type == MSG_HELLO else "fedora"
+    rnd = _hello_epoch(server) if message_type == MSG_HELLO else 0
     messages = {
         node: _relatedness_message(
-            server, node, message_type, RecordDict({record: conf}), server.client_ids
+            server, node, message_type, RecordDict({record: conf}), server.client_ids, rnd
         )
         for node in nodes
     }
@@ -602,7 +611,8 @@ def _first_contact(
     accepted: dict[int, tuple[Message, Envelope]] = {}
     seen: dict[int, int] = {}
     for node, reply in sorted(ex.replies.items()):
-        envelope = server.accept(0, node, reply, message_type, None, "not identified")
+        envelope = server.accept(0, node, reply, message_type, None, "not identified",
+                                 expected_round=rnd)
         if envelope is None:
             server.spare.add(node)
             continue
@@ -631,6 +641,16 @@ def _first_contact(
         server.node_of_client[cid] = node
         accepted[cid] = (reply, envelope)
     return accepted, ex.timing
+
+
+def _hello_epoch(server: _Server) -> int:
+    """The envelope round of a new hello exchange: one above the first contact's oldest
+    accepted round, made that round durably (and the nonces of earlier exchanges dropped)
+    before anything is signed, so no epoch is signed twice, also across a restart."""
+    verifier = server.security.verifier
+    epoch = verifier.round_floor + 1
+    verifier.advance_floor(epoch)
+    return epoch
 
 
 def _moved(message_type: str, cid: int, node: int, was: int) -> str:
