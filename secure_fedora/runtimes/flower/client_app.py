@@ -334,7 +334,8 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
     Calibration takes seconds and every Flower message runs in a fresh process, so the plan is
     stored (atomically) with the config hash and budget it was calibrated for and the SHA-256
     of its content, and recomputed (logged) if either differs or the digest does not match:
-    a damaged copy is never used for the client's noise.
+    a damaged copy is never used for the client's noise. ``compute`` must calibrate as the
+    client's ledger was planned (PRV with or without its refining pass).
     """
     from privacy.accounting import PlannedRelease
     from secure_fedora.secure.private import ClientPlan
@@ -346,10 +347,13 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
             if doc.get("key") == key:
                 if doc.get("sha256") != _plan_digest(doc):
                     raise ValueError("its content does not match its SHA-256")
+                refine = doc.get("prv_refine", True)  # absent: written before the field
+                if not isinstance(refine, bool):
+                    raise ValueError(f"prv_refine is {refine!r}, not true or false")
                 return ClientPlan(
                     doc["dpsgd_noise"], doc["summary_noise"], doc["lambda_noise"],
                     tuple(PlannedRelease(**r) for r in doc["releases"]),
-                    doc.get("accountant", ""),
+                    doc.get("accountant", ""), refine,
                 )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("plan cache %s is damaged (%s): calibrating the plan again", path, err)
@@ -361,6 +365,7 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
         "lambda_noise": plan.lambda_noise,
         "releases": [dict(r.__dict__) for r in plan.releases],
         "accountant": plan.accountant,
+        "prv_refine": plan.prv_refine,
     }
     doc["sha256"] = _plan_digest(doc)
     atomic_write_text(path, json.dumps(doc))
@@ -516,8 +521,15 @@ def _open_privacy(
     budget = client_budget(cfg, i)
     ledger_dir = _method_dir(node, run_id, method)
     ledger_dir.mkdir(parents=True, exist_ok=True)
-    plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget,
-                        lambda: privacy_plan(cfg, method, budget))
+    def calibrate() -> Any:
+        # as FederationPrivacy.open resumes: a PRV ledger written before PRV's refining pass
+        # was planned without it, and its releases are accounted without it again
+        kind = choose_accountant(cfg, method, [budget]).name
+        refine = not (kind == "prv" and checked.entries
+                      and not replay_accountant(checked.entries, kind).prv_refine)
+        return privacy_plan(cfg, method, budget, kind, prv_refine=refine)
+
+    plan = _cached_plan(ledger_dir / "plan.json", settings.config_hash, budget, calibrate)
     if not (ledger_dir / MODEL_RECORD).is_file():
         create_ledgers_in(ledger_dir, [cid], (MODEL_RECORD, model_record(module)))
     signing_key = load_identity(node.identity_dir, cid).signing_key

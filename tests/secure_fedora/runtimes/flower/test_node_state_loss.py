@@ -905,3 +905,42 @@ def test_a_journaled_release_a_node_is_not_remaking_is_not_called_an_earlier_run
            "node's saved state does not show that release as unanswered" in message
     assert "saved state and the ledger disagree" in message and "earlier run" not in message
     assert stage.journal.path.read_bytes() == before
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_damaged_plan_cache_of_a_run_ledgered_before_prvs_refining_pass_is_recalibrated_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PRV run whose round-1 ledger entries were written by a version without PRV's
+    refining pass (no accountant_params.refined_eps_error), continued by today's version
+    with client 1's plan.json damaged: its plan was calibrated again with the refining pass,
+    so its round-2 release differed from the one its ledger's accountant plans (as in process,
+    the recalibration now follows the ledger's recorded parameters). The run completes and
+    client 1's noise is the other clients', every round."""
+    from privacy.accounting import ACCOUNTANT_REGISTRY, _epsilon
+    from tests.secure_fedora.runtimes.test_crash_resume import _old_prv
+
+    today = ACCOUNTANT_REGISTRY["prv"]
+    _old_prv(monkeypatch)
+
+    def upgrade_and_damage(run: Path) -> None:
+        monkeypatch.setitem(ACCOUNTANT_REGISTRY, "prv", today)
+        _epsilon.cache_clear()
+        path = run / "fedora" / "plan.json"
+        doc = json.loads(path.read_text())
+        doc["dpsgd_noise"] *= 2
+        path.write_text(json.dumps(doc))
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible", accountant="prv", epsilon=0.5),
+                     _damage_before_round_2(tmp_path, upgrade_and_damage))
+    results = run()
+    assert not grid.errors
+    clients = results["privacy"]["fedora"]["clients"]
+    assert not any(c["refused"] for c in clients)
+    entries = [[e for e in read_ledger(_run_dir(tmp_path, c) / "fedora" / f"client-00{c}.jsonl")
+                if e["mechanism"] == "dpsgd"] for c in range(3)]
+    assert all("refined_eps_error" not in e["params"]["accountant_params"]
+               for c in entries for e in c)
+    noise = [[e["params"]["noise_multiplier"] for e in c] for c in entries]
+    assert noise[1] == noise[0] == noise[2] and len(noise[1]) == 2
+    plan = json.loads((_run_dir(tmp_path, 1) / "fedora" / "plan.json").read_text())
+    assert plan["prv_refine"] is False  # kept, so the next message plans the same
