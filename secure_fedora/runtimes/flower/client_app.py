@@ -521,6 +521,7 @@ def _open_privacy(
     budget = client_budget(cfg, i)
     ledger_dir = _method_dir(node, run_id, method)
     ledger_dir.mkdir(parents=True, exist_ok=True)
+
     def calibrate() -> Any:
         # as FederationPrivacy.open resumes: a PRV ledger written before PRV's refining pass
         # was planned without it, and its releases are accounted without it again
