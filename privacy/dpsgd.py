@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from privacy.accounting import MechanismRecord
 from privacy.errors import ToolkitError
-from privacy.noise import CsprngNoise, NoiseSource
+from privacy.noise import CsprngNoise, NoiseSource, is_noise_source
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def poisson_sample(n: int, sample_rate: float, noise: NoiseSource) -> Tensor:
 
 
 def _check_noise(noise: object) -> NoiseSource:
-    if not isinstance(noise, NoiseSource):
+    if not is_noise_source(noise):
         raise DPSGDError(f"noise must be a privacy.noise.NoiseSource (CsprngNoise or"
                          f" ReproducibleNoise), got {type(noise).__name__}")
     return noise

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from privacy.accounting import MechanismRecord
 from privacy.errors import ToolkitError
-from privacy.noise import NoiseSource
+from privacy.noise import NoiseSource, is_noise_source
 
 
 class MechanismError(ToolkitError, ValueError):
@@ -42,7 +42,7 @@ def _check_positive(name: str, value: object) -> float:
 
 
 def _check_noise(noise: object) -> NoiseSource:
-    if not isinstance(noise, NoiseSource):
+    if not is_noise_source(noise):
         raise MechanismError(
             f"noise must be a privacy.noise.NoiseSource (CsprngNoise or ReproducibleNoise),"
             f" got {type(noise).__name__}"

@@ -700,3 +700,13 @@ def make_noise_source(mode: str, experiment_seed: int, client: int) -> NoiseSour
     if mode == "reproducible":
         return ReproducibleNoise(reproducible_noise_seed(experiment_seed, client))
     raise NoiseError(f"noise mode must be one of {NOISE_MODES}, got {mode!r}")
+
+
+#: The toolkit's own sources: every instance has all of NoiseSource's members (class-level).
+_OWN_SOURCES = (CsprngNoise, ReproducibleNoise)
+
+
+def is_noise_source(obj: object) -> bool:
+    """``isinstance(obj, NoiseSource)``, answered without the runtime Protocol check (tens of
+    microseconds, on every draw) for an instance of exactly CsprngNoise or ReproducibleNoise."""
+    return type(obj) in _OWN_SOURCES or isinstance(obj, NoiseSource)

@@ -65,7 +65,7 @@ from privacy.mechanisms import (
     summary_record,
     top_eigenvectors,
 )
-from privacy.noise import NoiseSource
+from privacy.noise import NoiseSource, is_noise_source
 
 
 class PipelineError(ToolkitError, ValueError):
@@ -160,7 +160,7 @@ class GaussianNoise:
     def __init__(self, noise_multiplier: float, sensitivity: float, noise: NoiseSource,
                  mechanism: str = "gaussian", params: dict[str, Any] | None = None) -> None:
         self.mechanism_impl = GaussianMechanism(noise_multiplier, sensitivity)
-        if not isinstance(noise, NoiseSource):
+        if not is_noise_source(noise):
             raise PipelineError(f"GaussianNoise needs a privacy.noise.NoiseSource, got"
                                 f" {type(noise).__name__}")
         self.noise = noise

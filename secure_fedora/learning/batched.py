@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from privacy.dpsgd import poisson_sample
-from privacy.noise import NoiseSource
+from privacy.noise import NoiseSource, is_noise_source
 from secure_fedora.learning.client import (
     ClientUpdateError,
     FlatModel,
@@ -761,7 +761,7 @@ def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> N
             raise ClientUpdateError(f"client {job.index}: two jobs train the same row")
         seen_rows.add(job.theta.data_ptr())
         if kind == "dp":
-            if not isinstance(job.noise, NoiseSource) or job.noise_multiplier is None:
+            if not is_noise_source(job.noise) or job.noise_multiplier is None:
                 raise ClientUpdateError(f"client {job.index}: DP-SGD needs the client's noise"
                                         " source and noise multiplier")
             if id(job.noise) in seen_noise:

@@ -13,6 +13,7 @@ from privacy.noise import (
     NoiseError,
     NoiseSource,
     ReproducibleNoise,
+    is_noise_source,
     make_noise_source,
     reproducible_noise_seed,
 )
@@ -101,6 +102,43 @@ def test_make_noise_source_and_the_public_seed():
     assert not isinstance(torch.Generator(), NoiseSource)
     with pytest.raises(NoiseError, match="noise mode"):
         make_noise_source("os_random", 0, 0)
+
+
+class _Duck:
+    """A source of another library: all of NoiseSource's members, no toolkit base class."""
+
+    kind = "reproducible"
+
+    def normal(self, shape, std, dtype=torch.float32, device=None):
+        return torch.zeros(shape, dtype=dtype)
+
+    def uniform(self, shape, device=None):
+        return torch.zeros(shape, dtype=torch.float64)
+
+    def bernoulli(self, shape, p, device=None):
+        return torch.zeros(shape, dtype=torch.bool)
+
+    def checkpoint_state(self):
+        return None
+
+    def restore_state(self, state):
+        return None
+
+
+class _NoNormal(ReproducibleNoise):
+    normal = None  # a subclass that drops a member: not a NoiseSource
+
+
+class _NoBernoulli(_Duck):
+    bernoulli = None
+
+
+def test_is_noise_source_answers_as_the_protocol_check():
+    for obj in (CsprngNoise(), ReproducibleNoise(1), _Duck(), _NoNormal(1), _NoBernoulli(),
+                torch.Generator(), None, "csprng", CsprngNoise):
+        assert is_noise_source(obj) == isinstance(obj, NoiseSource), obj
+    assert is_noise_source(CsprngNoise()) and is_noise_source(_Duck())
+    assert not is_noise_source(_NoBernoulli()) and not is_noise_source(_NoNormal(1))
 
 
 @pytest.mark.parametrize("source", [CsprngNoise(), ReproducibleNoise(0)])
