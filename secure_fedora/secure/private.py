@@ -115,7 +115,7 @@ from privacy.pipeline import (
 )
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMMARY
-from secure_fedora.core.config import ConfigError, ExperimentConfig
+from secure_fedora.core.config import ConfigError, ExperimentConfig, pull_stability_limit
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import atomic_write_bytes
 from secure_fedora.data.partition import ClientData
@@ -126,7 +126,8 @@ from secure_fedora.learning.tasks import CROSS_ENTROPY
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
            "check_ledgers_present", "client_noise_sources", "create_ledger_dir",
            "create_ledgers_in", "interrupted_ledger_creations",
-           "noise_assumptions", "planned_release_counts", "privacy_plan"]
+           "lambda_pull_risk", "noise_assumptions", "planned_release_counts", "pull_warning",
+           "privacy_plan"]
 
 log = logging.getLogger("secure_fedora.privacy")
 
@@ -606,6 +607,51 @@ class ClientPrivacy:
         return self.gate.accountant.epsilon(self.budget.delta) if self.gate.accountant.history else 0.0
 
 
+def lambda_pull_risk(cfg: ExperimentConfig, lambda_noise: float, clients: int) -> dict[str, Any]:
+    """How often FEDORA's noised lambda alone makes the pull unstable, for ``clients`` clients
+    whose lambda release has noise multiplier ``lambda_noise`` (``fedora.max_pull`` unset).
+
+    The released difference is ``d = D + N(0, s^2)`` with ``s = lambda_noise * lambda_clip /
+    m`` (``m = data.val_per_client``, the noised mean's sensitivity ``lambda_clip / m``), and
+    the pull is unstable when ``lr * exp(d / 2)`` reaches
+    :func:`~secure_fedora.core.config.pull_stability_limit` ``L``, i.e. ``d >= t = 2 ln(L /
+    lr)`` (``t`` at least 0: a lambda is 0 for ``d <= 0``). Even with a true difference ``D
+    = 0`` a release does so with probability ``p = P(N(0, s^2) >= t) = erfc(t / (s sqrt 2)) /
+    2`` (exact for the Gaussian noise; the clamp bounds only ``D``). Over the run the clients
+    make ``clients * rounds * ceil(participation * N) / N`` lambda releases, so ``p`` times
+    that many are expected to be unstable."""
+    t, p, d = cfg.training, cfg.privacy, cfg.data
+    s = lambda_noise * p.lambda_clip / d.val_per_client
+    limit = pull_stability_limit(t.lr, t.momentum, t.weight_decay)
+    threshold = max(0.0, 2.0 * math.log(limit / t.lr))
+    prob = 0.5 * math.erfc(threshold / (s * math.sqrt(2.0)))
+    n = d.num_clients
+    per_round = n if t.participation >= 1.0 else math.ceil(t.participation * n)
+    releases = clients * t.rounds * per_round / n
+    return {"lambda_noise_std": s, "pull_stability_limit": limit,
+            "unstable_difference": threshold, "unstable_probability": prob,
+            "lambda_releases": releases, "expected_unstable_pulls": prob * releases}
+
+
+def pull_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The warning for a plan (:func:`plan_table` rows) whose noised lambdas are expected to
+    make FEDORA's pull unstable at least once over the run (``lambda_pull`` of the rows summed,
+    >= 1); None otherwise or where no row has the figures (no private lambda, or
+    ``fedora.max_pull`` set)."""
+    risks = [r["lambda_pull"] for r in rows if r.get("lambda_pull")]
+    expected = sum(r["expected_unstable_pulls"] for r in risks)
+    if not risks or expected < 1.0:
+        return None
+    worst = max(risks, key=lambda r: r["unstable_probability"])
+    return (f"FEDORA's noised lambda (noise std {worst['lambda_noise_std']:.3g} nats on the "
+            f"validation-loss difference) makes lr * lambda reach the pull's stability limit "
+            f"{worst['pull_stability_limit']:g} with probability {worst['unstable_probability']:.3g}"
+            f" per release even when the true difference is 0: about {expected:.3g} of the run's "
+            f"{sum(r['lambda_releases'] for r in risks):g} lambda releases are expected to "
+            "push a client away from phi, which can make its parameters non-finite and stop "
+            "the run; set fedora.max_pull = 1 (post-processing: the privacy cost is unchanged)")
+
+
 def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudget],
                plans: Mapping[tuple[float, float], ClientPlan], accountant: str,
                choice: AccountantChoice | None, stages: Mapping[str, list[str]]
@@ -638,8 +684,16 @@ def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudg
                 "clients": 0,
             }
         rows[key]["clients"] += 1
+    private_lambda = cfg.data.validation == "private" and cfg.fedora.max_pull is None
+    for key, row in rows.items():
+        noise = plans[key].lambda_noise
+        if private_lambda and noise is not None:
+            row["lambda_pull"] = lambda_pull_risk(cfg, noise, row["clients"])
     out = list(rows.values())
+    warning = pull_warning(out)
     for row in out:
+        if warning is not None:
+            row["pull_warning"] = warning
         row["release_stages"] = dict(stages)
         row["accountant"] = accountant
         if choice is not None:

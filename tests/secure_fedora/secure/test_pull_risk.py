@@ -1,0 +1,52 @@
+"""The plan's warning that FEDORA's noised lambda alone will make the pull unstable."""
+
+import math
+
+import pytest
+from scipy.stats import norm
+
+from secure_fedora.core.config import load_config
+from secure_fedora.secure.private import check_budget_plans, client_budget, plan_table
+
+CONFIG = "configs/dp_rotated_mnist.toml"
+
+
+def plan_rows(epsilon: float, **fedora):
+    cfg = load_config(CONFIG)
+    cfg = cfg.model_copy(update={
+        "methods": ["fedora"],
+        "privacy": cfg.privacy.model_copy(update={"epsilon": epsilon}),
+        "fedora": cfg.fedora.model_copy(update=fedora)})
+    n = cfg.data.num_clients
+    choice, plans = check_budget_plans(cfg, "fedora", n)
+    budgets = [client_budget(cfg, i) for i in range(n)]
+    return cfg, plans, plan_table(cfg, "fedora", budgets, plans, choice.name, choice, {})
+
+
+def test_small_epsilon_plan_warns_with_the_gaussian_tail_figures():
+    cfg, plans, rows = plan_rows(0.3)
+    (row,) = rows
+    risk = row["lambda_pull"]
+    sigma = next(iter(plans.values())).lambda_noise
+    s = sigma * cfg.privacy.lambda_clip / cfg.data.val_per_client  # sensitivity clip / m
+    assert risk["lambda_noise_std"] == pytest.approx(s, rel=1e-12)
+    assert s == pytest.approx(2.156, abs=0.01)  # noise multiplier 269.455
+    t = 2 * math.log(2 / 0.5)  # lr 0.5 * exp(d / 2) >= 2
+    assert risk["unstable_difference"] == pytest.approx(t)
+    assert risk["unstable_probability"] == pytest.approx(norm.sf(t / s), rel=1e-9)
+    assert risk["lambda_releases"] == 40 * 30
+    assert risk["expected_unstable_pulls"] == pytest.approx(1200 * norm.sf(t / s), rel=1e-9)
+    assert risk["expected_unstable_pulls"] > 100
+    warning = row["pull_warning"]
+    assert "fedora.max_pull = 1" in warning and f"{risk['expected_unstable_pulls']:.3g}" in warning
+
+
+def test_main_job_plan_does_not_warn():
+    _, _, rows = plan_rows(3.0)
+    assert "pull_warning" not in rows[0]
+    assert rows[0]["lambda_pull"]["expected_unstable_pulls"] < 1e-6
+
+
+def test_a_bounded_pull_has_nothing_to_warn_about():
+    _, _, rows = plan_rows(0.3, max_pull=1.0)
+    assert "pull_warning" not in rows[0] and "lambda_pull" not in rows[0]
