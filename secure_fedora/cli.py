@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, config_from_bytes
 from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
 from secure_fedora.runtimes.summary import print_run_summary, results_table
@@ -117,6 +119,17 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
     return sim, results
 
 
+def _name_resume_command(err: ToolkitError, config: str, run_dir: Path) -> None:
+    """Put this run's config path and run directory into the resume command that ``err``
+    names (a diverged FEDORA pull: :data:`~secure_fedora.learning.client.PULL_RESUME_COMMAND`)."""
+    from secure_fedora.learning.client import PULL_RESUME_COMMAND
+
+    if err.args and isinstance(err.args[0], str) and PULL_RESUME_COMMAND in err.args[0]:
+        command = (f"secure-fedora run {shlex.quote(config)} --out {shlex.quote(str(run_dir))}"
+                   " --resume")
+        err.args = (err.args[0].replace(PULL_RESUME_COMMAND, command), *err.args[1:])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.runtimes.rundir import (
         default_run_dir,
@@ -141,6 +154,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
     try:
         sim, results = _run_with_progress(args, cfg, run_dir)
+    except ToolkitError as err:
+        if not args.resume:
+            withdraw_unstarted_run(run_dir, created)
+        _name_resume_command(err, args.config, run_dir)
+        raise
     except BaseException:
         if not args.resume:
             withdraw_unstarted_run(run_dir, created)

@@ -103,6 +103,7 @@ from secure_fedora.learning.client import (
     GradientOracle,
     TrainConfig,
     Workspace,
+    diverged_hint,
     evaluate,
     local_train,
 )
@@ -324,6 +325,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self.exchange: Any = None
         # The latest round trained (evaluation messages are for it).
         self.last_round = 0
+        # The latest round whose uploads began to leave (0: none): a round that stopped
+        # before it released nothing but its admitted (journaled) releases.
+        self.uploads_begun = 0
         # The number of clients whose reply the latest train_round's update used (their
         # uploads accepted); None: not counted (a train_round written before the contract).
         self.round_replied: int | None = None
@@ -626,6 +630,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
                 self.ctx.privacy.confirm_steps(rnd, list(messages))
             self._check_buffers(f"in round {rnd}'s training")
+        self.uploads_begun = rnd
         accepted = self._exchange_uploads(rnd, replies)
         self.last_round = rnd
         self.round_replied = len(accepted)
@@ -1927,9 +1932,8 @@ class Fedora(FedoraChecks, FederatedMethod):
             self._current_phi(ids)
         received = [self._phi[i] if phis is None else phis[i] for i in ids]
         if self.private_validation:
-            return {i: self._bounded(ctx.privacy.private_lambda(
-                i, self.theta[i], phi, ctx.clients[i].val_x, ctx.clients[i].val_y, ctx.noise[i],
-                ctx.flat.bind)) for i, phi in zip(ids, received, strict=True)}
+            return {i: self._bounded(self._private_lambda(i, phi))
+                    for i, phi in zip(ids, received, strict=True)}
         clients = [ctx.clients[i] for i in ids]
         losses = validation_losses(ctx.flat, [self.theta[i] for i in ids], received,
                                    [(c.val_x, c.val_y) for c in clients])
@@ -1937,9 +1941,24 @@ class Fedora(FedoraChecks, FederatedMethod):
             if not (math.isfinite(local) and math.isfinite(rec)):
                 raise ClientUpdateError(
                     f"client {i}: validation loss of its own model {local}, of the received "
-                    f"parameters {rec} ({DIVERGED_HINT})")
+                    f"parameters {rec} ({diverged_hint(ctx.train, float(self.last_lambdas[i]))})")
         return {i: self._bounded(fedora.regularization_weight(local, rec))
                 for i, local, rec in zip(ids, losses.local, losses.received, strict=True)}
+
+    def _private_lambda(self, i: int, phi: Tensor) -> float:
+        """Client ``i``'s accounted, noised lambda (``ctx.privacy.private_lambda``). Its
+        ``theta_i`` was trained under ``last_lambdas[i]``: when that pull was unstable, the
+        error for non-finite validation losses names it and its remedy instead of the generic
+        hint."""
+        ctx = self.ctx
+        try:
+            return ctx.privacy.private_lambda(i, self.theta[i], phi, ctx.clients[i].val_x,
+                                              ctx.clients[i].val_y, ctx.noise[i], ctx.flat.bind)
+        except ClientUpdateError as err:
+            hint = diverged_hint(ctx.train, float(self.last_lambdas[i]))
+            if hint == DIVERGED_HINT or DIVERGED_HINT not in str(err):
+                raise
+            raise ClientUpdateError(str(err).replace(DIVERGED_HINT, hint)) from err
 
     def _bounded(self, lam: float) -> float:
         return fedora.bounded_regularization_weight(lam, self.ctx.train.lr, self.max_pull)

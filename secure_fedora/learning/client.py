@@ -59,6 +59,15 @@ class ClientUpdateError(ToolkitError, ValueError):
     """Raised for a client update that cannot be applied (shape, non-finite values)."""
 
 
+PULL_RESUME_COMMAND = "secure-fedora run CONFIG --out RUN_DIR --resume"
+"""The resume command a pull's divergence names (the CLI puts in the run's own paths)."""
+
+PULL_RESUME_HINT = (f"the run keeps what it released: with fedora.max_pull = 1 set in its "
+                    f"config (the one change a resume accepts), `{PULL_RESUME_COMMAND}` "
+                    "continues it")
+"""How a run stopped by an unstable pull continues (``fedora.max_pull`` only post-processes
+lambda, so a resume may change it)."""
+
 DIVERGED_HINT = ("training diverged: lower training.lr; a non-private run can also set "
                  "training.clip_grad_norm")
 """What a non-finite training result tells the user to change."""
@@ -77,12 +86,13 @@ def diverged_hint(cfg: TrainConfig, lam: float) -> str:
                 "differ by more than 1,419 nats, so exp overflows), which no training.lr can "
                 "make stable; losses that large usually mean inputs (or initial parameters) "
                 "on a very large scale: scale the features (e.g. standardize them), or set "
-                "fedora.max_pull = 1 (a pull then stops at phi)")
+                f"fedora.max_pull = 1 (a pull then stops at phi); {PULL_RESUME_HINT}")
     if pull >= pull_stability_limit(cfg.lr, cfg.momentum, cfg.weight_decay):
         return (f"FEDORA's pull diverged: lr * lambda = {pull:.3g} >= "
                 f"{pull_limit_text(cfg.lr, cfg.momentum, cfg.weight_decay)}, so each step moves "
                 f"theta farther from phi (lambda = {lam:.3g} from the validation losses); set "
-                "fedora.max_pull = 1 (a pull then stops at phi) or lower training.lr")
+                "fedora.max_pull = 1 (a pull then stops at phi) or lower training.lr; "
+                f"{PULL_RESUME_HINT}")
     return DIVERGED_HINT
 
 

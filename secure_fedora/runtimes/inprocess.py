@@ -44,6 +44,7 @@ from secure_fedora.core.config import (
     check_flag_argument,
     check_path_argument,
     config_hash,
+    load_config,
     model_selection,
     revalidate,
 )
@@ -452,6 +453,10 @@ def make_method(name: str, ctx: MethodContext, cfg: ExperimentConfig) -> Federat
                 "privacy.enabled implement configure / client_update / aggregate (and the "
                 "finalize halves) instead")
     return method
+
+
+#: The method attribute that carries each amendable config key (rundir.AMENDABLE_KEYS).
+AMENDED_ATTRIBUTES = {"fedora.max_pull": "max_pull"}
 
 
 def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[int]:
@@ -896,7 +901,13 @@ class Simulation:
         self.run_nonce = secrets.token_hex(8)
         self.clients = list(clients) if clients is not None else build_clients(cfg)
         self.fingerprint = fingerprint_clients(self.clients)
+        #: The hash that binds this run's checkpoints, results.json and anchor: ``cfg``'s, or
+        #: on resume that of the run's config.toml (``cfg`` may amend ``fedora.max_pull``).
         self.config_hash = config_hash(cfg)
+        #: On resume, the amendments ``cfg`` makes to the run's configuration, recorded when
+        #: the first unfinished method continues (None: not resumed, or recorded).
+        self._pending_amendments: list[dict[str, Any]] | None = None
+        self._resume_bound = False
         self._model_checked = False  # a resume's checkpoints were matched to the model
         self.progress = progress
         self.method_factory = method_factory
@@ -1073,6 +1084,8 @@ class Simulation:
         finished method's ledgers end with their signed close entry. A ``resume`` that is
         not a bool is a ConfigError."""
         check_flag_argument(resume, "resume")
+        if resume:
+            self._bind_resume()
         cfg = self.cfg
         if data_checked([name]):
             check_data_facts([name], cfg, data_facts(self.clients))
@@ -1097,6 +1110,70 @@ class Simulation:
                 self.privacy[name] = {**privacy.summary(),
                                       "model_fingerprint": model_fingerprint(ctx.flat.module)}
                 privacy.close()
+
+    def _bind_resume(self) -> None:
+        """Bind a resume to the run directory's configuration (once): checkpoints and results
+        carry its config.toml's hash, and a ``cfg`` that differs from the run's (amended)
+        configuration only in ``fedora.max_pull`` is noted for :meth:`_record_amendments`
+        (RunDirError, before anything is written, for any other change)."""
+        from secure_fedora.runtimes.rundir import resume_binding
+
+        if not self._resume_bound:
+            self.config_hash, changes = resume_binding(self.run_dir, self.cfg, "run(resume=True)")
+            self._pending_amendments = changes or None
+            self._resume_bound = True
+
+    def _record_amendments(self, method: str | None, start_round: int | None,
+                           private: bool = False) -> None:
+        """Write the resume's amendments to the run directory (before ``method`` continues
+        from ``start_round``), each with the round from which it applies
+        (:func:`~secure_fedora.runtimes.rundir.amendment_round`), and say so."""
+        from secure_fedora.runtimes.rundir import (
+            AMENDMENTS,
+            STOPPED,
+            amendment_round,
+            record_amendments,
+        )
+
+        if self._pending_amendments:
+            effective = None if method is None or start_round is None else \
+                amendment_round(self.run_dir, method, start_round, private)
+            record_amendments(self.run_dir, self._pending_amendments, method, start_round,
+                              effective)
+            for c in self._pending_amendments:
+                log.warning("resumed with %s = %s (the run had %s) from round %s of %s: recorded "
+                            "in %s", c["key"], c["to"], c["from"], effective, method,
+                            self.run_dir / AMENDMENTS)
+        self._pending_amendments = None
+        if method is not None:
+            (self.run_dir / STOPPED).unlink(missing_ok=True)  # read only by the line above
+
+    def _amended_attributes(self, name: str, method: Any) -> Callable[[int], None]:
+        """Sets, before each round, the method attributes of amended keys
+        (:data:`AMENDED_ATTRIBUTES`) to their value for that round: a round the stopped run
+        released is re-made under the value it ran with."""
+        from secure_fedora.runtimes.rundir import (
+            CONFIG_COPY,
+            amended_value,
+            recorded_amendments,
+        )
+
+        amendments = recorded_amendments(self.run_dir) if self._resume_bound else []
+        keys = {a["key"] for a in amendments if AMENDED_ATTRIBUTES.get(a["key"]) is not None
+                and hasattr(method, AMENDED_ATTRIBUTES[a["key"]])}
+        if not keys:
+            return lambda rnd: None
+        base = load_config(self.run_dir / CONFIG_COPY)
+        methods = list(self.cfg.methods)
+
+        def apply(rnd: int) -> None:
+            for key in keys:
+                section, field_name = key.split(".")
+                value = amended_value(amendments, key, getattr(getattr(base, section), field_name),
+                                      name, methods, rnd)
+                setattr(method, AMENDED_ATTRIBUTES[key], value)
+
+        return apply
 
     def _open_privacy(self, name: str, resume: bool = False,
                       module: torch.nn.Module | None = None) -> Any:
@@ -1135,8 +1212,11 @@ class Simulation:
             privacy.close()
             raise
         crash_point("keys_published")
+        rows = privacy.plan_rows()
         if self.on_privacy_plan:
-            self.on_privacy_plan(privacy.plan_rows())
+            self.on_privacy_plan(rows)
+        if rows and rows[0].get("pull_warning"):
+            log.warning("%s: %s", name, rows[0]["pull_warning"])
         return privacy
 
     def _run_method(self, name: str, ctx: MethodContext, privacy: Any, resume: bool) -> MethodOutcome:
@@ -1194,6 +1274,8 @@ class Simulation:
             t0 = time.perf_counter()
             method.setup()
             self.setup_seconds[name] = time.perf_counter() - t0
+        self._record_amendments(name, start_round, privacy is not None)
+        amend = self._amended_attributes(name, method)
         self._attach_security(name, method, start_round - 1, privacy)
         rounds = cfg.training.rounds
         due = _CheckpointSchedule(cfg.training.checkpoint_every)
@@ -1210,12 +1292,21 @@ class Simulation:
                     return privacy.admit(i, rnd, method.theta[i], with_lambda, noise=ctx.noise[i])
             t0 = time.perf_counter()
             method.round_replied = None
+            amend(rnd)
             # under DP, FederatedMethod.train_round (which make_method keeps) checks every
             # admitted participant's executed steps before aggregate sees a reply
-            stats = check_round_statistics(
-                name, rnd, (method.train_round(rnd, participants, admit) if admit is not None
-                            else method.train_round(rnd, participants)) if participants
-                else no_reply_statistics())
+            try:
+                stats = check_round_statistics(
+                    name, rnd, (method.train_round(rnd, participants, admit) if admit is not None
+                                else method.train_round(rnd, participants)) if participants
+                    else no_reply_statistics())
+            except ToolkitError:
+                if privacy is not None and participants \
+                        and getattr(method, "uploads_begun", None) not in (None, rnd):
+                    from secure_fedora.runtimes.rundir import record_stop
+
+                    record_stop(self.run_dir, name, rnd)  # a resume may amend from this round
+                raise
             if not participants:  # nobody sampled: the evaluation is still round rnd's
                 method.last_round = rnd
             replied = method.round_replied  # set just above, so always present
@@ -1538,6 +1629,7 @@ class Simulation:
             outcomes[name] = self.run_method(name, resume=resume)
             self.write_rounds_csv()
             crash_point("between_methods")
+        self._record_amendments(None, None)  # every method had finished
         results = self.results(outcomes)
         crash_point("results")
         atomic_write_text(self.run_dir / "results.json", strict_json(results))
@@ -1584,15 +1676,20 @@ class Simulation:
             client_rows,
             inputs_outside_config_assumption,
         )
+        from secure_fedora.runtimes.rundir import recorded_amendments
 
         extended = self._recorded_extension() if self.cfg.privacy.enabled else []
+        runtime_keys: dict[str, Any] = {"keystore_extended": extended} if extended else {}
+        amendments = recorded_amendments(self.run_dir)
+        if amendments:
+            runtime_keys["config_amendments"] = amendments
         return build_results(
             self.cfg, runtime="in-process", config_hash=self.config_hash,
             metric=self.metric_name(), outcomes={n: o.to_json() for n, o in outcomes.items()},
             privacy=self.privacy, data_fingerprint=self.fingerprint,
             compute={"device": str(self.device), "threads": torch.get_num_threads()},
             assumptions=inputs_outside_config_assumption(self.inputs_outside_config),
-            runtime_keys={"keystore_extended": extended} if extended else None,
+            runtime_keys=runtime_keys or None,
             clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],
                                   "val": c.val_x.shape[0], "test": c.test_x.shape[0], **c.meta}
                                  for c in self.clients]))

@@ -15,6 +15,10 @@
   config hash) and a checkpoint to continue from: the configured methods' checkpoints must
   exist in order (a later method's checkpoint without an earlier method's is a gap), each
   readable, intact and written for this configuration; otherwise nothing is written. A run
+  A config that differs from the run's only in an amendable key (:data:`AMENDABLE_KEYS`,
+  ``fedora.max_pull``) resumes it: ``config.toml`` stays as written, the change is recorded in
+  ``amendments.json`` (:func:`record_amendments`), and a later resume compares with the
+  amended configuration. A run
   killed before its first checkpoint has none, but its first method's ledgers or release
   journals already record releases: it is resumed from the start (the journaled releases are
   re-made, not accounted again). A DP run killed before its first release (every ledger of
@@ -38,8 +42,11 @@ from typing import Any
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
-__all__ = ["CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER", "RunDirError", "check_fresh_run_dir",
-           "check_resumable", "default_run_dir", "prepare_run_dir", "recorded_keystore_extension",
+__all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER",
+           "RunDirError", "amended_config", "amended_value", "amendment_round",
+           "check_fresh_run_dir", "check_resumable", "config_changes", "default_run_dir",
+           "prepare_run_dir", "record_amendments", "record_stop", "recorded_amendments",
+           "recorded_keystore_extension", "resume_binding",
            "withdraw_unstarted_run"]
 
 RUNS_FOLDER = Path("runs")
@@ -48,6 +55,16 @@ CONFIG_COPY = "config.toml"
 #: when the store is extended, so that a run interrupted before its first results.json still
 #: lists them (``keystore_extended``) once resumed.
 KEYSTORE_RECORD = "keystore_extended.json"
+#: The run directory's record of the config keys resumes changed (config.toml is never
+#: rewritten): a JSON list of ``{"key", "from", "to", "method", "resumed_at_round"}``.
+AMENDMENTS = "amendments.json"
+#: The keys a resume may change. ``fedora.max_pull`` only bounds the lambda a client computed
+#: (exactly, or released noised and accounted): post-processing, so the plan, the accounting
+#: and every ledger entry stay valid under the new value.
+AMENDABLE_KEYS = ("fedora.max_pull",)
+#: Where a private run records the round it stopped in before any of that round's uploads
+#: left (a diverged client's training): ``{"method", "round"}``.
+STOPPED = "stopped.json"
 
 
 class RunDirError(ToolkitError, ValueError):
@@ -139,6 +156,154 @@ def withdraw_unstarted_run(run_dir: Path, created: bool) -> bool:
     return True
 
 
+def _key_value(cfg: ExperimentConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _with_value(cfg: ExperimentConfig, key: str, value: Any) -> ExperimentConfig:
+    section, name = key.split(".")
+    part = getattr(cfg, section).model_copy(update={name: value})
+    return cfg.model_copy(update={section: part})
+
+
+def recorded_amendments(run_dir: Path) -> list[dict[str, Any]]:
+    """The amendments ``run_dir`` records (:data:`AMENDMENTS`), oldest first; [] when it has
+    none. RunDirError for a record that is unreadable or names a key that is not amendable."""
+    path = run_dir / AMENDMENTS
+    if not path.exists():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RunDirError(f"cannot read the run's config amendments {path}: {err}") from None
+    if not isinstance(doc, list) or not all(
+            isinstance(a, dict) and a.get("key") in AMENDABLE_KEYS and "to" in a for a in doc):
+        raise RunDirError(f"{path} is not a list of config amendments of {list(AMENDABLE_KEYS)}; "
+                          "restore it from a copy (config.toml holds the run's original config)")
+    return doc
+
+
+def amended_config(cfg: ExperimentConfig, amendments: list[dict[str, Any]]) -> ExperimentConfig:
+    """``cfg`` (the run's ``config.toml``) with each recorded amendment's ``to`` applied in
+    order: the configuration the run continues under."""
+    for amendment in amendments:
+        cfg = _with_value(cfg, amendment["key"], amendment["to"])
+    return cfg
+
+
+def config_changes(run_cfg: ExperimentConfig, cfg: ExperimentConfig) -> list[dict[str, Any]] | None:
+    """How ``cfg`` differs from the run's configuration ``run_cfg``: [] when not at all (same
+    config hash), ``{"key", "from", "to"}`` per changed key when only :data:`AMENDABLE_KEYS`
+    differ, None when anything else does."""
+    if config_hash(run_cfg) == config_hash(cfg):
+        return []
+    changes, probe = [], cfg
+    for key in AMENDABLE_KEYS:
+        old, new = _key_value(run_cfg, key), _key_value(cfg, key)
+        if old != new:
+            changes.append({"key": key, "from": old, "to": new})
+            probe = _with_value(probe, key, old)
+    return changes if config_hash(probe) == config_hash(run_cfg) else None
+
+
+def resume_binding(run_dir: Path, cfg: ExperimentConfig, resume: str = "--resume"
+                   ) -> tuple[str, list[dict[str, Any]]]:
+    """The config hash that binds a resume of ``run_dir`` under ``cfg`` to the run (that of
+    its ``config.toml``, which its checkpoints, results.json and anchor carry; ``cfg``'s own
+    without a config copy) and the amendments this resume makes (:func:`config_changes` from
+    the run's amended configuration). RunDirError when ``cfg`` changes anything else, or the
+    stored configuration is unusable; reads only."""
+    stored = run_dir / CONFIG_COPY
+    if not stored.is_file():
+        return config_hash(cfg), []
+    try:
+        stored_cfg = load_config(stored)
+    except ConfigError as err:
+        raise RunDirError(f"{resume}: the run's stored configuration is unusable: {err}") from None
+    changes = config_changes(amended_config(stored_cfg, recorded_amendments(run_dir)), cfg)
+    if changes is None:
+        out = "--out" if resume == "--resume" else "run_dir"
+        raise RunDirError(
+            f"{resume}: {run_dir} holds a run of another configuration ({stored} differs from "
+            f"the given config in more than {', '.join(AMENDABLE_KEYS)}, the only keys a resume "
+            f"may change); resume with the config it was started with, or use a new {out}"
+        )
+    return config_hash(stored_cfg), changes
+
+
+def record_amendments(run_dir: Path, changes: list[dict[str, Any]], method: str | None,
+                      resumed_at_round: int | None, effective_from_round: int | None
+                      ) -> list[dict[str, Any]]:
+    """Append ``changes`` (:func:`config_changes`) to ``run_dir``'s :data:`AMENDMENTS`
+    (written atomically, before anything runs under them), each with the method and round
+    the resume continues from and the round from which the new value applies (None: every
+    method had finished); returns the full record."""
+    from secure_fedora.core.files import atomic_write_text
+
+    record = recorded_amendments(run_dir) + [
+        {**c, "method": method, "resumed_at_round": resumed_at_round,
+         "effective_from_round": effective_from_round} for c in changes]
+    atomic_write_text(run_dir / AMENDMENTS, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def record_stop(run_dir: Path, method: str, rnd: int) -> None:
+    """Record (atomically) that ``method`` stopped in round ``rnd`` before any upload of the
+    round left: only its admitted releases (ledger and journal) exist."""
+    from secure_fedora.core.files import atomic_write_text
+
+    atomic_write_text(run_dir / STOPPED, json.dumps({"method": method, "round": rnd}) + "\n")
+
+
+def _last_admitted_round(run_dir: Path, method: str) -> int:
+    """The latest round of any release entry in ``method``'s ledgers (0: none)."""
+    from privacy.ledger import read_ledger
+
+    rounds = [0]
+    for ledger in (run_dir / "ledgers" / method).glob("*.jsonl"):
+        rounds += [int(e["round"]) for e in read_ledger(ledger)
+                   if isinstance(e.get("round"), int) and "mechanism" in e]
+    return max(rounds)
+
+
+def amendment_round(run_dir: Path, method: str, start_round: int, private: bool) -> int:
+    """The first round of ``method`` a resume from ``start_round`` may run under an amended
+    value. Without privacy ``start_round``. Under DP every round the stopped run admitted
+    releases in is re-made as it was (its journal pins them), so the new value applies after
+    the last such round ``R``, or from ``R`` itself when the run recorded that it stopped in
+    ``R`` before any of its uploads left (:func:`record_stop`): then nothing computed under
+    the old value after the admission left, and ``R``'s admitted releases (the starting model
+    and the noised lambda, which the amended key only post-processes) are re-made unchanged."""
+    if not private:
+        return start_round
+    last = _last_admitted_round(run_dir, method)
+    try:
+        stop = json.loads((run_dir / STOPPED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stop = None
+    stopped_here = isinstance(stop, dict) and stop.get("method") == method \
+        and stop.get("round") == last
+    return max(start_round, last if stopped_here else last + 1)
+
+
+def amended_value(amendments: list[dict[str, Any]], key: str, base: Any, method: str,
+                  methods: list[str], rnd: int) -> Any:
+    """The value of ``key`` under which ``method`` runs round ``rnd``: ``base`` (config.toml's)
+    with each amendment applied from its ``effective_from_round`` where it was made while
+    ``method`` was in progress, from round 1 where ``method`` started after it."""
+    value = base
+    for a in amendments:
+        if a["key"] != key or a.get("method") not in methods or method not in methods:
+            continue
+        if a["method"] == method:
+            if rnd >= int(a.get("effective_from_round") or a.get("resumed_at_round") or 1):
+                value = a["to"]
+        elif methods.index(a["method"]) < methods.index(method):
+            value = a["to"]
+    return value
+
+
 def _records_releases(run_dir: Path, method: str) -> bool:
     """True when ``method``'s ledgers or release journals in ``run_dir`` hold any bytes."""
     folder = run_dir / "ledgers" / method
@@ -164,7 +329,8 @@ def _opened_unreleased(run_dir: Path, cfg: ExperimentConfig) -> bool:
 
 # what a run without privacy writes before its first checkpoint: its config copy, its
 # envelope keys and message state (reset by every process), interrupted checkpoint writes
-_BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG_COPY, "keys", "transport", "checkpoints"})
+_BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG_COPY, AMENDMENTS, STOPPED, "keys", "transport",
+                                      "checkpoints"})
 
 
 def _plain_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
@@ -180,8 +346,8 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
     that were interrupted (empty ledgers): it was killed before its first method's ledger
     folder was renamed into place, so before any release (its keys are published after it)
     and it is started again."""
-    if not cfg.privacy.enabled or \
-            not {p.name for p in run_dir.iterdir()} <= {CONFIG_COPY, KEYSTORE_RECORD, "ledgers"}:
+    if not cfg.privacy.enabled or not {p.name for p in run_dir.iterdir()} <= \
+            {CONFIG_COPY, KEYSTORE_RECORD, AMENDMENTS, STOPPED, "ledgers"}:
         return False
     from secure_fedora.secure.private import interrupted_ledger_creations
 
@@ -234,16 +400,8 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
                               f"to this configuration ({_start_again(run_dir, resume)})")
         _check_checkpoints(run_dir, cfg, resume=resume)
         return
-    try:
-        stored_cfg = load_config(stored)
-    except ConfigError as err:
-        raise RunDirError(f"{resume}: the run's stored configuration is unusable: {err}") from None
-    if config_hash(stored_cfg) != config_hash(cfg):
-        raise RunDirError(
-            f"{resume}: {run_dir} holds a run of another configuration ({stored} differs from "
-            f"the given config); resume with the config it was started with, or use a new {out}"
-        )
-    _check_checkpoints(run_dir, cfg, bound=True, resume=resume)
+    binding, _ = resume_binding(run_dir, cfg, resume)
+    _check_checkpoints(run_dir, cfg, bound=True, resume=resume, expected=binding)
 
 
 def _read_extension(path: Path, resume: str) -> list[str]:
@@ -320,14 +478,15 @@ def _check_recorded_ledgers(folder: Path, saved: dict[str, Any], checkpoint: Pat
 
 
 def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False,
-                       resume: str = "--resume") -> None:
+                       resume: str = "--resume", expected: str | None = None) -> None:
     """The checkpoint half of :func:`check_resumable`: this configuration's methods'
-    checkpoints exist in order, each written for this configuration (or the first method's
-    releases are recorded, or it released nothing yet: killed before its first checkpoint).
-    ``bound``: the directory's config copy is this configuration."""
+    checkpoints exist in order, each written for the config hash ``expected`` (default
+    ``cfg``'s; or the first method's releases are recorded, or it released nothing yet:
+    killed before its first checkpoint). ``bound``: the directory's config copy is this
+    configuration (up to amendments)."""
     from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint
 
-    expected = config_hash(cfg)
+    expected = config_hash(cfg) if expected is None else expected
     present = [m for m in cfg.methods if (run_dir / "checkpoints" / f"{m}.pt").exists()]
     if not present and (_records_releases(run_dir, cfg.methods[0])
                         or _opened_unreleased(run_dir, cfg)

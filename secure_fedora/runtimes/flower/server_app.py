@@ -1417,7 +1417,10 @@ def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
         raise ResumeRefused(
             f"resume: {path} was written for another configuration (config hash "
             f"{str(state.get('config_hash'))[:12]}..., this one {config_hash[:12]}...); resume "
-            "with the run's own config or use a new result-dir; nothing was written")
+            "with the run's own config or use a new result-dir; nothing was written (a Flower "
+            "resume accepts no config change, fedora.max_pull included: only the in-process "
+            "runtime's `secure-fedora run CONFIG --out RUN_DIR --resume` accepts a change of "
+            "fedora.max_pull alone)")
     if state.get("finished"):
         raise ResumeRefused(f"resume: run {run_id} in {result_dir} finished (its results are "
                             "written); there is nothing to resume")

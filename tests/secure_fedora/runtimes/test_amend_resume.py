@@ -1,0 +1,133 @@
+"""A DP-FEDORA run stopped by a diverged pull resumes with ``fedora.max_pull`` set (the one
+key a resume may change): its ledgers stay valid and results.json records the amendment."""
+
+import json
+
+import pytest
+
+from audits.verify import verify_run
+from secure_fedora.cli import main
+from secure_fedora.core.config import parse_config
+from secure_fedora.runtimes.rundir import (
+    STOPPED,
+    RunDirError,
+    amended_value,
+    amendment_round,
+    config_changes,
+    record_stop,
+)
+
+# 3 clients, 4 validation examples each and epsilon 0.1: the noised lambda's std is about 51
+# nats on the loss difference, and with this seed client 1's round-1 pull (lr * lambda about
+# 3e12, 16 steps) overflows: the run stops in round 1, before any upload
+CONFIG = """
+name = "pull-diverges"
+seed = 2
+methods = ["fedora"]
+
+[data]
+num_clients = 3
+train_per_client = 32
+val_per_client = 4
+test_per_client = 16
+groups = 3
+validation = "private"
+
+[training]
+rounds = 3
+local_epochs = 4
+batch_size = 8
+lr = {lr}
+checkpoint_every = 1
+
+[fedora]
+k = 1
+relatedness = "noised"
+{max_pull}
+
+[privacy]
+enabled = true
+epsilon = 0.1
+delta = 1e-3
+noise = "reproducible"
+"""
+
+
+def write(path, lr=0.05, max_pull=None):
+    path.write_text(CONFIG.format(lr=lr, max_pull="" if max_pull is None
+                                  else f"max_pull = {max_pull}"))
+    return str(path)
+
+
+def test_a_diverged_pull_is_resumed_with_max_pull_and_nothing_else(tmp_path, capsys, caplog):
+    run, keys = tmp_path / "run", str(tmp_path / "keystore")
+    diverges = write(tmp_path / "diverges.toml")
+    assert main(["run", diverges, "--out", str(run), "--keystore", keys, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if "expected to push a client" in r.getMessage()]
+    assert len(warned) == 1 and "set fedora.max_pull = 1" in warned[0]  # the plan's warning
+    assert "FEDORA's pull diverged" in err
+    assert f"`secure-fedora run {diverges} --out {run} --resume` continues it" in err
+    assert json.loads((run / STOPPED).read_text()) == {"method": "fedora", "round": 1}
+
+    # any other change is still refused, and nothing is written
+    other = write(tmp_path / "other.toml", lr=0.04, max_pull=1)
+    assert main(["run", other, "--out", str(run), "--keystore", keys, "--resume"]) == 2
+    assert "the only keys a resume may change" in capsys.readouterr().err
+    assert not (run / "amendments.json").exists()
+
+    fixed = write(tmp_path / "fixed.toml", max_pull=1)
+    assert main(["run", fixed, "--out", str(run), "--keystore", keys, "--resume", "--quiet"]) == 0
+    amendment = {"key": "fedora.max_pull", "from": None, "to": 1.0, "method": "fedora",
+                 "resumed_at_round": 1, "effective_from_round": 1}
+    assert json.loads((run / "amendments.json").read_text()) == [amendment]
+    results = json.loads((run / "results.json").read_text())
+    assert results["config_amendments"] == [amendment]
+    assert "max_pull" not in (run / "config.toml").read_text()  # never rewritten
+    assert not (run / STOPPED).exists()
+    assert verify_run(run).ok  # the ledgers and the anchor, against config.toml's hash
+
+    # a later resume compares with the amended configuration: the same config is accepted,
+    # another change still refused
+    assert main(["run", fixed, "--out", str(run), "--keystore", keys, "--resume", "--quiet"]) == 0
+    assert json.loads((run / "amendments.json").read_text()) == [amendment]
+    assert main(["run", other, "--out", str(run), "--keystore", keys, "--resume"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_config_changes_allow_max_pull_alone():
+    base = parse_config({"name": "x", "methods": ["fedora"]})
+    pulled = parse_config({"name": "x", "methods": ["fedora"], "fedora": {"max_pull": 1}})
+    assert config_changes(base, base) == []
+    assert config_changes(base, pulled) == [{"key": "fedora.max_pull", "from": None, "to": 1.0}]
+    both = parse_config({"name": "x", "methods": ["fedora"], "fedora": {"max_pull": 1, "k": 3}})
+    assert config_changes(base, both) is None
+
+
+def test_amendment_applies_after_the_rounds_the_stopped_run_released(tmp_path):
+    ledgers = tmp_path / "ledgers" / "fedora"
+    ledgers.mkdir(parents=True)
+    entry = {"mechanism": "dpsgd", "round": 4}
+    (ledgers / "client-000.jsonl").write_text(json.dumps(entry) + "\n")
+    # round 4 admitted: without a record that it stopped before its uploads, round 4 is
+    # re-made under the old value (it may have left)
+    assert amendment_round(tmp_path, "fedora", 3, private=True) == 5
+    assert amendment_round(tmp_path, "fedora", 3, private=False) == 3
+    record_stop(tmp_path, "fedora", 4)
+    assert amendment_round(tmp_path, "fedora", 3, private=True) == 4
+    record_stop(tmp_path, "fedora", 2)  # an older stop says nothing about round 4
+    assert amendment_round(tmp_path, "fedora", 3, private=True) == 5
+    amendments = [{"key": "fedora.max_pull", "from": None, "to": 1.0, "method": "fedora",
+                   "resumed_at_round": 3, "effective_from_round": 5}]
+    values = [amended_value(amendments, "fedora.max_pull", None, "fedora", ["fedora", "ditto"], r)
+              for r in (3, 4, 5, 6)]
+    assert values == [None, None, 1.0, 1.0]
+    assert amended_value(amendments, "fedora.max_pull", None, "ditto", ["fedora", "ditto"], 1) == 1.0
+
+
+def test_an_unreadable_amendment_record_is_refused(tmp_path):
+    from secure_fedora.runtimes.rundir import recorded_amendments
+
+    (tmp_path / "amendments.json").write_text('[{"key": "training.lr", "to": 1}]')
+    with pytest.raises(RunDirError, match="not a list of config amendments"):
+        recorded_amendments(tmp_path)
