@@ -55,7 +55,7 @@ __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "RESULT_FI
 #: The files a runtime replaces atomically in its run directory (the in-process run
 #: directory, Flower's ``result-dir``), besides ``plots/``.
 RESULT_FILES = ("config.toml", "progress.json", "rounds.csv", "results.json", "anchor.json",
-                "failure.json", "keystore_extended.json")
+                "failure.json", "keystore_extended.json", "amendments.json", "stopped.json")
 
 #: Top-level keys :func:`build_results` owns (runtime keys may not use them).
 RESERVED_KEYS = frozenset({
