@@ -1114,14 +1114,21 @@ class Simulation:
     def _bind_resume(self) -> None:
         """Bind a resume to the run directory's configuration (once): checkpoints and results
         carry its config.toml's hash, and a ``cfg`` that differs from the run's (amended)
-        configuration only in ``fedora.max_pull`` is noted for :meth:`_record_amendments`
-        (RunDirError, before anything is written, for any other change)."""
-        from secure_fedora.runtimes.rundir import resume_binding
+        configuration only in ``fedora.max_pull`` is noted for :meth:`_record_amendments`.
+        A config that differs in anything else leaves :attr:`config_hash` as it is: the
+        checkpoints' identity check (or the journal, for a run killed before its first
+        checkpoint) refuses it, as ``rundir.check_resumable`` does before the CLI or
+        ``Experiment.run`` starts."""
+        from secure_fedora.runtimes.rundir import RunDirError, resume_binding
 
         if not self._resume_bound:
-            self.config_hash, changes = resume_binding(self.run_dir, self.cfg, "run(resume=True)")
-            self._pending_amendments = changes or None
             self._resume_bound = True
+            try:
+                binding, changes = resume_binding(self.run_dir, self.cfg, "run(resume=True)")
+            except RunDirError:
+                return
+            self.config_hash = binding
+            self._pending_amendments = changes or None
 
     def _record_amendments(self, method: str | None, start_round: int | None,
                            private: bool = False) -> None:
