@@ -522,10 +522,19 @@ def _open_privacy(
     ledger_dir = _method_dir(node, run_id, method)
     ledger_dir.mkdir(parents=True, exist_ok=True)
 
+    def run_accountant() -> str:
+        # "auto" chooses over every client's budget, as the server's plan and the in-process
+        # run do; a ledger already written keeps the accountant it names
+        recorded = {e.get("accountant") for e in checked.entries}
+        if len(recorded) == 1 and isinstance(kind := recorded.pop(), str):
+            return kind
+        budgets = [client_budget(cfg, c) for c in range(cfg.data.num_clients)]
+        return choose_accountant(cfg, method, budgets).name
+
     def calibrate() -> Any:
         # as FederationPrivacy.open resumes: a PRV ledger written before PRV's refining pass
         # was planned without it, and its releases are accounted without it again
-        kind = choose_accountant(cfg, method, [budget]).name
+        kind = run_accountant()
         refine = not (kind == "prv" and checked.entries
                       and not replay_accountant(checked.entries, kind).prv_refine)
         return privacy_plan(cfg, method, budget, kind, prv_refine=refine)
@@ -534,7 +543,7 @@ def _open_privacy(
     if not (ledger_dir / MODEL_RECORD).is_file():
         create_ledgers_in(ledger_dir, [cid], (MODEL_RECORD, model_record(module)))
     signing_key = load_identity(node.identity_dir, cid).signing_key
-    kind = plan.accountant or choose_accountant(cfg, method, [budget]).name
+    kind = plan.accountant or run_accountant()
     recover_ledger(checked, signing_key, budget, kind)
     moved = checked.journal.quarantine_torn_tail()
     if moved is not None:

@@ -528,6 +528,31 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_grid_auto_accountant_is_chosen_over_every_clients_budget(tmp_path: Path) -> None:
+    """Found by a hunt: each client chose "auto"'s accountant over its own budget only, so
+    with one budget where RDP is tighter clients 0 and 2 released under PLD with noise 0.854
+    while results.json (and the in-process run) said RDP with noise 0.936."""
+    from privacy.identity import client_ids
+    from privacy.ledger import read_ledger
+
+    cfg = with_methods(dp_config(noise="reproducible",
+                                 overrides={"1": {"epsilon": 0.01, "delta": 1e-6}}), "local")
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    privacy = results["privacy"]["local"]
+    assert privacy["accountant"] == "rdp"  # PLD is tighter for clients 0 and 2, not for 1
+    sim, _ = in_process(cfg, tmp_path, "local")
+    for c, cid in enumerate(client_ids(3)):
+        entries = read_ledger(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "local"
+                              / f"{cid}.jsonl")
+        assert {e["accountant"] for e in entries} == {"rdp"}, cid
+        noise = {e["params"]["noise_multiplier"] for e in entries if e["mechanism"] == "dpsgd"}
+        assert noise == {privacy["clients"][c]["noise_multiplier"]}, cid
+        assert noise == {sim.privacy["local"]["clients"][c]["noise_multiplier"]}, cid
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_csprng_run_stores_no_key_and_no_noise_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -944,3 +944,30 @@ def test_a_damaged_plan_cache_of_a_run_ledgered_before_prvs_refining_pass_is_rec
     assert noise[1] == noise[0] == noise[2] and len(noise[1]) == 2
     plan = json.loads((_run_dir(tmp_path, 1) / "fedora" / "plan.json").read_text())
     assert plan["prv_refine"] is False  # kept, so the next message plans the same
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_damaged_plan_cache_is_recalibrated_under_the_accountant_its_ledger_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose ledgers were written under "auto"'s PLD, continued where "auto" now
+    chooses RDP (a version that chose per client's budget only, or another choice rule), with
+    client 1's plan.json damaged: the recalibration keeps the accountant the ledger names, so
+    the client's releases stay under one accountant and the other clients' noise."""
+    from secure_fedora.secure import private
+    from secure_fedora.secure.private import AccountantChoice
+
+    def damage_and_rechoose(run: Path) -> None:
+        monkeypatch.setattr(private, "choose_accountant",
+                            lambda *_: AccountantChoice("rdp", "another choice"))
+        (run / "fedora" / "plan.json").write_text("{}")
+
+    grid, run = _run(tmp_path, dp_config(noise="reproducible"),
+                     _damage_before_round_2(tmp_path, damage_and_rechoose))
+    results = run()
+    assert not grid.errors and results["privacy"]["fedora"]["accountant"] == "pld"
+    entries = [read_ledger(_run_dir(tmp_path, c) / "fedora" / f"client-00{c}.jsonl")
+               for c in range(3)]
+    assert {e["accountant"] for c in entries for e in c} == {"pld"}
+    noise = [[e["params"]["noise_multiplier"] for e in c if e["mechanism"] == "dpsgd"]
+             for c in entries]
+    assert noise[1] == noise[0] == noise[2] and len(noise[1]) == 2
