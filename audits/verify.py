@@ -361,7 +361,8 @@ _CHECKS_FIXED = [
     "final epsilon not below dp_accounting's pessimistic PLD; compared with the other method",
     "epsilon_after never decreases; refusals spend nothing",
     "no entry above its client's budget (recorded and independent)",
-    "budget, delta and accountant constant per client and equal to config.toml",
+    "budget, delta and accountant constant per client and equal to config.toml (the"
+    " accountant: to results.json's without config.toml)",
     "Gaussian summary/lambda sensitivities match their clip parameters",
     "config.toml matches results.json config_hash",
     "ledger length and final epsilon equal results.json's per-client privacy summary",
@@ -1140,6 +1141,11 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             elif accountant is not None and accountant != configured_acc:
                 err(None, "config", f"ledger accountant {accountant!r} differs from the"
                     f" configured {configured_acc!r}")
+    else:  # without config.toml, results.json still says which accountant the run used
+        chosen = _chosen_accountant(ctx.results, method)
+        if isinstance(accountant, str) and chosen is not None and accountant != chosen:
+            err(None, "results_accountant", f"ledger accountant {accountant!r} differs from"
+                f" the one results.json says the run used ({chosen!r})")
 
     prev_eps: float | None = None
     releases: list[tuple[float, float, int] | None] = []

@@ -1514,3 +1514,21 @@ def test_check_anchor_with_an_allowlist_compares_the_published_allowlist(run_cop
                     run_copy / "keys" / f"{CID}.ed25519.key")
     with pytest.raises(AuditError, match=f"keys/{CID}.ed25519.key"):
         check_anchor(run_copy, anchor, allowlist=trusted)
+
+
+def test_without_config_a_ledger_accountant_other_than_results_json_says_is_refused(
+        run_copy: Path) -> None:
+    """Found by a hunt: a Flower audit folder (results.json, anchor and ledgers; a Flower
+    result directory holds no config.toml) whose results.json said RDP while the ledgers
+    were written under PLD (each client chose "auto" over its own budget) verified: the
+    accountant was compared with results.json only when config.toml was there."""
+    (run_copy / "config.toml").unlink()
+    assert not [f for f in verify_run(run_copy).errors if f.check == "results_accountant"]
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["privacy"][METHOD]["accountant"] = "pld"  # the fixture's ledgers are RDP
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    report = verify_run(run_copy)
+    found = {(f.method, f.client_id) for f in report.errors if f.check == "results_accountant"}
+    assert (METHOD, CID) in found and not report.ok
+    assert "ledger accountant 'rdp' differs from the one results.json says the run used" \
+        " ('pld')" in next(f.message for f in report.errors if f.check == "results_accountant")
