@@ -366,6 +366,8 @@ _CHECKS_FIXED = [
     "Gaussian summary/lambda sensitivities match their clip parameters",
     "config.toml matches results.json config_hash",
     "ledger length and final epsilon equal results.json's per-client privacy summary",
+    "every DP-SGD entry's noise multiplier, sample rate and steps equal results.json's"
+    " (the client's noise_multiplier, the method's sample_rate and steps_per_round)",
     "every client of a DP run has a ledger for every method that ran or config.toml lists",
     "every ledger ends with one signed close entry (final index, epsilon spent)",
 ]
@@ -1051,6 +1053,52 @@ def _chosen_accountant(results: dict[str, Any] | None, method: str | None) -> st
     return None
 
 
+def _results_section(results: dict[str, Any] | None,
+                     method: str | None) -> dict[str, Any] | None:
+    """results.json's privacy section for ``method`` (``privacy`` itself without a method)."""
+    if not results or not isinstance(results.get("privacy"), dict):
+        return None
+    section = results["privacy"].get(method) if method is not None else results["privacy"]
+    return section if isinstance(section, dict) else None
+
+
+def _same_number(recorded: Any, ledger: Any) -> bool:
+    """``recorded`` (results.json) states ``ledger``'s value; a run before the exact figure
+    rounded the per-client noise multiplier to 6 decimals."""
+    if not _number(recorded) or not _number(ledger):
+        return recorded == ledger
+    return math.isclose(float(recorded), float(ledger), rel_tol=1e-9, abs_tol=0.0) \
+        or float(recorded) == round(float(ledger), 6)
+
+
+def _plan_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, Any] | None,
+                   row: dict[str, Any] | None, client_id: str,
+                   method: str | None) -> list[Finding]:
+    """``results_plan`` errors: a DP-SGD ledger entry whose noise multiplier, sample rate or
+    steps differ from what results.json states for the client (its ``noise_multiplier``)
+    and the method (``sample_rate``, ``steps_per_round``); the first differing entry of
+    each field is named."""
+    stated = {"noise_multiplier": (row or {}).get("noise_multiplier", None),
+              "sample_rate": (section or {}).get("sample_rate", None),
+              "steps": (section or {}).get("steps_per_round", None)}
+    names = {"noise_multiplier": "its noise_multiplier", "sample_rate": "sample_rate",
+             "steps": "steps_per_round"}
+    findings: list[Finding] = []
+    for key, want in stated.items():
+        if want is None:
+            continue
+        for i, e in enumerate(entries):
+            if e is None or e.get("mechanism") != "dpsgd" or not isinstance(e.get("params"), dict):
+                continue
+            got = e["params"].get(key)
+            if got is not None and not _same_number(want, got):
+                findings.append(Finding(
+                    "error", "results_plan", f"the dpsgd release records {key} {got!r},"
+                    f" results.json states {names[key]} {want!r}", client_id, i, method))
+                break
+    return findings
+
+
 def _anchor(results: dict[str, Any] | None, method: str | None,
             client_id: str) -> dict[str, Any] | None:
     """The runtime's per-client privacy summary in results.json, if it wrote one.
@@ -1251,6 +1299,8 @@ def _verify_client(path: Path, method: str | None, client_id: str,
     final = max((c.recorded_epsilon for c in series if c.recorded_epsilon is not None),
                 default=0.0)
     anchor = _anchor(ctx.results, method, client_id)
+    findings.extend(_plan_findings(entries, _results_section(ctx.results, method), anchor,
+                                   client_id, method))
     last = len(lines) - 1 if lines else None
     if anchor is None:
         warn(None, "anchor", "results.json holds no ledger length for this client: entries"

@@ -1532,3 +1532,25 @@ def test_without_config_a_ledger_accountant_other_than_results_json_says_is_refu
     assert (METHOD, CID) in found and not report.ok
     assert "ledger accountant 'rdp' differs from the one results.json says the run used" \
         " ('pld')" in next(f.message for f in report.errors if f.check == "results_accountant")
+
+
+def test_a_dpsgd_release_other_than_results_json_states_is_refused(run_copy: Path) -> None:
+    """Found by a hunt: results.json states each client's planned DP-SGD noise multiplier and
+    the method's sample rate and steps per round, but verify never compared them with what
+    the ledgers record, so a client that released with less noise than results.json states
+    (a recalibrated plan; a client choosing "auto" over its own budget) verified."""
+    assert not [f for f in verify_run(run_copy).errors if f.check == "results_plan"]
+    doc = json.loads((run_copy / "results.json").read_text())
+    row = next(r for r in doc["privacy"][METHOD]["clients"] if r["client"] == CID)
+    row["noise_multiplier"] = 1.3  # the fixture's ledgers record 1.2
+    doc["privacy"]["local"]["steps_per_round"] = 6  # and 5 steps per release
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    report = verify_run(run_copy)
+    found = [f for f in report.errors if f.check == "results_plan"]
+    assert {(f.method, f.client_id) for f in found if "noise_multiplier" in f.message} \
+        == {(METHOD, CID)}
+    assert "the dpsgd release records noise_multiplier 1.2, results.json states its" \
+        " noise_multiplier 1.3" in next(f.message for f in found if f.method == METHOD)
+    assert {f.method for f in found if "steps_per_round 6" in f.message} == {"local"}
+    assert not report.ok
