@@ -166,8 +166,11 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
                      " clients of its own.")
     if "ckks_parameters" in out or "ckks_keys" in out:  # a method of the run encrypted
         notes.extend(parameter_notes(out.get("ckks_parameters")))
-    if cfg is not None and cfg.privacy.enabled:
-        if cfg.privacy.noise == "reproducible":
+    # without config.toml (a Flower result folder) results.json states the noise mode
+    dp = cfg.privacy.enabled if cfg is not None else out["differential_privacy"] is True
+    noise = cfg.privacy.noise if cfg is not None else stated.get("noise")
+    if dp and noise in ("reproducible", "csprng"):
+        if noise == "reproducible":
             notes.append("noise = reproducible: NOT private against anyone who knows the config"
                          " (generators seeded from the experiment seed; `secure-fedora audit"
                          " replay` demonstrates it).")

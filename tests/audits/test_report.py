@@ -669,3 +669,20 @@ def test_audit_report_with_an_allowlist_compares_the_published_allowlist(run_cop
     assert "lists 1 parties the given allowlist" in json.dumps(doc)
     report = build_report(run_copy, allowlist=trusted)
     assert "lists 1 parties the given allowlist" in json.dumps(report)
+
+
+def test_without_config_the_noise_note_follows_results_json(run_copy):
+    """Found by a hunt: a Flower result folder has no config.toml; its results.json states
+    noise = reproducible (the assumptions table showed it), but the report's notes carried
+    the "NOT private against anyone who knows the config" warning only from config.toml."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["assumptions"]["noise"] = "reproducible"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    (run_copy / "config.toml").unlink()
+    notes = build_report(run_copy)["assumptions"]["notes"]
+    assert [n for n in notes if n.startswith("noise = reproducible: NOT private")]
+    doc["assumptions"]["noise"] = "csprng"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    notes = build_report(run_copy)["assumptions"]["notes"]
+    assert [n for n in notes if n.startswith("noise = csprng")]
+    assert not [n for n in notes if n.startswith("noise = reproducible")]
