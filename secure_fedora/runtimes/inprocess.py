@@ -1115,19 +1115,16 @@ class Simulation:
         """Bind a resume to the run directory's configuration (once): checkpoints and results
         carry its config.toml's hash, and a ``cfg`` that differs from the run's (amended)
         configuration only in ``fedora.max_pull`` is noted for :meth:`_record_amendments`.
-        A config that differs in anything else leaves :attr:`config_hash` as it is: the
-        checkpoints' identity check (or the journal, for a run killed before its first
-        checkpoint) refuses it, as ``rundir.check_resumable`` does before the CLI or
-        ``Experiment.run`` starts."""
-        from secure_fedora.runtimes.rundir import RunDirError, resume_binding
+        A config that differs in anything else is refused (RunDirError, before anything is
+        written), as ``rundir.check_resumable`` refuses it before the CLI or
+        ``Experiment.run`` starts: the journal alone does not refuse it for a client that had
+        released nothing when the run was killed, which would then run under another budget
+        than its config.toml states."""
+        from secure_fedora.runtimes.rundir import resume_binding
 
         if not self._resume_bound:
             self._resume_bound = True
-            try:
-                binding, changes = resume_binding(self.run_dir, self.cfg, "run(resume=True)")
-            except RunDirError:
-                return
-            self.config_hash = binding
+            self.config_hash, changes = resume_binding(self.run_dir, self.cfg, "run(resume=True)")
             self._pending_amendments = changes or None
 
     def _record_amendments(self, method: str | None, start_round: int | None,

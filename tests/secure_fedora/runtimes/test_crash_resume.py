@@ -304,10 +304,33 @@ def test_resume_that_diverges_from_the_ledger_is_refused(tmp_path, clients):
     other["privacy"]["noise_multiplier"] = 3.0  # another release than the one accounted
     sim = Simulation(parse_config(other), tmp_path, clients=clients)
     sim.config_hash = Simulation(cfg, tmp_path, clients=clients).config_hash  # same identity
+    sim._resume_bound = True  # as if config.toml named it too: the journal is the defence
     before = comparable_ledgers(tmp_path)
     with pytest.raises(LedgerError, match="resume diverged"):
         sim.run(resume=True)
     assert comparable_ledgers(tmp_path) == before  # nothing accounted again
+
+
+def test_a_resume_that_changes_the_budget_of_a_client_yet_to_release_is_refused(tmp_path,
+                                                                               clients):
+    """Found by a hunt: Simulation.run(resume=True) after a kill in round 1 (no checkpoint)
+    with another per-client budget for a client that had released nothing yet ran it under
+    that budget: no journal record diverged, and results.json, the anchor and the ledger
+    then disagreed with the run's config.toml. The CLI refused it; the API did not."""
+    data = config_dict(["local"], True, participation=0.5)
+    cfg = parse_config(data)
+    assert run_until_crash(cfg, tmp_path, clients, "train@1")
+    silent = [i for i in range(3)
+              if not read_ledger(tmp_path / "ledgers" / "local" / f"client-00{i}.jsonl")]
+    assert silent  # partial participation: a client had not released when the run was killed
+    data["privacy"]["overrides"] = {str(silent[0]): {"epsilon": 8.0}}
+    before = comparable_ledgers(tmp_path)
+    with pytest.raises(RunDirError, match=r"run\(resume=True\): .* holds a run of another"
+                       " configuration"):
+        Simulation(parse_config(data), tmp_path, clients=clients).run(resume=True)
+    assert comparable_ledgers(tmp_path) == before
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)  # its own config resumes
+    assert verify_run(tmp_path).ok
 
 
 def test_a_new_run_into_a_directory_with_journaled_releases_is_refused(tmp_path, clients):
