@@ -149,8 +149,8 @@ def _as_config(config: ExperimentConfig | Mapping[str, Any] | str | Path) -> Exp
         return parse_config(dict(config), "(dict)")
     if isinstance(config, str | Path):
         return load_config(config)
-    raise TypeError(f"config must be an ExperimentConfig, a dict or a TOML path, got "
-                    f"{type(config).__name__}")
+    raise ConfigError(f"config must be an ExperimentConfig, a dict or a TOML path, got "
+                      f"{type(config).__name__}")
 
 
 class Experiment:

@@ -137,3 +137,12 @@ def test_resume_must_be_a_bool(tmp_path, bad) -> None:
 def test_results_refuses_a_run_dir_that_is_not_a_path() -> None:
     with pytest.raises(ConfigError, match="^run_dir must be a path"):
         Results({"methods": {}}, run_dir=5)
+
+
+@pytest.mark.parametrize("config", [5, None, ["fedora"], b"run.toml"])
+def test_a_config_of_another_type_is_a_config_error(tmp_path, config) -> None:
+    """Experiment(5) or run(None) raised a raw TypeError (a traceback from the CLI layer)."""
+    with pytest.raises(ConfigError, match="^config must be an ExperimentConfig, a dict or a TOML "
+                                          "path, got "):
+        Experiment(config, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
