@@ -187,8 +187,8 @@ def parse_epsilon(text: str) -> float | None:
 def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: Sequence[int]) -> list[Cell]:
     """The cells of a sweep, in run order (seed-major, so each seed's data is built once).
 
-    Raises :class:`SweepError` for an unknown or repeated method, a repeated or negative seed,
-    a repeated or non-positive epsilon. A method that sends nothing (Local) gets only the
+    Raises :class:`SweepError` for an unknown or repeated method, a repeated seed or one
+    outside ``0 .. 2**32 - 1``, a repeated or non-positive epsilon. A method that sends nothing (Local) gets only the
     ``None`` cell (see the module docstring).
     """
     if not methods:
@@ -202,8 +202,10 @@ def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: 
     if not seeds:
         raise SweepError("a sweep needs at least one seed")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise SweepError(f"seeds must be non-negative integers, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32:
+            # the config's seed range: a larger one failed every cell's validation, and the
+            # message blamed the first cell's method
+            raise SweepError(f"seeds must be non-negative integers below 2**32, got {s!r}")
     if len(set(seeds)) != len(seeds):
         raise SweepError(f"seeds lists a seed twice: {list(seeds)}")
     if not epsilons:
@@ -576,7 +578,10 @@ def _check_manifest(out: Path, cfg: ExperimentConfig, write: bool) -> None:
                 "use a new sweep directory (--out, or run_sweep's out)"
             )
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"{out} is a file, not a sweep directory; use a new sweep directory "
+                         "(--out, or run_sweep's out)")
+    if out.exists() and any(out.iterdir()):
         raise SweepError(
             f"{out} is not a sweep directory (it holds files but no {MANIFEST_FILE}); "
             "use a new sweep directory (--out, or run_sweep's out)"

@@ -69,6 +69,9 @@ def test_plan_orders_cells_and_runs_local_only_non_private():
     ([], [0], [None], "at least one method"),
     (["fedora"], [0, 0], [None], "seed twice"),
     (["fedora"], [-1], [None], "non-negative"),
+    # the config's range: a larger seed failed every cell, the message blaming its method
+    (["fedora", "local"], [2**32], [None], r"^seeds must be non-negative integers below 2\*\*32, "
+                                           "got 4294967296$"),
     (["fedora"], [0], [], "at least one epsilon"),
     (["fedora"], [0], [-2.0], "positive finite"),
 ])
@@ -315,6 +318,15 @@ def test_an_out_directory_the_file_system_cannot_hold_is_a_config_error(tmp_path
     with pytest.raises(ConfigError, match=problem):
         run_sweep(tiny(), out, ["local"], [0])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_is_a_file_is_refused_as_a_file(tmp_path):
+    """It was refused as a directory "that holds files but no sweep.json"."""
+    out = tmp_path / "sweep.toml"
+    out.write_text("x")
+    with pytest.raises(SweepError, match=r"sweep.toml is a file, not a sweep directory"):
+        run_sweep(tiny(), out, ["local"], [0])
+    assert out.read_text() == "x"
 
 
 def test_directory_of_another_config_is_refused(tmp_path):
