@@ -510,6 +510,8 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False
         state = load_checkpoint(path)
         if state.get("config_hash") != expected:
             raise CheckpointError(f"checkpoint {path} was written for another configuration; "
-                                  "refuse to resume")
+                                  f"refuse to resume ({resume} needs the configuration the run "
+                                  "was started with: resume with that one, or start a new run "
+                                  "in a new directory)")
         if isinstance(state.get("privacy"), dict):
             _check_recorded_ledgers(run_dir / "ledgers" / method, state["privacy"], path, resume)

@@ -396,9 +396,13 @@ def test_api_resume_with_another_config_of_the_same_methods_writes_nothing(api_r
     doc, source = api_run
     run_dir = copy_run(source, tmp_path)
     before = snapshot(run_dir)
-    with pytest.raises(CheckpointError, match="another configuration"):
+    with pytest.raises(CheckpointError, match="another configuration") as err:
         Experiment({**doc, "seed": 7}, run_dir=run_dir).run(resume=True)
     assert snapshot(run_dir) == before
+    # without a config copy the key that changed cannot be named: the error says what to do
+    assert str(err.value).endswith("refuse to resume (run(resume=True) needs the configuration "
+                                   "the run was started with: resume with that one, or start a "
+                                   "new run in a new directory)")
 
 
 def test_api_resume_of_its_own_finished_run_changes_no_result(api_run, tmp_path):
