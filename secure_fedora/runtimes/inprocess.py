@@ -334,11 +334,9 @@ def build_context(
             from secure_fedora.learning.dp import check_rows_independent, largest_poisson_batch
 
             q = sample_rate_for(cfg)
-            oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
-                                q * cfg.data.train_per_client, noise[0], task=task)
-            oracle.check_model(probe_x, probe_y)
             # DP-SGD's Poisson batches (the same q for every client: the largest client's are
-            # the largest) and a private lambda's validation split, each run whole
+            # the largest) and a private lambda's validation split, each run whole; before the
+            # gradient check, whose refusal of a model mixing rows would blame a layer
             largest = max(int(c.train_x.shape[0]) for c in clients)
             batch_x, _ = _probe_rows(clients, largest_poisson_batch(q, largest))
             check_rows_independent(module, batch_x, training=True, rows="training")
@@ -350,6 +348,9 @@ def build_context(
                 eval_x, _ = _probe_rows(clients, size)
                 check_rows_independent(module, eval_x, training=False,
                                        rows="eval-mode training")
+            oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
+                                q * cfg.data.train_per_client, noise[0], task=task)
+            oracle.check_model(probe_x, probe_y)
     return MethodContext(
         clients=clients,
         flat=flat,

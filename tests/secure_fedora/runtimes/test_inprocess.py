@@ -726,12 +726,14 @@ def _dp_federation(validation="public", methods=("fedavg",)):
     return cfg, build_clients(cfg, data=data)
 
 
-@pytest.mark.parametrize("rows", [3, 8])
+@pytest.mark.parametrize("rows", [2, 3, 8])
 def test_dp_refuses_a_model_that_mixes_rows_only_in_batches_of_three_or_more(rows):
     """The DP check probed batches of two rows, so a model mixing the rows of batches of three
     (or eight) or more passed, and its DP-SGD steps (Poisson batches of about 4, up to 20 rows)
     clipped per-sample norms that bound nothing. It now probes a batch as large as the
-    training batches can plausibly be."""
+    training batches can plausibly be. A model mixing the rows of any batch (2) was refused by
+    the per-sample gradient check first, as a "layer (no single layer identified)" that is
+    "not supported": the row check now runs first and names the cause."""
     from torch import nn
 
     from privacy.dpsgd import DPSGDError
@@ -825,7 +827,7 @@ def test_dp_refuses_a_batch_mixing_model_when_the_first_client_has_one_training_
                                  "test_per_client": 4},
                         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
                                     "noise": "reproducible"}})
-    with pytest.raises(DPSGDError, match="differ from per-sample autograd"):
+    with pytest.raises(DPSGDError, match="change when the batch's other rows are replaced"):
         build_context(cfg, build_clients(cfg, data=data), model_factory=_BatchCentered)
 
 
