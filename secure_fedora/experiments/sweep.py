@@ -184,13 +184,30 @@ def parse_epsilon(text: str) -> float | None:
     return value
 
 
+def _as_list(values: Any, name: str, example: str | None = None) -> list[Any]:
+    """``values`` as a list; SweepError for a single value in its place (a string was taken
+    letter by letter, a number raised a raw TypeError). None is an empty list."""
+    if values is None:
+        return []
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        example = example or repr([values])
+        raise SweepError(f"{name} must be a list, got {type(values).__name__} {values!r} (one "
+                         f"value is a list of one: {name}={example})")
+    return list(values)
+
+
 def plan_cells(methods: Sequence[str], epsilons: Sequence[float | None], seeds: Sequence[int]) -> list[Cell]:
     """The cells of a sweep, in run order (seed-major, so each seed's data is built once).
 
-    Raises :class:`SweepError` for an unknown or repeated method, a repeated seed or one
-    outside ``0 .. 2**32 - 1``, a repeated or non-positive epsilon. A method that sends nothing (Local) gets only the
+    Raises :class:`SweepError` for a single value in place of a list, an unknown or repeated
+    method, a repeated seed or one outside ``0 .. 2**32 - 1``, a repeated or non-positive
+    epsilon. A method that sends nothing (Local) gets only the
     ``None`` cell (see the module docstring).
     """
+    methods = _as_list(methods, "methods")
+    seeds = _as_list(seeds, "seeds")
+    epsilons = _as_list(epsilons, "epsilons",
+                        None if isinstance(epsilons, int | float) else "[1.0] or [None]")
     if not methods:
         raise SweepError("a sweep needs at least one method")
     known = _literal_methods()

@@ -80,6 +80,21 @@ def test_plan_rejects_bad_input(methods, seeds, epsilons, match):
         plan_cells(methods, epsilons, seeds)
 
 
+@pytest.mark.parametrize("methods, seeds, epsilons, match", [
+    # a string was taken letter by letter ("unknown method 'l'"), a number as no seed at all
+    # ("needs at least one seed") or a raw TypeError ('float' object is not iterable)
+    ("local", [0], [None], r"^methods must be a list, got str 'local' \(one value is a list of "
+                           r"one: methods=\['local'\]\)$"),
+    (["local"], 0, [None], r"^seeds must be a list, got int 0 \(.*: seeds=\[0\]\)$"),
+    (["local"], [0], 1.0, r"^epsilons must be a list, got float 1.0 \(.*: epsilons=\[1.0\]\)$"),
+    (["local"], [0], "none", r"^epsilons must be a list, got str 'none' \(.*: "
+                             r"epsilons=\[1.0\] or \[None\]\)$"),
+])
+def test_plan_rejects_a_single_value_in_place_of_a_list(methods, seeds, epsilons, match):
+    with pytest.raises(SweepError, match=match):
+        plan_cells(methods, epsilons, seeds)
+
+
 needs_privacy = pytest.mark.skipif(NO_PRIVACY, reason="this build has no privacy section")
 
 
