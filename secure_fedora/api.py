@@ -93,12 +93,20 @@ class Results(dict):
             raise KeyError(f"no results for method {method!r}; have {self.method_names}") from None
 
     def mean(self, method: str) -> float:
-        """The selected mean test metric of ``method``."""
-        return float(self.selected(method)["mean"])
+        """The selected mean test metric of ``method``; NaN or infinite where the run's figure
+        was (results.json holds ``null`` there and the value under ``non_finite_values``)."""
+        value = self.selected(method)["mean"]
+        if value is None:
+            from secure_fedora.core.files import json_pointer
+
+            held = (self.get("non_finite_values") or {}).get(
+                json_pointer(["methods", method, "selected", "mean"]), "nan")
+            return float(held)
+        return float(value)
 
     def summary(self) -> str:
-        """A plain-text table of every method's selected test metric, headed by how its round
-        was chosen (``assumptions.model_selection``: the best-validation or the final round),
+        """A plain-text table of every method's selected test metric (``n/a`` for a null,
+        non-finite figure), headed by how its round was chosen (``assumptions.model_selection``: the best-validation or the final round),
         then a line for each client whose selected metric is from another round
         (``selected.stale_clients``: a client that missed that evaluation or rejected its
         evaluation message) and one naming the rounds selection did not consider
@@ -111,8 +119,10 @@ class Results(dict):
         for name in self.method_names:
             s = self.selected(name)
             rnd = s.get("round", "")
-            lines.append(f"{name:<12} {s['mean']:>8.4f} {s['min']:>8.4f} {s['max']:>8.4f} "
-                         f"{s['std']:>8.4f} {rnd!s:>6}")
+            # a null figure (NaN or infinite, named under non_finite_values) is no number
+            figures = " ".join(f"{s[k]:>8.4f}" if isinstance(s[k], int | float) else f"{'n/a':>8}"
+                               for k in ("mean", "min", "max", "std"))
+            lines.append(f"{name:<12} {figures} {rnd!s:>6}")
         for name in self.method_names:
             for stale in self.selected(name).get("stale_clients") or []:
                 source = "a placeholder 0" if stale["round"] is None \

@@ -52,6 +52,21 @@ def test_summary_names_the_rounds_selection_did_not_consider():
         "metric yet)")
 
 
+def test_a_non_finite_figure_is_shown_not_a_type_error():
+    """results.json writes a NaN or infinite figure as null and names it under
+    non_finite_values; summary() and mean() raised a raw TypeError on it."""
+    results = _results("validation")
+    results["methods"]["fedora"]["selected"].update(mean=None, std=None)
+    results["non_finite_values"] = {"/methods/fedora/selected/mean": "inf",
+                                    "/methods/fedora/selected/std": "nan"}
+    assert results.summary().splitlines()[2].split() == ["fedora", "n/a", "0.2500", "0.7500",
+                                                         "n/a", "3"]
+    assert results.mean("fedora") == float("inf")
+    del results["non_finite_values"]
+    assert results.mean("fedora") != results.mean("fedora")  # NaN: no record of the value
+    assert results.mean("fedavg_ft") == 0.5
+
+
 CONFIG = {"methods": ["fedora", "local"],
           "data": {"partition": "iid", "num_clients": 3, "train_per_client": 20,
                    "val_per_client": 5, "test_per_client": 5},
