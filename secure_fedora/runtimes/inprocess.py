@@ -1160,6 +1160,7 @@ class Simulation:
         from secure_fedora.runtimes.rundir import (
             CONFIG_COPY,
             amended_value,
+            config_value,
             recorded_amendments,
         )
 
@@ -1173,9 +1174,7 @@ class Simulation:
 
         def apply(rnd: int) -> None:
             for key in keys:
-                section, field_name = key.split(".")
-                value = amended_value(amendments, key, getattr(getattr(base, section), field_name),
-                                      name, methods, rnd)
+                value = amended_value(amendments, key, config_value(base, key), name, methods, rnd)
                 setattr(method, AMENDED_ATTRIBUTES[key], value)
 
         return apply

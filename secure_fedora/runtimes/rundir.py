@@ -44,7 +44,8 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash
 
 __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER",
            "RunDirError", "amended_config", "amended_value", "amendment_round",
-           "check_fresh_run_dir", "check_resumable", "config_changes", "default_run_dir",
+           "check_fresh_run_dir", "check_resumable", "config_changes", "config_value",
+           "default_run_dir",
            "prepare_run_dir", "record_amendments", "record_stop", "recorded_amendments",
            "recorded_keystore_extension", "resume_binding",
            "withdraw_unstarted_run"]
@@ -156,7 +157,8 @@ def withdraw_unstarted_run(run_dir: Path, created: bool) -> bool:
     return True
 
 
-def _key_value(cfg: ExperimentConfig, key: str) -> Any:
+def config_value(cfg: ExperimentConfig, key: str) -> Any:
+    """The value of the dotted config ``key`` (``"section.name"``) in ``cfg``."""
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
 
@@ -200,7 +202,7 @@ def config_changes(run_cfg: ExperimentConfig, cfg: ExperimentConfig) -> list[dic
         return []
     changes, probe = [], cfg
     for key in AMENDABLE_KEYS:
-        old, new = _key_value(run_cfg, key), _key_value(cfg, key)
+        old, new = config_value(run_cfg, key), config_value(cfg, key)
         if old != new:
             changes.append({"key": key, "from": old, "to": new})
             probe = _with_value(probe, key, old)
