@@ -29,6 +29,7 @@ __all__ = [
     "BASELINE_HYPERPARAMETERS",
     "BASELINE_NAMES",
     "BUILTIN_DECLARATIONS",
+    "FedAvgChecks",
     "CKKS_SUMMARY_VECTORS",
     "BaselineChecks",
     "BaselineConfigError",
@@ -239,6 +240,26 @@ class MethodChecks:
         """Raise ``ValueError`` (naming the key) when ``cfg`` cannot run this method; called
         by the config validation for every listed method. Default: every config is fine."""
 
+    @classmethod
+    def derived_row_names(cls, name: str, cfg: Any) -> tuple[str, ...]:
+        """The ``methods.<row>`` entries of results.json that this method, registered as
+        ``name``, may add beside its own under ``cfg`` (its ``derived_rows``): the config
+        refuses a method list in which such a row is also a method's name. Default: none."""
+        return ()
+
+
+class FedAvgChecks(MethodChecks):
+    """FedAvg's config hooks: its fine-tuned row."""
+
+    @classmethod
+    def derived_row_names(cls, name: str, cfg: Any) -> tuple[str, ...]:
+        """``<name>_ft``, the fine-tuned test metric: for ``fedavg`` when ``[fedavg]
+        finetune_epochs`` is positive, for a method registered on FedAvg always (it may
+        fine-tune with settings of its own)."""
+        if name == "fedavg" and cfg.fedavg.finetune_epochs == 0:
+            return ()
+        return (f"{name}_ft",)
+
 
 class LocalChecks(MethodChecks):
     """Local's config hooks: it runs on CUDA."""
@@ -319,6 +340,12 @@ class BaselineChecks(MethodChecks):
     #: make_baseline` passes it only then): IFCA's does, to refuse a cluster choice on
     #: private validation data. A plug-in declaring it gets the same argument.
     takes_validation: ClassVar[bool] = False
+
+    @classmethod
+    def derived_row_names(cls, name: str, cfg: Any) -> tuple[str, ...]:
+        """None: a baseline adds no ``methods.<row>`` entry (FedProx, built on FedAvg, never
+        fine-tunes)."""
+        return ()
 
     @classmethod
     def baseline_kind(cls) -> str:
@@ -412,7 +439,7 @@ class IFCAChecks(BaselineChecks):
 
 BUILTIN_DECLARATIONS: dict[str, type[MethodChecks]] = {
     "local": LocalChecks,
-    "fedavg": MethodChecks,
+    "fedavg": FedAvgChecks,
     "fedora": FedoraChecks,
     "fedprox": FedProxChecks,
     "ditto": DittoChecks,

@@ -42,7 +42,12 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms import fedora
-from secure_fedora.algorithms.config_checks import FedoraChecks, LocalChecks, MethodChecks
+from secure_fedora.algorithms.config_checks import (
+    FedAvgChecks,
+    FedoraChecks,
+    LocalChecks,
+    MethodChecks,
+)
 from secure_fedora.algorithms.contract import (
     EVALUATE,
     FINALIZE,
@@ -1277,7 +1282,7 @@ FINETUNING_UNDER_DP = (
 
 
 @METHODS.register("fedavg")
-class FedAvg(FederatedMethod):
+class FedAvg(FedAvgChecks, FederatedMethod):
     """FedAvg (McMahan et al., AISTATS 2017, "Communication-Efficient Learning of Deep
     Networks from Decentralized Data"): participants start from the global model, train
     locally, and the server averages their models weighted by training-set size (which each

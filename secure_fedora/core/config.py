@@ -683,6 +683,7 @@ class ExperimentConfig(_Section):
                     t.lr, t.momentum, {"training.weight_decay": t.weight_decay, **terms})
                 if problem is not None:
                     raise ValueError(problem)
+        self._check_derived_rows()
         if not p.enabled:
             if "noised" in self.fedora.relatedness:
                 raise ValueError("fedora.relatedness 'noised' needs privacy.enabled = true")
@@ -712,6 +713,24 @@ class ExperimentConfig(_Section):
             )
         self._check_dpsgd_plan()
         return self
+
+    def _check_derived_rows(self) -> None:
+        """Refuse a listed method whose name is a results entry another listed method derives
+        (``methods.fedavg_ft``): results.json could not hold both, found only after training."""
+        from secure_fedora.core.registry import METHODS
+
+        derived: dict[str, str] = {}
+        for name in self.methods:
+            row_names = METHODS.declared(name, "derived_row_names")
+            for row in row_names(name, self) if row_names is not None else ():
+                if row in self.methods or row in derived:
+                    whose = (f"the entry of the listed method {row!r}" if row in self.methods
+                             else f"also added by {derived[row]!r}")
+                    raise ValueError(
+                        f"methods: {name!r} adds the results entry methods.{row}, {whose}; "
+                        "results.json cannot hold both: register the plug-in method under "
+                        "another name")
+                derived[row] = name
 
     def _check_dpsgd_plan(self) -> None:
         """Refuse a sampling rate below one expected record per batch and a DP-SGD plan of

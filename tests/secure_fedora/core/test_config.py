@@ -509,3 +509,37 @@ def test_fedoras_checks_apply_to_a_config_that_runs_fedora_only():
             assert parse_config({**doc, "methods": methods}).methods == methods
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config({**doc, "methods": ["local", "fedora"]})
+
+
+def test_a_plug_in_named_as_a_results_entry_another_method_derives_is_refused() -> None:
+    """A plug-in method named ``fedavg_ft`` beside fine-tuning FedAvg validated, trained every
+    method, then stopped with a bare ValueError writing results.json (both produce
+    ``methods.fedavg_ft``). The config now refuses it before anything runs."""
+    from secure_fedora.algorithms.methods import FedAvg, Local
+    from secure_fedora.core.registry import METHODS
+
+    class Named(Local):
+        pass
+
+    class MyAvg(FedAvg):
+        pass
+
+    base = {"data": {"num_clients": 3, "train_per_client": 60, "val_per_client": 20,
+                     "test_per_client": 20, "groups": 3}}
+    METHODS.register("fedavg_ft", Named)
+    METHODS.register("myavg", MyAvg)
+    METHODS.register("myavg_ft", Named)
+    try:
+        with pytest.raises(ConfigError, match=r"'fedavg' adds the results entry methods\."
+                                              r"fedavg_ft, the entry of the listed method "
+                                              r"'fedavg_ft'.*another name"):
+            parse_config({**base, "methods": ["fedavg", "fedavg_ft"],
+                          "fedavg": {"finetune_epochs": 1}})
+        with pytest.raises(ConfigError, match=r"'myavg' adds the results entry methods\.myavg_ft"):
+            parse_config({**base, "methods": ["myavg_ft", "myavg"]})
+        # FedAvg without fine-tuning adds no row: the name is free, as before
+        parse_config({**base, "methods": ["fedavg", "fedavg_ft"], "fedavg": {"finetune_epochs": 0}})
+        parse_config({**base, "methods": ["myavg", "fedavg", "fedora"]})
+    finally:
+        for name in ("fedavg_ft", "myavg", "myavg_ft"):
+            METHODS.unregister(name)
