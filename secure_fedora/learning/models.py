@@ -124,10 +124,16 @@ def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = 
                             source=f"model {name!r}")
 
 
+def _has_lazy_parameters(model: nn.Module) -> bool:
+    """Whether a parameter of ``model`` is still uninitialized (a lazy layer, e.g.
+    ``nn.LazyLinear``, before its first forward pass)."""
+    return any(nn.parameter.is_lazy(p) for p in model.parameters())
+
+
 def _set_by_init_parameters(model: nn.Module) -> bool:
     """Whether :func:`init_parameters` sets every value of ``model``: no buffers, and every
     parameter is the weight or bias of an nn.Linear or nn.Conv2d."""
-    if any(True for _ in model.buffers()):
+    if any(True for _ in model.buffers()) or _has_lazy_parameters(model):
         return False
     return all(isinstance(m, nn.Linear | nn.Conv2d) and {n for n, _ in own} <= {"weight", "bias"}
                for m in model.modules() if (own := list(m.named_parameters(recurse=False))))
@@ -198,7 +204,8 @@ def count_parameters(model: nn.Module) -> int:
 def build_user_model(factory: object, input_shape: Sequence[int], num_classes: int,
                      seed: int, source: str = "model factory") -> nn.Module:
     """Call a user ``factory(input_shape, num_classes)`` with the global RNG seeded by ``seed``
-    (restored afterwards, so equal seeds give equal initial parameters) and check the result:
+    (restored afterwards, so equal seeds give equal initial parameters; lazy layers are
+    initialized there too, by a forward pass of one row of zeros) and check the result:
     an ``nn.Module`` with float32 trainable parameters and no layer tracking running statistics
     (per-client state must live in parameters, which are the rows the federation moves;
     BatchNorm's running statistics would be shared silently; constant buffers are accepted:
@@ -214,6 +221,16 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
         except Exception as err:  # user code: report whatever it raised
             raise ModelError(f"{source} failed for input_shape={shape}, num_classes={num_classes}: "
                              f"{type(err).__name__}: {err}") from err
+        if isinstance(model, nn.Module) and _has_lazy_parameters(model):
+            # a lazy layer draws its initial values at its first forward pass: here, under the
+            # seed, not from whatever state the global RNG has when the model is first probed
+            try:
+                with torch.no_grad():
+                    model(torch.zeros((1, *shape)))
+            except Exception as err:
+                raise ModelError(f"{source}: its lazy layers could not be initialized by a "
+                                 f"forward pass of one row of zeros of shape {shape}: "
+                                 f"{type(err).__name__}: {err}") from err
     return check_model_state(model, source)
 
 

@@ -249,3 +249,33 @@ def test_a_buffer_that_forward_writes_is_refused(model, message) -> None:
         check_buffers_constant(build_user_model(lambda s, c: model(), (4,), 2, seed=0, source="m"),
                                torch.randn(3, 4), "m")
     assert "GroupNorm" in str(err.value) and "per client" in str(err.value)
+
+
+def test_a_model_with_lazy_layers_is_initialized_under_the_seed() -> None:
+    """A lazy layer (nn.LazyLinear) draws its initial values at its first forward pass. A
+    model factory's was then initialized from whatever state the global RNG had when the
+    model was first probed (equal seeds, different starts), and a registered model stopped
+    with torch's bare ValueError on its uninitialized parameter. Both are now initialized
+    under the seed, by a forward pass of one row of zeros."""
+    from secure_fedora.core.registry import MODELS
+    from secure_fedora.learning.models import build_user_model
+
+    def lazy(shape, num_classes, device=None):
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(5, device=device), nn.ReLU(),
+                             nn.Linear(5, num_classes, device=device))
+
+    built = []
+    for noise in (1, 2):  # the global RNG's state differs between the two builds
+        torch.manual_seed(noise)
+        built.append(params(build_user_model(lambda s, c: lazy(s, c), (2, 3), 4, seed=7)))
+    assert [p.shape for p in built[0]] == [(5, 6), (5,), (4, 5), (4,)]
+    assert all(torch.equal(a, b) for a, b in zip(*built, strict=True))
+
+    MODELS.register("test-lazy", lazy)
+    try:
+        first, second = (params(make_model("test-lazy", 4, seed=7, input_shape=(2, 3)))
+                         for _ in range(2))
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(first, built[0], strict=True))
+    finally:
+        MODELS.unregister("test-lazy")
