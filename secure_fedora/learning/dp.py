@@ -182,6 +182,25 @@ def _first_unsupported_layer(model: nn.Module) -> str:
     return fallback or "(no single layer identified)"
 
 
+@torch.no_grad()
+def _refuse_a_loss_mixing_rows(model: nn.Module, loss: Any, x: Tensor, y: Tensor) -> None:
+    """DPSGDError when ``loss``'s per-sample values on the model's outputs for ``x`` change
+    when each row is scored alone (a loss using batch statistics): then the loss, not a
+    layer, is why per-sample gradients differ."""
+    from privacy.dpsgd import DPSGDError
+
+    out = model(x)
+    together = loss(out, y).reshape(-1)
+    alone = torch.cat([loss(out[i:i + 1], y[i:i + 1]).reshape(-1) for i in range(int(x.shape[0]))])
+    if together.shape == alone.shape and not torch.allclose(together, alone, rtol=1e-4, atol=1e-6):
+        raise DPSGDError(
+            f"the loss's value for a row changes with the other rows of its batch (on {x.shape[0]}"
+            f" probe rows, max difference {float((together - alone).abs().max()):.3g}): DP-SGD "
+            "needs per-sample losses that each depend on their own row only (per-sample "
+            "clipping bounds one record's effect only then); compute the loss without batch "
+            "statistics (e.g. reduction='none', no batch mean or normalization)")
+
+
 _TOO_LARGE = (": the inputs or the model's initial parameters are too large for float32 "
               "arithmetic; scale the inputs (e.g. standardize them in the data source) or the "
               "model's initialization")
@@ -242,6 +261,7 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
                     f"finite (path {dpsgd.mode!r}; the probe rows' largest per-sample gradient "
                     f"norm is {largest:.3g}) before training{_TOO_LARGE}")
             if not torch.allclose(a, b, rtol=1e-3, atol=1e-5):
+                _refuse_a_loss_mixing_rows(model, loss, x, y)
                 raise DPSGDError(
                     f"DP-SGD's per-sample gradients of parameter {pname!r} differ from per-sample "
                     f"autograd (path {dpsgd.mode!r}; max difference "

@@ -52,6 +52,27 @@ def test_rows_independence_probe_is_exact_for_row_wise_models_and_draws_nothing(
         check_rows_independent(centered, x, training=True, rows="training")
 
 
+def test_a_loss_using_batch_statistics_is_named_not_a_layer():
+    """A custom loss that centres the outputs over the batch was refused as "layer (no single
+    layer identified) is not supported", which sent the user looking for a layer of a plain
+    MLP; the check now names the loss. A per-sample loss on the same rows passes."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    dpsgd = DPSGD(model, 0.5, 1.0, 4.0, ReproducibleNoise(0))
+
+    def centred(out, target):
+        return F.cross_entropy(out - out.mean(0, keepdim=True), target, reduction="none")
+
+    with pytest.raises(DPSGDError, match=r"the loss's value for a row changes with the other "
+                                         r"rows of its batch .* without batch statistics") as err:
+        check_per_sample_gradients(dpsgd, centred, x, y)
+    assert "layer" not in str(err.value)
+    check_per_sample_gradients(dpsgd, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y)
+
+
 def test_gradients_that_overflow_are_named_as_such_not_as_an_unsupported_layer():
     """Inputs so large (1e30) that the DP path's per-sample gradient norms overflow float32
     were refused as "layer (no single layer identified) is not supported" (max difference nan),
