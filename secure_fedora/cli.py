@@ -54,9 +54,11 @@ def add_keystore_flag(parser: argparse.ArgumentParser) -> None:
     ``audit canary``): the one spelling and help of the flag; check its value with
     :func:`keystore_flag`."""
     parser.add_argument("--keystore", help="key store of a DP run's private keys (default:"
-                        " [security] keystore, else ~/.local/share/secure-fedora/keystore/"
-                        "<name>; see `keys init`); an error when the config has [privacy]"
-                        " enabled = false (such a run reads no key store)")
+                        " [security] keystore, else HOME/<name> with HOME"
+                        " $SECURE_FEDORA_KEYSTORE_HOME, else $XDG_DATA_HOME/secure-fedora/"
+                        "keystore, else ~/.local/share/secure-fedora/keystore; see `keys"
+                        " init`); an error when the config has [privacy] enabled = false (such"
+                        " a run reads no key store)")
 
 
 def keystore_flag(value: str | None) -> str | None:

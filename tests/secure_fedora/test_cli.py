@@ -89,6 +89,34 @@ def test_keystore_on_a_config_without_privacy_is_refused(tmp_path, monkeypatch, 
     assert not out.exists() and not store.exists()
 
 
+
+@pytest.mark.parametrize("command", [["run"], ["audit", "canary"]])
+def test_keystore_help_names_every_default_location_in_order(command, tmp_path, monkeypatch):
+    """``--keystore``'s help said the default was ``~/.local/share/...`` after ``[security]
+    keystore``, which is wrong where ``$SECURE_FEDORA_KEYSTORE_HOME`` or ``$XDG_DATA_HOME``
+    is set (README and ``default_keystore_home`` take those first)."""
+    import argparse
+
+    from secure_fedora.cli import build_parser
+    from secure_fedora.secure.keystore import default_keystore_home
+
+    parser = build_parser(command)
+    for word in command:
+        parser = next(a for a in parser._actions
+                      if isinstance(a, argparse._SubParsersAction)).choices[word]
+    text = next(a.help for a in parser._actions if "--keystore" in a.option_strings)
+    names = ["[security] keystore", "$SECURE_FEDORA_KEYSTORE_HOME",
+             "$XDG_DATA_HOME/secure-fedora/keystore", "~/.local/share/secure-fedora/keystore"]
+    assert all(n in text for n in names), text
+    assert [text.index(n) for n in names] == sorted(text.index(n) for n in names)
+    # the order stated is the order the default store is resolved in
+    monkeypatch.setenv("SECURE_FEDORA_KEYSTORE_HOME", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "b"))
+    assert default_keystore_home() == tmp_path / "a"
+    monkeypatch.delenv("SECURE_FEDORA_KEYSTORE_HOME")
+    assert default_keystore_home() == tmp_path / "b" / "secure-fedora" / "keystore"
+
+
 DP_TINY = """
 name = "dp-tiny"
 seed = 1
