@@ -97,6 +97,33 @@ def test_a_key_store_inside_the_run_directory_is_refused(tmp_path, inside):
     assert not (run / inside / "allowlist.json").exists()
 
 
+
+def test_an_old_layout_run_resumes_once_its_keys_are_moved_out_as_readme_says(tmp_path):
+    """README's migration of a run with its private keys in ``RUN/keys``: ``--keystore
+    RUN/keys`` is refused (inside the run directory); the keys moved to a store outside
+    (with the public keys and allowlist copied) resume the run, which keeps no private key."""
+    import shutil
+
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    run, store = tmp_path / "run", tmp_path / "store"
+    Simulation(_tiny_dp_config(), run, keystore=store).run()
+    for key in store.glob("*.key"):  # the old layout: private keys beside the public ones
+        shutil.move(str(key), str(run / "keys" / key.name))
+    shutil.rmtree(store)
+    with pytest.raises(IdentityError, match="lies inside the run directory"):
+        Simulation(_tiny_dp_config(), run, keystore=run / "keys").run(resume=True)
+    moved = tmp_path / "moved"
+    moved.mkdir(mode=0o700)
+    for key in (run / "keys").glob("*.key"):
+        shutil.move(str(key), str(moved / key.name))
+    for public in [*(run / "keys").glob("*.pub"), run / "keys" / "allowlist.json"]:
+        shutil.copy(public, moved / public.name)
+    results = Simulation(_tiny_dp_config(), run, keystore=moved).run(resume=True)
+    assert results["methods"]["local"]["selected"]["per_client"]
+    assert not list(run.rglob("*.key"))
+
+
 def test_a_resume_with_a_key_store_that_does_not_exist_creates_none(tmp_path):
     """A resume given a new store path first created that store (fresh private keys no run
     can use), then was refused for its keys."""
