@@ -200,8 +200,9 @@ def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
     from audits.canary import run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
-    from secure_fedora.cli import check_keystore_used, keystore_flag
+    from secure_fedora.cli import keystore_flag
     from secure_fedora.core.config import load_config
+    from secure_fedora.secure.keystore import check_keystore_used
 
     json_path = _json_option(args, "canary")
     keystore = keystore_flag(args.keystore)
@@ -219,7 +220,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    check_keystore_used(keystore, cfg.privacy.enabled)
+    check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, keystore)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,

@@ -228,7 +228,9 @@ class Experiment:
         written (RunDirError or CheckpointError otherwise). A ``resume`` that is not a bool
         is a ConfigError."""
         from secure_fedora.runtimes.rundir import RunDirError, check_resumable
+        from secure_fedora.secure.keystore import check_keystore_used
 
+        check_keystore_used(self.config.privacy.enabled, self.config.security.keystore)
         if check_flag_argument(resume, "resume"):
             check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
         elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):

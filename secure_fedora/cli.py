@@ -74,16 +74,6 @@ def keystore_flag(value: str | None) -> str | None:
     return value
 
 
-def check_keystore_used(value: str | None, private: bool) -> None:
-    """ConfigError, before anything is built or written, when ``--keystore`` is given for a
-    config with ``[privacy] enabled = false``: such a run reads no key store (its envelope
-    keys, if any, are made in ``RUN_DIR/keys``), so the flag would be ignored."""
-    if value is not None and not private:
-        raise ConfigError("--keystore is unused: the config has [privacy] enabled = false, and "
-                          "a run without privacy reads no key store (its envelope keys, if any, "
-                          "are in RUN_DIR/keys); leave --keystore out, or enable [privacy]")
-
-
 def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Build the simulation for ``run_dir`` and run it with a progress bar per method; returns
     the simulation and its results."""
@@ -138,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         prepare_run_dir,
         withdraw_unstarted_run,
     )
+    from secure_fedora.secure.keystore import check_keystore_used
 
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out is empty: name the run directory, or leave --out out for "
@@ -150,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
     cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
-    check_keystore_used(args.keystore, cfg.privacy.enabled)
+    check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, args.keystore)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
     prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)

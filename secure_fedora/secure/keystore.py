@@ -64,6 +64,7 @@ __all__ = [
     "OPERATOR_ID",
     "KeyStore",
     "check_keystore",
+    "check_keystore_used",
     "check_public_keys",
     "default_keystore_home",
     "ensure_keystore",
@@ -122,6 +123,28 @@ def resolve_keystore(name: str, configured: str | None = None,
     if configured is not None:
         return Path(configured).expanduser().absolute(), "config"
     return (default_keystore_home() / name).absolute(), "default"
+
+
+def check_keystore_used(private: bool, configured: str | None,
+                        override: str | os.PathLike[str] | None = None,
+                        option: str = CLI_KEYSTORE_OPTION) -> None:
+    """ConfigError, before anything is built or written, when a run without privacy is given
+    a key store, by ``override`` (the caller's ``option``: ``--keystore`` or the ``keystore=``
+    argument) or by ``[security] keystore`` (``configured``): such a run reads no key store
+    (its envelope keys, if any, are made in ``RUN_DIR/keys``), so the choice would be
+    ignored. A sweep checks its cells itself: its base config's key store serves its DP
+    cells."""
+    from secure_fedora.core.config import ConfigError
+
+    if private:
+        return
+    why = ("the config has [privacy] enabled = false, and a run without privacy reads no key "
+           "store (its envelope keys, if any, are in RUN_DIR/keys)")
+    if override is not None:
+        raise ConfigError(f"{option} is unused: {why}; leave {option} out, or enable [privacy]")
+    if configured is not None:
+        raise ConfigError(f"[security] keystore = {json.dumps(configured)} is unused: {why}; "
+                          "remove the key, or enable [privacy]")
 
 
 def extension_notice(path: Path, source: str, added: Sequence[str]) -> str:

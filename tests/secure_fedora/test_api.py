@@ -161,3 +161,16 @@ def test_a_config_of_another_type_is_a_config_error(tmp_path, config) -> None:
                                           "path, got "):
         Experiment(config, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_configured_keystore_without_privacy_is_refused_before_the_run(tmp_path) -> None:
+    """Experiment.run() with `[security] keystore` and privacy off ran and ignored the key
+    store (such a run reads none): a ConfigError naming the key, nothing written."""
+    run_dir = tmp_path / "run"
+    exp = Experiment({"methods": ["local"], "security": {"keystore": str(tmp_path / "store")},
+                      "data": {"num_clients": 2, "train_per_client": 8, "val_per_client": 4,
+                               "test_per_client": 4}}, run_dir=run_dir)
+    with pytest.raises(ConfigError, match=r"^\[security\] keystore = .* is unused: .*remove "
+                                          r"the key, or enable \[privacy\]$"):
+        exp.run()
+    assert not run_dir.exists() and not (tmp_path / "store").exists()

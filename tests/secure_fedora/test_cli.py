@@ -117,6 +117,23 @@ def test_keystore_help_names_every_default_location_in_order(command, tmp_path, 
     assert default_keystore_home() == tmp_path / "b" / "secure-fedora" / "keystore"
 
 
+def test_a_configured_keystore_on_a_config_without_privacy_is_refused(tmp_path, monkeypatch,
+                                                                     capsys):
+    """`[security] keystore = "DIR"` with [privacy] enabled = false was silently ignored (the
+    --keystore flag is refused there): one error line naming the key, before anything is
+    written."""
+    monkeypatch.chdir(tmp_path)
+    store, out = tmp_path / "store", tmp_path / "run"
+    config = tmp_path / "c.toml"
+    config.write_text(SMOKE.read_text() + f'\n[security]\nkeystore = "{store}"\n')
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: [security] keystore = "{store}" is unused') and \
+        err.count("\n") == 1
+    assert "[privacy] enabled = false" in err and "remove the key, or enable [privacy]" in err
+    assert not out.exists() and not store.exists()
+
+
 DP_TINY = """
 name = "dp-tiny"
 seed = 1
