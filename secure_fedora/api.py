@@ -219,28 +219,37 @@ class Experiment:
                      if given is not None)
 
     def run(self, resume: bool = False,
-            progress: Callable[[str, int, int], None] | None = None) -> Results:
+            progress: Callable[[str, int, int], None] | None = None,
+            keystore: str | Path | None = None) -> Results:
         """Run every configured method; writes ``run_dir`` (results.json, rounds.csv,
         checkpoints) and returns the :class:`Results`. A fresh run (``resume`` False) needs an
         empty or new ``run_dir`` (RunDirError otherwise: it would overwrite another run's
         results); ``resume=True`` continues the run it holds, and only that: the directory must
         hold this configuration's checkpoints (``check_resumable``), checked before anything is
         written (RunDirError or CheckpointError otherwise). A ``resume`` that is not a bool
-        is a ConfigError."""
+        is a ConfigError. ``keystore``: the key store of a DP run's private keys, as the CLI's
+        ``--keystore`` (before ``[security] keystore`` and the default); a ConfigError, before
+        anything is written, when it is empty or holds NUL, or when the config has privacy
+        off (such a run reads no key store; so is ``[security] keystore`` there)."""
         from secure_fedora.runtimes.rundir import RunDirError, check_resumable
-        from secure_fedora.secure.keystore import check_keystore_used
+        from secure_fedora.secure.keystore import API_KEYSTORE_OPTION, check_keystore_used
 
-        check_keystore_used(self.config.privacy.enabled, self.config.security.keystore)
+        if keystore is not None:
+            check_path_argument(keystore, "keystore")
+        check_keystore_used(self.config.privacy.enabled, self.config.security.keystore, keystore,
+                            API_KEYSTORE_OPTION)
         if check_flag_argument(resume, "resume"):
             check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
         elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
             raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a new or "
                               "empty run_dir, and run(resume=True) continues the run it holds")
         self.check()
-        return Results(self.simulation(progress).run(resume=resume), self.run_dir)
+        return Results(self.simulation(progress, keystore=keystore).run(resume=resume),
+                       self.run_dir)
 
 
 def run(config: ExperimentConfig | Mapping[str, Any] | str | Path, *, data: Any = None,
-        model: ModelFactory | None = None, run_dir: str | Path | None = None) -> Results:
-    """``Experiment(config, data=..., model=..., run_dir=...).run()``."""
-    return Experiment(config, data=data, model=model, run_dir=run_dir).run()
+        model: ModelFactory | None = None, run_dir: str | Path | None = None,
+        keystore: str | Path | None = None) -> Results:
+    """``Experiment(config, data=..., model=..., run_dir=...).run(keystore=...)``."""
+    return Experiment(config, data=data, model=model, run_dir=run_dir).run(keystore=keystore)

@@ -174,3 +174,39 @@ def test_a_configured_keystore_without_privacy_is_refused_before_the_run(tmp_pat
                                           r"the key, or enable \[privacy\]$"):
         exp.run()
     assert not run_dir.exists() and not (tmp_path / "store").exists()
+
+
+def _federated(n: int = 16) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [{split: (rng.normal(size=(rows, 4)).astype("float32"), np.arange(rows) % 2)
+             for split, rows in (("train", n), ("val", 8), ("test", 8))} for _ in range(2)]
+
+
+def test_run_takes_the_key_store_as_the_cli_does(tmp_path, monkeypatch) -> None:
+    """Experiment.run() had no key-store argument (the CLI has --keystore): a DP run now keeps
+    its private keys in ``keystore=`` (before [security] keystore and the default), and the
+    argument is refused, before anything is written, with privacy off or when empty."""
+    from secure_fedora.api import run
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("SECURE_FEDORA_KEYSTORE_HOME", str(home))
+    dp = {"methods": ["local"], "training": {"rounds": 1, "batch_size": 8},
+          "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8},
+          "privacy": {"enabled": True, "delta": 1e-3},
+          "security": {"keystore": str(tmp_path / "configured")}}
+    store = tmp_path / "store"
+    run(dp, data=_federated(), run_dir=tmp_path / "dp", keystore=store)
+    assert (store / "allowlist.json").is_file() and (store / "operator.ed25519.key").is_file()
+    assert not (tmp_path / "configured").exists() and not home.exists()
+    assert not list((tmp_path / "dp").rglob("*.key"))
+    plain = {**dp, "privacy": {"enabled": False}, "security": {}}
+    for kwargs, problem in (({"config": plain, "keystore": store},
+                             r"^the keystore= argument is unused: .*leave the keystore= argument "
+                             r"out, or enable \[privacy\]$"),
+                            ({"config": dp, "keystore": " "}, "keystore is empty")):
+        with pytest.raises(ConfigError, match=problem):
+            run(kwargs["config"], data=_federated(), run_dir=tmp_path / "no",
+                keystore=kwargs["keystore"])
+        assert not (tmp_path / "no").exists()
