@@ -1142,7 +1142,7 @@ class Simulation:
 
         if self._pending_amendments:
             effective = None if method is None or start_round is None else \
-                amendment_round(self.run_dir, method, start_round, private)
+                amendment_round(self.run_dir, method, start_round, private, self._resume_name())
             record_amendments(self.run_dir, self._pending_amendments, method, start_round,
                               effective)
             for c in self._pending_amendments:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,21 +170,40 @@ def _with_value(cfg: ExperimentConfig, key: str, value: Any) -> ExperimentConfig
     return cfg.model_copy(update={section: part})
 
 
+def _read_record(path: Path, what: str, shape: Callable[[Any], str | None], remedy: str,
+                 prefix: str = "") -> Any:
+    """The JSON value of the run-directory record ``path`` (None when there is none); a
+    record that cannot be read, is not JSON or whose value ``shape`` faults (it returns
+    why, or None) is never read as absent: RunDirError naming the file, what it records
+    (``what``) and ``remedy``, after ``prefix`` (how the caller resumes)."""
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_bytes())
+    except OSError as err:
+        why = f"cannot be read ({err.strerror or err})"
+    except ValueError as err:  # not JSON, or not UTF-8
+        why = f"is not JSON ({err})"
+    else:
+        why = shape(doc)
+        if why is None:
+            return doc
+    raise RunDirError(f"{prefix}{path} {why}, so {what} cannot be read; {remedy}")
+
+
+def _amendments_shape(doc: Any) -> str | None:
+    if isinstance(doc, list) and all(isinstance(a, dict) and a.get("key") in AMENDABLE_KEYS
+                                     and "to" in a for a in doc):
+        return None
+    return f"is not a list of config amendments of {list(AMENDABLE_KEYS)}"
+
+
 def recorded_amendments(run_dir: Path) -> list[dict[str, Any]]:
     """The amendments ``run_dir`` records (:data:`AMENDMENTS`), oldest first; [] when it has
     none. RunDirError for a record that is unreadable or names a key that is not amendable."""
-    path = run_dir / AMENDMENTS
-    if not path.exists():
-        return []
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise RunDirError(f"cannot read the run's config amendments {path}: {err}") from None
-    if not isinstance(doc, list) or not all(
-            isinstance(a, dict) and a.get("key") in AMENDABLE_KEYS and "to" in a for a in doc):
-        raise RunDirError(f"{path} is not a list of config amendments of {list(AMENDABLE_KEYS)}; "
-                          "restore it from a copy (config.toml holds the run's original config)")
-    return doc
+    doc = _read_record(run_dir / AMENDMENTS, "the run's config amendments", _amendments_shape,
+                       "restore it from a copy (config.toml holds the run's original config)")
+    return [] if doc is None else doc
 
 
 def amended_config(cfg: ExperimentConfig, amendments: list[dict[str, Any]]) -> ExperimentConfig:
@@ -269,24 +289,39 @@ def _last_admitted_round(run_dir: Path, method: str) -> int:
     return max(rounds)
 
 
-def amendment_round(run_dir: Path, method: str, start_round: int, private: bool) -> int:
+def amendment_round(run_dir: Path, method: str, start_round: int, private: bool,
+                    resume: str = "--resume") -> int:
     """The first round of ``method`` a resume from ``start_round`` may run under an amended
     value. Without privacy ``start_round``. Under DP every round the stopped run admitted
     releases in is re-made as it was (its journal pins them), so the new value applies after
     the last such round ``R``, or from ``R`` itself when the run recorded that it stopped in
     ``R`` before any of its uploads left (:func:`record_stop`): then nothing computed under
     the old value after the admission left, and ``R``'s admitted releases (the starting model
-    and the noised lambda, which the amended key only post-processes) are re-made unchanged."""
+    and the noised lambda, which the amended key only post-processes) are re-made unchanged.
+    A stop record that cannot be read is RunDirError (:func:`recorded_stop`), not absent."""
     if not private:
         return start_round
     last = _last_admitted_round(run_dir, method)
-    try:
-        stop = json.loads((run_dir / STOPPED).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        stop = None
-    stopped_here = isinstance(stop, dict) and stop.get("method") == method \
-        and stop.get("round") == last
+    stop = recorded_stop(run_dir, resume)
+    stopped_here = stop is not None and stop["method"] == method and stop["round"] == last
     return max(start_round, last if stopped_here else last + 1)
+
+
+def _stop_shape(doc: Any) -> str | None:
+    if isinstance(doc, dict) and isinstance(doc.get("method"), str) \
+            and type(doc.get("round")) is int:
+        return None
+    return 'is not a JSON object {"method": NAME, "round": N}'
+
+
+def recorded_stop(run_dir: Path, resume: str = "--resume") -> dict[str, Any] | None:
+    """The method and round :data:`STOPPED` records (:func:`record_stop`), None when the run
+    recorded no stop. Reads only. A record that cannot be read is not read as absent:
+    RunDirError naming the file (``resume`` names how the caller resumes)."""
+    return _read_record(
+        run_dir / STOPPED, "the round the run stopped in before its uploads left", _stop_shape,
+        "move it away (the amended value then applies from the round after the last one the "
+        "run released in, the conservative choice), then resume", f"{resume}: ")
 
 
 def amended_value(amendments: list[dict[str, Any]], key: str, base: Any, method: str,
@@ -402,35 +437,30 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
                               f"to this configuration ({_start_again(run_dir, resume)})")
         _check_checkpoints(run_dir, cfg, resume=resume)
         return
-    binding, _ = resume_binding(run_dir, cfg, resume)
+    binding, changes = resume_binding(run_dir, cfg, resume)
+    if changes and cfg.privacy.enabled:  # where an amendment applies from reads the record
+        recorded_stop(run_dir, resume)
     _check_checkpoints(run_dir, cfg, bound=True, resume=resume, expected=binding)
+
+
+def _extension_shape(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return f"is not a JSON object (a {type(doc).__name__})"
+    recorded = doc.get("keystore_extended", [])
+    if isinstance(recorded, list) and all(isinstance(p, str) for p in recorded):
+        return None
+    return "holds a keystore_extended that is not a list of party names"
 
 
 def _read_extension(path: Path, resume: str) -> list[str]:
     """The ``keystore_extended`` list of the JSON object in ``path`` ([] when the file or the
     key is absent); RunDirError naming the file when it cannot be read or parsed, is not an
     object, or the value is not a list of party names."""
-    if not path.exists():
-        return []
-    why = None
-    try:
-        doc = json.loads(path.read_bytes())
-    except OSError as err:
-        why = f"cannot be read ({err.strerror or err})"
-    except ValueError as err:
-        why = f"is not JSON ({err})"
-    else:
-        if not isinstance(doc, dict):
-            why = f"is not a JSON object (a {type(doc).__name__})"
-        else:
-            recorded = doc.get("keystore_extended", [])
-            if isinstance(recorded, list) and all(isinstance(p, str) for p in recorded):
-                return recorded
-            why = "holds a keystore_extended that is not a list of party names"
-    raise RunDirError(
-        f"{resume}: {path} {why}, so the parties this run added to its key store "
-        "(keystore_extended) cannot be read; restore the file from a copy of the run directory, "
-        "or move it away (its record is then lost), then resume; nothing was written")
+    doc = _read_record(
+        path, "the parties this run added to its key store (keystore_extended)",
+        _extension_shape, "restore the file from a copy of the run directory, or move it away "
+        "(its record is then lost), then resume; nothing was written", f"{resume}: ")
+    return [] if doc is None else doc.get("keystore_extended", [])
 
 
 def recorded_keystore_extension(run_dir: Path, resume: str = "--resume") -> list[str]:

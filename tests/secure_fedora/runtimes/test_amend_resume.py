@@ -77,6 +77,16 @@ def test_a_diverged_pull_is_resumed_with_max_pull_and_nothing_else(tmp_path, cap
     assert not (run / "amendments.json").exists()
 
     fixed = write(tmp_path / "fixed.toml", max_pull=1)
+    # a damaged stop record was read as absent (the amendment then applied a round later,
+    # silently): the resume is refused, naming the file, before anything is written
+    stopped = (run / STOPPED).read_bytes()
+    (run / STOPPED).write_text('{"method": "fedora", "round": ')
+    assert main(["run", fixed, "--out", str(run), "--keystore", keys, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: {run / STOPPED} is not JSON") and \
+        "move it away" in err and err.count("\n") == 1
+    assert not (run / "amendments.json").exists()
+    (run / STOPPED).write_bytes(stopped)
     assert main(["run", fixed, "--out", str(run), "--keystore", keys, "--resume", "--quiet"]) == 0
     amendment = {"key": "fedora.max_pull", "from": None, "to": 1.0, "method": "fedora",
                  "resumed_at_round": 1, "effective_from_round": 1}
@@ -131,3 +141,18 @@ def test_an_unreadable_amendment_record_is_refused(tmp_path):
     (tmp_path / "amendments.json").write_text('[{"key": "training.lr", "to": 1}]')
     with pytest.raises(RunDirError, match="not a list of config amendments"):
         recorded_amendments(tmp_path)
+
+
+@pytest.mark.parametrize("damaged", ['{"method": "fedora", "round": ', "[]", '{"method": 1}',
+                                     '{"method": "fedora", "round": true}', "\xff"])
+def test_a_damaged_stop_record_is_an_error_not_absent(tmp_path, damaged):
+    """amendment_round read a stopped.json it could not parse as no record: the amendment
+    applied a round later, silently. Now RunDirError naming the file and what to do."""
+    ledgers = tmp_path / "ledgers" / "fedora"
+    ledgers.mkdir(parents=True)
+    (ledgers / "client-000.jsonl").write_text(json.dumps({"mechanism": "dpsgd", "round": 4}) + "\n")
+    (tmp_path / STOPPED).write_bytes(damaged.encode("latin-1"))
+    with pytest.raises(RunDirError, match=f"^run\\(resume=True\\): {tmp_path / STOPPED} .*, so "
+                                          "the round the run stopped in .* move it away"):
+        amendment_round(tmp_path, "fedora", 3, private=True, resume="run(resume=True)")
+    assert amendment_round(tmp_path, "fedora", 3, private=False) == 3  # not read without DP
