@@ -1806,6 +1806,24 @@ def _anchor_identity_findings(doc: Mapping[str, Any], label: str,
     return out
 
 
+def _unanchored_completeness(run: Path, cfg: ExperimentConfig | None,
+                             options: Mapping[str, str]) -> Finding:
+    """The warning of a run verified without any anchor (no results.json either, else that is
+    an error): which ledgers it should hold is bound by nothing signed, so a ledger deleted
+    from it, or every ledger of a method, is detected only as far as an unsigned config.toml
+    names them, and without one (a Flower result folder) not at all."""
+    if cfg is None:
+        expected = (f"nothing in {run} names the run's methods and clients (no anchor.json,"
+                    " results.json or config.toml), so a deleted ledger, or every ledger of a"
+                    " method deleted, is not detected")
+    else:
+        expected = ("the ledgers expected are those config.toml names, and nothing signed"
+                    " binds config.toml, so it may have been edited to match deleted ledgers")
+    return Finding("warning", "completeness", f"the folder's completeness is unanchored:"
+                   f" {expected}; pass the run's anchor.json kept apart ({options['anchor']})"
+                   " to prove that no ledger is missing")
+
+
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
                   keys: dict[str, PublicIdentity], allowlist_given: bool, *,
                   results: Mapping[str, Any] | None, cfg: ExperimentConfig | None,
@@ -1829,7 +1847,8 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
             return [Finding("warning", "anchor", f"{own} is missing: without an anchor,"
                             " entries removed from the end of a ledger (close entry included)"
                             " are shown only by the missing close entry; copy anchor.json apart"
-                            f" after a run and pass it ({options['anchor']})")]
+                            f" after a run and pass it ({options['anchor']})"),
+                    _unanchored_completeness(run, cfg, options)]
         path, label = own, "the run's anchor.json"
     else:
         path, label = anchor, f"the anchor {anchor}"

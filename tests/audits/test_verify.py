@@ -1149,6 +1149,28 @@ def test_a_configured_methods_deleted_ledgers_fail_without_results_and_anchor(ru
         ("missing_ledger", "fedora", c) for c in ("client-000", "client-001", "client-002")}
 
 
+
+def test_a_folder_without_anything_naming_its_ledgers_says_its_completeness_is_unanchored(
+        run_copy):
+    """A Flower result folder (no config.toml) with results.json and anchor.json deleted
+    passed with no word that a whole method's ledgers could be gone: `rm -r ledgers/fedora`
+    passes too (nothing names the ledgers expected). It still passes, now with a warning
+    saying so and how to anchor it; with config.toml the warning names what binds it."""
+    (run_copy / "results.json").unlink()
+    (run_copy / "anchor.json").unlink()
+    report = verify_run(run_copy)
+    [warning] = [w for w in report.warnings if w.check == "completeness"]
+    assert report.ok and "config.toml names" in warning.message
+    (run_copy / "config.toml").unlink()
+    shutil.rmtree(run_copy / "ledgers" / "fedora")
+    report = verify_run(run_copy)
+    assert report.ok
+    [warning] = [w for w in report.warnings if w.check == "completeness"]
+    assert warning.message.startswith("the folder's completeness is unanchored: nothing in ")
+    assert "every ledger of a method deleted, is not detected" in warning.message
+    assert "(the anchor= argument) to prove that no ledger is missing" in warning.message
+
+
 @pytest.mark.parametrize("written", [False, True])
 def test_a_leftover_ledger_creation_is_noted_not_verified_as_a_method(run_copy, written):
     """A creation of a method's ledgers killed before its rename leaves
