@@ -18,6 +18,7 @@ float32 and used as given (scale them in the source function).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ CENTRALIZED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_CLASSES = 1_000_000
 """The most classes a source may declare (per-class tables are allocated from the count)."""
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger("secure_fedora.data.userdata")
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,27 @@ def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> i
     return int(declared)
 
 
+def warn_untrained_classes(train_labels: Sequence[torch.Tensor], num_classes: int,
+                           where: str) -> list[int]:
+    """The classes in ``0..num_classes-1`` that no training row holds (class labels only;
+    [] for multi-label targets), logged as one warning when there are any. Such a gap is
+    legitimate (a declared class absent from this sample) and so is not refused, but the model
+    then has outputs nothing trains, and a gap is also what mislabelled data looks like (labels
+    1..C, a class dropped by a filter): it is said, never accepted silently. Out-of-range
+    labels are a DataError before this is reached."""
+    if not train_labels or any(y.dim() != 1 for y in train_labels):
+        return []
+    counts = sum(torch.bincount(y, minlength=num_classes)[:num_classes] for y in train_labels)
+    absent = [int(c) for c in torch.nonzero(counts == 0).flatten()]
+    if absent:
+        shown = ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else "")
+        log.warning("%s: %d of its %d classes have no training row (class %s): the model has "
+                    "an output for each that nothing trains; if that is not intended, relabel "
+                    "the classes 0..K-1 or declare the num_classes the task has",
+                    where, len(absent), num_classes, shown)
+    return absent
+
+
 def _ready_labels(y: Any, where: str) -> torch.Tensor:
     """Labels of an already built dataset: int64 ``(n,)`` or float32 ``(n, C)``, non-negative."""
     single = isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.dim() == 1
@@ -218,6 +242,7 @@ def as_labeled_dataset(obj: Mapping[str, Any], where: str = "data") -> LabeledDa
                         f"inputs are {tuple(test_x.shape[1:])}")
     _bool_labels_binary([obj["y_train"], obj["y_test"]], obj.get("num_classes"), where)
     num_classes = _num_classes([train_y, test_y], obj.get("num_classes"), where)
+    warn_untrained_classes([train_y], num_classes, where)
     return LabeledDataset(train_x, train_y, test_x, test_y, num_classes)
 
 
@@ -258,6 +283,7 @@ def as_federated(items: Sequence[Any], where: str = "data",
                                 f"client 0's are {tuple(shape)}")
     _bool_labels_binary([pair[1] for item in items for pair in item.values()], num_classes, where)
     classes = _num_classes([y for c in parts for _, y in c.values()], num_classes, where)
+    warn_untrained_classes([c["train"][1] for c in parts], classes, where)
     clients = [
         ClientData(client_id=i, train_x=c["train"][0], train_y=c["train"][1], val_x=c["val"][0],
                    val_y=c["val"][1], test_x=c["test"][0], test_y=c["test"][1],
@@ -278,6 +304,7 @@ def coerce_user_data(obj: Any, where: str = "data") -> LabeledDataset | Federate
             _ready_inputs(getattr(obj, f"{split}_x"), y, f"{where} {split}_x")
             labels.append(y)
         _num_classes(labels, obj.num_classes, where)
+        warn_untrained_classes(labels[:1], obj.num_classes, where)
         return obj
     if isinstance(obj, FederatedData):
         if not obj.clients:
@@ -290,6 +317,7 @@ def coerce_user_data(obj: Any, where: str = "data") -> LabeledDataset | Federate
                 _ready_inputs(getattr(c, f"{split}_x"), y, f"{name}_x")
                 labels.append(y)
         _num_classes(labels, obj.num_classes, where)
+        warn_untrained_classes(labels[::len(SPLITS)], obj.num_classes, where)
         return obj
     if isinstance(obj, Mapping):
         return as_labeled_dataset(obj, where)

@@ -818,3 +818,39 @@ def test_bool_labels_are_a_binary_tasks_0_and_1() -> None:
                            torch.from_numpy(x[150:]), torch.from_numpy(y[150:]), 2)
     with pytest.raises(DataError, match=r"in a ready dataset convert them: y.long\(\)"):
         Experiment(cfg, data=ready).check()
+
+
+def test_a_label_gap_is_said_and_out_of_range_labels_are_refused(caplog) -> None:
+    """Labels {0, 1, 3} with num_classes 4 (or undeclared: max + 1) were accepted without a
+    word, though class 2 then has an output nothing trains (or labels are off by one). A gap
+    is legitimate, so it is a warning naming the classes; a label outside 0..C-1 is a
+    DataError."""
+    from secure_fedora.data.userdata import coerce_user_data
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3)).astype("float32")
+    gap = np.array([0, 1, 3] * 4)
+    for declared in ({"num_classes": 4}, {}):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="secure_fedora.data.userdata"):
+            data = coerce_user_data({"x_train": x, "y_train": gap, "x_test": x[:4],
+                                     "y_test": np.arange(4), **declared}, "data")
+        assert data.num_classes == 4
+        [warning] = [r.getMessage() for r in caplog.records]
+        assert warning.startswith("data: 1 of its 4 classes have no training row (class 2)")
+    clients = [{"train": (x, gap), "val": (x[:4], np.arange(4)), "test": (x[:4], np.arange(4))}
+               for _ in range(2)]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secure_fedora.data.userdata"):
+        coerce_user_data(clients, "data")
+    assert "(class 2)" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secure_fedora.data.userdata"):
+        coerce_user_data({"x_train": x, "y_train": np.arange(12) % 4, "x_test": x[:4],
+                          "y_test": np.arange(4), "num_classes": 4}, "data")
+    assert not caplog.records  # every class trained: nothing to say
+    for labels, problem in ((np.array([0, 1, 4] * 4), "labels reach 4 but num_classes = 4"),
+                            (np.array([0, -1, 3] * 4), "negative label -1")):
+        with pytest.raises(DataError, match=problem):
+            coerce_user_data({"x_train": x, "y_train": labels, "x_test": x[:4],
+                              "y_test": np.arange(4), "num_classes": 4}, "data")
