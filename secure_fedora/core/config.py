@@ -215,6 +215,10 @@ MAX_INT = 2**63 - 1
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]
 
 
+#: Said where a partition asks for its keys: per-client data lists are not partitioned.
+_UNPARTITIONED = "; data given as per-client lists is not partitioned: leave data.partition out"
+
+
 class DataConfig(_Section):
     """Which data, how it is split among clients (docs/design.md section 2; reference: rotated MNIST)."""
 
@@ -242,13 +246,14 @@ class DataConfig(_Section):
         if self.source is not None and "dataset" in self.model_fields_set:
             raise ValueError("data.dataset and data.source exclude each other")
         if self.partition == "dirichlet" and self.dirichlet_alpha is None:
-            raise ValueError("partition 'dirichlet' needs data.dirichlet_alpha")
+            raise ValueError(f"partition 'dirichlet' needs data.dirichlet_alpha{_UNPARTITIONED}")
         if self.partition == "pathological" and self.classes_per_client is None:
-            raise ValueError("partition 'pathological' needs data.classes_per_client")
+            raise ValueError(
+                f"partition 'pathological' needs data.classes_per_client{_UNPARTITIONED}")
         if self.partition not in ("rotation", "iid") and self.test_per_client is None:
             raise ValueError(
                 f"partition {self.partition!r} needs data.test_per_client (its test rows follow "
-                "each client's label mix, so the test split cannot simply be divided)"
+                f"each client's label mix, so the test split cannot simply be divided){_UNPARTITIONED}"
             )
         if self.partition != "rotation" and self.groups is not None:
             raise ValueError("data.groups applies only to partition 'rotation'")

@@ -170,10 +170,38 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
             # splits is checked by the partitioner)
             source = coerce_user_data(source, where)
     if isinstance(source, FederatedData):
+        _warn_unused_sizes(cfg)
         return _federated_clients(cfg, source.clients, "the data lists")
     # a registered partitioner's clients get the same checks (the built-in ones pass them)
     return _federated_clients(cfg, PARTITIONERS.get(d.partition)(source, d, cfg.seed),
                               f"data.partition {d.partition!r} made")
+
+
+#: The data keys that only shape a partition: unused by per-client data lists.
+_PARTITION_KEYS = ("partition", "test_per_client", "groups", "dirichlet_alpha",
+                   "classes_per_client", "rotation_interpolation")
+
+
+def _warn_unused_sizes(cfg: ExperimentConfig) -> list[str]:
+    """The data keys the config sets that per-client data lists leave unused, logged as one
+    warning (as other unused keys are): the lists give each client's rows, so no partition
+    runs, and ``train_per_client`` / ``val_per_client`` only state, under DP, the smallest
+    client's training rows and (private validation) every client's validation rows; results.json
+    lists each client's actual sizes (``clients``)."""
+    d, p = cfg.data, cfg.privacy
+    unused = [k for k in _PARTITION_KEYS if k in d.model_fields_set]
+    if not p.enabled and "train_per_client" in d.model_fields_set:
+        unused.append("train_per_client")
+    if not (p.enabled and d.validation == "private") and "val_per_client" in d.model_fields_set:
+        unused.append("val_per_client")
+    if unused:
+        log.warning("%s %s unused: the data lists each client's rows (no partition runs; "
+                    "results.json's clients give their sizes)%s", ", ".join(
+                        f"data.{k} = {getattr(d, k)!r}" for k in unused),
+                    "is" if len(unused) == 1 else "are",
+                    "; train_per_client applies under DP only (the smallest client's "
+                    "training rows)" if "train_per_client" in unused else "")
+    return unused
 
 
 def _federated_clients(cfg: ExperimentConfig, clients: list[ClientData],

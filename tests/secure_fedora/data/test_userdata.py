@@ -854,3 +854,36 @@ def test_a_label_gap_is_said_and_out_of_range_labels_are_refused(caplog) -> None
         with pytest.raises(DataError, match=problem):
             coerce_user_data({"x_train": x, "y_train": labels, "x_test": x[:4],
                               "y_test": np.arange(4), "num_classes": 4}, "data")
+
+
+def test_per_client_lists_say_which_data_keys_they_leave_unused(caplog) -> None:
+    """Per-client data lists of 20 and 30 training rows ran with data.train_per_client = 64
+    (and a partition) without a word, config.toml stating 64; under DP the key is the smallest
+    client's size, without DP nothing reads it. Now one warning names the unused keys. A
+    partition that needs keys said so without saying that lists are not partitioned."""
+    from secure_fedora.runtimes.inprocess import build_clients
+
+    rng = np.random.default_rng(0)
+
+    def client(n: int) -> dict:
+        return {s: (rng.normal(size=(m, 4)).astype("float32"), np.arange(m) % 2)
+                for s, m in (("train", n), ("val", 8), ("test", 8))}
+
+    data = [client(20), client(30)]
+    logger = "secure_fedora.runtimes.inprocess"
+    cases = (({"partition": "iid", "train_per_client": 64}, {},
+              "data.partition = 'iid', data.train_per_client = 64 are unused: the data lists "
+              "each client's rows"),
+             ({"train_per_client": 16}, {"enabled": True, "delta": 1e-3}, None),  # read by DP
+             ({}, {}, None))
+    for sizes, privacy, warned in cases:
+        cfg = parse_config({"methods": ["local"], "data": {"num_clients": 2, **sizes},
+                            "privacy": privacy})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=logger):
+            assert [c.num_train for c in build_clients(cfg, data)] == [20, 30]
+        said = [r.getMessage() for r in caplog.records if r.name == logger]
+        assert (said[0].startswith(warned) and len(said) == 1) if warned else said == []
+    with pytest.raises(ConfigError, match="needs data.dirichlet_alpha; data given as per-client "
+                                          "lists is not partitioned: leave data.partition out"):
+        parse_config({"data": {"partition": "dirichlet"}})
