@@ -415,7 +415,8 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
     non-private runs without envelopes hold no config copy (``config_copy_required=False``): their checkpoints' config hashes and
     order are checked all the same, and a config copy that is there must match. A DP run's
     record of the parties it added to its key store that cannot be read is refused
-    (:func:`recorded_keystore_extension`). Messages name
+    (:func:`recorded_keystore_extension`), and so is, when the resume amends the config, its
+    record of the round it stopped in (:func:`recorded_stop`). Messages name
     the CLI's options, or with ``cli`` False the Python API's arguments."""
     out, resume = _names(cli)
     if not run_dir.is_dir():
