@@ -230,15 +230,17 @@ class Experiment:
         is a ConfigError. ``keystore``: the key store of a DP run's private keys, as the CLI's
         ``--keystore`` (before ``[security] keystore`` and the default); a ConfigError, before
         anything is written, when it is empty or holds NUL, or when the config has privacy
-        off (such a run reads no key store; so is ``[security] keystore`` there)."""
+        off (such a run reads no key store; so is ``[security] keystore`` there, except on a
+        resume, which only warns: the run's checkpoints are bound to its config)."""
         from secure_fedora.runtimes.rundir import RunDirError, check_resumable
         from secure_fedora.secure.keystore import API_KEYSTORE_OPTION, check_keystore_used
 
         if keystore is not None:
             check_path_argument(keystore, "keystore")
+        resuming = check_flag_argument(resume, "resume")
         check_keystore_used(self.config.privacy.enabled, self.config.security.keystore, keystore,
-                            API_KEYSTORE_OPTION)
-        if check_flag_argument(resume, "resume"):
+                            API_KEYSTORE_OPTION, resume=resuming)
+        if resuming:
             check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
         elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
             raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a new or "

@@ -141,7 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
     cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
-    check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, args.keystore)
+    check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, args.keystore,
+                        resume=args.resume)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
     prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)

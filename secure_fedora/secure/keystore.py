@@ -127,13 +127,15 @@ def resolve_keystore(name: str, configured: str | None = None,
 
 def check_keystore_used(private: bool, configured: str | None,
                         override: str | os.PathLike[str] | None = None,
-                        option: str = CLI_KEYSTORE_OPTION) -> None:
+                        option: str = CLI_KEYSTORE_OPTION, resume: bool = False) -> None:
     """ConfigError, before anything is built or written, when a run without privacy is given
     a key store, by ``override`` (the caller's ``option``: ``--keystore`` or the ``keystore=``
     argument) or by ``[security] keystore`` (``configured``): such a run reads no key store
     (its envelope keys, if any, are made in ``RUN_DIR/keys``), so the choice would be
-    ignored. A sweep checks its cells itself: its base config's key store serves its DP
-    cells."""
+    ignored. A resume (``resume``) only warns about ``[security] keystore``: a run started
+    before this check holds that key in its config.toml, and removing it would change the
+    config its checkpoints are bound to. A sweep checks its cells itself: its base config's
+    key store serves its DP cells."""
     from secure_fedora.core.config import ConfigError
 
     if private:
@@ -142,7 +144,9 @@ def check_keystore_used(private: bool, configured: str | None,
            "store (its envelope keys, if any, are in RUN_DIR/keys)")
     if override is not None:
         raise ConfigError(f"{option} is unused: {why}; leave {option} out, or enable [privacy]")
-    if configured is not None:
+    if configured is not None and resume:
+        log.warning("[security] keystore = %s is unused: %s", json.dumps(configured), why)
+    elif configured is not None:
         raise ConfigError(f"[security] keystore = {json.dumps(configured)} is unused: {why}; "
                           "remove the key, or enable [privacy]")
 

@@ -134,6 +134,26 @@ def test_a_configured_keystore_on_a_config_without_privacy_is_refused(tmp_path, 
     assert not out.exists() and not store.exists()
 
 
+def test_a_run_holding_an_unused_configured_keystore_still_resumes(tmp_path, monkeypatch, caplog):
+    """A run without privacy whose config names ``[security] keystore`` (accepted before that
+    was refused) resumes with a warning: its checkpoints are bound to that config, so refusing
+    it would leave no way to finish the run."""
+    import secure_fedora.secure.keystore as keystore
+
+    monkeypatch.chdir(tmp_path)
+    store, out = tmp_path / "store", tmp_path / "run"
+    config = tmp_path / "c.toml"
+    config.write_text(SMOKE.read_text() + f'\n[security]\nkeystore = "{store}"\n')
+    with monkeypatch.context() as m:  # the run as an earlier version started it
+        m.setattr(keystore, "check_keystore_used", lambda *a, **k: None)
+        assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(config), "--out", str(out), "--resume", "--quiet"]) == 0
+    assert any("[security] keystore" in r.getMessage() and "is unused" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    assert main(["run", str(config), "--out", str(tmp_path / "fresh"), "--quiet"]) == 2
+    assert not store.exists()
+
+
 DP_TINY = """
 name = "dp-tiny"
 seed = 1
