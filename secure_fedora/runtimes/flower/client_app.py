@@ -582,12 +582,24 @@ def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
 
 
 def _ledger_record(privacy: FederationPrivacy | None) -> ConfigRecord | None:
-    """This client's ledger head (entry count and SHA-256 of its last line), reported with
-    each round reply (signed with it) so the server can anchor it outside the client."""
+    """This client's ledger head (entry count and SHA-256 of its last line) and the plan its
+    releases use (``noise-multiplier``, ``accountant``, and ``summary-noise`` /
+    ``lambda-noise`` where the method releases those), reported with each reply (signed with
+    it) so the server can anchor the ledger outside the client and state the noise the client
+    actually released with (a resumed run keeps its ledger's plan, which may differ from
+    today's calibration of the config)."""
     if privacy is None:
         return None
-    entries, head = privacy.sole.ledger.head
-    return ConfigRecord({"entries": entries, "head": head})
+    c = privacy.sole
+    entries, head = c.ledger.head
+    record: dict[str, Any] = {"entries": entries, "head": head,
+                              "noise-multiplier": float(c.plan.dpsgd_noise),
+                              "accountant": c.gate.accountant.kind}
+    if c.plan.summary_noise is not None:
+        record["summary-noise"] = float(c.plan.summary_noise)
+    if c.plan.lambda_noise is not None:
+        record["lambda-noise"] = float(c.plan.lambda_noise)
+    return ConfigRecord(record)
 
 
 def _method_dir(node: NodeSettings, run_id: int, method: str) -> Path:

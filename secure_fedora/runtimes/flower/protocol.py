@@ -26,7 +26,10 @@ Method exchanges (any method; the payloads are the method's :data:`Payload` s):
     (the client half's reply; for ``evaluate.round`` empty), ``MetricRecord "metrics"``
     (timings; ``val-metric`` and ``test-metric`` for an evaluation; the client's
     ``epsilon-spent``, ``epsilon-budget`` and ``ledger-entries`` with DP), with DP
-    ``ConfigRecord "ledger"`` (``entries``, ``head``: the SHA-256 of its last ledger line), and
+    ``ConfigRecord "ledger"`` (``entries``, ``head``: the SHA-256 of its last ledger line;
+    the client's plan: ``noise-multiplier``, ``accountant`` and, where its method releases
+    them, ``summary-noise`` and ``lambda-noise``; a record without ``noise-multiplier``, from
+    an older ClientApp, is stated with the config's calibration), and
     instead of a payload ``ConfigRecord "refusal"`` (``reason``) when the client refused the
     release under its budget.
 

@@ -78,6 +78,7 @@ is sent again; each node answers what it already answered from its saved state.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -434,6 +435,8 @@ class _Server:
     # per method under DP: the accountant choice and plans, calibrated from the config as each
     # client calibrates its own (check_budget_plans), for results.json's privacy section
     plans: dict[str, Any] = field(default_factory=dict)
+    # per PRV method, the plans without PRV's refining pass, once a client reported them
+    unrefined_plans: dict[str, Any] = field(default_factory=dict)
     # per method, the fingerprint of the model this server builds for the run's config (as
     # the in-process runtime records it): results.json's privacy section holds it, under the
     # anchor's digest, so that an audit checks each node's model.json against signed data
@@ -672,6 +675,100 @@ def _reported_head(reply: Message) -> dict[str, Any]:
     return {"ledger_head": head, "ledger_entries": entries}
 
 
+#: the plan fields a client reports in its signed ledger record, by results.json's name
+_PLAN_FIELDS = {"noise-multiplier": "noise_multiplier", "summary-noise": "summary_noise",
+                "lambda-noise": "lambda_noise"}
+
+
+def _reported_plan(reply: Message) -> dict[str, Any]:
+    """The plan a client reported with its ledger record (covered by the reply's signed
+    envelope): ``{"noise_multiplier", "accountant"}`` and ``summary_noise`` / ``lambda_noise``
+    where its method releases those; empty when it reported none (a ClientApp older than the
+    field: results.json then states the config's calibration for it, marked
+    ``plan_reported: false``). Raises ValueError for a malformed record."""
+    if "ledger" not in reply.content:
+        return {}
+    record = reply.content["ledger"]
+    if not isinstance(record, ConfigRecord) or "noise-multiplier" not in record:
+        return {}
+    plan: dict[str, Any] = {}
+    for key, name in _PLAN_FIELDS.items():
+        if key in record:
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ledger record's {key} must be a positive number")
+            plan[name] = float(value)
+    accountant = record.get("accountant")
+    if not isinstance(accountant, str) or not accountant:
+        raise ValueError("ledger record's accountant must be a non-empty string")
+    plan["accountant"] = accountant
+    return plan
+
+
+def _config_plans(server: _Server, name: str) -> list[tuple[bool, Any]]:
+    """The plans the config admits for method ``name``: ``(prv_refine, plans by budget)``,
+    the run's calibration first and, under PRV, the calibration without PRV's refining pass
+    (a run ledgered before it keeps that plan on resume; calibrated once, when needed)."""
+    choice, plans = server.plans[name]
+    out = [(True, plans)]
+    if choice.name == "prv":
+        if name not in server.unrefined_plans:
+            from secure_fedora.secure.private import check_budget_plans
+
+            server.unrefined_plans[name] = check_budget_plans(
+                server.cfg, name, server.cfg.data.num_clients, prv_refine=False)[1]
+        out.append((False, server.unrefined_plans[name]))
+    return out
+
+
+def _same_plan(plan: Any, reported: Mapping[str, Any]) -> bool:
+    """Whether ``reported`` (a client's plan) states ``plan``'s noise for every mechanism."""
+    def same(a: float | None, b: float | None) -> bool:
+        return a is None and b is None or (a is not None and b is not None
+                                           and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0))
+    return (same(plan.dpsgd_noise, reported.get("noise_multiplier"))
+            and same(plan.summary_noise, reported.get("summary_noise"))
+            and same(plan.lambda_noise, reported.get("lambda_noise")))
+
+
+def _plan_used(server: _Server, name: str, cid: int, reported: Mapping[str, Any]) -> bool:
+    """Which admitted plan client ``cid`` reported for method ``name``: True for the run's
+    calibration (also when it reported none), False for PRV without its refining pass.
+
+    A reported plan the config does not admit (another accountant or other noise: a node
+    running another version or calibration) is refused with a DeployError and the run stops,
+    rather than recorded: the release it came with has left, but results.json states one plan
+    per budget (``plan``) and its planned epsilon, and a privacy auditor must be able to trust
+    that every figure there is one the config implies and the clients used. A plan the config
+    admits but the run did not calibrate (a PRV run ledgered before PRV's refining pass and
+    resumed: its clients rightly keep their ledgers' plan) is recorded, per client, so that
+    results.json never states noise the clients did not use."""
+    from secure_fedora.secure.private import client_budget
+
+    if "noise_multiplier" not in reported:  # none reported: the config's calibration
+        return True
+    choice, _ = server.plans[name]
+    who = f"{name}: client {server.client_ids[cid]}"
+    if reported["accountant"] != choice.name:
+        raise DeployError(
+            f"{who} reports its releases accounted under {reported['accountant']!r}, the run "
+            f"plans {choice.name!r}: its node runs another version or configuration; the run "
+            "stops (run every node and the server on one version)")
+    budget = client_budget(server.cfg, cid)
+    key = (budget.epsilon, budget.delta)
+    options = _config_plans(server, name)
+    for refine, plans in options:
+        if _same_plan(plans[key], reported):
+            return refine
+    stated = ", ".join(f"{plans[key].dpsgd_noise!r}" for _, plans in options)
+    raise DeployError(
+        f"{who} reports noise multiplier {reported['noise_multiplier']!r} (summary "
+        f"{reported.get('summary_noise')!r}, lambda {reported.get('lambda_noise')!r}), the "
+        f"config calibrates {stated} for its budget: its node runs another version or "
+        "configuration; the run stops (run every node and the server on one version)")
+
+
 def _last_events(server: _Server, clients: list[int], nodes: list[int]) -> str:
     """The last event of the current scope (the first contact or a method) of each of
     ``clients``, then of each of ``nodes`` that holds no known client, as
@@ -792,12 +889,14 @@ def _take_uploads(
                     server.privacy.setdefault(server.scope, {})[cid] = {
                         "epsilon_spent": float(metrics["epsilon-spent"]),
                         "epsilon_budget": float(metrics["epsilon-budget"]),
-                        "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply)}
+                        "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply),
+                        **_reported_plan(reply)}
                 except (KeyError, TypeError, ValueError) as err:
                     server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
                                   "no relatedness from it")
                     del uploads[cid], envelopes[cid], upload_bytes[cid]
                     continue
+                _plan_used(server, server.scope, cid, server.privacy[server.scope][cid])
             # the client saved its setup state before it replied: round 1 re-states it
             server.ceremony_answered.setdefault(server.scope, set()).add(cid)
 
@@ -1202,7 +1301,8 @@ def _exchange_payloads(
             privacy = (
                 {"epsilon_spent": float(metrics["epsilon-spent"]),
                  "epsilon_budget": float(metrics["epsilon-budget"]),
-                 "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply)}
+                 "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply),
+                 **_reported_plan(reply)}
                 if "epsilon-spent" in metrics else None
             )
             refusal = reply.content["refusal"] if "refusal" in reply.content else None
@@ -1231,6 +1331,7 @@ def _exchange_payloads(
                     "it had reported were lost, cut or replaced on its node, so its accounting "
                     "would record fewer releases than it made; the run stops (restore the "
                     "node's state-dir, or start a new run)")
+            _plan_used(server, run.name, cid, privacy)
             server.privacy.setdefault(run.name, {})[cid] = privacy
         run.answered.setdefault(cid, {})[stage] = rnd
         if refusal is not None:
@@ -1754,24 +1855,40 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     stages = release_stage_names(cfg, name, signed=True)
     budgets = [client_budget(cfg, c) for c in range(cfg.data.num_clients)]
 
+    # each client's plan as it reported it (a resumed PRV run ledgered before PRV's refining
+    # pass keeps that plan); the plan table has one set of rows per plan the clients used
+    used = {c: _plan_used(server, name, c, reported.get(c, {})) for c in range(len(budgets))}
+    admitted = dict(_config_plans(server, name)) if not all(used.values()) else {True: plans}
+    table = []
+    for refine in (True, False):
+        group = [budgets[c] for c in range(len(budgets)) if used[c] is refine]
+        if group:
+            rows = plan_table(cfg, name, group, admitted[refine], choice.name, choice, stages)
+            table += [row if refine else {**row, "prv_refine": False} for row in rows]
+
     def planned(c: int) -> dict[str, Any]:
         budget = budgets[c]
+        plan = admitted[used[c]][(budget.epsilon, budget.delta)]
         return {"epsilon_budget": budget.epsilon, "delta": budget.delta,
-                "noise_multiplier": plans[(budget.epsilon, budget.delta)].dpsgd_noise}
+                "noise_multiplier": plan.dpsgd_noise,
+                "plan_reported": "noise_multiplier" in reported.get(c, {})}
 
     return {
         "method": name,
         **noise_assumptions(cfg),
         "accountant": choice.name,
         "accountant_choice": choice.to_json(),
-        "plan": plan_table(cfg, name, budgets, plans, choice.name, choice, stages),
+        "plan": table,
         "release_stages": stages,
         "sample_rate": sample_rate_for(cfg),
         "steps_per_round": steps_per_round(cfg),
         "model_fingerprint": _model_fingerprint(server, name),
-        "note": "budgets, noise and plan as calibrated from the config (every client "
-                "calibrates its own the same way); spending as last reported by each client "
-                "in a signed reply; its signed ledger is the record",
+        "note": "budgets and plan as calibrated from the config (every client calibrates "
+                "its own the same way; a resumed PRV run ledgered before PRV's refining pass "
+                "keeps its ledgers' plan: prv_refine false); each client's noise and spending "
+                "as last reported by it in a signed reply (plan_reported false: a client that "
+                "reported no plan, an older ClientApp, is stated with the config's "
+                "calibration); its signed ledger is the record",
         "clients": [{"client": server.client_ids[c], "index": c, **planned(c),
                      **reported.get(c, {}), "refused": c in refused}
                     for c in range(cfg.data.num_clients)],

@@ -411,3 +411,45 @@ def test_a_resumed_node_whose_journal_lost_a_release_record_is_refused(tmp_path:
     assert [(c, type(err).__name__) for c, _, err in grid.errors] == [(1, "NodeStateError")]
     assert "sealed journal at" in str(grid.errors[0][2])
     assert (run_dir / "fedavg" / "client-001.jsonl").read_bytes() == ledger
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_prv_run_ledgered_before_the_refining_pass_states_the_noise_its_clients_released(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PRV run ledgered by a version without PRV's refining pass, killed in round 2 and
+    resumed by today's version: the clients keep releasing with the noise their ledgers' plan
+    used, but the server's results.json stated the refined calibration, and ``audit verify``
+    flagged the folder (``results_plan``). The server now states the noise each client reports
+    in its signed reply: every client row and plan row states the ledgers' noise, and the
+    folder verifies."""
+    from audits.verify import verify_run
+    from privacy.accounting import _epsilon
+    from privacy.ledger import read_ledger
+    from tests.secure_fedora.runtimes.flower.deploy_support import audit_folder
+    from tests.secure_fedora.runtimes.test_crash_resume import _old_prv
+
+    cfg = dp_config(rounds=3, accountant="prv", epsilon=0.5)
+    over = {"reproducible-dp-noise": True}
+    with monkeypatch.context() as patch:  # the first ServerApp and nodes: the old version
+        _old_prv(patch)
+        rc, grid = _federation(tmp_path, cfg, **over)
+        grid.tamper_reply = _crash_after_reply(0, 2)
+        with pytest.raises(crashpoints.InjectedCrash):
+            _run(rc, grid)
+    _epsilon.cache_clear()
+    rc = {**rc, "resume": "42"}
+    results = _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), run_id=777)
+    noise = {e["params"]["noise_multiplier"]
+             for c in range(3)
+             for e in read_ledger(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora"
+                                  / f"client-00{c}.jsonl") if e["mechanism"] == "dpsgd"}
+    assert len(noise) == 1
+    section = results["privacy"]["fedora"]
+    assert [row["noise_multiplier"] for row in section["clients"]] == [*noise] * 3
+    assert [(row["noise_multiplier"], row["prv_refine"]) for row in section["plan"]] == \
+        [(round(*noise, 6), False)]
+    assert all(row["plan_reported"] for row in section["clients"])
+    report = verify_run(audit_folder(tmp_path),
+                        allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                        anchor=tmp_path / "res" / "anchor.json")
+    assert report.errors == [], report.errors

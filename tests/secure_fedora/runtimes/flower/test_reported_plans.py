@@ -1,0 +1,79 @@
+"""Each client reports its plan (noise multipliers, accountant) with its signed ledger record;
+the server states it in results.json, stops the run on a plan the config does not admit, and
+states the config's calibration, marked, for a client that reports none (an older ClientApp)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord
+
+from secure_fedora.runtimes.flower import client_app, server_app
+from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+)
+
+
+def _run(tmp_path: Path) -> dict[str, Any]:
+    cfg = dp_config(rounds=1)
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(tmp_path / "res")})
+    (tmp_path / "res").mkdir()
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    return server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+def _reporting(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
+    """Client 1's ledger records pass through ``change`` (a dict -> dict) before signing."""
+    real = client_app._ledger_record
+
+    def record(privacy: Any) -> ConfigRecord | None:
+        out = real(privacy)
+        if out is None or privacy.sole.index != 1:
+            return out
+        return ConfigRecord(change(dict(out)))
+    monkeypatch.setattr(client_app, "_ledger_record", record)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_every_client_row_states_the_plan_the_client_reported(tmp_path: Path) -> None:
+    results = _run(tmp_path)
+    rows = results["privacy"]["fedora"]["clients"]
+    (plan,) = results["privacy"]["fedora"]["plan"]
+    assert all(r["plan_reported"] and r["accountant"] == plan["accountant"] for r in rows)
+    assert all(round(r["noise_multiplier"], 6) == plan["noise_multiplier"] for r in rows)
+    assert all(r["summary_noise"] > 0 and r["lambda_noise"] > 0 for r in rows)
+    assert "prv_refine" not in plan
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_reporting_no_plan_is_stated_with_the_config_calibration_marked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older ClientApp's ledger record holds only entries and head: its row states the
+    config's calibration (as every row did before) and says so (plan_reported false)."""
+    _reporting(monkeypatch, lambda r: {"entries": r["entries"], "head": r["head"]})
+    rows = _run(tmp_path)["privacy"]["fedora"]["clients"]
+    assert [r["plan_reported"] for r in rows] == [True, False, True]
+    assert rows[1]["noise_multiplier"] == rows[0]["noise_multiplier"]
+    assert "accountant" not in rows[1]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("noise-multiplier", 0.5, "reports noise multiplier 0.5"),
+    ("accountant", "gdp", "reports its releases accounted under 'gdp'")])
+def test_a_client_plan_the_config_does_not_admit_stops_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, value: Any,
+        named: str) -> None:
+    """A client on another version (other noise or accountant) would have results.json state
+    a plan it did not use, or a figure the config does not imply: the run stops naming it."""
+    _reporting(monkeypatch, lambda r: {**r, key: value})
+    with pytest.raises(DeployError, match=f"fedora: client client-001 {named}"):
+        _run(tmp_path)
+    assert not (tmp_path / "res" / "results.json").exists()
