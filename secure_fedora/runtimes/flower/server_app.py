@@ -1704,6 +1704,20 @@ def _setup_method(grid: Grid, server: _Server, run: _MethodRun, ceremony: str | 
         _say(f"{name}: setup {how} done in {time.perf_counter() - t0:.2f} s")
 
 
+def _pull_warning(server: _Server, name: str) -> str | None:
+    """The plan's warning that FEDORA's noised lambda is expected to make the pull unstable
+    at least once (:func:`~secure_fedora.secure.private.pull_warning`, the in-process
+    runtime's), or None (no DP, or nothing to warn about)."""
+    from secure_fedora.secure.private import client_budget, plan_table
+
+    if name not in server.plans:
+        return None
+    choice, plans = server.plans[name]
+    budgets = [client_budget(server.cfg, c) for c in range(server.cfg.data.num_clients)]
+    rows = plan_table(server.cfg, name, budgets, plans, choice.name, choice, {})
+    return rows[0].get("pull_warning") if rows else None
+
+
 def _run_method(grid: Grid, server: _Server, name: str,
                 resumed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Drive method ``name``'s server half through the contract; its ``methods.<name>``.
@@ -1728,6 +1742,9 @@ def _run_method(grid: Grid, server: _Server, name: str,
     rounds = cfg.training.rounds
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
     failed_replies: list[dict[str, Any]] = []  # training replies that errored or were rejected
+    warning = _pull_warning(server, name)
+    if warning is not None:  # as in process: before the method's first release
+        _say(f"{name}: warning: {warning}")
     if resumed is not None:
         first = _restore_method(run, resumed, round_gen, failed_replies) + 1
         _say(f"{name}: resumed after round {first - 1}")
