@@ -748,7 +748,7 @@ def _plan_used(server: _Server, name: str, cid: int, reported: Mapping[str, Any]
 
     if "noise_multiplier" not in reported:  # none reported: the config's calibration
         return True
-    choice, _ = server.plans[name]
+    choice, plans = server.plans[name]
     who = f"{name}: client {server.client_ids[cid]}"
     if reported["accountant"] != choice.name:
         raise DeployError(
@@ -757,11 +757,13 @@ def _plan_used(server: _Server, name: str, cid: int, reported: Mapping[str, Any]
             "stops (run every node and the server on one version)")
     budget = client_budget(server.cfg, cid)
     key = (budget.epsilon, budget.delta)
+    if _same_plan(plans[key], reported):  # the common case: no second calibration
+        return True
     options = _config_plans(server, name)
-    for refine, plans in options:
-        if _same_plan(plans[key], reported):
+    for refine, admitted in options:
+        if _same_plan(admitted[key], reported):
             return refine
-    stated = ", ".join(f"{plans[key].dpsgd_noise!r}" for _, plans in options)
+    stated = ", ".join(f"{admitted[key].dpsgd_noise!r}" for _, admitted in options)
     raise DeployError(
         f"{who} reports noise multiplier {reported['noise_multiplier']!r} (summary "
         f"{reported.get('summary_noise')!r}, lambda {reported.get('lambda_noise')!r}), the "
