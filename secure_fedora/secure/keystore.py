@@ -163,11 +163,19 @@ def extension_notice(path: Path, source: str, added: Sequence[str]) -> str:
             f"taken before this run lacks {them} (copy it again for `audit verify --allowlist`)")
 
 
+# what a run's or a sweep's directory holds once it started and a key store never does
+# (config.toml alone is not one: a project folder holds one too)
+RUN_RECORD_NAMES = ("results.json", "anchor.json", "ledgers", "checkpoints", "rounds.csv",
+                    "stopped.json", "amendments.json", "keystore_extended.json", "sweep.json",
+                    "cell.json")
+
+
 def check_keystore(path: Path, source: str, run_dir: Path) -> None:
     """Refuse (IdentityError), writing nothing, a key store ``path`` (chosen by ``source``)
     that a DP run in ``run_dir`` cannot use: one inside the run directory (``..`` and links
-    resolved: the run directory is what auditors receive), a path that exists and is not a
-    directory, a directory another user owns or group or others can write
+    resolved: the run directory is what auditors receive), one holding another run's or
+    sweep's record (:data:`RUN_RECORD_NAMES`), a path that exists and is not a directory, a
+    directory another user owns or group or others can write
     (:func:`privacy.identity.check_key_directory`), or one whose ``allowlist.json`` does not
     load. A store that does not exist yet passes (the run creates it)."""
     run = Path(run_dir).expanduser().resolve()
@@ -181,6 +189,14 @@ def check_keystore(path: Path, source: str, run_dir: Path) -> None:
         return
     if not path.is_dir():
         raise IdentityError(f"key store {path} exists and is not a directory")
+    record = sorted(name for name in RUN_RECORD_NAMES if (path / name).exists())
+    if record:
+        raise IdentityError(
+            f"key store {path} ({source}) holds a run's record ({', '.join(record)}): it is "
+            "another run's (or sweep's) directory, which auditors receive, and its private "
+            "keys and allowlist.json would be written beside that run's own; give the key "
+            "store a directory of its own (a new path is created on first use); nothing was "
+            "written")
     check_key_directory(path)
     if (path / ALLOWLIST_FILENAME).exists():
         load_allowlist(path / ALLOWLIST_FILENAME)

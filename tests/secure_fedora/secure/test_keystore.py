@@ -385,3 +385,20 @@ def test_check_keystore_refuses_what_a_dp_run_would_and_writes_nothing(tmp_path)
     store.chmod(0o770)
     with pytest.raises(IdentityError, match="permissions 0770"):
         check_keystore(store, "config", run)
+
+
+def test_another_runs_directory_is_refused_as_a_key_store(tmp_path):
+    """``--keystore OTHER_RUN`` was accepted: private keys, allowlist.json and .lock were
+    written into that run's top level, after which its ``audit verify --allowlist`` failed."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    other, store = tmp_path / "other", tmp_path / "store"
+    Simulation(_tiny_dp_config(), other, keystore=store).run()
+    before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    with pytest.raises(IdentityError, match="holds a run's record.*directory of its own"):
+        Simulation(_tiny_dp_config(), tmp_path / "run", keystore=other).run()
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} \
+        == before
+    assert not (tmp_path / "run" / "ledgers").exists()
+    # a key store, even one that runs used, stays accepted
+    Simulation(_tiny_dp_config(), tmp_path / "run2", keystore=store).run()
