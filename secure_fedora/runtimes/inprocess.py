@@ -1149,11 +1149,12 @@ class Simulation:
         ``Experiment.run`` starts: the journal alone does not refuse it for a client that had
         released nothing when the run was killed, which would then run under another budget
         than its config.toml states."""
-        from secure_fedora.runtimes.rundir import resume_binding
+        from secure_fedora.runtimes.rundir import check_amendable, resume_binding
 
         if not self._resume_bound:
-            self._resume_bound = True
             self.config_hash, changes = resume_binding(self.run_dir, self.cfg, "run(resume=True)")
+            check_amendable(self.run_dir, self.cfg, changes, cli=False)
+            self._resume_bound = True
             self._pending_amendments = changes or None
 
     def _record_amendments(self, method: str | None, start_round: int | None,

@@ -254,6 +254,32 @@ def resume_binding(run_dir: Path, cfg: ExperimentConfig, resume: str = "--resume
     return config_hash(stored_cfg), changes
 
 
+def _finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Whether every method of ``cfg`` has a checkpoint of its finished run (one that holds
+    its outcome): a resume then trains nothing."""
+    from secure_fedora.runtimes.inprocess import load_checkpoint
+
+    paths = [run_dir / "checkpoints" / f"{m}.pt" for m in cfg.methods]
+    return all(p.is_file() for p in paths) and \
+        all(load_checkpoint(p).get("outcome") is not None for p in paths)
+
+
+def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str, Any]],
+                    cli: bool = True) -> None:
+    """RunDirError, read-only, when a resume would amend (``changes``, from
+    :func:`resume_binding`) a run whose every method has finished: no round is left for the
+    new value to apply to, so recording it would only change results.json and the anchor."""
+    if not changes or not _finished(run_dir, cfg):
+        return
+    out, resume = _names(cli)
+    shown = ", ".join(f"{c['key']} = {c['to']} (the run has {c['from']})" for c in changes)
+    raise RunDirError(
+        f"{resume}: the run in {run_dir} has finished (every method's last round is "
+        f"checkpointed), so {shown} has no round left to apply to; a new run in a new {out} "
+        "applies it (resuming with the run's own config writes any result it lacks); "
+        "nothing was written")
+
+
 def record_amendments(run_dir: Path, changes: list[dict[str, Any]], method: str | None,
                       resumed_at_round: int | None, effective_from_round: int | None
                       ) -> list[dict[str, Any]]:
@@ -416,7 +442,8 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
     order are checked all the same, and a config copy that is there must match. A DP run's
     record of the parties it added to its key store that cannot be read is refused
     (:func:`recorded_keystore_extension`), and so is, when the resume amends the config, its
-    record of the round it stopped in (:func:`recorded_stop`). Messages name
+    record of the round it stopped in (:func:`recorded_stop`), and an amendment of a run that
+    has finished (:func:`check_amendable`). Messages name
     the CLI's options, or with ``cli`` False the Python API's arguments."""
     out, resume = _names(cli)
     if not run_dir.is_dir():
@@ -442,6 +469,7 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
     if changes and cfg.privacy.enabled:  # where an amendment applies from reads the record
         recorded_stop(run_dir, resume)
     _check_checkpoints(run_dir, cfg, bound=True, resume=resume, expected=binding)
+    check_amendable(run_dir, cfg, changes, cli)
 
 
 def _extension_shape(doc: Any) -> str | None:

@@ -156,3 +156,39 @@ def test_a_damaged_stop_record_is_an_error_not_absent(tmp_path, damaged):
                                           "the round the run stopped in .* move it away"):
         amendment_round(tmp_path, "fedora", 3, private=True, resume="run(resume=True)")
     assert amendment_round(tmp_path, "fedora", 3, private=False) == 3  # not read without DP
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_finished_run_is_not_amended(tmp_path, capsys):
+    """Resuming a finished run with only ``fedora.max_pull`` changed recorded an amendment
+    whose round fields were all null: results.json (and under DP the anchor) changed though
+    nothing retrained. Refused now, by the CLI and the Python API, before anything is written;
+    the unchanged config still resumes it without rewriting a byte."""
+    from secure_fedora.api import Experiment
+    from secure_fedora.core.config import load_config
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    base = tmp_path / "base.toml"
+    base.write_text('name = "done"\nmethods = ["fedora"]\n[data]\nnum_clients = 3\n'
+                    'train_per_client = 16\nval_per_client = 4\ntest_per_client = 8\n'
+                    'groups = 3\n[training]\nrounds = 2\nbatch_size = 8\n')
+    pulled = tmp_path / "pulled.toml"
+    pulled.write_text(base.read_text().replace('[data]', '[fedora]\nmax_pull = 1\n[data]'))
+    run = tmp_path / "run"
+    assert main(["run", str(base), "--out", str(run), "--quiet"]) == 0
+    before = _snapshot(run)
+    assert main(["run", str(pulled), "--out", str(run), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has finished" in err and "fedora.max_pull = 1.0" in err and "new --out" in err \
+        and err.count("\n") == 1
+    with pytest.raises(RunDirError, match="has finished.*new run_dir"):
+        Experiment(load_config(pulled), run_dir=run).run(resume=True)
+    with pytest.raises(RunDirError, match="has finished.*new run_dir"):
+        Simulation(load_config(pulled), run).run(resume=True)
+    assert _snapshot(run) == before
+    assert main(["run", str(base), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert _snapshot(run) == before
