@@ -119,7 +119,8 @@ def largest_poisson_batch(sample_rate: float, num_samples: int) -> int:
 
 
 @torch.no_grad()
-def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows: str) -> None:
+def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows: str,
+                           loss: Any = None, y: Tensor | None = None) -> None:
     """Refuse (DPSGDError) a model whose output for a row of ``x`` (a batch of real rows, as
     large as the batches it runs on under DP) changes when the batch's other rows are replaced:
     per-sample clipping, and the clipped validation losses of a private lambda, bound one
@@ -128,7 +129,10 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
     copies of the first row, the first half by copies of the last. Runs in train mode
     (``training``: dropout in eval mode, as the gradient check) or eval mode; random draws come
     from a seeded fork of torch's generator, so nothing is drawn from the run's streams.
-    ``rows`` names the rows in the message. A batch size never probed is not covered."""
+    ``rows`` names the rows in the message. With ``loss`` (and ``y``, the rows' targets) the
+    per-sample losses of those outputs are then compared with each row's loss scored alone
+    (no backward pass): a loss using batch statistics is refused as such. A batch size never probed is not
+    covered."""
     from privacy.dpsgd import DPSGDError
 
     n = int(x.shape[0])
@@ -161,6 +165,8 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
                     "row alone (per-sample clipping bounds one record's effect only then); layers "
                     "that mix the rows of a batch (BatchNorm, subtracting the batch mean) are "
                     "not supported under DP")
+        if loss is not None and y is not None:
+            _refuse_a_loss_mixing_outputs(out, loss, y)
     finally:
         for m, mode in modes.items():
             m.train(mode)
@@ -187,14 +193,21 @@ def _refuse_a_loss_mixing_rows(model: nn.Module, loss: Any, x: Tensor, y: Tensor
     """DPSGDError when ``loss``'s per-sample values on the model's outputs for ``x`` change
     when each row is scored alone (a loss using batch statistics): then the loss, not a
     layer, is why per-sample gradients differ."""
+    _refuse_a_loss_mixing_outputs(model(x), loss, y)
+
+
+@torch.no_grad()
+def _refuse_a_loss_mixing_outputs(out: Tensor, loss: Any, y: Tensor) -> None:
+    """DPSGDError when ``loss``'s per-sample values on the outputs ``out`` (targets ``y``)
+    change when each row is scored alone."""
     from privacy.dpsgd import DPSGDError
 
-    out = model(x)
+    n = int(out.shape[0])
     together = loss(out, y).reshape(-1)
-    alone = torch.cat([loss(out[i:i + 1], y[i:i + 1]).reshape(-1) for i in range(int(x.shape[0]))])
+    alone = torch.cat([loss(out[i:i + 1], y[i:i + 1]).reshape(-1) for i in range(n)])
     if together.shape == alone.shape and not torch.allclose(together, alone, rtol=1e-4, atol=1e-6):
         raise DPSGDError(
-            f"the loss's value for a row changes with the other rows of its batch (on {x.shape[0]}"
+            f"the loss's value for a row changes with the other rows of its batch (on {n}"
             f" probe rows, max difference {float((together - alone).abs().max()):.3g}): DP-SGD "
             "needs per-sample losses that each depend on their own row only (per-sample "
             "clipping bounds one record's effect only then); compute the loss without batch "

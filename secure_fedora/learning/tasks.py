@@ -138,6 +138,10 @@ def _bce(outputs: Tensor, targets: Tensor) -> Tensor:
                                               reduction="none").mean(dim=1)
 
 
+#: The built-in per-sample losses: each row's value depends on that row alone by construction
+#: (DP's probe of a loss mixing rows is skipped for them).
+ROW_WISE_LOSSES: frozenset[PerSampleLoss] = frozenset({_cross_entropy, _bce})
+
 CROSS_ENTROPY = Task("cross_entropy", _cross_entropy, "accuracy")
 LOSSES.register("cross_entropy", lambda multilabel: CROSS_ENTROPY)
 LOSSES.register("bce", lambda multilabel: Task("bce", _bce, "auc"))

@@ -366,16 +366,22 @@ def build_context(
             # the largest) and a private lambda's validation split, each run whole; before the
             # gradient check, whose refusal of a model mixing rows would blame a layer
             largest = max(int(c.train_x.shape[0]) for c in clients)
-            batch_x, _ = _probe_rows(clients, largest_poisson_batch(q, largest))
-            check_rows_independent(module, batch_x, training=True, rows="training")
+            # a user's loss too: one that mixes a batch's rows only in larger batches passes
+            # the gradient check's few rows (the built-in losses are row-wise by construction)
+            from secure_fedora.learning.tasks import ROW_WISE_LOSSES
+
+            probed_loss = None if task.per_sample in ROW_WISE_LOSSES else task.checked
+            batch_x, batch_y = _probe_rows(clients, largest_poisson_batch(q, largest))
+            check_rows_independent(module, batch_x, training=True, rows="training",
+                                   loss=probed_loss, y=batch_y)
             if cfg.data.validation == "private":
                 # a private lambda's clipped losses: a batch of a whole validation split in
                 # eval mode, probed on training rows (only accounted releases read private
                 # validation data)
                 size = max(int(c.val_x.shape[0]) for c in clients)
-                eval_x, _ = _probe_rows(clients, size)
+                eval_x, eval_y = _probe_rows(clients, size)
                 check_rows_independent(module, eval_x, training=False,
-                                       rows="eval-mode training")
+                                       rows="eval-mode training", loss=probed_loss, y=eval_y)
             oracle = DPGradient(module, cfg.privacy.max_grad_norm, q,
                                 q * cfg.data.train_per_client, noise[0], task=task)
             oracle.check_model(probe_x, probe_y)

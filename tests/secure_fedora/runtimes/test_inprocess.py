@@ -753,6 +753,39 @@ def test_dp_refuses_a_model_that_mixes_rows_only_in_batches_of_three_or_more(row
     build_context(cfg, clients, model_factory=row_wise)  # rows alone: accepted
 
 
+def test_dp_refuses_a_loss_that_mixes_rows_only_in_batches_of_three_or_more(monkeypatch):
+    """The loss check probed the gradient check's two rows only, so a loss centring the
+    outputs of batches of three or more passed, and DP-SGD clipped per-sample gradients of
+    losses that each depended on the whole batch. It now scores the largest Poisson batch's
+    rows together and alone (no backward), as the model's row check does."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    from privacy.dpsgd import DPSGDError
+    from secure_fedora.runtimes.inprocess import build_context
+
+    def mixing(out, target):
+        if out.shape[0] >= 3:
+            out = out - out.mean(0, keepdim=True)
+        return F.cross_entropy(out, target, reduction="none")
+
+    losses = types.ModuleType("h_ks2_losses")
+    losses.mixing = mixing
+    losses.per_row = lambda out, target: F.cross_entropy(out, target, reduction="none")
+    monkeypatch.setitem(sys.modules, "h_ks2_losses", losses)
+    cfg, clients = _dp_federation()
+    with pytest.raises(DPSGDError, match=r"the loss's value for a row changes with the other "
+                                         r"rows of its batch \(on 20 probe rows"):
+        build_context(cfg.model_copy(update={"training": cfg.training.model_copy(
+                      update={"loss": "h_ks2_losses:mixing"})}),
+                      clients)
+    build_context(cfg.model_copy(update={"training": cfg.training.model_copy(
+                      update={"loss": "h_ks2_losses:per_row"})}),
+                  clients)
+
+
 def test_dp_with_private_validation_refuses_a_model_mixing_validation_rows():
     """A private lambda clips each validation row's loss, computed on the whole split in eval
     mode: a model mixing the rows of a batch in eval mode only passed every check, and the
