@@ -203,8 +203,9 @@ for _name in get_args(DatasetName):
 
 
 def _source(dataset: DatasetName | DatasetSplits | LabeledDataset) -> LabeledDataset:
-    """Resolve ``dataset`` (a registered name, a mapping of uint8 image splits or a
-    :class:`LabeledDataset`) to a :class:`LabeledDataset`."""
+    """Resolve ``dataset`` (a registered name, a mapping of uint8 image splits, a centralized
+    dict (``userdata.CENTRALIZED_KEYS``) or a :class:`LabeledDataset`) to a
+    :class:`LabeledDataset`."""
     if isinstance(dataset, LabeledDataset):
         return dataset
     if isinstance(dataset, str):
@@ -218,10 +219,19 @@ def _source(dataset: DatasetName | DatasetSplits | LabeledDataset) -> LabeledDat
         raise DataError(
             f"dataset must be a dataset name or a mapping of splits, got {type(dataset).__name__}"
         )
+    from secure_fedora.data.userdata import CENTRALIZED_KEYS, as_labeled_dataset
+
+    if not {"train", "test"} & set(dataset) and set(CENTRALIZED_KEYS) & set(dataset):
+        return as_labeled_dataset(dataset, "dataset")  # a centralized dict, as data.source's
     out: list[torch.Tensor] = []
     for split in ("train", "test"):
         if split not in dataset:
-            raise DataError(f"dataset mapping has no {split!r} split")
+            shown = ", ".join(repr(k) for k in list(dataset)[:6])
+            raise DataError(
+                f"dataset mapping has no {split!r} split (its keys: {shown or 'none'}); a "
+                "dataset mapping is either {'train': (images, labels), 'test': (images, "
+                "labels)} (uint8 images (n, H, W), int64 labels) or a centralized dict with "
+                f"keys {', '.join(CENTRALIZED_KEYS)} (and optionally num_classes)")
         pair = dataset[split]
         if not isinstance(pair, tuple | list) or len(pair) != 2:
             raise DataError(f"dataset[{split!r}] must be an (images, labels) pair")

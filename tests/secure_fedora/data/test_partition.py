@@ -428,3 +428,36 @@ def test_every_partitioner_refuses_a_federation_larger_than_the_data_alike(parti
         fn(SOURCE, num_clients=num_clients, train_per_client=train, val_per_client=val,
            test_per_client=test, seed=0, **extra)
     assert str(err.value) == message
+
+
+def test_a_registered_dataset_dict_takes_either_accepted_shape(tmp_path) -> None:
+    """A registered dataset returning a dict with wrong keys was told "dataset mapping has no
+    'train' split" only, and a centralized dict (x_train, y_train, x_test, y_test, as
+    ``data.source`` returns) was refused the same way: it is accepted now, and the message
+    for other keys names both shapes."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.core.registry import DATASETS
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    rng = np.random.default_rng(0)
+    central = {"x_train": rng.normal(size=(60, 5)).astype("float32"),
+               "y_train": np.arange(60) % 2, "x_test": rng.normal(size=(20, 5)).astype("float32"),
+               "y_test": np.arange(20) % 2}
+    DATASETS.register("h-ks2-central", lambda seed: central)
+    DATASETS.register("h-ks2-wrong", lambda seed: {"xtrain": central["x_train"]})
+    try:
+        def clients(name: str) -> list:
+            cfg = parse_config({"methods": ["local"], "training": {"rounds": 1},
+                                "data": {"dataset": name, "partition": "iid", "num_clients": 2,
+                                         "train_per_client": 20, "val_per_client": 5,
+                                         "test_per_client": 5}})
+            return Simulation(cfg, tmp_path / "run").clients
+
+        assert [int(c.train_x.shape[0]) for c in clients("h-ks2-central")] == [20, 20]
+        with pytest.raises(DataError, match=r"no 'train' split \(its keys: 'xtrain'\); a dataset "
+                                            r"mapping is either \{'train': .* or a centralized "
+                                            r"dict with keys x_train, y_train, x_test, y_test"):
+            clients("h-ks2-wrong")
+    finally:
+        DATASETS.unregister("h-ks2-central")
+        DATASETS.unregister("h-ks2-wrong")
