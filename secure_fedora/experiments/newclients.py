@@ -41,6 +41,7 @@ from secure_fedora.core.plugins import derived_config
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import evaluate, local_train
 from secure_fedora.runtimes.inprocess import (
+    CheckpointError,
     ProgressFn,
     Simulation,
     build_clients,
@@ -48,6 +49,7 @@ from secure_fedora.runtimes.inprocess import (
     client_generator,
     make_method,
 )
+from secure_fedora.runtimes.rundir import RunDirError
 
 __all__ = [
     "NEWCOMER_METHODS",
@@ -195,7 +197,8 @@ def run_new_client_experiment(
     same arguments resumes or reuses them). The trained clients' parameters are not changed
     by attaching newcomers. Raises :class:`NewClientError` for bad arguments, a ``fedora.k``
     not below the number of trained clients, or a config whose relatedness is not plain, whose propagation is encrypted, that enables DP or that asks for
-    envelopes.
+    envelopes; CheckpointError or RunDirError (saying to pass another ``run_dir``) for a
+    ``run_dir`` that holds a federation trained with other arguments.
     """
     if cfg.fedora.relatedness != "plain":
         raise NewClientError(
@@ -231,7 +234,13 @@ def run_new_client_experiment(
     fed_cfg = derived_config(cfg, cfg.model_copy(update={"methods": [Fedora.name, FedAvg.name]}))
     sim = Simulation(fed_cfg, run_dir, clients=trained, progress=progress,
                      method_factory=make_method, context_factory=context_factory)
-    results = sim.run(resume=True)
+    try:
+        results = sim.run(resume=True)
+    except (CheckpointError, RunDirError) as err:  # the resume's message has no next step here
+        raise type(err)(
+            f"{err}; this experiment reuses the federation in {run_dir} only when rerun with the "
+            "config, data, held_out and selection that trained it: pass another run_dir for "
+            "these arguments") from None
     fed = sim.methods[Fedora.name]
     avg = sim.methods[FedAvg.name]
     if not isinstance(fed, Fedora) or not isinstance(avg, FedAvg):

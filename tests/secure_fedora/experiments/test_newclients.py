@@ -196,3 +196,15 @@ def test_k_not_below_the_trained_clients_is_refused_before_anything_trains(tmp_p
                                             fedora={"k": 2}),
                                        tmp_path / "k2", held_out=1, epochs=[0], clients=four)
     assert report.trained == 3 and len(report.neighbours[0]) == 2
+
+
+def test_a_rerun_with_other_arguments_says_to_pass_another_run_dir(tmp_path, clients):
+    """Rerunning in a folder whose federation was trained with other arguments was refused by
+    the resume's checkpoint check ("refuse to resume"), which named no next step: the
+    experiment has no resume option, so the message now says to pass another run_dir."""
+    from secure_fedora.runtimes.inprocess import CheckpointError
+
+    run_new_client_experiment(tiny(), tmp_path, held_out=2, epochs=[0], clients=clients)
+    with pytest.raises(CheckpointError, match=r"another data fingerprint .*; this experiment "
+                                              r"reuses the federation in .* pass another run_dir"):
+        run_new_client_experiment(tiny(), tmp_path, held_out=1, epochs=[0], clients=clients)
