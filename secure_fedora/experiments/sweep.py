@@ -31,6 +31,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -96,6 +97,8 @@ __all__ = [
     "run_sweep",
 ]
 
+
+log = logging.getLogger(__name__)
 
 CELL_FILE = "cell.json"
 MANIFEST_FILE = "sweep.json"
@@ -726,6 +729,11 @@ def run_sweep(
     finished cell run on other data.
     """
     out, cells, configs = check_sweep(cfg, out, methods, seeds, epsilons)
+    if cfg.security.keystore is not None and not any(c.privacy.enabled for c in configs.values()):
+        # not an error: the same base config's DP cells use it
+        log.warning("[security] keystore = %s is unused: this sweep runs no DP cell (only "
+                    "epsilon none), and a run without privacy reads no key store; a sweep's "
+                    "DP cells (a numeric epsilon) use it", json.dumps(cfg.security.keystore))
     data: dict[tuple[int, bool], list[ClientData]] = {}
 
     def clients_for(cell: Cell) -> list[ClientData]:

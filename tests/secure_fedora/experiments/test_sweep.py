@@ -884,3 +884,25 @@ def test_a_cell_that_fails_while_it_runs_is_named_and_the_finished_cells_kept(tm
     assert err.startswith("error: cell fedora/eps-none/seed-0: power iteration did not converge")
     assert "finished cells are kept" in err
     assert (out / "cells/local/eps-none/seed-0/cell.json").exists()
+
+
+def test_a_key_store_no_cell_reads_is_warned_about_once(tmp_path, caplog):
+    """`sweep --epsilons none` whose base config names [security] keystore ignored the key
+    silently (a run without privacy reads no key store; `run` refuses it there). It is not
+    refused (the same base config's DP cells use it), but warned about once; a sweep with a
+    DP cell does not warn."""
+    import logging
+
+    cfg = tiny(security={"keystore": str(tmp_path / "store")}, training={"rounds": 1})
+    with caplog.at_level(logging.WARNING):
+        run_sweep(cfg, tmp_path / "sweep", ["fedavg"], [0, 1], [None])
+    warned = [r.getMessage() for r in caplog.records if "keystore" in r.getMessage()]
+    assert warned == [f'[security] keystore = "{tmp_path / "store"}" is unused: this sweep runs '
+                      "no DP cell (only epsilon none), and a run without privacy reads no key "
+                      "store; a sweep's DP cells (a numeric epsilon) use it"]
+    assert not (tmp_path / "store").exists()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_sweep(cfg, tmp_path / "dp", ["fedavg"], [0], [None, 4.0])
+    assert not [r for r in caplog.records if "is unused" in r.getMessage()]
+    assert (tmp_path / "store" / "allowlist.json").exists()
