@@ -168,10 +168,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from privacy.identity import MAX_CLIENT_IDS, init_keys
     from secure_fedora.core.config import check_path_argument
-    from secure_fedora.secure.keystore import run_party_ids
+    from secure_fedora.secure.keystore import refuse_run_directory, run_party_ids
 
     # an empty directory would be the current one, which then receives every private key
     check_path_argument(args.directory, "the key directory")
+    refuse_run_directory(Path(args.directory), "keys init")
     if not 1 <= args.clients <= MAX_CLIENT_IDS:
         console.print(f"[red]error:[/red] --clients must be between 1 and {MAX_CLIENT_IDS:,}, "
                       f"got {args.clients}")

@@ -65,6 +65,7 @@ __all__ = [
     "KeyStore",
     "check_keystore",
     "check_keystore_used",
+    "refuse_run_directory",
     "check_public_keys",
     "default_keystore_home",
     "ensure_keystore",
@@ -170,6 +171,20 @@ RUN_RECORD_NAMES = ("results.json", "anchor.json", "ledgers", "checkpoints", "ro
                     "cell.json")
 
 
+def refuse_run_directory(path: Path, source: str) -> None:
+    """IdentityError, writing nothing, when the directory ``path`` (a key store chosen by
+    ``source``) holds a run's or sweep's record (:data:`RUN_RECORD_NAMES`): it is a directory
+    auditors receive, and private keys written there would sit beside that run's own."""
+    record = sorted(name for name in RUN_RECORD_NAMES if (Path(path) / name).exists())
+    if record:
+        raise IdentityError(
+            f"key store {path} ({source}) holds a run's record ({', '.join(record)}): it is "
+            "another run's (or sweep's) directory, which auditors receive, and its private "
+            "keys and allowlist.json would be written beside that run's own; give the key "
+            "store a directory of its own (a new path is created on first use); nothing was "
+            "written")
+
+
 def check_keystore(path: Path, source: str, run_dir: Path) -> None:
     """Refuse (IdentityError), writing nothing, a key store ``path`` (chosen by ``source``)
     that a DP run in ``run_dir`` cannot use: one inside the run directory (``..`` and links
@@ -189,14 +204,7 @@ def check_keystore(path: Path, source: str, run_dir: Path) -> None:
         return
     if not path.is_dir():
         raise IdentityError(f"key store {path} exists and is not a directory")
-    record = sorted(name for name in RUN_RECORD_NAMES if (path / name).exists())
-    if record:
-        raise IdentityError(
-            f"key store {path} ({source}) holds a run's record ({', '.join(record)}): it is "
-            "another run's (or sweep's) directory, which auditors receive, and its private "
-            "keys and allowlist.json would be written beside that run's own; give the key "
-            "store a directory of its own (a new path is created on first use); nothing was "
-            "written")
+    refuse_run_directory(path, source)
     check_key_directory(path)
     if (path / ALLOWLIST_FILENAME).exists():
         load_allowlist(path / ALLOWLIST_FILENAME)

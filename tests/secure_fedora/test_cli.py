@@ -46,6 +46,19 @@ def test_keys_init_refuses_an_empty_directory(tmp_path, monkeypatch, capsys, dir
     assert list(tmp_path.iterdir()) == []
 
 
+def test_keys_init_refuses_a_run_directory(tmp_path, capsys):
+    """keys init into a run's directory wrote private keys beside that run's record (the
+    directory auditors receive), as ``--keystore`` did before it was refused there."""
+    run = tmp_path / "run"
+    assert main(["run", str(SMOKE), "--out", str(run), "--quiet"]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["keys", "init", str(run), "--clients", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run's record" in err and "directory of its own" in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_keys_init_writes_private_keys_0600_and_refuses_bad_input(tmp_path):
     keys = tmp_path / "keys"
     assert main(["keys", "init", str(keys), "--clients", "2"]) == 0
