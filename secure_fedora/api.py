@@ -232,7 +232,7 @@ class Experiment:
         anything is written, when it is empty or holds NUL, or when the config has privacy
         off (such a run reads no key store; so is ``[security] keystore`` there, except on a
         resume, which only warns: the run's checkpoints are bound to its config)."""
-        from secure_fedora.runtimes.rundir import RunDirError, check_resumable
+        from secure_fedora.runtimes.rundir import RunDirError, check_resumable, hold_run_dir
         from secure_fedora.secure.keystore import API_KEYSTORE_OPTION, check_keystore_used
 
         if keystore is not None:
@@ -240,14 +240,16 @@ class Experiment:
         resuming = check_flag_argument(resume, "resume")
         check_keystore_used(self.config.privacy.enabled, self.config.security.keystore, keystore,
                             API_KEYSTORE_OPTION, resume=resuming)
-        if resuming:
-            check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
-        elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
-            raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a new or "
-                              "empty run_dir, and run(resume=True) continues the run it holds")
-        self.check()
-        return Results(self.simulation(progress, keystore=keystore).run(resume=resume),
-                       self.run_dir)
+        with hold_run_dir(self.run_dir, create=not resuming):  # another process's run is refused
+            if resuming:
+                check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
+            elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+                raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a "
+                                  "new or empty run_dir, and run(resume=True) continues the run "
+                                  "it holds")
+            self.check()
+            return Results(self.simulation(progress, keystore=keystore).run(resume=resume),
+                           self.run_dir)
 
 
 def run(config: ExperimentConfig | Mapping[str, Any] | str | Path, *, data: Any = None,

@@ -125,6 +125,7 @@ def _name_resume_command(err: ToolkitError, config: str, run_dir: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.runtimes.rundir import (
         default_run_dir,
+        hold_run_dir,
         prepare_run_dir,
         withdraw_unstarted_run,
     )
@@ -145,22 +146,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                         resume=args.resume)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
-    prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
-    try:
-        sim, results = _run_with_progress(args, cfg, run_dir)
-    except ToolkitError as err:
-        if not args.resume:
-            withdraw_unstarted_run(run_dir, created)
-        _name_resume_command(err, args.config, run_dir)
-        raise
-    except BaseException:
-        if not args.resume:
-            withdraw_unstarted_run(run_dir, created)
-        raise
-    # imported here: refusing a bad config or run directory needs no matplotlib
-    from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
+    # held from the checks to the last write: a second run or resume of this --out is refused
+    with hold_run_dir(run_dir, create=not args.resume):
+        prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
+        try:
+            sim, results = _run_with_progress(args, cfg, run_dir)
+        except ToolkitError as err:
+            if not args.resume:
+                withdraw_unstarted_run(run_dir, created)
+            _name_resume_command(err, args.config, run_dir)
+            raise
+        except BaseException:
+            if not args.resume:
+                withdraw_unstarted_run(run_dir, created)
+            raise
+        # imported here: refusing a bad config or run directory needs no matplotlib
+        from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
 
-    write_plots(run_dir, sim.history, results, relatedness_matrix(sim.methods.values()))
+        write_plots(run_dir, sim.history, results, relatedness_matrix(sim.methods.values()))
     print_run_summary(Console(), results, run_dir)
     return 0
 

@@ -1633,11 +1633,20 @@ class Simulation:
         that a process killed while writing one left in the run directory are removed first.
         A fresh run (``resume`` False) needs a new or empty ``run_dir`` (or one holding only
         this configuration's ``config.toml``): RunDirError otherwise, before anything is
-        written. A ``resume`` that is not a bool is a ConfigError."""
+        written. A ``resume`` that is not a bool is a ConfigError. The run directory is held
+        (:func:`~secure_fedora.runtimes.rundir.hold_run_dir`) until the run ends: another
+        process running or resuming in it meanwhile is a RunDirError."""
+        from secure_fedora.runtimes.rundir import hold_run_dir
+
+        fresh = not check_flag_argument(resume, "resume")
+        with hold_run_dir(self.run_dir, create=fresh):
+            return self._run(resume, fresh)
+
+    def _run(self, resume: bool, fresh: bool) -> dict[str, Any]:
         from secure_fedora.runtimes.results import remove_interrupted_result_writes
         from secure_fedora.runtimes.rundir import check_fresh_run_dir
 
-        if not check_flag_argument(resume, "resume"):  # another run's results, checkpoints or ledgers are never overwritten
+        if fresh:  # another run's results, checkpoints or ledgers are never overwritten
             check_fresh_run_dir(self.run_dir, self.cfg, cli=False)
         p = self.cfg.privacy
         if p.enabled:

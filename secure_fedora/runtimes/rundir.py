@@ -34,9 +34,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,60 @@ STOPPED = "stopped.json"
 
 class RunDirError(ToolkitError, ValueError):
     """A run directory that cannot be used for this run; the message names the directory."""
+
+
+#: run directories this process holds (real path -> depth), so that the CLI and the
+#: Simulation it starts share one lock: flock on a second descriptor would refuse its own process
+_HELD: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
+    """Hold ``run_dir`` exclusively for this process (``flock`` on the directory itself, so no
+    file is added) while the block runs: a second process that runs, resumes or sweeps into it
+    meanwhile gets a RunDirError at once instead of writing beside this one. With ``create`` a
+    missing directory is made first and removed again if it is still empty at the end. A path
+    that is not a directory (or a missing one without ``create``) is not locked: the checks
+    that follow refuse it with their own message. Re-entrant within one process."""
+    made = False
+    if create and not os.path.lexists(run_dir):
+        try:
+            run_dir.mkdir(parents=True)
+            made = True
+        except FileExistsError:  # another process made it first; the lock decides
+            pass
+    if not run_dir.is_dir():
+        yield
+        return
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if made:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise RunDirError(
+                f"run directory {run_dir} is in use by another process (a run or resume writing "
+                "it); wait until it ends, or stop it, then try again") from None
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            if made:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something
+                    run_dir.rmdir()
+    finally:
+        os.close(fd)
 
 
 def default_run_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:

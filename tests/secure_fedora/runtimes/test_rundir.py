@@ -502,3 +502,58 @@ def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, ca
     kind = "a directory" if blocked in ("plots", "checkpoints") else "a regular file"
     assert f"{blocked} is not {kind}" in capsys.readouterr().err
     assert snapshot(run_dir) == before
+
+
+# A CLI run of ``argv[1]`` into ``argv[2]`` that stops at the first hit of crash point
+# ``argv[4]``: it creates ``argv[3]`` there and waits until that file is removed (or 60 s
+# pass), then finishes.
+PAUSED_RUN = """
+import os, sys, time
+import secure_fedora.runtimes.inprocess as inprocess
+from secure_fedora.cli import main
+def pause(name):
+    if name == sys.argv[4] and not os.environ.get("PAUSED"):
+        os.environ["PAUSED"] = "1"
+        open(sys.argv[3], "w").close()
+        deadline = time.monotonic() + 60
+        while os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+inprocess.crash_point = pause
+sys.exit(main(["run", sys.argv[1], "--out", sys.argv[2], "--quiet"]))
+"""
+
+
+def test_second_run_or_resume_of_a_busy_run_directory_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    config = write_config(tmp_path / "plain.toml", TINY)
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(config), str(out), str(marker),
+                              "checkpoint"],
+                             cwd=Path(__file__).resolve().parents[3], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # the first run holds only config.toml of this very config: before, a second start
+        # passed every check and trained beside it (a failure or Ctrl-C of the second then
+        # withdrew the config.toml the first had written)
+        held = snapshot(out)
+        for extra in ((), ("--resume",)):
+            capsys.readouterr()
+            assert run(config, out, *extra) == 2
+            assert "is in use by another process" in capsys.readouterr().err
+        with pytest.raises(RunDirError, match=r"in use by another process"):
+            Experiment(config, run_dir=out).run()
+        assert snapshot(out) == held
+    finally:
+        marker.unlink(missing_ok=True)
+        assert first.wait(120) == 0, first.stderr.read()
+    assert (out / "results.json").is_file() and (out / "config.toml").is_file()
+    # once the first has finished the directory is free again (for a resume)
+    assert run(config, out, "--resume") == 0
+
