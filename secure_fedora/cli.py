@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,12 @@ from rich.table import Table
 
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, config_from_bytes
-from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
+from secure_fedora.core.errors import (
+    INTERRUPTED_EXIT_CODE,
+    add_debug_flag,
+    run_command,
+    split_debug_flag,
+)
 from secure_fedora.runtimes.summary import print_run_summary, results_table
 
 __all__ = ["main", "results_table"]
@@ -122,6 +129,11 @@ def _name_resume_command(err: ToolkitError, config: str, run_dir: Path) -> None:
         err.args = (err.args[0].replace(PULL_RESUME_COMMAND, command), *err.args[1:])
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does (its files closed, a message naming the resume)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.runtimes.rundir import (
         default_run_dir,
@@ -149,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # held from the checks to the last write: a second run or resume of this --out is refused
     with hold_run_dir(run_dir, create=not args.resume):
         prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
         try:
             sim, results = _run_with_progress(args, cfg, run_dir)
         except ToolkitError as err:
@@ -156,10 +170,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 withdraw_unstarted_run(run_dir, created)
             _name_resume_command(err, args.config, run_dir)
             raise
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (below)
+            if not args.resume and withdraw_unstarted_run(run_dir, created):
+                print(f"interrupted before the run started; {run_dir} holds nothing of it",
+                      file=sys.stderr)
+            else:
+                print(f"interrupted; the run in {run_dir} stopped and can be continued: "
+                      f"secure-fedora run {shlex.quote(args.config)} --out "
+                      f"{shlex.quote(str(run_dir))} --resume", file=sys.stderr)
+            return INTERRUPTED_EXIT_CODE
         except BaseException:
             if not args.resume:
                 withdraw_unstarted_run(run_dir, created)
             raise
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
         # imported here: refusing a bad config or run directory needs no matplotlib
         from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
 

@@ -20,6 +20,7 @@ from privacy.errors import ToolkitError
 __all__ = [
     "DEBUG_FLAG",
     "ERROR_EXIT_CODE",
+    "INTERRUPTED_EXIT_CODE",
     "ToolkitError",
     "is_user_error",
     "one_line",
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 ERROR_EXIT_CODE = 2
+#: exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED_EXIT_CODE = 130
 DEBUG_FLAG = "--debug"
 _TOOLKIT_PACKAGES = ("privacy", "secure_fedora", "audits")
 
@@ -74,9 +77,13 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 debug: bool = False, stream: TextIO | None = None) -> int:
     """Run a command handler; a user error (:func:`is_user_error`) is printed as
-    ``error: <message>`` (after its traceback with ``debug``) and gives exit code 2."""
+    ``error: <message>`` (after its traceback with ``debug``) and gives exit code 2; Ctrl-C
+    that the command did not report itself prints ``interrupted`` (exit code 130)."""
     try:
         return int(func(args))
+    except KeyboardInterrupt:  # e.g. a second Ctrl-C while a command cleans up after the first
+        print("interrupted", file=stream if stream is not None else sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except Exception as err:
         if not is_user_error(err):
             raise

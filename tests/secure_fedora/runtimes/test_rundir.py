@@ -557,3 +557,28 @@ def test_second_run_or_resume_of_a_busy_run_directory_is_refused(tmp_path, capsy
     # once the first has finished the directory is free again (for a resume)
     assert run(config, out, "--resume") == 0
 
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_says_so_and_resumes_exactly(tmp_path, plain_run, signum):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config, reference = plain_run
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(config), str(out), str(marker),
+                              "checkpoint_written"],
+                             cwd=Path(__file__).resolve().parents[3], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(getattr(signal, signum))  # after round 1's checkpoint
+    err = first.stderr.read()
+    # before: Ctrl-C ended in KeyboardInterrupt's traceback, SIGTERM killed it without a word
+    assert first.wait(60) == 130, err
+    assert "Traceback" not in err
+    assert f"interrupted; the run in {out} stopped and can be continued" in err
+    assert f"--out {out} --resume" in err
+    assert run(config, out, "--resume") == 0
+    assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
