@@ -20,6 +20,7 @@ from secure_fedora.core.config import ConfigError, config_from_bytes
 from secure_fedora.core.errors import (
     INTERRUPTED_EXIT_CODE,
     add_debug_flag,
+    one_line,
     run_command,
     split_debug_flag,
 )
@@ -118,15 +119,18 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
     return sim, results
 
 
+def _resume_command(config: str, run_dir: Path) -> str:
+    return f"secure-fedora run {shlex.quote(config)} --out {shlex.quote(str(run_dir))} --resume"
+
+
 def _name_resume_command(err: ToolkitError, config: str, run_dir: Path) -> None:
     """Put this run's config path and run directory into the resume command that ``err``
     names (a diverged FEDORA pull: :data:`~secure_fedora.learning.client.PULL_RESUME_COMMAND`)."""
     from secure_fedora.learning.client import PULL_RESUME_COMMAND
 
     if err.args and isinstance(err.args[0], str) and PULL_RESUME_COMMAND in err.args[0]:
-        command = (f"secure-fedora run {shlex.quote(config)} --out {shlex.quote(str(run_dir))}"
-                   " --resume")
-        err.args = (err.args[0].replace(PULL_RESUME_COMMAND, command), *err.args[1:])
+        err.args = (err.args[0].replace(PULL_RESUME_COMMAND, _resume_command(config, run_dir)),
+                    *err.args[1:])
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -136,6 +140,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.runtimes.rundir import (
+        RunDirError,
         default_run_dir,
         hold_run_dir,
         prepare_run_dir,
@@ -176,9 +181,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             else:
                 print(f"interrupted; the run in {run_dir} stopped and can be continued: "
-                      f"secure-fedora run {shlex.quote(args.config)} --out "
-                      f"{shlex.quote(str(run_dir))} --resume", file=sys.stderr)
+                      f"{_resume_command(args.config, run_dir)}", file=sys.stderr)
             return INTERRUPTED_EXIT_CODE
+        except OSError as err:  # a full disk, an I/O error: what was written stays resumable
+            if not args.resume and withdraw_unstarted_run(run_dir, created):
+                raise
+            raise RunDirError(f"{one_line(err)}; the run in {run_dir} stopped and can be "
+                              f"continued once that is fixed: "
+                              f"{_resume_command(args.config, run_dir)}") from err
         except BaseException:
             if not args.resume:
                 withdraw_unstarted_run(run_dir, created)

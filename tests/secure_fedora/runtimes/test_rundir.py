@@ -582,3 +582,30 @@ def test_interrupted_run_says_so_and_resumes_exactly(tmp_path, plain_run, signum
     assert f"--out {out} --resume" in err
     assert run(config, out, "--resume") == 0
     assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
+
+
+def test_disk_full_mid_run_names_the_resume_and_the_resume_is_exact(tmp_path, plain_run,
+                                                                    monkeypatch, capsys):
+    import errno
+    import os
+
+    config, reference = plain_run
+    out = tmp_path / "run"
+    fsync, calls = os.fsync, []
+
+    def full(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 6:  # past config.toml and the first checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    capsys.readouterr()
+    assert run(config, out) == 2
+    err = capsys.readouterr().err
+    # before: only "error: No space left on device"
+    assert err.startswith("error: No space left on device; the run in ")
+    assert f"--out {out} --resume" in err
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert run(config, out, "--resume") == 0
+    assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
