@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -118,6 +119,10 @@ def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
             raise RunDirError(
                 f"run directory {run_dir} is in use by another process (a run or resume writing "
                 "it); wait until it ends, or stop it, then try again") from None
+        except OSError as err:  # a file system without directory locks (some NFS): run as before
+            logging.getLogger(__name__).warning(
+                "cannot lock run directory %s (%s): nothing stops another process from writing "
+                "it at the same time", run_dir, err.strerror)
         _HELD[key] = 1
         try:
             yield

@@ -609,3 +609,17 @@ def test_disk_full_mid_run_names_the_resume_and_the_resume_is_exact(tmp_path, pl
     monkeypatch.setattr(os, "fsync", fsync)
     assert run(config, out, "--resume") == 0
     assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
+
+
+def test_run_directory_without_lock_support_still_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    config = write_config(tmp_path / "plain.toml", TINY)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        assert run(config, tmp_path / "run") == 0
+    assert "cannot lock run directory" in caplog.text
