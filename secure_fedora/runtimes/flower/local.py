@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -88,6 +89,8 @@ __all__ = [
     "init_party_identities",
     "with_num_clients",
 ]
+
+log = logging.getLogger("secure_fedora.runtimes.flower.local")
 
 #: The Flower app directory (holds the app's pyproject.toml).
 APP_DIR = Path(__file__).resolve().parent / "flwr_app"
@@ -776,6 +779,11 @@ def deploy_local(
         # checked before anything starts: creating its subfolders failed with a bare OSError
         raise DeployError(f"the workdir {str(work)!r} exists and is not a directory; name a "
                           "directory (a new one for a new run)")
+    if cfg.security.keystore is not None:
+        # the config is used as given (its hash binds the run), so the key is only named
+        log.warning("[security] keystore = %s is unused by the Flower runtime: each party's "
+                    "keys are in its identity directory %s/<party>",
+                    json.dumps(cfg.security.keystore), work / "identities")
     resumed = _resumed_run(work, cfg) if resume else 0
     if not resume:
         _refuse_used_workdir(work)

@@ -921,6 +921,29 @@ def test_deploy_local_refuses_a_workdir_that_is_a_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_deploy_local_warns_once_that_a_configured_keystore_is_unused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A config naming [security] keystore was deployed with the key silently ignored (Flower
+    parties keep their keys in the workdir's identities/); now one warning at deploy start
+    says so and where the keys are. The config is used as given: the deploy goes on (here to
+    --resume's refusal of a workdir with no run) and nothing is written."""
+    doc = tiny_config().model_dump(mode="json", exclude_none=True)
+    doc["security"] = {**doc.get("security", {}), "keystore": str(tmp_path / "store")}
+    work = tmp_path / "w"
+    with caplog.at_level("WARNING"), \
+            pytest.raises(server_app.ResumeRefused, match="holds no run to resume"):
+        deploy_local(parse_config(doc), 3, work, max_in_flight=0, resume=True)
+    warned = [r.getMessage() for r in caplog.records if "keystore" in r.getMessage()]
+    assert warned == [f'[security] keystore = "{tmp_path / "store"}" is unused by the Flower '
+                      f"runtime: each party's keys are in its identity directory "
+                      f"{work / 'identities'}/<party>"]
+    assert not work.exists() and not (tmp_path / "store").exists()
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(server_app.ResumeRefused):
+        deploy_local(tiny_config(), 3, work, max_in_flight=0, resume=True)
+    assert not [r for r in caplog.records if "keystore" in r.getMessage()]
+
+
 def test_a_node_whose_state_dir_is_a_file_names_it(tmp_path: Path) -> None:
     """A SuperNode whose node config's state-dir names a file answered with a bare
     FileExistsError ("[Errno 17] File exists"); now a DeployError says what to change, the run
