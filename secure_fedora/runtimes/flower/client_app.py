@@ -124,6 +124,7 @@ from secure_fedora.runtimes.flower.protocol import (
     DeployError,
     NodeSettings,
     RunSettings,
+    apply_amendments,
     check_supported,
     client_error_text,
     effective_client_errors,
@@ -745,6 +746,13 @@ def _check_hash(message: Message, record: str, settings: RunSettings) -> ConfigR
             "the server's config hash does not match the run config given to this client "
             f"({str(conf.get('config-hash'))[:12]} != {settings.config_hash[:12]})"
         )
+    # the amendments a resume made: the server signs their digest, so it and this client run
+    # every round under the same values, from the same round
+    if conf.get("amendments", "") != settings.amendments_digest():
+        raise DeployError(
+            "the server's config amendments do not match the run config given to this client "
+            f"(digest {str(conf.get('amendments', ''))[:12] or 'none'} != "
+            f"{settings.amendments_digest()[:12] or 'none'})")
     return conf
 
 
@@ -1173,6 +1181,7 @@ def run_stage(
     client = ensure_partition(node, cfg)
     ctx = client_context(cfg, i, client)
     algorithm = build_algorithm(method, ctx, cfg)
+    apply_amendments(settings, method, algorithm, rnd)
     limits = PayloadLimits.for_model(ctx.flat.num_params)
     message = incoming(limits)
     # one stage at a time per client: a late process (a round answered after its timeout) and

@@ -44,14 +44,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import tomli_w
+import tomllib
 
+from privacy.errors import ToolkitError
 from privacy.identity import (
     ALLOWLIST_FILENAME,
     SERVER_ID,
@@ -564,6 +566,7 @@ class LocalFederation:
         max_in_flight: int = 0,
         compare_methods: bool = False,
         resume: int = 0,
+        amendments: Sequence[Mapping[str, Any]] = (),
     ) -> int:
         """Submit the secure-fedora app with ``cfg`` via ``flwr run``; returns the run id.
 
@@ -572,7 +575,8 @@ class LocalFederation:
         ``max_in_flight`` caps the messages the ServerApp keeps outstanding (0: all at once);
         ``compare_methods`` lets a DP config of several methods run (a comparison);
         ``resume`` (0: a new run) continues that run from the ServerApp's checkpoint in
-        ``result_dir``.
+        ``result_dir``, under its config ``amendments`` (``cfg`` is then the run's original
+        configuration).
         """
         result_dir.mkdir(parents=True, exist_ok=True)
         overrides = make_run_config(
@@ -589,6 +593,7 @@ class LocalFederation:
             max_in_flight=max_in_flight,
             compare_methods=compare_methods,
             resume=resume,
+            amendments=amendments,
         )
         run_toml = self.workdir / "run.toml"
         run_toml.write_text(tomli_w.dumps(overrides), encoding="utf-8")
@@ -688,17 +693,40 @@ def _refuse_used_workdir(work: Path) -> None:
             "beside them; use a new workdir (or move this one away)")
 
 
-def _resumed_run(work: Path, cfg: ExperimentConfig) -> int:
+def _submitted_experiment(work: Path) -> ExperimentConfig | None:
+    """The experiment config ``work/run.toml`` (the run config of the workdir's last
+    submission) holds, None when it holds none that can be read."""
+    try:
+        doc = tomllib.loads((work / "run.toml").read_text(encoding="utf-8"))
+        return parse_config(json.loads(doc["experiment"]), "(run.toml 'experiment')")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError,
+            json.JSONDecodeError, ToolkitError):
+        return None
+
+
+def _resumed_run(work: Path, cfg: ExperimentConfig
+                 ) -> tuple[int, ExperimentConfig, list[dict[str, Any]]]:
     """The id of the run whose ServerApp checkpoint ``work/results`` holds, once
-    :func:`~secure_fedora.runtimes.flower.server_app.check_resumable` accepts it for ``cfg``
-    (reads only)."""
+    :func:`~secure_fedora.runtimes.flower.server_app.check_resumable` accepts it for ``cfg``,
+    the run's configuration and its config amendments (reads only). A ``cfg`` that differs
+    from the run's (amended) configuration only in ``rundir.AMENDABLE_KEYS`` resumes it under
+    the run's original configuration (``work/run.toml``'s, which the checkpoint's config hash
+    names), with the change added to the amendments, made at
+    :func:`~secure_fedora.runtimes.flower.server_app.amendment_point`."""
     from secure_fedora.core.config import config_hash
     from secure_fedora.runtimes.flower.server_app import (
         SERVER_CHECKPOINT,
         ResumeRefused,
+        amendment_point,
         check_resumable,
     )
     from secure_fedora.runtimes.inprocess import CheckpointError, checkpoint_binding
+    from secure_fedora.runtimes.rundir import (
+        RunDirError,
+        amended_config,
+        config_changes,
+        recorded_amendments,
+    )
 
     results = work / "results"
     path = results / SERVER_CHECKPOINT
@@ -706,13 +734,31 @@ def _resumed_run(work: Path, cfg: ExperimentConfig) -> int:
         raise ResumeRefused(f"--resume: {path} does not exist, so {work} holds no run to resume "
                             "(start one without --resume, in a new workdir)")
     try:
-        run_id = checkpoint_binding(path).get("run_id")
+        binding = checkpoint_binding(path)
     except CheckpointError as err:
         raise ResumeRefused(f"--resume: {err}; nothing was written") from None
+    run_id = binding.get("run_id")
     if not isinstance(run_id, int):
         raise ResumeRefused(f"--resume: {path} names no run id; nothing was written")
-    check_resumable(results, run_id, cfg, config_hash(cfg), work / "server")
-    return run_id
+    original = _submitted_experiment(work)
+    if original is None or config_hash(original) != binding.get("config_hash") \
+            or config_hash(cfg) == binding.get("config_hash"):
+        original = cfg  # the checkpoint's own config, or none to amend: refused as before
+    try:
+        recorded = recorded_amendments(results)
+    except RunDirError as err:
+        raise ResumeRefused(f"--resume: {err}; nothing was written") from None
+    changes = config_changes(amended_config(original, recorded), cfg)
+    if changes is None:  # anything else changed: refused as before (another configuration)
+        original, changes = cfg, []
+    state = check_resumable(results, run_id, original, config_hash(original), work / "server",
+                            recorded)
+    method, resumed, effective = amendment_point(state, original)
+    amendments = recorded + [{**c, "method": method, "resumed_at_round": resumed,
+                              "effective_from_round": effective} for c in changes]
+    check_resumable(results, run_id, original, config_hash(original), work / "server",
+                    amendments)
+    return run_id, original, amendments
 
 
 def deploy_local(
@@ -784,7 +830,9 @@ def deploy_local(
         log.warning("[security] keystore = %s is unused by the Flower runtime: each party's "
                     "keys are in its identity directory %s/<party>",
                     json.dumps(cfg.security.keystore), work / "identities")
-    resumed = _resumed_run(work, cfg) if resume else 0
+    resumed, amendments = 0, []
+    if resume:
+        resumed, cfg, amendments = _resumed_run(work, cfg)
     if not resume:
         _refuse_used_workdir(work)
     started = time.perf_counter()
@@ -798,7 +846,8 @@ def deploy_local(
             run_id = fed.submit(cfg, work / "results", num_threads=num_threads,
                                 reproducible_dp_noise=reproducible_dp_noise,
                                 key_holder=key_holder, max_in_flight=max_in_flight,
-                                compare_methods=compare_methods, resume=resumed)
+                                compare_methods=compare_methods, resume=resumed,
+                                amendments=amendments)
             window = f"at most {max_in_flight}" if max_in_flight else "all"
             say(f"run {run_id} submitted ({window} messages in flight at once); following it "
                 f"(log: {fed.logs / 'serverapp.log'})")

@@ -56,10 +56,11 @@ client refuses a message whose hash differs from the config it was given.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash
 
 __all__ = [
     "DeployError",
+    "apply_amendments",
+    "parse_amendments",
     "resume_run_id",
     "MSG_CEREMONY",
     "MSG_DECRYPT",
@@ -146,6 +149,7 @@ RUN_CONFIG_KEYS = (
     "key-holder",
     "max-in-flight",
     "resume",
+    "amendments",
 )
 
 
@@ -326,6 +330,7 @@ def make_run_config(
     max_in_flight: int = 0,
     compare_methods: bool = False,
     resume: int = 0,
+    amendments: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The run-config overrides for one FEDORA run (the keys of ``RUN_CONFIG_KEYS``).
 
@@ -339,6 +344,8 @@ def make_run_config(
     ``resume`` (0: a new run) is the id of the run this one continues from the ServerApp's
     checkpoint in ``result_dir``: every app then works under that run id
     (:meth:`RunSettings.run_id`), so the nodes answer from that run's saved state.
+    ``amendments`` are the config amendments of a resumed run (:func:`parse_amendments`);
+    ``cfg`` is then the run's original configuration.
     """
     return {
         "experiment": experiment_to_run_config(with_reproducible_noise(cfg, reproducible_dp_noise)),
@@ -355,7 +362,55 @@ def make_run_config(
         "max-in-flight": int(max_in_flight),
         # a string: Flower's run ids use all 64 bits, a run-config integer only 63
         "resume": str(int(resume)),
+        "amendments": json.dumps([dict(a) for a in amendments], sort_keys=True),
     }
+
+
+_AMENDMENT_FIELDS = {"key", "from", "to", "method", "resumed_at_round", "effective_from_round"}
+
+
+def parse_amendments(cfg: ExperimentConfig, raw: object) -> tuple[dict[str, Any], ...]:
+    """The run config's ``amendments`` (JSON: a list of ``{"key", "from", "to", "method",
+    "resumed_at_round", "effective_from_round"}`` of ``rundir.AMENDABLE_KEYS``) for the run's
+    original configuration ``cfg``: each ``from`` the value before it, the amended
+    configuration valid as a config file would be. DeployError naming the key otherwise."""
+    from secure_fedora.runtimes.rundir import AMENDABLE_KEYS, amended_config, config_value
+
+    bad = ("run config key 'amendments' must be a JSON list of amendments of "
+           f"{list(AMENDABLE_KEYS)} ({sorted(_AMENDMENT_FIELDS)})")
+    try:
+        doc = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, list) or not all(
+            isinstance(a, dict) and set(a) == _AMENDMENT_FIELDS and a["key"] in AMENDABLE_KEYS
+            and a["method"] in cfg.methods
+            and all(type(a[k]) is int and a[k] >= 1
+                    for k in ("resumed_at_round", "effective_from_round")) for a in doc):
+        raise DeployError(f"{bad}; got {raw!r}")
+    current = cfg
+    for a in doc:
+        if config_value(current, a["key"]) != a["from"]:
+            raise DeployError(f"{bad}: {a['key']} was {config_value(current, a['key'])!r} "
+                              f"before this amendment, not {a['from']!r}")
+        try:  # validated as the amended config file would be
+            current = parse_config(amended_config(current, [a]).model_dump(mode="json"),
+                                   "(run config 'amendments')")
+        except ConfigError as err:
+            raise DeployError(f"run config key 'amendments': {err}") from None
+    return tuple(doc)
+
+
+def apply_amendments(settings: RunSettings, method: str, algorithm: Any, rnd: int) -> None:
+    """Set ``algorithm``'s attributes of amended keys (the in-process runtime's
+    ``AMENDED_ATTRIBUTES``) to their value for round ``rnd`` of ``method``
+    (:meth:`RunSettings.amended_value`); nothing without amendments."""
+    from secure_fedora.runtimes.inprocess import AMENDED_ATTRIBUTES
+
+    for key in {a["key"] for a in settings.amendments}:
+        attribute = AMENDED_ATTRIBUTES.get(key)
+        if attribute is not None and hasattr(algorithm, attribute):
+            setattr(algorithm, attribute, settings.amended_value(key, method, rnd))
 
 
 def resume_run_id(value: object) -> int | None:
@@ -388,6 +443,26 @@ class RunSettings:
     max_in_flight: int  # outstanding messages per exchange; 0: all at once
     # the run continued from the ServerApp's checkpoint (its run id), or 0 for a new run
     resume: int = 0
+    # the config amendments resumes made (rundir.AMENDABLE_KEYS), oldest first; ``experiment``
+    # and ``config_hash`` stay the run's original configuration, which binds its state
+    amendments: tuple[dict[str, Any], ...] = ()
+
+    def amended_value(self, key: str, method: str, rnd: int) -> Any:
+        """The value of ``key`` under which ``method`` runs round ``rnd``: the experiment's,
+        with each amendment applied from its ``effective_from_round`` (from round 1 in a
+        method after the one it was made in), as in process (``rundir.amended_value``)."""
+        from secure_fedora.runtimes.rundir import amended_value, config_value
+
+        return amended_value(list(self.amendments), key, config_value(self.experiment, key),
+                             method, list(self.experiment.methods), rnd)
+
+    def amendments_digest(self) -> str:
+        """SHA-256 of the amendments' canonical JSON ("" without any): what the server's
+        signed messages carry, so that every client runs under the same amendments."""
+        if not self.amendments:
+            return ""
+        return hashlib.sha256(json.dumps(list(self.amendments), sort_keys=True,
+                                         separators=(",", ":")).encode()).hexdigest()
 
     def run_id(self, flower_run_id: int) -> int:
         """The run id every app works under: the resumed run's (``resume``), else Flower's.
@@ -399,7 +474,8 @@ class RunSettings:
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
         """Validate a Flower run config; :class:`DeployError` names the bad key."""
         # ``resume`` is optional: a run config written before it existed starts a new run
-        missing = [k for k in RUN_CONFIG_KEYS if k not in run_config and k != "resume"]
+        missing = [k for k in RUN_CONFIG_KEYS if k not in run_config
+                   and k not in ("resume", "amendments")]
         if missing:
             raise DeployError(f"run config is missing keys {missing}")
         raw = run_config["experiment"]
@@ -464,6 +540,7 @@ class RunSettings:
         if resume and not result_dir:
             raise DeployError("run config key 'resume' needs 'result-dir', where the ServerApp "
                               "keeps its checkpoint")
+        amendments = parse_amendments(cfg, run_config.get("amendments", "[]"))
         return cls(
             experiment=cfg,
             config_hash=config_hash(cfg),
@@ -481,6 +558,7 @@ class RunSettings:
             key_holder=holder,
             max_in_flight=window,
             resume=resume,
+            amendments=amendments,
         )
 
 

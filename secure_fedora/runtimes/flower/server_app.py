@@ -80,7 +80,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,7 @@ from secure_fedora.runtimes.flower.protocol import (
     MSG_SETUP,
     DeployError,
     RunSettings,
+    apply_amendments,
     check_supported,
     wire_round,
 )
@@ -165,8 +166,8 @@ from secure_fedora.secure.relatedness import (
 )
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
-__all__ = ["SERVER_CHECKPOINT", "ExchangeTiming", "ResumeRefused", "app", "check_resumable",
-           "run_federation", "sample_participants"]
+__all__ = ["SERVER_CHECKPOINT", "ExchangeTiming", "ResumeRefused", "amendment_point", "app",
+           "check_resumable", "new_amendments", "run_federation", "sample_participants"]
 
 app = ServerApp()
 
@@ -591,7 +592,8 @@ def _first_contact(
     only replies of that epoch, so a hello reply replayed from an earlier exchange is refused
     as stale and the first contact's nonce memory keeps one exchange's nonces at most.
     """
-    conf = ConfigRecord({"config-hash": server.settings.config_hash, **extra})
+    conf = ConfigRecord({"config-hash": server.settings.config_hash,
+                         **_amendments_field(server), **extra})
     record = "run" if message_type == MSG_HELLO else "fedora"
     rnd = _hello_epoch(server) if message_type == MSG_HELLO else 0
     messages = {
@@ -827,11 +829,21 @@ def _take_metrics(
     return True
 
 
+def _amendments_field(server: _Server) -> dict[str, str]:
+    """What a signed message says of the run's config amendments: their digest
+    (:meth:`RunSettings.amendments_digest`) where there are any, nothing otherwise (a run
+    without amendments sends what it always sent); a client refuses a message whose digest is
+    not that of the amendments its own run config holds."""
+    digest = server.settings.amendments_digest()
+    return {"amendments": digest} if digest else {}
+
+
 def _addressed(
     server: _Server, cid: int, message_type: str, content: RecordDict
 ) -> tuple[int, Message]:
     node = server.node_of_client[cid]
-    content["fedora"] = ConfigRecord({"config-hash": server.settings.config_hash})
+    content["fedora"] = ConfigRecord({"config-hash": server.settings.config_hash,
+                                      **_amendments_field(server)})
     return node, _relatedness_message(
         server, node, message_type, content, [server.client_ids[cid]]
     )
@@ -1262,7 +1274,8 @@ def _exchange_payloads(
             # the client checks its node still holds the ledger and state it last reported
             "run": ConfigRecord({"method": run.name, "stage": stage, "round": rnd,
                                  "has-payload": payload is not None,
-                                 "config-hash": server.settings.config_hash, **seen}),
+                                 "config-hash": server.settings.config_hash,
+                                 **_amendments_field(server), **seen}),
         })
         client_of[node] = cid
         messages[node] = Message(
@@ -1488,12 +1501,13 @@ def check_new_result_dir(result_dir: Path) -> None:
 
 
 def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
-                    config_hash: str, server_state_dir: Path | None = None) -> dict[str, Any]:
+                    config_hash: str, server_state_dir: Path | None = None,
+                    amendments: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The ServerApp checkpoint in ``result_dir`` that run ``run_id`` of ``cfg`` continues
     from, verified (digest, format, run id, config hash, method list, not finished; with
     ``server_state_dir``, every scope's nonce file still holds the nonce memory the
-    checkpoint recorded); raises :class:`ResumeRefused` naming what differs otherwise.
-    Reads only."""
+    checkpoint recorded; the config ``amendments``, :func:`new_amendments`); raises
+    :class:`ResumeRefused` naming what differs otherwise. Reads only."""
     path = result_dir / SERVER_CHECKPOINT
     if not path.is_file():
         raise ResumeRefused(
@@ -1521,9 +1535,8 @@ def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
             f"resume: {path} was written for another configuration (config hash "
             f"{str(state.get('config_hash'))[:12]}..., this one {config_hash[:12]}...); resume "
             "with the run's own config or use a new result-dir; nothing was written (a Flower "
-            "resume accepts no config change, fedora.max_pull included: only the in-process "
-            "runtime's `secure-fedora run CONFIG --out RUN_DIR --resume` accepts a change of "
-            "fedora.max_pull alone)")
+            "resume accepts no config change but one of fedora.max_pull alone, which "
+            "`deploy local --resume` makes as an amendment)")
     if state.get("finished"):
         raise ResumeRefused(f"resume: run {run_id} in {result_dir} finished (its results are "
                             "written); there is nothing to resume")
@@ -1542,7 +1555,73 @@ def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
                 f"resume: {err} (the ServerApp checkpoint {path} records them). Restore the "
                 "server-state-dir from a copy, or start a new run; nothing was written"
             ) from None
+    new_amendments(result_dir, state, cfg, amendments)
     return state
+
+
+def amendment_point(state: Mapping[str, Any], cfg: ExperimentConfig) -> tuple[str, int, int]:
+    """Where a resume from the ServerApp checkpoint ``state`` makes a config amendment: the
+    method it continues, the round it resumes at and the round from which the amended value
+    applies. For a method in flight checkpointed after round ``C`` that is ``C + 2``: round
+    ``C + 1`` may have been sent before the ServerApp died, and it is sent again and re-made
+    as it was (a node that answered it answers from its saved state, one that admitted its
+    release re-makes it from its journal: "resume diverged" if anything changed), with or
+    without DP; the server cannot see the nodes' journals, so it never amends that round.
+    Between methods (or before the first), the next method's round 1."""
+    current = state.get("current")
+    if current is not None:
+        done = int(current["round"])
+        return str(current["method"]), done + 1, done + 2
+    outcomes = state.get("outcomes", {})
+    return next(m for m in cfg.methods if m not in outcomes), 1, 1
+
+
+def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentConfig,
+                   amendments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The amendments of ``amendments`` (the run config's, ``cfg`` the run's original config)
+    this resume makes: those after the ones ``result_dir``'s ``amendments.json`` records,
+    which they must begin with, each made at :func:`amendment_point` of ``state``.
+    ResumeRefused naming what differs otherwise. Reads only."""
+    from secure_fedora.runtimes.rundir import AMENDMENTS, RunDirError, recorded_amendments
+
+    try:
+        recorded = recorded_amendments(result_dir)
+    except RunDirError as err:
+        raise ResumeRefused(f"resume: {err}; nothing was written") from None
+    given = [dict(a) for a in amendments]
+    if given[:len(recorded)] != recorded:
+        raise ResumeRefused(
+            f"resume: the run config's amendments {given} do not begin with those "
+            f"{result_dir / AMENDMENTS} records ({recorded}); nothing was written")
+    new = given[len(recorded):]
+    method, resumed, effective = amendment_point(state, cfg)
+    for a in new:
+        if (a["method"], a["resumed_at_round"], a["effective_from_round"]) != \
+                (method, resumed, effective):
+            raise ResumeRefused(
+                f"resume: the amendment of {a['key']} is made at {method!r} round {resumed} "
+                f"and applies from round {effective} (the checkpoint's round in flight is re-made "
+                f"as it was), not at {a['method']!r} round {a['resumed_at_round']} from round "
+                f"{a['effective_from_round']}; nothing was written")
+    return new
+
+
+def _record_amendments(server: _Server, state: Mapping[str, Any]) -> None:
+    """Write the amendments this resume makes to ``result-dir/amendments.json`` (atomically,
+    before anything runs under them) and say so."""
+    from secure_fedora.runtimes.rundir import AMENDMENTS
+
+    assert server.settings.result_dir is not None  # a resume has one
+    result_dir = server.settings.result_dir
+    new = new_amendments(result_dir, state, server.cfg, server.settings.amendments)
+    if not new:
+        return
+    atomic_write_text(result_dir / AMENDMENTS,
+                      json.dumps(list(server.settings.amendments), indent=2) + "\n")
+    for a in new:
+        _say(f"resumed with {a['key']} = {a['to']} (the run had {a['from']}) from round "
+             f"{a['effective_from_round']} of {a['method']}: recorded in "
+             f"{result_dir / AMENDMENTS}")
 
 
 def _algorithm_state(algorithm: Any) -> dict[str, Any]:
@@ -1759,6 +1838,7 @@ def _run_method(grid: Grid, server: _Server, name: str,
     for rnd in range(first, rounds + 1):
         participants = sample_participants(cfg, round_gen, n)
         t0 = time.perf_counter()
+        apply_amendments(server.settings, name, algorithm, rnd)
         messages = check_messages(name, ROUND, rnd, algorithm.configure(rnd, participants),
                                   participants, num_params)
         seen = len(server.events)
@@ -1823,6 +1903,7 @@ def _run_method(grid: Grid, server: _Server, name: str,
             "their ledgers may stay open and the run could not be verified, so no results are "
             "written; check those SuperNodes' logs or raise the round timeout"
             + (f" (last events: {why})" if why else ""))
+    apply_amendments(server.settings, name, algorithm, rounds)  # as in process after its last round
     final = check_messages(name, FINALIZE, rounds, algorithm.finalize_messages(), range(n),
                            num_params)
     final_payloads: dict[int, Payload] = {}
@@ -1943,7 +2024,10 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     if settings.resume:
         assert settings.result_dir is not None  # RunSettings requires it
         resumed = check_resumable(settings.result_dir, run_id, cfg, settings.config_hash,
-                                  settings.server_state_dir)
+                                  settings.server_state_dir, settings.amendments)
+    elif settings.amendments:
+        raise ResumeRefused("run config key 'amendments' amends a resumed run's config; a new "
+                            "run takes its config as given: leave it out (or empty)")
     elif settings.result_dir is not None:
         check_new_result_dir(settings.result_dir)
     torch.set_num_threads(settings.num_threads)
@@ -1977,6 +2061,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     if resumed is not None:
         _check_same_clients(server, resumed)
         current = resumed["current"]
+        _record_amendments(server, resumed)
     else:
         _save_server_checkpoint(server, None)
     for name in cfg.methods:
@@ -2043,6 +2128,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
             "rounds": server.history,
             "events": server.events,
             "seconds_total": round(time.time() - server.started, 3),
+            **({"config_amendments": list(settings.amendments)} if settings.amendments
+               else {}),
         },
     )
     server.write("results.json", results)
