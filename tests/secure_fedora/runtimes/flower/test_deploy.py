@@ -920,7 +920,6 @@ def test_deploy_local_refuses_a_workdir_that_is_a_file(tmp_path: Path) -> None:
     assert afile.read_text() == "keep me"
 
 
-@pytest.mark.usefixtures("task_identity")
 def test_deploy_local_warns_once_that_a_configured_keystore_is_unused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A config naming [security] keystore was deployed with the key silently ignored (Flower
@@ -944,6 +943,7 @@ def test_deploy_local_warns_once_that_a_configured_keystore_is_unused(
     assert not [r for r in caplog.records if "keystore" in r.getMessage()]
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_a_node_whose_state_dir_is_a_file_names_it(tmp_path: Path) -> None:
     """A SuperNode whose node config's state-dir names a file answered with a bare
     FileExistsError ("[Errno 17] File exists"); now a DeployError says what to change, the run
