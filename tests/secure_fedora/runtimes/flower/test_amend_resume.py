@@ -168,3 +168,43 @@ def test_deploy_local_resume_turns_a_max_pull_change_into_an_amendment(tmp_path:
     with pytest.raises(server_app.ResumeRefused, match="another configuration"):
         _resumed_run(work, amended)
     assert not (work / "results" / "amendments.json").exists()  # reads only
+
+
+@pytest.mark.deploy
+@pytest.mark.usefixtures("task_identity")
+def test_deploy_local_resumes_a_killed_dp_run_with_max_pull(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processes of a deployment: the ServerApp kills itself (SIGKILL) right after its
+    round-1 checkpoint of 3; `deploy local --resume` with max_pull set continues the run,
+    whose round 3 (after round 2, the one in flight) runs under the new value, and whose
+    ledgers verify against the server's anchor."""
+    from audits.verify import verify_run
+    from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
+
+    cfg, amended = _configs()
+    work = tmp_path / "w"
+    timeouts = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)
+    # checkpoints: first contact, setup, round 1
+    monkeypatch.setenv(crashpoints.ENV_VAR, "checkpoint_written@3")
+    with pytest.raises(DeployError, match="ended with status"):
+        deploy_local(cfg, 3, work, timeouts=timeouts, max_in_flight=3,
+                     reproducible_dp_noise=True)
+    monkeypatch.delenv(crashpoints.ENV_VAR)
+    result = deploy_local(amended, 3, work, timeouts=timeouts, max_in_flight=3,
+                          reproducible_dp_noise=True, resume=True)
+    amendment = {**AMENDMENT, "resumed_at_round": 2, "effective_from_round": 3}
+    assert result.results["config_amendments"] == [amendment]
+    assert json.loads((work / "results" / "amendments.json").read_text()) == [amendment]
+    assert result.results["config_hash"] == config_hash(cfg)
+    rows = {r["round"]: r for r in result.results["rounds"]}
+    assert rows[3]["mean_lambda"] <= 0.1 < max(rows[1]["mean_lambda"], rows[2]["mean_lambda"])
+    audit = tmp_path / "audit"
+    (audit / "ledgers" / "fedora").mkdir(parents=True)
+    (audit / "results.json").write_bytes((work / "results" / "results.json").read_bytes())
+    for c in range(3):
+        ledger = work / "nodes" / f"node-{c}" / "runs" / str(result.run_id) / "fedora" / \
+            f"client-{c:03d}.jsonl"
+        (audit / "ledgers" / "fedora" / ledger.name).write_bytes(ledger.read_bytes())
+    report = verify_run(audit, allowlist=work / "identities" / "server" / "allowlist.json",
+                        anchor=work / "results" / "anchor.json")
+    assert report.ok, report.errors
