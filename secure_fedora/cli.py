@@ -133,6 +133,24 @@ def _name_resume_command(err: ToolkitError, config: str, run_dir: Path) -> None:
                     *err.args[1:])
 
 
+def _caused_by_os_error(err: BaseException) -> bool:
+    """Whether ``err`` was raised from, or while handling, an ``OSError`` (a full disk, an I/O
+    error): the run stopped for its environment, not for its config, data or budget."""
+    seen: set[int] = set()
+    cause = err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _stopped_message(err: BaseException, config: str, run_dir: Path) -> str:
+    return (f"{one_line(err)}; the run in {run_dir} stopped and can be continued once that is "
+            f"fixed: {_resume_command(config, run_dir)}")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM stops a run as Ctrl-C does (its files closed, a message naming the resume)."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -171,9 +189,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             sim, results = _run_with_progress(args, cfg, run_dir)
         except ToolkitError as err:
-            if not args.resume:
-                withdraw_unstarted_run(run_dir, created)
+            if not args.resume and withdraw_unstarted_run(run_dir, created):
+                raise
             _name_resume_command(err, args.config, run_dir)
+            # e.g. a ledger write that failed with EIO: kept and resumable like a bare OSError;
+            # a refusal for the config, data or budget would only be repeated by a resume
+            if (_caused_by_os_error(err) and err.args and isinstance(err.args[0], str)
+                    and _resume_command(args.config, run_dir) not in err.args[0]):
+                err.args = (_stopped_message(err, args.config, run_dir), *err.args[1:])
             raise
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (below)
             if not args.resume and withdraw_unstarted_run(run_dir, created):
@@ -186,9 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as err:  # a full disk, an I/O error: what was written stays resumable
             if not args.resume and withdraw_unstarted_run(run_dir, created):
                 raise
-            raise RunDirError(f"{one_line(err)}; the run in {run_dir} stopped and can be "
-                              f"continued once that is fixed: "
-                              f"{_resume_command(args.config, run_dir)}") from err
+            raise RunDirError(_stopped_message(err, args.config, run_dir)) from err
         except BaseException:
             if not args.resume:
                 withdraw_unstarted_run(run_dir, created)

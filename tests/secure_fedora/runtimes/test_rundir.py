@@ -623,3 +623,92 @@ def test_run_directory_without_lock_support_still_runs_with_a_warning(tmp_path, 
     with caplog.at_level("WARNING"):
         assert run(config, tmp_path / "run") == 0
     assert "cannot lock run directory" in caplog.text
+
+
+# bit-identical comparisons need noise a resume draws again
+DP_REPRODUCIBLE = {**DP, "privacy": {**DP["privacy"], "noise": "reproducible"}}
+
+
+@pytest.fixture(scope="module")
+def dp_reproducible_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp-reproducible")
+    config = write_config(root / "dp.toml", DP_REPRODUCIBLE)
+    assert run(config, root / "run") == 0
+    return config, root / "run"
+
+
+@pytest.mark.parametrize("failing, nth", [("write", 2), ("fsync", 4)])
+def test_a_ledger_write_failing_mid_run_names_the_resume_and_the_resume_is_exact(
+        tmp_path, dp_reproducible_run, monkeypatch, capsys, failing, nth):
+    import errno
+    import os
+
+    import privacy.ledger
+
+    config, reference = dp_reproducible_run
+    out = tmp_path / "run"
+    write, fsync, write_and_sync = os.write, os.fsync, privacy.ledger.write_all_and_fsync
+    inside, calls = [], []
+
+    def in_ledger(fd: int, data: bytes) -> None:
+        inside.append(fd)
+        try:
+            write_and_sync(fd, data)
+        finally:
+            inside.pop()
+
+    def failing_write(fd: int, data) -> int:
+        if fd in inside and failing == "write":  # the ledger's, not a journal's fsync thread
+            calls.append(fd)
+            if len(calls) == nth:  # a torn line: half of it reached the file
+                write(fd, bytes(data)[: len(data) // 2])
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return write(fd, data)
+
+    def failing_fsync(fd: int) -> None:
+        if fd in inside and failing == "fsync":
+            calls.append(fd)
+            if len(calls) == nth:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        fsync(fd)
+
+    monkeypatch.setattr(privacy.ledger, "write_all_and_fsync", in_ledger)
+    monkeypatch.setattr(os, "write", failing_write)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    capsys.readouterr()
+    assert run(config, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the privacy plan
+    # before: "error: writing ledger '...' failed: [Errno 5] Input/output error" and no more
+    assert err.startswith("error: writing ledger ") and "[Errno 5] Input/output error" in err
+    assert err.endswith(f"the run in {out} stopped and can be continued once that is fixed: "
+                        f"secure-fedora run {config} --out {out} --resume")
+    assert err.count("--resume") == 1
+    monkeypatch.undo()
+    assert run(config, out, "--resume") == 0
+    assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
+    assert audit_main(["audit", "verify", str(out)]) == 0
+
+
+def test_a_refusal_mid_run_that_a_resume_would_repeat_names_no_resume(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A budget found spent mid-run is not an I/O failure: the error is left as it is."""
+    from privacy.accounting import BudgetExceededError, PrivacyBudget
+    from secure_fedora.runtimes import inprocess
+
+    config = write_config(tmp_path / "plain.toml", TINY)
+    out = tmp_path / "run"
+    save, calls = inprocess.save_checkpoint, []
+
+    def refuse(path: Path, state: dict) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise BudgetExceededError(client_id="client-000", round=1, mechanism="dpsgd",
+                                      epsilon_would_be=3.5, budget=PrivacyBudget(3.0, 1e-3))
+        save(path, state)
+
+    monkeypatch.setattr(inprocess, "save_checkpoint", refuse)
+    capsys.readouterr()
+    assert run(config, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: client 'client-000' round 1: release 'dpsgd' refused")
+    assert "resume" not in err and "\n" not in err
