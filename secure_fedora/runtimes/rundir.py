@@ -166,7 +166,11 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig, config_bytes: bytes,
         check_resumable(run_dir, cfg)
         return
     check_fresh_run_dir(run_dir, cfg)
-    atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
+    try:
+        atomic_write_bytes(run_dir / CONFIG_COPY, config_bytes)
+    except OSError as err:  # named for the run directory, not for the temporary file's name
+        raise RunDirError(f"cannot write {CONFIG_COPY} in run directory {run_dir}: "
+                          f"{err.strerror or err}; nothing of the run was written") from err
 
 
 def check_fresh_run_dir(run_dir: Path, cfg: ExperimentConfig, cli: bool = True) -> None:

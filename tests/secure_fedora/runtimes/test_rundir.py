@@ -712,3 +712,101 @@ def test_a_refusal_mid_run_that_a_resume_would_repeat_names_no_resume(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: client 'client-000' round 1: release 'dpsgd' refused")
     assert "resume" not in err and "\n" not in err
+
+
+def read_only(monkeypatch, root: Path) -> None:
+    """Every write, create, rename or removal under ``root`` fails with EROFS, as on a file
+    system mounted read-only (running as root, a chmod would not stop the writes)."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    top = os.path.realpath(root)
+
+    def under(path) -> bool:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False
+        real = os.path.realpath(os.fsdecode(path))
+        return real == top or real.startswith(top + os.sep)
+
+    def refuse(path) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    os_open, io_open, path_open = os.open, io.open, Path.open
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & writing and under(path):
+            refuse(path)
+        return os_open(path, flags, *args, **kwargs)
+
+    def guarded_io_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and under(file):
+            refuse(file)
+        return io_open(file, mode, *args, **kwargs)
+
+    def guarded_path_open(self, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and under(self):
+            refuse(self)
+        return path_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    monkeypatch.setattr(io, "open", guarded_io_open)
+    monkeypatch.setattr(builtins, "open", guarded_io_open)
+    monkeypatch.setattr(Path, "open", guarded_path_open)
+    def guard(call):
+        def guarded(path, *args, **kwargs):
+            if under(path) or (args and under(args[0])):
+                refuse(path)
+            return call(path, *args, **kwargs)
+        return guarded
+
+    for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir", "truncate", "chmod"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+
+
+def test_a_fresh_run_into_a_read_only_directory_is_one_line_naming_it(tmp_path, capsys):
+    config = write_config(tmp_path / "plain.toml", TINY)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        read_only(monkeypatch, out)
+        assert run(config, out) == 2
+    err = capsys.readouterr().err.strip()
+    # before: "error: Read-only file system: RUN/.config.toml.<random>" (a temporary name)
+    assert err == (f"error: cannot write config.toml in run directory {out}: Read-only file "
+                   "system; nothing of the run was written")
+    assert list(out.iterdir()) == []
+    assert run(config, out) == 0  # writable again: the run starts there
+
+
+def test_a_resume_in_a_read_only_directory_is_one_line_and_loses_nothing(
+        tmp_path, dp_reproducible_run, monkeypatch, capsys):
+    from secure_fedora.runtimes import inprocess
+
+    config, reference = dp_reproducible_run
+    out = tmp_path / "run"
+    save, calls = inprocess.save_checkpoint, []
+
+    def stop(path: Path, state: dict) -> None:
+        calls.append(path)
+        if len(calls) == 2:  # after the first checkpoint
+            raise KeyboardInterrupt
+        save(path, state)
+
+    monkeypatch.setattr(inprocess, "save_checkpoint", stop)
+    assert run(config, out) == 130
+    monkeypatch.undo()
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as read_only_mount:
+        read_only(read_only_mount, out)
+        assert run(config, out, "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: Read-only file system: ")
+    assert err.endswith(f"secure-fedora run {config} --out {out} --resume")
+    assert snapshot(out) == before
+    assert run(config, out, "--resume") == 0
+    assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
+    assert audit_main(["audit", "verify", str(out)]) == 0
