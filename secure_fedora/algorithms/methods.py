@@ -1494,6 +1494,9 @@ class Fedora(FedoraChecks, FederatedMethod):
     """
 
     name = "fedora"
+    #: The config keys a resume may amend (rundir.AMENDABLE_KEYS) that this method reads: a
+    #: resume records an amendment for, and applies it to, the methods that declare the key.
+    amendable_keys: ClassVar[tuple[str, ...]] = ("fedora.max_pull",)
 
     def __init__(
         self,

@@ -1171,6 +1171,7 @@ class Simulation:
         from secure_fedora.runtimes.rundir import (
             AMENDMENTS,
             STOPPED,
+            amendment_readers,
             amendment_round,
             record_amendments,
         )
@@ -1178,12 +1179,23 @@ class Simulation:
         if self._pending_amendments:
             effective = None if method is None or start_round is None else \
                 amendment_round(self.run_dir, method, start_round, private, self._resume_name())
+            methods = list(self.cfg.methods)
+            applies_to = None
+            if method is not None and effective is not None:
+                # the method in progress from ``effective``, the readers after it from round 1
+                # (those before it have finished: check_amendable refused a change none reads)
+                applies_to = {c["key"]: {
+                    m: effective if m == method else 1
+                    for m in amendment_readers(self.cfg, c["key"])
+                    if methods.index(m) >= methods.index(method)}
+                    for c in self._pending_amendments}
             record_amendments(self.run_dir, self._pending_amendments, method, start_round,
-                              effective)
+                              effective, applies_to)
             for c in self._pending_amendments:
-                log.warning("resumed with %s = %s (the run had %s) from round %s of %s: recorded "
-                            "in %s", c["key"], c["to"], c["from"], effective, method,
-                            self.run_dir / AMENDMENTS)
+                shown = ", ".join(f"round {r} of {m}" for m, r in applies_to[c["key"]].items()) \
+                    if applies_to else f"round {effective} of {method}"
+                log.warning("resumed with %s = %s (the run had %s) from %s: recorded in %s",
+                            c["key"], c["to"], c["from"], shown, self.run_dir / AMENDMENTS)
         self._pending_amendments = None
         if method is not None:
             (self.run_dir / STOPPED).unlink(missing_ok=True)  # read only by the line above

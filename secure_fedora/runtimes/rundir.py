@@ -48,7 +48,7 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
 __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER",
-           "RunDirError", "amended_config", "amended_value", "amendment_round",
+           "RunDirError", "amended_config", "amended_value", "amendment_readers", "amendment_round",
            "check_fresh_run_dir", "check_resumable", "config_changes", "config_value",
            "default_run_dir",
            "prepare_run_dir", "record_amendments", "record_stop", "recorded_amendments",
@@ -62,7 +62,8 @@ CONFIG_COPY = "config.toml"
 #: lists them (``keystore_extended``) once resumed.
 KEYSTORE_RECORD = "keystore_extended.json"
 #: The run directory's record of the config keys resumes changed (config.toml is never
-#: rewritten): a JSON list of ``{"key", "from", "to", "method", "resumed_at_round"}``.
+#: rewritten): a JSON list of ``{"key", "from", "to", "method", "resumed_at_round",
+#: "effective_from_round", "applies_to"}`` (``applies_to``: reading method -> first round).
 AMENDMENTS = "amendments.json"
 #: The keys a resume may change. ``fedora.max_pull`` only bounds the lambda a client computed
 #: (exactly, or released noised and accounted): post-processing, so the plan, the accounting
@@ -320,44 +321,80 @@ def resume_binding(run_dir: Path, cfg: ExperimentConfig, resume: str = "--resume
     return config_hash(stored_cfg), changes
 
 
-def _finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """Whether every method of ``cfg`` has a checkpoint of its finished run (one that holds
-    its outcome): a resume then trains nothing."""
+def _finished(run_dir: Path, methods: list[str]) -> bool:
+    """Whether every one of ``methods`` has a checkpoint of its finished run in ``run_dir``
+    (one that holds its outcome): a resume then trains none of them."""
     from secure_fedora.runtimes.inprocess import load_checkpoint
 
-    paths = [run_dir / "checkpoints" / f"{m}.pt" for m in cfg.methods]
+    paths = [run_dir / "checkpoints" / f"{m}.pt" for m in methods]
     return all(p.is_file() for p in paths) and \
         all(load_checkpoint(p).get("outcome") is not None for p in paths)
+
+
+def amendment_readers(cfg: ExperimentConfig, key: str) -> list[str]:
+    """The methods of ``cfg``, in order, that read the amendable ``key``: those whose class
+    declares it in ``amendable_keys`` (FEDORA and its subclasses for ``fedora.max_pull``), and
+    a method registered as a factory that names no class (it may read it)."""
+    from secure_fedora.algorithms.contract import method_class
+
+    readers = []
+    for name in cfg.methods:
+        cls = method_class(name)
+        if cls is None or key in getattr(cls, "amendable_keys", ()):
+            readers.append(name)
+    return readers
 
 
 def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str, Any]],
                     cli: bool = True) -> None:
     """RunDirError, read-only, when a resume would amend (``changes``, from
-    :func:`resume_binding`) a run whose every method has finished: no round is left for the
-    new value to apply to, so recording it would only change results.json and the anchor."""
-    if not changes or not _finished(run_dir, cfg):
+    :func:`resume_binding`) a key whose every reader (:func:`amendment_readers`) has finished,
+    or that no method of the run reads: no round is left for the new value to apply to, so
+    recording it would only change results.json and the anchor."""
+    if not changes:
         return
     out, resume = _names(cli)
-    shown = ", ".join(f"{c['key']} = {c['to']} (the run has {c['from']})" for c in changes)
-    raise RunDirError(
-        f"{resume}: the run in {run_dir} has finished (every method's last round is "
-        f"checkpointed), so {shown} has no round left to apply to; a new run in a new {out} "
-        "applies it (resuming with the run's own config writes any result it lacks); "
-        "nothing was written")
+    remedy = (f"a new run in a new {out} applies it (resuming with the run's own config "
+              "writes any result it lacks); nothing was written")
+    if _finished(run_dir, list(cfg.methods)):
+        shown = ", ".join(f"{c['key']} = {c['to']} (the run has {c['from']})" for c in changes)
+        raise RunDirError(
+            f"{resume}: the run in {run_dir} has finished (every method's last round is "
+            f"checkpointed), so {shown} has no round left to apply to; {remedy}")
+    for c in changes:
+        readers = amendment_readers(cfg, c["key"])
+        shown = f"{c['key']} = {c['to']} (the run has {c['from']})"
+        if not readers:
+            raise RunDirError(
+                f"{resume}: no method of the run in {run_dir} ({', '.join(cfg.methods)}) reads "
+                f"{c['key']}, so {shown} has no round to apply to; resume with the run's own "
+                "config; nothing was written")
+        if _finished(run_dir, readers):
+            raise RunDirError(
+                f"{resume}: {shown} applies only to {', '.join(readers)}, which "
+                f"{'has' if len(readers) == 1 else 'have'} finished in the run in {run_dir} "
+                "(last round checkpointed), so it has no round left to apply to; resume with "
+                f"the run's own config to finish the run, or start a new run in a new {out} to "
+                "apply it; nothing was written")
 
 
 def record_amendments(run_dir: Path, changes: list[dict[str, Any]], method: str | None,
-                      resumed_at_round: int | None, effective_from_round: int | None
+                      resumed_at_round: int | None, effective_from_round: int | None,
+                      applies_to: dict[str, dict[str, int]] | None = None
                       ) -> list[dict[str, Any]]:
     """Append ``changes`` (:func:`config_changes`) to ``run_dir``'s :data:`AMENDMENTS`
     (written atomically, before anything runs under them), each with the method and round
-    the resume continues from and the round from which the new value applies (None: every
-    method had finished); returns the full record."""
+    the resume continues from, the round of that method from which the new value applies
+    (None: every method had finished) and, where given, ``applies_to[key]``: each method that
+    reads the key and runs under the new value, with its first such round; returns the full
+    record."""
     from secure_fedora.core.files import atomic_write_text
 
     record = recorded_amendments(run_dir) + [
         {**c, "method": method, "resumed_at_round": resumed_at_round,
-         "effective_from_round": effective_from_round} for c in changes]
+         "effective_from_round": effective_from_round,
+         **({"applies_to": applies_to[c["key"]]} if applies_to is not None else {})}
+        for c in changes]
     atomic_write_text(run_dir / AMENDMENTS, json.dumps(record, indent=2) + "\n")
     return record
 

@@ -89,7 +89,7 @@ def test_a_diverged_pull_is_resumed_with_max_pull_and_nothing_else(tmp_path, cap
     (run / STOPPED).write_bytes(stopped)
     assert main(["run", fixed, "--out", str(run), "--keystore", keys, "--resume", "--quiet"]) == 0
     amendment = {"key": "fedora.max_pull", "from": None, "to": 1.0, "method": "fedora",
-                 "resumed_at_round": 1, "effective_from_round": 1}
+                 "resumed_at_round": 1, "effective_from_round": 1, "applies_to": {"fedora": 1}}
     assert json.loads((run / "amendments.json").read_text()) == [amendment]
     results = json.loads((run / "results.json").read_text())
     assert results["config_amendments"] == [amendment]
@@ -192,3 +192,70 @@ def test_a_finished_run_is_not_amended(tmp_path, capsys):
     assert _snapshot(run) == before
     assert main(["run", str(base), "--out", str(run), "--resume", "--quiet"]) == 0
     assert _snapshot(run) == before
+
+
+TWO_METHODS = ('name = "two"\nmethods = [{methods}]\n[data]\nnum_clients = 3\n'
+               'train_per_client = 16\nval_per_client = 4\ntest_per_client = 8\ngroups = 3\n'
+               '[training]\nrounds = 2\nbatch_size = 8\ncheckpoint_every = 1\n')
+
+
+def _stopped_in(tmp_path, methods, stop_in, monkeypatch):
+    """Configs (the run's and one with ``fedora.max_pull = 1``) and a run of ``methods``
+    stopped (Ctrl-C) in round 2 of ``stop_in``, its round-1 checkpoint written."""
+    from secure_fedora.runtimes import inprocess
+
+    base = tmp_path / "base.toml"
+    base.write_text(TWO_METHODS.format(methods=", ".join(f'"{m}"' for m in methods)))
+    pulled = tmp_path / "pulled.toml"
+    pulled.write_text(base.read_text().replace("[data]", "[fedora]\nmax_pull = 1\n[data]"))
+    run, save = tmp_path / "run", inprocess.save_checkpoint
+
+    def stop(path, state):
+        if path.stem == stop_in and state.get("round") == 2:
+            raise KeyboardInterrupt
+        save(path, state)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(inprocess, "save_checkpoint", stop)
+        assert main(["run", str(base), "--out", str(run), "--quiet"]) == 130
+    return base, pulled, run
+
+
+@pytest.mark.parametrize("methods, why", [
+    (["fedora", "local"], "applies only to fedora, which has finished"),
+    (["local", "fedavg"], "no method of the run"),
+])
+def test_an_amendment_no_remaining_round_reads_is_refused(tmp_path, capsys, monkeypatch,
+                                                          methods, why):
+    """FEDORA (the only method that reads fedora.max_pull) had finished and Local had not:
+    the resume recorded the amendment against Local ("method": "local",
+    "effective_from_round": 2), a round no pull happens in. Refused now, by the CLI and the
+    Python API, before anything is written; the run's own config still resumes it."""
+    from secure_fedora.api import Experiment
+    from secure_fedora.core.config import load_config
+
+    base, pulled, run = _stopped_in(tmp_path, methods, methods[1], monkeypatch)
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["run", str(pulled), "--out", str(run), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "fedora.max_pull = 1.0 (the run has None)" in err \
+        and "nothing was written" in err and err.count("\n") == 1
+    with pytest.raises(RunDirError, match=why):
+        Experiment(load_config(pulled), run_dir=run).run(resume=True)
+    assert _snapshot(run) == before
+    assert main(["run", str(base), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert not (run / "amendments.json").exists()
+
+
+def test_an_amendment_made_before_fedora_starts_names_the_rounds_it_applies_to(
+        tmp_path, monkeypatch):
+    base, pulled, run = _stopped_in(tmp_path, ["local", "fedora"], "local", monkeypatch)
+    assert main(["run", str(pulled), "--out", str(run), "--resume", "--quiet"]) == 0
+    # the resume continued Local from round 2; every round of FEDORA ran under the new value
+    amendment = {"key": "fedora.max_pull", "from": None, "to": 1.0, "method": "local",
+                 "resumed_at_round": 2, "effective_from_round": 2,
+                 "applies_to": {"fedora": 1}}
+    assert json.loads((run / "amendments.json").read_text()) == [amendment]
+    results = json.loads((run / "results.json").read_text())
+    assert results["config_amendments"] == [amendment]
