@@ -700,6 +700,8 @@ class LedgerWriter:
             write_all_and_fsync(self._fd, data)
         except BaseException as exc:
             self._broken = True
+            if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM, exit: a stop, not a failure
+                raise
             raise LedgerError(f"writing ledger {str(self.path)!r} failed: {exc}") from exc
         for entry, line in built:
             self._entries.append(entry)

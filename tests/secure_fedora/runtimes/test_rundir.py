@@ -810,3 +810,30 @@ def test_a_resume_in_a_read_only_directory_is_one_line_and_loses_nothing(
     assert run(config, out, "--resume") == 0
     assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
     assert audit_main(["audit", "verify", str(out)]) == 0
+
+
+def test_ctrl_c_during_a_ledger_write_is_an_interruption(tmp_path, dp_reproducible_run,
+                                                         monkeypatch, capsys):
+    import privacy.ledger
+
+    config, reference = dp_reproducible_run
+    out = tmp_path / "run"
+    write_and_sync, calls = privacy.ledger.write_all_and_fsync, []
+
+    def interrupted(fd: int, data: bytes) -> None:
+        calls.append(fd)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        write_and_sync(fd, data)
+
+    monkeypatch.setattr(privacy.ledger, "write_all_and_fsync", interrupted)
+    capsys.readouterr()
+    # before: exit 2, "error: writing ledger '...' failed: " (the interrupt as a ledger error)
+    assert run(config, out) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"interrupted; the run in {out} stopped and can be continued: "
+                   f"secure-fedora run {config} --out {out} --resume")
+    monkeypatch.undo()
+    assert run(config, out, "--resume") == 0
+    assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
+    assert audit_main(["audit", "verify", str(out)]) == 0
