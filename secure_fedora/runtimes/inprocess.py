@@ -1171,7 +1171,7 @@ class Simulation:
         from secure_fedora.runtimes.rundir import (
             AMENDMENTS,
             STOPPED,
-            amendment_readers,
+            amendment_applies_to,
             amendment_round,
             record_amendments,
         )
@@ -1179,16 +1179,12 @@ class Simulation:
         if self._pending_amendments:
             effective = None if method is None or start_round is None else \
                 amendment_round(self.run_dir, method, start_round, private, self._resume_name())
-            methods = list(self.cfg.methods)
             applies_to = None
             if method is not None and effective is not None:
-                # the method in progress from ``effective``, the readers after it from round 1
-                # (those before it have finished: check_amendable refused a change none reads)
-                applies_to = {c["key"]: {
-                    m: effective if m == method else 1
-                    for m in amendment_readers(self.cfg, c["key"])
-                    if methods.index(m) >= methods.index(method)}
-                    for c in self._pending_amendments}
+                # (readers before ``method`` have finished: check_amendable refused a change
+                # none of the others reads)
+                applies_to = {c["key"]: amendment_applies_to(self.cfg, c["key"], method, effective)
+                              for c in self._pending_amendments}
             record_amendments(self.run_dir, self._pending_amendments, method, start_round,
                               effective, applies_to)
             for c in self._pending_amendments:

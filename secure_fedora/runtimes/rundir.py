@@ -48,7 +48,8 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
 __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER",
-           "RunDirError", "amended_config", "amended_value", "amendment_readers", "amendment_round",
+           "RunDirError", "amended_config", "amended_value", "amendment_applies_to",
+           "amendment_readers", "amendment_round",
            "check_fresh_run_dir", "check_resumable", "config_changes", "config_value",
            "default_run_dir",
            "prepare_run_dir", "record_amendments", "record_stop", "recorded_amendments",
@@ -343,6 +344,17 @@ def amendment_readers(cfg: ExperimentConfig, key: str) -> list[str]:
         if cls is None or key in getattr(cls, "amendable_keys", ()):
             readers.append(name)
     return readers
+
+
+def amendment_applies_to(cfg: ExperimentConfig, key: str, method: str,
+                         effective: int) -> dict[str, int]:
+    """Where an amendment of ``key`` made while ``method`` is in progress, applying from its
+    round ``effective``, takes effect: each reader (:func:`amendment_readers`) from ``method``
+    on, with its first round under the new value (``effective`` for ``method``, 1 for those
+    after it); {} when no remaining method reads ``key``. Both runtimes record it."""
+    methods = list(cfg.methods)
+    return {m: effective if m == method else 1 for m in amendment_readers(cfg, key)
+            if methods.index(m) >= methods.index(method)}
 
 
 def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str, Any]],

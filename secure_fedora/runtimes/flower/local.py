@@ -724,6 +724,7 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
     from secure_fedora.runtimes.rundir import (
         RunDirError,
         amended_config,
+        amendment_applies_to,
         config_changes,
         recorded_amendments,
     )
@@ -754,8 +755,18 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
     state = check_resumable(results, run_id, original, config_hash(original), work / "server",
                             recorded)
     method, resumed, effective = amendment_point(state, original)
+    applies_to = {c["key"]: amendment_applies_to(original, c["key"], method, effective)
+                  for c in changes}
+    for c in changes:
+        if not applies_to[c["key"]]:  # as in process: recorded, it would bound no round
+            raise ResumeRefused(
+                f"--resume: no method of the run left from {method!r} on reads {c['key']}, so "
+                f"{c['key']} = {c['to']} (the run has {c['from']}) has no round to apply to; "
+                "resume with the run's own config (a new run applies the value); nothing was "
+                "written")
     amendments = recorded + [{**c, "method": method, "resumed_at_round": resumed,
-                              "effective_from_round": effective} for c in changes]
+                              "effective_from_round": effective,
+                              "applies_to": applies_to[c["key"]]} for c in changes]
     check_resumable(results, run_id, original, config_hash(original), work / "server",
                     amendments)
     return run_id, original, amendments

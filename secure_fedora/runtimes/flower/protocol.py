@@ -366,12 +366,15 @@ def make_run_config(
     }
 
 
-_AMENDMENT_FIELDS = {"key", "from", "to", "method", "resumed_at_round", "effective_from_round"}
+_AMENDMENT_FIELDS = {"key", "from", "to", "method", "resumed_at_round", "effective_from_round",
+                     "applies_to"}
 
 
 def parse_amendments(cfg: ExperimentConfig, raw: object) -> tuple[dict[str, Any], ...]:
     """The run config's ``amendments`` (JSON: a list of ``{"key", "from", "to", "method",
-    "resumed_at_round", "effective_from_round"}`` of ``rundir.AMENDABLE_KEYS``) for the run's
+    "resumed_at_round", "effective_from_round", "applies_to"}`` of ``rundir.AMENDABLE_KEYS``;
+    ``applies_to``: each method reading the key -> its first round under the new value, as
+    in process) for the run's
     original configuration ``cfg``: each ``from`` the value before it, the amended
     configuration valid as a config file would be. DeployError naming the key otherwise."""
     from secure_fedora.runtimes.rundir import AMENDABLE_KEYS, amended_config, config_value
@@ -386,7 +389,10 @@ def parse_amendments(cfg: ExperimentConfig, raw: object) -> tuple[dict[str, Any]
             isinstance(a, dict) and set(a) == _AMENDMENT_FIELDS and a["key"] in AMENDABLE_KEYS
             and a["method"] in cfg.methods
             and all(type(a[k]) is int and a[k] >= 1
-                    for k in ("resumed_at_round", "effective_from_round")) for a in doc):
+                    for k in ("resumed_at_round", "effective_from_round"))
+            and isinstance(a["applies_to"], dict) and a["applies_to"]
+            and all(m in cfg.methods and type(r) is int and r >= 1
+                    for m, r in a["applies_to"].items()) for a in doc):
         raise DeployError(f"{bad}; got {raw!r}")
     current = cfg
     for a in doc:

@@ -1582,7 +1582,12 @@ def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentCo
     this resume makes: those after the ones ``result_dir``'s ``amendments.json`` records,
     which they must begin with, each made at :func:`amendment_point` of ``state``.
     ResumeRefused naming what differs otherwise. Reads only."""
-    from secure_fedora.runtimes.rundir import AMENDMENTS, RunDirError, recorded_amendments
+    from secure_fedora.runtimes.rundir import (
+        AMENDMENTS,
+        RunDirError,
+        amendment_applies_to,
+        recorded_amendments,
+    )
 
     try:
         recorded = recorded_amendments(result_dir)
@@ -1596,13 +1601,16 @@ def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentCo
     new = given[len(recorded):]
     method, resumed, effective = amendment_point(state, cfg)
     for a in new:
-        if (a["method"], a["resumed_at_round"], a["effective_from_round"]) != \
-                (method, resumed, effective):
+        if (a["method"], a["resumed_at_round"], a["effective_from_round"], a["applies_to"]) != \
+                (method, resumed, effective,
+                 amendment_applies_to(cfg, a["key"], method, effective)):
             raise ResumeRefused(
                 f"resume: the amendment of {a['key']} is made at {method!r} round {resumed} "
                 f"and applies from round {effective} (the checkpoint's round in flight is re-made "
                 f"as it was), not at {a['method']!r} round {a['resumed_at_round']} from round "
-                f"{a['effective_from_round']}; nothing was written")
+                f"{a['effective_from_round']} (methods reading it from then: "
+                f"{amendment_applies_to(cfg, a['key'], method, effective)}, given "
+                f"{a['applies_to']}); nothing was written")
     return new
 
 

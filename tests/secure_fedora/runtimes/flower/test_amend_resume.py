@@ -39,7 +39,7 @@ def _configs() -> tuple[Any, Any]:
 
 
 AMENDMENT = {"key": "fedora.max_pull", "from": None, "to": MAX_PULL, "method": "fedora",
-             "resumed_at_round": 1, "effective_from_round": 2}
+             "resumed_at_round": 1, "effective_from_round": 2, "applies_to": {"fedora": 2}}
 
 
 def _killed(root: Path, cfg: Any, results: str = "res") -> dict[str, Any]:
@@ -73,6 +73,10 @@ def test_a_killed_dp_run_resumes_with_max_pull_like_the_in_process_runtime(tmp_p
     with pytest.raises(server_app.ResumeRefused, match=r"applies from round 2 \(the "
                                                        "checkpoint's round in flight is re-made"):
         _resume(root, early)
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
+    wrong_reach = {**rc, "amendments": json.dumps([{**AMENDMENT, "applies_to": {"fedora": 1}}])}
+    with pytest.raises(server_app.ResumeRefused, match="methods reading it from then"):
+        _resume(root, wrong_reach)
     assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
     results = _resume(root, {**rc, "amendments": json.dumps([AMENDMENT])})
     assert results["config_amendments"] == [AMENDMENT]
@@ -132,7 +136,11 @@ def test_run_config_amendments_are_validated(tmp_path: Path) -> None:
     for bad, match in [("{}", "must be a JSON list"),
                        (json.dumps([{**AMENDMENT, "key": "training.lr"}]), "must be a JSON list"),
                        (json.dumps([{**AMENDMENT, "from": 2.0}]), "was None before"),
-                       (json.dumps([{**AMENDMENT, "to": 5.0}]), "max_pull")]:
+                       (json.dumps([{**AMENDMENT, "to": 5.0}]), "max_pull"),
+                       (json.dumps([{k: v for k, v in AMENDMENT.items() if k != "applies_to"}]),
+                        "must be a JSON list"),
+                       (json.dumps([{**AMENDMENT, "applies_to": {"nope": 2}}]),
+                        "must be a JSON list")]:
         with pytest.raises(DeployError, match=match):
             RunSettings.from_run_config({**rc, "amendments": bad})
     settings = RunSettings.from_run_config({**rc, "amendments": json.dumps([AMENDMENT])})
