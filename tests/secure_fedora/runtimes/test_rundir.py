@@ -508,7 +508,10 @@ def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, ca
 # ``argv[4]``: it creates ``argv[3]`` there and waits until that file is removed (or 60 s
 # pass), then finishes.
 PAUSED_RUN = """
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C raises KeyboardInterrupt even where this process was started with SIGINT ignored
+# (a background job of a non-interactive shell), as it does in a terminal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import secure_fedora.runtimes.inprocess as inprocess
 from secure_fedora.cli import main
 def pause(name):
@@ -570,9 +573,10 @@ def test_interrupted_run_says_so_and_resumes_exactly(tmp_path, plain_run, signum
     first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(config), str(out), str(marker),
                               "checkpoint_written"],
                              cwd=Path(__file__).resolve().parents[3], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a loaded machine starts the child slowly
     while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert marker.exists(), "the run did not reach round 1's checkpoint"
     first.send_signal(getattr(signal, signum))  # after round 1's checkpoint
     err = first.stderr.read()
     # before: Ctrl-C ended in KeyboardInterrupt's traceback, SIGTERM killed it without a word
