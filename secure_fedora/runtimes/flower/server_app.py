@@ -765,12 +765,20 @@ def _plan_used(server: _Server, name: str, cid: int, reported: Mapping[str, Any]
     for refine, admitted in options:
         if _same_plan(admitted[key], reported):
             return refine
-    stated = ", ".join(f"{admitted[key].dpsgd_noise!r}" for _, admitted in options)
+    # each side states every mechanism's noise: a client differing in its summary or lambda
+    # noise only would otherwise read as the same figure on both sides
+    stated = " or ".join(_noise_text(admitted[key].dpsgd_noise, admitted[key].summary_noise,
+                                     admitted[key].lambda_noise) for _, admitted in options)
+    said = _noise_text(reported["noise_multiplier"], reported.get("summary_noise"),
+                       reported.get("lambda_noise"))
     raise DeployError(
-        f"{who} reports noise multiplier {reported['noise_multiplier']!r} (summary "
-        f"{reported.get('summary_noise')!r}, lambda {reported.get('lambda_noise')!r}), the "
-        f"config calibrates {stated} for its budget: its node runs another version or "
-        "configuration; the run stops (run every node and the server on one version)")
+        f"{who} reports {said}, the config calibrates {stated} for its budget: its node runs "
+        "another version or configuration; the run stops (run every node and the server on "
+        "one version)")
+
+
+def _noise_text(noise: float | None, summary: float | None, lam: float | None) -> str:
+    return f"noise multiplier {noise!r} (summary {summary!r}, lambda {lam!r})"
 
 
 def _last_events(server: _Server, clients: list[int], nodes: list[int]) -> str:

@@ -4,6 +4,7 @@ states the config's calibration, marked, for a client that reports none (an olde
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,4 +77,21 @@ def test_a_client_plan_the_config_does_not_admit_stops_the_run(
     _reporting(monkeypatch, lambda r: {**r, key: value})
     with pytest.raises(DeployError, match=f"fedora: client client-001 {named}"):
         _run(tmp_path)
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plan_differing_only_in_its_summary_noise_is_refused_naming_both_figures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client whose summary noise alone differs was refused with the config's DP-SGD
+    noise only, the same figure the client reported: the error did not say what differs.
+    Both sides now state every mechanism's noise."""
+    _reporting(monkeypatch, lambda r: {**r, "summary-noise": r["summary-noise"] * 1.01})
+    with pytest.raises(DeployError) as refused:
+        _run(tmp_path)
+    text = str(refused.value)
+    said, stated = text.split(" reports ")[1].split(", the config calibrates ")
+    assert said.split(" (")[0] == stated.split(" (")[0]  # the same DP-SGD noise
+    summary = [float(part.split("summary ")[1].split(",")[0]) for part in (said, stated)]
+    assert math.isclose(summary[0], summary[1] * 1.01), text
     assert not (tmp_path / "res" / "results.json").exists()
