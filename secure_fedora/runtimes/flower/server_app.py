@@ -1635,9 +1635,11 @@ def _record_amendments(server: _Server, state: Mapping[str, Any]) -> None:
     atomic_write_text(result_dir / AMENDMENTS,
                       json.dumps(list(server.settings.amendments), indent=2) + "\n")
     for a in new:
-        _say(f"resumed with {a['key']} = {a['to']} (the run had {a['from']}) from round "
-             f"{a['effective_from_round']} of {a['method']}: recorded in "
-             f"{result_dir / AMENDMENTS}")
+        # where it applies (as in process): made during a method that does not read the key,
+        # the amendment's own round is none that runs under it
+        shown = ", ".join(f"round {r} of {m}" for m, r in a["applies_to"].items())
+        _say(f"resumed with {a['key']} = {a['to']} (the run had {a['from']}) from {shown}: "
+             f"recorded in {result_dir / AMENDMENTS}")
 
 
 def _algorithm_state(algorithm: Any) -> dict[str, Any]:

@@ -176,3 +176,28 @@ def test_deploy_local_resume_turns_a_max_pull_change_into_an_amendment(tmp_path:
     with pytest.raises(server_app.ResumeRefused, match="another configuration"):
         _resumed_run(work, amended)
     assert not (work / "results" / "amendments.json").exists()  # reads only
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_amendment_made_during_a_method_that_does_not_read_it_is_said_where_it_applies(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """[local, fedora] killed in local's last round: the amendment is made at local round 2,
+    from its round 3, which does not exist and would not read max_pull; the log said "from
+    round 3 of local". It names where the value applies (as in process): fedora's round 1."""
+    from tests.secure_fedora.runtimes.flower.deploy_support import with_methods
+
+    cfg = with_methods(_configs()[0], "local", "fedora")
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"), "round-timeout": 5.0,
+                                      "reproducible-dp-noise": True, "compare-methods": True})
+    (tmp_path / "res").mkdir()
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, tamper_reply=_crash_after_reply(0, 3))
+    with pytest.raises(crashpoints.InjectedCrash):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    amendment = {**AMENDMENT, "method": "local", "resumed_at_round": 3,
+                 "effective_from_round": 4, "applies_to": {"fedora": 1}}
+    capsys.readouterr()
+    results = _resume(tmp_path, {**rc, "resume": "42", "amendments": json.dumps([amendment])})
+    said = [line for line in capsys.readouterr().out.splitlines() if "resumed with" in line]
+    assert len(said) == 1 and "from round 1 of fedora:" in said[0], said
+    assert results["config_amendments"] == [amendment]
+    assert results["methods"]["fedora"]["extra"]["max_pull"] == MAX_PULL
