@@ -717,6 +717,7 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
     from secure_fedora.runtimes.flower.server_app import (
         SERVER_CHECKPOINT,
         ResumeRefused,
+        amendment_has_rounds,
         amendment_point,
         check_resumable,
     )
@@ -758,9 +759,11 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
     applies_to = {c["key"]: amendment_applies_to(original, c["key"], method, effective)
                   for c in changes}
     for c in changes:
-        if not applies_to[c["key"]]:  # as in process: recorded, it would bound no round
+        if not amendment_has_rounds(original, applies_to[c["key"]]):
+            # as in process: recorded, it would bound no round
             raise ResumeRefused(
-                f"--resume: no method of the run left from {method!r} on reads {c['key']}, so "
+                f"--resume: no round of the run left from {method!r} round {effective} on (the "
+                f"round in flight is re-made as it was) reads {c['key']}, so "
                 f"{c['key']} = {c['to']} (the run has {c['from']}) has no round to apply to; "
                 "resume with the run's own config (a new run applies the value); nothing was "
                 "written")

@@ -1619,7 +1619,20 @@ def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentCo
                 f"{a['effective_from_round']} (methods reading it from then: "
                 f"{amendment_applies_to(cfg, a['key'], method, effective)}, given "
                 f"{a['applies_to']}); nothing was written")
+        if not amendment_has_rounds(cfg, a["applies_to"]):
+            raise ResumeRefused(
+                f"resume: the amendment of {a['key']} applies from {a['applies_to']}, after the "
+                f"run's last round ({cfg.training.rounds}): no round is left to run under it; "
+                "resume with the run's own config (a new run applies the value); nothing was "
+                "written")
     return new
+
+
+def amendment_has_rounds(cfg: ExperimentConfig, applies_to: Mapping[str, int]) -> bool:
+    """Whether an amendment applying from ``applies_to`` (reading method -> first round under
+    the new value) bounds any round of ``cfg``: one made in a method's last round (re-made
+    under the old value) bounds none of it."""
+    return any(r <= cfg.training.rounds for r in applies_to.values())
 
 
 def _record_amendments(server: _Server, state: Mapping[str, Any]) -> None:

@@ -201,3 +201,35 @@ def test_an_amendment_made_during_a_method_that_does_not_read_it_is_said_where_i
     assert len(said) == 1 and "from round 1 of fedora:" in said[0], said
     assert results["config_amendments"] == [amendment]
     assert results["methods"]["fedora"]["extra"]["max_pull"] == MAX_PULL
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_amendment_made_in_the_last_round_is_refused_as_it_bounds_no_round(
+        tmp_path: Path) -> None:
+    """Killed in round 3 of 3 (checkpointed after round 2): round 3 is re-made under the old
+    value, so an amendment from round 4 bounds no round. It was accepted and recorded in
+    results.json (``effective_from_round`` 4 of a 3-round run); in process such a resume is
+    refused. Both `deploy local --resume` and the ServerApp refuse it, writing nothing."""
+    import tomli_w
+
+    from secure_fedora.runtimes.flower.local import _resumed_run
+
+    cfg, amended = _configs()
+    work = tmp_path / "w"
+    rc = run_config(cfg, work, **{"result-dir": str(work / "results"), "round-timeout": 5.0,
+                                  "reproducible-dp-noise": True})
+    (work / "results").mkdir()
+    grid = InMemoryGrid(work / "nodes", rc, 3, tamper_reply=_crash_after_reply(0, 3))
+    with pytest.raises(crashpoints.InjectedCrash):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    (work / "run.toml").write_text(tomli_w.dumps({**rc, "resume": "0"}))
+    before = {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+    with pytest.raises(server_app.ResumeRefused, match=r"no round of the run left from "
+                                                       r"'fedora' round 4 on"):
+        _resumed_run(work, amended)
+    late = {**AMENDMENT, "resumed_at_round": 3, "effective_from_round": 4,
+            "applies_to": {"fedora": 4}}
+    with pytest.raises(server_app.ResumeRefused, match="no round is left to run under it"):
+        _resume(work, {**rc, "resume": "42", "amendments": json.dumps([late])})
+    assert {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
+    assert _resumed_run(work, cfg)[2] == []  # the run's own config resumes it
