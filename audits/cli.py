@@ -220,7 +220,10 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, keystore)
+    # a run directory's config.toml is the run's record, bound to its checkpoints: its unused
+    # [security] keystore only warns, as on resume (a config file given is refused)
+    check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, keystore,
+                        resume=run_dir is not None)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,

@@ -133,9 +133,9 @@ def check_keystore_used(private: bool, configured: str | None,
     a key store, by ``override`` (the caller's ``option``: ``--keystore`` or the ``keystore=``
     argument) or by ``[security] keystore`` (``configured``): such a run reads no key store
     (its envelope keys, if any, are made in ``RUN_DIR/keys``), so the choice would be
-    ignored. A resume (``resume``) only warns about ``[security] keystore``: a run started
-    before this check holds that key in its config.toml, and removing it would change the
-    config its checkpoints are bound to. A sweep checks its cells itself: its base config's
+    ignored. A resume, or an audit of a run directory (``resume``), only warns about
+    ``[security] keystore``: a run started before this check holds that key in its
+    config.toml, and removing it would change the config its checkpoints are bound to. A sweep checks its cells itself: its base config's
     key store serves its DP cells."""
     from secure_fedora.core.config import ConfigError
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from audits.cli import main, register
+from secure_fedora.cli import main as secure_fedora_main
 from tests.audits.conftest import canary_run_dir
 
 
@@ -390,3 +391,29 @@ def test_canary_keystore_on_a_config_without_privacy_is_refused(tmp_path, capsys
     assert captured.err.startswith("error: --keystore is unused") and \
         "[privacy] enabled = false" in captured.err
     assert not store.exists() and not (tmp_path / "home").exists()
+
+
+def test_canary_of_a_run_holding_an_unused_configured_keystore_runs(tmp_path, capsys,
+                                                                    monkeypatch, caplog):
+    """`audit canary RUN` of a run without privacy whose config.toml names [security] keystore
+    (accepted before that was refused; such a run still resumes) audited it; it was refused,
+    telling the user to edit the run's own config.toml: a warning now, as on resume."""
+    import secure_fedora.secure.keystore as keystore
+
+    monkeypatch.setenv("SECURE_FEDORA_KEYSTORE_HOME", str(tmp_path / "home"))
+    store, run = tmp_path / "store", tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('methods = ["local"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                   'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\n'
+                   f'[security]\nkeystore = "{store}"\n')
+    with monkeypatch.context() as m:  # the run as an earlier version started it
+        m.setattr(keystore, "check_keystore_used", lambda *a, **k: None)
+        assert secure_fedora_main(["run", str(cfg), "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "canary", str(run), "--canaries", "20"]) == 3
+    assert (run / "audit" / "canary.json").is_file() and not store.exists()
+    assert any("[security] keystore" in r.getMessage() and "is unused" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    # a config given as a file is still refused: it can be fixed
+    assert main(["audit", "canary", str(cfg), "--canaries", "20"]) == 2
+    assert "remove the key, or enable [privacy]" in capsys.readouterr().err
