@@ -755,6 +755,8 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
         original, changes = cfg, []
     state = check_resumable(results, run_id, original, config_hash(original), work / "server",
                             recorded)
+    if not changes:
+        return run_id, original, recorded
     method, resumed, effective = amendment_point(state, original)
     applies_to = {c["key"]: amendment_applies_to(original, c["key"], method, effective)
                   for c in changes}

@@ -1575,13 +1575,20 @@ def amendment_point(state: Mapping[str, Any], cfg: ExperimentConfig) -> tuple[st
     as it was (a node that answered it answers from its saved state, one that admitted its
     release re-makes it from its journal: "resume diverged" if anything changed), with or
     without DP; the server cannot see the nodes' journals, so it never amends that round.
-    Between methods (or before the first), the next method's round 1."""
+    Between methods (or before the first), the next method's round 1. ResumeRefused when
+    every method has finished (only the results are left to write): no round is left to amend."""
     current = state.get("current")
     if current is not None:
         done = int(current["round"])
         return str(current["method"]), done + 1, done + 2
     outcomes = state.get("outcomes", {})
-    return next(m for m in cfg.methods if m not in outcomes), 1, 1
+    left = [m for m in cfg.methods if m not in outcomes]
+    if not left:
+        raise ResumeRefused(
+            "resume: every method of the run has finished (only its results are left to "
+            "write), so a config amendment has no round to apply to; resume with the run's own "
+            "config; nothing was written")
+    return left[0], 1, 1
 
 
 def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentConfig,
@@ -1607,6 +1614,8 @@ def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentCo
             f"resume: the run config's amendments {given} do not begin with those "
             f"{result_dir / AMENDMENTS} records ({recorded}); nothing was written")
     new = given[len(recorded):]
+    if not new:  # nothing to place (a run whose methods all finished has no amendment point)
+        return new
     method, resumed, effective = amendment_point(state, cfg)
     for a in new:
         if (a["method"], a["resumed_at_round"], a["effective_from_round"], a["applies_to"]) != \

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from flwr.app import Message
 
 from secure_fedora.core import crashpoints
 from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.local import _resumed_run
 from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
@@ -453,3 +455,28 @@ def test_a_prv_run_ledgered_before_the_refining_pass_states_the_noise_its_client
                         allowlist=tmp_path / "ids" / "server" / "allowlist.json",
                         anchor=tmp_path / "res" / "anchor.json")
     assert report.errors == [], report.errors
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_serverapp_killed_after_its_last_method_resumes_to_write_the_results(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ServerApp killed after its checkpoint recorded every method's outcome, before
+    results.json, is resumed to write it (nothing left to train): the resume's amendment
+    check looked for a next method to amend from and stopped with a bare StopIteration."""
+    cfg = with_methods(tiny_config(rounds=2), "local")
+    rc, grid = _federation(tmp_path, cfg, **{"result-dir": str(tmp_path / "results")})
+    with monkeypatch.context() as m:
+        def killed(*_a: Any, **_k: Any) -> Any:
+            raise crashpoints.InjectedCrash("server killed before results.json")
+        m.setattr("secure_fedora.runtimes.results.build_results", killed)
+        with pytest.raises(crashpoints.InjectedCrash):
+            _run(rc, grid)
+    assert not (tmp_path / "results" / "results.json").exists()
+    assert _resumed_run(tmp_path, cfg) == (42, cfg, [])  # deploy local --resume's check
+    (tmp_path / "run.toml").write_text(tomli_w.dumps(rc))  # as deploy local submits it
+    amended = cfg.model_copy(update={"fedora": cfg.fedora.model_copy(update={"max_pull": 0.5})})
+    with pytest.raises(server_app.ResumeRefused, match="every method of the run has finished"):
+        _resumed_run(tmp_path, amended)
+    rc = {**rc, "resume": "42"}
+    resumed = _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), run_id=777)
+    assert resumed["run_id"] == 42 and (tmp_path / "results" / "results.json").is_file()
