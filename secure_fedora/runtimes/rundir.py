@@ -388,6 +388,37 @@ def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str
                 "(last round checkpointed), so it has no round left to apply to; resume with "
                 f"the run's own config to finish the run, or start a new run in a new {out} to "
                 "apply it; nothing was written")
+    point = _resume_point(run_dir, cfg)
+    if point is None:
+        return
+    method, start = point
+    effective = amendment_round(run_dir, method, start, cfg.privacy.enabled, resume)
+    for c in changes:
+        reach = amendment_applies_to(cfg, c["key"], method, effective)
+        if not any(r <= cfg.training.rounds for r in reach.values()):
+            raise RunDirError(
+                f"{resume}: {c['key']} = {c['to']} (the run has {c['from']}) would apply from "
+                f"round {effective} of {method!r}, after its last round "
+                f"({cfg.training.rounds}): the rounds the run released in are re-made as they "
+                "were, so no round is left to run under it; resume with the run's own config "
+                f"to finish the run, or start a new run in a new {out} to apply it; nothing was "
+                "written")
+
+
+def _resume_point(run_dir: Path, cfg: ExperimentConfig) -> tuple[str, int] | None:
+    """The method a resume of ``run_dir`` continues and the round it starts at (its
+    checkpoint's round + 1, or 1 without one), as the in-process runtime resumes it; None
+    when every method's checkpoint holds its outcome."""
+    from secure_fedora.runtimes.inprocess import load_checkpoint
+
+    for m in cfg.methods:
+        path = run_dir / "checkpoints" / f"{m}.pt"
+        if not path.is_file():
+            return m, 1
+        state = load_checkpoint(path)
+        if state.get("outcome") is None:
+            return m, int(state["round"]) + 1
+    return None
 
 
 def record_amendments(run_dir: Path, changes: list[dict[str, Any]], method: str | None,

@@ -259,3 +259,32 @@ def test_an_amendment_made_before_fedora_starts_names_the_rounds_it_applies_to(
     assert json.loads((run / "amendments.json").read_text()) == [amendment]
     results = json.loads((run / "results.json").read_text())
     assert results["config_amendments"] == [amendment]
+
+
+def test_an_amendment_made_in_the_last_round_is_refused(tmp_path):
+    """A DP run killed after its last round's releases were admitted (before that round's
+    checkpoint) re-makes that round as it was, so an amended ``fedora.max_pull`` would apply
+    from round 4 of a 3-round run: it was recorded (``effective_from_round`` 4) though it
+    bounds no round. Refused now before anything is written; the run's own config finishes
+    the run."""
+    from secure_fedora.core import crashpoints
+    from secure_fedora.runtimes.inprocess import Simulation
+    from tests.secure_fedora.runtimes.flower.deploy_support import dp_config
+
+    doc = dp_config(rounds=3, noise="reproducible").model_dump(mode="json", exclude_none=True)
+    doc["training"]["checkpoint_every"] = 1
+    cfg = parse_config(doc)
+    amended = parse_config({**doc, "fedora": {**doc.get("fedora", {}), "max_pull": 0.01}})
+    run, keys = tmp_path / "run", tmp_path / "ks"
+    crashpoints.arm("checkpoint@3")
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Simulation(cfg, run, keystore=keys).run()
+    finally:
+        crashpoints.disarm()
+    before = _snapshot(run)
+    with pytest.raises(RunDirError, match="round 4 of 'fedora', after its last round"):
+        Simulation(amended, run, keystore=keys).run(resume=True)
+    assert _snapshot(run) == before
+    out = Simulation(cfg, run, keystore=keys).run(resume=True)
+    assert out.get("config_amendments") in (None, [])
