@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash
 
 __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER",
            "RunDirError", "amended_config", "amended_value", "amendment_applies_to",
+           "amendment_has_rounds",
            "amendment_readers", "amendment_round",
            "check_fresh_run_dir", "check_resumable", "config_changes", "config_value",
            "default_run_dir",
@@ -322,14 +323,21 @@ def resume_binding(run_dir: Path, cfg: ExperimentConfig, resume: str = "--resume
     return config_hash(stored_cfg), changes
 
 
-def _finished(run_dir: Path, methods: list[str]) -> bool:
-    """Whether every one of ``methods`` has a checkpoint of its finished run in ``run_dir``
-    (one that holds its outcome): a resume then trains none of them."""
+def _checkpointed_rounds(run_dir: Path, cfg: ExperimentConfig) -> dict[str, int | None]:
+    """Each method's progress as its checkpoint in ``run_dir`` records it, every checkpoint
+    read once: the last checkpointed round, 0 without a checkpoint, None once the checkpoint
+    holds the method's outcome (finished: a resume trains it no more)."""
     from secure_fedora.runtimes.inprocess import load_checkpoint
 
-    paths = [run_dir / "checkpoints" / f"{m}.pt" for m in methods]
-    return all(p.is_file() for p in paths) and \
-        all(load_checkpoint(p).get("outcome") is not None for p in paths)
+    progress: dict[str, int | None] = {}
+    for m in cfg.methods:
+        path = run_dir / "checkpoints" / f"{m}.pt"
+        if not path.is_file():
+            progress[m] = 0
+            continue
+        state = load_checkpoint(path)
+        progress[m] = None if state.get("outcome") is not None else int(state["round"])
+    return progress
 
 
 def amendment_readers(cfg: ExperimentConfig, key: str) -> list[str]:
@@ -357,6 +365,13 @@ def amendment_applies_to(cfg: ExperimentConfig, key: str, method: str,
             if methods.index(m) >= methods.index(method)}
 
 
+def amendment_has_rounds(cfg: ExperimentConfig, applies_to: Mapping[str, int]) -> bool:
+    """Whether an amendment applying from ``applies_to`` (reading method -> first round under
+    the new value, :func:`amendment_applies_to`) bounds any round of ``cfg``: one made in a
+    method's last round (re-made under the old value) bounds none of it."""
+    return any(r <= cfg.training.rounds for r in applies_to.values())
+
+
 def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str, Any]],
                     cli: bool = True) -> None:
     """RunDirError, read-only, when a resume would amend (``changes``, from
@@ -368,7 +383,8 @@ def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str
     out, resume = _names(cli)
     remedy = (f"a new run in a new {out} applies it (resuming with the run's own config "
               "writes any result it lacks); nothing was written")
-    if _finished(run_dir, list(cfg.methods)):
+    progress = _checkpointed_rounds(run_dir, cfg)
+    if all(r is None for r in progress.values()):
         shown = ", ".join(f"{c['key']} = {c['to']} (the run has {c['from']})" for c in changes)
         raise RunDirError(
             f"{resume}: the run in {run_dir} has finished (every method's last round is "
@@ -381,21 +397,20 @@ def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str
                 f"{resume}: no method of the run in {run_dir} ({', '.join(cfg.methods)}) reads "
                 f"{c['key']}, so {shown} has no round to apply to; resume with the run's own "
                 "config; nothing was written")
-        if _finished(run_dir, readers):
+        if all(progress[m] is None for m in readers):
             raise RunDirError(
                 f"{resume}: {shown} applies only to {', '.join(readers)}, which "
                 f"{'has' if len(readers) == 1 else 'have'} finished in the run in {run_dir} "
                 "(last round checkpointed), so it has no round left to apply to; resume with "
                 f"the run's own config to finish the run, or start a new run in a new {out} to "
                 "apply it; nothing was written")
-    point = _resume_point(run_dir, cfg)
-    if point is None:
-        return
-    method, start = point
+    # where the resume continues, as the in-process runtime resumes: the first method not
+    # finished, from the round after its checkpoint's
+    method = next(m for m in cfg.methods if progress[m] is not None)
+    start = int(progress[method] or 0) + 1
     effective = amendment_round(run_dir, method, start, cfg.privacy.enabled, resume)
     for c in changes:
-        reach = amendment_applies_to(cfg, c["key"], method, effective)
-        if not any(r <= cfg.training.rounds for r in reach.values()):
+        if not amendment_has_rounds(cfg, amendment_applies_to(cfg, c["key"], method, effective)):
             raise RunDirError(
                 f"{resume}: {c['key']} = {c['to']} (the run has {c['from']}) would apply from "
                 f"round {effective} of {method!r}, after its last round "
@@ -404,21 +419,6 @@ def check_amendable(run_dir: Path, cfg: ExperimentConfig, changes: list[dict[str
                 f"to finish the run, or start a new run in a new {out} to apply it; nothing was "
                 "written")
 
-
-def _resume_point(run_dir: Path, cfg: ExperimentConfig) -> tuple[str, int] | None:
-    """The method a resume of ``run_dir`` continues and the round it starts at (its
-    checkpoint's round + 1, or 1 without one), as the in-process runtime resumes it; None
-    when every method's checkpoint holds its outcome."""
-    from secure_fedora.runtimes.inprocess import load_checkpoint
-
-    for m in cfg.methods:
-        path = run_dir / "checkpoints" / f"{m}.pt"
-        if not path.is_file():
-            return m, 1
-        state = load_checkpoint(path)
-        if state.get("outcome") is None:
-            return m, int(state["round"]) + 1
-    return None
 
 
 def record_amendments(run_dir: Path, changes: list[dict[str, Any]], method: str | None,

@@ -717,7 +717,6 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
     from secure_fedora.runtimes.flower.server_app import (
         SERVER_CHECKPOINT,
         ResumeRefused,
-        amendment_has_rounds,
         amendment_point,
         check_resumable,
     )
@@ -726,6 +725,7 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
         RunDirError,
         amended_config,
         amendment_applies_to,
+        amendment_has_rounds,
         config_changes,
         recorded_amendments,
     )

@@ -1601,6 +1601,7 @@ def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentCo
         AMENDMENTS,
         RunDirError,
         amendment_applies_to,
+        amendment_has_rounds,
         recorded_amendments,
     )
 
@@ -1635,13 +1636,6 @@ def new_amendments(result_dir: Path, state: Mapping[str, Any], cfg: ExperimentCo
                 "resume with the run's own config (a new run applies the value); nothing was "
                 "written")
     return new
-
-
-def amendment_has_rounds(cfg: ExperimentConfig, applies_to: Mapping[str, int]) -> bool:
-    """Whether an amendment applying from ``applies_to`` (reading method -> first round under
-    the new value) bounds any round of ``cfg``: one made in a method's last round (re-made
-    under the old value) bounds none of it."""
-    return any(r <= cfg.training.rounds for r in applies_to.values())
 
 
 def _record_amendments(server: _Server, state: Mapping[str, Any]) -> None:
