@@ -68,6 +68,10 @@ PULL_RESUME_HINT = (f"the run keeps what it released: with fedora.max_pull = 1 s
 """How a run stopped by an unstable pull continues (``fedora.max_pull`` only post-processes
 lambda, so a resume may change it)."""
 
+PULL_DIVERGED = "FEDORA's pull diverged"
+"""How every error for a non-finite result of an unstable pull begins its cause (the Flower
+runtime recognises it, see ``protocol.client_error_text``)."""
+
 DIVERGED_HINT = ("training diverged: lower training.lr; a non-private run can also set "
                  "training.clip_grad_norm")
 """What a non-finite training result tells the user to change."""
@@ -82,13 +86,13 @@ def diverged_hint(cfg: TrainConfig, lam: float) -> str:
     if math.isinf(lam):
         # exp((L_loc - L_rec) / 2) overflows only for losses over 1,419 nats apart: no lr
         # makes such a pull stable, and losses that far apart come from the inputs' scale
-        return ("FEDORA's pull diverged: lambda = inf (the client's validation losses "
+        return (f"{PULL_DIVERGED}: lambda = inf (the client's validation losses "
                 "differ by more than 1,419 nats, so exp overflows), which no training.lr can "
                 "make stable; losses that large usually mean inputs (or initial parameters) "
                 "on a very large scale: scale the features (e.g. standardize them), or set "
                 f"fedora.max_pull = 1 (a pull then stops at phi); {PULL_RESUME_HINT}")
     if pull >= pull_stability_limit(cfg.lr, cfg.momentum, cfg.weight_decay):
-        return (f"FEDORA's pull diverged: lr * lambda = {pull:.3g} >= "
+        return (f"{PULL_DIVERGED}: lr * lambda = {pull:.3g} >= "
                 f"{pull_limit_text(cfg.lr, cfg.momentum, cfg.weight_decay)}, so each step moves "
                 f"theta farther from phi (lambda = {lam:.3g} from the validation losses); set "
                 "fedora.max_pull = 1 (a pull then stops at phi) or lower training.lr; "

@@ -97,6 +97,7 @@ __all__ = [
     "array_record_to_tensor",
     "check_apps_know_entries",
     "client_error_text",
+    "pull_diverged",
     "effective_client_errors",
     "check_supported",
     "experiment_to_run_config",
@@ -180,14 +181,32 @@ def client_error_text(err: BaseException, mode: str) -> str:
     reply's): with ``mode`` ``"full"`` its class name and message (``"DataError: ..."``);
     otherwise (``"withheld"``, the default) only its class name, that of its direct cause
     when it wraps one (a ClientHalfError around the plug-in's own error) and
-    :data:`WITHHELD_DETAILS`, nothing that depends on the client's data."""
+    :data:`WITHHELD_DETAILS`, nothing that depends on the client's data beyond, for a
+    non-finite training result of FEDORA's unstable pull (:func:`pull_diverged`),
+    :data:`~secure_fedora.learning.client.PULL_DIVERGED`: that ``lr * lambda`` reached the
+    stability limit, a fact of the lambda the client's reply carries (under private
+    validation the noised, accounted one), which the server needs to stop the run."""
+    from secure_fedora.learning.client import PULL_DIVERGED
+
     name = type(err).__name__
     if mode == "full":
         return f"{name}: {err}"
     cause = err.__cause__
     if cause is not None:
         name += f" (from {type(cause).__name__})"
+    if pull_diverged(err):
+        return f"{name} ({PULL_DIVERGED}; {WITHHELD_DETAILS})"
     return f"{name} ({WITHHELD_DETAILS})"
+
+
+def pull_diverged(err: BaseException) -> bool:
+    """Whether ``err`` (or its direct cause) is training's non-finite result of FEDORA's
+    unstable pull: a :class:`~secure_fedora.learning.client.ClientUpdateError` whose cause the
+    client's :func:`~secure_fedora.learning.client.diverged_hint` named as the pull."""
+    from secure_fedora.learning.client import PULL_DIVERGED, ClientUpdateError
+
+    return any(isinstance(e, ClientUpdateError) and f"({PULL_DIVERGED}: " in str(e)
+               for e in (err, err.__cause__))
 
 
 def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,

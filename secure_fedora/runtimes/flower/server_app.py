@@ -113,6 +113,7 @@ from secure_fedora.algorithms.contract import (
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import strict_json
+from secure_fedora.learning.client import PULL_DIVERGED
 from secure_fedora.learning.models import model_fingerprint
 from secure_fedora.runtimes.flower.ceremony import layout_for, public_context_digest
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
@@ -1245,6 +1246,31 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             "any method message or release")
 
 
+def _stop_for_pull(server: _Server, run: _MethodRun, rnd: int, client: int, node: int) -> None:
+    """Stop the run (DeployError naming the remedy) for client ``client``'s training that
+    FEDORA's unstable pull made non-finite in round ``rnd``, as the in-process runtime stops:
+    going on would leave the client out of every round its pull diverges in, results the
+    algorithm does not define. Not when a resume's amendment already bounds the pull (``fedora.max_pull``) from
+    a later round: round ``rnd`` is then re-made as it was, and the client sits it out."""
+    rounds = server.cfg.training.rounds
+    if server.settings.amended_value("fedora.max_pull", run.name, rounds) is not None:
+        return
+    who = f"{server.client_ids[client]} (node {node})"
+    if rnd < rounds:
+        remedy = (f"the run keeps what it released: with fedora.max_pull = 1 set in its config "
+                  f"(the one change a resume accepts), `secure-fedora deploy local` with "
+                  f"--resume continues it, round {rnd} re-made as it was ({who} sits it out) "
+                  f"and the bound applied from round {rnd + 1}")
+    else:
+        remedy = (f"round {rnd} is the last, which a resume re-makes as it was, so run it again "
+                  "with fedora.max_pull = 1 set")
+    raise DeployError(
+        f"{run.name}: {who}: {PULL_DIVERGED} in round {rnd} (lr * lambda at or above the pull's "
+        f"stability limit made its training non-finite; its update was discarded); the run "
+        f"stops, as in process, rather than go on without it: set fedora.max_pull = 1 (a pull "
+        f"then stops at phi) or lower training.lr; {remedy}")
+
+
 def _exchange_payloads(
     grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
     payloads: Mapping[int, Payload | None], timeout: float, find_moved: bool = False,
@@ -1304,6 +1330,8 @@ def _exchange_payloads(
             raise DeployError(
                 f"{run.name}: client {server.client_ids[client_of[node]]} (node {node}) refuses "
                 f"to go on, its node's state being lost or damaged ({reason}); the run stops")
+        if PULL_DIVERGED in reason:
+            _stop_for_pull(server, run, rnd, client_of[node], node)
     for node in ex.missing:
         server.event(rnd, client_of[node], node, f"no reply in time: {then}")
     for node, reply in sorted(ex.replies.items()):

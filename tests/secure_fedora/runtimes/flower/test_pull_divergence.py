@@ -1,0 +1,73 @@
+"""FEDORA's unstable pull making a client's training non-finite stops a Flower run, naming the
+cause and its remedy (``fedora.max_pull`` on resume), as it stops an in-process run; a Flower
+run went on with that client sitting each such round out, its error reply withheld."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from audits.verify import verify_run
+from secure_fedora.core.config import load_config
+from secure_fedora.learning.client import ClientUpdateError
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import (
+    WITHHELD_DETAILS,
+    DeployError,
+    RunSettings,
+    client_error_text,
+)
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    audit_folder,
+    run_config,
+    task_identity,  # noqa: F401 - a fixture
+)
+from tests.secure_fedora.runtimes.test_amend_resume import write
+
+# the in-process test's config: client 1's round-1 pull (lr * lambda about 3e12) overflows
+AMENDMENT = {"key": "fedora.max_pull", "from": None, "to": 1.0, "method": "fedora",
+             "resumed_at_round": 1, "effective_from_round": 2, "applies_to": {"fedora": 2}}
+
+
+def test_a_withheld_error_text_names_a_pull_divergence_alone() -> None:
+    pulled = ClientUpdateError("client 1: local training produced non-finite parameters; update "
+                               "discarded (FEDORA's pull diverged: lr * lambda = 3 >= 2, ...)")
+    other = ClientUpdateError("client 1: local training produced non-finite parameters; update "
+                              "discarded (training diverged: lower training.lr)")
+    assert client_error_text(pulled, "withheld") == \
+        f"ClientUpdateError (FEDORA's pull diverged; {WITHHELD_DETAILS})"
+    assert client_error_text(other, "withheld") == f"ClientUpdateError ({WITHHELD_DETAILS})"
+    assert client_error_text(pulled, "full") == f"ClientUpdateError: {pulled}"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_diverged_pull_stops_a_flower_run_and_max_pull_resumes_it(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path / "diverges.toml"))
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": True})
+    (tmp_path / "res").mkdir()
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    # it went on: client 1 sat out rounds 1-3 (client 2 rounds 2-3), its ledger spending each
+    # round's release, and results.json reported 0 unstable pulls
+    with pytest.raises(DeployError, match=r"^fedora: client-001 \(node 1001\): FEDORA's pull "
+                       r"diverged in round 1 .*set fedora.max_pull = 1 .*`secure-fedora deploy "
+                       r"local` with --resume continues it, round 1 re-made as it was .* from "
+                       r"round 2$"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert not (tmp_path / "res" / "results.json").exists()
+
+    # the remedy: round 1 is re-made as it was (client 1 sits it out), bounded from round 2
+    resumed = {**rc, "resume": "42", "amendments": json.dumps([AMENDMENT])}
+    grid = InMemoryGrid(tmp_path / "nodes", resumed, 3, run_id=777)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(resumed), 777)  # type: ignore[arg-type]
+    assert results["config_amendments"] == [AMENDMENT]
+    assert [(e["round"], e["client"]) for e in results["events"]] == [(1, 1)]
+    assert "FEDORA's pull diverged" in results["events"][0]["event"]
+    assert [r["replied"] for r in results["rounds"]] == [2, 3, 3]
+    report = verify_run(audit_folder(tmp_path),
+                        allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                        anchor=tmp_path / "res" / "anchor.json")
+    assert report.ok, report.errors
