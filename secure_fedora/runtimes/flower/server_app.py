@@ -778,6 +778,25 @@ def _plan_used(server: _Server, name: str, cid: int, reported: Mapping[str, Any]
         "one version)")
 
 
+def _take_ledger_report(server: _Server, name: str, cid: int, node: int,
+                        privacy: dict[str, Any], reply: str) -> None:
+    """Record ``privacy`` (the ledger state and plan client ``cid`` reported, signed, with
+    its ``reply`` for method ``name``) as the last one seen from it, after the checks every
+    reply carrying a ledger record gets: a ledger that went back from the one recorded
+    (:func:`~secure_fedora.secure.private.ledger_went_back`) or a plan the config does not
+    admit (:func:`_plan_used`) stops the run with a DeployError naming the client, and
+    nothing of the reply is recorded."""
+    went_back = _ledger_went_back(server.privacy.get(name, {}).get(cid), privacy)
+    if went_back is not None:
+        raise DeployError(
+            f"{name}: client {server.client_ids[cid]} (node {node}) reported a ledger that "
+            f"went back ({went_back}) in its {reply}: entries it had reported were lost, cut "
+            "or replaced on its node, so its accounting would record fewer releases than it "
+            "made; the run stops (restore the node's state-dir, or start a new run)")
+    _plan_used(server, name, cid, privacy)
+    server.privacy.setdefault(name, {})[cid] = privacy
+
+
 def _noise_text(noise: float | None, summary: float | None, lam: float | None) -> str:
     return f"noise multiplier {noise!r} (summary {summary!r}, lambda {lam!r})"
 
@@ -904,12 +923,10 @@ def _take_uploads(
             server.reject(0, cid, node, _malformed(env, str(err)), "no relatedness from it")
             continue
         if _take_metrics(server, cid, reply, env, val0, test0):
-            uploads[cid], envelopes[cid] = parsed, env
-            upload_bytes[cid] = sum(len(c) for c in columns)
             metrics = reply.content["metrics"]
             if isinstance(metrics, MetricRecord) and "epsilon-spent" in metrics:
                 try:  # the summary's ledger state, re-stated to the client in round 1
-                    server.privacy.setdefault(server.scope, {})[cid] = {
+                    privacy = {
                         "epsilon_spent": float(metrics["epsilon-spent"]),
                         "epsilon_budget": float(metrics["epsilon-budget"]),
                         "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply),
@@ -917,9 +934,11 @@ def _take_uploads(
                 except (KeyError, TypeError, ValueError) as err:
                     server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
                                   "no relatedness from it")
-                    del uploads[cid], envelopes[cid], upload_bytes[cid]
                     continue
-                _plan_used(server, server.scope, cid, server.privacy[server.scope][cid])
+                _take_ledger_report(server, server.scope, cid, node, privacy,
+                                    "encrypted summary reply")
+            uploads[cid], envelopes[cid] = parsed, env
+            upload_bytes[cid] = sum(len(c) for c in columns)
             # the client saved its setup state before it replied: round 1 re-states it
             server.ceremony_answered.setdefault(server.scope, set()).add(cid)
 
@@ -1374,16 +1393,8 @@ def _exchange_payloads(
                           then)
             continue
         if privacy is not None:
-            went_back = _ledger_went_back(server.privacy.get(run.name, {}).get(cid), privacy)
-            if went_back is not None:
-                raise DeployError(
-                    f"{run.name}: client {server.client_ids[cid]} (node {node}) reported a ledger "
-                    f"that went back ({went_back}) in its {stage} reply of round {rnd}: entries "
-                    "it had reported were lost, cut or replaced on its node, so its accounting "
-                    "would record fewer releases than it made; the run stops (restore the "
-                    "node's state-dir, or start a new run)")
-            _plan_used(server, run.name, cid, privacy)
-            server.privacy.setdefault(run.name, {})[cid] = privacy
+            _take_ledger_report(server, run.name, cid, node, privacy,
+                                f"{stage} reply of round {rnd}")
         run.answered.setdefault(cid, {})[stage] = rnd
         if refusal is not None:
             reason = (str(refusal["reason"]) if isinstance(refusal, ConfigRecord)

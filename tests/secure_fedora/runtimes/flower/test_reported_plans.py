@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord
 
+from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import client_app, server_app
 from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings
+from secure_fedora.runtimes.inprocess import load_checkpoint
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     dp_config,
@@ -95,3 +97,58 @@ def test_a_plan_differing_only_in_its_summary_noise_is_refused_naming_both_figur
     summary = [float(part.split("summary ")[1].split(",")[0]) for part in (said, stated)]
     assert math.isclose(summary[0], summary[1] * 1.01), text
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+
+def _encrypted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servers: list[Any],
+                   seen: dict[int, dict[str, Any]] | None = None) -> None:
+    """A DP run whose relatedness is FEDORA's noised summaries under CKKS: each client's
+    first ledger record reaches the server with its encrypted summary. ``seen`` is put as the
+    ledger states the server received before (client -> state); the server is appended to
+    ``servers``."""
+    data = dp_config(rounds=1).model_dump(mode="json", exclude_none=True)
+    data["fedora"].update(relatedness="noised+encrypted", k=1)
+    cfg = parse_config(data)
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(tmp_path / "res")})
+    (tmp_path / "res").mkdir()
+    real = server_app._encrypted_overlaps
+
+    def overlaps(grid: Any, server: Any, *args: Any) -> Any:
+        servers.append(server)
+        server.privacy.setdefault(server.scope, {}).update(seen or {})
+        return real(grid, server, *args)
+    monkeypatch.setattr(server_app, "_encrypted_overlaps", overlaps)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_encrypted_summary_reply_whose_ledger_went_back_stops_the_run_naming_the_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round replies are checked against the ledger state the server last received from the
+    client; the encrypted summary's reply was not, and its record replaced the older one."""
+    seen = {"epsilon_spent": 0.5, "epsilon_budget": 8.0, "ledger_entries": 50,
+            "ledger_head": "a" * 64}
+    servers: list[Any] = []
+    with pytest.raises(DeployError, match=r"fedora: client client-001 \(node 1001\) reported a "
+                                          r"ledger that went back \(\d+ entries after 50\) in "
+                                          r"its encrypted summary reply: .*the run stops"):
+        _encrypted_run(tmp_path, monkeypatch, servers, {1: seen})
+    assert servers[0].privacy["fedora"][1] == seen
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plan_the_config_does_not_admit_in_an_encrypted_summary_reply_is_not_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encrypted summary's reply recorded the client's plan, then refused it: the server's
+    state held a plan the config does not imply. It is now refused before it is recorded."""
+    _reporting(monkeypatch, lambda r: {**r, "noise-multiplier": 0.5})
+    servers: list[Any] = []
+    with pytest.raises(DeployError, match="fedora: client client-001 reports noise multiplier "
+                                          "0.5"):
+        _encrypted_run(tmp_path, monkeypatch, servers)
+    assert 1 not in servers[0].privacy.get("fedora", {})
+    assert not (tmp_path / "res" / "results.json").exists()
+    assert load_checkpoint(tmp_path / "res" / server_app.SERVER_CHECKPOINT)["privacy"] == {}
