@@ -609,7 +609,9 @@ class ClientPrivacy:
 
 def lambda_pull_risk(cfg: ExperimentConfig, lambda_noise: float, clients: int) -> dict[str, Any]:
     """How often FEDORA's noised lambda alone makes the pull unstable, for ``clients`` clients
-    whose lambda release has noise multiplier ``lambda_noise`` (``fedora.max_pull`` unset).
+    whose lambda release has noise multiplier ``lambda_noise``. With ``fedora.max_pull`` set
+    the figures are those of the unbounded pull and the bound is stated (``max_pull``): it
+    holds ``lr * lambda`` below the limit, so those releases are bounded, not unstable.
 
     The released difference is ``d = D + N(0, s^2)`` with ``s = lambda_noise * lambda_clip /
     m`` (``m = data.val_per_client``, the noised mean's sensitivity ``lambda_clip / m``), and
@@ -628,17 +630,19 @@ def lambda_pull_risk(cfg: ExperimentConfig, lambda_noise: float, clients: int) -
     n = d.num_clients
     per_round = n if t.participation >= 1.0 else math.ceil(t.participation * n)
     releases = clients * t.rounds * per_round / n
+    bound = {} if cfg.fedora.max_pull is None else {"max_pull": cfg.fedora.max_pull}
     return {"lambda_noise_std": s, "pull_stability_limit": limit,
             "unstable_difference": threshold, "unstable_probability": prob,
-            "lambda_releases": releases, "expected_unstable_pulls": prob * releases}
+            "lambda_releases": releases, "expected_unstable_pulls": prob * releases, **bound}
 
 
 def pull_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
     """The warning for a plan (:func:`plan_table` rows) whose noised lambdas are expected to
     make FEDORA's pull unstable at least once over the run (``lambda_pull`` of the rows summed,
-    >= 1); None otherwise or where no row has the figures (no private lambda, or
-    ``fedora.max_pull`` set)."""
-    risks = [r["lambda_pull"] for r in rows if r.get("lambda_pull")]
+    >= 1); None otherwise, where no row has the figures (no private lambda) or where
+    ``fedora.max_pull`` bounds the pull (the figures state ``max_pull``)."""
+    risks = [r["lambda_pull"] for r in rows
+             if r.get("lambda_pull") and "max_pull" not in r["lambda_pull"]]
     expected = sum(r["expected_unstable_pulls"] for r in risks)
     if not risks or expected < 1.0:
         return None
@@ -684,7 +688,7 @@ def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudg
                 "clients": 0,
             }
         rows[key]["clients"] += 1
-    private_lambda = cfg.data.validation == "private" and cfg.fedora.max_pull is None
+    private_lambda = cfg.data.validation == "private"
     for key, row in rows.items():
         noise = plans[key].lambda_noise
         if private_lambda and noise is not None:

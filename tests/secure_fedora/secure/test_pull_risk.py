@@ -47,6 +47,11 @@ def test_main_job_plan_does_not_warn():
     assert rows[0]["lambda_pull"]["expected_unstable_pulls"] < 1e-6
 
 
-def test_a_bounded_pull_has_nothing_to_warn_about():
-    _, _, rows = plan_rows(0.3, max_pull=1.0)
-    assert "pull_warning" not in rows[0] and "lambda_pull" not in rows[0]
+def test_a_bounded_pull_has_nothing_to_warn_about_and_keeps_the_figures_stating_the_bound():
+    """max_pull dropped the figures too: the plan no longer said how often the noise alone
+    takes lr * lambda to the limit, which the bound then stops."""
+    _, _, (unbounded,) = plan_rows(0.3)
+    _, _, (row,) = plan_rows(0.3, max_pull=1.0)
+    assert "pull_warning" not in row
+    assert row["lambda_pull"] == {**unbounded["lambda_pull"], "max_pull": 1.0}
+    assert row["lambda_pull"]["expected_unstable_pulls"] > 100

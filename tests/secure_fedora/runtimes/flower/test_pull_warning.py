@@ -63,3 +63,33 @@ def test_a_plan_without_unstable_pulls_says_no_warning(
     """The tiny DP config (epsilon 8): nothing to warn about, nothing said."""
     _stopped_at_first_release(tmp_path, dp_config(rounds=2))
     assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_bounded_pull_keeps_the_plans_lambda_pull_figures_in_both_runtimes(
+        tmp_path: Path) -> None:
+    """With fedora.max_pull set, results.json of either runtime dropped the plan's
+    lambda_pull figures; both now state them (those of the unbounded pull, with the bound)
+    and warn of nothing."""
+    import json
+
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    data = dp_config(rounds=1).model_dump(mode="json", exclude_none=True)
+    unbounded = parse_config(data)
+    data["fedora"]["max_pull"] = 1.0
+    cfg = parse_config(data)
+    choice, plans = check_budget_plans(unbounded, "fedora", 3)
+    (row,) = plan_table(unbounded, "fedora", [client_budget(unbounded, c) for c in range(3)],
+                        plans, choice.name, choice, {})
+    expected = {**row["lambda_pull"], "max_pull": 1.0}
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(tmp_path / "res")})
+    (tmp_path / "res").mkdir()
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    Simulation(cfg, tmp_path / "inproc", keystore=tmp_path / "keystore").run()
+    for results in (tmp_path / "res" / "results.json", tmp_path / "inproc" / "results.json"):
+        (stated,) = json.loads(results.read_text())["privacy"]["fedora"]["plan"]
+        assert stated["lambda_pull"] == pytest.approx(expected, rel=1e-12), results
+        assert "pull_warning" not in stated
