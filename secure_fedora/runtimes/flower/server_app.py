@@ -1614,13 +1614,19 @@ def amendment_point(state: Mapping[str, Any], cfg: ExperimentConfig) -> tuple[st
     as it was (a node that answered it answers from its saved state, one that admitted its
     release re-makes it from its journal: "resume diverged" if anything changed), with or
     without DP; the server cannot see the nodes' journals, so it never amends that round.
-    Between methods (or before the first), the next method's round 1. ResumeRefused when
-    every method has finished (only the results are left to write): no round is left to amend."""
+    Between methods (or before the first), the next method's round 1; so also after a method
+    in flight whose last round is checkpointed, when a method follows it (only its finalize
+    is sent again: the in-process runtime's checkpoint of that round holds the method's
+    outcome, and it records the same point). ResumeRefused when every method has finished
+    (only the results are left to write): no round is left to amend."""
     current = state.get("current")
+    outcomes = state.get("outcomes", {})
     if current is not None:
         done = int(current["round"])
-        return str(current["method"]), done + 1, done + 2
-    outcomes = state.get("outcomes", {})
+        after = cfg.methods[cfg.methods.index(str(current["method"])) + 1:]
+        if done < cfg.training.rounds or not after:
+            return str(current["method"]), done + 1, done + 2
+        return after[0], 1, 1
     left = [m for m in cfg.methods if m not in outcomes]
     if not left:
         raise ResumeRefused(

@@ -233,3 +233,48 @@ def test_an_amendment_made_in_the_last_round_is_refused_as_it_bounds_no_round(
         _resume(work, {**rc, "resume": "42", "amendments": json.dumps([late])})
     assert {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
     assert _resumed_run(work, cfg)[2] == []  # the run's own config resumes it
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_amendment_made_after_a_methods_last_checkpoint_is_recorded_as_in_process(
+        tmp_path: Path) -> None:
+    """[local, fedora] killed right after Local's last round was checkpointed: in process that
+    checkpoint holds Local's outcome and the amendment is made at FEDORA's round 1; Flower
+    recorded it at Local's round 4, from round 5, of a 3-round run (``applies_to`` equal).
+    Flower now records FEDORA's round 1 too: no round of Local is left to run."""
+    import tomli_w
+
+    from secure_fedora.runtimes.flower.local import _resumed_run
+    from secure_fedora.runtimes.inprocess import Simulation, load_checkpoint
+    from tests.secure_fedora.runtimes.flower.deploy_support import with_methods
+
+    cfg, amended = (with_methods(c, "local", "fedora") for c in _configs())
+    work = tmp_path / "w"
+    rc = run_config(cfg, work, **{"result-dir": str(work / "results"), "round-timeout": 5.0,
+                                  "reproducible-dp-noise": True, "compare-methods": True})
+    (work / "results").mkdir()
+    grid = InMemoryGrid(work / "nodes", rc, 3)
+    crashpoints.arm("checkpoint_written@5")  # first contact, Local's setup, its rounds 1 to 3
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    finally:
+        crashpoints.disarm()
+    current = load_checkpoint(work / "results" / server_app.SERVER_CHECKPOINT)["current"]
+    assert (current["method"], current["round"]) == ("local", 3)
+    (work / "run.toml").write_text(tomli_w.dumps({**rc, "resume": "0"}))
+    flower = _resumed_run(work, amended)[2]
+
+    run_dir = tmp_path / "inproc"
+    crashpoints.arm("checkpoint_written@3")  # Local's rounds 1 and 2, then its last, with outcome
+    try:
+        with pytest.raises(crashpoints.InjectedCrash):
+            Simulation(cfg, run_dir, keystore=tmp_path / "keystore").run()
+    finally:
+        crashpoints.disarm()
+    expected = Simulation(amended, run_dir, keystore=tmp_path / "keystore").run(resume=True)
+    assert flower == expected["config_amendments"] == [
+        {**AMENDMENT, "resumed_at_round": 1, "effective_from_round": 1, "applies_to": {"fedora": 1}}]
+    results = _resume(work, {**rc, "resume": "42", "amendments": json.dumps(flower)})
+    assert results["config_amendments"] == flower
+    assert results["methods"]["fedora"]["extra"]["max_pull"] == MAX_PULL
