@@ -152,3 +152,32 @@ def test_a_plan_the_config_does_not_admit_in_an_encrypted_summary_reply_is_not_r
     assert 1 not in servers[0].privacy.get("fedora", {})
     assert not (tmp_path / "res" / "results.json").exists()
     assert load_checkpoint(tmp_path / "res" / server_app.SERVER_CHECKPOINT)["privacy"] == {}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_reply_whose_ledger_went_back_stops_the_run_with_the_same_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round replies' path, which shares its check with the encrypted summary's (the
+    server's record changed while round 1's messages were out: a client checks the head
+    its request states, so this is the server's own second line)."""
+    seen = {"epsilon_spent": 0.5, "epsilon_budget": 8.0, "ledger_entries": 50,
+            "ledger_head": "a" * 64}
+    real_payloads, real_exchange = server_app._exchange_payloads, server_app._exchange
+    exchanging: list[Any] = []
+
+    def payloads(grid: Any, server: Any, run: Any, stage: str, rnd: int, *args: Any) -> Any:
+        exchanging[:] = [server] if (stage, rnd) == ("round", 1) else []
+        return real_payloads(grid, server, run, stage, rnd, *args)
+
+    def exchange(*args: Any) -> Any:
+        out = real_exchange(*args)
+        for server in exchanging:
+            server.privacy.setdefault("fedora", {})[1] = dict(seen)
+        return out
+    monkeypatch.setattr(server_app, "_exchange_payloads", payloads)
+    monkeypatch.setattr(server_app, "_exchange", exchange)
+    with pytest.raises(DeployError, match=r"fedora: client client-001 \(node 1001\) reported a "
+                                          r"ledger that went back \(\d+ entries after 50\) in "
+                                          r"its round reply of round 1: "):
+        _run(tmp_path)
+    assert not (tmp_path / "res" / "results.json").exists()
