@@ -92,7 +92,9 @@ def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
     meanwhile gets a RunDirError at once instead of writing beside this one. With ``create`` a
     missing directory is made first and removed again if it is still empty at the end. A path
     that is not a directory (or a missing one without ``create``) is not locked: the checks
-    that follow refuse it with their own message. Re-entrant within one process."""
+    that follow refuse it with their own message. A directory that cannot be opened for
+    reading (one the user may write but not read) is a RunDirError, nothing written.
+    Re-entrant within one process."""
     made = False
     if create and not os.path.lexists(run_dir):
         try:
@@ -111,7 +113,16 @@ def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
         finally:
             _HELD[key] -= 1
         return
-    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as err:  # e.g. a directory one may write but not read (mode 0300)
+        if made:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise RunDirError(
+            f"cannot open run directory {run_dir} ({err.strerror}): a run needs a directory it "
+            f"can read as well as write (e.g. chmod u+rwx {run_dir}), or choose another; "
+            "nothing was written") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -629,6 +629,48 @@ def test_run_directory_without_lock_support_still_runs_with_a_warning(tmp_path, 
     assert "cannot lock run directory" in caplog.text
 
 
+
+def unreadable(monkeypatch, directory: Path) -> None:
+    """Make ``directory`` writable but not readable (mode 0300); running as root, where the
+    mode does not stop a read, opening it for reading fails with EACCES as it would."""
+    import errno
+    import os
+
+    directory.chmod(0o300)
+    if not os.access(directory, os.R_OK):
+        return
+    os_open, target = os.open, os.path.realpath(directory)
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if os.path.realpath(os.fsdecode(path)) == target and not flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+        return os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+
+
+def test_a_write_only_run_directory_is_one_line_and_loses_nothing(tmp_path, plain_run, capsys):
+    config, reference = plain_run
+    fresh, resumed = tmp_path / "fresh", copy_run(reference, tmp_path)
+    fresh.mkdir()
+    held = snapshot(resumed)
+    for out, extra in ((fresh, ()), (resumed, ("--resume",))):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            unreadable(monkeypatch, out)
+            capsys.readouterr()
+            # before: "error: Permission denied: RUN" (and a bare PermissionError by the API)
+            assert run(config, out, *extra) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (f"error: cannot open run directory {out} (Permission denied): a run "
+                           f"needs a directory it can read as well as write (e.g. chmod u+rwx "
+                           f"{out}), or choose another; nothing was written")
+            with pytest.raises(RunDirError, match=r"cannot open run directory .*Permission denied"):
+                Experiment(config, run_dir=out).run(resume=bool(extra))
+        out.chmod(0o700)
+    assert list(fresh.iterdir()) == []
+    assert snapshot(resumed) == held
+
+
 # bit-identical comparisons need noise a resume draws again
 DP_REPRODUCIBLE = {**DP, "privacy": {**DP["privacy"], "noise": "reproducible"}}
 
