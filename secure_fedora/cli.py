@@ -6,7 +6,6 @@ import argparse
 import shlex
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from secure_fedora.core.config import ConfigError, config_from_bytes
 from secure_fedora.core.errors import (
     INTERRUPTED_EXIT_CODE,
     add_debug_flag,
+    interrupt_on,
     one_line,
     run_command,
     split_debug_flag,
@@ -151,11 +151,6 @@ def _stopped_message(err: BaseException, config: str, run_dir: Path) -> str:
             f"fixed: {_resume_command(config, run_dir)}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops a run as Ctrl-C does (its files closed, a message naming the resume)."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from secure_fedora.runtimes.rundir import (
         RunDirError,
@@ -184,8 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # held from the checks to the last write: a second run or resume of this --out is refused
     with hold_run_dir(run_dir, create=not args.resume):
         prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
-        on_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
+        # SIGTERM stops the run as Ctrl-C does (its files closed, a message naming the resume)
+        restore_signals = interrupt_on(signal.SIGTERM)
         try:
             sim, results = _run_with_progress(args, cfg, run_dir)
         except ToolkitError as err:
@@ -215,8 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 withdraw_unstarted_run(run_dir, created)
             raise
         finally:
-            if on_main:
-                signal.signal(signal.SIGTERM, previous)
+            restore_signals()
         # imported here: refusing a bad config or run directory needs no matplotlib
         from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
 

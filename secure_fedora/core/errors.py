@@ -10,10 +10,12 @@ exception is a bug and propagates with its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from privacy.errors import ToolkitError
 
@@ -22,6 +24,7 @@ __all__ = [
     "ERROR_EXIT_CODE",
     "INTERRUPTED_EXIT_CODE",
     "ToolkitError",
+    "interrupt_on",
     "is_user_error",
     "one_line",
     "run_command",
@@ -92,3 +95,27 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
             traceback.print_exc(file=out)
         print(f"error: {one_line(err)}", file=out)
         return ERROR_EXIT_CODE
+
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on(*signums: int) -> Callable[[], None]:
+    """Make each signal of ``signums`` raise KeyboardInterrupt, as Ctrl-C does; returns the
+    function that puts the previous handlers back. Only on the main thread (elsewhere nothing
+    changes), and only for a signal whose handler Python knows: where ``signal.getsignal`` is
+    None (a handler an embedding application installed outside Python) the handler is left
+    as it is, since Python could not put it back."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            if signal.getsignal(signum) is not None:
+                previous[signum] = signal.signal(signum, _raise_interrupt)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore

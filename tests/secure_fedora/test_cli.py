@@ -36,6 +36,42 @@ def test_cli_reports_config_errors_with_the_key(tmp_path):
     assert "training.rounds" in proc.stderr
 
 
+def embedded_sigterm(monkeypatch) -> list:
+    """Make SIGTERM look as it does where the toolkit runs inside an application that set its
+    handler outside Python: ``signal.getsignal`` and ``signal.signal`` report the previous
+    handler as None. Returns the handlers installed for SIGTERM (none reach the process)."""
+    import signal
+
+    real_signal, real_getsignal, installed = signal.signal, signal.getsignal, []
+
+    def embedded_signal(signum, handler):
+        if signum != signal.SIGTERM:
+            return real_signal(signum, handler)
+        if handler is None:  # what restoring the reported previous handler would do
+            return real_signal(signum, handler)  # TypeError, as in the embedding
+        installed.append(handler)
+        return None
+
+    monkeypatch.setattr(signal, "signal", embedded_signal)
+    monkeypatch.setattr(signal, "getsignal",
+                        lambda signum: None if signum == signal.SIGTERM else real_getsignal(signum))
+    return installed
+
+
+def test_a_run_leaves_a_sigterm_handler_set_outside_python_alone(tmp_path, monkeypatch):
+    """Restoring SIGTERM's previous handler, None where it was set outside Python, raised
+    TypeError after the run had finished; Python cannot put such a handler back, so the run
+    now leaves it as it is."""
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "tiny"\nmethods = ["local"]\n[data]\nnum_clients = 2\n'
+                      "train_per_client = 20\nval_per_client = 10\ntest_per_client = 10\n"
+                      "[training]\nrounds = 1\nbatch_size = 10\n")
+    installed = embedded_sigterm(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    assert installed == [] and (out / "results.json").is_file()
+
+
 @pytest.mark.parametrize("directory", ["", "  "])
 def test_keys_init_refuses_an_empty_directory(tmp_path, monkeypatch, capsys, directory):
     """keys init "" wrote every private key into the current directory (and "  " into a

@@ -19,10 +19,11 @@ import math
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+
+from secure_fedora.core.errors import interrupt_on
 
 __all__ = ["cmd_certs", "cmd_local", "register"]
 
@@ -93,17 +94,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def _interrupt_on_termination() -> Callable[[], None]:
     """Make SIGTERM and SIGHUP interrupt like Ctrl-C (KeyboardInterrupt), so that the
     deployment stops every process it started (they run in sessions of their own and would
-    outlive this one); returns the function that restores the previous handlers."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
+    outlive this one); returns the function that restores the previous handlers (see
+    :func:`~secure_fedora.core.errors.interrupt_on`)."""
+    return interrupt_on(signal.SIGTERM, signal.SIGHUP)
 
 
 def cmd_local(args: argparse.Namespace) -> int:

@@ -808,6 +808,23 @@ def test_sigterm_stops_a_local_deployment_like_ctrl_c(monkeypatch: pytest.Monkey
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_deploy_local_leaves_a_termination_handler_set_outside_python_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where SIGTERM's handler was set outside Python (an embedding: ``signal.getsignal`` is
+    None), restoring it raised TypeError; it is left as it is, SIGHUP still interrupts."""
+    import signal
+
+    from secure_fedora.runtimes.flower.cli import _interrupt_on_termination
+    from tests.secure_fedora.test_cli import embedded_sigterm
+
+    installed = embedded_sigterm(monkeypatch)
+    before = signal.getsignal(signal.SIGHUP)
+    restore = _interrupt_on_termination()
+    assert signal.getsignal(signal.SIGHUP) is not before
+    restore()
+    assert installed == [] and signal.getsignal(signal.SIGHUP) is before
+
+
 def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[data]\nnum_clients = 'many'\n")
