@@ -326,8 +326,8 @@ def _read_private_pem(path: Path) -> bytes:
         raise IdentityError(f"private key {path} is a symbolic link; refusing to follow it")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise IdentityError(f"private key file {path} does not exist") from None
+    except FileNotFoundError as exc:
+        raise IdentityError(f"private key file {path} does not exist") from exc
     except OSError as exc:
         raise IdentityError(f"cannot open private key file {path}: {exc}") from exc
     st = os.fstat(fd)
@@ -363,8 +363,8 @@ def _load_private(path: Path, expected: type, label: str) -> object:
 def _load_public(path: Path, expected: type, label: str) -> object:
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise IdentityError(f"public key file {path} does not exist") from None
+    except FileNotFoundError as exc:
+        raise IdentityError(f"public key file {path} does not exist") from exc
     except OSError as exc:
         raise IdentityError(f"cannot read public key file {path}: {exc}") from exc
     try:
@@ -431,8 +431,8 @@ def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise IdentityError(f"allowlist file {path} does not exist") from None
+    except FileNotFoundError as exc:
+        raise IdentityError(f"allowlist file {path} does not exist") from exc
     except (OSError, ValueError, RecursionError) as exc:  # incl. JSONDecodeError, huge integers
         raise IdentityError(f"allowlist file {path} is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("version") != ALLOWLIST_VERSION:

@@ -133,16 +133,26 @@ def _name_resume_command(err: ToolkitError, config: str, run_dir: Path) -> None:
                     *err.args[1:])
 
 
+def _chained(err: BaseException) -> BaseException | None:
+    """The exception ``err`` names as its reason, as a traceback shows it: ``raise ... from
+    cause``, else the one it was raised while handling, unless ``raise ... from None``."""
+    if err.__cause__ is not None:
+        return err.__cause__
+    return None if err.__suppress_context__ else err.__context__
+
+
 def _caused_by_os_error(err: BaseException) -> bool:
     """Whether ``err`` was raised from, or while handling, an ``OSError`` (a full disk, an I/O
-    error): the run stopped for its environment, not for its config, data or budget."""
+    error): the run stopped for its environment, not for its config, data or budget. An error
+    raised ``from None`` disowns what it was handling (a deliberate refusal, such as a file
+    found with other content), and so does one raised from a cause that is no OSError."""
     seen: set[int] = set()
-    cause = err.__cause__ or err.__context__
+    cause = _chained(err)
     while cause is not None and id(cause) not in seen:
         if isinstance(cause, OSError):
             return True
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        cause = _chained(cause)
     return False
 
 

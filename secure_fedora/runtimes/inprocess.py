@@ -786,7 +786,7 @@ def checkpoint_binding(path: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             head = fh.read(len(CHECKPOINT_MAGIC) + _MAX_HEADER_BYTES)
     except OSError as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from err
     return _parse_header(head, path)[2]
 
 
@@ -809,13 +809,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below, after the state is read
     except OSError as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from err
     with fh:
         try:
             head = fh.read(len(CHECKPOINT_MAGIC) + _MAX_HEADER_BYTES)
             file_size = os.fstat(fh.fileno()).st_size
         except OSError as err:
-            raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
+            raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from err
         digest, size, binding, offset = _parse_header(head, path)
         if file_size - offset != size:
             raise CheckpointError(f"checkpoint {path} is corrupt: truncated or extended "
@@ -831,7 +831,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                 sha.update(chunk)
                 remaining -= len(chunk)
         except OSError as err:
-            raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
+            raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from err
         if remaining != 0 or sha.hexdigest() != digest:
             raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 digest does not "
                                   "match its contents (changed on disk); refuse to resume from it")

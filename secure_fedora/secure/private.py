@@ -197,7 +197,7 @@ def create_ledger_dir(ledger_dir: Path, ids: Sequence[str],
         os.rename(staging, ledger_dir)
     except OSError as err:  # created meanwhile (another process): it keeps its own
         shutil.rmtree(staging, ignore_errors=True)
-        raise LedgerError(f"cannot create the ledger folder {str(ledger_dir)!r}: {err}") from None
+        raise LedgerError(f"cannot create the ledger folder {str(ledger_dir)!r}: {err}") from err
     fsync_dir(parent)
     crash_point("ledgers_created")
 

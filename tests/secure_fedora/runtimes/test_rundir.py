@@ -760,6 +760,41 @@ def test_a_refusal_mid_run_that_a_resume_would_repeat_names_no_resume(tmp_path, 
     assert "resume" not in err and "\n" not in err
 
 
+@pytest.mark.parametrize("raised_from, hint", [("none", False), ("err", True), ("context", True)])
+def test_a_refusal_raised_from_none_while_handling_an_os_error_names_no_resume(
+        tmp_path, monkeypatch, capsys, raised_from, hint):
+    """A toolkit error raised ``from None`` while handling an OSError (a file found with other
+    content: a refusal a resume would repeat) got the resume hint, as if the run had stopped
+    for its environment; one raised from the OSError, or while handling it, still does."""
+    from privacy.ledger import LedgerError
+    from secure_fedora.runtimes import inprocess
+
+    config = write_config(tmp_path / "plain.toml", TINY)
+    out = tmp_path / "run"
+    save, calls = inprocess.save_checkpoint, []
+
+    def refuse(path: Path, state: dict) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            try:
+                raise FileExistsError(17, "File exists", str(path))
+            except FileExistsError as err:
+                refusal = LedgerError(f"quarantine file {str(path)!r} exists with other content")
+                if raised_from == "none":
+                    raise refusal from None
+                if raised_from == "err":
+                    raise refusal from err
+                raise refusal  # noqa: B904 - the implicit context is what is tested
+        save(path, state)
+
+    monkeypatch.setattr(inprocess, "save_checkpoint", refuse)
+    capsys.readouterr()
+    assert run(config, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: quarantine file ") and "\n" not in err
+    assert ("--resume" in err) is hint
+
+
 def read_only(monkeypatch, root: Path) -> None:
     """Every write, create, rename or removal under ``root`` fails with EROFS, as on a file
     system mounted read-only (running as root, a chmod would not stop the writes)."""
