@@ -166,16 +166,24 @@ def extension_notice(path: Path, source: str, added: Sequence[str]) -> str:
 
 # what a run's or a sweep's directory holds once it started and a key store never does
 # (config.toml alone is not one: a project folder holds one too)
+CONFIG_FILENAME = "config.toml"
 RUN_RECORD_NAMES = ("results.json", "anchor.json", "ledgers", "checkpoints", "rounds.csv",
                     "stopped.json", "amendments.json", "keystore_extended.json", "sweep.json",
                     "cell.json")
 
 
+def _run_record(directory: str | os.PathLike[str], names: Sequence[str]) -> list[str]:
+    """Which of ``names`` ``directory`` holds (none where it cannot be read)."""
+    return sorted(name for name in names if os.path.lexists(os.path.join(directory, name)))
+
+
 def refuse_run_directory(path: Path, source: str) -> None:
     """IdentityError, writing nothing, when the directory ``path`` (a key store chosen by
-    ``source``) holds a run's or sweep's record (:data:`RUN_RECORD_NAMES`): it is a directory
-    auditors receive, and private keys written there would sit beside that run's own."""
-    record = sorted(name for name in RUN_RECORD_NAMES if (Path(path) / name).exists())
+    ``source``, existing or not) holds a run's or sweep's record (:data:`RUN_RECORD_NAMES`),
+    or lies below a run's directory (a parent, ``..`` and links resolved, that holds
+    ``config.toml`` and a run's record): that is a directory auditors receive, and private
+    keys written in it would go with it, beside that run's own."""
+    record = _run_record(path, RUN_RECORD_NAMES)
     if record:
         raise IdentityError(
             f"key store {path} ({source}) holds a run's record ({', '.join(record)}): it is "
@@ -183,6 +191,20 @@ def refuse_run_directory(path: Path, source: str) -> None:
             "keys and allowlist.json would be written beside that run's own; give the key "
             "store a directory of its own (a new path is created on first use); nothing was "
             "written")
+    # a parent needs config.toml as well: a project folder may hold results.json or
+    # checkpoints/ of its own; a sweep's top level (sweep.json) may hold its shared key store
+    run_names = [name for name in RUN_RECORD_NAMES if name != "sweep.json"]
+    for parent in Path(path).resolve().parents:
+        if not os.path.isfile(parent / CONFIG_FILENAME):
+            continue
+        record = _run_record(parent, run_names)
+        if record:
+            raise IdentityError(
+                f"key store {path} ({source}) lies inside {parent}, another run's directory "
+                f"(it holds {', '.join([CONFIG_FILENAME, *record])}), which auditors receive: "
+                "its private keys and allowlist.json would go with it; give the key store a "
+                "directory of its own outside any run directory (a new path is created on "
+                "first use); nothing was written")
 
 
 def check_keystore(path: Path, source: str, run_dir: Path) -> None:
@@ -200,11 +222,11 @@ def check_keystore(path: Path, source: str, run_dir: Path) -> None:
             f"key store {path} ({source}) lies inside the run directory {run}: a DP "
             "run's private keys must live outside it (the run directory is what "
             "auditors receive); choose a key store elsewhere")
+    refuse_run_directory(path, source)
     if not path.exists():
         return
     if not path.is_dir():
         raise IdentityError(f"key store {path} exists and is not a directory")
-    refuse_run_directory(path, source)
     check_key_directory(path)
     if (path / ALLOWLIST_FILENAME).exists():
         load_allowlist(path / ALLOWLIST_FILENAME)

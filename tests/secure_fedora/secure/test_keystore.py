@@ -402,3 +402,35 @@ def test_another_runs_directory_is_refused_as_a_key_store(tmp_path):
     assert not (tmp_path / "run" / "ledgers").exists()
     # a key store, even one that runs used, stays accepted
     Simulation(_tiny_dp_config(), tmp_path / "run2", keystore=store).run()
+
+
+def test_a_key_store_below_another_runs_directory_is_refused(tmp_path, capsys):
+    """``OTHER_RUN/sub/keys`` was accepted (its private keys written inside that run's
+    directory, which auditors receive), though ``OTHER_RUN`` itself was refused."""
+    from secure_fedora.cli import main
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    other, store = tmp_path / "other", tmp_path / "store"
+    Simulation(_tiny_dp_config(), other, keystore=store).run()
+    before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    for inside in (other / "sub" / "keys", other / "ledgers" / "keys",
+                   tmp_path / "elsewhere" / ".." / "other" / "sub"):
+        with pytest.raises(IdentityError, match=(
+                rf"key store {re.escape(str(inside))} \(the keystore= argument\) lies inside "
+                rf"{re.escape(str(other))}, another run's directory \(it holds config.toml, "
+                r"anchor.json, checkpoints, .*\).*outside any run directory.*nothing was written")):
+            Simulation(_tiny_dp_config(), tmp_path / "run", keystore=inside).run()
+        assert main(["keys", "init", str(inside), "--clients", "2"]) == 2
+        assert f"lies inside {other}, another run's directory" in capsys.readouterr().err
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} \
+        == before
+    assert not (other / "sub").exists() and not (tmp_path / "run" / "ledgers").exists()
+    # a folder that holds a record's name but no config.toml (a project's own results.json),
+    # or a sweep's top level (its cells share a key store there), stays a place for one
+    for holder, name in (("project", "results.json"), ("sweep", "sweep.json")):
+        (tmp_path / holder).mkdir()
+        (tmp_path / holder / name).write_text("{}")
+        if holder == "sweep":
+            (tmp_path / holder / "config.toml").write_text("")
+        Simulation(_tiny_dp_config(), tmp_path / f"run-{holder}",
+                   keystore=tmp_path / holder / "keys").run()
