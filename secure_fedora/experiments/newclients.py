@@ -49,7 +49,7 @@ from secure_fedora.runtimes.inprocess import (
     client_generator,
     make_method,
 )
-from secure_fedora.runtimes.rundir import RunDirError
+from secure_fedora.runtimes.rundir import RunDirError, RunDirUnavailableError
 
 __all__ = [
     "NEWCOMER_METHODS",
@@ -198,7 +198,8 @@ def run_new_client_experiment(
     by attaching newcomers. Raises :class:`NewClientError` for bad arguments, a ``fedora.k``
     not below the number of trained clients, or a config whose relatedness is not plain, whose propagation is encrypted, that enables DP or that asks for
     envelopes; CheckpointError or RunDirError (saying to pass another ``run_dir``) for a
-    ``run_dir`` that holds a federation trained with other arguments.
+    ``run_dir`` that holds a federation trained with other arguments; RunDirUnavailableError,
+    as the run gives it, for one another process holds or that cannot be opened.
     """
     if cfg.fedora.relatedness != "plain":
         raise NewClientError(
@@ -236,6 +237,8 @@ def run_new_client_experiment(
                      method_factory=make_method, context_factory=context_factory)
     try:
         results = sim.run(resume=True)
+    except RunDirUnavailableError:  # busy or unreadable: other arguments would not help
+        raise
     except (CheckpointError, RunDirError) as err:  # the resume's message has no next step here
         raise type(err)(
             f"{err}; this experiment reuses the federation in {run_dir} only when rerun with the "

@@ -48,7 +48,8 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
 
 __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER",
-           "RunDirError", "amended_config", "amended_value", "amendment_applies_to",
+           "RunDirError", "RunDirUnavailableError", "amended_config", "amended_value",
+           "amendment_applies_to",
            "amendment_has_rounds",
            "amendment_readers", "amendment_round",
            "check_fresh_run_dir", "check_resumable", "config_changes", "config_value",
@@ -78,6 +79,11 @@ STOPPED = "stopped.json"
 
 class RunDirError(ToolkitError, ValueError):
     """A run directory that cannot be used for this run; the message names the directory."""
+
+
+class RunDirUnavailableError(RunDirError):
+    """A run directory that cannot be used now whatever the run (another process holds it,
+    or it cannot be opened): a caller's advice about its own arguments does not apply."""
 
 
 #: run directories this process holds (real path -> depth), so that the CLI and the
@@ -119,7 +125,7 @@ def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
         if made:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
-        raise RunDirError(
+        raise RunDirUnavailableError(
             f"cannot open run directory {run_dir} ({err.strerror}): a run needs a directory it "
             f"can read as well as write (e.g. chmod u+rwx {run_dir}), or choose another; "
             "nothing was written") from None
@@ -130,7 +136,7 @@ def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
             if made:
                 with contextlib.suppress(OSError):
                     run_dir.rmdir()
-            raise RunDirError(
+            raise RunDirUnavailableError(
                 f"run directory {run_dir} is in use by another process (a run or resume writing "
                 "it); wait until it ends, or stop it, then try again") from None
         except OSError as err:  # a file system without directory locks (some NFS): run as before

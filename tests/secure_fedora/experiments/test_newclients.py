@@ -208,3 +208,36 @@ def test_a_rerun_with_other_arguments_says_to_pass_another_run_dir(tmp_path, cli
     with pytest.raises(CheckpointError, match=r"another data fingerprint .*; this experiment "
                                               r"reuses the federation in .* pass another run_dir"):
         run_new_client_experiment(tiny(), tmp_path, held_out=1, epochs=[0], clients=clients)
+
+
+def test_a_busy_or_unreadable_run_dir_is_not_told_to_pass_other_arguments(tmp_path, clients,
+                                                                          monkeypatch):
+    """A run_dir another process held got "... in use by another process ...; this experiment
+    reuses the federation in ... only when rerun with the config ...: pass another run_dir",
+    advice about arguments that had nothing to do with it; it now gets the run's own message,
+    and so does one that cannot be opened."""
+    import fcntl
+    import os
+
+    from secure_fedora.runtimes.rundir import RunDirUnavailableError
+    from tests.secure_fedora.runtimes.test_rundir import unreadable
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    fd = os.open(busy, os.O_RDONLY)  # another open of the directory: its flock conflicts
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunDirUnavailableError) as info:
+            run_new_client_experiment(tiny(), busy, held_out=2, epochs=[0], clients=clients)
+    finally:
+        os.close(fd)
+    assert str(info.value) == (f"run directory {busy} is in use by another process (a run or "
+                               "resume writing it); wait until it ends, or stop it, then try again")
+    assert list(busy.iterdir()) == []
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    unreadable(monkeypatch, closed)
+    with pytest.raises(RunDirUnavailableError, match=r"cannot open run directory .*; nothing "
+                                                     r"was written$"):
+        run_new_client_experiment(tiny(), closed, held_out=2, epochs=[0], clients=clients)
+    closed.chmod(0o700)
