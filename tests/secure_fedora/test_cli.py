@@ -271,19 +271,15 @@ def test_a_store_extension_is_recorded_by_a_run_interrupted_before_its_results(
     """results.json listed keystore_extended only when the process that extended the store
     wrote it: a run killed after the extension, before its first results.json, was resumed
     with a store that lacked nothing, and its results.json said nothing of the extension."""
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     config = tmp_path / "dp.toml"
     config.write_text(LOCAL_DP)
     store, out = tmp_path / "store", tmp_path / "run"
     assert main(["keys", "init", str(store), "--clients", "2"]) == 0
     argv = ["run", str(config), "--out", str(out), "--quiet", "--keystore", str(store)]
-    crashpoints.arm(point)
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            main(argv)
-    finally:
-        crashpoints.disarm()
+    with crashes_at(point):
+        main(argv)
     assert not (out / "results.json").exists()
     assert main([*argv, "--resume"]) == 0
     assert json.loads((out / "results.json").read_text()).get("keystore_extended") == \
@@ -297,21 +293,17 @@ def test_a_store_extension_is_recorded_by_a_run_interrupted_before_its_results(
 def test_a_store_extension_is_recorded_by_an_api_run_interrupted_before_its_results(tmp_path):
     """The Python API's run writes its config copy only as its first method opens its
     privacy: the extension made just before is recorded then, and a resume lists it."""
-    from secure_fedora.core import crashpoints
     from secure_fedora.core.config import load_config
     from secure_fedora.runtimes.inprocess import Simulation
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     config = tmp_path / "dp.toml"
     config.write_text(LOCAL_DP)
     cfg = load_config(config)
     store, out = tmp_path / "store", tmp_path / "run"
     assert main(["keys", "init", str(store), "--clients", "2"]) == 0
-    crashpoints.arm("train@2")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Simulation(cfg, out, keystore=store).run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("train@2"):
+        Simulation(cfg, out, keystore=store).run()
     results = Simulation(cfg, out, keystore=store).run(resume=True)
     assert results["keystore_extended"] == ["client-002"]
     assert json.loads((out / "results.json").read_text())["keystore_extended"] == ["client-002"]

@@ -469,19 +469,15 @@ def _crashed_and_resumed(name: str, cls: type, tmp_path: Path) -> tuple[dict, di
     """Plug-in ``cls`` registered as ``name``: its uninterrupted run's results, those of a run
     killed in round 2 (after its first client trained) and resumed, and the resumed
     Simulation."""
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     METHODS.register(name, cls)
     try:
         cfg = _config(name, training={"checkpoint_every": 1})
         clients = build_clients(cfg)
         reference = Simulation(cfg, tmp_path / "ref", clients=clients).run()["methods"][name]
-        crashpoints.arm("train@4")
-        try:
-            with pytest.raises(crashpoints.InjectedCrash):
-                Simulation(cfg, tmp_path / "run", clients=clients).run()
-        finally:
-            crashpoints.disarm()
+        with crashes_at("train@4"):
+            Simulation(cfg, tmp_path / "run", clients=clients).run()
         sim = Simulation(cfg, tmp_path / "run", clients=clients)
         resumed = sim.run(resume=True)["methods"][name]
     finally:

@@ -267,8 +267,8 @@ def test_an_amendment_made_in_the_last_round_is_refused(tmp_path):
     from round 4 of a 3-round run: it was recorded (``effective_from_round`` 4) though it
     bounds no round. Refused now before anything is written; the run's own config finishes
     the run."""
-    from secure_fedora.core import crashpoints
     from secure_fedora.runtimes.inprocess import Simulation
+    from tests.secure_fedora.core.crash_support import crashes_at
     from tests.secure_fedora.runtimes.flower.deploy_support import dp_config
 
     doc = dp_config(rounds=3, noise="reproducible").model_dump(mode="json", exclude_none=True)
@@ -276,12 +276,8 @@ def test_an_amendment_made_in_the_last_round_is_refused(tmp_path):
     cfg = parse_config(doc)
     amended = parse_config({**doc, "fedora": {**doc.get("fedora", {}), "max_pull": 0.01}})
     run, keys = tmp_path / "run", tmp_path / "ks"
-    crashpoints.arm("checkpoint@3")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Simulation(cfg, run, keystore=keys).run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("checkpoint@3"):
+        Simulation(cfg, run, keystore=keys).run()
     before = _snapshot(run)
     with pytest.raises(RunDirError, match="round 4 of 'fedora', after its last round"):
         Simulation(amended, run, keystore=keys).run(resume=True)

@@ -399,7 +399,7 @@ def test_resuming_a_finished_method_with_another_model_is_a_checkpoint_error(tmp
     from torch import nn
 
     from secure_fedora.api import Experiment
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 5, generator=gen), torch.randint(0, 3, (200,), generator=gen)
@@ -415,12 +415,8 @@ def test_resuming_a_finished_method_with_another_model_is_a_checkpoint_error(tmp
         return nn.Sequential(nn.Linear(shape[0], k))
 
     run_dir = tmp_path / "run"
-    crashpoints.arm("between_methods")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Experiment(config, data=data, model=hidden, run_dir=run_dir).run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("between_methods"):
+        Experiment(config, data=data, model=hidden, run_dir=run_dir).run()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match="local.pt was written for another model"):
         Experiment(config, data=data, model=linear, run_dir=run_dir).run(resume=True)
@@ -431,7 +427,7 @@ def _api_run_killed_after_a_checkpoint(run_dir, factory):
     """An API run of ``factory``'s model killed after local's round-1 checkpoint; returns its
     data and config."""
     from secure_fedora.api import Experiment
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
@@ -440,12 +436,8 @@ def _api_run_killed_after_a_checkpoint(run_dir, factory):
               "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
               "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
                        "val_per_client": 5, "test_per_client": 5}}
-    crashpoints.arm("checkpoint_written")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Experiment(config, data=data, model=factory, run_dir=run_dir).run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("checkpoint_written"):
+        Experiment(config, data=data, model=factory, run_dir=run_dir).run()
     return data, config
 
 
@@ -491,7 +483,7 @@ def test_a_dp_run_killed_before_its_first_checkpoint_refuses_a_swapped_model(tmp
     from torch import nn
 
     from secure_fedora.api import Experiment
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     def first(shape, k):
         return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, k))
@@ -508,12 +500,8 @@ def test_a_dp_run_killed_before_its_first_checkpoint_refuses_a_swapped_model(tmp
                        "val_per_client": 5, "test_per_client": 5},
               "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}}
     run_dir = tmp_path / "run"
-    crashpoints.arm(point)
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Experiment(config, data=data, model=first, run_dir=run_dir).run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at(point):
+        Experiment(config, data=data, model=first, run_dir=run_dir).run()
     assert not (run_dir / "checkpoints" / "local.pt").exists()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match=r"ledgers/local/model.json records another model"
@@ -533,7 +521,7 @@ def _killed_tiny_dp_run(tmp_path, name, crash_at):
     from torch import nn
 
     from secure_fedora.api import Experiment
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     def model(shape, k):
         return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, k))
@@ -551,12 +539,8 @@ def _killed_tiny_dp_run(tmp_path, name, crash_at):
     def experiment():
         return Experiment(config, data=data, model=model, run_dir=run_dir)
 
-    crashpoints.arm(crash_at)
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            experiment().run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at(crash_at):
+        experiment().run()
     return experiment, run_dir
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from privacy.ledger import LedgerError
-from secure_fedora.core import crashpoints
 from secure_fedora.runtimes.inprocess import (
     CheckpointError,
     Simulation,
@@ -19,6 +18,7 @@ from secure_fedora.runtimes.inprocess import (
     save_checkpoint,
 )
 from secure_fedora.secure import private
+from tests.secure_fedora.core.crash_support import crashes_at
 from tests.secure_fedora.runtimes.test_crash_resume import clients, config  # noqa: F401
 
 
@@ -26,12 +26,8 @@ def _crash_after_round_2(tmp_path: Path, clients: Any) -> tuple[Any, Simulation]
     """A DP FedAvg run of 3 rounds killed once round 2's checkpoint is written."""
     cfg = config(["fedavg"], True, rounds=3)
     sim = Simulation(cfg, tmp_path, clients=clients)
-    crashpoints.arm("checkpoint_written@2")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            sim.run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("checkpoint_written@2"):
+        sim.run()
     return cfg, sim
 
 

@@ -41,21 +41,24 @@ def run(config: Path, out: Path, *extra: str) -> int:
     return main(["run", str(config), "--out", str(out), "--quiet", *extra])
 
 
+def finished_run(tmp_path_factory, name: str, doc: dict) -> tuple[Path, Path]:
+    """A CLI run of ``doc`` that finished: its config file and run directory, in a folder of
+    their own (for module fixtures, which tests that change the run copy first)."""
+    root = tmp_path_factory.mktemp(name)
+    config = write_config(root / f"{name}.toml", doc)
+    assert run(config, root / "run") == 0
+    return config, root / "run"
+
+
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     """A finished DP run (3 clients, 2 rounds), copied by each test that changes it."""
-    root = tmp_path_factory.mktemp("dp")
-    config = write_config(root / "dp.toml", DP)
-    assert run(config, root / "run") == 0
-    return config, root / "run"
+    return finished_run(tmp_path_factory, "dp", DP)
 
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plain")
-    config = write_config(root / "plain.toml", TINY)
-    assert run(config, root / "run") == 0
-    return config, root / "run"
+    return finished_run(tmp_path_factory, "plain", TINY)
 
 
 def copy_run(source: Path, tmp_path: Path) -> Path:
@@ -189,15 +192,11 @@ def test_resume_of_a_dp_run_killed_before_its_first_checkpoint_continues_it(tmp_
     continues the run from the start (each release accounted once); with the ledgers and
     journals gone too there is nothing to resume from."""
     from privacy.ledger import read_ledger
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
     config = write_config(tmp_path / "dp.toml", DP)
     run_dir = tmp_path / "run"
-    crashpoints.arm("train@2")  # round 1, after the first client trained
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            run(config, run_dir)
-    finally:
-        crashpoints.disarm()
+    with crashes_at("train@2"):  # round 1, after the first client trained
+        run(config, run_dir)
     assert not list(run_dir.glob("checkpoints/*.pt"))
     assert list(run_dir.glob("ledgers/local/*.journal"))
     empty = copy_run(run_dir, tmp_path / "bare")
@@ -215,16 +214,12 @@ def test_resume_of_a_dp_run_killed_before_its_first_checkpoint_continues_it(tmp_
 def _killed_before_the_first_release(tmp_path):
     """A DP CLI run killed right after publishing its keys (its ledgers created, empty):
     returns its config file and run directory."""
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     config = write_config(tmp_path / "dp.toml", DP)
     run_dir = tmp_path / "run"
-    crashpoints.arm("keys_published")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            run(config, run_dir)
-    finally:
-        crashpoints.disarm()
+    with crashes_at("keys_published"):
+        run(config, run_dir)
     return config, run_dir
 
 
@@ -260,16 +255,12 @@ def test_a_dp_run_killed_while_creating_its_ledgers_resumes_by_cli_and_api(tmp_p
     (nothing was released), the interrupted creation's hidden folder is removed and the run
     verifies; so does an API run killed after its config copy, before its ledgers."""
     from privacy.ledger import read_ledger
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     config = write_config(tmp_path / "dp.toml", DP)
     run_dir = tmp_path / "run"
-    crashpoints.arm(point)
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            run(config, run_dir)
-    finally:
-        crashpoints.disarm()
+    with crashes_at(point):
+        run(config, run_dir)
     api_dir = copy_run(run_dir, tmp_path / "api")
     bare = copy_run(run_dir, tmp_path / "bare")
     shutil.rmtree(bare / "ledgers")  # as if killed between the config copy and the ledgers
@@ -290,18 +281,14 @@ def test_a_run_with_envelopes_killed_before_its_first_checkpoint_resumes(tmp_pat
     """Without privacy, a run with envelopes killed in round 1 held its config copy, keys and
     message state: --resume said there was nothing to resume and a new run that the directory
     was not empty. --resume now starts it again and ends as an uninterrupted run."""
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
     doc = {**TINY, "methods": ["fedavg"], "security": {"envelopes": True},
            "training": {**TINY["training"], "checkpoint_every": 2}}
     config = write_config(tmp_path / "env.toml", doc)
     assert run(config, tmp_path / "ref") == 0
     run_dir = tmp_path / "run"
-    crashpoints.arm("train@2")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            run(config, run_dir)
-    finally:
-        crashpoints.disarm()
+    with crashes_at("train@2"):
+        run(config, run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.toml", "keys", "transport"]
     assert run(config, run_dir, "--resume") == 0
     capsys.readouterr()
@@ -316,18 +303,14 @@ def test_an_api_run_with_envelopes_killed_before_its_first_checkpoint_resumes(tm
     in round 1 held only its keys and message state: resume=True said there was nothing to
     resume from and a new run that run_dir was not empty. Its config copy is now written
     before its envelope keys: the resume starts it again and ends as an uninterrupted run."""
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
 
     doc = {**TINY, "methods": ["fedavg"], "security": {"envelopes": True},
            "training": {**TINY["training"], "checkpoint_every": 2}}
     reference = Experiment(doc, run_dir=tmp_path / "ref").run()
     run_dir = tmp_path / "run"
-    crashpoints.arm("train@2")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Experiment(doc, run_dir=run_dir).run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("train@2"):
+        Experiment(doc, run_dir=run_dir).run()
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.toml", "keys", "transport"]
     resumed = Experiment(doc, run_dir=run_dir).run(resume=True)
     assert (run_dir / "rounds.csv").read_text() == (tmp_path / "ref" / "rounds.csv").read_text()
@@ -435,14 +418,10 @@ def test_api_resume_of_a_dp_run_killed_before_its_first_checkpoint_checks_the_co
     configuration (here another learning rate) replayed the journaled releases and went on
     training under it, silently. A private run now writes its config.toml before its first
     ledger entry, so the resume is matched to its configuration."""
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
     run_dir = tmp_path / "run"
-    crashpoints.arm("train@2")  # round 1, after the first client trained
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Experiment(DP, run_dir=run_dir).run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("train@2"):  # round 1, after the first client trained
+        Experiment(DP, run_dir=run_dir).run()
     assert not list(run_dir.glob("checkpoints/*.pt"))
     before = snapshot(run_dir)
     other = {**DP, "training": {**DP["training"], "lr": 0.5}}
@@ -482,15 +461,11 @@ def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, ca
     its rounds were trained, released and accounted again, then the run stopped with
     "Is a directory" / "File exists" writing that output. Resume now refuses it first, with
     nothing written (found by the hunt of run-dir edits)."""
-    from secure_fedora.core import crashpoints
+    from tests.secure_fedora.core.crash_support import crashes_at
     config = write_config(tmp_path / "dp.toml", DP)
     run_dir = tmp_path / "run"
-    crashpoints.arm("checkpoint_written")  # after round 1 of 2
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            run(config, run_dir)
-    finally:
-        crashpoints.disarm()
+    with crashes_at("checkpoint_written"):  # after round 1 of 2
+        run(config, run_dir)
     if blocked in ("plots", "checkpoints"):
         # checkpoints/ a file: it was found only when the round trained again was saved
         shutil.rmtree(run_dir / blocked, ignore_errors=True)
@@ -677,10 +652,7 @@ DP_REPRODUCIBLE = {**DP, "privacy": {**DP["privacy"], "noise": "reproducible"}}
 
 @pytest.fixture(scope="module")
 def dp_reproducible_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dp-reproducible")
-    config = write_config(root / "dp.toml", DP_REPRODUCIBLE)
-    assert run(config, root / "run") == 0
-    return config, root / "run"
+    return finished_run(tmp_path_factory, "dp-reproducible", DP_REPRODUCIBLE)
 
 
 @pytest.mark.parametrize("failing, nth", [("write", 2), ("fsync", 4)])
@@ -735,27 +707,36 @@ def test_a_ledger_write_failing_mid_run_names_the_resume_and_the_resume_is_exact
     assert audit_main(["audit", "verify", str(out)]) == 0
 
 
+def refused_at_the_third_checkpoint(tmp_path: Path, monkeypatch, capsys, refuse) -> str:
+    """Run TINY by the CLI with ``refuse(path)`` (which raises) called instead of its third
+    checkpoint write; the exit code must be 2: returns what it printed on stderr."""
+    from secure_fedora.runtimes import inprocess
+
+    config = write_config(tmp_path / "plain.toml", TINY)
+    save, calls = inprocess.save_checkpoint, []
+
+    def refusing(path: Path, state: dict) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            refuse(path)
+        save(path, state)
+
+    monkeypatch.setattr(inprocess, "save_checkpoint", refusing)
+    capsys.readouterr()
+    assert run(config, tmp_path / "run") == 2
+    return capsys.readouterr().err.strip()
+
+
 def test_a_refusal_mid_run_that_a_resume_would_repeat_names_no_resume(tmp_path, monkeypatch,
                                                                      capsys):
     """A budget found spent mid-run is not an I/O failure: the error is left as it is."""
     from privacy.accounting import BudgetExceededError, PrivacyBudget
-    from secure_fedora.runtimes import inprocess
 
-    config = write_config(tmp_path / "plain.toml", TINY)
-    out = tmp_path / "run"
-    save, calls = inprocess.save_checkpoint, []
+    def refuse(path: Path) -> None:
+        raise BudgetExceededError(client_id="client-000", round=1, mechanism="dpsgd",
+                                  epsilon_would_be=3.5, budget=PrivacyBudget(3.0, 1e-3))
 
-    def refuse(path: Path, state: dict) -> None:
-        calls.append(path)
-        if len(calls) == 3:
-            raise BudgetExceededError(client_id="client-000", round=1, mechanism="dpsgd",
-                                      epsilon_would_be=3.5, budget=PrivacyBudget(3.0, 1e-3))
-        save(path, state)
-
-    monkeypatch.setattr(inprocess, "save_checkpoint", refuse)
-    capsys.readouterr()
-    assert run(config, out) == 2
-    err = capsys.readouterr().err.strip()
+    err = refused_at_the_third_checkpoint(tmp_path, monkeypatch, capsys, refuse)
     assert err.startswith("error: client 'client-000' round 1: release 'dpsgd' refused")
     assert "resume" not in err and "\n" not in err
 
@@ -767,30 +748,19 @@ def test_a_refusal_raised_from_none_while_handling_an_os_error_names_no_resume(
     content: a refusal a resume would repeat) got the resume hint, as if the run had stopped
     for its environment; one raised from the OSError, or while handling it, still does."""
     from privacy.ledger import LedgerError
-    from secure_fedora.runtimes import inprocess
 
-    config = write_config(tmp_path / "plain.toml", TINY)
-    out = tmp_path / "run"
-    save, calls = inprocess.save_checkpoint, []
+    def refuse(path: Path) -> None:
+        try:
+            raise FileExistsError(17, "File exists", str(path))
+        except FileExistsError as err:
+            refusal = LedgerError(f"quarantine file {str(path)!r} exists with other content")
+            if raised_from == "none":
+                raise refusal from None
+            if raised_from == "err":
+                raise refusal from err
+            raise refusal  # noqa: B904 - the implicit context is what is tested
 
-    def refuse(path: Path, state: dict) -> None:
-        calls.append(path)
-        if len(calls) == 3:
-            try:
-                raise FileExistsError(17, "File exists", str(path))
-            except FileExistsError as err:
-                refusal = LedgerError(f"quarantine file {str(path)!r} exists with other content")
-                if raised_from == "none":
-                    raise refusal from None
-                if raised_from == "err":
-                    raise refusal from err
-                raise refusal  # noqa: B904 - the implicit context is what is tested
-        save(path, state)
-
-    monkeypatch.setattr(inprocess, "save_checkpoint", refuse)
-    capsys.readouterr()
-    assert run(config, out) == 2
-    err = capsys.readouterr().err.strip()
+    err = refused_at_the_third_checkpoint(tmp_path, monkeypatch, capsys, refuse)
     assert err.startswith("error: quarantine file ") and "\n" not in err
     assert ("--resume" in err) is hint
 

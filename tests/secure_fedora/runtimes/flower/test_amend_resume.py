@@ -18,6 +18,7 @@ from secure_fedora.core import crashpoints
 from secure_fedora.core.config import config_hash, parse_config
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings
+from tests.secure_fedora.core.crash_support import crashes_at
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     audit_folder,
@@ -91,12 +92,8 @@ def test_a_killed_dp_run_resumes_with_max_pull_like_the_in_process_runtime(tmp_p
 
     # in process: the same run killed after round 1's checkpoint, resumed with the amendment
     run_dir = tmp_path / "inproc"
-    crashpoints.arm("checkpoint_written@1")
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            Simulation(cfg, run_dir, keystore=tmp_path / "keystore").run()
-    finally:
-        crashpoints.disarm()
+    with crashes_at("checkpoint_written@1"):
+        Simulation(cfg, run_dir, keystore=tmp_path / "keystore").run()
     expected = Simulation(amended, run_dir, keystore=tmp_path / "keystore").run(resume=True)
     # killed after round 1's checkpoint, it resumes at round 2; round 2 on, under the new value
     assert expected["config_amendments"] == [{**AMENDMENT, "resumed_at_round": 2}]

@@ -17,6 +17,7 @@ from secure_fedora.core import crashpoints
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.local import _resumed_run
 from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
+from tests.secure_fedora.core.crash_support import crashes_at
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     dp_config,
@@ -331,12 +332,8 @@ def _kill_in_release(root: Path, cfg: Any, at: str = "release@2", **over: Any
     journal record durable) and before it left or was saved. Returns the run config of the
     resume (a new Flower run)."""
     rc, grid = _federation(root, cfg, **over)
-    crashpoints.arm(at)  # client 0's round-1 release, then client 1's, ...
-    try:
-        with pytest.raises(crashpoints.InjectedCrash):
-            _run(rc, grid)
-    finally:
-        crashpoints.disarm()
+    with crashes_at(at):  # client 0's round-1 release, then client 1's, ...
+        _run(rc, grid)
     return {**rc, "resume": "42"}
 
 
