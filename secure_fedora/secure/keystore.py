@@ -170,6 +170,8 @@ CONFIG_FILENAME = "config.toml"
 RUN_RECORD_NAMES = ("results.json", "anchor.json", "ledgers", "checkpoints", "rounds.csv",
                     "stopped.json", "amendments.json", "keystore_extended.json", "sweep.json",
                     "cell.json")
+# of those, the names a project folder may hold for its own use (and a sweep's top level)
+PROJECT_NAMES = frozenset({"results.json", "checkpoints", "sweep.json"})
 
 
 def _run_record(directory: str | os.PathLike[str], names: Sequence[str]) -> list[str]:
@@ -181,7 +183,8 @@ def refuse_run_directory(path: Path, source: str) -> None:
     """IdentityError, writing nothing, when the directory ``path`` (a key store chosen by
     ``source``, existing or not) holds a run's or sweep's record (:data:`RUN_RECORD_NAMES`),
     or lies below a run's directory (a parent, ``..`` and links resolved, that holds
-    ``config.toml`` and a run's record): that is a directory auditors receive, and private
+    ``config.toml`` and a record only a run writes: ledgers, anchor, rounds, stop or amendment
+    records): that is a directory auditors receive, and private
     keys written in it would go with it, beside that run's own."""
     record = _run_record(path, RUN_RECORD_NAMES)
     if record:
@@ -191,9 +194,10 @@ def refuse_run_directory(path: Path, source: str) -> None:
             "keys and allowlist.json would be written beside that run's own; give the key "
             "store a directory of its own (a new path is created on first use); nothing was "
             "written")
-    # a parent needs config.toml as well: a project folder may hold results.json or
-    # checkpoints/ of its own; a sweep's top level (sweep.json) may hold its shared key store
-    run_names = [name for name in RUN_RECORD_NAMES if name != "sweep.json"]
+    # a parent needs config.toml and a name only a run writes: an ML project folder may hold
+    # config.toml beside results.json or checkpoints/ of its own; a sweep's top level
+    # (sweep.json) may hold its cells' shared key store
+    run_names = [name for name in RUN_RECORD_NAMES if name not in PROJECT_NAMES]
     for parent in Path(path).resolve().parents:
         if not os.path.isfile(parent / CONFIG_FILENAME):
             continue

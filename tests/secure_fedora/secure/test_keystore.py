@@ -418,7 +418,8 @@ def test_a_key_store_below_another_runs_directory_is_refused(tmp_path, capsys):
         with pytest.raises(IdentityError, match=(
                 rf"key store {re.escape(str(inside))} \(the keystore= argument\) lies inside "
                 rf"{re.escape(str(other))}, another run's directory \(it holds config.toml, "
-                r"anchor.json, checkpoints, .*\).*outside any run directory.*nothing was written")):
+                r"anchor.json, ledgers, rounds.csv\).*outside any run directory.*nothing was "
+                r"written")):
             Simulation(_tiny_dp_config(), tmp_path / "run", keystore=inside).run()
         assert main(["keys", "init", str(inside), "--clients", "2"]) == 2
         assert f"lies inside {other}, another run's directory" in capsys.readouterr().err
@@ -426,11 +427,14 @@ def test_a_key_store_below_another_runs_directory_is_refused(tmp_path, capsys):
         == before
     assert not (other / "sub").exists() and not (tmp_path / "run" / "ledgers").exists()
     # a folder that holds a record's name but no config.toml (a project's own results.json),
-    # or a sweep's top level (its cells share a key store there), stays a place for one
-    for holder, name in (("project", "results.json"), ("sweep", "sweep.json")):
+    # an ML project folder holding config.toml beside results.json and checkpoints/ of its own
+    # (names a run writes too, but not only a run), or a sweep's top level (its cells share a
+    # key store there), stays a place for one
+    for holder, names in (("project", ("results.json",)),
+                          ("ml-project", ("config.toml", "results.json", "checkpoints")),
+                          ("sweep", ("config.toml", "sweep.json"))):
         (tmp_path / holder).mkdir()
-        (tmp_path / holder / name).write_text("{}")
-        if holder == "sweep":
-            (tmp_path / holder / "config.toml").write_text("")
+        for name in names:
+            (tmp_path / holder / name).write_text("{}")
         Simulation(_tiny_dp_config(), tmp_path / f"run-{holder}",
                    keystore=tmp_path / holder / "keys").run()
