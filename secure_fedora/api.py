@@ -177,9 +177,23 @@ class Experiment:
         _refuse_two_sources(self.config, data, model)
         self.data = data
         self.model_factory = model
-        self.run_dir = check_path_argument(run_dir, "run_dir") if run_dir is not None else Path(
-            tempfile.mkdtemp(prefix=f"secure-fedora-{self.config.name}-"))
+        self._run_dir = check_path_argument(run_dir, "run_dir") if run_dir is not None else None
+        self._temporary = run_dir is None
         self._clients: list[ClientData] | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run writes: the ``run_dir`` given, else a new temporary directory
+        (``secure-fedora-NAME-*``) made on first use, so an experiment that only checks, or
+        whose run fails before writing anything, leaves no directory behind."""
+        if self._run_dir is None:
+            self._run_dir = Path(tempfile.mkdtemp(prefix=f"secure-fedora-{self.config.name}-"))
+        return self._run_dir
+
+    @run_dir.setter
+    def run_dir(self, value: str | Path) -> None:
+        self._run_dir = check_path_argument(value, "run_dir")
+        self._temporary = False
 
     @property
     def clients(self) -> list[ClientData]:
@@ -240,16 +254,31 @@ class Experiment:
         resuming = check_flag_argument(resume, "resume")
         check_keystore_used(self.config.privacy.enabled, self.config.security.keystore, keystore,
                             API_KEYSTORE_OPTION, resume=resuming)
-        with hold_run_dir(self.run_dir, create=not resuming):  # another process's run is refused
-            if resuming:
-                check_resumable(self.run_dir, self.config, config_copy_required=False, cli=False)
-            elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
-                raise RunDirError(f"run directory {self.run_dir} is not empty; a new run needs a "
-                                  "new or empty run_dir, and run(resume=True) continues the run "
-                                  "it holds")
-            self.check()
-            return Results(self.simulation(progress, keystore=keystore).run(resume=resume),
-                           self.run_dir)
+        try:
+            with hold_run_dir(self.run_dir, create=not resuming):  # another process's is refused
+                if resuming:
+                    check_resumable(self.run_dir, self.config, config_copy_required=False,
+                                    cli=False)
+                elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+                    raise RunDirError(f"run directory {self.run_dir} is not empty; a new run "
+                                      "needs a new or empty run_dir, and run(resume=True) "
+                                      "continues the run it holds")
+                self.check()
+                return Results(self.simulation(progress, keystore=keystore).run(resume=resume),
+                               self.run_dir)
+        except BaseException:
+            self._drop_empty_temporary()
+            raise
+
+    def _drop_empty_temporary(self) -> None:
+        """Remove the temporary run directory this experiment made when nothing was written
+        in it (a run refused or failed before its first file); the next run makes a new one."""
+        if self._temporary and self._run_dir is not None:
+            try:
+                self._run_dir.rmdir()  # only an empty directory
+            except OSError:
+                return
+            self._run_dir = None
 
 
 def run(config: ExperimentConfig | Mapping[str, Any] | str | Path, *, data: Any = None,

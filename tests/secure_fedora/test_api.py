@@ -210,3 +210,29 @@ def test_run_takes_the_key_store_as_the_cli_does(tmp_path, monkeypatch) -> None:
             run(kwargs["config"], data=_federated(), run_dir=tmp_path / "no",
                 keystore=kwargs["keystore"])
         assert not (tmp_path / "no").exists()
+
+
+def test_an_experiment_without_run_dir_leaves_no_directory_it_did_not_write(tmp_path,
+                                                                            monkeypatch) -> None:
+    """Experiment() without run_dir made its temporary directory when constructed, so every
+    experiment only checked, or whose run failed before writing anything, left an empty
+    ``secure-fedora-NAME-*`` directory behind (the test suite alone left over a thousand)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = lambda: sorted(p.name for p in tmp_path.iterdir())  # noqa: E731
+    Experiment(CONFIG).check()
+    assert made() == []
+
+    def broken_model(shape: tuple[int, ...], classes: int) -> None:
+        raise RuntimeError("this model cannot be built")
+
+    exp = Experiment(CONFIG, model=broken_model)
+    for _ in range(2):
+        with pytest.raises(Exception, match="this model cannot be built"):
+            exp.run()
+        assert made() == []
+    exp.model_factory = None
+    results = exp.run()
+    assert made() == [results.run_dir.name] and results.run_dir.name.startswith("secure-fedora-")
+    assert (results.run_dir / "results.json").is_file()
