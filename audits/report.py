@@ -695,6 +695,18 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return _e(value)
 
 
+def _fmt_exact(value: Any) -> str:
+    """A parameter of the privacy claim (a budget, delta, noise multiplier, sample rate or
+    clip norm, or a list of them) exactly as the ledger or results.json holds it (the float's
+    shortest round-trip form): rounding either way can state a stronger claim than recorded
+    (a smaller delta or sample rate, a larger noise multiplier)."""
+    if isinstance(value, list):
+        return _e(", ".join(repr(v) if isinstance(v, float) else str(v) for v in value))
+    if isinstance(value, float) and not math.isnan(value):
+        return _e(repr(value))
+    return _fmt(value)
+
+
 def _fmt_up(value: Any, decimals: int = 4) -> str:
     """An epsilon (or a share of a budget) rounded up, never shown below the recorded value;
     anything that is not a finite number as :func:`_fmt` shows it."""
@@ -776,7 +788,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     parts.append(_table(
         ["method", "client", "budget \u03b5", "\u03b4", "accountant", "recorded \u03b5",
          "independent \u03b5", "budget used", "entries", "refused", "verified"],
-        [[_e(r["method"]), _e(r["client_id"]), _fmt(r["budget_epsilon"]), _fmt(r["delta"]),
+        [[_e(r["method"]), _e(r["client_id"]), _fmt_exact(r["budget_epsilon"]),
+          _fmt_exact(r["delta"]),
           _fmt(r["accountant"]), _fmt_up(r["recorded_epsilon"]),
           _fmt_up(r["independent_epsilon"]),
           _share_up(r["recorded_epsilon"], r["budget_epsilon"], r["budget_used"]),
@@ -797,8 +810,9 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         parts.append(_table(
             ["method", "clients", "budget \u03b5", "\u03b4", "DP-SGD \u03c3", "sample rate",
              "steps/round", "rounds", "planned \u03b5", "releases"],
-            [[_e(r.get("method")), _fmt(r.get("clients")), _fmt(r.get("epsilon_budget")),
-              _fmt(r.get("delta")), _fmt(r.get("noise_multiplier")), _fmt(r.get("sample_rate")),
+            [[_e(r.get("method")), _fmt(r.get("clients")), _fmt_exact(r.get("epsilon_budget")),
+              _fmt_exact(r.get("delta")), _fmt_exact(r.get("noise_multiplier")),
+              _fmt_exact(r.get("sample_rate")),
               _fmt(r.get("steps_per_round")), _fmt(r.get("rounds")),
               _fmt_up(r.get("planned_epsilon")), _e("; ".join(map(str, _list(r.get("releases")))))]
              for r in plan["plan"]],
@@ -817,7 +831,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         ["method", "mechanism", "clients", "entries", "total steps", "noise multipliers",
          "sample rates", "clip norms"],
         [[_e(m["method"]), _e(m["mechanism"]), str(m["clients"]), str(m["entries"]), str(m["steps"]),
-          _fmt(m["noise_multipliers"]), _fmt(m["sample_rates"]), _fmt(m["clip_norms"])]
+          _fmt_exact(m["noise_multipliers"]), _fmt_exact(m["sample_rates"]),
+          _fmt_exact(m["clip_norms"])]
          for m in report["mechanisms"]],
         left=(0, 1),
     ))

@@ -356,6 +356,31 @@ def test_epsilons_and_budget_shares_are_shown_rounded_up(pristine_run):
     assert ">2.983</td>" not in page and ">99.4%</td>" not in page
 
 
+def test_budgets_deltas_and_noise_parameters_are_shown_exactly(pristine_run):
+    """The budget, plan and mechanism tables showed a client's delta 1.23449e-05 as
+    "1.234e-05" (a smaller delta than its ledger records: a stronger claim than the ledger
+    backs), its budget 2.71828 as "2.718", a noise multiplier 2.383979233789939 as "2.384" or
+    "2.38398" (more noise than was drawn) and a sample rate of 1/3 as "0.3333" (fewer records
+    per step): every parameter of the claim is shown as the ledger and results.json hold it."""
+    from audits.report import render_html
+
+    report = build_report(pristine_run)
+    sigma, q = 2.383979233789939, 1 / 3
+    report["budgets"][0].update(budget_epsilon=2.71828, delta=1.23449e-05)
+    report["privacy_plan"]["plan"] = [{"method": "fedora", "clients": 3, "epsilon_budget": 2.71828,
+                                       "delta": 1.23449e-05, "noise_multiplier": sigma,
+                                       "sample_rate": q, "planned_epsilon": 2.5}]
+    report["mechanisms"] = [{"method": "fedora", "mechanism": "dpsgd", "clients": 3,
+                             "entries": 6, "steps": 30, "noise_multipliers": [sigma],
+                             "sample_rates": [q], "clip_norms": [1.0]}]
+    page = render_html(report, {})
+    assert page.count(">2.71828</td>") == 2 and page.count(">1.23449e-05</td>") == 2
+    assert page.count(f">{sigma!r}</td>") == 2 and page.count(f">{q!r}</td>") == 2
+    for rounded in (">2.718</td>", ">1.234e-05</td>", ">2.384</td>", ">2.38398</td>",
+                    ">0.3333</td>", ">0.333333</td>"):
+        assert rounded not in page
+
+
 def test_the_share_of_an_exactly_spent_budget_is_shown_exactly(pristine_run):
     """The budget table showed 2.0363 spent of a budget of 2.909 (exactly 70%) as "70.1%"
     (format_up of the float share 70.00000000000001); an exact share shows exactly, an
