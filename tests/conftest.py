@@ -1,5 +1,7 @@
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 # Tests run on 2-core CI machines; keep each process to one intra-op thread so parallel
@@ -22,3 +24,19 @@ if "SECURE_FEDORA_KEYSTORE_HOME" not in os.environ:
     _KEYSTORE_HOME = tempfile.mkdtemp(prefix="secure-fedora-test-keystores-")
     os.environ["SECURE_FEDORA_KEYSTORE_HOME"] = _KEYSTORE_HOME
     atexit.register(shutil.rmtree, _KEYSTORE_HOME, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytest_basetemp(tmp_path_factory: pytest.TempPathFactory
+                                           ) -> Iterator[None]:
+    """What the code under test makes with ``tempfile`` in this process (an Experiment's run
+    directory when none is given, scratch folders) goes under pytest's own temporary tree,
+    which pytest prunes, instead of piling up in the system's /tmp."""
+    import tempfile
+
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
