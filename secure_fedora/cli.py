@@ -126,11 +126,9 @@ def _resume_command(config: str, run_dir: Path) -> str:
 def _name_resume_command(err: ToolkitError, config: str, run_dir: Path) -> None:
     """Put this run's config path and run directory into the resume command that ``err``
     names (a diverged FEDORA pull: :data:`~secure_fedora.learning.client.PULL_RESUME_COMMAND`)."""
-    from secure_fedora.learning.client import PULL_RESUME_COMMAND
+    from secure_fedora.learning.client import name_resume_command
 
-    if err.args and isinstance(err.args[0], str) and PULL_RESUME_COMMAND in err.args[0]:
-        err.args = (err.args[0].replace(PULL_RESUME_COMMAND, _resume_command(config, run_dir)),
-                    *err.args[1:])
+    name_resume_command(err, _resume_command(config, run_dir))
 
 
 def _chained(err: BaseException) -> BaseException | None:

@@ -62,6 +62,19 @@ class ClientUpdateError(ToolkitError, ValueError):
 PULL_RESUME_COMMAND = "secure-fedora run CONFIG --out RUN_DIR --resume"
 """The resume command a pull's divergence names (the CLI puts in the run's own paths)."""
 
+def name_resume_command(err: BaseException, command: str) -> None:
+    """Put ``command`` in place of :data:`PULL_RESUME_COMMAND` in the message of ``err`` and
+    of every error it was raised from (``__cause__``), in place: the runtime that stopped
+    names the resume that works there. A message without it is left as it is."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.args and isinstance(e.args[0], str) and PULL_RESUME_COMMAND in e.args[0]:
+            e.args = (e.args[0].replace(PULL_RESUME_COMMAND, command), *e.args[1:])
+        e = e.__cause__
+
+
 PULL_RESUME_HINT = (f"the run keeps what it released: with fedora.max_pull = 1 set in its "
                     f"config (the one change a resume accepts), `{PULL_RESUME_COMMAND}` "
                     "continues it")

@@ -101,7 +101,7 @@ from secure_fedora.algorithms.contract import (
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import remove_interrupted_writes
 from secure_fedora.data.partition import ClientData
-from secure_fedora.learning.client import evaluate
+from secure_fedora.learning.client import evaluate, name_resume_command
 from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, client_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, reply_kind
@@ -120,6 +120,7 @@ from secure_fedora.runtimes.flower.protocol import (
     MSG_HELLO,
     MSG_ROUND,
     MSG_SETUP,
+    PULL_RESUME_COMMAND,
     STAGE_OF,
     DeployError,
     NodeSettings,
@@ -263,6 +264,7 @@ def _withholding(handler: Callable[[Message, Context], Message]
         try:
             return handler(message, context)
         except Exception as err:
+            name_resume_command(err, PULL_RESUME_COMMAND)  # not the in-process `run --resume`
             sent = client_error_text(err, _client_errors_mode(context))
             _record_client_error(context, f"{message.metadata.message_type} failed", err, sent)
             # the node's log has the traceback; the wrapper adds no second copy of it

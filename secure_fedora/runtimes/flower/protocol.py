@@ -75,6 +75,7 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash
 
 __all__ = [
     "DeployError",
+    "PULL_RESUME_COMMAND",
     "apply_amendments",
     "parse_amendments",
     "resume_run_id",
@@ -161,6 +162,11 @@ class DeployError(ToolkitError, RuntimeError):
 #: What a client's error text sent to the server says in place of the error's message under
 #: ``[security] client_errors = "withheld"``: fixed, whatever the error and the data.
 WITHHELD_DETAILS = "details withheld; see the client's own log"
+
+#: The resume a Flower node's error for a diverged FEDORA pull names in place of the in-process
+#: :data:`~secure_fedora.learning.client.PULL_RESUME_COMMAND` (the node knows neither the
+#: config's path nor the workdir; the server's stop message says from which round it applies).
+PULL_RESUME_COMMAND = "secure-fedora deploy local --config CONFIG --workdir WORKDIR --resume"
 
 
 #: The values of ``[security] client_errors`` and of a SuperNode's node-config key

@@ -13,7 +13,9 @@ from audits.verify import verify_run
 from secure_fedora.core.config import load_config
 from secure_fedora.learning.client import ClientUpdateError
 from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.client_app import CLIENT_ERRORS_LOG
 from secure_fedora.runtimes.flower.protocol import (
+    PULL_RESUME_COMMAND,
     WITHHELD_DETAILS,
     DeployError,
     RunSettings,
@@ -44,7 +46,8 @@ def test_a_withheld_error_text_names_a_pull_divergence_alone() -> None:
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_a_diverged_pull_stops_a_flower_run_and_max_pull_resumes_it(tmp_path: Path) -> None:
+def test_a_diverged_pull_stops_a_flower_run_and_max_pull_resumes_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config(write(tmp_path / "diverges.toml"))
     rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
                                       "reproducible-dp-noise": True})
@@ -58,6 +61,13 @@ def test_a_diverged_pull_stops_a_flower_run_and_max_pull_resumes_it(tmp_path: Pa
                        r"round 2$"):
         server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     assert not (tmp_path / "res" / "results.json").exists()
+    # the node's own record names the resume that works on Flower, not the in-process one
+    node_log = (tmp_path / "nodes" / "node-1" / "runs" / "42" / CLIENT_ERRORS_LOG).read_text()
+    assert f"`{PULL_RESUME_COMMAND}` continues it" in node_log
+    assert "secure-fedora run" not in node_log
+    logged = [r.getMessage() for r in caplog.records if "pull diverged" in r.getMessage()]
+    assert logged and all("secure-fedora run" not in m and PULL_RESUME_COMMAND in m
+                          for m in logged)
 
     # the remedy: round 1 is re-made as it was (client 1 sits it out), bounded from round 2
     resumed = {**rc, "resume": "42", "amendments": json.dumps([AMENDMENT])}
