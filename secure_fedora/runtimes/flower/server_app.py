@@ -1125,6 +1125,9 @@ class _Replies:
     payloads: dict[int, Payload] = field(default_factory=dict)
     metrics: dict[int, MetricRecord] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)  # clients that refused their release
+    #: clients whose error reply says FEDORA's pull diverged in this exchange (a resume's
+    #: amendment let them sit the round out instead of stopping the run)
+    diverged_pulls: set[int] = field(default_factory=set)
     timing: ExchangeTiming = field(default_factory=ExchangeTiming)
 
 
@@ -1351,6 +1354,7 @@ def _exchange_payloads(
                 f"to go on, its node's state being lost or damaged ({reason}); the run stops")
         if PULL_DIVERGED in reason:
             _stop_for_pull(server, run, rnd, client_of[node], node)
+            out.diverged_pulls.add(client_of[node])
     for node in ex.missing:
         server.event(rnd, client_of[node], node, f"no reply in time: {then}")
     for node, reply in sorted(ex.replies.items()):
@@ -1931,6 +1935,10 @@ def _run_method(grid: Grid, server: _Server, name: str,
                                         algorithm.aggregate(rnd, replies.payloads))
         else:  # as in process for a round nobody was admitted to: no update, no statistic
             stats = no_reply_statistics()
+        if replies.diverged_pulls:
+            # their pulls were unstable this round too (what their error replies say, a fact
+            # of the lambda each released): statistics over accepted replies leave them out
+            stats["unstable_pulls"] = stats.get("unstable_pulls", 0.0) + len(replies.diverged_pulls)
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),

@@ -77,6 +77,21 @@ def test_a_diverged_pull_stops_a_flower_run_and_max_pull_resumes_it(
     assert [(e["round"], e["client"]) for e in results["events"]] == [(1, 1)]
     assert "FEDORA's pull diverged" in results["events"][0]["event"]
     assert [r["replied"] for r in results["rounds"]] == [2, 3, 3]
+    # client 1's pull was unstable in round 1 (it sat the round out): counted, as its event
+    # says; the statistics of accepted replies alone stated 0
+    assert [r["unstable_pulls"] for r in results["rounds"]] == [1.0, 0.0, 0.0]
+    # its ledger keeps round 1's releases (written ahead: over-counted, never under-counted),
+    # and results.json states what that ledger accounts to
+    lines = (tmp_path / "nodes" / "node-1" / "runs" / "42" / "fedora" /
+             "client-001.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert [(e["mechanism"], e["round"]) for e in entries if e["round"] == 1] == \
+        [("dpsgd", 1), ("gaussian_lambda", 1)]
+    rows = {r["client"]: r for r in results["privacy"]["fedora"]["clients"]}
+    assert rows["client-001"]["epsilon_spent"] == entries[-1]["epsilon_after"] == \
+        entries[-1]["params"]["epsilon_spent"]
+    assert rows["client-001"]["ledger_entries"] == len(entries)
+    assert rows["client-001"]["epsilon_spent"] == rows["client-000"]["epsilon_spent"]
     report = verify_run(audit_folder(tmp_path),
                         allowlist=tmp_path / "ids" / "server" / "allowlist.json",
                         anchor=tmp_path / "res" / "anchor.json")
