@@ -96,3 +96,26 @@ def test_a_diverged_pull_stops_a_flower_run_and_max_pull_resumes_it(
                         allowlist=tmp_path / "ids" / "server" / "allowlist.json",
                         anchor=tmp_path / "res" / "anchor.json")
     assert report.ok, report.errors
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_full_error_text_of_a_diverged_pull_names_the_flower_resume(tmp_path: Path) -> None:
+    path = Path(write(tmp_path / "diverges.toml"))
+    path.write_text(path.read_text() + '\n[security]\nclient_errors = "full"\n')
+    cfg = load_config(str(path))
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": True})
+    (tmp_path / "res").mkdir()
+    full = dict.fromkeys(range(3), "full")
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=full)
+    with pytest.raises(DeployError, match="FEDORA's pull diverged in round 1"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    resumed = {**rc, "resume": "42", "amendments": json.dumps([AMENDMENT])}
+    grid = InMemoryGrid(tmp_path / "nodes", resumed, 3, run_id=777, node_errors=full)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(resumed), 777)  # type: ignore[arg-type]
+    # the client's whole text, as the server records it: the in-process command was there
+    [event] = results["events"]
+    assert event["event"].startswith("error reply (2: ClientUpdateError: client 1: ")
+    assert f"`{PULL_RESUME_COMMAND}` continues it" in event["event"]
+    assert "secure-fedora run" not in event["event"]
+    assert results["rounds"][0]["unstable_pulls"] == 1.0
