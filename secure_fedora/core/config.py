@@ -871,6 +871,9 @@ def config_from_bytes(raw: bytes, source: str, *, plugins_from_folder: bool = Tr
     except ValueError as err:  # an integer of more digits than Python converts
         reason = str(err).partition("; use sys.set_int_max_str_digits")[0]
         raise ConfigError(f"config {source} is not valid TOML: {reason}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"config {source} is not valid TOML: arrays or inline tables nested "
+                          "too deeply to parse: write them with fewer levels") from None
     cfg = parse_config(data, source)
     if plugins_from_folder:
         from secure_fedora.core.plugins import remember_config_dir

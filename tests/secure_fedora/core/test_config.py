@@ -239,6 +239,18 @@ def test_an_integer_of_more_digits_than_python_reads_is_a_config_error(tmp_path)
         load_config(path)
 
 
+@pytest.mark.parametrize("value", ["[" * 2000 + "]" * 2000, "{a = " * 2000 + "1" + "}" * 2000],
+                         ids=["arrays", "inline_tables"])
+def test_values_nested_too_deeply_are_a_config_error(tmp_path, value):
+    """Arrays or inline tables nested some hundreds deep raised a raw RecursionError from the
+    TOML reader (a traceback from ``secure-fedora run``)."""
+    path = tmp_path / "deep.toml"
+    path.write_text(f"[training]\nrounds = {value}\n")
+    with pytest.raises(ConfigError, match=r"^config .*deep\.toml is not valid TOML: arrays or "
+                                          r"inline tables nested too deeply"):
+        load_config(path)
+
+
 def test_k_below_n_is_needed_only_when_fedora_runs():
     assert parse_config({"data": {"num_clients": 2}, "fedora": {"k": 1}}).fedora.k == 1
     assert parse_config({"data": {"num_clients": 2}, "methods": ["local", "fedavg"]}).fedora.k == 2
