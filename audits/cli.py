@@ -201,12 +201,13 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from audits.canary import run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
     from secure_fedora.cli import keystore_flag
-    from secure_fedora.core.config import load_config
+    from secure_fedora.core.config import check_path_argument, load_config
     from secure_fedora.secure.keystore import check_keystore_used
 
     json_path = _json_option(args, "canary")
     keystore = keystore_flag(args.keystore)
-    target = Path(args.config)
+    # an empty path would name the current directory as the run directory
+    target = check_path_argument(args.config, "the config path", "config file or run directory")
     run_dir = target if target.is_dir() else None
     problem = None if run_dir is None else config_rebuild_problem(run_dir, "canary")
     if problem is not None:

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from privacy.errors import ToolkitError
-from secure_fedora.core.config import ConfigError, config_from_bytes
+from secure_fedora.core.config import ConfigError, check_path_argument, config_from_bytes
 from secure_fedora.core.errors import (
     INTERRUPTED_EXIT_CODE,
     add_debug_flag,
@@ -72,8 +72,6 @@ def add_keystore_flag(parser: argparse.ArgumentParser) -> None:
 def keystore_flag(value: str | None) -> str | None:
     """``--keystore``'s value, checked before anything runs: ConfigError naming the flag when
     it is empty or only spaces (it would mean the current directory) or holds NUL."""
-    from secure_fedora.core.config import check_path_argument
-
     if value is not None and not value.strip():
         raise ConfigError("--keystore is empty: name the key store directory, or leave "
                           "--keystore out for the default")
@@ -175,8 +173,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     keystore_flag(args.keystore)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out, the run directory to continue")
+    # an empty path would read the current directory ("Is a directory"), as load_config refuses
+    config_path = check_path_argument(args.config, "the config path", "file")
     try:
-        config_bytes = Path(args.config).read_bytes()
+        config_bytes = config_path.read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
     cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
@@ -229,7 +229,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from privacy.identity import MAX_CLIENT_IDS, init_keys
-    from secure_fedora.core.config import check_path_argument
     from secure_fedora.secure.keystore import refuse_run_directory, run_party_ids
 
     # an empty directory would be the current one, which then receives every private key

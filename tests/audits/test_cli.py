@@ -156,6 +156,18 @@ def test_report_refuses_an_empty_out(pristine_run, tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("config", ["", "  "])
+def test_canary_refuses_an_empty_config_path(tmp_path, monkeypatch, capsys, config):
+    """`audit canary ''` took the current directory for the run directory (then "cannot read
+    config config.toml"), where every other command refuses an empty config path."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", "canary", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the config path is empty: name a config file or run "
+                          "directory") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verify_and_report_refuse_a_directory_that_is_not_a_run(tmp_path, capsys):
     """An empty directory was verified as "not differentially private" (rc 1), and the report
     wrote audit/ into it."""

@@ -335,6 +335,17 @@ def test_an_empty_out_is_an_error_not_the_default_directory(tmp_path, capsys, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
 
 
+@pytest.mark.parametrize("config", ["", "  "])
+def test_run_refuses_an_empty_config_path(tmp_path, capsys, monkeypatch, config):
+    """`run ''` read the current directory ("cannot read config : Is a directory"), where
+    load_config, sweep and deploy say the config path is empty."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", config, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert one_error_line(capsys.readouterr().err) == \
+        "error: the config path is empty: name a file"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_key_store_errors_of_a_run_name_the_keystore_flag(tmp_path, capsys):
     """The CLI's key-store errors name its ``--keystore`` flag (the Python API's name its
     ``keystore=`` argument)."""
