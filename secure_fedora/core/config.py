@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -717,7 +718,34 @@ class ExperimentConfig(_Section):
                 "'private' use model_selection = 'final_round' (or leave it unset)"
             )
         self._check_dpsgd_plan()
+        self._check_release_sensitivities()
         return self
+
+    def _check_release_sensitivities(self) -> None:
+        """Refuse a clip whose Gaussian mechanism's sensitivity (as
+        :func:`privacy.mechanisms.second_moment_sensitivity` and ``scalar_record`` compute it,
+        with the rows of a built-in dataset's client) is below the smallest normal float64:
+        ``summary_clip = 1e-300`` gave sensitivity 0, refused mid-setup by the mechanism without
+        naming the key; a subnormal one is not the exact scale the ledger records. Checked
+        where the config asks for the release (``fedora.relatedness`` noised, ``data.validation``
+        private), whichever methods are listed: a sweep's ``--methods`` may add FEDORA."""
+        p, d = self.privacy, self.data
+        releases = []
+        if "noised" in self.fedora.relatedness:
+            releases.append(("privacy.summary_clip", p.summary_clip, 2, "data.train_per_client",
+                             d.train_per_client, "noised summary"))
+        if d.validation == "private":
+            releases.append(("privacy.lambda_clip", p.lambda_clip, 1, "data.val_per_client",
+                             d.val_per_client, "noised lambda"))
+        for key, clip, power, rows_key, rows, what in releases:
+            sensitivity = clip**power / rows
+            if sensitivity < sys.float_info.min:
+                least = (sys.float_info.min * rows) ** (1 / power) * 1.001
+                raise ValueError(
+                    f"{key} = {clip:g}: the {what}'s sensitivity {key}"
+                    f"{'^2' if power == 2 else ''} / {rows_key} = {sensitivity:g} is below the "
+                    f"smallest normal float ({sys.float_info.min:g}), so its Gaussian noise "
+                    f"cannot be drawn at the recorded scale; raise {key} to at least {least:.3g}")
 
     def _check_derived_rows(self) -> None:
         """Refuse a listed method whose name is a results entry another listed method derives

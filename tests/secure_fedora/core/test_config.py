@@ -1,5 +1,6 @@
 """Config validation: unknown keys and bad values are rejected with the key named."""
 
+import copy
 import re
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -249,6 +250,34 @@ def test_values_nested_too_deeply_are_a_config_error(tmp_path, value):
     with pytest.raises(ConfigError, match=r"^config .*deep\.toml is not valid TOML: arrays or "
                                           r"inline tables nested too deeply"):
         load_config(path)
+
+
+_NOISED = {"methods": ["fedora", "local"],
+           "data": {"num_clients": 4, "train_per_client": 64, "val_per_client": 64,
+                    "validation": "private"},
+           "fedora": {"relatedness": "noised"}, "privacy": {"enabled": True, "delta": 1e-3}}
+
+
+@pytest.mark.parametrize(("key", "refused", "accepted", "least"), [
+    ("summary_clip", 1e-300, 1.2e-153, "1.19e-153"),  # 1e-300 ** 2 / 64 is 0
+    ("lambda_clip", 1e-306, 1e-300, "1.43e-306"),
+])
+def test_a_clip_whose_release_sensitivity_underflows_is_refused(key, refused, accepted, least):
+    """``privacy.summary_clip = 1e-300`` was accepted, then its noised summary's sensitivity
+    ``clip^2 / n`` was 0 and the mechanism stopped the run mid-setup with "sensitivity must be
+    a finite number > 0, got 0.0", naming no key. Only the releases the config makes count."""
+    doc = copy.deepcopy(_NOISED)
+    doc["privacy"][key] = refused
+    with pytest.raises(ConfigError, match=rf"privacy\.{key} = {refused:g}: .* is below the "
+                                          rf"smallest normal float .* at least {least}$"):
+        parse_config(doc)
+    doc["privacy"][key] = accepted
+    assert getattr(parse_config(doc).privacy, key) == accepted
+    # no noised summary, no private lambdas: the clip is never used, and still accepted
+    doc["privacy"][key] = refused
+    doc["methods"], doc["fedora"]["relatedness"], doc["data"]["validation"] = \
+        ["local"], "plain", "public"
+    assert getattr(parse_config(doc).privacy, key) == refused
 
 
 def test_k_below_n_is_needed_only_when_fedora_runs():
