@@ -35,6 +35,7 @@ from privacy.paths import check_path
 __all__ = [
     "MAX_INT",
     "MAX_PLANNED_DPSGD_STEPS",
+    "MAX_THREADS",
     "RUN_NAME_PATTERN",
     "ConfigError",
     "DataConfig",
@@ -215,6 +216,9 @@ MAX_INT = 2**63 - 1
 
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]
 
+#: Most torch threads a process may ask for (``training.threads``, ``deploy local --threads``).
+MAX_THREADS = 1024
+
 
 #: Said where a partition asks for its keys: per-client data lists are not partitioned.
 _UNPARTITIONED = "; data given as per-client lists is not partitioned: leave data.partition out"
@@ -315,7 +319,7 @@ class TrainingConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # torch intra-op threads (torch.set_num_threads); unset: torch's default. At most 1024
     # (OpenMP allocates per thread up front: 10**9 exhausted memory before anything ran).
-    threads: Annotated[int, Field(ge=1, le=1024, strict=True)] | None = None
+    threads: Annotated[int, Field(ge=1, le=MAX_THREADS, strict=True)] | None = None
     # How the in-process runtime trains a round's participants: "loop" (each client in turn,
     # the reference path), "batched" (all participants together, secure_fedora.learning.batched;
     # equal to the loop within float rounding; a method, model or oracle it cannot reproduce

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.markup import escape
 
+from secure_fedora.core.config import MAX_THREADS
 from secure_fedora.core.errors import interrupt_on
 
 __all__ = ["cmd_certs", "cmd_local", "register"]
@@ -47,6 +48,17 @@ def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _thread_count(value: str) -> int:
+    """An argparse type for ``--threads``: an integer in [1, 1024], the bound of
+    ``training.threads`` (2**70 passed here and stopped every ClientApp in
+    ``torch.set_num_threads``; OpenMP allocates per thread up front)."""
+    parsed = _positive_int(value)
+    if parsed > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected a number of threads from 1 to {MAX_THREADS} "
+                                         f"(as training.threads), got {value!r}")
+    return parsed
 
 
 def _positive_float(value: str) -> float:
@@ -172,7 +184,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="seconds to wait for all SuperNodes to be online (default 120)")
     local.add_argument("--run-timeout", type=_positive_float, default=24 * 3600.0,
                        help="seconds before the whole run is stopped (default 86400)")
-    local.add_argument("--threads", type=_positive_int, default=1,
+    local.add_argument("--threads", type=_thread_count, default=1,
                        help="torch threads per ServerApp / ClientApp process (default 1)")
     local.add_argument(
         "--reproducible-dp-noise", action="store_true",

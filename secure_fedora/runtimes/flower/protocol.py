@@ -71,7 +71,13 @@ from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
 from privacy.errors import ToolkitError
-from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, parse_config
+from secure_fedora.core.config import (
+    MAX_THREADS,
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    parse_config,
+)
 
 __all__ = [
     "DeployError",
@@ -530,8 +536,9 @@ class RunSettings:
                 raise DeployError(f"run config key {key!r} must be a positive number; got {value!r}")
             values[key] = float(value)
         threads = run_config["num-threads"]
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise DeployError(f"run config key 'num-threads' must be a positive integer; got {threads!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise DeployError(f"run config key 'num-threads' must be an integer from 1 to "
+                              f"{MAX_THREADS} (as training.threads); got {threads!r:.40}")
         reproducible = run_config["reproducible-dp-noise"]
         if not isinstance(reproducible, bool):
             raise DeployError(

@@ -183,6 +183,7 @@ def test_run_settings_validate_every_key(tmp_path: Path) -> None:
         ({"round-timeout": 0}, "round-timeout"),
         ({"poll-interval": True}, "poll-interval"),
         ({"num-threads": 0}, "num-threads"),
+        ({"num-threads": 2**70}, "num-threads"),  # failed in each ClientApp's set_num_threads
         ({"reproducible-dp-noise": "yes"}, "reproducible-dp-noise"),
         ({"result-dir": "relative/dir"}, "absolute"),
         ({"identity-dir": ""}, "identity-dir"),
@@ -745,6 +746,23 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
     with pytest.raises(SystemExit):
         _parser().parse_args(["deploy", "local", "--config", "c", "--workdir", "w",
                               "--max-in-flight", "-1"])
+
+
+@pytest.mark.parametrize("value", ["1025", "100000", str(2**70)])
+def test_cli_deploy_local_refuses_more_threads_than_training_threads_allows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    """`--threads 2**70` was accepted, the deployment started, and every ClientApp then failed
+    in torch.set_num_threads; training.threads stops at 1024 (OpenMP allocates per thread)."""
+    workdir = tmp_path / "w"
+    with pytest.raises(SystemExit) as stop:
+        _parser().parse_args(["deploy", "local", "--config", "c.toml", "--workdir", str(workdir),
+                              "--threads", value])
+    assert stop.value.code == 2
+    assert f"expected a number of threads from 1 to 1024 (as training.threads), got {value!r}" \
+        in capsys.readouterr().err
+    assert not workdir.exists()
+    assert _parser().parse_args(["deploy", "local", "--config", "c.toml", "--workdir", "w",
+                                 "--threads", "1024"]).threads == 1024
 
 
 @pytest.mark.parametrize("flag", ["--connect-timeout", "--round-timeout", "--run-timeout"])
