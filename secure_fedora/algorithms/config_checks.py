@@ -283,7 +283,7 @@ class FedoraChecks(MethodChecks):
         if max_pull is not None and \
                 max_pull >= pull_stability_limit(t.lr, t.momentum, t.weight_decay):
             raise ValueError(
-                f"fedora.max_pull = {max_pull:g} reaches the pull's stability limit "
+                f"fedora.max_pull = {max_pull!r} reaches the pull's stability limit "
                 f"{pull_limit_text(t.lr, t.momentum, t.weight_decay)} (training.lr = {t.lr:g}, "
                 f"training.weight_decay = {t.weight_decay:g}, training.momentum = "
                 f"{t.momentum:g}): a pull of that size moves theta away from phi whatever the "

@@ -107,11 +107,11 @@ def pull_stability_limit(lr: float, momentum: float, weight_decay: float) -> flo
 
 def pull_limit_text(lr: float, momentum: float, weight_decay: float) -> str:
     """:func:`pull_stability_limit` as a message writes it: ``2`` without weight decay, else
-    the formula and its value."""
+    the formula and its exact value (rounded, a limit just below 2 would read as 2)."""
     if weight_decay == 0.0:
         return "2"
     return (f"2 - training.lr * training.weight_decay / (1 + training.momentum) = "
-            f"{pull_stability_limit(lr, momentum, weight_decay):.6g}")
+            f"{pull_stability_limit(lr, momentum, weight_decay)!r}")
 
 
 class ConfigError(ToolkitError, ValueError):

@@ -519,9 +519,17 @@ def test_a_max_pull_at_or_above_the_pulls_stability_limit_is_refused():
         with pytest.raises(ConfigError) as err:
             parse_config({"training": training, "fedora": {"max_pull": max_pull}})
         text = str(err.value)
-        assert f"fedora.max_pull = {max_pull:g} reaches the pull's stability limit 2 - " \
-            "training.lr * training.weight_decay / (1 + training.momentum) = 1.84211" in text
+        assert f"fedora.max_pull = {max_pull!r} reaches the pull's stability limit 2 - " \
+            "training.lr * training.weight_decay / (1 + training.momentum) = " \
+            f"{2 - 0.1 * 3.0 / 1.9!r}" in text
         assert "training.weight_decay = 3" in text
+    # a limit just below 2 and a max_pull between them: the message showed "1.9999999 reaches
+    # ... = 2", both rounded; each is now written exactly
+    with pytest.raises(ConfigError) as err:
+        parse_config({"training": {"lr": 0.1, "weight_decay": 1e-6},
+                      "fedora": {"max_pull": 1.99999995}})
+    assert "fedora.max_pull = 1.99999995 reaches the pull's stability limit 2 - training.lr * " \
+        "training.weight_decay / (1 + training.momentum) = 1.9999999" in str(err.value)
     assert parse_config({"training": training, "fedora": {"max_pull": 1.84}}).fedora.max_pull \
         == 1.84
     assert parse_config({"training": {**training, "weight_decay": 0.0},

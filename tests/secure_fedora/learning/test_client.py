@@ -303,7 +303,8 @@ def test_the_divergence_message_names_a_pull_beyond_the_weight_decay_limit():
     cfg = TrainConfig(lr=0.1, momentum=0.9, weight_decay=3.0)
     hint = diverged_hint(cfg, 19.0)
     assert hint.startswith("FEDORA's pull diverged: lr * lambda = 1.9 >= 2 - training.lr * "
-                           "training.weight_decay / (1 + training.momentum) = 1.84211")
+                           "training.weight_decay / (1 + training.momentum) = "
+                           f"{2 - 0.1 * 3.0 / 1.9!r}")
     assert "fedora.max_pull = 1" in hint
     assert "pull" not in diverged_hint(cfg, 18.0)  # 1.8: below the limit
     plain = TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0)
