@@ -870,6 +870,19 @@ def format_up(value: float, decimals: int) -> str:
     return f"{shown:f}"
 
 
+def format_down(value: float, decimals: int) -> str:
+    """``value`` as text with ``decimals`` decimals, rounded down (toward minus infinity) from
+    its shortest decimal form, as :func:`format_up` rounds up: a shown noise multiplier is never
+    above the one drawn (1.32847398 is "1.3284" at four decimals, where rounding to nearest
+    shows the larger "1.3285"). Infinite and NaN values are shown as ``str`` shows them."""
+    if not math.isfinite(value):
+        return str(value)
+    exact = decimal.Decimal(repr(float(value)))
+    step = decimal.Decimal(1).scaleb(-decimals)
+    shown = exact.quantize(step, rounding=decimal.ROUND_FLOOR, context=decimal.Context(prec=400))
+    return f"{shown:f}"
+
+
 def format_share_up(part: float, whole: float, decimals: int) -> str:
     """``100 * part / whole`` (a share of a budget, in percent) as text with ``decimals``
     decimals, rounded up as :func:`format_up` rounds: the quotient is taken exactly of the two

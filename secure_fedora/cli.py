@@ -32,16 +32,18 @@ console = Console(stderr=True)
 
 
 def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
-    """The DP plan of one method, per distinct client budget, printed before training (the
-    planned epsilon rounded up)."""
-    from privacy.accounting import format_up
+    """The DP plan of one method, per distinct client budget, printed before training: the
+    planned epsilon rounded up and the DP-SGD noise multiplier rounded down to 4 decimals (no
+    shown figure claims more privacy than the plan holds); budget, delta and sample rate, and
+    the releases in the caption, exactly as results.json states them."""
+    from privacy.accounting import format_down, format_up
 
     table = Table(title=f"privacy plan: {rows[0]['method']}" if rows else "privacy plan")
     for col in ("clients", "epsilon", "delta", "DP-SGD sigma", "q", "steps/round", "rounds", "planned eps"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["clients"]), f"{r['epsilon_budget']:g}", f"{r['delta']:g}",
-                      f"{r['noise_multiplier']:.4f}", f"{r['sample_rate']:.4g}", str(r["steps_per_round"]),
+        table.add_row(str(r["clients"]), repr(r["epsilon_budget"]), repr(r["delta"]),
+                      format_down(r["noise_multiplier"], 4), repr(r["sample_rate"]), str(r["steps_per_round"]),
                       str(r["rounds"]), format_up(r["planned_epsilon"], 4))
     releases = {"; ".join(r["releases"]) for r in rows}
     table.caption = "releases per client: " + " | ".join(sorted(releases))

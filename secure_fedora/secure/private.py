@@ -447,7 +447,7 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
         row: dict[str, Any] = {"epsilon_budget": b.epsilon, "delta": b.delta}
         for name in AUTO_CANDIDATES:
             plan = plans[name]
-            row[f"{name}_noise_multiplier"] = None if plan is None else round(plan.dpsgd_noise, 6)
+            row[f"{name}_noise_multiplier"] = None if plan is None else plan.dpsgd_noise
         reference = plans["rdp"] or plans["pld"]
         if reference is not None:
             for name in AUTO_CANDIDATES:
@@ -664,7 +664,12 @@ def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudg
     first appearance: its calibrated noise, planned releases and planned epsilon under
     ``accountant`` and every automatic candidate, and how many clients hold it
     (``privacy.<method>.plan`` of results.json, identical in both runtimes: a function of the
-    config and the calibration only)."""
+    config and the calibration only).
+
+    Every figure is the exact float the calibration gave and the ledgers record (release
+    strings in the float's shortest round-trip form); ``"figures": "exact"`` marks such a row
+    (a run written before the key rounded ``noise_multiplier`` to 6 decimals, which can state
+    more noise than was drawn)."""
     sample_rate, steps = sample_rate_for(cfg), steps_per_round(cfg)
     rows: dict[tuple[float, float], dict[str, Any]] = {}
     for budget in budgets:
@@ -674,7 +679,7 @@ def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudg
             noise = plan.dpsgd_noise
             rows[key] = {
                 "method": method, "epsilon_budget": budget.epsilon, "delta": budget.delta,
-                "noise_multiplier": round(noise, 6), "sample_rate": sample_rate,
+                "noise_multiplier": noise, "sample_rate": sample_rate,
                 "steps_per_round": steps, "rounds": cfg.training.rounds,
                 "planned_epsilon": round_up(plan_epsilon(plan.releases, budget.delta, noise,
                                                          accountant,
@@ -682,9 +687,10 @@ def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudg
                 **noise_assumptions(cfg),
                 **{f"planned_epsilon_{name}": _plan_epsilon_or_none(
                     plan.releases, budget.delta, noise, name) for name in AUTO_CANDIDATES},
-                "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate:g}"
-                             + (f", sigma={r.noise_multiplier:g})" if r.noise_multiplier else ")")
+                "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate!r}"
+                             + (f", sigma={r.noise_multiplier!r})" if r.noise_multiplier else ")")
                              for r in plan.releases],
+                "figures": "exact",
                 "clients": 0,
             }
         rows[key]["clients"] += 1

@@ -548,6 +548,21 @@ def test_format_up_never_shows_less_than_the_value_and_at_most_one_unit_more(val
     assert Decimal(repr(value)) <= Decimal(shown) < Decimal(repr(value)) + Decimal(10) ** -decimals
 
 
+@pytest.mark.parametrize("value", [1.3284739842813091, 2.38397, 0.1, 7.0, 1e-9, 0.99999])
+@pytest.mark.parametrize("decimals", [1, 4])
+def test_format_down_never_shows_more_than_the_value_and_at_most_one_unit_less(value, decimals):
+    """A noise multiplier shown short must never be above the one drawn (rounding 1.32847398
+    to nearest showed "1.3285", more noise than the ledger records)."""
+    from decimal import Decimal
+
+    from privacy.accounting import format_down
+
+    shown = format_down(value, decimals)
+    assert len(shown.partition(".")[2]) == decimals
+    assert Decimal(repr(value)) - Decimal(10) ** -decimals < Decimal(shown) <= Decimal(repr(value))
+    assert format_down(1.3284739842813091, 4) == "1.3284" and format_down(math.inf, 2) == "inf"
+
+
 def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_less():
     """The report showed 2.0363 of a budget of 2.909 (exactly 70%) as "70.1%": format_up of
     the float share 70.00000000000001 rounds up. The share is now taken exactly of the

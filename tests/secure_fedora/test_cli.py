@@ -461,3 +461,22 @@ def test_the_planned_epsilon_is_printed_rounded_up():
     console.print(privacy_plan_table([row]))
     text = console.export_text()
     assert "2.9835" in text and "2.9834" not in text
+
+
+def test_the_printed_plan_never_shows_more_noise_or_a_smaller_delta_or_rate_than_planned():
+    """The printed plan rounded sigma 1.3284739842813091 to "1.3285" (more noise than drawn)
+    and the sample rate and delta to nearest (a smaller q or delta: a stronger claim)."""
+    from rich.console import Console
+
+    from secure_fedora.cli import privacy_plan_table
+
+    row = {"method": "fedavg", "clients": 4, "epsilon_budget": 3.0, "delta": 1.2345649e-05,
+           "noise_multiplier": 1.3284739842813091, "sample_rate": 0.012345649,
+           "steps_per_round": 4, "rounds": 3, "planned_epsilon": 2.98341,
+           "releases": ["dpsgd x12 (q=0.012345649, sigma=1.3284739842813091)"]}
+    console = Console(width=250, record=True)
+    console.print(privacy_plan_table([row]))
+    text = console.export_text()
+    assert "1.3284 " in text and "1.3285" not in text
+    assert "1.2345649e-05" in text and "0.012345649 " in text
+    assert "sigma=1.3284739842813091" in text

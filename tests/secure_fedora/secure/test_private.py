@@ -557,6 +557,37 @@ def test_results_show_every_spent_and_planned_epsilon_rounded_up(tmp_path, clien
     assert planned[0] <= summary["plan"][0]["planned_epsilon"] <= planned[0] + 1e-6
 
 
+def test_the_plan_states_every_noise_multiplier_exactly_as_the_clients_use_it(tmp_path):
+    """The plan rows rounded the DP-SGD noise multiplier to 6 decimals (1.3284739842813091
+    stated as 1.328474: more noise than the ledgers record) and the releases and the auto
+    accountant's comparison to 6 significant digits."""
+    from secure_fedora.secure.private import choose_accountant
+
+    privacy = _private_fedora(tmp_path)
+    try:
+        summary = privacy.summary()
+        used = [(c.noise_multiplier, c.plan) for c in privacy.clients]
+    finally:
+        privacy.close()
+    (row,) = summary["plan"]
+    assert row["figures"] == "exact" and all(c["noise_multiplier"] == row["noise_multiplier"]
+                                             for c in summary["clients"])
+    assert all(noise == row["noise_multiplier"] for noise, _ in used)
+    assert round(row["noise_multiplier"], 6) != row["noise_multiplier"]  # rounding would show
+    plan = used[0][1]
+    assert row["releases"] == [f"{r.mechanism} x{r.steps} (q={r.sample_rate!r}"
+                               + (f", sigma={r.noise_multiplier!r})" if r.noise_multiplier
+                                  else ")") for r in plan.releases]
+    assert f"q={row['sample_rate']!r})" in row["releases"][0]
+    assert any(f"sigma={plan.summary_noise!r})" in text for text in row["releases"])
+    cfg = dp_config(privacy={"accountant": "auto"})
+    budget = PrivacyBudget(4.0, 1e-3)
+    (compared,) = choose_accountant(cfg, "local", [budget]).comparison
+    for name in ("pld", "rdp"):
+        assert compared[f"{name}_noise_multiplier"] == privacy_plan(cfg, "local", budget,
+                                                                    name).dpsgd_noise
+
+
 def test_a_private_lambda_evaluates_a_dropout_model_without_masks(tmp_path, clients):
     """private_lambda ran the model in the training mode local training left it in: its
     validation losses had dropout masks drawn from torch's global generator, so lambda
