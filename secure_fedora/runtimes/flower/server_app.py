@@ -726,10 +726,10 @@ def _config_plans(server: _Server, name: str) -> list[tuple[bool, Any]]:
 
 
 def _same_plan(plan: Any, reported: Mapping[str, Any]) -> bool:
-    """Whether ``reported`` (a client's plan) states ``plan``'s noise for every mechanism."""
+    """Whether ``reported`` (a client's plan) states ``plan``'s noise for every mechanism, as
+    the same floats: results.json's plan rows then state exactly what each ledger records."""
     def same(a: float | None, b: float | None) -> bool:
-        return a is None and b is None or (a is not None and b is not None
-                                           and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0))
+        return a is None and b is None or (a is not None and b is not None and a == b)
     return (same(plan.dpsgd_noise, reported.get("noise_multiplier"))
             and same(plan.summary_noise, reported.get("summary_noise"))
             and same(plan.lambda_noise, reported.get("lambda_noise")))

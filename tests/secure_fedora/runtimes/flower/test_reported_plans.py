@@ -50,7 +50,11 @@ def test_every_client_row_states_the_plan_the_client_reported(tmp_path: Path) ->
     rows = results["privacy"]["fedora"]["clients"]
     (plan,) = results["privacy"]["fedora"]["plan"]
     assert all(r["plan_reported"] and r["accountant"] == plan["accountant"] for r in rows)
-    assert all(round(r["noise_multiplier"], 6) == plan["noise_multiplier"] for r in rows)
+    # the plan states the noise the clients drew exactly (it was rounded to 6 decimals: more)
+    assert plan["figures"] == "exact" and round(plan["noise_multiplier"], 6) != plan["noise_multiplier"]
+    assert all(r["noise_multiplier"] == plan["noise_multiplier"] for r in rows)
+    assert all(f"sigma={r[k]!r})" in " ".join(plan["releases"])
+               for r in rows for k in ("summary_noise", "lambda_noise"))
     assert all(r["summary_noise"] > 0 and r["lambda_noise"] > 0 for r in rows)
     assert "prv_refine" not in plan
 
@@ -78,6 +82,18 @@ def test_a_client_plan_the_config_does_not_admit_stops_the_run(
     a plan it did not use, or a figure the config does not imply: the run stops naming it."""
     _reporting(monkeypatch, lambda r: {**r, key: value})
     with pytest.raises(DeployError, match=f"fedora: client client-001 {named}"):
+        _run(tmp_path)
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_noise_off_the_calibration_in_its_last_bit_stops_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reported noise multiplier within 1e-9 of the config's calibration was taken as it,
+    and results.json's plan stated a float that client's ledger does not hold."""
+    _reporting(monkeypatch, lambda r: {**r, "noise-multiplier":
+                                       math.nextafter(r["noise-multiplier"], math.inf)})
+    with pytest.raises(DeployError, match="fedora: client client-001 reports noise multiplier"):
         _run(tmp_path)
     assert not (tmp_path / "res" / "results.json").exists()
 
