@@ -272,11 +272,12 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
         return 2
     doc = result.to_json()
     s = result.setting
-    sigma = "none (non-private)" if s.noise_multiplier is None else f"{s.noise_multiplier:.4g}"
-    print(f"client {s.client_id}, method {s.method}: DP-SGD sigma {sigma}, q {s.sample_rate:g},"
+    # the audited setting exactly: rounding could show more noise, a smaller q or delta
+    sigma = "none (non-private)" if s.noise_multiplier is None else repr(s.noise_multiplier)
+    print(f"client {s.client_id}, method {s.method}: DP-SGD sigma {sigma}, q {s.sample_rate!r},"
           f" {s.steps} steps, clip {s.clip_norm:g}; {result.num_canaries} Dirac canaries"
           f" ({result.members} inserted), {doc['evaluation_size']} evaluated")
-    print(f"  guesses {doc['guesses']}, correct {doc['correct_guesses']}, delta {s.delta:g}")
+    print(f"  guesses {doc['guesses']}, correct {doc['correct_guesses']}, delta {s.delta!r}")
     if "not cross-checked" in s.plan_source:
         print(f"  warning: {s.plan_source}: the claim rests on config.toml alone")
     _print_audit_summary(doc)

@@ -1119,13 +1119,24 @@ def _results_section(results: dict[str, Any] | None,
     return section if isinstance(section, dict) else None
 
 
-def _same_number(recorded: Any, ledger: Any) -> bool:
-    """``recorded`` (results.json) states ``ledger``'s value; a run before the exact figure
-    rounded the per-client noise multiplier to 6 decimals."""
+def _same_number(recorded: Any, ledger: Any, exact: bool) -> bool:
+    """``recorded`` (results.json) states ``ledger``'s value: the same float where results.json
+    states its figures ``exact`` (its plan rows say ``"figures": "exact"``); a run written
+    before that (no such row) could round the per-client noise multiplier to 6 decimals."""
     if not _number(recorded) or not _number(ledger):
         return recorded == ledger
+    if exact:
+        return float(recorded) == float(ledger)
     return math.isclose(float(recorded), float(ledger), rel_tol=1e-9, abs_tol=0.0) \
         or float(recorded) == round(float(ledger), 6)
+
+
+def _states_exact_figures(section: dict[str, Any] | None) -> bool:
+    """Whether results.json's privacy section of a method states its figures exactly (a run
+    written since plan rows carry ``"figures": "exact"``)."""
+    rows = (section or {}).get("plan")
+    return isinstance(rows, list) and any(isinstance(r, dict) and r.get("figures") == "exact"
+                                          for r in rows)
 
 
 def _plan_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, Any] | None,
@@ -1141,6 +1152,7 @@ def _plan_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, 
     names = {"noise_multiplier": "its noise_multiplier", "sample_rate": "sample_rate",
              "steps": "steps_per_round"}
     findings: list[Finding] = []
+    exact = _states_exact_figures(section)
     for key, want in stated.items():
         if want is None:
             continue
@@ -1148,7 +1160,7 @@ def _plan_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, 
             if e is None or e.get("mechanism") != "dpsgd" or not isinstance(e.get("params"), dict):
                 continue
             got = e["params"].get(key)
-            if got is not None and not _same_number(want, got):
+            if got is not None and not _same_number(want, got, exact):
                 findings.append(Finding(
                     "error", "results_plan", f"the dpsgd release records {key} {got!r},"
                     f" results.json states {names[key]} {want!r}", client_id, i, method))

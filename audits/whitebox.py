@@ -120,6 +120,9 @@ class WhiteboxSetting:
     budget_epsilon: float | None
     claim_epsilon: float | None
     plan_source: str
+    #: ``noise_multiplier`` is the run's own exact figure (results.json's plan row), which
+    #: the client's ledger must then record exactly
+    noise_stated: bool = False
 
     @property
     def steps(self) -> int:
@@ -127,9 +130,10 @@ class WhiteboxSetting:
 
 
 def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
-                    delta: float) -> float | None:
+                    delta: float) -> tuple[float, bool] | None:
     """The DP-SGD noise multiplier results.json's plan records for ``method`` at the budget
-    ``(epsilon, delta)``; None only without ``results``.
+    ``(epsilon, delta)`` and whether the row states it exactly (``"figures": "exact"``; a run
+    written before that key rounded it to 6 decimals); None only without ``results``.
 
     Raises WhiteboxAuditError for a malformed plan (not a list, a non-numeric noise
     multiplier) and when no plan row has this budget: results.json then records a plan for
@@ -149,8 +153,8 @@ def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
     for i, row in enumerate(rows):
         if isinstance(row, dict) and row.get("epsilon_budget") == epsilon \
                 and row.get("delta") == delta and "noise_multiplier" in row:
-            return positive_number(row["noise_multiplier"], f"{where}[{i}].noise_multiplier",
-                                   WhiteboxAuditError)
+            return (positive_number(row["noise_multiplier"], f"{where}[{i}].noise_multiplier",
+                                    WhiteboxAuditError), row.get("figures") == "exact")
     budgets = sorted({(r.get("epsilon_budget"), r.get("delta")) for r in rows
                       if isinstance(r, dict)}, key=repr)
     shown = ", ".join(f"epsilon {e!r} delta {d!r}" for e, d in budgets) or "no rows"
@@ -165,9 +169,13 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
     """The plan's DP-SGD parameters and claim for ``client_index`` under ``method``.
 
     With ``results`` (a run's ``results.json``), the recorded plan must hold a row for the
-    client's configured budget and its noise multiplier must match the one the config gives
-    (6 significant digits are recorded); otherwise :class:`WhiteboxAuditError` (the config is
-    not the run's). Without ``results`` nothing is cross-checked, and ``plan_source`` says so.
+    client's configured budget and its noise multiplier must match the one the config gives;
+    otherwise :class:`WhiteboxAuditError` (the config is not the run's). A row stating its
+    figures exactly (``"figures": "exact"``) must match to within float noise of the
+    calibration (relative 1e-9), and its noise multiplier is then the setting's (the run's own
+    figure, which :func:`check_setting_against_ledger` requires the ledger to hold exactly); a
+    row of a run written before that key states it rounded to 6 decimals. Without ``results``
+    nothing is cross-checked, and ``plan_source`` says so.
     """
     if method not in cfg.methods:
         raise WhiteboxAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
@@ -199,27 +207,34 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
     source = "plan recomputed from config.toml"
     if results is None:
         source += " (not cross-checked: no results.json)"
-    recorded = _recorded_noise(results, method, budget.epsilon, budget.delta)
-    if recorded is not None:
-        if not math.isclose(recorded, sigma, rel_tol=1e-5, abs_tol=1e-6):
+    stated = _recorded_noise(results, method, budget.epsilon, budget.delta)
+    exact = False
+    if stated is not None:
+        recorded, exact = stated
+        if not (math.isclose(recorded, sigma, rel_tol=1e-9, abs_tol=0.0) if exact
+                else math.isclose(recorded, sigma, rel_tol=1e-5, abs_tol=1e-6)):
             raise WhiteboxAuditError(
-                f"results.json records DP-SGD noise multiplier {recorded:g} for {method} at"
-                f" epsilon {budget.epsilon:g}, but config.toml gives {sigma:g}: the config is"
+                f"results.json records DP-SGD noise multiplier {recorded!r} for {method} at"
+                f" epsilon {budget.epsilon:g}, but config.toml gives {sigma!r}: the config is"
                 " not this run's")
-        source += " (matches results.json)"
+        if exact:
+            sigma = recorded
+            source += " (matches results.json, whose noise multiplier it uses)"
+        else:
+            source += " (matches results.json, which states the noise to 6 decimals)"
     claim = plan_epsilon([PlannedRelease("dpsgd", q, spr * cfg.training.rounds)], budget.delta,
                          sigma, accountant)
     return WhiteboxSetting(method, client_index, cid, True, float(sigma), q, spr,
                            cfg.training.rounds, p.max_grad_norm, budget.delta, accountant,
-                           budget.epsilon, float(claim), source)
+                           budget.epsilon, float(claim), source, exact)
 
 
 def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
                                  rel_tol: float = DEFAULT_REL_TOL) -> None:
     """Refuse (:class:`WhiteboxAuditError`) a DP setting that is not what the audited client's
     ledger ``run_dir/ledgers/<method>/<client>.jsonl`` records, once that ledger verifies
-    (fields, chain, signatures): a DP-SGD noise multiplier, sample rate or delta other than
-    its DP-SGD entries', or a claim that :func:`audits.verify.dpsgd_claim_problem` refuses
+    (fields, chain, signatures): a DP-SGD noise multiplier (one results.json states exactly,
+    ``noise_stated``: any other float), sample rate or delta other than its DP-SGD entries', or a claim that :func:`audits.verify.dpsgd_claim_problem` refuses
     (below the epsilon of those entries under the ledger's accountant, or above it though
     they hold every planned step; a client not drawn every round, or refused a release, holds
     fewer). A run without a ledger folder, or a non-private setting, is not checked."""
@@ -234,6 +249,13 @@ def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
         for name, planned in (("noise_multiplier", setting.noise_multiplier),
                               ("sample_rate", setting.sample_rate), ("delta", setting.delta)):
             recorded = e["params"].get(name) if name != "delta" else e["delta"]
+            if name == "noise_multiplier" and setting.noise_stated:
+                if isinstance(recorded, bool) or recorded != planned:
+                    raise WhiteboxAuditError(
+                        f"{where} entry {e['index']} records DP-SGD noise_multiplier"
+                        f" {recorded!r}, the plan from config.toml gives {planned!r} as"
+                        " results.json states it: the config is not this run's")
+                continue
             if not isinstance(recorded, int | float) \
                     or not math.isclose(recorded, planned, rel_tol=1e-5, abs_tol=1e-9):
                 raise WhiteboxAuditError(

@@ -1538,6 +1538,29 @@ def test_check_anchor_with_an_allowlist_compares_the_published_allowlist(run_cop
         check_anchor(run_copy, anchor, allowlist=trusted)
 
 
+def test_a_run_stating_exact_figures_must_state_the_ledgers_noise_float(run_copy: Path) -> None:
+    """results.json of a run whose plan rows state their figures exactly ("figures":
+    "exact") must state each client's noise multiplier as the very float its ledger records;
+    a figure off in the last bit (or rounded to 6 decimals) verified, as it must for a run
+    written before the exact figures (no such mark)."""
+    import math
+
+    doc = json.loads((run_copy / "results.json").read_text())
+    row = next(r for r in doc["privacy"][METHOD]["clients"] if r["client"] == CID)
+    row["noise_multiplier"] = math.nextafter(1.2, 2.0)  # the fixture's ledgers record 1.2
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    assert not [f for f in verify_run(run_copy).errors if f.check == "results_plan"]  # older run
+    doc["privacy"][METHOD]["plan"] = [{"epsilon_budget": 3.0, "delta": 1e-5,
+                                       "noise_multiplier": 1.2, "figures": "exact"}]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    found = [f for f in verify_run(run_copy).errors if f.check == "results_plan"]
+    assert [(f.method, f.client_id) for f in found] == [(METHOD, CID)]
+    assert "records noise_multiplier 1.2, results.json states its noise_multiplier" \
+        f" {math.nextafter(1.2, 2.0)!r}" in found[0].message
+
+
 def test_without_config_a_ledger_accountant_other_than_results_json_says_is_refused(
         run_copy: Path) -> None:
     """Found by a hunt: a Flower audit folder (results.json, anchor and ledgers; a Flower

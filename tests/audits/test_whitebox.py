@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import tomli_w
@@ -371,3 +372,49 @@ def test_a_config_that_is_not_an_experimentconfig_or_an_out_of_range_seed_is_nam
     for seed in (-1, 2**64):
         with pytest.raises(WhiteboxAuditError, match="^seed must be an integer"):
             run_whitebox_audit(parse_config(_cfg_dict(3.0)), seed=seed)
+
+
+def test_a_run_states_its_noise_exactly_and_the_ledger_must_hold_that_float(tmp_path, capsys):
+    """results.json's plan rounded the noise multiplier to 6 decimals and the audit matched
+    it to the config and the ledger within 1e-5: a stated sigma other than the one drawn
+    passed. A row marked ``"figures": "exact"`` must now be the ledger's float; a run written
+    before the mark (6 decimals, no mark) is still audited."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    d = {"name": "whitebox-exact", "methods": ["local"], "seed": 0,
+         "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 8,
+                  "test_per_client": 8},
+         "training": {"rounds": 1, "local_epochs": 1, "batch_size": 16},
+         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp",
+                     "noise": "reproducible"}}
+    cfg = parse_config(d)
+    run = tmp_path / "run"
+    results = Simulation(cfg, run, clients=build_clients(cfg)).run()
+    (row,) = results["privacy"]["local"]["plan"]
+    ledger = [json.loads(line) for line in
+              (run / "ledgers" / "local" / "client-000.jsonl").read_text().splitlines()]
+    drawn = next(e["params"]["noise_multiplier"] for e in ledger if e["mechanism"] == "dpsgd")
+    assert row["figures"] == "exact" and row["noise_multiplier"] == drawn
+    assert round(drawn, 6) != drawn
+    setting = whitebox_setting(cfg, "local", 0, results)
+    assert setting.noise_stated and setting.noise_multiplier == drawn
+    whitebox.check_setting_against_ledger(setting, run)
+
+    old = {**row, "noise_multiplier": round(drawn, 6)}
+    del old["figures"]  # a run written before the exact figures
+    older = whitebox_setting(cfg, "local", 0, {"privacy": {"local": {"plan": [old]}}})
+    assert not older.noise_stated and "6 decimals" in older.plan_source
+    whitebox.check_setting_against_ledger(older, run)
+
+    rounded = {"privacy": {"local": {"plan": [{**row, "noise_multiplier": round(drawn, 6)}]}}}
+    with pytest.raises(WhiteboxAuditError, match="the config is not this run's"):
+        whitebox_setting(cfg, "local", 0, rounded)
+    off = math.nextafter(drawn, math.inf)
+    nudged = whitebox_setting(cfg, "local", 0,
+                              {"privacy": {"local": {"plan": [{**row, "noise_multiplier": off}]}}})
+    with pytest.raises(WhiteboxAuditError, match=rf"records DP-SGD noise_multiplier {drawn!r},"
+                       rf" the plan from config.toml gives {off!r} as results.json states it"):
+        whitebox.check_setting_against_ledger(nudged, run)
+    # the command line states the audited sigma exactly (it showed 4 significant digits)
+    main(["audit", "whitebox", str(run), "--method", "local", "--canaries", "100"])
+    assert f"DP-SGD sigma {drawn!r}, q 0.5," in capsys.readouterr().out
