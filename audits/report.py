@@ -51,7 +51,7 @@ from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from secure_fedora.core.files import strict_json  # noqa: E402
-from secure_fedora.runtimes.results import metric_label  # noqa: E402
+from secure_fedora.runtimes.results import config_assumptions, metric_label  # noqa: E402
 from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
@@ -129,9 +129,23 @@ def _read_config(run_dir: Path) -> ExperimentConfig | None:
         return None
 
 
+#: ``assumptions.beyond_config`` of a report of a run without results.json.
+BEYOND_CONFIG_UNKNOWN = ("unknown: results.json missing (the assumptions above are those"
+                         " config.toml implies; a run states there also what its methods derive"
+                         " from their outcome and what its runtime adds)")
+
+
 def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -> dict[str, Any]:
+    """results.json's assumptions; without results.json, every one config.toml implies
+    (exactly as a run of it states them) and ``beyond_config`` saying the rest is unknown."""
     stated = results.get("assumptions") if results else None
     stated = stated if isinstance(stated, dict) else {}  # a malformed one: verify reports it
+    if results is None and cfg is not None:
+        try:
+            implied = config_assumptions(cfg)
+        except ValueError:  # two methods state one key differently: the run could not start
+            implied = {}
+        stated = {**implied, "beyond_config": BEYOND_CONFIG_UNKNOWN}
     out: dict[str, Any] = {
         "server": stated.get("server", "honest-but-curious"),
         "validation_data": stated.get("validation_data",
@@ -551,6 +565,18 @@ def _empirical_audits(run: Path, cfg: ExperimentConfig | None,
     return rows
 
 
+def _privacy_config(cfg: ExperimentConfig | None) -> dict[str, Any] | None:
+    """config.toml's ``[privacy]``, each per-client override with the delta that applies to
+    it (an override without one has the default ``privacy.delta``, not none)."""
+    if cfg is None:
+        return None
+    out = cfg.privacy.model_dump(mode="json")
+    for override in out.get("overrides", {}).values():
+        if override.get("delta") is None:
+            override["delta"] = cfg.privacy.delta
+    return out
+
+
 def build_report(run_dir: str | Path, *, verification: VerificationReport | None = None,
                  allowlist: str | Path | None = None) -> dict[str, Any]:
     """The report document (what ``report.json`` holds) for ``run_dir``.
@@ -574,7 +600,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "data_fingerprint": (results or {}).get("data_fingerprint"),
         "run_dir": str(run.resolve()),
     }
-    privacy_cfg = cfg.privacy.model_dump(mode="json") if cfg is not None else None
+    privacy_cfg = _privacy_config(cfg)
     assumptions = _assumptions(results, cfg)
     return {
         "report_version": REPORT_VERSION,

@@ -47,7 +47,7 @@ from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "RESULT_FILES", "ROUNDS_CSV",
-           "ROUNDS_CSV_OMITS", "build_results", "client_rows", "inputs_outside_config",
+           "ROUNDS_CSV_OMITS", "build_results", "client_rows", "config_assumptions", "inputs_outside_config",
            "inputs_outside_config_assumption", "method_entry", "metric_label",
            "remove_interrupted_result_writes", "rounds_csv_text", "stated_beyond_run",
            "write_rounds_csv"]
@@ -95,6 +95,15 @@ def client_rows(sizes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
     return {**_run_assumptions(cfg), **_method_assumptions(cfg)}
+
+
+def config_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The ``assumptions`` every results.json of a run of ``cfg`` states, exactly as the run
+    states them (the run's own and its methods' declared ones): what a reader can know from
+    config.toml alone. A run's document may hold more (what its methods derive from their
+    outcome, what its runtime adds). Raises ValueError where two methods state one key
+    differently (as the run would)."""
+    return _assumptions(cfg)
 
 
 def _run_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from audits.report import ReportError, build_report, write_report
+from audits.report import ReportError, build_report, render_html, write_report
 from audits.verify import verify_run
 
 from .conftest import reanchor
@@ -711,3 +711,36 @@ def test_without_config_the_noise_note_follows_results_json(run_copy):
     notes = build_report(run_copy)["assumptions"]["notes"]
     assert [n for n in notes if n.startswith("noise = csprng")]
     assert not [n for n in notes if n.startswith("noise = reproducible")]
+
+
+def test_without_results_json_every_assumption_config_implies_is_stated(tmp_path):
+    """Without results.json the report's assumptions were four keys read from config.toml:
+    methods_compared, accountant and fedavg_finetuning, which config.toml implies, were
+    missing. They are now stated as a run of that config states them, and what only
+    results.json can say is named unknown."""
+    from secure_fedora.algorithms.methods import FINETUNING_UNDER_DP
+    from secure_fedora.core.config import load_config
+    from secure_fedora.runtimes.results import METHODS_COMPARED
+
+    from .conftest import build_run_dir
+
+    run = build_run_dir(tmp_path / "run", num_clients=2, rounds=1, methods=("local", "fedavg"))
+    assert "beyond_config" not in build_report(run)["assumptions"]
+    (run / "results.json").unlink()
+    doc = build_report(run)["assumptions"]
+    assert doc["methods_compared"] == METHODS_COMPARED and doc["accountant"] == "rdp"
+    assert doc["fedavg_finetuning"] == FINETUNING_UNDER_DP
+    assert doc["beyond_config"].startswith("unknown: results.json missing")
+    from secure_fedora.runtimes.results import config_assumptions
+
+    implied = config_assumptions(load_config(run / "config.toml"))
+    assert {k: doc[k] for k in implied} == implied  # exactly as a run of the config states
+
+
+def test_the_privacy_config_states_the_delta_an_override_without_one_has(pristine_run):
+    """An override without its own delta was shown with delta None in the privacy
+    configuration line; it has the default delta, which is now shown."""
+    doc = build_report(pristine_run)
+    assert doc["privacy_config"]["overrides"] == {"2": {"epsilon": 3.0, "delta": 1e-5}}
+    line = render_html(doc, {}).split("per-client overrides:")[1].split("</p>")[0]
+    assert line == " {&#x27;2&#x27;: {&#x27;epsilon&#x27;: 3.0, &#x27;delta&#x27;: 1e-05}}"
