@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from privacy.accounting import PrivacyBudget, plan_epsilon  # noqa: E402
+from privacy.accounting import PrivacyBudget, format_down, format_up, plan_epsilon  # noqa: E402
 from secure_fedora.core.config import ConfigError, load_config  # noqa: E402
 from secure_fedora.secure.private import choose_accountant, client_budget, privacy_plan  # noqa: E402
 
@@ -34,15 +34,15 @@ def main(path: str) -> None:
         plan = privacy_plan(cfg, "fedora", budget, name)
         eps = {a: plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, a)
                for a in ("rdp", "pld")}
-        print(f"calibrated under {name}: dpsgd sigma {plan.dpsgd_noise:.4f}, summary"
-              f" {plan.summary_noise}, lambda {plan.lambda_noise}; epsilon rdp {eps['rdp']:.4f},"
-              f" pld {eps['pld']:.4f}")
+        print(f"calibrated under {name}: dpsgd sigma {plan.dpsgd_noise!r}, summary"
+              f" {plan.summary_noise!r}, lambda {plan.lambda_noise!r}; epsilon rdp"
+              f" {format_up(eps['rdp'], 4)}, pld {format_up(eps['pld'], 4)}")
     for eps_budget in SMALL_BUDGETS:
         row = []
         for name in ("rdp", "pld"):
             try:
                 plan = privacy_plan(cfg, "fedora", PrivacyBudget(eps_budget, budget.delta), name)
-                row.append(f"{name} sigma {plan.dpsgd_noise:.2f}")
+                row.append(f"{name} sigma {format_down(plan.dpsgd_noise, 2)}")
             except ConfigError as err:
                 row.append(f"{name} cannot calibrate ({err})")
         print(f"epsilon {eps_budget:g}: " + ", ".join(row))

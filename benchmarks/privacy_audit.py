@@ -39,7 +39,7 @@ from audits.canary import run_canary_audit  # noqa: E402
 from audits.report import write_report  # noqa: E402
 from audits.summary_leakage import run_summary_leakage_audit  # noqa: E402
 from audits.verify import verify_run  # noqa: E402
-from privacy.accounting import PrivacyBudget  # noqa: E402
+from privacy.accounting import PrivacyBudget, format_down  # noqa: E402
 from secure_fedora.core.config import load_config, parse_config  # noqa: E402
 from secure_fedora.runtimes.inprocess import Simulation, build_clients  # noqa: E402
 from secure_fedora.secure.private import privacy_plan  # noqa: E402
@@ -177,7 +177,7 @@ def part_d(quick: bool) -> dict:
                 doc = r.to_json()
                 name = "non-private" if eps is None else f"eps={eps:g}"
                 sigma = "-" if r.setting.noise_multiplier is None \
-                    else f"{r.setting.noise_multiplier:.3f}"
+                    else format_down(r.setting.noise_multiplier, 3)
                 claim = "-" if doc["claim_epsilon"] is None else f"{doc['claim_epsilon']:.3f}"
                 print(f"  {method:<7} {name:<12} {seed:>4} {sigma:>7} {claim:>6}"
                       f" {doc['certifiable_max']:>9.3f} {doc['lower_bound']:>11.3f}"
