@@ -862,12 +862,7 @@ def format_up(value: float, decimals: int) -> str:
     "2.984" at three decimals, not "2.983"). The ceiling is taken of the value's shortest
     decimal form (the one results.json and the ledgers hold, so 0.1 stays "0.100"). Infinite
     and NaN values are shown as ``str`` shows them."""
-    if not math.isfinite(value):
-        return str(value)
-    exact = decimal.Decimal(repr(float(value)))
-    step = decimal.Decimal(1).scaleb(-decimals)
-    shown = exact.quantize(step, rounding=decimal.ROUND_CEILING, context=decimal.Context(prec=400))
-    return f"{shown:f}"
+    return _format_rounded(value, decimals, decimal.ROUND_CEILING)
 
 
 def format_down(value: float, decimals: int) -> str:
@@ -875,12 +870,17 @@ def format_down(value: float, decimals: int) -> str:
     its shortest decimal form, as :func:`format_up` rounds up: a shown noise multiplier is never
     above the one drawn (1.32847398 is "1.3284" at four decimals, where rounding to nearest
     shows the larger "1.3285"). Infinite and NaN values are shown as ``str`` shows them."""
+    return _format_rounded(value, decimals, decimal.ROUND_FLOOR)
+
+
+def _format_rounded(value: float, decimals: int, rounding: str) -> str:
+    """``value``'s shortest decimal form quantized to ``decimals`` decimals with ``rounding``
+    (a ``decimal`` rounding mode); infinite and NaN values as ``str`` shows them."""
     if not math.isfinite(value):
         return str(value)
     exact = decimal.Decimal(repr(float(value)))
     step = decimal.Decimal(1).scaleb(-decimals)
-    shown = exact.quantize(step, rounding=decimal.ROUND_FLOOR, context=decimal.Context(prec=400))
-    return f"{shown:f}"
+    return f"{exact.quantize(step, rounding=rounding, context=decimal.Context(prec=400)):f}"
 
 
 def format_share_up(part: float, whole: float, decimals: int) -> str:
