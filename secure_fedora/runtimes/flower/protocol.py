@@ -105,6 +105,7 @@ __all__ = [
     "check_apps_know_entries",
     "client_error_text",
     "pull_diverged",
+    "reports_pull_divergence",
     "effective_client_errors",
     "check_supported",
     "experiment_to_run_config",
@@ -219,6 +220,16 @@ def pull_diverged(err: BaseException) -> bool:
 
     return any(isinstance(e, ClientUpdateError) and f"({PULL_DIVERGED}: " in str(e)
                for e in (err, err.__cause__))
+
+
+def reports_pull_divergence(text: str) -> bool:
+    """Whether a client's error text, as :func:`client_error_text` makes it in either mode,
+    says FEDORA's pull diverged: the withheld form's fixed tag, or in full the parenthesised
+    cause that :func:`~secure_fedora.learning.client.diverged_hint` begins with. A text that
+    only mentions the phrase elsewhere (a plug-in's own message) does not."""
+    from secure_fedora.learning.client import PULL_DIVERGED
+
+    return f"({PULL_DIVERGED}; {WITHHELD_DETAILS})" in text or f"({PULL_DIVERGED}: " in text
 
 
 def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,

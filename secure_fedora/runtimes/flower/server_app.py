@@ -142,6 +142,7 @@ from secure_fedora.runtimes.flower.protocol import (
     RunSettings,
     apply_amendments,
     check_supported,
+    reports_pull_divergence,
     wire_round,
 )
 from secure_fedora.runtimes.flower.state import is_nonce_head
@@ -157,6 +158,7 @@ from secure_fedora.runtimes.inprocess import (
     unmeasured_rounds,
 )
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
+from secure_fedora.runtimes.rundir import amendment_readers
 from secure_fedora.secure.private import ledger_went_back as _ledger_went_back
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
@@ -1343,6 +1345,9 @@ def _exchange_payloads(
                    server.settings.max_in_flight)
     out = _Replies(timing=ex.timing)
     then = f"counts as not taking part in the {stage} exchange"
+    # only a method that pulls (one that reads fedora.max_pull) trains under FEDORA's pull:
+    # another's error reply naming it is an error reply like any other
+    pulls = stage == "round" and run.name in amendment_readers(server.cfg, "fedora.max_pull")
     for node, reason in sorted(ex.errors.items()):
         server.event(rnd, client_of[node], node, f"error reply ({reason}): {then}")
         if "NodeStateError" in reason:
@@ -1352,7 +1357,7 @@ def _exchange_payloads(
             raise DeployError(
                 f"{run.name}: client {server.client_ids[client_of[node]]} (node {node}) refuses "
                 f"to go on, its node's state being lost or damaged ({reason}); the run stops")
-        if PULL_DIVERGED in reason:
+        if pulls and reports_pull_divergence(reason):
             _stop_for_pull(server, run, rnd, client_of[node], node)
             out.diverged_pulls.add(client_of[node])
     for node in ex.missing:

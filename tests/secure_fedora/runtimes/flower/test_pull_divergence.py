@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from audits.verify import verify_run
-from secure_fedora.core.config import load_config
+from secure_fedora.core.config import load_config, parse_config
 from secure_fedora.learning.client import ClientUpdateError
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.client_app import CLIENT_ERRORS_LOG
@@ -22,6 +22,7 @@ from secure_fedora.runtimes.flower.protocol import (
     client_error_text,
 )
 from tests.secure_fedora.runtimes.flower.deploy_support import (
+    TINY,
     InMemoryGrid,
     audit_folder,
     run_config,
@@ -119,3 +120,25 @@ def test_a_full_error_text_of_a_diverged_pull_names_the_flower_resume(tmp_path: 
     assert f"`{PULL_RESUME_COMMAND}` continues it" in event["event"]
     assert "secure-fedora run" not in event["event"]
     assert results["rounds"][0]["unstable_pulls"] == 1.0
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method, text", [
+    # a method without FEDORA's pull: the withheld tag cannot be true of it
+    ("fedavg", f"ClientUpdateError (FEDORA's pull diverged; {WITHHELD_DETAILS})"),
+    # a full text that only mentions the phrase (a plug-in's own message)
+    ("fedora", "PluginError: FEDORA's pull diverged is not what went wrong here"),
+])
+def test_an_error_reply_that_only_names_a_pull_divergence_does_not_stop_the_run(
+        tmp_path: Path, method: str, text: str) -> None:
+    # before: the run stopped, naming fedora.max_pull as the remedy, for any error reply
+    # holding the phrase, fedavg's too
+    cfg = parse_config({**TINY, "methods": [method],
+                        "training": {**TINY["training"], "local_epochs": 1}})
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+    (tmp_path / "res").mkdir()
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, fail={(1, 1): text})
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert [(e["round"], e["client"]) for e in results["events"]][:1] == [(1, 1)]
+    assert results["rounds"][0]["replied"] == 2
+    assert results["rounds"][0].get("unstable_pulls", 0.0) == 0.0
