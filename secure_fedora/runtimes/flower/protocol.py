@@ -198,7 +198,10 @@ def client_error_text(err: BaseException, mode: str) -> str:
     non-finite training result of FEDORA's unstable pull (:func:`pull_diverged`),
     :data:`~secure_fedora.learning.client.PULL_DIVERGED`: that ``lr * lambda`` reached the
     stability limit, a fact of the lambda the client's reply carries (under private
-    validation the noised, accounted one), which the server needs to stop the run."""
+    validation the noised, accounted one), which the server needs to stop the run; and, as the
+    training error names the pull only then, that the loss and its gradient at the start of
+    that training were finite on the client's first training examples (else it names their
+    scale, and the text is the plain withheld one)."""
     from secure_fedora.learning.client import PULL_DIVERGED
 
     name = type(err).__name__
