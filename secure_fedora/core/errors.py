@@ -107,11 +107,12 @@ def interrupt_on(*signums: int) -> Callable[[], None]:
     function that puts the previous handlers back. Only on the main thread (elsewhere nothing
     changes), and only for a signal whose handler Python knows: where ``signal.getsignal`` is
     None (a handler an embedding application installed outside Python) the handler is left
-    as it is, since Python could not put it back."""
+    as it is, since Python could not put it back, and so is an ignored signal (``nohup``
+    ignores SIGHUP so that the command outlives its terminal: that choice is the caller's)."""
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in signums:
-            if signal.getsignal(signum) is not None:
+            if signal.getsignal(signum) not in (None, signal.SIG_IGN):
                 previous[signum] = signal.signal(signum, _raise_interrupt)
 
     def restore() -> None:

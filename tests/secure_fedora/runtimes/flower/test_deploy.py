@@ -843,6 +843,27 @@ def test_deploy_local_leaves_a_termination_handler_set_outside_python_alone(
     assert installed == [] and signal.getsignal(signal.SIGHUP) is before
 
 
+def test_deploy_local_under_nohup_keeps_ignoring_a_hangup() -> None:
+    """``nohup secure-fedora deploy local ...`` ignores SIGHUP so that the deployment outlives
+    its terminal; deploy local replaced the ignored handler with its interrupt, so closing
+    the terminal stopped the deployment all the same. An ignored signal stays ignored; one
+    with a handler still interrupts."""
+    import signal
+
+    from secure_fedora.runtimes.flower.cli import _interrupt_on_termination
+
+    hup, term = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        restore = _interrupt_on_termination()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not term
+        restore()
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGHUP, hup)
+
+
 def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[data]\nnum_clients = 'many'\n")
