@@ -18,7 +18,10 @@ APFL's empty finalize message and IFCA's clusters' version, which are now signed
 The shown
 epsilons (``epsilon_spent``, ``planned_epsilon*``) are now rounded up to six decimals where
 they were rounded to nearest, so they may differ from the recording in the sixth decimal
-(the accounting itself, every other privacy field, is compared exactly).
+(the accounting itself, every other privacy field, is compared exactly). The plan's noise
+multipliers (its rows' and the accountant comparison's, also as quoted in the choice's reason)
+are now the exact floats the ledgers record, where the recording rounded them to six decimals,
+and the rows say so (``"figures": "exact"``).
 """
 
 from __future__ import annotations
@@ -48,18 +51,26 @@ def _is_shown_epsilon(key: str) -> bool:
 def _is_calibrated(key: str) -> bool:
     """A noise multiplier calibrated by searching the PLD accountant, whose FFTs round
     differently on another instruction set (1.6250104108842958 against ...2045)."""
-    return key == "noise_multiplier"
+    return key == "noise_multiplier" or key.endswith("_noise_multiplier")
+
+
+def _calibrated_close(got: float, recorded: float) -> bool:
+    """``got`` (exact) within 1e-9 of ``recorded``, or of it as the recording rounded it to
+    six decimals (the plan's figures, exact only since)."""
+    return any(abs(value - recorded) <= 1e-9 * abs(recorded) for value in (got, round(got, 6)))
 
 
 # the accountant choice's reason quotes the plan's epsilons ("PLD gives 3.431791 vs RDP ...")
-_QUOTED_EPSILON = re.compile(r"((?:gives|vs [A-Z]+) )\d+(?:\.\d+)?")
+# and noise multipliers ("DP-SGD noise PLD 1.62501, RDP 1.803503")
+_QUOTED_EPSILON = re.compile(r"((?:gives|vs [A-Z]+|noise PLD|, RDP) )\d+(?:\.\d+)?")
 
 
 def _shown_epsilons_rounded(doc):  # type: ignore[no-untyped-def]
     """``doc`` with every shown epsilon replaced by a marker (compared apart, within 1e-6)."""
     if isinstance(doc, dict):
         return {k: ("<epsilon>" if (_is_shown_epsilon(k) or _is_calibrated(k)) and v is not None
-                    else _shown_epsilons_rounded(v)) for k, v in doc.items()}
+                    else _shown_epsilons_rounded(v)) for k, v in doc.items()
+                if not (k == "figures" and v == "exact")}  # the mark of exact plan figures
     if isinstance(doc, list):
         return [_shown_epsilons_rounded(v) for v in doc]
     if isinstance(doc, str):
@@ -75,7 +86,9 @@ def _assert_shown_epsilons_close(got, expected, path=""):  # type: ignore[no-unt
             if _is_shown_epsilon(k) and v is not None:
                 assert -5.01e-7 <= v - expected[k] <= 1.01e-6, (f"{path}.{k}", v, expected[k])
             elif _is_calibrated(k) and v is not None:
-                assert abs(v - expected[k]) <= 1e-9 * abs(expected[k]), (f"{path}.{k}", v, expected[k])
+                assert _calibrated_close(v, expected[k]), (f"{path}.{k}", v, expected[k])
+            elif k == "figures":
+                continue
             else:
                 _assert_shown_epsilons_close(v, expected[k], f"{path}.{k}")
     elif isinstance(got, list):
