@@ -201,7 +201,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from audits.canary import run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
     from secure_fedora.cli import keystore_flag
-    from secure_fedora.core.config import check_path_argument, load_config
+    from secure_fedora.core.config import check_overrides_used, check_path_argument, load_config
     from secure_fedora.secure.keystore import check_keystore_used
 
     json_path = _json_option(args, "canary")
@@ -225,6 +225,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     # [security] keystore only warns, as on resume (a config file given is refused)
     check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, keystore,
                         resume=run_dir is not None)
+    check_overrides_used(cfg, resume=run_dir is not None)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,

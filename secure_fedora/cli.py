@@ -15,7 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from privacy.errors import ToolkitError
-from secure_fedora.core.config import ConfigError, check_path_argument, config_from_bytes
+from secure_fedora.core.config import (
+    ConfigError,
+    check_overrides_used,
+    check_path_argument,
+    config_from_bytes,
+)
 from secure_fedora.core.errors import (
     INTERRUPTED_EXIT_CODE,
     add_debug_flag,
@@ -184,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
     check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, args.keystore,
                         resume=args.resume)
+    check_overrides_used(cfg, resume=args.resume)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
     # held from the checks to the last write: a second run or resume of this --out is refused

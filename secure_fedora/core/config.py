@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -43,6 +44,8 @@ __all__ = [
     "FedoraConfig",
     "TrainingConfig",
     "check_flag_argument",
+    "check_overrides_used",
+    "override_index_problem",
     "local_divergence_problem",
     "method_proximal_terms",
     "pull_limit_text",
@@ -56,6 +59,8 @@ __all__ = [
     "parse_config",
     "revalidate",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Largest learning rate, weight decay, clip norm and baseline weight (FedProx's ``mu``,
 #: Ditto's and FedAMP's ``lam``, APFL's ``alpha_lr``): torch takes them as float32 scalars (a
@@ -701,12 +706,9 @@ class ExperimentConfig(_Section):
                 raise ValueError("data.validation 'private' needs privacy.enabled = true")
             return self
         for key, budget in p.overrides.items():
-            # at most 19 digits: int() refuses 4,300, and no index reaches int64
-            if not (key.isascii() and key.isdigit()) or len(key) > 19 \
-                    or int(key) >= d.num_clients:
-                raise ValueError(f"privacy.overrides.{key}: not a client index in [0, {d.num_clients})")
-            if key != str(int(key)):  # "00" would name client 0 a second time
-                raise ValueError(f"privacy.overrides.{key}: write the client index as {int(key)}")
+            problem = override_index_problem(key, d.num_clients)
+            if problem is not None:
+                raise ValueError(problem)
             delta = budget.delta if budget.delta is not None else p.delta
             if delta >= 1.0 / d.train_per_client:
                 raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n = {1 / d.train_per_client:g}")
@@ -851,6 +853,39 @@ def _first_difference(given: Any, valid: Any, key: str = "") -> tuple[str, Any] 
                 return found
         return None
     return None if given == valid else (key, given)
+
+
+def override_index_problem(key: str, num_clients: int) -> str | None:
+    """Why the ``privacy.overrides`` key ``key`` does not name one of ``num_clients`` clients
+    (not a decimal index in range, or written with leading zeros), or None."""
+    # at most 19 digits: int() refuses 4,300, and no index reaches int64
+    if not (key.isascii() and key.isdigit()) or len(key) > 19 or int(key) >= num_clients:
+        return f"privacy.overrides.{key}: not a client index in [0, {num_clients})"
+    if key != str(int(key)):  # "00" would name client 0 a second time
+        return f"privacy.overrides.{key}: write the client index as {int(key)}"
+    return None
+
+
+def check_overrides_used(cfg: ExperimentConfig, resume: bool = False) -> None:
+    """ConfigError, before anything is built or written, when a config with ``[privacy]
+    enabled = false`` sets ``privacy.overrides`` (a run without privacy spends no budget, so
+    they would be ignored), naming a key that is no client index first. A resume, or an audit
+    of a run directory (``resume``), only warns: a run started before this check holds them in
+    its config.toml, and removing them would change the config its checkpoints are bound to."""
+    p = cfg.privacy
+    if p.enabled or not p.overrides:
+        return
+    problems = [override_index_problem(key, cfg.data.num_clients) for key in p.overrides]
+    bad = next((problem for problem in problems if problem is not None), None)
+    keys = ", ".join(json.dumps(key) for key in p.overrides)
+    why = (f"privacy.overrides ({keys}) is unused: the config has [privacy] enabled = false, "
+           "and a run without privacy spends no budget")
+    if bad is not None:
+        why = f"{bad}; {why}"
+    if resume:
+        log.warning("%s", why)
+        return
+    raise ConfigError(f"{why}; remove [privacy.overrides], or enable [privacy]")
 
 
 def revalidate(cfg: ExperimentConfig, source: str = "(ExperimentConfig)") -> ExperimentConfig:

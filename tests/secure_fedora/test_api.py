@@ -236,3 +236,18 @@ def test_an_experiment_without_run_dir_leaves_no_directory_it_did_not_write(tmp_
     results = exp.run()
     assert made() == [results.run_dir.name] and results.run_dir.name.startswith("secure-fedora-")
     assert (results.run_dir / "results.json").is_file()
+
+
+def test_privacy_overrides_without_privacy_are_refused_before_the_run(tmp_path) -> None:
+    """Experiment.run() with privacy.overrides and privacy off ran and ignored them (a bad
+    client index included): a ConfigError naming the index, nothing written."""
+    run_dir = tmp_path / "run"
+    exp = Experiment({"methods": ["local"], "privacy": {"overrides": {"-1": {"epsilon": 1.0}}},
+                      "data": {"num_clients": 2, "train_per_client": 8, "val_per_client": 4,
+                               "test_per_client": 4}}, run_dir=run_dir)
+    with pytest.raises(ConfigError, match=r"^privacy\.overrides\.-1: not a client index in "
+                                          r"\[0, 2\); privacy\.overrides \(\"-1\"\) is unused: "
+                                          r".*remove \[privacy\.overrides\], or enable "
+                                          r"\[privacy\]$"):
+        exp.run()
+    assert not run_dir.exists()

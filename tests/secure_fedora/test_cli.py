@@ -480,3 +480,43 @@ def test_the_printed_plan_never_shows_more_noise_or_a_smaller_delta_or_rate_than
     assert "1.3284 " in text and "1.3285" not in text
     assert "1.2345649e-05" in text and "0.012345649 " in text
     assert "sigma=1.3284739842813091" in text
+
+
+@pytest.mark.parametrize("key, named", [
+    ("8", "privacy.overrides.8: not a client index in [0, 8)"),
+    ("-1", "privacy.overrides.-1: not a client index in [0, 8)"),
+    ("00", "privacy.overrides.00: write the client index as 0"),
+    ("3", None),
+])
+def test_privacy_overrides_on_a_config_without_privacy_are_refused(tmp_path, monkeypatch, capsys,
+                                                                  key, named):
+    """`[privacy.overrides]` with [privacy] enabled = false were silently ignored, bad client
+    indices included (checked only with privacy on): one error line naming the bad index, or
+    the unused overrides, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    out, config = tmp_path / "run", tmp_path / "c.toml"
+    config.write_text(SMOKE.read_text() + f'\n[privacy.overrides."{key}"]\nepsilon = 1.0\n')
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    assert err.startswith(f"error: {named};" if named else "error: privacy.overrides (")
+    assert f'privacy.overrides ("{key}") is unused: the config has [privacy] enabled = false' in err
+    assert err.endswith("remove [privacy.overrides], or enable [privacy]\n")
+
+
+def test_a_run_holding_unused_privacy_overrides_still_resumes(tmp_path, monkeypatch, caplog):
+    """A run without privacy whose config sets privacy.overrides (accepted before that was
+    refused, an index out of range included) resumes with a warning naming them: its
+    checkpoints are bound to that config."""
+    import secure_fedora.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    out, config = tmp_path / "run", tmp_path / "c.toml"
+    config.write_text(SMOKE.read_text() + '\n[privacy.overrides."9"]\nepsilon = 1.0\n')
+    with monkeypatch.context() as m:  # the run as an earlier version started it
+        m.setattr(cli, "check_overrides_used", lambda *a, **k: None)
+        assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(config), "--out", str(out), "--resume", "--quiet"]) == 0
+    assert any(r.getMessage().startswith("privacy.overrides.9: not a client index in [0, 8); "
+                                         'privacy.overrides ("9") is unused')
+               for r in caplog.records if r.levelname == "WARNING")

@@ -62,7 +62,13 @@ from privacy.identity import (
     default_party_ids,
     init_keys,
 )
-from secure_fedora.core.config import ExperimentConfig, config_document, load_config, parse_config
+from secure_fedora.core.config import (
+    ExperimentConfig,
+    check_overrides_used,
+    config_document,
+    load_config,
+    parse_config,
+)
 from secure_fedora.runtimes.flower.certs import (
     CertificatePaths,
     NodeKeyPaths,
@@ -841,6 +847,7 @@ def deploy_local(
         # checked before anything starts: creating its subfolders failed with a bare OSError
         raise DeployError(f"the workdir {str(work)!r} exists and is not a directory; name a "
                           "directory (a new one for a new run)")
+    check_overrides_used(cfg, resume=resume)
     if cfg.security.keystore is not None:
         # the config is used as given (its hash binds the run), so the key is only named
         log.warning("[security] keystore = %s is unused by the Flower runtime: each party's "
