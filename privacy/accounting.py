@@ -105,7 +105,12 @@ class CalibrationError(AccountingError):
 
 class AccountingSizeError(AccountingError):
     """The analysis would allocate more than its memory guard allows (an epsilon far too large
-    for the discretized accountants); nothing was allocated."""
+    for the discretized accountants); nothing was allocated. ``problem`` says why, ``remedy``
+    what may help; the message is both."""
+
+    def __init__(self, problem: str, remedy: str) -> None:
+        self.problem, self.remedy = problem, remedy
+        super().__init__(f"{problem}; {remedy}")
 
 
 def _check_kind(kind: str) -> str:
@@ -235,7 +240,14 @@ def _rdp_epsilon(history: History, delta: float, options: dict[str, float]) -> f
         return 0.0
     rdp_analysis = opacus_rdp_analysis()
     rdp = sum(_rdp_one_step(q, nm) * steps for nm, q, steps in history)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(_rdp_orders()), rdp=rdp, delta=delta)
+    with warnings.catch_warnings():
+        # Opacus suggests more orders near 1 when the smallest (1.1) is optimal: that happens
+        # only for epsilons of at least 10 ln(1/delta) - 3.4 (112 at delta 1e-5), and the bound
+        # stays valid, only looser; the caller reports the epsilon itself
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha",
+                                category=UserWarning)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(_rdp_orders()), rdp=rdp,
+                                                delta=delta)
     return float(eps)
 
 
@@ -300,12 +312,19 @@ def _prv_upper_bound(history: History, delta: float, eps_error: float) -> tuple[
     # Opacus evaluates log(1 - q) in both branches of an np.where; for q = 1 (a plain
     # Gaussian release) that is log(0) in a branch that is then discarded: harmless.
     with np.errstate(divide="ignore", invalid="ignore"):
-        points = _prv_grid_points(history, eps_error, delta_error)
+        try:
+            points = _prv_grid_points(history, eps_error, delta_error)
+        except (ZeroDivisionError, OverflowError):
+            # Opacus sizes the grid with RDP terms 1 / sigma^2, beyond float64 for such noise
+            smallest = min(nm for nm, _, _ in history)
+            raise AccountingSizeError(
+                f"PRV accounting cannot size its grid for this history: its noise multipliers "
+                f"(smallest {smallest:.4g}) are too small for float64 arithmetic",
+                "use more noise") from None
         if points > PRV_MAX_GRID_POINTS:
             raise AccountingSizeError(
                 f"PRV accounting of this history needs a grid of {points:,} points"
-                f" (limit {PRV_MAX_GRID_POINTS:,}); use accountant='rdp' or a larger eps_error"
-            )
+                f" (limit {PRV_MAX_GRID_POINTS:,})", "use accountant='rdp' or a larger eps_error")
         acc = _prv_accountant_class()()
         acc.history = [tuple(h) for h in history]
         try:
@@ -379,12 +398,15 @@ def _gaussian_pld_points(noise_multiplier: float, sample_rate: float, discretiza
 
     points = 0
     for adjacency in (mechanism.AdjacencyType.REMOVE, mechanism.AdjacencyType.ADD):
-        bounds = mechanism.GaussianPrivacyLoss(
-            noise_multiplier, sampling_prob=sample_rate, adjacency_type=adjacency,
-        ).connect_dots_bounds()
-        span = (bounds.epsilon_upper - bounds.epsilon_lower) / discretization
+        # a noise multiplier whose square underflows (1e-300) makes dp_accounting divide by
+        # zero: the loss range is then unbounded, which the guard refuses without its warning
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            bounds = mechanism.GaussianPrivacyLoss(
+                noise_multiplier, sampling_prob=sample_rate, adjacency_type=adjacency,
+            ).connect_dots_bounds()
+            span = (bounds.epsilon_upper - bounds.epsilon_lower) / discretization
         # + 3: both ends of the span, and the point dp_accounting's rounding may add
-        points = max(points, int(min(span, 1e18)) + 3)
+        points = max(points, int(min(span, 1e18) if math.isfinite(span) else 1e18) + 3)
     return points
 
 
@@ -443,7 +465,7 @@ def check_pld_size(history: Iterable[tuple[float, float, int]],
         raise AccountingSizeError(
             f"PLD accounting of this history needs a grid of about {points:,} points (limit"
             f" {PLD_MAX_GRID_POINTS:,}): its noise multipliers (smallest {smallest:.4g}) give an"
-            " epsilon far beyond any meaningful budget; use accountant='rdp' or more noise")
+            " epsilon far beyond any meaningful budget", "use accountant='rdp' or more noise")
 
 
 def _pld_epsilon(history: History, delta: float, options: dict[str, float]) -> float:
@@ -936,6 +958,18 @@ def _rdp_epsilon_floor(delta: float) -> float:
     return float(eps)
 
 
+def size_error_remedy(exc: AccountingSizeError, plan: Sequence[PlannedRelease], delta: float,
+                      noise_multiplier: float | None, target_epsilon: float) -> str:
+    """``exc``'s message, for a plan that a discretized accountant cannot evaluate; when RDP
+    (which has no such limit) also gives an epsilon above ``target_epsilon``, its remedy
+    "use accountant='rdp'" cannot help, and the message says so and asks for more noise."""
+    rdp = plan_epsilon(plan, delta, noise_multiplier, "rdp")
+    if rdp <= target_epsilon:
+        return str(exc)
+    return (f"{exc.problem}; RDP accounting gives epsilon {rdp:.4g} > {target_epsilon:g} too, "
+            "so more noise is needed")
+
+
 def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                                plan: Sequence[PlannedRelease], accountant: str = "rdp", *,
                                prv_eps_error: float = 0.01, rel_tol: float = 0.01,
@@ -973,8 +1007,12 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
 
     fixed = [item for item in plan if item.noise_multiplier is not None]
     if fixed:
-        eps_fixed = plan_epsilon(fixed, delta, None, accountant, prv_eps_error=prv_eps_error,
-                                 prv_refine=prv_refine)
+        try:
+            eps_fixed = plan_epsilon(fixed, delta, None, accountant, prv_eps_error=prv_eps_error,
+                                     prv_refine=prv_refine)
+        except AccountingSizeError as exc:
+            why = size_error_remedy(exc, fixed, delta, None, target_epsilon)
+            raise CalibrationError(f"entries with a fixed noise multiplier: {why}") from None
         if eps_fixed >= target_epsilon:
             raise CalibrationError(
                 f"entries with a fixed noise multiplier already spend epsilon {eps_fixed:.6g}"

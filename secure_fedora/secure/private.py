@@ -56,6 +56,7 @@ from privacy.accounting import (
     calibrate_noise_multiplier,
     plan_epsilon,
     round_up,
+    size_error_remedy,
 )
 from privacy.durable import SyncBatch, fsync_dir, write_all_and_fsync
 from privacy.identity import client_ids, load_identity
@@ -485,8 +486,16 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     if accountant is None:
         accountant = choose_accountant(cfg, method, [budget]).name
     plan = _plan_for(cfg, method, budget, accountant, prv_refine)
-    planned = plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, accountant,
-                           prv_refine=prv_refine)
+    try:
+        planned = plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, accountant,
+                               prv_refine=prv_refine)
+    except AccountingSizeError as exc:
+        if cfg.privacy.noise_multiplier is None:  # calibrated under this accountant: evaluable
+            raise
+        why = size_error_remedy(exc, plan.releases, budget.delta, plan.dpsgd_noise,
+                                budget.epsilon)
+        raise BudgetPlanError(f"privacy: the plan of {method!r} with the fixed "
+                              f"privacy.noise_multiplier {plan.dpsgd_noise:g}: {why}", []) from None
     if planned > budget.epsilon:
         raise BudgetPlanError(
             f"privacy: the plan of {method!r} spends epsilon {planned:.4g} > budget"

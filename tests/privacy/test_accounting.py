@@ -737,3 +737,39 @@ def test_the_gate_s_epsilons_of_a_run_are_dp_accountings_and_build_each_group_on
     counts = collections.Counter(built)
     assert sorted(counts) == [4, 8, 12, 16]
     assert max(counts.values()) <= 2  # one build per side (remove, add) of each count
+
+
+@pytest.mark.parametrize("sigma", [1e-9, 1e-300])
+@pytest.mark.parametrize("kind", ["rdp", "pld", "prv"])
+def test_a_tiny_noise_multiplier_gives_a_named_error_or_epsilon_and_no_library_warning(sigma,
+                                                                                       kind):
+    """At sigma 1e-300 Opacus's PRV grid sizing raised ZeroDivisionError (a traceback from
+    `secure-fedora run`), dp_accounting warned "divide by zero" while sizing the PLD grid and
+    Opacus's RDP "Optimal order is the smallest alpha" (lines before the CLI's one error line):
+    now RDP gives its (huge or infinite) epsilon, PLD and PRV an AccountingSizeError, silently."""
+    import warnings
+
+    from privacy.accounting import AccountingSizeError
+
+    plan = [PlannedRelease("dpsgd", 0.5, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if kind == "rdp":
+            assert plan_epsilon(plan, DELTA, sigma, kind) > 1e17
+        else:
+            with pytest.raises(AccountingSizeError):
+                plan_epsilon(plan, DELTA, sigma, kind)
+
+
+@pytest.mark.parametrize("kind", ["pld", "prv"])
+def test_calibration_beside_a_tiny_fixed_noise_does_not_suggest_rdp_when_rdp_is_over_too(kind):
+    """A fixed entry (the summary release at sigma 1e-9) that PLD or PRV cannot evaluate raised
+    an AccountingSizeError saying "use accountant='rdp'", where RDP gives epsilon 5.5e17 for it:
+    a CalibrationError now says that more noise is needed."""
+    tiny = [PlannedRelease("dpsgd", 0.5, 4), PlannedRelease("gaussian_summary", 1.0, 1, 1e-9)]
+    with pytest.raises(CalibrationError, match=r"^entries with a fixed noise multiplier: "
+                                               rf"{kind.upper()} accounting .*; RDP accounting "
+                                               r"gives epsilon \S+ > 8 too, so more noise is "
+                                               r"needed$") as caught:
+        calibrate_noise_multiplier(8.0, DELTA, tiny, kind)
+    assert "accountant='rdp'" not in str(caught.value)

@@ -520,3 +520,23 @@ def test_a_run_holding_unused_privacy_overrides_still_resumes(tmp_path, monkeypa
     assert any(r.getMessage().startswith("privacy.overrides.9: not a client index in [0, 8); "
                                          'privacy.overrides ("9") is unused')
                for r in caplog.records if r.levelname == "WARNING")
+
+
+@pytest.mark.parametrize("key", ["noise_multiplier", "summary_noise_multiplier"])
+@pytest.mark.parametrize("value", ["1e-9", "1e-300"])
+def test_a_tiny_fixed_noise_multiplier_is_one_error_line_without_a_remedy_that_cannot_work(
+        tmp_path, key, value):
+    """privacy.summary_noise_multiplier = 1e-9 under accountant = "auto" ended in "use
+    accountant='rdp' or more noise" (RDP gives epsilon 5.5e17 > 4 for it), and Opacus and
+    dp_accounting printed warnings before the error line: now stderr is the one line, exit 2."""
+    config = tmp_path / "c.toml"
+    config.write_text(DP_TINY + f"{key} = {value}\n")
+    proc = subprocess.run([sys.executable, "-m", "secure_fedora.cli", "run", str(config),
+                           "--out", str(tmp_path / "run"), "--quiet",
+                           "--keystore", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: privacy plan of 'fedora' over budget") and \
+        proc.stderr.count("\n") == 1, proc.stderr
+    assert "accountant='rdp'" not in proc.stderr
+    assert not (tmp_path / "run").exists()
