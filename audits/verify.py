@@ -1015,6 +1015,7 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
 
 def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
                options: Mapping[str, str] = API_AUDIT_OPTIONS,
+               given: dict[str, PublicIdentity] | None = None,
                ) -> tuple[dict[str, PublicIdentity], str]:
     if allowlist is None:
         path = run_dir / "keys" / "allowlist.json"
@@ -1028,8 +1029,8 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
     else:
         path = allowlist
     try:
-        keys = load_allowlist(path)
-    except IdentityError as exc:
+        keys = given if given is not None else load_allowlist(path)
+    except IdentityError as exc:  # the run's own keys/allowlist.json: a finding against it
         findings.append(Finding("error", "allowlist", str(exc)))
         return {}, str(path)
     keys_dir = run_dir / "keys"
@@ -2097,7 +2098,9 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     under-reports epsilon by more than ``rel_tol`` against dp_accounting, and stays within
     its budget. Every error names the client, the method, the entry (line position) where
     applicable, the check and what is wrong. Raises :class:`AuditError` only when
-    ``run_dir`` itself is missing, holds none of :data:`RUN_MARKERS`, or an argument is invalid.
+    ``run_dir`` itself is missing, holds none of :data:`RUN_MARKERS`, or an argument is invalid
+    (an ``allowlist`` that is missing or no valid allowlist included: the auditor's input; the
+    run's own damaged ``keys/allowlist.json`` is an error finding).
     """
     run = check_path(run_dir, "run_dir", AuditError)
     if not run.is_dir():
@@ -2113,6 +2116,15 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     if allow_path is not None and not allow_path.is_file():
         raise AuditError(f"allowlist {allow_path} "
                          + ("is a directory, not a file" if allow_path.is_dir() else "does not exist"))
+    given_keys = None
+    if allow_path is not None:
+        # the auditor's own registration, not the run's: a malformed one is bad input to the
+        # audit (as a missing one), never evidence against the run
+        try:
+            given_keys = load_allowlist(allow_path)
+        except IdentityError as exc:
+            raise AuditError(f"{options['allowlist']}: {exc}; give the allowlist.json "
+                             "registered for the run's parties") from None
     anchor_path = check_path(anchor, "anchor", AuditError, "file") if anchor is not None \
         else None
     if anchor_path is not None and not anchor_path.is_file():
@@ -2130,7 +2142,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                                  results, anchor_path is not None)
     if not claim_basis:
         return _no_claim_report(run, cfg, results, findings, allow_path, rel_tol)
-    keys, allow_used = _load_keys(run, allow_path, findings, options)
+    keys, allow_used = _load_keys(run, allow_path, findings, options, given_keys)
     if not found:
         where = ""
         if results is not None and results.get("runtime") == "flower":

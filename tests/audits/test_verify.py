@@ -1612,3 +1612,46 @@ def test_an_rdp_order_dp_accounting_drops_is_integrated_so_a_correct_ledger_is_n
     ind = independent_epsilons([(sigma, q, steps)], delta, "rdp")[0]
     assert ind == pytest.approx(acc.epsilon(delta), rel=1e-4)
     assert ind >= acc.epsilon(delta) * (1 - 1e-9)  # never below the run's own exact value
+
+
+def _bad_allowlists(run: Path, tmp_path: Path) -> dict[str, Path]:
+    """A given allowlist that is not JSON, of another version, and with an invalid party id."""
+    doc = json.loads((run / "keys" / "allowlist.json").read_text())
+    first = next(iter(doc["parties"]))
+    files = {"not JSON": "{bad", "version": json.dumps({**doc, "version": 99}),
+             "party id": json.dumps({**doc, "parties": {**doc["parties"],
+                                                        "bad id!": doc["parties"][first]}})}
+    out = {}
+    for name, text in files.items():
+        out[name] = tmp_path / f"{name.replace(' ', '-')}.json"
+        out[name].write_text(text)
+    return out
+
+
+def test_a_malformed_given_allowlist_is_bad_input_and_a_damaged_own_one_a_failure(
+        run_copy, tmp_path, capsys):
+    """`audit verify --allowlist FILE` with FILE not an allowlist (not JSON, wrong version, a bad
+    party id) exited 1, "verification FAILED" (and `audit report` wrote a failed report),
+    while a missing FILE exited 2: the auditor's own registration is input to the audit, not
+    evidence against the run. Now one error line, exit 2, nothing written; the run's own
+    damaged keys/allowlist.json stays a verification failure (exit 1)."""
+    from audits.cli import main
+
+    for bad in _bad_allowlists(run_copy, tmp_path).values():
+        with pytest.raises(AuditError, match=r"^the allowlist= argument: allowlist (file )?\S+.*; give the "
+                                             r"allowlist.json registered for the run's parties$"):
+            verify_run(run_copy, allowlist=bad)
+        for command in (["verify"], ["report", "--out", str(tmp_path / "report")]):
+            capsys.readouterr()
+            assert main(["audit", *command, str(run_copy), "--allowlist", str(bad)]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == "" and captured.err.count("\n") == 1
+            assert captured.err.startswith(f"error: --allowlist: allowlist {'file ' if 'not-JSON' in bad.name else ''}{bad}")
+        assert not (tmp_path / "report").exists()
+    trusted = tmp_path / "trusted.json"
+    trusted.write_bytes((run_copy / "keys" / "allowlist.json").read_bytes())
+    (run_copy / "keys" / "allowlist.json").write_text("{bad")
+    for given in ([], ["--allowlist", str(trusted)]):
+        capsys.readouterr()
+        assert main(["audit", "verify", str(run_copy), *given]) == 1
+        assert "[allowlist]" in capsys.readouterr().out
