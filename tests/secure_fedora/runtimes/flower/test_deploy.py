@@ -1252,3 +1252,24 @@ def test_supernode_killed_mid_round_run_finishes_and_state_survives(
     assert accounted[0] == (0, "gaussian_summary") and (3, "dpsgd") in accounted, accounted
     assert results["privacy"]["fedora"]["clients"][victim]["epsilon_spent"] <= 8.0
 
+
+
+def test_deploy_local_refuses_privacy_overrides_without_privacy(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """[privacy.overrides] with privacy off (a bad client index included) were deployed and
+    silently ignored: a new deploy is refused before anything starts, naming the index; a
+    --resume only warns (the run's config binds its checkpoints) and goes on, here to its
+    refusal of a workdir with no run."""
+    from secure_fedora.core.config import ConfigError
+
+    doc = tiny_config().model_dump(mode="json", exclude_none=True)
+    doc["privacy"] = {**doc.get("privacy", {}), "overrides": {"-1": {"epsilon": 1.0}}}
+    work = tmp_path / "w"
+    with pytest.raises(ConfigError, match=r"^privacy\.overrides\.-1: not a client index in "
+                                          r"\[0, \d+\); privacy\.overrides \(\"-1\"\) is unused"):
+        deploy_local(parse_config(doc), 3, work, max_in_flight=0)
+    assert not work.exists()
+    with caplog.at_level("WARNING"), pytest.raises(server_app.ResumeRefused):
+        deploy_local(parse_config(doc), 3, work, max_in_flight=0, resume=True)
+    assert [r for r in caplog.records if "privacy.overrides (\"-1\") is unused" in r.getMessage()]
+    assert not work.exists()
