@@ -112,6 +112,10 @@ class AccountingSizeError(AccountingError):
         self.problem, self.remedy = problem, remedy
         super().__init__(f"{problem}; {remedy}")
 
+    def __reduce__(self) -> tuple[type[AccountingSizeError], tuple[str, str]]:
+        # pickle and copy rebuild an exception from its args (the one message) by default
+        return type(self), (self.problem, self.remedy)
+
 
 def _check_kind(kind: str) -> str:
     if kind not in ACCOUNTANT_REGISTRY:

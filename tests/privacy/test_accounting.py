@@ -773,3 +773,17 @@ def test_calibration_beside_a_tiny_fixed_noise_does_not_suggest_rdp_when_rdp_is_
                                                r"needed$") as caught:
         calibrate_noise_multiplier(8.0, DELTA, tiny, kind)
     assert "accountant='rdp'" not in str(caught.value)
+
+
+def test_an_accounting_size_error_survives_pickle_and_copy() -> None:
+    """AccountingSizeError takes its problem and remedy apart; pickle and copy rebuild an
+    exception from its args (the joined message), which raised TypeError for it."""
+    import copy
+    import pickle
+
+    from privacy.accounting import AccountingSizeError
+
+    err = AccountingSizeError("a grid of 10 points", "use more noise")
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert (again.problem, again.remedy, str(again)) == (
+            "a grid of 10 points", "use more noise", "a grid of 10 points; use more noise")
