@@ -150,11 +150,11 @@ def test_rows_at_every_offset_from_the_boundary_equal_evaluate_in_one_call() -> 
     flat = FlatModel(make_model("mlp", seed=0))
     p = flat.num_params
     count = 16
-    storage = torch.empty(count * p + count)
+    storage = torch.zeros(count * p + count)  # the gaps compared too: no NaN garbage
     theta_src, phi_src = _rows(flat, count, seed=30), _rows(flat, count, seed=31)
     # row k starts k * (p + 1) floats in: every offset mod 16 floats occurs once
     theta = [storage[k * (p + 1): k * (p + 1) + p] for k in range(count)]
-    phi_storage = torch.empty(count * p + count)
+    phi_storage = torch.zeros(count * p + count)  # the gaps compared too: no NaN garbage
     phi = [phi_storage[k * (p + 1): k * (p + 1) + p] for k in range(count)]
     for k in range(count):
         theta[k].copy_(theta_src[k])
