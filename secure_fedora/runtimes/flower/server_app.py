@@ -113,7 +113,8 @@ from secure_fedora.algorithms.contract import (
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import strict_json
-from secure_fedora.learning.client import PULL_DIVERGED
+from secure_fedora.learning.client import PULL_DIVERGED, PULL_RESUME_HINT
+from secure_fedora.learning.client import PULL_RESUME_COMMAND as IN_PROCESS_RESUME
 from secure_fedora.learning.models import model_fingerprint
 from secure_fedora.runtimes.flower.ceremony import layout_for, public_context_digest
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
@@ -138,6 +139,7 @@ from secure_fedora.runtimes.flower.protocol import (
     MSG_HELLO,
     MSG_ROUND,
     MSG_SETUP,
+    PULL_RESUME_COMMAND,
     DeployError,
     RunSettings,
     apply_amendments,
@@ -1281,10 +1283,9 @@ def _stop_for_pull(server: _Server, run: _MethodRun, rnd: int, client: int, node
         return
     who = f"{server.client_ids[client]} (node {node})"
     if rnd < rounds:
-        remedy = (f"the run keeps what it released: with fedora.max_pull = 1 set in its config "
-                  f"(the one change a resume accepts), `secure-fedora deploy local` with "
-                  f"--resume continues it, round {rnd} re-made as it was ({who} sits it out) "
-                  f"and the bound applied from round {rnd + 1}")
+        hint = PULL_RESUME_HINT.replace(IN_PROCESS_RESUME, PULL_RESUME_COMMAND)
+        remedy = (f"{hint}, round {rnd} re-made as it was ({who} sits it out) and the bound "
+                  f"applied from round {rnd + 1}")
     else:
         remedy = (f"round {rnd} is the last, which a resume re-makes as it was, so run it again "
                   "with fedora.max_pull = 1 set")

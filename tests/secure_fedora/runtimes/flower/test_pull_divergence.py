@@ -58,8 +58,8 @@ def test_a_diverged_pull_stops_a_flower_run_and_max_pull_resumes_it(
     # round's release, and results.json reported 0 unstable pulls
     with pytest.raises(DeployError, match=r"^fedora: client-001 \(node 1001\): FEDORA's pull "
                        r"diverged in round 1 .*set fedora.max_pull = 1 .*`secure-fedora deploy "
-                       r"local` with --resume continues it, round 1 re-made as it was .* from "
-                       r"round 2$"):
+                       r"local --config CONFIG --workdir WORKDIR --resume` continues it, round 1 "
+                       r"re-made as it was .* from round 2$"):
         server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     assert not (tmp_path / "res" / "results.json").exists()
     # the node's own record names the resume that works on Flower, not the in-process one
