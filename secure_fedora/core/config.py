@@ -45,6 +45,7 @@ __all__ = [
     "TrainingConfig",
     "check_flag_argument",
     "check_overrides_used",
+    "unused_overrides_problem",
     "override_index_problem",
     "local_divergence_problem",
     "method_proximal_terms",
@@ -866,22 +867,32 @@ def override_index_problem(key: str, num_clients: int) -> str | None:
     return None
 
 
+def unused_overrides_problem(cfg: ExperimentConfig,
+                             disabled: str = "the config has [privacy] enabled = false") -> str | None:
+    """Why ``privacy.overrides`` of ``cfg`` are unused (``[privacy] enabled = false``, which
+    ``disabled`` words), naming a key that is no client index first; None when privacy is on
+    or there are no overrides. The one wording of :func:`check_overrides_used` and of a
+    sweep's check of its cells."""
+    p = cfg.privacy
+    if p.enabled or not p.overrides:
+        return None
+    problems = [override_index_problem(key, cfg.data.num_clients) for key in p.overrides]
+    bad = next((problem for problem in problems if problem is not None), None)
+    keys = ", ".join(json.dumps(key) for key in p.overrides)
+    why = (f"privacy.overrides ({keys}) is unused: {disabled}, and a run without privacy "
+           "spends no budget")
+    return why if bad is None else f"{bad}; {why}"
+
+
 def check_overrides_used(cfg: ExperimentConfig, resume: bool = False) -> None:
     """ConfigError, before anything is built or written, when a config with ``[privacy]
     enabled = false`` sets ``privacy.overrides`` (a run without privacy spends no budget, so
     they would be ignored), naming a key that is no client index first. A resume, or an audit
     of a run directory (``resume``), only warns: a run started before this check holds them in
     its config.toml, and removing them would change the config its checkpoints are bound to."""
-    p = cfg.privacy
-    if p.enabled or not p.overrides:
+    why = unused_overrides_problem(cfg)
+    if why is None:
         return
-    problems = [override_index_problem(key, cfg.data.num_clients) for key in p.overrides]
-    bad = next((problem for problem in problems if problem is not None), None)
-    keys = ", ".join(json.dumps(key) for key in p.overrides)
-    why = (f"privacy.overrides ({keys}) is unused: the config has [privacy] enabled = false, "
-           "and a run without privacy spends no budget")
-    if bad is not None:
-        why = f"{bad}; {why}"
     if resume:
         log.warning("%s", why)
         return

@@ -63,6 +63,7 @@ from secure_fedora.core.config import (  # noqa: E402
     config_hash,
     load_config,
     model_selection,
+    unused_overrides_problem,
 )
 from secure_fedora.core.errors import one_line  # noqa: E402
 from secure_fedora.core.files import strict_json  # noqa: E402
@@ -694,7 +695,9 @@ def check_sweep(cfg: ExperimentConfig, out: str | Path, methods: Sequence[str],
                 ) -> tuple[Path, list[Cell], dict[Cell, ExperimentConfig]]:
     """The checks of a sweep's own arguments, which build, train and write nothing: ``out``
     (not empty, no NUL; not a directory of another configuration's sweep), the plan
-    (:func:`plan_cells`) and every cell's config (:func:`cell_config`). Returns ``out`` as a
+    (:func:`plan_cells`) and every cell's config (:func:`cell_config`; a new sweep whose
+    epsilon-none cells would leave ``privacy.overrides`` unused is refused, as ``run`` refuses
+    them, a started one warns in :func:`run_sweep`). Returns ``out`` as a
     Path, the cells and their configs; raises :class:`SweepError` (or ConfigError for
     ``out``) otherwise. :func:`run_sweep` starts with it; the CLI calls it before it draws
     anything."""
@@ -702,7 +705,29 @@ def check_sweep(cfg: ExperimentConfig, out: str | Path, methods: Sequence[str],
     cells = plan_cells(methods, epsilons, seeds)
     configs = {cell: cell_config(cfg, cell) for cell in cells}  # every cell validated up front
     _check_manifest(out, cfg, write=False)
+    unused = _unused_overrides(cells, configs)
+    if unused is not None and not _resumed(out):  # a resumed sweep warns (run_sweep)
+        raise SweepError(f"{unused}; remove [privacy.overrides] from the config: a sweep "
+                         "cannot use them (a numeric epsilon refuses per-client budgets)")
     return out, cells, configs
+
+
+def _resumed(out: Path) -> bool:
+    """Whether ``out`` holds a sweep that has started (its manifest is written before its
+    first cell, once every check passed)."""
+    return (out / MANIFEST_FILE).exists()
+
+
+def _unused_overrides(cells: Sequence[Cell], configs: Mapping[Cell, ExperimentConfig]) -> str | None:
+    """The cells whose config sets ``privacy.overrides`` with privacy off (epsilon none), as
+    ``cell <key>[ and N more]: <why>`` (:func:`unused_overrides_problem`); None when none does."""
+    disabled = "the cell runs with [privacy] enabled = false (epsilon none)"
+    found = [(cell, why) for cell in cells
+             if (why := unused_overrides_problem(configs[cell], disabled)) is not None]
+    if not found:
+        return None
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    return f"cell {found[0][0].key}{more}: {found[0][1]}"
 
 
 def run_sweep(
@@ -729,6 +754,11 @@ def run_sweep(
     finished cell run on other data.
     """
     out, cells, configs = check_sweep(cfg, out, methods, seeds, epsilons)
+    unused = _unused_overrides(cells, configs)
+    if unused is not None:  # check_sweep refused them unless the sweep had started
+        # a warning, as `run --resume` gives: removing them would make the directory's
+        # manifest (and its cells) another configuration's
+        log.warning("%s; this sweep started with them, so it continues", unused)
     if cfg.security.keystore is not None and not any(c.privacy.enabled for c in configs.values()):
         # not an error: the same base config's DP cells use it
         log.warning("[security] keystore = %s is unused: this sweep runs no DP cell (only "

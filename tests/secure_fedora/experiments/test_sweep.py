@@ -906,3 +906,61 @@ def test_a_key_store_no_cell_reads_is_warned_about_once(tmp_path, caplog):
         run_sweep(cfg, tmp_path / "dp", ["fedavg"], [0], [None, 4.0])
     assert not [r for r in caplog.records if "is unused" in r.getMessage()]
     assert (tmp_path / "store" / "allowlist.json").exists()
+
+
+@needs_privacy
+@pytest.mark.parametrize("enabled, key, named", [
+    ("false", "1", None),
+    ("true", "1", None),
+    ("false", "7", "privacy.overrides.7: not a client index in [0, 5)"),
+])
+def test_a_sweep_whose_cells_leave_privacy_overrides_unused_is_refused(tmp_path, capsys, enabled,
+                                                                       key, named):
+    """`run` refuses privacy.overrides with privacy off; a sweep ran its epsilon-none cells
+    (privacy off) with them, ignored. Now one error line naming the cell, before anything is
+    built or written."""
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        'name = "overrides-sweep"\nseed = 0\n'
+        "[data]\nnum_clients = 5\ntrain_per_client = 32\nval_per_client = 16\ntest_per_client = 32\n"
+        "[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 16\nlr = 0.05\n"
+        f'[privacy]\nenabled = {enabled}\n[privacy.overrides."{key}"]\nepsilon = 1.0\n'
+        + ('[fedora]\nrelatedness = "noised"\n' if enabled == "true" else "")
+    )
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["sweep", str(cfg_path), "--out", str(out), "--methods", "fedavg",
+                              "local", "--quiet"])
+    assert run_command(args.func, args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    assert err.startswith(f"error: cell fedavg/eps-none/seed-0 and 1 more: {named + '; ' if named else ''}"
+                          f'privacy.overrides ("{key}") is unused: the cell runs with [privacy] '
+                          "enabled = false (epsilon none), and a run without privacy spends no "
+                          "budget; remove [privacy.overrides] from the config")
+
+
+@needs_privacy
+def test_a_sweep_started_with_unused_privacy_overrides_still_resumes(tmp_path, monkeypatch,
+                                                                     caplog):
+    """A sweep started (by an earlier version) with privacy.overrides its cells leave unused
+    continues with one warning: removing them would make its directory another
+    configuration's. Its finished cells are kept; a new sweep directory refuses them."""
+    import logging
+
+    cfg = tiny(privacy={"overrides": {"1": {"epsilon": 1.0}}}, training={"rounds": 1})
+    with monkeypatch.context() as m:  # the sweep as an earlier version started it
+        m.setattr(sweep_mod, "_unused_overrides", lambda *a: None)
+        run_sweep(cfg, tmp_path / "sweep", ["fedavg"], [0])
+    with caplog.at_level(logging.WARNING):
+        again = run_sweep(cfg, tmp_path / "sweep", ["fedavg"], [0, 1])
+    assert again.skipped == ["fedavg/eps-none/seed-0"] and again.ran == ["fedavg/eps-none/seed-1"]
+    warned = [r.getMessage() for r in caplog.records if "privacy.overrides" in r.getMessage()]
+    assert warned == ['cell fedavg/eps-none/seed-0 and 1 more: privacy.overrides ("1") is unused: '
+                      "the cell runs with [privacy] enabled = false (epsilon none), and a run "
+                      "without privacy spends no budget; this sweep started with them, so it "
+                      "continues"]
+    with pytest.raises(SweepError, match=r"^cell fedavg/eps-none/seed-0: privacy.overrides"):
+        run_sweep(cfg, tmp_path / "new", ["fedavg"], [0])
+    assert not (tmp_path / "new").exists()
