@@ -300,7 +300,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     Errors name the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     run_dir = check_path(run_dir, "run_dir", ReplayAuditError)
-    allow_path = check_path(allowlist, "allowlist", ReplayAuditError, "file") \
+    from audits.verify import load_given_allowlist
+
+    # the auditor's own registration: bad input to the audit, checked before the run is read
+    allow_path = load_given_allowlist(allowlist, ReplayAuditError, options)[0] \
         if allowlist is not None else None
     if anchor is not None:
         check_path(anchor, "anchor", ReplayAuditError, "file")

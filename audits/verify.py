@@ -146,6 +146,7 @@ __all__ = [
     "dpsgd_claim_problem",
     "given_allowlist_findings",
     "independent_epsilons",
+    "load_given_allowlist",
     "mechanism_epsilon",
     "positive_number",
     "verified_ledger_entries",
@@ -566,10 +567,32 @@ def _raise_first(findings: Sequence[Finding], error: type[Exception], context: s
         raise error(f"{context}: {errors[0].message}{more}")
 
 
+def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditError,
+                         options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                         ) -> tuple[Path, dict[str, PublicIdentity]]:
+    """The auditor's independently registered allowlist (``--allowlist``, ``allowlist=``):
+    its path and keys. It is input to the audit, never evidence against the run: a path that
+    is no text path, a missing file, a directory or a file that is no valid allowlist raises
+    ``error`` with one line naming the argument (``options``), what is wrong and what to give.
+    The one check of ``audit verify``, ``audit replay`` and their Python functions."""
+    path = check_path(allowlist, "allowlist", error, "file")
+    if not path.is_file():
+        raise error(f"allowlist {path} "
+                    + ("is a directory, not a file" if path.is_dir() else "does not exist"))
+    try:
+        keys = load_allowlist(path)
+    except IdentityError as exc:
+        raise error(f"{options['allowlist']}: {exc}; give the allowlist.json registered for "
+                    "the run's parties") from None
+    return path, keys
+
+
 def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
                             error: type[Exception] = AuditError,
                             missing: str | None = None,
-                            allowlist: str | Path | None = None) -> list[dict[str, Any]]:
+                            allowlist: str | Path | None = None,
+                            options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                            ) -> list[dict[str, Any]]:
     """The entries of ``RUN_DIR/ledgers/<method>/<client_id>.jsonl`` once it verifies.
 
     Guarantee: every line is a canonical JSON object with the documented fields and types,
@@ -586,24 +609,26 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     (and swapped ``keys/allowlist.json``) then fails. As in ``audit verify --allowlist``
     (:func:`given_allowlist_findings`), private signing keys inside ``run_dir`` (they could
     re-sign it) and a published ``keys/allowlist.json`` that lists a party or a key
-    ``allowlist`` does not register are then an error.
+    ``allowlist`` does not register are then an error; an ``allowlist`` that is no valid
+    allowlist is bad input (:func:`load_given_allowlist`, naming ``options``' argument).
     """
     run_dir = check_path(run_dir, "run_dir", error)
     rel = f"ledgers/{method}/{client_id}.jsonl"
     path = run_dir / "ledgers" / method / f"{client_id}.jsonl"
-    allow_path = run_dir / "keys" / "allowlist.json" if allowlist is None \
-        else check_path(allowlist, "allowlist", error, "file")
-    allow_label = "keys/allowlist.json" if allowlist is None else f"allowlist {allow_path}"
-    if allowlist is not None:
-        if not allow_path.is_file():
-            raise error(f"allowlist {allow_path} " + ("is a directory, not a file"
-                        if allow_path.is_dir() else "does not exist"))
-    if not path.is_file():
-        raise error(missing if missing is not None else f"no ledger {path}")
-    try:
-        keys = load_allowlist(allow_path)
-    except IdentityError as err:
-        raise error(f"cannot verify {rel} before trusting its claim: {err}") from None
+    if allowlist is None:
+        allow_path = run_dir / "keys" / "allowlist.json"
+        allow_label = "keys/allowlist.json"
+        if not path.is_file():
+            raise error(missing if missing is not None else f"no ledger {path}")
+        try:
+            keys = load_allowlist(allow_path)
+        except IdentityError as err:  # the run's own file: a problem of the run
+            raise error(f"cannot verify {rel} before trusting its claim: {err}") from None
+    else:
+        allow_path, keys = load_given_allowlist(allowlist, error, options)
+        allow_label = f"allowlist {allow_path}"
+        if not path.is_file():
+            raise error(missing if missing is not None else f"no ledger {path}")
     if allowlist is not None:
         _raise_first(given_allowlist_findings(run_dir, allow_path, keys), error,
                      f"{rel} is not trusted")
@@ -1903,12 +1928,14 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     if not anchor_path.is_file():
         raise error(f"anchor {anchor_path} " + ("is a directory, not a file (give the"
                     " anchor.json kept apart)" if anchor_path.is_dir() else "does not exist"))
-    allow_path = run / "keys" / "allowlist.json" if allowlist is None \
-        else check_path(allowlist, "allowlist", error, "file")
-    try:
-        keys = load_allowlist(allow_path)
-    except IdentityError as err:
-        raise error(f"cannot check the anchor {anchor_path}: {err}") from None
+    if allowlist is None:
+        allow_path = run / "keys" / "allowlist.json"
+        try:
+            keys = load_allowlist(allow_path)
+        except IdentityError as err:
+            raise error(f"cannot check the anchor {anchor_path}: {err}") from None
+    else:
+        allow_path, keys = load_given_allowlist(allowlist, error, options)
     # results.json and config.toml are compared with the anchor only; what reading them
     # reports is verify_run's (their anchored digests are checked here)
     results = _load_results(run, [])
@@ -2111,20 +2138,8 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     if isinstance(rel_tol, bool) or not isinstance(rel_tol, int | float) or not 0 <= rel_tol < 1:
         raise AuditError(f"rel_tol must be in [0, 1) ({options['rel_tol']}), got {rel_tol!r}")
     _check_pld_checkpoints(pld_checkpoints, "pld_checkpoints", options["pld_checkpoints"])
-    allow_path = check_path(allowlist, "allowlist", AuditError, "file") \
-        if allowlist is not None else None
-    if allow_path is not None and not allow_path.is_file():
-        raise AuditError(f"allowlist {allow_path} "
-                         + ("is a directory, not a file" if allow_path.is_dir() else "does not exist"))
-    given_keys = None
-    if allow_path is not None:
-        # the auditor's own registration, not the run's: a malformed one is bad input to the
-        # audit (as a missing one), never evidence against the run
-        try:
-            given_keys = load_allowlist(allow_path)
-        except IdentityError as exc:
-            raise AuditError(f"{options['allowlist']}: {exc}; give the allowlist.json "
-                             "registered for the run's parties") from None
+    allow_path, given_keys = load_given_allowlist(allowlist, AuditError, options) \
+        if allowlist is not None else (None, None)
     anchor_path = check_path(anchor, "anchor", AuditError, "file") if anchor is not None \
         else None
     if anchor_path is not None and not anchor_path.is_file():

@@ -206,3 +206,18 @@ def canary_run_dir(tmp_path: Path) -> Path:
     run.mkdir()
     (run / "config.toml").write_text(CANARY_CONFIG)
     return run
+
+
+def bad_allowlists(run: Path, tmp_path: Path) -> dict[str, Path]:
+    """Given allowlists that are not one: not JSON, of another version, and with an invalid
+    party id (built from ``run``'s own keys/allowlist.json)."""
+    doc = json.loads((run / "keys" / "allowlist.json").read_text())
+    first = next(iter(doc["parties"]))
+    files = {"not JSON": "{bad", "version": json.dumps({**doc, "version": 99}),
+             "party id": json.dumps({**doc, "parties": {**doc["parties"],
+                                                        "bad id!": doc["parties"][first]}})}
+    out = {}
+    for name, text in files.items():
+        out[name] = tmp_path / f"{name.replace(' ', '-')}.json"
+        out[name].write_text(text)
+    return out

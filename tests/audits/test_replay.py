@@ -19,6 +19,7 @@ from audits.replay import (
 )
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.inprocess import Simulation
+from tests.audits.conftest import bad_allowlists
 
 BASE = {
     "seed": 5,
@@ -352,6 +353,32 @@ def test_a_valid_run_passes_with_the_allowlist_and_anchor_kept_apart(runs, tmp_p
     assert err.count("\n") == 1 and "differs from the given anchor" in err
     with pytest.raises(ReplayAuditError, match="anchor .* does not exist"):
         run_replay_audit(run, trials=8, anchor=tmp_path / "missing.json")
+
+
+def test_a_malformed_given_allowlist_is_named_as_bad_input_not_as_a_ledger_problem(
+        runs, tmp_path, capsys):
+    """`audit replay --allowlist FILE` with FILE not an allowlist said "cannot verify
+    ledgers/local/client-000.jsonl before trusting its claim: ..." (with --anchor: "cannot
+    check the anchor ..."), which reads as a problem of the run. Now the message `audit verify`
+    gives for the same input: the flag, what is wrong with FILE, what to give instead."""
+    run = runs["csprng"]
+    kept = tmp_path / "anchor-copy.json"
+    kept.write_bytes((run / "anchor.json").read_bytes())
+    for bad in bad_allowlists(run, tmp_path).values():
+        for anchor in ([], ["--anchor", str(kept)]):
+            capsys.readouterr()
+            assert main(["audit", "replay", str(run), "--trials", "8", "--allowlist", str(bad),
+                         *anchor]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == "" and captured.err.count("\n") == 1
+            assert captured.err.startswith(
+                f"error: --allowlist: allowlist {'file ' if 'not-JSON' in bad.name else ''}{bad}")
+            assert captured.err.endswith("; give the allowlist.json registered for the run's "
+                                         "parties\n")
+        with pytest.raises(ReplayAuditError, match=r"^the allowlist= argument: allowlist .*; give "
+                                                   r"the allowlist.json registered for the run's "
+                                                   r"parties$"):
+            run_replay_audit(run, trials=8, allowlist=bad)
 
 
 def test_replay_with_an_allowlist_compares_the_published_allowlist(runs, tmp_path, capsys):

@@ -25,7 +25,7 @@ from privacy.accounting import Accountant
 from privacy.identity import load_allowlist, load_identity
 from privacy.ledger import LedgerWriter, canonical_json, line_hash, signing_payload
 
-from .conftest import build_run_dir, keystore_of, reanchor
+from .conftest import bad_allowlists, build_run_dir, keystore_of, reanchor
 
 CID = "client-001"
 METHOD = "fedora"
@@ -1614,20 +1614,6 @@ def test_an_rdp_order_dp_accounting_drops_is_integrated_so_a_correct_ledger_is_n
     assert ind >= acc.epsilon(delta) * (1 - 1e-9)  # never below the run's own exact value
 
 
-def _bad_allowlists(run: Path, tmp_path: Path) -> dict[str, Path]:
-    """A given allowlist that is not JSON, of another version, and with an invalid party id."""
-    doc = json.loads((run / "keys" / "allowlist.json").read_text())
-    first = next(iter(doc["parties"]))
-    files = {"not JSON": "{bad", "version": json.dumps({**doc, "version": 99}),
-             "party id": json.dumps({**doc, "parties": {**doc["parties"],
-                                                        "bad id!": doc["parties"][first]}})}
-    out = {}
-    for name, text in files.items():
-        out[name] = tmp_path / f"{name.replace(' ', '-')}.json"
-        out[name].write_text(text)
-    return out
-
-
 def test_a_malformed_given_allowlist_is_bad_input_and_a_damaged_own_one_a_failure(
         run_copy, tmp_path, capsys):
     """`audit verify --allowlist FILE` with FILE not an allowlist (not JSON, wrong version, a bad
@@ -1637,7 +1623,7 @@ def test_a_malformed_given_allowlist_is_bad_input_and_a_damaged_own_one_a_failur
     damaged keys/allowlist.json stays a verification failure (exit 1)."""
     from audits.cli import main
 
-    for bad in _bad_allowlists(run_copy, tmp_path).values():
+    for bad in bad_allowlists(run_copy, tmp_path).values():
         with pytest.raises(AuditError, match=r"^the allowlist= argument: allowlist (file )?\S+.*; give the "
                                              r"allowlist.json registered for the run's parties$"):
             verify_run(run_copy, allowlist=bad)
