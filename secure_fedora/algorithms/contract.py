@@ -54,7 +54,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
            "check_data_facts", "data_checked",
-           "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class",
+           "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class", "SAT_OUT_PULL_DIVERGED", "with_sat_out_statistics",
            "method_releases", "round_mechanisms"]
 
 SETUP = "setup"
@@ -80,6 +80,12 @@ RUNTIME_ROUND_COLUMNS = frozenset({
     "method", "round", "participants", "replied", "seconds", "timing", "test_mean", "test_min",
     "test_max", "test_std", "val_mean", "selected_mean", "selected_round", "evaluated",
     "evaluation_timing"})
+
+#: Why a client sat a round out, as a runtime reports it to a method's
+#: ``sat_out_statistics``: its training's non-finite result of FEDORA's unstable pull, which
+#: its error reply names (on Flower, in a round a resume's ``fedora.max_pull`` amendment
+#: re-makes as it was; in process such a pull stops the run instead).
+SAT_OUT_PULL_DIVERGED = "pull_diverged"
 
 #: Entries of a method's results.json ``extra`` that the in-process runtime writes itself
 #: (the signed messages' record, the training engine's counts); ``server_finalize`` may not
@@ -621,6 +627,17 @@ def round_statistics_of(method: str, rnd: int, replies_statistics: Mapping[str, 
         raise ContractError(f"method {method!r}: aggregate() must return the round's "
                             f"statistics as a dict, got {type(aggregated).__name__}")
     return check_round_statistics(method, rnd, {**replies_statistics, **aggregated})
+
+
+def with_sat_out_statistics(method: str, rnd: int, stats: Mapping[str, float],
+                            added: Any) -> dict[str, float]:
+    """``stats`` with what the method's ``sat_out_statistics`` returned (``added``, checked
+    as :func:`check_round_statistics` checks a round's statistics) added in: an entry of the
+    same name is summed, a new one appended, so a runtime names no method's statistic."""
+    out = dict(stats)
+    for key, value in check_round_statistics(method, rnd, added).items():
+        out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def check_round_statistics(method: str, rnd: int, stats: Any) -> dict[str, float]:

@@ -56,6 +56,7 @@ from secure_fedora.algorithms.contract import (
     REPLY_NUM_EXAMPLES,
     REPLY_STEPS,
     ROUND,
+    SAT_OUT_PULL_DIVERGED,
     SETUP,
     ContractError,
     DataFacts,
@@ -589,6 +590,14 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         ones, as on Flower: the server trusts only authenticated replies; never called with
         none): ``steps`` summed. Methods add their own entries."""
         return {"steps": float(sum(int(r[KEY_STEPS]) for r in replies.values() if KEY_STEPS in r))}
+
+    def sat_out_statistics(self, rnd: int, reasons: Mapping[int, str]) -> dict[str, float]:
+        """Round ``rnd``'s statistics owed to clients that sat it out, ``reasons`` mapping
+        each to why, as its runtime learned it without an accepted reply (e.g.
+        :data:`~secure_fedora.algorithms.contract.SAT_OUT_PULL_DIVERGED`, from its error
+        reply): :meth:`round_statistics` sees accepted replies only. The runtime adds them to
+        the round's statistics (summed with an entry of the same name). Default: none."""
+        return {}
 
     def train_round(self, rnd: int, participants: Sequence[int],
                     admit: Callable[[int], bool] | None = None) -> dict[str, float]:
@@ -1883,6 +1892,13 @@ class Fedora(FedoraChecks, FederatedMethod):
             "pulled_fraction": float(sum(1 for v in values if v > 0) / max(len(values), 1)),
             "unstable_pulls": float(len(unstable)),
         }
+
+    def sat_out_statistics(self, rnd: int, reasons: Mapping[int, str]) -> dict[str, float]:
+        """A client whose pull diverged (:data:`~secure_fedora.algorithms.contract.SAT_OUT_PULL_DIVERGED`)
+        had an unstable pull this round, a fact of the ``lambda`` it released: counted in
+        ``unstable_pulls``, which its accepted replies alone leave out."""
+        diverged = sum(1 for why in reasons.values() if why == SAT_OUT_PULL_DIVERGED)
+        return {"unstable_pulls": float(diverged)} if diverged else {}
 
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """The accepted rows become the server's; then ``phi <- P theta`` (:meth:`propagate`)

@@ -97,6 +97,7 @@ from secure_fedora.algorithms.contract import (
     EVALUATE,
     FINALIZE,
     ROUND,
+    SAT_OUT_PULL_DIVERGED,
     SETUP,
     DataFacts,
     Payload,
@@ -109,6 +110,7 @@ from secure_fedora.algorithms.contract import (
     model_size_checked,
     no_reply_statistics,
     round_statistics_of,
+    with_sat_out_statistics,
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.crashpoints import crash_point
@@ -1129,9 +1131,10 @@ class _Replies:
     payloads: dict[int, Payload] = field(default_factory=dict)
     metrics: dict[int, MetricRecord] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)  # clients that refused their release
-    #: clients whose error reply says FEDORA's pull diverged in this exchange (a resume's
-    #: amendment let them sit the round out instead of stopping the run)
-    diverged_pulls: set[int] = field(default_factory=set)
+    #: clients that sat the exchange out for a reason the method is told of
+    #: (``sat_out_statistics``), by client index: e.g. an error reply saying FEDORA's pull
+    #: diverged (a resume's amendment let them sit the round out instead of stopping the run)
+    sat_out: dict[int, str] = field(default_factory=dict)
     timing: ExchangeTiming = field(default_factory=ExchangeTiming)
 
 
@@ -1360,7 +1363,7 @@ def _exchange_payloads(
                 f"to go on, its node's state being lost or damaged ({reason}); the run stops")
         if pulls and reports_pull_divergence(reason):
             _stop_for_pull(server, run, rnd, client_of[node], node)
-            out.diverged_pulls.add(client_of[node])
+            out.sat_out[client_of[node]] = SAT_OUT_PULL_DIVERGED
     for node in ex.missing:
         server.event(rnd, client_of[node], node, f"no reply in time: {then}")
     for node, reply in sorted(ex.replies.items()):
@@ -1811,6 +1814,13 @@ def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) 
     return dict(statistics(rnd, replies)) if statistics is not None else {}
 
 
+def _sat_out_statistics(algorithm: Any, rnd: int, reasons: Mapping[int, str]) -> Any:
+    """The algorithm's ``sat_out_statistics`` for the clients that sat round ``rnd`` out,
+    where it defines one (as :func:`_round_statistics`)."""
+    statistics = getattr(algorithm, "sat_out_statistics", None)
+    return statistics(rnd, dict(reasons)) if statistics is not None else {}
+
+
 def _method_state(run: _MethodRun, rnd: int, round_gen: torch.Generator,
                   failed_replies: list[dict[str, Any]]) -> dict[str, Any]:
     """The checkpoint's ``current``: method ``run`` after round ``rnd`` (0: its setup)."""
@@ -1941,10 +1951,11 @@ def _run_method(grid: Grid, server: _Server, name: str,
                                         algorithm.aggregate(rnd, replies.payloads))
         else:  # as in process for a round nobody was admitted to: no update, no statistic
             stats = no_reply_statistics()
-        if replies.diverged_pulls:
-            # their pulls were unstable this round too (what their error replies say, a fact
-            # of the lambda each released): statistics over accepted replies leave them out
-            stats["unstable_pulls"] = stats.get("unstable_pulls", 0.0) + len(replies.diverged_pulls)
+        if replies.sat_out:
+            # statistics over accepted replies leave out what those clients' error replies
+            # say (e.g. an unstable pull): the method says which statistic that affects
+            stats = with_sat_out_statistics(
+                name, rnd, stats, _sat_out_statistics(algorithm, rnd, replies.sat_out))
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),

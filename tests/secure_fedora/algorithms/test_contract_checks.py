@@ -15,14 +15,16 @@ from privacy.ledger import read_ledger
 from privacy.pipeline import StepCountMismatchError
 from secure_fedora.algorithms.contract import (
     ROUND,
+    SAT_OUT_PULL_DIVERGED,
     SETUP,
     ContractError,
     FederatedAlgorithm,
     ReleaseSpec,
     build_method,
     check_round_statistics,
+    with_sat_out_statistics,
 )
-from secure_fedora.algorithms.methods import FederatedMethod
+from secure_fedora.algorithms.methods import FederatedMethod, Fedora
 from secure_fedora.core.config import ConfigError, parse_config
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
@@ -306,6 +308,28 @@ def test_round_statistics_are_numbers_under_their_own_names(tmp_path, register, 
     with pytest.raises(ContractError, match=message):
         sim.run()
     assert check_round_statistics("m", 1, {"ok": torch.tensor(2), "n": 3}) == {"ok": 2.0, "n": 3.0}
+
+
+def test_a_method_says_which_statistic_a_client_that_sat_out_affects():
+    """A runtime reports who sat a round out and why (``sat_out_statistics``) and adds the
+    method's answer, checked as round statistics are: summed under a name the statistics have,
+    appended otherwise. FEDORA counts a diverged pull in ``unstable_pulls``; the default
+    method, and FEDORA for another reason, add nothing."""
+    reasons = {1: SAT_OUT_PULL_DIVERGED, 3: "another reason", 4: SAT_OUT_PULL_DIVERGED}
+    assert Fedora.sat_out_statistics(None, 2, reasons) == {"unstable_pulls": 2.0}  # type: ignore[arg-type]
+    assert Fedora.sat_out_statistics(None, 2, {3: "another reason"}) == {}  # type: ignore[arg-type]
+    assert FederatedMethod.sat_out_statistics(None, 2, reasons) == {}  # type: ignore[arg-type]
+    stats = {"steps": 8.0, "unstable_pulls": 1.0}
+    assert with_sat_out_statistics("fedora", 2, stats, {"unstable_pulls": 2.0}) == \
+        {"steps": 8.0, "unstable_pulls": 3.0}
+    assert list(with_sat_out_statistics("m", 2, {"steps": 0.0}, {"sat": torch.tensor(1)}).items()) \
+        == [("steps", 0.0), ("sat", 1.0)]
+    assert stats == {"steps": 8.0, "unstable_pulls": 1.0}  # not changed in place
+    for bad, message in (({"x": float("nan")}, "'x' must be a finite number"),
+                         ({"replied": 1.0}, "would overwrite the runtime's own column"),
+                         ([1.0], "must be a dict name -> number")):
+        with pytest.raises(ContractError, match=message):
+            with_sat_out_statistics("m", 2, stats, bad)
 
 
 @pytest.mark.parametrize("reply, message", [

@@ -142,3 +142,37 @@ def test_an_error_reply_that_only_names_a_pull_divergence_does_not_stop_the_run(
     assert [(e["round"], e["client"]) for e in results["events"]][:1] == [(1, 1)]
     assert results["rounds"][0]["replied"] == 2
     assert results["rounds"][0].get("unstable_pulls", 0.0) == 0.0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_method_decides_which_statistic_a_client_that_sat_out_affects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server added a diverged pull to FEDORA's ``unstable_pulls`` by that name itself;
+    now it tells the method who sat the round out and why (``sat_out_statistics``), and the
+    method's answer is what the row gets."""
+    from secure_fedora.algorithms.contract import SAT_OUT_PULL_DIVERGED
+    from secure_fedora.algorithms.methods import Fedora
+
+    told: list = []
+
+    def sat_out_statistics(self, rnd, reasons):
+        told.append((rnd, dict(reasons)))
+        return {"pulls_sat_out": 2.0}
+
+    monkeypatch.setattr(Fedora, "sat_out_statistics", sat_out_statistics)
+    cfg = load_config(write(tmp_path / "diverges.toml"))
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": True})
+    (tmp_path / "res").mkdir()
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(DeployError, match="FEDORA's pull diverged in round 1"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert told == []  # the run stopped: nobody sat the round out
+    resumed = {**rc, "resume": "42", "amendments": json.dumps([AMENDMENT])}
+    grid = InMemoryGrid(tmp_path / "nodes", resumed, 3, run_id=777)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(resumed), 777)  # type: ignore[arg-type]
+    assert told == [(1, {1: SAT_OUT_PULL_DIVERGED})]
+    first = results["rounds"][0]
+    # the accepted replies' own statistic, and the method's answer for the one that sat out
+    assert (first["unstable_pulls"], first["pulls_sat_out"]) == (0.0, 2.0)
+    assert [r.get("pulls_sat_out") for r in results["rounds"][1:]] == [None, None]
