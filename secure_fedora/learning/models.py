@@ -9,6 +9,7 @@ no normalization layers, so they are valid for Opacus DP-SGD (per-sample gradien
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import numbers
 import re
@@ -106,12 +107,20 @@ def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = 
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d < 1 for d in shape):
         raise ModelError(f"input_shape must be positive dimensions, got {tuple(input_shape)}")
-    if seed is None:
-        return check_model_state(builder(shape, int(num_classes), None), f"model {name!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or seed < 0):
         raise ModelError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if not _takes_device(builder):  # a factory's signature, (input_shape, num_classes)
+        if seed is None:
+            return check_model_state(_build(builder, name, shape, int(num_classes)),
+                                     f"model {name!r}")
+        return build_user_model(builder, shape, int(num_classes), int(seed),
+                                source=f"model {name!r}")
+    if seed is None:
+        return check_model_state(_build(builder, name, shape, int(num_classes), None),
+                                 f"model {name!r}")
     # Built on the meta device so construction consumes no random numbers, then materialized.
-    model = builder(shape, int(num_classes), "meta")
+    model = _build(builder, name, shape, int(num_classes), "meta")
     if _set_by_init_parameters(model):
         model = model.to_empty(device="cpu")
         generator = torch.Generator(device="cpu")
@@ -122,6 +131,31 @@ def make_model(name: ModelName | str, num_classes: int = 10, seed: int | None = 
     # uninitialized memory; built again under the seeded global RNG, as a model factory is.
     return build_user_model(lambda s, c: builder(s, c, None), shape, int(num_classes), int(seed),
                             source=f"model {name!r}")
+
+
+def _takes_device(builder: object) -> bool:
+    """Whether a registered model builder takes ``(input_shape, num_classes, device)``; one
+    taking only ``(input_shape, num_classes)`` (a ``[model] factory``'s signature) is built as
+    a factory is."""
+    try:
+        inspect.signature(builder).bind(None, None, None)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): call it as documented
+        return True
+    return True
+
+
+def _build(builder: object, name: str, *args: object) -> nn.Module:
+    """Call a registered model's builder; an exception it raises that is not a toolkit error
+    becomes a :class:`ModelError` naming the model."""
+    try:
+        return builder(*args)  # type: ignore[operator]
+    except ToolkitError:
+        raise
+    except Exception as err:  # user code: report whatever it raised
+        raise ModelError(f"model {name!r} failed for input_shape={args[0]}, "
+                         f"num_classes={args[1]}: {type(err).__name__}: {err}") from err
 
 
 def _has_lazy_parameters(model: nn.Module) -> bool:

@@ -279,3 +279,32 @@ def test_a_model_with_lazy_layers_is_initialized_under_the_seed() -> None:
         assert all(torch.equal(a, b) for a, b in zip(first, built[0], strict=True))
     finally:
         MODELS.unregister("test-lazy")
+
+
+def test_a_registered_model_may_take_the_factory_signature() -> None:
+    """A model registered with a ``[model] factory``'s signature, ``(input_shape,
+    num_classes)``, is built as that factory would be (same seeded parameters); a builder
+    that raises is a ModelError naming the model, not a bare TypeError."""
+    from secure_fedora.core.registry import MODELS
+    from secure_fedora.learning.models import build_user_model
+
+    def two_args(shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), 4), nn.LayerNorm(4),
+                             nn.Linear(4, num_classes))
+
+    def broken(shape, num_classes, device=None):
+        raise ValueError("no such width")
+
+    MODELS.register("test-two-args", two_args)
+    MODELS.register("test-broken", broken)
+    try:
+        model = make_model("test-two-args", 3, seed=5, input_shape=(6,))
+        expected = build_user_model(two_args, (6,), 3, seed=5)
+        assert all(torch.equal(a, b) for a, b in zip(params(model), params(expected), strict=True))
+        assert make_model("test-two-args", 3, input_shape=(6,))(torch.rand(2, 6)).shape == (2, 3)
+        for seed in (5, None):
+            with pytest.raises(ModelError, match="model 'test-broken' failed .*ValueError: no such"):
+                make_model("test-broken", 3, seed=seed, input_shape=(6,))
+    finally:
+        MODELS.unregister("test-two-args")
+        MODELS.unregister("test-broken")
