@@ -544,6 +544,7 @@ class Ditto(DittoChecks, _GlobalModelMethod):
     """
 
     name = "ditto"
+    batched_client_half = True  # _GlobalModelMethod's, training through _train_personal
 
     @classmethod
     def assumptions(cls, cfg: Any) -> dict[str, Any]:
@@ -597,6 +598,7 @@ class APFL(_GlobalModelMethod):
     """
 
     name = "apfl"
+    batched_client_half = True  # _GlobalModelMethod's, training through _train_personal
     checkpoint_fields = FederatedMethod.checkpoint_fields | {"alpha"}
 
     @classmethod

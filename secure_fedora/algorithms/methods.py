@@ -298,6 +298,28 @@ def plain_overlaps(clients: Sequence[ClientData], num_classes: int, q: int) -> t
     return summaries, fedora.subspace_overlaps(summaries)
 
 
+def _unbatched_override(cls: type) -> str | None:
+    """Why the ``client_update_batched`` that ``cls`` inherits would not reproduce its client
+    half: a subclass overriding ``client_update`` or ``client_update_loop`` below the class
+    whose batched half it inherits (that half would silently skip the override). ``None`` when
+    the nearest definition is a batched half, or a class declaring ``batched_client_half =
+    True`` in its own body (its inherited batched half calls its hooks), or when only the
+    default (no batched half: the loop runs anyway)."""
+    if cls.client_update_batched is FederatedMethod.client_update_batched:
+        return None
+    for klass in cls.__mro__:
+        own = vars(klass)
+        if "client_update_batched" in own or own.get("batched_client_half") is True:
+            return None
+        hooks = [h for h in ("client_update", "client_update_loop") if h in own]
+        if hooks:
+            return (f"{klass.__name__} overrides {' and '.join(hooks)} but not "
+                    "client_update_batched, so the batched half it inherits would not run it; "
+                    "define client_update_batched (or set batched_client_half = True on "
+                    f"{klass.__name__} if the inherited one reproduces it)")
+    return None
+
+
 class FederatedMethod(MethodChecks, FederatedAlgorithm):
     """In-process base of every method: the contract plus the state layout (one (N x P)
     ``theta`` matrix of client parameters) and a generic round.
@@ -381,7 +403,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         where it cannot reproduce the method it returns ``None`` and the per-client loop runs,
         with the reason logged and recorded (:meth:`training_engine_results`)."""
         if self.ctx.engine == "batched" and messages:
-            replies = self.client_update_batched(rnd, messages)
+            unbatched = _unbatched_override(type(self))
+            replies = (self.batched_fallback(unbatched) if unbatched is not None else self.client_update_batched(rnd, messages))
             if replies is not None:
                 return replies
         elif messages:

@@ -150,6 +150,44 @@ def test_a_method_without_a_batched_client_half_runs_its_loop_and_says_so(
                                     "count": 2}]
 
 
+def test_a_subclass_overriding_the_client_half_is_not_batched_past_its_override(
+        clients: Any, tmp_path: Path) -> None:
+    """A plug-in subclass of a built-in that overrides ``client_update`` only would inherit a
+    batched half that never calls it: it runs the loop (equal to the loop engine), says why,
+    and a subclass declaring ``batched_client_half = True`` is batched again."""
+    from secure_fedora.algorithms.methods import FedAvg
+
+    class Shrink(FedAvg):
+        name = "shrink"
+
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            reply = super().client_update(i, rnd, message)
+            return {**reply, "theta": reply["theta"] * 0.5}
+
+    class Declared(FedAvg):
+        name = "declared"
+        batched_client_half = True
+
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            return super().client_update(i, rnd, message)
+
+    thetas = {}
+    for engine in ("loop", "batched"):
+        sim = Simulation(_config("fedavg", engine, False), tmp_path / engine, clients=clients,
+                         method_factory=lambda name, ctx, cfg: Shrink(ctx))
+        results = sim.run()
+        thetas[engine] = sim.methods["fedavg"].theta.clone()
+    assert torch.allclose(thetas["batched"], thetas["loop"], atol=1e-6)
+    record = results["methods"]["fedavg"]["extra"]["training_engine"]
+    assert record["runs"] == {"loop": 2}
+    assert record["fallbacks"][0]["reason"].startswith(
+        "Shrink overrides client_update but not client_update_batched")
+    sim = Simulation(_config("fedavg", "batched", False), tmp_path / "declared", clients=clients,
+                     method_factory=lambda name, ctx, cfg: Declared(ctx))
+    record = sim.run()["methods"]["fedavg"]["extra"]["training_engine"]
+    assert record["fallbacks"] == [] and "loop" not in record["runs"]
+
+
 @pytest.mark.parametrize("value", ["fast", "", 1])
 def test_the_engine_key_is_validated(value: Any) -> None:
     with pytest.raises(ConfigError, match="training.engine"):
