@@ -420,14 +420,14 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                               ) -> dict[int, Payload] | None:
         """The batched client halves of the round, or ``None`` (after :meth:`batched_fallback`)
         when this method or its model/oracle cannot be trained batched. Default: ``None``."""
-        return self.batched_fallback(f"method {self.name!r} has no batched client half")
+        return self.batched_fallback(f"method {self._label()!r} has no batched client half")
 
     def batched_fallback(self, reason: str) -> None:
         """Record (and log, once per reason) that a round falls back to the per-client loop."""
         if reason not in self._engine_logged:
             self._engine_logged.add(reason)
             log.warning("%s: training.engine = 'batched' falls back to the per-client loop: %s",
-                        self.name, reason)
+                        self._label(), reason)
         self._engine_fallbacks[reason] = self._engine_fallbacks.get(reason, 0) + 1
         self._engine_runs["loop"] = self._engine_runs.get("loop", 0) + 1
         return None

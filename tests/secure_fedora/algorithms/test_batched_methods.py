@@ -188,6 +188,30 @@ def test_a_subclass_overriding_the_client_half_is_not_batched_past_its_override(
     assert record["fallbacks"] == [] and "loop" not in record["runs"]
 
 
+def test_a_fallback_names_the_registered_method_not_its_parent(
+        clients: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A FedAvg subclass registered under its own name, without a ``name`` of its own, is
+    named by its registered name in the fallback's log line (not as 'fedavg')."""
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.registry import METHODS as REGISTRY
+
+    class Halved(FedAvg):
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            reply = super().client_update(i, rnd, message)
+            return {**reply, "theta": reply["theta"] * 0.5}
+
+    REGISTRY.register("halved_avg", Halved)
+    try:
+        with caplog.at_level(logging.WARNING):
+            results = Simulation(_config("halved_avg", "batched", False), tmp_path,
+                                 clients=clients).run()
+    finally:
+        REGISTRY.unregister("halved_avg")
+    assert results["methods"]["halved_avg"]["extra"]["training_engine"]["runs"] == {"loop": 2}
+    logged = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("halved_avg: ")
+
+
 @pytest.mark.parametrize("value", ["fast", "", 1])
 def test_the_engine_key_is_validated(value: Any) -> None:
     with pytest.raises(ConfigError, match="training.engine"):
