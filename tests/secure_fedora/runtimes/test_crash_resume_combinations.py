@@ -267,3 +267,52 @@ def test_sigkill_of_a_batched_run_with_partial_participation_then_resume_is_exac
     resumed = _subprocess_run(cfg_path, tmp_path / "cut", True)
     assert resumed.returncode == 0, resumed.stderr
     assert_exact(tmp_path / "cut", ref)
+
+
+def _numbers(run_dir: Path) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    methods = {name: {k: v for k, v in body.items() if k not in TIMING}
+               for name, body in results["methods"].items()}
+    epsilons = {name: [c["epsilon_spent"] for c in spent["clients"]]
+                for name, spent in results["privacy"].items()}
+    return {"methods": methods, "epsilon": epsilons,
+            "rounds": (run_dir / "rounds.csv").read_text()}
+
+
+@pytest.mark.parametrize("point", ["train@5", "gate@9"])
+def test_checkpoint_every_auto_killed_and_resumed_equals_every_round(tmp_path, clients, point):
+    """``checkpoint_every`` only changes when checkpoints are written: a run under "auto"
+    (checkpoints where the clock puts them) killed and resumed has the numbers, spending,
+    ledger entries and final state of one checkpointed every round."""
+    data = config_dict(["fedora", "fedavg"], True, rounds=3, participation=0.5,
+                       checkpoint_every="auto")
+    run, ref = crash_and_resume(data, tmp_path, clients, point)
+    assert_exact(run, ref)
+    every = tmp_path / "every-round"
+    Simulation(parse_config({**data, "training": {**data["training"], "checkpoint_every": 1}}),
+               every, clients=clients).run()
+    assert _numbers(run) == _numbers(every)
+    assert comparable_ledgers(run) == comparable_ledgers(every)
+    assert_same_state(run, every)
+
+
+@pytest.mark.parametrize("method", ["fedora", *BASELINES])
+def test_every_method_batched_with_partial_participation_redoes_rounds_exactly(tmp_path, clients,
+                                                                               method):
+    """All at once: DP, the batched engine, participation 0.5, checkpoints every 2 rounds; a
+    kill in round 3 after one of its releases left re-does round 3 from round 2's checkpoint."""
+    data = config_dict([method], True, rounds=3, participation=0.5, checkpoint_every=2,
+                       engine="batched")
+    if method == "fedora":
+        data["data"]["validation"] = "private"  # each round also releases a noised lambda
+    cfg = parse_config(data)
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    Simulation(cfg, ref, clients=clients).run()
+    summaries = 3 if method == "fedora" else 0
+    releases = sum(1 for path in (ref / "ledgers" / method).glob("*.jsonl")
+                   for e in read_ledger(path) if e["mechanism"] == "dpsgd" and e["round"] <= 2)
+    assert run_until_crash(cfg, run, clients, f"release@{summaries + releases + 1}")
+    assert load_checkpoint(run / "checkpoints" / f"{method}.pt")["round"] == 2
+    assert _releases_through(run, method, 3) > _releases_through(ref, method, 2)  # round 3's
+    Simulation(cfg, run, clients=clients).run(resume=True)
+    assert_exact(run, ref)
