@@ -316,3 +316,19 @@ def test_every_method_batched_with_partial_participation_redoes_rounds_exactly(t
     assert _releases_through(run, method, 3) > _releases_through(ref, method, 2)  # round 3's
     Simulation(cfg, run, clients=clients).run(resume=True)
     assert_exact(run, ref)
+
+
+@pytest.mark.parametrize("second", ["release@1", "train@2", "checkpoint@1"])
+def test_a_kill_while_re_doing_rounds_then_resume_is_exact(tmp_path, clients, second):
+    """Killed in round 4 (checkpoint after round 2), then killed again while the resume re-does
+    rounds 3-4 (replaying journaled releases), then resumed: still exact, each release once."""
+    data = config_dict(["fedora", "fedavg"], True, rounds=4, participation=0.5,
+                       checkpoint_every=2)
+    cfg = parse_config(data)
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    Simulation(cfg, ref, clients=clients).run()
+    assert run_until_crash(cfg, run, clients, f"gate@{_releases_through(ref, 'fedora', 3) + 1}")
+    assert load_checkpoint(run / "checkpoints" / "fedora.pt")["round"] == 2
+    assert run_until_crash(cfg, run, clients, second, resume=True)
+    Simulation(cfg, run, clients=clients).run(resume=True)
+    assert_exact(run, ref)
