@@ -333,3 +333,17 @@ def test_a_kill_while_re_doing_rounds_then_resume_is_exact(tmp_path, clients, se
     assert run_until_crash(cfg, run, clients, second, resume=True)
     Simulation(cfg, run, clients=clients).run(resume=True)
     assert_exact(run, ref)
+
+
+@pytest.mark.parametrize("point", ["checkpoint_written@1", "train@5"])
+def test_a_batched_run_that_falls_back_to_the_loop_resumes_with_the_same_record(tmp_path, clients,
+                                                                                point):
+    """A model the batched engine cannot reproduce (dropout) falls back to the loop; the
+    resumed run records the same engine runs and fallbacks as the uninterrupted one."""
+    data = config_dict(["fedora", "local"], True, engine="batched", participation=0.5)
+    data["model"] = {"factory": "tests.secure_fedora.runtimes.stochastic_model:dropout_mlp"}
+    run, ref = crash_and_resume(data, tmp_path, clients, point)
+    assert_exact(run, ref)
+    engine = json.loads((run / "results.json").read_text())["methods"]["fedora"]["extra"][
+        "training_engine"]
+    assert engine["fallbacks"], engine
