@@ -40,6 +40,7 @@ from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.core.plugins import derived_config
 from secure_fedora.data.partition import ClientData
 from secure_fedora.learning.client import evaluate, local_train
+from secure_fedora.learning.devices import threads_applied
 from secure_fedora.runtimes.inprocess import (
     CheckpointError,
     ProgressFn,
@@ -233,73 +234,75 @@ def run_new_client_experiment(
             f"federation trains ({len(all_clients)} clients less held_out = {held_out}; each client keeps at most N - 1 neighbours, as a run refuses k >= "
             "data.num_clients): lower fedora.k or held_out")
     fed_cfg = derived_config(cfg, cfg.model_copy(update={"methods": [Fedora.name, FedAvg.name]}))
-    sim = Simulation(fed_cfg, run_dir, clients=trained, progress=progress,
-                     method_factory=make_method, context_factory=context_factory)
-    try:
-        results = sim.run(resume=True)
-    except RunDirUnavailableError:  # busy or unreadable: other arguments would not help
-        raise
-    except (CheckpointError, RunDirError) as err:  # the resume's message has no next step here
-        raise type(err)(
-            f"{err}; this experiment reuses the federation in {run_dir} only when rerun with the "
-            "config, data, held_out and selection that trained it: pass another run_dir for "
-            "these arguments") from None
-    fed = sim.methods[Fedora.name]
-    avg = sim.methods[FedAvg.name]
-    if not isinstance(fed, Fedora) or not isinstance(avg, FedAvg):
-        raise NewClientError("the federation did not produce FEDORA and FedAvg models")
-    before = fed.theta.clone()
+    # the newcomers train and are evaluated on the federation's threads, as its run does
+    with threads_applied(fed_cfg):
+        sim = Simulation(fed_cfg, run_dir, clients=trained, progress=progress,
+                         method_factory=make_method, context_factory=context_factory)
+        try:
+            results = sim.run(resume=True)
+        except RunDirUnavailableError:  # busy or unreadable: other arguments would not help
+            raise
+        except (CheckpointError, RunDirError) as err:  # the resume's message has no next step here
+            raise type(err)(
+                f"{err}; this experiment reuses the federation in {run_dir} only when rerun with the "
+                "config, data, held_out and selection that trained it: pass another run_dir for "
+                "these arguments") from None
+        fed = sim.methods[Fedora.name]
+        avg = sim.methods[FedAvg.name]
+        if not isinstance(fed, Fedora) or not isinstance(avg, FedAvg):
+            raise NewClientError("the federation did not produce FEDORA and FedAvg models")
+        before = fed.theta.clone()
 
-    ctx = context_factory(cfg, all_clients)
-    summaries = plain_overlaps(trained, ctx.num_classes, cfg.fedora.q)[0]
-    accuracy: dict[str, dict[int, list[float]]] = {
-        m: {e: [] for e in epoch_list} for m in NEWCOMER_METHODS
-    }
-    neighbours = []
-    for slot, c in enumerate(newcomers):
-        stream = len(trained) + slot
-        u_new = fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, cfg.fedora.q)
-        overlaps = torch.einsum("dq,jdr->jqr", u_new, summaries)
-        phi_new = fed.attach(overlaps)
-        chosen = fedora.attach_neighbours(overlaps, cfg.fedora.tau, cfg.fedora.k)
-        neighbours.append(sorted(trained[j].client_id for j in chosen))
-        runs = {
-            Fedora.name: _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new,
-                                           max_pull=cfg.fedora.max_pull),
-            f"{FedAvg.name}_ft": _accuracies_along(ctx, c, avg.global_params, epoch_list, cfg.seed,
-                                                   stream),
-            Local.name: _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed, stream),
+        ctx = context_factory(cfg, all_clients)
+        summaries = plain_overlaps(trained, ctx.num_classes, cfg.fedora.q)[0]
+        accuracy: dict[str, dict[int, list[float]]] = {
+            m: {e: [] for e in epoch_list} for m in NEWCOMER_METHODS
         }
-        for m, by_epoch in runs.items():
-            for e, acc in by_epoch.items():
-                accuracy[m][e].append(acc)
-    if not torch.equal(before, fed.theta):
-        raise NewClientError("attaching newcomers changed the trained clients' parameters")
-    federation = {
-        name: {"mean": body["selected"]["mean"], "min": body["selected"]["min"]}
-        for name, body in results["methods"].items()
-    }
-    d, t = cfg.data, cfg.training
-    return NewClientReport(
-        name=cfg.name,
-        newcomers=[c.client_id for c in newcomers],
-        trained=len(trained),
-        rounds=t.rounds,
-        epochs=epoch_list,
-        accuracy=accuracy,
-        neighbours=neighbours,
-        federation=federation,
-        setup={
-            "dataset": d.dataset, "partition": d.partition, "clients": len(all_clients),
-            "train_per_client": d.train_per_client, "val_per_client": d.val_per_client,
-            "local_epochs_per_round": t.local_epochs, "model": cfg.model.name, "seed": cfg.seed,
-            "selection": selection,
-            "newcomer_meta": [
-                {k: v for k, v in c.meta.items() if k in ("rotation_degrees", "group", "classes")}
-                for c in newcomers
-            ],
-        },
-    )
+        neighbours = []
+        for slot, c in enumerate(newcomers):
+            stream = len(trained) + slot
+            u_new = fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, cfg.fedora.q)
+            overlaps = torch.einsum("dq,jdr->jqr", u_new, summaries)
+            phi_new = fed.attach(overlaps)
+            chosen = fedora.attach_neighbours(overlaps, cfg.fedora.tau, cfg.fedora.k)
+            neighbours.append(sorted(trained[j].client_id for j in chosen))
+            runs = {
+                Fedora.name: _accuracies_along(ctx, c, phi_new, epoch_list, cfg.seed, stream, phi=phi_new,
+                                               max_pull=cfg.fedora.max_pull),
+                f"{FedAvg.name}_ft": _accuracies_along(ctx, c, avg.global_params, epoch_list, cfg.seed,
+                                                       stream),
+                Local.name: _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed, stream),
+            }
+            for m, by_epoch in runs.items():
+                for e, acc in by_epoch.items():
+                    accuracy[m][e].append(acc)
+        if not torch.equal(before, fed.theta):
+            raise NewClientError("attaching newcomers changed the trained clients' parameters")
+        federation = {
+            name: {"mean": body["selected"]["mean"], "min": body["selected"]["min"]}
+            for name, body in results["methods"].items()
+        }
+        d, t = cfg.data, cfg.training
+        return NewClientReport(
+            name=cfg.name,
+            newcomers=[c.client_id for c in newcomers],
+            trained=len(trained),
+            rounds=t.rounds,
+            epochs=epoch_list,
+            accuracy=accuracy,
+            neighbours=neighbours,
+            federation=federation,
+            setup={
+                "dataset": d.dataset, "partition": d.partition, "clients": len(all_clients),
+                "train_per_client": d.train_per_client, "val_per_client": d.val_per_client,
+                "local_epochs_per_round": t.local_epochs, "model": cfg.model.name, "seed": cfg.seed,
+                "selection": selection,
+                "newcomer_meta": [
+                    {k: v for k, v in c.meta.items() if k in ("rotation_degrees", "group", "classes")}
+                    for c in newcomers
+                ],
+            },
+        )
 
 
 def format_table(report: NewClientReport) -> str:

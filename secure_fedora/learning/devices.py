@@ -13,8 +13,9 @@ the built-ins, FEDORA and Local declare it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -23,7 +24,7 @@ from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
 __all__ = ["DeviceError", "apply_threads", "clients_on", "resolve_device",
-           "resolve_engine"]
+           "resolve_engine", "threads_applied"]
 
 class DeviceError(ToolkitError, ValueError):
     """A device setting that cannot be honoured on this machine or for this configuration."""
@@ -72,6 +73,22 @@ def apply_threads(cfg: ExperimentConfig) -> None:
     """``torch.set_num_threads(training.threads)`` when set; otherwise leave torch's default."""
     if cfg.training.threads is not None:
         torch.set_num_threads(cfg.training.threads)
+
+
+@contextlib.contextmanager
+def threads_applied(cfg: ExperimentConfig) -> Iterator[None]:
+    """torch's thread count is ``training.threads`` inside the block (when set; otherwise
+    left as it is) and the process's own count again after it, also when the block raises:
+    an in-process run leaves the process's torch as it found it."""
+    if cfg.training.threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.training.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def clients_on(clients: Sequence[ClientData], device: torch.device) -> list[ClientData]:

@@ -903,7 +903,7 @@ class Simulation:
         keystore: str | os.PathLike[str] | None = None,
         inputs_outside_config: Sequence[str] = (),
     ) -> None:
-        from secure_fedora.learning.devices import apply_threads, resolve_device
+        from secure_fedora.learning.devices import resolve_device
 
         # what the CLI and Experiment validate: a config derived with model_copy skipped it
         self.cfg = cfg = revalidate(cfg)
@@ -914,7 +914,6 @@ class Simulation:
             raise ConfigError(f"progress must be a callable (method, round, total) or None, got "
                               f"{type(progress).__name__}")
         self.device = resolve_device(cfg)  # refuses an unusable device before any work
-        apply_threads(cfg)
         unknown = sorted(set(inputs_outside_config) - {"data", "model"})
         if unknown:
             raise ValueError(f"inputs_outside_config may name 'data' and 'model', got {unknown}")
@@ -1643,11 +1642,14 @@ class Simulation:
         this configuration's ``config.toml``): RunDirError otherwise, before anything is
         written. A ``resume`` that is not a bool is a ConfigError. The run directory is held
         (:func:`~secure_fedora.runtimes.rundir.hold_run_dir`) until the run ends: another
-        process running or resuming in it meanwhile is a RunDirError."""
+        process running or resuming in it meanwhile is a RunDirError. torch runs on
+        ``training.threads`` (when set) while the run runs; the process's own thread count
+        is set back after it."""
+        from secure_fedora.learning.devices import threads_applied
         from secure_fedora.runtimes.rundir import hold_run_dir
 
         fresh = not check_flag_argument(resume, "resume")
-        with hold_run_dir(self.run_dir, create=fresh):
+        with hold_run_dir(self.run_dir, create=fresh), threads_applied(self.cfg):
             return self._run(resume, fresh)
 
     def _run(self, resume: bool, fresh: bool) -> dict[str, Any]:

@@ -241,3 +241,28 @@ def test_a_busy_or_unreadable_run_dir_is_not_told_to_pass_other_arguments(tmp_pa
                                                      r"was written$"):
         run_new_client_experiment(tiny(), closed, held_out=2, epochs=[0], clients=clients)
     closed.chmod(0o700)
+
+
+def test_newcomers_train_on_the_configured_threads_and_the_process_gets_its_own_back(
+        tmp_path, clients, monkeypatch):
+    """The federation's run sets torch to training.threads only while it runs; the newcomers,
+    trained after it, run on those threads too, and the process's own count is back after."""
+    import secure_fedora.experiments.newclients as newclients
+
+    before = torch.get_num_threads()
+    assert before != 2  # tests/conftest.py runs each test process on one thread
+    seen = []
+    real = newclients.evaluate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(newclients, "evaluate", recording)
+    try:
+        run_new_client_experiment(tiny(training={"threads": 2}), tmp_path, held_out=2,
+                                  epochs=[0], clients=clients)
+        assert seen and set(seen) == {2}
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

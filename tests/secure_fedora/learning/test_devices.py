@@ -46,13 +46,21 @@ def test_simulation_refuses_cuda_before_writing_anything(tmp_path):
 
 def test_threads_are_applied_and_recorded(tmp_path):
     before = torch.get_num_threads()
+    assert before != 2  # tests/conftest.py runs each test process on one thread
+    seen = []
     try:
         c = cfg(threads=2)
         clients = build_clients(c)
         assert clients_on(clients, torch.device("cpu"))[0] is clients[0]  # no copy on the CPU
-        results = Simulation(c, tmp_path, clients=clients).run()
-        assert torch.get_num_threads() == 2
+        sim = Simulation(c, tmp_path, clients=clients,
+                         progress=lambda *_: seen.append(torch.get_num_threads()))
+        assert torch.get_num_threads() == before  # nothing runs yet: nothing changed
+        results = sim.run()
+        assert seen and set(seen) == {2}  # every round ran on the configured threads
         assert results["compute"] == {"device": "cpu", "threads": 2}
+        # the process's own thread count is back: a run in a notebook or a test process left
+        # torch on training.threads for everything that came after it
+        assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
     with pytest.raises(Exception, match="training.threads"):
