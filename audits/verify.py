@@ -1191,7 +1191,35 @@ def _plan_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, 
                     "error", "results_plan", f"the dpsgd release records {key} {got!r},"
                     f" results.json states {names[key]} {want!r}", client_id, i, method))
                 break
+    if exact:
+        findings.extend(_plan_row_findings(entries, section, client_id, method))
     return findings
+
+
+def _plan_row_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, Any] | None,
+                       client_id: str, method: str | None) -> list[Finding]:
+    """``results_plan`` error: a plan row stating its figures exactly (``"figures": "exact"``)
+    for the budget (epsilon and delta) of the client's DP-SGD releases whose noise multiplier
+    is not the float they record (the first such entry is named). The plan row is what a
+    report shows as the run's DP-SGD noise; a run written before the mark is not held to it."""
+    plan = (section or {}).get("plan")
+    rows = [r for r in (plan if isinstance(plan, list) else [])
+            if isinstance(r, dict) and r.get("figures") == "exact"]
+    for i, e in enumerate(entries):
+        if e is None or e.get("mechanism") != "dpsgd" or not isinstance(e.get("params"), dict):
+            continue
+        got = e["params"].get("noise_multiplier")
+        for row in rows:
+            if row.get("epsilon_budget") != e.get("budget_epsilon") \
+                    or row.get("delta") != e.get("delta") or "noise_multiplier" not in row:
+                continue
+            if got is not None and not _same_number(row["noise_multiplier"], got, True):
+                return [Finding(
+                    "error", "results_plan", f"the dpsgd release records noise_multiplier"
+                    f" {got!r}, results.json's plan for its budget (epsilon"
+                    f" {row['epsilon_budget']!r}, delta {row['delta']!r}) states"
+                    f" {row['noise_multiplier']!r}", client_id, i, method)]
+    return []
 
 
 def _anchor(results: dict[str, Any] | None, method: str | None,

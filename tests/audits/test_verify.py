@@ -1561,6 +1561,31 @@ def test_a_run_stating_exact_figures_must_state_the_ledgers_noise_float(run_copy
         f" {math.nextafter(1.2, 2.0)!r}" in found[0].message
 
 
+def test_an_exact_plan_row_must_state_the_ledgers_noise_float(run_copy: Path) -> None:
+    """A plan row stating its figures exactly is what a report shows as the run's DP-SGD
+    noise: one off in the last bit (more noise than drawn) verified, re-anchored, while every
+    client row stated the ledgers' float. Now each client of that row's budget gets a
+    results_plan error; a client of another budget, or a row without the mark, is not held
+    to it."""
+    import math
+
+    doc = json.loads((run_copy / "results.json").read_text())
+    off = math.nextafter(1.2, 2.0)  # the fixture's ledgers (and client rows) record 1.2
+    exact = {"noise_multiplier": 1.2, "figures": "exact"}
+    unmarked = [{"epsilon_budget": 8.0, "delta": 1e-5, "noise_multiplier": off},
+                {"epsilon_budget": 3.0, "delta": 1e-5, **exact}]
+    marked = [{"epsilon_budget": 8.0, "delta": 1e-5, **exact, "noise_multiplier": off},
+              {"epsilon_budget": 3.0, "delta": 1e-5, **exact}]
+    for plan, flagged in ((unmarked, []), (marked, ["client-000", "client-001"])):
+        doc["privacy"][METHOD]["plan"] = plan
+        (run_copy / "results.json").write_text(json.dumps(doc))
+        reanchor(run_copy)
+        found = [f for f in verify_run(run_copy).errors if f.check == "results_plan"]
+        assert sorted((f.method, f.client_id) for f in found) == [(METHOD, c) for c in flagged]
+    assert "records noise_multiplier 1.2, results.json's plan for its budget (epsilon 8.0," \
+        f" delta 1e-05) states {off!r}" in found[0].message
+
+
 def test_without_config_a_ledger_accountant_other_than_results_json_says_is_refused(
         run_copy: Path) -> None:
     """Found by a hunt: a Flower audit folder (results.json, anchor and ledgers; a Flower
