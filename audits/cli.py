@@ -189,7 +189,11 @@ VERDICT_EXIT = {"consistent": 0, "refuted": 1, "inconclusive": 3}
 
 
 def _print_audit_summary(doc: dict[str, Any]) -> None:
-    claim = "none (non-private)" if doc["claim_epsilon"] is None else f"{doc['claim_epsilon']:.4g}"
+    from privacy.accounting import format_up
+
+    # a claimed epsilon rounded up, as every epsilon a user reads (never below the claim)
+    claim = "none (non-private)" if doc["claim_epsilon"] is None \
+        else format_up(doc["claim_epsilon"], 4)
     print(f"  claimed epsilon {claim}; certifiable maximum {doc['certifiable_max']:.4g}"
           f" (a perfect attacker, confidence {doc['confidence']:g});"
           f" measured lower bound {doc['lower_bound']:.4g}")
@@ -380,6 +384,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         write_replay_result,
     )
     from audits.verdict import NO_DP_CLAIM_EXIT
+    from privacy.accounting import format_up
 
     try:
         result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
@@ -399,7 +404,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f" trials, {result.correct} correct guesses")
     print(f"  epsilon lower bound {result.lower_bound:.4g} (certifiable max"
           f" {result.certifiable_max:.4g}) at confidence {result.confidence:g}; claimed epsilon"
-          f" {result.claim_epsilon:.4g} -> {result.verdict}")
+          f" {format_up(result.claim_epsilon, 4)} -> {result.verdict}")
     print(f"  written to {path}")
     return 1 if result.verdict == "refuted" else 0
 

@@ -898,11 +898,12 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         if a["status"] == "run":
             verdict = (f"<span class=\"{verdict_class[a['verdict']]}\">{_e(a['verdict'])}"
                        f"</span>: {_e(a['verdict_text'])}")
-            claim = "none (non-private)" if a["claim_epsilon"] is None else _fmt(a["claim_epsilon"])
+            claim = "none (non-private)" if a["claim_epsilon"] is None \
+                else _fmt_up(a["claim_epsilon"])
         elif a["status"] in ("unreadable", "invalid", "unverified"):
             # never the document's own verdict: it is not a valid result for this run
             verdict = f"<span class=\"bad\">{_e(a['status'])}</span>: {_e(a['verdict_text'])}"
-            claim = "&ndash;" if a["claim_epsilon"] is None else _fmt(a["claim_epsilon"])
+            claim = "&ndash;" if a["claim_epsilon"] is None else _fmt_up(a["claim_epsilon"])
         else:
             verdict = f"not run (<code>{_e(a['command'])}</code>)"
             claim = "&ndash;"

@@ -429,3 +429,13 @@ def test_canary_of_a_run_holding_an_unused_configured_keystore_runs(tmp_path, ca
     # a config given as a file is still refused: it can be fixed
     assert main(["audit", "canary", str(cfg), "--canaries", "20"]) == 2
     assert "remove the key, or enable [privacy]" in capsys.readouterr().err
+
+
+def test_an_audits_claimed_epsilon_is_printed_rounded_up(capsys):
+    """The summary line of audit canary / whitebox printed the claimed epsilon with 4
+    significant digits rounded to nearest (2.81249 as 2.812, below the claim)."""
+    from audits.cli import _print_audit_summary
+
+    _print_audit_summary({"claim_epsilon": 2.81249, "certifiable_max": 3.9, "confidence": 0.95,
+                          "lower_bound": 0.5, "verdict_text": "consistent"})
+    assert "claimed epsilon 2.8125;" in capsys.readouterr().out

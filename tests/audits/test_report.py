@@ -229,6 +229,25 @@ def _fedora_dpsgd_claim() -> float:
     return plan_epsilon([PlannedRelease("dpsgd", 0.1, 20)], 1e-5, 1.2, "rdp")
 
 
+def test_an_audits_claimed_epsilon_is_shown_rounded_up(run_copy, tmp_path):
+    """The empirical audits' table showed the claimed epsilon with 4 significant digits
+    rounded to nearest (2.81249 as 2.812: below the claim); now rounded up like every epsilon
+    the report shows."""
+    from audits.verdict import audit_document, write_audit_json
+    from privacy.accounting import format_up
+
+    dpsgd = _fedora_dpsgd_claim()
+    write_audit_json(run_copy, audit_document(
+        "whitebox", claim_epsilon=dpsgd, certifiable_max=3 * dpsgd, lower_bound=0.05,
+        confidence=0.95, setup={"canaries": 20000, "method": "fedora", "client": "client-001",
+                                "config": "audit-fixture"}))
+    html_text = write_report(run_copy, tmp_path / "out").html.read_text()
+    row = html_text[html_text.index("<td class=\"l\">whitebox</td>"):]
+    row = row[:row.index("</tr>")]
+    assert f"<td class=\"\">{format_up(dpsgd, 4)}</td>" in row, row
+    assert f">{dpsgd:.4g}<" not in row
+
+
 def test_a_whitebox_claim_below_the_ledgers_dpsgd_epsilon_is_invalid(run_copy):
     """A FEDORA white-box claim was only checked to be at most the ledger's whole epsilon, so
     audit/whitebox.json claiming half the epsilon of the DP-SGD releases the ledger records
