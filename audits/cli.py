@@ -44,7 +44,7 @@ from audits.verify import (
     VerificationReport,
     verify_run,
 )
-from privacy.accounting import format_up
+from privacy.accounting import format_down, format_up
 from secure_fedora.core.errors import one_line
 from secure_fedora.core.files import strict_json
 
@@ -111,18 +111,19 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
         other = "/".join(sorted(row["cross_methods"])) or "-"
         print(f"{row['method']:<10} {row['ledgers']:>7} {row['entries']:>7}"
               f" {'/'.join(sorted(row['accountants'])):<5} {_range(row['recorded'], 'up'):>15}"
-              f" {_range(row['independent']):>15} {_range(row['pld']):>15}"
+              f" {_range(row['independent'], 'up'):>15} {_range(row['pld'], 'up'):>15}"
               f" {(cross + '% ' + other) if cross != 'n/a' else 'n/a':>16} {row['refusals']:>7}"
               f" {row['errors']:>6} {row['warnings']:>5}", file=out)
     listed = [c for c in report.clients if (c.method, c.client_id) in shown]
     if listed:
         print("ledgers" + ("" if verbose else " with errors or warnings") + ":", file=out)
     for c in listed:
-        ind = "n/a" if c.independent_final_epsilon is None else f"{c.independent_final_epsilon:.4g}"
+        ind = "n/a" if c.independent_final_epsilon is None \
+            else format_up(c.independent_final_epsilon, 4)
         budget = "n/a" if c.budget_epsilon is None else f"{c.budget_epsilon:g}"
         label = c.client_id if c.method is None else f"{c.method}/{c.client_id}"
         cross = "" if c.cross_difference is None else \
-            f"; {c.cross_method} {c.cross_final_epsilon:.4g} ({100 * c.cross_difference:+.1f}%)"
+            f"; {c.cross_method} {format_up(c.cross_final_epsilon, 4)} ({100 * c.cross_difference:+.1f}%)"
         print(f"  {label}: {c.entries} entries, epsilon {format_up(c.final_epsilon, 4)} (independent"
               f" {ind}{cross}) of budget {budget}{', refused' if c.refused else ''}"
               f" -> {'ok' if c.ok else 'FAILED'}", file=out)
@@ -189,8 +190,6 @@ VERDICT_EXIT = {"consistent": 0, "refuted": 1, "inconclusive": 3}
 
 
 def _print_audit_summary(doc: dict[str, Any]) -> None:
-    from privacy.accounting import format_up
-
     # a claimed epsilon rounded up, as every epsilon a user reads (never below the claim)
     claim = "none (non-private)" if doc["claim_epsilon"] is None \
         else format_up(doc["claim_epsilon"], 4)
@@ -361,7 +360,9 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     nm: float | list[float] | None = args.noise_multiplier
     if nm is None and cfg.privacy.enabled:
         nm, source = _planned_summary_noise(cfg)
-        shown = f"{nm[0]:.4g}" if len(set(nm)) == 1 else f"{min(nm):.4g} to {max(nm):.4g}"
+        # rounded down: a shown noise multiplier is never above the one planned
+        shown = format_down(nm[0], 4) if len(set(nm)) == 1 \
+            else f"{format_down(min(nm), 4)} to {format_down(max(nm), 4)}"
         print(f"noised mode: clip {clip:g}, noise multiplier {shown} ({source})")
     report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
                                        noise_multiplier=nm, tau=cfg.fedora.tau, seed=cfg.seed)
@@ -384,7 +385,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         write_replay_result,
     )
     from audits.verdict import NO_DP_CLAIM_EXIT
-    from privacy.accounting import format_up
 
     try:
         result = run_replay_audit(args.run_dir, client=args.client, method=args.method,

@@ -970,7 +970,7 @@ def size_error_remedy(exc: AccountingSizeError, plan: Sequence[PlannedRelease], 
     rdp = plan_epsilon(plan, delta, noise_multiplier, "rdp")
     if rdp <= target_epsilon:
         return str(exc)
-    return (f"{exc.problem}; RDP accounting gives epsilon {rdp:.4g} > {target_epsilon:g} too, "
+    return (f"{exc.problem}; RDP accounting gives epsilon {format_up(rdp, 4)} > {target_epsilon:g} too, "
             "so more noise is needed")
 
 

@@ -54,6 +54,7 @@ from privacy.accounting import (
     PlannedRelease,
     PrivacyBudget,
     calibrate_noise_multiplier,
+    format_up,
     plan_epsilon,
     round_up,
     size_error_remedy,
@@ -498,7 +499,7 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
                               f"privacy.noise_multiplier {plan.dpsgd_noise:g}: {why}", []) from None
     if planned > budget.epsilon:
         raise BudgetPlanError(
-            f"privacy: the plan of {method!r} spends epsilon {planned:.4g} > budget"
+            f"privacy: the plan of {method!r} spends epsilon {format_up(planned, 4)} > budget"
             f" {budget.epsilon:g} (delta {budget.delta:g}, accountant {accountant!r}) with the"
             f" fixed privacy.noise_multiplier {plan.dpsgd_noise:g}; raise it or unset it to"
             " calibrate", [])

@@ -33,6 +33,36 @@ def test_verify_exit_zero_on_clean_run(pristine_run, capsys, tmp_path):
     assert "fedora/client-002" in capsys.readouterr().out
 
 
+def test_verify_never_prints_an_epsilon_below_the_one_it_computed(pristine_run, capsys):
+    # every epsilon the listing shows (recorded, independent, the other accountant's) and the
+    # summary's independent and PLD ranges are rounded up, never to nearest
+    from audits.verify import verify_run
+
+    report = verify_run(pristine_run)
+    assert main(["audit", "verify", str(pristine_run), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    below = []
+    for c in report.clients:
+        label = f"{c.method}/{c.client_id}"
+        line = next(x for x in out.splitlines() if x.strip().startswith(label + ":"))
+        independent = float(line.split("(independent ")[1].split(";")[0].split(")")[0])
+        if independent < c.independent_final_epsilon:
+            below.append((label, "independent", independent, c.independent_final_epsilon))
+        if c.cross_final_epsilon is not None:
+            cross = float(line.split(f"; {c.cross_method} ")[1].split(" ")[0])
+            if cross < c.cross_final_epsilon:
+                below.append((label, c.cross_method, cross, c.cross_final_epsilon))
+    for row in out.splitlines():
+        cells = row.split()
+        if cells and cells[0] in {c.method for c in report.clients}:
+            highest = max(c.independent_final_epsilon for c in report.clients
+                          if c.method == cells[0])
+            shown = float(cells[5].split("..")[-1])  # the independent column's upper end
+            if shown < highest:
+                below.append((cells[0], "summary", shown, highest))
+    assert below == []
+
+
 def test_verify_prints_a_summary_per_method_and_only_failing_ledgers(run_copy, capsys):
     path = run_copy / "ledgers" / "local" / "client-000.jsonl"
     lines = path.read_text().splitlines()
@@ -83,6 +113,18 @@ def test_canary_and_leakage_report_bad_configs(tmp_path, capsys):
     assert main(["audit", "leakage", str(tmp_path / "missing.toml")]) == 2
     assert main(["audit", "leakage", str(cfg), "--clip-norm", "1.0"]) == 2
     assert "--clip-norm needs --noise-multiplier" in capsys.readouterr().err
+
+
+def test_leakage_never_shows_a_noise_multiplier_above_the_planned_one(tmp_path, capsys):
+    # the planned summary noise is shown rounded down: 1.23456789 as 1.2345, never 1.235
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('methods = ["fedora"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                   'val_per_client = 8\ntest_per_client = 8\n[fedora]\nk = 1\n'
+                   'relatedness = "noised"\n[privacy]\nenabled = true\nepsilon = 8.0\n'
+                   'summary_noise_multiplier = 1.23456789\n')
+    assert main(["audit", "leakage", str(cfg)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("noised mode"))
+    assert "noise multiplier 1.2345 (privacy.summary_noise_multiplier)" in line
 
 
 def test_leakage_names_the_missing_or_bad_noised_mode_flag(tmp_path, capsys):

@@ -787,3 +787,24 @@ def test_an_accounting_size_error_survives_pickle_and_copy() -> None:
     for again in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
         assert (again.problem, again.remedy, str(again)) == (
             "a grid of 10 points", "use more noise", "a grid of 10 points; use more noise")
+
+
+def test_a_size_error_remedy_never_states_rdps_epsilon_below_its_value():
+    # "RDP gives epsilon X > target too": X rounded to nearest could read below RDP's epsilon
+    from privacy.accounting import (
+        AccountingSizeError,
+        PlannedRelease,
+        plan_epsilon,
+        size_error_remedy,
+    )
+
+    exc = AccountingSizeError("the grid would be too large", "use accountant='rdp'")
+    below = []
+    for sigma in (0.61, 0.62, 0.63, 0.64, 0.65, 0.66, 0.67, 0.68):
+        plan = [PlannedRelease("dpsgd", 0.1, 100, sigma)]
+        rdp = plan_epsilon(plan, 1e-5, sigma, "rdp")
+        text = size_error_remedy(exc, plan, 1e-5, sigma, 0.5)
+        shown = float(text.split("RDP accounting gives epsilon ")[1].split(" ")[0])
+        if shown < rdp:
+            below.append((sigma, shown, rdp))
+    assert below == []

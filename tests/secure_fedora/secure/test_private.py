@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,13 @@ import time
 import pytest
 import torch
 
-from privacy.accounting import Accountant, BudgetExceededError, PlannedRelease, PrivacyBudget
+from privacy.accounting import (
+    Accountant,
+    BudgetExceededError,
+    PlannedRelease,
+    PrivacyBudget,
+    plan_epsilon,
+)
 from privacy.identity import load_allowlist
 from privacy.ledger import read_ledger, verify_ledger_file
 from privacy.noise import ReproducibleNoise
@@ -721,3 +728,21 @@ def test_admission_batches_share_one_fsync_pool_that_close_stops(tmp_path):
         privacy.close()
     assert seen[0] and seen[0] <= seen[1] <= seen[2]  # the same threads, kept
     assert fsync_threads() - before == set()
+
+
+def test_a_plan_over_budget_never_states_its_epsilon_below_what_it_spends():
+    # The refusal names the plan's epsilon; rounded to nearest it could read below the
+    # epsilon the plan spends (and even equal to the budget it exceeds).
+    shown_below = []
+    for sigma in (0.61, 0.62, 0.63, 0.64, 0.65, 0.66, 0.67, 0.68):
+        cfg = dp_config(methods=["local"], privacy={"noise_multiplier": sigma, "epsilon": 1.0})
+        with pytest.raises(BudgetPlanError) as info:
+            privacy_plan(cfg, "local", PrivacyBudget(1.0, 1e-3), "rdp")
+        shown = float(re.search(r"spends epsilon (\S+) >", str(info.value)).group(1))
+        plan = privacy_plan(dp_config(methods=["local"], privacy={"noise_multiplier": sigma,
+                                                                  "epsilon": 1e6}),
+                            "local", PrivacyBudget(1e6, 1e-3), "rdp")
+        spent = plan_epsilon(plan.releases, 1e-3, sigma, "rdp")
+        if shown < spent:
+            shown_below.append((sigma, shown, spent))
+    assert shown_below == []
