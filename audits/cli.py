@@ -204,7 +204,13 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from audits.canary import run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
     from secure_fedora.cli import keystore_flag
-    from secure_fedora.core.config import check_overrides_used, check_path_argument, load_config
+    from secure_fedora.core.config import (
+        check_overrides_used,
+        check_path_argument,
+        load_config,
+        load_run_config,
+        unregistered_hint,
+    )
     from secure_fedora.secure.keystore import check_keystore_used
 
     json_path = _json_option(args, "canary")
@@ -216,9 +222,16 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    # a run directory's config: plug-ins from PYTHONPATH only (never the directory's own files)
-    cfg = load_config(target / "config.toml" if run_dir is not None else target,
-                      plugins_from_folder=run_dir is None)
+    if run_dir is None:
+        cfg = load_config(target)
+    else:  # a run directory's config: plug-ins from PYTHONPATH only (never its own files)
+        cfg, unknown = load_run_config(target / "config.toml")
+        if unknown:
+            print("error: the canary audit trains the run's model on its data under its "
+                  f"method, and {target / 'config.toml'} names "
+                  + unregistered_hint(*unknown[0], "audits.canary.run_canary_audit"),
+                  file=sys.stderr)
+            return 2
     problem = None if run_dir is None else \
         config_claim_problem(run_dir, cfg.privacy.enabled, "canary")
     if problem is not None:

@@ -61,7 +61,12 @@ from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.noise import NoiseSource, make_noise_source
 from privacy.paths import check_path
-from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_run_config,
+    unregistered_hint,
+)
 from secure_fedora.data.partition import ClientData
 
 __all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_replay_audit",
@@ -311,9 +316,15 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         _raise_claim_problem(run_dir, anchor is not None, None)
         raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")
     try:
-        cfg = load_config(run_dir / "config.toml", plugins_from_folder=False)
+        cfg, unknown = load_run_config(run_dir / "config.toml")
     except ConfigError as err:
         raise ReplayAuditError(str(err)) from None
+    # the replay rebuilds the client's data and model; a method is only a ledger folder here
+    for kind, name in unknown:
+        if kind != "method":
+            raise ReplayAuditError(
+                "the replay rebuilds the run's data and model, and its config.toml names "
+                + unregistered_hint(kind, name, "audits.replay.run_replay_audit"))
     problem = config_rebuild_problem(run_dir, "replay")
     if problem is not None:
         raise ReplayAuditError(problem)

@@ -49,7 +49,7 @@ from privacy.accounting import format_share_up, format_up  # noqa: E402
 from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path  # noqa: E402
-from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
 from secure_fedora.core.files import strict_json  # noqa: E402
 from secure_fedora.runtimes.results import config_assumptions, metric_label  # noqa: E402
 from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
@@ -123,8 +123,8 @@ def _read_config(run_dir: Path) -> ExperimentConfig | None:
     path = run_dir / "config.toml"
     if not path.is_file():
         return None
-    try:
-        return load_config(path, plugins_from_folder=False)
+    try:  # an entry the run's own process registered: verify's findings name it
+        return load_run_config(path)[0]
     except ConfigError:
         return None
 

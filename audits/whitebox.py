@@ -67,7 +67,12 @@ from privacy.accounting import PlannedRelease, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.paths import check_path
-from secure_fedora.core.config import ConfigError, ExperimentConfig, load_config
+from secure_fedora.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_run_config,
+    unregistered_hint,
+)
 from secure_fedora.learning.client import ClientUpdateError, FlatModel, local_train
 from secure_fedora.runtimes.inprocess import build_clients, build_context
 from secure_fedora.secure.private import (
@@ -542,9 +547,13 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
     if not cfg_path.is_file():
         raise WhiteboxAuditError(f"{cfg_path} is missing: the audit needs the run's config")
     try:
-        cfg = load_config(cfg_path, plugins_from_folder=False)
+        cfg, unknown = load_run_config(cfg_path)
     except ConfigError as err:
         raise WhiteboxAuditError(f"{cfg_path}: {err}") from None
+    if unknown:  # it trains the run's model on its data under its method's privacy plan
+        raise WhiteboxAuditError(
+            "the white-box audit rebuilds the run's data, model and privacy plan, and "
+            f"{cfg_path} names " + unregistered_hint(*unknown[0], "audits.whitebox.audit_run_dir"))
     problem = config_rebuild_problem(run, "whitebox") \
         or config_claim_problem(run, cfg.privacy.enabled, "whitebox")
     if problem is not None:

@@ -57,8 +57,10 @@ __all__ = [
     "config_from_bytes",
     "config_hash",
     "load_config",
+    "load_run_config",
     "parse_config",
     "revalidate",
+    "unregistered_hint",
 ]
 
 log = logging.getLogger(__name__)
@@ -558,6 +560,8 @@ def _check_method_section(name: str, section: Any) -> None:
     from secure_fedora.core.registry import METHODS
 
     known_name = name in METHODS
+    if not known_name and METHODS.accepted_unregistered(name):
+        return  # read by an audit: the run's own process registered it
     params = METHODS.declared(name, "params") if known_name else None
     if params is not None:
         try:
@@ -937,6 +941,31 @@ def load_config(path: str | Path, *, plugins_from_folder: bool = True) -> Experi
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     return config_from_bytes(raw, str(path), plugins_from_folder=plugins_from_folder)
+
+
+def load_run_config(path: str | Path) -> tuple[ExperimentConfig, list[tuple[str, str]]]:
+    """A run directory's config.toml as the audits read it: no plug-in imported from its
+    folder (as :func:`load_config` with ``plugins_from_folder=False``), and a dataset,
+    partitioner, model, loss or method name that this process has not registered accepted as
+    written instead of refused (the run's own script or notebook registered it; see
+    :func:`secure_fedora.core.registry.accepting_unregistered`). Returns the config and the
+    ``(kind, name)`` of each such entry, whose own config checks were not run; every other
+    check is. :class:`ConfigError` as :func:`load_config`."""
+    from secure_fedora.core.registry import accepting_unregistered
+
+    with accepting_unregistered() as unknown:
+        cfg = load_config(path, plugins_from_folder=False)
+    return cfg, list(unknown)
+
+
+def unregistered_hint(kind: str, name: str, call: str) -> str:
+    """What to do about registry entry ``name`` that this process lacks: where a process
+    that did not run the registering script finds it, or ``call`` (a Python function) to
+    use from the process that registered it."""
+    return (f"{kind} {name!r}, which this process has not registered (an entry that a script "
+            "or notebook registers is known only to that process: put its module in "
+            f"secure_fedora/contrib/, which every process imports, or call {call} from the "
+            "process that registered it)")
 
 
 def config_from_bytes(raw: bytes, source: str, *, plugins_from_folder: bool = True) -> ExperimentConfig:

@@ -19,6 +19,8 @@ import pkgutil
 import re
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
 from privacy.errors import ToolkitError
@@ -31,6 +33,7 @@ __all__ = [
     "PARTITIONERS",
     "Registry",
     "RegistryError",
+    "accepting_unregistered",
     "declared",
     "declarer",
 ]
@@ -48,6 +51,27 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 class RegistryError(ToolkitError, ValueError):
     """An unknown or duplicate registry name; the message lists the available names."""
+
+
+#: Set inside :func:`accepting_unregistered`: the ``(kind, name)`` of each unknown name that
+#: :meth:`Registry.check` accepted.
+_ACCEPTED: ContextVar[list[tuple[str, str]] | None] = ContextVar("_ACCEPTED", default=None)
+
+
+@contextmanager
+def accepting_unregistered() -> Iterator[list[tuple[str, str]]]:
+    """Within the block, :meth:`Registry.check` accepts a well-formed name that no registry
+    of this process holds (as the audits read a run's config.toml: an entry the run's own
+    script or notebook registered is unknown to another process), and such a name declares
+    nothing (:meth:`Registry.declared` and :meth:`Registry.declarer` answer ``None``, so the
+    config checks it would declare are not run). Yields the list of ``(kind, name)`` accepted
+    so, in order, without repeats. :meth:`Registry.get` still refuses every unknown name."""
+    accepted: list[tuple[str, str]] = []
+    token = _ACCEPTED.set(accepted)
+    try:
+        yield accepted
+    finally:
+        _ACCEPTED.reset(token)
 
 
 class Registry(Generic[T]):
@@ -171,6 +195,8 @@ class Registry(Generic[T]):
         return declarer(self._declaring_entry(name), attribute)
 
     def _declaring_entry(self, name: str) -> Any:
+        if self.accepted_unregistered(name):
+            return None
         if self._declarations is not None and not self._loaded and name in self._builtins:
             return importlib.import_module(self._declarations).BUILTIN_DECLARATIONS[name]
         return self.get(name)
@@ -210,10 +236,23 @@ class Registry(Generic[T]):
 
     def check(self, name: str) -> str:
         """``name`` if registered, else :class:`RegistryError` listing the available names (for
-        config validators: a built-in name is checked without importing its module)."""
-        if name in self:
+        config validators: a built-in name is checked without importing its module). Inside
+        :func:`accepting_unregistered`, an unknown name of :data:`NAME_PATTERN`'s form is
+        returned too, and recorded there."""
+        if name in self or self.accepted_unregistered(name):
             return name
         return self.get(name)  # raises: not registered
+
+    def accepted_unregistered(self, name: object) -> bool:
+        """Whether ``name`` is unknown here and accepted (and recorded) by an enclosing
+        :func:`accepting_unregistered`; False outside one and for every registered name."""
+        accepted = _ACCEPTED.get()
+        if accepted is None or not isinstance(name, str) or name in self \
+                or NAME_PATTERN.fullmatch(name) is None:
+            return False
+        if (self.kind, name) not in accepted:
+            accepted.append((self.kind, name))
+        return True
 
 
 def declared(entry: Any, attribute: str) -> Any:

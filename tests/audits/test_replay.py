@@ -468,3 +468,31 @@ def test_trials_beyond_the_maximum_are_refused_before_the_replay(runs, capsys):
             run_replay_audit(runs["csprng"], trials=trials)
     assert main(["audit", "replay", str(runs["csprng"]), "--trials", "99999999999999999999"]) == 2
     assert "trials must be an int in [2, 1,000,000]" in capsys.readouterr().err
+
+
+def test_a_method_its_own_process_registered_is_replayed_in_another(tmp_path, capsys):
+    """`audit replay` of a run whose method a user's script registered (not a module of
+    secure_fedora/contrib/) failed in a new process with "unknown method" and no hint,
+    although the replay rebuilds only the client's data and model (the method names a ledger
+    folder). Now it replays; a dataset (or model) that process lacks is refused naming what to
+    do, since the replay cannot rebuild the data without it."""
+    from secure_fedora.core.registry import METHODS
+
+    METHODS.register("byo_local_r", METHODS.get("local"))
+    try:
+        run = _run(tmp_path / "run", {**BASE, "methods": ["byo_local_r"],
+                                      "privacy": {**BASE["privacy"], "noise": "csprng"}})
+    finally:
+        METHODS.unregister("byo_local_r")  # now as in a new process
+    result = run_replay_audit(run, trials=8)
+    assert result.verdict == "inconclusive" and result.trials == 8
+
+    doc = {**BASE, "data": {**BASE["data"], "dataset": "byo-data-r"}}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.toml").write_text(tomli_w.dumps(doc))
+    with pytest.raises(ReplayAuditError, match=r"rebuilds the run's data and model, and its "
+                       r"config.toml names dataset 'byo-data-r', which this process has not "
+                       r"registered .*secure_fedora/contrib/.*audits\.replay\.run_replay_audit"):
+        run_replay_audit(tmp_path / "other")
+    assert main(["audit", "replay", str(tmp_path / "other")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

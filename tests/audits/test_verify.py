@@ -24,6 +24,7 @@ from audits.verify import (
 from privacy.accounting import Accountant
 from privacy.identity import load_allowlist, load_identity
 from privacy.ledger import LedgerWriter, canonical_json, line_hash, signing_payload
+from secure_fedora.core.config import ConfigError, load_config
 
 from .conftest import bad_allowlists, build_run_dir, keystore_of, reanchor
 
@@ -1666,3 +1667,35 @@ def test_a_malformed_given_allowlist_is_bad_input_and_a_damaged_own_one_a_failur
         capsys.readouterr()
         assert main(["audit", "verify", str(run_copy), *given]) == 1
         assert "[allowlist]" in capsys.readouterr().out
+
+
+def test_a_run_of_a_method_its_own_process_registered_verifies_in_another(tmp_path, capsys):
+    """A method registered by a user's script or notebook (not a module of
+    secure_fedora/contrib/) ran in that process, but `audit verify RUN_DIR`, a process that
+    never registered it, failed: "config.toml is not a valid config: unknown method", the
+    ledgers unverified and no hint. The ledgers, signatures and budgets need only the config's
+    names and privacy keys: the run now verifies, with a warning naming the entry and what
+    to do to run the checks it declares; `audit report` reads the same config."""
+    from audits.cli import main
+    from secure_fedora.core.registry import METHODS
+
+    METHODS.register("byo_local_x", METHODS.get("local"))
+    try:
+        run = build_run_dir(tmp_path / "run", methods=("fedora", "byo_local_x"))
+    finally:
+        METHODS.unregister("byo_local_x")  # now as in a new process
+    report = verify_run(run)
+    assert report.ok and not report.errors
+    notes = [f.message for f in report.warnings if f.check == "config"]
+    assert len(notes) == 1 and "method 'byo_local_x'" in notes[0]
+    assert "secure_fedora/contrib/" in notes[0] and "audits.verify.verify_run" in notes[0]
+    assert {c.method for c in report.clients} == {"fedora", "byo_local_x"}
+    assert all(c.ok for c in report.clients)
+    assert main(["audit", "verify", str(run)]) == 0
+    out = tmp_path / "report"
+    assert main(["audit", "report", str(run), "--out", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["privacy_config"] is not None  # config.toml was read, not skipped
+    # an unknown name is still refused where the config is loaded to run it
+    with pytest.raises(ConfigError, match="unknown method 'byo_local_x'"):
+        load_config(run / "config.toml")

@@ -418,3 +418,28 @@ def test_a_run_states_its_noise_exactly_and_the_ledger_must_hold_that_float(tmp_
     # the command line states the audited sigma exactly (it showed 4 significant digits)
     main(["audit", "whitebox", str(run), "--method", "local", "--canaries", "100"])
     assert f"DP-SGD sigma {drawn!r}, q 0.5," in capsys.readouterr().out
+
+
+def test_an_entry_registered_by_the_runs_own_process_is_refused_saying_what_to_do(
+        tmp_path, capsys):
+    """The white-box and canary audits of a run directory build the run's data, model and
+    privacy plan, so a method the run's own script registered (unknown to the audit's process)
+    cannot be audited there; both said only "unknown method". They now name the entry and
+    what to do (a module in secure_fedora/contrib/, or the audit's Python function called from
+    the registering process), in one line, exit 2."""
+    from tests.audits.conftest import CANARY_CONFIG
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(CANARY_CONFIG.replace('["local"]', '["byo_local_w"]'))
+    with pytest.raises(WhiteboxAuditError, match=r"names method 'byo_local_w', which this "
+                       r"process has not registered .*secure_fedora/contrib/.*"
+                       r"audits\.whitebox\.audit_run_dir"):
+        audit_run_dir(run)
+    for audit, call in (("whitebox", "audits.whitebox.audit_run_dir"),
+                        ("canary", "audits.canary.run_canary_audit")):
+        capsys.readouterr()
+        assert main(["audit", audit, str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "method 'byo_local_w'" in err and call in err
+    assert not (run / "audit").exists()

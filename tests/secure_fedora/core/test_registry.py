@@ -246,3 +246,24 @@ def test_an_entry_records_the_module_that_registered_it(tmp_path: Path,
         METHODS.unregister(name)
         for mod in [m for m in sys.modules if m.startswith(package)]:
             sys.modules.pop(mod)
+
+
+def test_accepting_unregistered_accepts_names_only_and_records_them() -> None:
+    """How the audits read a run's config.toml naming an entry the run's own process
+    registered: inside the block a well-formed unknown name passes the check, declares nothing
+    and is recorded once; it is still refused by ``get`` (nothing is built from it), a
+    malformed name is still refused, and outside the block the check refuses it as before."""
+    from secure_fedora.core.registry import DATASETS, METHODS, RegistryError, accepting_unregistered
+
+    with accepting_unregistered() as accepted:
+        assert METHODS.check("byo_avg_a") == "byo_avg_a" == METHODS.check("byo_avg_a")
+        assert METHODS.declared("byo_avg_a", "check_config") is None
+        assert METHODS.check("fedavg") == "fedavg" and DATASETS.check("mnist") == "mnist"
+        with pytest.raises(RegistryError, match="unknown method 'byo_avg_a'"):
+            METHODS.get("byo_avg_a")
+        with pytest.raises(RegistryError, match="unknown dataset '../x'"):
+            DATASETS.check("../x")
+        assert DATASETS.check("byo-data-a") == "byo-data-a"
+    assert accepted == [("method", "byo_avg_a"), ("dataset", "byo-data-a")]
+    with pytest.raises(RegistryError, match="unknown method 'byo_avg_a'"):
+        METHODS.check("byo_avg_a")
