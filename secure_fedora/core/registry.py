@@ -218,6 +218,12 @@ class Registry(Generic[T]):
         return origin in self._modules or origin == CONTRIB_PACKAGE or origin.startswith(
             CONTRIB_PACKAGE + ".")
 
+    def is_builtin(self, name: str) -> bool:
+        """Whether ``name`` is a built-in entry, registered by one of the built-in modules
+        (not a ``contrib`` or user entry, nor one re-registered under a built-in's name).
+        :class:`RegistryError` for an unknown name."""
+        return self.origin(name) in self._modules and name in self._builtins
+
     def names_of(self, obj: Any) -> list[str]:
         """Every name ``obj`` itself is registered under, in registration order."""
         self._load()

@@ -192,10 +192,22 @@ def _check_test_size(test_per_client: object, kind: str) -> int:
     return _check_int("test_per_client", test_per_client, 0)
 
 
-def _builtin_dataset(name: DatasetName) -> LabeledDataset:
+def shared_builtin_dataset(name: DatasetName) -> LabeledDataset:
+    """Built-in dataset ``name`` as this process parsed it once: its cached tensors
+    themselves, for the built-in partitioners only, which read their source and copy every
+    row they hand out (no client's data is a view of the cache). Anyone who may edit the
+    tensors takes the registered entry's copy (``DATASETS.get(name)(seed)``)."""
     train_x, train_y = _load_cached(name, "train")
     test_x, test_y = _load_cached(name, "test")
     return LabeledDataset(train_x, train_y, test_x, test_y, NUM_CLASSES)
+
+
+def _builtin_dataset(name: DatasetName) -> LabeledDataset:
+    """A fresh copy of built-in dataset ``name``: its caller (a plug-in partitioner, a data
+    plug-in wrapping it) may edit it in place without changing any later run's data."""
+    shared = shared_builtin_dataset(name)
+    return LabeledDataset(shared.train_x.clone(), shared.train_y.clone(), shared.test_x.clone(),
+                          shared.test_y.clone(), shared.num_classes)
 
 
 for _name in get_args(DatasetName):
@@ -214,6 +226,8 @@ def _source(dataset: DatasetName | DatasetSplits | LabeledDataset) -> LabeledDat
                 f"unknown dataset {dataset!r}; expected one of {DATASETS.names()} "
                 "or a mapping {'train': (images, labels), 'test': (images, labels)}"
             )
+        if DATASETS.is_builtin(dataset):  # read by a built-in partitioner: no copy needed
+            return shared_builtin_dataset(dataset)  # type: ignore[arg-type]
         return DATASETS.get(dataset)(0)
     if not isinstance(dataset, Mapping):
         raise DataError(

@@ -164,7 +164,14 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
         source = load_source(d.source, cfg.seed, config_dir(cfg))
     else:
         where = f"data.dataset {d.dataset!r}"
-        source = call_source(DATASETS.get(d.dataset), cfg.seed, where)
+        if DATASETS.is_builtin(d.dataset) and PARTITIONERS.is_builtin(d.partition):
+            # the built-in partitioners only read their source: the process's cached tensors,
+            # uncopied; any other partitioner gets the registered entry's copy
+            from secure_fedora.data.partition import shared_builtin_dataset
+
+            source = shared_builtin_dataset(d.dataset)  # type: ignore[arg-type]
+        else:
+            source = call_source(DATASETS.get(d.dataset), cfg.seed, where)
         if isinstance(source, LabeledDataset | FederatedData):
             # a registered dataset gets the checks of user data (a mapping of uint8 image
             # splits is checked by the partitioner)

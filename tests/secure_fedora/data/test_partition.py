@@ -461,3 +461,43 @@ def test_a_registered_dataset_dict_takes_either_accepted_shape(tmp_path) -> None
     finally:
         DATASETS.unregister("h-ks2-central")
         DATASETS.unregister("h-ks2-wrong")
+
+
+def test_a_plugin_that_edits_the_builtin_dataset_in_place_changes_no_later_run() -> None:
+    """The built-in datasets handed out the process's cached tensors themselves: a plug-in
+    partitioner (or a data plug-in wrapping ``DATASETS.get("mnist")``) that edited its input
+    in place changed the data of every later run in the process (a sweep, a notebook, the
+    tests). Such callers now get a copy; the built-in partitioners, which only read their
+    source, still share the cache (no copy), and no client's data is a view of it."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.core.registry import DATASETS, PARTITIONERS
+    from secure_fedora.data.sources import _load_cached, clear_dataset_cache
+    from secure_fedora.runtimes.inprocess import build_clients
+
+    doc = {"methods": ["local"], "data": {"partition": "iid", "num_clients": 2,
+                                          "train_per_client": 12, "val_per_client": 4,
+                                          "test_per_client": 4}}
+    before = fingerprint_clients(build_clients(parse_config(doc)))
+
+    def vandal(source, data_cfg, seed):
+        source.train_x.zero_()
+        source.test_y.fill_(1)
+        return PARTITIONERS.get("iid")(source, data_cfg, seed)
+
+    PARTITIONERS.register("vandal_iid_x", vandal)
+    try:
+        assert PARTITIONERS.is_builtin("iid") and not PARTITIONERS.is_builtin("vandal_iid_x")
+        build_clients(parse_config({**doc, "data": {**doc["data"], "partition": "vandal_iid_x"}}))
+        DATASETS.get("mnist")(0).train_y.zero_()  # a data plug-in editing the entry's data
+        assert fingerprint_clients(build_clients(parse_config(doc))) == before
+        cached = {t.untyped_storage().data_ptr()
+                  for split in ("train", "test") for t in _load_cached("mnist", split)}
+        for part, extra in (("iid", {}), ("rotation", {}), ("dirichlet", {"dirichlet_alpha": 0.5}),
+                            ("pathological", {"classes_per_client": 2})):
+            clients = build_clients(parse_config(
+                {**doc, "data": {**doc["data"], "partition": part, **extra}}))
+            assert not {getattr(c, f"{s}_{v}").untyped_storage().data_ptr()
+                        for c in clients for s in ("train", "val", "test") for v in "xy"} & cached
+    finally:
+        PARTITIONERS.unregister("vandal_iid_x")
+        clear_dataset_cache()  # whatever happened, later tests parse the files again
