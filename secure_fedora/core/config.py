@@ -710,18 +710,20 @@ class ExperimentConfig(_Section):
             if d.validation == "private":
                 raise ValueError("data.validation 'private' needs privacy.enabled = true")
             return self
-        for key, budget in p.overrides.items():
+        for key in p.overrides:
             problem = override_index_problem(key, d.num_clients)
             if problem is not None:
                 raise ValueError(problem)
-            delta = budget.delta if budget.delta is not None else p.delta
-            if delta >= 1.0 / d.train_per_client:
-                raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n = {1 / d.train_per_client:g}")
+        # privacy.delta first: an override without its own delta inherits it, so naming the
+        # override's unset delta would point at a key the config does not have
         if p.delta >= 1.0 / d.train_per_client:
             raise ValueError(
                 f"privacy.delta must be < 1/n = {1 / d.train_per_client:g} "
                 f"(n = data.train_per_client = {d.train_per_client})"
             )
+        for key, budget in p.overrides.items():
+            if budget.delta is not None and budget.delta >= 1.0 / d.train_per_client:
+                raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n = {1 / d.train_per_client:g}")
         if d.validation == "private" and p.model_selection == "validation":
             raise ValueError(
                 "privacy.model_selection 'validation' picks the reported round by accuracy on "

@@ -149,6 +149,10 @@ def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
         ({"epsilon": -1}, "privacy.epsilon"),
         ({"delta": 0.5}, "privacy.delta"),
         ({"delta": 0.02}, "privacy.delta"),  # >= 1/n with n = 100
+        # an override without its own delta inherits privacy.delta: the key to change is
+        # privacy.delta, not the override's unset delta
+        ({"delta": 0.02, "overrides": {"1": {"epsilon": 1.0}}}, "privacy.delta must"),
+        ({"overrides": {"1": {"epsilon": 1.0, "delta": 0.02}}}, "privacy.overrides.1.delta"),
         ({"overrides": {"1": {"delta": 1e-6}}}, "privacy.overrides.1.epsilon"),  # missing key
         ({"overrides": {"9": {"epsilon": 1}}}, "privacy.overrides.9"),
         ({"accountant": "moments"}, "privacy.accountant"),
