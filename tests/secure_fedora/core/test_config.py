@@ -592,3 +592,54 @@ def test_a_plug_in_named_as_a_results_entry_another_method_derives_is_refused() 
     finally:
         for name in ("fedavg_ft", "myavg", "myavg_ft"):
             METHODS.unregister(name)
+
+
+def _readme_config_table() -> dict[str, str]:
+    """README's "Config keys at a glance" table: section -> its row's text."""
+    text = (CONFIGS.parent / "README.md").read_text()
+    table = text.split("### Config keys at a glance", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) == 2 and cells[0].startswith("`["):
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+@pytest.mark.parametrize("section, key, choices", [
+    ("data", "dataset", "DATASETS"),
+    ("data", "partition", "PARTITIONERS"),
+    ("data", "validation", None),
+    ("model", "name", "MODELS"),
+    ("fedora", "relatedness", None),
+    ("fedora", "propagation", None),
+    ("privacy", "accountant", "ACCOUNTANTS"),
+])
+def test_readme_config_table_lists_every_choice_and_each_parses(section, key, choices):
+    """Every choice of the keys the issues name (fedora.relatedness = "encrypted", model.name =
+    "cnn", ...) is in README's table, and each choice written there is accepted by the schema."""
+    from privacy.accounting import ACCOUNTANT_REGISTRY
+    from secure_fedora.core import registry
+
+    row = _readme_config_table()[f"[{section}]"]
+    written = re.search(rf"`{key} = ([^`]*)`", row)
+    assert written, f"README's [{section}] row does not show {key} = ..."
+    listed = re.findall(r'"([^"]+)"', written.group(1))
+    if choices is None:
+        field = type(getattr(ExperimentConfig(), section)).model_fields[key]
+        expected = set(get_args(field.annotation))
+    elif choices == "ACCOUNTANTS":
+        expected = {"auto", *ACCOUNTANT_REGISTRY}
+    else:
+        expected = set(getattr(registry, choices))
+    assert set(listed) == expected
+    for value in listed:
+        data = {section: {key: value}}
+        if section == "privacy" or value.startswith("noised") or value == "private":
+            data = {**data, "privacy": {**data.get("privacy", {}), "enabled": True},
+                    "fedora": {"relatedness": "noised", **data.get("fedora", {})}}
+        if value == "dirichlet":
+            data["data"].update(dirichlet_alpha=0.5, test_per_client=32)
+        if value == "pathological":
+            data["data"].update(classes_per_client=2, test_per_client=32)
+        parse_config(data)
