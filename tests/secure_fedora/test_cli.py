@@ -540,3 +540,17 @@ def test_a_tiny_fixed_noise_multiplier_is_one_error_line_without_a_remedy_that_c
         proc.stderr.count("\n") == 1, proc.stderr
     assert "accountant='rdp'" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    """README's "Two commands" section holds exactly two set-up commands (the main job, the
+    tests), the main job runs `secure-fedora run`, and `.ci/run` runs the test command as
+    written there."""
+    root = SMOKE.parents[1]
+    section = (root / "README.md").read_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n```", 1)[0].strip() for b in section.split("```bash\n")[1:]]
+    assert len(blocks) == 2 and all("\n" not in b for b in blocks)
+    main_job, tests = blocks
+    assert "secure-fedora run configs/" in main_job and "pytest" in tests
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    assert tests in ci
