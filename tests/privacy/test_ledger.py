@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from privacy.accounting import Accountant
 from privacy.ledger import (
+    ENTRY_FIELDS,
     GENESIS_HASH,
     LedgerError,
     LedgerWriter,
@@ -553,3 +555,11 @@ def test_a_crash_inside_a_batch_write_leaves_a_tail_the_repair_handles(tmp_path,
     with LedgerWriter(path, "c1", KEY) as w:  # appends go on after the repair
         w.append_many(_release_fields(2.0))
     assert verify_ledger_file(path, KEY.public_key(), client_id="c1") == []
+
+
+def test_readme_names_every_ledger_entry_field():
+    """README's "Ledger files" paragraph lists exactly the fields an entry holds."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    paragraph = readme.split("**Ledger files.**", 1)[1].split("\n- ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)`", paragraph))
+    assert set(ENTRY_FIELDS) <= named
