@@ -1145,8 +1145,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
     )
 
-    check_path_argument(args.out, "--out")  # named as the command line names it
+    if args.out is not None:
+        check_path_argument(args.out, "--out")  # named as the command line names it
     cfg = load_config(args.config)
+    if args.out is None:
+        from secure_fedora.runtimes.rundir import default_sweep_dir
+
+        args.out = str(default_sweep_dir(cfg))
     methods = args.methods or list(_literal_methods())
     seeds = args.seeds if args.seeds is not None else [cfg.seed]
     check_sweep(cfg, args.out, methods, seeds, args.epsilons)  # before any progress bar
@@ -1191,10 +1196,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "sweep", help="run methods x epsilon x seeds and write a table and plots",
         description="Run every method at every epsilon and seed of a config; resumable: a "
-                    "rerun with the same --out skips finished cells.",
+                    "rerun with the same --out (or none: runs/<name>-sweep) skips finished cells.",
     )
     p.add_argument("config", help="path to a TOML config (see configs/)")
-    p.add_argument("--out", required=True, help="sweep directory (created; reused to resume)")
+    p.add_argument("--out", default=None,
+                   help="sweep directory (created; reused to resume; default: runs/<name>-sweep)")
     p.add_argument("--methods", nargs="+", choices=_literal_methods(), default=None,
                    help="registered methods to run (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,

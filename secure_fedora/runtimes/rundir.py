@@ -53,7 +53,7 @@ __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RU
            "amendment_has_rounds",
            "amendment_readers", "amendment_round",
            "check_fresh_run_dir", "check_resumable", "config_changes", "config_value",
-           "default_run_dir",
+           "default_run_dir", "default_sweep_dir",
            "prepare_run_dir", "record_amendments", "record_stop", "recorded_amendments",
            "recorded_keystore_extension", "resume_binding",
            "withdraw_unstarted_run"]
@@ -162,6 +162,16 @@ def default_run_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
     if run_dir.resolve().parent != root:
         raise RunDirError(f"name {cfg.name!r} would place the run outside {runs}/")
     return run_dir
+
+
+def default_sweep_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
+    """``runs/<name>-sweep``: one directory per config name (no timestamp), so the same
+    ``secure-fedora sweep CONFIG`` resumes it; refuses a name that would resolve outside
+    ``runs``."""
+    sweep_dir = runs / f"{cfg.name}-sweep"
+    if sweep_dir.resolve().parent != runs.resolve():
+        raise RunDirError(f"name {cfg.name!r} would place the sweep outside {runs}/")
+    return sweep_dir
 
 
 def _names(cli: bool) -> tuple[str, str]:

@@ -964,3 +964,23 @@ def test_a_sweep_started_with_unused_privacy_overrides_still_resumes(tmp_path, m
     with pytest.raises(SweepError, match=r"^cell fedavg/eps-none/seed-0: privacy.overrides"):
         run_sweep(cfg, tmp_path / "new", ["fedavg"], [0])
     assert not (tmp_path / "new").exists()
+
+
+def test_sweep_config_alone_writes_to_a_default_directory_and_resumes_there(tmp_path, monkeypatch,
+                                                                            capsys):
+    """The issue's command is `secure-fedora sweep CONFIG`: without --out the sweep goes to
+    runs/<name>-sweep (one directory per config name, so the same command resumes it)."""
+    from secure_fedora.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('name = "bare"\nmethods = ["local"]\n[data]\nnum_clients = 2\n'
+                      'train_per_client = 16\nval_per_client = 8\ntest_per_client = 8\n'
+                      '[training]\nrounds = 1\nlocal_epochs = 1\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(config), "--methods", "local", "--quiet"]) == 0
+    out = tmp_path / "runs" / "bare-sweep"
+    assert (out / "sweep.md").is_file() and (out / "sweep.csv").is_file()
+    assert "cells run: 1, skipped (already finished): 0" in capsys.readouterr().out
+    assert main(["sweep", str(config), "--methods", "local", "--quiet"]) == 0
+    assert "cells run: 0, skipped (already finished): 1" in capsys.readouterr().out
+    assert main(["sweep", str(config), "--out", "", "--methods", "local", "--quiet"]) == 2
