@@ -1134,14 +1134,15 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, FEDORA and
-    FedAvg with fine-tuning for 2 rounds each through the one generic runtime; per-client
-    metrics and every client's final state equal the in-process runtime's for the same config
-    and seed. (Every other method is held equal to the in-process runtime on the in-memory
-    grid, test_generic_runtime.py: each message here starts a ClientApp process.)"""
+    """`secure-fedora deploy local`: TLS + node-auth SuperLink, 3 SuperNodes, FEDORA, FedAvg
+    with fine-tuning and Ditto (the three methods the issue names for real processes) for 2
+    rounds each through the one generic runtime; per-client metrics and every client's final
+    state equal the in-process runtime's for the same config and seed. (Every other method is
+    held equal to the in-process runtime on the in-memory grid, test_generic_runtime.py: each
+    message here starts a ClientApp process.)"""
     import tomli_w
 
-    methods = ("fedora", "fedavg")
+    methods = ("fedora", "fedavg", "ditto")
     data = json.loads(json.dumps(TINY))
     data["methods"] = list(methods)
     data["fedavg"] = {"finetune_epochs": 1}
