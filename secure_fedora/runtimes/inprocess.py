@@ -888,6 +888,21 @@ class _CheckpointSchedule:
         self.last_cost, self.last_end = seconds, time.perf_counter()
 
 
+def _same_outcomes(held: dict[str, Any], made: dict[str, Any]) -> bool:
+    """Whether the results document ``held`` states the run facts ``made`` (built from the
+    run's checkpoints and records) states: run name, config hash, key-store extension, config
+    amendments, and each configured method's selected and final figures."""
+    keys = ("name", "config_hash", "keystore_extended", "config_amendments")
+    if any(held.get(k) != made.get(k) for k in keys):
+        return False
+    mine, theirs = made.get("methods"), held.get("methods")
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return False
+    return all(isinstance(theirs.get(m), dict)
+               and all(theirs[m].get(part) == body.get(part) for part in ("selected", "final"))
+               for m, body in mine.items())
+
+
 class Simulation:
     """Runs the configured methods in process, writing everything into ``run_dir``.
 
@@ -965,6 +980,8 @@ class Simulation:
         # evaluation replies'), which the next must extend, as on Flower
         self._ledger_reports: dict[str, dict[int, dict[str, Any]]] = {}
         self.setup_seconds: dict[str, float] = {}
+        # the methods this run's resume found finished in their checkpoints (trained nothing)
+        self._found_finished: set[str] = set()
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_path(self, method: str) -> Path:
@@ -1310,6 +1327,7 @@ class Simulation:
                 if privacy is not None:
                     privacy.resume_after(int(state["round"]), state.get("privacy"))
                 self.history.extend(state["history"])
+                self._found_finished.add(name)
                 return MethodOutcome(**state["outcome"])
             self._restore(state, method, tracker, round_gen, ctx, path)
             if privacy is not None:
@@ -1660,8 +1678,13 @@ class Simulation:
             return self._run(resume, fresh)
 
     def _run(self, resume: bool, fresh: bool) -> dict[str, Any]:
-        from secure_fedora.runtimes.results import remove_interrupted_result_writes
+        from secure_fedora.runtimes.results import (
+            ROUNDS_CSV,
+            remove_interrupted_result_writes,
+            rounds_csv_holds,
+        )
         from secure_fedora.runtimes.rundir import check_fresh_run_dir
+        from secure_fedora.secure.anchor import ANCHOR_FILENAME
 
         if fresh:  # another run's results, checkpoints or ledgers are never overwritten
             check_fresh_run_dir(self.run_dir, self.cfg, cli=False)
@@ -1690,17 +1713,78 @@ class Simulation:
         for leftover in remove_interrupted_result_writes(self.run_dir):
             log.warning("removed %s, a result write that was interrupted", leftover)
         outcomes = {}
+        self._found_finished = set()
         for name in self.cfg.methods:
             outcomes[name] = self.run_method(name, resume=resume)
-            self.write_rounds_csv()
+            if name not in self._found_finished:  # a finished one's rows: checked below
+                self.write_rounds_csv()
             crash_point("between_methods")
         self._record_amendments(None, None)  # every method had finished
+        # a resume of a finished run trains nothing: it keeps the run's result files whole
+        # (an anchor.json copy kept apart still verifies) and writes only one that is
+        # missing or damaged, e.g. after a kill between the last checkpoint and results.json
+        trained_nothing = resume and self._found_finished == set(self.cfg.methods)
+        if trained_nothing and not rounds_csv_holds(self.run_dir / ROUNDS_CSV, self.history):
+            log.warning("%s was missing or did not hold the run's rounds: written again from its "
+                        "checkpoints", self.run_dir / ROUNDS_CSV)
+            self.write_rounds_csv()
         results = self.results(outcomes)
         crash_point("results")
-        atomic_write_text(self.run_dir / "results.json", strict_json(results))
+        kept = self._kept_results(results) if trained_nothing else None
+        if kept is None:
+            atomic_write_text(self.run_dir / "results.json", strict_json(results))
+        else:
+            results = kept
         if self.cfg.privacy.enabled:
+            if trained_nothing and not self._anchor_kept():
+                log.warning("%s was missing or did not anchor the run as it stands: signed again "
+                            "(a copy of the earlier one kept apart no longer verifies the run)",
+                            self.run_dir / ANCHOR_FILENAME)
             self.write_anchor()
         return results
+
+    def _kept_results(self, results: dict[str, Any]) -> dict[str, Any] | None:
+        """The run's results.json document when a resume that trained nothing keeps it as it
+        is: it is a JSON object holding ``results`` (but for the code's ``version`` and the
+        ``compute`` it ran on), or under DP its anchor.json, signed by this run's operator key,
+        anchors its bytes, config.toml and every ledger as they stand and it states the
+        checkpoints' outcomes (a document an older version laid out otherwise). None, with a
+        warning naming why when the file exists, when it is to be written again."""
+        path = self.run_dir / "results.json"
+        if not path.exists():
+            log.warning("%s was missing: written from the run's checkpoints", path)
+            return None
+        try:
+            held = json.loads(path.read_bytes())
+        except (OSError, ValueError) as err:
+            log.warning("%s could not be read (%s): written again from the run's checkpoints",
+                        path, err)
+            return None
+        made = json.loads(strict_json(results))
+        if isinstance(held, dict):
+            def ours(doc: dict[str, Any]) -> dict[str, Any]:
+                return {k: v for k, v in doc.items() if k not in ("version", "compute")}
+
+            if ours(held) == ours(made):
+                return held
+            if self.cfg.privacy.enabled and self._anchor_kept() and _same_outcomes(held, made):
+                return held
+        log.warning("%s does not state what the run's checkpoints and ledgers hold%s: written "
+                    "again from them", path,
+                    ", and its anchor.json does not vouch for it" if self.cfg.privacy.enabled
+                    else "")
+        return None
+
+    def _anchor_kept(self) -> bool:
+        """Whether the run's anchor.json anchors the run as it stands (its results.json and
+        config.toml bytes, every ledger's head), signed by the run's operator key:
+        :meth:`write_anchor` then keeps it byte for byte."""
+        if not (self.run_dir / "results.json").is_file() \
+                or not (self.run_dir / "config.toml").is_file():
+            return False
+        from secure_fedora.secure.anchor import ANCHOR_FILENAME, anchors_the_same
+
+        return anchors_the_same(self.run_dir / ANCHOR_FILENAME, self._anchor_doc())
 
     def _write_config_copy(self) -> None:
         """Write ``config.toml`` from the validated config unless the run directory has one
@@ -1717,21 +1801,26 @@ class Simulation:
         final index and head, the digests of results.json and config.toml, the methods.
         Call after results.json is written; a config.toml missing from the run directory is
         written first from the validated config."""
-        from privacy.identity import load_identity
-        from secure_fedora.secure.anchor import build_anchor, write_anchor
-        from secure_fedora.secure.keystore import OPERATOR_ID
+        from secure_fedora.secure.anchor import write_anchor
 
         self._write_config_copy()
+        return write_anchor(self.run_dir, self._anchor_doc())
+
+    def _anchor_doc(self) -> dict[str, Any]:
+        """The signed anchor document of the run as it stands (see :meth:`write_anchor`)."""
+        from privacy.identity import load_identity
+        from secure_fedora.secure.anchor import build_anchor
+        from secure_fedora.secure.keystore import OPERATOR_ID
+
         ledgers = {}
         for method, summary in self.privacy.items():
             for row in summary["clients"]:
                 ledgers[f"{method}/{row['client']}"] = {
                     "entries": row["ledger_entries"], "head": row["ledger_head"],
                     "epsilon_spent": row["epsilon_spent"]}
-        doc = build_anchor(self.run_dir, run_name=self.cfg.name, config_hash=self.config_hash,
-                           methods=list(self.cfg.methods), ledgers=ledgers,
-                           signer=load_identity(self.key_dir, OPERATOR_ID))
-        return write_anchor(self.run_dir, doc)
+        return build_anchor(self.run_dir, run_name=self.cfg.name, config_hash=self.config_hash,
+                            methods=list(self.cfg.methods), ledgers=ledgers,
+                            signer=load_identity(self.key_dir, OPERATOR_ID))
 
     def results(self, outcomes: dict[str, MethodOutcome]) -> dict[str, Any]:
         """The results document (:func:`secure_fedora.runtimes.results.build_results`, the

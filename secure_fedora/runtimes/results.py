@@ -49,8 +49,8 @@ from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "RESULT_FILES", "ROUNDS_CSV",
            "ROUNDS_CSV_OMITS", "build_results", "client_rows", "config_assumptions", "inputs_outside_config",
            "inputs_outside_config_assumption", "method_entry", "metric_label",
-           "remove_interrupted_result_writes", "rounds_csv_text", "stated_beyond_run",
-           "write_rounds_csv"]
+           "remove_interrupted_result_writes", "rounds_csv_holds", "rounds_csv_text",
+           "stated_beyond_run", "write_rounds_csv"]
 
 #: The files a runtime replaces atomically in its run directory (the in-process run
 #: directory, Flower's ``result-dir``), besides ``plots/``.
@@ -335,6 +335,29 @@ def rounds_csv_text(history: Sequence[Mapping[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue()
+
+
+def _same_cell(held: str, made: str) -> bool:
+    if held == made:
+        return True
+    try:
+        return float(held) == float(made)
+    except ValueError:
+        return False
+
+
+def rounds_csv_holds(path: Path, history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``path`` is a readable ``rounds.csv`` holding the rows :func:`rounds_csv_text`
+    makes of ``history``: the same cells, a number written with other digits for the same
+    float counting as the same (False for a missing, unreadable, cut or edited file)."""
+    try:
+        held = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    made = list(csv.reader(io.StringIO(rounds_csv_text(history), newline="")))
+    return len(held) == len(made) and all(
+        len(a) == len(b) and all(_same_cell(x, y) for x, y in zip(a, b, strict=True))
+        for a, b in zip(held, made, strict=True))
 
 
 def write_rounds_csv(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> Path | None:

@@ -45,6 +45,7 @@ __all__ = [
     "ANCHOR_FILENAME",
     "ANCHOR_FORMAT",
     "anchor_signing_bytes",
+    "anchors_the_same",
     "build_anchor",
     "file_sha256",
     "write_anchor",
@@ -110,7 +111,7 @@ def build_anchor(run_dir: Path, *, run_name: str, config_hash: str, methods: Seq
     return doc
 
 
-def _anchors_the_same(path: Path, doc: Mapping[str, Any]) -> bool:
+def anchors_the_same(path: Path, doc: Mapping[str, Any]) -> bool:
     """Whether ``path`` holds an anchor of exactly what ``doc`` anchors (every field but
     ``created`` and ``signature`` equal) with a valid signature under ``doc``'s signer."""
     from cryptography.exceptions import InvalidSignature
@@ -139,7 +140,7 @@ def write_anchor(run_dir: Path, doc: Mapping[str, Any]) -> Path:
     from secure_fedora.core.files import atomic_write_bytes
 
     path = run_dir / ANCHOR_FILENAME
-    if _anchors_the_same(path, doc):
+    if anchors_the_same(path, doc):
         return path
     atomic_write_bytes(path, (canonical_json(dict(doc)) + "\n").encode("utf-8"))
     return path

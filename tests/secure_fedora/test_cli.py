@@ -354,7 +354,8 @@ def test_a_damaged_key_store_record_is_refused_by_a_resume(tmp_path, capsys, nam
 
 def test_resume_of_a_finished_run_reprints_its_results_and_trains_nothing(tmp_path, capsys):
     """What README says of `run --resume` on a finished run: no round is trained and no
-    ledger entry added; the results are printed again and results.json holds the same."""
+    ledger entry added; the results are printed again and results.json, rounds.csv and
+    anchor.json stay byte for byte (the anchor copy kept apart verifies)."""
     config = tmp_path / "dp.toml"
     config.write_text(LOCAL_DP)
     out, store = tmp_path / "run", tmp_path / "store"
@@ -362,15 +363,15 @@ def test_resume_of_a_finished_run_reprints_its_results_and_trains_nothing(tmp_pa
     assert main(argv) == 0
     first = capsys.readouterr().out
     ledgers = {p: p.read_bytes() for p in (out / "ledgers").rglob("*") if p.is_file()}
-    rounds = (out / "rounds.csv").read_bytes()
-    results = json.loads((out / "results.json").read_text())
+    kept = {n: (out / n).read_bytes() for n in ("rounds.csv", "results.json", "anchor.json")}
+    (tmp_path / "anchor-copy.json").write_bytes(kept["anchor.json"])
     assert main([*argv, "--resume"]) == 0
     again = capsys.readouterr().out
     assert "personalized test accuracy" in again and again == first
     assert {p: p.read_bytes() for p in (out / "ledgers").rglob("*") if p.is_file()} == ledgers
-    assert (out / "rounds.csv").read_bytes() == rounds
-    assert json.loads((out / "results.json").read_text()) == results
-    assert main(["audit", "verify", str(out), "--allowlist", str(store / "allowlist.json")]) == 0
+    assert {n: (out / n).read_bytes() for n in kept} == kept
+    assert main(["audit", "verify", str(out), "--allowlist", str(store / "allowlist.json"),
+                 "--anchor", str(tmp_path / "anchor-copy.json")]) == 0
 
 
 def test_dp_run_keeps_keys_outside_and_its_anchor_refuses_a_cut_ledger(tmp_path, capsys):

@@ -519,6 +519,103 @@ def test_resuming_a_finished_run_keeps_the_anchor_an_auditor_copied(tmp_path, cl
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
 
 
+def _result_files(run_dir):
+    return {n: (run_dir / n).read_bytes() for n in ("results.json", "anchor.json", "rounds.csv")}
+
+
+def test_resuming_a_finished_run_of_an_older_version_keeps_its_results_and_anchor(tmp_path,
+                                                                                  clients):
+    """A DP run finished by an older version (plan rows without the "figures" mark, sigma and
+    q at 6 decimals, anchored by the run's operator key), resumed by this one: results.json
+    was rewritten in the new layout and anchor.json signed again, so the copy an operator kept
+    apart failed `audit verify` ("results.json changed", "anchor.json replaced"). A resume that
+    trains nothing now keeps the whole, anchored files byte for byte."""
+    cfg = config(["local"], True)
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    sim.run()
+    path = tmp_path / "results.json"
+    doc = json.loads(path.read_text())
+    for row in doc["privacy"]["local"]["plan"]:  # as the older version stated the plan
+        assert row.pop("figures") == "exact"
+        row["noise_multiplier"] = round(row["noise_multiplier"], 6)
+    path.write_text(json.dumps(doc, indent=2))
+    sim.write_anchor()  # the older version's anchor: over its results.json, operator-signed
+    kept = tmp_path.parent / "anchor-kept.json"
+    kept.write_bytes((tmp_path / "anchor.json").read_bytes())
+    before = _result_files(tmp_path)
+    again = Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _result_files(tmp_path) == before
+    assert again == doc  # the results stated are the run's own
+    report = verify_run(tmp_path, anchor=kept)
+    assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
+
+
+@pytest.mark.parametrize("damage, dp", [("missing", True), ("edited", True), ("cut", False)])
+def test_resuming_a_finished_run_writes_a_missing_or_damaged_results_json_again(
+        tmp_path, clients, damage, dp, caplog):
+    """A resume that trains nothing keeps whole files, and writes again the results.json that
+    is missing (killed after the last checkpoint), edited (its anchor no longer vouches for
+    it) or, without DP, cut (a DP resume refuses it: its key-store record cannot be read): the
+    same bytes as the run wrote, so the kept anchor verifies again."""
+    cfg = config(["local"], dp)
+    Simulation(cfg, tmp_path, clients=clients).run()
+    kept = tmp_path.parent / "anchor-kept.json"
+    if dp:
+        kept.write_bytes((tmp_path / "anchor.json").read_bytes())
+    names = ("results.json", "anchor.json", "rounds.csv") if dp else ("results.json", "rounds.csv")
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    path = tmp_path / "results.json"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "cut":
+        path.write_bytes(before["results.json"][:100])
+    else:
+        doc = json.loads(before["results.json"])
+        doc["methods"]["local"]["final"]["mean"] = 0.99
+        path.write_text(json.dumps(doc, indent=2))
+    with caplog.at_level("WARNING", logger="secure_fedora.runtimes.inprocess"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before
+    assert any(f"{path} " in r.getMessage() and "written" in r.getMessage()
+               for r in caplog.records)
+    assert not dp or verify_run(tmp_path, anchor=kept).ok
+
+
+def test_resuming_a_finished_run_keeps_rounds_csv_and_writes_a_missing_one(tmp_path, clients):
+    """rounds.csv with other digits for the same figures (an older writer's) is kept as it is;
+    a missing one is written again."""
+    cfg = config(["local"], False)
+    Simulation(cfg, tmp_path, clients=clients).run()
+    path = tmp_path / "rounds.csv"
+    original = path.read_bytes()
+    lines = original.splitlines(keepends=True)
+    older = lines[0] + b"".join(line.replace(b",2,", b",2.0,", 1) for line in lines[1:])
+    assert older != original
+    path.write_bytes(older)
+    results = (tmp_path / "results.json").read_bytes()
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert path.read_bytes() == older and (tmp_path / "results.json").read_bytes() == results
+    path.unlink()
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert path.read_bytes() == original
+
+
+def test_resuming_a_finished_run_elsewhere_keeps_the_compute_it_ran_on(tmp_path, clients):
+    """results.json's ``compute`` and ``version`` describe the machine and code that ran the
+    run: a resume that trains nothing on another machine (here other threads) or version
+    rewrote them, though the run had not changed."""
+    cfg = config(["local"], False)
+    Simulation(cfg, tmp_path, clients=clients).run()
+    path = tmp_path / "results.json"
+    doc = json.loads(path.read_text())
+    doc["compute"]["threads"] += 7
+    doc["version"] = "0.0.1"
+    path.write_text(json.dumps(doc, indent=2))
+    held = path.read_bytes()
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert path.read_bytes() == held
+
+
 def test_a_ledger_cut_inside_a_journaled_entry_is_refused_not_repaired(tmp_path, clients):
     """A ledger cut in the middle of an entry its journal records looked like a torn write:
     the resume quarantined the bytes, appended a signed repair entry ("write never completed,
