@@ -168,9 +168,32 @@ def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
         f" the client); it records {shown}: the config is not this run's")
 
 
+def _plan_noise_mismatch(method: str, epsilon: float, recorded: float, calibrated: float,
+                         ledger: float | None, exact: bool) -> str:
+    """Why results.json's plan sigma ``recorded`` is not config.toml's calibration
+    ``calibrated``, naming the figure the client's ledger records (``ledger``; None: not read)
+    and which of the two files it sides with."""
+    def same(a: float, b: float) -> bool:
+        return a == b if exact else math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+
+    stated = (f"results.json's plan states DP-SGD noise multiplier {recorded!r} for {method} at"
+              f" epsilon {epsilon:g}, config.toml's calibration gives {calibrated!r}")
+    if ledger is None:
+        return (f"{stated}: the config is not this run's, or results.json's plan was changed"
+                " (restore the run's config.toml or results.json)")
+    if same(ledger, calibrated):
+        return (f"{stated} and the client's ledger records {ledger!r}: results.json's plan was"
+                " changed (restore the run's results.json)")
+    if same(ledger, recorded):
+        return f"{stated}, the client's ledger {ledger!r}: the config is not this run's"
+    return (f"{stated} and the client's ledger records {ledger!r}: neither the config nor"
+            " results.json is this run's")
+
+
 def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
                      results: dict[str, Any] | None = None,
-                     options: Mapping[str, str] = API_AUDIT_OPTIONS) -> WhiteboxSetting:
+                     options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                     ledger_noise: float | None = None) -> WhiteboxSetting:
     """The plan's DP-SGD parameters and claim for ``client_index`` under ``method``.
 
     With ``results`` (a run's ``results.json``), the recorded plan must hold a row for the
@@ -180,7 +203,9 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
     calibration (relative 1e-9), and its noise multiplier is then the setting's (the run's own
     figure, which :func:`check_setting_against_ledger` requires the ledger to hold exactly); a
     row of a run written before that key states it rounded to 6 decimals. Without ``results``
-    nothing is cross-checked, and ``plan_source`` says so.
+    nothing is cross-checked, and ``plan_source`` says so. ``ledger_noise``, the DP-SGD noise
+    multiplier the client's ledger records, only sharpens the error for a mismatch: it names
+    whether results.json's plan or the config differs from the ledger.
     """
     if method not in cfg.methods:
         raise WhiteboxAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
@@ -218,10 +243,8 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
         recorded, exact = stated
         if not (math.isclose(recorded, sigma, rel_tol=1e-9, abs_tol=0.0) if exact
                 else math.isclose(recorded, sigma, rel_tol=1e-5, abs_tol=1e-6)):
-            raise WhiteboxAuditError(
-                f"results.json records DP-SGD noise multiplier {recorded!r} for {method} at"
-                f" epsilon {budget.epsilon:g}, but config.toml gives {sigma!r}: the config is"
-                " not this run's")
+            raise WhiteboxAuditError(_plan_noise_mismatch(method, budget.epsilon, recorded,
+                                                          sigma, ledger_noise, exact))
         if exact:
             sigma = recorded
             source += " (matches results.json, whose noise multiplier it uses)"
@@ -232,6 +255,30 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
     return WhiteboxSetting(method, client_index, cid, True, float(sigma), q, spr,
                            cfg.training.rounds, p.max_grad_norm, budget.delta, accountant,
                            budget.epsilon, float(claim), source, exact)
+
+
+def _ledger_noise(run_dir: Path | None, cfg: ExperimentConfig, method: str,
+                  client_index: int) -> float | None:
+    """The DP-SGD noise multiplier of the first DP-SGD entry of the audited client's ledger in
+    ``run_dir``, once the ledger verifies; None when there is none to read (no run directory
+    or ledger, privacy off, an index out of range, a ledger that does not verify: refused by
+    :func:`check_setting_against_ledger` or the setting's own checks)."""
+    if run_dir is None or not cfg.privacy.enabled or method not in cfg.methods \
+            or not (isinstance(client_index, int) and 0 <= client_index < cfg.data.num_clients):
+        return None
+    cid = client_ids(cfg.data.num_clients)[client_index]
+    if not (run_dir / "ledgers" / method / f"{cid}.jsonl").is_file():
+        return None
+    try:
+        entries = verified_ledger_entries(run_dir, method, cid, error=WhiteboxAuditError)
+    except WhiteboxAuditError:
+        return None
+    for e in entries:
+        if e["mechanism"] == "dpsgd" and isinstance(e["params"], dict):
+            noise = e["params"].get("noise_multiplier")
+            return float(noise) if isinstance(noise, int | float) \
+                and not isinstance(noise, bool) else None
+    return None
 
 
 def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
@@ -473,10 +520,11 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                                  f" ({options['calibration_fraction']}), got"
                                  f" {calibration_fraction!r}")
     check_seed(seed, WhiteboxAuditError)
-    setting = whitebox_setting(cfg, method, client_index, results, options)
-    if run_dir is not None:
-        check_setting_against_ledger(setting, check_path(run_dir, "run_dir",
-                                                          WhiteboxAuditError))
+    run_path = None if run_dir is None else check_path(run_dir, "run_dir", WhiteboxAuditError)
+    setting = whitebox_setting(cfg, method, client_index, results, options,
+                               _ledger_noise(run_path, cfg, method, client_index))
+    if run_path is not None:
+        check_setting_against_ledger(setting, run_path)
     clients = build_clients(cfg)
     client = clients[client_index]
     ctx = build_context(cfg, clients)

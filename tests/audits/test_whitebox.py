@@ -443,3 +443,31 @@ def test_an_entry_registered_by_the_runs_own_process_is_refused_saying_what_to_d
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "method 'byo_local_w'" in err and call in err
     assert not (run / "audit").exists()
+
+
+def test_a_bumped_plan_sigma_is_named_against_the_config_and_the_ledger(tmp_path, capsys):
+    """results.json's plan row with its sigma bumped was refused as "the config is not this
+    run's", though config.toml and the ledger agree: the message now names the three figures
+    and the file that differs."""
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    d = {"name": "whitebox-bumped", "methods": ["local"], "seed": 0,
+         "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 8,
+                  "test_per_client": 8},
+         "training": {"rounds": 1, "local_epochs": 1, "batch_size": 16},
+         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp"}}
+    cfg = parse_config(d)
+    run = tmp_path / "run"
+    results = Simulation(cfg, run, clients=build_clients(cfg)).run()
+    (row,) = results["privacy"]["local"]["plan"]
+    drawn = row["noise_multiplier"]
+    row["noise_multiplier"] = bumped = drawn * 1.5
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["audit", "whitebox", str(run), "--method", "local", "--canaries", "100"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"results.json's plan states DP-SGD noise multiplier {bumped!r} for local at epsilon"
+            f" 8, config.toml's calibration gives {drawn!r} and the client's ledger records"
+            f" {drawn!r}: results.json's plan was changed") in err
+    with pytest.raises(WhiteboxAuditError, match="the config is not this run's, or results.json's"
+                                                 " plan was changed"):
+        whitebox_setting(cfg, "local", 0, results)  # no ledger read: either may differ
