@@ -69,6 +69,7 @@ from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import load_dataset, rotate_images, to_float_images
 from secure_fedora.data.userdata import label_space
 from secure_fedora.learning.client import FlatModel
+from secure_fedora.learning.devices import threads_applied
 from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
 __all__ = [
@@ -630,7 +631,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         "fedavg": cfg.fedavg.model_copy(update={"finetune_epochs": 0}),
     }))
     cid = client_ids(cfg.data.num_clients)[client_index]
-    with tempfile.TemporaryDirectory(prefix="canary-audit-") as tmp:
+    # run_method, unlike Simulation.run, leaves torch's threads as they are
+    with tempfile.TemporaryDirectory(prefix="canary-audit-") as tmp, threads_applied(audit_cfg):
         run_dir = Path(work_dir) if work_dir is not None else Path(tmp)
         round_scores: list[Tensor] = []
 

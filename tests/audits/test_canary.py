@@ -494,3 +494,28 @@ def test_split_audit_rounds_refuses_scores_that_are_not_a_sequence(rounds):
     member = torch.arange(40) % 2 == 0
     with pytest.raises(CanaryAuditError, match="^scores_by_round must be a sequence"):
         split_audit_rounds(rounds, member, 1e-5)
+
+
+def test_the_canary_audit_trains_on_training_threads_and_restores_the_process_s(monkeypatch):
+    """The audit trains through ``Simulation.run_method``, not ``run``: once the run stopped
+    setting torch's threads when built, the audit trained on the process's own count instead
+    of ``training.threads``."""
+    import audits.canary as canary
+
+    seen: list[int] = []
+    real = canary.canary_scores
+
+    def scores(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(canary, "canary_scores", scores)
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    d = {"methods": ["local"],
+         "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 16,
+                  "test_per_client": 16},
+         "training": {"rounds": 2, "local_epochs": 1, "batch_size": 16, "threads": wanted}}
+    run_canary_audit(parse_config(d), num_canaries=20)
+    assert seen and set(seen) == {wanted}
+    assert torch.get_num_threads() == before
