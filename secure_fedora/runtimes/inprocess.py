@@ -1745,8 +1745,8 @@ class Simulation:
 
     def _kept_results(self, results: dict[str, Any]) -> dict[str, Any] | None:
         """The run's results.json document when a resume that trained nothing keeps it as it
-        is: it is a JSON object holding ``results`` (but for the code's ``version`` and the
-        ``compute`` it ran on), or under DP its anchor.json, signed by this run's operator key,
+        is: without DP it is a JSON object holding ``results`` (but for the code's ``version``
+        and the ``compute`` it ran on); under DP its anchor.json, signed by this run's operator key,
         anchors its bytes, config.toml and every ledger as they stand and it states the
         checkpoints' outcomes (a document an older version laid out otherwise). None, with a
         warning naming why when the file exists, when it is to be written again."""
@@ -1765,7 +1765,9 @@ class Simulation:
             def ours(doc: dict[str, Any]) -> dict[str, Any]:
                 return {k: v for k, v in doc.items() if k not in ("version", "compute")}
 
-            if ours(held) == ours(made):
+            # under DP the anchor alone vouches for the file: an edited compute or version
+            # is not signed again
+            if not self.cfg.privacy.enabled and ours(held) == ours(made):
                 return held
             if self.cfg.privacy.enabled and self._anchor_kept() and _same_outcomes(held, made):
                 return held

@@ -1076,3 +1076,25 @@ def test_a_prv_run_ledgered_before_the_refined_pass_resumes_under_its_parameters
     assert all("refined_eps_error" not in e["params"]["accountant_params"] for e in releases)
     report = verify_run(tmp_path / "run")
     assert report.ok, report.findings
+
+
+def test_resuming_a_finished_dp_run_does_not_anchor_an_edited_compute_or_version(tmp_path,
+                                                                                 clients):
+    """Under DP only anchor.json vouches for results.json: one whose ``compute`` or
+    ``version`` was edited after the run (its anchor no longer vouching for it) was kept by a
+    resume that trained nothing, since those fields are ignored in the comparison, and the
+    anchor was signed again over the edit. It is written again from the run, as any other
+    edit, so the anchor copy kept apart verifies."""
+    cfg = config(["local"], True)
+    Simulation(cfg, tmp_path, clients=clients).run()
+    kept = tmp_path.parent / "anchor-kept.json"
+    kept.write_bytes((tmp_path / "anchor.json").read_bytes())
+    before = _result_files(tmp_path)
+    path = tmp_path / "results.json"
+    doc = json.loads(before["results.json"])
+    doc["compute"]["device"] = "cuda"
+    doc["version"] = "9.9.9"
+    path.write_text(json.dumps(doc, indent=2))
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _result_files(tmp_path) == before
+    assert verify_run(tmp_path, anchor=kept).ok
