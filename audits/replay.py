@@ -42,6 +42,7 @@ config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the p
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,8 @@ from secure_fedora.data.partition import ClientData
 
 __all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_replay_audit",
            "trials_for_claim", "write_replay_result"]
+
+log = logging.getLogger(__name__)
 
 #: Largest trial count the automatic choice goes to (about a minute for the MLP).
 MAX_AUTO_TRIALS = 20_000
@@ -325,6 +328,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
             raise ReplayAuditError(
                 "the replay rebuilds the run's data and model, and its config.toml names "
                 + unregistered_hint(kind, name, "audits.replay.run_replay_audit"))
+    for _kind, name in unknown:  # accepted, never silently (as audit verify warns)
+        log.warning("config.toml names %s: the config checks it declares were not run; the "
+                    "replay reads its ledger only",
+                    unregistered_hint("method", name, "audits.replay.run_replay_audit"))
     problem = config_rebuild_problem(run_dir, "replay")
     if problem is not None:
         raise ReplayAuditError(problem)

@@ -496,3 +496,22 @@ def test_a_method_its_own_process_registered_is_replayed_in_another(tmp_path, ca
         run_replay_audit(tmp_path / "other")
     assert main(["audit", "replay", str(tmp_path / "other")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_method_this_process_lacks_is_replayed_with_a_warning(tmp_path, caplog):
+    """The replay accepts a method its process has not registered (a tampered config.toml may
+    name any well-formed method) and said nothing of it, where `audit verify` warns that its
+    config checks were not run: the replay now warns, naming the method."""
+    from secure_fedora.core.registry import METHODS
+
+    METHODS.register("byo_local_w", METHODS.get("local"))
+    try:
+        run = _run(tmp_path / "run", {**BASE, "methods": ["byo_local_w"],
+                                      "privacy": {**BASE["privacy"], "noise": "csprng"}})
+    finally:
+        METHODS.unregister("byo_local_w")
+    with caplog.at_level("WARNING", logger="audits.replay"):
+        run_replay_audit(run, trials=8)
+    assert any("method 'byo_local_w', which this process has not registered" in r.getMessage()
+               and "config checks it declares were not run" in r.getMessage()
+               for r in caplog.records)
