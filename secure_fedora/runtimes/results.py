@@ -10,7 +10,8 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
   where some evaluated rounds were not considered as a client had no measured metric yet;
 * ``methods.<name>.final.{mean,min,max,std,per_client}`` -- at the last evaluated round;
 * a derived row (``methods.fedavg_ft``, see :func:`build_results`) holds only ``name``,
-  ``metric`` and ``selected.{mean,min,max,std,per_client}`` (no ``round``, no ``final``);
+  ``metric`` and ``selected.{mean,min,max,std,per_client,round}`` (no ``final``): its
+  metric is of the method's final model, so ``round`` is the method's last round;
 * ``methods.<name>.{name,rounds,seconds_training,seconds_evaluation,metric}`` and the method's
   own results (:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.server_finalize`);
 * top level ``name, version, runtime, config_hash, metric, loss, assumptions, privacy,
@@ -287,8 +288,10 @@ def build_results(
                 raise ValueError(f"method {name!r} states assumption {key!r} differently from "
                                  "another method of the run")
         for row, per_client in cls.derived_rows(name, outcomes[name]).items():
-            _add_once(derived, row, {"name": row, "selected": summarize(per_client),
-                                     "metric": metric}, f"methods.{row}")
+            # the row's metric is of the method's final model: its round is the method's last
+            selected = {**summarize(per_client), "round": int(outcomes[name]["rounds"])}
+            _add_once(derived, row, {"name": row, "selected": selected, "metric": metric},
+                      f"methods.{row}")
     for row, entry in derived.items():
         _add_once(methods, row, entry, f"methods.{row}")
     doc: dict[str, Any] = {

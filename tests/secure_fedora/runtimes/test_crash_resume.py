@@ -550,6 +550,23 @@ def test_resuming_a_finished_run_of_an_older_version_keeps_its_results_and_ancho
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
 
 
+def test_resuming_a_finished_run_whose_derived_row_has_no_round_keeps_it(tmp_path, clients):
+    """An older version wrote methods.fedavg_ft.selected without "round"; a resume that trains
+    nothing keeps that anchored results.json as it is (the derived row is not one of the
+    outcomes the anchor's run state is compared on)."""
+    cfg = config(["fedavg"], True)
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    sim.run()
+    path = tmp_path / "results.json"
+    doc = json.loads(path.read_text())
+    assert doc["methods"]["fedavg_ft"]["selected"].pop("round") == cfg.training.rounds
+    path.write_text(json.dumps(doc, indent=2))
+    sim.write_anchor()
+    before = _result_files(tmp_path)
+    assert Simulation(cfg, tmp_path, clients=clients).run(resume=True) == doc
+    assert _result_files(tmp_path) == before
+
+
 @pytest.mark.parametrize("damage, dp", [("missing", True), ("edited", True), ("cut", False)])
 def test_resuming_a_finished_run_writes_a_missing_or_damaged_results_json_again(
         tmp_path, clients, damage, dp, caplog):

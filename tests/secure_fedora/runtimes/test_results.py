@@ -41,9 +41,22 @@ def test_fedavg_ft_row_and_fedora_below_local_keep_their_paths_and_values() -> N
     }
     doc = _build(_config(["fedora", "local", "fedavg"]), outcomes)
     assert list(doc["methods"]) == ["fedora", "local", "fedavg", "fedavg_ft"]
-    assert doc["methods"]["fedavg_ft"] == {"name": "fedavg_ft", "selected": summarize(tuned),
+    assert doc["methods"]["fedavg_ft"] == {"name": "fedavg_ft",
+                                           "selected": {**summarize(tuned), "round": 2},
                                            "metric": "accuracy"}
     assert doc["comparison"] == {"fedora_below_local": 1}  # client 0 only (0.5 == 0.5 is not below)
+
+
+def test_every_methods_selected_row_names_its_round() -> None:
+    """`methods.<name>.selected.{mean,min,max,std,per_client,round}` is a path users' scripts
+    read for every row: the fedavg_ft row had no round (a KeyError for a loop over methods).
+    Its metric is of FedAvg's final model, fine-tuned: the round is FedAvg's last."""
+    outcomes = {"fedavg": _entry("fedavg", [0.4] * 3, {"finetuned_test_accuracy": [0.5] * 3})}
+    outcomes["fedavg"]["rounds"] = 7
+    doc = _build(_config(["fedavg"]), outcomes)
+    for name, body in doc["methods"].items():
+        assert set(body["selected"]) >= {"mean", "min", "max", "std", "per_client", "round"}, name
+    assert doc["methods"]["fedavg_ft"]["selected"]["round"] == 7
 
 
 def test_no_derived_entries_without_their_inputs() -> None:
