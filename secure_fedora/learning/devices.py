@@ -23,7 +23,7 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
-__all__ = ["DeviceError", "apply_threads", "clients_on", "resolve_device",
+__all__ = ["DeviceError", "clients_on", "resolve_device",
            "resolve_engine", "threads_applied"]
 
 class DeviceError(ToolkitError, ValueError):
@@ -67,12 +67,6 @@ def resolve_device(cfg: ExperimentConfig, cuda_available: bool | None = None) ->
         raise DeviceError("training.device = 'cuda' does not support: " + "; ".join(blockers)
                           + ". Use device = 'cpu'")
     return torch.device("cuda")
-
-
-def apply_threads(cfg: ExperimentConfig) -> None:
-    """``torch.set_num_threads(training.threads)`` when set; otherwise leave torch's default."""
-    if cfg.training.threads is not None:
-        torch.set_num_threads(cfg.training.threads)
 
 
 @contextlib.contextmanager
