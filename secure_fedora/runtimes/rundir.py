@@ -157,21 +157,23 @@ def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
 
 def default_run_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
     """``runs/<name>-<timestamp>``; refuses a name that would resolve outside ``runs``."""
-    run_dir = runs / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = runs.resolve()
-    if run_dir.resolve().parent != root:
-        raise RunDirError(f"name {cfg.name!r} would place the run outside {runs}/")
-    return run_dir
+    return _inside_runs(cfg, f"-{time.strftime('%Y%m%d-%H%M%S')}", runs, "run")
 
 
 def default_sweep_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
     """``runs/<name>-sweep``: one directory per config name (no timestamp), so the same
     ``secure-fedora sweep CONFIG`` resumes it; refuses a name that would resolve outside
     ``runs``."""
-    sweep_dir = runs / f"{cfg.name}-sweep"
-    if sweep_dir.resolve().parent != runs.resolve():
-        raise RunDirError(f"name {cfg.name!r} would place the sweep outside {runs}/")
-    return sweep_dir
+    return _inside_runs(cfg, "-sweep", runs, "sweep")
+
+
+def _inside_runs(cfg: ExperimentConfig, suffix: str, runs: Path, what: str) -> Path:
+    """``runs/<name><suffix>``; RunDirError naming the ``what`` when the config's name would
+    resolve outside ``runs``."""
+    path = runs / f"{cfg.name}{suffix}"
+    if path.resolve().parent != runs.resolve():
+        raise RunDirError(f"name {cfg.name!r} would place the {what} outside {runs}/")
+    return path
 
 
 def _names(cli: bool) -> tuple[str, str]:
