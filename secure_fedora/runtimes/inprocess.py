@@ -1737,12 +1737,10 @@ class Simulation:
             atomic_write_text(self.run_dir / "results.json", strict_json(results))
         else:
             results = kept
-        if self.cfg.privacy.enabled:
-            if trained_nothing and not self._anchor_kept():
-                log.warning("%s was missing or did not anchor the run as it stands: signed again "
-                            "(a copy of the earlier one kept apart no longer verifies the run)",
-                            self.run_dir / ANCHOR_FILENAME)
-            self.write_anchor()
+        if self.cfg.privacy.enabled and self.write_anchor() and trained_nothing:
+            log.warning("%s was missing or did not anchor the run as it stands: signed again "
+                        "(a copy of the earlier one kept apart no longer verifies the run)",
+                        self.run_dir / ANCHOR_FILENAME)
         return results
 
     def _kept_results(self, results: dict[str, Any]) -> dict[str, Any] | None:
@@ -1800,11 +1798,12 @@ class Simulation:
 
             atomic_write_text(self.run_dir / "config.toml", tomli_w.dumps(config_document(self.cfg)))
 
-    def write_anchor(self) -> Path:
+    def write_anchor(self) -> bool:
         """Sign (operator key, from the key store) and write ``anchor.json``: every ledger's
         final index and head, the digests of results.json and config.toml, the methods.
         Call after results.json is written; a config.toml missing from the run directory is
-        written first from the validated config."""
+        written first from the validated config. False when the anchor there already anchors
+        the run as it stands and is kept byte for byte."""
         from secure_fedora.secure.anchor import write_anchor
 
         self._write_config_copy()

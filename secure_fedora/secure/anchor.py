@@ -132,16 +132,16 @@ def anchors_the_same(path: Path, doc: Mapping[str, Any]) -> bool:
     return True
 
 
-def write_anchor(run_dir: Path, doc: Mapping[str, Any]) -> Path:
-    """Write ``doc`` durably (atomic replace) as ``run_dir/anchor.json``; returns the path.
+def write_anchor(run_dir: Path, doc: Mapping[str, Any]) -> bool:
+    """Write ``doc`` durably (atomic replace) as ``run_dir/anchor.json``; True when it did.
 
     An anchor already there that anchors the same run (a finished run resumed again) is kept
-    byte for byte: a copy an auditor took of it still verifies the directory."""
+    byte for byte (False): a copy an auditor took of it still verifies the directory."""
     from secure_fedora.core.files import atomic_write_bytes
 
     path = run_dir / ANCHOR_FILENAME
     if anchors_the_same(path, doc):
-        return path
+        return False
     atomic_write_bytes(path, (canonical_json(dict(doc)) + "\n").encode("utf-8"))
-    return path
+    return True
 
