@@ -33,20 +33,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from audits.options import CLI_AUDIT_OPTIONS
+from audits.options import CLI_AUDIT_OPTIONS, DEFAULT_PLD_CHECKPOINTS, DEFAULT_REL_TOL
 from audits.output import write_output_file
 from audits.verdict import VERIFICATION_EXIT
-from audits.verify import (
-    DEFAULT_PLD_CHECKPOINTS,
-    DEFAULT_REL_TOL,
-    VerificationReport,
-    verify_run,
-)
 from privacy.accounting import format_down, format_up
 from secure_fedora.core.errors import one_line
 from secure_fedora.core.files import strict_json
+
+if TYPE_CHECKING:  # audits.verify imports torch: the handlers import it when they run
+    from audits.verify import VerificationReport
 
 __all__ = ["cmd_canary", "cmd_leakage", "cmd_replay", "cmd_report", "cmd_verify",
            "cmd_whitebox", "register"]
@@ -149,6 +146,8 @@ def _json_option(args: argparse.Namespace, command: str) -> Path | None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``audit verify``: print every finding; 0 iff all checks hold."""
+    from audits.verify import verify_run
+
     json_path = _json_option(args, "verify")
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
@@ -163,6 +162,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``audit report``: write report.html/report.json; 0 iff written and verified."""
     from audits.report import write_report
+    from audits.verify import verify_run
     from secure_fedora.core.config import ConfigError, check_path_argument
 
     if args.out is not None:  # an empty --out would be the current directory

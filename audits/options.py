@@ -7,7 +7,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-__all__ = ["API_AUDIT_OPTIONS", "CLI_AUDIT_OPTIONS"]
+__all__ = ["API_AUDIT_OPTIONS", "CLI_AUDIT_OPTIONS", "DEFAULT_PLD_CHECKPOINTS", "DEFAULT_REL_TOL"]
+
+#: ``audit verify``'s default relative tolerance between the recorded epsilon and the
+#: independent accountant's (``--rel-tol``, ``rel_tol=``); kept here, not in
+#: :mod:`audits.verify`, so that the audit command's parser imports no torch.
+DEFAULT_REL_TOL = 0.02
+#: ``audit verify``'s default number of ledger positions re-accounted with PLD
+#: (``--pld-checkpoints``, ``pld_checkpoints=``).
+DEFAULT_PLD_CHECKPOINTS = 8
 
 #: What the ``audit`` commands' errors name: their flags.
 CLI_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({

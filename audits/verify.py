@@ -115,7 +115,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from dp_accounting import pld, rdp
 
 from audits.arguments import MAX_COUNT
-from audits.options import API_AUDIT_OPTIONS
+from audits.options import API_AUDIT_OPTIONS, DEFAULT_PLD_CHECKPOINTS, DEFAULT_REL_TOL
 from privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
     MAX_STEPS,
@@ -159,7 +159,6 @@ __all__ = [
     "verify_run",
 ]
 
-DEFAULT_REL_TOL = 0.02
 #: How far a runtime's reported ``epsilon_spent`` (results.json's per-client summary, and the
 #: signed anchor's per-ledger row) may lie from the ledger's final ``epsilon_after``, relative
 #: to ``max(1, epsilon)``: the in-process runtime reports the accountant's epsilon over the
@@ -171,7 +170,6 @@ try:
     _DP_ACCOUNTING_VERSION = importlib.metadata.version("dp-accounting")
 except importlib.metadata.PackageNotFoundError:  # an unusual install: still the same code
     _DP_ACCOUNTING_VERSION = "(version unknown)"
-DEFAULT_PLD_CHECKPOINTS = 8
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
 REPAIR = "repair"  # a torn final line quarantined on resume; spends nothing

@@ -255,7 +255,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 # Sub-commands whose modules are heavy (torch, matplotlib, flwr): imported only when the
 # command line names them, so ``secure-fedora --help`` starts without torch.
 _SUBSYSTEMS: dict[str, tuple[str, str]] = {
-    "sweep": ("secure_fedora.experiments.sweep", "run methods x epsilon x seeds and write a table and plots"),
+    "sweep": ("secure_fedora.experiments.sweep_cli", "run methods x epsilon x seeds and write a table and plots"),
     "deploy": ("secure_fedora.runtimes.flower.cli", "secure deployment on Flower (TLS, node auth)"),
 }
 

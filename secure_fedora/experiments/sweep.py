@@ -27,7 +27,6 @@ used inside their client, not published (publishing one would be a further relea
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -61,15 +60,20 @@ from secure_fedora.core.config import (  # noqa: E402
     check_path_argument,
     config_document,
     config_hash,
-    load_config,
     model_selection,
     unused_overrides_problem,
 )
-from secure_fedora.core.errors import one_line  # noqa: E402
 from secure_fedora.core.files import strict_json  # noqa: E402
 from secure_fedora.core.plugins import derived_config  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
 from secure_fedora.data.sources import fingerprint_clients  # noqa: E402
+from secure_fedora.experiments.sweep_cli import (  # noqa: E402,F401  (the command line's home)
+    NON_PRIVATE_WORDS,
+    _literal_methods,
+    cmd_sweep,
+    parse_epsilon,
+    register,
+)
 from secure_fedora.learning.client import PlainGradient  # noqa: E402
 from secure_fedora.runtimes.inprocess import (  # noqa: E402
     CheckpointError,
@@ -169,23 +173,6 @@ def epsilon_label(epsilon: float | None) -> str:
     return short if float(short) == epsilon else repr(float(epsilon))
 
 
-# The command-line spellings of a non-private cell (None): an infinite budget means the same.
-NON_PRIVATE_WORDS = ("none", "nonprivate", "non-private", "inf", "+inf", "infinity", "+infinity")
-
-
-def parse_epsilon(text: str) -> float | None:
-    """Parse a command-line epsilon: None (non-private) for one of :data:`NON_PRIVATE_WORDS`,
-    else a positive finite number; ArgumentTypeError for anything else (a number too large
-    for a float, e.g. 1e400, too: it is no spelling of infinity)."""
-    if text.strip().lower() in NON_PRIVATE_WORDS:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"epsilon must be 'none' or a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"epsilon must be positive and finite, got {text!r}")
-    return value
 
 
 def _as_list(values: Any, name: str, example: str | None = None) -> list[Any]:
@@ -345,13 +332,6 @@ def _data_setup(cfg: ExperimentConfig) -> str:
         return f"{d.dataset}, {d.partition} partition, {sizes}"
     return (f"data.source {d.source} (centralized data: {d.partition} partition; per-client "
             f"data: its own split), {sizes} (config)")
-
-
-def _literal_methods() -> tuple[str, ...]:
-    """The method names the config schema's ``methods`` admits (the method registry)."""
-    from secure_fedora.core.registry import METHODS
-
-    return tuple(METHODS.names())
 
 
 def privacy_settings(cfg: ExperimentConfig) -> str:
@@ -1130,102 +1110,7 @@ def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow],
     return files
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run ``secure-fedora sweep``; returns 0, or raises :class:`SweepError` (or another
-    toolkit error) for a sweep that cannot run (the entry point prints it, exit code 2)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    if args.out is not None:
-        check_path_argument(args.out, "--out")  # named as the command line names it
-    cfg = load_config(args.config)
-    if args.out is None:
-        from secure_fedora.runtimes.rundir import default_sweep_dir
-
-        args.out = str(default_sweep_dir(cfg))
-    methods = args.methods or list(_literal_methods())
-    seeds = args.seeds if args.seeds is not None else [cfg.seed]
-    check_sweep(cfg, args.out, methods, seeds, args.epsilons)  # before any progress bar
-    err_console = Console(stderr=True)
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err_console, disable=args.quiet,
-    ) as progress:
-        overall = progress.add_task("cells", total=None)
-        rounds = progress.add_task("rounds", total=cfg.training.rounds)
-
-        running: list[str] = []  # the cell being trained, if any
-
-        def on_cell(cell: Cell, index: int, total: int, skipped: bool) -> None:
-            progress.update(overall, total=total, completed=index + (1 if skipped else 0))
-            progress.update(rounds, description=cell.key, completed=0)
-            running[:] = [] if skipped else [cell.key]
-
-        def on_round(cell: Cell, rnd: int, total: int) -> None:
-            progress.update(rounds, completed=rnd, total=total)
-            if rnd == total:
-                progress.advance(overall)
-
-        try:
-            result = run_sweep(cfg, args.out, methods, seeds, args.epsilons,
-                               on_cell=on_cell, on_round=on_round)
-        except ToolkitError as err:
-            if not running or isinstance(err, SweepError):  # a SweepError names its cell
-                raise
-            # a run's own error (e.g. a relatedness or training failure) named no cell
-            raise SweepError(f"cell {running[0]}: {one_line(err)} (finished cells are kept; "
-                             "the same command continues the sweep)") from err
-    console = Console()
-    console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
-    console.print(f"cells run: {len(result.ran)}, skipped (already finished): {len(result.skipped)}")
-    console.print(f"sweep directory: {args.out}", markup=False)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``sweep`` command to a ``secure-fedora`` sub-command parser; returns it."""
-    p = subparsers.add_parser(
-        "sweep", help="run methods x epsilon x seeds and write a table and plots",
-        description="Run every method at every epsilon and seed of a config; resumable: a "
-                    "rerun with the same --out (or none: runs/<name>-sweep) skips finished cells.",
-    )
-    p.add_argument("config", help="path to a TOML config (see configs/)")
-    p.add_argument("--out", default=None,
-                   help="sweep directory (created; reused to resume; default: runs/<name>-sweep)")
-    p.add_argument("--methods", nargs="+", choices=_literal_methods(), default=None,
-                   help="registered methods to run (default: all)")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="seeds (default: the config's seed)")
-    p.add_argument("--epsilons", nargs="+", type=parse_epsilon, default=[None],
-                   help="privacy budgets: positive numbers, and 'none' (or 'inf', "
-                        "'non-private') for non-private (default: none)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_sweep)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m secure_fedora.experiments.sweep``); errors are reported as by
-    the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
-    from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
-
-    argv, debug = split_debug_flag(argv)
-    parser = argparse.ArgumentParser(prog="secure-fedora")
-    add_debug_flag(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return run_command(args.func, args, debug=debug)
-
-
 if __name__ == "__main__":
+    from secure_fedora.experiments.sweep_cli import main
+
     raise SystemExit(main())
