@@ -53,7 +53,7 @@ __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RU
            "amendment_has_rounds",
            "amendment_readers", "amendment_round",
            "check_fresh_run_dir", "check_resumable", "config_changes", "config_value",
-           "default_run_dir", "default_sweep_dir",
+           "default_deploy_dir", "default_run_dir", "default_sweep_dir",
            "prepare_run_dir", "record_amendments", "record_stop", "recorded_amendments",
            "recorded_keystore_extension", "resume_binding",
            "withdraw_unstarted_run"]
@@ -165,6 +165,13 @@ def default_sweep_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
     ``secure-fedora sweep CONFIG`` resumes it; refuses a name that would resolve outside
     ``runs``."""
     return _inside_runs(cfg, "-sweep", runs, "sweep")
+
+
+def default_deploy_dir(cfg: ExperimentConfig, runs: Path = RUNS_FOLDER) -> Path:
+    """``runs/<name>-deploy``: the workdir of ``deploy local`` without ``--workdir``, one per
+    config name (no timestamp, so ``deploy local --resume`` finds it again); refuses a name
+    that would resolve outside ``runs``."""
+    return _inside_runs(cfg, "-deploy", runs, "deployment")
 
 
 def _inside_runs(cfg: ExperimentConfig, suffix: str, runs: Path, what: str) -> Path:

@@ -3,9 +3,13 @@
 ``register(subparsers)`` adds the ``deploy`` command group to the main argparse parser:
 
 - ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
-- ``deploy local --config CONFIG [--clients N] --workdir DIR [--round-timeout S]
+- ``deploy local [--config CONFIG] [--clients N] [--workdir DIR] [--round-timeout S]
   [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]
   [--compare-methods] [--full-client-errors K ...]``
+
+``deploy local`` without ``--config`` deploys the smoke config the package ships
+(:data:`DEFAULT_CONFIG`, a copy of ``configs/smoke.toml``), and without ``--workdir`` works in
+``runs/<name>-deploy`` (:func:`~secure_fedora.runtimes.rundir.default_deploy_dir`).
 
 Every command sets ``func`` (returning the exit code), as the main CLI expects. Failures
 raise the toolkit's errors, which the main CLI prints as one line with exit code 2.
@@ -19,6 +23,8 @@ import math
 import signal
 import threading
 from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -26,9 +32,19 @@ from rich.markup import escape
 from secure_fedora.core.config import MAX_THREADS
 from secure_fedora.core.errors import interrupt_on
 
-__all__ = ["cmd_certs", "cmd_local", "register"]
+__all__ = ["DEFAULT_CONFIG", "cmd_certs", "cmd_local", "default_config_path", "register"]
 
 console = Console(stderr=True)
+
+#: The config ``deploy local`` runs without ``--config``: the package's copy of
+#: ``configs/smoke.toml`` (8 rotated-MNIST clients, 3 rounds, FEDORA, Local and FedAvg
+#: without privacy), shipped as package data so an installed package finds it.
+DEFAULT_CONFIG = "configs/smoke.toml"
+
+
+def default_config_path() -> Path:
+    """The path of :data:`DEFAULT_CONFIG` inside the installed ``secure_fedora`` package."""
+    return Path(str(resources.files("secure_fedora").joinpath(DEFAULT_CONFIG)))
 
 
 def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
@@ -114,19 +130,33 @@ def _interrupt_on_termination() -> Callable[[], None]:
 def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
-    from secure_fedora.core.config import check_path_argument
+    from secure_fedora.core.config import check_path_argument, load_config
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
+    from secure_fedora.runtimes.rundir import default_deploy_dir
     from secure_fedora.runtimes.summary import print_run_summary
 
-    # an empty --workdir would be the current directory: certificates, keys, node state
-    check_path_argument(args.workdir, "--workdir")
+    if args.workdir is not None:
+        # an empty --workdir would be the current directory: certificates, keys, node state
+        check_path_argument(args.workdir, "--workdir")
+    config = args.config
+    if config is None:
+        config = str(default_config_path())
+        console.print(f"[bold]deploy:[/bold] config {escape(config)} (the package's smoke "
+                      "config; --config chooses another)")
+    workdir = args.workdir
+    if workdir is None:
+        config = load_config(config)  # its name names the workdir; deployed as loaded here
+        workdir = str(default_deploy_dir(config))
+        console.print(f"[bold]deploy:[/bold] workdir {escape(workdir)} (the default for this "
+                      "config's name; one that holds an earlier run is refused, --resume "
+                      "continues a run whose ServerApp died, --workdir chooses another)")
     timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
     restore = _interrupt_on_termination()
     try:
         result = deploy_local(
-            args.config,
+            config,
             args.clients,
-            args.workdir,
+            workdir,
             timeouts=timeouts,
             num_threads=args.threads,
             reproducible_dp_noise=args.reproducible_dp_noise,
@@ -172,12 +202,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "local", help="run the config's methods on a local SuperLink + N SuperNodes (127.0.0.1, "
         "TLS, node auth)"
     )
-    local.add_argument("--config", required=True, help="experiment config (TOML)")
+    local.add_argument("--config", default=None,
+                       help="experiment config (TOML; default: the smoke config the package "
+                       "ships, a copy of configs/smoke.toml: 8 rotated-MNIST clients, 3 rounds, "
+                       "FEDORA, Local and FedAvg without privacy)")
     local.add_argument(
         "--clients", type=_positive_int, default=None,
         help="number of clients = SuperNodes (replaces data.num_clients of the config)",
     )
-    local.add_argument("--workdir", required=True, help="directory for certificates, state, logs")
+    local.add_argument("--workdir", default=None,
+                       help="directory for certificates, state, logs and results (default: "
+                       "runs/<name>-deploy, <name> the config's name, no timestamp: a workdir "
+                       "that holds an earlier run is refused, --resume continues one whose "
+                       "ServerApp died)")
     local.add_argument("--round-timeout", type=_positive_float, default=600.0,
                        help="seconds to wait for one round's replies (default 600)")
     local.add_argument("--connect-timeout", type=_positive_float, default=120.0,

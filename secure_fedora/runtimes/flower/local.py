@@ -696,7 +696,7 @@ def _refuse_used_workdir(work: Path) -> None:
         raise DeployError(
             f"the workdir {str(work)!r} holds an earlier deployment ({held}); its clients' "
             "releases are recorded there, and a new run would start new ledgers at epsilon 0 "
-            "beside them; use a new workdir (or move this one away)")
+            "beside them; use a new workdir (`deploy local --workdir DIR`) or move this one away")
 
 
 def _submitted_experiment(work: Path) -> ExperimentConfig | None:

@@ -800,6 +800,58 @@ def test_cli_deploy_refuses_an_empty_output_directory(tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_deploy_local_runs_as_the_issue_names_it_with_default_config_and_workdir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`secure-fedora deploy local --clients 3` (as issue 12 names it) was refused: --config
+    and --workdir were required. The config now defaults to the smoke config the package
+    ships (found from the package, not the current directory) and the workdir to
+    runs/<name>-deploy; a workdir left by an earlier deploy is refused as an explicit one is,
+    naming --workdir."""
+    from secure_fedora.core.config import load_config
+    from secure_fedora.runtimes.flower import local as local_module
+    from secure_fedora.runtimes.flower.cli import default_config_path
+
+    repo = Path(__file__).resolve().parents[4]
+    packaged = default_config_path()
+    assert packaged.read_bytes() == (repo / "configs" / "smoke.toml").read_bytes()
+    assert packaged.is_relative_to(Path(local_module.__file__).resolve().parents[2])
+    monkeypatch.chdir(tmp_path)  # neither default is read from the current directory
+    calls: list[tuple[Any, ...]] = []
+    real_deploy_local = local_module.deploy_local
+    monkeypatch.setattr(local_module, "deploy_local",
+                        lambda *args, **kwargs: calls.append((*args, kwargs["resume"])) or 1 / 0)
+    args = _parser().parse_args(["deploy", "local", "--clients", "3"])
+    assert args.config is None and args.workdir is None
+    with pytest.raises(ZeroDivisionError):
+        args.func(args)
+    [(config, clients, workdir, resume)] = calls
+    assert config == load_config(repo / "configs" / "smoke.toml") and config.name == "smoke"
+    assert (clients, workdir, resume) == (3, str(Path("runs") / "smoke-deploy"), False)
+    err = capsys.readouterr().err
+    assert f"config {packaged}" in err and "--config chooses another" in err
+    assert "workdir runs/smoke-deploy" in err and "--resume" in err
+    # an explicit --config still names the workdir by its name; --workdir still wins
+    other = tmp_path / "other.toml"
+    other.write_text((repo / "configs" / "smoke.toml").read_text().replace('"smoke"', '"mine"'))
+    for argv, expected in ((["--config", str(other)], str(Path("runs") / "mine-deploy")),
+                           (["--workdir", "w"], "w")):
+        calls.clear()
+        args = _parser().parse_args(["deploy", "local", "--resume", *argv])
+        with pytest.raises(ZeroDivisionError):
+            args.func(args)
+        assert calls[0][2:] == (expected, True)
+    # the default workdir of a finished deploy: refused before anything starts, naming it
+    monkeypatch.setattr(local_module, "deploy_local", real_deploy_local)
+    (tmp_path / "runs" / "smoke-deploy" / "results").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke-deploy" / "results" / "results.json").write_text("{}")
+    args = _parser().parse_args(["deploy", "local", "--clients", "3"])
+    assert run_command(args.func, args) == 2
+    err = capsys.readouterr().err
+    assert "smoke-deploy' holds an earlier deployment (results/results.json)" in err
+    assert "--workdir DIR" in err
+    assert sorted(p.name for p in (tmp_path / "runs" / "smoke-deploy").iterdir()) == ["results"]
+
+
 def test_sigterm_stops_a_local_deployment_like_ctrl_c(monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM (or SIGHUP) ended `deploy local` without stopping the Flower processes it had
