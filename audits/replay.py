@@ -372,37 +372,42 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         trials = trials_for_claim(claim, delta, confidence)
     _check_trials(trials, options)
 
+    from secure_fedora.learning.devices import threads_applied
     from secure_fedora.runtimes.inprocess import build_clients
 
-    clients = build_clients(cfg)
-    data = clients[client]
-    if records >= data.num_train:
-        raise ReplayAuditError(f"records must be below client {cid}'s {data.num_train} training "
-                               f"rows ({options['records']}), got {records}")
-    x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]  # target: the last one
-    x_out, y_out = x_in[:records], y_in[:records]
-    rate = float(params["sample_rate"])  # checked finite and positive by _ledger_claim
-    step = _Step(cfg, clients, float(params.get("clip_norm", cfg.privacy.max_grad_norm)),
-                 float(params["noise_multiplier"]), rate, rate * (records + 1))
+    # the run's thread count (training.threads, as its in-process training held it), the
+    # process's own again after
+    with threads_applied(cfg):
+        clients = build_clients(cfg)
+        data = clients[client]
+        if records >= data.num_train:
+            raise ReplayAuditError(f"records must be below client {cid}'s {data.num_train} "
+                                   f"training rows ({options['records']}), got {records}")
+        # target: the last one
+        x_in, y_in = data.train_x[:records + 1], data.train_y[:records + 1]
+        x_out, y_out = x_in[:records], y_in[:records]
+        rate = float(params["sample_rate"])  # checked finite and positive by _ledger_claim
+        step = _Step(cfg, clients, float(params.get("clip_norm", cfg.privacy.max_grad_norm)),
+                     float(params["noise_multiplier"]), rate, rate * (records + 1))
 
-    def replayed() -> NoiseSource:  # what the attacker derives from the config
-        return make_noise_source("reproducible", cfg.seed, client)
+        def replayed() -> NoiseSource:  # what the attacker derives from the config
+            return make_noise_source("reproducible", cfg.seed, client)
 
-    def victim() -> NoiseSource:  # what the run's noise mode gives the client
-        return make_noise_source(cfg.privacy.noise, cfg.seed, client)
+        def victim() -> NoiseSource:  # what the run's noise mode gives the client
+            return make_noise_source(cfg.privacy.noise, cfg.seed, client)
 
-    # Under replay both candidates are deterministic, so the attacker computes them once.
-    candidate_out = step.release(x_out, y_out, replayed())
-    candidate_in = step.release(x_in, y_in, replayed())
-    coins = torch.rand(trials, generator=torch.Generator().manual_seed(seed)) < 0.5
-    guesses = torch.zeros(trials, dtype=torch.bool)
-    for t in range(trials):
-        member = bool(coins[t])
-        observed = step.release(x_in, y_in, victim()) if member \
-            else step.release(x_out, y_out, victim())
-        guesses[t] = float(torch.linalg.vector_norm(observed - candidate_in)) \
-            < float(torch.linalg.vector_norm(observed - candidate_out))
-    step.dp.close()
+        # Under replay both candidates are deterministic, so the attacker computes them once.
+        candidate_out = step.release(x_out, y_out, replayed())
+        candidate_in = step.release(x_in, y_in, replayed())
+        coins = torch.rand(trials, generator=torch.Generator().manual_seed(seed)) < 0.5
+        guesses = torch.zeros(trials, dtype=torch.bool)
+        for t in range(trials):
+            member = bool(coins[t])
+            observed = step.release(x_in, y_in, victim()) if member \
+                else step.release(x_out, y_out, victim())
+            guesses[t] = float(torch.linalg.vector_norm(observed - candidate_in)) \
+                < float(torch.linalg.vector_norm(observed - candidate_out))
+        step.dp.close()
     members = int(coins.sum())
     if members == 0 or members == trials:
         raise ReplayAuditError(f"all {trials} coins fell one way: use more trials")

@@ -74,6 +74,7 @@ from secure_fedora.core.config import (
     unregistered_hint,
 )
 from secure_fedora.learning.client import ClientUpdateError, FlatModel, local_train
+from secure_fedora.learning.devices import threads_applied
 from secure_fedora.runtimes.inprocess import build_clients, build_context
 from secure_fedora.secure.private import (
     DPGradient,
@@ -525,32 +526,36 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                                _ledger_noise(run_path, cfg, method, client_index))
     if run_path is not None:
         check_setting_against_ledger(setting, run_path)
-    clients = build_clients(cfg)
-    client = clients[client_index]
-    ctx = build_context(cfg, clients)
-    if num_canaries is None:
-        num_canaries = min(DEFAULT_CANARIES, ctx.flat.num_params)
-        if num_canaries < 10:
-            raise WhiteboxAuditError(f"the model has {num_canaries} parameters; the audit needs"
-                                     " at least 10 (one canary coordinate each)")
-    audit_gen = torch.Generator().manual_seed(seed)
-    coords, zero_activity = quiet_coordinates(ctx.flat, ctx.init, client.train_x, client.train_y,
-                                              num_canaries, audit_gen)
-    member = torch.rand(num_canaries, generator=audit_gen) < 0.5
-    _require_both_kinds_evaluated(member.numpy(), calibration_fraction, seed + 1, options)
-    oracle = DiracCanaryOracle(ctx.oracle, coords[member], setting.clip_norm, ctx.flat.num_params,
-                               plain_rate=setting.sample_rate, canary_generator=audit_gen)
-    generator = ctx.generators[client_index]
-    if setting.private:
-        assert setting.noise_multiplier is not None
-        oracle.select(setting.noise_multiplier, ctx.noise[client_index])
-    theta = ctx.init.clone()
-    try:
-        for _ in range(setting.rounds):
-            local_train(ctx.flat, theta, client.train_x, client.train_y, ctx.train, oracle,
-                        generator, ctx.workspace)
-    except ClientUpdateError as err:
-        raise WhiteboxAuditError(f"training with canaries failed: {err}") from None
+    # the run's thread count (training.threads, as its in-process training held it), the
+    # process's own again after
+    with threads_applied(cfg):
+        clients = build_clients(cfg)
+        client = clients[client_index]
+        ctx = build_context(cfg, clients)
+        if num_canaries is None:
+            num_canaries = min(DEFAULT_CANARIES, ctx.flat.num_params)
+            if num_canaries < 10:
+                raise WhiteboxAuditError(f"the model has {num_canaries} parameters; the audit"
+                                         " needs at least 10 (one canary coordinate each)")
+        audit_gen = torch.Generator().manual_seed(seed)
+        coords, zero_activity = quiet_coordinates(ctx.flat, ctx.init, client.train_x,
+                                                  client.train_y, num_canaries, audit_gen)
+        member = torch.rand(num_canaries, generator=audit_gen) < 0.5
+        _require_both_kinds_evaluated(member.numpy(), calibration_fraction, seed + 1, options)
+        oracle = DiracCanaryOracle(ctx.oracle, coords[member], setting.clip_norm,
+                                   ctx.flat.num_params, plain_rate=setting.sample_rate,
+                                   canary_generator=audit_gen)
+        generator = ctx.generators[client_index]
+        if setting.private:
+            assert setting.noise_multiplier is not None
+            oracle.select(setting.noise_multiplier, ctx.noise[client_index])
+        theta = ctx.init.clone()
+        try:
+            for _ in range(setting.rounds):
+                local_train(ctx.flat, theta, client.train_x, client.train_y, ctx.train, oracle,
+                            generator, ctx.workspace)
+        except ClientUpdateError as err:
+            raise WhiteboxAuditError(f"training with canaries failed: {err}") from None
     scores = (ctx.init - theta)[coords].to(torch.float64).numpy()
     mem = member.numpy()
     try:

@@ -515,3 +515,31 @@ def test_a_method_this_process_lacks_is_replayed_with_a_warning(tmp_path, caplog
     assert any("method 'byo_local_w', which this process has not registered" in r.getMessage()
                and "config checks it declares were not run" in r.getMessage()
                for r in caplog.records)
+
+
+def test_the_replay_audit_trains_on_training_threads_and_restores_the_process_s(
+        tmp_path, monkeypatch):
+    """The replay's DP-SGD steps ran on the process's own torch thread count, not the run's
+    ``training.threads`` (which in-process runs, sweeps and the canary audit hold)."""
+    import torch
+
+    import audits.replay as replay
+
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    doc = {**BASE, "data": {**BASE["data"], "train_per_client": 30, "val_per_client": 10},
+           "training": {**BASE["training"], "batch_size": 10, "threads": wanted},
+           "privacy": {**BASE["privacy"], "noise": "reproducible"}}
+    run = _run(tmp_path / "threads", doc)
+    assert torch.get_num_threads() == before
+    seen: list[int] = []
+    real = replay._Step.release
+
+    def release(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(replay._Step, "release", release)
+    assert run_replay_audit(run, trials=20).correct == 20
+    assert len(seen) == 22 and set(seen) == {wanted}
+    assert torch.get_num_threads() == before

@@ -471,3 +471,27 @@ def test_a_bumped_plan_sigma_is_named_against_the_config_and_the_ledger(tmp_path
     with pytest.raises(WhiteboxAuditError, match="the config is not this run's, or results.json's"
                                                  " plan was changed"):
         whitebox_setting(cfg, "local", 0, results)  # no ledger read: either may differ
+
+
+def test_the_whitebox_audit_trains_on_training_threads_and_restores_the_process_s(monkeypatch):
+    """The audit trained on the process's own torch thread count, not the run's
+    ``training.threads`` (which in-process runs, sweeps and the canary audit hold)."""
+    import torch
+
+    import audits.whitebox as whitebox
+
+    seen: list[int] = []
+    real = whitebox.local_train
+
+    def train(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(whitebox, "local_train", train)
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    doc = _cfg_dict(3.0)
+    doc["training"] = {**doc["training"], "rounds": 2, "threads": wanted}
+    run_whitebox_audit(parse_config(doc), num_canaries=100)
+    assert seen and set(seen) == {wanted}
+    assert torch.get_num_threads() == before
