@@ -887,7 +887,9 @@ def format_up(value: float, decimals: int) -> str:
     budget) is never below the one recorded, as rounding to nearest can show (2.98341 is
     "2.984" at three decimals, not "2.983"). The ceiling is taken of the value's shortest
     decimal form (the one results.json and the ledgers hold, so 0.1 stays "0.100"). Infinite
-    and NaN values are shown as ``str`` shows them."""
+    and NaN values are shown as ``str`` shows them. A value of magnitude below one unit of the
+    last decimal (which would show as "0.0000" or "0.0001" at four) is shown in scientific
+    notation with ``decimals`` decimals, rounded up the same way (1.23456e-07 is "1.2346e-7")."""
     return _format_rounded(value, decimals, decimal.ROUND_CEILING)
 
 
@@ -895,18 +897,30 @@ def format_down(value: float, decimals: int) -> str:
     """``value`` as text with ``decimals`` decimals, rounded down (toward minus infinity) from
     its shortest decimal form, as :func:`format_up` rounds up: a shown noise multiplier is never
     above the one drawn (1.32847398 is "1.3284" at four decimals, where rounding to nearest
-    shows the larger "1.3285"). Infinite and NaN values are shown as ``str`` shows them."""
+    shows the larger "1.3285"). Infinite and NaN values are shown as ``str`` shows them, and a
+    value of magnitude below one unit of the last decimal in scientific notation, rounded down
+    the same way (4.21789e-05 is "4.2178e-5", not "0.0000")."""
     return _format_rounded(value, decimals, decimal.ROUND_FLOOR)
 
 
 def _format_rounded(value: float, decimals: int, rounding: str) -> str:
     """``value``'s shortest decimal form quantized to ``decimals`` decimals with ``rounding``
-    (a ``decimal`` rounding mode); infinite and NaN values as ``str`` shows them."""
+    (a ``decimal`` rounding mode); infinite and NaN values as ``str`` shows them. A nonzero
+    value below one unit of the last decimal keeps ``decimals`` decimals of its own leading
+    digit: scientific notation, so that a small sigma or epsilon is not shown as 0 or as 1 unit."""
     if not math.isfinite(value):
         return str(value)
     exact = decimal.Decimal(repr(float(value)))
+    context = decimal.Context(prec=400)
+    if exact and abs(exact) < decimal.Decimal(1).scaleb(-decimals):
+        shown = exact.quantize(decimal.Decimal(1).scaleb(exact.adjusted() - decimals),
+                               rounding=rounding, context=context)
+        # rounded up to the next power of ten (9.99999e-5 to 1.00000e-4): exact at one digit less
+        shown = shown.quantize(decimal.Decimal(1).scaleb(shown.adjusted() - decimals),
+                               context=context)
+        return f"{shown:e}"
     step = decimal.Decimal(1).scaleb(-decimals)
-    return f"{exact.quantize(step, rounding=rounding, context=decimal.Context(prec=400)):f}"
+    return f"{exact.quantize(step, rounding=rounding, context=context):f}"
 
 
 def format_share_up(part: float, whole: float, decimals: int) -> str:

@@ -127,6 +127,20 @@ def test_leakage_never_shows_a_noise_multiplier_above_the_planned_one(tmp_path, 
     assert "noise multiplier 1.2345 (privacy.summary_noise_multiplier)" in line
 
 
+def test_leakage_shows_a_tiny_noise_multiplier_readably_and_never_above_the_planned_one(
+        tmp_path, capsys):
+    """A summary noise multiplier below 5e-5 was shown as "0.0000"; it is now shown in
+    scientific notation, still rounded down."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('methods = ["fedora"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                   'val_per_client = 8\ntest_per_client = 8\n[fedora]\nk = 1\n'
+                   'relatedness = "noised"\n[privacy]\nenabled = true\nepsilon = 8.0\n'
+                   'summary_noise_multiplier = 4.21789e-05\n')
+    assert main(["audit", "leakage", str(cfg)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("noised mode"))
+    assert "noise multiplier 4.2178e-5 (privacy.summary_noise_multiplier)" in line
+
+
 def test_leakage_names_the_missing_or_bad_noised_mode_flag(tmp_path, capsys):
     """`audit leakage --noise-multiplier X` on a non-private config failed with "noised mode
     needs both clip_norm and noise_multiplier", the Python arguments, after building the

@@ -544,7 +544,8 @@ def test_format_up_never_shows_less_than_the_value_and_at_most_one_unit_more(val
     from privacy.accounting import format_up
 
     shown = format_up(value, decimals)
-    assert len(shown.partition(".")[2]) == decimals
+    assert len(shown.partition("e")[0].partition(".")[2]) == decimals
+    assert ("e" in shown) == (0 < value < 10.0 ** -decimals)  # small: scientific notation
     assert Decimal(repr(value)) <= Decimal(shown) < Decimal(repr(value)) + Decimal(10) ** -decimals
 
 
@@ -558,9 +559,30 @@ def test_format_down_never_shows_more_than_the_value_and_at_most_one_unit_less(v
     from privacy.accounting import format_down
 
     shown = format_down(value, decimals)
-    assert len(shown.partition(".")[2]) == decimals
+    assert len(shown.partition("e")[0].partition(".")[2]) == decimals
+    assert ("e" in shown) == (0 < value < 10.0 ** -decimals)  # small: scientific notation
     assert Decimal(repr(value)) - Decimal(10) ** -decimals < Decimal(shown) <= Decimal(repr(value))
     assert format_down(1.3284739842813091, 4) == "1.3284" and format_down(math.inf, 2) == "inf"
+
+
+def test_a_value_below_one_unit_of_the_last_decimal_is_shown_readably_and_still_bounded():
+    """A sigma below 5e-5 was shown as "0.0000" (format_down at four decimals) and an epsilon
+    of 1e-9 as "0.0001": a value with no digit of its own in the fixed form is now shown in
+    scientific notation, still rounded down (sigma) or up (epsilon), exact at a power of ten."""
+    from decimal import Decimal
+
+    from privacy.accounting import format_down, format_up
+
+    assert format_down(4.21789e-05, 4) == "4.2178e-5" and format_up(4.21789e-05, 4) == "4.2179e-5"
+    assert format_up(1.23456e-07, 4) == "1.2346e-7" and format_down(1e-9, 4) == "1.0000e-9"
+    assert format_up(9.99999e-05, 4) == "1.0000e-4" and format_down(9.99999e-05, 4) == "9.9999e-5"
+    assert format_down(5e-324, 2) == "5.00e-324"  # its shortest decimal form, as ever
+    # one unit and above keep the fixed form; zero is zero
+    assert (format_down(0.0001, 4), format_up(0.00012, 4), format_down(0.0, 4)) == \
+        ("0.0001", "0.0002", "0.0000")
+    for value in (4.21789e-05, 3.3e-5, 7.77777777e-12, 2.5e-300):
+        exact = Decimal(repr(value))
+        assert Decimal(format_down(value, 4)) <= exact <= Decimal(format_up(value, 4))
 
 
 def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_less():
