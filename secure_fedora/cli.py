@@ -6,7 +6,7 @@ import argparse
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,46 +192,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_overrides_used(cfg, resume=args.resume)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
-    # held from the checks to the last write: a second run or resume of this --out is refused
-    with hold_run_dir(run_dir, create=not args.resume):
-        prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
-        # SIGTERM stops the run as Ctrl-C does (its files closed, a message naming the resume)
-        restore_signals = interrupt_on(signal.SIGTERM)
-        try:
-            sim, results = _run_with_progress(args, cfg, run_dir)
-        except ToolkitError as err:
-            if not args.resume and withdraw_unstarted_run(run_dir, created):
+    restore_signals: Callable[[], None] | None = None
+    try:
+        # held from the checks to the last write: a second run or resume of this --out is refused
+        with hold_run_dir(run_dir, create=not args.resume):
+            prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
+            # SIGTERM stops the run as Ctrl-C does (its files closed, a message naming the
+            # resume), up to the command's end: while the plots are drawn too
+            restore_signals = interrupt_on(signal.SIGTERM)
+            try:
+                sim, results = _run_with_progress(args, cfg, run_dir)
+            except ToolkitError as err:
+                if not args.resume and withdraw_unstarted_run(run_dir, created):
+                    raise
+                _name_resume_command(err, args.config, run_dir)
+                # e.g. a ledger write that failed with EIO: kept and resumable like a bare
+                # OSError; a refusal for the config, data or budget would only be repeated by a
+                # resume
+                if (_caused_by_os_error(err) and err.args and isinstance(err.args[0], str)
+                        and _resume_command(args.config, run_dir) not in err.args[0]):
+                    err.args = (_stopped_message(err, args.config, run_dir), *err.args[1:])
                 raise
-            _name_resume_command(err, args.config, run_dir)
-            # e.g. a ledger write that failed with EIO: kept and resumable like a bare OSError;
-            # a refusal for the config, data or budget would only be repeated by a resume
-            if (_caused_by_os_error(err) and err.args and isinstance(err.args[0], str)
-                    and _resume_command(args.config, run_dir) not in err.args[0]):
-                err.args = (_stopped_message(err, args.config, run_dir), *err.args[1:])
-            raise
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (below)
-            if not args.resume and withdraw_unstarted_run(run_dir, created):
-                print(f"interrupted before the run started; {run_dir} holds nothing of it",
-                      file=sys.stderr)
-            else:
-                print(f"interrupted; the run in {run_dir} stopped and can be continued: "
-                      f"{_resume_command(args.config, run_dir)}", file=sys.stderr)
-            return INTERRUPTED_EXIT_CODE
-        except OSError as err:  # a full disk, an I/O error: what was written stays resumable
-            if not args.resume and withdraw_unstarted_run(run_dir, created):
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (above)
+                if not args.resume and withdraw_unstarted_run(run_dir, created):
+                    print(f"interrupted before the run started; {run_dir} holds nothing of it",
+                          file=sys.stderr)
+                else:
+                    print(f"interrupted; the run in {run_dir} stopped and can be continued: "
+                          f"{_resume_command(args.config, run_dir)}", file=sys.stderr)
+                return INTERRUPTED_EXIT_CODE
+            except OSError as err:  # a full disk, an I/O error: what was written stays resumable
+                if not args.resume and withdraw_unstarted_run(run_dir, created):
+                    raise
+                raise RunDirError(_stopped_message(err, args.config, run_dir)) from err
+            except BaseException:
+                if not args.resume:
+                    withdraw_unstarted_run(run_dir, created)
                 raise
-            raise RunDirError(_stopped_message(err, args.config, run_dir)) from err
-        except BaseException:
-            if not args.resume:
-                withdraw_unstarted_run(run_dir, created)
-            raise
-        finally:
-            restore_signals()
-        # imported here: refusing a bad config or run directory needs no matplotlib
-        from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
+            try:
+                # imported here: refusing a bad config or run directory needs no matplotlib
+                from secure_fedora.runtimes.plots import relatedness_matrix, write_plots
 
-        write_plots(run_dir, sim.history, results, relatedness_matrix(sim.methods.values()))
-    print_run_summary(Console(), results, run_dir)
+                write_plots(run_dir, sim.history, results,
+                            relatedness_matrix(sim.methods.values()))
+            except KeyboardInterrupt:  # the run is complete; only its plots are not
+                print(f"interrupted while drawing the plots; the run in {run_dir} finished (its "
+                      "results.json, rounds.csv and, under DP, ledgers and anchor.json are "
+                      "complete), its plots were skipped and are drawn by "
+                      f"{_resume_command(args.config, run_dir)}", file=sys.stderr)
+                return INTERRUPTED_EXIT_CODE
+        try:
+            print_run_summary(Console(), results, run_dir)
+        except KeyboardInterrupt:
+            print(f"interrupted while printing the summary; the run in {run_dir} finished and "
+                  "its files are complete", file=sys.stderr)
+            return INTERRUPTED_EXIT_CODE
+    finally:
+        if restore_signals is not None:
+            restore_signals()
     return 0
 
 

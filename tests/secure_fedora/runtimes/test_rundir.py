@@ -563,6 +563,56 @@ def test_interrupted_run_says_so_and_resumes_exactly(tmp_path, plain_run, signum
     assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
 
 
+PAUSED_PLOTS = """
+import os, sys, time
+import secure_fedora.runtimes.plots as plots
+from secure_fedora.cli import main
+def pause(*args, **kwargs):
+    open(sys.argv[3], "w").close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the signal arrives here
+        time.sleep(0.02)
+plots.write_plots = pause
+sys.exit(main(["run", sys.argv[1], "--out", sys.argv[2], "--quiet"]))
+"""
+
+
+def test_sigterm_while_the_plots_are_drawn_exits_as_interrupted_naming_the_finished_run(
+        tmp_path):
+    """SIGTERM's handler was restored when training ended, so a SIGTERM while the plots were
+    drawn killed the process (exit 143, no word) although results.json, the ledgers and the
+    anchor were complete. The handler now holds to the command's end: exit 130 with a message
+    that the run finished and its plots were skipped; the run verifies, and --resume draws
+    the plots."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = write_config(tmp_path / "dp.toml", {**DP, "name": "sigterm-at-plots"})
+    out, marker = tmp_path / "run", tmp_path / "plotting"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_PLOTS, str(config), str(out),
+                              str(marker)],
+                             cwd=Path(__file__).resolve().parents[3], stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 600  # a loaded machine starts the child slowly
+    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the run did not reach its plots"
+    first.send_signal(signal.SIGTERM)
+    err = first.stderr.read()
+    assert first.wait(60) == 130, err  # before: -15 (killed by the signal, 143 in a shell)
+    assert "Traceback" not in err
+    assert (f"interrupted while drawing the plots; the run in {out} finished" in err
+            and "its plots were skipped" in err and f"--out {out} --resume" in err), err
+    assert not (out / "plots").exists()
+    assert audit_main(["audit", "verify", str(out)]) == 0  # ledgers and anchor complete
+    results = (out / "results.json").read_bytes()
+    assert run(config, out, "--resume") == 0
+    assert (out / "results.json").read_bytes() == results
+    assert sorted(p.suffix for p in (out / "plots").iterdir()) == [".png", ".png"]
+
+
 def test_disk_full_mid_run_names_the_resume_and_the_resume_is_exact(tmp_path, plain_run,
                                                                     monkeypatch, capsys):
     import errno
