@@ -188,6 +188,34 @@ def test_a_subclass_overriding_the_client_half_is_not_batched_past_its_override(
     assert record["fallbacks"] == [] and "loop" not in record["runs"]
 
 
+def test_a_fedora_subclass_overriding_client_update_runs_its_override_on_both_engines(
+        clients: Any, tmp_path: Path) -> None:
+    """FEDORA's own ``client_update_loop`` never calls ``client_update``: a subclass overriding
+    only ``client_update`` runs the per-client loop with its override (as the Flower client
+    does), on the loop engine and on the batched engine's fallback alike."""
+    from secure_fedora.algorithms.methods import Fedora
+
+    calls: dict[str, int] = {}
+
+    class Shrink(Fedora):
+        name = "shrink"
+
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            calls[self.ctx.engine] = calls.get(self.ctx.engine, 0) + 1
+            reply = super().client_update(i, rnd, message)
+            return {**reply, "theta": reply["theta"] * 0.5}
+
+    thetas = {}
+    for engine in ("loop", "batched"):
+        cfg = _config("fedora", engine, False)
+        sim = Simulation(cfg, tmp_path / engine, clients=clients,
+                         method_factory=lambda name, ctx, c: Shrink.from_config(ctx, c))
+        sim.run()
+        thetas[engine] = sim.methods["fedora"].theta.clone()
+    assert calls == {"loop": 6, "batched": 6}  # 2 rounds of 3 participants
+    assert torch.allclose(thetas["batched"], thetas["loop"], atol=1e-6)
+
+
 def test_a_fallback_names_the_registered_method_not_its_parent(
         clients: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A FedAvg subclass registered under its own name, without a ``name`` of its own, is
