@@ -28,6 +28,7 @@ used inside their client, not published (publishing one would be a further relea
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import json
 import logging
@@ -939,16 +940,27 @@ def rows_to_csv(rows: Iterable[SweepRow]) -> str:
             r.method, epsilon_label(r.epsilon), len(r.seeds), len(r.per_client[0]),
             _fmt(r.acc_mean, 6), _fmt(r.acc_min, 6), _fmt(r.acc_std, 6),
             _fmt(r.client_min_mean, 6), _fmt(r.worse_than_local_mean, 2),
-            "" if r.epsilon_spent_max is None else format_up(r.epsilon_spent_max, 4),
+            "" if r.epsilon_spent_max is None
+            else format_up(r.epsilon_spent_max, _spent_decimals(r.epsilon, 4)),
         ])
     return buf.getvalue()
+
+
+def _spent_decimals(epsilon: float | None, least: int) -> int:
+    """Decimals to show an epsilon spent under budget ``epsilon`` with: at least ``least``,
+    and as many as the budget's shortest decimal form has, so a spend rounded up is never
+    shown above a budget it stays under (0.0623 of 0.0625 read "0.063" at three)."""
+    if epsilon is None or not math.isfinite(epsilon):
+        return least
+    exponent = decimal.Decimal(repr(float(epsilon))).as_tuple().exponent
+    return max(least, -exponent if isinstance(exponent, int) else 0)
 
 
 def _spent_label(row: SweepRow) -> str:
     if row.epsilon is None:
         return "-"
     spent = row.epsilon_spent_max
-    return "not reported" if spent is None else format_up(spent, 3)
+    return "not reported" if spent is None else format_up(spent, _spent_decimals(row.epsilon, 3))
 
 
 def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy",

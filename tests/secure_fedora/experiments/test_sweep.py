@@ -677,6 +677,18 @@ def test_the_epsilon_spent_shown_is_rounded_up():
     assert "| n/a | 2.984 |" in md
 
 
+def test_an_epsilon_spent_under_a_budget_of_more_decimals_is_not_shown_above_it():
+    """A budget of more decimals than the column shows (0.0625; 0.03125 in sweep.csv): the
+    spend under it, rounded up to three (four) decimals, read "0.063" ("0.0313"), above it."""
+    rows = [SweepRow(method="fedavg", epsilon=eps, seeds=[0], client_means=[0.5],
+                     client_mins=[0.4], worse_than_local=None, per_client=[[0.4, 0.6]],
+                     epsilon_spent=[spent]) for eps, spent in ((0.0625, 0.0623), (0.03125, 0.03124))]
+    lines = list(csv.DictReader(io.StringIO(rows_to_csv(rows))))
+    assert [r["epsilon_spent_max"] for r in lines] == ["0.0623", "0.03124"]
+    md = rows_to_markdown(tiny(), rows[:1], cell_configs={0.0625: tiny()})
+    assert "| n/a | 0.0623 |" in md
+
+
 @pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
 def test_sweep_md_states_what_its_epsilon_does_not_cover(tmp_path):
     """sweep.md listed the fedavg_ft row (fine-tuned outside the ledgers) with the cell's
