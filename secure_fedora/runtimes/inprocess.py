@@ -888,23 +888,6 @@ class _CheckpointSchedule:
         self.last_cost, self.last_end = seconds, time.perf_counter()
 
 
-def _same_outcomes(held: dict[str, Any], made: dict[str, Any]) -> bool:
-    """Whether the results document ``held`` states the run facts ``made`` (built from the
-    run's checkpoints and records) states: run name, config hash, key-store extension, config
-    amendments, and each configured method's selected and final figures."""
-    keys = ("name", "config_hash", "keystore_extended", "config_amendments")
-    if any(held.get(k) != made.get(k) for k in keys):
-        return False
-    mine, theirs = made.get("methods"), held.get("methods")
-    if not isinstance(mine, dict) or not isinstance(theirs, dict):
-        return False
-    # the methods' own rows (a derived row, e.g. fedavg_ft, has no "final"): a document an
-    # older version wrote may lay derived rows out otherwise
-    return all(isinstance(theirs.get(m), dict)
-               and all(theirs[m].get(part) == body.get(part) for part in ("selected", "final"))
-               for m, body in mine.items() if isinstance(body, dict) and "final" in body)
-
-
 class Simulation:
     """Runs the configured methods in process, writing everything into ``run_dir``.
 
@@ -1681,12 +1664,10 @@ class Simulation:
 
     def _run(self, resume: bool, fresh: bool) -> dict[str, Any]:
         from secure_fedora.runtimes.results import (
-            ROUNDS_CSV,
             remove_interrupted_result_writes,
-            rounds_csv_holds,
+            write_run_results,
         )
         from secure_fedora.runtimes.rundir import check_fresh_run_dir
-        from secure_fedora.secure.anchor import ANCHOR_FILENAME
 
         if fresh:  # another run's results, checkpoints or ledgers are never overwritten
             check_fresh_run_dir(self.run_dir, self.cfg, cli=False)
@@ -1726,56 +1707,13 @@ class Simulation:
         # (an anchor.json copy kept apart still verifies) and writes only one that is
         # missing or damaged, e.g. after a kill between the last checkpoint and results.json
         trained_nothing = resume and self._found_finished == set(self.cfg.methods)
-        if trained_nothing and not rounds_csv_holds(self.run_dir / ROUNDS_CSV, self.history):
-            log.warning("%s was missing or did not hold the run's rounds: written again from its "
-                        "checkpoints", self.run_dir / ROUNDS_CSV)
-            self.write_rounds_csv()
         results = self.results(outcomes)
         crash_point("results")
-        kept = self._kept_results(results) if trained_nothing else None
-        if kept is None:
-            atomic_write_text(self.run_dir / "results.json", strict_json(results))
-        else:
-            results = kept
-        if self.cfg.privacy.enabled and self.write_anchor() and trained_nothing:
-            log.warning("%s was missing or did not anchor the run as it stands: signed again "
-                        "(a copy of the earlier one kept apart no longer verifies the run)",
-                        self.run_dir / ANCHOR_FILENAME)
-        return results
-
-    def _kept_results(self, results: dict[str, Any]) -> dict[str, Any] | None:
-        """The run's results.json document when a resume that trained nothing keeps it as it
-        is: without DP it is a JSON object holding ``results`` (but for the code's ``version``
-        and the ``compute`` it ran on); under DP its anchor.json, signed by this run's operator key,
-        anchors its bytes, config.toml and every ledger as they stand and it states the
-        checkpoints' outcomes (a document an older version laid out otherwise). None, with a
-        warning naming why when the file exists, when it is to be written again."""
-        path = self.run_dir / "results.json"
-        if not path.exists():
-            log.warning("%s was missing: written from the run's checkpoints", path)
-            return None
-        try:
-            held = json.loads(path.read_bytes())
-        except (OSError, ValueError) as err:
-            log.warning("%s could not be read (%s): written again from the run's checkpoints",
-                        path, err)
-            return None
-        made = json.loads(strict_json(results))
-        if isinstance(held, dict):
-            def ours(doc: dict[str, Any]) -> dict[str, Any]:
-                return {k: v for k, v in doc.items() if k not in ("version", "compute")}
-
-            # under DP the anchor alone vouches for the file: an edited compute or version
-            # is not signed again
-            if not self.cfg.privacy.enabled and ours(held) == ours(made):
-                return held
-            if self.cfg.privacy.enabled and self._anchor_kept() and _same_outcomes(held, made):
-                return held
-        log.warning("%s does not state what the run's checkpoints and ledgers hold%s: written "
-                    "again from them", path,
-                    ", and its anchor.json does not vouch for it" if self.cfg.privacy.enabled
-                    else "")
-        return None
+        dp = self.cfg.privacy.enabled
+        return write_run_results(self.run_dir, results, self.history,
+                                 trained_nothing=trained_nothing,
+                                 anchor=self.write_anchor if dp else None,
+                                 anchored=self._anchor_kept if dp else None, warn=log.warning)
 
     def _anchor_kept(self) -> bool:
         """Whether the run's anchor.json anchors the run as it stands (its results.json and

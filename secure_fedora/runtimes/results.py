@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,12 @@ from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
-__all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "RESERVED_KEYS", "RESULT_FILES", "ROUNDS_CSV",
-           "ROUNDS_CSV_OMITS", "build_results", "client_rows", "config_assumptions", "inputs_outside_config",
-           "inputs_outside_config_assumption", "method_entry", "metric_label",
-           "remove_interrupted_result_writes", "rounds_csv_holds", "rounds_csv_text",
-           "stated_beyond_run", "write_rounds_csv"]
+__all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "PROCESS_KEYS", "RESERVED_KEYS", "RESULT_FILES",
+           "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "build_results", "client_rows", "config_assumptions",
+           "inputs_outside_config", "inputs_outside_config_assumption", "kept_results",
+           "method_entry", "metric_label", "remove_interrupted_result_writes", "rounds_csv_holds",
+           "rounds_csv_text", "same_outcomes", "stated_beyond_run", "write_rounds_csv",
+           "write_run_results"]
 
 #: The files a runtime replaces atomically in its run directory (the in-process run
 #: directory, Flower's ``result-dir``), besides ``plots/``.
@@ -387,3 +389,96 @@ def remove_interrupted_result_writes(run_dir: Path) -> list[Path]:
     paths = [run_dir / name for name in RESULT_FILES]
     paths += [run_dir / PLOTS_FOLDER / name for name in PLOT_FILES]
     return [leftover for path in paths for leftover in remove_interrupted_writes(path)]
+
+
+#: The results.json keys that state the process that wrote the document rather than the run
+#: (the code's version, the compute it ran on): a resume that trains nothing keeps a document
+#: that differs from its own only there. A runtime adds its own (Flower: its timings, node map,
+#: events).
+PROCESS_KEYS: frozenset[str] = frozenset({"version", "compute"})
+
+
+def same_outcomes(held: Mapping[str, Any], made: Mapping[str, Any]) -> bool:
+    """Whether the results document ``held`` states the run facts ``made`` (built from the
+    run's checkpoints and records) states: run name, config hash, key-store extension, config
+    amendments, and each configured method's selected and final figures."""
+    keys = ("name", "config_hash", "keystore_extended", "config_amendments")
+    if any(held.get(k) != made.get(k) for k in keys):
+        return False
+    mine, theirs = made.get("methods"), held.get("methods")
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return False
+    # the methods' own rows (a derived row, e.g. fedavg_ft, has no "final"): a document an
+    # older version wrote may lay derived rows out otherwise
+    return all(isinstance(theirs.get(m), dict)
+               and all(theirs[m].get(part) == body.get(part) for part in ("selected", "final"))
+               for m, body in mine.items() if isinstance(body, dict) and "final" in body)
+
+
+def kept_results(path: Path, results: dict[str, Any], *, anchored: Callable[[], bool] | None,
+                 warn: Callable[[str], None],
+                 process_keys: Collection[str] = PROCESS_KEYS) -> dict[str, Any] | None:
+    """The results.json document at ``path`` when a resume that trained nothing keeps it as it
+    is: without DP (``anchored`` None) a JSON object holding ``results`` but for
+    ``process_keys``; under DP ``anchored()`` says that the run's anchor.json (signed, the
+    runtime checks it) anchors its bytes and the run as it stands, and it states the outcomes
+    of ``results`` (:func:`same_outcomes`: a document an older version laid out otherwise is
+    kept). None, with a ``warn`` naming why, when it is to be written again."""
+    from secure_fedora.core.files import strict_json
+
+    if not path.exists():
+        warn(f"{path} was missing: written from the run's checkpoints")
+        return None
+    try:
+        held = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        warn(f"{path} could not be read ({err}): written again from the run's checkpoints")
+        return None
+    made = json.loads(strict_json(results))
+    if isinstance(held, dict):
+        def ours(doc: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in doc.items() if k not in process_keys}
+
+        # under DP the anchor alone vouches for the file: an edited compute or version
+        # is not signed again
+        if anchored is None and ours(held) == ours(made):
+            return held
+        if anchored is not None and anchored() and same_outcomes(held, made):
+            return held
+    warn(f"{path} does not state what the run's checkpoints and ledgers hold"
+         f"{', and its anchor.json does not vouch for it' if anchored is not None else ''}: "
+         "written again from them")
+    return None
+
+
+def write_run_results(run_dir: Path, results: dict[str, Any],
+                      history: Sequence[Mapping[str, Any]], *, trained_nothing: bool,
+                      anchor: Callable[[], bool] | None, anchored: Callable[[], bool] | None,
+                      warn: Callable[[str], None],
+                      process_keys: Collection[str] = PROCESS_KEYS) -> dict[str, Any]:
+    """Write a finished run's results.json (``results``, strict JSON, atomically) and, under
+    DP, its anchor (``anchor()`` signs and writes it, True when it replaced anchor.json; see
+    :func:`~secure_fedora.secure.anchor.write_anchor`); returns the results document the run
+    states. A resume that ``trained_nothing`` (both runtimes' algorithm) keeps the run's files
+    whole, so that an anchor.json copy kept apart still verifies: rounds.csv when it holds
+    ``history`` (:func:`rounds_csv_holds`), results.json when :func:`kept_results` keeps it
+    (then returned), anchor.json when it anchors the run as it stands; it writes again, with a
+    ``warn``, only one that is missing or damaged (e.g. after a kill between the last
+    checkpoint and results.json)."""
+    from secure_fedora.core.files import atomic_write_text, strict_json
+    from secure_fedora.secure.anchor import ANCHOR_FILENAME
+
+    if trained_nothing and not rounds_csv_holds(run_dir / ROUNDS_CSV, history):
+        warn(f"{run_dir / ROUNDS_CSV} was missing or did not hold the run's rounds: written "
+             "again from its checkpoints")
+        write_rounds_csv(run_dir, history)
+    kept = kept_results(run_dir / "results.json", results, anchored=anchored, warn=warn,
+                        process_keys=process_keys) if trained_nothing else None
+    if kept is None:
+        atomic_write_text(run_dir / "results.json", strict_json(results))
+    else:
+        results = kept
+    if anchor is not None and anchor() and trained_nothing:
+        warn(f"{run_dir / ANCHOR_FILENAME} was missing or did not anchor the run as it stands: "
+             "signed again (a copy of the earlier one kept apart no longer verifies the run)")
+    return results

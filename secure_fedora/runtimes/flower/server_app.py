@@ -162,6 +162,7 @@ from secure_fedora.runtimes.inprocess import (
     unmeasured_rounds,
 )
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
+from secure_fedora.runtimes.results import PROCESS_KEYS as _RUN_PROCESS_KEYS
 from secure_fedora.runtimes.rundir import amendment_readers
 from secure_fedora.secure.private import ledger_went_back as _ledger_went_back
 from secure_fedora.secure.relatedness import (
@@ -1527,6 +1528,12 @@ def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: 
 SERVER_CHECKPOINT = Path("checkpoints") / "flower-server.pt"
 _SERVER_FORMAT = "secure-fedora/flower-server/v1"
 
+#: The results.json keys that state the ServerApp process that wrote it rather than the run:
+#: a resume that trains nothing (its first contact made again, maybe with SuperNodes under new
+#: node ids) keeps a document that differs from its own only there.
+PROCESS_KEYS = _RUN_PROCESS_KEYS | {"seconds_total", "timings", "node_of_client", "events",
+                                    "security", "max_in_flight"}
+
 
 class ResumeRefused(DeployError):
     """A resume the ServerApp refuses before it writes anything (no checkpoint, or one of
@@ -2113,6 +2120,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         client_rows,
         remove_interrupted_result_writes,
         write_rounds_csv,
+        write_run_results,
     )
     from secure_fedora.secure.private import noise_assumptions
 
@@ -2162,6 +2170,10 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         assert server.schema is not None
         check_data_facts(checked, cfg, _data_facts(server.schema, server.sizes, n))
     current = None
+    # a resume of a ServerApp killed after its last method's checkpoint (before results.json,
+    # the anchor or its finished checkpoint) trains nothing: as in process, it keeps the run's
+    # files whole and writes only what is left, a missing or damaged file with a warning
+    trained_nothing = resumed is not None and set(cfg.methods) <= set(server.outcomes)
     if resumed is not None:
         _check_same_clients(server, resumed)
         current = resumed["current"]
@@ -2236,20 +2248,45 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
                else {}),
         },
     )
-    server.write("results.json", results)
-    if cfg.privacy.enabled and settings.result_dir is not None:
-        _write_server_anchor(server)
     if settings.result_dir is not None:
+        dp = cfg.privacy.enabled
+        results = write_run_results(
+            settings.result_dir, results, server.history, trained_nothing=trained_nothing,
+            anchor=(lambda: _write_server_anchor(server)) if dp else None,
+            anchored=(lambda: _server_anchor_kept(server)) if dp else None,
+            warn=lambda message: _say(f"warning: {message}"), process_keys=PROCESS_KEYS)
         write_plots(settings.result_dir, server.history, results, server.relatedness)
     _save_server_checkpoint(server, None, finished=True)
     return results
 
 
-def _write_server_anchor(server: _Server) -> None:
+def _write_server_anchor(server: _Server) -> bool:
     """Sign (server key) and write ``result-dir/anchor.json``: the ledger heads the clients
     reported with their replies, per method, and the digest of results.json. A client that
-    never reported a head is left out (its ledger then fails an anchored audit)."""
-    from secure_fedora.secure.anchor import build_anchor, write_anchor
+    never reported a head is left out (its ledger then fails an anchored audit). False when
+    the anchor there already anchors the run as it stands and is kept byte for byte."""
+    from secure_fedora.secure.anchor import write_anchor
+
+    assert server.settings.result_dir is not None
+    return write_anchor(server.settings.result_dir, _server_anchor_doc(server))
+
+
+def _server_anchor_kept(server: _Server) -> bool:
+    """Whether ``result-dir/anchor.json`` anchors the run as it stands (the results.json
+    bytes, every reported ledger head), signed by the server key: :func:`_write_server_anchor`
+    then keeps it byte for byte."""
+    from secure_fedora.secure.anchor import ANCHOR_FILENAME, anchors_the_same
+
+    assert server.settings.result_dir is not None
+    if not (server.settings.result_dir / "results.json").is_file():
+        return False
+    return anchors_the_same(server.settings.result_dir / ANCHOR_FILENAME,
+                            _server_anchor_doc(server))
+
+
+def _server_anchor_doc(server: _Server) -> dict[str, Any]:
+    """The signed anchor document of the run as it stands (see :func:`_write_server_anchor`)."""
+    from secure_fedora.secure.anchor import build_anchor
 
     ledgers = {
         f"{name}/{server.client_ids[c]}": {
@@ -2259,11 +2296,11 @@ def _write_server_anchor(server: _Server) -> None:
         for c, row in sorted(server.privacy.get(name, {}).items()) if "ledger_head" in row
     }
     assert server.settings.result_dir is not None
-    doc = build_anchor(server.settings.result_dir, run_name=server.cfg.name,
-                       config_hash=server.settings.config_hash, methods=list(server.cfg.methods),
-                       ledgers=ledgers, signer=server.securities[HELLO_SCOPE].identity,
-                       runtime="flower", files=("results.json",))
-    write_anchor(server.settings.result_dir, doc)
+    return build_anchor(server.settings.result_dir, run_name=server.cfg.name,
+                        config_hash=server.settings.config_hash,
+                        methods=list(server.cfg.methods), ledgers=ledgers,
+                        signer=server.securities[HELLO_SCOPE].identity, runtime="flower",
+                        files=("results.json",))
 
 
 @app.main()

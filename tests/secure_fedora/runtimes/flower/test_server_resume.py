@@ -477,3 +477,114 @@ def test_a_serverapp_killed_after_its_last_method_resumes_to_write_the_results(
     rc = {**rc, "resume": "42"}
     resumed = _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), run_id=777)
     assert resumed["run_id"] == 42 and (tmp_path / "results" / "results.json").is_file()
+
+
+def _killed_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cfg: Any,
+                       before: str, **over: Any) -> dict[str, Any]:
+    """Run ``cfg`` into ``tmp_path/res``, the ServerApp killed at its end ``before``: its
+    finished checkpoint ("finished"), its anchor ("anchor") or its results.json ("results",
+    after the checkpoint of every method's outcome). Returns the resume's run config."""
+    rc, grid = _federation(tmp_path, cfg, **over)
+
+    def killed(*_a: Any, **_k: Any) -> Any:
+        raise crashpoints.InjectedCrash(f"server killed before its {before}")
+
+    with monkeypatch.context() as m:
+        if before == "finished":
+            save = server_app._save_server_checkpoint
+
+            def checkpoint(server: Any, current: Any, finished: bool = False) -> None:
+                if finished:
+                    killed()
+                save(server, current, finished)
+            m.setattr(server_app, "_save_server_checkpoint", checkpoint)
+        elif before == "anchor":
+            m.setattr(server_app, "_write_server_anchor", killed)
+        else:
+            m.setattr("secure_fedora.runtimes.results.build_results", killed)
+        with pytest.raises(crashpoints.InjectedCrash):
+            _run(rc, grid)
+    return {**rc, "resume": "42"}
+
+
+def _resume(tmp_path: Path, rc: dict[str, Any]) -> dict[str, Any]:
+    return _run(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), run_id=777)
+
+
+def _end_files(res: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(res.iterdir())
+            if p.name in ("results.json", "anchor.json", "rounds.csv")}
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_serverapp_killed_before_its_finished_checkpoint_keeps_its_results_and_anchor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        dp: bool) -> None:
+    """A ServerApp killed after results.json (and under DP anchor.json) but before its
+    finished checkpoint was resumed as unfinished: it wrote results.json again (its timings,
+    events and nodes are the resumed process's) and signed the anchor again, so the copy an
+    auditor kept apart failed `audit verify --anchor`. The resume now writes only what is left
+    (the finished checkpoint, the plots) and keeps the run's files byte for byte."""
+    from audits.verify import verify_run
+    from tests.secure_fedora.runtimes.flower.deploy_support import audit_folder
+
+    cfg = dp_config(rounds=2) if dp else tiny_config(rounds=2)
+    rc = _killed_at_the_end(tmp_path, monkeypatch, cfg, "finished",
+                            **({"reproducible-dp-noise": True} if dp else {}))
+    before = _end_files(tmp_path / "res")
+    assert set(before) == ({"results.json", "anchor.json", "rounds.csv"} if dp
+                           else {"results.json", "rounds.csv"})
+    kept = tmp_path / "anchor-kept.json"
+    if dp:
+        kept.write_bytes(before["anchor.json"])
+    capsys.readouterr()
+    resumed = _resume(tmp_path, rc)
+    assert _end_files(tmp_path / "res") == before
+    assert resumed == json.loads(before["results.json"])
+    assert "warning" not in capsys.readouterr().out
+    if dp:
+        report = verify_run(audit_folder(tmp_path),
+                            allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                            anchor=kept)
+        assert report.errors == [], report.errors
+    with pytest.raises(server_app.ResumeRefused, match="finished"):  # the checkpoint is written
+        _resume(tmp_path, rc)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("before, dp", [("results", True), ("results", False), ("anchor", True)])
+def test_a_serverapp_killed_before_its_results_or_anchor_writes_them_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        before: str, dp: bool) -> None:
+    """Killed after the checkpoint of every method's outcome but before results.json, or
+    after results.json but before the anchor, the resume wrote the missing files as a new run
+    would, saying nothing. As in process it now says which file it wrote again and why (under
+    DP a results.json that no anchor vouches for is written again), keeps rounds.csv, and the
+    folder verifies against the anchor it signed."""
+    from audits.verify import verify_run
+    from tests.secure_fedora.runtimes.flower.deploy_support import audit_folder
+
+    cfg = dp_config(rounds=2) if dp else tiny_config(rounds=2)
+    rc = _killed_at_the_end(tmp_path, monkeypatch, cfg, before,
+                            **({"reproducible-dp-noise": True} if dp else {}))
+    res = tmp_path / "res"
+    assert (res / "results.json").exists() == (before == "anchor")
+    assert not (res / "anchor.json").exists()
+    csv = (res / "rounds.csv").read_bytes()
+    capsys.readouterr()
+    resumed = _resume(tmp_path, rc)
+    said = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    why = "was missing" if before == "results" else "anchor.json does not vouch for it"
+    assert any(f"{res / 'results.json'} " in line and why in line for line in said), said
+    assert any(f"{res / 'anchor.json'} was missing" in line for line in said) == dp, said
+    assert len(said) == 1 + dp, said
+    assert json.loads((res / "results.json").read_text()) == resumed
+    assert (res / "rounds.csv").read_bytes() == csv
+    if dp:
+        report = verify_run(audit_folder(tmp_path),
+                            allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                            anchor=res / "anchor.json")
+        assert report.errors == [], report.errors
+    with pytest.raises(server_app.ResumeRefused, match="finished"):
+        _resume(tmp_path, rc)
