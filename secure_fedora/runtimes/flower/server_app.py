@@ -72,7 +72,11 @@ after the first contact, each method's setup, each round and each method, with t
 every scope's nonce memory): the checkpoint, and that each nonce file still holds the head it
 recorded, are checked before anything is written (:func:`check_resumable`), the first contact is made
 again, and the method in flight continues after its last checkpointed round, whose successor
-is sent again; each node answers what it already answered from its saved state.
+is sent again; each node answers what it already answered from its saved state. A resume
+after every method's outcome was checkpointed trains nothing: as in process
+(:func:`~secure_fedora.runtimes.results.write_run_results`) it keeps ``results.json``,
+``rounds.csv`` and ``anchor.json`` when they hold the run's outcome (the keys of
+:data:`PROCESS_KEYS` aside) and writes a missing or damaged one again with a warning.
 """
 
 from __future__ import annotations
