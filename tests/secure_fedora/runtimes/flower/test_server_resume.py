@@ -588,3 +588,43 @@ def test_a_serverapp_killed_before_its_results_or_anchor_writes_them_with_a_warn
         assert report.errors == [], report.errors
     with pytest.raises(server_app.ResumeRefused, match="finished"):
         _resume(tmp_path, rc)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("damage", ["rounds.csv", "results.json"])
+def test_a_serverapp_killed_before_its_finished_checkpoint_writes_a_damaged_file_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        damage: str) -> None:
+    """The same kill under DP, then rounds.csv deleted or results.json's outcome edited: the
+    resume left a missing rounds.csv missing (it rewrote it only after a method it ran) and
+    signed whatever results.json it built without a word. It now writes the damaged file again
+    from the checkpoint, with a warning naming it: rounds.csv with the run's bytes (the anchor
+    then kept), results.json stating the run's outcome and anchored again."""
+    from audits.verify import verify_run
+    from tests.secure_fedora.runtimes.flower.deploy_support import audit_folder
+
+    rc = _killed_at_the_end(tmp_path, monkeypatch, dp_config(rounds=2), "finished",
+                            **{"reproducible-dp-noise": True})
+    res = tmp_path / "res"
+    before = _end_files(res)
+    if damage == "rounds.csv":
+        (res / "rounds.csv").unlink()
+    else:
+        doc = json.loads(before["results.json"])
+        doc["methods"]["fedora"]["final"]["mean"] = 0.99
+        (res / "results.json").write_text(json.dumps(doc, indent=2))
+    capsys.readouterr()
+    resumed = _resume(tmp_path, rc)
+    said = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert any(f"{res / damage} " in line and "written" in line for line in said), said
+    after = _end_files(res)
+    if damage == "rounds.csv":
+        assert after == before and len(said) == 1, said
+    else:
+        assert after["rounds.csv"] == before["rounds.csv"]
+        assert resumed["methods"] == json.loads(before["results.json"])["methods"]
+        assert any(f"{res / 'anchor.json'} " in line for line in said), said
+    report = verify_run(audit_folder(tmp_path),
+                        allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                        anchor=res / "anchor.json")
+    assert report.errors == [], report.errors
