@@ -111,6 +111,9 @@ def test_auto_is_dense_up_to_the_threshold_then_factored():
     assert resolve_propagation("auto", AUTO_DENSE_MAX_CLIENTS + 1) == "factored"
     assert resolve_propagation("sparse", 10_000) == "sparse"
     assert resolve_propagation("power", 10_000) == "power"
+    # the config forces either exact operator at any N
+    assert resolve_propagation("dense", 10_000) == "dense"
+    assert resolve_propagation("factored", 3) == "factored"
     with pytest.raises(fedora.RelatednessError, match="unknown propagation"):
         resolve_propagation("magic", 10)
     base = {"data": {"num_clients": 36}}
@@ -190,6 +193,27 @@ def test_fedora_with_sparse_propagation_stays_within_the_bound_of_dense(clients)
     overlaps = torch.einsum("dq,jdr->jqr", u, others)
     assert ((sparse.attach(overlaps) - dense.attach(overlaps)).abs() <= bound.max() + 1e-5).all()
     assert dense.relatedness.neighbours() == sparse.relatedness.neighbours()
+
+
+def test_a_late_joiner_is_attached_through_the_operator_its_run_propagates_with(clients):
+    """Late joiners use the same operator as the round's propagation: under a sparse operator
+    the newcomer's weights are ``s_new^T P~`` (the truncated series, within its bound), not the
+    exact ``s_new^T P``. The comparison with dense above holds either way; this one does not."""
+    cfg = tiny(fedora={"propagation": "sparse", "propagation_tolerance": 1e-2})
+    sparse = make_method("fedora", build_context(cfg, clients), cfg)
+    sparse.setup()
+    theta = torch.randn(sparse.theta.shape, generator=torch.Generator().manual_seed(3))
+    sparse.theta.copy_(theta)
+    u = fedora.client_summary(clients[0].train_x, clients[0].train_y, 10, 1)
+    others = torch.stack([fedora.client_summary(c.train_x, c.train_y, 10, 1) for c in clients])
+    overlaps = torch.einsum("dq,jdr->jqr", u, others)
+    row = fedora.attach_row(overlaps, cfg.fedora.tau, cfg.fedora.k)
+    truncated = row @ sparse.relatedness.operator.to_dense()
+    exact = row @ fedora.propagation_matrix(sparse.relatedness.graph.to_dense(), cfg.fedora.alpha)
+    assert float((truncated - exact).abs().max()) > 1e-5  # the two operators differ here
+    got = sparse.attach(overlaps)
+    torch.testing.assert_close(got, truncated.to(torch.float32) @ theta, rtol=0, atol=1e-6)
+    assert float((got - exact.to(torch.float32) @ theta).abs().max()) > 1e-5
 
 
 @pytest.mark.parametrize("propagation", ["dense", "sparse", "factored"])
