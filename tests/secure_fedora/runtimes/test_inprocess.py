@@ -286,6 +286,43 @@ def test_loading_a_checkpoint_holds_its_state_once_not_also_the_file(tmp_path):
     assert grown < 1.4 * state_bytes, out.stdout
 
 
+class _Interrupts:
+    """Pickled inside a checkpoint's state: interrupts the write half-way (Ctrl-C)."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+_KILLED_WHILE_WRITING = """
+import os, sys, torch
+from secure_fedora.runtimes.inprocess import save_checkpoint
+class Killed:
+    def __reduce__(self):
+        os._exit(137)  # as SIGKILL: no cleanup, no flush
+save_checkpoint(__import__("pathlib").Path(sys.argv[1]), {"round": 2, "theta": torch.ones(64, 300),
+                                                          "killed": Killed()})
+"""
+
+
+def test_a_checkpoint_write_interrupted_or_killed_leaves_the_previous_one_whole(tmp_path):
+    """Checkpoints stay atomic: a write interrupted half-way (an exception, or the process
+    killed) leaves the previous checkpoint byte for byte, loadable, and nothing else but, after
+    a kill, the temporary copy a resume removes."""
+    ckpt = tmp_path / "checkpoints" / "fedora.pt"
+    save_checkpoint(ckpt, {"round": 1, "theta": torch.zeros(64, 300)})
+    before = ckpt.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ckpt, {"round": 2, "theta": torch.ones(64, 300), "stop": _Interrupts()})
+    assert ckpt.read_bytes() == before and load_checkpoint(ckpt)["round"] == 1
+    assert [p.name for p in ckpt.parent.iterdir()] == ["fedora.pt"]
+    done = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(ckpt)],
+                          cwd=Path(__file__).resolve().parents[3], capture_output=True)
+    assert done.returncode == 137, done.stderr
+    assert ckpt.read_bytes() == before and load_checkpoint(ckpt)["round"] == 1
+    leftovers = [p for p in ckpt.parent.iterdir() if p != ckpt]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".fedora.pt.")
+
+
 def test_a_changed_byte_deep_in_a_streamed_checkpoint_is_found(tmp_path, monkeypatch):
     import secure_fedora.runtimes.inprocess as runtime
 
