@@ -114,7 +114,12 @@ class Registry(Generic[T]):
         def add(value: T) -> T:
             self._load_builtins()
             if name in self._entries and self._entries[name] is not value:
-                raise RegistryError(f"{self.kind} {name!r} is already registered")
+                if name in self._builtins:
+                    raise RegistryError(f"{self.kind} {name!r} is built in: it cannot be replaced; "
+                                        "register yours under another name")
+                raise RegistryError(f"{self.kind} {name!r} is already registered; to replace it "
+                                    f"(e.g. a notebook cell run again), call unregister({name!r}) "
+                                    "on its registry first")
             clash = next((n for n in self._entries if n != name and n.lower() == name.lower()), None)
             if clash is not None:
                 raise RegistryError(f"{self.kind} {name!r} differs from the registered "
@@ -128,7 +133,11 @@ class Registry(Generic[T]):
         return add(obj)
 
     def unregister(self, name: str) -> None:
-        """Remove ``name`` (for tests and notebooks that re-register a plug-in)."""
+        """Remove ``name`` (for tests and notebooks that re-register a plug-in); a name that is
+        not registered is no error. A built-in entry is refused: its name would then label
+        another implementation's results."""
+        if name in self._builtins:
+            raise RegistryError(f"{self.kind} {name!r} is built in: it cannot be removed")
         self._entries.pop(name, None)
         self._origins.pop(name, None)
 

@@ -71,7 +71,7 @@ def test_a_builtin_name_is_taken_before_the_first_lookup() -> None:
     ''')
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
-    assert "refused fedora method 'fedora' is already registered" in out
+    assert "refused fedora method 'fedora' is built in: it cannot be replaced" in out
     assert "refused FEDORA method 'FEDORA' differs from the registered 'fedora'" in out
     assert out.strip().endswith("Fedora True")
 
@@ -267,3 +267,26 @@ def test_accepting_unregistered_accepts_names_only_and_records_them() -> None:
     assert accepted == [("method", "byo_avg_a"), ("dataset", "byo-data-a")]
     with pytest.raises(RegistryError, match="unknown method 'byo_avg_a'"):
         METHODS.check("byo_avg_a")
+
+
+def test_registering_a_name_again_says_how_to_replace_it_and_built_ins_stay() -> None:
+    """A notebook cell run again registers its plug-in's name a second time: the error says
+    how to replace it; a built-in entry can be neither replaced nor removed (its name would
+    then label another implementation's results)."""
+    reg: Registry[int] = Registry("thing", (), ("core",))
+    reg._entries["core"] = 0  # as its module would register it
+    reg._loaded = True
+    reg.register("mine", 1)
+    with pytest.raises(RegistryError, match=r"thing 'mine' is already registered; to replace it "
+                                            r"\(e\.g\. a notebook cell run again\), call "
+                                            r"unregister\('mine'\) on its registry first"):
+        reg.register("mine", 2)
+    reg.unregister("mine")
+    assert reg.register("mine", 2) == 2 and reg.get("mine") == 2
+    with pytest.raises(RegistryError, match="thing 'core' is built in: it cannot be replaced; "
+                                            "register yours under another name"):
+        reg.register("core", 3)
+    with pytest.raises(RegistryError, match="thing 'core' is built in: it cannot be removed"):
+        reg.unregister("core")
+    assert reg.get("core") == 0
+    reg.unregister("never-registered")  # nothing to remove: no error (a test's cleanup)
