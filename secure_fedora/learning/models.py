@@ -307,8 +307,8 @@ def check_model_state(model: object, source: str) -> nn.Module:
                 f"{source}: buffer {stat!r} holds {type(module).__name__}'s running statistics, "
                 "which forward updates from each client's data: every client would share them "
                 "(only parameters are per client) and DP-SGD would not account for them; use "
-                "GroupNorm or LayerNorm, or track_running_stats=False (the batch's own "
-                "statistics)")
+                "GroupNorm or LayerNorm, or, without DP (which refuses a layer mixing the rows "
+                "of a batch), track_running_stats=False (the batch's own statistics)")
     return model
 
 
@@ -318,15 +318,27 @@ def check_output_width(model: nn.Module, sample: torch.Tensor, width: int,
     """Run ``model`` on a few inputs, and on the first alone (a batch of one arises at a
     split's or an epoch's end), and check it returns ``(n, width)`` finite outputs."""
     for batch in (sample, sample[:1]) if sample.shape[0] > 1 else (sample,):
-        _check_outputs(model, batch, width, source)
+        _check_outputs(model, batch, width, source,
+                       rows_passed=int(sample.shape[0]) if batch is not sample else 0)
 
 
-def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: str) -> None:
+def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: str,
+                   rows_passed: int = 0) -> None:
+    """``rows_passed``: the size of a batch of the same inputs the model already ran on (the
+    failure is then the batch size's, not the inputs' dtype)."""
     was_training = model.training
     model.eval()
     try:
         out = model(sample)
     except Exception as err:  # user code: report whatever it raised
+        if rows_passed:
+            raise ModelError(
+                f"{source} fails on a batch of one row (inputs of shape {tuple(sample.shape)}), "
+                f"which it runs on a batch of {rows_passed} rows: a batch of one arises at a "
+                "split's or an epoch's end, so the model must accept it (e.g. BatchNorm1d on "
+                "(n, features) needs two rows for its batch statistics; GroupNorm and LayerNorm "
+                f"do not): "
+                f"{type(err).__name__}: {err}") from err
         hint = ""
         if sample.dtype == torch.float32:
             hint = ("; data given as arrays are converted to float32, so a layer that needs "

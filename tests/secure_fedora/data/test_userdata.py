@@ -717,6 +717,21 @@ def test_a_model_whose_outputs_change_shape_for_one_input_is_refused() -> None:
         Experiment(SMALL, data=_small_data(), model=lambda s, c: Squeezy(c)).check()
 
 
+def test_a_model_failing_only_on_one_row_is_told_so_not_to_cast_its_inputs() -> None:
+    """BatchNorm1d without running statistics (what the BatchNorm refusal suggests) runs on
+    a batch of rows and fails on one row; the refusal said to cast inputs for nn.Embedding."""
+    def norm(s: tuple[int, ...], c: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 8),
+                                   torch.nn.BatchNorm1d(8, track_running_stats=False),
+                                   torch.nn.Linear(8, c))
+
+    with pytest.raises(ModelError, match=r"fails on a batch of one row \(inputs of shape "
+                                         r"\(1, 5\)\), which it runs on a batch of 2 rows: a "
+                                         r"batch of one arises at a split's or an epoch's end") as err:
+        Experiment(SMALL, data=_small_data(), model=norm).check()
+    assert "nn.Embedding" not in str(err.value)
+
+
 def test_auc_on_single_labels_needs_one_output_before_anything_is_released(
         plug: str, tmp_path: Path) -> None:
     """A loss declaring AUC on 4-class labels (a model of 4 outputs) passed every check; the
