@@ -295,6 +295,8 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
         _PLANS.setdefault(flat, {})[key] = plan
         return plan
     layers, why = _linear_layers(flat)
+    if layers is None:  # the vmap engine's fallback reason then names this as the linear one's
+        why = f"the linear engine does not apply: {why}"
     plan = None
     if layers is not None:
         plan = _probe_engine(flat, oracle, kind, BatchedPlan("linear", layers=layers), probe_x, probe_y)

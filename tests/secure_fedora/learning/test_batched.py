@@ -287,6 +287,17 @@ def test_a_model_the_vmap_engine_cannot_reproduce_uses_the_loop():
         assert "_RandomLayer" in plan.reason
 
 
+def test_a_fallback_reason_says_which_engine_each_part_is_about():
+    """A Dropout MLP's reason read "vmap engine cannot run the model (...; layer Dropout is not
+    Linear or a supported activation)": the layer named as the cause is the linear engine's."""
+    module = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Dropout(0.2), nn.Linear(8, 3))
+    x, y = torch.rand(6, 16), torch.randint(0, 3, (6,))
+    plan = batched_plan(FlatModel(module), PlainGradient(4), x, y)
+    assert plan.engine == "loop" and plan.reason.startswith("vmap engine cannot run the model")
+    assert plan.reason.endswith("; the linear engine does not apply: layer Dropout is not Linear "
+                                "or a supported activation)")
+
+
 def _module_twice():
     torch.manual_seed(0)
     hidden = nn.Linear(8, 8)
