@@ -623,6 +623,11 @@ def pathological_partition(
         short = np.flatnonzero(demand > pools.remaining())
         if short.size:
             k = int(short[0])
+            if pools.remaining()[k] == 0:  # fewer rows or clients cannot help: the labels skip k
+                raise DataError(
+                    f"class {k} has no rows in the {pools.split} split, and the pathological "
+                    f"partition deals every class 0..{num_classes - 1}: relabel the classes "
+                    "0..K-1 (each with rows in both splits) or use partition 'iid' or 'dirichlet'")
             per_client = (f"data.train_per_client = {train_per_client} + data.val_per_client = "
                            f"{val_per_client}" if pools.split == "train" else
                            f"data.test_per_client = {test_per_client}")

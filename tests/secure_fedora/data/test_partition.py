@@ -377,6 +377,20 @@ def test_pathological_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         pathological_partition(**args)
 
 
+def test_pathological_names_a_class_the_labels_skip_instead_of_asking_for_fewer_rows() -> None:
+    """Labels {0, 5, 9} (10 classes, 7 without rows): a client dealt class 1 was told to
+    request fewer rows per client or fewer clients, which cannot help (the class has none)."""
+    images, labels = SOURCE["train"]
+    keep = (labels == 0) | (labels == 5) | (labels == 9)
+    test_images, test_labels = SOURCE["test"]
+    source = {"train": (images[keep], labels[keep]), "test": (test_images, test_labels)}
+    with pytest.raises(DataError, match=r"class [1-8] has no rows in the train split, and the "
+                                        r"pathological partition deals every class 0\.\.9: "
+                                        r"relabel the classes 0\.\.K-1 .* or use partition "
+                                        r"'iid' or 'dirichlet'$"):
+        pathological_partition(source, 3, 2, 10, 4, 4, seed=0)
+
+
 @pytest.mark.parametrize(("partition", "extra", "sizes", "keys"), [
     ("iid", {}, (7, 80, 10, 5), ("data.num_clients = 7", "data.train_per_client = 80",
                                  "data.val_per_client = 10")),
