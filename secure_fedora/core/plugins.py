@@ -68,6 +68,30 @@ def check_spec(value: str, key: str) -> str:
     return value
 
 
+def _refuse_another_folders_module(spec: str, key: str, top: str, base_dir: Path) -> None:
+    """A module ``top`` imported earlier in this process from elsewhere would be reused from
+    ``sys.modules`` although ``base_dir`` holds its own (two configs in two folders, each with
+    a ``net.py``, run from one notebook): refused, rather than building the other's model."""
+    loaded = sys.modules.get(top)
+    if loaded is None:
+        return
+    own = [p for p in (base_dir / f"{top}.py", base_dir / top) if p.exists()]
+    if not own:
+        return
+    file = getattr(loaded, "__file__", None)
+    where = [Path(file).resolve()] if file else []
+    if file and Path(file).name == "__init__.py":
+        where.append(Path(file).parent.resolve())
+    where += [Path(p).resolve() for p in getattr(loaded, "__path__", ())]
+    if any(p.resolve() in where for p in own):
+        return
+    raise PluginError(
+        f"{key} = {spec!r}: module {top!r} is already imported in this process from "
+        f"{file or list(getattr(loaded, '__path__', []))}, not from the config's folder {base_dir}, "
+        "which holds another one: give the modules different names, or run each config in its "
+        "own process")
+
+
 def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable[..., Any]:
     """Import ``package.module:attribute`` and return the attribute, which must be callable.
 
@@ -79,6 +103,8 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
     except ValueError as err:
         raise PluginError(str(err)) from None
     module_name, _, attr = spec.partition(":")
+    if base_dir is not None:
+        _refuse_another_folders_module(spec, key, module_name.partition(".")[0], Path(base_dir))
     added = base_dir is not None and str(base_dir) not in sys.path
     if added:
         sys.path.insert(0, str(base_dir))

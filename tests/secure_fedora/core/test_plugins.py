@@ -1,0 +1,38 @@
+"""``"module:function"`` specs, imported from the config's folder, then ``sys.path``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from secure_fedora.core.plugins import PluginError, import_object
+
+MODULE = "sf_twin_plugin_module"
+
+
+def _folder(root: Path, name: str, width: int) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / f"{MODULE}.py").write_text(f"def width():\n    return {width}\n")
+    return folder
+
+
+def test_a_module_of_the_same_name_in_another_config_folder_is_refused_not_reused(
+        tmp_path: Path) -> None:
+    """Two configs in two folders, each with its own net.py, run in one process (a notebook):
+    the second imported the first folder's module from sys.modules and built its model,
+    silently."""
+    first, second = _folder(tmp_path, "a", 4), _folder(tmp_path, "b", 32)
+    try:
+        assert import_object(f"{MODULE}:width", "model.factory", first)() == 4
+        assert import_object(f"{MODULE}:width", "model.factory", first)() == 4  # same file
+        with pytest.raises(PluginError, match=(
+                rf"model.factory = '{MODULE}:width': module '{MODULE}' is already imported in "
+                rf"this process from {first / (MODULE + '.py')}, not from the config's folder "
+                rf"{second}, which holds another one: give the modules different names, or "
+                rf"run each config in its own process$")):
+            import_object(f"{MODULE}:width", "model.factory", second)
+    finally:
+        sys.modules.pop(MODULE, None)
