@@ -75,19 +75,17 @@ def _refuse_another_folders_module(spec: str, key: str, top: str, base_dir: Path
     loaded = sys.modules.get(top)
     if loaded is None:
         return
-    own = [p for p in (base_dir / f"{top}.py", base_dir / top) if p.exists()]
+    # in the order Python takes them; a folder without __init__.py (say, one holding data)
+    # loses to a module on sys.path
+    own = [p for p in (base_dir / top / "__init__.py", base_dir / f"{top}.py") if p.exists()]
     if not own:
         return
     file = getattr(loaded, "__file__", None)
-    where = [Path(file).resolve()] if file else []
-    if file and Path(file).name == "__init__.py":
-        where.append(Path(file).parent.resolve())
-    where += [Path(p).resolve() for p in getattr(loaded, "__path__", ())]
-    if any(p.resolve() in where for p in own):
+    if file and Path(file).resolve() == own[0].resolve():
         return
     raise PluginError(
         f"{key} = {spec!r}: module {top!r} is already imported in this process from "
-        f"{file or list(getattr(loaded, '__path__', []))}, not from the config's folder {base_dir}, "
+        f"{file}, not from the config's folder {base_dir}, "
         "which holds another one: give the modules different names, or run each config in its "
         "own process")
 

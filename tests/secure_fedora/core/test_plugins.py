@@ -36,3 +36,22 @@ def test_a_module_of_the_same_name_in_another_config_folder_is_refused_not_reuse
             import_object(f"{MODULE}:width", "model.factory", second)
     finally:
         sys.modules.pop(MODULE, None)
+
+
+def test_a_package_of_that_name_is_refused_too_and_a_data_folder_is_not_a_module(
+        tmp_path: Path) -> None:
+    """The same check for a package (``net/__init__.py``); a folder of that name without
+    ``__init__.py`` (data, say) loses to the module on sys.path, so it is no conflict."""
+    first = _folder(tmp_path, "a", 4)
+    package = tmp_path / "b" / MODULE
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("def width():\n    return 32\n")
+    data_only = tmp_path / "c" / MODULE
+    data_only.mkdir(parents=True)
+    try:
+        assert import_object(f"{MODULE}:width", "model.factory", first)() == 4
+        with pytest.raises(PluginError, match="holds another one"):
+            import_object(f"{MODULE}:width", "model.factory", tmp_path / "b")
+        assert import_object(f"{MODULE}:width", "model.factory", tmp_path / "c")() == 4
+    finally:
+        sys.modules.pop(MODULE, None)
