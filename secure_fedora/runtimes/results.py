@@ -415,12 +415,29 @@ def same_outcomes(held: Mapping[str, Any], made: Mapping[str, Any]) -> bool:
                for m, body in mine.items() if isinstance(body, dict) and "final" in body)
 
 
+def _cut_to(made: dict[str, Any], appended: Mapping[tuple[str, ...], int]) -> dict[str, Any]:
+    """``made`` with the list at each key path of ``appended`` cut to the length given there
+    (the run's own record, as its checkpoint held it: what a resume appended is no difference,
+    an edited, added or removed entry of the held document's record still is one)."""
+    cut = json.loads(json.dumps(made))
+    for (*parents, last), length in appended.items():
+        mine = cut
+        for key in parents:
+            mine = mine.get(key) if isinstance(mine, dict) else None
+        if isinstance(mine, dict) and isinstance(mine.get(last), list):
+            mine[last] = mine[last][:length]
+    return cut
+
+
 def kept_results(path: Path, results: dict[str, Any], *, anchored: Callable[[], bool] | None,
                  warn: Callable[[str], None],
-                 process_keys: Collection[str] = PROCESS_KEYS) -> dict[str, Any] | None:
+                 process_keys: Collection[str] = PROCESS_KEYS,
+                 appended: Mapping[tuple[str, ...], int] | None = None) -> dict[str, Any] | None:
     """The results.json document at ``path`` when a resume that trained nothing keeps it as it
     is: without DP (``anchored`` None) a JSON object holding ``results`` but for
-    ``process_keys``; under DP ``anchored()`` says that the run's anchor.json (signed, the
+    ``process_keys`` and for what the resume appended to the records of ``appended`` (key
+    path -> the record's length in the checkpoint it resumed, e.g. Flower's events); under DP
+    ``anchored()`` says that the run's anchor.json (signed, the
     runtime checks it) anchors its bytes and the run as it stands, and it states the outcomes
     of ``results`` (:func:`same_outcomes`: a document an older version laid out otherwise is
     kept). None, with a ``warn`` naming why, when it is to be written again."""
@@ -441,7 +458,7 @@ def kept_results(path: Path, results: dict[str, Any], *, anchored: Callable[[], 
 
         # under DP the anchor alone vouches for the file: an edited compute or version
         # is not signed again
-        if anchored is None and ours(held) == ours(made):
+        if anchored is None and ours(held) == ours(_cut_to(made, appended or {})):
             return held
         if anchored is not None and anchored() and same_outcomes(held, made):
             return held
@@ -455,7 +472,8 @@ def write_run_results(run_dir: Path, results: dict[str, Any],
                       history: Sequence[Mapping[str, Any]], *, trained_nothing: bool,
                       anchor: Callable[[], bool] | None, anchored: Callable[[], bool] | None,
                       warn: Callable[[str], None],
-                      process_keys: Collection[str] = PROCESS_KEYS) -> dict[str, Any]:
+                      process_keys: Collection[str] = PROCESS_KEYS,
+                      appended: Mapping[tuple[str, ...], int] | None = None) -> dict[str, Any]:
     """Write a finished run's results.json (``results``, strict JSON, atomically) and, under
     DP, its anchor (``anchor()`` signs and writes it, True when it replaced anchor.json; see
     :func:`~secure_fedora.secure.anchor.write_anchor`); returns the results document the run
@@ -473,7 +491,7 @@ def write_run_results(run_dir: Path, results: dict[str, Any],
              "again from its checkpoints")
         write_rounds_csv(run_dir, history)
     kept = kept_results(run_dir / "results.json", results, anchored=anchored, warn=warn,
-                        process_keys=process_keys) if trained_nothing else None
+                        process_keys=process_keys, appended=appended) if trained_nothing else None
     if kept is None:
         atomic_write_text(run_dir / "results.json", strict_json(results))
     else:

@@ -1534,9 +1534,10 @@ _SERVER_FORMAT = "secure-fedora/flower-server/v1"
 
 #: The results.json keys that state the ServerApp process that wrote it rather than the run:
 #: a resume that trains nothing (its first contact made again, maybe with SuperNodes under new
-#: node ids) keeps a document that differs from its own only there.
-PROCESS_KEYS = _RUN_PROCESS_KEYS | {"seconds_total", "timings", "node_of_client", "events",
-                                    "security", "max_in_flight"}
+#: node ids) keeps a document that differs from its own only there, and in what that first
+#: contact appended to the run's ``events`` and ``security.rejections`` (restored from the
+#: checkpoint: an edited, added or removed entry of the run's own is still a difference).
+PROCESS_KEYS = _RUN_PROCESS_KEYS | {"seconds_total", "timings", "node_of_client", "max_in_flight"}
 
 
 class ResumeRefused(DeployError):
@@ -2155,8 +2156,12 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
             _say(f"removed {leftover}, a result write of an earlier ServerApp that was interrupted")
     n = cfg.data.num_clients
     server = _Server(settings=settings, run_id=run_id, plans=plans)
+    restored: dict[tuple[str, ...], int] = {}
     if resumed is not None:
         _restore_server(server, resumed)
+        # the run's records as checkpointed: a resume's first contact may append to them
+        restored = {("events",): len(server.events),
+                    ("security", "rejections"): len(server.rejections)}
         _say(f"run {run_id}: resuming from {settings.result_dir / SERVER_CHECKPOINT} "
              f"({sorted(server.outcomes)} finished)")
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
@@ -2258,7 +2263,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
             settings.result_dir, results, server.history, trained_nothing=trained_nothing,
             anchor=(lambda: _write_server_anchor(server)) if dp else None,
             anchored=(lambda: _server_anchor_kept(server)) if dp else None,
-            warn=lambda message: _say(f"warning: {message}"), process_keys=PROCESS_KEYS)
+            warn=lambda message: _say(f"warning: {message}"), process_keys=PROCESS_KEYS,
+            appended=restored if trained_nothing else None)
         write_plots(settings.result_dir, server.history, results, server.relatedness)
     _save_server_checkpoint(server, None, finished=True)
     return results

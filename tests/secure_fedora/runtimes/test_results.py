@@ -188,3 +188,26 @@ def test_fedora_compares_with_every_local_only_method_it_ran_with_not_a_name() -
         assert doc["comparison"] == {"fedora_below_own_local_x": 1, "fedora_below_local": 3}
     finally:
         METHODS.unregister("own_local_x")
+
+
+def test_kept_results_allow_only_what_a_resume_appended_to_a_run_record(tmp_path):
+    """A record the resume continues (key path -> its length in the checkpoint) may have grown
+    in the resume's document; the held one must hold exactly the checkpointed entries."""
+    import json
+
+    from secure_fedora.runtimes.results import kept_results
+
+    made = {"name": "r", "events": [{"e": 1}, {"e": "resume's first contact"}],
+            "security": {"rejections": [{"r": 1}]}}
+    appended = {("events",): 1, ("security", "rejections"): 1}
+    path = tmp_path / "results.json"
+    warnings: list[str] = []
+    for events, kept in (([{"e": 1}], True), ([], False), ([{"e": 2}], False),
+                         ([{"e": 1}, {"e": 3}], False)):
+        held = {**made, "events": events}
+        path.write_text(json.dumps(held))
+        got = kept_results(path, made, anchored=None, warn=warnings.append, appended=appended)
+        assert (got == held) if kept else got is None, events
+    path.write_text(json.dumps({**made, "events": [{"e": 1}], "security": {"rejections": []}}))
+    assert kept_results(path, made, anchored=None, warn=warnings.append, appended=appended) is None
+    assert len(warnings) == 4

@@ -628,3 +628,31 @@ def test_a_serverapp_killed_before_its_finished_checkpoint_writes_a_damaged_file
                         allowlist=tmp_path / "ids" / "server" / "allowlist.json",
                         anchor=res / "anchor.json")
     assert report.errors == [], report.errors
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("record", ["events", "rejections"])
+def test_a_no_op_resume_without_dp_writes_again_a_results_json_whose_run_records_were_edited(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        record: str) -> None:
+    """Without DP nothing but this comparison vouches for a kept results.json. The run's
+    ``events`` and ``security.rejections`` were left out of it as if the resumed ServerApp
+    stated them, so an event or rejection added to (or removed from) the file was kept without
+    a word; they are the run's records, restored from its checkpoint, which the resume's first
+    contact can only append to: an edited one is now written again, with a warning."""
+    rc = _killed_at_the_end(tmp_path, monkeypatch, tiny_config(rounds=2), "finished")
+    res = tmp_path / "res"
+    made = json.loads((res / "results.json").read_text())
+    doc = json.loads(json.dumps(made))
+    fake = {"method": "fedora", "round": 1, "client": 0, "node": 5, "event": "dropped"}
+    if record == "events":
+        doc["events"].append(fake)
+    else:
+        doc["security"]["rejections"].append({"round": 1, "node": 5, "reason": "forged"})
+    (res / "results.json").write_text(json.dumps(doc, indent=2))
+    capsys.readouterr()
+    resumed = _resume(tmp_path, rc)
+    said = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert any(f"{res / 'results.json'} does not state" in line for line in said), said
+    assert json.loads((res / "results.json").read_text()) == resumed
+    assert resumed["events"] == made["events"] and resumed["security"] == made["security"]
