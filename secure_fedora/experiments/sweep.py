@@ -72,6 +72,7 @@ from secure_fedora.experiments.sweep_cli import (  # noqa: E402,F401  (the comma
     NON_PRIVATE_WORDS,
     _literal_methods,
     cmd_sweep,
+    main,
     parse_epsilon,
     register,
 )
@@ -1123,6 +1124,4 @@ def write_outputs(out: Path, cfg: ExperimentConfig, rows: Sequence[SweepRow],
 
 
 if __name__ == "__main__":
-    from secure_fedora.experiments.sweep_cli import main
-
     raise SystemExit(main())

@@ -239,6 +239,19 @@ def test_sweep_help_names_every_non_private_spelling():
     assert "'none'" in help_text and "'inf'" in help_text and "non-private" in help_text
 
 
+
+def test_the_sweep_module_still_offers_its_command_line(capsys):
+    """The parser and handler moved to sweep_cli; sweep re-exported register and cmd_sweep but
+    not main, its stand-alone entry point (``python -m secure_fedora.experiments.sweep``), so
+    a script calling ``sweep.main(argv)`` failed with an ImportError."""
+    from secure_fedora.experiments import sweep_cli
+
+    assert sweep_mod.main is sweep_cli.main
+    assert sweep_mod.register is sweep_cli.register and sweep_mod.cmd_sweep is sweep_cli.cmd_sweep
+    with pytest.raises(SystemExit) as done:
+        sweep_mod.main(["sweep", "--help"])
+    assert done.value.code == 0 and "--epsilons" in capsys.readouterr().out
+
 def test_epsilons_that_print_alike_get_distinct_cells():
     """1 and 1.0000001 shared the label "1" (6 significant digits): the second cell's training
     collided with the first's checkpoint in eps-1/. Labels now read back exactly; the usual
