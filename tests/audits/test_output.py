@@ -105,17 +105,17 @@ def test_a_directory_or_fifo_is_refused_even_with_force(pristine_run, tmp_path, 
 
 def test_a_file_put_in_place_during_the_audit_is_kept(pristine_run, tmp_path, monkeypatch, capsys):
     """The path is checked again just before writing: a file created while the audit ran."""
-    import audits.cli as cli
+    import audits.verify as verify  # audits.cli's handlers import verify_run when they run
 
     path = tmp_path / "v.json"
-    real = cli.verify_run
+    real = verify.verify_run
 
     def verify_then_create(*args, **kwargs):
         report = real(*args, **kwargs)
         path.write_text("created meanwhile\n")
         return report
 
-    monkeypatch.setattr(cli, "verify_run", verify_then_create)
+    monkeypatch.setattr(verify, "verify_run", verify_then_create)
     assert _verify(pristine_run, path) == 2
     assert "not a previous `audit verify` JSON report" in capsys.readouterr().err
     assert path.read_text() == "created meanwhile\n"
