@@ -984,7 +984,9 @@ def hello(message: Message, context: Context) -> Message:
     can name facts of the data); the full text is in the node's own log either way
     (:data:`CLIENT_ERRORS_LOG`). The reply, a refusal too, states which of the two this
     client's error texts are (``client-errors``), so that the run's results and a stop at
-    first contact can say it per client."""
+    first contact can say it per client. An accepted reply states the device this client
+    resolved (``device``: ``[training] device``, "auto" resolved on this node) and the torch
+    thread count it runs on (``threads``), which results.json's ``compute`` records."""
     started = time.time()
     # the reply carries the hello's epoch (its envelope round): the server accepts no other
     settings, node, security, request = _open_request(message, context, HELLO_SCOPE)
@@ -994,7 +996,8 @@ def hello(message: Message, context: Context) -> Message:
     try:
         client = ensure_partition(node, settings.experiment)
         schema = DataSchema.of(client)
-        client_context(settings.experiment, node.partition_id, client)  # its checks alone
+        # its checks alone, and the device it resolved (training.device) for every stage
+        device = client_context(settings.experiment, node.partition_id, client).init.device
     except ToolkitError as err:
         if not isinstance(err, ValueError):  # a node's state or deployment: not the input
             raise
@@ -1014,6 +1017,7 @@ def hello(message: Message, context: Context) -> Message:
         "multilabel": schema.multilabel, "train": int(client.train_x.shape[0]),
         "val": int(client.val_x.shape[0]), "test": int(client.test_x.shape[0]),
         "client-errors": _client_errors_mode(context),
+        "device": device.type, "threads": torch.get_num_threads(),
     }
     for key in ("rotation_degrees", "group", "classes"):
         value = client.meta.get(key)

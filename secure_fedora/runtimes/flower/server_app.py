@@ -116,7 +116,7 @@ from secure_fedora.algorithms.contract import (
     round_statistics_of,
     with_sat_out_statistics,
 )
-from secure_fedora.core.config import ExperimentConfig, model_selection
+from secure_fedora.core.config import MAX_THREADS, ExperimentConfig, model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import strict_json
 from secure_fedora.learning.client import PULL_DIVERGED, PULL_RESUME_HINT
@@ -440,6 +440,10 @@ class _Server:
     sizes: dict[int, dict[str, Any]] = field(default_factory=dict)
     # what each client's error texts tell this server, as its hello reply states it
     client_errors: dict[int, str] = field(default_factory=dict)
+    # the device and torch threads each client trains on, as its hello replies state them
+    # (each distinct statement once, in order: a node that took a client over mid-run may
+    # state others)
+    client_compute: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     schema: DataSchema | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
@@ -1211,6 +1215,11 @@ def _data_facts(schema: DataSchema, sizes: Mapping[int, Mapping[str, Any]], n: i
 #: Why a first-contact reply lacks ``client-errors``: the field every current ClientApp sends.
 _OUTDATED = ("a ClientApp older than this server's protocol (the field is missing; its error "
              "texts cannot be taken for withheld)")
+#: Why a first-contact reply lacks ``device`` and ``threads``: fields every current ClientApp sends.
+_OUTDATED_COMPUTE = ("a ClientApp older than this server's protocol (the fields are missing; "
+                     "results.json cannot state the device and threads it trains on)")
+#: The devices a ClientApp may state (``resolve_device``'s).
+_DEVICES = ("cpu", "cuda")
 
 
 def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
@@ -1223,9 +1232,13 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
     client's ``client-errors`` (what its error texts tell this server), as its refusal states
     it. A reply without ``client-errors`` (a ClientApp older than this server's protocol) stops
     the run with a DeployError saying so: its error texts would be taken for withheld, which
-    the server cannot tell."""
+    the server cannot tell. So does one without ``device`` and ``threads`` (results.json
+    states the compute the clients stated, never a guess); each accepted reply's pair is
+    recorded in ``server.client_compute``, and a client stating another pair than before (a
+    node that took it over mid-run) is an event."""
     refused: dict[int, str] = {}
     outdated: list[int] = []
+    outdated_compute: list[int] = []
     for cid, (reply, env) in sorted(replies.items()):
         if "refusal" in reply.content:
             record = reply.content["refusal"]
@@ -1246,6 +1259,9 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
         if isinstance(info, ConfigRecord) and "client-errors" not in info:
             outdated.append(cid)
             continue
+        if isinstance(info, ConfigRecord) and not {"device", "threads"} <= set(info.keys()):
+            outdated_compute.append(cid)
+            continue
         try:
             shape = info["input-shape"]
             if not isinstance(shape, list) or not all(isinstance(v, int) and v > 0 for v in shape):
@@ -1258,6 +1274,12 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             errors = info["client-errors"]
             if errors not in CLIENT_ERRORS_MODES:
                 raise ValueError(f"client-errors {errors!r}")
+            device, threads = info["device"], info["threads"]
+            if device not in _DEVICES:
+                raise ValueError(f"device {device!r}")
+            if isinstance(threads, bool) or not isinstance(threads, int) \
+                    or not 1 <= threads <= MAX_THREADS:
+                raise ValueError(f"threads {threads!r}")
         except (KeyError, TypeError, ValueError) as err:
             server.reject(0, cid, server.node_of_client.get(cid),
                           _malformed(env, f"hello reply malformed ({err})"), "not identified")
@@ -1265,6 +1287,13 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
         schemas[cid] = schema
         server.sizes[cid] = sizes
         server.client_errors[cid] = str(errors)
+        stated = server.client_compute.setdefault(cid, [])
+        if {"device": device, "threads": threads} not in stated:
+            if stated:
+                server.event(0, cid, server.node_of_client.get(cid),
+                             f"states device {device} with {threads} torch threads (stated "
+                             f"before: {', '.join(_compute_text(c) for c in stated)})")
+            stated.append({"device": str(device), "threads": int(threads)})
     if refused:
         first = min(refused)
         others = sorted(set(refused) - {first})
@@ -1278,6 +1307,33 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             f"answered the first contact without client-errors: {_OUTDATED}. Update "
             "secure-fedora on those SuperNodes and start the run again; the run stops before "
             "any method message or release")
+    if outdated_compute:
+        raise DeployError(
+            f"clients {outdated_compute} (nodes "
+            f"{[server.node_of_client.get(c) for c in outdated_compute]}) answered the first "
+            f"contact without device and threads: {_OUTDATED_COMPUTE}. Update secure-fedora on "
+            "those SuperNodes and start the run again; the run stops before any method message "
+            "or release")
+
+
+def _compute_text(stated: Mapping[str, Any]) -> str:
+    return f"{stated['device']} with {stated['threads']}"
+
+
+def _compute_statement(stated: Mapping[int, Sequence[Mapping[str, Any]]], n: int) -> dict[str, Any]:
+    """results.json ``compute`` of a Flower run: what the clients trained on, as their hello
+    replies to this ServerApp stated it (a resume: the resumed run's). ``device`` and
+    ``threads`` are the one device and the one torch thread count every client stated (as in
+    process, where the one process trains), else "mixed"; ``by_client`` each client's (a
+    value a client stated differently over the run, from a node that took it over: "mixed";
+    the events name both); ``server_threads`` the ServerApp's own torch threads."""
+    def one(values: Sequence[Any]) -> Any:
+        return values[0] if len(set(values)) == 1 else "mixed"
+
+    by_client = {str(c): {key: one([s[key] for s in stated[c]]) for key in ("device", "threads")}
+                 for c in range(n)}
+    return {key: one([row[key] for row in by_client.values()]) for key in ("device", "threads")} \
+        | {"server_threads": torch.get_num_threads(), "by_client": by_client}
 
 
 def _stop_for_pull(server: _Server, run: _MethodRun, rnd: int, client: int, node: int) -> None:
@@ -2240,7 +2296,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         privacy={name: _privacy_section(server, name) for name in cfg.methods}
         if cfg.privacy.enabled else None,
         clients=client_rows([server.sizes[c] for c in range(n)]),
-        compute={"threads": settings.num_threads, "device": "cpu"},
+        compute=_compute_statement(server.client_compute, n),
         assumptions=assumptions,
         runtime_keys={
             "run_id": run_id,
