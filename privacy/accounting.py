@@ -903,6 +903,51 @@ def format_down(value: float, decimals: int) -> str:
     return _format_rounded(value, decimals, decimal.ROUND_FLOOR)
 
 
+def format_exact(value: float) -> str:
+    """A bound (a budget epsilon, a delta, a target) as text that reads as exactly ``value``:
+    as ``:g`` shows it where that is the value (2.0 is "2", 1e-05 "1e-05"), else the float's
+    shortest round-trip form (1.0000001 is "1.0000001", where ``:g`` rounds it to "1" and a
+    spend above it could read as at or under it). Infinite and NaN values as ``str`` shows them."""
+    value = float(value)
+    short = f"{value:g}"
+    return short if not math.isfinite(value) or float(short) == value else repr(value)
+
+
+def spent_decimals(budget: float | None, least: int) -> int:
+    """Decimals to show an epsilon spent under ``budget`` with: at least ``least``, and as many
+    as the budget's shortest decimal form has, so that a spend rounded up reads above the
+    budget's exact form (:func:`format_exact`) exactly when it is above (0.0623 of a budget
+    0.0625 reads "0.063" at three decimals, above the budget it stays under)."""
+    if budget is None or not math.isfinite(budget):
+        return least
+    exponent = decimal.Decimal(repr(float(budget))).as_tuple().exponent
+    return max(least, -exponent if isinstance(exponent, int) else 0)
+
+
+def format_spent(spent: float, budget: float | None, decimals: int = 4) -> str:
+    """An epsilon ``spent`` (or planned) shown beside its ``budget``: rounded up as
+    :func:`format_up` rounds, at ``decimals`` decimals or the budget's own
+    (:func:`spent_decimals`), so it reads above the budget exactly when it is above."""
+    return format_up(spent, spent_decimals(budget, decimals))
+
+
+def format_against(claim: float, bounds: Sequence[float], decimals: int) -> tuple[str, list[str]]:
+    """``claim`` rounded up (:func:`format_up`) and each of ``bounds`` rounded down
+    (:func:`format_down`), all at the fewest decimals, at least ``decimals``, at which each
+    shown bound reads above the shown claim exactly when the bound is above the claim: an
+    audit's lower bound 1.00004 over a claim 1.0 reads "1.00004" over "1.00000" (at four
+    decimals both read "1.0000", as if the claim were not refuted)."""
+    shown = decimals
+    while True:
+        claim_s = format_up(claim, shown)
+        bounds_s = [format_down(b, shown) for b in bounds]
+        if all((decimal.Decimal(b_s) > decimal.Decimal(claim_s)) == (b > claim)
+               for b, b_s in zip(bounds, bounds_s, strict=True)
+               if not (math.isnan(b) or math.isnan(claim))):
+            return claim_s, bounds_s
+        shown += 1  # exact once ``shown`` reaches the values' own decimals: the loop ends
+
+
 def _format_rounded(value: float, decimals: int, rounding: str) -> str:
     """``value``'s shortest decimal form quantized to ``decimals`` decimals with ``rounding``
     (a ``decimal`` rounding mode); infinite and NaN values as ``str`` shows them. A nonzero

@@ -28,7 +28,6 @@ used inside their client, not published (publishing one would be a further relea
 from __future__ import annotations
 
 import csv
-import decimal
 import io
 import json
 import logging
@@ -41,7 +40,7 @@ from typing import Any
 
 import matplotlib
 
-from privacy.accounting import format_up
+from privacy.accounting import format_exact, format_spent
 from privacy.errors import ToolkitError
 
 matplotlib.use("Agg")
@@ -169,10 +168,7 @@ def epsilon_label(epsilon: float | None) -> str:
     """``"none"`` for non-private, else a decimal form that reads back as exactly ``epsilon``:
     the short ``g`` form where it does (``"0.5"``, ``"8"``), else Python's shortest round-trip
     form (``"1.0000001"``), so two epsilons never share a label (or a cell directory)."""
-    if epsilon is None:
-        return "none"
-    short = format(epsilon, "g")
-    return short if float(short) == epsilon else repr(float(epsilon))
+    return "none" if epsilon is None else format_exact(epsilon)
 
 
 
@@ -339,7 +335,8 @@ def _data_setup(cfg: ExperimentConfig) -> str:
 def privacy_settings(cfg: ExperimentConfig) -> str:
     """One line naming the privacy-relevant settings a cell config runs with."""
     p = cfg.privacy
-    head = f"privacy on, epsilon {p.epsilon:g}, delta {p.delta:g}" if p.enabled else "privacy off"
+    head = (f"privacy on, epsilon {format_exact(p.epsilon)}, delta {format_exact(p.delta)}"
+            if p.enabled else "privacy off")
     if p.enabled and p.noise == "reproducible":
         head += (" (noise reproducible: NOT private against anyone who knows the config, its "
                  "noise can be replayed)")
@@ -942,26 +939,16 @@ def rows_to_csv(rows: Iterable[SweepRow]) -> str:
             _fmt(r.acc_mean, 6), _fmt(r.acc_min, 6), _fmt(r.acc_std, 6),
             _fmt(r.client_min_mean, 6), _fmt(r.worse_than_local_mean, 2),
             "" if r.epsilon_spent_max is None
-            else format_up(r.epsilon_spent_max, _spent_decimals(r.epsilon, 4)),
+            else format_spent(r.epsilon_spent_max, r.epsilon, 4),
         ])
     return buf.getvalue()
-
-
-def _spent_decimals(epsilon: float | None, least: int) -> int:
-    """Decimals to show an epsilon spent under budget ``epsilon`` with: at least ``least``,
-    and as many as the budget's shortest decimal form has, so a spend rounded up is never
-    shown above a budget it stays under (0.0623 of 0.0625 read "0.063" at three)."""
-    if epsilon is None or not math.isfinite(epsilon):
-        return least
-    exponent = decimal.Decimal(repr(float(epsilon))).as_tuple().exponent
-    return max(least, -exponent if isinstance(exponent, int) else 0)
 
 
 def _spent_label(row: SweepRow) -> str:
     if row.epsilon is None:
         return "-"
     spent = row.epsilon_spent_max
-    return "not reported" if spent is None else format_up(spent, _spent_decimals(row.epsilon, 3))
+    return "not reported" if spent is None else format_spent(spent, row.epsilon, 3)
 
 
 def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: str = "accuracy",

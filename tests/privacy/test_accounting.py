@@ -585,6 +585,47 @@ def test_a_value_below_one_unit_of_the_last_decimal_is_shown_readably_and_still_
         assert Decimal(format_down(value, 4)) <= exact <= Decimal(format_up(value, 4))
 
 
+@pytest.mark.parametrize("budget", [1.0, 0.0625, 0.03125, 1.23456789, 1.0000001, 2.5e-9, 1e6 + 0.5])
+def test_a_spend_shown_beside_its_budget_reads_on_the_same_side_of_it(budget):
+    """An epsilon spent rounded up to four decimals read above a budget of more decimals that
+    it stays under (0.03124 of 0.03125 as "0.0313"); the budget itself, shown with :g (six
+    significant digits, to nearest), could read under a spend above it (1.0000001 as "1")."""
+    from decimal import Decimal
+
+    from privacy.accounting import format_exact, format_spent
+
+    shown_budget = Decimal(format_exact(budget))
+    assert shown_budget == Decimal(repr(budget))
+    under, over = math.nextafter(budget, 0.0), math.nextafter(budget, math.inf)
+    for spent in (under, budget * 0.999999, budget, over, budget * 1.000001):
+        shown = Decimal(format_spent(spent, budget))
+        assert (shown > shown_budget) == (spent > budget), (spent, budget, shown)
+        assert shown >= Decimal(repr(spent))  # still rounded up
+    assert format_spent(0.03124, 0.03125) == "0.03124" and format_spent(2.98341, 3.0) == "2.9835"
+    assert (format_exact(4.0), format_exact(1e-5), format_exact(1.2345678e-5)) == \
+        ("4", "1e-05", "1.2345678e-05")
+
+
+@pytest.mark.parametrize(("claim", "bounds"), [
+    (1.0, [1.00004, 8.1]), (1.0, [0.99996, 1.00003]), (0.5, [0.5, 0.5]),
+    (2.98341, [2.98342, 2.98341]), (1e-7, [1.000001e-7, 3.0]), (1.0, [math.inf, 0.0])])
+def test_a_claim_and_the_bounds_against_it_read_in_the_order_of_the_values(claim, bounds):
+    """An audit's claim rounded up to four decimals beside its lower bound and certifiable
+    maximum to four significant digits: a lower bound 1.00004 over a claim 1.0 (refuted) read
+    "1" beside "1.0000", a certifiable maximum 1.00003 (consistent) read at the claim."""
+    from decimal import Decimal
+
+    from privacy.accounting import format_against
+
+    claim_s, bounds_s = format_against(claim, bounds, 4)
+    assert Decimal(claim_s) >= Decimal(repr(claim))
+    for bound, shown in zip(bounds, bounds_s, strict=True):
+        assert (Decimal(shown) > Decimal(claim_s)) == (bound > claim), (bound, shown, claim_s)
+        assert Decimal(shown) <= Decimal(repr(bound))
+    assert format_against(1.0, [1.00004, 8.1], 4) == ("1.00000", ["1.00004", "8.10000"])
+    assert format_against(2.0, [0.5, 8.1], 4) == ("2.0000", ["0.5000", "8.1000"])
+
+
 def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_less():
     """The report showed 2.0363 of a budget of 2.909 (exactly 70%) as "70.1%": format_up of
     the float share 70.00000000000001 rounds up. The share is now taken exactly of the

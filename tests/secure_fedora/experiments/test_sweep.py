@@ -702,6 +702,19 @@ def test_an_epsilon_spent_under_a_budget_of_more_decimals_is_not_shown_above_it(
     assert "| n/a | 0.0623 |" in md
 
 
+def test_the_settings_line_shows_the_budget_and_delta_exactly():
+    """sweep.md's settings line showed epsilon and delta with :g (six significant digits,
+    to nearest): a budget of 1.0000001 read "1", under the spend "1.0000001" its row showed
+    (whose budget it is), and a delta of 1.2345678e-05 read as the larger 1.23457e-05."""
+    def settings(epsilon: float, delta: float) -> str:
+        return sweep_mod.privacy_settings(tiny(privacy={"enabled": True, "epsilon": epsilon,
+                                                        "delta": delta},
+                                               fedora={"relatedness": "noised"}))
+    assert settings(1.0000001, 1.2345678e-5).startswith(
+        "privacy on, epsilon 1.0000001, delta 1.2345678e-05;")
+    assert settings(4.0, 1e-5).startswith("privacy on, epsilon 4, delta 1e-05;")
+
+
 @pytest.mark.skipif(NO_PRIVACY or not _dp_runtime(), reason="this build has no DP runtime")
 def test_sweep_md_states_what_its_epsilon_does_not_cover(tmp_path):
     """sweep.md listed the fedavg_ft row (fine-tuned outside the ledgers) with the cell's
