@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from audits.options import CLI_AUDIT_OPTIONS, DEFAULT_PLD_CHECKPOINTS, DEFAULT_REL_TOL
 from audits.output import write_output_file
-from audits.verdict import VERIFICATION_EXIT
-from privacy.accounting import format_down, format_up
+from audits.verdict import VERIFICATION_EXIT, audit_figures
+from privacy.accounting import format_down, format_exact, format_spent, format_up
 from secure_fedora.core.errors import one_line
 from secure_fedora.core.files import strict_json
 
@@ -115,13 +115,17 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
     if listed:
         print("ledgers" + ("" if verbose else " with errors or warnings") + ":", file=out)
     for c in listed:
+        # every epsilon of the line at the budget's decimals too: it reads above the budget
+        # (shown exactly) exactly when it is above
         ind = "n/a" if c.independent_final_epsilon is None \
-            else format_up(c.independent_final_epsilon, 4)
-        budget = "n/a" if c.budget_epsilon is None else f"{c.budget_epsilon:g}"
+            else format_spent(c.independent_final_epsilon, c.budget_epsilon)
+        budget = "n/a" if c.budget_epsilon is None else format_exact(c.budget_epsilon)
         label = c.client_id if c.method is None else f"{c.method}/{c.client_id}"
         cross = "" if c.cross_difference is None else \
-            f"; {c.cross_method} {format_up(c.cross_final_epsilon, 4)} ({100 * c.cross_difference:+.1f}%)"
-        print(f"  {label}: {c.entries} entries, epsilon {format_up(c.final_epsilon, 4)} (independent"
+            (f"; {c.cross_method} {format_spent(c.cross_final_epsilon, c.budget_epsilon)}"
+             f" ({100 * c.cross_difference:+.1f}%)")
+        print(f"  {label}: {c.entries} entries, epsilon"
+              f" {format_spent(c.final_epsilon, c.budget_epsilon)} (independent"
               f" {ind}{cross}) of budget {budget}{', refused' if c.refused else ''}"
               f" -> {'ok' if c.ok else 'FAILED'}", file=out)
     print(report.verdict_text, file=out)
@@ -190,12 +194,11 @@ VERDICT_EXIT = {"consistent": 0, "refuted": 1, "inconclusive": 3}
 
 
 def _print_audit_summary(doc: dict[str, Any]) -> None:
-    # a claimed epsilon rounded up, as every epsilon a user reads (never below the claim)
-    claim = "none (non-private)" if doc["claim_epsilon"] is None \
-        else format_up(doc["claim_epsilon"], 4)
-    print(f"  claimed epsilon {claim}; certifiable maximum {doc['certifiable_max']:.4g}"
+    claim, (lower, most) = audit_figures(doc["claim_epsilon"], doc["lower_bound"],
+                                         doc["certifiable_max"])
+    print(f"  claimed epsilon {claim}; certifiable maximum {most}"
           f" (a perfect attacker, confidence {doc['confidence']:g});"
-          f" measured lower bound {doc['lower_bound']:.4g}")
+          f" measured lower bound {lower}")
     print(f"  verdict: {doc['verdict_text']}")
 
 
@@ -415,9 +418,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     s = result.setup
     print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"
           f" trials, {result.correct} correct guesses")
-    print(f"  epsilon lower bound {result.lower_bound:.4g} (certifiable max"
-          f" {result.certifiable_max:.4g}) at confidence {result.confidence:g}; claimed epsilon"
-          f" {format_up(result.claim_epsilon, 4)} -> {result.verdict}")
+    claim, (lower, most) = audit_figures(result.claim_epsilon, result.lower_bound,
+                                         result.certifiable_max)
+    print(f"  epsilon lower bound {lower} (certifiable max {most}) at confidence"
+          f" {result.confidence:g}; claimed epsilon {claim} -> {result.verdict}")
     print(f"  written to {path}")
     return 1 if result.verdict == "refuted" else 0
 

@@ -38,14 +38,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from audits.output import write_output_file  # noqa: E402
-from audits.verdict import audit_verdict, verdict_text  # noqa: E402
+from audits.verdict import VerdictError, audit_figures, audit_verdict, verdict_text  # noqa: E402
 from audits.verify import (  # noqa: E402
     AuditError,
     VerificationReport,
     dpsgd_claim_problem,
     verify_run,
 )
-from privacy.accounting import format_share_up, format_up  # noqa: E402
+from privacy.accounting import format_share_up, format_spent, format_up  # noqa: E402
 from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path  # noqa: E402
@@ -740,6 +740,28 @@ def _fmt_up(value: Any, decimals: int = 4) -> str:
     return _fmt(value) if number is None else format_up(number, decimals)
 
 
+def _fmt_spent(value: Any, budget: Any) -> str:
+    """An epsilon shown beside its ``budget``: rounded up at four decimals or the budget's own
+    (:func:`privacy.accounting.format_spent`), so it reads above the budget exactly when it
+    is; anything that is not a finite number as :func:`_fmt` shows it."""
+    number = _finite_or_none(value)
+    return _fmt(value) if number is None else format_spent(number, _finite_or_none(budget))
+
+
+def _audit_figures(row: dict[str, Any]) -> tuple[str, tuple[str, str]] | None:
+    """An audit row's claim, lower bound and certifiable maximum as the audit commands print
+    them (:func:`audits.verdict.audit_figures`: each bound reads above the claim exactly when
+    it is); None where they are not numbers it takes (shown as :func:`_fmt` shows them)."""
+    lower, most = _finite_or_none(row["lower_bound"]), _finite_or_none(row["certifiable_max"])
+    claim = row["claim_epsilon"]
+    if lower is None or most is None or (claim is not None and _finite_or_none(claim) is None):
+        return None
+    try:
+        return audit_figures(claim, lower, most)
+    except VerdictError:  # a negative bound: not a figure of a valid document
+        return None
+
+
 def _share_up(spent: Any, budget: Any, used: Any) -> str:
     """The share of the budget spent, in percent to one decimal, rounded up from the recorded
     epsilon and budget (:func:`privacy.accounting.format_share_up`: an exactly spent 70% is
@@ -816,8 +838,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
          "independent \u03b5", "budget used", "entries", "refused", "verified"],
         [[_e(r["method"]), _e(r["client_id"]), _fmt_exact(r["budget_epsilon"]),
           _fmt_exact(r["delta"]),
-          _fmt(r["accountant"]), _fmt_up(r["recorded_epsilon"]),
-          _fmt_up(r["independent_epsilon"]),
+          _fmt(r["accountant"]), _fmt_spent(r["recorded_epsilon"], r["budget_epsilon"]),
+          _fmt_spent(r["independent_epsilon"], r["budget_epsilon"]),
           _share_up(r["recorded_epsilon"], r["budget_epsilon"], r["budget_used"]),
           str(r["entries"]), _fmt(r["refused"]),
           f"<span class=\"{'ok' if r['verified'] else 'bad'}\">"
@@ -840,7 +862,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
               _fmt_exact(r.get("delta")), _fmt_exact(r.get("noise_multiplier")),
               _fmt_exact(r.get("sample_rate")),
               _fmt(r.get("steps_per_round")), _fmt(r.get("rounds")),
-              _fmt_up(r.get("planned_epsilon")), _e("; ".join(map(str, _list(r.get("releases")))))]
+              _fmt_spent(r.get("planned_epsilon"), r.get("epsilon_budget")), _e("; ".join(map(str, _list(r.get("releases")))))]
              for r in plan["plan"]],
             left=(0, 9),
         ))
@@ -907,8 +929,13 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         else:
             verdict = f"not run (<code>{_e(a['command'])}</code>)"
             claim = "&ndash;"
-        audit_rows.append([_e(a["audit"]), _e(a["title"]), claim, _fmt(a["certifiable_max"]),
-                           _fmt(a["lower_bound"]), _fmt(a["confidence"]), verdict])
+        most, lower = _fmt(a["certifiable_max"]), _fmt(a["lower_bound"])
+        figures = _audit_figures(a)
+        if figures is not None:
+            shown_claim, (lower, most) = figures
+            claim = claim if a["claim_epsilon"] is None else shown_claim
+        audit_rows.append([_e(a["audit"]), _e(a["title"]), claim, most, lower,
+                           _fmt(a["confidence"]), verdict])
     parts.append(_table(["audit", "what", "claimed \u03b5", "certifiable max",
                          "measured lower bound", "confidence", "verdict"], audit_rows,
                         left=(0, 1, 6)))

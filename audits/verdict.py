@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from audits.arguments import check_open_fraction
+from privacy.accounting import format_against, format_down
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 
 __all__ = ["AUDIT_NAMES", "NO_DP_CLAIM_EXIT", "VERDICTS", "VERIFICATION_EXIT",
-           "VERIFICATION_VERDICTS", "VerdictError", "audit_document", "audit_verdict",
+           "VERIFICATION_VERDICTS", "VerdictError", "audit_document", "audit_figures", "audit_verdict",
            "config_claim_problem", "config_rebuild_problem", "verdict_text", "verification_verdict",
            "verification_verdict_text", "write_audit_json"]
 
@@ -117,6 +118,21 @@ def audit_verdict(claim_epsilon: float | None, certifiable_max: float,
     return "consistent"
 
 
+def audit_figures(claim_epsilon: float | None, lower_bound: float, certifiable_max: float,
+                  decimals: int = 4) -> tuple[str, tuple[str, str]]:
+    """The claim, the lower bound and the certifiable maximum as a user reads them: the claim
+    rounded up, the two bounds rounded down, at ``decimals`` decimals or as many more as keep
+    each bound reading above the claim exactly when it is above (so the printed comparison is
+    the verdict's: a lower bound 1.00004 over a claim 1.0 reads "1.00004" over "1.00000", not
+    "1" beside "1.0000"). No finite claim: ``"none (non-private)"``."""
+    claim = _finite_or_none(claim_epsilon)
+    if claim is None:
+        return "none (non-private)", (format_down(lower_bound, decimals),
+                                      format_down(certifiable_max, decimals))
+    claim_s, (lower_s, most_s) = format_against(claim, [lower_bound, certifiable_max], decimals)
+    return claim_s, (lower_s, most_s)
+
+
 def verdict_text(verdict: str, claim_epsilon: float | None, certifiable_max: float,
                  lower_bound: float) -> str:
     """One line for people: the verdict and the numbers behind it. VerdictError naming the
@@ -126,19 +142,18 @@ def verdict_text(verdict: str, claim_epsilon: float | None, certifiable_max: flo
     if verdict != given:
         raise VerdictError(f"verdict {verdict!r:.80} is not what these numbers give"
                            f" ({given!r})")
-    claim = _finite_or_none(claim_epsilon)
+    # each figure as audit_figures shows it, so the comparison read is the verdict's
+    claim_s, (lower, most) = audit_figures(claim_epsilon, lower_bound, certifiable_max)
     if verdict == "refuted":
-        return (f"refuted: the lower bound {lower_bound:.3g} exceeds the claimed epsilon"
-                f" {claim:.3g}")
+        return f"refuted: the lower bound {lower} exceeds the claimed epsilon {claim_s}"
     if verdict == "consistent":
-        return (f"consistent: lower bound {lower_bound:.3g} <= claim {claim:.3g}, and the audit"
-                f" could certify up to {certifiable_max:.3g}")
-    if claim is None:
+        return (f"consistent: lower bound {lower} <= claim {claim_s}, and the audit could certify"
+                f" up to {most}")
+    if _finite_or_none(claim_epsilon) is None:
         return (f"inconclusive: no finite privacy claim to test (non-private run); measured"
-                f" lower bound {lower_bound:.3g}, the audit cannot certify epsilon above"
-                f" {certifiable_max:.3g}")
-    return (f"inconclusive: the audit cannot certify epsilon above {certifiable_max:.3g}"
-            f" (claim {claim:.3g}; measured lower bound {lower_bound:.3g})")
+                f" lower bound {lower}, the audit cannot certify epsilon above {most}")
+    return (f"inconclusive: the audit cannot certify epsilon above {most} (claim {claim_s};"
+            f" measured lower bound {lower})")
 
 
 def audit_document(audit: str, *, claim_epsilon: float | None, certifiable_max: float,

@@ -495,3 +495,58 @@ def test_an_audits_claimed_epsilon_is_printed_rounded_up(capsys):
     _print_audit_summary({"claim_epsilon": 2.81249, "certifiable_max": 3.9, "confidence": 0.95,
                           "lower_bound": 0.5, "verdict_text": "consistent"})
     assert "claimed epsilon 2.8125;" in capsys.readouterr().out
+
+
+def test_an_audit_summary_reads_the_claim_and_its_bounds_as_the_verdict_compares_them(capsys):
+    """The claim was printed rounded up at four decimals, the lower bound and the certifiable
+    maximum at four significant digits to nearest: a lower bound 1.00004 over a claim 1.0
+    (refuted) read "1" beside "1.0000", and a certifiable maximum 1.00003 over it
+    (consistent) read "1", at the claim."""
+    from audits.cli import _print_audit_summary
+    from audits.verdict import verdict_text
+
+    text = verdict_text("refuted", 1.0, 8.1, 1.00004)
+    _print_audit_summary({"claim_epsilon": 1.0, "certifiable_max": 8.1, "confidence": 0.95,
+                          "lower_bound": 1.00004, "verdict_text": text})
+    out = capsys.readouterr().out
+    assert "claimed epsilon 1.00000; certifiable maximum 8.10000" in out
+    assert "measured lower bound 1.00004" in out
+    assert "refuted: the lower bound 1.00004 exceeds the claimed epsilon 1.00000" in out
+    _print_audit_summary({"claim_epsilon": 1.0, "certifiable_max": 1.00003, "confidence": 0.95,
+                          "lower_bound": 0.99996, "verdict_text": "consistent"})
+    out = capsys.readouterr().out
+    assert "claimed epsilon 1.00000; certifiable maximum 1.00003" in out
+    assert "measured lower bound 0.99996" in out
+    # figures apart at four decimals keep them, bounds rounded down
+    _print_audit_summary({"claim_epsilon": 2.0, "certifiable_max": 6.61234, "confidence": 0.95,
+                          "lower_bound": 0.51237, "verdict_text": "consistent"})
+    out = capsys.readouterr().out
+    assert "claimed epsilon 2.0000; certifiable maximum 6.6123" in out
+    assert "measured lower bound 0.5123" in out
+
+
+def test_audit_verify_lists_an_epsilon_beside_its_budget_on_the_right_side_of_it(capsys):
+    """The ledger listing printed the budget with :g (1.00000004 as "1") and each epsilon
+    rounded up at four decimals: a spend of 0.03124 under a budget of 0.03125 read "0.0313",
+    above it, and a spend of 1.00000003 under the budget 1.00000004 read above "1"."""
+    import io
+
+    from audits.cli import _print_verification
+    from audits.verify import ClientVerification, VerificationReport
+
+    def ledger(cid: str, budget: float, spent: float) -> ClientVerification:
+        return ClientVerification(client_id=cid, method="fedora", ledger=f"{cid}.jsonl",
+                                  entries=3, accountant="rdp", delta=1e-5, budget_epsilon=budget,
+                                  final_epsilon=spent, independent_final_epsilon=spent,
+                                  refused=False, mechanisms={}, series=[])
+
+    report = VerificationReport(run_dir="run", clients=[
+        ledger("client-000", 0.03125, 0.03124), ledger("client-001", 1.00000004, 1.00000003),
+        ledger("client-002", 3.0, 2.98341)], findings=[], rel_tol=0.01,
+        independent_accountant="rdp", allowlist="", checks=[])
+    out = io.StringIO()
+    _print_verification(report, out, verbose=True)
+    text = out.getvalue()
+    assert "epsilon 0.03124 (independent 0.03124) of budget 0.03125" in text
+    assert "epsilon 1.00000003 (independent 1.00000003) of budget 1.00000004" in text
+    assert "epsilon 2.9835 (independent 2.9835) of budget 3 ->" in text

@@ -15,6 +15,7 @@ import pytest
 
 from audits.report import ReportError, build_report, render_html, write_report
 from audits.verify import verify_run
+from privacy.accounting import format_down, format_up
 
 from .conftest import reanchor
 
@@ -212,8 +213,9 @@ def test_report_shows_the_three_empirical_audits(run_copy, tmp_path):
     assert rows["replay"]["status"] == "not run"
     text = _text_of(paths.html.read_text())
     assert "Empirical privacy audits" in text
-    assert f"inconclusive: the audit cannot certify epsilon above {0.5 * local:.3g}" in text
-    assert f"consistent: lower bound 0.1 <= claim {fedora:.3g}" in text
+    assert f"inconclusive: the audit cannot certify epsilon above {format_down(0.5 * local, 4)}" \
+        in text
+    assert f"consistent: lower bound 0.1000 <= claim {format_up(fedora, 4)}" in text
     assert "not run (secure-fedora audit replay RUN_DIR)" in text
 
     (run_copy / "audit" / "replay.json").write_text('{"audit": "canary"}')
@@ -398,6 +400,33 @@ def test_budgets_deltas_and_noise_parameters_are_shown_exactly(pristine_run):
     for rounded in (">2.718</td>", ">1.234e-05</td>", ">2.384</td>", ">2.38398</td>",
                     ">0.3333</td>", ">0.333333</td>"):
         assert rounded not in page
+
+
+def test_an_epsilon_beside_its_budget_and_an_audits_bounds_read_on_the_right_side(pristine_run):
+    """The budget and plan tables rounded an epsilon up at four decimals beside a budget of
+    more: 0.03124 spent of 0.03125 read "0.0313", above the budget it stays under (0.0078124
+    planned of 0.0078125: "0.0079"). The
+    audits table showed a lower bound 1.00004 over a claim of 1.0 (refuted) as "1" beside
+    the claim "1.0000", and its verdict text as "the lower bound 1 exceeds the claimed epsilon
+    1"."""
+    from audits.verdict import verdict_text
+
+    report = build_report(pristine_run)
+    report["budgets"][0].update(budget_epsilon=0.03125, recorded_epsilon=0.03124,
+                                independent_epsilon=0.03124, budget_used=0.03124 / 0.03125)
+    report["privacy_plan"]["plan"] = [{"method": "fedora", "clients": 3, "epsilon_budget": 0.0078125,
+                                       "planned_epsilon": 0.0078124}]
+    audit = report["empirical_audits"][0]
+    audit.update(status="run", claim_epsilon=1.0, certifiable_max=8.1, lower_bound=1.00004,
+                 confidence=0.95, verdict="refuted",
+                 verdict_text=verdict_text("refuted", 1.0, 8.1, 1.00004))
+    page = render_html(report, {})
+    assert page.count(">0.03124</td>") == 2 and ">0.03125</td>" in page
+    assert ">0.0078124</td>" in page and ">0.0078125</td>" in page
+    assert ">0.0313</td>" not in page and ">0.0079</td>" not in page
+    text = _text_of(page)
+    assert "refuted: the lower bound 1.00004 exceeds the claimed epsilon 1.00000" in text
+    assert '>1.00000</td><td class="">8.10000</td><td class="">1.00004</td>' in page
 
 
 def test_the_share_of_an_exactly_spent_budget_is_shown_exactly(pristine_run):

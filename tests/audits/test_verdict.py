@@ -148,3 +148,18 @@ def test_verdict_argument_errors_are_toolkit_errors_naming_the_argument(tmp_path
         with pytest.raises(VerdictError, match="not an audit document|not strict JSON"):
             write_audit_json(tmp_path, doc)
     assert not (tmp_path / "audit" / "canary.json").exists()
+
+
+def test_the_verdict_text_reads_its_figures_in_the_order_the_verdict_compares_them():
+    """verdict_text showed every figure at three significant digits to nearest: a lower bound
+    1.00004 over a claim 1.0 read "the lower bound 1 exceeds the claimed epsilon 1", and a
+    lower bound 2.9996 under a claim 2.9999 read "lower bound 3 <= claim 3" with the certifiable
+    maximum 3.0004 "up to 3"; a claim is now rounded up, the bounds down, at four decimals or
+    as many more as keep them apart."""
+    assert verdict_text("refuted", 1.0, 8.1, 1.00004) == \
+        "refuted: the lower bound 1.00004 exceeds the claimed epsilon 1.00000"
+    assert verdict_text("consistent", 2.9999, 3.0004, 2.9996) == \
+        "consistent: lower bound 2.9996 <= claim 2.9999, and the audit could certify up to 3.0004"
+    assert verdict_text("inconclusive", 1.0, 0.99999, 0.5) == \
+        "inconclusive: the audit cannot certify epsilon above 0.9999 (claim 1.0000; measured" \
+        " lower bound 0.5000)"
