@@ -796,7 +796,8 @@ class BudgetExceededError(ToolkitError, RuntimeError):
         self.reason = reason
         message = (
             f"client {client_id!r} round {round}: release {mechanism!r} refused; epsilon would"
-            f" reach {epsilon_would_be:.6g} > budget {budget.epsilon:.6g} (delta={budget.delta:g})"
+            f" reach {format_spent(epsilon_would_be, budget.epsilon)} > budget"
+            f" {format_exact(budget.epsilon)} (delta={format_exact(budget.delta)})"
         )
         if reason:
             message += f"; {reason}"
@@ -1029,7 +1030,8 @@ def size_error_remedy(exc: AccountingSizeError, plan: Sequence[PlannedRelease], 
     rdp = plan_epsilon(plan, delta, noise_multiplier, "rdp")
     if rdp <= target_epsilon:
         return str(exc)
-    return (f"{exc.problem}; RDP accounting gives epsilon {format_up(rdp, 4)} > {target_epsilon:g} too, "
+    return (f"{exc.problem}; RDP accounting gives epsilon {format_spent(rdp, target_epsilon)} >"
+            f" {format_exact(target_epsilon)} too, "
             "so more noise is needed")
 
 
@@ -1078,8 +1080,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
             raise CalibrationError(f"entries with a fixed noise multiplier: {why}") from None
         if eps_fixed >= target_epsilon:
             raise CalibrationError(
-                f"entries with a fixed noise multiplier already spend epsilon {eps_fixed:.6g}"
-                f" >= target {target_epsilon:.6g}; no noise multiplier can meet the target"
+                f"entries with a fixed noise multiplier already spend epsilon"
+                f" {format_spent(eps_fixed, target_epsilon)} >= target"
+                f" {format_exact(target_epsilon)}; no noise multiplier can meet the target"
             )
 
     low_ok = (1.0 - rel_tol) * target_epsilon
@@ -1122,8 +1125,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
         if accountant == "prv":
             hint = ("; a PRV epsilon includes its discretization error (at least"
                     f" {min(prv_eps_error, PRV_MIN_EPS_ERROR):g}), so PRV cannot certify less")
-        return CalibrationError(f"even noise multiplier {sigma_max:g} gives epsilon {eps_max:.6g}"
-                                f" > target {target_epsilon:.6g}{hint}")
+        return CalibrationError(f"even noise multiplier {sigma_max:g} gives epsilon"
+                                f" {format_spent(eps_max, target_epsilon)} > target"
+                                f" {format_exact(target_epsilon)}{hint}")
 
     probed = False
 

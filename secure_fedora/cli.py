@@ -39,9 +39,10 @@ console = Console(stderr=True)
 def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
     """The DP plan of one method, per distinct client budget, printed before training: the
     planned epsilon rounded up and the DP-SGD noise multiplier rounded down to 4 decimals (no
-    shown figure claims more privacy than the plan holds); budget, delta and sample rate, and
+    shown figure claims more privacy than the plan holds; the planned epsilon at the budget's
+    decimals where it has more, so it reads above the budget exactly when it is); budget, delta and sample rate, and
     the releases in the caption, exactly as results.json states them."""
-    from privacy.accounting import format_down, format_up
+    from privacy.accounting import format_down, format_spent
 
     table = Table(title=f"privacy plan: {rows[0]['method']}" if rows else "privacy plan")
     for col in ("clients", "epsilon", "delta", "DP-SGD sigma", "q", "steps/round", "rounds", "planned eps"):
@@ -49,7 +50,7 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         table.add_row(str(r["clients"]), repr(r["epsilon_budget"]), repr(r["delta"]),
                       format_down(r["noise_multiplier"], 4), repr(r["sample_rate"]), str(r["steps_per_round"]),
-                      str(r["rounds"]), format_up(r["planned_epsilon"], 4))
+                      str(r["rounds"]), format_spent(r["planned_epsilon"], r["epsilon_budget"]))
     releases = {"; ".join(r["releases"]) for r in rows}
     table.caption = "releases per client: " + " | ".join(sorted(releases))
     noise = rows[0].get("noise") if rows else None

@@ -54,7 +54,8 @@ from privacy.accounting import (
     PlannedRelease,
     PrivacyBudget,
     calibrate_noise_multiplier,
-    format_up,
+    format_exact,
+    format_spent,
     plan_epsilon,
     round_up,
     size_error_remedy,
@@ -499,8 +500,9 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
                               f"privacy.noise_multiplier {plan.dpsgd_noise:g}: {why}", []) from None
     if planned > budget.epsilon:
         raise BudgetPlanError(
-            f"privacy: the plan of {method!r} spends epsilon {format_up(planned, 4)} > budget"
-            f" {budget.epsilon:g} (delta {budget.delta:g}, accountant {accountant!r}) with the"
+            f"privacy: the plan of {method!r} spends epsilon {format_spent(planned, budget.epsilon)}"
+            f" > budget {format_exact(budget.epsilon)} (delta {format_exact(budget.delta)},"
+            f" accountant {accountant!r}) with the"
             f" fixed privacy.noise_multiplier {plan.dpsgd_noise:g}; raise it or unset it to"
             " calibrate", [])
     return plan

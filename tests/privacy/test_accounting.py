@@ -278,6 +278,18 @@ def test_budget_exceeded_error_names_everything():
     assert isinstance(err, RuntimeError) and err.epsilon_would_be == 8.4321
 
 
+def test_a_refusal_reads_its_epsilon_above_the_budget_it_exceeds():
+    """The refusal showed both at six significant digits to nearest: 1.0000002 over a budget
+    of 1.0000001 read "1 > budget 1", and a delta 1.2345678e-05 as the larger 1.23457e-05."""
+    err = BudgetExceededError(client_id="c7", round=12, mechanism="dpsgd",
+                              epsilon_would_be=1.0000002,
+                              budget=PrivacyBudget(1.0000001, 1.2345678e-5))
+    assert "would reach 1.0000002 > budget 1.0000001 (delta=1.2345678e-05)" in str(err)
+    err = BudgetExceededError(client_id="c7", round=12, mechanism="dpsgd",
+                              epsilon_would_be=9.5, budget=PrivacyBudget(8.0, 1e-3))
+    assert "would reach 9.5000 > budget 8 (delta=0.001)" in str(err)
+
+
 def test_mechanism_record_validation():
     rec = MechanismRecord("dpsgd", 1.0, 0.1, 5, {"clip_norm": 1.0})
     assert rec.ledger_params() == {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 5,

@@ -480,6 +480,22 @@ def test_the_planned_epsilon_is_printed_rounded_up():
     assert "2.9835" in text and "2.9834" not in text
 
 
+def test_the_printed_planned_epsilon_reads_under_a_budget_of_more_decimals_it_stays_under():
+    """The planned epsilon was rounded up at four decimals beside a budget of five: 0.03124
+    planned of a budget of 0.03125 read "0.0313", above the budget."""
+    from rich.console import Console
+
+    from secure_fedora.cli import privacy_plan_table
+
+    row = {"method": "fedavg", "clients": 4, "epsilon_budget": 0.03125, "delta": 1e-5,
+           "noise_multiplier": 1.1, "sample_rate": 0.25, "steps_per_round": 4, "rounds": 3,
+           "planned_epsilon": 0.03124, "releases": ["dpsgd x12 (q=0.25)"]}
+    console = Console(width=200, record=True)
+    console.print(privacy_plan_table([row]))
+    text = console.export_text()
+    assert "0.03124" in text and "0.0313" not in text
+
+
 def test_the_printed_plan_never_shows_more_noise_or_a_smaller_delta_or_rate_than_planned():
     """The printed plan rounded sigma 1.3284739842813091 to "1.3285" (more noise than drawn)
     and the sample rate and delta to nearest (a smaller q or delta: a stronger claim)."""

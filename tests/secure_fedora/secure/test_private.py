@@ -734,6 +734,17 @@ def test_admission_batches_share_one_fsync_pool_that_close_stops(tmp_path):
     assert fsync_threads() - before == set()
 
 
+def test_a_plan_over_budget_reads_above_the_budget_it_exceeds(monkeypatch):
+    """The refusal showed the budget with :g (six significant digits, to nearest): a plan
+    spending 123456.75 of a budget of 123456.7 read "123456.7500 > budget 123457", under it."""
+    import secure_fedora.secure.private as private_mod
+
+    monkeypatch.setattr(private_mod, "plan_epsilon", lambda *args, **kwargs: 123456.75)
+    cfg = dp_config(methods=["local"], privacy={"noise_multiplier": 1.0, "epsilon": 123456.7})
+    with pytest.raises(BudgetPlanError, match=r"spends epsilon 123456\.7500 > budget 123456\.7 "):
+        privacy_plan(cfg, "local", PrivacyBudget(123456.7, 1e-3), "rdp")
+
+
 def test_a_plan_over_budget_never_states_its_epsilon_below_what_it_spends():
     # The refusal names the plan's epsilon; rounded to nearest it could read below the
     # epsilon the plan spends (and even equal to the budget it exceeds).

@@ -716,7 +716,7 @@ def test_grid_without_dp_a_node_that_lost_its_state_after_its_encrypted_summary_
 
 #: The budget text of client 1's refused summary (what its ledger records): accountant facts.
 _SUMMARY_REFUSED = ("client 'client-001' round 0: release 'gaussian_summary' refused; epsilon "
-                    "would reach 9.5 > budget 8 (delta=0.001)")
+                    "would reach 9.5000 > budget 8 (delta=0.001)")
 
 
 @pytest.mark.usefixtures("task_identity")
