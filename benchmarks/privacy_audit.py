@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from audits.canary import run_canary_audit  # noqa: E402
 from audits.report import write_report  # noqa: E402
 from audits.summary_leakage import run_summary_leakage_audit  # noqa: E402
+from audits.verdict import audit_figures  # noqa: E402
 from audits.verify import verify_run  # noqa: E402
 from privacy.accounting import PrivacyBudget, format_down  # noqa: E402
 from secure_fedora.core.config import load_config, parse_config  # noqa: E402
@@ -102,8 +103,11 @@ def part_b(quick: bool) -> list[dict]:
             r = run_canary_audit(_canary_cfg(eps, seed), num_canaries=canaries, seed=seed)
             dt = time.perf_counter() - t0
             name = "non-private" if eps is None else f"DP eps={eps:g}"
-            claim = "inf" if eps is None else f"{r.claimed_epsilon:.3f}"
-            print(f"  {name:<14} {seed:>4} {claim:>11} {r.epsilon_lower_bound:>16.3f}"
+            # claim up, lower bound down, apart where they differ (audits.verdict.audit_figures)
+            claim, (lower, _) = audit_figures(None if eps is None else r.claimed_epsilon,
+                                              r.epsilon_lower_bound, r.epsilon_lower_bound, 3)
+            claim = "inf" if eps is None else claim
+            print(f"  {name:<14} {seed:>4} {claim:>11} {lower:>16}"
                   f" {r.bound.tpr:>6.3f} {r.bound.fpr:>6.3f} {r.verdict:>12} {dt:>8.1f}")
             rows.append({"setting": name, **r.to_json(), "seconds": round(dt, 1)})
     return rows
@@ -178,9 +182,11 @@ def part_d(quick: bool) -> dict:
                 name = "non-private" if eps is None else f"eps={eps:g}"
                 sigma = "-" if r.setting.noise_multiplier is None \
                     else format_down(r.setting.noise_multiplier, 3)
-                claim = "-" if doc["claim_epsilon"] is None else f"{doc['claim_epsilon']:.3f}"
+                claim, (lower, most) = audit_figures(doc["claim_epsilon"], doc["lower_bound"],
+                                                     doc["certifiable_max"], 3)
+                claim = "-" if doc["claim_epsilon"] is None else claim
                 print(f"  {method:<7} {name:<12} {seed:>4} {sigma:>7} {claim:>6}"
-                      f" {doc['certifiable_max']:>9.3f} {doc['lower_bound']:>11.3f}"
+                      f" {most:>9} {lower:>11}"
                       f" {doc['guesses']:>7} {doc['correct_guesses']:>7} {doc['verdict']:<13}"
                       f" {doc['seconds']:>5.1f}")
                 if doc["claim_epsilon"] is not None:

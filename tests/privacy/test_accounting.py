@@ -164,8 +164,8 @@ def test_an_accountant_reproducing_prv_parameters_recorded_before_refinement_use
 
 def test_a_prv_budget_below_its_floor_says_why():
     plan = [PlannedRelease("dpsgd", 1.0, 1)]
-    with pytest.raises(CalibrationError, match=r"even noise multiplier 10000 gives epsilon 0\.0001"
-                                               r".*includes its discretization error \(at least"
+    with pytest.raises(CalibrationError, match=r"even noise multiplier 10000 gives epsilon 0\.000\d+"
+                                               r" > target 0\.00015.*includes its discretization error \(at least"
                                                r" 0\.0001\), so PRV cannot certify less$"):
         calibrate_noise_multiplier(0.00015, DELTA, plan, "prv")
     # a budget of 0.0005 (refused before: PRV's floor was 0.01; PLD's is 0.00075) calibrates
