@@ -536,7 +536,8 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
                    if (b.epsilon, b.delta) in problems]
         shown = ", ".join(refused[:8]) + (f" and {len(refused) - 8} more"
                                           if len(refused) > 8 else "")
-        why = "; ".join(f"budget epsilon {e:g}: {msg}" for (e, _), msg in problems.items())
+        why = "; ".join(f"budget epsilon {format_exact(e)}: {msg}"
+                        for (e, _), msg in problems.items())
         raise BudgetPlanError(
             f"privacy plan of {method!r} over budget for {len(refused)} client(s)"
             f" ({shown}); nothing was trained. {why}", refused)
@@ -1463,7 +1464,9 @@ def ledger_went_back(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -
                 and now.get("ledger_head") != before["ledger_head"]:
             return f"{before['ledger_entries']} entries with another last line"
     if now["epsilon_spent"] < before["epsilon_spent"] * (1.0 - 1e-12):
-        return f"epsilon {now['epsilon_spent']:.6g} after {before['epsilon_spent']:.6g}"
+        # exactly: at six digits a spend that went back by under 1e-6 read "2.5 after 2.5"
+        return (f"epsilon {format_exact(now['epsilon_spent'])} after"
+                f" {format_exact(before['epsilon_spent'])}")
     return None
 
 

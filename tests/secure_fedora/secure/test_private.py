@@ -734,6 +734,16 @@ def test_admission_batches_share_one_fsync_pool_that_close_stops(tmp_path):
     assert fsync_threads() - before == set()
 
 
+def test_a_ledger_that_went_back_by_a_little_reads_below_where_it_was():
+    """A spend that went back by under one part in a million was named at six significant
+    digits: "epsilon 2.5 after 2.5"."""
+    from secure_fedora.secure.private import ledger_went_back
+
+    assert ledger_went_back({"epsilon_spent": 2.5}, {"epsilon_spent": 2.4999999}) == \
+        "epsilon 2.4999999 after 2.5"
+    assert ledger_went_back({"epsilon_spent": 2.5}, {"epsilon_spent": 2.5}) is None
+
+
 def test_a_plan_over_budget_reads_above_the_budget_it_exceeds(monkeypatch):
     """The refusal showed the budget with :g (six significant digits, to nearest): a plan
     spending 123456.75 of a budget of 123456.7 read "123456.7500 > budget 123457", under it."""
