@@ -45,7 +45,12 @@ from audits.verify import (  # noqa: E402
     dpsgd_claim_problem,
     verify_run,
 )
-from privacy.accounting import format_share_up, format_spent, format_up  # noqa: E402
+from privacy.accounting import (  # noqa: E402
+    format_ordered,
+    format_share_up,
+    format_spent,
+    format_up,
+)
 from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path  # noqa: E402
@@ -506,7 +511,8 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
         if ledger.delta is None or problem is not None:
             invalid.append(f"ledger {where}: {problem or 'it records no delta'}")
     elif abs(claim - spent) > tol * spent:
-        invalid.append(f"claim {claim:.6g} differs from the verified epsilon {spent:.6g} of"
+        shown, verified = format_ordered(claim, spent)
+        invalid.append(f"claim {shown} differs from the verified epsilon {verified} of"
                        f" ledger {where}")
     return ("invalid", invalid) if invalid else ("run", [])
 

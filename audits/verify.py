@@ -123,6 +123,8 @@ from privacy.accounting import (
     AccountingSizeError,
     PlannedRelease,
     check_pld_size,
+    format_ordered,
+    format_spent,
     plan_epsilon,
 )
 from privacy.errors import ToolkitError
@@ -961,12 +963,13 @@ def dpsgd_claim_problem(claim: float, entries: Sequence[dict[str, Any]], delta: 
     recorded = mechanism_epsilon(dpsgd, "dpsgd", delta, accountant) if dpsgd else 0.0
     assert recorded is not None  # every entry passed _release_problems
     if claim < recorded * (1 - rel_tol):
-        return (f"the claim {claim:.6g} is below the epsilon {recorded:.6g} of the DP-SGD"
-                " releases it records")
+        shown, by = format_ordered(claim, recorded)
+        return f"the claim {shown} is below the epsilon {by} of the DP-SGD releases it records"
     steps = sum(int(e["params"]["steps"]) for e in dpsgd)
     if claim > recorded * (1 + rel_tol) and (planned_steps is None or steps >= planned_steps):
         held = "every planned step" if planned_steps is not None else "the steps it records"
-        return (f"the claim {claim:.6g} exceeds the epsilon {recorded:.6g} of the DP-SGD"
+        shown, by = format_ordered(claim, recorded)
+        return (f"the claim {shown} exceeds the epsilon {by} of the DP-SGD"
                 f" releases it records ({steps} steps: {held})")
     if claim > recorded * (1 + rel_tol) and dpsgd and planned_steps is not None:
         # the missing steps at the recorded noise and sample rate: the plan's epsilon
@@ -974,7 +977,8 @@ def dpsgd_claim_problem(claim: float, entries: Sequence[dict[str, Any]], delta: 
             "mechanism": "dpsgd", "params": {**dpsgd[-1]["params"], "steps": planned_steps - steps}}
         ceiling = mechanism_epsilon([*dpsgd, missing], "dpsgd", delta, accountant or "")
         if ceiling is not None and claim > ceiling * (1 + rel_tol):
-            return (f"the claim {claim:.6g} exceeds the epsilon {ceiling:.6g} of all"
+            shown, by = format_ordered(claim, ceiling)
+            return (f"the claim {shown} exceeds the epsilon {by} of all"
                     f" {planned_steps} planned DP-SGD steps at the recorded noise and sample rate")
     return None
 
@@ -1414,15 +1418,19 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                 lambda v, r=rec, b=budget_i: r >= v * (1.0 - rel_tol) and v <= b * (1.0 + rel_tol))
         if ind is not None and coarse is not None and rec is not None:
             if rec < ind * (1.0 - rel_tol):
+                shown, by = format_ordered(rec, ind)
                 err(i, "epsilon_under_reported",
-                    f"recorded epsilon_after {rec:.6g} is below the independent"
-                    f" dp_accounting value {ind:.6g} by more than {rel_tol:.0%}")
+                    f"recorded epsilon_after {shown} is below the independent"
+                    f" dp_accounting value {by} by more than {rel_tol:.0%}")
             elif rec > coarse * (1.0 + rel_tol):
+                shown, by = format_ordered(rec, coarse)
                 warn(i, "epsilon_over_reported",
-                     f"recorded epsilon_after {rec:.6g} is above the independent value"
-                     f" {coarse:.6g} by more than {rel_tol:.0%} (conservative)")
+                     f"recorded epsilon_after {shown} is above the independent value"
+                     f" {by} by more than {rel_tol:.0%} (conservative)")
             if _number(e["budget_epsilon"]) and ind > e["budget_epsilon"] * (1.0 + rel_tol):
-                err(i, "budget_exceeded", f"independent epsilon {ind:.6g} exceeds the budget"
+                # rounded up at the budget's decimals: it reads above the budget (shown exactly)
+                err(i, "budget_exceeded", f"independent epsilon"
+                    f" {format_spent(ind, e['budget_epsilon'])} exceeds the budget"
                     f" {e['budget_epsilon']!r}")
         params = e["params"] if isinstance(e["params"], dict) else {}
         series.append(EntryCheck(i, e["round"] if _int(e["round"]) else None, e["mechanism"],
@@ -1472,9 +1480,10 @@ def _verify_client(path: Path, method: str | None, client_id: str,
     if pld_final is not None and recorded_final is not None \
             and recorded_final < pld_final * (1.0 - rel_tol) \
             and not any(f.check == "epsilon_under_reported" for f in findings):
+        shown, by = format_ordered(recorded_final, pld_final)
         err(last, "epsilon_under_reported",
-            f"recorded final epsilon {recorded_final:.6g} is below the independent pessimistic"
-            f" PLD value {pld_final:.6g} (dp_accounting) by more than {rel_tol:.0%}")
+            f"recorded final epsilon {shown} is below the independent pessimistic"
+            f" PLD value {by} (dp_accounting) by more than {rel_tol:.0%}")
     ctx.findings.extend(findings)
     return ClientVerification(
         client_id=client_id, method=method, ledger=str(path), entries=len(lines),

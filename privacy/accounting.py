@@ -949,6 +949,21 @@ def format_against(claim: float, bounds: Sequence[float], decimals: int) -> tupl
         shown += 1  # exact once ``shown`` reaches the values' own decimals: the loop ends
 
 
+def format_ordered(first: float, second: float, digits: int = 6) -> tuple[str, str]:
+    """``first`` and ``second`` with ``digits`` significant digits (``:g``, to nearest), or
+    as many more as make the shown figures compare as the values do (below, equal, above): a
+    check's message comparing two epsilons never reads "2.5 is below 2.5". Non-finite values
+    and NaN as ``:g`` shows them."""
+    if not (math.isfinite(first) and math.isfinite(second)):
+        return f"{first:.{digits}g}", f"{second:.{digits}g}"
+    order = (first > second) - (first < second)
+    for shown in range(digits, 18):  # 17 significant digits round-trip every float
+        a, b = f"{first:.{shown}g}", f"{second:.{shown}g}"
+        if (float(a) > float(b)) - (float(a) < float(b)) == order:
+            return a, b
+    return repr(float(first)), repr(float(second))
+
+
 def _format_rounded(value: float, decimals: int, rounding: str) -> str:
     """``value``'s shortest decimal form quantized to ``decimals`` decimals with ``rounding``
     (a ``decimal`` rounding mode); infinite and NaN values as ``str`` shows them. A nonzero
@@ -1182,8 +1197,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
         hi, eps_hi = lo, eps_lo
         if lo <= sigma_min:
             raise CalibrationError(
-                f"even noise multiplier {sigma_min:g} gives epsilon {eps_lo:.6g}"
-                f" < {low_ok:.6g}; the target is too large to calibrate"
+                "even noise multiplier {:g} gives epsilon {} < {}; the target is too large to"
+                " calibrate".format(sigma_min, *format_ordered(eps_lo, low_ok))
             )
         lo = max(lo / factor, sigma_min)
         eps_lo = eps_at(lo)

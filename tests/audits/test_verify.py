@@ -1699,3 +1699,22 @@ def test_a_run_of_a_method_its_own_process_registered_verifies_in_another(tmp_pa
     # an unknown name is still refused where the config is loaded to run it
     with pytest.raises(ConfigError, match="unknown method 'byo_local_x'"):
         load_config(run / "config.toml")
+
+
+def test_a_claim_problem_reads_its_two_epsilons_in_their_order():
+    """At rel_tol 0 a claim one part in a billion below (or above) the recorded epsilon was
+    named at six significant digits: "the claim 2.93 is below the epsilon 2.93"."""
+    import re
+
+    from audits.verify import dpsgd_claim_problem, mechanism_epsilon
+
+    entry = {"mechanism": "dpsgd", "params": {"noise_multiplier": 1.0, "sample_rate": 0.1,
+                                              "steps": 10}}
+    recorded = mechanism_epsilon([entry], "dpsgd", 1e-5, "rdp")
+    for claim, word in ((recorded * (1 - 1e-9), "below"), (recorded * (1 + 1e-9), "exceeds")):
+        text = dpsgd_claim_problem(claim, [entry], 1e-5, "rdp", 10, 0.0)
+        shown, by = re.search(rf"the claim (\S+) (?:is )?{word} the epsilon (\S+) ", text).groups()
+        assert (float(shown) < float(by)) if word == "below" else (float(shown) > float(by))
+    # apart at six digits: as before
+    assert f"the claim {recorded / 2:.6g} is below the epsilon {recorded:.6g} " in \
+        dpsgd_claim_problem(recorded / 2, [entry], 1e-5, "rdp", 10)

@@ -883,3 +883,15 @@ def test_a_size_error_remedy_never_states_rdps_epsilon_below_its_value():
         if shown < rdp:
             below.append((sigma, shown, rdp))
     assert below == []
+
+
+def test_two_figures_compared_in_a_message_read_in_their_order():
+    """A check's message named two epsilons at six significant digits to nearest: 2.4999999
+    below 2.5 read "2.5 is below 2.5"; more digits now where six do not keep their order."""
+    from privacy.accounting import format_ordered
+
+    assert format_ordered(2.4999999, 2.5) == ("2.4999999", "2.5")
+    assert format_ordered(1.0, 1.0 + 2 ** -52) == ("1", "1.0000000000000002")
+    assert format_ordered(2.98341, 3.0) == ("2.98341", "3")  # apart at six: unchanged
+    assert format_ordered(2.5, 2.5) == ("2.5", "2.5")
+    assert format_ordered(math.inf, 1.0) == ("inf", "1")
