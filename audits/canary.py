@@ -60,6 +60,7 @@ from torch import Tensor
 from audits.arguments import check_config, check_count, check_open_fraction, check_seed
 from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import audit_document, audit_verdict
+from privacy.accounting import format_exact
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.paths import check_path
@@ -624,7 +625,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     if private:
         n = clients[client_index].num_train
         if cfg.privacy.delta >= 1.0 / n:
-            raise CanaryAuditError(f"privacy.delta {cfg.privacy.delta} must be < 1/n = {1 / n:g}"
+            raise CanaryAuditError(f"privacy.delta {cfg.privacy.delta} must be < 1/n = {format_exact(1 / n)}"
                                    f" for the audited client's {n} training rows")
     audit_cfg = derived_config(cfg, cfg.model_copy(update={
         "methods": [method],

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from privacy.accounting import MAX_NOISE_MULTIPLIER
+from privacy.accounting import MAX_NOISE_MULTIPLIER, format_exact
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 
@@ -718,12 +718,13 @@ class ExperimentConfig(_Section):
         # override's unset delta would point at a key the config does not have
         if p.delta >= 1.0 / d.train_per_client:
             raise ValueError(
-                f"privacy.delta must be < 1/n = {1 / d.train_per_client:g} "
+                f"privacy.delta must be < 1/n = {format_exact(1 / d.train_per_client)} "
                 f"(n = data.train_per_client = {d.train_per_client})"
             )
         for key, budget in p.overrides.items():
             if budget.delta is not None and budget.delta >= 1.0 / d.train_per_client:
-                raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n = {1 / d.train_per_client:g}")
+                raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n ="
+                                 f" {format_exact(1 / d.train_per_client)}")
         if d.validation == "private" and p.model_selection == "validation":
             raise ValueError(
                 "privacy.model_selection 'validation' picks the reported round by accuracy on "

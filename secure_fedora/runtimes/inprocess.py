@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from privacy.accounting import format_exact
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 from secure_fedora import __version__
@@ -248,7 +249,8 @@ def _federated_clients(cfg: ExperimentConfig, clients: list[ClientData],
             if delta >= 1.0 / c.num_train:
                 raise DataError(
                     f"client {c.client_id} has {c.num_train} training rows, so its delta = "
-                    f"{delta:g} is not below 1/n = {1 / c.num_train:g} (a delta that large may "
+                    f"{format_exact(delta)} is not below 1/n = {format_exact(1 / c.num_train)} (a delta"
+                    " that large may "
                     "release a record outright); lower privacy.delta (or its override)")
             if d.validation == "private" and c.num_val != d.val_per_client:
                 raise DataError(

@@ -643,3 +643,16 @@ def test_readme_config_table_lists_every_choice_and_each_parses(section, key, ch
         if value == "pathological":
             data["data"].update(classes_per_client=2, test_per_client=32)
         parse_config(data)
+
+
+def test_the_delta_bound_1_over_n_is_named_exactly():
+    """The refusal named 1/n with :g (six digits, to nearest): at n = 6 it said "must be
+    < 1/n = 0.166667", above 1/6, so the refused delta 0.1666667 read as meeting it."""
+    base = {"data": {"num_clients": 4, "train_per_client": 6, "val_per_client": 6,
+                     "test_per_client": 6},
+            "fedora": {"relatedness": "noised"}}
+    with pytest.raises(ConfigError, match=re.escape("must be < 1/n = 0.16666666666666666 ")):
+        parse_config({**base, "privacy": {"enabled": True, "delta": 0.1666667}})
+    with pytest.raises(ConfigError, match=re.escape("must be < 1/n = 0.125 ")):
+        parse_config({**base, "data": {**base["data"], "train_per_client": 8},
+                      "privacy": {"enabled": True, "delta": 0.2}})
