@@ -39,7 +39,7 @@ console = Console(stderr=True)
 #: The config ``deploy local`` runs without ``--config``: the package's copy of
 #: ``configs/smoke.toml`` (8 rotated-MNIST clients, 3 rounds, FEDORA, Local and FedAvg
 #: without privacy), shipped as package data so an installed package finds it.
-DEFAULT_CONFIG = "configs/smoke.toml"
+DEFAULT_CONFIG = "runtimes/flower/smoke.toml"
 
 
 def default_config_path() -> Path:
