@@ -911,7 +911,11 @@ def format_exact(value: float) -> str:
     spend above it could read as at or under it). Infinite and NaN values as ``str`` shows them."""
     value = float(value)
     short = f"{value:g}"
-    return short if not math.isfinite(value) or float(short) == value else repr(value)
+    if not math.isfinite(value):
+        return short
+    # the same decimal as the shortest form, not merely the same float: a subnormal's ``:g``
+    # (5e-324 as "4.94066e-324") reads back as the float but below its shortest form
+    return short if decimal.Decimal(short) == decimal.Decimal(repr(value)) else repr(value)
 
 
 def spent_decimals(budget: float | None, least: int) -> int:
@@ -972,7 +976,8 @@ def _format_rounded(value: float, decimals: int, rounding: str) -> str:
     if not math.isfinite(value):
         return str(value)
     exact = decimal.Decimal(repr(float(value)))
-    context = decimal.Context(prec=400)
+    # every digit the quantized value has (up to 309 before the point, ``decimals`` after it)
+    context = decimal.Context(prec=max(exact.adjusted(), 0) + max(decimals, 0) + 2)
     if exact and abs(exact) < decimal.Decimal(1).scaleb(-decimals):
         shown = exact.quantize(decimal.Decimal(1).scaleb(exact.adjusted() - decimals),
                                rounding=rounding, context=context)
@@ -998,7 +1003,7 @@ def format_share_up(part: float, whole: float, decimals: int) -> str:
     exact = context.divide(context.multiply(decimal.Decimal(repr(float(part))), 100),
                            decimal.Decimal(repr(float(whole))))
     shown = exact.quantize(decimal.Decimal(1).scaleb(-decimals), rounding=decimal.ROUND_CEILING,
-                           context=context)
+                           context=decimal.Context(prec=max(exact.adjusted(), 0) + decimals + 2))
     return f"{shown:f}"
 
 

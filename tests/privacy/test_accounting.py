@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privacy.accounting import (
@@ -636,6 +638,55 @@ def test_a_claim_and_the_bounds_against_it_read_in_the_order_of_the_values(claim
         assert Decimal(shown) <= Decimal(repr(bound))
     assert format_against(1.0, [1.00004, 8.1], 4) == ("1.00000", ["1.00004", "8.10000"])
     assert format_against(2.0, [0.5, 8.1], 4) == ("2.0000", ["0.5000", "8.1000"])
+
+
+_FINITE = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def _near(draw, value: float) -> float:
+    """A float some steps away from ``value`` (or ``value`` itself, or any other float)."""
+    if draw(st.booleans()):
+        return draw(_FINITE)
+    for _ in range(draw(st.integers(0, 3))):
+        value = math.nextafter(value, draw(st.sampled_from([-math.inf, math.inf])))
+    return value
+
+
+@settings(max_examples=400, deadline=None)
+@given(budget=st.one_of(_FINITE, st.sampled_from([0.1, 1 / 3, 1e-5, 3.0, 5e-324, 1e-320, 1e308])),
+       data=st.data())
+def test_figures_beside_bounds_read_on_the_side_of_the_values_for_any_float(budget, data):
+    """Properties over every finite float (huge, subnormal, negative, 17 digits): a spend reads
+    above its budget shown exactly exactly when it is above (a subnormal budget 5e-324 read
+    "4.94066e-324", below its own shortest form "5e-324"); no figure fails to show (a spend of
+    1e80 beside a budget 5e-324 needed more than the 400 digits the rounding kept:
+    decimal.InvalidOperation), nor a share of a budget; an audit's bounds and two ordered
+    figures read in the values' order."""
+    from decimal import Decimal, localcontext
+
+    from privacy.accounting import (
+        format_against,
+        format_exact,
+        format_ordered,
+        format_share_up,
+        format_spent,
+    )
+
+    spent = data.draw(_near(budget))
+    shown_budget = Decimal(format_exact(budget))
+    assert shown_budget == Decimal(repr(budget))
+    shown = Decimal(format_spent(spent, budget))
+    assert (shown > shown_budget) == (spent > budget) and shown >= Decimal(repr(spent))
+    claim_s, bounds_s = format_against(spent, [budget], 4)
+    assert (Decimal(bounds_s[0]) > Decimal(claim_s)) == (budget > spent)
+    first, second = format_ordered(spent, budget)
+    assert ((float(first) > float(second)) - (float(first) < float(second))
+            == (spent > budget) - (spent < budget))
+    if budget > 0 and spent >= 0:
+        with localcontext(prec=1000):  # the share to more digits than any it is shown with
+            exact = Decimal(repr(spent)) * 100 / Decimal(repr(budget))
+            assert exact <= Decimal(format_share_up(spent, budget, 1)) < exact + Decimal("0.1")
 
 
 def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_less():
