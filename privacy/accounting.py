@@ -999,11 +999,14 @@ def format_share_up(part: float, whole: float, decimals: int) -> str:
     infinite ``whole`` the float quotient is shown as ``str`` shows it."""
     if not (math.isfinite(part) and math.isfinite(whole) and whole > 0):
         return str(100 * part / whole) if whole > 0 else str(math.nan)
-    context = decimal.Context(prec=400)
-    exact = context.divide(context.multiply(decimal.Decimal(repr(float(part))), 100),
-                           decimal.Decimal(repr(float(whole))))
+    part_d, whole_d = decimal.Decimal(repr(float(part))), decimal.Decimal(repr(float(whole)))
+    # digits enough for every one shown (a share of 1e129 over 7e-269 has 400 before the point),
+    # the quotient rounded up: never below the exact share when it does not terminate
+    digits = max(part_d.adjusted() - whole_d.adjusted() + 3, 0) + max(decimals, 0) + 40
+    context = decimal.Context(prec=max(400, digits), rounding=decimal.ROUND_CEILING)
+    exact = context.divide(context.multiply(part_d, 100), whole_d)
     shown = exact.quantize(decimal.Decimal(1).scaleb(-decimals), rounding=decimal.ROUND_CEILING,
-                           context=decimal.Context(prec=max(exact.adjusted(), 0) + decimals + 2))
+                           context=context)
     return f"{shown:f}"
 
 

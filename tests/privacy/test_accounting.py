@@ -684,7 +684,9 @@ def test_figures_beside_bounds_read_on_the_side_of_the_values_for_any_float(budg
     assert ((float(first) > float(second)) - (float(first) < float(second))
             == (spent > budget) - (spent < budget))
     if budget > 0 and spent >= 0:
-        with localcontext(prec=1000):  # the share to more digits than any it is shown with
+        # the share to more digits than it is shown with (3.1277149239204276e+129 of a budget
+        # 7.354050489286967e-269 showed below it: the quotient was rounded at 400 digits)
+        with localcontext(prec=1000):
             exact = Decimal(repr(spent)) * 100 / Decimal(repr(budget))
             assert exact <= Decimal(format_share_up(spent, budget, 1)) < exact + Decimal("0.1")
 
@@ -693,6 +695,7 @@ def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_les
     """The report showed 2.0363 of a budget of 2.909 (exactly 70%) as "70.1%": format_up of
     the float share 70.00000000000001 rounds up. The share is now taken exactly of the
     recorded values."""
+    import decimal
     import random
     from decimal import Decimal
 
@@ -705,6 +708,10 @@ def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_les
     assert format_share_up(2.98341, 3.0, 1) == "99.5" and format_share_up(1.0, 3.0, 2) == "33.34"
     assert [format_share_up(1.0, whole, 1) for whole in (0.0, -2.0, math.nan)] == ["nan"] * 3
     assert format_share_up(math.inf, 2.0, 1) == "inf" and format_share_up(1.0, math.inf, 1) == "0.0"
+    # a share with more than 400 digits before the point was rounded below the exact one
+    part, whole = 7.662496779753813e+268, 5.623007294035125e-154
+    with decimal.localcontext(prec=1000):
+        assert Decimal(format_share_up(part, whole, 1)) >= Decimal(repr(part)) * 100 / Decimal(repr(whole))
     rng = random.Random(0)
     for _ in range(2000):
         budget = round(rng.uniform(0.01, 20), rng.randint(0, 6))
