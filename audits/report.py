@@ -43,6 +43,7 @@ from audits.verify import (  # noqa: E402
     AuditError,
     VerificationReport,
     dpsgd_claim_problem,
+    tolerance_text,
     verify_run,
 )
 from privacy.accounting import (  # noqa: E402
@@ -775,7 +776,11 @@ def _share_up(spent: Any, budget: Any, used: Any) -> str:
     spent, budget = _finite_or_none(spent), _finite_or_none(budget)
     if spent is not None and budget is not None and budget > 0:
         return f"{format_share_up(spent, budget, 1)}%"
-    return "&ndash;" if used is None else f"{_fmt_up(100 * used, 1)}%"
+    if used is None:
+        return "&ndash;"
+    fraction = _finite_or_none(used)
+    # the fraction's share as the pair's is shown: 0.0004 reads "0.1%", not "4.0e-2%"
+    return f"{_fmt(used) if fraction is None else format_share_up(fraction, 1.0, 1)}%"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]],
@@ -899,7 +904,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
 
     parts.append("<h2 id=\"verification\">Verification</h2>")
     parts.append(f"<p>Independent accountant: {_e(ver['independent_accountant'])}; relative"
-                 f" tolerance {ver['rel_tol']:.0%} (under-reporting beyond it is an error)."
+                 f" tolerance {tolerance_text(ver['rel_tol'])} (under-reporting beyond it is an error)."
                  f" Public keys: <code>{_e(ver['allowlist'])}</code>.</p>")
     parts.append("<ul>" + "".join(f"<li>{_e(c)}</li>" for c in ver["checks"]) + "</ul>")
     if ver["findings"]:

@@ -94,6 +94,7 @@ directory.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import functools
 import hashlib
 import importlib.metadata
@@ -157,9 +158,17 @@ __all__ = [
     "load_given_allowlist",
     "mechanism_epsilon",
     "positive_number",
+    "tolerance_text",
     "verified_ledger_entries",
     "verify_run",
 ]
+
+def tolerance_text(rel_tol: float) -> str:
+    """A relative tolerance as a percentage, exactly (its shortest decimal form times 100):
+    0.02 is "2%", 0.001 "0.1%" (``:.0%`` showed "0%", as if no difference were allowed)."""
+    percent = (decimal.Decimal(repr(float(rel_tol))) * 100).normalize()
+    return f"{percent:f}%"
+
 
 #: How far a runtime's reported ``epsilon_spent`` (results.json's per-client summary, and the
 #: signed anchor's per-ledger row) may lie from the ledger's final ``epsilon_after``, relative
@@ -1421,12 +1430,12 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                 shown, by = format_ordered(rec, ind)
                 err(i, "epsilon_under_reported",
                     f"recorded epsilon_after {shown} is below the independent"
-                    f" dp_accounting value {by} by more than {rel_tol:.0%}")
+                    f" dp_accounting value {by} by more than {tolerance_text(rel_tol)}")
             elif rec > coarse * (1.0 + rel_tol):
                 shown, by = format_ordered(rec, coarse)
                 warn(i, "epsilon_over_reported",
                      f"recorded epsilon_after {shown} is above the independent value"
-                     f" {by} by more than {rel_tol:.0%} (conservative)")
+                     f" {by} by more than {tolerance_text(rel_tol)} (conservative)")
             if _number(e["budget_epsilon"]) and ind > e["budget_epsilon"] * (1.0 + rel_tol):
                 # rounded up at the budget's decimals: it reads above the budget (shown exactly)
                 err(i, "budget_exceeded", f"independent epsilon"
@@ -1483,7 +1492,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         shown, by = format_ordered(recorded_final, pld_final)
         err(last, "epsilon_under_reported",
             f"recorded final epsilon {shown} is below the independent pessimistic"
-            f" PLD value {by} (dp_accounting) by more than {rel_tol:.0%}")
+            f" PLD value {by} (dp_accounting) by more than {tolerance_text(rel_tol)}")
     ctx.findings.extend(findings)
     return ClientVerification(
         client_id=client_id, method=method, ledger=str(path), entries=len(lines),

@@ -443,6 +443,21 @@ def test_the_share_of_an_exactly_spent_budget_is_shown_exactly(pristine_run):
     assert ">70.0%</td>" in page and ">70.1%</td>" not in page and ">99.5%</td>" in page
 
 
+def test_a_share_under_a_tenth_of_a_percent_and_a_tolerance_under_one_percent_read_naturally(
+        pristine_run):
+    """A budget share taken from the report's budget_used (where the recorded epsilon is no
+    finite number) of 0.04% read "4.0e-2%" (format_up's scientific notation); a verifier's
+    relative tolerance 0.001 read "0%" (``:.0%``), as if no difference were tolerated."""
+    from audits.report import render_html
+
+    report = build_report(pristine_run)
+    report["budgets"][0].update(recorded_epsilon=None, budget_used=0.0004)
+    report["verification"]["rel_tol"] = 0.001
+    page = render_html(report, {})
+    assert ">0.1%</td>" in page and "e-2%" not in page
+    assert "relative tolerance 0.1% (under-reporting" in _text_of(page)
+
+
 def test_a_non_private_run_is_not_described_with_budgets_and_ledgers(tmp_path, pristine_run):
     """The threat model of every report said each client enforces its budget and writes every
     release to its signed ledger, also for a run without DP, which has neither."""

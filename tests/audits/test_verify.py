@@ -327,6 +327,14 @@ def test_under_reported_epsilon_is_caught_by_independent_accountant(run_copy):
     assert CID in msg and "entry 1" in msg and "independent" in msg
 
 
+def test_a_tolerance_under_one_percent_is_named_as_it_is(run_copy):
+    """At rel_tol 0.001 the under-reporting error read "by more than 0%" (``:.0%``)."""
+    _rewrite_ledger(run_copy, CID, scale=0.99)
+    under = [str(f) for f in verify_run(run_copy, rel_tol=0.001).errors
+             if f.check == "epsilon_under_reported"]
+    assert under and all("by more than 0.1%" in m for m in under)
+
+
 def test_over_reported_epsilon_is_only_a_warning(run_copy):
     _rewrite_ledger(run_copy, CID, scale=1.2, budget=100.0)
     cfg = (run_copy / "config.toml").read_text()
