@@ -683,7 +683,7 @@ def test_figures_beside_bounds_read_on_the_side_of_the_values_for_any_float(budg
     first, second = format_ordered(spent, budget)
     assert ((float(first) > float(second)) - (float(first) < float(second))
             == (spent > budget) - (spent < budget))
-    if budget > 0 and spent >= 0:
+    if budget > 0 and 0 <= spent < math.inf:  # (one step past the largest float is inf)
         # the share to more digits than it is shown with (3.1277149239204276e+129 of a budget
         # 7.354050489286967e-269 showed below it: the quotient was rounded at 400 digits)
         with localcontext(prec=1000):
