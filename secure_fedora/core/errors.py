@@ -28,6 +28,7 @@ __all__ = [
     "is_user_error",
     "one_line",
     "run_command",
+    "run_standalone",
     "split_debug_flag",
 ]
 
@@ -96,6 +97,18 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         print(f"error: {one_line(err)}", file=out)
         return ERROR_EXIT_CODE
 
+
+
+def run_standalone(register: Callable[[Any], object], argv: Sequence[str] | None) -> int:
+    """A sub-command group's stand-alone entry point (``python -m <module> ...``): the
+    commands ``register`` adds to a ``secure-fedora`` parser, run on ``argv`` with errors
+    reported as by the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
+    argv, debug = split_debug_flag(argv)
+    parser = argparse.ArgumentParser(prog="secure-fedora")
+    add_debug_flag(parser)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_command(args.func, args, debug=debug)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -118,15 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m secure_fedora.experiments.sweep``); errors are reported as by
     the main CLI (one line, exit code 2, ``--debug`` for the traceback)."""
-    from secure_fedora.core.errors import add_debug_flag, run_command, split_debug_flag
+    from secure_fedora.core.errors import run_standalone
 
-    argv, debug = split_debug_flag(argv)
-    parser = argparse.ArgumentParser(prog="secure-fedora")
-    add_debug_flag(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return run_command(args.func, args, debug=debug)
+    return run_standalone(register, argv)
 
 
 def _literal_methods() -> tuple[str, ...]:
