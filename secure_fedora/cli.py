@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,14 +194,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_overrides_used(cfg, resume=args.resume)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
-    restore_signals: Callable[[], None] | None = None
-    try:
+    # the signal handler set below is put back when the command ends, after the summary
+    with contextlib.ExitStack() as on_exit:
         # held from the checks to the last write: a second run or resume of this --out is refused
         with hold_run_dir(run_dir, create=not args.resume):
             prepare_run_dir(run_dir, cfg, config_bytes, resume=args.resume)
             # SIGTERM stops the run as Ctrl-C does (its files closed, a message naming the
             # resume), up to the command's end: while the plots are drawn too
-            restore_signals = interrupt_on(signal.SIGTERM)
+            on_exit.callback(interrupt_on(signal.SIGTERM))
             try:
                 sim, results = _run_with_progress(args, cfg, run_dir)
             except ToolkitError as err:
@@ -248,9 +249,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"interrupted while printing the summary; the run in {run_dir} finished and "
                   "its files are complete", file=sys.stderr)
             return INTERRUPTED_EXIT_CODE
-    finally:
-        if restore_signals is not None:
-            restore_signals()
     return 0
 
 
