@@ -8,6 +8,7 @@ key, before anything is trained.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
 import traceback
@@ -90,6 +91,36 @@ def _refuse_another_folders_module(spec: str, key: str, top: str, base_dir: Path
         "own process")
 
 
+#: Per module name: the ``__spec__`` this process imported it with and the digest of its file
+#: then.
+_IMPORTED: dict[str, tuple[Any, bytes | None]] = {}
+
+
+def _file_digest(module: Any) -> bytes | None:
+    """The SHA-256 of the file ``module`` was imported from (None: no readable file)."""
+    try:
+        return hashlib.sha256(Path(module.__file__).read_bytes()).digest()
+    except (AttributeError, TypeError, OSError):
+        return None
+
+
+def _refuse_edited_module(spec: str, key: str, module_name: str, module: Any) -> None:
+    """A module whose file changed since this process imported it would run the code read
+    then (a notebook: ``net.py`` edited, the config loaded again): refused, naming the ways
+    to run the edited file. Records the module's file the first time it is seen, and again
+    when it was imported anew (a reload, or a new import after ``del sys.modules[name]``,
+    gives the module a new ``__spec__``)."""
+    seen = _IMPORTED.get(module_name)
+    digest = _file_digest(module)
+    if seen is None or seen[0] is not module.__spec__:
+        _IMPORTED[module_name] = (module.__spec__, digest)
+    elif seen[1] != digest:
+        raise PluginError(
+            f"{key} = {spec!r}: {module.__file__} changed since this process imported module "
+            f"{module_name!r}, which still runs the code read then: restart the process (a "
+            f"notebook's kernel), or forget it with del sys.modules[{module_name!r}] first")
+
+
 def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable[..., Any]:
     """Import ``package.module:attribute`` and return the attribute, which must be callable.
 
@@ -123,6 +154,7 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
     finally:
         if added:
             sys.path.remove(str(base_dir))
+    _refuse_edited_module(spec, key, module_name, module)
     try:
         obj = getattr(module, attr)
     except AttributeError:

@@ -55,3 +55,27 @@ def test_a_package_of_that_name_is_refused_too_and_a_data_folder_is_not_a_module
         assert import_object(f"{MODULE}:width", "model.factory", tmp_path / "c")() == 4
     finally:
         sys.modules.pop(MODULE, None)
+
+
+def test_a_module_edited_since_its_import_is_refused_not_run_as_it_was(tmp_path: Path) -> None:
+    """A notebook edits the config folder's net.py and loads the config again: the process
+    ran the module it had imported, the code as it was, silently. A file touched but not
+    changed is no edit; once forgotten (``del sys.modules[...]``) the edited file runs."""
+    folder = _folder(tmp_path, "a", 4)
+    source = folder / f"{MODULE}.py"
+    try:
+        assert import_object(f"{MODULE}:width", "model.factory", folder)() == 4
+        source.touch()
+        assert import_object(f"{MODULE}:width", "model.factory", folder)() == 4
+        source.write_text("def width():\n    return 8\n")
+        with pytest.raises(PluginError, match=(
+                rf"model.factory = '{MODULE}:width': {source} changed since this process "
+                rf"imported module '{MODULE}', which still runs the code read then: restart the "
+                rf"process \(a notebook's kernel\), or forget it with "
+                rf"del sys.modules\['{MODULE}'\] first$")):
+            import_object(f"{MODULE}:width", "model.factory", folder)
+        del sys.modules[MODULE]
+        assert import_object(f"{MODULE}:width", "model.factory", folder)() == 8
+        assert import_object(f"{MODULE}:width", "model.factory", folder)() == 8
+    finally:
+        sys.modules.pop(MODULE, None)
