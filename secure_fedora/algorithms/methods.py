@@ -320,22 +320,6 @@ def _unbatched_override(cls: type) -> str | None:
     return None
 
 
-def _loop_skips_override(cls: type) -> bool:
-    """Whether the ``client_update_loop`` that ``cls`` inherits is a parent's own shortcut
-    (FEDORA's: one ``regularizations`` call, then training) below which ``cls`` overrides
-    ``client_update``: that loop would never call the override, so the per-client reference
-    loop must run instead."""
-    if cls.client_update_loop is FederatedMethod.client_update_loop:
-        return False
-    for klass in cls.__mro__:
-        own = vars(klass)
-        if "client_update_loop" in own:
-            return False
-        if "client_update" in own:
-            return True
-    return False
-
-
 class FederatedMethod(MethodChecks, FederatedAlgorithm):
     """In-process base of every method: the contract plus the state layout (one (N x P)
     ``theta`` matrix of client parameters) and a generic round.
@@ -425,8 +409,6 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 return replies
         elif messages:
             self._engine_runs["loop"] = self._engine_runs.get("loop", 0) + 1
-        if _loop_skips_override(type(self)):
-            return FederatedMethod.client_update_loop(self, rnd, messages)
         return self.client_update_loop(rnd, messages)
 
     def client_update_loop(self, rnd: int, messages: Mapping[int, Payload]) -> dict[int, Payload]:
@@ -1878,8 +1860,10 @@ class Fedora(FedoraChecks, FederatedMethod):
         """Every participant's ``lambda`` in one :meth:`regularizations` call, then each one's
         training; the same replies as :meth:`client_update` per client, bit for bit (a
         client's ``lambda`` depends only on its own rows and data). With private validation
-        each client's accounted ``lambda`` release stays right before its own training."""
-        if self.private_validation:
+        each client's accounted ``lambda`` release stays right before its own training. For a
+        subclass overriding ``client_update`` (reached directly or through its own loop's
+        ``super()``), the per-client loop that calls the override, as the Flower client does."""
+        if self.private_validation or type(self).client_update is not Fedora.client_update:
             return super().client_update_loop(rnd, messages)
         phis = {i: m[KIND_PHI] for i, m in messages.items()}
         lambdas = self.regularizations(list(phis), phis)

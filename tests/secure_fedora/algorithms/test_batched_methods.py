@@ -216,6 +216,39 @@ def test_a_fedora_subclass_overriding_client_update_runs_its_override_on_both_en
     assert torch.allclose(thetas["batched"], thetas["loop"], atol=1e-6)
 
 
+def test_a_loop_override_reaching_fedoras_own_loop_still_runs_client_update(
+        clients: Any, tmp_path: Path) -> None:
+    """A subclass whose ``client_update_loop`` wraps FEDORA's (``super()``), below a parent
+    that overrides ``client_update``, reached FEDORA's shortcut, which trained without the
+    override (no call, other thetas) while the Flower client called it; now FEDORA's loop
+    runs the per-client loop for any ``client_update`` but its own: the same thetas, bit for
+    bit, as the parent's."""
+    from secure_fedora.algorithms.methods import Fedora
+
+    calls: list[int] = []
+
+    class Shrink(Fedora):
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            calls.append(i)
+            reply = super().client_update(i, rnd, message)
+            return {**reply, "theta": reply["theta"] * 0.5}
+
+    class Wrapped(Shrink):
+        def client_update_loop(self, rnd: int, messages: Any) -> Any:
+            return super().client_update_loop(rnd, messages)
+
+    thetas = {}
+    for cls in (Shrink, Wrapped):
+        calls.clear()
+        sim = Simulation(_config("fedora", "loop", False), tmp_path / cls.__name__,
+                         clients=clients,
+                         method_factory=lambda name, ctx, c, cls=cls: cls.from_config(ctx, c))
+        sim.run()
+        assert len(calls) == 6, cls.__name__  # 2 rounds of 3 participants
+        thetas[cls.__name__] = sim.methods["fedora"].theta.clone()
+    assert torch.equal(thetas["Wrapped"], thetas["Shrink"])
+
+
 def test_a_fallback_names_the_registered_method_not_its_parent(
         clients: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A FedAvg subclass registered under its own name, without a ``name`` of its own, is
