@@ -79,9 +79,10 @@ def _refuse_another_folders_module(spec: str, key: str, top: str, base_dir: Path
     # in the order Python takes them; a folder without __init__.py (say, one holding data)
     # loses to a module on sys.path
     own = [p for p in (base_dir / top / "__init__.py", base_dir / f"{top}.py") if p.exists()]
-    if not own:
-        return
     file = getattr(loaded, "__file__", None)
+    if not own:
+        _refuse_module_only_importable_from(spec, key, top, base_dir, file)
+        return
     if file and Path(file).resolve() == own[0].resolve():
         return
     raise PluginError(
@@ -89,6 +90,30 @@ def _refuse_another_folders_module(spec: str, key: str, top: str, base_dir: Path
         f"{file}, not from the config's folder {base_dir}, "
         "which holds another one: give the modules different names, or run each config in its "
         "own process")
+
+
+#: Per top-level module name: the config folder it was imported from (that folder was put on
+#: sys.path for the import only).
+_FOLDER_OF: dict[str, Path] = {}
+
+
+def _refuse_module_only_importable_from(spec: str, key: str, top: str, base_dir: Path,
+                                        file: str | None) -> None:
+    """``base_dir`` holds no module ``top``, but this process imported one from another config's
+    folder, which is not on sys.path: reusing it from ``sys.modules`` would build the other
+    config's plug-in, where a fresh process would not find the module at all (a notebook that
+    ran config A, then config B whose folder lacks A's ``net.py``): refused."""
+    folder = _FOLDER_OF.get(top)
+    if folder is None or folder == base_dir.resolve() or not file \
+            or folder not in Path(file).resolve().parents:
+        return
+    if str(folder) in {str(Path(entry or ".").resolve()) for entry in sys.path}:
+        return  # importable from sys.path anyway: a fresh process would find the same module
+    raise PluginError(
+        f"{key} = {spec!r}: module {top!r} is imported in this process only from another "
+        f"config's folder ({file}); the config's folder {base_dir} holds no such module, so a "
+        "fresh process would not find it: put the module beside this config, add its folder "
+        "to PYTHONPATH, or run each config in its own process")
 
 
 #: Per module name: the ``__spec__`` this process imported it with and the digest of its file
@@ -132,8 +157,10 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
     except ValueError as err:
         raise PluginError(str(err)) from None
     module_name, _, attr = spec.partition(":")
+    top = module_name.partition(".")[0]
     if base_dir is not None:
-        _refuse_another_folders_module(spec, key, module_name.partition(".")[0], Path(base_dir))
+        _refuse_another_folders_module(spec, key, top, Path(base_dir))
+    fresh = top not in sys.modules
     added = base_dir is not None and str(base_dir) not in sys.path
     if added:
         sys.path.insert(0, str(base_dir))
@@ -154,6 +181,13 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
     finally:
         if added:
             sys.path.remove(str(base_dir))
+    if fresh:
+        loaded_file = getattr(sys.modules.get(top), "__file__", None)
+        folder = Path(base_dir).resolve() if base_dir is not None else None
+        if loaded_file and folder is not None and folder in Path(loaded_file).resolve().parents:
+            _FOLDER_OF[top] = folder
+        else:
+            _FOLDER_OF.pop(top, None)
     _refuse_edited_module(spec, key, module_name, module)
     try:
         obj = getattr(module, attr)

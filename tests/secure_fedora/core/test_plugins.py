@@ -39,9 +39,10 @@ def test_a_module_of_the_same_name_in_another_config_folder_is_refused_not_reuse
 
 
 def test_a_package_of_that_name_is_refused_too_and_a_data_folder_is_not_a_module(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same check for a package (``net/__init__.py``); a folder of that name without
     ``__init__.py`` (data, say) loses to the module on sys.path, so it is no conflict."""
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
     first = _folder(tmp_path, "a", 4)
     package = tmp_path / "b" / MODULE
     package.mkdir(parents=True)
@@ -77,5 +78,29 @@ def test_a_module_edited_since_its_import_is_refused_not_run_as_it_was(tmp_path:
         del sys.modules[MODULE]
         assert import_object(f"{MODULE}:width", "model.factory", folder)() == 8
         assert import_object(f"{MODULE}:width", "model.factory", folder)() == 8
+    finally:
+        sys.modules.pop(MODULE, None)
+
+
+def test_a_module_only_another_configs_folder_holds_is_refused_not_reused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config A's folder holds net.py, config B's none: in one process B built A's model from
+    sys.modules, silently, where a fresh process would not find the module at all. Refused;
+    with A's folder on sys.path a fresh process finds it too, so it is reused."""
+    first = _folder(tmp_path, "a", 4)
+    bare = tmp_path / "b"
+    bare.mkdir()
+    try:
+        assert import_object(f"{MODULE}:width", "model.factory", first)() == 4
+        with pytest.raises(PluginError, match=(
+                rf"model.factory = '{MODULE}:width': module '{MODULE}' is imported in this "
+                rf"process only from another config's folder \({first / (MODULE + '.py')}\); "
+                rf"the config's folder {bare} holds no such module, so a fresh process would "
+                rf"not find it: put the module beside this config, add its folder to "
+                rf"PYTHONPATH, or run each config in its own process$")):
+            import_object(f"{MODULE}:width", "model.factory", bare)
+        assert import_object(f"{MODULE}:width", "model.factory", first)() == 4
+        monkeypatch.syspath_prepend(str(first))
+        assert import_object(f"{MODULE}:width", "model.factory", bare)() == 4
     finally:
         sys.modules.pop(MODULE, None)
