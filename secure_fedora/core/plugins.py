@@ -87,7 +87,7 @@ def _refuse_another_folders_module(spec: str, key: str, top: str, base_dir: Path
         return
     raise PluginError(
         f"{key} = {spec!r}: module {top!r} is already imported in this process from "
-        f"{file}, not from the config's folder {base_dir}, "
+        f"{file or 'no file (built in, or a namespace package)'}, not from the config's folder {base_dir}, "
         "which holds another one: give the modules different names, or run each config in its "
         "own process")
 

@@ -104,3 +104,14 @@ def test_a_module_only_another_configs_folder_holds_is_refused_not_reused(
         assert import_object(f"{MODULE}:width", "model.factory", bare)() == 4
     finally:
         sys.modules.pop(MODULE, None)
+
+
+def test_a_config_module_named_like_a_built_in_module_is_refused_naming_it(
+        tmp_path: Path) -> None:
+    """A config folder's ``sys.py``: the process's own ``sys`` has no file, and the refusal said
+    "imported in this process from None"."""
+    (tmp_path / "sys.py").write_text("def width():\n    return 4\n")
+    with pytest.raises(PluginError, match=(
+            r"module 'sys' is already imported in this process from no file \(built in, or a "
+            r"namespace package\), not from the config's folder")):
+        import_object("sys:width", "model.factory", tmp_path)
