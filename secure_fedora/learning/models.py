@@ -348,8 +348,12 @@ def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: s
     finally:
         model.train(was_training)
     n = int(sample.shape[0])
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, width):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"{source} returns a {type(out).__name__} for {n} inputs, not a tensor; "
+                         f"expected outputs of shape ({n}, {width}) (output width = num_classes "
+                         "for this loss)")
+    if tuple(out.shape) != (n, width):
+        shape = tuple(out.shape)
         raise ModelError(f"{source} returns outputs of shape {shape} for {n} inputs; expected "
                          f"({n}, {width}) (output width = num_classes for this loss)")
     if not torch.isfinite(out).all():

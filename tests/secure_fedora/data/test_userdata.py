@@ -131,6 +131,17 @@ PLUGIN = textwrap.dedent('''
     def not_a_module(input_shape, num_classes):
         return "model"
 
+    class TupleOut(nn.Module):
+        def __init__(self, width, num_classes):
+            super().__init__()
+            self.linear = nn.Linear(width, num_classes)
+
+        def forward(self, x):
+            return (self.linear(x.flatten(1)),)
+
+    def tuple_out(input_shape, num_classes):
+        return TupleOut(math.prod(input_shape), num_classes)
+
     def batchnorm(input_shape, num_classes):
         return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 8),
                              nn.BatchNorm1d(8), nn.Linear(8, num_classes))
@@ -354,6 +365,8 @@ def test_bad_data_from_the_python_api() -> None:
 @pytest.mark.parametrize(("factory", "error", "message"), [
     ("narrow", ModelError, r"outputs of shape \(2, 5\) for 2 inputs; expected \(2, 4\)"),
     ("not_a_module", ModelError, "returned a str, expected a torch.nn.Module"),
+    ("tuple_out", ModelError, r"returns a tuple for 2 inputs, not a tensor; expected outputs of "
+                              r"shape \(2, 4\)"),
     ("batchnorm", ModelError, "buffer '2.running_mean'"),
 ])
 def test_bad_model(plug: str, factory: str, error: type, message: str) -> None:
