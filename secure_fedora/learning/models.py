@@ -46,14 +46,18 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int,
 @MODELS.register("cnn")
 def _cnn(input_shape: tuple[int, ...], num_classes: int,
          device: torch.device | str | None) -> nn.Sequential:
-    if len(input_shape) != 3:
-        raise ModelError(f"model 'cnn' needs image inputs (C, H, W), got {input_shape}; use "
-                         "model 'mlp' or a [model] factory")
-    channels, height, width = input_shape
+    if len(input_shape) not in (2, 3):
+        raise ModelError(f"model 'cnn' needs image inputs (C, H, W), got {tuple(input_shape)}; "
+                         "use model 'mlp' or a [model] factory")
+    height, width = input_shape[-2:]
     h, w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
     if h < 1 or w < 1:
         raise ModelError(f"model 'cnn' needs images of at least 16x16, got {height}x{width}; "
                          "use a [model] factory with a smaller network")
+    if len(input_shape) == 2:  # usually single-channel images given without their channel axis
+        raise ModelError(f"model 'cnn' needs image inputs (C, H, W), got {tuple(input_shape)}; "
+                         "give the images as (n, 1, H, W), or use model 'mlp' or a [model] factory")
+    channels = input_shape[0]
     return nn.Sequential(
         nn.Conv2d(channels, 16, kernel_size=5, device=device),  # 16 x 24 x 24
         nn.ReLU(),

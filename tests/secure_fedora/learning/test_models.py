@@ -308,3 +308,12 @@ def test_a_registered_model_may_take_the_factory_signature() -> None:
     finally:
         MODELS.unregister("test-two-args")
         MODELS.unregister("test-broken")
+
+
+def test_the_cnn_refuses_channel_less_images_saying_to_add_the_channel_axis() -> None:
+    """Images given as (n, H, W) reach the CNN as (H, W): the refusal says to pass them as
+    (n, 1, H, W), not only to change the model."""
+    with pytest.raises(ModelError, match=r"got \(20, 20\).*\(n, 1, H, W\)"):
+        make_model("cnn", input_shape=(20, 20), seed=0)
+    with pytest.raises(ModelError, match=r"at least 16x16, got 8x8"):  # the axis would not help
+        make_model("cnn", input_shape=(8, 8), seed=0)
