@@ -909,7 +909,7 @@ def format_exact(value: float) -> str:
     as ``:g`` shows it where that is the value (2.0 is "2", 1e-05 "1e-05"), else the float's
     shortest round-trip form (1.0000001 is "1.0000001", where ``:g`` rounds it to "1" and a
     spend above it could read as at or under it). Infinite and NaN values as ``str`` shows them."""
-    value = float(value)
+    value = float(value) or 0.0  # -0.0 as "0"
     short = f"{value:g}"
     if not math.isfinite(value):
         return short
@@ -929,11 +929,28 @@ def spent_decimals(budget: float | None, least: int) -> int:
     return max(least, -exponent if isinstance(exponent, int) else 0)
 
 
+# a budget with more decimals than this and than its significant digits (1e-300 has 300 and 1)
+# has its spend shown in scientific notation: the fixed form would be a line of zeros
+SPENT_FIXED_DECIMALS = 12
+
+
 def format_spent(spent: float, budget: float | None, decimals: int = 4) -> str:
     """An epsilon ``spent`` (or planned) shown beside its ``budget``: rounded up as
     :func:`format_up` rounds, at ``decimals`` decimals or the budget's own
-    (:func:`spent_decimals`), so it reads above the budget exactly when it is above."""
-    return format_up(spent, spent_decimals(budget, decimals))
+    (:func:`spent_decimals`), so it reads above the budget exactly when it is above. Where
+    the budget has more decimals than :data:`SPENT_FIXED_DECIMALS` and than significant
+    digits (1e-300: 300 decimals, one digit), the spend is shown in scientific notation,
+    rounded up, with at least ``decimals`` decimals and as many significant digits as the
+    budget has (5e-301 of 1e-300 is "5.0000e-301"): the same guarantee, as a spend at or
+    under the budget is shown to a last digit no coarser than the budget's."""
+    shown = spent_decimals(budget, decimals)
+    if budget is None or shown <= SPENT_FIXED_DECIMALS or not math.isfinite(spent):
+        return format_up(spent, shown)
+    digits = len(decimal.Decimal(repr(float(budget))).as_tuple().digits)
+    if shown <= digits:  # all significant (0.1234567890123456): the fixed form reads well
+        return format_up(spent, shown)
+    return _format_scientific(decimal.Decimal(repr(float(spent))), max(decimals, digits - 1),
+                              decimal.ROUND_CEILING)
 
 
 def format_against(claim: float, bounds: Sequence[float], decimals: int) -> tuple[str, list[str]]:
@@ -957,7 +974,8 @@ def format_ordered(first: float, second: float, digits: int = 6) -> tuple[str, s
     """``first`` and ``second`` with ``digits`` significant digits (``:g``, to nearest), or
     as many more as make the shown figures compare as the values do (below, equal, above): a
     check's message comparing two epsilons never reads "2.5 is below 2.5". Non-finite values
-    and NaN as ``:g`` shows them."""
+    and NaN as ``:g`` shows them; zero of either sign as "0"."""
+    first, second = float(first) or 0.0, float(second) or 0.0  # not "-0"
     if not (math.isfinite(first) and math.isfinite(second)):
         return f"{first:.{digits}g}", f"{second:.{digits}g}"
     order = (first > second) - (first < second)
@@ -972,21 +990,30 @@ def _format_rounded(value: float, decimals: int, rounding: str) -> str:
     """``value``'s shortest decimal form quantized to ``decimals`` decimals with ``rounding``
     (a ``decimal`` rounding mode); infinite and NaN values as ``str`` shows them. A nonzero
     value below one unit of the last decimal keeps ``decimals`` decimals of its own leading
-    digit: scientific notation, so that a small sigma or epsilon is not shown as 0 or as 1 unit."""
+    digit: scientific notation, so that a small sigma or epsilon is not shown as 0 or as 1 unit.
+    Zero (either sign, or a negative value rounded up to it) is shown unsigned."""
     if not math.isfinite(value):
         return str(value)
     exact = decimal.Decimal(repr(float(value)))
+    if exact and abs(exact) < decimal.Decimal(1).scaleb(-decimals):
+        return _format_scientific(exact, decimals, rounding)
     # every digit the quantized value has (up to 309 before the point, ``decimals`` after it)
     context = decimal.Context(prec=max(exact.adjusted(), 0) + max(decimals, 0) + 2)
-    if exact and abs(exact) < decimal.Decimal(1).scaleb(-decimals):
-        shown = exact.quantize(decimal.Decimal(1).scaleb(exact.adjusted() - decimals),
-                               rounding=rounding, context=context)
-        # rounded up to the next power of ten (9.99999e-5 to 1.00000e-4): exact at one digit less
-        shown = shown.quantize(decimal.Decimal(1).scaleb(shown.adjusted() - decimals),
-                               context=context)
-        return f"{shown:e}"
-    step = decimal.Decimal(1).scaleb(-decimals)
-    return f"{exact.quantize(step, rounding=rounding, context=context):f}"
+    shown = exact.quantize(decimal.Decimal(1).scaleb(-decimals), rounding=rounding, context=context)
+    return f"{shown.copy_abs() if not shown else shown:f}"  # not "-0.0000"
+
+
+def _format_scientific(exact: decimal.Decimal, decimals: int, rounding: str) -> str:
+    """``exact`` in scientific notation with ``decimals`` decimals of its leading digit, rounded
+    with ``rounding``; zero as "0" with those decimals (unsigned)."""
+    if not exact:
+        return f"0{'.' if decimals > 0 else ''}{'0' * decimals}e+0"
+    context = decimal.Context(prec=max(decimals, 0) + 2)
+    shown = exact.quantize(decimal.Decimal(1).scaleb(exact.adjusted() - decimals),
+                           rounding=rounding, context=context)
+    # rounded up to the next power of ten (9.99999e-5 to 1.00000e-4): exact at one digit less
+    shown = shown.quantize(decimal.Decimal(1).scaleb(shown.adjusted() - decimals), context=context)
+    return f"{shown:e}"
 
 
 def format_share_up(part: float, whole: float, decimals: int) -> str:
@@ -1007,7 +1034,7 @@ def format_share_up(part: float, whole: float, decimals: int) -> str:
     exact = context.divide(context.multiply(part_d, 100), whole_d)
     shown = exact.quantize(decimal.Decimal(1).scaleb(-decimals), rounding=decimal.ROUND_CEILING,
                            context=context)
-    return f"{shown:f}"
+    return f"{shown.copy_abs() if not shown else shown:f}"  # not "-0.0"
 
 
 def plan_epsilon(plan: Sequence[PlannedRelease], delta: float, noise_multiplier: float | None = None,

@@ -654,7 +654,9 @@ def _near(draw, value: float) -> float:
 
 
 @settings(max_examples=400, deadline=None)
-@given(budget=st.one_of(_FINITE, st.sampled_from([0.1, 1 / 3, 1e-5, 3.0, 5e-324, 1e-320, 1e308])),
+@given(budget=st.one_of(_FINITE, st.sampled_from([0.1, 1 / 3, 1e-5, 3.0, 5e-324, 1e-320, 1e308,
+                                                  1e-300, -1e-300, 2.5e-13, 1.0000000000001,
+                                                  1.2345678901234567e-05, 0.0, -0.0])),
        data=st.data())
 def test_figures_beside_bounds_read_on_the_side_of_the_values_for_any_float(budget, data):
     """Properties over every finite float (huge, subnormal, negative, 17 digits): a spend reads
@@ -676,8 +678,13 @@ def test_figures_beside_bounds_read_on_the_side_of_the_values_for_any_float(budg
     spent = data.draw(_near(budget))
     shown_budget = Decimal(format_exact(budget))
     assert shown_budget == Decimal(repr(budget))
-    shown = Decimal(format_spent(spent, budget))
+    spent_s = format_spent(spent, budget)
+    shown = Decimal(spent_s)
     assert (shown > shown_budget) == (spent > budget) and shown >= Decimal(repr(spent))
+    # readable: never more decimals than a float's 17 significant digits need (a budget 1e-300
+    # showed its spend with 300), and no figure reads "-0"
+    assert len(spent_s.partition("e")[0].partition(".")[2]) <= 17, (spent_s, budget)
+    assert not spent_s.startswith("-") or shown < 0
     claim_s, bounds_s = format_against(spent, [budget], 4)
     assert (Decimal(bounds_s[0]) > Decimal(claim_s)) == (budget > spent)
     first, second = format_ordered(spent, budget)
@@ -689,6 +696,46 @@ def test_figures_beside_bounds_read_on_the_side_of_the_values_for_any_float(budg
         with localcontext(prec=1000):
             exact = Decimal(repr(spent)) * 100 / Decimal(repr(budget))
             assert exact <= Decimal(format_share_up(spent, budget, 1)) < exact + Decimal("0.1")
+
+
+def test_a_spend_beside_a_budget_of_many_decimals_is_shown_in_scientific_notation():
+    """A budget epsilon of 1e-300 showed a spend of 2.5 as "2.5000...0" with 300 decimals; a
+    budget whose decimals are more than 12 and than its significant digits now has its spend
+    shown in scientific notation with the budget's significant digits (at least four
+    decimals), still rounded up and on the budget's side."""
+    from privacy.accounting import format_spent
+
+    assert format_spent(2.5, 1e-300) == "2.5000e+0"
+    assert format_spent(5e-301, 1e-300) == "5.0000e-301"
+    assert format_spent(1e-300, 1e-300) == "1.0000e-300"
+    assert format_spent(math.nextafter(1e-300, 1.0), 1e-300) == "1.0001e-300"
+    assert format_spent(0.0, 2.5e-13) == "0.0000e+0"
+    assert format_spent(1.2345678901234566e-05, 1.2345678901234567e-05) == \
+        "1.2345678901234566e-5"
+    # significant decimals read as they did: fixed form
+    assert format_spent(0.5, 1.0000000000001) == "0.5000000000000"
+    assert format_spent(0.03124, 0.03125) == "0.03124"
+
+
+def test_negative_zero_is_shown_as_zero():
+    """format_up(-0.0, 4) read "-0.0000" (and format_down, format_exact's "-0", an audit's
+    claim and bounds, a share of a budget): zero of either sign now reads unsigned, as does a
+    negative share rounded up to zero."""
+    from privacy.accounting import (
+        format_against,
+        format_down,
+        format_exact,
+        format_ordered,
+        format_share_up,
+        format_spent,
+        format_up,
+    )
+
+    assert (format_up(-0.0, 4), format_down(-0.0, 4), format_exact(-0.0)) == ("0.0000", "0.0000", "0")
+    assert format_against(-0.0, [-0.0, 0.0, 1.0], 4) == ("0.0000", ["0.0000", "0.0000", "1.0000"])
+    assert format_ordered(-0.0, 0.0) == ("0", "0") and format_spent(-0.0, 1.0) == "0.0000"
+    assert format_share_up(-0.0, 2.0, 1) == "0.0" and format_share_up(-1e-10, 1.0, 1) == "0.0"
+    assert format_up(-1e-9, 4) == "-1.0000e-9" and format_down(-0.5, 0) == "-5e-1"
 
 
 def test_a_share_of_an_exactly_spent_budget_shows_exactly_and_no_share_shows_less():
