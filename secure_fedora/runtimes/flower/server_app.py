@@ -444,6 +444,9 @@ class _Server:
     # (each distinct statement once, in order: a node that took a client over mid-run may
     # state others)
     client_compute: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # a resume from a checkpoint that did not record ``client_compute`` (an older ServerApp's):
+    # what the clients stated before it is unknown
+    compute_before_resume_unknown: bool = False
     schema: DataSchema | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
@@ -1320,9 +1323,12 @@ def _compute_text(stated: Mapping[str, Any]) -> str:
     return f"{stated['device']} with {stated['threads']}"
 
 
-def _compute_statement(stated: Mapping[int, Sequence[Mapping[str, Any]]], n: int) -> dict[str, Any]:
+def _compute_statement(stated: Mapping[int, Sequence[Mapping[str, Any]]], n: int,
+                       before_resume_unknown: bool = False) -> dict[str, Any]:
     """results.json ``compute`` of a Flower run: what the clients trained on, as their hello
-    replies to this ServerApp stated it (a resume: the resumed run's). ``device`` and
+    replies stated it over the whole run (a resume's with the checkpointed ones of the run it
+    continues; from a checkpoint that did not record them, ``before_resume_unknown``, the
+    resume's alone, and ``before_resume`` says so). ``device`` and
     ``threads`` are the one device and the one torch thread count every client stated (as in
     process, where the one process trains), else "mixed"; ``by_client`` each client's (a
     value a client stated differently over the run, from a node that took it over: "mixed";
@@ -1333,7 +1339,10 @@ def _compute_statement(stated: Mapping[int, Sequence[Mapping[str, Any]]], n: int
     by_client = {str(c): {key: one([s[key] for s in stated[c]]) for key in ("device", "threads")}
                  for c in range(n)}
     return {key: one([row[key] for row in by_client.values()]) for key in ("device", "threads")} \
-        | {"server_threads": torch.get_num_threads(), "by_client": by_client}
+        | {"server_threads": torch.get_num_threads(), "by_client": by_client} \
+        | ({"before_resume": "unknown: the checkpoint resumed (an older secure-fedora's) did not"
+                             " record what the clients stated before it"}
+           if before_resume_unknown else {})
 
 
 def _stop_for_pull(server: _Server, run: _MethodRun, rnd: int, client: int, node: int) -> None:
@@ -1674,6 +1683,13 @@ def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
             for scope, head in heads.items()):
         raise ResumeRefused(f"resume: {path} records a malformed nonce memory; nothing was "
                             "written")
+    compute = state.get("client_compute", {})  # none in a checkpoint older than the field
+    if not isinstance(compute, dict) or not all(
+            isinstance(c, int) and isinstance(stated, list) and all(
+                isinstance(s, dict) and set(s) == {"device", "threads"} and s["device"] in _DEVICES
+                and type(s["threads"]) is int for s in stated) for c, stated in compute.items()):
+        raise ResumeRefused(f"resume: {path} records a malformed client compute; nothing was "
+                            "written")
     for scope, head in sorted(heads.items()) if server_state_dir is not None else ():
         nonces = server_nonce_path(_scope_dir(server_state_dir, run_id, scope))
         try:
@@ -1826,6 +1842,8 @@ def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
                    server.schema.multilabel],
         "sizes": {c: dict(v) for c, v in server.sizes.items()},
         "client_errors": dict(server.client_errors),
+        "client_compute": {c: [dict(s) for s in v] for c, v in server.client_compute.items()},
+        "compute_before_resume_unknown": server.compute_before_resume_unknown,
         "events": server.events,
         "rejections": server.rejections,
         "privacy": server.privacy,
@@ -1848,6 +1866,12 @@ def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
     refusals, timings, finished methods) into ``server``."""
     server.started = time.time() - float(state["elapsed"])
     server.client_errors = {int(c): str(v) for c, v in state["client_errors"].items()}
+    # what the clients stated before: the resume's first contact adds to it (a change is an
+    # event); a checkpoint without it (an older ServerApp's) leaves it unknown, and so stated
+    compute = state.get("client_compute")
+    server.client_compute = {c: [dict(s) for s in stated] for c, stated in (compute or {}).items()}
+    server.compute_before_resume_unknown = compute is None or bool(
+        state.get("compute_before_resume_unknown", False))
     server.events = list(state["events"])
     server.rejections = list(state["rejections"])
     server.privacy = {name: dict(rows) for name, rows in state["privacy"].items()}
@@ -2296,7 +2320,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         privacy={name: _privacy_section(server, name) for name in cfg.methods}
         if cfg.privacy.enabled else None,
         clients=client_rows([server.sizes[c] for c in range(n)]),
-        compute=_compute_statement(server.client_compute, n),
+        compute=_compute_statement(server.client_compute, n,
+                                   server.compute_before_resume_unknown),
         assumptions=assumptions,
         runtime_keys={
             "run_id": run_id,

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message
 
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import client_app, server_app
-from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, DeployError, RunSettings
+from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     TINY,
     InMemoryGrid,
@@ -156,3 +156,81 @@ def test_a_hello_stating_an_unknown_device_or_thread_count_is_malformed(
         _run(tmp_path)
     assert f"hello reply malformed ({named})" in capsys.readouterr().out
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+def _kill_in_round_2(tmp_path: Path) -> dict[str, Any]:
+    """A ServerApp killed after client 0's round-2 reply (its round in flight); the run
+    config to resume it with."""
+    from secure_fedora.core import crashpoints
+
+    def die(_request: Message, reply: Message) -> Message:
+        raise crashpoints.InjectedCrash("server killed in round 2")
+
+    rc = run_config(_config(), tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                            "num-threads": 2, "round-timeout": 5.0})
+    (tmp_path / "res").mkdir()
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    grid.tamper_reply = {(0, 2, MSG_ROUND): die}
+    with pytest.raises(crashpoints.InjectedCrash):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    return {**rc, "resume": "42"}
+
+
+def _resume(tmp_path: Path, rc: dict[str, Any]) -> dict[str, Any]:
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777)
+    return server_app.run_federation(grid, RunSettings.from_run_config(rc), 777)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_resume_states_the_compute_the_clients_stated_before_it_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 1 trained rounds 1-2 on 4 threads; its node, restarted for the resume, states 2.
+    The compute statements were not checkpointed, so results.json stated the resume's first
+    contact alone ("threads": 2 for client 1, every client on 2 threads): they are now, and
+    client 1's row is "mixed" with an event naming both, as for a node that took it over."""
+    _client_states(monkeypatch, 1, {"threads": 4})
+    rc = _kill_in_round_2(tmp_path)
+    monkeypatch.undo()
+    results = _resume(tmp_path, rc)
+    compute = results["compute"]
+    assert compute["by_client"]["1"] == {"device": "cpu", "threads": "mixed"}
+    assert compute["by_client"]["0"] == {"device": "cpu", "threads": 2}
+    assert compute["threads"] == "mixed" and "before_resume" not in compute
+    assert [(e["client"], e["event"]) for e in results["events"] if "torch threads" in e["event"]] \
+        == [(1, "states device cpu with 2 torch threads (stated before: cpu with 4)")]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_resume_whose_clients_state_the_same_compute_states_it_once(tmp_path: Path) -> None:
+    """Every client states cpu with 2 threads before and after the resume: results.json
+    states that, with no event and nothing unknown."""
+    results = _resume(tmp_path, _kill_in_round_2(tmp_path))
+    assert results["compute"] == {"device": "cpu", "threads": 2, "server_threads": 2,
+                                  "by_client": {str(c): {"device": "cpu", "threads": 2}
+                                                for c in range(3)}}
+    assert not [e for e in results["events"] if "torch threads" in e["event"]]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_resume_of_a_checkpoint_without_the_compute_states_what_is_unknown(
+        tmp_path: Path) -> None:
+    """A checkpoint of an older ServerApp records no compute statements: the run resumes,
+    and results.json states the resume's first contact with ``before_resume`` saying the
+    compute before it is unknown (not the resume's taken for the whole run's), and its
+    checkpoints keep that for a later resume. A malformed record is refused."""
+    from secure_fedora.runtimes.inprocess import load_checkpoint, save_checkpoint
+
+    rc = _kill_in_round_2(tmp_path)
+    path = tmp_path / "res" / server_app.SERVER_CHECKPOINT
+    state = load_checkpoint(path)
+    assert state["client_compute"] == {c: [{"device": "cpu", "threads": 2}] for c in range(3)}
+    save_checkpoint(path, {**state, "client_compute": {0: [{"device": "gpu", "threads": 2}]}})
+    with pytest.raises(server_app.ResumeRefused, match="malformed client compute"):
+        _resume(tmp_path, rc)
+    old = {k: v for k, v in state.items()
+           if k not in ("client_compute", "compute_before_resume_unknown")}
+    save_checkpoint(path, old)
+    compute = _resume(tmp_path, rc)["compute"]
+    assert compute["by_client"]["1"] == {"device": "cpu", "threads": 2}
+    assert compute["before_resume"].startswith("unknown: the checkpoint resumed")
+    assert load_checkpoint(path)["compute_before_resume_unknown"] is True
