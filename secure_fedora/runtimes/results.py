@@ -480,9 +480,10 @@ def write_run_results(run_dir: Path, results: dict[str, Any],
     states. A resume that ``trained_nothing`` (both runtimes' algorithm) keeps the run's files
     whole, so that an anchor.json copy kept apart still verifies: rounds.csv when it holds
     ``history`` (:func:`rounds_csv_holds`), results.json when :func:`kept_results` keeps it
-    (then returned), anchor.json when it anchors the run as it stands; it writes again, with a
-    ``warn``, only one that is missing or damaged (e.g. after a kill between the last
-    checkpoint and results.json)."""
+    (then returned), anchor.json when it anchors the run as it stands (under DP, a kept
+    results.json is one whose anchor ``anchored()`` vouched for: ``anchor()`` is not called
+    again); it writes again, with a ``warn``, only one that is missing or damaged (e.g. after
+    a kill between the last checkpoint and results.json)."""
     from secure_fedora.core.files import atomic_write_text, strict_json
     from secure_fedora.secure.anchor import ANCHOR_FILENAME
 
@@ -496,7 +497,9 @@ def write_run_results(run_dir: Path, results: dict[str, Any],
         atomic_write_text(run_dir / "results.json", strict_json(results))
     else:
         results = kept
-    if anchor is not None and anchor() and trained_nothing:
+    # under DP a kept results.json is one ``anchored()`` found anchored as the run stands: the
+    # anchor is kept too, without building and signing its document a second time
+    if anchor is not None and (kept is None or anchored is None) and anchor() and trained_nothing:
         warn(f"{run_dir / ANCHOR_FILENAME} was missing or did not anchor the run as it stands: "
              "signed again (a copy of the earlier one kept apart no longer verifies the run)")
     return results

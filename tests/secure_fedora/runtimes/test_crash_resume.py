@@ -505,15 +505,21 @@ def test_a_resume_replaying_two_rounds_with_envelopes_is_exact(tmp_path, clients
     assert verify_run(run).ok
 
 
-def test_resuming_a_finished_run_keeps_the_anchor_an_auditor_copied(tmp_path, clients):
+def test_resuming_a_finished_run_keeps_the_anchor_an_auditor_copied(tmp_path, clients,
+                                                                    monkeypatch):
     """A finished DP run resumed again re-signed anchor.json with a new timestamp, so the copy
     an auditor kept apart failed verification ("it was replaced") though nothing had changed.
-    The anchor of the same run state is now kept byte for byte."""
+    The anchor of the same run state is now kept byte for byte, its document built once (it
+    was built to check the kept anchor, then again to keep it)."""
     cfg = config(["local"], True)
     Simulation(cfg, tmp_path, clients=clients).run()
     kept = tmp_path.parent / "anchor-kept.json"
     kept.write_bytes((tmp_path / "anchor.json").read_bytes())
+    built = []
+    anchor_doc = Simulation._anchor_doc
+    monkeypatch.setattr(Simulation, "_anchor_doc", lambda sim: built.append(1) or anchor_doc(sim))
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert len(built) == 1
     assert (tmp_path / "anchor.json").read_bytes() == kept.read_bytes()
     report = verify_run(tmp_path, anchor=kept)
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]

@@ -525,7 +525,8 @@ def test_a_serverapp_killed_before_its_finished_checkpoint_keeps_its_results_and
     finished checkpoint was resumed as unfinished: it wrote results.json again (its timings,
     events and nodes are the resumed process's) and signed the anchor again, so the copy an
     auditor kept apart failed `audit verify --anchor`. The resume now writes only what is left
-    (the finished checkpoint, the plots) and keeps the run's files byte for byte."""
+    (the finished checkpoint, the plots) and keeps the run's files byte for byte, building
+    the anchor document once (it was built to check the kept anchor, then again to keep it)."""
     from audits.verify import verify_run
     from tests.secure_fedora.runtimes.flower.deploy_support import audit_folder
 
@@ -539,7 +540,12 @@ def test_a_serverapp_killed_before_its_finished_checkpoint_keeps_its_results_and
     if dp:
         kept.write_bytes(before["anchor.json"])
     capsys.readouterr()
+    built = []
+    anchor_doc = server_app._server_anchor_doc
+    monkeypatch.setattr(server_app, "_server_anchor_doc",
+                        lambda server: built.append(1) or anchor_doc(server))
     resumed = _resume(tmp_path, rc)
+    assert len(built) == (1 if dp else 0)
     assert _end_files(tmp_path / "res") == before
     assert resumed == json.loads(before["results.json"])
     assert "warning" not in capsys.readouterr().out
