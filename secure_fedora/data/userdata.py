@@ -348,6 +348,36 @@ def call_source(fn: Any, seed: int, where: str) -> Any:
         raise DataError(f"{where} raised {type(err).__name__}: {err}") from err
 
 
+def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: str,
+                     num_classes: int | None) -> list[ClientData]:
+    """``fn(source, data_config, seed)``, a partitioner, with what it returns checked: a list
+    of :class:`ClientData` with finite inputs and labels in range, whose ``meta["num_classes"]`` is the source's
+    ``num_classes`` (set where the partitioner left it out, so the model gets the source's
+    output width, not :func:`label_space`'s default of 10). Whatever a partitioner raises
+    becomes a DataError naming ``where`` (its DataErrors pass unchanged)."""
+    try:
+        clients = fn(source, data_config, seed)
+    except DataError:
+        raise
+    except Exception as err:  # user code: report whatever it raised
+        raise DataError(f"{where} raised {type(err).__name__}: {err}") from err
+    if not isinstance(clients, list | tuple) or not all(isinstance(c, ClientData)
+                                                         for c in clients):
+        raise DataError(f"{where} returned {type(clients).__name__}; expected a list of "
+                        "secure_fedora.data.partition.ClientData")
+    for c in clients:
+        if num_classes is not None:
+            declared = c.meta.setdefault("num_classes", num_classes)
+            if declared != num_classes:
+                raise DataError(f"{where}: client {c.client_id}'s meta['num_classes'] is "
+                                f"{declared!r} but the dataset has {num_classes} classes")
+        for split in SPLITS:
+            _check_finite(getattr(c, f"{split}_x"), f"{where}: client {c.client_id} {split} inputs")
+    if clients:
+        label_space(clients)  # every label in 0..num_classes-1
+    return list(clients)
+
+
 def label_space(clients: Sequence[ClientData]) -> tuple[int, bool]:
     """``(num_classes, multilabel)`` of a federation, checking every label against it.
 

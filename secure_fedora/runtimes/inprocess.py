@@ -145,6 +145,7 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     from secure_fedora.core.plugins import config_dir
     from secure_fedora.data.userdata import (
         FederatedData,
+        call_partitioner,
         call_source,
         coerce_user_data,
         load_source,
@@ -181,8 +182,10 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
         _warn_unused_sizes(cfg)
         return _federated_clients(cfg, source.clients, "the data lists")
     # a registered partitioner's clients get the same checks (the built-in ones pass them)
-    return _federated_clients(cfg, PARTITIONERS.get(d.partition)(source, d, cfg.seed),
-                              f"data.partition {d.partition!r} made")
+    classes = source.num_classes if isinstance(source, LabeledDataset) else None
+    made = call_partitioner(PARTITIONERS.get(d.partition), source, d, cfg.seed,
+                            f"data.partition {d.partition!r}", classes)
+    return _federated_clients(cfg, made, f"data.partition {d.partition!r} made")
 
 
 #: The data keys that only shape a partition: unused by per-client data lists.

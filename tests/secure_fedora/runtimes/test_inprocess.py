@@ -703,6 +703,57 @@ def test_a_registered_partitioners_clients_get_the_federated_data_checks():
         PARTITIONERS.unregister("test-one-short")
 
 
+
+def test_a_registered_partitioners_clients_take_the_sources_classes_and_finite_inputs():
+    """A partitioner returning ClientData without meta['num_classes'] (README does not ask
+    for it) gave a 3-class dataset's model 10 outputs, and a label 7 in that 3-class data
+    trained silently; NaN inputs reached the first release (an SVD error, or under DP the
+    noised summary); an exception in the partitioner was a bare IndexError. Each is now a
+    DataError before anything trains, and a well-formed plug-in gets the source's classes."""
+    from secure_fedora.core.registry import PARTITIONERS
+    from secure_fedora.data.partition import ClientData, LabeledDataset
+    from secure_fedora.data.sources import DataError
+    from secure_fedora.data.userdata import label_space
+
+    def by_hand(dataset, d, seed, label=None, value=None, row=None):
+        clients = []
+        for i in range(d.num_clients):
+            tr = list(range(i * 40, i * 40 + 30)) if row is None or i else [row]
+            va, te = list(range(i * 40 + 30, i * 40 + 40)), list(range(i * 10, i * 10 + 10))
+            x, y = dataset.train_x[tr].clone(), dataset.train_y[tr].clone()
+            if i == 2 and label is not None:
+                y[0] = label
+            if i == 2 and value is not None:
+                x[0, 0] = value
+            clients.append(ClientData(i, x, y, dataset.train_x[va], dataset.train_y[va],
+                                      dataset.test_x[te], dataset.test_y[te]))
+        return clients
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 4, generator=gen), torch.randint(0, 3, (400,), generator=gen)
+    data = LabeledDataset(x[:300], y[:300], x[300:], y[300:], 3)
+    plugins = {"test-by-hand": by_hand,
+               "test-label-7": lambda ds, d, s: by_hand(ds, d, s, label=7),
+               "test-nan": lambda ds, d, s: by_hand(ds, d, s, value=float("nan")),
+               "test-out-of-range": lambda ds, d, s: by_hand(ds, d, s, row=10_000)}
+    for name, fn in plugins.items():
+        PARTITIONERS.register(name, fn)
+    sizes = {"num_clients": 3, "train_per_client": 30, "val_per_client": 10, "test_per_client": 10}
+    try:
+        def build(name):
+            return build_clients(tiny(methods=["local"], data={**sizes, "partition": name}), data)
+
+        assert label_space(build("test-by-hand")) == (3, False)
+        with pytest.raises(DataError, match=r"client 2: train labels must lie in 0..2; found 0..7"):
+            build("test-label-7")
+        with pytest.raises(DataError, match="'test-nan': client 2 train inputs contains NaN"):
+            build("test-nan")
+        with pytest.raises(DataError, match="'test-out-of-range' raised IndexError: index 10000"):
+            build("test-out-of-range")
+    finally:
+        for name in plugins:
+            PARTITIONERS.unregister(name)
+
 class _BatchCentered(torch.nn.Module):
     """Every output depends on the whole batch (the batch mean is subtracted): per-sample
     clipping bounds nothing, so DP-SGD must refuse it."""
