@@ -172,6 +172,9 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
             m.train(mode)
 
 
+_NO_LAYER = "(no single layer identified)"
+
+
 def _first_unsupported_layer(model: nn.Module) -> str:
     """The first layer with trainable parameters that is neither nn.Linear (fused path) nor
     a layer Opacus has a per-sample gradient rule for, as "'name' (Type)"."""
@@ -185,7 +188,7 @@ def _first_unsupported_layer(model: nn.Module) -> str:
             return f"{name or '(root)'!r} ({type(module).__name__})"
         if fallback is None and type(module) is not nn.Linear:
             fallback = f"{name or '(root)'!r} ({type(module).__name__})"
-    return fallback or "(no single layer identified)"
+    return fallback or _NO_LAYER
 
 
 @torch.no_grad()
@@ -275,11 +278,16 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
                     f"norm is {largest:.3g}) before training{_TOO_LARGE}")
             if not torch.allclose(a, b, rtol=1e-3, atol=1e-5):
                 _refuse_a_loss_mixing_rows(model, loss, x, y)
+                layer = _first_unsupported_layer(model)
+                cause = f"layer {layer} is not supported" if layer != _NO_LAYER else (
+                    "every layer holding parameters is supported, so a parameter is used "
+                    "outside its layer's call (e.g. `x @ layer.weight.T`, a weight tied by "
+                    "hand), where per-sample hooks do not see it: use each parameter only "
+                    "through its module (call the layer itself, or share the module)")
                 raise DPSGDError(
                     f"DP-SGD's per-sample gradients of parameter {pname!r} differ from per-sample "
                     f"autograd (path {dpsgd.mode!r}; max difference "
-                    f"{float((a - b).abs().max()):.3g}); layer {_first_unsupported_layer(model)} "
-                    "is not supported"
+                    f"{float((a - b).abs().max()):.3g}); {cause}"
                 )
     finally:
         for p in params:  # what Opacus's hooks stored during the autograd reference pass

@@ -90,3 +90,35 @@ def test_gradients_that_overflow_are_named_as_such_not_as_an_unsupported_layer()
         check_per_sample_gradients(dpsgd, task.checked, x * 1e30, y)
     assert "not supported" not in str(err.value)
     check_per_sample_gradients(dpsgd, task.checked, x, y)
+
+
+class _WeightUsedByHand(nn.Module):
+    """``b.weight`` is used by its layer and again by hand (``h @ b.weight.T``): per-sample
+    hooks see only the layer's call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.o(torch.relu(self.b(h)) + torch.relu(h @ self.b.weight.T))
+
+
+def test_a_parameter_used_outside_its_layer_is_named_as_such_not_as_no_layer():
+    """A model using a Linear's weight also by hand (a tied weight) was refused as "layer (no
+    single layer identified) is not supported", though every layer is supported; the check
+    now says a parameter is used outside its layer's call and what to do. Calling the layer
+    twice (the same module shared) passes."""
+    torch.manual_seed(0)
+    task = resolve_task("cross_entropy", False)
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    dpsgd = DPSGD(_WeightUsedByHand(), 0.5, 1.0, 4.0, ReproducibleNoise(0))
+    with pytest.raises(DPSGDError, match=r"differ from per-sample autograd .*a parameter is used "
+                                         r"outside its layer's call .* use each parameter only "
+                                         r"through its module") as err:
+        check_per_sample_gradients(dpsgd, task.checked, x, y)
+    assert "no single layer" not in str(err.value)
+    shared = nn.Linear(5, 5)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(5, 3))
+    check_per_sample_gradients(DPSGD(model, 0.5, 1.0, 4.0, ReproducibleNoise(0)), task.checked, x, y)
