@@ -351,7 +351,7 @@ def call_source(fn: Any, seed: int, where: str) -> Any:
 def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: str,
                      num_classes: int | None) -> list[ClientData]:
     """``fn(source, data_config, seed)``, a partitioner, with what it returns checked: a list
-    of :class:`ClientData` with finite inputs and labels in range, whose ``meta["num_classes"]`` is the source's
+    of :class:`ClientData` with rows in every split, finite inputs and labels in range, whose ``meta["num_classes"]`` is the source's
     ``num_classes`` (set where the partitioner left it out, so the model gets the source's
     output width, not :func:`label_space`'s default of 10). Whatever a partitioner raises
     becomes a DataError naming ``where`` (its DataErrors pass unchanged)."""
@@ -372,6 +372,11 @@ def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: s
                 raise DataError(f"{where}: client {c.client_id}'s meta['num_classes'] is "
                                 f"{declared!r} but the dataset has {num_classes} classes")
         for split in SPLITS:
+            if getattr(c, f"{split}_x").shape[0] == 0:
+                # as for per-client data: FedAvg's weights, a summary and a score need rows
+                raise DataError(f"{where}: client {c.client_id}'s {split} split is empty; give "
+                                "every client at least one row in each split (or leave the "
+                                "client out and lower data.num_clients)")
             _check_finite(getattr(c, f"{split}_x"), f"{where}: client {c.client_id} {split} inputs")
     if clients:
         label_space(clients)  # every label in 0..num_classes-1

@@ -708,7 +708,9 @@ def test_a_registered_partitioners_clients_take_the_sources_classes_and_finite_i
     """A partitioner returning ClientData without meta['num_classes'] (README does not ask
     for it) gave a 3-class dataset's model 10 outputs, and a label 7 in that 3-class data
     trained silently; NaN inputs reached the first release (an SVD error, or under DP the
-    noised summary); an exception in the partitioner was a bare IndexError. Each is now a
+    noised summary); an exception in the partitioner was a bare IndexError; a client without
+    training rows stopped FedAvg after its first round (per-client data refuses an empty
+    split). Each is now a
     DataError before anything trains, and a well-formed plug-in gets the source's classes."""
     from secure_fedora.core.registry import PARTITIONERS
     from secure_fedora.data.partition import ClientData, LabeledDataset
@@ -718,7 +720,8 @@ def test_a_registered_partitioners_clients_take_the_sources_classes_and_finite_i
     def by_hand(dataset, d, seed, label=None, value=None, row=None):
         clients = []
         for i in range(d.num_clients):
-            tr = list(range(i * 40, i * 40 + 30)) if row is None or i else [row]
+            tr = [row] if i == 0 and isinstance(row, int) else list(range(i * 40, i * 40 + 30))
+            tr = [] if i == 1 and row == "none" else tr
             va, te = list(range(i * 40 + 30, i * 40 + 40)), list(range(i * 10, i * 10 + 10))
             x, y = dataset.train_x[tr].clone(), dataset.train_y[tr].clone()
             if i == 2 and label is not None:
@@ -735,7 +738,8 @@ def test_a_registered_partitioners_clients_take_the_sources_classes_and_finite_i
     plugins = {"test-by-hand": by_hand,
                "test-label-7": lambda ds, d, s: by_hand(ds, d, s, label=7),
                "test-nan": lambda ds, d, s: by_hand(ds, d, s, value=float("nan")),
-               "test-out-of-range": lambda ds, d, s: by_hand(ds, d, s, row=10_000)}
+               "test-out-of-range": lambda ds, d, s: by_hand(ds, d, s, row=10_000),
+               "test-no-rows": lambda ds, d, s: by_hand(ds, d, s, row="none")}
     for name, fn in plugins.items():
         PARTITIONERS.register(name, fn)
     sizes = {"num_clients": 3, "train_per_client": 30, "val_per_client": 10, "test_per_client": 10}
@@ -750,6 +754,8 @@ def test_a_registered_partitioners_clients_take_the_sources_classes_and_finite_i
             build("test-nan")
         with pytest.raises(DataError, match="'test-out-of-range' raised IndexError: index 10000"):
             build("test-out-of-range")
+        with pytest.raises(DataError, match="'test-no-rows': client 1's train split is empty"):
+            build("test-no-rows")
     finally:
         for name in plugins:
             PARTITIONERS.unregister(name)
