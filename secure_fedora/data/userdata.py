@@ -380,7 +380,30 @@ def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: s
             _check_finite(getattr(c, f"{split}_x"), f"{where}: client {c.client_id} {split} inputs")
     if clients:
         label_space(clients)  # every label in 0..num_classes-1
+        warn_shared_training_rows(clients, where)
     return list(clients)
+
+
+def warn_shared_training_rows(clients: Sequence[ClientData], where: str) -> int:
+    """The number of source training rows that more than one client trains on (by the
+    clients' ``meta["train_index"]``, where every client states it), logged as one warning
+    when there are any: each client's budget covers its own records, so a record two clients
+    hold is released under both budgets (up to the sum of their epsilons)."""
+    indexes = [c.meta.get("train_index") for c in clients]
+    if any(not isinstance(index, list | tuple) for index in indexes):
+        return 0
+    seen: dict[int, int] = {}
+    for index in indexes:
+        for row in set(index):
+            seen[row] = seen.get(row, 0) + 1
+    shared = sum(1 for count in seen.values() if count > 1)
+    if shared:
+        log.warning("%s: %d training row(s) are held by more than one client (meta "
+                    "'train_index'); under DP each client's budget covers its own records, so "
+                    "a record that k clients hold is released under k budgets (up to the sum "
+                    "of their epsilons): make the clients' rows disjoint unless that is meant",
+                    where, shared)
+    return shared
 
 
 def label_space(clients: Sequence[ClientData]) -> tuple[int, bool]:
