@@ -1358,8 +1358,10 @@ class FedAvg(FedAvgChecks, FederatedMethod):
 
     @classmethod
     def assumptions(cls, cfg: Any) -> dict[str, Any]:
-        """Under DP with fine-tuning: what the reported ``fedavg_ft`` metric is not covered by."""
-        if cfg.privacy.enabled and cfg.fedavg.finetune_epochs > 0:
+        """Under DP with fine-tuning: what the reported ``fedavg_ft`` metric is not covered by
+        (only when ``fedavg`` itself runs: a method registered on FedAvg states its own
+        ``<name>_finetuning``, from what it fine-tuned, in :meth:`derived_assumptions`)."""
+        if cfg.privacy.enabled and cfg.fedavg.finetune_epochs > 0 and cls.name in cfg.methods:
             return {"fedavg_finetuning": FINETUNING_UNDER_DP}
         return {}
 

@@ -153,6 +153,29 @@ def test_a_fine_tuned_row_of_a_method_built_on_fedavg_is_stated_under_dp() -> No
         METHODS.unregister("fedavg_x")
 
 
+def test_a_subclass_of_fedavg_run_alone_states_its_own_fine_tuning_not_fedavgs() -> None:
+    """A method registered as a subclass of FedAvg, run without FedAvg under DP, inherited
+    FedAvg's assumption: results.json (and the sweep's summary) stated that "the reported
+    fedavg_ft test metric is not covered", a row no run produced, beside its own
+    <name>_finetuning."""
+    from secure_fedora.algorithms.methods import FedAvg
+
+    class MyAvg(FedAvg):
+        pass
+
+    METHODS.register("myavg_x", MyAvg)
+    try:
+        tuned = {"myavg_x": _entry("myavg_x", [0.4] * 3, {"finetuned_test_accuracy": [0.5] * 3})}
+        stated = _build(_config(["myavg_x"], dp=True), tuned)["assumptions"]
+        assert "myavg_x_ft test metric is not covered" in stated["myavg_x_finetuning"]
+        assert "fedavg_finetuning" not in stated
+        tuned["fedavg"] = _entry("fedavg", [0.4] * 3, {"finetuned_test_accuracy": [0.5] * 3})
+        both = _build(_config(["myavg_x", "fedavg"], dp=True), tuned)["assumptions"]
+        assert "fedavg_ft test metric is not covered" in both["fedavg_finetuning"]
+    finally:
+        METHODS.unregister("myavg_x")
+
+
 def test_non_finite_figures_are_written_as_null_and_named() -> None:
     """A NaN or infinity a method reported went into results.json as the tokens NaN/Infinity,
     which strict JSON readers refuse; each is now null and named under non_finite_values."""
