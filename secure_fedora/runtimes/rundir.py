@@ -558,6 +558,20 @@ def _records_releases(run_dir: Path, method: str) -> bool:
                for pattern in ("*.jsonl", "*.journal") for p in folder.glob(pattern))
 
 
+def _closed_ledgers(run_dir: Path, method: str) -> bool:
+    """True when a ledger of ``method`` in ``run_dir`` ends with its close entry: the method
+    finished, and its outcome checkpoint (written before the close entries) existed."""
+    for ledger in sorted((run_dir / "ledgers" / method).glob("*.jsonl")):
+        try:
+            lines = ledger.read_text(encoding="utf-8").splitlines()
+            last = json.loads(lines[-1]) if lines else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue  # damaged ledgers are refused where they are read
+        if isinstance(last, dict) and last.get("mechanism") == "close":
+            return True
+    return False
+
+
 def _opened_unreleased(run_dir: Path, cfg: ExperimentConfig) -> bool:
     """True when a DP run's first method opened its ledgers (every client's file exists) and
     none holds a byte: it was killed before its first release. A ledger entry is fsynced
@@ -731,6 +745,13 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False
 
     expected = config_hash(cfg) if expected is None else expected
     present = [m for m in cfg.methods if (run_dir / "checkpoints" / f"{m}.pt").exists()]
+    lost = [m for m in cfg.methods if m not in present and _closed_ledgers(run_dir, m)]
+    if lost:
+        raise RunDirError(
+            f"{resume}: the checkpoint of {lost[0]!r} is missing from {run_dir / 'checkpoints'}"
+            " while its ledgers are closed (the method finished): its outcome was lost; restore"
+            " the checkpoint from a copy of the run directory, or start a new run; nothing was"
+            " written")
     if not present and (_records_releases(run_dir, cfg.methods[0])
                         or _opened_unreleased(run_dir, cfg)
                         or (bound and (_plain_unstarted(run_dir, cfg)

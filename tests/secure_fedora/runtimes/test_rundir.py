@@ -125,6 +125,30 @@ def test_resume_with_a_gap_in_the_method_checkpoints_is_an_error(plain_run, tmp_
     assert snapshot(run_dir) == before
 
 
+@pytest.fixture(scope="module")
+def dp2_run(tmp_path_factory):
+    """A finished DP run of two methods (their ledgers closed), copied by each test."""
+    return finished_run(tmp_path_factory, "dp2", {**DP, "methods": ["local", "fedavg"]})
+
+
+@pytest.mark.parametrize("lost", [["fedavg"], ["local", "fedavg"]])
+def test_a_finished_methods_lost_checkpoint_is_refused_not_retrained(dp2_run, tmp_path, capsys,
+                                                                     lost):
+    """A method whose ledgers end with their close entry finished (its outcome checkpoint is
+    written before them): its missing checkpoint was lost, not yet to be written. --resume
+    trained it again from its journals and rewrote results.json and anchor.json, so a kept
+    anchor copy no longer verified; it is refused, nothing written."""
+    config, source = dp2_run
+    run_dir = copy_run(source, tmp_path)
+    for method in lost:
+        (run_dir / "checkpoints" / f"{method}.pt").unlink()
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint of {lost[0]!r}" in err and "closed" in err and err.count("\n") == 1
+    assert snapshot(run_dir) == before
+
+
 def test_resume_checks_every_checkpoint_before_writing(plain_run, tmp_path, capsys):
     config, source = plain_run
     run_dir = copy_run(source, tmp_path)
