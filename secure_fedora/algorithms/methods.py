@@ -362,10 +362,13 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         # Clients' held downloads from a checkpoint, until an exchange is attached.
         self._held_downloads: dict[str, Tensor] | None = None
         # By upload kind: the clients whose row of that matrix (their own state) differs from
-        # the server's last accepted row (the exchange's), since an upload was rejected.
+        # the server's last accepted row, since an upload was rejected or an accepted reply
+        # was not the client's row (:meth:`server_view`).
         self._diverged: dict[str, set[int]] = {}
-        # Their server rows from a checkpoint, until an exchange is attached.
-        self._held_server_rows: dict[str, Any] | None = None
+        # By upload kind, then client: the server's row of a diverged client where no exchange
+        # holds it (no envelopes, a checkpoint's rows until an exchange is attached, or a
+        # round's replies until the method's own upload path hands them to the exchange).
+        self._server_rows: dict[str, dict[int, Tensor]] = {}
         # What trained the clients (batched engine or loop, with the reasons of fallbacks):
         # results.json's "training_engine" when the batched engine was asked for.
         self._engine_runs: dict[str, int] = {}
@@ -645,7 +648,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         FEDORA's and FedAvg's ``theta``) is the client's state as on Flower, where a ClientApp
         keeps what it trained whatever the server accepts: the server keeps its last accepted
         row (the exchange's copy) and the client its trained row, which it starts the next
-        round from, is evaluated on and checkpoints. :meth:`aggregate` (and any server step
+        round from, is evaluated on and checkpoints. So is an accepted reply whose row is not
+        the client's own row of a matrix that is its state and differs from it (a plug-in
+        releasing a compressed or perturbed copy), with or without an exchange: the server's
+        row is the reply, the client keeps its row. :meth:`aggregate` (and any server step
         run under :meth:`server_view`) sees the server's rows."""
         rules = self.reply_rules
         label = self._label()
@@ -668,7 +674,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 self.ctx.privacy.confirm_steps(rnd, list(messages))
             self._check_buffers(f"in round {rnd}'s training")
         self.uploads_begun = rnd
-        accepted = self._exchange_uploads(rnd, replies)
+        enveloped = self.exchange is not None and self._round_envelopes()
+        accepted = self._exchange_uploads(rnd, replies) if enveloped else dict(replies)
+        if not enveloped:
+            self._hold_server_rows(accepted)
         self.last_round = rnd
         self.round_replied = len(accepted)
         if not accepted:
@@ -677,6 +686,11 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         stats = self.round_statistics(rnd, accepted)
         with self.server_view():
             update = self.aggregate(rnd, accepted)
+        if self.exchange is not None and self._server_rows:
+            # the method's own upload path (e.g. FEDORA's ciphertexts) put what the server
+            # accepted into the exchange's rows, under server_view
+            for kind in [k for k in self._server_rows if k in self.exchange.server_rows]:
+                del self._server_rows[kind]
         return round_statistics_of(label, rnd, stats, update)
 
     def round_discarded(self, rnd: int) -> None:
@@ -685,13 +699,55 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
 
     def views_differ(self) -> bool:
         """Whether some client's own row of an upload matrix differs from the server's last
-        accepted row (an upload was rejected since; :meth:`server_view` swaps them)."""
-        return self.exchange is not None and any(self._diverged.values())
+        accepted row (an upload was rejected since, or an accepted reply was not the client's
+        row; :meth:`server_view` swaps them)."""
+        return any(self._diverged.values())
+
+    def _server_row(self, kind: str, i: int) -> Tensor:
+        """The server's row of diverged client ``i`` in the upload matrix of ``kind``."""
+        held = self._server_rows.get(kind)
+        if held is not None and i in held:
+            return held[i]
+        return self.exchange.server_rows[kind][i]
+
+    def _is_client_state(self, i: int, row: Tensor) -> bool:
+        """Whether ``row`` (client ``i``'s row of an upload matrix) is part of the client's
+        own state: an entry of :meth:`client_state_dict` is that row (FEDORA's and FedAvg's
+        ``theta``), not a server-side copy (FedAMP's ``models``, Ditto's upload buffer)."""
+        ptr = row.data_ptr()
+        return any(isinstance(v, Tensor) and v.data_ptr() == ptr
+                   for v in self.client_state_dict(i).values())
+
+    def _separate(self, i: int, row: Tensor, reply_row: Tensor) -> bool:
+        """Whether client ``i``'s reply row is not its own row ``row`` of an upload matrix
+        that is its state, and differs from it: then the server's row is the reply and the
+        client keeps ``row`` (as a Flower ClientApp keeps what it trained). Free where the
+        reply is the row (the same storage)."""
+        return (reply_row.data_ptr() != row.data_ptr() and self._is_client_state(i, row)
+                and not torch.equal(reply_row, row))
+
+    def _hold_server_rows(self, replies: Mapping[int, Payload]) -> None:
+        """Without the generic upload exchange: every accepted reply whose row is not the
+        client's own (:meth:`_separate`) becomes the server's row of that client, held apart
+        from the client's; a reply that is its own row ends a difference of views."""
+        if not replies:
+            return
+        for kind, matrix in self.upload_state().items():
+            diverged = self._diverged.get(kind)
+            for i, reply in replies.items():
+                if kind not in reply:
+                    continue
+                if self._separate(i, matrix[i], reply[kind]):
+                    self._server_rows.setdefault(kind, {})[i] = reply[kind].detach().clone()
+                    self._diverged.setdefault(kind, set()).add(i)
+                elif diverged and i in diverged:
+                    diverged.discard(i)
+                    self._server_rows.get(kind, {}).pop(i, None)
 
     @contextlib.contextmanager
     def server_view(self) -> Iterator[None]:
         """Inside: every upload matrix holds the server's last accepted row of every client
-        (the exchange's copy) where the client's own row differs (:meth:`views_differ`); the
+        (the exchange's copy, or the row held apart) where the client's own row differs (:meth:`views_differ`); the
         clients' rows are put back on exit. Copies only those clients' rows."""
         if not self.views_differ():
             yield
@@ -699,10 +755,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         uploads = self.upload_state()
         own: list[tuple[Tensor, Tensor]] = []
         for kind, clients in self._diverged.items():
-            matrix, store = uploads[kind], self.exchange.server_rows[kind]
+            matrix = uploads[kind]
             for i in sorted(clients):
                 own.append((matrix[i], matrix[i].clone()))
-                matrix[i].copy_(store[i])
+                matrix[i].copy_(self._server_row(kind, i))
         try:
             yield
         finally:
@@ -917,17 +973,22 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         kind ``round``), as on Flower every reply is signed; a
         client with any rejected upload is absent from the result. A client whose reply row
         is its own row of the matrix keeps it when it is not accepted (the server keeps its
-        last accepted row: :meth:`train_round`)."""
+        last accepted row: :meth:`train_round`); one whose matrix row is its state but whose
+        reply is another row (:meth:`_separate`) keeps its row whatever the server accepts."""
         if self.exchange is None or not replies or not self._round_envelopes():
             return dict(replies)
         uploads = self.upload_state()
         accepted = dict(replies)
         for kind, matrix in uploads.items():
             diverged = self._diverged.setdefault(kind, set())
+            # the clients whose row of the matrix is their own state; those whose reply is
+            # another row (a plug-in's release that is not its state) keep theirs: clients[i]
             own = {i for i, r in replies.items()
                    if kind in r and r[kind].data_ptr() == matrix[i].data_ptr()}
+            clients = {i: matrix[i].clone() for i, r in replies.items()
+                       if kind in r and i not in own and self._separate(i, matrix[i], r[kind])}
             # a client already left out by an earlier kind's rejection sends nothing of this one
-            diverged.update(i for i in own if i not in accepted)
+            diverged.update(i for i in own | set(clients) if i not in accepted)
             senders = [i for i, r in accepted.items() if kind in r]
             if not senders:
                 continue
@@ -939,7 +1000,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             ok = set(self.upload_rows(rnd, matrix, senders, kind=kind))
             kept = self.exchange.rejected_rows
             for i in senders:
-                if i in ok:
+                if i in clients:  # the server holds the reply (or its last accepted row)
+                    matrix[i].copy_(clients[i])
+                    diverged.add(i)
+                elif i in ok:
                     diverged.discard(i)
                 elif i in own and i in kept:
                     matrix[i].copy_(kept[i])
@@ -1067,7 +1131,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         if self.views_differ():  # the server's rows where the clients' own rows differ
             state["server_rows"] = {
                 kind: {"clients": torch.tensor(sorted(ids), dtype=torch.int64),
-                       "rows": self.exchange.server_rows[kind][sorted(ids)]}
+                       "rows": torch.stack([self._server_row(kind, i) for i in sorted(ids)])}
                 for kind, ids in self._diverged.items() if ids}
         if self.exchange is not None:  # so a resumed run reports the whole run's record
             state["message_security"] = FederatedMethod.security_results(self)
@@ -1085,7 +1149,7 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         if client_fields is not None:
             self._load_client_states(client_fields, state.get("client_state_holders", {}))
         self._held_downloads = state.get("held_downloads")
-        self._held_server_rows = state.get("server_rows")
+        self._load_server_rows(state.get("server_rows"))
         security = state.get("message_security", {})
         if not (isinstance(security, dict)
                 and isinstance(security.get("rejections", []), list)
@@ -1148,21 +1212,38 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             for kind, rows in held.items():
                 _load_matrix(exchange.client_rows[kind], rows, f"held_downloads.{kind}")
             self._held_downloads = None
-        self._diverged = {}
-        for kind, entry in (self._held_server_rows or {}).items():
-            store = exchange.server_rows.get(kind) if isinstance(kind, str) else None
+        for kind, rows in self._server_rows.items():
+            store = exchange.server_rows.get(kind)
+            if store is None:
+                raise ValueError(f"checkpoint field 'server_rows.{kind}' names an upload kind "
+                                 f"the exchange does not track ({sorted(exchange.server_rows)})")
+            for i, row in rows.items():
+                store[i].copy_(row)
+        self._server_rows = {}
+        self.exchange = exchange
+
+    def _load_server_rows(self, entries: Any) -> None:
+        """Restore :meth:`state_dict`'s ``server_rows`` (the server's rows of the diverged
+        clients, by upload kind), held apart until an exchange is attached."""
+        self._diverged, self._server_rows = {}, {}
+        if entries is None:
+            return
+        if not isinstance(entries, dict):
+            raise ValueError("checkpoint field 'server_rows' must map upload kinds to clients "
+                             "and rows")
+        uploads = self.upload_state()
+        for kind, entry in entries.items():
+            matrix = uploads.get(kind) if isinstance(kind, str) else None
             ids = entry.get("clients") if isinstance(entry, dict) else None
-            if store is None or not isinstance(ids, Tensor) or ids.dim() != 1 \
-                    or ids.dtype != torch.int64 or not all(0 <= i < store.shape[0]
+            if matrix is None or not isinstance(ids, Tensor) or ids.dim() != 1 \
+                    or ids.dtype != torch.int64 or not all(0 <= i < matrix.shape[0]
                                                            for i in ids.tolist()):
                 raise ValueError(f"checkpoint field 'server_rows.{kind}' does not name clients "
-                                 "of a tracked upload kind")
-            rows = store[ids]
+                                 "of an upload kind")
+            rows = matrix[ids].clone()
             _load_matrix(rows, entry.get("rows"), f"server_rows.{kind}")
-            store[ids] = rows
+            self._server_rows[kind] = dict(zip(ids.tolist(), rows, strict=True))
             self._diverged[kind] = set(ids.tolist())
-        self._held_server_rows = None
-        self.exchange = exchange
 
     def extra_results(self) -> dict[str, Any]:
         """Method-specific results added to results.json at the end of a run: the finalize
@@ -1930,7 +2011,8 @@ class Fedora(FedoraChecks, FederatedMethod):
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """The accepted rows become the server's; then ``phi <- P theta`` (:meth:`propagate`)
         over the server's rows. While a client's own row differs from the server's (its
-        upload was rejected), every ``phi`` row is computed now, from the server's rows
+        upload was rejected, or its reply was not its row), every ``phi`` row is computed
+        now, from the server's rows
         (:meth:`~FederatedMethod.server_view`), and ``phi`` is checkpointed."""
         _absorb(self.theta, replies, KIND_THETA)
         self.propagate(rnd, list(replies))

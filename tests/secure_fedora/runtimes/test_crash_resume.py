@@ -1121,3 +1121,48 @@ def test_resuming_a_finished_dp_run_does_not_anchor_an_edited_compute_or_version
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert _result_files(tmp_path) == before
     assert verify_run(tmp_path, anchor=kept).ok
+
+
+@pytest.mark.parametrize(("dp", "envelopes"), [(False, False), (False, True), (True, False)],
+                         ids=["plain", "envelopes", "dp"])
+def test_a_reply_that_is_not_the_clients_row_resumes_mid_run_exactly(tmp_path, clients, dp,
+                                                                      envelopes):
+    """A FEDORA subclass releasing half of its trained row: the server's rows (the replies)
+    are held apart from the clients' rows, written to the checkpoint (with or without
+    envelopes) and restored, so a run killed in round 3 and resumed from round 2's checkpoint
+    ends exactly as the uninterrupted run."""
+    import torch
+
+    from secure_fedora.algorithms.methods import Fedora
+    from secure_fedora.core.registry import METHODS as REGISTRY
+    from secure_fedora.runtimes.inprocess import load_checkpoint
+
+    class ReleasingHalf(Fedora):
+        def client_update(self, i, rnd, message):
+            reply = super().client_update(i, rnd, message)
+            return {**reply, "theta": reply["theta"] * 0.5}
+
+    name = "half_fedora_resume_x"
+    REGISTRY.register(name, ReleasingHalf)
+    try:
+        data = config_dict([name], dp, rounds=3)
+        data["security"] = {"envelopes": envelopes}
+        cfg = parse_config(data)
+        Simulation(cfg, tmp_path / "ref", clients=clients).run()
+        run_dir = tmp_path / "run"
+        assert run_until_crash(cfg, run_dir, clients, "train@7")  # round 3, first client
+        sim = Simulation(cfg, run_dir, clients=clients)
+        state = load_checkpoint(sim.checkpoint_path(name))["method"]
+        assert sorted(state["server_rows"]["theta"]["clients"].tolist()) == [0, 1, 2]
+        assert torch.equal(state["server_rows"]["theta"]["rows"], state["theta"] * 0.5)
+        sim.run(resume=True)
+    finally:
+        REGISTRY.unregister(name)
+    for run in (run_dir, tmp_path / "ref"):  # the envelopes' timings differ from run to run
+        results = json.loads((run / "results.json").read_text())
+        security = results["methods"][name]["extra"].get("security", {})
+        for traffic in ("transport", "relatedness_transport"):
+            for key in [k for k in security.get(traffic, {}) if k.endswith("_seconds")]:
+                del security[traffic][key]
+        (run / "results.json").write_text(json.dumps(results))
+    assert_same_run(run_dir, tmp_path / "ref")
