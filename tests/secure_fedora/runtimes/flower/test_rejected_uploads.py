@@ -52,6 +52,21 @@ class OwnRowsMean(FederatedMethod):
         return {"mean_norm": float(self.server_rows.mean(0).norm())}
 
 
+HALF = "releasing_half_x"
+
+
+def _releasing_half() -> type:
+    """FEDORA releasing half of the row it trained (its reply is not its state)."""
+    from secure_fedora.algorithms.methods import Fedora
+
+    class ReleasingHalf(Fedora):
+        def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+            reply = super().client_update(i, rnd, message)
+            return {**reply, "theta": reply["theta"] * 0.5}
+
+    return ReleasingHalf
+
+
 def _config(method: str, rounds: int = 3, **over: Any) -> Any:
     data = json.loads(json.dumps(TINY))
     data["methods"] = [method]
@@ -107,13 +122,14 @@ def _both_runtimes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cfg: Any, me
 
 
 @pytest.mark.usefixtures("task_identity")
-@pytest.mark.parametrize("method", ["fedora", "fedavg", PLUG_IN])
+@pytest.mark.parametrize("method", ["fedora", "fedavg", PLUG_IN, HALF])
 def test_a_rejected_upload_leaves_the_client_its_trained_row_in_both_runtimes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     """Client 1's round-1 upload is rejected: the server goes on with its last accepted row,
     client 1 starts round 2 from the row it trained in round 1 (in process, FEDORA's theta
-    used to be put back to the server's row, unlike on Flower) and per-client results,
-    client states and the server's round statistics agree."""
+    used to be put back to the server's row, unlike on Flower; so was the row of a client
+    whose reply is not its row, HALF) and per-client results, client states and the server's
+    round statistics agree."""
     from secure_fedora.algorithms import methods as methods_module
 
     starts: list[torch.Tensor] = []
@@ -132,11 +148,13 @@ def test_a_rejected_upload_leaves_the_client_its_trained_row_in_both_runtimes(
         monkeypatch.setattr(methods_module, "local_train", recording)
 
     METHODS.register(PLUG_IN, OwnRowsMean)
+    METHODS.register(HALF, _releasing_half())
     try:
         results, sim, _ = _both_runtimes(tmp_path, monkeypatch, _config(method), method, {(1, 1)},
                                        record_in_process)
     finally:
         METHODS.unregister(PLUG_IN)
+        METHODS.unregister(HALF)
     assert [r["replied"] for r in results["rounds"]] == [2, 3, 3]
     if method != "fedavg":  # FedAvg's clients start every round from the global model
         assert torch.equal(starts[1], trained[0])  # its own trained row, not the server's
