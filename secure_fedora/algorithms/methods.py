@@ -747,8 +747,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
     @contextlib.contextmanager
     def server_view(self) -> Iterator[None]:
         """Inside: every upload matrix holds the server's last accepted row of every client
-        (the exchange's copy, or the row held apart) where the client's own row differs (:meth:`views_differ`); the
-        clients' rows are put back on exit. Copies only those clients' rows."""
+        (the exchange's copy, or the row held apart) where the client's own row differs
+        (:meth:`views_differ`); the clients' rows are put back on exit. Copies only those
+        clients' rows."""
         if not self.views_differ():
             yield
             return

@@ -534,9 +534,9 @@ def _releasing_half(base: type) -> type:
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("base", ["fedora", "fedavg", "ditto"])
-@pytest.mark.parametrize("envelopes", [False, True], ids=["plain", "envelopes"])
+@pytest.mark.parametrize("setting", ["plain", "envelopes", "dp"])
 def test_a_reply_that_is_not_the_clients_row_trains_alike_in_both_runtimes(
-        tmp_path: Path, base: str, envelopes: bool) -> None:
+        tmp_path: Path, base: str, setting: str) -> None:
     """A reply whose ``theta`` is not the client's own row (half of it): in process FEDORA's
     aggregate (and, with envelopes, the upload exchange) copied it into the client's row, so
     the client trained on, was evaluated on and checkpointed the server's copy (client rows
@@ -547,11 +547,16 @@ def test_a_reply_that_is_not_the_clients_row_trains_alike_in_both_runtimes(
     name = f"half_{base}_x"
     METHODS.register(name, _releasing_half(method_class(base)))
     try:
-        cfg = with_methods(tiny_config(rounds=3, participation=0.5), name)
-        if envelopes:
+        over: dict = {"result-dir": str(tmp_path / "res")}
+        if setting == "dp":
+            cfg = with_methods(dp_config(rounds=3, noise="reproducible"), name)
+            over["reproducible-dp-noise"] = True
+        else:
+            cfg = with_methods(tiny_config(rounds=3, participation=0.5), name)
+        if setting == "envelopes":
             cfg = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
                                 "security": {"envelopes": True}})
-        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        rc = run_config(cfg, tmp_path, **over)
         grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
         results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
         assert grid.errors == [] and results["events"] == []
