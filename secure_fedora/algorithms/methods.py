@@ -1443,7 +1443,8 @@ class FedAvg(FedAvgChecks, FederatedMethod):
         """Under DP with fine-tuning: what the reported ``fedavg_ft`` metric is not covered by
         (only when ``fedavg`` itself runs: a method registered on FedAvg states its own
         ``<name>_finetuning``, from what it fine-tuned, in :meth:`derived_assumptions`)."""
-        if cfg.privacy.enabled and cfg.fedavg.finetune_epochs > 0 and cls.name in cfg.methods:
+        # FedAvg.name, not cls.name: a subclass naming itself runs under its own name
+        if cfg.privacy.enabled and cfg.fedavg.finetune_epochs > 0 and FedAvg.name in cfg.methods:
             return {"fedavg_finetuning": FINETUNING_UNDER_DP}
         return {}
 
@@ -1562,7 +1563,7 @@ class FedAvg(FedAvgChecks, FederatedMethod):
         ``assumptions.fedavg_finetuning`` for ``fedavg``, ``<name>_finetuning`` otherwise."""
         if not cfg.privacy.enabled or not cls.derived_rows(name, outcome):
             return {}
-        if name == cls.name:
+        if name == FedAvg.name:
             return {"fedavg_finetuning": FINETUNING_UNDER_DP}
         return {f"{name}_finetuning": FINETUNING_UNDER_DP.replace(
             "FedAvg's", f"{name}'s (built on FedAvg)").replace("fedavg_ft", f"{name}_ft")}

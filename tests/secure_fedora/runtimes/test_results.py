@@ -176,6 +176,29 @@ def test_a_subclass_of_fedavg_run_alone_states_its_own_fine_tuning_not_fedavgs()
         METHODS.unregister("myavg_x")
 
 
+def test_a_subclass_of_fedavg_with_its_own_name_states_its_own_fine_tuning() -> None:
+    """A FedAvg subclass setting ``name`` to its registry name, run alone under DP with
+    fine-tuning, stated assumptions.fedavg_finetuning (a fedavg_ft row no run produced) and
+    nothing for its own myavg_y_ft row: both checks compared with ``cls.name``."""
+    from secure_fedora.algorithms.methods import FedAvg
+
+    class MyAvg(FedAvg):
+        name = "myavg_y"
+
+    METHODS.register("myavg_y", MyAvg)
+    try:
+        tuned = {"myavg_y": _entry("myavg_y", [0.4] * 3, {"finetuned_test_accuracy": [0.5] * 3})}
+        stated = _build(_config(["myavg_y"], dp=True), tuned)["assumptions"]
+        assert "fedavg_finetuning" not in stated
+        assert "myavg_y_ft test metric is not covered" in stated["myavg_y_finetuning"]
+        tuned["fedavg"] = _entry("fedavg", [0.4] * 3, {"finetuned_test_accuracy": [0.5] * 3})
+        both = _build(_config(["myavg_y", "fedavg"], dp=True), tuned)["assumptions"]
+        assert "fedavg_ft test metric is not covered" in both["fedavg_finetuning"]
+        assert "myavg_y_ft test metric is not covered" in both["myavg_y_finetuning"]
+    finally:
+        METHODS.unregister("myavg_y")
+
+
 def test_non_finite_figures_are_written_as_null_and_named() -> None:
     """A NaN or infinity a method reported went into results.json as the tokens NaN/Infinity,
     which strict JSON readers refuse; each is now null and named under non_finite_values."""
