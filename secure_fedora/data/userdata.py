@@ -351,10 +351,11 @@ def call_source(fn: Any, seed: int, where: str) -> Any:
 def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: str,
                      num_classes: int | None) -> list[ClientData]:
     """``fn(source, data_config, seed)``, a partitioner, with what it returns checked: a list
-    of :class:`ClientData` with rows in every split, finite inputs and labels in range, whose ``meta["num_classes"]`` is the source's
-    ``num_classes`` (set where the partitioner left it out, so the model gets the source's
-    output width, not :func:`label_space`'s default of 10). Whatever a partitioner raises
-    becomes a DataError naming ``where`` (its DataErrors pass unchanged)."""
+    of :class:`ClientData` with rows in every split, finite inputs and labels in range of
+    ``meta["num_classes"]``, which is set to the source's ``num_classes`` where the partitioner
+    left it out (so the model gets the source's output width, not :func:`label_space`'s
+    default of 10; one the partitioner declares, e.g. after relabelling, is kept). Whatever a
+    partitioner raises becomes a DataError naming ``where`` (its DataErrors pass unchanged)."""
     try:
         clients = fn(source, data_config, seed)
     except DataError:
@@ -367,10 +368,7 @@ def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: s
                         "secure_fedora.data.partition.ClientData")
     for c in clients:
         if num_classes is not None:
-            declared = c.meta.setdefault("num_classes", num_classes)
-            if declared != num_classes:
-                raise DataError(f"{where}: client {c.client_id}'s meta['num_classes'] is "
-                                f"{declared!r} but the dataset has {num_classes} classes")
+            c.meta.setdefault("num_classes", num_classes)
         for split in SPLITS:
             if getattr(c, f"{split}_x").shape[0] == 0:
                 # as for per-client data: FedAvg's weights, a summary and a score need rows

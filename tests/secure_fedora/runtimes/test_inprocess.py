@@ -761,6 +761,36 @@ def test_a_registered_partitioners_clients_take_the_sources_classes_and_finite_i
             PARTITIONERS.unregister(name)
 
 
+def test_a_registered_partitioner_that_relabels_keeps_its_declared_classes():
+    """A partitioner relabelling MNIST-like data to parity (labels 0..1, meta['num_classes']
+    = 2, as README allows: the source's count is used only where meta has none) built a
+    2-output model before; the source's-classes check refused it ('is 2 but the dataset has
+    3 classes')."""
+    import dataclasses
+
+    from secure_fedora.core.registry import PARTITIONERS
+    from secure_fedora.data.partition import LabeledDataset, iid_partition
+    from secure_fedora.data.userdata import label_space
+
+    def parity(dataset, d, seed):
+        return [dataclasses.replace(c, train_y=c.train_y % 2, val_y=c.val_y % 2,
+                                    test_y=c.test_y % 2, meta={**c.meta, "num_classes": 2})
+                for c in iid_partition(dataset, d.num_clients, d.train_per_client,
+                                       d.val_per_client, d.test_per_client, seed)]
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 4, generator=gen), torch.randint(0, 3, (400,), generator=gen)
+    data = LabeledDataset(x[:300], y[:300], x[300:], y[300:], 3)
+    sizes = {"num_clients": 3, "train_per_client": 30, "val_per_client": 10, "test_per_client": 10}
+    PARTITIONERS.register("test-parity", parity)
+    try:
+        clients = build_clients(tiny(methods=["local"], data={**sizes, "partition": "test-parity"}),
+                                data)
+        assert label_space(clients) == (2, False)
+    finally:
+        PARTITIONERS.unregister("test-parity")
+
+
 def test_training_rows_shared_by_a_partitioners_clients_are_said(caplog):
     """A plug-in partitioner giving every client the same training rows ran without a word,
     though each row was then released under three clients' budgets; it is now one warning
