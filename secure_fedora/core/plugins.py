@@ -8,19 +8,20 @@ key, before anything is trained.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import sys
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from secure_fedora.core.config import ConfigError
 
 __all__ = ["PluginError", "config_dir", "derived_config", "import_object", "is_import_spec",
-           "remember_config_dir"]
+           "one_run", "remember_config_dir"]
 
 
 class PluginError(ConfigError):
@@ -129,6 +130,22 @@ def _file_digest(module: Any) -> bytes | None:
         return None
 
 
+#: Runs in progress (:func:`one_run`) and the modules checked in them.
+_RUNS: list[set[str]] = []
+
+
+@contextlib.contextmanager
+def one_run() -> Iterator[None]:
+    """While a run runs: a plug-in module it checked once (unedited since this process
+    imported it) is not refused again when its file is edited meanwhile. The run keeps the
+    code it started with, every method alike; the next run is refused as before."""
+    _RUNS.append(set())
+    try:
+        yield
+    finally:
+        _RUNS.pop()
+
+
 def _refuse_edited_module(spec: str, key: str, module_name: str, module: Any) -> None:
     """A module whose file changed since this process imported it would run the code read
     then (a notebook: ``net.py`` edited, the config loaded again): refused, naming the ways
@@ -136,6 +153,8 @@ def _refuse_edited_module(spec: str, key: str, module_name: str, module: Any) ->
     when it was imported anew (a reload, or a new import after ``del sys.modules[name]``,
     gives the module a new ``__spec__``)."""
     seen = _IMPORTED.get(module_name)
+    if _RUNS and module_name in _RUNS[0] and seen is not None and seen[0] is module.__spec__:
+        return  # checked when this run started: edited since, it runs the code read then
     digest = _file_digest(module)
     if seen is None or seen[0] is not module.__spec__:
         _IMPORTED[module_name] = (module.__spec__, digest)
@@ -144,6 +163,8 @@ def _refuse_edited_module(spec: str, key: str, module_name: str, module: Any) ->
             f"{key} = {spec!r}: {module.__file__} changed since this process imported module "
             f"{module_name!r}, which still runs the code read then: restart the process (a "
             f"notebook's kernel), or forget it with del sys.modules[{module_name!r}] first")
+    if _RUNS:
+        _RUNS[0].add(module_name)
 
 
 def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable[..., Any]:

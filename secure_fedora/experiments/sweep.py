@@ -64,7 +64,7 @@ from secure_fedora.core.config import (  # noqa: E402
     unused_overrides_problem,
 )
 from secure_fedora.core.files import strict_json  # noqa: E402
-from secure_fedora.core.plugins import derived_config  # noqa: E402
+from secure_fedora.core.plugins import derived_config, one_run  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
 from secure_fedora.data.sources import fingerprint_clients  # noqa: E402
 from secure_fedora.experiments.sweep_cli import (  # noqa: E402,F401  (the command line's home)
@@ -709,6 +709,7 @@ def _unused_overrides(cells: Sequence[Cell], configs: Mapping[Cell, ExperimentCo
     return f"cell {found[0][0].key}{more}: {found[0][1]}"
 
 
+@one_run()  # every cell runs the plug-in code the sweep started with
 def run_sweep(
     cfg: ExperimentConfig,
     out: str | Path,

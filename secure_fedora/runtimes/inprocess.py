@@ -1660,11 +1660,12 @@ class Simulation:
         process running or resuming in it meanwhile is a RunDirError. torch runs on
         ``training.threads`` (when set) while the run runs; the process's own thread count
         is set back after it."""
+        from secure_fedora.core.plugins import one_run
         from secure_fedora.learning.devices import threads_applied
         from secure_fedora.runtimes.rundir import hold_run_dir
 
         fresh = not check_flag_argument(resume, "resume")
-        with hold_run_dir(self.run_dir, create=fresh), threads_applied(self.cfg):
+        with hold_run_dir(self.run_dir, create=fresh), threads_applied(self.cfg), one_run():
             return self._run(resume, fresh)
 
     def _run(self, resume: bool, fresh: bool) -> dict[str, Any]:

@@ -1196,3 +1196,38 @@ def test_fedora_runs_with_a_tau_whose_similarities_overflow_float64(tmp_path, dp
     assert (r.graph > 0).sum(1).tolist() == [1, 1, 1]
     if dp:
         assert verify_run(tmp_path).ok
+
+
+def test_a_plug_in_file_edited_while_the_run_runs_does_not_stop_it(tmp_path, monkeypatch):
+    """A [model] factory whose file was edited while a run ran (after its first method was
+    built) stopped the run before its next method ('changed since this process imported
+    module'), though every method runs the code the run started with; the run now finishes,
+    and the next run in the process is refused as before."""
+    import sys
+
+    from secure_fedora.core.plugins import PluginError
+
+    module = tmp_path / "edited_mid_run_x.py"
+    module.write_text(
+        "import pathlib\n"
+        "import torch\n"
+        "def make(input_shape, num_classes):\n"
+        "    path = pathlib.Path(__file__)\n"
+        "    if not path.read_text().endswith('# edited\\n'):\n"
+        "        path.write_text(path.read_text() + '# edited\\n')  # as an editor would\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(int(torch.tensor(input_shape).prod()),"
+        " num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "edited_mid_run_x", raising=False)
+    cfg = tiny(methods=["local", "fedavg"], model={"factory": "edited_mid_run_x:make"},
+               training={"rounds": 1, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
+               fedavg={"finetune_epochs": 0})
+    clients = build_clients(cfg)
+    try:
+        results = Simulation(cfg, tmp_path / "run", clients=clients).run()
+        assert set(results["methods"]) >= {"local", "fedavg"}
+        with pytest.raises(PluginError, match="changed since this process imported"):
+            Simulation(cfg, tmp_path / "again", clients=clients).run()
+    finally:
+        sys.modules.pop("edited_mid_run_x", None)
