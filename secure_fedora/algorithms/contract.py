@@ -55,7 +55,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
            "check_data_facts", "data_checked",
            "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class", "SAT_OUT_PULL_DIVERGED", "with_sat_out_statistics",
-           "method_releases", "round_mechanisms"]
+           "method_releases", "round_mechanisms", "REPLY_STAGES", "declared_reply_entries"]
 
 SETUP = "setup"
 ROUND = "round"
@@ -501,6 +501,42 @@ def method_releases(name: str, cfg: Any) -> tuple[ReleaseSpec, ...]:
         raise ValueError(f"method {name!r}: releases(cfg) must return a tuple of ReleaseSpec, "
                          f"got {specs!r}")
     return tuple(specs)
+
+
+#: The exchanges whose replies :meth:`FederatedAlgorithm.reply_entries` declares, in order.
+REPLY_STAGES = (SETUP, ROUND, FINALIZE)
+
+
+def _builtin_reply_reasons(cfg: Any) -> set[tuple[str, str, str]]:
+    """Every ``(stage, entry, reason)`` the toolkit's own methods (and the default of
+    :meth:`FederatedAlgorithm.reply_entries`) declare under ``cfg``."""
+    from secure_fedora.core.registry import METHODS
+
+    classes = [FederatedAlgorithm, *(method_class(n) for n in METHODS.builtin_names())]
+    return {(stage, entry, reason) for cls in classes if cls is not None
+            for stage in REPLY_STAGES for entry, reason in cls.reply_entries(cfg, stage).items()}
+
+
+def declared_reply_entries(name: str, cfg: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """What registered method ``name``'s client replies may carry under ``cfg`` (the
+    :class:`ReplyRules` both runtimes enforce, from its class's
+    :meth:`FederatedAlgorithm.reply_entries`): stage -> entry -> ``{"reason": why it may
+    leave the client, "built_in": whether a method the toolkit ships declares that entry with
+    that reason for that exchange under ``cfg``}``. ``built_in`` false marks the method's own
+    claim (a plug-in's, or a built-in entry with another reason): declared, not verified.
+    Every stage of :data:`REPLY_STAGES` is present (empty: that reply carries nothing).
+    ``ValueError`` for a factory that does not name its class (as :func:`method_releases`)."""
+    cls = method_class(name)
+    if cls is None:
+        raise ValueError(
+            f"method {name!r} is registered as a factory that does not name its algorithm "
+            "class, so what its replies carry is unknown; set the factory's 'algorithm' "
+            "attribute to it")
+    rules = ReplyRules.of(name, cls, cfg)
+    builtin = _builtin_reply_reasons(cfg)
+    return {stage: {entry: {"reason": reason, "built_in": (stage, entry, reason) in builtin}
+                    for entry, reason in rules.entries[stage].items()}
+            for stage in REPLY_STAGES}
 
 
 def round_mechanisms(name: str, cfg: Any) -> tuple[str, ...]:

@@ -182,6 +182,10 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
+    def builtin_names(self) -> tuple[str, ...]:
+        """The built-in names, in their declared order (none can be replaced or removed)."""
+        return self._builtin_order
+
     def in_registration_order(self) -> list[str]:
         """Every registered name in the order it was registered (the built-ins first)."""
         load_contrib()

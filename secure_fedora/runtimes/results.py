@@ -17,6 +17,10 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
 * top level ``name, version, runtime, config_hash, metric, loss, assumptions, privacy,
   clients, methods, comparison`` (and ``compute``, ``data_fingerprint`` where the runtime
   knows them: a Flower server never sees the data, so its fingerprint is ``None``);
+* ``privacy.<name>.reply_entries`` (a DP run only, as all of ``privacy``): what the method's
+  client replies may carry in each exchange, ``setup``/``round``/``finalize`` -> entry ->
+  ``{reason, built_in}`` (:func:`~secure_fedora.algorithms.contract.declared_reply_entries`:
+  ``built_in`` false is the method's own claim, declared and not verified);
 * ``non_finite_values``, only where a figure was NaN or infinite: the document is strict JSON
   (no ``NaN``/``Infinity``), such a figure is ``null`` and this key maps its JSON Pointer
   (RFC 6901, :func:`~secure_fedora.core.files.json_pointer`) to the value it held
@@ -44,7 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from secure_fedora import __version__
-from secure_fedora.algorithms.contract import FederatedAlgorithm, method_class
+from secure_fedora.algorithms.contract import (
+    FederatedAlgorithm,
+    declared_reply_entries,
+    method_class,
+)
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
@@ -261,7 +269,7 @@ def build_results(
 
     ``outcomes`` maps each method run to its :func:`method_entry`-shaped dict (the
     in-process ``MethodOutcome.to_json()``); ``privacy`` maps a method to its privacy summary
-    (or is empty/None without DP); ``clients`` is :func:`client_rows`' list; ``assumptions``
+    (or is empty/None without DP), to which this adds the method's ``reply_entries``; ``clients`` is :func:`client_rows`' list; ``assumptions``
     adds runtime-specific assumptions (transport, key holder); ``runtime_keys`` adds
     runtime-specific top-level keys, none of which may be one of :data:`RESERVED_KEYS`.
     The document holds no NaN or infinity (:func:`~secure_fedora.core.files.finite_document`):
@@ -310,7 +318,9 @@ def build_results(
         "metric": metric,
         "loss": cfg.training.loss,
         "assumptions": stated,
-        "privacy": dict(privacy or {}),
+        # what leaves a client beyond the accounted releases, and why (declared, both runtimes)
+        "privacy": {name: {**body, "reply_entries": declared_reply_entries(name, cfg)}
+                    for name, body in (privacy or {}).items()},
         "clients": list(clients),
         "methods": methods,
         "comparison": comparison,

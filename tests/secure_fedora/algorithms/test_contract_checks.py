@@ -4,6 +4,7 @@ an unaccounted value leaves a client or a runtime record is overwritten."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from privacy.accounting import PrivacyBudget
 from privacy.ledger import read_ledger
 from privacy.pipeline import StepCountMismatchError
 from secure_fedora.algorithms.contract import (
+    NUM_EXAMPLES_REASON,
     ROUND,
     SAT_OUT_PULL_DIVERGED,
     SETUP,
@@ -22,6 +24,7 @@ from secure_fedora.algorithms.contract import (
     ReleaseSpec,
     build_method,
     check_round_statistics,
+    declared_reply_entries,
     with_sat_out_statistics,
 )
 from secure_fedora.algorithms.methods import FederatedMethod, Fedora
@@ -170,8 +173,52 @@ def test_declared_reply_entries_pass(tmp_path, register):
                     "size": torch.tensor(self.ctx.clients[i].train_x.shape[0])}
 
     name = register("declared_x", Declared)
-    sim, _ = _run(tmp_path, _config(name))
-    assert sim.run()["methods"][name]["selected"]["per_client"]
+    sim, run = _run(tmp_path, _config(name))
+    results = sim.run()
+    assert results["methods"][name]["selected"]["per_client"]
+    # what leaves each client, and why, is in results.json: the plug-in's reason its own claim
+    declared = json.loads((run / "results.json").read_text())["privacy"][name]["reply_entries"]
+    assert declared == results["privacy"][name]["reply_entries"]
+    assert declared["round"]["size"] == {"reason": "the training-set size (public)",
+                                         "built_in": False}
+    assert [e for e, d in declared["round"].items() if d["built_in"]] == ["theta", "steps"]
+    assert declared["setup"] == declared["finalize"] == {}
+
+
+def test_declared_reply_entries_mark_what_no_built_in_method_declares(register) -> None:
+    """``built_in`` holds exactly for an entry a shipped method declares with the same reason
+    for the same exchange under the run's config: FEDORA's are, under either validation; an
+    entry or a reason of a plug-in's own is not, nor is a built-in entry moved to another
+    exchange or given another reason."""
+    for validation in ("private", "public"):
+        cfg = _config("fedora", data={"validation": validation}, fedora={"relatedness": "noised"})
+        declared = declared_reply_entries("fedora", cfg)
+        assert {s: list(e) for s, e in declared.items()} == {
+            "setup": ["summary"], "round": ["theta", "steps", "lambda"], "finalize": []}
+        assert all(d["built_in"] for e in declared.values() for d in e.values())
+        assert declared["round"]["lambda"]["reason"] == Fedora.reply_entries(cfg, ROUND)["lambda"]
+
+    class OwnClaims(Toy):
+        @classmethod
+        def reply_entries(cls, cfg, stage):
+            if stage == SETUP:
+                return {"steps": "the number of local steps (fixed by the plan, "
+                                 "data-independent)"}
+            return {**super().reply_entries(cfg, stage), "theta": "a model (trust me)",
+                    "num_examples": NUM_EXAMPLES_REASON}
+
+    name = register("own_claims_x", OwnClaims)
+    declared = declared_reply_entries(name, _config(name))
+    assert declared["setup"]["steps"]["built_in"] is False  # a round entry, not a setup one
+    assert declared["round"]["theta"] == {"reason": "a model (trust me)", "built_in": False}
+    assert declared["round"]["num_examples"]["built_in"]  # FedAvg's entry and reason
+
+    def factory(ctx, cfg):
+        return Toy(ctx)
+
+    name = register("nameless_factory_x", factory)
+    with pytest.raises(ValueError, match="does not name its algorithm class"):
+        declared_reply_entries(name, _config(name, dp=False))
 
 
 def test_a_model_trained_without_admission_is_refused_before_aggregate(tmp_path, register):

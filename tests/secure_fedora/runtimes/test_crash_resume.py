@@ -556,6 +556,27 @@ def test_resuming_a_finished_run_of_an_older_version_keeps_its_results_and_ancho
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
 
 
+def test_resuming_a_finished_run_without_declared_reply_entries_keeps_it(tmp_path, clients):
+    """An older version's DP results.json states no ``privacy.<method>.reply_entries``; a
+    resume that trains nothing keeps that anchored file and its anchor byte for byte (the
+    anchor digests the whole file, the new field with it: removing it from a file anchored
+    with it fails ``audit verify``)."""
+    cfg = config(["local"], True)
+    sim = Simulation(cfg, tmp_path, clients=clients)
+    sim.run()
+    path = tmp_path / "results.json"
+    doc = json.loads(path.read_text())
+    assert doc["privacy"]["local"]["reply_entries"]["round"]["steps"]["built_in"] is True
+    del doc["privacy"]["local"]["reply_entries"]
+    path.write_text(json.dumps(doc, indent=2))
+    assert not verify_run(tmp_path).ok  # the anchor covers the field
+    sim.write_anchor()  # the older version's anchor, over its results.json
+    before = _result_files(tmp_path)
+    assert Simulation(cfg, tmp_path, clients=clients).run(resume=True) == doc
+    assert _result_files(tmp_path) == before
+    assert verify_run(tmp_path).ok
+
+
 def test_resuming_a_finished_run_whose_derived_row_has_no_round_keeps_it(tmp_path, clients):
     """An older version wrote methods.fedavg_ft.selected without "round"; a resume that trains
     nothing keeps that anchored results.json as it is (the derived row is not one of the

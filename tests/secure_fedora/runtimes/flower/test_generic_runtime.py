@@ -319,6 +319,50 @@ def test_grid_dp_methods_equal_in_process_and_anchor_every_ledger(
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_plug_in_s_declared_reply_entries_and_reasons_are_in_both_runtimes_results(
+        tmp_path: Path) -> None:
+    """Under DP a plug-in's reply may carry an entry it declares with its own reason ("a
+    public value"); both runtimes accepted it, and neither results.json said so. Both now
+    state every method's declared reply entries and reasons, identically, under
+    ``privacy.<method>.reply_entries``, the plug-in's own claim marked ``built_in`` false."""
+    from secure_fedora.algorithms.contract import ROUND
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    class DeclaresAPublicValue(FedAvg):
+        @classmethod
+        def reply_entries(cls, cfg, stage):  # type: ignore[no-untyped-def]
+            entries = super().reply_entries(cfg, stage)
+            return {**entries, "mean_x": "a public value"} if stage == ROUND else entries
+
+        def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+            return {**super().client_update(i, rnd, message), "mean_x": torch.zeros(1)}
+
+    name = "declares_public_x"
+    METHODS.register(name, DeclaresAPublicValue)
+    try:
+        cfg = with_methods(dp_config(rounds=1), name)
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        assert grid.errors == [] and results["events"] == []
+        inproc = Simulation(cfg, tmp_path / "inproc", keystore=tmp_path / "keystore").run()
+    finally:
+        METHODS.unregister(name)
+    on_disk = json.loads((tmp_path / "res" / "results.json").read_text())
+    declared = on_disk["privacy"][name]["reply_entries"]
+    assert declared == json.loads((tmp_path / "inproc" / "results.json").read_text())[
+        "privacy"][name]["reply_entries"] == inproc["privacy"][name]["reply_entries"]
+    assert set(declared) == {"setup", "round", "finalize"} and declared["setup"] == {}
+    assert declared["round"]["mean_x"] == {"reason": "a public value", "built_in": False}
+    assert {e for e, d in declared["round"].items() if d["built_in"]} == {
+        "theta", "steps", "num_examples"}
+    assert declared["round"]["theta"]["reason"].startswith("the round's model, trained with DP-SGD")
+    assert list(declared["finalize"]) == ["finetuned_test_metric"]
+    assert declared["finalize"]["finetuned_test_metric"]["built_in"]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_refused_release_is_a_refusal_reply_and_the_client_takes_no_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
