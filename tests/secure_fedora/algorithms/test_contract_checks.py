@@ -185,6 +185,24 @@ def test_declared_reply_entries_pass(tmp_path, register):
     assert declared["setup"] == declared["finalize"] == {}
 
 
+def test_a_run_without_dp_states_no_reply_entries(tmp_path, register) -> None:
+    """Without DP nothing is refused and no release is claimed accounted: results.json keeps
+    its layout, an empty ``privacy`` (no declared reply entries)."""
+    class Declared(Toy):
+        @classmethod
+        def reply_entries(cls, cfg, stage):
+            entries = super().reply_entries(cfg, stage)
+            return {**entries, "mean_x": "a public value"} if stage == ROUND else entries
+
+        def client_update(self, i, rnd, message):
+            return {**super().client_update(i, rnd, message), "mean_x": torch.zeros(1)}
+
+    name = register("declared_no_dp_x", Declared)
+    sim, run = _run(tmp_path, _config(name, dp=False))
+    assert sim.run()["privacy"] == {}
+    assert "reply_entries" not in (run / "results.json").read_text()
+
+
 def test_declared_reply_entries_mark_what_no_built_in_method_declares(register) -> None:
     """``built_in`` holds exactly for an entry a shipped method declares with the same reason
     for the same exchange under the run's config: FEDORA's are, under either validation; an
