@@ -3,7 +3,9 @@
 The HTML has inline CSS, plots embedded as base64 PNG ``data:`` URIs and no scripts or
 external references, so it renders offline in any browser and can be archived as one file.
 Sections: run identity; threat model and assumptions in force; per-client budget table;
-epsilon over rounds per client against its budget (plot); mechanisms, and in words each
+epsilon over rounds per client against its budget (plot); under DP, what each method's
+client replies carry beyond the accounted releases and why (declared, not verified; a
+method's own claim marked as an assumption to review); mechanisms, and in words each
 client's release made more often than the run's plan holds (a redone, twice-accounted
 release); verification results
 (from :func:`audits.verify.verify_run`); the empirical audits (canary, white-box, replay:
@@ -392,6 +394,42 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
     return {"plan": plan, "events": events}
 
 
+#: What the report says of the methods' declared reply entries (report.json and the page).
+REPLY_ENTRIES_NOTE = (
+    "Declared, not verified: each method declares (reply_entries) every entry its clients' "
+    "replies may carry beyond the accounted releases, with why it may leave the client; both "
+    "runtimes refuse a reply carrying anything else, but audit verify does not check these "
+    "reasons (they are claims, not figures). An entry no built-in method declares with that "
+    "reason is the method's own claim: an assumption to review.")
+
+
+def _reply_entries(results: dict[str, Any] | None) -> dict[str, Any]:
+    """The entries each method's client replies may carry, per exchange, with their reasons,
+    as results.json's ``privacy.<method>.reply_entries`` states them (a DP run).
+
+    Guarantee: every stated entry is a row, ``review`` true unless results.json marks it
+    ``built_in`` (the method's own claim); a DP method whose results.json states none (an
+    older version's, or malformed) is listed under ``not_stated``, never shown as empty."""
+    rows: list[dict[str, Any]] = []
+    not_stated: list[str] = []
+    privacy = (results or {}).get("privacy")
+    for method, body in (privacy.items() if isinstance(privacy, dict) else ()):
+        declared = body.get("reply_entries") if isinstance(body, dict) else None
+        if not isinstance(declared, dict) or not all(isinstance(e, dict)
+                                                     for e in declared.values()):
+            not_stated.append(str(method))
+            continue
+        for stage, entries in declared.items():
+            for entry, about in entries.items():
+                about = about if isinstance(about, dict) else {}
+                built_in = about.get("built_in") is True
+                rows.append({"method": method, "stage": stage, "entry": entry,
+                             "reason": about.get("reason"), "built_in": built_in,
+                             "review": not built_in})
+    return {"status": "declared, not verified", "note": REPLY_ENTRIES_NOTE, "entries": rows,
+            "not_stated": not_stated}
+
+
 #: The empirical audits the report shows, with the command that produces each one's JSON.
 EMPIRICAL_AUDITS: tuple[tuple[str, str, str], ...] = (
     ("canary", "canary membership inference (black-box, final model)",
@@ -622,6 +660,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "repeated_releases": _repeated_releases(verification, cfg, results),
         "verification": verification.to_json(),
         "privacy_plan": _privacy_plan(results),
+        "reply_entries": _reply_entries(results),
         "accuracy": _accuracy(results),
         "empirical_audits": _empirical_audits(run, cfg, verification),
     }
@@ -884,6 +923,24 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
               _e(ev.get("event")), _e(ev.get("detail"))] for ev in plan["events"]],
             left=(0, 2, 3, 4),
         ))
+
+    declared = report.get("reply_entries") or {}
+    if declared.get("entries") or declared.get("not_stated"):
+        parts.append("<h2 id=\"reply-entries\">What leaves each client, and why "
+                     "(declared, not verified)</h2>")
+        parts.append(f"<p>{_e(declared.get('note'))}</p>")
+        methods = list(dict.fromkeys(r["method"] for r in declared.get("entries", [])))
+        for method in methods:
+            parts.append(f"<h3>{_e(method)}</h3>" + _table(
+                ["exchange", "entry", "why it may leave the client", "basis"],
+                [[_e(r["stage"]), f"<code>{_e(r['entry'])}</code>", _e(r["reason"]),
+                  "<span class=\"warn\">assumption to review (the method's own claim)</span>"
+                  if r["review"] else "built-in"]
+                 for r in declared["entries"] if r["method"] == method],
+                left=(0, 1, 2, 3)))
+        for method in declared.get("not_stated", []):
+            parts.append(f"<p class=\"warn\">{_e(method)}: results.json does not state what "
+                         "its replies carry (an older version wrote it, or it was edited).</p>")
 
     parts.append("<h2 id=\"mechanisms\">Mechanisms (from the ledgers)</h2>")
     parts.append(_table(

@@ -30,6 +30,7 @@ from privacy.ledger import LedgerWriter, line_hash
 from privacy.mechanisms import scalar_record, summary_record
 from privacy.noise import ReproducibleNoise
 from privacy.pipeline import BudgetGate, Release
+from secure_fedora.algorithms.contract import declared_reply_entries
 from secure_fedora.core.config import config_hash, parse_config
 from secure_fedora.learning.models import model_fingerprint
 from secure_fedora.runtimes.inprocess import MODEL_RECORD, model_record
@@ -154,7 +155,8 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
         privacy[method] = {"method": method, "sample_rate": sample_rate,
                            "steps_per_round": steps_per_round, "clients": per_client,
                            "events": [],
-                           "model_fingerprint": model_fingerprint(fixture_model())}
+                           "model_fingerprint": model_fingerprint(fixture_model()),
+                           "reply_entries": declared_reply_entries(method, cfg)}
     accuracy = [0.8 + 0.01 * i for i in range(num_clients)]
     results = {
         "name": cfg.name,

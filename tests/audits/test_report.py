@@ -807,3 +807,52 @@ def test_the_privacy_config_states_the_delta_an_override_without_one_has(pristin
     assert doc["privacy_config"]["overrides"] == {"2": {"epsilon": 3.0, "delta": 1e-5}}
     line = render_html(doc, {}).split("per-client overrides:")[1].split("</p>")[0]
     assert line == " {&#x27;2&#x27;: {&#x27;epsilon&#x27;: 3.0, &#x27;delta&#x27;: 1e-05}}"
+
+
+def test_the_declared_reply_entries_are_shown_a_methods_own_claim_marked(run_copy, tmp_path):
+    """results.json states what each method's client replies carry beyond the accounted
+    releases, and why (``privacy.<method>.reply_entries``); the report showed none of it, so
+    a plug-in's "a public value" went unseen. It now lists every entry with its reason per
+    method, marks an entry no built-in method declares with that reason as an assumption to
+    review, and says that these are declared, not verified (audit verify does not check them)."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["privacy"]["local"]["reply_entries"]["round"]["mean_x"] = {
+        "reason": "a public value", "built_in": False}
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    paths = write_report(run_copy, tmp_path / "out")
+    report = json.loads(paths.json.read_text())
+    assert report["verification"]["ok"] is True  # claims, not figures: nothing to verify
+    declared = report["reply_entries"]
+    assert declared["status"] == "declared, not verified" and declared["not_stated"] == []
+    rows = {(r["method"], r["stage"], r["entry"]): r for r in declared["entries"]}
+    assert set(rows) == {("fedora", "setup", "summary"), ("fedora", "round", "theta"),
+                         ("fedora", "round", "steps"), ("fedora", "round", "lambda"),
+                         ("local", "round", "steps"), ("local", "round", "mean_x")}
+    assert [k for k, r in rows.items() if r["review"]] == [("local", "round", "mean_x")]
+    assert rows[("local", "round", "mean_x")]["reason"] == "a public value"
+    assert rows[("fedora", "setup", "summary")]["reason"] == \
+        doc["privacy"]["fedora"]["reply_entries"]["setup"]["summary"]["reason"]
+    page = paths.html.read_text()
+    section = page[page.index('id="reply-entries"'):page.index('id="mechanisms"')]
+    assert "declared, not verified" in section and "audit verify does not check" in section
+    assert section.count("assumption to review (the method's own claim)") == 1
+    mean_row = section[section.index("mean_x"):]
+    assert mean_row.index("a public value") < mean_row.index("assumption to review") \
+        < mean_row.index("</tr>")
+    assert section.count("built-in") >= 5
+
+
+def test_a_results_json_without_declared_reply_entries_says_so(run_copy, tmp_path):
+    """A DP run an older version wrote states no reply entries: the report says so for each
+    method rather than showing an empty table."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    for body in doc["privacy"].values():
+        del body["reply_entries"]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    report = build_report(run_copy)
+    assert report["reply_entries"]["entries"] == []
+    assert report["reply_entries"]["not_stated"] == ["fedora", "local"]
+    page = render_html(report, {})
+    assert "fedora: results.json does not state what its replies carry" in page
