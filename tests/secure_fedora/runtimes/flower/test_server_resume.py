@@ -559,6 +559,33 @@ def test_a_serverapp_killed_before_its_finished_checkpoint_keeps_its_results_and
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_finished_dp_run_of_a_version_without_declared_reply_entries_resumes_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DP results.json written before ``privacy.<method>.reply_entries`` existed, anchored
+    as it was: a resume that trains nothing keeps it and its anchor byte for byte (it states
+    the run's outcomes; the anchor vouches for its bytes), as in process."""
+    from secure_fedora.runtimes import results as results_module
+
+    build = results_module.build_results
+
+    def older(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        doc = build(*args, **kwargs)
+        for body in doc["privacy"].values():
+            del body["reply_entries"]
+        return doc
+
+    with monkeypatch.context() as m:
+        m.setattr(results_module, "build_results", older)
+        rc = _killed_at_the_end(tmp_path, monkeypatch, dp_config(rounds=1), "finished",
+                                **{"reproducible-dp-noise": True})
+    before = _end_files(tmp_path / "res")
+    assert "reply_entries" not in before["results.json"].decode()
+    resumed = _resume(tmp_path, rc)
+    assert _end_files(tmp_path / "res") == before
+    assert resumed == json.loads(before["results.json"])
+
+
+@pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("before, dp", [("results", True), ("results", False), ("anchor", True)])
 def test_a_serverapp_killed_before_its_results_or_anchor_writes_them_with_a_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
