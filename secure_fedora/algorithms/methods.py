@@ -675,9 +675,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             self._check_buffers(f"in round {rnd}'s training")
         self.uploads_begun = rnd
         enveloped = self.exchange is not None and self._round_envelopes()
-        accepted = self._exchange_uploads(rnd, replies) if enveloped else dict(replies)
-        if not enveloped:
-            self._hold_server_rows(accepted)
+        accepted = (self._exchange_uploads(rnd, replies) if enveloped
+                    else self._own_uploads(rnd, replies))
         self.last_round = rnd
         self.round_replied = len(accepted)
         if not accepted:
@@ -725,6 +724,17 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         reply is the row (the same storage)."""
         return (reply_row.data_ptr() != row.data_ptr() and self._is_client_state(i, row)
                 and not torch.equal(reply_row, row))
+
+    def _own_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
+        """The round's uploads where the generic exchange envelopes none (no exchange, or a
+        method that sends its replies its own way: :meth:`_round_envelopes` False); returns
+        the accepted replies. Default: every reply is accepted, and one whose row is not the
+        client's own becomes the server's row (:meth:`_hold_server_rows`). An override that
+        can reject a reply keeps the views as :meth:`_exchange_uploads` does: the client its
+        row, the server its last accepted one (:attr:`_diverged`)."""
+        accepted = dict(replies)
+        self._hold_server_rows(accepted)
+        return accepted
 
     def _hold_server_rows(self, replies: Mapping[int, Payload]) -> None:
         """Without the generic upload exchange: every accepted reply whose row is not the
@@ -1655,6 +1665,8 @@ class Fedora(FedoraChecks, FederatedMethod):
         # CKKS propagation (an EncryptedPropagator) under propagation = "encrypted"; the signed
         # envelopes are the base class's ``exchange``.
         self.propagator: Any = None
+        # phi from the round's ciphertext exchange (run with the uploads, before aggregate)
+        self._exchanged_phi: Tensor | None = None
         # The encryption backend (ctx.encryption) when a mode asks for it; refused without one.
         self.encryption: EncryptionBackend | None = None
         wanted = {}
@@ -1928,6 +1940,36 @@ class Fedora(FedoraChecks, FederatedMethod):
         """Plaintext rows travel in envelopes unless the CKKS propagator sends ciphertexts."""
         return self.propagator is None
 
+    def _own_uploads(self, rnd: int, replies: Mapping[int, Payload]) -> dict[int, Payload]:
+        """Encrypted propagation with envelopes: the round's ciphertext exchange runs here,
+        with the uploads (as on Flower, before the server aggregates): the senders upload
+        their reply rows, every other client's row is the server's. A client whose upload is
+        rejected keeps its trained row and the server its last accepted one (the
+        exchange's), as with plaintext envelopes; its reply is not accepted. Otherwise the
+        base class's uploads (every reply accepted)."""
+        if self.propagator is None or self.exchange is None:
+            return super()._own_uploads(rnd, replies)
+        assert self.relatedness is not None
+        senders = sorted(i for i, r in replies.items() if KIND_THETA in r)
+        diverged = self._diverged.setdefault(KIND_THETA, set())
+        # the propagator restores a rejected row in place: it gets a copy, the clients'
+        # rows stay as trained
+        view = self.theta.clone()
+        for i in diverged - set(senders):
+            view[i].copy_(self._server_row(KIND_THETA, i))
+        for i in senders:
+            view[i].copy_(replies[i][KIND_THETA])
+        seen = len(self.exchange.rejections)
+        self._exchanged_phi = self.propagator.propagate(
+            self.relatedness.propagation, view, changed=senders, rnd=rnd, exchange=self.exchange)
+        rejected = {r.client for r in self.exchange.rejections[seen:] if r.direction == "upload"}
+        for i in senders:
+            if i in rejected or self._separate(i, self.theta[i], replies[i][KIND_THETA]):
+                diverged.add(i)
+            else:
+                diverged.discard(i)
+        return {i: r for i, r in replies.items() if i not in rejected}
+
     # ------------------------------------------------------------------ rounds
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Each participant receives its ``phi_i`` (and nothing else)."""
@@ -2024,7 +2066,14 @@ class Fedora(FedoraChecks, FederatedMethod):
     def round_discarded(self, rnd: int) -> None:
         """No upload of the round was accepted, so the server's rows are those of the last
         propagation: the ``phi`` rows still pending are computed from them now (the clients'
-        training changed ``theta`` since, and a rejected client keeps its own row)."""
+        training changed ``theta`` since, and a rejected client keeps its own row). With
+        encrypted propagation the clients received the combination of the server's last
+        accepted ciphertexts: that is ``phi``."""
+        if self._exchanged_phi is not None:
+            self._phi.copy_(self._exchanged_phi)
+            self._exchanged_phi = None
+            self._phi_is_propagated = False
+            return
         if self._phi_pending is None or self.theta._version == self._phi_theta_version:
             return
         with self.server_view():
@@ -2107,9 +2156,12 @@ class Fedora(FedoraChecks, FederatedMethod):
         assert self.relatedness is not None
         self._phi_pending = None
         if self.propagator is not None:
-            self._phi.copy_(self.propagator.propagate(
-                self.relatedness.propagation, self.theta, changed=participants, rnd=rnd,
-                exchange=self.exchange))
+            phi, self._exchanged_phi = self._exchanged_phi, None
+            if phi is None:
+                phi = self.propagator.propagate(self.relatedness.propagation, self.theta,
+                                                changed=participants, rnd=rnd,
+                                                exchange=self.exchange)
+            self._phi.copy_(phi)
             self._phi_is_propagated = False
         elif self.relatedness.operator.kind in ("sparse", "factored"):
             self._phi_pending = torch.ones(self.ctx.num_clients, dtype=torch.bool)

@@ -421,6 +421,90 @@ def test_a_client_whose_upload_was_rejected_keeps_its_row_across_a_resume(
         assert torch.equal(ours.exchange.server_theta, method.exchange.server_theta), stop_at
         assert torch.equal(ours.phi, method.phi), stop_at
 
+
+def test_encrypted_propagation_leaves_a_rejected_client_its_trained_row(tmp_path, monkeypatch):
+    """With CKKS propagation a rejected ciphertext upload leaves the views as a rejected
+    plaintext upload does: the client keeps its trained row (starts its next round from it,
+    checkpoints it), the server its last accepted row, and the reply is not counted. The
+    propagator used to write the server's row into the client's ``theta``."""
+    from secure_fedora.secure import transport as transport_module
+
+    real_init = transport_module.SecureExchange.__init__
+    wanted = {"kind": "theta"}
+
+    def tamper(kind, rnd, client, message):
+        if kind == wanted["kind"] and (client, rnd) == (1, 2):
+            return message[:-1] + bytes([message[-1] ^ 0x01])
+        return message
+
+    def init(self, transport, **kwargs):
+        real_init(self, transport, **{**kwargs, "channel": tamper})
+
+    monkeypatch.setattr(transport_module.SecureExchange, "__init__", init)
+
+    def configure(propagation):
+        return _config("fedora", fedora={"k": 1, "propagation": propagation},
+                       security={"envelopes": True},
+                       training={"rounds": 4, "checkpoint_every": 1, "participation": 0.5})
+
+    clients = build_clients(configure("dense"))
+    views: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def run(propagation, kind):
+        wanted["kind"] = kind
+        seen = views[propagation] = {}
+
+        def watch(name, rnd, total):
+            m = sim.methods["fedora"]
+            seen[rnd] = (m.theta.clone(), m.exchange.server_theta.clone())
+
+        sim = Simulation(configure(propagation), tmp_path / propagation, clients=clients,
+                         progress=watch)
+        sim.run()
+        return sim
+
+    plain, encrypted = run("dense", "theta"), run("encrypted", "enc_theta")
+    for sim in (plain, encrypted):
+        m = sim.methods["fedora"]
+        assert [(r.client, r.round, r.direction) for r in m.exchange.rejections] == [(1, 2, "upload")]
+        # participants: [0, 2], [1, 2], [0, 2], [0, 1]
+        assert [row["replied"] for row in sim.history] == [2, 1, 2, 2]
+    mine, reference = views["encrypted"], views["dense"]
+    for rnd in (2, 3):  # until client 1's round-4 upload is accepted
+        own, server = mine[rnd]
+        assert torch.equal(server[1], mine[1][1][1])  # the server keeps its initial row
+        assert not torch.equal(own[1], server[1]), rnd  # ... the client its trained row
+    assert torch.equal(mine[4][0][1], mine[4][1][1])
+    for rnd in (1, 2, 3, 4):  # as plaintext propagation, up to CKKS precision
+        assert torch.allclose(mine[rnd][0], reference[rnd][0], atol=1e-5), rnd
+        assert torch.allclose(mine[rnd][1], reference[rnd][1], atol=1e-5), rnd
+
+    class Stop(Exception):
+        pass
+
+    def stop(name, rnd, total):
+        if rnd == 2:
+            raise Stop
+
+    cfg = configure("encrypted")
+    cut = Simulation(cfg, tmp_path / "cut", clients=clients, progress=stop)
+    with pytest.raises(Stop):
+        cut.run()
+    resumed = Simulation(cfg, tmp_path / "cut", clients=clients)
+
+    def check(name, rnd, total):
+        # fresh CKKS keys after the resume, and every client uploads again in round 3 (client
+        # 1, sitting it out, the server's row): the run's views to CKKS precision
+        m = resumed.methods["fedora"]
+        assert torch.allclose(m.theta, mine[rnd][0], atol=1e-5), rnd
+        assert torch.allclose(m.exchange.server_theta, mine[rnd][1], atol=1e-5), rnd
+        checked.append(rnd)
+
+    checked: list[int] = []
+    resumed.progress = check
+    resumed.run(resume=True)
+    assert checked == [3, 4]
+
 class _Sealed(torch.Tensor):
     """A tensor whose values no torch operation may read (its shape is public): reading them
     fails the test."""
