@@ -645,6 +645,24 @@ def test_readme_config_table_lists_every_choice_and_each_parses(section, key, ch
         parse_config(data)
 
 
+def test_readme_config_table_names_every_key():
+    """Every key the schema accepts is named in its section's row of README's table (the
+    table left out fedora.propagation_tolerance and max_pull, the fixed noise multipliers,
+    privacy.sample_rate and model_selection, and [baselines.<name>])."""
+    rows = _readme_config_table()
+    top = next(line for line in (CONFIGS.parent / "README.md").read_text().splitlines()
+               if line.startswith("| top level |"))
+    assert "[baselines.<name>]" in rows
+    for key, field in ExperimentConfig.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            row = rows[f"[{key}]"]
+            missing = [k for k in section.model_fields if not re.search(rf"`[^`]*\b{k}\b[^`]*`", row)]
+            assert not missing, f"README's [{key}] row does not name {missing}"
+        elif key != "baselines":
+            assert f"`{key}" in top, key
+
+
 def test_the_delta_bound_1_over_n_is_named_exactly():
     """The refusal named 1/n with :g (six digits, to nearest): at n = 6 it said "must be
     < 1/n = 0.166667", above 1/6, so the refused delta 0.1666667 read as meeting it."""
