@@ -349,13 +349,16 @@ def call_source(fn: Any, seed: int, where: str) -> Any:
 
 
 def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: str,
-                     num_classes: int | None) -> list[ClientData]:
+                     num_classes: int | None, own: int | None = None) -> list[ClientData]:
     """``fn(source, data_config, seed)``, a partitioner, with what it returns checked: a list
     of :class:`ClientData` with rows in every split, finite inputs and labels in range of
     ``meta["num_classes"]``, which is set to the source's ``num_classes`` where the partitioner
     left it out (so the model gets the source's output width, not :func:`label_space`'s
     default of 10; one the partitioner declares, e.g. after relabelling, is kept). Whatever a
-    partitioner raises becomes a DataError naming ``where`` (its DataErrors pass unchanged)."""
+    partitioner raises becomes a DataError naming ``where`` (its DataErrors pass unchanged).
+    ``own`` (a Flower node's client): the rows of that client alone are checked, as a node
+    answers for its own data only; its labels are checked at first contact, against the run's
+    model, and the other clients' rows are their nodes' to refuse."""
     try:
         clients = fn(source, data_config, seed)
     except DataError:
@@ -369,6 +372,7 @@ def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: s
     for c in clients:
         if num_classes is not None:
             c.meta.setdefault("num_classes", num_classes)
+    for c in clients if own is None else [c for c in clients if c.client_id == own]:
         for split in SPLITS:
             if getattr(c, f"{split}_x").shape[0] == 0:
                 # as for per-client data: FedAvg's weights, a summary and a score need rows
@@ -376,7 +380,7 @@ def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: s
                                 "every client at least one row in each split (or leave the "
                                 "client out and lower data.num_clients)")
             _check_finite(getattr(c, f"{split}_x"), f"{where}: client {c.client_id} {split} inputs")
-    if clients:
+    if clients and own is None:
         label_space(clients)  # every label in 0..num_classes-1
         warn_shared_training_rows(clients, where)
     return list(clients)

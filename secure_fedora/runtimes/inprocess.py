@@ -132,7 +132,8 @@ def model_record_problem(path: Path, module: torch.nn.Module) -> str | None:
     return f"records another model than this one ({what}): the run's releases were made with it"
 
 
-def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
+def build_clients(cfg: ExperimentConfig, data: Any = None,
+                  own: int | None = None) -> list[ClientData]:
     """The federation's data, deterministic in ``cfg.seed`` and the data section.
 
     ``data`` (Python API) overrides the config's ``data.dataset`` / ``data.source``: a
@@ -141,6 +142,8 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     of the seed returning either. User data, and a registered dataset's
     :class:`~secure_fedora.data.partition.LabeledDataset` or federated data, is checked first
     (:mod:`secure_fedora.data.userdata`); a problem raises :class:`~secure_fedora.data.sources.DataError` before anything trains.
+    ``own`` (a Flower node's client): a registered partitioner's rows are checked for that
+    client only (:func:`~secure_fedora.data.userdata.call_partitioner`).
     """
     from secure_fedora.core.plugins import config_dir
     from secure_fedora.data.userdata import (
@@ -184,7 +187,7 @@ def build_clients(cfg: ExperimentConfig, data: Any = None) -> list[ClientData]:
     # a registered partitioner's clients get the same checks (the built-in ones pass them)
     classes = source.num_classes if isinstance(source, LabeledDataset) else None
     made = call_partitioner(PARTITIONERS.get(d.partition), source, d, cfg.seed,
-                            f"data.partition {d.partition!r}", classes)
+                            f"data.partition {d.partition!r}", classes, own)
     return _federated_clients(cfg, made, f"data.partition {d.partition!r} made")
 
 

@@ -315,7 +315,7 @@ def ensure_partition(node: NodeSettings, cfg: ExperimentConfig) -> ClientData:
     path = node.state_dir / "partitions" / f"{digest[:16]}.pt"
     if path.exists():
         return load_partition(path, node.partition_id, digest)
-    clients = build_clients(cfg)
+    clients = build_clients(cfg, own=node.partition_id)  # its own rows are its to answer for
     client = clients[node.partition_id]
     if client.client_id != node.partition_id:
         raise DeployError(

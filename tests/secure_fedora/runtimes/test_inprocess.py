@@ -756,6 +756,13 @@ def test_a_registered_partitioners_clients_take_the_sources_classes_and_finite_i
             build("test-out-of-range")
         with pytest.raises(DataError, match="'test-no-rows': client 1's train split is empty"):
             build("test-no-rows")
+        # a Flower node answers for its own rows: client 2's are its node's to refuse
+        for name in ("test-label-7", "test-nan"):
+            cfg = tiny(methods=["local"], data={**sizes, "partition": name})
+            assert len(build_clients(cfg, data, own=0)) == 3
+            with pytest.raises(DataError, match="client 2"):
+                build_clients(cfg, data, own=2) if name == "test-nan" else label_space(
+                    [build_clients(cfg, data, own=2)[2]])
     finally:
         for name in plugins:
             PARTITIONERS.unregister(name)
