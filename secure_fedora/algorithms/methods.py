@@ -1946,8 +1946,9 @@ class Fedora(FedoraChecks, FederatedMethod):
         their reply rows, every other client's row is the server's. A client whose upload is
         rejected keeps its trained row and the server its last accepted one (the
         exchange's), as with plaintext envelopes; its reply is not accepted. Otherwise the
-        base class's uploads (every reply accepted)."""
-        if self.propagator is None or self.exchange is None:
+        base class's uploads (every reply accepted). No reply, no ciphertext round: the
+        round is not aggregated (:meth:`round_discarded`)."""
+        if self.propagator is None or self.exchange is None or not replies:
             return super()._own_uploads(rnd, replies)
         assert self.relatedness is not None
         senders = sorted(i for i, r in replies.items() if KIND_THETA in r)

@@ -518,6 +518,29 @@ class _Sealed(torch.Tensor):
         raise AssertionError(f"private validation data was read ({func})")
 
 
+def test_encrypted_propagation_runs_no_ciphertext_round_when_nobody_trained(tmp_path):
+    """A round in which no participant trained (none admitted) is not aggregated: with CKKS
+    propagation and envelopes no ciphertext round runs either (before: the uploads hook ran a
+    whole propagation, every client's phi signed and sent, for a round nobody took part in)."""
+    from secure_fedora.secure.transport import SecureExchange, SecureTransport
+
+    cfg = _config("fedora", fedora={"k": 1, "propagation": "encrypted"},
+                  security={"envelopes": True})
+    method = Fedora.from_config(build_context(cfg, build_clients(cfg)), cfg)
+    uploads, downloads = method.message_state()
+    method.exchange = SecureExchange(SecureTransport.for_simulation(tmp_path, 3, "fedora"),
+                                     uploads=uploads, downloads=downloads)
+    method.setup()
+    method.train_round(1, [0, 1])
+    calls = []
+    real = method.propagator.propagate
+    method.propagator.propagate = lambda *a, **k: calls.append(k.get("changed")) or real(*a, **k)
+    phi, theta = method.phi.clone(), method.theta.clone()
+    assert method.train_round(2, [0, 2], admit=lambda i: False) == {"steps": 0.0}
+    assert calls == [] and method.round_replied == 0
+    assert torch.equal(method.phi, phi) and torch.equal(method.theta, theta)
+
+
 def test_fedavg_finetuning_under_private_validation_never_reads_validation_data():
     """With private validation data under DP the reported fine-tuned metric is the last
     epoch's; no epoch is chosen on (or computed from) validation rows."""
