@@ -380,7 +380,9 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     class, ``factory(ctx, cfg)`` for a registered factory. The result must be a
     :class:`FederatedAlgorithm`; it gets the :class:`ReplyRules` of ``name`` under ``cfg`` as
     its ``reply_rules`` attribute and its :class:`ReplySchema` as ``reply_schema`` (what the
-    runtimes check every exchange against)."""
+    runtimes check every exchange against). Under DP a factory whose ``algorithm`` is not the
+    class it built, with other reply rules, raises :class:`ContractError` (results.json
+    states the named class's: :func:`declared_reply_entries`)."""
     from secure_fedora.core.registry import METHODS
 
     entry = METHODS.get(name)
@@ -399,7 +401,17 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
         raise ContractError(f"method {name!r}: building it returned {type(method).__name__}, "
                             "not a FederatedAlgorithm (from_config / the factory must return "
                             "the method)")
-    method.reply_rules = ReplyRules.of(name, type(method), cfg)
+    rules = ReplyRules.of(name, type(method), cfg)
+    named = method_class(name)
+    if rules.private and named is not None and named is not type(method):
+        # results.json states the named class's reply entries (declared_reply_entries)
+        stated = ReplyRules.of(name, named, cfg)
+        if (stated.entries, stated.setup_kinds) != (rules.entries, rules.setup_kinds):
+            raise ContractError(
+                f"method {name!r}: its factory names {named.__name__} as its algorithm but "
+                f"built {type(method).__name__}, whose replies may carry other entries; set the "
+                f"factory's 'algorithm' attribute to {type(method).__name__}")
+    method.reply_rules = rules
     method.reply_schema = ReplySchema.of(method)
     return method
 

@@ -20,6 +20,7 @@ from privacy.ledger import read_ledger
 from secure_fedora.algorithms.contract import (
     ROUND,
     SETUP,
+    ContractError,
     ReleaseSpec,
     build_method,
     method_class,
@@ -265,6 +266,39 @@ def test_undeclared_or_unknown_releases_are_refused(monkeypatch):
         METHODS.unregister("anon_factory")
         METHODS.unregister("exotic_release")
 
+
+
+def test_a_factory_naming_another_class_than_it_builds_is_refused_under_dp():
+    """Under DP results.json states the reply entries of the class a factory names
+    (``factory.algorithm``), the runtimes enforced those of the class it built: a factory
+    naming FedAvg but building a subclass whose replies add ``mean_x`` ran, and results.json
+    left ``mean_x`` out. Refused now when the two classes' reply rules differ."""
+    class AddsX(FedAvg):
+        @classmethod
+        def reply_entries(cls, cfg, stage):  # type: ignore[no-untyped-def]
+            entries = super().reply_entries(cfg, stage)
+            return {**entries, "mean_x": "a public value"} if stage == ROUND else entries
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]
+        return AddsX.from_config(ctx, cfg)
+
+    factory.algorithm = FedAvg
+    cfg = _config("fedavg", privacy=DP)
+    ctx = build_context(cfg, build_clients(cfg))
+    METHODS.register("adds_x", factory)
+    try:
+        with pytest.raises(ContractError, match="names FedAvg as its algorithm but built AddsX"):
+            build_method("adds_x", ctx, cfg)
+        plain = _config("fedavg")  # without DP nothing is stated: it builds as before
+        built = build_method("adds_x", build_context(plain, build_clients(plain)), plain)
+        assert type(built) is AddsX
+        factory.algorithm = AddsX
+        assert "mean_x" in build_method("adds_x", ctx, cfg).reply_rules.entries[ROUND]
+        factory.algorithm = FedAvg
+        AddsX.reply_entries = FedAvg.reply_entries  # the same rules as the named class: built
+        assert type(build_method("adds_x", ctx, cfg)) is AddsX
+    finally:
+        METHODS.unregister("adds_x")
 
 def test_method_config_checks_come_from_the_method_class():
     with pytest.raises(ConfigError, match="fedora.k = 3 must be smaller"):
