@@ -21,7 +21,8 @@ they were rounded to nearest, so they may differ from the recording in the sixth
 (the accounting itself, every other privacy field, is compared exactly). The plan's noise
 multipliers (its rows' and the accountant comparison's, also as quoted in the choice's reason)
 are now the exact floats the ledgers record, where the recording rounded them to six decimals,
-and the rows say so (``"figures": "exact"``).
+and the rows say so (``"figures": "exact"``). ``privacy.<method>.reply_entries`` (what the
+method's DP replies may carry, and why) is new: it must be the method's declaration.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import re
 
 import pytest
 
+from secure_fedora.algorithms.contract import declared_reply_entries
 from secure_fedora.runtimes.inprocess import build_clients
 from tests.secure_fedora.algorithms.baseline_regression import (
     FIXTURES,
@@ -129,6 +131,8 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
     _assert_rows_reproduced(got["rows"], expected["rows"])
     assert got["selected"] == expected["selected"]
     assert got["final"] == expected["final"]
+    for method, body in got["privacy"].items():  # recorded before it was stated
+        assert body.pop("reply_entries") == declared_reply_entries(method, config(name, variant))
     assert _shown_epsilons_rounded(got["privacy"]) == _shown_epsilons_rounded(expected["privacy"])
     _assert_shown_epsilons_close(got["privacy"], expected["privacy"])
     changed = CHANGED_STATS.get(name, set())
