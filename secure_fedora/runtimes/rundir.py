@@ -561,13 +561,14 @@ def _records_releases(run_dir: Path, method: str) -> bool:
 def _closed_ledgers(run_dir: Path, method: str) -> bool:
     """True when a ledger of ``method`` in ``run_dir`` ends with its close entry: the method
     finished, and its outcome checkpoint (written before the close entries) existed."""
+    from privacy.ledger import CLOSE, LedgerError, read_ledger
+
     for ledger in sorted((run_dir / "ledgers" / method).glob("*.jsonl")):
         try:
-            lines = ledger.read_text(encoding="utf-8").splitlines()
-            last = json.loads(lines[-1]) if lines else None
-        except (OSError, UnicodeDecodeError, ValueError):
+            entries = read_ledger(ledger)
+        except LedgerError:
             continue  # damaged ledgers are refused where they are read
-        if isinstance(last, dict) and last.get("mechanism") == "close":
+        if entries and entries[-1].get("mechanism") == CLOSE:
             return True
     return False
 
