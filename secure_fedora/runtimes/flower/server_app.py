@@ -1225,6 +1225,16 @@ _OUTDATED_COMPUTE = ("a ClientApp older than this server's protocol (the fields 
 _DEVICES = ("cpu", "cuda")
 
 
+def _compute_problem(device: Any, threads: Any) -> str | None:
+    """What is wrong with a client's stated compute (its device and torch thread count, from
+    its hello or a checkpoint's record of it), or None."""
+    if device not in _DEVICES:
+        return f"device {device!r}"
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        return f"threads {threads!r}"
+    return None
+
+
 def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
                  schemas: dict[int, DataSchema]) -> None:
     """Add each accepted hello reply's data schema to ``schemas`` and its split sizes to
@@ -1278,11 +1288,9 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             if errors not in CLIENT_ERRORS_MODES:
                 raise ValueError(f"client-errors {errors!r}")
             device, threads = info["device"], info["threads"]
-            if device not in _DEVICES:
-                raise ValueError(f"device {device!r}")
-            if isinstance(threads, bool) or not isinstance(threads, int) \
-                    or not 1 <= threads <= MAX_THREADS:
-                raise ValueError(f"threads {threads!r}")
+            problem = _compute_problem(device, threads)
+            if problem is not None:
+                raise ValueError(problem)
         except (KeyError, TypeError, ValueError) as err:
             server.reject(0, cid, server.node_of_client.get(cid),
                           _malformed(env, f"hello reply malformed ({err})"), "not identified")
@@ -1686,8 +1694,9 @@ def check_resumable(result_dir: Path, run_id: int, cfg: ExperimentConfig,
     compute = state.get("client_compute", {})  # none in a checkpoint older than the field
     if not isinstance(compute, dict) or not all(
             isinstance(c, int) and isinstance(stated, list) and all(
-                isinstance(s, dict) and set(s) == {"device", "threads"} and s["device"] in _DEVICES
-                and type(s["threads"]) is int for s in stated) for c, stated in compute.items()):
+                isinstance(s, dict) and set(s) == {"device", "threads"}
+                and _compute_problem(s["device"], s["threads"]) is None for s in stated)
+            for c, stated in compute.items()):
         raise ResumeRefused(f"resume: {path} records a malformed client compute; nothing was "
                             "written")
     for scope, head in sorted(heads.items()) if server_state_dir is not None else ():
