@@ -685,11 +685,6 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         stats = self.round_statistics(rnd, accepted)
         with self.server_view():
             update = self.aggregate(rnd, accepted)
-        if self.exchange is not None and self._server_rows:
-            # the method's own upload path (e.g. FEDORA's ciphertexts) put what the server
-            # accepted into the exchange's rows, under server_view
-            for kind in [k for k in self._server_rows if k in self.exchange.server_rows]:
-                del self._server_rows[kind]
         return round_statistics_of(label, rnd, stats, update)
 
     def round_discarded(self, rnd: int) -> None:
@@ -986,8 +981,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         is its own row of the matrix keeps it when it is not accepted (the server keeps its
         last accepted row: :meth:`train_round`); one whose matrix row is its state but whose
         reply is another row (:meth:`_separate`) keeps its row whatever the server accepts."""
-        if self.exchange is None or not replies or not self._round_envelopes():
-            return dict(replies)
+        if not replies:  # train_round calls it only with an exchange that envelopes rounds
+            return {}
         uploads = self.upload_state()
         accepted = dict(replies)
         for kind, matrix in uploads.items():
