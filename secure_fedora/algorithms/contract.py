@@ -380,9 +380,11 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     class, ``factory(ctx, cfg)`` for a registered factory. The result must be a
     :class:`FederatedAlgorithm`; it gets the :class:`ReplyRules` of ``name`` under ``cfg`` as
     its ``reply_rules`` attribute and its :class:`ReplySchema` as ``reply_schema`` (what the
-    runtimes check every exchange against). Under DP a factory whose ``algorithm`` is not the
-    class it built, with other reply rules, raises :class:`ContractError` (results.json
-    states the named class's: :func:`declared_reply_entries`)."""
+    runtimes check every exchange against). A factory whose ``algorithm`` is not the class
+    it built raises :class:`ContractError` when the built class declares other
+    :meth:`~FederatedAlgorithm.assumptions` or, under DP, other releases or reply entries:
+    the plan, the ledgers and results.json read the named class's
+    (:func:`method_releases`, :func:`declared_reply_entries`)."""
     from secure_fedora.core.registry import METHODS
 
     entry = METHODS.get(name)
@@ -403,17 +405,37 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
                             "the method)")
     rules = ReplyRules.of(name, type(method), cfg)
     named = method_class(name)
-    if rules.private and named is not None and named is not type(method):
-        # results.json states the named class's reply entries (declared_reply_entries)
-        stated = ReplyRules.of(name, named, cfg)
-        if (stated.entries, stated.setup_kinds) != (rules.entries, rules.setup_kinds):
+    if named is not None and named is not type(method):
+        # the plan, the accounting and results.json read the named class's declarations
+        differs = _declarations_differ(named, type(method), cfg, rules.private)
+        if differs:
             raise ContractError(
                 f"method {name!r}: its factory names {named.__name__} as its algorithm but "
-                f"built {type(method).__name__}, whose replies may carry other entries; set the "
-                f"factory's 'algorithm' attribute to {type(method).__name__}")
+                f"built {type(method).__name__}, which declares other {'; other '.join(differs)}"
+                f" (the run would be planned, accounted and reported as {named.__name__}); "
+                f"set the factory's 'algorithm' attribute to {type(method).__name__}")
     method.reply_rules = rules
     method.reply_schema = ReplySchema.of(method)
     return method
+
+
+def _declarations_differ(named: type[FederatedAlgorithm], built: type[FederatedAlgorithm],
+                         cfg: Any, private: bool) -> list[str]:
+    """What ``built`` declares differently from ``named`` under ``cfg``, each as
+    ``"<what> (<named>: ..., <built>: ...)"``: its assumptions (stated in results.json) and,
+    in a private run, its releases (what the plan calibrates and the ledgers account) and its
+    reply rules (stated in results.json, enforced on every reply)."""
+    def shown(value: Any) -> str:
+        return repr(value) if len(repr(value)) <= 200 else repr(value)[:197] + "..."
+
+    pairs: list[tuple[str, Any, Any]] = []
+    if private:
+        pairs.append(("releases", tuple(named.releases(cfg)), tuple(built.releases(cfg))))
+        a, b = ReplyRules.of("", named, cfg), ReplyRules.of("", built, cfg)
+        pairs.append(("reply entries", a.entries, b.entries))
+    pairs.append(("assumptions", named.assumptions(cfg), built.assumptions(cfg)))
+    return [f"{what} ({named.__name__}: {shown(x)}, {built.__name__}: {shown(y)})"
+            for what, x, y in pairs if x != y]
 
 
 def model_size_checked(names: Sequence[str]) -> list[str]:

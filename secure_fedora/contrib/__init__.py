@@ -17,7 +17,8 @@ what its clients release under DP), for example::
 
 after which ``methods = ["fedavg_nofinetune"]`` is a valid config and runs in process with
 or without DP and envelopes. A factory ``(ctx, cfg) -> method`` may be registered instead;
-under DP it must name its class as ``factory.algorithm`` (its releases and the reply entries
-results.json states are read from it).
+under DP it must name its class as ``factory.algorithm`` (its releases, the reply entries
+and the assumptions results.json states are read from it; building a class declaring others
+is refused).
 A class attribute ``params`` (a pydantic model) validates ``[baselines.<name>]``.
 """

@@ -300,6 +300,60 @@ def test_a_factory_naming_another_class_than_it_builds_is_refused_under_dp():
     finally:
         METHODS.unregister("adds_x")
 
+def test_a_factory_must_build_a_class_declaring_what_the_named_class_declares():
+    """The plan, the ledgers' accounting (``method_releases``) and results.json's assumptions
+    read the class a factory names; a factory naming Local but building a class that also
+    releases a noised lambda each round (same reply entries) was built, and its run would be
+    planned and accounted for DP-SGD alone. Refused now, naming both classes and what
+    differs; a subclass declaring the same still builds."""
+    class WithLambda(Local):
+        @classmethod
+        def releases(cls, cfg):  # type: ignore[no-untyped-def]
+            return (ReleaseSpec("model", ("dpsgd", "gaussian_lambda"), ROUND),)
+
+    class Assumes(Local):
+        @classmethod
+        def assumptions(cls, cfg):  # type: ignore[no-untyped-def]
+            return {"held_out": "a public reference set"}
+
+    class Same(Local):
+        pass
+
+    built: list[type] = [WithLambda]
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]
+        return built[0].from_config(ctx, cfg)
+
+    factory.algorithm = Local
+    cfg = _config("local", privacy=DP)
+    plain = _config("local")
+    ctx = build_context(cfg, build_clients(cfg))
+    plain_ctx = build_context(plain, build_clients(plain))
+    METHODS.register("named_local", factory)
+    try:
+        with pytest.raises(ContractError, match=re.escape(
+                "names Local as its algorithm but built WithLambda, which declares other "
+                "releases (Local: (ReleaseSpec(kind='model', mechanisms=('dpsgd',)")) as err:
+            build_method("named_local", ctx, cfg)
+        assert "'gaussian_lambda'" in str(err.value)
+        assert "set the factory's 'algorithm' attribute to WithLambda" in str(err.value)
+        assert type(build_method("named_local", plain_ctx, plain)) is WithLambda  # no DP
+        built[0] = Assumes  # results.json would leave its assumption out, DP or not
+        for c, x in ((cfg, ctx), (plain, plain_ctx)):
+            with pytest.raises(ContractError, match=r"built Assumes, which declares other "
+                               r"assumptions \(Local: \{\}, Assumes: \{'held_out'"):
+                build_method("named_local", x, c)
+        built[0] = Same  # a subclass declaring the same builds, as the named class does
+        assert type(build_method("named_local", ctx, cfg)) is Same
+        built[0] = Local
+        assert type(build_method("named_local", ctx, cfg)) is Local
+        factory.algorithm = WithLambda
+        built[0] = WithLambda
+        assert type(build_method("named_local", ctx, cfg)) is WithLambda
+    finally:
+        METHODS.unregister("named_local")
+
+
 def test_method_config_checks_come_from_the_method_class():
     with pytest.raises(ConfigError, match="fedora.k = 3 must be smaller"):
         _config("fedora", fedora={"k": 3})
