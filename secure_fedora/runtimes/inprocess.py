@@ -1333,6 +1333,17 @@ class Simulation:
             timing = dict(state["timing"])
             del state  # its tensors are copied into the method: not held through the run
         else:
+            from secure_fedora.runtimes.rundir import recorded_as_finished
+
+            if resume and recorded_as_finished(self.run_dir, name):
+                # under DP refused before (rundir: its ledgers are closed); without, nothing
+                # signed depends on it, but the user must know it is not a no-op
+                log.warning(
+                    "checkpoint %s is missing although results.json records %r as finished: "
+                    "its outcome was lost, so %r is trained again from scratch (from the "
+                    "run's seed), and rounds.csv and results.json are rewritten; restore the "
+                    "checkpoint from a copy of the run directory to keep them", path, name,
+                    name)
             if resume and privacy is not None:
                 privacy.resume_after(None, None)
             t0 = time.perf_counter()

@@ -573,6 +573,18 @@ def _closed_ledgers(run_dir: Path, method: str) -> bool:
     return False
 
 
+def recorded_as_finished(run_dir: Path, method: str) -> bool:
+    """True when ``run_dir``'s results.json (written once every method finished) records
+    ``method``'s outcome; reads only, and a results.json that cannot be read records
+    nothing."""
+    try:
+        doc = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("methods"), dict) \
+        and method in doc["methods"]
+
+
 def _opened_unreleased(run_dir: Path, cfg: ExperimentConfig) -> bool:
     """True when a DP run's first method opened its ledgers (every client's file exists) and
     none holds a byte: it was killed before its first release. A ledger entry is fsynced

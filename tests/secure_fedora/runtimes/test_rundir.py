@@ -149,6 +149,30 @@ def test_a_finished_methods_lost_checkpoint_is_refused_not_retrained(dp2_run, tm
     assert snapshot(run_dir) == before
 
 
+def test_a_finished_plain_methods_lost_checkpoint_is_retrained_with_a_warning(plain_run, tmp_path,
+                                                                             caplog):
+    """Without privacy nothing signed depends on a finished method's outcome (no ledger, no
+    anchor: not with envelopes either), so --resume trains it again from the run's seed, as
+    before, but no longer quietly: a warning names the lost checkpoint, says results.json
+    recorded the method as finished and that it is retrained from scratch."""
+    config, source = plain_run
+    run_dir = copy_run(source, tmp_path)
+    (run_dir / "checkpoints" / "fedavg.pt").unlink()
+    before = json.loads((run_dir / "results.json").read_text())
+    with caplog.at_level("WARNING", logger="secure_fedora.runtimes.inprocess"):
+        assert run(config, run_dir, "--resume") == 0
+    lost = [r.getMessage() for r in caplog.records if "is missing although" in r.getMessage()]
+    assert len(lost) == 1 and "fedavg.pt" in lost[0] and "'fedavg' is trained again from " \
+        "scratch" in lost[0] and "results.json records 'fedavg' as finished" in lost[0]
+    after = json.loads((run_dir / "results.json").read_text())
+    assert after["methods"]["fedavg"]["selected"] == before["methods"]["fedavg"]["selected"]
+    assert (run_dir / "checkpoints" / "fedavg.pt").is_file()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secure_fedora.runtimes.inprocess"):
+        assert run(config, run_dir, "--resume") == 0  # nothing lost now: no warning
+    assert "is missing although" not in caplog.text
+
+
 def test_resume_checks_every_checkpoint_before_writing(plain_run, tmp_path, capsys):
     config, source = plain_run
     run_dir = copy_run(source, tmp_path)
