@@ -1943,6 +1943,9 @@ class Fedora(FedoraChecks, FederatedMethod):
         exchange's), as with plaintext envelopes; its reply is not accepted. Otherwise the
         base class's uploads (every reply accepted). No reply, no ciphertext round: the
         round is not aggregated (:meth:`round_discarded`)."""
+        # an earlier round's combination, left by an aggregate that never propagated, is
+        # not this round's
+        self._exchanged_phi = None
         if self.propagator is None or self.exchange is None or not replies:
             return super()._own_uploads(rnd, replies)
         assert self.relatedness is not None

@@ -629,6 +629,48 @@ def test_encrypted_propagation_runs_no_ciphertext_round_when_nobody_trained(tmp_
     assert torch.equal(method.phi, phi) and torch.equal(method.theta, theta)
 
 
+def test_a_fedora_subclass_that_never_propagates_keeps_its_phi_in_a_round_nobody_trained(
+        tmp_path):
+    """A FEDORA plug-in whose ``aggregate`` takes the accepted rows but never propagates
+    keeps its ``phi`` (dense propagation: unchanged). With CKKS propagation and envelopes the
+    uploads' ciphertext round left its combination in ``_exchanged_phi``, which only
+    ``propagate`` consumed: a later round nobody trained in (``round_discarded``) copied that
+    stale combination into ``phi``, sent in the next round (a resumed run, holding none,
+    kept the old ``phi``). Each uploads hook now starts with none. On Flower encrypted
+    propagation is refused (``distributed_unsupported``), so it never arises there."""
+    from secure_fedora.algorithms.messages import KIND_THETA
+    from secure_fedora.algorithms.methods import _absorb
+    from secure_fedora.secure.transport import SecureExchange, SecureTransport
+
+    class FrozenPhi(Fedora):
+        def aggregate(self, rnd, replies):  # type: ignore[no-untyped-def]
+            _absorb(self.theta, replies, KIND_THETA)
+            return {}
+
+    def phis(propagation: str) -> list[torch.Tensor]:
+        cfg = _config("fedora", fedora={"k": 1, "propagation": propagation},
+                      security={"envelopes": True})
+        method = FrozenPhi.from_config(build_context(cfg, build_clients(cfg)), cfg)
+        uploads, downloads = method.message_state()
+        method.exchange = SecureExchange(
+            SecureTransport.for_simulation(tmp_path / propagation, 3, "fedora"),
+            uploads=uploads, downloads=downloads)
+        method.setup()
+        seen = [method.phi.clone()]
+        method.train_round(1, [0, 1])
+        seen.append(method.phi.clone())
+        method.train_round(2, [0, 2], admit=lambda i: False)  # nobody trains
+        seen.append(method.phi.clone())
+        return seen
+
+    assert Fedora.distributed_unsupported(_config("fedora", fedora={"propagation": "encrypted"}))
+    dense, encrypted = phis("dense"), phis("encrypted")
+    for name, seen in (("dense", dense), ("encrypted", encrypted)):
+        assert torch.equal(seen[0], seen[1]), name
+        assert torch.equal(seen[1], seen[2]), name
+    assert torch.allclose(encrypted[2], dense[2], atol=1e-5)
+
+
 def test_fedavg_finetuning_under_private_validation_never_reads_validation_data():
     """With private validation data under DP the reported fine-tuned metric is the last
     epoch's; no epoch is chosen on (or computed from) validation rows."""
