@@ -146,12 +146,31 @@ def one_run() -> Iterator[None]:
         _RUNS.pop()
 
 
-def _refuse_edited_module(spec: str, key: str, module_name: str, module: Any) -> None:
+#: Per plug-in module name: the modules of the config's folder that importing it imported
+#: (``layers.py`` beside a ``net.py`` that imports it), whose edits it would not see either.
+_COMPANIONS: dict[str, set[str]] = {}
+
+
+def _folder_modules(names: set[str], base_dir: Path) -> set[str]:
+    """Those of the modules ``names`` (in ``sys.modules``) whose file lies in ``base_dir``,
+    outside an installed packages folder (a virtual environment beside the config)."""
+    out = set()
+    for name in names:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(file, str) and base_dir in Path(file).parents \
+                and not {"site-packages", "dist-packages"} & set(Path(file).parts):
+            out.add(name)
+    return out
+
+
+def _refuse_edited_module(spec: str, key: str, module_name: str, module: Any,
+                          importer: str | None = None) -> None:
     """A module whose file changed since this process imported it would run the code read
     then (a notebook: ``net.py`` edited, the config loaded again): refused, naming the ways
     to run the edited file. Records the module's file the first time it is seen, and again
     when it was imported anew (a reload, or a new import after ``del sys.modules[name]``,
-    gives the module a new ``__spec__``)."""
+    gives the module a new ``__spec__``). ``importer``: the plug-in module that imported
+    this one from the config's folder (it holds the old code too, so both are named)."""
     seen = _IMPORTED.get(module_name)
     if _RUNS and module_name in _RUNS[0] and seen is not None and seen[0] is module.__spec__:
         return  # checked when this run started: edited since, it runs the code read then
@@ -159,10 +178,13 @@ def _refuse_edited_module(spec: str, key: str, module_name: str, module: Any) ->
     if seen is None or seen[0] is not module.__spec__:
         _IMPORTED[module_name] = (module.__spec__, digest)
     elif seen[1] != digest:
+        by = f" (imported by module {importer!r})" if importer else ""
+        forget = (f"del sys.modules[{module_name!r}] first" if importer is None else
+                  f"del sys.modules[{module_name!r}] and del sys.modules[{importer!r}] first")
         raise PluginError(
-            f"{key} = {spec!r}: {module.__file__} changed since this process imported module "
-            f"{module_name!r}, which still runs the code read then: restart the process (a "
-            f"notebook's kernel), or forget it with del sys.modules[{module_name!r}] first")
+            f"{key} = {spec!r}: {module.__file__}{by} changed since this process imported "
+            f"module {module_name!r}, which still runs the code read then: restart the process "
+            f"(a notebook's kernel), or forget it with {forget}")
     if _RUNS:
         _RUNS[0].add(module_name)
 
@@ -182,6 +204,9 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
     if base_dir is not None:
         _refuse_another_folders_module(spec, key, top, Path(base_dir))
     fresh = top not in sys.modules
+    # what importing the module anew imports from the config's folder (none when imported)
+    before = set(sys.modules) if base_dir is not None and module_name not in sys.modules \
+        else None
     added = base_dir is not None and str(base_dir) not in sys.path
     if added:
         sys.path.insert(0, str(base_dir))
@@ -209,7 +234,14 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
             _FOLDER_OF[top] = folder
         else:
             _FOLDER_OF.pop(top, None)
+    if before is not None:
+        companions = _COMPANIONS.setdefault(module_name, set())
+        companions |= _folder_modules(set(sys.modules) - before - {module_name}, Path(base_dir))
     _refuse_edited_module(spec, key, module_name, module)
+    for name in sorted(_COMPANIONS.get(module_name, ())):
+        companion = sys.modules.get(name)
+        if companion is not None:  # forgotten: the plug-in's next import imports it anew
+            _refuse_edited_module(spec, key, name, companion, importer=module_name)
     try:
         obj = getattr(module, attr)
     except AttributeError:

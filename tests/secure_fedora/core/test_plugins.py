@@ -82,6 +82,37 @@ def test_a_module_edited_since_its_import_is_refused_not_run_as_it_was(tmp_path:
         sys.modules.pop(MODULE, None)
 
 
+def test_a_module_the_plug_in_imports_from_the_config_folder_is_checked_too(
+        tmp_path: Path) -> None:
+    """A notebook runs a config whose net.py imports layers.py beside it, edits layers.py
+    and runs again: net.py unchanged, the process ran layers.py as first imported, silently.
+    Refused now, naming both modules to forget; once forgotten the edited file runs."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    layers, net = f"{MODULE}_layers", f"{MODULE}_net"
+    (folder / f"{layers}.py").write_text("WIDTH = 4\n")
+    (folder / f"{net}.py").write_text(f"from {layers} import WIDTH\n\n\n"
+                                      "def width():\n    return WIDTH\n")
+    source = folder / f"{layers}.py"
+    try:
+        assert import_object(f"{net}:width", "model.factory", folder)() == 4
+        source.touch()
+        assert import_object(f"{net}:width", "model.factory", folder)() == 4
+        source.write_text("WIDTH = 8\n")
+        with pytest.raises(PluginError, match=(
+                rf"model.factory = '{net}:width': {source} \(imported by module '{net}'\) "
+                rf"changed since this process imported module '{layers}', which still runs the "
+                rf"code read then: restart the process \(a notebook's kernel\), or forget it "
+                rf"with del sys.modules\['{layers}'\] and del sys.modules\['{net}'\] first$")):
+            import_object(f"{net}:width", "model.factory", folder)
+        del sys.modules[layers], sys.modules[net]
+        assert import_object(f"{net}:width", "model.factory", folder)() == 8
+        assert import_object(f"{net}:width", "model.factory", folder)() == 8
+    finally:
+        sys.modules.pop(layers, None)
+        sys.modules.pop(net, None)
+
+
 def test_a_module_only_another_configs_folder_holds_is_refused_not_reused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Config A's folder holds net.py, config B's none: in one process B built A's model from
