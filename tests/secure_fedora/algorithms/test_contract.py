@@ -635,8 +635,8 @@ def test_a_fedora_subclass_that_never_propagates_keeps_its_phi_in_a_round_nobody
     keeps its ``phi`` (dense propagation: unchanged). With CKKS propagation and envelopes the
     uploads' ciphertext round left its combination in ``_exchanged_phi``, which only
     ``propagate`` consumed: a later round nobody trained in (``round_discarded``) copied that
-    stale combination into ``phi``, sent in the next round (a resumed run, holding none,
-    kept the old ``phi``). Each uploads hook now starts with none. On Flower encrypted
+    stale combination into ``phi``, sent in the next round. Each uploads hook now starts
+    with none. On Flower encrypted
     propagation is refused (``distributed_unsupported``), so it never arises there."""
     from secure_fedora.algorithms.messages import KIND_THETA
     from secure_fedora.algorithms.methods import _absorb
