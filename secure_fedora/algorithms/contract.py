@@ -426,11 +426,17 @@ def _declarations_differ(named: type[FederatedAlgorithm], built: type[FederatedA
     in a private run, its releases (what the plan calibrates and the ledgers account) and its
     reply rules (stated in results.json, enforced on every reply)."""
     def shown(value: Any) -> str:
-        return repr(value) if len(repr(value)) <= 200 else repr(value)[:197] + "..."
+        text = value if isinstance(value, str) else repr(value)
+        return text if len(text) <= 200 else text[:197] + "..."
 
     pairs: list[tuple[str, Any, Any]] = []
     if private:
-        pairs.append(("releases", tuple(named.releases(cfg)), tuple(built.releases(cfg))))
+        def releases(cls: type[FederatedAlgorithm]) -> str:
+            return "; ".join(f"{r.when} {r.kind} {list(r.mechanisms)}"
+                             f"{' encrypted' * r.encrypted}" if isinstance(r, ReleaseSpec)
+                             else repr(r) for r in cls.releases(cfg)) or "none"
+
+        pairs.append(("releases", releases(named), releases(built)))
         a, b = ReplyRules.of("", named, cfg), ReplyRules.of("", built, cfg)
         pairs.append(("reply entries", a.entries, b.entries))
     pairs.append(("assumptions", named.assumptions(cfg), built.assumptions(cfg)))
