@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -107,7 +108,7 @@ class ManagedProcess:
             raise ProcessError(f"{self.name} is already running (pid {self.popen.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            log.write(f"\n=== start {self.name}: {' '.join(self.command)}\n".encode())
+            log.write(f"\n=== start {self.name}: {self.shell_line()}\n".encode())
             log.flush()
             try:
                 self.popen = subprocess.Popen(  # noqa: S603 - fixed argument lists, no shell
@@ -123,6 +124,14 @@ class ManagedProcess:
                 raise ProcessError(f"cannot start {self.name} ({self.command[0]}): {err}") from err
         self.known_descendants.clear()
         return self
+
+    def shell_line(self) -> str:
+        """The command as a POSIX shell takes it, preceded by the environment variables it
+        sets or changes from this process's: pasted into a shell on this host it starts the
+        same process (an operator restarting a SuperNode by hand copies it from the log)."""
+        changed = sorted(k for k, v in self.env.items() if os.environ.get(k) != v)
+        assignments = [f"{k}={shlex.quote(self.env[k])}" for k in changed]
+        return " ".join([*assignments, shlex.join(self.command)])
 
     @property
     def pid(self) -> int:
