@@ -127,6 +127,18 @@ def _interrupt_on_termination() -> Callable[[], None]:
     return interrupt_on(signal.SIGTERM, signal.SIGHUP)
 
 
+def _resume_hint(workdir: str, resumed: bool) -> str:
+    """What an interrupted ``deploy local`` adds to its last line: the resume it allows when
+    ``workdir`` holds an unfinished run's ServerApp checkpoint, else nothing."""
+    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
+    results = Path(workdir).expanduser() / "results"
+    if not (results / SERVER_CHECKPOINT).is_file() or (results / "results.json").exists():
+        return ""
+    how = "the same command" if resumed else "the same command with --resume"
+    return escape(f"; {how} continues the run from its checkpoint {results / SERVER_CHECKPOINT}")
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
@@ -168,7 +180,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
         )
     except KeyboardInterrupt:
-        console.print("[red]interrupted:[/red] every started process was stopped")
+        console.print(f"[red]interrupted:[/red] every started process was stopped{_resume_hint(workdir, args.resume)}")
         return 130
     finally:
         restore()

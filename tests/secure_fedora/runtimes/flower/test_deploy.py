@@ -896,6 +896,36 @@ def test_sigterm_stops_a_local_deployment_like_ctrl_c(monkeypatch: pytest.Monkey
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_an_interrupted_deployment_names_the_resume_its_checkpoint_allows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C or SIGTERM after the ServerApp's first checkpoint: the stop line says that
+    --resume continues the run (as `run`'s does); before any checkpoint it names none."""
+    from secure_fedora.runtimes.flower import local as local_module
+    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
+    checkpoint = tmp_path / "w" / "results" / SERVER_CHECKPOINT
+
+    def deploying(*args: Any, **kwargs: Any) -> None:
+        if kwargs["resume"]:
+            checkpoint.parent.mkdir(parents=True)
+            checkpoint.write_bytes(b"checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_module, "deploy_local", deploying)
+    argv = ["deploy", "local", "--config", "c.toml", "--workdir", str(tmp_path / "w")]
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 130
+    assert "--resume" not in capsys.readouterr().err
+    args = _parser().parse_args([*argv, "--resume"])
+    assert args.func(args) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the same command continues the run from its checkpoint" in err, err
+    args = _parser().parse_args(argv)  # a new command in the workdir of that run
+    assert args.func(args) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the same command with --resume continues the run" in err, err
+
+
 def test_deploy_local_leaves_a_termination_handler_set_outside_python_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Where SIGTERM's handler was set outside Python (an embedding: ``signal.getsignal`` is
