@@ -883,8 +883,16 @@ def deploy_local(
     if status != "finished:completed" or not results_path.exists():
         failure = work / "results" / "failure.json"
         detail = failure.read_text(encoding="utf-8") if failure.exists() else ""
+        from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
+        if not detail and (work / "results" / SERVER_CHECKPOINT).is_file():
+            # no failure record: the ServerApp process died (killed, out of memory) mid-run
+            detail = ("without a failure record (its ServerApp process died); the same command "
+                      "with --resume continues the run from its checkpoint "
+                      f"{work / 'results' / SERVER_CHECKPOINT}")
         raise DeployError(
-            f"run {run_id} ended with status {status!r} {detail}; see {work / 'logs'}"
+            f"run {run_id} ended with status {status!r}{' ' + detail if detail else ''}; "
+            f"see {work / 'logs'}"
         )
     results = json.loads(results_path.read_text(encoding="utf-8"))
     return DeployResult(

@@ -926,6 +926,41 @@ def test_an_interrupted_deployment_names_the_resume_its_checkpoint_allows(
     assert "the same command with --resume continues the run" in err, err
 
 
+def test_a_serverapp_that_died_mid_run_is_named_with_the_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ServerApp process killed mid-run leaves its checkpoint and no failure.json: the error
+    said only "ended with status 'finished:failed' ; see logs"; it now says the ServerApp
+    died and that --resume continues the run."""
+    from secure_fedora.runtimes.flower import local as local_module
+    from secure_fedora.runtimes.flower.cli import default_config_path
+    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
+    class DiedFederation:
+        def __init__(self, work: Path, *args: Any, **kwargs: Any) -> None:
+            self.work, self.phases, self.address = work, {}, "127.0.0.1:1"
+            self.logs = work / "logs"
+
+        def __enter__(self) -> DiedFederation:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit(self, *args: Any, **kwargs: Any) -> int:
+            (self.work / "results" / SERVER_CHECKPOINT).parent.mkdir(parents=True)
+            (self.work / "results" / SERVER_CHECKPOINT).write_bytes(b"checkpoint")
+            return 7
+
+        def follow(self, run_id: int) -> str:
+            return "finished:failed"
+
+    monkeypatch.setattr(local_module, "LocalFederation", DiedFederation)
+    with pytest.raises(DeployError) as err:
+        local_module.deploy_local(default_config_path(), 3, tmp_path / "w")
+    assert "ended with status 'finished:failed' without a failure record (its ServerApp " \
+        "process died); the same command with --resume continues the run" in str(err.value)
+
+
 def test_deploy_local_leaves_a_termination_handler_set_outside_python_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Where SIGTERM's handler was set outside Python (an embedding: ``signal.getsignal`` is
