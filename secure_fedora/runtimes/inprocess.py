@@ -986,9 +986,14 @@ class Simulation:
     def _check_identity(self, state: dict[str, Any], path: Path) -> None:
         for key, expected in self._identity().items():
             if state.get(key) != expected:
+                # the config is hashed as written; the data is what its source returned now
+                why = (": the data changed since the run started (a data source must return the "
+                       "same data for the same seed: draw from the seed it is given, not from a "
+                       "global generator, and keep its files unchanged); restore that data, or "
+                       "start a new run in another directory" if key == "data_fingerprint" else "")
                 raise CheckpointError(
                     f"checkpoint {path} was written for another {key.replace('_', ' ')} "
-                    f"({state.get(key)!s:.12} != {expected:.12}); refuse to resume"
+                    f"({state.get(key)!s:.12} != {expected:.12}){why}; refuse to resume"
                 )
 
     def _check_model(self, module: torch.nn.Module) -> None:

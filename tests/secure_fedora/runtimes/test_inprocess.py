@@ -1238,3 +1238,32 @@ def test_a_plug_in_file_edited_while_the_run_runs_does_not_stop_it(tmp_path, mon
             Simulation(cfg, tmp_path / "again", clients=clients).run()
     finally:
         sys.modules.pop("edited_mid_run_x", None)
+
+
+def test_a_resume_on_data_its_source_drew_anew_says_the_source_must_repeat_it(tmp_path):
+    """A data function that draws from numpy's global generator instead of the seed it is
+    given returns other data at a resume, which was refused only as "another data fingerprint
+    ... refuse to resume", naming neither the cause nor what to do."""
+    import numpy as np
+
+    from secure_fedora.api import Experiment
+    from tests.secure_fedora.core.crash_support import crashes_at
+
+    def unseeded(seed):
+        x = np.random.normal(size=(60, 4)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int64)
+        return {"x_train": x[:40], "y_train": y[:40], "x_test": x[40:], "y_test": y[40:]}
+
+    config = {"methods": ["local"], "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 12,
+                       "val_per_client": 4, "test_per_client": 5}}
+    run_dir = tmp_path / "run"
+    with crashes_at("checkpoint_written"):
+        Experiment(config, data=unseeded(0), run_dir=run_dir).run()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"local.pt was written for another data fingerprint "
+                                              r"\(\w+ != \w+\): the data changed since the run "
+                                              r"started \(a data source must return the same data "
+                                              r"for the same seed.*start a new run"):
+        Experiment(config, data=unseeded(0), run_dir=run_dir).run(resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
