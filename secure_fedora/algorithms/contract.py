@@ -43,6 +43,7 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.messages import KIND_THETA
 from secure_fedora.core.errors import is_user_error
+from secure_fedora.core.plugins import raised_at
 from secure_fedora.core.tensors import all_finite
 
 Payload = dict[str, Tensor]
@@ -134,7 +135,7 @@ def client_half(method: str, what: str) -> Iterator[None]:
         if is_user_error(err):
             raise
         raise ClientHalfError(f"method {method!r}: {what} failed: "
-                              f"{type(err).__name__}: {err}") from err
+                              f"{type(err).__name__}: {err}{raised_at(err)}") from err
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import os
 import sys
+import sysconfig
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
@@ -21,7 +23,7 @@ from typing import Any
 from secure_fedora.core.config import ConfigError
 
 __all__ = ["PluginError", "config_dir", "derived_config", "import_object", "is_import_spec",
-           "one_run", "remember_config_dir"]
+           "one_run", "raised_at", "remember_config_dir"]
 
 
 class PluginError(ConfigError):
@@ -29,6 +31,27 @@ class PluginError(ConfigError):
 
 
 _CONFIG_DIRS: dict[int, tuple[weakref.ref, Path]] = {}
+
+
+#: Folders whose frames are not the user's: the toolkit's packages, the standard library and
+#: installed packages (torch, numpy, ...).
+_NOT_USER_CODE = tuple(dict.fromkeys(
+    [str(Path(__file__).resolve().parents[2] / name) + os.sep
+     for name in ("secure_fedora", "privacy", "audits")]
+    + [str(Path(p).resolve()) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
+       if (p := sysconfig.get_paths().get(key))]))
+
+
+def raised_at(err: BaseException) -> str:
+    """``" (at FILE:LINE in FUNCTION)"``: the innermost frame of ``err``'s traceback in the
+    user's own code, so a one-line error about a plug-in that raised names where it raised;
+    ``""`` when no frame is the user's (e.g. a missing module, raised by the import system)."""
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        name = frame.filename
+        if name.startswith("<") or str(Path(name).resolve()).startswith(_NOT_USER_CODE):
+            continue
+        return f" (at {name}:{frame.lineno} in {frame.name})"
+    return ""
 
 
 def remember_config_dir(cfg: Any, directory: str | Path) -> None:
@@ -214,8 +237,7 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
         module = importlib.import_module(module_name)
     except Exception as err:  # any error raised while importing user code
         where = f" (searched {base_dir} and sys.path)" if base_dir is not None else " (searched sys.path)"
-        last = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
-        at = f" at {last.filename}:{last.lineno}" if last is not None else ""
+        at = raised_at(err)
         missing = isinstance(err, ModuleNotFoundError) and err.name is not None and \
             (module_name == err.name or module_name.startswith(err.name + "."))
         hint = ("; add its folder to PYTHONPATH (audits of a run directory import plug-ins from "

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from secure_fedora.core.plugins import raised_at
 from secure_fedora.data.partition import ClientData, LabeledDataset
 from secure_fedora.data.sources import DataError
 
@@ -345,7 +346,7 @@ def call_source(fn: Any, seed: int, where: str) -> Any:
     except DataError:
         raise
     except Exception as err:  # user code: report whatever it raised
-        raise DataError(f"{where} raised {type(err).__name__}: {err}") from err
+        raise DataError(f"{where} raised {type(err).__name__}: {err}{raised_at(err)}") from err
 
 
 def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: str,
@@ -364,7 +365,7 @@ def call_partitioner(fn: Any, source: Any, data_config: Any, seed: int, where: s
     except DataError:
         raise
     except Exception as err:  # user code: report whatever it raised
-        raise DataError(f"{where} raised {type(err).__name__}: {err}") from err
+        raise DataError(f"{where} raised {type(err).__name__}: {err}{raised_at(err)}") from err
     if not isinstance(clients, list | tuple) or not all(isinstance(c, ClientData)
                                                          for c in clients):
         raise DataError(f"{where} returned {type(clients).__name__}; expected a list of "

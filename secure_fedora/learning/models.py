@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from privacy.errors import ToolkitError
+from secure_fedora.core.plugins import raised_at
 from secure_fedora.core.registry import MODELS
 
 ModelName = Literal["mlp", "cnn"]
@@ -159,7 +160,7 @@ def _build(builder: object, name: str, *args: object) -> nn.Module:
         raise
     except Exception as err:  # user code: report whatever it raised
         raise ModelError(f"model {name!r} failed for input_shape={args[0]}, "
-                         f"num_classes={args[1]}: {type(err).__name__}: {err}") from err
+                         f"num_classes={args[1]}: {type(err).__name__}: {err}{raised_at(err)}") from err
 
 
 def _has_lazy_parameters(model: nn.Module) -> bool:
@@ -258,7 +259,7 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
             model = factory(shape, int(num_classes))
         except Exception as err:  # user code: report whatever it raised
             raise ModelError(f"{source} failed for input_shape={shape}, num_classes={num_classes}: "
-                             f"{type(err).__name__}: {err}") from err
+                             f"{type(err).__name__}: {err}{raised_at(err)}") from err
         if isinstance(model, nn.Module) and _has_lazy_parameters(model):
             # a lazy layer draws its initial values at its first forward pass: here, under the
             # seed, not from whatever state the global RNG has when the model is first probed
@@ -268,7 +269,7 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
             except Exception as err:
                 raise ModelError(f"{source}: its lazy layers could not be initialized by a "
                                  f"forward pass of one row of zeros of shape {shape}: "
-                                 f"{type(err).__name__}: {err}") from err
+                                 f"{type(err).__name__}: {err}{raised_at(err)}") from err
     return check_model_state(model, source)
 
 
@@ -342,13 +343,13 @@ def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: s
                 "split's or an epoch's end, so the model must accept it (e.g. BatchNorm1d on "
                 "(n, features) needs two rows for its batch statistics; GroupNorm and LayerNorm "
                 f"do not): "
-                f"{type(err).__name__}: {err}") from err
+                f"{type(err).__name__}: {err}{raised_at(err)}") from err
         hint = ""
         if sample.dtype == torch.float32:
             hint = ("; data given as arrays are converted to float32, so a layer that needs "
                     "integer inputs (e.g. nn.Embedding) must cast them in forward, e.g. x.long()")
         raise ModelError(f"{source} fails on inputs of shape {tuple(sample.shape)} and dtype "
-                         f"{sample.dtype}: {type(err).__name__}: {err}{hint}") from err
+                         f"{sample.dtype}: {type(err).__name__}: {err}{raised_at(err)}{hint}") from err
     finally:
         model.train(was_training)
     n = int(sample.shape[0])

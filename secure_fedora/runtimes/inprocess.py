@@ -441,7 +441,7 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
                 scored: Sequence[str] = ("val", "test")) -> None:
     """The loss returns finite per-sample values on the model's outputs, and the metric is
     defined on every client's ``scored`` splits (AUC needs both classes)."""
-    from secure_fedora.core.plugins import PluginError
+    from secure_fedora.core.plugins import PluginError, raised_at
     from secure_fedora.data.sources import DataError
     from secure_fedora.learning.tasks import MetricError
 
@@ -451,7 +451,7 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
             losses = task.checked(outputs, probe_y)
         except Exception as err:  # user loss code: report whatever it raised
             raise PluginError(f"training.loss {task.name!r} fails on the model's outputs: "
-                              f"{type(err).__name__}: {err}") from err
+                              f"{type(err).__name__}: {err}{raised_at(err)}") from err
     if not losses.is_floating_point():
         raise PluginError(f"training.loss {task.name!r} returns {losses.dtype} losses; per-sample "
                           "losses must be floating point (differentiable)")

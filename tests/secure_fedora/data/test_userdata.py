@@ -312,6 +312,60 @@ def test_module_that_does_not_import(tmp_path: Path, monkeypatch: pytest.MonkeyP
         Experiment({"data": {"source": "no_such_module_xyz:load"}}).check()
 
 
+def test_a_plug_in_that_raises_is_named_with_where_it_raised(plug: str, tmp_path: Path) -> None:
+    """A data function, model factory, forward or loss that raised in its own code was reported
+    as the exception's type and message alone, with no file or line (the traceback showed
+    only with --debug): the one-line error now ends with the innermost frame of the user's
+    code. A module that is not found names no frame (the import system's is not the user's)."""
+    name = f"raising_{uuid.uuid4().hex[:10]}"
+    path = tmp_path / f"{name}.py"  # tmp_path is on sys.path (the plug fixture)
+    path.write_text(textwrap.dedent("""\
+        import math
+        from torch import nn
+
+        def inner(value):
+            raise RuntimeError(f"cannot read {value}")
+
+        def load(seed):
+            return inner(seed)
+
+        class Net(nn.Module):
+            def __init__(self, width, k):
+                super().__init__()
+                self.fc = nn.Linear(width, k)
+            def forward(self, x):
+                return inner("rows")
+
+        def factory(input_shape, num_classes):
+            return inner("shape")
+
+        def net(input_shape, num_classes):
+            return Net(math.prod(input_shape), num_classes)
+
+        def loss(outputs, targets):
+            return inner("targets")
+        """))
+    at = f"(at {path}:5 in inner)"
+    try:
+        with pytest.raises(DataError, match="data.source .* raised RuntimeError: cannot read 0") as err:
+            Experiment(config(plug, data={"source": f"{name}:load"})).run()
+        assert str(err.value).endswith(at)
+        with pytest.raises(ModelError, match="model.factory .* failed .* cannot read shape") as err:
+            Experiment(config(plug, model={"factory": f"{name}:factory"})).run()
+        assert str(err.value).endswith(at)
+        with pytest.raises(ModelError, match="model.factory .* fails on inputs .* cannot read rows") as err:
+            Experiment(config(plug, model={"factory": f"{name}:net"})).run()
+        assert at in str(err.value)
+        with pytest.raises(PluginError, match="training.loss .* cannot read targets") as err:
+            Experiment(config(plug, training={"loss": f"{name}:loss"})).run()
+        assert str(err.value).endswith(at)
+    finally:
+        sys.modules.pop(name, None)
+    with pytest.raises(PluginError, match="module 'no_such_module_xyz' does not import") as err:
+        Experiment({"data": {"source": "no_such_module_xyz:load"}}).check()
+    assert "(at " not in str(err.value) and "<frozen" not in str(err.value)
+
+
 def test_missing_function(plug: str) -> None:
     with pytest.raises(PluginError, match="has no attribute 'nope'"):
         Experiment(config(plug, data={"source": f"{plug}:nope"})).check()
