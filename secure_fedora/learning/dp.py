@@ -191,6 +191,17 @@ def _first_unsupported_layer(model: nn.Module) -> str:
     return fallback or _NO_LAYER
 
 
+def _recurrent_advice(model: nn.Module) -> str:
+    """For a model holding torch's nn.RNN, nn.GRU or nn.LSTM, which Opacus computes no
+    per-sample gradients for: the drop-in layer of ``opacus.layers`` that it does."""
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if type(m) in (nn.RNN, nn.GRU, nn.LSTM)})
+    if not kinds:
+        return ""
+    return "; " + ", ".join(f"for nn.{kind} use Opacus's drop-in opacus.layers.DP{kind}"
+                            for kind in kinds) + " (same arguments)"
+
+
 @torch.no_grad()
 def _refuse_a_loss_mixing_rows(model: nn.Module, loss: Any, x: Tensor, y: Tensor) -> None:
     """DPSGDError when ``loss``'s per-sample values on the model's outputs for ``x`` change
@@ -251,6 +262,7 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
                 f"DP-SGD cannot compute per-sample gradients for this model (path "
                 f"{dpsgd.mode!r}): layer {_first_unsupported_layer(model)} is supported neither "
                 f"by the fused path (nn.Linear only) nor by Opacus ({type(err).__name__}: {err})"
+                f"{_recurrent_advice(model)}"
             ) from err
         expected = [torch.zeros_like(p) for p in params]
         largest = 0.0

@@ -164,6 +164,12 @@ PLUGIN = textwrap.dedent('''
     def recurrent(input_shape, num_classes):
         return _Recurrent(input_shape[-1], num_classes)
 
+    def dp_recurrent(input_shape, num_classes):
+        from opacus.layers import DPGRU
+        model = _Recurrent(input_shape[-1], num_classes)
+        model.gru = DPGRU(input_shape[-1], 4, batch_first=True)
+        return model
+
     def one_class_test(seed):
         d = good(seed)
         d["y_train"] = (d["y_train"] > 1).astype("int64")
@@ -471,6 +477,14 @@ def test_model_neither_dp_path_supports_is_refused_naming_the_layer(plug: str) -
                  privacy={"enabled": True, "delta": 1e-3})
     with pytest.raises(DPSGDError, match=r"layer 'gru' \(GRU\)"):
         Experiment(cfg).check()
+    # The refusal named no way forward for a recurrent layer: it names Opacus's drop-in, which
+    # runs under DP.
+    with pytest.raises(DPSGDError, match=r"for nn.GRU use Opacus's drop-in opacus.layers.DPGRU "
+                                         r"\(same arguments\)"):
+        Experiment(cfg).check()
+    Experiment(config(plug, data={"source": f"{plug}:sequences"},
+                      model={"factory": f"{plug}:dp_recurrent"},
+                      privacy={"enabled": True, "delta": 1e-3})).run()
     # The same model trains without DP (the refusal is about per-sample gradients only).
     Experiment(config(plug, data={"source": f"{plug}:sequences"},
                       model={"factory": f"{plug}:recurrent"})).check()
