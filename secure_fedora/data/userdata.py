@@ -97,9 +97,24 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
         raise DataError(f"{where} contains NaN or infinite values (first in row {bad})")
 
 
+FLOAT32_EXACT_INTEGERS = 2 ** 24
+"""float32 holds every integer up to this magnitude, and not every one above it."""
+
+
 def _inputs(value: Any, where: str) -> torch.Tensor:
     x = _tensor(value, where)
     _check_input_shape(x, where)
+    if not torch.is_floating_point(x) and x.numel():
+        # integer inputs (token ids) are converted to float32 too, which would change ids
+        # beyond 2**24 silently (16777217 becomes 16777216)
+        largest = float(x.to(torch.float64).abs().max())  # float64: exact enough to compare
+        if largest > FLOAT32_EXACT_INTEGERS:
+            raise DataError(
+                f"{where} holds integer inputs beyond 2**24 = {FLOAT32_EXACT_INTEGERS} (largest "
+                f"magnitude {largest:.7g}): inputs are converted to float32, which does not hold "
+                "every integer there, so ids would change; map them to a smaller range (e.g. an "
+                "index into a vocabulary), give a ready LabeledDataset, whose inputs keep their "
+                "dtype, or, for numeric features that may round, convert them to floats first")
     x = x.to(torch.float32)
     _check_finite(x, where)  # after the cast: float64 values beyond float32 become inf
     return x.contiguous()

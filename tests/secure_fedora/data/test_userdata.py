@@ -372,6 +372,30 @@ def test_a_plug_in_that_raises_is_named_with_where_it_raised(plug: str, tmp_path
     assert "(at " not in str(err.value) and "<frozen" not in str(err.value)
 
 
+def test_integer_inputs_float32_cannot_hold_are_refused() -> None:
+    """Inputs are converted to float32, which changed token ids beyond 2**24 silently
+    (16777217 became 16777216, so an nn.Embedding looked up another row): refused, naming
+    the bound; ids up to 2**24 and uint8 images pass unchanged."""
+    from secure_fedora.data.userdata import coerce_user_data
+
+    y = np.array([0, 1] * 10)
+    for dtype, big in [(np.int64, 2 ** 24 + 1), (np.int32, -(2 ** 24) - 1), (np.uint64, 2 ** 40)]:
+        x = np.full((20, 3), 7, dtype=dtype)
+        x[4, 2] = big
+        with pytest.raises(DataError, match=r"src\['x_train'/'y_train'\] inputs holds integer "
+                                            r"inputs beyond 2\*\*24 = 16777216 \(largest magnitude "
+                                            r"(1\.677722e\+07|1\.099512e\+12)\).*map them to a "
+                                            r"smaller range"):
+            coerce_user_data({"x_train": x, "y_train": y, "x_test": x[:4], "y_test": y[:4]}, "src")
+    x = np.full((20, 3), 2 ** 24, dtype=np.int64)
+    x[0] = -(2 ** 24)
+    data = coerce_user_data({"x_train": x, "y_train": y, "x_test": x, "y_test": y}, "src")
+    assert torch.equal(data.train_x.long(), torch.from_numpy(x))
+    images = np.full((20, 2, 2), 255, dtype=np.uint8)
+    assert coerce_user_data({"x_train": images, "y_train": y, "x_test": images, "y_test": y},
+                            "src").train_x.max() == 255
+
+
 def test_missing_function(plug: str) -> None:
     with pytest.raises(PluginError, match="has no attribute 'nope'"):
         Experiment(config(plug, data={"source": f"{plug}:nope"})).check()
