@@ -107,11 +107,13 @@ def _inputs(value: Any, where: str) -> torch.Tensor:
     if not torch.is_floating_point(x) and x.numel():
         # integer inputs (token ids) are converted to float32 too, which would change ids
         # beyond 2**24 silently (16777217 becomes 16777216)
-        largest = float(x.to(torch.float64).abs().max())  # float64: exact enough to compare
+        # torch has no max() for uint64: float64 there, exact below 2**53
+        wide = x.to(torch.float64) if x.dtype == torch.uint64 else x.to(torch.int64)
+        largest = max(int(wide.max()), -int(wide.min()))
         if largest > FLOAT32_EXACT_INTEGERS:
             raise DataError(
                 f"{where} holds integer inputs beyond 2**24 = {FLOAT32_EXACT_INTEGERS} (largest "
-                f"magnitude {largest:.7g}): inputs are converted to float32, which does not hold "
+                f"magnitude {largest}): inputs are converted to float32, which does not hold "
                 "every integer there, so ids would change; map them to a smaller range (e.g. an "
                 "index into a vocabulary), give a ready LabeledDataset, whose inputs keep their "
                 "dtype, or, for numeric features that may round, convert them to floats first")
