@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,7 +343,11 @@ def quiet_coordinates(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, coun
     activity = torch.zeros_like(row, dtype=torch.float64)
     for chunk in torch.arange(x.shape[0]).split(_ACTIVITY_CHUNK):
         grad.zero_()
-        flat.task.sum_loss(model(x[chunk]), y[chunk]).backward()  # the run's own loss
+        with warnings.catch_warnings():
+            # Opacus's hooks (a non-Linear model) fire on module outputs when the inputs need
+            # no gradient (token ids), as in training, which silences the same warning
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            flat.task.sum_loss(model(x[chunk]), y[chunk]).backward()  # the run's own loss
         activity += grad.abs().to(torch.float64)
     model.train(was_training)
     perm = torch.randperm(flat.num_params, generator=generator)

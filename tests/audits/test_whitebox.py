@@ -263,6 +263,46 @@ def test_a_binary_task_is_audited_with_its_own_loss(tmp_path, monkeypatch):
     assert result.outcome.lower_bound <= result.setting.claim_epsilon
 
 
+def test_a_model_whose_first_layer_is_an_embedding_is_audited_without_opacus_warnings(
+        tmp_path, monkeypatch):
+    """The quiet-coordinate pass ran the model under Opacus's hooks, whose backward over an
+    nn.Embedding (inputs without gradient) printed torch's "Full backward hook is firing"
+    UserWarning and its source line in the audit's output, which training itself silences."""
+    import warnings
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "whitebox_tokens.py").write_text(
+        "import torch\n\n\n"
+        "def load(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    x = torch.randint(0, 20, (200, 6), generator=g)\n"
+        "    y = (x == 7).any(dim=1).long()\n"
+        "    return {'x_train': x[:160], 'y_train': y[:160], 'x_test': x[160:], 'y_test': y[160:]}\n"
+        "\n\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, k):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(20, 4)\n"
+        "        self.out = torch.nn.Linear(24, k)\n"
+        "    def forward(self, x):\n"
+        "        return self.out(self.emb(x.long()).flatten(1))\n"
+        "\n\n"
+        "def net(input_shape, num_classes):\n"
+        "    return Net(num_classes)\n")
+    monkeypatch.syspath_prepend(str(folder))
+    doc = _cfg_dict(3.0, noise="reproducible")
+    doc["data"] = {"source": "whitebox_tokens:load", "partition": "iid", "num_clients": 2,
+                   "train_per_client": 64, "val_per_client": 8, "test_per_client": 16}
+    doc["model"] = {"factory": "whitebox_tokens:net"}
+    cfg = parse_config(doc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = run_whitebox_audit(cfg, num_canaries=30)
+    assert result.num_canaries == 30
+    assert result.outcome.lower_bound <= result.setting.claim_epsilon
+
+
 def test_a_forged_fedora_claim_below_the_ledgers_dpsgd_epsilon_is_refused(tmp_path, capsys):
     """A finished DP FEDORA run whose config.toml and results.json were edited to a larger
     DP-SGD noise multiplier (so the white-box claim is below the DP-SGD epsilon the signed
