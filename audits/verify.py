@@ -101,7 +101,9 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -547,10 +549,22 @@ def check_ledger_lines(lines: Sequence[str], public_key: Ed25519PublicKey | None
 
 
 def _read_lines(path: Path) -> tuple[list[str], bool]:
+    # opened without blocking and checked before reading: a FIFO in a ledger's place would
+    # stall the audit, a link to a device such as /dev/zero would never end
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise AuditError(f"cannot read ledger {path}: {exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AuditError(f"cannot read ledger {path}: not a regular file (a FIFO, device"
+                             " or directory in its place); restore the ledger")
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise AuditError(f"cannot read ledger {path}: {exc}") from exc
+    finally:
+        os.close(fd)
     if not data:
         return [], False
     torn = not data.endswith(b"\n")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import random
+import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -369,6 +374,34 @@ def test_missing_ledger_and_unknown_client(run_copy):
     assert ("missing_ledger", "client-000") in by_check
     assert ("key", "client-999") in by_check
     assert ("client_id", "client-999") in by_check
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_ledger_that_is_no_regular_file_is_refused_naming_it(run_copy, kind):
+    """A FIFO in a ledger's place blocked verify forever, and a link to a device read it
+    (/dev/zero: until memory ran out); either is now one error naming the ledger."""
+    path = ledger_path(run_copy, CID)
+    path.unlink()
+    done = threading.Event()
+    if kind == "device":
+        path.symlink_to("/dev/null")
+    else:
+        os.mkfifo(path)
+
+        def open_the_writer_end() -> None:
+            # lets every reader blocked on the FIFO see end of file, so the test cannot hang
+            while not done.is_set():
+                with contextlib.suppress(OSError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                time.sleep(0.01)
+
+        threading.Thread(target=open_the_writer_end, daemon=True).start()
+    try:
+        with pytest.raises(AuditError, match=f"cannot read ledger {re.escape(str(path))}: not"
+                                             " a regular file"):
+            verify_run(run_copy)
+    finally:
+        done.set()
 
 
 def test_sensitivity_mismatch_is_caught(run_copy):
