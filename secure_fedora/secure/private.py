@@ -465,10 +465,19 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
         rows.append(row)
     name = "pld" if pld_wins else "rdp"
     first = rows[0] if rows else {}
-    detail = (f"for the plan at epsilon {first.get('epsilon_budget')}: PLD gives"
-              f" {first.get('pld_epsilon_of_plan')} vs RDP {first.get('rdp_epsilon_of_plan')}"
-              f" (DP-SGD noise PLD {first.get('pld_noise_multiplier')},"
-              f" RDP {first.get('rdp_noise_multiplier')})") if rows else ""
+    detail = ""
+    if rows and "plan" not in first:
+        detail = f"for the plan at epsilon {first.get('epsilon_budget')}: neither calibrates"
+    elif rows:
+        # both epsilons are of one plan (the RDP-calibrated one, or PLD's): each candidate's
+        # own calibrated noise is quoted apart, so neither epsilon reads as the other's plan
+        calibrated = "PLD" if first.get("plan") == "pld-calibrated" else "RDP"
+        plan_noise = first.get(f"{calibrated.lower()}_noise_multiplier")
+        detail = (f"for the plan at epsilon {first.get('epsilon_budget')} with the "
+                  f"{calibrated}-calibrated DP-SGD noise {plan_noise}: PLD gives"
+                  f" {first.get('pld_epsilon_of_plan')} vs RDP {first.get('rdp_epsilon_of_plan')}"
+                  f" (each calibrated to the budget: DP-SGD noise PLD"
+                  f" {first.get('pld_noise_multiplier')}, RDP {first.get('rdp_noise_multiplier')})")
     reason = (f"auto: {name} is tighter for every budget of the plan; " if pld_wins else
               "auto: PLD is not tighter for every budget (or cannot calibrate); ") + detail
     return AccountantChoice(name, reason, tuple(rows))

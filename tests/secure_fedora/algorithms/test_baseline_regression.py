@@ -63,8 +63,8 @@ def _calibrated_close(got: float, recorded: float) -> bool:
 
 
 # the accountant choice's reason quotes the plan's epsilons ("PLD gives 3.431791 vs RDP ...")
-# and noise multipliers ("DP-SGD noise PLD 1.62501, RDP 1.803503")
-_QUOTED_EPSILON = re.compile(r"((?:gives|vs [A-Z]+|noise PLD|, RDP) )\d+(?:\.\d+)?")
+# and noise multipliers ("DP-SGD noise 1.803503", "DP-SGD noise PLD 1.62501, RDP 1.803503")
+_QUOTED_EPSILON = re.compile(r"((?:gives|vs [A-Z]+|noise(?: PLD)?|, RDP) )\d+(?:\.\d+)?")
 
 
 def _shown_epsilons_rounded(doc):  # type: ignore[no-untyped-def]

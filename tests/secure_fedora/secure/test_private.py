@@ -771,3 +771,19 @@ def test_a_plan_over_budget_never_states_its_epsilon_below_what_it_spends():
         if shown < spent:
             shown_below.append((sigma, shown, spent))
     assert shown_below == []
+
+
+def test_the_auto_accountants_reason_names_the_plan_both_epsilons_are_of():
+    """The reason read "PLD gives 2.66 vs RDP 2.98 (DP-SGD noise PLD 1.68, RDP 1.82)": both
+    epsilons are of the RDP-calibrated plan (noise 1.82), so beside PLD's noise 1.68 the
+    2.66 read as what PLD's own plan spends (which is the budget)."""
+    from secure_fedora.secure.private import choose_accountant
+
+    cfg = dp_config(privacy={"accountant": "auto"})
+    choice = choose_accountant(cfg, "local", [PrivacyBudget(4.0, 1e-3)])
+    (row,) = choice.comparison
+    assert row["plan"] == "rdp-calibrated"
+    assert (f"with the RDP-calibrated DP-SGD noise {row['rdp_noise_multiplier']}: PLD gives "
+            f"{row['pld_epsilon_of_plan']} vs RDP {row['rdp_epsilon_of_plan']}") in choice.reason
+    assert (f"each calibrated to the budget: DP-SGD noise PLD {row['pld_noise_multiplier']}, "
+            f"RDP {row['rdp_noise_multiplier']}") in choice.reason
