@@ -261,12 +261,19 @@ class MechanismSpec:
     as ``"number"`` (finite) or ``"count"`` (int > 0); ``sensitivity`` computes it from them
     (None: the mechanism records no sensitivity of its own, e.g. DP-SGD, whose per-step
     sensitivity is its clip norm). An auditor recomputes the recorded sensitivity with it.
+
+    ``record_params`` (a plug-in Gaussian mechanism's): the public params of one release
+    under a run's config (``cfg -> {name: value}``, the sensitivity inputs among them), so
+    that a runtime accounts the release before any data is read; such a mechanism can be
+    declared in a method's round release after ``"dpsgd"`` and released with
+    :meth:`secure_fedora.secure.private.FederationPrivacy.gaussian`.
     """
 
     name: str
     description: str
     sensitivity_inputs: SensitivityInputs = field(default_factory=dict)
     sensitivity: Callable[[Mapping[str, Any]], float] | None = None
+    record_params: Callable[[Any], Mapping[str, Any]] | None = None
 
 
 class MechanismRegistry:
@@ -301,6 +308,29 @@ class MechanismRegistry:
     def names(self) -> tuple[str, ...]:
         """Registered names, in registration order."""
         return tuple(self._specs)
+
+    def gaussian_record(self, name: str, noise_multiplier: float,
+                        params: Mapping[str, Any]) -> MechanismRecord:
+        """The accounting record of one Gaussian release of registered mechanism ``name``
+        with ``params`` (its sensitivity inputs among them): ``(noise_multiplier, 1.0, 1)``,
+        the sensitivity its formula gives added to the params. MechanismError when ``name``
+        has no sensitivity formula, an input is missing or of the wrong type, or the
+        sensitivity is not a finite number > 0."""
+        spec = self.get(name)
+        if spec.sensitivity is None:
+            raise MechanismError(f"mechanism {name!r} has no sensitivity formula; a Gaussian"
+                                 " release of it cannot be accounted")
+        if "sensitivity" in params:
+            raise MechanismError(f"mechanism {name!r}: params may not set 'sensitivity' (its"
+                                 " formula computes it)")
+        sensitivity = self.expected_sensitivity(name, params)
+        if sensitivity is None:
+            raise MechanismError(
+                f"mechanism {name!r}: params {dict(params)!r} lack or mistype a sensitivity"
+                f" input (needs {spec.sensitivity_inputs})")
+        sensitivity = _check_positive(f"mechanism {name!r}'s sensitivity", sensitivity)
+        return MechanismRecord(name, _check_positive("noise_multiplier", noise_multiplier), 1.0,
+                               1, {**params, "sensitivity": sensitivity})
 
     def expected_sensitivity(self, name: str, params: Mapping[str, Any]) -> float | None:
         """The sensitivity ``name``'s recorded ``params`` imply, or None when it cannot be

@@ -194,3 +194,29 @@ def test_mechanism_registry_recomputes_recorded_sensitivities_and_lists_names():
         registry.register(MechanismSpec("laplace", "again"))
     with pytest.raises(MechanismError, match="'number' or 'count'"):
         registry.register(MechanismSpec("bad", "x", {"k": "float"}, lambda p: 1.0))
+
+
+def test_a_registered_mechanisms_gaussian_record_carries_the_sensitivity_its_formula_gives():
+    """A plug-in's accounting record: ``(noise_multiplier, 1.0, 1)`` with the sensitivity of
+    its formula added to the params (as the auditor recomputes it); params that cannot give
+    one, or that claim their own, are refused."""
+    from privacy.mechanisms import MechanismRegistry, MechanismSpec
+
+    registry = MechanismRegistry()
+    registry.register(MechanismSpec("share", "test", {"clip": "number", "m": "count"},
+                                    lambda p: float(p["clip"]) / p["m"],
+                                    record_params=lambda cfg: {"clip": 2.0, "m": 8}))
+    record = registry.gaussian_record("share", 3.0, {"clip": 2.0, "m": 8})
+    assert (record.mechanism, record.noise_multiplier, record.sample_rate, record.steps) == \
+        ("share", 3.0, 1.0, 1)
+    assert record.params == {"clip": 2.0, "m": 8, "sensitivity": 0.25}
+    assert registry.expected_sensitivity("share", record.params) == 0.25
+    with pytest.raises(MechanismError, match="lack or mistype a sensitivity input"):
+        registry.gaussian_record("share", 3.0, {"clip": 2.0, "m": 0})
+    with pytest.raises(MechanismError, match="may not set 'sensitivity'"):
+        registry.gaussian_record("share", 3.0, {"clip": 2.0, "m": 8, "sensitivity": 0.1})
+    with pytest.raises(MechanismError, match="sensitivity must be a finite number > 0"):
+        registry.gaussian_record("share", 3.0, {"clip": 0.0, "m": 8})
+    registry.register(MechanismSpec("noformula", "test"))
+    with pytest.raises(MechanismError, match="has no sensitivity formula"):
+        registry.gaussian_record("noformula", 3.0, {})
