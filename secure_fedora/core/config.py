@@ -404,6 +404,35 @@ class ClientBudgetConfig(_Section):
     delta: Annotated[float, Field(gt=0, lt=1)] | None = None
 
 
+class MechanismNoiseConfig(_Section):
+    """``[privacy.mechanisms.<name>]``: the noise of a registered Gaussian mechanism a method
+    declares (:data:`privacy.mechanisms.MECHANISMS`): a fixed ``noise_multiplier``, or a
+    ``budget_fraction`` of each client's epsilon that the mechanism's planned releases alone
+    spend (the multiplier is then calibrated, as for the built-in summary and lambda);
+    exactly one of them for a plug-in mechanism. ``params``: public numbers its
+    ``record_params`` may read (e.g. its clip)."""
+
+    noise_multiplier: Annotated[float, Field(gt=0, le=MAX_NOISE_MULTIPLIER)] | None = None
+    budget_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    params: dict[str, Annotated[float, Field(allow_inf_nan=False)] | Annotated[
+        int, Field(ge=-MAX_INT, le=MAX_INT)]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MechanismNoiseConfig:
+        if self.noise_multiplier is not None and self.budget_fraction is not None:
+            raise ValueError("set noise_multiplier or budget_fraction, not both (a fixed "
+                             "multiplier leaves no fraction to calibrate)")
+        return self
+
+
+#: The built-in fixed-noise mechanisms' flat keys under ``[privacy]`` (noise multiplier,
+#: budget fraction), which ``[privacy.mechanisms.<name>]`` may set instead.
+BUILTIN_MECHANISM_KEYS: dict[str, tuple[str, str]] = {
+    "gaussian_summary": ("summary_noise_multiplier", "summary_budget_fraction"),
+    "gaussian_lambda": ("lambda_noise_multiplier", "lambda_budget_fraction"),
+}
+
+
 class PrivacyConfig(_Section):
     """Differential privacy of everything a client releases (docs/design.md section 3).
 
@@ -438,6 +467,9 @@ class PrivacyConfig(_Section):
     # the config (flagged in the plan, results.json, the ledger header and the audit report).
     noise: Literal["csprng", "reproducible"] = "csprng"
     overrides: dict[str, ClientBudgetConfig] = Field(default_factory=dict)
+    # Noise of registered plug-in Gaussian mechanisms, by name ([privacy.mechanisms.<name>]);
+    # a built-in's table is read into its flat keys above (see _builtin_mechanism_tables).
+    mechanisms: dict[str, MechanismNoiseConfig] = Field(default_factory=dict)
     # Which round's models are reported as "selected". "validation": the round with the best
     # mean validation accuracy; "final_round": the last round (data-independent). Unset: the
     # final round when data.validation = "private" (choosing a round by private validation
@@ -453,6 +485,41 @@ class PrivacyConfig(_Section):
             raise ValueError(f"privacy.accountant must be 'auto' or one of"
                              f" {sorted(ACCOUNTANT_REGISTRY)}, got {self.accountant!r}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_mechanism_tables(cls, data: Any) -> Any:
+        """``[privacy.mechanisms.gaussian_summary]`` / ``gaussian_lambda`` set the built-in's
+        flat keys (one source of truth: the flat key is what every reader uses); both set at
+        once is refused."""
+        tables = data.get("mechanisms") if isinstance(data, dict) else None
+        if not isinstance(tables, dict) or not set(tables) & set(BUILTIN_MECHANISM_KEYS):
+            return data
+        data, tables = dict(data), dict(tables)
+        for name, (noise_key, fraction_key) in BUILTIN_MECHANISM_KEYS.items():
+            table = tables.pop(name, None)
+            if table is None:
+                continue
+            if not isinstance(table, dict):
+                raise ValueError(f"privacy.mechanisms.{name} must be a table")
+            table = dict(table)
+            if "noise_multiplier" in table and "budget_fraction" in table:
+                raise ValueError(f"privacy.mechanisms.{name}: set noise_multiplier or "
+                                 "budget_fraction, not both")
+            for key, flat in (("noise_multiplier", noise_key), ("budget_fraction", fraction_key)):
+                if key not in table:
+                    continue
+                if flat in data:
+                    raise ValueError(
+                        f"privacy.mechanisms.{name}.{key} and privacy.{flat} both set the "
+                        f"built-in {name}'s {key.replace('_', ' ')}; keep one of them")
+                data[flat] = table.pop(key)
+            if table:
+                raise ValueError(f"privacy.mechanisms.{name} may set only noise_multiplier or "
+                                 f"budget_fraction (its params come from privacy.*), got "
+                                 f"{sorted(table)}")
+        data["mechanisms"] = tables
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -1011,6 +1078,8 @@ _NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("training", "engine"): "loop",
     ("fedora", "propagation_tolerance"): 1e-4,
     ("fedora", "max_pull"): None,
+    # no plug-in mechanism configured: plans, accounts and resumes as before the key
+    ("privacy", "mechanisms"): {},
 }
 
 
