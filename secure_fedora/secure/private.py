@@ -47,6 +47,7 @@ from torch import Tensor
 
 from privacy.accounting import (
     Accountant,
+    AccountingError,
     AccountingSizeError,
     BudgetExceededError,
     CalibrationError,
@@ -105,6 +106,7 @@ from privacy.pipeline import (
     BudgetGate,
     CheckExecutedSteps,
     EncryptPayload,
+    GaussianNoise,
     JournalRelease,
     PipelineError,
     RecordParams,
@@ -257,6 +259,18 @@ class ClientPlan:
     accountant: str = ""  # the accountant the noise was calibrated under
     #: False: calibrated under PRV without its refining pass, for a run ledgered without it
     prv_refine: bool = True
+    #: The noise of each plug-in Gaussian mechanism the plan holds (``[privacy.mechanisms]``),
+    #: as ``(name, noise multiplier)`` pairs in declaration order.
+    mechanism_noise: tuple[tuple[str, float], ...] = ()
+
+    def noise_for(self, mechanism: str) -> float | None:
+        """The planned noise multiplier of ``mechanism`` (a built-in or plug-in Gaussian
+        mechanism, or ``"dpsgd"``); None when the plan holds no release of it."""
+        if mechanism == "dpsgd":
+            return self.dpsgd_noise
+        if mechanism in FIXED_NOISE_MECHANISMS:
+            return getattr(self, FIXED_NOISE_MECHANISMS[mechanism][2])
+        return dict(self.mechanism_noise).get(mechanism)
 
 
 class BudgetPlanError(ConfigError):
@@ -298,6 +312,58 @@ ADMITTED_RELEASES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 }
 
 
+class UndeclaredReleaseError(PipelineError):
+    """A method's client code asked for a generic Gaussian release
+    (:meth:`FederationPrivacy.gaussian`) of a mechanism its round release does not declare,
+    or outside an admitted round; nothing was drawn or released."""
+
+
+def plug_in_mechanism(mechanism: str) -> Any:
+    """The :class:`~privacy.mechanisms.MechanismSpec` of plug-in Gaussian mechanism
+    ``mechanism`` (registered, with a sensitivity formula and ``record_params``); ConfigError
+    naming what is missing otherwise."""
+    from privacy.mechanisms import MECHANISMS
+
+    if mechanism not in MECHANISMS:
+        raise ConfigError(
+            f"privacy: mechanism {mechanism!r} is not registered; register a "
+            "privacy.mechanisms.MechanismSpec in privacy.mechanisms.MECHANISMS (from the "
+            f"plug-in module that defines it; registered: {list(MECHANISMS.names())})")
+    spec = MECHANISMS.get(mechanism)
+    if spec.sensitivity is None or spec.record_params is None:
+        raise ConfigError(
+            f"privacy: mechanism {mechanism!r} cannot be planned: its MechanismSpec needs a "
+            "sensitivity formula and record_params (how its record params follow from the "
+            "config)")
+    return spec
+
+
+def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | None:
+    """The plug-in mechanisms of a round model release of ``mechanisms`` (DP-SGD first, then
+    each other mechanism once: the built-in lambda or plug-ins); None when that is not such a
+    release."""
+    if not mechanisms or mechanisms[0] != "dpsgd" or len(set(mechanisms)) != len(mechanisms):
+        return None
+    rest = [m for m in mechanisms[1:] if m != "gaussian_lambda"]
+    if any(m == "gaussian_summary" for m in rest):
+        return None
+    return tuple(rest)
+
+
+def _round_record_params(cfg: ExperimentConfig, mechanism: str) -> dict[str, Any]:
+    """The record params of one release of plug-in ``mechanism`` under ``cfg`` (from its
+    ``record_params``); ConfigError when they do not give a finite sensitivity > 0."""
+    from privacy.mechanisms import MECHANISMS, MechanismError
+
+    spec = plug_in_mechanism(mechanism)
+    try:
+        params = dict(spec.record_params(cfg))
+        MECHANISMS.gaussian_record(mechanism, 1.0, params)
+    except (MechanismError, AccountingError) as err:
+        raise ConfigError(f"privacy: mechanism {mechanism!r}'s record params: {err}") from None
+    return params
+
+
 def admitted_releases(cfg: ExperimentConfig, method: str) -> tuple[Any, ...]:
     """Method ``method``'s declared releases (``releases(cfg)``), checked against what the
     runtimes admit and record (:data:`ADMITTED_RELEASES`): exactly one round release, at most
@@ -314,11 +380,24 @@ def admitted_releases(cfg: ExperimentConfig, method: str) -> tuple[Any, ...]:
     allowed = "; ".join(f"{when}: " + ", ".join(f"{kind} {list(m)}" for kind, m in shapes)
                         for when, shapes in ADMITTED_RELEASES.items())
     for spec in specs:
+        plug_ins = (_plug_in_round_mechanisms(spec.mechanisms)
+                    if (spec.when, spec.kind) == (ROUND, "model") else None)
+        if plug_ins:
+            for mechanism in plug_ins:
+                try:
+                    plug_in_mechanism(mechanism)
+                except ConfigError as err:
+                    raise ConfigError(
+                        f"privacy: method {method!r} declares a {spec.when} release "
+                        f"{spec.kind!r} of {list(spec.mechanisms)}, which the runtimes cannot "
+                        f"admit and record: {str(err).removeprefix('privacy: ')}") from None
+            continue
         if (spec.kind, tuple(spec.mechanisms)) not in ADMITTED_RELEASES[spec.when]:
             raise ConfigError(
                 f"privacy: method {method!r} declares a {spec.when} release {spec.kind!r} of "
                 f"{list(spec.mechanisms)}, which the runtimes cannot admit and record (they "
-                f"do: {allowed}); declare one of those or run the method without DP")
+                f"do: {allowed}, and a round model release of dpsgd followed by registered "
+                "plug-in Gaussian mechanisms); declare one of those or run the method without DP")
     rounds = [s for s in specs if s.when == ROUND]
     setups = [s for s in specs if s.when == SETUP]
     if len(rounds) != 1 or len(setups) > 1:
@@ -359,6 +438,7 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     specs = admitted_releases(cfg, method)
     fixed: list[PlannedRelease] = []
     noise: dict[str, float] = {}
+    shares: dict[str, float] = {}
     dpsgd_steps = 0
     for spec in specs:
         times = 1 if spec.when == SETUP else rounds
@@ -366,29 +446,48 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
             if mechanism == "dpsgd":
                 dpsgd_steps += times * steps_per_round(cfg)
                 continue
-            if mechanism not in FIXED_NOISE_MECHANISMS:
-                raise ConfigError(
-                    f"privacy: method {method!r} declares mechanism {mechanism!r} in its "
-                    f"{spec.kind!r} release, which the privacy plan cannot calibrate (known: "
-                    f"dpsgd, {', '.join(FIXED_NOISE_MECHANISMS)})")
-            noise_key, fraction_key, field_name = FIXED_NOISE_MECHANISMS[mechanism]
-            sigma = getattr(p, noise_key) or _calibrate(
-                getattr(p, fraction_key) * eps, delta, [PlannedRelease(mechanism, 1.0, times)],
-                accountant, f"privacy.{noise_key}", prv_refine)
-            noise[field_name] = sigma
+            fixed_noise, fraction, noise_key, fraction_key = _noise_keys(cfg, method, mechanism)
+            sigma = fixed_noise or _calibrate(
+                fraction * eps, delta, [PlannedRelease(mechanism, 1.0, times)],
+                accountant, noise_key, prv_refine)
+            noise[mechanism] = sigma
             fixed.append(PlannedRelease(mechanism, 1.0, times, sigma))
-    shares = {FIXED_NOISE_MECHANISMS[r.mechanism][1] for r in fixed
-              if getattr(p, FIXED_NOISE_MECHANISMS[r.mechanism][0]) is None}
-    if p.noise_multiplier is None and shares and sum(getattr(p, k) for k in shares) >= 1.0:
-        named = " + ".join(f"privacy.{k} ({getattr(p, k):g})" for k in sorted(shares))
+            if fixed_noise is None:
+                shares[fraction_key] = fraction
+    if p.noise_multiplier is None and shares and sum(shares.values()) >= 1.0:
+        named = " + ".join(f"{k} ({v:g})" for k, v in sorted(shares.items()))
         raise ConfigError(f"privacy: {named} leave DP-SGD no share of the budget; their sum "
                           "must be below 1")
     dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), dpsgd_steps)
     plan = [dpsgd, *fixed]
     dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,
                                                    "privacy.noise_multiplier (DP-SGD)", prv_refine)
-    return ClientPlan(dpsgd_noise, noise.get("summary_noise"), noise.get("lambda_noise"),
-                      tuple(plan), accountant, prv_refine)
+    plug_ins = tuple((m, sigma) for m, sigma in noise.items() if m not in FIXED_NOISE_MECHANISMS)
+    return ClientPlan(dpsgd_noise, noise.get("gaussian_summary"), noise.get("gaussian_lambda"),
+                      tuple(plan), accountant, prv_refine, plug_ins)
+
+
+def _noise_keys(cfg: ExperimentConfig, method: str, mechanism: str
+                ) -> tuple[float | None, float, str, str]:
+    """Where ``mechanism``'s noise comes from: its fixed multiplier (None: calibrate), its
+    budget fraction, and the config keys of both (as messages name them). A built-in reads
+    its flat ``privacy.*`` keys; a plug-in its ``[privacy.mechanisms.<name>]`` table, which
+    must set one of them (ConfigError naming the table otherwise)."""
+    p = cfg.privacy
+    if mechanism in FIXED_NOISE_MECHANISMS:
+        noise_key, fraction_key, _ = FIXED_NOISE_MECHANISMS[mechanism]
+        return (getattr(p, noise_key), getattr(p, fraction_key), f"privacy.{noise_key}",
+                f"privacy.{fraction_key}")
+    plug_in_mechanism(mechanism)
+    table = p.mechanisms.get(mechanism)
+    where = f"privacy.mechanisms.{mechanism}"
+    if table is None or (table.noise_multiplier is None and table.budget_fraction is None):
+        raise ConfigError(
+            f"privacy: method {method!r} declares mechanism {mechanism!r}, whose noise is not "
+            f"configured: set [{where}] noise_multiplier = ... (fixed) or budget_fraction = "
+            "... (the share of each client's epsilon it may spend; calibrated)")
+    return (table.noise_multiplier, table.budget_fraction or 0.0, f"{where}.noise_multiplier",
+            f"{where}.budget_fraction")
 
 
 @dataclass(frozen=True)
@@ -1256,11 +1355,14 @@ class FederationPrivacy:
         def encrypt(kind: str) -> EncryptPayload | None:
             return EncryptPayload(_listing_only, "ckks") if kind in encrypted else None
 
+        generic = [GaussianNoise(1.0, 1.0, placeholder), RecordParams({}),
+                   AccountedWith(None, c.ledger, set())]
         return {
             "model": names(self.model_pipeline(i, sign, encrypt("model")).stages),
             "summary": names([*summary, *self._admission_stages(i),
                               *upload_stages(encrypt("summary"), sign)]),
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
+            **{m: names(generic) for m in self.plug_in_round_mechanisms()},
         }
 
     def declared_release_stages(self) -> dict[str, list[str]]:
@@ -1318,6 +1420,7 @@ class FederationPrivacy:
                     "'gaussian_lambda') as the round release's mechanisms)")
             records.append(scalar_record(self.cfg.privacy.lambda_clip, c.plan.lambda_noise,
                                          self.cfg.data.val_per_client))
+        records.extend(self._plug_in_record(i, m) for m in self.plug_in_round_mechanisms())
         if c.refused_at is not None:
             return False
         noise_state = self._prepare(i, rnd, "model", noise)
@@ -1335,6 +1438,64 @@ class FederationPrivacy:
             return False
         c.step_counter.reset()  # count this round's steps from here on
         return True
+
+    def plug_in_round_mechanisms(self) -> tuple[str, ...]:
+        """The plug-in Gaussian mechanisms this method's round model release declares (after
+        DP-SGD and the lambda), in ledger order: each admitted with the round's model release
+        and released by :meth:`gaussian`."""
+        from secure_fedora.algorithms.contract import round_mechanisms
+
+        return _plug_in_round_mechanisms(round_mechanisms(self.method, self.cfg)) or ()
+
+    def _plug_in_record(self, i: int, mechanism: str) -> MechanismRecord:
+        """Client ``i``'s accounting record of one release of plug-in ``mechanism``: its
+        planned noise and its record params under the config (sensitivity from its formula)."""
+        from privacy.mechanisms import MECHANISMS
+
+        sigma = self.clients[i].plan.noise_for(mechanism)
+        if sigma is None:  # a plan from before the method declared it
+            raise UndeclaredReleaseError(
+                f"method {self.method!r}: client {i}'s plan holds no noise for mechanism "
+                f"{mechanism!r}; nothing was released")
+        return MECHANISMS.gaussian_record(mechanism, sigma,
+                                          _round_record_params(self.cfg, mechanism))
+
+    def gaussian(self, i: int, mechanism: str, value: Tensor, noise: NoiseSource) -> Tensor:
+        """Client ``i``'s release of ``value`` under plug-in Gaussian mechanism ``mechanism``:
+        ``value + N(0, (sigma * sensitivity)^2)`` per coordinate, ``sigma`` the plan's noise
+        multiplier of it and ``sensitivity`` what its formula gives for its record params
+        under the config, drawn from ``noise`` (the client's noise source), matched to the
+        entry the round's admitted model release wrote for it on the ledger (once per round).
+
+        ``value`` must be what the mechanism's sensitivity bounds (e.g. a clipped mean): the
+        caller's claim, which nothing here can check. Raises :class:`UndeclaredReleaseError`
+        before anything is drawn when the method's round release does not declare
+        ``mechanism`` or no round release of client ``i`` is admitted, and PipelineError when
+        the round's entry was used already."""
+        c = self.clients[i]
+        declared = self.plug_in_round_mechanisms()
+        if mechanism not in declared:
+            raise UndeclaredReleaseError(
+                f"method {self.method!r}: client {i} asked for a Gaussian release of "
+                f"{mechanism!r}, which its round release does not declare (declared plug-in "
+                f"mechanisms: {list(declared)}; add it to the round ReleaseSpec('model', "
+                "('dpsgd', ...)) of releases(cfg)); nothing was released")
+        if c.admitted is None or c.refused_at is not None:
+            raise UndeclaredReleaseError(
+                f"method {self.method!r}: client {i}'s {mechanism!r} release has no admitted "
+                "round release to be accounted with (make it from client_update); nothing "
+                "was released")
+        record = self._plug_in_record(i, mechanism)
+        params = {k: v for k, v in record.params.items() if k != "sensitivity"}
+        pipeline = ReleasePipeline([
+            GaussianNoise(record.noise_multiplier, record.params["sensitivity"], noise,
+                          mechanism, params),
+            RecordParams(noise_assumptions(self.cfg)),
+            AccountedWith(c.admitted, c.ledger, c.used_entries),
+        ], require_gate=False)
+        released = pipeline.run(Release(mechanism, value, c.admitted.round))
+        assert isinstance(released.payload, Tensor)
+        return released.payload
 
     def noised_summary(self, i: int, data: ClientData, q: int, num_classes: int,
                        noise: NoiseSource) -> Tensor:
@@ -1547,7 +1708,8 @@ def release_stage_names(cfg: ExperimentConfig, method: str, *, signed: bool,
                     "top_eigenvectors", *admission, *leave("summary")],
         "lambda": ["ClampValues", "mean", "GaussianNoise", "RecordParams", "AccountedWith"],
     }
-    return {kind: built[kind] for kind in _declared_kinds(method, cfg)}
+    plug_in = ["GaussianNoise", "RecordParams", "AccountedWith"]  # FederationPrivacy.gaussian
+    return {kind: built.get(kind, plug_in) for kind in _declared_kinds(method, cfg)}
 
 
 def _declared_kinds(method: str, cfg: ExperimentConfig) -> list[str]:
@@ -1556,11 +1718,14 @@ def _declared_kinds(method: str, cfg: ExperimentConfig) -> list[str]:
     from secure_fedora.algorithms.contract import method_releases
 
     kinds = set()
+    plug_ins: list[str] = []
     for spec in method_releases(method, cfg):
         kinds.add(spec.kind)
         if "gaussian_lambda" in spec.mechanisms:
             kinds.add("lambda")
-    return [k for k in ("model", "summary", "lambda") if k in kinds]
+        if spec.kind == "model":
+            plug_ins += _plug_in_round_mechanisms(spec.mechanisms) or ()
+    return [k for k in ("model", "summary", "lambda") if k in kinds] + plug_ins
 
 
 def noise_is_reproducible(cfg: ExperimentConfig) -> bool:

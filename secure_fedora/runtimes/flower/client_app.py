@@ -112,6 +112,7 @@ from secure_fedora.runtimes.flower.payloads import (
 )
 from secure_fedora.runtimes.flower.protocol import (
     HELLO_SCOPE,
+    MECHANISM_NOISE_PREFIX,
     MSG_CEREMONY,
     MSG_DECRYPT,
     MSG_ENCRYPTED_SUMMARY,
@@ -357,6 +358,8 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
                     doc["dpsgd_noise"], doc["summary_noise"], doc["lambda_noise"],
                     tuple(PlannedRelease(**r) for r in doc["releases"]),
                     doc.get("accountant", ""), refine,
+                    # absent: written before plug-in mechanisms
+                    tuple((str(m), float(v)) for m, v in doc.get("mechanism_noise", [])),
                 )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("plan cache %s is damaged (%s): calibrating the plan again", path, err)
@@ -370,6 +373,8 @@ def _cached_plan(path: Path, cfg_hash: str, budget: Any, compute: Callable[[], A
         "accountant": plan.accountant,
         "prv_refine": plan.prv_refine,
     }
+    if plan.mechanism_noise:  # absent otherwise: the document (and digest) of before
+        doc["mechanism_noise"] = [list(pair) for pair in plan.mechanism_noise]
     doc["sha256"] = _plan_digest(doc)
     atomic_write_text(path, json.dumps(doc))
     return plan
@@ -602,6 +607,8 @@ def _ledger_record(privacy: FederationPrivacy | None) -> ConfigRecord | None:
         record["summary-noise"] = float(c.plan.summary_noise)
     if c.plan.lambda_noise is not None:
         record["lambda-noise"] = float(c.plan.lambda_noise)
+    for mechanism, sigma in c.plan.mechanism_noise:
+        record[f"{MECHANISM_NOISE_PREFIX}{mechanism}"] = float(sigma)
     return ConfigRecord(record)
 
 

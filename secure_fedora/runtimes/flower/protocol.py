@@ -126,6 +126,9 @@ MSG_FINALIZE = "query.finalize"
 
 #: Envelope scope of the first contact (each method has its own scope, named after it).
 HELLO_SCOPE = "hello"
+#: Prefix of a client's ledger-record keys that state a plug-in Gaussian mechanism's noise
+#: multiplier (``mechanism-noise.<name>``), beside ``noise-multiplier`` and the built-ins'.
+MECHANISM_NOISE_PREFIX = "mechanism-noise."
 #: Message type -> the method exchange (stage) it carries.
 STAGE_OF = {MSG_SETUP: "setup", MSG_ROUND: "round", MSG_EVALUATE: "evaluate",
             MSG_FINALIZE: "finalize"}

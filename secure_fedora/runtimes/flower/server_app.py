@@ -137,6 +137,7 @@ from secure_fedora.runtimes.flower.payloads import (
 from secure_fedora.runtimes.flower.protocol import (
     CLIENT_ERRORS_MODES,
     HELLO_SCOPE,
+    MECHANISM_NOISE_PREFIX,
     MSG_CEREMONY,
     MSG_DECRYPT,
     MSG_ENCRYPTED_SUMMARY,
@@ -720,6 +721,14 @@ def _reported_plan(reply: Message) -> dict[str, Any]:
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ledger record's {key} must be a positive number")
             plan[name] = float(value)
+    for key in record.keys():
+        if key.startswith(MECHANISM_NOISE_PREFIX):
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ledger record's {key} must be a positive number")
+            plan.setdefault("mechanism_noise", {})[key[len(MECHANISM_NOISE_PREFIX):]] = \
+                float(value)
     accountant = record.get("accountant")
     if not isinstance(accountant, str) or not accountant:
         raise ValueError("ledger record's accountant must be a non-empty string")
@@ -750,7 +759,8 @@ def _same_plan(plan: Any, reported: Mapping[str, Any]) -> bool:
         return a is None and b is None or (a is not None and b is not None and a == b)
     return (same(plan.dpsgd_noise, reported.get("noise_multiplier"))
             and same(plan.summary_noise, reported.get("summary_noise"))
-            and same(plan.lambda_noise, reported.get("lambda_noise")))
+            and same(plan.lambda_noise, reported.get("lambda_noise"))
+            and dict(plan.mechanism_noise) == reported.get("mechanism_noise", {}))
 
 
 def _plan_used(server: _Server, name: str, cid: int, reported: Mapping[str, Any]) -> bool:
@@ -787,9 +797,11 @@ def _plan_used(server: _Server, name: str, cid: int, reported: Mapping[str, Any]
     # each side states every mechanism's noise: a client differing in its summary or lambda
     # noise only would otherwise read as the same figure on both sides
     stated = " or ".join(_noise_text(admitted[key].dpsgd_noise, admitted[key].summary_noise,
-                                     admitted[key].lambda_noise) for _, admitted in options)
+                                     admitted[key].lambda_noise,
+                                     dict(admitted[key].mechanism_noise))
+                         for _, admitted in options)
     said = _noise_text(reported["noise_multiplier"], reported.get("summary_noise"),
-                       reported.get("lambda_noise"))
+                       reported.get("lambda_noise"), reported.get("mechanism_noise"))
     raise DeployError(
         f"{who} reports {said}, the config calibrates {stated} for its budget: its node runs "
         "another version or configuration; the run stops (run every node and the server on "
@@ -815,8 +827,10 @@ def _take_ledger_report(server: _Server, name: str, cid: int, node: int,
     server.privacy.setdefault(name, {})[cid] = privacy
 
 
-def _noise_text(noise: float | None, summary: float | None, lam: float | None) -> str:
-    return f"noise multiplier {noise!r} (summary {summary!r}, lambda {lam!r})"
+def _noise_text(noise: float | None, summary: float | None, lam: float | None,
+                plug_ins: Mapping[str, float] | None = None) -> str:
+    extra = "".join(f", {m} {v!r}" for m, v in sorted((plug_ins or {}).items()))
+    return f"noise multiplier {noise!r} (summary {summary!r}, lambda {lam!r}{extra})"
 
 
 def _last_events(server: _Server, clients: list[int], nodes: list[int]) -> str:

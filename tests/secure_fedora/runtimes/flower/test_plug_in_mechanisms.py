@@ -1,0 +1,106 @@
+"""A plug-in Gaussian mechanism runs on the Flower grid exactly as in process: the same plan,
+the same released values (reproducible noise), the same ledgers' mechanisms and params, and
+each client reports the plug-in's noise with its ledger record (checked by the server)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from privacy.identity import client_ids
+from privacy.ledger import read_ledger
+from secure_fedora.core.config import parse_config
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.flower import client_app, server_app
+from secure_fedora.runtimes.flower.protocol import MECHANISM_NOISE_PREFIX, DeployError, RunSettings
+from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
+    TINY,
+    InMemoryGrid,
+    in_process,
+    run_config,
+    task_identity,
+)
+from tests.secure_fedora.secure.mechanism_plugin import MECHANISM, LabelShareFedAvg
+
+#: What a ledger entry states apart from when it was written and how it is chained/signed.
+_VOLATILE = {"timestamp", "signature", "prev_hash"}
+
+
+@pytest.fixture
+def method() -> Iterator[str]:
+    name = f"mech_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, LabelShareFedAvg)
+    try:
+        yield name
+    finally:
+        METHODS.unregister(name)
+
+
+def _config(method: str) -> Any:
+    data = json.loads(json.dumps(TINY))
+    data["methods"] = [method]
+    data["data"]["validation"] = "private"
+    data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": "reproducible",
+                       "mechanisms": {MECHANISM: {"budget_fraction": 0.15}}}
+    return parse_config(data)
+
+
+def _grid_run(cfg: Any, tmp_path: Path) -> tuple[InMemoryGrid, dict[str, Any]]:
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    return grid, server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plug_in_mechanism_runs_alike_on_the_grid_and_in_process(tmp_path: Path,
+                                                                   method: str) -> None:
+    name = method
+    cfg = _config(name)
+    grid, results = _grid_run(cfg, tmp_path)
+    assert grid.errors == [] and results["events"] == []
+    sim, _ = in_process(cfg, tmp_path, name)
+    shares = [r["label_share"] for r in results["rounds"]]
+    assert len(shares) == 2 and shares == [r["label_share"] for r in sim.history]
+    mine, theirs = results["privacy"][name], sim.privacy[name]
+    assert [{**r, "release_stages": None} for r in mine["plan"]] == \
+        [{**r, "release_stages": None} for r in theirs["plan"]]
+    assert any(r.startswith(f"{MECHANISM} x2") for r in mine["plan"][0]["releases"])
+    for c, cid in enumerate(client_ids(3)):
+        # the grid states the spend unrounded, in process rounded up to 6 decimals
+        assert mine["clients"][c]["epsilon_spent"] == pytest.approx(
+            theirs["clients"][c]["epsilon_spent"], abs=1e-6)
+        grid_ledger = read_ledger(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name
+                                  / f"{cid}.jsonl")
+        ours = read_ledger(tmp_path / "inproc" / "ledgers" / name / f"{cid}.jsonl")
+        assert [e["mechanism"] for e in grid_ledger] == ["dpsgd", MECHANISM] * 2 + ["close"]
+        assert [{k: v for k, v in e.items() if k not in _VOLATILE} for e in grid_ledger] == \
+            [{k: v for k, v in e.items() if k not in _VOLATILE} for e in ours]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_reporting_other_plug_in_noise_stops_the_run_naming_it(
+        tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 1 states its plug-in mechanism's noise 1% off the config's calibration (its node
+    runs another configuration): the server refuses it, naming both figures, before any
+    results are written."""
+    from flwr.app import ConfigRecord
+
+    real = client_app._ledger_record
+    key = f"{MECHANISM_NOISE_PREFIX}{MECHANISM}"
+
+    def record(privacy: Any) -> ConfigRecord | None:
+        out = real(privacy)
+        if out is None or privacy.sole.index != 1:
+            return out
+        assert key in out
+        return ConfigRecord({**dict(out), key: float(out[key]) * 1.01})
+    monkeypatch.setattr(client_app, "_ledger_record", record)
+    with pytest.raises(DeployError, match=f"{MECHANISM} .*the config calibrates .*{MECHANISM}"):
+        _grid_run(_config(method), tmp_path)
+    assert not (tmp_path / "res" / "results.json").exists()

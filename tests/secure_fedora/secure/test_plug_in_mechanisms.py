@@ -1,0 +1,251 @@
+"""A plug-in Gaussian mechanism, registered and configured without editing the package, is
+planned, admitted with the round's model release, drawn from the client's noise source,
+ledgered with its params, accounted and audited; what is not declared, registered or
+configured is refused with a message naming what to do."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from privacy.accounting import PlannedRelease, PrivacyBudget, plan_epsilon
+from privacy.identity import client_ids, load_identity
+from privacy.ledger import canonical_json, line_hash, read_ledger, signing_payload
+from privacy.mechanisms import MECHANISMS, MechanismSpec
+from secure_fedora.algorithms.contract import ROUND, ReleaseSpec
+from secure_fedora.core.config import ConfigError, parse_config
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.inprocess import Simulation
+from secure_fedora.secure.private import (
+    UndeclaredReleaseError,
+    check_budget_plans,
+    privacy_plan,
+)
+from tests.secure_fedora.runtimes.flower.deploy_support import TINY
+from tests.secure_fedora.secure.mechanism_plugin import ENTRY, MECHANISM, LabelShareFedAvg
+
+#: A second plug-in mechanism (same formula), for plans with two of them.
+SECOND = "label_share_test_b"
+if SECOND not in MECHANISMS:
+    MECHANISMS.register(MechanismSpec(
+        SECOND, "as label_share_test", {"clip": "number", "m": "count"},
+        lambda p: float(p["clip"]) / p["m"],
+        record_params=lambda cfg: {"clip": 1.0, "m": cfg.data.train_per_client}))
+
+
+def _register(cls: type) -> Iterator[str]:
+    name = f"mech_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, cls)
+    try:
+        yield name
+    finally:
+        METHODS.unregister(name)
+
+
+@pytest.fixture
+def method() -> Iterator[str]:
+    yield from _register(LabelShareFedAvg)
+
+
+def _config(method: str, rounds: int = 2, **mechanisms: dict[str, Any]) -> Any:
+    data = json.loads(json.dumps(TINY))
+    data["methods"] = [method]
+    data["training"]["rounds"] = rounds
+    data["data"]["validation"] = "private"
+    data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": "reproducible",
+                       "mechanisms": mechanisms}
+    return parse_config(data)
+
+
+def _with_mechanisms(*extra: str) -> type:
+    class Declares(LabelShareFedAvg):
+        @classmethod
+        def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:
+            return (ReleaseSpec("model", ("dpsgd", *extra), ROUND),)
+    return Declares
+
+
+def test_the_plan_calibrates_a_plug_in_mechanism_from_its_table(method: str) -> None:
+    """budget_fraction: the mechanism's releases alone spend that share (as the built-ins'
+    fractions); noise_multiplier: used as given; DP-SGD is calibrated for the whole plan."""
+    budget = PrivacyBudget(8.0, 1e-3)
+    plan = privacy_plan(_config(method, **{MECHANISM: {"budget_fraction": 0.1}}), method,
+                        budget, "pld")
+    sigma = plan.noise_for(MECHANISM)
+    assert sigma is not None and plan.mechanism_noise == ((MECHANISM, sigma),)
+    assert [(r.mechanism, r.steps) for r in plan.releases] == [("dpsgd", 24), (MECHANISM, 2)]
+    alone = plan_epsilon([PlannedRelease(MECHANISM, 1.0, 2, sigma)], 1e-3, 1.0, "pld")
+    assert 0.09 * 8.0 < alone <= 0.1 * 8.0
+    assert plan_epsilon(plan.releases, 1e-3, plan.dpsgd_noise, "pld") <= 8.0
+    fixed = privacy_plan(_config(method, **{MECHANISM: {"noise_multiplier": 7.5}}), method,
+                         budget, "pld")
+    assert fixed.noise_for(MECHANISM) == 7.5 and fixed.dpsgd_noise < plan.dpsgd_noise
+    # the built-ins' fields and the generic accessor agree
+    assert plan.summary_noise is plan.lambda_noise is plan.noise_for("gaussian_lambda") is None
+    assert plan.noise_for("dpsgd") == plan.dpsgd_noise
+
+
+def test_a_run_ledgers_accounts_and_audits_every_plug_in_release(method: str,
+                                                                 tmp_path: Path) -> None:
+    """Each round's ledger holds the model release's DP-SGD entry and the plug-in's entry
+    (its params, sensitivity clip / m, the plan's noise); epsilon spent is the plan's; the
+    released value is in the round statistics; audit verify passes."""
+    from audits.verify import verify_run
+
+    cfg = _config(method, **{MECHANISM: {"budget_fraction": 0.1, "params": {"clip": 1.0}}})
+    sim = Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys")
+    results = sim.run()
+    section = results["privacy"][method]
+    plan = section["plan"][0]
+    assert plan["releases"][1].startswith(f"{MECHANISM} x2 (q=1.0, sigma=")
+    assert plan["release_stages"][MECHANISM] == ["GaussianNoise", "RecordParams",
+                                                 "AccountedWith"]
+    sigma = float(plan["releases"][1].split("sigma=")[1].rstrip(")"))
+    for row, cid in zip(section["clients"], client_ids(3), strict=True):
+        assert row["epsilon_spent"] == plan["planned_epsilon"]
+        entries = read_ledger(tmp_path / "run" / "ledgers" / method / f"{cid}.jsonl")
+        assert [e["mechanism"] for e in entries] == ["dpsgd", MECHANISM] * 2 + ["close"]
+        for e in entries[1:4:2]:
+            p = e["params"]
+            assert (p["clip"], p["m"], p["sensitivity"]) == (1.0, 64, 1.0 / 64)
+            assert (p["noise_multiplier"], p["sample_rate"], p["steps"]) == (sigma, 1.0, 1)
+            assert p["noise"] == "reproducible" and p["release_kind"] == "model"
+    assert [r["round"] for r in sim.history if isinstance(r.get("label_share"), float)] == [1, 2]
+    report = verify_run(tmp_path / "run")
+    assert report.ok, report.errors
+
+
+def test_audit_verify_catches_an_edited_plug_in_sensitivity(method: str, tmp_path: Path) -> None:
+    """A ledger re-signed by its client's own key whose plug-in entry claims a tenth of the
+    sensitivity its params imply is a sensitivity error at that entry."""
+    from audits.verify import verify_run
+
+    cfg = _config(method, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+    Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
+    cid = "client-001"
+    path = tmp_path / "run" / "ledgers" / method / f"{cid}.jsonl"
+    key = load_identity(tmp_path / "keys", cid).signing_key
+    lines = path.read_text().splitlines()
+    out: list[str] = [lines[0]]
+    for line in lines[1:]:
+        entry = json.loads(line)
+        if entry["mechanism"] == MECHANISM:
+            entry["params"]["sensitivity"] /= 10
+        entry["prev_hash"] = line_hash(out[-1])
+        entry.pop("signature")
+        entry["signature"] = key.sign(signing_payload(entry)).hex()
+        out.append(canonical_json(entry))
+    path.write_text("\n".join(out) + "\n")
+    report = verify_run(tmp_path / "run")
+    assert ("sensitivity", 1) in {(f.check, f.entry) for f in report.errors
+                                  if f.client_id == cid}
+
+
+def test_a_declared_but_unregistered_mechanism_is_a_config_error() -> None:
+    for name in _register(_with_mechanisms("no_such_mechanism")):
+        with pytest.raises(ConfigError, match="'no_such_mechanism' is not registered; "
+                                              "register a privacy.mechanisms.MechanismSpec"):
+            check_budget_plans(_config(name), name, 3)
+
+
+def test_a_registered_mechanism_without_record_params_cannot_be_planned() -> None:
+    bare = f"bare_{uuid.uuid4().hex[:6]}"
+    MECHANISMS.register(MechanismSpec(bare, "no record params", {"clip": "number"},
+                                      lambda p: float(p["clip"])))
+    for name in _register(_with_mechanisms(bare)):
+        with pytest.raises(ConfigError, match="needs a sensitivity formula and record_params"):
+            check_budget_plans(_config(name), name, 3)
+
+
+def test_a_declared_mechanism_without_configured_noise_is_a_config_error(method: str) -> None:
+    with pytest.raises(ConfigError, match=r"set \[privacy.mechanisms.label_share_test\] "
+                                          "noise_multiplier"):
+        check_budget_plans(_config(method), method, 3)
+    with pytest.raises(ConfigError, match="not both"):
+        _config(method, **{MECHANISM: {"noise_multiplier": 2.0, "budget_fraction": 0.1}})
+
+
+def test_fractions_summing_to_one_leave_dp_sgd_nothing_and_are_refused() -> None:
+    for name in _register(_with_mechanisms(MECHANISM, SECOND)):
+        cfg = _config(name, **{MECHANISM: {"budget_fraction": 0.5},
+                               SECOND: {"budget_fraction": 0.5}})
+        with pytest.raises(ConfigError, match=r"privacy.mechanisms.label_share_test."
+                                              r"budget_fraction \(0.5\) \+ privacy.mechanisms."
+                                              r"label_share_test_b.budget_fraction \(0.5\) "
+                                              "leave DP-SGD no share"):
+            check_budget_plans(cfg, name, 3)
+        # a fixed multiplier takes no share
+        check_budget_plans(_config(name, **{MECHANISM: {"budget_fraction": 0.5},
+                                            SECOND: {"noise_multiplier": 9.0}}), name, 3)
+
+
+def test_an_undeclared_generic_release_from_client_code_is_refused(tmp_path: Path) -> None:
+    """The client code asks for a release of a registered mechanism its method does not
+    declare: refused by name before anything is drawn, and the run stops."""
+    class Undeclared(LabelShareFedAvg):
+        released = SECOND
+
+    for name in _register(Undeclared):
+        cfg = _config(name, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+        with pytest.raises(UndeclaredReleaseError, match="'label_share_test_b', which its "
+                                                         "round release does not declare"):
+            Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
+
+
+def test_a_generic_release_outside_an_admitted_round_is_refused(method: str,
+                                                                tmp_path: Path) -> None:
+    from privacy.noise import ReproducibleNoise
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = _config(method, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+    privacy = FederationPrivacy.open(cfg, method, 3, tmp_path / "ledgers", tmp_path / "keys")
+    try:
+        noise = ReproducibleNoise(0)
+        with pytest.raises(UndeclaredReleaseError, match="no admitted round release"):
+            privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
+        with pytest.raises(UndeclaredReleaseError, match="does not declare"):
+            privacy.gaussian(0, "gaussian_lambda", torch.tensor(0.5, dtype=torch.float64), noise)
+        assert privacy.admit(0, 1, torch.zeros(3), False, noise=noise)
+        first = privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
+        assert first.shape == () and float(first) != 0.5
+        # its ledger entry is used: a second release in the round is not accounted
+        with pytest.raises(Exception, match="does not account it, or its entry was already used"):
+            privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
+    finally:
+        privacy.close()
+
+
+def test_a_built_ins_noise_in_the_table_is_its_flat_key_and_both_are_refused() -> None:
+    """[privacy.mechanisms.gaussian_lambda] sets privacy.lambda_noise_multiplier (one source
+    of truth: the same config, hash and plan); setting both is refused naming both."""
+    from secure_fedora.core.config import config_hash
+
+    data = json.loads(json.dumps(TINY))
+    data["data"]["validation"] = "private"
+    data["fedora"]["relatedness"] = "noised"
+    data["privacy"] = {"enabled": True, "lambda_noise_multiplier": 3.0,
+                       "summary_budget_fraction": 0.3}
+    flat = parse_config(data)
+    data["privacy"] = {"enabled": True, "mechanisms": {
+        "gaussian_lambda": {"noise_multiplier": 3.0},
+        "gaussian_summary": {"budget_fraction": 0.3}}}
+    table = parse_config(data)
+    assert table == flat and config_hash(table) == config_hash(flat)
+    assert table.privacy.mechanisms == {}
+    data["privacy"]["lambda_noise_multiplier"] = 2.0
+    with pytest.raises(ConfigError, match="privacy.mechanisms.gaussian_lambda.noise_multiplier "
+                                          "and privacy.lambda_noise_multiplier both set"):
+        parse_config(data)
+
+
+def test_the_plug_in_entry_reaches_the_server_as_a_declared_reply_entry(method: str) -> None:
+    from secure_fedora.algorithms.contract import declared_reply_entries
+
+    cfg = _config(method, **{MECHANISM: {"noise_multiplier": 5.0}})
+    assert declared_reply_entries(method, cfg)["round"][ENTRY]["built_in"] is False
