@@ -1411,6 +1411,13 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         if _number(clip) and clip not in m["clip_norms"]:
             m["clip_norms"].append(clip)
 
+    unknown = sorted(m for m in mechanisms if m not in MECHANISMS and any(
+        e is not None and e.get("mechanism") == m and isinstance(e.get("params"), dict)
+        and "sensitivity" in e["params"] for e in entries))
+    for mech in unknown:  # a plug-in's mechanism: its formula lives in the plug-in module
+        warn(None, "sensitivity", f"{mech!r} is not a registered mechanism in this process, so"
+             " its recorded sensitivities were not recomputed; import the plug-in module that"
+             " registers it (privacy.mechanisms.MECHANISMS) and verify again")
     real_releases = [r for r in releases if r is not None]
     if real_releases and _number(delta) and 0 < delta < 1:
         try:
