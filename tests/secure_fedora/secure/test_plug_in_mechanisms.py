@@ -19,6 +19,7 @@ from privacy.identity import client_ids, load_identity
 from privacy.ledger import canonical_json, line_hash, read_ledger, signing_payload
 from privacy.mechanisms import MECHANISMS, MechanismSpec
 from secure_fedora.algorithms.contract import ROUND, ReleaseSpec
+from secure_fedora.cli import privacy_plan_table
 from secure_fedora.core.config import ConfigError, parse_config
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.inprocess import Simulation
@@ -107,6 +108,9 @@ def test_a_run_ledgers_accounts_and_audits_every_plug_in_release(method: str,
     assert plan["release_stages"][MECHANISM] == ["GaussianNoise", "RecordParams",
                                                  "AccountedWith"]
     sigma = float(plan["releases"][1].split("sigma=")[1].rstrip(")"))
+    caption = str(privacy_plan_table(section["plan"]).caption)  # printed before training
+    assert f"{MECHANISM} x2 (q=1.0, sigma={sigma!r})" in caption
+    assert f"{MECHANISM} release: GaussianNoise -> RecordParams -> AccountedWith" in caption
     for row, cid in zip(section["clients"], client_ids(3), strict=True):
         assert row["epsilon_spent"] == plan["planned_epsilon"]
         entries = read_ledger(tmp_path / "run" / "ledgers" / method / f"{cid}.jsonl")
@@ -119,6 +123,16 @@ def test_a_run_ledgers_accounts_and_audits_every_plug_in_release(method: str,
     assert [r["round"] for r in sim.history if isinstance(r.get("label_share"), float)] == [1, 2]
     report = verify_run(tmp_path / "run")
     assert report.ok, report.errors
+    assert not [w for w in report.warnings if w.check == "sensitivity"]
+    # an auditor's process that did not import the plug-in is told, not silently passed
+    spec = MECHANISMS._specs.pop(MECHANISM)
+    try:
+        unchecked = [w for w in verify_run(tmp_path / "run").warnings
+                     if w.check == "sensitivity"]
+    finally:
+        MECHANISMS._specs[MECHANISM] = spec
+    assert len(unchecked) == 3 and all(f"{MECHANISM!r} is not a registered mechanism"
+                                       in w.message for w in unchecked)
 
 
 def test_audit_verify_catches_an_edited_plug_in_sensitivity(method: str, tmp_path: Path) -> None:
@@ -249,3 +263,30 @@ def test_the_plug_in_entry_reaches_the_server_as_a_declared_reply_entry(method: 
 
     cfg = _config(method, **{MECHANISM: {"noise_multiplier": 5.0}})
     assert declared_reply_entries(method, cfg)["round"][ENTRY]["built_in"] is False
+
+
+def test_a_run_cut_after_a_plug_in_release_resumes_to_the_same_ledgers(method: str,
+                                                                       tmp_path: Path) -> None:
+    """Killed in round 2 after client 1 trained and released its label share: the resumed run
+    consumes the round's admitted entries (no second accounting), re-makes the releases from
+    the journaled noise, and ends with the ledgers and released values of an uninterrupted run."""
+    from tests.secure_fedora.core.crash_support import crashes_at
+
+    cfg = _config(method, **{MECHANISM: {"noise_multiplier": 4.0}})
+    whole = Simulation(cfg, tmp_path / "whole", keystore=tmp_path / "keys")
+    whole.run()
+    with crashes_at("train@5"):
+        Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys").run()
+    cut = read_ledger(tmp_path / "cut" / "ledgers" / method / "client-001.jsonl")
+    assert [(e["round"], e["mechanism"]) for e in cut] == [
+        (1, "dpsgd"), (1, MECHANISM), (2, "dpsgd"), (2, MECHANISM)]  # round 2 admitted
+    resumed = Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys")
+    resumed.run(resume=True)
+    assert [r["label_share"] for r in resumed.history] == \
+        [r["label_share"] for r in whole.history]
+    def stated(run: str, cid: str) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.items() if k not in ("timestamp", "signature", "prev_hash")}
+                for e in read_ledger(tmp_path / run / "ledgers" / method / f"{cid}.jsonl")]
+
+    for cid in client_ids(3):
+        assert stated("cut", cid) == stated("whole", cid)
