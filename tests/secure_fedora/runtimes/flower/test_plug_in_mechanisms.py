@@ -104,3 +104,28 @@ def test_a_client_reporting_other_plug_in_noise_stops_the_run_naming_it(
     with pytest.raises(DeployError, match=f"{MECHANISM} .*the config calibrates .*{MECHANISM}"):
         _grid_run(_config(method), tmp_path)
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+def test_a_nodes_plan_cache_keeps_the_plug_in_noise_and_an_older_cache_reads_without_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The plan a node calibrates once per run is read back with its plug-in noise (not
+    recalibrated: the cache is whole); a cache written before the field reads as before."""
+    from privacy.accounting import PlannedRelease, PrivacyBudget
+    from secure_fedora.secure.private import ClientPlan
+
+    budget = PrivacyBudget(8.0, 1e-3)
+    plan = ClientPlan(1.5, None, None, (PlannedRelease("dpsgd", 0.25, 24),
+                                        PlannedRelease(MECHANISM, 1.0, 2, 4.25)),
+                      "pld", True, ((MECHANISM, 4.25),))
+    path = tmp_path / "plan.json"
+    assert client_app._cached_plan(path, "h", budget, lambda: plan) == plan
+
+    def again() -> ClientPlan:
+        raise AssertionError("calibrated again")
+    assert client_app._cached_plan(path, "h", budget, again) == plan
+    older = ClientPlan(1.5, 2.0, None, (PlannedRelease("dpsgd", 0.25, 24),), "pld", True)
+    path.unlink()
+    client_app._cached_plan(path, "h", budget, lambda: older)
+    assert "mechanism_noise" not in json.loads(path.read_text())  # the document of before
+    assert client_app._cached_plan(path, "h", budget, again) == older
+    assert "damaged" not in caplog.text
