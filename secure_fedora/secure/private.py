@@ -129,6 +129,7 @@ from secure_fedora.learning.dp import DPGradient, check_per_sample_gradients  # 
 from secure_fedora.learning.tasks import CROSS_ENTROPY
 
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
+           "UndeclaredReleaseError", "plug_in_mechanism",
            "check_ledgers_present", "client_noise_sources", "create_ledger_dir",
            "create_ledgers_in", "interrupted_ledger_creations",
            "lambda_pull_risk", "noise_assumptions", "planned_release_counts", "pull_warning",
