@@ -45,7 +45,7 @@ class LabelShareFedAvg(FedAvg):
     @classmethod
     def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
         entries = super().reply_entries(cfg, stage)
-        if stage == ROUND:
+        if stage == ROUND and cfg.privacy.enabled:  # released only under DP
             return {**entries, ENTRY: f"the noised label-0 share ({MECHANISM}, accounted with "
                                       "the round's model release)"}
         return entries

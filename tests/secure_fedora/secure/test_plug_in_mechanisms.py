@@ -290,3 +290,16 @@ def test_a_run_cut_after_a_plug_in_release_resumes_to_the_same_ledgers(method: s
 
     for cid in client_ids(3):
         assert stated("cut", cid) == stated("whole", cid)
+
+
+def test_a_method_declaring_a_plug_in_mechanism_runs_without_dp_unplanned(method: str,
+                                                                          tmp_path: Path) -> None:
+    """Without DP nothing is planned or accounted: the declaration is not read and the table
+    need not exist."""
+    data = json.loads(json.dumps(TINY))
+    data["methods"] = [method]
+    data["training"]["rounds"] = 1
+    sim = Simulation(parse_config(data), tmp_path / "run")
+    results = sim.run()
+    assert results["privacy"] in ({}, None) or method not in results["privacy"]
+    assert "label_share" not in sim.history[0]
