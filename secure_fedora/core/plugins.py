@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import site
 import sys
 import sysconfig
 import traceback
@@ -33,22 +34,30 @@ class PluginError(ConfigError):
 _CONFIG_DIRS: dict[int, tuple[weakref.ref, Path]] = {}
 
 
-#: Folders whose frames are not the user's: the toolkit's packages, the standard library and
-#: installed packages (torch, numpy, ...).
-_NOT_USER_CODE = tuple(dict.fromkeys(
-    [str(Path(__file__).resolve().parents[2] / name) + os.sep
-     for name in ("secure_fedora", "privacy", "audits")]
-    + [str(Path(p).resolve()) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
-       if (p := sysconfig.get_paths().get(key))]))
+def _not_user_code() -> tuple[str, ...]:
+    """Folders whose frames are not the user's: the toolkit's packages, the standard library
+    and installed packages (torch, numpy, ...), also those of the user site and of a
+    distribution's own folders (``pip install --user``; Debian's ``dist-packages``), which
+    ``sysconfig``'s scheme does not name."""
+    installed = [p for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                 if (p := sysconfig.get_paths().get(key))]
+    installed += getattr(site, "getsitepackages", list)()
+    if site.ENABLE_USER_SITE:
+        installed.append(site.getusersitepackages())
+    return tuple(dict.fromkeys(
+        [str(Path(__file__).resolve().parents[2] / name) + os.sep
+         for name in ("secure_fedora", "privacy", "audits")]
+        + [str(Path(p).resolve()) + os.sep for p in installed]))
 
 
 def raised_at(err: BaseException) -> str:
     """``" (at FILE:LINE in FUNCTION)"``: the innermost frame of ``err``'s traceback in the
     user's own code, so a one-line error about a plug-in that raised names where it raised;
     ``""`` when no frame is the user's (e.g. a missing module, raised by the import system)."""
+    not_user = _not_user_code()
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         name = frame.filename
-        if name.startswith("<") or str(Path(name).resolve()).startswith(_NOT_USER_CODE):
+        if name.startswith("<") or str(Path(name).resolve()).startswith(not_user):
             continue
         return f" (at {name}:{frame.lineno} in {frame.name})"
     return ""

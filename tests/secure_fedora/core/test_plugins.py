@@ -146,3 +146,30 @@ def test_a_config_module_named_like_a_built_in_module_is_refused_naming_it(
             r"module 'sys' is already imported in this process from no file \(built in, or a "
             r"namespace package\), not from the config's folder")):
         import_object("sys:width", "model.factory", tmp_path)
+
+
+def test_raised_at_skips_frames_of_packages_installed_in_the_user_site(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch installed with ``pip install --user`` (or a distribution's dist-packages) lies
+    outside sysconfig's scheme: an error torch raised was located in torch's own file, not
+    in the user's line that called it."""
+    import site
+
+    from secure_fedora.core.plugins import raised_at
+
+    user_site = tmp_path / "user-site"
+    (user_site / "somelib").mkdir(parents=True)
+    lib = user_site / "somelib" / "ops.py"
+    lib.write_text("def linear(x):\n    raise ValueError(f'bad shape {x}')\n")
+    namespace: dict = {}
+    exec(compile(lib.read_text(), str(lib), "exec"), namespace)  # noqa: S102 - the test's own file
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", True)
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(user_site))
+
+    def forward() -> None:
+        namespace["linear"](3)
+
+    with pytest.raises(ValueError) as err:
+        forward()
+    assert raised_at(err.value) == (f" (at {__file__}:{forward.__code__.co_firstlineno + 1} "
+                                    "in forward)")
