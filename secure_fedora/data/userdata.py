@@ -101,15 +101,22 @@ FLOAT32_EXACT_INTEGERS = 2 ** 24
 """float32 holds every integer up to this magnitude, and not every one above it."""
 
 
+def _largest_magnitude(x: torch.Tensor) -> int:
+    """The largest absolute value of the non-empty integer tensor ``x``, exact for every
+    integer dtype, without a widened copy of ``x``."""
+    if x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return int(x.numpy().max())  # torch has no min/max for these; numpy's is exact
+    lo, hi = torch.aminmax(x)
+    return max(int(hi), -int(lo))
+
+
 def _inputs(value: Any, where: str) -> torch.Tensor:
     x = _tensor(value, where)
     _check_input_shape(x, where)
     if not torch.is_floating_point(x) and x.numel():
         # integer inputs (token ids) are converted to float32 too, which would change ids
         # beyond 2**24 silently (16777217 becomes 16777216)
-        # torch has no max() for uint64: float64 there, exact below 2**53
-        wide = x.to(torch.float64) if x.dtype == torch.uint64 else x.to(torch.int64)
-        largest = max(int(wide.max()), -int(wide.min()))
+        largest = _largest_magnitude(x)
         if largest > FLOAT32_EXACT_INTEGERS:
             raise DataError(
                 f"{where} holds integer inputs beyond 2**24 = {FLOAT32_EXACT_INTEGERS} (largest "
