@@ -179,8 +179,10 @@ def one_run() -> Iterator[None]:
 
 
 #: Per plug-in module name: the modules of the config's folder that importing it imported
-#: (``layers.py`` beside a ``net.py`` that imports it), whose edits it would not see either.
-_COMPANIONS: dict[str, set[str]] = {}
+#: (``layers.py`` beside a ``net.py`` that imports it), whose edits it would not see either,
+#: each with the module object the plug-in's import bound (what its code still runs), and
+#: the plug-in's ``__spec__`` then (a reload binds those of ``sys.modules`` anew).
+_COMPANIONS: dict[str, tuple[Any, dict[str, Any]]] = {}
 
 
 def _folder_modules(names: set[str], base_dir: Path) -> set[str]:
@@ -265,14 +267,25 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
             _FOLDER_OF[top] = folder
         else:
             _FOLDER_OF.pop(top, None)
-    if before is not None:
-        companions = _COMPANIONS.setdefault(module_name, set())
-        companions |= _folder_modules(set(sys.modules) - before - {module_name}, Path(base_dir))
+    recorded = _COMPANIONS.get(module_name)
+    if before is not None or (recorded is not None and recorded[0] is not module.__spec__):
+        # imported anew or reloaded: it bound the companions of sys.modules now
+        names = set(recorded[1] if recorded is not None else ())
+        if before is not None:
+            names |= _folder_modules(set(sys.modules) - before - {module_name}, Path(base_dir))
+        _COMPANIONS[module_name] = (module.__spec__, {name: sys.modules[name] for name in names
+                                                      if name in sys.modules})
     _refuse_edited_module(spec, key, module_name, module)
-    for name in sorted(_COMPANIONS.get(module_name, ())):
+    for name, bound in sorted(_COMPANIONS.get(module_name, (None, {}))[1].items()):
         companion = sys.modules.get(name)
-        if companion is not None:  # forgotten: the plug-in's next import imports it anew
-            _refuse_edited_module(spec, key, name, companion, importer=module_name)
+        if companion is not bound:
+            # forgotten (or imported anew) alone: the plug-in still runs the module it bound
+            raise PluginError(
+                f"{key} = {spec!r}: module {module_name!r} still runs module {name!r} "
+                f"({bound.__file__}) as this process first imported it, since forgotten or "
+                f"imported anew: restart the process (a notebook's kernel), or forget "
+                f"{module_name!r} too with del sys.modules[{module_name!r}] first")
+        _refuse_edited_module(spec, key, name, companion, importer=module_name)
     try:
         obj = getattr(module, attr)
     except AttributeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -108,6 +109,51 @@ def test_a_module_the_plug_in_imports_from_the_config_folder_is_checked_too(
         del sys.modules[layers], sys.modules[net]
         assert import_object(f"{net}:width", "model.factory", folder)() == 8
         assert import_object(f"{net}:width", "model.factory", folder)() == 8
+    finally:
+        sys.modules.pop(layers, None)
+        sys.modules.pop(net, None)
+
+
+def test_a_companion_module_forgotten_alone_is_refused_not_run_as_first_imported(
+        tmp_path: Path) -> None:
+    """layers.py beside net.py edited, then only ``del sys.modules["layers"]``: net.py,
+    unchanged and still imported, kept the layers code it bound first and ran it, silently.
+    Refused, naming the plug-in to forget too; once it is, the edited file runs."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    layers, net = f"{MODULE}_layers2", f"{MODULE}_net2"
+    (folder / f"{layers}.py").write_text("WIDTH = 4\n")
+    (folder / f"{net}.py").write_text(f"from {layers} import WIDTH\n\n\n"
+                                      "def width():\n    return WIDTH\n")
+    try:
+        assert import_object(f"{net}:width", "model.factory", folder)() == 4
+        (folder / f"{layers}.py").write_text("WIDTH = 8\n")
+        del sys.modules[layers]
+        with pytest.raises(PluginError, match=(
+                rf"model.factory = '{net}:width': module '{net}' still runs module '{layers}' "
+                rf"\({folder / (layers + '.py')}\) as this process first imported it, since "
+                rf"forgotten or imported anew: .* del sys.modules\['{net}'\] first$")):
+            import_object(f"{net}:width", "model.factory", folder)
+        sys.path.insert(0, str(folder))  # a notebook's folder: reload finds the module
+        try:
+            importlib.reload(sys.modules[net])  # binds the layers imported anew: runs the edit
+        finally:
+            sys.path.remove(str(folder))
+        assert import_object(f"{net}:width", "model.factory", folder)() == 8
+        (folder / f"{layers}.py").write_text("WIDTH = 12\n")
+        del sys.modules[layers]
+        with pytest.raises(PluginError, match=rf"module '{net}' still runs module '{layers}'"):
+            import_object(f"{net}:width", "model.factory", folder)
+        del sys.modules[net]
+        assert import_object(f"{net}:width", "model.factory", folder)() == 12
+        assert import_object(f"{net}:width", "model.factory", folder)() == 12
+        # net imported anew while layers stayed imported: it binds that layers, still checked
+        del sys.modules[net]
+        assert import_object(f"{net}:width", "model.factory", folder)() == 12
+        (folder / f"{layers}.py").write_text("WIDTH = 16\n")
+        with pytest.raises(PluginError, match=rf"changed since this process imported module "
+                                              rf"'{layers}'"):
+            import_object(f"{net}:width", "model.factory", folder)
     finally:
         sys.modules.pop(layers, None)
         sys.modules.pop(net, None)
