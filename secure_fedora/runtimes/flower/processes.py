@@ -127,11 +127,13 @@ class ManagedProcess:
 
     def shell_line(self) -> str:
         """The command as a POSIX shell takes it, preceded by the environment variables it
-        sets or changes from this process's: pasted into a shell on this host it starts the
-        same process (an operator restarting a SuperNode by hand copies it from the log)."""
+        sets or changes from this process's and, with a ``cwd``, a ``cd`` into it: pasted into
+        a shell on this host it starts the same process (an operator restarting a SuperNode by
+        hand copies it from the log)."""
         changed = sorted(k for k, v in self.env.items() if os.environ.get(k) != v)
         assignments = [f"{k}={shlex.quote(self.env[k])}" for k in changed]
-        return " ".join([*assignments, shlex.join(self.command)])
+        cd = [] if self.cwd is None else ["cd", shlex.quote(str(self.cwd)), "&&"]
+        return " ".join([*cd, *assignments, shlex.join(self.command)])
 
     @property
     def pid(self) -> int:

@@ -377,17 +377,22 @@ def test_a_processs_logged_start_line_restarts_it_when_pasted_into_a_shell(tmp_p
     # An operator restarts a killed SuperNode from its log's start line: a node config holding
     # spaces and quotes, and the FLWR_HOME it runs under, must survive the copy.
     out = tmp_path / "argv.txt"
-    script = "import os, sys; open(sys.argv[1], 'a').write(os.environ['FLWR_HOME'] + '|' + sys.argv[2] + '\\n')"
+    # It runs in the deployment's workdir (a process's relative paths), not the shell's.
+    script = ("import os, sys; open(sys.argv[1], 'a').write(os.environ['FLWR_HOME'] + '|' + "
+              "sys.argv[2] + '|' + os.getcwd() + '\\n')")
     node_config = 'partition-id=1 state-dir="/srv/node 1" identity-dir="/srv/id"'
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr home")}
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
     proc = ManagedProcess("node", [sys.executable, "-c", script, str(out), node_config],
-                          tmp_path / "node.log", env)
+                          tmp_path / "node.log", env, cwd=workdir)
     proc.start()
     assert proc.popen is not None and proc.popen.wait(timeout=20) == 0
     line = next(ln for ln in proc.log_path.read_text().splitlines() if ln.startswith("=== start node: "))
-    subprocess.run(["bash", "-c", line.removeprefix("=== start node: ")], check=True, timeout=20)
+    subprocess.run(["bash", "-c", line.removeprefix("=== start node: ")], check=True, timeout=20,
+                   cwd=tmp_path)
     first, again = out.read_text().splitlines()
-    assert first == again == f"{tmp_path / 'flwr home'}|{node_config}"
+    assert first == again == f"{tmp_path / 'flwr home'}|{node_config}|{workdir}"
 
 
 # --------------------------------------------------------------------------- in-memory grid
