@@ -219,3 +219,19 @@ def test_raised_at_skips_frames_of_packages_installed_in_the_user_site(
         forward()
     assert raised_at(err.value) == (f" (at {__file__}:{forward.__code__.co_firstlineno + 1} "
                                     "in forward)")
+
+
+def test_raised_at_names_a_method_of_the_contrib_folder() -> None:
+    """A user's new method goes into secure_fedora/contrib/ (the only plug-ins the Flower
+    apps import), which lay among the toolkit's folders: its client code raising was named
+    at the caller's line, or nowhere, not where it raised."""
+    import secure_fedora.contrib
+    from secure_fedora.core.plugins import raised_at
+
+    file = Path(secure_fedora.contrib.__file__).resolve().parent / "sf_not_a_file_method.py"
+    namespace: dict = {}
+    exec(compile("def client_update(i):\n    raise ValueError(i)\n", str(file), "exec"),  # noqa: S102
+         namespace)
+    with pytest.raises(ValueError) as err:
+        namespace["client_update"](3)
+    assert raised_at(err.value) == f" (at {file}:2 in client_update)"
