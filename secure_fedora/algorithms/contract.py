@@ -408,7 +408,7 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     named = method_class(name)
     if named is not None and named is not type(method):
         # the plan, the accounting and results.json read the named class's declarations
-        differs = _declarations_differ(named, type(method), cfg, rules.private)
+        differs = _declarations_differ(name, named, type(method), cfg, rules.private)
         if differs:
             raise ContractError(
                 f"method {name!r}: its factory names {named.__name__} as its algorithm but "
@@ -420,9 +420,9 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     return method
 
 
-def _declarations_differ(named: type[FederatedAlgorithm], built: type[FederatedAlgorithm],
-                         cfg: Any, private: bool) -> list[str]:
-    """What ``built`` declares differently from ``named`` under ``cfg``, each as
+def _declarations_differ(name: str, named: type[FederatedAlgorithm],
+                         built: type[FederatedAlgorithm], cfg: Any, private: bool) -> list[str]:
+    """What ``built`` (registered as ``name``) declares differently from ``named`` under ``cfg``, each as
     ``"<what> (<named>: ..., <built>: ...)"``: its assumptions (stated in results.json) and,
     in a private run, its releases (what the plan calibrates and the ledgers account) and its
     reply rules (stated in results.json, enforced on every reply)."""
@@ -438,7 +438,7 @@ def _declarations_differ(named: type[FederatedAlgorithm], built: type[FederatedA
                              else repr(r) for r in cls.releases(cfg)) or "none"
 
         pairs.append(("releases", releases(named), releases(built)))
-        a, b = ReplyRules.of("", named, cfg), ReplyRules.of("", built, cfg)
+        a, b = ReplyRules.of(name, named, cfg), ReplyRules.of(name, built, cfg)
         pairs.append(("reply entries", a.entries, b.entries))
     pairs.append(("assumptions", named.assumptions(cfg), built.assumptions(cfg)))
     return [f"{what} ({named.__name__}: {shown(x)}, {built.__name__}: {shown(y)})"

@@ -354,6 +354,29 @@ def test_a_factory_must_build_a_class_declaring_what_the_named_class_declares():
         METHODS.unregister("named_local")
 
 
+def test_a_factorys_named_class_with_malformed_reply_entries_is_named_by_the_method():
+    """The comparison of a factory's named and built classes read the named class's
+    reply_entries under an empty method name: its refusal said "method ''"."""
+    class Malformed(Local):
+        @classmethod
+        def reply_entries(cls, cfg, stage):  # type: ignore[no-untyped-def]
+            return ["theta"]
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]
+        return Local.from_config(ctx, cfg)
+
+    factory.algorithm = Malformed
+    cfg = _config("local", privacy=DP)
+    ctx = build_context(cfg, build_clients(cfg))
+    METHODS.register("named_malformed", factory)
+    try:
+        with pytest.raises(ContractError, match=r"^method 'named_malformed': reply_entries\(cfg, "
+                                                r"'setup'\) must return a dict"):
+            build_method("named_malformed", ctx, cfg)
+    finally:
+        METHODS.unregister("named_malformed")
+
+
 def test_method_config_checks_come_from_the_method_class():
     with pytest.raises(ConfigError, match="fedora.k = 3 must be smaller"):
         _config("fedora", fedora={"k": 3})
