@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -129,7 +130,7 @@ from secure_fedora.learning.dp import DPGradient, check_per_sample_gradients  # 
 from secure_fedora.learning.tasks import CROSS_ENTROPY
 
 __all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
-           "UndeclaredReleaseError", "plug_in_mechanism",
+           "UndeclaredReleaseError", "check_mechanism_tables", "plug_in_mechanism",
            "check_ledgers_present", "client_noise_sources", "create_ledger_dir",
            "create_ledgers_in", "interrupted_ledger_creations",
            "lambda_pull_risk", "noise_assumptions", "planned_release_counts", "pull_warning",
@@ -337,6 +338,43 @@ def plug_in_mechanism(mechanism: str) -> Any:
             "sensitivity formula and record_params (how its record params follow from the "
             "config)")
     return spec
+
+
+#: The ``(tables, methods)`` whose undeclared ``[privacy.mechanisms]`` tables were warned of.
+_WARNED_UNUSED_TABLES: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
+
+
+def check_mechanism_tables(cfg: ExperimentConfig) -> None:
+    """Each ``[privacy.mechanisms.<name>]`` table of a DP run names a registered plug-in
+    Gaussian mechanism: ConfigError otherwise (a misspelt name would leave the noise it was
+    meant to set at its defaults, silently). A table no method of the run declares sets
+    nothing: warned of (once per config), not refused."""
+    from privacy.mechanisms import MECHANISMS
+    from secure_fedora.algorithms.contract import round_mechanisms
+
+    tables = sorted(cfg.privacy.mechanisms)
+    for name in tables:
+        if name == "dpsgd":
+            raise ConfigError("privacy: [privacy.mechanisms.dpsgd] sets nothing: DP-SGD's noise "
+                              "is privacy.noise_multiplier (unset: calibrated); remove the table")
+        if name not in MECHANISMS:
+            known = [n for n in MECHANISMS.names() if n != "dpsgd"]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"privacy: [privacy.mechanisms.{name}] names no registered mechanism{hint}, so "
+                f"it would set nothing; registered: {known}. Fix the name, import the plug-in "
+                "module that registers it, or remove the table")
+        plug_in_mechanism(name)  # registered, but not one the plan can calibrate
+    declared = {m for method in cfg.methods
+                for m in _plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ()}
+    unused = tuple(n for n in tables if n not in declared)
+    key = (unused, tuple(cfg.methods))
+    if unused and key not in _WARNED_UNUSED_TABLES:
+        _WARNED_UNUSED_TABLES.add(key)
+        log.warning("privacy: no method of this run (%s) declares %s, so [privacy.mechanisms] "
+                    "sets nothing for %s", ", ".join(cfg.methods),
+                    " or ".join(repr(n) for n in unused), "it" if len(unused) == 1 else "them")
 
 
 def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | None:
@@ -627,6 +665,7 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
     budget (a fixed noise multiplier too small, or no noise that can meet it).
     """
     admitted_releases(cfg, method)  # a declaration the runtimes cannot record is no budget problem
+    check_mechanism_tables(cfg)
     ids = client_ids(num_clients)
     budgets = [client_budget(cfg, i) for i in range(num_clients)]
     choice = choose_accountant(cfg, method, budgets)

@@ -303,3 +303,37 @@ def test_a_method_declaring_a_plug_in_mechanism_runs_without_dp_unplanned(method
     results = sim.run()
     assert results["privacy"] in ({}, None) or method not in results["privacy"]
     assert "label_share" not in sim.history[0]
+
+
+def test_a_mechanism_table_the_run_cannot_read_is_refused_or_warned(
+        method: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A misspelt table (here the built-in lambda's) would leave the noise it meant to set at
+    its calibrated default: refused naming the likely name; a dpsgd table likewise (DP-SGD's
+    noise is privacy.noise_multiplier); a registered plug-in's table no method of the run
+    declares sets nothing: a warning, and the plan is as without it."""
+    data = json.loads(json.dumps(TINY))
+    data["data"]["validation"] = "private"
+    data["fedora"]["relatedness"] = "noised"
+    data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                       "mechanisms": {"gaussian_lamda": {"noise_multiplier": 50.0}}}
+    with pytest.raises(ConfigError, match=r"\[privacy.mechanisms.gaussian_lamda\] names no "
+                                          r"registered mechanism \(did you mean "
+                                          r"'gaussian_lambda'\?\)"):
+        check_budget_plans(parse_config(data), "fedora", 3)
+    data["privacy"]["mechanisms"] = {"dpsgd": {"noise_multiplier": 50.0}}
+    with pytest.raises(ConfigError, match="DP-SGD's noise is privacy.noise_multiplier"):
+        check_budget_plans(parse_config(data), "fedora", 3)
+    bare = f"bare_{uuid.uuid4().hex[:6]}"  # registered, but the plan cannot calibrate it
+    MECHANISMS.register(MechanismSpec(bare, "no record params", {"clip": "number"},
+                                      lambda p: float(p["clip"])))
+    data["privacy"]["mechanisms"] = {bare: {"noise_multiplier": 5.0}}
+    with pytest.raises(ConfigError, match="needs a sensitivity formula and record_params"):
+        check_budget_plans(parse_config(data), "fedora", 3)
+    declared = _config(method, **{MECHANISM: {"noise_multiplier": 5.0}})
+    extra = _config(method, **{MECHANISM: {"noise_multiplier": 5.0},
+                               SECOND: {"noise_multiplier": 5.0}})
+    with caplog.at_level("WARNING", logger="secure_fedora.privacy"):
+        _, plans = check_budget_plans(declared, method, 3)
+        assert "[privacy.mechanisms]" not in caplog.text
+        assert check_budget_plans(extra, method, 3)[1] == plans
+    assert f"declares {SECOND!r}, so [privacy.mechanisms] sets nothing for it" in caplog.text
