@@ -743,6 +743,9 @@ class ClientPrivacy:
     admitted: Release | None = None
     #: Ledger indices already used by releases accounted with an admitted one (the lambda).
     used_entries: set[int] = field(default_factory=set)
+    #: The admitted round's step check ran (its replies are checked and may leave): a plug-in
+    #: release (:meth:`FederationPrivacy.gaussian`) of that round is refused from then on.
+    checked: bool = False
     #: The admitted (gated, journaled) summary release and the stages it passed, so that its
     #: upload runs the rest of the same pipeline (encrypt, sign) on exactly that payload.
     summary_release: Release | None = None
@@ -1208,6 +1211,7 @@ class FederationPrivacy:
         self.mark_round(rnd, (k for k, other in enumerate(self.clients)
                               if other.admitted is not None and other.admitted.round == rnd))
         c = self.clients[i]
+        c.checked = True
         pipeline = self.model_pipeline(i, sign, encrypt)
         check = pipeline.index(CheckExecutedSteps)
         admitted = c.admitted if c.admitted is not None and c.admitted.round == rnd else None
@@ -1474,6 +1478,7 @@ class FederationPrivacy:
             if c.journal is not None:
                 c.journal.syncs = None
         c.admitted = admitted
+        c.checked = False
         if admitted is None:
             return False
         c.step_counter.reset()  # count this round's steps from here on
@@ -1510,7 +1515,8 @@ class FederationPrivacy:
         ``value`` must be what the mechanism's sensitivity bounds (e.g. a clipped mean): the
         caller's claim, which nothing here can check. Raises :class:`UndeclaredReleaseError`
         before anything is drawn when the method's round release does not declare
-        ``mechanism`` or no round release of client ``i`` is admitted, and PipelineError when
+        ``mechanism``, no round release of client ``i`` is admitted, or that round's step check
+        already ran (the call is not from client_update), and PipelineError when
         the round's entry was used already."""
         c = self.clients[i]
         declared = self.plug_in_round_mechanisms()
@@ -1525,6 +1531,12 @@ class FederationPrivacy:
                 f"method {self.method!r}: client {i}'s {mechanism!r} release has no admitted "
                 "round release to be accounted with (make it from client_update); nothing "
                 "was released")
+        if c.checked:
+            raise UndeclaredReleaseError(
+                f"method {self.method!r}: client {i}'s {mechanism!r} release comes after its "
+                f"round-{c.admitted.round} reply was checked (outside client_update, e.g. from "
+                "the server half, which on Flower holds no client's noise); make it in "
+                "client_update; nothing was released")
         record = self._plug_in_record(i, mechanism)
         params = {k: v for k, v in record.params.items() if k != "sensitivity"}
         pipeline = ReleasePipeline([

@@ -19,6 +19,7 @@ from privacy.identity import client_ids, load_identity
 from privacy.ledger import canonical_json, line_hash, read_ledger, signing_payload
 from privacy.mechanisms import MECHANISMS, MechanismSpec
 from secure_fedora.algorithms.contract import ROUND, ReleaseSpec
+from secure_fedora.algorithms.methods import FedAvg
 from secure_fedora.cli import privacy_plan_table
 from secure_fedora.core.config import ConfigError, parse_config
 from secure_fedora.core.registry import METHODS
@@ -337,3 +338,30 @@ def test_a_mechanism_table_the_run_cannot_read_is_refused_or_warned(
         assert "[privacy.mechanisms]" not in caplog.text
         assert check_budget_plans(extra, method, 3)[1] == plans
     assert f"declares {SECOND!r}, so [privacy.mechanisms] sets nothing for it" in caplog.text
+
+
+def test_a_generic_release_after_the_rounds_step_check_is_refused(tmp_path: Path) -> None:
+    """The server half (here aggregate, in process) asking for client 0's release once its
+    round's replies were checked: refused before anything is drawn, as on Flower where the
+    server holds no client's noise; the release belongs in client_update."""
+    class Late(LabelShareFedAvg):  # client_update leaves its admitted entry unused
+        reply_entries = FedAvg.reply_entries
+        client_update = FedAvg.client_update
+
+        def aggregate(self, rnd: int, replies: Any) -> dict[str, float]:
+            stats = super().aggregate(rnd, replies)
+            noise = self.ctx.noise[0]
+            before = noise.checkpoint_state().clone()
+            try:
+                self.ctx.privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64),
+                                          noise)
+            finally:
+                assert torch.equal(noise.checkpoint_state(), before)  # nothing drawn
+            return stats
+
+    for name in _register(Late):
+        cfg = _config(name, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+        with pytest.raises(UndeclaredReleaseError, match="client 0's 'label_share_test' release"
+                                                         " comes after its round-1 reply was "
+                                                         "checked"):
+            Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
