@@ -28,6 +28,12 @@ if MECHANISM not in MECHANISMS:
             "m": cfg.data.train_per_client}))
 
 
+def label_share(y: Any, m: int) -> Any:
+    """The labels equal to 0 over the public count ``m`` (the record's), not over the client's
+    own rows: removing one of them moves it by at most ``1 / m`` whatever the client holds."""
+    return (y == 0).double().sum() / m
+
+
 class LabelShareFedAvg(FedAvg):
     """FedAvg whose clients also release their noised label-0 share every round (declared as
     an extra mechanism of the round model release); the server averages the shares."""
@@ -53,8 +59,8 @@ class LabelShareFedAvg(FedAvg):
     def client_update(self, i: int, rnd: int, message: Any) -> Any:
         reply = dict(super().client_update(i, rnd, message))
         if self.ctx.privacy is not None:
-            y = self.ctx.clients[i].train_y
-            value = (y == 0).double().sum() / self.ctx.clients[i].train_x.shape[0]
+            value = label_share(self.ctx.clients[i].train_y,
+                                self.ctx.privacy.cfg.data.train_per_client)
             reply[ENTRY] = self.ctx.privacy.gaussian(i, self.released, value,
                                                      self.ctx.noise[i]).reshape(1)
         return reply

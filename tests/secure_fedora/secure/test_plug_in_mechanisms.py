@@ -365,3 +365,17 @@ def test_a_generic_release_after_the_rounds_step_check_is_refused(tmp_path: Path
                                                          " comes after its round-1 reply was "
                                                          "checked"):
             Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
+
+
+def test_the_plug_in_value_moves_by_at_most_its_recorded_sensitivity() -> None:
+    """The example's value (as README's) is a sum over the public m = data.train_per_client
+    (what its record states), not a mean over the client's own rows: a client with fewer rows
+    than m (a registered partitioner may give it that) removing one row moves it by at most
+    1 / m, the sensitivity its entry records."""
+    from tests.secure_fedora.secure.mechanism_plugin import label_share
+
+    m = 64
+    y = torch.tensor([0] + [1] * 39)  # 40 rows, fewer than m
+    for drop in range(y.numel()):
+        rest = torch.cat([y[:drop], y[drop + 1:]])
+        assert abs(float(label_share(y, m)) - float(label_share(rest, m))) <= 1.0 / m
