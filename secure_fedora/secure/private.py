@@ -391,12 +391,18 @@ def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | No
 
 def _round_record_params(cfg: ExperimentConfig, mechanism: str) -> dict[str, Any]:
     """The record params of one release of plug-in ``mechanism`` under ``cfg`` (from its
-    ``record_params``); ConfigError when they do not give a finite sensitivity > 0."""
+    ``record_params``); ConfigError when they do not give a finite sensitivity > 0, or when
+    ``record_params`` (the plug-in's code) raises, naming where."""
     from privacy.mechanisms import MECHANISMS, MechanismError
+    from secure_fedora.core.plugins import raised_at
 
     spec = plug_in_mechanism(mechanism)
     try:
         params = dict(spec.record_params(cfg))
+    except Exception as err:  # user code: report whatever it raised
+        raise ConfigError(f"privacy: mechanism {mechanism!r}'s record_params raised "
+                          f"{type(err).__name__}: {err}{raised_at(err)}") from err
+    try:
         MECHANISMS.gaussian_record(mechanism, 1.0, params)
     except (MechanismError, AccountingError) as err:
         raise ConfigError(f"privacy: mechanism {mechanism!r}'s record params: {err}") from None
@@ -666,6 +672,10 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
     """
     admitted_releases(cfg, method)  # a declaration the runtimes cannot record is no budget problem
     check_mechanism_tables(cfg)
+    from secure_fedora.algorithms.contract import round_mechanisms
+
+    for mechanism in _plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ():
+        _round_record_params(cfg, mechanism)  # before anything is written, not at admission
     ids = client_ids(num_clients)
     budgets = [client_budget(cfg, i) for i in range(num_clients)]
     choice = choose_accountant(cfg, method, budgets)

@@ -379,3 +379,23 @@ def test_the_plug_in_value_moves_by_at_most_its_recorded_sensitivity() -> None:
     for drop in range(y.numel()):
         rest = torch.cat([y[:drop], y[drop + 1:]])
         assert abs(float(label_share(y, m)) - float(label_share(rest, m))) <= 1.0 / m
+
+
+def test_record_params_that_give_no_sensitivity_are_refused_before_the_run() -> None:
+    """A plug-in whose record_params raise, or give a sensitivity of 0, is refused by the
+    plan check (run, sweep and server start with it), naming the mechanism and where it
+    raised, not at the first admission after the run's keys and ledgers are made."""
+    name = f"rp_{uuid.uuid4().hex[:6]}"
+    MECHANISMS.register(MechanismSpec(
+        name, "clip from the table", {"clip": "number"}, lambda p: float(p["clip"]),
+        record_params=lambda cfg: {"clip": cfg.privacy.mechanisms[name].params["clip"]}))
+    for method in _register(_with_mechanisms(name)):
+        with pytest.raises(ConfigError, match=f"mechanism '{name}''s record_params raised "
+                                              r"KeyError: 'clip' \(at .*test_plug_in_mech"):
+            check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0}}), method, 3)
+        with pytest.raises(ConfigError, match=f"mechanism '{name}''s record params: .*"
+                                              "sensitivity must be a finite number > 0"):
+            check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0,
+                                                         "params": {"clip": 0.0}}}), method, 3)
+        check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0,
+                                                     "params": {"clip": 0.5}}}), method, 3)
