@@ -399,3 +399,38 @@ def test_record_params_that_give_no_sensitivity_are_refused_before_the_run() -> 
                                                          "params": {"clip": 0.0}}}), method, 3)
         check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0,
                                                      "params": {"clip": 0.5}}}), method, 3)
+
+
+def test_a_csprng_run_cut_after_a_plug_in_release_remakes_the_same_value(
+        tmp_path: Path) -> None:
+    """With CSPRNG noise (no seed re-creates it) a round cut after a client released its label
+    share is re-made on resume from the journaled noise state: the same released value, not a
+    second independent draw of the same data under one ledger entry."""
+    from tests.secure_fedora.core.crash_support import crashes_at
+
+    released: list[tuple[int, int, float]] = []
+
+    class Recorded(LabelShareFedAvg):
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            reply = super().client_update(i, rnd, message)
+            released.append((rnd, i, float(reply[ENTRY])))
+            return reply
+
+    for name in _register(Recorded):
+        data = json.loads(json.dumps(TINY))
+        data["methods"] = [name]
+        data["data"]["validation"] = "private"
+        data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                           "mechanisms": {MECHANISM: {"noise_multiplier": 4.0}}}
+        cfg = parse_config(data)
+        with crashes_at("train@6"):
+            Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys").run()
+        before = {(r, i): v for r, i, v in released}
+        assert (2, 1) in before and (2, 2) not in before  # cut in client 2's training
+        released.clear()
+        Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys").run(resume=True)
+        again = {(r, i): v for r, i, v in released}
+        assert again[(2, 1)] == before[(2, 1)]
+        assert [e["mechanism"] for e in read_ledger(
+            tmp_path / "cut" / "ledgers" / name / "client-001.jsonl")] == \
+            ["dpsgd", MECHANISM] * 2 + ["close"]
