@@ -756,6 +756,9 @@ class ClientPrivacy:
     #: The admitted round's step check ran (its replies are checked and may leave): a plug-in
     #: release (:meth:`FederationPrivacy.gaussian`) of that round is refused from then on.
     checked: bool = False
+    #: The noise source the admitted round's state was journaled from (its runtime's own):
+    #: the one a plug-in release of that round must draw from.
+    admitted_noise: NoiseSource | None = None
     #: The admitted (gated, journaled) summary release and the stages it passed, so that its
     #: upload runs the rest of the same pipeline (encrypt, sign) on exactly that payload.
     summary_release: Release | None = None
@@ -1488,7 +1491,7 @@ class FederationPrivacy:
             if c.journal is not None:
                 c.journal.syncs = None
         c.admitted = admitted
-        c.checked = False
+        c.checked, c.admitted_noise = False, noise
         if admitted is None:
             return False
         c.step_counter.reset()  # count this round's steps from here on
@@ -1526,7 +1529,8 @@ class FederationPrivacy:
         caller's claim, which nothing here can check. Raises :class:`UndeclaredReleaseError`
         before anything is drawn when the method's round release does not declare
         ``mechanism``, no round release of client ``i`` is admitted, or that round's step check
-        already ran (the call is not from client_update), and PipelineError when
+        already ran (the call is not from client_update); PipelineError, also before any
+        draw, when ``noise`` is not the source client ``i``'s round was admitted with, and when
         the round's entry was used already."""
         c = self.clients[i]
         declared = self.plug_in_round_mechanisms()
@@ -1547,6 +1551,13 @@ class FederationPrivacy:
                 f"round-{c.admitted.round} reply was checked (outside client_update, e.g. from "
                 "the server half, which on Flower holds no client's noise); make it in "
                 "client_update; nothing was released")
+        if c.admitted_noise is not None and noise is not c.admitted_noise:
+            # another source's draws are not in the round's journal: a resume would draw anew
+            raise PipelineError(
+                f"method {self.method!r}: client {i}'s {mechanism!r} release was given "
+                f"{type(noise).__name__} that is not client {i}'s noise source (the one its "
+                "round was admitted and journaled with); pass ctx.noise[i]; nothing was "
+                "released")
         record = self._plug_in_record(i, mechanism)
         params = {k: v for k, v in record.params.items() if k != "sensitivity"}
         pipeline = ReleasePipeline([

@@ -18,6 +18,7 @@ from privacy.accounting import PlannedRelease, PrivacyBudget, plan_epsilon
 from privacy.identity import client_ids, load_identity
 from privacy.ledger import canonical_json, line_hash, read_ledger, signing_payload
 from privacy.mechanisms import MECHANISMS, MechanismSpec
+from privacy.pipeline import PipelineError
 from secure_fedora.algorithms.contract import ROUND, ReleaseSpec
 from secure_fedora.algorithms.methods import FedAvg
 from secure_fedora.cli import privacy_plan_table
@@ -434,3 +435,25 @@ def test_a_csprng_run_cut_after_a_plug_in_release_remakes_the_same_value(
         assert [e["mechanism"] for e in read_ledger(
             tmp_path / "cut" / "ledgers" / name / "client-001.jsonl")] == \
             ["dpsgd", MECHANISM] * 2 + ["close"]
+
+
+def test_a_generic_release_from_another_noise_source_is_refused(method: str,
+                                                                tmp_path: Path) -> None:
+    """Noise from a source other than the client's own (another client's, or a fresh one no
+    journal holds: a resume would draw it anew, a second release under one ledger entry) is
+    refused before anything is drawn; the client's own source releases."""
+    from privacy.noise import ReproducibleNoise
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = _config(method, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+    privacy = FederationPrivacy.open(cfg, method, 3, tmp_path / "ledgers", tmp_path / "keys")
+    try:
+        own, other = ReproducibleNoise(0), ReproducibleNoise(1)
+        assert privacy.admit(0, 1, torch.zeros(3), False, noise=own)
+        state = other.checkpoint_state().clone()
+        with pytest.raises(PipelineError, match="not client 0's noise source"):
+            privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), other)
+        assert torch.equal(other.checkpoint_state(), state)  # nothing drawn
+        privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), own)
+    finally:
+        privacy.close()
