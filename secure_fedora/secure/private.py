@@ -353,6 +353,8 @@ def check_mechanism_tables(cfg: ExperimentConfig) -> None:
     from secure_fedora.algorithms.contract import round_mechanisms
 
     tables = sorted(cfg.privacy.mechanisms)
+    if not tables:
+        return
     for name in tables:
         if name == "dpsgd":
             raise ConfigError("privacy: [privacy.mechanisms.dpsgd] sets nothing: DP-SGD's noise "
@@ -366,8 +368,12 @@ def check_mechanism_tables(cfg: ExperimentConfig) -> None:
                 f"it would set nothing; registered: {known}. Fix the name, import the plug-in "
                 "module that registers it, or remove the table")
         plug_in_mechanism(name)  # registered, but not one the plan can calibrate
-    declared = {m for method in cfg.methods
-                for m in _plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ()}
+    declared: set[str] = set()
+    for method in cfg.methods:
+        try:
+            declared.update(_plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ())
+        except ValueError as err:  # a factory naming no class: refused as its own plan is
+            raise ConfigError(f"privacy: {err}") from None
     unused = tuple(n for n in tables if n not in declared)
     key = (unused, tuple(cfg.methods))
     if unused and key not in _WARNED_UNUSED_TABLES:

@@ -457,3 +457,23 @@ def test_a_generic_release_from_another_noise_source_is_refused(method: str,
         privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), own)
     finally:
         privacy.close()
+
+
+def test_a_mechanism_table_beside_a_factory_naming_no_class_is_a_config_error(
+        method: str) -> None:
+    """The table check asks every method of the run what it declares: a factory that names
+    no class (whose releases are unknown) raised a bare ValueError from inside the check of
+    another, plannable, method."""
+    def anonymous(ctx: Any, cfg: Any) -> Any:
+        return FedAvg(ctx)
+
+    name = f"anon_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, anonymous)
+    try:
+        data = json.loads(json.dumps(_config(method, **{MECHANISM: {"noise_multiplier": 5.0}})
+                                     .model_dump(mode="json")))
+        data["methods"] = [method, name]
+        with pytest.raises(ConfigError, match="does not name its algorithm class"):
+            check_budget_plans(parse_config(data), method, 3)
+    finally:
+        METHODS.unregister(name)
