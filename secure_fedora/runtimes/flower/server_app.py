@@ -1148,6 +1148,9 @@ class _MethodRun:
     # saved its state before replying, so a state that did not answer as far is a rolled-back
     # (restored, wiped) one, which it refuses with or without DP
     answered: dict[int, dict[str, int]] = field(default_factory=dict)
+    # the tracker's state before the final evaluation, kept while some client has not
+    # answered it: a resume asks those again and makes the round's selection again from it
+    before_final: dict[str, Any] | None = None
 
 
 @dataclass
@@ -1525,19 +1528,45 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
                                  {c: messages.get(c) for c in clients},
                                  server.settings.round_timeout)
     if rnd == server.cfg.training.rounds:
-        missed = [c for c in clients if c not in replies.metrics]
-        if missed:
-            # one that missed it (a node restarting) is asked once more (answering is
-            # idempotent): a DP client closes its ledger there, and any client would otherwise
-            # keep an earlier round's metric as its final one (or have none: the run fails)
-            again = _retry_exchange(grid, server, run, "evaluate", rnd,
-                                    {c: messages.get(c) for c in missed})
-            replies.metrics.update(again.metrics)
+        _ask_missed_again(grid, server, run, rnd, messages, clients, replies)
         run.answered_last = set(replies.metrics)
+    fresh = _take_metrics(server, run, rnd, replies.metrics)
+    tracker = run.tracker
+    tracker.evaluated(rnd, fresh)  # the round each client's latest accepted metrics are from
+    tracker.update(rnd)
+    # the round's statistics over its own metrics, as in process (where every client is
+    # evaluated): a client that missed it keeps an older metric, or none, for selection only
+    return {
+        **tracker.round_row(sorted(fresh)),
+        "evaluated": len(fresh),
+        "evaluation_timing": replies.timing.to_json(),
+    }
+
+
+def _ask_missed_again(grid: Grid, server: _Server, run: _MethodRun, rnd: int,
+                      messages: Mapping[int, Payload], asked: Sequence[int],
+                      replies: _Replies) -> None:
+    """Ask the clients of ``asked`` without metrics in ``replies`` (the final evaluation of
+    round ``rnd``) once more, adding their metrics to ``replies``. One that missed it (a node restarting)
+    answers then (answering is idempotent): a DP client closes its ledger there, and any
+    client would otherwise keep an earlier round's metric as its final one (or have none:
+    the run fails)."""
+    missed = [c for c in asked if c not in replies.metrics]
+    if missed:
+        again = _retry_exchange(grid, server, run, "evaluate", rnd,
+                                {c: messages.get(c) for c in missed})
+        replies.metrics.update(again.metrics)
+
+
+def _take_metrics(server: _Server, run: _MethodRun, rnd: int,
+                  replies: Mapping[int, MetricRecord]) -> list[int]:
+    """Put the evaluation metrics of round ``rnd`` into the tracker's last metrics; returns
+    the clients whose metrics were taken (a reply without valid metrics is an event and the
+    client keeps its last ones). The caller records the round (``Tracker.evaluated``)."""
     tracker = run.tracker
     select_final = bool(tracker.select_final)  # clients then send no validation metric
     fresh: list[int] = []  # the clients whose metrics are this round's
-    for cid, metrics in replies.metrics.items():
+    for cid, metrics in replies.items():
         try:
             test = float(metrics["test-metric"])
             val = 0.0 if select_final else float(metrics["val-metric"])
@@ -1553,15 +1582,55 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
         tracker.last_val[cid], tracker.last_test[cid] = val, test
         run.evaluated.add(cid)
         fresh.append(cid)
-    tracker.evaluated(rnd, fresh)  # the round each client's latest accepted metrics are from
-    tracker.update(rnd)
-    # the round's statistics over its own metrics, as in process (where every client is
-    # evaluated): a client that missed it keeps an older metric, or none, for selection only
-    return {
-        **tracker.round_row(sorted(fresh)),
-        "evaluated": len(fresh),
-        "evaluation_timing": replies.timing.to_json(),
-    }
+    return fresh
+
+
+def _finish_final_evaluation(grid: Grid, server: _Server, run: _MethodRun, rounds: int,
+                             before: Mapping[str, Any] | None) -> None:
+    """A resume after the last round of a run whose final evaluation some clients did not
+    answer (the run failed there, or, without DP, went on with their older metrics): ask
+    those clients (not in ``run.answered_last``) again, twice at most; each answers from its
+    saved state or evaluates its saved model, and a DP client closes its ledger (nothing is
+    released or accounted again). The round's selection and history row are then made again
+    from the tracker as it was before that evaluation (``before``, the checkpoint's) with
+    every metric of the round, as an uninterrupted run makes them."""
+    n = server.cfg.data.num_clients
+    missing = sorted(set(range(n)) - run.answered_last)
+    tracker = run.tracker
+    fresh = [c for c in range(n) if int(tracker.metric_round[c]) == rounds]
+    val, test = tracker.last_val.clone(), tracker.last_test.clone()
+    if before is None:
+        # a checkpoint of an older secure-fedora: the round's selection can be made again
+        # where the partial evaluation changed none of it, or where the final round is
+        # selected whatever the metrics (its update then overwrites all of it)
+        if not bool(tracker.select_final) and int(tracker.best_round) == rounds:
+            raise DeployError(
+                f"{run.name}: resume: clients {missing} did not answer the final evaluation "
+                f"(round {rounds}), and the checkpoint (written by an older secure-fedora) does "
+                "not hold the model selection from before that evaluation, which selected round "
+                f"{rounds} without them; the run cannot be finished exactly: start a new run")
+    else:
+        for key, value in before.items():
+            getattr(tracker, key).copy_(value)
+        tracker.last_val[fresh], tracker.last_test[fresh] = val[fresh], test[fresh]
+    clients = list(range(n))
+    messages = check_messages(run.name, EVALUATE, rounds,  # as the round sent them
+                              run.algorithm.evaluation_messages(rounds, clients), clients,
+                              run.algorithm.ctx.flat.num_params)
+    _say(f"{run.name} round {rounds}: final evaluation sent again to clients {missing}, which "
+         "had not answered it")
+    t0 = time.perf_counter()
+    replies = _exchange_payloads(grid, server, run, "evaluate", rounds,
+                                 {c: messages.get(c) for c in missing},
+                                 server.settings.round_timeout)
+    _ask_missed_again(grid, server, run, rounds, messages, missing, replies)
+    run.answered_last |= set(replies.metrics)
+    fresh = sorted(set(fresh) | set(_take_metrics(server, run, rounds, replies.metrics)))
+    tracker.evaluated(rounds, fresh)
+    tracker.update(rounds)
+    run.seconds["evaluation"] += time.perf_counter() - t0
+    run.history[-1].update({**tracker.round_row(fresh), "evaluated": len(fresh),
+                            "evaluation_timing": replies.timing.to_json()})
 
 
 def _retry_exchange(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: int,
@@ -1951,6 +2020,7 @@ def _method_state(run: _MethodRun, rnd: int, round_gen: torch.Generator,
         "answered_last": sorted(run.answered_last),
         "answered": run.answered,
         "failed_replies": failed_replies,
+        "tracker_before_final": run.before_final,
     }
 
 
@@ -1970,6 +2040,7 @@ def _restore_method(run: _MethodRun, state: Mapping[str, Any], round_gen: torch.
     run.evaluated = set(state["evaluated"])
     run.answered_last = set(state["answered_last"])
     run.answered = {int(c): dict(v) for c, v in state["answered"].items()}
+    run.before_final = state.get("tracker_before_final")  # absent: an older checkpoint
     failed_replies.extend(state["failed_replies"])
     return int(state["round"])
 
@@ -2078,7 +2149,11 @@ def _run_method(grid: Grid, server: _Server, name: str,
                                "seconds": round(seconds, 4), "timing": replies.timing.to_json()}
         if rnd % cfg.evaluation.every == 0 or rnd == rounds:
             t0 = time.perf_counter()
+            before = ({k: v.clone() for k, v in run.tracker.state_dict().items()}
+                      if rnd == rounds else None)
             row.update(_evaluate(grid, server, run, rnd))
+            if rnd == rounds and len(run.answered_last) < n:
+                run.before_final = before
             run.seconds["evaluation"] += time.perf_counter() - t0
         run.history.append(row)
         _say(f"{name} round {rnd}/{rounds}: {row['replied']}/{row['participants']} replied, "
@@ -2088,6 +2163,18 @@ def _run_method(grid: Grid, server: _Server, name: str,
         server.write("progress.json", {"run_id": server.run_id, "method": name, "round": rnd,
                                        "rows": run.history})
         _save_server_checkpoint(server, _method_state(run, rnd, round_gen, failed_replies))
+    if first > rounds >= 1 and len(run.answered_last) < n:
+        # resumed after the last round, whose final evaluation some clients did not answer
+        # (its checkpoint is written before the checks below fail the run)
+        _finish_final_evaluation(grid, server, run, rounds, run.before_final)
+        if len(run.answered_last) == n:
+            run.before_final = None
+        server.write("progress.json", {"run_id": server.run_id, "method": name,
+                                       "round": rounds, "rows": run.history})
+        _save_server_checkpoint(server, _method_state(run, rounds, round_gen, failed_replies))
+    again = (" Once their nodes are fixed, resuming the run (`deploy local --resume`, run "
+             f"config resume = {server.run_id}) asks them again"
+             if server.settings.result_dir is not None else "")
     silent = sorted(set(range(n)) - run.evaluated)
     if silent:
         # their metrics would be the tracker's zero placeholders: made-up results
@@ -2100,7 +2187,9 @@ def _run_method(grid: Grid, server: _Server, name: str,
             + (f"; their last events: {why}" if why else
                f" (no reply within the round timeout of {server.settings.round_timeout:g} s in"
                " any evaluated round; raise the round timeout, a ClientApp process takes"
-               " seconds to start, or check those SuperNodes' logs)"))
+               " seconds to start, or check those SuperNodes' logs)")
+            # a resume asks again the clients it records as not answering the final evaluation
+            + (again if not set(silent) & run.answered_last else ""))
     if rounds and failed_replies and not any(row["replied"] for row in run.history):
         # every training reply failed or was rejected in every round: nothing was trained
         last = failed_replies[-1]
@@ -2121,7 +2210,7 @@ def _run_method(grid: Grid, server: _Server, name: str,
             "asked twice, where a DP client closes its ledger (or their answers were lost); "
             "their ledgers may stay open and the run could not be verified, so no results are "
             "written; check those SuperNodes' logs or raise the round timeout"
-            + (f" (last events: {why})" if why else ""))
+            + (f" (last events: {why})" if why else "") + again)
     apply_amendments(server.settings, name, algorithm, rounds)  # as in process after its last round
     final = check_messages(name, FINALIZE, rounds, algorithm.finalize_messages(), range(n),
                            num_params)
