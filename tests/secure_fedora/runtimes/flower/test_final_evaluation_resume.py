@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flwr.app import Message
 
-from privacy.ledger import read_ledger
+from privacy.ledger import LedgerWriter, read_ledger
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, DeployError, RunSettings
 from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
@@ -34,7 +34,7 @@ FAILING = 0  # the client whose node cannot save its final evaluation
 def _config(setting: str) -> Any:
     if setting != "plain":
         cfg = dp_config(rounds=ROUNDS, noise="reproducible")
-        if setting == "dp":  # private validation: the final round is reported
+        if setting in ("dp", "dp-close"):  # private validation: the final round is reported
             return cfg
         # public validation: the round of the best mean validation metric is reported. With
         # this seed client 0's final validation metric is below its round-1 one, so round 2's
@@ -82,24 +82,32 @@ def _node_records(root: Path, method: str) -> list[Any]:
     return out
 
 
-def _fail_at_the_final_evaluation(root: Path, monkeypatch: pytest.MonkeyPatch, cfg: Any
-                                  ) -> tuple[dict[str, Any], list[bool]]:
-    """Run ``cfg`` in ``root`` with client FAILING's node unable to save its state from its
-    final evaluation message on (its replies: "OSError (details withheld)"): the run fails
-    there. Returns the resume's run config and the switch that keeps the node broken."""
+def _fail_at_the_final_evaluation(root: Path, monkeypatch: pytest.MonkeyPatch, cfg: Any,
+                                  at_close: bool = False) -> tuple[dict[str, Any], list[bool]]:
+    """Run ``cfg`` in ``root`` with client FAILING's node unable to save its state (or, with
+    ``at_close``, to append its ledger's close entry, its answer saved) from its final
+    evaluation message on (its replies: "OSError (details withheld)"): the run fails there.
+    Returns the resume's run config and the switch that keeps the node broken."""
     broken = [False]
-    save = ClientRunState.save
+    save, close = ClientRunState.save, LedgerWriter.close_run
 
     def unwritable(self: ClientRunState, path: Path) -> None:
-        if broken[0] and self.client_id == FAILING:
+        if broken[0] and self.client_id == FAILING and not at_close:
             raise OSError(30, "Read-only file system", str(path))
         save(self, path)
+
+    def unwritable_ledger(self: LedgerWriter, **entry: Any) -> Any:
+        if broken[0] and self.path.name == f"client-{FAILING:03d}.jsonl":
+            raise OSError(30, "Read-only file system", str(self.path))
+        return close(self, **entry)
 
     def break_disk(message: Message) -> Message:
         broken[0] = True
         return message
 
     monkeypatch.setattr(ClientRunState, "save", unwritable)
+    if at_close:
+        monkeypatch.setattr(LedgerWriter, "close_run", unwritable_ledger)
     rc = _settings(cfg, root)
     grid = InMemoryGrid(root / "nodes", rc, 3,
                         tamper_request={(FAILING, ROUNDS, MSG_EVALUATE): break_disk})
@@ -116,7 +124,7 @@ def _why(cfg: Any) -> str:
 
 
 @pytest.mark.usefixtures("task_identity")
-@pytest.mark.parametrize("setting", ["dp", "dp-selected-by-validation", "plain"])
+@pytest.mark.parametrize("setting", ["dp", "dp-close", "dp-selected-by-validation", "plain"])
 def test_a_run_failed_at_its_final_evaluation_resumes_to_an_uninterrupted_runs_results(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
     """Found by a deployment: a client's state dir became unwritable at the final evaluation
@@ -129,7 +137,7 @@ def test_a_run_failed_at_its_final_evaluation_resumes_to_an_uninterrupted_runs_r
     whole = _settings(cfg, tmp_path / "whole")
     expected = _run(whole, InMemoryGrid(tmp_path / "whole" / "nodes", whole, 3))
     root = tmp_path / "cut"
-    rc, broken = _fail_at_the_final_evaluation(root, monkeypatch, cfg)
+    rc, broken = _fail_at_the_final_evaluation(root, monkeypatch, cfg, setting == "dp-close")
 
     # a resume while the node is still broken fails the same way, and says so again
     broken[0] = True
