@@ -1547,10 +1547,10 @@ def _ask_missed_again(grid: Grid, server: _Server, run: _MethodRun, rnd: int,
                       messages: Mapping[int, Payload], asked: Sequence[int],
                       replies: _Replies) -> None:
     """Ask the clients of ``asked`` without metrics in ``replies`` (the final evaluation of
-    round ``rnd``) once more, adding their metrics to ``replies``. One that missed it (a node restarting)
-    answers then (answering is idempotent): a DP client closes its ledger there, and any
-    client would otherwise keep an earlier round's metric as its final one (or have none:
-    the run fails)."""
+    round ``rnd``) once more, adding their metrics to ``replies``. One that missed it (a node
+    restarting) answers then (answering is idempotent): a DP client closes its ledger there,
+    and any client would otherwise keep an earlier round's metric as its final one (or have
+    none: the run fails)."""
     missed = [c for c in asked if c not in replies.metrics]
     if missed:
         again = _retry_exchange(grid, server, run, "evaluate", rnd,
@@ -2166,13 +2166,14 @@ def _run_method(grid: Grid, server: _Server, name: str,
     if first > rounds >= 1 and len(run.answered_last) < n:
         # resumed after the last round, whose final evaluation some clients did not answer
         # (its checkpoint is written before the checks below fail the run)
+        apply_amendments(server.settings, name, algorithm, rounds)  # as the round had them
         _finish_final_evaluation(grid, server, run, rounds, run.before_final)
         if len(run.answered_last) == n:
             run.before_final = None
         server.write("progress.json", {"run_id": server.run_id, "method": name,
                                        "round": rounds, "rows": run.history})
         _save_server_checkpoint(server, _method_state(run, rounds, round_gen, failed_replies))
-    again = (" Once their nodes are fixed, resuming the run (`deploy local --resume`, run "
+    again = ("; once their nodes are fixed, resuming the run (`deploy local --resume`, run "
              f"config resume = {server.run_id}) asks them again"
              if server.settings.result_dir is not None else "")
     silent = sorted(set(range(n)) - run.evaluated)
