@@ -1530,7 +1530,7 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
     if rnd == server.cfg.training.rounds:
         _ask_missed_again(grid, server, run, rnd, messages, clients, replies)
         run.answered_last = set(replies.metrics)
-    fresh = _take_metrics(server, run, rnd, replies.metrics)
+    fresh = _take_evaluation_metrics(server, run, rnd, replies.metrics)
     tracker = run.tracker
     tracker.evaluated(rnd, fresh)  # the round each client's latest accepted metrics are from
     tracker.update(rnd)
@@ -1558,8 +1558,8 @@ def _ask_missed_again(grid: Grid, server: _Server, run: _MethodRun, rnd: int,
         replies.metrics.update(again.metrics)
 
 
-def _take_metrics(server: _Server, run: _MethodRun, rnd: int,
-                  replies: Mapping[int, MetricRecord]) -> list[int]:
+def _take_evaluation_metrics(server: _Server, run: _MethodRun, rnd: int,
+                             replies: Mapping[int, MetricRecord]) -> list[int]:
     """Put the evaluation metrics of round ``rnd`` into the tracker's last metrics; returns
     the clients whose metrics were taken (a reply without valid metrics is an event and the
     client keeps its last ones). The caller records the round (``Tracker.evaluated``)."""
@@ -1625,7 +1625,8 @@ def _finish_final_evaluation(grid: Grid, server: _Server, run: _MethodRun, round
                                  server.settings.round_timeout)
     _ask_missed_again(grid, server, run, rounds, messages, missing, replies)
     run.answered_last |= set(replies.metrics)
-    fresh = sorted(set(fresh) | set(_take_metrics(server, run, rounds, replies.metrics)))
+    fresh = sorted(set(fresh)
+                   | set(_take_evaluation_metrics(server, run, rounds, replies.metrics)))
     tracker.evaluated(rounds, fresh)
     tracker.update(rounds)
     run.seconds["evaluation"] += time.perf_counter() - t0
