@@ -1474,16 +1474,16 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                                    client_id, method))
     last = len(lines) - 1 if lines else None
     if anchor is None:
-        warn(None, "anchor", "results.json holds no ledger length for this client: entries"
+        warn(None, "results_ledger", "results.json holds no ledger length for this client: entries"
              " removed from the end of the ledger cannot be detected")
     else:
         n_anchor = anchor.get("ledger_entries")
         if n_anchor != len(lines):
-            err(last, "anchor", f"the ledger has {len(lines)} entries, results.json recorded"
+            err(last, "results_ledger", f"the ledger has {len(lines)} entries, results.json recorded"
                 f" {n_anchor!r}: entries were removed from (or added to) the end")
         head = anchor.get("ledger_head")
         if head is not None and lines and head != _sha256(lines[-1]):
-            err(last, "anchor", f"the last line hashes to {_sha256(lines[-1])[:16]}...,"
+            err(last, "results_ledger", f"the last line hashes to {_sha256(lines[-1])[:16]}...,"
                 f" results.json recorded the head {str(head)[:16]}...")
         spent = anchor.get("epsilon_spent")
         if spent is not None and (not _number(spent)

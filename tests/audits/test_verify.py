@@ -205,7 +205,7 @@ def test_deleting_the_last_entry_is_caught_by_close_and_anchors(run_copy):
     write_lines(run_copy, lines[:-1])
     report = verify_run(run_copy)
     assert {(f.check, f.entry) for f in report.errors} == {
-        ("anchor", len(lines) - 2), ("not_closed", len(lines) - 2),
+        ("results_ledger", len(lines) - 2), ("not_closed", len(lines) - 2),
         ("anchor_behind", len(lines) - 2)}
     assert all(f.client_id == CID and f.method == METHOD for f in report.errors)
     # A forger who also rewrites results.json is still caught: the close entry is missing
@@ -226,7 +226,9 @@ def test_ledger_head_anchor_catches_a_replaced_last_line(run_copy):
     (run_copy / "results.json").write_text(json.dumps(doc))
     reanchor(run_copy)
     report = verify_run(run_copy)
-    assert [(f.check, f.entry) for f in report.errors] == [("anchor", len(lines) - 1)]
+    # results.json, not anchor.json, records the head compared here: the tag says so
+    assert [(f.check, f.entry) for f in report.errors] == [("results_ledger", len(lines) - 1)]
+    assert "results.json recorded the head" in report.errors[0].message
 
 
 def test_reordered_entries_are_named(run_copy):
