@@ -966,12 +966,12 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     parts.append("<ul>" + "".join(f"<li>{_e(c)}</li>" for c in ver["checks"]) + "</ul>")
     if ver["findings"]:
         parts.append(_table(
-            ["severity", "method", "client", "entry", "check", "message"],
+            ["severity", "method", "client", "ledger", "entry", "check", "message"],
             [[f"<span class=\"{'bad' if f['severity'] == 'error' else 'warn'}\">"
               f"{_e(f['severity'])}</span>", _fmt(f["method"]), _fmt(f["client_id"]),
-              _fmt(f["entry"]), _e(f["check"]), _e(f["message"])]
+              _fmt(f.get("ledger")), _fmt(f["entry"]), _e(f["check"]), _e(f["message"])]
              for f in sorted(ver["findings"], key=lambda f: f["severity"] != "error")],
-            left=(0, 1, 2, 4, 5),
+            left=(0, 1, 2, 3, 5, 6),
         ))
     else:
         parts.append("<p class=\"ok\">No findings.</p>")

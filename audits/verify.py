@@ -219,7 +219,9 @@ class Finding:
 
     ``severity == "error"`` makes the run fail verification; ``"warning"`` does not.
     ``entry`` is the 0-based line position in the client's ledger (None: the whole ledger
-    or run); ``method`` names the method's ledger directory when the run has one per method.
+    or run); ``method`` names the method's ledger directory when the run has one per method;
+    ``ledger`` is the ledger file a per-ledger finding is about, relative to the run directory
+    (e.g. ``ledgers/fedora/client-001.jsonl``).
     """
 
     severity: Severity
@@ -228,6 +230,7 @@ class Finding:
     client_id: str | None = None
     entry: int | None = None
     method: str | None = None
+    ledger: str | None = None
 
     def __str__(self) -> str:
         where = []
@@ -235,6 +238,8 @@ class Finding:
             where.append(f"client {self.client_id}")
         if self.method is not None:
             where.append(f"method {self.method}")
+        if self.ledger is not None:
+            where.append(f"ledger {self.ledger}")
         if self.entry is not None:
             where.append(f"entry {self.entry}")
         prefix = ", ".join(where) or "run"
@@ -548,6 +553,20 @@ def check_ledger_lines(lines: Sequence[str], public_key: Ed25519PublicKey | None
     return entries, findings
 
 
+#: What a path of the run holding a FIFO, device or directory is (never opened: a FIFO would
+#: stall the audit, a device such as /dev/zero would never end).
+NOT_REGULAR = "not a regular file (a FIFO, device or directory in its place)"
+
+
+def _absent(path: Path) -> str:
+    """Why ``path``, for which ``path.is_file()`` is false, cannot be read, as the rest of a
+    sentence naming it: "is missing", "is a link to nothing" or "is not a regular file (...)".
+    Only ``stat``s it: a FIFO is not opened."""
+    if path.is_symlink() and not path.exists():
+        return "is a link to nothing"
+    return f"is {NOT_REGULAR}" if path.exists() else "is missing"
+
+
 def _read_lines(path: Path) -> tuple[list[str], bool]:
     # opened without blocking and checked before reading: a FIFO in a ledger's place would
     # stall the audit, a link to a device such as /dev/zero would never end
@@ -557,8 +576,7 @@ def _read_lines(path: Path) -> tuple[list[str], bool]:
         raise AuditError(f"cannot read ledger {path}: {exc}") from exc
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise AuditError(f"cannot read ledger {path}: not a regular file (a FIFO, device"
-                             " or directory in its place); restore the ledger")
+            raise AuditError(f"cannot read ledger {path}: {NOT_REGULAR}; restore the ledger")
         with open(fd, "rb", closefd=False) as fh:
             data = fh.read()
     except OSError as exc:
@@ -1020,8 +1038,7 @@ class _RunContext:
 def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | None:
     path = run_dir / "results.json"
     if not path.is_file() and (path.exists() or path.is_symlink()):
-        what = "a link to nothing" if not path.exists() else "not a regular file"
-        findings.append(Finding("error", "results", f"{path} is {what}: the run's results"
+        findings.append(Finding("error", "results", f"{path} {_absent(path)}: the run's results"
                                 " cannot be read; restore the file"))
         return None
     if not path.is_file():
@@ -1048,7 +1065,7 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
                  findings: list[Finding]) -> ExperimentConfig | None:
     path = run_dir / "config.toml"
     if not path.is_file():
-        findings.append(Finding("warning", "config", f"{path} is missing; budgets cannot be"
+        findings.append(Finding("warning", "config", f"{path} {_absent(path)}; budgets cannot be"
                                 " checked against the configuration"))
         return None
     try:
@@ -1091,6 +1108,8 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
     else:
         path = allowlist
     try:
+        if given is None and not path.is_file() and path.exists():  # a FIFO would block
+            raise IdentityError(f"allowlist file {path} {_absent(path)}")
         keys = given if given is not None else load_allowlist(path)
     except IdentityError as exc:  # the run's own keys/allowlist.json: a finding against it
         findings.append(Finding("error", "allowlist", str(exc)))
@@ -1128,7 +1147,7 @@ def _published_allowlist_findings(keys_dir: Path, given: Path,
     own = keys_dir / "allowlist.json"
     if not own.is_file():
         if keys_dir.is_dir():
-            return [Finding("warning", "allowlist", f"{own} is missing: the run directory does"
+            return [Finding("warning", "allowlist", f"{own} {_absent(own)}: the run directory does"
                             f" not state who could sign it (checked against {given} alone)")]
         return []
     try:
@@ -1550,7 +1569,7 @@ def _public_key_file_findings(keys_dir: Path, keys: Mapping[str, PublicIdentity]
             pub = keys_dir / f"{party}.{suffix}"
             if not pub.is_file():
                 if published:
-                    out.append(Finding("warning", "key_file", f"{pub} is missing: a run"
+                    out.append(Finding("warning", "key_file", f"{pub} {_absent(pub)}: a run"
                                        " publishes every party's public keys beside"
                                        " keys/allowlist.json; the allowlisted key stands in"
                                        " for it, but the run directory is not as written",
@@ -1633,18 +1652,20 @@ def _model_record_findings(run: Path, found: Sequence[tuple[str | None, Path]],
                f"results.json records no privacy[{method!r}].model_fingerprint (a run written"
                " before it did)")
         if not path.is_file():
+            absent = _absent(path)
             if signed is not None and runtime == "flower":  # each node keeps its own
-                add("warning", f"{path} is missing (not collected): results.json (anchored)"
+                shown = absent + (" (not collected)" if absent == "is missing" else "")
+                add("warning", f"{path} {shown}: results.json (anchored)"
                                f" records the fingerprint {signed[:16]}... of the model the"
                                " ledgers' releases come from, and each node keeps its record"
                                f" in runs/<run_id>/{method}/model.json; copy one here to have"
                                " it checked")
             elif signed is not None:
-                add("error", f"{path} is missing; results.json (anchored) records the"
+                add("error", f"{path} {absent}; results.json (anchored) records the"
                              f" fingerprint {signed[:16]}... of the model the ledgers'"
                              " releases come from")
             elif runtime != "flower":  # on Flower each node keeps its own, not collected
-                add("warning", f"{path} is missing and {why}: which model the releases came"
+                add("warning", f"{path} {absent} and {why}: which model the releases came"
                                " from is unchecked")
             continue
         fingerprint, problem = _model_record_problem(path)
@@ -1818,7 +1839,7 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
             continue
         path = run / name
         if not path.is_file():
-            out.append(Finding("error", "anchor_file", f"{name} is missing; {label} records"
+            out.append(Finding("error", "anchor_file", f"{name} {_absent(path)}; {label} records"
                                " its digest"))
             continue
         actual = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -1953,13 +1974,13 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
     out: list[Finding] = []
     if anchor is None:
         if not own.is_file() and (run / "results.json").is_file():
-            return [Finding("error", "anchor", f"{own} is missing although results.json is"
+            return [Finding("error", "anchor", f"{own} {_absent(own)} although results.json is"
                             " there: a finished DP run writes its anchor right after results.json,"
                             " which is otherwise unprotected (it may have been edited); restore"
                             f" anchor.json or pass the copy kept apart ({options['anchor']}; a run that"
                             " stopped between the two files is finished by `run --resume`)")]
         if not own.is_file():
-            return [Finding("warning", "anchor", f"{own} is missing: without an anchor,"
+            return [Finding("warning", "anchor", f"{own} {_absent(own)}: without an anchor,"
                             " entries removed from the end of a ledger (close entry included)"
                             " are shown only by the missing close entry; copy anchor.json apart"
                             f" after a run and pass it ({options['anchor']})"),
@@ -1968,8 +1989,10 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
     else:
         path, label = anchor, f"the anchor {anchor}"
         if not own.is_file():
-            out.append(Finding("warning", "anchor", f"{own} is missing from the run directory;"
-                               " checking against the given anchor alone"))
+            absent = _absent(own)
+            absent += " from the run directory" if absent == "is missing" else ""
+            out.append(Finding("warning", "anchor", f"{own} {absent}; checking against the"
+                               " given anchor alone"))
         elif own.read_bytes() != anchor.read_bytes():
             out.append(Finding("error", "anchor", f"{own} differs from the given anchor"
                                f" {anchor}: it was replaced"))
@@ -2249,7 +2272,9 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
             f" {'; '.join(claim_basis)}{where}"))
     _coverage(ctx, sorted({m for m, _ in found}, key=str))
     clients: list[ClientVerification] = []
+    ledger_at = {(m, p.stem): p.relative_to(run).as_posix() for m, p in found}
     for method, path in found:
+        start = len(findings)  # this ledger's findings, which then name its file
         client_id = path.stem
         ident = keys.get(client_id)
         if ident is None and keys:
@@ -2262,8 +2287,12 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         findings.extend(closing)
         if any(f.severity == "error" for f in closing):
             clients[-1].ok = False
-    findings.extend(_anchor_check(run, anchor_path, found, keys, allow_path is not None,
-                                  results=results, cfg=cfg, options=options))
+        findings[start:] = [replace(f, ledger=ledger_at[method, client_id])
+                            for f in findings[start:]]
+    findings.extend(replace(f, ledger=ledger_at.get((f.method, f.client_id)))
+                    if f.client_id is not None else f
+                    for f in _anchor_check(run, anchor_path, found, keys, allow_path is not None,
+                                           results=results, cfg=cfg, options=options))
     findings.extend(_model_record_findings(run, found, results))
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})

@@ -88,7 +88,8 @@ def test_verify_exit_nonzero_and_prints_failures(run_copy, capsys):
     assert main(["audit", "verify", str(run_copy)]) == 1
     out = capsys.readouterr().out
     assert "verification FAILED" in out
-    assert "ERROR client client-000, method local, entry 0: [index]" in out
+    assert ("ERROR client client-000, method local, ledger ledgers/local/client-000.jsonl,"
+            " entry 0: [index]") in out
 
 
 def test_verify_bad_run_dir_exit_two(tmp_path, capsys):

@@ -215,6 +215,26 @@ def test_deleting_the_last_entry_is_caught_by_close_and_anchors(run_copy):
     assert checks == {"not_closed", "anchor_behind", "anchor_file"}
 
 
+def test_per_ledger_findings_name_the_ledger_file(run_copy):
+    """A per-ledger error said "client client-001, method fedora" but not which file: the
+    finding, its line, its JSON record and the report's table now name it (run-relative)."""
+    from audits.report import build_report, render_html
+
+    write_lines(run_copy, lines_of(run_copy)[:-1])
+    report = verify_run(run_copy)
+    rel = f"ledgers/{METHOD}/{CID}.jsonl"
+    checks = {"results_ledger", "not_closed", "anchor_behind"}
+    assert {f.check for f in report.errors} == checks
+    assert all(f.ledger == rel for f in report.errors)
+    assert all(f"client {CID}, method {METHOD}, ledger {rel}, entry" in str(f)
+               for f in report.errors)
+    assert {f["ledger"] for f in report.to_json()["findings"] if f["check"] in checks} == {rel}
+    assert f"<td class=\"l\">{rel}</td>" in render_html(build_report(run_copy, verification=report),
+                                                         {})
+    # a finding of the run (no ledger) names none
+    assert all(f.ledger is None for f in report.findings if f.client_id is None)
+
+
 def test_ledger_head_anchor_catches_a_replaced_last_line(run_copy):
     lines = lines_of(run_copy)
     doc, row = results_row(run_copy)
@@ -404,6 +424,40 @@ def test_a_ledger_that_is_no_regular_file_is_refused_naming_it(run_copy, kind):
             verify_run(run_copy)
     finally:
         done.set()
+
+
+@pytest.mark.parametrize(("name", "given"), [
+    ("anchor.json", None), ("anchor.json", "anchor"), ("keys/allowlist.json", None),
+    ("keys/allowlist.json", "allowlist"), ("keys/client-000.ed25519.pub", None),
+    (f"ledgers/{METHOD}/model.json", None), ("config.toml", None)])
+def test_a_run_file_that_is_no_regular_file_is_said_to_be_one(run_copy, tmp_path, name, given):
+    """A FIFO in place of anchor.json, the allowlist, a public key or model.json was reported
+    as "missing" (the run's own allowlist, read as the run's keys, blocked on it); the
+    finding now says what is there, as a ledger's refusal does."""
+    kept = {"anchor": tmp_path / "anchor.json", "allowlist": tmp_path / "allowlist.json"}
+    shutil.copyfile(run_copy / "anchor.json", kept["anchor"])
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", kept["allowlist"])
+    path = run_copy / name
+    path.unlink()
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def open_the_writer_end() -> None:
+        # lets a reader blocked on the FIFO see end of file, so the test cannot hang
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.01)
+
+    threading.Thread(target=open_the_writer_end, daemon=True).start()
+    try:
+        report = verify_run(run_copy, **({given: kept[given]} if given else {}))
+    finally:
+        done.set()
+    said = [f.message for f in report.findings]
+    assert any(f"{name} is not a regular file (a FIFO, device or directory in its place)" in m
+               for m in said), said
+    assert not any(f"{name} is missing" in m for m in said), said
 
 
 def test_sensitivity_mismatch_is_caught(run_copy):
