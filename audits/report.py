@@ -394,6 +394,42 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
     return {"plan": plan, "events": events}
 
 
+def _resumes(results: dict[str, Any] | None,
+             cfg: ExperimentConfig | None) -> list[dict[str, Any]]:
+    """Each resume of an interrupted run that results.json records (``privacy.<method>.
+    resumes``, anchored with it): the round it continued after (None: from the start), the
+    rounds whose recorded releases it re-made from the release journals (with the clients:
+    every other release was made anew), the rounds from there to the configured last with no
+    re-made release, trained anew (round 0, the summaries, when it resumed from the start;
+    None without config.toml), and a ``text`` in words. Malformed records are skipped."""
+    out: list[dict[str, Any]] = []
+    privacy = (results or {}).get("privacy")
+    last = cfg.training.rounds if cfg is not None else None
+    for method, body in (privacy.items() if isinstance(privacy, dict) else []):
+        for r in _list(body.get("resumes") if isinstance(body, dict) else None):
+            after = r.get("after_round") if isinstance(r, dict) else -1
+            if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
+                continue
+            remade = [{"round": x["round"], "clients": [str(c) for c in _list(x.get("clients"))]}
+                      for x in _list(r.get("remade_from_journal")) if isinstance(x, dict)
+                      and isinstance(x.get("round"), int) and not isinstance(x["round"], bool)]
+            first = 0 if after is None else after + 1
+            anew = None if last is None else [
+                n for n in range(first, last + 1) if n not in {x["round"] for x in remade}]
+            start = "from the start (no checkpoint)" if after is None \
+                else f"after round {after}'s checkpoint"
+            said = "; ".join(f"round {x['round']} ({', '.join(x['clients'])})" for x in remade)
+            text = (f"{method}: interrupted and resumed {start}; releases re-made from the"
+                    " release journals (recorded before the interruption, accounted once): "
+                    + (said or "none"))
+            text += f"; every other release from round {first} on was made anew (fresh noise)"
+            if anew:
+                text += ", rounds " + ", ".join(str(n) for n in anew) + " entirely"
+            out.append({"method": method, "after_round": after, "remade_from_journal": remade,
+                        "trained_anew": anew, "text": text})
+    return out
+
+
 #: What the report says of the methods' declared reply entries (report.json and the page).
 REPLY_ENTRIES_NOTE = (
     "Declared, not verified: each method declares (reply_entries) every entry its clients' "
@@ -660,6 +696,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "repeated_releases": _repeated_releases(verification, cfg, results),
         "verification": verification.to_json(),
         "privacy_plan": _privacy_plan(results),
+        "resumes": _resumes(results, cfg),
         "reply_entries": _reply_entries(results),
         "accuracy": _accuracy(results),
         "empirical_audits": _empirical_audits(run, cfg, verification),
@@ -952,6 +989,12 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
          for m in report["mechanisms"]],
         left=(0, 1),
     ))
+    resumes = report.get("resumes", [])
+    if resumes:
+        parts.append("<p>Interruptions (results.json, anchored): the run was resumed; a round"
+                     " re-made from the journals repeats the releases its ledgers record:</p><ul>"
+                     + "".join(f"<li class=\"warn\">{_e(r['text'])}</li>" for r in resumes)
+                     + "</ul>")
     repeated = report.get("repeated_releases", [])
     if repeated:
         parts.append("<p>Releases beyond the run's plan (a release redone after a crash is"

@@ -1323,7 +1323,8 @@ class Simulation:
                 except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
                     raise CheckpointError(f"checkpoint {path} cannot be restored: {err}") from None
                 if privacy is not None:
-                    privacy.resume_after(int(state["round"]), state.get("privacy"))
+                    privacy.resume_after(int(state["round"]), state.get("privacy"),
+                                         continues=False)
                 self.history.extend(state["history"])
                 self._found_finished.add(name)
                 return MethodOutcome(**state["outcome"])

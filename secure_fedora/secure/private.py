@@ -925,6 +925,10 @@ class FederationPrivacy:
     journals: list[ReleaseJournal] | None = None
     reproducible_noise: bool = True
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    #: Each resume that continued the run (:meth:`resume_after`): the round it continued
+    #: after and the releases it re-made from the journals, by round (results.json's
+    #: ``resumes``; kept in the checkpoints, so a later resume keeps the earlier ones).
+    resumes: list[dict[str, Any]] = field(default_factory=list)
     _replayed: set[int] = field(default_factory=set)
     _resumed: bool = False
     #: The journal fsyncs of the admissions in progress (:meth:`admission_batch`).
@@ -1070,7 +1074,8 @@ class FederationPrivacy:
         if self.marks is not None:
             self.marks.mark(rnd, clients)
 
-    def resume_after(self, last_round: int | None, saved: dict[str, Any] | None) -> None:
+    def resume_after(self, last_round: int | None, saved: dict[str, Any] | None, *,
+                     continues: bool = True) -> None:
         """Prepare a resumed run that continues after round ``last_round`` (None: from the
         start, relatedness summaries included) with ``saved`` (:meth:`checkpoint_state` of
         that round's checkpoint; None without one): ledger entries of later rounds are
@@ -1080,7 +1085,9 @@ class FederationPrivacy:
         would account fewer releases than were made; so does a journal lacking the record of
         a release its ledger records (JournalError). Only once these pass is a torn final
         journal line quarantined (logged, listed under ``recoveries``) and every refusal,
-        close and repair entry journaled whole."""
+        close and repair entry journaled whole. A resume that ``continues`` (trains a round
+        after ``last_round``; not one finding the method finished) is listed under
+        :attr:`resumes` with the rounds whose recorded releases it re-makes from the journals."""
         if saved is not None:
             self._check_ledgers_hold(saved, last_round)
         if self.journals is not None:
@@ -1107,17 +1114,31 @@ class FederationPrivacy:
                 log.warning("round marks %s: torn last mark quarantined in %s (it marked"
                             " nothing)", self.marks.path, moved.name)
                 self.recoveries.append({"marks_quarantine": moved.name})
+        remade: dict[int, list[str]] = {}
         for k, c in enumerate(self.clients):
             entries = c.ledger.entries
             start = 0 if last_round is None else next(
                 (e["index"] for e in entries if e["round"] > last_round), len(entries))
             c.gate.replay_from(start)
+            # a consumed release without its journal record never left: it is made anew
+            journal = self.journals[k] if self.journals is not None else None
+            for rnd in sorted({e["round"] for e in entries[start:]
+                               if e["mechanism"] not in (REFUSAL, CLOSE, REPAIR)
+                               and journal is not None and journal.get(
+                                   e["round"], e["params"].get("release_kind")) is not None}):
+                remade.setdefault(rnd, []).append(c.client_id)
             if saved is not None:
                 c.refused_at = saved["clients"][k]["refused_at"]
                 c.refusal = saved["clients"][k]["refusal"]
             elif last_round is None:
                 c.refused_at = c.refusal = None
         self.events = list(saved["events"]) if saved is not None else []
+        self.resumes = [dict(r) for r in (saved or {}).get("resumes", [])]
+        if continues:
+            self.resumes.append({
+                "after_round": last_round,  # None: from the start (no checkpoint)
+                "remade_from_journal": [{"round": r, "clients": remade[r]}
+                                        for r in sorted(remade)]})
         self._resumed = True
         for c in self.clients:
             if c.journal is not None:
@@ -1128,6 +1149,7 @@ class FederationPrivacy:
         resume reports them as an uninterrupted run does, and each ledger's head (entries,
         hash of the last line), so a resume notices a ledger lost or cut since."""
         return {"events": [dict(e) for e in self.events],
+                "resumes": [dict(r) for r in self.resumes],
                 "clients": [{"refused_at": c.refused_at, "refusal": c.refusal,
                              "ledger_head": list(c.ledger.head)} for c in self.clients]}
 
@@ -1696,6 +1718,7 @@ class FederationPrivacy:
             ],
             "events": self.events,
             **({"recoveries": self.recoveries} if self.recoveries else {}),
+            **({"resumes": self.resumes} if self.resumes else {}),
         }
 
 

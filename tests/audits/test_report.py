@@ -117,6 +117,35 @@ def test_failed_verification_is_shown_and_values_are_escaped(run_copy, tmp_path)
                for f in report["verification"]["findings"])
 
 
+def test_a_resumed_run_is_shown_with_the_rounds_remade_from_the_journals(run_copy, tmp_path):
+    """After a crash and ``--resume`` the report said nothing of it (round 2 was re-made from
+    the journals, so the ledgers hold no second entry): results.json's anchored ``resumes``
+    are now shown, in report.json and on the page."""
+    assert build_report(run_copy)["resumes"] == []
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["privacy"]["fedora"]["resumes"] = [
+        {"after_round": 1, "remade_from_journal": [
+            {"round": 2, "clients": ["client-000", "client-001", "client-002"]}]},
+        {"after_round": None, "remade_from_journal": []}]
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    paths = write_report(run_copy, tmp_path / "out")
+    assert json.loads(paths.json.read_text())["verification"]["ok"] is True
+    rows = json.loads(paths.json.read_text())["resumes"]
+    assert [(r["method"], r["after_round"], r["trained_anew"]) for r in rows] == [
+        ("fedora", 1, [3, 4]), ("fedora", None, [0, 1, 2, 3, 4])]
+    assert rows[0]["remade_from_journal"] == [
+        {"round": 2, "clients": ["client-000", "client-001", "client-002"]}]
+    assert rows[0]["text"] == (
+        "fedora: interrupted and resumed after round 1's checkpoint; releases re-made from the"
+        " release journals (recorded before the interruption, accounted once): round 2"
+        " (client-000, client-001, client-002); every other release from round 2 on was made"
+        " anew (fresh noise), rounds 3, 4 entirely")
+    page = html.unescape(paths.html.read_text())
+    assert "the run was resumed" in page and rows[0]["text"] in page and rows[1]["text"] in page
+    assert "resumed from the start (no checkpoint)" in rows[1]["text"]
+
+
 def test_build_report_accepts_a_given_verification(pristine_run):
     ver = verify_run(pristine_run)
     doc = build_report(pristine_run, verification=ver)

@@ -93,6 +93,7 @@ def comparable_results(run_dir):
         for key in TIMING:
             body.pop(key, None)
     for spent in results["privacy"].values():
+        spent.pop("resumes", None)  # what a resume re-made or trained again: its own record
         for client in spent["clients"]:
             client.pop("ledger_head")  # the hash of a timestamped line
     return results
@@ -276,6 +277,38 @@ def test_resume_with_checkpoints_every_k_rounds_is_exact(tmp_path, clients, refe
     assert (tmp_path / "checkpoints" / "fedora.pt").exists() == (point == "train@8")
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert_same_run(tmp_path, reference(["fedora"], True, rounds=3, checkpoint_every=2))
+
+
+def test_results_json_records_each_resume_and_the_rounds_it_remade_from_the_journals(
+        tmp_path, clients, reference):
+    """A resume re-made round 2 from the journals without a trace in results.json (the ledger
+    has no second entry, the spend is right): a reviewer could not tell that the run was
+    interrupted. ``privacy.<method>.resumes`` lists each resume, kept through later ones."""
+    cfg = config(["fedora"], True, rounds=3)
+    assert run_until_crash(cfg, tmp_path, clients, "train@5")  # round 2, after its releases
+    # the resume continues after round 1 and is killed once it checkpointed round 2
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint_written@1", resume=True)
+    results = Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    everyone = ["client-000", "client-001", "client-002"]
+    assert results["privacy"]["fedora"]["resumes"] == [
+        {"after_round": 1, "remade_from_journal": [{"round": 2, "clients": everyone}]},
+        {"after_round": 2, "remade_from_journal": []}]
+    assert json.loads((tmp_path / "results.json").read_text())["privacy"]["fedora"][
+        "resumes"] == results["privacy"]["fedora"]["resumes"]
+    assert "resumes" not in json.loads(
+        (reference(["fedora"], True, rounds=3) / "results.json").read_text())["privacy"]["fedora"]
+    assert_same_run(tmp_path, reference(["fedora"], True, rounds=3))
+    assert verify_run(tmp_path).ok
+
+
+def test_a_release_ledgered_but_never_journaled_is_not_recorded_as_remade(tmp_path, clients):
+    """Killed after client 1's round-2 ledger entries, before its journal record: the resume
+    makes that release for the first time (it never left), so only client 0's is re-made."""
+    cfg = config(["fedora"], True, rounds=3)
+    assert run_until_crash(cfg, tmp_path, clients, "gate@8")
+    results = Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert results["privacy"]["fedora"]["resumes"] == [
+        {"after_round": 1, "remade_from_journal": [{"round": 2, "clients": ["client-000"]}]}]
 
 
 def test_resume_with_csprng_noise_resends_journaled_releases_and_counts_once(tmp_path, clients):
