@@ -424,7 +424,8 @@ def _resumes(results: dict[str, Any] | None,
                     + (said or "none"))
             text += f"; every other release from round {first} on was made anew (fresh noise)"
             if anew:
-                text += ", rounds " + ", ".join(str(n) for n in anew) + " entirely"
+                text += (", round" if len(anew) == 1 else ", rounds") + " " \
+                    + ", ".join(str(n) for n in anew) + " entirely"
             out.append({"method": method, "after_round": after, "remade_from_journal": remade,
                         "trained_anew": anew, "text": text})
     return out

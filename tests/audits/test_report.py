@@ -126,14 +126,16 @@ def test_a_resumed_run_is_shown_with_the_rounds_remade_from_the_journals(run_cop
     doc["privacy"]["fedora"]["resumes"] = [
         {"after_round": 1, "remade_from_journal": [
             {"round": 2, "clients": ["client-000", "client-001", "client-002"]}]},
-        {"after_round": None, "remade_from_journal": []}]
+        {"after_round": None, "remade_from_journal": []},
+        {"after_round": 3, "remade_from_journal": []}]
     (run_copy / "results.json").write_text(json.dumps(doc))
     reanchor(run_copy)
     paths = write_report(run_copy, tmp_path / "out")
     assert json.loads(paths.json.read_text())["verification"]["ok"] is True
     rows = json.loads(paths.json.read_text())["resumes"]
     assert [(r["method"], r["after_round"], r["trained_anew"]) for r in rows] == [
-        ("fedora", 1, [3, 4]), ("fedora", None, [0, 1, 2, 3, 4])]
+        ("fedora", 1, [3, 4]), ("fedora", None, [0, 1, 2, 3, 4]), ("fedora", 3, [4])]
+    assert rows[2]["text"].endswith("from round 4 on was made anew (fresh noise), round 4 entirely")
     assert rows[0]["remade_from_journal"] == [
         {"round": 2, "clients": ["client-000", "client-001", "client-002"]}]
     assert rows[0]["text"] == (
