@@ -665,7 +665,7 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     if allowlist is None:
         allow_path = run_dir / "keys" / "allowlist.json"
         allow_label = "keys/allowlist.json"
-        if not path.is_file():
+        if not path.exists():  # a FIFO or device in its place is named by _read_lines
             raise error(missing if missing is not None else f"no ledger {path}")
         try:
             keys = load_allowlist(allow_path)
@@ -674,7 +674,7 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     else:
         allow_path, keys = load_given_allowlist(allowlist, error, options)
         allow_label = f"allowlist {allow_path}"
-        if not path.is_file():
+        if not path.exists():
             raise error(missing if missing is not None else f"no ledger {path}")
     if allowlist is not None:
         _raise_first(given_allowlist_findings(run_dir, allow_path, keys), error,

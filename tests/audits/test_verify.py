@@ -459,6 +459,20 @@ def test_a_run_file_that_is_no_regular_file_is_said_to_be_one(run_copy, tmp_path
                for m in said), said
     assert not any(f"{name} is missing" in m for m in said), said
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_replayed_ledger_that_is_no_regular_file_is_named_as_such(run_copy, kind):
+    """verified_ledger_entries (audit replay, canary, whitebox) said a FIFO or a link to a
+    device in a ledger's place was no ledger at all ("was it run with privacy enabled?")."""
+    path = ledger_path(run_copy, CID)
+    path.unlink()
+    if kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)  # opened without blocking: no writer needed
+    with pytest.raises(AuditError, match=f"cannot read ledger {re.escape(str(path))}: not"
+                                         " a regular file"):
+        verified_ledger_entries(run_copy, METHOD, CID, missing="no ledger")
+
 
 def test_sensitivity_mismatch_is_caught(run_copy):
     entries = [json.loads(line) for line in lines_of(run_copy)]
