@@ -477,3 +477,41 @@ def test_a_mechanism_table_beside_a_factory_naming_no_class_is_a_config_error(
             check_budget_plans(parse_config(data), method, 3)
     finally:
         METHODS.unregister(name)
+
+
+def test_readmes_plug_in_mechanism_example_runs_as_written(tmp_path: Path) -> None:
+    """README's example (lacking its imports, and a reply entry the reply rules refuse
+    undeclared) runs as written, with its [privacy.mechanisms.label_share] table under DP
+    (one release per client and round, planned) and without DP (nothing released); in a
+    process of its own, as it registers its names."""
+    import os
+    import subprocess
+    import sys
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[3]
+    readme = (root / "README.md").read_text()
+    at = readme.index("**A new privacy mechanism**")
+    code = readme[readme.index("```python\n", at) + 10:]
+    code = code[:code.index("```\n")]
+    toml = readme[readme.index("```toml\n", at) + 8:]
+    table = tomllib.loads(toml[:toml.index("```\n")])["privacy"]["mechanisms"]
+    run = (
+        "from secure_fedora import Experiment\n"
+        "for dp in (True, False):\n"
+        "    cfg = {'methods': ['label_share_fedavg'], 'data': {'num_clients': 2,\n"
+        "           'train_per_client': 32, 'val_per_client': 16, 'test_per_client': 32},\n"
+        "           'training': {'rounds': 1, 'local_epochs': 1, 'batch_size': 16},\n"
+        f"           'privacy': {{'enabled': dp, 'delta': 1e-3, 'mechanisms': {table!r} if dp"
+        " else {}}}\n"
+        "    r = Experiment(cfg).run()\n"
+        "    print(dp, r['privacy']['label_share_fedavg']['plan'][0]['releases'] if dp else '')\n")
+    env = {**os.environ, "PYTHONPATH": str(root),
+           "SECURE_FEDORA_KEYSTORE_HOME": str(tmp_path / "keys")}
+    out = subprocess.run([sys.executable, "-c", code + run], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2].startswith("True [") and "'label_share x1 (q=1.0, sigma=" in lines[-2]
+    assert lines[-1].strip() == "False"
