@@ -549,30 +549,41 @@ class AccountedWith:
 
     def process(self, release: Release) -> Release:
         """The release unchanged, each of its records matched to an unused ledger entry."""
-        admitted = self.admitted
-        if admitted is None or "ledger_index" not in admitted.metadata:
-            raise PipelineError(f"release {release.kind!r}: no admitted release accounts it"
-                                " (it must be admitted through the gate first)")
+        admitted = self._admitted(release.kind)
         if not release.records:
             raise PipelineError(f"release {release.kind!r} carries no mechanism record")
+        for record in release.records:
+            self.used.add(self.unused_entry(release.kind, record))
+        return release.replace(metadata={**release.metadata,
+                                         "ledger_index": int(admitted.metadata["ledger_index"]),
+                                         "accounted_with": admitted.kind})
+
+    def _admitted(self, kind: str) -> Release:
+        admitted = self.admitted
+        if admitted is None or "ledger_index" not in admitted.metadata:
+            raise PipelineError(f"release {kind!r}: no admitted release accounts it"
+                                " (it must be admitted through the gate first)")
+        return admitted
+
+    def unused_entry(self, kind: str, record: MechanismRecord) -> int:
+        """The ledger index of the admitted release's unused entry that accounts ``record``
+        (not marked used); PipelineError when none does, so that a caller can refuse a
+        release before drawing its noise."""
+        admitted = self._admitted(kind)
         last = int(admitted.metadata["ledger_index"])
         first = last - len(admitted.records) + 1
-        entries = _release_entries(self.ledger, admitted)
-        for record in release.records:
-            params = record.ledger_params()
-            match = next((e["index"] for e in entries
-                          if e["index"] not in self.used and e["round"] == admitted.round
-                          and e["mechanism"] == record.mechanism
-                          and all(e["params"].get(k) == v for k, v in params.items())), None)
-            if record not in admitted.records or match is None:
-                raise PipelineError(
-                    f"release {release.kind!r} ({record.mechanism!r}, round {admitted.round}):"
-                    f" the admitted {admitted.kind!r} release (ledger entries {first}..{last})"
-                    " does not account it, or its entry was already used; refusing to"
-                    " release it unaccounted")
-            self.used.add(match)
-        return release.replace(metadata={**release.metadata, "ledger_index": last,
-                                         "accounted_with": admitted.kind})
+        params = record.ledger_params()
+        match = next((e["index"] for e in _release_entries(self.ledger, admitted)
+                      if e["index"] not in self.used and e["round"] == admitted.round
+                      and e["mechanism"] == record.mechanism
+                      and all(e["params"].get(k) == v for k, v in params.items())), None)
+        if record not in admitted.records or match is None:
+            raise PipelineError(
+                f"release {kind!r} ({record.mechanism!r}, round {admitted.round}):"
+                f" the admitted {admitted.kind!r} release (ledger entries {first}..{last})"
+                " does not account it, or its entry was already used; refusing to"
+                " release it unaccounted")
+        return int(match)
 
 
 def second_moment_stages(clip_norm: float, n: int, q: int, noise_multiplier: float,

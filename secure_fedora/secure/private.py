@@ -395,6 +395,20 @@ def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | No
     return tuple(rest)
 
 
+def _check_plug_in_value(what: str, value: object) -> None:
+    """MechanismError naming ``what`` unless ``value`` is a finite floating-point tensor
+    holding values (not on the meta device), before any noise is drawn for it."""
+    from privacy.mechanisms import MechanismError, _check_float_tensor
+
+    try:
+        if isinstance(value, Tensor) and value.is_meta:
+            raise MechanismError("value is a meta tensor, which holds no values")
+        _check_float_tensor("value", value)
+    except MechanismError as err:
+        raise MechanismError(f"{what}: {err} (pass the finite floating-point tensor the "
+                             "mechanism's sensitivity bounds); nothing was released") from None
+
+
 def _round_record_params(cfg: ExperimentConfig, mechanism: str) -> dict[str, Any]:
     """The record params of one release of plug-in ``mechanism`` under ``cfg`` (from its
     ``record_params``); ConfigError when they do not give a finite sensitivity > 0, or when
@@ -681,6 +695,7 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
     from secure_fedora.algorithms.contract import round_mechanisms
 
     for mechanism in _plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ():
+        _noise_keys(cfg, method, mechanism)  # a missing table is no client's budget problem
         _round_record_params(cfg, mechanism)  # before anything is written, not at admission
     ids = client_ids(num_clients)
     budgets = [client_budget(cfg, i) for i in range(num_clients)]
@@ -1586,13 +1601,20 @@ class FederationPrivacy:
                 f"{type(noise).__name__} that is not client {i}'s noise source (the one its "
                 "round was admitted and journaled with); pass ctx.noise[i]; nothing was "
                 "released")
+        _check_plug_in_value(f"method {self.method!r}: client {i}'s {mechanism!r} release",
+                             value)
         record = self._plug_in_record(i, mechanism)
         params = {k: v for k, v in record.params.items() if k != "sensitivity"}
+        stated = RecordParams(noise_assumptions(self.cfg))
+        accounted = AccountedWith(c.admitted, c.ledger, c.used_entries)
+        # a second call in the round is refused here, before its noise is drawn
+        accounted.unused_entry(mechanism, dataclasses.replace(
+            record, params={**record.params, **stated.params}))
         pipeline = ReleasePipeline([
             GaussianNoise(record.noise_multiplier, record.params["sensitivity"], noise,
                           mechanism, params),
-            RecordParams(noise_assumptions(self.cfg)),
-            AccountedWith(c.admitted, c.ledger, c.used_entries),
+            stated,
+            accounted,
         ], require_gate=False)
         released = pipeline.run(Release(mechanism, value, c.admitted.round))
         assert isinstance(released.payload, Tensor)

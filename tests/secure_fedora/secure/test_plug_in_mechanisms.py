@@ -515,3 +515,44 @@ def test_readmes_plug_in_mechanism_example_runs_as_written(tmp_path: Path) -> No
     lines = out.stdout.strip().splitlines()
     assert lines[-2].startswith("True [") and "'label_share x1 (q=1.0, sigma=" in lines[-2]
     assert lines[-1].strip() == "False"
+
+
+def test_a_second_release_or_a_bad_value_in_a_round_is_refused_before_any_draw(
+        method: str, tmp_path: Path) -> None:
+    """A value holding NaN, of an integer dtype or on the meta device, and a second call in
+    the round (its entry is used) are refused naming the method, client and mechanism before
+    anything is drawn from the client's noise (the second call drew, then refused)."""
+    from privacy.mechanisms import MechanismError
+    from privacy.noise import ReproducibleNoise
+    from secure_fedora.secure.private import FederationPrivacy
+
+    cfg = _config(method, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+    privacy = FederationPrivacy.open(cfg, method, 3, tmp_path / "ledgers", tmp_path / "keys")
+    try:
+        noise = ReproducibleNoise(0)
+        assert privacy.admit(0, 1, torch.zeros(3), False, noise=noise)
+        state = noise.checkpoint_state().clone()
+        for bad, why in ((torch.tensor([0.5, float("nan")], dtype=torch.float64), "NaN"),
+                         (torch.tensor([1, 2]), "floating-point"),
+                         (torch.empty(2, dtype=torch.float64, device="meta"), "meta")):
+            with pytest.raises(MechanismError, match=f"method {method!r}: client 0's "
+                                                     f"'{MECHANISM}' release: .*{why}.*nothing "
+                                                     "was released"):
+                privacy.gaussian(0, MECHANISM, bad, noise)
+            assert torch.equal(noise.checkpoint_state(), state)
+        privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
+        state = noise.checkpoint_state().clone()
+        with pytest.raises(PipelineError, match="its entry was already used"):
+            privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
+        assert torch.equal(noise.checkpoint_state(), state)  # nothing drawn
+    finally:
+        privacy.close()
+
+
+def test_a_declared_mechanism_without_a_table_is_not_called_over_budget(method: str) -> None:
+    """The missing table is a config error saying what to set, not a budget refusal listing
+    every client as 'over budget' (no budget was even planned)."""
+    with pytest.raises(ConfigError) as err:
+        check_budget_plans(_config(method), method, 3)
+    assert "over budget" not in str(err.value)
+    assert str(err.value).startswith("privacy: method ")
