@@ -1607,9 +1607,13 @@ class FederationPrivacy:
         params = {k: v for k, v in record.params.items() if k != "sensitivity"}
         stated = RecordParams(noise_assumptions(self.cfg))
         accounted = AccountedWith(c.admitted, c.ledger, c.used_entries)
-        # a second call in the round is refused here, before its noise is drawn
-        accounted.unused_entry(mechanism, dataclasses.replace(
-            record, params={**record.params, **stated.params}))
+        try:  # a second call in the round is refused here, before its noise is drawn
+            accounted.unused_entry(mechanism, dataclasses.replace(
+                record, params={**record.params, **stated.params}))
+        except PipelineError as err:
+            raise PipelineError(f"method {self.method!r}: client {i}'s {mechanism!r} release: "
+                                f"{err} (one gaussian call per mechanism and round: was it "
+                                "called twice?); nothing was released") from None
         pipeline = ReleasePipeline([
             GaussianNoise(record.noise_multiplier, record.params["sensitivity"], noise,
                           mechanism, params),

@@ -542,7 +542,9 @@ def test_a_second_release_or_a_bad_value_in_a_round_is_refused_before_any_draw(
             assert torch.equal(noise.checkpoint_state(), state)
         privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
         state = noise.checkpoint_state().clone()
-        with pytest.raises(PipelineError, match="its entry was already used"):
+        with pytest.raises(PipelineError, match=f"client 0's '{MECHANISM}' release: .*its entry "
+                                                "was already used.*one gaussian call per "
+                                                "mechanism and round"):
             privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
         assert torch.equal(noise.checkpoint_state(), state)  # nothing drawn
     finally:
