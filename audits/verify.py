@@ -1435,8 +1435,10 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         and "sensitivity" in e["params"] for e in entries))
     for mech in unknown:  # a plug-in's mechanism: its formula lives in the plug-in module
         warn(None, "sensitivity", f"{mech!r} is not a registered mechanism in this process, so"
-             " its recorded sensitivities were not recomputed; import the plug-in module that"
-             " registers it (privacy.mechanisms.MECHANISMS) and verify again")
+             " its recorded sensitivities were not recomputed; register it where this process"
+             " finds it (a module in secure_fedora/contrib/, which every process imports, or"
+             " audits.verify.verify_run called from a process that imported the plug-in module"
+             " registering it in privacy.mechanisms.MECHANISMS) and verify again")
     real_releases = [r for r in releases if r is not None]
     if real_releases and _number(delta) and 0 < delta < 1:
         try:

@@ -135,6 +135,9 @@ def test_a_run_ledgers_accounts_and_audits_every_plug_in_release(method: str,
         MECHANISMS._specs[MECHANISM] = spec
     assert len(unchecked) == 3 and all(f"{MECHANISM!r} is not a registered mechanism"
                                        in w.message for w in unchecked)
+    # the CLI's auditor is told how its process can know the plug-in
+    assert all("secure_fedora/contrib/" in w.message and "audits.verify.verify_run" in w.message
+               for w in unchecked)
 
 
 def test_audit_verify_catches_an_edited_plug_in_sensitivity(method: str, tmp_path: Path) -> None:
