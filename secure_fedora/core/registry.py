@@ -250,7 +250,10 @@ class Registry(Generic[T]):
             return self._entries[name]
         except (KeyError, TypeError):
             raise RegistryError(
-                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())} (a plug-in"
+                " is known to the process that registers it: put its module in"
+                f" {CONTRIB_PACKAGE.replace('.', '/')}/, which every process imports, or"
+                " register it from Python before loading the config)"
             ) from None
 
     def check(self, name: str) -> str:

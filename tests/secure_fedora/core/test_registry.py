@@ -57,6 +57,11 @@ def test_registry_refuses_duplicates_and_bad_names() -> None:
     reg.register("fedavg.v2+dp-1_x", 5)
     with pytest.raises(RegistryError, match="unknown thing 'b'; available: a"):
         reg.get("b")
+    # a researcher's method named in a config the CLI runs is told where a plug-in goes
+    with pytest.raises(RegistryError, match=r"available: a, fedavg.v2\+dp-1_x \(a plug-in .* put its module in "
+                                            r"secure_fedora/contrib/, .* or register it from "
+                                            "Python before loading the config"):
+        reg.get("b")
 
 
 def test_a_builtin_name_is_taken_before_the_first_lookup() -> None:
