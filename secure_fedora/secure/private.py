@@ -425,7 +425,9 @@ def _round_record_params(cfg: ExperimentConfig, mechanism: str) -> dict[str, Any
     try:
         MECHANISMS.gaussian_record(mechanism, 1.0, params)
     except (MechanismError, AccountingError) as err:
-        raise ConfigError(f"privacy: mechanism {mechanism!r}'s record params: {err}") from None
+        raise ConfigError(f"privacy: mechanism {mechanism!r}'s record params: {err}; fix its "
+                          "MechanismSpec's sensitivity formula or record_params (the L2 change "
+                          "of the value when one record is added or removed, > 0)") from None
     return params
 
 

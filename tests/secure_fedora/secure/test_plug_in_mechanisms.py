@@ -398,7 +398,9 @@ def test_record_params_that_give_no_sensitivity_are_refused_before_the_run() -> 
                                               r"KeyError: 'clip' \(at .*test_plug_in_mech"):
             check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0}}), method, 3)
         with pytest.raises(ConfigError, match=f"mechanism '{name}''s record params: .*"
-                                              "sensitivity must be a finite number > 0"):
+                                              "sensitivity must be a finite number > 0.*; fix "
+                                              "its MechanismSpec's sensitivity formula or "
+                                              "record_params"):
             check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0,
                                                          "params": {"clip": 0.0}}}), method, 3)
         check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0,
