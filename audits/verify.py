@@ -132,7 +132,7 @@ from privacy.accounting import (
 )
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
-from privacy.mechanisms import MECHANISMS
+from privacy.mechanisms import MECHANISMS, MechanismError
 from privacy.paths import check_path
 from secure_fedora.core.config import (
     ConfigError,
@@ -1303,7 +1303,10 @@ def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int,
     p = entry["params"]
     mech = entry["mechanism"]
     # The mechanism registry knows which params each mechanism's sensitivity follows from.
-    expected = MECHANISMS.expected_sensitivity(mech, p) if "sensitivity" in p else None
+    try:
+        expected = MECHANISMS.expected_sensitivity(mech, p) if "sensitivity" in p else None
+    except MechanismError as err:  # the plug-in's formula raised on the recorded params
+        return [Finding("error", "sensitivity", str(err), client_id, pos, method)]
     if expected is None:
         return []
     got = p["sensitivity"]

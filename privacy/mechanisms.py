@@ -337,7 +337,8 @@ class MechanismRegistry:
         recomputed: an unregistered mechanism, one without a sensitivity formula, or params
         missing an input (or holding one of the wrong type: a non-finite number, a count
         that is not an int > 0); ``math.inf`` when an input or the implied value is beyond
-        float64, so that no recorded sensitivity matches it."""
+        float64, so that no recorded sensitivity matches it. MechanismError naming the
+        mechanism when its formula raises."""
         spec = self._specs.get(name)
         if spec is None or spec.sensitivity is None:
             return None
@@ -354,6 +355,10 @@ class MechanismRegistry:
             # an input or the implied value beyond float64 (e.g. clip_norm 1e308 squared):
             # no recorded float sensitivity can equal it
             return math.inf
+        except Exception as err:  # a plug-in's formula: say whose, not a bare traceback
+            raise MechanismError(f"mechanism {name!r}'s sensitivity formula raised "
+                                 f"{type(err).__name__}: {err} on params {dict(params)!r}"
+                                 ) from err
 
 
 #: The accounted mechanisms, by the name their ledger entries carry.

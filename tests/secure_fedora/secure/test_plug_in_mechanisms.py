@@ -563,3 +563,32 @@ def test_a_declared_mechanism_without_a_table_is_not_called_over_budget(method: 
         check_budget_plans(_config(method), method, 3)
     assert "over budget" not in str(err.value)
     assert str(err.value).startswith("privacy: method ")
+
+
+def test_a_sensitivity_formula_that_raises_is_named_by_the_plan_and_by_verify(
+        method: str, tmp_path: Path) -> None:
+    """A formula reading a param it does not declare raised a bare KeyError from the plan
+    check (a traceback, naming no mechanism) and from audit verify; the plan refuses it as a
+    ConfigError naming the mechanism, and verify reports it as a sensitivity error."""
+    import dataclasses
+
+    from audits.verify import verify_run
+
+    name = f"rf_{uuid.uuid4().hex[:6]}"
+    MECHANISMS.register(MechanismSpec(name, "formula reads an undeclared param", {"m": "count"},
+                                      lambda p: 1.0 / p["clip"],
+                                      record_params=lambda cfg: {"m": 64}))
+    for m in _register(_with_mechanisms(name)):
+        with pytest.raises(ConfigError, match=f"mechanism '{name}''s sensitivity formula raised "
+                                              "KeyError: 'clip'.*fix its MechanismSpec"):
+            check_budget_plans(_config(m, **{name: {"noise_multiplier": 3.0}}), m, 3)
+    good = MECHANISMS._specs[MECHANISM]
+    Simulation(_config(method, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}}),
+               tmp_path / "run", keystore=tmp_path / "keys").run()
+    MECHANISMS._specs[MECHANISM] = dataclasses.replace(good, sensitivity=lambda p: 1 / p["x"])
+    try:
+        report = verify_run(tmp_path / "run")
+    finally:
+        MECHANISMS._specs[MECHANISM] = good
+    assert {(f.check, f.entry) for f in report.errors} == {("sensitivity", 1)}
+    assert all("sensitivity formula raised KeyError" in f.message for f in report.errors)
