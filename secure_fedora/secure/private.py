@@ -1576,7 +1576,8 @@ class FederationPrivacy:
         ``mechanism``, no round release of client ``i`` is admitted, or that round's step check
         already ran (the call is not from client_update); PipelineError, also before any
         draw, when ``noise`` is not the source client ``i``'s round was admitted with, and when
-        the round's entry was used already."""
+        the round's entry was used already; MechanismError, before any draw, when ``value`` is
+        not a finite floating-point tensor."""
         c = self.clients[i]
         declared = self.plug_in_round_mechanisms()
         if mechanism not in declared:
