@@ -282,19 +282,38 @@ class MechanismRegistry:
 
     def __init__(self) -> None:
         self._specs: dict[str, MechanismSpec] = {}
+        self._builtins: frozenset[str] = frozenset()
 
     def register(self, spec: MechanismSpec) -> MechanismSpec:
         """Add ``spec`` under ``spec.name``; returns it."""
         if not isinstance(spec, MechanismSpec):
             raise MechanismError(f"register needs a MechanismSpec, got {type(spec).__name__}")
-        if not spec.name or spec.name in self._specs:
-            raise MechanismError(f"mechanism {spec.name!r} is empty or already registered")
+        if not spec.name:
+            raise MechanismError("a mechanism needs a name, got an empty one")
+        if spec.name in self._specs:
+            raise MechanismError(
+                f"mechanism {spec.name!r} is already registered"
+                + ("" if spec.name in self._builtins else
+                   f"; to replace it (a notebook cell run again), call "
+                   f"MECHANISMS.unregister({spec.name!r}) first"))
         for key, kind in spec.sensitivity_inputs.items():
             if kind not in ("number", "count"):
                 raise MechanismError(f"mechanism {spec.name!r}: input {key!r} must be"
                                      f" 'number' or 'count', got {kind!r}")
         self._specs[spec.name] = spec
         return spec
+
+    def unregister(self, name: str) -> None:
+        """Remove plug-in mechanism ``name`` (a notebook re-registering an edited spec); a
+        name not registered is no error. A built-in is refused: its ledger entries would
+        then be audited with another formula."""
+        if name in self._builtins:
+            raise MechanismError(f"mechanism {name!r} is built in: it cannot be removed")
+        self._specs.pop(name, None)
+
+    def seal_builtins(self) -> None:
+        """Mark every mechanism registered so far as built in (called once, below)."""
+        self._builtins = frozenset(self._specs)
 
     def get(self, name: str) -> MechanismSpec:
         """The spec of ``name``; MechanismError listing the registered names if unknown."""
@@ -376,3 +395,4 @@ MECHANISMS.register(MechanismSpec(
     " [-clip, clip] (noised_scalar)",
     {"clip": "number", "m": "count"},
     lambda p: float(p["clip"]) / p["m"]))
+MECHANISMS.seal_builtins()

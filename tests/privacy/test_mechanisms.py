@@ -220,3 +220,26 @@ def test_a_registered_mechanisms_gaussian_record_carries_the_sensitivity_its_for
     registry.register(MechanismSpec("noformula", "test"))
     with pytest.raises(MechanismError, match="has no sensitivity formula"):
         registry.gaussian_record("noformula", 3.0, {})
+
+
+def test_a_plug_in_mechanism_registered_again_says_to_unregister_it_first() -> None:
+    """A notebook cell run again (an edited sensitivity formula) had no way out but a new
+    process: the refusal names MECHANISMS.unregister, which removes a plug-in, not a built-in."""
+    from privacy.mechanisms import MECHANISMS, MechanismError, MechanismSpec
+
+    spec = MechanismSpec("again_test", "x", {"m": "count"}, lambda p: 1.0 / p["m"],
+                         record_params=lambda cfg: {"m": 4})
+    MECHANISMS.register(spec)
+    try:
+        with pytest.raises(MechanismError, match=r"call MECHANISMS.unregister\('again_test'\)"):
+            MECHANISMS.register(spec)
+        MECHANISMS.unregister("again_test")
+        MECHANISMS.register(spec)
+    finally:
+        MECHANISMS.unregister("again_test")
+    assert "again_test" not in MECHANISMS
+    for builtin in ("dpsgd", "gaussian_summary", "gaussian_lambda"):
+        with pytest.raises(MechanismError, match="is built in: it cannot be removed"):
+            MECHANISMS.unregister(builtin)
+        with pytest.raises(MechanismError, match="already registered$"):
+            MECHANISMS.register(MechanismSpec(builtin, "x"))
