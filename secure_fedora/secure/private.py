@@ -396,7 +396,7 @@ def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | No
 
 
 def _check_plug_in_value(what: str, value: object) -> None:
-    """MechanismError naming ``what`` unless ``value`` is a finite floating-point tensor
+    """MechanismError naming ``what`` unless ``value`` is a finite float32 or float64 tensor
     holding values (not on the meta device), before any noise is drawn for it."""
     from privacy.mechanisms import MechanismError, _check_float_tensor
 
@@ -404,6 +404,11 @@ def _check_plug_in_value(what: str, value: object) -> None:
         if isinstance(value, Tensor) and value.is_meta:
             raise MechanismError("value is a meta tensor, which holds no values")
         _check_float_tensor("value", value)
+        if value.dtype not in (torch.float32, torch.float64):
+            # noise added in a 16-bit float is rounded to a coarse grid whose spacing follows
+            # the value: the rounding can reveal the value beside the noise
+            raise MechanismError(f"value is {value.dtype}; a release is noised in float32 or "
+                                 "float64 (convert it with .float())")
     except MechanismError as err:
         raise MechanismError(f"{what}: {err} (pass the finite floating-point tensor the "
                              "mechanism's sensitivity bounds); nothing was released") from None

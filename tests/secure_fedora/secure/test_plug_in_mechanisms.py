@@ -524,7 +524,8 @@ def test_readmes_plug_in_mechanism_example_runs_as_written(tmp_path: Path) -> No
 
 def test_a_second_release_or_a_bad_value_in_a_round_is_refused_before_any_draw(
         method: str, tmp_path: Path) -> None:
-    """A value holding NaN, of an integer dtype or on the meta device, and a second call in
+    """A value holding NaN, of an integer or 16-bit float dtype (its noise would be rounded to
+    a grid that follows the value) or on the meta device, and a second call in
     the round (its entry is used) are refused naming the method, client and mechanism before
     anything is drawn from the client's noise (the second call drew, then refused)."""
     from privacy.mechanisms import MechanismError
@@ -539,7 +540,9 @@ def test_a_second_release_or_a_bad_value_in_a_round_is_refused_before_any_draw(
         state = noise.checkpoint_state().clone()
         for bad, why in ((torch.tensor([0.5, float("nan")], dtype=torch.float64), "NaN"),
                          (torch.tensor([1, 2]), "floating-point"),
-                         (torch.empty(2, dtype=torch.float64, device="meta"), "meta")):
+                         (torch.empty(2, dtype=torch.float64, device="meta"), "meta"),
+                         (torch.tensor([0.5, 0.25], dtype=torch.float16), "float16"),
+                         (torch.tensor([0.5], dtype=torch.bfloat16), "bfloat16")):
             with pytest.raises(MechanismError, match=f"method {method!r}: client 0's "
                                                      f"'{MECHANISM}' release: .*{why}.*nothing "
                                                      "was released"):
