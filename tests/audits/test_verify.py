@@ -398,32 +398,40 @@ def test_missing_ledger_and_unknown_client(run_copy):
     assert ("client_id", "client-999") in by_check
 
 
+@contextlib.contextmanager
+def _fifo_in_place(path):  # type: ignore[no-untyped-def]
+    """A FIFO at ``path`` whose writer end is opened again and again while the block runs,
+    so that a reader blocked on it sees end of file: the test cannot hang."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def open_the_writer_end() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.01)
+
+    threading.Thread(target=open_the_writer_end, daemon=True).start()
+    try:
+        yield path
+    finally:
+        done.set()
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_a_ledger_that_is_no_regular_file_is_refused_naming_it(run_copy, kind):
     """A FIFO in a ledger's place blocked verify forever, and a link to a device read it
     (/dev/zero: until memory ran out); either is now one error naming the ledger."""
     path = ledger_path(run_copy, CID)
     path.unlink()
-    done = threading.Event()
-    if kind == "device":
-        path.symlink_to("/dev/null")
-    else:
-        os.mkfifo(path)
-
-        def open_the_writer_end() -> None:
-            # lets every reader blocked on the FIFO see end of file, so the test cannot hang
-            while not done.is_set():
-                with contextlib.suppress(OSError):
-                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-                time.sleep(0.01)
-
-        threading.Thread(target=open_the_writer_end, daemon=True).start()
-    try:
+    with contextlib.ExitStack() as stack:
+        if kind == "device":
+            path.symlink_to("/dev/null")
+        else:
+            stack.enter_context(_fifo_in_place(path))
         with pytest.raises(AuditError, match=f"cannot read ledger {re.escape(str(path))}: not"
                                              " a regular file"):
             verify_run(run_copy)
-    finally:
-        done.set()
 
 
 @pytest.mark.parametrize(("name", "given"), [
@@ -439,25 +447,13 @@ def test_a_run_file_that_is_no_regular_file_is_said_to_be_one(run_copy, tmp_path
     shutil.copyfile(run_copy / "keys" / "allowlist.json", kept["allowlist"])
     path = run_copy / name
     path.unlink()
-    os.mkfifo(path)
-    done = threading.Event()
-
-    def open_the_writer_end() -> None:
-        # lets a reader blocked on the FIFO see end of file, so the test cannot hang
-        while not done.is_set():
-            with contextlib.suppress(OSError):
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-            time.sleep(0.01)
-
-    threading.Thread(target=open_the_writer_end, daemon=True).start()
-    try:
+    with _fifo_in_place(path):
         report = verify_run(run_copy, **({given: kept[given]} if given else {}))
-    finally:
-        done.set()
     said = [f.message for f in report.findings]
     assert any(f"{name} is not a regular file (a FIFO, device or directory in its place)" in m
                for m in said), said
     assert not any(f"{name} is missing" in m for m in said), said
+
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_a_replayed_ledger_that_is_no_regular_file_is_named_as_such(run_copy, kind):
