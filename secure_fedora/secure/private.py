@@ -350,7 +350,6 @@ def check_mechanism_tables(cfg: ExperimentConfig) -> None:
     meant to set at its defaults, silently). A table no method of the run declares sets
     nothing: warned of (once per config), not refused."""
     from privacy.mechanisms import MECHANISMS
-    from secure_fedora.algorithms.contract import round_mechanisms
 
     tables = sorted(cfg.privacy.mechanisms)
     if not tables:
@@ -371,7 +370,7 @@ def check_mechanism_tables(cfg: ExperimentConfig) -> None:
     declared: set[str] = set()
     for method in cfg.methods:
         try:
-            declared.update(_plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ())
+            declared.update(declared_plug_ins(method, cfg))
         except ValueError as err:  # a factory naming no class: refused as its own plan is
             raise ConfigError(f"privacy: {err}") from None
     unused = tuple(n for n in tables if n not in declared)
@@ -393,6 +392,16 @@ def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | No
     if any(m == "gaussian_summary" for m in rest):
         return None
     return tuple(rest)
+
+
+def declared_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The plug-in Gaussian mechanisms registered method ``method``'s round model release
+    declares under ``cfg`` (after DP-SGD and the lambda), in ledger order: each admitted with
+    the round's model release and released by :meth:`FederationPrivacy.gaussian`. A factory
+    naming no class raises ``ValueError`` (as :func:`method_releases` does)."""
+    from secure_fedora.algorithms.contract import round_mechanisms
+
+    return _plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ()
 
 
 def _check_plug_in_value(what: str, value: object) -> None:
@@ -699,9 +708,7 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
     """
     admitted_releases(cfg, method)  # a declaration the runtimes cannot record is no budget problem
     check_mechanism_tables(cfg)
-    from secure_fedora.algorithms.contract import round_mechanisms
-
-    for mechanism in _plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ():
+    for mechanism in declared_plug_ins(method, cfg):
         _noise_keys(cfg, method, mechanism)  # a missing table is no client's budget problem
         _round_record_params(cfg, mechanism)  # before anything is written, not at admission
     ids = client_ids(num_clients)
@@ -1551,9 +1558,7 @@ class FederationPrivacy:
         """The plug-in Gaussian mechanisms this method's round model release declares (after
         DP-SGD and the lambda), in ledger order: each admitted with the round's model release
         and released by :meth:`gaussian`."""
-        from secure_fedora.algorithms.contract import round_mechanisms
-
-        return _plug_in_round_mechanisms(round_mechanisms(self.method, self.cfg)) or ()
+        return declared_plug_ins(self.method, self.cfg)
 
     def _plug_in_record(self, i: int, mechanism: str) -> MechanismRecord:
         """Client ``i``'s accounting record of one release of plug-in ``mechanism``: its
