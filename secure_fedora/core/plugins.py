@@ -52,8 +52,9 @@ def _not_user_code() -> tuple[str, ...]:
 
 def raised_at(err: BaseException) -> str:
     """``" (at FILE:LINE in FUNCTION)"``: the innermost frame of ``err``'s traceback in the
-    user's own code (``secure_fedora/contrib/`` included), so a one-line error about a plug-in that raised names where it raised;
-    ``""`` when no frame is the user's (e.g. a missing module, raised by the import system)."""
+    user's own code (``secure_fedora/contrib/`` included), so a one-line error about a
+    plug-in that raised names where it raised; ``""`` when no frame is the user's (e.g. a
+    missing module, raised by the import system)."""
     not_user = _not_user_code()
     # the folder where a user's methods go (the Flower apps import plug-ins only from there)
     contrib = str(Path(__file__).resolve().parents[1] / "contrib") + os.sep
