@@ -614,6 +614,11 @@ def _readme_config_table() -> dict[str, str]:
     ("fedora", "relatedness", None),
     ("fedora", "propagation", None),
     ("privacy", "accountant", "ACCOUNTANTS"),
+    ("privacy", "noise", None),
+    ("data", "rotation_interpolation", None),
+    ("training", "engine", None),
+    ("training", "device", None),
+    ("security", "client_errors", None),
 ])
 def test_readme_config_table_lists_every_choice_and_each_parses(section, key, choices):
     """Every choice of the keys the issues name (fedora.relatedness = "encrypted", model.name =
