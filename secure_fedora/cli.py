@@ -112,13 +112,7 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
             sim.check_model_sizes()  # so does a method that cannot run on the model
             sim.check_data()  # or on the data
             sim.check_context()  # or by the data and model checks of the run's context
-            key_dir = sim.key_dir
-            if sim.keystore_created:
-                progress.console.print(
-                    f"note: created the key store {key_dir} (0700; the run's private signing"
-                    " keys, kept outside the run directory so that its ledgers cannot be"
-                    " re-signed by whoever holds it; choose another with --keystore or"
-                    " [security] keystore)", markup=False)
+            _ = sim.key_dir  # resolves (or creates, with a note) the key store before the plan
         sim.on_privacy_plan = lambda rows: progress.console.print(privacy_plan_table(rows))
         results = sim.run(resume=args.resume)
         for m in cfg.methods:

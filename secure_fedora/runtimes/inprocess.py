@@ -1055,6 +1055,7 @@ class Simulation:
             else:
                 from secure_fedora.secure.keystore import (
                     check_keystore,
+                    creation_notice,
                     ensure_keystore,
                     extension_notice,
                     resolve_keystore,
@@ -1084,8 +1085,7 @@ class Simulation:
                 if (self.run_dir / "config.toml").is_file():
                     self._record_extension()
                 if store.created:
-                    log.warning("created key store %s (private keys 0600, outside the run"
-                                " directory; %s)", path, source)
+                    log.warning(creation_notice(path, source, self.keystore_option))
                 elif store.added:
                     log.warning(extension_notice(path, source, store.added))
                 self._key_dir = path

@@ -152,6 +152,14 @@ def check_keystore_used(private: bool, configured: str | None,
                           "remove the key, or enable [privacy]")
 
 
+def creation_notice(path: Path, source: str, option: str) -> str:
+    """The one-line notice a run gives when it created the key store ``path`` (chosen by
+    ``source``; ``option`` names the flag or argument that chooses another)."""
+    return (f"note: created the key store {path} ({source}; 0700, private keys 0600): the run's "
+            "private signing keys, kept outside the run directory so that its ledgers cannot be "
+            f"re-signed by whoever holds it; choose another with {option} or [security] keystore")
+
+
 def extension_notice(path: Path, source: str, added: Sequence[str]) -> str:
     """The one-line notice a run gives when it added ``added`` parties' keys to the existing
     key store ``path`` (chosen by ``source``): how many, which, where, and what it means for an
