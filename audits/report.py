@@ -872,6 +872,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]],
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _html_list(intro: str, items: Sequence[str], css: str | None = "warn") -> str:
+    """A paragraph ``intro`` (HTML) and a list of ``items`` (text, escaped), each of class
+    ``css`` (None: none)."""
+    cls = "" if css is None else f" class=\"{css}\""
+    return f"<p>{intro}</p><ul>" + "".join(f"<li{cls}>{_e(t)}</li>" for t in items) + "</ul>"
+
+
 def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     """The self-contained HTML page for ``report`` (plots: name -> base64 PNG or None).
 
@@ -992,16 +999,14 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     ))
     resumes = report.get("resumes", [])
     if resumes:
-        parts.append("<p>Interruptions (results.json, anchored): the run was resumed; a round"
-                     " re-made from the journals repeats the releases its ledgers record:</p><ul>"
-                     + "".join(f"<li class=\"warn\">{_e(r['text'])}</li>" for r in resumes)
-                     + "</ul>")
+        parts.append(_html_list("Interruptions (results.json, anchored): the run was resumed; a"
+                                " round re-made from the journals repeats the releases its"
+                                " ledgers record:", [r["text"] for r in resumes]))
     repeated = report.get("repeated_releases", [])
     if repeated:
-        parts.append("<p>Releases beyond the run's plan (a release redone after a crash is"
-                      " accounted again, never dropped):</p><ul>"
-                      + "".join(f"<li class=\"warn\">{_e(r['text'])}</li>" for r in repeated)
-                      + "</ul>")
+        parts.append(_html_list("Releases beyond the run's plan (a release redone after a crash"
+                                " is accounted again, never dropped):",
+                                [r["text"] for r in repeated]))
 
     parts.append("<h2 id=\"verification\">Verification</h2>")
     parts.append(f"<p>Independent accountant: {_e(ver['independent_accountant'])}; relative"
