@@ -5,7 +5,8 @@ The main CLI calls :func:`register` with its subparsers; each command's handler 
 process exit code.
 
 - ``audit verify RUN_DIR``: exit 0 only when every check holds; 1 when verification found
-  errors (each printed with client, entry, check and message); 3 when the run makes no
+  errors (each printed with client, entry, check and message; with ``--strict`` a warning
+  that something was not checked is one); 3 when the run makes no
   differential-privacy claim and the checks that apply to it hold
   (:data:`audits.verdict.VERIFICATION_EXIT`); 2 when the run cannot be
   audited at all (missing directory, bad arguments): the error is raised to the entry point,
@@ -88,6 +89,9 @@ def verification_summary(report: VerificationReport) -> list[dict[str, Any]]:
 
 
 def _print_verification(report: VerificationReport, out: TextIO, verbose: bool = False) -> None:
+    for m in report.imported:  # which code recomputed what: the reviewer's own choice
+        print(f"imported {m.module} ({m.file}, sha256 {m.sha256}): mechanisms"
+              f" {', '.join(m.mechanisms) or 'none'}", file=out)
     ledger_of = {(c.method, c.client_id): c for c in report.clients}
     shown = {k for k, c in ledger_of.items() if verbose or not c.ok or c.warned}
     for finding in report.findings:
@@ -155,7 +159,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     json_path = _json_option(args, "verify")
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
-                        options=CLI_AUDIT_OPTIONS)
+                        options=CLI_AUDIT_OPTIONS, imports=args.imports, strict=args.strict)
     _print_verification(report, sys.stdout, verbose=args.verbose)
     if json_path is not None:
         write_output_file(json_path, strict_json(report.to_json()), "--json", "verify",
@@ -176,7 +180,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                               " (report.html and report.json are written into it)")
     report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
-                        options=CLI_AUDIT_OPTIONS)
+                        options=CLI_AUDIT_OPTIONS, imports=args.imports, strict=args.strict)
     paths = write_report(args.run_dir, args.out, verification=report, force=args.force)
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
@@ -438,6 +442,13 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                    help="relative tolerance between recorded and independent epsilon")
     p.add_argument("--pld-checkpoints", type=int, default=DEFAULT_PLD_CHECKPOINTS,
                    help="entries per PRV ledger recomputed with the PLD accountant")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="dotted name of a module you trust (from PYTHONPATH or the installed"
+                   " packages, never from RUN_DIR) to import first: the plug-in mechanisms it"
+                   " registers have their recorded sensitivities recomputed (repeatable)")
+    p.add_argument("--strict", action="store_true", help="every warning saying that a check"
+                   " was not made (an unregistered plug-in mechanism, a missing results.json,"
+                   " config.toml or anchor, keys taken from RUN_DIR, ...) is an error")
 
 
 FORCE_HELP = ("replace an existing output file that is not a previous report of this command"

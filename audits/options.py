@@ -34,9 +34,13 @@ CLI_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
     "rel_tol": "--rel-tol",
     "pld_checkpoints": "--pld-checkpoints",
     "verify_anchor": "run `audit verify --anchor` for all",
+    "imports": "--import",
+    "strict": "--strict",
 })
 #: What the audit functions' errors name by default: their arguments.
 API_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
     **{key: f"the {key}= argument" for key in CLI_AUDIT_OPTIONS if key != "verify_anchor"},
     "verify_anchor": "verify_run(run_dir, anchor=...) lists all",
+    "imports": "the imports= argument of audits.verify.verify_run",
+    "strict": "strict=True",
 })

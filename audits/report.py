@@ -1012,6 +1012,15 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     parts.append(f"<p>Independent accountant: {_e(ver['independent_accountant'])}; relative"
                  f" tolerance {tolerance_text(ver['rel_tol'])} (under-reporting beyond it is an error)."
                  f" Public keys: <code>{_e(ver['allowlist'])}</code>.</p>")
+    if ver.get("strict"):
+        parts.append("<p>Strict: every warning saying that a check was not made is an"
+                     " error.</p>")
+    imported = ver.get("imported", [])
+    if imported:  # which code recomputed the plug-in mechanisms' sensitivities
+        parts.append(_html_list("Modules the auditor imported to recompute plug-in mechanisms:",
+                                [f"{m['module']} ({m['file']}, sha256 {m['sha256']}):"
+                                 f" mechanisms {', '.join(m['mechanisms']) or 'none'}"
+                                 for m in imported], None))
     parts.append("<ul>" + "".join(f"<li>{_e(c)}</li>" for c in ver["checks"]) + "</ul>")
     if ver["findings"]:
         parts.append(_table(

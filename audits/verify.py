@@ -81,6 +81,11 @@
    own and the auditor collects one, a warning). Where nothing signed records it (no
    results.json, a run written before the key) a warning says it is unchecked.
 
+A plug-in mechanism's recorded sensitivity is recomputed when its module is registered in
+this process (``imports=``, CLI ``--import MODULE``: a module the auditor trusts, never one
+inside the run directory); otherwise a warning says it was not. Such warnings, that a check was
+not made, are ``Finding.unchecked``; ``strict=True`` (CLI ``--strict``) makes them errors.
+
 Limits, stated: removing entries from the *end* of a ledger leaves a valid shorter chain; it
 shows as a missing close entry, and with an anchor as a ledger behind its anchored head. An
 attacker who can rewrite the run directory *and* holds the signing keys can forge all of it;
@@ -97,13 +102,16 @@ import contextlib
 import decimal
 import functools
 import hashlib
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -221,7 +229,8 @@ class Finding:
     ``entry`` is the 0-based line position in the client's ledger (None: the whole ledger
     or run); ``method`` names the method's ledger directory when the run has one per method;
     ``ledger`` is the ledger file a per-ledger finding is about, relative to the run directory
-    (e.g. ``ledgers/fedora/client-001.jsonl``).
+    (e.g. ``ledgers/fedora/client-001.jsonl``). ``unchecked``: a warning saying that a check
+    was not made, or made only against the run's own files (an error under ``strict``).
     """
 
     severity: Severity
@@ -231,6 +240,7 @@ class Finding:
     entry: int | None = None
     method: str | None = None
     ledger: str | None = None
+    unchecked: bool = False
 
     def __str__(self) -> str:
         where = []
@@ -291,6 +301,21 @@ class ClientVerification:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ImportedModule:
+    """A module the auditor chose to trust and imported before verifying: its dotted name, the
+    file its code came from and that file's SHA-256, and the mechanisms it registered."""
+
+    module: str
+    file: str | None
+    sha256: str | None
+    mechanisms: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serializable dict of every field."""
+        return asdict(self)
+
+
 @dataclass
 class VerificationReport:
     """Everything :func:`verify_run` found. ``ok`` is True only when there is no error."""
@@ -306,6 +331,10 @@ class VerificationReport:
     dp_claimed: bool = True
     #: What in the run claims DP (:func:`dp_claim_basis`); empty when it makes no claim.
     dp_claim_basis: list[str] = field(default_factory=list)
+    #: The modules imported to recompute plug-in mechanisms (:func:`import_trusted_modules`).
+    imported: list[ImportedModule] = field(default_factory=list)
+    #: True when every warning that says a check was not made counts as an error.
+    strict: bool = False
 
     @property
     def errors(self) -> list[Finding]:
@@ -348,6 +377,8 @@ class VerificationReport:
             "verdict_text": self.verdict_text,
             "dp_claimed": self.dp_claimed,
             "dp_claim_basis": list(self.dp_claim_basis),
+            "strict": self.strict,
+            "imported": [m.to_json() for m in self.imported],
             "rel_tol": self.rel_tol,
             "independent_accountant": self.independent_accountant,
             "allowlist": self.allowlist,
@@ -1033,6 +1064,7 @@ class _RunContext:
     config: ExperimentConfig | None
     results: dict[str, Any] | None
     findings: list[Finding]
+    options: Mapping[str, str]
 
 
 def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | None:
@@ -1043,7 +1075,7 @@ def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | No
         return None
     if not path.is_file():
         findings.append(Finding("warning", "results", f"{path} is missing; run identity,"
-                                " anchors and accuracy cannot be checked"))
+                                " anchors and accuracy cannot be checked", unchecked=True))
         return None
     try:
         doc = json.loads(path.read_text())
@@ -1066,7 +1098,7 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
     path = run_dir / "config.toml"
     if not path.is_file():
         findings.append(Finding("warning", "config", f"{path} {_absent(path)}; budgets cannot be"
-                                " checked against the configuration"))
+                                " checked against the configuration", unchecked=True))
         return None
     try:
         cfg, unknown = load_run_config(path)
@@ -1078,7 +1110,7 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
             "warning", "config", "config.toml names"
             f" {unregistered_hint(kind, name, 'audits.verify.verify_run')}: the"
             " config checks it declares were not run; the ledgers, signatures and budgets are"
-            " verified as for any run"))
+            " verified as for any run", unchecked=True))
     if results is not None and "config_hash" in results:
         actual = config_hash(cfg)
         if results["config_hash"] != actual:
@@ -1104,7 +1136,7 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
             " trustworthy as the directory (the keys/*.pub files, X25519 keys included, are"
             " then checked only against that file): pass an independently registered"
             f" allowlist ({options['allowlist']}) to rule out a re-signed ledger",
-        ))
+            unchecked=True))
     else:
         path = allowlist
     try:
@@ -1148,7 +1180,8 @@ def _published_allowlist_findings(keys_dir: Path, given: Path,
     if not own.is_file():
         if keys_dir.is_dir():
             return [Finding("warning", "allowlist", f"{own} {_absent(own)}: the run directory does"
-                            f" not state who could sign it (checked against {given} alone)")]
+                            f" not state who could sign it (checked against {given} alone)",
+                            unchecked=True)]
         return []
     try:
         published = load_allowlist(own)
@@ -1330,8 +1363,9 @@ def _verify_client(path: Path, method: str | None, client_id: str,
     def err(pos: int | None, check: str, message: str) -> None:
         findings.append(Finding("error", check, message, client_id, pos, method))
 
-    def warn(pos: int | None, check: str, message: str) -> None:
-        findings.append(Finding("warning", check, message, client_id, pos, method))
+    def warn(pos: int | None, check: str, message: str, unchecked: bool = False) -> None:
+        findings.append(Finding("warning", check, message, client_id, pos, method,
+                                unchecked=unchecked))
 
     good = [(i, e) for i, e in enumerate(entries) if e is not None
             and all(f in e for f in ENTRY_FIELDS)]
@@ -1438,10 +1472,11 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         and "sensitivity" in e["params"] for e in entries))
     for mech in unknown:  # a plug-in's mechanism: its formula lives in the plug-in module
         warn(None, "sensitivity", f"{mech!r} is not a registered mechanism in this process, so"
-             " its recorded sensitivities were not recomputed; register it where this process"
-             " finds it (a module in secure_fedora/contrib/, which every process imports, or"
-             " audits.verify.verify_run called from a process that imported the plug-in module"
-             " registering it in privacy.mechanisms.MECHANISMS) and verify again")
+             " its recorded sensitivities were not recomputed; import a module you trust that"
+             f" registers it in privacy.mechanisms.MECHANISMS ({ctx.options['imports']}: its"
+             " dotted name on PYTHONPATH, never a file of the run under review; or a module in"
+             " secure_fedora/contrib/, which every process imports) and verify again",
+             unchecked=True)
     real_releases = [r for r in releases if r is not None]
     if real_releases and _number(delta) and 0 < delta < 1:
         try:
@@ -1449,7 +1484,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         except AccountingSizeError as exc:
             if accountant == "rdp":
                 warn(None, "pld_too_large", f"the PLD cross-check was not computed: {exc}; the"
-                     " independent RDP check of every entry ran")
+                     " independent RDP check of every entry ran", unchecked=True)
             else:
                 err(None, "pld_too_large", f"epsilon cannot be verified independently: {exc}")
     independent: list[float | None] = [None] * len(entries)
@@ -1499,7 +1534,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
     last = len(lines) - 1 if lines else None
     if anchor is None:
         warn(None, "results_ledger", "results.json holds no ledger length for this client: entries"
-             " removed from the end of the ledger cannot be detected")
+             " removed from the end of the ledger cannot be detected", unchecked=True)
     else:
         n_anchor = anchor.get("ledger_entries")
         if n_anchor != len(lines):
@@ -1597,7 +1632,8 @@ def _public_key_file_findings(keys_dir: Path, keys: Mapping[str, PublicIdentity]
             party, _, suffix = pub.name.partition(".")
             if party not in keys and suffix in {s for s, _, _ in _PUBLIC_KEY_FILES}:
                 out.append(Finding("warning", "key_file", f"{pub} belongs to {party!r}, whom"
-                                   " the allowlist does not name: it is not checked", party))
+                                   " the allowlist does not name: it is not checked", party,
+                                   unchecked=True))
     return out
 
 
@@ -1646,7 +1682,9 @@ def _model_record_findings(run: Path, found: Sequence[tuple[str | None, Path]],
         signed = summary.get("model_fingerprint") if isinstance(summary, dict) else None
 
         def add(severity: Severity, message: str, method: str = method) -> None:
-            out.append(Finding(severity, "model_record", message, None, None, method))
+            # each of its warnings says what was left unchecked
+            out.append(Finding(severity, "model_record", message, None, None, method,
+                               unchecked=severity == "warning"))
 
         if signed is not None and not (isinstance(signed, str) and _SHA256_HEX.fullmatch(signed)):
             add("error", f"results.json privacy[{method!r}].model_fingerprint is not a SHA-256"
@@ -1832,7 +1870,7 @@ def _anchor_findings(run: Path, doc: dict[str, Any], label: str,
     elif registered is None:
         out.append(Finding("error" if allowlist_given else "warning", "anchor_signature",
                            f"{label} signer {signer['party_id']!r} is not in the allowlist: its"
-                           " signature shows integrity, not who wrote it"))
+                           " signature shows integrity, not who wrote it", unchecked=True))
     if doc["runtime"] == "in-process":
         for name in ANCHORED_FILES:
             if name not in doc["files"]:
@@ -1962,7 +2000,7 @@ def _unanchored_completeness(run: Path, cfg: ExperimentConfig | None,
                     " binds config.toml, so it may have been edited to match deleted ledgers")
     return Finding("warning", "completeness", f"the folder's completeness is unanchored:"
                    f" {expected}; pass the run's anchor.json kept apart ({options['anchor']})"
-                   " to prove that no ledger is missing")
+                   " to prove that no ledger is missing", unchecked=True)
 
 
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
@@ -1988,7 +2026,7 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
             return [Finding("warning", "anchor", f"{own} {_absent(own)}: without an anchor,"
                             " entries removed from the end of a ledger (close entry included)"
                             " are shown only by the missing close entry; copy anchor.json apart"
-                            f" after a run and pass it ({options['anchor']})"),
+                            f" after a run and pass it ({options['anchor']})", unchecked=True),
                     _unanchored_completeness(run, cfg, options)]
         path, label = own, "the run's anchor.json"
     else:
@@ -2217,12 +2255,117 @@ def _no_claim_report(run: Path, cfg: ExperimentConfig | None, results: dict[str,
         allowlist=allow_used, checks=checks, dp_claimed=False)
 
 
+def _inside(path: str | None, run: Path) -> bool:
+    """True when ``path`` (a module's file or package folder) lies in ``run``, links resolved."""
+    return path is not None and Path(path).resolve().is_relative_to(run.resolve())
+
+
+def _defined_in(spec: Any, module: str) -> bool:
+    return any(getattr(fn, "__module__", None) == module
+               for fn in (spec.sensitivity, spec.record_params) if fn is not None)
+
+
+def import_trusted_modules(names: Sequence[str], run: Path,
+                           options: Mapping[str, str] = API_AUDIT_OPTIONS
+                           ) -> list[ImportedModule]:
+    """Import each dotted module name from ``sys.path`` (PYTHONPATH, installed packages), so
+    that the plug-in mechanisms it registers in :data:`privacy.mechanisms.MECHANISMS` have
+    their sensitivities recomputed. Guarantee: no code inside ``run`` is executed by it -- a
+    module, or a package on its dotted path, that resolves inside ``run`` is refused before it
+    is imported. AuditError naming the module for a name that is no dotted module name, one
+    that is not found, resolves inside ``run``, or raises while it is imported."""
+    flag = options["imports"]
+    out: list[ImportedModule] = []
+    for name in names:
+        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+            raise AuditError(f"{flag}: {name!r:.80} is not a dotted module name"
+                             " (e.g. mypackage.mechanisms)")
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # each package before it runs, then the module
+            prefix = ".".join(parts[:depth])
+            try:
+                spec = importlib.util.find_spec(prefix)
+            except Exception as exc:  # a parent package that raised while it was imported
+                raise AuditError(f"{flag} {name}: importing {prefix} raised"
+                                 f" {type(exc).__name__}: {exc}") from exc
+            if spec is None:
+                raise AuditError(f"{flag} {name}: no module {prefix!r} on PYTHONPATH or among"
+                                 " the installed packages (give the dotted name of a module you"
+                                 " trust, with its folder on PYTHONPATH)")
+            where = [spec.origin, *(spec.submodule_search_locations or [])]
+            if any(_inside(w, run) for w in where if w not in (None, "built-in", "frozen")):
+                raise AuditError(f"{flag} {name}: {prefix} resolves inside the run directory"
+                                 f" {run.resolve()} under review, whose code is never run by an audit;"
+                                 " import a copy you reviewed from a folder outside it")
+        before = set(MECHANISMS.names())
+        loaded = set(sys.modules)
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            raise AuditError(f"{flag} {name}: importing it raised {type(exc).__name__}:"
+                             f" {exc}") from exc
+        # what it imported in turn cannot be checked before it runs; a module of the run's
+        # found that way (the run directory on sys.path) still fails the audit
+        pulled = sorted(m for m in set(sys.modules) - loaded
+                        if _inside(getattr(sys.modules[m], "__file__", None), run))
+        if pulled:
+            raise AuditError(f"{flag} {name}: it imported {', '.join(pulled)} from inside the"
+                             f" run directory {run.resolve()} under review; take the run directory off"
+                             " PYTHONPATH (and do not run the audit from inside it)")
+        file = getattr(module, "__file__", None)
+        digest = None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+        registered = [m for m in MECHANISMS.names()
+                      if m not in before or _defined_in(MECHANISMS.get(m), module.__name__)]
+        out.append(ImportedModule(name, file, digest, registered))
+    return out
+
+
+def _import_findings(imported: Sequence[ImportedModule], clients: Sequence[ClientVerification],
+                     options: Mapping[str, str]) -> list[Finding]:
+    """A warning for each imported module that registered no mechanism the ledgers record (an
+    import the reviewer thought needed; it does not weaken any check)."""
+    used = {m for c in clients for m in c.mechanisms}
+    return [Finding("warning", "import", f"{options['imports']} {m.module} ({m.file})"
+                    " registered no mechanism these ledgers record (it registered"
+                    f" {', '.join(map(repr, m.mechanisms)) or 'none'}); nothing was recomputed"
+                    " with it")
+            for m in imported if not used & set(m.mechanisms)]
+
+
+def _strict_findings(findings: list[Finding], clients: Sequence[ClientVerification],
+                     options: Mapping[str, str]) -> None:
+    """Under ``strict``: every ``unchecked`` warning becomes an error (in place), and the
+    ledger it is about fails."""
+    failed = set()
+    for i, f in enumerate(findings):
+        if f.unchecked and f.severity == "warning":
+            findings[i] = replace(f, severity="error", message=f.message + f" ({options['strict']}"
+                                  ": what was not checked is an error)")
+            failed.add((f.method, f.client_id))
+    for c in clients:
+        if (c.method, c.client_id) in failed:
+            c.ok = False
+            c.warned = any(f.severity == "warning" for f in findings
+                           if (f.method, f.client_id) == (c.method, c.client_id))
+
+
 def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                rel_tol: float = DEFAULT_REL_TOL,
                pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
                anchor: str | Path | None = None,
-               options: Mapping[str, str] = API_AUDIT_OPTIONS) -> VerificationReport:
+               options: Mapping[str, str] = API_AUDIT_OPTIONS,
+               imports: Sequence[str] = (), strict: bool = False) -> VerificationReport:
     """Verify every ledger of ``run_dir`` (see the module docstring for each check).
+
+    ``imports``: dotted names of modules the auditor trusts, imported first
+    (:func:`import_trusted_modules`: never from inside ``run_dir``) so that the plug-in
+    mechanisms they register have their sensitivities recomputed; the report names each
+    module's file and SHA-256. ``strict``: every warning saying that a check was not made
+    (``Finding.unchecked``: an unregistered plug-in mechanism, a missing results.json,
+    config.toml or anchor, keys taken from the run directory, ...) is an error.
 
     Ledgers are ``ledgers/<method>/<client>.jsonl`` (the in-process runtime's layout, one
     directory per compared method) or ``ledgers/<client>.jsonl``. Guarantee: ``report.ok``
@@ -2251,17 +2394,25 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         raise AuditError(f"anchor {anchor_path} "
                          + ("is a directory, not a file (give the anchor.json kept apart)"
                             if anchor_path.is_dir() else "does not exist"))
+    if isinstance(imports, str):  # one name would be imported letter by letter
+        raise AuditError(f"{options['imports']} takes a list of module names, got the string"
+                         f" {imports!r:.80}")
+    imported = import_trusted_modules(imports, run, options)  # before the config names plug-ins
     findings: list[Finding] = []
     results = _load_results(run, findings)
     cfg = _load_config(run, results, findings)
-    ctx = _RunContext(run, cfg, results, findings)
+    ctx = _RunContext(run, cfg, results, findings, options)
     ledger_dir = run / "ledgers"
     found = _discover(ledger_dir)
     findings.extend(_interrupted_creations(ledger_dir))
     claim_basis = dp_claim_basis(run, cfg.privacy.enabled if cfg is not None else None,
                                  results, anchor_path is not None)
     if not claim_basis:
-        return _no_claim_report(run, cfg, results, findings, allow_path, rel_tol)
+        report = _no_claim_report(run, cfg, results, findings, allow_path, rel_tol)
+        if strict:
+            _strict_findings(report.findings, [], options)
+        report.imported, report.strict = imported, bool(strict)
+        return report
     keys, allow_used = _load_keys(run, allow_path, findings, options, given_keys)
     if not found:
         where = ""
@@ -2323,11 +2474,14 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                     findings.append(Finding("error", "missing_ledger", f"DP is enabled but"
                                             f" there is no ledger {where / (cid + '.jsonl')}",
                                             cid, None, method))
+    findings.extend(_import_findings(imported, clients, options))
+    if strict:
+        _strict_findings(findings, clients, options)
     return VerificationReport(
         run_dir=str(run), clients=clients, findings=findings, rel_tol=float(rel_tol),
         independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
                                 " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
                                 " PLD (pessimistic) and RDP of every whole ledger"),
         allowlist=allow_used, checks=checks_done(options), dp_claimed=True,
-        dp_claim_basis=claim_basis,
+        dp_claim_basis=claim_basis, imported=imported, strict=bool(strict),
     )

@@ -1,0 +1,212 @@
+"""``audit verify`` of a run whose ledgers record a plug-in Gaussian mechanism registered
+outside ``secure_fedora/contrib/``: by default its sensitivities are not recomputed (a
+warning), ``--strict`` makes that an error, ``--import MODULE`` (a module the reviewer trusts,
+never one inside the run directory) recomputes them and names the code that did."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from audits.cli import main
+from audits.options import CLI_AUDIT_OPTIONS
+from audits.verify import AuditError, verify_run
+from privacy.identity import load_identity
+from privacy.ledger import canonical_json, line_hash, signing_payload
+from privacy.mechanisms import MECHANISMS
+from secure_fedora.runtimes.inprocess import Simulation
+from tests.secure_fedora.secure import mechanism_plugin
+from tests.secure_fedora.secure.mechanism_plugin import MECHANISM, LabelShareFedAvg
+from tests.secure_fedora.secure.test_plug_in_mechanisms import _config, _register
+
+MODULE = mechanism_plugin.__name__
+
+
+@pytest.fixture(scope="module")
+def plug_in_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A finished DP run (1 round, 3 clients) releasing ``label_share_test`` each round;
+    its key store beside it; and the method's name (registered while the module's tests run)."""
+    base = tmp_path_factory.mktemp("plug_in_run")
+    for method in _register(LabelShareFedAvg):
+        cfg = _config(method, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+        Simulation(cfg, base / "run", keystore=base / "keys").run()
+        yield base / "run", method
+
+
+@pytest.fixture
+def run(plug_in_run: tuple[Path, str], tmp_path: Path) -> Path:
+    """A copy of the plug-in run (its key store at ``tmp_path / "keys"``)."""
+    src, _ = plug_in_run
+    shutil.copytree(src, tmp_path / "run")
+    shutil.copytree(src.parent / "keys", tmp_path / "keys")
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def fresh_auditor() -> Iterator[None]:
+    """This process as an auditor's that never imported the plug-in module: its mechanism
+    unregistered and the module unimported; both put back afterwards."""
+    spec = MECHANISMS.get(MECHANISM)
+    MECHANISMS.unregister(MECHANISM)
+    package = sys.modules[MODULE.rpartition(".")[0]]
+    sys.modules.pop(MODULE)
+    try:
+        yield
+    finally:
+        MECHANISMS.unregister(MECHANISM)
+        MECHANISMS._specs[MECHANISM] = spec
+        sys.modules[MODULE] = mechanism_plugin
+        package.mechanism_plugin = mechanism_plugin  # type: ignore[attr-defined]
+
+
+def _trusted(run: Path) -> Path:
+    """The key store's allowlist: keys registered apart from the run directory."""
+    return run.parent / "keys" / "allowlist.json"
+
+
+def test_an_unregistered_plug_in_passes_with_a_warning_and_fails_strict(run: Path,
+                                                                        fresh_auditor: None):
+    report = verify_run(run, allowlist=_trusted(run))
+    unchecked = [f for f in report.findings if f.check == "sensitivity"]
+    assert report.ok and len(unchecked) == 3
+    assert all(f.severity == "warning" and f.unchecked for f in unchecked)
+    assert all("the imports= argument of audits.verify.verify_run" in f.message
+               for f in unchecked)
+    strict = verify_run(run, allowlist=_trusted(run), strict=True)
+    assert not strict.ok and strict.verdict == "failed" and strict.to_json()["strict"] is True
+    assert sorted((f.check, f.client_id) for f in strict.errors) == \
+        [("sensitivity", c) for c in ("client-000", "client-001", "client-002")]
+    assert all("strict=True" in f.message for f in strict.errors)
+    assert not any(c.ok for c in strict.clients)
+
+
+def test_an_imported_plug_in_recomputes_and_is_named_with_its_file_and_digest(
+        run: Path, fresh_auditor: None):
+    report = verify_run(run, allowlist=_trusted(run), imports=[MODULE], strict=True)
+    assert report.ok, [str(f) for f in report.errors]
+    assert not [f for f in report.findings if f.check in ("sensitivity", "import")]
+    (imported,) = report.imported
+    source = Path(mechanism_plugin.__file__)
+    assert (imported.module, Path(imported.file), imported.mechanisms) == \
+        (MODULE, source, [MECHANISM])
+    assert imported.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert report.to_json()["imported"] == [imported.to_json()]
+
+
+def test_an_imported_plug_in_catches_a_resigned_sensitivity(run: Path, fresh_auditor: None):
+    cid = "client-001"
+    path = next((run / "ledgers").glob(f"*/{cid}.jsonl"))
+    key = load_identity(run.parent / "keys", cid).signing_key
+    lines = path.read_text().splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        entry = json.loads(line)
+        if entry["mechanism"] == MECHANISM:
+            entry["params"]["sensitivity"] /= 10
+        entry["prev_hash"] = line_hash(out[-1])
+        entry.pop("signature")
+        entry["signature"] = key.sign(signing_payload(entry)).hex()
+        out.append(canonical_json(entry))
+    path.write_text("\n".join(out) + "\n")
+    # without the plug-in the edit goes unseen (a warning); with it, an error at that entry
+    assert not [f for f in verify_run(run).errors if f.check == "sensitivity"]
+    report = verify_run(run, imports=[MODULE])
+    assert ("sensitivity", 1) in {(f.check, f.entry) for f in report.errors
+                                  if f.client_id == cid}
+
+
+def test_a_module_inside_the_run_directory_is_refused_before_it_runs(
+        run: Path, monkeypatch: pytest.MonkeyPatch):
+    marker = run.parent / "ran"
+    (run / "run_plugin.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (run / "run_package").mkdir()
+    (run / "run_package" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (run / "run_package" / "mech.py").write_text("")
+    monkeypatch.syspath_prepend(str(run))
+    for name in ("run_plugin", "run_package.mech"):
+        with pytest.raises(AuditError, match=f"{name.split('.')[0]} resolves inside the run"
+                                             " directory"):
+            verify_run(run, imports=[name])
+        assert not marker.exists()
+    # a trusted module that imports one of the run's in turn: the audit still fails
+    (run.parent / "outside").mkdir()
+    (run.parent / "outside" / "pulls_run_plugin.py").write_text("import run_plugin  # noqa\n")
+    monkeypatch.syspath_prepend(str(run.parent / "outside"))
+    with pytest.raises(AuditError, match="it imported run_plugin from inside the run"):
+        verify_run(run, imports=["pulls_run_plugin"])
+    marker.unlink()
+    for name in ("run_plugin", "pulls_run_plugin"):
+        sys.modules.pop(name)
+    # a link from outside to a module inside counts as inside
+    (run.parent / "linked").mkdir()
+    (run.parent / "linked" / "linked_plugin.py").symlink_to(run / "run_plugin.py")
+    monkeypatch.syspath_prepend(str(run.parent / "linked"))
+    with pytest.raises(AuditError, match="linked_plugin resolves inside the run directory"):
+        verify_run(run, imports=["linked_plugin"])
+    assert not marker.exists()
+
+
+def test_a_module_that_raises_or_registers_nothing_used(run: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "trusted").mkdir()
+    (tmp_path / "trusted" / "raising_plugin.py").write_text("raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "trusted"))
+    with pytest.raises(AuditError, match="--import raising_plugin: importing it raised"
+                                         " RuntimeError: boom"):
+        verify_run(run, imports=["raising_plugin"], options=CLI_AUDIT_OPTIONS)
+    with pytest.raises(AuditError, match="is not a dotted module name"):
+        verify_run(run, imports=["../x"])
+    with pytest.raises(AuditError, match="takes a list of module names"):
+        verify_run(run, imports=MODULE)  # type: ignore[arg-type]
+    # a module that registers no mechanism these ledgers record: said, and no error
+    report = verify_run(run, imports=["json"])
+    (warning,) = [f for f in report.findings if f.check == "import"]
+    assert report.ok and warning.severity == "warning" and not warning.unchecked
+    assert "json" in warning.message and "registered none" in warning.message
+    assert verify_run(run, imports=["json"], strict=True).findings.count(warning) == 1
+
+
+def test_strict_fails_what_was_not_checked_and_leaves_the_rest(run: Path):
+    for name in ("anchor.json", "results.json", "config.toml"):  # the ledgers alone
+        (run / name).unlink()
+    report = verify_run(run)
+    unchecked = {f.check for f in report.warnings if f.unchecked}
+    assert report.ok and {"anchor", "completeness", "allowlist", "results", "config",
+                          "results_ledger"} <= unchecked
+    strict = verify_run(run, strict=True)
+    assert {f.check for f in strict.errors} == unchecked
+    # a warning that is no unchecked claim stays one
+    assert {f.check for f in strict.warnings} == {f.check for f in report.warnings
+                                                   if not f.unchecked}
+
+
+def test_cli_import_strict_and_a_missing_module(run: Path, fresh_auditor: None,
+                                                capsys: pytest.CaptureFixture[str]):
+    base = ["audit", "verify", str(run), "--allowlist", str(_trusted(run))]
+    assert main(base) == 0
+    assert "'label_share_test' is not a registered mechanism" in capsys.readouterr().out
+    assert main([*base, "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR" in out and "--import" in out and "--strict" in out
+    out_json = run.parent / "v.json"
+    assert main([*base, "--strict", "--import", MODULE, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert f"imported {MODULE} ({mechanism_plugin.__file__}, sha256 " in out
+    doc = json.loads(out_json.read_text())
+    assert doc["strict"] is True and [m["module"] for m in doc["imported"]] == [MODULE]
+    assert main([*base, "--import", "no_such_plugin_module"]) == 2
+    err = capsys.readouterr().err
+    assert "--import no_such_plugin_module: no module 'no_such_plugin_module'" in err
+    assert len(err.strip().splitlines()) == 1
+    # audit report takes both, and its report.json and HTML name the module
+    assert main(["audit", "report", str(run), "--import", MODULE, "--strict",
+                 "--allowlist", str(_trusted(run))]) == 0
+    report = json.loads((run / "audit" / "report.json").read_text())
+    assert report["verification"]["imported"][0]["module"] == MODULE
+    assert MODULE in (run / "audit" / "report.html").read_text()
