@@ -2394,6 +2394,8 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         raise AuditError(f"anchor {anchor_path} "
                          + ("is a directory, not a file (give the anchor.json kept apart)"
                             if anchor_path.is_dir() else "does not exist"))
+    if not isinstance(strict, bool):  # a truthy "no" must not mean yes
+        raise AuditError(f"strict must be True or False, got {strict!r:.80}")
     if isinstance(imports, str):  # one name would be imported letter by letter
         raise AuditError(f"{options['imports']} takes a list of module names, got the string"
                          f" {imports!r:.80}")
@@ -2411,7 +2413,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         report = _no_claim_report(run, cfg, results, findings, allow_path, rel_tol)
         if strict:
             _strict_findings(report.findings, [], options)
-        report.imported, report.strict = imported, bool(strict)
+        report.imported, report.strict = imported, strict
         return report
     keys, allow_used = _load_keys(run, allow_path, findings, options, given_keys)
     if not found:
@@ -2483,5 +2485,5 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                                 " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
                                 " PLD (pessimistic) and RDP of every whole ledger"),
         allowlist=allow_used, checks=checks_done(options), dp_claimed=True,
-        dp_claim_basis=claim_basis, imported=imported, strict=bool(strict),
+        dp_claim_basis=claim_basis, imported=imported, strict=strict,
     )

@@ -162,6 +162,8 @@ def test_a_module_that_raises_or_registers_nothing_used(run: Path, tmp_path: Pat
         verify_run(run, imports=["raising_plugin"], options=CLI_AUDIT_OPTIONS)
     with pytest.raises(AuditError, match="is not a dotted module name"):
         verify_run(run, imports=["../x"])
+    with pytest.raises(AuditError, match="strict must be True or False, got 'no'"):
+        verify_run(run, strict="no")  # type: ignore[arg-type]
     with pytest.raises(AuditError, match="takes a list of module names"):
         verify_run(run, imports=MODULE)  # type: ignore[arg-type]
     # a module that registers no mechanism these ledgers record: said, and no error
