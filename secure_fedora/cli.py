@@ -42,7 +42,8 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
     planned epsilon rounded up and the DP-SGD noise multiplier rounded down to 4 decimals (no
     shown figure claims more privacy than the plan holds; the planned epsilon at the budget's
     decimals where it has more, so it reads above the budget exactly when it is); budget, delta and sample rate, and
-    the releases in the caption, exactly as results.json states them."""
+    the releases in the caption, exactly as results.json states them (one line per row, in
+    the rows' order and labelled with its budget, where the rows' releases differ)."""
     from privacy.accounting import format_down, format_spent
 
     table = Table(title=f"privacy plan: {rows[0]['method']}" if rows else "privacy plan")
@@ -52,8 +53,13 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
         table.add_row(str(r["clients"]), repr(r["epsilon_budget"]), repr(r["delta"]),
                       format_down(r["noise_multiplier"], 4), repr(r["sample_rate"]), str(r["steps_per_round"]),
                       str(r["rounds"]), format_spent(r["planned_epsilon"], r["epsilon_budget"]))
-    releases = {"; ".join(r["releases"]) for r in rows}
-    table.caption = "releases per client: " + " | ".join(sorted(releases))
+    releases = ["; ".join(r["releases"]) for r in rows]
+    if len(set(releases)) <= 1:
+        table.caption = "releases per client: " + "".join(releases[:1])
+    else:  # each budget's own noise, labelled and in the rows' order
+        table.caption = "\n".join(
+            f"releases per client at epsilon {r['epsilon_budget']!r}, delta {r['delta']!r}: {text}"
+            for r, text in zip(rows, releases, strict=True))
     noise = rows[0].get("noise") if rows else None
     if noise:
         table.caption += f"\nnoise: {noise}"

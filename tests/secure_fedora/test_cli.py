@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -518,6 +519,31 @@ def test_the_printed_plan_never_shows_more_noise_or_a_smaller_delta_or_rate_than
     assert "1.3284 " in text and "1.3285" not in text
     assert "1.2345649e-05" in text and "0.012345649 " in text
     assert "sigma=1.3284739842813091" in text
+
+
+def test_the_printed_plan_names_each_budgets_releases_in_its_rows_order():
+    """With per-client budgets the caption listed the rows' release strings sorted as text,
+    unlabelled: a plan whose first row is client 0's override of 0.5 showed the summary and
+    lambda sigmas of the 8.0 budget first, as if they were that client's."""
+    from secure_fedora.cli import privacy_plan_table
+
+    def row(epsilon: float, delta: float, clients: int, sigma: str) -> dict[str, Any]:
+        return {"method": "fedora", "clients": clients, "epsilon_budget": epsilon,
+                "delta": delta, "noise_multiplier": 1.0, "sample_rate": 0.5,
+                "steps_per_round": 2, "rounds": 1, "planned_epsilon": epsilon * 0.99,
+                "releases": ["dpsgd x2 (q=0.5)", f"gaussian_summary x1 (q=1.0, sigma={sigma})"]}
+
+    rows = [row(0.5, 1e-07, 1, "41.53406580153875"), row(8.0, 1e-05, 3, "2.4479371224673034")]
+    lines = str(privacy_plan_table(rows).caption).splitlines()
+    small = next(i for i, line in enumerate(lines) if "epsilon 0.5, delta 1e-07" in line)
+    large = next(i for i, line in enumerate(lines) if "epsilon 8.0, delta 1e-05" in line)
+    assert small < large  # in the rows' order
+    assert "sigma=41.53406580153875" in lines[small] and "sigma=2.4479" not in lines[small]
+    assert "sigma=2.4479371224673034" in lines[large]
+    # one budget, or budgets whose releases are the same: one unlabelled line as before
+    same = privacy_plan_table([row(0.5, 1e-07, 1, "3.0"), row(8.0, 1e-05, 3, "3.0")])
+    assert str(same.caption).splitlines()[0] == ("releases per client: dpsgd x2 (q=0.5); "
+                                                  "gaussian_summary x1 (q=1.0, sigma=3.0)")
 
 
 @pytest.mark.parametrize("key, named", [
