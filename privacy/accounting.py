@@ -103,6 +103,11 @@ class CalibrationError(AccountingError):
     """No noise multiplier can meet the requested target for the given plan."""
 
 
+class FixedEntriesOverTargetError(CalibrationError):
+    """The plan's entries with a fixed noise multiplier alone already spend the target: no
+    noise for the others can help (the caller names where those multipliers come from)."""
+
+
 class AccountingSizeError(AccountingError):
     """The analysis would allocate more than its memory guard allows (an epsilon far too large
     for the discretized accountants); nothing was allocated. ``problem`` says why, ``remedy``
@@ -1129,7 +1134,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
             why = size_error_remedy(exc, fixed, delta, None, target_epsilon)
             raise CalibrationError(f"entries with a fixed noise multiplier: {why}") from None
         if eps_fixed >= target_epsilon:
-            raise CalibrationError(
+            raise FixedEntriesOverTargetError(
                 f"entries with a fixed noise multiplier already spend epsilon"
                 f" {format_spent(eps_fixed, target_epsilon)} >= target"
                 f" {format_exact(target_epsilon)}; no noise multiplier can meet the target"

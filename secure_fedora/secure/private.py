@@ -52,6 +52,7 @@ from privacy.accounting import (
     AccountingSizeError,
     BudgetExceededError,
     CalibrationError,
+    FixedEntriesOverTargetError,
     MechanismRecord,
     PlannedRelease,
     PrivacyBudget,
@@ -288,11 +289,19 @@ class BudgetPlanError(ConfigError):
 
 
 def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
-               what: str, prv_refine: bool = True) -> float:
+               what: str, prv_refine: bool = True, fixed_by: Sequence[str] = ()) -> float:
+    """The calibrated noise multiplier of ``what``; ConfigError naming it when none fits, and
+    ``fixed_by`` (the config keys that set the plan's other entries, with their values) when
+    those entries alone already spend ``target``."""
     try:
         return calibrate_noise_multiplier(target, delta, plan, accountant, prv_refine=prv_refine)
     except CalibrationError as err:
-        raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}: {err}") from None
+        hint = ""
+        if isinstance(err, FixedEntriesOverTargetError) and fixed_by:
+            hint = (f" (set by {', '.join(fixed_by)}; raise it, unset it to calibrate, or raise"
+                    " the budget)")
+        raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}: "
+                          f"{err}{hint}") from None
 
 
 #: Mechanisms with a fixed noise multiplier (calibrated to a fraction of the budget when
@@ -520,6 +529,7 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     fixed: list[PlannedRelease] = []
     noise: dict[str, float] = {}
     shares: dict[str, float] = {}
+    fixed_by: list[str] = []  # the keys behind ``fixed``, fixed multipliers first
     dpsgd_steps = 0
     for spec in specs:
         times = 1 if spec.when == SETUP else rounds
@@ -535,14 +545,19 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
             fixed.append(PlannedRelease(mechanism, 1.0, times, sigma))
             if fixed_noise is None:
                 shares[fraction_key] = fraction
+            else:
+                fixed_by.append(f"{noise_key} {fixed_noise:g}")
     if p.noise_multiplier is None and shares and sum(shares.values()) >= 1.0:
         named = " + ".join(f"{k} ({v:g})" for k, v in sorted(shares.items()))
         raise ConfigError(f"privacy: {named} leave DP-SGD no share of the budget; their sum "
                           "must be below 1")
     dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), dpsgd_steps)
     plan = [dpsgd, *fixed]
+    if fixed_by:  # the fixed multipliers are the keys to change; the calibrated shares add
+        fixed_by.extend(f"{k} {v:g}" for k, v in sorted(shares.items()))
     dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,
-                                                   "privacy.noise_multiplier (DP-SGD)", prv_refine)
+                                                   "privacy.noise_multiplier (DP-SGD)", prv_refine,
+                                                   fixed_by)
     plug_ins = tuple((m, sigma) for m, sigma in noise.items() if m not in FIXED_NOISE_MECHANISMS)
     return ClientPlan(dpsgd_noise, noise.get("gaussian_summary"), noise.get("gaussian_lambda"),
                       tuple(plan), accountant, prv_refine, plug_ins)

@@ -142,6 +142,25 @@ def test_plan_is_calibrated_per_budget_and_impossible_budgets_name_the_key():
         privacy_plan(impossible, "fedora", PrivacyBudget(0.5, 1e-3))
 
 
+def test_fixed_noise_that_leaves_dpsgd_nothing_names_the_key_to_change():
+    """A fixed summary_noise_multiplier too small for a client's budget was refused as "cannot
+    calibrate privacy.noise_multiplier (DP-SGD) ...: entries with a fixed noise multiplier
+    already spend ...", naming a key the user had not set and not the one to change."""
+    cfg = dp_config(methods=["fedora"], privacy={"summary_noise_multiplier": 0.05})
+    with pytest.raises(ConfigError) as err:
+        privacy_plan(cfg, "fedora", PrivacyBudget(0.5, 1e-3))
+    message = str(err.value)
+    assert "privacy.summary_noise_multiplier 0.05" in message
+    assert "raise it, unset it to calibrate, or raise the budget" in message
+    # a calibrated share is named as its fraction, beside the fixed multiplier
+    lam = dp_config(methods=["fedora"], data={"validation": "private"},
+                    privacy={"lambda_noise_multiplier": 0.05})
+    with pytest.raises(ConfigError) as err:
+        privacy_plan(lam, "fedora", PrivacyBudget(0.5, 1e-3))
+    assert "privacy.lambda_noise_multiplier 0.05" in str(err.value)
+    assert "privacy.summary_budget_fraction 0.2" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "privacy, key",
     [
