@@ -703,13 +703,30 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
         raise BudgetPlanError(f"privacy: the plan of {method!r} with the fixed "
                               f"privacy.noise_multiplier {plan.dpsgd_noise:g}: {why}", []) from None
     if planned > budget.epsilon:
+        others = _fixed_noise_settings(cfg, method)  # raising DP-SGD's alone may not help
+        them = "them" if others else "it"
         raise BudgetPlanError(
             f"privacy: the plan of {method!r} spends epsilon {format_spent(planned, budget.epsilon)}"
             f" > budget {format_exact(budget.epsilon)} (delta {format_exact(budget.delta)},"
             f" accountant {accountant!r}) with the"
-            f" fixed privacy.noise_multiplier {plan.dpsgd_noise:g}; raise it or unset it to"
-            " calibrate", [])
+            f" fixed privacy.noise_multiplier {plan.dpsgd_noise:g}"
+            + "".join(f" and {o}" for o in others)
+            + f"; raise {them} or unset {them} to calibrate", [])
     return plan
+
+
+def _fixed_noise_settings(cfg: ExperimentConfig, method: str) -> list[str]:
+    """``"<key> <value>"`` of each fixed noise multiplier of ``method``'s releases other than
+    DP-SGD (summary, lambda, plug-ins), in declaration order."""
+    out: list[str] = []
+    for spec in admitted_releases(cfg, method):
+        for mechanism in spec.mechanisms:
+            if mechanism == "dpsgd":
+                continue
+            fixed_noise, _, noise_key, _ = _noise_keys(cfg, method, mechanism)
+            if fixed_noise is not None and f"{noise_key} {fixed_noise:g}" not in out:
+                out.append(f"{noise_key} {fixed_noise:g}")
+    return out
 
 
 def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,

@@ -161,6 +161,22 @@ def test_fixed_noise_that_leaves_dpsgd_nothing_names_the_key_to_change():
     assert "privacy.summary_budget_fraction 0.2" in str(err.value)
 
 
+def test_a_fixed_plan_over_budget_names_every_fixed_multiplier():
+    """With privacy.noise_multiplier 40 and a summary_noise_multiplier of 0.5 the refusal said
+    "with the fixed privacy.noise_multiplier 40; raise it or unset it": raising it cannot help
+    when the summary alone spends more than the budget, and the summary's key was not named."""
+    cfg = dp_config(methods=["fedora"], privacy={"noise_multiplier": 40.0,
+                                                 "summary_noise_multiplier": 0.5})
+    with pytest.raises(BudgetPlanError) as err:
+        privacy_plan(cfg, "fedora", PrivacyBudget(0.5, 1e-3))
+    assert ("with the fixed privacy.noise_multiplier 40 and privacy.summary_noise_multiplier "
+            "0.5; raise them or unset them to calibrate") in str(err.value)
+    alone = dp_config(methods=["fedora"], privacy={"noise_multiplier": 0.5})
+    with pytest.raises(BudgetPlanError, match=r"privacy.noise_multiplier 0.5; raise it or "
+                                              r"unset it to calibrate$"):
+        privacy_plan(alone, "fedora", PrivacyBudget(0.5, 1e-3))
+
+
 @pytest.mark.parametrize(
     "privacy, key",
     [
