@@ -108,6 +108,11 @@ class FixedEntriesOverTargetError(CalibrationError):
     noise for the others can help (the caller names where those multipliers come from)."""
 
 
+class UnreachableTargetError(CalibrationError):
+    """Even the largest noise multiplier calibration tries spends more than the target: the
+    target itself (the budget, or its share) is too small for the plan."""
+
+
 class AccountingSizeError(AccountingError):
     """The analysis would allocate more than its memory guard allows (an epsilon far too large
     for the discretized accountants); nothing was allocated. ``problem`` says why, ``remedy``
@@ -1175,14 +1180,14 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
 
     sigma_min, sigma_max = 1e-3, 1e4
 
-    def unreachable(eps_max: float) -> CalibrationError:
+    def unreachable(eps_max: float) -> UnreachableTargetError:
         hint = ""
         if accountant == "prv":
             hint = ("; a PRV epsilon includes its discretization error (at least"
                     f" {min(prv_eps_error, PRV_MIN_EPS_ERROR):g}), so PRV cannot certify less")
-        return CalibrationError(f"even noise multiplier {sigma_max:g} gives epsilon"
-                                f" {format_spent(eps_max, target_epsilon)} > target"
-                                f" {format_exact(target_epsilon)}{hint}")
+        return UnreachableTargetError(f"even noise multiplier {sigma_max:g} gives epsilon"
+                                      f" {format_spent(eps_max, target_epsilon)} > target"
+                                      f" {format_exact(target_epsilon)}{hint}")
 
     probed = False
 

@@ -56,6 +56,7 @@ from privacy.accounting import (
     MechanismRecord,
     PlannedRelease,
     PrivacyBudget,
+    UnreachableTargetError,
     calibrate_noise_multiplier,
     format_exact,
     format_spent,
@@ -289,10 +290,12 @@ class BudgetPlanError(ConfigError):
 
 
 def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
-               what: str, prv_refine: bool = True, fixed_by: Sequence[str] = ()) -> float:
+               what: str, prv_refine: bool = True, fixed_by: Sequence[str] = (),
+               share: tuple[str, float, float] | None = None) -> float:
     """The calibrated noise multiplier of ``what``; ConfigError naming it when none fits, and
     ``fixed_by`` (the config keys that set the plan's other entries, with their values) when
-    those entries alone already spend ``target``."""
+    those entries alone already spend ``target``. ``share`` (fraction key, fraction, budget
+    epsilon) says where a target that is a share of the budget comes from."""
     try:
         return calibrate_noise_multiplier(target, delta, plan, accountant, prv_refine=prv_refine)
     except CalibrationError as err:
@@ -300,8 +303,12 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
         if isinstance(err, FixedEntriesOverTargetError) and fixed_by:
             hint = (f" (set by {', '.join(fixed_by)}; raise it, unset it to calibrate, or raise"
                     " the budget)")
-        raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}: "
-                          f"{err}{hint}") from None
+        elif isinstance(err, UnreachableTargetError):
+            hint = "; raise the budget" + (f" or {share[0]}" if share else "")
+        source = "" if share is None else \
+            f" ({share[0]} {share[1]:g} of epsilon {format_exact(share[2])})"
+        raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}{source}"
+                          f" (accountant {accountant!r}): {err}{hint}") from None
 
 
 #: Mechanisms with a fixed noise multiplier (calibrated to a fraction of the budget when
@@ -540,7 +547,7 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
             fixed_noise, fraction, noise_key, fraction_key = _noise_keys(cfg, method, mechanism)
             sigma = fixed_noise or _calibrate(
                 fraction * eps, delta, [PlannedRelease(mechanism, 1.0, times)],
-                accountant, noise_key, prv_refine)
+                accountant, noise_key, prv_refine, share=(fraction_key, fraction, eps))
             noise[mechanism] = sigma
             fixed.append(PlannedRelease(mechanism, 1.0, times, sigma))
             if fixed_noise is None:

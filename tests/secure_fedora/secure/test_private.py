@@ -161,6 +161,20 @@ def test_fixed_noise_that_leaves_dpsgd_nothing_names_the_key_to_change():
     assert "privacy.summary_budget_fraction 0.2" in str(err.value)
 
 
+def test_a_budget_too_small_for_a_calibrated_share_says_what_to_change():
+    """A client budget of 0.0001 was refused as "cannot calibrate
+    privacy.summary_noise_multiplier for epsilon 2e-05: even noise multiplier 10000 gives
+    epsilon 0.00576 > target 2e-05": a key the user had not set, an epsilon they had not
+    given, no accountant, and nothing to do."""
+    cfg = dp_config(methods=["fedora"], privacy={"accountant": "rdp"})
+    with pytest.raises(ConfigError) as err:
+        privacy_plan(cfg, "fedora", PrivacyBudget(0.0001, 1e-5))
+    message = str(err.value)
+    assert "privacy.summary_budget_fraction 0.2 of epsilon 0.0001" in message
+    assert "accountant 'rdp'" in message
+    assert message.endswith("; raise the budget or privacy.summary_budget_fraction")
+
+
 def test_a_fixed_plan_over_budget_names_every_fixed_multiplier():
     """With privacy.noise_multiplier 40 and a summary_noise_multiplier of 0.5 the refusal said
     "with the fixed privacy.noise_multiplier 40; raise it or unset it": raising it cannot help
