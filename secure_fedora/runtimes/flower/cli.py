@@ -5,7 +5,7 @@
 - ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
 - ``deploy local [--config CONFIG] [--clients N] [--workdir DIR] [--round-timeout S]
   [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]
-  [--compare-methods] [--full-client-errors K ...]``
+  [--compare-methods] [--full-client-errors K ...] [--resume] [--print-commands]``
 
 ``deploy local`` without ``--config`` deploys the smoke config the package ships
 (:data:`DEFAULT_CONFIG`, a copy of ``configs/smoke.toml``), and without ``--workdir`` works in
@@ -143,7 +143,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
     from secure_fedora.core.config import check_path_argument, load_config
-    from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
+    from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local, local_commands
     from secure_fedora.runtimes.rundir import default_deploy_dir
     from secure_fedora.runtimes.summary import print_run_summary
 
@@ -163,6 +163,14 @@ def cmd_local(args: argparse.Namespace) -> int:
                       "config's name; one that holds an earlier run is refused, --resume "
                       "continues a run whose ServerApp died, --workdir chooses another)")
     timeouts = RunTimeouts(round=args.round_timeout, run=args.run_timeout, connect=args.connect_timeout)
+    if args.print_commands:
+        for line in local_commands(
+                config, args.clients, workdir, timeouts=timeouts, num_threads=args.threads,
+                reproducible_dp_noise=args.reproducible_dp_noise, key_holder=args.key_holder,
+                max_in_flight=args.max_in_flight, compare_methods=args.compare_methods,
+                full_client_errors=args.full_client_errors, resume=args.resume):
+            print(line)
+        return 0
     restore = _interrupt_on_termination()
     try:
         result = deploy_local(
@@ -272,5 +280,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "that round's release from its journal, the same noise, its ledger entry consumed, not "
         "appended); refused before anything is written when the checkpoint is another run's, configuration's or "
         "method list's",
+    )
+    local.add_argument(
+        "--print-commands", action="store_true",
+        help="start nothing: write into the workdir what the deployment's processes read "
+        "(certificates, node keys, identities, run.toml) and print, one per line, every "
+        "command the deployment would run, in order (the flwr run id, known once submitted, "
+        "is written RUN_ID); each line runs as printed, by hand",
     )
     local.set_defaults(func=cmd_local)

@@ -95,6 +95,7 @@ __all__ = [
     "flower_env",
     "free_ports",
     "init_party_identities",
+    "local_commands",
     "with_num_clients",
 ]
 
@@ -321,6 +322,26 @@ class LocalFederation:
     def start(self) -> None:
         """Create credentials, start the SuperLink, register keys, start every SuperNode."""
         t0 = time.perf_counter()
+        self.prepare()
+        self.phases["credentials"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._start_superlink()
+        self.phases["superlink"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in self.register_indices:
+            self.nodes[i].node_id = self.register_node(i)
+        self.phases["register"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for node in self.nodes:
+            self.start_node(node.index, wait=False)
+        for i in self.register_indices:
+            self.wait_node_active(i)
+        self.phases["supernodes"] = time.perf_counter() - t0
+
+    def prepare(self) -> None:
+        """Write what the processes read, starting none: the TLS certificates (for
+        127.0.0.1), the SuperNode keys, the flwr CLI's connection and every party's identity
+        directory; choose the ports."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.certs = make_certificates(self.workdir / "certs", [LOOPBACK], overwrite=True)
         keys = make_node_keys(
@@ -342,20 +363,23 @@ class LocalFederation:
         # Every party's Ed25519 / X25519 identity, one directory each: they sign every message
         # envelope (and the clients' privacy ledgers), and receive the sealed CKKS context.
         init_party_identities(self.identity_dir, self.num_nodes)
-        self.phases["credentials"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self._start_superlink()
-        self.phases["superlink"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in self.register_indices:
-            self.nodes[i].node_id = self.register_node(i)
-        self.phases["register"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for node in self.nodes:
-            self.start_node(node.index, wait=False)
-        for i in self.register_indices:
-            self.wait_node_active(i)
-        self.phases["supernodes"] = time.perf_counter() - t0
+
+    def planned_commands(self, run_toml: Path) -> list[str]:
+        """Every command :meth:`start`, :meth:`submit` and :meth:`follow` run, in order, each
+        as a shell line (as a process's log records its start: a ``cd`` into the workdir, the
+        environment it sets, the shell-quoted command): the SuperLink, each node key's
+        registration, each SuperNode, ``flwr run`` with ``run_toml``, then ``flwr log`` and
+        ``flwr ls`` of the run (its id, known only once submitted, written ``RUN_ID``).
+        Needs :meth:`prepare` first; starts nothing."""
+        cli = self._flwr_command
+        commands = [(self.workdir / "flwr" / "superlink", self._superlink_command())]
+        commands += [(self.cli_home, cli(*self._register_args(i))) for i in self.register_indices]
+        commands += [(node.flwr_home, self._node_command(node.index)) for node in self.nodes]
+        commands += [(self.cli_home, cli(*args)) for args in (
+            self._run_args(run_toml), self._log_args("RUN_ID"), self._status_args("RUN_ID"))]
+        return [ManagedProcess(name="", command=command, log_path=self.logs / "unused",
+                               env=flower_env(home), cwd=self.workdir).shell_line()
+                for home, command in commands]
 
     def stop(self) -> None:
         """Stop every process started here (SuperNodes first, then the SuperLink)."""
@@ -399,9 +423,9 @@ class LocalFederation:
         self.processes.append(proc)
         return proc
 
-    def _start_superlink(self) -> None:
+    def _superlink_command(self) -> list[str]:
         assert self.certs is not None
-        command = [
+        return [
             _flower_bin("flower-superlink"),
             "--ssl-ca-certfile", str(self.certs.ca_cert),
             "--ssl-certfile", str(self.certs.server_cert),
@@ -411,7 +435,10 @@ class LocalFederation:
             "--host", LOOPBACK,
             "--port", str(self.port),
         ]
-        self.superlink = self._spawn("superlink", command, self.workdir / "flwr" / "superlink")
+
+    def _start_superlink(self) -> None:
+        self.superlink = self._spawn("superlink", self._superlink_command(),
+                                     self.workdir / "flwr" / "superlink")
         deadline = time.monotonic() + self.timeouts.startup
         while time.monotonic() < deadline:
             # A connection alone is not enough: another process may hold the port, and the
@@ -436,9 +463,13 @@ class LocalFederation:
             f"{self.timeouts.startup:.0f} s:\n{self.superlink.log_tail()}"
         )
 
+    @staticmethod
+    def _flwr_command(*args: str) -> list[str]:
+        return [_flower_bin("flwr"), *args]
+
     def flwr(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
         """Run one ``flwr`` CLI command against this federation (bounded by ``timeout``)."""
-        command = [_flower_bin("flwr"), *args]
+        command = self._flwr_command(*args)
         try:
             return subprocess.run(  # noqa: S603 - fixed argument list
                 command,
@@ -466,12 +497,14 @@ class LocalFederation:
             )
         return doc
 
+    def _register_args(self, index: int) -> list[str]:
+        key = self.nodes[index].key.public_key
+        return ["supernode", "register", str(key), CONNECTION_NAME, "--format", "json"]
+
     def register_node(self, index: int) -> int:
         """Register node ``index``'s public key with the SuperLink; returns its node id."""
         node = self.nodes[index]
-        proc = self.flwr(
-            "supernode", "register", str(node.key.public_key), CONNECTION_NAME, "--format", "json"
-        )
+        proc = self.flwr(*self._register_args(index))
         doc = self._json_output(proc, f"registering {node.key.public_key.name}")
         return int(doc["node-id"])
 
@@ -498,17 +531,24 @@ class LocalFederation:
                     if proc.running() or not refused or time.monotonic() > deadline:
                         raise
                 time.sleep(2.0)
-        assert self.certs is not None
         node = self.nodes[index]
         if node.process is not None and node.process.running():
             raise DeployError(f"SuperNode {index} is already running")
         node.state_dir.mkdir(parents=True, exist_ok=True)
+        node.process = self._spawn(f"supernode-{index}", self._node_command(index), node.flwr_home)
+        if wait:
+            self.wait_node_active(index)
+        return node.process
+
+    def _node_command(self, index: int) -> list[str]:
+        assert self.certs is not None
+        node = self.nodes[index]
         node_config = (
             f'partition-id={index} state-dir="{node.state_dir}" '
             f'identity-dir="{self.party_identity_dir(index)}"'
             + (' client-errors="full"' if index in self.full_client_errors else "")
         )
-        command = [
+        return [
             _flower_bin("flower-supernode"),
             "--root-certificates", str(self.certs.ca_cert),
             "--superlink", self.address,
@@ -517,10 +557,6 @@ class LocalFederation:
             "--port", str(node.port),
             "--node-config", node_config,
         ]
-        node.process = self._spawn(f"supernode-{index}", command, node.flwr_home)
-        if wait:
-            self.wait_node_active(index)
-        return node.process
 
     def party_identity_dir(self, index: int | None) -> Path:
         """The identity directory of client ``index`` (``None``: the server)."""
@@ -576,6 +612,33 @@ class LocalFederation:
     ) -> int:
         """Submit the secure-fedora app with ``cfg`` via ``flwr run``; returns the run id.
 
+        The run config is :meth:`write_run_config`'s (the same arguments).
+        """
+        run_toml = self.write_run_config(
+            cfg, result_dir, num_threads=num_threads, round_timeout=round_timeout,
+            reproducible_dp_noise=reproducible_dp_noise, key_holder=key_holder,
+            max_in_flight=max_in_flight, compare_methods=compare_methods, resume=resume,
+            amendments=amendments)
+        doc = self._json_output(self.flwr(*self._run_args(run_toml)), "flwr run")
+        return int(doc["run-id"])
+
+    def write_run_config(
+        self,
+        cfg: ExperimentConfig,
+        result_dir: Path,
+        *,
+        num_threads: int = 1,
+        round_timeout: float | None = None,
+        reproducible_dp_noise: bool = False,
+        key_holder: int = 0,
+        max_in_flight: int = 0,
+        compare_methods: bool = False,
+        resume: int = 0,
+        amendments: Sequence[Mapping[str, Any]] = (),
+    ) -> Path:
+        """Write ``WORKDIR/run.toml``, the run-config overrides ``flwr run`` is given, and
+        return its path (``result_dir`` is created).
+
         ``round_timeout`` overrides ``timeouts.round`` for this run only; ``key_holder`` is the
         client that runs the CKKS key ceremony in the encrypted relatedness modes;
         ``max_in_flight`` caps the messages the ServerApp keeps outstanding (0: all at once);
@@ -603,15 +666,24 @@ class LocalFederation:
         )
         run_toml = self.workdir / "run.toml"
         run_toml.write_text(tomli_w.dumps(overrides), encoding="utf-8")
-        proc = self.flwr(
-            "run", str(APP_DIR), CONNECTION_NAME, "--run-config", str(run_toml), "--format", "json"
-        )
-        doc = self._json_output(proc, "flwr run")
-        return int(doc["run-id"])
+        return run_toml
+
+    @staticmethod
+    def _run_args(run_toml: Path) -> list[str]:
+        return ["run", str(APP_DIR), CONNECTION_NAME, "--run-config", str(run_toml),
+                "--format", "json"]
+
+    @staticmethod
+    def _log_args(run_id: int | str) -> list[str]:
+        return ["log", str(run_id), CONNECTION_NAME, "--stream"]
+
+    @staticmethod
+    def _status_args(run_id: int | str) -> list[str]:
+        return ["ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json"]
 
     def run_status(self, run_id: int) -> str:
         """The run's status string as the SuperLink reports it (e.g. ``finished:completed``)."""
-        proc = self.flwr("ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json")
+        proc = self.flwr(*self._status_args(run_id))
         doc = self._json_output(proc, f"flwr ls --run-id {run_id}")
         runs = doc.get("runs") or []
         if not runs:
@@ -632,8 +704,7 @@ class LocalFederation:
         """
         limit = self.timeouts.run if timeout is None else timeout
         stream = self._spawn(
-            "serverapp", [_flower_bin("flwr"), "log", str(run_id), CONNECTION_NAME, "--stream"],
-            self.cli_home,
+            "serverapp", self._flwr_command(*self._log_args(run_id)), self.cli_home,
         )
         deadline = time.monotonic() + limit
         try:
@@ -820,44 +891,11 @@ def deploy_local(
     than ``finished:completed``. All processes are stopped before returning or raising,
     including on KeyboardInterrupt.
     """
-    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
-    cfg = with_reproducible_noise(with_num_clients(cfg, num_clients), reproducible_dp_noise)
-    check_supported(cfg, reproducible_dp_noise, compare_methods)
-    check_apps_know_entries(cfg)
-    if not 0 <= key_holder < cfg.data.num_clients:
-        raise DeployError(
-            f"key holder {key_holder} is not a client index in [0, {cfg.data.num_clients})"
-        )
-    outside = sorted(set(full_client_errors) - set(range(cfg.data.num_clients)))
-    if outside:
-        raise DeployError(f"full client errors name clients {outside}, not client indexes in "
-                          f"[0, {cfg.data.num_clients})")
-    if max_in_flight is None:
-        max_in_flight = default_max_in_flight()
-    if max_in_flight < 0:
-        raise DeployError(f"max_in_flight must be >= 0 (0: all at once); got {max_in_flight}")
+    cfg, work, max_in_flight, resumed, amendments = _checked_deployment(
+        config, num_clients, workdir, reproducible_dp_noise=reproducible_dp_noise,
+        key_holder=key_holder, max_in_flight=max_in_flight, compare_methods=compare_methods,
+        full_client_errors=full_client_errors, resume=resume)
     say = progress or (lambda _msg: None)
-    work = Path(workdir).expanduser().resolve()
-    if any(ch in str(work) for ch in '"\\\n'):
-        # the SuperNodes' node config quotes its paths; a quote or backslash in them would
-        # end the value early and point a node at another directory
-        raise DeployError(f"the workdir {str(work)!r} contains a quote, a backslash or a line"
-                          " break, which Flower's node config cannot carry; choose another path")
-    if work.exists() and not work.is_dir():
-        # checked before anything starts: creating its subfolders failed with a bare OSError
-        raise DeployError(f"the workdir {str(work)!r} exists and is not a directory; name a "
-                          "directory (a new one for a new run)")
-    check_overrides_used(cfg, resume=resume)
-    if cfg.security.keystore is not None:
-        # the config is used as given (its hash binds the run), so the key is only named
-        log.warning("[security] keystore = %s is unused by the Flower runtime: each party's "
-                    "keys are in its identity directory %s/<party>",
-                    json.dumps(cfg.security.keystore), work / "identities")
-    resumed, amendments = 0, []
-    if resume:
-        resumed, cfg, amendments = _resumed_run(work, cfg)
-    if not resume:
-        _refuse_used_workdir(work)
     started = time.perf_counter()
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
                           full_client_errors=full_client_errors)
@@ -903,3 +941,94 @@ def deploy_local(
         seconds=time.perf_counter() - started,
         phases=phases,
     )
+
+
+def local_commands(
+    config: str | os.PathLike[str] | ExperimentConfig,
+    num_clients: int | None,
+    workdir: str | os.PathLike[str],
+    *,
+    timeouts: RunTimeouts | None = None,
+    num_threads: int = 1,
+    reproducible_dp_noise: bool = False,
+    key_holder: int = 0,
+    max_in_flight: int | None = None,
+    compare_methods: bool = False,
+    full_client_errors: Sequence[int] = (),
+    resume: bool = False,
+) -> list[str]:
+    """The commands :func:`deploy_local` with the same arguments runs, in order, as shell
+    lines (:meth:`LocalFederation.planned_commands`), starting none of them.
+
+    Checks and refuses what :func:`deploy_local` does, then writes into ``workdir`` what
+    the commands read (certificates for 127.0.0.1, node keys, identities, the flwr CLI's
+    connection, ``run.toml``), so they can be run by hand from the lines in order."""
+    cfg, work, max_in_flight, resumed, amendments = _checked_deployment(
+        config, num_clients, workdir, reproducible_dp_noise=reproducible_dp_noise,
+        key_holder=key_holder, max_in_flight=max_in_flight, compare_methods=compare_methods,
+        full_client_errors=full_client_errors, resume=resume)
+    fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
+                          full_client_errors=full_client_errors)
+    fed.prepare()
+    run_toml = fed.write_run_config(cfg, work / "results", num_threads=num_threads,
+                                    reproducible_dp_noise=reproducible_dp_noise,
+                                    key_holder=key_holder, max_in_flight=max_in_flight,
+                                    compare_methods=compare_methods, resume=resumed,
+                                    amendments=amendments)
+    return fed.planned_commands(run_toml)
+
+
+def _checked_deployment(
+    config: str | os.PathLike[str] | ExperimentConfig,
+    num_clients: int | None,
+    workdir: str | os.PathLike[str],
+    *,
+    reproducible_dp_noise: bool,
+    key_holder: int,
+    max_in_flight: int | None,
+    compare_methods: bool,
+    full_client_errors: Sequence[int],
+    resume: bool,
+) -> tuple[ExperimentConfig, Path, int, int, list[dict[str, Any]]]:
+    """What :func:`deploy_local` checks before it writes anything: the config to deploy, the
+    resolved workdir, the in-flight window, the resumed run's id (0: none) and its config
+    amendments; raises as :func:`deploy_local` documents."""
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    cfg = with_reproducible_noise(with_num_clients(cfg, num_clients), reproducible_dp_noise)
+    check_supported(cfg, reproducible_dp_noise, compare_methods)
+    check_apps_know_entries(cfg)
+    if not 0 <= key_holder < cfg.data.num_clients:
+        raise DeployError(
+            f"key holder {key_holder} is not a client index in [0, {cfg.data.num_clients})"
+        )
+    outside = sorted(set(full_client_errors) - set(range(cfg.data.num_clients)))
+    if outside:
+        raise DeployError(f"full client errors name clients {outside}, not client indexes in "
+                          f"[0, {cfg.data.num_clients})")
+    if max_in_flight is None:
+        max_in_flight = default_max_in_flight()
+    if max_in_flight < 0:
+        raise DeployError(f"max_in_flight must be >= 0 (0: all at once); got {max_in_flight}")
+    work = Path(workdir).expanduser().resolve()
+    if any(ch in str(work) for ch in '"\\\n'):
+        # the SuperNodes' node config quotes its paths; a quote or backslash in them would
+        # end the value early and point a node at another directory
+        raise DeployError(f"the workdir {str(work)!r} contains a quote, a backslash or a line"
+                          " break, which Flower's node config cannot carry; choose another path")
+    if work.exists() and not work.is_dir():
+        # checked before anything starts: creating its subfolders failed with a bare OSError
+        raise DeployError(f"the workdir {str(work)!r} exists and is not a directory; name a "
+                          "directory (a new one for a new run)")
+    check_overrides_used(cfg, resume=resume)
+    if cfg.security.keystore is not None:
+        # the config is used as given (its hash binds the run), so the key is only named
+        log.warning("[security] keystore = %s is unused by the Flower runtime: each party's "
+                    "keys are in its identity directory %s/<party>",
+                    json.dumps(cfg.security.keystore), work / "identities")
+    resumed: int = 0
+    amendments: list[dict[str, Any]] = []
+    if resume:
+        resumed, cfg, amendments = _resumed_run(work, cfg)
+    if not resume:
+        _refuse_used_workdir(work)
+    return cfg, work, max_in_flight, resumed, amendments

@@ -1,0 +1,121 @@
+"""``deploy local --print-commands``: the commands it prints are the ones ``deploy local`` runs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from secure_fedora.core.config import config_document
+from secure_fedora.runtimes import summary
+from secure_fedora.runtimes.flower import local
+from secure_fedora.runtimes.flower.cli import register
+from secure_fedora.runtimes.flower.processes import ManagedProcess
+from secure_fedora.runtimes.flower.protocol import DeployError
+from tests.secure_fedora.runtimes.flower.deploy_support import dp_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+RUN_ID = 77
+
+
+def _record_instead_of_running(monkeypatch: pytest.MonkeyPatch, ran: list[str]) -> None:
+    """Every process `deploy local` starts and every flwr call it makes is recorded as the
+    shell line a process's log records, and answered as Flower would, without running it."""
+
+    class Recorded(ManagedProcess):
+        def start(self) -> ManagedProcess:
+            ran.append(self.shell_line())
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            # what the SuperLink and a SuperNode log once ready
+            self.log_path.write_text(f"=== start {self.name}\n{local.SUPERLINK_SERVING}\n"
+                                     "SuperNode ID: 1\n")
+            return self
+
+        def running(self) -> bool:
+            return self.name != "serverapp"  # the run's log stream ends: the run is over
+
+        def refresh_descendants(self) -> None:
+            pass
+
+        def stop(self, grace: float = 5.0, hard: bool = False) -> None:
+            pass
+
+    def flwr_call(command: list[str], *, env: dict[str, str], cwd: Path,
+                  **_: Any) -> subprocess.CompletedProcess[str]:
+        ran.append(ManagedProcess("flwr", command, cwd / "unused", env, cwd).shell_line())
+        doc: dict[str, Any] = {"success": True, "node-id": 1, "run-id": str(RUN_ID),
+                               "runs": [{"status": "finished:completed"}]}
+        if command[1] == "run":
+            (cwd / "results" / "results.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0, json.dumps(doc), "")
+
+    # the same ports each time (a deployment chooses free ones at each start)
+    monkeypatch.setattr(local, "free_ports", lambda n: list(range(30000, 30000 + n)))
+    monkeypatch.setattr(local, "ManagedProcess", Recorded)
+    monkeypatch.setattr(local.subprocess, "run", flwr_call)
+    monkeypatch.setattr(local.socket, "create_connection", lambda *a, **k: contextlib.nullcontext())
+
+
+def test_printed_commands_are_the_ones_deploy_local_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`deploy local --print-commands` starts nothing, writes what the commands read
+    (certificates, node keys, identities, the CLI's connection, run.toml) and prints, in
+    order, exactly the commands `deploy local` with the same flags runs (the run id, known
+    once submitted, written RUN_ID); run.toml is the one the deployment submits."""
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(config_document(dp_config())))
+    work = tmp_path / "w"
+    flags = ["--config", str(config), "--workdir", str(work), "--max-in-flight", "2",
+             "--full-client-errors", "1", "--threads", "2"]
+    ran: list[str] = []
+    _record_instead_of_running(monkeypatch, ran)
+
+    args = _parser().parse_args(["deploy", "local", *flags, "--print-commands"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert ran == [], "--print-commands started or called something"
+    for path in ("certs/ca.crt", "certs/server.crt", "certs/server.key", "keys/node-2",
+                 "keys/node-2.pub", "identities/server/allowlist.json",
+                 "identities/client-002/client-002.ed25519.key", "flwr/cli/config.toml",
+                 "run.toml"):
+        assert (work / path).is_file(), path
+    submitted = (work / "run.toml").read_bytes()
+    assert len(printed) == 1 + 3 + 3 + 3
+    assert "flower-superlink" in printed[0] and "--enable-supernode-auth" in printed[0]
+    assert all(" supernode register " in line for line in printed[1:4])
+    assert all("flower-supernode" in line for line in printed[4:7])
+    assert "client-errors=\"full\"" in printed[5] and "client-errors" not in printed[4]
+    assert " run " in printed[7] and " log RUN_ID " in printed[8] and "--run-id RUN_ID" in printed[9]
+
+    args = _parser().parse_args(["deploy", "local", *flags])
+    monkeypatch.setattr(summary, "print_run_summary", lambda *a: None)  # no results to show
+    assert args.func(args) == 0
+    assert [line.replace(f" {RUN_ID} ", " RUN_ID ") for line in ran] == printed
+    assert (work / "run.toml").read_bytes() == submitted
+
+
+def test_print_commands_refuses_what_deploy_local_refuses(tmp_path: Path) -> None:
+    """The checks of `deploy local` come first: a used workdir or a client index outside the
+    run is refused, naming it, and nothing is written."""
+    cfg = dp_config()
+    with pytest.raises(DeployError, match=r"full client errors name clients \[3\]"):
+        local.local_commands(cfg, 3, tmp_path / "fresh", full_client_errors=[3])
+    assert not (tmp_path / "fresh").exists()
+    used = tmp_path / "used"
+    (used / "results").mkdir(parents=True)
+    (used / "results" / "results.json").write_text("{}")
+    with pytest.raises(DeployError, match="holds an earlier deployment"):
+        local.local_commands(cfg, 3, used)
+    assert sorted(p.name for p in used.iterdir()) == ["results"]
