@@ -5,7 +5,9 @@ and SuperNode authentication, registers every node's public key with ``flwr supe
 register``, starts one ``flower-supernode`` per client, submits the secure-fedora app with ``flwr
 run``, follows it to the end and stops everything it started, also on errors and Ctrl-C.
 :class:`LocalFederation` is the same machinery as a context manager, for tests and tools that
-need to act during a run (stop or restart a SuperNode).
+need to act during a run (stop or restart a SuperNode). :func:`local_commands` (``deploy local
+--print-commands``) writes what those commands read and returns them as shell lines, starting
+none: each is built by the same method that runs it.
 
 Layout of ``workdir``::
 
