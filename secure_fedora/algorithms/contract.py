@@ -382,10 +382,10 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     :class:`FederatedAlgorithm`; it gets the :class:`ReplyRules` of ``name`` under ``cfg`` as
     its ``reply_rules`` attribute and its :class:`ReplySchema` as ``reply_schema`` (what the
     runtimes check every exchange against). A factory whose ``algorithm`` is not the class
-    it built raises :class:`ContractError` when the built class declares other
-    :meth:`~FederatedAlgorithm.assumptions` or, under DP, other releases or reply entries:
-    the plan, the ledgers and results.json read the named class's
-    (:func:`method_releases`, :func:`declared_reply_entries`)."""
+    it built raises :class:`ContractError` when the built class declares anything of
+    :func:`named_class_declarations` otherwise (releases and reply entries under DP only):
+    the plan, the ledgers, the runtimes' checks, the config and results.json read the named
+    class's (:func:`method_releases`, :func:`declared_reply_entries`, ...)."""
     from secure_fedora.core.registry import METHODS
 
     entry = METHODS.get(name)
@@ -420,16 +420,63 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     return method
 
 
+#: Declarations the toolkit reads from a method's class beside :class:`FederatedAlgorithm`'s
+#: class methods and the config hooks of
+#: :class:`~secure_fedora.algorithms.config_checks.MethodChecks` (see
+#: :func:`named_class_declarations`): read with ``getattr`` on :func:`method_class`...
+OTHER_CLASS_DECLARATIONS = ("sends_messages", "amendable_keys")
+#: ... and with ``METHODS.declared`` (from a factory itself when it has them, as the config
+#: hooks of ``MethodChecks`` are).
+OTHER_REGISTRY_DECLARATIONS = ("params", "check_hyperparameters")
+#: Declarations compared by what they state under the run's config rather than by their
+#: definition (the others need a run's data or results to be asked).
+_DECLARED_UNDER_CFG = ("releases", "reply_entries", "assumptions", "distributed_unsupported",
+                       "derived_row_names")
+
+
+def _registry_declarations() -> tuple[str, ...]:
+    """The declarations ``METHODS.declared`` reads: from a factory itself when it has them,
+    else from the class it names."""
+    from secure_fedora.algorithms.config_checks import MethodChecks
+
+    return (*(k for k in vars(MethodChecks) if not k.startswith("_")),
+            *OTHER_REGISTRY_DECLARATIONS)
+
+
+def named_class_declarations() -> tuple[str, ...]:
+    """Every class attribute the toolkit reads from the class a method's registry entry names
+    (:func:`method_class`, ``METHODS.declared``) rather than from the method it built: the
+    class methods of :class:`FederatedAlgorithm`, the config hooks of
+    :class:`~secure_fedora.algorithms.config_checks.MethodChecks`,
+    :data:`OTHER_CLASS_DECLARATIONS` and :data:`OTHER_REGISTRY_DECLARATIONS`.
+    :func:`build_method` compares each of them."""
+    names = [k for k, v in vars(FederatedAlgorithm).items() if isinstance(v, classmethod)]
+    return tuple(dict.fromkeys([*names, *OTHER_CLASS_DECLARATIONS, *_registry_declarations()]))
+
+
 def _declarations_differ(name: str, named: type[FederatedAlgorithm],
                          built: type[FederatedAlgorithm], cfg: Any, private: bool) -> list[str]:
     """What ``built`` (registered as ``name``) declares differently from ``named`` under ``cfg``, each as
-    ``"<what> (<named>: ..., <built>: ...)"``: its assumptions (stated in results.json) and,
-    in a private run, its releases (what the plan calibrates and the ledgers account) and its
-    reply rules (stated in results.json, enforced on every reply)."""
+    ``"<what> (<named>: ..., <built>: ...)"``, over :func:`named_class_declarations`: its
+    assumptions (stated in results.json), whether Flower can run it and the result rows it
+    adds, compared by what they state under ``cfg``; in a private run also its releases (what
+    the plan calibrates and the ledgers account) and its reply rules (stated in results.json,
+    enforced on every reply); every other declaration (its data and model checks, derived
+    rows and comparisons, config hooks, ...) by its definition. A declaration the registry
+    reads from the factory itself is the factory's, not compared."""
+    from secure_fedora.core.registry import METHODS
+
     def shown(value: Any) -> str:
+        if callable(value) and hasattr(value, "__qualname__"):
+            value = getattr(value, "__func__", value).__qualname__
         text = value if isinstance(value, str) else repr(value)
         return text if len(text) <= 200 else text[:197] + "..."
 
+    def definition(cls: type, attribute: str) -> Any:
+        value = getattr(cls, attribute, None)
+        return getattr(value, "__func__", value)  # a class method: the function defining it
+
+    entry = METHODS.get(name)
     pairs: list[tuple[str, Any, Any]] = []
     if private:
         def releases(cls: type[FederatedAlgorithm]) -> str:
@@ -441,6 +488,20 @@ def _declarations_differ(name: str, named: type[FederatedAlgorithm],
         a, b = ReplyRules.of(name, named, cfg), ReplyRules.of(name, built, cfg)
         pairs.append(("reply entries", a.entries, b.entries))
     pairs.append(("assumptions", named.assumptions(cfg), built.assumptions(cfg)))
+    pairs.append(("distributed_unsupported", named.distributed_unsupported(cfg),
+                  built.distributed_unsupported(cfg)))
+
+    def factory_declares(attribute: str) -> bool:  # METHODS.declared reads the factory's own
+        return attribute in _registry_declarations() and entry is not named and \
+            getattr(entry, attribute, None) is not None
+
+    if not factory_declares("derived_row_names"):
+        rows = [getattr(cls, "derived_row_names", None) for cls in (named, built)]
+        pairs.append(("derived_row_names", *(r(name, cfg) if callable(r) else r for r in rows)))
+    for attribute in named_class_declarations():
+        if attribute in _DECLARED_UNDER_CFG or factory_declares(attribute):
+            continue
+        pairs.append((attribute, definition(named, attribute), definition(built, attribute)))
     return [f"{what} ({named.__name__}: {shown(x)}, {built.__name__}: {shown(y)})"
             for what, x, y in pairs if x != y]
 

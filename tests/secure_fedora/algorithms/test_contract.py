@@ -354,6 +354,101 @@ def test_a_factory_must_build_a_class_declaring_what_the_named_class_declares():
         METHODS.unregister("named_local")
 
 
+def _classmethod(body):  # type: ignore[no-untyped-def]
+    return classmethod(body)
+
+
+# One override per declaration the toolkit reads from a factory's named class (beside the
+# releases, reply entries and assumptions compared before): each was read from the named
+# class and never compared with the class the factory built.
+NAMED_CLASS_OVERRIDES = {
+    "derived_rows": _classmethod(lambda cls, name, outcome: {f"{name}_x": [0.0]}),
+    "derived_assumptions": _classmethod(lambda cls, name, outcome, cfg: {"x": "y"}),
+    "comparisons": _classmethod(lambda cls, name, outcomes: {"x": 1}),
+    "check_model_size": _classmethod(lambda cls, cfg, num_params, dtype: None),
+    "check_data": _classmethod(lambda cls, cfg, facts: None),
+    "distributed_unsupported": _classmethod(lambda cls, cfg: "model.x (not on Flower)"),
+    "sends_messages": True,  # Local keeps everything on its clients
+    "amendable_keys": ("fedora.max_pull",),
+    "cuda_supported": False,  # Local runs on CUDA
+    "proximal_weights": ("mu",),
+    "check_config": _classmethod(lambda cls, cfg: None),
+    "derived_row_names": _classmethod(lambda cls, name, cfg: (f"{name}_x",)),
+    "params": object,
+    "check_hyperparameters": _classmethod(lambda cls, section: None),
+}
+
+
+@pytest.mark.parametrize("declaration", sorted(NAMED_CLASS_OVERRIDES))
+def test_a_factory_must_build_a_class_with_the_named_classs_every_declaration(declaration):
+    """A factory naming Local but building a subclass that overrides ``declaration`` (its
+    data check, the rows it derives, whether Flower can run it, ...) was built, and the
+    runtimes asked Local's instead. Refused now, naming the declaration, with or without DP."""
+    built = type("Overrides", (Local,), {declaration: NAMED_CLASS_OVERRIDES[declaration]})
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]
+        return built.from_config(ctx, cfg)
+
+    factory.algorithm = Local
+    METHODS.register("named_local_x", factory)
+    try:
+        for cfg in (_config("local"), _config("local", privacy=DP)):
+            ctx = build_context(cfg, build_clients(cfg))
+            with pytest.raises(ContractError, match=rf"names Local as its algorithm but built "
+                                                    rf"Overrides, which declares other "
+                                                    rf"{declaration} \(Local: "):
+                build_method("named_local_x", ctx, cfg)
+        factory.algorithm = built  # naming the class it builds: built
+        assert type(build_method("named_local_x", ctx, cfg)) is built
+    finally:
+        METHODS.unregister("named_local_x")
+
+
+def test_every_declaration_read_from_a_method_class_is_compared():
+    """The declarations build_method compares are every class method of FederatedAlgorithm,
+    every config hook of MethodChecks and each attribute the package reads with
+    ``METHODS.declared`` or ``getattr`` on a method's class; one added without being
+    listed would be read from a factory's named class unchecked."""
+    from secure_fedora.algorithms.config_checks import MethodChecks
+    from secure_fedora.algorithms.contract import FederatedAlgorithm, named_class_declarations
+
+    listed = set(named_class_declarations())
+    assert listed == set(NAMED_CLASS_OVERRIDES) | {"releases", "reply_entries", "assumptions"}
+    assert {k for k, v in vars(FederatedAlgorithm).items() if isinstance(v, classmethod)} <= listed
+    assert {k for k in vars(MethodChecks) if not k.startswith("_")} <= listed
+    package = Path(__file__).resolve().parents[3] / "secure_fedora"
+    read = set()
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        read |= set(re.findall(r"METHODS\.declare[dr]\(\w+, \"(\w+)\"\)", text))
+        read |= set(re.findall(r"getattr\((?:method_class\(\w+\)|cls), \"(\w+)\"", text))
+    assert read and read <= listed, read - listed
+
+
+def test_a_factorys_own_config_hook_is_not_compared_with_the_built_class():
+    """``METHODS.declared`` reads a config hook (here ``params``) from the factory itself when
+    it declares one: the built class's own is never read, so it is not compared."""
+    from pydantic import BaseModel
+
+    class Params(BaseModel):
+        pass
+
+    built = type("OwnParams", (Local,), {"params": Params})
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]
+        return built.from_config(ctx, cfg)
+
+    factory.algorithm = Local
+    factory.params = Params
+    METHODS.register("own_params_x", factory)
+    try:
+        cfg = _config("local")
+        assert type(build_method("own_params_x", build_context(cfg, build_clients(cfg)), cfg)) \
+            is built
+    finally:
+        METHODS.unregister("own_params_x")
+
+
 def test_a_factorys_named_class_with_malformed_reply_entries_is_named_by_the_method():
     """The comparison of a factory's named and built classes read the named class's
     reply_entries under an empty method name: its refusal said "method ''"."""
