@@ -43,7 +43,7 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.messages import KIND_THETA
 from secure_fedora.core.errors import is_user_error
-from secure_fedora.core.plugins import raised_at
+from secure_fedora.core.plugins import PluginError, raised_at
 from secure_fedora.core.tensors import all_finite
 
 Payload = dict[str, Tensor]
@@ -54,7 +54,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
-           "check_data_facts", "data_checked",
+           "check_data_facts", "data_checked", "method_hook", "named_class_declarations",
            "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class", "SAT_OUT_PULL_DIVERGED", "with_sat_out_statistics",
            "method_releases", "round_mechanisms", "REPLY_STAGES", "declared_reply_entries"]
 
@@ -136,6 +136,23 @@ def client_half(method: str, what: str) -> Iterator[None]:
             raise
         raise ClientHalfError(f"method {method!r}: {what} failed: "
                               f"{type(err).__name__}: {err}{raised_at(err)}") from err
+
+
+@contextmanager
+def method_hook(method: str, hook: str,
+                passes: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Ask a method's class a declaration (``hook``: e.g. ``"assumptions(cfg)"``): an exception
+    that is neither a toolkit error (:func:`~secure_fedora.core.errors.is_user_error`) nor one
+    of ``passes`` (the hook's own way to refuse, e.g. ``ValueError`` for ``check_data``)
+    becomes a one-line :class:`~secure_fedora.core.plugins.PluginError` naming ``method``,
+    ``hook`` and where it raised, with the original as its cause."""
+    try:
+        yield
+    except Exception as err:
+        if is_user_error(err) or isinstance(err, passes):
+            raise
+        raise PluginError(f"method {method!r}: its {hook} raised {type(err).__name__}: "
+                          f"{err}{raised_at(err)}") from err
 
 
 @dataclass(frozen=True)
@@ -487,17 +504,24 @@ def _declarations_differ(name: str, named: type[FederatedAlgorithm],
         pairs.append(("releases", releases(named), releases(built)))
         a, b = ReplyRules.of(name, named, cfg), ReplyRules.of(name, built, cfg)
         pairs.append(("reply entries", a.entries, b.entries))
-    pairs.append(("assumptions", named.assumptions(cfg), built.assumptions(cfg)))
-    pairs.append(("distributed_unsupported", named.distributed_unsupported(cfg),
-                  built.distributed_unsupported(cfg)))
+    def asked(cls: type, hook: str, *args: Any) -> Any:
+        with method_hook(name, f"{hook}{'(name, cfg)' if args[1:] else '(cfg)'} ({cls.__name__})"):
+            return getattr(cls, hook)(*args)
+
+    pairs.append(("assumptions", asked(named, "assumptions", cfg),
+                  asked(built, "assumptions", cfg)))
+    pairs.append(("distributed_unsupported", asked(named, "distributed_unsupported", cfg),
+                  asked(built, "distributed_unsupported", cfg)))
 
     def factory_declares(attribute: str) -> bool:  # METHODS.declared reads the factory's own
         return attribute in _registry_declarations() and entry is not named and \
             getattr(entry, attribute, None) is not None
 
     if not factory_declares("derived_row_names"):
-        rows = [getattr(cls, "derived_row_names", None) for cls in (named, built)]
-        pairs.append(("derived_row_names", *(r(name, cfg) if callable(r) else r for r in rows)))
+        pairs.append(("derived_row_names", *(
+            asked(cls, "derived_row_names", name, cfg)
+            if callable(getattr(cls, "derived_row_names", None)) else None
+            for cls in (named, built))))
     for attribute in named_class_declarations():
         if attribute in _DECLARED_UNDER_CFG or factory_declares(attribute):
             continue
@@ -537,7 +561,8 @@ def check_model_sizes(names: Sequence[str], cfg: Any, num_params: int,
         cls = method_class(name)
         assert cls is not None  # model_size_checked keeps only methods with a class
         try:
-            cls.check_model_size(cfg, num_params, dtype)
+            with method_hook(name, "check_model_size(cfg, num_params, dtype)", (ValueError,)):
+                cls.check_model_size(cfg, num_params, dtype)
         except ToolkitError:
             raise
         except ValueError as err:
@@ -581,7 +606,8 @@ def check_data_facts(names: Sequence[str], cfg: Any, facts: DataFacts) -> None:
         cls = method_class(name)
         assert cls is not None  # data_checked keeps only methods with a class
         try:
-            cls.check_data(cfg, facts)
+            with method_hook(name, "check_data(cfg, facts)", (ValueError,)):
+                cls.check_data(cfg, facts)
         except ConfigError:
             raise
         except ValueError as err:
@@ -598,7 +624,8 @@ def method_releases(name: str, cfg: Any) -> tuple[ReleaseSpec, ...]:
             f"method {name!r} is registered as a factory that does not name its algorithm "
             "class, so its releases are unknown; register the class (with a from_config "
             "classmethod) or set the factory's 'algorithm' attribute to it")
-    specs = cls.releases(cfg)
+    with method_hook(name, "releases(cfg)"):
+        specs = cls.releases(cfg)
     if not isinstance(specs, tuple | list) or not all(isinstance(s, ReleaseSpec) for s in specs):
         raise ValueError(f"method {name!r}: releases(cfg) must return a tuple of ReleaseSpec, "
                          f"got {specs!r}")
@@ -974,14 +1001,16 @@ class ReplyRules:
         """The rules of registered method ``method`` (class ``algorithm``) under ``cfg``."""
         entries = {}
         for stage in (SETUP, ROUND, FINALIZE):
-            declared = algorithm.reply_entries(cfg, stage)
+            with method_hook(method, f"reply_entries(cfg, {stage!r})"):
+                declared = algorithm.reply_entries(cfg, stage)
             if not isinstance(declared, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in declared.items()):
                 raise ContractError(f"method {method!r}: reply_entries(cfg, {stage!r}) must "
                                     f"return a dict entry -> reason, got {declared!r}")
             entries[stage] = dict(declared)
         privacy = getattr(cfg, "privacy", None)
-        specs = algorithm.releases(cfg) if hasattr(algorithm, "releases") else ()
+        with method_hook(method, "releases(cfg)"):
+            specs = algorithm.releases(cfg) if hasattr(algorithm, "releases") else ()
         setup_kinds = tuple(s.kind for s in specs if isinstance(s, ReleaseSpec) and s.when == SETUP)
         return cls(method, bool(getattr(privacy, "enabled", False)), entries, setup_kinds)
 

@@ -757,12 +757,15 @@ class ExperimentConfig(_Section):
 
         for name, section in self.baselines.items():
             _check_method_section(name, section)
+        from secure_fedora.algorithms.contract import method_hook
+
         p, d = self.privacy, self.data
         for name in self.methods:
             # each method checks the config it runs on (e.g. FEDORA: fedora.k < num_clients)
             check = METHODS.declared(name, "check_config")
             if check is not None:
-                check(self)
+                with method_hook(name, "check_config(cfg)", (ValueError,)):
+                    check(self)
             terms = method_proximal_terms(name, self)
             if terms:  # a proximal term is a curvature fixed by the config, as weight decay
                 t = self.training
@@ -831,12 +834,15 @@ class ExperimentConfig(_Section):
     def _check_derived_rows(self) -> None:
         """Refuse a listed method whose name is a results entry another listed method derives
         (``methods.fedavg_ft``): results.json could not hold both, found only after training."""
+        from secure_fedora.algorithms.contract import method_hook
         from secure_fedora.core.registry import METHODS
 
         derived: dict[str, str] = {}
         for name in self.methods:
             row_names = METHODS.declared(name, "derived_row_names")
-            for row in row_names(name, self) if row_names is not None else ():
+            with method_hook(name, "derived_row_names(name, cfg)"):
+                rows = tuple(row_names(name, self)) if row_names is not None else ()
+            for row in rows:
                 if row in self.methods or row in derived:
                     whose = (f"the entry of the listed method {row!r}" if row in self.methods
                              else f"also added by {derived[row]!r}")

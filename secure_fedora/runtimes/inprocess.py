@@ -1690,6 +1690,7 @@ class Simulation:
 
     def _run(self, resume: bool, fresh: bool) -> dict[str, Any]:
         from secure_fedora.runtimes.results import (
+            check_method_assumptions,
             remove_interrupted_result_writes,
             write_run_results,
         )
@@ -1705,6 +1706,7 @@ class Simulation:
                 self.budget_plans(name)
         self.check_model_sizes()  # every method before the first runs
         self.check_data()
+        check_method_assumptions(self.cfg)  # results.json states them: asked before training
         if p.enabled and self.cfg.data.validation == "public" and p.lambda_noise_multiplier:
             # not refused by the config: runs that set it before stay loadable for audits
             log.warning("privacy.lambda_noise_multiplier = %g is unused: with public validation "

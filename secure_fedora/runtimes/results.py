@@ -52,6 +52,7 @@ from secure_fedora.algorithms.contract import (
     FederatedAlgorithm,
     declared_reply_entries,
     method_class,
+    method_hook,
 )
 from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
@@ -236,12 +237,22 @@ def _method_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
     method order; two methods stating one key differently is a bug in one of them."""
     merged: dict[str, Any] = {}
     for name, cls in _declaring_classes(cfg.methods):
-        for key, value in cls.assumptions(cfg).items():
+        with method_hook(name, "assumptions(cfg)"):
+            declared = cls.assumptions(cfg)
+        for key, value in declared.items():
             if key in merged and merged[key] != value:
                 raise ValueError(f"method {name!r} states assumption {key!r} differently from "
                                  "another method of the run")
             merged[key] = value
     return merged
+
+
+def check_method_assumptions(cfg: ExperimentConfig) -> None:
+    """Ask every method of ``cfg`` its assumptions as results.json will: a method whose
+    ``assumptions`` raises (a :class:`~secure_fedora.core.plugins.PluginError`), or two
+    methods stating one key differently (``ValueError``), stop a run before it trains rather
+    than when its results are written."""
+    _method_assumptions(cfg)
 
 
 def _add_once(target: dict[str, Any], key: str, value: Any, path: str) -> None:
@@ -291,13 +302,19 @@ def build_results(
     derived: dict[str, Any] = {}
     stated = {**_assumptions(cfg), **(assumptions or {})}
     for name, cls in _declaring_classes(outcomes):
-        for key, value in cls.comparisons(name, outcomes).items():
+        with method_hook(name, "comparisons(name, outcomes)"):
+            compared = cls.comparisons(name, outcomes)
+        for key, value in compared.items():
             _add_once(comparison, key, value, f"comparison.{key}")
-        for key, value in cls.derived_assumptions(name, outcomes[name], cfg).items():
+        with method_hook(name, "derived_assumptions(name, outcome, cfg)"):
+            derived_stated = cls.derived_assumptions(name, outcomes[name], cfg)
+        for key, value in derived_stated.items():
             if stated.setdefault(key, value) != value:
                 raise ValueError(f"method {name!r} states assumption {key!r} differently from "
                                  "another method of the run")
-        for row, per_client in cls.derived_rows(name, outcomes[name]).items():
+        with method_hook(name, "derived_rows(name, outcome)"):
+            rows = cls.derived_rows(name, outcomes[name])
+        for row, per_client in rows.items():
             # the row's metric is of the method's final model: its round is the method's last
             selected = {**summarize(per_client), "round": int(outcomes[name]["rounds"])}
             _add_once(derived, row, {"name": row, "selected": selected, "metric": metric},

@@ -279,7 +279,7 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,
             "DP guarantee against the server, pass --reproducible-dp-noise to `deploy local` "
             "(run config reproducible-dp-noise=true under `flwr run`))"
         )
-    from secure_fedora.algorithms.contract import method_class
+    from secure_fedora.algorithms.contract import method_class, method_hook
 
     for name in cfg.methods:
         cls = method_class(name)
@@ -287,7 +287,10 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,
             problems.append(
                 f"method {name!r} does not implement the method contract "
                 "(secure_fedora/algorithms/contract.py), which the Flower runtime drives")
-        elif (reason := cls.distributed_unsupported(cfg)) is not None:
+            continue
+        with method_hook(name, "distributed_unsupported(cfg)"):
+            reason = cls.distributed_unsupported(cfg)
+        if reason is not None:
             problems.append(reason)
     for key, value, default in (("data.source", cfg.data.source, None),
                                 ("model.factory", cfg.model.factory, None),

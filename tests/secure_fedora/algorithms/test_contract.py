@@ -1106,3 +1106,71 @@ def test_a_finalize_result_named_like_the_runtimes_own_entry_is_a_contract_error
     with pytest.raises(ContractError, match="must return a dict of results, got NoneType"):
         check_finalize_results("m", None)
     assert check_finalize_results("m", {"count": [1.0]}) == {"count": [1.0]}
+
+
+def _raises(*args):  # type: ignore[no-untyped-def]
+    raise KeyError("not in the table")
+
+
+# Each declaration hook a runtime, the config or the results ask a method's class, with the
+# arguments it is asked with (as the message names them).
+RAISING_HOOKS = {
+    "check_config": "check_config(cfg)",
+    "derived_row_names": "derived_row_names(name, cfg)",
+    "releases": "releases(cfg)",
+    "reply_entries": "reply_entries(cfg, 'setup')",
+    "check_model_size": "check_model_size(cfg, num_params, dtype)",
+    "check_data": "check_data(cfg, facts)",
+    "assumptions": "assumptions(cfg)",
+    "comparisons": "comparisons(name, outcomes)",
+    "derived_assumptions": "derived_assumptions(name, outcome, cfg)",
+    "derived_rows": "derived_rows(name, outcome)",
+}
+
+
+@pytest.mark.parametrize("hook", sorted(RAISING_HOOKS))
+def test_a_declaration_hook_that_raises_is_a_one_line_error_naming_the_method(hook, tmp_path):
+    """A plug-in method whose ``assumptions`` (or any other declaration the toolkit asks its
+    class) raised surfaced as a bare traceback (a KeyError from deep in the runtime), and
+    ``assumptions`` only when results.json was written, after training. Now a PluginError
+    names the method, the hook and the exception; ``assumptions`` is asked before any round."""
+    from secure_fedora.core.plugins import PluginError
+
+    cls = type("Raising", (FedAvg,), {hook: classmethod(_raises)})
+    METHODS.register("raising_x", cls)
+    try:
+        message = (rf"method 'raising_x': its {re.escape(RAISING_HOOKS[hook])} raised "
+                   r"KeyError: 'not in the table'")
+        with pytest.raises(ConfigError, match=message) as err:
+            cfg = _config("raising_x", training={"rounds": 1})
+            sim = Simulation(cfg, tmp_path / "run", clients=build_clients(cfg))
+            sim.run()
+        if hook not in ("check_config", "derived_row_names"):  # these: in the config's check
+            assert isinstance(err.value, PluginError)
+            assert isinstance(err.value.__cause__, KeyError)
+        if hook == "assumptions":
+            assert sim.history == []  # refused before the first round
+    finally:
+        METHODS.unregister("raising_x")
+
+
+def test_a_factorys_named_class_whose_declaration_raises_is_named():
+    """Comparing a factory's named and built classes asks both their declarations: one that
+    raises is a PluginError naming the method and the class."""
+    from secure_fedora.core.plugins import PluginError
+
+    cls = type("RaisingRows", (Local,), {"derived_row_names": classmethod(_raises)})
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]
+        return Local.from_config(ctx, cfg)
+
+    factory.algorithm = cls
+    cfg = _config("local")
+    ctx = build_context(cfg, build_clients(cfg))
+    METHODS.register("raising_named_x", factory)
+    try:
+        with pytest.raises(PluginError, match=r"^method 'raising_named_x': its derived_row_names"
+                                              r"\(name, cfg\) \(RaisingRows\) raised KeyError"):
+            build_method("raising_named_x", ctx, cfg)
+    finally:
+        METHODS.unregister("raising_named_x")

@@ -159,6 +159,30 @@ def test_check_supported_refuses_a_method_without_a_client_half() -> None:
         METHODS.unregister("legacy_x")
 
 
+def test_check_supported_names_a_method_whose_distributed_unsupported_raises() -> None:
+    """A plug-in's ``distributed_unsupported`` that raised surfaced as a bare traceback from
+    the deployment's checks; now a PluginError names the method and the hook."""
+    from secure_fedora.algorithms.methods import Local
+    from secure_fedora.core.plugins import PluginError
+
+    def unsupported(cls, cfg):  # type: ignore[no-untyped-def]
+        raise AttributeError("no such key")
+
+    METHODS.register("raising_flower_x",
+                     type("RaisingFlower", (Local,),
+                          {"distributed_unsupported": classmethod(unsupported)}))
+    try:
+        data = tiny_config().model_dump(mode="json", exclude_none=True)
+        cfg = parse_config({**data, "methods": ["raising_flower_x"]})
+        with pytest.raises(PluginError, match=r"^method 'raising_flower_x': its "
+                                              r"distributed_unsupported\(cfg\) raised "
+                                              r"AttributeError: no such key \(at .*"
+                                              r"test_generic_runtime.py:\d+ in unsupported\)$"):
+            check_supported(cfg)
+    finally:
+        METHODS.unregister("raising_flower_x")
+
+
 def test_results_builder_refuses_runtime_keys_that_replace_shared_ones() -> None:
     cfg = tiny_config()
     entry = {"name": "local", "selected": {"mean": 0.5, "per_client": [0.5], "round": 1},
