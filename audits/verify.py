@@ -2137,15 +2137,15 @@ def _interrupted_creations(ledger_dir: Path) -> list[Finding]:
         if other:
             out.append(Finding(
                 "error", "interrupted_creation",
-                f"ledgers/{sub.name}, named as the staging folder of a creation of method"
-                f" {method!r}'s ledgers, holds {', '.join(other[:5])}"
+                f"ledgers/{sub.name}, named as the staging folder of a creation of the ledgers"
+                f" of method {method!r}, holds {', '.join(other[:5])}"
                 f"{' and more' if len(other) > 5 else ''}, which no creation writes (a"
                 " creation holds only empty ledgers): not verified; find out what wrote it",
                 None, None, method))
         else:
             out.append(Finding(
                 "warning", "interrupted_creation",
-                f"ledgers/{sub.name} is what a creation of method {method!r}'s ledgers left when"
+                f"ledgers/{sub.name} is what a creation of the ledgers of method {method!r} left when"
                 f" it was killed before its rename: {len(held)} file(s), only empty ledgers"
                 " (nothing was released under them); not verified as ledgers",
                 None, None, method))

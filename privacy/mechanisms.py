@@ -347,7 +347,7 @@ class MechanismRegistry:
             raise MechanismError(
                 f"mechanism {name!r}: params {dict(params)!r} lack or mistype a sensitivity"
                 f" input (needs {spec.sensitivity_inputs})")
-        sensitivity = _check_positive(f"mechanism {name!r}'s sensitivity", sensitivity)
+        sensitivity = _check_positive(f"mechanism {name!r}: its sensitivity", sensitivity)
         return MechanismRecord(name, _check_positive("noise_multiplier", noise_multiplier), 1.0,
                                1, {**params, "sensitivity": sensitivity})
 
@@ -375,7 +375,7 @@ class MechanismRegistry:
             # no recorded float sensitivity can equal it
             return math.inf
         except Exception as err:  # a plug-in's formula: say whose, not a bare traceback
-            raise MechanismError(f"mechanism {name!r}'s sensitivity formula raised "
+            raise MechanismError(f"mechanism {name!r}: its sensitivity formula raised "
                                  f"{type(err).__name__}: {err} on params {dict(params)!r}"
                                  ) from err
 

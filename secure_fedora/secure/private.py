@@ -450,12 +450,12 @@ def _round_record_params(cfg: ExperimentConfig, mechanism: str) -> dict[str, Any
     try:
         params = dict(spec.record_params(cfg))
     except Exception as err:  # user code: report whatever it raised
-        raise ConfigError(f"privacy: mechanism {mechanism!r}'s record_params raised "
+        raise ConfigError(f"privacy: mechanism {mechanism!r}: its record_params raised "
                           f"{type(err).__name__}: {err}{raised_at(err)}") from err
     try:
         MECHANISMS.gaussian_record(mechanism, 1.0, params)
     except (MechanismError, AccountingError) as err:
-        raise ConfigError(f"privacy: mechanism {mechanism!r}'s record params: {err}; fix its "
+        raise ConfigError(f"privacy: mechanism {mechanism!r}: its record params: {err}; fix its "
                           "MechanismSpec's sensitivity formula or record_params (the L2 change "
                           "of the value when one record is added or removed, > 0)") from None
     return params

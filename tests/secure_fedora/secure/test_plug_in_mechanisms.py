@@ -394,10 +394,10 @@ def test_record_params_that_give_no_sensitivity_are_refused_before_the_run() -> 
         name, "clip from the table", {"clip": "number"}, lambda p: float(p["clip"]),
         record_params=lambda cfg: {"clip": cfg.privacy.mechanisms[name].params["clip"]}))
     for method in _register(_with_mechanisms(name)):
-        with pytest.raises(ConfigError, match=f"mechanism '{name}''s record_params raised "
+        with pytest.raises(ConfigError, match=f"mechanism '{name}': its record_params raised "
                                               r"KeyError: 'clip' \(at .*test_plug_in_mech"):
             check_budget_plans(_config(method, **{name: {"noise_multiplier": 3.0}}), method, 3)
-        with pytest.raises(ConfigError, match=f"mechanism '{name}''s record params: .*"
+        with pytest.raises(ConfigError, match=f"mechanism '{name}': its record params: .*"
                                               "sensitivity must be a finite number > 0.*; fix "
                                               "its MechanismSpec's sensitivity formula or "
                                               "record_params"):
@@ -582,7 +582,7 @@ def test_a_sensitivity_formula_that_raises_is_named_by_the_plan_and_by_verify(
                                       lambda p: 1.0 / p["clip"],
                                       record_params=lambda cfg: {"m": 64}))
     for m in _register(_with_mechanisms(name)):
-        with pytest.raises(ConfigError, match=f"mechanism '{name}''s sensitivity formula raised "
+        with pytest.raises(ConfigError, match=f"mechanism '{name}': its sensitivity formula raised "
                                               "KeyError: 'clip'.*fix its MechanismSpec"):
             check_budget_plans(_config(m, **{name: {"noise_multiplier": 3.0}}), m, 3)
     good = MECHANISMS._specs[MECHANISM]
