@@ -593,6 +593,32 @@ def _noise_keys(cfg: ExperimentConfig, method: str, mechanism: str
             f"{where}.budget_fraction")
 
 
+def _fixed_noise_advice(cfg: ExperimentConfig, method: str, releases: Sequence[PlannedRelease],
+                        budget: PrivacyBudget, accountant: str, prv_refine: bool
+                        ) -> tuple[str, str]:
+    """The fixed noise multipliers of ``method``'s plan ``releases`` besides DP-SGD's
+    (built-in ``privacy.summary_noise_multiplier`` / ``lambda_noise_multiplier``, a plug-in's
+    ``[privacy.mechanisms.<name>] noise_multiplier``), as an over-budget refusal names them:
+    ``("k = 0.05 (alone epsilon 505.7)", "raise k, or unset it and set <fraction key> ...")``,
+    or ``("", "")`` when there is none."""
+    fixed: dict[str, tuple[str, float, str]] = {}
+    for spec in admitted_releases(cfg, method):
+        for mechanism in spec.mechanisms:
+            if mechanism != "dpsgd":
+                sigma, _, noise_key, fraction_key = _noise_keys(cfg, method, mechanism)
+                if sigma is not None:
+                    fixed[mechanism] = (noise_key, sigma, fraction_key)
+    if not fixed:
+        return "", ""
+    alone = plan_epsilon([r for r in releases if r.mechanism in fixed], budget.delta, None,
+                         accountant, prv_refine=prv_refine)
+    named = " and ".join(f"{k} = {v:g}" for k, v, _ in fixed.values())
+    advice = "; ".join(f"raise {k}, or unset it and set {f} (the share of the budget it may "
+                       "spend; its noise is then calibrated)" for k, _, f in fixed.values())
+    # max: an accountant's conversion can give a tiny negative epsilon for a huge noise
+    return f"{named} (alone epsilon {format_spent(max(alone, 0.0), budget.epsilon)})", advice
+
+
 @dataclass(frozen=True)
 class AccountantChoice:
     """Which accountant a run uses and why (written to the plan and results.json).
@@ -710,30 +736,16 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
         raise BudgetPlanError(f"privacy: the plan of {method!r} with the fixed "
                               f"privacy.noise_multiplier {plan.dpsgd_noise:g}: {why}", []) from None
     if planned > budget.epsilon:
-        others = _fixed_noise_settings(cfg, method)  # raising DP-SGD's alone may not help
-        them = "them" if others else "it"
+        named, advice = _fixed_noise_advice(cfg, method, plan.releases, budget, accountant,
+                                            prv_refine)
         raise BudgetPlanError(
             f"privacy: the plan of {method!r} spends epsilon {format_spent(planned, budget.epsilon)}"
             f" > budget {format_exact(budget.epsilon)} (delta {format_exact(budget.delta)},"
-            f" accountant {accountant!r}) with the"
-            f" fixed privacy.noise_multiplier {plan.dpsgd_noise:g}"
-            + "".join(f" and {o}" for o in others)
-            + f"; raise {them} or unset {them} to calibrate", [])
+            f" accountant {accountant!r}) with the fixed privacy.noise_multiplier "
+            f"{plan.dpsgd_noise:g}" + (f" and {named}: raise privacy.noise_multiplier or unset it "
+                                       f"to calibrate; {advice}" if named else
+                                       "; raise it or unset it to calibrate"), [])
     return plan
-
-
-def _fixed_noise_settings(cfg: ExperimentConfig, method: str) -> list[str]:
-    """``"<key> <value>"`` of each fixed noise multiplier of ``method``'s releases other than
-    DP-SGD (summary, lambda, plug-ins), in declaration order."""
-    out: list[str] = []
-    for spec in admitted_releases(cfg, method):
-        for mechanism in spec.mechanisms:
-            if mechanism == "dpsgd":
-                continue
-            fixed_noise, _, noise_key, _ = _noise_keys(cfg, method, mechanism)
-            if fixed_noise is not None and f"{noise_key} {fixed_noise:g}" not in out:
-                out.append(f"{noise_key} {fixed_noise:g}")
-    return out
 
 
 def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,

@@ -6,6 +6,7 @@ configured is refused with a message naming what to do."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -595,3 +596,34 @@ def test_a_sensitivity_formula_that_raises_is_named_by_the_plan_and_by_verify(
         MECHANISMS._specs[MECHANISM] = good
     assert {(f.check, f.entry) for f in report.errors} == {("sensitivity", 1)}
     assert all("sensitivity formula raised KeyError" in f.message for f in report.errors)
+
+
+def test_a_fixed_noise_plug_in_over_budget_is_refused_naming_its_key(method: str) -> None:
+    """A plug-in's ``[privacy.mechanisms.<name>] noise_multiplier`` too small for the budget
+    was refused as DP-SGD's problem ("cannot calibrate privacy.noise_multiplier", or "raise
+    it" of a fixed privacy.noise_multiplier), never naming the key to change. Both refusals
+    name it now, with what it alone spends and what to do."""
+    key = f"privacy.mechanisms.{MECHANISM}"
+    advice = (f"raise {key}.noise_multiplier, or unset it and set {key}.budget_fraction (the "
+              "share of the budget it may spend; its noise is then calibrated)")
+    cfg = _config(method, **{MECHANISM: {"noise_multiplier": 0.05}})
+    with pytest.raises(ConfigError) as err:  # DP-SGD calibrated: no noise meets the budget
+        check_budget_plans(cfg, method, 3)
+    assert re.search(rf"the plan's fixed noise: {re.escape(key)}\.noise_multiplier = 0\.05 "
+                     r"\(alone epsilon \d+\.\d{4}\): ", str(err.value))
+    assert str(err.value).endswith(advice)
+    fixed = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
+        update={"noise_multiplier": 1.0})})
+    with pytest.raises(ConfigError) as err:  # DP-SGD fixed too: both keys named
+        check_budget_plans(fixed, method, 3)
+    assert (f"with the fixed privacy.noise_multiplier 1 and {key}.noise_multiplier = 0.05 "
+            "(alone epsilon ") in str(err.value)
+    assert str(err.value).endswith(f": raise privacy.noise_multiplier or unset it to "
+                                   f"calibrate; {advice}")
+    # over budget by DP-SGD: a fixed plug-in is still named, with what it spends (~0 here)
+    plain = _config(method, **{MECHANISM: {"noise_multiplier": 1e6}})
+    plain = plain.model_copy(update={"privacy": plain.privacy.model_copy(
+        update={"noise_multiplier": 0.01})})
+    with pytest.raises(ConfigError) as err:
+        check_budget_plans(plain, method, 3)
+    assert f"{key}.noise_multiplier = 1e+06 (alone epsilon 0.0" in str(err.value)
