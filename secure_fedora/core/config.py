@@ -696,7 +696,10 @@ def method_proximal_terms(name: str, cfg: Any) -> dict[str, float]:
         return {}
     declaration = owner.proximal_weights
     if callable(declaration):
-        terms = declaration(cfg)
+        from secure_fedora.algorithms.contract import method_hook
+
+        with method_hook(name, "proximal_weights(cfg)", (ValueError,)):
+            terms = declaration(cfg)
         if not isinstance(terms, Mapping) or not all(isinstance(k, str) and k for k in terms):
             raise ValueError(_proximal_declaration_problem(
                 name, f"as a function that returned {terms!r:.80}, not a dict of config keys"))

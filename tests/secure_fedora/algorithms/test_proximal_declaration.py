@@ -172,6 +172,20 @@ def test_a_malformed_declaration_is_a_config_error_naming_the_method(registered,
     assert "declare a tuple of keys of its [baselines.<name>] section" in str(err.value)
 
 
+def test_a_declaration_function_that_raises_is_a_config_error_naming_the_method(registered):
+    """A ``proximal_weights(cfg)`` that raised (say, a KeyError reading a section it expects)
+    was a bare traceback out of the config's validation; now the config error names the
+    method, the hook and where it raised."""
+    def weights(cls, cfg):  # type: ignore[no-untyped-def]
+        return {"baselines.bad.nu": cfg.baselines["bad"]["nu"]}
+
+    registered("bad", _proxy(NuParams, classmethod(weights)))
+    with pytest.raises(ConfigError, match=r"method 'bad': its proximal_weights\(cfg\) raised "
+                                          r"KeyError: 'bad' \(at .*test_proximal_declaration.py:"
+                                          r"\d+ in weights\)"):
+        parse_config({"methods": ["bad"]})
+
+
 def test_the_builtins_declare_their_weights_on_their_classes():
     """PROXIMAL_WEIGHTS, still importable, is read from the classes."""
     assert PROXIMAL_WEIGHTS == {"fedprox": "mu", "ditto": "lam", "fedamp": "lam"}
