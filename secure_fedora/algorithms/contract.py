@@ -504,14 +504,13 @@ def _declarations_differ(name: str, named: type[FederatedAlgorithm],
         pairs.append(("releases", releases(named), releases(built)))
         a, b = ReplyRules.of(name, named, cfg), ReplyRules.of(name, built, cfg)
         pairs.append(("reply entries", a.entries, b.entries))
-    def asked(cls: type, hook: str, *args: Any) -> Any:
-        with method_hook(name, f"{hook}{'(name, cfg)' if args[1:] else '(cfg)'} ({cls.__name__})"):
+
+    def asked(cls: type, hook: str, signature: str, *args: Any) -> Any:
+        with method_hook(name, f"{hook}{signature} ({cls.__name__})"):
             return getattr(cls, hook)(*args)
 
-    pairs.append(("assumptions", asked(named, "assumptions", cfg),
-                  asked(built, "assumptions", cfg)))
-    pairs.append(("distributed_unsupported", asked(named, "distributed_unsupported", cfg),
-                  asked(built, "distributed_unsupported", cfg)))
+    for hook in ("assumptions", "distributed_unsupported"):
+        pairs.append((hook, asked(named, hook, "(cfg)", cfg), asked(built, hook, "(cfg)", cfg)))
 
     def factory_declares(attribute: str) -> bool:  # METHODS.declared reads the factory's own
         return attribute in _registry_declarations() and entry is not named and \
@@ -519,7 +518,7 @@ def _declarations_differ(name: str, named: type[FederatedAlgorithm],
 
     if not factory_declares("derived_row_names"):
         pairs.append(("derived_row_names", *(
-            asked(cls, "derived_row_names", name, cfg)
+            asked(cls, "derived_row_names", "(name, cfg)", name, cfg)
             if callable(getattr(cls, "derived_row_names", None)) else None
             for cls in (named, built))))
     for attribute in named_class_declarations():
