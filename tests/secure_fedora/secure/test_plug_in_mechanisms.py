@@ -6,7 +6,6 @@ configured is refused with a message naming what to do."""
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -609,9 +608,8 @@ def test_a_fixed_noise_plug_in_over_budget_is_refused_naming_its_key(method: str
     cfg = _config(method, **{MECHANISM: {"noise_multiplier": 0.05}})
     with pytest.raises(ConfigError) as err:  # DP-SGD calibrated: no noise meets the budget
         check_budget_plans(cfg, method, 3)
-    assert re.search(rf"the plan's fixed noise: {re.escape(key)}\.noise_multiplier = 0\.05 "
-                     r"\(alone epsilon \d+\.\d{4}\): ", str(err.value))
-    assert str(err.value).endswith(advice)
+    assert str(err.value).endswith(f"(set by {key}.noise_multiplier 0.05; raise it, unset it"
+                                   " to calibrate, or raise the budget)")
     fixed = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
         update={"noise_multiplier": 1.0})})
     with pytest.raises(ConfigError) as err:  # DP-SGD fixed too: both keys named

@@ -183,8 +183,11 @@ def test_a_fixed_plan_over_budget_names_every_fixed_multiplier():
                                                  "summary_noise_multiplier": 0.5})
     with pytest.raises(BudgetPlanError) as err:
         privacy_plan(cfg, "fedora", PrivacyBudget(0.5, 1e-3))
-    assert ("with the fixed privacy.noise_multiplier 40 and privacy.summary_noise_multiplier "
-            "0.5; raise them or unset them to calibrate") in str(err.value)
+    text = str(err.value)
+    assert "with the fixed privacy.noise_multiplier 40 and privacy.summary_noise_multiplier = 0.5" \
+        " (alone epsilon" in text
+    assert "raise privacy.summary_noise_multiplier, or unset it and set" \
+        " privacy.summary_budget_fraction" in text
     alone = dp_config(methods=["fedora"], privacy={"noise_multiplier": 0.5})
     with pytest.raises(BudgetPlanError, match=r"privacy.noise_multiplier 0.5; raise it or "
                                               r"unset it to calibrate$"):
