@@ -589,13 +589,15 @@ def _privacy_metrics(privacy: FederationPrivacy | None) -> dict[str, float]:
     }
 
 
-def _ledger_record(privacy: FederationPrivacy | None) -> ConfigRecord | None:
+def _ledger_record(privacy: FederationPrivacy | None, *,
+                   repeated: bool = False) -> ConfigRecord | None:
     """This client's ledger head (entry count and SHA-256 of its last line) and the plan its
     releases use (``noise-multiplier``, ``accountant``, and ``summary-noise`` /
     ``lambda-noise`` where the method releases those), reported with each reply (signed with
     it) so the server can anchor the ledger outside the client and state the noise the client
     actually released with (a resumed run keeps its ledger's plan, which may differ from
-    today's calibration of the config)."""
+    today's calibration of the config). ``repeated`` adds ``repeated = true``: the reply's
+    release is one this node made before (accounted once), which a resumed server records."""
     if privacy is None:
         return None
     c = privacy.sole
@@ -609,6 +611,8 @@ def _ledger_record(privacy: FederationPrivacy | None) -> ConfigRecord | None:
         record["lambda-noise"] = float(c.plan.lambda_noise)
     for mechanism, sigma in c.plan.mechanism_noise:
         record[f"{MECHANISM_NOISE_PREFIX}{mechanism}"] = float(sigma)
+    if repeated:
+        record["repeated"] = True
     return ConfigRecord(record)
 
 
@@ -1281,8 +1285,12 @@ def run_stage(
                     state.ledger_head = privacy.sole.ledger.head
                     state.ledger_journal_records = len(privacy.journals[i])
                     state.save(state_path)
+            # a release this node made before (its saved answer sent again, or re-made from
+            # its journal record): the server lists it under the resume it answers
+            repeated = (refusal is None and bool(payload) and stage in ("round", "setup")
+                        and (done == rnd or replay is not None))
             result = StageResult(payload, {**metrics, **_privacy_metrics(privacy)}, refusal,
-                                 _ledger_record(privacy), limits)
+                                 _ledger_record(privacy, repeated=repeated), limits)
             if respond is not None:
                 result.response = respond(result, dataclasses.replace(
                     _reply_release(privacy, i, stage, rnd, result, fresh=done != rnd),

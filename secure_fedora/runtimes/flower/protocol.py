@@ -29,7 +29,9 @@ Method exchanges (any method; the payloads are the method's :data:`Payload` s):
     ``ConfigRecord "ledger"`` (``entries``, ``head``: the SHA-256 of its last ledger line;
     the client's plan: ``noise-multiplier``, ``accountant`` and, where its method releases
     them, ``summary-noise`` and ``lambda-noise``; a record without ``noise-multiplier``, from
-    an older ClientApp, is stated with the config's calibration), and
+    an older ClientApp, is stated with the config's calibration; ``repeated = true`` when
+    the round's or setup's release is one the node made before, sent again from its saved
+    state or re-made from its journal record, which a resumed ServerApp records), and
     instead of a payload ``ConfigRecord "refusal"`` (``reason``) when the client refused the
     release under its budget.
 

@@ -476,6 +476,9 @@ class _Server:
     # a resumed run's counts the time before its checkpoint)
     outcomes: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    # per method under DP, each resume of the ServerApp that continued it (results.json's
+    # ``privacy.<method>.resumes``, as in process; checkpointed, so later resumes keep them)
+    resumes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # per scope, the nonce memory the checkpoint this run resumed from recorded: the scope's
     # nonce file must still hold it when it is opened (check_resumable checked them all)
     nonce_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -695,6 +698,57 @@ def _reported_head(reply: Message) -> dict[str, Any]:
             or isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
         raise ValueError("ledger record must hold entries (int) and head (64 hex digits)")
     return {"ledger_head": head, "ledger_entries": entries}
+
+
+def _reported_repeat(reply: Message) -> bool:
+    """Whether a client's ledger record (signed with its reply) says the reply's release is
+    one its node made before: its answer sent again from the node's saved state, or re-made
+    from its journal record (same noise, accounted once). False when the record says nothing
+    (a fresh release, or a ClientApp older than the field); ValueError when malformed."""
+    record = reply.content["ledger"] if "ledger" in reply.content else None
+    if not isinstance(record, ConfigRecord) or "repeated" not in record:
+        return False
+    if record["repeated"] is not True:
+        raise ValueError("ledger record's repeated must be true when present")
+    return True
+
+
+def _record_resume(server: _Server, current: Mapping[str, Any] | None) -> None:
+    """List this resume under ``privacy.<method>.resumes`` of the method it continues (the
+    checkpoint's method in flight, else the first unfinished one; none when every method
+    finished): ``after_round`` is the round of the checkpoint it continues after (0: the
+    method's setup; None: from the start, its setup not checkpointed). Clients that report a
+    release of the first round it sends again as one made before are added to
+    ``remade_from_journal`` as they answer (:func:`_record_repeat`)."""
+    if current is not None:
+        name, after = str(current["method"]), int(current["round"])
+    else:
+        name = next((m for m in server.cfg.methods if m not in server.outcomes), "")
+        after = None
+    if name:
+        server.resumes.setdefault(name, []).append(
+            {"after_round": after, "remade_from_journal": []})
+
+
+def _record_repeat(server: _Server, name: str, rnd: int, cid: int) -> None:
+    """Client ``cid`` reported its release of round ``rnd`` (0: the setup) of method
+    ``name`` as one its node made before: recorded under the latest resume when ``rnd`` is
+    the first round that resume sent again (the only one whose releases the interruption can
+    have made; a repeat in a later round is a message delivered twice in a live run)."""
+    rows = server.resumes.get(name)
+    if not rows:
+        return
+    last = rows[-1]
+    if rnd != (0 if last["after_round"] is None else last["after_round"] + 1):
+        return
+    remade = last["remade_from_journal"]
+    entry = next((r for r in remade if r["round"] == rnd), None)
+    if entry is None:
+        entry = {"round": rnd, "clients": []}
+        remade.append(entry)
+    who = server.client_ids[cid]
+    if who not in entry["clients"]:
+        entry["clients"] = sorted([*entry["clients"], who], key=server.client_ids.index)
 
 
 #: the plan fields a client reports in its signed ledger record, by results.json's name
@@ -1484,6 +1538,8 @@ def _exchange_payloads(
                 if "epsilon-spent" in metrics else None
             )
             refusal = reply.content["refusal"] if "refusal" in reply.content else None
+            repeated = (privacy is not None and refusal is None and stage in ("round", "setup")
+                        and _reported_repeat(reply))
             payload = None
             if refusal is None:
                 payload = record_to_payload(reply.content["payload"], envelope,
@@ -1503,6 +1559,8 @@ def _exchange_payloads(
         if privacy is not None:
             _take_ledger_report(server, run.name, cid, node, privacy,
                                 f"{stage} reply of round {rnd}")
+            if repeated:
+                _record_repeat(server, run.name, 0 if stage == "setup" else rnd, cid)
         run.answered.setdefault(cid, {})[stage] = rnd
         if refusal is not None:
             reason = (str(refusal["reason"]) if isinstance(refusal, ConfigRecord)
@@ -1947,6 +2005,7 @@ def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
         "relatedness": server.relatedness,
         "history": server.history,
         "outcomes": server.outcomes,
+        "resumes": server.resumes,
         "current": current,
         "nonce_heads": server.recorded_nonce_heads(),
     }
@@ -1975,6 +2034,8 @@ def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
     server.relatedness = state["relatedness"]
     server.history = list(state["history"])
     server.outcomes = dict(state["outcomes"])
+    server.resumes = {name: [dict(r) for r in rows]  # absent: an older checkpoint
+                      for name, rows in state.get("resumes", {}).items()}
     server.nonce_heads = {scope: dict(head) for scope, head in
                           state.get("nonce_heads", {}).items()}
 
@@ -2302,6 +2363,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
         "clients": [{"client": server.client_ids[c], "index": c, **planned(c),
                      **reported.get(c, {}), "refused": c in refused}
                     for c in range(cfg.data.num_clients)],
+        **({"resumes": server.resumes[name]} if server.resumes.get(name) else {}),
     }
 
 
@@ -2381,6 +2443,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         _check_same_clients(server, resumed)
         current = resumed["current"]
         _record_amendments(server, resumed)
+        if cfg.privacy.enabled and not trained_nothing:
+            _record_resume(server, current)
     else:
         _save_server_checkpoint(server, None)
     for name in cfg.methods:

@@ -134,6 +134,7 @@ def test_a_dp_run_resumes_without_counting_a_release_twice(tmp_path: Path) -> No
     resumed, _ = _kill_and_resume(tmp_path / "cut", cfg, client=0, rnd=2, **over)
 
     def unheaded(results: dict[str, Any]) -> Any:
+        results["privacy"]["fedora"].pop("resumes", None)  # the resume's own record of it
         for row in results["privacy"]["fedora"]["clients"]:
             assert len(row.pop("ledger_head")) == 64
         return _untimed(results)
@@ -150,6 +151,39 @@ def test_a_dp_run_resumes_without_counting_a_release_twice(tmp_path: Path) -> No
                 doc["ledgers"].items()}
 
     assert anchored(tmp_path / "cut") == anchored(tmp_path / "whole")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_results_json_records_each_serverapp_resume_and_the_releases_made_before_it(
+        tmp_path: Path) -> None:
+    """A resumed Flower run left no trace of its interruption in results.json (the in-process
+    runtime lists each resume under ``privacy.<method>.resumes``). Killed after client 0's
+    round-2 reply, resumed and killed again after client 1's round-3 reply, resumed again:
+    each resume is listed with the checkpoint round it continued after and, for the round it
+    sent again, the clients whose signed reply said the release was one their node made
+    before (client 0 in round 2; clients 0 and 1 in round 3), kept through the later
+    resume. An uninterrupted run has no ``resumes``."""
+    cfg = dp_config(rounds=3)
+    over = {"reproducible-dp-noise": True}
+    root = tmp_path / "cut"
+    rc, grid = _federation(root, cfg, **over)
+    grid.tamper_reply = _crash_after_reply(0, 2)
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid)
+    rc = {**rc, "resume": "42"}
+    grid = InMemoryGrid(root / "nodes", rc, 3, run_id=777)
+    grid.tamper_reply = _crash_after_reply(1, 3)
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid, run_id=777)
+    results = _run(rc, InMemoryGrid(root / "nodes", rc, 3, run_id=778), run_id=778)
+    assert results["privacy"]["fedora"]["resumes"] == [
+        {"after_round": 1, "remade_from_journal": [{"round": 2, "clients": ["client-000"]}]},
+        {"after_round": 2, "remade_from_journal": [
+            {"round": 3, "clients": ["client-000", "client-001"]}]}]
+    assert json.loads((root / "res" / "results.json").read_text())["privacy"]["fedora"][
+        "resumes"] == results["privacy"]["fedora"]["resumes"]
+    whole, grid = _federation(tmp_path / "whole", cfg, **over)
+    assert "resumes" not in _run(whole, grid)["privacy"]["fedora"]
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -360,6 +394,9 @@ def test_a_node_killed_with_the_server_before_saving_its_answer_remakes_its_rele
     assert sum(e["mechanism"] == "dpsgd" and e["round"] == 1 for e in ledger) == 1
     journal = (run_dir / "releases.jsonl").read_text()
     assert [json.loads(line)["round"] for line in journal.splitlines()].count(1) == 1
+    # client 0 sends its saved answer again, client 1 re-makes its journaled release
+    assert results["privacy"]["fedavg"]["resumes"] == [{"after_round": 0, "remade_from_journal": [
+        {"round": 1, "clients": ["client-000", "client-001"]}]}]
     rows = results["privacy"]["fedavg"]["clients"]
     assert len({r["ledger_entries"] for r in rows}) == 1
     assert len({r["epsilon_spent"] for r in rows}) == 1 and 0 < rows[0]["epsilon_spent"] <= 8.0
@@ -372,6 +409,7 @@ def test_a_node_killed_with_the_server_before_saving_its_answer_remakes_its_rele
         expected = _run(whole, grid)
 
         def unheaded(doc: dict[str, Any]) -> Any:
+            doc["privacy"]["fedavg"].pop("resumes", None)  # the resume's own record of it
             for row in doc["privacy"]["fedavg"]["clients"]:
                 row.pop("ledger_head")
             return _untimed({k: v for k, v in doc.items() if k != "run_id"})
