@@ -5,7 +5,7 @@
 - ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
 - ``deploy local [--config CONFIG] [--clients N] [--workdir DIR] [--round-timeout S]
   [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]
-  [--compare-methods] [--full-client-errors K ...] [--resume] [--print-commands]``
+  [--compare-methods] [--full-client-errors K ...] [--resume] [--print-commands] [--quiet]``
 
 ``deploy local`` without ``--config`` deploys the smoke config the package ships
 (:data:`DEFAULT_CONFIG`, a copy of ``configs/smoke.toml``), and without ``--workdir`` works in
@@ -28,11 +28,20 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from secure_fedora.core.config import MAX_THREADS
 from secure_fedora.core.errors import interrupt_on
 
-__all__ = ["DEFAULT_CONFIG", "cmd_certs", "cmd_local", "default_config_path", "register"]
+__all__ = ["DEFAULT_CONFIG", "cmd_certs", "cmd_local", "default_config_path", "register",
+           "round_bars"]
 
 console = Console(stderr=True)
 
@@ -139,6 +148,21 @@ def _resume_hint(workdir: str, resumed: bool) -> str:
     return escape(f"; {how} continues the run from its checkpoint {results / SERVER_CHECKPOINT}")
 
 
+def round_bars(quiet: bool) -> tuple[Progress, Callable[[str, int, int], None]]:
+    """The progress bars ``deploy local`` shows (one per method, as ``run`` shows them; none
+    when ``quiet``) and the ``on_round(method, round, rounds)`` that advances them."""
+    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=quiet)
+    tasks: dict[str, TaskID] = {}
+
+    def on_round(method: str, rnd: int, rounds: int) -> None:
+        if method not in tasks:
+            tasks[method] = bars.add_task(escape(method), total=rounds)
+        bars.update(tasks[method], completed=rnd, total=rounds)
+
+    return bars, on_round
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
@@ -172,21 +196,24 @@ def cmd_local(args: argparse.Namespace) -> int:
             print(line)
         return 0
     restore = _interrupt_on_termination()
+    bars, on_round = round_bars(args.quiet)
     try:
-        result = deploy_local(
-            config,
-            args.clients,
-            workdir,
-            timeouts=timeouts,
-            num_threads=args.threads,
-            reproducible_dp_noise=args.reproducible_dp_noise,
-            key_holder=args.key_holder,
-            max_in_flight=args.max_in_flight,
-            compare_methods=args.compare_methods,
-            full_client_errors=args.full_client_errors,
-            resume=args.resume,
-            progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
-        )
+        with bars:
+            result = deploy_local(
+                config,
+                args.clients,
+                workdir,
+                timeouts=timeouts,
+                num_threads=args.threads,
+                reproducible_dp_noise=args.reproducible_dp_noise,
+                key_holder=args.key_holder,
+                max_in_flight=args.max_in_flight,
+                compare_methods=args.compare_methods,
+                full_client_errors=args.full_client_errors,
+                resume=args.resume,
+                progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
+                on_round=on_round,
+            )
     except KeyboardInterrupt:
         console.print(f"[red]interrupted:[/red] every started process was stopped{_resume_hint(workdir, args.resume)}")
         return 130
@@ -288,4 +315,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "command the deployment would run, in order (the flwr run id, known once submitted, "
         "is written RUN_ID); each line runs as printed, by hand",
     )
+    local.add_argument("--quiet", action="store_true",
+                       help="no progress bars (one per method, advanced as the ServerApp logs "
+                       "each round; its log is logs/serverapp.log)")
     local.set_defaults(func=cmd_local)

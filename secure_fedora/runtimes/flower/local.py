@@ -83,6 +83,7 @@ from secure_fedora.runtimes.flower.protocol import (
     check_apps_know_entries,
     check_supported,
     make_run_config,
+    parse_round_line,
     with_reproducible_noise,
 )
 
@@ -91,6 +92,7 @@ __all__ = [
     "CONNECTION_NAME",
     "DeployResult",
     "LocalFederation",
+    "RoundLines",
     "RunTimeouts",
     "default_max_in_flight",
     "deploy_local",
@@ -697,14 +699,24 @@ class LocalFederation:
         run_id: int,
         timeout: float | None = None,
         on_tick: Callable[[], None] | None = None,
+        on_round: Callable[[str, int, int], None] | None = None,
     ) -> str:
         """Stream the run's log to ``logs/serverapp.log`` until it finishes; returns its status.
 
         Bounded by ``timeout`` (default ``timeouts.run``): on expiry the run is stopped with
         ``flwr stop`` and :class:`DeployError` is raised. ``on_tick`` is called about every
-        0.2 s while waiting (tests use it to act during a run).
+        0.2 s while waiting (tests use it to act during a run); ``on_round(method, round,
+        rounds)`` once for each round line this run's log gains (:class:`RoundLines`).
         """
         limit = self.timeouts.run if timeout is None else timeout
+        log_path = self.logs / "serverapp.log"
+        rounds = RoundLines(log_path, log_path.stat().st_size if log_path.exists() else 0)
+
+        def report() -> None:
+            if on_round is not None:
+                for method, rnd, total in rounds.poll():
+                    on_round(method, rnd, total)
+
         stream = self._spawn(
             "serverapp", self._flwr_command(*self._log_args(run_id)), self.cli_home,
         )
@@ -721,16 +733,41 @@ class LocalFederation:
                     raise DeployError(f"the SuperLink died during run {run_id}")
                 if on_tick is not None:
                     on_tick()
+                report()
                 self.refresh()
                 time.sleep(0.2)
         finally:
             stream.stop(grace=2.0)
+        report()  # the lines written since the last poll
         status = self.run_status(run_id)
         return status
 
     def node_state_dir(self, index: int) -> Path:
         """SuperNode ``index``'s state-dir (partition, per-run state, journal, ledger)."""
         return self.nodes[index].state_dir
+
+
+class RoundLines:
+    """Reads, as the ServerApp's log grows, the round lines it gains past byte ``start``
+    (:func:`~secure_fedora.runtimes.flower.protocol.parse_round_line`): each complete line
+    once, in order; a line still being written is read once it ends."""
+
+    def __init__(self, path: Path, start: int = 0) -> None:
+        self.path = path
+        self.offset = start
+
+    def poll(self) -> list[tuple[str, int, int]]:
+        """The round lines completed since the last poll (none while the log is missing)."""
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+        except OSError:
+            return []
+        done = data.rfind(b"\n") + 1
+        self.offset += done
+        lines = data[:done].decode("utf-8", errors="replace").splitlines()
+        return [r for r in map(parse_round_line, lines) if r is not None]
 
 
 def default_max_in_flight() -> int:
@@ -864,6 +901,7 @@ def deploy_local(
     timeouts: RunTimeouts | None = None,
     num_threads: int = 1,
     progress: Callable[[str], None] | None = None,
+    on_round: Callable[[str, int, int], None] | None = None,
     reproducible_dp_noise: bool = False,
     key_holder: int = 0,
     max_in_flight: int | None = None,
@@ -887,7 +925,9 @@ def deploy_local(
     ``workdir/results`` must be this configuration's (else
     :class:`~secure_fedora.runtimes.flower.server_app.ResumeRefused`, before any process
     starts or anything is written); the deployment starts again on the nodes' kept state and
-    the run goes on under its own id. Returns the ServerApp's
+    the run goes on under its own id. ``on_round(method, round, rounds)`` is called as the
+    ServerApp logs each round done (``logs/serverapp.log``; a resume's from its first round
+    trained). Returns the ServerApp's
     ``results.json`` and the run status. Raises :class:`DeployError` if any process fails to
     start, the run does not finish in ``timeouts.run`` seconds, or it ends in another state
     than ``finished:completed``. All processes are stopped before returning or raising,
@@ -914,7 +954,7 @@ def deploy_local(
             window = f"at most {max_in_flight}" if max_in_flight else "all"
             say(f"run {run_id} submitted ({window} messages in flight at once); following it "
                 f"(log: {fed.logs / 'serverapp.log'})")
-            status = fed.follow(run_id)
+            status = fed.follow(run_id, on_round=on_round)
             fed.phases["run"] = time.perf_counter() - t0
             phases = dict(fed.phases)
     except ProcessError as err:

@@ -61,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,27 @@ MECHANISM_NOISE_PREFIX = "mechanism-noise."
 #: Message type -> the method exchange (stage) it carries.
 STAGE_OF = {MSG_SETUP: "setup", MSG_ROUND: "round", MSG_EVALUATE: "evaluate",
             MSG_FINALIZE: "finalize"}
+
+
+#: What begins each line the ServerApp writes to its log stream (``flwr log``).
+LOG_PREFIX = "[secure-fedora] "
+_ROUND_LINE = re.compile("^" + re.escape(LOG_PREFIX) + r"(\S+) round (\d+)/(\d+): ")
+
+
+def round_line(method: str, rnd: int, rounds: int, detail: str) -> str:
+    """What the ServerApp logs (after :data:`LOG_PREFIX`) once round ``rnd`` of ``rounds``
+    of ``method`` is done (``detail``: what it says of the round); :func:`parse_round_line`
+    reads the logged line back."""
+    return f"{method} round {rnd}/{rounds}: {detail}"
+
+
+def parse_round_line(line: str) -> tuple[str, int, int] | None:
+    """``(method, round, rounds)`` of a logged :func:`round_line` (a line of the ServerApp's
+    log stream, :data:`LOG_PREFIX` first); None for any other line."""
+    found = _ROUND_LINE.match(line)
+    if found is None:
+        return None
+    return found.group(1), int(found.group(2)), int(found.group(3))
 
 
 def wire_round(stage: str, rnd: int, rounds: int) -> int:

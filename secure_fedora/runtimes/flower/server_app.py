@@ -137,6 +137,7 @@ from secure_fedora.runtimes.flower.payloads import (
 from secure_fedora.runtimes.flower.protocol import (
     CLIENT_ERRORS_MODES,
     HELLO_SCOPE,
+    LOG_PREFIX,
     MECHANISM_NOISE_PREFIX,
     MSG_CEREMONY,
     MSG_DECRYPT,
@@ -152,6 +153,7 @@ from secure_fedora.runtimes.flower.protocol import (
     apply_amendments,
     check_supported,
     reports_pull_divergence,
+    round_line,
     wire_round,
 )
 from secure_fedora.runtimes.flower.state import is_nonce_head
@@ -190,7 +192,7 @@ MAX_REFUSAL_CHARS = 2000
 
 def _say(message: str) -> None:
     """Log a line to the run's log stream (stdout of the ServerApp process)."""
-    print(f"[secure-fedora] {message}", flush=True)
+    print(f"{LOG_PREFIX}{message}", flush=True)
 
 
 def sample_participants(cfg: ExperimentConfig, generator: torch.Generator, n: int) -> list[int]:
@@ -2218,10 +2220,10 @@ def _run_method(grid: Grid, server: _Server, name: str,
                 run.before_final = before
             run.seconds["evaluation"] += time.perf_counter() - t0
         run.history.append(row)
-        _say(f"{name} round {rnd}/{rounds}: {row['replied']}/{row['participants']} replied, "
-             f"{row['seconds']:.2f} s"
-             + (f", mean test metric {row['test_mean']:.4f}"
-                if row.get("test_mean") is not None else ""))
+        _say(round_line(name, rnd, rounds, f"{row['replied']}/{row['participants']} replied, "
+                        f"{row['seconds']:.2f} s"
+                        + (f", mean test metric {row['test_mean']:.4f}"
+                           if row.get("test_mean") is not None else "")))
         server.write("progress.json", {"run_id": server.run_id, "method": name, "round": rnd,
                                        "rows": run.history})
         _save_server_checkpoint(server, _method_state(run, rnd, round_gen, failed_replies))

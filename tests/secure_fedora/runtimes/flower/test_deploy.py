@@ -956,7 +956,7 @@ def test_a_serverapp_that_died_mid_run_is_named_with_the_resume(
             (self.work / "results" / SERVER_CHECKPOINT).write_bytes(b"checkpoint")
             return 7
 
-        def follow(self, run_id: int) -> str:
+        def follow(self, run_id: int, **_: Any) -> str:
             return "finished:failed"
 
     monkeypatch.setattr(local_module, "LocalFederation", DiedFederation)
