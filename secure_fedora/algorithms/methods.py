@@ -516,18 +516,21 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages = check_messages(self._label(), SETUP, 0, self.setup_messages(),
                                   range(self.ctx.num_clients), self.ctx.flat.num_params)
         if messages:
+            rules = self.reply_rules
+            privacy = self.ctx.privacy
+            if rules is not None and rules.private and rules.setup_kinds and privacy is not None:
+                # in client order, as the release journals' resume checks read the ledgers
+                messages = dict(sorted(messages.items()))
             exchange = self.ctx.open_exchange(SETUP) if self._setup_envelopes() else None
             asked: set[int] = set()
             if exchange is not None:
                 messages, asked = self._send_stage_messages(exchange, SETUP, 0, messages)
             replies = self.client_setup_many(messages)
-            rules = self.reply_rules
             if self.ctx.privacy is not None:
                 check_setup_steps(rules.method if rules is not None else self.name,
                                   self.ctx.privacy, list(messages))
             if rules is not None:
                 replies = rules.check_replies(SETUP, 0, replies, messages, self.reply_schema)
-                privacy = self.ctx.privacy
                 if rules.private and rules.setup_kinds and privacy is not None:
                     unrecorded = [i for i in replies if privacy.clients[i].summary_release is None]
                     if unrecorded:
@@ -535,7 +538,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                             f"method {rules.method!r} declares a setup release "
                             f"{list(rules.setup_kinds)}, but client(s) {unrecorded[:8]} replied "
                             "without it being admitted and recorded (make it through "
-                            "ctx.privacy.noised_summaries); nothing reached the server")
+                            "ctx.privacy.noised_summaries, or ctx.privacy.gaussian for a "
+                            "plug-in mechanism); nothing reached the server")
+                    # every setup release journaled: marked before the first one leaves
+                    privacy.mark_round(0, list(replies))
             if exchange is not None:
                 replies = self._upload_stage_replies(exchange, SETUP, 0, messages, replies, asked)
                 self._earlier_security = _merged_security(self._earlier_security, exchange)

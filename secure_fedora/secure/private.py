@@ -324,6 +324,8 @@ FIXED_NOISE_MECHANISMS: dict[str, tuple[str, str, str]] = {
 #: of DP-SGD, optionally with the noised lambda (admitted before training); once at setup,
 #: at most one "summary" release of the Gaussian second-moment mechanism (the method makes it
 #: through ``ctx.privacy.noised_summaries`` / ``noised_summary``, which admit and record it).
+#: Beside these: plug-in Gaussian mechanisms after DP-SGD in the round release, or alone in
+#: the one setup release (:func:`_plug_in_setup_mechanism`).
 ADMITTED_RELEASES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "round": (("model", ("dpsgd",)), ("model", ("dpsgd", "gaussian_lambda"))),
     "setup": (("summary", ("gaussian_summary",)),),
@@ -410,7 +412,20 @@ def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | No
     return tuple(rest)
 
 
-def declared_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[str, ...]:
+#: Release kinds of the built-in releases, which a plug-in setup release may not take.
+BUILT_IN_RELEASE_KINDS: frozenset[str] = frozenset({"model", "summary", "lambda"})
+
+
+def _plug_in_setup_mechanism(mechanisms: Sequence[str]) -> str | None:
+    """The plug-in mechanism of a setup release of ``mechanisms`` (exactly one mechanism,
+    neither DP-SGD nor a built-in Gaussian mechanism); None when that is not such a release."""
+    if len(mechanisms) != 1 or mechanisms[0] == "dpsgd" \
+            or mechanisms[0] in FIXED_NOISE_MECHANISMS:
+        return None
+    return mechanisms[0]
+
+
+def round_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[str, ...]:
     """The plug-in Gaussian mechanisms registered method ``method``'s round model release
     declares under ``cfg`` (after DP-SGD and the lambda), in ledger order: each admitted with
     the round's model release and released by :meth:`FederationPrivacy.gaussian`. A factory
@@ -418,6 +433,26 @@ def declared_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[str, ...]:
     from secure_fedora.algorithms.contract import round_mechanisms
 
     return _plug_in_round_mechanisms(round_mechanisms(method, cfg)) or ()
+
+
+def setup_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[tuple[str, str], ...]:
+    """``(release kind, mechanism)`` of the setup release of one plug-in Gaussian mechanism
+    registered method ``method`` declares under ``cfg`` (at most one: :func:`admitted_releases`
+    refuses more), admitted and released by :meth:`FederationPrivacy.gaussian` in
+    ``client_setup``. A factory naming no class raises ``ValueError``."""
+    from secure_fedora.algorithms.contract import SETUP, method_releases
+
+    return tuple((spec.kind, mechanism) for spec in method_releases(method, cfg)
+                 if spec.when == SETUP
+                 and (mechanism := _plug_in_setup_mechanism(spec.mechanisms)) is not None)
+
+
+def declared_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Every plug-in Gaussian mechanism registered method ``method`` declares under ``cfg``:
+    its setup release's (:func:`setup_plug_ins`), then its round release's
+    (:func:`round_plug_ins`), for the table check and the budget check. A factory naming no
+    class raises ``ValueError`` (as :func:`method_releases` does)."""
+    return (*(m for _, m in setup_plug_ins(method, cfg)), *round_plug_ins(method, cfg))
 
 
 def _check_plug_in_value(what: str, value: object) -> None:
@@ -479,6 +514,16 @@ def admitted_releases(cfg: ExperimentConfig, method: str) -> tuple[Any, ...]:
     for spec in specs:
         plug_ins = (_plug_in_round_mechanisms(spec.mechanisms)
                     if (spec.when, spec.kind) == (ROUND, "model") else None)
+        if spec.when == SETUP and (spec.kind, tuple(spec.mechanisms)) \
+                not in ADMITTED_RELEASES[SETUP]:
+            setup = _plug_in_setup_mechanism(spec.mechanisms)
+            plug_ins = (setup,) if setup is not None else None
+            if setup is not None and spec.kind in BUILT_IN_RELEASE_KINDS:
+                raise ConfigError(
+                    f"privacy: method {method!r} declares a setup release {spec.kind!r} of "
+                    f"[{setup!r}]: {spec.kind!r} is a built-in release's kind (its journal "
+                    "record and upload would be taken for that release's); name the release "
+                    f"after what it holds, e.g. ReleaseSpec({setup!r}, ({setup!r},), SETUP)")
         if plug_ins:
             for mechanism in plug_ins:
                 try:
@@ -493,15 +538,24 @@ def admitted_releases(cfg: ExperimentConfig, method: str) -> tuple[Any, ...]:
             raise ConfigError(
                 f"privacy: method {method!r} declares a {spec.when} release {spec.kind!r} of "
                 f"{list(spec.mechanisms)}, which the runtimes cannot admit and record (they "
-                f"do: {allowed}, and a round model release of dpsgd followed by registered "
-                "plug-in Gaussian mechanisms); declare one of those or run the method without DP")
+                f"do: {allowed}, a round model release of dpsgd followed by registered "
+                "plug-in Gaussian mechanisms, and a setup release of one registered plug-in "
+                "Gaussian mechanism); declare one of those or run the method without DP")
     rounds = [s for s in specs if s.when == ROUND]
     setups = [s for s in specs if s.when == SETUP]
     if len(rounds) != 1 or len(setups) > 1:
         raise ConfigError(
             f"privacy: method {method!r} declares {len(rounds)} round release(s) and "
             f"{len(setups)} setup release(s); the runtimes admit exactly one round release "
-            "(the DP-SGD model) and at most one setup release (the noised summary)")
+            "(the DP-SGD model) and at most one setup release (the noised summary or one "
+            "plug-in Gaussian mechanism)")
+    both = [m for m in (_plug_in_setup_mechanism(setups[0].mechanisms) if setups else None,)
+            if m is not None and m in (_plug_in_round_mechanisms(rounds[0].mechanisms) or ())]
+    if both:
+        raise ConfigError(
+            f"privacy: method {method!r} declares mechanism {both[0]!r} in its setup release "
+            "and in its round release; ctx.privacy.gaussian could not tell which release a "
+            "call makes. Declare it in one of them, or register a second mechanism name")
     return specs
 
 
@@ -845,8 +899,9 @@ class ClientPrivacy:
     #: The noise source the admitted round's state was journaled from (its runtime's own):
     #: the one a plug-in release of that round must draw from.
     admitted_noise: NoiseSource | None = None
-    #: The admitted (gated, journaled) summary release and the stages it passed, so that its
-    #: upload runs the rest of the same pipeline (encrypt, sign) on exactly that payload.
+    #: The admitted (gated, journaled) setup release -- the summary or a plug-in mechanism's
+    #: -- and the stages it passed, so that a summary's upload runs the rest of the same
+    #: pipeline (encrypt, sign) on exactly that payload.
     summary_release: Release | None = None
     summary_stages: list[Any] = field(default_factory=list)
     #: A Flower client's journal of its refusal, close and repair entries (the same file its
@@ -1528,6 +1583,9 @@ class FederationPrivacy:
                               *upload_stages(encrypt("summary"), sign)]),
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
             **{m: names(generic) for m in self.plug_in_round_mechanisms()},
+            **{kind: names([GaussianNoise(1.0, 1.0, placeholder), *self._admission_stages(i),
+                            *upload_stages(encrypt(kind), sign)])
+               for kind, _ in setup_plug_ins(self.method, self.cfg)},
         }
 
     def declared_release_stages(self) -> dict[str, list[str]]:
@@ -1609,7 +1667,7 @@ class FederationPrivacy:
         """The plug-in Gaussian mechanisms this method's round model release declares (after
         DP-SGD and the lambda), in ledger order: each admitted with the round's model release
         and released by :meth:`gaussian`."""
-        return declared_plug_ins(self.method, self.cfg)
+        return round_plug_ins(self.method, self.cfg)
 
     def _plug_in_record(self, i: int, mechanism: str) -> MechanismRecord:
         """Client ``i``'s accounting record of one release of plug-in ``mechanism``: its
@@ -1630,6 +1688,8 @@ class FederationPrivacy:
         multiplier of it and ``sensitivity`` what its formula gives for its record params
         under the config, drawn from ``noise`` (the client's noise source), matched to the
         entry the round's admitted model release wrote for it on the ledger (once per round).
+        A mechanism of the method's setup release is released as :meth:`_gaussian_setup` says
+        (from ``client_setup``, once per run).
 
         ``value`` must be what the mechanism's sensitivity bounds (e.g. a clipped mean): the
         caller's claim, which nothing here can check. Raises :class:`UndeclaredReleaseError`
@@ -1641,12 +1701,16 @@ class FederationPrivacy:
         not a finite floating-point tensor."""
         c = self.clients[i]
         declared = self.plug_in_round_mechanisms()
+        setup = {m: kind for kind, m in setup_plug_ins(self.method, self.cfg)}
+        if mechanism in setup:
+            return self._gaussian_setup(i, setup[mechanism], mechanism, value, noise)
         if mechanism not in declared:
             raise UndeclaredReleaseError(
                 f"method {self.method!r}: client {i} asked for a Gaussian release of "
                 f"{mechanism!r}, which its round release does not declare (declared plug-in "
                 f"mechanisms: {list(declared)}; add it to the round ReleaseSpec('model', "
-                "('dpsgd', ...)) of releases(cfg)); nothing was released")
+                "('dpsgd', ...)) of releases(cfg), or declare it alone in a SETUP ReleaseSpec "
+                "for one release in client_setup); nothing was released")
         if c.admitted is None or c.refused_at is not None:
             raise UndeclaredReleaseError(
                 f"method {self.method!r}: client {i}'s {mechanism!r} release has no admitted "
@@ -1686,6 +1750,52 @@ class FederationPrivacy:
         ], require_gate=False)
         released = pipeline.run(Release(mechanism, value, c.admitted.round))
         assert isinstance(released.payload, Tensor)
+        return released.payload
+
+    def _gaussian_setup(self, i: int, kind: str, mechanism: str, value: Tensor,
+                        noise: NoiseSource) -> Tensor:
+        """Client ``i``'s setup release ``kind`` of plug-in ``mechanism`` (round 0, once per
+        run): Gaussian noise from ``noise`` -> gate + ledger -> journal, as the built-in
+        summary's; the released value is kept (:attr:`ClientPrivacy.summary_release`) so its
+        upload can be matched to it. Re-made from its journal record on a resume (the same
+        value, no second draw, no second ledger entry). Raises, before any draw,
+        :class:`UndeclaredReleaseError` when client ``i`` has an admitted round (the call is
+        not from ``client_setup``), PipelineError when the client was refused or already made
+        the release, MechanismError when ``value`` is not a finite floating-point tensor; and
+        BudgetExceededError when its budget refuses the release (the run stops: a setup
+        needs every client's)."""
+        c = self.clients[i]
+        what = f"method {self.method!r}: client {i}'s setup release {kind!r} ({mechanism!r})"
+        if c.admitted is not None:
+            raise UndeclaredReleaseError(
+                f"{what} is asked for in round {c.admitted.round}; it is declared as a setup "
+                "release: make it in client_setup, before round 1; nothing was released")
+        if c.refused_at is not None:
+            raise PipelineError(f"{what}: client {c.client_id!r} was refused ({c.refusal}); "
+                                "nothing was released")
+        if c.summary_release is not None:
+            raise PipelineError(f"{what} was made already (one gaussian call per setup "
+                                "release: was it called twice?); nothing was released")
+        _check_plug_in_value(what, value)
+        record = self._plug_in_record(i, mechanism)
+        params = {k: v for k, v in record.params.items() if k != "sensitivity"}
+        noise_state = self._prepare(i, 0, kind, noise)
+        stages = [GaussianNoise(record.noise_multiplier, record.params["sensitivity"], noise,
+                                mechanism, params),
+                  *self._admission_stages(i)]
+        released = self._release(i, Release(kind, value, 0, [],
+                                            self._noise_metadata(i, noise_state)),
+                                 ReleasePipeline(stages))
+        if released is None:
+            err = c.refusal_error
+            would_be = err.epsilon_would_be if err is not None and err.round == 0 else \
+                c.gate.accountant.epsilon_after(c.budget.delta, record.noise_multiplier, 1.0, 1)
+            raise BudgetExceededError(
+                client_id=c.client_id, round=0, mechanism=mechanism, epsilon_would_be=would_be,
+                budget=c.budget, reason=f"the setup release {kind!r} was refused (see the "
+                "client's ledger); the setup needs every client's, so the run stops")
+        assert isinstance(released.payload, Tensor)
+        c.summary_release, c.summary_stages = released, stages
         return released.payload
 
     def noised_summary(self, i: int, data: ClientData, q: int, num_classes: int,
@@ -1917,7 +2027,8 @@ def _declared_kinds(method: str, cfg: ExperimentConfig) -> list[str]:
             kinds.add("lambda")
         if spec.kind == "model":
             plug_ins += _plug_in_round_mechanisms(spec.mechanisms) or ()
-    return [k for k in ("model", "summary", "lambda") if k in kinds] + plug_ins
+    setup = [kind for kind, _ in setup_plug_ins(method, cfg)]
+    return [k for k in ("model", "summary", "lambda") if k in kinds] + plug_ins + setup
 
 
 def noise_is_reproducible(cfg: ExperimentConfig) -> bool:

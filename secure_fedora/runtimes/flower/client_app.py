@@ -90,6 +90,7 @@ from privacy.identity import (
 from privacy.noise import NoiseSource, make_noise_source
 from privacy.pipeline import EncryptPayload, Release
 from secure_fedora.algorithms.contract import (
+    ContractError,
     Payload,
     ReplySchema,
     check_client_state,
@@ -159,6 +160,7 @@ from secure_fedora.secure.private import (
     check_ledgers_present,
     create_ledgers_in,
     noise_is_reproducible,
+    setup_plug_ins,
 )
 from secure_fedora.secure.relatedness import (
     decrypt_rows,
@@ -1304,7 +1306,7 @@ def run_stage(
 def _unanswered_release(checked: LedgerCheck | None, state: ClientRunState, stage: str,
                         rnd: int) -> int | None:
     """The index of the first ledger entry of this exchange's release (the round's model,
-    or the setup's summary) when the ledger's entries past the head the saved state recorded
+    or the setup's summary or plug-in release) when the ledger's entries past the head the saved state recorded
     end with that release's (repair and close entries aside): a process of this client
     admitted it and died before saving its answer (so it never left). None otherwise (no DP,
     nothing past the saved head, or entries of another release last: those stay accounted,
@@ -1313,14 +1315,15 @@ def _unanswered_release(checked: LedgerCheck | None, state: ClientRunState, stag
 
     if checked is None or state.ledger_head is None or stage not in ("round", "setup"):
         return None
-    kind, at = ("model", rnd) if stage == "round" else ("summary", 0)
+    # round 0 holds only the setup release (the summary or a plug-in mechanism's)
+    kind, at = ("model", rnd) if stage == "round" else (None, 0)
     start: int | None = None
     for entry in checked.entries[int(state.ledger_head[0]):]:
         if entry["mechanism"] in (REPAIR, CLOSE):
             continue
         params = entry.get("params")
         mine = (entry["round"] == at and isinstance(params, dict)
-                and params.get("release_kind") == kind)
+                and (kind is None or params.get("release_kind") == kind))
         if not mine:
             start = None
         elif start is None:
@@ -1507,6 +1510,11 @@ def _run_client_half(
             return {}, {}, str(err)
         if privacy is not None:
             check_setup_steps(method, privacy, [i])
+            if setup_plug_ins(method, cfg) and privacy.sole.summary_release is None:
+                raise ContractError(  # as in process: its plan and ledger would disagree
+                    f"method {method!r} declares the setup release "
+                    f"{[k for k, _ in setup_plug_ins(method, cfg)]}, but client {i} replied "
+                    "without making it (ctx.privacy.gaussian in client_setup); nothing was sent")
     elif stage == "round":
         if privacy is not None and not _admit(privacy, method, cfg, i, rnd,
                                               ctx.noise[i] if ctx.noise else None):

@@ -1,5 +1,6 @@
-"""A plug-in Gaussian mechanism and a FedAvg plug-in releasing it each round, as a privacy
-researcher would add them without editing the package (used by the plug-in mechanism tests).
+"""A plug-in Gaussian mechanism and FedAvg plug-ins releasing it each round or once at setup,
+as a privacy researcher would add them without editing the package (used by the plug-in
+mechanism tests).
 
 ``label_share_test``: the share of a client's training labels equal to 0, a mean of
 per-record values in ``[0, clip]`` over the public count ``m = data.train_per_client``:
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from privacy.mechanisms import MECHANISMS, MechanismSpec
-from secure_fedora.algorithms.contract import ROUND, ReleaseSpec
+from secure_fedora.algorithms.contract import ROUND, SETUP, ReleaseSpec
 from secure_fedora.algorithms.methods import FedAvg
 
 MECHANISM = "label_share_test"
@@ -69,3 +70,47 @@ class LabelShareFedAvg(FedAvg):
         stats = super().aggregate(rnd, replies)
         shares = [float(r[ENTRY]) for r in replies.values() if ENTRY in r]
         return {**stats, **({"label_share": sum(shares) / len(shares)} if shares else {})}
+
+
+#: The setup release's kind and the setup reply entry carrying it.
+SETUP_KIND = "label_share_setup"
+
+
+class SetupLabelShareFedAvg(FedAvg):
+    """FedAvg whose clients release their noised label-0 share once, in the setup exchange
+    (a setup release of the plug-in mechanism alone); the server keeps their mean and reports
+    it with every round."""
+
+    name = "setup_label_share_fedavg"
+    setup_share: float | None = None
+
+    @classmethod
+    def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:
+        return (ReleaseSpec(SETUP_KIND, (MECHANISM,), SETUP), *super().releases(cfg))
+
+    @classmethod
+    def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+        entries = super().reply_entries(cfg, stage)
+        if stage == SETUP:
+            return {**entries, ENTRY: f"the noised label-0 share ({MECHANISM}, the setup "
+                                      "release)"}
+        return entries
+
+    def setup_messages(self) -> dict[int, Any]:
+        return {i: {} for i in range(self.ctx.num_clients)}
+
+    def client_setup(self, i: int, message: Any) -> Any:
+        y = self.ctx.clients[i].train_y
+        if self.ctx.privacy is None:  # released only under DP: without it, the plain share
+            return {ENTRY: label_share(y, int(y.numel())).reshape(1)}
+        value = label_share(y, self.ctx.privacy.cfg.data.train_per_client)
+        return {ENTRY: self.ctx.privacy.gaussian(i, MECHANISM, value,
+                                                 self.ctx.noise[i]).reshape(1)}
+
+    def server_setup(self, replies: Any) -> None:
+        self.setup_share = sum(float(r[ENTRY]) for r in replies.values()) / len(replies)
+
+    def aggregate(self, rnd: int, replies: Any) -> dict[str, float]:
+        stats = super().aggregate(rnd, replies)
+        return {**stats, **({"setup_share": self.setup_share}
+                            if self.setup_share is not None else {})}

@@ -19,7 +19,7 @@ from privacy.identity import client_ids, load_identity
 from privacy.ledger import canonical_json, line_hash, read_ledger, signing_payload
 from privacy.mechanisms import MECHANISMS, MechanismSpec
 from privacy.pipeline import PipelineError
-from secure_fedora.algorithms.contract import ROUND, ReleaseSpec
+from secure_fedora.algorithms.contract import ROUND, SETUP, ReleaseSpec
 from secure_fedora.algorithms.methods import FedAvg
 from secure_fedora.cli import privacy_plan_table
 from secure_fedora.core.config import ConfigError, parse_config
@@ -31,7 +31,14 @@ from secure_fedora.secure.private import (
     privacy_plan,
 )
 from tests.secure_fedora.runtimes.flower.deploy_support import TINY
-from tests.secure_fedora.secure.mechanism_plugin import ENTRY, MECHANISM, LabelShareFedAvg
+from tests.secure_fedora.secure.mechanism_plugin import (
+    ENTRY,
+    MECHANISM,
+    SETUP_KIND,
+    LabelShareFedAvg,
+    SetupLabelShareFedAvg,
+    label_share,
+)
 
 #: A second plug-in mechanism (same formula), for plans with two of them.
 SECOND = "label_share_test_b"
@@ -625,3 +632,207 @@ def test_a_fixed_noise_plug_in_over_budget_is_refused_naming_its_key(method: str
     with pytest.raises(ConfigError) as err:
         check_budget_plans(plain, method, 3)
     assert f"{key}.noise_multiplier = 1e+06 (alone epsilon 0.0" in str(err.value)
+
+
+# ---------------------------------------------------------------- a plug-in's setup release
+
+
+@pytest.fixture
+def setup_method() -> Iterator[str]:
+    yield from _register(SetupLabelShareFedAvg)
+
+
+def _setup_config(method: str, noise: str = "reproducible", **table: Any) -> Any:
+    data = json.loads(json.dumps(TINY))
+    data["methods"] = [method]
+    data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": noise,
+                       "mechanisms": {MECHANISM: {**({} if "noise_multiplier" in table
+                                                         else {"budget_fraction": 0.1}), **table}}}
+    return parse_config(data)
+
+
+def _stated(path: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in e.items() if k not in ("timestamp", "signature", "prev_hash")}
+            for e in read_ledger(path)]
+
+
+def test_a_plug_in_setup_release_is_planned_ledgered_before_it_leaves_and_audited(
+        setup_method: str, tmp_path: Path) -> None:
+    """Declared alone in a SETUP ReleaseSpec: planned once (its budget_fraction calibrated
+    for one release), ledgered as round 0 before the value reaches the server, released with
+    ctx.privacy.gaussian in client_setup; epsilon spent is the plan's; audit verify passes
+    and recomputes its sensitivity (an entry re-signed with a tenth of it is an error)."""
+    from audits.verify import verify_run
+
+    cfg = _setup_config(setup_method, params={"clip": 1.0})
+    plan = privacy_plan(cfg, setup_method, PrivacyBudget(8.0, 1e-3), "pld")
+    sigma = plan.noise_for(MECHANISM)
+    assert sigma is not None and [(r.mechanism, r.steps) for r in plan.releases] == \
+        [("dpsgd", 24), (MECHANISM, 1)]
+    alone = plan_epsilon([PlannedRelease(MECHANISM, 1.0, 1, sigma)], 1e-3, 1.0, "pld")
+    assert 0.09 * 8.0 < alone <= 0.1 * 8.0
+    sim = Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys")
+    results = sim.run()
+    section = results["privacy"][setup_method]
+    assert section["plan"][0]["release_stages"][SETUP_KIND] == [
+        "GaussianNoise", "RecordParams", "BudgetGate", "JournalRelease"]
+    for row, cid in zip(section["clients"], client_ids(3), strict=True):
+        assert row["epsilon_spent"] == section["plan"][0]["planned_epsilon"]
+        entries = read_ledger(tmp_path / "run" / "ledgers" / setup_method / f"{cid}.jsonl")
+        assert [(e["round"], e["mechanism"]) for e in entries] == [
+            (0, MECHANISM), (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
+        p = entries[0]["params"]
+        assert (p["clip"], p["m"], p["sensitivity"], p["noise_multiplier"]) == \
+            (1.0, 64, 1.0 / 64, sigma)
+        assert p["release_kind"] == SETUP_KIND and p["noise"] == "reproducible"
+    shares = [r["setup_share"] for r in sim.history]
+    assert len(shares) == 2 and shares[0] == shares[1]
+    report = verify_run(tmp_path / "run")
+    assert report.ok, report.errors
+    assert not [w for w in report.warnings if w.check == "sensitivity"]
+    cid = "client-002"
+    path = tmp_path / "run" / "ledgers" / setup_method / f"{cid}.jsonl"
+    key = load_identity(tmp_path / "keys", cid).signing_key
+    out: list[str] = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["mechanism"] == MECHANISM:
+            entry["params"]["sensitivity"] /= 10
+        if out:
+            entry["prev_hash"] = line_hash(out[-1])
+        entry.pop("signature")
+        entry["signature"] = key.sign(signing_payload(entry)).hex()
+        out.append(canonical_json(entry))
+    path.write_text("\n".join(out) + "\n")
+    assert ("sensitivity", 0) in {(f.check, f.entry) for f in verify_run(tmp_path / "run").errors
+                                  if f.client_id == cid}
+
+
+@pytest.mark.parametrize("point", ["gate@2", "release@2"])
+def test_a_run_killed_in_a_plug_in_setup_release_resumes_without_a_second_draw(
+        setup_method: str, tmp_path: Path, point: str) -> None:
+    """Killed in client 1's setup release after its ledger entry (gate: before its journal
+    record; release: after it, before the value left): the resume consumes the entry (not
+    accounted twice, epsilon not lower) and ends with an uninterrupted run's ledgers and
+    released values."""
+    from tests.secure_fedora.core.crash_support import crashes_at
+
+    cfg = _setup_config(setup_method, noise_multiplier=4.0)
+    whole = Simulation(cfg, tmp_path / "whole", keystore=tmp_path / "keys")
+    whole_results = whole.run()
+    with crashes_at(point):
+        Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys").run()
+    ledgers = tmp_path / "cut" / "ledgers" / setup_method
+    assert [e["mechanism"] for e in read_ledger(ledgers / "client-001.jsonl")] == [MECHANISM]
+    assert read_ledger(ledgers / "client-002.jsonl") == []
+    resumed = Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys")
+    results = resumed.run(resume=True)
+    assert [r["setup_share"] for r in resumed.history] == \
+        [r["setup_share"] for r in whole.history]
+    for cid in client_ids(3):
+        assert _stated(ledgers / f"{cid}.jsonl") == \
+            _stated(tmp_path / "whole" / "ledgers" / setup_method / f"{cid}.jsonl")
+    assert [c["epsilon_spent"] for c in results["privacy"][setup_method]["clients"]] == \
+        [c["epsilon_spent"] for c in whole_results["privacy"][setup_method]["clients"]]
+
+
+def test_a_csprng_run_killed_after_a_setup_release_was_journaled_remakes_the_same_value(
+        tmp_path: Path) -> None:
+    """With CSPRNG noise no seed re-creates the draw: the resume restores the journaled noise
+    state and releases the very value the killed run may have sent, not a second draw."""
+    from tests.secure_fedora.core.crash_support import crashes_at
+
+    released: list[tuple[int, float]] = []
+
+    class Recorded(SetupLabelShareFedAvg):
+        def client_setup(self, i: int, message: Any) -> Any:
+            reply = super().client_setup(i, message)
+            released.append((i, float(reply[ENTRY])))
+            return reply
+
+    for name in _register(Recorded):
+        cfg = _setup_config(name, noise="csprng", noise_multiplier=4.0)
+        with crashes_at("release@2"):
+            Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys").run()
+        before = dict(released)
+        assert set(before) == {0}  # client 1 was cut after its journal record
+        released.clear()
+        Simulation(cfg, tmp_path / "cut", keystore=tmp_path / "keys").run(resume=True)
+        again = dict(released)
+        assert again[0] == before[0] and set(again) == {0, 1, 2}
+        assert [e["mechanism"] for e in read_ledger(
+            tmp_path / "cut" / "ledgers" / name / "client-001.jsonl")] == \
+            [MECHANISM, "dpsgd", "dpsgd", "close"]
+
+
+def test_setup_and_round_fractions_are_checked_together() -> None:
+    """The setup release's budget_fraction counts with the round releases': together at
+    least 1 leave DP-SGD nothing and are refused, naming both keys."""
+    class Both(SetupLabelShareFedAvg):
+        @classmethod
+        def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:
+            return (ReleaseSpec(SETUP_KIND, (MECHANISM,), SETUP),
+                    ReleaseSpec("model", ("dpsgd", SECOND), ROUND))
+
+    for name in _register(Both):
+        cfg = _setup_config(name)
+        data = json.loads(json.dumps(TINY))
+        data["methods"] = [name]
+        data["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3,
+                           "mechanisms": {MECHANISM: {"budget_fraction": 0.6},
+                                          SECOND: {"budget_fraction": 0.4}}}
+        with pytest.raises(ConfigError, match=rf"{MECHANISM}.budget_fraction \(0.6\) \+ "
+                                              rf".*{SECOND}.budget_fraction \(0.4\)"):
+            check_budget_plans(parse_config(data), name, 3)
+        data["privacy"]["mechanisms"][SECOND]["budget_fraction"] = 0.2
+        _, plans = check_budget_plans(parse_config(data), name, 3)
+        assert [(r.mechanism, r.steps) for r in next(iter(plans.values())).releases] == \
+            [("dpsgd", 24), (MECHANISM, 1), (SECOND, 2)]
+        assert cfg.privacy.mechanisms[MECHANISM].budget_fraction == 0.1
+
+
+@pytest.mark.parametrize("releases, match", [
+    ((ReleaseSpec("summary", (MECHANISM,), SETUP), ReleaseSpec("model", ("dpsgd",), ROUND)),
+     "'summary' is a built-in release's kind"),
+    ((ReleaseSpec(SETUP_KIND, (MECHANISM,), SETUP),
+      ReleaseSpec("model", ("dpsgd", MECHANISM), ROUND)),
+     "in its setup release and in its round release"),
+    ((ReleaseSpec(SETUP_KIND, (MECHANISM, SECOND), SETUP),
+      ReleaseSpec("model", ("dpsgd",), ROUND)),
+     "setup release of one registered plug-in Gaussian mechanism"),
+])
+def test_a_setup_release_the_runtimes_cannot_record_is_refused_naming_what_to_do(
+        releases: tuple[ReleaseSpec, ...], match: str) -> None:
+    class Declares(SetupLabelShareFedAvg):
+        @classmethod
+        def releases(cls, cfg: Any) -> tuple[ReleaseSpec, ...]:
+            return releases
+
+    for name in _register(Declares):
+        with pytest.raises(ConfigError, match=match):
+            check_budget_plans(_setup_config(name), name, 3)
+
+
+def test_a_setup_release_asked_for_in_a_round_or_never_made_is_refused(tmp_path: Path) -> None:
+    """The setup mechanism called from client_update is refused before any draw; a
+    client_setup that never makes its declared release stops the run before the server sees
+    a reply."""
+    from secure_fedora.algorithms.contract import ContractError
+
+    class Late(SetupLabelShareFedAvg):
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            value = label_share(self.ctx.clients[i].train_y, 64)
+            self.ctx.privacy.gaussian(i, MECHANISM, value, self.ctx.noise[i])
+            raise AssertionError("released")
+
+    for name in _register(Late):
+        with pytest.raises(UndeclaredReleaseError, match="make it in client_setup"):
+            Simulation(_setup_config(name), tmp_path / "late", keystore=tmp_path / "keys").run()
+
+    class Never(SetupLabelShareFedAvg):
+        def client_setup(self, i: int, message: Any) -> Any:
+            return {ENTRY: torch.zeros(1, dtype=torch.float64)}
+
+    for name in _register(Never):
+        with pytest.raises(ContractError, match=r"without it being admitted and recorded"):
+            Simulation(_setup_config(name), tmp_path / "never", keystore=tmp_path / "keys").run()

@@ -129,3 +129,108 @@ def test_a_nodes_plan_cache_keeps_the_plug_in_noise_and_an_older_cache_reads_wit
     assert "mechanism_noise" not in json.loads(path.read_text())  # the document of before
     assert client_app._cached_plan(path, "h", budget, again) == older
     assert "damaged" not in caplog.text
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plug_in_setup_release_runs_alike_on_the_grid_and_in_process(tmp_path: Path) -> None:
+    """A plug-in mechanism declared as the setup release: the same plan, the same released
+    value bit for bit (reproducible noise), the same ledgers (the round-0 entry first); each
+    client reports the plug-in's noise with its setup reply, checked by the server."""
+    from tests.secure_fedora.secure.mechanism_plugin import SetupLabelShareFedAvg
+
+    name = f"mech_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, SetupLabelShareFedAvg)
+    try:
+        cfg = _config(name)
+        grid, results = _grid_run(cfg, tmp_path)
+        assert grid.errors == [] and results["events"] == []
+        sim, _ = in_process(cfg, tmp_path, name)
+    finally:
+        METHODS.unregister(name)
+    shares = [r["setup_share"] for r in results["rounds"]]
+    assert len(shares) == 2 and shares == [r["setup_share"] for r in sim.history]
+    mine, theirs = results["privacy"][name], sim.privacy[name]
+    assert [{**r, "release_stages": None} for r in mine["plan"]] == \
+        [{**r, "release_stages": None} for r in theirs["plan"]]
+    assert f"{MECHANISM} x1" in " ".join(mine["plan"][0]["releases"])
+    for c, cid in enumerate(client_ids(3)):
+        grid_ledger = read_ledger(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name
+                                  / f"{cid}.jsonl")
+        ours = read_ledger(tmp_path / "inproc" / "ledgers" / name / f"{cid}.jsonl")
+        assert [(e["round"], e["mechanism"]) for e in grid_ledger] == \
+            [(0, MECHANISM), (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
+        assert [{k: v for k, v in e.items() if k not in _VOLATILE} for e in grid_ledger] == \
+            [{k: v for k, v in e.items() if k not in _VOLATILE} for e in ours]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_reporting_other_setup_plug_in_noise_stops_the_run_at_setup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The setup reply's ledger record states the setup plug-in's noise: 1% off the config's
+    calibration is refused at the setup, before any round, naming both figures."""
+    from flwr.app import ConfigRecord
+
+    from tests.secure_fedora.secure.mechanism_plugin import SetupLabelShareFedAvg
+
+    real = client_app._ledger_record
+    key = f"{MECHANISM_NOISE_PREFIX}{MECHANISM}"
+    seen: list[int] = []
+
+    def record(privacy: Any) -> ConfigRecord | None:
+        out = real(privacy)
+        if out is None or privacy.sole.index != 1:
+            return out
+        seen.append(int(out["entries"]))
+        return ConfigRecord({**dict(out), key: float(out[key]) * 1.01})
+    monkeypatch.setattr(client_app, "_ledger_record", record)
+    name = f"mech_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, SetupLabelShareFedAvg)
+    try:
+        with pytest.raises(DeployError, match=f"{MECHANISM} .*the config calibrates .*{MECHANISM}"):
+            _grid_run(_config(name), tmp_path)
+    finally:
+        METHODS.unregister(name)
+    assert seen == [1]  # its setup reply, holding the setup entry alone
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("point", ["gate@2", "release@2"])
+def test_a_node_killed_in_its_plug_in_setup_release_remakes_it_on_resume(
+        tmp_path: Path, point: str) -> None:
+    """The ServerApp and client 1's node die in its setup release, after its ledger entry
+    (gate: before the journal record; release: after it, before the reply left or was saved).
+    The resumed run asks for the setup again; the node consumes its entry (not accounted
+    twice) and re-makes the release: the run ends with an uninterrupted run's released values
+    and ledgers (reproducible noise)."""
+    from tests.secure_fedora.core.crash_support import crashes_at
+    from tests.secure_fedora.runtimes.flower.test_server_resume import (
+        _federation,
+        _run,
+    )
+    from tests.secure_fedora.secure.mechanism_plugin import SetupLabelShareFedAvg
+
+    name = f"mech_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, SetupLabelShareFedAvg)
+    over = {"reproducible-dp-noise": True}
+    try:
+        cfg = _config(name)
+        rc, grid = _federation(tmp_path / "whole", cfg, **over)
+        whole = _run(rc, grid)
+        rc, grid = _federation(tmp_path / "cut", cfg, **over)
+        with crashes_at(point):
+            _run(rc, grid)
+        rc = {**rc, "resume": "42"}
+        resumed = _run(rc, InMemoryGrid(tmp_path / "cut" / "nodes", rc, 3, run_id=777),
+                       run_id=777)
+    finally:
+        METHODS.unregister(name)
+    assert [r["setup_share"] for r in resumed["rounds"]] == \
+        [r["setup_share"] for r in whole["rounds"]]
+    def stated(root: str, c: int, cid: str) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.items() if k not in _VOLATILE} for e in read_ledger(
+            tmp_path / root / "nodes" / f"node-{c}" / "runs" / "42" / name / f"{cid}.jsonl")]
+
+    for c, cid in enumerate(client_ids(3)):
+        assert stated("cut", c, cid) == stated("whole", c, cid)
+        assert stated("cut", c, cid)[0]["mechanism"] == MECHANISM
