@@ -836,3 +836,30 @@ def test_a_setup_release_asked_for_in_a_round_or_never_made_is_refused(tmp_path:
     for name in _register(Never):
         with pytest.raises(ContractError, match=r"without it being admitted and recorded"):
             Simulation(_setup_config(name), tmp_path / "never", keystore=tmp_path / "keys").run()
+
+
+def test_a_cut_setup_record_of_a_release_that_left_refuses_the_resume(tmp_path: Path) -> None:
+    """Killed once every setup release reached the server: the last client's journal record
+    cut, nothing written after it proves it existed but round 0's mark, made before the
+    first setup reply left. The resume is refused (CSPRNG noise would draw that release
+    again under its one ledger entry) and changes no file."""
+    from privacy.journal import JournalError
+    from secure_fedora.core.crashpoints import InjectedCrash
+
+    class Killed(SetupLabelShareFedAvg):
+        def server_setup(self, replies: Any) -> None:
+            raise InjectedCrash("killed after the setup replies left")
+
+    for name in _register(Killed):
+        cfg = _setup_config(name, noise="csprng", noise_multiplier=4.0)
+        with pytest.raises(InjectedCrash):
+            Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
+        folder = tmp_path / "run" / "ledgers" / name
+        journal = folder / "client-002.journal"
+        assert len(journal.read_bytes().splitlines()) == 1
+        journal.write_bytes(b"")
+        before = {p: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+        with pytest.raises(JournalError, match=r"client-002\.journal'.* marks this client's "
+                                               "releases of rounds up to 0"):
+            Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run(resume=True)
+        assert {p: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} == before
