@@ -524,6 +524,12 @@ def admitted_releases(cfg: ExperimentConfig, method: str) -> tuple[Any, ...]:
                     f"[{setup!r}]: {spec.kind!r} is a built-in release's kind (its journal "
                     "record and upload would be taken for that release's); name the release "
                     f"after what it holds, e.g. ReleaseSpec({setup!r}, ({setup!r},), SETUP)")
+            if setup is not None and spec.encrypted:
+                raise ConfigError(
+                    f"privacy: method {method!r} declares its setup release {spec.kind!r} of "
+                    f"[{setup!r}] encrypted, but the runtimes send a plug-in's setup release as "
+                    "a plain reply entry (its noise protects it); declare it with "
+                    "encrypted=False")
         if plug_ins:
             for mechanism in plug_ins:
                 try:
@@ -1584,7 +1590,7 @@ class FederationPrivacy:
             "lambda": names([*lam, RecordParams({}), AccountedWith(None, c.ledger, set())]),
             **{m: names(generic) for m in self.plug_in_round_mechanisms()},
             **{kind: names([GaussianNoise(1.0, 1.0, placeholder), *self._admission_stages(i),
-                            *upload_stages(encrypt(kind), sign)])
+                            *upload_stages(None, sign)])
                for kind, _ in setup_plug_ins(self.method, self.cfg)},
         }
 

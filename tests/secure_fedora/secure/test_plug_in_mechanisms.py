@@ -800,6 +800,9 @@ def test_setup_and_round_fractions_are_checked_together() -> None:
     ((ReleaseSpec(SETUP_KIND, (MECHANISM, SECOND), SETUP),
       ReleaseSpec("model", ("dpsgd",), ROUND)),
      "setup release of one registered plug-in Gaussian mechanism"),
+    ((ReleaseSpec(SETUP_KIND, (MECHANISM,), SETUP, encrypted=True),
+      ReleaseSpec("model", ("dpsgd",), ROUND)),
+     "declare it with encrypted=False"),
 ])
 def test_a_setup_release_the_runtimes_cannot_record_is_refused_naming_what_to_do(
         releases: tuple[ReleaseSpec, ...], match: str) -> None:
