@@ -525,7 +525,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             asked: set[int] = set()
             if exchange is not None:
                 messages, asked = self._send_stage_messages(exchange, SETUP, 0, messages)
-            replies = self.client_setup_many(messages)
+            with privacy.setup_exchange() if privacy is not None else contextlib.nullcontext():
+                replies = self.client_setup_many(messages)
             if self.ctx.privacy is not None:
                 check_setup_steps(rules.method if rules is not None else self.name,
                                   self.ctx.privacy, list(messages))

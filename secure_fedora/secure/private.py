@@ -1072,6 +1072,9 @@ class FederationPrivacy:
     resumes: list[dict[str, Any]] = field(default_factory=list)
     _replayed: set[int] = field(default_factory=set)
     _resumed: bool = False
+    #: Inside :meth:`setup_exchange` (the setup's client halves): the only place a plug-in
+    #: setup release is made.
+    _in_setup: bool = False
     #: The journal fsyncs of the admissions in progress (:meth:`admission_batch`).
     _syncs: SyncBatch | None = None
     #: The fsync pool of every admission batch: started by the first, stopped by :meth:`close`.
@@ -1758,23 +1761,34 @@ class FederationPrivacy:
         assert isinstance(released.payload, Tensor)
         return released.payload
 
+    @contextlib.contextmanager
+    def setup_exchange(self) -> Iterator[None]:
+        """Run the setup exchange's client halves inside: a plug-in setup release
+        (:meth:`_gaussian_setup`) is made only here, never from a later exchange (on Flower a
+        later message's client state holds no record of the setup release made earlier)."""
+        self._in_setup = True
+        try:
+            yield
+        finally:
+            self._in_setup = False
+
     def _gaussian_setup(self, i: int, kind: str, mechanism: str, value: Tensor,
                         noise: NoiseSource) -> Tensor:
         """Client ``i``'s setup release ``kind`` of plug-in ``mechanism`` (round 0, once per
         run): Gaussian noise from ``noise`` -> gate + ledger -> journal, as the built-in
-        summary's; the released value is kept (:attr:`ClientPrivacy.summary_release`) so its
-        upload can be matched to it. Re-made from its journal record on a resume (the same
-        value, no second draw, no second ledger entry). Raises, before any draw,
-        :class:`UndeclaredReleaseError` when client ``i`` has an admitted round (the call is
-        not from ``client_setup``), PipelineError when the client was refused or already made
+        summary's; the release is kept (:attr:`ClientPrivacy.summary_release`), which the
+        setup's check that every client made its declared release reads. Re-made from its
+        journal record on a resume (the same value, no second draw, no second ledger entry).
+        Raises, before any draw, :class:`UndeclaredReleaseError` outside
+        :meth:`setup_exchange` (the call is not from ``client_setup``), PipelineError when the client was refused or already made
         the release, MechanismError when ``value`` is not a finite floating-point tensor; and
         BudgetExceededError when its budget refuses the release (the run stops: a setup
         needs every client's)."""
         c = self.clients[i]
         what = f"method {self.method!r}: client {i}'s setup release {kind!r} ({mechanism!r})"
-        if c.admitted is not None:
+        if not self._in_setup:
             raise UndeclaredReleaseError(
-                f"{what} is asked for in round {c.admitted.round}; it is declared as a setup "
+                f"{what} is asked for outside the setup exchange; it is declared as a setup "
                 "release: make it in client_setup, before round 1; nothing was released")
         if c.refused_at is not None:
             raise PipelineError(f"{what}: client {c.client_id!r} was refused ({c.refusal}); "

@@ -1306,11 +1306,11 @@ def run_stage(
 def _unanswered_release(checked: LedgerCheck | None, state: ClientRunState, stage: str,
                         rnd: int) -> int | None:
     """The index of the first ledger entry of this exchange's release (the round's model,
-    or the setup's summary or plug-in release) when the ledger's entries past the head the saved state recorded
-    end with that release's (repair and close entries aside): a process of this client
-    admitted it and died before saving its answer (so it never left). None otherwise (no DP,
-    nothing past the saved head, or entries of another release last: those stay accounted,
-    an over-count of a release that never left)."""
+    or the setup's summary or plug-in release) when the ledger's entries past the head the
+    saved state recorded end with that release's (repair and close entries aside): a process
+    of this client admitted it and died before saving its answer (so it never left). None
+    otherwise (no DP, nothing past the saved head, or entries of another release last: those
+    stay accounted, an over-count of a release that never left)."""
     from privacy.ledger import CLOSE, REPAIR
 
     if checked is None or state.ledger_head is None or stage not in ("round", "setup"):
@@ -1504,7 +1504,8 @@ def _run_client_half(
         return {}, metrics, None
     if stage == "setup":
         try:
-            with client_half(method, f"client {i}'s client_setup"):
+            with client_half(method, f"client {i}'s client_setup"), \
+                    privacy.setup_exchange() if privacy is not None else contextlib.nullcontext():
                 reply = algorithm.client_setup(i, message)
         except BudgetExceededError as err:
             return {}, {}, str(err)

@@ -829,7 +829,8 @@ def test_a_setup_release_asked_for_in_a_round_or_never_made_is_refused(tmp_path:
             raise AssertionError("released")
 
     for name in _register(Late):
-        with pytest.raises(UndeclaredReleaseError, match="make it in client_setup"):
+        with pytest.raises(UndeclaredReleaseError, match="outside the setup exchange.*make "
+                                                         "it in client_setup"):
             Simulation(_setup_config(name), tmp_path / "late", keystore=tmp_path / "keys").run()
 
     class Never(SetupLabelShareFedAvg):

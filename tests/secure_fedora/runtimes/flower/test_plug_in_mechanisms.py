@@ -234,3 +234,38 @@ def test_a_node_killed_in_its_plug_in_setup_release_remakes_it_on_resume(
     for c, cid in enumerate(client_ids(3)):
         assert stated("cut", c, cid) == stated("whole", c, cid)
         assert stated("cut", c, cid)[0]["mechanism"] == MECHANISM
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_setup_release_asked_for_in_a_later_exchange_is_refused_on_the_node(
+        tmp_path: Path) -> None:
+    """A node's evaluate message opens a fresh privacy state holding no record of the setup
+    release made earlier: the setup mechanism asked for there is refused before any draw
+    (it would have been a second round-0 release under a second entry), and the node's
+    ledger keeps its one setup entry."""
+    from secure_fedora.secure.private import UndeclaredReleaseError
+    from tests.secure_fedora.secure.mechanism_plugin import SetupLabelShareFedAvg, label_share
+
+    class Again(SetupLabelShareFedAvg):
+        def client_eval_row(self, i: int, message: Any) -> Any:
+            value = label_share(self.ctx.clients[i].train_y, 64)
+            self.ctx.privacy.gaussian(i, MECHANISM, value, self.ctx.noise[i])
+            return super().client_eval_row(i, message)
+
+    name = f"mech_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, Again)
+    try:
+        rc = run_config(_config(name), tmp_path, **{"reproducible-dp-noise": True,
+                                                     "result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        with pytest.raises(Exception):  # noqa: B017 - the run stops; the node's error says why
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    finally:
+        METHODS.unregister(name)
+    assert grid.errors and all(isinstance(err, UndeclaredReleaseError)
+                               and "outside the setup exchange" in str(err)
+                               for _, _, err in grid.errors)
+    for c, cid in enumerate(client_ids(3)):
+        ledger = read_ledger(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name
+                             / f"{cid}.jsonl")
+        assert [e["round"] for e in ledger].count(0) == 1
