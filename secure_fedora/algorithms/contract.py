@@ -43,7 +43,7 @@ from torch import Tensor
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.messages import KIND_THETA
 from secure_fedora.core.errors import is_user_error
-from secure_fedora.core.plugins import PluginError, raised_at
+from secure_fedora.core.plugins import method_hook, raised_at
 from secure_fedora.core.tensors import all_finite
 
 Payload = dict[str, Tensor]
@@ -136,23 +136,6 @@ def client_half(method: str, what: str) -> Iterator[None]:
             raise
         raise ClientHalfError(f"method {method!r}: {what} failed: "
                               f"{type(err).__name__}: {err}{raised_at(err)}") from err
-
-
-@contextmanager
-def method_hook(method: str, hook: str,
-                passes: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """Ask a method's class a declaration (``hook``: e.g. ``"assumptions(cfg)"``): an exception
-    that is neither a toolkit error (:func:`~secure_fedora.core.errors.is_user_error`) nor one
-    of ``passes`` (the hook's own way to refuse, e.g. ``ValueError`` for ``check_data``)
-    becomes a one-line :class:`~secure_fedora.core.plugins.PluginError` naming ``method``,
-    ``hook`` and where it raised, with the original as its cause."""
-    try:
-        yield
-    except Exception as err:
-        if is_user_error(err) or isinstance(err, passes):
-            raise
-        raise PluginError(f"method {method!r}: its {hook} raised {type(err).__name__}: "
-                          f"{err}{raised_at(err)}") from err
 
 
 @dataclass(frozen=True)

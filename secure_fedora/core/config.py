@@ -696,7 +696,7 @@ def method_proximal_terms(name: str, cfg: Any) -> dict[str, float]:
         return {}
     declaration = owner.proximal_weights
     if callable(declaration):
-        from secure_fedora.algorithms.contract import method_hook
+        from secure_fedora.core.plugins import method_hook
 
         with method_hook(name, "proximal_weights(cfg)", (ValueError,)):
             terms = declaration(cfg)
@@ -760,7 +760,7 @@ class ExperimentConfig(_Section):
 
         for name, section in self.baselines.items():
             _check_method_section(name, section)
-        from secure_fedora.algorithms.contract import method_hook
+        from secure_fedora.core.plugins import method_hook
 
         p, d = self.privacy, self.data
         for name in self.methods:
@@ -837,7 +837,7 @@ class ExperimentConfig(_Section):
     def _check_derived_rows(self) -> None:
         """Refuse a listed method whose name is a results entry another listed method derives
         (``methods.fedavg_ft``): results.json could not hold both, found only after training."""
-        from secure_fedora.algorithms.contract import method_hook
+        from secure_fedora.core.plugins import method_hook
         from secure_fedora.core.registry import METHODS
 
         derived: dict[str, str] = {}

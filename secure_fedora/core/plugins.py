@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_fedora.core.config import ConfigError
+from secure_fedora.core.errors import is_user_error
 
 __all__ = ["PluginError", "config_dir", "derived_config", "import_object", "is_import_spec",
            "one_run", "raised_at", "remember_config_dir"]
@@ -300,3 +301,20 @@ def import_object(spec: str, key: str, base_dir: Path | None = None) -> Callable
     if not callable(obj):
         raise PluginError(f"{key} = {spec!r}: {attr!r} is a {type(obj).__name__}, not a function")
     return obj
+
+
+@contextlib.contextmanager
+def method_hook(method: str, hook: str,
+                passes: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Ask a method's class a declaration (``hook``: e.g. ``"assumptions(cfg)"``): an exception
+    that is neither a toolkit error (:func:`~secure_fedora.core.errors.is_user_error`) nor one
+    of ``passes`` (the hook's own way to refuse, e.g. ``ValueError`` for ``check_data``)
+    becomes a one-line :class:`PluginError` naming ``method``,
+    ``hook`` and where it raised, with the original as its cause."""
+    try:
+        yield
+    except Exception as err:
+        if is_user_error(err) or isinstance(err, passes):
+            raise
+        raise PluginError(f"method {method!r}: its {hook} raised {type(err).__name__}: "
+                          f"{err}{raised_at(err)}") from err
