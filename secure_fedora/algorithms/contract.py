@@ -42,8 +42,8 @@ from torch import Tensor
 
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.messages import KIND_THETA
-from secure_fedora.core.errors import is_user_error
-from secure_fedora.core.plugins import method_hook, raised_at
+from secure_fedora.core.errors import TOOLKIT_PACKAGES, is_user_error
+from secure_fedora.core.plugins import PluginError, method_hook, raised_at
 from secure_fedora.core.tensors import all_finite
 
 Payload = dict[str, Tensor]
@@ -54,7 +54,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
-           "check_data_facts", "data_checked", "method_hook", "named_class_declarations",
+           "check_data_facts", "data_checked", "method_hook", "server_half", "is_builtin_method", "named_class_declarations",
            "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class", "SAT_OUT_PULL_DIVERGED", "with_sat_out_statistics",
            "method_releases", "round_mechanisms", "REPLY_STAGES", "declared_reply_entries"]
 
@@ -136,6 +136,35 @@ def client_half(method: str, what: str) -> Iterator[None]:
             raise
         raise ClientHalfError(f"method {method!r}: {what} failed: "
                               f"{type(err).__name__}: {err}{raised_at(err)}") from err
+
+
+def is_builtin_method(algorithm: Any) -> bool:
+    """Whether ``algorithm`` (a method instance or class) is one of the toolkit's own: its
+    class is defined in the toolkit's packages, outside ``secure_fedora.contrib`` (where a
+    user's methods go). A user's subclass of a built-in method is not built in."""
+    cls = algorithm if isinstance(algorithm, type) else type(algorithm)
+    module = cls.__module__ or ""
+    if module == "secure_fedora.contrib" or module.startswith("secure_fedora.contrib."):
+        return False
+    return module.split(".")[0] in TOOLKIT_PACKAGES
+
+
+@contextmanager
+def server_half(algorithm: Any, method: str, hook: str) -> Iterator[None]:
+    """Run a hook of a method's server half (``hook``: e.g. ``"aggregate(rnd, replies) of
+    round 2"``): for a plug-in method (not :func:`is_builtin_method`) an exception that is not
+    a toolkit error (:func:`~secure_fedora.core.errors.is_user_error`) becomes a one-line
+    :class:`~secure_fedora.core.plugins.PluginError` naming ``method``, ``hook`` and where it
+    raised, with the original as its cause (its traceback shown with ``--debug``). A built-in
+    method's exception passes unchanged: it is a bug of the toolkit, shown with its
+    traceback. Toolkit errors pass unchanged either way."""
+    try:
+        yield
+    except Exception as err:
+        if is_user_error(err) or is_builtin_method(algorithm):
+            raise
+        raise PluginError(f"method {method!r}: its server half's {hook} raised "
+                          f"{type(err).__name__}: {err}{raised_at(err)}") from err
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from secure_fedora.algorithms.contract import (
     client_half,
     no_reply_statistics,
     round_statistics_of,
+    server_half,
 )
 from secure_fedora.algorithms.encryption import (
     EncryptionBackend,
@@ -513,7 +514,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages (:func:`~secure_fedora.algorithms.contract.check_messages`) are checked
         before any client half runs, the replies against :attr:`reply_rules` before the
         server half sees them."""
-        messages = check_messages(self._label(), SETUP, 0, self.setup_messages(),
+        with server_half(self, self._label(), "setup_messages()"):
+            setup = self.setup_messages()
+        messages = check_messages(self._label(), SETUP, 0, setup,
                                   range(self.ctx.num_clients), self.ctx.flat.num_params)
         if messages:
             rules = self.reply_rules
@@ -546,7 +549,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             if exchange is not None:
                 replies = self._upload_stage_replies(exchange, SETUP, 0, messages, replies, asked)
                 self._earlier_security = _merged_security(self._earlier_security, exchange)
-            self.server_setup(replies)
+            with server_half(self, self._label(), "server_setup(replies)"):
+                self.server_setup(replies)
 
     def _setup_envelopes(self) -> bool:
         """Whether the generic setup exchange envelopes this method's setup messages and
@@ -662,8 +666,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         run under :meth:`server_view`) sees the server's rows."""
         rules = self.reply_rules
         label = self._label()
-        messages = check_messages(label, ROUND, rnd, self.configure(rnd, participants),
-                                  participants, self.ctx.flat.num_params)
+        with server_half(self, label, f"configure(rnd, participants) of round {rnd}"):
+            configured = self.configure(rnd, participants)
+        messages = check_messages(label, ROUND, rnd, configured, participants,
+                                  self.ctx.flat.num_params)
         messages = self._exchange_downloads(rnd, messages)
         if admit is not None:
             # under DP the admissions' journal fsyncs overlap; all are durable after the block
@@ -687,10 +693,13 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         self.last_round = rnd
         self.round_replied = len(accepted)
         if not accepted:
-            self.round_discarded(rnd)
+            with server_half(self, label, f"round_discarded(rnd) of round {rnd}"):
+                self.round_discarded(rnd)
             return no_reply_statistics()
-        stats = self.round_statistics(rnd, accepted)
-        with self.server_view():
+        with server_half(self, label, f"round_statistics(rnd, replies) of round {rnd}"):
+            stats = self.round_statistics(rnd, accepted)
+        with self.server_view(), server_half(self, label,
+                                             f"aggregate(rnd, replies) of round {rnd}"):
             update = self.aggregate(rnd, accepted)
         return round_statistics_of(label, rnd, stats, update)
 
@@ -853,8 +862,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         """:meth:`evaluation_rows`, with the messages of the clients that accepted theirs when
         ``keep`` (else ``{}``) and the clients whose message was sent twice."""
         label, num_params = self._label(), self.ctx.flat.num_params
-        messages = check_messages(label, EVALUATE, self.last_round,
-                                  self.evaluation_messages(self.last_round, ids), ids, num_params)
+        with server_half(self, label, f"evaluation_messages(rnd, clients) of round "
+                                      f"{self.last_round}"):
+            evaluation = self.evaluation_messages(self.last_round, ids)
+        messages = check_messages(label, EVALUATE, self.last_round, evaluation, ids, num_params)
         refused: set[int] = set()
         asked: set[int] = set()
         # every method's evaluation message is signed, also one that sends its round
@@ -887,9 +898,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         once more (fresh envelopes); one that rejects it again stops the run with a
         :class:`FinalizeRejectedError` naming it, before any client half runs."""
         label = self._label()
-        messages = check_messages(label, FINALIZE, self.last_round,
-                                  self.finalize_messages(), range(self.ctx.num_clients),
-                                  self.ctx.flat.num_params)
+        with server_half(self, label, "finalize_messages()"):
+            final = self.finalize_messages()
+        messages = check_messages(label, FINALIZE, self.last_round, final,
+                                  range(self.ctx.num_clients), self.ctx.flat.num_params)
         # after every round, as on Flower (wire_round: rounds + 1): its envelopes, and any
         # rejection results.json records, are told apart from the last round's
         final_round = self.last_round + 1
@@ -910,7 +922,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         if replies and self.exchange is not None and self._round_envelopes():
             replies = self._upload_stage_replies(self.exchange, FINALIZE, final_round, sent,
                                                  replies, asked)
-        return check_finalize_results(label, self.server_finalize(replies))
+        with server_half(self, label, "server_finalize(replies)"):
+            results = self.server_finalize(replies)
+        return check_finalize_results(label, results)
 
     def _check_buffers(self, when: str) -> None:
         """ModelError when the model's buffers changed since they were checked
@@ -1104,7 +1118,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             return {}
         fields: dict[str, dict[int, Tensor]] = {}
         for i in range(self.ctx.num_clients):
-            state = check_client_state(self._label(), i, self.client_state_dict(i))
+            with server_half(self, self._label(), f"client_state_dict({i}) for the checkpoint"):
+                own = self.client_state_dict(i)
+            state = check_client_state(self._label(), i, own)
             for key, value in state.items():
                 if key != KIND_THETA:
                     fields.setdefault(key, {})[i] = value.detach().clone()
@@ -1119,7 +1135,8 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         messages' record so far (rejections and traffic, which a resumed run continues). A
         server state key among :attr:`checkpoint_fields`, or a server state value the resume
         could not load (not a tensor or plain value), is a :class:`ContractError`."""
-        server = self.server_state_dict()
+        with server_half(self, self._label(), "server_state_dict() for the checkpoint"):
+            server = self.server_state_dict()
         clash = sorted(str(key) for key in server if key in self.checkpoint_fields)
         if clash:
             raise ContractError(f"method {self._label()!r}: server_state_dict key(s) {clash} are "

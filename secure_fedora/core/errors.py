@@ -4,7 +4,9 @@ Every deliberate error of the toolkit derives from :class:`privacy.errors.Toolki
 (``ConfigError``, ``DataError``, ``LedgerError``, ``CheckpointError``, ...). Those, ``OSError``
 and any other exception class defined in the toolkit's packages reach the user as
 ``error: <message>`` on stderr with exit code 2; ``--debug`` adds the traceback. Any other
-exception is a bug and propagates with its traceback.
+exception is a bug and propagates with its traceback; a plug-in method's own code raising is
+turned into a toolkit error where the toolkit calls it (``contract.client_half``,
+``method_hook``, ``server_half``), naming the method and the hook.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "DEBUG_FLAG",
     "ERROR_EXIT_CODE",
     "INTERRUPTED_EXIT_CODE",
+    "TOOLKIT_PACKAGES",
     "ToolkitError",
     "interrupt_on",
     "is_user_error",
@@ -36,7 +39,8 @@ ERROR_EXIT_CODE = 2
 #: exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
 INTERRUPTED_EXIT_CODE = 130
 DEBUG_FLAG = "--debug"
-_TOOLKIT_PACKAGES = ("privacy", "secure_fedora", "audits")
+#: The toolkit's own top-level packages (exceptions defined there are deliberate errors).
+TOOLKIT_PACKAGES = ("privacy", "secure_fedora", "audits")
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -45,7 +49,7 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, (ToolkitError, OSError)):
         return True
     module = type(err).__module__ or ""
-    return isinstance(err, Exception) and module.split(".")[0] in _TOOLKIT_PACKAGES
+    return isinstance(err, Exception) and module.split(".")[0] in TOOLKIT_PACKAGES
 
 
 def one_line(err: BaseException) -> str:

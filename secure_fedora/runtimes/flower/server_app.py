@@ -114,6 +114,7 @@ from secure_fedora.algorithms.contract import (
     model_size_checked,
     no_reply_statistics,
     round_statistics_of,
+    server_half,
     with_sat_out_statistics,
 )
 from secure_fedora.core.config import MAX_THREADS, ExperimentConfig, model_selection
@@ -1581,9 +1582,11 @@ def _evaluate(grid: Grid, server: _Server, run: _MethodRun, rnd: int) -> dict[st
     """The evaluation exchange of round ``rnd``; updates the tracker as in process."""
     n = server.cfg.data.num_clients
     clients = list(range(n))
+    with server_half(run.algorithm, run.name,
+                     f"evaluation_messages(rnd, clients) of round {rnd}"):
+        evaluation = run.algorithm.evaluation_messages(rnd, clients)
     messages = check_messages(run.name, EVALUATE, rnd,  # as in process, before any is sent
-                              run.algorithm.evaluation_messages(rnd, clients), clients,
-                              run.algorithm.ctx.flat.num_params)
+                              evaluation, clients, run.algorithm.ctx.flat.num_params)
     replies = _exchange_payloads(grid, server, run, "evaluate", rnd,
                                  {c: messages.get(c) for c in clients},
                                  server.settings.round_timeout)
@@ -1674,9 +1677,11 @@ def _finish_final_evaluation(grid: Grid, server: _Server, run: _MethodRun, round
             getattr(tracker, key).copy_(value)
         tracker.last_val[fresh], tracker.last_test[fresh] = val[fresh], test[fresh]
     clients = list(range(n))
+    with server_half(run.algorithm, run.name,
+                     f"evaluation_messages(rnd, clients) of round {rounds}"):
+        evaluation = run.algorithm.evaluation_messages(rounds, clients)
     messages = check_messages(run.name, EVALUATE, rounds,  # as the round sent them
-                              run.algorithm.evaluation_messages(rounds, clients), clients,
-                              run.algorithm.ctx.flat.num_params)
+                              evaluation, clients, run.algorithm.ctx.flat.num_params)
     _say(f"{run.name} round {rounds}: final evaluation sent again to clients {missing}, which "
          "had not answered it")
     t0 = time.perf_counter()
@@ -1953,11 +1958,13 @@ def _record_amendments(server: _Server, state: Mapping[str, Any]) -> None:
              f"recorded in {result_dir / AMENDMENTS}")
 
 
-def _algorithm_state(algorithm: Any) -> dict[str, Any]:
+def _algorithm_state(algorithm: Any, name: str) -> dict[str, Any]:
     """The server half's state: its server state dict and, for a method of client rows, the
     rows as the server last received them (which a method's server state may be computed
     from). The clients' own state lives on their nodes."""
-    state: dict[str, Any] = {"server": algorithm.server_state_dict()}
+    with server_half(algorithm, name, "server_state_dict() for the checkpoint"):
+        server = algorithm.server_state_dict()
+    state: dict[str, Any] = {"server": server}
     theta = getattr(algorithm, "theta", None)
     if isinstance(theta, Tensor):
         state["theta"] = theta
@@ -2055,18 +2062,25 @@ def _check_same_clients(server: _Server, state: Mapping[str, Any]) -> None:
             "cannot continue (start a new run)")
 
 
-def _round_statistics(algorithm: Any, rnd: int, replies: Mapping[int, Payload]) -> dict[str, Any]:
+def _round_statistics(algorithm: Any, name: str, rnd: int,
+                      replies: Mapping[int, Payload]) -> dict[str, Any]:
     """What the round's clients did, as the in-process round reports it (the algorithm's
     ``round_statistics`` over the accepted replies, where it defines one)."""
     statistics = getattr(algorithm, "round_statistics", None)
-    return dict(statistics(rnd, replies)) if statistics is not None else {}
+    if statistics is None:
+        return {}
+    with server_half(algorithm, name, f"round_statistics(rnd, replies) of round {rnd}"):
+        return dict(statistics(rnd, replies))
 
 
-def _sat_out_statistics(algorithm: Any, rnd: int, reasons: Mapping[int, str]) -> Any:
+def _sat_out_statistics(algorithm: Any, name: str, rnd: int, reasons: Mapping[int, str]) -> Any:
     """The algorithm's ``sat_out_statistics`` for the clients that sat round ``rnd`` out,
     where it defines one (as :func:`_round_statistics`)."""
     statistics = getattr(algorithm, "sat_out_statistics", None)
-    return statistics(rnd, dict(reasons)) if statistics is not None else {}
+    if statistics is None:
+        return {}
+    with server_half(algorithm, name, f"sat_out_statistics(rnd, reasons) of round {rnd}"):
+        return statistics(rnd, dict(reasons))
 
 
 def _method_state(run: _MethodRun, rnd: int, round_gen: torch.Generator,
@@ -2075,7 +2089,7 @@ def _method_state(run: _MethodRun, rnd: int, round_gen: torch.Generator,
     return {
         "method": run.name,
         "round": rnd,
-        "algorithm": _algorithm_state(run.algorithm),
+        "algorithm": _algorithm_state(run.algorithm, run.name),
         "tracker": run.tracker.state_dict(),
         "round_generator": round_gen.get_state(),
         "history": run.history,
@@ -2113,20 +2127,26 @@ def _setup_method(grid: Grid, server: _Server, run: _MethodRun, ceremony: str | 
     """Method ``run``'s setup: its ceremony, or its setup exchange when it has messages."""
     name, algorithm = run.name, run.algorithm
     n, num_params = server.cfg.data.num_clients, algorithm.ctx.flat.num_params
-    setup = (check_messages(name, SETUP, 0, algorithm.setup_messages(), range(n), num_params)
-             if ceremony is None else {})
+    setup: dict[int, Payload] = {}
+    if ceremony is None:
+        with server_half(algorithm, name, "setup_messages()"):
+            messages = algorithm.setup_messages()
+        setup = check_messages(name, SETUP, 0, messages, range(n), num_params)
     t0 = time.perf_counter()
     if ceremony is not None:
         protocol = CEREMONIES.get(ceremony)
         if protocol is None:
             raise DeployError(f"method {name!r} needs the setup ceremony {ceremony!r}, which the "
                               f"Flower runtime does not implement (it knows {sorted(CEREMONIES)})")
-        algorithm.server_setup_from_ceremony(ceremony, protocol(grid, server))
+        result = protocol(grid, server)
+        with server_half(algorithm, name, f"server_setup_from_ceremony({ceremony!r}, result)"):
+            algorithm.server_setup_from_ceremony(ceremony, result)
         for cid in server.ceremony_answered.pop(name, set()):  # its setup replies, accepted
             run.answered.setdefault(cid, {})["setup"] = 0
     elif setup:
         replies = _every_reply(grid, server, run, "setup", 0, setup, _relatedness_wait(server))
-        algorithm.server_setup(replies.payloads)
+        with server_half(algorithm, name, "server_setup(replies)"):
+            algorithm.server_setup(replies.payloads)
         server.timings.setdefault(name, {})["setup"] = replies.timing.to_json()
     server.timings.setdefault(name, {})["setup_s"] = round(time.perf_counter() - t0, 4)
     if ceremony is not None or setup:
@@ -2167,7 +2187,8 @@ def _run_method(grid: Grid, server: _Server, name: str,
     run = _MethodRun(name, algorithm, PayloadLimits.for_model(algorithm.ctx.flat.num_params),
                      Tracker.empty(n, select_final=model_selection(cfg) == "final_round"))
     run.schema = algorithm.reply_schema or ReplySchema.of(algorithm)
-    ceremony = algorithm.setup_ceremony()
+    with server_half(algorithm, name, "setup_ceremony()"):
+        ceremony = algorithm.setup_ceremony()
     num_params = algorithm.ctx.flat.num_params
     rounds = cfg.training.rounds
     round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
@@ -2188,24 +2209,26 @@ def _run_method(grid: Grid, server: _Server, name: str,
         participants = sample_participants(cfg, round_gen, n)
         t0 = time.perf_counter()
         apply_amendments(server.settings, name, algorithm, rnd)
-        messages = check_messages(name, ROUND, rnd, algorithm.configure(rnd, participants),
-                                  participants, num_params)
+        with server_half(algorithm, name, f"configure(rnd, participants) of round {rnd}"):
+            configured = algorithm.configure(rnd, participants)
+        messages = check_messages(name, ROUND, rnd, configured, participants, num_params)
         seen = len(server.events)
         replies = _exchange_payloads(grid, server, run, "round", rnd, messages,
                                      server.settings.round_timeout)
         failed_replies.extend(e for e in server.events[seen:]
                               if str(e["event"]).startswith(("error reply", "message rejected")))
         if replies.payloads:
-            stats = _round_statistics(algorithm, rnd, replies.payloads)
-            stats = round_statistics_of(name, rnd, stats,
-                                        algorithm.aggregate(rnd, replies.payloads))
+            stats = _round_statistics(algorithm, name, rnd, replies.payloads)
+            with server_half(algorithm, name, f"aggregate(rnd, replies) of round {rnd}"):
+                update = algorithm.aggregate(rnd, replies.payloads)
+            stats = round_statistics_of(name, rnd, stats, update)
         else:  # as in process for a round nobody was admitted to: no update, no statistic
             stats = no_reply_statistics()
         if replies.sat_out:
             # statistics over accepted replies leave out what those clients' error replies
             # say (e.g. an unstable pull): the method says which statistic that affects
             stats = with_sat_out_statistics(
-                name, rnd, stats, _sat_out_statistics(algorithm, rnd, replies.sat_out))
+                name, rnd, stats, _sat_out_statistics(algorithm, name, rnd, replies.sat_out))
         seconds = time.perf_counter() - t0
         run.seconds["training"] += seconds
         row: dict[str, Any] = {"method": name, "round": rnd, "participants": len(participants),
@@ -2277,15 +2300,18 @@ def _run_method(grid: Grid, server: _Server, name: str,
             "written; check those SuperNodes' logs or raise the round timeout"
             + (f" (last events: {why})" if why else "") + again)
     apply_amendments(server.settings, name, algorithm, rounds)  # as in process after its last round
-    final = check_messages(name, FINALIZE, rounds, algorithm.finalize_messages(), range(n),
-                           num_params)
+    with server_half(algorithm, name, "finalize_messages()"):
+        finalize = algorithm.finalize_messages()
+    final = check_messages(name, FINALIZE, rounds, finalize, range(n), num_params)
     final_payloads: dict[int, Payload] = {}
     if final:
         replies = _every_reply(grid, server, run, "finalize", rounds + 1, final,
                                server.settings.round_timeout)
         final_payloads = replies.payloads
         server.timings.setdefault(name, {})["finalize"] = replies.timing.to_json()
-    extra = check_finalize_results(name, algorithm.server_finalize(final_payloads))
+    with server_half(algorithm, name, "server_finalize(replies)"):
+        results = algorithm.server_finalize(final_payloads)
+    extra = check_finalize_results(name, results)
     server.history.extend(run.history)
     if server.relatedness is None:
         server.relatedness = relatedness_matrix([algorithm])

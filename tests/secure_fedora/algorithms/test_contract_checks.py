@@ -643,3 +643,130 @@ def test_a_plug_in_refusing_the_data_is_refused_before_anything_is_written(tmp_p
                        r"narrow\.width: \(1, 28, 28\) inputs, 10 classes, train \(40, 40, 40\)$"):
         sim.run()
     assert not run.exists() and not (tmp_path / "ks").exists()
+
+
+class ServerBreaks(Toy):
+    """Toy whose server half raises in the hook named ``breaks`` (in round 2 where the hook
+    is a round's or an evaluation's; at round 2's checkpoint for a state hook)."""
+
+    breaks: str | None = None
+    configured = 0  # the last round configured (what a state hook's checkpoint comes after)
+
+    def _fail(self, hook: str, rnd: int = 2) -> None:
+        if type(self).breaks == hook and rnd == 2:
+            raise RuntimeError(f"{hook} broke")
+
+    def setup_messages(self):
+        self._fail("setup_messages")
+        return super().setup_messages()
+
+    def configure(self, rnd, participants):
+        self._fail("configure", rnd)
+        self.configured = rnd
+        return super().configure(rnd, participants)
+
+    def aggregate(self, rnd, replies):
+        self._fail("aggregate", rnd)
+        return super().aggregate(rnd, replies)
+
+    def evaluation_messages(self, rnd, clients):
+        self._fail("evaluation_messages", rnd)
+        return super().evaluation_messages(rnd, clients)
+
+    def finalize_messages(self):
+        self._fail("finalize_messages")
+        return super().finalize_messages()
+
+    def server_finalize(self, replies):
+        self._fail("server_finalize")
+        return super().server_finalize(replies)
+
+    def server_state_dict(self):
+        self._fail("server_state_dict", self.configured)
+        return {**super().server_state_dict(), "global_params": self.global_params}
+
+    def load_server_state_dict(self, state):
+        super().load_server_state_dict(state)
+        self.global_params.copy_(state["global_params"])
+
+    def client_state_dict(self, i):
+        self._fail("client_state_dict", self.configured)
+        return super().client_state_dict(i)
+
+
+#: Each server-side hook of the contract a plug-in's ServerBreaks raises in, with the words
+#: the error names it by.
+SERVER_HOOKS = {
+    "setup_messages": "setup_messages()",
+    "configure": "configure(rnd, participants) of round 2",
+    "aggregate": "aggregate(rnd, replies) of round 2",
+    "evaluation_messages": "evaluation_messages(rnd, clients) of round 2",
+    "finalize_messages": "finalize_messages()",
+    "server_finalize": "server_finalize(replies)",
+    "server_state_dict": "server_state_dict() for the checkpoint",
+    "client_state_dict": "client_state_dict(0) for the checkpoint",
+}
+
+
+@pytest.mark.parametrize("hook", sorted(SERVER_HOOKS))
+def test_a_plugins_server_half_that_raises_is_a_one_line_error_and_the_run_resumes(
+        tmp_path, register, monkeypatch, hook):
+    """A plug-in's server half raising (configure, aggregate, ...) propagated raw, a traceback
+    naming neither the method nor the hook. Now a PluginError names the method, the hook and
+    where it raised, the original kept as its cause; as after a client half's error, the run
+    directory resumes from the last completed round's checkpoint, every release accounted
+    once in the ledgers."""
+    from secure_fedora.core.plugins import PluginError
+
+    name = register(f"server_breaks_{hook}", ServerBreaks)
+    cfg = _config(name, training={"rounds": 3, "checkpoint_every": 1})
+    monkeypatch.setattr(ServerBreaks, "breaks", hook)
+    sim, run = _run(tmp_path, cfg)
+    with pytest.raises(PluginError) as info:
+        sim.run()
+    message = str(info.value)
+    assert message.startswith(f"method '{name}': its server half's {SERVER_HOOKS[hook]} raised "
+                              f"RuntimeError: {hook} broke (at {__file__}:")
+    assert message.endswith(" in _fail)") and "\n" not in message
+    assert isinstance(info.value.__cause__, RuntimeError)
+    monkeypatch.setattr(ServerBreaks, "breaks", None)  # the plug-in fixed
+    resumed, _ = _run(tmp_path, cfg)
+    results = resumed.run(resume=True)
+    assert [r["round"] for r in resumed.history] == [1, 2, 3]
+    assert results["methods"][name]["rounds"] == 3
+    for mechanisms in _ledger_mechanisms(run, name):
+        assert mechanisms == ["dpsgd", "dpsgd", "dpsgd", "close"]
+
+
+def test_a_builtin_methods_server_half_that_raises_keeps_its_traceback(tmp_path, monkeypatch):
+    """A built-in method is the toolkit's own code: an exception in its server half is a bug,
+    shown with its traceback (not a one-line error blaming a plug-in)."""
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.errors import run_command
+
+    def aggregate(self, rnd, replies):
+        raise RuntimeError("a toolkit bug")
+
+    monkeypatch.setattr(FedAvg, "aggregate", aggregate)
+    sim, _ = _run(tmp_path, _config("fedavg", dp=False))
+    with pytest.raises(RuntimeError, match="^a toolkit bug$"):
+        run_command(lambda _args: sim.run(), None)
+
+
+def test_a_plugins_server_half_error_is_one_line_on_the_command_line(tmp_path, register,
+                                                                       monkeypatch):
+    """Exit code 2 and ``error: <one line>``; ``--debug`` adds the original's traceback."""
+    import io
+
+    from secure_fedora.core.errors import run_command
+
+    name = register("server_breaks_cli", ServerBreaks)
+    monkeypatch.setattr(ServerBreaks, "breaks", "aggregate")
+    for debug in (False, True):
+        sim, _ = _run(tmp_path / f"cli{debug}", _config(name, dp=False))
+        out = io.StringIO()
+        assert run_command(lambda _args, s=sim: s.run(), None, debug=debug, stream=out) == 2
+        lines = out.getvalue().splitlines()
+        assert lines[-1].startswith(f"error: method '{name}': its server half's aggregate")
+        assert ('raise RuntimeError(f"{hook} broke")' in out.getvalue()) == debug
+

@@ -1,0 +1,78 @@
+"""A plug-in's server half that raises on the ServerApp: a one-line PluginError naming the
+method, the hook and where it raised (the original as its cause), as in process
+(tests/secure_fedora/algorithms/test_contract_checks.py); the result-dir resumes from the
+last completed round's checkpoint, the nodes' ledgers intact."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import pytest
+
+from privacy.ledger import read_ledger
+from secure_fedora.core.config import parse_config
+from secure_fedora.core.plugins import PluginError
+from secure_fedora.core.registry import METHODS
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import RunSettings
+from tests.secure_fedora.algorithms import test_contract_checks
+from tests.secure_fedora.algorithms.test_contract_checks import ServerBreaks
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    run_config,
+    task_identity,
+    tiny_config,
+    with_methods,
+)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+_ = task_identity  # the fixture, imported for use above
+
+#: The server-side hooks the ServerApp calls (a client's client_state_dict is its node's).
+FLOWER_HOOKS = {hook: words for hook, words in test_contract_checks.SERVER_HOOKS.items()
+                if hook != "client_state_dict"}
+
+
+def _dp(cfg: Any) -> Any:
+    return parse_config({**cfg.model_dump(mode="json", exclude_none=True),
+                         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3}})
+
+
+def _federate(rc: dict[str, Any], grid: InMemoryGrid, run_id: int = 42) -> dict[str, Any]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return server_app.run_federation(grid, RunSettings.from_run_config(rc), run_id)
+
+
+@pytest.mark.parametrize("hook", sorted(FLOWER_HOOKS))
+def test_a_plugins_server_half_that_raises_is_named_and_the_run_resumes(tmp_path, monkeypatch,
+                                                                      hook):
+    """Raised raw from the ServerApp before (a traceback naming neither method nor hook)."""
+    name = f"server_breaks_fl_{hook}"
+    METHODS.register(name, ServerBreaks)
+    try:
+        cfg = _dp(with_methods(tiny_config(rounds=3), name))
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        monkeypatch.setattr(ServerBreaks, "breaks", hook)
+        with pytest.raises(PluginError) as info:
+            _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3))
+        message = str(info.value)
+        assert message.startswith(f"method '{name}': its server half's {FLOWER_HOOKS[hook]} "
+                                  f"raised RuntimeError: {hook} broke (at "
+                                  f"{test_contract_checks.__file__}:")
+        assert message.endswith(" in _fail)") and "\n" not in message
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert not (tmp_path / "res" / "results.json").exists()
+        monkeypatch.setattr(ServerBreaks, "breaks", None)  # the plug-in fixed: resumed
+        rc = {**rc, "resume": "42"}
+        results = _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), 777)
+        assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+        for c in range(3):  # each round's release made and accounted once
+            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
+                f"client-{c:03d}.jsonl"
+            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
+                (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
+    finally:
+        METHODS.unregister(name)
+
