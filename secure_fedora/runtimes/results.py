@@ -54,7 +54,7 @@ from secure_fedora.algorithms.contract import (
     method_class,
     method_hook,
 )
-from secure_fedora.core.config import ExperimentConfig, model_selection
+from secure_fedora.core.config import ConfigError, ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "PROCESS_KEYS", "RESERVED_KEYS", "RESULT_FILES",
@@ -234,24 +234,30 @@ def _declaring_classes(names: Iterable[str]) -> list[tuple[str, type[FederatedAl
 
 def _method_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
     """What the configured methods declare (:meth:`FederatedAlgorithm.assumptions`), in
-    method order; two methods stating one key differently is a bug in one of them."""
+    method order; two methods stating one key differently is a :class:`ConfigError` naming
+    both and the key (results.json has one value per key: the run cannot state both)."""
     merged: dict[str, Any] = {}
+    stated_by: dict[str, str] = {}
     for name, cls in _declaring_classes(cfg.methods):
         with method_hook(name, "assumptions(cfg)"):
             declared = cls.assumptions(cfg)
         for key, value in declared.items():
             if key in merged and merged[key] != value:
-                raise ValueError(f"method {name!r} states assumption {key!r} differently from "
-                                 "another method of the run")
+                raise ConfigError(
+                    f"methods {stated_by[key]!r} and {name!r} state results.json assumption "
+                    f"{key!r} differently ({merged[key]!r} vs {value!r}); results.json holds one "
+                    "value per key: run them in separate runs, or make one of them state "
+                    "another key")
             merged[key] = value
+            stated_by.setdefault(key, name)
     return merged
 
 
 def check_method_assumptions(cfg: ExperimentConfig) -> None:
     """Ask every method of ``cfg`` its assumptions as results.json will: a method whose
     ``assumptions`` raises (a :class:`~secure_fedora.core.plugins.PluginError`), or two
-    methods stating one key differently (``ValueError``), stop a run before it trains rather
-    than when its results are written."""
+    methods stating one key differently (a :class:`ConfigError`), stop a run before it
+    trains rather than when its results are written (both runtimes ask it first)."""
     _method_assumptions(cfg)
 
 

@@ -2406,6 +2406,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     from secure_fedora.runtimes.plots import write_plots
     from secure_fedora.runtimes.results import (
         build_results,
+        check_method_assumptions,
         client_rows,
         remove_interrupted_result_writes,
         write_rounds_csv,
@@ -2415,6 +2416,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
 
     cfg = settings.experiment
     check_supported(cfg, settings.reproducible_dp_noise, settings.compare_methods)
+    check_method_assumptions(cfg)  # results.json states them: asked before any message, as in process
     plans = {}
     if cfg.privacy.enabled:  # a plan over any client's budget stops here, before any message
         from secure_fedora.secure.private import check_budget_plans

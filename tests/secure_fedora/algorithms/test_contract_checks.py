@@ -5,6 +5,7 @@ an unaccounted value leaves a client or a runtime record is overwritten."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -770,3 +771,20 @@ def test_a_plugins_server_half_error_is_one_line_on_the_command_line(tmp_path, r
         assert lines[-1].startswith(f"error: method '{name}': its server half's aggregate")
         assert ('raise RuntimeError(f"{hook} broke")' in out.getvalue()) == debug
 
+
+def test_two_methods_stating_one_assumption_differently_is_a_config_error(tmp_path, register):
+    """Was a plain ValueError naming one method and 'another method'; now a ConfigError
+    naming both and the key, before any round."""
+    def stating(value: str) -> type:
+        return type(f"States{value}", (Toy,), {
+            "assumptions": classmethod(lambda cls, cfg: {"reference_set": value})})
+
+    first = register("states_a", stating("a"))
+    second = register("states_b", stating("b"))
+    cfg = parse_config({"methods": [first, second], **SMALL})
+    sim, _ = _run(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=re.escape(
+            "methods 'states_a' and 'states_b' state results.json assumption 'reference_set' "
+            "differently ('a' vs 'b')")):
+        sim.run()
+    assert sim.history == []

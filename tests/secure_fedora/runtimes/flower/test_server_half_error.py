@@ -1,7 +1,8 @@
 """A plug-in's server half that raises on the ServerApp: a one-line PluginError naming the
 method, the hook and where it raised (the original as its cause), as in process
 (tests/secure_fedora/algorithms/test_contract_checks.py); the result-dir resumes from the
-last completed round's checkpoint, the nodes' ledgers intact."""
+last completed round's checkpoint, the nodes' ledgers intact. And the ServerApp asks every
+method's ``assumptions`` before any message, as the in-process runtime does."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from typing import Any
 import pytest
 
 from privacy.ledger import read_ledger
-from secure_fedora.core.config import parse_config
+from secure_fedora.core.config import ConfigError, parse_config
 from secure_fedora.core.plugins import PluginError
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import RunSettings
 from tests.secure_fedora.algorithms import test_contract_checks
-from tests.secure_fedora.algorithms.test_contract_checks import ServerBreaks
+from tests.secure_fedora.algorithms.test_contract_checks import ServerBreaks, Toy
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     run_config,
@@ -76,3 +77,38 @@ def test_a_plugins_server_half_that_raises_is_named_and_the_run_resumes(tmp_path
     finally:
         METHODS.unregister(name)
 
+
+def _stating(value: str) -> type:
+    return type(f"States{value}", (Toy,), {
+        "assumptions": classmethod(lambda cls, cfg: {"reference_set": value})})
+
+
+def _raising_assumptions(cls, cfg):  # type: ignore[no-untyped-def]
+    raise KeyError("no reference set")
+
+
+@pytest.mark.parametrize("case", ["raises", "differ"])
+def test_the_serverapp_asks_assumptions_before_any_message(tmp_path, case):
+    """The ServerApp asked ``assumptions`` only when it wrote results.json, after every
+    round: a method whose ``assumptions`` raises, or two stating one key differently, wasted
+    the run. Now refused before the first contact, as in process."""
+    classes = ({"asks_raising": type("Raising", (Toy,), {
+        "assumptions": classmethod(_raising_assumptions)})} if case == "raises"
+        else {"states_a": _stating("a"), "states_b": _stating("b")})
+    for name, cls in classes.items():
+        METHODS.register(name, cls)
+    try:
+        cfg = with_methods(tiny_config(rounds=1), *classes)
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                          "compare-methods": True})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        expected = (r"^method 'asks_raising': its assumptions\(cfg\) raised KeyError"
+                    if case == "raises" else
+                    r"^methods 'states_a' and 'states_b' state results.json assumption "
+                    r"'reference_set' differently \('a' vs 'b'\)")
+        with pytest.raises(ConfigError, match=expected):
+            _federate(rc, grid)
+        assert grid.sent == []  # nothing asked of any node
+    finally:
+        for name in classes:
+            METHODS.unregister(name)
