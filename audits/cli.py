@@ -89,9 +89,10 @@ def verification_summary(report: VerificationReport) -> list[dict[str, Any]]:
 
 
 def _print_verification(report: VerificationReport, out: TextIO, verbose: bool = False) -> None:
+    from audits.verify import imported_text
+
     for m in report.imported:  # which code recomputed what: the reviewer's own choice
-        print(f"imported {m.module} ({m.file}, sha256 {m.sha256}): mechanisms"
-              f" {', '.join(m.mechanisms) or 'none'}", file=out)
+        print(f"imported {imported_text(m.to_json())}", file=out)
     ledger_of = {(c.method, c.client_id): c for c in report.clients}
     shown = {k for k, c in ledger_of.items() if verbose or not c.ok or c.warned}
     for finding in report.findings:

@@ -45,6 +45,7 @@ from audits.verify import (  # noqa: E402
     AuditError,
     VerificationReport,
     dpsgd_claim_problem,
+    imported_text,
     tolerance_text,
     verify_run,
 )
@@ -1018,9 +1019,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     imported = ver.get("imported", [])
     if imported:  # which code recomputed the plug-in mechanisms' sensitivities
         parts.append(_html_list("Modules the auditor imported to recompute plug-in mechanisms:",
-                                [f"{m['module']} ({m['file']}, sha256 {m['sha256']}):"
-                                 f" mechanisms {', '.join(m['mechanisms']) or 'none'}"
-                                 for m in imported], None))
+                                [imported_text(m) for m in imported], None))
     parts.append("<ul>" + "".join(f"<li>{_e(c)}</li>" for c in ver["checks"]) + "</ul>")
     if ver["findings"]:
         parts.append(_table(

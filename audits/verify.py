@@ -105,6 +105,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -157,6 +158,7 @@ __all__ = [
     "ClientVerification",
     "EntryCheck",
     "Finding",
+    "ImportedModule",
     "VerificationReport",
     "check_anchor",
     "check_ledger_lines",
@@ -164,6 +166,8 @@ __all__ = [
     "dp_claim_basis",
     "dpsgd_claim_problem",
     "given_allowlist_findings",
+    "import_trusted_modules",
+    "imported_text",
     "independent_epsilons",
     "load_given_allowlist",
     "mechanism_epsilon",
@@ -310,6 +314,9 @@ class ImportedModule:
     file: str | None
     sha256: str | None
     mechanisms: list[str]
+    #: Per mechanism, where its sensitivity formula is defined (module, file, sha256): the
+    #: code that recomputed it, which may be another module than the one imported.
+    sensitivity_code: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable dict of every field."""
@@ -2265,6 +2272,11 @@ def _defined_in(spec: Any, module: str) -> bool:
                for fn in (spec.sensitivity, spec.record_params) if fn is not None)
 
 
+#: The mechanisms each module imported by :func:`import_trusted_modules` registered on its
+#: first import in this process.
+_REGISTERED_BY: dict[str, list[str]] = {}
+
+
 def import_trusted_modules(names: Sequence[str], run: Path,
                            options: Mapping[str, str] = API_AUDIT_OPTIONS
                            ) -> list[ImportedModule]:
@@ -2281,6 +2293,9 @@ def import_trusted_modules(names: Sequence[str], run: Path,
             raise AuditError(f"{flag}: {name!r:.80} is not a dotted module name"
                              " (e.g. mypackage.mechanisms)")
         parts = name.split(".")
+        # before find_spec, which runs each parent package's __init__ (what it imports and
+        # registers counts)
+        loaded, before = set(sys.modules), set(MECHANISMS.names())
         for depth in range(1, len(parts) + 1):  # each package before it runs, then the module
             prefix = ".".join(parts[:depth])
             try:
@@ -2297,8 +2312,6 @@ def import_trusted_modules(names: Sequence[str], run: Path,
                 raise AuditError(f"{flag} {name}: {prefix} resolves inside the run directory"
                                  f" {run.resolve()} under review, whose code is never run by an audit;"
                                  " import a copy you reviewed from a folder outside it")
-        before = set(MECHANISMS.names())
-        loaded = set(sys.modules)
         try:
             module = importlib.import_module(name)
         except Exception as exc:
@@ -2313,14 +2326,57 @@ def import_trusted_modules(names: Sequence[str], run: Path,
                              f" run directory {run.resolve()} under review; take the run directory off"
                              " PYTHONPATH (and do not run the audit from inside it)")
         file = getattr(module, "__file__", None)
-        digest = None
-        if file is not None:
-            with contextlib.suppress(OSError):
-                digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+        # a module imported before (a second audit in this process) registers nothing anew
         registered = [m for m in MECHANISMS.names()
-                      if m not in before or _defined_in(MECHANISMS.get(m), module.__name__)]
-        out.append(ImportedModule(name, file, digest, registered))
+                      if m not in before or _defined_in(MECHANISMS.get(m), module.__name__)
+                      or m in _REGISTERED_BY.get(name, ())]
+        _REGISTERED_BY.setdefault(name, registered)
+        out.append(ImportedModule(name, file, _file_sha256(file), registered,
+                                  {m: _sensitivity_code(MECHANISMS.get(m)) for m in registered}))
     return out
+
+
+def _file_sha256(file: str | None) -> str | None:
+    """SHA-256 of ``file``'s bytes; None without a file or when it cannot be read."""
+    if file is None:
+        return None
+    try:
+        return hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _sensitivity_code(spec: Any) -> dict[str, str | None]:
+    """Where mechanism ``spec``'s sensitivity formula is defined: its module, the file of its
+    code and that file's SHA-256 (None each where Python does not know it)."""
+    fn = spec.sensitivity
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if fn is None:
+        return {"module": None, "file": None, "sha256": None}
+    file = None
+    for target in (fn, type(fn)):  # a function, else a callable object's class
+        with contextlib.suppress(TypeError):
+            file = inspect.getsourcefile(target)
+            break
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return {"module": module, "file": file, "sha256": _file_sha256(file)}
+
+
+def imported_text(m: Mapping[str, Any]) -> str:
+    """One line naming the imported module ``m`` (:meth:`ImportedModule.to_json`), its file
+    and SHA-256, the mechanisms it registered and, where another file defines a mechanism's
+    sensitivity formula, that file and its SHA-256: which code recomputed what."""
+    named = []
+    for mech in m["mechanisms"]:
+        code = m.get("sensitivity_code", {}).get(mech) or {}
+        if code.get("file") is not None and code["file"] != m["file"]:
+            mech += f" (sensitivity in {code['module']}: {code['file']}, sha256 {code['sha256']})"
+        elif code.get("module") is not None and code.get("file") is None:
+            mech += f" (sensitivity in {code['module']}, whose file Python does not know)"
+        named.append(mech)
+    return (f"{m['module']} ({m['file']}, sha256 {m['sha256']}): mechanisms"
+            f" {', '.join(named) or 'none'}")
 
 
 def _import_findings(imported: Sequence[ImportedModule], clients: Sequence[ClientVerification],

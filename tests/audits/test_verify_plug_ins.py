@@ -121,6 +121,38 @@ def test_an_imported_plug_in_catches_a_resigned_sensitivity(run: Path, fresh_aud
                                   if f.client_id == cid}
 
 
+def test_the_report_names_the_file_that_holds_each_sensitivity_formula(
+        run: Path, tmp_path: Path, fresh_auditor: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]):
+    """A trusted module (or its package's ``__init__``) that registers the mechanism by
+    importing another module: the report named only the imported file and its SHA-256 (for
+    ``wrap_pkg.mech``, "mechanisms none" and a warning that nothing was recomputed with it),
+    not the file whose formula recomputed the sensitivities."""
+    trusted = tmp_path / "trusted"
+    (trusted / "wrap_pkg").mkdir(parents=True)
+    (trusted / "wrap_pkg" / "__init__.py").write_text(f"import {MODULE}  # noqa\n")
+    (trusted / "wrap_pkg" / "mech.py").write_text("")
+    monkeypatch.syspath_prepend(str(trusted))
+    source = Path(mechanism_plugin.__file__)
+    formula = {"module": MODULE, "file": str(source),
+               "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    try:
+        report = verify_run(run, allowlist=_trusted(run), imports=["wrap_pkg.mech"],
+                            strict=True)
+        (imported,) = report.imported
+        assert report.ok and not [f for f in report.findings if f.check == "import"]
+        assert imported.mechanisms == [MECHANISM]
+        assert imported.sensitivity_code == {MECHANISM: formula}
+        assert main(["audit", "verify", str(run), "--allowlist", str(_trusted(run)),
+                     "--import", "wrap_pkg.mech"]) == 0
+        out = capsys.readouterr().out
+        assert (f"mechanisms {MECHANISM} (sensitivity in {MODULE}: {source}, sha256"
+                f" {formula['sha256']})") in out
+    finally:
+        for name in ("wrap_pkg", "wrap_pkg.mech"):
+            sys.modules.pop(name, None)
+
+
 def test_a_module_inside_the_run_directory_is_refused_before_it_runs(
         run: Path, monkeypatch: pytest.MonkeyPatch):
     marker = run.parent / "ran"
@@ -150,6 +182,27 @@ def test_a_module_inside_the_run_directory_is_refused_before_it_runs(
     with pytest.raises(AuditError, match="linked_plugin resolves inside the run directory"):
         verify_run(run, imports=["linked_plugin"])
     assert not marker.exists()
+
+
+def test_a_trusted_package_whose_init_imports_a_module_of_the_run_fails(
+        run: Path, monkeypatch: pytest.MonkeyPatch):
+    """``--import trusted_pkg.mech``: resolving ``trusted_pkg.mech`` runs ``trusted_pkg``'s
+    ``__init__``, which imported ``run_plugin`` from the run directory (on sys.path, as when
+    the audit runs from inside it) before the modules were listed: the audit passed."""
+    marker = run.parent / "ran"
+    (run / "run_plugin_init.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    package = run.parent / "outside_pkg" / "trusted_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import run_plugin_init  # noqa\n")
+    (package / "mech.py").write_text("")
+    monkeypatch.syspath_prepend(str(run))
+    monkeypatch.syspath_prepend(str(package.parent))
+    try:
+        with pytest.raises(AuditError, match="it imported run_plugin_init from inside the run"):
+            verify_run(run, imports=["trusted_pkg.mech"])
+    finally:
+        for name in ("run_plugin_init", "trusted_pkg", "trusted_pkg.mech"):
+            sys.modules.pop(name, None)
 
 
 def test_a_module_that_raises_or_registers_nothing_used(run: Path, tmp_path: Path,
