@@ -1101,7 +1101,7 @@ def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | No
 
 
 def _load_config(run_dir: Path, results: dict[str, Any] | None,
-                 findings: list[Finding]) -> ExperimentConfig | None:
+                 findings: list[Finding], imports: str | None = None) -> ExperimentConfig | None:
     path = run_dir / "config.toml"
     if not path.is_file():
         findings.append(Finding("warning", "config", f"{path} {_absent(path)}; budgets cannot be"
@@ -1115,7 +1115,7 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
     for kind, name in unknown:  # the ledgers need names only; its checks need its module
         findings.append(Finding(
             "warning", "config", "config.toml names"
-            f" {unregistered_hint(kind, name, 'audits.verify.verify_run')}: the"
+            f" {unregistered_hint(kind, name, 'audits.verify.verify_run', imports)}: the"
             " config checks it declares were not run; the ledgers, signatures and budgets are"
             " verified as for any run", unchecked=True))
     if results is not None and "config_hash" in results:
@@ -2458,7 +2458,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     imported = import_trusted_modules(imports, run, options)  # before the config names plug-ins
     findings: list[Finding] = []
     results = _load_results(run, findings)
-    cfg = _load_config(run, results, findings)
+    cfg = _load_config(run, results, findings, options["imports"])
     ctx = _RunContext(run, cfg, results, findings, options)
     ledger_dir = run / "ledgers"
     found = _discover(ledger_dir)

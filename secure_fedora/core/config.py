@@ -1037,14 +1037,17 @@ def load_run_config(path: str | Path) -> tuple[ExperimentConfig, list[tuple[str,
     return cfg, list(unknown)
 
 
-def unregistered_hint(kind: str, name: str, call: str) -> str:
+def unregistered_hint(kind: str, name: str, call: str, imports: str | None = None) -> str:
     """What to do about registry entry ``name`` that this process lacks: where a process
-    that did not run the registering script finds it, or ``call`` (a Python function) to
-    use from the process that registered it."""
+    that did not run the registering script finds it, ``imports`` (the option of an audit
+    that imports a module the user trusts first, e.g. ``--import MODULE``; None: it has
+    none), or ``call`` (a Python function) to use from the process that registered it."""
+    imported = "" if imports is None else (f", or import its module first with {imports} (one "
+                                           "you trust, never one inside the run directory)")
     return (f"{kind} {name!r}, which this process has not registered (an entry that a script "
             "or notebook registers is known only to that process: put its module in "
-            f"secure_fedora/contrib/, which every process imports, or call {call} from the "
-            "process that registered it)")
+            f"secure_fedora/contrib/, which every process imports{imported}, or call {call} "
+            "from the process that registered it)")
 
 
 def config_from_bytes(raw: bytes, source: str, *, plugins_from_folder: bool = True) -> ExperimentConfig:

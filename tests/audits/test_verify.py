@@ -1808,6 +1808,40 @@ def test_a_run_of_a_method_its_own_process_registered_verifies_in_another(tmp_pa
         load_config(run / "config.toml")
 
 
+def test_an_unregistered_config_entry_hint_names_import_and_import_runs_its_checks(
+        tmp_path, capsys, monkeypatch):
+    """verify and report take --import, which registers a method before config.toml is read,
+    but the warning said only "put its module in secure_fedora/contrib/ ... or call
+    audits.verify.verify_run from the process that registered it"."""
+    import sys
+
+    from audits.cli import main
+    from secure_fedora.core.registry import METHODS
+
+    METHODS.register("byo_local_y", METHODS.get("local"))
+    try:
+        run = build_run_dir(tmp_path / "run", methods=("fedora", "byo_local_y"))
+    finally:
+        METHODS.unregister("byo_local_y")  # now as in a new process
+    (note,) = [f.message for f in verify_run(run).warnings if f.check == "config"]
+    assert "the imports= argument of audits.verify.verify_run" in note
+    assert main(["audit", "verify", str(run)]) == 0
+    assert "or import its module first with --import (one you trust" in \
+        " ".join(capsys.readouterr().out.split())
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "byo_local_y_module.py").write_text(
+        "from secure_fedora.core.registry import METHODS\n"
+        "METHODS.register('byo_local_y', METHODS.get('local'))\n")
+    monkeypatch.syspath_prepend(str(trusted))
+    try:  # imported first, the method is known and its config checks run
+        assert not [f for f in verify_run(run, imports=["byo_local_y_module"]).warnings
+                    if f.check == "config"]
+    finally:
+        METHODS.unregister("byo_local_y")
+        sys.modules.pop("byo_local_y_module", None)
+
+
 def test_a_claim_problem_reads_its_two_epsilons_in_their_order():
     """At rel_tol 0 a claim one part in a billion below (or above) the recorded epsilon was
     named at six significant digits: "the claim 2.93 is below the epsilon 2.93"."""
