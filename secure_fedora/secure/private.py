@@ -291,18 +291,23 @@ class BudgetPlanError(ConfigError):
 
 def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
                what: str, prv_refine: bool = True, fixed_by: Sequence[str] = (),
-               share: tuple[str, float, float] | None = None) -> float:
+               share: tuple[str, float, float] | None = None,
+               calibrated: Sequence[str] = ()) -> float:
     """The calibrated noise multiplier of ``what``; ConfigError naming it when none fits, and
-    ``fixed_by`` (the config keys that set the plan's other entries, with their values) when
-    those entries alone already spend ``target``. ``share`` (fraction key, fraction, budget
-    epsilon) says where a target that is a share of the budget comes from."""
+    ``fixed_by`` (the fixed noise multipliers of the plan's other entries, ``"<key> <value>"``)
+    when those entries alone already spend ``target``, with ``calibrated`` (the budget
+    fractions of the calibrated ones, which lowering helps) beside them. ``share`` (fraction
+    key, fraction, budget epsilon) says where a target that is a share of the budget comes
+    from."""
     try:
         return calibrate_noise_multiplier(target, delta, plan, accountant, prv_refine=prv_refine)
     except CalibrationError as err:
         hint = ""
         if isinstance(err, FixedEntriesOverTargetError) and fixed_by:
-            hint = (f" (set by {', '.join(fixed_by)}; raise it, unset it to calibrate, or raise"
-                    " the budget)")
+            them = "it" if len(fixed_by) == 1 else "them"
+            lower = "".join(f"lower {k}, " for k in calibrated)
+            hint = (f" (set by {', '.join(fixed_by)}; raise {them}, unset {them} to calibrate,"
+                    f" {lower}or raise the budget)")
         elif isinstance(err, UnreachableTargetError):
             hint = "; raise the budget" + (f" or {share[0]}" if share else "")
         source = "" if share is None else \
@@ -596,7 +601,7 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     fixed: list[PlannedRelease] = []
     noise: dict[str, float] = {}
     shares: dict[str, float] = {}
-    fixed_by: list[str] = []  # the keys behind ``fixed``, fixed multipliers first
+    fixed_by: list[str] = []  # the fixed multipliers behind ``fixed``
     dpsgd_steps = 0
     for spec in specs:
         times = 1 if spec.when == SETUP else rounds
@@ -620,11 +625,9 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
                           "must be below 1")
     dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), dpsgd_steps)
     plan = [dpsgd, *fixed]
-    if fixed_by:  # the fixed multipliers are the keys to change; the calibrated shares add
-        fixed_by.extend(f"{k} {v:g}" for k, v in sorted(shares.items()))
-    dpsgd_noise = p.noise_multiplier or _calibrate(eps, delta, plan, accountant,
-                                                   "privacy.noise_multiplier (DP-SGD)", prv_refine,
-                                                   fixed_by)
+    dpsgd_noise = p.noise_multiplier or _calibrate(
+        eps, delta, plan, accountant, "privacy.noise_multiplier (DP-SGD)", prv_refine, fixed_by,
+        calibrated=[f"{k} {v:g}" for k, v in sorted(shares.items())])
     plug_ins = tuple((m, sigma) for m, sigma in noise.items() if m not in FIXED_NOISE_MECHANISMS)
     return ClientPlan(dpsgd_noise, noise.get("gaussian_summary"), noise.get("gaussian_lambda"),
                       tuple(plan), accountant, prv_refine, plug_ins)

@@ -161,6 +161,27 @@ def test_fixed_noise_that_leaves_dpsgd_nothing_names_the_key_to_change():
     assert "privacy.summary_budget_fraction 0.2" in str(err.value)
 
 
+def test_fixed_noise_over_target_says_which_way_each_named_key_goes():
+    """With a fixed lambda_noise_multiplier and a calibrated summary share the refusal said
+    "(set by privacy.lambda_noise_multiplier 0.05, privacy.summary_budget_fraction 0.2; raise
+    it, unset it to calibrate, ...)": raising the fraction spends more, not less; and with two
+    fixed multipliers it said "raise it"."""
+    lam = dp_config(methods=["fedora"], data={"validation": "private"},
+                    privacy={"lambda_noise_multiplier": 0.05})
+    with pytest.raises(ConfigError) as err:
+        privacy_plan(lam, "fedora", PrivacyBudget(0.5, 1e-3))
+    assert str(err.value).endswith(
+        "(set by privacy.lambda_noise_multiplier 0.05; raise it, unset it to calibrate, lower"
+        " privacy.summary_budget_fraction 0.2, or raise the budget)")
+    both = dp_config(methods=["fedora"], data={"validation": "private"},
+                     privacy={"lambda_noise_multiplier": 0.05, "summary_noise_multiplier": 0.05})
+    with pytest.raises(ConfigError) as err:
+        privacy_plan(both, "fedora", PrivacyBudget(0.5, 1e-3))
+    assert str(err.value).endswith(
+        "(set by privacy.summary_noise_multiplier 0.05, privacy.lambda_noise_multiplier 0.05;"
+        " raise them, unset them to calibrate, or raise the budget)")
+
+
 def test_a_budget_too_small_for_a_calibrated_share_says_what_to_change():
     """A client budget of 0.0001 was refused as "cannot calibrate
     privacy.summary_noise_multiplier for epsilon 2e-05: even noise multiplier 10000 gives
