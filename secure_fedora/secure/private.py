@@ -801,14 +801,37 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     if planned > budget.epsilon:
         named, advice = _fixed_noise_advice(cfg, method, plan.releases, budget, accountant,
                                             prv_refine)
+        _, shares = _noise_settings(cfg, method)
+        lower = ""
+        if sum(shares.values()) >= 1.0:  # calibrating DP-SGD would be refused for them
+            lower = (", or lower " + " + ".join(f"{k} {v:g}" for k, v in shares.items())
+                     + " (the calibrated shares; to calibrate DP-SGD their sum must be below 1)")
         raise BudgetPlanError(
             f"privacy: the plan of {method!r} spends epsilon {format_spent(planned, budget.epsilon)}"
             f" > budget {format_exact(budget.epsilon)} (delta {format_exact(budget.delta)},"
             f" accountant {accountant!r}) with the fixed privacy.noise_multiplier "
             f"{plan.dpsgd_noise:g}" + (f" and {named}: raise privacy.noise_multiplier or unset it "
                                        f"to calibrate; {advice}" if named else
-                                       "; raise it or unset it to calibrate"), [])
+                                       "; raise it or unset it to calibrate") + lower, [])
     return plan
+
+
+def _noise_settings(cfg: ExperimentConfig, method: str) -> tuple[list[str], dict[str, float]]:
+    """``"<key> <value>"`` of each fixed noise multiplier, and the budget fraction of each
+    calibrated one by its key, of ``method``'s releases other than DP-SGD (summary, lambda,
+    plug-ins), in declaration order."""
+    fixed: list[str] = []
+    shares: dict[str, float] = {}
+    for spec in admitted_releases(cfg, method):
+        for mechanism in spec.mechanisms:
+            if mechanism == "dpsgd":
+                continue
+            fixed_noise, fraction, noise_key, fraction_key = _noise_keys(cfg, method, mechanism)
+            if fixed_noise is None:
+                shares[fraction_key] = fraction
+            elif f"{noise_key} {fixed_noise:g}" not in fixed:
+                fixed.append(f"{noise_key} {fixed_noise:g}")
+    return fixed, shares
 
 
 def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,

@@ -215,6 +215,22 @@ def test_a_fixed_plan_over_budget_names_every_fixed_multiplier():
         privacy_plan(alone, "fedora", PrivacyBudget(0.5, 1e-3))
 
 
+def test_a_fixed_plan_over_budget_names_the_calibrated_fractions_to_lower():
+    """With privacy.noise_multiplier 40 and summary and lambda fractions 0.9 and 0.5 the
+    refusal said only "with the fixed privacy.noise_multiplier 40; raise it or unset it to
+    calibrate": the calibrated shares spend the budget, which no DP-SGD noise changes, and
+    unset it is refused as leaving DP-SGD no share."""
+    cfg = dp_config(methods=["fedora"], data={"validation": "private"},
+                    privacy={"noise_multiplier": 40.0, "summary_budget_fraction": 0.9,
+                             "lambda_budget_fraction": 0.5})
+    with pytest.raises(BudgetPlanError) as err:
+        privacy_plan(cfg, "fedora", PrivacyBudget(0.5, 1e-3))
+    assert str(err.value).endswith(
+        "with the fixed privacy.noise_multiplier 40; raise it or unset it to calibrate, or"
+        " lower privacy.summary_budget_fraction 0.9 + privacy.lambda_budget_fraction 0.5 (the"
+        " calibrated shares; to calibrate DP-SGD their sum must be below 1)")
+
+
 @pytest.mark.parametrize(
     "privacy, key",
     [
