@@ -103,6 +103,7 @@ import decimal
 import functools
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import inspect
@@ -2277,6 +2278,22 @@ def _defined_in(spec: Any, module: str) -> bool:
 _REGISTERED_BY: dict[str, list[str]] = {}
 
 
+@contextlib.contextmanager
+def _run_off_sys_path(run: Path) -> Iterator[list[str]]:
+    """Within it, no ``sys.path`` entry lies inside ``run`` (``""``, the working directory,
+    included): a module the imported one imports in turn is never found there. Yields the
+    entries taken off; each is put back at its place afterwards."""
+    removed = [(i, p) for i, p in enumerate(sys.path)
+               if isinstance(p, str) and _inside(p or os.getcwd(), run)]
+    for i, _ in reversed(removed):
+        del sys.path[i]
+    try:
+        yield [p for _, p in removed]
+    finally:
+        for i, p in removed:
+            sys.path.insert(i, p)
+
+
 def import_trusted_modules(names: Sequence[str], run: Path,
                            options: Mapping[str, str] = API_AUDIT_OPTIONS
                            ) -> list[ImportedModule]:
@@ -2284,56 +2301,76 @@ def import_trusted_modules(names: Sequence[str], run: Path,
     that the plug-in mechanisms it registers in :data:`privacy.mechanisms.MECHANISMS` have
     their sensitivities recomputed. Guarantee: no code inside ``run`` is executed by it -- a
     module, or a package on its dotted path, that resolves inside ``run`` is refused before it
-    is imported. AuditError naming the module for a name that is no dotted module name, one
-    that is not found, resolves inside ``run``, or raises while it is imported."""
+    is imported; ``sys.path`` entries inside ``run`` are taken off while it is imported, so
+    what it imports in turn is not found there; and a module of ``run`` it still imported (a
+    path it added itself) fails the audit. AuditError naming the module for a name that is no
+    dotted module name, one that is not found, resolves inside ``run``, or raises while it is
+    imported."""
     flag = options["imports"]
     out: list[ImportedModule] = []
-    for name in names:
-        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
-            raise AuditError(f"{flag}: {name!r:.80} is not a dotted module name"
-                             " (e.g. mypackage.mechanisms)")
-        parts = name.split(".")
-        # before find_spec, which runs each parent package's __init__ (what it imports and
-        # registers counts)
-        loaded, before = set(sys.modules), set(MECHANISMS.names())
-        for depth in range(1, len(parts) + 1):  # each package before it runs, then the module
-            prefix = ".".join(parts[:depth])
-            try:
-                spec = importlib.util.find_spec(prefix)
-            except Exception as exc:  # a parent package that raised while it was imported
-                raise AuditError(f"{flag} {name}: importing {prefix} raised"
-                                 f" {type(exc).__name__}: {exc}") from exc
-            if spec is None:
-                raise AuditError(f"{flag} {name}: no module {prefix!r} on PYTHONPATH or among"
-                                 " the installed packages (give the dotted name of a module you"
-                                 " trust, with its folder on PYTHONPATH)")
-            where = [spec.origin, *(spec.submodule_search_locations or [])]
-            if any(_inside(w, run) for w in where if w not in (None, "built-in", "frozen")):
-                raise AuditError(f"{flag} {name}: {prefix} resolves inside the run directory"
-                                 f" {run.resolve()} under review, whose code is never run by an audit;"
-                                 " import a copy you reviewed from a folder outside it")
-        try:
-            module = importlib.import_module(name)
-        except Exception as exc:
-            raise AuditError(f"{flag} {name}: importing it raised {type(exc).__name__}:"
-                             f" {exc}") from exc
-        # what it imported in turn cannot be checked before it runs; a module of the run's
-        # found that way (the run directory on sys.path) still fails the audit
-        pulled = sorted(m for m in set(sys.modules) - loaded
-                        if _inside(getattr(sys.modules[m], "__file__", None), run))
-        if pulled:
-            raise AuditError(f"{flag} {name}: it imported {', '.join(pulled)} from inside the"
-                             f" run directory {run.resolve()} under review; take the run directory off"
-                             " PYTHONPATH (and do not run the audit from inside it)")
-        file = getattr(module, "__file__", None)
-        # a module imported before (a second audit in this process) registers nothing anew
-        registered = [m for m in MECHANISMS.names()
-                      if m not in before or _defined_in(MECHANISMS.get(m), module.__name__)
-                      or m in _REGISTERED_BY.get(name, ())]
-        _REGISTERED_BY.setdefault(name, registered)
-        out.append(ImportedModule(name, file, _file_sha256(file), registered,
-                                  {m: _sensitivity_code(MECHANISMS.get(m)) for m in registered}))
+    with _run_off_sys_path(run) as off:
+        for name in names:
+            out.append(_import_trusted(name, run, flag, off))
     return out
+
+
+def _import_trusted(name: str, run: Path, flag: str, off: Sequence[str]) -> ImportedModule:
+    """:func:`import_trusted_modules` of one module ``name`` (``off``: the sys.path entries
+    inside ``run`` taken off)."""
+    if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+        raise AuditError(f"{flag}: {name!r:.80} is not a dotted module name"
+                         " (e.g. mypackage.mechanisms)")
+    parts = name.split(".")
+    # before find_spec, which runs each parent package's __init__ (what it imports and
+    # registers counts)
+    loaded, before = set(sys.modules), set(MECHANISMS.names())
+    for depth in range(1, len(parts) + 1):  # each package before it runs, then the module
+        prefix = ".".join(parts[:depth])
+        try:
+            spec = importlib.util.find_spec(prefix)
+        except Exception as exc:  # a parent package that raised while it was imported
+            raise AuditError(f"{flag} {name}: importing {prefix} raised"
+                             f" {type(exc).__name__}: {exc}{_off_path_note(exc, off)}") from exc
+        if spec is None and depth == 1 and off:  # found only in the run (looked up, not run)
+            spec = importlib.machinery.PathFinder.find_spec(prefix, list(off))
+        if spec is None:
+            raise AuditError(f"{flag} {name}: no module {prefix!r} on PYTHONPATH or among"
+                             " the installed packages (give the dotted name of a module you"
+                             " trust, with its folder on PYTHONPATH)")
+        where = [spec.origin, *(spec.submodule_search_locations or [])]
+        if any(_inside(w, run) for w in where if w not in (None, "built-in", "frozen")):
+            raise AuditError(f"{flag} {name}: {prefix} resolves inside the run directory"
+                             f" {run.resolve()} under review, whose code is never run by an audit;"
+                             " import a copy you reviewed from a folder outside it")
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:
+        raise AuditError(f"{flag} {name}: importing it raised {type(exc).__name__}:"
+                         f" {exc}{_off_path_note(exc, off)}") from exc
+    # what it imported in turn cannot be checked before it runs; a module of the run's
+    # found that way (the run directory on sys.path) still fails the audit
+    pulled = sorted(m for m in set(sys.modules) - loaded
+                    if _inside(getattr(sys.modules[m], "__file__", None), run))
+    if pulled:
+        raise AuditError(f"{flag} {name}: it imported {', '.join(pulled)} from inside the"
+                         f" run directory {run.resolve()} under review; take the run directory off"
+                         " PYTHONPATH (and do not run the audit from inside it)")
+    file = getattr(module, "__file__", None)
+    # a module imported before (a second audit in this process) registers nothing anew
+    registered = [m for m in MECHANISMS.names()
+                  if m not in before or _defined_in(MECHANISMS.get(m), module.__name__)
+                  or m in _REGISTERED_BY.get(name, ())]
+    _REGISTERED_BY.setdefault(name, registered)
+    return ImportedModule(name, file, _file_sha256(file), registered,
+                          {m: _sensitivity_code(MECHANISMS.get(m)) for m in registered})
+
+
+def _off_path_note(exc: BaseException, off: Sequence[str]) -> str:
+    """Why a module may not have been found: the run directory was taken off sys.path."""
+    if not isinstance(exc, ModuleNotFoundError) or not off:
+        return ""
+    return (f" (sys.path's {', '.join(map(repr, off))}, inside the run directory, is taken off"
+            " while it is imported: a module of the run under review never runs)")
 
 
 def _file_sha256(file: str | None) -> str | None:

@@ -166,15 +166,19 @@ def test_a_module_inside_the_run_directory_is_refused_before_it_runs(
                                              " directory"):
             verify_run(run, imports=[name])
         assert not marker.exists()
-    # a trusted module that imports one of the run's in turn: the audit still fails
+    # a trusted module that imports one of the run's in turn: the run is taken off sys.path
+    # while it is imported, so that module never runs (it did, and the audit failed after)
     (run.parent / "outside").mkdir()
     (run.parent / "outside" / "pulls_run_plugin.py").write_text("import run_plugin  # noqa\n")
     monkeypatch.syspath_prepend(str(run.parent / "outside"))
-    with pytest.raises(AuditError, match="it imported run_plugin from inside the run"):
-        verify_run(run, imports=["pulls_run_plugin"])
-    marker.unlink()
-    for name in ("run_plugin", "pulls_run_plugin"):
-        sys.modules.pop(name)
+    monkeypatch.chdir(run)
+    monkeypatch.syspath_prepend("")  # as when the audit runs from inside the run
+    with pytest.raises(AuditError, match="--import pulls_run_plugin: importing it raised"
+                                         " ModuleNotFoundError: No module named 'run_plugin'"
+                                         r" \(sys.path's '', '.*', inside the run directory"):
+        verify_run(run, imports=["pulls_run_plugin"], options=CLI_AUDIT_OPTIONS)
+    assert not marker.exists() and str(run) in sys.path and "" in sys.path
+    sys.modules.pop("pulls_run_plugin", None)
     # a link from outside to a module inside counts as inside
     (run.parent / "linked").mkdir()
     (run.parent / "linked" / "linked_plugin.py").symlink_to(run / "run_plugin.py")
@@ -187,15 +191,15 @@ def test_a_module_inside_the_run_directory_is_refused_before_it_runs(
 def test_a_trusted_package_whose_init_imports_a_module_of_the_run_fails(
         run: Path, monkeypatch: pytest.MonkeyPatch):
     """``--import trusted_pkg.mech``: resolving ``trusted_pkg.mech`` runs ``trusted_pkg``'s
-    ``__init__``, which imported ``run_plugin`` from the run directory (on sys.path, as when
-    the audit runs from inside it) before the modules were listed: the audit passed."""
+    ``__init__``, which put the run directory on sys.path and imported ``run_plugin_init``
+    from it before the modules were listed: the audit passed."""
     marker = run.parent / "ran"
     (run / "run_plugin_init.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     package = run.parent / "outside_pkg" / "trusted_pkg"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text("import run_plugin_init  # noqa\n")
+    (package / "__init__.py").write_text(f"import sys\nsys.path.insert(0, {str(run)!r})\n"
+                                         "import run_plugin_init  # noqa\n")
     (package / "mech.py").write_text("")
-    monkeypatch.syspath_prepend(str(run))
     monkeypatch.syspath_prepend(str(package.parent))
     try:
         with pytest.raises(AuditError, match="it imported run_plugin_init from inside the run"):
