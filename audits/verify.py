@@ -318,6 +318,9 @@ class ImportedModule:
     #: Per mechanism, where its sensitivity formula is defined (module, file, sha256): the
     #: code that recomputed it, which may be another module than the one imported.
     sensitivity_code: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    #: The config entries it registered (``"method 'name'"``, datasets, models, ...), whose
+    #: own config checks then run.
+    entries: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable dict of every field."""
@@ -2276,6 +2279,8 @@ def _defined_in(spec: Any, module: str) -> bool:
 #: The mechanisms each module imported by :func:`import_trusted_modules` registered on its
 #: first import in this process.
 _REGISTERED_BY: dict[str, list[str]] = {}
+#: The config entries each such module registered on its first import in this process.
+_ENTRIES_BY: dict[str, list[str]] = {}
 
 
 @contextlib.contextmanager
@@ -2323,7 +2328,7 @@ def _import_trusted(name: str, run: Path, flag: str, off: Sequence[str]) -> Impo
     parts = name.split(".")
     # before find_spec, which runs each parent package's __init__ (what it imports and
     # registers counts)
-    loaded, before = set(sys.modules), set(MECHANISMS.names())
+    loaded, before, entries = set(sys.modules), set(MECHANISMS.names()), _registry_entries()
     for depth in range(1, len(parts) + 1):  # each package before it runs, then the module
         prefix = ".".join(parts[:depth])
         try:
@@ -2361,8 +2366,18 @@ def _import_trusted(name: str, run: Path, flag: str, off: Sequence[str]) -> Impo
                   if m not in before or _defined_in(MECHANISMS.get(m), module.__name__)
                   or m in _REGISTERED_BY.get(name, ())]
     _REGISTERED_BY.setdefault(name, registered)
+    _ENTRIES_BY.setdefault(name, sorted(_registry_entries() - entries))
     return ImportedModule(name, file, _file_sha256(file), registered,
-                          {m: _sensitivity_code(MECHANISMS.get(m)) for m in registered})
+                          {m: _sensitivity_code(MECHANISMS.get(m)) for m in registered},
+                          _ENTRIES_BY[name])
+
+
+def _registry_entries() -> set[str]:
+    """``"<kind> '<name>'"`` of every dataset, partitioner, model, loss and method registered."""
+    from secure_fedora.core.registry import DATASETS, LOSSES, METHODS, MODELS, PARTITIONERS
+
+    return {f"{r.kind} {n!r}" for r in (DATASETS, PARTITIONERS, MODELS, LOSSES, METHODS)
+            for n in r.names()}
 
 
 def _off_path_note(exc: BaseException, off: Sequence[str]) -> str:
@@ -2412,20 +2427,22 @@ def imported_text(m: Mapping[str, Any]) -> str:
         elif code.get("module") is not None and code.get("file") is None:
             mech += f" (sensitivity in {code['module']}, whose file Python does not know)"
         named.append(mech)
+    entries = m.get("entries") or []
     return (f"{m['module']} ({m['file']}, sha256 {m['sha256']}): mechanisms"
-            f" {', '.join(named) or 'none'}")
+            f" {', '.join(named) or 'none'}" + (f"; config entries {', '.join(entries)}"
+                                                if entries else ""))
 
 
 def _import_findings(imported: Sequence[ImportedModule], clients: Sequence[ClientVerification],
                      options: Mapping[str, str]) -> list[Finding]:
-    """A warning for each imported module that registered no mechanism the ledgers record (an
-    import the reviewer thought needed; it does not weaken any check)."""
+    """A warning for each imported module that registered no mechanism the ledgers record and
+    no config entry (an import the reviewer thought needed; it does not weaken any check)."""
     used = {m for c in clients for m in c.mechanisms}
     return [Finding("warning", "import", f"{options['imports']} {m.module} ({m.file})"
                     " registered no mechanism these ledgers record (it registered"
-                    f" {', '.join(map(repr, m.mechanisms)) or 'none'}); nothing was recomputed"
-                    " with it")
-            for m in imported if not used & set(m.mechanisms)]
+                    f" {', '.join(map(repr, m.mechanisms)) or 'none'}) and no config entry;"
+                    " nothing was recomputed with it")
+            for m in imported if not used & set(m.mechanisms) and not m.entries]
 
 
 def _strict_findings(findings: list[Finding], clients: Sequence[ClientVerification],

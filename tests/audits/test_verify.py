@@ -1834,9 +1834,10 @@ def test_an_unregistered_config_entry_hint_names_import_and_import_runs_its_chec
         "from secure_fedora.core.registry import METHODS\n"
         "METHODS.register('byo_local_y', METHODS.get('local'))\n")
     monkeypatch.syspath_prepend(str(trusted))
-    try:  # imported first, the method is known and its config checks run
-        assert not [f for f in verify_run(run, imports=["byo_local_y_module"]).warnings
-                    if f.check == "config"]
+    try:  # imported first, the method is known and its config checks run, which is said
+        report = verify_run(run, imports=["byo_local_y_module"])
+        assert not [f for f in report.warnings if f.check in ("config", "import")]
+        assert report.imported[0].entries == ["method 'byo_local_y'"]
     finally:
         METHODS.unregister("byo_local_y")
         sys.modules.pop("byo_local_y_module", None)
