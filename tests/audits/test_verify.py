@@ -548,6 +548,24 @@ def test_non_private_run_has_no_claim_to_verify(tmp_path):
     assert doc["verdict_text"].startswith("no differential-privacy claim: nothing to verify")
 
 
+def test_strict_keeps_a_run_without_a_claim_at_no_dp_claim(tmp_path):
+    """--strict fails what was not checked; the unsigned "no DP claim" statement is no such
+    warning (exit 3 is already no pass), so a non-private run still exits 3, and one whose
+    results.json is missing (its identity unchecked) fails."""
+    from audits.cli import main
+
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"assumptions": {"differential_privacy": False}}))
+    report = verify_run(tmp_path, strict=True)
+    assert report.verdict == "no_dp_claim" and report.to_json()["strict"] is True
+    assert main(["audit", "verify", str(tmp_path), "--strict"]) == 3
+    (tmp_path / "results.json").unlink()
+    (tmp_path / "config.toml").write_text('methods = ["local"]\n')
+    assert verify_run(tmp_path).verdict == "no_dp_claim"
+    strict = verify_run(tmp_path, strict=True)
+    assert strict.verdict == "failed" and [f.check for f in strict.errors] == ["results"]
+
+
 def test_a_non_private_run_without_keys_claims_no_key_check(tmp_path, pristine_run):
     """With --allowlist, a non-DP run without keys/ was said to have had its keys/*.pub
     checked against it: nothing was checked, and the report now says so."""
