@@ -2313,6 +2313,8 @@ def import_trusted_modules(names: Sequence[str], run: Path,
     imported."""
     flag = options["imports"]
     out: list[ImportedModule] = []
+    if not names:  # sys.path is left alone
+        return out
     with _run_off_sys_path(run) as off:
         for name in names:
             out.append(_import_trusted(name, run, flag, off))
