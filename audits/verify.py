@@ -2359,6 +2359,11 @@ def _import_trusted(name: str, run: Path, flag: str, off: Sequence[str]) -> Impo
     pulled = sorted(m for m in set(sys.modules) - loaded
                     if _inside(getattr(sys.modules[m], "__file__", None), run))
     if pulled:
+        # and forgotten, so that a second audit in this process imports them again, not
+        # takes them as imported (their registrations stay, and refuse a second one)
+        for m in [*pulled, *(n for n in set(sys.modules) - loaded if n == parts[0]
+                             or n.startswith(f"{parts[0]}."))]:
+            sys.modules.pop(m, None)
         raise AuditError(f"{flag} {name}: it imported {', '.join(pulled)} from inside the"
                          f" run directory {run.resolve()} under review; take the run directory off"
                          " PYTHONPATH (and do not run the audit from inside it)")
