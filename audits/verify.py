@@ -2355,7 +2355,7 @@ def _import_trusted(name: str, run: Path, flag: str, off: Sequence[str]) -> Impo
         raise AuditError(f"{flag} {name}: importing it raised {type(exc).__name__}:"
                          f" {exc}{_off_path_note(exc, off)}") from exc
     # what it imported in turn cannot be checked before it runs; a module of the run's
-    # found that way (the run directory on sys.path) still fails the audit
+    # found all the same (a path into the run it added itself) still fails the audit
     pulled = sorted(m for m in set(sys.modules) - loaded
                     if _inside(getattr(sys.modules[m], "__file__", None), run))
     if pulled:
@@ -2365,8 +2365,9 @@ def _import_trusted(name: str, run: Path, flag: str, off: Sequence[str]) -> Impo
                              or n.startswith(f"{parts[0]}."))]:
             sys.modules.pop(m, None)
         raise AuditError(f"{flag} {name}: it imported {', '.join(pulled)} from inside the"
-                         f" run directory {run.resolve()} under review; take the run directory off"
-                         " PYTHONPATH (and do not run the audit from inside it)")
+                         f" run directory {run.resolve()} under review (a path into it that"
+                         " the module or its package put on sys.path?); import a module that"
+                         " imports no code of the run")
     file = getattr(module, "__file__", None)
     # a module imported before (a second audit in this process) registers nothing anew
     registered = [m for m in MECHANISMS.names()
