@@ -41,15 +41,21 @@ __all__ = [
     "ALLOWLIST_FILENAME",
     "Identity",
     "IdentityError",
+    "PUBLIC_FILE_SUFFIX",
     "PublicIdentity",
     "SERVER_ID",
+    "assemble_allowlist",
     "check_key_directory",
     "client_ids",
     "default_party_ids",
     "init_keys",
+    "init_party",
+    "install_allowlist",
     "load_allowlist",
     "load_identity",
+    "load_public_file",
     "load_public_identity",
+    "validate_federation_party",
     "validate_party_id",
 ]
 
@@ -203,6 +209,25 @@ def _write_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
         os.replace(target, path)
 
 
+def _write_identity(directory: Path, party_id: str, overwrite: bool) -> PublicIdentity:
+    """Generate ``party_id``'s identity and write its four key files into ``directory``."""
+    ident = Identity.generate(party_id)
+    paths = _paths(directory, party_id)
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    pem = serialization.Encoding.PEM
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    no_enc = serialization.NoEncryption()
+    _write_file(paths["ed25519_key"], ident.signing_key.private_bytes(pem, pkcs8, no_enc),
+                _PRIVATE_MODE, overwrite)
+    _write_file(paths["x25519_key"], ident.agreement_key.private_bytes(pem, pkcs8, no_enc),
+                _PRIVATE_MODE, overwrite)
+    _write_file(paths["ed25519_pub"], ident.signing_key.public_key().public_bytes(pem, spki),
+                0o644, overwrite)
+    _write_file(paths["x25519_pub"], ident.agreement_key.public_key().public_bytes(pem, spki),
+                0o644, overwrite)
+    return ident.public
+
+
 def init_keys(
     directory: str | os.PathLike[str], party_ids: Iterable[str], overwrite: bool = False
 ) -> dict[str, PublicIdentity]:
@@ -244,39 +269,7 @@ def init_keys(
 
     # an allowlist to merge into is read (and so validated) before any key is replaced
     previous = load_allowlist(allowlist_path) if overwrite and allowlist_path.exists() else {}
-    identities: dict[str, PublicIdentity] = {}
-    for party_id in ids:
-        ident = Identity.generate(party_id)
-        paths = _paths(directory, party_id)
-        pkcs8 = serialization.PrivateFormat.PKCS8
-        pem = serialization.Encoding.PEM
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        no_enc = serialization.NoEncryption()
-        _write_file(
-            paths["ed25519_key"],
-            ident.signing_key.private_bytes(pem, pkcs8, no_enc),
-            _PRIVATE_MODE,
-            overwrite,
-        )
-        _write_file(
-            paths["x25519_key"],
-            ident.agreement_key.private_bytes(pem, pkcs8, no_enc),
-            _PRIVATE_MODE,
-            overwrite,
-        )
-        _write_file(
-            paths["ed25519_pub"],
-            ident.signing_key.public_key().public_bytes(pem, spki),
-            0o644,
-            overwrite,
-        )
-        _write_file(
-            paths["x25519_pub"],
-            ident.agreement_key.public_key().public_bytes(pem, spki),
-            0o644,
-            overwrite,
-        )
-        identities[party_id] = ident.public
+    identities = {party_id: _write_identity(directory, party_id, overwrite) for party_id in ids}
 
     # Keep the parties of an existing allowlist that were not regenerated now.
     merged = {p: pub for p, pub in previous.items() if p not in identities}
@@ -457,3 +450,199 @@ def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:
             raise IdentityError(f"allowlist {path}: invalid key for {party_id!r}: {exc}") from exc
         result[party_id] = PublicIdentity(party_id, verify, agreement)
     return result
+
+
+# --------------------------------------------------------------------------- one party's keys
+#: The file a party sends the operator: its public keys, an allowlist of that party alone,
+#: named ``<party>.public.json``.
+PUBLIC_FILE_SUFFIX = ".public.json"
+_FEDERATION_PARTY_RE = re.compile(r"^(server|client-[0-9]{3,})$")
+_KEY_FILE_SUFFIXES = (".ed25519.key", ".x25519.key", ".ed25519.pub", ".x25519.pub")
+_PUBLIC_FILE_LIMIT = 64 * 1024  # a one-party allowlist is about 200 bytes
+
+
+def validate_federation_party(party_id: str) -> str:
+    """Return ``party_id`` if it names a party of a Flower federation (``server`` or
+    ``client-NNN``, the client's index zero padded to at least three digits), else raise
+    :class:`IdentityError` saying which ids exist."""
+    if not isinstance(party_id, str) or not _FEDERATION_PARTY_RE.match(party_id):
+        raise IdentityError(
+            f"invalid party id {party_id!r}: a federation's parties are 'server' and "
+            "'client-NNN', the client's index zero padded to three digits (client-000, "
+            "client-001, ...; to four for every client of a federation of over 1,000)")
+    return party_id
+
+
+def _parties_with_keys(directory: Path) -> list[str]:
+    """The parties some key file in ``directory`` belongs to."""
+    parties = set()
+    for path in directory.iterdir():
+        for suffix in _KEY_FILE_SUFFIXES:
+            if path.name.endswith(suffix) and len(path.name) > len(suffix):
+                parties.add(path.name[: -len(suffix)])
+    return sorted(parties)
+
+
+def init_party(directory: str | os.PathLike[str], party_id: str,
+               overwrite: bool = False) -> tuple[PublicIdentity, Path]:
+    """Create one party's identity in its own ``directory`` (created 0700; an existing one must
+    pass :func:`check_key_directory`): its private keys (0600, as :func:`init_keys` writes
+    them), their ``.pub`` files and ``<party>.public.json``, the public keys it sends to the
+    operator (returned with its path). No ``allowlist.json`` is written: the operator's is
+    installed by :func:`install_allowlist`. Refused (IdentityError, nothing written): a
+    party id that is not ``server`` or ``client-NNN``; a directory holding another party's
+    key files; without ``overwrite``, one holding this party's key files, public file or an
+    allowlist. With ``overwrite`` the party's keys are replaced and an ``allowlist.json``
+    (which lists the old public key) is removed."""
+    directory = check_path(directory, "the identity directory", IdentityError)
+    validate_federation_party(party_id)
+    if directory.exists() and not directory.is_dir():
+        raise IdentityError(f"identity directory {directory} exists and is not a directory")
+    directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    check_key_directory(directory)
+    others = [p for p in _parties_with_keys(directory) if p != party_id]
+    if others:
+        raise IdentityError(
+            f"{directory} holds key files of {', '.join(others[:3])}: an identity directory "
+            "holds one party's keys; choose a new directory for this party; nothing was written")
+    public_file = directory / f"{party_id}{PUBLIC_FILE_SUFFIX}"
+    allowlist = directory / ALLOWLIST_FILENAME
+    existing = [str(path) for path in (*_paths(directory, party_id).values(), public_file,
+                                       allowlist) if path.exists() or path.is_symlink()]
+    if existing and not overwrite:
+        raise IdentityError(
+            f"{directory} already holds an identity of {party_id} ({', '.join(existing[:3])}"
+            f"{' ...' if len(existing) > 3 else ''}): refusing to replace it (its keys may "
+            "have signed ledgers and envelopes already); pass --force to replace it (in "
+            "Python overwrite=True), and then have the operator allowlist the new public key")
+    identity = _write_identity(directory, party_id, overwrite)
+    _write_file(public_file, allowlist_bytes({party_id: identity}), 0o644, overwrite)
+    if overwrite:
+        allowlist.unlink(missing_ok=True)  # it lists the replaced key
+    return identity, public_file
+
+
+def load_public_file(path: str | os.PathLike[str]) -> PublicIdentity:
+    """The public identity in a party's ``<party>.public.json`` (:func:`init_party`).
+
+    Refused (IdentityError naming the file): a file holding a private key, one not named
+    ``<party>.public.json`` (a ``.key`` file is named as a private key), one that is not a
+    one-party allowlist, and one whose party is not the party its name gives."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(_PUBLIC_FILE_LIMIT + 1)
+    except IsADirectoryError:
+        raise IdentityError(f"public key file {path} is a directory; give the "
+                            f"<party>{PUBLIC_FILE_SUFFIX} file it holds") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read public key file {path}: {exc}") from None
+    if b"PRIVATE KEY" in data or path.name.endswith(".key"):
+        raise IdentityError(
+            f"{path} is a private key: a party's private keys never leave its host; give its "
+            f"public key file <party>{PUBLIC_FILE_SUFFIX} (written by `secure-fedora keys "
+            "party`), and treat this private key as exposed if it was copied")
+    if not path.name.endswith(PUBLIC_FILE_SUFFIX) or path.name == PUBLIC_FILE_SUFFIX:
+        raise IdentityError(f"{path} is not a public key file: expected <party>"
+                            f"{PUBLIC_FILE_SUFFIX}, as `secure-fedora keys party` writes it")
+    if len(data) > _PUBLIC_FILE_LIMIT:
+        raise IdentityError(f"public key file {path} is larger than {_PUBLIC_FILE_LIMIT} "
+                            "bytes: not a party's public keys")
+    named = path.name[: -len(PUBLIC_FILE_SUFFIX)]
+    parties = load_allowlist(path)
+    if len(parties) != 1:
+        raise IdentityError(f"public key file {path} lists {len(parties)} parties "
+                            f"({', '.join(sorted(parties)[:3])}); a party's file lists itself only")
+    (party,) = parties
+    if party != named:
+        raise IdentityError(f"public key file {path} is named for {named!r} but holds the keys "
+                            f"of {party!r}: renamed, or sent by the wrong party")
+    validate_federation_party(party)
+    return parties[party]
+
+
+def assemble_allowlist(paths: Iterable[str | os.PathLike[str]],
+                       num_clients: int | None = None) -> dict[str, PublicIdentity]:
+    """The federation's allowlist from its parties' public key files (:func:`load_public_file`).
+
+    Refused (IdentityError): no file, a file given twice, two files of one party, one key in
+    two parties' files, no ``server`` file (every client accepts only the allowlisted
+    server), and with ``num_clients`` a party missing or one that is not ``server`` or
+    ``client-000`` ... ``client-<num_clients - 1>``."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise IdentityError("no public key files given")
+    seen: dict[Path, Path] = {}
+    by_party: dict[str, tuple[Path, PublicIdentity]] = {}
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in seen:
+            raise IdentityError(f"public key file {path} is given twice")
+        seen[resolved] = path
+        pub = load_public_file(path)
+        if pub.party_id in by_party:
+            raise IdentityError(f"two public key files of {pub.party_id}: "
+                                f"{by_party[pub.party_id][0]} and {path}; give one")
+        for other, (other_path, known) in by_party.items():
+            if (known.verify_key_hex() == pub.verify_key_hex()
+                    or known.agreement_key_hex() == pub.agreement_key_hex()):
+                raise IdentityError(
+                    f"{other_path} ({other}) and {path} ({pub.party_id}) hold the same public "
+                    "key: one party's keys copied for another; each party makes its own")
+        by_party[pub.party_id] = (path, pub)
+    parties = {party: pub for party, (_, pub) in by_party.items()}
+    if SERVER_ID not in parties:
+        raise IdentityError(f"no public key file of the server ({SERVER_ID}"
+                            f"{PUBLIC_FILE_SUFFIX}): every client accepts only the "
+                            "allowlisted server")
+    if num_clients is not None:
+        expected = default_party_ids(num_clients)
+        missing = [p for p in expected if p not in parties]
+        extra = sorted(p for p in parties if p not in expected)
+        if missing:
+            raise IdentityError(f"no public key file of {', '.join(missing[:5])}"
+                                f"{' ...' if len(missing) > 5 else ''} ({num_clients} clients)")
+        if extra:
+            raise IdentityError(f"{', '.join(extra[:5])} is not a party of a federation of "
+                                f"{num_clients} clients ({expected[1]} ... {expected[-1]})")
+    return {party: parties[party] for party in sorted(parties)}
+
+
+def install_allowlist(directory: str | os.PathLike[str],
+                      allowlist: str | os.PathLike[str]) -> tuple[str, bool]:
+    """Install the federation's ``allowlist`` into a party's identity ``directory`` (the one
+    :func:`init_party` made): written as ``directory/allowlist.json``, the file a Flower
+    party reads. Returns the party and whether an allowlist with other content was replaced.
+
+    Refused (IdentityError, nothing written): a directory holding no identity or several
+    parties' keys, keys that do not load, an allowlist that does not load, lacks ``server``
+    or this party, or lists another public key for this party (assembled from another
+    public key file than this directory's)."""
+    directory = Path(directory)
+    check_key_directory(directory)
+    parties = _parties_with_keys(directory)
+    if not parties:
+        raise IdentityError(f"{directory} holds no identity; create one with `secure-fedora "
+                            "keys party DIR --party PARTY`")
+    if len(parties) > 1:
+        raise IdentityError(f"{directory} holds keys of several parties ({', '.join(parties[:3])}"
+                            "): install the allowlist into one party's identity directory")
+    (party,) = parties
+    identity = load_identity(directory, party)
+    listed = load_allowlist(allowlist)
+    if SERVER_ID not in listed:
+        raise IdentityError(f"allowlist {allowlist} lacks {SERVER_ID}: every client accepts "
+                            "only the allowlisted server")
+    if party not in listed:
+        raise IdentityError(f"allowlist {allowlist} lacks {party}, the party of {directory}: "
+                            f"assemble it with {party}{PUBLIC_FILE_SUFFIX}")
+    if listed[party] != identity.public:
+        raise IdentityError(
+            f"allowlist {allowlist} lists other public keys for {party} than {directory} "
+            f"holds: it was assembled from another {party}{PUBLIC_FILE_SUFFIX} (an older one, "
+            "or another host's); nothing was written")
+    data = allowlist_bytes(listed)
+    dest = directory / ALLOWLIST_FILENAME
+    replaced = dest.exists() and dest.read_bytes() != data
+    _write_file(dest, data, 0o644, overwrite=True)
+    return party, replaced

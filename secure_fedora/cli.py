@@ -269,6 +269,50 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_party(args: argparse.Namespace) -> int:
+    from privacy.identity import init_party
+    from secure_fedora.secure.keystore import refuse_run_directory
+
+    # an empty directory would be the current one, which then receives the private keys
+    check_path_argument(args.directory, "the identity directory")
+    refuse_run_directory(Path(args.directory), "keys party")
+    identity, public_file = init_party(args.directory, args.party, overwrite=args.force)
+    Console().print(f"wrote the identity of {identity.party_id} to {args.directory} (private keys "
+                    f"0600, directory 0700); send its public key file {public_file} to the "
+                    "operator over a channel that keeps it intact (it is public), then install "
+                    f"the allowlist you receive with `secure-fedora keys install {args.directory} "
+                    "ALLOWLIST`", markup=False)
+    print(public_file.read_text(), end="")
+    return 0
+
+
+def cmd_keys_allowlist(args: argparse.Namespace) -> int:
+    from privacy.identity import IdentityError, allowlist_bytes, assemble_allowlist
+    from secure_fedora.core.files import atomic_write_bytes
+
+    out = check_path_argument(args.out, "the allowlist file", "file")
+    if out.is_dir():
+        raise IdentityError(f"{out} is a directory; name the allowlist file to write")
+    if out.exists() and not args.force:
+        raise IdentityError(f"{out} exists; pass --force to replace it")
+    parties = assemble_allowlist(args.public_files, args.clients)
+    atomic_write_bytes(out, allowlist_bytes(parties))
+    Console().print(f"wrote {out}: {len(parties)} parties ({', '.join(parties)}); send it to "
+                    "every party (`secure-fedora keys install DIR ALLOWLIST` on its host) and "
+                    "keep a copy for `audit verify --allowlist`", markup=False)
+    return 0
+
+
+def cmd_keys_install(args: argparse.Namespace) -> int:
+    from privacy.identity import install_allowlist
+
+    party, replaced = install_allowlist(args.directory, args.allowlist)
+    Console().print(f"installed {args.allowlist} as {Path(args.directory) / 'allowlist.json'} "
+                    f"for {party}{' (replacing another allowlist)' if replaced else ''}",
+                    markup=False)
+    return 0
+
+
 # Sub-commands whose modules are heavy (torch, matplotlib, flwr): imported only when the
 # command line names them, so ``secure-fedora --help`` starts without torch.
 _SUBSYSTEMS: dict[str, tuple[str, str]] = {
@@ -318,6 +362,33 @@ def build_parser(argv: Sequence[str] | None = ()) -> argparse.ArgumentParser:
     init.add_argument("--clients", type=int, required=True, help="number of clients")
     init.add_argument("--force", action="store_true", help="overwrite existing keys")
     init.set_defaults(func=cmd_keys_init)
+    party = keys_sub.add_parser(
+        "party", help="create ONE party's identity on its own host (a Flower deployment on "
+        "several machines); writes its public key file PARTY.public.json for the operator")
+    party.add_argument("directory", help="the party's identity directory (created 0700; private "
+                       "keys 0600); a SuperNode's identity-dir")
+    party.add_argument("--party", required=True,
+                       help="party id: server or client-NNN (client-000, client-001, ...)")
+    party.add_argument("--force", action="store_true",
+                       help="replace the party's existing identity (its new public key must be "
+                       "allowlisted again)")
+    party.set_defaults(func=cmd_keys_party)
+    allow = keys_sub.add_parser(
+        "allowlist", help="assemble the federation's allowlist.json from the parties' public "
+                          "key files (PARTY.public.json)")
+    allow.add_argument("out", help="allowlist file to write")
+    allow.add_argument("public_files", nargs="+", metavar="PUBLIC_FILE",
+                       help="the parties' public key files, the server's among them")
+    allow.add_argument("--clients", type=int, default=None,
+                       help="require exactly the server and clients client-000 ... of N clients")
+    allow.add_argument("--force", action="store_true", help="replace an existing OUT")
+    allow.set_defaults(func=cmd_keys_allowlist)
+    install = keys_sub.add_parser(
+        "install", help="install the federation's allowlist into a party's identity directory "
+                        "(checks that it lists this party's own public keys)")
+    install.add_argument("directory", help="the party's identity directory (keys party)")
+    install.add_argument("allowlist", help="the allowlist.json the operator sent")
+    install.set_defaults(func=cmd_keys_install)
 
     import importlib
 

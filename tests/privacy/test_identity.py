@@ -12,6 +12,7 @@ from privacy.identity import (
     Identity,
     IdentityError,
     PublicIdentity,
+    allowlist_bytes,
     check_key_directory,
     client_ids,
     default_party_ids,
@@ -259,3 +260,78 @@ def test_init_keys_refuses_an_empty_or_blank_directory(tmp_path, monkeypatch, di
     with pytest.raises(IdentityError, match=f"the key directory.* {why}"):
         init_keys(directory, default_party_ids(1))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- one party's own identity
+def test_init_party_writes_one_identity_and_refuses_what_it_would_replace(tmp_path):
+    from privacy.identity import PUBLIC_FILE_SUFFIX, init_party, load_public_file
+
+    d = tmp_path / "id"
+    pub, public_file = init_party(d, "client-004")
+    assert public_file == d / f"client-004{PUBLIC_FILE_SUFFIX}"
+    assert load_public_file(public_file) == pub == load_identity(d, "client-004").public
+    assert not (d / ALLOWLIST_FILENAME).exists()
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(IdentityError, match="already holds an identity of client-004.*--force"):
+        init_party(d, "client-004")
+    with pytest.raises(IdentityError, match="holds key files of client-004"):
+        init_party(d, "server", overwrite=True)
+    for bad in ("client-4", "client-04", "operator", "../server", "client-004/x", ""):
+        with pytest.raises(IdentityError):
+            init_party(tmp_path / "other", bad)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+    (d / ALLOWLIST_FILENAME).write_bytes(b"{}")
+    new, _ = init_party(d, "client-004", overwrite=True)
+    assert new != pub and load_identity(d, "client-004").public == new
+    assert not (d / ALLOWLIST_FILENAME).exists()  # it listed the replaced key
+
+
+def test_assemble_allowlist_refuses_private_misnamed_duplicate_or_missing_files(tmp_path):
+    import shutil
+
+    from privacy.identity import assemble_allowlist, init_party, install_allowlist
+
+    files = {p: init_party(tmp_path / p, p)[1] for p in ("server", "client-000", "client-001")}
+    listed = assemble_allowlist(files.values(), num_clients=2)
+    assert sorted(listed) == ["client-000", "client-001", "server"]
+    server, c0, c1 = files["server"], files["client-000"], files["client-001"]
+    cases = [
+        ([server, tmp_path / "client-000" / "client-000.ed25519.key"], "is a private key"),
+        ([server, tmp_path / "client-000" / "client-000.ed25519.pub"], "not a public key file"),
+        ([server, c0, c0], "given twice"),
+        ([c0, c1], "no public key file of the server"),
+        ([server, c0], None),
+        ([server, tmp_path / "client-000"], "is a directory"),
+    ]
+    for paths, match in cases:
+        if match is None:
+            with pytest.raises(IdentityError, match="no public key file of client-001"):
+                assemble_allowlist(paths, num_clients=2)
+            with pytest.raises(IdentityError, match="client-001 is not a party of a federation"):
+                assemble_allowlist([server, c0, c1], num_clients=1)
+            continue
+        with pytest.raises(IdentityError, match=match):
+            assemble_allowlist(paths)
+    renamed = tmp_path / "client-002.public.json"
+    shutil.copyfile(c1, renamed)
+    with pytest.raises(IdentityError, match="named for 'client-002' but holds the keys of "
+                                            "'client-001'"):
+        assemble_allowlist([server, renamed])
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copyfile(c1, again / "client-001.public.json")
+    with pytest.raises(IdentityError, match="two public key files of client-001"):
+        assemble_allowlist([server, c1, again / "client-001.public.json"])
+    # install: the party's own keys must be listed as they are
+    allowlist = tmp_path / "allowlist.json"
+    allowlist.write_bytes(allowlist_bytes(listed))
+    assert install_allowlist(tmp_path / "client-000", allowlist) == ("client-000", False)
+    assert load_allowlist(tmp_path / "client-000" / ALLOWLIST_FILENAME) == listed
+    init_party(tmp_path / "client-001", "client-001", overwrite=True)
+    with pytest.raises(IdentityError, match="lists other public keys for client-001"):
+        install_allowlist(tmp_path / "client-001", allowlist)
+    assert not (tmp_path / "client-001" / ALLOWLIST_FILENAME).exists()
+    with pytest.raises(IdentityError, match="holds no identity"):
+        install_allowlist(again, allowlist)

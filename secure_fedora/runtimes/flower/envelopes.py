@@ -246,7 +246,21 @@ class MessageSecurity:
                 f"allowlist {identity_dir / ALLOWLIST_FILENAME} lacks parties of this federation: "
                 f"{shown}"
             )
-        return {p: allowlist[p] for p in parties}
+        return allowlist
+
+    @staticmethod
+    def _check_own_entry(identity_dir: Path, allowlist: Mapping[str, PublicIdentity],
+                         identity: Identity) -> None:
+        """DeployError when the allowlist lists other public keys for this party than its
+        identity holds: the peers would reject every message it signs."""
+        listed = allowlist.get(identity.party_id)
+        if listed is not None and listed != identity.public:
+            raise DeployError(
+                f"allowlist {identity_dir / ALLOWLIST_FILENAME} lists other public keys for "
+                f"{identity.party_id} than its identity directory holds (assembled from another "
+                f"{identity.party_id}.public.json, or the keys were replaced): the other "
+                "parties would reject its messages; assemble the allowlist from this party's "
+                "current public key file and install it again")
 
     @classmethod
     def for_server(
@@ -256,11 +270,14 @@ class MessageSecurity:
         """The ServerApp's security: its ``server`` identity from ``identity_dir``, accepting the
         ``num_clients`` allowlisted clients; nonces in ``state_dir/server.nonces.jsonl``, which
         must hold ``expect_nonces`` when given."""
-        peers = cls._allowlist(identity_dir, client_ids(num_clients))
+        clients = client_ids(num_clients)
+        allowlist = cls._allowlist(identity_dir, clients)
         try:
             identity = load_identity(identity_dir, SERVER_ID)
         except IdentityError as err:
             raise DeployError(f"the server identity cannot be loaded: {err}") from None
+        cls._check_own_entry(identity_dir, allowlist, identity)
+        peers = {p: allowlist[p] for p in clients}
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(identity, peers, server_nonce_path(state_dir), run_id, config_hash,
                    expect_nonces)
@@ -280,11 +297,13 @@ class MessageSecurity:
         allowlisted server only; nonces in ``run_dir/<client id>.nonces.jsonl``, which must
         hold ``expect_nonces`` when given."""
         party = client_ids(num_clients)[client_index]
-        peers = cls._allowlist(identity_dir, [SERVER_ID])
+        allowlist = cls._allowlist(identity_dir, [SERVER_ID])
         try:
             identity = load_identity(identity_dir, party)
         except IdentityError as err:
             raise DeployError(f"the identity of {party} cannot be loaded: {err}") from None
+        cls._check_own_entry(identity_dir, allowlist, identity)
+        peers = {SERVER_ID: allowlist[SERVER_ID]}
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(identity, peers, run_dir / f"{party}.nonces.jsonl", run_id, config_hash,
                    expect_nonces)
