@@ -562,18 +562,22 @@ def load_public_file(path: str | os.PathLike[str]) -> PublicIdentity:
 
 
 def assemble_allowlist(paths: Iterable[str | os.PathLike[str]],
-                       num_clients: int | None = None) -> dict[str, PublicIdentity]:
-    """The federation's allowlist from its parties' public key files (:func:`load_public_file`).
+                       num_clients: int | None = None,
+                       server: PublicIdentity | None = None) -> dict[str, PublicIdentity]:
+    """The federation's allowlist from its parties' public key files (:func:`load_public_file`)
+    and, given as ``server``, the server's own public identity (the operator's host holds it).
 
     Refused (IdentityError): no file, a file given twice, two files of one party, one key in
-    two parties' files, no ``server`` file (every client accepts only the allowlisted
-    server), and with ``num_clients`` a party missing or one that is not ``server`` or
-    ``client-000`` ... ``client-<num_clients - 1>``."""
+    two parties' files, no ``server`` (every client accepts only the allowlisted server) or a
+    server file beside ``server``, and with ``num_clients`` a party missing or one that is not
+    ``server`` or ``client-000`` ... ``client-<num_clients - 1>``."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise IdentityError("no public key files given")
     seen: dict[Path, Path] = {}
     by_party: dict[str, tuple[Path, PublicIdentity]] = {}
+    if server is not None:
+        by_party[SERVER_ID] = (Path(f"this host's {SERVER_ID} identity"), server)
     for path in paths:
         resolved = path.resolve()
         if resolved in seen:

@@ -171,6 +171,12 @@ def cmd_local(args: argparse.Namespace) -> int:
     from secure_fedora.runtimes.rundir import default_deploy_dir
     from secure_fedora.runtimes.summary import print_run_summary
 
+    if args.client_public_keys is not None and not args.print_commands:
+        from secure_fedora.runtimes.flower.protocol import DeployError
+
+        raise DeployError("--client-public-keys goes with --print-commands (the clients keep "
+                          "their private keys on their own hosts); deploy local runs every "
+                          "party on this host, with identities it makes itself")
     if args.workdir is not None:
         # an empty --workdir would be the current directory: certificates, keys, node state
         check_path_argument(args.workdir, "--workdir")
@@ -192,8 +198,16 @@ def cmd_local(args: argparse.Namespace) -> int:
                 config, args.clients, workdir, timeouts=timeouts, num_threads=args.threads,
                 reproducible_dp_noise=args.reproducible_dp_noise, key_holder=args.key_holder,
                 max_in_flight=args.max_in_flight, compare_methods=args.compare_methods,
-                full_client_errors=args.full_client_errors, resume=args.resume):
+                full_client_errors=args.full_client_errors, resume=args.resume,
+                client_public_keys=args.client_public_keys):
             print(line)
+        if args.client_public_keys is not None:
+            allowlist = Path(workdir).expanduser().resolve() / "identities" / "server" / \
+                "allowlist.json"
+            console.print(f"[bold]deploy:[/bold] the federation's allowlist is "
+                          f"{escape(str(allowlist))}: install it on every client's host (`secure-"
+                          "fedora keys install DIR ALLOWLIST`) and keep a copy for `audit "
+                          "verify --allowlist`")
         return 0
     restore = _interrupt_on_termination()
     bars, on_round = round_bars(args.quiet)
@@ -318,4 +332,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     local.add_argument("--quiet", action="store_true",
                        help="no progress bars (one per method, advanced as the ServerApp logs "
                        "each round; its log is logs/serverapp.log)")
+    local.add_argument(
+        "--client-public-keys", nargs="+", default=None, metavar="PUBLIC_FILE",
+        help="with --print-commands: the clients' public key files client-NNN.public.json "
+        "(`secure-fedora keys party` on each client's host); only the server's identity is "
+        "written, with an allowlist of it and these keys: no client's private key is made here")
     local.set_defaults(func=cmd_local)

@@ -99,6 +99,7 @@ __all__ = [
     "flower_env",
     "free_ports",
     "init_party_identities",
+    "init_server_identity",
     "local_commands",
     "with_num_clients",
 ]
@@ -164,6 +165,29 @@ def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
         tmp.write_bytes(document)
         os.replace(tmp, directory / ALLOWLIST_FILENAME)
     return dirs
+
+
+def init_server_identity(directory: Path, client_public_keys: Sequence[Path],
+                         num_clients: int) -> Path:
+    """The server's identity directory of a federation whose clients made their own
+    identities (``secure-fedora keys party``): the server's keys (made now, or kept when
+    ``directory`` holds them) and ``allowlist.json`` assembled from them and the clients'
+    public key files, which must be exactly ``client-000`` ... of ``num_clients``; returns the
+    allowlist's path. Refused (IdentityError, nothing written) as
+    :func:`privacy.identity.assemble_allowlist` refuses."""
+    from privacy.identity import Identity, assemble_allowlist, init_party, load_identity
+    from secure_fedora.core.files import atomic_write_bytes
+
+    # checked before any key is made: a placeholder stands for the server's own identity
+    assemble_allowlist(client_public_keys, num_clients, server=Identity.generate(SERVER_ID).public)
+    if (directory / f"{SERVER_ID}.ed25519.key").exists():
+        server = load_identity(directory, SERVER_ID).public
+    else:
+        server, _ = init_party(directory, SERVER_ID)
+    parties = assemble_allowlist(client_public_keys, num_clients, server=server)
+    allowlist = directory / ALLOWLIST_FILENAME
+    atomic_write_bytes(allowlist, allowlist_bytes(parties))
+    return allowlist
 
 
 #: Where Linux keeps the range of ports it hands out on its own (``bind`` to port 0 and the
@@ -276,7 +300,10 @@ class LocalFederation:
     period). ``register`` controls which node keys are registered: an unregistered node is
     started like the others but the SuperLink refuses it. The nodes in ``full_client_errors``
     get ``client-errors="full"`` in their node config (their error texts reach the server whole
-    when the run asks for it too); the others withhold them.
+    when the run asks for it too); the others withhold them. With ``client_public_keys`` (the
+    clients' ``<party>.public.json`` files, each client having made its identity on its own
+    host) only the server's identity is made here, and its allowlist assembled from those
+    files (:func:`init_server_identity`): no client's private key is written.
     """
 
     def __init__(
@@ -287,6 +314,7 @@ class LocalFederation:
         timeouts: RunTimeouts | None = None,
         register: Sequence[int] | None = None,
         full_client_errors: Sequence[int] = (),
+        client_public_keys: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         if num_nodes < 1:
             raise DeployError(f"num_nodes must be at least 1; got {num_nodes}")
@@ -295,6 +323,8 @@ class LocalFederation:
         self.timeouts = timeouts or RunTimeouts()
         self.register_indices = list(range(num_nodes)) if register is None else list(register)
         self.full_client_errors = set(full_client_errors)
+        self.client_public_keys = (None if client_public_keys is None
+                                   else [Path(f) for f in client_public_keys])
         self.processes: list[ManagedProcess] = []
         self.nodes: list[_Node] = []
         self.certs: CertificatePaths | None = None
@@ -366,7 +396,11 @@ class LocalFederation:
         self._write_cli_config()
         # Every party's Ed25519 / X25519 identity, one directory each: they sign every message
         # envelope (and the clients' privacy ledgers), and receive the sealed CKKS context.
-        init_party_identities(self.identity_dir, self.num_nodes)
+        if self.client_public_keys is None:
+            init_party_identities(self.identity_dir, self.num_nodes)
+        else:
+            init_server_identity(self.identity_dir / SERVER_ID, self.client_public_keys,
+                                 self.num_nodes)
 
     def planned_commands(self, run_toml: Path) -> list[str]:
         """Every command :meth:`start`, :meth:`submit` and :meth:`follow` run, in order, each
@@ -998,19 +1032,31 @@ def local_commands(
     compare_methods: bool = False,
     full_client_errors: Sequence[int] = (),
     resume: bool = False,
+    client_public_keys: Sequence[str | os.PathLike[str]] | None = None,
 ) -> list[str]:
     """The commands :func:`deploy_local` with the same arguments runs, in order, as shell
     lines (:meth:`LocalFederation.planned_commands`), starting none of them.
 
     Checks and refuses what :func:`deploy_local` does, then writes into ``workdir`` what
     the commands read (certificates for 127.0.0.1, node keys, identities, the flwr CLI's
-    connection, ``run.toml``), so they can be run by hand from the lines in order."""
+    connection, ``run.toml``), so they can be run by hand from the lines in order. With
+    ``client_public_keys`` (each client's ``<party>.public.json``) the only identity written
+    is the server's, its ``allowlist.json`` assembled from those files
+    (:func:`init_server_identity`); the SuperNode lines then name identity directories the
+    clients keep on their own hosts."""
     cfg, work, max_in_flight, resumed, amendments = _checked_deployment(
         config, num_clients, workdir, reproducible_dp_noise=reproducible_dp_noise,
         key_holder=key_holder, max_in_flight=max_in_flight, compare_methods=compare_methods,
         full_client_errors=full_client_errors, resume=resume)
+    if client_public_keys is not None:
+        from privacy.identity import Identity, assemble_allowlist
+
+        # refused before anything is written (prepare makes the server's keys)
+        assemble_allowlist(client_public_keys, cfg.data.num_clients,
+                           server=Identity.generate(SERVER_ID).public)
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
-                          full_client_errors=full_client_errors)
+                          full_client_errors=full_client_errors,
+                          client_public_keys=client_public_keys)
     fed.prepare()
     run_toml = fed.write_run_config(cfg, work / "results", num_threads=num_threads,
                                     reproducible_dp_noise=reproducible_dp_noise,

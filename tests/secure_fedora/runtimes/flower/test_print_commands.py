@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from privacy.identity import IdentityError
 from secure_fedora.core.config import config_document
 from secure_fedora.runtimes import summary
 from secure_fedora.runtimes.flower import local
@@ -119,3 +120,41 @@ def test_print_commands_refuses_what_deploy_local_refuses(tmp_path: Path) -> Non
     with pytest.raises(DeployError, match="holds an earlier deployment"):
         local.local_commands(cfg, 3, used)
     assert sorted(p.name for p in used.iterdir()) == ["results"]
+
+
+def test_print_commands_with_client_public_keys_writes_no_client_private_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--client-public-keys`: the clients made their identities on their own hosts; the
+    workdir receives the server's identity only, with the allowlist of it and the clients'
+    public keys, which each client installs; a missing client's file is refused before
+    anything is written, and the flag without --print-commands is refused."""
+    from privacy.identity import client_ids, init_party, install_allowlist, load_allowlist
+
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(config_document(dp_config())))
+    hosts = tmp_path / "hosts"
+    pubs = {cid: init_party(hosts / cid, cid) for cid in client_ids(3)}
+    files = [str(f) for _, f in pubs.values()]
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work)]
+    args = _parser().parse_args([*flags, "--print-commands", "--client-public-keys", *files[:2]])
+    with pytest.raises(IdentityError, match="no public key file of client-002"):
+        args.func(args)
+    assert not work.exists()
+    args = _parser().parse_args([*flags, "--client-public-keys", *files])
+    with pytest.raises(DeployError, match="goes with --print-commands"):
+        args.func(args)
+    assert not work.exists()
+    args = _parser().parse_args([*flags, "--print-commands", "--client-public-keys", *files])
+    assert args.func(args) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 3 + 3 + 3
+    assert sorted(p.name for p in (work / "identities").iterdir()) == ["server"]
+    assert not list(work.rglob("client-*.key"))
+    allowlist = work / "identities" / "server" / "allowlist.json"
+    listed = load_allowlist(allowlist)
+    assert sorted(listed) == [*client_ids(3), "server"]
+    assert all(listed[cid] == pub for cid, (pub, _) in pubs.items())
+    for cid in client_ids(3):
+        assert install_allowlist(hosts / cid, allowlist) == (cid, False)
+    run_toml = (work / "run.toml").read_text()
+    assert str(work / "identities" / "server") in run_toml
