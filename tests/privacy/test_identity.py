@@ -335,3 +335,15 @@ def test_assemble_allowlist_refuses_private_misnamed_duplicate_or_missing_files(
     assert not (tmp_path / "client-001" / ALLOWLIST_FILENAME).exists()
     with pytest.raises(IdentityError, match="holds no identity"):
         install_allowlist(again, allowlist)
+
+
+def test_assemble_allowlist_refuses_one_key_under_two_parties(tmp_path):
+    from privacy.identity import assemble_allowlist, init_party
+
+    server = init_party(tmp_path / "server", "server")[1]
+    pub, _ = init_party(tmp_path / "client-000", "client-000")
+    copied = tmp_path / "client-001.public.json"  # client-000's keys under client-001's name
+    copied.write_bytes(allowlist_bytes({"client-001": PublicIdentity(
+        "client-001", pub.verify_key, pub.agreement_key)}))
+    with pytest.raises(IdentityError, match="hold the same public key"):
+        assemble_allowlist([server, tmp_path / "client-000" / "client-000.public.json", copied])
