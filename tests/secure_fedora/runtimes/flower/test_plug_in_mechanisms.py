@@ -94,8 +94,8 @@ def test_a_client_reporting_other_plug_in_noise_stops_the_run_naming_it(
     real = client_app._ledger_record
     key = f"{MECHANISM_NOISE_PREFIX}{MECHANISM}"
 
-    def record(privacy: Any) -> ConfigRecord | None:
-        out = real(privacy)
+    def record(privacy: Any, **kwargs: Any) -> ConfigRecord | None:
+        out = real(privacy, **kwargs)
         if out is None or privacy.sole.index != 1:
             return out
         assert key in out
@@ -176,8 +176,8 @@ def test_a_client_reporting_other_setup_plug_in_noise_stops_the_run_at_setup(
     key = f"{MECHANISM_NOISE_PREFIX}{MECHANISM}"
     seen: list[int] = []
 
-    def record(privacy: Any) -> ConfigRecord | None:
-        out = real(privacy)
+    def record(privacy: Any, **kwargs: Any) -> ConfigRecord | None:
+        out = real(privacy, **kwargs)
         if out is None or privacy.sole.index != 1:
             return out
         seen.append(int(out["entries"]))

@@ -36,8 +36,8 @@ def _reporting(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
     """Client 1's ledger records pass through ``change`` (a dict -> dict) before signing."""
     real = client_app._ledger_record
 
-    def record(privacy: Any) -> ConfigRecord | None:
-        out = real(privacy)
+    def record(privacy: Any, **kwargs: Any) -> ConfigRecord | None:
+        out = real(privacy, **kwargs)
         if out is None or privacy.sole.index != 1:
             return out
         return ConfigRecord(change(dict(out)))
