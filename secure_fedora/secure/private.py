@@ -292,13 +292,14 @@ class BudgetPlanError(ConfigError):
 def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accountant: str,
                what: str, prv_refine: bool = True, fixed_by: Sequence[str] = (),
                share: tuple[str, float, float] | None = None,
-               calibrated: Sequence[str] = ()) -> float:
+               calibrated: Sequence[str] = (), to_set: Sequence[str] = ()) -> float:
     """The calibrated noise multiplier of ``what``; ConfigError naming it when none fits, and
     ``fixed_by`` (the fixed noise multipliers of the plan's other entries, ``"<key> <value>"``)
     when those entries alone already spend ``target``, with ``calibrated`` (the budget
-    fractions of the calibrated ones, which lowering helps) beside them. ``share`` (fraction
-    key, fraction, budget epsilon) says where a target that is a share of the budget comes
-    from."""
+    fractions of the calibrated ones, which lowering helps) beside them and ``to_set`` (the
+    budget fraction keys, without a default, that calibrating a fixed one needs). ``share``
+    (fraction key, fraction, budget epsilon) says where a target that is a share of the budget
+    comes from."""
     try:
         return calibrate_noise_multiplier(target, delta, plan, accountant, prv_refine=prv_refine)
     except CalibrationError as err:
@@ -306,8 +307,9 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
         if isinstance(err, FixedEntriesOverTargetError) and fixed_by:
             them = "it" if len(fixed_by) == 1 else "them"
             lower = "".join(f"lower {k}, " for k in calibrated)
-            hint = (f" (set by {', '.join(fixed_by)}; raise {them}, unset {them} to calibrate,"
-                    f" {lower}or raise the budget)")
+            setting = f" and set {', '.join(to_set)}" if to_set else ""
+            hint = (f" (set by {', '.join(fixed_by)}; raise {them}, unset {them}{setting} to"
+                    f" calibrate, {lower}or raise the budget)")
         elif isinstance(err, UnreachableTargetError):
             hint = "; raise the budget" + (f" or {share[0]}" if share else "")
         source = "" if share is None else \
@@ -602,6 +604,7 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     noise: dict[str, float] = {}
     shares: dict[str, float] = {}
     fixed_by: list[str] = []  # the fixed multipliers behind ``fixed``
+    to_set: list[str] = []  # a fixed plug-in's fraction key: its table has no default one
     dpsgd_steps = 0
     for spec in specs:
         times = 1 if spec.when == SETUP else rounds
@@ -619,6 +622,8 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
                 shares[fraction_key] = fraction
             else:
                 fixed_by.append(f"{noise_key} {fixed_noise:g}")
+                if mechanism not in FIXED_NOISE_MECHANISMS:
+                    to_set.append(fraction_key)
     if p.noise_multiplier is None and shares and sum(shares.values()) >= 1.0:
         named = " + ".join(f"{k} ({v:g})" for k, v in sorted(shares.items()))
         raise ConfigError(f"privacy: {named} leave DP-SGD no share of the budget; their sum "
@@ -627,7 +632,7 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     plan = [dpsgd, *fixed]
     dpsgd_noise = p.noise_multiplier or _calibrate(
         eps, delta, plan, accountant, "privacy.noise_multiplier (DP-SGD)", prv_refine, fixed_by,
-        calibrated=[f"{k} {v:g}" for k, v in sorted(shares.items())])
+        calibrated=[f"{k} {v:g}" for k, v in sorted(shares.items())], to_set=to_set)
     plug_ins = tuple((m, sigma) for m, sigma in noise.items() if m not in FIXED_NOISE_MECHANISMS)
     return ClientPlan(dpsgd_noise, noise.get("gaussian_summary"), noise.get("gaussian_lambda"),
                       tuple(plan), accountant, prv_refine, plug_ins)

@@ -608,7 +608,8 @@ def test_a_fixed_noise_plug_in_over_budget_is_refused_naming_its_key(method: str
     """A plug-in's ``[privacy.mechanisms.<name>] noise_multiplier`` too small for the budget
     was refused as DP-SGD's problem ("cannot calibrate privacy.noise_multiplier", or "raise
     it" of a fixed privacy.noise_multiplier), never naming the key to change. Both refusals
-    name it now, with what it alone spends and what to do."""
+    name it now, with what to do: "unset it to calibrate" alone was refused in turn (a
+    plug-in's table has no default budget_fraction), so its budget_fraction key is named."""
     key = f"privacy.mechanisms.{MECHANISM}"
     advice = (f"raise {key}.noise_multiplier, or unset it and set {key}.budget_fraction (the "
               "share of the budget it may spend; its noise is then calibrated)")
@@ -616,7 +617,11 @@ def test_a_fixed_noise_plug_in_over_budget_is_refused_naming_its_key(method: str
     with pytest.raises(ConfigError) as err:  # DP-SGD calibrated: no noise meets the budget
         check_budget_plans(cfg, method, 3)
     assert str(err.value).endswith(f"(set by {key}.noise_multiplier 0.05; raise it, unset it"
-                                   " to calibrate, or raise the budget)")
+                                   f" and set {key}.budget_fraction to calibrate, or raise the"
+                                   " budget)")
+    # the advice followed: that table calibrated is no refusal of its noise
+    followed = _config(method, **{MECHANISM: {"budget_fraction": 0.1}})
+    check_budget_plans(followed, method, 3)
     fixed = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
         update={"noise_multiplier": 1.0})})
     with pytest.raises(ConfigError) as err:  # DP-SGD fixed too: both keys named
