@@ -2287,9 +2287,11 @@ _ENTRIES_BY: dict[str, list[str]] = {}
 def _run_off_sys_path(run: Path) -> Iterator[list[str]]:
     """Within it, no ``sys.path`` entry lies inside ``run`` (``""``, the working directory,
     included): a module the imported one imports in turn is never found there. Yields the
-    entries taken off; each is put back at its place afterwards."""
+    entries taken off; each is put back at its place afterwards. An entry that names nothing
+    on disk (a path hook's marker) finds no file there and stays."""
     removed = [(i, p) for i, p in enumerate(sys.path)
-               if isinstance(p, str) and _inside(p or os.getcwd(), run)]
+               if isinstance(p, str) and (p == "" or os.path.exists(p))
+               and _inside(p or os.getcwd(), run)]
     for i, _ in reversed(removed):
         del sys.path[i]
     try:

@@ -188,6 +188,24 @@ def test_a_module_inside_the_run_directory_is_refused_before_it_runs(
     assert not marker.exists()
 
 
+def test_only_sys_path_entries_that_find_files_inside_the_run_are_taken_off(
+        run: Path, monkeypatch: pytest.MonkeyPatch):
+    """From inside the run, a ``sys.path`` entry that names no file or folder (a path hook's
+    marker, as an editable install's ``__editable__...__path_hook__``) was taken off too and
+    named as lying inside the run directory: it finds nothing there. ``""`` and a relative
+    folder that exists there are still taken off."""
+    from audits.verify import _run_off_sys_path
+
+    (run / "sub").mkdir()
+    marker = "__editable__.some_pkg-0.1.finder.__path_hook__"
+    monkeypatch.chdir(run)
+    for entry in (marker, "sub", ""):
+        monkeypatch.syspath_prepend(entry)
+    with _run_off_sys_path(run) as removed:
+        assert set(removed) == {"", "sub"} and marker in sys.path
+    assert {"", "sub", marker} <= set(sys.path)
+
+
 def test_a_trusted_package_whose_init_imports_a_module_of_the_run_fails(
         run: Path, monkeypatch: pytest.MonkeyPatch):
     """``--import trusted_pkg.mech``: resolving ``trusted_pkg.mech`` runs ``trusted_pkg``'s
