@@ -154,10 +154,13 @@ def check_keystore_used(private: bool, configured: str | None,
 
 def creation_notice(path: Path, source: str, option: str) -> str:
     """The one-line notice a run gives when it created the key store ``path`` (chosen by
-    ``source``; ``option`` names the flag or argument that chooses another)."""
-    return (f"note: created the key store {path} ({source}; 0700, private keys 0600): the run's "
+    ``source``; ``option`` names the flag or argument that chooses another, which the notice
+    suggests only when ``source`` is not that option already)."""
+    note = (f"note: created the key store {path} ({source}; 0700, private keys 0600): the run's "
             "private signing keys, kept outside the run directory so that its ledgers cannot be "
-            f"re-signed by whoever holds it; choose another with {option} or [security] keystore")
+            "re-signed by whoever holds it")
+    return note if source == option else \
+        f"{note}; choose another with {option} or [security] keystore"
 
 
 def extension_notice(path: Path, source: str, added: Sequence[str]) -> str:

@@ -438,3 +438,15 @@ def test_a_key_store_below_another_runs_directory_is_refused(tmp_path, capsys):
             (tmp_path / holder / name).write_text("{}")
         Simulation(_tiny_dp_config(), tmp_path / f"run-{holder}",
                    keystore=tmp_path / holder / "keys").run()
+
+
+def test_the_creation_notice_suggests_another_store_only_when_the_option_did_not_choose_it(
+        tmp_path: Path) -> None:
+    """A store created where ``--keystore`` pointed said "(--keystore; ...) ...; choose
+    another with --keystore": the option it had just been given."""
+    from secure_fedora.secure.keystore import creation_notice
+
+    chosen = creation_notice(tmp_path / "ks", "--keystore", "--keystore")
+    assert chosen.count("--keystore") == 1 and "choose another" not in chosen
+    default = creation_notice(tmp_path / "ks", "default", "--keystore")
+    assert default.endswith("choose another with --keystore or [security] keystore")
