@@ -525,18 +525,27 @@ def init_party(directory: str | os.PathLike[str], party_id: str,
 def load_public_file(path: str | os.PathLike[str]) -> PublicIdentity:
     """The public identity in a party's ``<party>.public.json`` (:func:`init_party`).
 
-    Refused (IdentityError naming the file): a file holding a private key, one not named
+    Refused (IdentityError naming the file, never waiting on it): one that is not a regular
+    file (a FIFO, device or socket), a file holding a private key, one not named
     ``<party>.public.json`` (a ``.key`` file is named as a private key), one that is not a
     one-party allowlist, and one whose party is not the party its name gives."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(_PUBLIC_FILE_LIMIT + 1)
-    except IsADirectoryError:
+    if path.is_dir():
         raise IdentityError(f"public key file {path} is a directory; give the "
-                            f"<party>{PUBLIC_FILE_SUFFIX} file it holds") from None
+                            f"<party>{PUBLIC_FILE_SUFFIX} file it holds")
+    try:
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise IdentityError(f"cannot read public key file {path}: {exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IdentityError(f"public key file {path} is not a regular file (a FIFO, device "
+                                f"or socket); give the <party>{PUBLIC_FILE_SUFFIX} file itself")
+        try:
+            data = fh.read(_PUBLIC_FILE_LIMIT + 1)
+        except OSError as exc:
+            raise IdentityError(f"cannot read public key file {path}: {exc}") from None
     if b"PRIVATE KEY" in data or path.name.endswith(".key"):
         raise IdentityError(
             f"{path} is a private key: a party's private keys never leave its host; give its "
@@ -569,11 +578,16 @@ def assemble_allowlist(paths: Iterable[str | os.PathLike[str]],
 
     Refused (IdentityError): no file, a file given twice, two files of one party, one key in
     two parties' files, no ``server`` (every client accepts only the allowlisted server) or a
-    server file beside ``server``, and with ``num_clients`` a party missing or one that is not
+    server file beside ``server``, a ``num_clients`` below 1, and with ``num_clients`` a
+    party missing or one that is not
     ``server`` or ``client-000`` ... ``client-<num_clients - 1>``."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise IdentityError("no public key files given")
+    if num_clients is not None and (isinstance(num_clients, bool) or not isinstance(num_clients, int)
+                                    or num_clients < 1):
+        raise IdentityError(f"a federation has at least one client: the number of clients must "
+                            f"be an integer of at least 1, got {num_clients!r}")
     seen: dict[Path, Path] = {}
     by_party: dict[str, tuple[Path, PublicIdentity]] = {}
     if server is not None:

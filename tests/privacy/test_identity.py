@@ -347,3 +347,45 @@ def test_assemble_allowlist_refuses_one_key_under_two_parties(tmp_path):
         "client-001", pub.verify_key, pub.agreement_key)}))
     with pytest.raises(IdentityError, match="hold the same public key"):
         assemble_allowlist([server, tmp_path / "client-000" / "client-000.public.json", copied])
+
+
+def test_assemble_allowlist_refuses_a_federation_without_clients(tmp_path):
+    """num_clients 0 (or less) is refused naming it, not an IndexError from the message."""
+    from privacy.identity import assemble_allowlist, init_party
+
+    server = init_party(tmp_path / "server", "server")[1]
+    c0 = init_party(tmp_path / "client-000", "client-000")[1]
+    for n in (0, -3):
+        with pytest.raises(IdentityError, match=f"at least one client.*got {n}"):
+            assemble_allowlist([server, c0], num_clients=n)
+
+
+def test_a_public_key_file_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    """A FIFO in a public key file's place is refused at once (reading it would wait for a
+    writer forever), naming the file."""
+    import threading
+
+    from privacy.identity import assemble_allowlist, init_party, load_public_file
+
+    server = init_party(tmp_path / "server", "server")[1]
+    fifo = tmp_path / "client-000.public.json"
+    os.mkfifo(fifo)
+
+    done = threading.Event()
+
+    def unblock() -> None:  # a reader still waiting after 3 s is let go (and fails the match)
+        while not done.wait(3.0):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    watchdog = threading.Thread(target=unblock, daemon=True)
+    watchdog.start()
+    try:
+        with pytest.raises(IdentityError, match=f"{fifo} is not a regular file"):
+            load_public_file(fifo)
+        with pytest.raises(IdentityError, match="not a regular file"):
+            assemble_allowlist([server, fifo], num_clients=1)
+    finally:
+        done.set()
