@@ -422,10 +422,24 @@ def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:
     invalid party id, or a key that is not 32 bytes of hex.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IdentityError(f"allowlist file {path} is a directory; give the allowlist.json "
+                            "file itself")
     try:
-        doc = json.loads(path.read_text())
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as exc:
         raise IdentityError(f"allowlist file {path} does not exist") from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot read allowlist file {path}: {exc}") from None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IdentityError(f"allowlist file {path} is not a regular file (a FIFO, "
+                                    "device or socket); give the allowlist.json file itself")
+            doc = json.loads(fh.read().decode("utf-8"))
+    except IdentityError:
+        raise
     except (OSError, ValueError, RecursionError) as exc:  # incl. JSONDecodeError, huge integers
         raise IdentityError(f"allowlist file {path} is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("version") != ALLOWLIST_VERSION:

@@ -389,3 +389,34 @@ def test_a_public_key_file_that_is_no_regular_file_is_refused_without_blocking(t
             assemble_allowlist([server, fifo], num_clients=1)
     finally:
         done.set()
+
+
+def test_an_allowlist_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    """`keys install DIR FIFO` and `audit verify --allowlist FIFO` read the allowlist with
+    read_text, which waited for a writer forever; a directory read as "not valid JSON"."""
+    import threading
+
+    from privacy.identity import load_allowlist
+
+    fifo = tmp_path / "allowlist.json"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock() -> None:  # a reader still waiting after 3 s is let go (and fails the match)
+        while not done.wait(3.0):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    watchdog = threading.Thread(target=unblock, daemon=True)
+    watchdog.start()
+    try:
+        with pytest.raises(IdentityError, match=f"{fifo} is not a regular file"):
+            load_allowlist(fifo)
+    finally:
+        done.set()
+    with pytest.raises(IdentityError, match="is a directory"):
+        load_allowlist(tmp_path)
+    with pytest.raises(IdentityError, match="does not exist"):
+        load_allowlist(tmp_path / "missing.json")
