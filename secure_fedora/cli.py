@@ -276,7 +276,14 @@ def cmd_keys_party(args: argparse.Namespace) -> int:
     # an empty directory would be the current one, which then receives the private keys
     check_path_argument(args.directory, "the identity directory")
     refuse_run_directory(Path(args.directory), "keys party")
+    replaced = args.force and (Path(args.directory) / f"{args.party}.ed25519.key").exists()
     identity, public_file = init_party(args.directory, args.party, overwrite=args.force)
+    if replaced:  # its old key signed ledgers and envelopes that only the old allowlist verifies
+        Console(stderr=True).print(
+            f"warning: replaced the identity of {identity.party_id} in {args.directory}: a run "
+            "this node is part of cannot go on with the new keys, and ledgers its old key signed "
+            "verify only against an allowlist copy that lists the old key (keep it); the "
+            "operator must allowlist the new public key", markup=False)
     Console().print(f"wrote the identity of {identity.party_id} to {args.directory} (private keys "
                     f"0600, directory 0700); send its public key file {public_file} to the "
                     "operator over a channel that keeps it intact (it is public), then install "

@@ -121,3 +121,19 @@ def test_an_allowlist_lacking_a_party_or_listing_another_key_fails_clearly(
     assert {c for c, _, _ in grid.errors} == {1}
     assert "lists other public keys for client-001 than its identity directory holds" in str(
         grid.errors[0][2])
+
+
+def test_keys_party_force_warns_that_the_old_identity_is_gone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keys party --force` replaced a party's keys and deleted its allowlist, printing only
+    "wrote the identity": a run in progress on that node cannot go on, and its old ledgers
+    verify only against the old allowlist."""
+    directory = tmp_path / "client-000"
+    assert main(["keys", "party", str(directory), "--party", "client-000"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    old = (directory / "client-000.ed25519.pub").read_bytes()
+    assert main(["keys", "party", str(directory), "--party", "client-000", "--force"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: replaced the identity of client-000" in err
+    assert "verify only against an allowlist copy that lists the old key" in err
+    assert (directory / "client-000.ed25519.pub").read_bytes() != old
