@@ -303,7 +303,8 @@ def cmd_keys_allowlist(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise IdentityError(f"{out} exists; pass --force to replace it")
     parties = assemble_allowlist(args.public_files, args.clients)
-    atomic_write_bytes(out, allowlist_bytes(parties))
+    # public, copied to every host: 0644, as the allowlist.json of an identity directory
+    atomic_write_bytes(out, allowlist_bytes(parties), mode=0o644)
     Console().print(f"wrote {out}: {len(parties)} parties ({', '.join(parties)}); send it to "
                     "every party (`secure-fedora keys install DIR ALLOWLIST` on its host) and "
                     "keep a copy for `audit verify --allowlist`", markup=False)

@@ -19,11 +19,12 @@ __all__ = ["NON_FINITE_KEY", "atomic_write_bytes", "atomic_write_text", "atomic_
 NON_FINITE_KEY = "non_finite_values"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` durably: a 0600 temporary file in the same directory
-    (mkstemp), fsynced, renamed over ``path``, then the directory fsynced. A crash leaves the
-    old or the new content, never a mix."""
-    atomic_write_with(path, lambda fh: fh.write(data))
+    (mkstemp; ``mode``, when given, is set on it before anything is written, e.g. 0644 for a
+    public file), fsynced, renamed over ``path``, then the directory fsynced. A crash leaves
+    the old or the new content, never a mix."""
+    atomic_write_with(path, lambda fh: fh.write(data), mode)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,13 +36,15 @@ def _temporary_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def atomic_write_with(path: Path, write: Callable[[Any], None]) -> None:
+def atomic_write_with(path: Path, write: Callable[[Any], None], mode: int | None = None) -> None:
     """As :func:`atomic_write_bytes`, with ``write(fh)`` streaming the content into the
     temporary file (no in-memory copy of a multi-GB checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path))
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -137,3 +137,17 @@ def test_keys_party_force_warns_that_the_old_identity_is_gone(
     assert "warning: replaced the identity of client-000" in err
     assert "verify only against an allowlist copy that lists the old key" in err
     assert (directory / "client-000.ed25519.pub").read_bytes() != old
+
+
+def test_keys_allowlist_writes_a_public_file_readable_by_all(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keys allowlist OUT` wrote OUT 0600 (the atomic writer's temporary file), though it is
+    public and copied to every host: 0644, as `keys install` and `keys party` write public
+    files; replacing it with --force keeps 0644."""
+    public = _own_identities(tmp_path / "ids", capsys)
+    out = tmp_path / "allowlist.json"
+    assert main(["keys", "allowlist", str(out), *map(str, public)]) == 0
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert main(["keys", "allowlist", str(out), *map(str, public), "--force"]) == 0
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
