@@ -206,8 +206,9 @@ def cmd_local(args: argparse.Namespace) -> int:
                 "allowlist.json"
             console.print(f"[bold]deploy:[/bold] the federation's allowlist is "
                           f"{escape(str(allowlist))}: install it on every client's host (`secure-"
-                          "fedora keys install DIR ALLOWLIST`) and keep a copy for `audit "
-                          "verify --allowlist`")
+                          "fedora keys install DIR ALLOWLIST`), whose identity directory DIR "
+                          "each SuperNode line names NODE_IDENTITY_DIR, and keep a copy for "
+                          "`audit verify --allowlist`")
         return 0
     restore = _interrupt_on_termination()
     bars, on_round = round_bars(args.quiet)
@@ -327,7 +328,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="start nothing: write into the workdir what the deployment's processes read "
         "(certificates, node keys, identities, run.toml) and print, one per line, every "
         "command the deployment would run, in order (the flwr run id, known once submitted, "
-        "is written RUN_ID); each line runs as printed, by hand",
+        "is written RUN_ID; with --client-public-keys a SuperNode's identity-dir, the one its "
+        "client made on its own host, NODE_IDENTITY_DIR); each line runs as printed, by hand",
     )
     local.add_argument("--quiet", action="store_true",
                        help="no progress bars (one per method, advanced as the ServerApp logs "

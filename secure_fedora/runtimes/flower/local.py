@@ -59,6 +59,7 @@ from privacy.errors import ToolkitError
 from privacy.identity import (
     ALLOWLIST_FILENAME,
     SERVER_ID,
+    PublicIdentity,
     allowlist_bytes,
     client_ids,
     default_party_ids,
@@ -92,8 +93,10 @@ __all__ = [
     "CONNECTION_NAME",
     "DeployResult",
     "LocalFederation",
+    "NODE_IDENTITY_DIR",
     "RoundLines",
     "RunTimeouts",
+    "check_server_identity",
     "default_max_in_flight",
     "deploy_local",
     "flower_env",
@@ -167,27 +170,101 @@ def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
     return dirs
 
 
+#: The identity directory the SuperNode lines of ``--print-commands --client-public-keys``
+#: name: each client's own, made on its host by ``keys party`` (README, "Real machines").
+NODE_IDENTITY_DIR = "NODE_IDENTITY_DIR"
+
+
+def check_server_identity(directory: Path, client_public_keys: Sequence[Path],
+                          num_clients: int, *, resume: bool = False
+                          ) -> tuple[dict[str, PublicIdentity], bool]:
+    """What :func:`init_server_identity` would write, every check made and nothing written:
+    the allowlist's parties, assembled (:func:`privacy.identity.assemble_allowlist`) from the
+    server's keys ``directory`` holds or, when it holds none (returned False), a stand-in for
+    keys made later (fresh random keys, which no file can hold), and the clients' public key
+    files. With ``resume`` the run of this workdir goes on: its envelopes and its clients'
+    ledgers are signed with the keys ``directory/allowlist.json`` lists, so the assembled
+    allowlist must equal that one (else ResumeRefused)."""
+    from privacy.identity import (
+        Identity,
+        IdentityError,
+        assemble_allowlist,
+        check_key_directory,
+        load_allowlist,
+        load_identity,
+    )
+
+    kept = (directory / f"{SERVER_ID}.ed25519.key").exists()
+    if not kept and (directory.exists() or directory.is_symlink()):
+        # what init_party refuses, refused before the certificates are written
+        if not directory.is_dir():
+            raise IdentityError(f"identity directory {directory} exists and is not a directory; "
+                                "move it away or use a new workdir; nothing was written")
+        check_key_directory(directory)
+        held = sorted(p.name for p in directory.iterdir())
+        if held:
+            raise IdentityError(
+                f"{directory} holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} but "
+                f"no {SERVER_ID}.ed25519.key: not a server identity to keep; move it away or "
+                "use a new workdir; nothing was written")
+    server = (load_identity(directory, SERVER_ID).public if kept
+              else Identity.generate(SERVER_ID).public)
+    parties = assemble_allowlist(client_public_keys, num_clients, server=server)
+    if resume:
+        from secure_fedora.runtimes.flower.server_app import ResumeRefused
+
+        allowlist = directory / ALLOWLIST_FILENAME
+        if not kept or not allowlist.exists():
+            raise ResumeRefused(
+                f"--resume: {allowlist if kept else directory / (SERVER_ID + '.ed25519.key')} "
+                "does not exist, so the keys the run was started with are unknown; resume in "
+                "the workdir that started the run; nothing was written")
+        run_parties = load_allowlist(allowlist)
+        changed = sorted(p for p in set(run_parties) | set(parties)
+                         if run_parties.get(p) != parties.get(p))
+        if changed:
+            raise ResumeRefused(
+                f"--resume: the allowlist of these public key files differs from {allowlist}, "
+                f"the run's, for {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}: "
+                "the run's envelopes and ledgers are signed with the keys it lists; give the "
+                "public key files the run started with (a party with new keys joins a new run, "
+                "in a new workdir); nothing was written")
+    return parties, kept
+
+
 def init_server_identity(directory: Path, client_public_keys: Sequence[Path],
-                         num_clients: int) -> Path:
+                         num_clients: int, *, resume: bool = False) -> Path:
     """The server's identity directory of a federation whose clients made their own
     identities (``secure-fedora keys party``): the server's keys (made now, or kept when
-    ``directory`` holds them) and ``allowlist.json`` assembled from them and the clients'
-    public key files, which must be exactly ``client-000`` ... of ``num_clients``; returns the
-    allowlist's path. Refused (IdentityError, nothing written) as
-    :func:`privacy.identity.assemble_allowlist` refuses."""
-    from privacy.identity import Identity, assemble_allowlist, init_party, load_identity
+    ``directory`` holds them) and ``allowlist.json`` (0644: public) assembled from them and
+    the clients' public key files, which must be exactly ``client-000`` ... of
+    ``num_clients``; returns the allowlist's path. Refused, nothing written, as
+    :func:`check_server_identity` refuses (every check comes before the first write)."""
+    from privacy.identity import init_party
     from secure_fedora.core.files import atomic_write_bytes
 
-    # checked before any key is made: a placeholder stands for the server's own identity
-    assemble_allowlist(client_public_keys, num_clients, server=Identity.generate(SERVER_ID).public)
-    if (directory / f"{SERVER_ID}.ed25519.key").exists():
-        server = load_identity(directory, SERVER_ID).public
-    else:
-        server, _ = init_party(directory, SERVER_ID)
-    parties = assemble_allowlist(client_public_keys, num_clients, server=server)
+    parties, kept = check_server_identity(directory, client_public_keys, num_clients,
+                                          resume=resume)
+    if not kept:
+        parties[SERVER_ID], _ = init_party(directory, SERVER_ID)
     allowlist = directory / ALLOWLIST_FILENAME
-    atomic_write_bytes(allowlist, allowlist_bytes(parties))
+    atomic_write_bytes(allowlist, allowlist_bytes(parties), mode=0o644)
     return allowlist
+
+
+def _refuse_client_identities(root: Path) -> None:
+    """Refuse (DeployError) an identities folder holding more than the server's directory
+    when the clients made their own identities: an earlier ``--print-commands`` without
+    ``--client-public-keys`` wrote every client's private keys there."""
+    others = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    others = [name for name in others if name != SERVER_ID]
+    if others:
+        raise DeployError(
+            f"{root} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} beside "
+            "the server's identity (an earlier --print-commands without --client-public-keys "
+            "wrote every client's private keys there), while with --client-public-keys each "
+            "client's private keys stay on its own host: delete those directories (no run may "
+            "use them) or use a new workdir; nothing was written")
 
 
 #: Where Linux keeps the range of ports it hands out on its own (``bind`` to port 0 and the
@@ -303,7 +380,9 @@ class LocalFederation:
     when the run asks for it too); the others withhold them. With ``client_public_keys`` (the
     clients' ``<party>.public.json`` files, each client having made its identity on its own
     host) only the server's identity is made here, and its allowlist assembled from those
-    files (:func:`init_server_identity`): no client's private key is written.
+    files (:func:`init_server_identity`; with ``resume``, the run of this workdir goes on, it
+    must be the allowlist the run has): no client's private key is written, and the SuperNode
+    commands name each client's identity directory :data:`NODE_IDENTITY_DIR`.
     """
 
     def __init__(
@@ -315,6 +394,7 @@ class LocalFederation:
         register: Sequence[int] | None = None,
         full_client_errors: Sequence[int] = (),
         client_public_keys: Sequence[str | os.PathLike[str]] | None = None,
+        resume: bool = False,
     ) -> None:
         if num_nodes < 1:
             raise DeployError(f"num_nodes must be at least 1; got {num_nodes}")
@@ -325,6 +405,7 @@ class LocalFederation:
         self.full_client_errors = set(full_client_errors)
         self.client_public_keys = (None if client_public_keys is None
                                    else [Path(f) for f in client_public_keys])
+        self.resume = resume
         self.processes: list[ManagedProcess] = []
         self.nodes: list[_Node] = []
         self.certs: CertificatePaths | None = None
@@ -400,7 +481,7 @@ class LocalFederation:
             init_party_identities(self.identity_dir, self.num_nodes)
         else:
             init_server_identity(self.identity_dir / SERVER_ID, self.client_public_keys,
-                                 self.num_nodes)
+                                 self.num_nodes, resume=self.resume)
 
     def planned_commands(self, run_toml: Path) -> list[str]:
         """Every command :meth:`start`, :meth:`submit` and :meth:`follow` run, in order, each
@@ -581,9 +662,12 @@ class LocalFederation:
     def _node_command(self, index: int) -> list[str]:
         assert self.certs is not None
         node = self.nodes[index]
+        # the clients that made their own identities keep them on their own hosts
+        identity = (NODE_IDENTITY_DIR if self.client_public_keys is not None
+                    else self.party_identity_dir(index))
         node_config = (
             f'partition-id={index} state-dir="{node.state_dir}" '
-            f'identity-dir="{self.party_identity_dir(index)}"'
+            f'identity-dir="{identity}"'
             + (' client-errors="full"' if index in self.full_client_errors else "")
         )
         return [
@@ -1042,21 +1126,23 @@ def local_commands(
     connection, ``run.toml``), so they can be run by hand from the lines in order. With
     ``client_public_keys`` (each client's ``<party>.public.json``) the only identity written
     is the server's, its ``allowlist.json`` assembled from those files
-    (:func:`init_server_identity`); the SuperNode lines then name identity directories the
-    clients keep on their own hosts."""
+    (:func:`init_server_identity`); the SuperNode lines then name each client's identity
+    directory, kept on its own host, :data:`NODE_IDENTITY_DIR`. Refused then, before anything
+    is written: a workdir whose ``identities/`` holds clients' directories (private keys an
+    earlier call without ``client_public_keys`` wrote) and, with ``resume``, public key files
+    whose allowlist is not the run's."""
     cfg, work, max_in_flight, resumed, amendments = _checked_deployment(
         config, num_clients, workdir, reproducible_dp_noise=reproducible_dp_noise,
         key_holder=key_holder, max_in_flight=max_in_flight, compare_methods=compare_methods,
         full_client_errors=full_client_errors, resume=resume)
-    if client_public_keys is not None:
-        from privacy.identity import Identity, assemble_allowlist
-
-        # refused before anything is written (prepare makes the server's keys)
-        assemble_allowlist(client_public_keys, cfg.data.num_clients,
-                           server=Identity.generate(SERVER_ID).public)
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
                           full_client_errors=full_client_errors,
-                          client_public_keys=client_public_keys)
+                          client_public_keys=client_public_keys, resume=bool(resumed))
+    if fed.client_public_keys is not None:
+        # refused before anything is written (prepare writes certificates, then identities)
+        _refuse_client_identities(fed.identity_dir)
+        check_server_identity(fed.party_identity_dir(None), fed.client_public_keys,
+                              cfg.data.num_clients, resume=bool(resumed))
     fed.prepare()
     run_toml = fed.write_run_config(cfg, work / "results", num_threads=num_threads,
                                     reproducible_dp_noise=reproducible_dp_noise,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,10 @@ from typing import Any
 import pytest
 import tomli_w
 
-from privacy.identity import IdentityError
+from privacy.identity import IdentityError, allowlist_bytes, load_allowlist
 from secure_fedora.core.config import config_document
 from secure_fedora.runtimes import summary
-from secure_fedora.runtimes.flower import local
+from secure_fedora.runtimes.flower import local, server_app
 from secure_fedora.runtimes.flower.cli import register
 from secure_fedora.runtimes.flower.processes import ManagedProcess
 from secure_fedora.runtimes.flower.protocol import DeployError
@@ -158,3 +159,154 @@ def test_print_commands_with_client_public_keys_writes_no_client_private_key(
         assert install_allowlist(hosts / cid, allowlist) == (cid, False)
     run_toml = (work / "run.toml").read_text()
     assert str(work / "identities" / "server") in run_toml
+
+
+def _own_public_files(tmp_path: Path, n: int = 3) -> tuple[Path, list[str]]:
+    """A config of ``n`` clients and the public key files of identities each client made
+    itself (`keys party` on its own host, here under tmp_path/hosts)."""
+    from privacy.identity import client_ids, init_party
+
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(config_document(dp_config())))
+    return config, [str(init_party(tmp_path / "hosts" / cid, cid)[1]) for cid in client_ids(n)]
+
+
+def _written(work: Path) -> dict[str, bytes]:
+    """Every file under ``work`` with its content (what a refusal must leave as it was)."""
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*"))
+            if p.is_file()}
+
+
+def test_client_public_keys_supernode_lines_name_the_nodes_own_identity_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --client-public-keys the SuperNode lines named WORKDIR/identities/client-NNN,
+    which that mode does not write, while every line is said to run as printed: they name
+    NODE_IDENTITY_DIR, the directory each client made on its own host (README step 5)."""
+    config, files = _own_public_files(tmp_path)
+    work = tmp_path / "w"
+    args = _parser().parse_args(["deploy", "local", "--config", str(config), "--workdir",
+                                 str(work), "--print-commands", "--client-public-keys", *files])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    nodes = [line for line in printed if "flower-supernode" in line]
+    assert len(nodes) == 3
+    assert all(f'identity-dir="{local.NODE_IDENTITY_DIR}"' in line for line in nodes)
+    assert "identities/client-" not in "\n".join(printed)
+    assert str(work / "identities" / "server") in (work / "run.toml").read_text()
+
+
+def test_client_public_keys_refuses_a_workdir_holding_client_private_keys(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An earlier --print-commands without --client-public-keys wrote every client's private
+    keys under identities/; a later one with it left them there beside the server's
+    identity: refused, naming them and what to do, nothing written; once they are deleted it
+    goes on (the server's identity kept)."""
+    config, files = _own_public_files(tmp_path)
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
+             "--print-commands"]
+    args = _parser().parse_args(flags)
+    assert args.func(args) == 0
+    before = _written(work)
+    args = _parser().parse_args([*flags, "--client-public-keys", *files])
+    with pytest.raises(DeployError, match=r"holds client-000, client-001, client-002 beside "
+                                          r"the server's identity.*delete those directories"):
+        args.func(args)
+    assert _written(work) == before
+    server_key = (work / "identities" / "server" / "server.ed25519.key").read_bytes()
+    for cid in ("client-000", "client-001", "client-002"):
+        shutil.rmtree(work / "identities" / cid)
+    assert args.func(args) == 0
+    capsys.readouterr()
+    assert (work / "identities" / "server" / "server.ed25519.key").read_bytes() == server_key
+    assert not list(work.rglob("client-*.key"))
+
+
+def test_client_public_keys_on_resume_refuses_another_allowlist(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--print-commands --resume --client-public-keys rewrote the server's allowlist.json
+    without a word, with whatever client keys were given, while the resumed run's envelopes
+    and ledgers are signed with the keys it started with: another client key (client-001
+    made new keys) is refused naming the client, nothing written; the run's own files
+    resume; a workdir without the run's allowlist is refused."""
+    from privacy.identity import init_party
+
+    config, files = _own_public_files(tmp_path)
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
+             "--print-commands", "--client-public-keys"]
+    args = _parser().parse_args([*flags, *files])
+    assert args.func(args) == 0
+    # a resumable run of this workdir (its checkpoint checks are deploy local's, tested apart)
+    monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
+    allowlist = work / "identities" / "server" / "allowlist.json"
+    run_allowlist = allowlist.read_bytes()
+    init_party(tmp_path / "hosts" / "client-001", "client-001", overwrite=True)
+    before = _written(work)
+    args = _parser().parse_args([*flags, *files, "--resume"])
+    with pytest.raises(server_app.ResumeRefused,
+                       match=r"differs from .*allowlist.json, the run's, for client-001:"):
+        args.func(args)
+    assert _written(work) == before
+    # the run's own keys: resumed, its allowlist as it was
+    (tmp_path / "run-keys").mkdir()
+    old = tmp_path / "run-keys" / "client-001.public.json"
+    old.write_bytes(allowlist_bytes({"client-001": load_allowlist(allowlist)["client-001"]}))
+    args = _parser().parse_args([*flags, files[0], str(old), files[2], "--resume"])
+    assert args.func(args) == 0
+    capsys.readouterr()
+    assert allowlist.read_bytes() == run_allowlist
+    allowlist.unlink()
+    with pytest.raises(server_app.ResumeRefused, match="allowlist.json does not exist"):
+        args.func(args)
+    assert not allowlist.exists()
+
+
+def test_client_public_keys_checks_everything_before_writing_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The allowlist was checked with a stand-in for the server's key before the certificates
+    and node keys were rewritten, and with the kept key only after: a client file holding the
+    server's public key, or a server directory holding files but no key, was refused once the
+    workdir's certificates had been replaced. Both are refused with every file as it was."""
+    from privacy.identity import PublicIdentity, load_identity
+
+    config, files = _own_public_files(tmp_path)
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
+             "--print-commands", "--client-public-keys"]
+    args = _parser().parse_args([*flags, *files])
+    assert args.func(args) == 0
+    capsys.readouterr()
+    server = load_identity(work / "identities" / "server", "server").public
+    copied = tmp_path / "copied" / "client-002.public.json"
+    copied.parent.mkdir()
+    copied.write_bytes(allowlist_bytes({"client-002": PublicIdentity(
+        "client-002", server.verify_key, server.agreement_key)}))
+    before = _written(work)
+    args = _parser().parse_args([*flags, *files[:2], str(copied)])
+    with pytest.raises(IdentityError, match="hold the same public key"):
+        args.func(args)
+    assert _written(work) == before
+
+    for key in (work / "identities" / "server").glob("server.*.key"):
+        key.unlink()  # a server directory left with public files only
+    before = _written(work)
+    args = _parser().parse_args([*flags, *files])
+    with pytest.raises(IdentityError, match=r"holds allowlist.json, server.ed25519.pub.* but "
+                                            r"no server.ed25519.key"):
+        args.func(args)
+    assert _written(work) == before
+
+
+def test_the_server_allowlist_is_public(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The server's allowlist.json, copied to every host, is written 0644 as every other
+    allowlist.json (it was 0600)."""
+    config, files = _own_public_files(tmp_path)
+    work = tmp_path / "w"
+    args = _parser().parse_args(["deploy", "local", "--config", str(config), "--workdir",
+                                 str(work), "--print-commands", "--client-public-keys", *files])
+    assert args.func(args) == 0
+    capsys.readouterr()
+    assert (work / "identities" / "server" / "allowlist.json").stat().st_mode & 0o777 == 0o644
