@@ -50,7 +50,7 @@ Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
 __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "MAX_ENTRIES", "Payload",
-           "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "ReplySchema", "entry_problem",
+           "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "plug_in_reply_entries", "ReplySchema", "entry_problem",
            "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
@@ -991,6 +991,52 @@ class ReplySchema:
         self.pins.update(new)
 
 
+def plug_in_reply_entries(method: str, algorithm: type, cfg: Any, specs: Sequence[Any],
+                          entries: Mapping[str, Mapping[str, str]]
+                          ) -> dict[str, dict[str, str]]:
+    """Per exchange stage (setup, round), the reply entry carrying each plug-in Gaussian
+    mechanism that stage's release declares (entry -> mechanism): the declared entry named as
+    the mechanism; else, one such mechanism left, the one entry (not so named) the method
+    declares beyond its nearest built-in ancestor's; none when it declares no such entry (no
+    reply entry carries it). :class:`ContractError` naming what to do when several mechanisms
+    or entries are left (which entry carries which is not declared)."""
+    from secure_fedora.secure.private import _plug_in_round_mechanisms, _plug_in_setup_mechanism
+
+    mechanisms: dict[str, list[str]] = {SETUP: [], ROUND: []}
+    for spec in specs:
+        if not isinstance(spec, ReleaseSpec):
+            continue
+        if spec.when == SETUP:
+            mechanisms[SETUP].extend(m for m in [_plug_in_setup_mechanism(spec.mechanisms)] if m)
+        elif spec.when == ROUND and spec.kind == "model":
+            mechanisms[ROUND].extend(_plug_in_round_mechanisms(spec.mechanisms) or ())
+    carried: dict[str, dict[str, str]] = {}
+    if not any(mechanisms.values()):
+        return carried
+    base = next(c for c in algorithm.__mro__
+                if isinstance(c, type) and issubclass(c, FederatedAlgorithm)
+                and is_builtin_method(c))
+    for stage, names in mechanisms.items():
+        if not names:
+            continue
+        declared = entries.get(stage, {})
+        with method_hook(method, f"{base.__name__}.reply_entries(cfg, {stage!r})"):
+            added = sorted(set(declared) - set(base.reply_entries(cfg, stage)))
+        links = {m: m for m in names if m in declared}
+        rest = [m for m in names if m not in links]
+        candidates = [e for e in added if e not in links]
+        if rest and candidates:
+            if len(rest) > 1 or len(candidates) > 1:
+                raise ContractError(
+                    f"method {method!r}: which {stage} reply entry carries plug-in "
+                    f"mechanism(s) {rest} is not declared (entries added to "
+                    f"{base.__name__}'s: {candidates}); in reply_entries(cfg, {stage!r}) name "
+                    "the entry carrying a mechanism's release as the mechanism")
+            links[candidates[0]] = rest[0]
+        carried[stage] = links
+    return carried
+
+
 @dataclass(frozen=True)
 class ReplyRules:
     """What method ``method``'s client replies may carry, per exchange stage
@@ -1006,6 +1052,10 @@ class ReplyRules:
     entries: Mapping[str, Mapping[str, str]]
     #: Kinds of the setup releases the method declares (e.g. ``("summary",)``).
     setup_kinds: tuple[str, ...] = ()
+    #: Per stage, the reply entry carrying each plug-in Gaussian mechanism's release in a
+    #: private run (entry -> mechanism, :func:`plug_in_reply_entries`): before a reply leaves,
+    #: that entry must be the tensor ``ctx.privacy.gaussian`` returned.
+    plug_in_entries: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, method: str, algorithm: type, cfg: Any) -> ReplyRules:
@@ -1023,7 +1073,9 @@ class ReplyRules:
         with method_hook(method, "releases(cfg)"):
             specs = algorithm.releases(cfg) if hasattr(algorithm, "releases") else ()
         setup_kinds = tuple(s.kind for s in specs if isinstance(s, ReleaseSpec) and s.when == SETUP)
-        return cls(method, bool(getattr(privacy, "enabled", False)), entries, setup_kinds)
+        private = bool(getattr(privacy, "enabled", False))
+        carried = plug_in_reply_entries(method, algorithm, cfg, specs, entries) if private else {}
+        return cls(method, private, entries, setup_kinds, carried)
 
     def check_reply(self, stage: str, i: int, reply: Any, *, exact: bool = False) -> None:
         """:class:`ContractError` unless client ``i``'s ``stage`` reply is a dict of tensors

@@ -544,6 +544,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                             "without it being admitted and recorded (make it through "
                             "ctx.privacy.noised_summaries, or ctx.privacy.gaussian for a "
                             "plug-in mechanism); nothing reached the server")
+                    for i, reply in replies.items():  # what leaves is what was released
+                        privacy.check_plug_in_reply(SETUP, i, 0, reply,
+                                                    rules.plug_in_entries.get(SETUP, {}))
                     # every setup release journaled: marked before the first one leaves
                     privacy.mark_round(0, list(replies))
             if exchange is not None:
@@ -683,6 +686,10 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 replies = self.client_update_many(rnd, messages)
             if rules is not None:
                 replies = rules.check_replies(ROUND, rnd, replies, messages, self.reply_schema)
+                if self.ctx.privacy is not None and ROUND in rules.plug_in_entries:
+                    for i, reply in replies.items():  # before any of them leaves
+                        self.ctx.privacy.check_plug_in_reply(ROUND, i, rnd, reply,
+                                                             rules.plug_in_entries[ROUND])
             if self.ctx.privacy is not None:  # executed == accounted DP-SGD steps, before any use
                 self.ctx.privacy.confirm_steps(rnd, list(messages))
             self._check_buffers(f"in round {rnd}'s training")

@@ -462,6 +462,17 @@ def declared_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[str, ...]:
     return (*(m for _, m in setup_plug_ins(method, cfg)), *round_plug_ins(method, cfg))
 
 
+def _same_bits(value: object, released: object) -> bool:
+    """Whether ``value`` holds exactly ``released``'s elements in order: the same dtype, the
+    same number of elements, the same bits (``-0.0`` is not ``0.0``); a reshape is the same."""
+    if not (isinstance(value, Tensor) and isinstance(released, Tensor)
+            and value.dtype == released.dtype and value.numel() == released.numel()):
+        return False
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(value.element_size(), torch.uint8)
+    a = value.detach().to("cpu").reshape(-1).contiguous().view(bits)
+    return torch.equal(a, released.detach().to("cpu").reshape(-1).contiguous().view(bits))
+
+
 def _check_plug_in_value(what: str, value: object) -> None:
     """MechanismError naming ``what`` unless ``value`` is a finite float32 or float64 tensor
     holding values (not on the meta device), before any noise is drawn for it."""
@@ -941,6 +952,9 @@ class ClientPrivacy:
     #: pipeline (encrypt, sign) on exactly that payload.
     summary_release: Release | None = None
     summary_stages: list[Any] = field(default_factory=list)
+    #: The admitted round's plug-in releases (mechanism -> what ``gaussian`` returned): the
+    #: reply entry carrying one must be that tensor (:meth:`FederationPrivacy.check_plug_in_reply`).
+    plug_in_releases: dict[str, Release] = field(default_factory=dict)
     #: A Flower client's journal of its refusal, close and repair entries (the same file its
     #: journal stage writes to; kept for a client built without the stage).
     entry_journal: ReleaseJournal | None = None
@@ -1698,6 +1712,7 @@ class FederationPrivacy:
                 c.journal.syncs = None
         c.admitted = admitted
         c.checked, c.admitted_noise = False, noise
+        c.plug_in_releases = {}
         if admitted is None:
             return False
         c.step_counter.reset()  # count this round's steps from here on
@@ -1790,7 +1805,41 @@ class FederationPrivacy:
         ], require_gate=False)
         released = pipeline.run(Release(mechanism, value, c.admitted.round))
         assert isinstance(released.payload, Tensor)
+        c.plug_in_releases[mechanism] = released
         return released.payload
+
+    def check_plug_in_reply(self, stage: str, i: int, rnd: int, reply: Mapping[str, Any],
+                            carried: Mapping[str, str]) -> None:
+        """Before client ``i``'s ``stage`` reply of round ``rnd`` leaves (both runtimes):
+        each entry of ``reply`` that ``carried`` (entry -> plug-in mechanism,
+        :attr:`~secure_fedora.algorithms.contract.ReplyRules.plug_in_entries`) says carries a
+        release must be the tensor :meth:`gaussian` returned for that client, stage and round
+        -- the same dtype and bits (a reshape of it is the same release) -- so that what is
+        sent is what the ledger and journal record as noised. :class:`ContractError` naming
+        the method, client, entry and mechanism otherwise (nothing is sent)."""
+        from secure_fedora.algorithms.contract import SETUP, ContractError
+
+        c = self.clients[i]
+        for entry, mechanism in carried.items():
+            if entry not in reply:
+                continue
+            if stage == SETUP:
+                made = c.summary_release
+                kinds = {k for k, m in setup_plug_ins(self.method, self.cfg) if m == mechanism}
+                released = made if made is not None and made.kind in kinds else None
+            else:
+                made = c.plug_in_releases.get(mechanism)
+                released = made if made is not None and made.round == rnd else None
+            value = reply[entry]
+            if released is not None and _same_bits(value, released.payload):
+                continue
+            why = (f"is not the {mechanism!r} release ctx.privacy.gaussian returned (its dtype "
+                   "and values; a reshape of it is the same release)" if released is not None
+                   else f"carries no {mechanism!r} release: ctx.privacy.gaussian was not called")
+            raise ContractError(
+                f"method {self.method!r}: client {i}'s {stage} reply entry {entry!r} {why}; "
+                "the ledger records that entry as noised, so reply with the tensor gaussian "
+                "returned. Nothing was sent.")
 
     @contextlib.contextmanager
     def setup_exchange(self) -> Iterator[None]:

@@ -1531,6 +1531,8 @@ def _run_client_half(
         ctx.buffers.check(f"in client {i}'s {stage} exchange of round {rnd}")
     if rules is not None:  # before it leaves: what the server would refuse, refused here
         rules.check_received(stage, i, reply, algorithm.reply_schema or ReplySchema.of(algorithm))
+        if privacy is not None and stage in rules.plug_in_entries:  # as in process
+            privacy.check_plug_in_reply(stage, i, rnd, reply, rules.plug_in_entries[stage])
     if stage == "round" and privacy is not None:  # executed DP-SGD steps == the ledger's
         privacy.confirm_steps(rnd, [i])
     return reply, {}, None

@@ -114,3 +114,53 @@ class SetupLabelShareFedAvg(FedAvg):
         stats = super().aggregate(rnd, replies)
         return {**stats, **({"setup_share": self.setup_share}
                             if self.setup_share is not None else {})}
+
+
+def _tampered(how: str, value: Any, released: Any) -> Any:
+    """What a buggy plug-in replies instead of ``released`` (the noised ``value``): ``raw``
+    the un-noised value, ``float32`` the release cast down (other bits), ``reshaped`` the
+    release itself in another shape (the same release)."""
+    if how == "raw":
+        return value.reshape(1)
+    if how == "float32":
+        return released.float().reshape(1)
+    if how == "reshaped":
+        return released.reshape(1, 1)
+    raise ValueError(how)
+
+
+class RawLabelShareFedAvg(LabelShareFedAvg):
+    """:class:`LabelShareFedAvg` whose client code calls ``gaussian`` but replies with
+    something else (:attr:`tamper`); :attr:`seen` records what reached the server."""
+
+    tamper = "raw"
+    seen: list[Any] = []
+
+    def client_update(self, i: int, rnd: int, message: Any) -> Any:
+        reply = dict(FedAvg.client_update(self, i, rnd, message))
+        value = label_share(self.ctx.clients[i].train_y,
+                            self.ctx.privacy.cfg.data.train_per_client)
+        released = self.ctx.privacy.gaussian(i, MECHANISM, value, self.ctx.noise[i])
+        return {**reply, ENTRY: _tampered(self.tamper, value, released)}
+
+    def aggregate(self, rnd: int, replies: Any) -> dict[str, float]:
+        type(self).seen.extend(dict(replies).values())
+        return super().aggregate(rnd, replies)
+
+
+class RawSetupLabelShareFedAvg(SetupLabelShareFedAvg):
+    """:class:`SetupLabelShareFedAvg` whose ``client_setup`` calls ``gaussian`` but replies
+    with something else (:attr:`tamper`); :attr:`seen` records what reached the server."""
+
+    tamper = "raw"
+    seen: list[Any] = []
+
+    def client_setup(self, i: int, message: Any) -> Any:
+        value = label_share(self.ctx.clients[i].train_y,
+                            self.ctx.privacy.cfg.data.train_per_client)
+        released = self.ctx.privacy.gaussian(i, MECHANISM, value, self.ctx.noise[i])
+        return {ENTRY: _tampered(self.tamper, value, released)}
+
+    def server_setup(self, replies: Any) -> None:
+        type(self).seen.extend(dict(replies).values())
+        super().server_setup(replies)

@@ -36,6 +36,8 @@ from tests.secure_fedora.secure.mechanism_plugin import (
     MECHANISM,
     SETUP_KIND,
     LabelShareFedAvg,
+    RawLabelShareFedAvg,
+    RawSetupLabelShareFedAvg,
     SetupLabelShareFedAvg,
     label_share,
 )
@@ -872,3 +874,104 @@ def test_a_cut_setup_record_of_a_release_that_left_refuses_the_resume(tmp_path: 
                                                "releases of rounds up to 0"):
             Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run(resume=True)
         assert {p: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} == before
+
+
+# ------------------------------------------------- what leaves is what gaussian returned
+
+
+@pytest.mark.parametrize("tamper", ["raw", "float32"])
+def test_a_round_reply_that_is_not_the_plug_in_release_is_refused_before_it_leaves(
+        tamper: str, tmp_path: Path) -> None:
+    """client_update calls gaussian (the ledger records the noised value) but replies with
+    the raw value, or the release cast to float32: refused naming method, client, entry and
+    mechanism, before the server sees any reply."""
+    from secure_fedora.algorithms.contract import ContractError
+
+    class Raw(RawLabelShareFedAvg):
+        seen: list[Any] = []
+    Raw.tamper = tamper
+    for name in _register(Raw):
+        cfg = _config(name, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+        with pytest.raises(ContractError, match=rf"method '{name}': client 0's round reply "
+                                                rf"entry '{ENTRY}' is not the '{MECHANISM}' "
+                                                r"release ctx.privacy.gaussian returned.*"
+                                                "Nothing was sent"):
+            Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
+    assert Raw.seen == []
+
+
+def test_a_round_reply_entry_without_a_gaussian_call_is_refused(tmp_path: Path) -> None:
+    """The plug-in entry carries a value gaussian never released (its entry on the ledger is
+    unused): refused before it leaves."""
+    from secure_fedora.algorithms.contract import ContractError
+
+    class Skips(LabelShareFedAvg):
+        def client_update(self, i: int, rnd: int, message: Any) -> Any:
+            return {**FedAvg.client_update(self, i, rnd, message),
+                    ENTRY: label_share(self.ctx.clients[i].train_y, 64).reshape(1)}
+
+    for name in _register(Skips):
+        cfg = _config(name, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+        with pytest.raises(ContractError, match=rf"client 0's round reply entry '{ENTRY}' "
+                                                rf"carries no '{MECHANISM}' release"):
+            Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
+
+
+def test_a_setup_reply_that_is_not_the_plug_in_release_is_refused_before_it_leaves(
+        tmp_path: Path) -> None:
+    """client_setup calls gaussian but replies with the raw value: refused before
+    server_setup sees any reply."""
+    from secure_fedora.algorithms.contract import ContractError
+
+    class Raw(RawSetupLabelShareFedAvg):
+        seen: list[Any] = []
+    for name in _register(Raw):
+        with pytest.raises(ContractError, match=rf"method '{name}': client 0's setup reply "
+                                                rf"entry '{ENTRY}' is not the '{MECHANISM}' "
+                                                "release"):
+            Simulation(_setup_config(name), tmp_path / "run", keystore=tmp_path / "keys").run()
+    assert Raw.seen == []
+
+
+def test_a_reshaped_release_is_the_release_and_runs(tmp_path: Path) -> None:
+    """The tensor gaussian returned, in another shape (the same dtype and bits), is sent."""
+    class Reshaped(RawLabelShareFedAvg):
+        tamper = "reshaped"
+        seen: list[Any] = []
+    for name in _register(Reshaped):
+        cfg = _config(name, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+        Simulation(cfg, tmp_path / "run", keystore=tmp_path / "keys").run()
+    assert len(Reshaped.seen) == 3
+
+
+def test_the_reply_entry_carrying_each_plug_in_mechanism_is_linked_or_refused() -> None:
+    """The entry named as the mechanism carries it; else the one entry added to the
+    built-in ancestor's carries the one mechanism; two mechanisms and one added entry do
+    not say which: refused naming what to do. Without DP nothing is linked."""
+    from secure_fedora.algorithms.contract import ContractError, ReplyRules
+
+    for name in _register(LabelShareFedAvg):
+        cfg = _config(name, **{MECHANISM: {"noise_multiplier": 5.0}})
+        assert ReplyRules.of(name, LabelShareFedAvg, cfg).plug_in_entries == {
+            ROUND: {ENTRY: MECHANISM}}
+        plain = parse_config({**json.loads(json.dumps(TINY)), "methods": [name]})
+        assert ReplyRules.of(name, LabelShareFedAvg, plain).plug_in_entries == {}
+    for name in _register(SetupLabelShareFedAvg):
+        assert ReplyRules.of(name, SetupLabelShareFedAvg, _setup_config(name)).plug_in_entries \
+            == {SETUP: {ENTRY: MECHANISM}}
+
+    class Named(_with_mechanisms(MECHANISM, SECOND)):  # type: ignore[misc]
+        @classmethod
+        def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
+            entries = super().reply_entries(cfg, stage)
+            return {**entries, SECOND: "noised"} if stage == ROUND else entries
+
+    both = {MECHANISM: {"noise_multiplier": 5.0}, SECOND: {"noise_multiplier": 5.0}}
+    for name in _register(Named):
+        assert ReplyRules.of(name, Named, _config(name, **both)).plug_in_entries == {
+            ROUND: {SECOND: SECOND, ENTRY: MECHANISM}}
+    two = _with_mechanisms(MECHANISM, SECOND)
+    for name in _register(two):
+        with pytest.raises(ContractError, match=r"which round reply entry carries plug-in "
+                                                r"mechanism\(s\).*name the entry carrying"):
+            ReplyRules.of(name, two, _config(name, **both))

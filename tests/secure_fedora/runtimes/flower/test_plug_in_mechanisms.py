@@ -269,3 +269,40 @@ def test_a_setup_release_asked_for_in_a_later_exchange_is_refused_on_the_node(
         ledger = read_ledger(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name
                              / f"{cid}.jsonl")
         assert [e["round"] for e in ledger].count(0) == 1
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("stage", ["round", "setup"])
+def test_a_plug_in_replying_its_raw_value_is_refused_on_the_node(tmp_path: Path,
+                                                                  stage: str) -> None:
+    """A plug-in whose client code calls gaussian but replies with the raw value (round or
+    setup): each node refuses its reply before it leaves, naming method, client, entry and
+    mechanism; the server sees no reply of that exchange and writes no results."""
+    from secure_fedora.algorithms.contract import ContractError
+    from tests.secure_fedora.secure.mechanism_plugin import (
+        ENTRY,
+        RawLabelShareFedAvg,
+        RawSetupLabelShareFedAvg,
+    )
+
+    base = RawLabelShareFedAvg if stage == "round" else RawSetupLabelShareFedAvg
+
+    class Raw(base):  # type: ignore[valid-type, misc]
+        seen: list[Any] = []
+
+    name = f"mech_{uuid.uuid4().hex[:6]}"
+    METHODS.register(name, Raw)
+    try:
+        rc = run_config(_config(name), tmp_path, **{"reproducible-dp-noise": True,
+                                                     "result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        with pytest.raises(Exception):  # noqa: B017 - the run stops; the node's error says why
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    finally:
+        METHODS.unregister(name)
+    assert grid.errors
+    for c, kind, err in grid.errors:
+        assert isinstance(err, ContractError), (c, kind, err)
+        assert f"method {name!r}: client {c}'s {stage} reply entry {ENTRY!r} is not the " \
+               f"{MECHANISM!r} release" in str(err)
+    assert Raw.seen == [] and not (tmp_path / "res" / "results.json").exists()
