@@ -1838,8 +1838,8 @@ class FederationPrivacy:
                    else f"carries no {mechanism!r} release: ctx.privacy.gaussian was not called")
             raise ContractError(
                 f"method {self.method!r}: client {i}'s {stage} reply entry {entry!r} {why}; "
-                "the ledger records that entry as noised, so reply with the tensor gaussian "
-                "returned. Nothing was sent.")
+                f"the ledger records the {mechanism!r} release as noised, so reply with the "
+                "tensor gaussian returned. Nothing was sent.")
 
     @contextlib.contextmanager
     def setup_exchange(self) -> Iterator[None]:
