@@ -2218,12 +2218,13 @@ def dp_claim_basis(run: Path, cfg_enabled: bool | None, results: Mapping[str, An
 
 
 def _no_claim_report(run: Path, cfg: ExperimentConfig | None, results: dict[str, Any] | None,
-                     findings: list[Finding], allowlist: Path | None,
-                     rel_tol: float) -> VerificationReport:
+                     findings: list[Finding], allowlist: Path | None, rel_tol: float,
+                     options: Mapping[str, str] = API_AUDIT_OPTIONS) -> VerificationReport:
     """The report of a run that makes no DP claim (:func:`dp_claim_basis` empty): config.toml
     against results.json's config hash (already in ``findings``), and where keys/ exists (the
     envelope keys of a run with ``[security] envelopes``) its .pub files against its
-    allowlist, and that allowlist against ``allowlist`` when given."""
+    allowlist, and that allowlist against ``allowlist`` when given; without ``allowlist`` an
+    unchecked warning says the keys were held to the run's own file only (as for a DP run)."""
     # without budgets, a missing config.toml (the API writes none) is no warning
     missing_config = f"{run / 'config.toml'} is missing"
     findings[:] = [f for f in findings if not f.message.startswith(missing_config)]
@@ -2244,6 +2245,13 @@ def _no_claim_report(run: Path, cfg: ExperimentConfig | None, results: dict[str,
             allow_used = str(path)
             if allowlist is not None:
                 findings.extend(_published_allowlist_findings(keys_dir, allowlist, keys))
+            else:
+                findings.append(Finding(
+                    "warning", "allowlist",
+                    f"the envelope keys in {keys_dir} were checked only against the run's own"
+                    f" {path}: they are only as trustworthy as the directory (keys replaced"
+                    " together with it read the same); pass an independently registered"
+                    f" allowlist ({options['allowlist']}) to check them", unchecked=True))
             findings.extend(_public_key_file_findings(keys_dir, keys))
             checks.append("keys/*.ed25519.pub and keys/*.x25519.pub (the envelope keys) equal"
                           + (" the given allowlist, and keys/allowlist.json lists no party or"
@@ -2530,7 +2538,8 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     claim_basis = dp_claim_basis(run, cfg.privacy.enabled if cfg is not None else None,
                                  results, anchor_path is not None)
     if not claim_basis:
-        report = _no_claim_report(run, cfg, results, findings, allow_path, rel_tol)
+        report = _no_claim_report(run, cfg, results, findings, allow_path, rel_tol,
+                                  options)
         if strict:
             _strict_findings(report.findings, [], options)
         report.imported, report.strict = imported, strict

@@ -646,10 +646,8 @@ def test_a_flower_result_directory_without_ledgers_says_where_they_are(tmp_path)
     assert "Flower" not in finding.message
 
 
-def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path):
-    """A non-DP run with [security] envelopes holds keys/ (its envelope keys): they are what
-    can be checked of it (each .pub against keys/allowlist.json, and that against an
-    --allowlist given); a replaced .pub fails the verification."""
+def _envelope_run(tmp_path: Path) -> Path:
+    """A finished non-DP run with [security] envelopes: keys/ holds its envelope keys."""
     from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
@@ -661,10 +659,18 @@ def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path
     run = tmp_path / "run"
     Simulation(cfg, run, clients=build_clients(cfg)).run()
     assert (run / "keys").is_dir()
+    return run
+
+
+def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path):
+    """A non-DP run with [security] envelopes holds keys/ (its envelope keys): they are what
+    can be checked of it (each .pub against keys/allowlist.json, and that against an
+    --allowlist given); a replaced .pub fails the verification."""
+    run = _envelope_run(tmp_path)
     report = verify_run(run)
     assert report.verdict == "no_dp_claim" and not report.errors
-    [warning] = report.warnings
-    assert warning.check == "no_ledgers" and "no privacy ledgers or anchor.json" in warning.message
+    [warning] = [f for f in report.warnings if f.check == "no_ledgers"]
+    assert "no privacy ledgers or anchor.json" in warning.message
     assert any("envelope keys" in c for c in report.checks)
     given = tmp_path / "registered.json"
     given.write_bytes((run / "keys" / "allowlist.json").read_bytes())
@@ -674,6 +680,31 @@ def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path
     broken = verify_run(run)
     assert broken.verdict == "failed"
     assert any(f.check == "key" and "client-000.ed25519.pub" in f.message for f in broken.errors)
+
+
+def test_a_non_private_run_s_envelope_keys_held_to_its_own_allowlist_are_unchecked(tmp_path):
+    """Without --allowlist, a non-DP run's envelope keys were checked against the run's own
+    keys/allowlist.json with no warning, so --strict passed it while a DP run whose keys were
+    taken from the run failed: the same unchecked warning now says so. Without --strict the
+    run keeps its verdict (no_dp_claim, exit 3); with --strict it fails (exit 1) unless an
+    independently registered allowlist is given."""
+    from audits.cli import main
+
+    run = _envelope_run(tmp_path)
+    report = verify_run(run)
+    [own] = [f for f in report.warnings if f.check == "allowlist"]
+    assert own.unchecked and "only against the run's own" in own.message
+    assert "--allowlist" not in own.message and "allowlist=" in own.message
+    assert report.verdict == "no_dp_claim"
+    assert main(["audit", "verify", str(run)]) == 3
+    strict = verify_run(run, strict=True)
+    assert strict.verdict == "failed" and [f.check for f in strict.errors] == ["allowlist"]
+    assert main(["audit", "verify", str(run), "--strict"]) == 1
+    given = tmp_path / "registered.json"
+    given.write_bytes((run / "keys" / "allowlist.json").read_bytes())
+    held = verify_run(run, allowlist=given, strict=True)
+    assert held.verdict == "no_dp_claim" and not held.errors
+    assert main(["audit", "verify", str(run), "--strict", "--allowlist", str(given)]) == 3
 
 
 def _stripped_of_dp(run: Path) -> None:
