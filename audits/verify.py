@@ -2528,6 +2528,20 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         raise AuditError(f"{options['imports']} takes a list of module names, got the string"
                          f" {imports!r:.80}")
     imported = import_trusted_modules(imports, run, options)  # before the config names plug-ins
+    report = _verify_dir(run, allow_path, given_keys, anchor_path, float(rel_tol),
+                         pld_checkpoints, options, imported)
+    if strict:  # the one place: every exit of _verify_dir comes through here
+        _strict_findings(report.findings, report.clients, options)
+    report.imported, report.strict = imported, strict
+    return report
+
+
+def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, PublicIdentity] | None,
+                anchor_path: Path | None, rel_tol: float, pld_checkpoints: int,
+                options: Mapping[str, str],
+                imported: Sequence[ImportedModule]) -> VerificationReport:
+    """:func:`verify_run`'s checks of ``run`` once its arguments are checked and the trusted
+    modules imported, before ``strict`` is applied."""
     findings: list[Finding] = []
     results = _load_results(run, findings)
     cfg = _load_config(run, results, findings, options["imports"])
@@ -2538,12 +2552,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     claim_basis = dp_claim_basis(run, cfg.privacy.enabled if cfg is not None else None,
                                  results, anchor_path is not None)
     if not claim_basis:
-        report = _no_claim_report(run, cfg, results, findings, allow_path, rel_tol,
-                                  options)
-        if strict:
-            _strict_findings(report.findings, [], options)
-        report.imported, report.strict = imported, strict
-        return report
+        return _no_claim_report(run, cfg, results, findings, allow_path, rel_tol, options)
     keys, allow_used = _load_keys(run, allow_path, findings, options, given_keys)
     if not found:
         where = ""
@@ -2606,13 +2615,11 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
                                             f" there is no ledger {where / (cid + '.jsonl')}",
                                             cid, None, method))
     findings.extend(_import_findings(imported, clients, options))
-    if strict:
-        _strict_findings(findings, clients, options)
     return VerificationReport(
         run_dir=str(run), clients=clients, findings=findings, rel_tol=float(rel_tol),
         independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
                                 " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
                                 " PLD (pessimistic) and RDP of every whole ledger"),
         allowlist=allow_used, checks=checks_done(options), dp_claimed=True,
-        dp_claim_basis=claim_basis, imported=imported, strict=strict,
+        dp_claim_basis=claim_basis,
     )
