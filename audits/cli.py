@@ -427,6 +427,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                          result.certifiable_max)
     print(f"  epsilon lower bound {lower} (certifiable max {most}) at confidence"
           f" {result.confidence:g}; claimed epsilon {claim} -> {result.verdict}")
+    others = [m for m in s.get("claim_mechanisms", []) if m != "dpsgd"]
+    if others:  # the claim is the ledger's whole spend, the replay one DP-SGD step of it
+        print(f"  the claim also spans the ledger's {', '.join(others)} releases (signed entries,"
+              " not replayed)")
     print(f"  written to {path}")
     return 1 if result.verdict == "refuted" else 0
 

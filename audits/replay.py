@@ -60,6 +60,7 @@ from audits.verdict import audit_verdict, config_claim_problem, config_rebuild_p
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
+from privacy.ledger import NON_RELEASES
 from privacy.noise import NoiseSource, make_noise_source
 from privacy.paths import check_path
 from secure_fedora.core.config import (
@@ -147,8 +148,12 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
 
 
 def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
-                  allowlist: Path | None = None) -> tuple[float, float, dict[str, Any]]:
-    """(last epsilon_after, delta, params of the first DP-SGD entry) of the client's ledger.
+                  allowlist: Path | None = None
+                  ) -> tuple[float, float, dict[str, Any], list[str]]:
+    """(last epsilon_after, delta, params of the first DP-SGD entry, the mechanisms its
+    releases used in ledger order) of the client's ledger. The claim spans every release, a
+    plug-in mechanism's too: its entries verify with the ledger without its code, which only
+    ``audit verify --import`` needs (to recompute their sensitivities).
 
     Guarantee: the ledger is intact and signed (the chain, fields and Ed25519 signatures of
     :func:`audits.verify.check_ledger_lines`, under ``allowlist``, else the run's
@@ -177,13 +182,15 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
                             ReplayAuditError)
     delta = positive_number(valid[-1]["delta"], f"{rel} last delta", ReplayAuditError)
     params = dpsgd[0]["params"]
+    mechanisms = list(dict.fromkeys(e["mechanism"] for e in valid
+                                    if e["mechanism"] not in NON_RELEASES))
     for key in ("noise_multiplier", "sample_rate"):
         positive_number(params.get(key), f"{rel} entry {dpsgd[0]['index']} params.{key}",
                         ReplayAuditError)
     if "clip_norm" in params:
         positive_number(params["clip_norm"], f"{rel} entry {dpsgd[0]['index']} params.clip_norm",
                         ReplayAuditError)
-    return claim, delta, params
+    return claim, delta, params, mechanisms
 
 
 def _anchored_config_problem(run_dir: Path) -> str | None:
@@ -367,7 +374,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         problem = _anchored_config_problem(run_dir)
         if problem is not None:
             raise ReplayAuditError(problem)
-    claim, delta, params = _ledger_claim(run_dir, method, cid, cfg.privacy.noise, allow_path)
+    claim, delta, params, mechanisms = _ledger_claim(run_dir, method, cid, cfg.privacy.noise,
+                                                     allow_path)
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)
     _check_trials(trials, options)
@@ -432,6 +440,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         "members": members, "true_positives": tp, "false_positives": fp,
         "accuracy": correct / trials,
         "claim_source": f"ledgers/{method}/{cid}.jsonl last epsilon_after",
+        # the claim is the whole ledger's spend; only the DP-SGD step is replayed
+        "claim_mechanisms": mechanisms,
         "auditor_seed": seed,
     }
     return ReplayAuditResult(claim_epsilon=claim, certifiable_max=best, lower_bound=lower,

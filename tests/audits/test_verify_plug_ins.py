@@ -290,3 +290,24 @@ def test_cli_import_strict_and_a_missing_module(run: Path, fresh_auditor: None,
     report = json.loads((run / "audit" / "report.json").read_text())
     assert report["verification"]["imported"][0]["module"] == MODULE
     assert MODULE in (run / "audit" / "report.html").read_text()
+
+
+def test_replay_needs_no_import_and_says_what_its_claim_spans(run: Path, fresh_auditor: None,
+                                                              capsys: pytest.CaptureFixture[str]):
+    """`audit replay` of a run whose ledgers record a plug-in mechanism the process has not
+    registered: it replays a DP-SGD step only and verifies the plug-in's entries with the
+    ledger (chain, signatures), so it needs no --import; its claim, the ledger's last
+    epsilon_after, spans the plug-in's releases too, which replay.json and the output said
+    nowhere (a reader took the claim for DP-SGD's alone): both now name them."""
+    from audits.replay import run_replay_audit
+
+    [ledger] = [p for p in (run / "ledgers").iterdir() if p.is_dir()]
+    last = json.loads((ledger / "client-000.jsonl").read_text().splitlines()[-1])
+    result = run_replay_audit(run, trials=40, allowlist=_trusted(run))
+    assert result.claim_epsilon == last["epsilon_after"]
+    assert result.setup["claim_mechanisms"] == ["dpsgd", MECHANISM]
+    assert main(["audit", "replay", str(run), "--trials", "40"]) == 0
+    out = capsys.readouterr().out
+    assert f"the claim also spans the ledger's {MECHANISM} releases" in out
+    doc = json.loads((run / "audit" / "replay.json").read_text())
+    assert doc["setup"]["claim_mechanisms"] == ["dpsgd", MECHANISM]
