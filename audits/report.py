@@ -899,7 +899,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         f"<h1>Privacy compliance report: {_e(ident.get('name'))}</h1>",
         f"<p class=\"muted\">generated {_e(report['generated'])} by secure-fedora audits"
         f" (report format {report['report_version']})</p>",
-        f"<div class=\"verdict {ver_class}\" id=\"verdict\">Verification: "
+        f"<div class=\"verdict {ver_class}\" id=\"verdict\">Verification"
+        f"{' (strict)' if ver.get('strict') else ''}: "
         f"{shown_verdict} &mdash; {len(report['budgets'])} client ledgers, "
         f"{sum(1 for f in ver['findings'] if f['severity'] == 'error')} errors, "
         f"{sum(1 for f in ver['findings'] if f['severity'] == 'warning')} warnings</div>",

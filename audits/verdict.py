@@ -64,18 +64,20 @@ def verification_verdict(ok: bool, dp_claimed: bool) -> VerificationVerdict:
 
 
 def verification_verdict_text(verdict: str, ledgers: int, errors: int, warnings: int,
-                              checks: int = 1) -> str:
+                              checks: int = 1, strict: bool = False) -> str:
     """One line for people naming the verdict and its counts (``checks``: how many checks
-    applied to a run that makes no DP claim). VerdictError for an unknown ``verdict``."""
+    applied to a run that makes no DP claim); ``strict`` says "(strict)" after the verdict
+    (a check not made counted as an error). VerdictError for an unknown ``verdict``."""
     counts = f"{ledgers} ledgers, {errors} errors, {warnings} warnings"
+    mode = " (strict)" if strict else ""
     if verdict == "passed":
-        return f"verification PASSED: {counts}"
+        return f"verification PASSED{mode}: {counts}"
     if verdict == "failed":
-        return f"verification FAILED: {counts}"
+        return f"verification FAILED{mode}: {counts}"
     if verdict == "no_dp_claim":
         done = ("the checks that apply to a non-private run passed" if checks else
                 "nothing else of the run could be checked")
-        return f"no differential-privacy claim: nothing to verify ({counts}; {done})"
+        return f"no differential-privacy claim{mode}: nothing to verify ({counts}; {done})"
     raise VerdictError(f"verdict must be one of {VERIFICATION_VERDICTS}, got {verdict!r:.80}")
 
 

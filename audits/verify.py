@@ -377,7 +377,7 @@ class VerificationReport:
         from audits.verdict import verification_verdict_text
 
         return verification_verdict_text(self.verdict, len(self.clients), len(self.errors),
-                                         len(self.warnings), len(self.checks))
+                                         len(self.warnings), len(self.checks), self.strict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable dict: verdict, settings, per-client results, findings."""

@@ -700,6 +700,9 @@ def test_a_non_private_run_s_envelope_keys_held_to_its_own_allowlist_are_uncheck
     strict = verify_run(run, strict=True)
     assert strict.verdict == "failed" and [f.check for f in strict.errors] == ["allowlist"]
     assert main(["audit", "verify", str(run), "--strict"]) == 1
+    assert main(["audit", "report", str(run), "--strict"]) == 1  # as verify, stated
+    doc = json.loads((run / "audit" / "report.json").read_text())["verification"]
+    assert doc["verdict"] == "failed" and doc["strict"] is True
     given = tmp_path / "registered.json"
     given.write_bytes((run / "keys" / "allowlist.json").read_bytes())
     held = verify_run(run, allowlist=given, strict=True)

@@ -311,3 +311,31 @@ def test_replay_needs_no_import_and_says_what_its_claim_spans(run: Path, fresh_a
     assert f"the claim also spans the ledger's {MECHANISM} releases" in out
     doc = json.loads((run / "audit" / "replay.json").read_text())
     assert doc["setup"]["claim_mechanisms"] == ["dpsgd", MECHANISM]
+
+
+def test_report_strict_states_it_and_exits_as_verify_does(run: Path, fresh_auditor: None,
+                                                          capsys: pytest.CaptureFixture[str]):
+    """`audit report --strict` end to end: it exits as `audit verify` with the same flags
+    does, and report.json and the HTML state strict with the verdict. The verdict line
+    (printed, report.json's verdict_text, the HTML's verdict box) said "FAILED" with no word
+    of --strict, though without it the same run passes."""
+    from audits.verdict import VERIFICATION_EXIT
+
+    base = [str(run), "--allowlist", str(_trusted(run))]
+    for n, (flags, code) in enumerate((([], 0), (["--strict"], 1),
+                                       (["--strict", "--import", MODULE], 0))):
+        strict = "--strict" in flags
+        assert main(["audit", "verify", *base, *flags]) == code
+        printed = capsys.readouterr().out.splitlines()[-1]
+        out = run.parent / f"report-{n}"
+        assert main(["audit", "report", *base, *flags, "--out", str(out)]) == code
+        verification = json.loads((out / "report.json").read_text())["verification"]
+        assert verification["strict"] is strict
+        assert VERIFICATION_EXIT[verification["verdict"]] == code
+        assert verification["verdict_text"] == printed
+        assert printed.startswith(f"verification {'FAILED' if code else 'PASSED'}"
+                                  + (" (strict): " if strict else ": "))
+        page = (out / "report.html").read_text()
+        assert (f"Verification{' (strict)' if strict else ''}: "
+                f"{'FAILED' if code else 'PASSED'} &mdash;") in page
+        assert ("Strict: every warning saying that a check was not made" in page) is strict
