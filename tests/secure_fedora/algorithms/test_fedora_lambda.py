@@ -3,6 +3,7 @@ the private lambda keeps its per-client release right before each client's train
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -98,6 +99,9 @@ class _RecordingPrivacy:
 
     def select_client(self, i, oracle):  # type: ignore[no-untyped-def]
         self.events.append(("train", i))
+
+    def setup_exchange(self):  # type: ignore[no-untyped-def]
+        return contextlib.nullcontext()  # no plug-in setup release to allow
 
 
 class _Oracle:
