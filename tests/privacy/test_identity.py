@@ -1,6 +1,10 @@
+import contextlib
 import json
 import os
 import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -360,62 +364,48 @@ def test_assemble_allowlist_refuses_a_federation_without_clients(tmp_path):
             assemble_allowlist([server, c0], num_clients=n)
 
 
-def test_a_public_key_file_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
-    """A FIFO in a public key file's place is refused at once (reading it would wait for a
-    writer forever), naming the file."""
-    import threading
-
-    from privacy.identity import assemble_allowlist, init_party, load_public_file
-
-    server = init_party(tmp_path / "server", "server")[1]
-    fifo = tmp_path / "client-000.public.json"
-    os.mkfifo(fifo)
-
+@contextlib.contextmanager
+def _fifo(path: Path) -> Iterator[Path]:
+    """A FIFO at ``path``; a reader still waiting on it after 3 s is let go by a watchdog (and
+    then fails its test's match instead of hanging the suite)."""
+    os.mkfifo(path)
     done = threading.Event()
 
-    def unblock() -> None:  # a reader still waiting after 3 s is let go (and fails the match)
+    def unblock() -> None:
         while not done.wait(3.0):
             try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
             except OSError:
                 pass
 
-    watchdog = threading.Thread(target=unblock, daemon=True)
-    watchdog.start()
+    threading.Thread(target=unblock, daemon=True).start()
     try:
+        yield path
+    finally:
+        done.set()
+
+
+def test_a_public_key_file_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    """A FIFO in a public key file's place is refused at once (reading it would wait for a
+    writer forever), naming the file."""
+    from privacy.identity import assemble_allowlist, init_party, load_public_file
+
+    server = init_party(tmp_path / "server", "server")[1]
+    with _fifo(tmp_path / "client-000.public.json") as fifo:
         with pytest.raises(IdentityError, match=f"{fifo} is not a regular file"):
             load_public_file(fifo)
         with pytest.raises(IdentityError, match="not a regular file"):
             assemble_allowlist([server, fifo], num_clients=1)
-    finally:
-        done.set()
 
 
 def test_an_allowlist_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
     """`keys install DIR FIFO` and `audit verify --allowlist FIFO` read the allowlist with
     read_text, which waited for a writer forever; a directory read as "not valid JSON"."""
-    import threading
-
     from privacy.identity import load_allowlist
 
-    fifo = tmp_path / "allowlist.json"
-    os.mkfifo(fifo)
-    done = threading.Event()
-
-    def unblock() -> None:  # a reader still waiting after 3 s is let go (and fails the match)
-        while not done.wait(3.0):
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-
-    watchdog = threading.Thread(target=unblock, daemon=True)
-    watchdog.start()
-    try:
+    with _fifo(tmp_path / "allowlist.json") as fifo:
         with pytest.raises(IdentityError, match=f"{fifo} is not a regular file"):
             load_allowlist(fifo)
-    finally:
-        done.set()
     with pytest.raises(IdentityError, match="is a directory"):
         load_allowlist(tmp_path)
     with pytest.raises(IdentityError, match="does not exist"):
