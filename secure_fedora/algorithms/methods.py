@@ -732,8 +732,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         own state: an entry of :meth:`client_state_dict` is that row (FEDORA's and FedAvg's
         ``theta``), not a server-side copy (FedAMP's ``models``, Ditto's upload buffer)."""
         ptr = row.data_ptr()
-        return any(isinstance(v, Tensor) and v.data_ptr() == ptr
-                   for v in self.client_state_dict(i).values())
+        with client_half(self._label(), f"client {i}'s client_state_dict"):
+            state = self.client_state_dict(i)
+        return any(isinstance(v, Tensor) and v.data_ptr() == ptr for v in state.values())
 
     def _separate(self, i: int, row: Tensor, reply_row: Tensor) -> bool:
         """Whether client ``i``'s reply row is not its own row ``row`` of an upload matrix

@@ -1263,7 +1263,10 @@ def run_stage(
                         verified, state.journal_head if saved else None, i,
                         wire_round(stage, rnd, cfg.training.rounds), f"{method}/{stage}", blob,
                         remade=replay is not None)
-                state.algorithm = check_client_state(method, i, algorithm.client_state_dict(i))
+                with client_half(method, f"client {i}'s client_state_dict after its {stage} "
+                                         f"exchange of round {rnd}"):
+                    own = algorithm.client_state_dict(i)
+                state.algorithm = check_client_state(method, i, own)
                 state.generator_state = ctx.generators[i].get_state()
                 if ctx.noise and cfg.privacy.noise == "reproducible":
                     state.noise_state = ctx.noise[i].checkpoint_state()
@@ -1482,7 +1485,8 @@ def _run_client_half(
     reply it receives (a node may run other code)."""
     i = client.client_id
     if state.algorithm:
-        algorithm.load_client_state_dict(i, state.algorithm)
+        with client_half(method, f"client {i}'s load_client_state_dict"):
+            algorithm.load_client_state_dict(i, state.algorithm)
     ctx.generators[i].set_state(state.generator_state)
     if ctx.noise:
         ctx.noise[i] = _noise_source(cfg, i, state.noise_state)

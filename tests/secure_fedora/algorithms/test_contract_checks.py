@@ -20,6 +20,7 @@ from secure_fedora.algorithms.contract import (
     ROUND,
     SAT_OUT_PULL_DIVERGED,
     SETUP,
+    ClientHalfError,
     ContractError,
     FederatedAlgorithm,
     ReleaseSpec,
@@ -735,6 +736,42 @@ def test_a_plugins_server_half_that_raises_is_a_one_line_error_and_the_run_resum
     results = resumed.run(resume=True)
     assert [r["round"] for r in resumed.history] == [1, 2, 3]
     assert results["methods"][name]["rounds"] == 3
+    for mechanisms in _ledger_mechanisms(run, name):
+        assert mechanisms == ["dpsgd", "dpsgd", "dpsgd", "close"]
+
+
+class ClonesReply(ServerBreaks):
+    """ServerBreaks whose reply is a copy of the client's row: the server asks whether the
+    row is the client's state (its ``client_state_dict``) while taking the uploads."""
+
+    def message_state(self):
+        return {"theta": self.theta}, {}
+
+    def client_update(self, i, rnd, message):
+        reply = super().client_update(i, rnd, message)
+        return {**reply, "theta": reply["theta"].clone()}
+
+
+def test_a_client_state_dict_raising_while_the_uploads_are_taken_is_a_client_half_error(
+        tmp_path, register, monkeypatch):
+    """Taking round 2's uploads asks each client's ``client_state_dict`` (is the reply's row
+    the client's own?): a plug-in raising there propagated raw. Now a ClientHalfError naming
+    the method, the client and the hook, as on a Flower node; the run resumes from round 1's
+    checkpoint, every release accounted once."""
+    name = register("clones_reply_x", ClonesReply)
+    cfg = _config(name, training={"rounds": 3, "checkpoint_every": 1})
+    monkeypatch.setattr(ServerBreaks, "breaks", "client_state_dict")
+    sim, run = _run(tmp_path, cfg)
+    with pytest.raises(ClientHalfError) as info:
+        sim.run()
+    assert str(info.value).startswith(
+        f"method '{name}': client 0's client_state_dict failed: RuntimeError: client_state_dict "
+        f"broke (at {__file__}:")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    monkeypatch.setattr(ServerBreaks, "breaks", None)
+    resumed, _ = _run(tmp_path, cfg)
+    resumed.run(resume=True)
+    assert [r["round"] for r in resumed.history] == [1, 2, 3]
     for mechanisms in _ledger_mechanisms(run, name):
         assert mechanisms == ["dpsgd", "dpsgd", "dpsgd", "close"]
 

@@ -50,6 +50,33 @@ class BreaksEvaluating(Toy):
         return super().client_eval_row(i, message)
 
 
+class BreaksStating(Toy):
+    """Toy whose client 1 cannot state its client state after round 1's training."""
+
+    trained = 0  # the round this instance trained in (a node builds one per message)
+
+    def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+        self.trained = rnd
+        return super().client_update(i, rnd, message)
+
+    def client_state_dict(self, i):  # type: ignore[no-untyped-def]
+        if (i, self.trained) == (1, 1):
+            raise RuntimeError("no state to give")
+        return super().client_state_dict(i)
+
+
+class BreaksLoading(Toy):
+    """Toy whose client 1 cannot load its saved client state, once (``armed``)."""
+
+    armed = False
+
+    def load_client_state_dict(self, i, state):  # type: ignore[no-untyped-def]
+        if i == 1 and type(self).armed:
+            type(self).armed = False
+            raise LookupError("state from another version")
+        super().load_client_state_dict(i, state)
+
+
 def _run(root: Path, cls: type, name: str, dp: bool = False
          ) -> tuple[dict[str, Any] | None, InMemoryGrid, Any]:
     """A 2-round Flower run of ``cls`` registered as ``name`` (``dp``: with privacy):
@@ -107,3 +134,46 @@ def test_a_client_eval_row_that_raises_stops_the_run_naming_method_and_client(tm
     errors = [(c, k, type(e), type(e.__cause__)) for c, k, e in grid.errors]
     assert set(errors) == {(1, MSG_EVALUATE, ClientHalfError, KeyError)}
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+def test_a_client_state_dict_that_raises_is_an_error_reply_naming_method_and_client(tmp_path,
+                                                                                   dp):
+    """The node asks the method for its client state after each exchange, outside the client
+    half: a plug-in raising there was a raw RuntimeError reply naming neither method nor
+    hook. Now a ClientHalfError, as a client_update raising; the round goes on without that
+    client, nothing is saved as answered and (under DP) the ledgers account each admitted
+    release once."""
+    results, grid, stopped = _run(tmp_path, BreaksStating, "breaks_state_x", dp)
+    assert stopped is None and results is not None
+    [(client, kind, err)] = grid.errors
+    assert (client, kind) == (1, MSG_ROUND) and isinstance(err, ClientHalfError)
+    assert str(err).startswith("method 'breaks_state_x': client 1's client_state_dict after its "
+                               "round exchange of round 1 failed: RuntimeError: no state to "
+                               "give (at ")
+    assert isinstance(err.__cause__, RuntimeError)
+    assert [r["replied"] for r in results["rounds"]] == [2, 3]
+    if dp:
+        for c in range(3):
+            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "breaks_state_x" / \
+                f"client-{c:03d}.jsonl"
+            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
+                (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
+
+
+def test_a_load_client_state_dict_that_raises_is_an_error_reply_naming_method_and_client(
+        tmp_path, monkeypatch):
+    """The node restores the method's client state before each exchange: a plug-in raising
+    there was a raw LookupError reply. Now a ClientHalfError naming the method, the client
+    and the hook; the node's saved state is left as it was, so the next message loads it."""
+    monkeypatch.setattr(BreaksLoading, "armed", True)
+    results, grid, stopped = _run(tmp_path, BreaksLoading, "breaks_load_x")
+    [(client, kind, err)] = grid.errors
+    # its first message with a saved state: round 1's evaluation
+    assert (client, kind) == (1, MSG_EVALUATE) and isinstance(err, ClientHalfError)
+    assert str(err).startswith("method 'breaks_load_x': client 1's load_client_state_dict "
+                               "failed: LookupError: state from another version (at ")
+    assert isinstance(err.__cause__, LookupError)
+    # the state it kept loads in round 2: every client trains and evaluates there
+    assert stopped is None and results is not None
+    assert [r["replied"] for r in results["rounds"]] == [3, 3]
