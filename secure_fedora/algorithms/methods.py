@@ -1180,9 +1180,13 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (shapes and finiteness checked); the clients' held
-        downloads are restored by :meth:`attach_exchange`."""
+        downloads are restored by :meth:`attach_exchange`. A plug-in's state hook that raises
+        (``load_server_state_dict``, ``client_state_dict``, ``load_client_state_dict``) is a
+        :class:`~secure_fedora.core.plugins.PluginError` naming the method, the hook and where
+        it raised (:func:`~secure_fedora.algorithms.contract.server_half`)."""
         _load_matrix(self.theta, state["theta"], "theta")
-        self.load_server_state_dict(state)
+        with server_half(self, self._label(), "load_server_state_dict(state) for the resume"):
+            self.load_server_state_dict(state)
         client_fields = state.get("client_states")
         if client_fields is not None:
             self._load_client_states(client_fields, state.get("client_state_holders", {}))
@@ -1235,8 +1239,12 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
                 by_client[i][key] = row
         for i in range(n):
             # the fields the client's state has, its theta row as just restored
-            held = {k: v for k, v in self.client_state_dict(i).items() if k not in client_fields}
-            self.load_client_state_dict(i, {**held, **by_client[i]})
+            with server_half(self, self._label(), f"client_state_dict({i}) for the resume"):
+                own = self.client_state_dict(i)
+            held = {k: v for k, v in own.items() if k not in client_fields}
+            with server_half(self, self._label(), f"load_client_state_dict({i}, state) for the "
+                                                  "resume"):
+                self.load_client_state_dict(i, {**held, **by_client[i]})
 
     def attach_exchange(self, exchange: Any) -> None:
         """Use ``exchange`` (a :class:`~secure_fedora.secure.transport.SecureExchange` built

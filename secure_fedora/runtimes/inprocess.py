@@ -78,6 +78,7 @@ from secure_fedora.secure.keystore import API_KEYSTORE_OPTION
 
 __all__ = [
     "CheckpointError",
+    "unrestorable",
     "MethodOutcome",
     "Simulation",
     "atomic_write_bytes",
@@ -98,6 +99,19 @@ log = logging.getLogger("secure_fedora.runtimes.inprocess")
 
 class CheckpointError(ToolkitError, RuntimeError):
     """A checkpoint that cannot be resumed from (corrupt, or from another config or data)."""
+
+
+def unrestorable(what: str, err: Exception) -> CheckpointError:
+    """The :class:`CheckpointError` to raise when restoring ``what`` (e.g. ``"checkpoint
+    PATH"``) failed with ``err``: its message is ``err``'s; a plug-in's state hook that raised
+    (a :class:`~secure_fedora.core.plugins.PluginError` naming the method, the hook and where)
+    is kept as the cause, so ``--debug`` shows the plug-in's traceback."""
+    from secure_fedora.core.plugins import PluginError
+
+    failure = CheckpointError(f"{what} cannot be restored: {err}")
+    failure.__cause__ = err if isinstance(err, PluginError) else None
+    failure.__suppress_context__ = True
+    return failure
 
 
 #: Beside a DP method's ledgers: the architecture of the model its releases come from.
@@ -1321,7 +1335,7 @@ class Simulation:
                 try:  # e.g. a model given in Python whose parameters differ from the run's
                     method.load_state_dict(state["method"])
                 except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
-                    raise CheckpointError(f"checkpoint {path} cannot be restored: {err}") from None
+                    raise unrestorable(f"checkpoint {path}", err)  # noqa: B904 (its cause set)
                 if privacy is not None:
                     privacy.resume_after(int(state["round"]), state.get("privacy"),
                                          continues=False)
@@ -1664,7 +1678,7 @@ class Simulation:
             for source, s in zip(ctx.noise, noise_states, strict=True):
                 source.restore_state(s)
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"checkpoint {path} cannot be restored: {err}") from None
+            raise unrestorable(f"checkpoint {path}", err)  # noqa: B904 (its cause set)
 
     # -- the whole experiment -----------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:

@@ -168,6 +168,7 @@ from secure_fedora.runtimes.inprocess import (
     stale_clients,
     summarize,
     unmeasured_rounds,
+    unrestorable,
 )
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
 from secure_fedora.runtimes.results import PROCESS_KEYS as _RUN_PROCESS_KEYS
@@ -1971,14 +1972,17 @@ def _algorithm_state(algorithm: Any, name: str) -> dict[str, Any]:
     return state
 
 
-def _load_algorithm_state(algorithm: Any, state: Mapping[str, Any]) -> None:
-    """Restore :func:`_algorithm_state` (the rows first: a server state may need them)."""
+def _load_algorithm_state(algorithm: Any, name: str, state: Mapping[str, Any]) -> None:
+    """Restore :func:`_algorithm_state` (the rows first: a server state may need them); a
+    plug-in's ``load_server_state_dict`` that raises is a PluginError naming it
+    (:func:`server_half`)."""
     if "theta" in state:
         theta = state["theta"]
         if not isinstance(theta, Tensor) or theta.shape != algorithm.theta.shape:
             raise ValueError(f"the rows are not a {tuple(algorithm.theta.shape)} tensor")
         algorithm.theta.copy_(theta)
-    algorithm.load_server_state_dict(state["server"])
+    with server_half(algorithm, name, "load_server_state_dict(state) for the resume"):
+        algorithm.load_server_state_dict(state["server"])
 
 
 def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
@@ -2106,13 +2110,12 @@ def _restore_method(run: _MethodRun, state: Mapping[str, Any], round_gen: torch.
                     failed_replies: list[dict[str, Any]]) -> int:
     """Restore :func:`_method_state` into ``run``; returns the round it was written after."""
     try:
-        _load_algorithm_state(run.algorithm, state["algorithm"])
+        _load_algorithm_state(run.algorithm, run.name, state["algorithm"])
         for key, value in state["tracker"].items():
             getattr(run.tracker, key).copy_(value)
         round_gen.set_state(state["round_generator"])
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"the ServerApp checkpoint of {run.name!r} cannot be restored: "
-                              f"{err}") from None
+        raise unrestorable(f"the ServerApp checkpoint of {run.name!r}", err)  # noqa: B904
     run.history = list(state["history"])
     run.seconds = dict(state["seconds"])
     run.evaluated = set(state["evaluated"])

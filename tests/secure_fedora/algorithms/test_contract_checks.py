@@ -776,6 +776,78 @@ def test_a_client_state_dict_raising_while_the_uploads_are_taken_is_a_client_hal
         assert mechanisms == ["dpsgd", "dpsgd", "dpsgd", "close"]
 
 
+class LoadBreaks(ServerBreaks):
+    """ServerBreaks with a client state beyond its row, whose state hook named ``loading``
+    raises ``failure`` when a checkpoint is loaded."""
+
+    loading: str | None = None
+    failure: type[Exception] = ZeroDivisionError
+
+    def _load_fails(self, hook: str) -> None:
+        if type(self).loading == hook:
+            raise type(self).failure(f"{hook} cannot load")
+
+    def load_server_state_dict(self, state):
+        self._load_fails("load_server_state_dict")
+        super().load_server_state_dict(state)
+
+    def client_state_dict(self, i):
+        return {**super().client_state_dict(i), "seen": torch.tensor(float(i))}
+
+    def load_client_state_dict(self, i, state):
+        self._load_fails("load_client_state_dict")
+        super().load_client_state_dict(i, state)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by its relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", [ZeroDivisionError, ValueError])
+@pytest.mark.parametrize("hook", ["load_server_state_dict", "load_client_state_dict"])
+def test_a_plugins_load_state_hook_that_raises_is_a_checkpoint_error_changing_nothing(
+        tmp_path, register, monkeypatch, hook, failure):
+    """A plug-in's load hook raising what a resume expects of a bad state (ValueError) was a
+    CheckpointError naming neither method nor hook; anything else (ZeroDivisionError)
+    propagated raw. Now both are a CheckpointError naming the checkpoint, the method, the
+    hook and where it raised (the PluginError its cause); the checkpoint, the ledgers and
+    every other file of the run are left as they were, and the plug-in fixed resumes."""
+    from secure_fedora.core.plugins import PluginError
+    from secure_fedora.runtimes.inprocess import CheckpointError
+
+    name = register(f"load_breaks_{hook}_{failure.__name__}", LoadBreaks)
+    cfg = _config(name, training={"rounds": 3, "checkpoint_every": 1})
+    monkeypatch.setattr(ServerBreaks, "breaks", "configure")  # stops after round 1
+    sim, run = _run(tmp_path, cfg)
+    with pytest.raises(PluginError):
+        sim.run()
+    monkeypatch.setattr(ServerBreaks, "breaks", None)
+    monkeypatch.setattr(LoadBreaks, "loading", hook)
+    monkeypatch.setattr(LoadBreaks, "failure", failure)
+    before = _files(run)
+    resumed, _ = _run(tmp_path, cfg)
+    with pytest.raises(CheckpointError) as info:
+        resumed.run(resume=True)
+    words = "load_server_state_dict(state)" if hook == "load_server_state_dict" else \
+        "load_client_state_dict(0, state)"
+    message = str(info.value)
+    assert message.startswith(
+        f"checkpoint {run / 'checkpoints' / f'{name}.pt'} cannot be restored: method '{name}': "
+        f"its server half's {words} for the resume raised {failure.__name__}: {hook} cannot "
+        f"load (at {__file__}:")
+    assert message.endswith(" in _load_fails)") and "\n" not in message
+    assert isinstance(info.value.__cause__, PluginError)
+    assert _files(run) == before
+    monkeypatch.setattr(LoadBreaks, "loading", None)  # the plug-in fixed
+    again, _ = _run(tmp_path, cfg)
+    again.run(resume=True)
+    assert [r["round"] for r in again.history] == [1, 2, 3]
+    for mechanisms in _ledger_mechanisms(run, name):
+        assert mechanisms == ["dpsgd", "dpsgd", "dpsgd", "close"]
+
+
 def test_a_builtin_methods_server_half_that_raises_keeps_its_traceback(tmp_path, monkeypatch):
     """A built-in method is the toolkit's own code: an exception in its server half is a bug,
     shown with its traceback (not a one-line error blaming a plug-in)."""

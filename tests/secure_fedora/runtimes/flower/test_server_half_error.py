@@ -18,8 +18,9 @@ from secure_fedora.core.plugins import PluginError
 from secure_fedora.core.registry import METHODS
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.protocol import RunSettings
+from secure_fedora.runtimes.inprocess import CheckpointError
 from tests.secure_fedora.algorithms import test_contract_checks
-from tests.secure_fedora.algorithms.test_contract_checks import ServerBreaks, Toy
+from tests.secure_fedora.algorithms.test_contract_checks import LoadBreaks, ServerBreaks, Toy
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     run_config,
@@ -68,6 +69,57 @@ def test_a_plugins_server_half_that_raises_is_named_and_the_run_resumes(tmp_path
         monkeypatch.setattr(ServerBreaks, "breaks", None)  # the plug-in fixed: resumed
         rc = {**rc, "resume": "42"}
         results = _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), 777)
+        assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+        for c in range(3):  # each round's release made and accounted once
+            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
+                f"client-{c:03d}.jsonl"
+            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
+                (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
+    finally:
+        METHODS.unregister(name)
+
+
+@pytest.mark.parametrize("failure", [ZeroDivisionError, ValueError])
+def test_a_plugins_load_server_state_dict_that_raises_is_a_checkpoint_error_changing_nothing(
+        tmp_path, monkeypatch, failure):
+    """As in process: a plug-in's ``load_server_state_dict`` raising on a resume was raw
+    (ZeroDivisionError) or a CheckpointError naming neither method nor hook (ValueError).
+    Now a CheckpointError naming the method, the hook and where it raised (the PluginError
+    its cause); the ServerApp's checkpoint and the nodes' ledgers are left as they were, and
+    the plug-in fixed resumes."""
+    name = f"load_breaks_fl_{failure.__name__}"
+    METHODS.register(name, LoadBreaks)
+    try:
+        cfg = _dp(with_methods(tiny_config(rounds=3), name))
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        monkeypatch.setattr(ServerBreaks, "breaks", "configure")  # stops after round 1
+        with pytest.raises(PluginError):
+            _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3))
+        monkeypatch.setattr(ServerBreaks, "breaks", None)
+        monkeypatch.setattr(LoadBreaks, "loading", "load_server_state_dict")
+        monkeypatch.setattr(LoadBreaks, "failure", failure)
+        # the ServerApp's result-dir (its checkpoint) and each node's state of the method
+        # (ledger, journal, client state); the first contact's nonce memories move on: the
+        # resume's hello is answered before the checkpoint is read
+        kept = [*(tmp_path / "res").rglob("*"), *(tmp_path / "nodes").glob(f"*/runs/42/{name}/*")]
+        before = {p: p.read_bytes() for p in sorted(kept) if p.is_file()}
+        assert sorted(p.name for p in before if p.suffixes == [".jsonl"]) == [
+            "client-000.jsonl", "client-001.jsonl", "client-002.jsonl"]  # the ledgers
+        assert len([p for p in before if p.suffix == ".pt"]) == 4
+        rc = {**rc, "resume": "42"}
+        with pytest.raises(CheckpointError) as info:
+            _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), 777)
+        message = str(info.value)
+        assert message.startswith(
+            f"the ServerApp checkpoint of '{name}' cannot be restored: method '{name}': its "
+            f"server half's load_server_state_dict(state) for the resume raised "
+            f"{failure.__name__}: load_server_state_dict cannot load (at "
+            f"{test_contract_checks.__file__}:")
+        assert message.endswith(" in _load_fails)") and "\n" not in message
+        assert isinstance(info.value.__cause__, PluginError)
+        assert {p: p.read_bytes() for p in before} == before
+        monkeypatch.setattr(LoadBreaks, "loading", None)  # the plug-in fixed: resumed
+        results = _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=778), 778)
         assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
         for c in range(3):  # each round's release made and accounted once
             ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
