@@ -7,6 +7,7 @@ persists their state; it never branches on the method. One round is three calls:
     messages = algorithm.configure(rnd, participants)             # server
     replies  = algorithm.client_update_many(rnd, messages)        # each client i, alone
     stats    = algorithm.aggregate(rnd, replies)                  # server
+                                   # (or round_discarded(rnd), no reply accepted)
 
 with two optional exchanges around the rounds (``setup`` before round 1, e.g. FEDORA's
 relatedness summaries; ``finalize`` after the last round, e.g. FedAvg's fine-tuning) and an
@@ -343,6 +344,13 @@ class FederatedAlgorithm(ABC):
     @abstractmethod
     def aggregate(self, rnd: int, replies: Mapping[int, Payload]) -> dict[str, float]:
         """Server: combine the accepted replies; returns the round's statistics."""
+
+    def round_discarded(self, rnd: int) -> None:  # noqa: B027 (optional hook)
+        """Server: called instead of :meth:`aggregate` when no reply of round ``rnd`` was
+        accepted (every participant refused, failed, timed out or was rejected), by both
+        runtimes: the server's state is what it was after the last aggregation (e.g. a value
+        computed lazily from the rows must be computed from them now, before clients train
+        again). Default: nothing to do."""
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:

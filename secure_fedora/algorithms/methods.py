@@ -710,10 +710,6 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
             update = self.aggregate(rnd, accepted)
         return round_statistics_of(label, rnd, stats, update)
 
-    def round_discarded(self, rnd: int) -> None:
-        """Called when no reply of round ``rnd`` was accepted: the server's state is what it
-        was after the last aggregation. Default: nothing to do."""
-
     def views_differ(self) -> bool:
         """Whether some client's own row of an upload matrix differs from the server's last
         accepted row (an upload was rejected since, or an accepted reply was not the client's

@@ -2225,7 +2225,9 @@ def _run_method(grid: Grid, server: _Server, name: str,
             with server_half(algorithm, name, f"aggregate(rnd, replies) of round {rnd}"):
                 update = algorithm.aggregate(rnd, replies.payloads)
             stats = round_statistics_of(name, rnd, stats, update)
-        else:  # as in process for a round nobody was admitted to: no update, no statistic
+        else:  # as in process for a round with no accepted reply: no update, no statistic
+            with server_half(algorithm, name, f"round_discarded(rnd) of round {rnd}"):
+                algorithm.round_discarded(rnd)
             stats = no_reply_statistics()
         if replies.sat_out:
             # statistics over accepted replies leave out what those clients' error replies

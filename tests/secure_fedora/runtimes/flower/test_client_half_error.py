@@ -77,6 +77,21 @@ class BreaksLoading(Toy):
         super().load_client_state_dict(i, state)
 
 
+class Discards(Toy):
+    """Toy whose every client fails round 1's training; records the rounds the server
+    discarded (``round_discarded``)."""
+
+    discarded: list[int] = []
+
+    def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+        if rnd == 1:
+            raise ArithmeticError("nothing trained")
+        return super().client_update(i, rnd, message)
+
+    def round_discarded(self, rnd):  # type: ignore[no-untyped-def]
+        type(self).discarded.append(rnd)
+
+
 def _run(root: Path, cls: type, name: str, dp: bool = False
          ) -> tuple[dict[str, Any] | None, InMemoryGrid, Any]:
     """A 2-round Flower run of ``cls`` registered as ``name`` (``dp``: with privacy):
@@ -177,3 +192,16 @@ def test_a_load_client_state_dict_that_raises_is_an_error_reply_naming_method_an
     # the state it kept loads in round 2: every client trains and evaluates there
     assert stopped is None and results is not None
     assert [r["replied"] for r in results["rounds"]] == [3, 3]
+
+
+def test_a_round_with_no_accepted_reply_is_discarded_as_in_process(tmp_path, monkeypatch):
+    """The in-process runtime calls ``round_discarded`` instead of ``aggregate`` for a round
+    with no accepted reply; the ServerApp called neither, so a method computing server state
+    there (FEDORA's pending ``phi`` rows) was not told. Now it is called, once, for that round
+    only."""
+    monkeypatch.setattr(Discards, "discarded", [])
+    results, grid, stopped = _run(tmp_path, Discards, "discards_x")
+    assert stopped is None and results is not None
+    assert [r["replied"] for r in results["rounds"]] == [0, 3]
+    assert sorted(c for c, _, _ in grid.errors) == [0, 1, 2]
+    assert Discards.discarded == [1]
