@@ -51,7 +51,7 @@ Payload = dict[str, Tensor]
 """A message: named tensors (scalars are 0-d tensors). The only thing runtimes move."""
 
 __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgorithm", "MAX_DIMS", "MAX_ENTRIES", "Payload",
-           "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "plug_in_reply_entries", "ReplySchema", "entry_problem",
+           "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "plug_in_reply_entries", "plug_in_round_mechanisms", "plug_in_setup_mechanism", "BUILT_IN_GAUSSIAN_MECHANISMS", "ReplySchema", "entry_problem",
            "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
@@ -999,6 +999,32 @@ class ReplySchema:
         self.pins.update(new)
 
 
+#: The built-in Gaussian mechanisms besides DP-SGD (the noised summary and the private
+#: lambda); every other declared Gaussian mechanism is a plug-in.
+BUILT_IN_GAUSSIAN_MECHANISMS: frozenset[str] = frozenset({"gaussian_summary", "gaussian_lambda"})
+
+
+def plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | None:
+    """The plug-in mechanisms of a round model release of ``mechanisms`` (DP-SGD first, then
+    each other mechanism once: the built-in lambda or plug-ins); None when that is not such a
+    release."""
+    if not mechanisms or mechanisms[0] != "dpsgd" or len(set(mechanisms)) != len(mechanisms):
+        return None
+    rest = [m for m in mechanisms[1:] if m != "gaussian_lambda"]
+    if any(m == "gaussian_summary" for m in rest):
+        return None
+    return tuple(rest)
+
+
+def plug_in_setup_mechanism(mechanisms: Sequence[str]) -> str | None:
+    """The plug-in mechanism of a setup release of ``mechanisms`` (exactly one mechanism,
+    neither DP-SGD nor a built-in Gaussian mechanism); None when that is not such a release."""
+    if len(mechanisms) != 1 or mechanisms[0] == "dpsgd" \
+            or mechanisms[0] in BUILT_IN_GAUSSIAN_MECHANISMS:
+        return None
+    return mechanisms[0]
+
+
 def plug_in_reply_entries(method: str, algorithm: type, cfg: Any, specs: Sequence[Any],
                           entries: Mapping[str, Mapping[str, str]]
                           ) -> dict[str, dict[str, str]]:
@@ -1008,16 +1034,14 @@ def plug_in_reply_entries(method: str, algorithm: type, cfg: Any, specs: Sequenc
     declares beyond its nearest built-in ancestor's; none when it declares no such entry (no
     reply entry carries it). :class:`ContractError` naming what to do when several mechanisms
     or entries are left (which entry carries which is not declared)."""
-    from secure_fedora.secure.private import _plug_in_round_mechanisms, _plug_in_setup_mechanism
-
     mechanisms: dict[str, list[str]] = {SETUP: [], ROUND: []}
     for spec in specs:
         if not isinstance(spec, ReleaseSpec):
             continue
         if spec.when == SETUP:
-            mechanisms[SETUP].extend(m for m in [_plug_in_setup_mechanism(spec.mechanisms)] if m)
+            mechanisms[SETUP].extend(m for m in [plug_in_setup_mechanism(spec.mechanisms)] if m)
         elif spec.when == ROUND and spec.kind == "model":
-            mechanisms[ROUND].extend(_plug_in_round_mechanisms(spec.mechanisms) or ())
+            mechanisms[ROUND].extend(plug_in_round_mechanisms(spec.mechanisms) or ())
     carried: dict[str, dict[str, str]] = {}
     if not any(mechanisms.values()):
         return carried

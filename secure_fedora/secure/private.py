@@ -122,6 +122,7 @@ from privacy.pipeline import (
     upload_stages,
 )
 from secure_fedora.algorithms import fedora
+from secure_fedora.algorithms.contract import plug_in_round_mechanisms, plug_in_setup_mechanism
 from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMMARY
 from secure_fedora.core.config import ConfigError, ExperimentConfig, pull_stability_limit
 from secure_fedora.core.crashpoints import crash_point
@@ -321,6 +322,11 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
 #: Mechanisms with a fixed noise multiplier (calibrated to a fraction of the budget when
 #: unset) that a method's releases may declare besides DP-SGD: the config keys of their noise
 #: multiplier and budget fraction, and the ClientPlan field that carries the noise.
+# Which declared mechanisms are plug-ins: pure functions of the release's mechanism names,
+# kept in the contract (the layer below) so that its reply rules can read them too.
+_plug_in_round_mechanisms = plug_in_round_mechanisms
+_plug_in_setup_mechanism = plug_in_setup_mechanism
+
 FIXED_NOISE_MECHANISMS: dict[str, tuple[str, str, str]] = {
     "gaussian_summary": ("summary_noise_multiplier", "summary_budget_fraction", "summary_noise"),
     "gaussian_lambda": ("lambda_noise_multiplier", "lambda_budget_fraction", "lambda_noise"),
@@ -407,29 +413,8 @@ def check_mechanism_tables(cfg: ExperimentConfig) -> None:
                     " or ".join(repr(n) for n in unused), "it" if len(unused) == 1 else "them")
 
 
-def _plug_in_round_mechanisms(mechanisms: Sequence[str]) -> tuple[str, ...] | None:
-    """The plug-in mechanisms of a round model release of ``mechanisms`` (DP-SGD first, then
-    each other mechanism once: the built-in lambda or plug-ins); None when that is not such a
-    release."""
-    if not mechanisms or mechanisms[0] != "dpsgd" or len(set(mechanisms)) != len(mechanisms):
-        return None
-    rest = [m for m in mechanisms[1:] if m != "gaussian_lambda"]
-    if any(m == "gaussian_summary" for m in rest):
-        return None
-    return tuple(rest)
-
-
 #: Release kinds of the built-in releases, which a plug-in setup release may not take.
 BUILT_IN_RELEASE_KINDS: frozenset[str] = frozenset({"model", "summary", "lambda"})
-
-
-def _plug_in_setup_mechanism(mechanisms: Sequence[str]) -> str | None:
-    """The plug-in mechanism of a setup release of ``mechanisms`` (exactly one mechanism,
-    neither DP-SGD nor a built-in Gaussian mechanism); None when that is not such a release."""
-    if len(mechanisms) != 1 or mechanisms[0] == "dpsgd" \
-            or mechanisms[0] in FIXED_NOISE_MECHANISMS:
-        return None
-    return mechanisms[0]
 
 
 def round_plug_ins(method: str, cfg: ExperimentConfig) -> tuple[str, ...]:

@@ -975,3 +975,12 @@ def test_the_reply_entry_carrying_each_plug_in_mechanism_is_linked_or_refused() 
         with pytest.raises(ContractError, match=r"which round reply entry carries plug-in "
                                                 r"mechanism\(s\).*name the entry carrying"):
             ReplyRules.of(name, two, _config(name, **both))
+
+
+def test_the_contract_and_the_plan_agree_on_the_built_in_gaussian_mechanisms() -> None:
+    """The contract tells plug-in mechanisms from built-in ones by name (its reply rules
+    cannot import the plan's layer); both must name the same built-ins."""
+    from secure_fedora.algorithms.contract import BUILT_IN_GAUSSIAN_MECHANISMS
+    from secure_fedora.secure.private import FIXED_NOISE_MECHANISMS
+
+    assert set(FIXED_NOISE_MECHANISMS) == BUILT_IN_GAUSSIAN_MECHANISMS
