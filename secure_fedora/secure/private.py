@@ -665,13 +665,9 @@ def _fixed_noise_advice(cfg: ExperimentConfig, method: str, releases: Sequence[P
     ``[privacy.mechanisms.<name>] noise_multiplier``), as an over-budget refusal names them:
     ``("k = 0.05 (alone epsilon 505.7)", "raise k, or unset it and set <fraction key> ...")``,
     or ``("", "")`` when there is none."""
-    fixed: dict[str, tuple[str, float, str]] = {}
-    for spec in admitted_releases(cfg, method):
-        for mechanism in spec.mechanisms:
-            if mechanism != "dpsgd":
-                sigma, _, noise_key, fraction_key = _noise_keys(cfg, method, mechanism)
-                if sigma is not None:
-                    fixed[mechanism] = (noise_key, sigma, fraction_key)
+    fixed = {mechanism: (noise_key, sigma, fraction_key)
+             for mechanism, (sigma, _, noise_key, fraction_key) in _noise_settings(cfg, method)
+             if sigma is not None}
     if not fixed:
         return "", ""
     alone = plan_epsilon([r for r in releases if r.mechanism in fixed], budget.delta, None,
@@ -802,7 +798,9 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     if planned > budget.epsilon:
         named, advice = _fixed_noise_advice(cfg, method, plan.releases, budget, accountant,
                                             prv_refine)
-        _, shares = _noise_settings(cfg, method)
+        shares = {fraction_key: fraction
+                  for _, (sigma, fraction, _, fraction_key) in _noise_settings(cfg, method)
+                  if sigma is None}
         lower = ""
         if sum(shares.values()) >= 1.0:  # calibrating DP-SGD would be refused for them
             lower = (", or lower " + " + ".join(f"{k} {v:g}" for k, v in shares.items())
@@ -817,22 +815,14 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     return plan
 
 
-def _noise_settings(cfg: ExperimentConfig, method: str) -> tuple[list[str], dict[str, float]]:
-    """``"<key> <value>"`` of each fixed noise multiplier, and the budget fraction of each
-    calibrated one by its key, of ``method``'s releases other than DP-SGD (summary, lambda,
-    plug-ins), in declaration order."""
-    fixed: list[str] = []
-    shares: dict[str, float] = {}
+def _noise_settings(cfg: ExperimentConfig, method: str
+                    ) -> Iterator[tuple[str, tuple[float | None, float, str, str]]]:
+    """``(mechanism, _noise_keys(...))`` of each mechanism of ``method``'s releases other than
+    DP-SGD (summary, lambda, plug-ins), in declaration order."""
     for spec in admitted_releases(cfg, method):
         for mechanism in spec.mechanisms:
-            if mechanism == "dpsgd":
-                continue
-            fixed_noise, fraction, noise_key, fraction_key = _noise_keys(cfg, method, mechanism)
-            if fixed_noise is None:
-                shares[fraction_key] = fraction
-            elif f"{noise_key} {fixed_noise:g}" not in fixed:
-                fixed.append(f"{noise_key} {fixed_noise:g}")
-    return fixed, shares
+            if mechanism != "dpsgd":
+                yield mechanism, _noise_keys(cfg, method, mechanism)
 
 
 def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
