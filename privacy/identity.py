@@ -415,6 +415,30 @@ def _raw_key(hex_value: object, party_id: str, field: str, path: Path) -> bytes:
     return raw
 
 
+def _read_regular_file(path: Path, what: str, give: str, give_in_dir: str | None = None,
+                       limit: int = -1) -> bytes:
+    """The bytes of ``path`` (at most ``limit``), never waiting on it: IdentityError naming
+    ``what`` and ``path`` for a directory (saying to give ``give_in_dir``, else ``give``), a
+    missing or unreadable file, and anything but a regular file (a FIFO, device or socket;
+    opened non-blocking, which a FIFO would otherwise need a writer for)."""
+    if path.is_dir():
+        raise IdentityError(f"{what} {path} is a directory; give {give_in_dir or give}")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as exc:
+        raise IdentityError(f"{what} {path} does not exist") from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot read {what} {path}: {exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IdentityError(f"{what} {path} is not a regular file (a FIFO, device or "
+                                f"socket); give {give}")
+        try:
+            return fh.read(limit)
+        except OSError as exc:
+            raise IdentityError(f"cannot read {what} {path}: {exc}") from None
+
+
 def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:
     """Load the allowlist JSON written by :func:`init_keys`: party id -> :class:`PublicIdentity`.
 
@@ -422,24 +446,9 @@ def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:
     invalid party id, or a key that is not 32 bytes of hex.
     """
     path = Path(path)
-    if path.is_dir():
-        raise IdentityError(f"allowlist file {path} is a directory; give the allowlist.json "
-                            "file itself")
+    data = _read_regular_file(path, "allowlist file", "the allowlist.json file itself")
     try:
-        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError as exc:
-        raise IdentityError(f"allowlist file {path} does not exist") from exc
-    except OSError as exc:
-        raise IdentityError(f"cannot read allowlist file {path}: {exc}") from None
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise IdentityError(f"allowlist file {path} is not a regular file (a FIFO, "
-                                    "device or socket); give the allowlist.json file itself")
-            doc = json.loads(fh.read().decode("utf-8"))
-    except IdentityError:
-        raise
+        doc = json.loads(data.decode("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # incl. JSONDecodeError, huge integers
         raise IdentityError(f"allowlist file {path} is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("version") != ALLOWLIST_VERSION:
@@ -544,22 +553,10 @@ def load_public_file(path: str | os.PathLike[str]) -> PublicIdentity:
     ``<party>.public.json`` (a ``.key`` file is named as a private key), one that is not a
     one-party allowlist, and one whose party is not the party its name gives."""
     path = Path(path)
-    if path.is_dir():
-        raise IdentityError(f"public key file {path} is a directory; give the "
-                            f"<party>{PUBLIC_FILE_SUFFIX} file it holds")
-    try:
-        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise IdentityError(f"cannot read public key file {path}: {exc}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IdentityError(f"public key file {path} is not a regular file (a FIFO, device "
-                                f"or socket); give the <party>{PUBLIC_FILE_SUFFIX} file itself")
-        try:
-            data = fh.read(_PUBLIC_FILE_LIMIT + 1)
-        except OSError as exc:
-            raise IdentityError(f"cannot read public key file {path}: {exc}") from None
+    data = _read_regular_file(path, "public key file",
+                              f"the <party>{PUBLIC_FILE_SUFFIX} file itself",
+                              f"the <party>{PUBLIC_FILE_SUFFIX} file it holds",
+                              limit=_PUBLIC_FILE_LIMIT + 1)
     if b"PRIVATE KEY" in data or path.name.endswith(".key"):
         raise IdentityError(
             f"{path} is a private key: a party's private keys never leave its host; give its "
