@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from privacy.errors import ToolkitError
@@ -99,12 +98,10 @@ def _run_with_progress(args: argparse.Namespace, cfg: Any, run_dir: Path) -> tup
     """Build the simulation for ``run_dir`` and run it with a progress bar per method; returns
     the simulation and its results."""
     from secure_fedora.api import Experiment
+    from secure_fedora.runtimes.summary import progress_bars
     from secure_fedora.secure.keystore import CLI_KEYSTORE_OPTION
 
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, disable=args.quiet,
-    ) as progress:
+    with progress_bars(console, args.quiet) as progress:
         tasks = {m: progress.add_task(m, total=cfg.training.rounds) for m in cfg.methods}
 
         def on_round(method: str, rnd: int, total: int) -> None:

@@ -34,18 +34,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run ``secure-fedora sweep``; returns 0, or raises :class:`SweepError` (or another
     toolkit error) for a sweep that cannot run (the entry point prints it, exit code 2)."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from privacy.errors import ToolkitError
     from secure_fedora.core.config import check_path_argument, load_config
     from secure_fedora.core.errors import one_line
     from secure_fedora.experiments.sweep import Cell, SweepError, check_sweep, run_sweep
+    from secure_fedora.runtimes.summary import progress_bars
 
     if args.out is not None:
         check_path_argument(args.out, "--out")  # named as the command line names it
@@ -58,10 +52,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else [cfg.seed]
     check_sweep(cfg, args.out, methods, seeds, args.epsilons)  # before any progress bar
     err_console = Console(stderr=True)
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err_console, disable=args.quiet,
-    ) as progress:
+    with progress_bars(err_console, args.quiet) as progress:
         overall = progress.add_task("cells", total=None)
         rounds = progress.add_task("rounds", total=cfg.training.rounds)
 

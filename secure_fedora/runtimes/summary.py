@@ -9,7 +9,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["print_run_summary", "results_table"]
+__all__ = ["print_run_summary", "progress_bars", "results_table"]
+
+
+def progress_bars(console: Console, quiet: bool) -> Any:
+    """The progress bars every command shows the same way (``run``, ``sweep``, ``deploy
+    local``): description, bar, done/total and elapsed time on ``console``; none when
+    ``quiet``. A ``rich.progress.Progress``, to use as a context manager."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=quiet)
 
 
 def _figure(value: Any) -> str:

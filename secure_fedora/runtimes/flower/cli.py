@@ -28,17 +28,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import Progress, TaskID
 
 from secure_fedora.core.config import MAX_THREADS
 from secure_fedora.core.errors import interrupt_on
+from secure_fedora.runtimes.summary import progress_bars
 
 __all__ = ["DEFAULT_CONFIG", "cmd_certs", "cmd_local", "default_config_path", "register",
            "round_bars"]
@@ -151,8 +145,7 @@ def _resume_hint(workdir: str, resumed: bool) -> str:
 def round_bars(quiet: bool) -> tuple[Progress, Callable[[str, int, int], None]]:
     """The progress bars ``deploy local`` shows (one per method, as ``run`` shows them; none
     when ``quiet``) and the ``on_round(method, round, rounds)`` that advances them."""
-    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, disable=quiet)
+    bars = progress_bars(console, quiet)
     tasks: dict[str, TaskID] = {}
 
     def on_round(method: str, rnd: int, rounds: int) -> None:
