@@ -96,6 +96,7 @@ __all__ = [
     "NODE_IDENTITY_DIR",
     "RoundLines",
     "RunTimeouts",
+    "check_party_identities",
     "check_server_identity",
     "default_max_in_flight",
     "deploy_local",
@@ -167,6 +168,62 @@ def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
         tmp = directory / f".{ALLOWLIST_FILENAME}.tmp"
         tmp.write_bytes(document)
         os.replace(tmp, directory / ALLOWLIST_FILENAME)
+    return dirs
+
+
+def check_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
+    """The identity directory of each party under ``root`` (as :func:`init_party_identities`
+    makes them) for a resumed run, every check made and nothing written: each party's
+    directory holds its Ed25519 and X25519 private keys (loadable) and ``allowlist.json``,
+    and every allowlist lists exactly the federation's parties with the public keys of the
+    private keys on disk. Anything missing or inconsistent is refused
+    (:class:`~secure_fedora.runtimes.flower.server_app.ResumeRefused`, a DeployError) naming
+    it: the run's envelopes and its clients' ledgers are signed with those keys, so a resume
+    never makes new ones."""
+    from privacy.identity import IdentityError, load_allowlist, load_identity
+    from secure_fedora.runtimes.flower.server_app import ResumeRefused
+
+    dirs = {party: root / party for party in default_party_ids(num_clients)}
+    problems: list[str] = []
+    keys: dict[str, PublicIdentity] = {}
+    if not root.is_dir():
+        problems.append(f"{root} does not exist")
+    else:
+        for party, directory in dirs.items():
+            if not directory.is_dir():
+                problems.append(f"{directory} does not exist")
+                continue
+            missing = [name for name in (f"{party}.ed25519.key", f"{party}.x25519.key",
+                                         ALLOWLIST_FILENAME)
+                       if not (directory / name).exists()]
+            if missing:
+                problems.append(f"{directory} lacks {', '.join(missing)}")
+                continue
+            try:
+                keys[party] = load_identity(directory, party).public
+            except IdentityError as err:
+                problems.append(str(err))
+    if not problems:
+        for directory in dirs.values():
+            try:
+                listed = load_allowlist(directory / ALLOWLIST_FILENAME)
+            except IdentityError as err:
+                problems.append(str(err))
+                continue
+            differ = sorted(p for p in set(listed) | set(keys) if listed.get(p) != keys.get(p))
+            if differ:
+                problems.append(
+                    f"{directory / ALLOWLIST_FILENAME} does not list the keys on disk for "
+                    f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more"
+                                          if len(problems) > 4 else "")
+        raise ResumeRefused(
+            f"--resume: the run's identities under {root} are missing or incomplete ({shown}); "
+            "the run's envelopes and its clients' ledgers are signed with those keys, and a "
+            "resume never makes new ones: restore the directory from a backup of this "
+            "workdir (a fresh run needs a fresh workdir, without --resume); nothing was "
+            "written")
     return dirs
 
 
@@ -382,7 +439,9 @@ class LocalFederation:
     host) only the server's identity is made here, and its allowlist assembled from those
     files (:func:`init_server_identity`; with ``resume``, the run of this workdir goes on, it
     must be the allowlist the run has): no client's private key is written, and the SuperNode
-    commands name each client's identity directory :data:`NODE_IDENTITY_DIR`.
+    commands name each client's identity directory :data:`NODE_IDENTITY_DIR`. With
+    ``resume`` (the run of this workdir goes on) no identity is ever made: the workdir's must
+    all be there (:meth:`check_identities`).
     """
 
     def __init__(
@@ -453,10 +512,26 @@ class LocalFederation:
             self.wait_node_active(i)
         self.phases["supernodes"] = time.perf_counter() - t0
 
+    def check_identities(self) -> None:
+        """What :meth:`prepare` refuses about the identities, checked before it writes
+        anything: with ``resume``, identities that are not all there (:func:`check_party_identities`;
+        with ``client_public_keys``, :func:`check_server_identity`), which a resume only loads;
+        with ``client_public_keys``, clients' directories under ``identities/``
+        (:func:`_refuse_client_identities`). Writes nothing."""
+        if self.client_public_keys is None:
+            if self.resume:
+                check_party_identities(self.identity_dir, self.num_nodes)
+            return
+        _refuse_client_identities(self.identity_dir)
+        check_server_identity(self.party_identity_dir(None), self.client_public_keys,
+                              self.num_nodes, resume=self.resume)
+
     def prepare(self) -> None:
         """Write what the processes read, starting none: the TLS certificates (for
         127.0.0.1), the SuperNode keys, the flwr CLI's connection and every party's identity
-        directory; choose the ports."""
+        directory; choose the ports. With ``resume`` the identities are only loaded, never
+        made: :meth:`check_identities` refuses before anything is written."""
+        self.check_identities()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.certs = make_certificates(self.workdir / "certs", [LOOPBACK], overwrite=True)
         keys = make_node_keys(
@@ -478,7 +553,8 @@ class LocalFederation:
         # Every party's Ed25519 / X25519 identity, one directory each: they sign every message
         # envelope (and the clients' privacy ledgers), and receive the sealed CKKS context.
         if self.client_public_keys is None:
-            init_party_identities(self.identity_dir, self.num_nodes)
+            if not self.resume:  # a resume's were checked above, and are only loaded
+                init_party_identities(self.identity_dir, self.num_nodes)
         else:
             init_server_identity(self.identity_dir / SERVER_ID, self.client_public_keys,
                                  self.num_nodes, resume=self.resume)
@@ -1058,7 +1134,7 @@ def deploy_local(
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
-                          full_client_errors=full_client_errors)
+                          full_client_errors=full_client_errors, resume=bool(resumed))
     say(f"starting SuperLink and {cfg.data.num_clients} SuperNodes in {work}")
     try:
         with fed:
@@ -1138,12 +1214,7 @@ def local_commands(
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
                           full_client_errors=full_client_errors,
                           client_public_keys=client_public_keys, resume=bool(resumed))
-    if fed.client_public_keys is not None:
-        # refused before anything is written (prepare writes certificates, then identities)
-        _refuse_client_identities(fed.identity_dir)
-        check_server_identity(fed.party_identity_dir(None), fed.client_public_keys,
-                              cfg.data.num_clients, resume=bool(resumed))
-    fed.prepare()
+    fed.prepare()  # its identity checks come before it writes anything
     run_toml = fed.write_run_config(cfg, work / "results", num_threads=num_threads,
                                     reproducible_dp_noise=reproducible_dp_noise,
                                     key_holder=key_holder, max_in_flight=max_in_flight,

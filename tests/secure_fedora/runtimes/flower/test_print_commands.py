@@ -310,3 +310,115 @@ def test_the_server_allowlist_is_public(tmp_path: Path,
     assert args.func(args) == 0
     capsys.readouterr()
     assert (work / "identities" / "server" / "allowlist.json").stat().st_mode & 0o777 == 0o644
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path under ``root`` (directories too) with its mode and content (a link's
+    target): what a refused resume must leave byte for byte as it was."""
+    import os
+
+    def content(p: Path) -> bytes:
+        if p.is_symlink():
+            return os.readlink(p).encode()
+        return p.read_bytes() if p.is_file() else b""
+
+    return {str(p.relative_to(root)): (p.lstat().st_mode, content(p))
+            for p in sorted(root.rglob("*"))}
+
+
+def _damage_identities(ids: Path, damage: str) -> str:
+    """Damage the identities of a workdir as ``damage`` names; returns what the refusal names."""
+    from privacy.identity import init_keys
+
+    if damage == "moved away":
+        shutil.move(ids, ids.with_name("identities.bak"))
+        return f"{ids} does not exist"
+    if damage == "party directory":
+        shutil.rmtree(ids / "client-001")
+        return f"{ids / 'client-001'} does not exist"
+    if damage == "private key":
+        (ids / "client-002" / "client-002.x25519.key").unlink()
+        return f"{ids / 'client-002'} lacks client-002.x25519.key"
+    if damage == "allowlist":
+        (ids / "server" / "allowlist.json").unlink()
+        return f"{ids / 'server'} lacks allowlist.json"
+    assert damage == "new keys"  # a party's keys made again: the allowlists name the old ones
+    init_keys(ids / "client-000", ["client-000"], overwrite=True)
+    return f"{ids / 'client-001' / 'allowlist.json'} does not list the keys on disk for client-000"
+
+
+@pytest.mark.parametrize("damage", ["moved away", "party directory", "private key",
+                                    "allowlist", "new keys"])
+def test_print_commands_resume_never_makes_new_identities(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        damage: str) -> None:
+    """`--print-commands --resume` in a workdir whose identities/ was moved away, or lost a
+    party's directory, a private key or an allowlist, made new party keys (or kept keys no
+    allowlist lists), while the run's envelopes and ledgers are signed with the old ones:
+    refused, naming what is missing and the remedy, with the workdir byte for byte as it
+    was; the run's own identities resume, kept as they are."""
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(config_document(dp_config())))
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
+             "--print-commands"]
+    args = _parser().parse_args(flags)
+    assert args.func(args) == 0
+    # a resumable run of this workdir (its checkpoint checks are deploy local's, tested apart)
+    monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
+    args = _parser().parse_args([*flags, "--resume"])
+    ids = work / "identities"
+    identities = _tree(ids)
+    assert args.func(args) == 0
+    capsys.readouterr()
+    assert _tree(ids) == identities
+
+    named = _damage_identities(ids, damage)
+    before = _tree(tmp_path)
+    with pytest.raises(DeployError, match="--resume: the run's identities under") as err:
+        args.func(args)
+    assert named in str(err.value)
+    assert "restore the directory from a backup" in str(err.value)
+    assert "fresh workdir, without --resume" in str(err.value)
+    assert _tree(tmp_path) == before
+
+
+def test_print_commands_resume_with_client_public_keys_refuses_a_lost_server_identity(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--print-commands --resume --client-public-keys` in a workdir whose server identity
+    is gone would make a new server key: refused, naming it, the workdir byte for byte as it
+    was."""
+    config, files = _own_public_files(tmp_path)
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
+             "--print-commands", "--client-public-keys", *files]
+    args = _parser().parse_args(flags)
+    assert args.func(args) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
+    shutil.rmtree(work / "identities" / "server")
+    before = _tree(tmp_path)
+    args = _parser().parse_args([*flags, "--resume"])
+    with pytest.raises(DeployError, match=r"server\.ed25519\.key does not exist"):
+        args.func(args)
+    assert _tree(tmp_path) == before
+
+
+def test_print_commands_resume_refuses_a_workdir_without_a_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--print-commands --resume` in a workdir that holds no run (here only what an earlier
+    --print-commands wrote, no checkpoint) is refused, saying so, with nothing written."""
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(config_document(dp_config())))
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
+             "--print-commands"]
+    args = _parser().parse_args(flags)
+    assert args.func(args) == 0
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    args = _parser().parse_args([*flags, "--resume"])
+    with pytest.raises(DeployError, match="holds no run to resume"):
+        args.func(args)
+    assert _tree(tmp_path) == before

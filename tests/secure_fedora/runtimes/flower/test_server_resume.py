@@ -16,7 +16,7 @@ from flwr.app import Message
 from secure_fedora.core import crashpoints
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.local import _resumed_run
-from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
+from secure_fedora.runtimes.flower.protocol import MSG_ROUND, DeployError, RunSettings
 from tests.secure_fedora.core.crash_support import crashes_at
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
@@ -727,3 +727,57 @@ def test_a_no_op_resume_without_dp_writes_again_a_results_json_whose_run_records
     assert any(f"{res / 'results.json'} does not state" in line for line in said), said
     assert json.loads((res / "results.json").read_text()) == resumed
     assert resumed["events"] == made["events"] and resumed["security"] == made["security"]
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path under ``root`` with its mode and content (a link's target): what a refused
+    resume must leave byte for byte as it was."""
+    import os
+
+    def content(p: Path) -> bytes:
+        if p.is_symlink():
+            return os.readlink(p).encode()
+        return p.read_bytes() if p.is_file() else b""
+
+    return {str(p.relative_to(root)): (p.lstat().st_mode, content(p))
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_deploy_local_resume_never_makes_new_identities(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`deploy local --resume` in a workdir whose identities/ was moved away made new party
+    keys and went on, while the run's envelopes and ledgers are signed with the old ones:
+    refused, naming the directory and the remedy, before any process starts, with the
+    workdir byte for byte as it was; with the identities restored it resumes, keeping them."""
+    from secure_fedora.runtimes.flower.local import deploy_local
+    from tests.secure_fedora.runtimes.flower.test_print_commands import (
+        _record_instead_of_running,
+    )
+
+    # a run killed in round 2 in the layout of a workdir: results/, server/, nodes/, identities/
+    cfg = tiny_config(rounds=3)
+    work = tmp_path / "w"
+    rc = run_config(cfg, work, **{"result-dir": str(work / "results"), "round-timeout": 5.0})
+    (work / "results").mkdir(parents=True)
+    grid = InMemoryGrid(work / "nodes", rc, 3, tamper_reply=_crash_after_reply(0, 2))
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid)
+    kept = tmp_path / "backup"
+    (work / "ids").rename(kept)
+    ran: list[str] = []  # processes and flwr calls: recorded, none started
+    _record_instead_of_running(monkeypatch, ran)
+
+    before = _tree(work)
+    with pytest.raises(DeployError, match=r"--resume: the run's identities under .*identities "
+                                          r"are missing .*does not exist.*restore the directory "
+                                          r"from a backup .*without --resume"):
+        deploy_local(cfg, 3, work, resume=True)
+    assert _tree(work) == before
+    assert ran == []
+
+    kept.rename(work / "identities")
+    identities = _tree(work / "identities")
+    result = deploy_local(cfg, 3, work, resume=True)
+    assert result.run_id == 42 and ran
+    assert _tree(work / "identities") == identities
