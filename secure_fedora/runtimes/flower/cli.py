@@ -314,7 +314,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "saved state; under DP a node that died with the server before saving its answer re-makes "
         "that round's release from its journal, the same noise, its ledger entry consumed, not "
         "appended); refused before anything is written when the checkpoint is another run's, configuration's or "
-        "method list's",
+        "method list's, or when WORKDIR/identities lacks a key or allowlist of the run (a resume "
+        "never makes new identities)",
     )
     local.add_argument(
         "--print-commands", action="store_true",
