@@ -1179,7 +1179,8 @@ def run_stage(
 ) -> StageResult:
     """Run this client's half of ``method`` for ``stage`` of round ``rnd`` (the verified
     message's payload from ``incoming``): rebuild the algorithm with only this client's data,
-    restore its state, admit (DP) and compute, journal a released payload, save the state.
+    restore its state, admit (DP) and compute, take the method's client state, journal a
+    released payload, save the state (a failure before the journal leaves no reply on it).
 
     A stage this client already answered for ``rnd`` is answered again from its saved state,
     with nothing computed, accounted or released twice; an older round is refused.
@@ -1253,6 +1254,15 @@ def run_stage(
             else:
                 payload, metrics, refusal = _run_client_half(
                     method, algorithm, ctx, cfg, state, privacy, stage, rnd, message, client)
+                # the method's state before the reply is journaled: a plug-in whose
+                # client_state_dict raises (or returns what check_client_state refuses) fails
+                # the message with no reply journaled, as the reply is never sent; delivered
+                # again, the exchange is re-made (under DP from its ledger entries and sealed
+                # journal record, as after a process that died before saving its answer)
+                with client_half(method, f"client {i}'s client_state_dict after its {stage} "
+                                         f"exchange of round {rnd}"):
+                    own = algorithm.client_state_dict(i)
+                own = check_client_state(method, i, own)
                 if refusal is None and payload and journal_release:
                     # Journaled (fsynced) before the state that marks it answered, and before it
                     # leaves: a crash in between leaves it journaled, never released unjournaled
@@ -1263,10 +1273,7 @@ def run_stage(
                         verified, state.journal_head if saved else None, i,
                         wire_round(stage, rnd, cfg.training.rounds), f"{method}/{stage}", blob,
                         remade=replay is not None)
-                with client_half(method, f"client {i}'s client_state_dict after its {stage} "
-                                         f"exchange of round {rnd}"):
-                    own = algorithm.client_state_dict(i)
-                state.algorithm = check_client_state(method, i, own)
+                state.algorithm = own
                 state.generator_state = ctx.generators[i].get_state()
                 if ctx.noise and cfg.privacy.noise == "reproducible":
                     state.noise_state = ctx.noise[i].checkpoint_state()

@@ -205,3 +205,104 @@ def test_a_round_with_no_accepted_reply_is_discarded_as_in_process(tmp_path, mon
     assert [r["replied"] for r in results["rounds"]] == [0, 3]
     assert sorted(c for c, _, _ in grid.errors) == [0, 1, 2]
     assert Discards.discarded == [1]
+
+
+class StatesLate(Toy):
+    """Toy whose client 1 cannot state its client state after round 1's training while
+    ``client_armed``, and whose server's ``aggregate`` of round 1 raises while
+    ``server_armed`` (the ServerApp stops after round 1's messages were answered, so its
+    resume asks round 1 again)."""
+
+    client_armed = False
+    server_armed = False
+    refused = False  # return what check_client_state refuses instead of raising
+    trained = 0  # the round this instance trained in (a node builds one per message)
+
+    def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+        self.trained = rnd
+        return super().client_update(i, rnd, message)
+
+    def client_state_dict(self, i):  # type: ignore[no-untyped-def]
+        if (i, self.trained) == (1, 1) and type(self).client_armed:
+            type(self).client_armed = False
+            if type(self).refused:
+                return [self.theta[i]]
+            raise RuntimeError("no state to give")
+        return super().client_state_dict(i)
+
+    def aggregate(self, rnd, replies):  # type: ignore[no-untyped-def]
+        if rnd == 1 and type(self).server_armed:
+            type(self).server_armed = False
+            raise RuntimeError("aggregate broke")
+        return super().aggregate(rnd, replies)
+
+
+@pytest.mark.parametrize(("noise", "refused"), [("csprng", False), ("reproducible", False),
+                                               ("csprng", True)])
+def test_a_client_state_dict_that_raises_journals_no_reply_and_the_exchange_is_remade(
+        tmp_path, monkeypatch, noise, refused):
+    """A node asked the method for its client state after it had journaled (fsynced) the
+    reply as released, so a plug-in raising there left a reply on the node's release journal
+    that never left. Now the client state is taken before the reply is journaled: the node
+    answers with the ClientHalfError (a state check_client_state refuses: its ContractError)
+    and its journal holds no reply of that exchange (the release admitted before training
+    stays on its ledger). Asked round 1 again (the ServerApp
+    resumed from its round-0 checkpoint), the node re-makes the release under the ledger
+    entries it admitted then (accounted once), journals it once, and the ledgers verify."""
+    from audits.verify import verify_run
+    from secure_fedora.algorithms.contract import ContractError
+    from secure_fedora.core.plugins import PluginError
+    from secure_fedora.runtimes.flower.state import ReleaseJournal
+    from tests.secure_fedora.runtimes.flower.deploy_support import audit_folder
+
+    name = f"states_late_{noise}_{refused}".lower()
+    monkeypatch.setattr(StatesLate, "client_armed", True)
+    monkeypatch.setattr(StatesLate, "refused", refused)
+    monkeypatch.setattr(StatesLate, "server_armed", True)
+    METHODS.register(name, StatesLate)
+    try:
+        cfg = parse_config({**with_methods(tiny_config(rounds=2), name).model_dump(
+            mode="json", exclude_none=True), "privacy": {
+                "enabled": True, "epsilon": 8.0, "delta": 1e-3, "noise": noise}})
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                          "reproducible-dp-noise": noise == "reproducible"})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        with pytest.raises(PluginError, match="aggregate broke"), \
+                contextlib.redirect_stdout(io.StringIO()):
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)
+        [(client, kind, err)] = grid.errors
+        assert (client, kind) == (1, MSG_ROUND)
+        if refused:
+            assert isinstance(err, ContractError) and str(err) == (
+                f"method '{name}': client 1's client_state_dict is a list, not a dict of "
+                "tensors")
+        else:
+            assert isinstance(err, ClientHalfError)
+            assert str(err).startswith(f"method '{name}': client 1's client_state_dict after "
+                                       "its round exchange of round 1 failed: RuntimeError: no "
+                                       "state to give (at ")
+        run_dir = tmp_path / "nodes" / "node-1" / "runs" / "42"
+        replies = [e for e in ReleaseJournal(run_dir / "releases.jsonl").entries()
+                   if e["kind"] == f"{name}/round"]
+        assert replies == []  # the reply never left: nothing records it as released
+        ledger = run_dir / name / "client-001.jsonl"
+        assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [(1, "dpsgd")]
+        rc = {**rc, "resume": "42"}
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777)
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 777)
+        assert grid.errors == []
+        assert [r["replied"] for r in results["rounds"]] == [3, 3]
+        for c in range(3):  # each round's release made and accounted once, journaled once
+            node = tmp_path / "nodes" / f"node-{c}" / "runs" / "42"
+            assert [(e["round"], e["mechanism"])
+                    for e in read_ledger(node / name / f"client-{c:03d}.jsonl")] == [
+                (1, "dpsgd"), (2, "dpsgd"), (2, "close")]
+            assert [e["round"] for e in ReleaseJournal(node / "releases.jsonl").entries()
+                    if e["kind"] == f"{name}/round"] == [1, 2]
+        report = verify_run(audit_folder(tmp_path, name),
+                            allowlist=tmp_path / "ids" / "server" / "allowlist.json",
+                            anchor=tmp_path / "res" / "anchor.json")
+        assert report.errors == [], report.errors
+    finally:
+        METHODS.unregister(name)
