@@ -740,6 +740,60 @@ def test_a_plugins_server_half_that_raises_is_a_one_line_error_and_the_run_resum
         assert mechanisms == ["dpsgd", "dpsgd", "dpsgd", "close"]
 
 
+class DiscardBreaks(Toy):
+    """Toy that rejects every upload of round 2 (an uploads override that can reject a
+    reply), so round 2 is discarded, and whose ``round_discarded`` raises while ``breaks``,
+    first copying the bytes of every file under ``watch`` into ``seen``."""
+
+    breaks = False
+    watch: Path | None = None
+    seen: dict[Path, bytes] = {}
+
+    def _own_uploads(self, rnd, replies):
+        return {} if rnd == 2 else super()._own_uploads(rnd, replies)
+
+    def round_discarded(self, rnd):
+        if type(self).breaks:
+            assert type(self).watch is not None
+            type(self).seen = {p: p.read_bytes() for p in sorted(type(self).watch.rglob("*"))
+                               if p.is_file()}
+            raise RuntimeError("round_discarded broke")
+
+
+def test_a_plugins_round_discarded_that_raises_is_a_one_line_error_and_the_run_resumes(
+        tmp_path, register, monkeypatch):
+    """``round_discarded`` (called instead of ``aggregate`` for a round with no accepted
+    reply) raising in a plug-in is a PluginError naming the method, the hook and the round,
+    as the other server-side hooks; no file is written after it (round 1's checkpoint stays
+    the last), and the run resumes, every release accounted once."""
+    from secure_fedora.core.plugins import PluginError
+    from secure_fedora.runtimes.inprocess import load_checkpoint
+
+    name = register("discard_breaks_x", DiscardBreaks)
+    cfg = _config(name, training={"rounds": 3, "checkpoint_every": 1})
+    sim, run = _run(tmp_path, cfg)
+    monkeypatch.setattr(DiscardBreaks, "breaks", True)
+    monkeypatch.setattr(DiscardBreaks, "watch", tmp_path)
+    with pytest.raises(PluginError) as info:
+        sim.run()
+    message = str(info.value)
+    assert message.startswith(f"method '{name}': its server half's round_discarded(rnd) of "
+                              f"round 2 raised RuntimeError: round_discarded broke (at "
+                              f"{__file__}:")
+    assert message.endswith(" in round_discarded)") and "\n" not in message
+    assert isinstance(info.value.__cause__, RuntimeError)
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert DiscardBreaks.seen and after == DiscardBreaks.seen
+    assert load_checkpoint(sim.checkpoint_path(name))["round"] == 1
+    assert not (run / "results.json").exists()
+    monkeypatch.setattr(DiscardBreaks, "breaks", False)  # the plug-in fixed
+    resumed, _ = _run(tmp_path, cfg)
+    resumed.run(resume=True)
+    assert [(r["round"], r["replied"]) for r in resumed.history] == [(1, 3), (2, 0), (3, 3)]
+    for mechanisms in _ledger_mechanisms(run, name):
+        assert mechanisms == ["dpsgd", "dpsgd", "dpsgd", "close"]
+
+
 class ClonesReply(ServerBreaks):
     """ServerBreaks whose reply is a copy of the client's row: the server asks whether the
     row is the client's state (its ``client_state_dict``) while taking the uploads."""

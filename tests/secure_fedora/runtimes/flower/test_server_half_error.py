@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from typing import Any
 
 import pytest
@@ -164,3 +165,46 @@ def test_the_serverapp_asks_assumptions_before_any_message(tmp_path, case):
     finally:
         for name in classes:
             METHODS.unregister(name)
+
+
+def test_a_plugins_round_discarded_that_raises_is_named_and_the_run_resumes(tmp_path,
+                                                                          monkeypatch):
+    """As in process: a plug-in's ``round_discarded`` (round 2 gets no accepted reply: every
+    node answers with an error) raising is a one-line PluginError naming the method, the hook
+    and the round; no file is written after it (the result-dir keeps round 1's checkpoint)
+    and the run resumes, each round's release accounted once."""
+    from tests.secure_fedora.algorithms.test_contract_checks import DiscardBreaks
+
+    name = "discard_breaks_fl"
+    METHODS.register(name, DiscardBreaks)
+    try:
+        cfg = _dp(with_methods(tiny_config(rounds=3), name))
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res")})
+        monkeypatch.setattr(DiscardBreaks, "breaks", True)
+        monkeypatch.setattr(DiscardBreaks, "watch", tmp_path)
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3,
+                            fail={(c, 2): "node busy" for c in range(3)})
+        with pytest.raises(PluginError) as info:
+            _federate(rc, grid)
+        message = str(info.value)
+        assert message.startswith(f"method '{name}': its server half's round_discarded(rnd) of "
+                                  f"round 2 raised RuntimeError: round_discarded broke (at "
+                                  f"{test_contract_checks.__file__}:")
+        assert message.endswith(" in round_discarded)") and "\n" not in message
+        assert isinstance(info.value.__cause__, RuntimeError)
+        after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+        assert DiscardBreaks.seen and after == DiscardBreaks.seen
+        assert json.loads((tmp_path / "res" / "progress.json").read_text())["round"] == 1
+        assert not (tmp_path / "res" / "results.json").exists()
+        monkeypatch.setattr(DiscardBreaks, "breaks", False)  # the plug-in fixed: resumed
+        rc = {**rc, "resume": "42"}
+        results = _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), 777)
+        assert [(r["round"], r["replied"]) for r in results["rounds"]] == [(1, 3), (2, 3),
+                                                                          (3, 3)]
+        for c in range(3):  # each round's release made and accounted once
+            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
+                f"client-{c:03d}.jsonl"
+            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
+                (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
+    finally:
+        METHODS.unregister(name)
