@@ -171,7 +171,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``audit report``: write report.html/report.json; 0 iff written and verified."""
     from audits.report import write_report
-    from audits.verify import verify_run
     from secure_fedora.core.config import ConfigError, check_path_argument
 
     if args.out is not None:  # an empty --out would be the current directory
@@ -179,10 +178,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():  # checked before the verification runs
             raise ConfigError(f"--out {out} exists and is not a directory: name a directory"
                               " (report.html and report.json are written into it)")
-    report = verify_run(args.run_dir, allowlist=args.allowlist, rel_tol=args.rel_tol,
-                        pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
-                        options=CLI_AUDIT_OPTIONS, imports=args.imports, strict=args.strict)
-    paths = write_report(args.run_dir, args.out, verification=report, force=args.force)
+    # the Python function with the flags' values: one code path for both
+    paths = write_report(args.run_dir, args.out, allowlist=args.allowlist, anchor=args.anchor,
+                         rel_tol=args.rel_tol, pld_checkpoints=args.pld_checkpoints,
+                         imports=args.imports, strict=args.strict, options=CLI_AUDIT_OPTIONS,
+                         force=args.force)
+    report = paths.verification
     _print_verification(report, sys.stdout)
     print(f"report: {paths.html}\n        {paths.json}")
     return VERIFICATION_EXIT[report.verdict]

@@ -28,7 +28,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from audits.options import (  # noqa: E402
+    API_AUDIT_OPTIONS,
+    DEFAULT_PLD_CHECKPOINTS,
+    DEFAULT_REL_TOL,
+)
 from audits.output import write_output_file  # noqa: E402
 from audits.verdict import VerdictError, audit_figures, audit_verdict, verdict_text  # noqa: E402
 from audits.verify import (  # noqa: E402
@@ -106,10 +111,12 @@ class ReportError(AuditError):
 
 @dataclass(frozen=True)
 class ReportPaths:
-    """Where :func:`write_report` put the report."""
+    """Where :func:`write_report` put the report, and the verification it reports."""
 
     html: Path
     json: Path
+    #: The verification the report holds (the one given, or the one it ran).
+    verification: VerificationReport
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -660,20 +667,57 @@ def _privacy_config(cfg: ExperimentConfig | None) -> dict[str, Any] | None:
     return out
 
 
-def build_report(run_dir: str | Path, *, verification: VerificationReport | None = None,
-                 allowlist: str | Path | None = None) -> dict[str, Any]:
-    """The report document (what ``report.json`` holds) for ``run_dir``.
-
-    Runs :func:`audits.verify.verify_run` unless ``verification`` is given. Guarantee: every
-    client with a ledger appears in the budget table and the epsilon series.
-    """
+def _verification(run_dir: str | Path, verification: VerificationReport | None, *,
+                  allowlist: str | Path | None, anchor: str | Path | None, rel_tol: float,
+                  pld_checkpoints: int, imports: Sequence[str], strict: bool,
+                  options: Mapping[str, str]) -> VerificationReport:
+    """``verification``, else :func:`audits.verify.verify_run` of ``run_dir`` with the other
+    arguments (the call ``audit verify`` makes). ReportError for a missing run directory or
+    allowlist, and for ``verification`` given together with any verification argument."""
     run = check_path(run_dir, "run_dir", ReportError)
+    if verification is not None:
+        given = [name for name, differs in (
+            ("allowlist", allowlist is not None), ("anchor", anchor is not None),
+            ("rel_tol", rel_tol is not DEFAULT_REL_TOL and rel_tol != DEFAULT_REL_TOL),
+            ("pld_checkpoints", pld_checkpoints is not DEFAULT_PLD_CHECKPOINTS
+             and pld_checkpoints != DEFAULT_PLD_CHECKPOINTS),
+            ("imports", isinstance(imports, str) or bool(imports)), ("strict", strict is not False),
+            ("options", options is not API_AUDIT_OPTIONS)) if differs]
+        if given:
+            raise ReportError(f"verification= was given together with {'=, '.join(given)}=:"
+                              " those apply only when the report runs the verification; pass"
+                              " them to audits.verify.verify_run, or leave out verification=")
     if allowlist is not None:
         check_path(allowlist, "allowlist", ReportError, "file")
     if not run.is_dir():
         raise ReportError(f"run directory {run} does not exist or is not a directory")
-    if verification is None:
-        verification = verify_run(run, allowlist=allowlist)
+    if verification is not None:
+        return verification
+    return verify_run(run, allowlist=allowlist, anchor=anchor, rel_tol=rel_tol,
+                      pld_checkpoints=pld_checkpoints, imports=imports, strict=strict,
+                      options=options)
+
+
+def build_report(run_dir: str | Path, *, verification: VerificationReport | None = None,
+                 allowlist: str | Path | None = None, anchor: str | Path | None = None,
+                 rel_tol: float = DEFAULT_REL_TOL,
+                 pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
+                 imports: Sequence[str] = (), strict: bool = False,
+                 options: Mapping[str, str] = API_AUDIT_OPTIONS) -> dict[str, Any]:
+    """The report document (what ``report.json`` holds) for ``run_dir``.
+
+    Runs :func:`audits.verify.verify_run` with ``allowlist``, ``anchor``, ``rel_tol``,
+    ``pld_checkpoints``, ``imports`` (trusted modules, never one inside ``run_dir``),
+    ``strict`` and ``options`` unless ``verification`` is given: exactly what ``audit verify``
+    and ``audit report`` with the same flags check. Given a ``verification``, passing any of
+    those as well is a :class:`ReportError` (they would be silently ignored; pass them to
+    ``verify_run``). Guarantee: every client with a ledger appears in the budget table and the
+    epsilon series.
+    """
+    verification = _verification(run_dir, verification, allowlist=allowlist, anchor=anchor,
+                                  rel_tol=rel_tol, pld_checkpoints=pld_checkpoints,
+                                  imports=imports, strict=strict, options=options)
+    run = check_path(run_dir, "run_dir", ReportError)
     results = _read_json(run / "results.json")
     cfg = _read_config(run)
     identity = {
@@ -1104,10 +1148,10 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     return "\n".join(parts)
 
 
-def _check_report_files(paths: ReportPaths, force: bool) -> None:
+def _check_report_files(html_path: Path, json_path: Path, force: bool) -> None:
     from audits.output import output_refusal
 
-    for path, kind in ((paths.json, "report"), (paths.html, "report.html")):
+    for path, kind in ((json_path, "report"), (html_path, "report.html")):
         why = output_refusal(path, "output file", kind, force)
         if why is not None:
             raise ReportError(why)
@@ -1116,10 +1160,18 @@ def _check_report_files(paths: ReportPaths, force: bool) -> None:
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
                  allowlist: str | Path | None = None,
                  verification: VerificationReport | None = None,
-                 force: bool = False) -> ReportPaths:
+                 force: bool = False, anchor: str | Path | None = None,
+                 rel_tol: float = DEFAULT_REL_TOL,
+                 pld_checkpoints: int = DEFAULT_PLD_CHECKPOINTS,
+                 imports: Sequence[str] = (), strict: bool = False,
+                 options: Mapping[str, str] = API_AUDIT_OPTIONS) -> ReportPaths:
     """Verify ``run_dir`` and write ``report.json`` and ``report.html`` (default: ``<run>/audit``).
 
-    Both files are replaced atomically. Returns their paths. Raises :class:`ReportError` when
+    The verification is :func:`build_report`'s: ``verification`` if given, else
+    :func:`audits.verify.verify_run` with ``allowlist``, ``anchor``, ``rel_tol``,
+    ``pld_checkpoints``, ``imports``, ``strict`` and ``options`` (what ``audit report`` runs
+    with the same flags). Both files are replaced atomically. Returns their paths and that
+    verification. Raises :class:`ReportError` when
     the run directory is missing or the output directory cannot be created, and before
     anything is read when either is empty (the current directory), only spaces or holds NUL,
     or when either file is refused by :mod:`audits.output`'s rule (a directory, a link, a
@@ -1130,9 +1182,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     out = check_path(out_dir, "out_dir", ReportError) if out_dir is not None else run / "audit"
     if not isinstance(force, bool):  # a truthy "no" must not mean yes
         raise ReportError(f"force must be True or False, got {force!r:.80}")
-    paths = ReportPaths(html=out / "report.html", json=out / "report.json")
-    _check_report_files(paths, force)
-    report = build_report(run, verification=verification, allowlist=allowlist)
+    html_path, json_path = out / "report.html", out / "report.json"
+    _check_report_files(html_path, json_path, force)
+    verification = _verification(run, verification, allowlist=allowlist, anchor=anchor,
+                                  rel_tol=rel_tol, pld_checkpoints=pld_checkpoints,
+                                  imports=imports, strict=strict, options=options)
+    report = build_report(run, verification=verification)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1141,9 +1196,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
         "epsilon": _epsilon_plot(report["epsilon_series"], report["budgets"]),
         "accuracy": _accuracy_plot(report["accuracy"]),
     }
-    _check_report_files(paths, force)
-    write_output_file(paths.json, strict_json(json.loads(json.dumps(report, default=str))),
+    _check_report_files(html_path, json_path, force)
+    write_output_file(json_path, strict_json(json.loads(json.dumps(report, default=str))),
                       "output file", "report", force, ReportError)
-    write_output_file(paths.html, render_html(report, plots), "output file", "report.html",
+    write_output_file(html_path, render_html(report, plots), "output file", "report.html",
                       force, ReportError)
-    return paths
+    return ReportPaths(html=html_path, json=json_path, verification=verification)

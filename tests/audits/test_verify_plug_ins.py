@@ -339,3 +339,81 @@ def test_report_strict_states_it_and_exits_as_verify_does(run: Path, fresh_audit
         assert (f"Verification{' (strict)' if strict else ''}: "
                 f"{'FAILED' if code else 'PASSED'} &mdash;") in page
         assert ("Strict: every warning saying that a check was not made" in page) is strict
+
+
+def _same_verification(cli: dict, py: dict) -> None:
+    """The verdict and every finding (its text included) of two report.json verifications."""
+    for key in ("verdict", "verdict_text", "strict", "ok", "imported", "findings", "checks"):
+        assert cli[key] == py[key], key
+
+
+def test_the_python_report_takes_strict_and_imports_as_the_cli(
+        run: Path, fresh_auditor: None, capsys: pytest.CaptureFixture[str]):
+    """`build_report`/`write_report` took neither `strict` nor `imports` (a caller had to run
+    `verify_run` first and pass `verification=`): they now take both, and the CLI's `audit
+    report` calls `write_report` with its flags, so the Python call and the CLI give the same
+    verdict and findings for a strict run and for an import run (with the API's wording of
+    the options by default)."""
+    from audits.report import build_report, write_report
+    from audits.verdict import VERIFICATION_EXIT
+
+    trusted = _trusted(run)
+    cases = ((["--strict"], {"strict": True}),  # first: before the module is imported
+             (["--strict", "--import", MODULE], {"strict": True, "imports": [MODULE]}),
+             (["--import", MODULE], {"imports": (MODULE,)}))
+    for n, (flags, kwargs) in enumerate(cases):
+        code = main(["audit", "report", str(run), "--allowlist", str(trusted), *flags,
+                     "--out", str(run.parent / f"cli-{n}")])
+        cli = json.loads((run.parent / f"cli-{n}" / "report.json").read_text())["verification"]
+        paths = write_report(run, run.parent / f"py-{n}", allowlist=trusted,
+                             options=CLI_AUDIT_OPTIONS, **kwargs)
+        py = json.loads(paths.json.read_text())["verification"]
+        _same_verification(cli, py)
+        assert VERIFICATION_EXIT[paths.verification.verdict] == code == (1 if n == 0 else 0)
+        assert paths.verification.to_json()["findings"] == py["findings"]
+        _same_verification(cli, build_report(run, allowlist=trusted, options=CLI_AUDIT_OPTIONS,
+                                             **kwargs)["verification"])
+        api = build_report(run, allowlist=trusted, **kwargs)["verification"]  # API wording
+        assert (api["verdict"], api["strict"], api["imported"]) == \
+            (cli["verdict"], cli["strict"], cli["imported"])
+        assert [(f["severity"], f["check"], f["client_id"]) for f in api["findings"]] == \
+            [(f["severity"], f["check"], f["client_id"]) for f in cli["findings"]]
+    assert cli["imported"][0]["module"] == MODULE and not cli["findings"]
+    capsys.readouterr()
+
+
+def test_the_python_report_refuses_modules_as_the_cli(run: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]):
+    """An unknown module, one inside the run directory, a bad `strict`, or `strict`/`imports`
+    next to a `verification=` they could not change: refused before anything is written,
+    with the CLI's words when given its options."""
+    from audits.report import ReportError, build_report, write_report
+
+    marker = run.parent / "ran"
+    (run / "run_plugin.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(run))
+    for name, why in (("no_such_plugin_module", "no module 'no_such_plugin_module'"),
+                      ("run_plugin", "run_plugin resolves inside the run directory")):
+        out = tmp_path / f"out-{name}"
+        assert main(["audit", "report", str(run), "--import", name, "--out", str(out)]) == 2
+        cli_error = capsys.readouterr().err.strip()
+        assert f"--import {name}: {why}" in cli_error and not out.exists()
+        with pytest.raises(AuditError) as caught:
+            write_report(run, out, imports=[name], options=CLI_AUDIT_OPTIONS)
+        assert str(caught.value) in cli_error and not out.exists()
+        with pytest.raises(AuditError, match=f"the imports= argument of .*: {why}"):
+            build_report(run, imports=[name])
+    assert not marker.exists()
+    with pytest.raises(AuditError, match="strict must be True or False, got 'no'"):
+        write_report(run, tmp_path / "o", strict="no")  # type: ignore[arg-type]
+    with pytest.raises(AuditError, match="takes a list of module names"):
+        build_report(run, imports=MODULE)  # type: ignore[arg-type]
+    report = verify_run(run)
+    for kwargs in ({"strict": True}, {"imports": [MODULE]}, {"allowlist": _trusted(run)}):
+        with pytest.raises(ReportError, match=f"verification= was given together with"
+                                              f" {next(iter(kwargs))}="):
+            write_report(run, tmp_path / "o", verification=report, **kwargs)
+    assert not (tmp_path / "o").exists()
+    assert build_report(run, verification=report, imports=[], strict=False)["verification"] \
+        == build_report(run, verification=report)["verification"]
