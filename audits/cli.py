@@ -440,7 +440,7 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
     p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
                    " signatures against (default: RUN_DIR/keys/allowlist.json, with a warning);"
-                   " private signing keys inside RUN_DIR are then an error")
+                   " private keys inside RUN_DIR are an error with it or without")
     p.add_argument("--anchor", help="a copy of the run's anchor.json kept apart: any ledger"
                    " behind it, missing or unnamed, or a changed results.json/config.toml, fails"
                    " (default: check RUN_DIR/anchor.json if present)")

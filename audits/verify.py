@@ -64,9 +64,11 @@
    name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests; its
    ``run_name``, ``config_hash``, ``runtime`` and ``methods`` are those results.json and
    config.toml record (check ``anchor_identity``).
-7. **Key location**: private signing keys inside the audited directory are an error when an
-   allowlist is given (anyone with the directory could re-sign), a warning otherwise. With
-   an allowlist given, the run's own ``keys/allowlist.json`` must agree with it: a party it
+7. **Key location**: private key material inside the audited directory (a file named
+   ``*.ed25519.key``/``*.x25519.key``, or holding a PEM private key block or a DER private
+   key, found by :func:`private_key_files`) is an error, with or without an allowlist and
+   whether the run claims DP or not: whoever receives the run receives the keys, and anyone
+   holding a signing key can re-sign edited ledgers and anchor. With an allowlist given, the run's own ``keys/allowlist.json`` must agree with it: a party it
    lists that the given one does not register, or another key for a party, is an error (the
    directory misstates who could sign); parties registered but not published are not.
    :func:`check_anchor` and :func:`verified_ledger_entries` (``audit replay``) given an
@@ -173,6 +175,7 @@ __all__ = [
     "load_given_allowlist",
     "mechanism_epsilon",
     "positive_number",
+    "private_key_files",
     "tolerance_text",
     "verified_ledger_entries",
     "verify_run",
@@ -409,8 +412,8 @@ def checks_done(options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[str]:
         " count, head and epsilon_spent, results.json and config.toml digests, no ledger"
         " missing or unnamed; its run_name, config_hash, runtime and methods equal"
         " results.json's and config.toml's",
-        "no private signing key inside the audited directory (an error with "
-        f"{options['allowlist']})",
+        "no private key material inside the audited directory (found by file name and by"
+        " content)",
         f"with {options['allowlist']}: keys/allowlist.json lists no party and no key that"
         " it does not register (audit replay and check_anchor check the same)",
         "keys/*.ed25519.pub and keys/*.x25519.pub equal the allowlisted keys",
@@ -1158,10 +1161,8 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
         findings.append(Finding("error", "allowlist", str(exc)))
         return {}, str(path)
     keys_dir = run_dir / "keys"
-    if allowlist is None:
-        findings.extend(_private_key_findings(run_dir, False))
-    else:
-        findings.extend(given_allowlist_findings(run_dir, allowlist, keys))
+    if allowlist is not None:  # private keys: _verify_dir, for every run
+        findings.extend(_published_allowlist_findings(keys_dir, allowlist, keys))
     findings.extend(_public_key_file_findings(keys_dir, keys))
     return keys, str(path)
 
@@ -1169,12 +1170,11 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
 def given_allowlist_findings(run_dir: Path, given: Path,
                              keys: Mapping[str, PublicIdentity]) -> list[Finding]:
     """What an independently registered allowlist ``given`` (loaded as ``keys``) requires of
-    ``run_dir``, the one check every audit taking ``--allowlist`` runs (:func:`verify_run`,
-    :func:`check_anchor`, :func:`verified_ledger_entries`): no private signing key inside
-    the directory (:func:`_private_key_findings`, an error here) and a published
-    ``keys/allowlist.json`` that agrees with ``given``
-    (:func:`_published_allowlist_findings`)."""
-    return [*_private_key_findings(run_dir, True),
+    ``run_dir`` in :func:`check_anchor` and :func:`verified_ledger_entries`: no private key
+    inside the directory (:func:`_private_key_findings`) and a published
+    ``keys/allowlist.json`` that agrees with ``given`` (:func:`_published_allowlist_findings`).
+    :func:`verify_run` runs the same two checks, the first for every run."""
+    return [*_private_key_findings(run_dir),
             *_published_allowlist_findings(run_dir / "keys", given, keys)]
 
 
@@ -1739,23 +1739,114 @@ def _model_record_findings(run: Path, found: Sequence[tuple[str | None, Path]],
 # --------------------------------------------------------------------------- anchoring
 
 
-def _private_key_findings(run_dir: Path, allowlist_given: bool) -> list[Finding]:
-    """Private signing keys (``*.ed25519.key``) anywhere under the audited directory: whoever
-    holds the directory can re-sign a shortened ledger with them. With an independently
-    registered allowlist that would defeat its purpose, so it is an error; without one, a
-    warning (the keys are only as trustworthy as the directory anyway)."""
-    private = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.ed25519.key"))
-    if not private:
-        return []
-    shown = ", ".join(private[:3]) + (f" (+{len(private) - 3} more)" if len(private) > 3 else "")
-    text = (f"{len(private)} private signing keys sit inside the audited directory ({shown}):"
-            " anyone holding the directory can re-sign its ledgers and anchor")
-    if allowlist_given:
-        return [Finding("error", "private_keys", text + "; the allowlist cannot rule out a"
-                        " re-signed ledger (keep keys in a key store outside the run:"
-                        " `secure-fedora keys init`, `[security] keystore`)")]
-    return [Finding("warning", "private_keys", text + ", so signatures prove integrity only"
-                    " against parties without it")]
+#: File names that hold private key material as the toolkit writes it
+#: (:func:`privacy.identity.init_keys`, key stores, ``keys party`` identity directories).
+PRIVATE_KEY_SUFFIXES = (".ed25519.key", ".x25519.key")
+#: A PEM private key block's first line (PKCS#8, encrypted PKCS#8, RSA/EC/DSA, OpenSSH).
+_PEM_PRIVATE = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+#: Bytes kept across chunk boundaries so that a header split between two reads is found.
+_PEM_OVERLAP = 64
+#: Files up to this size are also tried as a DER private key (a 48-byte PKCS#8 Ed25519 key
+#: has no PEM header).
+_DER_MAX = 16384
+_SCAN_CHUNK = 1 << 20
+
+
+def _holds_private_key(path: Path) -> bool | None:
+    """True when the regular file ``path`` (links followed) holds a PEM private key block or
+    is a DER private key, False when it does not, None when it cannot be read. Only what kind
+    of content it is leaves here, never the content."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in must not block
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            head = b""
+            first = b""
+            while chunk := fh.read(_SCAN_CHUNK):
+                if not first:
+                    first = chunk[:_DER_MAX + 1]
+                if _PEM_PRIVATE.search(head + chunk):
+                    return True
+                head = chunk[-_PEM_OVERLAP:]
+        except OSError:
+            return None
+    if 0 < len(first) <= _DER_MAX:
+        try:
+            serialization.load_der_private_key(first, password=None)
+        except TypeError:  # "private key is encrypted": a private key all the same
+            return True
+        except (ValueError, UnsupportedAlgorithm):
+            return False
+        return True
+    return False
+
+
+def private_key_files(run_dir: Path) -> tuple[list[str], list[str]]:
+    """Files under ``run_dir`` that hold private key material, as sorted relative paths, and
+    the files that could not be read to find out. A file is one by its name
+    (:data:`PRIVATE_KEY_SUFFIXES`: whatever it holds now) or by its content (a PEM private key
+    block anywhere in it, or a DER private key), so a renamed key is found too. Links to
+    regular files are read (a copy that follows links carries what they point to); linked
+    directories, FIFOs and devices are not entered or read."""
+    found: list[str] = []
+    unreadable: list[str] = []
+    for folder, _dirs, files in os.walk(run_dir, followlinks=False):
+        for name in files:
+            path = Path(folder, name)
+            rel = path.relative_to(run_dir).as_posix()
+            if name.endswith(PRIVATE_KEY_SUFFIXES):
+                found.append(rel)
+                continue
+            held = _holds_private_key(path)
+            if held:
+                found.append(rel)
+            elif held is None and path.is_file():  # a dangling link holds nothing
+                unreadable.append(rel)
+    return sorted(found), sorted(unreadable)
+
+
+def _shown(paths: Sequence[str], limit: int = 10) -> str:
+    """``paths`` joined, the first ``limit`` of them, then how many more and in which folders."""
+    if len(paths) <= limit:
+        return ", ".join(paths)
+    rest = sorted({str(Path(p).parent) + "/" for p in paths[limit:]})
+    return (", ".join(paths[:limit]) + f" (+{len(paths) - limit} more in"
+            f" {', '.join(rest[:limit])}{', ...' if len(rest) > limit else ''})")
+
+
+def _private_key_findings(run_dir: Path, dp_claimed: bool = True) -> list[Finding]:
+    """Private key material anywhere under the audited directory (:func:`private_key_files`):
+    an error, with or without an allowlist and whether the run claims DP or not. Whoever
+    receives the run for audit receives the keys, and its signatures (ledgers, anchor,
+    envelopes) prove nothing to someone who holds a signing key: they can re-sign edited
+    records. Files that could not be read to look are an unchecked warning. Without a DP
+    claim (``dp_claimed`` False) the error also says that such a run keeps its envelope keys
+    in ``keys/``."""
+    found, unreadable = private_key_files(run_dir)
+    out = []
+    if found:
+        own = "" if dp_claimed or not any(re.fullmatch(r"keys/[^/]+\.key", p) for p in found) \
+            else ("; a run without privacy keeps its envelope keys in keys/ (for a resume):"
+                  " delete keys/*.key before sharing it, the .pub files and allowlist.json stay")
+        out.append(Finding(
+            "error", "private_keys",
+            f"{len(found)} {'file holds' if len(found) == 1 else 'files hold'} private key"
+            f" material inside the audited directory ({_shown(found)}): whoever receives the"
+            " run receives the keys, and its signatures (ledgers, anchor, envelopes) prove"
+            " nothing to someone who holds the signing key, who can re-sign edited records;"
+            " remove the keys before sharing a run (a DP run keeps them in a key store outside"
+            f" it: `secure-fedora keys init`, `[security] keystore`){own}"))
+    if unreadable:
+        out.append(Finding(
+            "warning", "private_keys",
+            f"{len(unreadable)} {'file' if len(unreadable) == 1 else 'files'} inside the audited"
+            f" directory could not be read to look for private keys ({_shown(unreadable)})",
+            unchecked=True))
+    return out
 
 
 def _close_findings(path: Path, method: str | None, client_id: str) -> list[Finding]:
@@ -2551,6 +2642,7 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
     findings.extend(_interrupted_creations(ledger_dir))
     claim_basis = dp_claim_basis(run, cfg.privacy.enabled if cfg is not None else None,
                                  results, anchor_path is not None)
+    findings.extend(_private_key_findings(run, bool(claim_basis)))  # with a claim or without
     if not claim_basis:
         return _no_claim_report(run, cfg, results, findings, allow_path, rel_tol, options)
     keys, allow_used = _load_keys(run, allow_path, findings, options, given_keys)

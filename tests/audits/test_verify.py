@@ -659,7 +659,33 @@ def _envelope_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     Simulation(cfg, run, clients=build_clients(cfg)).run()
     assert (run / "keys").is_dir()
+    for key in (run / "keys").glob("*.key"):  # as before sharing it (they fail the audit)
+        key.unlink()
     return run
+
+
+def test_a_non_private_run_s_own_envelope_keys_fail_until_removed(tmp_path):
+    """A run without privacy keeps its envelope keys in RUN/keys: its audit said "no DP claim"
+    (exit 3) with the keys inside. It now fails naming them and saying to delete keys/*.key
+    before sharing the run; without them it is a no-claim run again."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    cfg = parse_config({"name": "plain-envelopes", "methods": ["fedavg"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8},
+                        "security": {"envelopes": True}})
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    report = verify_run(run)
+    [finding] = report.errors
+    assert report.verdict == "failed" and finding.check == "private_keys"
+    assert "6 files hold" in finding.message and "keys/server.ed25519.key" in finding.message
+    assert "delete keys/*.key before sharing it" in finding.message
+    for key in (run / "keys").glob("*.key"):
+        key.unlink()
+    assert verify_run(run).verdict == "no_dp_claim"
 
 
 def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path):
@@ -1135,7 +1161,93 @@ def test_private_keys_inside_the_run_fail_an_allowlisted_audit(run_copy, tmp_pat
     report = verify_run(run_copy, allowlist=trusted)
     assert [f.check for f in report.errors] == ["private_keys"]
     assert f"keys/{CID}.ed25519.key" in report.errors[0].message
-    assert "private_keys" in {w.check for w in verify_run(run_copy).warnings}
+    assert "private_keys" in {e.check for e in verify_run(run_copy).errors}
+
+
+def _key_bodies(key_file: Path) -> list[str]:
+    """The base64 lines of a PEM key file: what no finding may print."""
+    return [line for line in key_file.read_text().splitlines() if not line.startswith("-----")]
+
+
+def _assert_keys_flagged(report, names: list[str], bodies: list[str]) -> None:
+    [finding] = [f for f in report.errors if f.check == "private_keys"]
+    assert report.verdict == "failed"
+    assert f"{len(names)} file" in finding.message
+    for name in names:
+        assert name in finding.message
+    assert "prove nothing to someone who holds the signing key" in finding.message
+    assert "remove the keys before sharing a run" in finding.message
+    for text in (finding.message, json.dumps(report.to_json())):
+        assert "BEGIN" not in text and not any(b in text for b in bodies)
+
+
+def test_private_keys_inside_a_run_are_an_error_found_by_name_and_content(run_copy, tmp_path,
+                                                                          capsys):
+    """A run directory holding private keys: whoever receives it for audit receives them.
+    Without an allowlist it was only a warning, a key under another name (or in DER) was not
+    found, and `audit verify`/`audit report` passed; each is now an error naming the files by
+    their paths inside the run, with why, and never printing a key."""
+    from audits.cli import main
+    from audits.report import write_report
+    from cryptography.hazmat.primitives import serialization
+
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    ed_key = keystore_of(run_copy) / f"{CID}.ed25519.key"
+    x_key = keystore_of(run_copy) / f"{CID}.x25519.key"
+    bodies = _key_bodies(ed_key) + _key_bodies(x_key)
+    assert not [f for f in verify_run(run_copy).findings if f.check == "private_keys"]
+    # by content only: a PEM key renamed, a key pasted into a text file, a DER key
+    (run_copy / "notes").mkdir()
+    shutil.copyfile(ed_key, run_copy / "notes" / "backup.txt")
+    (run_copy / "notes" / "readme.md").write_text("keys:\n" + x_key.read_text() + "done\n")
+    der = serialization.load_pem_private_key(ed_key.read_bytes(), None).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    (run_copy / "notes" / "blob.bin").write_bytes(der)
+    os.mkfifo(run_copy / "notes" / "pipe")  # never opened for a blocking read, not a key
+    # by name only (whatever it now holds)
+    (run_copy / "keys" / "operator.x25519.key").write_text("not a key any more")
+    names = ["keys/operator.x25519.key", "notes/backup.txt", "notes/blob.bin",
+             "notes/readme.md"]
+    for allowlist in (None, trusted):
+        _assert_keys_flagged(verify_run(run_copy, allowlist=allowlist), names, bodies)
+    paths = write_report(run_copy, tmp_path / "out")
+    _assert_keys_flagged(paths.verification, names, bodies)
+    for written in (paths.json, paths.html):
+        text = written.read_text()
+        assert "notes/blob.bin" in text and not any(b in text for b in bodies)
+    capsys.readouterr()
+    assert main(["audit", "verify", str(run_copy)]) == 1
+    assert main(["audit", "report", str(run_copy), "--out", str(tmp_path / "cli")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("notes/backup.txt") == 2 and not any(b in out for b in bodies)
+
+
+def test_private_keys_inside_a_run_without_a_dp_claim_are_an_error(tmp_path, pristine_run,
+                                                                   capsys):
+    """A run that makes no DP claim was not looked at for private keys (verdict no_dp_claim,
+    exit 3, in verify and report alike): a key copied into it is now an error (exit 1); the
+    same run without the key keeps its verdict."""
+    from audits.cli import main
+    from audits.report import build_report
+
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"assumptions": {"differential_privacy": False}}))
+    assert verify_run(tmp_path).verdict == "no_dp_claim"
+    assert main(["audit", "verify", str(tmp_path)]) == 3
+    assert main(["audit", "report", str(tmp_path)]) == 3
+    key = keystore_of(pristine_run) / "operator.ed25519.key"
+    (tmp_path / "party").mkdir()
+    shutil.copyfile(key, tmp_path / "party" / "operator.ed25519.key")
+    report = verify_run(tmp_path)
+    _assert_keys_flagged(report, ["party/operator.ed25519.key"], _key_bodies(key))
+    doc = build_report(tmp_path)["verification"]
+    assert doc["verdict"] == "failed"
+    assert [f["check"] for f in doc["findings"] if f["severity"] == "error"] == ["private_keys"]
+    assert main(["audit", "verify", str(tmp_path)]) == 1
+    assert main(["audit", "report", str(tmp_path)]) == 1
+    capsys.readouterr()
 
 
 def test_entry_after_close_and_bad_close_are_caught(run_copy):
@@ -1413,7 +1525,7 @@ def test_the_checks_name_the_anchor_and_allowlist_as_the_caller_gives_them(prist
     assert "--" not in api_checks
     assert "the anchor= argument" in api_checks and "the allowlist= argument" in api_checks
     cli_checks = " ".join(verify_run(pristine_run, options=CLI_AUDIT_OPTIONS).checks)
-    assert "(or --anchor)" in cli_checks and "an error with --allowlist" in cli_checks
+    assert "(or --anchor)" in cli_checks and "with --allowlist: keys/allowlist.json" in cli_checks
 
 
 def test_wrong_independent_epsilons_arguments_are_audit_errors_naming_them():
