@@ -1187,9 +1187,10 @@ def test_private_keys_inside_a_run_are_an_error_found_by_name_and_content(run_co
     Without an allowlist it was only a warning, a key under another name (or in DER) was not
     found, and `audit verify`/`audit report` passed; each is now an error naming the files by
     their paths inside the run, with why, and never printing a key."""
+    from cryptography.hazmat.primitives import serialization
+
     from audits.cli import main
     from audits.report import write_report
-    from cryptography.hazmat.primitives import serialization
 
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
