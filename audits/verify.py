@@ -1820,26 +1820,34 @@ def _shown(paths: Sequence[str], limit: int = 10) -> str:
 
 def _private_key_findings(run_dir: Path, dp_claimed: bool = True) -> list[Finding]:
     """Private key material anywhere under the audited directory (:func:`private_key_files`):
-    an error, with or without an allowlist and whether the run claims DP or not. Whoever
-    receives the run for audit receives the keys, and its signatures (ledgers, anchor,
-    envelopes) prove nothing to someone who holds a signing key: they can re-sign edited
-    records. Files that could not be read to look are an unchecked warning. Without a DP
-    claim (``dp_claimed`` False) the error also says that such a run keeps its envelope keys
-    in ``keys/``."""
+    an error, with or without an allowlist. Whoever receives the run for audit receives the
+    keys, and its signatures (ledgers, anchor, envelopes) prove nothing to someone who holds a
+    signing key: they can re-sign edited records. One exception, a warning that ``--strict``
+    makes an error: a run without a DP claim (``dp_claimed`` False) whose only key files are
+    its own envelope keys in ``keys/``, where the toolkit keeps them for a resume (such a run
+    claims nothing the keys could forge). Files that could not be read to look are an
+    unchecked warning."""
     found, unreadable = private_key_files(run_dir)
     out = []
     if found:
-        own = "" if dp_claimed or not any(re.fullmatch(r"keys/[^/]+\.key", p) for p in found) \
-            else ("; a run without privacy keeps its envelope keys in keys/ (for a resume):"
-                  " delete keys/*.key before sharing it, the .pub files and allowlist.json stay")
-        out.append(Finding(
-            "error", "private_keys",
-            f"{len(found)} {'file holds' if len(found) == 1 else 'files hold'} private key"
-            f" material inside the audited directory ({_shown(found)}): whoever receives the"
-            " run receives the keys, and its signatures (ledgers, anchor, envelopes) prove"
-            " nothing to someone who holds the signing key, who can re-sign edited records;"
-            " remove the keys before sharing a run (a DP run keeps them in a key store outside"
-            f" it: `secure-fedora keys init`, `[security] keystore`){own}"))
+        own_only = not dp_claimed and all(
+            re.fullmatch(r"keys/[^/]+\.(?:ed25519|x25519)\.key", p) for p in found)
+        text = (f"{len(found)} {'file holds' if len(found) == 1 else 'files hold'} private key"
+                f" material inside the audited directory ({_shown(found)}): whoever receives"
+                " the run receives the keys, and its signatures (ledgers, anchor, envelopes)"
+                " prove nothing to someone who holds the signing key, who can re-sign edited"
+                " records")
+        if own_only:
+            out.append(Finding(
+                "warning", "private_keys",
+                text + "; a run without privacy keeps its envelope keys in keys/ (for a"
+                " resume): delete keys/*.key before sharing it, the .pub files and"
+                " allowlist.json stay", unchecked=True))
+        else:
+            out.append(Finding(
+                "error", "private_keys",
+                text + "; remove the keys before sharing a run (a DP run keeps them in a key"
+                " store outside it: `secure-fedora keys init`, `[security] keystore`)"))
     if unreadable:
         out.append(Finding(
             "warning", "private_keys",

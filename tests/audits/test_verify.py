@@ -664,10 +664,12 @@ def _envelope_run(tmp_path: Path) -> Path:
     return run
 
 
-def test_a_non_private_run_s_own_envelope_keys_fail_until_removed(tmp_path):
-    """A run without privacy keeps its envelope keys in RUN/keys: its audit said "no DP claim"
-    (exit 3) with the keys inside. It now fails naming them and saying to delete keys/*.key
-    before sharing the run; without them it is a no-claim run again."""
+def test_a_non_private_run_s_own_envelope_keys_are_flagged_and_strict_fails_them(tmp_path):
+    """A run without privacy keeps its envelope keys in RUN/keys (for a resume): its audit
+    said "no DP claim" (exit 3) without a word on them. They are now an unchecked warning
+    naming them and saying to delete keys/*.key before sharing the run (--strict: an error);
+    a key anywhere else in such a run is an error; without them it is a plain no-claim run."""
+    from audits.cli import main
     from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
@@ -679,13 +681,25 @@ def test_a_non_private_run_s_own_envelope_keys_fail_until_removed(tmp_path):
     run = tmp_path / "run"
     Simulation(cfg, run, clients=build_clients(cfg)).run()
     report = verify_run(run)
-    [finding] = report.errors
-    assert report.verdict == "failed" and finding.check == "private_keys"
-    assert "6 files hold" in finding.message and "keys/server.ed25519.key" in finding.message
+    assert report.verdict == "no_dp_claim" and not report.errors
+    [finding] = [f for f in report.warnings if f.check == "private_keys"]
+    assert finding.unchecked and "6 files hold" in finding.message
+    assert "keys/server.ed25519.key" in finding.message
     assert "delete keys/*.key before sharing it" in finding.message
+    assert main(["audit", "verify", str(run)]) == 3
+    strict = verify_run(run, strict=True)
+    assert strict.verdict == "failed" and "private_keys" in [f.check for f in strict.errors]
+    moved = run / "extra" / "server.pem"
+    moved.parent.mkdir()
+    moved.write_bytes((run / "keys" / "server.ed25519.key").read_bytes())
+    [error] = verify_run(run).errors
+    assert error.check == "private_keys" and "extra/server.pem" in error.message
+    moved.unlink()
     for key in (run / "keys").glob("*.key"):
         key.unlink()
-    assert verify_run(run).verdict == "no_dp_claim"
+    clean = verify_run(run)
+    assert clean.verdict == "no_dp_claim"
+    assert not [f for f in clean.warnings if f.check == "private_keys"]
 
 
 def test_a_non_private_run_with_envelopes_has_its_envelope_keys_checked(tmp_path):
