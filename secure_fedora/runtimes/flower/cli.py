@@ -321,9 +321,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--print-commands", action="store_true",
         help="start nothing: write into the workdir what the deployment's processes read "
         "(certificates, node keys, identities, run.toml) and print, one per line, every "
-        "command the deployment would run, in order (the flwr run id, known once submitted, "
-        "is written RUN_ID; with --client-public-keys a SuperNode's identity-dir, the one its "
-        "client made on its own host, NODE_IDENTITY_DIR); each line runs as printed, by hand",
+        "command the deployment would run, in order, to run by hand. Two placeholders must "
+        "be replaced before a line runs: RUN_ID, in the flwr log and flwr ls lines, by the run "
+        "id that the flwr run line prints once it submitted the run; and, with "
+        "--client-public-keys, NODE_IDENTITY_DIR, in each SuperNode line, by the identity "
+        "directory that client made on its own host (`secure-fedora keys party`). Otherwise "
+        "the lines run as printed on this host; on other machines change the hosts and the "
+        "nodes' paths (README, \"Real machines (Flower)\")",
     )
     local.add_argument("--quiet", action="store_true",
                        help="no progress bars (one per method, advanced as the ServerApp logs "

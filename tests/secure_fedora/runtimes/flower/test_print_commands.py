@@ -195,6 +195,29 @@ def test_client_public_keys_supernode_lines_name_the_nodes_own_identity_director
     assert str(work / "identities" / "server") in (work / "run.toml").read_text()
 
 
+def test_print_commands_help_names_each_placeholder_of_the_printed_lines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The help of --print-commands said each printed line "runs as printed", while with
+    --client-public-keys the SuperNode lines hold NODE_IDENTITY_DIR and the flwr log / ls
+    lines RUN_ID, both to be replaced: it names each placeholder the lines hold and where
+    its value comes from."""
+    config, files = _own_public_files(tmp_path)
+    args = _parser().parse_args(["deploy", "local", "--config", str(config), "--workdir",
+                                 str(tmp_path / "w"), "--print-commands",
+                                 "--client-public-keys", *files])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["deploy", "local", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "each line runs as printed" not in help_text
+    assert "Two placeholders must be replaced before a line runs" in help_text
+    for placeholder, where in ((local.NODE_IDENTITY_DIR, "flower-supernode"),
+                               ("RUN_ID", "flwr log")):
+        assert any(placeholder in line for line in printed.splitlines() if where in line)
+        assert f"{placeholder}, in " in help_text
+
+
 def test_client_public_keys_refuses_a_workdir_holding_client_private_keys(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An earlier --print-commands without --client-public-keys wrote every client's private
