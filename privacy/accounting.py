@@ -152,8 +152,9 @@ def _check_release(noise_multiplier: Any, sample_rate: Any, steps: Any) -> tuple
     if not (0 < sample_rate <= 1):
         raise AccountingError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if sample_rate < MIN_SAMPLE_RATE:
-        raise AccountingError(f"sample_rate must be at least {MIN_SAMPLE_RATE:g} (the smallest "
-                              f"normal float64; no run samples at a lower rate), got {sample_rate!r}")
+        raise AccountingError(f"sample_rate must be at least {format_exact(MIN_SAMPLE_RATE)} (the"
+                              " smallest normal float64; no run samples at a lower rate), got"
+                              f" {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise AccountingError(f"steps must be an int, got {steps!r}")
     if steps < 1:
@@ -333,7 +334,7 @@ def _prv_upper_bound(history: History, delta: float, eps_error: float) -> tuple[
             smallest = min(nm for nm, _, _ in history)
             raise AccountingSizeError(
                 f"PRV accounting cannot size its grid for this history: its noise multipliers "
-                f"(smallest {smallest:.4g}) are too small for float64 arithmetic",
+                f"(smallest {format_exact(smallest)}) are too small for float64 arithmetic",
                 "use more noise") from None
         if points > PRV_MAX_GRID_POINTS:
             raise AccountingSizeError(
@@ -348,8 +349,8 @@ def _prv_upper_bound(history: History, delta: float, eps_error: float) -> tuple[
             # grid ("Floating point errors will dominate"), or a noise level too small for it
             # ("Discrete mean differs significantly from continuous mean")
             raise AccountingError(
-                f"the PRV accountant cannot evaluate this history at delta {delta:g} (Opacus: "
-                f"{exc}); use accountant='rdp' or 'pld'") from None
+                "the PRV accountant cannot evaluate this history at delta"
+                f" {format_exact(delta)} (Opacus: {exc}); use accountant='rdp' or 'pld'") from None
     return bound, points
 
 
@@ -478,7 +479,8 @@ def check_pld_size(history: Iterable[tuple[float, float, int]],
         smallest = min((nm for nm, _, _ in history), default=float("nan"))
         raise AccountingSizeError(
             f"PLD accounting of this history needs a grid of about {points:,} points (limit"
-            f" {PLD_MAX_GRID_POINTS:,}): its noise multipliers (smallest {smallest:.4g}) give an"
+            f" {PLD_MAX_GRID_POINTS:,}): its noise multipliers (smallest"
+            f" {format_exact(smallest)}) give an"
             " epsilon far beyond any meaningful budget", "use accountant='rdp' or more noise")
 
 
@@ -928,6 +930,42 @@ def format_exact(value: float) -> str:
     return short if decimal.Decimal(short) == decimal.Decimal(repr(value)) else repr(value)
 
 
+def format_at_least(value: float, digits: int = 6) -> str:
+    """A lower bound that a message tells the user to meet ("use at least X") as text whose
+    number meets it when set as the value: ``value``'s shortest decimal form rounded up (toward
+    plus infinity) to ``digits`` significant digits, followed by " (rounded up)" where that
+    changed it (1.234567891 is "1.23457 (rounded up)", where ``:g`` shows "1.23457", still
+    below it); as :func:`format_exact` shows it where it has no more digits or where the
+    rounded number is beyond float range. Infinite and NaN values as ``str`` shows them."""
+    return _format_bound(value, digits, decimal.ROUND_CEILING, "rounded up")
+
+
+def format_at_most(value: float, digits: int = 6) -> str:
+    """An upper bound that a message tells the user to stay at or below ("until it is below
+    X") as text whose number is not above it: ``value``'s shortest decimal form rounded down
+    (toward minus infinity) to ``digits`` significant digits, followed by " (rounded down)"
+    where that changed it (2.2469167 is "2.24691 (rounded down)", where ``:g`` shows the larger
+    "2.24692"); as :func:`format_exact` shows it where it has no more digits or where the
+    rounded number is beyond float range. Infinite and NaN values as ``str`` shows them."""
+    return _format_bound(value, digits, decimal.ROUND_FLOOR, "rounded down")
+
+
+def _format_bound(value: float, digits: int, rounding: str, said: str) -> str:
+    """``value`` rounded with ``rounding`` to ``digits`` significant digits, as ``:g`` shows
+    it, with `` (<said>)`` after it where that is not the value (:func:`format_at_least`)."""
+    value = float(value) or 0.0
+    if not math.isfinite(value) or value == 0.0:
+        return format_exact(value)
+    exact = decimal.Decimal(repr(value))
+    shown = exact.quantize(decimal.Decimal(1).scaleb(exact.adjusted() - digits + 1),
+                           rounding=rounding)
+    if shown == exact or not math.isfinite(float(shown)):  # 2e308: beyond float, say it exactly
+        return format_exact(value)
+    # ``shown`` has at most ``digits`` significant digits (10.0000 after a carry: one), so
+    # ``:g`` at ``digits`` writes its float back as the same decimal
+    return f"{float(shown):.{digits}g} ({said})"
+
+
 def spent_decimals(budget: float | None, least: int) -> int:
     """Decimals to show an epsilon spent under ``budget`` with: at least ``least``, and as many
     as the budget's shortest decimal form has, so that a spend rounded up reads above the
@@ -1154,7 +1192,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
         if evaluations > max_evaluations:
             raise CalibrationError(
                 f"no noise multiplier found within {max_evaluations} evaluations"
-                f" (target epsilon {target_epsilon:.6g}, delta {delta:g})"
+                f" (target epsilon {format_exact(target_epsilon)}, delta {format_exact(delta)})"
             )
         with warnings.catch_warnings():
             # Opacus warns when the optimal RDP order is at the edge of its alpha grid; the
@@ -1165,17 +1203,18 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                                    prv_refine=prv_refine)
             except AccountingSizeError as exc:
                 raise CalibrationError(
-                    f"calibrating to epsilon {target_epsilon:.6g} reached noise multiplier"
-                    f" {sigma:.4g}, which {accountant.upper()} accounting cannot evaluate: {exc}"
+                    f"calibrating to epsilon {format_exact(target_epsilon)} reached noise"
+                    f" multiplier {sigma:.4g}, which {accountant.upper()} accounting cannot"
+                    f" evaluate: {exc}"
                 ) from exc
         if math.isinf(eps) and accountant != "rdp":
             # The discretized accountants compute exp(-epsilon) terms that underflow float64
             # beyond epsilon ~700 and then report inf (a safe bound, but no longer monotone in
             # sigma, so it would mislead the search).
             raise CalibrationError(
-                f"calibrating to epsilon {target_epsilon:.6g}: {accountant.upper()} accounting"
-                f" reports an infinite epsilon at noise multiplier {sigma:.4g} (its float range"
-                " ends near epsilon 700); use accountant='rdp' or a smaller target")
+                f"calibrating to epsilon {format_exact(target_epsilon)}: {accountant.upper()}"
+                f" accounting reports an infinite epsilon at noise multiplier {sigma:.4g} (its"
+                " float range ends near epsilon 700); use accountant='rdp' or a smaller target")
         return eps
 
     sigma_min, sigma_max = 1e-3, 1e4
@@ -1183,8 +1222,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
     def unreachable(eps_max: float) -> UnreachableTargetError:
         hint = ""
         if accountant == "prv":
+            floor = format_exact(min(prv_eps_error, PRV_MIN_EPS_ERROR))
             hint = ("; a PRV epsilon includes its discretization error (at least"
-                    f" {min(prv_eps_error, PRV_MIN_EPS_ERROR):g}), so PRV cannot certify less")
+                    f" {floor}), so PRV cannot certify less")
         return UnreachableTargetError(f"even noise multiplier {sigma_max:g} gives epsilon"
                                       f" {format_spent(eps_max, target_epsilon)} > target"
                                       f" {format_exact(target_epsilon)}{hint}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -857,6 +858,47 @@ def test_an_unreachable_target_fails_without_climbing_to_the_largest_sigma(
     with pytest.raises(CalibrationError, match=r"even noise multiplier 10000 gives epsilon .* > target"):
         calibrate_noise_multiplier(target, DELTA, [PlannedRelease("dpsgd", q, steps)], accountant)
     assert len(sigmas) <= most and sigmas[-1] == 1e4
+
+
+def test_the_least_sample_rate_a_refusal_states_is_accepted():
+    """"sample_rate must be at least 2.22507e-308" named a rate below the least one
+    (2.2250738585072014e-308) that the same check then refused."""
+    with pytest.raises(AccountingError) as err:
+        Accountant("rdp").record(1.0, 5e-324, 1)
+    found = re.search(r"sample_rate must be at least (\S+) ", str(err.value))
+    assert found is not None, str(err.value)
+    Accountant("rdp").record(1.0, float(found.group(1)), 1)
+
+
+def test_a_calibration_refusal_states_its_target_and_delta_exactly():
+    """"(target epsilon 1, delta 1e-05)" was printed for a target of 1.0000001 and a delta of
+    1.0000001e-05: neither was the one asked for."""
+    with pytest.raises(CalibrationError, match=r"\(target epsilon 1\.0000001, delta "
+                                               r"1\.0000001e-05\)$"):
+        calibrate_noise_multiplier(1.0000001, 1.0000001e-05, [PlannedRelease("dpsgd", 0.1, 50)],
+                                   "rdp", max_evaluations=1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False), st.integers(1, 8))
+def test_a_stated_bound_is_rounded_toward_the_side_it_bounds(value, digits):
+    """A lower bound stated to ``digits`` significant digits ("at least X") is never below the
+    bound, an upper one ("below X") never above it; rounded ones say so, exact ones are the
+    float's shortest form."""
+    from privacy.accounting import format_at_least, format_at_most, format_exact
+
+    for shown, rounded_ok in ((format_at_least(value, digits), lambda x: x >= value),
+                              (format_at_most(value, digits), lambda x: x <= value)):
+        number, _, said = shown.partition(" ")
+        assert rounded_ok(float(number))
+        if said:
+            assert said in ("(rounded up)", "(rounded down)") and float(number) != value
+            assert len(number.split("e")[0].lstrip("-").replace(".", "").strip("0")) <= digits
+        else:
+            assert number == format_exact(value)
+    assert format_at_least(1.234567891) == "1.23457 (rounded up)"
+    assert format_at_most(2.2469167) == "2.24691 (rounded down)"
+    assert format_at_least(0.125) == format_at_most(0.125) == "0.125"
 
 
 @pytest.mark.parametrize("kind", ["rdp", "prv", "pld"])
