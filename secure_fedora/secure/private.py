@@ -314,9 +314,10 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
         elif isinstance(err, UnreachableTargetError):
             hint = "; raise the budget" + (f" or {share[0]}" if share else "")
         source = "" if share is None else \
-            f" ({share[0]} {share[1]:g} of epsilon {format_exact(share[2])})"
-        raise ConfigError(f"privacy: cannot calibrate {what} for epsilon {target:g}{source}"
-                          f" (accountant {accountant!r}): {err}{hint}") from None
+            f" ({share[0]} {format_exact(share[1])} of epsilon {format_exact(share[2])})"
+        raise ConfigError(f"privacy: cannot calibrate {what} for epsilon"
+                          f" {format_exact(target)}{source} (accountant {accountant!r}):"
+                          f" {err}{hint}") from None
 
 
 #: Mechanisms with a fixed noise multiplier (calibrated to a fraction of the budget when
@@ -617,18 +618,18 @@ def _plan_for(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
             if fixed_noise is None:
                 shares[fraction_key] = fraction
             else:
-                fixed_by.append(f"{noise_key} {fixed_noise:g}")
+                fixed_by.append(f"{noise_key} {format_exact(fixed_noise)}")
                 if mechanism not in FIXED_NOISE_MECHANISMS:
                     to_set.append(fraction_key)
     if p.noise_multiplier is None and shares and sum(shares.values()) >= 1.0:
-        named = " + ".join(f"{k} ({v:g})" for k, v in sorted(shares.items()))
+        named = " + ".join(f"{k} ({format_exact(v)})" for k, v in sorted(shares.items()))
         raise ConfigError(f"privacy: {named} leave DP-SGD no share of the budget; their sum "
                           "must be below 1")
     dpsgd = PlannedRelease("dpsgd", sample_rate_for(cfg), dpsgd_steps)
     plan = [dpsgd, *fixed]
     dpsgd_noise = p.noise_multiplier or _calibrate(
         eps, delta, plan, accountant, "privacy.noise_multiplier (DP-SGD)", prv_refine, fixed_by,
-        calibrated=[f"{k} {v:g}" for k, v in sorted(shares.items())], to_set=to_set)
+        calibrated=[f"{k} {format_exact(v)}" for k, v in sorted(shares.items())], to_set=to_set)
     plug_ins = tuple((m, sigma) for m, sigma in noise.items() if m not in FIXED_NOISE_MECHANISMS)
     return ClientPlan(dpsgd_noise, noise.get("gaussian_summary"), noise.get("gaussian_lambda"),
                       tuple(plan), accountant, prv_refine, plug_ins)
@@ -672,7 +673,7 @@ def _fixed_noise_advice(cfg: ExperimentConfig, method: str, releases: Sequence[P
         return "", ""
     alone = plan_epsilon([r for r in releases if r.mechanism in fixed], budget.delta, None,
                          accountant, prv_refine=prv_refine)
-    named = " and ".join(f"{k} = {v:g}" for k, v, _ in fixed.values())
+    named = " and ".join(f"{k} = {format_exact(v)}" for k, v, _ in fixed.values())
     advice = "; ".join(f"raise {k}, or unset it and set {f} (the share of the budget it may "
                        "spend; its noise is then calibrated)" for k, _, f in fixed.values())
     # max: an accountant's conversion can give a tiny negative epsilon for a huge noise
@@ -793,8 +794,9 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
             raise
         why = size_error_remedy(exc, plan.releases, budget.delta, plan.dpsgd_noise,
                                 budget.epsilon)
+        fixed = format_exact(plan.dpsgd_noise)
         raise BudgetPlanError(f"privacy: the plan of {method!r} with the fixed "
-                              f"privacy.noise_multiplier {plan.dpsgd_noise:g}: {why}", []) from None
+                              f"privacy.noise_multiplier {fixed}: {why}", []) from None
     if planned > budget.epsilon:
         named, advice = _fixed_noise_advice(cfg, method, plan.releases, budget, accountant,
                                             prv_refine)
@@ -803,15 +805,16 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
                   if sigma is None}
         lower = ""
         if sum(shares.values()) >= 1.0:  # calibrating DP-SGD would be refused for them
-            lower = (", or lower " + " + ".join(f"{k} {v:g}" for k, v in shares.items())
+            lower = (", or lower "
+                     + " + ".join(f"{k} {format_exact(v)}" for k, v in shares.items())
                      + " (the calibrated shares; to calibrate DP-SGD their sum must be below 1)")
         raise BudgetPlanError(
             f"privacy: the plan of {method!r} spends epsilon {format_spent(planned, budget.epsilon)}"
             f" > budget {format_exact(budget.epsilon)} (delta {format_exact(budget.delta)},"
             f" accountant {accountant!r}) with the fixed privacy.noise_multiplier "
-            f"{plan.dpsgd_noise:g}" + (f" and {named}: raise privacy.noise_multiplier or unset it "
-                                       f"to calibrate; {advice}" if named else
-                                       "; raise it or unset it to calibrate") + lower, [])
+            f"{format_exact(plan.dpsgd_noise)}"
+            + (f" and {named}: raise privacy.noise_multiplier or unset it to calibrate; {advice}"
+               if named else "; raise it or unset it to calibrate") + lower, [])
     return plan
 
 

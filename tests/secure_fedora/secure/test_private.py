@@ -231,6 +231,40 @@ def test_a_fixed_plan_over_budget_names_the_calibrated_fractions_to_lower():
         " calibrated shares; to calibrate DP-SGD their sum must be below 1)")
 
 
+def test_a_fixed_multiplier_over_the_target_is_named_exactly():
+    """The refusal printed the fixed multiplier it names with ``:g``: a
+    summary_noise_multiplier of 0.05000001 read "0.05", not the config's value."""
+    fixed = dp_config(methods=["fedora"], privacy={"summary_noise_multiplier": 0.05000001})
+    with pytest.raises(ConfigError) as err:  # FixedEntriesOverTargetError
+        privacy_plan(fixed, "fedora", PrivacyBudget(0.5, 1e-3))
+    assert "(set by privacy.summary_noise_multiplier 0.05000001; raise it" in str(err.value)
+
+
+def test_an_unreachable_share_states_its_fraction_and_target_exactly():
+    """A summary_budget_fraction of 0.2000001 read "0.2", and its target epsilon
+    2.000001e-05 "2e-05": neither was the config's."""
+    share = dp_config(methods=["fedora"], privacy={"accountant": "rdp",
+                                                   "summary_budget_fraction": 0.2000001})
+    with pytest.raises(ConfigError) as err:  # UnreachableTargetError
+        privacy_plan(share, "fedora", PrivacyBudget(0.0001, 1e-5))
+    message = str(err.value)
+    stated = re.search(r"for epsilon (\S+) \(privacy.summary_budget_fraction 0.2000001 of "
+                       r"epsilon 0.0001\)", message)
+    assert stated is not None, message
+    assert float(stated.group(1)) == 0.2000001 * 0.0001
+
+
+def test_a_fixed_plan_over_budget_names_its_multipliers_exactly():
+    """privacy.noise_multiplier 40.000001 read "40" and summary_noise_multiplier 0.5000001
+    "0.5" in the over-budget refusal (_fixed_noise_advice)."""
+    plan = dp_config(methods=["fedora"], privacy={"noise_multiplier": 40.000001,
+                                                  "summary_noise_multiplier": 0.5000001})
+    with pytest.raises(BudgetPlanError) as err:  # _fixed_noise_advice
+        privacy_plan(plan, "fedora", PrivacyBudget(0.5, 1e-3))
+    assert "with the fixed privacy.noise_multiplier 40.000001 and" \
+        " privacy.summary_noise_multiplier = 0.5000001 (alone epsilon" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "privacy, key",
     [
