@@ -29,7 +29,12 @@ from pydantic import (
     model_validator,
 )
 
-from privacy.accounting import MAX_NOISE_MULTIPLIER, format_exact
+from privacy.accounting import (
+    MAX_NOISE_MULTIPLIER,
+    format_at_least,
+    format_exact,
+    format_ordered,
+)
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 
@@ -91,14 +96,16 @@ def local_divergence_problem(lr: float, momentum: float, terms: dict[str, float]
     if product < bound:
         return None
     keys = " + ".join(terms)
-    values = " + ".join(f"{v:g}" for v in terms.values())
+    values = " + ".join(format_exact(v) for v in terms.values())
     change = " or ".join(["training.lr", *(k for k, v in terms.items() if v > 0)])
-    return (f"training.lr * ({keys}) = {lr:g} * ({values}) = {product:g} reaches the local "
-            f"step's stability bound 2 (1 + training.momentum) = {bound:g}: from there the "
+    # exact: the bound is the one to stay below, and a rounded product could read below it
+    return (f"training.lr * ({keys}) = {format_exact(lr)} * ({values}) = {format_exact(product)}"
+            " reaches the local step's stability bound 2 (1 + training.momentum) = "
+            f"{format_exact(bound)}: from there the "
             "momentum SGD step no longer shrinks the parameters' distance to the term's anchor "
             "(spectral radius >= 1) whatever the data, and local training diverges (the term is "
             "added after gradient clipping, so neither training.clip_grad_norm nor DP clipping "
-            f"bounds it); lower {change} until the product is below {bound:g}")
+            f"bounds it); lower {change} until the product is below {format_exact(bound)}")
 
 
 def pull_stability_limit(lr: float, momentum: float, weight_decay: float) -> float:
@@ -601,11 +608,13 @@ def _plugin_number_problem(value: Any, key: str, field: Any = None) -> str | Non
         if not math.isfinite(value):
             return f"{key}: floats must be finite, got {value}"
         if value > MAX_SCALE and not _declares_bound(field, "le", "lt"):
-            return (f"{key}: {value:g} is above {MAX_SCALE:g}, the largest a plug-in's float "
-                    f"may be unless its params model declares an upper bound (le/lt)")
+            return (f"{key}: {format_exact(value)} is above {MAX_SCALE:g}, the largest a "
+                    "plug-in's float may be unless its params model declares an upper bound "
+                    "(le/lt)")
         if value < -MAX_SCALE and not _declares_bound(field, "ge", "gt"):
-            return (f"{key}: {value:g} is below {-MAX_SCALE:g}, the smallest a plug-in's float "
-                    f"may be unless its params model declares a lower bound (ge/gt)")
+            return (f"{key}: {format_exact(value)} is below {-MAX_SCALE:g}, the smallest a "
+                    "plug-in's float may be unless its params model declares a lower bound "
+                    "(ge/gt)")
         return None
     else:
         return None
@@ -829,10 +838,11 @@ class ExperimentConfig(_Section):
             if sensitivity < sys.float_info.min:
                 least = (sys.float_info.min * rows) ** (1 / power) * 1.001
                 raise ValueError(
-                    f"{key} = {clip:g}: the {what}'s sensitivity {key}"
-                    f"{'^2' if power == 2 else ''} / {rows_key} = {sensitivity:g} is below the "
-                    f"smallest normal float ({sys.float_info.min:g}), so its Gaussian noise "
-                    f"cannot be drawn at the recorded scale; raise {key} to at least {least:.3g}")
+                    f"{key} = {format_exact(clip)}: the {what}'s sensitivity {key}"
+                    f"{'^2' if power == 2 else ''} / {rows_key} = {format_exact(sensitivity)} is"
+                    f" below the smallest normal float ({format_exact(sys.float_info.min)}), so"
+                    " its Gaussian noise cannot be drawn at the recorded scale; raise"
+                    f" {key} to at least {format_at_least(least, 3)}")
 
     def _check_derived_rows(self) -> None:
         """Refuse a listed method whose name is a results entry another listed method derives
@@ -862,9 +872,14 @@ class ExperimentConfig(_Section):
         p, d, t = self.privacy, self.data, self.training
         n = d.train_per_client
         if p.sample_rate is not None and p.sample_rate * n < 1.0:
+            least = 1 / n
+            if least * n < 1.0:  # 1/49 * 49 is 0.9999999999999999 in floats
+                least = math.nextafter(least, math.inf)
+            expected, _ = format_ordered(p.sample_rate * n, 1.0, 3)  # never "1" when below
             raise ValueError(
-                f"privacy.sample_rate = {p.sample_rate:g} expects {p.sample_rate * n:.3g} records "
-                f"per batch (data.train_per_client = {n}); use at least 1/n = {1 / n:g}"
+                f"privacy.sample_rate = {format_exact(p.sample_rate)} expects {expected} records "
+                f"per batch (data.train_per_client = {n}); use at least 1/n = "
+                f"{format_at_least(least)}"
             )
         q = p.sample_rate if p.sample_rate is not None else min(1.0, t.batch_size / n)
         steps = t.rounds * math.ceil(t.local_epochs / q - 1e-9)
@@ -873,7 +888,8 @@ class ExperimentConfig(_Section):
                 "training.batch_size / data.train_per_client"
             raise ValueError(
                 f"the DP-SGD plan has {steps:,} steps per client (training.rounds = {t.rounds} x "
-                f"ceil(training.local_epochs = {t.local_epochs} / q = {q:g}, from {source})), "
+                f"ceil(training.local_epochs = {t.local_epochs} / q = {format_exact(q)}, from "
+                f"{source})), "
                 f"above the maximum of {MAX_PLANNED_DPSGD_STEPS:,}"
             )
 

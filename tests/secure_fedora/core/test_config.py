@@ -1,6 +1,7 @@
 """Config validation: unknown keys and bad values are rejected with the key named."""
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -259,8 +260,8 @@ _NOISED = {"methods": ["fedora", "local"],
 
 
 @pytest.mark.parametrize(("key", "refused", "accepted", "least"), [
-    ("summary_clip", 1e-300, 1.2e-153, "1.19e-153"),  # 1e-300 ** 2 / 64 is 0
-    ("lambda_clip", 1e-306, 1e-300, "1.43e-306"),
+    ("summary_clip", 1e-300, 1.2e-153, "1.2e-153 (rounded up)"),  # 1e-300 ** 2 / 64 is 0
+    ("lambda_clip", 1e-306, 1e-300, "1.43e-306 (rounded up)"),
 ])
 def test_a_clip_whose_release_sensitivity_underflows_is_refused(key, refused, accepted, least):
     """``privacy.summary_clip = 1e-300`` was accepted, then its noised summary's sensitivity
@@ -269,7 +270,8 @@ def test_a_clip_whose_release_sensitivity_underflows_is_refused(key, refused, ac
     doc = copy.deepcopy(_NOISED)
     doc["privacy"][key] = refused
     with pytest.raises(ConfigError, match=rf"privacy\.{key} = {refused:g}: .* is below the "
-                                          rf"smallest normal float .* at least {least}$"):
+                                          rf"smallest normal float .* at least "
+                                          rf"{re.escape(least)}$"):
         parse_config(doc)
     doc["privacy"][key] = accepted
     assert getattr(parse_config(doc).privacy, key) == accepted
@@ -278,6 +280,64 @@ def test_a_clip_whose_release_sensitivity_underflows_is_refused(key, refused, ac
     doc["methods"], doc["fedora"]["relatedness"], doc["data"]["validation"] = \
         ["local"], "plain", "public"
     assert getattr(parse_config(doc).privacy, key) == refused
+
+
+def _number_after(text: str, words: str) -> float:
+    """The number a message states right after ``words``."""
+    found = re.search(re.escape(words) + r" ([-+0-9.e]+)", text)
+    assert found is not None, text
+    return float(found.group(1))
+
+
+def test_the_least_clip_a_refusal_states_is_accepted():
+    """"raise privacy.summary_clip to at least 1.49e-153" (sqrt(2.2250738585072014e-308 * 100)
+    * 1.001 = 1.49316e-153 rounded to nearest) named a clip below the least one,
+    1.49167e-153, that the same refusal then met: the stated bound is rounded up."""
+    doc = copy.deepcopy(_NOISED)
+    doc["data"]["train_per_client"] = 100
+    doc["privacy"]["summary_clip"] = 1e-300
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    least = _number_after(str(err.value), "raise privacy.summary_clip to at least")
+    assert str(err.value).endswith(" (rounded up)")
+    doc["privacy"]["summary_clip"] = least
+    assert parse_config(doc).privacy.summary_clip == least
+
+
+@pytest.mark.parametrize("rows", [30, 49, 64, 3000])
+def test_the_least_sample_rate_a_refusal_states_is_accepted(rows):
+    """"use at least 1/n = 0.0333333" (1/30 to nearest at six digits) named a rate that the
+    same refusal then met (0.0333333 * 30 < 1); 1/49 * 49 is below 1 in floats, too."""
+    doc = _with(DP, privacy={"sample_rate": 0.5 / rows, "delta": 1e-5},
+                data={"train_per_client": rows}, training={"rounds": 1, "local_epochs": 1})
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert "expects 0.5 records per batch" in str(err.value)
+    least = _number_after(str(err.value), "use at least 1/n =")
+    assert parse_config(_with(doc, privacy={"sample_rate": least})).privacy.sample_rate == least
+
+
+def test_a_sample_rate_just_below_one_record_per_batch_reads_below_one():
+    """0.99999999 expected records read "1 records per batch", beside "use at least"."""
+    doc = _with(DP, privacy={"sample_rate": 0.0199999998, "delta": 1e-3},
+                data={"train_per_client": 50})
+    with pytest.raises(ConfigError, match=r"sample_rate = 0\.0199999998 expects 0\.99999999 "):
+        parse_config(doc)
+
+
+def test_the_stability_bound_a_refusal_states_is_exact():
+    """"lower training.lr or training.weight_decay until the product is below 2.24692" (the
+    bound 2 (1 + 0.12345835) = 2.2469167 to nearest at six digits): a product just below the
+    stated figure was still refused. The bound is stated exactly, and so are the values."""
+    doc = {"training": {"lr": 1.0, "momentum": 0.12345835, "weight_decay": 3.0000001}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    text = str(err.value)
+    assert "= 1 * (3.0000001) = 3.0000001 reaches" in text
+    bound = _number_after(text, "until the product is below")
+    below = math.nextafter(bound, 0.0)
+    doc["training"]["weight_decay"] = below
+    assert parse_config(doc).training.weight_decay == below
 
 
 def test_k_below_n_is_needed_only_when_fedora_runs():
