@@ -203,7 +203,7 @@ def _print_audit_summary(doc: dict[str, Any]) -> None:
     claim, (lower, most) = audit_figures(doc["claim_epsilon"], doc["lower_bound"],
                                          doc["certifiable_max"])
     print(f"  claimed epsilon {claim}; certifiable maximum {most}"
-          f" (a perfect attacker, confidence {doc['confidence']:g});"
+          f" (a perfect attacker, confidence {format_exact(doc['confidence'])});"
           f" measured lower bound {lower}")
     print(f"  verdict: {doc['verdict_text']}")
 
@@ -269,7 +269,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
         print(f"  scored after each of {result.rounds_scored} rounds; round"
               f" {result.selected_round} chosen on the calibration half")
     print(f"  evaluation half: TPR {b.tpr:.3f} (lower {b.tpr_lower:.3f}), FPR {b.fpr:.3f}"
-          f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}, delta {result.delta:g}")
+          f" (upper {b.fpr_upper:.3f}) at threshold {b.threshold:.4g}, delta"
+          f" {format_exact(result.delta)}")
     _print_audit_summary(doc)
     if run_dir is not None:
         try:
@@ -301,7 +302,8 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
     # the audited setting exactly: rounding could show more noise, a smaller q or delta
     sigma = "none (non-private)" if s.noise_multiplier is None else repr(s.noise_multiplier)
     print(f"client {s.client_id}, method {s.method}: DP-SGD sigma {sigma}, q {s.sample_rate!r},"
-          f" {s.steps} steps, clip {s.clip_norm:g}; {result.num_canaries} Dirac canaries"
+          f" {s.steps} steps, clip {format_exact(s.clip_norm)}; {result.num_canaries} Dirac"
+          " canaries"
           f" ({result.members} inserted), {doc['evaluation_size']} evaluated")
     print(f"  guesses {doc['guesses']}, correct {doc['correct_guesses']}, delta {s.delta!r}")
     if "not cross-checked" in s.plan_source:
@@ -339,7 +341,8 @@ def _planned_summary_noise(cfg: Any) -> tuple[list[float], str]:
                 f"fedora.relatedness = {cfg.fedora.relatedness!r} releases no noised summary, so "
                 "there is no planned summary noise; pass --noise-multiplier (and --clip-norm)")
         sigmas.append(sigma)
-    return sigmas, (f"calibrated: privacy.summary_budget_fraction {p.summary_budget_fraction:g} "
+    return sigmas, (f"calibrated: privacy.summary_budget_fraction "
+                    f"{format_exact(p.summary_budget_fraction)} "
                     "of each client's epsilon, as the run's privacy plan")
 
 
@@ -385,7 +388,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         # rounded down: a shown noise multiplier is never above the one planned
         shown = format_down(nm[0], 4) if len(set(nm)) == 1 \
             else f"{format_down(min(nm), 4)} to {format_down(max(nm), 4)}"
-        print(f"noised mode: clip {clip:g}, noise multiplier {shown} ({source})")
+        print(f"noised mode: clip {format_exact(clip)}, noise multiplier {shown} ({source})")
     report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
                                        noise_multiplier=nm, tau=cfg.fedora.tau, seed=cfg.seed)
     print(f"{'mode':<10} {'image cos':>10} {'prior':>7} {'label cos':>10} {'prior':>7}"
@@ -427,7 +430,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     claim, (lower, most) = audit_figures(result.claim_epsilon, result.lower_bound,
                                          result.certifiable_max)
     print(f"  epsilon lower bound {lower} (certifiable max {most}) at confidence"
-          f" {result.confidence:g}; claimed epsilon {claim} -> {result.verdict}")
+          f" {format_exact(result.confidence)}; claimed epsilon {claim} -> {result.verdict}")
     others = [m for m in s.get("claim_mechanisms", []) if m != "dpsgd"]
     if others:  # the claim is the ledger's whole spend, the replay one DP-SGD step of it
         print(f"  the claim also spans the ledger's {', '.join(others)} releases (signed entries,"

@@ -55,6 +55,7 @@ from audits.verify import (  # noqa: E402
     verify_run,
 )
 from privacy.accounting import (  # noqa: E402
+    format_exact,
     format_ordered,
     format_share_up,
     format_spent,
@@ -778,7 +779,8 @@ def _epsilon_plot(series: dict[str, dict[str, list[dict[str, Any]]]],
                 continue
             seen.add(b)
             ax.axhline(b, color="black", linestyle="--", linewidth=1)
-            ax.annotate(f"budget {b:g}", xy=(0.0, b), xycoords=("axes fraction", "data"),
+            ax.annotate(f"budget {format_exact(b)}", xy=(0.0, b),
+                        xycoords=("axes fraction", "data"),
                         xytext=(3, 3), textcoords="offset points", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")

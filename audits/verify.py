@@ -138,6 +138,7 @@ from privacy.accounting import (
     AccountingSizeError,
     PlannedRelease,
     check_pld_size,
+    format_exact,
     format_ordered,
     format_spent,
     plan_epsilon,
@@ -522,8 +523,8 @@ def _release_problems(params: dict[str, Any]) -> list[str]:
     if not _number(q) or not 0 < q <= 1:
         out.append(f"params.sample_rate must be in (0, 1], got {q!r}")
     elif q < MIN_SAMPLE_RATE:
-        out.append(f"params.sample_rate must be at least {MIN_SAMPLE_RATE:g} (a subnormal rate;"
-                   f" no run samples at it), got {q!r}")
+        out.append(f"params.sample_rate must be at least {format_exact(MIN_SAMPLE_RATE)} (a"
+                   f" subnormal rate; no run samples at it), got {q!r}")
     if not _int(steps) or not 1 <= steps <= MAX_STEPS:
         shown = steps if not _int(steps) or steps.bit_length() < 64 else f"an int of {len(str(steps))} digits"
         out.append(f"params.steps must be an int in [1, {MAX_STEPS:g}], got {shown!r}")

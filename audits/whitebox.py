@@ -64,7 +64,7 @@ from audits.verify import (
     positive_number,
     verified_ledger_entries,
 )
-from privacy.accounting import PlannedRelease, plan_epsilon
+from privacy.accounting import PlannedRelease, format_exact, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.paths import check_path
@@ -166,7 +166,8 @@ def _recorded_noise(results: dict[str, Any] | None, method: str, epsilon: float,
                       if isinstance(r, dict)}, key=repr)
     shown = ", ".join(f"epsilon {e!r} delta {d!r}" for e, d in budgets) or "no rows"
     raise WhiteboxAuditError(
-        f"{where} has no row for epsilon {epsilon:g}, delta {delta:g} (config.toml's budget of"
+        f"{where} has no row for epsilon {format_exact(epsilon)}, delta {format_exact(delta)}"
+        " (config.toml's budget of"
         f" the client); it records {shown}: the config is not this run's")
 
 
@@ -179,7 +180,7 @@ def _plan_noise_mismatch(method: str, epsilon: float, recorded: float, calibrate
         return a == b if exact else math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
 
     stated = (f"results.json's plan states DP-SGD noise multiplier {recorded!r} for {method} at"
-              f" epsilon {epsilon:g}, config.toml's calibration gives {calibrated!r}")
+              f" epsilon {format_exact(epsilon)}, config.toml's calibration gives {calibrated!r}")
     if ledger is None:
         return (f"{stated}: the config is not this run's, or results.json's plan was changed"
                 " (restore the run's config.toml or results.json)")
@@ -314,7 +315,8 @@ def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
                     or not math.isclose(recorded, planned, rel_tol=1e-5, abs_tol=1e-9):
                 raise WhiteboxAuditError(
                     f"{where} entry {e['index']} records DP-SGD {name} {recorded!r}, the plan"
-                    f" from config.toml gives {planned:g}: the config is not this run's")
+                    f" from config.toml gives {format_exact(planned)}: the config is not this"
+                    " run's")
     accountant = dpsgd[0]["accountant"] if dpsgd else None
     problem = dpsgd_claim_problem(setting.claim_epsilon, entries, setting.delta, accountant,
                                   setting.steps, rel_tol)

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from privacy.accounting import format_exact
 from secure_fedora.algorithms.config_checks import (
     BASELINE_HYPERPARAMETERS,
     BASELINE_NAMES,
@@ -1050,7 +1051,7 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
             return "a cluster choice must be one number"
         k = float(value.reshape(-1)[0])
         if k != int(k) or not 0 <= k < self.num_clusters:
-            return f"cluster index {k:g} is not an integer in [0, {self.num_clusters})"
+            return f"cluster index {format_exact(k)} is not an integer in [0, {self.num_clusters})"
         return None
 
     def _valid_choices(self, replies: Mapping[int, Payload]) -> dict[int, int]:

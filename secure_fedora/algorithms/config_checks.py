@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from privacy.accounting import format_exact
 from privacy.errors import ToolkitError
 from secure_fedora.core.config import (
     MAX_INT,
@@ -284,10 +285,11 @@ class FedoraChecks(MethodChecks):
                 max_pull >= pull_stability_limit(t.lr, t.momentum, t.weight_decay):
             raise ValueError(
                 f"fedora.max_pull = {max_pull!r} reaches the pull's stability limit "
-                f"{pull_limit_text(t.lr, t.momentum, t.weight_decay)} (training.lr = {t.lr:g}, "
-                f"training.weight_decay = {t.weight_decay:g}, training.momentum = "
-                f"{t.momentum:g}): a pull of that size moves theta away from phi whatever the "
-                "data; use a max_pull below the limit (1: a pull stops at phi)")
+                f"{pull_limit_text(t.lr, t.momentum, t.weight_decay)} (training.lr = "
+                f"{format_exact(t.lr)}, training.weight_decay = {format_exact(t.weight_decay)}, "
+                f"training.momentum = {format_exact(t.momentum)}): a pull of that size moves theta "
+                "away from phi whatever the data; use a max_pull below the limit (1: a pull "
+                "stops at phi)")
         if cfg.fedora.k >= cfg.data.num_clients:
             raise ValueError(
                 f"fedora.k = {cfg.fedora.k} must be smaller than data.num_clients = "
@@ -304,16 +306,16 @@ class FedoraChecks(MethodChecks):
                 > MAX_SERIES_TERMS:
             # found here, not at round 1 after gigabytes were held building it
             raise ValueError(
-                f"fedora.propagation 'sparse' at fedora.alpha = {f.alpha:g} and "
-                f"fedora.propagation_tolerance = {f.propagation_tolerance:g} needs a series of "
-                f"{series_terms(f.alpha, f.propagation_tolerance):,} terms, more than "
+                f"fedora.propagation 'sparse' at fedora.alpha = {format_exact(f.alpha)} and "
+                f"fedora.propagation_tolerance = {format_exact(f.propagation_tolerance)} needs a "
+                f"series of {series_terms(f.alpha, f.propagation_tolerance):,} terms, more than "
                 f"{MAX_SERIES_TERMS:,}; use propagation 'factored' or 'dense' (exact), a "
                 "smaller alpha or a larger tolerance")
         if f.propagation == "power" and \
                 power_iterations(f.alpha, POWER_TOLERANCE) > MAX_POWER_ITERATIONS:
             # found here, not after the summaries were released and 200,000 iterations ran
             raise ValueError(
-                f"fedora.propagation 'power' at fedora.alpha = {f.alpha:g} needs up to "
+                f"fedora.propagation 'power' at fedora.alpha = {format_exact(f.alpha)} needs up to "
                 f"{power_iterations(f.alpha, POWER_TOLERANCE):,} iterations, more than "
                 f"{MAX_POWER_ITERATIONS:,}: it converges only on a graph that mixes fast, which "
                 "is known only after the clients' summaries are released; use propagation "

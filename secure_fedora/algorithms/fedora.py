@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from privacy.accounting import format_exact
 from privacy.errors import ToolkitError
 from secure_fedora.algorithms.config_checks import (
     MAX_POWER_ITERATIONS,
@@ -138,8 +139,9 @@ def _exp_similarities(cosine_sums: Tensor, tau: float) -> Tensor:
     """``exp(tau * cosine_sums)``; RelatednessError naming ``fedora.tau`` where it overflows."""
     s = torch.exp(tau * cosine_sums)
     if not torch.isfinite(s).all():
-        raise RelatednessError(f"fedora.tau = {tau:g}: exp(tau * sum of the cosines) overflows "
-                               "float64 (tau times a sum of cosines above about 709): lower fedora.tau for raw "
+        raise RelatednessError(f"fedora.tau = {format_exact(tau)}: exp(tau * sum of the cosines) "
+                               "overflows float64 (tau times a sum of cosines above about 709): "
+                               "lower fedora.tau for raw "
                                "similarities; the graph builders need none (topk_graph_from_cosine_sums)")
     return s
 
@@ -291,8 +293,9 @@ def _power_iterate(graph: Tensor, w0: Tensor, alpha: float, tol: float, max_iter
         if delta < tol:
             return w
     raise RelatednessError(
-        f"power iteration did not converge in {max_iter:,} iterations (alpha {alpha:g}, tolerance"
-        f" {tol:g}); use fedora.propagation 'dense' or 'factored' (exact) or a smaller fedora.alpha")
+        f"power iteration did not converge in {max_iter:,} iterations (alpha {format_exact(alpha)},"
+        f" tolerance {format_exact(tol)}); use fedora.propagation 'dense' or 'factored' (exact) or"
+        " a smaller fedora.alpha")
 
 
 def _check_alpha(alpha: float) -> None:

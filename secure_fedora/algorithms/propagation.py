@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from privacy.accounting import format_exact
 from secure_fedora.algorithms.config_checks import series_terms
 from secure_fedora.algorithms.factored import (
     FactoredPropagation,
@@ -176,22 +177,25 @@ def sparse_propagation_matrix(graph: Tensor, alpha: float, tolerance: float, *,
     slack = 0.0
     if excess > 0.0:
         if alpha * (1.0 + excess) >= 1.0:
-            raise RelatednessError(f"graph rows sum to up to 1 + {excess:.3g}: at alpha {alpha:g} "
-                                   "the series does not converge; normalize the graph's rows")
+            raise RelatednessError(f"graph rows sum to up to 1 + {excess:.3g}: at alpha "
+                                   f"{format_exact(alpha)} the series does not converge; "
+                                   "normalize the graph's rows")
         slack = alpha * excess / (1.0 - alpha * (1.0 + excess))
     if slack >= tolerance / 2.0:  # "auto" then takes the exact factored operator
         raise SeriesTooCostly(
-            f"graph rows sum to up to 1 + {excess:.3g}, which at alpha {alpha:g} may put {slack:.3g}"
-            f" more weight in each row of P than the truncated series can bound within tolerance"
-            f" {tolerance:g}; normalize the graph's rows, or use an exact operator")
+            f"graph rows sum to up to 1 + {excess:.3g}, which at alpha {format_exact(alpha)} may"
+            f" put {slack:.3g} more weight in each row of P than the truncated series can bound"
+            f" within tolerance {format_exact(tolerance)}; normalize the graph's rows, or use an"
+            " exact operator")
     tolerance -= slack  # the series' own budget
     s = sparse_graph(graph.detach())
     n = s.shape[0]
     # Series tail alpha^T <= tolerance / 4; the rest of the budget goes to dropped entries.
     terms = series_terms(alpha, tolerance)
     if max_terms is not None and terms > max_terms:
-        raise SeriesTooCostly(f"the truncated series needs {terms} terms (alpha {alpha:g},"
-                              f" tolerance {tolerance:g}), more than {max_terms}")
+        raise SeriesTooCostly(f"the truncated series needs {terms} terms (alpha"
+                              f" {format_exact(alpha)}, tolerance {format_exact(tolerance)}), more"
+                              f" than {max_terms}")
     max_nnz = None if max_nnz_per_row is None else int(max_nnz_per_row * n)
     threshold = tolerance / (THRESHOLD_DIVISOR * terms)
     s_csr = _csr(s)

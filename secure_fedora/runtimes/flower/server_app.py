@@ -94,6 +94,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
+from privacy.accounting import format_exact
 from privacy.ckks import InnerProductUpload, context_parameters
 from privacy.envelope import Envelope, EnvelopeError, EnvelopeStateError, check_nonce_memory
 from privacy.identity import client_ids
@@ -2278,7 +2279,8 @@ def _run_method(grid: Grid, server: _Server, name: str,
             f"{name}: clients {silent} never reported an evaluation, so their metrics are"
             " unknown and no results are written"
             + (f"; their last events: {why}" if why else
-               f" (no reply within the round timeout of {server.settings.round_timeout:g} s in"
+               " (no reply within the round timeout of"
+               f" {format_exact(server.settings.round_timeout)} s in"
                " any evaluated round; raise the round timeout, a ClientApp process takes"
                " seconds to start, or check those SuperNodes' logs)")
             # a resume asks again the clients it records as not answering the final evaluation
