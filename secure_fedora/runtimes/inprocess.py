@@ -215,12 +215,18 @@ def _warn_unused_sizes(cfg: ExperimentConfig) -> list[str]:
     warning (as other unused keys are): the lists give each client's rows, so no partition
     runs, and ``train_per_client`` / ``val_per_client`` only state, under DP, the smallest
     client's training rows and (private validation) every client's validation rows; results.json
-    lists each client's actual sizes (``clients``)."""
+    lists each client's actual sizes (``clients``). A key at its default value is not named:
+    a run's config.toml states every default, so an audit reading it back would otherwise name
+    keys its author never wrote."""
     d, p = cfg.data, cfg.privacy
-    unused = [k for k in _PARTITION_KEYS if k in d.model_fields_set]
-    if not p.enabled and "train_per_client" in d.model_fields_set:
+
+    def written(key: str) -> bool:
+        return key in d.model_fields_set and getattr(d, key) != type(d).model_fields[key].default
+
+    unused = [k for k in _PARTITION_KEYS if written(k)]
+    if not p.enabled and written("train_per_client"):
         unused.append("train_per_client")
-    if not (p.enabled and d.validation == "private") and "val_per_client" in d.model_fields_set:
+    if not (p.enabled and d.validation == "private") and written("val_per_client"):
         unused.append("val_per_client")
     if unused:
         log.warning("%s %s unused: the data lists each client's rows (no partition runs; "

@@ -1007,3 +1007,31 @@ def test_per_client_lists_say_which_data_keys_they_leave_unused(caplog) -> None:
     with pytest.raises(ConfigError, match="needs data.dirichlet_alpha; data given as per-client "
                                           "lists is not partitioned: leave data.partition out"):
         parse_config({"data": {"partition": "dirichlet"}})
+
+
+def test_a_runs_config_copy_does_not_name_data_keys_its_author_never_wrote(tmp_path,
+                                                                            caplog) -> None:
+    """A run's config.toml states every default; an audit reading it back (audit replay of a
+    DP run on per-client lists) warned "data.partition = 'rotation', data.rotation_interpolation
+    = 'bilinear' are unused", keys the config never set. Only keys off their default are named."""
+    from secure_fedora.core.config import config_document, load_run_config
+    from secure_fedora.runtimes.inprocess import build_clients
+
+    rng = np.random.default_rng(0)
+    data = [{s: (rng.normal(size=(m, 4)).astype("float32"), np.arange(m) % 2)
+             for s, m in (("train", 16), ("val", 8), ("test", 8))} for _ in range(2)]
+    logger = "secure_fedora.runtimes.inprocess"
+    for written, named in (({"num_clients": 2, "train_per_client": 16}, None),
+                           ({"num_clients": 2, "train_per_client": 16, "partition": "iid",
+                             "val_per_client": 8},
+                            "data.partition = 'iid', data.val_per_client = 8 are unused")):
+        cfg = parse_config({"methods": ["local"], "data": written,
+                            "privacy": {"enabled": True, "delta": 1e-3}})
+        path = tmp_path / f"{len(written)}.toml"
+        path.write_text(tomli_w.dumps(config_document(cfg)), encoding="utf-8")
+        for read in (cfg, load_run_config(path)[0]):  # the author's config, the run's copy
+            caplog.clear()
+            with caplog.at_level("WARNING", logger=logger):
+                build_clients(read, data)
+            said = [r.getMessage() for r in caplog.records if r.name == logger]
+            assert (len(said) == 1 and said[0].startswith(named)) if named else said == []
