@@ -1254,7 +1254,10 @@ class FederationPrivacy:
         journal line quarantined (logged, listed under ``recoveries``) and every refusal,
         close and repair entry journaled whole. A resume that ``continues`` (trains a round
         after ``last_round``; not one finding the method finished) is listed under
-        :attr:`resumes` with the rounds whose recorded releases it re-makes from the journals."""
+        :attr:`resumes` with the rounds whose recorded releases it re-makes from the journals;
+        not one from the start of a method whose ledgers hold no entry (the interrupted run
+        never reached its first release, e.g. killed during an earlier method): it runs as a
+        fresh one would, and listing it would say a method was interrupted that never ran."""
         if saved is not None:
             self._check_ledgers_hold(saved, last_round)
         if self.journals is not None:
@@ -1301,7 +1304,7 @@ class FederationPrivacy:
                 c.refused_at = c.refusal = None
         self.events = list(saved["events"]) if saved is not None else []
         self.resumes = [dict(r) for r in (saved or {}).get("resumes", [])]
-        if continues:
+        if continues and (last_round is not None or any(c.ledger.entries for c in self.clients)):
             self.resumes.append({
                 "after_round": last_round,  # None: from the start (no checkpoint)
                 "remade_from_journal": [{"round": r, "clients": remade[r]}

@@ -301,6 +301,18 @@ def test_results_json_records_each_resume_and_the_rounds_it_remade_from_the_jour
     assert verify_run(tmp_path).ok
 
 
+def test_a_method_the_interrupted_run_never_started_is_not_listed_as_resumed(tmp_path, clients):
+    """Killed in FedAvg's round 2, before Local started: results.json listed Local under
+    ``privacy.local.resumes`` too, and the audit report said "local: interrupted and resumed
+    from the start", of a method that had released nothing. Only FedAvg's resume is listed."""
+    cfg = config(["fedavg", "local"], True, rounds=2)
+    assert run_until_crash(cfg, tmp_path, clients, "train@5")
+    results = Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert [r["after_round"] for r in results["privacy"]["fedavg"]["resumes"]] == [1]
+    assert "resumes" not in results["privacy"]["local"]
+    assert verify_run(tmp_path).ok
+
+
 def test_a_release_ledgered_but_never_journaled_is_not_recorded_as_remade(tmp_path, clients):
     """Killed after client 1's round-2 ledger entries, before its journal record: the resume
     makes that release for the first time (it never left), so only client 0's is re-made."""
