@@ -63,11 +63,14 @@
    it up to 6 decimals); no ledger it does not
    name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests; its
    ``run_name``, ``config_hash``, ``runtime`` and ``methods`` are those results.json and
-   config.toml record (check ``anchor_identity``).
+   config.toml record (check ``anchor_identity``). Checked without a copy given, the run's
+   own anchor gets an unchecked warning (``anchor_copy``): whoever holds its signer's key (in
+   process the key store that also holds every client's ledger key) could re-sign it.
 7. **Key location**: private key material inside the audited directory (a file named
    ``*.ed25519.key``/``*.x25519.key``, or holding a PEM private key block or a DER private
    key, found by :func:`private_key_files`) is an error, with or without an allowlist and
-   whether the run claims DP or not: whoever receives the run receives the keys, and anyone
+   whether the run claims DP or not (a no-claim run's own envelope keys in ``keys/`` alone:
+   an unchecked warning): whoever receives the run receives the keys, and anyone
    holding a signing key can re-sign edited ledgers and anchor. With an allowlist given, the run's own ``keys/allowlist.json`` must agree with it: a party it
    lists that the given one does not register, or another key for a party, is an error (the
    directory misstates who could sign); parties registered but not published are not.
@@ -2155,7 +2158,28 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
     if doc is not None:
         out.extend(_anchor_findings(run, doc, label, found, keys, allowlist_given))
         out.extend(_anchor_identity_findings(doc, label, results, cfg))
+        if anchor is None:
+            out.append(_own_anchor_only(doc, options))
     return out
+
+
+def _own_anchor_only(doc: Mapping[str, Any], options: Mapping[str, str]) -> Finding:
+    """The warning of a run checked against its own anchor.json alone (no copy given): the
+    anchor proves only that whoever holds its signer's key signed this directory as it is,
+    and that is the party whose run is audited (in process its key store also holds every
+    client's ledger key), so a consistent re-signed edit of the run passes unnoticed."""
+    runtime = doc["runtime"]
+    signer = ANCHOR_SIGNERS.get(runtime, "operator")
+    files = sorted(doc["files"]) or ["results.json"]
+    held = (f"the {signer!r} key store, which in process also holds every client's ledger"
+            f" key, so its holder can re-sign shortened or edited ledgers, {', '.join(files)}"
+            " and the anchor consistently" if runtime == "in-process" else
+            f"the {signer!r} key, so its holder can re-sign the anchor over an edited"
+            f" {' or '.join(files)} (the ledgers stay signed by each client's own key)")
+    return Finding("warning", "anchor_copy", "checked against the run's own anchor.json, not"
+                   f" a copy kept apart: it is only as trustworthy as {held}, and such a"
+                   " forgery passes; pass the anchor.json kept apart since the run"
+                   f" ({options['anchor']}) to rule it out", unchecked=True)
 
 
 def check_anchor(run_dir: str | Path, anchor: str | Path, *,

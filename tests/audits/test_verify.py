@@ -103,9 +103,10 @@ def test_clean_run_verifies(pristine_run):
         assert set(c.mechanisms) == expected
     refused = {(c.method, c.client_id): c.refused for c in report.clients}
     assert refused[("fedora", "client-002")] and not refused[("fedora", "client-001")]
-    # warnings: keys from the run directory itself, two methods spend the same clients' data
-    # (the private keys are in a key store outside the run directory)
-    assert sorted(w.check for w in report.warnings) == ["allowlist", "coverage"]
+    # warnings: keys from the run directory itself, its own anchor.json (no copy kept apart),
+    # two methods spend the same clients' data (the private keys are in a key store outside
+    # the run directory)
+    assert sorted(w.check for w in report.warnings) == ["allowlist", "anchor_copy", "coverage"]
     json.dumps(report.to_json())
 
 
@@ -113,7 +114,7 @@ def test_independent_allowlist_removes_the_key_warning(pristine_run, tmp_path):
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(pristine_run / "keys" / "allowlist.json", trusted)
     report = verify_run(pristine_run, allowlist=trusted)
-    assert report.ok and [w.check for w in report.warnings] == ["coverage"]
+    assert report.ok and sorted(w.check for w in report.warnings) == ["anchor_copy", "coverage"]
 
 
 def test_no_private_key_warning_when_the_run_holds_public_keys_only(run_copy):
@@ -213,6 +214,42 @@ def test_deleting_the_last_entry_is_caught_by_close_and_anchors(run_copy):
     drop_anchor(run_copy, resign=False)
     checks = {f.check for f in verify_run(run_copy).errors}
     assert checks == {"not_closed", "anchor_behind", "anchor_file"}
+
+
+def test_a_run_checked_against_its_own_anchor_says_who_could_have_re_signed_it(run_copy,
+                                                                              tmp_path):
+    """The operator holds the key store (its own key and every client's ledger key): it cuts
+    the last round from a ledger, re-signs it with a close entry, results.json and the anchor.
+    Against the run's own anchor that passed with no word that nothing ruled it out; now a
+    warning says so (an error under strict), and the anchor copy kept apart catches it."""
+    trusted, kept = tmp_path / "trusted.json", tmp_path / "anchor-kept.json"
+    shutil.copyfile(keystore_of(run_copy) / "allowlist.json", trusted)
+    shutil.copyfile(run_copy / "anchor.json", kept)
+    honest = verify_run(run_copy, allowlist=trusted, anchor=kept, strict=True)
+    assert honest.ok and "anchor_copy" not in {f.check for f in honest.findings}
+    lines = lines_of(run_copy)
+    entries = [json.loads(line) for line in lines]
+    cut = next(i for i, e in enumerate(entries) if e["round"] == entries[-1]["round"])
+    spent = entries[cut - 1]["epsilon_after"]
+
+    def close_here(entry):
+        entry.update(index=cut, epsilon_after=spent,
+                     params={"final_index": cut, "epsilon_spent": spent})
+
+    key = load_identity(keystore_of(run_copy), CID).signing_key
+    write_lines(run_copy, _resign(lines[:cut] + lines[-1:], cut, key, close_here))
+    drop_anchor(run_copy)  # results.json and the anchor re-signed by the operator key
+    report = verify_run(run_copy, allowlist=trusted)
+    assert report.ok and report.clients[1].final_epsilon == spent < entries[-1]["epsilon_after"]
+    (said,) = [f for f in report.findings if f.check == "anchor_copy"]
+    assert said.severity == "warning" and said.unchecked and said.client_id is None
+    assert "not a copy kept apart" in said.message and "re-sign" in said.message
+    assert "every client's ledger key" in said.message and "anchor=" in said.message
+    strict = verify_run(run_copy, allowlist=trusted, strict=True)
+    assert [f.check for f in strict.errors] == ["anchor_copy"]
+    against_copy = verify_run(run_copy, allowlist=trusted, anchor=kept)
+    assert {"anchor", "anchor_behind", "anchor_file"} <= {f.check for f in against_copy.errors}
+    assert "anchor_copy" not in {f.check for f in against_copy.findings}
 
 
 def test_per_ledger_findings_name_the_ledger_file(run_copy):

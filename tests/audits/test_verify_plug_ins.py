@@ -45,6 +45,7 @@ def run(plug_in_run: tuple[Path, str], tmp_path: Path) -> Path:
     src, _ = plug_in_run
     shutil.copytree(src, tmp_path / "run")
     shutil.copytree(src.parent / "keys", tmp_path / "keys")
+    shutil.copyfile(src / "anchor.json", tmp_path / "anchor.json")  # the copy kept apart
     return tmp_path / "run"
 
 
@@ -70,6 +71,11 @@ def _trusted(run: Path) -> Path:
     return run.parent / "keys" / "allowlist.json"
 
 
+def _kept(run: Path) -> Path:
+    """The run's anchor.json as kept apart since the run (without it --strict fails)."""
+    return run.parent / "anchor.json"
+
+
 def test_an_unregistered_plug_in_passes_with_a_warning_and_fails_strict(run: Path,
                                                                         fresh_auditor: None):
     report = verify_run(run, allowlist=_trusted(run))
@@ -78,7 +84,7 @@ def test_an_unregistered_plug_in_passes_with_a_warning_and_fails_strict(run: Pat
     assert all(f.severity == "warning" and f.unchecked for f in unchecked)
     assert all("the imports= argument of audits.verify.verify_run" in f.message
                for f in unchecked)
-    strict = verify_run(run, allowlist=_trusted(run), strict=True)
+    strict = verify_run(run, allowlist=_trusted(run), anchor=_kept(run), strict=True)
     assert not strict.ok and strict.verdict == "failed" and strict.to_json()["strict"] is True
     assert sorted((f.check, f.client_id) for f in strict.errors) == \
         [("sensitivity", c) for c in ("client-000", "client-001", "client-002")]
@@ -88,7 +94,8 @@ def test_an_unregistered_plug_in_passes_with_a_warning_and_fails_strict(run: Pat
 
 def test_an_imported_plug_in_recomputes_and_is_named_with_its_file_and_digest(
         run: Path, fresh_auditor: None):
-    report = verify_run(run, allowlist=_trusted(run), imports=[MODULE], strict=True)
+    report = verify_run(run, allowlist=_trusted(run), anchor=_kept(run), imports=[MODULE],
+                        strict=True)
     assert report.ok, [str(f) for f in report.errors]
     assert not [f for f in report.findings if f.check in ("sensitivity", "import")]
     (imported,) = report.imported
@@ -137,8 +144,8 @@ def test_the_report_names_the_file_that_holds_each_sensitivity_formula(
     formula = {"module": MODULE, "file": str(source),
                "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
     try:
-        report = verify_run(run, allowlist=_trusted(run), imports=["wrap_pkg.mech"],
-                            strict=True)
+        report = verify_run(run, allowlist=_trusted(run), anchor=_kept(run),
+                            imports=["wrap_pkg.mech"], strict=True)
         (imported,) = report.imported
         assert report.ok and not [f for f in report.findings if f.check == "import"]
         assert imported.mechanisms == [MECHANISM]
@@ -268,7 +275,8 @@ def test_strict_fails_what_was_not_checked_and_leaves_the_rest(run: Path):
 
 def test_cli_import_strict_and_a_missing_module(run: Path, fresh_auditor: None,
                                                 capsys: pytest.CaptureFixture[str]):
-    base = ["audit", "verify", str(run), "--allowlist", str(_trusted(run))]
+    base = ["audit", "verify", str(run), "--allowlist", str(_trusted(run)),
+            "--anchor", str(_kept(run))]
     assert main(base) == 0
     assert "'label_share_test' is not a registered mechanism" in capsys.readouterr().out
     assert main([*base, "--strict"]) == 1
@@ -286,7 +294,7 @@ def test_cli_import_strict_and_a_missing_module(run: Path, fresh_auditor: None,
     assert len(err.strip().splitlines()) == 1
     # audit report takes both, and its report.json and HTML name the module
     assert main(["audit", "report", str(run), "--import", MODULE, "--strict",
-                 "--allowlist", str(_trusted(run))]) == 0
+                 "--allowlist", str(_trusted(run)), "--anchor", str(_kept(run))]) == 0
     report = json.loads((run / "audit" / "report.json").read_text())
     assert report["verification"]["imported"][0]["module"] == MODULE
     assert MODULE in (run / "audit" / "report.html").read_text()
@@ -321,7 +329,7 @@ def test_report_strict_states_it_and_exits_as_verify_does(run: Path, fresh_audit
     of --strict, though without it the same run passes."""
     from audits.verdict import VERIFICATION_EXIT
 
-    base = [str(run), "--allowlist", str(_trusted(run))]
+    base = [str(run), "--allowlist", str(_trusted(run)), "--anchor", str(_kept(run))]
     for n, (flags, code) in enumerate((([], 0), (["--strict"], 1),
                                        (["--strict", "--import", MODULE], 0))):
         strict = "--strict" in flags
