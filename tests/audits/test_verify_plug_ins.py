@@ -370,18 +370,19 @@ def test_the_python_report_takes_strict_and_imports_as_the_cli(
              (["--strict", "--import", MODULE], {"strict": True, "imports": [MODULE]}),
              (["--import", MODULE], {"imports": (MODULE,)}))
     for n, (flags, kwargs) in enumerate(cases):
-        code = main(["audit", "report", str(run), "--allowlist", str(trusted), *flags,
-                     "--out", str(run.parent / f"cli-{n}")])
+        code = main(["audit", "report", str(run), "--allowlist", str(trusted), "--anchor",
+                     str(_kept(run)), *flags, "--out", str(run.parent / f"cli-{n}")])
         cli = json.loads((run.parent / f"cli-{n}" / "report.json").read_text())["verification"]
         paths = write_report(run, run.parent / f"py-{n}", allowlist=trusted,
-                             options=CLI_AUDIT_OPTIONS, **kwargs)
+                             anchor=_kept(run), options=CLI_AUDIT_OPTIONS, **kwargs)
         py = json.loads(paths.json.read_text())["verification"]
         _same_verification(cli, py)
         assert VERIFICATION_EXIT[paths.verification.verdict] == code == (1 if n == 0 else 0)
         assert paths.verification.to_json()["findings"] == py["findings"]
-        _same_verification(cli, build_report(run, allowlist=trusted, options=CLI_AUDIT_OPTIONS,
-                                             **kwargs)["verification"])
-        api = build_report(run, allowlist=trusted, **kwargs)["verification"]  # API wording
+        _same_verification(cli, build_report(run, allowlist=trusted, anchor=_kept(run),
+                                             options=CLI_AUDIT_OPTIONS, **kwargs)["verification"])
+        api = build_report(run, allowlist=trusted, anchor=_kept(run),
+                           **kwargs)["verification"]  # API wording
         assert (api["verdict"], api["strict"], api["imported"]) == \
             (cli["verdict"], cli["strict"], cli["imported"])
         assert [(f["severity"], f["check"], f["client_id"]) for f in api["findings"]] == \
