@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from privacy.accounting import format_exact
+from privacy.durable import ensure_descriptors
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 from secure_fedora import __version__
@@ -1276,6 +1277,9 @@ class Simulation:
 
         # calibrate first: a plan over budget refuses the run before its keys are published
         calibrated = self.budget_plans(name)
+        # FederationPrivacy.open holds every client's ledger open: too few descriptors
+        # refuse the run here, before its first privacy record is written
+        ensure_descriptors(len(self.clients), f"{len(self.clients)} clients' ledgers")
         key_dir = self.key_dir
         parties = run_party_ids(len(self.clients))
         # the run's first privacy record binds the directory to this config: a resume before

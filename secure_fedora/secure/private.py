@@ -64,7 +64,7 @@ from privacy.accounting import (
     round_up,
     size_error_remedy,
 )
-from privacy.durable import SyncBatch, fsync_dir, write_all_and_fsync
+from privacy.durable import SyncBatch, ensure_descriptors, fsync_dir, write_all_and_fsync
 from privacy.identity import client_ids, load_identity
 from privacy.journal import (
     ADMITTING_NAME,
@@ -1166,6 +1166,8 @@ class FederationPrivacy:
         choice, plans = calibrated if calibrated is not None else \
             check_budget_plans(cfg, method, num_clients)
         accountant = choice.name
+        # every client's ledger stays open (and locked) until close: room for them first
+        ensure_descriptors(num_clients, f"{num_clients} clients' ledgers")
         if not resume:
             earlier = [str(p) for p in [*(ledger_dir / f"{cid}.journal" for cid in ids),
                                         ledger_dir / MARKS_NAME, ledger_dir / ADMITTING_NAME]

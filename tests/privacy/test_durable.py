@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from privacy.durable import append_durably, move_tail_aside
 from privacy.journal import ReleaseJournal
 from secure_fedora.runtimes.flower.state import ReleaseJournal as NodeReleaseJournal
@@ -94,3 +96,80 @@ def test_a_sync_batch_overlaps_its_fsyncs_and_reports_the_failed_ones(tmp_path: 
     assert [(p, e.errno) for p, e in failed] == [(bad, 5)]
     assert state["most"] >= 2  # one at a time before
     assert batch.wait() == []
+
+
+def _open_under(directory: Path) -> int:
+    """How many of this process's descriptors point into ``directory``."""
+    import os
+
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory)):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def test_a_sync_batch_holds_a_bounded_number_of_files_open(tmp_path: Path, monkeypatch) -> None:
+    """Each append held its file open until its fsync ran: appends faster than the fsyncs
+    (10,000 clients' journal records in one admission batch) held one descriptor per record,
+    up to the process's limit. At most ``max_open`` wait now; every record is still durable."""
+    import os
+    import time
+
+    from privacy.durable import SyncBatch
+
+    real = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.01)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    batch = SyncBatch(workers=2, max_open=4)
+    paths = [tmp_path / f"c{k}.journal" for k in range(40)]
+    most = 0
+    for k, path in enumerate(paths):
+        batch.append(path, b"record %d\n" % k)
+        most = max(most, _open_under(tmp_path))
+    assert batch.wait() == []
+    batch.close()
+    assert most <= 4
+    assert [p.read_bytes() for p in paths] == [b"record %d\n" % k for k in range(40)]
+    assert _open_under(tmp_path) == 0
+
+
+def test_ensure_descriptors_raises_the_soft_limit_or_refuses_naming_the_hard_one() -> None:
+    """Room for ``count`` more files: the soft limit goes up to what is needed when the hard
+    limit allows it; otherwise a one-line EMFILE error names both numbers and nothing changes
+    (run in a child process: it lowers its own limits)."""
+    import resource
+    import subprocess
+    import sys
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit on open files is {hard}: the child cannot raise it to 4096")
+    script = """
+import errno, resource
+from privacy.durable import DESCRIPTOR_HEADROOM, ensure_descriptors
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))
+ensure_descriptors(1000, "1000 clients' ledgers")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+assert 1000 + DESCRIPTOR_HEADROOM < soft <= hard == 4096, (soft, hard)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 512))
+try:
+    ensure_descriptors(1000, "1000 clients' ledgers")
+except OSError as err:
+    assert err.errno == errno.EMFILE and "1000 clients' ledgers need" in str(err)
+    assert "hard limit of 512" in str(err), err
+else:
+    raise AssertionError("no error")
+assert resource.getrlimit(resource.RLIMIT_NOFILE) == (64, 512)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -910,3 +910,46 @@ def test_the_auto_accountants_reason_names_the_plan_both_epsilons_are_of():
             f"{row['pld_epsilon_of_plan']} vs RDP {row['rdp_epsilon_of_plan']}") in choice.reason
     assert (f"each calibrated to the budget: DP-SGD noise PLD {row['pld_noise_multiplier']}, "
             f"RDP {row['rdp_noise_multiplier']}") in choice.reason
+
+
+def test_a_federation_of_more_clients_than_the_soft_file_limit_opens(tmp_path):
+    """Every client's ledger stays open while its method runs: 80 clients under a soft limit
+    of 64 open files failed with 'Too many open files' half-way through writing the ledger
+    directory (a default soft limit of 1,024 stopped a 1,000-client run). The soft limit is
+    now raised to what the ledgers need; when the hard limit is too low too, the run is
+    refused naming it, before a ledger is written (in a child process: it lowers its limits)."""
+    import resource
+    from pathlib import Path
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    script = f"""
+import errno, json, resource
+from pathlib import Path
+from secure_fedora.core.config import parse_config
+from secure_fedora.secure.private import FederationPrivacy
+base = json.loads({json.dumps(json.dumps(BASE))})
+base["methods"] = ["local"]
+base["data"]["num_clients"] = 80
+cfg = parse_config(base)
+tmp = Path({str(tmp_path)!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+privacy = FederationPrivacy.open(cfg, "local", 80, tmp / "ledgers", tmp / "keys")
+assert len(privacy.clients) == 80
+privacy.close()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+try:
+    FederationPrivacy.open(cfg, "local", 80, tmp / "other", tmp / "keys")
+except OSError as err:
+    assert err.errno == errno.EMFILE and "80 clients' ledgers need" in str(err), err
+    assert "hard limit of 64" in str(err), err
+else:
+    raise AssertionError("opened")
+assert not (tmp / "other").exists()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert len(list((tmp_path / "ledgers").glob("*.jsonl"))) == 80
