@@ -122,6 +122,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import dp_accounting
@@ -1083,6 +1084,15 @@ class _RunContext:
     results: dict[str, Any] | None
     findings: list[Finding]
     options: Mapping[str, str]
+    # results.json's per-client summary rows by method, indexed once (see summary_row)
+    _rows: dict[str | None, dict[str, dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    def summary_row(self, method: str | None, client_id: str) -> dict[str, Any] | None:
+        """The results.json summary row of ``client_id`` (:func:`_anchor_rows`), from an index
+        of ``method``'s rows built on its first call (one pass over them, not one per ledger)."""
+        if method not in self._rows:
+            self._rows[method] = _anchor_rows(self.results, method)
+        return self._rows[method].get(client_id)
 
 
 def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | None:
@@ -1218,11 +1228,17 @@ def _published_allowlist_findings(keys_dir: Path, given: Path,
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _client_indices(num_clients: int) -> Mapping[str, int]:
+    """Each canonical client id of a ``num_clients``-client federation -> its index (built
+    once per size: a verify asks for every ledger's)."""
+    return MappingProxyType({cid: i for i, cid in enumerate(client_ids(num_clients))})
+
+
 def _configured_budget(cfg: ExperimentConfig, client_id: str) -> tuple[float, float] | None:
-    ids = client_ids(cfg.data.num_clients)
-    if client_id not in ids:
+    index = _client_indices(cfg.data.num_clients).get(client_id)
+    if index is None:
         return None
-    index = ids.index(client_id)
     p = cfg.privacy
     override = p.overrides.get(str(index))
     eps = override.epsilon if override is not None else p.epsilon
@@ -1326,9 +1342,9 @@ def _plan_row_findings(entries: Sequence[dict[str, Any] | None], section: dict[s
     return []
 
 
-def _anchor(results: dict[str, Any] | None, method: str | None,
-            client_id: str) -> dict[str, Any] | None:
-    """The runtime's per-client privacy summary in results.json, if it wrote one.
+def _anchor_rows(results: dict[str, Any] | None, method: str | None) -> dict[str, dict[str, Any]]:
+    """The runtime's per-client privacy summaries in results.json, if it wrote them:
+    client id -> the first row naming it.
 
     Layout written by the in-process runtime: ``privacy[<method>]["clients"]`` is a list of
     ``{"client", "ledger_entries", "epsilon_spent", ...}`` (optionally ``"ledger_head"``, the
@@ -1336,14 +1352,15 @@ def _anchor(results: dict[str, Any] | None, method: str | None,
     ``privacy["clients"]``.
     """
     if not results or not isinstance(results.get("privacy"), dict):
-        return None
+        return {}
     section = results["privacy"].get(method) if method is not None else results["privacy"]
     if not isinstance(section, dict) or not isinstance(section.get("clients"), list):
-        return None
+        return {}
+    rows: dict[str, dict[str, Any]] = {}
     for row in section["clients"]:
-        if isinstance(row, dict) and row.get("client") == client_id:
-            return row
-    return None
+        if isinstance(row, dict) and isinstance(row.get("client"), str):
+            rows.setdefault(row["client"], row)
+    return rows
 
 
 def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int,
@@ -1543,7 +1560,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
 
     final = max((c.recorded_epsilon for c in series if c.recorded_epsilon is not None),
                 default=0.0)
-    anchor = _anchor(ctx.results, method, client_id)
+    anchor = ctx.summary_row(method, client_id)
     findings.extend(_plan_findings(entries, _results_section(ctx.results, method), anchor,
                                    client_id, method))
     last = len(lines) - 1 if lines else None
@@ -2733,7 +2750,7 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
         expected_methods: list[str | None] = sorted(expected) if expected else [None]
         have = {(m, p.stem) for m, p in found}
         for method in expected_methods:
-            for cid in client_ids(cfg.data.num_clients):
+            for cid in _client_indices(cfg.data.num_clients):
                 if (method, cid) not in have:
                     where = ledger_dir / method if method is not None else ledger_dir
                     findings.append(Finding("error", "missing_ledger", f"DP is enabled but"
