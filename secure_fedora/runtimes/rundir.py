@@ -45,7 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from privacy.errors import ToolkitError
-from secure_fedora.core.config import ConfigError, ExperimentConfig, config_hash, load_config
+from secure_fedora.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_document,
+    config_hash,
+    load_config,
+)
 
 __all__ = ["AMENDABLE_KEYS", "AMENDMENTS", "CONFIG_COPY", "KEYSTORE_RECORD", "RUNS_FOLDER",
            "RunDirError", "RunDirUnavailableError", "amended_config", "amended_value",
@@ -348,15 +354,63 @@ def resume_binding(run_dir: Path, cfg: ExperimentConfig, resume: str = "--resume
         stored_cfg = load_config(stored)
     except ConfigError as err:
         raise RunDirError(f"{resume}: the run's stored configuration is unusable: {err}") from None
-    changes = config_changes(amended_config(stored_cfg, recorded_amendments(run_dir)), cfg)
+    run_cfg = amended_config(stored_cfg, recorded_amendments(run_dir))
+    changes = config_changes(run_cfg, cfg)
     if changes is None:
         out = "--out" if resume == "--resume" else "run_dir"
+        if _results_config_hash(run_dir) == config_hash(cfg):
+            raise RunDirError(
+                f"{resume}: {stored} does not hold the run's configuration: the run's "
+                f"results.json records the hash of the given config ({_differing_keys(run_cfg, cfg)} "
+                "differ), so config.toml was changed or damaged after the run; restore it from a "
+                "copy of the run directory; nothing was written")
         raise RunDirError(
             f"{resume}: {run_dir} holds a run of another configuration ({stored} differs from "
             f"the given config in more than {', '.join(AMENDABLE_KEYS)}, the only keys a resume "
-            f"may change); resume with the config it was started with, or use a new {out}"
+            f"may change: {_differing_keys(run_cfg, cfg)}); resume with the config it was "
+            f"started with, or use a new {out}"
         )
     return config_hash(stored_cfg), changes
+
+
+def _flat_document(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg``'s values by dotted key (a table's keys below it; lists as one value)."""
+    flat: dict[str, Any] = {}
+
+    def walk(doc: Mapping[str, Any], prefix: str) -> None:
+        for name, value in doc.items():
+            if isinstance(value, Mapping) and value:
+                walk(value, f"{prefix}{name}.")
+            else:
+                flat[f"{prefix}{name}"] = value
+    walk(config_document(cfg), "")
+    return flat
+
+
+def _differing_keys(run_cfg: ExperimentConfig, cfg: ExperimentConfig, shown: int = 3) -> str:
+    """The dotted keys where ``cfg`` differs from the run's ``run_cfg``, each with both values
+    (the first ``shown``, then how many more), for a refused resume's message."""
+    run_doc, doc = _flat_document(run_cfg), _flat_document(cfg)
+    keys = [k for k in sorted(set(run_doc) | set(doc))
+            if k not in AMENDABLE_KEYS and run_doc.get(k) != doc.get(k)]
+    def shown_value(d: dict[str, Any], k: str) -> str:
+        return repr(d[k]) if k in d else "unset"
+
+    parts = [f"{k} = {shown_value(run_doc, k)} in the run, {shown_value(doc, k)} given"
+             for k in keys[:shown]]
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return "; ".join(parts) + more if parts else "their values differ in type only"
+
+
+def _results_config_hash(run_dir: Path) -> str | None:
+    """The ``config_hash`` that ``run_dir``'s results.json records, or None where it has
+    none or cannot be read (this only chooses a message: a refusal follows either way)."""
+    try:
+        doc = json.loads((run_dir / "results.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    value = doc.get("config_hash") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _checkpointed_rounds(run_dir: Path, cfg: ExperimentConfig) -> dict[str, int | None]:

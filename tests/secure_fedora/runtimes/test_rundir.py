@@ -80,6 +80,37 @@ def test_resume_with_another_config_writes_nothing_and_the_run_still_verifies(dp
     assert run(config, run_dir, "--resume") == 0  # the original config still resumes
 
 
+def test_a_refused_resume_names_the_keys_that_differ(dp_run, tmp_path, capsys):
+    _, source = dp_run
+    run_dir = copy_run(source, tmp_path)
+    before = snapshot(run_dir)
+    other = write_config(tmp_path / "eps8.toml", {**DP, "privacy": {**DP["privacy"], "epsilon": 8.0}})
+    assert run(other, run_dir, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "privacy.epsilon = 3.0 in the run, 8.0 given" in err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_config_copy_is_named_as_damaged_not_as_another_run(dp_run, tmp_path, capsys,
+                                                                      damage):
+    """The given config is the one results.json records: config.toml changed after the run
+    (emptied, or cut to a shorter TOML that still parses) is what the refusal names."""
+    config, source = dp_run
+    run_dir = copy_run(source, tmp_path)
+    stored = run_dir / "config.toml"
+    lines = stored.read_text().splitlines(keepends=True)
+    stored.write_text("" if damage == "empty" else "".join(lines[: len(lines) // 2]))
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "config.toml was changed or damaged after the run" in err
+    assert "restore it from a copy" in err and "another configuration" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(run_dir) == before
+
+
 def test_a_new_run_into_another_runs_directory_is_refused(dp_run, tmp_path, capsys):
     _, source = dp_run
     run_dir = copy_run(source, tmp_path)
