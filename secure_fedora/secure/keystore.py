@@ -481,15 +481,27 @@ def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
     """Write the public keys of ``parties`` from ``keystore`` into ``dest``: ``allowlist.json``
     (those parties only) and each party's ``.ed25519.pub``/``.x25519.pub``. No private key is
     copied. Returns the published identities. Refuses (IdentityError, nothing written) as
-    :func:`check_public_keys` does."""
+    :func:`check_public_keys` does. A file that already holds its bytes is left as it is; one
+    that holds other bytes (a resumed run's key file damaged or replaced since) is written
+    again with a warning naming it."""
     from secure_fedora.core.files import atomic_write_bytes
 
     chosen = check_public_keys(keystore, dest, parties, option)
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for party in parties:
-        for suffix in ("ed25519.pub", "x25519.pub"):
-            src = keystore / f"{party}.{suffix}"
-            if src.is_file():
-                atomic_write_bytes(dest / src.name, src.read_bytes())
-    atomic_write_bytes(dest / ALLOWLIST_FILENAME, allowlist_bytes(chosen))
+    files = [(dest / f"{party}.{suffix}", keystore / f"{party}.{suffix}")
+             for party in parties for suffix in ("ed25519.pub", "x25519.pub")]
+    published = [(target, src.read_bytes()) for target, src in files if src.is_file()]
+    published.append((dest / ALLOWLIST_FILENAME, allowlist_bytes(chosen)))
+    for target, data in published:
+        try:
+            held = target.read_bytes()
+        except FileNotFoundError:
+            held = None
+        if held == data:
+            continue
+        if held is not None:
+            log.warning("%s did not hold the public key file the key store %s gives for it "
+                        "(damaged or replaced since the run wrote it): written again from the "
+                        "key store", target, keystore)
+        atomic_write_bytes(target, data)
     return chosen

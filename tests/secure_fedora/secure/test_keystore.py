@@ -76,6 +76,23 @@ def test_publishing_another_stores_keys_over_a_runs_keys_is_refused(tmp_path):
     assert {p.name: p.read_bytes() for p in run_keys.iterdir()} == before
 
 
+def test_a_damaged_published_key_file_is_written_again_with_a_warning(tmp_path, caplog):
+    """A resumed run's keys/*.pub that no longer holds the key store's bytes used to be
+    replaced without a word; an intact one is left as it is (not even replaced by a copy)."""
+    store, run_keys = tmp_path / "store", tmp_path / "run" / "keys"
+    ensure_keystore(store, run_party_ids(2))
+    publish_public_keys(store, run_keys, run_party_ids(2))
+    damaged = run_keys / "client-000.ed25519.pub"
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    inodes = {p.name: p.stat().st_ino for p in run_keys.iterdir() if p != damaged}
+    with caplog.at_level("WARNING", logger="secure_fedora.secure.keystore"):
+        publish_public_keys(store, run_keys, run_party_ids(2))
+    assert damaged.read_bytes() == (store / damaged.name).read_bytes()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(damaged) in warned[0] and "written again" in warned[0]
+    assert {p.name: p.stat().st_ino for p in run_keys.iterdir() if p != damaged} == inodes
+
+
 def _tiny_dp_config():  # type: ignore[no-untyped-def]
     from secure_fedora.core.config import parse_config
 
