@@ -301,6 +301,11 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
     budget fraction keys, without a default, that calibrating a fixed one needs). ``share``
     (fraction key, fraction, budget epsilon) says where a target that is a share of the budget
     comes from."""
+    source = "" if share is None else \
+        f" ({share[0]} {format_exact(share[1])} of epsilon {format_exact(share[2])})"
+    if not target > 0:  # a budget so small that its share rounds to 0.0 in floating point
+        raise ConfigError(f"privacy: cannot calibrate {what}: its epsilon{source} is "
+                          f"{target!r} in floating point; raise the budget")
     try:
         return calibrate_noise_multiplier(target, delta, plan, accountant, prv_refine=prv_refine)
     except CalibrationError as err:
@@ -313,8 +318,6 @@ def _calibrate(target: float, delta: float, plan: list[PlannedRelease], accounta
                     f" calibrate, {lower}or raise the budget)")
         elif isinstance(err, UnreachableTargetError):
             hint = "; raise the budget" + (f" or {share[0]}" if share else "")
-        source = "" if share is None else \
-            f" ({share[0]} {format_exact(share[1])} of epsilon {format_exact(share[2])})"
         raise ConfigError(f"privacy: cannot calibrate {what} for epsilon"
                           f" {format_exact(target)}{source} (accountant {accountant!r}):"
                           f" {err}{hint}") from None

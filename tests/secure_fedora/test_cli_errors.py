@@ -203,6 +203,20 @@ def test_a_dp_plan_over_budget_leaves_its_out_reusable(tmp_path, capsys):
     assert (out / "results.json").is_file()
 
 
+def test_a_budget_whose_share_rounds_to_zero_names_the_share(tmp_path, capsys):
+    """epsilon 5e-324 (the smallest float) times a budget fraction is 0.0: the accountant's
+    "target_epsilon must be a finite number > 0, got 0.0" named no config key."""
+    doc = {**TINY, "methods": ["fedora"], "fedora": {"relatedness": "noised"},
+           "privacy": {"enabled": True, "epsilon": 5e-324, "delta": 1e-3}}
+    out = tmp_path / "out"
+    assert main(["run", str(write_config(tmp_path / "tiny.toml", doc)), "--out", str(out),
+                 "--quiet", "--keystore", str(tmp_path / "keystore")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "privacy.summary_budget_fraction 0.2 of epsilon 5e-324" in line
+    assert "is 0.0 in floating point; raise the budget" in line
+    assert not out.exists()
+
+
 def test_a_dp_run_its_data_or_model_refuses_makes_no_key_store(tmp_path, capsys):
     """The checks of the run's context (labels, output width, loss) ran only when the first
     method started, after the CLI had made (and announced) the key store: a DP run whose loss
