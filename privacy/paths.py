@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
-__all__ = ["check_path"]
+__all__ = ["check_path", "read_regular_file"]
 
 
 def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
@@ -27,3 +29,29 @@ def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
     if "\x00" in text:
         raise error(f"{name} {text!r:.80} holds a NUL character, which no path may hold")
     return Path(text)
+
+
+def read_regular_file(path: Path, name: str, error: type[Exception]) -> bytes:
+    """The bytes of ``path``, never waiting on it: ``error`` ("cannot read ``name`` ``path``:
+    why") for a missing or unreadable file, a directory, and anything but a regular file (a
+    FIFO, device or socket is opened non-blocking: a FIFO would otherwise wait for a writer
+    forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise error(f"cannot read {name} {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise error(f"cannot read {name} {path}: {os.strerror(errno.EISDIR)}")
+        if not stat.S_ISREG(mode):
+            raise error(f"cannot read {name} {path}: not a regular file (a FIFO, device or "
+                        "socket); give a file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise error(f"cannot read {name} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)

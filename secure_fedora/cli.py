@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from privacy.errors import ToolkitError
+from privacy.paths import read_regular_file
 from secure_fedora.core.config import (
     ConfigError,
     check_overrides_used,
@@ -181,10 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --out, the run directory to continue")
     # an empty path would read the current directory ("Is a directory"), as load_config refuses
     config_path = check_path_argument(args.config, "the config path", "file")
-    try:
-        config_bytes = config_path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {args.config}: {err.strerror}") from None
+    config_bytes = read_regular_file(config_path, "config", ConfigError)
     cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
     check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, args.keystore,
                         resume=args.resume)

@@ -36,7 +36,7 @@ from privacy.accounting import (
     format_ordered,
 )
 from privacy.errors import ToolkitError
-from privacy.paths import check_path
+from privacy.paths import check_path, read_regular_file
 
 __all__ = [
     "MAX_INT",
@@ -1031,10 +1031,7 @@ def load_config(path: str | Path, *, plugins_from_folder: bool = True) -> Experi
     directory) skips the folder, so a directory under review cannot supply code to run. A path that is empty, only spaces or
     holds NUL is a ConfigError too."""
     path = check_path(path, "the config path", ConfigError, "file")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    raw = read_regular_file(path, "config", ConfigError)
     return config_from_bytes(raw, str(path), plugins_from_folder=plugins_from_folder)
 
 

@@ -217,6 +217,24 @@ def test_a_budget_whose_share_rounds_to_zero_names_the_share(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_config_that_is_a_fifo_is_one_line_and_no_wait(tmp_path, capsys):
+    """`secure-fedora run FIFO` waited for a writer forever (the command read it blocking)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    # a regression would wait for a writer: one comes after 20 s, so the test fails, not hangs
+    writer = threading.Timer(20, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    writer.daemon = True
+    writer.start()
+    assert main(["run", str(fifo), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    writer.cancel()
+    line = one_error_line(capsys.readouterr().err)
+    assert "not a regular file (a FIFO, device or socket)" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_dp_run_its_data_or_model_refuses_makes_no_key_store(tmp_path, capsys):
     """The checks of the run's context (labels, output width, loss) ran only when the first
     method started, after the CLI had made (and announced) the key store: a DP run whose loss
