@@ -664,6 +664,20 @@ def _raise_first(findings: Sequence[Finding], error: type[Exception], context: s
         raise error(f"{context}: {errors[0].message}{more}")
 
 
+_ANCHOR_KEPT_APART = " (give the anchor.json kept apart)"
+
+
+def _not_a_file(path: Path, give: str = "") -> str:
+    """Why ``path``, given as a file argument, is not a regular file, for its error line:
+    a directory, something else that exists (a FIFO, device or socket: never opened, which a
+    FIFO would wait on), or nothing (``give`` follows the first two)."""
+    if path.is_dir():
+        return f"is a directory, not a file{give}"
+    if path.exists():
+        return f"is not a regular file (a FIFO, device or socket){give}"
+    return "does not exist"
+
+
 def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditError,
                          options: Mapping[str, str] = API_AUDIT_OPTIONS,
                          ) -> tuple[Path, dict[str, PublicIdentity]]:
@@ -674,8 +688,7 @@ def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditEr
     The one check of ``audit verify``, ``audit replay`` and their Python functions."""
     path = check_path(allowlist, "allowlist", error, "file")
     if not path.is_file():
-        raise error(f"allowlist {path} "
-                    + ("is a directory, not a file" if path.is_dir() else "does not exist"))
+        raise error(f"allowlist {path} {_not_a_file(path)}")
     try:
         keys = load_allowlist(path)
     except IdentityError as exc:
@@ -2221,8 +2234,7 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     run = check_path(run_dir, "run_dir", error)
     anchor_path = check_path(anchor, "anchor", error, "file")
     if not anchor_path.is_file():
-        raise error(f"anchor {anchor_path} " + ("is a directory, not a file (give the"
-                    " anchor.json kept apart)" if anchor_path.is_dir() else "does not exist"))
+        raise error(f"anchor {anchor_path} {_not_a_file(anchor_path, _ANCHOR_KEPT_APART)}")
     if allowlist is None:
         allow_path = run / "keys" / "allowlist.json"
         try:
@@ -2660,9 +2672,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     anchor_path = check_path(anchor, "anchor", AuditError, "file") if anchor is not None \
         else None
     if anchor_path is not None and not anchor_path.is_file():
-        raise AuditError(f"anchor {anchor_path} "
-                         + ("is a directory, not a file (give the anchor.json kept apart)"
-                            if anchor_path.is_dir() else "does not exist"))
+        raise AuditError(f"anchor {anchor_path} {_not_a_file(anchor_path, _ANCHOR_KEPT_APART)}")
     if not isinstance(strict, bool):  # a truthy "no" must not mean yes
         raise AuditError(f"strict must be True or False, got {strict!r:.80}")
     if isinstance(imports, str):  # one name would be imported letter by letter

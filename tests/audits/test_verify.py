@@ -853,6 +853,27 @@ def test_bad_arguments_raise(tmp_path, pristine_run):
         independent_epsilons([(1.0, 0.1, 3)], 1e-5, "moments")
 
 
+def test_a_fifo_anchor_or_allowlist_is_named_as_one_not_as_missing(tmp_path, pristine_run, capsys):
+    """--anchor/--allowlist naming a FIFO said "does not exist" (it exists); it is named as
+    not a regular file, never opened, in one line, and the run is left as it was."""
+    import os
+
+    from audits.cli import main as audit_main
+
+    fifo = tmp_path / "kept.json"
+    os.mkfifo(fifo)
+    with pytest.raises(AuditError, match=r"anchor .* is not a regular file \(a FIFO"):
+        verify_run(pristine_run, anchor=fifo)
+    with pytest.raises(AuditError, match=r"allowlist .* is not a regular file \(a FIFO"):
+        verify_run(pristine_run, allowlist=fifo)
+    before = {p: p.read_bytes() for p in pristine_run.rglob("*") if p.is_file()}
+    for flag in ("--anchor", "--allowlist"):
+        assert audit_main(["audit", "verify", str(pristine_run), flag, str(fifo)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and "is not a regular file (a FIFO, device or socket)" in err[0]
+    assert {p: p.read_bytes() for p in pristine_run.rglob("*") if p.is_file()} == before
+
+
 def test_independent_rdp_matches_opacus_within_tolerance():
     history = [(5.0, 1.0, 1), (1.1, 0.05, 200), (5.0, 1.0, 1), (1.1, 0.05, 200)]
     ind = independent_epsilons(history, 1e-5, "rdp")
