@@ -217,6 +217,15 @@ def test_a_budget_whose_share_rounds_to_zero_names_the_share(tmp_path, capsys):
     assert not out.exists()
 
 
+def _open_for_writing(fifo: Path) -> None:
+    """Open ``fifo`` for writing and close it: a reader waiting on it reads end of file."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):  # nobody reading it: nothing to release
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def test_a_config_that_is_a_fifo_is_one_line_and_no_wait(tmp_path, capsys):
     """`secure-fedora run FIFO` waited for a writer forever (the command read it blocking)."""
     import os
@@ -225,11 +234,13 @@ def test_a_config_that_is_a_fifo_is_one_line_and_no_wait(tmp_path, capsys):
     fifo = tmp_path / "config.toml"
     os.mkfifo(fifo)
     # a regression would wait for a writer: one comes after 20 s, so the test fails, not hangs
-    writer = threading.Timer(20, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    writer = threading.Timer(20, _open_for_writing, [fifo])
     writer.daemon = True
     writer.start()
-    assert main(["run", str(fifo), "--out", str(tmp_path / "out"), "--quiet"]) == 2
-    writer.cancel()
+    try:
+        assert main(["run", str(fifo), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    finally:
+        writer.cancel()
     line = one_error_line(capsys.readouterr().err)
     assert "not a regular file (a FIFO, device or socket)" in line
     assert not (tmp_path / "out").exists()
