@@ -198,6 +198,19 @@ def checked_array(
     return check_tensor(tensor, shape, name=f"array {record}/{key}", **ctx)
 
 
+def _other_identities(identity_dir: Path, party: str) -> list[str]:
+    """The parties other than ``party`` whose private signing key ``identity_dir`` holds
+    (sorted; empty when it holds ``party``'s or cannot be listed)."""
+    suffix = ".ed25519.key"
+    try:
+        names = sorted(
+            p.name[: -len(suffix)] for p in identity_dir.iterdir() if p.name.endswith(suffix)
+        )
+    except OSError:
+        return []
+    return [] if party in names else names
+
+
 def server_nonce_path(state_dir: Path) -> Path:
     """The ServerApp's nonce memory file of the scope whose folder is ``state_dir``."""
     return state_dir / f"{SERVER_ID}.nonces.jsonl"
@@ -301,6 +314,14 @@ class MessageSecurity:
         try:
             identity = load_identity(identity_dir, party)
         except IdentityError as err:
+            others = _other_identities(identity_dir, party)
+            if others:
+                # a node started with another party's identity directory (a pasted command)
+                raise DeployError(
+                    f"identity-dir {str(identity_dir)!r} holds the identity of "
+                    f"{', '.join(others)}, not of {party} (partition-id={client_index}): point "
+                    f"identity-dir at {party}'s own identity directory"
+                ) from None
             raise DeployError(f"the identity of {party} cannot be loaded: {err}") from None
         cls._check_own_entry(identity_dir, allowlist, identity)
         peers = {SERVER_ID: allowlist[SERVER_ID]}

@@ -21,6 +21,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     audit_folder,
     dp_config,
+    run_config,
     task_identity,  # noqa: F401 - a fixture
 )
 
@@ -151,3 +152,22 @@ def test_keys_allowlist_writes_a_public_file_readable_by_all(
     assert main(["keys", "allowlist", str(out), *map(str, public), "--force"]) == 0
     assert out.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_node_given_another_partys_identity_directory_names_whose_it_holds(
+    tmp_path: Path,
+) -> None:
+    """A SuperNode started with client-001's identity directory for partition 0 (a pasted
+    command) stops the run at its first contact, and its own log names the identity the
+    directory holds and the one the node needs, not only a missing key file."""
+    rc = run_config(dp_config(), tmp_path, **{"connect-timeout": 0.5, "round-timeout": 1.0})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    ids = Path(rc["identity-dir"]).parent
+    grid.node_config[1000]["identity-dir"] = str(ids / "client-001")
+    with pytest.raises(DeployError, match=r"missing clients \[0\].*query.hello failed"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert {c for c, _, _ in grid.errors} == {0}
+    message = str(grid.errors[0][2])
+    assert "holds the identity of client-001, not of client-000 (partition-id=0)" in message
+    assert "point identity-dir at client-000's own identity directory" in message
