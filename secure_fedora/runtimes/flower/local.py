@@ -924,7 +924,9 @@ class LocalFederation:
                         f"Last log lines:\n{stream.log_tail()}"
                     )
                 if self.superlink is not None and not self.superlink.running():
-                    raise DeployError(f"the SuperLink died during run {run_id}")
+                    raise DeployError(
+                        f"the SuperLink died during run {run_id}{_resume_note(self.workdir)}"
+                    )
                 if on_tick is not None:
                     on_tick()
                 report()
@@ -1087,6 +1089,18 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
     return run_id, original, amendments
 
 
+def _resume_note(workdir: Path) -> str:
+    """What the error of a deployment whose ServerApp or SuperLink died adds: the resume that
+    continues the run when ``workdir/results`` holds its ServerApp checkpoint and no
+    ``results.json``, else nothing."""
+    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
+    checkpoint = workdir / "results" / SERVER_CHECKPOINT
+    if not checkpoint.is_file() or (workdir / "results" / "results.json").exists():
+        return ""
+    return f"; the same command with --resume continues the run from its checkpoint {checkpoint}"
+
+
 def deploy_local(
     config: str | os.PathLike[str] | ExperimentConfig,
     num_clients: int | None,
@@ -1161,9 +1175,7 @@ def deploy_local(
 
         if not detail and (work / "results" / SERVER_CHECKPOINT).is_file():
             # no failure record: the ServerApp process died (killed, out of memory) mid-run
-            detail = ("without a failure record (its ServerApp process died); the same command "
-                      "with --resume continues the run from its checkpoint "
-                      f"{work / 'results' / SERVER_CHECKPOINT}")
+            detail = f"without a failure record (its ServerApp process died){_resume_note(work)}"
         raise DeployError(
             f"run {run_id} ended with status {status!r}{' ' + detail if detail else ''}; "
             f"see {work / 'logs'}"

@@ -966,6 +966,45 @@ def test_a_serverapp_that_died_mid_run_is_named_with_the_resume(
         "process died); the same command with --resume continues the run" in str(err.value)
 
 
+def test_a_superlink_that_died_mid_run_is_named_with_the_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SuperLink killed mid-run (its ServerApp's checkpoint written): the error said only
+    "the SuperLink died during run N"; it now says that --resume continues the run, as for a
+    ServerApp that died (processes stubbed: the real follow loop sees a dead SuperLink)."""
+    from secure_fedora.runtimes.flower import local as local_module
+    from secure_fedora.runtimes.flower.cli import default_config_path
+    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
+    class Process:
+        def __init__(self, alive: bool) -> None:
+            self.alive = alive
+
+        def running(self) -> bool:
+            return self.alive
+
+        def stop(self, grace: float = 0.0) -> None:
+            self.alive = False
+
+    def enter(self: LocalFederation) -> LocalFederation:
+        self.superlink = Process(alive=False)  # killed while the run was followed
+        return self
+
+    def submit(self: LocalFederation, *args: Any, **kwargs: Any) -> int:
+        (self.workdir / "results" / SERVER_CHECKPOINT).parent.mkdir(parents=True)
+        (self.workdir / "results" / SERVER_CHECKPOINT).write_bytes(b"checkpoint")
+        return 7
+
+    monkeypatch.setattr(LocalFederation, "__enter__", enter)
+    monkeypatch.setattr(LocalFederation, "__exit__", lambda self, *exc: None)
+    monkeypatch.setattr(LocalFederation, "submit", submit)
+    monkeypatch.setattr(LocalFederation, "_spawn", lambda self, *a: Process(alive=True))
+    with pytest.raises(DeployError) as err:
+        local_module.deploy_local(default_config_path(), 3, tmp_path / "w")
+    assert str(err.value) == (
+        "the SuperLink died during run 7; the same command with --resume continues the run "
+        f"from its checkpoint {(tmp_path / 'w').resolve() / 'results' / SERVER_CHECKPOINT}")
+
+
 def test_deploy_local_leaves_a_termination_handler_set_outside_python_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Where SIGTERM's handler was set outside Python (an embedding: ``signal.getsignal`` is
