@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from privacy.errors import ToolkitError
-from privacy.paths import check_path
+from privacy.paths import NotRegularFileError, check_path, read_regular_bytes
 
 __all__ = [
     "ALLOWLIST_FILENAME",
@@ -417,26 +417,21 @@ def _raw_key(hex_value: object, party_id: str, field: str, path: Path) -> bytes:
 
 def _read_regular_file(path: Path, what: str, give: str, give_in_dir: str | None = None,
                        limit: int = -1) -> bytes:
-    """The bytes of ``path`` (at most ``limit``), never waiting on it: IdentityError naming
-    ``what`` and ``path`` for a directory (saying to give ``give_in_dir``, else ``give``), a
-    missing or unreadable file, and anything but a regular file (a FIFO, device or socket;
-    opened non-blocking, which a FIFO would otherwise need a writer for)."""
-    if path.is_dir():
-        raise IdentityError(f"{what} {path} is a directory; give {give_in_dir or give}")
+    """The bytes of ``path`` (at most ``limit``), never waiting on it
+    (:func:`privacy.paths.read_regular_bytes`): IdentityError naming ``what`` and ``path`` for
+    a directory (saying to give ``give_in_dir``, else ``give``), a missing or unreadable file,
+    and anything but a regular file (a FIFO, device or socket)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        return read_regular_bytes(path, limit)
+    except IsADirectoryError:
+        raise IdentityError(f"{what} {path} is a directory; give {give_in_dir or give}") from None
     except FileNotFoundError as exc:
         raise IdentityError(f"{what} {path} does not exist") from exc
+    except NotRegularFileError:
+        raise IdentityError(f"{what} {path} is not a regular file (a FIFO, device or "
+                            f"socket); give {give}") from None
     except OSError as exc:
         raise IdentityError(f"cannot read {what} {path}: {exc}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IdentityError(f"{what} {path} is not a regular file (a FIFO, device or "
-                                f"socket); give {give}")
-        try:
-            return fh.read(limit)
-        except OSError as exc:
-            raise IdentityError(f"cannot read {what} {path}: {exc}") from None
 
 
 def load_allowlist(path: str | os.PathLike[str]) -> dict[str, PublicIdentity]:

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["check_path", "read_regular_file"]
+__all__ = ["NotRegularFileError", "check_path", "read_regular_bytes", "read_regular_file"]
 
 
 def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
@@ -31,27 +31,43 @@ def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
     return Path(text)
 
 
-def read_regular_file(path: Path, name: str, error: type[Exception]) -> bytes:
-    """The bytes of ``path``, never waiting on it: ``error`` ("cannot read ``name`` ``path``:
-    why") for a missing or unreadable file, a directory, and anything but a regular file (a
-    FIFO, device or socket is opened non-blocking: a FIFO would otherwise wait for a writer
-    forever)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise error(f"cannot read {name} {path}: {exc.strerror or exc}") from None
+class NotRegularFileError(OSError):
+    """A path that names a FIFO, device or socket where a regular file is read."""
+
+
+def read_regular_bytes(path: Path, limit: int = -1) -> bytes:
+    """The bytes of ``path`` (at most ``limit``; all when negative), never waiting on it: a
+    FIFO, device or socket is opened non-blocking (a FIFO would otherwise wait for a writer
+    forever) and refused with :class:`NotRegularFileError`; a directory raises
+    ``IsADirectoryError``; anything else that fails, the ``OSError`` of the system call."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise error(f"cannot read {name} {path}: {os.strerror(errno.EISDIR)}")
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(mode):
-            raise error(f"cannot read {name} {path}: not a regular file (a FIFO, device or "
-                        "socket); give a file")
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
         chunks = []
-        while chunk := os.read(fd, 1 << 20):
+        left = limit
+        while left != 0:
+            chunk = os.read(fd, 1 << 20 if left < 0 else min(left, 1 << 20))
+            if not chunk:
+                break
             chunks.append(chunk)
+            left = left - len(chunk) if left > 0 else left
         return b"".join(chunks)
-    except OSError as exc:
-        raise error(f"cannot read {name} {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def read_regular_file(path: Path, name: str, error: type[Exception]) -> bytes:
+    """The bytes of ``path``, never waiting on it (:func:`read_regular_bytes`): ``error``
+    ("cannot read ``name`` ``path``: why") for a missing or unreadable file, a directory, and
+    anything but a regular file."""
+    try:
+        return read_regular_bytes(path)
+    except NotRegularFileError:
+        raise error(f"cannot read {name} {path}: not a regular file (a FIFO, device or "
+                    "socket); give a file") from None
+    except OSError as exc:
+        raise error(f"cannot read {name} {path}: {exc.strerror or exc}") from None
