@@ -683,8 +683,9 @@ def test_a_flower_result_directory_without_ledgers_says_where_they_are(tmp_path)
     assert "Flower" not in finding.message
 
 
-def _envelope_run(tmp_path: Path) -> Path:
-    """A finished non-DP run with [security] envelopes: keys/ holds its envelope keys."""
+def _envelope_run(tmp_path: Path, *, keep_private_keys: bool = False) -> Path:
+    """A finished non-DP run with [security] envelopes: keys/ holds its envelope keys (the
+    private ones deleted, as before sharing it, unless ``keep_private_keys``)."""
     from secure_fedora.core.config import parse_config
     from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
@@ -696,8 +697,9 @@ def _envelope_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     Simulation(cfg, run, clients=build_clients(cfg)).run()
     assert (run / "keys").is_dir()
-    for key in (run / "keys").glob("*.key"):  # as before sharing it (they fail the audit)
-        key.unlink()
+    if not keep_private_keys:
+        for key in (run / "keys").glob("*.key"):
+            key.unlink()
     return run
 
 
@@ -707,16 +709,8 @@ def test_a_non_private_run_s_own_envelope_keys_are_flagged_and_strict_fails_them
     naming them and saying to delete keys/*.key before sharing the run (--strict: an error);
     a key anywhere else in such a run is an error; without them it is a plain no-claim run."""
     from audits.cli import main
-    from secure_fedora.core.config import parse_config
-    from secure_fedora.runtimes.inprocess import Simulation, build_clients
 
-    cfg = parse_config({"name": "plain-envelopes", "methods": ["fedavg"],
-                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
-                                 "test_per_client": 8},
-                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8},
-                        "security": {"envelopes": True}})
-    run = tmp_path / "run"
-    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    run = _envelope_run(tmp_path, keep_private_keys=True)
     report = verify_run(run)
     assert report.verdict == "no_dp_claim" and not report.errors
     [finding] = [f for f in report.warnings if f.check == "private_keys"]
