@@ -276,3 +276,17 @@ def damage_nonce_file(path: Path, damage: str) -> None:
     record["n"] = ("0" if record["n"][0] != "0" else "1") + record["n"][1:]
     lines[-1] = json.dumps(record) + "\n"
     path.write_text("".join(lines))
+
+
+def file_tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path under ``root`` (directories too) with its mode and content (a link's
+    target): what a refused resume must leave byte for byte as it was."""
+    import os
+
+    def content(p: Path) -> bytes:
+        if p.is_symlink():
+            return os.readlink(p).encode()
+        return p.read_bytes() if p.is_file() else b""
+
+    return {str(p.relative_to(root)): (p.lstat().st_mode, content(p))
+            for p in sorted(root.rglob("*"))}

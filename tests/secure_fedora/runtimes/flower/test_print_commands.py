@@ -20,7 +20,7 @@ from secure_fedora.runtimes.flower import local, server_app
 from secure_fedora.runtimes.flower.cli import register
 from secure_fedora.runtimes.flower.processes import ManagedProcess
 from secure_fedora.runtimes.flower.protocol import DeployError
-from tests.secure_fedora.runtimes.flower.deploy_support import dp_config
+from tests.secure_fedora.runtimes.flower.deploy_support import dp_config, file_tree
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -335,19 +335,6 @@ def test_the_server_allowlist_is_public(tmp_path: Path,
     assert (work / "identities" / "server" / "allowlist.json").stat().st_mode & 0o777 == 0o644
 
 
-def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
-    """Every path under ``root`` (directories too) with its mode and content (a link's
-    target): what a refused resume must leave byte for byte as it was."""
-    import os
-
-    def content(p: Path) -> bytes:
-        if p.is_symlink():
-            return os.readlink(p).encode()
-        return p.read_bytes() if p.is_file() else b""
-
-    return {str(p.relative_to(root)): (p.lstat().st_mode, content(p))
-            for p in sorted(root.rglob("*"))}
-
 
 def _damage_identities(ids: Path, damage: str) -> str:
     """Damage the identities of a workdir as ``damage`` names; returns what the refusal names."""
@@ -391,19 +378,19 @@ def test_print_commands_resume_never_makes_new_identities(
     monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
     args = _parser().parse_args([*flags, "--resume"])
     ids = work / "identities"
-    identities = _tree(ids)
+    identities = file_tree(ids)
     assert args.func(args) == 0
     capsys.readouterr()
-    assert _tree(ids) == identities
+    assert file_tree(ids) == identities
 
     named = _damage_identities(ids, damage)
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     with pytest.raises(DeployError, match="--resume: the run's identities under") as err:
         args.func(args)
     assert named in str(err.value)
     assert "restore the directory from a backup" in str(err.value)
     assert "fresh workdir, without --resume" in str(err.value)
-    assert _tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 def test_print_commands_resume_with_client_public_keys_refuses_a_lost_server_identity(
@@ -421,11 +408,11 @@ def test_print_commands_resume_with_client_public_keys_refuses_a_lost_server_ide
     capsys.readouterr()
     monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
     shutil.rmtree(work / "identities" / "server")
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     args = _parser().parse_args([*flags, "--resume"])
     with pytest.raises(DeployError, match=r"server\.ed25519\.key does not exist"):
         args.func(args)
-    assert _tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 def test_print_commands_resume_refuses_a_workdir_without_a_run(
@@ -440,8 +427,8 @@ def test_print_commands_resume_refuses_a_workdir_without_a_run(
     args = _parser().parse_args(flags)
     assert args.func(args) == 0
     capsys.readouterr()
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     args = _parser().parse_args([*flags, "--resume"])
     with pytest.raises(DeployError, match="holds no run to resume"):
         args.func(args)
-    assert _tree(tmp_path) == before
+    assert file_tree(tmp_path) == before

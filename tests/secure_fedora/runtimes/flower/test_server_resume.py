@@ -21,6 +21,7 @@ from tests.secure_fedora.core.crash_support import crashes_at
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     dp_config,
+    file_tree,
     run_config,
     task_identity,  # noqa: F401 - a fixture
     tiny_config,
@@ -729,19 +730,6 @@ def test_a_no_op_resume_without_dp_writes_again_a_results_json_whose_run_records
     assert resumed["events"] == made["events"] and resumed["security"] == made["security"]
 
 
-def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
-    """Every path under ``root`` with its mode and content (a link's target): what a refused
-    resume must leave byte for byte as it was."""
-    import os
-
-    def content(p: Path) -> bytes:
-        if p.is_symlink():
-            return os.readlink(p).encode()
-        return p.read_bytes() if p.is_file() else b""
-
-    return {str(p.relative_to(root)): (p.lstat().st_mode, content(p))
-            for p in sorted(root.rglob("*"))}
-
 
 @pytest.mark.usefixtures("task_identity")
 def test_deploy_local_resume_never_makes_new_identities(
@@ -768,16 +756,16 @@ def test_deploy_local_resume_never_makes_new_identities(
     ran: list[str] = []  # processes and flwr calls: recorded, none started
     _record_instead_of_running(monkeypatch, ran)
 
-    before = _tree(work)
+    before = file_tree(work)
     with pytest.raises(DeployError, match=r"--resume: the run's identities under .*identities "
                                           r"are missing .*does not exist.*restore the directory "
                                           r"from a backup .*without --resume"):
         deploy_local(cfg, 3, work, resume=True)
-    assert _tree(work) == before
+    assert file_tree(work) == before
     assert ran == []
 
     kept.rename(work / "identities")
-    identities = _tree(work / "identities")
+    identities = file_tree(work / "identities")
     result = deploy_local(cfg, 3, work, resume=True)
     assert result.run_id == 42 and ran
-    assert _tree(work / "identities") == identities
+    assert file_tree(work / "identities") == identities
