@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +49,20 @@ def _federate(rc: dict[str, Any], grid: InMemoryGrid, run_id: int = 42) -> dict[
         return server_app.run_federation(grid, RunSettings.from_run_config(rc), run_id)
 
 
+def _resumed(tmp_path: Path, rc: dict[str, Any], name: str, run_id: int = 777) -> dict[str, Any]:
+    """The run of ``rc`` resumed (run 42 goes on as ``run_id``), checking that each client's
+    ledger holds each round's release once and its close entry."""
+    results = _federate({**rc, "resume": "42"},
+                        InMemoryGrid(tmp_path / "nodes", {**rc, "resume": "42"}, 3,
+                                     run_id=run_id), run_id)
+    for c in range(3):  # each round's release made and accounted once
+        ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
+            f"client-{c:03d}.jsonl"
+        assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
+            (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
+    return results
+
+
 @pytest.mark.parametrize("hook", sorted(FLOWER_HOOKS))
 def test_a_plugins_server_half_that_raises_is_named_and_the_run_resumes(tmp_path, monkeypatch,
                                                                       hook):
@@ -68,14 +83,8 @@ def test_a_plugins_server_half_that_raises_is_named_and_the_run_resumes(tmp_path
         assert isinstance(info.value.__cause__, RuntimeError)
         assert not (tmp_path / "res" / "results.json").exists()
         monkeypatch.setattr(ServerBreaks, "breaks", None)  # the plug-in fixed: resumed
-        rc = {**rc, "resume": "42"}
-        results = _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), 777)
+        results = _resumed(tmp_path, rc, name)
         assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
-        for c in range(3):  # each round's release made and accounted once
-            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
-                f"client-{c:03d}.jsonl"
-            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
-                (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
     finally:
         METHODS.unregister(name)
 
@@ -120,13 +129,8 @@ def test_a_plugins_load_server_state_dict_that_raises_is_a_checkpoint_error_chan
         assert isinstance(info.value.__cause__, PluginError)
         assert {p: p.read_bytes() for p in before} == before
         monkeypatch.setattr(LoadBreaks, "loading", None)  # the plug-in fixed: resumed
-        results = _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=778), 778)
+        results = _resumed(tmp_path, rc, name, 778)
         assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
-        for c in range(3):  # each round's release made and accounted once
-            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
-                f"client-{c:03d}.jsonl"
-            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
-                (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
     finally:
         METHODS.unregister(name)
 
@@ -197,14 +201,8 @@ def test_a_plugins_round_discarded_that_raises_is_named_and_the_run_resumes(tmp_
         assert json.loads((tmp_path / "res" / "progress.json").read_text())["round"] == 1
         assert not (tmp_path / "res" / "results.json").exists()
         monkeypatch.setattr(DiscardBreaks, "breaks", False)  # the plug-in fixed: resumed
-        rc = {**rc, "resume": "42"}
-        results = _federate(rc, InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777), 777)
+        results = _resumed(tmp_path, rc, name)
         assert [(r["round"], r["replied"]) for r in results["rounds"]] == [(1, 3), (2, 3),
                                                                           (3, 3)]
-        for c in range(3):  # each round's release made and accounted once
-            ledger = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / name / \
-                f"client-{c:03d}.jsonl"
-            assert [(e["round"], e["mechanism"]) for e in read_ledger(ledger)] == [
-                (1, "dpsgd"), (2, "dpsgd"), (3, "dpsgd"), (3, "close")]
     finally:
         METHODS.unregister(name)
