@@ -217,30 +217,12 @@ def test_a_budget_whose_share_rounds_to_zero_names_the_share(tmp_path, capsys):
     assert not out.exists()
 
 
-def _open_for_writing(fifo: Path) -> None:
-    """Open ``fifo`` for writing and close it: a reader waiting on it reads end of file."""
-    import contextlib
-    import os
-
-    with contextlib.suppress(OSError):  # nobody reading it: nothing to release
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-
 def test_a_config_that_is_a_fifo_is_one_line_and_no_wait(tmp_path, capsys):
     """`secure-fedora run FIFO` waited for a writer forever (the command read it blocking)."""
-    import os
-    import threading
+    from tests.fifo_support import fifo_without_writer
 
-    fifo = tmp_path / "config.toml"
-    os.mkfifo(fifo)
-    # a regression would wait for a writer: one comes after 20 s, so the test fails, not hangs
-    writer = threading.Timer(20, _open_for_writing, [fifo])
-    writer.daemon = True
-    writer.start()
-    try:
+    with fifo_without_writer(tmp_path / "config.toml") as fifo:
         assert main(["run", str(fifo), "--out", str(tmp_path / "out"), "--quiet"]) == 2
-    finally:
-        writer.cancel()
     line = one_error_line(capsys.readouterr().err)
     assert "not a regular file (a FIFO, device or socket)" in line
     assert not (tmp_path / "out").exists()

@@ -550,28 +550,12 @@ def test_load_config_refuses_an_empty_or_nul_path(path, why):
         load_config(7)  # type: ignore[arg-type]
 
 
-def _open_for_writing(fifo: Path) -> None:
-    """Open ``fifo`` for writing and close it: a reader waiting on it reads end of file."""
-    import contextlib
-    import os
-
-    with contextlib.suppress(OSError):  # nobody reading it: nothing to release
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-
 def test_load_config_refuses_a_fifo_at_once_and_names_a_directory(tmp_path):
     """A config path that is a FIFO made load_config (and `secure-fedora run`) wait for a
     writer forever; a directory is named as one."""
-    import os
-    import threading
+    from tests.fifo_support import fifo_without_writer
 
-    fifo = tmp_path / "config.toml"
-    os.mkfifo(fifo)
-    # a regression would wait for a writer: one comes after 20 s, so the test fails, not hangs
-    writer = threading.Timer(20, _open_for_writing, [fifo])
-    writer.daemon = True
-    writer.start()
-    try:
+    with fifo_without_writer(tmp_path / "config.toml") as fifo:
         with pytest.raises(ConfigError, match=r"cannot read config .*config\.toml: not a regular "
                                               r"file \(a FIFO"):
             load_config(fifo)
@@ -579,8 +563,6 @@ def test_load_config_refuses_a_fifo_at_once_and_names_a_directory(tmp_path):
             load_config(tmp_path)
         with pytest.raises(ConfigError, match=r"cannot read config .*: No such file or directory"):
             load_config(tmp_path / "missing.toml")
-    finally:
-        writer.cancel()
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])

@@ -1,0 +1,30 @@
+"""A FIFO for tests of code that must never wait on one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _open_for_writing(fifo: Path) -> None:
+    """Open ``fifo`` for writing and close it: a reader waiting on it reads end of file."""
+    with contextlib.suppress(OSError):  # nobody reading it: nothing to release
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@contextlib.contextmanager
+def fifo_without_writer(path: Path, release_after: float = 20.0) -> Iterator[Path]:
+    """A FIFO made at ``path``: code that waited on it for a writer (a regression) gets one
+    after ``release_after`` seconds, so the test fails rather than hangs; the writer is
+    cancelled on leaving."""
+    os.mkfifo(path)
+    writer = threading.Timer(release_after, _open_for_writing, [path])
+    writer.daemon = True
+    writer.start()
+    try:
+        yield path
+    finally:
+        writer.cancel()
