@@ -44,7 +44,9 @@
    client of a DP run has a ledger for every method that ran and, when ``config.toml`` enables
    privacy, for every configured method (with or without ``results.json``); the ledger's length (and,
    when recorded, its last-line hash ``ledger_head``) and final epsilon agree with the
-   runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``).
+   runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``); a
+   DP-SGD entry (or refused DP-SGD record) whose signed ``params.method`` differs from the
+   method of its ``ledgers/<method>/`` folder is an error (check ``method_folder``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data. A
    staging folder ``ledgers/.<method>.creating-<8 hex>`` (a creation of a method's ledgers
    killed before its rename) is no method's ledgers: a warning when it holds only empty
@@ -444,6 +446,8 @@ _CHECKS_FIXED = [
     " (the client's noise_multiplier, the method's sample_rate and steps_per_round)",
     "every client of a DP run has a ledger for every method that ran or config.toml lists",
     "every ledger ends with one signed close entry (final index, epsilon spent)",
+    "every DP-SGD entry and refusal that records its method (params.method) is in that"
+    " method's folder ledgers/<method>/",
 ]
 
 
@@ -1395,6 +1399,48 @@ def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int,
     return []
 
 
+#: The mechanism whose ledger params record the method that released it (``params.method``,
+#: written by the clients of both runtimes and signed by them); other mechanisms' params,
+#: a plug-in's included, may use the name for something else.
+_METHOD_RECORDING = "dpsgd"
+
+
+def _recorded_methods(entry: dict[str, Any]) -> list[Any]:
+    """The methods ``entry`` records: a DP-SGD entry's ``params.method``, or each refused
+    DP-SGD record's ``method`` in a refusal's ``params.refused``; none for other entries."""
+    params = entry.get("params")
+    if not isinstance(params, dict):
+        return []
+    if entry.get("mechanism") == _METHOD_RECORDING:
+        return [params["method"]] if "method" in params else []
+    if entry.get("mechanism") == REFUSAL and isinstance(params.get("refused"), list):
+        return [r["method"] for r in params["refused"] if isinstance(r, dict)
+                and r.get("mechanism") == _METHOD_RECORDING and "method" in r]
+    return []
+
+
+def _method_findings(entries: Sequence[dict[str, Any] | None], method: str | None,
+                     client_id: str) -> list[Finding]:
+    """An error for each entry recording a method other than the one whose folder
+    (``ledgers/<method>/``) holds the ledger: a client signs the field, so a swap of two
+    methods' ledger folders shows even where their releases are otherwise alike."""
+    if method is None:  # ledgers/<client>.jsonl: no folder names a method
+        return []
+    out = []
+    for i, e in enumerate(entries):
+        if e is None:
+            continue
+        for recorded in dict.fromkeys(repr(m) for m in _recorded_methods(e)):
+            if recorded != repr(method):
+                what = "refusal" if e.get("mechanism") == REFUSAL else f"{e['mechanism']} entry"
+                out.append(Finding(
+                    "error", "method_folder",
+                    f"the {what} records method {recorded}, but the ledger is in the folder of"
+                    f" method {method!r} (ledgers/{method}/): ledgers of different methods were"
+                    " swapped or misplaced", client_id, i, method))
+    return out
+
+
 def _verify_client(path: Path, method: str | None, client_id: str,
                    key: Ed25519PublicKey | None, ctx: _RunContext, rel_tol: float,
                    pld_checkpoints: int) -> ClientVerification:
@@ -1618,6 +1664,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         err(last, "epsilon_under_reported",
             f"recorded final epsilon {shown} is below the independent pessimistic"
             f" PLD value {by} (dp_accounting) by more than {tolerance_text(rel_tol)}")
+    findings.extend(_method_findings(entries, method, client_id))
     ctx.findings.extend(findings)
     return ClientVerification(
         client_id=client_id, method=method, ledger=str(path), entries=len(lines),

@@ -11,6 +11,7 @@ real steps, and the signed ``anchor.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -87,7 +88,8 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                   accountant: str = "rdp", epsilon: float = 8.0, delta: float = 1e-5,
                   overrides: dict[str, float] | None = None, noise_multiplier: float = 1.2,
                   sample_rate: float = 0.1, steps_per_round: int = 5,
-                  methods: tuple[str, ...] = ("fedora", "local")) -> Path:
+                  methods: tuple[str, ...] = ("fedora", "local"),
+                  record_method: bool = False) -> Path:
     """Write a complete DP run directory under ``root`` in the runtime's layout; return it.
 
     Layout as written by :class:`secure_fedora.runtimes.inprocess.Simulation` with privacy enabled:
@@ -95,7 +97,8 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
     private keys are in ``keystore_of(root)``), ``config.toml``, ``results.json`` with
     ``privacy[<method>]["clients"]`` summaries and ``anchor.json``. FEDORA clients release
     a noised summary (round 0), then per round DP-SGD steps and a noised lambda; Local
-    clients release DP-SGD steps only.
+    clients release DP-SGD steps only. ``record_method``: each DP-SGD record also states its
+    method (``params.method``), as both runtimes' clients record it.
     """
     root.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
@@ -135,7 +138,9 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                     summary = summary_record(clip_norm=1.0, noise_multiplier=5.0, n=128, q=1)
                     gate.process(Release("summary", torch.zeros(3), 0, [summary]))
                 for rnd in range(1, rounds + 1):
-                    records = [record]
+                    records = [dataclasses.replace(record, params={**record.params,
+                                                                   "method": method})
+                               if record_method else record]
                     if method == "fedora":
                         records.append(scalar_record(clip=2.0, noise_multiplier=5.0, m=16))
                     try:

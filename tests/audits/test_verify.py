@@ -435,6 +435,74 @@ def test_missing_ledger_and_unknown_client(run_copy):
     assert ("client_id", "client-999") in by_check
 
 
+def _swap_method_folders(run: Path, a: str, b: str) -> None:
+    """Swap ``ledgers/<a>/`` and ``ledgers/<b>/`` and, as whoever writes results.json and
+    signs the anchor can, their results.json client rows, then re-sign the anchor."""
+    ledgers = run / "ledgers"
+    (ledgers / a).rename(ledgers / "swapping")
+    (ledgers / b).rename(ledgers / a)
+    (ledgers / "swapping").rename(ledgers / b)
+    doc = json.loads((run / "results.json").read_text())
+    p = doc["privacy"]
+    p[a]["clients"], p[b]["clients"] = p[b]["clients"], p[a]["clients"]
+    (run / "results.json").write_text(json.dumps(doc, indent=2))
+    reanchor(run)
+
+
+def _method_errors(report) -> set[tuple[str, int, str]]:  # type: ignore[no-untyped-def]
+    return {(f.ledger, f.entry, f.message) for f in report.errors if f.check == "method_folder"}
+
+
+def test_swapped_method_folders_of_a_real_run_are_named(tmp_path):
+    """A real in-process DP run of Local and FedAvg (the same noise plan for both) whose
+    ledger folders were swapped, results.json's client rows and the anchor made to match
+    (what a Flower server, which cannot re-sign its clients' entries, can do), verified
+    clean: only the method each DP-SGD entry records, signed by its client, differs. Each
+    such entry is now an error naming the ledger file, the entry and both methods."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    cfg = parse_config({"name": "swap", "methods": ["local", "fedavg"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8},
+                        "privacy": {"enabled": True, "epsilon": 8.0}})
+    run = tmp_path / "run"
+    Simulation(cfg, run, keystore=keystore_of(run)).run()
+    assert verify_run(run).errors == []
+    _swap_method_folders(run, "local", "fedavg")
+    report = verify_run(run)
+    assert {f.check for f in report.errors} == {"method_folder"}
+    assert _method_errors(report) == {
+        (f"ledgers/{folder}/{cid}.jsonl", 0,
+         f"the dpsgd entry records method {recorded!r}, but the ledger is in the folder of"
+         f" method {folder!r} (ledgers/{folder}/): ledgers of different methods were swapped"
+         " or misplaced")
+        for folder, recorded in (("local", "fedavg"), ("fedavg", "local"))
+        for cid in ("client-000", "client-001")}
+
+
+def test_only_entries_recording_a_method_are_held_to_their_folder(tmp_path):
+    """Summary, lambda and close entries record no method and are never flagged; a refusal
+    names the method of the DP-SGD record it refused and is held to its folder like the
+    DP-SGD entries (client 2's budget refuses it in round 3)."""
+    run = build_run_dir(tmp_path / "run", overrides={"2": 3.0}, record_method=True)
+    assert verify_run(run).errors == []
+    _swap_method_folders(run, "fedora", "local")
+    flagged = {(ledger, entry) for ledger, entry, _ in _method_errors(verify_run(run))}
+    expected = set()
+    for path in sorted((run / "ledgers").glob("*/*.jsonl")):
+        for i, line in enumerate(path.read_text().splitlines()):
+            mechanism = json.loads(line)["mechanism"]
+            assert mechanism in ("dpsgd", "refusal", "gaussian_summary", "gaussian_lambda",
+                                 "close")
+            if mechanism in ("dpsgd", "refusal"):
+                expected.add((path.relative_to(run).as_posix(), i))
+    assert any("refusal" in json.loads(line)["mechanism"] for line in
+               (run / "ledgers" / "local" / "client-002.jsonl").read_text().splitlines())
+    assert flagged == expected
+
+
 @contextlib.contextmanager
 def _fifo_in_place(path):  # type: ignore[no-untyped-def]
     """A FIFO at ``path`` whose writer end is opened again and again while the block runs,
