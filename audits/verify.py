@@ -1172,7 +1172,12 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
 def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
                options: Mapping[str, str] = API_AUDIT_OPTIONS,
                given: dict[str, PublicIdentity] | None = None,
+               publishes_keys: bool = True,
                ) -> tuple[dict[str, PublicIdentity], str]:
+    """The allowlist in use (``allowlist`` when given, else the run's own) and its label;
+    its findings, and those of the run's ``keys/`` held to it, go to ``findings``.
+    ``publishes_keys``: the run's runtime writes ``keys/`` (the in-process one does, a Flower
+    result directory holds none), so a missing ``keys/`` is a finding."""
     if allowlist is None:
         path = run_dir / "keys" / "allowlist.json"
         findings.append(Finding(
@@ -1193,7 +1198,8 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
         return {}, str(path)
     keys_dir = run_dir / "keys"
     if allowlist is not None:  # private keys: _verify_dir, for every run
-        findings.extend(_published_allowlist_findings(keys_dir, allowlist, keys))
+        findings.extend(_published_allowlist_findings(keys_dir, allowlist, keys,
+                                                      publishes_keys))
     findings.extend(_public_key_file_findings(keys_dir, keys))
     return keys, str(path)
 
@@ -1210,19 +1216,28 @@ def given_allowlist_findings(run_dir: Path, given: Path,
 
 
 def _published_allowlist_findings(keys_dir: Path, given: Path,
-                                  keys: Mapping[str, PublicIdentity]) -> list[Finding]:
+                                  keys: Mapping[str, PublicIdentity],
+                                  publishes_keys: bool = False) -> list[Finding]:
     """The run's own ``keys/allowlist.json`` against the independently registered allowlist
     ``given`` (the trust root, already loaded as ``keys``). The run publishes the keys of its
     own parties, a subset of the key store's, so a registered party it does not list is no
     finding; a party it lists that ``given`` does not, a key (Ed25519 or X25519) other than
     the registered one, or an unreadable file is an error: the directory misstates who could
-    sign its ledgers and anchor. No published file where ``keys/`` exists is a warning; no
-    ``keys/`` at all (a Flower result directory) is no finding."""
+    sign its ledgers and anchor. No published file where ``keys/`` exists is a warning, and so
+    is no ``keys/`` at all where the run's runtime writes one (``publishes_keys``; a Flower
+    result directory holds none: no finding)."""
     own = keys_dir / "allowlist.json"
     if not own.is_file():
         if keys_dir.is_dir():
             return [Finding("warning", "allowlist", f"{own} {_absent(own)}: the run directory does"
                             f" not state who could sign it (checked against {given} alone)",
+                            unchecked=True)]
+        if publishes_keys:
+            why = "is not a directory" if keys_dir.exists() else "is missing"
+            return [Finding("warning", "key_file", f"{keys_dir} {why}: the run"
+                            " directory publishes none of its public keys (keys/allowlist.json,"
+                            " keys/<party>.ed25519.pub and .x25519.pub), so none was compared"
+                            f" with {given}; the given allowlist's keys stand in for them",
                             unchecked=True)]
         return []
     try:
@@ -2752,7 +2767,9 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
     findings.extend(_private_key_findings(run, bool(claim_basis)))  # with a claim or without
     if not claim_basis:
         return _no_claim_report(run, cfg, results, findings, allow_path, rel_tol, options)
-    keys, allow_used = _load_keys(run, allow_path, findings, options, given_keys)
+    keys, allow_used = _load_keys(run, allow_path, findings, options, given_keys,
+                                  publishes_keys=results is None
+                                  or results.get("runtime") != "flower")
     if not found:
         where = ""
         if results is not None and results.get("runtime") == "flower":

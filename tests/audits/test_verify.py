@@ -117,6 +117,29 @@ def test_independent_allowlist_removes_the_key_warning(pristine_run, tmp_path):
     assert report.ok and sorted(w.check for w in report.warnings) == ["anchor_copy", "coverage"]
 
 
+def test_a_deleted_keys_directory_is_a_warning_with_an_allowlist_and_strict_fails_it(
+        run_copy, tmp_path):
+    """With --allowlist given and the run's keys/ deleted entirely, nothing said so, though a
+    missing public key file (or keys/allowlist.json) is a warning. Now one unchecked warning
+    names keys/ and what it publishes; --strict makes it an error. A Flower result directory,
+    which holds no keys/, gets none."""
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    shutil.rmtree(run_copy / "keys")
+    report = verify_run(run_copy, allowlist=trusted)
+    missing = [w for w in report.warnings if w.check == "key_file"]
+    assert report.ok and len(missing) == 1 and missing[0].unchecked
+    assert missing[0].message.startswith(f"{run_copy / 'keys'} is missing: the run directory"
+                                         " publishes none of its public keys (keys/allowlist.json,")
+    assert str(trusted) in missing[0].message
+    strict = verify_run(run_copy, allowlist=trusted, strict=True)
+    assert not strict.ok and "key_file" in {f.check for f in strict.errors}
+    doc = json.loads((run_copy / "results.json").read_text())
+    (run_copy / "results.json").write_text(json.dumps({**doc, "runtime": "flower"}))
+    flower = verify_run(run_copy, allowlist=trusted)
+    assert "key_file" not in {f.check for f in flower.findings}
+
+
 def test_no_private_key_warning_when_the_run_holds_public_keys_only(run_copy):
     for key in (run_copy / "keys").glob("*.key"):
         key.unlink()
