@@ -157,17 +157,27 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
 
     Guarantee: the ledger is intact and signed (the chain, fields and Ed25519 signatures of
     :func:`audits.verify.check_ledger_lines`, under ``allowlist``, else the run's
-    ``keys/allowlist.json``), the
+    ``keys/allowlist.json``), no private key material lies inside ``run_dir`` (whoever holds
+    a signing key could have re-signed the ledger; with or without ``allowlist``), the
     claim and delta are finite and positive, and every DP-SGD entry records the noise mode
     ``noise`` (the config's): an edited ledger or config raises ReplayAuditError.
     """
-    from audits.verify import positive_number, verified_ledger_entries
+    from audits.verify import (
+        _private_key_findings,
+        _raise_first,
+        positive_number,
+        verified_ledger_entries,
+    )
 
     rel = f"ledgers/{method}/{client_id}.jsonl"
     valid = verified_ledger_entries(
         run_dir, method, client_id, error=ReplayAuditError,
         missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?",
         allowlist=allowlist)
+    if allowlist is None:  # with one, verified_ledger_entries looked (given_allowlist_findings)
+        # a replay needs a DP claim, so no key file is excepted (as audit verify, for a DP run)
+        _raise_first(_private_key_findings(run_dir, dp_claimed=True), ReplayAuditError,
+                     f"{rel} is not trusted")
     dpsgd = [e for e in valid if e.get("mechanism") == "dpsgd"]
     if not dpsgd:
         raise ReplayAuditError(f"ledger {rel} has no DP-SGD entry to replay")
@@ -305,9 +315,9 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
 
     ``allowlist`` (CLI ``--allowlist``): an independently registered allowlist.json; the
     ledger's signatures are checked under it instead of the run's ``keys/allowlist.json``
-    (private keys inside the run, and a ``keys/allowlist.json`` listing a party or key it does
-    not register, are then an error: :func:`audits.verify.given_allowlist_findings`), so a
-    ledger its owner re-signed with a new key is refused. ``anchor`` (CLI ``--anchor``): a
+    (a ``keys/allowlist.json`` listing a party or key it does not register is then an error:
+    :func:`audits.verify.given_allowlist_findings`), so a ledger its owner re-signed with a
+    new key is refused. Private key material inside the run is an error with or without it. ``anchor`` (CLI ``--anchor``): a
     copy of the run's anchor.json kept apart, checked as ``audit verify --anchor`` checks it
     (:func:`audits.verify.check_anchor`: signature and signer, config.toml and results.json
     digests, run name, config hash, runtime and methods, every ledger's head and length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -405,6 +406,35 @@ def test_replay_with_an_allowlist_compares_the_published_allowlist(runs, tmp_pat
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "lists 1 parties the given allowlist" in err
         assert "(auditor)" in err
+
+
+def test_replay_without_an_allowlist_refuses_private_keys_inside_the_run(runs, tmp_path,
+                                                                        capsys):
+    """`audit verify` and `audit report` fail a run holding private key material (whoever
+    holds a signing key can re-sign its ledgers), `audit replay --allowlist` refuses it, but
+    `audit replay` without --allowlist trusted the ledger. Now it refuses it alike: a key
+    in keys/ under its own name (a DP run's own keys are no exception) or renamed elsewhere."""
+    import shutil
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    for where in ("keys/client-000.ed25519.key", "notes/backup.txt"):
+        run = shutil.copytree(runs["csprng"], tmp_path / where.replace("/", "-"))
+        (run / where).parent.mkdir(exist_ok=True)
+        (run / where).write_bytes(pem)
+        capsys.readouterr()
+        assert main(["audit", "replay", str(run), "--trials", "8"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ledgers/local/client-000.jsonl is"
+                                                       " not trusted: 1 file holds private key")
+        assert f"inside the audited directory ({where})" in err
+        assert not (run / "audit" / "replay.json").exists()
+        with pytest.raises(ReplayAuditError, match=re.escape(where)):
+            run_replay_audit(run, trials=8)
 
 
 @pytest.mark.parametrize("run_dir", ["", "  ", "r\x00"])
