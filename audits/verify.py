@@ -77,11 +77,13 @@
    lists that the given one does not register, or another key for a party, is an error (the
    directory misstates who could sign); parties registered but not published are not.
    :func:`check_anchor` and :func:`verified_ledger_entries` (``audit replay``) given an
-   allowlist run the same check (:func:`given_allowlist_findings`).
+   allowlist run the same check (:func:`given_allowlist_findings`); ``audit replay`` without
+   one still refuses private key material inside the run.
 8. **Files beside the ledgers**: ``keys/<party>.ed25519.pub`` and ``.x25519.pub`` equal the
    allowlisted keys (nothing in a run signs an X25519 key, so the allowlist in use is what
    they are held to; a missing file, or one of a party the allowlist does not name, is a
-   warning). ``ledgers/<method>/model.json`` (the model the releases come from) is intact (its
+   warning; with an allowlist given, a run without ``keys/``, a Flower result directory
+   aside, is an unchecked warning). ``ledgers/<method>/model.json`` (the model the releases come from) is intact (its
    fingerprint hashes its listing) and records the fingerprint results.json records in
    ``privacy[<method>].model_fingerprint`` (results.json's digest is in the signed anchor);
    missing where results.json records one is an error (on Flower, where each node keeps its
