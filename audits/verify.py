@@ -123,6 +123,7 @@ import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -771,16 +772,31 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
 # --------------------------------------------------------------------------- accounting
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_quiet_saved_level = logging.NOTSET
+
+
 @contextlib.contextmanager
 def _quiet_dp_accounting() -> Iterator[None]:
-    """dp_accounting logs (via absl) each RDP order it drops; keep the audit's output clean."""
+    """dp_accounting logs (via absl) each RDP order it drops; keep the audit's output clean:
+    the ``absl`` logger is at ERROR inside, its own level restored when the outermost of
+    nested (or concurrent) uses ends. Only the outermost sets a level: ``Logger.setLevel``
+    clears every logger's cache, which per ledger cost seconds at a thousand clients."""
+    global _quiet_depth, _quiet_saved_level
     logger = logging.getLogger("absl")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            _quiet_saved_level = logger.level
+            logger.setLevel(logging.ERROR)
+        _quiet_depth += 1
     try:
         yield
     finally:
-        logger.setLevel(old)
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logger.setLevel(_quiet_saved_level)
 
 
 def _event(noise_multiplier: float, sample_rate: float) -> dp_accounting.DpEvent:
@@ -2743,8 +2759,9 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
         raise AuditError(f"{options['imports']} takes a list of module names, got the string"
                          f" {imports!r:.80}")
     imported = import_trusted_modules(imports, run, options)  # before the config names plug-ins
-    report = _verify_dir(run, allow_path, given_keys, anchor_path, float(rel_tol),
-                         pld_checkpoints, options, imported)
+    with _quiet_dp_accounting():  # once for every ledger's accounting
+        report = _verify_dir(run, allow_path, given_keys, anchor_path, float(rel_tol),
+                             pld_checkpoints, options, imported)
     if strict:  # the one place: every exit of _verify_dir comes through here
         _strict_findings(report.findings, report.clients, options)
     report.imported, report.strict = imported, strict

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -2210,3 +2211,78 @@ def test_verify_reads_the_client_ids_and_summary_rows_once_not_per_ledger(pristi
     assert len(after.clients) == 6  # 3 clients x 2 methods
     assert calls["ids"] <= 1 and calls["rows"] <= 2
     assert after.to_json() == before.to_json()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture()
+def absl_at_info():
+    """The absl logger at INFO with a handler collecting what it lets through; its own level
+    and handlers put back after the test."""
+    logger = logging.getLogger("absl")
+    level, handler = logger.level, _Records()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_dp_accounting_logs_are_quiet_for_the_whole_verify(pristine_run, absl_at_info,
+                                                           monkeypatch):
+    """dp_accounting's absl warnings (an RDP order dropped) stay out of the audit's output, and
+    the absl logger stays at ERROR from the first ledger to the last: it was set and reset
+    around each accounting call, ~10 times a ledger, and each setLevel clears every logger's
+    cache. Its own level is back after verify, and after a verify that raised."""
+    import audits.verify as verify
+
+    logger, handler = absl_at_info
+    levels: list[int] = []
+    original = verify._verify_client
+
+    def spy(*args, **kwargs):
+        levels.append(logger.level)
+        logger.warning("dropping an RDP order")  # what dp_accounting logs via absl
+        client = original(*args, **kwargs)
+        levels.append(logger.level)
+        return client
+    monkeypatch.setattr(verify, "_verify_client", spy)
+    report = verify_run(pristine_run)
+    assert report.ok and len(levels) == 2 * len(report.clients) == 12
+    assert set(levels) == {logging.ERROR}
+    assert not handler.records
+    assert logger.level == logging.INFO
+    logger.warning("after verify")
+    assert [r.getMessage() for r in handler.records] == ["after verify"]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk gone")
+    monkeypatch.setattr(verify, "_verify_client", boom)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        verify_run(pristine_run)
+    assert logger.level == logging.INFO
+
+
+def test_accounting_alone_still_quiets_and_restores_the_absl_logger(absl_at_info):
+    """Outside a verify, the public accounting functions quiet absl themselves and restore it,
+    nested or not."""
+    import audits.verify as verify
+
+    logger, handler = absl_at_info
+    releases = [(1.2, 0.1, 5)] * 3
+    with verify._quiet_dp_accounting():
+        assert logger.level == logging.ERROR
+        independent_epsilons(releases, 1e-5, "pld")
+        assert logger.level == logging.ERROR  # the inner use does not restore INFO early
+    assert logger.level == logging.INFO
+    independent_epsilons(releases, 1e-5, "rdp")
+    assert logger.level == logging.INFO and not handler.records
