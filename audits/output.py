@@ -32,7 +32,7 @@ from secure_fedora.core.config import ConfigError, check_path_argument
 from secure_fedora.core.files import atomic_write_with
 
 __all__ = ["REPORT_KEYS", "SEAL_KEY", "check_output_file", "is_previous_report",
-           "output_refusal", "seal_report", "write_output_file"]
+           "output_refusal", "seal_document", "seal_report", "write_output_file"]
 
 #: Top-level keys by which each command's JSON report is recognised (the first ones of the
 #: document it writes); canary and white-box reports also carry ``"audit": <name>``.
@@ -75,7 +75,14 @@ def seal_report(text: str, command: str) -> str:
     if command == "report.html":
         digest = hashlib.sha256(text.encode()).hexdigest()
         return text + (_HTML_SEAL_START + digest.encode() + _HTML_SEAL_END).decode()
-    doc = json.loads(text)
+    return seal_document(json.loads(text), command)
+
+
+def seal_document(doc: Any, command: str) -> str:
+    """:func:`seal_report` of a JSON report given as the document ``json.loads`` returns for
+    it (string keys, lists, no NaN or infinity), serialised once: equal to
+    ``seal_report(json.dumps(doc), command)``, without parsing a text that was only dumped to
+    be parsed again. ValueError as :func:`seal_report`'s."""
     if not isinstance(doc, dict) or SEAL_KEY in doc:
         raise ValueError(f"a {command} report must be a JSON object without {SEAL_KEY!r}")
     seal = {"tool": SEAL_TOOL, "command": command, "sha256": _canonical_sha256(doc)}
@@ -201,17 +208,19 @@ def _creation_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_output_file(path: Path, text: str, flag: str, command: str,
+def write_output_file(path: Path, text: str | dict[str, Any], flag: str, command: str,
                       force: bool = False,
                       error: Callable[[str], Exception] = ConfigError) -> None:
-    """Write ``text``, sealed by :func:`seal_report`, to ``path`` atomically (a temporary
-    file in its folder, renamed over it), after checking ``path`` again by the module's rule:
-    the file may have changed while the audit ran. A replaced file keeps its permission bits,
-    a new one gets 0666 under the umask. ``error`` (ConfigError by default) when refused."""
+    """Write ``text``, sealed by :func:`seal_report` (a JSON document given as a dict: by
+    :func:`seal_document`), to ``path`` atomically (a temporary file in its folder, renamed
+    over it), after checking ``path`` again by the module's rule: the file may have changed
+    while the audit ran. A replaced file keeps its permission bits, a new one gets 0666 under
+    the umask. ``error`` (ConfigError by default) when refused."""
     why = output_refusal(path, flag, command, force)
     if why is not None:
         raise error(why)
-    sealed = seal_report(text, command).encode()
+    sealed = (seal_document(text, command) if isinstance(text, dict)
+              else seal_report(text, command)).encode()
     try:
         mode = stat.S_IMODE(path.lstat().st_mode)  # a regular file: output_refusal saw to it
     except FileNotFoundError:

@@ -65,7 +65,7 @@ from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
-from secure_fedora.core.files import strict_json  # noqa: E402
+from secure_fedora.core.files import finite_document  # noqa: E402
 from secure_fedora.runtimes.results import config_assumptions, metric_label  # noqa: E402
 from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
 
@@ -1199,8 +1199,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
         "accuracy": _accuracy_plot(report["accuracy"]),
     }
     _check_report_files(html_path, json_path, force)
-    write_output_file(json_path, strict_json(json.loads(json.dumps(report, default=str))),
-                      "output file", "report", force, ReportError)
+    # the document as report.json's reader gets it (strings for what JSON cannot hold),
+    # dumped with the indent once, by the seal: at thousands of clients each indented dump
+    # of it takes seconds
+    document = finite_document(json.loads(json.dumps(report, default=str)))
+    write_output_file(json_path, document, "output file", "report", force, ReportError)
     write_output_file(html_path, render_html(report, plots), "output file", "report.html",
                       force, ReportError)
     return ReportPaths(html=html_path, json=json_path, verification=verification)

@@ -237,3 +237,17 @@ def test_report_out_naming_a_file_is_refused_before_verifying(pristine_run, tmp_
     captured = capsys.readouterr()
     assert "--out" in captured.err and "is not a directory" in captured.err
     assert captured.out == "" and victim.read_text() == "keep\n"
+
+
+def test_seal_document_is_seal_report_of_its_json():
+    """A report given as its parsed document is sealed with one serialisation, to the same
+    text as the report's JSON text; a non-object or an already sealed one is refused."""
+    from audits.output import SEAL_KEY, seal_document
+
+    doc = {"report_version": 1, "b": [1, 2.5, -0.0, 1e300, None, "\u00e9\ud800"],
+           "a": {"z": True, "y": {}}, "empty": []}
+    assert seal_document(doc, "report") == seal_report(json.dumps(doc), "report")
+    assert seal_document({}, "verify") == seal_report("{}", "verify")
+    for bad in ([1], {SEAL_KEY: {}}):
+        with pytest.raises(ValueError, match="JSON object without"):
+            seal_document(bad, "report")

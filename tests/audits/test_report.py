@@ -887,3 +887,29 @@ def test_a_results_json_without_declared_reply_entries_says_so(run_copy, tmp_pat
     assert report["reply_entries"]["not_stated"] == ["fedora", "local"]
     page = render_html(report, {})
     assert "fedora: results.json does not state what its replies carry" in page
+
+
+def test_report_json_bytes_are_those_of_the_dump_parse_dump_path(pristine_run, tmp_path,
+                                                                 monkeypatch):
+    """report.json is serialised once (it was dumped with the indent, parsed and dumped again:
+    seconds at thousands of clients) to the very bytes the old path wrote, for a document
+    holding what JSON cannot (NaN, infinity, a Path, a tuple) too."""
+    import audits.report as report_module
+    from audits.output import seal_report
+    from secure_fedora.core.files import strict_json
+
+    built: list[dict] = []
+    original = report_module.build_report
+
+    def capture(*args, **kwargs):
+        doc = original(*args, **kwargs)
+        doc["probe"] = {"nan": float("nan"), "inf": [1.5, float("-inf")], "path": tmp_path,
+                        "tuple": (1, 2.25), "text": "\u00e9\u2013"}
+        built.append(doc)
+        return doc
+    monkeypatch.setattr(report_module, "build_report", capture)
+    paths = write_report(pristine_run, tmp_path / "out")
+    old = seal_report(strict_json(json.loads(json.dumps(built[0], default=str))), "report")
+    assert paths.json.read_bytes() == old.encode()
+    assert json.loads(paths.json.read_text())["probe"]["nan"] is None
+
