@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -72,6 +73,11 @@ from secure_fedora.secure.private import planned_release_counts, steps_per_round
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
 
 REPORT_VERSION = 1
+
+#: A plot of more clients than this draws their summary (epsilon: median, 5-95% band and
+#: range per round; the metric: each method's values sorted) instead of a line or bar per
+#: client; the tables and report.json keep every client.
+PLOT_CLIENTS_MAX = 50
 
 THREAT_MODEL = [
     "The server is honest-but-curious: it follows the protocol and tries to learn about client"
@@ -760,35 +766,89 @@ def _png_base64(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _plotted_series(series: dict[str, dict[str, list[dict[str, Any]]]]
+                    ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Each method's clients that have a point to plot, methods without any left out."""
+    out = {m: {cid: pts for cid, pts in series[m].items() if pts} for m in sorted(series)}
+    return {m: clients for m, clients in out.items() if clients}
+
+
+def _summarised(count: int) -> bool:
+    return count > PLOT_CLIENTS_MAX
+
+
+def _epsilon_bands(clients: dict[str, list[dict[str, Any]]]
+                   ) -> tuple[list[int], dict[str, list[float]]]:
+    """Per round, over the clients that have released by then, the min, 5th percentile,
+    median, 95th percentile and max of their cumulative epsilon (a client's last value up
+    to that round: one that sat a round out has spent what it had)."""
+    rounds = sorted({p["round"] for pts in clients.values() for p in pts})
+    at = {r: k for k, r in enumerate(rounds)}
+    spent = np.full((len(clients), len(rounds)), np.nan)
+    for row, pts in enumerate(clients.values()):
+        for p in pts:
+            spent[row, at[p["round"]]] = p["epsilon"]
+        seen = ~np.isnan(spent[row])
+        first = int(np.argmax(seen))
+        # carry each value forward to the rounds after it without a point
+        idx = np.where(seen, np.arange(len(rounds)), 0)
+        np.maximum.accumulate(idx, out=idx)
+        spent[row, first:] = spent[row, idx[first:]]
+    stats = {name: [] for name in ("min", "p5", "median", "p95", "max")}
+    for k in range(len(rounds)):
+        col = spent[:, k][~np.isnan(spent[:, k])]
+        for name, q in (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100)):
+            stats[name].append(float(np.percentile(col, q)))
+    return rounds, stats
+
+
+def _budget_lines(ax: Any, budgets: Sequence[dict[str, Any]], method: str) -> None:
+    seen: set[float] = set()
+    for row in budgets:
+        b = row["budget_epsilon"]
+        if row["method"] != method or b is None or b in seen:
+            continue
+        seen.add(b)
+        ax.axhline(b, color="black", linestyle="--", linewidth=1)
+        ax.annotate(f"budget {format_exact(b)}", xy=(0.0, b),
+                    xycoords=("axes fraction", "data"),
+                    xytext=(3, 3), textcoords="offset points", fontsize=8)
+
+
 def _epsilon_plot(series: dict[str, dict[str, list[dict[str, Any]]]],
                   budgets: Sequence[dict[str, Any]]) -> str | None:
-    methods = [m for m in sorted(series) if any(series[m].values())]
-    if not methods:
+    plotted = _plotted_series(series)
+    if not plotted:
         return None
+    methods = list(plotted)
     fig, axes = plt.subplots(len(methods), 1, figsize=(8, 3.6 * len(methods)), squeeze=False)
     cmap = plt.get_cmap("tab20")
     for ax, method in zip(axes[:, 0], methods, strict=True):
-        for k, (cid, points) in enumerate(sorted(series[method].items())):
-            if points:
-                ax.plot([p["round"] for p in points], [p["epsilon"] for p in points],
-                        marker="o", markersize=3, color=cmap(k % 20), label=cid)
-        seen: set[float] = set()
-        for row in budgets:
-            b = row["budget_epsilon"]
-            if row["method"] != method or b is None or b in seen:
-                continue
-            seen.add(b)
-            ax.axhline(b, color="black", linestyle="--", linewidth=1)
-            ax.annotate(f"budget {format_exact(b)}", xy=(0.0, b),
-                        xycoords=("axes fraction", "data"),
-                        xytext=(3, 3), textcoords="offset points", fontsize=8)
+        clients = plotted[method]
+        if _summarised(len(clients)):
+            rounds, st = _epsilon_bands(clients)
+            ax.fill_between(rounds, st["min"], st["max"], color="tab:blue", alpha=0.15,
+                            linewidth=0, label="min to max")
+            ax.fill_between(rounds, st["p5"], st["p95"], color="tab:blue", alpha=0.3,
+                            linewidth=0, label="5% to 95%")
+            ax.plot(rounds, st["median"], marker="o", markersize=3, color="tab:blue",
+                    label="median")
+            ax.set_title(f"{method}: privacy spent by its {len(clients)} clients against"
+                         " their budgets (summary)")
+            ax.legend(fontsize=7, loc="best")
+        else:
+            for k, (cid, points) in enumerate(sorted(series[method].items())):
+                if points:
+                    ax.plot([p["round"] for p in points], [p["epsilon"] for p in points],
+                            marker="o", markersize=3, color=cmap(k % 20), label=cid)
+            ax.set_title(f"{method}: privacy spent per client against its budget")
+            if len(series[method]) <= 20:
+                ax.legend(fontsize=7, ncol=2, loc="lower right")
+        _budget_lines(ax, budgets, method)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("cumulative epsilon")
-        ax.set_title(f"{method}: privacy spent per client against its budget")
         ax.grid(alpha=0.3)
-        if len(series[method]) <= 20:
-            ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     return _png_base64(fig)
 
@@ -799,19 +859,52 @@ def _accuracy_plot(accuracy: dict[str, Any]) -> str | None:
         return None
     methods = [m["method"] for m in accuracy["methods"]]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    width = 0.8 / max(len(methods), 1)
-    for k, name in enumerate(methods):
-        xs = [r["client"] + k * width for r in rows if r.get(name) is not None]
-        ys = [r[name] for r in rows if r.get(name) is not None]
-        ax.bar(xs, ys, width=width, label=name)
-    ax.set_xlabel("client")
     name = metric_label(accuracy.get("metric"))
+    if _summarised(len(rows)):
+        for method in methods:
+            ys = sorted(r[method] for r in rows if r.get(method) is not None)
+            if ys:  # each client's rank among those measured, as a share of them
+                xs = [(k + 0.5) / len(ys) for k in range(len(ys))]
+                ax.plot(xs, ys, label=f"{method} ({len(ys)} clients)")
+        ax.set_xlabel("share of clients (sorted by their figure)")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"Personalized test {name} of {len(rows)} clients, sorted")
+        ax.grid(alpha=0.3)
+    else:
+        width = 0.8 / max(len(methods), 1)
+        for k, method in enumerate(methods):
+            xs = [r["client"] + k * width for r in rows if r.get(method) is not None]
+            ys = [r[method] for r in rows if r.get(method) is not None]
+            ax.bar(xs, ys, width=width, label=method)
+        ax.set_xlabel("client")
+        ax.set_title(f"Personalized test {name} per client")
+        ax.grid(alpha=0.3, axis="y")
     ax.set_ylabel(f"test {name} (selected)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Personalized test {name} per client")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
     return _png_base64(fig)
+
+
+def _epsilon_caption(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str | None:
+    """What the epsilon plot summarises, where it summarises; None where it draws every client."""
+    counts = {m: len(c) for m, c in _plotted_series(series).items() if _summarised(len(c))}
+    if not counts:
+        return None
+    each = "; ".join(f"{_e(m)}: {n:,} clients" for m, n in counts.items())
+    return (f"Summary of many clients ({each}): per round, the median of the clients' "
+            "cumulative recorded \u03b5 (a client's last value up to that round, among those"
+            " that have released), the band from the 5th to the 95th percentile and the range"
+            f" from the least to the most; a method of at most {PLOT_CLIENTS_MAX} clients has a"
+            " line per client. The budget table above lists every client.")
+
+
+def _accuracy_caption(accuracy: dict[str, Any], metric_name: str) -> str | None:
+    rows = accuracy["per_client"]
+    if not rows or not _summarised(len(rows)):
+        return None
+    return (f"Summary of {len(rows):,} clients: each method's {_e(metric_name)} values,"
+            " sorted from the lowest to the highest (the x-axis is the share of the clients"
+            " with a figure); the table above lists every client.")
 
 
 # --------------------------------------------------------------------------- HTML
@@ -992,8 +1085,13 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     ))
     if plots.get("epsilon"):
         parts.append("<h2 id=\"epsilon\">Epsilon over rounds</h2>")
-        parts.append(f"<img alt=\"epsilon over rounds per client against its budget\" "
+        caption = _epsilon_caption(report["epsilon_series"])
+        alt = "summary of the clients' epsilon over rounds against their budgets" if caption \
+            else "epsilon over rounds per client against its budget"
+        parts.append(f"<img alt=\"{alt}\" "
                      f"src=\"data:image/png;base64,{plots['epsilon']}\">")
+        if caption:
+            parts.append(f"<p class=\"muted\">{caption}</p>")
 
     plan = report["privacy_plan"]
     if plan["plan"]:
@@ -1142,8 +1240,12 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
                          "considered for selection: some client had no measured "
                          f"{_e(metric_name)} yet (only a placeholder 0).</p>")
         if plots.get("accuracy"):
-            parts.append(f"<img alt=\"per-client {_e(metric_name)}\" "
+            caption = _accuracy_caption(acc, metric_name)
+            what = "sorted" if caption else "per-client"
+            parts.append(f"<img alt=\"{what} {_e(metric_name)}\" "
                          f"src=\"data:image/png;base64,{plots['accuracy']}\">")
+            if caption:
+                parts.append(f"<p class=\"muted\">{caption}</p>")
     else:
         parts.append(f"<p class=\"warn\">results.json holds no {_e(metric_name)} figures.</p>")
     parts.append("</body></html>")

@@ -913,3 +913,79 @@ def test_report_json_bytes_are_those_of_the_dump_parse_dump_path(pristine_run, t
     assert paths.json.read_bytes() == old.encode()
     assert json.loads(paths.json.read_text())["probe"]["nan"] is None
 
+
+def _figures(monkeypatch) -> list:
+    """The figures the report draws, in order (each closed unrendered: the PNG is a stub)."""
+    import audits.report as report_module
+
+    figures: list = []
+
+    def keep(fig) -> str:
+        figures.append(fig)
+        return base64.b64encode(b"png").decode()
+    monkeypatch.setattr(report_module, "_png_base64", keep)
+    return figures
+
+
+def _client_lines(ax) -> list:
+    return [line for line in ax.get_lines() if line.get_marker() == "o"]
+
+
+def test_plots_of_many_clients_are_summaries_with_captions(pristine_run, tmp_path,
+                                                           monkeypatch):
+    """Above PLOT_CLIENTS_MAX clients the epsilon plot draws each method's median with the
+    5-95% and min-max bands (and the budgets) instead of a line per client, the metric plot
+    each method's sorted values instead of a bar per client, and the page says so; the
+    tables and report.json keep every client."""
+    import audits.report as report_module
+
+    verification = verify_run(pristine_run)
+    figures = _figures(monkeypatch)
+    monkeypatch.setattr(report_module, "PLOT_CLIENTS_MAX", 2)  # the run has 3 clients
+    paths = write_report(pristine_run, tmp_path / "many", verification=verification)
+    epsilon, accuracy = figures
+    for ax in epsilon.axes:
+        assert len(_client_lines(ax)) == 1  # the median
+        assert len(ax.collections) == 2  # the two bands
+        assert "3 clients" in ax.get_title() and "summary" in ax.get_title()
+        assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # a budget
+    (ax,) = accuracy.axes
+    assert not ax.patches and len(ax.get_lines()) == 2  # fedora, local: sorted values
+    assert [line.get_label() for line in ax.get_lines()] == ["fedora (3 clients)",
+                                                             "local (3 clients)"]
+    assert list(ax.get_lines()[0].get_ydata()) == sorted(ax.get_lines()[0].get_ydata())
+    page = paths.html.read_text()
+    assert "Summary of many clients (fedora: 3 clients; local: 3 clients)" in page
+    assert "Summary of 3 clients: each method's accuracy values, sorted" in page
+    for cid in ("client-000", "client-001", "client-002"):
+        assert page.count(f">{cid}<") >= 3  # the budget and both accuracy tables
+    doc = json.loads(paths.json.read_text())
+    assert all(len(s) == 3 for s in doc["epsilon_series"].values())
+    assert len(doc["accuracy"]["per_client"]) == 3
+
+
+def test_plots_of_few_clients_draw_every_client(pristine_run, tmp_path, monkeypatch):
+    """At most PLOT_CLIENTS_MAX clients: a line per client and a bar per client and method,
+    no summary caption."""
+    verification = verify_run(pristine_run)
+    figures = _figures(monkeypatch)
+    paths = write_report(pristine_run, tmp_path / "few", verification=verification)
+    epsilon, accuracy = figures
+    for ax in epsilon.axes:
+        assert len(_client_lines(ax)) == 3 and not ax.collections
+    assert len(accuracy.axes[0].patches) == 6
+    assert "Summary of" not in paths.html.read_text()
+
+
+def test_epsilon_summary_carries_a_clients_spent_epsilon_over_rounds_it_sat_out():
+    """A client without a point in a round has spent what it had by then; one that has not
+    released yet is not counted."""
+    from audits.report import _epsilon_bands
+
+    rounds, stats = _epsilon_bands({
+        "a": [{"round": 1, "epsilon": 1.0}, {"round": 3, "epsilon": 3.0}],
+        "b": [{"round": 2, "epsilon": 5.0}],
+    })
+    assert rounds == [1, 2, 3]
+    assert stats["min"] == [1.0, 1.0, 3.0] and stats["max"] == [1.0, 5.0, 5.0]
+    assert stats["median"] == [1.0, 3.0, 4.0]
