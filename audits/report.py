@@ -794,7 +794,7 @@ def _epsilon_bands(clients: dict[str, list[dict[str, Any]]]
         idx = np.where(seen, np.arange(len(rounds)), 0)
         np.maximum.accumulate(idx, out=idx)
         spent[row, first:] = spent[row, idx[first:]]
-    stats = {name: [] for name in ("min", "p5", "median", "p95", "max")}
+    stats: dict[str, list[float]] = {n: [] for n in ("min", "p5", "median", "p95", "max")}
     for k in range(len(rounds)):
         col = spent[:, k][~np.isnan(spent[:, k])]
         for name, q in (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100)):
