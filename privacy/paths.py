@@ -7,6 +7,8 @@ import os
 import stat
 from pathlib import Path
 
+from privacy.errors import ToolkitError
+
 __all__ = ["NotRegularFileError", "check_path", "read_regular_bytes", "read_regular_file"]
 
 
@@ -31,7 +33,7 @@ def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
     return Path(text)
 
 
-class NotRegularFileError(OSError):
+class NotRegularFileError(OSError, ToolkitError):
     """A path that names a FIFO, device or socket where a regular file is read."""
 
 
