@@ -171,13 +171,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``audit report``: write report.html/report.json; 0 iff written and verified."""
     from audits.report import write_report
+    from privacy.paths import path_problem
     from secure_fedora.core.config import ConfigError, check_path_argument
 
     if args.out is not None:  # an empty --out would be the current directory
         out = check_path_argument(args.out, "--out")
-        if out.exists() and not out.is_dir():  # checked before the verification runs
+        problem = path_problem(out)  # checked before the verification runs
+        if problem == "is not a directory":
             raise ConfigError(f"--out {out} exists and is not a directory: name a directory"
                               " (report.html and report.json are written into it)")
+        if problem not in (None, "does not exist"):
+            raise ConfigError(f"--out {out} {problem}: name a directory (report.html and "
+                              "report.json are written into it)")
     # the Python function with the flags' values: one code path for both
     paths = write_report(args.run_dir, args.out, allowlist=args.allowlist, anchor=args.anchor,
                          rel_tol=args.rel_tol, pld_checkpoints=args.pld_checkpoints,

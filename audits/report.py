@@ -64,7 +64,7 @@ from privacy.accounting import (  # noqa: E402
 )
 from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
-from privacy.paths import check_path  # noqa: E402
+from privacy.paths import check_path, path_problem  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
 from secure_fedora.core.files import finite_document  # noqa: E402
 from secure_fedora.runtimes.results import config_assumptions, metric_label  # noqa: E402
@@ -696,8 +696,9 @@ def _verification(run_dir: str | Path, verification: VerificationReport | None, 
                               " them to audits.verify.verify_run, or leave out verification=")
     if allowlist is not None:
         check_path(allowlist, "allowlist", ReportError, "file")
-    if not run.is_dir():
-        raise ReportError(f"run directory {run} does not exist or is not a directory")
+    problem = path_problem(run)
+    if problem is not None:
+        raise ReportError(f"run directory {run} {problem}")
     if verification is not None:
         return verification
     return verify_run(run, allowlist=allowlist, anchor=anchor, rel_tol=rel_tol,
@@ -1287,6 +1288,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     if not isinstance(force, bool):  # a truthy "no" must not mean yes
         raise ReportError(f"force must be True or False, got {force!r:.80}")
     html_path, json_path = out / "report.html", out / "report.json"
+    problem = path_problem(run)  # before its audit/ folder is checked as the output
+    if problem is not None:
+        raise ReportError(f"run directory {run} {problem}")
     _check_report_files(html_path, json_path, force)
     verification = _verification(run, verification, allowlist=allowlist, anchor=anchor,
                                   rel_tol=rel_tol, pld_checkpoints=pld_checkpoints,

@@ -155,7 +155,7 @@ from privacy.accounting import (
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS, MechanismError
-from privacy.paths import check_path
+from privacy.paths import check_path, path_problem
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -675,14 +675,11 @@ _ANCHOR_KEPT_APART = " (give the anchor.json kept apart)"
 
 
 def _not_a_file(path: Path, give: str = "") -> str:
-    """Why ``path``, given as a file argument, is not a regular file, for its error line:
-    a directory, something else that exists (a FIFO, device or socket: never opened, which a
-    FIFO would wait on), or nothing (``give`` follows the first two)."""
-    if path.is_dir():
-        return f"is a directory, not a file{give}"
-    if path.exists():
-        return f"is not a regular file (a FIFO, device or socket){give}"
-    return "does not exist"
+    """Why ``path``, given as a file argument, is not a regular file, for its error line, in
+    :func:`privacy.paths.path_problem`'s words (a FIFO is never opened: it would wait);
+    ``give`` follows every reason but absence."""
+    problem = path_problem(path, "file") or "is not a regular file"
+    return problem if problem == "does not exist" else problem + give
 
 
 def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditError,
@@ -2739,8 +2736,9 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     run's own damaged ``keys/allowlist.json`` is an error finding).
     """
     run = check_path(run_dir, "run_dir", AuditError)
-    if not run.is_dir():
-        raise AuditError(f"run directory {run} does not exist or is not a directory")
+    problem = path_problem(run)
+    if problem is not None:
+        raise AuditError(f"run directory {run} {problem}")
     if not any((run / name).exists() for name in RUN_MARKERS):
         raise AuditError(f"{run} is not a run directory: it holds none of "
                          f"{', '.join(RUN_MARKERS)}")

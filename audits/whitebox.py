@@ -67,7 +67,7 @@ from audits.verify import (
 from privacy.accounting import PlannedRelease, format_exact, plan_epsilon
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
-from privacy.paths import check_path
+from privacy.paths import check_path, path_problem
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -601,8 +601,9 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
     :class:`WhiteboxAuditError` when the directory or its config is missing or invalid.
     """
     run = check_path(run_dir, "run_dir", WhiteboxAuditError)
-    if not run.is_dir():
-        raise WhiteboxAuditError(f"run directory {run} does not exist or is not a directory")
+    problem = path_problem(run)
+    if problem is not None:
+        raise WhiteboxAuditError(f"run directory {run} {problem}")
     cfg_path = run / "config.toml"
     if not cfg_path.is_file():
         raise WhiteboxAuditError(f"{cfg_path} is missing: the audit needs the run's config")

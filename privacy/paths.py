@@ -9,7 +9,8 @@ from pathlib import Path
 
 from privacy.errors import ToolkitError
 
-__all__ = ["NotRegularFileError", "check_path", "read_regular_bytes", "read_regular_file"]
+__all__ = ["NotRegularFileError", "check_path", "path_problem", "read_regular_bytes",
+           "read_regular_file"]
 
 
 def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
@@ -31,6 +32,32 @@ def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
     if "\x00" in text:
         raise error(f"{name} {text!r:.80} holds a NUL character, which no path may hold")
     return Path(text)
+
+
+def path_problem(path: str | os.PathLike[str], want: str = "directory") -> str | None:
+    """Why ``path`` is not the ``want`` it should name ("directory", or "file": a regular
+    file), as the words that follow the path in an error line, or None when it is one. The
+    one wording of every command: ``does not exist`` only where the system says nothing is
+    there; ``is a symbolic link loop ...`` where it or a folder on its way is a link that
+    never ends (ELOOP); ``cannot be reached (<reason>)`` where the system cannot look (a
+    folder on its way that is a file or may not be searched); ``is not a directory``, ``is a
+    directory, not a file`` or ``is not a regular file (a FIFO, device or socket)`` for what
+    is there but of another kind."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop (it or a folder on its way is a link that never resolves)"
+        return f"cannot be reached ({exc.strerror or exc})"
+    except ValueError as exc:  # a path the system cannot take (NUL, or not encodable)
+        return f"cannot be reached ({exc})"
+    if want == "directory":
+        return None if stat.S_ISDIR(mode) else "is not a directory"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    return None if stat.S_ISREG(mode) else "is not a regular file (a FIFO, device or socket)"
 
 
 class NotRegularFileError(OSError, ToolkitError):

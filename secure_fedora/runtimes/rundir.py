@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.errors import ToolkitError
+from privacy.paths import path_problem
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -114,6 +115,12 @@ def hold_run_dir(run_dir: Path, create: bool = False) -> Iterator[None]:
             made = True
         except FileExistsError:  # another process made it first; the lock decides
             pass
+        except OSError as err:  # a symbolic link loop, a file or a closed folder on its way
+            why = path_problem(run_dir)
+            if why in (None, "does not exist"):
+                why = f"cannot be created ({err.strerror or err})"
+            raise RunDirUnavailableError(f"run directory {run_dir} {why}; nothing was "
+                                         "written") from None
     if not run_dir.is_dir():
         yield
         return
@@ -224,9 +231,13 @@ def check_fresh_run_dir(run_dir: Path, cfg: ExperimentConfig, cli: bool = True) 
     configuration (what the CLI writes before the run starts), with at most the record of the
     key store that start extended (:data:`KEYSTORE_RECORD`). The message names the CLI's
     options, or with ``cli`` False the Python API's arguments."""
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise RunDirError(f"run directory {run_dir} exists and is not a directory")
+    problem = path_problem(run_dir)
+    if problem == "is not a directory":
+        raise RunDirError(f"run directory {run_dir} exists and is not a directory")
+    if problem is not None and problem != "does not exist":  # a loop, or out of reach
+        out, _ = _names(cli)
+        raise RunDirError(f"run directory {run_dir} {problem}; name another {out}")
+    if problem is None:
         held = _contents(run_dir)
         # a start of this very run killed before it wrote anything else (but the record of
         # the key store it extended, which the run keeps)
@@ -709,8 +720,9 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
     has finished (:func:`check_amendable`). Messages name
     the CLI's options, or with ``cli`` False the Python API's arguments."""
     out, resume = _names(cli)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{resume} needs an existing run directory; {run_dir} does not exist")
+    problem = path_problem(run_dir)
+    if problem is not None:
+        raise RunDirError(f"{resume} needs an existing run directory; {run_dir} {problem}")
     # outputs written as the run goes and at its end: one of the wrong kind was found only
     # after rounds were trained again (under DP, released and accounted)
     for name, want_dir in _RUN_OUTPUTS.items():

@@ -551,3 +551,23 @@ def test_audit_verify_lists_an_epsilon_beside_its_budget_on_the_right_side_of_it
     assert "epsilon 0.03124 (independent 0.03124) of budget 0.03125" in text
     assert "epsilon 1.00000003 (independent 1.00000003) of budget 1.00000004" in text
     assert "epsilon 2.9835 (independent 2.9835) of budget 3 ->" in text
+
+
+def test_a_symbolic_link_loop_given_to_audit_is_named_so_not_missing(pristine_run, tmp_path,
+                                                                     capsys):
+    """A run directory, --anchor or --allowlist that was a symbolic link loop was said not to
+    exist (or the report's output check said "cannot be checked"); each now says it is a loop,
+    and nothing is written."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    cases = [(["audit", "verify", str(loop)], f"run directory {loop}"),
+             (["audit", "report", str(loop / "run")], f"run directory {loop / 'run'}"),
+             (["audit", "report", str(pristine_run), "--out", str(loop)], f"--out {loop}"),
+             (["audit", "verify", str(pristine_run), "--anchor", str(loop)], f"anchor {loop}"),
+             (["audit", "verify", str(pristine_run), "--allowlist", str(loop)],
+              f"allowlist {loop}")]
+    for argv, named in cases:
+        assert main(argv) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{named} is a symbolic link loop" in err and "does not exist" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]

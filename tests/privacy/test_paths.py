@@ -24,3 +24,24 @@ def test_read_regular_bytes_reads_up_to_limit_and_refuses_what_is_not_a_file(tmp
     os.mkfifo(fifo)
     with pytest.raises(NotRegularFileError):  # returns at once: never waits for a writer
         read_regular_bytes(fifo)
+
+
+def test_path_problem_names_a_symbolic_link_loop_and_never_claims_it_absent(tmp_path: Path):
+    """A --resume or run directory that was a symbolic link loop was said not to exist; the
+    one wording of every command now says what the system said."""
+    from privacy.paths import path_problem
+
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    (tmp_path / "f").write_text("x")
+    for looped in ("loop", "loop/run", "a"):
+        for want in ("directory", "file"):
+            why = path_problem(tmp_path / looped, want)
+            assert why is not None and why.startswith("is a symbolic link loop")
+    assert path_problem(tmp_path / "missing") == "does not exist"
+    assert path_problem(tmp_path / "f" / "run") == "cannot be reached (Not a directory)"
+    assert path_problem(tmp_path / "f") == "is not a directory"
+    assert path_problem(tmp_path / "f", "file") is None
+    assert path_problem(tmp_path) is None
+    assert path_problem(tmp_path, "file") == "is a directory, not a file"

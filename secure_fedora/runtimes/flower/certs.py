@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.errors import ToolkitError
+from privacy.paths import path_problem
 
 __all__ = [
     "CertificateError",
@@ -55,6 +56,18 @@ _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 class CertificateError(ToolkitError, ValueError):
     """Raised for an invalid host name, node name, validity period or output directory."""
+
+
+def _output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir`` resolved; CertificateError when it is a file, a symbolic link loop or
+    cannot be reached (what :func:`privacy.paths.path_problem` says of it)."""
+    problem = path_problem(Path(out_dir).expanduser())
+    if problem == "is not a directory":
+        raise CertificateError(f"output path {Path(out_dir).expanduser().resolve()} exists and "
+                               "is not a directory")
+    if problem not in (None, "does not exist"):
+        raise CertificateError(f"output path {out_dir} {problem}; name a directory")
+    return Path(out_dir).expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -152,9 +165,7 @@ def make_certificates(
         raise CertificateError(f"valid_days must be at most {last:,} (X.509 dates end in the"
                                f" year 9999); got {valid_days:,}")
     sans, host_names = _san_entries(list(hosts))
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise CertificateError(f"output path {out} exists and is not a directory")
+    out = _output_dir(out_dir)
     paths = CertificatePaths(
         ca_cert=out / "ca.crt",
         ca_key=out / "ca.key",
@@ -278,9 +289,7 @@ def make_node_keys(
     """
     if len(set(names)) != len(names):
         raise CertificateError(f"node names must be unique; got {list(names)}")
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise CertificateError(f"output path {out} exists and is not a directory")
+    out = _output_dir(out_dir)
     result: list[NodeKeyPaths] = []
     for name in names:
         if not isinstance(name, str) or not _NODE_NAME_RE.match(name) or name in {".", ".."}:

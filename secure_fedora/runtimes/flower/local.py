@@ -65,6 +65,7 @@ from privacy.identity import (
     default_party_ids,
     init_keys,
 )
+from privacy.paths import path_problem
 from secure_fedora.core.config import (
     ExperimentConfig,
     check_overrides_used,
@@ -1266,6 +1267,11 @@ def _checked_deployment(
         max_in_flight = default_max_in_flight()
     if max_in_flight < 0:
         raise DeployError(f"max_in_flight must be >= 0 (0: all at once); got {max_in_flight}")
+    problem = path_problem(Path(workdir).expanduser())
+    if problem not in (None, "does not exist", "is not a directory"):
+        # resolve() would raise RuntimeError on a loop, and a run could not be written there
+        raise DeployError(f"the workdir {str(workdir)!r} {problem}; name a directory (a new "
+                          "one for a new run)")
     work = Path(workdir).expanduser().resolve()
     if any(ch in str(work) for ch in '"\\\n'):
         # the SuperNodes' node config quotes its paths; a quote or backslash in them would

@@ -1017,3 +1017,17 @@ def test_ctrl_c_during_a_ledger_write_is_an_interruption(tmp_path, dp_reproducib
     assert run(config, out, "--resume") == 0
     assert (out / "rounds.csv").read_text() == (reference / "rounds.csv").read_text()
     assert audit_main(["audit", "verify", str(out)]) == 0
+
+
+def test_an_out_that_is_a_symbolic_link_loop_is_named_so_not_missing(tmp_path, capsys):
+    """`run CONFIG --out LOOP --resume` said LOOP "does not exist" and a fresh run into
+    LOOP/sub ended in the bare OSError text; both now say it is a symbolic link loop."""
+    config = write_config(tmp_path / "c.toml", TINY)
+    (tmp_path / "loop").symlink_to("loop")
+    before = snapshot(tmp_path)
+    for out, extra in ((tmp_path / "loop", ("--resume",)), (tmp_path / "loop" / "run", ("--resume",)),
+                       (tmp_path / "loop" / "run", ()), (tmp_path / "loop", ())):
+        assert run(config, out, *extra) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{out} is a symbolic link loop" in err and "does not exist" not in err, err
+    assert snapshot(tmp_path) == before

@@ -1155,6 +1155,24 @@ def test_deploy_local_refuses_a_workdir_that_is_a_file(tmp_path: Path) -> None:
     assert afile.read_text() == "keep me"
 
 
+def test_deploy_local_and_certs_name_a_workdir_that_is_a_symbolic_link_loop(
+        tmp_path: Path) -> None:
+    """A --workdir (or `deploy certs --out`) that was a symbolic link loop ended in a
+    RuntimeError traceback from resolving it; now one line says it is a loop, nothing
+    written."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    for workdir in (loop, loop / "run"):
+        for resume in (False, True):
+            with pytest.raises(DeployError, match=r"is a symbolic link loop"):
+                deploy_local(tiny_config(), 3, workdir, max_in_flight=0, resume=resume)
+    with pytest.raises(CertificateError, match=r"output path .*loop is a symbolic link loop"):
+        make_certificates(loop)
+    with pytest.raises(CertificateError, match=r"output path .*loop is a symbolic link loop"):
+        make_node_keys(loop, ["n0"])
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
 def test_deploy_local_warns_once_that_a_configured_keystore_is_unused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A config naming [security] keystore was deployed with the key silently ignored (Flower
