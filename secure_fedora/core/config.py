@@ -65,6 +65,7 @@ __all__ = [
     "load_run_config",
     "parse_config",
     "revalidate",
+    "toml_key",
     "unregistered_hint",
 ]
 
@@ -805,7 +806,7 @@ class ExperimentConfig(_Section):
             )
         for key, budget in p.overrides.items():
             if budget.delta is not None and budget.delta >= 1.0 / d.train_per_client:
-                raise ValueError(f"privacy.overrides.{key}.delta must be < 1/n ="
+                raise ValueError(f"privacy.overrides.{toml_key(key)}.delta must be < 1/n ="
                                  f" {format_exact(1 / d.train_per_client)}")
         if d.validation == "private" and p.model_selection == "validation":
             raise ValueError(
@@ -955,14 +956,25 @@ def _first_difference(given: Any, valid: Any, key: str = "") -> tuple[str, Any] 
     return None if given == valid else (key, given)
 
 
+def toml_key(name: str) -> str:
+    """``name`` as a TOML key in a table header or dotted key: bare when it is one (ASCII
+    letters, digits, ``_`` and ``-``, not empty), else a quoted basic string, so that a
+    message naming ``[privacy.mechanisms.<name>]`` names the table the config holds (an empty
+    name reads ``""``, not nothing; ``my.mech`` stays one key)."""
+    if name and all(c.isascii() and (c.isalnum() or c in "_-") for c in name):
+        return name
+    # a JSON string is a TOML basic string but for DEL, which TOML needs escaped
+    return json.dumps(name, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def override_index_problem(key: str, num_clients: int) -> str | None:
     """Why the ``privacy.overrides`` key ``key`` does not name one of ``num_clients`` clients
     (not a decimal index in range, or written with leading zeros), or None."""
     # at most 19 digits: int() refuses 4,300, and no index reaches int64
     if not (key.isascii() and key.isdigit()) or len(key) > 19 or int(key) >= num_clients:
-        return f"privacy.overrides.{key}: not a client index in [0, {num_clients})"
+        return f"privacy.overrides.{toml_key(key)}: not a client index in [0, {num_clients})"
     if key != str(int(key)):  # "00" would name client 0 a second time
-        return f"privacy.overrides.{key}: write the client index as {int(key)}"
+        return f"privacy.overrides.{toml_key(key)}: write the client index as {int(key)}"
     return None
 
 

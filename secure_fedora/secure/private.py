@@ -124,7 +124,12 @@ from privacy.pipeline import (
 from secure_fedora.algorithms import fedora
 from secure_fedora.algorithms.contract import plug_in_round_mechanisms, plug_in_setup_mechanism
 from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMMARY
-from secure_fedora.core.config import ConfigError, ExperimentConfig, pull_stability_limit
+from secure_fedora.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    pull_stability_limit,
+    toml_key,
+)
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import atomic_write_bytes
 from secure_fedora.data.partition import ClientData
@@ -398,7 +403,7 @@ def check_mechanism_tables(cfg: ExperimentConfig) -> None:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"privacy: [privacy.mechanisms.{name}] names no registered mechanism{hint}, so "
+                f"privacy: [privacy.mechanisms.{toml_key(name)}] names no registered mechanism{hint}, so "
                 f"it would set nothing; registered: {known}. Fix the name, import the plug-in "
                 "module that registers it, or remove the table")
         plug_in_mechanism(name)  # registered, but not one the plan can calibrate
@@ -651,7 +656,7 @@ def _noise_keys(cfg: ExperimentConfig, method: str, mechanism: str
                 f"privacy.{fraction_key}")
     plug_in_mechanism(mechanism)
     table = p.mechanisms.get(mechanism)
-    where = f"privacy.mechanisms.{mechanism}"
+    where = f"privacy.mechanisms.{toml_key(mechanism)}"
     if table is None or (table.noise_multiplier is None and table.budget_fraction is None):
         raise ConfigError(
             f"privacy: method {method!r} declares mechanism {mechanism!r}, whose noise is not "

@@ -618,3 +618,31 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert "secure-fedora run configs/" in main_job and "pytest" in tests
     ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
     assert tests in ci
+
+
+@pytest.mark.parametrize("name, header", [
+    ('""', '[privacy.mechanisms.""]'),
+    ('"my.mech"', '[privacy.mechanisms."my.mech"]'),
+    ('"a b"', '[privacy.mechanisms."a b"]'),
+])
+def test_a_mechanism_table_whose_name_is_no_bare_key_is_named_as_toml_writes_it(
+        tmp_path, capsys, name, header):
+    """`[privacy.mechanisms.""]` was named `[privacy.mechanisms.]` (and "my.mech" as two keys);
+    the error now names the table as the config must write it."""
+    out, config = tmp_path / "run", tmp_path / "c.toml"
+    doc = SMOKE.read_text().replace("[fedora]\n", '[fedora]\nrelatedness = "noised"\n')
+    config.write_text(doc + "\n[privacy]\nenabled = true\nepsilon = 3.0\ndelta = 1e-5\n"
+                      f"\n[privacy.mechanisms.{name}]\nnoise_multiplier = 1.0\n")
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{header} names no registered mechanism" in err and not out.exists()
+
+
+def test_an_override_key_that_is_no_bare_key_is_named_quoted(tmp_path, capsys):
+    """`[privacy.overrides.""]` was named `privacy.overrides.:`; it is now quoted."""
+    out, config = tmp_path / "run", tmp_path / "c.toml"
+    doc = SMOKE.read_text().replace("[fedora]\n", '[fedora]\nrelatedness = "noised"\n')
+    config.write_text(doc + "\n[privacy]\nenabled = true\nepsilon = 3.0\ndelta = 1e-5\n"
+                      '\n[privacy.overrides.""]\nepsilon = 1.0\n')
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    assert 'privacy.overrides."": not a client index in [0, 8)' in capsys.readouterr().err

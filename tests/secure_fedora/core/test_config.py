@@ -754,3 +754,17 @@ def test_the_delta_bound_1_over_n_is_named_exactly():
     with pytest.raises(ConfigError, match=re.escape("must be < 1/n = 0.125 ")):
         parse_config({**base, "data": {**base["data"], "train_per_client": 8},
                       "privacy": {"enabled": True, "delta": 0.2}})
+
+
+def test_toml_key_names_a_key_as_a_table_header_must_write_it():
+    """A message naming a table header wrote an empty or dotted name bare (`[t.]`, `[t.a.b]`);
+    :func:`toml_key` writes a bare key bare and quotes any other, so TOML reads it back."""
+    import tomllib
+
+    from secure_fedora.core.config import toml_key
+
+    assert toml_key("gaussian_lambda") == "gaussian_lambda" and toml_key("a-1") == "a-1"
+    for name in ("", "my.mech", "a b", "tab\t", 'q"\\', "x\x7fy", "é", "line\nbreak"):
+        key = toml_key(name)
+        assert key.startswith('"')
+        assert list(tomllib.loads(f"[t.{key}]\nv = 1\n")["t"]) == [name]
