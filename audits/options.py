@@ -36,6 +36,7 @@ CLI_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
     "verify_anchor": "run `audit verify --anchor` for all",
     "imports": "--import",
     "strict": "--strict",
+    "out_dir": "--out",
 })
 #: What the audit functions' errors name by default: their arguments.
 API_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({

@@ -27,6 +27,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -1262,6 +1263,23 @@ def _check_report_files(html_path: Path, json_path: Path, force: bool) -> None:
             raise ReportError(why)
 
 
+def _out_dir_problem(run: Path, out: Path, option: str) -> str | None:
+    """Why ``out`` may not take the report of the run in ``run``, or None: inside the run
+    directory only ``audit/`` (the default) may; everything else there is what the run wrote
+    and an audit reads or a resume rewrites, and the report would sit among it (on real
+    paths, so that a link cannot lead around the rule)."""
+    run_real = Path(os.path.realpath(run))
+    out_real = Path(os.path.realpath(out))
+    if out_real != run_real and run_real not in out_real.parents:
+        return None
+    if out_real == run_real / "audit" or run_real / "audit" in out_real.parents:
+        return None
+    where = (f"the audited run directory {run} itself" if out_real == run_real
+             else f"inside the audited run directory {run}")
+    return (f"{option} {out} is {where}, whose files are the run's record: give a directory "
+            f"outside it, or leave {option} out for {run / 'audit'}")
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
                  allowlist: str | Path | None = None,
                  verification: VerificationReport | None = None,
@@ -1279,7 +1297,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     verification. Raises :class:`ReportError` when
     the run directory is missing or the output directory cannot be created, and before
     anything is read when either is empty (the current directory), only spaces or holds NUL,
-    or when either file is refused by :mod:`audits.output`'s rule (a directory, a link, a
+    when ``out_dir`` is the run directory or inside it but not under its ``audit/``, or
+    when either file is refused by :mod:`audits.output`'s rule (a directory, a link, a
     non-regular file, or unless ``force`` an existing file that is not a previous report's),
     checked again just before writing.
     """
@@ -1291,6 +1310,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
     problem = path_problem(run)  # before its audit/ folder is checked as the output
     if problem is not None:
         raise ReportError(f"run directory {run} {problem}")
+    problem = _out_dir_problem(run, out, options.get("out_dir", "out_dir"))
+    if problem is not None:
+        raise ReportError(problem)
     _check_report_files(html_path, json_path, force)
     verification = _verification(run, verification, allowlist=allowlist, anchor=anchor,
                                   rel_tol=rel_tol, pld_checkpoints=pld_checkpoints,

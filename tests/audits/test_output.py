@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -251,3 +252,28 @@ def test_seal_document_is_seal_report_of_its_json():
     for bad in ([1], {SEAL_KEY: {}}):
         with pytest.raises(ValueError, match="JSON object without"):
             seal_document(bad, "report")
+
+
+def test_report_out_inside_the_audited_run_is_refused_but_its_audit_folder(pristine_run,
+                                                                        tmp_path, capsys):
+    """`audit report RUN --out RUN` (or a folder of it, RUN/ledgers: a new method folder to
+    the verifier) wrote report.json and report.html among the run's record; such an --out is
+    now refused before anything runs, naming the flag and RUN/audit, and RUN/audit works."""
+    run = tmp_path / "run"
+    shutil.copytree(pristine_run, run)
+    (run / "via").symlink_to("ledgers")
+    before = sorted(p for p in run.rglob("*"))
+    for out in (run, run / ".", run / "ledgers", run / "ledgers" / "fedora", run / "keys",
+                run / "mine", run / "via"):
+        assert main(["audit", "report", str(run), "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        err = " ".join(captured.err.split())
+        assert f"--out {out} is " in err and f"the audited run directory {run}" in err, err
+        assert f"leave --out out for {run / 'audit'}" in err and captured.out == ""
+    assert sorted(p for p in run.rglob("*")) == before
+    with pytest.raises(ReportError, match=r"^the out_dir= argument .* is the audited run "
+                                          r"directory .* itself"):
+        write_report(run, run)
+    assert main(["audit", "report", str(run), "--out", str(run / "audit")]) == 0
+    assert main(["audit", "report", str(run)]) == 0  # the default, RUN/audit
+    assert (run / "audit" / "report.json").is_file()
