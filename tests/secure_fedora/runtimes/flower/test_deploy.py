@@ -901,6 +901,36 @@ def test_sigterm_stops_a_local_deployment_like_ctrl_c(monkeypatch: pytest.Monkey
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_stops_a_local_deployment_of_the_packaged_smoke_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`deploy local` without --config (the package's smoke config, loaded by the command
+    before it deploys) and without --workdir: SIGTERM during the deployment stops it like
+    Ctrl-C, as with --config (a guard: reported as not stopping, which no phase showed)."""
+    import signal
+
+    from secure_fedora.runtimes.flower import local as local_module
+
+    monkeypatch.chdir(tmp_path)
+    stopped = []
+
+    def deploying(*args: Any, **kwargs: Any) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            stopped.append(True)
+
+    monkeypatch.setattr(local_module, "deploy_local", deploying)
+    before = signal.getsignal(signal.SIGTERM)
+    args = _parser().parse_args(["deploy", "local"])
+    started = time.monotonic()
+    assert args.func(args) == 130
+    assert time.monotonic() - started < 5 and stopped == [True]
+    assert "every started process was stopped" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_an_interrupted_deployment_names_the_resume_its_checkpoint_allows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C or SIGTERM after the ServerApp's first checkpoint: the stop line says that
