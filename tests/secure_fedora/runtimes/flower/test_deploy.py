@@ -875,38 +875,16 @@ def test_deploy_local_runs_as_the_issue_names_it_with_default_config_and_workdir
     assert sorted(p.name for p in (tmp_path / "runs" / "smoke-deploy").iterdir()) == ["results"]
 
 
-def test_sigterm_stops_a_local_deployment_like_ctrl_c(monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("flags", [["--config", "c.toml", "--workdir", "w"], []],
+                         ids=["config", "packaged-smoke-config"])
+def test_sigterm_stops_a_local_deployment_like_ctrl_c(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        flags: list[str]) -> None:
     """SIGTERM (or SIGHUP) ended `deploy local` without stopping the Flower processes it had
     started (they run in sessions of their own); it now interrupts like Ctrl-C, whose
-    handling stops them, and the previous handlers come back afterwards."""
-    import signal
-
-    from secure_fedora.runtimes.flower import local as local_module
-
-    stopped = []
-
-    def deploying(*args: Any, **kwargs: Any) -> None:
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-        finally:
-            stopped.append(True)  # deploy_local stops every process here
-
-    monkeypatch.setattr(local_module, "deploy_local", deploying)
-    before = signal.getsignal(signal.SIGTERM)
-    args = _parser().parse_args(["deploy", "local", "--config", "c.toml", "--workdir", "w"])
-    assert args.func(args) == 130
-    assert stopped == [True] and "every started process was stopped" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
-def test_sigterm_stops_a_local_deployment_of_the_packaged_smoke_config(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """`deploy local` without --config (the package's smoke config, loaded by the command
-    before it deploys) and without --workdir: SIGTERM during the deployment stops it like
-    Ctrl-C, as with --config (a guard: reported as not stopping, which no phase showed)."""
+    handling stops them, and the previous handlers come back afterwards. The same without
+    --config (the package's smoke config, loaded by the command before it deploys) and
+    without --workdir (a guard: reported as not stopping, which no phase showed)."""
     import signal
 
     from secure_fedora.runtimes.flower import local as local_module
@@ -919,11 +897,11 @@ def test_sigterm_stops_a_local_deployment_of_the_packaged_smoke_config(
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
         finally:
-            stopped.append(True)
+            stopped.append(True)  # deploy_local stops every process here
 
     monkeypatch.setattr(local_module, "deploy_local", deploying)
     before = signal.getsignal(signal.SIGTERM)
-    args = _parser().parse_args(["deploy", "local"])
+    args = _parser().parse_args(["deploy", "local", *flags])
     started = time.monotonic()
     assert args.func(args) == 130
     assert time.monotonic() - started < 5 and stopped == [True]

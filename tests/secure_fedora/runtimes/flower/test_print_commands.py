@@ -336,6 +336,19 @@ def test_the_server_allowlist_is_public(tmp_path: Path,
 
 
 
+def _printed_workdir(tmp_path: Path) -> tuple[list[str], Path]:
+    """A DP config's workdir after a first `deploy local --print-commands`: the command's
+    arguments and the workdir."""
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(config_document(dp_config())))
+    work = tmp_path / "w"
+    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
+             "--print-commands"]
+    args = _parser().parse_args(flags)
+    assert args.func(args) == 0
+    return flags, work
+
+
 def _damage_identities(ids: Path, damage: str) -> str:
     """Damage the identities of a workdir as ``damage`` names; returns what the refusal names."""
     from privacy.identity import init_keys
@@ -367,13 +380,7 @@ def test_print_commands_resume_never_makes_new_identities(
     allowlist lists), while the run's envelopes and ledgers are signed with the old ones:
     refused, naming what is missing and the remedy, with the workdir byte for byte as it
     was; the run's own identities resume, kept as they are."""
-    config = tmp_path / "c.toml"
-    config.write_text(tomli_w.dumps(config_document(dp_config())))
-    work = tmp_path / "w"
-    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
-             "--print-commands"]
-    args = _parser().parse_args(flags)
-    assert args.func(args) == 0
+    flags, work = _printed_workdir(tmp_path)
     # a resumable run of this workdir (its checkpoint checks are deploy local's, tested apart)
     monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
     args = _parser().parse_args([*flags, "--resume"])
@@ -419,13 +426,7 @@ def test_print_commands_resume_refuses_a_workdir_without_a_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--print-commands --resume` in a workdir that holds no run (here only what an earlier
     --print-commands wrote, no checkpoint) is refused, saying so, with nothing written."""
-    config = tmp_path / "c.toml"
-    config.write_text(tomli_w.dumps(config_document(dp_config())))
-    work = tmp_path / "w"
-    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
-             "--print-commands"]
-    args = _parser().parse_args(flags)
-    assert args.func(args) == 0
+    flags, work = _printed_workdir(tmp_path)
     capsys.readouterr()
     before = file_tree(tmp_path)
     args = _parser().parse_args([*flags, "--resume"])
