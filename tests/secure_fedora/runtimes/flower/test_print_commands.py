@@ -171,12 +171,6 @@ def _own_public_files(tmp_path: Path, n: int = 3) -> tuple[Path, list[str]]:
     return config, [str(init_party(tmp_path / "hosts" / cid, cid)[1]) for cid in client_ids(n)]
 
 
-def _written(work: Path) -> dict[str, bytes]:
-    """Every file under ``work`` with its content (what a refusal must leave as it was)."""
-    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*"))
-            if p.is_file()}
-
-
 def test_client_public_keys_supernode_lines_name_the_nodes_own_identity_directory(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With --client-public-keys the SuperNode lines named WORKDIR/identities/client-NNN,
@@ -225,17 +219,13 @@ def test_client_public_keys_refuses_a_workdir_holding_client_private_keys(
     identity: refused, naming them and what to do, nothing written; once they are deleted it
     goes on (the server's identity kept)."""
     config, files = _own_public_files(tmp_path)
-    work = tmp_path / "w"
-    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
-             "--print-commands"]
-    args = _parser().parse_args(flags)
-    assert args.func(args) == 0
-    before = _written(work)
+    flags, work = _printed_workdir(tmp_path, config)
+    before = file_tree(work)
     args = _parser().parse_args([*flags, "--client-public-keys", *files])
     with pytest.raises(DeployError, match=r"holds client-000, client-001, client-002 beside "
                                           r"the server's identity.*delete those directories"):
         args.func(args)
-    assert _written(work) == before
+    assert file_tree(work) == before
     server_key = (work / "identities" / "server" / "server.ed25519.key").read_bytes()
     for cid in ("client-000", "client-001", "client-002"):
         shutil.rmtree(work / "identities" / cid)
@@ -256,22 +246,18 @@ def test_client_public_keys_on_resume_refuses_another_allowlist(
     from privacy.identity import init_party
 
     config, files = _own_public_files(tmp_path)
-    work = tmp_path / "w"
-    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
-             "--print-commands", "--client-public-keys"]
-    args = _parser().parse_args([*flags, *files])
-    assert args.func(args) == 0
+    flags, work = _printed_workdir(tmp_path, config, files)
     # a resumable run of this workdir (its checkpoint checks are deploy local's, tested apart)
     monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
     allowlist = work / "identities" / "server" / "allowlist.json"
     run_allowlist = allowlist.read_bytes()
     init_party(tmp_path / "hosts" / "client-001", "client-001", overwrite=True)
-    before = _written(work)
+    before = file_tree(work)
     args = _parser().parse_args([*flags, *files, "--resume"])
     with pytest.raises(server_app.ResumeRefused,
                        match=r"differs from .*allowlist.json, the run's, for client-001:"):
         args.func(args)
-    assert _written(work) == before
+    assert file_tree(work) == before
     # the run's own keys: resumed, its allowlist as it was
     (tmp_path / "run-keys").mkdir()
     old = tmp_path / "run-keys" / "client-001.public.json"
@@ -295,31 +281,27 @@ def test_client_public_keys_checks_everything_before_writing_anything(
     from privacy.identity import PublicIdentity, load_identity
 
     config, files = _own_public_files(tmp_path)
-    work = tmp_path / "w"
-    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
-             "--print-commands", "--client-public-keys"]
-    args = _parser().parse_args([*flags, *files])
-    assert args.func(args) == 0
+    flags, work = _printed_workdir(tmp_path, config, files)
     capsys.readouterr()
     server = load_identity(work / "identities" / "server", "server").public
     copied = tmp_path / "copied" / "client-002.public.json"
     copied.parent.mkdir()
     copied.write_bytes(allowlist_bytes({"client-002": PublicIdentity(
         "client-002", server.verify_key, server.agreement_key)}))
-    before = _written(work)
+    before = file_tree(work)
     args = _parser().parse_args([*flags, *files[:2], str(copied)])
     with pytest.raises(IdentityError, match="hold the same public key"):
         args.func(args)
-    assert _written(work) == before
+    assert file_tree(work) == before
 
     for key in (work / "identities" / "server").glob("server.*.key"):
         key.unlink()  # a server directory left with public files only
-    before = _written(work)
+    before = file_tree(work)
     args = _parser().parse_args([*flags, *files])
     with pytest.raises(IdentityError, match=r"holds allowlist.json, server.ed25519.pub.* but "
                                             r"no server.ed25519.key"):
         args.func(args)
-    assert _written(work) == before
+    assert file_tree(work) == before
 
 
 def test_the_server_allowlist_is_public(tmp_path: Path,
@@ -336,15 +318,18 @@ def test_the_server_allowlist_is_public(tmp_path: Path,
 
 
 
-def _printed_workdir(tmp_path: Path) -> tuple[list[str], Path]:
-    """A DP config's workdir after a first `deploy local --print-commands`: the command's
-    arguments and the workdir."""
-    config = tmp_path / "c.toml"
-    config.write_text(tomli_w.dumps(config_document(dp_config())))
+def _printed_workdir(tmp_path: Path, config: Path | None = None,
+                     client_files: list[str] | None = None) -> tuple[list[str], Path]:
+    """The workdir ``tmp_path/w`` after a first `deploy local --print-commands` of ``config``
+    (a DP config written by default), with `--client-public-keys CLIENT_FILES` when given: the
+    command's arguments (the files left out) and the workdir."""
+    if config is None:
+        config = tmp_path / "c.toml"
+        config.write_text(tomli_w.dumps(config_document(dp_config())))
     work = tmp_path / "w"
     flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
-             "--print-commands"]
-    args = _parser().parse_args(flags)
+             "--print-commands", *(["--client-public-keys"] if client_files is not None else [])]
+    args = _parser().parse_args([*flags, *(client_files or [])])
     assert args.func(args) == 0
     return flags, work
 
@@ -407,16 +392,12 @@ def test_print_commands_resume_with_client_public_keys_refuses_a_lost_server_ide
     is gone would make a new server key: refused, naming it, the workdir byte for byte as it
     was."""
     config, files = _own_public_files(tmp_path)
-    work = tmp_path / "w"
-    flags = ["deploy", "local", "--config", str(config), "--workdir", str(work),
-             "--print-commands", "--client-public-keys", *files]
-    args = _parser().parse_args(flags)
-    assert args.func(args) == 0
+    flags, work = _printed_workdir(tmp_path, config, files)
     capsys.readouterr()
     monkeypatch.setattr(local, "_resumed_run", lambda work, cfg: (7, cfg, []))
     shutil.rmtree(work / "identities" / "server")
     before = file_tree(tmp_path)
-    args = _parser().parse_args([*flags, "--resume"])
+    args = _parser().parse_args([*flags, *files, "--resume"])
     with pytest.raises(DeployError, match=r"server\.ed25519\.key does not exist"):
         args.func(args)
     assert file_tree(tmp_path) == before
