@@ -57,6 +57,17 @@ def _grid_run(cfg: Any, tmp_path: Path) -> tuple[InMemoryGrid, dict[str, Any]]:
     return grid, server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
 
 
+def _stopped_run(tmp_path: Path, name: str) -> InMemoryGrid:
+    """The grid of a 3-node run of registered method ``name`` (reproducible noise) that
+    stops with a node's error, which the grid keeps (``grid.errors``)."""
+    rc = run_config(_config(name), tmp_path, **{"reproducible-dp-noise": True,
+                                                 "result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(Exception):  # noqa: B017 - the run stops; the node's error says why
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    return grid
+
+
 @pytest.mark.usefixtures("task_identity")
 def test_a_plug_in_mechanism_runs_alike_on_the_grid_and_in_process(tmp_path: Path,
                                                                    method: str) -> None:
@@ -255,11 +266,7 @@ def test_a_setup_release_asked_for_in_a_later_exchange_is_refused_on_the_node(
     name = f"mech_{uuid.uuid4().hex[:6]}"
     METHODS.register(name, Again)
     try:
-        rc = run_config(_config(name), tmp_path, **{"reproducible-dp-noise": True,
-                                                     "result-dir": str(tmp_path / "res")})
-        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-        with pytest.raises(Exception):  # noqa: B017 - the run stops; the node's error says why
-            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        grid = _stopped_run(tmp_path, name)
     finally:
         METHODS.unregister(name)
     assert grid.errors and all(isinstance(err, UndeclaredReleaseError)
@@ -293,11 +300,7 @@ def test_a_plug_in_replying_its_raw_value_is_refused_on_the_node(tmp_path: Path,
     name = f"mech_{uuid.uuid4().hex[:6]}"
     METHODS.register(name, Raw)
     try:
-        rc = run_config(_config(name), tmp_path, **{"reproducible-dp-noise": True,
-                                                     "result-dir": str(tmp_path / "res")})
-        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
-        with pytest.raises(Exception):  # noqa: B017 - the run stops; the node's error says why
-            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        grid = _stopped_run(tmp_path, name)
     finally:
         METHODS.unregister(name)
     assert grid.errors
