@@ -155,7 +155,7 @@ from privacy.accounting import (
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS, MechanismError
-from privacy.paths import check_path, path_problem
+from privacy.paths import NotRegularFileError, check_path, open_regular, path_problem
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -1868,13 +1868,13 @@ def _holds_private_key(path: Path) -> bool | None:
     is a DER private key, False when it does not, None when it cannot be read. Only what kind
     of content it is leaves here, never the content."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in must not block
+        fd = open_regular(path)  # a FIFO swapped in must not block
+    except (NotRegularFileError, IsADirectoryError):
+        return False
     except OSError:
         return None
     with os.fdopen(fd, "rb") as fh:
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
             head = b""
             first = b""
             while chunk := fh.read(_SCAN_CHUNK):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from privacy.errors import ToolkitError
 
-__all__ = ["NotRegularFileError", "check_path", "path_problem", "read_regular_bytes",
-           "read_regular_file"]
+__all__ = ["NotRegularFileError", "check_path", "open_regular", "path_problem",
+           "read_regular_bytes", "read_regular_file"]
 
 
 def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
@@ -64,11 +64,12 @@ class NotRegularFileError(OSError, ToolkitError):
     """A path that names a FIFO, device or socket where a regular file is read."""
 
 
-def read_regular_bytes(path: Path, limit: int = -1) -> bytes:
-    """The bytes of ``path`` (at most ``limit``; all when negative), never waiting on it: a
-    FIFO, device or socket is opened non-blocking (a FIFO would otherwise wait for a writer
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of the regular file ``path``, never waiting on it: a FIFO,
+    device or socket is opened non-blocking (a FIFO would otherwise wait for a writer
     forever) and refused with :class:`NotRegularFileError`; a directory raises
-    ``IsADirectoryError``; anything else that fails, the ``OSError`` of the system call."""
+    ``IsADirectoryError``; anything else that fails, the ``OSError`` of the system call. The
+    caller closes the descriptor."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         mode = os.fstat(fd).st_mode
@@ -76,6 +77,17 @@ def read_regular_bytes(path: Path, limit: int = -1) -> bytes:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(mode):
             raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_bytes(path: Path, limit: int = -1) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit``; all when negative), never
+    waiting on it; what is not a regular file is refused as :func:`open_regular` refuses it."""
+    fd = open_regular(path)
+    try:
         chunks = []
         left = limit
         while left != 0:
