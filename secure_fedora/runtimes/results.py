@@ -176,14 +176,21 @@ METHODS_COMPARED = (
 CLIENT_ERRORS = {
     "withheld": (
         "withheld ([security] client_errors): an error or refusal text a client sends the "
-        "server names only the error's class, with a fixed sentence; its full text stays in the "
-        "client's own log. A refused release's budget text (what its ledger records) is sent "
-        "whole. In process no client's text leaves the process"),
+        "server names only the error's class (and its direct cause's), with the fixed sentence "
+        "\"details withheld; see the client's own log\"; its full text stays in the client's "
+        "own log. For a non-finite result of FEDORA's unstable pull the text adds the fixed "
+        "tag \"FEDORA's pull diverged\": lr * lambda reached the pull's stability limit (a "
+        "fact of the lambda a round reply carries) and the loss and its gradient at the start "
+        "of that training were finite on the client's first training examples. Whether a client "
+        "errs or refuses, and with which class, can depend on its data and is outside the "
+        "ledgers. A refused release's budget text (what its ledger records) is sent whole. In "
+        "process no client's text leaves the process"),
     "full": (
         "full ([security] client_errors): on Flower the error and refusal texts of a client "
         "whose node agrees (node config client-errors = \"full\") reach the server whole; they "
         "are not accounted releases and can name facts of its data (a label value, a split "
-        "size, a loss at some step); every other node sends only the error's class. In process "
+        "size, a loss at some step); every other node sends the withheld text (the error's "
+        "class, a fixed sentence and, for a diverged pull, its fixed tag). In process "
         "no client's text leaves the process"),
 }
 """results.json ``assumptions.client_errors``: what ``[security] client_errors`` lets a

@@ -338,3 +338,41 @@ def test_deploy_local_gives_the_listed_nodes_client_errors_full(
     with pytest.raises(DeployError, match=r"full client errors name clients \[3\]"):
         deploy_local(_config("full"), 3, tmp_path / "unused", full_client_errors=[3])
     assert not (tmp_path / "unused").exists()
+
+
+def test_the_withheld_statement_names_every_fixed_text_a_withheld_client_sends() -> None:
+    """results.json's ``assumptions.client_errors`` said a withheld text names "only the
+    error's class, with a fixed sentence", but a client whose FEDORA pull diverged also sends
+    a tag saying so (the server stops the run on it), which tells that lr * lambda reached the
+    pull's limit and that training started from a finite loss on the client's data. Every
+    fixed fragment a withheld text can carry beside class names is now quoted by the
+    statement, which also says that whether a client errs, and with which class, is outside
+    the ledgers."""
+    from secure_fedora.learning.client import PULL_DIVERGED, ClientUpdateError
+    from secure_fedora.runtimes.flower.protocol import client_error_text, reports_pull_divergence
+    from secure_fedora.runtimes.results import config_assumptions
+
+    pulled = ClientUpdateError(
+        f"client 1: non-finite parameters ({PULL_DIVERGED}: lr * "
+        "lambda = 2.5 >= 2, lambda = 25 from the validation losses)"
+    )
+    wrapped = ClientUpdateError("client 1's update failed")
+    wrapped.__cause__ = pulled
+    texts = [
+        client_error_text(err, "withheld") for err in (DataError("found 0..17"), wrapped, pulled)
+    ]
+    assert reports_pull_divergence(texts[1]) and reports_pull_divergence(texts[2])
+    # what each text says beside class names: its parenthesised parts but "(from <class>)"
+    fixed = {text.partition(" (")[2] for text in texts}
+    assert fixed == {
+        f"{WITHHELD})",
+        f"{PULL_DIVERGED}; {WITHHELD})",
+        f"from ClientUpdateError) ({PULL_DIVERGED}; {WITHHELD})",
+    }
+    stated = config_assumptions(_config(None))["client_errors"]
+    assert stated == config_assumptions(_config("withheld"))["client_errors"]
+    for part in (WITHHELD, PULL_DIVERGED):
+        assert f'"{part}"' in stated
+    assert "direct cause's" in stated and "outside the ledgers" in stated
+    full = config_assumptions(_config("full"))["client_errors"]
+    assert "for a diverged pull, its fixed tag" in full
