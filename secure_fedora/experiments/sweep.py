@@ -894,13 +894,18 @@ def _stated_assumptions(docs: Mapping[Cell, Mapping[str, Any]],
     registered on FedAvg that fine-tuned, ``client_held_models`` for Ditto's and APFL's
     personal models), and assumptions of other kinds (e.g. FEDORA's ``ckks_keys``, which DP
     does not depend on; ``ckks_parameters`` in words, with their security level, as the audit
-    report words them)."""
+    report words them). Of those every DP run states, ``evaluation`` too: the sweep's every
+    figure is a test metric, which that epsilon does not cover."""
     from privacy.ckks import parameter_notes
 
     out: dict[float, dict[str, str]] = {}
     for cell, doc in docs.items():
         if cell.epsilon is not None:
-            stated = stated_beyond_run(doc.get("results", {}), configs[cell])
+            results = doc.get("results", {})
+            stated = stated_beyond_run(results, configs[cell])
+            general = results.get("assumptions") if isinstance(results, Mapping) else None
+            if isinstance(general, Mapping) and "evaluation" in general:
+                stated = {"evaluation": general["evaluation"], **stated}
             # CKKS parameters in words, as the audit report gives them, not a raw dict
             out.setdefault(cell.epsilon, {}).update({
                 k: "; ".join(parameter_notes(v)) if k == "ckks_parameters" else str(v)

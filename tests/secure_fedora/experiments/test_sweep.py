@@ -753,6 +753,51 @@ def test_sweep_md_does_not_call_an_encryption_assumption_an_epsilon_gap():
     assert "  - stated by the results at epsilon 4 (ckks_keys): every client holds" in md
 
 
+def test_sweep_md_states_that_its_test_figures_are_outside_the_ledgers():
+    """Every figure of sweep.md is a client's test metric, which a DP cell publishes outside
+    its ledgers (its results.json ``assumptions.evaluation``: test splits treated as public).
+    sweep.md listed only the assumptions beyond those every run states, so its per-client
+    figures ("worst client", "clients below Local") at epsilon 4 read as covered by it; each
+    numeric epsilon now lists the statement its cells' results make, and a non-private row
+    none."""
+    from secure_fedora.runtimes.results import EVALUATION_UNDER_DP, build_results
+
+    cfg = tiny()
+    cells = [Cell("fedavg", 4.0, 0), Cell("fedavg", None, 0)]
+    docs, configs = {}, {}
+    for cell in cells:
+        configs[cell] = cell_config(cfg, cell)
+        results = build_results(
+            configs[cell],
+            runtime="in-process",
+            config_hash="h",
+            metric="accuracy",
+            outcomes={},
+            privacy=None,
+            clients=[],
+        )
+        docs[cell] = {"results": results}
+    rows = [
+        SweepRow(
+            method="fedavg",
+            epsilon=cell.epsilon,
+            seeds=[0],
+            client_means=[0.5],
+            client_mins=[0.4],
+            worse_than_local=None,
+            per_client=[[0.4, 0.6]],
+            epsilon_spent=[3.9 if cell.epsilon else None],
+        )
+        for cell in cells
+    ]
+    stated = sweep_mod._stated_assumptions(docs, configs)
+    settings = {c.epsilon: configs[c] for c in cells}
+    md = rows_to_markdown(cfg, rows, cell_configs=settings, assumptions=stated)
+    assert docs[cells[0]]["results"]["assumptions"]["evaluation"] == EVALUATION_UNDER_DP
+    assert md.count("(evaluation):") == 1
+    assert f"  - stated by the results at epsilon 4 (evaluation): {EVALUATION_UNDER_DP}" in md
+
+
 def test_sweep_md_words_the_ckks_parameters_as_the_report_does():
     """sweep.md printed assumptions.ckks_parameters as a raw Python dict ("{'relatedness':
     {'poly_modulus_degree': 8192, ...}}"); it now words them, with the security level the HE
