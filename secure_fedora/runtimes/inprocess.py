@@ -302,6 +302,15 @@ NOISE_SOURCE_DESCRIPTIONS = {
 }
 
 
+#: results.json ``assumptions.checkpoints`` of an in-process DP run: its checkpoints hold
+#: what the simulated clients hold, which no ledger accounts.
+CHECKPOINTS_UNDER_DP = (
+    "in process checkpoints/ holds every client's own state between rounds, as the process "
+    "does (a method's client state, e.g. Ditto's and APFL's personal models and APFL's "
+    "alpha, trained without noise): it is the clients' data, not a release, and DP does not "
+    "cover it; hand others the run without checkpoints/, which no audit reads")
+
+
 def _client_generators(cfg: ExperimentConfig, n: int) -> list[torch.Generator]:
     return [client_generator(cfg.seed, i) for i in range(n)]
 
@@ -1835,7 +1844,9 @@ class Simulation:
             metric=self.metric_name(), outcomes={n: o.to_json() for n, o in outcomes.items()},
             privacy=self.privacy, data_fingerprint=self.fingerprint,
             compute={"device": str(self.device), "threads": torch.get_num_threads()},
-            assumptions=inputs_outside_config_assumption(self.inputs_outside_config),
+            assumptions={
+                **inputs_outside_config_assumption(self.inputs_outside_config),
+                **({"checkpoints": CHECKPOINTS_UNDER_DP} if self.cfg.privacy.enabled else {})},
             runtime_keys=runtime_keys or None,
             clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],
                                   "val": c.val_x.shape[0], "test": c.test_x.shape[0], **c.meta}

@@ -1267,3 +1267,26 @@ def test_a_resume_on_data_its_source_drew_anew_says_the_source_must_repeat_it(tm
                                               r"for the same seed.*start a new run"):
         Experiment(config, data=unseeded(0), run_dir=run_dir).run(resume=True)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_dp_run_states_that_its_checkpoints_hold_what_no_ledger_accounts(tmp_path, tiny_clients):
+    """In process a method's checkpoint holds every client's own state: Ditto's personal models,
+    trained without noise, which its results.json said "never leave the client" (publishing
+    one is an unaccounted release) while the run directory held them all. A DP run now states
+    it (``assumptions.checkpoints``); a run without DP claims nothing to state it against."""
+    privacy = {"enabled": True, "epsilon": 8.0, "delta": 1e-3}
+    cfg = tiny(methods=["ditto"], training={"rounds": 1}, privacy=privacy)
+    sim = Simulation(cfg, tmp_path / "dp", clients=tiny_clients, keystore=tmp_path / "keys")
+    results = sim.run()
+    on_disk = json.loads((tmp_path / "dp" / "results.json").read_text())
+    stated = results["assumptions"].get("checkpoints", "")
+    assert "checkpoints/" in stated and "personal models" in stated
+    assert "DP does not cover it" in stated
+    assert on_disk["assumptions"]["checkpoints"] == stated
+    # what it states: the personal models themselves, not the uploaded global-model copies
+    held = load_checkpoint(tmp_path / "dp" / "checkpoints" / "ditto.pt")["method"]["theta"]
+    assert torch.equal(held, sim.methods["ditto"].theta)
+    assert not torch.equal(held[0], held[1])
+    plain = Simulation(tiny(methods=["ditto"], training={"rounds": 1}), tmp_path / "plain",
+                       clients=tiny_clients).run()
+    assert "checkpoints" not in plain["assumptions"]
