@@ -578,7 +578,9 @@ class LocalFederation:
                 for home, command in commands]
 
     def stop(self) -> None:
-        """Stop every process started here (SuperNodes first, then the SuperLink)."""
+        """Stop every process started here and their descendants, all together
+        (:func:`~secure_fedora.runtimes.flower.processes.stop_all`): one grace period of 5 s
+        for all of them, then SIGKILL to what is left."""
         stop_all(self.processes)
 
     def refresh(self) -> None:

@@ -5,7 +5,8 @@ output appended to a log file. Stopping a process first records all its descenda
 SuperLink and SuperNode spawn ``flower-superexec``, which spawns ``flwr-serverapp`` /
 ``flwr-clientapp``; some of them in new sessions of their own), then sends SIGTERM to the
 process group and to every recorded descendant, waits a bounded grace period, and finally
-sends SIGKILL to whatever is still alive. Only processes started here, or descendants of
+sends SIGKILL to whatever is still alive. :func:`stop_all` does this for all processes at
+once: one grace period for all of them, not one each. Only processes started here, or descendants of
 them, are ever signalled. Descendants are found through ``/proc`` (Linux).
 """
 
@@ -181,26 +182,51 @@ class ManagedProcess:
         With ``hard=True`` SIGKILL is sent at once (a simulated crash). Always returns with
         the process reaped and every known descendant gone or signalled with SIGKILL.
         """
-        if self.popen is None:
-            return
-        self.signal(signal.SIGKILL if hard else signal.SIGTERM)
-        deadline = time.monotonic() + (0.0 if hard else grace)
-        while time.monotonic() < deadline:
-            if self.popen.poll() is None or any(is_alive(p) for p in self.known_descendants):
-                time.sleep(0.05)
-                continue
-            break
-        self.signal(signal.SIGKILL)
+        _stop_together([self], 0.0 if hard else grace, signal.SIGKILL if hard else signal.SIGTERM)
+
+    def _done(self) -> bool:
+        """True once the process is reaped and no known descendant is alive."""
+        return (self.popen is None or self.popen.poll() is not None) and not any(
+            is_alive(p) for p in self.known_descendants
+        )
+
+
+#: How long, after SIGKILL, the processes are given to be gone (the kernel ends them at once;
+#: this only bounds a wait on a process stuck in uninterruptible sleep).
+KILL_WAIT = 5.0
+
+
+def _stop_together(processes: Sequence[ManagedProcess], grace: float, first: int) -> None:
+    """Send ``first`` to every process (in the order given) and its descendants, wait for all
+    of them against one deadline ``grace`` s away, SIGKILL whatever is left, and reap: a stop
+    takes at most one grace period (plus :data:`KILL_WAIT`), whatever the number of
+    processes."""
+    started = [proc for proc in processes if proc.popen is not None]
+    for proc in started:
+        proc.signal(first)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not all(proc._done() for proc in started):
+        time.sleep(0.05)
+    for proc in started:
+        proc.signal(signal.SIGKILL)
+    end = time.monotonic() + KILL_WAIT
+    for proc in started:
+        assert proc.popen is not None
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=5.0)
-        end = time.monotonic() + 5.0
-        while time.monotonic() < end and any(is_alive(p) for p in self.known_descendants):
-            time.sleep(0.05)
+            proc.popen.wait(timeout=max(0.0, end - time.monotonic()))
+    while time.monotonic() < end and not all(proc._done() for proc in started):
+        time.sleep(0.05)
 
 
 def stop_all(processes: Sequence[ManagedProcess], grace: float = 5.0) -> None:
-    """Stop ``processes`` in reverse start order; never raises for an already-dead process."""
+    """Stop ``processes`` and their descendants together: SIGTERM to all, one shared grace
+    period of ``grace`` s, then SIGKILL to what is left, every process reaped; a stop takes
+    one grace period, not one per process. Never raises for an already-dead process."""
     for proc in processes:
         proc.refresh_descendants()
-    for proc in reversed(list(processes)):
-        proc.stop(grace=grace)
+    # Signalled in reverse start order (SuperNodes, then the SuperLink and its ServerApp), as
+    # they were stopped one by one before; the order is not needed for a clean state: the
+    # signals go out within milliseconds of each other, and every file a party keeps (the
+    # ServerApp's checkpoint, a node's release journal and ledger) is written atomically and
+    # survives any of them being killed first (the crash-and-resume tests kill each alone).
+    _stop_together(list(reversed(list(processes))), grace, signal.SIGTERM)

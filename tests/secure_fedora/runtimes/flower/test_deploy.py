@@ -373,6 +373,51 @@ def test_managed_process_stop_reaches_descendants_in_other_sessions(tmp_path: Pa
     assert not is_alive(kids[0])
 
 
+def test_stop_all_stops_every_process_within_one_grace_period(tmp_path: Path) -> None:
+    """`deploy local` stopped its processes one after another, each given the whole grace
+    period: N processes that ignore SIGTERM took N grace periods. They are now signalled
+    together and waited for against one deadline: 4 such processes (each with a child in a
+    session of its own, ignoring SIGTERM too) and 2 that exit at once stop in about one grace
+    period, none survives, and every one is reaped (no zombie left)."""
+    import signal
+
+    from secure_fedora.runtimes.flower.processes import stop_all
+
+    stubborn = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)'],"
+        " start_new_session=True, stdout=subprocess.PIPE).stdout.readline()\n"
+        "print('rea' + 'dy', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    prompt = "import time\nprint('rea' + 'dy', flush=True)\ntime.sleep(120)\n"
+    procs = [ManagedProcess(f"p{i}", [sys.executable, "-c", stubborn if i < 4 else prompt],
+                            tmp_path / f"p{i}.log", dict(os.environ)) for i in range(6)]
+    try:
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + 30
+        while not all("ready" in p.log_path.read_text() for p in procs):
+            assert time.monotonic() < deadline, "the stub processes did not start"
+            time.sleep(0.05)
+        kids = [kid for proc in procs for kid in descendants(proc.pid)]
+        assert len(kids) == 4
+        started = time.monotonic()
+        stop_all(procs, grace=1.0)
+        took = time.monotonic() - started
+    finally:
+        for proc in procs:
+            proc.stop(hard=True)
+    assert took < 3.0, f"stopping took {took:.1f} s: one grace period each?"
+    assert [p.returncode() for p in procs] == [-signal.SIGKILL] * 4 + [-signal.SIGTERM] * 2
+    for pid in [p.pid for p in procs] + kids:
+        assert not is_alive(pid)
+    for proc in procs:  # reaped: no zombie under this process
+        assert not Path(f"/proc/{proc.pid}").exists()
+
+
 def test_a_processs_logged_start_line_restarts_it_when_pasted_into_a_shell(tmp_path: Path) -> None:
     # An operator restarts a killed SuperNode from its log's start line: a node config holding
     # spaces and quotes, and the FLWR_HOME it runs under, must survive the copy.
