@@ -97,6 +97,7 @@ __all__ = [
     "NODE_IDENTITY_DIR",
     "RoundLines",
     "RunTimeouts",
+    "check_new_party_identities",
     "check_party_identities",
     "check_server_identity",
     "default_max_in_flight",
@@ -145,21 +146,15 @@ def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
     """One identity directory per party under ``root``: ``root/<party>/`` holds only that
     party's private keys (0600, directory 0700) plus the federation's full ``allowlist.json``.
 
-    Parties are ``server`` and ``client-000`` ... for ``num_clients`` clients. Existing
-    directories are reused when every party's allowlist is present (a restarted deployment
-    keeps its identities); otherwise :class:`DeployError` names what is inconsistent. Returns
-    the directory of each party.
+    Parties are ``server`` and ``client-000`` ... for ``num_clients`` clients. Identities that
+    are all there and agree are kept (a restarted deployment keeps its identities); where
+    there are none they are made; anything in between is refused
+    (:func:`check_new_party_identities`, before anything is written). Returns the directory of
+    each party.
     """
-    parties = default_party_ids(num_clients)
-    dirs = {party: root / party for party in parties}
-    if all((d / ALLOWLIST_FILENAME).exists() for d in dirs.values()):
+    dirs = {party: root / party for party in default_party_ids(num_clients)}
+    if check_new_party_identities(root, num_clients):
         return dirs
-    partial = [str(d) for d in dirs.values() if d.exists()]
-    if partial:
-        raise DeployError(
-            f"identity directories exist without a complete allowlist: {partial[:3]}; "
-            "remove them or use a fresh workdir"
-        )
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     public = {}
     for party, directory in dirs.items():
@@ -172,6 +167,80 @@ def init_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
     return dirs
 
 
+def _party_identity_problems(root: Path, dirs: Mapping[str, Path]) -> list[str]:
+    """What is missing or inconsistent in the parties' identity directories ``dirs`` under
+    ``root``, each naming the directory or file (empty: every party's private keys load and
+    every allowlist lists exactly the parties with the public keys of those keys)."""
+    from privacy.identity import IdentityError, load_allowlist, load_identity
+
+    def absent(path: Path) -> str:
+        return f"{path} {'is not a directory' if path.exists() else 'does not exist'}"
+
+    problems: list[str] = []
+    keys: dict[str, PublicIdentity] = {}
+    if not root.is_dir():
+        return [absent(root)]
+    for party, directory in dirs.items():
+        if not directory.is_dir():
+            problems.append(absent(directory))
+            continue
+        missing = [name for name in (f"{party}.ed25519.key", f"{party}.x25519.key",
+                                     ALLOWLIST_FILENAME)
+                   if not (directory / name).exists()]
+        if missing:
+            problems.append(f"{directory} lacks {', '.join(missing)}")
+            continue
+        try:
+            keys[party] = load_identity(directory, party).public
+        except IdentityError as err:
+            problems.append(str(err))
+    if problems:
+        return problems
+    for directory in dirs.values():
+        try:
+            listed = load_allowlist(directory / ALLOWLIST_FILENAME)
+        except IdentityError as err:
+            problems.append(str(err))
+            continue
+        differ = sorted(p for p in set(listed) | set(keys) if listed.get(p) != keys.get(p))
+        if differ:
+            problems.append(
+                f"{directory / ALLOWLIST_FILENAME} does not list the keys on disk for "
+                f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+    return problems
+
+
+def _shown(problems: Sequence[str]) -> str:
+    """The first problems, and how many more."""
+    more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+    return "; ".join(problems[:4]) + more
+
+
+def check_new_party_identities(root: Path, num_clients: int) -> bool:
+    """What :func:`init_party_identities` does with ``root``, every check made and nothing
+    written: True when every party's identity is there and agrees (kept; as
+    :func:`check_party_identities` checks them), False when there is none (``root`` missing,
+    or a directory holding no party's directory: they are made). Anything in between (a
+    party's directory, private key or allowlist missing, keys no allowlist lists, ``root`` or
+    a party's directory that is a file) is refused (:class:`DeployError`) naming each party's
+    directory or file: keeping them would run with keys the allowlists do not name, and
+    making new ones would replace keys that may have signed envelopes and ledgers."""
+    dirs = {party: root / party for party in default_party_ids(num_clients)}
+    if not (root.exists() or root.is_symlink()):
+        return False
+    if root.is_dir() and not any(d.exists() or d.is_symlink() for d in dirs.values()):
+        return False
+    problems = _party_identity_problems(root, dirs)
+    if not problems:
+        return True
+    raise DeployError(
+        f"the identities under {root} are incomplete ({_shown(problems)}); a deployment keeps "
+        "a workdir's identities only when every party's keys and allowlist are there and "
+        "agree, and makes new ones only where there are none: restore the directory from a "
+        f"backup of this workdir, or delete {root} (no run may use those keys then) or use a "
+        "fresh workdir; nothing was written")
+
+
 def check_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
     """The identity directory of each party under ``root`` (as :func:`init_party_identities`
     makes them) for a resumed run, every check made and nothing written: each party's
@@ -181,50 +250,17 @@ def check_party_identities(root: Path, num_clients: int) -> dict[str, Path]:
     (:class:`~secure_fedora.runtimes.flower.server_app.ResumeRefused`, a DeployError) naming
     it: the run's envelopes and its clients' ledgers are signed with those keys, so a resume
     never makes new ones."""
-    from privacy.identity import IdentityError, load_allowlist, load_identity
     from secure_fedora.runtimes.flower.server_app import ResumeRefused
 
     dirs = {party: root / party for party in default_party_ids(num_clients)}
-    problems: list[str] = []
-    keys: dict[str, PublicIdentity] = {}
-    if not root.is_dir():
-        problems.append(f"{root} does not exist")
-    else:
-        for party, directory in dirs.items():
-            if not directory.is_dir():
-                problems.append(f"{directory} does not exist")
-                continue
-            missing = [name for name in (f"{party}.ed25519.key", f"{party}.x25519.key",
-                                         ALLOWLIST_FILENAME)
-                       if not (directory / name).exists()]
-            if missing:
-                problems.append(f"{directory} lacks {', '.join(missing)}")
-                continue
-            try:
-                keys[party] = load_identity(directory, party).public
-            except IdentityError as err:
-                problems.append(str(err))
-    if not problems:
-        for directory in dirs.values():
-            try:
-                listed = load_allowlist(directory / ALLOWLIST_FILENAME)
-            except IdentityError as err:
-                problems.append(str(err))
-                continue
-            differ = sorted(p for p in set(listed) | set(keys) if listed.get(p) != keys.get(p))
-            if differ:
-                problems.append(
-                    f"{directory / ALLOWLIST_FILENAME} does not list the keys on disk for "
-                    f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+    problems = _party_identity_problems(root, dirs)
     if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more"
-                                          if len(problems) > 4 else "")
         raise ResumeRefused(
-            f"--resume: the run's identities under {root} are missing or incomplete ({shown}); "
-            "the run's envelopes and its clients' ledgers are signed with those keys, and a "
-            "resume never makes new ones: restore the directory from a backup of this "
-            "workdir (a fresh run needs a fresh workdir, without --resume); nothing was "
-            "written")
+            f"--resume: the run's identities under {root} are missing or incomplete "
+            f"({_shown(problems)}); the run's envelopes and its clients' ledgers are signed "
+            "with those keys, and a resume never makes new ones: restore the directory from a "
+            "backup of this workdir (a fresh run needs a fresh workdir, without --resume); "
+            "nothing was written")
     return dirs
 
 
@@ -517,11 +553,15 @@ class LocalFederation:
         """What :meth:`prepare` refuses about the identities, checked before it writes
         anything: with ``resume``, identities that are not all there (:func:`check_party_identities`;
         with ``client_public_keys``, :func:`check_server_identity`), which a resume only loads;
+        without ``resume`` or ``client_public_keys``, identities partly there
+        (:func:`check_new_party_identities`), which would be neither kept nor made;
         with ``client_public_keys``, clients' directories under ``identities/``
         (:func:`_refuse_client_identities`). Writes nothing."""
         if self.client_public_keys is None:
             if self.resume:
                 check_party_identities(self.identity_dir, self.num_nodes)
+            else:
+                check_new_party_identities(self.identity_dir, self.num_nodes)
             return
         _refuse_client_identities(self.identity_dir)
         check_server_identity(self.party_identity_dir(None), self.client_public_keys,

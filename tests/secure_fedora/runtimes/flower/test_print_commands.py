@@ -414,3 +414,46 @@ def test_print_commands_resume_refuses_a_workdir_without_a_run(
     with pytest.raises(DeployError, match="holds no run to resume"):
         args.func(args)
     assert file_tree(tmp_path) == before
+
+
+def _break_identities(ids: Path, damage: str) -> str:
+    """Leave the identities of a workdir partly there as ``damage`` names; returns what the
+    refusal names (the party's directory or file)."""
+    if damage == "allowlist":
+        (ids / "client-001" / "allowlist.json").unlink()
+        return f"{ids / 'client-001'} lacks allowlist.json"
+    if damage == "party directory":
+        shutil.rmtree(ids / "client-002")
+        return f"{ids / 'client-002'} does not exist"
+    if damage == "private key":
+        (ids / "server" / "server.ed25519.key").unlink()
+        return f"{ids / 'server'} lacks server.ed25519.key"
+    assert damage == "a file"
+    shutil.rmtree(ids)
+    ids.write_text("not identities")
+    return f"{ids} is not a directory"
+
+
+@pytest.mark.parametrize("damage", ["allowlist", "party directory", "private key", "a file"])
+def test_a_new_deployment_refuses_partial_identities_before_writing_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    """Without --resume, identity directories lacking an allowlist were refused only after the
+    certificates, node keys and the CLI's connection had been rewritten; a party's missing
+    private key was not noticed (the identities were kept by their allowlists alone), and
+    identities/ that is a file ended in a FileExistsError. Each is refused naming the party's
+    directory or file, the workdir byte for byte as it was; intact identities are kept."""
+    flags, work = _printed_workdir(tmp_path)
+    ids = work / "identities"
+    identities = file_tree(ids)
+    args = _parser().parse_args(flags)
+    assert args.func(args) == 0  # all there: kept as they are
+    capsys.readouterr()
+    assert file_tree(ids) == identities
+
+    named = _break_identities(ids, damage)
+    before = file_tree(tmp_path)
+    with pytest.raises(DeployError, match=r"the identities under .* are incomplete") as err:
+        args.func(args)
+    assert named in str(err.value)
+    assert "nothing was written" in str(err.value)
+    assert file_tree(tmp_path) == before
