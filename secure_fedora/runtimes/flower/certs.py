@@ -40,6 +40,8 @@ __all__ = [
     "CertificatePaths",
     "NodeKeyPaths",
     "DEFAULT_HOSTS",
+    "check_certificates",
+    "check_node_keys",
     "make_certificates",
     "make_node_keys",
 ]
@@ -140,23 +142,24 @@ def _san_entries(hosts: list[str]) -> tuple[list[x509.GeneralName], tuple[str, .
     return entries, tuple(seen)
 
 
-def make_certificates(
-    out_dir: str | os.PathLike[str],
-    hosts: list[str] | tuple[str, ...] = (),
-    *,
-    valid_days: int = 365,
-    common_name: str = "secure-fedora",
-    overwrite: bool = False,
-) -> CertificatePaths:
-    """Create a CA and a CA-signed server certificate for ``hosts`` in ``out_dir``.
+def _check_targets(paths: list[Path], overwrite: bool) -> None:
+    """Refuse (CertificateError) what writing ``paths`` would fail on or replace unasked:
+    without ``overwrite`` a path that exists; with it, one that exists and is not a regular
+    file (a directory: writing the others first would leave them half replaced)."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise CertificateError(f"{path} already exists (--force on the command line, overwrite=True in Python, replaces it)")
+        if path.exists() and not path.is_file():
+            raise CertificateError(f"{path} exists and is not a regular file; move it away; "
+                                   "nothing was written")
 
-    Guarantees: the server certificate's subjectAltName holds every given host (IP addresses
-    as iPAddress entries, names as dNSName entries) plus ``localhost`` and ``127.0.0.1``; it
-    carries ``serverAuth`` extended key usage and is signed by the CA (ECDSA P-384, SHA-384);
-    the CA is marked ``CA:TRUE, pathlen:0``. Private keys are unencrypted PEM (PKCS#8) with
-    mode 0600; certificates have mode 0644. Existing files are never silently replaced:
-    without ``overwrite=True`` a :class:`CertificateError` names the file that exists.
-    """
+
+def _planned_certificates(
+    out_dir: str | os.PathLike[str], hosts: list[str] | tuple[str, ...], valid_days: int,
+    overwrite: bool,
+) -> tuple[CertificatePaths, list[x509.GeneralName]]:
+    """The files :func:`make_certificates` writes and the server certificate's
+    subjectAltName entries, every check made and nothing written."""
     if valid_days < 1:
         raise CertificateError(f"valid_days must be at least 1; got {valid_days}")
     last = (_dt.datetime(9999, 12, 31, tzinfo=_dt.timezone.utc)
@@ -173,10 +176,42 @@ def make_certificates(
         server_key=out / "server.key",
         hosts=host_names,
     )
-    if not overwrite:
-        for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key):
-            if path.exists():
-                raise CertificateError(f"{path} already exists (--force on the command line, overwrite=True in Python, replaces it)")
+    _check_targets([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key], overwrite)
+    return paths, sans
+
+
+def check_certificates(
+    out_dir: str | os.PathLike[str],
+    hosts: list[str] | tuple[str, ...] = (),
+    *,
+    valid_days: int = 365,
+    overwrite: bool = False,
+) -> CertificatePaths:
+    """The files :func:`make_certificates` with the same arguments writes, each of its
+    refusals made here and nothing written."""
+    return _planned_certificates(out_dir, hosts, valid_days, overwrite)[0]
+
+
+def make_certificates(
+    out_dir: str | os.PathLike[str],
+    hosts: list[str] | tuple[str, ...] = (),
+    *,
+    valid_days: int = 365,
+    common_name: str = "secure-fedora",
+    overwrite: bool = False,
+) -> CertificatePaths:
+    """Create a CA and a CA-signed server certificate for ``hosts`` in ``out_dir``.
+
+    Refused (:func:`check_certificates`) before anything is written. Guarantees: the server
+    certificate's subjectAltName holds every given host (IP addresses
+    as iPAddress entries, names as dNSName entries) plus ``localhost`` and ``127.0.0.1``; it
+    carries ``serverAuth`` extended key usage and is signed by the CA (ECDSA P-384, SHA-384);
+    the CA is marked ``CA:TRUE, pathlen:0``. Private keys are unencrypted PEM (PKCS#8) with
+    mode 0600; certificates have mode 0644. Existing files are never silently replaced:
+    without ``overwrite=True`` a :class:`CertificateError` names the file that exists.
+    """
+    paths, sans = _planned_certificates(out_dir, hosts, valid_days, overwrite)
+    out, host_names = paths.ca_cert.parent, paths.hosts
     out.mkdir(parents=True, exist_ok=True)
 
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -274,6 +309,27 @@ def make_certificates(
     return paths
 
 
+def check_node_keys(
+    out_dir: str | os.PathLike[str],
+    names: list[str] | tuple[str, ...],
+    *,
+    overwrite: bool = False,
+) -> list[NodeKeyPaths]:
+    """The key pairs :func:`make_node_keys` with the same arguments writes, each of its
+    refusals made here and nothing written."""
+    if len(set(names)) != len(names):
+        raise CertificateError(f"node names must be unique; got {list(names)}")
+    out = _output_dir(out_dir)
+    result: list[NodeKeyPaths] = []
+    for name in names:
+        if not isinstance(name, str) or not _NODE_NAME_RE.match(name) or name in {".", ".."}:
+            raise CertificateError(f"node name {name!r} must match [A-Za-z0-9_.-]{{1,64}}")
+        result.append(NodeKeyPaths(name=name, private_key=out / name, public_key=out / f"{name}.pub"))
+    _check_targets([path for paths in result for path in (paths.private_key, paths.public_key)],
+                   overwrite)
+    return result
+
+
 def make_node_keys(
     out_dir: str | os.PathLike[str],
     names: list[str] | tuple[str, ...],
@@ -286,22 +342,10 @@ def make_node_keys(
     ``<name>`` (OpenSSH private key, mode 0600, unencrypted so the SuperNode can start
     unattended) and ``<name>.pub`` (OpenSSH public key, mode 0644). Names must be unique and
     match ``[A-Za-z0-9_.-]{1,64}``; existing files are only replaced with ``overwrite=True``.
+    Refused (:func:`check_node_keys`) before anything is written.
     """
-    if len(set(names)) != len(names):
-        raise CertificateError(f"node names must be unique; got {list(names)}")
+    result = check_node_keys(out_dir, names, overwrite=overwrite)
     out = _output_dir(out_dir)
-    result: list[NodeKeyPaths] = []
-    for name in names:
-        if not isinstance(name, str) or not _NODE_NAME_RE.match(name) or name in {".", ".."}:
-            raise CertificateError(f"node name {name!r} must match [A-Za-z0-9_.-]{{1,64}}")
-        result.append(NodeKeyPaths(name=name, private_key=out / name, public_key=out / f"{name}.pub"))
-    if not overwrite:
-        for paths in result:
-            for path in (paths.private_key, paths.public_key):
-                if path.exists():
-                    raise CertificateError(
-                        f"{path} already exists (--force on the command line, overwrite=True in Python, replaces it)"
-                    )
     out.mkdir(parents=True, exist_ok=True)
     for paths in result:
         key = ec.generate_private_key(ec.SECP384R1())

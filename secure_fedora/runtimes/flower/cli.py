@@ -98,19 +98,26 @@ def cmd_certs(args: argparse.Namespace) -> int:
     """Write a CA, a server certificate for ``--host`` and optionally ``--nodes`` node keys."""
     from privacy.identity import MAX_CLIENT_IDS
     from secure_fedora.core.config import check_path_argument
-    from secure_fedora.runtimes.flower.certs import make_certificates, make_node_keys
+    from secure_fedora.runtimes.flower.certs import (
+        check_certificates,
+        check_node_keys,
+        make_certificates,
+        make_node_keys,
+    )
     from secure_fedora.runtimes.flower.protocol import DeployError
 
     if args.nodes > MAX_CLIENT_IDS:
         raise DeployError(f"--nodes must be at most {MAX_CLIENT_IDS:,}, got {args.nodes}")
     # an empty --out would be the current directory, which then receives the CA's private key
     out = check_path_argument(args.out, "--out")
+    # every refusal before the first write: node keys refused after the CA was written
+    # would leave a CA no key was made for
+    check_certificates(out, args.host, valid_days=args.days, overwrite=args.force)
+    names = [f"node-{i}" for i in range(args.nodes)]
+    if names:
+        check_node_keys(out / "keys", names, overwrite=args.force)
     paths = make_certificates(out, args.host, valid_days=args.days, overwrite=args.force)
-    keys = (
-        make_node_keys(out / "keys", [f"node-{i}" for i in range(args.nodes)], overwrite=args.force)
-        if args.nodes
-        else []
-    )
+    keys = make_node_keys(out / "keys", names, overwrite=args.force) if names else []
     report = {
         "ca_cert": str(paths.ca_cert),
         "server_cert": str(paths.server_cert),

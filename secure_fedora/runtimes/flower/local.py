@@ -76,6 +76,8 @@ from secure_fedora.core.config import (
 from secure_fedora.runtimes.flower.certs import (
     CertificatePaths,
     NodeKeyPaths,
+    check_certificates,
+    check_node_keys,
     make_certificates,
     make_node_keys,
 )
@@ -567,12 +569,42 @@ class LocalFederation:
         check_server_identity(self.party_identity_dir(None), self.client_public_keys,
                               self.num_nodes, resume=self.resume)
 
+    def check_layout(self) -> None:
+        """Refuse, before anything is written, a workdir where a file the deployment writes
+        (certificates, node keys, the CLI's connection, ``run.toml``) is a directory, or a
+        folder it writes into is a file: writing the others first would leave the workdir
+        half rewritten (:class:`DeployError` or
+        :class:`~secure_fedora.runtimes.flower.certs.CertificateError`, naming the path).
+        Writes nothing."""
+        check_certificates(self.workdir / "certs", [LOOPBACK], overwrite=True)
+        check_node_keys(self.workdir / "keys", [f"node-{i}" for i in range(self.num_nodes)],
+                        overwrite=True)
+        homes = ["superlink", "cli", *(f"node-{i}" for i in range(self.num_nodes))]
+        folders = [self.workdir / "flwr" / home for home in homes]
+        folders += [self.workdir / "nodes" / f"node-{i}" for i in range(self.num_nodes)]
+        folders += [self.server_state_dir, self.logs, self.workdir / "results"]
+        for path in folders:
+            for part in (path.parent, path):
+                if part != self.workdir and part.exists() and not part.is_dir():
+                    raise DeployError(
+                        f"{part} (of the workdir) exists and is not a directory, where the "
+                        "deployment writes into a folder of that name: move it away or use a "
+                        "fresh workdir; nothing was written")
+        for path in (self.cli_home / "config.toml", self.workdir / "run.toml"):
+            if path.exists() and not path.is_file():
+                raise DeployError(
+                    f"{path} (of the workdir) exists and is not a regular file, where the "
+                    "deployment writes a file of that name: move it away or use a fresh "
+                    "workdir; nothing was written")
+
     def prepare(self) -> None:
         """Write what the processes read, starting none: the TLS certificates (for
         127.0.0.1), the SuperNode keys, the flwr CLI's connection and every party's identity
         directory; choose the ports. With ``resume`` the identities are only loaded, never
-        made: :meth:`check_identities` refuses before anything is written."""
+        made. Every refusal (:meth:`check_identities`, :meth:`check_layout`) comes before
+        anything is written."""
         self.check_identities()
+        self.check_layout()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.certs = make_certificates(self.workdir / "certs", [LOOPBACK], overwrite=True)
         keys = make_node_keys(

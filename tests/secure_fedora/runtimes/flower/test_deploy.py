@@ -61,6 +61,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     TINY,
     InMemoryGrid,
     dp_config,
+    file_tree,
     in_process,
     run_config,
     server_security,
@@ -814,6 +815,34 @@ def test_cli_deploy_certs_writes_files_and_reports_errors(tmp_path: Path, capsys
     with pytest.raises(SystemExit):
         _parser().parse_args(["deploy", "local", "--config", "c", "--workdir", "w",
                               "--max-in-flight", "-1"])
+
+
+@pytest.mark.parametrize("damage", ["a node key without --force", "keys a file, --force",
+                                    "a certificate a directory, --force"])
+def test_cli_deploy_certs_refuses_before_it_writes_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    """`deploy certs --nodes N` wrote the CA and the server certificate, then refused the node
+    keys (a key file there without --force, or OUT/keys a file): a new CA was left behind,
+    the old one replaced. Every refusal now comes first, the output folder as it was."""
+    out = tmp_path / "c"
+    force: list[str] = []
+    if damage == "a node key without --force":
+        (out / "keys").mkdir(parents=True)
+        (out / "keys" / "node-1.pub").write_text("an older key\n")
+        named = f"{out / 'keys' / 'node-1.pub'} already exists"
+    elif damage == "keys a file, --force":
+        out.mkdir()
+        (out / "ca.crt").write_text("an older CA\n")
+        (out / "keys").write_text("not a folder")
+        force, named = ["--force"], "is not a directory"
+    else:
+        (out / "server.crt").mkdir(parents=True)
+        force, named = ["--force"], f"{out / 'server.crt'} exists and is not a regular file"
+    before = file_tree(tmp_path)
+    args = _parser().parse_args(["deploy", "certs", "--out", str(out), "--nodes", "2", *force])
+    assert run_command(args.func, args) == 2
+    assert named in " ".join(capsys.readouterr().err.split())
+    assert file_tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("value", ["1025", "100000", str(2**70)])

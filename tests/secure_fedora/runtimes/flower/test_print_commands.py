@@ -17,6 +17,7 @@ from privacy.identity import IdentityError, allowlist_bytes, load_allowlist
 from secure_fedora.core.config import config_document
 from secure_fedora.runtimes import summary
 from secure_fedora.runtimes.flower import local, server_app
+from secure_fedora.runtimes.flower.certs import CertificateError
 from secure_fedora.runtimes.flower.cli import register
 from secure_fedora.runtimes.flower.processes import ManagedProcess
 from secure_fedora.runtimes.flower.protocol import DeployError
@@ -456,4 +457,47 @@ def test_a_new_deployment_refuses_partial_identities_before_writing_anything(
         args.func(args)
     assert named in str(err.value)
     assert "nothing was written" in str(err.value)
+    assert file_tree(tmp_path) == before
+
+
+def _misplace(work: Path, damage: str) -> str:
+    """Put a file where the deployment writes a folder (or a folder where it writes a file);
+    returns what the refusal names."""
+    if damage == "node key a directory":
+        (work / "keys" / "node-2.pub").unlink()
+        (work / "keys" / "node-2.pub").mkdir()
+        return f"{work / 'keys' / 'node-2.pub'} exists and is not a regular file"
+    if damage == "keys a file":
+        shutil.rmtree(work / "keys")
+        (work / "keys").write_text("not keys")
+        return "is not a directory"
+    if damage == "flwr/cli a file":
+        shutil.rmtree(work / "flwr" / "cli")
+        (work / "flwr" / "cli").write_text("not a folder")
+        return f"{work / 'flwr' / 'cli'} (of the workdir) exists and is not a directory"
+    if damage == "results a file":
+        shutil.rmtree(work / "results")
+        (work / "results").write_text("not a folder")
+        return f"{work / 'results'} (of the workdir) exists and is not a directory"
+    assert damage == "run.toml a directory"
+    (work / "run.toml").unlink()
+    (work / "run.toml").mkdir()
+    return f"{work / 'run.toml'} (of the workdir) exists and is not a regular file"
+
+
+@pytest.mark.parametrize("damage", ["node key a directory", "keys a file", "flwr/cli a file",
+                                    "results a file", "run.toml a directory"])
+def test_print_commands_refuses_a_misplaced_file_before_writing_anything(
+        tmp_path: Path, damage: str) -> None:
+    """A node key that is a directory, keys/ or flwr/cli/ that is a file, or results/ or
+    run.toml of the wrong kind was met only once the certificates (and node keys, the CLI's
+    connection) had been rewritten, some as an OSError; each is refused first, naming the
+    path, the workdir byte for byte as it was."""
+    flags, work = _printed_workdir(tmp_path)
+    named = _misplace(work.resolve(), damage)
+    before = file_tree(tmp_path)
+    args = _parser().parse_args(flags)
+    with pytest.raises((DeployError, CertificateError)) as err:
+        args.func(args)
+    assert named in str(err.value)
     assert file_tree(tmp_path) == before
